@@ -1,0 +1,1 @@
+"""The contract every dlora process shares: wire messages, subjects, settings, state, logging."""

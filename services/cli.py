@@ -1,0 +1,74 @@
+"""The ``dlora`` console script: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _model_make_tiny(args: argparse.Namespace) -> int:
+    from dlora.services.worker.engine.make_tiny import make_tiny
+
+    ranks = [int(r) for r in args.ranks.split(",") if r]
+    out = make_tiny(args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=ranks, seed=args.seed)
+    print(f"wrote {out.model} and {len(out.adapters)} adapters under {out.adapters_dir}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dlora.services.worker.engine.offline import run_generate
+
+    return run_generate(args)
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_engine import run_bench_engine
+
+    return run_bench_engine(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlora", description="Serve many LoRA adapters on one base model.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
+    tiny = model.add_parser("make-tiny", help="write a random Llama-family model and PEFT adapters (offline)")
+    tiny.add_argument("--out", required=True, help="directory to write (model/ and adapters/ inside)")
+    tiny.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    tiny.add_argument("--adapters", type=int, default=4, help="number of adapters")
+    tiny.add_argument("--ranks", default="8,16,32", help="ranks, cycled over the adapters")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_model_make_tiny)
+
+    gen = sub.add_parser("generate", help="offline batch generation from a JSONL file")
+    gen.add_argument("--model", required=True, help="Hugging Face model directory")
+    gen.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
+    gen.add_argument("--input", required=True, help="JSONL requests")
+    gen.add_argument("--output", required=True, help="JSONL results")
+    gen.add_argument("--mode", choices=["merged", "unmerged"], default="unmerged")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    be = bench.add_parser("engine", help="decode throughput: base, merged, unmerged with many adapters")
+    be.add_argument("--preset", choices=["tiny", "small"], default="small")
+    be.add_argument("--json", help="write results here")
+    be.add_argument("--batch-sizes", default="1,8,32,64")
+    be.add_argument("--adapters", default="1,8,64", help="distinct adapters in the unmerged runs")
+    be.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
+    be.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
+    be.set_defaults(func=_bench_engine)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

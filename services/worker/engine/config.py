@@ -1,0 +1,124 @@
+"""The base model's architecture, read from a Hugging Face ``config.json``.
+
+One dataclass covers the Llama family the engine serves (Llama, Mistral, Qwen2): they differ only
+in q/k/v bias, tied embeddings, head sizes and RoPE scaling, which are all fields here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+
+
+class ModelConfigError(ValueError):
+    """The model directory's config cannot be served; the message names the bad field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    # q/k/v projections carry a bias (Qwen2) — o_proj never does in this family.
+    qkv_bias: bool
+    # Normalised RoPE parameters: always has "rope_theta" and "rope_type".
+    rope: dict[str, Any] = field(default_factory=dict)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelConfigError(f"{path}: not found (is {model_dir} a Hugging Face model directory?)") from None
+        except json.JSONDecodeError as e:
+            raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ModelConfigError(
+                f"{source}: model_type {model_type!r} is not served; expected one of {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ModelConfigError(f"{source}: hidden_act {raw['hidden_act']!r} is not served; expected 'silu'")
+        if raw.get("mlp_bias"):
+            raise ModelConfigError(f"{source}: mlp_bias=true is not served")
+        try:
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            kv_heads = int(raw.get("num_key_value_heads") or heads)
+            head_dim = int(raw.get("head_dim") or hidden // heads)
+            cfg = cls(
+                model_type=model_type,
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                qkv_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+                rope=_rope_parameters(raw, source),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=_as_ids(raw.get("eos_token_id")),
+            )
+        except KeyError as e:
+            raise ModelConfigError(f"{source}: missing field {e.args[0]!r}") from None
+        if heads % kv_heads:
+            raise ModelConfigError(
+                f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
+        return cfg
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Merge the two spellings of RoPE settings into one dict.
+
+    transformers < 5 writes ``rope_theta`` plus an optional ``rope_scaling`` dict (whose type key is
+    ``type`` in older files and ``rope_type`` in newer); transformers >= 5 writes ``rope_parameters``.
+    """
+    params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params.update(scaling)
+    params.setdefault("rope_theta", float(raw.get("rope_theta", 10000.0)))
+    rope_type = params.pop("type", None) or params.get("rope_type") or "default"
+    params["rope_type"] = rope_type
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelConfigError(f"{source}: partial_rotary_factor is not served")
+    return params

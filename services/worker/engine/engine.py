@@ -1,0 +1,334 @@
+"""The engine: requests in, one step at a time, new tokens and text out.
+
+``step()`` is: ask the policy, switch merged/unmerged if the decision says so, schedule, run the
+model, sample, and report. Everything is synchronous; the worker service drives it from its own
+task.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from dlora.common.messages import SamplingParams
+from dlora.kernels.attention import build_attention_metadata
+from dlora.kernels.lora import LoraSegments
+from dlora.services.worker.engine.config import ModelConfig
+from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
+from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
+from dlora.services.worker.engine.merge import Merger
+from dlora.services.worker.engine.model import LlamaModel, StepInputs
+from dlora.services.worker.engine.policy import Mode, Policy, QueuedRequest, StepDecision, make_policy
+from dlora.services.worker.engine.sampler import sample
+from dlora.services.worker.engine import scheduler
+from dlora.services.worker.engine.scheduler import Limits
+from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
+from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
+from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.engine.weights import load_weights, targets
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """The request cannot be served as given; the message says why (a 4xx for the caller)."""
+
+
+@dataclass
+class EngineConfig:
+    model: str  # Hugging Face model directory
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV blocks; None: as many as kv_cache_bytes holds
+    kv_cache_bytes: int = 256 << 20
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_loras: int = 8  # device slots for unmerged adapters
+    mode: str = "unmerged"  # fixed FCFS policy when no other is given: merged | unmerged
+    seed: int = 0  # for requests that sample without a seed of their own
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # text completed this step (held back while it could be part of a stop string)
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, policy: Policy | None = None) -> None:
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype {config.dtype!r}: expected one of {sorted(DTYPES)}")
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.device = torch.device(config.device)
+        self.model_config = cfg = ModelConfig.from_dir(config.model)
+        self.model_name = Path(config.model).name
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.eos_ids = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+
+        weights = load_weights(config.model, cfg, self.dtype, self.device)
+        num_blocks = config.num_blocks or max(
+            1,
+            config.kv_cache_bytes
+            // (config.block_size * KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)),
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        kv = KVCache(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size)
+        self.limits = Limits(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            max_adapters=config.max_loras,
+        )
+        self.slots = SlotTable(config.max_loras)
+        self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device)
+        self.merger = Merger(weights, targets(cfg))
+        self.model = LlamaModel(cfg, weights, kv, self.device_loras)
+        self.policy: Policy = policy or make_policy(Mode(config.mode), config.max_loras)
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self._arrivals = 0
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    # ---- adapters -------------------------------------------------------------------------
+    def register_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """Load a PEFT adapter into host memory (raises AdapterError with the reason)."""
+        if not name or name == self.model_name:
+            raise AdapterError(f"adapter name {name!r} is empty or the base model's name")
+        if name in self.adapters:
+            raise AdapterError(f"adapter {name!r} is already registered")
+        adapter = load_adapter(name, path, self.model_config)
+        self.adapters[name] = adapter
+        return adapter
+
+    def unregister_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise AdapterError(f"adapter {name!r} is not registered")
+        if any(s.adapter == name for s in self.seqs.values()):
+            raise AdapterError(f"adapter {name!r} has requests in flight")
+        if self.merger.merged == name:
+            self._unmerge()
+        slot = self.slots.drop(name)
+        if slot is not None:
+            self.device_loras.clear(slot)
+        del self.adapters[name]
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        resume_token_ids: list[int] | None = None,
+    ) -> None:
+        """Queue a request. ``resume_token_ids`` are outputs already produced (by a preempted,
+        migrated or lost run): generation continues after them and they are not reported again."""
+        params = params or SamplingParams()
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in flight")
+        if (problem := params.problem()) is not None:
+            raise RequestError(problem)
+        if adapter is not None and adapter not in self.adapters:
+            raise RequestError(f"adapter {adapter!r} is not registered")
+        if (prompt is None) == (prompt_token_ids is None):
+            raise RequestError("give exactly one of prompt and prompt_token_ids")
+        ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
+        resumed = list(resume_token_ids or [])
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids + resumed):
+            raise RequestError(f"token ids must be in [0, {vocab})")
+        if len(ids) + len(resumed) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {self.max_model_len}"
+            )
+        if len(resumed) >= params.max_tokens:
+            raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._rng
+        seq = Sequence(
+            request_id=request_id,
+            adapter=adapter,
+            prompt_ids=ids,
+            params=params,
+            arrival=self._arrivals,
+            detok=IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens),
+            generator=gen,
+            output_ids=resumed,
+        )
+        self._arrivals += 1
+        self.seqs[request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its memory; False if it was not in flight."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.blocks.free(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def queue(self) -> list[QueuedRequest]:
+        return [
+            QueuedRequest(s.request_id, s.adapter, s.arrival, s.status is Status.RUNNING, s.num_new)
+            for s in sorted(self.seqs.values(), key=lambda s: s.arrival)
+        ]
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self, decision: StepDecision | None = None) -> list[RequestOutput]:
+        """Run one iteration; ``decision`` overrides the engine's policy for this step."""
+        if not self.seqs:
+            return []
+        decision = decision or self.policy.decide(self.queue(), self.merger.merged)
+        if decision.merged is not None and decision.merged not in self.adapters:
+            raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
+        self._switch(decision.merged)
+        plan = scheduler.schedule(decision, self.seqs, self.blocks, self.limits)
+        self.stats.preemptions += len(plan.preempted)
+        if not plan.seqs:
+            return []
+        start = time.perf_counter()
+        batch, slot_of = self._place_adapters(plan.seqs)
+        logits = self.model.forward(self._inputs(batch, slot_of))
+        tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
+        outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
+        self.stats.record_step(
+            merged=self.merger.merged is not None, batch_size=len(batch), seconds=time.perf_counter() - start
+        )
+        return outputs
+
+    def _switch(self, merged: str | None) -> None:
+        if merged == self.merger.merged:
+            return
+        if self.merger.merged is not None:
+            self._unmerge()
+        if merged is not None:
+            start = time.perf_counter()
+            self.merger.merge(self.adapters[merged])
+            self.stats.record_merge(time.perf_counter() - start)
+
+    def _unmerge(self) -> None:
+        start = time.perf_counter()
+        self.merger.unmerge()
+        self.stats.record_unmerge(time.perf_counter() - start)
+
+    def _place_adapters(self, seqs: list[Sequence]) -> tuple[list[Sequence], dict[str | None, int]]:
+        """Give each unmerged adapter a device slot and group the batch by slot (stable, so FCFS
+        order holds inside a group): each adapter's tokens then form one contiguous segment.
+        Returns the ordered batch and each adapter's slot (-1: no unmerged LoRA)."""
+        slot_of: dict[str | None, int] = {None: -1}
+        if self.merger.merged is not None:
+            slot_of[self.merger.merged] = -1
+            return seqs, slot_of
+        needed = {s.adapter for s in seqs if s.adapter is not None}
+        for name in sorted(needed):
+            start = time.perf_counter()
+            slot, change = self.slots.acquire(name, pinned=needed)
+            if change is not None:
+                self.device_loras.load(slot, self.adapters[name])
+                self.stats.record_load(name, change.evicted, time.perf_counter() - start)
+            slot_of[name] = slot
+        return sorted(seqs, key=lambda s: slot_of[s.adapter]), slot_of
+
+    def _inputs(self, batch: list[Sequence], slot_of: dict[str | None, int]) -> StepInputs:
+        ids: list[int] = []
+        positions: list[int] = []
+        seq_lens: list[int] = []
+        slots: list[int] = []
+        token_slots: list[int] = []
+        q_lens, ctx_lens, tables = [], [], []
+        for s in batch:
+            new = s.new_ids()
+            n, total = len(new), s.total_len
+            ids += new
+            positions += range(s.num_cached, total)
+            seq_lens += [total] * n
+            slots += self.blocks.slots(s.request_id, s.num_cached, total)
+            token_slots += [slot_of[s.adapter]] * n
+            q_lens.append(n)
+            ctx_lens.append(total)
+            tables.append(self.blocks.table(s.request_id))
+        dev = self.device
+        last = torch.tensor(q_lens).cumsum(0) - 1
+        lora = LoraSegments.from_token_slots(token_slots)
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            last_index=last.to(dev),
+            attention=build_attention_metadata(q_lens, ctx_lens, tables, slots, self.blocks.block_size, dev),
+            lora=lora if lora.segments else None,
+        )
+
+    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
+        """Record the sampled token, update text and stop conditions, report the delta."""
+        seq.num_cached = seq.total_len
+        seq.status = Status.RUNNING
+        seq.output_ids.append(token)
+        p = seq.params
+        old_len = len(seq.text)
+        seq.text += seq.detok.push([token])
+        reason = None
+        if p.stop and (cut := _find_stop(seq.text, p.stop, old_len)) is not None:
+            seq.text = seq.text[:cut]
+            reason = FinishReason.STOP
+        elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(seq, reason)
+            hold = 0
+        else:
+            hold = max((len(s) for s in p.stop), default=1) - 1
+        visible = max(seq.emitted, len(seq.text) - hold)
+        new_text = seq.text[seq.emitted : visible]
+        seq.emitted = visible
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=new_text,
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+        )
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.blocks.free(seq.request_id)
+        del self.seqs[seq.request_id]
+
+    def preempt(self, request_id: str) -> None:
+        """Drop a running request's KV; it recomputes from its tokens when next scheduled."""
+        scheduler.preempt(self.seqs[request_id], self.blocks)
+
+
+def _find_stop(text: str, stops: list[str], old_len: int) -> int | None:
+    """Index of the earliest stop string that ends in text's new part, or None."""
+    longest = max(len(s) for s in stops)
+    window_start = max(0, old_len - longest + 1)
+    hits = [i for s in stops if (i := text.find(s, window_start)) != -1]
+    return min(hits) if hits else None

@@ -1,0 +1,78 @@
+"""The Llama-family forward pass over one step's flat batch of new tokens.
+
+Every sequence in the step contributes its new tokens (a whole prompt at prefill, one token at
+decode) to one flat (T, hidden) batch; attention reads each sequence's past from the paged KV
+cache, and unmerged LoRA adds per-segment deltas after each projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dlora.kernels.attention import AttentionMetadata, paged_attention_torch
+from dlora.kernels.lora import LoraSegments, add_lora_torch
+from dlora.services.worker.engine.config import ModelConfig
+from dlora.services.worker.engine.kv_cache import KVCache
+from dlora.services.worker.engine.rope import Rope, apply_rope
+from dlora.services.worker.engine.slots import DeviceLoras
+from dlora.services.worker.engine.weights import ModelWeights
+
+
+@dataclass
+class StepInputs:
+    """Tensors for one forward pass, built once per step."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    seq_lens: torch.Tensor  # (T,) int64: context length of each token's sequence after this step
+    last_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
+    attention: AttentionMetadata
+    lora: LoraSegments | None  # None: no token uses an unmerged adapter
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As in HF: normalise in fp32, cast back, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, kv: KVCache, loras: DeviceLoras) -> None:
+        self.cfg, self.weights, self.kv, self.loras = cfg, weights, kv, loras
+        self.rope = Rope(cfg, weights.embed.device)
+        self.scale = cfg.head_dim**-0.5
+
+    def _proj(self, x: torch.Tensor, w: torch.Tensor, layer: int, fused: str, inp: StepInputs,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x, w, bias)
+        if inp.lora is not None:
+            add_lora_torch(out, x, self.loras.layers[layer][fused], inp.lora)
+        return out
+
+    @torch.inference_mode()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Logits (B, vocab) in fp32 at each sequence's last new token."""
+        cfg, kv = self.cfg, self.kv
+        h = self.weights.embed[inp.input_ids]
+        cos, sin = self.rope.cos_sin(inp.positions, inp.seq_lens)
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        for i, lw in enumerate(self.weights.layers):
+            x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
+            qkv = self._proj(x, lw.qkv, i, "qkv", inp, lw.qkv_bias)
+            q = qkv[:, :q_size].unflatten(1, (cfg.num_heads, cfg.head_dim))
+            k = qkv[:, q_size : q_size + kv_size].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
+            v = qkv[:, q_size + kv_size :].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kv.write(i, k, v, inp.attention.slots)
+            attn = paged_attention_torch(q, kv.k[i], kv.v[i], inp.attention, kv.block_size, self.scale)
+            h = h + self._proj(attn.flatten(1), lw.o, i, "o", inp)
+            x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+            gate_up = self._proj(x, lw.gate_up, i, "gate_up", inp)
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = h + self._proj(F.silu(gate) * up, lw.down, i, "down", inp)
+        last = rms_norm(h[inp.last_index], self.weights.norm, cfg.rms_norm_eps)
+        return F.linear(last, self.weights.lm_head).float()

@@ -1,0 +1,59 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # no KV in the cache: needs a prefill (new, or preempted)
+    RUNNING = "running"  # KV cached up to all tokens but the last
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens, or the model's context is full
+    ABORT = "abort"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    adapter: str | None  # None: the base model
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int  # engine-wide admission counter: FCFS order
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    # Tokens whose K/V are in the cache. RUNNING keeps this at len(all_ids) - 1: the last sampled
+    # token is fed at the next step, so prefill and decode are one code path.
+    num_cached: int = 0
+    text: str = ""  # output text so far (stop string cut off)
+    emitted: int = 0  # characters of text already returned to the caller
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    def new_ids(self) -> list[int]:
+        """Tokens whose K/V are not cached yet, i.e. this step's input."""
+        n = len(self.prompt_ids)
+        if self.num_cached >= n:
+            return self.output_ids[self.num_cached - n :]
+        return self.prompt_ids[self.num_cached :] + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_new(self) -> int:
+        """Tokens to feed at the next step: the whole context after a preemption, else one."""
+        return self.total_len - self.num_cached

@@ -1,0 +1,100 @@
+"""Device slots for adapters: an LRU table (pure bookkeeping) and the per-layer slices it fills.
+
+The engine holds every registered adapter in host memory and copies at most ``num_slots`` of
+them to the device; a step can only use adapters that are resident, and an adapter used by the
+running step is never evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from dlora.kernels.lora import LoraSlice
+from dlora.services.worker.engine.config import ModelConfig
+from dlora.services.worker.engine.lora import LoraAdapter
+from dlora.services.worker.engine.weights import targets
+
+
+class NoFreeSlot(RuntimeError):
+    """Every slot holds an adapter the caller pinned."""
+
+
+@dataclass(frozen=True)
+class SlotChange:
+    slot: int
+    loaded: str  # adapter now in the slot
+    evicted: str | None  # adapter it replaced, if any
+
+
+class SlotTable:
+    """Which adapter sits in which slot, least recently used first."""
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots} must be >= 1")
+        self.num_slots = num_slots
+        self._lru: OrderedDict[str, int] = OrderedDict()
+
+    def slot_of(self, name: str) -> int | None:
+        return self._lru.get(name)
+
+    @property
+    def resident(self) -> list[str]:
+        return list(self._lru)
+
+    def acquire(self, name: str, pinned: set[str] = frozenset()) -> tuple[int, SlotChange | None]:
+        """The slot for ``name``, placing it if needed (evicting the LRU adapter not in ``pinned``)."""
+        if name in self._lru:
+            self._lru.move_to_end(name)
+            return self._lru[name], None
+        evicted = None
+        if len(self._lru) < self.num_slots:
+            used = set(self._lru.values())
+            slot = next(s for s in range(self.num_slots) if s not in used)
+        else:
+            evicted = next((n for n in self._lru if n not in pinned), None)
+            if evicted is None:
+                raise NoFreeSlot(f"all {self.num_slots} adapter slots are pinned")
+            slot = self._lru.pop(evicted)
+        self._lru[name] = slot
+        return slot, SlotChange(slot, name, evicted)
+
+    def drop(self, name: str) -> int | None:
+        """Forget ``name``; returns the slot it freed."""
+        return self._lru.pop(name, None)
+
+
+class DeviceLoras:
+    """Per layer, per fused projection ('qkv', 'o', 'gate_up', 'down'): the LoraSlices of every slot."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.targets = targets(cfg)
+        self.layers: list[dict[str, list[LoraSlice]]] = []
+        self._slice: list[dict[str, LoraSlice]] = []  # layer -> target name -> its slice
+        for _ in range(cfg.num_layers):
+            fused: dict[str, list[LoraSlice]] = {}
+            by_target = {}
+            for name, t in self.targets.items():
+                sl = LoraSlice(t.offset, t.out_features, [None] * num_slots, [None] * num_slots, [0.0] * num_slots)
+                fused.setdefault(t.fused, []).append(sl)
+                by_target[name] = sl
+            self.layers.append(fused)
+            self._slice.append(by_target)
+
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        self.clear(slot)
+        for (layer, target), w in adapter.weights.items():
+            sl = self._slice[layer][target]
+            sl.a[slot] = w.a.to(device=self.device, dtype=self.dtype)
+            sl.b[slot] = w.b.to(device=self.device, dtype=self.dtype)
+            sl.scale[slot] = w.scale
+
+    def clear(self, slot: int) -> None:
+        for by_target in self._slice:
+            for sl in by_target.values():
+                sl.a[slot] = sl.b[slot] = None
+                sl.scale[slot] = 0.0

@@ -1,0 +1,112 @@
+"""Load a Hugging Face Llama-family checkpoint (safetensors) into the engine's fused layout.
+
+The engine runs q/k/v as one projection and gate/up as one, so each layer does four matmuls
+instead of seven; ``TARGETS`` records where each of the seven HF projections sits inside the
+fused weights, which is what LoRA (unmerged deltas and merging) addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dlora.services.worker.engine.config import ModelConfig
+
+
+class WeightsError(ValueError):
+    """The checkpoint is missing a tensor or has one of the wrong shape."""
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (hidden,)
+    qkv: torch.Tensor  # (q_size + 2 * kv_size, hidden): rows q | k | v
+    qkv_bias: torch.Tensor | None  # (q_size + 2 * kv_size,) for Qwen2
+    o: torch.Tensor  # (hidden, q_size)
+    post_norm: torch.Tensor  # (hidden,)
+    gate_up: torch.Tensor  # (2 * intermediate, hidden): rows gate | up
+    down: torch.Tensor  # (hidden, intermediate)
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # (vocab, hidden)
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # (hidden,)
+    lm_head: torch.Tensor  # (vocab, hidden); the same tensor as embed when tied
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HF projection lives in the fused layout: rows [offset, offset+out) of ``fused``."""
+
+    fused: str  # attribute of LayerWeights
+    offset: int
+    out_features: int
+    in_features: int
+
+
+# PEFT target-module names, in the order the engine applies them.
+TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def targets(cfg: ModelConfig) -> dict[str, Target]:
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {
+        "q_proj": Target("qkv", 0, q, h),
+        "k_proj": Target("qkv", q, kv, h),
+        "v_proj": Target("qkv", q + kv, kv, h),
+        "o_proj": Target("o", 0, h, q),
+        "gate_proj": Target("gate_up", 0, inter, h),
+        "up_proj": Target("gate_up", inter, inter, h),
+        "down_proj": Target("down", 0, h, inter),
+    }
+
+
+def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{model_dir}: no *.safetensors files (other weight formats are not loaded)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                tensors[name] = st.get_tensor(name)
+    return tensors
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> ModelWeights:
+    raw = read_safetensors(Path(model_dir))
+
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in raw:
+            raise WeightsError(f"{model_dir}: tensor {name!r} is missing")
+        t = raw.pop(name)
+        if tuple(t.shape) != shape:
+            raise WeightsError(f"{model_dir}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        return t.to(device=device, dtype=dtype)
+
+    h, v, q, kv, inter = cfg.hidden_size, cfg.vocab_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        qkv_bias = None
+        if cfg.qkv_bias:
+            qkv_bias = torch.cat([take(p + f"self_attn.{n}_proj.bias", (s,)) for n, s in (("q", q), ("k", kv), ("v", kv))])
+        layers.append(
+            LayerWeights(
+                input_norm=take(p + "input_layernorm.weight", (h,)),
+                qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight", (s, h)) for n, s in (("q", q), ("k", kv), ("v", kv))]),
+                qkv_bias=qkv_bias,
+                o=take(p + "self_attn.o_proj.weight", (h, q)),
+                post_norm=take(p + "post_attention_layernorm.weight", (h,)),
+                gate_up=torch.cat([take(p + f"mlp.{n}_proj.weight", (inter, h)) for n in ("gate", "up")]),
+                down=take(p + "mlp.down_proj.weight", (h, inter)),
+            )
+        )
+    embed = take("model.embed_tokens.weight", (v, h))
+    lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight", (v, h))
+    return ModelWeights(embed=embed, layers=layers, norm=take("model.norm.weight", (h,)), lm_head=lm_head)
