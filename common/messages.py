@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 
-class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
+class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """How one request's tokens are chosen and when it stops (OpenAI / vLLM meanings)."""
 
     # Maximum new tokens to generate (counting tokens already produced before a resume).

@@ -90,7 +90,7 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         kv = KVCache(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size)
+        self.max_model_len = min(config.max_model_len or _context_length(cfg), num_blocks * config.block_size)
         self.limits = Limits(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
@@ -104,6 +104,8 @@ class LLMEngine:
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        # Logits (vocab,) of the last step, per request id: for tests and future logprobs.
+        self.last_logits: dict[str, torch.Tensor] = {}
         self._arrivals = 0
         self._rng = torch.Generator().manual_seed(config.seed)
 
@@ -211,6 +213,7 @@ class LLMEngine:
         start = time.perf_counter()
         batch, slot_of = self._place_adapters(plan.seqs)
         logits = self.model.forward(self._inputs(batch, slot_of))
+        self.last_logits = {s.request_id: row for s, row in zip(batch, logits)}
         tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
         outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
         self.stats.record_step(
@@ -324,6 +327,14 @@ class LLMEngine:
     def preempt(self, request_id: str) -> None:
         """Drop a running request's KV; it recomputes from its tokens when next scheduled."""
         scheduler.preempt(self.seqs[request_id], self.blocks)
+
+
+def _context_length(cfg: ModelConfig) -> int:
+    # Dynamic NTK stretches RoPE past max_position_embeddings by its factor; the other scalings
+    # already state the extended length there.
+    if cfg.rope["rope_type"] == "dynamic":
+        return int(cfg.max_position_embeddings * float(cfg.rope["factor"]))
+    return cfg.max_position_embeddings
 
 
 def _find_stop(text: str, stops: list[str], old_len: int) -> int | None:

@@ -77,7 +77,10 @@ def make_model(out: Path, preset: str = "tiny", arch: str = "llama", seed: int =
     def norm(n: int) -> torch.Tensor:
         return 1.0 + 0.1 * torch.randn(n, generator=g)
 
-    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g)}
+    # A tied head reads logits off the embeddings, so they stay small next to the layers' outputs
+    # (else the residual of the input token wins and greedy decoding repeats it).
+    embed_std = 0.1 if qwen else 1.0
+    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": embed_std * torch.randn(vocab, h, generator=g)}
     for i in range(layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = norm(h)
@@ -86,10 +89,10 @@ def make_model(out: Path, preset: str = "tiny", arch: str = "llama", seed: int =
             t[p + f"self_attn.{name}_proj.weight"] = linear(n_out, h)
             if qwen:
                 t[p + f"self_attn.{name}_proj.bias"] = 0.1 * torch.randn(n_out, generator=g)
-        t[p + "self_attn.o_proj.weight"] = linear(h, heads * head_dim)
+        t[p + "self_attn.o_proj.weight"] = linear(h, heads * head_dim, gain=4.0)
         t[p + "mlp.gate_proj.weight"] = linear(inter, h)
         t[p + "mlp.up_proj.weight"] = linear(inter, h)
-        t[p + "mlp.down_proj.weight"] = linear(h, inter)
+        t[p + "mlp.down_proj.weight"] = linear(h, inter, gain=4.0)
     t["model.norm.weight"] = norm(h)
     if not qwen:  # Qwen2 ties the LM head to the embeddings; Llama keeps its own
         t["lm_head.weight"] = linear(vocab, h, gain=3.0)

@@ -1,0 +1,102 @@
+"""``dlora generate``: serve a JSONL file of requests through the engine, write one result per line.
+
+Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids", "max_tokens",
+"temperature", ...}`` (any SamplingParams field). Output line, in input order:
+``{"id", "token_ids", "text", "finish_reason"}``, or ``{"id", "error"}`` for a line that could not
+be served; the other lines are served all the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.engine import EngineConfig, LLMEngine, RequestError
+from dlora.services.worker.engine.lora import AdapterError
+
+_REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
+
+
+def parse_lora_args(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
+        out[name] = path
+    return out
+
+
+def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None]:
+    """Queue one line; returns (id, error or None)."""
+    try:
+        obj: Any = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"line-{lineno}", f"line {lineno}: not valid JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return f"line-{lineno}", f"line {lineno}: expected a JSON object"
+    rid = str(obj.get("id", f"line-{lineno}"))
+    try:
+        params = msgspec.convert({k: v for k, v in obj.items() if k not in _REQUEST_KEYS}, SamplingParams)
+        prompt = obj.get("prompt")
+        ids = obj.get("prompt_token_ids")
+        if prompt is not None and not isinstance(prompt, str):
+            raise RequestError("prompt must be a string")
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+            raise RequestError("prompt_token_ids must be a list of integers")
+        engine.add_request(rid, prompt=prompt, prompt_token_ids=ids, params=params, adapter=obj.get("adapter"))
+    except (msgspec.ValidationError, RequestError) as e:
+        return rid, f"line {lineno}: {e}"
+    return rid, None
+
+
+def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
+    """Serve every non-blank line; results in input order."""
+    order: list[str] = []
+    results: dict[str, dict[str, Any]] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        rid, error = _submit(engine, lineno, line)
+        if rid in results:
+            rid, error = f"{rid}@line-{lineno}", error or f"line {lineno}: duplicate id {rid!r}"
+        order.append(rid)
+        results[rid] = {"id": rid, "error": error} if error else {"id": rid, "token_ids": [], "text": ""}
+    while engine.has_unfinished():
+        for out in engine.step():
+            r = results[out.request_id]
+            r["token_ids"] += out.new_token_ids
+            r["text"] += out.new_text
+            if out.finished:
+                r["finish_reason"] = out.finish_reason.value if out.finish_reason else None
+    return [results[rid] for rid in order]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    try:
+        loras = parse_lora_args(args.lora)
+        engine = LLMEngine(
+            EngineConfig(model=args.model, dtype=args.dtype, device=args.device, mode=args.mode, max_loras=args.max_loras)
+        )
+        for name, path in loras.items():
+            engine.register_adapter(name, path)
+        lines = Path(args.input).read_text().splitlines()
+    except (ValueError, AdapterError, OSError) as e:
+        print(f"dlora generate: {e}", file=sys.stderr)
+        return 2
+    results = generate_lines(engine, lines)
+    with open(args.output, "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    failed = sum("error" in r for r in results)
+    for r in results:
+        if "error" in r:
+            print(f"dlora generate: {r['error']}", file=sys.stderr)
+    print(f"dlora generate: {len(results) - failed} served, {failed} failed -> {args.output}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random models made once per session (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dlora.services.worker.engine.make_tiny import TinyOutput, make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyOutput:
+    """Llama-shaped (GQA 4:2, untied head), five adapters of ranks 8/16/32 with mixed targets."""
+    return make_tiny(tmp_path_factory.mktemp("llama"), preset="tiny", arch="llama", num_adapters=5, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> TinyOutput:
+    """Qwen2-shaped (GQA, q/k/v bias, tied embeddings), four adapters."""
+    return make_tiny(tmp_path_factory.mktemp("qwen"), preset="tiny", arch="qwen2", num_adapters=4, seed=2)
+
+
+@pytest.fixture
+def tmp_dir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.engine.make_tiny import TinyOutput
+
+
+def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
+    config = EngineConfig(model=str(tiny.model), **overrides)
+    engine = LLMEngine(config)
+    for name, path in tiny.adapters.items():
+        engine.register_adapter(name, path)
+    return engine
+
+
+def run_all(engine: LLMEngine, requests: dict[str, tuple[str | None, list[int]]], max_tokens: int) -> dict[str, list[int]]:
+    """Submit every request at once and step until all finish; tokens per request id."""
+    for rid, (adapter, ids) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
+    out: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+    return out

@@ -1,0 +1,109 @@
+"""Greedy output equals transformers + peft token for token, in every mode and mix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from tests.engine.helpers import make_engine, run_all
+from tests.engine.oracle import Oracle
+
+MAX_TOKENS = 12
+TEXTS = ["kalo remi suta nevo", "da", "pole simu gano befi tuza chsh thqu aren", "rimu lore kasi. ", "no"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def arch(request: pytest.FixtureRequest, tiny_llama: TinyOutput, tiny_qwen: TinyOutput) -> tuple[TinyOutput, Oracle]:
+    tiny = tiny_llama if request.param == "llama" else tiny_qwen
+    return tiny, Oracle(tiny)
+
+
+def _prompts(tiny: TinyOutput) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.model)
+    return [tok.encode(t) for t in TEXTS]
+
+
+def _expected(oracle: Oracle, requests: dict[str, tuple[str | None, list[int]]]) -> dict[str, list[int]]:
+    return {rid: oracle.generate(a, ids, MAX_TOKENS) for rid, (a, ids) in requests.items()}
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_each_adapter_alone(arch, mode: str) -> None:
+    tiny, oracle = arch
+    engine = make_engine(tiny, mode=mode)
+    prompt = _prompts(tiny)[0]
+    for adapter in [None, *tiny.adapters]:
+        requests = {f"{adapter}": (adapter, prompt)}
+        assert run_all(engine, requests, MAX_TOKENS) == _expected(oracle, requests), adapter
+
+
+def test_adapters_change_the_output(arch) -> None:
+    tiny, oracle = arch
+    prompt = _prompts(tiny)[0]
+    outputs = {tuple(oracle.generate(a, prompt, MAX_TOKENS)) for a in [None, *tiny.adapters]}
+    assert len(outputs) == len(tiny.adapters) + 1  # otherwise the parity tests prove little
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_mixed_batch(arch, mode: str) -> None:
+    """Every adapter and the base, prompts of different lengths, all submitted at once."""
+    tiny, oracle = arch
+    prompts = _prompts(tiny)
+    adapters = [None, *tiny.adapters]
+    requests = {
+        f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(2 * len(adapters))
+    }
+    engine = make_engine(tiny, mode=mode)
+    got = run_all(engine, requests, MAX_TOKENS)
+    assert got == _expected(oracle, requests)
+    if mode == "merged":
+        assert engine.stats.merges >= len(tiny.adapters)
+    else:
+        assert engine.stats.merges == 0
+
+
+def test_preempted_requests_resume_by_recompute(arch) -> None:
+    """With too few KV blocks for the whole batch, requests are preempted and still match."""
+    tiny, oracle = arch
+    prompts = _prompts(tiny)
+    adapters = [None, *tiny.adapters]
+    requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(6)}
+    engine = make_engine(tiny, block_size=4, num_blocks=14)
+    got = run_all(engine, requests, MAX_TOKENS)
+    assert engine.stats.preemptions > 0
+    assert got == _expected(oracle, requests)
+
+
+def test_resume_from_token_prefix(arch) -> None:
+    tiny, oracle = arch
+    prompt = _prompts(tiny)[2]
+    adapter = next(iter(tiny.adapters))
+    full = oracle.generate(adapter, prompt, MAX_TOKENS)
+    engine = make_engine(tiny)
+    engine.add_request(
+        "r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter,
+        resume_token_ids=full[:5],
+    )
+    new: list[int] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            new += o.new_token_ids
+            assert o.num_output_tokens == 5 + len(new)
+    assert new == full[5:]
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_prefill_logits_close_to_peft(arch, mode: str) -> None:
+    tiny, oracle = arch
+    engine = make_engine(tiny, mode=mode)
+    for prompt in _prompts(tiny):
+        for adapter in [None, *tiny.adapters]:
+            engine.add_request("p", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1), adapter=adapter)
+            engine.step()
+            torch.testing.assert_close(
+                engine.last_logits["p"], oracle.last_logits(adapter, prompt), atol=1e-4, rtol=0
+            )
