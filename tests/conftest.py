@@ -24,3 +24,10 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> TinyOutput:
 @pytest.fixture
 def tmp_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def engine_cfg(tiny_llama: TinyOutput):
+    from dlora.services.worker.engine.config import ModelConfig
+
+    return ModelConfig.from_dir(tiny_llama.model)

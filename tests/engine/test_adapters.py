@@ -1,0 +1,131 @@
+"""Adapters: validated against the base, refused with a reason, slots LRU, merge exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.lora import AdapterError, load_adapter
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from tests.engine.helpers import make_engine, run_all
+
+
+def _copy(tiny: TinyOutput, tmp_path: Path, name: str = "lora-0") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(tiny.adapters[name], dst)
+    return dst
+
+
+def _edit_config(path: Path, **changes) -> None:
+    conf = json.loads((path / "adapter_config.json").read_text())
+    conf.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(conf))
+
+
+def _edit_tensors(path: Path, fn) -> None:
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in fn(tensors).items()}, str(path / "adapter_model.safetensors"))
+
+
+def test_scaling_and_ranks_follow_the_config(tiny_llama: TinyOutput, engine_cfg) -> None:
+    for name, path in tiny_llama.adapters.items():
+        conf = json.loads((path / "adapter_config.json").read_text())
+        adapter = load_adapter(name, path, engine_cfg)
+        r, alpha = conf["r"], conf["lora_alpha"]
+        expected = alpha / r**0.5 if conf["use_rslora"] else alpha / r
+        assert adapter.rank == r and alpha != r
+        assert all(w.scale == pytest.approx(expected) for w in adapter.weights.values())
+        assert adapter.target_names == set(conf["target_modules"])
+    assert any(json.loads((p / "adapter_config.json").read_text())["use_rslora"] for p in tiny_llama.adapters.values())
+
+
+def test_alpha_pattern_overrides_per_module(tiny_llama: TinyOutput, engine_cfg, tmp_path: Path) -> None:
+    path = _copy(tiny_llama, tmp_path)
+    _edit_config(path, alpha_pattern={"q_proj": 3})
+    adapter = load_adapter("x", path, engine_cfg)
+    assert adapter.weights[(0, "q_proj")].scale == pytest.approx(3 / adapter.rank)
+    assert adapter.weights[(0, "v_proj")].scale != adapter.weights[(0, "q_proj")].scale
+
+
+BAD = {
+    "missing config": (lambda p: (p / "adapter_config.json").unlink(), "not found"),
+    "pickle only": (
+        lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"),
+        "only safetensors",
+    ),
+    "broken json": (lambda p: (p / "adapter_config.json").write_text("{"), "not valid JSON"),
+    "dora": (lambda p: _edit_config(p, use_dora=True), "DoRA"),
+    "wrong r": (lambda p: _edit_config(p, r=4), "r=4"),
+    "no alpha": (lambda p: _edit_config(p, lora_alpha=None), "lora_alpha"),
+    "modules_to_save": (lambda p: _edit_config(p, modules_to_save=["lm_head"]), "modules_to_save"),
+    "wrong shape": (
+        lambda p: _edit_tensors(p, lambda t: {k: (v[:, :-1] if "q_proj.lora_A" in k else v) for k, v in t.items()}),
+        "do not fit",
+    ),
+    "only A": (lambda p: _edit_tensors(p, lambda t: {k: v for k, v in t.items() if "lora_B" not in k}), "not both"),
+    "embedding": (
+        lambda p: _edit_tensors(p, lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}),
+        "lm_head",
+    ),
+    "layer the base lacks": (
+        lambda p: _edit_tensors(p, lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()}),
+        "has 2 layers",
+    ),
+    "garbage file": (lambda p: (p / "adapter_model.safetensors").write_bytes(b"not a safetensors file"), "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_adapters_are_refused_with_a_reason(tiny_llama: TinyOutput, engine_cfg, tmp_path: Path, case: str) -> None:
+    path = _copy(tiny_llama, tmp_path)
+    breaker, fragment = BAD[case]
+    breaker(path)
+    with pytest.raises(AdapterError, match=fragment):
+        load_adapter("bad", path, engine_cfg)
+
+
+def test_unregister_and_reuse_slots(tiny_llama: TinyOutput) -> None:
+    engine = make_engine(tiny_llama, max_loras=2)
+    names = list(tiny_llama.adapters)
+    requests = {f"r{i}": (name, [5, 6, 7]) for i, name in enumerate(names)}
+    run_all(engine, requests, 3)
+    assert engine.stats.adapter_loads == len(names)
+    assert engine.stats.adapter_evictions == len(names) - 2
+    engine.unregister_adapter(names[0])
+    with pytest.raises(AdapterError):
+        engine.unregister_adapter(names[0])
+    assert names[0] not in engine.adapters
+
+
+def test_merge_unmerge_is_bit_exact_after_1000_cycles(tiny_llama: TinyOutput) -> None:
+    """bf16 makes W + s·BA round; restoring must still give the original bits."""
+    engine = make_engine(tiny_llama, dtype="bfloat16")
+    layers = engine.merger.weights.layers
+    before = [[t.clone() for t in (lw.qkv, lw.o, lw.gate_up, lw.down)] for lw in layers]
+    names = list(tiny_llama.adapters)
+    for i in range(1000):
+        engine.merger.merge(engine.adapters[names[i % len(names)]])
+        if i == 0:
+            assert not torch.equal(layers[0].qkv, before[0][0])
+        engine.merger.unmerge()
+    for lw, orig in zip(layers, before):
+        for t, o in zip((lw.qkv, lw.o, lw.gate_up, lw.down), orig):
+            assert torch.equal(t, o)
+
+
+def test_merged_engine_is_exact_when_back_to_unmerged(tiny_llama: TinyOutput) -> None:
+    engine = make_engine(tiny_llama, mode="merged")
+    layers = engine.merger.weights.layers
+    before = [lw.gate_up.clone() for lw in layers]
+    requests = {f"r{i}": (name, [9, 8, 7]) for i, name in enumerate(tiny_llama.adapters)}
+    run_all(engine, requests, 4)
+    engine.step(decision=None)  # idle: nothing to run
+    engine.merger.unmerge()
+    assert all(torch.equal(lw.gate_up, b) for lw, b in zip(layers, before))
+    assert engine.stats.merge_seconds > 0 and engine.stats.unmerge_seconds > 0

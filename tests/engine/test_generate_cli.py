@@ -1,0 +1,77 @@
+"""`dlora generate` serves good lines and names bad ones; `dlora model make-tiny` is deterministic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from dlora.services.cli import main
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from tests.engine.oracle import Oracle
+
+
+def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    lines = [
+        {"id": "a", "adapter": "lora-1", "prompt_token_ids": [5, 6, 7], "max_tokens": 6},
+        "{not json",
+        {"id": "b", "adapter": "nope", "prompt": "x"},
+        {"id": "c", "prompt": "kalo remi", "max_tokens": 4, "temperature": 0.5, "seed": 3},
+        {"id": "d", "prompt": "x", "tempreature": 0.5},
+        {"id": "e", "prompt": "x", "max_tokens": -1},
+        {"id": "f", "adapter": "lora-0", "prompt_token_ids": [9, 10], "max_tokens": 5},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out), "--mode", "merged"]
+    for name in ("lora-0", "lora-1"):
+        argv += ["--lora", f"{name}={tiny_llama.adapters[name]}"]
+    assert main(argv) == 1  # some lines failed
+
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in results] == ["a", "line-2", "b", "c", "d", "e", "f"]
+    errors = {r["id"]: r["error"] for r in results if "error" in r}
+    assert errors["line-2"].startswith("line 2: not valid JSON")
+    assert "line 3" in errors["b"] and "not registered" in errors["b"]
+    assert "line 5" in errors["d"] and "tempreature" in errors["d"]
+    assert "line 6" in errors["e"] and "max_tokens" in errors["e"]
+    oracle = Oracle(tiny_llama)
+    by_id = {r["id"]: r for r in results}
+    assert by_id["a"]["token_ids"] == oracle.generate("lora-1", [5, 6, 7], 6)
+    assert by_id["f"]["token_ids"] == oracle.generate("lora-0", [9, 10], 5)
+    assert by_id["a"]["finish_reason"] == "length" and len(by_id["c"]["token_ids"]) == 4
+
+
+def test_generate_refuses_a_bad_adapter_flag(tiny_llama: TinyOutput, tmp_path: Path, capsys) -> None:
+    (tmp_path / "in.jsonl").write_text("")
+    argv = ["generate", "--model", str(tiny_llama.model), "--input", str(tmp_path / "in.jsonl"),
+            "--output", str(tmp_path / "out.jsonl"), "--lora", "broken"]
+    assert main(argv) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.name != "adapter_config.json":  # it records the output path
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_make_tiny_is_deterministic_and_loads_offline(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "dlora.services.cli", "model", "make-tiny", "--adapters", "3", "--ranks", "4,8",
+           "--seed", "5", "--arch", "qwen2"]
+    for d in ("one", "two"):
+        subprocess.run([*cmd, "--out", str(tmp_path / d)], check=True, capture_output=True,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "one" / "model")
+    assert tok.decode(tok.encode("kalo remi")) == "kalo remi"
+    ranks = [json.loads((tmp_path / "one" / "adapters" / f"lora-{i}" / "adapter_config.json").read_text())["r"]
+             for i in range(3)]
+    assert ranks == [4, 8, 4]

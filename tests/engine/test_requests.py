@@ -1,0 +1,128 @@
+"""Per-request behaviour: stopping, sampling, text, aborts and bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import LLMEngine, RequestError
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.services.worker.engine.sequence import FinishReason
+from tests.engine.helpers import make_engine
+
+PROMPT = [5, 40, 41, 300, 17]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: TinyOutput) -> LLMEngine:
+    return make_engine(tiny_llama)
+
+
+def collect(engine: LLMEngine, rid: str, **kw) -> tuple[list[int], str, FinishReason | None]:
+    adapter = kw.pop("adapter", None)
+    engine.add_request(rid, prompt_token_ids=kw.pop("prompt", PROMPT), params=SamplingParams(**kw), adapter=adapter)
+    tokens, text, reason = [], "", None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == rid:
+                tokens += o.new_token_ids
+                text += o.new_text
+                reason = o.finish_reason if o.finished else reason
+    return tokens, text, reason
+
+
+def test_max_tokens_gives_length(engine: LLMEngine) -> None:
+    tokens, text, reason = collect(engine, "a", max_tokens=7)
+    assert len(tokens) == 7 and reason is FinishReason.LENGTH
+    assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_stop_token_id_ends_and_stays_in_tokens(engine: LLMEngine) -> None:
+    full, _, _ = collect(engine, "a", max_tokens=10)
+    tokens, _, reason = collect(engine, "b", max_tokens=10, stop_token_ids=[full[3]])
+    assert tokens == full[: full.index(full[3]) + 1] and reason is FinishReason.STOP
+
+
+def test_eos_stops_unless_ignored(engine: LLMEngine) -> None:
+    eos = next(iter(engine.eos_ids))
+    full, _, _ = collect(engine, "a", max_tokens=10)
+    engine.eos_ids.add(full[2])  # make the third generated token an end-of-sequence token
+    try:
+        stopped, _, reason = collect(engine, "b", max_tokens=10)
+        ignored, _, _ = collect(engine, "c", max_tokens=10, ignore_eos=True)
+    finally:
+        engine.eos_ids = {eos}
+    assert reason is FinishReason.STOP and stopped == full[: full.index(full[2]) + 1]
+    assert ignored == full
+
+
+def test_stop_string_is_cut_and_never_streamed(engine: LLMEngine) -> None:
+    full_tokens, full_text, _ = collect(engine, "a", max_tokens=16)
+    stop = full_text[5:8]
+    assert stop and stop in full_text
+    _, text, reason = collect(engine, "b", max_tokens=16, stop=[stop, "never-seen"])
+    assert reason is FinishReason.STOP
+    assert text == full_text[: full_text.index(stop)]
+
+
+def test_seeded_sampling_repeats_whatever_else_runs(engine: LLMEngine) -> None:
+    alone, _, _ = collect(engine, "a", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    for i in range(3):  # neighbours with their own randomness join the batch
+        engine.add_request(f"n{i}", prompt_token_ids=[7, 8, 9 + i], params=SamplingParams(max_tokens=12, temperature=1.0))
+    crowded, _, _ = collect(engine, "b", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    assert alone == crowded
+    other, _, _ = collect(engine, "c", max_tokens=12, temperature=1.0, top_p=0.9, seed=12)
+    assert other != alone
+
+
+def test_abort_frees_blocks_and_spares_others(engine: LLMEngine) -> None:
+    free = engine.blocks.num_free
+    engine.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=50))
+    engine.add_request("y", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=3))
+    engine.step()
+    assert engine.abort("x") and not engine.abort("x")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert {o.request_id for o in outs} == {"y"} and engine.blocks.num_free == free
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(prompt_token_ids=[]), "empty"),
+        (dict(prompt_token_ids=[1, 99999]), "token ids"),
+        (dict(prompt_token_ids=list(range(3)) * 300), "context holds"),
+        (dict(prompt_token_ids=[1], adapter="nope"), "not registered"),
+        (dict(prompt="a", prompt_token_ids=[1]), "exactly one"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(top_p=2.0)), "top_p"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(max_tokens=2), resume_token_ids=[3, 4]), "max_tokens"),
+    ],
+)
+def test_bad_requests_are_refused_and_nothing_else_is_lost(engine: LLMEngine, kwargs: dict, fragment: str) -> None:
+    engine.add_request("keep", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=2))
+    with pytest.raises(RequestError, match=fragment):
+        engine.add_request("bad", **kwargs)
+    with pytest.raises(RequestError, match="already in flight"):
+        engine.add_request("keep", prompt_token_ids=PROMPT)
+    done = []
+    while engine.has_unfinished():
+        done += [o.request_id for o in engine.step() if o.finished]
+    assert done == ["keep"]
+
+
+def test_text_prompts_are_tokenized(engine: LLMEngine) -> None:
+    engine.add_request("t", prompt="kalo remi", params=SamplingParams(max_tokens=2))
+    out = engine.step()[0]
+    assert out.num_prompt_tokens == len(engine.tokenizer.encode("kalo remi"))
+
+
+def test_bfloat16_runs_every_mode(tiny_llama: TinyOutput) -> None:
+    for mode in ("merged", "unmerged"):
+        eng = make_engine(tiny_llama, dtype="bfloat16", mode=mode)
+        for i, name in enumerate([None, *tiny_llama.adapters]):
+            eng.add_request(str(i), prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=4), adapter=name)
+        n = 0
+        while eng.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in eng.step())
+        assert n == 4 * (len(tiny_llama.adapters) + 1)

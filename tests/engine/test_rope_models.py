@@ -1,0 +1,48 @@
+"""Models whose config carries RoPE scaling generate what transformers generates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from tests.engine.helpers import make_engine, run_all
+
+SCALINGS = {
+    "linear": ({"rope_type": "linear", "factor": 2.0}, 512),
+    # Short max_position_embeddings so the prompt runs past it and the NTK rescaling is exercised.
+    "dynamic": ({"rope_type": "dynamic", "factor": 4.0}, 16),
+    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}, 512),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, 512),
+}
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_scaled_rope_matches_transformers(tiny_llama: TinyOutput, tmp_path: Path, name: str) -> None:
+    scaling, max_pos = SCALINGS[name]
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama.model, model_dir)
+    conf = json.loads((model_dir / "config.json").read_text())
+    conf.update(rope_scaling=scaling, max_position_embeddings=max_pos)
+    (model_dir / "config.json").write_text(json.dumps(conf))
+    prompt = [(7 * i + 3) % 500 for i in range(24)]
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        # Logits first: transformers' dynamic NTK keeps the frequencies of the longest sequence seen.
+        expected_logits = hf(input_ids=ids).logits[0, -1]
+        expected = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+
+    tiny = TinyOutput(model=model_dir, adapters_dir=tiny_llama.adapters_dir, adapters={})
+    engine = make_engine(tiny)
+    assert run_all(engine, {"r": (None, prompt)}, 8)["r"] == expected[0, len(prompt) :].tolist()
+    engine.add_request("p", prompt_token_ids=prompt)
+    engine.step()
+    torch.testing.assert_close(engine.last_logits["p"], expected_logits, atol=1e-4, rtol=0)

@@ -1,0 +1,41 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from dlora.services.worker.engine.config import ModelConfig, ModelConfigError
+
+RAW = dict(model_type="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=128, num_hidden_layers=2, vocab_size=100, eos_token_id=[2, 5])
+
+
+def test_reads_qwen2_defaults() -> None:
+    cfg = ModelConfig.from_dict(RAW)
+    assert cfg.qkv_bias and cfg.head_dim == 16 and cfg.kv_size == 32 and cfg.eos_token_ids == (2, 5)
+    assert cfg.rope == {"rope_theta": 10000.0, "rope_type": "default"}
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"model_type": "gpt2"}, "gpt2"),
+        ({"num_key_value_heads": 3}, "multiple"),
+        ({"hidden_act": "gelu"}, "gelu"),
+        ({"hidden_size": None}, "hidden_size"),
+    ],
+)
+def test_unservable_configs_name_the_field(change: dict, fragment: str) -> None:
+    raw = {**RAW, **change}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(ModelConfigError, match=fragment):
+        ModelConfig.from_dict(raw)
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelConfigError, match="not found"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{nope")
+    with pytest.raises(ModelConfigError, match="not valid JSON"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(RAW))
+    assert ModelConfig.from_dir(tmp_path).vocab_size == 100

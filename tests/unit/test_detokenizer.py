@@ -1,0 +1,35 @@
+"""Incremental text equals the whole decode, and partial UTF-8 is held back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+from dlora.services.worker.engine.make_tiny import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    out: Path = tmp_path_factory.mktemp("tok")
+    make_tokenizer(out, vocab_size=400, seed=0)
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.mark.parametrize("text", ["kalo remi suta, nevo!", "naïve café — 日本語 ok", "  two  spaces\nand lines"])
+def test_streamed_text_equals_full_decode(tokenizer, text: str) -> None:
+    prompt = tokenizer.encode("prompt words ")
+    ids = tokenizer.encode(text)
+    d = IncrementalDetokenizer(tokenizer, prompt)
+    pieces = [d.push([t]) for t in ids]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_multibyte_character_waits_for_its_last_byte(tokenizer) -> None:
+    ids = tokenizer.encode("日")
+    assert len(ids) > 1  # split over byte tokens by this small vocabulary
+    d = IncrementalDetokenizer(tokenizer, [])
+    assert [d.push([t]) for t in ids] == [""] * (len(ids) - 1) + ["日"]

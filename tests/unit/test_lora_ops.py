@@ -1,0 +1,42 @@
+"""The segmented torch LoRA op equals a per-token dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlora.kernels.lora import LoraSegments, LoraSlice, add_lora_torch
+
+
+def test_segments_from_token_slots() -> None:
+    assert LoraSegments.from_token_slots([3, 3, -1, 0, 0, 0]).segments == [(3, 0, 2), (0, 3, 6)]
+    assert LoraSegments.from_token_slots([-1, -1]).segments == []
+    assert LoraSegments.from_token_slots([1, 2, 1]).segments == [(1, 0, 1), (2, 1, 2), (1, 2, 3)]
+    assert LoraSegments.from_token_slots([]).segments == []
+
+
+@pytest.mark.parametrize("token_slots", [[0, 0, 1, 1, 1, -1, 2], [-1, -1, -1], [2] * 7, [0, 1, 2, 0, 1, 2, -1]])
+def test_matches_per_token_reference(token_slots: list[int]) -> None:
+    torch.manual_seed(0)
+    k, ranks = 24, [4, 8, 16]
+    # Two slices of one fused output (like q and v inside qkv); slot 1 does not target the second.
+    slices = [LoraSlice(0, 10), LoraSlice(14, 6)]
+    for sl in slices:
+        for slot, r in enumerate(ranks):
+            skip = sl.offset == 14 and slot == 1
+            sl.a.append(None if skip else torch.randn(r, k))
+            sl.b.append(None if skip else torch.randn(sl.size, r))
+            sl.scale.append(0.5 + slot)
+    x = torch.randn(len(token_slots), k)
+    base = torch.randn(len(token_slots), 20)
+    out = base.clone()
+    add_lora_torch(out, x, slices, LoraSegments.from_token_slots(token_slots))
+    expected = base.clone()
+    for t, slot in enumerate(token_slots):
+        for sl in slices:
+            if slot >= 0 and sl.a[slot] is not None:
+                delta = sl.scale[slot] * (sl.b[slot] @ sl.a[slot] @ x[t])
+                expected[t, sl.offset : sl.offset + sl.size] += delta
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    untouched = [t for t, s in enumerate(token_slots) if s < 0]
+    assert torch.equal(out[untouched], base[untouched])

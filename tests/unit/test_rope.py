@@ -1,0 +1,71 @@
+"""RoPE frequencies match transformers' for every scaling variant served."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from dlora.services.worker.engine.config import ModelConfig, ModelConfigError
+from dlora.services.worker.engine.rope import Rope, apply_rope, inv_freq_and_scale
+
+SCALINGS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                    "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16},
+}
+
+
+def configs(scaling):
+    raw = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+               num_hidden_layers=1, vocab_size=32, max_position_embeddings=256, rope_theta=5000.0)
+    hf = LlamaConfig(**raw, rope_scaling=scaling)
+    ours = ModelConfig.from_dict({"model_type": "llama", **raw, "rope_scaling": scaling})
+    return hf, ours
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_inverse_frequencies_match_transformers(name: str) -> None:
+    hf, ours = configs(SCALINGS[name])
+    kind = ours.rope["rope_type"]
+    for seq_len in (None, 1000):
+        if kind == "default":  # transformers keeps the plain formula inside each model's rotary module
+            dim = ours.head_dim
+            expected, scale = 1.0 / (5000.0 ** (torch.arange(0, dim, 2).float() / dim)), 1.0
+        else:
+            expected, scale = ROPE_INIT_FUNCTIONS[kind](hf, None, seq_len=seq_len)
+        got, got_scale = inv_freq_and_scale(ours, seq_len=seq_len)
+        torch.testing.assert_close(got, expected.float(), atol=0, rtol=1e-6)
+        assert got_scale == pytest.approx(scale)
+
+
+def test_old_and_new_config_spellings_agree() -> None:
+    raw = dict(model_type="llama", hidden_size=64, num_attention_heads=4, intermediate_size=64,
+               num_hidden_layers=1, vocab_size=32)
+    old = ModelConfig.from_dict({**raw, "rope_theta": 500.0, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    new = ModelConfig.from_dict({**raw, "rope_parameters": {"rope_theta": 500.0, "rope_type": "linear", "factor": 2.0}})
+    assert old.rope == new.rope
+
+
+def test_unknown_scaling_is_refused_by_name() -> None:
+    ours = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                  "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 32,
+                                  "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    with pytest.raises(ModelConfigError, match="longrope"):
+        inv_freq_and_scale(ours)
+
+
+def test_rotation_preserves_norm_and_position_zero_is_identity() -> None:
+    _, ours = configs(None)
+    rope = Rope(ours, torch.device("cpu"))
+    x = torch.randn(3, 2, ours.head_dim)
+    cos, sin = rope.cos_sin(torch.tensor([0, 5, 100]))
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y[0], x[0])
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))

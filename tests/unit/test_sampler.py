@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.sampler import filtered_probs, sample
+
+
+def test_greedy_takes_the_argmax_per_row() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    assert sample(logits, [SamplingParams(), SamplingParams()], [None, None]) == [1, 0]
+
+
+def test_top_k_keeps_k_tokens() -> None:
+    p = filtered_probs(torch.tensor([1.0, 4.0, 3.0, 2.0]), SamplingParams(temperature=1.0, top_k=2))
+    assert (p > 0).tolist() == [False, True, True, False]
+    assert p.sum().item() == pytest.approx(1.0)
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.75))
+    assert (p > 0).tolist() == [True, True, False, False]
+    # top_p below the first token's probability still keeps that token
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.1))
+    assert (p > 0).tolist() == [True, False, False, False]
+
+
+def test_low_temperature_concentrates_mass() -> None:
+    logits = torch.tensor([1.0, 2.0, 0.5])
+    assert filtered_probs(logits, SamplingParams(temperature=0.05))[1] > 0.99
+
+
+def test_seeded_rows_repeat_whatever_the_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=1.0, seed=7)
+    draws = [sample(logits[:1], [params], [torch.Generator().manual_seed(7)])[0] for _ in range(3)]
+    batched = sample(logits, [params, SamplingParams(temperature=1.0), params],
+                     [torch.Generator().manual_seed(7), torch.Generator(), torch.Generator().manual_seed(7)])
+    assert len(set(draws)) == 1 and batched[0] == draws[0]
+
+
+@pytest.mark.parametrize(
+    "params,fragment",
+    [
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(temperature=-1.0), "temperature"),
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_k=-2), "top_k"),
+        (SamplingParams(stop=[""]), "stop"),
+        (SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+    ],
+)
+def test_bad_parameters_are_named(params: SamplingParams, fragment: str) -> None:
+    assert fragment in params.problem()
+
+
+def test_good_parameters_pass() -> None:
+    assert SamplingParams(temperature=0.7, top_p=0.9, top_k=40, stop=["\n"]).problem() is None

@@ -1,0 +1,84 @@
+import torch
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.kv_cache import BlockManager
+from dlora.services.worker.engine.policy import StepDecision
+from dlora.services.worker.engine.scheduler import Limits, schedule
+from dlora.services.worker.engine.sequence import Sequence, Status
+
+LIMITS = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2)
+
+
+class _NoText:
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def seq(rid: str, arrival: int, prompt_len: int, adapter: str | None = None, outputs: int = 0) -> Sequence:
+    from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+
+    s = Sequence(rid, adapter, list(range(prompt_len)), SamplingParams(), arrival,
+                 IncrementalDetokenizer(_NoText(), []), torch.Generator())
+    s.output_ids = list(range(outputs))
+    return s
+
+
+def running(s: Sequence, bm: BlockManager) -> Sequence:
+    s.status = Status.RUNNING
+    s.num_cached = s.total_len - 1
+    bm.grow(s.request_id, s.num_cached)
+    return s
+
+
+def test_admits_prefills_within_free_blocks_in_order() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seqs = {s.request_id: s for s in [seq("a", 0, 8), seq("b", 1, 9), seq("c", 2, 4)]}
+    plan = schedule(StepDecision(None, ["a", "b", "c"]), seqs, bm, LIMITS)
+    # b needs 3 blocks and only 2 are left: it waits; c still fits after it
+    assert [s.request_id for s in plan.seqs] == ["a", "c"]
+    assert plan.preempted == []
+
+
+def test_decode_preempts_the_latest_running_sequence_outside_the_batch() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    old = running(seq("old", 0, 4, outputs=1), bm)  # 4 cached, needs a 2nd block for token 5
+    mid = running(seq("mid", 1, 4, outputs=1), bm)
+    new = running(seq("new", 2, 8, outputs=1), bm)  # holds 2 blocks
+    assert bm.num_free == 0
+    seqs = {s.request_id: s for s in (old, mid, new)}
+    plan = schedule(StepDecision(None, ["old", "mid"]), seqs, bm, LIMITS)
+    assert plan.preempted == [new]
+    assert new.status is Status.WAITING and new.num_cached == 0 and bm.table("new") == []
+    assert [s.request_id for s in plan.seqs] == ["old", "mid"]
+
+
+def test_a_sequence_with_no_victim_preempts_itself() -> None:
+    bm = BlockManager(num_blocks=1, block_size=4)
+    s = running(seq("a", 0, 4, outputs=1), bm)
+    plan = schedule(StepDecision(None, ["a"]), {"a": s}, bm, LIMITS)
+    assert plan.seqs == [] and plan.preempted == [s]
+
+
+def test_limits_on_adapters_sequences_and_tokens() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    seqs = {s.request_id: s for s in [seq("a", 0, 4, "x"), seq("b", 1, 4, "y"), seq("c", 2, 4, "z"),
+                                      seq("d", 3, 4, None), seq("e", 4, 60, "x")]}
+    plan = schedule(StepDecision(None, list(seqs)), seqs, bm, LIMITS)
+    # z would be a third adapter; e would pass the 64-token budget
+    assert [s.request_id for s in plan.seqs] == ["a", "b", "d"]
+
+
+def test_merged_decision_runs_only_that_adapter() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    seqs = {s.request_id: s for s in [seq("a", 0, 4, "x"), seq("b", 1, 4, None), seq("c", 2, 4, "x")]}
+    plan = schedule(StepDecision("x", ["a", "b", "c"]), seqs, bm, LIMITS)
+    assert [s.request_id for s in plan.seqs] == ["a", "c"]
+
+
+def test_an_empty_step_takes_blocks_from_paused_sequences() -> None:
+    """Merged on x while y's sequences hold every block: x's prefill must still run."""
+    bm = BlockManager(num_blocks=2, block_size=4)
+    paused = running(seq("p", 0, 8, "y", outputs=1), bm)
+    fresh = seq("f", 1, 4, "x")
+    plan = schedule(StepDecision("x", ["f"]), {"p": paused, "f": fresh}, bm, LIMITS)
+    assert plan.seqs == [fresh] and plan.preempted == [paused]
