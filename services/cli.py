@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-sizes", default="1,8,32,64")
     be.add_argument("--adapters", default="1,8,64", help="distinct adapters in the unmerged runs")
     be.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
+    be.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")
     be.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     be.set_defaults(func=_bench_engine)

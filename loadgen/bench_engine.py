@@ -1,0 +1,179 @@
+"""``dlora bench engine``: decode throughput of base, merged and unmerged LoRA, and switch costs.
+
+Every point runs on one engine: ``batch`` requests are prefilled (untimed), then ``steps`` decode
+steps are timed. Decisions are given to ``step()`` directly, so the mode is exactly the one named.
+The three ratios the engine issue sets as targets are computed from points of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.engine.make_tiny import make_tiny
+from dlora.services.worker.engine.policy import StepDecision
+
+PROMPT_LEN = 32
+
+
+@dataclass
+class Point:
+    mode: str  # base | merged | unmerged
+    adapters: int  # distinct adapters in the batch (0 for base)
+    batch: int
+    step_ms: float  # median decode step
+    tokens_per_s: float
+    lora_bytes: int  # adapter weight bytes the unmerged step reads
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def ensure_model(workdir: Path, preset: str, num_adapters: int) -> Path:
+    root = workdir / f"{preset}-{num_adapters}"
+    if not (root / "adapters" / f"lora-{num_adapters - 1}" / "adapter_config.json").exists():
+        # One rank for every adapter keeps the byte accounting of the 64-adapter point simple.
+        make_tiny(root, preset=preset, num_adapters=num_adapters, ranks=[16], seed=0)
+    return root
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    w = engine.merger.weights
+    tensors = [w.lm_head, w.norm] + [t for lw in w.layers for t in vars(lw).values() if t is not None]
+    return sum(t.nbytes for t in tensors)
+
+
+def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> float:
+    """Median seconds of one decode step with one request per entry of ``adapters``.
+
+    The median, not the mean: on a shared 2-core machine a single descheduled step would
+    otherwise decide a ratio."""
+    ids = [f"b{i}" for i in range(len(adapters))]
+    for rid, name in zip(ids, adapters):
+        engine.add_request(rid, prompt_token_ids=[(7 * i + 3) % 500 for i in range(PROMPT_LEN)],
+                           params=SamplingParams(max_tokens=steps + 3, ignore_eos=True), adapter=name)
+    decision = StepDecision(merged=merged, request_ids=ids)
+    engine.step(decision)  # prefill
+    engine.step(decision)  # first decode warms caches
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step(decision)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    for rid in ids:
+        engine.abort(rid)
+    return seconds
+
+
+def run(
+    preset: str, batch_sizes: list[int], adapter_counts: list[int], steps: int, rounds: int, dtype: str, workdir: Path
+) -> dict:
+    max_adapters = max(adapter_counts)
+    root = ensure_model(workdir, preset, max_adapters)
+    engine = LLMEngine(EngineConfig(model=str(root / "model"), dtype=dtype, max_loras=max_adapters,
+                                    max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30))
+    names = [f"lora-{i}" for i in range(max_adapters)]
+    for name in names:
+        engine.register_adapter(name, root / "adapters" / name)
+    points: list[Point] = []
+
+    def add(mode: str, n: int, batch: int, seconds: float, lora_bytes: int = 0) -> None:
+        points.append(Point(mode, n, batch, seconds * 1e3, batch / seconds, lora_bytes))
+        print(f"{mode:>9} adapters={n:<3} batch={batch:<3} step={seconds * 1e3:8.2f} ms  {batch / seconds:9.1f} tok/s",
+              flush=True)
+
+    measure(engine, [None] * max(batch_sizes), None, steps)  # warm up allocator and thread pool
+    for batch in batch_sizes:
+        configs: list[tuple[str, int, list[str | None], str | None]] = [
+            ("base", 0, [None] * batch, None),
+            ("merged", 1, [names[0]] * batch, names[0]),
+        ]
+        configs += [("unmerged", n, [names[i % n] for i in range(batch)], None) for n in adapter_counts]
+        # Rounds interleave the configurations, so a slow spell of the machine hits all of them.
+        samples: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+        for _ in range(rounds):
+            for i, (_, _, in_batch, merged) in enumerate(configs):
+                samples[i].append(measure(engine, in_batch, merged, steps))
+        for i, (mode, n, in_batch, _) in enumerate(configs):
+            lora_bytes = 0
+            if mode == "unmerged":
+                lora_bytes = sum(engine.adapters[a].nbytes for a in set(in_batch)) * engine.dtype.itemsize // 4
+            add(mode, n, batch, statistics.median(samples[i]), lora_bytes)
+
+    merge_ms, unmerge_ms = [], []
+    for i in range(5):
+        t0 = time.perf_counter()
+        engine.merger.merge(engine.adapters[names[i % len(names)]])
+        t1 = time.perf_counter()
+        engine.merger.unmerge()
+        merge_ms.append((t1 - t0) * 1e3)
+        unmerge_ms.append((time.perf_counter() - t1) * 1e3)
+
+    base_bytes = weight_bytes(engine)
+    by = {(p.mode, p.adapters, p.batch): p for p in points}
+    ratios = {}
+    for batch in batch_sizes:
+        base = by[("base", 0, batch)]
+        ratios[f"merged/base throughput @batch {batch} (target >= 0.97)"] = by[("merged", 1, batch)].tokens_per_s / base.tokens_per_s
+        if ("unmerged", 1, batch) in by:
+            ratios[f"unmerged 1 adapter/base throughput @batch {batch} (target >= 0.90)"] = (
+                by[("unmerged", 1, batch)].tokens_per_s / base.tokens_per_s
+            )
+    many = max(adapter_counts)
+    for batch in batch_sizes:
+        p = by.get(("unmerged", many, batch))
+        if p is not None and batch >= 32:
+            explained = by[("base", 0, batch)].step_ms * (base_bytes + p.lora_bytes) / base_bytes
+            ratios[f"unmerged {many} adapters step / bytes-explained @batch {batch} (target <= 1.15)"] = p.step_ms / explained
+    return {
+        "machine": machine(),
+        "preset": preset,
+        "dtype": dtype,
+        "prompt_len": PROMPT_LEN,
+        "timed_decode_steps": steps,
+        "rounds": rounds,
+        "base_weight_bytes": base_bytes,
+        "merge_ms": sum(merge_ms) / len(merge_ms),
+        "unmerge_ms": sum(unmerge_ms) / len(unmerge_ms),
+        "points": [asdict(p) for p in points],
+        "ratios": ratios,
+    }
+
+
+def run_bench_engine(args: argparse.Namespace) -> int:
+    result = run(
+        preset=args.preset,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        adapter_counts=[int(a) for a in args.adapters.split(",")],
+        steps=args.steps,
+        rounds=args.rounds,
+        dtype=args.dtype,
+        workdir=Path(args.workdir),
+    )
+    print(f"merge {result['merge_ms']:.2f} ms, unmerge {result['unmerge_ms']:.2f} ms")
+    for name, value in result["ratios"].items():
+        print(f"{value:6.3f}  {name}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
