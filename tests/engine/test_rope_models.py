@@ -46,3 +46,19 @@ def test_scaled_rope_matches_transformers(tiny_llama: TinyOutput, tmp_path: Path
     engine.add_request("p", prompt_token_ids=prompt)
     engine.step()
     torch.testing.assert_close(engine.last_logits["p"], expected_logits, atol=1e-4, rtol=0)
+
+
+def test_mistral_config_is_served_up_to_its_window(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    model_dir = tmp_path / "mistral"
+    shutil.copytree(tiny_llama.model, model_dir)
+    conf = json.loads((model_dir / "config.json").read_text())
+    conf.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=64)
+    (model_dir / "config.json").write_text(json.dumps(conf))
+    prompt = [(5 * i + 1) % 500 for i in range(20)]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        expected = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    engine = make_engine(TinyOutput(model=model_dir, adapters_dir=tiny_llama.adapters_dir, adapters={}))
+    assert engine.max_model_len == 64
+    assert run_all(engine, {"r": (None, prompt)}, 8)["r"] == expected[0, len(prompt) :].tolist()

@@ -35,6 +35,8 @@ class ModelConfig:
     qkv_bias: bool
     # Normalised RoPE parameters: always has "rope_theta" and "rope_type".
     rope: dict[str, Any] = field(default_factory=dict)
+    # Attention window of Mistral / Qwen2 configs that use one; None: full attention.
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -87,6 +89,7 @@ class ModelConfig:
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 qkv_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
                 rope=_rope_parameters(raw, source),
+                sliding_window=_sliding_window(raw),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=_as_ids(raw.get("eos_token_id")),
             )
@@ -97,6 +100,14 @@ class ModelConfig:
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
         return cfg
+
+
+def _sliding_window(raw: dict[str, Any]) -> int | None:
+    # Qwen2 configs carry a window but use it only with use_sliding_window; Mistral's is live when set.
+    if raw["model_type"] == "qwen2" and not raw.get("use_sliding_window"):
+        return None
+    window = raw.get("sliding_window")
+    return int(window) if window else None
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:

@@ -332,9 +332,14 @@ class LLMEngine:
 def _context_length(cfg: ModelConfig) -> int:
     # Dynamic NTK stretches RoPE past max_position_embeddings by its factor; the other scalings
     # already state the extended length there.
+    length = cfg.max_position_embeddings
     if cfg.rope["rope_type"] == "dynamic":
-        return int(cfg.max_position_embeddings * float(cfg.rope["factor"]))
-    return cfg.max_position_embeddings
+        length = int(length * float(cfg.rope["factor"]))
+    # Attention is full, so a sliding-window model is served only up to its window, where
+    # the two agree.
+    if cfg.sliding_window is not None:
+        length = min(length, cfg.sliding_window)
+    return length
 
 
 def _find_stop(text: str, stops: list[str], old_len: int) -> int | None:
