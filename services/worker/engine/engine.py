@@ -25,8 +25,7 @@ from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.policy import Mode, Policy, QueuedRequest, StepDecision, make_policy
 from dlora.services.worker.engine.sampler import sample
-from dlora.services.worker.engine import scheduler
-from dlora.services.worker.engine.scheduler import Limits
+from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
@@ -206,7 +205,7 @@ class LLMEngine:
         if decision.merged is not None and decision.merged not in self.adapters:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
         self._switch(decision.merged)
-        plan = scheduler.schedule(decision, self.seqs, self.blocks, self.limits)
+        plan = schedule(decision, self.seqs, self.blocks, self.limits)
         self.stats.preemptions += len(plan.preempted)
         if not plan.seqs:
             return []
@@ -250,7 +249,7 @@ class LLMEngine:
             slot, change = self.slots.acquire(name, pinned=needed)
             if change is not None:
                 self.device_loras.load(slot, self.adapters[name])
-                self.stats.record_load(name, change.evicted, time.perf_counter() - start)
+                self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
             slot_of[name] = slot
         return sorted(seqs, key=lambda s: slot_of[s.adapter]), slot_of
 
@@ -323,10 +322,6 @@ class LLMEngine:
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
-
-    def preempt(self, request_id: str) -> None:
-        """Drop a running request's KV; it recomputes from its tokens when next scheduled."""
-        scheduler.preempt(self.seqs[request_id], self.blocks)
 
 
 def _context_length(cfg: ModelConfig) -> int:

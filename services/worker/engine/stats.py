@@ -39,7 +39,7 @@ class EngineStats:
         self.unmerge_seconds = _ema(self.unmerge_seconds, seconds)
         self.unmerges += 1
 
-    def record_load(self, name: str, evicted: str | None, seconds: float) -> None:
+    def record_load(self, evicted: bool, seconds: float) -> None:
         self.adapter_loads += 1
-        self.adapter_evictions += evicted is not None
+        self.adapter_evictions += evicted
         self.adapter_load_seconds += seconds
