@@ -21,7 +21,7 @@ import torch
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.make_tiny import make_tiny
-from dlora.services.worker.engine.policy import StepDecision
+from dlora.services.worker.policy import StepDecision
 
 PROMPT_LEN = 32
 

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
     gen.add_argument("--input", required=True, help="JSONL requests")
     gen.add_argument("--output", required=True, help="JSONL results")
-    gen.add_argument("--mode", choices=["merged", "unmerged"], default="unmerged")
+    gen.add_argument("--mode", choices=["merged", "unmerged", "dlora"], default="unmerged",
+                     help="merged / unmerged: that mode only (FCFS); dlora: chosen per step")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--max-loras", type=int, default=8, help="device adapter slots")

@@ -120,7 +120,7 @@ def test_merge_unmerge_is_bit_exact_after_1000_cycles(tiny_llama: TinyOutput) ->
 
 
 def test_merged_engine_is_exact_when_back_to_unmerged(tiny_llama: TinyOutput) -> None:
-    engine = make_engine(tiny_llama, mode="merged")
+    engine = make_engine(tiny_llama, policy="merged-only")
     layers = engine.merger.weights.layers
     before = [lw.gate_up.clone() for lw in layers]
     requests = {f"r{i}": (name, [9, 8, 7]) for i, name in enumerate(tiny_llama.adapters)}

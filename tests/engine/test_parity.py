@@ -31,10 +31,13 @@ def _expected(oracle: Oracle, requests: dict[str, tuple[str | None, list[int]]])
     return {rid: oracle.generate(a, ids, MAX_TOKENS) for rid, (a, ids) in requests.items()}
 
 
-@pytest.mark.parametrize("mode", ["unmerged", "merged"])
-def test_each_adapter_alone(arch, mode: str) -> None:
+POLICIES = ["unmerged-only", "merged-only", "dlora"]
+
+
+@pytest.mark.parametrize("policy", POLICIES[:2])
+def test_each_adapter_alone(arch, policy: str) -> None:
     tiny, oracle = arch
-    engine = make_engine(tiny, mode=mode)
+    engine = make_engine(tiny, policy=policy)
     prompt = _prompts(tiny)[0]
     for adapter in [None, *tiny.adapters]:
         requests = {f"{adapter}": (adapter, prompt)}
@@ -48,8 +51,8 @@ def test_adapters_change_the_output(arch) -> None:
     assert len(outputs) == len(tiny.adapters) + 1  # otherwise the parity tests prove little
 
 
-@pytest.mark.parametrize("mode", ["unmerged", "merged"])
-def test_mixed_batch(arch, mode: str) -> None:
+@pytest.mark.parametrize("policy", POLICIES)
+def test_mixed_batch(arch, policy: str) -> None:
     """Every adapter and the base, prompts of different lengths, all submitted at once."""
     tiny, oracle = arch
     prompts = _prompts(tiny)
@@ -57,12 +60,12 @@ def test_mixed_batch(arch, mode: str) -> None:
     requests = {
         f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(2 * len(adapters))
     }
-    engine = make_engine(tiny, mode=mode)
+    engine = make_engine(tiny, policy=policy)
     got = run_all(engine, requests, MAX_TOKENS)
     assert got == _expected(oracle, requests)
-    if mode == "merged":
+    if policy == "merged-only":
         assert engine.stats.merges >= len(tiny.adapters)
-    else:
+    elif policy == "unmerged-only":
         assert engine.stats.merges == 0
 
 
@@ -96,10 +99,10 @@ def test_resume_from_token_prefix(arch) -> None:
     assert new == full[5:]
 
 
-@pytest.mark.parametrize("mode", ["unmerged", "merged"])
-def test_prefill_logits_close_to_peft(arch, mode: str) -> None:
+@pytest.mark.parametrize("policy", POLICIES[:2])
+def test_prefill_logits_close_to_peft(arch, policy: str) -> None:
     tiny, oracle = arch
-    engine = make_engine(tiny, mode=mode)
+    engine = make_engine(tiny, policy=policy)
     for prompt in _prompts(tiny):
         for adapter in [None, *tiny.adapters]:
             engine.add_request("p", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1), adapter=adapter)

@@ -118,8 +118,8 @@ def test_text_prompts_are_tokenized(engine: LLMEngine) -> None:
 
 
 def test_bfloat16_runs_every_mode(tiny_llama: TinyOutput) -> None:
-    for mode in ("merged", "unmerged"):
-        eng = make_engine(tiny_llama, dtype="bfloat16", mode=mode)
+    for policy in ("merged-only", "unmerged-only", "dlora"):
+        eng = make_engine(tiny_llama, dtype="bfloat16", policy=policy)
         for i, name in enumerate([None, *tiny_llama.adapters]):
             eng.add_request(str(i), prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=4), adapter=name)
         n = 0

@@ -1,35 +1,47 @@
 import pytest
 
-from dlora.services.worker.engine.policy import FcfsMerged, FcfsUnmerged, QueuedRequest, make_policy
+from dlora.services.worker.policy import BatchLimits, QueuedRequest, fcfs_batch, make_policy
+from dlora.services.worker.policy.fcfs import MergedOnly, UnmergedOnly
+
+LIMITS = BatchLimits(max_num_seqs=8, max_adapters=2)
 
 
 def q(rid: str, adapter: str | None, arrival: int) -> QueuedRequest:
     return QueuedRequest(rid, adapter, arrival, running=False, num_new=4)
 
 
-QUEUE = [q("r2", "b", 2), q("r0", "a", 0), q("r1", None, 1), q("r3", "a", 3), q("r4", "c", 4)]
+QUEUE = [q("r0", "a", 0), q("r1", None, 1), q("r2", "b", 2), q("r3", "a", 3), q("r4", "c", 4), q("r5", "b", 5)]
 
 
-def test_unmerged_is_fcfs_within_the_adapter_slots() -> None:
-    d = FcfsUnmerged(max_adapters=2).decide(QUEUE, merged_now=None)
-    assert d.merged is None
-    assert d.request_ids == ["r0", "r1", "r2", "r3"]  # c would be a third adapter
+def test_fcfs_batch_respects_slots_and_size() -> None:
+    assert [r.request_id for r in fcfs_batch(QUEUE, LIMITS)] == ["r0", "r1", "r2", "r3", "r5"]
+    assert [r.request_id for r in fcfs_batch(QUEUE, BatchLimits(3, 8))] == ["r0", "r1", "r2"]
 
 
-def test_merged_runs_the_head_of_line_adapter() -> None:
-    d = FcfsMerged().decide(QUEUE, merged_now=None)
+def test_unmerged_only_is_fcfs_within_the_adapter_slots() -> None:
+    d = UnmergedOnly(LIMITS).decide(QUEUE, merged_now=None)
+    assert d.merged is None and d.request_ids == ["r0", "r1", "r2", "r3", "r5"]
+
+
+def test_merged_only_runs_the_head_of_line_adapter() -> None:
+    d = MergedOnly(LIMITS).decide(QUEUE, merged_now=None)
     assert d.merged == "a" and d.request_ids == ["r0", "r3"]
 
 
-def test_merged_with_base_request_first_runs_base_unmerged() -> None:
-    d = FcfsMerged().decide([q("x", None, 0), q("y", "a", 1)], merged_now="a")
+def test_merged_only_with_base_request_first_runs_base_unmerged() -> None:
+    d = MergedOnly(LIMITS).decide([q("x", None, 0), q("y", "a", 1)], merged_now="a")
     assert d.merged is None and d.request_ids == ["x"]
 
 
-def test_merged_keeps_the_current_adapter_when_idle() -> None:
-    assert FcfsMerged().decide([], merged_now="a").merged == "a"
+def test_merged_only_keeps_the_current_adapter_when_idle() -> None:
+    assert MergedOnly(LIMITS).decide([], merged_now="a").merged == "a"
 
 
-def test_unknown_mode_is_refused() -> None:
-    with pytest.raises(ValueError):
-        make_policy("sometimes", 4)
+@pytest.mark.parametrize("name", ["dlora", "merged-only", "unmerged-only"])
+def test_policies_by_name(name: str) -> None:
+    assert make_policy(name, LIMITS).decide([], None).request_ids == []
+
+
+def test_unknown_policy_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match="dlora"):
+        make_policy("sometimes", LIMITS)

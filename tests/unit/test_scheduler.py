@@ -2,7 +2,7 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.kv_cache import BlockManager
-from dlora.services.worker.engine.policy import StepDecision
+from dlora.services.worker.policy import StepDecision
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 

@@ -23,13 +23,13 @@ from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.policy import Mode, Policy, QueuedRequest, StepDecision, make_policy
 from dlora.services.worker.engine.sampler import sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.weights import load_weights, targets
+from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, StepDecision, StepRecord, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +50,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_loras: int = 8  # device slots for unmerged adapters
-    mode: str = "unmerged"  # fixed FCFS policy when no other is given: merged | unmerged
+    policy: str = "unmerged-only"  # batching policy: dlora | merged-only | unmerged-only
     seed: int = 0  # for requests that sample without a seed of their own
 
 
@@ -99,7 +99,7 @@ class LLMEngine:
         self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device)
         self.merger = Merger(weights, targets(cfg))
         self.model = LlamaModel(cfg, weights, kv, self.device_loras)
-        self.policy: Policy = policy or make_policy(Mode(config.mode), config.max_loras)
+        self.policy: Policy = policy or make_policy(config.policy, BatchLimits(config.max_num_seqs, config.max_loras))
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
@@ -192,7 +192,10 @@ class LLMEngine:
 
     def queue(self) -> list[QueuedRequest]:
         return [
-            QueuedRequest(s.request_id, s.adapter, s.arrival, s.status is Status.RUNNING, s.num_new)
+            QueuedRequest(
+                s.request_id, s.adapter, s.arrival, s.status is Status.RUNNING, s.num_new,
+                self.adapters[s.adapter].rank if s.adapter is not None else 0,
+            )
             for s in sorted(self.seqs.values(), key=lambda s: s.arrival)
         ]
 
@@ -204,36 +207,54 @@ class LLMEngine:
         decision = decision or self.policy.decide(self.queue(), self.merger.merged)
         if decision.merged is not None and decision.merged not in self.adapters:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
-        self._switch(decision.merged)
+        merge_s, unmerge_s = self._switch(decision.merged)
         plan = schedule(decision, self.seqs, self.blocks, self.limits)
         self.stats.preemptions += len(plan.preempted)
         if not plan.seqs:
             return []
         start = time.perf_counter()
         batch, slot_of = self._place_adapters(plan.seqs)
-        logits = self.model.forward(self._inputs(batch, slot_of))
+        inputs = self._inputs(batch, slot_of)
+        logits = self.model.forward(inputs)
         self.last_logits = {s.request_id: row for s, row in zip(batch, logits)}
         tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
         outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
-        self.stats.record_step(
-            merged=self.merger.merged is not None, batch_size=len(batch), seconds=time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.stats.record_step(seconds)
+        unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
+        self.policy.observe(
+            StepRecord(
+                merged=self.merger.merged,
+                request_ids=[s.request_id for s in batch],
+                adapters=[s.adapter for s in batch],
+                num_tokens=len(inputs.input_ids),
+                lora_rank_sum=sum(self.adapters[a].rank for a in unmerged),
+                seconds=seconds,
+                merge_seconds=merge_s,
+                unmerge_seconds=unmerge_s,
+            )
         )
         return outputs
 
-    def _switch(self, merged: str | None) -> None:
+    def _switch(self, merged: str | None) -> tuple[float, float]:
+        """Merge/unmerge so that ``merged`` is the merged adapter; seconds spent on each."""
         if merged == self.merger.merged:
-            return
-        if self.merger.merged is not None:
-            self._unmerge()
+            return 0.0, 0.0
+        unmerge_s = self._unmerge() if self.merger.merged is not None else 0.0
+        merge_s = 0.0
         if merged is not None:
             start = time.perf_counter()
             self.merger.merge(self.adapters[merged])
-            self.stats.record_merge(time.perf_counter() - start)
+            merge_s = time.perf_counter() - start
+            self.stats.record_merge(merge_s)
+        return merge_s, unmerge_s
 
-    def _unmerge(self) -> None:
+    def _unmerge(self) -> float:
         start = time.perf_counter()
         self.merger.unmerge()
-        self.stats.record_unmerge(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.stats.record_unmerge(seconds)
+        return seconds
 
     def _place_adapters(self, seqs: list[Sequence]) -> tuple[list[Sequence], dict[str | None, int]]:
         """Give each unmerged adapter a device slot and group the batch by slot (stable, so FCFS

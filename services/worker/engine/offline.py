@@ -21,6 +21,8 @@ from dlora.services.worker.engine.engine import EngineConfig, LLMEngine, Request
 from dlora.services.worker.engine.lora import AdapterError
 
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
+# --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
+MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "dlora": "dlora"}
 
 
 def parse_lora_args(specs: list[str]) -> dict[str, str]:
@@ -82,7 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         loras = parse_lora_args(args.lora)
         engine = LLMEngine(
-            EngineConfig(model=args.model, dtype=args.dtype, device=args.device, mode=args.mode, max_loras=args.max_loras)
+            EngineConfig(model=args.model, dtype=args.dtype, device=args.device, policy=MODES[args.mode], max_loras=args.max_loras)
         )
         for name, path in loras.items():
             engine.register_adapter(name, path)

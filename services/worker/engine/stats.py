@@ -1,43 +1,37 @@
-"""Measured costs the batching policy and the metrics read: step times, switches, adapter loads."""
+"""Counters of what the engine did, for metrics: steps, switches and their cost, adapter loads.
+
+Running estimates of step costs for decisions live with the policy (policy/costs.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-# Weight of the newest sample in the running estimates.
-_ALPHA = 0.2
-
-
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else (1 - _ALPHA) * old + _ALPHA * new
+from dataclasses import dataclass
 
 
 @dataclass
 class EngineStats:
-    # Running estimate of one step's seconds, per (merged?, batch size).
-    step_seconds: dict[tuple[bool, int], float] = field(default_factory=dict)
-    merge_seconds: float | None = None  # running estimate of one merge
-    unmerge_seconds: float | None = None
     steps: int = 0
+    step_seconds: float = 0.0  # total
     merges: int = 0
+    merge_seconds: float = 0.0  # total
     unmerges: int = 0
+    unmerge_seconds: float = 0.0  # total
     preemptions: int = 0
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0  # total
 
-    def record_step(self, merged: bool, batch_size: int, seconds: float) -> None:
-        key = (merged, batch_size)
-        self.step_seconds[key] = _ema(self.step_seconds.get(key), seconds)
+    def record_step(self, seconds: float) -> None:
         self.steps += 1
+        self.step_seconds += seconds
 
     def record_merge(self, seconds: float) -> None:
-        self.merge_seconds = _ema(self.merge_seconds, seconds)
         self.merges += 1
+        self.merge_seconds += seconds
 
     def record_unmerge(self, seconds: float) -> None:
-        self.unmerge_seconds = _ema(self.unmerge_seconds, seconds)
         self.unmerges += 1
+        self.unmerge_seconds += seconds
 
     def record_load(self, evicted: bool, seconds: float) -> None:
         self.adapter_loads += 1

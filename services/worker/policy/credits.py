@@ -1,0 +1,55 @@
+"""The credit ledger: seconds of service each adapter is owed (+) or owes (-).
+
+Credit only moves between adapters, so the total stays what it was (zero from a fresh start):
+- ``transfer``: when a step leaves out requests FCFS would have run, each displaced adapter gains
+  the step's seconds and the adapters that took their place pay that total, in proportion.
+- ``settle``: once an owed adapter has nothing left displaced, its balance is squared against
+  the adapters in debt (each repaid in proportion to its debt, never past zero).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+# The base model's key: base requests can be displaced like any adapter's.
+BASE = ""
+
+
+class CreditLedger:
+    def __init__(self, balances: dict[str, float] | None = None) -> None:
+        self.balances: defaultdict[str, float] = defaultdict(float, balances or {})
+
+    def __getitem__(self, key: str) -> float:
+        return self.balances.get(key, 0.0)
+
+    def total(self) -> float:
+        return sum(self.balances.values())
+
+    def transfer(self, displaced: set[str], payers: dict[str, float], seconds: float) -> None:
+        """Each key in ``displaced`` gains ``seconds``; ``payers`` (key -> weight > 0) pay the sum."""
+        displaced = displaced - payers.keys()
+        weight = sum(payers.values())
+        if not displaced or weight <= 0 or seconds <= 0:
+            return
+        amount = seconds * len(displaced)
+        for key in displaced:
+            self.balances[key] += seconds
+        for key, w in payers.items():
+            self.balances[key] -= amount * w / weight
+
+    def settle(self, key: str) -> None:
+        """Square ``key``'s positive balance against the debtors."""
+        owed = self.balances.get(key, 0.0)
+        if owed <= 0:
+            return
+        debtors = {k: -v for k, v in self.balances.items() if v < 0 and k != key}
+        debt = sum(debtors.values())
+        if debt <= 0:
+            return
+        paid = min(owed, debt)
+        for k, d in debtors.items():
+            self.balances[k] += paid * d / debt
+        self.balances[key] -= paid
+        # Keep the ledger small: drop keys that are square.
+        for k in [k for k, v in self.balances.items() if abs(v) < 1e-12]:
+            del self.balances[k]
