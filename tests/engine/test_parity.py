@@ -110,3 +110,17 @@ def test_prefill_logits_close_to_peft(arch, policy: str) -> None:
             torch.testing.assert_close(
                 engine.last_logits["p"], oracle.last_logits(adapter, prompt), atol=1e-4, rtol=0
             )
+
+
+def test_dlora_merges_a_skewed_queue_and_still_matches(arch) -> None:
+    """Mostly one adapter, a few others and the base: dlora merges the hot one at some point,
+    serves the rest unmerged, and every output equals the oracle's."""
+    tiny, oracle = arch
+    prompts = _prompts(tiny)
+    hot, *others = sorted(tiny.adapters)
+    requests = {f"h{i}": (hot, prompts[i % len(prompts)]) for i in range(8)}
+    requests.update({f"o{i}": (a, prompts[i]) for i, a in enumerate([None, *others[:2]])})
+    engine = make_engine(tiny, policy="dlora")
+    got = run_all(engine, requests, MAX_TOKENS)
+    assert engine.stats.merges >= 1 and engine.stats.steps > 0
+    assert got == _expected(oracle, requests)

@@ -1,0 +1,38 @@
+import pytest
+
+from dlora.services.worker.policy.credits import CreditLedger
+
+
+def test_transfer_moves_seconds_from_payers_to_displaced() -> None:
+    c = CreditLedger()
+    c.transfer({"b", "c"}, {"a": 1.0}, seconds=0.5)
+    assert (c["a"], c["b"], c["c"]) == (-1.0, 0.5, 0.5)
+    c.transfer({"a"}, {"b": 3.0, "c": 1.0}, seconds=0.4)
+    assert c["b"] == pytest.approx(0.2) and c["c"] == pytest.approx(0.4) and c["a"] == pytest.approx(-0.6)
+    assert c.total() == pytest.approx(0.0)
+
+
+def test_payer_is_never_paid_and_empty_sides_move_nothing() -> None:
+    c = CreditLedger()
+    c.transfer({"a", "b"}, {"a": 1.0}, seconds=1.0)
+    assert (c["a"], c["b"]) == (-1.0, 1.0)
+    c.transfer({"x"}, {}, seconds=1.0)
+    c.transfer(set(), {"a": 1.0}, seconds=1.0)
+    assert c["x"] == 0.0 and c["a"] == -1.0
+
+
+def test_settle_repays_debtors_in_proportion_and_never_past_zero() -> None:
+    c = CreditLedger({"owed": 3.0, "small": 1.0, "d1": -3.0, "d2": -1.0})
+    c.settle("owed")
+    assert c["owed"] == 0.0
+    assert c["d1"] == pytest.approx(-0.75) and c["d2"] == pytest.approx(-0.25)
+    c.settle("small")
+    assert c["d1"] == 0.0 and c["d2"] == 0.0 and c["small"] == 0.0
+    assert c.total() == pytest.approx(0.0)
+
+
+def test_settling_a_debtor_or_without_debtors_is_a_no_op() -> None:
+    c = CreditLedger({"a": -1.0, "b": 1.0})
+    c.settle("a")
+    c.settle("nobody")
+    assert (c["a"], c["b"]) == (-1.0, 1.0)

@@ -1,0 +1,162 @@
+"""The dLoRA policy: decisions, band adaptation, credits and the wait bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepRecord
+from dlora.services.worker.policy.dlora import DLoraConfig, DLoraPolicy
+from tests.unit.policy_sim import Arrival, simulate
+
+LIMITS = BatchLimits(max_num_seqs=8, max_adapters=4)
+
+
+def queue(*adapters: str | None, rank: int = 16) -> list[QueuedRequest]:
+    return [QueuedRequest(f"r{i}", a, i, False, 1, rank if a else 0) for i, a in enumerate(adapters)]
+
+
+@pytest.mark.parametrize(
+    "adapters,merged_now,expected",
+    [
+        (["a"] * 7 + ["b"], None, "a"),  # skewed: merged on the hot adapter
+        (["a", "b", "c", "d"] * 2, None, None),  # uniform: unmerged
+        (["a", "a", "b", "c", "d", "b", "c", "d"], None, None),  # a holds 2/8 < R
+        (["a"] * 2 + ["b", "c", "d", "b", "c", "d"], "a", None),  # a fell below L: leave merged mode
+        (["a"] * 4 + ["b", "c", "d", "b"], "a", "a"),  # a still above L (0.35): stay merged
+        (["a"] * 4 + ["b", "c", "d", "b"], None, "a"),  # and 4/8 >= R: enter merged
+        ([None] * 8, None, None),  # the base model is never "merged"
+    ],
+)
+def test_decisions(adapters, merged_now, expected) -> None:
+    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.5, band_ratio=0.7))
+    p.costs.observe_step(8, 0, 0.01)  # no overhead estimate yet beyond the prior; thresholds ~ R, L
+    d = p.decide(queue(*adapters), merged_now)
+    assert d.merged == expected
+    if expected is None:
+        assert d.request_ids == [r.request_id for r in queue(*adapters)][: LIMITS.max_num_seqs]
+    else:
+        assert d.request_ids == [f"r{i}" for i, a in enumerate(adapters) if a == expected]
+
+
+def test_higher_rank_is_merged_at_a_smaller_share() -> None:
+    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.45))
+    # Teach the cost model that LoRA overhead grows steeply with rank.
+    p.costs.observe_step(8, 0, 0.010)
+    for rank_sum, seconds in [(16, 0.012), (64, 0.018), (128, 0.026)] * 5:
+        p.costs.observe_step(8, rank_sum, seconds)
+    shape = ["a", "a", "a", "b", "c", "d", "b", "c"]  # a holds 3/8 < R = 0.45
+    assert p.decide(queue(*shape, rank=8), None).merged is None
+    assert p.decide(queue(*shape, rank=128), None).merged == "a"
+
+
+def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.0, rank_sum: int = 0) -> StepRecord:
+    ran = [r for r in q if r.request_id in set(decision.request_ids)][: LIMITS.max_num_seqs]
+    if decision.merged is not None:
+        ran = [r for r in ran if r.adapter == decision.merged]
+    return StepRecord(decision.merged, [r.request_id for r in ran], [r.adapter for r in ran], len(ran),
+                      rank_sum if decision.merged is None else 0, seconds, merge, unmerge)
+
+
+def _run_epoch(p: DLoraPolicy, q, merged_now, seconds: float, steps: int, **kw) -> str | None:
+    for _ in range(steps):
+        d = p.decide(q, merged_now)
+        p.observe(_record(d, q, seconds, **kw))
+        kw = {k: v for k, v in kw.items() if k == "rank_sum"}  # switches only on the first step
+        merged_now = d.merged
+    return merged_now
+
+
+def _unmerged_epoch_then_close(switch_s: float) -> DLoraPolicy:
+    """Five unmerged steps of 8 tokens measured at 0.03 s (267 tok/s) while a merged step of b's
+    three requests is known to take 0.01 s (300 tok/s); then a step reported merged closes the
+    epoch."""
+    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=1.0, band_down=0.8))
+    p.costs.observe_step(3, 0, 0.010)
+    p.costs.observe_switch(merge=switch_s, unmerge=switch_s)
+    q = queue("a", "b", "c", "d", "b", "c", "d", "b")
+    assert _run_epoch(p, q, None, seconds=0.030, steps=5, rank_sum=64) is None
+    assert p.r == 1.0
+    p.decide(q, None)
+    p.observe(StepRecord("a", ["r0"], ["a"], 1, 0, 0.005, merge_seconds=switch_s))
+    return p
+
+
+def test_band_drops_when_merging_would_have_beaten_unmerged() -> None:
+    assert _unmerged_epoch_then_close(switch_s=0.001).r == pytest.approx(0.8)
+
+
+def test_switch_costs_count_against_merging() -> None:
+    """The same epoch, but merging would have paid a 10 s switch: the band stays."""
+    assert _unmerged_epoch_then_close(switch_s=5.0).r == 1.0
+
+
+def test_band_rises_when_a_merged_epoch_lost() -> None:
+    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.3, band_up=0.05))
+    p.costs.observe_step(8, 0, 0.010)  # FCFS batch of 8, unmerged, would be fast
+    q = queue("a", "a", "a", "b", "c", "d", "b", "c")
+    merged = _run_epoch(p, q, None, seconds=0.200, steps=4, merge=0.01)  # merged on a: slow
+    assert merged == "a"
+    p.r = 0.95  # next decision goes unmerged and closes the merged epoch
+    d = p.decide(q, merged)
+    p.observe(_record(d, q, 0.012, unmerge=0.01, rank_sum=64))
+    assert d.merged is None and p.r == pytest.approx(1.0)
+
+
+def test_checkpoint_round_trip() -> None:
+    p = DLoraPolicy(LIMITS)
+    q = queue("a", "a", "a", "a", "a", "a", "b", "c")
+    _run_epoch(p, q, None, seconds=0.05, steps=3)
+    p.r = 0.42
+    state = p.checkpoint()
+    fresh = DLoraPolicy(LIMITS)
+    fresh.restore(state)
+    assert fresh.r == 0.42 and dict(fresh.credits.balances) == dict(p.credits.balances)
+    assert fresh.costs.base_seconds(8) == p.costs.base_seconds(8)
+    assert p.credits["a"] < 0 < p.credits["b"]  # a was merged over b and c
+
+
+def _hot_adapter_arrivals(steps: int = 300) -> list[Arrival]:
+    # A hot adapter gets a long request every step; a cold one waits behind them.
+    hot = [Arrival(step=s, adapter="hot", length=40) for s in range(steps)]
+    return hot[:5] + [Arrival(step=5, adapter="cold", length=3)] + hot[5:]
+
+
+def test_hot_adapter_cannot_hold_the_replica_merged_forever() -> None:
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4)
+    no_credits = simulate(DLoraPolicy(limits, DLoraConfig(starvation_s=math.inf, debt_floor_s=math.inf)),
+                          _hot_adapter_arrivals(), limits, max_steps=400)
+    assert "q5" not in no_credits.finished  # without credits the cold request starves
+    policy = DLoraPolicy(limits)
+    res = simulate(policy, _hot_adapter_arrivals(), limits, max_steps=400)
+    assert "q5" in res.finished
+    assert res.max_displaced["q5"] <= policy.wait_bound_s(res.t_max)
+    assert res.merges >= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n_adapters=st.integers(1, 6),
+    hot_share=st.floats(0.0, 0.95),
+    max_seqs=st.integers(1, 8),
+    slots=st.integers(1, 4),
+    seed_arrivals=st.lists(st.tuples(st.integers(0, 60), st.floats(0, 1), st.integers(0, 5), st.integers(1, 25),
+                                     st.sampled_from([4, 8, 16, 64])), min_size=1, max_size=60),
+    starvation_s=st.sampled_from([0.05, 0.2, 1.0]),
+)
+def test_wait_bound_holds_for_any_arrivals(n_adapters, hot_share, max_seqs, slots, seed_arrivals, starvation_s) -> None:
+    limits = BatchLimits(max_num_seqs=max_seqs, max_adapters=slots)
+    arrivals = []
+    for step, u, pick, length, rank in seed_arrivals:
+        # hot_share of the traffic goes to adapter 0; the rest is spread (index 0 = base model).
+        name = "a0" if u < hot_share else (None if pick == 0 else f"a{pick % n_adapters}")
+        arrivals.append(Arrival(step=step, adapter=name, length=length, rank=rank))
+    policy = DLoraPolicy(limits, DLoraConfig(starvation_s=starvation_s, debt_floor_s=starvation_s))
+    res = simulate(policy, arrivals, limits, max_steps=3000)
+    assert len(res.finished) == len(arrivals)  # nobody starves outright
+    bound = policy.wait_bound_s(res.t_max)
+    assert max(res.max_displaced.values(), default=0.0) <= bound + 1e-9
+    assert all(abs(t) < 1e-6 for t in res.credit_totals)  # credit only moves
