@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench-results
 	$(VENV)/bin/dlora bench engine --preset small --json bench-results/engine.json
+	$(VENV)/bin/dlora bench policy --preset small --json bench-results/policy.json
 
 clean:
 	rm -rf $(VENV) .cache bench-results

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +18,7 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine import EngineConfig, LLMEngine
-from dlora.services.worker.engine.make_tiny import make_tiny
+from dlora.loadgen.bench_common import ensure_model, machine
 from dlora.services.worker.policy import StepDecision
 
 PROMPT_LEN = 32
@@ -34,26 +32,6 @@ class Point:
     step_ms: float  # median decode step
     tokens_per_s: float
     lora_bytes: int  # adapter weight bytes the unmerged step reads
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def ensure_model(workdir: Path, preset: str, num_adapters: int) -> Path:
-    root = workdir / f"{preset}-{num_adapters}"
-    if not (root / "adapters" / f"lora-{num_adapters - 1}" / "adapter_config.json").exists():
-        # One rank for every adapter keeps the byte accounting of the 64-adapter point simple.
-        make_tiny(root, preset=preset, num_adapters=num_adapters, ranks=[16], seed=0)
-    return root
 
 
 def weight_bytes(engine: LLMEngine) -> int:
@@ -89,7 +67,7 @@ def run(
     preset: str, batch_sizes: list[int], adapter_counts: list[int], steps: int, rounds: int, dtype: str, workdir: Path
 ) -> dict:
     max_adapters = max(adapter_counts)
-    root = ensure_model(workdir, preset, max_adapters)
+    root = ensure_model(workdir, preset, max_adapters, ranks=[16])  # one rank: simple byte accounting
     engine = LLMEngine(EngineConfig(model=str(root / "model"), dtype=dtype, max_loras=max_adapters,
                                     max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30))
     names = [f"lora-{i}" for i in range(max_adapters)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _model_make_tiny(args: argparse.Namespace) -> int:
@@ -25,6 +26,12 @@ def _bench_engine(args: argparse.Namespace) -> int:
     from dlora.loadgen.bench_engine import run_bench_engine
 
     return run_bench_engine(args)
+
+
+def _bench_policy(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_policy import run_bench_policy
+
+    return run_bench_policy(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     be.set_defaults(func=_bench_engine)
+
+    bp = bench.add_parser("policy", help="merged-only vs unmerged-only vs dlora over adapter skew (paper Fig. 10)")
+    bp.add_argument("--preset", choices=["tiny", "small"], default="small")
+    bp.add_argument("--adapters", type=int, default=16, help="number of adapters (ranks 8/16/32)")
+    bp.add_argument("--strides", default="1,4,8,16,32", help="stride mapping values: bigger = more skew")
+    bp.add_argument("--requests", type=int, default=120)
+    bp.add_argument("--rate", type=float, help="arrival rate, req/s (default: --load x measured saturation)")
+    bp.add_argument("--load", type=float, default=0.9, help="fraction of the measured saturation rate")
+    bp.add_argument("--length-divide", type=float, default=8.0, help="trace lengths are divided by this")
+    bp.add_argument("--max-prompt", type=int, default=32, help="prefill dominates on a CPU: keep prompts short")
+    bp.add_argument("--max-output", type=int, default=48)
+    bp.add_argument("--max-seconds", type=float, default=120.0, help="cap on one run")
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    bp.add_argument("--traces", default=str(_default_traces()), help="folder with the shared traces")
+    bp.add_argument("--workdir", default=".cache/bench")
+    bp.add_argument("--json", help="write results here")
+    bp.set_defaults(func=_bench_policy)
     return p
+
+
+def _default_traces() -> Path:
+    # The repository's sibling folder shared/traces, as laid out on every machine here.
+    return Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
 def main(argv: list[str] | None = None) -> int:

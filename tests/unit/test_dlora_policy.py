@@ -32,8 +32,8 @@ def queue(*adapters: str | None, rank: int = 16) -> list[QueuedRequest]:
     ],
 )
 def test_decisions(adapters, merged_now, expected) -> None:
+    # Nothing measured yet: thresholds are R and L over the prior overhead, no switch guard.
     p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.5, band_ratio=0.7))
-    p.costs.observe_step(8, 0, 0.01)  # no overhead estimate yet beyond the prior; thresholds ~ R, L
     d = p.decide(queue(*adapters), merged_now)
     assert d.merged == expected
     if expected is None:
@@ -97,13 +97,26 @@ def test_switch_costs_count_against_merging() -> None:
 def test_band_rises_when_a_merged_epoch_lost() -> None:
     p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.3, band_up=0.05))
     p.costs.observe_step(8, 0, 0.010)  # FCFS batch of 8, unmerged, would be fast
+    p.costs.observe_step(3, 0, 0.002)  # and a's 3 requests merged look faster still, so it merges
     q = queue("a", "a", "a", "b", "c", "d", "b", "c")
-    merged = _run_epoch(p, q, None, seconds=0.200, steps=4, merge=0.01)  # merged on a: slow
+    merged = _run_epoch(p, q, None, seconds=0.200, steps=2, merge=0.01)  # merged on a: slow
     assert merged == "a"
     p.r = 0.95  # next decision goes unmerged and closes the merged epoch
     d = p.decide(q, merged)
     p.observe(_record(d, q, 0.012, unmerge=0.01, rank_sum=64))
     assert d.merged is None and p.r == pytest.approx(1.0)
+
+
+def test_merging_a_small_group_must_win_back_its_switch() -> None:
+    """Same share of the batch, but merging costs more than it can save: stay unmerged."""
+    shape = ["a", "a", "a", "a", "b", "c", "d", "b"]
+    cheap, dear = DLoraPolicy(LIMITS), DLoraPolicy(LIMITS)
+    for p, switch in ((cheap, 0.001), (dear, 10.0)):
+        p.costs.observe_step(8, 0, 0.010)
+        p.costs.observe_step(4, 0, 0.004)
+        p.costs.observe_switch(merge=switch, unmerge=switch)
+    assert cheap.decide(queue(*shape), None).merged == "a"
+    assert dear.decide(queue(*shape), None).merged is None
 
 
 def test_checkpoint_round_trip() -> None:

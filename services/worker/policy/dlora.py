@@ -6,7 +6,8 @@ of adapter a (capped at a batch):
 1. **Starvation first.** If an adapter with queued requests is owed more than
    ``starvation_s`` seconds of credit, run F unmerged, the starving adapters' requests first.
 2. **Stay merged** on m while m is eligible and n_m >= L_m * |F|.
-3. **Enter merged** on the most-queued eligible adapter a when n_a >= R_a * |F|.
+3. **Enter merged** on the most-queued eligible adapter a when n_a >= R_a * |F| and, by the
+   measured costs, serving a merged for a typical merged epoch saves more than the switch costs.
 4. Otherwise run F unmerged.
 
 Eligible: not the base model, and credit >= -debt_floor_s. The thresholds are per adapter,
@@ -98,6 +99,8 @@ class DLoraPolicy(Policy):
         self.costs = CostModel()
         self.ranks: dict[str, int] = {}
         self._epoch: _Epoch | None = None
+        # Running estimate of how many steps a merged epoch lasts, for amortising a switch.
+        self.merged_epoch_steps = 8.0
         self._pending: _Pending | None = None
 
     # ---- thresholds -----------------------------------------------------------------------
@@ -142,9 +145,26 @@ class DLoraPolicy(Policy):
         n_fcfs = len(fcfs)
         if merged_now in eligible and len(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs:
             return StepDecision(merged=merged_now, request_ids=[r.request_id for r in eligible[merged_now]])
-        if best is not None and len(best_rs) >= self._threshold(self.r, best) * n_fcfs:
+        if best is not None and len(best_rs) >= self._threshold(self.r, best) * n_fcfs and self._pays_off(fcfs, best_rs):
             return StepDecision(merged=best, request_ids=[r.request_id for r in best_rs])
         return StepDecision(merged=None, request_ids=[r.request_id for r in fcfs])
+
+    def _pays_off(self, fcfs: list[QueuedRequest], group: list[QueuedRequest]) -> bool:
+        """Would merging ``group`` win back the switch within a typical merged epoch?
+
+        Per step, serving the group merged saves (unmerged seconds per token - merged seconds per
+        token) x its tokens; over ``merged_epoch_steps`` steps that must exceed the merge and
+        unmerge it costs. Before both modes are measured, the count rule alone decides.
+        """
+        f_tokens = sum(r.num_new for r in fcfs)
+        g_tokens = sum(r.num_new for r in group)
+        ranks = {r.adapter: r.rank for r in fcfs if r.adapter is not None}
+        unmerged = self.costs.step_seconds(f_tokens, sum(ranks.values()))
+        merged = self.costs.step_seconds(g_tokens, 0)
+        if unmerged is None or merged is None or not f_tokens or not g_tokens:
+            return True
+        saving = g_tokens * (unmerged / f_tokens - merged / g_tokens)
+        return self.merged_epoch_steps * saving > self.costs.switch_seconds()
 
     # ---- learning from what ran -----------------------------------------------------------
     def observe(self, record: StepRecord) -> None:
@@ -195,6 +215,8 @@ class DLoraPolicy(Policy):
                 epoch.cf_seconds += cf
 
     def _adapt(self, epoch: _Epoch) -> None:
+        if epoch.merged is not None:
+            self.merged_epoch_steps = 0.8 * self.merged_epoch_steps + 0.2 * epoch.steps
         if epoch.seconds <= 0 or epoch.cf_seconds <= 0 or epoch.cf_tokens == 0:
             return
         c = self.config

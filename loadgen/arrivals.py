@@ -1,0 +1,29 @@
+"""Arrival times (seconds from 0) for open-loop load: Poisson, Gamma with a CV, or trace replay."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def poisson(rate: float, n: int, rng: np.random.Generator) -> list[float]:
+    return gamma(rate, 1.0, n, rng)
+
+
+def gamma(rate: float, cv: float, n: int, rng: np.random.Generator) -> list[float]:
+    """Gamma inter-arrivals with mean 1/rate and coefficient of variation ``cv`` (1 = Poisson;
+    larger = burstier)."""
+    if rate <= 0 or cv <= 0:
+        raise ValueError(f"rate and cv must be > 0, got {rate}, {cv}")
+    shape = 1.0 / cv**2
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
+    return np.cumsum(gaps).tolist()
+
+
+def replay(timestamps: list[float], rate: float | None = None) -> list[float]:
+    """A trace's own arrival times from 0, optionally rescaled to a mean ``rate`` (req/s)."""
+    t0 = timestamps[0]
+    times = [t - t0 for t in timestamps]
+    if rate is not None and len(times) > 1 and times[-1] > 0:
+        factor = (len(times) - 1) / rate / times[-1]
+        times = [t * factor for t in times]
+    return times

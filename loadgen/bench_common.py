@@ -1,0 +1,31 @@
+"""Pieces every benchmark shares: the machine's description and the benchmark model."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from dlora.services.worker.engine.make_tiny import make_tiny
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def ensure_model(workdir: Path, preset: str, num_adapters: int, ranks: list[int]) -> Path:
+    """A benchmark model with adapters, made once under ``workdir`` and reused."""
+    root = workdir / f"{preset}-{num_adapters}-r{'-'.join(map(str, ranks))}"
+    if not (root / "adapters" / f"lora-{num_adapters - 1}" / "adapter_config.json").exists():
+        make_tiny(root, preset=preset, num_adapters=num_adapters, ranks=ranks, seed=0)
+    return root

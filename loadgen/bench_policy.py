@@ -1,0 +1,119 @@
+"""``dlora bench policy``: the paper's Fig. 10 ablation on one replica.
+
+The same workload (Gamma arrivals with CV 1 at a rate near the replica's saturation, Azure
+conversation lengths scaled to fit, adapters by the stride mapping over Azure Functions
+popularity, counts clipped at the n-th most popular function so stride 1 is near uniform) is replayed in real time against an engine under each policy, for each stride.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dlora.common.messages import SamplingParams
+from dlora.loadgen import arrivals, popularity, workload
+from dlora.loadgen.bench_common import ensure_model, machine
+from dlora.loadgen.metrics import RequestResult, summarize
+from dlora.loadgen.traces import read_azure_functions, read_azure_llm
+from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.policy import StepDecision
+
+POLICIES = ("merged-only", "unmerged-only", "dlora")
+
+
+def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEngine:
+    engine = LLMEngine(EngineConfig(model=str(root / "model"), dtype=dtype, policy=policy, max_loras=num_adapters,
+                                    max_num_seqs=32, kv_cache_bytes=1 << 30))
+    for i in range(num_adapters):
+        engine.register_adapter(f"lora-{i}", root / "adapters" / f"lora-{i}")
+    return engine
+
+
+def replay(engine: LLMEngine, specs: list[workload.RequestSpec], max_seconds: float) -> tuple[list[RequestResult], float]:
+    """Open loop: each request is added when its arrival time has passed, whatever is running."""
+    results = [RequestResult(s.arrival_s, s.adapter, s.output_len) for s in specs]
+    start = time.perf_counter()
+    nxt = 0
+    vocab = engine.model_config.vocab_size
+    while True:
+        now = time.perf_counter() - start
+        if now > max_seconds or (nxt == len(specs) and not engine.has_unfinished()):
+            return results, now
+        while nxt < len(specs) and specs[nxt].arrival_s <= now:
+            s = specs[nxt]
+            engine.add_request(str(nxt), prompt_token_ids=[(13 * nxt + 7 * j) % (vocab - 3) + 3 for j in range(s.prompt_len)],
+                               params=SamplingParams(max_tokens=s.output_len, ignore_eos=True), adapter=s.adapter)
+            nxt += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(specs[nxt].arrival_s - now, 0.05)))
+            continue
+        outputs = engine.step()
+        t = time.perf_counter() - start
+        for out in outputs:
+            r = results[int(out.request_id)]
+            r.tokens += len(out.new_token_ids)
+            r.first_token_s = r.first_token_s if r.first_token_s is not None else t
+            if out.finished:
+                r.finish_s = t
+
+
+def saturation_rate(root: Path, num_adapters: int, dtype: str, mean_prompt: float, mean_output: float) -> float:
+    """Requests/s one replica sustains unmerged across many adapters: a request costs its share of
+    a prefill step of 8 prompts plus its output tokens' share of batch-32 decode steps."""
+    engine = make_engine(root, "unmerged-only", num_adapters, dtype)
+    prompt = max(1, round(mean_prompt))
+    for i in range(32):
+        engine.add_request(str(i), prompt_token_ids=[3 + i] * prompt, params=SamplingParams(max_tokens=12, ignore_eos=True),
+                           adapter=f"lora-{i % num_adapters}")
+    ids = [str(i) for i in range(32)]
+    t0 = time.perf_counter()
+    engine.step(StepDecision(None, ids[:8]))
+    prefill = time.perf_counter() - t0
+    engine.step(StepDecision(None, ids))  # the other 24 prefill
+    engine.step(StepDecision(None, ids))
+    t0 = time.perf_counter()
+    for _ in range(8):
+        engine.step(StepDecision(None, ids))
+    decode = (time.perf_counter() - t0) / 8
+    return 1.0 / (prefill / 8 + mean_output * decode / 32)
+
+
+def run(args: argparse.Namespace) -> dict:
+    rng_seed = args.seed
+    root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=[8, 16, 32])
+    functions = read_azure_functions(Path(args.traces) / "azure_functions_2019_sample" / "invitro_500fn_invocations_min480-959.csv")
+    lengths = read_azure_llm(Path(args.traces) / "AzureLLMInferenceTrace_conv.csv")
+    scaling = workload.LengthScaling(divide=args.length_divide, max_prompt=args.max_prompt, max_output=args.max_output)
+    mean_prompt, mean_output = np.mean([scaling.apply(r.input_tokens, r.output_tokens) for r in lengths], axis=0)
+    rate = args.rate or args.load * saturation_rate(root, args.adapters, args.dtype, mean_prompt, mean_output)
+    print(f"rate {rate:.2f} req/s, {args.requests} requests, mean prompt {mean_prompt:.1f}, output {mean_output:.1f} "
+          "tokens", flush=True)
+    rows = []
+    for s in args.strides:
+        rng = np.random.default_rng(rng_seed)
+        weights = popularity.stride(functions.totals(), args.adapters, s, cap_rank=args.adapters)
+        specs = workload.build(arrivals.gamma(rate, 1.0, args.requests, rng), weights, lengths, rng, scaling)
+        for policy in POLICIES:
+            engine = make_engine(root, policy, args.adapters, args.dtype)
+            results, end = replay(engine, specs, args.max_seconds)
+            m = summarize(results, end)
+            m.update(stride=s, policy=policy, top_adapter_share=max(weights), merges=engine.stats.merges)
+            rows.append(m)
+            print(f"stride {s:>2} {policy:>13}: {m['throughput_tok_s']:7.1f} tok/s  norm latency mean "
+                  f"{m['norm_latency_mean_s']:.3f} p90 {m['norm_latency_p90_s']:.3f} s/token  "
+                  f"finished {m['finished']}/{m['requests']}  merges {m['merges']}", flush=True)
+    return {"machine": machine(), "preset": args.preset, "adapters": args.adapters, "rate_req_s": rate,
+            "requests": args.requests, "length_scaling": vars(scaling), "rows": rows}
+
+
+def run_bench_policy(args: argparse.Namespace) -> int:
+    args.strides = [int(s) for s in args.strides.split(",")]
+    result = run(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
