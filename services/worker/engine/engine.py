@@ -89,7 +89,7 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         kv = KVCache(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
-        self.max_model_len = min(config.max_model_len or _context_length(cfg), num_blocks * config.block_size)
+        self.max_model_len = min(config.max_model_len or cfg.context_length(), num_blocks * config.block_size)
         self.limits = Limits(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
@@ -343,19 +343,6 @@ class LLMEngine:
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
-
-
-def _context_length(cfg: ModelConfig) -> int:
-    # Dynamic NTK stretches RoPE past max_position_embeddings by its factor; the other scalings
-    # already state the extended length there.
-    length = cfg.max_position_embeddings
-    if cfg.rope["rope_type"] == "dynamic":
-        length = int(length * float(cfg.rope["factor"]))
-    # Attention is full, so a sliding-window model is served only up to its window, where
-    # the two agree.
-    if cfg.sliding_window is not None:
-        length = min(length, cfg.sliding_window)
-    return length
 
 
 def _find_stop(text: str, stops: list[str], old_len: int) -> int | None:

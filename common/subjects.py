@@ -1,0 +1,35 @@
+"""Every NATS subject dlora uses. Nothing else spells a subject."""
+
+from __future__ import annotations
+
+PREFIX = "dlora"
+
+# GenerateRequest from gateways and apps; dispatchers consume it as one queue group.
+REQUESTS = f"{PREFIX}.requests"
+DISPATCHERS = "dispatchers"  # the queue group
+
+# AbortRequest, broadcast: the worker that holds the request drops it.
+ABORT = f"{PREFIX}.abort"
+
+# AdapterEvent, broadcast.
+ADAPTER_EVENTS = f"{PREFIX}.adapters.events"
+
+# MovePlan from the migrator.
+MOVES = f"{PREFIX}.moves"
+
+# WorkerStats of every worker: subscribe with STATS_ALL.
+STATS_ALL = f"{PREFIX}.stats.*"
+
+
+def worker_requests(worker: str) -> str:
+    """GenerateRequest forwarded by a dispatcher to one worker."""
+    return f"{PREFIX}.worker.{worker}.requests"
+
+
+def stats(worker: str) -> str:
+    return f"{PREFIX}.stats.{worker}"
+
+
+def reply_inbox(request_id: str) -> str:
+    """A reply subject for one request (any subject works; this is the conventional one)."""
+    return f"{PREFIX}.reply.{request_id}"

@@ -1,0 +1,297 @@
+"""The gateway service: OpenAI-compatible HTTP in, GenerateRequest on NATS out, chunks back as JSON
+or server-sent events. Requests are checked here (adapter known, parameters, context length) so
+bad input gets a 4xx before it reaches a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from transformers import AutoTokenizer
+
+from dlora.common import log, subjects
+from dlora.common.messages import AbortRequest, AdapterEvent, ErrorCode, GenerateRequest, TokenChunk, WorkerStats
+from dlora.common.settings import GatewaySettings
+from dlora.common.state import StateStore
+from dlora.services.gateway import openai
+from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.metrics import Metrics
+from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, Shape
+from dlora.services.worker.engine.config import ModelConfig
+
+logger = log.get("gateway")
+_decode_chunk = msgspec.json.Decoder(TokenChunk)
+_decode_stats = msgspec.json.Decoder(WorkerStats)
+_encode = msgspec.json.Encoder()
+_STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, nc: NATS, store: StateStore) -> None:
+        self.s, self.nc, self.store = settings, nc, store
+        self.base_name = Path(settings.model).name
+        self.cfg = ModelConfig.from_dir(settings.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        self.context = self.cfg.context_length()
+        self.metrics = Metrics()
+
+    # ---- request preparation ------------------------------------------------------------
+    async def _adapter_for(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        if await self.store.get_adapter(model) is None:
+            raise APIError(404, f"model {model!r} does not exist (neither the base model nor a registered adapter)",
+                           param="model")
+        return model
+
+    def _token_ids(self, prompt: str | list[int | str]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        if prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            return list(self.tokenizer.encode(prompt[0]))
+        if not all(isinstance(p, int) for p in prompt):
+            raise APIError(400, "prompt must be a string, a list of one string or a list of token ids", param="prompt")
+        ids = [int(p) for p in prompt]
+        if any(not 0 <= t < self.cfg.vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
+        return ids
+
+    def _max_tokens(self, ids: list[int], asked: int | None) -> int:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        room = self.context - len(ids)
+        if room <= 0 or (asked is not None and asked > room):
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
+                                f"{len(ids)} and max_tokens asks for {asked}", param="max_tokens")
+        return room if asked is None else asked
+
+    async def _prepare(self, raw: bytes, chat: bool) -> tuple[GenerateRequest, Shape, openai._Sampling]:
+        body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
+        adapter = await self._adapter_for(body.model)
+        if chat:
+            ids = list(self.tokenizer.encode(openai.chat_prompt(body.messages, self.tokenizer)))
+            asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        else:
+            ids, asked = self._token_ids(body.prompt), body.max_tokens
+        params = openai.sampling_params(body, self._max_tokens(ids, asked))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid), adapter=adapter,
+                              prompt_token_ids=ids, params=params, tenant=body.user or "", created=time.time())
+        return req, Shape.new(chat, rid, body.model), body
+
+    # ---- handlers -----------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        adapter_label = "?"
+        try:
+            raw = await _read_body(request, self.s.max_body_bytes)
+            req, shape, body = await self._prepare(raw, chat)
+            adapter_label = req.adapter or self.base_name
+            return await self._relay(request, req, shape, body)
+        except APIError as e:
+            self.metrics.requests.labels(adapter_label, str(e.status)).inc()
+            return web.json_response(e.body(), status=e.status)
+
+    async def _relay(self, request: web.Request, req: GenerateRequest, shape: Shape, body: Any) -> web.StreamResponse:
+        label = req.adapter or self.base_name
+        sub = await self.nc.subscribe(req.reply_to)
+        start = time.monotonic()
+        stream: web.StreamResponse | None = None
+        text, n_tokens, next_seq, first_at = [], 0, 0, None
+        try:
+            await self.nc.publish(subjects.REQUESTS, _encode.encode(req))
+            while True:
+                timeout = self.s.first_chunk_timeout_s if first_at is None else None
+                try:
+                    msg = await sub.next_msg(timeout=timeout or 3600)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    raise APIError(503, "no worker answered in time") from None
+                chunk = _decode_chunk.decode(msg.data)
+                if chunk.seq < next_seq:  # a duplicate after a resume
+                    continue
+                next_seq = chunk.seq + 1
+                if chunk.error is not None:
+                    status = _STATUS.get(chunk.error_code or ErrorCode.INTERNAL, 500)
+                    if stream is None:
+                        raise APIError(status, chunk.error)
+                    await _sse(stream, {"error": {"message": chunk.error, "type": "server_error"}})
+                    break
+                if first_at is None:
+                    first_at = time.monotonic()
+                    self.metrics.ttft.labels(label).observe(first_at - start)
+                    if chunk.queue_seconds is not None:
+                        self.metrics.queue.labels(label).observe(chunk.queue_seconds)
+                n_tokens += len(chunk.token_ids)
+                if body.stream:
+                    if stream is None:
+                        stream = await _open_sse(request)
+                        if shape.chat:  # the role comes first, in its own delta
+                            await _sse(stream, shape.chunk("", None, first=True))
+                    if chunk.text or chunk.finish_reason:
+                        await _sse(stream, shape.chunk(chunk.text, chunk.finish_reason))
+                else:
+                    text.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    usage = chunk.usage
+                    self._observe_done(label, start, first_at, n_tokens)
+                    if not body.stream:
+                        return web.json_response(shape.full("".join(text), chunk.finish_reason,
+                                                            usage.prompt_tokens if usage else 0, n_tokens))
+                    if body.stream_options is not None and body.stream_options.include_usage and usage:
+                        await _sse(stream, shape.usage_chunk(usage.prompt_tokens, n_tokens))
+                    break
+            assert stream is not None
+            await stream.write(b"data: [DONE]\n\n")
+            await stream.write_eof()
+            return stream
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client went away: stop the work wherever it runs.
+            await self.nc.publish(subjects.ABORT, _encode.encode(AbortRequest(request_id=req.request_id)))
+            self.metrics.requests.labels(label, "aborted").inc()
+            raise
+        finally:
+            await sub.unsubscribe()
+
+    def _observe_done(self, label: str, start: float, first_at: float | None, n_tokens: int) -> None:
+        end = time.monotonic()
+        self.metrics.requests.labels(label, "200").inc()
+        self.metrics.e2e.labels(label).observe(end - start)
+        if first_at is not None and n_tokens > 1:
+            self.metrics.tpot.labels(label).observe((end - first_at) / (n_tokens - 1))
+
+    async def models(self, request: web.Request) -> web.Response:
+        created = int(time.time())
+        data = [{"id": self.base_name, "object": "model", "created": created, "owned_by": "dlora",
+                 "root": self.base_name, "parent": None}]
+        for e in await self.store.list_adapters():
+            data.append({"id": e.name, "object": "model", "created": int(e.created), "owned_by": "dlora",
+                         "root": e.path, "parent": self.base_name, "rank": e.rank})
+        return web.json_response({"object": "list", "data": data})
+
+    def _check_admin(self, request: web.Request) -> None:
+        if not self.s.admin_key:
+            raise APIError(401, "adapter admin is disabled: no admin_key is configured")
+        if request.headers.get("Authorization", "") != f"Bearer {self.s.admin_key}":
+            raise APIError(401, "adapter admin needs 'Authorization: Bearer <admin key>'")
+
+    async def add_adapter(self, request: web.Request) -> web.Response:
+        try:
+            self._check_admin(request)
+            raw = await _read_body(request, self.s.max_body_bytes)
+            body = openai.decode_body(raw, _AdapterBody)
+            if await self.store.get_adapter(body.name) is not None:
+                raise APIError(409, f"adapter {body.name!r} is already registered", param="name")
+            entry = await asyncio.to_thread(check_adapter, body.name, body.path, self.s.adapter_roots, self.base_name,
+                                            self.cfg)
+            await self.store.put_adapter(entry)
+            await self.nc.publish(subjects.ADAPTER_EVENTS, _encode.encode(AdapterEvent(name=entry.name, removed=False)))
+            return web.json_response(msgspec.to_builtins(entry), status=201)
+        except APIError as e:
+            return web.json_response(e.body(), status=e.status)
+
+    async def delete_adapter(self, request: web.Request) -> web.Response:
+        try:
+            self._check_admin(request)
+            name = request.match_info["name"]
+            if not await self.store.delete_adapter(name):
+                raise APIError(404, f"adapter {name!r} is not registered", param="name")
+            await self.nc.publish(subjects.ADAPTER_EVENTS, _encode.encode(AdapterEvent(name=name, removed=True)))
+            return web.json_response({"id": name, "object": "model", "deleted": True})
+        except APIError as e:
+            return web.json_response(e.body(), status=e.status)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "workers": len(await self.store.live_workers())})
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _on_stats(self, msg: Msg) -> None:
+        try:
+            self.metrics.observe_worker(_decode_stats.decode(msg.data))
+        except msgspec.DecodeError:
+            pass
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.s.max_body_bytes + 1024, middlewares=[_json_errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/adapters", self.add_adapter)
+        app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics_handler)
+        return app
+
+    async def start(self) -> None:
+        self._stats_sub = await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
+
+
+class _AdapterBody(msgspec.Struct, kw_only=True):
+    name: str
+    path: str
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(400, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise APIError(400, f"request body exceeds the limit of {limit} bytes")
+    return raw
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    return resp
+
+
+async def _sse(stream: web.StreamResponse, obj: dict[str, Any]) -> None:
+    await stream.write(b"data: " + msgspec.json.encode(obj) + b"\n\n")
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown routes and methods answer in the OpenAI error shape too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return web.json_response(APIError(e.status, e.reason).body(), status=e.status)
+
+
+async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
+    from redis.asyncio import Redis
+
+    nc = await nats.connect(s.nats_url)
+    redis = Redis.from_url(s.redis_url)
+    gw = await asyncio.to_thread(Gateway, s, nc, StateStore(redis, s.redis_prefix))
+    await gw.start()
+    runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, s.host, s.port)
+    await site.start()
+    logger.info("gateway ready", url=f"http://{s.host}:{s.port}")
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await nc.drain()
+        await redis.aclose()

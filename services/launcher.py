@@ -1,0 +1,134 @@
+"""``dlora up``: the whole stack on one machine, with nothing to set up.
+
+Starts nats-server and redis-server as children unless URLs are configured, makes the tiny demo
+model and adapters if no model is given, registers the adapters, starts the dispatcher, N
+workers and the gateway as subprocesses (each also runnable alone with ``dlora serve``), prints
+the URL and a curl line, and stops everything on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from dlora.common.settings import GatewaySettings, load
+from dlora.common.state import StateStore
+from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.openai import APIError
+from dlora.services.servers import Server, start_nats, start_redis
+from dlora.services.worker.engine.config import ModelConfig
+from dlora.services.worker.engine.offline import parse_lora_args
+
+DEMO = Path(".cache/demo")
+
+
+def _demo() -> tuple[Path, dict[str, str]]:
+    from dlora.services.worker.engine.make_tiny import make_tiny
+
+    if not (DEMO / "model" / "config.json").exists():
+        make_tiny(DEMO, num_adapters=4)
+    adapters = sorted((DEMO / "adapters").iterdir())
+    return DEMO / "model", {p.name: str(p) for p in adapters}
+
+
+async def _register(redis_url: str, prefix: str, model: Path, loras: dict[str, str], roots: list[str]) -> None:
+    cfg = ModelConfig.from_dir(model)
+    redis = Redis.from_url(redis_url)
+    store = StateStore(redis, prefix)
+    try:
+        for name, path in loras.items():
+            await store.put_adapter(check_adapter(name, path, roots, model.name, cfg))
+    finally:
+        await redis.aclose()
+
+
+def _wait_ready(url: str, workers: int, procs: list[subprocess.Popen], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a service exited during start-up (see its log above)")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as r:
+                if json.load(r)["workers"] >= workers:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
+
+
+def up(workers: int, model: str | None, lora: list[str], port: int | None, config: str | None) -> int:
+    base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
+    servers: list[Server] = []
+    procs: list[subprocess.Popen] = []
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        nats_url, redis_url = base.nats_url, base.redis_url
+        if not nats_url:
+            servers.append(start_nats())
+            nats_url = servers[-1].url
+        if not redis_url:
+            servers.append(start_redis())
+            redis_url = servers[-1].url
+        loras = parse_lora_args(lora)
+        if model is None:
+            model_dir, demo_loras = _demo()
+            loras = {**demo_loras, **loras}
+        else:
+            model_dir = Path(model)
+        roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in loras.values()})
+        admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
+        asyncio.run(_register(redis_url, base.redis_prefix, model_dir, loras, roots))
+
+        env = {**os.environ, "DLORA_NATS_URL": nats_url, "DLORA_REDIS_URL": redis_url,
+               "DLORA_MODEL": str(model_dir.resolve()), "DLORA_ADMIN_KEY": admin_key,
+               "DLORA_ADAPTER_ROOTS": json.dumps(roots), "DLORA_GATEWAY_PORT": str(base.port)}
+        if config:
+            env["DLORA_CONFIG"] = config
+        cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
+        procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env))
+        for i in range(workers):
+            procs.append(subprocess.Popen([*cmd, "worker"], env={**env, "DLORA_WORKER_ID": f"worker-{i}"}))
+        procs.append(subprocess.Popen([*cmd, "gateway"], env=env))
+        url = f"http://{base.host}:{base.port}"
+        _wait_ready(url, workers, procs)
+        first = next(iter(loras), model_dir.name)
+        print(f"\ndlora is up: {url}  ({workers} workers, model {model_dir.name}, adapters: {', '.join(loras) or 'none'})")
+        print(f"admin key: {admin_key}")
+        print(f"try:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{first}\", \"prompt\": \"kalo remi\", \"max_tokens\": 16, \"temperature\": 0}}'\n",
+              flush=True)
+        while not stop and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        return 0 if stop else 1
+    except (RuntimeError, APIError, ValueError, OSError) as e:
+        print(f"dlora up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for s in servers:
+            s.stop()

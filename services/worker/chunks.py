@@ -1,0 +1,48 @@
+"""Per-request bookkeeping of the worker shell: where chunks go and what number comes next. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk, Usage
+from dlora.services.worker.engine import RequestOutput
+
+
+@dataclass
+class Stream:
+    reply_to: str
+    seq: int  # number of the next chunk
+    arrived: float  # monotonic seconds at the worker
+    resumed: int  # tokens produced before this worker (not counted again in usage)
+    first_sent: bool = False
+
+
+def open_stream(req: GenerateRequest, now: float) -> Stream:
+    return Stream(reply_to=req.reply_to, seq=req.next_seq, arrived=now, resumed=len(req.resume_token_ids))
+
+
+def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> TokenChunk:
+    """The chunk for one step's output; advances the stream's sequence number."""
+    queue_seconds = None
+    if not stream.first_sent:
+        stream.first_sent = True
+        queue_seconds = now - stream.arrived
+    chunk = TokenChunk(
+        request_id=out.request_id,
+        seq=stream.seq,
+        token_ids=out.new_token_ids,
+        text=out.new_text,
+        finish_reason=out.finish_reason.value if out.finish_reason else None,
+        usage=Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens)
+        if out.finished
+        else None,
+        worker=worker,
+        queue_seconds=queue_seconds,
+    )
+    stream.seq += 1
+    return chunk
+
+
+def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str) -> TokenChunk:
+    return TokenChunk(request_id=req.request_id, seq=req.next_seq, error=reason, error_code=code, worker=worker,
+                      finish_reason="error")

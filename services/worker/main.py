@@ -1,0 +1,218 @@
+"""The worker service: the engine behind NATS. One task owns the engine; handlers only enqueue.
+
+Requests arrive on ``subjects.worker_requests(id)``; every step's tokens go out as TokenChunks on
+each request's ``reply_to``; stats and a heartbeat go out every ``stats_interval_s``; the
+batching policy's state is checkpointed to Redis and restored at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from dlora.common import log, subjects
+from dlora.common.messages import (
+    AbortRequest,
+    AdapterEvent,
+    AdapterResidency,
+    ErrorCode,
+    GenerateRequest,
+    WorkerStats,
+)
+from dlora.common.settings import WorkerSettings
+from dlora.common.state import StateStore
+from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
+from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
+from dlora.services.worker.engine.lora import AdapterError
+
+logger = log.get("worker")
+_decode_request = msgspec.json.Decoder(GenerateRequest)
+_decode_abort = msgspec.json.Decoder(AbortRequest)
+_decode_event = msgspec.json.Decoder(AdapterEvent)
+_encode = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class _Add:
+    req: GenerateRequest
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _AdapterRemoved:
+    name: str
+
+
+class WorkerService:
+    def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
+        self.s, self.nc, self.store, self.engine = settings, nc, store, engine
+        self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved] = asyncio.Queue()
+        self.streams: dict[str, Stream] = {}
+        self.stats: WorkerStats = self._snapshot()
+
+    # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            await self.commands.put(_Add(_decode_request.decode(msg.data)))
+        except msgspec.DecodeError as e:
+            logger.warning("bad request message", error=str(e))
+
+    async def _on_abort(self, msg: Msg) -> None:
+        try:
+            await self.commands.put(_Abort(_decode_abort.decode(msg.data).request_id))
+        except msgspec.DecodeError:
+            pass
+
+    async def _on_adapter_event(self, msg: Msg) -> None:
+        try:
+            event = _decode_event.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if event.removed:
+            await self.commands.put(_AdapterRemoved(event.name))
+
+    # ---- the owner of the engine ----------------------------------------------------------
+    async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved) -> None:
+        if isinstance(cmd, _Abort):
+            if self.engine.abort(cmd.request_id):
+                self.streams.pop(cmd.request_id, None)
+                await self.store.delete_inflight(cmd.request_id)
+        elif isinstance(cmd, _AdapterRemoved):
+            try:
+                self.engine.unregister_adapter(cmd.name)
+            except AdapterError as e:  # in use or never loaded here: keep it
+                logger.info("adapter kept", adapter=cmd.name, reason=str(e))
+        else:
+            await self._add(cmd.req)
+
+    async def _add(self, req: GenerateRequest) -> None:
+        code, reason = ErrorCode.BAD_REQUEST, ""
+        try:
+            if req.adapter is not None and req.adapter not in self.engine.adapters:
+                entry = await self.store.get_adapter(req.adapter)
+                if entry is None:
+                    raise _NotFound(f"adapter {req.adapter!r} is not registered")
+                await asyncio.to_thread(self.engine.register_adapter, entry.name, entry.path)
+            self.engine.add_request(
+                req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, params=req.params,
+                adapter=req.adapter, resume_token_ids=req.resume_token_ids,
+            )
+            self.streams[req.request_id] = open_stream(req, time.monotonic())
+            return
+        except _NotFound as e:
+            code, reason = ErrorCode.NOT_FOUND, str(e)
+        except (RequestError, AdapterError) as e:
+            reason = str(e)
+        await self.nc.publish(req.reply_to, _encode.encode(error_chunk(req, code, reason, self.s.worker_id)))
+        await self.store.delete_inflight(req.request_id)
+
+    async def _step(self) -> None:
+        outputs = await asyncio.to_thread(self.engine.step)
+        now = time.monotonic()
+        acked = {}
+        for out in outputs:
+            stream = self.streams.get(out.request_id)
+            if stream is None:  # aborted while the step ran
+                continue
+            await self.nc.publish(stream.reply_to, _encode.encode(chunk_for(out, stream, self.s.worker_id, now)))
+            acked[out.request_id] = len(out.new_token_ids)
+            if out.finished:
+                del self.streams[out.request_id]
+        for rid, n in acked.items():
+            if rid in self.streams:
+                await self.store.ack_tokens(rid, n)
+            else:
+                await self.store.delete_inflight(rid)
+
+    async def run_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self.engine.has_unfinished():
+                try:  # idle: wait for work
+                    cmd = await asyncio.wait_for(self.commands.get(), timeout=0.2)
+                except TimeoutError:
+                    continue
+                await self._apply(cmd)
+            while not self.commands.empty():
+                await self._apply(self.commands.get_nowait())
+            if self.engine.has_unfinished():
+                await self._step()
+            self.stats = self._snapshot()
+
+    # ---- stats, heartbeat, checkpoint -----------------------------------------------------
+    def _snapshot(self) -> WorkerStats:
+        e = self.engine
+        running = sum(1 for q in e.queue() if q.running)
+        merged = e.merger.merged
+        residency = [
+            AdapterResidency(name=name, slot=e.slots.slot_of(name), merged=name == merged) for name in sorted(e.adapters)
+        ]
+        st = e.stats
+        return WorkerStats(
+            worker=self.s.worker_id, running=running, waiting=len(e.seqs) - running,
+            free_blocks=e.blocks.num_free, total_blocks=e.blocks.num_blocks, block_size=e.blocks.block_size,
+            max_loras=e.config.max_loras, adapters=residency, steps=st.steps, merges=st.merges,
+            preemptions=st.preemptions, adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
+            adapter_load_seconds=st.adapter_load_seconds, sent=time.time(),
+        )
+
+    async def publish_stats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            stats = msgspec.structs.replace(self.stats, sent=time.time())
+            await self.nc.publish(subjects.stats(self.s.worker_id), _encode.encode(stats))
+            await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
+            await self.store.set_placement(self.s.worker_id, [a.name for a in stats.adapters])
+            await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.s.stats_interval_s)
+            except TimeoutError:
+                pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        state = await self.store.load_policy(self.s.worker_id)
+        if state:
+            self.engine.policy.restore(state)
+        subs = [
+            await self.nc.subscribe(subjects.worker_requests(self.s.worker_id), cb=self._on_request),
+            await self.nc.subscribe(subjects.ABORT, cb=self._on_abort),
+            await self.nc.subscribe(subjects.ADAPTER_EVENTS, cb=self._on_adapter_event),
+        ]
+        await self.nc.flush()
+        logger.info("worker ready", worker=self.s.worker_id)
+        try:
+            await asyncio.gather(self.run_loop(stop), self.publish_stats(stop))
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+            await self.store.forget_worker(self.s.worker_id)
+
+
+class _NotFound(Exception):
+    pass
+
+
+def build_engine(s: WorkerSettings) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, device=s.device, policy=s.policy, max_loras=s.max_loras,
+                                  max_num_seqs=s.max_num_seqs, kv_cache_bytes=s.kv_cache_bytes))
+
+
+async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
+    from redis.asyncio import Redis
+
+    engine = await asyncio.to_thread(build_engine, s)
+    nc = await nats.connect(s.nats_url)
+    redis = Redis.from_url(s.redis_url)
+    try:
+        await WorkerService(s, nc, StateStore(redis, s.redis_prefix), engine).run(stop)
+    finally:
+        await nc.drain()
+        await redis.aclose()

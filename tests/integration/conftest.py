@@ -1,0 +1,102 @@
+"""Real nats-server and redis-server on free loopback ports, once per run; Redis flushed per test;
+a stack of dispatcher + 2 workers + gateway running in this process against them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import nats
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dlora.common.settings import DispatcherSettings, GatewaySettings, WorkerSettings
+from dlora.common.state import StateStore
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.main import Gateway
+from dlora.services.servers import Server, free_port, start_nats, start_redis
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.services.worker.main import WorkerService, build_engine
+
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[Server]:
+    server = start_nats()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Server]:
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: Server) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@dataclass
+class Stack:
+    url: str
+    gateway: Gateway
+    workers: list[WorkerService]
+    store: StateStore
+    nc: nats.NATS
+    tiny: TinyOutput
+
+
+@pytest.fixture
+async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> AsyncIterator[Stack]:
+    """The `dlora up` stack, in-process: dispatcher, two workers (dlora policy), gateway."""
+    common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
+    store = StateStore(redis)
+    gw_settings = GatewaySettings(**common, model=str(tiny_llama.model), port=free_port(), admin_key=ADMIN_KEY,
+                                  adapter_roots=[str(tiny_llama.adapters_dir)])
+    gw_nc = await nats.connect(nats_server.url)
+    gateway = Gateway(gw_settings, gw_nc, store)
+    for name, path in tiny_llama.adapters.items():
+        await store.put_adapter(check_adapter(name, str(path), gw_settings.adapter_roots, gateway.base_name, gateway.cfg))
+    stop = asyncio.Event()
+    tasks, conns, workers = [], [gw_nc], []
+    disp_nc = await nats.connect(nats_server.url)
+    conns.append(disp_nc)
+    tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), disp_nc, store).run(stop)))
+    for i in range(2):
+        ws = WorkerSettings(**common, worker_id=f"w{i}", model=str(tiny_llama.model), max_loras=2,
+                            stats_interval_s=0.1)
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        worker = WorkerService(ws, nc, store, build_engine(ws))
+        workers.append(worker)
+        tasks.append(asyncio.create_task(worker.run(stop)))
+    await gateway.start()
+    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
+    url = f"http://127.0.0.1:{gw_settings.port}"
+    async with aiohttp.ClientSession() as http:  # ready when both workers are seen
+        for _ in range(100):
+            async with http.get(f"{url}/healthz") as r:
+                if (await r.json())["workers"] == 2:
+                    break
+            await asyncio.sleep(0.05)
+    yield Stack(url, gateway, workers, store, gw_nc, tiny_llama)
+    stop.set()
+    await runner.cleanup()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+    for nc in conns:
+        await nc.drain()

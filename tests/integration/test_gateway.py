@@ -1,0 +1,226 @@
+"""End to end through the gateway, against real NATS and Redis, with two workers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.engine.offline import generate_lines
+from tests.integration.conftest import ADMIN_KEY, Stack
+
+PROMPTS = ["kalo remi suta", "nevo rida pole", "sumu gano befi tuza"]
+
+
+async def post(stack: Stack, path: str, body, headers=None) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http:
+        data = body if isinstance(body, (bytes, str, io.BytesIO)) else json.dumps(body)
+        async with http.post(stack.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}) as r:
+            return r.status, await r.json()
+
+
+async def stream(stack: Stack, path: str, body: dict) -> list:
+    events = []
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.url + path, json={**body, "stream": True}) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            async for line in r.content:
+                line = line.decode().strip()
+                if line.startswith("data: "):
+                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return events
+
+
+def offline(tiny, requests: list[dict]) -> list[dict]:
+    engine = LLMEngine(EngineConfig(model=str(tiny.model)))
+    for name, path in tiny.adapters.items():
+        engine.register_adapter(name, path)
+    return generate_lines(engine, [json.dumps(r) for r in requests])
+
+
+async def test_completions_for_several_adapters_at_once_equal_offline_generation(stack: Stack) -> None:
+    models = ["model", "lora-0", "lora-1", "lora-2", "lora-3"]
+    bodies = [{"model": m, "prompt": PROMPTS[i % 3], "max_tokens": 10, "temperature": 0} for i, m in enumerate(models)]
+    results = await asyncio.gather(*(post(stack, "/v1/completions", b) for b in bodies))
+    expected = offline(stack.tiny, [{"id": str(i), "adapter": None if b["model"] == "model" else b["model"],
+                                     "prompt": b["prompt"], "max_tokens": 10} for i, b in enumerate(bodies)])
+    for (status, resp), exp, body in zip(results, expected, bodies):
+        assert status == 200, resp
+        assert resp["object"] == "text_completion" and resp["model"] == body["model"]
+        choice = resp["choices"][0]
+        assert choice["text"] == exp["text"] and choice["finish_reason"] == "length"
+        assert resp["usage"]["completion_tokens"] == 10
+        assert resp["usage"]["total_tokens"] == resp["usage"]["prompt_tokens"] + 10
+    # Both workers took part.
+    assert all(w.engine.stats.steps > 0 for w in stack.workers)
+
+
+async def test_streaming_completion_matches_the_plain_one(stack: Stack) -> None:
+    body = {"model": "lora-1", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+    _, plain = await post(stack, "/v1/completions", body)
+    events = await stream(stack, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 8
+    chunks = events[:-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["id"] == chunks[0]["id"] and c["object"] == "text_completion" for c in chunks)
+
+
+async def test_chat_plain_and_streaming(stack: Stack) -> None:
+    body = {"model": "lora-2", "messages": [{"role": "system", "content": "be brief"},
+                                            {"role": "user", "content": "kalo remi?"}],
+            "max_tokens": 6, "temperature": 0}
+    status, resp = await post(stack, "/v1/chat/completions", body)
+    assert status == 200 and resp["object"] == "chat.completion"
+    message = resp["choices"][0]["message"]
+    assert message["role"] == "assistant" and resp["usage"]["completion_tokens"] == 6
+    events = await stream(stack, "/v1/chat/completions", body)
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == message["content"]
+
+
+async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/v1/models") as r:
+        data = (await r.json())["data"]
+    assert data[0]["id"] == "model" and data[0]["parent"] is None
+    adapters = {d["id"]: d for d in data[1:]}
+    assert set(adapters) == set(stack.tiny.adapters)
+    assert all(d["parent"] == "model" and d["object"] == "model" for d in adapters.values())
+
+
+async def test_register_use_unregister(stack: Stack) -> None:
+    new = stack.tiny.adapters_dir / "fresh"
+    shutil.copytree(stack.tiny.adapters["lora-3"], new, dirs_exist_ok=True)
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    status, entry = await post(stack, "/v1/adapters", {"name": "fresh", "path": str(new)}, auth)
+    assert status == 201 and entry["name"] == "fresh" and entry["rank"] > 0
+    status, _ = await post(stack, "/v1/adapters", {"name": "fresh", "path": str(new)}, auth)
+    assert status == 409
+    body = {"model": "fresh", "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0}
+    status, resp = await post(stack, "/v1/completions", body)
+    _, same = await post(stack, "/v1/completions", {**body, "model": "lora-3"})
+    assert status == 200 and resp["choices"][0]["text"] == same["choices"][0]["text"]
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(stack.url + "/v1/adapters/fresh", headers=auth) as r:
+            assert r.status == 200
+        async with http.delete(stack.url + "/v1/adapters/fresh", headers=auth) as r:
+            assert r.status == 404
+    status, err = await post(stack, "/v1/completions", body)
+    assert status == 404 and "fresh" in err["error"]["message"]
+
+
+def _narrow_q(path: Path) -> None:
+    """Cut one column off every q_proj lora_A: the shapes no longer fit the base."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "adapter_model.safetensors"
+    t = load_file(str(f))
+    save_file({k: (v[:, :-1] if "q_proj.lora_A" in k else v).contiguous() for k, v in t.items()}, str(f))
+
+
+BROKEN_ADAPTERS = {
+    "only safetensors": lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"),
+    "do not fit the base": _narrow_q,
+}
+
+
+async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: Path) -> None:
+    long_body = {"model": "lora-0", "prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0}
+    in_flight = asyncio.create_task(post(stack, "/v1/completions", long_body))
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    ok = {"model": "model", "prompt": "kalo", "max_tokens": 4}
+    cases = [
+        ({**ok, "model": "nope"}, 404, "does not exist"),
+        ({**ok, "prompt": "kalo " * 400}, 400, "maximum context length"),
+        ({**ok, "max_tokens": 0}, 400, "max_tokens"),
+        ({**ok, "temperature": 5}, 400, "temperature"),
+        ({**ok, "top_p": 0}, 400, "top_p"),
+        ({**ok, "max_tokens": "ten"}, 400, "max_tokens"),
+        ({**ok, "n": 2}, 400, "n is not supported"),
+        ({**ok, "prompt": [1, 99999]}, 400, "token ids"),
+        (b"{not json", 400, "malformed JSON"),
+        (b'{"model": "model"}', 400, "prompt"),
+        (io.BytesIO(b"x" * (2 << 20)), 400, "exceeds"),
+    ]
+    for body, status, fragment in cases:
+        got, resp = await post(stack, "/v1/completions", body)
+        assert got == status and fragment in resp["error"]["message"], (body if isinstance(body, dict) else body[:20], resp)
+        assert resp["error"]["type"]
+    status, resp = await post(stack, "/v1/chat/completions", {"model": "model", "messages": []})
+    assert status == 400 and "messages" in resp["error"]["message"]
+
+    # Admin: no key, then bad adapter directories; the registry never changes.
+    before = [e.name for e in await stack.store.list_adapters()]
+    status, _ = await post(stack, "/v1/adapters", {"name": "x", "path": str(stack.tiny.adapters["lora-0"])})
+    assert status == 401
+    outside = tmp_path / "outside"
+    shutil.copytree(stack.tiny.adapters["lora-0"], outside)
+    bad_dirs = {"outside the configured adapter roots": outside,
+                "not a directory": stack.tiny.adapters_dir / "missing"}
+    for fragment, breaker in BROKEN_ADAPTERS.items():
+        d = stack.tiny.adapters_dir / fragment.replace(" ", "-")
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(stack.tiny.adapters["lora-0"], d)
+        breaker(d)
+        bad_dirs[fragment] = d
+    for fragment, path in bad_dirs.items():
+        status, resp = await post(stack, "/v1/adapters", {"name": "bad", "path": str(path)}, auth)
+        assert status == 400 and fragment in resp["error"]["message"], resp
+    assert [e.name for e in await stack.store.list_adapters()] == before
+
+    status, resp = await in_flight
+    assert status == 200 and resp["usage"]["completion_tokens"] == 40
+
+
+async def test_nats_native_example(stack: Stack) -> None:
+    spec = importlib.util.spec_from_file_location("nats_client", Path(__file__).parents[2] / "examples" / "nats_client.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    text = await example.generate(stack.nc._current_server.uri.geturl(), "lora-0", PROMPTS[0], max_tokens=6)
+    _, resp = await post(stack, "/v1/completions", {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 6,
+                                                    "temperature": 0})
+    assert text == resp["choices"][0]["text"]
+
+
+async def test_metrics_are_exposed(stack: Stack) -> None:
+    await post(stack, "/v1/completions", {"model": "lora-1", "prompt": "kalo", "max_tokens": 3})
+    await asyncio.sleep(0.3)  # a stats interval
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
+        text = await r.text()
+    for name in ("dlora_requests_total{adapter=\"lora-1\",status=\"200\"} 1.0", "dlora_time_to_first_token_seconds",
+                 "dlora_time_per_output_token_seconds", "dlora_request_queue_time_seconds",
+                 "dlora_num_requests_running", "dlora_num_requests_waiting", "dlora_adapter_resident",
+                 "dlora_adapter_loads_total"):
+        assert name in text, name
+
+
+async def test_client_disconnect_aborts_the_request(stack: Stack) -> None:
+    body = {"model": "lora-2", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(stack.url + "/v1/completions", json=body)
+        await r.content.readline()  # the first event: the request is running
+        r.close()
+    for _ in range(100):
+        if not any(w.engine.has_unfinished() for w in stack.workers):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(w.engine.has_unfinished() for w in stack.workers)
+    assert sum(w.engine.stats.steps for w in stack.workers) < 400  # stopped long before max_tokens
+
+
+async def test_workers_checkpoint_their_policy(stack: Stack) -> None:
+    await post(stack, "/v1/completions", {"model": "lora-0", "prompt": "kalo", "max_tokens": 3})
+    await asyncio.sleep(0.3)
+    state = await stack.store.load_policy("w0")
+    assert state is not None and "credits" in state and "r" in state
