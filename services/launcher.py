@@ -103,10 +103,12 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         if config:
             env["DLORA_CONFIG"] = config
         cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
-        procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env))
+        # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
+        procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
         for i in range(workers):
-            procs.append(subprocess.Popen([*cmd, "worker"], env={**env, "DLORA_WORKER_ID": f"worker-{i}"}))
-        procs.append(subprocess.Popen([*cmd, "gateway"], env=env))
+            procs.append(subprocess.Popen([*cmd, "worker"], env={**env, "DLORA_WORKER_ID": f"worker-{i}"},
+                                          start_new_session=True))
+        procs.append(subprocess.Popen([*cmd, "gateway"], env=env, start_new_session=True))
         url = f"http://{base.host}:{base.port}"
         _wait_ready(url, workers, procs)
         first = next(iter(loras), model_dir.name)

@@ -1,0 +1,51 @@
+"""`dlora up` brings the whole stack up from nothing, serves, and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from dlora.services.servers import free_port
+
+
+def test_dlora_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlora.services.cli", "up", "--workers", "1", "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if "dlora is up" in line:
+                break
+        assert any("dlora is up" in line for line in lines), "".join(lines[-20:])
+        out = "".join(lines)
+        while not re.search(r"curl .*\n", out):
+            out += proc.stdout.readline()
+        body = json.dumps({"model": "lora-1", "prompt": "kalo remi", "max_tokens": 5, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            resp = json.load(r)
+        assert resp["usage"]["completion_tokens"] == 5
+        assert (tmp_path / ".cache" / "demo" / "model" / "config.json").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        proc.stdout.close()
+    assert code == 0
+    with socket.socket() as s:  # the gateway is gone
+        assert s.connect_ex(("127.0.0.1", port)) != 0
