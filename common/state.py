@@ -20,11 +20,24 @@ from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
 
 PREFIX = "dlora"
 
+# KEYS: in-flight hashes; ARGV: tokens to add, or -1 to delete the record.
+_PROGRESS_LUA = """
+for i, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[i])
+  if n < 0 then
+    redis.call('DEL', key)
+  elseif redis.call('HEXISTS', key, 'worker') == 1 then
+    redis.call('HINCRBY', key, 'acked', n)
+  end
+end
+"""
+
 
 class StateStore:
     def __init__(self, redis: Redis, prefix: str = PREFIX) -> None:
         self.r = redis
         self.p = prefix
+        self._progress = redis.register_script(_PROGRESS_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry) -> None:
@@ -86,11 +99,15 @@ class StateStore:
             mapping={"worker": worker, "request": msgspec.json.encode(request), "acked": 0},
         )
 
-    async def ack_tokens(self, request_id: str, count: int) -> None:
-        """Record ``count`` more tokens delivered for ``request_id`` (no-op once it is gone)."""
-        key = f"{self.p}:inflight:{request_id}"
-        if await self.r.exists(key):
-            await self.r.hincrby(key, "acked", count)
+    async def record_progress(self, acked: dict[str, int], finished: list[str]) -> None:
+        """One round trip per step: more tokens delivered for running requests (only where an
+        in-flight record exists: requests sent straight to a worker have none), finished ones gone."""
+        if not acked and not finished:
+            return
+        keys = [f"{self.p}:inflight:{rid}" for rid in [*acked, *finished]]
+        counts = [*acked.values(), *([-1] * len(finished))]
+        await self._progress(keys=keys, args=counts)
+
 
     async def get_inflight(self, request_id: str) -> tuple[str, GenerateRequest, int] | None:
         raw = await self.r.hgetall(f"{self.p}:inflight:{request_id}")

@@ -30,6 +30,12 @@ def stats(worker: str) -> str:
     return f"{PREFIX}.stats.{worker}"
 
 
-def reply_inbox(request_id: str) -> str:
-    """A reply subject for one request (any subject works; this is the conventional one)."""
-    return f"{PREFIX}.reply.{request_id}"
+def reply_inbox(request_id: str, owner: str = "app") -> str:
+    """A reply subject for one request (any subject works; this is the conventional one).
+    ``owner`` groups the replies of one process under ``replies_of(owner)``."""
+    return f"{PREFIX}.reply.{owner}.{request_id}"
+
+
+def replies_of(owner: str) -> str:
+    """Every reply subject of one owner: a gateway subscribes once, not once per request."""
+    return f"{PREFIX}.reply.{owner}.*"

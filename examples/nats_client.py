@@ -23,7 +23,7 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
     nc = await nats.connect(nats_url)
     try:
         request_id = uuid.uuid4().hex
-        reply_to = subjects.reply_inbox(request_id)
+        reply_to = subjects.reply_inbox(request_id)  # any subject you subscribe to works
         sub = await nc.subscribe(reply_to)  # subscribe before publishing, so no chunk is missed
         request = GenerateRequest(request_id=request_id, reply_to=reply_to, adapter=adapter, prompt=prompt,
                                   params=SamplingParams(max_tokens=max_tokens))

@@ -105,7 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--workdir", default=".cache/bench")
     bp.add_argument("--json", help="write results here")
     bp.set_defaults(func=_bench_policy)
+
+    bc = bench.add_parser("control-plane", help="latency the gateway, NATS and dispatcher add; sustained rate")
+    bc.add_argument("--requests", type=int, default=200)
+    bc.add_argument("--seconds", type=float, default=10.0, help="length of the sustained-rate run")
+    bc.add_argument("--concurrency", type=int, default=32)
+    bc.add_argument("--json", help="write results here")
+    bc.set_defaults(func=_bench_control_plane)
     return p
+
+
+def _bench_control_plane(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_control_plane import run_bench_control_plane
+
+    return run_bench_control_plane(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

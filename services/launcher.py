@@ -67,10 +67,69 @@ def _wait_ready(url: str, workers: int, procs: list[subprocess.Popen], timeout: 
     raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
 
 
+class LocalStack:
+    """The stack as child processes: start() brings it up (raising on failure), stop() takes it
+    down, services first. ``dlora up`` and the control-plane benchmark use it."""
+
+    def __init__(self, workers: int, model: str | None, lora: list[str], port: int | None, config: str | None,
+                 worker_env: dict[str, str] | None = None) -> None:
+        self.workers, self.model, self.lora, self.config = workers, model, lora, config
+        self.base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
+        self.worker_env = worker_env or {}
+        self.servers: list[Server] = []
+        self.procs: list[subprocess.Popen] = []
+        self.url = f"http://{self.base.host}:{self.base.port}"
+
+    def start(self) -> None:
+        base = self.base
+        self.nats_url, self.redis_url = base.nats_url, base.redis_url
+        if not self.nats_url:
+            self.servers.append(start_nats())
+            self.nats_url = self.servers[-1].url
+        if not self.redis_url:
+            self.servers.append(start_redis())
+            self.redis_url = self.servers[-1].url
+        self.loras = parse_lora_args(self.lora)
+        if self.model is None:
+            self.model_dir, demo_loras = _demo()
+            self.loras = {**demo_loras, **self.loras}
+        else:
+            self.model_dir = Path(self.model)
+        roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in self.loras.values()})
+        self.admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
+        asyncio.run(_register(self.redis_url, base.redis_prefix, self.model_dir, self.loras, roots))
+
+        env = {**os.environ, "DLORA_NATS_URL": self.nats_url, "DLORA_REDIS_URL": self.redis_url,
+               "DLORA_MODEL": str(self.model_dir.resolve()), "DLORA_ADMIN_KEY": self.admin_key,
+               "DLORA_ADAPTER_ROOTS": json.dumps(roots), "DLORA_GATEWAY_PORT": str(base.port)}
+        if self.config:
+            env["DLORA_CONFIG"] = self.config
+        cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
+        # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
+        self.procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
+        for i in range(self.workers):
+            self.procs.append(subprocess.Popen([*cmd, "worker"], start_new_session=True,
+                                               env={**env, **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"}))
+        self.procs.append(subprocess.Popen([*cmd, "gateway"], env=env, start_new_session=True))
+        _wait_ready(self.url, self.workers, self.procs)
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for s in self.servers:
+            s.stop()
+
+
 def up(workers: int, model: str | None, lora: list[str], port: int | None, config: str | None) -> int:
-    base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
-    servers: list[Server] = []
-    procs: list[subprocess.Popen] = []
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -79,58 +138,23 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    stack: LocalStack | None = None
     try:
-        nats_url, redis_url = base.nats_url, base.redis_url
-        if not nats_url:
-            servers.append(start_nats())
-            nats_url = servers[-1].url
-        if not redis_url:
-            servers.append(start_redis())
-            redis_url = servers[-1].url
-        loras = parse_lora_args(lora)
-        if model is None:
-            model_dir, demo_loras = _demo()
-            loras = {**demo_loras, **loras}
-        else:
-            model_dir = Path(model)
-        roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in loras.values()})
-        admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
-        asyncio.run(_register(redis_url, base.redis_prefix, model_dir, loras, roots))
-
-        env = {**os.environ, "DLORA_NATS_URL": nats_url, "DLORA_REDIS_URL": redis_url,
-               "DLORA_MODEL": str(model_dir.resolve()), "DLORA_ADMIN_KEY": admin_key,
-               "DLORA_ADAPTER_ROOTS": json.dumps(roots), "DLORA_GATEWAY_PORT": str(base.port)}
-        if config:
-            env["DLORA_CONFIG"] = config
-        cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
-        # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
-        procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
-        for i in range(workers):
-            procs.append(subprocess.Popen([*cmd, "worker"], env={**env, "DLORA_WORKER_ID": f"worker-{i}"},
-                                          start_new_session=True))
-        procs.append(subprocess.Popen([*cmd, "gateway"], env=env, start_new_session=True))
-        url = f"http://{base.host}:{base.port}"
-        _wait_ready(url, workers, procs)
-        first = next(iter(loras), model_dir.name)
-        print(f"\ndlora is up: {url}  ({workers} workers, model {model_dir.name}, adapters: {', '.join(loras) or 'none'})")
-        print(f"admin key: {admin_key}")
-        print(f"try:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' "
+        stack = LocalStack(workers, model, lora, port, config)
+        stack.start()
+        first = next(iter(stack.loras), stack.model_dir.name)
+        print(f"\ndlora is up: {stack.url}  ({workers} workers, model {stack.model_dir.name}, "
+              f"adapters: {', '.join(stack.loras) or 'none'})")
+        print(f"NATS: {stack.nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
+        print(f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{first}\", \"prompt\": \"kalo remi\", \"max_tokens\": 16, \"temperature\": 0}}'\n",
               flush=True)
-        while not stop and all(p.poll() is None for p in procs):
+        while not stop and stack.alive():
             time.sleep(0.2)
         return 0 if stop else 1
     except (RuntimeError, APIError, ValueError, OSError) as e:
         print(f"dlora up: {e}", file=sys.stderr)
         return 1
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for s in servers:
-            s.stop()
+        if stack is not None:
+            stack.stop()

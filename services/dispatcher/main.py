@@ -61,8 +61,9 @@ class Dispatcher:
             await self.nc.publish(req.reply_to, _encode.encode(chunk))
             return
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
-        await self.store.put_inflight(req, worker)
+        # Forward first: the Redis round trip stays off the request's path.
         await self.nc.publish(subjects.worker_requests(worker), msg.data)
+        await self.store.put_inflight(req, worker)
 
     async def _seed_from_redis(self) -> None:
         # Workers seen before this dispatcher started, so the first requests need not wait a beat.

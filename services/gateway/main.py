@@ -42,6 +42,9 @@ class Gateway:
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self.context = self.cfg.context_length()
         self.metrics = Metrics()
+        # One subscription for every reply to this gateway; chunks are routed to the waiting request.
+        self.gateway_id = uuid.uuid4().hex[:12]
+        self.replies: dict[str, asyncio.Queue[bytes]] = {}
 
     # ---- request preparation ------------------------------------------------------------
     async def _adapter_for(self, model: str) -> str | None:
@@ -85,7 +88,7 @@ class Gateway:
             ids, asked = self._token_ids(body.prompt), body.max_tokens
         params = openai.sampling_params(body, self._max_tokens(ids, asked))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid), adapter=adapter,
+        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.gateway_id), adapter=adapter,
                               prompt_token_ids=ids, params=params, tenant=body.user or "", created=time.time())
         return req, Shape.new(chat, rid, body.model), body
 
@@ -109,7 +112,7 @@ class Gateway:
 
     async def _relay(self, request: web.Request, req: GenerateRequest, shape: Shape, body: Any) -> web.StreamResponse:
         label = req.adapter or self.base_name
-        sub = await self.nc.subscribe(req.reply_to)
+        replies = self.replies[req.request_id] = asyncio.Queue()
         start = time.monotonic()
         stream: web.StreamResponse | None = None
         text, n_tokens, next_seq, first_at = [], 0, 0, None
@@ -118,10 +121,10 @@ class Gateway:
             while True:
                 timeout = self.s.first_chunk_timeout_s if first_at is None else None
                 try:
-                    msg = await sub.next_msg(timeout=timeout or 3600)
-                except (TimeoutError, nats.errors.TimeoutError):
+                    data = await asyncio.wait_for(replies.get(), timeout)
+                except TimeoutError:
                     raise APIError(503, "no worker answered in time") from None
-                chunk = _decode_chunk.decode(msg.data)
+                chunk = _decode_chunk.decode(data)
                 if chunk.seq < next_seq:  # a duplicate after a resume
                     continue
                 next_seq = chunk.seq + 1
@@ -165,7 +168,7 @@ class Gateway:
             self.metrics.requests.labels(label, "aborted").inc()
             raise
         finally:
-            await sub.unsubscribe()
+            del self.replies[req.request_id]
 
     def _observe_done(self, label: str, start: float, first_at: float | None, n_tokens: int) -> None:
         end = time.monotonic()
@@ -221,6 +224,11 @@ class Gateway:
     async def metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
+    async def _on_reply(self, msg: Msg) -> None:
+        queue = self.replies.get(msg.subject.rsplit(".", 1)[-1])
+        if queue is not None:  # else: the request is already over (client gone)
+            queue.put_nowait(msg.data)
+
     async def _on_stats(self, msg: Msg) -> None:
         try:
             self.metrics.observe_worker(_decode_stats.decode(msg.data))
@@ -239,7 +247,9 @@ class Gateway:
         return app
 
     async def start(self) -> None:
-        self._stats_sub = await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
+        await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
+        await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
+        await self.nc.flush()
 
 
 class _AdapterBody(msgspec.Struct, kw_only=True):

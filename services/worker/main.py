@@ -128,11 +128,9 @@ class WorkerService:
             acked[out.request_id] = len(out.new_token_ids)
             if out.finished:
                 del self.streams[out.request_id]
-        for rid, n in acked.items():
-            if rid in self.streams:
-                await self.store.ack_tokens(rid, n)
-            else:
-                await self.store.delete_inflight(rid)
+        await self.nc.flush()  # chunks out before the Redis bookkeeping
+        finished = [rid for rid in acked if rid not in self.streams]
+        await self.store.record_progress({rid: n for rid, n in acked.items() if rid in self.streams}, finished)
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -1,0 +1,134 @@
+"""``dlora bench control-plane``: what the gateway, NATS and the dispatcher add to a request.
+
+Three paths serve the same one-token requests on the tiny model: the engine called directly,
+the NATS request subject (dispatcher + worker), and the HTTP gateway in front of that. Added
+latency is each path's per-request percentile minus the engine's; the sustained rate is the
+gateway's request throughput with many requests in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import nats
+import numpy as np
+
+from dlora.common import subjects
+from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.settings import WorkerSettings
+from dlora.loadgen.bench_common import machine
+from dlora.services.launcher import LocalStack
+from dlora.services.servers import free_port
+from dlora.services.worker.engine import EngineConfig, LLMEngine
+
+PROMPT = [5, 40, 41, 300, 17, 9, 12, 60]
+
+
+def _pcts(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def engine_latencies(model: Path, n: int) -> list[float]:
+    engine = LLMEngine(EngineConfig(model=str(model), policy=WorkerSettings().policy))  # as the worker runs it
+    out = []
+    for i in range(n + 10):
+        t0 = time.perf_counter()
+        engine.add_request(str(i), prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=1))
+        while engine.has_unfinished():
+            engine.step()
+        if i >= 10:  # warm-up
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+async def nats_latencies(url: str, n: int) -> list[float]:
+    nc = await nats.connect(url)
+    out = []
+    try:
+        for i in range(n + 10):
+            rid = uuid.uuid4().hex
+            sub = await nc.subscribe(subjects.reply_inbox(rid))
+            req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid), prompt_token_ids=PROMPT,
+                                  params=SamplingParams(max_tokens=1))
+            t0 = time.perf_counter()
+            await nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+            while True:
+                chunk = msgspec.json.decode((await sub.next_msg(timeout=30)).data, type=TokenChunk)
+                if chunk.finish_reason:
+                    break
+            if i >= 10:
+                out.append(time.perf_counter() - t0)
+            await sub.unsubscribe()
+    finally:
+        await nc.drain()
+    return out
+
+
+async def http_latencies(url: str, model: str, n: int) -> list[float]:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    out = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(n + 10):
+            t0 = time.perf_counter()
+            async with http.post(f"{url}/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+            if i >= 10:
+                out.append(time.perf_counter() - t0)
+    return out
+
+
+async def http_rate(url: str, model: str, seconds: float, concurrency: int) -> float:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            async with http.post(f"{url}/v1/completions", json=body) as r:
+                await r.read()
+                done += r.status == 200
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return done / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    stack = LocalStack(workers=1, model=None, lora=[], port=free_port(), config=None)
+    stack.start()
+    try:
+        model = stack.model_dir
+        direct = engine_latencies(model, args.requests)
+        via_nats = asyncio.run(nats_latencies(stack.nats_url, args.requests))
+        via_http = asyncio.run(http_latencies(stack.url, model.name, args.requests))
+        rate = asyncio.run(http_rate(stack.url, model.name, args.seconds, args.concurrency))
+    finally:
+        stack.stop()
+    paths = {"engine": _pcts(direct), "nats": _pcts(via_nats), "gateway": _pcts(via_http)}
+    added = {name: {k: paths[name][k] - paths["engine"][k] for k in ("p50_ms", "p99_ms")} for name in ("nats", "gateway")}
+    return {"machine": machine(), "model": "tiny", "requests": args.requests, "paths": paths, "added": added,
+            "gateway_rate_req_s": rate, "concurrency": args.concurrency}
+
+
+def run_bench_control_plane(args: argparse.Namespace) -> int:
+    result = run(args)
+    for name, p in result["paths"].items():
+        print(f"{name:>8}: p50 {p['p50_ms']:.2f} ms  p99 {p['p99_ms']:.2f} ms")
+    for name, a in result["added"].items():
+        print(f"added by {name:>7}: p50 {a['p50_ms']:.2f} ms  p99 {a['p99_ms']:.2f} ms  (target p50 <= 2 ms)")
+    print(f"gateway sustains {result['gateway_rate_req_s']:.0f} req/s at concurrency {result['concurrency']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
