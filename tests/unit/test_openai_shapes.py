@@ -1,0 +1,44 @@
+import msgspec
+import pytest
+
+from dlora.services.gateway import openai
+from dlora.services.gateway.openai import APIError, ChatBody, ChatMessage, CompletionBody, Shape
+
+
+def test_decode_errors_are_400_with_the_reason() -> None:
+    with pytest.raises(APIError, match="malformed JSON") as e:
+        openai.decode_body(b"{", CompletionBody)
+    assert e.value.status == 400
+    with pytest.raises(APIError, match="max_tokens"):
+        openai.decode_body(b'{"model": "m", "prompt": "x", "max_tokens": "3"}', CompletionBody)
+
+
+def test_sampling_params_map_and_refuse_unsupported() -> None:
+    body = msgspec.convert({"model": "m", "prompt": "x", "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 4},
+                           CompletionBody)
+    p = openai.sampling_params(body, 7)
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (7, 0.5, 0.9, ["\n"], 4)
+    for field, value in (("n", 2), ("echo", True), ("presence_penalty", 0.5), ("logprobs", 3), ("best_of", 2)):
+        body = msgspec.convert({"model": "m", "prompt": "x", field: value}, CompletionBody)
+        with pytest.raises(APIError, match=field):
+            openai.sampling_params(body, 7)
+
+
+def test_chat_prompt_without_a_template_is_a_transcript() -> None:
+    msgs = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content=[openai.ContentPart(type="text", text="hi")])]
+    assert openai.chat_prompt(msgs, tokenizer=object()) == "system: be brief\nuser: hi\nassistant:"
+    with pytest.raises(APIError, match="role"):
+        openai.chat_prompt([ChatMessage(role="robot", content="x")], tokenizer=object())
+
+
+def test_response_shapes() -> None:
+    chat, text = Shape.new(True, "chatcmpl-1", "m"), Shape.new(False, "cmpl-1", "m")
+    full = chat.full("hello", "stop", 3, 2)
+    assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert full["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert text.full("hi", "length", 1, 1)["choices"][0]["text"] == "hi"
+    first = chat.chunk("", None, first=True)
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chat.chunk("", "stop")["choices"][0]["delta"] == {}
+    assert text.usage_chunk(1, 2)["choices"] == []
+    assert APIError(404, "no").body() == {"error": {"message": "no", "type": "not_found_error", "param": None, "code": None}}
