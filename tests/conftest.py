@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from dlora.services.worker.engine.make_tiny import TinyOutput, make_tiny
@@ -19,11 +17,6 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyOutput:
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> TinyOutput:
     """Qwen2-shaped (GQA, q/k/v bias, tied embeddings), four adapters."""
     return make_tiny(tmp_path_factory.mktemp("qwen"), preset="tiny", arch="qwen2", num_adapters=4, seed=2)
-
-
-@pytest.fixture
-def tmp_dir(tmp_path: Path) -> Path:
-    return tmp_path
 
 
 @pytest.fixture(scope="session")
