@@ -43,8 +43,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Adapter directories must lie inside one of these.
     adapter_roots: list[str] = []
     max_body_bytes: int = 1 << 20
-    # Seconds to wait for a worker's first chunk before giving up with 503.
-    first_chunk_timeout_s: float = 60.0
+    # Seconds without a chunk from the worker (before the first, or between two) after which the
+    # request fails with 503 (or an error event on a stream): a worker that died does not hang it.
+    chunk_timeout_s: float = 60.0
 
     def check(self) -> None:
         _require(0 < self.port < 65536, "port", self.port, "must be in 1..65535")

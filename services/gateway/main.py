@@ -119,12 +119,13 @@ class Gateway:
         try:
             await self.nc.publish(subjects.REQUESTS, _encode.encode(req))
             while True:
-                timeout = self.s.first_chunk_timeout_s if first_at is None else None
                 try:
-                    data = await asyncio.wait_for(replies.get(), timeout)
+                    data = await asyncio.wait_for(replies.get(), self.s.chunk_timeout_s)
                 except TimeoutError:
-                    raise APIError(503, "no worker answered in time") from None
-                chunk = _decode_chunk.decode(data)
+                    chunk = TokenChunk(request_id=req.request_id, seq=next_seq, error="no worker answered in time",
+                                       error_code=ErrorCode.UNAVAILABLE)
+                else:
+                    chunk = _decode_chunk.decode(data)
                 if chunk.seq < next_seq:  # a duplicate after a resume
                     continue
                 next_seq = chunk.seq + 1

@@ -224,3 +224,32 @@ async def test_workers_checkpoint_their_policy(stack: Stack) -> None:
     await asyncio.sleep(0.3)
     state = await stack.store.load_policy("w0")
     assert state is not None and "credits" in state and "r" in state
+
+
+async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_llama) -> None:
+    """No dispatcher or worker listens on this NATS server: the gateway gives up after chunk_timeout_s."""
+    import nats
+    from aiohttp import web
+
+    from dlora.common.settings import GatewaySettings
+    from dlora.common.state import StateStore
+    from dlora.services.gateway.main import Gateway
+    from dlora.services.servers import free_port, start_nats
+
+    server = start_nats()
+    nc = await nats.connect(server.url)
+    try:
+        settings = GatewaySettings(nats_url=server.url, model=str(tiny_llama.model), port=free_port(), chunk_timeout_s=0.3)
+        gateway = Gateway(settings, nc, StateStore(redis))
+        await gateway.start()
+        runner = web.AppRunner(gateway.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{settings.port}/v1/completions",
+                                 json={"model": "model", "prompt": "kalo", "max_tokens": 2}) as r:
+                assert r.status == 503 and "no worker" in (await r.json())["error"]["message"]
+        await runner.cleanup()
+    finally:
+        await nc.drain()
+        server.stop()
