@@ -35,7 +35,7 @@ def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEn
 
 def replay(engine: LLMEngine, specs: list[workload.RequestSpec], max_seconds: float) -> tuple[list[RequestResult], float]:
     """Open loop: each request is added when its arrival time has passed, whatever is running."""
-    results = [RequestResult(s.arrival_s, s.adapter, s.output_len) for s in specs]
+    results = [RequestResult(s.arrival_s, s.adapter, s.output_len, sent=True) for s in specs]
     start = time.perf_counter()
     nxt = 0
     vocab = engine.model_config.vocab_size
@@ -100,8 +100,11 @@ def run(args: argparse.Namespace) -> dict:
         for policy in POLICIES:
             engine = make_engine(root, policy, args.adapters, args.dtype)
             results, end = replay(engine, specs, args.max_seconds)
-            m = summarize(results, end)
-            m.update(stride=s, policy=policy, top_adapter_share=max(weights), merges=engine.stats.merges)
+            full = summarize(results, end)
+            m = {"stride": s, "policy": policy, "top_adapter_share": max(weights), "merges": engine.stats.merges,
+                 "requests": full["sent"], "finished": full["completed"], "throughput_tok_s": full["throughput_tok_s"],
+                 "norm_latency_mean_s": full["normalized_latency_s"]["mean"],
+                 "norm_latency_p90_s": full["normalized_latency_s"]["p90"]}
             rows.append(m)
             print(f"stride {s:>2} {policy:>13}: {m['throughput_tok_s']:7.1f} tok/s  norm latency mean "
                   f"{m['norm_latency_mean_s']:.3f} p90 {m['norm_latency_p90_s']:.3f} s/token  "

@@ -1,8 +1,14 @@
-"""Per-request outcomes and the paper's summary metrics over a run."""
+"""Per-request outcomes and the summary metrics of a run (the paper's and vLLM's).
+
+All times are seconds from the run's start. A request is *completed* when its last chunk
+arrived, *failed* when it got an error, *cut* when the run ended while it was running, and
+*lost* otherwise (sent, never answered): sent - completed - failed - cut = lost, and a healthy
+run reports 0.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,9 +18,17 @@ class RequestResult:
     arrival_s: float
     adapter: str | None
     output_len: int  # tokens asked for
+    sent: bool = False
     first_token_s: float | None = None
     finish_s: float | None = None
     tokens: int = 0  # tokens received
+    token_times: list[float] = field(default_factory=list)  # arrival of each chunk with tokens
+    error: str | None = None
+    cut: bool = False  # still running when the run ended (duration cap or Ctrl-C)
+
+    @property
+    def completed(self) -> bool:
+        return self.finish_s is not None and self.error is None
 
     def normalized_latency(self, end_s: float) -> float:
         """End-to-end seconds per output token; for an unfinished request, a lower bound taken at
@@ -23,19 +37,64 @@ class RequestResult:
             return (self.finish_s - self.arrival_s) / max(1, self.tokens)
         return (end_s - self.arrival_s) / max(1, self.output_len)
 
+    def tpot(self) -> float | None:
+        """Seconds per output token after the first."""
+        if self.finish_s is None or self.first_token_s is None or self.tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.tokens - 1)
 
-def summarize(results: list[RequestResult], end_s: float) -> dict[str, float]:
-    finished = [r for r in results if r.finish_s is not None]
-    start = min(r.arrival_s for r in results)
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    def met(self, r: RequestResult) -> bool:
+        if not r.completed:
+            return False
+        if self.ttft_s is not None and (r.first_token_s is None or r.first_token_s - r.arrival_s > self.ttft_s):
+            return False
+        tpot = r.tpot()
+        return self.tpot_s is None or tpot is None or tpot <= self.tpot_s
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99))}
+
+
+def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> dict:
+    sent = [r for r in results if r.sent]
+    done = [r for r in sent if r.completed]
+    failed = [r for r in sent if r.error is not None]
+    cut = [r for r in sent if r.cut]
+    start = min((r.arrival_s for r in sent), default=0.0)
     span = max(end_s - start, 1e-9)
-    norm = np.array([r.normalized_latency(end_s) for r in results])
-    ttft = np.array([r.first_token_s - r.arrival_s for r in results if r.first_token_s is not None])
+    itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
+    met = [r for r in done if slo.met(r)]
     return {
-        "requests": len(results),
-        "finished": len(finished),
-        "throughput_req_s": len(finished) / span,
-        "throughput_tok_s": sum(r.tokens for r in results) / span,
-        "norm_latency_mean_s": float(norm.mean()),
-        "norm_latency_p90_s": float(np.percentile(norm, 90)),
-        "ttft_mean_s": float(ttft.mean()) if len(ttft) else float("nan"),
+        "sent": len(sent),
+        "completed": len(done),
+        "failed": len(failed),
+        "cut": len(cut),
+        "lost": len(sent) - len(done) - len(failed) - len(cut),
+        "duration_s": span,
+        "throughput_req_s": len(done) / span,
+        "throughput_tok_s": sum(r.tokens for r in sent) / span,
+        "ttft_s": _stats([r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
+        "tpot_s": _stats([t for r in done if (t := r.tpot()) is not None]),
+        "itl_s": _stats(itl),
+        "e2e_s": _stats([r.finish_s - r.arrival_s for r in done]),
+        "normalized_latency_s": _stats([r.normalized_latency(end_s) for r in sent]),
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
+                "attainment": len(met) / len(sent) if sent else None, "goodput_req_s": len(met) / span},
+        "errors": sorted({r.error for r in failed if r.error})[:10],
     }
+
+
+def summarize_by_adapter(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> dict[str, dict]:
+    names = sorted({r.adapter or "" for r in results})
+    return {n or "(base)": summarize([r for r in results if (r.adapter or "") == n], end_s, slo) for n in names}

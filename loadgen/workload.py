@@ -37,13 +37,26 @@ def build(
     lengths: list[LLMRequestRow],
     rng: np.random.Generator,
     scaling: LengthScaling = LengthScaling(),
+    names: list[str | None] | None = None,
+    shift_every_s: float | None = None,
+    lengths_in_order: bool = False,
 ) -> list[RequestSpec]:
-    """One request per arrival; its adapter drawn by ``weights`` (adapter i = ``lora-<i>``) and
-    its lengths drawn from ``lengths`` rows."""
-    adapters = rng.choice(len(weights), size=len(arrivals), p=np.asarray(weights))
-    picks = rng.integers(0, len(lengths), size=len(arrivals))
+    """One request per arrival.
+
+    Its adapter is drawn by ``weights`` over ``names`` (default ``lora-<i>``; None = the base
+    model). With ``shift_every_s`` popularity moves over time: every that many seconds the weights
+    rotate by one adapter, so the hot adapter changes (what migration is for). Its lengths are
+    drawn from ``lengths`` rows, or taken in order (a trace replayed with its own lengths).
+    """
+    names = names or [f"lora-{i}" for i in range(len(weights))]
+    if len(names) != len(weights):
+        raise ValueError(f"{len(names)} adapter names for {len(weights)} weights")
+    drawn = rng.choice(len(weights), size=len(arrivals), p=np.asarray(weights))
+    picks = np.arange(len(arrivals)) % len(lengths) if lengths_in_order else rng.integers(0, len(lengths), len(arrivals))
     out = []
-    for t, a, k in zip(arrivals, adapters, picks):
+    for t, a, k in zip(arrivals, drawn, picks):
+        if shift_every_s:
+            a = (a + int(t // shift_every_s)) % len(weights)
         p, o = scaling.apply(lengths[k].input_tokens, lengths[k].output_tokens)
-        out.append(RequestSpec(arrival_s=float(t), adapter=f"lora-{a}", prompt_len=p, output_len=o))
+        out.append(RequestSpec(arrival_s=float(t), adapter=names[a], prompt_len=p, output_len=o))
     return out

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
     gen.set_defaults(func=_generate)
 
+    lg = sub.add_parser("loadgen", help="replay a workload open loop against the gateway or NATS; report")
+    from dlora.loadgen.main import add_arguments
+
+    add_arguments(lg, _default_traces())
+    lg.set_defaults(func=_loadgen)
+
     serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
     serve.add_argument("service", choices=["gateway", "dispatcher", "worker"])
     serve.add_argument("--config", help="dlora.toml")
@@ -119,6 +125,12 @@ def _bench_control_plane(args: argparse.Namespace) -> int:
     from dlora.loadgen.bench_control_plane import run_bench_control_plane
 
     return run_bench_control_plane(args)
+
+
+def _loadgen(args: argparse.Namespace) -> int:
+    from dlora.loadgen.main import run_loadgen
+
+    return run_loadgen(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -146,8 +146,8 @@ class Gateway:
                         stream = await _open_sse(request)
                         if shape.chat:  # the role comes first, in its own delta
                             await _sse(stream, shape.chunk("", None, first=True))
-                    if chunk.text or chunk.finish_reason:
-                        await _sse(stream, shape.chunk(chunk.text, chunk.finish_reason))
+                    # One event per worker chunk (a step's token), text or not, so clients can time tokens.
+                    await _sse(stream, shape.chunk(chunk.text, chunk.finish_reason))
                 else:
                     text.append(chunk.text)
                 if chunk.finish_reason is not None:

@@ -1,0 +1,116 @@
+"""Send one request and record what came back, against the gateway (HTTP, streamed, so the first
+token is timed) or straight to the NATS request subject."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+
+import aiohttp
+import msgspec
+import nats
+
+from dlora.common import subjects
+from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.loadgen.metrics import RequestResult
+from dlora.loadgen.workload import RequestSpec
+
+
+def prompt_ids(index: int, length: int, vocab: int = 256) -> list[int]:
+    """A deterministic prompt of exactly ``length`` token ids (exact lengths make runs comparable)."""
+    return [(13 * index + 7 * j) % (vocab - 3) + 3 for j in range(length)]
+
+
+class HttpClient:
+    """OpenAI completions with ``stream: true``; ``model`` is the adapter (or the base name)."""
+
+    def __init__(self, url: str, base_model: str, clock: Callable[[], float], timeout_s: float = 600) -> None:
+        self.url, self.base_model, self.clock = url.rstrip("/"), base_model, clock
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                             connector=aiohttp.TCPConnector(limit=0))
+
+    async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
+        body = {"model": spec.adapter or self.base_model, "prompt": prompt_ids(index, spec.prompt_len),
+                "max_tokens": spec.output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        try:
+            async with self.session.post(f"{self.url}/v1/completions", json=body) as resp:
+                if resp.status != 200:
+                    r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                    return
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        r.error = event["error"].get("message", "error")
+                        return
+                    now = self.clock()
+                    if event.get("usage"):
+                        r.tokens = event["usage"]["completion_tokens"]
+                        continue
+                    if r.first_token_s is None:
+                        r.first_token_s = now
+                    r.token_times.append(now)
+                    if event["choices"][0]["finish_reason"] is not None:
+                        r.finish_s = now
+                r.tokens = r.tokens or len(r.token_times)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            r.error = f"{type(e).__name__}: {e}"
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class NatsClient:
+    """GenerateRequest on the request subject; TokenChunks on one reply subscription for the run."""
+
+    def __init__(self, nc: nats.NATS, clock: Callable[[], float]) -> None:
+        self.nc, self.clock = nc, clock
+        self.owner = f"loadgen{uuid.uuid4().hex[:8]}"
+        self.waiting: dict[str, tuple[RequestResult, asyncio.Event]] = {}
+
+    @classmethod
+    async def connect(cls, url: str, clock: Callable[[], float]) -> NatsClient:
+        client = cls(await nats.connect(url), clock)
+        await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
+        return client
+
+    async def _on_chunk(self, msg) -> None:
+        chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+        entry = self.waiting.get(chunk.request_id)
+        if entry is None:
+            return
+        r, done = entry
+        now = self.clock()
+        if chunk.error:
+            r.error = chunk.error
+            done.set()
+            return
+        if r.first_token_s is None:
+            r.first_token_s = now
+        r.tokens += len(chunk.token_ids)
+        r.token_times.append(now)
+        if chunk.finish_reason:
+            r.finish_s = now
+            done.set()
+
+    async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
+        rid = uuid.uuid4().hex
+        done = asyncio.Event()
+        self.waiting[rid] = (r, done)
+        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.owner), adapter=spec.adapter,
+                              prompt_token_ids=prompt_ids(index, spec.prompt_len), created=time.time(),
+                              params=SamplingParams(max_tokens=spec.output_len, ignore_eos=True))
+        try:
+            await self.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+            await done.wait()
+        finally:
+            del self.waiting[rid]
+
+    async def close(self) -> None:
+        await self.nc.drain()

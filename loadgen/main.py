@@ -1,0 +1,129 @@
+"""``dlora loadgen``: build a workload from the options, replay it open loop against the gateway or
+NATS with a live progress bar, and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dlora.loadgen import arrivals, popularity, report, workload
+from dlora.loadgen.clients import HttpClient, NatsClient
+from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
+from dlora.loadgen.runner import Clock, replay
+from dlora.loadgen.traces import LLMRequestRow, TraceError, read_azure_functions, read_azure_llm
+
+
+def add_arguments(p: argparse.ArgumentParser, default_traces: Path) -> None:
+    p.add_argument("--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)")
+    p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
+    p.add_argument("--requests", type=int, default=100, help="cap on requests")
+    p.add_argument("--duration", type=float, default=60.0, help="cap on seconds of sending")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arrivals", choices=["poisson", "gamma", "trace"], default="poisson")
+    p.add_argument("--rate", type=float, default=2.0, help="mean requests/s (trace replay is rescaled to it)")
+    p.add_argument("--cv", type=float, default=1.0, help="gamma: coefficient of variation of inter-arrivals")
+    p.add_argument("--trace", default=str(default_traces / "AzureLLMInferenceTrace_conv.csv"),
+                   help="Azure LLM trace (TIMESTAMP,ContextTokens,GeneratedTokens) for arrivals and lengths")
+    p.add_argument("--lengths", choices=["trace", "fixed", "uniform"], default="trace")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--length-divide", type=float, default=1.0, help="trace lengths are divided by this ...")
+    p.add_argument("--max-prompt", type=int, default=256, help="... and capped")
+    p.add_argument("--max-output", type=int, default=128)
+    p.add_argument("--adapters", type=int, default=4, help="adapters lora-0..N-1")
+    p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
+    p.add_argument("--popularity", choices=["uniform", "zipf", "power", "stride"], default="uniform")
+    p.add_argument("--alpha", type=float, default=1.0, help="zipf exponent / power-law alpha")
+    p.add_argument("--stride", type=int, default=1, help="stride mapping over Azure Functions popularity")
+    p.add_argument("--functions", default=str(default_traces / "azure_functions_2019_sample"
+                                                              / "invitro_500fn_invocations_min480-959.csv"))
+    p.add_argument("--shift-every", type=float, help="rotate adapter popularity every this many seconds")
+    p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
+    p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")
+    p.add_argument("--out", default="loadgen-results", help="folder for result.json, report.png, report.html")
+
+
+def build_specs(args: argparse.Namespace) -> list[workload.RequestSpec]:
+    rng = np.random.default_rng(args.seed)
+    n = args.requests
+    trace: list[LLMRequestRow] | None = None
+    if args.arrivals == "trace" or args.lengths == "trace":
+        trace = read_azure_llm(args.trace)
+    if args.arrivals == "trace":
+        times = arrivals.replay([r.t for r in trace[:n]], rate=args.rate)
+    else:
+        times = arrivals.gamma(args.rate, 1.0 if args.arrivals == "poisson" else args.cv, n, rng)
+    if args.lengths == "trace":
+        rows = trace
+        scaling = workload.LengthScaling(args.length_divide, args.max_prompt, args.max_output)
+    else:
+        scaling = workload.LengthScaling()
+        if args.lengths == "fixed":
+            rows = [LLMRequestRow(0.0, args.prompt_len, args.output_len)]
+        else:
+            rows = [LLMRequestRow(0.0, int(p), int(o)) for p, o in zip(rng.integers(1, args.prompt_len + 1, 1000),
+                                                                         rng.integers(1, args.output_len + 1, 1000))]
+    names: list[str | None] = ([None if a == "-" else a for a in args.adapter_names.split(",")]
+                               if args.adapter_names else [f"lora-{i}" for i in range(args.adapters)])
+    k = len(names)
+    weights = {
+        "uniform": lambda: popularity.uniform(k),
+        "zipf": lambda: popularity.zipf(k, args.alpha),
+        "power": lambda: popularity.power(k, args.alpha),
+        "stride": lambda: popularity.stride(read_azure_functions(args.functions).totals(), k, args.stride, cap_rank=k),
+    }[args.popularity]()
+    return workload.build(times, weights, rows, rng, scaling, names=names, shift_every_s=args.shift_every,
+                          lengths_in_order=args.arrivals == "trace" and args.lengths == "trace")
+
+
+async def run(args: argparse.Namespace, console: Console) -> dict:
+    specs = build_specs(args)
+    clock = Clock()
+    client = (await NatsClient.connect(args.target, clock) if args.target.startswith("nats://")
+              else HttpClient(args.target, args.base_model, clock))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+    task = progress.add_task("sending", total=len(specs))
+
+    def on_update(results: list[RequestResult]) -> None:
+        done = sum(r.completed for r in results)
+        failed = sum(r.error is not None for r in results)
+        tokens = sum(r.tokens for r in results)
+        progress.update(task, completed=done + failed,
+                        description=f"{tokens / max(clock(), 1e-9):7.1f} tok/s  errors {failed}")
+
+    try:
+        with progress:
+            results, end = await replay(specs, client, clock, args.duration, stop, on_update=on_update)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        await client.close()
+    slo = SLO(args.slo_ttft, args.slo_tpot)
+    summary = summarize(results, end, slo)
+    by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
+    config = {k: v for k, v in vars(args).items() if k != "func"} | {"interrupted": stop.is_set()}
+    report.write(Path(args.out), config, summary, by_adapter, results, end, console)
+    return summary
+
+
+def run_loadgen(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log or a pipe: room for the whole table
+        console = Console(stderr=True, width=160)
+    try:
+        summary = asyncio.run(run(args, console))
+    except (TraceError, ValueError, OSError) as e:
+        print(f"dlora loadgen: {e}", file=sys.stderr)
+        return 2
+    console.print(f"lost requests: {summary['lost']}  ->  {args.out}/result.json, report.png, report.html")
+    return 0 if summary["lost"] == 0 and summary["failed"] == 0 else 1

@@ -1,0 +1,42 @@
+"""`dlora loadgen` against the running stack, over HTTP and over NATS: nothing lost, a full report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from dlora.loadgen.main import add_arguments, run
+from dlora.services.cli import build_parser
+from tests.integration.conftest import Stack
+
+
+def _args(target: str, out: Path, *extra: str):
+    return build_parser().parse_args(["loadgen", "--target", target, "--out", str(out), "--requests", "24",
+                                      "--rate", "20", "--duration", "10", "--lengths", "uniform", "--prompt-len",
+                                      "12", "--output-len", "8", "--slo-ttft", "5", *extra])
+
+
+@pytest.mark.parametrize("via", ["http", "nats"])
+async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Path, via: str) -> None:
+    target = stack.url if via == "http" else stack.nc._current_server.uri.geturl()
+    args = _args(target, tmp_path, "--popularity", "zipf", "--alpha", "1.1", "--adapters", "3")
+    with open(tmp_path / "console.txt", "w") as log:
+        summary = await run(args, Console(file=log, width=160))
+    assert summary["sent"] == 24 and summary["completed"] == 24 and summary["lost"] == 0 and summary["failed"] == 0
+    assert summary["throughput_tok_s"] > 0 and summary["ttft_s"]["p50"] is not None
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result) == {"config", "summary", "by_adapter"}
+    assert sum(a["sent"] for a in result["by_adapter"].values()) == 24
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+    assert "lost" in (tmp_path / "console.txt").read_text()
+
+
+def test_cli_knows_the_loadgen_options() -> None:
+    args = build_parser().parse_args(["loadgen", "--arrivals", "gamma", "--cv", "4", "--popularity", "stride",
+                                      "--stride", "8", "--shift-every", "30"])
+    assert (args.cv, args.stride, args.shift_every) == (4.0, 8, 30.0)
+    assert callable(add_arguments)

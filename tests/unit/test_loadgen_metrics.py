@@ -1,0 +1,53 @@
+"""Metrics on hand-made timelines, and popularity that shifts over time."""
+
+import numpy as np
+import pytest
+
+from dlora.loadgen import workload
+from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
+from dlora.loadgen.traces import LLMRequestRow
+
+
+def done(arrival: float, first: float, finish: float, tokens: int, adapter: str = "a") -> RequestResult:
+    times = list(np.linspace(first, finish, tokens))
+    return RequestResult(arrival, adapter, tokens, sent=True, first_token_s=first, finish_s=finish, tokens=tokens,
+                         token_times=times)
+
+
+def test_summary_of_a_hand_made_timeline() -> None:
+    results = [
+        done(0.0, 0.5, 2.5, 5),  # ttft 0.5, tpot 0.5, e2e 2.5, norm 0.5
+        done(1.0, 1.1, 1.5, 5, "b"),  # ttft 0.1, tpot 0.1, e2e 0.5, norm 0.1
+        RequestResult(2.0, "a", 4, sent=True, error="HTTP 400"),
+        RequestResult(3.0, "b", 4, sent=True, cut=True),
+        RequestResult(3.5, "b", 4, sent=True),  # never answered: lost
+        RequestResult(9.0, "a", 4),  # never sent (cap)
+    ]
+    s = summarize(results, end_s=4.0, slo=SLO(ttft_s=0.2))
+    assert (s["sent"], s["completed"], s["failed"], s["cut"], s["lost"]) == (5, 2, 1, 1, 1)
+    assert s["duration_s"] == 4.0 and s["throughput_req_s"] == 0.5 and s["throughput_tok_s"] == 2.5
+    assert s["ttft_s"]["mean"] == pytest.approx(0.3) and s["tpot_s"]["p50"] == pytest.approx(0.3)
+    assert s["e2e_s"]["mean"] == pytest.approx(1.5)
+    assert s["itl_s"]["mean"] == pytest.approx((0.5 * 4 + 0.1 * 4) / 8)
+    # unfinished requests count with a lower bound: (end - arrival) / tokens asked
+    assert s["normalized_latency_s"]["mean"] == pytest.approx((0.5 + 0.1 + 0.5 + 0.25 + 0.125) / 5)
+    assert s["slo"]["attainment"] == pytest.approx(1 / 5) and s["slo"]["goodput_req_s"] == pytest.approx(0.25)
+    assert s["errors"] == ["HTTP 400"]
+    by = summarize_by_adapter([r for r in results if r.sent], 4.0)
+    assert by["a"]["sent"] == 2 and by["b"]["lost"] == 1
+
+
+def test_empty_run_is_well_formed() -> None:
+    s = summarize([], end_s=1.0)
+    assert s["sent"] == 0 and s["ttft_s"]["mean"] is None and s["slo"]["attainment"] is None
+
+
+def test_popularity_shifts_over_time() -> None:
+    rows = [LLMRequestRow(0.0, 4, 4)]
+    rng = np.random.default_rng(0)
+    specs = workload.build([0.5, 1.5, 2.5, 3.5], [1.0, 0.0, 0.0], rows, rng, shift_every_s=1.0)
+    assert [s.adapter for s in specs] == ["lora-0", "lora-1", "lora-2", "lora-0"]
+    specs = workload.build([0.1, 0.2], [0.0, 1.0], rows, rng, names=["x", None])
+    assert [s.adapter for s in specs] == [None, None]
+    with pytest.raises(ValueError, match="names"):
+        workload.build([0.1], [1.0], rows, rng, names=["x", "y"])
