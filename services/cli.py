@@ -112,6 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", help="write results here")
     bp.set_defaults(func=_bench_policy)
 
+    b2 = bench.add_parser("e2e", help="dlora vs HF PEFT vs fixed modes over a rate sweep (paper Fig. 8/9)")
+    b2.add_argument("--preset", choices=["tiny", "small"], default="small")
+    b2.add_argument("--adapters", type=int, default=32)
+    b2.add_argument("--stride", type=int, default=8)
+    b2.add_argument("--rates", default="0.25,0.5,1,2,4,6", help="request rates to sweep (req/s)")
+    b2.add_argument("--systems", default="hf-peft,merged-only,unmerged-only,dlora")
+    b2.add_argument("--window", type=float, default=20.0, help="seconds of arrivals per rate ...")
+    b2.add_argument("--min-requests", type=int, default=8)
+    b2.add_argument("--max-requests", type=int, default=40)
+    b2.add_argument("--max-seconds", type=float, default=45.0, help="cap on one run")
+    b2.add_argument("--length-divide", type=float, default=8.0)
+    b2.add_argument("--max-prompt", type=int, default=64)
+    b2.add_argument("--max-output", type=int, default=32)
+    b2.add_argument("--latency-bound", type=float, default=0.5, help="s/token for the sustained rate")
+    b2.add_argument("--seed", type=int, default=0)
+    b2.add_argument("--traces", default=str(_default_traces()))
+    b2.add_argument("--workdir", default=".cache/bench")
+    b2.add_argument("--json", help="write results here")
+    b2.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose e2e section is regenerated")
+    b2.add_argument("--docs", default="docs", help="folder for the plot")
+    b2.set_defaults(func=_bench_e2e)
+
     bc = bench.add_parser("control-plane", help="latency the gateway, NATS and dispatcher add; sustained rate")
     bc.add_argument("--requests", type=int, default=200)
     bc.add_argument("--seconds", type=float, default=10.0, help="length of the sustained-rate run")
@@ -131,6 +153,12 @@ def _loadgen(args: argparse.Namespace) -> int:
     from dlora.loadgen.main import run_loadgen
 
     return run_loadgen(args)
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_e2e import run_bench_e2e
+
+    return run_bench_e2e(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

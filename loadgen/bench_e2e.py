@@ -1,0 +1,159 @@
+"""``dlora bench e2e``: dlora beside its baselines on the same trace (paper Fig. 8/9 at this
+machine's scale), sweeping the request rate.
+
+Systems: HF PEFT (``baselines.HFPeftServer``), and the engine under merged-only, unmerged-only
+and dlora. Arrivals and lengths replay the Azure 2023 conversation trace (timestamps rescaled to
+each rate, lengths divided and capped: recorded in the result), adapters by dLoRA's stride
+mapping over the Azure Functions popularity. For each system: throughput and mean / P90
+normalized latency per rate, and the highest rate whose mean normalized latency stays under the
+bound with every request finished. Writes JSON, a plot under docs/, and the BENCHMARKS.md section
+between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dlora.loadgen import arrivals, popularity, workload
+from dlora.loadgen.baselines import HFPeftServer
+from dlora.loadgen.bench_common import ensure_model, machine
+from dlora.loadgen.bench_policy import make_engine, replay
+from dlora.loadgen.metrics import summarize
+from dlora.loadgen.traces import read_azure_functions, read_azure_llm
+
+SYSTEMS = ("hf-peft", "merged-only", "unmerged-only", "dlora")
+BEGIN, END = "<!-- bench-e2e:begin -->", "<!-- bench-e2e:end -->"
+
+
+def batching_gain(server: HFPeftServer, batch: int = 32, tokens: int = 16) -> dict[str, float]:
+    """HF's own output tokens/s at batch 1 and at ``batch`` (base model), so the ratio to HF is
+    read beside what batching alone gains on this machine."""
+    out = {}
+    for b in (1, batch):
+        prompts = [[5 + i, 6, 7, 8, 9, 10, 11, 12] for i in range(b)]
+        server.generate(None, prompts, 2)  # warm-up
+        start = time.perf_counter()
+        server.generate(None, prompts, tokens)
+        out[f"batch_{b}_tok_s"] = b * tokens / (time.perf_counter() - start)
+    out["gain"] = out[f"batch_{batch}_tok_s"] / out["batch_1_tok_s"]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    n = args.adapters
+    root = ensure_model(Path(args.workdir), args.preset, n, ranks=[8, 16, 32])
+    trace = read_azure_llm(Path(args.traces) / "AzureLLMInferenceTrace_conv.csv")
+    functions = read_azure_functions(Path(args.traces) / "azure_functions_2019_sample"
+                                     / "invitro_500fn_invocations_min480-959.csv")
+    weights = popularity.stride(functions.totals(), n, args.stride, cap_rank=n)
+    scaling = workload.LengthScaling(args.length_divide, args.max_prompt, args.max_output)
+    hf = HFPeftServer(root / "model", {f"lora-{i}": root / "adapters" / f"lora-{i}" for i in range(n)})
+    gain = batching_gain(hf)
+    print(f"HF batching gain on this machine: {gain['batch_1_tok_s']:.1f} -> {gain['batch_32_tok_s']:.1f} tok/s "
+          f"({gain['gain']:.1f}x)", flush=True)
+    rows = []
+    for rate in args.rates:
+        count = int(min(args.max_requests, max(args.min_requests, rate * args.window)))
+        rng = np.random.default_rng(args.seed)
+        times = arrivals.replay([r.t for r in trace[:count]], rate=rate)
+        specs = workload.build(times, weights, trace[:count], rng, scaling, lengths_in_order=True)
+        for system in args.systems:
+            if system == "hf-peft":
+                results, end = hf.serve(specs, args.max_seconds)
+            else:
+                results, end = replay(make_engine(root, system, n, "float32"), specs, args.max_seconds)
+            s = summarize(results, end)
+            row = {"rate": rate, "system": system, "requests": count, "finished": s["completed"],
+                   "throughput_tok_s": s["throughput_tok_s"], "norm_latency_mean_s": s["normalized_latency_s"]["mean"],
+                   "norm_latency_p90_s": s["normalized_latency_s"]["p90"]}
+            rows.append(row)
+            print(f"rate {rate:5.2f} {system:>13}: {row['throughput_tok_s']:7.1f} tok/s  norm latency mean "
+                  f"{row['norm_latency_mean_s']:.3f} p90 {row['norm_latency_p90_s']:.3f}  "
+                  f"finished {row['finished']}/{count}", flush=True)
+    sustained = {
+        system: max((r["rate"] for r in rows if r["system"] == system and r["finished"] == r["requests"]
+                     and r["norm_latency_mean_s"] <= args.latency_bound), default=0.0)
+        for system in args.systems
+    }
+    result = {
+        "machine": machine(), "date": datetime.date.today().isoformat(), "preset": args.preset, "adapters": n,
+        "stride": args.stride, "top_adapter_share": max(weights), "length_scaling": vars(scaling),
+        "latency_bound_s_per_token": args.latency_bound, "hf_batching": gain, "rows": rows,
+        "sustained_rate_req_s": sustained,
+        "dlora_over_hf": (sustained.get("dlora", 0) / sustained["hf-peft"]) if sustained.get("hf-peft") else None,
+    }
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [BEGIN, "",
+             f"Measured {result['date']} on **{result['machine']}**, preset `{result['preset']}`, "
+             f"{result['adapters']} adapters (ranks 8/16/32), stride {result['stride']} (top adapter share "
+             f"{result['top_adapter_share']:.2f}). Lengths: Azure conversation trace divided by "
+             f"{result['length_scaling']['divide']:g}, capped at {result['length_scaling']['max_prompt']} prompt / "
+             f"{result['length_scaling']['max_output']} output tokens. Bound for 'sustained': mean normalized "
+             f"latency ≤ {result['latency_bound_s_per_token']} s/token with every request finished.", "",
+             "| rate (req/s) | system | finished | throughput (tok/s) | norm. latency mean (s/token) | P90 |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['rate']:g} | {r['system']} | {r['finished']}/{r['requests']} | "
+                     f"{r['throughput_tok_s']:.1f} | {r['norm_latency_mean_s']:.3f} | {r['norm_latency_p90_s']:.3f} |")
+    g = result["hf_batching"]
+    ratio = result["dlora_over_hf"]
+    lines += ["", "| system | highest sustained rate (req/s) |", "|---|---|"]
+    lines += [f"| {k} | {v:g} |" for k, v in result["sustained_rate_req_s"].items()]
+    lines += ["", f"dlora / HF PEFT sustained rate: **{'n/a' if ratio is None else f'{ratio:.1f}x'}** (target on this "
+                  f"CPU ≥ 6×), read beside HF's own batching gain here: {g['batch_1_tok_s']:.1f} → "
+                  f"{g['batch_32_tok_s']:.1f} output tok/s from batch 1 to 32 (**{g['gain']:.1f}×**).", "",
+              "![e2e](docs/bench-e2e.png)", "", END]
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict, json_path: str | None, benchmarks: Path, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    docs.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5), dpi=80)
+    for system in dict.fromkeys(r["system"] for r in result["rows"]):
+        rs = [r for r in result["rows"] if r["system"] == system]
+        ax[0].plot([r["rate"] for r in rs], [r["throughput_tok_s"] for r in rs], marker="o", label=system)
+        ax[1].plot([r["rate"] for r in rs], [r["norm_latency_mean_s"] for r in rs], marker="o", label=system)
+    ax[0].set(xlabel="request rate (req/s)", ylabel="throughput (tok/s)", xscale="log")
+    ax[1].set(xlabel="request rate (req/s)", ylabel="mean normalized latency (s/token)", xscale="log", yscale="log")
+    ax[1].axhline(result["latency_bound_s_per_token"], color="grey", linestyle=":")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "bench-e2e.png")
+    plt.close(fig)
+    text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
+    section = markdown(result)
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## End to end against HF PEFT (`dlora bench e2e`)\n\n" + section + "\n"
+    benchmarks.write_text(text)
+
+
+def run_bench_e2e(args: argparse.Namespace) -> int:
+    args.rates = [float(r) for r in args.rates.split(",")]
+    args.systems = [s for s in args.systems.split(",")]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        print(f"dlora bench e2e: unknown systems {sorted(unknown)}; expected some of {SYSTEMS}")
+        return 2
+    result = run(args)
+    write_outputs(result, args.json, Path(args.benchmarks), Path(args.docs))
+    print(json.dumps({"sustained_rate_req_s": result["sustained_rate_req_s"], "dlora_over_hf": result["dlora_over_hf"]}))
+    return 0
