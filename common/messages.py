@@ -173,3 +173,10 @@ class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
 
     plan_id: str
     moves: list[MoveRequest] = []
+    # How it was found: "ilp", "ilp-incumbent" (time bound hit), "greedy", "none"; ":no-gain"
+    # appended when the moves were dropped for not shortening the longest completion enough.
+    method: str = "none"
+    solve_seconds: float = 0.0
+    # Estimated longest worker completion time before and after the moves.
+    makespan_before_s: float = 0.0
+    makespan_after_s: float = 0.0

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     b2.add_argument("--docs", default="docs", help="folder for the plot")
     b2.set_defaults(func=_bench_e2e)
 
+    bm = bench.add_parser("migration", help="co-migration ILP solve time as the cluster grows")
+    bm.add_argument("--sizes", default="4x16x100,8x64x500,32x128x2000,128x1024x10000",
+                    help="WORKERSxADAPTERSxREQUESTS, comma-separated")
+    bm.add_argument("--time-limit", type=float, default=1.0, help="solver bound (s)")
+    bm.add_argument("--json", help="write results here")
+    bm.set_defaults(func=_bench_migration)
+
     bc = bench.add_parser("control-plane", help="latency the gateway, NATS and dispatcher add; sustained rate")
     bc.add_argument("--requests", type=int, default=200)
     bc.add_argument("--seconds", type=float, default=10.0, help="length of the sustained-rate run")
@@ -159,6 +166,12 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     from dlora.loadgen.bench_e2e import run_bench_e2e
 
     return run_bench_e2e(args)
+
+
+def _bench_migration(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_migration import run_bench_migration
+
+    return run_bench_migration(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

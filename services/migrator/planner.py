@@ -1,0 +1,195 @@
+"""Request-adapter co-migration planned by an integer linear program over the whole cluster.
+
+``plan(snapshot, settings) -> MovePlan`` is pure. Requests are grouped by (worker, adapter):
+requests of one group are interchangeable to the planner, so an integer variable n[g, w] (how
+many of group g go to worker w) stands for |g| binary request->worker choices, which keeps 2,000
+requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a is on
+worker w (fixed to 1 where it already is).
+
+    minimise  T + sum over moves of their cost + sum over new adapter copies of the load cost
+    s.t.      each group's requests all land somewhere           sum_w n[g, w] = |g|
+              a request goes only where its adapter is           n[g, w] <= |g| * y[a_g, w]
+              adapter slots                                      sum_a slot_cost(a) y[a, w] <= slots_w
+              KV memory                                          sum_g n[g, w] kv_g <= blocks_w
+              T bounds every worker's completion time            sum_g n[g, w] work_g,w <= T
+
+A move costs the cheaper of recomputing the context and shipping its KV. The moved requests of a
+group are its shortest contexts (cheapest first). The solver runs under a time bound and its
+incumbent is taken when the bound expires; if it finds nothing, a greedy pass moves single
+requests from the most to the least loaded worker while that shortens the longest completion.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pulp
+
+from dlora.common.messages import MovePlan, MoveRequest
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, slot_cost
+
+BASE = ""  # the base model needs no slot
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    time_limit_s: float = 1.0  # solver time bound; the incumbent is taken when it expires
+    min_gain_s: float = 0.0  # a plan must shorten the longest completion time by at least this
+
+
+@dataclass
+class _Group:
+    worker: str
+    adapter: str
+    requests: list[RequestState]  # shortest context first
+
+    @property
+    def size(self) -> int:
+        return len(self.requests)
+
+
+def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
+    by: dict[tuple[str, str], list[RequestState]] = defaultdict(list)
+    for r in snapshot.requests:
+        by[(r.worker, r.adapter or BASE)].append(r)
+    return [_Group(w, a, sorted(rs, key=lambda r: r.context_tokens)) for (w, a), rs in sorted(by.items())]
+
+
+def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
+    spt = {w.worker: w.seconds_per_token for w in snapshot.workers}
+    out = {w.worker: 0.0 for w in snapshot.workers}
+    for r in snapshot.requests:
+        out[r.worker] += r.remaining_tokens * spt[r.worker]
+    return out
+
+
+def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
+    per_token = min(snapshot.recompute_seconds_per_token, snapshot.kv_transfer_seconds_per_token)
+    return r.context_tokens * per_token
+
+
+def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings()) -> MovePlan:
+    """The moves that best balance the cluster, by ILP, or greedily when the solver finds nothing."""
+    start = time.perf_counter()
+    if len(snapshot.workers) < 2 or not snapshot.requests:
+        return MovePlan(plan_id=uuid.uuid4().hex, method="none", solve_seconds=0.0)
+    moves, method = _solve(snapshot, settings)
+    if moves is None:
+        moves, method = _greedy(snapshot, settings), "greedy"
+    before = max(completion_times(snapshot).values())
+    after = max(completion_times(apply(snapshot, moves)).values())
+    if before - after < settings.min_gain_s or after > before:
+        moves, method = [], method + ":no-gain"
+    return MovePlan(plan_id=uuid.uuid4().hex, moves=moves, method=method,
+                    solve_seconds=time.perf_counter() - start, makespan_before_s=before, makespan_after_s=after)
+
+
+def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapshot:
+    """The snapshot as it would be after the moves (for checking a plan)."""
+    dest = {m.request_id: m.to_worker for m in moves}
+    reqs = [RequestState(r.request_id, dest.get(r.request_id, r.worker), r.adapter, r.context_tokens, r.remaining_tokens)
+            for r in snapshot.requests]
+    return ClusterSnapshot(snapshot.workers, reqs, snapshot.ranks, snapshot.recompute_seconds_per_token,
+                           snapshot.kv_transfer_seconds_per_token, snapshot.adapter_load_seconds)
+
+
+def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[MoveRequest] | None, str]:
+    groups = _groups(snapshot)
+    workers = {w.worker: w for w in snapshot.workers}
+    adapters = sorted({g.adapter for g in groups} | {a for w in snapshot.workers for a in w.adapters})
+    prob = pulp.LpProblem("co_migration", pulp.LpMinimize)
+    T = prob.add_variable("T", lowBound=0)
+    n = {(i, w): prob.add_variable(f"n_{i}_{k}", lowBound=0, upBound=g.size, cat="Integer")
+         for i, g in enumerate(groups) for k, w in enumerate(workers)}
+    y = {}
+    for j, a in enumerate(adapters):
+        for k, w in enumerate(workers):
+            held = a == BASE or a in workers[w].adapters
+            y[a, w] = 1 if held else prob.add_variable(f"y_{j}_{k}", cat="Binary")
+    moved_cost = []
+    for i, g in enumerate(groups):
+        prob += pulp.lpSum(n[i, w] for w in workers) == g.size
+        unit = move_cost(snapshot, g.requests[len(g.requests) // 2])  # median request of the group
+        for w in workers:
+            if w != g.worker:
+                prob += n[i, w] <= g.size * y[g.adapter, w]
+                moved_cost.append(unit * n[i, w])
+    load_cost = []
+    for w, ws in workers.items():
+        prob += pulp.lpSum(slot_cost(snapshot.ranks.get(a, 16)) * y[a, w] for a in adapters if a != BASE) <= max(
+            ws.slots, sum(slot_cost(snapshot.ranks.get(a, 16)) for a in ws.adapters))
+        kv = [n[i, w] * -(-int(sum(r.context_tokens for r in g.requests) / g.size) // ws.block_size)
+              for i, g in enumerate(groups)]
+        prob += pulp.lpSum(kv) <= ws.kv_blocks
+        work = [n[i, w] * (sum(r.remaining_tokens for r in g.requests) / g.size) * ws.seconds_per_token
+                for i, g in enumerate(groups)]
+        prob += pulp.lpSum(work) <= T
+        load_cost += [snapshot.adapter_load_seconds * y[a, w] for a in adapters if not isinstance(y[a, w], int)]
+    prob += T + pulp.lpSum(moved_cost) + pulp.lpSum(load_cost)
+    solver = pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, settings.time_limit_s))
+    status = prob.solve(solver)
+    if pulp.LpStatus[status] not in ("Optimal",) and prob.sol_status not in (pulp.LpSolutionIntegerFeasible,
+                                                                              pulp.LpSolutionOptimal):
+        return None, "ilp-failed"
+    moves = []
+    for i, g in enumerate(groups):
+        taken = 0
+        for w in workers:
+            if w == g.worker:
+                continue
+            k = int(round(n[i, w].value() or 0))
+            for r in g.requests[taken : taken + k]:
+                moves.append(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w))
+            taken += k
+    optimal = prob.sol_status == pulp.LpSolutionOptimal
+    return moves, "ilp" if optimal else "ilp-incumbent"
+
+
+def _cbc_path() -> str:
+    # CBC comes with the cbcbox wheel (pulp[cbc]); ask it rather than PATH, which need not hold the venv.
+    import cbcbox
+
+    return cbcbox.cbc_bin_path()
+
+
+def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRequest]:
+    """Move one request at a time from the most to the least loaded worker that holds its adapter
+    or has a free slot, while the longest completion time shrinks by more than the move costs."""
+    workers = {w.worker: w for w in snapshot.workers}
+    spt = {w: ws.seconds_per_token for w, ws in workers.items()}
+    load = completion_times(snapshot)
+    held = {w: set(ws.adapters) for w, ws in workers.items()}
+    on = defaultdict(list)
+    for r in snapshot.requests:
+        on[r.worker].append(r)
+    moves: list[MoveRequest] = []
+    for _ in range(len(snapshot.requests)):
+        src = max(load, key=load.get)
+        best = None
+        for r in sorted(on[src], key=lambda r: move_cost(snapshot, r)):
+            a = r.adapter or BASE
+            for dst in sorted(load, key=load.get):
+                if dst == src:
+                    continue
+                used = sum(slot_cost(snapshot.ranks.get(x, 16)) for x in held[dst])
+                fits = a == BASE or a in held[dst] or used + slot_cost(snapshot.ranks.get(a, 16)) <= workers[dst].slots
+                new_dst = load[dst] + r.remaining_tokens * spt[dst] + move_cost(snapshot, r)
+                if fits and new_dst < load[src]:
+                    best = (r, dst)
+                    break
+            if best:
+                break
+        if best is None:
+            break
+        r, dst = best
+        load[src] -= r.remaining_tokens * spt[src]
+        load[dst] += r.remaining_tokens * spt[dst] + move_cost(snapshot, r)
+        on[src].remove(r)
+        on[dst].append(r)
+        if r.adapter:
+            held[dst].add(r.adapter)
+        moves.append(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=dst))
+    return moves

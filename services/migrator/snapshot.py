@@ -1,0 +1,40 @@
+"""What the migration planner sees of the cluster: workers and their running requests. Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RequestState:
+    request_id: str
+    worker: str  # where it runs now
+    adapter: str | None  # None: the base model
+    context_tokens: int  # prompt + generated so far (what a recompute costs, and its KV size)
+    remaining_tokens: float  # expected tokens still to generate (output lengths are unknown: an estimate)
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    worker: str
+    kv_blocks: int  # total KV blocks
+    block_size: int
+    slots: int  # adapter slots (in rank-16 units, see ``slot_cost``)
+    adapters: frozenset[str]  # adapters it holds now
+    seconds_per_token: float  # measured: decode seconds per generated token per request here
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    workers: list[WorkerState]
+    requests: list[RequestState]
+    ranks: dict[str, int] = field(default_factory=dict)  # adapter -> rank
+    # Costs of a move, in seconds of the destination's time.
+    recompute_seconds_per_token: float = 0.0005  # prefill of the moved context
+    kv_transfer_seconds_per_token: float = 0.001  # shipping KV over the bus instead
+    adapter_load_seconds: float = 0.05  # loading an adapter the destination lacks
+
+
+def slot_cost(rank: int) -> int:
+    """Slots an adapter takes: one per 16 of rank, at least one (a rank-64 adapter costs four)."""
+    return max(1, -(-rank // 16))
