@@ -13,7 +13,9 @@ worker w (fixed to 1 where it already is).
               KV memory                                          sum_g n[g, w] kv_g <= blocks_w
               T bounds every worker's completion time            sum_g n[g, w] work_g,w <= T
 
-A move costs the cheaper of recomputing the context and shipping its KV. The moved requests of a
+A group's destinations are only the workers where it could run (its adapter is there or a slot is
+free), which keeps big clusters small models. A move costs the cheaper of recomputing the
+context and shipping its KV. The moved requests of a
 group are its shortest contexts (cheapest first). The solver runs under a time bound and its
 incumbent is taken when the bound expires; if it finds nothing, a greedy pass moves single
 requests from the most to the least loaded worker while that shortens the longest completion.
@@ -96,53 +98,72 @@ def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapsho
                            snapshot.kv_transfer_seconds_per_token, snapshot.adapter_load_seconds)
 
 
+def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[str]]:
+    """Per group: where its requests could run at all: home, workers holding its adapter, and
+    workers with a free slot for it. Pruning the impossible keeps big clusters small models."""
+    used = {w.worker: sum(slot_cost(snapshot.ranks.get(a, 16)) for a in w.adapters) for w in snapshot.workers}
+    out = []
+    for g in groups:
+        need = slot_cost(snapshot.ranks.get(g.adapter, 16))
+        out.append([w.worker for w in snapshot.workers
+                    if w.worker == g.worker or g.adapter == BASE or g.adapter in w.adapters
+                    or w.slots - used[w.worker] >= need])
+    return out
+
+
 def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[MoveRequest] | None, str]:
+    started = time.perf_counter()
     groups = _groups(snapshot)
     workers = {w.worker: w for w in snapshot.workers}
-    adapters = sorted({g.adapter for g in groups} | {a for w in snapshot.workers for a in w.adapters})
+    dests = _destinations(snapshot, groups)
     prob = pulp.LpProblem("co_migration", pulp.LpMinimize)
     T = prob.add_variable("T", lowBound=0)
-    n = {(i, w): prob.add_variable(f"n_{i}_{k}", lowBound=0, upBound=g.size, cat="Integer")
-         for i, g in enumerate(groups) for k, w in enumerate(workers)}
-    y = {}
-    for j, a in enumerate(adapters):
-        for k, w in enumerate(workers):
-            held = a == BASE or a in workers[w].adapters
-            y[a, w] = 1 if held else prob.add_variable(f"y_{j}_{k}", cat="Binary")
-    moved_cost = []
+    n = {(i, w): prob.add_variable(f"n_{i}_{w}", lowBound=0, upBound=g.size, cat="Integer")
+         for i, g in enumerate(groups) for w in dests[i]}
+    y: dict[tuple[str, str], object] = {}
     for i, g in enumerate(groups):
-        prob += pulp.lpSum(n[i, w] for w in workers) == g.size
+        for w in dests[i]:
+            if (g.adapter, w) not in y:
+                held = g.adapter == BASE or g.adapter in workers[w].adapters
+                y[g.adapter, w] = 1 if held else prob.add_variable(f"y_{len(y)}", cat="Binary")
+    moved_cost = []
+    per_worker: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        prob += pulp.lpSum(n[i, w] for w in dests[i]) == g.size
         unit = move_cost(snapshot, g.requests[len(g.requests) // 2])  # median request of the group
-        for w in workers:
+        for w in dests[i]:
+            per_worker[w].append(i)
             if w != g.worker:
                 prob += n[i, w] <= g.size * y[g.adapter, w]
                 moved_cost.append(unit * n[i, w])
     load_cost = []
     for w, ws in workers.items():
-        prob += pulp.lpSum(slot_cost(snapshot.ranks.get(a, 16)) * y[a, w] for a in adapters if a != BASE) <= max(
-            ws.slots, sum(slot_cost(snapshot.ranks.get(a, 16)) for a in ws.adapters))
-        kv = [n[i, w] * -(-int(sum(r.context_tokens for r in g.requests) / g.size) // ws.block_size)
-              for i, g in enumerate(groups)]
-        prob += pulp.lpSum(kv) <= ws.kv_blocks
-        work = [n[i, w] * (sum(r.remaining_tokens for r in g.requests) / g.size) * ws.seconds_per_token
-                for i, g in enumerate(groups)]
-        prob += pulp.lpSum(work) <= T
-        load_cost += [snapshot.adapter_load_seconds * y[a, w] for a in adapters if not isinstance(y[a, w], int)]
+        new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
+        if new:
+            used = sum(slot_cost(snapshot.ranks.get(a, 16)) for a in ws.adapters)
+            prob += pulp.lpSum(slot_cost(snapshot.ranks.get(a, 16)) * v for a, v in new) <= max(0, ws.slots - used)
+            load_cost += [snapshot.adapter_load_seconds * v for _, v in new]
+        here = per_worker[w]
+        mean_kv = {i: -(-int(sum(r.context_tokens for r in groups[i].requests) / groups[i].size) // ws.block_size)
+                   for i in here}
+        prob += pulp.lpSum(n[i, w] * mean_kv[i] for i in here) <= ws.kv_blocks
+        prob += pulp.lpSum(n[i, w] * (sum(r.remaining_tokens for r in groups[i].requests) / groups[i].size)
+                           * ws.seconds_per_token for i in here) <= T
     prob += T + pulp.lpSum(moved_cost) + pulp.lpSum(load_cost)
-    solver = pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, settings.time_limit_s))
-    status = prob.solve(solver)
-    if pulp.LpStatus[status] not in ("Optimal",) and prob.sol_status not in (pulp.LpSolutionIntegerFeasible,
-                                                                              pulp.LpSolutionOptimal):
+    remaining = settings.time_limit_s - (time.perf_counter() - started)
+    # CBC runs as a subprocess: leave it room to start and write its solution inside the bound.
+    prob.solve(pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - 0.2)))
+    if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return None, "ilp-failed"
     moves = []
     for i, g in enumerate(groups):
         taken = 0
-        for w in workers:
+        for w in dests[i]:
             if w == g.worker:
                 continue
             k = int(round(n[i, w].value() or 0))
-            for r in g.requests[taken : taken + k]:
-                moves.append(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w))
+            moves.extend(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w)
+                         for r in g.requests[taken : taken + k])
             taken += k
     optimal = prob.sol_status == pulp.LpSolutionOptimal
     return moves, "ilp" if optimal else "ilp-incumbent"
