@@ -5,12 +5,16 @@
 - ``{p}:placement-of:{worker}`` set  the same, indexed by worker
 - ``{p}:worker:{id}``          str   WorkerStats (JSON), expires: a live worker refreshes it
 - ``{p}:policy:{worker}``      str   the worker's batching-policy checkpoint (credits, band)
-- ``{p}:inflight:{request}``   hash  worker, request (GenerateRequest JSON), acked tokens
+- ``{p}:inflight:{request}``   hash  worker, request (GenerateRequest JSON), chunks delivered,
+                                     tokens delivered ("1,2,3," appended per step)
+- ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
+- ``{p}:recovering:{worker}``  str   lock: one dispatcher re-dispatches a lost worker's requests
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -21,16 +25,32 @@ from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
 PREFIX = "dlora"
 
 # KEYS: in-flight hashes; ARGV: tokens to add, or -1 to delete the record.
+# KEYS: in-flight hashes. ARGV: per key, the step's token ids as "1,2,3," or "-" to delete.
+# A record is only updated where it exists (requests sent straight to a worker have none).
 _PROGRESS_LUA = """
 for i, key in ipairs(KEYS) do
-  local n = tonumber(ARGV[i])
-  if n < 0 then
+  local tokens = ARGV[i]
+  if tokens == "-" then
+    local worker = redis.call('HGET', key, 'worker')
+    if worker then
+      redis.call('SREM', ARGV[#KEYS + 1] .. worker, ARGV[#KEYS + 1 + i])
+    end
     redis.call('DEL', key)
   elseif redis.call('HEXISTS', key, 'worker') == 1 then
-    redis.call('HINCRBY', key, 'acked', n)
+    redis.call('HINCRBY', key, 'chunks', 1)
+    local old = redis.call('HGET', key, 'tokens') or ''
+    redis.call('HSET', key, 'tokens', old .. tokens)
   end
 end
 """
+
+
+@dataclass(frozen=True)
+class Inflight:
+    worker: str
+    request: GenerateRequest
+    chunks: int  # chunks delivered so far: a resume continues the numbering here
+    tokens: list[int]  # tokens delivered so far: a resume continues after them
 
 
 class StateStore:
@@ -94,26 +114,48 @@ class StateStore:
 
     # ---- in-flight requests -------------------------------------------------------------
     async def put_inflight(self, request: GenerateRequest, worker: str) -> None:
-        await self.r.hset(
-            f"{self.p}:inflight:{request.request_id}",
-            mapping={"worker": worker, "request": msgspec.json.encode(request), "acked": 0},
-        )
+        """Record a request as running on ``worker``. On a resume elsewhere only the worker changes:
+        the first request and the progress since it stay, so a second resume counts right."""
+        key = f"{self.p}:inflight:{request.request_id}"
+        old = await self.r.hget(key, "worker")
+        pipe = self.r.pipeline()
+        if old is not None and old.decode() != worker:
+            pipe.srem(f"{self.p}:inflight-of:{old.decode()}", request.request_id)
+        pipe.hset(key, "worker", worker)
+        pipe.hsetnx(key, "request", msgspec.json.encode(request))
+        pipe.hsetnx(key, "chunks", 0)
+        pipe.hsetnx(key, "tokens", "")
+        pipe.sadd(f"{self.p}:inflight-of:{worker}", request.request_id)
+        await pipe.execute()
 
-    async def record_progress(self, acked: dict[str, int], finished: list[str]) -> None:
-        """One round trip per step: more tokens delivered for running requests (only where an
-        in-flight record exists: requests sent straight to a worker have none), finished ones gone."""
-        if not acked and not finished:
+    async def record_progress(self, tokens: dict[str, list[int]], finished: list[str]) -> None:
+        """One round trip per step: the tokens each running request was sent, and the records of
+        finished ones dropped."""
+        if not tokens and not finished:
             return
-        keys = [f"{self.p}:inflight:{rid}" for rid in [*acked, *finished]]
-        counts = [*acked.values(), *([-1] * len(finished))]
-        await self._progress(keys=keys, args=counts)
+        ids = [*tokens, *finished]
+        keys = [f"{self.p}:inflight:{rid}" for rid in ids]
+        args = ["".join(f"{t}," for t in ts) for ts in tokens.values()] + ["-"] * len(finished)
+        await self._progress(keys=keys, args=[*args, f"{self.p}:inflight-of:", *ids])
 
-
-    async def get_inflight(self, request_id: str) -> tuple[str, GenerateRequest, int] | None:
+    async def get_inflight(self, request_id: str) -> Inflight | None:
         raw = await self.r.hgetall(f"{self.p}:inflight:{request_id}")
         if not raw:
             return None
-        return raw[b"worker"].decode(), msgspec.json.decode(raw[b"request"], type=GenerateRequest), int(raw[b"acked"])
+        tokens = [int(t) for t in raw.get(b"tokens", b"").decode().split(",") if t]
+        return Inflight(worker=raw[b"worker"].decode(), request=msgspec.json.decode(raw[b"request"], type=GenerateRequest),
+                        chunks=int(raw.get(b"chunks", 0)), tokens=tokens)
+
+    async def inflight_on(self, worker: str) -> list[str]:
+        return sorted(m.decode() for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))
+
+    async def claim_recovery(self, worker: str, ttl_s: float = 30.0) -> bool:
+        """True for exactly one caller per lost worker (within ``ttl_s``)."""
+        return bool(await self.r.set(f"{self.p}:recovering:{worker}", "1", nx=True, px=int(ttl_s * 1000)))
 
     async def delete_inflight(self, request_id: str) -> None:
-        await self.r.delete(f"{self.p}:inflight:{request_id}")
+        key = f"{self.p}:inflight:{request_id}"
+        worker = await self.r.hget(key, "worker")
+        if worker is not None:
+            await self.r.srem(f"{self.p}:inflight-of:{worker.decode()}", request_id)
+        await self.r.delete(key)

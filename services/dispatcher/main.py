@@ -1,5 +1,7 @@
 """The dispatcher service: takes requests off the shared subject, picks a worker, records the
-in-flight entry, forwards. Several dispatchers share the load as one NATS queue group."""
+in-flight entry, forwards. Several dispatchers share the load as one NATS queue group. It also
+watches worker stats: a worker gone silent loses its requests to live workers, which resume
+them from the tokens already delivered, so each client's stream continues."""
 
 from __future__ import annotations
 
@@ -54,15 +56,47 @@ class Dispatcher:
         except msgspec.DecodeError as e:
             logger.warning("bad request message", error=str(e))
             return
+        await self._dispatch(req, msg.data)
+
+    async def watch_workers(self, stop: asyncio.Event) -> None:
+        """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
+        Redis) re-dispatches its in-flight requests, each resuming after the tokens its client has."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.s.heartbeat_ttl_s / 4)
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            for worker, (_, at) in list(self.workers.items()):
+                if now - at > self.s.heartbeat_ttl_s:
+                    del self.workers[worker]
+                    if await self.store.claim_recovery(worker):
+                        await self.recover(worker)
+
+    async def recover(self, worker: str) -> None:
+        request_ids = await self.store.inflight_on(worker)
+        logger.warning("worker lost", worker=worker, requests=len(request_ids))
+        await self.store.forget_worker(worker)
+        for rid in request_ids:
+            rec = await self.store.get_inflight(rid)
+            if rec is None or rec.worker != worker:
+                continue
+            first = rec.request
+            resumed = msgspec.structs.replace(first, resume_token_ids=[*first.resume_token_ids, *rec.tokens],
+                                              next_seq=first.next_seq + rec.chunks)
+            await self._dispatch(resumed)
+
+    async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
         worker = choose_worker(self.live(), req.adapter)
         if worker is None:
             chunk = TokenChunk(request_id=req.request_id, seq=req.next_seq, error="no worker is available",
                                error_code=ErrorCode.UNAVAILABLE, finish_reason="error")
             await self.nc.publish(req.reply_to, _encode.encode(chunk))
+            await self.store.delete_inflight(req.request_id)
             return
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
         # Forward first: the Redis round trip stays off the request's path.
-        await self.nc.publish(subjects.worker_requests(worker), msg.data)
+        await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
         await self.store.put_inflight(req, worker)
 
     async def _seed_from_redis(self) -> None:
@@ -79,7 +113,7 @@ class Dispatcher:
         await self.nc.flush()
         logger.info("dispatcher ready")
         try:
-            await stop.wait()
+            await self.watch_workers(stop)
         finally:
             for sub in subs:
                 await sub.unsubscribe()

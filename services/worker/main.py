@@ -119,18 +119,18 @@ class WorkerService:
     async def _step(self) -> None:
         outputs = await asyncio.to_thread(self.engine.step)
         now = time.monotonic()
-        acked = {}
+        sent: dict[str, list[int]] = {}
         for out in outputs:
             stream = self.streams.get(out.request_id)
             if stream is None:  # aborted while the step ran
                 continue
             await self.nc.publish(stream.reply_to, _encode.encode(chunk_for(out, stream, self.s.worker_id, now)))
-            acked[out.request_id] = len(out.new_token_ids)
+            sent[out.request_id] = out.new_token_ids
             if out.finished:
                 del self.streams[out.request_id]
         await self.nc.flush()  # chunks out before the Redis bookkeeping
-        finished = [rid for rid in acked if rid not in self.streams]
-        await self.store.record_progress({rid: n for rid, n in acked.items() if rid in self.streams}, finished)
+        finished = [rid for rid in sent if rid not in self.streams]
+        await self.store.record_progress({rid: t for rid, t in sent.items() if rid in self.streams}, finished)
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

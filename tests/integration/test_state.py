@@ -37,14 +37,24 @@ async def test_heartbeats_expire(redis: Redis) -> None:
     assert await s.live_workers() == []
 
 
-async def test_inflight_progress(redis: Redis) -> None:
+async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     s = StateStore(redis)
     req = GenerateRequest(request_id="r1", reply_to="x", prompt_token_ids=[1, 2])
     await s.put_inflight(req, "w1")
-    await s.record_progress({"r1": 3, "unknown": 2}, [])
-    await s.record_progress({"r1": 1}, [])
-    worker, got, acked = await s.get_inflight("r1")
-    assert (worker, got, acked) == ("w1", req, 4)
+    await s.record_progress({"r1": [7, 8], "unknown": [9]}, [])
+    await s.record_progress({"r1": [10]}, [])
+    rec = await s.get_inflight("r1")
+    assert (rec.worker, rec.request, rec.chunks, rec.tokens) == ("w1", req, 2, [7, 8, 10])
     assert await s.get_inflight("unknown") is None  # no half-record for a request without one
+    assert await s.inflight_on("w1") == ["r1"]
+
+    # A resume elsewhere moves the record, keeps the first request and the progress.
+    resumed = GenerateRequest(request_id="r1", reply_to="x", prompt_token_ids=[1, 2], resume_token_ids=[7, 8, 10])
+    await s.put_inflight(resumed, "w2")
+    rec = await s.get_inflight("r1")
+    assert (rec.worker, rec.request, rec.tokens) == ("w2", req, [7, 8, 10])
+    assert await s.inflight_on("w1") == [] and await s.inflight_on("w2") == ["r1"]
+
     await s.record_progress({}, ["r1"])
-    assert await s.get_inflight("r1") is None
+    assert await s.get_inflight("r1") is None and await s.inflight_on("w2") == []
+    assert await s.claim_recovery("w1") and not await s.claim_recovery("w1")

@@ -1,0 +1,101 @@
+"""A worker killed mid-stream (SIGKILL) loses no request: its requests resume on a live worker
+from the tokens already delivered, and the client's stream is continuous."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import nats
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dlora.common.settings import DispatcherSettings, GatewaySettings, WorkerSettings
+from dlora.common.state import StateStore
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.gateway.main import Gateway
+from dlora.services.servers import Server, free_port
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.services.worker.main import WorkerService, build_engine
+from tests.integration.test_gateway import offline
+
+N = 400  # tokens: long enough that the victim is still generating when it dies
+
+
+async def _live(store: StateStore, worker: str, timeout: float = 120.0) -> None:
+    for _ in range(int(timeout / 0.1)):
+        if any(w.worker == worker for w in await store.live_workers()):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{worker} never came up")
+
+
+async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_server: Server, redis: Redis,
+                                                 tiny_llama: TinyOutput) -> None:
+    store = StateStore(redis)
+    common = dict(nats_url=nats_server.url, redis_url=redis_server.url)
+    env = {**os.environ, "DLORA_NATS_URL": nats_server.url, "DLORA_REDIS_URL": redis_server.url,
+           "DLORA_MODEL": str(tiny_llama.model), "DLORA_WORKER_ID": "a-victim", "DLORA_STATS_INTERVAL_S": "0.1"}
+    victim = subprocess.Popen([sys.executable, "-m", "dlora.services.cli", "serve", "worker"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop = asyncio.Event()
+    conns, tasks = [], []
+    try:
+        await _live(store, "a-victim")
+        # The survivor is up from the start; on a tie the dispatcher picks "a-victim" (by name).
+        ws = WorkerSettings(**common, worker_id="b-survivor", model=str(tiny_llama.model), stats_interval_s=0.1)
+        wnc = await nats.connect(nats_server.url)
+        conns.append(wnc)
+        survivor = WorkerService(ws, wnc, store, build_engine(ws))
+        tasks.append(asyncio.create_task(survivor.run(stop)))
+        await _live(store, "b-survivor")
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common, heartbeat_ttl_s=1.0), nc, store).run(stop)))
+        gw_settings = GatewaySettings(**common, model=str(tiny_llama.model), port=free_port())
+        gw_nc = await nats.connect(nats_server.url)
+        conns.append(gw_nc)
+        gateway = Gateway(gw_settings, gw_nc, store)
+        await gateway.start()
+        runner = web.AppRunner(gateway.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
+        await asyncio.sleep(0.3)  # the dispatcher has seen the victim's stats
+
+        body = {"model": "model", "prompt": [5, 40, 41, 300, 17], "max_tokens": N, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        texts, finish, usage, killed = [], None, None, False
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{gw_settings.port}/v1/completions", json=body) as r:
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        usage = event["usage"]
+                        continue
+                    texts.append(event["choices"][0]["text"])
+                    finish = event["choices"][0]["finish_reason"] or finish
+                    if len(texts) == 10 and not killed:
+                        assert survivor.engine.stats.steps == 0  # the victim has the request
+                        victim.send_signal(signal.SIGKILL)  # dies without a word
+                        killed = True
+        assert killed and finish == "length" and survivor.engine.stats.steps > 0
+        assert usage["completion_tokens"] == N and len(texts) >= N  # one event per token, none lost
+        expected = offline(tiny_llama, [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N,
+                                         "ignore_eos": True}])[0]
+        assert "".join(texts) == expected["text"]  # continuous: nothing repeated, nothing missing
+        await runner.cleanup()
+    finally:
+        victim.kill()
+        victim.wait()
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
