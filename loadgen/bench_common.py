@@ -29,3 +29,22 @@ def ensure_model(workdir: Path, preset: str, num_adapters: int, ranks: list[int]
     if not (root / "adapters" / f"lora-{num_adapters - 1}" / "adapter_config.json").exists():
         make_tiny(root, preset=preset, num_adapters=num_adapters, ranks=ranks, seed=0)
     return root
+
+
+def write_section(benchmarks: Path, key: str, title: str, body: str) -> None:
+    """Replace the generated part of one benchmark's section in BENCHMARKS.md (between its
+    markers), or append the section. Text outside the markers (the reading of the figures) stays."""
+    begin, end = f"<!-- bench-{key}:begin -->", f"<!-- bench-{key}:end -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
+    benchmarks.write_text(text)
+
+
+def today() -> str:
+    import datetime
+
+    return datetime.date.today().isoformat()

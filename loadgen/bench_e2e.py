@@ -22,13 +22,13 @@ import numpy as np
 
 from dlora.loadgen import arrivals, popularity, workload
 from dlora.loadgen.baselines import HFPeftServer
-from dlora.loadgen.bench_common import ensure_model, machine
+from dlora.loadgen.bench_common import ensure_model, machine, write_section
 from dlora.loadgen.bench_policy import make_engine, replay
 from dlora.loadgen.metrics import summarize
 from dlora.loadgen.traces import read_azure_functions, read_azure_llm
 
 SYSTEMS = ("hf-peft", "merged-only", "unmerged-only", "dlora")
-BEGIN, END = "<!-- bench-e2e:begin -->", "<!-- bench-e2e:end -->"
+TITLE = "End to end against HF PEFT (`dlora bench e2e`)"
 
 
 def batching_gain(server: HFPeftServer, batch: int = 32, tokens: int = 16) -> dict[str, float]:
@@ -92,8 +92,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [BEGIN, "",
-             f"Measured {result['date']} on **{result['machine']}**, preset `{result['preset']}`, "
+    lines = [f"Measured {result['date']} on **{result['machine']}**, preset `{result['preset']}`, "
              f"{result['adapters']} adapters (ranks 8/16/32), stride {result['stride']} (top adapter share "
              f"{result['top_adapter_share']:.2f}). Lengths: Azure conversation trace divided by "
              f"{result['length_scaling']['divide']:g}, capped at {result['length_scaling']['max_prompt']} prompt / "
@@ -111,7 +110,7 @@ def markdown(result: dict) -> str:
     lines += ["", f"dlora / HF PEFT sustained rate: **{'n/a' if ratio is None else f'{ratio:.1f}x'}** (target on this "
                   f"CPU ≥ 6×), read beside HF's own batching gain here: {g['batch_1_tok_s']:.1f} → "
                   f"{g['batch_32_tok_s']:.1f} output tok/s from batch 1 to 32 (**{g['gain']:.1f}×**).", "",
-              "![e2e](docs/bench-e2e.png)", "", END]
+              "![e2e](docs/bench-e2e.png)"]
     return "\n".join(lines)
 
 
@@ -137,13 +136,7 @@ def write_outputs(result: dict, json_path: str | None, benchmarks: Path, docs: P
     fig.tight_layout()
     fig.savefig(docs / "bench-e2e.png")
     plt.close(fig)
-    text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
-    section = markdown(result)
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## End to end against HF PEFT (`dlora bench e2e`)\n\n" + section + "\n"
-    benchmarks.write_text(text)
+    write_section(benchmarks, "e2e", TITLE, markdown(result))
 
 
 def run_bench_e2e(args: argparse.Namespace) -> int:

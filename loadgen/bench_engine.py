@@ -18,7 +18,7 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine import EngineConfig, LLMEngine
-from dlora.loadgen.bench_common import ensure_model, machine
+from dlora.loadgen.bench_common import ensure_model, machine, today, write_section
 from dlora.services.worker.policy import StepDecision
 
 PROMPT_LEN = 32
@@ -125,6 +125,7 @@ def run(
             ratios[f"unmerged {many} adapters step / bytes-explained @batch {batch} (target <= 1.15)"] = p.step_ms / explained
     return {
         "machine": machine(),
+        "date": today(),
         "preset": preset,
         "dtype": dtype,
         "prompt_len": PROMPT_LEN,
@@ -136,6 +137,30 @@ def run(
         "points": [asdict(p) for p in points],
         "ratios": ratios,
     }
+
+
+TITLE = "Engine decode throughput (`dlora bench engine`)"
+
+
+def markdown(r: dict) -> str:
+    by = {(p["mode"], p["adapters"], p["batch"]): p for p in r["points"]}
+    batches = sorted({p["batch"] for p in r["points"]})
+    counts = sorted({p["adapters"] for p in r["points"] if p["mode"] == "unmerged"})
+    cols = [("base", 0), ("merged", 1)] + [("unmerged", n) for n in counts]
+    head = ["batch", "base", "merged"] + [f"unmerged, {n} adapter{'s' if n > 1 else ''}" for n in counts]
+    lines = [f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}: prompts of "
+             f"{r['prompt_len']} tokens prefilled untimed, then the median of {r['timed_decode_steps']} decode steps, "
+             f"{r['rounds']} interleaved rounds, median reported. Output tokens/s (median step time); a batch holds at "
+             "most `batch` distinct adapters.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in batches:
+        cells = [f"{by[(m, n, b)]['tokens_per_s']:.1f} ({by[(m, n, b)]['step_ms']:.1f} ms)" if (m, n, b) in by else "-"
+                 for m, n in cols]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", f"Switch cost: **merge {r['merge_ms']:.1f} ms, unmerge {r['unmerge_ms']:.1f} ms**.", "",
+              "| ratio (measured in the same run) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    return "\n".join(lines)
 
 
 def run_bench_engine(args: argparse.Namespace) -> int:
@@ -154,4 +179,5 @@ def run_bench_engine(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_section(Path(args.benchmarks), "engine", TITLE, markdown(result))
     return 0

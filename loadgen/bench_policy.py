@@ -16,7 +16,7 @@ import numpy as np
 
 from dlora.common.messages import SamplingParams
 from dlora.loadgen import arrivals, popularity, workload
-from dlora.loadgen.bench_common import ensure_model, machine
+from dlora.loadgen.bench_common import ensure_model, machine, today, write_section
 from dlora.loadgen.metrics import RequestResult, summarize
 from dlora.loadgen.traces import read_azure_functions, read_azure_llm
 from dlora.services.worker.engine import EngineConfig, LLMEngine
@@ -109,8 +109,25 @@ def run(args: argparse.Namespace) -> dict:
             print(f"stride {s:>2} {policy:>13}: {m['throughput_tok_s']:7.1f} tok/s  norm latency mean "
                   f"{m['norm_latency_mean_s']:.3f} p90 {m['norm_latency_p90_s']:.3f} s/token  "
                   f"finished {m['finished']}/{m['requests']}  merges {m['merges']}", flush=True)
-    return {"machine": machine(), "preset": args.preset, "adapters": args.adapters, "rate_req_s": rate,
+    return {"machine": machine(), "date": today(), "preset": args.preset, "adapters": args.adapters, "rate_req_s": rate,
             "requests": args.requests, "length_scaling": vars(scaling), "rows": rows}
+
+
+TITLE = "Batching policy ablation (`dlora bench policy`, the paper's Fig. 10)"
+
+
+def markdown(r: dict) -> str:
+    sc = r["length_scaling"]
+    lines = [f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['adapters']} adapters "
+             f"(ranks 8/16/32), {r['requests']} requests, Gamma arrivals (CV 1) at {r['rate_req_s']:.2f} req/s; "
+             f"Azure conversation lengths divided by {sc['divide']:g}, capped at {sc['max_prompt']} prompt / "
+             f"{sc['max_output']} output tokens; adapters by the stride mapping over Azure Functions popularity "
+             "(clipped at the n-th function). Normalized latency = end-to-end seconds / output tokens.", "",
+             "| stride | top adapter share | policy | throughput (tok/s) | norm. latency mean (s/token) | P90 | merges |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {x['stride']} | {x['top_adapter_share']:.2f} | {x['policy']} | {x['throughput_tok_s']:.1f} | "
+              f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | {x['merges']} |" for x in r["rows"]]
+    return "\n".join(lines)
 
 
 def run_bench_policy(args: argparse.Namespace) -> int:
@@ -119,4 +136,5 @@ def run_bench_policy(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_section(Path(args.benchmarks), "policy", TITLE, markdown(result))
     return 0

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")
     be.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
+    be.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     be.set_defaults(func=_bench_engine)
 
     bp = bench.add_parser("policy", help="merged-only vs unmerged-only vs dlora over adapter skew (paper Fig. 10)")
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--traces", default=str(_default_traces()), help="folder with the shared traces")
     bp.add_argument("--workdir", default=".cache/bench")
     bp.add_argument("--json", help="write results here")
+    bp.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bp.set_defaults(func=_bench_policy)
 
     b2 = bench.add_parser("e2e", help="dlora vs HF PEFT vs fixed modes over a rate sweep (paper Fig. 8/9)")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="WORKERSxADAPTERSxREQUESTS, comma-separated")
     bm.add_argument("--time-limit", type=float, default=1.0, help="solver bound (s)")
     bm.add_argument("--json", help="write results here")
+    bm.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bm.set_defaults(func=_bench_migration)
 
     bc = bench.add_parser("control-plane", help="latency the gateway, NATS and dispatcher add; sustained rate")
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--seconds", type=float, default=10.0, help="length of the sustained-rate run")
     bc.add_argument("--concurrency", type=int, default=32)
     bc.add_argument("--json", help="write results here")
+    bc.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bc.set_defaults(func=_bench_control_plane)
     return p
 

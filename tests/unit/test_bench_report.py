@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-from dlora.loadgen.bench_e2e import BEGIN, END, write_outputs
+from dlora.loadgen.bench_e2e import write_outputs
+
+BEGIN, END = "<!-- bench-e2e:begin -->", "<!-- bench-e2e:end -->"
 
 RESULT = {
     "machine": "test box", "date": "2026-01-01", "preset": "tiny", "adapters": 4, "stride": 8,
