@@ -137,6 +137,15 @@ class AdapterResidency(msgspec.Struct, kw_only=True, frozen=True):
     merged: bool
 
 
+class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
+    """One unfinished request on a worker, for the migration planner."""
+
+    request_id: str
+    adapter: str | None
+    context_tokens: int  # prompt + generated so far
+    remaining_tokens: int  # at most this many still to generate (max_tokens - generated)
+
+
 class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     """A worker's load and residency, published on ``subjects.stats(worker)`` every interval."""
 
@@ -156,6 +165,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0
+    # Measured decode seconds per generated token per request (step time / batch); 0 before any step.
+    seconds_per_token: float = 0.0
+    # Every unfinished request here (the migrator's view of the load).
+    requests: list[RequestLoad] = []
     # Unix seconds when sent.
     sent: float = 0.0
 
@@ -169,9 +182,13 @@ class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
-    """The migrator's decision, published on ``subjects.MOVES``."""
+    """The migrator's decision, published on ``subjects.MOVES``. A worker moves only requests it
+    still holds, and ignores plans older than a few stats intervals (``created``): a stale or
+    partly failed plan leaves the other requests where they are."""
 
     plan_id: str
+    # Unix seconds the plan was made.
+    created: float = 0.0
     moves: list[MoveRequest] = []
     # How it was found: "ilp", "ilp-incumbent" (time bound hit), "greedy", "none"; ":no-gain"
     # appended when the moves were dropped for not shortening the longest completion enough.

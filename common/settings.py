@@ -58,6 +58,28 @@ class DispatcherSettings(Common, kw_only=True, forbid_unknown_fields=True):
     heartbeat_ttl_s: float = 5.0
 
 
+class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
+    # Name in the leader lease; unique per migrator process.
+    migrator_id: str = "migrator-0"
+    # Seconds between looks at the cluster.
+    interval_s: float = 1.0
+    # Plan when the most loaded worker's estimated completion time exceeds the mean by this
+    # fraction ...
+    imbalance: float = 0.25
+    # ... and by at least this many seconds.
+    min_gain_s: float = 0.5
+    # Leader lease in Redis: the leader renews it every interval; a standby takes over when it expires.
+    lease_s: float = 3.0
+    # Stats older than this mean the worker is gone (the dispatcher recovers its requests).
+    heartbeat_ttl_s: float = 5.0
+    # Solver time bound.
+    solve_time_s: float = 1.0
+    # Move costs the planner weighs (seconds of destination time).
+    recompute_seconds_per_token: float = 0.0005
+    kv_transfer_seconds_per_token: float = 0.001
+    adapter_load_seconds: float = 0.05
+
+
 class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
     worker_id: str = "worker-0"
     model: str = ""

@@ -9,6 +9,7 @@
                                      tokens delivered ("1,2,3," appended per step)
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{worker}``  str   lock: one dispatcher re-dispatches a lost worker's requests
+- ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ PREFIX = "dlora"
 # KEYS: in-flight hashes; ARGV: tokens to add, or -1 to delete the record.
 # KEYS: in-flight hashes. ARGV: per key, the step's token ids as "1,2,3," or "-" to delete.
 # A record is only updated where it exists (requests sent straight to a worker have none).
+# KEYS: the lease; ARGV: holder, ttl ms. Take it if free, renew it if ours; 1 if we hold it.
+_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 _PROGRESS_LUA = """
 for i, key in ipairs(KEYS) do
   local tokens = ARGV[i]
@@ -58,6 +69,7 @@ class StateStore:
         self.r = redis
         self.p = prefix
         self._progress = redis.register_script(_PROGRESS_LUA)
+        self._lease = redis.register_script(_LEASE_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry) -> None:
@@ -103,6 +115,19 @@ class StateStore:
     async def forget_worker(self, worker: str) -> None:
         await self.r.delete(f"{self.p}:worker:{worker}")
         await self.set_placement(worker, [])
+
+    # ---- leader leases -------------------------------------------------------------------
+    async def hold_lease(self, role: str, holder: str, ttl_s: float) -> bool:
+        """Take the ``role`` lease if it is free, renew it if ``holder`` has it; True while held."""
+        return bool(await self._lease(keys=[f"{self.p}:lease:{role}"], args=[holder, int(ttl_s * 1000)]))
+
+    async def lease_holder(self, role: str) -> str | None:
+        raw = await self.r.get(f"{self.p}:lease:{role}")
+        return None if raw is None else raw.decode()
+
+    async def release_lease(self, role: str, holder: str) -> None:
+        if await self.lease_holder(role) == holder:
+            await self.r.delete(f"{self.p}:lease:{role}")
 
     # ---- policy checkpoints -------------------------------------------------------------
     async def save_policy(self, worker: str, state: dict[str, Any]) -> None:

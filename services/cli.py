@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=_loadgen)
 
     serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
-    serve.add_argument("service", choices=["gateway", "dispatcher", "worker"])
+    serve.add_argument("service", choices=["gateway", "dispatcher", "worker", "migrator"])
     serve.add_argument("--config", help="dlora.toml")
     serve.add_argument("--model", help="base model directory")
     serve.add_argument("--port", type=int, help="gateway port")
@@ -180,10 +180,18 @@ def _bench_migration(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
-    from dlora.common.settings import DispatcherSettings, GatewaySettings, SettingsError, WorkerSettings, load
+    from dlora.common.settings import (
+        DispatcherSettings,
+        GatewaySettings,
+        MigratorSettings,
+        SettingsError,
+        WorkerSettings,
+        load,
+    )
     from dlora.services.run import run_until_signalled
 
-    kinds = {"gateway": GatewaySettings, "dispatcher": DispatcherSettings, "worker": WorkerSettings}
+    kinds = {"gateway": GatewaySettings, "dispatcher": DispatcherSettings, "worker": WorkerSettings,
+             "migrator": MigratorSettings}
     overrides = {"model": args.model, "port": args.port, "worker_id": args.worker_id}
     cls = kinds[args.service]
     try:
@@ -197,6 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
         from dlora.services.gateway.main import serve
     elif args.service == "dispatcher":
         from dlora.services.dispatcher.main import serve
+    elif args.service == "migrator":
+        from dlora.services.migrator.main import serve
     else:
         from dlora.services.worker.main import serve
     run_until_signalled(serve, settings)

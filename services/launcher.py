@@ -107,6 +107,7 @@ class LocalStack:
         cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
         # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
         self.procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
+        self.procs.append(subprocess.Popen([*cmd, "migrator"], env=env, start_new_session=True))
         for i in range(self.workers):
             self.procs.append(subprocess.Popen([*cmd, "worker"], start_new_session=True,
                                                env={**env, **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"}))

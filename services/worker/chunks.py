@@ -10,15 +10,15 @@ from dlora.services.worker.engine import RequestOutput
 
 @dataclass
 class Stream:
+    request: GenerateRequest  # as received: a move resumes from it
     reply_to: str
     seq: int  # number of the next chunk
     arrived: float  # monotonic seconds at the worker
-    resumed: int  # tokens produced before this worker (not counted again in usage)
     first_sent: bool = False
 
 
 def open_stream(req: GenerateRequest, now: float) -> Stream:
-    return Stream(reply_to=req.reply_to, seq=req.next_seq, arrived=now, resumed=len(req.resume_token_ids))
+    return Stream(request=req, reply_to=req.reply_to, seq=req.next_seq, arrived=now)
 
 
 def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> TokenChunk:

@@ -23,6 +23,8 @@ from dlora.common.messages import (
     AdapterResidency,
     ErrorCode,
     GenerateRequest,
+    MovePlan,
+    RequestLoad,
     WorkerStats,
 )
 from dlora.common.settings import WorkerSettings
@@ -35,6 +37,8 @@ logger = log.get("worker")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
 _decode_abort = msgspec.json.Decoder(AbortRequest)
 _decode_event = msgspec.json.Decoder(AdapterEvent)
+_decode_plan = msgspec.json.Decoder(MovePlan)
+_PLAN_MAX_AGE_S = 5.0
 _encode = msgspec.json.Encoder()
 
 
@@ -53,10 +57,16 @@ class _AdapterRemoved:
     name: str
 
 
+@dataclass(frozen=True)
+class _Move:
+    request_id: str
+    to_worker: str
+
+
 class WorkerService:
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
-        self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved] = asyncio.Queue()
+        self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved | _Move] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
         self.stats: WorkerStats = self._snapshot()
 
@@ -81,9 +91,23 @@ class WorkerService:
         if event.removed:
             await self.commands.put(_AdapterRemoved(event.name))
 
+    async def _on_moves(self, msg: Msg) -> None:
+        try:
+            plan = _decode_plan.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if time.time() - plan.created > _PLAN_MAX_AGE_S:
+            logger.info("stale plan ignored", plan=plan.plan_id)
+            return
+        for m in plan.moves:
+            if m.request_id in self.streams and m.to_worker != self.s.worker_id:
+                await self.commands.put(_Move(m.request_id, m.to_worker))
+
     # ---- the owner of the engine ----------------------------------------------------------
-    async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved) -> None:
-        if isinstance(cmd, _Abort):
+    async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved | _Move) -> None:
+        if isinstance(cmd, _Move):
+            await self._move(cmd)
+        elif isinstance(cmd, _Abort):
             if self.engine.abort(cmd.request_id):
                 self.streams.pop(cmd.request_id, None)
                 await self.store.delete_inflight(cmd.request_id)
@@ -94,6 +118,20 @@ class WorkerService:
                 logger.info("adapter kept", adapter=cmd.name, reason=str(e))
         else:
             await self._add(cmd.req)
+
+    async def _move(self, cmd: _Move) -> None:
+        """Hand a request to another worker at a step boundary: it resumes there from the tokens
+        produced here (recompute), and the client's chunks continue in sequence."""
+        stream = self.streams.get(cmd.request_id)
+        seq = self.engine.seqs.get(cmd.request_id)
+        if stream is None or seq is None:
+            return  # finished or gone meanwhile: nothing to move
+        resumed = msgspec.structs.replace(stream.request, resume_token_ids=list(seq.output_ids), next_seq=stream.seq)
+        self.engine.abort(cmd.request_id)
+        del self.streams[cmd.request_id]
+        await self.nc.publish(subjects.worker_requests(cmd.to_worker), _encode.encode(resumed))
+        await self.store.put_inflight(resumed, cmd.to_worker)
+        logger.info("request moved", request=cmd.request_id, to=cmd.to_worker, tokens=len(seq.output_ids))
 
     async def _add(self, req: GenerateRequest) -> None:
         code, reason = ErrorCode.BAD_REQUEST, ""
@@ -155,12 +193,17 @@ class WorkerService:
             AdapterResidency(name=name, slot=e.slots.slot_of(name), merged=name == merged) for name in sorted(e.adapters)
         ]
         st = e.stats
+        loads = [RequestLoad(request_id=q.request_id, adapter=q.adapter, context_tokens=q_seq.total_len,
+                             remaining_tokens=max(0, q_seq.params.max_tokens - len(q_seq.output_ids)))
+                 for q in e.queue() if (q_seq := e.seqs.get(q.request_id)) is not None]
+        per_token = st.step_seconds / max(1, st.tokens_generated)
         return WorkerStats(
             worker=self.s.worker_id, running=running, waiting=len(e.seqs) - running,
             free_blocks=e.blocks.num_free, total_blocks=e.blocks.num_blocks, block_size=e.blocks.block_size,
             max_loras=e.config.max_loras, adapters=residency, steps=st.steps, merges=st.merges,
             preemptions=st.preemptions, adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
-            adapter_load_seconds=st.adapter_load_seconds, sent=time.time(),
+            adapter_load_seconds=st.adapter_load_seconds, seconds_per_token=per_token, requests=loads,
+            sent=time.time(),
         )
 
     async def publish_stats(self, stop: asyncio.Event) -> None:
@@ -183,6 +226,7 @@ class WorkerService:
             await self.nc.subscribe(subjects.worker_requests(self.s.worker_id), cb=self._on_request),
             await self.nc.subscribe(subjects.ABORT, cb=self._on_abort),
             await self.nc.subscribe(subjects.ADAPTER_EVENTS, cb=self._on_adapter_event),
+            await self.nc.subscribe(subjects.MOVES, cb=self._on_moves),
         ]
         await self.nc.flush()
         logger.info("worker ready", worker=self.s.worker_id)

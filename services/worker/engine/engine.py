@@ -220,7 +220,7 @@ class LLMEngine:
         tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
         outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
         seconds = time.perf_counter() - start
-        self.stats.record_step(seconds)
+        self.stats.record_step(seconds, len(batch))
         unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
         self.policy.observe(
             StepRecord(

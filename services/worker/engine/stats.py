@@ -12,6 +12,7 @@ from dataclasses import dataclass
 class EngineStats:
     steps: int = 0
     step_seconds: float = 0.0  # total
+    tokens_generated: int = 0  # total, over all requests
     merges: int = 0
     merge_seconds: float = 0.0  # total
     unmerges: int = 0
@@ -21,9 +22,10 @@ class EngineStats:
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0  # total
 
-    def record_step(self, seconds: float) -> None:
+    def record_step(self, seconds: float, tokens: int) -> None:
         self.steps += 1
         self.step_seconds += seconds
+        self.tokens_generated += tokens
 
     def record_merge(self, seconds: float) -> None:
         self.merges += 1

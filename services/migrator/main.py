@@ -1,0 +1,89 @@
+"""The migrator service: one leader (a lease in Redis) watches worker stats and, when load drifts
+out of balance, publishes a co-migration plan; standbys wait to take the lease over."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from dlora.common import log, subjects
+from dlora.common.messages import WorkerStats
+from dlora.common.settings import MigratorSettings
+from dlora.common.state import StateStore
+from dlora.services.migrator.planner import PlannerSettings, plan
+from dlora.services.migrator.trigger import imbalanced, snapshot_from_stats
+
+logger = log.get("migrator")
+_decode_stats = msgspec.json.Decoder(WorkerStats)
+_encode = msgspec.json.Encoder()
+
+
+class Migrator:
+    def __init__(self, settings: MigratorSettings, nc: NATS, store: StateStore) -> None:
+        self.s, self.nc, self.store = settings, nc, store
+        self.stats: dict[str, tuple[WorkerStats, float]] = {}
+        self.leader = False
+        self.plans = 0
+
+    async def _on_stats(self, msg: Msg) -> None:
+        try:
+            st = _decode_stats.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        self.stats[st.worker] = (st, time.monotonic())
+
+    async def tick(self) -> None:
+        """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""
+        self.leader = await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s)
+        if not self.leader:
+            return
+        now = time.monotonic()
+        live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s]
+        ranks = {e.name: e.rank for e in await self.store.list_adapters()}
+        snap = snapshot_from_stats(live, ranks, recompute_seconds_per_token=self.s.recompute_seconds_per_token,
+                                   kv_transfer_seconds_per_token=self.s.kv_transfer_seconds_per_token,
+                                   adapter_load_seconds=self.s.adapter_load_seconds)
+        if not imbalanced(snap, self.s.imbalance, self.s.min_gain_s):
+            return
+        p = await asyncio.to_thread(plan, snap, PlannerSettings(self.s.solve_time_s, self.s.min_gain_s))
+        if p.moves:
+            p = msgspec.structs.replace(p, created=time.time())
+            await self.nc.publish(subjects.MOVES, _encode.encode(p))
+            self.plans += 1
+            # The moved requests are counted where they go from the next stats on; until then
+            # this view is stale, so forget it rather than plan the same moves twice.
+            self.stats.clear()
+        logger.info("plan", plan=p.plan_id, method=p.method, moves=len(p.moves), seconds=round(p.solve_seconds, 3),
+                    makespan_before=round(p.makespan_before_s, 2), makespan_after=round(p.makespan_after_s, 2))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        sub = await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
+        logger.info("migrator ready", migrator=self.s.migrator_id)
+        try:
+            while not stop.is_set():
+                await self.tick()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.s.interval_s)
+                except TimeoutError:
+                    pass
+        finally:
+            await sub.unsubscribe()
+            if self.leader:
+                await self.store.release_lease("migrator", self.s.migrator_id)
+
+
+async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
+    from redis.asyncio import Redis
+
+    nc = await nats.connect(s.nats_url)
+    redis = Redis.from_url(s.redis_url)
+    try:
+        await Migrator(s, nc, StateStore(redis, s.redis_prefix)).run(stop)
+    finally:
+        await nc.drain()
+        await redis.aclose()

@@ -1,0 +1,99 @@
+"""Co-migration end to end: an overloaded worker hands requests to idle ones mid-stream, outputs
+still equal the oracle; and the migrator lease fails over."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgspec
+import nats
+from redis.asyncio import Redis
+
+from dlora.common import subjects
+from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.settings import MigratorSettings, WorkerSettings
+from dlora.common.state import StateStore
+from dlora.services.migrator.main import Migrator
+from dlora.services.servers import Server
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.services.worker.main import WorkerService, build_engine
+from tests.integration.test_gateway import offline
+
+N_TOKENS = 300
+
+
+async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    store = StateStore(redis)
+    common = dict(nats_url=nats_server.url, redis_url="unused")
+    stop = asyncio.Event()
+    conns, tasks, workers = [], [], {}
+    try:
+        for name in ("w0", "w1", "w2"):
+            ws = WorkerSettings(**common, worker_id=name, model=str(tiny_llama.model), stats_interval_s=0.05)
+            nc = await nats.connect(nats_server.url)
+            conns.append(nc)
+            workers[name] = WorkerService(ws, nc, store, build_engine(ws))
+            tasks.append(asyncio.create_task(workers[name].run(stop)))
+        mnc = await nats.connect(nats_server.url)
+        conns.append(mnc)
+        migrator = Migrator(MigratorSettings(**common, interval_s=0.05, imbalance=0.25, min_gain_s=0.01), mnc, store)
+        tasks.append(asyncio.create_task(migrator.run(stop)))
+
+        # A burst straight onto w0 (the NATS-native API lets an app pick a worker's subject).
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner = uuid.uuid4().hex[:8]
+        chunks: dict[str, list[TokenChunk]] = {}
+        done = asyncio.Event()
+        prompts = {f"r{i}": [5 + i, 40, 41, 300, 17] for i in range(12)}
+
+        async def on_chunk(msg) -> None:
+            c = msgspec.json.decode(msg.data, type=TokenChunk)
+            chunks.setdefault(c.request_id, []).append(c)
+            if sum(1 for cs in chunks.values() if cs[-1].finish_reason) == len(prompts):
+                done.set()
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(0.3)  # the migrator has seen every worker
+        for rid, prompt in prompts.items():
+            req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=prompt,
+                                  params=SamplingParams(max_tokens=N_TOKENS, ignore_eos=True))
+            await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
+        await asyncio.wait_for(done.wait(), timeout=120)
+
+        assert migrator.plans >= 1
+        moved = {rid for rid, cs in chunks.items() if {c.worker for c in cs} != {"w0"}}
+        assert moved, "no request finished away from w0"
+        expected = offline(tiny_llama, [{"id": rid, "prompt_token_ids": p, "max_tokens": N_TOKENS, "ignore_eos": True}
+                                        for rid, p in prompts.items()])
+        for exp in expected:
+            cs = chunks[exp["id"]]
+            assert [c.seq for c in cs] == list(range(len(cs)))  # continuous numbering, nothing repeated
+            assert [t for c in cs for t in c.token_ids] == exp["token_ids"]
+            assert cs[-1].finish_reason == "length" and cs[-1].usage.completion_tokens == N_TOKENS
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
+async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> None:
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        a = Migrator(MigratorSettings(nats_url=nats_server.url, migrator_id="m-a", lease_s=0.3), nc, store)
+        b = Migrator(MigratorSettings(nats_url=nats_server.url, migrator_id="m-b", lease_s=0.3), nc, store)
+        await a.tick()
+        await b.tick()
+        assert a.leader and not b.leader and await store.lease_holder("migrator") == "m-a"
+        await asyncio.sleep(0.4)  # a stops renewing (crashed)
+        await b.tick()
+        assert b.leader and await store.lease_holder("migrator") == "m-b"
+        await a.tick()
+        assert not a.leader  # the old leader stands by
+    finally:
+        await nc.drain()
