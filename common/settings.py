@@ -54,8 +54,10 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
 
 
 class DispatcherSettings(Common, kw_only=True, forbid_unknown_fields=True):
-    # Workers whose heartbeat is older than this are not chosen.
+    # Workers whose heartbeat is older than this are not chosen (and their requests recovered).
     heartbeat_ttl_s: float = 5.0
+    # Seconds between recomputing the adapter placement from decayed traffic shares.
+    placement_interval_s: float = 5.0
 
 
 class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):

@@ -10,6 +10,7 @@
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{worker}``  str   lock: one dispatcher re-dispatches a lost worker's requests
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
+- ``{p}:traffic``              hash  adapter -> decayed request count (placement's traffic shares)
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ class StateStore:
     async def forget_worker(self, worker: str) -> None:
         await self.r.delete(f"{self.p}:worker:{worker}")
         await self.set_placement(worker, [])
+
+    # ---- traffic shares -------------------------------------------------------------------
+    async def save_traffic(self, counts: dict[str, float]) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(f"{self.p}:traffic")
+        if counts:
+            pipe.hset(f"{self.p}:traffic", mapping={a: repr(c) for a, c in counts.items()})
+        await pipe.execute()
+
+    async def load_traffic(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in (await self.r.hgetall(f"{self.p}:traffic")).items()}
 
     # ---- leader leases -------------------------------------------------------------------
     async def hold_lease(self, role: str, holder: str, ttl_s: float) -> bool:

@@ -1,28 +1,51 @@
-"""Which worker takes a request. Pure: worker stats in, a worker id out.
+"""Which worker takes a request: dLoRA's proactive dispatch. Pure: worker stats in, a worker out.
 
-For now: among live workers, prefer those that already hold the adapter (no load), then the
-least loaded (running + waiting requests, then fewest free KV blocks used). The migration issue
-replaces this with dLoRA's cost-based dispatch.
+A request goes to the worker where it would finish soonest, estimated as the work queued there
+(remaining tokens x measured seconds per token) plus its own, where its own tokens cost more if
+they will run unmerged (the worker is busy with other adapters) and a worker that lacks the
+adapter (and is not meant to hold it by the placement) first pays for loading it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dlora.common.messages import WorkerStats
 
 
-def choose_worker(workers: list[WorkerStats], adapter: str | None) -> str | None:
-    """The worker for a request of ``adapter``; None when no worker is live."""
+@dataclass(frozen=True)
+class DispatchCosts:
+    expected_tokens: float = 64.0  # a new request's output length (unknown: an estimate)
+    unmerged_overhead: float = 0.1  # extra cost per token when not the worker's dominant adapter
+    adapter_load_s: float = 0.05  # loading an adapter the worker lacks
+    default_seconds_per_token: float = 0.01  # for a worker that has not measured yet
+
+
+def estimated_finish(w: WorkerStats, adapter: str | None, extra_requests: int, placed: set[str],
+                     costs: DispatchCosts) -> float:
+    spt = w.seconds_per_token or costs.default_seconds_per_token
+    queued = sum(r.remaining_tokens for r in w.requests) + extra_requests * costs.expected_tokens
+    counts: dict[str | None, int] = {}
+    for r in w.requests:
+        counts[r.adapter] = counts.get(r.adapter, 0) + 1
+    dominant = max(counts, key=counts.get) if counts else adapter
+    own = costs.expected_tokens * (1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead)
+    holds = adapter is None or adapter in placed or any(a.name == adapter for a in w.adapters)
+    return (queued + own) * spt + (0.0 if holds else costs.adapter_load_s)
+
+
+def choose_worker(workers: list[WorkerStats], adapter: str | None, sent_since_stats: dict[str, int] | None = None,
+                  placement: dict[str, list[str]] | None = None, costs: DispatchCosts = DispatchCosts()) -> str | None:
+    """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
+    that holds the adapter, then by name."""
     if not workers:
         return None
+    sent = sent_since_stats or {}
+    placement = placement or {}
 
-    def cost(w: WorkerStats) -> tuple[int, int, float, str]:
+    def key(w: WorkerStats) -> tuple[float, int, str]:
+        finish = estimated_finish(w, adapter, sent.get(w.worker, 0), set(placement.get(w.worker, ())), costs)
         holds = adapter is None or any(a.name == adapter for a in w.adapters)
-        load = w.running + w.waiting
-        used = 1.0 - w.free_blocks / max(1, w.total_blocks)
-        return (0 if holds else 1, load, used, w.worker)
+        return (round(finish, 9), 0 if holds else 1, w.worker)
 
-    # Holding the adapter matters only among equally loaded workers: a loaded worker with the
-    # adapter should not take everything while another idles.
-    least = min(w.running + w.waiting for w in workers)
-    candidates = [w for w in workers if w.running + w.waiting <= least + 1]
-    return min(candidates, key=cost).worker
+    return min(workers, key=key).worker

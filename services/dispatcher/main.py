@@ -18,11 +18,13 @@ from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk, Worker
 from dlora.common.settings import DispatcherSettings
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.choose import choose_worker
+from dlora.services.dispatcher.placement import WorkerCapacity, place
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
 _decode_stats = msgspec.json.Decoder(WorkerStats)
 _encode = msgspec.json.Encoder()
+_DECAY = 0.9  # per placement interval: traffic shares follow the last minute or so
 
 
 class Dispatcher:
@@ -33,14 +35,14 @@ class Dispatcher:
         # Requests sent to each worker since its last stats: a burst must not all go to the
         # worker that looked idlest a moment ago.
         self.sent_since_stats: dict[str, int] = {}
+        # Where adapters should have replicas (burst tolerance), recomputed from traffic shares.
+        self.placement: dict[str, list[str]] = {}
+        self.traffic: dict[str, float] = {}  # decayed request counts per adapter
+        self._placed_at = 0.0
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
-        return [
-            msgspec.structs.replace(st, waiting=st.waiting + self.sent_since_stats.get(st.worker, 0))
-            for st, at in self.workers.values()
-            if now - at <= self.s.heartbeat_ttl_s
-        ]
+        return [st for st, at in self.workers.values() if now - at <= self.s.heartbeat_ttl_s]
 
     async def _on_stats(self, msg: Msg) -> None:
         try:
@@ -67,6 +69,9 @@ class Dispatcher:
             except TimeoutError:
                 pass
             now = time.monotonic()
+            if now - self._placed_at > self.s.placement_interval_s:
+                self._placed_at = now
+                await self.replan_placement()
             for worker, (_, at) in list(self.workers.items()):
                 if now - at > self.s.heartbeat_ttl_s:
                     del self.workers[worker]
@@ -86,8 +91,26 @@ class Dispatcher:
                                               next_seq=first.next_seq + rec.chunks)
             await self._dispatch(resumed)
 
+    def _count(self, adapter: str | None) -> None:
+        if adapter is not None:
+            self.traffic[adapter] = self.traffic.get(adapter, 0.0) + 1.0
+
+    async def replan_placement(self) -> None:
+        """Decay the traffic counts (into Redis too) and place adapter replicas for burst tolerance."""
+        self.traffic = {a: c * _DECAY for a, c in self.traffic.items() if c * _DECAY > 1e-3}
+        await self.store.save_traffic(self.traffic)
+        live = self.live()
+        total = sum(self.traffic.values())
+        if not live or total <= 0:
+            return
+        ranks = {e.name: e.rank for e in await self.store.list_adapters()}
+        capacity = [WorkerCapacity(w.worker, w.free_blocks, w.max_loras) for w in live]
+        shares = {a: c / total for a, c in self.traffic.items() if a in ranks}
+        self.placement = place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
+
     async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
-        worker = choose_worker(self.live(), req.adapter)
+        self._count(req.adapter)
+        worker = choose_worker(self.live(), req.adapter, self.sent_since_stats, self.placement)
         if worker is None:
             chunk = TokenChunk(request_id=req.request_id, seq=req.next_seq, error="no worker is available",
                                error_code=ErrorCode.UNAVAILABLE, finish_reason="error")
@@ -100,9 +123,10 @@ class Dispatcher:
         await self.store.put_inflight(req, worker)
 
     async def _seed_from_redis(self) -> None:
-        # Workers seen before this dispatcher started, so the first requests need not wait a beat.
+        # Workers and traffic seen before this dispatcher started.
         for st in await self.store.live_workers():
             self.workers.setdefault(st.worker, (st, time.monotonic()))
+        self.traffic = await self.store.load_traffic()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._seed_from_redis()

@@ -4,6 +4,7 @@ still equal the oracle; and the migrator lease fails over."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import msgspec
@@ -95,5 +96,33 @@ async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> N
         assert b.leader and await store.lease_holder("migrator") == "m-b"
         await a.tick()
         assert not a.leader  # the old leader stands by
+    finally:
+        await nc.drain()
+
+
+async def test_dispatcher_places_replicas_of_hot_adapters(nats_server: Server, redis: Redis) -> None:
+    """Decayed traffic shares persist in Redis and drive the placement."""
+    from dlora.common.messages import AdapterEntry, AdapterResidency, WorkerStats
+    from dlora.common.settings import DispatcherSettings
+    from dlora.services.dispatcher.main import Dispatcher
+
+    store = StateStore(redis)
+    for name in ("hot", "cold"):
+        await store.put_adapter(AdapterEntry(name=name, path=f"/{name}", rank=16, created=0.0))
+    nc = await nats.connect(nats_server.url)
+    try:
+        d = Dispatcher(DispatcherSettings(nats_url=nats_server.url), nc, store)
+        for i in range(3):
+            st = WorkerStats(worker=f"w{i}", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16,
+                             max_loras=4, adapters=[AdapterResidency(name="cold", slot=0, merged=False)] if i == 0 else [])
+            d.workers[st.worker] = (st, time.monotonic())
+        for _ in range(9):
+            d._count("hot")
+        d._count("cold")
+        await d.replan_placement()
+        holders = [w for w, ads in d.placement.items() if "hot" in ads]
+        assert len(holders) == 3 and "cold" in d.placement["w0"]
+        traffic = await store.load_traffic()
+        assert traffic["hot"] > traffic["cold"]
     finally:
         await nc.drain()

@@ -58,3 +58,17 @@ async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     await s.record_progress({}, ["r1"])
     assert await s.get_inflight("r1") is None and await s.inflight_on("w2") == []
     assert await s.claim_recovery("w1") and not await s.claim_recovery("w1")
+
+
+async def test_traffic_and_lease(redis: Redis) -> None:
+    s = StateStore(redis)
+    await s.save_traffic({"a": 3.5, "b": 0.25})
+    assert await s.load_traffic() == {"a": 3.5, "b": 0.25}
+    await s.save_traffic({})
+    assert await s.load_traffic() == {}
+    assert await s.hold_lease("x", "one", 1.0) and await s.hold_lease("x", "one", 1.0)
+    assert not await s.hold_lease("x", "two", 1.0)
+    await s.release_lease("x", "two")  # not the holder: no effect
+    assert await s.lease_holder("x") == "one"
+    await s.release_lease("x", "one")
+    assert await s.hold_lease("x", "two", 1.0)

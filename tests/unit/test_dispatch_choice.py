@@ -1,26 +1,39 @@
-from dlora.common.messages import AdapterResidency, WorkerStats
-from dlora.services.dispatcher.choose import choose_worker
+from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
+from dlora.services.dispatcher.choose import DispatchCosts, choose_worker
 
 
-def w(name: str, running: int, waiting: int = 0, adapters: tuple[str, ...] = (), free: int = 100) -> WorkerStats:
-    return WorkerStats(worker=name, running=running, waiting=waiting, free_blocks=free, total_blocks=100,
-                       block_size=16, max_loras=4, adapters=[AdapterResidency(name=a, slot=0, merged=False) for a in adapters])
+def w(name: str, queued: list[tuple[str | None, int]] = (), adapters: tuple[str, ...] = (), spt: float = 0.01) -> WorkerStats:
+    reqs = [RequestLoad(request_id=f"{name}{i}", adapter=a, context_tokens=10, remaining_tokens=n)
+            for i, (a, n) in enumerate(queued)]
+    return WorkerStats(worker=name, running=len(reqs), waiting=0, free_blocks=100, total_blocks=100, block_size=16,
+                       max_loras=4, adapters=[AdapterResidency(name=a, slot=0, merged=False) for a in adapters],
+                       seconds_per_token=spt, requests=reqs)
 
 
 def test_no_workers_no_choice() -> None:
     assert choose_worker([], "a") is None
 
 
-def test_least_loaded_wins() -> None:
-    assert choose_worker([w("x", 5), w("y", 1), w("z", 3)], None) == "y"
+def test_least_queued_work_wins_not_least_requests() -> None:
+    few_long = w("x", [(None, 500)])
+    many_short = w("y", [(None, 5)] * 4)
+    assert choose_worker([few_long, many_short], None) == "y"
 
 
-def test_holding_the_adapter_wins_among_equally_loaded() -> None:
-    assert choose_worker([w("x", 2), w("y", 3, adapters=("a",))], "a") == "y"
+def test_measured_speed_counts() -> None:
+    assert choose_worker([w("x", [(None, 100)], spt=0.001), w("y", [(None, 50)], spt=0.01)], None) == "x"
+
+
+def test_holding_the_adapter_saves_its_load_and_same_adapter_batches_run_merged() -> None:
+    costs = DispatchCosts(adapter_load_s=1.0)
+    assert choose_worker([w("x"), w("y", adapters=("a",))], "a", costs=costs) == "y"
+    # a worker busy with adapter a takes a's request before an equally loaded one busy with b
+    assert choose_worker([w("x", [("b", 50)], ("a", "b")), w("y", [("a", 50)], ("a", "b"))], "a") == "y"
     # ...but not against a much less loaded worker
-    assert choose_worker([w("x", 0), w("y", 6, adapters=("a",))], "a") == "x"
+    assert choose_worker([w("x"), w("y", [("a", 800)], ("a",))], "a", costs=costs) == "x"
 
 
-def test_ties_break_on_kv_use_then_name() -> None:
-    assert choose_worker([w("x", 1, free=10), w("y", 1, free=90)], None) == "y"
-    assert choose_worker([w("b", 1), w("a", 1)], None) == "a"
+def test_placement_and_recent_sends_count() -> None:
+    costs = DispatchCosts(adapter_load_s=1.0)
+    assert choose_worker([w("x"), w("y")], "a", placement={"y": ["a"]}, costs=costs) == "y"
+    assert choose_worker([w("x"), w("y")], None, sent_since_stats={"x": 3}) == "y"
