@@ -58,6 +58,12 @@ class DispatcherSettings(Common, kw_only=True, forbid_unknown_fields=True):
     heartbeat_ttl_s: float = 5.0
     # Seconds between recomputing the adapter placement from decayed traffic shares.
     placement_interval_s: float = 5.0
+    # "proactive" (dLoRA: soonest estimated finish, placement-aware) or "round-robin" (baseline).
+    dispatch: str = "proactive"
+
+    def check(self) -> None:
+        _require(self.dispatch in ("proactive", "round-robin"), "dispatch", self.dispatch,
+                 "must be 'proactive' or 'round-robin'")
 
 
 class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
@@ -93,6 +99,8 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
     kv_cache_bytes: int = 256 << 20
     stats_interval_s: float = 0.5
     heartbeat_ttl_s: float = 5.0
+    # torch intra-op threads; 0: torch's default (all cores). One worker per core wants 1.
+    torch_threads: int = 0
 
     def check(self) -> None:
         _require(bool(self.model), "model", self.model, "must name the base model directory")

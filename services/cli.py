@@ -144,6 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bm.set_defaults(func=_bench_migration)
 
+    bk = bench.add_parser("cluster", help="round-robin vs proactive vs proactive + co-migration (paper Fig. 11)")
+    bk.add_argument("--preset", choices=["tiny", "small"], default="small")
+    bk.add_argument("--workers", type=int, default=2, help="one per core")
+    bk.add_argument("--adapters", type=int, default=16)
+    bk.add_argument("--requests", type=int, default=120)
+    bk.add_argument("--rate", type=float, default=3.0)
+    bk.add_argument("--cv", type=float, default=3.0, help="burstiness of arrivals")
+    bk.add_argument("--shift-every", type=float, default=10.0, help="popularity rotates every this many seconds")
+    bk.add_argument("--length-divide", type=float, default=4.0)
+    bk.add_argument("--max-prompt", type=int, default=32)
+    bk.add_argument("--max-output", type=int, default=96)
+    bk.add_argument("--max-seconds", type=float, default=120.0)
+    bk.add_argument("--seed", type=int, default=0)
+    bk.add_argument("--traces", default=str(_default_traces()))
+    bk.add_argument("--workdir", default=".cache/bench")
+    bk.add_argument("--out", default="bench-results/cluster")
+    bk.add_argument("--json", help="write results here")
+    bk.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
+    bk.set_defaults(func=_bench_cluster)
+
     bc = bench.add_parser("control-plane", help="latency the gateway, NATS and dispatcher add; sustained rate")
     bc.add_argument("--requests", type=int, default=200)
     bc.add_argument("--seconds", type=float, default=10.0, help="length of the sustained-rate run")
@@ -176,6 +196,12 @@ def _bench_migration(args: argparse.Namespace) -> int:
     from dlora.loadgen.bench_migration import run_bench_migration
 
     return run_bench_migration(args)
+
+
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_cluster import run_bench_cluster
+
+    return run_bench_cluster(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

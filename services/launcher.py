@@ -72,10 +72,13 @@ class LocalStack:
     down, services first. ``dlora up`` and the control-plane benchmark use it."""
 
     def __init__(self, workers: int, model: str | None, lora: list[str], port: int | None, config: str | None,
-                 worker_env: dict[str, str] | None = None) -> None:
+                 worker_env: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                 migrator: bool = True) -> None:
         self.workers, self.model, self.lora, self.config = workers, model, lora, config
         self.base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
         self.worker_env = worker_env or {}
+        self.extra_env = env or {}
+        self.migrator = migrator
         self.servers: list[Server] = []
         self.procs: list[subprocess.Popen] = []
         self.url = f"http://{self.base.host}:{self.base.port}"
@@ -101,13 +104,14 @@ class LocalStack:
 
         env = {**os.environ, "DLORA_NATS_URL": self.nats_url, "DLORA_REDIS_URL": self.redis_url,
                "DLORA_MODEL": str(self.model_dir.resolve()), "DLORA_ADMIN_KEY": self.admin_key,
-               "DLORA_ADAPTER_ROOTS": json.dumps(roots), "DLORA_GATEWAY_PORT": str(base.port)}
+               "DLORA_ADAPTER_ROOTS": json.dumps(roots), "DLORA_GATEWAY_PORT": str(base.port), **self.extra_env}
         if self.config:
             env["DLORA_CONFIG"] = self.config
         cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
         # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
         self.procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
-        self.procs.append(subprocess.Popen([*cmd, "migrator"], env=env, start_new_session=True))
+        if self.migrator:
+            self.procs.append(subprocess.Popen([*cmd, "migrator"], env=env, start_new_session=True))
         for i in range(self.workers):
             self.procs.append(subprocess.Popen([*cmd, "worker"], start_new_session=True,
                                                env={**env, **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"}))

@@ -39,6 +39,7 @@ class Dispatcher:
         self.placement: dict[str, list[str]] = {}
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._placed_at = 0.0
+        self._turn = 0
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
@@ -110,7 +111,13 @@ class Dispatcher:
 
     async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
         self._count(req.adapter)
-        worker = choose_worker(self.live(), req.adapter, self.sent_since_stats, self.placement)
+        live = self.live()
+        if self.s.dispatch == "round-robin":  # the baseline: blind to load and adapters
+            names = sorted(w.worker for w in live)
+            worker = names[self._turn % len(names)] if names else None
+            self._turn += 1
+        else:
+            worker = choose_worker(live, req.adapter, self.sent_since_stats, self.placement)
         if worker is None:
             chunk = TokenChunk(request_id=req.request_id, seq=req.next_seq, error="no worker is available",
                                error_code=ErrorCode.UNAVAILABLE, finish_reason="error")

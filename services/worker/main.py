@@ -243,6 +243,10 @@ class _NotFound(Exception):
 
 
 def build_engine(s: WorkerSettings) -> LLMEngine:
+    if s.torch_threads:
+        import torch
+
+        torch.set_num_threads(s.torch_threads)
     return LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, device=s.device, policy=s.policy, max_loras=s.max_loras,
                                   max_num_seqs=s.max_num_seqs, kv_cache_bytes=s.kv_cache_bytes))
 

@@ -1,0 +1,88 @@
+"""``dlora bench cluster``: round-robin dispatch vs proactive (dLoRA dispatch + placement) vs
+proactive + co-migration, on the same imbalanced workload, one worker per core.
+
+Each configuration is a fresh `dlora up`-style stack (NATS, Redis, dispatcher, workers, gateway,
+and the migrator when asked); the load generator replays the workload over NATS. Output lengths
+vary widely (the Azure trace) and adapter popularity shifts during the run, so replicas drift out
+of balance even under an even dispatch: the paper's Fig. 11 setting at this machine's scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from dlora.loadgen.bench_common import ensure_model, machine, today, write_section
+from dlora.loadgen.main import add_arguments
+from dlora.loadgen.main import run as run_loadgen
+from dlora.services.launcher import LocalStack
+from dlora.services.servers import free_port
+
+CONFIGS = (("round-robin", "round-robin", False), ("proactive", "proactive", False),
+           ("proactive + migration", "proactive", True))
+TITLE = "Cluster: dispatch and co-migration (`dlora bench cluster`, the paper's Fig. 11)"
+
+
+def run(args: argparse.Namespace) -> dict:
+    root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=[8, 16, 32])
+    loras = [f"lora-{i}={root / 'adapters' / f'lora-{i}'}" for i in range(args.adapters)]
+    rows = []
+    for name, dispatch, migrate in CONFIGS:
+        stack = LocalStack(args.workers, str(root / "model"), loras, free_port(), None,
+                           worker_env={"DLORA_TORCH_THREADS": "1", "DLORA_STATS_INTERVAL_S": "0.25"},
+                           env={"DLORA_DISPATCH": dispatch, "DLORA_INTERVAL_S": "0.5"}, migrator=migrate)
+        stack.start()
+        try:
+            lg = argparse.ArgumentParser()
+            add_arguments(lg, Path(args.traces))
+            lg_args = lg.parse_args([
+                "--target", stack.nats_url, "--requests", str(args.requests), "--rate", str(args.rate),
+                "--arrivals", "gamma", "--cv", str(args.cv), "--lengths", "trace", "--length-divide",
+                str(args.length_divide), "--max-prompt", str(args.max_prompt), "--max-output", str(args.max_output),
+                "--adapters", str(args.adapters), "--popularity", "zipf", "--alpha", "1.2", "--shift-every",
+                str(args.shift_every), "--duration", str(args.max_seconds), "--seed", str(args.seed),
+                "--out", str(Path(args.out) / name.replace(" ", "")),
+            ])
+            with open(os.devnull, "w") as quiet:
+                summary = asyncio.run(run_loadgen(lg_args, Console(file=quiet)))
+        finally:
+            stack.stop()
+        row = {"config": name, "sent": summary["sent"], "completed": summary["completed"], "lost": summary["lost"],
+               "throughput_tok_s": summary["throughput_tok_s"],
+               "norm_latency_mean_s": summary["normalized_latency_s"]["mean"],
+               "norm_latency_p90_s": summary["normalized_latency_s"]["p90"]}
+        rows.append(row)
+        print(f"{name:>22}: {row['throughput_tok_s']:6.1f} tok/s  norm latency mean {row['norm_latency_mean_s']:.3f}"
+              f" p90 {row['norm_latency_p90_s']:.3f}  completed {row['completed']}/{row['sent']}", flush=True)
+    return {"machine": machine(), "date": today(), "preset": args.preset, "workers": args.workers,
+            "adapters": args.adapters, "rate_req_s": args.rate, "cv": args.cv, "requests": args.requests,
+            "shift_every_s": args.shift_every, "rows": rows}
+
+
+def markdown(r: dict) -> str:
+    rr = next(x for x in r["rows"] if x["config"] == "round-robin")
+    lines = [f"Measured {r['date']} on **{r['machine']}**: {r['workers']} workers (one torch thread each), preset "
+             f"`{r['preset']}`, {r['adapters']} adapters, {r['requests']} requests at {r['rate_req_s']:g} req/s "
+             f"(Gamma CV {r['cv']:g}), Azure conversation lengths, Zipf popularity rotating every "
+             f"{r['shift_every_s']:g} s.", "",
+             "| configuration | completed | throughput (tok/s) | norm. latency mean (s/token) | P90 | mean vs round-robin |",
+             "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['config']} | {x['completed']}/{x['sent']} | {x['throughput_tok_s']:.1f} | "
+                     f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | "
+                     f"{x['norm_latency_mean_s'] / rr['norm_latency_mean_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def run_bench_cluster(args: argparse.Namespace) -> int:
+    result = run(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_section(Path(args.benchmarks), "cluster", TITLE, markdown(result))
+    return 0
