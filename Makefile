@@ -37,6 +37,7 @@ bench: setup
 	$(VENV)/bin/dlora bench control-plane --json bench-results/control-plane.json
 	$(VENV)/bin/dlora bench e2e --preset small --json bench-results/e2e.json
 	$(VENV)/bin/dlora bench migration --json bench-results/migration.json
+	$(VENV)/bin/dlora bench cluster --json bench-results/cluster.json
 
 clean:
 	rm -rf $(VENV) .cache bench-results
