@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 from pathlib import Path
 
 from rich.console import Console
 
-from dlora.loadgen.bench_common import ensure_model, machine, today, write_section
+from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.loadgen.main import add_arguments
 from dlora.loadgen.main import run as run_loadgen
 from dlora.services.launcher import LocalStack
@@ -81,8 +80,5 @@ def markdown(r: dict) -> str:
 
 def run_bench_cluster(args: argparse.Namespace) -> int:
     result = run(args)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    write_section(Path(args.benchmarks), "cluster", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "cluster", TITLE, markdown(result))
     return 0

@@ -48,3 +48,13 @@ def today() -> str:
     import datetime
 
     return datetime.date.today().isoformat()
+
+
+def save(result: dict, json_path: str | None, benchmarks: str, key: str, title: str, body: str) -> None:
+    """A benchmark's outputs: the JSON (if asked) and its section of BENCHMARKS.md."""
+    import json
+
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    write_section(Path(benchmarks), key, title, body)

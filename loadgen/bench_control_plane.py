@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.settings import WorkerSettings
-from dlora.loadgen.bench_common import machine, today, write_section
+from dlora.loadgen.bench_common import machine, save, today
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
 from dlora.services.worker.engine import EngineConfig, LLMEngine
@@ -149,8 +148,5 @@ def run_bench_control_plane(args: argparse.Namespace) -> int:
     for name, a in result["added"].items():
         print(f"added by {name:>7}: p50 {a['p50_ms']:.2f} ms  p99 {a['p99_ms']:.2f} ms  (target p50 <= 2 ms)")
     print(f"gateway sustains {result['gateway_rate_req_s']:.0f} req/s at concurrency {result['concurrency']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    write_section(Path(args.benchmarks), "control-plane", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "control-plane", TITLE, markdown(result))
     return 0

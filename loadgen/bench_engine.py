@@ -8,17 +8,15 @@ The three ratios the engine issue sets as targets are computed from points of th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine import EngineConfig, LLMEngine
-from dlora.loadgen.bench_common import ensure_model, machine, today, write_section
+from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.services.worker.policy import StepDecision
 
 PROMPT_LEN = 32
@@ -176,8 +174,5 @@ def run_bench_engine(args: argparse.Namespace) -> int:
     print(f"merge {result['merge_ms']:.2f} ms, unmerge {result['unmerge_ms']:.2f} ms")
     for name, value in result["ratios"].items():
         print(f"{value:6.3f}  {name}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    write_section(Path(args.benchmarks), "engine", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "engine", TITLE, markdown(result))
     return 0

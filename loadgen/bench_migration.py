@@ -8,11 +8,9 @@ seconds, how the plan was found, and the longest completion time before and afte
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
-from dlora.loadgen.bench_common import machine, today, write_section
+from dlora.loadgen.bench_common import machine, save, today
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
@@ -62,8 +60,5 @@ def markdown(r: dict) -> str:
 def run_bench_migration(args: argparse.Namespace) -> int:
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     result = run(sizes, args.time_limit)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    write_section(Path(args.benchmarks), "migration", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "migration", TITLE, markdown(result))
     return 0

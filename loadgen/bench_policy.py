@@ -8,7 +8,6 @@ popularity, counts clipped at the n-th most popular function so stride 1 is near
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from dlora.common.messages import SamplingParams
 from dlora.loadgen import arrivals, popularity, workload
-from dlora.loadgen.bench_common import ensure_model, machine, today, write_section
+from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.loadgen.metrics import RequestResult, summarize
 from dlora.loadgen.traces import read_azure_functions, read_azure_llm
 from dlora.services.worker.engine import EngineConfig, LLMEngine
@@ -133,8 +132,5 @@ def markdown(r: dict) -> str:
 def run_bench_policy(args: argparse.Namespace) -> int:
     args.strides = [int(s) for s in args.strides.split(",")]
     result = run(args)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    write_section(Path(args.benchmarks), "policy", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "policy", TITLE, markdown(result))
     return 0

@@ -9,11 +9,11 @@ import asyncio
 import time
 
 import msgspec
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from dlora.common import log, subjects
+from dlora.common.bus import connections
 from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk, WorkerStats
 from dlora.common.settings import DispatcherSettings
 from dlora.common.state import StateStore
@@ -151,12 +151,5 @@ class Dispatcher:
 
 
 async def serve(s: DispatcherSettings, stop: asyncio.Event) -> None:
-    from redis.asyncio import Redis
-
-    nc = await nats.connect(s.nats_url)
-    redis = Redis.from_url(s.redis_url)
-    try:
-        await Dispatcher(s, nc, StateStore(redis, s.redis_prefix)).run(stop)
-    finally:
-        await nc.drain()
-        await redis.aclose()
+    async with connections(s) as (nc, store):
+        await Dispatcher(s, nc, store).run(stop)

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
 from dlora.common import log, subjects
+from dlora.common.bus import connections
 from dlora.common.messages import AbortRequest, AdapterEvent, ErrorCode, GenerateRequest, TokenChunk, WorkerStats
 from dlora.common.settings import GatewaySettings
 from dlora.common.state import StateStore
@@ -289,20 +289,14 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
 
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
-    from redis.asyncio import Redis
-
-    nc = await nats.connect(s.nats_url)
-    redis = Redis.from_url(s.redis_url)
-    gw = await asyncio.to_thread(Gateway, s, nc, StateStore(redis, s.redis_prefix))
-    await gw.start()
-    runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, s.host, s.port)
-    await site.start()
-    logger.info("gateway ready", url=f"http://{s.host}:{s.port}")
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await nc.drain()
-        await redis.aclose()
+    async with connections(s) as (nc, store):
+        gw = await asyncio.to_thread(Gateway, s, nc, store)
+        await gw.start()
+        runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, s.host, s.port).start()
+        logger.info("gateway ready", url=f"http://{s.host}:{s.port}")
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()

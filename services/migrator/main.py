@@ -7,11 +7,11 @@ import asyncio
 import time
 
 import msgspec
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from dlora.common import log, subjects
+from dlora.common.bus import connections
 from dlora.common.messages import WorkerStats
 from dlora.common.settings import MigratorSettings
 from dlora.common.state import StateStore
@@ -78,12 +78,5 @@ class Migrator:
 
 
 async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
-    from redis.asyncio import Redis
-
-    nc = await nats.connect(s.nats_url)
-    redis = Redis.from_url(s.redis_url)
-    try:
-        await Migrator(s, nc, StateStore(redis, s.redis_prefix)).run(stop)
-    finally:
-        await nc.drain()
-        await redis.aclose()
+    async with connections(s) as (nc, store):
+        await Migrator(s, nc, store).run(stop)

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 
 import msgspec
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from dlora.common import log, subjects
+from dlora.common.bus import connections
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
@@ -252,13 +252,6 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
 
 
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
-    from redis.asyncio import Redis
-
     engine = await asyncio.to_thread(build_engine, s)
-    nc = await nats.connect(s.nats_url)
-    redis = Redis.from_url(s.redis_url)
-    try:
-        await WorkerService(s, nc, StateStore(redis, s.redis_prefix), engine).run(stop)
-    finally:
-        await nc.drain()
-        await redis.aclose()
+    async with connections(s) as (nc, store):
+        await WorkerService(s, nc, store, engine).run(stop)

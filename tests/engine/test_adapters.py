@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.lora import AdapterError, load_adapter
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine, run_all

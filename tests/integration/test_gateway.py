@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.offline import generate_lines

@@ -2,7 +2,7 @@ import msgspec
 import pytest
 
 from dlora.services.gateway import openai
-from dlora.services.gateway.openai import APIError, ChatBody, ChatMessage, CompletionBody, Shape
+from dlora.services.gateway.openai import APIError, ChatMessage, CompletionBody, Shape
 
 
 def test_decode_errors_are_400_with_the_reason() -> None:
