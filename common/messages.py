@@ -165,8 +165,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0
-    # Measured decode seconds per generated token per request (step time / batch); 0 before any step.
+    # Measured seconds of step time per generated token (prefill included); 0 before any step.
     seconds_per_token: float = 0.0
+    # Measured seconds per prompt token fed (what recomputing a moved request costs); 0 before any.
+    prefill_seconds_per_token: float = 0.0
     # Every unfinished request here (the migrator's view of the load).
     requests: list[RequestLoad] = []
     # Unix seconds when sent.
@@ -191,7 +193,8 @@ class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     created: float = 0.0
     moves: list[MoveRequest] = []
     # How it was found: "ilp", "ilp-incumbent" (time bound hit), "greedy", "none"; ":no-gain"
-    # appended when the moves were dropped for not shortening the longest completion enough.
+    # appended when the moves were dropped for not shortening the longest completion by more
+    # than they cost.
     method: str = "none"
     solve_seconds: float = 0.0
     # Estimated longest worker completion time before and after the moves.

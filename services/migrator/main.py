@@ -45,7 +45,9 @@ class Migrator:
         now = time.monotonic()
         live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s]
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
-        snap = snapshot_from_stats(live, ranks, recompute_seconds_per_token=self.s.recompute_seconds_per_token,
+        measured = [st.prefill_seconds_per_token for st in live if st.prefill_seconds_per_token > 0]
+        recompute = sum(measured) / len(measured) if measured else self.s.recompute_seconds_per_token
+        snap = snapshot_from_stats(live, ranks, recompute_seconds_per_token=recompute,
                                    kv_transfer_seconds_per_token=self.s.kv_transfer_seconds_per_token,
                                    adapter_load_seconds=self.s.adapter_load_seconds)
         if not imbalanced(snap, self.s.imbalance, self.s.min_gain_s):

@@ -40,6 +40,7 @@ BASE = ""  # the base model needs no slot
 class PlannerSettings:
     time_limit_s: float = 1.0  # solver time bound; the incumbent is taken when it expires
     min_gain_s: float = 0.0  # a plan must shorten the longest completion time by at least this
+    # (and always by more than the summed cost of its moves)
 
 
 @dataclass
@@ -83,7 +84,11 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
         moves, method = _greedy(snapshot, settings), "greedy"
     before = max(completion_times(snapshot).values())
     after = max(completion_times(apply(snapshot, moves)).values())
-    if before - after < settings.min_gain_s or after > before:
+    by_id = {r.request_id: r for r in snapshot.requests}
+    cost = sum(move_cost(snapshot, by_id[m.request_id]) for m in moves)
+    # The longest completion must shrink by more than the moves cost in total: each move's
+    # recompute is real work taken from the destination.
+    if moves and before - after < max(settings.min_gain_s, cost):
         moves, method = [], method + ":no-gain"
     return MovePlan(plan_id=uuid.uuid4().hex, moves=moves, method=method,
                     solve_seconds=time.perf_counter() - start, makespan_before_s=before, makespan_after_s=after)

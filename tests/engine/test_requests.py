@@ -126,3 +126,13 @@ def test_bfloat16_runs_every_mode(tiny_llama: TinyOutput) -> None:
         while eng.has_unfinished():
             n += sum(len(o.new_token_ids) for o in eng.step())
         assert n == 4 * (len(tiny_llama.adapters) + 1)
+
+
+def test_step_costs_are_accounted(tiny_llama: TinyOutput) -> None:
+    eng = make_engine(tiny_llama)
+    eng.add_request("a", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=3))
+    while eng.has_unfinished():
+        eng.step()
+    st = eng.stats
+    assert (st.steps, st.tokens_generated, st.prefill_tokens) == (3, 3, len(PROMPT))
+    assert 0 < st.prefill_seconds < st.step_seconds

@@ -215,19 +215,21 @@ class LLMEngine:
         start = time.perf_counter()
         batch, slot_of = self._place_adapters(plan.seqs)
         inputs = self._inputs(batch, slot_of)
+        fed = len(inputs.input_ids)
+        prefill = fed - sum(1 for s in batch if s.num_new == 1)  # prompt and recompute tokens
         logits = self.model.forward(inputs)
         self.last_logits = {s.request_id: row for s, row in zip(batch, logits)}
         tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
         outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
         seconds = time.perf_counter() - start
-        self.stats.record_step(seconds, len(batch))
+        self.stats.record_step(seconds, len(batch), fed, prefill)
         unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
         self.policy.observe(
             StepRecord(
                 merged=self.merger.merged,
                 request_ids=[s.request_id for s in batch],
                 adapters=[s.adapter for s in batch],
-                num_tokens=len(inputs.input_ids),
+                num_tokens=fed,
                 lora_rank_sum=sum(self.adapters[a].rank for a in unmerged),
                 seconds=seconds,
                 merge_seconds=merge_s,

@@ -13,6 +13,8 @@ class EngineStats:
     steps: int = 0
     step_seconds: float = 0.0  # total
     tokens_generated: int = 0  # total, over all requests
+    prefill_tokens: int = 0  # total prompt (and recompute) tokens fed
+    prefill_seconds: float = 0.0  # their share of step time
     merges: int = 0
     merge_seconds: float = 0.0  # total
     unmerges: int = 0
@@ -22,10 +24,13 @@ class EngineStats:
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0  # total
 
-    def record_step(self, seconds: float, tokens: int) -> None:
+    def record_step(self, seconds: float, tokens: int, fed: int, prefill: int) -> None:
+        """One step: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of them prompt/recompute."""
         self.steps += 1
         self.step_seconds += seconds
         self.tokens_generated += tokens
+        self.prefill_tokens += prefill
+        self.prefill_seconds += seconds * prefill / max(1, fed)
 
     def record_merge(self, seconds: float) -> None:
         self.merges += 1
