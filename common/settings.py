@@ -76,6 +76,10 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     imbalance: float = 0.25
     # ... and by at least this many seconds.
     min_gain_s: float = 0.5
+    # Plan only after this many consecutive imbalanced looks, and not within cooldown_s of the
+    # last plan that moved something (its moves must show in the stats first).
+    patience: int = 2
+    cooldown_s: float = 3.0
     # Leader lease in Redis: the leader renews it every interval; a standby takes over when it expires.
     lease_s: float = 3.0
     # Stats older than this mean the worker is gone (the dispatcher recovers its requests).

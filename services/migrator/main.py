@@ -29,6 +29,8 @@ class Migrator:
         self.stats: dict[str, tuple[WorkerStats, float]] = {}
         self.leader = False
         self.plans = 0
+        self._imbalanced_looks = 0
+        self._last_plan = float("-inf")
 
     async def _on_stats(self, msg: Msg) -> None:
         try:
@@ -51,12 +53,17 @@ class Migrator:
                                    kv_transfer_seconds_per_token=self.s.kv_transfer_seconds_per_token,
                                    adapter_load_seconds=self.s.adapter_load_seconds)
         if not imbalanced(snap, self.s.imbalance, self.s.min_gain_s):
+            self._imbalanced_looks = 0
+            return
+        self._imbalanced_looks += 1
+        if self._imbalanced_looks < self.s.patience or now - self._last_plan < self.s.cooldown_s:
             return
         p = await asyncio.to_thread(plan, snap, PlannerSettings(self.s.solve_time_s, self.s.min_gain_s))
         if p.moves:
             p = msgspec.structs.replace(p, created=time.time())
             await self.nc.publish(subjects.MOVES, _encode.encode(p))
             self.plans += 1
+            self._last_plan = now
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.
             self.stats.clear()

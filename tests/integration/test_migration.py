@@ -126,3 +126,34 @@ async def test_dispatcher_places_replicas_of_hot_adapters(nats_server: Server, r
         assert traffic["hot"] > traffic["cold"]
     finally:
         await nc.drain()
+
+
+async def test_migrator_waits_for_persistent_imbalance_and_cools_down(nats_server: Server, redis: Redis) -> None:
+    from dlora.common.messages import RequestLoad, WorkerStats
+
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        m = Migrator(MigratorSettings(nats_url=nats_server.url, patience=2, cooldown_s=60, min_gain_s=0.0), nc, store)
+
+        def feed() -> None:
+            for name, n in (("w0", 12), ("w1", 0)):
+                reqs = [RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=8, remaining_tokens=200)
+                        for i in range(n)]
+                st = WorkerStats(worker=name, running=n, waiting=0, free_blocks=1000, total_blocks=1000, block_size=16,
+                                 max_loras=4, seconds_per_token=0.01, prefill_seconds_per_token=0.0001, requests=reqs)
+                m.stats[name] = (st, time.monotonic())
+
+        feed()
+        await m.tick()
+        assert m.plans == 0  # one imbalanced look is not enough
+        feed()
+        await m.tick()
+        assert m.plans == 1
+        feed()
+        await m.tick()
+        feed()
+        await m.tick()
+        assert m.plans == 1  # cooling down
+    finally:
+        await nc.drain()
