@@ -86,3 +86,11 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
     p = plan(snap, PlannerSettings(time_limit_s=1.0))
     assert p.solve_seconds < 5.0  # the bound plus model building
     assert p.makespan_after_s <= p.makespan_before_s
+
+
+def test_a_model_too_large_for_the_bound_is_planned_greedily() -> None:
+    snap = ClusterSnapshot(workers=[worker("w0", ["a"]), worker("w1", ["a"])], requests=reqs("w0", "a", 10),
+                           ranks={"a": 16})
+    p = plan(snap, PlannerSettings(max_ilp_variables=1))
+    assert p.method == "greedy (ilp-too-large)" and p.moves
+    assert p.makespan_after_s < p.makespan_before_s
