@@ -124,3 +124,27 @@ def test_dlora_merges_a_skewed_queue_and_still_matches(arch) -> None:
     got = run_all(engine, requests, MAX_TOKENS)
     assert engine.stats.merges >= 1 and engine.stats.steps > 0
     assert got == _expected(oracle, requests)
+
+
+def test_a_request_moves_with_its_kv_and_continues_exactly(arch) -> None:
+    """Five tokens on one engine, then the cache travels (as bytes) to another: no recompute there,
+    and the rest of the output equals the oracle's."""
+    from dlora.services.worker.engine.kv_transfer import KVSnapshot
+
+    tiny, oracle = arch
+    prompt = _prompts(tiny)[2]
+    adapter = sorted(tiny.adapters)[1]
+    full = oracle.generate(adapter, prompt, MAX_TOKENS)
+    src, dst = make_engine(tiny), make_engine(tiny)
+    src.add_request("r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter)
+    produced: list[int] = []
+    for _ in range(5):
+        produced += src.step()[0].new_token_ids
+    kv = KVSnapshot.from_bytes(src.export_kv("r").to_bytes())
+    src.abort("r")
+    dst.add_request("r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter,
+                    resume_token_ids=produced, kv=kv)
+    while dst.has_unfinished():
+        produced += dst.step()[0].new_token_ids
+    assert produced == full
+    assert dst.stats.prefill_tokens == 0  # decoding went on from the moved cache

@@ -20,6 +20,7 @@ from dlora.kernels.lora import LoraSegments
 from dlora.services.worker.engine.config import ModelConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
@@ -140,9 +141,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         resume_token_ids: list[int] | None = None,
+        kv: KVSnapshot | None = None,
     ) -> None:
         """Queue a request. ``resume_token_ids`` are outputs already produced (by a preempted,
-        migrated or lost run): generation continues after them and they are not reported again."""
+        migrated or lost run): generation continues after them and they are not reported again.
+        ``kv`` is the moved request's cache from another engine (``export_kv``): with it the
+        request continues decoding here without recomputing its context."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
@@ -176,8 +180,34 @@ class LLMEngine:
             generator=gen,
             output_ids=resumed,
         )
+        if kv is not None:
+            self._import_kv(seq, kv)
         self._arrivals += 1
         self.seqs[request_id] = seq
+
+    def export_kv(self, request_id: str) -> KVSnapshot | None:
+        """The cache of a running request (None if it has none: waiting or unknown)."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not Status.RUNNING or seq.num_cached == 0:
+            return None
+        slots = torch.tensor(self.blocks.slots(request_id, 0, seq.num_cached), dtype=torch.int64, device=self.device)
+        kv = self.model.kv
+        return KVSnapshot(tokens=seq.num_cached, k=kv.k[:, slots].cpu(), v=kv.v[:, slots].cpu())
+
+    def _import_kv(self, seq: Sequence, kv: KVSnapshot) -> None:
+        cfg = self.model_config
+        expected = (cfg.num_layers, seq.total_len - 1, cfg.num_kv_heads, cfg.head_dim)
+        if tuple(kv.k.shape) != expected or tuple(kv.v.shape) != expected:
+            raise RequestError(f"moved KV has shape {tuple(kv.k.shape)}, expected {expected}")
+        if not self.blocks.can_grow(seq.request_id, kv.tokens):
+            raise RequestError("no free KV blocks for the moved cache")
+        self.blocks.grow(seq.request_id, kv.tokens)
+        slots = torch.tensor(self.blocks.slots(seq.request_id, 0, kv.tokens), dtype=torch.int64, device=self.device)
+        for layer in range(cfg.num_layers):
+            self.model.kv.write(layer, kv.k[layer].to(self.device, self.dtype), kv.v[layer].to(self.device, self.dtype),
+                                slots)
+        seq.num_cached = kv.tokens
+        seq.status = Status.RUNNING
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its memory; False if it was not in flight."""
