@@ -81,6 +81,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     next_seq: int = 0
     # Unix seconds the request entered the system (gateway or app), for queue time.
     created: float = 0.0
+    # A move that ships the KV cache: this many KVChunks follow on subjects.kv_transfer; 0: none
+    # (the receiving worker recomputes from the tokens).
+    kv_chunks: int = 0
 
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):
@@ -181,6 +184,18 @@ class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):
     request_id: str
     adapter: str | None
     to_worker: str
+    # Ship the KV cache (cheaper than recomputing this context) rather than recompute.
+    ship_kv: bool = False
+
+
+class KVChunk(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
+    """One piece of a moved request's KV cache (safetensors bytes), msgpack-encoded on
+    ``subjects.kv_transfer(worker, request_id)``."""
+
+    request_id: str
+    index: int
+    total: int
+    data: bytes
 
 
 class MovePlan(msgspec.Struct, kw_only=True, frozen=True):

@@ -26,6 +26,15 @@ def worker_requests(worker: str) -> str:
     return f"{PREFIX}.worker.{worker}.requests"
 
 
+def kv_transfer(worker: str, request_id: str) -> str:
+    """KVChunks of a request moving to ``worker``."""
+    return f"{PREFIX}.worker.{worker}.kv.{request_id}"
+
+
+def kv_inbox(worker: str) -> str:
+    return f"{PREFIX}.worker.{worker}.kv.*"
+
+
 def stats(worker: str) -> str:
     return f"{PREFIX}.stats.{worker}"
 

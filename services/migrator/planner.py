@@ -72,6 +72,10 @@ def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
     return out
 
 
+def _ship_kv(snapshot: ClusterSnapshot) -> bool:
+    return snapshot.kv_transfer_seconds_per_token < snapshot.recompute_seconds_per_token
+
+
 def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
     per_token = min(snapshot.recompute_seconds_per_token, snapshot.kv_transfer_seconds_per_token)
     return r.context_tokens * per_token
@@ -174,8 +178,8 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
             if w == g.worker:
                 continue
             k = int(round(n[i, w].value() or 0))
-            moves.extend(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w)
-                         for r in g.requests[taken : taken + k])
+            moves.extend(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w,
+                                     ship_kv=_ship_kv(snapshot)) for r in g.requests[taken : taken + k])
             taken += k
     optimal = prob.sol_status == pulp.LpSolutionOptimal
     return moves, "ilp" if optimal else "ilp-incumbent"
@@ -224,5 +228,5 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
         on[dst].append(r)
         if r.adapter:
             held[dst].add(r.adapter)
-        moves.append(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=dst))
+        moves.append(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=dst, ship_kv=_ship_kv(snapshot)))
     return moves

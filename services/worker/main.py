@@ -23,6 +23,7 @@ from dlora.common.messages import (
     AdapterResidency,
     ErrorCode,
     GenerateRequest,
+    KVChunk,
     MovePlan,
     RequestLoad,
     WorkerStats,
@@ -31,6 +32,7 @@ from dlora.common.settings import WorkerSettings
 from dlora.common.state import StateStore
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 
 logger = log.get("worker")
@@ -38,6 +40,8 @@ _decode_request = msgspec.json.Decoder(GenerateRequest)
 _decode_abort = msgspec.json.Decoder(AbortRequest)
 _decode_event = msgspec.json.Decoder(AdapterEvent)
 _decode_plan = msgspec.json.Decoder(MovePlan)
+_decode_kv = msgspec.msgpack.Decoder(KVChunk)
+_encode_kv = msgspec.msgpack.Encoder()
 _PLAN_MAX_AGE_S = 5.0
 _encode = msgspec.json.Encoder()
 
@@ -61,6 +65,11 @@ class _AdapterRemoved:
 class _Move:
     request_id: str
     to_worker: str
+    ship_kv: bool
+
+
+_KV_CHUNK_BYTES = 512 << 10  # under NATS's default 1 MiB payload limit
+_KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
 
 
 class WorkerService:
@@ -68,6 +77,9 @@ class WorkerService:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
         self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved | _Move] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
+        # KV chunks of requests moving here, by request id (index -> bytes), and who waits for them.
+        self.kv_parts: dict[str, dict[int, bytes]] = {}
+        self.kv_ready: dict[str, asyncio.Event] = {}
         self.stats: WorkerStats = self._snapshot()
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
@@ -101,7 +113,31 @@ class WorkerService:
             return
         for m in plan.moves:
             if m.request_id in self.streams and m.to_worker != self.s.worker_id:
-                await self.commands.put(_Move(m.request_id, m.to_worker))
+                await self.commands.put(_Move(m.request_id, m.to_worker, m.ship_kv))
+
+    async def _on_kv_chunk(self, msg: Msg) -> None:
+        try:
+            chunk = _decode_kv.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        parts = self.kv_parts.setdefault(chunk.request_id, {})
+        parts[chunk.index] = chunk.data
+        if len(parts) == chunk.total:
+            self.kv_ready.setdefault(chunk.request_id, asyncio.Event()).set()
+
+    async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
+        """The moved cache of ``req`` once all its chunks are here; None (recompute) if they do not
+        come in time."""
+        ready = self.kv_ready.setdefault(req.request_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(ready.wait(), timeout=_KV_WAIT_S)
+        except TimeoutError:
+            logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
+            return None
+        finally:
+            self.kv_ready.pop(req.request_id, None)
+        parts = self.kv_parts.pop(req.request_id, {})
+        return KVSnapshot.from_bytes(b"".join(parts[i] for i in range(len(parts))))
 
     # ---- the owner of the engine ----------------------------------------------------------
     async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved | _Move) -> None:
@@ -126,12 +162,20 @@ class WorkerService:
         seq = self.engine.seqs.get(cmd.request_id)
         if stream is None or seq is None:
             return  # finished or gone meanwhile: nothing to move
-        resumed = msgspec.structs.replace(stream.request, resume_token_ids=list(seq.output_ids), next_seq=stream.seq)
+        kv = self.engine.export_kv(cmd.request_id) if cmd.ship_kv else None
+        data = kv.to_bytes() if kv is not None else b""
+        pieces = [data[i : i + _KV_CHUNK_BYTES] for i in range(0, len(data), _KV_CHUNK_BYTES)]
+        resumed = msgspec.structs.replace(stream.request, resume_token_ids=list(seq.output_ids), next_seq=stream.seq,
+                                          kv_chunks=len(pieces))
         self.engine.abort(cmd.request_id)
         del self.streams[cmd.request_id]
+        for i, piece in enumerate(pieces):
+            chunk = KVChunk(request_id=cmd.request_id, index=i, total=len(pieces), data=piece)
+            await self.nc.publish(subjects.kv_transfer(cmd.to_worker, cmd.request_id), _encode_kv.encode(chunk))
         await self.nc.publish(subjects.worker_requests(cmd.to_worker), _encode.encode(resumed))
         await self.store.put_inflight(resumed, cmd.to_worker)
-        logger.info("request moved", request=cmd.request_id, to=cmd.to_worker, tokens=len(seq.output_ids))
+        logger.info("request moved", request=cmd.request_id, to=cmd.to_worker, tokens=len(seq.output_ids),
+                    kv_bytes=len(data))
 
     async def _add(self, req: GenerateRequest) -> None:
         code, reason = ErrorCode.BAD_REQUEST, ""
@@ -141,10 +185,20 @@ class WorkerService:
                 if entry is None:
                     raise _NotFound(f"adapter {req.adapter!r} is not registered")
                 await asyncio.to_thread(self.engine.register_adapter, entry.name, entry.path)
-            self.engine.add_request(
-                req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, params=req.params,
-                adapter=req.adapter, resume_token_ids=req.resume_token_ids,
-            )
+            kv = await self._take_kv(req) if req.kv_chunks else None
+            try:
+                self.engine.add_request(
+                    req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, params=req.params,
+                    adapter=req.adapter, resume_token_ids=req.resume_token_ids, kv=kv,
+                )
+            except RequestError:
+                if kv is None:
+                    raise
+                # The cache does not fit here (blocks, shape): recompute from the tokens instead.
+                self.engine.add_request(
+                    req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, params=req.params,
+                    adapter=req.adapter, resume_token_ids=req.resume_token_ids,
+                )
             self.streams[req.request_id] = open_stream(req, time.monotonic())
             return
         except _NotFound as e:
@@ -228,6 +282,7 @@ class WorkerService:
             await self.nc.subscribe(subjects.ABORT, cb=self._on_abort),
             await self.nc.subscribe(subjects.ADAPTER_EVENTS, cb=self._on_adapter_event),
             await self.nc.subscribe(subjects.MOVES, cb=self._on_moves),
+            await self.nc.subscribe(subjects.kv_inbox(self.s.worker_id), cb=self._on_kv_chunk),
         ]
         await self.nc.flush()
         logger.info("worker ready", worker=self.s.worker_id)

@@ -9,6 +9,7 @@ import uuid
 
 import msgspec
 import nats
+import pytest
 from redis.asyncio import Redis
 
 from dlora.common import subjects
@@ -24,8 +25,9 @@ from tests.integration.test_gateway import offline
 N_TOKENS = 300
 
 
+@pytest.mark.parametrize("ship_kv", [False, True], ids=["recompute", "kv"])
 async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, ship_kv: bool
 ) -> None:
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url="unused")
@@ -40,7 +42,10 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
             tasks.append(asyncio.create_task(workers[name].run(stop)))
         mnc = await nats.connect(nats_server.url)
         conns.append(mnc)
-        migrator = Migrator(MigratorSettings(**common, interval_s=0.05, imbalance=0.25, min_gain_s=0.01), mnc, store)
+        # Shipping KV is free here, or dearer than any recompute: the planner picks accordingly.
+        kv_cost = 0.0 if ship_kv else 1.0
+        migrator = Migrator(MigratorSettings(**common, interval_s=0.05, imbalance=0.25, min_gain_s=0.01,
+                                             kv_transfer_seconds_per_token=kv_cost), mnc, store)
         tasks.append(asyncio.create_task(migrator.run(stop)))
 
         # A burst straight onto w0 (the NATS-native API lets an app pick a worker's subject).
@@ -75,6 +80,9 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
             assert [c.seq for c in cs] == list(range(len(cs)))  # continuous numbering, nothing repeated
             assert [t for c in cs for t in c.token_ids] == exp["token_ids"]
             assert cs[-1].finish_reason == "length" and cs[-1].usage.completion_tokens == N_TOKENS
+        # w1 and w2 only ever received moved requests: with KV shipped they never prefilled.
+        recomputed = sum(workers[w].engine.stats.prefill_tokens for w in ("w1", "w2"))
+        assert (recomputed == 0) if ship_kv else (recomputed > 0)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
