@@ -156,8 +156,9 @@ class WorkerService:
             await self._add(cmd.req)
 
     async def _move(self, cmd: _Move) -> None:
-        """Hand a request to another worker at a step boundary: it resumes there from the tokens
-        produced here (recompute), and the client's chunks continue in sequence."""
+        """Hand a request to another worker at a step boundary: its KV cache goes ahead in chunks
+        when the plan says shipping is cheaper, else the destination recomputes from the tokens
+        produced here; either way the client's chunks continue in sequence."""
         stream = self.streams.get(cmd.request_id)
         seq = self.engine.seqs.get(cmd.request_id)
         if stream is None or seq is None:
