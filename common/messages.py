@@ -198,6 +198,14 @@ class KVChunk(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     data: bytes
 
 
+class Placement(msgspec.Struct, kw_only=True, frozen=True):
+    """Where adapter replicas should live (dispatcher's burst-tolerant placement), published on
+    ``subjects.PLACEMENT``: each worker loads its adapters ahead of the requests that need them."""
+
+    # worker -> adapters it should hold
+    workers: dict[str, list[str]] = {}
+
+
 class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     """The migrator's decision, published on ``subjects.MOVES``. A worker moves only requests it
     still holds, and ignores plans older than a few stats intervals (``created``): a stale or

@@ -14,6 +14,9 @@ ABORT = f"{PREFIX}.abort"
 # AdapterEvent, broadcast.
 ADAPTER_EVENTS = f"{PREFIX}.adapters.events"
 
+# Placement from the dispatcher.
+PLACEMENT = f"{PREFIX}.placement"
+
 # MovePlan from the migrator.
 MOVES = f"{PREFIX}.moves"
 

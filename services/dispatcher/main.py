@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 
 from dlora.common import log, subjects
 from dlora.common.bus import connections
-from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk, WorkerStats
+from dlora.common.messages import ErrorCode, GenerateRequest, Placement, TokenChunk, WorkerStats
 from dlora.common.settings import DispatcherSettings
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.choose import choose_worker
@@ -108,6 +108,7 @@ class Dispatcher:
         capacity = [WorkerCapacity(w.worker, w.free_blocks, w.max_loras) for w in live]
         shares = {a: c / total for a, c in self.traffic.items() if a in ranks}
         self.placement = place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
+        await self.nc.publish(subjects.PLACEMENT, _encode.encode(Placement(workers=self.placement)))
 
     async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
         self._count(req.adapter)

@@ -25,6 +25,7 @@ from dlora.common.messages import (
     GenerateRequest,
     KVChunk,
     MovePlan,
+    Placement,
     RequestLoad,
     WorkerStats,
 )
@@ -41,6 +42,7 @@ _decode_abort = msgspec.json.Decoder(AbortRequest)
 _decode_event = msgspec.json.Decoder(AdapterEvent)
 _decode_plan = msgspec.json.Decoder(MovePlan)
 _decode_kv = msgspec.msgpack.Decoder(KVChunk)
+_decode_placement = msgspec.json.Decoder(Placement)
 _encode_kv = msgspec.msgpack.Encoder()
 _PLAN_MAX_AGE_S = 5.0
 _encode = msgspec.json.Encoder()
@@ -62,6 +64,11 @@ class _AdapterRemoved:
 
 
 @dataclass(frozen=True)
+class _Prefetch:
+    adapters: list[str]
+
+
+@dataclass(frozen=True)
 class _Move:
     request_id: str
     to_worker: str
@@ -75,7 +82,7 @@ _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes 
 class WorkerService:
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
-        self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved | _Move] = asyncio.Queue()
+        self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved | _Move | _Prefetch] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
         # KV chunks of requests moving here, by request id (index -> bytes), and who waits for them.
         self.kv_parts: dict[str, dict[int, bytes]] = {}
@@ -115,6 +122,15 @@ class WorkerService:
             if m.request_id in self.streams and m.to_worker != self.s.worker_id:
                 await self.commands.put(_Move(m.request_id, m.to_worker, m.ship_kv))
 
+    async def _on_placement(self, msg: Msg) -> None:
+        try:
+            placement = _decode_placement.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        mine = [a for a in placement.workers.get(self.s.worker_id, []) if a not in self.engine.adapters]
+        if mine:
+            await self.commands.put(_Prefetch(mine))
+
     async def _on_kv_chunk(self, msg: Msg) -> None:
         try:
             chunk = _decode_kv.decode(msg.data)
@@ -140,9 +156,11 @@ class WorkerService:
         return KVSnapshot.from_bytes(b"".join(parts[i] for i in range(len(parts))))
 
     # ---- the owner of the engine ----------------------------------------------------------
-    async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved | _Move) -> None:
+    async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved | _Move | _Prefetch) -> None:
         if isinstance(cmd, _Move):
             await self._move(cmd)
+        elif isinstance(cmd, _Prefetch):
+            await self._prefetch(cmd.adapters)
         elif isinstance(cmd, _Abort):
             if self.engine.abort(cmd.request_id):
                 self.streams.pop(cmd.request_id, None)
@@ -154,6 +172,17 @@ class WorkerService:
                 logger.info("adapter kept", adapter=cmd.name, reason=str(e))
         else:
             await self._add(cmd.req)
+
+    async def _prefetch(self, names: list[str]) -> None:
+        """Load adapters the placement gives this worker into host memory before requests need them."""
+        for name in names:
+            entry = await self.store.get_adapter(name)
+            if entry is None or name in self.engine.adapters:
+                continue
+            try:
+                await asyncio.to_thread(self.engine.register_adapter, entry.name, entry.path)
+            except AdapterError as e:
+                logger.warning("prefetch failed", adapter=name, reason=str(e))
 
     async def _move(self, cmd: _Move) -> None:
         """Hand a request to another worker at a step boundary: its KV cache goes ahead in chunks
@@ -284,6 +313,7 @@ class WorkerService:
             await self.nc.subscribe(subjects.ADAPTER_EVENTS, cb=self._on_adapter_event),
             await self.nc.subscribe(subjects.MOVES, cb=self._on_moves),
             await self.nc.subscribe(subjects.kv_inbox(self.s.worker_id), cb=self._on_kv_chunk),
+            await self.nc.subscribe(subjects.PLACEMENT, cb=self._on_placement),
         ]
         await self.nc.flush()
         logger.info("worker ready", worker=self.s.worker_id)

@@ -165,3 +165,42 @@ async def test_migrator_waits_for_persistent_imbalance_and_cools_down(nats_serve
         assert m.plans == 1  # cooling down
     finally:
         await nc.drain()
+
+
+async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server, redis: Redis,
+                                                            tiny_llama: TinyOutput) -> None:
+    from dlora.common.messages import AdapterEntry
+    from dlora.common.settings import DispatcherSettings
+    from dlora.services.dispatcher.main import Dispatcher
+
+    store = StateStore(redis)
+    for name, path in tiny_llama.adapters.items():
+        await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
+    stop = asyncio.Event()
+    conns, tasks, workers = [], [], []
+    try:
+        for name in ("w0", "w1"):
+            ws = WorkerSettings(nats_url=nats_server.url, worker_id=name, model=str(tiny_llama.model),
+                                stats_interval_s=0.05)
+            nc = await nats.connect(nats_server.url)
+            conns.append(nc)
+            workers.append(WorkerService(ws, nc, store, build_engine(ws)))
+            tasks.append(asyncio.create_task(workers[-1].run(stop)))
+        dnc = await nats.connect(nats_server.url)
+        conns.append(dnc)
+        d = Dispatcher(DispatcherSettings(nats_url=nats_server.url), dnc, store)
+        await dnc.subscribe(subjects.STATS_ALL, cb=d._on_stats)
+        await asyncio.sleep(0.3)
+        for _ in range(20):
+            d._count("lora-0")
+        await d.replan_placement()
+        for _ in range(100):
+            if all("lora-0" in w.engine.adapters for w in workers):
+                break
+            await asyncio.sleep(0.05)
+        assert all("lora-0" in w.engine.adapters for w in workers)  # the hot adapter, everywhere
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
