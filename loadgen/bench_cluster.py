@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dlora.loadgen.bench_common import ensure_model, machine, save, today
-from dlora.loadgen.main import add_arguments
+from dlora.loadgen.options import add_arguments
 from dlora.loadgen.main import run as run_loadgen
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port

@@ -20,36 +20,6 @@ from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.traces import LLMRequestRow, TraceError, read_azure_functions, read_azure_llm
 
 
-def add_arguments(p: argparse.ArgumentParser, default_traces: Path) -> None:
-    p.add_argument("--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)")
-    p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
-    p.add_argument("--requests", type=int, default=100, help="cap on requests")
-    p.add_argument("--duration", type=float, default=60.0, help="cap on seconds of sending")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arrivals", choices=["poisson", "gamma", "trace"], default="poisson")
-    p.add_argument("--rate", type=float, default=2.0, help="mean requests/s (trace replay is rescaled to it)")
-    p.add_argument("--cv", type=float, default=1.0, help="gamma: coefficient of variation of inter-arrivals")
-    p.add_argument("--trace", default=str(default_traces / "AzureLLMInferenceTrace_conv.csv"),
-                   help="Azure LLM trace (TIMESTAMP,ContextTokens,GeneratedTokens) for arrivals and lengths")
-    p.add_argument("--lengths", choices=["trace", "fixed", "uniform"], default="trace")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--length-divide", type=float, default=1.0, help="trace lengths are divided by this ...")
-    p.add_argument("--max-prompt", type=int, default=256, help="... and capped")
-    p.add_argument("--max-output", type=int, default=128)
-    p.add_argument("--adapters", type=int, default=4, help="adapters lora-0..N-1")
-    p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
-    p.add_argument("--popularity", choices=["uniform", "zipf", "power", "stride"], default="uniform")
-    p.add_argument("--alpha", type=float, default=1.0, help="zipf exponent / power-law alpha")
-    p.add_argument("--stride", type=int, default=1, help="stride mapping over Azure Functions popularity")
-    p.add_argument("--functions", default=str(default_traces / "azure_functions_2019_sample"
-                                                              / "invitro_500fn_invocations_min480-959.csv"))
-    p.add_argument("--shift-every", type=float, help="rotate adapter popularity every this many seconds")
-    p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
-    p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")
-    p.add_argument("--out", default="loadgen-results", help="folder for result.json, report.png, report.html")
-
-
 def build_specs(args: argparse.Namespace) -> list[workload.RequestSpec]:
     rng = np.random.default_rng(args.seed)
     n = args.requests

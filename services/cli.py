@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that imports its module only when run: ``dlora --help`` stays quick and
+    services do not load torch for nothing."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
 
 
 def _model_make_tiny(args: argparse.Namespace) -> int:
@@ -14,24 +27,6 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
     out = make_tiny(args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=ranks, seed=args.seed)
     print(f"wrote {out.model} and {len(out.adapters)} adapters under {out.adapters_dir}")
     return 0
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from dlora.services.worker.engine.offline import run_generate
-
-    return run_generate(args)
-
-
-def _bench_engine(args: argparse.Namespace) -> int:
-    from dlora.loadgen.bench_engine import run_bench_engine
-
-    return run_bench_engine(args)
-
-
-def _bench_policy(args: argparse.Namespace) -> int:
-    from dlora.loadgen.bench_policy import run_bench_policy
-
-    return run_bench_policy(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func=_lazy("dlora.services.worker.engine.offline:run_generate"))
 
     lg = sub.add_parser("loadgen", help="replay a workload open loop against the gateway or NATS; report")
-    from dlora.loadgen.main import add_arguments
+    from dlora.loadgen.options import add_arguments
 
     add_arguments(lg, _default_traces())
-    lg.set_defaults(func=_loadgen)
+    lg.set_defaults(func=_lazy("dlora.loadgen.main:run_loadgen"))
 
     serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
     serve.add_argument("service", choices=["gateway", "dispatcher", "worker", "migrator"])
@@ -93,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     be.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    be.set_defaults(func=_bench_engine)
+    be.set_defaults(func=_lazy("dlora.loadgen.bench_engine:run_bench_engine"))
 
     bp = bench.add_parser("policy", help="merged-only vs unmerged-only vs dlora over adapter skew (paper Fig. 10)")
     bp.add_argument("--preset", choices=["tiny", "small"], default="small")
@@ -112,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--workdir", default=".cache/bench")
     bp.add_argument("--json", help="write results here")
     bp.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bp.set_defaults(func=_bench_policy)
+    bp.set_defaults(func=_lazy("dlora.loadgen.bench_policy:run_bench_policy"))
 
     b2 = bench.add_parser("e2e", help="dlora vs HF PEFT vs fixed modes over a rate sweep (paper Fig. 8/9)")
     b2.add_argument("--preset", choices=["tiny", "small"], default="small")
@@ -134,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     b2.add_argument("--json", help="write results here")
     b2.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose e2e section is regenerated")
     b2.add_argument("--docs", default="docs", help="folder for the plot")
-    b2.set_defaults(func=_bench_e2e)
+    b2.set_defaults(func=_lazy("dlora.loadgen.bench_e2e:run_bench_e2e"))
 
     bm = bench.add_parser("migration", help="co-migration ILP solve time as the cluster grows")
     bm.add_argument("--sizes", default="4x16x100,8x64x500,32x128x2000,128x1024x10000",
@@ -142,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--time-limit", type=float, default=1.0, help="solver bound (s)")
     bm.add_argument("--json", help="write results here")
     bm.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bm.set_defaults(func=_bench_migration)
+    bm.set_defaults(func=_lazy("dlora.loadgen.bench_migration:run_bench_migration"))
 
     bk = bench.add_parser("cluster", help="round-robin vs proactive vs proactive + co-migration (paper Fig. 11)")
     bk.add_argument("--preset", choices=["tiny", "small"], default="small")
@@ -162,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--out", default="bench-results/cluster")
     bk.add_argument("--json", help="write results here")
     bk.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bk.set_defaults(func=_bench_cluster)
+    bk.set_defaults(func=_lazy("dlora.loadgen.bench_cluster:run_bench_cluster"))
 
     bc = bench.add_parser("control-plane", help="latency the gateway, NATS and dispatcher add; sustained rate")
     bc.add_argument("--requests", type=int, default=200)
@@ -170,38 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--concurrency", type=int, default=32)
     bc.add_argument("--json", help="write results here")
     bc.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bc.set_defaults(func=_bench_control_plane)
+    bc.set_defaults(func=_lazy("dlora.loadgen.bench_control_plane:run_bench_control_plane"))
     return p
-
-
-def _bench_control_plane(args: argparse.Namespace) -> int:
-    from dlora.loadgen.bench_control_plane import run_bench_control_plane
-
-    return run_bench_control_plane(args)
-
-
-def _loadgen(args: argparse.Namespace) -> int:
-    from dlora.loadgen.main import run_loadgen
-
-    return run_loadgen(args)
-
-
-def _bench_e2e(args: argparse.Namespace) -> int:
-    from dlora.loadgen.bench_e2e import run_bench_e2e
-
-    return run_bench_e2e(args)
-
-
-def _bench_migration(args: argparse.Namespace) -> int:
-    from dlora.loadgen.bench_migration import run_bench_migration
-
-    return run_bench_migration(args)
-
-
-def _bench_cluster(args: argparse.Namespace) -> int:
-    from dlora.loadgen.bench_cluster import run_bench_cluster
-
-    return run_bench_cluster(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -88,6 +88,7 @@ class WorkerService:
         self.kv_parts: dict[str, dict[int, bytes]] = {}
         self.kv_ready: dict[str, asyncio.Event] = {}
         self.stats: WorkerStats = self._snapshot()
+        self._snapshot_at = time.monotonic()
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, msg: Msg) -> None:
@@ -176,11 +177,8 @@ class WorkerService:
     async def _prefetch(self, names: list[str]) -> None:
         """Load adapters the placement gives this worker into host memory before requests need them."""
         for name in names:
-            entry = await self.store.get_adapter(name)
-            if entry is None or name in self.engine.adapters:
-                continue
             try:
-                await asyncio.to_thread(self.engine.register_adapter, entry.name, entry.path)
+                await self._ensure_adapter(name)
             except AdapterError as e:
                 logger.warning("prefetch failed", adapter=name, reason=str(e))
 
@@ -207,28 +205,33 @@ class WorkerService:
         logger.info("request moved", request=cmd.request_id, to=cmd.to_worker, tokens=len(seq.output_ids),
                     kv_bytes=len(data))
 
+    async def _ensure_adapter(self, name: str) -> bool:
+        """Load a registered adapter into the engine's host memory if it is not there yet; False
+        if the registry does not know it (AdapterError if its files are bad)."""
+        if name in self.engine.adapters:
+            return True
+        entry = await self.store.get_adapter(name)
+        if entry is None:
+            return False
+        await asyncio.to_thread(self.engine.register_adapter, entry.name, entry.path)
+        return True
+
+    def _add_to_engine(self, req: GenerateRequest, kv: KVSnapshot | None) -> None:
+        self.engine.add_request(req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                                params=req.params, adapter=req.adapter, resume_token_ids=req.resume_token_ids, kv=kv)
+
     async def _add(self, req: GenerateRequest) -> None:
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
-            if req.adapter is not None and req.adapter not in self.engine.adapters:
-                entry = await self.store.get_adapter(req.adapter)
-                if entry is None:
-                    raise _NotFound(f"adapter {req.adapter!r} is not registered")
-                await asyncio.to_thread(self.engine.register_adapter, entry.name, entry.path)
+            if req.adapter is not None and not await self._ensure_adapter(req.adapter):
+                raise _NotFound(f"adapter {req.adapter!r} is not registered")
             kv = await self._take_kv(req) if req.kv_chunks else None
             try:
-                self.engine.add_request(
-                    req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, params=req.params,
-                    adapter=req.adapter, resume_token_ids=req.resume_token_ids, kv=kv,
-                )
+                self._add_to_engine(req, kv)
             except RequestError:
                 if kv is None:
                     raise
-                # The cache does not fit here (blocks, shape): recompute from the tokens instead.
-                self.engine.add_request(
-                    req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, params=req.params,
-                    adapter=req.adapter, resume_token_ids=req.resume_token_ids,
-                )
+                self._add_to_engine(req, None)  # the cache does not fit here: recompute instead
             self.streams[req.request_id] = open_stream(req, time.monotonic())
             return
         except _NotFound as e:
@@ -250,7 +253,7 @@ class WorkerService:
             sent[out.request_id] = out.new_token_ids
             if out.finished:
                 del self.streams[out.request_id]
-        await self.nc.flush()  # chunks out before the Redis bookkeeping
+        # No flush: the publishes are buffered and go out while the Redis call below waits.
         finished = [rid for rid in sent if rid not in self.streams]
         await self.store.record_progress({rid: t for rid, t in sent.items() if rid in self.streams}, finished)
 
@@ -266,7 +269,11 @@ class WorkerService:
                 await self._apply(self.commands.get_nowait())
             if self.engine.has_unfinished():
                 await self._step()
-            self.stats = self._snapshot()
+            # The snapshot walks every request: take it as often as stats go out, not every step
+            # (and at once when the engine falls idle, so the last stats say so).
+            now = time.monotonic()
+            if now - self._snapshot_at >= self.s.stats_interval_s / 2 or not self.engine.has_unfinished():
+                self.stats, self._snapshot_at = self._snapshot(), now
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from dlora.loadgen.main import add_arguments, run
+from dlora.loadgen.main import run
+from dlora.loadgen.options import add_arguments
 from dlora.services.cli import build_parser
 from tests.integration.conftest import Stack
 
