@@ -39,6 +39,20 @@ end
 return 0
 """
 
+# KEYS: the in-flight hash; ARGV: worker, request JSON, index key prefix, request id.
+# One round trip: move the record to the worker, keeping the first request and the progress.
+_PUT_INFLIGHT_LUA = """
+local old = redis.call('HGET', KEYS[1], 'worker')
+if old and old ~= ARGV[1] then
+  redis.call('SREM', ARGV[3] .. old, ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'worker', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
+redis.call('HSETNX', KEYS[1], 'chunks', 0)
+redis.call('HSETNX', KEYS[1], 'tokens', '')
+redis.call('SADD', ARGV[3] .. ARGV[1], ARGV[4])
+"""
+
 _PROGRESS_LUA = """
 for i, key in ipairs(KEYS) do
   local tokens = ARGV[i]
@@ -71,6 +85,7 @@ class StateStore:
         self.p = prefix
         self._progress = redis.register_script(_PROGRESS_LUA)
         self._lease = redis.register_script(_LEASE_LUA)
+        self._put_inflight = redis.register_script(_PUT_INFLIGHT_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry) -> None:
@@ -153,17 +168,9 @@ class StateStore:
     async def put_inflight(self, request: GenerateRequest, worker: str) -> None:
         """Record a request as running on ``worker``. On a resume elsewhere only the worker changes:
         the first request and the progress since it stay, so a second resume counts right."""
-        key = f"{self.p}:inflight:{request.request_id}"
-        old = await self.r.hget(key, "worker")
-        pipe = self.r.pipeline()
-        if old is not None and old.decode() != worker:
-            pipe.srem(f"{self.p}:inflight-of:{old.decode()}", request.request_id)
-        pipe.hset(key, "worker", worker)
-        pipe.hsetnx(key, "request", msgspec.json.encode(request))
-        pipe.hsetnx(key, "chunks", 0)
-        pipe.hsetnx(key, "tokens", "")
-        pipe.sadd(f"{self.p}:inflight-of:{worker}", request.request_id)
-        await pipe.execute()
+        await self._put_inflight(keys=[f"{self.p}:inflight:{request.request_id}"],
+                                 args=[worker, msgspec.json.encode(request), f"{self.p}:inflight-of:",
+                                       request.request_id])
 
     async def record_progress(self, tokens: dict[str, list[int]], finished: list[str]) -> None:
         """One round trip per step: the tokens each running request was sent, and the records of

@@ -104,7 +104,7 @@ async def http_rate(url: str, model: str, seconds: float, concurrency: int) -> f
 
 
 def run(args: argparse.Namespace) -> dict:
-    stack = LocalStack(workers=1, model=None, lora=[], port=free_port(), config=None)
+    stack = LocalStack(workers=1, model=None, lora=[], port=free_port(), config=None, migrator=False)
     stack.start()
     try:
         model = stack.model_dir
