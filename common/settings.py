@@ -98,6 +98,8 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
     model: str = ""
     dtype: str = "float32"
     device: str = "cpu"
+    # Compute kernels: auto (Triton on CUDA, torch elsewhere) | torch | triton.
+    kernels: str = "auto"
     policy: str = "dlora"
     max_loras: int = 8
     max_num_seqs: int = 64
@@ -112,6 +114,7 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
         _require(bool(self.worker_id) and "." not in self.worker_id and "*" not in self.worker_id,
                  "worker_id", self.worker_id, "must be non-empty without '.' or '*' (it is a NATS token)")
         _require(self.max_loras >= 1, "max_loras", self.max_loras, "must be >= 1")
+        _require(self.kernels in ("auto", "torch", "triton"), "kernels", self.kernels, "must be auto, torch or triton")
         _require(self.stats_interval_s > 0, "stats_interval_s", self.stats_interval_s, "must be > 0")
 
 

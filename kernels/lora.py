@@ -3,7 +3,7 @@
 The shrink (x·A, down to the adapter's rank) and expand (·B, back up, scaled) pair runs per
 segment: tokens are grouped by the scheduler into contiguous runs of one adapter slot, so each
 segment is two small dense matmuls (SGMV-style). This torch version is the CPU path and the
-reference the Triton kernels are tested against.
+reference the Triton kernels (``lora_triton.py``) are tested against.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class LoraSegments:
     segments: list[tuple[int, int, int]]  # (slot, start, end): tokens [start, end) use slot >= 0
 
     @classmethod
-    def from_token_slots(cls, token_slots: list[int]) -> LoraSegments:
+    def from_token_slots(cls, token_slots: list[int], device: torch.device | None = None) -> LoraSegments | None:
+        """The segments, or None when no token uses LoRA (``device`` is unused: the torch path
+        keeps its metadata on the host)."""
         segments: list[tuple[int, int, int]] = []
         start = 0
         for t in range(1, len(token_slots) + 1):
@@ -32,7 +34,7 @@ class LoraSegments:
                 if token_slots[start] >= 0:
                     segments.append((token_slots[start], start, t))
                 start = t
-        return cls(segments)
+        return cls(segments) if segments else None
 
 
 @dataclass
@@ -50,7 +52,54 @@ class LoraSlice:
     scale: list[float] = field(default_factory=list)
 
 
-def add_lora_torch(out: torch.Tensor, x: torch.Tensor, slices: list[LoraSlice], meta: LoraSegments) -> None:
+@dataclass
+class LoraTables:
+    """One fused projection's slot weights as the Triton kernels read them: an address per
+    (slice, slot), so every adapter stays at its own rank in memory (no padding to the largest).
+    The addresses are only valid while the tensors in the slices live: rebuild after any change."""
+
+    a_ptrs: torch.Tensor  # (n_slices, num_slots) int64: address of A (rank, in_features), contiguous; 0: none
+    b_ptrs: torch.Tensor  # (n_slices, num_slots) int64: address of B (size, rank), contiguous; 0: none
+    ranks: torch.Tensor  # (n_slices, num_slots) int32: the slot's rank for the slice; 0 where it has none
+    scales: torch.Tensor  # (n_slices, num_slots) float32
+    offsets: torch.Tensor  # (n_slices,) int32: first output column of each slice
+    sizes: torch.Tensor  # (n_slices,) int32: output columns of each slice
+    max_rank: int  # over every slice and slot (0: no adapter loaded)
+    max_size: int  # the widest slice
+
+    @classmethod
+    def build(cls, slices: list[LoraSlice], device: torch.device) -> LoraTables:
+        a_ptrs = [[0 if a is None else a.data_ptr() for a in sl.a] for sl in slices]
+        b_ptrs = [[0 if b is None else b.data_ptr() for b in sl.b] for sl in slices]
+        ranks = [[0 if a is None else a.shape[0] for a in sl.a] for sl in slices]
+        for sl in slices:
+            assert all(t is None or t.is_contiguous() for t in sl.a + sl.b), "slot weights must be contiguous"
+        return cls(
+            a_ptrs=torch.tensor(a_ptrs, dtype=torch.int64, device=device),
+            b_ptrs=torch.tensor(b_ptrs, dtype=torch.int64, device=device),
+            ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
+            scales=torch.tensor([sl.scale for sl in slices], dtype=torch.float32, device=device),
+            offsets=torch.tensor([sl.offset for sl in slices], dtype=torch.int32, device=device),
+            sizes=torch.tensor([sl.size for sl in slices], dtype=torch.int32, device=device),
+            max_rank=max((r for row in ranks for r in row), default=0),
+            max_size=max(sl.size for sl in slices),
+        )
+
+
+@dataclass
+class LoraProjection:
+    """Every slot's LoRA weights for one fused projection ('qkv', 'o', 'gate_up', 'down') of one
+    layer: the slices (what the torch path reads) and their tables (what the Triton path reads)."""
+
+    slices: list[LoraSlice]
+    tables: LoraTables | None = None  # None until ``refresh``
+
+    def refresh(self, device: torch.device) -> None:
+        """Rebuild the tables after slot weights changed."""
+        self.tables = LoraTables.build(self.slices, device)
+
+
+def add_lora_torch(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, meta: LoraSegments) -> None:
     """In place: out[t, slice] += scale[slot] · (x[t] · A[slot]ᵀ) · B[slot]ᵀ for every token t of a segment.
 
     out (T, N) is the fused projection's output, x (T, K) its input. Tokens outside every segment
@@ -58,7 +107,7 @@ def add_lora_torch(out: torch.Tensor, x: torch.Tensor, slices: list[LoraSlice], 
     """
     for slot, start, end in meta.segments:
         xs = x[start:end]
-        for sl in slices:
+        for sl in proj.slices:
             a = sl.a[slot]
             if a is None:
                 continue

@@ -343,8 +343,8 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
         import torch
 
         torch.set_num_threads(s.torch_threads)
-    return LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, device=s.device, policy=s.policy, max_loras=s.max_loras,
-                                  max_num_seqs=s.max_num_seqs, kv_cache_bytes=s.kv_cache_bytes))
+    return LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, device=s.device, kernels=s.kernels, policy=s.policy,
+                                  max_loras=s.max_loras, max_num_seqs=s.max_num_seqs, kv_cache_bytes=s.kv_cache_bytes))
 
 
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:

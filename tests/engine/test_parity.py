@@ -32,6 +32,10 @@ def _expected(oracle: Oracle, requests: dict[str, tuple[str | None, list[int]]])
 
 
 POLICIES = ["unmerged-only", "merged-only", "dlora"]
+# The engine on both kernel paths: Triton runs under its interpreter on CPU (slowly), so it takes
+# the tests that drive the kernels in distinct ways (unmerged mixed batches, preemption, resume
+# over a cached prefix, prefill logits, moved KV); merged steps run no LoRA kernel at all.
+KERNELS = ["torch", "triton"]
 
 
 @pytest.mark.parametrize("policy", POLICIES[:2])
@@ -51,8 +55,9 @@ def test_adapters_change_the_output(arch) -> None:
     assert len(outputs) == len(tiny.adapters) + 1  # otherwise the parity tests prove little
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_mixed_batch(arch, policy: str) -> None:
+@pytest.mark.parametrize("policy,kernels", [(p, "torch") for p in POLICIES] + [("unmerged-only", "triton"),
+                                                                              ("dlora", "triton")])
+def test_mixed_batch(arch, policy: str, kernels: str) -> None:
     """Every adapter and the base, prompts of different lengths, all submitted at once."""
     tiny, oracle = arch
     prompts = _prompts(tiny)
@@ -60,7 +65,8 @@ def test_mixed_batch(arch, policy: str) -> None:
     requests = {
         f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(2 * len(adapters))
     }
-    engine = make_engine(tiny, policy=policy)
+    engine = make_engine(tiny, policy=policy, kernels=kernels)
+    assert engine.kernels.name == kernels
     got = run_all(engine, requests, MAX_TOKENS)
     assert got == _expected(oracle, requests)
     if policy == "merged-only":
@@ -69,24 +75,26 @@ def test_mixed_batch(arch, policy: str) -> None:
         assert engine.stats.merges == 0
 
 
-def test_preempted_requests_resume_by_recompute(arch) -> None:
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_preempted_requests_resume_by_recompute(arch, kernels: str) -> None:
     """With too few KV blocks for the whole batch, requests are preempted and still match."""
     tiny, oracle = arch
     prompts = _prompts(tiny)
     adapters = [None, *tiny.adapters]
     requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(6)}
-    engine = make_engine(tiny, block_size=4, num_blocks=14)
+    engine = make_engine(tiny, block_size=4, num_blocks=14, kernels=kernels)
     got = run_all(engine, requests, MAX_TOKENS)
     assert engine.stats.preemptions > 0
     assert got == _expected(oracle, requests)
 
 
-def test_resume_from_token_prefix(arch) -> None:
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_resume_from_token_prefix(arch, kernels: str) -> None:
     tiny, oracle = arch
     prompt = _prompts(tiny)[2]
     adapter = next(iter(tiny.adapters))
     full = oracle.generate(adapter, prompt, MAX_TOKENS)
-    engine = make_engine(tiny)
+    engine = make_engine(tiny, kernels=kernels)
     engine.add_request(
         "r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter,
         resume_token_ids=full[:5],
@@ -99,10 +107,10 @@ def test_resume_from_token_prefix(arch) -> None:
     assert new == full[5:]
 
 
-@pytest.mark.parametrize("policy", POLICIES[:2])
-def test_prefill_logits_close_to_peft(arch, policy: str) -> None:
+@pytest.mark.parametrize("policy,kernels", [(p, "torch") for p in POLICIES[:2]] + [("unmerged-only", "triton")])
+def test_prefill_logits_close_to_peft(arch, policy: str, kernels: str) -> None:
     tiny, oracle = arch
-    engine = make_engine(tiny, policy=policy)
+    engine = make_engine(tiny, policy=policy, kernels=kernels)
     for prompt in _prompts(tiny):
         for adapter in [None, *tiny.adapters]:
             engine.add_request("p", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1), adapter=adapter)
@@ -126,7 +134,8 @@ def test_dlora_merges_a_skewed_queue_and_still_matches(arch) -> None:
     assert got == _expected(oracle, requests)
 
 
-def test_a_request_moves_with_its_kv_and_continues_exactly(arch) -> None:
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_a_request_moves_with_its_kv_and_continues_exactly(arch, kernels: str) -> None:
     """Five tokens on one engine, then the cache travels (as bytes) to another: no recompute there,
     and the rest of the output equals the oracle's."""
     from dlora.services.worker.engine.kv_transfer import KVSnapshot
@@ -135,7 +144,7 @@ def test_a_request_moves_with_its_kv_and_continues_exactly(arch) -> None:
     prompt = _prompts(tiny)[2]
     adapter = sorted(tiny.adapters)[1]
     full = oracle.generate(adapter, prompt, MAX_TOKENS)
-    src, dst = make_engine(tiny), make_engine(tiny)
+    src, dst = make_engine(tiny, kernels=kernels), make_engine(tiny, kernels=kernels)
     src.add_request("r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter)
     produced: list[int] = []
     for _ in range(5):

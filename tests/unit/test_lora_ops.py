@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlora.kernels.lora import LoraSegments, LoraSlice, add_lora_torch
+from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
 
 
 def test_segments_from_token_slots() -> None:
     assert LoraSegments.from_token_slots([3, 3, -1, 0, 0, 0]).segments == [(3, 0, 2), (0, 3, 6)]
-    assert LoraSegments.from_token_slots([-1, -1]).segments == []
+    assert LoraSegments.from_token_slots([-1, -1]) is None  # no token uses LoRA
     assert LoraSegments.from_token_slots([1, 2, 1]).segments == [(1, 0, 1), (2, 1, 2), (1, 2, 3)]
-    assert LoraSegments.from_token_slots([]).segments == []
+    assert LoraSegments.from_token_slots([]) is None
 
 
 @pytest.mark.parametrize("token_slots", [[0, 0, 1, 1, 1, -1, 2], [-1, -1, -1], [2] * 7, [0, 1, 2, 0, 1, 2, -1]])
@@ -30,7 +30,9 @@ def test_matches_per_token_reference(token_slots: list[int]) -> None:
     x = torch.randn(len(token_slots), k)
     base = torch.randn(len(token_slots), 20)
     out = base.clone()
-    add_lora_torch(out, x, slices, LoraSegments.from_token_slots(token_slots))
+    segments = LoraSegments.from_token_slots(token_slots)
+    if segments is not None:
+        add_lora_torch(out, x, LoraProjection(slices), segments)
     expected = base.clone()
     for t, slot in enumerate(token_slots):
         for sl in slices:

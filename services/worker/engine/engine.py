@@ -15,8 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dlora.common.messages import SamplingParams
-from dlora.kernels.attention import build_attention_metadata
-from dlora.kernels.lora import LoraSegments
+from dlora.kernels.backend import select_kernels
 from dlora.services.worker.engine.config import ModelConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
@@ -52,6 +51,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_loras: int = 8  # device slots for unmerged adapters
     policy: str = "unmerged-only"  # batching policy: dlora | merged-only | unmerged-only
+    kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
     seed: int = 0  # for requests that sample without a seed of their own
 
 
@@ -75,6 +75,7 @@ class LLMEngine:
         self.config = config
         self.dtype = DTYPES[config.dtype]
         self.device = torch.device(config.device)
+        self.kernels = select_kernels(config.kernels, self.device)
         self.model_config = cfg = ModelConfig.from_dir(config.model)
         self.model_name = Path(config.model).name
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -97,9 +98,9 @@ class LLMEngine:
             max_adapters=config.max_loras,
         )
         self.slots = SlotTable(config.max_loras)
-        self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device)
+        self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
         self.merger = Merger(weights, targets(cfg))
-        self.model = LlamaModel(cfg, weights, kv, self.device_loras)
+        self.model = LlamaModel(cfg, weights, kv, self.device_loras, self.kernels)
         self.policy: Policy = policy or make_policy(config.policy, BatchLimits(config.max_num_seqs, config.max_loras))
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
@@ -326,14 +327,13 @@ class LLMEngine:
             tables.append(self.blocks.table(s.request_id))
         dev = self.device
         last = torch.tensor(q_lens).cumsum(0) - 1
-        lora = LoraSegments.from_token_slots(token_slots)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             last_index=last.to(dev),
-            attention=build_attention_metadata(q_lens, ctx_lens, tables, slots, self.blocks.block_size, dev),
-            lora=lora if lora.segments else None,
+            attention=self.kernels.attention_metadata(q_lens, ctx_lens, tables, slots, self.blocks.block_size, dev),
+            lora=self.kernels.lora_metadata(token_slots, dev),
         )
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:

@@ -8,12 +8,12 @@ cache, and unmerged LoRA adds per-segment deltas after each projection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dlora.kernels.attention import AttentionMetadata, paged_attention_torch
-from dlora.kernels.lora import LoraSegments, add_lora_torch
+from dlora.kernels.backend import Kernels
 from dlora.services.worker.engine.config import ModelConfig
 from dlora.services.worker.engine.kv_cache import KVCache
 from dlora.services.worker.engine.rope import Rope, apply_rope
@@ -29,8 +29,8 @@ class StepInputs:
     positions: torch.Tensor  # (T,) int64
     seq_lens: torch.Tensor  # (T,) int64: context length of each token's sequence after this step
     last_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
-    attention: AttentionMetadata
-    lora: LoraSegments | None  # None: no token uses an unmerged adapter
+    attention: Any  # the kernel path's attention metadata
+    lora: Any  # the kernel path's LoRA metadata; None: no token uses an unmerged adapter
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,8 +41,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, kv: KVCache, loras: DeviceLoras) -> None:
-        self.cfg, self.weights, self.kv, self.loras = cfg, weights, kv, loras
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, kv: KVCache, loras: DeviceLoras,
+                 kernels: Kernels) -> None:
+        self.cfg, self.weights, self.kv, self.loras, self.kernels = cfg, weights, kv, loras, kernels
         self.rope = Rope(cfg, weights.embed.device)
         self.scale = cfg.head_dim**-0.5
 
@@ -50,7 +51,7 @@ class LlamaModel:
               bias: torch.Tensor | None = None) -> torch.Tensor:
         out = F.linear(x, w, bias)
         if inp.lora is not None:
-            add_lora_torch(out, x, self.loras.layers[layer][fused], inp.lora)
+            self.kernels.add_lora(out, x, self.loras.layers[layer][fused], inp.lora)
         return out
 
     @torch.inference_mode()
@@ -68,7 +69,7 @@ class LlamaModel:
             v = qkv[:, q_size + kv_size :].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv.write(i, k, v, inp.attention.slots)
-            attn = paged_attention_torch(q, kv.k[i], kv.v[i], inp.attention, kv.block_size, self.scale)
+            attn = self.kernels.paged_attention(q, kv.k[i], kv.v[i], inp.attention, kv.block_size, self.scale)
             h = h + self._proj(attn.flatten(1), lw.o, i, "o", inp)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
             gate_up = self._proj(x, lw.gate_up, i, "gate_up", inp)

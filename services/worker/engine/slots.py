@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlora.kernels.lora import LoraSlice
+from dlora.kernels.lora import LoraProjection, LoraSlice
 from dlora.services.worker.engine.config import ModelConfig
 from dlora.services.worker.engine.lora import LoraAdapter
 from dlora.services.worker.engine.weights import targets
@@ -68,12 +68,14 @@ class SlotTable:
 
 
 class DeviceLoras:
-    """Per layer, per fused projection ('qkv', 'o', 'gate_up', 'down'): the LoraSlices of every slot."""
+    """Per layer, per fused projection ('qkv', 'o', 'gate_up', 'down'): the LoraSlices of every slot,
+    and (``tables``: for the Triton kernels) their address tables, rebuilt whenever a slot changes."""
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.dtype, self.device = dtype, device
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device,
+                 tables: bool = False) -> None:
+        self.dtype, self.device, self.tables = dtype, device, tables
         self.targets = targets(cfg)
-        self.layers: list[dict[str, list[LoraSlice]]] = []
+        self.layers: list[dict[str, LoraProjection]] = []
         self._slice: list[dict[str, LoraSlice]] = []  # layer -> target name -> its slice
         for _ in range(cfg.num_layers):
             fused: dict[str, list[LoraSlice]] = {}
@@ -82,19 +84,29 @@ class DeviceLoras:
                 sl = LoraSlice(t.offset, t.out_features, [None] * num_slots, [None] * num_slots, [0.0] * num_slots)
                 fused.setdefault(t.fused, []).append(sl)
                 by_target[name] = sl
-            self.layers.append(fused)
+            self.layers.append({name: LoraProjection(slices) for name, slices in fused.items()})
             self._slice.append(by_target)
+        self._refresh()
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
         self.clear(slot)
         for (layer, target), w in adapter.weights.items():
             sl = self._slice[layer][target]
-            sl.a[slot] = w.a.to(device=self.device, dtype=self.dtype)
-            sl.b[slot] = w.b.to(device=self.device, dtype=self.dtype)
+            sl.a[slot] = w.a.to(device=self.device, dtype=self.dtype).contiguous()
+            sl.b[slot] = w.b.to(device=self.device, dtype=self.dtype).contiguous()
             sl.scale[slot] = w.scale
+        self._refresh()
 
     def clear(self, slot: int) -> None:
         for by_target in self._slice:
             for sl in by_target.values():
                 sl.a[slot] = sl.b[slot] = None
                 sl.scale[slot] = 0.0
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # The tables hold raw addresses of the slot tensors: they must follow every change.
+        if self.tables:
+            for fused in self.layers:
+                for proj in fused.values():
+                    proj.refresh(self.device)

@@ -1,0 +1,60 @@
+"""One interface over the two kernel paths, chosen once per engine: Triton on CUDA, torch on CPU.
+
+The engine builds each step's metadata with the chosen path's builders and calls its attention
+and LoRA functions per layer; nothing else in the engine knows which path runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
+from dlora.kernels.lora import LoraSegments, add_lora_torch
+
+PATHS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str  # "torch" or "triton"
+    # (q_lens, ctx_lens, block_tables, slots, block_size, device) -> metadata with ``.slots``
+    attention_metadata: Callable[..., Any]
+    # (q (T, heads, D), k_cache, v_cache, metadata, block_size, scale) -> (T, heads, D)
+    paged_attention: Callable[..., torch.Tensor]
+    # (slot per token, device) -> metadata, or None when no token uses an unmerged adapter
+    lora_metadata: Callable[[list[int], torch.device], Any]
+    # (out (T, N), x (T, K), LoraProjection, metadata): out += each LoRA token's delta, in place
+    add_lora: Callable[..., None]
+    lora_tables: bool  # whether LoraProjection tables must be kept up to date
+
+
+TORCH = Kernels("torch", build_attention_metadata, paged_attention_torch, LoraSegments.from_token_slots,
+                add_lora_torch, lora_tables=False)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, or anywhere under TRITON_INTERPRET=1 (slowly: for tests)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return device.type == "cuda" or triton.knobs.runtime.interpret
+
+
+def select_kernels(name: str, device: torch.device) -> Kernels:
+    """``auto``: Triton on CUDA when it is installed, torch otherwise; ``torch`` / ``triton`` force one."""
+    if name not in PATHS:
+        raise ValueError(f"kernels {name!r}: expected one of {', '.join(PATHS)}")
+    if name == "torch" or (name == "auto" and (device.type != "cuda" or not triton_usable(device))):
+        return TORCH
+    if not triton_usable(device):
+        raise ValueError(f"kernels 'triton' need a CUDA device or TRITON_INTERPRET=1 (device is {device}) "
+                         "and the triton package")
+    from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
+    from dlora.kernels.lora_triton import LoraBatch, add_lora_triton
+
+    return Kernels("triton", build_paged_metadata, paged_attention_triton, LoraBatch.from_token_slots,
+                   add_lora_triton, lora_tables=True)

@@ -1,0 +1,276 @@
+"""LoRA shrink and expand as Triton kernels, over one batch that mixes adapters and ranks.
+
+One pair of kernels serves prefill and decode. The batch's LoRA tokens are grouped by adapter
+slot through a permutation built once per step (``LoraBatch``); each program takes a tile of
+one group. A prefill segment is one long group (SGMV-style); at decode an adapter's tokens form a
+short group, so its weights are read once per tile rather than once per token as per-token
+BGMV would. Slot weights are reached through per-(slice, slot) addresses (``LoraTables``), so
+each adapter stays at its own rank in memory, and a program whose rank tile lies past its slot's
+rank exits at once. A token with slot -1 is in no group and costs nothing. The slices of a fused
+projection (q|k|v, gate|up) are one more grid axis: one launch serves them all.
+
+The torch reference is ``lora.add_lora_torch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dlora.kernels.lora import LoraProjection, LoraTables
+from dlora.kernels.triton_common import ELEM, f32_dot
+
+
+
+@dataclass
+class LoraBatch:
+    """Per-step metadata for the Triton path, built once and shared by every layer.
+
+    Example: slots per token [3, 0, 3, -1, 0] give token_index [0, 2, 1, 4] (slot 3's tokens,
+    then slot 0's), group_slot [3, 0], group_start [0, 2], group_len [2, 2]; token 3 is in no group.
+    """
+
+    token_index: torch.Tensor  # (P,) int32: the token at each grouped position
+    group_slot: torch.Tensor  # (G,) int32: slot of each group
+    group_start: torch.Tensor  # (G,) int32: its first position in token_index
+    group_len: torch.Tensor  # (G,) int32: its number of tokens
+    num_groups: int
+    max_group_len: int
+
+    @classmethod
+    def from_token_slots(cls, token_slots: list[int], device: torch.device) -> LoraBatch | None:
+        """Group the tokens by slot, groups in order of first appearance; None when no token uses LoRA."""
+        members: dict[int, list[int]] = {}
+        for t, slot in enumerate(token_slots):
+            if slot >= 0:
+                members.setdefault(slot, []).append(t)
+        if not members:
+            return None
+        index, starts, lens = [], [], []
+        for tokens in members.values():
+            starts.append(len(index))
+            lens.append(len(tokens))
+            index += tokens
+
+        def i32(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return cls(i32(index), i32(list(members)), i32(starts), i32(lens), len(members), max(lens))
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,  # (T, K) the projection's input; rows at stride_x, columns contiguous
+    y_ptr,  # (P, n_slices, R) float32 out: x·Aᵀ for each grouped position and slice
+    a_ptrs,  # (n_slices, num_slots) int64: address of each slot's A (rank, K), contiguous
+    ranks_ptr,  # (n_slices, num_slots) int32: each slot's rank for the slice, 0 where it has none
+    token_index_ptr,  # (P,) int32: the token at each grouped position
+    group_slot_ptr,  # (G,) int32: slot of each group
+    group_start_ptr,  # (G,) int32: first grouped position of each group
+    group_len_ptr,  # (G,) int32: tokens in each group
+    K,  # input features
+    stride_x,  # elements between rows of x
+    num_slots,  # columns of the tables
+    n_slices,  # slices of the fused projection
+    R,  # y's last dimension (at least every rank in the tables)
+    m_tiles,  # BLOCK_M tiles per group: enough for the longest group
+    r_tiles,  # BLOCK_R tiles per slice: enough for the largest rank
+    ELEM: tl.constexpr,  # element type of A (and x)
+    F32_DOT: tl.constexpr,  # multiply in exact fp32 (see ``triton_common.f32_dot``)
+    BLOCK_M: tl.constexpr,  # tokens per program
+    BLOCK_R: tl.constexpr,  # rank columns per program
+    BLOCK_K: tl.constexpr,  # input features per loop step
+    SPLIT_K: tl.constexpr,  # programs sharing one K range (then y must start at zero)
+):
+    pid_gm = tl.program_id(0)
+    pid_jr = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    g = pid_gm // m_tiles
+    m0 = (pid_gm % m_tiles) * BLOCK_M
+    j = pid_jr // r_tiles
+    r0 = (pid_jr % r_tiles) * BLOCK_R
+    n = tl.load(group_len_ptr + g)
+    slot = tl.load(group_slot_ptr + g)
+    rank = tl.load(ranks_ptr + j * num_slots + slot)
+    if m0 >= n or r0 >= rank:
+        return
+    a_ptr = tl.load(a_ptrs + j * num_slots + slot).to(tl.pointer_type(ELEM))
+    start = tl.load(group_start_ptr + g)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    tokens = tl.load(token_index_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xt = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
+                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)  # (BLOCK_K, BLOCK_R) = Aᵀ tile
+        if F32_DOT:
+            acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at)
+    y = y_ptr + ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :]
+    mask = m_mask[:, None] & r_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc, mask=mask)
+    else:
+        tl.atomic_add(y, acc, mask=mask)
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr,  # (P, n_slices, R) float32: the shrink's output
+    out_ptr,  # (T, N) the fused projection's output, updated in place; rows at stride_out
+    b_ptrs,  # (n_slices, num_slots) int64: address of each slot's B (size, rank), contiguous
+    ranks_ptr,  # (n_slices, num_slots) int32: each slot's rank for the slice, 0 where it has none
+    scales_ptr,  # (n_slices, num_slots) float32: each slot's LoRA scaling for the slice
+    offsets_ptr,  # (n_slices,) int32: first output column of each slice
+    sizes_ptr,  # (n_slices,) int32: output columns of each slice
+    token_index_ptr,  # (P,) int32: the token at each grouped position
+    group_slot_ptr,  # (G,) int32: slot of each group
+    group_start_ptr,  # (G,) int32: first grouped position of each group
+    group_len_ptr,  # (G,) int32: tokens in each group
+    stride_out,  # elements between rows of out
+    num_slots,  # columns of the tables
+    n_slices,  # slices of the fused projection
+    R,  # y's last dimension
+    m_tiles,  # BLOCK_M tiles per group
+    n_tiles,  # BLOCK_N tiles per slice: enough for the widest
+    ELEM: tl.constexpr,  # element type of B (and out)
+    F32_DOT: tl.constexpr,  # multiply in exact fp32 (see ``triton_common.f32_dot``)
+    BLOCK_M: tl.constexpr,  # tokens per program
+    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_R: tl.constexpr,  # rank per loop step
+):
+    pid_gm = tl.program_id(0)
+    pid_jn = tl.program_id(1)
+    g = pid_gm // m_tiles
+    m0 = (pid_gm % m_tiles) * BLOCK_M
+    j = pid_jn // n_tiles
+    n0 = (pid_jn % n_tiles) * BLOCK_N
+    n = tl.load(group_len_ptr + g)
+    slot = tl.load(group_slot_ptr + g)
+    rank = tl.load(ranks_ptr + j * num_slots + slot)
+    size = tl.load(sizes_ptr + j)
+    if m0 >= n or n0 >= size or rank == 0:
+        return
+    b_ptr = tl.load(b_ptrs + j * num_slots + slot).to(tl.pointer_type(ELEM))
+    scale = tl.load(scales_ptr + j * num_slots + slot)
+    start = tl.load(group_start_ptr + g)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < size
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        yt = tl.load(y_ptr + ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :],
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
+        bt = tl.load(b_ptr + offs_n[None, :] * rank + offs_r[:, None],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = Bᵀ tile
+        if F32_DOT:
+            acc += tl.dot(yt, bt.to(tl.float32), input_precision="ieee")
+        else:
+            # As the torch path does: the shrunk activations in the weights' type, fp32 sums.
+            acc += tl.dot(yt.to(ELEM), bt)
+    tokens = tl.load(token_index_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    o = out_ptr + tokens[:, None] * stride_out + tl.load(offsets_ptr + j) + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    prev = tl.load(o, mask=mask, other=0.0)
+    tl.store(o, (prev.to(tl.float32) + acc * scale).to(ELEM), mask=mask)
+
+
+@dataclass(frozen=True)
+class LoraBlocks:
+    """Tile sizes. A GPU wants small tiles and many programs; the interpreter runs programs one
+    after another in Python, so there few large tiles are fastest."""
+
+    m: int  # tokens per program (tl.dot needs >= 16)
+    r: int  # shrink: rank columns per program
+    k: int  # shrink: input features per loop step
+    n: int  # expand: output columns per program
+    expand_r: int  # expand: rank per loop step
+
+    @classmethod
+    def choose(cls, batch: LoraBatch, tables: LoraTables, in_features: int) -> LoraBlocks:
+        m = 16 if batch.max_group_len <= 16 else 32 if batch.max_group_len <= 256 else 64
+        rank = max(16, triton.next_power_of_2(tables.max_rank))
+        if triton.knobs.runtime.interpret:
+            return cls(m=max(16, min(128, triton.next_power_of_2(batch.max_group_len))), r=rank,
+                       k=max(16, min(512, triton.next_power_of_2(in_features))),
+                       n=max(16, min(512, triton.next_power_of_2(tables.max_size))), expand_r=rank)
+        return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank))
+
+
+def lora_shrink(x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None,
+                split_k: int | None = None) -> torch.Tensor:
+    """y[p, j, :rank] = x[token_index[p]] · A[j, slot(p)]ᵀ for every grouped position p and slice j.
+
+    x: (T, K), contiguous rows. Returns y (P, n_slices, R) float32 with R >= every rank; entries
+    past a slot's rank are unspecified. ``split_k`` splits each K range over that many programs
+    (None: chosen from the grid's size); ``blocks`` None: ``LoraBlocks.choose``.
+    """
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be (T, K) with contiguous rows"
+    assert x.dtype in ELEM, f"unsupported dtype {x.dtype}"
+    assert tables.max_rank > 0, "no adapter is loaded"
+    n_slices, num_slots = tables.ranks.shape
+    num_pos, k = batch.token_index.numel(), x.shape[1]
+    b = blocks or LoraBlocks.choose(batch, tables, k)
+    r_tiles = triton.cdiv(tables.max_rank, b.r)
+    m_tiles = triton.cdiv(batch.max_group_len, b.m)
+    grid_mn = batch.num_groups * m_tiles * n_slices * r_tiles
+    if split_k is None:  # few programs over a long K (decode on a GPU): spread K to fill the device
+        split_k = 1 if not x.is_cuda or grid_mn >= 128 else max(1, min(8, k // 512, 256 // grid_mn))
+    alloc = torch.zeros if split_k > 1 else torch.empty
+    y = alloc(num_pos, n_slices, r_tiles * b.r, dtype=torch.float32, device=x.device)
+    grid = (batch.num_groups * m_tiles, n_slices * r_tiles, split_k)
+    _shrink_kernel[grid](
+        x, y, tables.a_ptrs, tables.ranks, batch.token_index, batch.group_slot, batch.group_start, batch.group_len,
+        k, x.stride(0), num_slots, n_slices, y.shape[2], m_tiles, r_tiles,
+        ELEM=ELEM[x.dtype], F32_DOT=f32_dot(x.dtype),
+        BLOCK_M=b.m, BLOCK_R=b.r, BLOCK_K=b.k, SPLIT_K=split_k,
+    )
+    return y
+
+
+def lora_expand(out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: LoraBatch,
+                blocks: LoraBlocks | None = None) -> None:
+    """In place: out[token_index[p], slice j] += scale[j, slot] · y[p, j, :rank] · B[j, slot]ᵀ.
+
+    out: (T, N) with contiguous rows, in the weights' dtype; y from ``lora_shrink``.
+    """
+    assert out.dim() == 2 and out.stride(1) == 1, "out must be (T, N) with contiguous rows"
+    assert y.dtype == torch.float32 and y.shape[:2] == (batch.token_index.numel(), tables.ranks.shape[0])
+    n_slices, num_slots = tables.ranks.shape
+    b = blocks or LoraBlocks.choose(batch, tables, 0)
+    m_tiles = triton.cdiv(batch.max_group_len, b.m)
+    n_tiles = triton.cdiv(tables.max_size, b.n)
+    grid = (batch.num_groups * m_tiles, n_slices * n_tiles)
+    _expand_kernel[grid](
+        y, out, tables.b_ptrs, tables.ranks, tables.scales, tables.offsets, tables.sizes,
+        batch.token_index, batch.group_slot, batch.group_start, batch.group_len,
+        out.stride(0), num_slots, n_slices, y.shape[2], m_tiles, n_tiles,
+        ELEM=ELEM[out.dtype], F32_DOT=f32_dot(out.dtype),
+        BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_R=b.expand_r,
+    )
+
+
+def add_lora_triton(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, batch: LoraBatch,
+                    blocks: LoraBlocks | None = None) -> None:
+    """The Triton twin of ``add_lora_torch``: out (T, N) += each LoRA token's delta, in place."""
+    tables = proj.tables
+    assert tables is not None, "LoraProjection.refresh() was not called after loading slots"
+    if tables.max_rank == 0:
+        return
+    blocks = blocks or LoraBlocks.choose(batch, tables, x.shape[1])
+    lora_expand(out, lora_shrink(x, tables, batch, blocks), tables, batch, blocks)

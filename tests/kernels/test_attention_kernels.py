@@ -1,0 +1,96 @@
+"""Triton paged attention (decode over the block table, causal varlen prefill, cached prefixes)
+equals the torch reference over batch sizes, GQA ratios, head sizes, block sizes and dtypes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
+from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
+from tests.kernels.conftest import assert_close, cuda_only, device
+
+
+def check(q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int = 16,
+          dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    """Sequences' blocks scattered over a shuffled pool; new tokens are the last q_len of ctx_len."""
+    rng = random.Random(seed)
+    needed = [-(-c // block_size) for c in ctx_lens]
+    pool = list(range(sum(needed) + 3))
+    rng.shuffle(pool)
+    tables, slots = [], []
+    for n, ctx, nb in zip(q_lens, ctx_lens, needed):
+        table, pool = pool[:nb], pool[nb:]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx - n, ctx)]
+    num_slots = (max(max(t) for t in tables) + 1) * block_size
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(device(), dtype)
+    k = torch.randn(num_slots, kv_heads, head_dim, generator=g).to(device(), dtype)
+    v = torch.randn(num_slots, kv_heads, head_dim, generator=g).to(device(), dtype)
+    scale = head_dim**-0.5
+    want = paged_attention_torch(q, k, v, build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size,
+                                                                   device()), block_size, scale)
+    meta = build_paged_metadata(q_lens, ctx_lens, tables, slots, block_size, device())
+    assert meta.slots.tolist() == slots
+    assert_close(paged_attention_triton(q, k, v, meta, block_size, scale), want)
+
+
+def test_metadata_tiles_prefill_and_lists_decode() -> None:
+    meta = build_paged_metadata([1, 20, 1, 3], [9, 20, 40, 5], [[0], [1, 2], [3, 4, 5], [6]], list(range(25)), 16,
+                                torch.device("cpu"), block_m=16)
+    assert meta.decode_seqs.tolist() == [0, 2]
+    assert list(zip(meta.tile_seq.tolist(), meta.tile_q0.tolist())) == [(1, 0), (1, 16), (3, 0)]
+    assert meta.q_start.tolist() == [0, 1, 21, 22]
+    assert meta.block_tables.tolist() == [[0, 0, 0], [1, 2, 0], [3, 4, 5], [6, 0, 0]]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 16, 64, 133])
+def test_decode(batch: int) -> None:
+    rng = random.Random(batch)
+    ctx = [rng.randint(1, 150) for _ in range(batch)]
+    check([1] * batch, ctx, heads=4, kv_heads=2, head_dim=16, seed=batch)
+
+
+@pytest.mark.parametrize("num_seqs", [1, 2, 7])
+def test_prefill_variable_lengths(num_seqs: int) -> None:
+    rng = random.Random(num_seqs)
+    lens = [rng.randint(2, 90) for _ in range(num_seqs)]
+    check(lens, lens, heads=4, kv_heads=2, head_dim=16, seed=num_seqs)
+
+
+def test_prefill_after_a_cached_prefix_and_decode_in_one_batch() -> None:
+    """Resumed sequences prefill their tail over a cached prefix, next to decodes."""
+    check([1, 30, 1, 5, 17], [33, 70, 2, 5, 17], heads=4, kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1), (12, 4)], ids=["mha", "gqa4", "mqa", "gqa3"])
+@pytest.mark.parametrize("head_dim", [16, 24, 64])
+def test_head_layouts(heads: int, kv_heads: int, head_dim: int) -> None:
+    check([1, 1, 12, 1], [20, 45, 12, 3], heads, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 32])
+def test_block_sizes(block_size: int) -> None:
+    check([1, 9, 1], [40, 9, 7], heads=4, kv_heads=2, head_dim=16, block_size=block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(dtype: torch.dtype) -> None:
+    check([1, 1, 25, 1], [60, 7, 25, 130], heads=8, kv_heads=2, head_dim=32, dtype=dtype)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 128), (32, 8, 128), (64, 8, 128), (40, 8, 128)])
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_real_model_sizes(phase: str, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    rng = random.Random(heads)
+    if phase == "decode":
+        ctx = [rng.randint(1, 2048) for _ in range(64)]
+        check([1] * 64, ctx, heads, kv_heads, head_dim, dtype=dtype)
+    else:
+        lens = [rng.randint(1, 1024) for _ in range(8)]
+        check(lens, lens, heads, kv_heads, head_dim, dtype=dtype)

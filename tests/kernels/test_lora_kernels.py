@@ -1,0 +1,148 @@
+"""Triton LoRA shrink/expand equal the torch reference over batch sizes, ranks, adapter popularity,
+prefill and decode, dtypes and fused slices (small shapes under the interpreter; real model sizes
+on a GPU)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
+from dlora.kernels.lora_triton import LoraBatch, LoraBlocks, add_lora_triton, lora_shrink
+from tests.kernels.conftest import assert_close, cuda_only, device
+
+NUM_SLOTS = 8
+MIXED_RANKS = [8, 16, 32, 64, 8, 16, 32, 64]
+
+
+def projection(k: int, sizes: list[int], ranks: list[int], dtype: torch.dtype, skip: set[tuple[int, int]] = frozenset(),
+               seed: int = 0) -> LoraProjection:
+    """A fused projection of ``sizes`` slices; slot s has rank ranks[s] (0: empty slot);
+    (slice, slot) pairs in ``skip`` are not targeted by that slot's adapter."""
+    g = torch.Generator().manual_seed(seed)
+    slices, offset = [], 0
+    for j, size in enumerate(sizes):
+        sl = LoraSlice(offset, size, [None] * len(ranks), [None] * len(ranks), [0.0] * len(ranks))
+        for s, r in enumerate(ranks):
+            if r and (j, s) not in skip:
+                sl.a[s] = (torch.randn(r, k, generator=g) / k**0.5).to(device(), dtype)
+                sl.b[s] = (torch.randn(size, r, generator=g) / r**0.5).to(device(), dtype)
+                sl.scale[s] = 0.5 + 0.25 * s
+        slices.append(sl)
+        offset += size
+    proj = LoraProjection(slices)
+    proj.refresh(device())
+    return proj
+
+
+def popularity(pattern: str, n: int, rng: random.Random) -> list[int]:
+    """Adapter slot of each of n requests."""
+    if pattern == "distinct":
+        return [i % NUM_SLOTS for i in range(n)]
+    if pattern == "uniform":
+        return [rng.randrange(NUM_SLOTS) for _ in range(n)]
+    if pattern == "zipf":
+        return rng.choices(range(NUM_SLOTS), weights=[1 / (s + 1) ** 1.5 for s in range(NUM_SLOTS)], k=n)
+    if pattern == "identical":
+        return [3] * n
+    if pattern == "skewed":  # one hot adapter, a few others, some base-model requests
+        return [3 if rng.random() < 0.8 else rng.choice([-1, 0, 5]) for _ in range(n)]
+    raise ValueError(pattern)
+
+
+def check(proj: LoraProjection, token_slots: list[int], dtype: torch.dtype, k: int, **kw) -> None:
+    n_out = sum(sl.size for sl in proj.slices)
+    g = torch.Generator().manual_seed(len(token_slots))
+    x = torch.randn(len(token_slots), k, generator=g).to(device(), dtype)
+    base = torch.randn(len(token_slots), n_out, generator=g).to(device(), dtype)
+    want, got = base.clone(), base.clone()
+    segments = LoraSegments.from_token_slots(token_slots)
+    batch = LoraBatch.from_token_slots(token_slots, device())
+    assert (segments is None) == (batch is None)
+    if segments is not None:
+        add_lora_torch(want, x, proj, segments)
+        add_lora_triton(got, x, proj, batch, **kw)
+    assert_close(got, want)
+    # Tokens without LoRA are untouched, bit for bit.
+    plain = torch.tensor([s < 0 for s in token_slots], device=device())
+    assert torch.equal(got[plain], base[plain])
+
+
+def test_batch_groups_tokens_by_slot() -> None:
+    b = LoraBatch.from_token_slots([3, 0, 3, -1, 0], torch.device("cpu"))
+    assert b.token_index.tolist() == [0, 2, 1, 4]
+    assert (b.group_slot.tolist(), b.group_start.tolist(), b.group_len.tolist()) == ([3, 0], [0, 2], [2, 2])
+    assert (b.num_groups, b.max_group_len) == (2, 2)
+    assert LoraBatch.from_token_slots([-1, -1], torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("pattern", ["distinct", "uniform", "zipf", "identical", "skewed"])
+@pytest.mark.parametrize("batch", [1, 2, 7, 16, 64, 133])
+def test_decode_matches_reference(batch: int, pattern: str) -> None:
+    """One token per request, adapters interleaved in arrival order, mixed ranks, fused q|k|v."""
+    proj = projection(64, [64, 32, 32], MIXED_RANKS, torch.float32)
+    check(proj, popularity(pattern, batch, random.Random(batch)), torch.float32, 64)
+
+
+@pytest.mark.parametrize("ranks", [[8] * NUM_SLOTS, [16] * NUM_SLOTS, [32] * NUM_SLOTS, [64] * NUM_SLOTS,
+                                   [4, 128, 8, 16, 32, 64, 12, 100]], ids=["8", "16", "32", "64", "mixed-4-128"])
+def test_ranks(ranks: list[int]) -> None:
+    proj = projection(64, [64, 32, 32], ranks, torch.float32)
+    check(proj, popularity("uniform", 16, random.Random(0)), torch.float32, 64)
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, 7])
+def test_prefill_segments(num_seqs: int) -> None:
+    """Contiguous runs of each sequence's prompt tokens (SGMV-style), some longer than a tile."""
+    rng = random.Random(num_seqs)
+    slots = popularity("zipf", num_seqs, rng)
+    token_slots = [s for s in slots for _ in range(rng.randint(1, 70))]
+    check(projection(64, [96, 96], MIXED_RANKS, torch.float32), token_slots, torch.float32, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_half_precision(dtype: torch.dtype, phase: str) -> None:
+    rng = random.Random(1)
+    if phase == "decode":
+        token_slots = popularity("skewed", 16, rng)
+    else:
+        token_slots = [s for s in popularity("uniform", 3, rng) for _ in range(rng.randint(5, 40))]
+    check(projection(64, [64, 32, 32], MIXED_RANKS, dtype), token_slots, dtype, 64)
+
+
+def test_no_lora_and_untargeted_slices() -> None:
+    """A batch with no LoRA token builds no metadata; a slot whose adapter skips a slice (or an
+    empty slot's table entry) leaves those columns alone."""
+    skip = {(1, 2), (2, 2), (0, 5)}
+    proj = projection(64, [64, 32, 32], MIXED_RANKS[:6] + [0, 0], torch.float32, skip=skip)
+    assert proj.tables.ranks[1, 2].item() == 0 and proj.tables.ranks[0, 6].item() == 0
+    check(proj, [-1, -1, -1], torch.float32, 64)
+    check(proj, [2, 5, 2, -1, 0], torch.float32, 64)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gpu_tiles_and_split_k(split_k: int) -> None:
+    """The tile sizes a GPU uses (several rank tiles, a rank loop in expand, several column
+    tiles), and K split across programs, on the interpreter too."""
+    blocks = LoraBlocks(m=16, r=16, k=16, n=16, expand_r=16)
+    proj = projection(72, [40, 24], [4, 128, 8, 16, 32, 64, 12, 100], torch.float32)
+    check(proj, popularity("uniform", 20, random.Random(2)), torch.float32, 72, blocks=blocks)
+    batch = LoraBatch.from_token_slots([1, 7, 1], device())
+    x = torch.randn(3, 72, device=device())
+    one, split = (lora_shrink(x, proj.tables, batch, blocks, split_k=s) for s in (1, split_k))
+    for p, slot in enumerate([1, 1, 7]):  # grouped order: slot 1's tokens, then slot 7's
+        for j, sl in enumerate(proj.slices):
+            r = sl.a[slot].shape[0]
+            torch.testing.assert_close(split[p, j, :r], one[p, j, :r], atol=1e-5, rtol=1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden,kv", [(2048, 256), (4096, 4096), (5120, 1024), (8192, 1024)])
+@pytest.mark.parametrize("batch,pattern", [(1, "identical"), (64, "uniform"), (133, "zipf"), (256, "distinct")])
+def test_real_model_sizes(hidden: int, kv: int, batch: int, pattern: str, dtype: torch.dtype) -> None:
+    proj = projection(hidden, [hidden, kv, kv], MIXED_RANKS, dtype)
+    check(proj, popularity(pattern, batch, random.Random(batch)), dtype, hidden)
