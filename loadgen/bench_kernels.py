@@ -1,0 +1,194 @@
+"""``dlora bench kernels``: time and achieved bandwidth / FLOP rate of each kernel, beside its torch
+reference (and, for attention, a dense SDPA over the same keys and values).
+
+On a GPU the Triton kernels run natively at Llama-7B shapes, with the fraction of the device's
+memory bandwidth. Without one they run under TRITON_INTERPRET=1 at small shapes: the interpreter
+executes programs one by one in Python, so its times say nothing about speed and are recorded
+only to show the path runs; the torch paths are timed at the real shapes on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dlora.loadgen.bench_common import machine, save, today
+
+TITLE = "Kernels: LoRA shrink/expand and paged attention (`dlora bench kernels`)"
+# Peak memory bandwidth (GB/s) of devices we may be lent, by name fragment; --peak-gbs overrides.
+PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+
+
+@dataclass
+class Point:
+    kernel: str  # "lora decode", "lora prefill", "attention decode"
+    impl: str  # triton | torch | sdpa-dense
+    shape: str
+    ms: float  # median
+    gb_s: float  # bytes the op must move / time
+    gflop_s: float
+    bandwidth_fraction: float | None  # of the device's peak (GPU only)
+
+
+def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
+    def measure(fn: Callable[[], object]) -> float:
+        fn()  # warm-up (and compile)
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    return measure
+
+
+def _lora_points(device: torch.device, dtype: torch.dtype, hidden: int, rank: int, tokens: int, adapters: int,
+                 prefill: bool, impls: list[str], measure, peak: float | None) -> list[Point]:
+    from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
+
+    sizes = [hidden, hidden, hidden]  # fused q|k|v of a Llama-7B-shaped layer
+    g = torch.Generator().manual_seed(0)
+    slices, off = [], 0
+    for size in sizes:
+        sl = LoraSlice(off, size, [], [], [])
+        for _ in range(adapters):
+            sl.a.append((torch.randn(rank, hidden, generator=g) / hidden**0.5).to(device, dtype))
+            sl.b.append(torch.randn(size, rank, generator=g).to(device, dtype))
+            sl.scale.append(2.0)
+        slices.append(sl)
+        off += size
+    proj = LoraProjection(slices)
+    proj.refresh(device)
+    # Grouped by slot, as the engine orders every batch: at decode, even shares of the adapters;
+    # at prefill, each adapter's prompts in one long segment.
+    rng = random.Random(0)
+    token_slots = sorted(rng.randrange(adapters) if prefill else i % adapters for i in range(tokens))
+    x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+    out = torch.zeros(tokens, off, device=device, dtype=dtype)
+    used = len(set(token_slots))
+    elem = x.element_size()
+    moved = elem * (used * sum(rank * hidden + size * rank for size in sizes) + tokens * hidden + 2 * tokens * off)
+    flops = 2 * tokens * rank * (hidden * len(sizes) + off)
+    kernel = "lora prefill" if prefill else "lora decode"
+    shape = f"K={hidden} r={rank} T={tokens} adapters={used}, fused qkv"
+    points = []
+    for impl in impls:
+        if impl == "triton":
+            from dlora.kernels.lora_triton import LoraBatch, add_lora_triton
+
+            batch = LoraBatch.from_token_slots(token_slots, device)
+            ms = measure(lambda: add_lora_triton(out, x, proj, batch))
+        else:
+            segments = LoraSegments.from_token_slots(token_slots)
+            ms = measure(lambda: add_lora_torch(out, x, proj, segments))
+        gbs = moved / ms / 1e6
+        points.append(Point(kernel, impl, shape, ms, gbs, flops / ms / 1e6, gbs / peak if peak else None))
+    return points
+
+
+def _attention_points(device: torch.device, dtype: torch.dtype, batch: int, ctx: int, heads: int, kv_heads: int,
+                      head_dim: int, impls: list[str], measure, peak: float | None, block_size: int = 16) -> list[Point]:
+    from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
+
+    blocks = ctx // block_size
+    perm = torch.randperm(batch * blocks, generator=torch.Generator().manual_seed(0)).tolist()
+    tables = [perm[i * blocks:(i + 1) * blocks] for i in range(batch)]
+    slots = [t[-1] * block_size + block_size - 1 for t in tables]
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, heads, head_dim, generator=g).to(device, dtype)
+    k = torch.randn(batch * ctx, kv_heads, head_dim, generator=g).to(device, dtype)
+    v = torch.randn(batch * ctx, kv_heads, head_dim, generator=g).to(device, dtype)
+    args = ([1] * batch, [ctx] * batch, tables, slots, block_size, device)
+    scale = head_dim**-0.5
+    elem = q.element_size()
+    moved = elem * (2 * batch * ctx * kv_heads * head_dim + 2 * batch * heads * head_dim)
+    flops = 4 * batch * heads * ctx * head_dim
+    shape = f"B={batch} ctx={ctx} heads={heads}/{kv_heads} D={head_dim}"
+    points = []
+    for impl in impls:
+        if impl == "triton":
+            from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
+
+            meta = build_paged_metadata(*args)
+            ms = measure(lambda: paged_attention_triton(q, k, v, meta, block_size, scale))
+        elif impl == "torch":
+            meta = build_attention_metadata(*args)
+            ms = measure(lambda: paged_attention_torch(q, k, v, meta, block_size, scale))
+        else:  # the same keys and values laid out densely per sequence, gathered untimed
+            idx = torch.tensor(tables, device=device)
+            kd = k.unflatten(0, (-1, block_size))[idx].flatten(1, 2).transpose(1, 2).contiguous()
+            vd = v.unflatten(0, (-1, block_size))[idx].flatten(1, 2).transpose(1, 2).contiguous()
+            qd = q[:, :, None, :]
+            ms = measure(lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale, enable_gqa=True))
+        gbs = moved / ms / 1e6
+        points.append(Point("attention decode", impl, shape, ms, gbs, flops / ms / 1e6, gbs / peak if peak else None))
+    return points
+
+
+def run(args: argparse.Namespace) -> dict:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else machine()
+    peak = args.peak_gbs or (next((v for k, v in PEAK_GBS.items() if k in name), None) if cuda else None)
+    dtype = torch.float16 if cuda else torch.float32
+    measure = _timer(device, args.reps)
+    real = ["triton", "torch"] if cuda else ["torch"]
+    points: list[Point] = []
+
+    def add(new: list[Point]) -> None:
+        for p in new:
+            frac = f"  {p.bandwidth_fraction:.0%} of peak" if p.bandwidth_fraction else ""
+            print(f"{p.kernel:>16} {p.impl:>10} {p.shape:<42} {p.ms:9.3f} ms {p.gb_s:8.1f} GB/s{frac}", flush=True)
+        points.extend(new)
+
+    for tokens in (32, 64, 128, 256):
+        for adapters in (1, 8, 64):
+            if adapters <= tokens and (cuda or tokens in (32, 256)):
+                add(_lora_points(device, dtype, 4096, 16, tokens, adapters, False, real, measure, peak))
+    add(_lora_points(device, dtype, 4096, 16, 1024, 4, True, real, measure, peak))
+    for batch, ctx in ((8, 512), (64, 2048)) if cuda else ((8, 512),):
+        for heads, kv_heads in ((32, 32), (32, 8)):
+            add(_attention_points(device, dtype, batch, ctx, heads, kv_heads, 128, real + ["sdpa-dense"], measure,
+                                  peak))
+    if not cuda:  # the Triton path under the interpreter, at shapes it finishes quickly
+        interp = _timer(device, 1)
+        add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None))
+        add(_attention_points(device, dtype, 4, 64, 4, 2, 16, ["triton", "torch"], interp, None))
+    return {"machine": machine(), "date": today(), "device": name, "cuda": cuda, "dtype": str(dtype).split(".")[-1],
+            "peak_gb_s": peak, "reps": args.reps, "points": [asdict(p) for p in points]}
+
+
+def markdown(r: dict) -> str:
+    where = (f"on **{r['device']}** (peak {r['peak_gb_s']:g} GB/s), {r['dtype']}, Triton native" if r["cuda"] else
+             f"on **{r['machine']}** without a GPU, {r['dtype']}: torch paths at Llama-7B shapes on the CPU; the "
+             "Triton rows ran under TRITON_INTERPRET=1 at small shapes (programs run one by one in Python: "
+             "those times show the path runs, not its speed)")
+    lines = [f"Measured {r['date']} {where}. Median of {r['reps']} runs. GB/s counts the bytes the op must move "
+             "(weights of the adapters in the batch, activations in and out; for attention the keys and values).", "",
+             "| kernel | impl | shape | ms | GB/s | GFLOP/s | of peak bandwidth |", "|---|---|---|---|---|---|---|"]
+    for p in r["points"]:
+        frac = f"{p['bandwidth_fraction']:.0%}" if p["bandwidth_fraction"] else "-"
+        lines.append(f"| {p['kernel']} | {p['impl']} | {p['shape']} | {p['ms']:.3f} | {p['gb_s']:.1f} | "
+                     f"{p['gflop_s']:.1f} | {frac} |")
+    return "\n".join(lines)
+
+
+def run_bench_kernels(args: argparse.Namespace) -> int:
+    result = run(args)
+    save(result, args.json, args.benchmarks, "kernels", TITLE, markdown(result))
+    return 0
