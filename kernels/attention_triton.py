@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlora.kernels.triton_common import f32_dot
+from dlora.kernels.triton_common import f32_dot, interpreting
 
 
 @dataclass
@@ -83,11 +83,12 @@ def _decode_kernel(
     stride_ot, stride_oh,  # output strides
     scale,  # softmax scale (1/sqrt(head_dim) for Llama)
     HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two (at least 16, for tl.dot)
     GROUP: tl.constexpr,  # query heads per KV head
-    BLOCK_G: tl.constexpr,  # GROUP rounded up to a power of two
+    BLOCK_G: tl.constexpr,  # GROUP rounded up to a power of two, at least 16 (tl.dot's least M)
     BLOCK_SIZE: tl.constexpr,  # tokens per KV block
     BLOCK_N: tl.constexpr,  # keys per loop step
+    F32_DOT: tl.constexpr,  # multiply in exact fp32
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,8 +100,9 @@ def _decode_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
+    # The group's query heads are the rows of one matrix, so its keys are read once for all.
     q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # (BLOCK_G, BLOCK_D)
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
@@ -110,15 +112,22 @@ def _decode_kernel(
         phys = tl.load(tables_ptr + seq * max_blocks + k_pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         kv_off = (phys * BLOCK_SIZE + k_pos % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (BLOCK_G, BLOCK_N)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if F32_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if F32_DOT:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -194,8 +203,8 @@ def _prefill_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    # Padded query rows (past n) saw no key: l_i is 0 there, and they are not stored.
-    out = acc / tl.where(m_mask, l_i, 1.0)[:, None]
+    # Every row saw key 0 (padded rows sit past the last query), so l_i > 0; padded rows are not stored.
+    out = acc / l_i[:, None]
     tl.store(o_ptr + (t0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -207,9 +216,12 @@ def paged_attention_triton(
     meta: PagedMetadata,
     block_size: int,
     scale: float,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """The Triton twin of ``paged_attention_torch``: q (T, heads, head_dim) over one layer's cache
-    (slots, kv_heads, head_dim), the new tokens' K/V already written. Returns (T, heads, head_dim)."""
+    (slots, kv_heads, head_dim), the new tokens' K/V already written. Returns (T, heads, head_dim).
+    ``block_n``: keys per loop step (a power of two >= 16); None: 64, or 128 under the interpreter,
+    which runs programs one after another and so takes bigger steps."""
     assert q.dim() == 3 and k_cache.dim() == 3 and k_cache.shape == v_cache.shape
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride() == k_cache.stride()
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype"
@@ -220,15 +232,15 @@ def paged_attention_triton(
     group = heads // kv_heads
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # Keys per loop step; the interpreter runs programs serially, so it takes bigger steps.
-    block_n = 128 if triton.knobs.runtime.interpret else 64
+    block_n = block_n or (128 if interpreting() else 64)
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, "block_n: a power of two >= 16"
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1))
     if meta.decode_seqs.numel():
         _decode_kernel[(meta.decode_seqs.numel(), kv_heads)](
             q, k_cache, v_cache, out, meta.decode_seqs, meta.q_start, meta.ctx_len, meta.block_tables,
             meta.block_tables.shape[1], *strides, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=triton.next_power_of_2(group),
-            BLOCK_SIZE=block_size, BLOCK_N=block_n,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_SIZE=block_size, BLOCK_N=block_n, F32_DOT=f32_dot(q.dtype),
         )
     if meta.tile_seq.numel():
         _prefill_kernel[(meta.tile_seq.numel(), heads)](

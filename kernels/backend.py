@@ -38,10 +38,12 @@ TORCH = Kernels("torch", build_attention_metadata, paged_attention_torch, LoraSe
 def triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA, or anywhere under TRITON_INTERPRET=1 (slowly: for tests)."""
     try:
-        import triton
+        import triton  # noqa: F401
     except ImportError:
         return False
-    return device.type == "cuda" or triton.knobs.runtime.interpret
+    from dlora.kernels.triton_common import interpreting
+
+    return device.type == "cuda" or interpreting()
 
 
 def select_kernels(name: str, device: torch.device) -> Kernels:

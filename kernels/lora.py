@@ -66,14 +66,21 @@ class LoraTables:
     sizes: torch.Tensor  # (n_slices,) int32: output columns of each slice
     max_rank: int  # over every slice and slot (0: no adapter loaded)
     max_size: int  # the widest slice
+    out_features: int  # columns the slices reach (offset + size of the last)
+    in_features: int  # A's width (0: no adapter loaded)
+    dtype: torch.dtype | None  # of every A and B (None: no adapter loaded)
 
     @classmethod
     def build(cls, slices: list[LoraSlice], device: torch.device) -> LoraTables:
         a_ptrs = [[0 if a is None else a.data_ptr() for a in sl.a] for sl in slices]
         b_ptrs = [[0 if b is None else b.data_ptr() for b in sl.b] for sl in slices]
         ranks = [[0 if a is None else a.shape[0] for a in sl.a] for sl in slices]
-        for sl in slices:
-            assert all(t is None or t.is_contiguous() for t in sl.a + sl.b), "slot weights must be contiguous"
+        loaded = [(a, b, sl.size) for sl in slices for a, b in zip(sl.a, sl.b) if a is not None]
+        # The kernels trust these addresses: whatever they point at must be what the tables say.
+        assert len({(a.dtype, a.shape[1], a.device) for a, _, _ in loaded}) <= 1, "one dtype, width and device"
+        for a, b, size in loaded:
+            assert a.is_contiguous() and b.is_contiguous(), "slot weights must be contiguous"
+            assert b.dtype == a.dtype and b.shape == (size, a.shape[0]), f"B {tuple(b.shape)} does not fit A"
         return cls(
             a_ptrs=torch.tensor(a_ptrs, dtype=torch.int64, device=device),
             b_ptrs=torch.tensor(b_ptrs, dtype=torch.int64, device=device),
@@ -83,6 +90,9 @@ class LoraTables:
             sizes=torch.tensor([sl.size for sl in slices], dtype=torch.int32, device=device),
             max_rank=max((r for row in ranks for r in row), default=0),
             max_size=max(sl.size for sl in slices),
+            out_features=max(sl.offset + sl.size for sl in slices),
+            in_features=loaded[0][0].shape[1] if loaded else 0,
+            dtype=loaded[0][0].dtype if loaded else None,
         )
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from dlora.kernels.lora import LoraProjection, LoraTables
-from dlora.kernels.triton_common import ELEM, f32_dot
+from dlora.kernels.triton_common import ELEM, f32_dot, interpreting
 
 
 
@@ -160,7 +160,9 @@ def _expand_kernel(
     slot = tl.load(group_slot_ptr + g)
     rank = tl.load(ranks_ptr + j * num_slots + slot)
     size = tl.load(sizes_ptr + j)
-    if m0 >= n or n0 >= size or rank == 0:
+    if m0 >= n or n0 >= size:
+        return
+    if rank == 0:  # this slot's adapter does not target the slice
         return
     b_ptr = tl.load(b_ptrs + j * num_slots + slot).to(tl.pointer_type(ELEM))
     scale = tl.load(scales_ptr + j * num_slots + slot)
@@ -205,7 +207,7 @@ class LoraBlocks:
     def choose(cls, batch: LoraBatch, tables: LoraTables, in_features: int) -> LoraBlocks:
         m = 16 if batch.max_group_len <= 16 else 32 if batch.max_group_len <= 256 else 64
         rank = max(16, triton.next_power_of_2(tables.max_rank))
-        if triton.knobs.runtime.interpret:
+        if interpreting():
             return cls(m=max(16, min(128, triton.next_power_of_2(batch.max_group_len))), r=rank,
                        k=max(16, min(512, triton.next_power_of_2(in_features))),
                        n=max(16, min(512, triton.next_power_of_2(tables.max_size))), expand_r=rank)
@@ -213,24 +215,24 @@ class LoraBlocks:
 
 
 def lora_shrink(x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None,
-                split_k: int | None = None) -> torch.Tensor:
+                split_k: int = 1) -> torch.Tensor:
     """y[p, j, :rank] = x[token_index[p]] · A[j, slot(p)]ᵀ for every grouped position p and slice j.
 
     x: (T, K), contiguous rows. Returns y (P, n_slices, R) float32 with R >= every rank; entries
     past a slot's rank are unspecified. ``split_k`` splits each K range over that many programs
-    (None: chosen from the grid's size); ``blocks`` None: ``LoraBlocks.choose``.
+    with float atomics (faster on a GPU when few programs share a long K, but the sum's order, and
+    so the last bits, then vary between runs: off unless asked); ``blocks`` None: ``LoraBlocks.choose``.
     """
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (T, K) with contiguous rows"
-    assert x.dtype in ELEM, f"unsupported dtype {x.dtype}"
     assert tables.max_rank > 0, "no adapter is loaded"
+    assert x.dtype == tables.dtype and x.dtype in ELEM, f"x is {x.dtype}, the weights {tables.dtype}"
+    assert x.shape[1] == tables.in_features, f"x has {x.shape[1]} features, A takes {tables.in_features}"
+    assert x.device == tables.a_ptrs.device == batch.token_index.device, "x, tables and batch on one device"
     n_slices, num_slots = tables.ranks.shape
     num_pos, k = batch.token_index.numel(), x.shape[1]
     b = blocks or LoraBlocks.choose(batch, tables, k)
     r_tiles = triton.cdiv(tables.max_rank, b.r)
     m_tiles = triton.cdiv(batch.max_group_len, b.m)
-    grid_mn = batch.num_groups * m_tiles * n_slices * r_tiles
-    if split_k is None:  # few programs over a long K (decode on a GPU): spread K to fill the device
-        split_k = 1 if not x.is_cuda or grid_mn >= 128 else max(1, min(8, k // 512, 256 // grid_mn))
     alloc = torch.zeros if split_k > 1 else torch.empty
     y = alloc(num_pos, n_slices, r_tiles * b.r, dtype=torch.float32, device=x.device)
     grid = (batch.num_groups * m_tiles, n_slices * r_tiles, split_k)
@@ -251,6 +253,9 @@ def lora_expand(out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: L
     """
     assert out.dim() == 2 and out.stride(1) == 1, "out must be (T, N) with contiguous rows"
     assert y.dtype == torch.float32 and y.shape[:2] == (batch.token_index.numel(), tables.ranks.shape[0])
+    assert out.dtype == tables.dtype, f"out is {out.dtype}, the weights {tables.dtype}"
+    assert out.shape[1] >= tables.out_features, f"out has {out.shape[1]} columns, the slices reach {tables.out_features}"
+    assert out.device == y.device == tables.b_ptrs.device, "out, y and tables on one device"
     n_slices, num_slots = tables.ranks.shape
     b = blocks or LoraBlocks.choose(batch, tables, 0)
     m_tiles = triton.cdiv(batch.max_group_len, b.m)

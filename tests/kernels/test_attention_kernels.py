@@ -14,7 +14,7 @@ from tests.kernels.conftest import assert_close, cuda_only, device
 
 
 def check(q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int = 16,
-          dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+          dtype: torch.dtype = torch.float32, seed: int = 0, block_n: int | None = None) -> None:
     """Sequences' blocks scattered over a shuffled pool; new tokens are the last q_len of ctx_len."""
     rng = random.Random(seed)
     needed = [-(-c // block_size) for c in ctx_lens]
@@ -35,7 +35,7 @@ def check(q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, hea
                                                                    device()), block_size, scale)
     meta = build_paged_metadata(q_lens, ctx_lens, tables, slots, block_size, device())
     assert meta.slots.tolist() == slots
-    assert_close(paged_attention_triton(q, k, v, meta, block_size, scale), want)
+    assert_close(paged_attention_triton(q, k, v, meta, block_size, scale, block_n=block_n), want)
 
 
 def test_metadata_tiles_prefill_and_lists_decode() -> None:
@@ -75,6 +75,12 @@ def test_head_layouts(heads: int, kv_heads: int, head_dim: int) -> None:
 @pytest.mark.parametrize("block_size", [1, 4, 32])
 def test_block_sizes(block_size: int) -> None:
     check([1, 9, 1], [40, 9, 7], heads=4, kv_heads=2, head_dim=16, block_size=block_size)
+
+
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_gpu_key_tiles(block_n: int) -> None:
+    """The key steps a GPU takes (the interpreter's default is bigger), over several steps."""
+    check([1, 1, 40, 1], [150, 3, 70, 64], heads=8, kv_heads=1, head_dim=32, block_n=block_n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

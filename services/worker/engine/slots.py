@@ -89,7 +89,7 @@ class DeviceLoras:
         self._refresh()
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
-        self.clear(slot)
+        self._empty(slot)
         for (layer, target), w in adapter.weights.items():
             sl = self._slice[layer][target]
             sl.a[slot] = w.a.to(device=self.device, dtype=self.dtype).contiguous()
@@ -98,11 +98,14 @@ class DeviceLoras:
         self._refresh()
 
     def clear(self, slot: int) -> None:
+        self._empty(slot)
+        self._refresh()
+
+    def _empty(self, slot: int) -> None:
         for by_target in self._slice:
             for sl in by_target.values():
                 sl.a[slot] = sl.b[slot] = None
                 sl.scale[slot] = 0.0
-        self._refresh()
 
     def _refresh(self) -> None:
         # The tables hold raw addresses of the slot tensors: they must follow every change.
