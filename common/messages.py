@@ -146,7 +146,9 @@ class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     request_id: str
     adapter: str | None
     context_tokens: int  # prompt + generated so far
-    remaining_tokens: int  # at most this many still to generate (max_tokens - generated)
+    # Tokens it is expected still to generate: output lengths are unknown, so an estimate from
+    # recently finished requests, never above max_tokens - generated (see worker/lengths.py).
+    remaining_tokens: int
 
 
 class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):

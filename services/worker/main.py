@@ -35,6 +35,7 @@ from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_st
 from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.lengths import OutputLengths
 
 logger = log.get("worker")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
@@ -87,6 +88,7 @@ class WorkerService:
         # KV chunks of requests moving here, by request id (index -> bytes), and who waits for them.
         self.kv_parts: dict[str, dict[int, bytes]] = {}
         self.kv_ready: dict[str, asyncio.Event] = {}
+        self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -253,6 +255,7 @@ class WorkerService:
             sent[out.request_id] = out.new_token_ids
             if out.finished:
                 del self.streams[out.request_id]
+                self.lengths.observe(out.num_output_tokens)
         # Flush before the Redis bookkeeping: left to nats-py's flusher the chunks go out about a
         # millisecond later (measured: 2.9 ms added at p50 instead of 1.9).
         await self.nc.flush()
@@ -287,7 +290,8 @@ class WorkerService:
         ]
         st = e.stats
         loads = [RequestLoad(request_id=q.request_id, adapter=q.adapter, context_tokens=q_seq.total_len,
-                             remaining_tokens=max(0, q_seq.params.max_tokens - len(q_seq.output_ids)))
+                             remaining_tokens=self.lengths.expected_remaining(len(q_seq.output_ids),
+                                                                              q_seq.params.max_tokens))
                  for q in e.queue() if (q_seq := e.seqs.get(q.request_id)) is not None]
         per_token = st.step_seconds / max(1, st.tokens_generated)
         return WorkerStats(
