@@ -90,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     be.set_defaults(func=_lazy("dlora.loadgen.bench_engine:run_bench_engine"))
 
-    bk = bench.add_parser("kernels", help="Triton LoRA and paged-attention kernels beside their torch references")
-    bk.add_argument("--reps", type=int, default=20, help="timed repetitions per point; the median is reported")
-    bk.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth (default: known by name)")
-    bk.add_argument("--json", help="write results here")
-    bk.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bk.set_defaults(func=_lazy("dlora.loadgen.bench_kernels:run_bench_kernels"))
+    bkr = bench.add_parser("kernels", help="Triton LoRA and paged-attention kernels beside their torch references")
+    bkr.add_argument("--reps", type=int, default=20, help="timed repetitions per point; the median is reported")
+    bkr.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth (default: known by name)")
+    bkr.add_argument("--json", help="write results here")
+    bkr.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
+    bkr.set_defaults(func=_lazy("dlora.loadgen.bench_kernels:run_bench_kernels"))
 
     bp = bench.add_parser("policy", help="merged-only vs unmerged-only vs dlora over adapter skew (paper Fig. 10)")
     bp.add_argument("--preset", choices=["tiny", "small"], default="small")
