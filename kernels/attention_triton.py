@@ -61,10 +61,56 @@ def build_paged_metadata(
 
     return PagedMetadata(
         slots=torch.tensor(slots, dtype=torch.int64, device=device),
-        q_start=i32(starts), q_len=i32(q_lens), ctx_len=i32(ctx_lens), block_tables=i32(tables).reshape(len(q_lens), width),
+        q_start=i32(starts), q_len=i32(q_lens), ctx_len=i32(ctx_lens),
+        block_tables=i32(tables).reshape(len(q_lens), width),
         decode_seqs=i32(decode), tile_seq=i32([i for i, _ in tiles]), tile_q0=i32([q0 for _, q0 in tiles]),
         block_m=block_m,
     )
+
+
+@triton.jit
+def _attend(
+    q,  # (ROWS, BLOCK_D) query rows, zero past HEAD_DIM
+    q_pos,  # (ROWS,) int32: each row's position in its sequence (it sees keys up to there)
+    last,  # keys [0, last) are read
+    seq, kvh,  # the sequence (its block table row) and the KV head
+    k_ptr, v_ptr, tables_ptr, max_blocks, stride_kt, stride_kh, scale,  # as in the kernels
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):
+    """Softmax(q·Kᵀ·scale)·V over one sequence's keys, gathered BLOCK_N at a time through its block
+    table with an online softmax (fp32 running max, sum and output). Returns (ROWS, BLOCK_D) fp32.
+    Every row sees key 0, so no row's sum is zero."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, last, BLOCK_N):
+        k_pos = k0 + tl.arange(0, BLOCK_N)
+        n_mask = k_pos < last
+        phys = tl.load(tables_ptr + seq * max_blocks + k_pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = (phys * BLOCK_SIZE + k_pos % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if F32_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if F32_DOT:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc / l_i[:, None]
 
 
 @triton.jit
@@ -103,33 +149,10 @@ def _decode_kernel(
     # The group's query heads are the rows of one matrix, so its keys are read once for all.
     q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
-    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, ctx, BLOCK_N):
-        k_pos = k0 + tl.arange(0, BLOCK_N)
-        n_mask = k_pos < ctx
-        phys = tl.load(tables_ptr + seq * max_blocks + k_pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_off = (phys * BLOCK_SIZE + k_pos % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        if F32_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if F32_DOT:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    out = acc / l_i[:, None]
+    # The one new token sits at position ctx - 1: it sees every key.
+    q_pos = tl.zeros((BLOCK_G,), dtype=tl.int32) + ctx - 1
+    out = _attend(q, q_pos, ctx, seq, kvh, k_ptr, v_ptr, tables_ptr, max_blocks, stride_kt, stride_kh, scale,
+                  BLOCK_G, BLOCK_D, HEAD_DIM, BLOCK_SIZE, BLOCK_N, F32_DOT)
     tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
@@ -174,37 +197,11 @@ def _prefill_kernel(
     d_mask = offs_d < HEAD_DIM
     q = tl.load(q_ptr + (t0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # Causal: the tile's last query sees keys up to its own position.
+    # Causal: the tile's last query sees keys up to its own position. Padded rows (past n) sit
+    # beyond it and are not stored.
     last = tl.minimum(ctx - n + q0 + BLOCK_M, ctx)
-    for k0 in range(0, last, BLOCK_N):
-        k_pos = k0 + tl.arange(0, BLOCK_N)
-        n_mask = k_pos < last
-        phys = tl.load(tables_ptr + seq * max_blocks + k_pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_off = (phys * BLOCK_SIZE + k_pos % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        if F32_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if F32_DOT:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    # Every row saw key 0 (padded rows sit past the last query), so l_i > 0; padded rows are not stored.
-    out = acc / l_i[:, None]
+    out = _attend(q, q_pos, last, seq, kvh, k_ptr, v_ptr, tables_ptr, max_blocks, stride_kt, stride_kh, scale,
+                  BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, BLOCK_N, F32_DOT)
     tl.store(o_ptr + (t0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 

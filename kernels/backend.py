@@ -50,7 +50,7 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
     """``auto``: Triton on CUDA when it is installed, torch otherwise; ``torch`` / ``triton`` force one."""
     if name not in PATHS:
         raise ValueError(f"kernels {name!r}: expected one of {', '.join(PATHS)}")
-    if name == "torch" or (name == "auto" and (device.type != "cuda" or not triton_usable(device))):
+    if name == "torch" or (name == "auto" and not (device.type == "cuda" and triton_usable(device))):
         return TORCH
     if not triton_usable(device):
         raise ValueError(f"kernels 'triton' need a CUDA device or TRITON_INTERPRET=1 (device is {device}) "

@@ -254,7 +254,7 @@ def lora_expand(out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: L
     assert out.dim() == 2 and out.stride(1) == 1, "out must be (T, N) with contiguous rows"
     assert y.dtype == torch.float32 and y.shape[:2] == (batch.token_index.numel(), tables.ranks.shape[0])
     assert out.dtype == tables.dtype, f"out is {out.dtype}, the weights {tables.dtype}"
-    assert out.shape[1] >= tables.out_features, f"out has {out.shape[1]} columns, the slices reach {tables.out_features}"
+    assert out.shape[1] >= tables.out_features, f"out has {out.shape[1]} columns, slices reach {tables.out_features}"
     assert out.device == y.device == tables.b_ptrs.device, "out, y and tables on one device"
     n_slices, num_slots = tables.ranks.shape
     b = blocks or LoraBlocks.choose(batch, tables, 0)

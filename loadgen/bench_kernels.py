@@ -100,7 +100,8 @@ def _lora_points(device: torch.device, dtype: torch.dtype, hidden: int, rank: in
 
 
 def _attention_points(device: torch.device, dtype: torch.dtype, batch: int, ctx: int, heads: int, kv_heads: int,
-                      head_dim: int, impls: list[str], measure, peak: float | None, block_size: int = 16) -> list[Point]:
+                      head_dim: int, impls: list[str], measure, peak: float | None,
+                      block_size: int = 16) -> list[Point]:
     from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
 
     blocks = ctx // block_size
