@@ -60,14 +60,16 @@ def run(args: argparse.Namespace) -> dict:
               f" p90 {row['norm_latency_p90_s']:.3f}  completed {row['completed']}/{row['sent']}", flush=True)
     return {"machine": machine(), "date": today(), "preset": args.preset, "workers": args.workers,
             "adapters": args.adapters, "rate_req_s": args.rate, "cv": args.cv, "requests": args.requests,
-            "shift_every_s": args.shift_every, "rows": rows}
+            "shift_every_s": args.shift_every, "length_divide": args.length_divide, "max_prompt": args.max_prompt,
+            "max_output": args.max_output, "rows": rows}
 
 
 def markdown(r: dict) -> str:
     rr = next(x for x in r["rows"] if x["config"] == "round-robin")
     lines = [f"Measured {r['date']} on **{r['machine']}**: {r['workers']} workers (one torch thread each), preset "
              f"`{r['preset']}`, {r['adapters']} adapters, {r['requests']} requests at {r['rate_req_s']:g} req/s "
-             f"(Gamma CV {r['cv']:g}), Azure conversation lengths, Zipf popularity rotating every "
+             f"(Gamma CV {r['cv']:g}), Azure conversation lengths divided by {r['length_divide']:g} (prompts at most "
+             f"{r['max_prompt']}, outputs at most {r['max_output']} tokens), Zipf popularity rotating every "
              f"{r['shift_every_s']:g} s.", "",
              "| configuration | completed | throughput (tok/s) | norm. latency mean (s/token) | P90 | mean vs round-robin |",
              "|---|---|---|---|---|---|"]
