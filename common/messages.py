@@ -174,6 +174,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     seconds_per_token: float = 0.0
     # Measured seconds per prompt token fed (what recomputing a moved request costs); 0 before any.
     prefill_seconds_per_token: float = 0.0
+    # Measured seconds per token of moved KV cache received here, first chunk to last and decoded
+    # (what shipping a move's cache costs); 0 before any.
+    kv_transfer_seconds_per_token: float = 0.0
     # Every unfinished request here (the migrator's view of the load).
     requests: list[RequestLoad] = []
     # Unix seconds when sent.

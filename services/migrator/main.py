@@ -47,11 +47,12 @@ class Migrator:
         now = time.monotonic()
         live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s]
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
-        measured = [st.prefill_seconds_per_token for st in live if st.prefill_seconds_per_token > 0]
-        recompute = sum(measured) / len(measured) if measured else self.s.recompute_seconds_per_token
-        snap = snapshot_from_stats(live, ranks, recompute_seconds_per_token=recompute,
-                                   kv_transfer_seconds_per_token=self.s.kv_transfer_seconds_per_token,
-                                   adapter_load_seconds=self.s.adapter_load_seconds)
+        snap = snapshot_from_stats(
+            live, ranks,
+            recompute_seconds_per_token=_measured(live, "prefill_seconds_per_token", self.s.recompute_seconds_per_token),
+            kv_transfer_seconds_per_token=_measured(live, "kv_transfer_seconds_per_token",
+                                                    self.s.kv_transfer_seconds_per_token),
+            adapter_load_seconds=self.s.adapter_load_seconds)
         if not imbalanced(snap, self.s.imbalance, self.s.min_gain_s):
             self._imbalanced_looks = 0
             return
@@ -89,3 +90,9 @@ class Migrator:
 async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
     async with connections(s) as (nc, store):
         await Migrator(s, nc, store).run(stop)
+
+
+def _measured(stats: list[WorkerStats], field: str, setting: float) -> float:
+    """The workers' mean measured cost of a move, or the setting until one has measured it."""
+    values = [getattr(st, field) for st in stats if getattr(st, field) > 0]
+    return sum(values) / len(values) if values else setting

@@ -88,6 +88,10 @@ class WorkerService:
         # KV chunks of requests moving here, by request id (index -> bytes), and who waits for them.
         self.kv_parts: dict[str, dict[int, bytes]] = {}
         self.kv_ready: dict[str, asyncio.Event] = {}
+        self.kv_started: dict[str, float] = {}  # when a moved cache's first chunk came
+        self.kv_took: dict[str, float] = {}  # its first chunk to its last, seconds
+        self.kv_seconds = 0.0  # totals over every moved cache taken here
+        self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
@@ -139,9 +143,12 @@ class WorkerService:
             chunk = _decode_kv.decode(msg.data)
         except msgspec.DecodeError:
             return
+        now = time.monotonic()
+        started = self.kv_started.setdefault(chunk.request_id, now)
         parts = self.kv_parts.setdefault(chunk.request_id, {})
         parts[chunk.index] = chunk.data
         if len(parts) == chunk.total:
+            self.kv_took[chunk.request_id] = now - started
             self.kv_ready.setdefault(chunk.request_id, asyncio.Event()).set()
 
     async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
@@ -155,8 +162,14 @@ class WorkerService:
             return None
         finally:
             self.kv_ready.pop(req.request_id, None)
+            self.kv_started.pop(req.request_id, None)
         parts = self.kv_parts.pop(req.request_id, {})
-        return KVSnapshot.from_bytes(b"".join(parts[i] for i in range(len(parts))))
+        start = time.monotonic()
+        kv = KVSnapshot.from_bytes(b"".join(parts[i] for i in range(len(parts))))
+        # Its cost here: the chunks after the first, then decoding them.
+        self.kv_seconds += self.kv_took.pop(req.request_id, 0.0) + time.monotonic() - start
+        self.kv_tokens += kv.tokens
+        return kv
 
     # ---- the owner of the engine ----------------------------------------------------------
     async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved | _Move | _Prefetch) -> None:
@@ -301,6 +314,7 @@ class WorkerService:
             preemptions=st.preemptions, adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
             adapter_load_seconds=st.adapter_load_seconds, seconds_per_token=per_token, requests=loads,
             prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
+            kv_transfer_seconds_per_token=self.kv_seconds / self.kv_tokens if self.kv_tokens else 0.0,
             sent=time.time(),
         )
 

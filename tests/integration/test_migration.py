@@ -83,6 +83,9 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
         # w1 and w2 only ever received moved requests: with KV shipped they never prefilled.
         recomputed = sum(workers[w].engine.stats.prefill_tokens for w in ("w1", "w2"))
         assert (recomputed == 0) if ship_kv else (recomputed > 0)
+        # Receivers measure what a shipped cache cost them; the migrator prices later moves with it.
+        measured = [workers[w].stats.kv_transfer_seconds_per_token for w in ("w1", "w2") if workers[w].kv_tokens]
+        assert (len(measured) > 0 and all(m > 0 for m in measured)) if ship_kv else not measured
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
