@@ -34,6 +34,7 @@ from dlora.common.state import StateStore
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.engine.sequence import FinishReason
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.lengths import OutputLengths
 
@@ -268,7 +269,7 @@ class WorkerService:
             sent[out.request_id] = out.new_token_ids
             if out.finished:
                 del self.streams[out.request_id]
-                self.lengths.observe(out.num_output_tokens)
+                self.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == FinishReason.LENGTH)
         # Flush before the Redis bookkeeping: left to nats-py's flusher the chunks go out about a
         # millisecond later (measured: 2.9 ms added at p50 instead of 1.9).
         await self.nc.flush()

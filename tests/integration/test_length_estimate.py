@@ -17,6 +17,9 @@ from dlora.common.state import StateStore
 from dlora.services.servers import Server
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
+from tests.integration.test_gateway import offline
+
+SHORT_PROMPT = [5, 6, 7]
 
 
 async def test_stats_carry_the_expected_remaining_tokens(nats_server: Server, redis: Redis,
@@ -28,33 +31,44 @@ async def test_stats_carry_the_expected_remaining_tokens(nats_server: Server, re
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     owner = uuid.uuid4().hex[:8]
-    finished: set[str] = set()
+    finished: dict[str, str] = {}  # request -> finish reason
 
     async def on_chunk(msg) -> None:
         c = msgspec.json.decode(msg.data, type=TokenChunk)
         if c.finish_reason:
-            finished.add(c.request_id)
+            finished[c.request_id] = c.finish_reason
 
-    async def send(rid: str, max_tokens: int) -> None:
-        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=[5, 6, 7],
-                              params=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    async def send(rid: str, prompt: list[int], params: SamplingParams) -> None:
+        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=prompt,
+                              params=params)
         await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
+
+    # Short answers that end by themselves, far below their bound (a stop token greedy decoding
+    # first reaches at step stop_at), so the history holds real lengths, not cut-offs.
+    greedy = offline(tiny_llama, [{"id": "g", "prompt_token_ids": SHORT_PROMPT, "max_tokens": 40,
+                                   "ignore_eos": True}])[0]["token_ids"]
+    stop_at = next(i for i, t in enumerate(greedy) if i >= 3 and t not in greedy[:i])
+    short = SamplingParams(max_tokens=1000, temperature=0.0, stop_token_ids=[greedy[stop_at]])
 
     try:
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
         ready = await client.subscribe(subjects.stats("w0"))
         await ready.next_msg(timeout=30)  # stats flow once the worker listens for requests
         await ready.unsubscribe()
-        for i in range(8):  # history: eight answers of 6 tokens
-            await send(f"short{i}", 6)
+        for i in range(8):
+            await send(f"short{i}", SHORT_PROMPT, short)
         async with asyncio.timeout(30):
             while len(finished) < 8:
                 await asyncio.sleep(0.02)
-        await send("long", 400)  # a bound far above anything seen
+        await send("long", [9, 8, 7], SamplingParams(max_tokens=400, ignore_eos=True))  # a bound far above any
         async with asyncio.timeout(30):
             while not (load := [r for r in worker.stats.requests if r.request_id == "long"]):
                 await asyncio.sleep(0.02)
-        assert 1 <= load[0].remaining_tokens <= 6, load[0]
+        assert set(finished.values()) == {"stop"}
+        # The bound says up to 400 more; the history says about stop_at tokens in all, or, for a
+        # request already past every answer seen, about as many again as it has.
+        generated = load[0].context_tokens - 3
+        assert 1 <= load[0].remaining_tokens <= max(stop_at + 1, generated) < 100, (load[0], stop_at)
     finally:
         stop.set()
         await asyncio.gather(task, return_exceptions=True)

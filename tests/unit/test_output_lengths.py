@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from dlora.services.worker.lengths import OutputLengths
+
+
+def brute_force(samples: list[tuple[int, bool]], generated: int, max_tokens: int, min_samples: int) -> int:
+    bound = max(0, max_tokens - generated)
+    if len(samples) < min_samples or bound == 0:
+        return bound
+    told = [min(n, max_tokens) for n, cut in samples if (n > generated and not cut) or (cut and n >= max_tokens)]
+    estimate = round(sum(told) / len(told)) - generated if told else 0
+    if len(told) < min_samples:
+        estimate = max(estimate, generated)
+    return min(bound, max(1, estimate))
 
 
 def test_the_bound_until_enough_history() -> None:
@@ -28,6 +41,27 @@ def test_conditional_mean_capped_by_the_request_bound() -> None:
     assert lengths.expected_remaining(40, 40) == 0
 
 
+def test_few_longer_samples_do_not_make_the_estimate_jump() -> None:
+    lengths = OutputLengths(min_samples=8)
+    for n in [10] * 20 + [100]:
+        lengths.observe(n)
+    near = [lengths.expected_remaining(g, 10_000) for g in (98, 99, 100, 101)]
+    assert near == [98, 99, 100, 101]  # one sample left above: as long again, no drop to 1
+
+
+def test_cut_off_samples_only_speak_for_bounds_up_to_theirs() -> None:
+    """Completions stopped at max_tokens=16 next to chats that end by themselves near 300."""
+    lengths = OutputLengths(min_samples=4)
+    for i in range(40):
+        if i % 4:
+            lengths.observe(16, cut_off=True)
+        else:
+            lengths.observe(290 + i)
+    chat = lengths.expected_remaining(0, 4000)
+    assert 290 <= chat <= 330  # the cut-off completions say nothing about a 4000-token bound
+    assert lengths.expected_remaining(0, 16) == 16  # for a 16-token bound, every sample says 16
+
+
 def test_heavy_tails_make_old_requests_look_longer_and_the_window_forgets() -> None:
     rng = random.Random(0)
     lengths = OutputLengths(window=256)
@@ -38,3 +72,19 @@ def test_heavy_tails_make_old_requests_look_longer_and_the_window_forgets() -> N
     for _ in range(256):  # the workload changes: only short answers now
         lengths.observe(3)
     assert len(lengths) == 256 and lengths.expected_remaining(0, 10_000) == 3
+
+
+def test_matches_a_brute_force_over_random_histories() -> None:
+    rng = random.Random(1)
+    lengths, window = OutputLengths(window=50, min_samples=5), []
+    for _ in range(400):
+        sample = (rng.randint(1, 300), rng.random() < 0.3)
+        lengths.observe(*sample)
+        window = (window + [sample])[-50:]
+        g, cap = rng.randint(0, 200), rng.randint(1, 400)
+        assert lengths.expected_remaining(g, cap) == brute_force(window, g, cap, 5), (g, cap)
+
+
+def test_window_must_hold_something() -> None:
+    with pytest.raises(ValueError, match="window=0"):
+        OutputLengths(window=0)
