@@ -84,6 +84,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # A move that ships the KV cache: this many KVChunks follow on subjects.kv_transfer; 0: none
     # (the receiving worker recomputes from the tokens).
     kv_chunks: int = 0
+    # Seconds the source spent exporting that cache (part of what the move cost).
+    kv_export_s: float = 0.0
 
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):
@@ -174,8 +176,8 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     seconds_per_token: float = 0.0
     # Measured seconds per prompt token fed (what recomputing a moved request costs); 0 before any.
     prefill_seconds_per_token: float = 0.0
-    # Measured seconds per token of moved KV cache received here, first chunk to last and decoded
-    # (what shipping a move's cache costs); 0 before any.
+    # Measured seconds per token of the moved KV caches taken here: the source's export plus this
+    # worker's stall (chunks still missing when the request came, decoding, loading); 0 before any.
     kv_transfer_seconds_per_token: float = 0.0
     # Every unfinished request here (the migrator's view of the load).
     requests: list[RequestLoad] = []

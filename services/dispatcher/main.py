@@ -88,8 +88,9 @@ class Dispatcher:
             if rec is None or rec.worker != worker:
                 continue
             first = rec.request
+            # Recomputed from its tokens: a cache once shipped to the lost worker is gone with it.
             resumed = msgspec.structs.replace(first, resume_token_ids=[*first.resume_token_ids, *rec.tokens],
-                                              next_seq=first.next_seq + rec.chunks)
+                                              next_seq=first.next_seq + rec.chunks, kv_chunks=0, kv_export_s=0.0)
             await self._dispatch(resumed)
 
     def _count(self, adapter: str | None) -> None:

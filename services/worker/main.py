@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -50,6 +50,14 @@ _PLAN_MAX_AGE_S = 5.0
 _encode = msgspec.json.Encoder()
 
 
+@dataclass
+class _Inbox:
+    """A moved request's KV cache, arriving in chunks."""
+
+    opened: float  # monotonic time of its first chunk
+    parts: dict[int, bytes] = field(default_factory=dict)  # chunk index -> bytes
+
+
 @dataclass(frozen=True)
 class _Add:
     req: GenerateRequest
@@ -79,6 +87,7 @@ class _Move:
 
 _KV_CHUNK_BYTES = 512 << 10  # under NATS's default 1 MiB payload limit
 _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
+_KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 
 
 class WorkerService:
@@ -87,11 +96,9 @@ class WorkerService:
         self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved | _Move | _Prefetch] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
         # KV chunks of requests moving here, by request id (index -> bytes), and who waits for them.
-        self.kv_parts: dict[str, dict[int, bytes]] = {}
+        self.kv_inbox: dict[str, _Inbox] = {}
         self.kv_ready: dict[str, asyncio.Event] = {}
-        self.kv_started: dict[str, float] = {}  # when a moved cache's first chunk came
-        self.kv_took: dict[str, float] = {}  # its first chunk to its last, seconds
-        self.kv_seconds = 0.0  # totals over every moved cache taken here
+        self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.stats: WorkerStats = self._snapshot()
@@ -145,12 +152,18 @@ class WorkerService:
         except msgspec.DecodeError:
             return
         now = time.monotonic()
-        started = self.kv_started.setdefault(chunk.request_id, now)
-        parts = self.kv_parts.setdefault(chunk.request_id, {})
-        parts[chunk.index] = chunk.data
-        if len(parts) == chunk.total:
-            self.kv_took[chunk.request_id] = now - started
+        # Caches whose request never came (its source died, or it was refused here) or that came
+        # too late (it recomputed) go after a while.
+        for rid in [rid for rid, box in self.kv_inbox.items() if now - box.opened > _KV_STALE_S]:
+            self._drop_kv(rid)
+        box = self.kv_inbox.setdefault(chunk.request_id, _Inbox(now))
+        box.parts[chunk.index] = chunk.data
+        if len(box.parts) == chunk.total:
             self.kv_ready.setdefault(chunk.request_id, asyncio.Event()).set()
+
+    def _drop_kv(self, request_id: str) -> _Inbox | None:
+        self.kv_ready.pop(request_id, None)
+        return self.kv_inbox.pop(request_id, None)
 
     async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
         """The moved cache of ``req`` once all its chunks are here; None (recompute) if they do not
@@ -162,15 +175,8 @@ class WorkerService:
             logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
             return None
         finally:
-            self.kv_ready.pop(req.request_id, None)
-            self.kv_started.pop(req.request_id, None)
-        parts = self.kv_parts.pop(req.request_id, {})
-        start = time.monotonic()
-        kv = KVSnapshot.from_bytes(b"".join(parts[i] for i in range(len(parts))))
-        # Its cost here: the chunks after the first, then decoding them.
-        self.kv_seconds += self.kv_took.pop(req.request_id, 0.0) + time.monotonic() - start
-        self.kv_tokens += kv.tokens
-        return kv
+            box = self._drop_kv(req.request_id)
+        return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
 
     # ---- the owner of the engine ----------------------------------------------------------
     async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved | _Move | _Prefetch) -> None:
@@ -206,11 +212,12 @@ class WorkerService:
         seq = self.engine.seqs.get(cmd.request_id)
         if stream is None or seq is None:
             return  # finished or gone meanwhile: nothing to move
+        start = time.monotonic()
         kv = self.engine.export_kv(cmd.request_id) if cmd.ship_kv else None
         data = kv.to_bytes() if kv is not None else b""
         pieces = [data[i : i + _KV_CHUNK_BYTES] for i in range(0, len(data), _KV_CHUNK_BYTES)]
         resumed = msgspec.structs.replace(stream.request, resume_token_ids=list(seq.output_ids), next_seq=stream.seq,
-                                          kv_chunks=len(pieces))
+                                          kv_chunks=len(pieces), kv_export_s=time.monotonic() - start if kv else 0.0)
         self.engine.abort(cmd.request_id)
         del self.streams[cmd.request_id]
         for i, piece in enumerate(pieces):
@@ -241,6 +248,7 @@ class WorkerService:
         try:
             if req.adapter is not None and not await self._ensure_adapter(req.adapter):
                 raise _NotFound(f"adapter {req.adapter!r} is not registered")
+            start = time.monotonic()
             kv = await self._take_kv(req) if req.kv_chunks else None
             try:
                 self._add_to_engine(req, kv)
@@ -248,6 +256,10 @@ class WorkerService:
                 if kv is None:
                     raise
                 self._add_to_engine(req, None)  # the cache does not fit here: recompute instead
+            else:
+                if kv is not None:  # what shipping this cache cost: the source's export, then our stall
+                    self.kv_seconds += req.kv_export_s + time.monotonic() - start
+                    self.kv_tokens += kv.tokens
             self.streams[req.request_id] = open_stream(req, time.monotonic())
             return
         except _NotFound as e:
