@@ -86,9 +86,9 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     heartbeat_ttl_s: float = 5.0
     # Solver time bound.
     solve_time_s: float = 1.0
-    # Move costs the planner weighs (seconds of destination time). Recompute and KV transfer use
-    # the workers' measured prefill speed and KV receive time once they report them; these are
-    # the values before that.
+    # Move costs the planner weighs (seconds per token moved; per load for adapters). Recompute and
+    # KV transfer use what the workers measured (prefill speed; a shipped cache's export plus the
+    # receiver's stall) once they report it; these are the values before that.
     recompute_seconds_per_token: float = 0.0005
     kv_transfer_seconds_per_token: float = 0.001
     adapter_load_seconds: float = 0.05

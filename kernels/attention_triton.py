@@ -14,6 +14,7 @@ The torch reference is ``attention.paged_attention_torch``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import triton
@@ -47,10 +48,7 @@ def build_paged_metadata(
     block_m: int = 16,
 ) -> PagedMetadata:
     """The same inputs as ``attention.build_attention_metadata``; ``block_size`` is implied by the tables."""
-    starts, t = [], 0
-    for n in q_lens:
-        starts.append(t)
-        t += n
+    starts = list(accumulate(q_lens, initial=0))[:-1]
     width = max((len(b) for b in block_tables), default=1)
     tables = [b + [0] * (width - len(b)) for b in block_tables]
     decode = [i for i, n in enumerate(q_lens) if n == 1]

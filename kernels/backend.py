@@ -50,9 +50,10 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
     """``auto``: Triton on CUDA when it is installed, torch otherwise; ``torch`` / ``triton`` force one."""
     if name not in PATHS:
         raise ValueError(f"kernels {name!r}: expected one of {', '.join(PATHS)}")
-    if name == "torch" or (name == "auto" and not (device.type == "cuda" and triton_usable(device))):
+    usable = triton_usable(device)
+    if name == "torch" or (name == "auto" and not (device.type == "cuda" and usable)):
         return TORCH
-    if not triton_usable(device):
+    if not usable:
         raise ValueError(f"kernels 'triton' need a CUDA device or TRITON_INTERPRET=1 (device is {device}) "
                          "and the triton package")
     from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton

@@ -24,7 +24,6 @@ from dlora.kernels.lora import LoraProjection, LoraTables
 from dlora.kernels.triton_common import ELEM, f32_dot, interpreting
 
 
-
 @dataclass
 class LoraBatch:
     """Per-step metadata for the Triton path, built once and shared by every layer.
@@ -204,13 +203,13 @@ class LoraBlocks:
     expand_r: int  # expand: rank per loop step
 
     @classmethod
-    def choose(cls, batch: LoraBatch, tables: LoraTables, in_features: int) -> LoraBlocks:
-        m = 16 if batch.max_group_len <= 16 else 32 if batch.max_group_len <= 256 else 64
+    def choose(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
         rank = max(16, triton.next_power_of_2(tables.max_rank))
         if interpreting():
             return cls(m=max(16, min(128, triton.next_power_of_2(batch.max_group_len))), r=rank,
-                       k=max(16, min(512, triton.next_power_of_2(in_features))),
+                       k=max(16, min(512, triton.next_power_of_2(tables.in_features))),
                        n=max(16, min(512, triton.next_power_of_2(tables.max_size))), expand_r=rank)
+        m = 16 if batch.max_group_len <= 16 else 32 if batch.max_group_len <= 256 else 64
         return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank))
 
 
@@ -230,7 +229,7 @@ def lora_shrink(x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: L
     assert x.device == tables.a_ptrs.device == batch.token_index.device, "x, tables and batch on one device"
     n_slices, num_slots = tables.ranks.shape
     num_pos, k = batch.token_index.numel(), x.shape[1]
-    b = blocks or LoraBlocks.choose(batch, tables, k)
+    b = blocks or LoraBlocks.choose(batch, tables)
     r_tiles = triton.cdiv(tables.max_rank, b.r)
     m_tiles = triton.cdiv(batch.max_group_len, b.m)
     alloc = torch.zeros if split_k > 1 else torch.empty
@@ -257,7 +256,7 @@ def lora_expand(out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: L
     assert out.shape[1] >= tables.out_features, f"out has {out.shape[1]} columns, slices reach {tables.out_features}"
     assert out.device == y.device == tables.b_ptrs.device, "out, y and tables on one device"
     n_slices, num_slots = tables.ranks.shape
-    b = blocks or LoraBlocks.choose(batch, tables, 0)
+    b = blocks or LoraBlocks.choose(batch, tables)
     m_tiles = triton.cdiv(batch.max_group_len, b.m)
     n_tiles = triton.cdiv(tables.max_size, b.n)
     grid = (batch.num_groups * m_tiles, n_slices * n_tiles)
@@ -277,5 +276,5 @@ def add_lora_triton(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, ba
     assert tables is not None, "LoraProjection.refresh() was not called after loading slots"
     if tables.max_rank == 0:
         return
-    blocks = blocks or LoraBlocks.choose(batch, tables, x.shape[1])
+    blocks = blocks or LoraBlocks.choose(batch, tables)
     lora_expand(out, lora_shrink(x, tables, batch, blocks), tables, batch, blocks)

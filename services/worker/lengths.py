@@ -33,15 +33,15 @@ class OutputLengths:
     def observe(self, tokens: int, cut_off: bool = False) -> None:
         """A request finished after ``tokens`` output tokens; ``cut_off``: its bound (max_tokens or
         the context) stopped it, so its length was at least that."""
+        ended_changed = not cut_off
         if len(self._recent) == self._recent.maxlen:
             old, old_cut = self._recent[0]
             kept = self._cut if old_cut else self._ended
             kept.pop(bisect_left(kept, old))
-            if not old_cut:
-                self._prefix = [0, *accumulate(self._ended)]
+            ended_changed |= not old_cut
         self._recent.append((tokens, cut_off))
         insort(self._cut if cut_off else self._ended, tokens)
-        if not cut_off:
+        if ended_changed:
             self._prefix = [0, *accumulate(self._ended)]
 
     def __len__(self) -> int:

@@ -34,8 +34,8 @@ from dlora.common.state import StateStore
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
-from dlora.services.worker.engine.sequence import FinishReason
 from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.engine.sequence import FinishReason
 from dlora.services.worker.lengths import OutputLengths
 
 logger = log.get("worker")
@@ -95,7 +95,7 @@ class WorkerService:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
         self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved | _Move | _Prefetch] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
-        # KV chunks of requests moving here, by request id (index -> bytes), and who waits for them.
+        # KV caches of requests moving here as their chunks arrive, and who waits for them.
         self.kv_inbox: dict[str, _Inbox] = {}
         self.kv_ready: dict[str, asyncio.Event] = {}
         self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
@@ -151,12 +151,14 @@ class WorkerService:
             chunk = _decode_kv.decode(msg.data)
         except msgspec.DecodeError:
             return
-        now = time.monotonic()
-        # Caches whose request never came (its source died, or it was refused here) or that came
-        # too late (it recomputed) go after a while.
-        for rid in [rid for rid, box in self.kv_inbox.items() if now - box.opened > _KV_STALE_S]:
-            self._drop_kv(rid)
-        box = self.kv_inbox.setdefault(chunk.request_id, _Inbox(now))
+        box = self.kv_inbox.get(chunk.request_id)
+        if box is None:
+            now = time.monotonic()
+            # Caches whose request never came (its source died, or it was refused here) or came too
+            # late (it recomputed) go after a while; looked for as each new cache starts to arrive.
+            for rid in [rid for rid, b in self.kv_inbox.items() if now - b.opened > _KV_STALE_S]:
+                self._drop_kv(rid)
+            box = self.kv_inbox[chunk.request_id] = _Inbox(now)
         box.parts[chunk.index] = chunk.data
         if len(box.parts) == chunk.total:
             self.kv_ready.setdefault(chunk.request_id, asyncio.Event()).set()
@@ -217,7 +219,7 @@ class WorkerService:
         data = kv.to_bytes() if kv is not None else b""
         pieces = [data[i : i + _KV_CHUNK_BYTES] for i in range(0, len(data), _KV_CHUNK_BYTES)]
         resumed = msgspec.structs.replace(stream.request, resume_token_ids=list(seq.output_ids), next_seq=stream.seq,
-                                          kv_chunks=len(pieces), kv_export_s=time.monotonic() - start if kv else 0.0)
+                                          kv_chunks=len(pieces), kv_export_s=time.monotonic() - start if kv is not None else 0.0)
         self.engine.abort(cmd.request_id)
         del self.streams[cmd.request_id]
         for i, piece in enumerate(pieces):
@@ -252,14 +254,13 @@ class WorkerService:
             kv = await self._take_kv(req) if req.kv_chunks else None
             try:
                 self._add_to_engine(req, kv)
+                if kv is not None:  # what shipping this cache cost: the source's export, then our stall
+                    self.kv_seconds += req.kv_export_s + time.monotonic() - start
+                    self.kv_tokens += kv.tokens
             except RequestError:
                 if kv is None:
                     raise
                 self._add_to_engine(req, None)  # the cache does not fit here: recompute instead
-            else:
-                if kv is not None:  # what shipping this cache cost: the source's export, then our stall
-                    self.kv_seconds += req.kv_export_s + time.monotonic() - start
-                    self.kv_tokens += kv.tokens
             self.streams[req.request_id] = open_stream(req, time.monotonic())
             return
         except _NotFound as e:
