@@ -87,10 +87,10 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Solver time bound.
     solve_time_s: float = 1.0
     # Move costs the planner weighs (seconds per token moved; per load for adapters). Recompute and
-    # KV transfer use what the workers measured (prefill speed; a shipped cache's export plus the
-    # receiver's stall) once they report it; these are the values before that.
-    recompute_seconds_per_token: float = 0.0005
-    kv_transfer_seconds_per_token: float = 0.001
+    # KV transfer: unset, what the workers measured (prefill speed; a shipped cache's export plus the
+    # receiver's stall), with a prior until one has; a number fixes the cost (and so the choice).
+    recompute_seconds_per_token: float | None = None
+    kv_transfer_seconds_per_token: float | None = None
     adapter_load_seconds: float = 0.05
 
 

@@ -49,9 +49,10 @@ class Migrator:
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
         snap = snapshot_from_stats(
             live, ranks,
-            recompute_seconds_per_token=_measured(live, "prefill_seconds_per_token", self.s.recompute_seconds_per_token),
-            kv_transfer_seconds_per_token=_measured(live, "kv_transfer_seconds_per_token",
-                                                    self.s.kv_transfer_seconds_per_token),
+            recompute_seconds_per_token=_cost(live, "prefill_seconds_per_token", self.s.recompute_seconds_per_token,
+                                              _PRIOR_RECOMPUTE_S),
+            kv_transfer_seconds_per_token=_cost(live, "kv_transfer_seconds_per_token",
+                                                self.s.kv_transfer_seconds_per_token, _PRIOR_KV_TRANSFER_S),
             adapter_load_seconds=self.s.adapter_load_seconds)
         if not imbalanced(snap, self.s.imbalance, self.s.min_gain_s):
             self._imbalanced_looks = 0
@@ -92,7 +93,15 @@ async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
         await Migrator(s, nc, store).run(stop)
 
 
-def _measured(stats: list[WorkerStats], field: str, setting: float) -> float:
-    """The workers' mean measured cost of a move, or the setting until one has measured it."""
+# Move costs per token before any worker has measured them (a CPU-sized guess).
+_PRIOR_RECOMPUTE_S = 0.0005
+_PRIOR_KV_TRANSFER_S = 0.001
+
+
+def _cost(stats: list[WorkerStats], field: str, setting: float | None, prior: float) -> float:
+    """A move cost per token: the setting where one is given, else the workers' mean measurement
+    (``field`` of their stats), else the prior."""
+    if setting is not None:
+        return setting
     values = [getattr(st, field) for st in stats if getattr(st, field) > 0]
-    return sum(values) / len(values) if values else setting
+    return sum(values) / len(values) if values else prior
