@@ -226,6 +226,8 @@ class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     # appended when the moves were dropped for not shortening the longest completion by more
     # than they cost.
     method: str = "none"
+    # Which bound set it off: "queue-delay", "request-count" or "kv-pressure" (migrator settings).
+    trigger: str = ""
     solve_seconds: float = 0.0
     # Estimated longest worker completion time before and after the moves.
     makespan_before_s: float = 0.0

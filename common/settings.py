@@ -71,11 +71,17 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     migrator_id: str = "migrator-0"
     # Seconds between looks at the cluster.
     interval_s: float = 1.0
-    # Plan when the most loaded worker's estimated completion time exceeds the mean by this
-    # fraction ...
-    imbalance: float = 0.25
-    # ... and by at least this many seconds.
+    # Plan when any of these bounds is passed; null (DLORA_..._IMBALANCE=null) turns one off.
+    # Queue-delay spread: the most loaded worker's estimated completion time exceeds the mean by
+    # this fraction ...
+    imbalance: float | None = 0.25
+    # ... and by at least this many seconds (also the least gain a plan must bring).
     min_gain_s: float = 0.5
+    # Request-count excess: the most loaded worker holds this many requests more than the mean.
+    request_excess: int | None = None
+    # KV pressure: a worker's requests need more than this fraction of its KV blocks while another
+    # worker's need less. Plans also price KV demand above it (as the recompute it will cause).
+    kv_pressure: float | None = 0.9
     # Plan only after this many consecutive imbalanced looks, and not within cooldown_s of the
     # last plan that moved something (its moves must show in the stats first).
     patience: int = 2

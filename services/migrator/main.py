@@ -16,7 +16,7 @@ from dlora.common.messages import WorkerStats
 from dlora.common.settings import MigratorSettings
 from dlora.common.state import StateStore
 from dlora.services.migrator.planner import PlannerSettings, plan
-from dlora.services.migrator.trigger import imbalanced, snapshot_from_stats
+from dlora.services.migrator.trigger import TriggerBounds, snapshot_from_stats, triggered
 
 logger = log.get("migrator")
 _decode_stats = msgspec.json.Decoder(WorkerStats)
@@ -54,13 +54,18 @@ class Migrator:
             kv_transfer_seconds_per_token=_cost(live, "kv_transfer_seconds_per_token",
                                                 self.s.kv_transfer_seconds_per_token, _PRIOR_KV_TRANSFER_S),
             adapter_load_seconds=self.s.adapter_load_seconds)
-        if not imbalanced(snap, self.s.imbalance, self.s.min_gain_s):
+        reason = triggered(snap, TriggerBounds(self.s.imbalance, self.s.min_gain_s, self.s.request_excess,
+                                               self.s.kv_pressure))
+        if reason is None:
             self._imbalanced_looks = 0
             return
         self._imbalanced_looks += 1
         if self._imbalanced_looks < self.s.patience or now - self._last_plan < self.s.cooldown_s:
             return
-        p = await asyncio.to_thread(plan, snap, PlannerSettings(self.s.solve_time_s, self.s.min_gain_s))
+        settings = PlannerSettings(self.s.solve_time_s, min_gain_s=self.s.min_gain_s,
+                                   kv_pressure=self.s.kv_pressure if self.s.kv_pressure is not None else 1.0)
+        p = await asyncio.to_thread(plan, snap, settings)
+        p = msgspec.structs.replace(p, trigger=reason)
         if p.moves:
             p = msgspec.structs.replace(p, created=time.time())
             await self.nc.publish(subjects.MOVES, _encode.encode(p))
@@ -69,7 +74,7 @@ class Migrator:
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.
             self.stats.clear()
-        logger.info("plan", plan=p.plan_id, method=p.method, moves=len(p.moves), seconds=round(p.solve_seconds, 3),
+        logger.info("plan", plan=p.plan_id, trigger=reason, method=p.method, moves=len(p.moves), seconds=round(p.solve_seconds, 3),
                     makespan_before=round(p.makespan_before_s, 2), makespan_after=round(p.makespan_after_s, 2))
 
     async def run(self, stop: asyncio.Event) -> None:

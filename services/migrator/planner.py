@@ -13,6 +13,11 @@ worker w (fixed to 1 where it already is).
               KV memory                                          sum_g n[g, w] kv_g <= blocks_w
               T bounds every worker's completion time            sum_g n[g, w] work_g,w <= T
 
+KV demand above a pressure fraction of a worker's blocks (all of them by default) is priced as
+the recompute of its tokens, since that is what the worker's preemptions will cost: a slack
+s_w >= sum_g n[g, w] kv_g - fraction * blocks_w adds s_w * block_size * recompute cost to the
+objective. A worker already over its blocks (waiting requests count) may stay there, not grow.
+
 A group's destinations are only the workers where it could run (its adapter is there or a slot is
 free), which keeps big clusters small models. A move costs the cheaper of recomputing the
 context and shipping its KV. The moved requests of a
@@ -44,6 +49,7 @@ class PlannerSettings:
     max_ilp_variables: int = 20_000
     min_gain_s: float = 0.0  # a plan must shorten the longest completion time by at least this
     # (and always by more than the summed cost of its moves)
+    kv_pressure: float = 1.0  # KV demand above this fraction of a worker's blocks is priced (see above)
 
 
 @dataclass
@@ -72,6 +78,26 @@ def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
     return out
 
 
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def kv_demand(snapshot: ClusterSnapshot) -> dict[str, int]:
+    """KV blocks each worker's requests need for their contexts so far (waiting ones too: they will)."""
+    size = {w.worker: w.block_size for w in snapshot.workers}
+    out = {w.worker: 0 for w in snapshot.workers}
+    for r in snapshot.requests:
+        out[r.worker] += _blocks(r.context_tokens, size[r.worker])
+    return out
+
+
+def kv_overflow_cost(snapshot: ClusterSnapshot, fraction: float) -> float:
+    """Seconds of recompute that KV demand above ``fraction`` of each worker's blocks will cost."""
+    demand = kv_demand(snapshot)
+    over = sum(max(0.0, demand[w.worker] - fraction * w.kv_blocks) * w.block_size for w in snapshot.workers)
+    return over * snapshot.recompute_seconds_per_token
+
+
 def _ship_kv(snapshot: ClusterSnapshot) -> bool:
     return snapshot.kv_transfer_seconds_per_token < snapshot.recompute_seconds_per_token
 
@@ -89,13 +115,15 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     moves, method = _solve(snapshot, settings)
     if moves is None:
         moves, method = _greedy(snapshot, settings), f"greedy ({method})"
+    moved = apply(snapshot, moves)
     before = max(completion_times(snapshot).values())
-    after = max(completion_times(apply(snapshot, moves)).values())
+    after = max(completion_times(moved).values())
     by_id = {r.request_id: r for r in snapshot.requests}
     cost = sum(move_cost(snapshot, by_id[m.request_id]) for m in moves)
-    # The longest completion must shrink by more than the moves cost in total: each move's
-    # recompute is real work taken from the destination.
-    if moves and before - after < max(settings.min_gain_s, cost):
+    relief = kv_overflow_cost(snapshot, settings.kv_pressure) - kv_overflow_cost(moved, settings.kv_pressure)
+    # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
+    # the moves cost in total: each move's recompute is real work taken from the destination.
+    if moves and before - after + relief < max(settings.min_gain_s, cost):
         moves, method = [], method + ":no-gain"
     return MovePlan(plan_id=uuid.uuid4().hex, moves=moves, method=method,
                     solve_seconds=time.perf_counter() - start, makespan_before_s=before, makespan_after_s=after)
@@ -151,6 +179,8 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
                 prob += n[i, w] <= g.size * y[g.adapter, w]
                 moved_cost.append(unit * n[i, w])
     load_cost = []
+    overflow_cost = []
+    demand = kv_demand(snapshot)
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
@@ -158,12 +188,16 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
             prob += pulp.lpSum(slot_cost(snapshot.ranks.get(a, 16)) * v for a, v in new) <= max(0, ws.slots - used)
             load_cost += [snapshot.adapter_load_seconds * v for _, v in new]
         here = per_worker[w]
-        mean_kv = {i: -(-int(sum(r.context_tokens for r in groups[i].requests) / groups[i].size) // ws.block_size)
+        mean_kv = {i: _blocks(int(sum(r.context_tokens for r in groups[i].requests) / groups[i].size), ws.block_size)
                    for i in here}
-        prob += pulp.lpSum(n[i, w] * mean_kv[i] for i in here) <= ws.kv_blocks
+        kv = pulp.lpSum(n[i, w] * mean_kv[i] for i in here)
+        prob += kv <= max(ws.kv_blocks, demand[w])
+        over = prob.add_variable(f"over_{len(overflow_cost)}", lowBound=0)
+        prob += kv - over <= settings.kv_pressure * ws.kv_blocks
+        overflow_cost.append(over * (ws.block_size * snapshot.recompute_seconds_per_token))
         prob += pulp.lpSum(n[i, w] * (sum(r.remaining_tokens for r in groups[i].requests) / groups[i].size)
                            * ws.seconds_per_token for i in here) <= T
-    prob += T + pulp.lpSum(moved_cost) + pulp.lpSum(load_cost)
+    prob += T + pulp.lpSum(moved_cost) + pulp.lpSum(load_cost) + pulp.lpSum(overflow_cost)
     remaining = settings.time_limit_s - (time.perf_counter() - started)
     if remaining <= 0.2:  # building took the bound: no time left to solve
         return None, "ilp-build-timeout"
@@ -194,11 +228,13 @@ def _cbc_path() -> str:
 
 def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRequest]:
     """Move one request at a time from the most to the least loaded worker that holds its adapter
-    or has a free slot, while the longest completion time shrinks by more than the move costs."""
+    or has a free slot and KV room, while the longest completion time shrinks by more than the
+    move costs."""
     workers = {w.worker: w for w in snapshot.workers}
     spt = {w: ws.seconds_per_token for w, ws in workers.items()}
     load = completion_times(snapshot)
     held = {w: set(ws.adapters) for w, ws in workers.items()}
+    demand = kv_demand(snapshot)
     on = defaultdict(list)
     for r in snapshot.requests:
         on[r.worker].append(r)
@@ -212,9 +248,10 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
                 if dst == src:
                     continue
                 used = sum(slot_cost(snapshot.ranks.get(x, 16)) for x in held[dst])
-                fits = a == BASE or a in held[dst] or used + slot_cost(snapshot.ranks.get(a, 16)) <= workers[dst].slots
+                slot = a == BASE or a in held[dst] or used + slot_cost(snapshot.ranks.get(a, 16)) <= workers[dst].slots
+                room = demand[dst] + _blocks(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
                 new_dst = load[dst] + r.remaining_tokens * spt[dst] + move_cost(snapshot, r)
-                if fits and new_dst < load[src]:
+                if slot and room and new_dst < load[src]:
                     best = (r, dst)
                     break
             if best:
@@ -224,6 +261,8 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
         r, dst = best
         load[src] -= r.remaining_tokens * spt[src]
         load[dst] += r.remaining_tokens * spt[dst] + move_cost(snapshot, r)
+        demand[src] -= _blocks(r.context_tokens, workers[src].block_size)
+        demand[dst] += _blocks(r.context_tokens, workers[dst].block_size)
         on[src].remove(r)
         on[dst].append(r)
         if r.adapter:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dlora.common.messages import WorkerStats
-from dlora.services.migrator.planner import completion_times
+from dlora.services.migrator.planner import completion_times, kv_demand
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
 
@@ -21,11 +23,39 @@ def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs
     return ClusterSnapshot(workers, requests, ranks, **costs)
 
 
-def imbalanced(snapshot: ClusterSnapshot, imbalance: float, min_gain_s: float) -> bool:
-    """The most loaded worker's completion time exceeds the mean by ``imbalance`` and ``min_gain_s``."""
-    times = completion_times(snapshot)
-    if len(times) < 2:
-        return False
-    mean = sum(times.values()) / len(times)
-    worst = max(times.values())
-    return worst > mean * (1 + imbalance) and worst - mean > min_gain_s
+@dataclass(frozen=True)
+class TriggerBounds:
+    """When the cluster is out of balance enough to plan; each bound may be turned off (None)."""
+
+    # Queue-delay spread: the most loaded worker's estimated completion time exceeds the mean by
+    # this fraction, and by at least min_gain_s seconds.
+    imbalance: float | None = 0.25
+    min_gain_s: float = 0.5
+    # Request-count excess: the most loaded worker holds this many requests more than the mean.
+    request_excess: int | None = None
+    # KV pressure: a worker's KV demand (its requests' contexts) above this fraction of its blocks
+    # while another worker is below it (someone could take the excess).
+    kv_pressure: float | None = 0.9
+
+
+def triggered(snapshot: ClusterSnapshot, bounds: TriggerBounds) -> str | None:
+    """Which bound the cluster passes ("queue-delay", "request-count", "kv-pressure"), or None."""
+    if len(snapshot.workers) < 2:
+        return None
+    if bounds.imbalance is not None:
+        times = list(completion_times(snapshot).values())
+        mean, worst = sum(times) / len(times), max(times)
+        if worst > mean * (1 + bounds.imbalance) and worst - mean > bounds.min_gain_s:
+            return "queue-delay"
+    if bounds.request_excess is not None:
+        counts = {w.worker: 0 for w in snapshot.workers}
+        for r in snapshot.requests:
+            counts[r.worker] += 1
+        if max(counts.values()) - sum(counts.values()) / len(counts) > bounds.request_excess:
+            return "request-count"
+    if bounds.kv_pressure is not None:
+        demand = kv_demand(snapshot)
+        pressure = [demand[w.worker] / max(1, w.kv_blocks) for w in snapshot.workers]
+        if max(pressure) > bounds.kv_pressure and min(pressure) < bounds.kv_pressure:
+            return "kv-pressure"
+    return None

@@ -170,6 +170,40 @@ async def test_migrator_waits_for_persistent_imbalance_and_cools_down(nats_serve
         await nc.drain()
 
 
+
+async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, redis: Redis) -> None:
+    from dlora.common.messages import MovePlan, RequestLoad, WorkerStats
+
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    plans: list[MovePlan] = []
+
+    async def on_plan(msg) -> None:
+        plans.append(msgspec.json.decode(msg.data, type=MovePlan))
+
+    await nc.subscribe(subjects.MOVES, cb=on_plan)
+    try:
+        # Even completion times (no queue-delay spread), but w0's long contexts need 95 of its 100
+        # blocks, and shipping a cache costs less than the recompute its preemptions would.
+        m = Migrator(MigratorSettings(nats_url=nats_server.url, patience=1, kv_pressure=0.8, min_gain_s=0.0,
+                                      recompute_seconds_per_token=0.001, kv_transfer_seconds_per_token=0.0005), nc, store)
+        for name, context in (("w0", 19 * 16), ("w1", 16)):
+            reqs = [RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=context, remaining_tokens=10)
+                    for i in range(5)]
+            st = WorkerStats(worker=name, running=5, waiting=0, free_blocks=0, total_blocks=100, block_size=16,
+                             max_loras=4, seconds_per_token=0.01, requests=reqs)
+            m.stats[name] = (st, time.monotonic())
+        await m.tick()
+        await nc.flush()
+        for _ in range(50):
+            if plans:
+                break
+            await asyncio.sleep(0.02)
+        assert m.plans == 1 and plans[0].trigger == "kv-pressure"
+        assert any(mv.request_id.startswith("w0") and mv.to_worker == "w1" and mv.ship_kv for mv in plans[0].moves)
+    finally:
+        await nc.drain()
+
 async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server, redis: Redis,
                                                             tiny_llama: TinyOutput) -> None:
     from dlora.common.messages import AdapterEntry

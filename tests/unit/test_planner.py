@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, completion_times, plan
+from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, completion_times, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
 
@@ -94,3 +94,31 @@ def test_a_model_too_large_for_the_bound_is_planned_greedily() -> None:
     p = plan(snap, PlannerSettings(max_ilp_variables=1))
     assert p.method == "greedy (ilp-too-large)" and p.moves
     assert p.makespan_after_s < p.makespan_before_s
+
+
+def test_kv_pressure_is_relieved_even_when_completion_times_are_even() -> None:
+    # Same completion times, but w0's long contexts need 95 of its 100 blocks: above a 0.8 bound
+    # the excess is priced as the recompute its preemptions would cost (15 blocks: 0.24 s), more
+    # than shipping one request's cache (0.15 s), so one moves to w1 (a short one may come back to
+    # keep completion times even).
+    snap = ClusterSnapshot(
+        workers=[worker("w0", ["a"], kv_blocks=100), worker("w1", ["a"], kv_blocks=100)],
+        requests=reqs("w0", "a", 5, remaining=10, context=19 * 16) + reqs("w1", "a", 5, remaining=10, context=16),
+        ranks={"a": 16}, recompute_seconds_per_token=0.001, kv_transfer_seconds_per_token=0.0005,
+    )
+    p = plan(snap, PlannerSettings(kv_pressure=0.8))
+    assert p.moves and all(m.ship_kv for m in p.moves)
+    assert kv_demand(apply(snap, p.moves))["w0"] <= 80
+    assert plan(snap, PlannerSettings(kv_pressure=1.0)).moves == []  # under capacity: nothing to relieve
+
+
+def test_no_plan_adds_to_a_worker_already_over_its_blocks() -> None:
+    # Waiting requests count: w1's need 16 blocks of its 10. w0 is the loaded one, w2 has room.
+    snap = ClusterSnapshot(
+        workers=[worker("w0", kv_blocks=1000), worker("w1", kv_blocks=10), worker("w2", kv_blocks=1000)],
+        requests=reqs("w0", None, 12) + reqs("w1", None, 4, remaining=1, context=64),
+    )
+    moves = plan(snap).moves
+    assert moves and kv_demand(apply(snap, moves))["w1"] <= 16
+    greedy = _greedy(snap, PlannerSettings())  # greedy keeps to the blocks a worker has
+    assert greedy and all(m.to_worker == "w2" for m in greedy)
