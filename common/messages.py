@@ -174,6 +174,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     adapter_load_seconds: float = 0.0
     # Measured seconds of step time per generated token (prefill included); 0 before any step.
     seconds_per_token: float = 0.0
+    # The same per adapter ("" for the base model): each step's time shared by the tokens fed, over
+    # the tokens its requests generated here. Adapters that ran unmerged beside many others, at a
+    # high rank or with long prompts cost more; those that have not run here are absent.
+    adapter_seconds_per_token: dict[str, float] = {}
     # Measured seconds per prompt token fed (what recomputing a moved request costs); 0 before any.
     prefill_seconds_per_token: float = 0.0
     # Measured seconds per token of the moved KV caches taken here: the source's export plus this

@@ -18,10 +18,11 @@ the recompute of its tokens, since that is what the worker's preemptions will co
 s_w >= sum_g n[g, w] kv_g - fraction * blocks_w adds s_w * block_size * recompute cost to the
 objective. A worker already over its blocks (waiting requests count) may stay there, not grow.
 
-A group's destinations are only the workers where it could run (its adapter is there or a slot is
-free), which keeps big clusters small models. A move costs the cheaper of recomputing the
-context and shipping its KV. The moved requests of a
-group are its shortest contexts (cheapest first). The solver runs under a time bound and its
+work_g,w is a request's remaining tokens times what w measured per token of g's adapter (its
+mean where the adapter has not run there). A group's destinations are only the workers where it
+could run (its adapter is there or a slot is free), which keeps big clusters small models. A move
+costs the cheaper of recomputing the context and shipping its KV. The moved requests of a group
+are its shortest contexts (cheapest first). The solver runs under a time bound and its
 incumbent is taken when the bound expires; if it finds nothing, a greedy pass moves single
 requests from the most to the least loaded worker while that shortens the longest completion.
 """
@@ -71,10 +72,10 @@ def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
 
 
 def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
-    spt = {w.worker: w.seconds_per_token for w in snapshot.workers}
+    workers = {w.worker: w for w in snapshot.workers}
     out = {w.worker: 0.0 for w in snapshot.workers}
     for r in snapshot.requests:
-        out[r.worker] += r.remaining_tokens * spt[r.worker]
+        out[r.worker] += r.remaining_tokens * workers[r.worker].cost(r.adapter)
     return out
 
 
@@ -196,7 +197,7 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
         prob += kv - over <= settings.kv_pressure * ws.kv_blocks
         overflow_cost.append(over * (ws.block_size * snapshot.recompute_seconds_per_token))
         prob += pulp.lpSum(n[i, w] * (sum(r.remaining_tokens for r in groups[i].requests) / groups[i].size)
-                           * ws.seconds_per_token for i in here) <= T
+                           * ws.cost(groups[i].adapter) for i in here) <= T
     prob += T + pulp.lpSum(moved_cost) + pulp.lpSum(load_cost) + pulp.lpSum(overflow_cost)
     remaining = settings.time_limit_s - (time.perf_counter() - started)
     if remaining <= 0.2:  # building took the bound: no time left to solve
@@ -231,7 +232,6 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
     or has a free slot and KV room, while the longest completion time shrinks by more than the
     move costs."""
     workers = {w.worker: w for w in snapshot.workers}
-    spt = {w: ws.seconds_per_token for w, ws in workers.items()}
     load = completion_times(snapshot)
     held = {w: set(ws.adapters) for w, ws in workers.items()}
     demand = kv_demand(snapshot)
@@ -250,7 +250,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
                 used = sum(slot_cost(snapshot.ranks.get(x, 16)) for x in held[dst])
                 slot = a == BASE or a in held[dst] or used + slot_cost(snapshot.ranks.get(a, 16)) <= workers[dst].slots
                 room = demand[dst] + _blocks(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
-                new_dst = load[dst] + r.remaining_tokens * spt[dst] + move_cost(snapshot, r)
+                new_dst = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
                 if slot and room and new_dst < load[src]:
                     best = (r, dst)
                     break
@@ -259,8 +259,8 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
         if best is None:
             break
         r, dst = best
-        load[src] -= r.remaining_tokens * spt[src]
-        load[dst] += r.remaining_tokens * spt[dst] + move_cost(snapshot, r)
+        load[src] -= r.remaining_tokens * workers[src].cost(r.adapter)
+        load[dst] += r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
         demand[src] -= _blocks(r.context_tokens, workers[src].block_size)
         demand[dst] += _blocks(r.context_tokens, workers[dst].block_size)
         on[src].remove(r)

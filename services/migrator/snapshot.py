@@ -22,6 +22,12 @@ class WorkerState:
     slots: int  # adapter slots (in rank-16 units, see ``slot_cost``)
     adapters: frozenset[str]  # adapters it holds now
     seconds_per_token: float  # measured: decode seconds per generated token per request here
+    # Measured per adapter ("" for the base model) where it has run here; see WorkerStats.
+    adapter_seconds_per_token: dict[str, float] = field(default_factory=dict)
+
+    def cost(self, adapter: str | None) -> float:
+        """Seconds per token a request of ``adapter`` takes here: what it measured, else the mean."""
+        return self.adapter_seconds_per_token.get(adapter or "", self.seconds_per_token)
 
 
 @dataclass(frozen=True)

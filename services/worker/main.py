@@ -327,6 +327,7 @@ class WorkerService:
             max_loras=e.config.max_loras, adapters=residency, steps=st.steps, merges=st.merges,
             preemptions=st.preemptions, adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
             adapter_load_seconds=st.adapter_load_seconds, seconds_per_token=per_token, requests=loads,
+            adapter_seconds_per_token=st.adapter_seconds_per_token(),
             prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
             kv_transfer_seconds_per_token=self.kv_seconds / self.kv_tokens if self.kv_tokens else 0.0,
             sent=time.time(),

@@ -69,6 +69,9 @@ async def test_stats_carry_the_expected_remaining_tokens(nats_server: Server, re
         # request already past every answer seen, about as many again as it has.
         generated = load[0].context_tokens - 3
         assert 1 <= load[0].remaining_tokens <= max(stop_at + 1, generated) < 100, (load[0], stop_at)
+        # What the base model's tokens cost here is measured and published with the rest.
+        assert set(worker.stats.adapter_seconds_per_token) == {""}
+        assert 0 < worker.stats.adapter_seconds_per_token[""] < 10 * worker.stats.seconds_per_token
     finally:
         stop.set()
         await asyncio.gather(task, return_exceptions=True)

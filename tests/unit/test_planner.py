@@ -122,3 +122,16 @@ def test_no_plan_adds_to_a_worker_already_over_its_blocks() -> None:
     assert moves and kv_demand(apply(snap, moves))["w1"] <= 16
     greedy = _greedy(snap, PlannerSettings())  # greedy keeps to the blocks a worker has
     assert greedy and all(m.to_worker == "w2" for m in greedy)
+
+
+def test_measured_per_adapter_cost_weighs_the_work() -> None:
+    # Even request counts, but a's tokens measured 3x dearer on w0 (say it runs unmerged beside
+    # many adapters there): w0 finishes last, so a's requests move to w1, which has not run a
+    # and is priced at its mean.
+    slow = WorkerState("w0", 1000, 16, 4, frozenset({"a"}), 0.01, {"a": 0.03})
+    snap = ClusterSnapshot(workers=[slow, worker("w1", ["a"])],
+                           requests=reqs("w0", "a", 4) + reqs("w1", "a", 4), ranks={"a": 16})
+    assert completion_times(snap) == pytest.approx({"w0": 12.0, "w1": 4.0})
+    p = plan(snap)
+    assert p.moves and all(m.to_worker == "w1" for m in p.moves)
+    assert p.makespan_after_s < p.makespan_before_s

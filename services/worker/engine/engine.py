@@ -248,12 +248,14 @@ class LLMEngine:
         inputs = self._inputs(batch, slot_of)
         fed = len(inputs.input_ids)
         prefill = fed - sum(1 for s in batch if s.num_new == 1)  # prompt and recompute tokens
+        per_adapter = [(s.adapter or "", s.num_new) for s in batch]
         logits = self.model.forward(inputs)
         self.last_logits = {s.request_id: row for s, row in zip(batch, logits)}
         tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
         outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
         seconds = time.perf_counter() - start
         self.stats.record_step(seconds, len(batch), fed, prefill)
+        self.stats.record_adapters(seconds, fed, per_adapter)
         unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
         self.policy.observe(
             StepRecord(

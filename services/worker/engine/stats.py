@@ -5,7 +5,7 @@ Running estimates of step costs for decisions live with the policy (policy/costs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -23,6 +23,10 @@ class EngineStats:
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0  # total
+    # Per adapter ("" for the base model): the step time its sequences took, each step's time
+    # shared by tokens fed, and the tokens they generated.
+    adapter_seconds: dict[str, float] = field(default_factory=dict)
+    adapter_tokens: dict[str, int] = field(default_factory=dict)
 
     def record_step(self, seconds: float, tokens: int, fed: int, prefill: int) -> None:
         """One step: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of them prompt/recompute."""
@@ -31,6 +35,15 @@ class EngineStats:
         self.tokens_generated += tokens
         self.prefill_tokens += prefill
         self.prefill_seconds += seconds * prefill / max(1, fed)
+
+    def record_adapters(self, seconds: float, fed: int, sequences: list[tuple[str, int]]) -> None:
+        """Share one step's time among its sequences, given as (adapter, tokens fed); each made a token."""
+        for adapter, n in sequences:
+            self.adapter_seconds[adapter] = self.adapter_seconds.get(adapter, 0.0) + seconds * n / max(1, fed)
+            self.adapter_tokens[adapter] = self.adapter_tokens.get(adapter, 0) + 1
+
+    def adapter_seconds_per_token(self) -> dict[str, float]:
+        return {a: self.adapter_seconds[a] / n for a, n in self.adapter_tokens.items() if n}
 
     def record_merge(self, seconds: float) -> None:
         self.merges += 1
