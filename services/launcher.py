@@ -116,7 +116,11 @@ class LocalStack:
             self.procs.append(subprocess.Popen([*cmd, "worker"], start_new_session=True,
                                                env={**env, **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"}))
         self.procs.append(subprocess.Popen([*cmd, "gateway"], env=env, start_new_session=True))
-        _wait_ready(self.url, self.workers, self.procs)
+        try:
+            _wait_ready(self.url, self.workers, self.procs)
+        except BaseException:
+            self.stop()  # the services that did start live in their own sessions: stop them here
+            raise
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)

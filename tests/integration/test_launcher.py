@@ -49,3 +49,16 @@ def test_dlora_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     assert code == 0
     with socket.socket() as s:  # the gateway is gone
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_failed_start_leaves_nothing_running(tiny_llama) -> None:
+    import pytest
+
+    from dlora.services.launcher import LocalStack
+
+    # A worker setting it refuses: the worker exits at start, and start() takes the rest down.
+    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, worker_env={"DLORA_KERNELS": "bogus"})
+    with pytest.raises(RuntimeError, match="exited during start-up"):
+        stack.start()
+    assert stack.procs and all(p.poll() is not None for p in stack.procs)
+    assert all(s.proc.poll() is not None for s in stack.servers)
