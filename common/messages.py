@@ -223,6 +223,9 @@ class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     partly failed plan leaves the other requests where they are."""
 
     plan_id: str
+    # The migrator lease's epoch when the plan was made: workers drop plans of an epoch below the
+    # highest they have seen (from a leader that has since been deposed).
+    epoch: int = 0
     # Unix seconds the plan was made.
     created: float = 0.0
     moves: list[MoveRequest] = []

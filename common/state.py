@@ -30,13 +30,19 @@ PREFIX = "dlora"
 # KEYS: in-flight hashes. ARGV: per key, the step's token ids as "1,2,3," or "-" to delete.
 # A record is only updated where it exists (requests sent straight to a worker have none).
 # KEYS: the lease; ARGV: holder, ttl ms. Take it if free, renew it if ours; 1 if we hold it.
+# KEYS: the lease, its epoch counter; ARGV: holder, ttl in ms. Returns the epoch while held, else 0:
+# each takeover counts up, a renewal keeps the number.
 _LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+if holder ~= false and holder ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local epoch = redis.call('GET', KEYS[2])
+if holder == false or epoch == false then
+  return redis.call('INCR', KEYS[2])
+end
+return tonumber(epoch)
 """
 
 # KEYS: the in-flight hash; ARGV: worker, request JSON, index key prefix, request id.
@@ -144,9 +150,12 @@ class StateStore:
         return {k.decode(): float(v) for k, v in (await self.r.hgetall(f"{self.p}:traffic")).items()}
 
     # ---- leader leases -------------------------------------------------------------------
-    async def hold_lease(self, role: str, holder: str, ttl_s: float) -> bool:
-        """Take the ``role`` lease if it is free, renew it if ``holder`` has it; True while held."""
-        return bool(await self._lease(keys=[f"{self.p}:lease:{role}"], args=[holder, int(ttl_s * 1000)]))
+    async def hold_lease(self, role: str, holder: str, ttl_s: float) -> int:
+        """Take the ``role`` lease if it is free, renew it if ``holder`` has it. Returns the lease's
+        epoch while held (it counts takeovers, so what a deposed holder sends can be told from its
+        successor's), 0 when another holds it."""
+        keys = [f"{self.p}:lease:{role}", f"{self.p}:lease-epoch:{role}"]
+        return int(await self._lease(keys=keys, args=[holder, int(ttl_s * 1000)]))
 
     async def lease_holder(self, role: str) -> str | None:
         raw = await self.r.get(f"{self.p}:lease:{role}")

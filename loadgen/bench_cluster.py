@@ -32,8 +32,10 @@ def run(args: argparse.Namespace) -> dict:
     loras = [f"lora-{i}={root / 'adapters' / f'lora-{i}'}" for i in range(args.adapters)]
     rows = []
     for name, dispatch, migrate in CONFIGS:
-        stack = LocalStack(args.workers, str(root / "model"), loras, free_port(), None,
-                           worker_env={"DLORA_TORCH_THREADS": "1", "DLORA_STATS_INTERVAL_S": "0.25"},
+        worker_env = {"DLORA_TORCH_THREADS": "1", "DLORA_STATS_INTERVAL_S": "0.25"}
+        if args.kv_cache_mb:
+            worker_env["DLORA_KV_CACHE_BYTES"] = str(int(args.kv_cache_mb * 2**20))
+        stack = LocalStack(args.workers, str(root / "model"), loras, free_port(), None, worker_env=worker_env,
                            env={"DLORA_DISPATCH": dispatch, "DLORA_INTERVAL_S": "0.5"}, migrator=migrate)
         stack.start()
         try:
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"machine": machine(), "date": today(), "preset": args.preset, "workers": args.workers,
             "adapters": args.adapters, "rate_req_s": args.rate, "cv": args.cv, "requests": args.requests,
             "shift_every_s": args.shift_every, "length_divide": args.length_divide, "max_prompt": args.max_prompt,
-            "max_output": args.max_output, "rows": rows}
+            "max_output": args.max_output, "kv_cache_mb": args.kv_cache_mb, "rows": rows}
 
 
 def markdown(r: dict) -> str:

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--length-divide", type=float, default=4.0)
     bk.add_argument("--max-prompt", type=int, default=32)
     bk.add_argument("--max-output", type=int, default=96)
+    bk.add_argument("--kv-cache-mb", type=float, default=None,
+                    help="each worker's KV cache (MiB); unset: the worker default")
     bk.add_argument("--max-seconds", type=float, default=120.0)
     bk.add_argument("--seed", type=int, default=0)
     bk.add_argument("--traces", default=str(_default_traces()))

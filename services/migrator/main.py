@@ -28,6 +28,7 @@ class Migrator:
         self.s, self.nc, self.store = settings, nc, store
         self.stats: dict[str, tuple[WorkerStats, float]] = {}
         self.leader = False
+        self.epoch = 0  # the lease's, while leader
         self.plans = 0
         self._imbalanced_looks = 0
         self._last_plan = float("-inf")
@@ -41,7 +42,8 @@ class Migrator:
 
     async def tick(self) -> None:
         """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""
-        self.leader = await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s)
+        self.epoch = await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s)
+        self.leader = self.epoch > 0
         if not self.leader:
             return
         now = time.monotonic()
@@ -67,7 +69,7 @@ class Migrator:
         p = await asyncio.to_thread(plan, snap, settings)
         p = msgspec.structs.replace(p, trigger=reason)
         if p.moves:
-            p = msgspec.structs.replace(p, created=time.time())
+            p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time())
             await self.nc.publish(subjects.MOVES, _encode.encode(p))
             self.plans += 1
             self._last_plan = now

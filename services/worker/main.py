@@ -101,6 +101,7 @@ class WorkerService:
         self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
+        self.plan_epoch = 0  # the highest migrator epoch among the plans taken
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -130,9 +131,10 @@ class WorkerService:
             plan = _decode_plan.decode(msg.data)
         except msgspec.DecodeError:
             return
-        if time.time() - plan.created > _PLAN_MAX_AGE_S:
-            logger.info("stale plan ignored", plan=plan.plan_id)
+        if time.time() - plan.created > _PLAN_MAX_AGE_S or plan.epoch < self.plan_epoch:
+            logger.info("stale plan ignored", plan=plan.plan_id, epoch=plan.epoch, seen=self.plan_epoch)
             return
+        self.plan_epoch = plan.epoch
         for m in plan.moves:
             if m.request_id in self.streams and m.to_worker != self.s.worker_id:
                 await self.commands.put(_Move(m.request_id, m.to_worker, m.ship_kv))

@@ -105,11 +105,64 @@ async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> N
         await asyncio.sleep(0.4)  # a stops renewing (crashed)
         await b.tick()
         assert b.leader and await store.lease_holder("migrator") == "m-b"
+        assert b.epoch == a.epoch + 1  # b's plans outrank whatever a still sends
         await a.tick()
         assert not a.leader  # the old leader stands by
     finally:
         await nc.drain()
 
+
+
+async def test_workers_drop_plans_from_a_deposed_migrator(nats_server: Server, redis: Redis,
+                                                          tiny_llama: TinyOutput) -> None:
+    from dlora.common.messages import MovePlan, MoveRequest
+
+    store = StateStore(redis)
+    stop = asyncio.Event()
+    conns, tasks, workers = [], [], {}
+    try:
+        for name in ("w0", "w1"):
+            ws = WorkerSettings(nats_url=nats_server.url, worker_id=name, model=str(tiny_llama.model))
+            nc = await nats.connect(nats_server.url)
+            conns.append(nc)
+            workers[name] = WorkerService(ws, nc, store, build_engine(ws))
+            tasks.append(asyncio.create_task(workers[name].run(stop)))
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner = uuid.uuid4().hex[:8]
+        seen: list[TokenChunk] = []
+
+        async def on_chunk(msg) -> None:
+            seen.append(msgspec.json.decode(msg.data, type=TokenChunk))
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(0.3)
+        req = GenerateRequest(request_id="r", reply_to=subjects.reply_inbox("r", owner), prompt_token_ids=[5, 6, 7],
+                              params=SamplingParams(max_tokens=400, ignore_eos=True))
+        await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
+        while not seen:
+            await asyncio.sleep(0.01)
+
+        async def send_plan(epoch: int) -> None:
+            plan = MovePlan(plan_id=f"p{epoch}", epoch=epoch, created=time.time(),
+                            moves=[MoveRequest(request_id="r", adapter=None, to_worker="w1")])
+            await client.publish(subjects.MOVES, msgspec.json.encode(plan))
+            await client.flush()
+            await asyncio.sleep(0.3)
+
+        workers["w0"].plan_epoch = 2  # w0 has taken a plan from the leader of epoch 2
+        await send_plan(1)  # the leader before it, still sending
+        assert "r" in workers["w0"].streams and not seen[-1].finish_reason  # stayed
+        await send_plan(2)
+        async with asyncio.timeout(30):
+            while not seen[-1].finish_reason:
+                await asyncio.sleep(0.02)
+        assert seen[-1].worker == "w1" and [c.seq for c in seen] == list(range(len(seen)))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
 
 async def test_dispatcher_places_replicas_of_hot_adapters(nats_server: Server, redis: Redis) -> None:
     """Decayed traffic shares persist in Redis and drive the placement."""

@@ -66,9 +66,10 @@ async def test_traffic_and_lease(redis: Redis) -> None:
     assert await s.load_traffic() == {"a": 3.5, "b": 0.25}
     await s.save_traffic({})
     assert await s.load_traffic() == {}
-    assert await s.hold_lease("x", "one", 1.0) and await s.hold_lease("x", "one", 1.0)
-    assert not await s.hold_lease("x", "two", 1.0)
+    assert await s.hold_lease("x", "one", 1.0) == 1 and await s.hold_lease("x", "one", 1.0) == 1  # renewal
+    assert await s.hold_lease("x", "two", 1.0) == 0
     await s.release_lease("x", "two")  # not the holder: no effect
     assert await s.lease_holder("x") == "one"
     await s.release_lease("x", "one")
-    assert await s.hold_lease("x", "two", 1.0)
+    assert await s.hold_lease("x", "two", 1.0) == 2  # a takeover: the next epoch
+    assert await s.hold_lease("y", "one", 1.0) == 1  # each role counts its own
