@@ -27,9 +27,72 @@ CONFIGS = (("round-robin", "round-robin", False), ("proactive", "proactive", Fal
 TITLE = "Cluster: dispatch and co-migration (`dlora bench cluster`, the paper's Fig. 11)"
 
 
+def _loadgen_args(args: argparse.Namespace, target: str, out: str) -> argparse.Namespace:
+    lg = argparse.ArgumentParser()
+    add_arguments(lg, Path(args.traces))
+    return lg.parse_args([
+        "--target", target, "--requests", str(args.requests), "--rate", str(args.rate),
+        "--arrivals", "gamma", "--cv", str(args.cv), "--lengths", "trace", "--length-divide",
+        str(args.length_divide), "--max-prompt", str(args.max_prompt), "--max-output", str(args.max_output),
+        "--adapters", str(args.adapters), "--popularity", "zipf", "--alpha", "1.2", "--shift-every",
+        str(args.shift_every), "--duration", str(args.max_seconds), "--seed", str(args.seed), "--out", out,
+    ])
+
+
+def measure_step_seconds(root: Path, adapters: int, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, float]:
+    """Decode step time of one single-thread worker's engine at each batch size, its requests
+    spread over as many adapters as it has slots (as a worker under round-robin sees)."""
+    import time
+
+    import torch
+
+    from dlora.common.messages import SamplingParams
+    from dlora.services.worker.engine.engine import EngineConfig, LLMEngine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = LLMEngine(EngineConfig(model=str(root / "model")))
+        slots = engine.config.max_loras
+        for i in range(min(adapters, slots)):
+            engine.register_adapter(f"lora-{i}", str(root / "adapters" / f"lora-{i}"))
+        out = {}
+        for b in sizes:
+            for i in range(b):
+                engine.add_request(f"{b}-{i}", prompt_token_ids=list(range(5, 21)), adapter=f"lora-{i % slots}",
+                                   params=SamplingParams(max_tokens=8, ignore_eos=True))
+            engine.step()  # prefill
+            engine.step()
+            start = time.perf_counter()
+            for _ in range(4):
+                engine.step()
+            out[b] = (time.perf_counter() - start) / 4
+            while engine.has_unfinished():
+                engine.step()
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def balancing_bound(args: argparse.Namespace, root: Path) -> dict:
+    """Round-robin and perfect free balancing, simulated on this workload from measured step times."""
+    from dlora.loadgen.cluster_bound import interpolate, simulate
+    from dlora.loadgen.main import build_specs
+
+    specs = build_specs(_loadgen_args(args, "nats://unused", str(args.out)))
+    steps = measure_step_seconds(root, args.adapters)
+    f = interpolate(steps)
+    rr, best = (simulate(specs, f, args.workers, balanced) for balanced in (False, True))
+    p90 = lambda xs: sorted(xs)[int(0.9 * (len(xs) - 1))]  # noqa: E731
+    return {"step_seconds": {str(b): round(s, 4) for b, s in steps.items()},
+            "round_robin_mean_s": sum(rr) / len(rr), "round_robin_p90_s": p90(rr),
+            "balanced_mean_s": sum(best) / len(best), "balanced_p90_s": p90(best)}
+
+
 def run(args: argparse.Namespace) -> dict:
     root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=[8, 16, 32])
     loras = [f"lora-{i}={root / 'adapters' / f'lora-{i}'}" for i in range(args.adapters)]
+    bound = balancing_bound(args, root)
     rows = []
     for name, dispatch, migrate in CONFIGS:
         worker_env = {"DLORA_TORCH_THREADS": "1", "DLORA_STATS_INTERVAL_S": "0.25"}
@@ -39,16 +102,7 @@ def run(args: argparse.Namespace) -> dict:
                            env={"DLORA_DISPATCH": dispatch, "DLORA_INTERVAL_S": "0.5"}, migrator=migrate)
         stack.start()
         try:
-            lg = argparse.ArgumentParser()
-            add_arguments(lg, Path(args.traces))
-            lg_args = lg.parse_args([
-                "--target", stack.nats_url, "--requests", str(args.requests), "--rate", str(args.rate),
-                "--arrivals", "gamma", "--cv", str(args.cv), "--lengths", "trace", "--length-divide",
-                str(args.length_divide), "--max-prompt", str(args.max_prompt), "--max-output", str(args.max_output),
-                "--adapters", str(args.adapters), "--popularity", "zipf", "--alpha", "1.2", "--shift-every",
-                str(args.shift_every), "--duration", str(args.max_seconds), "--seed", str(args.seed),
-                "--out", str(Path(args.out) / name.replace(" ", "")),
-            ])
+            lg_args = _loadgen_args(args, stack.nats_url, str(Path(args.out) / name.replace(" ", "")))
             with open(os.devnull, "w") as quiet:
                 summary = asyncio.run(run_loadgen(lg_args, Console(file=quiet)))
         finally:
@@ -63,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"machine": machine(), "date": today(), "preset": args.preset, "workers": args.workers,
             "adapters": args.adapters, "rate_req_s": args.rate, "cv": args.cv, "requests": args.requests,
             "shift_every_s": args.shift_every, "length_divide": args.length_divide, "max_prompt": args.max_prompt,
-            "max_output": args.max_output, "kv_cache_mb": args.kv_cache_mb, "rows": rows}
+            "max_output": args.max_output, "kv_cache_mb": args.kv_cache_mb, "rows": rows, "bound": bound}
 
 
 def markdown(r: dict) -> str:
@@ -79,6 +133,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['config']} | {x['completed']}/{x['sent']} | {x['throughput_tok_s']:.1f} | "
                      f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | "
                      f"{x['norm_latency_mean_s'] / rr['norm_latency_mean_s']:.2f}x |")
+    b = r["bound"]
+    steps = ", ".join(f"{k}: {v * 1000:.0f}" for k, v in b["step_seconds"].items())
+    lines += ["", f"Balancing bound (simulated from this machine's measured decode step times, ms by batch size: "
+              f"{steps}): round-robin {b['round_robin_mean_s']:.3f} s/token mean (P90 {b['round_robin_p90_s']:.3f}), "
+              f"perfect free rebalancing at every step {b['balanced_mean_s']:.3f} (P90 {b['balanced_p90_s']:.3f}): "
+              f"**no dispatch or migration can go below {b['balanced_mean_s'] / b['round_robin_mean_s']:.2f}x "
+              f"round-robin's mean on these workers**."]
     return "\n".join(lines)
 
 
