@@ -183,6 +183,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # Measured seconds per token of the moved KV caches taken here: the source's export plus this
     # worker's stall (chunks still missing when the request came, decoding, loading); 0 before any.
     kv_transfer_seconds_per_token: float = 0.0
+    # The tokens behind those two measurements (the migrator weighs workers' figures by them).
+    prefill_tokens: int = 0
+    kv_transfer_tokens: int = 0
     # Every unfinished request here (the migrator's view of the load).
     requests: list[RequestLoad] = []
     # Unix seconds when sent.

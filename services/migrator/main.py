@@ -51,10 +51,9 @@ class Migrator:
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
         snap = snapshot_from_stats(
             live, ranks,
-            recompute_seconds_per_token=_cost(live, "prefill_seconds_per_token", self.s.recompute_seconds_per_token,
-                                              _PRIOR_RECOMPUTE_S),
-            kv_transfer_seconds_per_token=_cost(live, "kv_transfer_seconds_per_token",
-                                                self.s.kv_transfer_seconds_per_token, _PRIOR_KV_TRANSFER_S),
+            recompute_seconds_per_token=_cost(live, "prefill", self.s.recompute_seconds_per_token, _PRIOR_RECOMPUTE_S),
+            kv_transfer_seconds_per_token=_cost(live, "kv_transfer", self.s.kv_transfer_seconds_per_token,
+                                                _PRIOR_KV_TRANSFER_S),
             adapter_load_seconds=self.s.adapter_load_seconds)
         reason = triggered(snap, TriggerBounds(self.s.imbalance, self.s.min_gain_s, self.s.request_excess,
                                                self.s.kv_pressure))
@@ -105,10 +104,13 @@ _PRIOR_RECOMPUTE_S = 0.0005
 _PRIOR_KV_TRANSFER_S = 0.001
 
 
-def _cost(stats: list[WorkerStats], field: str, setting: float | None, prior: float) -> float:
-    """A move cost per token: the setting where one is given, else the workers' mean measurement
-    (``field`` of their stats), else the prior."""
+def _cost(stats: list[WorkerStats], measure: str, setting: float | None, prior: float) -> float:
+    """A move cost per token: the setting where one is given, else what the workers measured
+    (``{measure}_seconds_per_token`` of their stats, weighed by ``{measure}_tokens``), else the prior."""
     if setting is not None:
         return setting
-    values = [getattr(st, field) for st in stats if getattr(st, field) > 0]
-    return sum(values) / len(values) if values else prior
+    # A figure without its count (a worker older than the count) weighs as one token.
+    seen = [(v, max(1, getattr(st, f"{measure}_tokens"))) for st in stats
+            if (v := getattr(st, f"{measure}_seconds_per_token")) > 0]
+    tokens = sum(n for _, n in seen)
+    return sum(v * n for v, n in seen) / tokens if tokens else prior

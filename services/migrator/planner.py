@@ -169,36 +169,38 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
             if (g.adapter, w) not in y:
                 held = g.adapter == BASE or g.adapter in workers[w].adapters
                 y[g.adapter, w] = 1 if held else prob.add_variable(f"y_{len(y)}", cat="Binary")
-    moved_cost = []
+    # Expressions are built from (variable, coefficient) pairs at once: PuLP's operators make an
+    # intermediate expression per product, which was most of the build time.
+    objective: list[tuple[pulp.LpVariable, float]] = [(T, 1.0)]
     per_worker: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
-        prob += pulp.lpSum(n[i, w] for w in dests[i]) == g.size
+        prob += pulp.LpAffineExpression((n[i, w], 1) for w in dests[i]) == g.size
         unit = move_cost(snapshot, g.requests[len(g.requests) // 2])  # median request of the group
         for w in dests[i]:
             per_worker[w].append(i)
             if w != g.worker:
-                prob += n[i, w] <= g.size * y[g.adapter, w]
-                moved_cost.append(unit * n[i, w])
-    load_cost = []
-    overflow_cost = []
+                if not isinstance(y[g.adapter, w], int):  # where it is held, n's bound says it all
+                    prob += pulp.LpAffineExpression([(n[i, w], 1), (y[g.adapter, w], -g.size)]) <= 0
+                objective.append((n[i, w], unit))
     demand = kv_demand(snapshot)
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
             used = sum(slot_cost(snapshot.ranks.get(a, 16)) for a in ws.adapters)
-            prob += pulp.lpSum(slot_cost(snapshot.ranks.get(a, 16)) * v for a, v in new) <= max(0, ws.slots - used)
-            load_cost += [snapshot.adapter_load_seconds * v for _, v in new]
+            prob += pulp.LpAffineExpression((v, slot_cost(snapshot.ranks.get(a, 16))) for a, v in new) \
+                <= max(0, ws.slots - used)
+            objective += [(v, snapshot.adapter_load_seconds) for _, v in new]
         here = per_worker[w]
-        mean_kv = {i: _blocks(int(sum(r.context_tokens for r in groups[i].requests) / groups[i].size), ws.block_size)
-                   for i in here}
-        kv = pulp.lpSum(n[i, w] * mean_kv[i] for i in here)
-        prob += kv <= max(ws.kv_blocks, demand[w])
-        over = prob.add_variable(f"over_{len(overflow_cost)}", lowBound=0)
-        prob += kv - over <= settings.kv_pressure * ws.kv_blocks
-        overflow_cost.append(over * (ws.block_size * snapshot.recompute_seconds_per_token))
-        prob += pulp.lpSum(n[i, w] * (sum(r.remaining_tokens for r in groups[i].requests) / groups[i].size)
-                           * ws.cost(groups[i].adapter) for i in here) <= T
-    prob += T + pulp.lpSum(moved_cost) + pulp.lpSum(load_cost) + pulp.lpSum(overflow_cost)
+        kv = [(n[i, w], _blocks(int(sum(r.context_tokens for r in groups[i].requests) / groups[i].size),
+                                ws.block_size)) for i in here]
+        prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks, demand[w])
+        over = prob.add_variable(f"over_{w}", lowBound=0)
+        prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks
+        objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
+        work = [(n[i, w], sum(r.remaining_tokens for r in groups[i].requests) / groups[i].size
+                 * ws.cost(groups[i].adapter)) for i in here]
+        prob += pulp.LpAffineExpression([*work, (T, -1)]) <= 0
+    prob += pulp.LpAffineExpression(objective)
     remaining = settings.time_limit_s - (time.perf_counter() - started)
     if remaining <= 0.2:  # building took the bound: no time left to solve
         return None, "ilp-build-timeout"

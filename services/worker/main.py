@@ -332,6 +332,7 @@ class WorkerService:
             adapter_seconds_per_token=st.adapter_seconds_per_token(),
             prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
             kv_transfer_seconds_per_token=self.kv_seconds / self.kv_tokens if self.kv_tokens else 0.0,
+            prefill_tokens=st.prefill_tokens, kv_transfer_tokens=self.kv_tokens,
             sent=time.time(),
         )
 

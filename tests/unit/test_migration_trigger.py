@@ -40,7 +40,24 @@ def test_kv_pressure_needs_somewhere_with_room() -> None:
     assert triggered(snap((8, 1, 160), (0, 0, 0)), bounds) is None  # 80 % is below the bound
 
 
-@pytest.mark.parametrize("loads", [((10, 100, 160), (0, 0, 0)), ((1, 100, 16),)])
-def test_off_bounds_and_single_workers_never_trigger(loads) -> None:
-    assert triggered(snap(*loads), OFF) is None
-    assert len(loads) > 1 or triggered(snap(*loads), TriggerBounds()) is None
+def test_bounds_turned_off_never_trigger() -> None:
+    skewed = snap((10, 100, 160), (0, 0, 0))
+    assert triggered(skewed, TriggerBounds()) is not None and triggered(skewed, OFF) is None
+
+
+def test_a_lone_worker_never_triggers() -> None:
+    assert triggered(snap((10, 100, 160)), TriggerBounds(request_excess=1)) is None
+
+
+def test_move_costs_weigh_each_workers_measurement_by_its_tokens() -> None:
+    from dlora.common.messages import WorkerStats
+    from dlora.services.migrator.main import _cost
+
+    def stats(name: str, spt: float, tokens: int) -> WorkerStats:
+        return WorkerStats(worker=name, running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16,
+                           max_loras=1, prefill_seconds_per_token=spt, prefill_tokens=tokens)
+
+    measured = [stats("w0", 0.001, 9000), stats("w1", 0.011, 1000), stats("w2", 0.0, 0)]
+    assert _cost(measured, "prefill", None, prior=0.5) == pytest.approx(0.002)  # not the plain mean, 0.006
+    assert _cost(measured, "prefill", 0.25, prior=0.5) == 0.25  # a setting fixes it
+    assert _cost([stats("w2", 0.0, 0)], "prefill", None, prior=0.5) == 0.5  # nobody has measured yet
