@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import secrets
 
 import msgspec
 
@@ -87,6 +88,16 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # Seconds the source spent exporting that cache (part of what the move cost).
     kv_export_s: float = 0.0
 
+
+
+def with_seed(req: GenerateRequest) -> GenerateRequest:
+    """``req``, with a seed drawn for it if it samples without one. A seeded request's draws are
+    keyed by output position (the worker's sampler), so wherever it resumes (moved, or after its
+    worker died) it continues as it would have, and a token regenerated after a crash is the one
+    the client already has."""
+    if req.params.temperature == 0.0 or req.params.seed is not None:
+        return req
+    return msgspec.structs.replace(req, params=msgspec.structs.replace(req.params, seed=secrets.randbits(63)))
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):
     prompt_tokens: int

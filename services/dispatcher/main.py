@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 
 from dlora.common import log, subjects
 from dlora.common.bus import connections
-from dlora.common.messages import ErrorCode, GenerateRequest, Placement, TokenChunk, WorkerStats
+from dlora.common.messages import ErrorCode, GenerateRequest, Placement, TokenChunk, WorkerStats, with_seed
 from dlora.common.settings import DispatcherSettings
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.choose import choose_worker
@@ -112,6 +112,8 @@ class Dispatcher:
         await self.nc.publish(subjects.PLACEMENT, _encode.encode(Placement(workers=self.placement)))
 
     async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
+        if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
+            req, raw = seeded, None
         self._count(req.adapter)
         live = self.live()
         if self.s.dispatch == "round-robin":  # the baseline: blind to load and adapters

@@ -28,6 +28,7 @@ from dlora.common.messages import (
     Placement,
     RequestLoad,
     WorkerStats,
+    with_seed,
 )
 from dlora.common.settings import WorkerSettings
 from dlora.common.state import StateStore
@@ -248,6 +249,7 @@ class WorkerService:
                                 params=req.params, adapter=req.adapter, resume_token_ids=req.resume_token_ids, kv=kv)
 
     async def _add(self, req: GenerateRequest) -> None:
+        req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
             if req.adapter is not None and not await self._ensure_adapter(req.adapter):

@@ -12,6 +12,7 @@ import sys
 
 import aiohttp
 import nats
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -35,8 +36,10 @@ async def _live(store: StateStore, worker: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{worker} never came up")
 
 
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.95, "seed": 1234}],
+                         ids=["greedy", "sampled"])
 async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_server: Server, redis: Redis,
-                                                 tiny_llama: TinyOutput) -> None:
+                                                 tiny_llama: TinyOutput, sampling: dict) -> None:
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url=redis_server.url)
     env = {**os.environ, "DLORA_NATS_URL": nats_server.url, "DLORA_REDIS_URL": redis_server.url,
@@ -67,7 +70,7 @@ async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_serv
         await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
         await asyncio.sleep(0.3)  # the dispatcher has seen the victim's stats
 
-        body = {"model": "model", "prompt": [5, 40, 41, 300, 17], "max_tokens": N, "temperature": 0,
+        body = {"model": "model", "prompt": [5, 40, 41, 300, 17], "max_tokens": N, **sampling,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         texts, finish, usage, killed = [], None, None, False
         async with aiohttp.ClientSession() as http:
@@ -89,8 +92,10 @@ async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_serv
         assert killed and finish == "length" and survivor.engine.stats.steps > 0
         assert usage["completion_tokens"] == N and len(texts) >= N  # one event per token, none lost
         expected = offline(tiny_llama, [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N,
-                                         "ignore_eos": True}])[0]
-        assert "".join(texts) == expected["text"]  # continuous: nothing repeated, nothing missing
+                                         "ignore_eos": True, **sampling}])[0]
+        # Continuous: nothing repeated, nothing missing; a sampled request draws on the survivor
+        # what it would have drawn on the victim.
+        assert "".join(texts) == expected["text"]
         await runner.cleanup()
     finally:
         victim.kill()

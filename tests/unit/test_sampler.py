@@ -57,3 +57,16 @@ def test_bad_parameters_are_named(params: SamplingParams, fragment: str) -> None
 
 def test_good_parameters_pass() -> None:
     assert SamplingParams(temperature=0.7, top_p=0.9, top_k=40, stop=["\n"]).problem() is None
+
+
+def test_with_seed_draws_one_only_for_unseeded_sampling() -> None:
+    from dlora.common.messages import GenerateRequest, with_seed
+
+    def req(**params) -> GenerateRequest:
+        return GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1], params=SamplingParams(**params))
+
+    greedy, seeded = req(temperature=0.0), req(temperature=0.7, seed=3)
+    assert with_seed(greedy) is greedy and with_seed(seeded) is seeded
+    drawn = with_seed(req(temperature=0.7))
+    assert drawn.params.seed is not None and drawn.params.temperature == 0.7
+    assert with_seed(req(temperature=0.7)).params.seed != drawn.params.seed

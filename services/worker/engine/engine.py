@@ -23,7 +23,7 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.sampler import sample
+from dlora.services.worker.engine.sampler import position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
@@ -170,7 +170,6 @@ class LLMEngine:
             )
         if len(resumed) >= params.max_tokens:
             raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._rng
         seq = Sequence(
             request_id=request_id,
             adapter=adapter,
@@ -178,7 +177,6 @@ class LLMEngine:
             params=params,
             arrival=self._arrivals,
             detok=IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens),
-            generator=gen,
             output_ids=resumed,
         )
         if kv is not None:
@@ -251,7 +249,9 @@ class LLMEngine:
         per_adapter = [(s.adapter or "", s.num_new) for s in batch]
         logits = self.model.forward(inputs)
         self.last_logits = {s.request_id: row for s, row in zip(batch, logits)}
-        tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
+        generators = [position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
+                      for s in batch]
+        tokens = sample(logits, [s.params for s in batch], generators)
         outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
         seconds = time.perf_counter() - start
         self.stats.record_step(seconds, len(batch), fed, prefill)

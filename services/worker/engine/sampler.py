@@ -25,6 +25,17 @@ def sample(
     return out
 
 
+_MASK = (1 << 63) - 1
+
+
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The generator for a seeded request's draw at output ``position``. Keyed by position rather
+    than carried along, so a request resumed elsewhere (moved, or after its worker died) draws
+    what it would have drawn had it stayed: a token regenerated after a crash is the one the
+    client already has."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position) & _MASK)
+
+
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Probabilities (vocab,) after temperature, then top-k, then top-p (nucleus)."""
     scaled = logits.float() / p.temperature

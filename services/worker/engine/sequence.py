@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 
@@ -31,7 +29,6 @@ class Sequence:
     params: SamplingParams
     arrival: int  # engine-wide admission counter: FCFS order
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     # Tokens whose K/V are in the cache. RUNNING keeps this at len(all_ids) - 1: the last sampled
