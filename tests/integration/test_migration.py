@@ -25,6 +25,20 @@ from tests.integration.test_gateway import offline
 N_TOKENS = 300
 
 
+async def start_workers(names: tuple[str, ...], nats_server: Server, store: StateStore, tiny_llama: TinyOutput,
+                        stop: asyncio.Event, conns: list, tasks: list, **settings) -> dict[str, WorkerService]:
+    """Real workers in this process, running until ``stop``; their connections and tasks go into
+    ``conns`` and ``tasks`` for the test to close."""
+    workers = {}
+    for name in names:
+        ws = WorkerSettings(nats_url=nats_server.url, worker_id=name, model=str(tiny_llama.model), **settings)
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        workers[name] = WorkerService(ws, nc, store, build_engine(ws))
+        tasks.append(asyncio.create_task(workers[name].run(stop)))
+    return workers
+
+
 @pytest.mark.parametrize("ship_kv", [False, True], ids=["recompute", "kv"])
 async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput, ship_kv: bool
@@ -32,14 +46,10 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url="unused")
     stop = asyncio.Event()
-    conns, tasks, workers = [], [], {}
+    conns, tasks = [], []
     try:
-        for name in ("w0", "w1", "w2"):
-            ws = WorkerSettings(**common, worker_id=name, model=str(tiny_llama.model), stats_interval_s=0.05)
-            nc = await nats.connect(nats_server.url)
-            conns.append(nc)
-            workers[name] = WorkerService(ws, nc, store, build_engine(ws))
-            tasks.append(asyncio.create_task(workers[name].run(stop)))
+        workers = await start_workers(("w0", "w1", "w2"), nats_server, store, tiny_llama, stop, conns, tasks,
+                                      stats_interval_s=0.05)
         mnc = await nats.connect(nats_server.url)
         conns.append(mnc)
         # Shipping KV is free here, or dearer than any recompute: the planner picks accordingly.
@@ -119,14 +129,9 @@ async def test_workers_drop_plans_from_a_deposed_migrator(nats_server: Server, r
 
     store = StateStore(redis)
     stop = asyncio.Event()
-    conns, tasks, workers = [], [], {}
+    conns, tasks = [], []
     try:
-        for name in ("w0", "w1"):
-            ws = WorkerSettings(nats_url=nats_server.url, worker_id=name, model=str(tiny_llama.model))
-            nc = await nats.connect(nats_server.url)
-            conns.append(nc)
-            workers[name] = WorkerService(ws, nc, store, build_engine(ws))
-            tasks.append(asyncio.create_task(workers[name].run(stop)))
+        workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
         client = await nats.connect(nats_server.url)
         conns.append(client)
         owner = uuid.uuid4().hex[:8]
@@ -267,15 +272,10 @@ async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server,
     for name, path in tiny_llama.adapters.items():
         await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
     stop = asyncio.Event()
-    conns, tasks, workers = [], [], []
+    conns, tasks = [], []
     try:
-        for name in ("w0", "w1"):
-            ws = WorkerSettings(nats_url=nats_server.url, worker_id=name, model=str(tiny_llama.model),
-                                stats_interval_s=0.05)
-            nc = await nats.connect(nats_server.url)
-            conns.append(nc)
-            workers.append(WorkerService(ws, nc, store, build_engine(ws)))
-            tasks.append(asyncio.create_task(workers[-1].run(stop)))
+        workers = list((await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks,
+                                            stats_interval_s=0.05)).values())
         dnc = await nats.connect(nats_server.url)
         conns.append(dnc)
         d = Dispatcher(DispatcherSettings(nats_url=nats_server.url), dnc, store)
