@@ -99,6 +99,14 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     kv_transfer_seconds_per_token: float | None = None
     adapter_load_seconds: float = 0.05
 
+    def check(self) -> None:
+        _require(self.imbalance is None or self.imbalance >= 0, "imbalance", self.imbalance, "must be >= 0 or null")
+        _require(self.request_excess is None or self.request_excess >= 0, "request_excess", self.request_excess,
+                 "must be >= 0 or null")
+        _require(self.kv_pressure is None or 0 < self.kv_pressure <= 1, "kv_pressure", self.kv_pressure,
+                 "must be a fraction in (0, 1] or null")
+        _require(self.solve_time_s > 0, "solve_time_s", self.solve_time_s, "must be > 0")
+
 
 class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
     worker_id: str = "worker-0"

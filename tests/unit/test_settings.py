@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from dlora.common.settings import GatewaySettings, SettingsError, WorkerSettings, load
+from dlora.common.settings import GatewaySettings, MigratorSettings, SettingsError, WorkerSettings, load
 
 
 def test_precedence_defaults_toml_env_overrides(tmp_path: Path) -> None:
@@ -41,3 +41,16 @@ def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
     toml.write_text("[gateway\n")
     with pytest.raises(SettingsError, match=str(toml)):
         load(GatewaySettings, "gateway", toml, env={})
+
+
+@pytest.mark.parametrize("env,fragment", [({"DLORA_KV_PRESSURE": "1.5"}, "kv_pressure=1.5"),
+                                          ({"DLORA_REQUEST_EXCESS": "-1"}, "request_excess=-1"),
+                                          ({"DLORA_IMBALANCE": "-0.1"}, "imbalance")])
+def test_bad_migrator_bounds_name_the_setting(env: dict, fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        load(MigratorSettings, "migrator", env=env)
+
+
+def test_a_migrator_bound_is_turned_off_by_null() -> None:
+    s = load(MigratorSettings, "migrator", env={"DLORA_MIGRATOR_KV_PRESSURE": "null", "DLORA_REQUEST_EXCESS": "4"})
+    assert s.kv_pressure is None and s.request_excess == 4
