@@ -39,7 +39,8 @@ def _loadgen_args(args: argparse.Namespace, target: str, out: str) -> argparse.N
     ])
 
 
-def measure_step_seconds(root: Path, adapters: int, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, float]:
+def measure_step_seconds(root: Path, adapters: int,
+                         sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, float]:
     """Decode step time of one single-thread worker's engine at each batch size, its requests
     spread over as many adapters as it has slots (as a worker under round-robin sees)."""
     import time

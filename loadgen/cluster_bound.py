@@ -4,12 +4,12 @@ Pure.
 
 Each worker steps its whole batch at a time, a step taking ``step_seconds(tokens fed)`` (measured
 on the real engine): one per running request, its whole prompt for a request's first step. Every
-request in the step makes one token. Round-robin: request i stays on
-worker i mod W. Balanced: requests belong to no worker; a worker starting a step takes the oldest
-requests no other worker is stepping, up to its even share of all those in flight, so the cluster
-is rebalanced at every step boundary at no cost: what a perfect planner with free migrations
-would reach, and so a bound on dispatch + co-migration. A request's prompt is fed where it first
-steps, never again (a real move would recompute or ship it).
+request in the step makes one token. Round-robin: request i stays on worker i mod W. Balanced:
+requests belong to no worker; a worker starting a step takes the oldest requests no other worker
+is stepping, up to its even share of all those in flight, so the cluster is rebalanced at every
+step boundary at no cost: what a perfect planner with free migrations would reach, and so a bound
+on dispatch + co-migration. A request's prompt is fed where it first steps, never again (a real
+move would recompute or ship it).
 """
 
 from __future__ import annotations

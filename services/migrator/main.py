@@ -75,7 +75,8 @@ class Migrator:
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.
             self.stats.clear()
-        logger.info("plan", plan=p.plan_id, trigger=reason, method=p.method, moves=len(p.moves), seconds=round(p.solve_seconds, 3),
+        logger.info("plan", plan=p.plan_id, trigger=reason, method=p.method, moves=len(p.moves),
+                    seconds=round(p.solve_seconds, 3),
                     makespan_before=round(p.makespan_before_s, 2), makespan_after=round(p.makespan_after_s, 2))
 
     async def run(self, stop: asyncio.Event) -> None:

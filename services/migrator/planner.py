@@ -191,7 +191,7 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
                     prob += pulp.LpAffineExpression([(n[i, w], 1), (y[g.adapter, w], -g.size)]) <= 0
                 objective.append((n[i, w], unit))
     demand = kv_demand(snapshot)
-    for w, ws in workers.items():
+    for k, (w, ws) in enumerate(workers.items()):
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
             used = sum(slot_cost(snapshot.ranks.get(a, 16)) for a in ws.adapters)
@@ -202,7 +202,7 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
         kv = [(n[i, w], _blocks(int(sum(r.context_tokens for r in groups[i].requests) / groups[i].size),
                                 ws.block_size)) for i in here]
         prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks, demand[w])
-        over = prob.add_variable(f"over_{w}", lowBound=0)
+        over = prob.add_variable(f"over_{k}", lowBound=0)  # by index: names need not be LP-safe
         prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks
         objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
         work = [(n[i, w], sum(r.remaining_tokens for r in groups[i].requests) / groups[i].size

@@ -80,7 +80,8 @@ def test_a_seeded_request_resumed_anywhere_draws_what_it_would_have(engine: LLME
     params = dict(max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     whole, _, _ = collect(engine, "a", **params)
     for k in (1, 5, 11):  # as a worker taking it over after k tokens (moved, or its worker died)
-        engine.add_request(f"r{k}", prompt_token_ids=PROMPT, params=SamplingParams(**params), resume_token_ids=whole[:k])
+        engine.add_request(f"r{k}", prompt_token_ids=PROMPT, params=SamplingParams(**params),
+                           resume_token_ids=whole[:k])
         rest = []
         while engine.has_unfinished():
             rest += [t for o in engine.step() for t in o.new_token_ids]

@@ -243,8 +243,9 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
     try:
         # Even completion times (no queue-delay spread), but w0's long contexts need 95 of its 100
         # blocks, and shipping a cache costs less than the recompute its preemptions would.
-        m = Migrator(MigratorSettings(nats_url=nats_server.url, patience=1, kv_pressure=0.8, min_gain_s=0.0,
-                                      recompute_seconds_per_token=0.001, kv_transfer_seconds_per_token=0.0005), nc, store)
+        settings = MigratorSettings(nats_url=nats_server.url, patience=1, kv_pressure=0.8, min_gain_s=0.0,
+                                    recompute_seconds_per_token=0.001, kv_transfer_seconds_per_token=0.0005)
+        m = Migrator(settings, nc, store)
         for name, context in (("w0", 19 * 16), ("w1", 16)):
             reqs = [RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=context, remaining_tokens=10)
                     for i in range(5)]
