@@ -169,7 +169,9 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
         return None, "ilp-too-large"
     prob = pulp.LpProblem("co_migration", pulp.LpMinimize)
     T = prob.add_variable("T", lowBound=0)
-    n = {(i, w): prob.add_variable(f"n_{i}_{w}", lowBound=0, upBound=g.size, cat="Integer")
+    # Variables are named by index: worker names need not be LP-safe (PuLP maps "-" to "_").
+    index = {w: k for k, w in enumerate(workers)}
+    n = {(i, w): prob.add_variable(f"n_{i}_{index[w]}", lowBound=0, upBound=g.size, cat="Integer")
          for i, g in enumerate(groups) for w in dests[i]}
     y: dict[tuple[str, str], object] = {}
     for i, g in enumerate(groups):
@@ -191,7 +193,7 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
                     prob += pulp.LpAffineExpression([(n[i, w], 1), (y[g.adapter, w], -g.size)]) <= 0
                 objective.append((n[i, w], unit))
     demand = kv_demand(snapshot)
-    for k, (w, ws) in enumerate(workers.items()):
+    for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
             used = sum(slot_cost(snapshot.ranks.get(a, 16)) for a in ws.adapters)
@@ -199,10 +201,12 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
                 <= max(0, ws.slots - used)
             objective += [(v, snapshot.adapter_load_seconds) for _, v in new]
         here = per_worker[w]
-        kv = [(n[i, w], _blocks(int(sum(r.context_tokens for r in groups[i].requests) / groups[i].size),
-                                ws.block_size)) for i in here]
+        # A group's mean blocks per request, counted request by request as kv_demand counts them,
+        # so that nobody moving always fits.
+        kv = [(n[i, w], sum(_blocks(r.context_tokens, ws.block_size) for r in groups[i].requests) / groups[i].size)
+              for i in here]
         prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks, demand[w])
-        over = prob.add_variable(f"over_{k}", lowBound=0)  # by index: names need not be LP-safe
+        over = prob.add_variable(f"over_{index[w]}", lowBound=0)
         prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks
         objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
         work = [(n[i, w], sum(r.remaining_tokens for r in groups[i].requests) / groups[i].size

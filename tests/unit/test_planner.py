@@ -135,3 +135,16 @@ def test_measured_per_adapter_cost_weighs_the_work() -> None:
     p = plan(snap)
     assert p.moves and all(m.to_worker == "w1" for m in p.moves)
     assert p.makespan_after_s < p.makespan_before_s
+
+
+
+def test_staying_put_always_fits_and_worker_names_need_not_be_lp_safe() -> None:
+    # Contexts of 16 and 18 tokens need 1 + 2 blocks: a per-group mean rounded up would say 4 and
+    # find even "nobody moves" over these 3-block workers. Names PuLP would map to one ("-" -> "_").
+    snap = ClusterSnapshot(
+        workers=[worker("w-1", ["a"], kv_blocks=3), worker("w_1", ["a"], kv_blocks=3)],
+        requests=[RequestState("r0", "w-1", "a", 16, 100), RequestState("r1", "w-1", "a", 18, 100),
+                  RequestState("r2", "w_1", "a", 16, 1), RequestState("r3", "w_1", "a", 18, 1)],
+        ranks={"a": 16},
+    )
+    assert plan(snap).method.startswith("ilp")
