@@ -83,7 +83,8 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     # worker's need less. Plans also price KV demand above it (as the recompute it will cause).
     kv_pressure: float | None = 0.9
     # Plan only after this many consecutive imbalanced looks, and not within cooldown_s of the
-    # last plan that moved something (its moves must show in the stats first).
+    # last solve (a plan's moves must show in the stats first; an unpaying imbalance is not
+    # re-solved every look).
     patience: int = 2
     cooldown_s: float = 3.0
     # Leader lease in Redis: the leader renews it every interval; a standby takes over when it expires.

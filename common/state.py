@@ -26,12 +26,9 @@ from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
 
 PREFIX = "dlora"
 
-# KEYS: in-flight hashes; ARGV: tokens to add, or -1 to delete the record.
-# KEYS: in-flight hashes. ARGV: per key, the step's token ids as "1,2,3," or "-" to delete.
-# A record is only updated where it exists (requests sent straight to a worker have none).
-# KEYS: the lease; ARGV: holder, ttl ms. Take it if free, renew it if ours; 1 if we hold it.
-# KEYS: the lease, its epoch counter; ARGV: holder, ttl in ms. Returns the epoch while held, else 0:
-# each takeover counts up, a renewal keeps the number.
+# KEYS: the lease, its epoch; ARGV: holder, ttl in ms. Returns the epoch while held, else 0. A
+# renewal keeps the epoch; a takeover (also by the same holder after its lease lapsed) raises it
+# to at least Redis's clock in milliseconds, so it keeps growing even if the epoch key is lost.
 _LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
 if holder ~= false and holder ~= ARGV[1] then
@@ -39,10 +36,13 @@ if holder ~= false and holder ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local epoch = redis.call('GET', KEYS[2])
-if holder == false or epoch == false then
-  return redis.call('INCR', KEYS[2])
+if holder ~= false and epoch ~= false then
+  return tonumber(epoch)
 end
-return tonumber(epoch)
+local now = redis.call('TIME')
+local next = math.max((tonumber(epoch) or 0) + 1, tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+redis.call('SET', KEYS[2], next)
+return next
 """
 
 # KEYS: the in-flight hash; ARGV: worker, request JSON, index key prefix, request id.
@@ -59,6 +59,9 @@ redis.call('HSETNX', KEYS[1], 'tokens', '')
 redis.call('SADD', ARGV[3] .. ARGV[1], ARGV[4])
 """
 
+# KEYS: in-flight hashes. ARGV: per key, the step's token ids as "1,2,3," or "-" to delete; then the
+# index key prefix and the request ids. A record is only updated where it exists (requests sent
+# straight to a worker have none).
 _PROGRESS_LUA = """
 for i, key in ipairs(KEYS) do
   local tokens = ARGV[i]

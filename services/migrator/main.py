@@ -31,7 +31,7 @@ class Migrator:
         self.epoch = 0  # the lease's, while leader
         self.plans = 0
         self._imbalanced_looks = 0
-        self._last_plan = float("-inf")
+        self._last_solve = float("-inf")
 
     async def _on_stats(self, msg: Msg) -> None:
         try:
@@ -61,23 +61,29 @@ class Migrator:
             self._imbalanced_looks = 0
             return
         self._imbalanced_looks += 1
-        if self._imbalanced_looks < self.s.patience or now - self._last_plan < self.s.cooldown_s:
+        if self._imbalanced_looks < self.s.patience or now - self._last_solve < self.s.cooldown_s:
             return
         settings = PlannerSettings(self.s.solve_time_s, min_gain_s=self.s.min_gain_s,
                                    kv_pressure=self.s.kv_pressure if self.s.kv_pressure is not None else 1.0)
         p = await asyncio.to_thread(plan, snap, settings)
         p = msgspec.structs.replace(p, trigger=reason)
-        if p.moves:
+        # A solve, with moves or not, starts the cool-down: an imbalance no plan pays for (KV
+        # pressure on a loaded cluster is common) would otherwise cost a full solve every look.
+        self._last_solve = now
+        if p.moves and await self._still_leader():
             p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time())
             await self.nc.publish(subjects.MOVES, _encode.encode(p))
             self.plans += 1
-            self._last_plan = now
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.
             self.stats.clear()
         logger.info("plan", plan=p.plan_id, trigger=reason, method=p.method, moves=len(p.moves),
                     seconds=round(p.solve_seconds, 3),
                     makespan_before=round(p.makespan_before_s, 2), makespan_after=round(p.makespan_after_s, 2))
+
+    async def _still_leader(self) -> bool:
+        """The solve took a while: is the lease still ours, in the same epoch?"""
+        return await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s) == self.epoch
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
