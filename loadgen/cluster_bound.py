@@ -1,15 +1,15 @@
-"""How much any dispatch and migration could gain on a set of workers: the cluster benchmark's
-workload simulated under round-robin and under perfect, free balancing, from measured step times.
-Pure.
+"""How much rebalancing could gain on a set of workers: the cluster benchmark's workload simulated
+under round-robin and under even, free rebalancing at every step, from measured step times. Pure.
 
-Each worker steps its whole batch at a time, a step taking ``step_seconds(tokens fed)`` (measured
-on the real engine): one per running request, its whole prompt for a request's first step. Every
-request in the step makes one token. Round-robin: request i stays on worker i mod W. Balanced:
-requests belong to no worker; a worker starting a step takes the oldest requests no other worker
-is stepping, up to its even share of all those in flight, so the cluster is rebalanced at every
-step boundary at no cost: what a perfect planner with free migrations would reach, and so a bound
-on dispatch + co-migration. A request's prompt is fed where it first steps, never again (a real
-move would recompute or ship it).
+Each worker steps its whole batch at a time, a step taking ``step_seconds(tokens fed)``: one per
+running request, its whole prompt for a request's first step (the bench measures decode batches
+of 1 to 64 and prices prompt tokens along the same curve). Every request in the step makes one
+token. Round-robin: request i stays on worker i mod W. Balanced: requests belong to no worker; a
+worker starting a step takes the oldest requests no other worker is stepping, up to its even share
+of all those in flight, so the cluster is evened out at every step boundary at no cost: what a
+planner that knew every length and moved requests for free would do, even-share and oldest-first
+(a reference, not a proof: it ignores KV limits, adapters and other orders). A request's prompt is
+fed where it first steps, never again (a real move would recompute or ship it).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class _Worker:
 def simulate(specs: list[RequestSpec], step_seconds: Callable[[int], float], workers: int, balanced: bool,
              max_batch: int = 64) -> list[float]:
     """Normalized latency (seconds from arrival to last token, per output token) of every request."""
+    if any(s.output_len < 1 for s in specs):
+        raise ValueError("every request must generate at least one token")
     order = sorted(range(len(specs)), key=lambda i: specs[i].arrival_s)
     left = [s.output_len for s in specs]
     latency: list[float] = [0.0] * len(specs)
@@ -81,17 +83,17 @@ def simulate(specs: list[RequestSpec], step_seconds: Callable[[int], float], wor
                 continue  # take every arrival of this instant before a step starts
         else:
             t = ends
-            w = next(w for w in ws if w.busy_until == ends)
-            for i in w.batch:
-                stepping.discard(i)
-                left[i] -= 1
-                if left[i] == 0:
-                    latency[i] = (t - specs[i].arrival_s) / specs[i].output_len
-                    in_flight.remove(i)
-                    if not balanced:
-                        w.own.remove(i)
-                    done += 1
-            w.batch, w.busy_until = [], math.inf
+            for w in (w for w in ws if w.busy_until == ends):  # all that end now, before any starts
+                for i in w.batch:
+                    stepping.discard(i)
+                    left[i] -= 1
+                    if left[i] == 0:
+                        latency[i] = (t - specs[i].arrival_s) / specs[i].output_len
+                        in_flight.remove(i)
+                        if not balanced:
+                            w.own.remove(i)
+                        done += 1
+                w.batch, w.busy_until = [], math.inf
         for w in ws:
             if w.busy_until == math.inf:
                 start(w)

@@ -45,3 +45,18 @@ def test_balancing_helps_when_round_robin_lands_the_long_requests_on_one_worker(
     best = simulate(specs, f, 2, balanced=True)
     assert sum(best) < 0.9 * sum(rr)
     assert all(x > 0 for x in best + rr)
+
+
+def test_workers_ending_a_step_together_all_release_before_either_starts() -> None:
+    # Both workers end their prompt step at once; two one-token requests finish there. The four
+    # left must split two and two (the first worker to restart used to see only its own leftover
+    # free, take one, and leave a request waiting), so they all finish together.
+    specs = [spec(0.0, 1), spec(0.0, 1), spec(0.0, 3), spec(0.0, 3), spec(0.0, 3), spec(0.0, 3)]
+    lat = simulate(specs, interpolate({1: 0.1, 64: 6.4}), 2, balanced=True)
+    finish = [lat[i] * 3 for i in range(2, 6)]
+    assert finish == pytest.approx([finish[0]] * 4)
+
+
+def test_a_request_generating_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        simulate([spec(0.0, 0)], lambda b: 0.1, 1, balanced=True)
