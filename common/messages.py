@@ -89,7 +89,6 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     kv_export_s: float = 0.0
 
 
-
 def with_seed(req: GenerateRequest) -> GenerateRequest:
     """``req``, with a seed drawn for it if it samples without one. A seeded request's draws are
     keyed by output position (the worker's sampler), so wherever it resumes (moved, or after its
@@ -98,6 +97,7 @@ def with_seed(req: GenerateRequest) -> GenerateRequest:
     if req.params.temperature == 0.0 or req.params.seed is not None:
         return req
     return msgspec.structs.replace(req, params=msgspec.structs.replace(req.params, seed=secrets.randbits(63)))
+
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):
     prompt_tokens: int

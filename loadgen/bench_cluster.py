@@ -137,7 +137,7 @@ def markdown(r: dict) -> str:
                      f"{x['norm_latency_mean_s'] / rr['norm_latency_mean_s']:.2f}x |")
     b = r["bound"]
     steps = ", ".join(f"{k}: {v * 1000:.0f}" for k, v in b["step_seconds"].items())
-    lines += ["", f"Balancing bound (simulated from this machine's measured decode step times, ms by batch size: "
+    lines += ["", f"Rebalancing reference (simulated from this machine's measured decode step times, ms by batch size: "
               f"{steps}): round-robin {b['round_robin_mean_s']:.3f} s/token mean (P90 {b['round_robin_p90_s']:.3f}), "
               f"even, free rebalancing at every step {b['balanced_mean_s']:.3f} (P90 {b['balanced_p90_s']:.3f}): "
               f"**rebalancing reaches {b['balanced_mean_s'] / b['round_robin_mean_s']:.2f}x round-robin's mean "

@@ -40,6 +40,8 @@ async def start_workers(names: tuple[str, ...], nats_server: Server, store: Stat
 
 
 @pytest.mark.parametrize("ship_kv", [False, True], ids=["recompute", "kv"])
+
+
 async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput, ship_kv: bool
 ) -> None:
@@ -122,7 +124,6 @@ async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> N
         await nc.drain()
 
 
-
 async def test_workers_drop_plans_from_a_deposed_migrator(nats_server: Server, redis: Redis,
                                                           tiny_llama: TinyOutput) -> None:
     from dlora.common.messages import MovePlan, MoveRequest
@@ -169,6 +170,7 @@ async def test_workers_drop_plans_from_a_deposed_migrator(nats_server: Server, r
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in conns:
             await c.drain()
+
 
 async def test_dispatcher_places_replicas_of_hot_adapters(nats_server: Server, redis: Redis) -> None:
     """Decayed traffic shares persist in Redis and drive the placement."""
@@ -229,7 +231,6 @@ async def test_migrator_waits_for_persistent_imbalance_and_cools_down(nats_serve
         await nc.drain()
 
 
-
 async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
     nats_server: Server, redis: Redis, redis_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -269,6 +270,7 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
     finally:
         await nc.drain()
 
+
 async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, redis: Redis) -> None:
     from dlora.common.messages import MovePlan, RequestLoad, WorkerStats
 
@@ -302,6 +304,7 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
         assert any(mv.request_id.startswith("w0") and mv.to_worker == "w1" and mv.ship_kv for mv in plans[0].moves)
     finally:
         await nc.drain()
+
 
 async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server, redis: Redis,
                                                             tiny_llama: TinyOutput) -> None:
