@@ -41,37 +41,21 @@ def _loadgen_args(args: argparse.Namespace, target: str, out: str) -> argparse.N
 
 def measure_step_seconds(root: Path, adapters: int,
                          sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, float]:
-    """Decode step time of one single-thread worker's engine at each batch size, its requests
-    spread over as many adapters as it has slots (as a worker under round-robin sees)."""
-    import time
-
+    """Median decode step time of one single-thread worker's engine at each batch size, its
+    requests spread unmerged over as many adapters as it has slots (as under round-robin)."""
     import torch
 
-    from dlora.common.messages import SamplingParams
+    from dlora.loadgen.bench_engine import measure
     from dlora.services.worker.engine.engine import EngineConfig, LLMEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         engine = LLMEngine(EngineConfig(model=str(root / "model")))
-        used = min(adapters, engine.config.max_loras)  # 0: the base model alone
-        for i in range(used):
-            engine.register_adapter(f"lora-{i}", str(root / "adapters" / f"lora-{i}"))
-        out = {}
-        for b in sizes:
-            for i in range(b):
-                engine.add_request(f"{b}-{i}", prompt_token_ids=list(range(5, 21)),
-                                   adapter=f"lora-{i % used}" if used else None,
-                                   params=SamplingParams(max_tokens=8, ignore_eos=True))
-            engine.step()  # prefill
-            engine.step()
-            start = time.perf_counter()
-            for _ in range(4):
-                engine.step()
-            out[b] = (time.perf_counter() - start) / 4
-            while engine.has_unfinished():
-                engine.step()
-        return out
+        names: list[str | None] = [f"lora-{i}" for i in range(min(adapters, engine.config.max_loras))] or [None]
+        for name in filter(None, names):
+            engine.register_adapter(name, str(root / "adapters" / name))
+        return {b: measure(engine, [names[i % len(names)] for i in range(b)], merged=None, steps=4) for b in sizes}
     finally:
         torch.set_num_threads(threads)
 
