@@ -11,9 +11,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dlora.loadgen.clients import prompt_ids
 from dlora.loadgen.metrics import RequestResult
-from dlora.loadgen.workload import RequestSpec
+from dlora.loadgen.workload import RequestSpec, prompt_ids
 
 
 class HFPeftServer:
@@ -60,7 +59,7 @@ class HFPeftServer:
                 continue
             adapter = specs[queue[0]].adapter
             batch = [i for i in queue if specs[i].adapter == adapter][: self.max_batch]
-            self.generate(adapter, [prompt_ids(i, specs[i].prompt_len, self.vocab) for i in batch],
+            self.generate(adapter, [prompt_ids(i, specs[i], self.vocab) for i in batch],
                           max(specs[i].output_len for i in batch))
             end = time.perf_counter() - start
             for i in batch:  # no streaming: every token arrives when the batch returns

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from dlora.loadgen import bundled
 from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.loadgen.options import add_arguments
 from dlora.loadgen.main import run as run_loadgen
@@ -29,8 +30,9 @@ TITLE = "Cluster: dispatch and co-migration (`dlora bench cluster`, the paper's 
 
 def _loadgen_args(args: argparse.Namespace, target: str, out: str) -> argparse.Namespace:
     lg = argparse.ArgumentParser()
-    add_arguments(lg, Path(args.traces))
+    add_arguments(lg)
     return lg.parse_args([
+        "--trace", str(Path(args.traces) / bundled.AZURE_CONV),
         "--target", target, "--requests", str(args.requests), "--rate", str(args.rate),
         "--arrivals", "gamma", "--cv", str(args.cv), "--lengths", "trace", "--length-divide",
         str(args.length_divide), "--max-prompt", str(args.max_prompt), "--max-output", str(args.max_output),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlora.loadgen import arrivals, popularity, workload
+from dlora.loadgen import arrivals, bundled, popularity, workload
 from dlora.loadgen.baselines import HFPeftServer
 from dlora.loadgen.bench_common import ensure_model, machine, write_section
 from dlora.loadgen.bench_policy import make_engine, replay
@@ -48,9 +48,8 @@ def batching_gain(server: HFPeftServer, batch: int = 32, tokens: int = 16) -> di
 def run(args: argparse.Namespace) -> dict:
     n = args.adapters
     root = ensure_model(Path(args.workdir), args.preset, n, ranks=[8, 16, 32])
-    trace = read_azure_llm(Path(args.traces) / "AzureLLMInferenceTrace_conv.csv")
-    functions = read_azure_functions(Path(args.traces) / "azure_functions_2019_sample"
-                                     / "invitro_500fn_invocations_min480-959.csv")
+    trace = read_azure_llm(Path(args.traces) / bundled.AZURE_CONV).rows
+    functions = read_azure_functions(Path(args.traces) / bundled.AZURE_FUNCTIONS)
     weights = popularity.stride(functions.totals(), n, args.stride, cap_rank=n)
     scaling = workload.LengthScaling(args.length_divide, args.max_prompt, args.max_output)
     hf = HFPeftServer(root / "model", {f"lora-{i}": root / "adapters" / f"lora-{i}" for i in range(n)})

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dlora.common.messages import SamplingParams
-from dlora.loadgen import arrivals, popularity, workload
+from dlora.loadgen import arrivals, bundled, popularity, workload
 from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.loadgen.metrics import RequestResult, summarize
 from dlora.loadgen.traces import read_azure_functions, read_azure_llm
@@ -84,8 +84,8 @@ def saturation_rate(root: Path, num_adapters: int, dtype: str, mean_prompt: floa
 def run(args: argparse.Namespace) -> dict:
     rng_seed = args.seed
     root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=[8, 16, 32])
-    functions = read_azure_functions(Path(args.traces) / "azure_functions_2019_sample" / "invitro_500fn_invocations_min480-959.csv")
-    lengths = read_azure_llm(Path(args.traces) / "AzureLLMInferenceTrace_conv.csv")
+    functions = read_azure_functions(Path(args.traces) / bundled.AZURE_FUNCTIONS)
+    lengths = read_azure_llm(Path(args.traces) / bundled.AZURE_CONV).rows
     scaling = workload.LengthScaling(divide=args.length_divide, max_prompt=args.max_prompt, max_output=args.max_output)
     mean_prompt, mean_output = np.mean([scaling.apply(r.input_tokens, r.output_tokens) for r in lengths], axis=0)
     rate = args.rate or args.load * saturation_rate(root, args.adapters, args.dtype, mean_prompt, mean_output)

@@ -16,12 +16,7 @@ import nats
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.loadgen.metrics import RequestResult
-from dlora.loadgen.workload import RequestSpec
-
-
-def prompt_ids(index: int, length: int, vocab: int = 256) -> list[int]:
-    """A deterministic prompt of exactly ``length`` token ids (exact lengths make runs comparable)."""
-    return [(13 * index + 7 * j) % (vocab - 3) + 3 for j in range(length)]
+from dlora.loadgen.workload import RequestSpec, prompt_ids
 
 
 class HttpClient:
@@ -33,7 +28,7 @@ class HttpClient:
                                              connector=aiohttp.TCPConnector(limit=0))
 
     async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
-        body = {"model": spec.adapter or self.base_model, "prompt": prompt_ids(index, spec.prompt_len),
+        body = {"model": spec.adapter or self.base_model, "prompt": prompt_ids(index, spec),
                 "max_tokens": spec.output_len, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         try:
@@ -104,7 +99,7 @@ class NatsClient:
         done = asyncio.Event()
         self.waiting[rid] = (r, done)
         req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.owner), adapter=spec.adapter,
-                              prompt_token_ids=prompt_ids(index, spec.prompt_len), created=time.time(),
+                              prompt_token_ids=prompt_ids(index, spec), created=time.time(),
                               params=SamplingParams(max_tokens=spec.output_len, ignore_eos=True))
         try:
             await self.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))

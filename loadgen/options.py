@@ -4,10 +4,11 @@ importing matplotlib, rich or the clients."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from dlora.loadgen.traces import FORMATS
 
 
-def add_arguments(p: argparse.ArgumentParser, default_traces: Path) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)")
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
     p.add_argument("--requests", type=int, default=100, help="cap on requests")
@@ -16,8 +17,14 @@ def add_arguments(p: argparse.ArgumentParser, default_traces: Path) -> None:
     p.add_argument("--arrivals", choices=["poisson", "gamma", "trace"], default="poisson")
     p.add_argument("--rate", type=float, default=2.0, help="mean requests/s (trace replay is rescaled to it)")
     p.add_argument("--cv", type=float, default=1.0, help="gamma: coefficient of variation of inter-arrivals")
-    p.add_argument("--trace", default=str(default_traces / "AzureLLMInferenceTrace_conv.csv"),
-                   help="Azure LLM trace (TIMESTAMP,ContextTokens,GeneratedTokens) for arrivals and lengths")
+    p.add_argument("--trace", action="append", metavar="PATH",
+                   help="a request trace for --arrivals/--lengths trace (Azure LLM 2023/2024 CSV, BurstGPT CSV, "
+                        "Mooncake JSONL) and/or a popularity source for --popularity stride (ServeGen client "
+                        "file or folder, Azure Functions CSV); give it twice for one of each. bundled:NAME "
+                        "names a shipped one (azure-conv, azure-functions, burstgpt, servegen); the defaults "
+                        "are bundled:azure-conv and bundled:azure-functions")
+    p.add_argument("--trace-format", choices=FORMATS, default="auto",
+                   help="format of every --trace (auto: sniffed from each file's first row)")
     p.add_argument("--lengths", choices=["trace", "fixed", "uniform"], default="trace")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
@@ -28,9 +35,11 @@ def add_arguments(p: argparse.ArgumentParser, default_traces: Path) -> None:
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
     p.add_argument("--popularity", choices=["uniform", "zipf", "power", "stride"], default="uniform")
     p.add_argument("--alpha", type=float, default=1.0, help="zipf exponent / power-law alpha")
-    p.add_argument("--stride", type=int, default=1, help="stride mapping over Azure Functions popularity")
-    p.add_argument("--functions", default=str(default_traces / "azure_functions_2019_sample"
-                                                              / "invitro_500fn_invocations_min480-959.csv"))
+    p.add_argument("--stride", type=int, default=1,
+                   help="dLoRA's stride mapping of the popularity source's tenants (functions, clients) onto adapters")
+    p.add_argument("--tenant-window", type=float, metavar="SECONDS",
+                   help="stride: replay the source's time windows (ServeGen 10 min, Azure Functions 1 min), each "
+                        "lasting this many seconds of the run (default: the whole trace's shares)")
     p.add_argument("--shift-every", type=float, help="rotate adapter popularity every this many seconds")
     p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
     p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")

@@ -6,7 +6,6 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -30,6 +29,8 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dlora.loadgen.bundled import data_dir
+
     p = argparse.ArgumentParser(prog="dlora", description="Serve many LoRA adapters on one base model.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("loadgen", help="replay a workload open loop against the gateway or NATS; report")
     from dlora.loadgen.options import add_arguments
 
-    add_arguments(lg, _default_traces())
+    add_arguments(lg)
     lg.set_defaults(func=_lazy("dlora.loadgen.main:run_loadgen"))
 
     serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--max-seconds", type=float, default=120.0, help="cap on one run")
     bp.add_argument("--seed", type=int, default=0)
     bp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    bp.add_argument("--traces", default=str(_default_traces()), help="folder with the shared traces")
+    bp.add_argument("--traces", default=str(data_dir()), help="folder of traces laid out as the bundled ones")
     bp.add_argument("--workdir", default=".cache/bench")
     bp.add_argument("--json", help="write results here")
     bp.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     b2.add_argument("--max-output", type=int, default=32)
     b2.add_argument("--latency-bound", type=float, default=0.5, help="s/token for the sustained rate")
     b2.add_argument("--seed", type=int, default=0)
-    b2.add_argument("--traces", default=str(_default_traces()))
+    b2.add_argument("--traces", default=str(data_dir()), help="folder of traces laid out as the bundled ones")
     b2.add_argument("--workdir", default=".cache/bench")
     b2.add_argument("--json", help="write results here")
     b2.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose e2e section is regenerated")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each worker's KV cache (MiB); unset: the worker default")
     bk.add_argument("--max-seconds", type=float, default=120.0)
     bk.add_argument("--seed", type=int, default=0)
-    bk.add_argument("--traces", default=str(_default_traces()))
+    bk.add_argument("--traces", default=str(data_dir()), help="folder of traces laid out as the bundled ones")
     bk.add_argument("--workdir", default=".cache/bench")
     bk.add_argument("--out", default="bench-results/cluster")
     bk.add_argument("--json", help="write results here")
@@ -219,11 +220,6 @@ def _up(args: argparse.Namespace) -> int:
 
     log.configure(json=False)
     return up(args.workers, args.model, args.lora, args.port, args.config)
-
-
-def _default_traces() -> Path:
-    # The repository's sibling folder shared/traces, as laid out on every machine here.
-    return Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The workload library: trace readers, popularity, arrivals, and building a workload."""
+"""The workload library: popularity, arrivals, and building a workload (trace readers: test_traces.py)."""
 
 from __future__ import annotations
 
@@ -8,59 +8,15 @@ import numpy as np
 import pytest
 
 from dlora.loadgen import arrivals, popularity, workload
-from dlora.loadgen.traces import TraceError, read_azure_functions, read_azure_llm
+from dlora.loadgen.traces import read_azure_llm
 
 LLM = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:48.1805900,10,2\n"
-FUNCS = "HashOwner,HashApp,HashFunction,Trigger,1,2,3\no,a,f1,http,1,2,3\no,a,f2,timer,10,0,0\no,b,f3,queue,0,0,1\n"
 
 
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "trace.csv"
     p.write_text(text)
     return p
-
-
-def test_reads_azure_llm(tmp_path: Path) -> None:
-    rows = read_azure_llm(write(tmp_path, LLM))
-    assert [(r.t, r.input_tokens, r.output_tokens) for r in rows] == [(0.0, 374, 44), (1.5, 10, 2)]
-
-
-def test_reads_azure_functions(tmp_path: Path) -> None:
-    trace = read_azure_functions(write(tmp_path, FUNCS))
-    assert trace.functions == ["f1", "f2", "f3"] and trace.totals() == [6, 10, 1]
-
-
-@pytest.mark.parametrize(
-    "reader,text,fragment",
-    [
-        (read_azure_llm, "a,b\n1,2\n", "row 1"),
-        (read_azure_llm, LLM + "2023-11-16 18:15:50,12\n", "row 4"),
-        (read_azure_llm, LLM + "not a time,1,2\n", "row 4"),
-        (read_azure_llm, "TIMESTAMP,ContextTokens,GeneratedTokens\n", "no data rows"),
-        (read_azure_llm, "", "empty"),
-        (read_azure_functions, FUNCS + "o,b,f4,http,1,2\n", "row 5"),
-        (read_azure_functions, FUNCS.replace("0,0,1", "0,x,1"), "row 4"),
-        (read_azure_functions, "a,b,c\n", "row 1"),
-    ],
-)
-def test_malformed_traces_name_file_and_row(tmp_path: Path, reader, text: str, fragment: str) -> None:
-    path = write(tmp_path, text)
-    with pytest.raises(TraceError, match=fragment) as err:
-        reader(path)
-    assert str(path) in str(err.value)
-
-
-def test_missing_trace_is_a_trace_error(tmp_path: Path) -> None:
-    with pytest.raises(TraceError, match="cannot read"):
-        read_azure_llm(tmp_path / "nope.csv")
-
-
-def test_the_shared_traces_load() -> None:
-    root = Path(__file__).resolve().parents[3] / "shared" / "traces"
-    if not root.exists():  # the sibling folder is part of every checkout here; say so if not
-        pytest.fail(f"{root} is missing")
-    assert len(read_azure_llm(root / "AzureLLMInferenceTrace_conv.csv")) == 19366
-    assert len(read_azure_functions(root / "azure_functions_2019_sample" / "invitro_500fn_invocations_min480-959.csv").functions) == 500
 
 
 def test_popularity_shapes() -> None:
@@ -97,7 +53,7 @@ def test_replay_rescales_to_a_rate() -> None:
 
 
 def test_workload_is_deterministic_and_scaled(tmp_path: Path) -> None:
-    rows = read_azure_llm(write(tmp_path, LLM))
+    rows = read_azure_llm(write(tmp_path, LLM)).rows
     scaling = workload.LengthScaling(divide=2, max_prompt=100, max_output=10)
 
     def make() -> list[workload.RequestSpec]:
