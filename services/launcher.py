@@ -25,7 +25,7 @@ from dlora.common.settings import GatewaySettings, load
 from dlora.common.state import StateStore
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
-from dlora.services.servers import Server, start_nats, start_redis
+from dlora.services.servers import NATS_DEFAULT_PORT, Server, port_is_free, start_nats, start_redis
 from dlora.services.worker.engine.config import ModelConfig
 from dlora.services.worker.engine.offline import parse_lora_args
 
@@ -73,8 +73,9 @@ class LocalStack:
 
     def __init__(self, workers: int, model: str | None, lora: list[str], port: int | None, config: str | None,
                  worker_env: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                 migrator: bool = True) -> None:
+                 migrator: bool = True, nats_port: int | None = None) -> None:
         self.workers, self.model, self.lora, self.config = workers, model, lora, config
+        self.nats_port = nats_port  # for the nats-server it starts; None: any free port
         self.base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
         self.worker_env = worker_env or {}
         self.extra_env = env or {}
@@ -87,7 +88,7 @@ class LocalStack:
         base = self.base
         self.nats_url, self.redis_url = base.nats_url, base.redis_url
         if not self.nats_url:
-            self.servers.append(start_nats())
+            self.servers.append(start_nats(self.nats_port))
             self.nats_url = self.servers[-1].url
         if not self.redis_url:
             self.servers.append(start_redis())
@@ -149,7 +150,9 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
     signal.signal(signal.SIGTERM, on_signal)
     stack: LocalStack | None = None
     try:
-        stack = LocalStack(workers, model, lora, port, config)
+        # NATS's usual port when it is free, so `dlora loadgen --target nats://127.0.0.1:4222` finds it
+        nats_port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None
+        stack = LocalStack(workers, model, lora, port, config, nats_port=nats_port)
         stack.start()
         first = next(iter(stack.loras), stack.model_dir.name)
         print(f"\ndlora is up: {stack.url}  ({workers} workers, model {stack.model_dir.name}, "

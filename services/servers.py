@@ -16,10 +16,23 @@ class ServerError(RuntimeError):
     pass
 
 
+# nats-server's own default port: clients (and the README's examples) try it first.
+NATS_DEFAULT_PORT = 4222
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _binary(name: str) -> str:
@@ -62,8 +75,9 @@ class Server:
         self.workdir.cleanup()
 
 
-def start_nats() -> Server:
-    port, tmp = free_port(), tempfile.TemporaryDirectory(prefix="dlora-nats-")
+def start_nats(port: int | None = None) -> Server:
+    """nats-server (JetStream on) on ``port``, or on a free one."""
+    port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-nats-")
     proc = subprocess.Popen([_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp.name],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_port(port, proc, "nats-server")

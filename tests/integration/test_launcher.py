@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,7 +16,38 @@ from pathlib import Path
 from dlora.services.servers import free_port
 
 
-def test_dlora_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_loadgen_commands() -> list[str]:
+    """The ``dlora loadgen`` command lines of the README's load generator section, as written."""
+    section = README.read_text().split("## Load generator", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith("dlora loadgen")]
+
+
+def run_readme_loadgen(gateway: str, nats_url: str, cwd: Path) -> None:
+    """Each README example against this stack, from a working directory that is not the
+    repository, through the installed ``dlora`` script. Only the addresses (where this stack's
+    differ) and the request count (kept small) change."""
+    commands = readme_loadgen_commands()
+    assert len(commands) >= 3, commands
+    dlora = str(Path(sys.executable).parent / "dlora")
+    for i, line in enumerate(commands):
+        line = line.replace("http://127.0.0.1:8000", gateway).replace("nats://127.0.0.1:4222", nats_url)
+        argv = shlex.split(line)[2:]
+        if "--target" not in argv:
+            argv += ["--target", gateway]
+        out = cwd / f"run-{i}"
+        done = subprocess.run([dlora, "loadgen", *argv, "--requests", "6", "--out", str(out)], cwd=cwd,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        summary = json.loads((out / "result.json").read_text())["summary"]
+        assert summary["completed"] == 6 and summary["lost"] == 0, line
+
+
+def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dlora.services.cli", "up", "--workers", "1", "--port", str(port)],
@@ -42,6 +74,10 @@ def test_dlora_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
             resp = json.load(r)
         assert resp["usage"]["completion_tokens"] == 5
         assert (tmp_path / ".cache" / "demo" / "model" / "config.json").exists()
+        nats_url = re.search(r"NATS: (nats://\S+)", out).group(1)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        run_readme_loadgen(f"http://127.0.0.1:{port}", nats_url, elsewhere)
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
