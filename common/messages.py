@@ -15,7 +15,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     max_tokens: int = 16
     # 0 means greedy (argmax); otherwise logits are divided by it before sampling.
     temperature: float = 0.0
-    # Keep the smallest set of tokens whose probability sums to at least top_p (1.0 = all).
+    # Keep the smallest set of tokens whose probability sums to at least top_p (1.0 = all; 0 = the
+    # most likely one, i.e. greedy).
     top_p: float = 1.0
     # Keep only the k most likely tokens (0 or -1 = all).
     top_k: int = 0
@@ -36,8 +37,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return f"max_tokens must be >= 1, got {self.max_tokens}"
         if not 0.0 <= self.temperature <= 100.0:
             return f"temperature must be in [0, 100], got {self.temperature}"
-        if not 0.0 < self.top_p <= 1.0:
-            return f"top_p must be in (0, 1], got {self.top_p}"
+        if not 0.0 <= self.top_p <= 1.0:
+            return f"top_p must be in [0, 1], got {self.top_p}"
         if self.top_k < -1:
             return f"top_k must be -1, 0 or positive, got {self.top_k}"
         if any(not s for s in self.stop):
@@ -87,6 +88,14 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     kv_chunks: int = 0
     # Seconds the source spent exporting that cache (part of what the move cost).
     kv_export_s: float = 0.0
+    # Times this request was re-dispatched because the worker running it died. A request whose
+    # workers keep dying may be what kills them: past ``MAX_RECOVERIES`` it fails instead.
+    recoveries: int = 0
+
+
+# A request in flight on a worker that died is retried elsewhere this many times, then failed
+# (a poison request must not take down one worker after another).
+MAX_RECOVERIES = 1
 
 
 def with_seed(req: GenerateRequest) -> GenerateRequest:

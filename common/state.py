@@ -56,6 +56,7 @@ redis.call('HSET', KEYS[1], 'worker', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'chunks', 0)
 redis.call('HSETNX', KEYS[1], 'tokens', '')
+redis.call('HSET', KEYS[1], 'recoveries', ARGV[5])
 redis.call('SADD', ARGV[3] .. ARGV[1], ARGV[4])
 """
 
@@ -86,6 +87,7 @@ class Inflight:
     request: GenerateRequest
     chunks: int  # chunks delivered so far: a resume continues the numbering here
     tokens: list[int]  # tokens delivered so far: a resume continues after them
+    recoveries: int = 0  # times it was re-dispatched after its worker died (the latest request's count)
 
 
 class StateStore:
@@ -178,11 +180,12 @@ class StateStore:
 
     # ---- in-flight requests -------------------------------------------------------------
     async def put_inflight(self, request: GenerateRequest, worker: str) -> None:
-        """Record a request as running on ``worker``. On a resume elsewhere only the worker changes:
-        the first request and the progress since it stay, so a second resume counts right."""
+        """Record a request as running on ``worker``. On a resume elsewhere only the worker (and the
+        recovery count) changes: the first request and the progress since it stay, so a second
+        resume counts right."""
         await self._put_inflight(keys=[f"{self.p}:inflight:{request.request_id}"],
                                  args=[worker, msgspec.json.encode(request), f"{self.p}:inflight-of:",
-                                       request.request_id])
+                                       request.request_id, request.recoveries])
 
     async def record_progress(self, tokens: dict[str, list[int]], finished: list[str]) -> None:
         """One round trip per step: the tokens each running request was sent, and the records of
@@ -200,7 +203,7 @@ class StateStore:
             return None
         tokens = [int(t) for t in raw.get(b"tokens", b"").decode().split(",") if t]
         return Inflight(worker=raw[b"worker"].decode(), request=msgspec.json.decode(raw[b"request"], type=GenerateRequest),
-                        chunks=int(raw.get(b"chunks", 0)), tokens=tokens)
+                        chunks=int(raw.get(b"chunks", 0)), tokens=tokens, recoveries=int(raw.get(b"recoveries", 0)))
 
     async def inflight_on(self, worker: str) -> list[str]:
         return sorted(m.decode() for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))

@@ -14,7 +14,15 @@ from nats.aio.msg import Msg
 
 from dlora.common import log, subjects
 from dlora.common.bus import connections
-from dlora.common.messages import ErrorCode, GenerateRequest, Placement, TokenChunk, WorkerStats, with_seed
+from dlora.common.messages import (
+    MAX_RECOVERIES,
+    ErrorCode,
+    GenerateRequest,
+    Placement,
+    TokenChunk,
+    WorkerStats,
+    with_seed,
+)
 from dlora.common.settings import DispatcherSettings
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.choose import choose_worker
@@ -88,9 +96,15 @@ class Dispatcher:
             if rec is None or rec.worker != worker:
                 continue
             first = rec.request
+            next_seq = first.next_seq + rec.chunks
+            if rec.recoveries >= MAX_RECOVERIES:
+                await self._fail(first, next_seq, f"the request was in flight on {rec.recoveries + 1} workers that "
+                                 f"died, the last {worker}; it is not retried again, since it may be what stops them")
+                continue
             # Recomputed from its tokens: a cache once shipped to the lost worker is gone with it.
             resumed = msgspec.structs.replace(first, resume_token_ids=[*first.resume_token_ids, *rec.tokens],
-                                              next_seq=first.next_seq + rec.chunks, kv_chunks=0, kv_export_s=0.0)
+                                              next_seq=next_seq, kv_chunks=0, kv_export_s=0.0,
+                                              recoveries=rec.recoveries + 1)
             await self._dispatch(resumed)
 
     def _count(self, adapter: str | None) -> None:
@@ -123,15 +137,18 @@ class Dispatcher:
         else:
             worker = choose_worker(live, req.adapter, self.sent_since_stats, self.placement)
         if worker is None:
-            chunk = TokenChunk(request_id=req.request_id, seq=req.next_seq, error="no worker is available",
-                               error_code=ErrorCode.UNAVAILABLE, finish_reason="error")
-            await self.nc.publish(req.reply_to, _encode.encode(chunk))
-            await self.store.delete_inflight(req.request_id)
+            await self._fail(req, req.next_seq, "no worker is available", ErrorCode.UNAVAILABLE)
             return
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
         # Forward first: the Redis round trip stays off the request's path.
         await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
         await self.store.put_inflight(req, worker)
+
+    async def _fail(self, req: GenerateRequest, seq: int, reason: str,
+                    code: ErrorCode = ErrorCode.INTERNAL) -> None:
+        chunk = TokenChunk(request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason="error")
+        await self.nc.publish(req.reply_to, _encode.encode(chunk))
+        await self.store.delete_inflight(req.request_id)
 
     async def _seed_from_redis(self) -> None:
         # Workers and traffic seen before this dispatcher started.

@@ -275,7 +275,12 @@ class WorkerService:
         await self.store.delete_inflight(req.request_id)
 
     async def _step(self) -> None:
-        outputs = await asyncio.to_thread(self.engine.step)
+        try:
+            outputs = await asyncio.to_thread(self.engine.step)
+        except Exception as e:  # noqa: BLE001 - a fault outside any one request (policy, scheduler): the
+            # engine cannot say whose it is, so its requests fail with the reason and the worker serves on
+            logger.exception("step failed", error=str(e))
+            outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
         now = time.monotonic()
         sent: dict[str, list[int]] = {}
         for out in outputs:
@@ -286,7 +291,8 @@ class WorkerService:
             sent[out.request_id] = out.new_token_ids
             if out.finished:
                 del self.streams[out.request_id]
-                self.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == FinishReason.LENGTH)
+                if out.error is None:
+                    self.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == FinishReason.LENGTH)
         # Flush before the Redis bookkeeping: left to nats-py's flusher the chunks go out about a
         # millisecond later (measured: 2.9 ms added at p50 instead of 1.9).
         await self.nc.flush()

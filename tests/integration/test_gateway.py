@@ -143,7 +143,7 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
         ({**ok, "prompt": "kalo " * 400}, 400, "maximum context length"),
         ({**ok, "max_tokens": 0}, 400, "max_tokens"),
         ({**ok, "temperature": 5}, 400, "temperature"),
-        ({**ok, "top_p": 0}, 400, "top_p"),
+        ({**ok, "top_p": 1.5}, 400, "top_p"),
         ({**ok, "max_tokens": "ten"}, 400, "max_tokens"),
         ({**ok, "n": 2}, 400, "n is not supported"),
         ({**ok, "prompt": [1, 99999]}, 400, "token ids"),
@@ -179,6 +179,19 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
 
     status, resp = await in_flight
     assert status == 200 and resp["usage"]["completion_tokens"] == 40
+
+
+async def test_one_request_cannot_take_down_a_worker(stack: Stack) -> None:
+    """A temperature inside the API's range that overflows a naive sampler: served greedily, on
+    every worker, and everything after it still is."""
+    body = {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 4}
+    greedy = await post(stack, "/v1/completions", {**body, "temperature": 0})
+    tiny = await asyncio.gather(*(post(stack, "/v1/completions", {**body, "temperature": t, "top_p": p})
+                                  for t in (1e-39, 1e-39, 5e-324, 1e-6) for p in (1.0, 0.0)))
+    assert all(status == 200 and resp["choices"][0]["text"] == greedy[1]["choices"][0]["text"]
+               for status, resp in tiny), tiny
+    assert all(w.engine.stats.steps > 0 for w in stack.workers)
+    assert (await post(stack, "/v1/completions", body))[0] == 200
 
 
 async def test_nats_native_example(stack: Stack) -> None:

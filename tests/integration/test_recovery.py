@@ -104,3 +104,40 @@ async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_serv
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in conns:
             await c.drain()
+
+
+async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(nats_server: Server,
+                                                                                 redis: Redis) -> None:
+    """Recovery re-dispatches a lost worker's request once; if that worker dies too, the request
+    fails with a reason instead of being handed to the next worker (no poison cascade)."""
+    from dlora.common import subjects
+    from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
+    import msgspec
+    import time
+
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    dispatcher = Dispatcher(DispatcherSettings(nats_url=nats_server.url, redis_url="unused"), nc, store)
+    forwarded: asyncio.Queue = asyncio.Queue()
+    replies: asyncio.Queue = asyncio.Queue()
+    await nc.subscribe(subjects.worker_requests("w-live"), cb=forwarded.put)
+    await nc.subscribe("test.poison.reply", cb=replies.put)
+    live = WorkerStats(worker="w-live", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16,
+                       max_loras=4)
+    dispatcher.workers["w-live"] = (live, time.monotonic())
+    try:
+        req = GenerateRequest(request_id="poison", reply_to="test.poison.reply", prompt="kalo")
+        await store.put_inflight(req, "w-a")
+        await store.record_progress({"poison": [5, 6]}, [])
+        await dispatcher.recover("w-a")  # first loss: retried on the live worker, once
+        moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
+        assert moved.recoveries == 1 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1
+        # the live worker took it, then died in turn
+        rec = await store.get_inflight("poison")
+        assert rec is not None and rec.worker == "w-live" and rec.recoveries == 1
+        await dispatcher.recover("w-live")
+        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        assert chunk.error is not None and "not retried again" in chunk.error and chunk.seq == 1
+        assert forwarded.empty() and await store.get_inflight("poison") is None
+    finally:
+        await nc.drain()

@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from dlora.common.messages import SamplingParams
-from dlora.services.worker.engine.sampler import filtered_probs, sample
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlora.services.worker.engine.sampler import SamplingError, filtered_probs, sample
 
 
 def test_greedy_takes_the_argmax_per_row() -> None:
@@ -45,7 +48,7 @@ def test_seeded_rows_repeat_whatever_the_batch() -> None:
     [
         (SamplingParams(max_tokens=0), "max_tokens"),
         (SamplingParams(temperature=-1.0), "temperature"),
-        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_p=1.5), "top_p"),
         (SamplingParams(top_k=-2), "top_k"),
         (SamplingParams(stop=[""]), "stop"),
         (SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
@@ -70,3 +73,29 @@ def test_with_seed_draws_one_only_for_unseeded_sampling() -> None:
     drawn = with_seed(req(temperature=0.7))
     assert drawn.params.seed is not None and drawn.params.temperature == 0.7
     assert with_seed(req(temperature=0.7)).params.seed != drawn.params.seed
+
+
+@settings(max_examples=300, deadline=None)
+@given(temperature=st.floats(0.0, 100.0), top_p=st.floats(0.0, 1.0), top_k=st.integers(-1, 80),
+       scale=st.sampled_from([1e-3, 1.0, 1e3, 1e30]))
+def test_every_accepted_parameter_gives_a_token(temperature: float, top_p: float, top_k: int, scale: float) -> None:
+    """Whatever the API accepts, sampling yields a token id and never raises (tiny temperatures,
+    top_p 0, top_k past the vocabulary, huge logits)."""
+    p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=1)
+    assert p.problem() is None
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * scale
+    out = sample(logits, [p, p], [torch.Generator().manual_seed(1), None])
+    assert all(isinstance(t, int) and 0 <= t < 50 for t in out)
+
+
+def test_tiny_temperatures_and_single_token_filters_are_greedy() -> None:
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0]])
+    for p in (SamplingParams(temperature=1e-39), SamplingParams(temperature=1.0, top_p=0.0),
+              SamplingParams(temperature=1.0, top_k=1)):
+        assert sample(logits, [p], [torch.Generator().manual_seed(0)]) == [1]
+
+
+def test_a_row_of_non_finite_logits_fails_alone() -> None:
+    logits = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [float("inf"), 0.0]])
+    out = sample(logits, [SamplingParams()] * 3, [None] * 3)
+    assert out[0] == 1 and all(isinstance(e, SamplingError) and "not finite" in str(e) for e in out[1:])

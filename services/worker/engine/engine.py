@@ -23,7 +23,7 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.sampler import position_generator, sample
+from dlora.services.worker.engine.sampler import SamplingError, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
@@ -66,6 +66,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: str | None = None  # why the request failed (finish_reason ERROR)
 
 
 class LLMEngine:
@@ -216,6 +217,10 @@ class LLMEngine:
         self.blocks.free(request_id)
         return True
 
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """End every request in flight with ``reason`` (after a step failed outside any one of them)."""
+        return [self._fail(seq, reason) for seq in list(self.seqs.values())]
+
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
@@ -243,16 +248,22 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         batch, slot_of = self._place_adapters(plan.seqs)
-        inputs = self._inputs(batch, slot_of)
-        fed = len(inputs.input_ids)
+        fed = sum(s.num_new for s in batch)
         prefill = fed - sum(1 for s in batch if s.num_new == 1)  # prompt and recompute tokens
         per_adapter = [(s.adapter or "", s.num_new) for s in batch]
-        logits = self.model.forward(inputs)
-        self.last_logits = {s.request_id: row for s, row in zip(batch, logits)}
+        ran, logits, outputs = self._forward(batch, slot_of)
+        self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         generators = [position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
-                      for s in batch]
-        tokens = sample(logits, [s.params for s in batch], generators)
-        outputs = [self._advance(seq, tok) for seq, tok in zip(batch, tokens)]
+                      for s in ran]
+        tokens = sample(logits, [s.params for s in ran], generators) if ran else []
+        for seq, tok in zip(ran, tokens):
+            if isinstance(tok, SamplingError):
+                outputs.append(self._fail(seq, f"sampling failed: {tok}"))
+                continue
+            try:
+                outputs.append(self._advance(seq, tok))
+            except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
+                outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))
         seconds = time.perf_counter() - start
         self.stats.record_step(seconds, len(batch), fed, prefill)
         self.stats.record_adapters(seconds, fed, per_adapter)
@@ -270,6 +281,26 @@ class LLMEngine:
             )
         )
         return outputs
+
+    def _forward(self, batch: list[Sequence], slot_of: dict[str | None, int]
+                 ) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
+        """Logits (B, vocab) of the sequences that ran, and failure outputs for those that could
+        not. When the batch's forward raises, each sequence runs alone, so a request that brings
+        the model down fails by itself and its batch mates go on (their KV writes repeat the same
+        values into the same slots, so a second pass is harmless)."""
+        try:
+            return batch, self.model.forward(self._inputs(batch, slot_of)), []
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            if len(batch) == 1:
+                return [], None, [self._fail(batch[0], f"the model step failed: {_describe(e)}")]
+        ran, rows, failed = [], [], []
+        for seq in batch:
+            try:
+                rows.append(self.model.forward(self._inputs([seq], slot_of)))
+                ran.append(seq)
+            except Exception as e:  # noqa: BLE001
+                failed.append(self._fail(seq, f"the model step failed: {_describe(e)}"))
+        return ran, torch.cat(rows) if rows else None, failed
 
     def _switch(self, merged: str | None) -> tuple[float, float]:
         """Merge/unmerge so that ``merged`` is the merged adapter; seconds spent on each."""
@@ -372,11 +403,22 @@ class LLMEngine:
             num_output_tokens=len(seq.output_ids),
         )
 
+    def _fail(self, seq: Sequence, reason: str) -> RequestOutput:
+        """End a request whose step failed; its output carries the reason."""
+        self._finish(seq, FinishReason.ERROR)
+        return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
+                             finish_reason=FinishReason.ERROR, num_prompt_tokens=len(seq.prompt_ids),
+                             num_output_tokens=len(seq.output_ids), error=reason)
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _find_stop(text: str, stops: list[str], old_len: int) -> int | None:

@@ -72,6 +72,9 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
         results[rid] = {"id": rid, "error": error} if error else {"id": rid, "token_ids": [], "text": ""}
     while engine.has_unfinished():
         for out in engine.step():
+            if out.error is not None:
+                results[out.request_id] = {"id": out.request_id, "error": out.error}
+                continue
             r = results[out.request_id]
             r["token_ids"] += out.new_token_ids
             r["text"] += out.new_text

@@ -19,6 +19,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens, or the model's context is full
     ABORT = "abort"
+    ERROR = "error"  # this request's step failed (RequestOutput.error says why); the others go on
 
 
 @dataclass
