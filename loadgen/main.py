@@ -38,6 +38,9 @@ def load_traces(args: argparse.Namespace) -> tuple[RequestTrace | None, TenantSe
     needs_requests, needs_tenants = args.arrivals == "trace" or args.lengths == "trace", args.popularity == "stride"
     requests: RequestTrace | None = None
     tenants: TenantSeries | None = None
+    if len(args.trace or []) > 1 and args.trace_format != "auto":
+        raise TraceError(f"--trace-format {args.trace_format} applies to every --trace, and two traces are of two "
+                         "kinds: leave it at auto to give a request trace and a popularity source")
     for path in args.trace or []:
         trace = read_trace(bundled.resolve(path), args.trace_format)
         if isinstance(trace, RequestTrace):
@@ -130,7 +133,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict:
     summary = summarize(results, end, slo)
     by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
     config = {k: v for k, v in vars(args).items() if k != "func"} | {"interrupted": stop.is_set()} | {
-        f"{kind}_format": t.format for kind, t in zip(("request_trace", "popularity_source"), traces) if t is not None}
+        f"{kind}_format": t.format for kind, t in zip(("request_trace", "popularity_source"), traces) if t is not None
+    } | ({"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {})
     report.write(Path(args.out), config, summary, by_adapter, results, end, console)
     return summary
 

@@ -34,7 +34,28 @@ def zipf(n: int, s: float) -> list[float]:
     return _normalise([1.0 / (k + 1) ** s for k in range(n)])
 
 
-def stride(function_counts: list[int], n: int, stride: int, cap_rank: int | None = None) -> list[float]:
+def _stride_map(totals: list[float], n: int, stride: int, cap_rank: int | None) -> tuple[list[int], list[float]]:
+    """Each tenant's adapter under dLoRA's mapping (ranked by total, most first, rank k ->
+    (k // stride) % n) and the factor clipping its counts to the cap_rank-th largest total."""
+    if stride < 1 or n < 1:
+        raise ValueError(f"stride and n must be >= 1, got {stride}, {n}")
+    order = sorted(range(len(totals)), key=lambda k: -totals[k])
+    adapter_of = [0] * len(totals)
+    for rank, k in enumerate(order):
+        adapter_of[k] = (rank // stride) % n
+    cap = totals[order[cap_rank - 1]] if cap_rank is not None and 0 < cap_rank <= len(totals) else None
+    scale = [1.0 if cap is None or t <= cap else cap / t for t in totals]
+    return adapter_of, scale
+
+
+def _mapped(counts: list[float], adapter_of: list[int], scale: list[float], n: int) -> list[float]:
+    w = [0.0] * n
+    for k, c in enumerate(counts):
+        w[adapter_of[k]] += c * scale[k]
+    return w
+
+
+def stride(function_counts: list[float], n: int, stride: int, cap_rank: int | None = None) -> list[float]:
     """dLoRA's mapping: functions sorted by invocations (most first), function k -> adapter
     (k // stride) % n. Stride 1 deals the popular functions round robin (near uniform); stride
     ``n`` puts the n most popular functions on one adapter (highly skewed).
@@ -42,15 +63,8 @@ def stride(function_counts: list[int], n: int, stride: int, cap_rank: int | None
     ``cap_rank`` clips every count to the cap_rank-th largest first: in the 500-function sample
     one timer function carries 63 % of all invocations, which would make even stride 1 skewed.
     """
-    if stride < 1 or n < 1:
-        raise ValueError(f"stride and n must be >= 1, got {stride}, {n}")
-    counts = sorted(function_counts, reverse=True)
-    if cap_rank is not None and 0 < cap_rank <= len(counts):
-        counts = [min(c, counts[cap_rank - 1]) for c in counts]
-    weights = [0.0] * n
-    for k, count in enumerate(counts):
-        weights[(k // stride) % n] += count
-    return _normalise(weights)
+    adapter_of, scale = _stride_map(function_counts, n, stride, cap_rank)
+    return _normalise(_mapped(function_counts, adapter_of, scale, n))
 
 
 @dataclass(frozen=True)
@@ -76,20 +90,14 @@ def tenants(series: TenantSeries, n: int, stride_: int = 1, cap_rank: int | None
     idle keeps the whole trace's shares). Without it: the whole trace's shares.
     """
     totals = series.totals()
-    overall = stride(totals, n, stride_, cap_rank)
+    adapter_of, scale = _stride_map(totals, n, stride_, cap_rank)
+    overall = _normalise(_mapped(totals, adapter_of, scale, n))
     if window_s is None:
         return overall
     if window_s <= 0:
         raise ValueError(f"window length must be > 0 s, got {window_s}")
-    order = sorted(range(len(totals)), key=lambda k: -totals[k])
-    adapter_of = {k: (rank // stride_) % n for rank, k in enumerate(order)}
-    cap = sorted(totals, reverse=True)[cap_rank - 1] if cap_rank and 0 < cap_rank <= len(totals) else None
-    # the same clipping as the overall mapping, each tenant's windows scaled alike
-    scale = [1.0 if cap is None else min(1.0, cap / t) if t > 0 else 0.0 for t in totals]
     rows = []
     for j in range(len(series.counts[0])):
-        w = [0.0] * n
-        for k, counts in enumerate(series.counts):
-            w[adapter_of[k]] += counts[j] * scale[k]
+        w = _mapped([c[j] for c in series.counts], adapter_of, scale, n)
         rows.append(_normalise(w) if sum(w) > 0 else overall)
     return Schedule(rows, window_s)

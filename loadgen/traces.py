@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +40,7 @@ MOONCAKE_BLOCK_TOKENS = 512
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
 FUNCTIONS_COLUMNS = ("HashOwner", "HashApp", "HashFunction", "Trigger")
-SERVEGEN_COLUMNS = "window start (s), rate (req/s), cv, family (Gamma|Weibull|empty), shape, scale; no header"
+SERVEGEN_COLUMNS = "window start (s), rate (req/s), cv, family, shape, scale; no header"
 MOONCAKE_FIELDS = '{"timestamp": ms, "input_length": int, "output_length": int, "hash_ids": [int, ...]}'
 
 
@@ -46,7 +48,7 @@ class TraceError(ValueError):
     """The trace file cannot be read; the message names the file, the row and what was expected."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LLMRequestRow:
     t: float  # seconds since the trace's first request
     input_tokens: int
@@ -90,33 +92,47 @@ def _open_text(path: Path):
         raise TraceError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
-    """Every non-empty row with its 1-based row number."""
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Every non-empty row with its 1-based row number, read as the file streams (a week-long
+    trace is tens of millions of rows)."""
     with _open_text(path) as f:
         try:
-            return [(i, row) for i, row in enumerate(csv.reader(f), start=1) if row]
+            for i, row in enumerate(csv.reader(f), start=1):
+                if row:
+                    yield i, row
         except csv.Error as e:
             raise TraceError(f"{path}: not CSV ({e})") from None
         except UnicodeDecodeError:
             raise TraceError(f"{path}: not text (UTF-8)") from None
 
 
-def _with_header(path: Path, columns: tuple[str, ...], what: str) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
+def _with_header(path: Path, columns: tuple[str, ...], what: str) -> tuple[dict[str, int], Iterator[tuple[int, list[str]]]]:
     rows = _csv_rows(path)
-    if not rows:
+    first = next(rows, None)
+    if first is None:
         raise TraceError(f"{path}: empty file")
-    header = [c.strip() for c in rows[0][1]]
+    header = [c.strip() for c in first[1]]
     missing = [c for c in columns if c not in header]
     if missing:
         raise TraceError(f"{path}: row 1: expected a {what} header with columns {','.join(columns)}, got {header}")
-    return {c: header.index(c) for c in columns}, rows[1:]
+    return {c: header.index(c) for c in columns}, rows
+
+
+def _seconds(value: object) -> float:
+    """A finite number of seconds from text or JSON (not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"not a number: {value!r}")
+    t = float(value)
+    if not math.isfinite(t):
+        raise ValueError(f"not finite: {value!r}")
+    return t
 
 
 def _epoch_seconds(text: str) -> float:
     when = datetime.fromisoformat(text.strip())
     if when.tzinfo is None:  # the 2023 schema has no zone; read it as UTC so mixed files still order
         when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+    return _seconds(when.timestamp())
 
 
 def _count(text: str) -> int:
@@ -130,7 +146,8 @@ def _finish(path: Path, fmt: str, stamped: list[tuple[float, int, int, tuple[int
             block_tokens: int | None = None) -> RequestTrace:
     if not stamped:
         raise TraceError(f"{path}: no data rows" + (f" ({skipped} failed requests skipped)" if skipped else ""))
-    stamped.sort(key=lambda r: r[0])  # stable: rows of one instant keep the file's order
+    if any(b[0] < a[0] for a, b in zip(stamped, stamped[1:])):
+        stamped.sort(key=lambda r: r[0])  # stable: rows of one instant keep the file's order
     t0 = stamped[0][0]
     rows = [LLMRequestRow(t - t0, i, o, h) for t, i, o, h in stamped]
     return RequestTrace(fmt, rows, skipped, block_tokens)
@@ -159,7 +176,7 @@ def read_burstgpt(path: str | Path) -> RequestTrace:
     out, skipped = [], 0
     for n, row in rows:
         try:
-            t = float(row[col["Timestamp"]])
+            t = _seconds(row[col["Timestamp"]])
             inp, outp = _count(row[col["Request tokens"]]), _count(row[col["Response tokens"]])
         except (ValueError, IndexError):
             raise TraceError(f"{path}: row {n}: expected seconds and two token counts >= 0 "
@@ -176,25 +193,30 @@ def read_mooncake(path: str | Path) -> RequestTrace:
     (optional; one per ``MOONCAKE_BLOCK_TOKENS`` prompt tokens)."""
     path = Path(path)
     out = []
-    with _open_text(path) as f:
-        try:
-            lines = list(enumerate(f, start=1))
-        except UnicodeDecodeError:
-            raise TraceError(f"{path}: not text (UTF-8)") from None
-    for n, line in lines:
+    for n, line in _lines(path):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
-            t = float(obj["timestamp"]) / 1000.0
+            if isinstance(obj["timestamp"], str):
+                raise ValueError("a string")
+            t = _seconds(obj["timestamp"]) / 1000.0
             inp, outp = _int_field(obj["input_length"]), _int_field(obj["output_length"])
             hash_ids = tuple(_int_field(h) for h in obj.get("hash_ids") or ())
         except (ValueError, KeyError, TypeError):
             raise TraceError(f"{path}: row {n}: expected a JSON object {MOONCAKE_FIELDS}, got {line.strip()[:120]!r}") from None
         out.append((t, inp, outp, hash_ids))
     return _finish(path, "mooncake", out, block_tokens=MOONCAKE_BLOCK_TOKENS)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with _open_text(path) as f:
+        try:
+            yield from enumerate(f, start=1)
+        except UnicodeDecodeError:
+            raise TraceError(f"{path}: not text (UTF-8)") from None
 
 
 def _int_field(value: object) -> int:
@@ -207,49 +229,52 @@ def read_azure_functions(path: str | Path) -> TenantSeries:
     """Azure Functions 2019 per-minute invocation counts: owner, app, function, trigger, minutes..."""
     path = Path(path)
     rows = _csv_rows(path)
-    if not rows:
+    first = next(rows, None)
+    if first is None:
         raise TraceError(f"{path}: empty file")
-    header = rows[0][1]
+    header = first[1]
     if tuple(header[:4]) != FUNCTIONS_COLUMNS or len(header) < 5:
         raise TraceError(f"{path}: row 1: expected {','.join(FUNCTIONS_COLUMNS)},<minute>... got {header[:6]}")
     width = len(header)
     functions, counts = [], []
-    for n, row in rows[1:]:
+    for n, row in rows:
         if len(row) != width:
             raise TraceError(f"{path}: row {n}: {len(row)} columns, the header has {width}")
         try:
             values = [float(_count(v)) for v in row[4:]]
         except ValueError:
-            raise TraceError(f"{path}: row {n}: invocation counts must be integers >= 0") from None
+            bad = next(v for v in row[4:] if not v.strip().isdigit())
+            raise TraceError(f"{path}: row {n}: invocation counts must be integers >= 0, got {bad!r}") from None
         functions.append(row[2])
         counts.append(values)
-    if not functions:
+    return _series(path, "azure-functions", functions, counts, 60.0)
+
+
+def _series(path: Path, fmt: str, tenants: list[str], counts: list[list[float]], window_s: float) -> TenantSeries:
+    if not tenants:
         raise TraceError(f"{path}: no data rows")
-    return TenantSeries("azure-functions", functions, counts, 60.0)
+    if not any(any(c) for c in counts):
+        raise TraceError(f"{path}: every tenant is idle in every window: no popularity to take from it")
+    return TenantSeries(fmt, tenants, counts, window_s)
 
 
-def _servegen_file(path: Path) -> tuple[list[float], float | None]:
-    """One client's windows: expected requests per window, and the window length."""
-    starts, counts = [], []
+def _servegen_file(path: Path) -> list[tuple[int, float, float]]:
+    """One client's windows as (row, start s, rate req/s), starts rising."""
+    out: list[tuple[int, float, float]] = []
     for n, row in _csv_rows(path):
         try:
-            if len(row) != 6 or row[3] not in ("", "Gamma", "Weibull"):
+            if len(row) != 6:
                 raise ValueError
-            start, rate = float(row[0]), float(row[1])
-            float(row[2]), float(row[4]), float(row[5])
-            if rate < 0 or (starts and start <= starts[-1]):
+            start, rate = _seconds(row[0]), _seconds(row[1])
+            if rate < 0 or start < 0 or (out and start <= out[-1][1]):
                 raise ValueError
         except ValueError:
             raise TraceError(f"{path}: row {n}: expected ServeGen columns ({SERVEGEN_COLUMNS}) "
-                             f"with rates >= 0 and rising window starts, got {row!r}") from None
-        starts.append(start)
-        counts.append(rate)
-    if not starts:
+                             f"with finite rates >= 0 and rising window starts, got {row!r}") from None
+        out.append((n, start, rate))
+    if not out:
         raise TraceError(f"{path}: no data rows")
-    window = starts[1] - starts[0] if len(starts) > 1 else None
-    if window is not None and any(abs((b - a) - window) > 1e-6 for a, b in zip(starts, starts[1:])):
-        raise TraceError(f"{path}: windows are not evenly spaced ({window:g} s apart at first)")
-    return counts, window
+    return out
 
 
 def _chunk_order(p: Path) -> tuple[int, str]:
@@ -259,23 +284,26 @@ def _chunk_order(p: Path) -> tuple[int, str]:
 
 def read_servegen(path: str | Path) -> TenantSeries:
     """ServeGen per-client rate series: one client's file, or a folder of ``*-trace.csv`` files
-    (one tenant each, named by file stem, in chunk-number order)."""
+    (one tenant each, named by file stem, in chunk-number order). Each rate lands in the window
+    its start time names, so clients whose series start late or end early line up."""
     path = Path(path)
     files = sorted(path.glob("*-trace.csv"), key=_chunk_order) if path.is_dir() else [path]
     if not files:
         raise TraceError(f"{path}: no ServeGen client files (*-trace.csv) in this folder")
-    tenants, counts, window = [], [], None
-    for f in files:
-        rates, w = _servegen_file(f)
-        if w is not None and window is not None and abs(w - window) > 1e-6:
-            raise TraceError(f"{f}: windows of {w:g} s, other clients' are {window:g} s")
-        window = window or w
-        tenants.append(f.stem.removesuffix("-trace"))
-        counts.append(rates)
-    window = window or 600.0  # ServeGen's windows are 10 minutes
-    width = max(len(c) for c in counts)  # a client whose series ends early is idle after it
-    counts = [[r * window for r in c] + [0.0] * (width - len(c)) for c in counts]
-    return TenantSeries("servegen", tenants, counts, window)
+    series = {f: _servegen_file(f) for f in files}
+    gaps = [b[1] - a[1] for rows in series.values() for a, b in zip(rows, rows[1:])]
+    window = min(gaps) if gaps else 600.0  # ServeGen's windows are 10 minutes
+    width = 1 + max(round(rows[-1][1] / window) for rows in series.values())
+    counts = []
+    for f, rows in series.items():
+        c = [0.0] * width
+        for n, start, rate in rows:
+            if abs(start / window - round(start / window)) > 1e-6:
+                raise TraceError(f"{f}: row {n}: window start {start:g} s is not a multiple of the {window:g} s "
+                                 "windows of the series")
+            c[round(start / window)] = rate * window
+        counts.append(c)
+    return _series(path, "servegen", [f.stem.removesuffix("-trace") for f in files], counts, window)
 
 
 def sniff(path: str | Path) -> str:

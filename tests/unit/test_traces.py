@@ -92,6 +92,12 @@ def test_servegen_file_and_folder(tmp_path: Path) -> None:
     many = read_trace(servegen_folder(tmp_path))
     assert isinstance(many, TenantSeries) and many.tenants == ["chunk-2", "chunk-10"]
     assert many.totals() == [900.0, 1050.0]
+    # a client whose series starts late lines up by its window starts, not its row numbers
+    late = tmp_path / "late"
+    late.mkdir()
+    write(late, SERVEGEN_A, "chunk-1-trace.csv")
+    write(late, "1200,2.0,1,Gamma,1,1\n", "chunk-2-trace.csv")
+    assert read_servegen(late).counts == [[900.0, 0.0, 150.0], [0.0, 0.0, 1200.0]]
 
 
 @pytest.mark.parametrize(
@@ -109,12 +115,22 @@ def test_servegen_file_and_folder(tmp_path: Path) -> None:
         ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", "no data rows"),
         ("a.csv", BURSTGPT + "50,GPT-4,ten,3,13,API log\n", "row 6"),
         ("a.csv", "Timestamp,Model,Request tokens,Response tokens\n1,GPT-4,3,0\n", "no data rows"),
-        ("chunk-1-trace.csv", SERVEGEN_A + "1800,0.1,1,Lognormal,1,1\n", "row 4"),
+        ("chunk-1-trace.csv", SERVEGEN_A + "1800,nan,1,Gamma,1,1\n", "row 4"),
+        ("chunk-1-trace.csv", SERVEGEN_A + "1800,inf,1,Gamma,1,1\n", "row 4"),
+        ("chunk-1-trace.csv", SERVEGEN_A + "1900,0.1,1,Gamma,1,1\n", "row 4: window start 1900"),
+        ("chunk-1-trace.csv", "0,0,0,,0,0\n600,0,0,,0,0\n", "every tenant is idle"),
+        ("a.csv", BURSTGPT + "nan,GPT-4,3,3,6,API log\n", "row 6"),
+        ("a.csv", BURSTGPT + "inf,GPT-4,3,3,6,API log\n", "row 6"),
+        ("a.jsonl", '{"timestamp": "NaN", "input_length": 3, "output_length": 1}\n', "row 1"),
+        ("a.jsonl", '{"timestamp": "5", "input_length": 3, "output_length": 1}\n', "row 1"),
+        ("a.jsonl", '{"timestamp": true, "input_length": 3, "output_length": 1}\n', "row 1"),
+        ("a.jsonl", '{"timestamp": 1e400, "input_length": 3, "output_length": 1}\n', "row 1"),
         ("chunk-1-trace.csv", SERVEGEN_A + "1800,-0.1,1,Gamma,1,1\n", "row 4"),
         ("chunk-1-trace.csv", SERVEGEN_A + "1000,0.1,1,Gamma,1,1\n", "row 4"),
         ("chunk-1-trace.csv", SERVEGEN_A + "1800,0.1,1\n", "row 4"),
         ("f.csv", "HashOwner,HashApp,HashFunction,Trigger,1,2\no,a,f1,http,1,2\no,b,f4,http,1\n", "row 3"),
-        ("f.csv", "HashOwner,HashApp,HashFunction,Trigger,1,2\no,a,f1,http,1,x\n", "row 2"),
+        ("f.csv", "HashOwner,HashApp,HashFunction,Trigger,1,2\no,a,f1,http,1,x\n", "row 2: .* got 'x'"),
+        ("f.csv", "HashOwner,HashApp,HashFunction,Trigger,1,2\no,a,f1,http,0,0\n", "every tenant is idle"),
     ],
 )
 def test_malformed_traces_name_file_row_and_what_was_expected(tmp_path: Path, name: str, text: str,
@@ -233,3 +249,17 @@ def test_the_bundled_traces_are_the_published_bytes_and_load() -> None:
     servegen = read_trace(bundled.path(bundled.SERVEGEN))
     assert len(servegen.tenants) == 32 and all(len(c) == 2016 for c in servegen.counts)
     assert (bundled.data_dir() / "LICENSES").exists() and len(list((bundled.data_dir() / "licenses").iterdir())) == 3
+
+
+def test_the_cli_refuses_a_malformed_trace_before_sending(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dlora.services.cli import main
+
+    bad = write(tmp_path, MOONCAKE + '{"timestamp": 1, "input_length": 3}\n', "bad.jsonl")
+    # port 9 (discard) is never served here: a run that got as far as sending would report failures, not 2
+    assert main(["loadgen", "--trace", str(bad), "--arrivals", "trace", "--target", "http://127.0.0.1:9",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: row 5: expected a JSON object" in err and not (tmp_path / "out").exists()
+    assert main(["loadgen", "--trace", str(bad), "--trace", "bundled:servegen", "--trace-format", "mooncake",
+                 "--target", "http://127.0.0.1:9"]) == 2
+    assert "leave it at auto" in capsys.readouterr().err
