@@ -220,7 +220,26 @@ class Gateway:
             return web.json_response(e.body(), status=e.status)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "workers": len(await self.store.live_workers())})
+        """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served, i.e. NATS is
+        connected and at least one worker is live (its heartbeat in Redis); else 503 with the
+        reason and the counts, so a load balancer stops sending here."""
+        try:
+            workers = await self.store.live_workers()
+        except Exception as e:  # noqa: BLE001 - Redis down is a readiness answer, not a crash
+            return web.json_response({"status": "unavailable", "workers": 0, "nats": self.nc.is_connected,
+                                      "reason": f"the state store (Redis) is unreachable: {type(e).__name__}"},
+                                     status=503)
+        body = {"workers": len(workers), "running": sum(w.running for w in workers),
+                "waiting": sum(w.waiting for w in workers), "nats": self.nc.is_connected}
+        reason = ("no worker is live" if not workers else None) or (
+            "the message bus (NATS) is disconnected" if not self.nc.is_connected else None)
+        if reason:
+            return web.json_response({"status": "unavailable", **body, "reason": reason}, status=503)
+        return web.json_response({"status": "ok", **body})
+
+    async def livez(self, request: web.Request) -> web.Response:
+        """Liveness: 200 while this process answers, whatever its dependencies (restart it only if not)."""
+        return web.json_response({"status": "ok"})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -244,6 +263,8 @@ class Gateway:
         app.router.add_post("/v1/adapters", self.add_adapter)
         app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.healthz)
+        app.router.add_get("/livez", self.livez)
         app.router.add_get("/metrics", self.metrics_handler)
         return app
 

@@ -204,6 +204,13 @@ async def test_nats_native_example(stack: Stack) -> None:
     assert text == resp["choices"][0]["text"]
 
 
+async def test_ready_with_live_workers(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url + "/healthz") as r:
+            body = await r.json()
+    assert r.status == 200 and body["status"] == "ok" and body["workers"] == 2 and body["nats"] is True
+
+
 async def test_metrics_are_exposed(stack: Stack) -> None:
     await post(stack, "/v1/completions", {"model": "lora-1", "prompt": "kalo", "max_tokens": 3})
     await asyncio.sleep(0.3)  # a stats interval
@@ -261,6 +268,14 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
             async with http.post(f"http://127.0.0.1:{settings.port}/v1/completions",
                                  json={"model": "model", "prompt": "kalo", "max_tokens": 2}) as r:
                 assert r.status == 503 and "no worker" in (await r.json())["error"]["message"]
+            # not ready with no live worker, and says why; alive all the same
+            for path in ("/healthz", "/readyz"):
+                async with http.get(f"http://127.0.0.1:{settings.port}{path}") as r:
+                    body = await r.json()
+                    assert r.status == 503 and body["status"] == "unavailable" and body["workers"] == 0, body
+                    assert body["reason"] == "no worker is live"
+            async with http.get(f"http://127.0.0.1:{settings.port}/livez") as r:
+                assert r.status == 200
         await runner.cleanup()
     finally:
         await nc.drain()
