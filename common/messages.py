@@ -147,6 +147,9 @@ class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
     rank: int
     # Unix seconds it was registered.
     created: float
+    # Content digest of its config and weights at registration: requests run on this version, and
+    # a name registered again with other files is a new version.
+    version: str = ""
 
 
 class AdapterEvent(msgspec.Struct, kw_only=True, frozen=True, tag=True):

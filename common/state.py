@@ -47,6 +47,17 @@ return next
 
 # KEYS: the in-flight hash; ARGV: worker, request JSON, index key prefix, request id.
 # One round trip: move the record to the worker, keeping the first request and the progress.
+# KEYS: the registry hash, the versions hash. ARGV: name, entry, name@version, replace (0/1).
+_PUT_ADAPTER_LUA = """
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+return 1
+"""
+
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
 if old and old ~= ARGV[1] then
@@ -97,13 +108,22 @@ class StateStore:
         self._progress = redis.register_script(_PROGRESS_LUA)
         self._lease = redis.register_script(_LEASE_LUA)
         self._put_inflight = redis.register_script(_PUT_INFLIGHT_LUA)
+        self._put_adapter = redis.register_script(_PUT_ADAPTER_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
-    async def put_adapter(self, entry: AdapterEntry) -> None:
-        await self.r.hset(f"{self.p}:adapters", entry.name, msgspec.json.encode(entry))
+    async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
+        """Register ``entry`` atomically: False if its name is taken (unless ``replace``). Every
+        version stays findable by name and version, for requests still running on it."""
+        return bool(await self._put_adapter(
+            keys=[f"{self.p}:adapters", f"{self.p}:adapter-versions"],
+            args=[entry.name, msgspec.json.encode(entry), f"{entry.name}@{entry.version}", int(replace)]))
 
-    async def get_adapter(self, name: str) -> AdapterEntry | None:
-        raw = await self.r.hget(f"{self.p}:adapters", name)
+    async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None:
+        """The registered adapter of that name, or a given version of it (registered now or before)."""
+        if version is None:
+            raw = await self.r.hget(f"{self.p}:adapters", name)
+        else:
+            raw = await self.r.hget(f"{self.p}:adapter-versions", f"{name}@{version}")
         return None if raw is None else msgspec.json.decode(raw, type=AdapterEntry)
 
     async def list_adapters(self) -> list[AdapterEntry]:

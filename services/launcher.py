@@ -47,7 +47,8 @@ async def _register(redis_url: str, prefix: str, model: Path, loras: dict[str, s
     store = StateStore(redis, prefix)
     try:
         for name, path in loras.items():
-            await store.put_adapter(check_adapter(name, path, roots, model.name, cfg))
+            # the command line is the authority over an entry a Redis of its own may still hold
+            await store.put_adapter(check_adapter(name, path, roots, model.name, cfg), replace=True)
     finally:
         await redis.aclose()
 

@@ -29,4 +29,4 @@ def check_adapter(name: str, path: str, roots: list[str], base_name: str, cfg: M
         adapter = load_adapter(name, resolved, cfg)
     except AdapterError as e:
         raise APIError(400, str(e), param="path") from None
-    return AdapterEntry(name=name, path=str(resolved), rank=adapter.rank, created=time.time())
+    return AdapterEntry(name=name, path=str(resolved), rank=adapter.rank, created=time.time(), version=adapter.digest)

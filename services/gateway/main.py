@@ -198,11 +198,13 @@ class Gateway:
             self._check_admin(request)
             raw = await _read_body(request, self.s.max_body_bytes)
             body = openai.decode_body(raw, _AdapterBody)
-            if await self.store.get_adapter(body.name) is not None:
-                raise APIError(409, f"adapter {body.name!r} is already registered", param="name")
+            taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
+            if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
+                raise taken
             entry = await asyncio.to_thread(check_adapter, body.name, body.path, self.s.adapter_roots, self.base_name,
                                             self.cfg)
-            await self.store.put_adapter(entry)
+            if not await self.store.put_adapter(entry):  # atomic: of two racing registrations one wins
+                raise taken
             await self.nc.publish(subjects.ADAPTER_EVENTS, _encode.encode(AdapterEvent(name=entry.name, removed=False)))
             return web.json_response(msgspec.to_builtins(entry), status=201)
         except APIError as e:

@@ -181,6 +181,18 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     assert status == 200 and resp["usage"]["completion_tokens"] == 40
 
 
+async def test_concurrent_registrations_of_one_name_give_one_201_and_one_409(stack: Stack) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    paths = [str(stack.tiny.adapters["lora-0"]), str(stack.tiny.adapters["lora-1"])]
+    for attempt in range(6):
+        name = f"race-{attempt}"
+        results = await asyncio.gather(*(post(stack, "/v1/adapters", {"name": name, "path": p}, auth) for p in paths))
+        assert sorted(status for status, _ in results) == [201, 409], results
+        winner = next(resp for status, resp in results if status == 201)
+        entry = await stack.store.get_adapter(name)
+        assert entry.path == winner["path"] and entry.version == winner["version"] != ""
+
+
 async def test_one_request_cannot_take_down_a_worker(stack: Stack) -> None:
     """A temperature inside the API's range that overflows a naive sampler: served greedily, on
     every worker, and everything after it still is."""

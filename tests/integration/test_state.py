@@ -12,8 +12,13 @@ from dlora.common.state import StateStore
 
 async def test_registry_placement_and_policy(redis: Redis) -> None:
     s = StateStore(redis)
-    await s.put_adapter(AdapterEntry(name="b", path="/b", rank=8, created=1.0))
-    await s.put_adapter(AdapterEntry(name="a", path="/a", rank=16, created=2.0))
+    assert await s.put_adapter(AdapterEntry(name="b", path="/b", rank=8, created=1.0, version="v1"))
+    assert await s.put_adapter(AdapterEntry(name="a", path="/a", rank=16, created=2.0))
+    # a taken name is refused, atomically; replace overwrites; each version stays findable
+    assert not await s.put_adapter(AdapterEntry(name="b", path="/b2", rank=8, created=3.0, version="v2"))
+    assert (await s.get_adapter("b")).path == "/b"
+    assert await s.put_adapter(AdapterEntry(name="b", path="/b2", rank=8, created=3.0, version="v2"), replace=True)
+    assert (await s.get_adapter("b")).version == "v2" and (await s.get_adapter("b", "v1")).path == "/b"
     assert [e.name for e in await s.list_adapters()] == ["a", "b"]
     assert (await s.get_adapter("a")).rank == 16 and await s.get_adapter("zz") is None
     assert await s.delete_adapter("b") and not await s.delete_adapter("b")

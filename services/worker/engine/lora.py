@@ -6,6 +6,7 @@ Only safetensors are read. Scaling follows PEFT: ``lora_alpha / r`` (``/ sqrt(r)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from dlora.services.worker.engine.config import ModelConfig
 from dlora.services.worker.engine.weights import TARGET_NAMES, targets
@@ -40,6 +41,9 @@ class LoraAdapter:
     path: Path
     # (layer index, PEFT target name such as "q_proj") -> weights
     weights: dict[tuple[int, str], LoraWeight]
+    # What this adapter is, whatever its name: a digest of adapter_config.json and the weights
+    # file (``content_digest``). A name re-registered with other files is another version.
+    digest: str = ""
 
     @property
     def rank(self) -> int:
@@ -73,13 +77,18 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoraAdapter:
         extra = " (only safetensors are loaded)" if (path / "adapter_model.bin").exists() else ""
         raise AdapterError(f"adapter {name!r}: {weights_path} not found{extra}")
     try:
-        conf = json.loads(conf_path.read_text())
-    except json.JSONDecodeError as e:
+        conf_bytes, weight_bytes = conf_path.read_bytes(), weights_path.read_bytes()
+        conf = json.loads(conf_bytes)
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {path} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"adapter {name!r}: {conf_path} is not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise AdapterError(f"adapter {name!r}: {conf_path} is not a JSON object")
     _check_config(name, conf)
     try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
+        tensors = load(weight_bytes)
+    except SafetensorError as e:
         raise AdapterError(f"adapter {name!r}: cannot read {weights_path} ({e})") from None
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -113,7 +122,16 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoraAdapter:
         alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
         scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
         weights[(layer, target)] = LoraWeight(a=a, b=b, scale=scale)
-    return LoraAdapter(name=name, path=path, weights=weights)
+    return LoraAdapter(name=name, path=path, weights=weights, digest=content_digest(conf_bytes, weight_bytes))
+
+
+def content_digest(config: bytes, weights: bytes) -> str:
+    """An adapter version: SHA-256 of its config and weights files, 16 hex digits."""
+    h = hashlib.sha256()
+    for part in (config, weights):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
 
 
 def _check_config(name: str, conf: dict[str, Any]) -> None:
