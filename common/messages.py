@@ -66,6 +66,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     reply_to: str
     # Adapter name; None: the base model.
     adapter: str | None = None
+    # The adapter's version (AdapterEntry.version) this request runs on, set where it enters; a
+    # request sent without one takes the version registered when a worker first sees it.
+    adapter_version: str | None = None
     # Exactly one of prompt / prompt_token_ids.
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -153,16 +156,20 @@ class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class AdapterEvent(msgspec.Struct, kw_only=True, frozen=True, tag=True):
-    """Registry changes, broadcast on ``subjects.ADAPTER_EVENTS`` so workers drop removed adapters."""
+    """Registry changes, broadcast on ``subjects.ADAPTER_EVENTS`` so workers retire versions of
+    the adapter other than ``version`` (every version when it was removed) once unused."""
 
     name: str
     removed: bool
+    # The version now registered under the name; None when it was removed.
+    version: str | None = None
 
 
 class AdapterResidency(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     slot: int | None  # device slot, None: host memory only
     merged: bool
+    version: str = ""  # which version of the adapter this is (a worker may briefly hold two)
 
 
 class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):

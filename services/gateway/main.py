@@ -18,7 +18,15 @@ from transformers import AutoTokenizer
 
 from dlora.common import log, subjects
 from dlora.common.bus import connections
-from dlora.common.messages import AbortRequest, AdapterEvent, ErrorCode, GenerateRequest, TokenChunk, WorkerStats
+from dlora.common.messages import (
+    AbortRequest,
+    AdapterEntry,
+    AdapterEvent,
+    ErrorCode,
+    GenerateRequest,
+    TokenChunk,
+    WorkerStats,
+)
 from dlora.common.settings import GatewaySettings
 from dlora.common.state import StateStore
 from dlora.services.gateway import openai
@@ -47,13 +55,15 @@ class Gateway:
         self.replies: dict[str, asyncio.Queue[bytes]] = {}
 
     # ---- request preparation ------------------------------------------------------------
-    async def _adapter_for(self, model: str) -> str | None:
+    async def _adapter_for(self, model: str) -> AdapterEntry | None:
+        """The registered adapter (its current version) that ``model`` names; None: the base model."""
         if model == self.base_name:
             return None
-        if await self.store.get_adapter(model) is None:
+        entry = await self.store.get_adapter(model)
+        if entry is None:
             raise APIError(404, f"model {model!r} does not exist (neither the base model nor a registered adapter)",
                            param="model")
-        return model
+        return entry
 
     def _token_ids(self, prompt: str | list[int | str]) -> list[int]:
         if isinstance(prompt, str):
@@ -88,7 +98,9 @@ class Gateway:
             ids, asked = self._token_ids(body.prompt), body.max_tokens
         params = openai.sampling_params(body, self._max_tokens(ids, asked))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.gateway_id), adapter=adapter,
+        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.gateway_id),
+                              adapter=adapter.name if adapter else None,
+                              adapter_version=adapter.version if adapter else None,
                               prompt_token_ids=ids, params=params, tenant=body.user or "", created=time.time())
         return req, Shape.new(chat, rid, body.model), body
 
@@ -184,7 +196,7 @@ class Gateway:
                  "root": self.base_name, "parent": None}]
         for e in await self.store.list_adapters():
             data.append({"id": e.name, "object": "model", "created": int(e.created), "owned_by": "dlora",
-                         "root": e.path, "parent": self.base_name, "rank": e.rank})
+                         "root": e.path, "parent": self.base_name, "rank": e.rank, "version": e.version})
         return web.json_response({"object": "list", "data": data})
 
     def _check_admin(self, request: web.Request) -> None:
@@ -205,7 +217,8 @@ class Gateway:
                                             self.cfg)
             if not await self.store.put_adapter(entry):  # atomic: of two racing registrations one wins
                 raise taken
-            await self.nc.publish(subjects.ADAPTER_EVENTS, _encode.encode(AdapterEvent(name=entry.name, removed=False)))
+            await self.nc.publish(subjects.ADAPTER_EVENTS, _encode.encode(AdapterEvent(name=entry.name, removed=False,
+                                                                                     version=entry.version)))
             return web.json_response(msgspec.to_builtins(entry), status=201)
         except APIError as e:
             return web.json_response(e.body(), status=e.status)

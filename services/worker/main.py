@@ -38,6 +38,7 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.engine.sequence import FinishReason
 from dlora.services.worker.lengths import OutputLengths
+from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
@@ -70,8 +71,9 @@ class _Abort:
 
 
 @dataclass(frozen=True)
-class _AdapterRemoved:
+class _AdapterChanged:
     name: str
+    version: str | None  # registered now; None: removed
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 class WorkerService:
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
-        self.commands: asyncio.Queue[_Add | _Abort | _AdapterRemoved | _Move | _Prefetch] = asyncio.Queue()
+        self.commands: asyncio.Queue[_Add | _Abort | _AdapterChanged | _Move | _Prefetch] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
         # KV caches of requests moving here as their chunks arrive, and who waits for them.
         self.kv_inbox: dict[str, _Inbox] = {}
@@ -103,6 +105,9 @@ class WorkerService:
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.plan_epoch = 0  # the highest migrator epoch among the plans taken
+        # Adapter names with a replaced or removed version still loaded here, and the version now
+        # registered (None: removed): those versions go once their last request ends.
+        self.retiring: dict[str, str | None] = {}
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -124,8 +129,7 @@ class WorkerService:
             event = _decode_event.decode(msg.data)
         except msgspec.DecodeError:
             return
-        if event.removed:
-            await self.commands.put(_AdapterRemoved(event.name))
+        await self.commands.put(_AdapterChanged(event.name, None if event.removed else event.version))
 
     async def _on_moves(self, msg: Msg) -> None:
         try:
@@ -145,7 +149,8 @@ class WorkerService:
             placement = _decode_placement.decode(msg.data)
         except msgspec.DecodeError:
             return
-        mine = [a for a in placement.workers.get(self.s.worker_id, []) if a not in self.engine.adapters]
+        held = {name_of(key) for key in self.engine.adapters}
+        mine = [a for a in placement.workers.get(self.s.worker_id, []) if a not in held]
         if mine:
             await self.commands.put(_Prefetch(mine))
 
@@ -184,7 +189,7 @@ class WorkerService:
         return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
 
     # ---- the owner of the engine ----------------------------------------------------------
-    async def _apply(self, cmd: _Add | _Abort | _AdapterRemoved | _Move | _Prefetch) -> None:
+    async def _apply(self, cmd: _Add | _Abort | _AdapterChanged | _Move | _Prefetch) -> None:
         if isinstance(cmd, _Move):
             await self._move(cmd)
         elif isinstance(cmd, _Prefetch):
@@ -193,19 +198,30 @@ class WorkerService:
             if self.engine.abort(cmd.request_id):
                 self.streams.pop(cmd.request_id, None)
                 await self.store.delete_inflight(cmd.request_id)
-        elif isinstance(cmd, _AdapterRemoved):
-            try:
-                self.engine.unregister_adapter(cmd.name)
-            except AdapterError as e:  # in use or never loaded here: keep it
-                logger.info("adapter kept", adapter=cmd.name, reason=str(e))
+        elif isinstance(cmd, _AdapterChanged):
+            self.retiring[cmd.name] = cmd.version
+            self._retire()
         else:
             await self._add(cmd.req)
+
+    def _retire(self) -> None:
+        """Unload (and unmerge) replaced or removed adapter versions that no request uses any more."""
+        for name, current in list(self.retiring.items()):
+            stale = [key for key in self.engine.adapters if name_of(key) == name and version_of(key) != current]
+            for key in stale:
+                if not self.engine.in_use(key):
+                    self.engine.unregister_adapter(key)
+                    logger.info("adapter version unloaded", adapter=name, version=version_of(key), current=current)
+            if all(not self.engine.in_use(key) for key in stale):
+                del self.retiring[name]
 
     async def _prefetch(self, names: list[str]) -> None:
         """Load adapters the placement gives this worker into host memory before requests need them."""
         for name in names:
             try:
-                await self._ensure_adapter(name)
+                entry = await self.store.get_adapter(name)
+                if entry is not None:
+                    await self._ensure_adapter(name, entry.version)
             except AdapterError as e:
                 logger.warning("prefetch failed", adapter=name, reason=str(e))
 
@@ -233,27 +249,48 @@ class WorkerService:
         logger.info("request moved", request=cmd.request_id, to=cmd.to_worker, tokens=len(seq.output_ids),
                     kv_bytes=len(data))
 
-    async def _ensure_adapter(self, name: str) -> bool:
-        """Load a registered adapter into the engine's host memory if it is not there yet; False
-        if the registry does not know it (AdapterError if its files are bad)."""
-        if name in self.engine.adapters:
-            return True
-        entry = await self.store.get_adapter(name)
+    async def _ensure_adapter(self, name: str, version: str) -> str:
+        """The engine's key for that version of the adapter, loaded into host memory if it is not
+        there yet. Raises _NotFound if the registry never had that version, AdapterError if its
+        files are bad or no longer what was registered."""
+        key = engine_key(name, version)
+        if key in self.engine.adapters:
+            return key
+        entry = await self.store.get_adapter(name, version)
         if entry is None:
-            return False
-        await asyncio.to_thread(self.engine.register_adapter, entry.name, entry.path)
-        return True
+            raise _NotFound(f"adapter {name!r} version {version} is not registered")
+        adapter = await asyncio.to_thread(self.engine.register_adapter, key, entry.path)
+        if version and adapter.digest != version:
+            self.engine.unregister_adapter(key)
+            raise AdapterError(f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
+                               f"registered (they are now {adapter.digest}); register it again")
+        current = await self.store.get_adapter(name)
+        if current is None or current.version != version:  # an old version, for a request that began on it
+            self.retiring[name] = current.version if current else None
+        return key
+
+    async def _versioned(self, req: GenerateRequest) -> GenerateRequest:
+        """``req`` with its adapter's version: the registered one if it came without (NATS clients),
+        so a move or a recovery continues it on the same version."""
+        if req.adapter is None or req.adapter_version is not None:
+            return req
+        entry = await self.store.get_adapter(req.adapter)
+        if entry is None:
+            raise _NotFound(f"adapter {req.adapter!r} is not registered")
+        return msgspec.structs.replace(req, adapter_version=entry.version)
 
     def _add_to_engine(self, req: GenerateRequest, kv: KVSnapshot | None) -> None:
+        adapter = engine_key(req.adapter, req.adapter_version or "") if req.adapter is not None else None
         self.engine.add_request(req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                                params=req.params, adapter=req.adapter, resume_token_ids=req.resume_token_ids, kv=kv)
+                                params=req.params, adapter=adapter, resume_token_ids=req.resume_token_ids, kv=kv)
 
     async def _add(self, req: GenerateRequest) -> None:
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
-            if req.adapter is not None and not await self._ensure_adapter(req.adapter):
-                raise _NotFound(f"adapter {req.adapter!r} is not registered")
+            req = await self._versioned(req)
+            if req.adapter is not None:
+                await self._ensure_adapter(req.adapter, req.adapter_version or "")
             start = time.monotonic()
             kv = await self._take_kv(req) if req.kv_chunks else None
             try:
@@ -311,6 +348,8 @@ class WorkerService:
                 await self._apply(self.commands.get_nowait())
             if self.engine.has_unfinished():
                 await self._step()
+                if self.retiring:
+                    self._retire()
             # The snapshot walks every request: take it as often as stats go out, not every step
             # (and at once when the engine falls idle, so the last stats say so).
             now = time.monotonic()
@@ -322,11 +361,11 @@ class WorkerService:
         e = self.engine
         running = sum(1 for q in e.queue() if q.running)
         merged = e.merger.merged
-        residency = [
-            AdapterResidency(name=name, slot=e.slots.slot_of(name), merged=name == merged) for name in sorted(e.adapters)
-        ]
+        residency = [AdapterResidency(name=name_of(key), version=version_of(key), slot=e.slots.slot_of(key),
+                                      merged=key == merged) for key in sorted(e.adapters)]
         st = e.stats
-        loads = [RequestLoad(request_id=q.request_id, adapter=q.adapter, context_tokens=q_seq.total_len,
+        loads = [RequestLoad(request_id=q.request_id, adapter=q.adapter and name_of(q.adapter),
+                             context_tokens=q_seq.total_len,
                              remaining_tokens=self.lengths.expected_remaining(len(q_seq.output_ids),
                                                                               q_seq.params.max_tokens))
                  for q in e.queue() if (q_seq := e.seqs.get(q.request_id)) is not None]
@@ -337,7 +376,7 @@ class WorkerService:
             max_loras=e.config.max_loras, adapters=residency, steps=st.steps, merges=st.merges,
             preemptions=st.preemptions, adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
             adapter_load_seconds=st.adapter_load_seconds, seconds_per_token=per_token, requests=loads,
-            adapter_seconds_per_token=st.adapter_seconds_per_token(),
+            adapter_seconds_per_token={name_of(k): v for k, v in st.adapter_seconds_per_token().items()},
             prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
             kv_transfer_seconds_per_token=self.kv_seconds / self.kv_tokens if self.kv_tokens else 0.0,
             prefill_tokens=st.prefill_tokens, kv_transfer_tokens=self.kv_tokens,

@@ -25,6 +25,12 @@ async def post(stack: Stack, path: str, body, headers=None) -> tuple[int, dict]:
             return r.status, await r.json()
 
 
+async def get(stack: Stack, path: str) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url + path) as r:
+            return await r.json()
+
+
 async def stream(stack: Stack, path: str, body: dict) -> list:
     events = []
     async with aiohttp.ClientSession() as http:
@@ -191,6 +197,46 @@ async def test_concurrent_registrations_of_one_name_give_one_201_and_one_409(sta
         winner = next(resp for status, resp in results if status == 201)
         entry = await stack.store.get_adapter(name)
         assert entry.path == winner["path"] and entry.version == winner["version"] != ""
+
+
+async def test_a_replaced_adapter_serves_each_request_on_its_own_version(stack: Stack) -> None:
+    """Register NAME -> A, start long requests, delete NAME and register it -> B: the running ones
+    finish on A, new ones run on B, and A is unloaded everywhere once its last request ends."""
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    dirs = {}
+    for v, src in (("a", "lora-0"), ("b", "lora-1")):
+        dirs[v] = stack.tiny.adapters_dir / f"versioned-{v}"
+        shutil.rmtree(dirs[v], ignore_errors=True)
+        shutil.copytree(stack.tiny.adapters[src], dirs[v])
+    status, a = await post(stack, "/v1/adapters", {"name": "versioned", "path": str(dirs["a"])}, auth)
+    assert status == 201
+    long = {"model": "versioned", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    running = [asyncio.create_task(post(stack, "/v1/completions", {**long, "prompt": p})) for p in PROMPTS]
+    while not any(key.startswith("versioned@") for w in stack.workers for key in w.engine.adapters):
+        await asyncio.sleep(0.01)
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(stack.url + "/v1/adapters/versioned", headers=auth) as r:
+            assert r.status == 200
+    status, b = await post(stack, "/v1/adapters", {"name": "versioned", "path": str(dirs["b"])}, auth)
+    assert status == 201 and b["version"] != a["version"]
+    assert any(w.engine.in_use(f"versioned@{a['version']}") for w in stack.workers)  # still running on A
+    short = {"model": "versioned", "max_tokens": 8, "temperature": 0, "prompt": PROMPTS[0]}
+    status, new = await post(stack, "/v1/completions", short)
+    old = await asyncio.gather(*running)
+    expected = offline(stack.tiny, [{"id": str(i), "adapter": src, "prompt": p, "max_tokens": n, "ignore_eos": True}
+                                    for i, (src, p, n) in enumerate([("lora-0", q, 150) for q in PROMPTS]
+                                                                    + [("lora-1", PROMPTS[0], 8)])])
+    assert [r["choices"][0]["text"] for _, r in old] == [e["text"] for e in expected[:3]]
+    assert status == 200 and new["choices"][0]["text"] == expected[3]["text"]
+    models = (await get(stack, "/v1/models"))["data"]
+    assert [m.get("version") for m in models if m["id"] == "versioned"] == [b["version"]]
+    for _ in range(100):  # A goes once its requests ended; B may stay loaded
+        if all(not k.startswith(f"versioned@{a['version']}") for w in stack.workers for k in w.engine.adapters):
+            break
+        await asyncio.sleep(0.05)
+    for w in stack.workers:
+        assert f"versioned@{a['version']}" not in w.engine.adapters
+        assert w.engine.merger.merged != f"versioned@{a['version']}"
 
 
 async def test_one_request_cannot_take_down_a_worker(stack: Stack) -> None:

@@ -122,10 +122,15 @@ class LLMEngine:
         self.adapters[name] = adapter
         return adapter
 
+    def in_use(self, name: str) -> bool:
+        """Whether a request in flight runs on the adapter."""
+        return any(s.adapter == name for s in self.seqs.values())
+
     def unregister_adapter(self, name: str) -> None:
+        """Drop an adapter: unmerged if merged, its device slot freed (AdapterError if unknown or in use)."""
         if name not in self.adapters:
             raise AdapterError(f"adapter {name!r} is not registered")
-        if any(s.adapter == name for s in self.seqs.values()):
+        if self.in_use(name):
             raise AdapterError(f"adapter {name!r} has requests in flight")
         if self.merger.merged == name:
             self._unmerge()
