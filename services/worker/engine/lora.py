@@ -1,7 +1,18 @@
-"""LoRA adapters read from PEFT directories into host memory, validated against the base model.
+r"""LoRA adapters read from PEFT directories into host memory, validated against the base model.
 
-Only safetensors are read. Scaling follows PEFT: ``lora_alpha / r`` (``/ sqrt(r)`` with
-``use_rslora``), with ``rank_pattern`` / ``alpha_pattern`` overrides matched on module names.
+Only safetensors are read. Every ``adapter_config.json`` field that changes the output is read as
+PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/utils/other.py
+``get_pattern_key``), or the adapter is refused with the field named:
+- scaling ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with ``rank_pattern`` /
+  ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$`` on the module name, first match in order;
+- which modules carry LoRA: ``target_modules`` (a list: the name or a dotted suffix; a string: a
+  regex the whole name must match; ``all-linear``), ``exclude_modules`` (the same two forms),
+  ``layers_to_transform`` with ``layers_pattern``. Weights in the file for modules PEFT would not
+  adapt are ignored, as PEFT ignores them;
+- ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
+- DoRA, ``lora_bias``, ``bias``, ``modules_to_save``, layer replication, trainable tokens,
+  parameter targets, aLoRA, QALoRA, Megatron and the other LoRA variants are refused, and so is any
+  field this module does not know that is set to something other than a default.
 """
 
 from __future__ import annotations
@@ -59,11 +70,51 @@ class LoraAdapter:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT matches a pattern key against the module's full name, anchored at a dot or the start.
+    """PEFT's ``get_pattern_key``: the first key (in order) whose regex, grouped, ends the module
+    name at a dot or the start."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _in_modules(spec: str | list[str], module: str) -> bool:
+    """A ``target_modules`` / ``exclude_modules`` value: a string is a regex the whole name must
+    match; a list names modules by full name or dotted suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return module in spec or any(module.endswith(f".{m}") for m in spec)
+
+
+def _layer_index(conf: dict[str, Any], module: str) -> int | None:
+    patterns = conf.get("layers_pattern") or None
+    if patterns is None:  # the first numbered segment after a named one
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        m = next((m for p in ([patterns] if isinstance(patterns, str) else patterns)
+                  if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    return int(m["idx"]) if m else None
+
+
+def targeted(conf: dict[str, Any], module: str) -> bool:
+    """Whether PEFT puts LoRA on ``module`` (a base-model module name such as
+    ``model.layers.0.self_attn.q_proj``) under this config."""
+    if conf.get("exclude_modules") and _in_modules(conf["exclude_modules"], module):
+        return False
+    spec = conf.get("target_modules")
+    if spec is None:
+        return False
+    if spec == "all-linear":  # every linear layer but the output head: all of TARGET_NAMES here
+        return module.rsplit(".", 1)[-1] in TARGET_NAMES
+    if isinstance(spec, str):
+        return _in_modules(spec, module)
+    if not _in_modules(spec, module):
+        return False
+    layers = conf.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(conf, module)
+    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
 
 
 def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoraAdapter:
@@ -104,6 +155,9 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoraAdapter:
     weights: dict[tuple[int, str], LoraWeight] = {}
     for (layer, target), ab in sorted(pairs.items()):
         where = f"adapter {name!r}: layer {layer} {target}"
+        module = f"model.layers.{layer}.{'self_attn' if target in TARGET_NAMES[:4] else 'mlp'}.{target}"
+        if not targeted(conf, module):
+            continue  # PEFT makes no LoRA layer here, so it never reads these weights
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: has lora_{''.join(ab)} but not both lora_A and lora_B")
         if layer >= cfg.num_layers:
@@ -115,13 +169,15 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoraAdapter:
                 f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                 f"({t.in_features} -> {t.out_features})"
             )
-        module = f"model.layers.{layer}.{'self_attn' if target in TARGET_NAMES[:4] else 'mlp'}.{target}"
         r = int(_pattern_value(conf.get("rank_pattern") or {}, module, conf["r"]))
         if r != rank:
             raise AdapterError(f"{where}: tensors have rank {rank}, adapter_config.json says r={r}")
         alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
         scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
         weights[(layer, target)] = LoraWeight(a=a, b=b, scale=scale)
+    if not weights:
+        raise AdapterError(f"adapter {name!r}: none of its weights is on a module its target_modules, "
+                           "exclude_modules and layers_to_transform select")
     return LoraAdapter(name=name, path=path, weights=weights, digest=content_digest(conf_bytes, weight_bytes))
 
 
@@ -134,6 +190,23 @@ def content_digest(config: bytes, weights: bytes) -> str:
     return h.hexdigest()[:16]
 
 
+# adapter_config.json fields with no effect on inference (metadata, initialisation, training).
+_NO_EFFECT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+              "inference_mode", "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
+              "lora_ga_config", "megatron_core", "runtime_config", "ensure_weight_tying", "qalora_group_size"}
+# Fields read above, as PEFT reads them.
+_HONOURED = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+             "layers_to_transform", "layers_pattern", "fan_in_fan_out"}
+# Fields that change the math in ways not served here, by what they are.
+_REFUSED = {"use_dora": "DoRA adapters are not served", "lora_bias": "lora_bias (a bias on lora_B) is not served",
+            "modules_to_save": "modules_to_save (full fine-tuned modules) are not served",
+            "layer_replication": "layer_replication is not served",
+            "trainable_token_indices": "trainable tokens are not served",
+            "target_parameters": "LoRA on parameters (target_parameters) is not served",
+            "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served",
+            "use_qalora": "QALoRA is not served", "megatron_config": "Megatron-parallel LoRA is not served"}
+
+
 def _check_config(name: str, conf: dict[str, Any]) -> None:
     def refuse(reason: str) -> None:
         raise AdapterError(f"adapter {name!r}: {reason}")
@@ -141,13 +214,32 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
     if conf.get("peft_type", "LORA") != "LORA":
         refuse(f"peft_type {conf.get('peft_type')!r} is not LORA")
     for key in ("r", "lora_alpha"):
-        if not isinstance(conf.get(key), (int, float)) or conf[key] <= 0:
+        if isinstance(conf.get(key), bool) or not isinstance(conf.get(key), (int, float)) or conf[key] <= 0:
             refuse(f"adapter_config.json needs a positive {key!r}")
-    if conf.get("use_dora"):
-        refuse("DoRA adapters are not served")
-    if conf.get("modules_to_save"):
-        refuse("modules_to_save (full fine-tuned modules) are not served")
     if conf.get("bias", "none") != "none":
         refuse(f"bias={conf['bias']!r} is not served")
-    if conf.get("fan_in_fan_out"):
-        refuse("fan_in_fan_out adapters are not served")
+    for key, reason in _REFUSED.items():
+        if conf.get(key):
+            refuse(reason)
+    unknown = sorted(k for k, v in conf.items()
+                     if k not in _NO_EFFECT | _HONOURED | set(_REFUSED) | {"bias"} and v not in (None, False, [], {}, ""))
+    if unknown:
+        refuse(f"adapter_config.json sets {', '.join(unknown)}, which dlora does not know and which may change the "
+               "output (a LoRA variant); refused rather than served differently from PEFT")
+    spec = conf.get("target_modules")
+    if not (spec is None or isinstance(spec, str) or (isinstance(spec, list) and all(isinstance(m, str) for m in spec))):
+        refuse("target_modules must be a list of module names or a regex string")
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        for pattern in [conf[key]] if isinstance(conf.get(key), str) else []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                refuse(f"{key} {pattern!r} is not a valid regex ({e})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(conf.get(key) or {}, dict):
+            refuse(f"{key} must be an object")
+        for pattern in conf.get(key) or {}:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                refuse(f"{key} key {pattern!r} is not a valid regex ({e})")

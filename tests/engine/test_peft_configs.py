@@ -1,0 +1,117 @@
+"""adapter_config.json read as PEFT reads it: adapters written by peft itself, under every config
+field that changes the math, give the engine the same logits as peft (or are refused with the
+field named)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.engine.lora import AdapterError, load_adapter
+from dlora.services.worker.engine.make_tiny import TinyOutput
+
+PROMPT = [5, 40, 41, 300, 17, 99, 3]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+CONFIGS = {
+    # the issue's example: one key for two modules; PEFT matches (.*\.)?(k_proj|o_proj)$
+    "alpha_pattern alternation": dict(r=8, lora_alpha=16, target_modules=ALL,
+                                      alpha_pattern={"k_proj|o_proj": 128}),
+    "rank_pattern and alpha_pattern by layer": dict(r=8, lora_alpha=8, target_modules=ALL,
+                                                    rank_pattern={r"layers\.1\.mlp\.up_proj": 4, "v_proj": 16},
+                                                    alpha_pattern={r"layers\.0\..*": 32}),
+    "target_modules as a regex": dict(r=8, lora_alpha=16, target_modules=r".*\.(q_proj|down_proj)"),
+    "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "layers_to_transform": dict(r=8, lora_alpha=16, target_modules=ALL, layers_to_transform=[1],
+                                layers_pattern="layers"),
+    "layers_to_transform as an int": dict(r=8, lora_alpha=16, target_modules=["v_proj", "up_proj"],
+                                          layers_to_transform=0),
+    "exclude_modules": dict(r=8, lora_alpha=16, target_modules=ALL, exclude_modules=["o_proj", "gate_proj"]),
+    "exclude_modules as a regex": dict(r=8, lora_alpha=16, target_modules=ALL,
+                                       exclude_modules=r".*layers\.0\.self_attn\..*"),
+    "use_rslora": dict(r=16, lora_alpha=8, target_modules=ALL, use_rslora=True),
+    "fan_in_fan_out on Linear (PEFT drops it)": dict(r=8, lora_alpha=16, target_modules=ALL, fan_in_fan_out=True),
+}
+
+
+def write_peft_adapter(tiny: TinyOutput, out: Path, seed: int = 0, **config) -> Path:
+    """An adapter saved by peft itself from the base model, its A and B random (B starts at zero)."""
+    base = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.float32)
+    with warnings.catch_warnings():  # fan_in_fan_out on Linear: peft warns and drops it
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+@torch.inference_mode()
+def peft_logits(tiny: TinyOutput, path: Path) -> torch.Tensor:
+    base = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(base, path).eval()
+    return model(input_ids=torch.tensor([PROMPT])).logits[0, -1].float()
+
+
+def engine_logits(tiny: TinyOutput, path: Path, policy: str) -> torch.Tensor:
+    engine = LLMEngine(EngineConfig(model=str(tiny.model), policy=policy))
+    engine.register_adapter("x", path)
+    engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=1), adapter="x")
+    engine.step()
+    return engine.last_logits["r"]
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_peft_written_adapters_match_peft(tiny_llama: TinyOutput, tmp_path: Path, case: str) -> None:
+    path = write_peft_adapter(tiny_llama, tmp_path / "adapter", **CONFIGS[case])
+    expected = peft_logits(tiny_llama, path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama.model, dtype=torch.float32)
+    with torch.inference_mode():
+        plain = base(input_ids=torch.tensor([PROMPT])).logits[0, -1]
+    assert (expected - plain).abs().max() > 1e-2  # the adapter matters, so the comparison proves something
+    for policy in ("unmerged-only", "merged-only"):
+        got = engine_logits(tiny_llama, path, policy)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (case, policy, (got - expected).abs().max())
+
+
+def test_scales_follow_peft_for_the_issue_example(tiny_llama: TinyOutput, engine_cfg, tmp_path: Path) -> None:
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", **CONFIGS["alpha_pattern alternation"])
+    adapter = load_adapter("x", path, engine_cfg)
+    assert adapter.weights[(0, "o_proj")].scale == 16.0 and adapter.weights[(0, "k_proj")].scale == 16.0
+    assert adapter.weights[(0, "q_proj")].scale == 2.0
+
+
+REFUSED = {
+    "lora_bias": ({"lora_bias": True}, "lora_bias"),
+    "layer_replication": ({"layer_replication": [[0, 2]]}, "layer_replication"),
+    "trainable tokens": ({"trainable_token_indices": [1, 2]}, "trainable tokens"),
+    "target_parameters": ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+    "aLoRA": ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
+    "an unknown variant": ({"use_something_new": True}, "use_something_new, which dlora does not know"),
+    "a bad regex": ({"target_modules": "(q_proj"}, "not a valid regex"),
+    "nothing targeted": ({"target_modules": ["nonexistent"]}, "none of its weights"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_fields_that_change_the_math_and_are_not_served_are_refused(tiny_llama: TinyOutput, engine_cfg,
+                                                                     tmp_path: Path, case: str) -> None:
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
+    conf = json.loads((path / "adapter_config.json").read_text())
+    changes, fragment = REFUSED[case]
+    (path / "adapter_config.json").write_text(json.dumps({**conf, **changes}))
+    with pytest.raises(AdapterError, match=fragment):
+        load_adapter("x", path, engine_cfg)
