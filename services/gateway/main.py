@@ -92,7 +92,7 @@ class Gateway:
         body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
         adapter = await self._adapter_for(body.model)
         if chat:
-            ids = list(self.tokenizer.encode(openai.chat_prompt(body.messages, self.tokenizer)))
+            ids = openai.chat_prompt_ids(body.messages, self.tokenizer)
             asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         else:
             ids, asked = self._token_ids(body.prompt), body.max_tokens

@@ -5,6 +5,7 @@ and stream-chunk shapes back. Pure: no aiohttp, no NATS.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +107,11 @@ def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
     return params
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer: Any) -> str:
-    """The prompt text for a conversation: the tokenizer's chat template when it has one, else a
-    plain "role: content" transcript ending with "assistant:"."""
+def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Any) -> list[int]:
+    """The prompt token ids for a conversation: the tokenizer's chat template rendered and
+    tokenized as ``apply_chat_template(..., tokenize=True, add_generation_prompt=True)`` does, so a
+    template that writes ``{{ bos_token }}`` is not given a second BOS by the tokenizer; without a
+    template, a plain "role: content" transcript ending with "assistant:", tokenized as a prompt."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     plain = []
@@ -120,8 +123,10 @@ def chat_prompt(messages: list[ChatMessage], tokenizer: Any) -> str:
         )
         plain.append({"role": m.role, "content": content or ""})
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
+        out = tokenizer.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)
+        # a list of ids, or (transformers 5) an encoding holding them
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+    return list(tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"))
 
 
 @dataclass
