@@ -65,19 +65,19 @@ class Gateway:
                            param="model")
         return entry
 
-    def _token_ids(self, prompt: str | list[int | str]) -> list[int]:
+    def _token_ids(self, prompt: str | list[Any]) -> list[int]:
+        """One prompt's ids: a string, a list of token ids, or a list holding one of those."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            raise APIError(400, "only one prompt per request is supported", param="prompt")
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
-        if prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
-            return list(self.tokenizer.encode(prompt[0]))
-        if not all(isinstance(p, int) for p in prompt):
-            raise APIError(400, "prompt must be a string, a list of one string or a list of token ids", param="prompt")
-        ids = [int(p) for p in prompt]
-        if any(not 0 <= t < self.cfg.vocab_size for t in ids):
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            raise APIError(400, "prompt must be a string, a list of token ids, or a list of one of those", param="prompt")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
-        return ids
+        return list(prompt)
 
     def _max_tokens(self, ids: list[int], asked: int | None) -> int:
         if not ids:
@@ -95,7 +95,7 @@ class Gateway:
             ids = openai.chat_prompt_ids(body.messages, self.tokenizer)
             asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         else:
-            ids, asked = self._token_ids(body.prompt), body.max_tokens
+            ids, asked = self._token_ids(body.prompt), 16 if body.max_tokens is None else body.max_tokens
         params = openai.sampling_params(body, self._max_tokens(ids, asked))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.gateway_id),
@@ -128,6 +128,7 @@ class Gateway:
         start = time.monotonic()
         stream: web.StreamResponse | None = None
         text, n_tokens, next_seq, first_at = [], 0, 0, None
+        stream_mode = bool(body.stream)
         try:
             await self.nc.publish(subjects.REQUESTS, _encode.encode(req))
             while True:
@@ -153,7 +154,7 @@ class Gateway:
                     if chunk.queue_seconds is not None:
                         self.metrics.queue.labels(label).observe(chunk.queue_seconds)
                 n_tokens += len(chunk.token_ids)
-                if body.stream:
+                if stream_mode:
                     if stream is None:
                         stream = await _open_sse(request)
                         if shape.chat:  # the role comes first, in its own delta
@@ -165,7 +166,7 @@ class Gateway:
                 if chunk.finish_reason is not None:
                     usage = chunk.usage
                     self._observe_done(label, start, first_at, n_tokens)
-                    if not body.stream:
+                    if not stream_mode:
                         return web.json_response(shape.full("".join(text), chunk.finish_reason,
                                                             usage.prompt_tokens if usage else 0, n_tokens))
                     if body.stream_options is not None and body.stream_options.include_usage and usage:

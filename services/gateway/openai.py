@@ -4,6 +4,7 @@ and stream-chunk shapes back. Pure: no aiohttp, no NATS.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,53 +28,95 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
-class StreamOptions(msgspec.Struct, kw_only=True):
-    include_usage: bool = False
+class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # no effect here: nothing is obfuscated
 
 
-class _Sampling(msgspec.Struct, kw_only=True):
+# Request bodies follow the OpenAI OpenAPI document field by field: a field the spec marks
+# nullable is ``T | None`` here and null means its default; a field the spec does not have is
+# refused by name ("unknown field"), as the OpenAI API refuses it. Ranges are checked in
+# ``sampling_params`` (the spec's minimum and maximum). Fields of the spec that dlora cannot honour
+# are declared ``Any`` so a value other than null or the default gets a 400 naming them.
+
+
+class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
+    temperature: float | None = None  # [0, 2], default 1
+    top_p: float | None = None  # [0, 1], default 1
+    n: int | None = None  # [1, 128], default 1
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    # vLLM extensions
-    top_k: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = []
-    # Accepted only at their no-op values.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Any = None
+    presence_penalty: float | None = None  # [-2, 2], default 0
+    frequency_penalty: float | None = None  # [-2, 2], default 0
     logit_bias: dict[str, float] | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
 
 
-class CompletionBody(_Sampling, kw_only=True):
-    prompt: str | list[int | str]
-    max_tokens: int | None = 16
-    echo: bool = False
-    best_of: int | None = None
+class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
+    prompt: str | list[Any]  # a string, token ids, or a list of either (checked by the gateway)
+    echo: bool | None = None
+    best_of: int | None = None  # [0, 20], default 1
+    logprobs: int | None = None  # [0, 5]
     suffix: str | None = None
 
 
-class ContentPart(msgspec.Struct, kw_only=True):
+class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: str
     text: str = ""
+    # other part types (image_url, input_audio, file, refusal) carry one more field: named in the refusal
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: Any = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: str | None = None
 
 
-class ChatBody(_Sampling, kw_only=True):
+class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # [0, 20]
+    response_format: Any = None
+    # Metadata with no effect on the tokens: accepted and ignored.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    parallel_tool_calls: bool | None = None
+    # In the spec, not served here: refused when set.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
 
 
 def decode_body(raw: bytes, kind: type[msgspec.Struct]) -> Any:
@@ -85,22 +128,62 @@ def decode_body(raw: bytes, kind: type[msgspec.Struct]) -> Any:
         raise APIError(400, f"malformed JSON: {e}") from None
 
 
-def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
-    unsupported = [
-        ("n", body.n != 1), ("presence_penalty", body.presence_penalty != 0), ("logprobs", body.logprobs not in (None, False)),
-        ("frequency_penalty", body.frequency_penalty != 0), ("logit_bias", bool(body.logit_bias)),
-    ]
+# The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
+RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "n": (1, 128), "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0), "best_of": (0, 20), "top_logprobs": (0, 20), "max_tokens": (0, math.inf),
+    "max_completion_tokens": (0, math.inf),
+}
+# The completions endpoint's logprobs is a count in [0, 5]; the chat endpoint's is a flag.
+_COMPLETION_LOGPROBS = (0, 5)
+
+
+def _check_ranges(body: _Sampling) -> None:
+    ranges = dict(RANGES)
     if isinstance(body, CompletionBody):
-        unsupported += [("echo", body.echo), ("best_of", body.best_of not in (None, 1)), ("suffix", body.suffix is not None)]
-    for name, bad in unsupported:
+        ranges["logprobs"] = _COMPLETION_LOGPROBS
+    for name, (low, high) in ranges.items():
+        value = getattr(body, name, None)
+        if value is not None and not low <= value <= high:
+            span = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise APIError(400, f"{name} must be {span}, got {value}", param=name)
+
+
+def _unsupported(body: _Sampling) -> list[tuple[str, bool]]:
+    """(field, set to something dlora cannot honour) for every field of the spec it does not serve."""
+    out = [("n", (body.n or 1) != 1), ("presence_penalty", bool(body.presence_penalty)),
+           ("frequency_penalty", bool(body.frequency_penalty)), ("logit_bias", bool(body.logit_bias))]
+    if isinstance(body, CompletionBody):
+        out += [("echo", bool(body.echo)), ("best_of", body.best_of not in (None, 1)),
+                ("suffix", body.suffix is not None), ("logprobs", body.logprobs is not None)]
+    else:
+        out += [("logprobs", bool(body.logprobs)), ("top_logprobs", body.top_logprobs is not None),
+                ("response_format", body.response_format not in (None, {"type": "text"})),
+                ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
+                ("functions", bool(body.functions)), ("function_call", body.function_call not in (None, "none", "auto")),
+                ("audio", body.audio is not None), ("modalities", (body.modalities or ["text"]) != ["text"]),
+                ("prediction", body.prediction is not None), ("web_search_options", body.web_search_options is not None),
+                ("reasoning_effort", body.reasoning_effort is not None), ("verbosity", body.verbosity is not None),
+                ("moderation", body.moderation is not None), ("prompt_cache_options", body.prompt_cache_options is not None)]
+    return out
+
+
+def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
+    """The engine's parameters for a request body (null fields at their defaults).
+
+    Raises:
+        APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
+    """
+    _check_ranges(body)
+    for name, bad in _unsupported(body):
         if bad:
             raise APIError(400, f"{name} is not supported (only its default)", param=name)
-    if not 0.0 <= body.temperature <= 2.0:
-        raise APIError(400, f"temperature must be in [0, 2], got {body.temperature}", param="temperature")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-        stop=stop, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed, stop=stop,
+        stop_token_ids=body.stop_token_ids or [], ignore_eos=bool(body.ignore_eos),
+        skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
     )
     if (problem := params.problem()) is not None:
         raise APIError(400, problem)
@@ -118,10 +201,16 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Any) -> list[int]:
     for m in messages:
         if m.role not in ("system", "user", "assistant", "tool", "developer"):
             raise APIError(400, f"unknown message role {m.role!r}", param="messages")
-        content = m.content if isinstance(m.content, str) or m.content is None else "".join(
-            p.text for p in m.content if p.type == "text"
-        )
-        plain.append({"role": m.role, "content": content or ""})
+        if m.tool_calls or m.function_call or m.audio is not None:
+            field = "tool_calls" if m.tool_calls else "function_call" if m.function_call else "audio"
+            raise APIError(400, f"messages: {field} in a {m.role} message is not supported", param="messages")
+        parts = [] if isinstance(m.content, str) or m.content is None else m.content
+        other = sorted({p.type for p in parts if p.type != "text"})
+        if other:  # never dropped silently: the model would answer as if it were not there
+            raise APIError(400, f"messages: content parts of type {', '.join(other)} are not supported "
+                                "(this model reads text only)", param="messages")
+        content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in parts)
+        plain.append({"role": m.role, "content": content or ""} | ({"name": m.name} if m.name else {}))
     if getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)
         # a list of ids, or (transformers 5) an encoding holding them
