@@ -132,13 +132,19 @@ class Gateway:
         try:
             await self.nc.publish(subjects.REQUESTS, _encode.encode(req))
             while True:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
+                # cancellation when get() completes at the same moment (CPython #86296), and the
+                # request then ran to the end for a client long gone.
                 try:
-                    data = await asyncio.wait_for(replies.get(), self.s.chunk_timeout_s)
+                    async with asyncio.timeout(self.s.chunk_timeout_s):
+                        data = await replies.get()
                 except TimeoutError:
                     chunk = TokenChunk(request_id=req.request_id, seq=next_seq, error="no worker answered in time",
                                        error_code=ErrorCode.UNAVAILABLE)
                 else:
                     chunk = _decode_chunk.decode(data)
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError("the client went away")  # whether or not we were cancelled
                 if chunk.seq < next_seq:  # a duplicate after a resume
                     continue
                 next_seq = chunk.seq + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import importlib.util
 import json
@@ -294,6 +295,36 @@ async def test_client_disconnect_aborts_the_request(stack: Stack) -> None:
         await asyncio.sleep(0.05)
     assert not any(w.engine.has_unfinished() for w in stack.workers)
     assert sum(w.engine.stats.steps for w in stack.workers) < 400  # stopped long before max_tokens
+
+
+async def test_every_disconnect_aborts_streamed_or_not(stack: Stack) -> None:
+    """Clients that go away mid-request, streamed and not, many times over: each request is aborted
+    on its worker (a swallowed cancellation used to let some non-streamed ones run to the end)."""
+    aborted = stack.gateway.metrics.requests
+    for attempt in range(8):
+        streamed = attempt % 2 == 0
+        body = {"model": "lora-1", "prompt": PROMPTS[attempt % 3], "max_tokens": 300, "temperature": 0,
+                "ignore_eos": True, "stream": streamed}
+        steps = sum(w.engine.stats.steps for w in stack.workers)
+        async def client(http: aiohttp.ClientSession) -> None:
+            async with http.post(stack.url + "/v1/completions", json=body) as r:
+                await r.read()
+
+        async with aiohttp.ClientSession() as http:
+            task = asyncio.create_task(client(http))
+            while not any(w.engine.has_unfinished() for w in stack.workers):
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.01 * attempt)  # vary the moment against the chunk stream
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _ in range(200):
+            if not any(w.engine.has_unfinished() for w in stack.workers):
+                break
+            await asyncio.sleep(0.01)
+        assert not any(w.engine.has_unfinished() for w in stack.workers), (attempt, streamed)
+        assert sum(w.engine.stats.steps for w in stack.workers) - steps < 300, (attempt, streamed)
+    assert aborted.labels("lora-1", "aborted")._value.get() >= 8
 
 
 async def test_workers_checkpoint_their_policy(stack: Stack) -> None:
