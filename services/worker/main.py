@@ -180,7 +180,8 @@ class WorkerService:
         come in time."""
         ready = self.kv_ready.setdefault(req.request_id, asyncio.Event())
         try:
-            await asyncio.wait_for(ready.wait(), timeout=_KV_WAIT_S)
+            async with asyncio.timeout(_KV_WAIT_S):
+                await ready.wait()
         except TimeoutError:
             logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
             return None
@@ -340,7 +341,8 @@ class WorkerService:
         while not stop.is_set():
             if not self.engine.has_unfinished():
                 try:  # idle: wait for work
-                    cmd = await asyncio.wait_for(self.commands.get(), timeout=0.2)
+                    async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
+                        cmd = await self.commands.get()
                 except TimeoutError:
                     continue
                 await self._apply(cmd)
