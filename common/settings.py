@@ -38,6 +38,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     port: int = 8000
     # The base model directory (its tokenizer and config check requests; its name is the base "model").
     model: str = ""
+    # The name clients use for the base model (vLLM's --served-model-name); empty: the directory's name.
+    served_model_name: str = ""
     # Bearer key for POST/DELETE /v1/adapters; empty: adapter admin is refused.
     admin_key: str = ""
     # Adapter directories must lie inside one of these.

@@ -41,14 +41,15 @@ def _demo() -> tuple[Path, dict[str, str]]:
     return DEMO / "model", {p.name: str(p) for p in adapters}
 
 
-async def _register(redis_url: str, prefix: str, model: Path, loras: dict[str, str], roots: list[str]) -> None:
+async def _register(redis_url: str, prefix: str, model: Path, loras: dict[str, str], roots: list[str],
+                    base_name: str) -> None:
     cfg = ModelConfig.from_dir(model)
     redis = Redis.from_url(redis_url)
     store = StateStore(redis, prefix)
     try:
         for name, path in loras.items():
             # the command line is the authority over an entry a Redis of its own may still hold
-            await store.put_adapter(check_adapter(name, path, roots, model.name, cfg), replace=True)
+            await store.put_adapter(check_adapter(name, path, roots, base_name, cfg), replace=True)
     finally:
         await redis.aclose()
 
@@ -102,7 +103,8 @@ class LocalStack:
             self.model_dir = Path(self.model)
         roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in self.loras.values()})
         self.admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
-        asyncio.run(_register(self.redis_url, base.redis_prefix, self.model_dir, self.loras, roots))
+        asyncio.run(_register(self.redis_url, base.redis_prefix, self.model_dir, self.loras, roots,
+                              base.served_model_name or self.model_dir.name))
 
         env = {**os.environ, "DLORA_NATS_URL": self.nats_url, "DLORA_REDIS_URL": self.redis_url,
                "DLORA_MODEL": str(self.model_dir.resolve()), "DLORA_ADMIN_KEY": self.admin_key,

@@ -5,6 +5,7 @@ bad input gets a 4xx before it reaches a worker."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import uuid
 from pathlib import Path
@@ -45,7 +46,7 @@ _STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVA
 class Gateway:
     def __init__(self, settings: GatewaySettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
-        self.base_name = Path(settings.model).name
+        self.base_name = settings.served_model_name or Path(settings.model).name
         self.cfg = ModelConfig.from_dir(settings.model)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self.context = self.cfg.context_length()
@@ -198,18 +199,26 @@ class Gateway:
             self.metrics.tpot.labels(label).observe((end - first_at) / (n_tokens - 1))
 
     async def models(self, request: web.Request) -> web.Response:
+        """The base model and every adapter (with the base as parent). Where an adapter's files lie
+        is for admin callers only: others see its name as its root."""
+        admin = self._is_admin(request)
         created = int(time.time())
         data = [{"id": self.base_name, "object": "model", "created": created, "owned_by": "dlora",
                  "root": self.base_name, "parent": None}]
         for e in await self.store.list_adapters():
             data.append({"id": e.name, "object": "model", "created": int(e.created), "owned_by": "dlora",
-                         "root": e.path, "parent": self.base_name, "rank": e.rank, "version": e.version})
+                         "root": e.path if admin else e.name, "parent": self.base_name, "rank": e.rank,
+                         "version": e.version})
         return web.json_response({"object": "list", "data": data})
+
+    def _is_admin(self, request: web.Request) -> bool:
+        return bool(self.s.admin_key) and hmac.compare_digest(request.headers.get("Authorization", ""),
+                                                              f"Bearer {self.s.admin_key}")
 
     def _check_admin(self, request: web.Request) -> None:
         if not self.s.admin_key:
             raise APIError(401, "adapter admin is disabled: no admin_key is configured")
-        if request.headers.get("Authorization", "") != f"Bearer {self.s.admin_key}":
+        if not self._is_admin(request):
             raise APIError(401, "adapter admin needs 'Authorization: Bearer <admin key>'")
 
     async def add_adapter(self, request: web.Request) -> web.Response:

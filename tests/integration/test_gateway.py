@@ -102,6 +102,30 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
     adapters = {d["id"]: d for d in data[1:]}
     assert set(adapters) == set(stack.tiny.adapters)
     assert all(d["parent"] == "model" and d["object"] == "model" for d in adapters.values())
+    # where the files lie is for admin callers only
+    assert all(d["root"] == d["id"] for d in adapters.values())
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/v1/models",
+                                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        admin = {d["id"]: d for d in (await r.json())["data"][1:]}
+    assert all(admin[n]["root"] == str(Path(p).resolve()) for n, p in stack.tiny.adapters.items())
+
+
+async def test_served_model_name_names_the_base_model(stack: Stack) -> None:
+    import msgspec
+
+    from dlora.services.gateway.main import Gateway
+
+    settings = msgspec.structs.replace(stack.gateway.s, served_model_name="my-llama")
+    assert Gateway(settings, stack.nc, stack.store).base_name == "my-llama"
+    stack.gateway.base_name = "my-llama"  # the running gateway, as that setting makes it
+    try:
+        status, resp = await post(stack, "/v1/completions", {"model": "my-llama", "prompt": "kalo", "max_tokens": 2})
+        assert status == 200 and resp["model"] == "my-llama"
+        status, _ = await post(stack, "/v1/completions", {"model": "model", "prompt": "kalo", "max_tokens": 2})
+        assert status == 404
+        assert (await get(stack, "/v1/models"))["data"][0]["id"] == "my-llama"
+    finally:
+        stack.gateway.base_name = "model"
 
 
 async def test_register_use_unregister(stack: Stack) -> None:
