@@ -30,6 +30,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     ignore_eos: bool = False
     # Drop special tokens (BOS/EOS) from the output text.
     skip_special_tokens: bool = True
+    # OpenAI's penalties on the tokens generated so far: each logit minus frequency_penalty x the
+    # token's count and presence_penalty if it occurred at all ([-2, 2]; 0 = off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # CTRL's / transformers' repetition penalty over prompt and output tokens: a seen token's logit
+    # is divided by it when positive, multiplied when negative (1 = off; vLLM's meaning).
+    repetition_penalty: float = 1.0
 
     def problem(self) -> str | None:
         """A human-readable reason these parameters are invalid, or None if they are fine."""
@@ -41,6 +48,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return f"top_p must be in [0, 1], got {self.top_p}"
         if self.top_k < -1:
             return f"top_k must be -1, 0 or positive, got {self.top_k}"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                return f"{name} must be in [-2, 2], got {getattr(self, name)}"
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            return f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
         if any(not s for s in self.stop):
             return "stop strings must not be empty"
         if any(t < 0 for t in self.stop_token_ids):

@@ -59,6 +59,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    repetition_penalty: float | None = None  # (0, 100], default 1
 
 
 class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
@@ -151,8 +152,7 @@ def _check_ranges(body: _Sampling) -> None:
 
 def _unsupported(body: _Sampling) -> list[tuple[str, bool]]:
     """(field, set to something dlora cannot honour) for every field of the spec it does not serve."""
-    out = [("n", (body.n or 1) != 1), ("presence_penalty", bool(body.presence_penalty)),
-           ("frequency_penalty", bool(body.frequency_penalty)), ("logit_bias", bool(body.logit_bias))]
+    out = [("n", (body.n or 1) != 1), ("logit_bias", bool(body.logit_bias))]
     if isinstance(body, CompletionBody):
         out += [("echo", bool(body.echo)), ("best_of", body.best_of not in (None, 1)),
                 ("suffix", body.suffix is not None), ("logprobs", body.logprobs is not None)]
@@ -184,6 +184,8 @@ def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed, stop=stop,
         stop_token_ids=body.stop_token_ids or [], ignore_eos=bool(body.ignore_eos),
         skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
     )
     if (problem := params.problem()) is not None:
         raise APIError(400, problem)

@@ -33,12 +33,14 @@ class Oracle:
         return fn()
 
     @torch.inference_mode()
-    def generate(self, adapter: str | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def generate(self, adapter: str | None, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+        """Greedy tokens; ``kwargs`` go to ``generate`` (``repetition_penalty``, ...)."""
         ids = torch.tensor([prompt_ids])
         out = self._run(
             adapter,
             lambda: self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                **kwargs,
             ),
         )
         return out[0, len(prompt_ids) :].tolist()

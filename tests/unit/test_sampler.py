@@ -5,7 +5,7 @@ from dlora.common.messages import SamplingParams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlora.services.worker.engine.sampler import SamplingError, filtered_probs, sample
+from dlora.services.worker.engine.sampler import SamplingError, apply_penalties, filtered_probs, sample
 
 
 def test_greedy_takes_the_argmax_per_row() -> None:
@@ -99,3 +99,31 @@ def test_a_row_of_non_finite_logits_fails_alone() -> None:
     logits = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [float("inf"), 0.0]])
     out = sample(logits, [SamplingParams()] * 3, [None] * 3)
     assert out[0] == 1 and all(isinstance(e, SamplingError) and "not finite" in str(e) for e in out[1:])
+
+
+def test_repetition_penalty_is_transformers_processor() -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 40, generator=g) * 3
+    prompt, output = [1, 5, 5, 9], [9, 12, 30]
+    for penalty in (0.7, 1.3, 2.0):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output]), logits.clone())[0]
+        got = apply_penalties(logits[0], SamplingParams(repetition_penalty=penalty), prompt, output)
+        assert torch.allclose(got, expected)
+
+
+def test_frequency_and_presence_penalties_follow_openai() -> None:
+    logits = torch.zeros(6)
+    output = [2, 2, 2, 4]
+    got = apply_penalties(logits, SamplingParams(frequency_penalty=0.5, presence_penalty=1.5), [2, 3], output)
+    # mu[j] - c[j] * frequency - (c[j] > 0) * presence, over the output tokens only (the prompt's 3 untouched)
+    assert got.tolist() == [0.0, 0.0, -3.0, 0.0, -2.0, 0.0]
+    assert apply_penalties(logits, SamplingParams(presence_penalty=-1.0), [], output)[4] == 1.0  # negative: favoured
+
+
+def test_penalties_change_the_greedy_choice() -> None:
+    logits = torch.tensor([[0.0, 5.0, 4.9]])
+    p = SamplingParams(frequency_penalty=0.2)
+    assert sample(logits, [p], [None], [([0], [1])]) == [2]  # 1 was generated once: 4.8 < 4.9
+    assert sample(logits, [SamplingParams()], [None], [([0], [1])]) == [1]

@@ -260,7 +260,8 @@ class LLMEngine:
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         generators = [position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
                       for s in ran]
-        tokens = sample(logits, [s.params for s in ran], generators) if ran else []
+        histories = [(s.prompt_ids, s.output_ids) for s in ran]
+        tokens = sample(logits, [s.params for s in ran], generators, histories) if ran else []
         for seq, tok in zip(ran, tokens):
             if isinstance(tok, SamplingError):
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))

@@ -23,13 +23,37 @@ def is_greedy(p: SamplingParams) -> bool:
     return p.temperature < GREEDY_BELOW or p.top_k == 1 or p.top_p == 0.0
 
 
+def has_penalties(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int],
+                    output_ids: list[int]) -> torch.Tensor:
+    """One row of logits (vocab,) after the penalties, as vLLM applies them: the repetition penalty
+    over prompt and output tokens (transformers' RepetitionPenaltyLogitsProcessor), then OpenAI's
+    frequency and presence penalties over the output tokens
+    (platform.openai.com/docs/advanced-usage: mu[j] - c[j] * frequency - (c[j] > 0) * presence)."""
+    logits = logits.float().clone()
+    if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.numel())
+        counts = counts[: logits.numel()].to(logits.dtype)
+        logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+    return logits
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[int | SamplingError]:
     """Next token id per row of logits (B, vocab), fp32. Greedy rows take the argmax.
 
     Rows that sample draw from their own generator when they have one, so a seeded request gives
-    the same tokens whatever else shares its batch. A row that cannot be sampled (its logits hold
+    the same tokens whatever else shares its batch. Rows with penalties are penalised first by
+    their (prompt ids, output ids) in ``histories``. A row that cannot be sampled (its logits hold
     NaN or infinity) gets a ``SamplingError`` in its place instead of a token.
     """
     finite = torch.isfinite(logits).all(dim=-1).tolist()
@@ -38,8 +62,13 @@ def sample(
         if not finite[i]:
             out[i] = SamplingError("the model's logits for this request are not finite (NaN or infinity); "
                                    "nothing can be sampled from them")
-        elif not is_greedy(p):
-            probs = filtered_probs(logits[i], p)
+            continue
+        row = logits[i]
+        if has_penalties(p):
+            row = apply_penalties(row, p, *(histories[i] if histories else ([], [])))
+            out[i] = int(row.argmax())
+        if not is_greedy(p):
+            probs = filtered_probs(row, p)
             out[i] = int(torch.multinomial(probs.cpu(), 1, generator=generators[i]).item())
     return out
 

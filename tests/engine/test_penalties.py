@@ -1,0 +1,57 @@
+"""Penalties against the reference: repetition_penalty against transformers' generate (its
+RepetitionPenaltyLogitsProcessor), frequency and presence penalties against the oracle's logits
+with OpenAI's formula applied step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from tests.engine.helpers import make_engine
+from tests.engine.oracle import Oracle
+
+PROMPT = [5, 40, 41, 300, 17, 40, 41]
+N = 16
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_llama: TinyOutput) -> Oracle:
+    return Oracle(tiny_llama)
+
+
+def engine_tokens(tiny: TinyOutput, adapter: str | None, policy: str, **params) -> list[int]:
+    engine = make_engine(tiny, policy=policy)
+    engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=N, ignore_eos=True, **params),
+                       adapter=adapter)
+    out = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            out += o.new_token_ids
+    return out
+
+
+@pytest.mark.parametrize("adapter,policy", [(None, "unmerged-only"), ("lora-1", "unmerged-only"),
+                                            ("lora-1", "merged-only")])
+@pytest.mark.parametrize("penalty", [0.3, 0.6])
+def test_repetition_penalty_equals_transformers(tiny_llama: TinyOutput, oracle: Oracle, adapter, policy,
+                                                penalty: float) -> None:
+    expected = oracle.generate(adapter, PROMPT, N, repetition_penalty=penalty, min_new_tokens=N)
+    plain = oracle.generate(adapter, PROMPT, N, min_new_tokens=N)
+    assert expected != plain  # the penalty matters here, so equality proves something
+    assert engine_tokens(tiny_llama, adapter, policy, repetition_penalty=penalty) == expected
+
+
+@pytest.mark.parametrize("frequency,presence", [(1.5, 0.0), (0.0, 2.0), (0.5, -2.0)])
+def test_frequency_and_presence_follow_openai_over_the_oracle(tiny_llama: TinyOutput, oracle: Oracle,
+                                                              frequency: float, presence: float) -> None:
+    out: list[int] = []
+    for _ in range(N):
+        logits = oracle.last_logits("lora-0", PROMPT + out)
+        counts = torch.bincount(torch.tensor(out, dtype=torch.int64), minlength=logits.numel()).float()
+        logits = logits - counts * frequency - (counts > 0).float() * presence
+        out.append(int(logits.argmax()))
+    assert out != oracle.generate("lora-0", PROMPT, N, min_new_tokens=N)
+    got = engine_tokens(tiny_llama, "lora-0", "unmerged-only", frequency_penalty=frequency, presence_penalty=presence)
+    assert got == out
