@@ -37,6 +37,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # CTRL's / transformers' repetition penalty over prompt and output tokens: a seen token's logit
     # is divided by it when positive, multiplied when negative (1 = off; vLLM's meaning).
     repetition_penalty: float = 1.0
+    # Report each new token's log-probability and this many most likely alternatives (None: none;
+    # 0: the chosen token's only). From the model's own distribution (log-softmax of its logits,
+    # before penalties and temperature), as vLLM reports them by default.
+    logprobs: int | None = None
 
     def problem(self) -> str | None:
         """A human-readable reason these parameters are invalid, or None if they are fine."""
@@ -53,6 +57,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
                 return f"{name} must be in [-2, 2], got {getattr(self, name)}"
         if not 0.0 < self.repetition_penalty <= 100.0:
             return f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            return f"logprobs must be in [0, 20], got {self.logprobs}"
         if any(not s for s in self.stop):
             return "stop strings must not be empty"
         if any(t < 0 for t in self.stop_token_ids):
@@ -128,6 +134,14 @@ class Usage(msgspec.Struct, kw_only=True, frozen=True):
     completion_tokens: int
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token's log-probability and the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []  # (token id, log-probability), most likely first
+
+
 class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     """New tokens of one request, published on its ``reply_to``. The last one has ``finish_reason``
     (or ``error``); ``seq`` counts chunks from 0 so a reader can drop duplicates after a resume."""
@@ -146,6 +160,8 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     worker: str = ""
     # Seconds from arrival at the worker to the first step that ran it (first chunk only).
     queue_seconds: float | None = None
+    # One per token in token_ids when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = []
 
 
 class AbortRequest(msgspec.Struct, kw_only=True, frozen=True):

@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,29 @@ _encode = msgspec.json.Encoder()
 _STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
+@dataclass
+class _Choice:
+    """One choice in flight: its request to the workers and what came back so far."""
+
+    out: openai.Choice
+    request: GenerateRequest | None = None  # None: nothing to generate (echo with max_tokens 0)
+    next_seq: int = 0  # the next chunk number expected (duplicates after a resume are dropped)
+    tokens: int = 0
+    offset: int = 0  # characters of text so far, for completions' text_offset
+    parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
+
+
+@dataclass
+class _Job:
+    """One HTTP request: its response shape, body and choices."""
+
+    shape: Shape
+    body: Any
+    adapter: str | None
+    prompt_tokens: int
+    choices: list[_Choice] = field(default_factory=list)
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
@@ -66,19 +90,21 @@ class Gateway:
                            param="model")
         return entry
 
-    def _token_ids(self, prompt: str | list[Any]) -> list[int]:
-        """One prompt's ids: a string, a list of token ids, or a list holding one of those."""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            raise APIError(400, "only one prompt per request is supported", param="prompt")
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        if not all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            raise APIError(400, "prompt must be a string, a list of token ids, or a list of one of those", param="prompt")
-        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
-        return list(prompt)
+    def _prompts(self, prompt: str | list[Any]) -> list[list[int]]:
+        """Each prompt's ids: a string, a list of token ids, or a list of either (several prompts)."""
+        many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+        out = []
+        for p in prompt if many else [prompt]:
+            if isinstance(p, str):
+                out.append(list(self.tokenizer.encode(p)))
+                continue
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                raise APIError(400, "prompt must be a string, a list of token ids, or a list of either",
+                               param="prompt")
+            if any(not 0 <= t < self.cfg.vocab_size for t in p):
+                raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
+            out.append(list(p))
+        return out
 
     def _max_tokens(self, ids: list[int], asked: int | None) -> int:
         if not ids:
@@ -89,21 +115,39 @@ class Gateway:
                                 f"{len(ids)} and max_tokens asks for {asked}", param="max_tokens")
         return room if asked is None else asked
 
-    async def _prepare(self, raw: bytes, chat: bool) -> tuple[GenerateRequest, Shape, openai._Sampling]:
+    async def _prepare(self, raw: bytes, chat: bool) -> _Job:
+        """The request body as one GenerateRequest per choice: each prompt x ``n`` samples (choice
+        index prompt x n + sample). A seeded request's samples take seeds seed, seed + 1, ..."""
         body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
         adapter = await self._adapter_for(body.model)
         if chat:
-            ids = openai.chat_prompt_ids(body.messages, self.tokenizer)
+            prompts = [openai.chat_prompt_ids(body.messages, self.tokenizer)]
             asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         else:
-            ids, asked = self._token_ids(body.prompt), 16 if body.max_tokens is None else body.max_tokens
-        params = openai.sampling_params(body, self._max_tokens(ids, asked))
+            prompts, asked = self._prompts(body.prompt), 16 if body.max_tokens is None else body.max_tokens
+        echo = not chat and bool(body.echo)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.gateway_id),
-                              adapter=adapter.name if adapter else None,
-                              adapter_version=adapter.version if adapter else None,
-                              prompt_token_ids=ids, params=params, tenant=body.user or "", created=time.time())
-        return req, Shape.new(chat, rid, body.model), body
+        job = _Job(Shape.new(chat, rid, body.model), body, adapter.name if adapter else None,
+                   prompt_tokens=sum(len(ids) for ids in prompts))
+        n = body.n or 1
+        for p, ids in enumerate(prompts):
+            generate = not (echo and asked == 0)  # echo with max_tokens 0: the prompt back, nothing generated
+            params = openai.sampling_params(body, self._max_tokens(ids, asked) if generate else 1)
+            prefix = self.tokenizer.decode(ids) if echo else ""
+            for i in range(n):
+                index = p * n + i
+                choice = _Choice(openai.Choice(index, text=prefix), offset=len(prefix))
+                if generate:
+                    sub = f"{rid}-{index}"
+                    seeded = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
+                    choice.request = GenerateRequest(
+                        request_id=sub, reply_to=subjects.reply_inbox(sub, self.gateway_id), adapter=job.adapter,
+                        adapter_version=adapter.version if adapter else None, prompt_token_ids=ids, params=seeded,
+                        tenant=body.user or "", created=time.time())
+                else:
+                    choice.out.finish_reason = "length"
+                job.choices.append(choice)
+        return job
 
     # ---- handlers -----------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -116,23 +160,42 @@ class Gateway:
         adapter_label = "?"
         try:
             raw = await _read_body(request, self.s.max_body_bytes)
-            req, shape, body = await self._prepare(raw, chat)
-            adapter_label = req.adapter or self.base_name
-            return await self._relay(request, req, shape, body)
+            job = await self._prepare(raw, chat)
+            adapter_label = job.adapter or self.base_name
+            return await self._relay(request, job)
         except APIError as e:
             self.metrics.requests.labels(adapter_label, str(e.status)).inc()
             return web.json_response(e.body(), status=e.status)
 
-    async def _relay(self, request: web.Request, req: GenerateRequest, shape: Shape, body: Any) -> web.StreamResponse:
-        label = req.adapter or self.base_name
-        replies = self.replies[req.request_id] = asyncio.Queue()
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _logprobs(self, job: _Job, choice: _Choice, chunk: TokenChunk) -> dict[str, Any] | None:
+        if not chunk.logprobs:
+            return None
+        if job.shape.chat:
+            return openai.chat_logprobs(chunk.logprobs, self._decode_token)
+        return openai.completion_logprobs(chunk.logprobs, self._decode_token, choice.offset)
+
+    async def _relay(self, request: web.Request, job: _Job) -> web.StreamResponse:
+        label, shape, body = job.adapter or self.base_name, job.shape, job.body
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+        by_id = {c.request.request_id: c for c in job.choices if c.request is not None}
+        for rid in by_id:
+            self.replies[rid] = replies
         start = time.monotonic()
         stream: web.StreamResponse | None = None
-        text, n_tokens, next_seq, first_at = [], 0, 0, None
+        first_at: float | None = None
         stream_mode = bool(body.stream)
         try:
-            await self.nc.publish(subjects.REQUESTS, _encode.encode(req))
-            while True:
+            for c in by_id.values():
+                await self.nc.publish(subjects.REQUESTS, _encode.encode(c.request))
+            if stream_mode:
+                stream = await _open_sse(request)
+                for c in job.choices:  # the role, and an echoed prompt, come first
+                    if shape.chat or c.out.text or c.out.finish_reason:
+                        await _sse(stream, shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
+            while any(c.out.finish_reason is None for c in job.choices):
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
                 # cancellation when get() completes at the same moment (CPython #86296), and the
                 # request then ran to the end for a client long gone.
@@ -140,19 +203,21 @@ class Gateway:
                     async with asyncio.timeout(self.s.chunk_timeout_s):
                         data = await replies.get()
                 except TimeoutError:
-                    chunk = TokenChunk(request_id=req.request_id, seq=next_seq, error="no worker answered in time",
-                                       error_code=ErrorCode.UNAVAILABLE)
+                    late = next(c for c in job.choices if c.out.finish_reason is None)
+                    chunk = TokenChunk(request_id=late.request.request_id, seq=late.next_seq,
+                                       error="no worker answered in time", error_code=ErrorCode.UNAVAILABLE)
                 else:
                     chunk = _decode_chunk.decode(data)
                 if request.transport is None or request.transport.is_closing():
                     raise ConnectionResetError("the client went away")  # whether or not we were cancelled
-                if chunk.seq < next_seq:  # a duplicate after a resume
+                choice = by_id.get(chunk.request_id)
+                if choice is None or chunk.seq < choice.next_seq:  # a duplicate after a resume
                     continue
-                next_seq = chunk.seq + 1
+                choice.next_seq = chunk.seq + 1
                 if chunk.error is not None:
-                    status = _STATUS.get(chunk.error_code or ErrorCode.INTERNAL, 500)
+                    await self._abort([c for c in job.choices if c is not choice and c.out.finish_reason is None])
                     if stream is None:
-                        raise APIError(status, chunk.error)
+                        raise APIError(_STATUS.get(chunk.error_code or ErrorCode.INTERNAL, 500), chunk.error)
                     await _sse(stream, {"error": {"message": chunk.error, "type": "server_error"}})
                     break
                 if first_at is None:
@@ -160,36 +225,44 @@ class Gateway:
                     self.metrics.ttft.labels(label).observe(first_at - start)
                     if chunk.queue_seconds is not None:
                         self.metrics.queue.labels(label).observe(chunk.queue_seconds)
-                n_tokens += len(chunk.token_ids)
-                if stream_mode:
-                    if stream is None:
-                        stream = await _open_sse(request)
-                        if shape.chat:  # the role comes first, in its own delta
-                            await _sse(stream, shape.chunk("", None, first=True))
+                choice.tokens += len(chunk.token_ids)
+                logprobs = self._logprobs(job, choice, chunk)
+                choice.offset += sum(len(self._decode_token(e.token_id)) for e in chunk.logprobs)
+                choice.out.finish_reason = chunk.finish_reason
+                if stream is not None:
                     # One event per worker chunk (a step's token), text or not, so clients can time tokens.
-                    await _sse(stream, shape.chunk(chunk.text, chunk.finish_reason))
+                    await _sse(stream, shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index,
+                                                   logprobs=logprobs))
                 else:
-                    text.append(chunk.text)
-                if chunk.finish_reason is not None:
-                    usage = chunk.usage
-                    self._observe_done(label, start, first_at, n_tokens)
-                    if not stream_mode:
-                        return web.json_response(shape.full("".join(text), chunk.finish_reason,
-                                                            usage.prompt_tokens if usage else 0, n_tokens))
-                    if body.stream_options is not None and body.stream_options.include_usage and usage:
-                        await _sse(stream, shape.usage_chunk(usage.prompt_tokens, n_tokens))
-                    break
+                    choice.out.text += chunk.text
+                    if logprobs is not None:
+                        choice.parts.append(logprobs)
+            else:
+                completion = sum(c.tokens for c in job.choices)
+                self._observe_done(label, start, first_at, completion)
+                if stream is None:
+                    for c in job.choices:
+                        c.out.logprobs = openai.merge_logprobs(shape.chat, c.parts)
+                    return web.json_response(shape.full([c.out for c in job.choices], job.prompt_tokens, completion))
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    await _sse(stream, shape.usage_chunk(job.prompt_tokens, completion))
             assert stream is not None
             await stream.write(b"data: [DONE]\n\n")
             await stream.write_eof()
             return stream
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: stop the work wherever it runs.
-            await self.nc.publish(subjects.ABORT, _encode.encode(AbortRequest(request_id=req.request_id)))
+            await self._abort([c for c in job.choices if c.out.finish_reason is None])
             self.metrics.requests.labels(label, "aborted").inc()
             raise
         finally:
-            del self.replies[req.request_id]
+            for rid in by_id:
+                del self.replies[rid]
+
+    async def _abort(self, choices: list[_Choice]) -> None:
+        for c in choices:
+            if c.request is not None:
+                await self.nc.publish(subjects.ABORT, _encode.encode(AbortRequest(request_id=c.request.request_id)))
 
     def _observe_done(self, label: str, start: float, first_at: float | None, n_tokens: int) -> None:
         end = time.monotonic()

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import SamplingParams, TokenLogprob
 
 
 class APIError(Exception):
@@ -152,12 +152,12 @@ def _check_ranges(body: _Sampling) -> None:
 
 def _unsupported(body: _Sampling) -> list[tuple[str, bool]]:
     """(field, set to something dlora cannot honour) for every field of the spec it does not serve."""
-    out = [("n", (body.n or 1) != 1), ("logit_bias", bool(body.logit_bias))]
+    out = [("logit_bias", bool(body.logit_bias))]
     if isinstance(body, CompletionBody):
-        out += [("echo", bool(body.echo)), ("best_of", body.best_of not in (None, 1)),
-                ("suffix", body.suffix is not None), ("logprobs", body.logprobs is not None)]
+        out += [("best_of", (body.best_of or 1) > (body.n or 1)), ("suffix", body.suffix is not None),
+                ("echo with logprobs (prompt logprobs)", bool(body.echo) and body.logprobs is not None)]
     else:
-        out += [("logprobs", bool(body.logprobs)), ("top_logprobs", body.top_logprobs is not None),
+        out += [("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
                 ("response_format", body.response_format not in (None, {"type": "text"})),
                 ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
                 ("functions", bool(body.functions)), ("function_call", body.function_call not in (None, "none", "auto")),
@@ -186,6 +186,8 @@ def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
         skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=body.logprobs if isinstance(body, CompletionBody) else (
+            (body.top_logprobs or 0) if body.logprobs else None),
     )
     if (problem := params.problem()) is not None:
         raise APIError(400, problem)
@@ -221,6 +223,50 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Any) -> list[int]:
 
 
 @dataclass
+class Choice:
+    """One choice of a response as it completes (one prompt x one of its ``n`` samples)."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+def completion_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str], offset: int) -> dict[str, Any]:
+    """The completions endpoint's logprobs object for these tokens; ``offset``: characters of the
+    choice's text before them (``text_offset`` counts from there). The chosen token is always in
+    its position's ``top_logprobs``, so there may be one more than asked (as in vLLM)."""
+    tokens = [decode(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{decode(t): lp for t, lp in e.top} | {tok: e.logprob} for e, tok in zip(entries, tokens)],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict[str, Any]:
+    """The chat endpoint's logprobs object: per token its text, log-probability, UTF-8 bytes and
+    the ``top_logprobs`` alternatives."""
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        token = decode(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def merge_logprobs(chat: bool, parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The logprobs objects of a choice's chunks as one (non-streamed responses)."""
+    if not parts:
+        return None
+    if chat:
+        return {"content": [c for p in parts for c in p["content"]], "refusal": None}
+    return {k: [v for p in parts for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+@dataclass
 class Shape:
     """What a response looks like: completion or chat, for one request."""
 
@@ -237,16 +283,20 @@ class Shape:
         obj = ("chat.completion.chunk" if streaming else "chat.completion") if self.chat else "text_completion"
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {**self._head(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+    def full(self, choices: list[Choice], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        out = []
+        for c in sorted(choices, key=lambda c: c.index):
+            choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+            else:
+                choice["text"] = c.text
+            out.append(choice)
+        return {**self._head(False), "choices": out, "usage": usage(prompt_tokens, completion_tokens)}
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False, index: int = 0,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
         else:

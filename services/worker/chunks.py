@@ -42,6 +42,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         else None,
         worker=worker,
         queue_seconds=queue_seconds,
+        logprobs=out.logprobs or [],
     )
     stream.seq += 1
     return chunk

@@ -176,7 +176,7 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
         ({**ok, "temperature": 5}, 400, "temperature"),
         ({**ok, "top_p": 1.5}, 400, "top_p"),
         ({**ok, "max_tokens": "ten"}, 400, "max_tokens"),
-        ({**ok, "n": 2}, 400, "n is not supported"),
+        ({**ok, "n": 200}, 400, "n must be in [1, 128]"),
         ({**ok, "prompt": [1, 99999]}, 400, "token ids"),
         (b"{not json", 400, "malformed JSON"),
         (b'{"model": "model"}', 400, "prompt"),

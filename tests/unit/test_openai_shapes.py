@@ -22,7 +22,7 @@ def test_sampling_params_map_and_refuse_unsupported() -> None:
                            CompletionBody)
     p = openai.sampling_params(body, 7)
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (7, 0.5, 0.9, ["\n"], 4)
-    for field, value in (("n", 2), ("echo", True), ("logprobs", 3), ("best_of", 2)):
+    for field, value in (("best_of", 2), ("suffix", "x"), ("logit_bias", {"5": 1.0})):
         body = msgspec.convert({"model": "m", "prompt": "x", field: value}, CompletionBody)
         with pytest.raises(APIError, match=field):
             openai.sampling_params(body, 7)
@@ -73,12 +73,30 @@ def test_a_template_that_writes_bos_gets_one_bos(tiny_llama, tmp_path: Path) -> 
 
 def test_response_shapes() -> None:
     chat, text = Shape.new(True, "chatcmpl-1", "m"), Shape.new(False, "cmpl-1", "m")
-    full = chat.full("hello", "stop", 3, 2)
+    full = chat.full([openai.Choice(0, "hello", "stop")], 3, 2)
     assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
     assert full["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    assert text.full("hi", "length", 1, 1)["choices"][0]["text"] == "hi"
+    assert text.full([openai.Choice(0, "hi", "length")], 1, 1)["choices"][0]["text"] == "hi"
+    two = text.full([openai.Choice(1, "b", "stop"), openai.Choice(0, "a", "stop")], 1, 2)["choices"]
+    assert [(c["index"], c["text"]) for c in two] == [(0, "a"), (1, "b")]
     first = chat.chunk("", None, first=True)
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chat.chunk("", "stop")["choices"][0]["delta"] == {}
     assert text.usage_chunk(1, 2)["choices"] == []
     assert APIError(404, "no").body() == {"error": {"message": "no", "type": "not_found_error", "param": None, "code": None}}
+
+
+def test_logprob_objects() -> None:
+    from dlora.common.messages import TokenLogprob
+
+    decode = {1: "a", 2: "bc", 3: "d"}.__getitem__
+    entries = [TokenLogprob(1, -0.5, [(3, -0.2), (1, -0.5)]), TokenLogprob(2, -1.0, [])]
+    comp = openai.completion_logprobs(entries, decode, offset=4)
+    assert comp == {"tokens": ["a", "bc"], "token_logprobs": [-0.5, -1.0],
+                    "top_logprobs": [{"d": -0.2, "a": -0.5}, {"bc": -1.0}], "text_offset": [4, 5]}
+    chat = openai.chat_logprobs(entries, decode)
+    assert chat["content"][0] == {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [
+        {"token": "d", "logprob": -0.2, "bytes": [100]}, {"token": "a", "logprob": -0.5, "bytes": [97]}]}
+    merged = openai.merge_logprobs(False, [comp, openai.completion_logprobs(entries[:1], decode, 7)])
+    assert merged["tokens"] == ["a", "bc", "a"] and merged["text_offset"] == [4, 5, 7]
+    assert openai.merge_logprobs(True, []) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import SamplingParams, TokenLogprob
 from dlora.kernels.backend import select_kernels
 from dlora.services.worker.engine.config import ModelConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
@@ -67,6 +67,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None  # why the request failed (finish_reason ERROR)
+    logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
 
 
 class LLMEngine:
@@ -262,12 +263,15 @@ class LLMEngine:
                       for s in ran]
         histories = [(s.prompt_ids, s.output_ids) for s in ran]
         tokens = sample(logits, [s.params for s in ran], generators, histories) if ran else []
-        for seq, tok in zip(ran, tokens):
+        for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if isinstance(tok, SamplingError):
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))
                 continue
             try:
-                outputs.append(self._advance(seq, tok))
+                out = self._advance(seq, tok)
+                if seq.params.logprobs is not None:
+                    out.logprobs = [token_logprob(logits[i], tok, seq.params.logprobs)]
+                outputs.append(out)
             except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
                 outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))
         seconds = time.perf_counter() - start
@@ -421,6 +425,15 @@ class LLMEngine:
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability under the model's distribution, logits (vocab,), and
+    the ``top`` most likely tokens'."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(lp, top) if top else None
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(lp[token]), alternatives)
 
 
 def _describe(e: BaseException) -> str:

@@ -1,6 +1,6 @@
-"""Penalties against the reference: repetition_penalty against transformers' generate (its
-RepetitionPenaltyLogitsProcessor), frequency and presence penalties against the oracle's logits
-with OpenAI's formula applied step by step."""
+"""Penalties and logprobs against the reference: repetition_penalty against transformers' generate
+(its RepetitionPenaltyLogitsProcessor), frequency and presence penalties against the oracle's
+logits with OpenAI's formula applied step by step, logprobs against the oracle's log-softmax."""
 
 from __future__ import annotations
 
@@ -55,3 +55,23 @@ def test_frequency_and_presence_follow_openai_over_the_oracle(tiny_llama: TinyOu
     assert out != oracle.generate("lora-0", PROMPT, N, min_new_tokens=N)
     got = engine_tokens(tiny_llama, "lora-0", "unmerged-only", frequency_penalty=frequency, presence_penalty=presence)
     assert got == out
+
+
+def test_logprobs_are_the_oracles_log_softmax(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+    engine = make_engine(tiny_llama)
+    engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=5, logprobs=3, temperature=0.8,
+                                                                           seed=2, repetition_penalty=1.3),
+                       adapter="lora-2")
+    tokens, entries = [], []
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens += o.new_token_ids
+            entries += o.logprobs
+    assert [e.token_id for e in entries] == tokens
+    for k, e in enumerate(entries):
+        # the model's own distribution at that position: before penalties and temperature
+        expected = torch.log_softmax(oracle.last_logits("lora-2", PROMPT + tokens[:k]), -1)
+        assert e.logprob == pytest.approx(float(expected[e.token_id]), abs=1e-4)
+        top = torch.topk(expected, 3)
+        assert [t for t, _ in e.top] == top.indices.tolist()
+        assert [lp for _, lp in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)

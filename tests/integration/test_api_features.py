@@ -1,0 +1,74 @@
+"""API features clients rely on, through the gateway: logprobs, n > 1, several prompts, echo."""
+
+from __future__ import annotations
+
+import math
+
+from tests.integration.conftest import Stack
+from tests.integration.test_gateway import PROMPTS, offline, post, stream
+
+
+async def test_completion_logprobs(stack: Stack) -> None:
+    body = {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "logprobs": 2}
+    status, resp = await post(stack, "/v1/completions", body)
+    assert status == 200, resp
+    choice = resp["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["token_logprobs"]) == 4
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(4)]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert logprob <= 0 and top[token] == logprob and 2 <= len(top) <= 3
+        assert max(top.values()) == logprob  # greedy: the chosen token is the most likely
+    # the streamed events carry the same numbers
+    events = await stream(stack, "/v1/completions", body)
+    streamed = [lp for e in events[:-1] for lp in (e["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
+    assert streamed == lp["token_logprobs"]
+
+
+async def test_chat_logprobs_and_top_logprobs(stack: Stack) -> None:
+    body = {"model": "lora-1", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 3, "temperature": 0,
+            "logprobs": True, "top_logprobs": 4}
+    status, resp = await post(stack, "/v1/chat/completions", body)
+    assert status == 200, resp
+    content = resp["choices"][0]["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == resp["choices"][0]["message"]["content"]
+    for c in content:
+        assert c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 4
+        assert c["top_logprobs"][0]["logprob"] == c["logprob"]
+        assert math.fsum(math.exp(t["logprob"]) for t in c["top_logprobs"]) <= 1 + 1e-6
+    status, resp = await post(stack, "/v1/chat/completions", {**body, "logprobs": False})
+    assert status == 400 and "top_logprobs" in resp["error"]["message"]
+
+
+async def test_n_samples_and_several_prompts(stack: Stack) -> None:
+    greedy = {"model": "lora-0", "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 5, "temperature": 0, "n": 2}
+    status, resp = await post(stack, "/v1/completions", greedy)
+    assert status == 200, resp
+    expected = offline(stack.tiny, [{"id": str(i), "adapter": "lora-0", "prompt": p, "max_tokens": 5}
+                                    for i, p in enumerate(PROMPTS[:2])])
+    assert [c["index"] for c in resp["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in resp["choices"]] == [expected[0]["text"]] * 2 + [expected[1]["text"]] * 2
+    assert resp["usage"]["completion_tokens"] == 20
+    sampled = {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 7}
+    first = await post(stack, "/v1/completions", sampled)
+    again = await post(stack, "/v1/completions", sampled)
+    texts = [c["text"] for c in first[1]["choices"]]
+    assert len(set(texts)) == 3 and texts == [c["text"] for c in again[1]["choices"]]  # distinct, reproducible
+    events = await stream(stack, "/v1/chat/completions", {"model": "lora-0", "max_tokens": 3, "n": 2,
+                                                          "messages": [{"role": "user", "content": "kalo"}]})
+    assert {e["choices"][0]["index"] for e in events[:-1]} == {0, 1}
+    assert sum(e["choices"][0]["finish_reason"] is not None for e in events[:-1]) == 2
+
+
+async def test_echo(stack: Stack) -> None:
+    status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 0,
+                                                         "echo": True})
+    assert status == 200 and resp["choices"][0]["text"] == PROMPTS[2]
+    assert resp["usage"]["completion_tokens"] == 0
+    status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 3,
+                                                         "echo": True, "temperature": 0})
+    plain = await post(stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 3,
+                                                  "temperature": 0})
+    assert resp["choices"][0]["text"] == PROMPTS[2] + plain[1]["choices"][0]["text"]
+    status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": "x", "echo": True, "logprobs": 1})
+    assert status == 400 and "echo with logprobs" in resp["error"]["message"]
