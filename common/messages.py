@@ -41,6 +41,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # 0: the chosen token's only). From the model's own distribution (log-softmax of its logits,
     # before penalties and temperature), as vLLM reports them by default.
     logprobs: int | None = None
+    # Constrain the output to documents of this JSON Schema (JSON text), OpenAI's response_format;
+    # the request stops when the document is complete. None: free text.
+    json_schema: str | None = None
 
     def problem(self) -> str | None:
         """A human-readable reason these parameters are invalid, or None if they are fine."""

@@ -4,6 +4,7 @@ and stream-chunk shapes back. Pure: no aiohttp, no NATS.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -13,6 +14,7 @@ from typing import Any
 import msgspec
 
 from dlora.common.messages import SamplingParams, TokenLogprob
+from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, check_schema
 
 
 class APIError(Exception):
@@ -158,7 +160,6 @@ def _unsupported(body: _Sampling) -> list[tuple[str, bool]]:
                 ("echo with logprobs (prompt logprobs)", bool(body.echo) and body.logprobs is not None)]
     else:
         out += [("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
-                ("response_format", body.response_format not in (None, {"type": "text"})),
                 ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
                 ("functions", bool(body.functions)), ("function_call", body.function_call not in (None, "none", "auto")),
                 ("audio", body.audio is not None), ("modalities", (body.modalities or ["text"]) != ["text"]),
@@ -166,6 +167,35 @@ def _unsupported(body: _Sampling) -> list[tuple[str, bool]]:
                 ("reasoning_effort", body.reasoning_effort is not None), ("verbosity", body.verbosity is not None),
                 ("moderation", body.moderation is not None), ("prompt_cache_options", body.prompt_cache_options is not None)]
     return out
+
+
+def json_schema(response_format: Any) -> str | None:
+    """The JSON Schema (JSON text) a chat ``response_format`` asks for: None for text, any object
+    for ``json_object``, the given ``json_schema.schema`` otherwise.
+
+    Raises:
+        APIError(400): an unknown type, a missing or unusable schema (llguidance's reason).
+    """
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                       param="response_format")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
+    text = json.dumps(schema)
+    try:
+        check_schema(text)
+    except GrammarError as e:
+        raise APIError(400, str(e), param="response_format") from None
+    return text
 
 
 def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
@@ -188,6 +218,7 @@ def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logprobs=body.logprobs if isinstance(body, CompletionBody) else (
             (body.top_logprobs or 0) if body.logprobs else None),
+        json_schema=None if isinstance(body, CompletionBody) else json_schema(body.response_format),
     )
     if (problem := params.problem()) is not None:
         raise APIError(400, problem)

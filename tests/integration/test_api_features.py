@@ -72,3 +72,26 @@ async def test_echo(stack: Stack) -> None:
     assert resp["choices"][0]["text"] == PROMPTS[2] + plain[1]["choices"][0]["text"]
     status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": "x", "echo": True, "logprobs": 1})
     assert status == 400 and "echo with logprobs" in resp["error"]["message"]
+
+
+async def test_response_format(stack: Stack) -> None:
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"enum": [1, 2]}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    chat = {"model": "lora-2", "messages": [{"role": "user", "content": "kalo?"}], "max_tokens": 100}
+    status, resp = await post(stack, "/v1/chat/completions", {**chat, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}})
+    assert status == 200, resp
+    doc = json.loads(resp["choices"][0]["message"]["content"])
+    assert doc["answer"] in ("yes", "no") and doc["n"] in (1, 2) and resp["choices"][0]["finish_reason"] == "stop"
+    status, resp = await post(stack, "/v1/chat/completions", {**chat, "max_tokens": 5,
+                                                             "response_format": {"type": "json_object"}})
+    assert status == 200 and resp["choices"][0]["message"]["content"].startswith("{")
+    assert (await post(stack, "/v1/chat/completions", {**chat, "response_format": {"type": "text"}}))[0] == 200
+    for bad, fragment in (({"type": "yaml"}, "not one of"), ({"type": "json_schema", "json_schema": {"name": "x"}},
+                                                             "needs a 'schema'"),
+                          ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                              "type": "integer", "minimum": 5, "maximum": 1}}}, "cannot be used")):
+        status, resp = await post(stack, "/v1/chat/completions", {**chat, "response_format": bad})
+        assert status == 400 and fragment in resp["error"]["message"], resp

@@ -28,6 +28,7 @@ from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
 from dlora.services.worker.engine.weights import load_weights, targets
 from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, StepDecision, StepRecord, make_policy
 
@@ -111,6 +112,7 @@ class LLMEngine:
         self.last_logits: dict[str, torch.Tensor] = {}
         self._arrivals = 0
         self._rng = torch.Generator().manual_seed(config.seed)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
 
     # ---- adapters -------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path) -> LoraAdapter:
@@ -186,6 +188,11 @@ class LLMEngine:
             detok=IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens),
             output_ids=resumed,
         )
+        if params.json_schema is not None:
+            try:
+                seq.matcher = self.grammars.matcher(params.json_schema, resumed)
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
         if kv is not None:
             self._import_kv(seq, kv)
         self._arrivals += 1
@@ -262,12 +269,15 @@ class LLMEngine:
         generators = [position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
                       for s in ran]
         histories = [(s.prompt_ids, s.output_ids) for s in ran]
-        tokens = sample(logits, [s.params for s in ran], generators, histories) if ran else []
+        tokens = sample(self._constrained(ran, logits), [s.params for s in ran], generators, histories) if ran else []
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if isinstance(tok, SamplingError):
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))
                 continue
             try:
+                if seq.matcher is not None and not seq.matcher.consume_token(tok):
+                    outputs.append(self._fail(seq, f"structured output: {seq.matcher.get_error()}"))
+                    continue
                 out = self._advance(seq, tok)
                 if seq.params.logprobs is not None:
                     out.logprobs = [token_logprob(logits[i], tok, seq.params.logprobs)]
@@ -291,6 +301,17 @@ class LLMEngine:
             )
         )
         return outputs
+
+    def _constrained(self, ran: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Logits with the tokens each structured-output request's schema forbids masked out."""
+        rows = [i for i, s in enumerate(ran) if s.matcher is not None]
+        if not rows:
+            return logits
+        masked = logits.clone()
+        for i in rows:
+            ok = torch.from_numpy(allowed(ran[i].matcher, masked.shape[-1])).to(masked.device)
+            masked[i].masked_fill_(~ok, float("-inf"))
+        return masked
 
     def _forward(self, batch: list[Sequence], slot_of: dict[str | None, int]
                  ) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
@@ -392,6 +413,8 @@ class LLMEngine:
             seq.text = seq.text[:cut]
             reason = FinishReason.STOP
         elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            reason = FinishReason.STOP
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the document is complete
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.max_model_len:
             reason = FinishReason.LENGTH

@@ -56,12 +56,13 @@ def sample(
     their (prompt ids, output ids) in ``histories``. A row that cannot be sampled (its logits hold
     NaN or infinity) gets a ``SamplingError`` in its place instead of a token.
     """
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    # -inf is a masked token (structured output), not a fault, unless every token is masked
+    finite = (~(torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1))).tolist()
     out: list[int | SamplingError] = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if not finite[i]:
-            out[i] = SamplingError("the model's logits for this request are not finite (NaN or infinity); "
-                                   "nothing can be sampled from them")
+            out[i] = SamplingError("the model's logits for this request are not finite (NaN or infinity, or "
+                                   "every token masked); nothing can be sampled from them")
             continue
         row = logits[i]
         if has_penalties(p):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
@@ -39,6 +40,7 @@ class Sequence:
     emitted: int = 0  # characters of text already returned to the caller
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
 
     def new_ids(self) -> list[int]:
         """Tokens whose K/V are not cached yet, i.e. this step's input."""

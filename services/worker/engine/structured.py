@@ -1,0 +1,73 @@
+"""Structured output: a request's tokens constrained to a JSON Schema (OpenAI ``response_format``).
+
+The grammar work is llguidance's (guidance-ai/llguidance, also a vLLM and SGLang backend): a
+dependency-free wheel whose matcher gives, per step, the set of tokens that keep the output a
+prefix of some document the schema accepts. This module only turns that set into a logits mask
+and tells the engine when the document is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from llguidance import LLMatcher, LLTokenizer
+
+# OpenAI's json_object mode: any JSON object.
+JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
+# Documents are laid out as json.dumps lays them out, with no other whitespace: a model free to
+# put whitespace anywhere may never leave it (a schema's "x-guidance" options can say otherwise).
+_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _grammar(schema: str) -> str:
+    return LLMatcher.grammar_from_json_schema(schema, defaults=_LAYOUT)
+
+
+class GrammarError(ValueError):
+    """The schema cannot be used, or the output left it; the message says why."""
+
+
+def check_schema(schema: str) -> None:
+    """Raise GrammarError (with llguidance's reason) if ``schema`` (a JSON Schema as JSON text)
+    cannot constrain generation. Needs no tokenizer: the gateway calls it too."""
+    try:
+        grammar = _grammar(schema)
+    except ValueError as e:
+        raise GrammarError(f"response_format schema is not a JSON object: {e}") from None
+    error = LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        raise GrammarError(f"response_format schema cannot be used: {error}")
+
+
+class Grammars:
+    """Matchers for one engine's tokenizer. The tokenizer's llguidance form is built on first use
+    (about a second for a large vocabulary)."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> None:
+        self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
+
+    @cached_property
+    def tokenizer(self) -> LLTokenizer:
+        backend = self.hf_tokenizer.backend_tokenizer
+        return LLTokenizer(backend.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.eos_ids))
+
+    def matcher(self, schema: str, consumed: list[int]) -> LLMatcher:
+        """A matcher for ``schema`` that has already taken ``consumed`` (a resumed request's output)."""
+        check_schema(schema)
+        m = LLMatcher(self.tokenizer, _grammar(schema), log_level=0)
+        if m.is_error() or (consumed and not m.consume_tokens(consumed)):
+            raise GrammarError(f"response_format: {m.get_error()}")
+        return m
+
+
+def allowed(matcher: LLMatcher, vocab_size: int) -> np.ndarray:
+    """Tokens the schema allows next: bool (vocab,), from the matcher's bitmask (bit i of word
+    i // 32 set: token i allowed). No torch here, so the gateway can check schemas without it."""
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    mask = np.zeros(vocab_size, dtype=bool)
+    n = min(vocab_size, bits.size)
+    mask[:n] = bits[:n].astype(bool)
+    return mask
