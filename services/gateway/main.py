@@ -190,11 +190,6 @@ class Gateway:
         try:
             for c in by_id.values():
                 await self.nc.publish(subjects.REQUESTS, _encode.encode(c.request))
-            if stream_mode:
-                stream = await _open_sse(request)
-                for c in job.choices:  # the role, and an echoed prompt, come first
-                    if shape.chat or c.out.text or c.out.finish_reason:
-                        await _sse(stream, shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
             while any(c.out.finish_reason is None for c in job.choices):
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
                 # cancellation when get() completes at the same moment (CPython #86296), and the
@@ -225,6 +220,8 @@ class Gateway:
                     self.metrics.ttft.labels(label).observe(first_at - start)
                     if chunk.queue_seconds is not None:
                         self.metrics.queue.labels(label).observe(chunk.queue_seconds)
+                if stream_mode and stream is None:  # opened at the first chunk: errors before it get a status
+                    stream = await self._open_stream(request, job)
                 choice.tokens += len(chunk.token_ids)
                 logprobs = self._logprobs(job, choice, chunk)
                 choice.offset += sum(len(self._decode_token(e.token_id)) for e in chunk.logprobs)
@@ -240,10 +237,11 @@ class Gateway:
             else:
                 completion = sum(c.tokens for c in job.choices)
                 self._observe_done(label, start, first_at, completion)
-                if stream is None:
+                if not stream_mode:
                     for c in job.choices:
                         c.out.logprobs = openai.merge_logprobs(shape.chat, c.parts)
                     return web.json_response(shape.full([c.out for c in job.choices], job.prompt_tokens, completion))
+                stream = stream or await self._open_stream(request, job)  # echo with max_tokens 0: no chunk came
                 if body.stream_options is not None and body.stream_options.include_usage:
                     await _sse(stream, shape.usage_chunk(job.prompt_tokens, completion))
             assert stream is not None
@@ -258,6 +256,14 @@ class Gateway:
         finally:
             for rid in by_id:
                 del self.replies[rid]
+
+    async def _open_stream(self, request: web.Request, job: _Job) -> web.StreamResponse:
+        """The SSE response, opening with each choice's role (chat) or echoed prompt (completions)."""
+        stream = await _open_sse(request)
+        for c in job.choices:
+            if job.shape.chat or c.out.text or c.out.finish_reason:
+                await _sse(stream, job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
+        return stream
 
     async def _abort(self, choices: list[_Choice]) -> None:
         for c in choices:

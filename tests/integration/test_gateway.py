@@ -381,6 +381,11 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
             async with http.post(f"http://127.0.0.1:{settings.port}/v1/completions",
                                  json={"model": "model", "prompt": "kalo", "max_tokens": 2}) as r:
                 assert r.status == 503 and "no worker" in (await r.json())["error"]["message"]
+            async with http.post(f"http://127.0.0.1:{settings.port}/v1/chat/completions",
+                                 json={"model": "model", "messages": [{"role": "user", "content": "kalo"}],
+                                       "max_tokens": 2, "stream": True, "n": 2}) as r:
+                # streamed too: an error before the first token is a status, not an event after a 200
+                assert r.status == 503 and "no worker" in (await r.json())["error"]["message"]
             # not ready with no live worker, and says why; alive all the same
             for path in ("/healthz", "/readyz"):
                 async with http.get(f"http://127.0.0.1:{settings.port}{path}") as r:
