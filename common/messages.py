@@ -58,8 +58,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 return f"{name} must be in [-2, 2], got {getattr(self, name)}"
-        if not 0.0 < self.repetition_penalty <= 100.0:
-            return f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
+        if not 0.01 <= self.repetition_penalty <= 100.0:  # below, a positive logit overflows float32
+            return f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             return f"logprobs must be in [0, 20], got {self.logprobs}"
         if any(not s for s in self.stop):

@@ -120,7 +120,7 @@ class StateStore:
 
     async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None:
         """The registered adapter of that name, or a given version of it (registered now or before)."""
-        if version is None:
+        if version is None or version == "":  # unversioned: entries registered before versions existed
             raw = await self.r.hget(f"{self.p}:adapters", name)
         else:
             raw = await self.r.hget(f"{self.p}:adapter-versions", f"{name}@{version}")

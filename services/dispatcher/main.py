@@ -6,6 +6,7 @@ them from the tokens already delivered, so each client's stream continues."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -73,10 +74,9 @@ class Dispatcher:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
         Redis) re-dispatches its in-flight requests, each resuming after the tokens its client has."""
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.s.heartbeat_ttl_s / 4)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.s.heartbeat_ttl_s / 4):
+                    await stop.wait()
             now = time.monotonic()
             if now - self._placed_at > self.s.placement_interval_s:
                 self._placed_at = now
@@ -128,6 +128,10 @@ class Dispatcher:
     async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
+        if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
+            entry = await self.store.get_adapter(req.adapter)           # resume runs on the same weights
+            if entry is not None and entry.version:
+                req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
         self._count(req.adapter)
         live = self.live()
         if self.s.dispatch == "round-robin":  # the baseline: blind to load and adapters

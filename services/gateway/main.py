@@ -41,6 +41,7 @@ logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
 _decode_stats = msgspec.json.Decoder(WorkerStats)
 _encode = msgspec.json.Encoder()
+MAX_CHOICES = 256  # prompts x n in one request
 _STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
@@ -90,20 +91,21 @@ class Gateway:
                            param="model")
         return entry
 
-    def _prompts(self, prompt: str | list[Any]) -> list[list[int]]:
-        """Each prompt's ids: a string, a list of token ids, or a list of either (several prompts)."""
+    def _prompts(self, prompt: str | list[Any]) -> list[tuple[list[int], str | None]]:
+        """Each prompt's ids, and its text where it came as a string: a string, a list of token
+        ids, or a list of either (several prompts)."""
         many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
-        out = []
+        out: list[tuple[list[int], str | None]] = []
         for p in prompt if many else [prompt]:
             if isinstance(p, str):
-                out.append(list(self.tokenizer.encode(p)))
+                out.append((list(self.tokenizer.encode(p)), p))
                 continue
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 raise APIError(400, "prompt must be a string, a list of token ids, or a list of either",
                                param="prompt")
             if any(not 0 <= t < self.cfg.vocab_size for t in p):
                 raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
-            out.append(list(p))
+            out.append((list(p), None))
         return out
 
     def _max_tokens(self, ids: list[int], asked: int | None) -> int:
@@ -121,19 +123,23 @@ class Gateway:
         body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
         adapter = await self._adapter_for(body.model)
         if chat:
-            prompts = [openai.chat_prompt_ids(body.messages, self.tokenizer)]
+            prompts = [(openai.chat_prompt_ids(body.messages, self.tokenizer), None)]
             asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         else:
             prompts, asked = self._prompts(body.prompt), 16 if body.max_tokens is None else body.max_tokens
         echo = not chat and bool(body.echo)
+        n = body.n or 1
+        if len(prompts) * n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} "
+                                "per request", param="n")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         job = _Job(Shape.new(chat, rid, body.model), body, adapter.name if adapter else None,
-                   prompt_tokens=sum(len(ids) for ids in prompts))
-        n = body.n or 1
-        for p, ids in enumerate(prompts):
-            generate = not (echo and asked == 0)  # echo with max_tokens 0: the prompt back, nothing generated
+                   prompt_tokens=sum(len(ids) for ids, _ in prompts))
+        for p, (ids, text) in enumerate(prompts):
+            generate = asked != 0  # max_tokens 0: nothing generated (with echo: the prompt back)
             params = openai.sampling_params(body, self._max_tokens(ids, asked) if generate else 1)
-            prefix = self.tokenizer.decode(ids) if echo else ""
+            # echoed as the client wrote it; token ids as text, without special tokens
+            prefix = "" if not echo else text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
             for i in range(n):
                 index = p * n + i
                 choice = _Choice(openai.Choice(index, text=prefix), offset=len(prefix))
@@ -236,7 +242,7 @@ class Gateway:
                         choice.parts.append(logprobs)
             else:
                 completion = sum(c.tokens for c in job.choices)
-                self._observe_done(label, start, first_at, completion)
+                self._observe_done(label, start, first_at, max(c.tokens for c in job.choices))
                 if not stream_mode:
                     for c in job.choices:
                         c.out.logprobs = openai.merge_logprobs(shape.chat, c.parts)
@@ -291,8 +297,8 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     def _is_admin(self, request: web.Request) -> bool:
-        return bool(self.s.admin_key) and hmac.compare_digest(request.headers.get("Authorization", ""),
-                                                              f"Bearer {self.s.admin_key}")
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return bool(self.s.admin_key) and hmac.compare_digest(given, f"Bearer {self.s.admin_key}".encode())
 
     def _check_admin(self, request: web.Request) -> None:
         if not self.s.admin_key:
@@ -410,13 +416,19 @@ async def _sse(stream: web.StreamResponse, obj: dict[str, Any]) -> None:
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Unknown routes and methods answer in the OpenAI error shape too."""
+    """Unknown routes and methods answer in the OpenAI error shape too, and so does a fault of
+    ours: a 500 that names its cause, never a bare one."""
     try:
         return await handler(request)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         return web.json_response(APIError(e.status, e.reason).body(), status=e.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logger.exception("handler failed", path=request.path)
+        return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
 
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:

@@ -156,7 +156,8 @@ def _unsupported(body: _Sampling) -> list[tuple[str, bool]]:
     """(field, set to something dlora cannot honour) for every field of the spec it does not serve."""
     out = [("logit_bias", bool(body.logit_bias))]
     if isinstance(body, CompletionBody):
-        out += [("best_of", (body.best_of or 1) > (body.n or 1)), ("suffix", body.suffix is not None),
+        out += [("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
+                ("suffix", body.suffix is not None),
                 ("echo with logprobs (prompt logprobs)", bool(body.echo) and body.logprobs is not None)]
     else:
         out += [("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
@@ -247,7 +248,10 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Any) -> list[int]:
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in parts)
         plain.append({"role": m.role, "content": content or ""} | ({"name": m.name} if m.name else {}))
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)
+        try:
+            out = tokenizer.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
+            raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
         # a list of ids, or (transformers 5) an encoding holding them
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
     return list(tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"))

@@ -4,6 +4,7 @@ out of balance, publishes a co-migration plan; standbys wait to take the lease o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -91,10 +92,9 @@ class Migrator:
         try:
             while not stop.is_set():
                 await self.tick()
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=self.s.interval_s)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see the gateway's _relay
+                    async with asyncio.timeout(self.s.interval_s):
+                        await stop.wait()
         finally:
             await sub.unsubscribe()
             if self.leader:

@@ -8,6 +8,7 @@ batching policy's state is checkpointed to Redis and restored at start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class _Move:
 _KV_CHUNK_BYTES = 512 << 10  # under NATS's default 1 MiB payload limit
 _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
 _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
+_EARLY_ABORT_S = 60.0  # an abort that came before its request is kept this long
 
 
 class WorkerService:
@@ -108,6 +110,7 @@ class WorkerService:
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
+        self.early_aborts: dict[str, float] = {}  # aborts of requests not here yet, and when they came
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -190,6 +193,20 @@ class WorkerService:
         return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
 
     # ---- the owner of the engine ----------------------------------------------------------
+    async def _safely(self, cmd: _Add | _Abort | _AdapterChanged | _Move | _Prefetch) -> None:
+        """Apply one command; whatever goes wrong fails that command only (a request's with an
+        error chunk naming the cause), never the worker."""
+        try:
+            await self._apply(cmd)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logger.exception("command failed", command=type(cmd).__name__, error=str(e))
+            if isinstance(cmd, _Add):
+                reason = f"the worker could not take the request: {type(e).__name__}: {e}"
+                await self.nc.publish(cmd.req.reply_to, _encode.encode(
+                    error_chunk(cmd.req, ErrorCode.INTERNAL, reason, self.s.worker_id)))
+        if self.retiring:
+            self._retire()
+
     async def _apply(self, cmd: _Add | _Abort | _AdapterChanged | _Move | _Prefetch) -> None:
         if isinstance(cmd, _Move):
             await self._move(cmd)
@@ -199,6 +216,10 @@ class WorkerService:
             if self.engine.abort(cmd.request_id):
                 self.streams.pop(cmd.request_id, None)
                 await self.store.delete_inflight(cmd.request_id)
+            else:  # not here yet: an abort can overtake its request (it does not pass the dispatcher)
+                now = time.monotonic()
+                self.early_aborts = {r: t for r, t in self.early_aborts.items() if now - t < _EARLY_ABORT_S}
+                self.early_aborts[cmd.request_id] = now
         elif isinstance(cmd, _AdapterChanged):
             self.retiring[cmd.name] = cmd.version
             self._retire()
@@ -223,7 +244,7 @@ class WorkerService:
                 entry = await self.store.get_adapter(name)
                 if entry is not None:
                     await self._ensure_adapter(name, entry.version)
-            except AdapterError as e:
+            except (AdapterError, _NotFound) as e:
                 logger.warning("prefetch failed", adapter=name, reason=str(e))
 
     async def _move(self, cmd: _Move) -> None:
@@ -266,8 +287,11 @@ class WorkerService:
             raise AdapterError(f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
                                f"registered (they are now {adapter.digest}); register it again")
         current = await self.store.get_adapter(name)
-        if current is None or current.version != version:  # an old version, for a request that began on it
-            self.retiring[name] = current.version if current else None
+        now = current.version if current else None
+        # Versions other than the registered one (this one, for a request that began on it, or
+        # ones whose replacement event never came) go once unused.
+        if any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):
+            self.retiring[name] = now
         return key
 
     async def _versioned(self, req: GenerateRequest) -> GenerateRequest:
@@ -286,6 +310,9 @@ class WorkerService:
                                 params=req.params, adapter=adapter, resume_token_ids=req.resume_token_ids, kv=kv)
 
     async def _add(self, req: GenerateRequest) -> None:
+        if self.early_aborts.pop(req.request_id, None) is not None:
+            await self.store.delete_inflight(req.request_id)  # its client left before it came
+            return
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
@@ -335,7 +362,10 @@ class WorkerService:
         # millisecond later (measured: 2.9 ms added at p50 instead of 1.9).
         await self.nc.flush()
         finished = [rid for rid in sent if rid not in self.streams]
-        await self.store.record_progress({rid: t for rid, t in sent.items() if rid in self.streams}, finished)
+        try:
+            await self.store.record_progress({rid: t for rid, t in sent.items() if rid in self.streams}, finished)
+        except Exception as e:  # noqa: BLE001 - the tokens went out; only recovery's record lags
+            logger.warning("progress not recorded", error=f"{type(e).__name__}: {e}")
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -345,9 +375,9 @@ class WorkerService:
                         cmd = await self.commands.get()
                 except TimeoutError:
                     continue
-                await self._apply(cmd)
+                await self._safely(cmd)
             while not self.commands.empty():
-                await self._apply(self.commands.get_nowait())
+                await self._safely(self.commands.get_nowait())
             if self.engine.has_unfinished():
                 await self._step()
                 if self.retiring:
@@ -388,14 +418,16 @@ class WorkerService:
     async def publish_stats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             stats = msgspec.structs.replace(self.stats, sent=time.time())
-            await self.nc.publish(subjects.stats(self.s.worker_id), _encode.encode(stats))
-            await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
-            await self.store.set_placement(self.s.worker_id, [a.name for a in stats.adapters])
-            await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.s.stats_interval_s)
-            except TimeoutError:
-                pass
+                await self.nc.publish(subjects.stats(self.s.worker_id), _encode.encode(stats))
+                await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
+                await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
+                await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
+            except Exception as e:  # noqa: BLE001 - a missed beat is retried next interval
+                logger.warning("stats not published", error=f"{type(e).__name__}: {e}")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.s.stats_interval_s):
+                    await stop.wait()
 
     async def run(self, stop: asyncio.Event) -> None:
         state = await self.store.load_policy(self.s.worker_id)
@@ -410,10 +442,13 @@ class WorkerService:
             await self.nc.subscribe(subjects.PLACEMENT, cb=self._on_placement),
         ]
         await self.nc.flush()
+        # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.
+        warm = asyncio.create_task(asyncio.to_thread(lambda: self.engine.grammars.tokenizer))
         logger.info("worker ready", worker=self.s.worker_id)
         try:
             await asyncio.gather(self.run_loop(stop), self.publish_stats(stop))
         finally:
+            warm.cancel()
             for sub in subs:
                 await sub.unsubscribe()
             await self.store.forget_worker(self.s.worker_id)

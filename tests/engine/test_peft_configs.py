@@ -87,6 +87,29 @@ def test_peft_written_adapters_match_peft(tiny_llama: TinyOutput, tmp_path: Path
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (case, policy, (got - expected).abs().max())
 
 
+NARROWED = {
+    "layers_to_transform": {"layers_to_transform": [1], "layers_pattern": "layers"},
+    "exclude_modules": {"exclude_modules": ["o_proj", "up_proj"]},
+    "target_modules regex": {"target_modules": r".*\.(q_proj|down_proj)"},
+    "layers_to_transform as an int": {"layers_to_transform": 0},
+}
+
+
+@pytest.mark.parametrize("case", NARROWED)
+def test_weights_the_config_does_not_select_are_ignored_as_peft_ignores_them(tiny_llama: TinyOutput, tmp_path: Path,
+                                                                             case: str) -> None:
+    """A file holding weights for every module under a config that selects fewer: peft adapts only
+    the selected modules, so the engine must too (peft-written files alone hold only selected ones)."""
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
+    conf = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**conf, **NARROWED[case]}))
+    expected = peft_logits(tiny_llama, path)
+    everything = engine_logits(tiny_llama, write_peft_adapter(tiny_llama, tmp_path / "b", r=8, lora_alpha=16,
+                                                              target_modules=ALL), "unmerged-only")
+    assert (expected - everything).abs().max() > 1e-3  # the narrowing matters
+    assert torch.allclose(engine_logits(tiny_llama, path, "unmerged-only"), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_scales_follow_peft_for_the_issue_example(tiny_llama: TinyOutput, engine_cfg, tmp_path: Path) -> None:
     path = write_peft_adapter(tiny_llama, tmp_path / "a", **CONFIGS["alpha_pattern alternation"])
     adapter = load_adapter("x", path, engine_cfg)
@@ -103,6 +126,12 @@ REFUSED = {
     "an unknown variant": ({"use_something_new": True}, "use_something_new, which dlora does not know"),
     "a bad regex": ({"target_modules": "(q_proj"}, "not a valid regex"),
     "nothing targeted": ({"target_modules": ["nonexistent"]}, "none of its weights"),
+    "layers as text": ({"layers_to_transform": "abc"}, "layers_to_transform must be"),
+    "a numeric layers_pattern": ({"layers_pattern": 5}, "layers_pattern must be"),
+    "a text alpha": ({"alpha_pattern": {"q_proj": "x"}}, "must be a positive number"),
+    "a fractional rank": ({"rank_pattern": {"q_proj": 2.5}}, "must be a positive integer"),
+    "layers with a regex target": ({"target_modules": "all-linear", "layers_to_transform": [0]}, "peft refuses it"),
+    "a layers_pattern alone": ({"layers_pattern": "layers"}, "peft refuses it"),
 }
 
 

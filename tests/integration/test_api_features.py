@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from tests.integration.conftest import Stack
@@ -95,3 +96,66 @@ async def test_response_format(stack: Stack) -> None:
                               "type": "integer", "minimum": 5, "maximum": 1}}}, "cannot be used")):
         status, resp = await post(stack, "/v1/chat/completions", {**chat, "response_format": bad})
         assert status == 400 and fragment in resp["error"]["message"], resp
+
+
+async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:
+    import aiohttp
+
+    base = {"model": "lora-0", "prompt": "kalo", "max_tokens": 2}
+    # a temperature that passes and a penalty that would overflow a naive sampler: a 400, not a crash
+    status, resp = await post(stack, "/v1/completions", {**base, "repetition_penalty": 1e-40})
+    assert status == 400 and "repetition_penalty" in resp["error"]["message"]
+    status, _ = await post(stack, "/v1/completions", {**base, "repetition_penalty": 0.01, "temperature": 2e-5})
+    assert status == 200
+    # max_tokens 0 is in the spec's range: nothing generated
+    status, resp = await post(stack, "/v1/completions", {**base, "max_tokens": 0})
+    assert status == 200 and resp["choices"][0]["text"] == "" and resp["usage"]["completion_tokens"] == 0
+    # best_of other than n, and too many choices, are refused by name
+    status, resp = await post(stack, "/v1/completions", {**base, "n": 3, "best_of": 2})
+    assert status == 400 and "best_of" in resp["error"]["message"]
+    status, resp = await post(stack, "/v1/completions", {**base, "prompt": ["kalo"] * 20, "n": 20})
+    assert status == 400 and "choices" in resp["error"]["message"]
+    # an admin header that is not ASCII is a 401, not a 500
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url + "/v1/models", headers={"Authorization": "Bearer k\u00e9y"}) as r:
+            assert r.status == 200
+        async with http.delete(stack.url + "/v1/adapters/lora-0", headers={"Authorization": "Bearer k\u00e9y"}) as r:
+            assert r.status == 401
+    # echo gives the prompt as written
+    status, resp = await post(stack, "/v1/completions", {**base, "prompt": "kalo  remi", "echo": True, "max_tokens": 0})
+    assert resp["choices"][0]["text"] == "kalo  remi"
+
+
+async def test_a_chat_template_that_refuses_the_messages_is_a_400(stack: Stack) -> None:
+    tok = stack.gateway.tokenizer
+    saved = getattr(tok, "chat_template", None)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    try:
+        status, resp = await post(stack, "/v1/chat/completions", {"model": "model", "max_tokens": 2, "messages": [
+            {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+        assert status == 400 and "must alternate" in resp["error"]["message"]
+    finally:
+        tok.chat_template = saved
+
+
+async def test_an_abort_that_overtakes_its_request_still_stops_it(stack: Stack) -> None:
+    import msgspec
+
+    from dlora.common import subjects
+    from dlora.common.messages import AbortRequest, GenerateRequest, SamplingParams
+
+    worker = stack.workers[0]
+    await stack.nc.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id="overtaken")))
+    await stack.nc.flush()
+    for _ in range(100):
+        if "overtaken" in worker.early_aborts:
+            break
+        await asyncio.sleep(0.01)
+    req = GenerateRequest(request_id="overtaken", reply_to="test.overtaken", prompt="kalo",
+                          params=SamplingParams(max_tokens=300, ignore_eos=True))
+    await stack.nc.publish(subjects.worker_requests(worker.s.worker_id), msgspec.json.encode(req))
+    await stack.nc.flush()
+    await asyncio.sleep(0.3)
+    assert "overtaken" not in worker.engine.seqs and "overtaken" not in worker.early_aborts

@@ -172,7 +172,7 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     cases = [
         ({**ok, "model": "nope"}, 404, "does not exist"),
         ({**ok, "prompt": "kalo " * 400}, 400, "maximum context length"),
-        ({**ok, "max_tokens": 0}, 400, "max_tokens"),
+        ({**ok, "max_tokens": -1}, 400, "max_tokens"),
         ({**ok, "temperature": 5}, 400, "temperature"),
         ({**ok, "top_p": 1.5}, 400, "top_p"),
         ({**ok, "max_tokens": "ten"}, 400, "max_tokens"),

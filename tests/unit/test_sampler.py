@@ -75,17 +75,24 @@ def test_with_seed_draws_one_only_for_unseeded_sampling() -> None:
     assert with_seed(req(temperature=0.7)).params.seed != drawn.params.seed
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(temperature=st.floats(0.0, 100.0), top_p=st.floats(0.0, 1.0), top_k=st.integers(-1, 80),
-       scale=st.sampled_from([1e-3, 1.0, 1e3, 1e30]))
-def test_every_accepted_parameter_gives_a_token(temperature: float, top_p: float, top_k: int, scale: float) -> None:
-    """Whatever the API accepts, sampling yields a token id and never raises (tiny temperatures,
-    top_p 0, top_k past the vocabulary, huge logits)."""
-    p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=1)
+       scale=st.sampled_from([1e-3, 1.0, 1e3, 1e30]), repetition=st.floats(0.01, 100.0),
+       presence=st.floats(-2.0, 2.0), frequency=st.floats(-2.0, 2.0))
+def test_every_accepted_parameter_gives_a_token_or_fails_its_row(temperature: float, top_p: float, top_k: int,
+                                                                 scale: float, repetition: float, presence: float,
+                                                                 frequency: float) -> None:
+    """Whatever the API accepts (tiny temperatures, top_p 0, top_k past the vocabulary, huge
+    logits, extreme penalties), sampling never raises: each row gets a token id, or a
+    SamplingError of its own, and the other rows are served."""
+    p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=1, repetition_penalty=repetition,
+                       presence_penalty=presence, frequency_penalty=frequency)
     assert p.problem() is None
-    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * scale
-    out = sample(logits, [p, p], [torch.Generator().manual_seed(1), None])
-    assert all(isinstance(t, int) and 0 <= t < 50 for t in out)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * scale
+    history = ([1, 2, 3], [4, 4, 5])
+    out = sample(logits, [p, p, SamplingParams()], [torch.Generator().manual_seed(1), None, None], [history] * 3)
+    assert all((isinstance(t, int) and 0 <= t < 50) or isinstance(t, SamplingError) for t in out)
+    assert out[2] == int(logits[2].argmax())
 
 
 def test_tiny_temperatures_and_single_token_filters_are_greedy() -> None:

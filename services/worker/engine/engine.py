@@ -309,7 +309,10 @@ class LLMEngine:
             return logits
         masked = logits.clone()
         for i in rows:
-            ok = torch.from_numpy(allowed(ran[i].matcher, masked.shape[-1])).to(masked.device)
+            try:
+                ok = torch.from_numpy(allowed(ran[i].matcher, masked.shape[-1])).to(masked.device)
+            except Exception:  # noqa: BLE001 - its own row fails (every token masked), not the step
+                ok = torch.zeros(masked.shape[-1], dtype=torch.bool, device=masked.device)
             masked[i].masked_fill_(~ok, float("-inf"))
         return masked
 

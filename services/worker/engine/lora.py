@@ -190,6 +190,10 @@ def content_digest(config: bytes, weights: bytes) -> str:
     return h.hexdigest()[:16]
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 # adapter_config.json fields with no effect on inference (metadata, initialisation, training).
 _NO_EFFECT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
               "inference_mode", "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
@@ -226,9 +230,20 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
     if unknown:
         refuse(f"adapter_config.json sets {', '.join(unknown)}, which dlora does not know and which may change the "
                "output (a LoRA variant); refused rather than served differently from PEFT")
-    spec = conf.get("target_modules")
-    if not (spec is None or isinstance(spec, str) or (isinstance(spec, list) and all(isinstance(m, str) for m in spec))):
-        refuse("target_modules must be a list of module names or a regex string")
+    def names(value: Any) -> bool:
+        return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, str) for m in value))
+
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        if not names(conf.get(key)):
+            refuse(f"{key} must be a string or a list of strings")
+    layers = conf.get("layers_to_transform")
+    if not (layers is None or _whole(layers) or (isinstance(layers, list) and all(_whole(i) for i in layers))):
+        refuse("layers_to_transform must be a layer index or a list of them")
+    # peft's LoraConfig refuses these combinations itself
+    if layers is not None and isinstance(conf.get("target_modules"), str):
+        refuse("layers_to_transform cannot be used when target_modules is a string (peft refuses it too)")
+    if conf.get("layers_pattern") and layers is None:
+        refuse("layers_pattern needs layers_to_transform (peft refuses it too)")
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         for pattern in [conf[key]] if isinstance(conf.get(key), str) else []:
             try:
@@ -238,6 +253,10 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(conf.get(key) or {}, dict):
             refuse(f"{key} must be an object")
+        for pattern, value in (conf.get(key) or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+                    key == "rank_pattern" and not _whole(value)):
+                refuse(f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'}")
         for pattern in conf.get(key) or {}:
             try:
                 re.compile(pattern)

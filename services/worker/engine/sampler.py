@@ -59,19 +59,34 @@ def sample(
     # -inf is a masked token (structured output), not a fault, unless every token is masked
     finite = (~(torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1))).tolist()
     out: list[int | SamplingError] = logits.argmax(dim=-1).tolist()
+    simple = [not has_penalties(p) and is_greedy(p) for p in params]
     for i, p in enumerate(params):
         if not finite[i]:
             out[i] = SamplingError("the model's logits for this request are not finite (NaN or infinity, or "
                                    "every token masked); nothing can be sampled from them")
             continue
-        row = logits[i]
-        if has_penalties(p):
-            row = apply_penalties(row, p, *(histories[i] if histories else ([], [])))
-            out[i] = int(row.argmax())
-        if not is_greedy(p):
-            probs = filtered_probs(row, p)
-            out[i] = int(torch.multinomial(probs.cpu(), 1, generator=generators[i]).item())
+        if simple[i]:  # the batch argmax is its token
+            continue
+        try:
+            out[i] = _sample_row(logits[i], p, generators[i], histories[i] if histories else ([], []))
+        except (RuntimeError, ValueError) as e:  # one row's numbers, never the batch's
+            out[i] = SamplingError(f"{e} (temperature={p.temperature}, top_p={p.top_p}, top_k={p.top_k}, "
+                                   f"repetition_penalty={p.repetition_penalty})")
     return out
+
+
+def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+                history: tuple[list[int], list[int]]) -> int:
+    if has_penalties(p):
+        row = apply_penalties(row, p, *history)
+        if torch.isnan(row).any() or torch.isposinf(row).any():
+            raise ValueError("the penalties pushed the logits out of the float range")
+    if is_greedy(p):
+        return int(row.argmax())
+    probs = filtered_probs(row, p)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:
+        raise ValueError("no finite distribution is left to sample from")
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
 
 
 _MASK = (1 << 63) - 1

@@ -56,10 +56,15 @@ class Grammars:
 
     def matcher(self, schema: str, consumed: list[int]) -> LLMatcher:
         """A matcher for ``schema`` that has already taken ``consumed`` (a resumed request's output)."""
-        check_schema(schema)
-        m = LLMatcher(self.tokenizer, _grammar(schema), log_level=0)
-        if m.is_error() or (consumed and not m.consume_tokens(consumed)):
-            raise GrammarError(f"response_format: {m.get_error()}")
+        try:
+            grammar = _grammar(schema)
+        except ValueError as e:
+            raise GrammarError(f"response_format schema is not a JSON object: {e}") from None
+        m = LLMatcher(self.tokenizer, grammar, log_level=0)
+        if m.is_error():
+            raise GrammarError(f"response_format schema cannot be used: {m.get_error()}")
+        if consumed and not m.consume_tokens(consumed):
+            raise GrammarError(f"response_format: the output so far leaves the schema: {m.get_error()}")
         return m
 
 
