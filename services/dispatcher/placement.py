@@ -3,7 +3,8 @@
 Each adapter has an expected traffic share (decayed request counts). An adapter is burst
 tolerant when the workers holding it have much free KV capacity for its share; the placement
 greedily adds replicas so that the worst adapter's capacity-per-share is as high as possible,
-within each worker's adapter slots (``slot_cost``: a rank-64 adapter takes four rank-16 slots).
+within each worker's adapter slots (one adapter of any rank per slot, as the engine holds them:
+``WorkerStats.max_loras``).
 Mixing ranks on one worker has a cost (padding and uneven kernels, after LoRAServe): a replica
 whose rank differs from the worker's others counts ``rank_mix_penalty`` less capacity there.
 """
@@ -12,14 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dlora.services.migrator.snapshot import slot_cost
-
 
 @dataclass(frozen=True)
 class WorkerCapacity:
     worker: str
     free_kv_blocks: int
-    slots: int  # in rank-16 units
+    slots: int  # adapters it can hold on the device at once, of any rank (WorkerStats.max_loras)
 
 
 def _tolerance(adapter: str, holders: list[str], share: float, capacity: dict[str, WorkerCapacity],
@@ -47,21 +46,21 @@ def place(
     placed: dict[str, list[str]] = {w.worker: list((current or {}).get(w.worker, [])) for w in workers}
 
     def free_slots(w: str) -> int:
-        return capacity[w].slots - sum(slot_cost(ranks.get(a, 16)) for a in placed[w])
+        return capacity[w].slots - len(placed[w])
 
     def holders(a: str) -> list[str]:
         return [w for w, adapters in placed.items() if a in adapters]
 
     for a in sorted(shares, key=lambda a: -shares[a]):  # one replica each, hottest first, roomiest worker
         if not holders(a):
-            fits = [w for w in placed if free_slots(w) >= slot_cost(ranks.get(a, 16))]
+            fits = [w for w in placed if free_slots(w) > 0]
             if fits:
                 placed[max(fits, key=lambda w: (capacity[w].free_kv_blocks / (1 + len(placed[w])), w))].append(a)
     while True:
         scored = sorted(shares, key=lambda a: _tolerance(a, holders(a), shares[a], capacity, placed, ranks,
                                                          rank_mix_penalty))
         for a in scored:  # the least tolerant adapter that can still get a replica
-            options = [w for w in placed if a not in placed[w] and free_slots(w) >= slot_cost(ranks.get(a, 16))]
+            options = [w for w in placed if a not in placed[w] and free_slots(w) > 0]
             if options:
                 def gain(w: str) -> float:
                     placed[w].append(a)
@@ -89,8 +88,7 @@ def round_robin(adapters: list[str], workers: list[WorkerCapacity], ranks: dict[
     for i, a in enumerate(adapters):
         for k in range(len(names)):
             w = names[(i + k) % len(names)]
-            used = sum(slot_cost(ranks.get(x, 16)) for x in placed[w])
-            if used + slot_cost(ranks.get(a, 16)) <= next(x.slots for x in workers if x.worker == w):
+            if len(placed[w]) < next(x.slots for x in workers if x.worker == w):
                 placed[w].append(a)
                 break
     return placed

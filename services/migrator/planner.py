@@ -9,7 +9,7 @@ worker w (fixed to 1 where it already is).
     minimise  T + sum over moves of their cost + sum over new adapter copies of the load cost
     s.t.      each group's requests all land somewhere           sum_w n[g, w] = |g|
               a request goes only where its adapter is           n[g, w] <= |g| * y[a_g, w]
-              adapter slots                                      sum_a slot_cost(a) y[a, w] <= slots_w
+              adapter slots (one per adapter, any rank)          sum_a y[a, w] <= slots_w - held_w
               KV memory                                          sum_g n[g, w] kv_g <= blocks_w
               T bounds every worker's completion time            sum_g n[g, w] work_g,w <= T
 
@@ -38,7 +38,7 @@ from functools import cached_property
 import pulp
 
 from dlora.common.messages import MovePlan, MoveRequest
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, slot_cost
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 
 BASE = ""  # the base model needs no slot
 
@@ -158,13 +158,11 @@ def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapsho
 def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[str]]:
     """Per group: where its requests could run at all: home, workers holding its adapter, and
     workers with a free slot for it. Pruning the impossible keeps big clusters small models."""
-    used = {w.worker: sum(slot_cost(snapshot.ranks.get(a, 16)) for a in w.adapters) for w in snapshot.workers}
     out = []
     for g in groups:
-        need = slot_cost(snapshot.ranks.get(g.adapter, 16))
         out.append([w.worker for w in snapshot.workers
                     if w.worker == g.worker or g.adapter == BASE or g.adapter in w.adapters
-                    or w.slots - used[w.worker] >= need])
+                    or len(w.adapters) < w.slots])
     return out
 
 
@@ -209,9 +207,7 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
-            used = sum(slot_cost(snapshot.ranks.get(a, 16)) for a in ws.adapters)
-            prob += pulp.LpAffineExpression((v, slot_cost(snapshot.ranks.get(a, 16))) for a, v in new) \
-                <= max(0, ws.slots - used)
+            prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - len(ws.adapters))
             objective += [(v, snapshot.adapter_load_seconds) for _, v in new]
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
@@ -272,8 +268,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
             for dst in sorted(load, key=load.get):
                 if dst == src:
                     continue
-                used = sum(slot_cost(snapshot.ranks.get(x, 16)) for x in held[dst])
-                slot = a == BASE or a in held[dst] or used + slot_cost(snapshot.ranks.get(a, 16)) <= workers[dst].slots
+                slot = a == BASE or a in held[dst] or len(held[dst]) < workers[dst].slots
                 room = demand[dst] + _blocks(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
                 new_dst = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
                 if slot and room and new_dst < load[src]:

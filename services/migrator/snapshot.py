@@ -19,7 +19,7 @@ class WorkerState:
     worker: str
     kv_blocks: int  # total KV blocks
     block_size: int
-    slots: int  # adapter slots (in rank-16 units, see ``slot_cost``)
+    slots: int  # adapters it can hold on the device at once, each of any rank (WorkerStats.max_loras)
     adapters: frozenset[str]  # adapters it holds now
     seconds_per_token: float  # measured: decode seconds per generated token per request here
     # Measured per adapter ("" for the base model) where it has run here; see WorkerStats.
@@ -40,7 +40,3 @@ class ClusterSnapshot:
     kv_transfer_seconds_per_token: float = 0.001  # shipping KV over the bus instead
     adapter_load_seconds: float = 0.05  # loading an adapter the destination lacks
 
-
-def slot_cost(rank: int) -> int:
-    """Slots an adapter takes: one per 16 of rank, at least one (a rank-64 adapter costs four)."""
-    return max(1, -(-rank // 16))

@@ -34,9 +34,9 @@ def test_moves_work_off_the_hottest_worker_with_its_adapter() -> None:
 
 
 def test_respects_slots_and_memory() -> None:
-    # w1's slots are full of a rank-64 adapter (4 slots): a cannot go there; w2 has no KV room.
+    # w1's one slot holds a rank-64 adapter: a cannot go there; w2 has no KV room.
     snap = ClusterSnapshot(
-        workers=[worker("w0", ["a"]), worker("w1", ["big"], slots=4), worker("w2", [], kv_blocks=3)],
+        workers=[worker("w0", ["a"]), worker("w1", ["big"], slots=1), worker("w2", [], kv_blocks=3)],
         requests=reqs("w0", "a", 10) + reqs("w1", "big", 1),
         ranks={"a": 16, "big": 64},
     )
@@ -148,3 +148,22 @@ def test_staying_put_always_fits_and_worker_names_need_not_be_lp_safe() -> None:
         ranks={"a": 16},
     )
     assert plan(snap).method.startswith("ilp")
+
+
+def test_the_planner_reads_worker_stats_in_the_engines_slots() -> None:
+    """Workers as they report themselves: max_loras adapters of any rank. w1 holds one rank-64
+    adapter in two slots, so it has room for the hot rank-8 adapter (read as rank-16 units, the
+    rank-64 one filled four and w1 looked full)."""
+    from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
+    from dlora.services.migrator.trigger import snapshot_from_stats
+
+    def stats(name: str, adapters: dict[str, int], loads: list[RequestLoad]) -> WorkerStats:
+        return WorkerStats(worker=name, running=len(loads), waiting=0, free_blocks=900, total_blocks=1000,
+                           block_size=16, max_loras=2, seconds_per_token=0.01, requests=loads,
+                           adapters=[AdapterResidency(name=a, slot=i, merged=False) for i, a in enumerate(adapters)])
+
+    hot = [RequestLoad(request_id=f"r{i}", adapter="small", context_tokens=50, remaining_tokens=100) for i in range(12)]
+    snap = snapshot_from_stats([stats("w0", {"small": 8, "other": 8}, hot), stats("w1", {"big": 64}, [])],
+                               {"small": 8, "other": 8, "big": 64})
+    p = plan(snap)
+    assert p.moves and all(m.to_worker == "w1" and m.adapter == "small" for m in p.moves)
