@@ -25,9 +25,9 @@ from dlora.common.settings import GatewaySettings, load
 from dlora.common.state import StateStore
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
+from dlora.model.adapters import parse_lora_args
+from dlora.model.config import ModelConfig
 from dlora.services.servers import NATS_DEFAULT_PORT, Server, port_is_free, start_nats, start_redis
-from dlora.services.worker.engine.config import ModelConfig
-from dlora.services.worker.engine.offline import parse_lora_args
 
 DEMO = Path(".cache/demo")
 

@@ -29,6 +29,6 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> TinyOutput:
 
 @pytest.fixture(scope="session")
 def engine_cfg(tiny_llama: TinyOutput):
-    from dlora.services.worker.engine.config import ModelConfig
+    from dlora.model.config import ModelConfig
 
     return ModelConfig.from_dir(tiny_llama.model)

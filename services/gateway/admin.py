@@ -9,8 +9,8 @@ from pathlib import Path
 
 from dlora.common.messages import AdapterEntry
 from dlora.services.gateway.openai import APIError
-from dlora.services.worker.engine.config import ModelConfig
-from dlora.services.worker.engine.lora import AdapterError, load_adapter
+from dlora.model.config import ModelConfig
+from dlora.model.adapters import AdapterError, inspect_adapter
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -26,7 +26,7 @@ def check_adapter(name: str, path: str, roots: list[str], base_name: str, cfg: M
     if not resolved.is_dir():
         raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
     try:
-        adapter = load_adapter(name, resolved, cfg)
+        adapter = inspect_adapter(name, resolved, cfg)  # the header's shapes: no tensor is loaded here
     except AdapterError as e:
         raise APIError(400, str(e), param="path") from None
     return AdapterEntry(name=name, path=str(resolved), rank=adapter.rank, created=time.time(), version=adapter.digest)

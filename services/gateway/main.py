@@ -16,7 +16,6 @@ import msgspec
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from transformers import AutoTokenizer
 
 from dlora.common import log, subjects
 from dlora.common.bus import connections
@@ -35,7 +34,7 @@ from dlora.services.gateway import openai
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.metrics import Metrics
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, Shape
-from dlora.services.worker.engine.config import ModelConfig
+from dlora.model.config import ModelConfig
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
@@ -73,6 +72,10 @@ class Gateway:
         self.s, self.nc, self.store = settings, nc, store
         self.base_name = settings.served_model_name or Path(settings.model).name
         self.cfg = ModelConfig.from_dir(settings.model)
+        # Here, not at import: transformers 5's AutoTokenizer imports torch (its config machinery),
+        # and only a running gateway needs the tokenizer, not the CLI or the tests importing this.
+        from transformers import AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self.context = self.cfg.context_length()
         self.metrics = Metrics()

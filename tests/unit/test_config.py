@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dlora.services.worker.engine.config import ModelConfig, ModelConfigError
+from dlora.model.config import ModelConfig, ModelConfigError
 
 RAW = dict(model_type="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
            intermediate_size=128, num_hidden_layers=2, vocab_size=100, eos_token_id=[2, 5])

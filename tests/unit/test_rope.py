@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from dlora.services.worker.engine.config import ModelConfig, ModelConfigError
+from dlora.model.config import ModelConfig, ModelConfigError
 from dlora.services.worker.engine.rope import Rope, apply_rope, inv_freq_and_scale
 
 SCALINGS = {

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from dlora.common.messages import SamplingParams, TokenLogprob
 from dlora.kernels.backend import select_kernels
-from dlora.services.worker.engine.config import ModelConfig
+from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
@@ -29,7 +29,7 @@ from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
-from dlora.services.worker.engine.weights import load_weights, targets
+from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, StepDecision, StepRecord, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from dlora.services.worker.engine.lora import LoraAdapter
-from dlora.services.worker.engine.weights import ModelWeights, Target
+from dlora.model.config import Target
+from dlora.services.worker.engine.weights import ModelWeights
 
 
 @dataclass

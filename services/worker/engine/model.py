@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dlora.kernels.backend import Kernels
-from dlora.services.worker.engine.config import ModelConfig
+from dlora.model.config import ModelConfig
 from dlora.services.worker.engine.kv_cache import KVCache
 from dlora.services.worker.engine.rope import Rope, apply_rope
 from dlora.services.worker.engine.slots import DeviceLoras

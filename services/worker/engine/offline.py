@@ -17,22 +17,12 @@ from typing import Any
 import msgspec
 
 from dlora.common.messages import SamplingParams
+from dlora.model.adapters import AdapterError, parse_lora_args
 from dlora.services.worker.engine.engine import EngineConfig, LLMEngine, RequestError
-from dlora.services.worker.engine.lora import AdapterError
 
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "dlora": "dlora"}
-
-
-def parse_lora_args(specs: list[str]) -> dict[str, str]:
-    out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
-        out[name] = path
-    return out
 
 
 def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dlora.services.worker.engine.config import ModelConfig, ModelConfigError
+from dlora.model.config import ModelConfig, ModelConfigError
 
 SERVED_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from dlora.kernels.lora import LoraProjection, LoraSlice
-from dlora.services.worker.engine.config import ModelConfig
+from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine.lora import LoraAdapter
-from dlora.services.worker.engine.weights import targets
 
 
 class NoFreeSlot(RuntimeError):

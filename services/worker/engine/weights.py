@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dlora.services.worker.engine.config import ModelConfig
+from dlora.model.config import ModelConfig, Target
 
 
 class WeightsError(ValueError):
@@ -37,33 +37,6 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # (hidden,)
     lm_head: torch.Tensor  # (vocab, hidden); the same tensor as embed when tied
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where one HF projection lives in the fused layout: rows [offset, offset+out) of ``fused``."""
-
-    fused: str  # attribute of LayerWeights
-    offset: int
-    out_features: int
-    in_features: int
-
-
-# PEFT target-module names, in the order the engine applies them.
-TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def targets(cfg: ModelConfig) -> dict[str, Target]:
-    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    return {
-        "q_proj": Target("qkv", 0, q, h),
-        "k_proj": Target("qkv", q, kv, h),
-        "v_proj": Target("qkv", q + kv, kv, h),
-        "o_proj": Target("o", 0, h, q),
-        "gate_proj": Target("gate_up", 0, inter, h),
-        "up_proj": Target("gate_up", inter, inter, h),
-        "down_proj": Target("down", 0, h, inter),
-    }
 
 
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:

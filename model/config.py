@@ -146,3 +146,31 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelConfigError(f"{source}: partial_rotary_factor is not served")
     return params
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HF projection lives in the engine's fused layout: rows [offset, offset+out) of
+    ``fused`` (q|k|v run as one matmul, gate|up as one)."""
+
+    fused: str  # attribute of the engine's LayerWeights
+    offset: int
+    out_features: int
+    in_features: int
+
+
+# PEFT target-module names, in the order the engine applies them.
+TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def targets(cfg: ModelConfig) -> dict[str, Target]:
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {
+        "q_proj": Target("qkv", 0, q, h),
+        "k_proj": Target("qkv", q, kv, h),
+        "v_proj": Target("qkv", q + kv, kv, h),
+        "o_proj": Target("o", 0, h, q),
+        "gate_proj": Target("gate_up", 0, inter, h),
+        "up_proj": Target("gate_up", inter, inter, h),
+        "down_proj": Target("down", 0, h, inter),
+    }

@@ -1,0 +1,294 @@
+r"""PEFT LoRA adapters read and validated against the base model without torch: the tensors' shapes
+come from the safetensors header, so the gateway checks an adapter without loading it, and the
+engine loads exactly what this module accepted.
+
+Only safetensors are read. Every ``adapter_config.json`` field that changes the output is read as
+PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/utils/other.py
+``get_pattern_key``), or the adapter is refused with the field named:
+- scaling ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with ``rank_pattern`` /
+  ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$`` on the module name, first match in order;
+- which modules carry LoRA: ``target_modules`` (a list: the name or a dotted suffix; a string: a
+  regex the whole name must match; ``all-linear``), ``exclude_modules`` (the same two forms),
+  ``layers_to_transform`` with ``layers_pattern``. Weights in the file for modules PEFT would not
+  adapt are ignored, as PEFT ignores them;
+- ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
+- DoRA, ``lora_bias``, ``bias``, ``modules_to_save``, layer replication, trainable tokens,
+  parameter targets, aLoRA, QALoRA, Megatron and the other LoRA variants are refused, and so is any
+  field this module does not know that is set to something other than a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlora.model.config import TARGET_NAMES, ModelConfig, targets
+
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """The adapter directory cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted projection: its tensors in the file, rank and scaling."""
+
+    a_key: str  # lora_A, (rank, in_features)
+    b_key: str  # lora_B, (out_features, rank)
+    rank: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter as checked against the base model, before any tensor is read."""
+
+    name: str
+    path: Path
+    # (layer index, PEFT target name such as "q_proj") -> what is adapted there
+    modules: dict[tuple[int, str], ModuleSpec]
+    # What this adapter is, whatever its name: a digest of adapter_config.json and the weights
+    # file (``content_digest``). A name registered again with other files is another version.
+    digest: str
+
+    @property
+    def rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+
+def read_adapter_files(name: str, path: str | Path) -> tuple[bytes, bytes]:
+    """adapter_config.json and adapter_model.safetensors, as bytes (AdapterError if missing)."""
+    path = Path(path)
+    conf_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not conf_path.is_file():
+        raise AdapterError(f"adapter {name!r}: {conf_path} not found")
+    if not weights_path.is_file():
+        extra = " (only safetensors are loaded)" if (path / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"adapter {name!r}: {weights_path} not found{extra}")
+    try:
+        return conf_path.read_bytes(), weights_path.read_bytes()
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {path} ({e.strerror})") from None
+
+
+def safetensors_shapes(data: bytes) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from a safetensors file's header (an 8-byte little-endian length, then
+    that much JSON; huggingface/safetensors, "Format"). Raises ValueError if it is not one."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise ValueError("header longer than the file")
+    header = json.loads(data[8 : 8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def parse_lora_args(specs: list[str]) -> dict[str, str]:
+    """``--lora NAME=DIR`` values as name -> directory (ValueError naming a malformed one)."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
+        out[name] = path
+    return out
+
+
+def inspect_adapter(name: str, path: str | Path, cfg: ModelConfig) -> AdapterSpec:
+    """Read and validate a PEFT LoRA directory without loading its tensors (AdapterError says why
+    it is unusable)."""
+    return validate(name, path, *read_adapter_files(name, path), cfg)
+
+
+def validate(name: str, path: str | Path, conf_bytes: bytes, weight_bytes: bytes, cfg: ModelConfig) -> AdapterSpec:
+    """The adapter these files hold, checked against the base: config fields as PEFT reads them,
+    tensor names, pairs, layers, shapes and ranks (AdapterError with the reason otherwise)."""
+    path = Path(path)
+    try:
+        conf = json.loads(conf_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not a JSON object")
+    _check_config(name, conf)
+    try:
+        shapes = safetensors_shapes(weight_bytes)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {path / 'adapter_model.safetensors'} ({e})") from None
+
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
+        m = _KEY.search(key)
+        if not m or m.group(2) not in TARGET_NAMES:
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)}")
+        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
+    if not pairs:
+        raise AdapterError(f"adapter {name!r}: {path / 'adapter_model.safetensors'} holds no LoRA weights")
+
+    fits = targets(cfg)
+    modules: dict[tuple[int, str], ModuleSpec] = {}
+    for (layer, target), ab in sorted(pairs.items()):
+        where = f"adapter {name!r}: layer {layer} {target}"
+        module = f"model.layers.{layer}.{'self_attn' if target in TARGET_NAMES[:4] else 'mlp'}.{target}"
+        if not targeted(conf, module):
+            continue  # PEFT makes no LoRA layer here, so it never reads these weights
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{where}: has lora_{''.join(ab)} but not both lora_A and lora_B")
+        if layer >= cfg.num_layers:
+            raise AdapterError(f"{where}: the base model has {cfg.num_layers} layers")
+        a, b, t = shapes[ab["A"]], shapes[ab["B"]], fits[target]
+        rank = a[0] if a else 0
+        if len(a) != 2 or len(b) != 2 or a[1] != t.in_features or b != (t.out_features, rank):
+            raise AdapterError(f"{where}: lora_A {a} / lora_B {b} do not fit the base "
+                               f"({t.in_features} -> {t.out_features})")
+        r = int(_pattern_value(conf.get("rank_pattern") or {}, module, conf["r"]))
+        if r != rank:
+            raise AdapterError(f"{where}: tensors have rank {rank}, adapter_config.json says r={r}")
+        alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
+        scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+        modules[(layer, target)] = ModuleSpec(ab["A"], ab["B"], rank, scale)
+    if not modules:
+        raise AdapterError(f"adapter {name!r}: none of its weights is on a module its target_modules, "
+                           "exclude_modules and layers_to_transform select")
+    return AdapterSpec(name, path, modules, content_digest(conf_bytes, weight_bytes))
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first key (in order) whose regex, grouped, ends the module
+    name at a dot or the start."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _in_modules(spec: str | list[str], module: str) -> bool:
+    """A ``target_modules`` / ``exclude_modules`` value: a string is a regex the whole name must
+    match; a list names modules by full name or dotted suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return module in spec or any(module.endswith(f".{m}") for m in spec)
+
+
+def _layer_index(conf: dict[str, Any], module: str) -> int | None:
+    patterns = conf.get("layers_pattern") or None
+    if patterns is None:  # the first numbered segment after a named one
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        m = next((m for p in ([patterns] if isinstance(patterns, str) else patterns)
+                  if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    return int(m["idx"]) if m else None
+
+
+def targeted(conf: dict[str, Any], module: str) -> bool:
+    """Whether PEFT puts LoRA on ``module`` (a base-model module name such as
+    ``model.layers.0.self_attn.q_proj``) under this config."""
+    if conf.get("exclude_modules") and _in_modules(conf["exclude_modules"], module):
+        return False
+    spec = conf.get("target_modules")
+    if spec is None:
+        return False
+    if spec == "all-linear":  # every linear layer but the output head: all of TARGET_NAMES here
+        return module.rsplit(".", 1)[-1] in TARGET_NAMES
+    if isinstance(spec, str):
+        return _in_modules(spec, module)
+    if not _in_modules(spec, module):
+        return False
+    layers = conf.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(conf, module)
+    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+
+def content_digest(config: bytes, weights: bytes) -> str:
+    """An adapter version: SHA-256 of its config and weights files, 16 hex digits."""
+    h = hashlib.sha256()
+    for part in (config, weights):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# adapter_config.json fields with no effect on inference (metadata, initialisation, training).
+_NO_EFFECT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+              "inference_mode", "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
+              "lora_ga_config", "megatron_core", "runtime_config", "ensure_weight_tying", "qalora_group_size"}
+# Fields read above, as PEFT reads them.
+_HONOURED = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+             "layers_to_transform", "layers_pattern", "fan_in_fan_out"}
+# Fields that change the math in ways not served here, by what they are.
+_REFUSED = {"use_dora": "DoRA adapters are not served", "lora_bias": "lora_bias (a bias on lora_B) is not served",
+            "modules_to_save": "modules_to_save (full fine-tuned modules) are not served",
+            "layer_replication": "layer_replication is not served",
+            "trainable_token_indices": "trainable tokens are not served",
+            "target_parameters": "LoRA on parameters (target_parameters) is not served",
+            "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served",
+            "use_qalora": "QALoRA is not served", "megatron_config": "Megatron-parallel LoRA is not served"}
+
+
+def _check_config(name: str, conf: dict[str, Any]) -> None:
+    def refuse(reason: str) -> None:
+        raise AdapterError(f"adapter {name!r}: {reason}")
+
+    if conf.get("peft_type", "LORA") != "LORA":
+        refuse(f"peft_type {conf.get('peft_type')!r} is not LORA")
+    for key in ("r", "lora_alpha"):
+        if isinstance(conf.get(key), bool) or not isinstance(conf.get(key), (int, float)) or conf[key] <= 0:
+            refuse(f"adapter_config.json needs a positive {key!r}")
+    if conf.get("bias", "none") != "none":
+        refuse(f"bias={conf['bias']!r} is not served")
+    for key, reason in _REFUSED.items():
+        if conf.get(key):
+            refuse(reason)
+    unknown = sorted(k for k, v in conf.items()
+                     if k not in _NO_EFFECT | _HONOURED | set(_REFUSED) | {"bias"} and v not in (None, False, [], {}, ""))
+    if unknown:
+        refuse(f"adapter_config.json sets {', '.join(unknown)}, which dlora does not know and which may change the "
+               "output (a LoRA variant); refused rather than served differently from PEFT")
+    def names(value: Any) -> bool:
+        return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, str) for m in value))
+
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        if not names(conf.get(key)):
+            refuse(f"{key} must be a string or a list of strings")
+    layers = conf.get("layers_to_transform")
+    if not (layers is None or _whole(layers) or (isinstance(layers, list) and all(_whole(i) for i in layers))):
+        refuse("layers_to_transform must be a layer index or a list of them")
+    # peft's LoraConfig refuses these combinations itself
+    if layers is not None and isinstance(conf.get("target_modules"), str):
+        refuse("layers_to_transform cannot be used when target_modules is a string (peft refuses it too)")
+    if conf.get("layers_pattern") and layers is None:
+        refuse("layers_pattern needs layers_to_transform (peft refuses it too)")
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        for pattern in [conf[key]] if isinstance(conf.get(key), str) else []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                refuse(f"{key} {pattern!r} is not a valid regex ({e})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(conf.get(key) or {}, dict):
+            refuse(f"{key} must be an object")
+        for pattern, value in (conf.get(key) or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+                    key == "rank_pattern" and not _whole(value)):
+                refuse(f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'}")
+        for pattern in conf.get(key) or {}:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                refuse(f"{key} key {pattern!r} is not a valid regex ({e})")
