@@ -13,7 +13,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from dlora.common import log, subjects
+from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
     MAX_RECOVERIES,
@@ -31,7 +31,6 @@ from dlora.services.dispatcher.placement import WorkerCapacity, place
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
-_decode_stats = msgspec.json.Decoder(WorkerStats)
 _encode = msgspec.json.Encoder()
 _DECAY = 0.9  # per placement interval: traffic shares follow the last minute or so
 
@@ -54,19 +53,15 @@ class Dispatcher:
         now = time.monotonic()
         return [st for st, at in self.workers.values() if now - at <= self.s.heartbeat_ttl_s]
 
-    async def _on_stats(self, msg: Msg) -> None:
-        try:
-            st = _decode_stats.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+    async def _on_stats(self, st: WorkerStats) -> None:
         self.workers[st.worker] = (st, time.monotonic())
         self.sent_since_stats[st.worker] = 0
 
     async def _on_request(self, msg: Msg) -> None:
-        try:
+        try:  # decoded here, not by bus.subscribe: an unchanged request is forwarded as it came
             req = _decode_request.decode(msg.data)
         except msgspec.DecodeError as e:
-            logger.warning("bad request message", error=str(e))
+            bus.reject(subjects.REQUESTS, msg.subject, GenerateRequest, e)
             return
         await self._dispatch(req, msg.data)
 
@@ -123,7 +118,7 @@ class Dispatcher:
         capacity = [WorkerCapacity(w.worker, w.free_blocks, w.max_loras) for w in live]
         shares = {a: c / total for a, c in self.traffic.items() if a in ranks}
         self.placement = place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
-        await self.nc.publish(subjects.PLACEMENT, _encode.encode(Placement(workers=self.placement)))
+        await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))
 
     async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
@@ -151,7 +146,7 @@ class Dispatcher:
     async def _fail(self, req: GenerateRequest, seq: int, reason: str,
                     code: ErrorCode = ErrorCode.INTERNAL) -> None:
         chunk = TokenChunk(request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason="error")
-        await self.nc.publish(req.reply_to, _encode.encode(chunk))
+        await bus.publish(self.nc, req.reply_to, chunk)
         await self.store.delete_inflight(req.request_id)
 
     async def _seed_from_redis(self) -> None:
@@ -163,7 +158,7 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         await self._seed_from_redis()
         subs = [
-            await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats),
+            await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),
             await self.nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),
         ]
         await self.nc.flush()

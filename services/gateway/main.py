@@ -17,7 +17,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from dlora.common import log, subjects
+from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
     AbortRequest,
@@ -38,8 +38,6 @@ from dlora.model.config import ModelConfig
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
-_decode_stats = msgspec.json.Decoder(WorkerStats)
-_encode = msgspec.json.Encoder()
 MAX_CHOICES = 256  # prompts x n in one request
 _STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
@@ -198,7 +196,7 @@ class Gateway:
         stream_mode = bool(body.stream)
         try:
             for c in by_id.values():
-                await self.nc.publish(subjects.REQUESTS, _encode.encode(c.request))
+                await bus.publish(self.nc, subjects.REQUESTS, c.request)
             while any(c.out.finish_reason is None for c in job.choices):
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
                 # cancellation when get() completes at the same moment (CPython #86296), and the
@@ -277,7 +275,7 @@ class Gateway:
     async def _abort(self, choices: list[_Choice]) -> None:
         for c in choices:
             if c.request is not None:
-                await self.nc.publish(subjects.ABORT, _encode.encode(AbortRequest(request_id=c.request.request_id)))
+                await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=c.request.request_id))
 
     def _observe_done(self, label: str, start: float, first_at: float | None, n_tokens: int) -> None:
         end = time.monotonic()
@@ -321,8 +319,8 @@ class Gateway:
                                             self.cfg)
             if not await self.store.put_adapter(entry):  # atomic: of two racing registrations one wins
                 raise taken
-            await self.nc.publish(subjects.ADAPTER_EVENTS, _encode.encode(AdapterEvent(name=entry.name, removed=False,
-                                                                                     version=entry.version)))
+            await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=entry.name, removed=False,
+                                                                                     version=entry.version))
             return web.json_response(msgspec.to_builtins(entry), status=201)
         except APIError as e:
             return web.json_response(e.body(), status=e.status)
@@ -333,7 +331,7 @@ class Gateway:
             name = request.match_info["name"]
             if not await self.store.delete_adapter(name):
                 raise APIError(404, f"adapter {name!r} is not registered", param="name")
-            await self.nc.publish(subjects.ADAPTER_EVENTS, _encode.encode(AdapterEvent(name=name, removed=True)))
+            await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
             return web.json_response({"id": name, "object": "model", "deleted": True})
         except APIError as e:
             return web.json_response(e.body(), status=e.status)
@@ -368,11 +366,8 @@ class Gateway:
         if queue is not None:  # else: the request is already over (client gone)
             queue.put_nowait(msg.data)
 
-    async def _on_stats(self, msg: Msg) -> None:
-        try:
-            self.metrics.observe_worker(_decode_stats.decode(msg.data))
-        except msgspec.DecodeError:
-            pass
+    async def _on_stats(self, st: WorkerStats) -> None:
+        self.metrics.observe_worker(st)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.s.max_body_bytes + 1024, middlewares=[_json_errors])
@@ -388,7 +383,7 @@ class Gateway:
         return app
 
     async def start(self) -> None:
-        await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
+        await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()
 

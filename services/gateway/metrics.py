@@ -3,7 +3,7 @@ the workers' stats messages."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from dlora.common.messages import WorkerStats
 
@@ -47,4 +47,5 @@ class Metrics:
             self.merged.labels(w, a.name).set(1 if a.merged else 0)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The gateway's metrics, then the process-wide ones (bus rejects, the process itself)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)

@@ -9,9 +9,8 @@ import time
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from dlora.common import log, subjects
+from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import WorkerStats
 from dlora.common.settings import MigratorSettings
@@ -20,8 +19,6 @@ from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.trigger import TriggerBounds, snapshot_from_stats, triggered
 
 logger = log.get("migrator")
-_decode_stats = msgspec.json.Decoder(WorkerStats)
-_encode = msgspec.json.Encoder()
 
 
 class Migrator:
@@ -34,11 +31,7 @@ class Migrator:
         self._imbalanced_looks = 0
         self._last_solve = float("-inf")
 
-    async def _on_stats(self, msg: Msg) -> None:
-        try:
-            st = _decode_stats.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+    async def _on_stats(self, st: WorkerStats) -> None:
         self.stats[st.worker] = (st, time.monotonic())
 
     async def tick(self) -> None:
@@ -73,7 +66,7 @@ class Migrator:
         self._last_solve = now
         if p.moves and await self._still_leader():
             p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time())
-            await self.nc.publish(subjects.MOVES, _encode.encode(p))
+            await bus.publish(self.nc, subjects.MOVES, p)
             self.plans += 1
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.
@@ -87,7 +80,7 @@ class Migrator:
         return await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s) == self.epoch
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub = await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
+        sub = await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         logger.info("migrator ready", migrator=self.s.migrator_id)
         try:
             while not stop.is_set():

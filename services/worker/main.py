@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from dlora.common import log, subjects
+from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
     AbortRequest,
@@ -42,15 +41,8 @@ from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
-_decode_request = msgspec.json.Decoder(GenerateRequest)
-_decode_abort = msgspec.json.Decoder(AbortRequest)
-_decode_event = msgspec.json.Decoder(AdapterEvent)
-_decode_plan = msgspec.json.Decoder(MovePlan)
-_decode_kv = msgspec.msgpack.Decoder(KVChunk)
-_decode_placement = msgspec.json.Decoder(Placement)
 _encode_kv = msgspec.msgpack.Encoder()
 _PLAN_MAX_AGE_S = 5.0
-_encode = msgspec.json.Encoder()
 
 
 @dataclass
@@ -115,30 +107,16 @@ class WorkerService:
         self._snapshot_at = time.monotonic()
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
-    async def _on_request(self, msg: Msg) -> None:
-        try:
-            await self.commands.put(_Add(_decode_request.decode(msg.data)))
-        except msgspec.DecodeError as e:
-            logger.warning("bad request message", error=str(e))
+    async def _on_request(self, req: GenerateRequest) -> None:
+        await self.commands.put(_Add(req))
 
-    async def _on_abort(self, msg: Msg) -> None:
-        try:
-            await self.commands.put(_Abort(_decode_abort.decode(msg.data).request_id))
-        except msgspec.DecodeError:
-            pass
+    async def _on_abort(self, abort: AbortRequest) -> None:
+        await self.commands.put(_Abort(abort.request_id))
 
-    async def _on_adapter_event(self, msg: Msg) -> None:
-        try:
-            event = _decode_event.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+    async def _on_adapter_event(self, event: AdapterEvent) -> None:
         await self.commands.put(_AdapterChanged(event.name, None if event.removed else event.version))
 
-    async def _on_moves(self, msg: Msg) -> None:
-        try:
-            plan = _decode_plan.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+    async def _on_moves(self, plan: MovePlan) -> None:
         if time.time() - plan.created > _PLAN_MAX_AGE_S or plan.epoch < self.plan_epoch:
             logger.info("stale plan ignored", plan=plan.plan_id, epoch=plan.epoch, seen=self.plan_epoch)
             return
@@ -147,21 +125,13 @@ class WorkerService:
             if m.request_id in self.streams and m.to_worker != self.s.worker_id:
                 await self.commands.put(_Move(m.request_id, m.to_worker, m.ship_kv))
 
-    async def _on_placement(self, msg: Msg) -> None:
-        try:
-            placement = _decode_placement.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+    async def _on_placement(self, placement: Placement) -> None:
         held = {name_of(key) for key in self.engine.adapters}
         mine = [a for a in placement.workers.get(self.s.worker_id, []) if a not in held]
         if mine:
             await self.commands.put(_Prefetch(mine))
 
-    async def _on_kv_chunk(self, msg: Msg) -> None:
-        try:
-            chunk = _decode_kv.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+    async def _on_kv_chunk(self, chunk: KVChunk) -> None:
         box = self.kv_inbox.get(chunk.request_id)
         if box is None:
             now = time.monotonic()
@@ -202,8 +172,7 @@ class WorkerService:
             logger.exception("command failed", command=type(cmd).__name__, error=str(e))
             if isinstance(cmd, _Add):
                 reason = f"the worker could not take the request: {type(e).__name__}: {e}"
-                await self.nc.publish(cmd.req.reply_to, _encode.encode(
-                    error_chunk(cmd.req, ErrorCode.INTERNAL, reason, self.s.worker_id)))
+                await bus.publish(self.nc, cmd.req.reply_to, error_chunk(cmd.req, ErrorCode.INTERNAL, reason, self.s.worker_id))
         if self.retiring:
             self._retire()
 
@@ -266,7 +235,7 @@ class WorkerService:
         for i, piece in enumerate(pieces):
             chunk = KVChunk(request_id=cmd.request_id, index=i, total=len(pieces), data=piece)
             await self.nc.publish(subjects.kv_transfer(cmd.to_worker, cmd.request_id), _encode_kv.encode(chunk))
-        await self.nc.publish(subjects.worker_requests(cmd.to_worker), _encode.encode(resumed))
+        await bus.publish(self.nc, subjects.worker_requests(cmd.to_worker), resumed)
         await self.store.put_inflight(resumed, cmd.to_worker)
         logger.info("request moved", request=cmd.request_id, to=cmd.to_worker, tokens=len(seq.output_ids),
                     kv_bytes=len(data))
@@ -336,7 +305,7 @@ class WorkerService:
             code, reason = ErrorCode.NOT_FOUND, str(e)
         except (RequestError, AdapterError) as e:
             reason = str(e)
-        await self.nc.publish(req.reply_to, _encode.encode(error_chunk(req, code, reason, self.s.worker_id)))
+        await bus.publish(self.nc, req.reply_to, error_chunk(req, code, reason, self.s.worker_id))
         await self.store.delete_inflight(req.request_id)
 
     async def _step(self) -> None:
@@ -352,7 +321,7 @@ class WorkerService:
             stream = self.streams.get(out.request_id)
             if stream is None:  # aborted while the step ran
                 continue
-            await self.nc.publish(stream.reply_to, _encode.encode(chunk_for(out, stream, self.s.worker_id, now)))
+            await bus.publish(self.nc, stream.reply_to, chunk_for(out, stream, self.s.worker_id, now))
             sent[out.request_id] = out.new_token_ids
             if out.finished:
                 del self.streams[out.request_id]
@@ -419,7 +388,7 @@ class WorkerService:
         while not stop.is_set():
             stats = msgspec.structs.replace(self.stats, sent=time.time())
             try:
-                await self.nc.publish(subjects.stats(self.s.worker_id), _encode.encode(stats))
+                await bus.publish(self.nc, subjects.stats(self.s.worker_id), stats)
                 await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
                 await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
                 await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
@@ -434,12 +403,13 @@ class WorkerService:
         if state:
             self.engine.policy.restore(state)
         subs = [
-            await self.nc.subscribe(subjects.worker_requests(self.s.worker_id), cb=self._on_request),
-            await self.nc.subscribe(subjects.ABORT, cb=self._on_abort),
-            await self.nc.subscribe(subjects.ADAPTER_EVENTS, cb=self._on_adapter_event),
-            await self.nc.subscribe(subjects.MOVES, cb=self._on_moves),
-            await self.nc.subscribe(subjects.kv_inbox(self.s.worker_id), cb=self._on_kv_chunk),
-            await self.nc.subscribe(subjects.PLACEMENT, cb=self._on_placement),
+            await bus.subscribe(self.nc, subjects.worker_requests(self.s.worker_id), GenerateRequest,
+                                self._on_request),
+            await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
+            await bus.subscribe(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent, self._on_adapter_event),
+            await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_moves),
+            await bus.subscribe(self.nc, subjects.kv_inbox(self.s.worker_id), KVChunk, self._on_kv_chunk, msgpack=True),
+            await bus.subscribe(self.nc, subjects.PLACEMENT, Placement, self._on_placement),
         ]
         await self.nc.flush()
         # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.

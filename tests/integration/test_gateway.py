@@ -294,6 +294,27 @@ async def test_ready_with_live_workers(stack: Stack) -> None:
     assert r.status == 200 and body["status"] == "ok" and body["workers"] == 2 and body["nats"] is True
 
 
+async def test_bus_messages_that_do_not_decode_are_counted_not_lost_silently(stack: Stack) -> None:
+    from dlora.common import subjects
+
+    async def rejects() -> float:
+        async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
+            text = await r.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('dlora_bus_rejected_messages_total{subject="dlora.stats.*",type="WorkerStats"}'))
+
+    before = await rejects()
+    await stack.nc.publish(subjects.stats("w-from-the-future"), b'{"worker": 3}')
+    await stack.nc.flush()
+    for _ in range(100):
+        if await rejects() > before:
+            break
+        await asyncio.sleep(0.02)
+    assert await rejects() > before
+    status, _ = await post(stack, "/v1/completions", {"model": "model", "prompt": "kalo", "max_tokens": 2})
+    assert status == 200  # and nothing else minded
+
+
 async def test_metrics_are_exposed(stack: Stack) -> None:
     await post(stack, "/v1/completions", {"model": "lora-1", "prompt": "kalo", "max_tokens": 3})
     await asyncio.sleep(0.3)  # a stats interval

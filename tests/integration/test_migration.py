@@ -12,8 +12,8 @@ import nats
 import pytest
 from redis.asyncio import Redis
 
-from dlora.common import subjects
-from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common import bus, subjects
+from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.settings import MigratorSettings, WorkerSettings
 from dlora.common.state import StateStore
 from dlora.services.migrator.main import Migrator
@@ -323,7 +323,7 @@ async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server,
         dnc = await nats.connect(nats_server.url)
         conns.append(dnc)
         d = Dispatcher(DispatcherSettings(nats_url=nats_server.url), dnc, store)
-        await dnc.subscribe(subjects.STATS_ALL, cb=d._on_stats)
+        await bus.subscribe(dnc, subjects.STATS_ALL, WorkerStats, d._on_stats)
         await asyncio.sleep(0.3)
         for _ in range(20):
             d._count("lora-0")

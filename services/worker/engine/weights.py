@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dlora.model.config import ModelConfig, Target
+from dlora.model.config import ModelConfig
 
 
 class WeightsError(ValueError):
