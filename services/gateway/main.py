@@ -66,6 +66,15 @@ class _Job:
 
 
 class Gateway:
+    """The OpenAI-compatible HTTP front: checks and shapes each request (adapter version, prompt,
+    parameters, context), publishes one ``GenerateRequest`` per choice to the dispatchers, relays
+    the workers' chunks back as JSON or server-sent events, and administers the adapter registry.
+
+    Runs on one asyncio loop; replies for every request it relays arrive on one subscription and
+    are routed to the waiting handler by request id. It holds no request state beyond a handler's
+    life: a gateway restart loses only the connections it had.
+    """
+
     def __init__(self, settings: GatewaySettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
         self.base_name = settings.served_model_name or Path(settings.model).name

@@ -88,6 +88,15 @@ _EARLY_ABORT_S = 60.0  # an abort that came before its request is kept this long
 
 
 class WorkerService:
+    """The worker process's shell around one ``LLMEngine``: admission of requests (adapter version
+    loaded, KV of a moved request awaited), the engine loop, the move protocol of the migrator's
+    plans, and the stats, heartbeat and checkpoints it publishes.
+
+    Bus handlers only decode (``bus.subscribe``) and enqueue commands; one task (``run_loop``)
+    applies them between steps and owns the engine, whose step runs in a thread. Every command
+    and every step is applied under a guard: what fails, fails its request, never the worker.
+    """
+
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
         self.commands: asyncio.Queue[_Add | _Abort | _AdapterChanged | _Move | _Prefetch] = asyncio.Queue()

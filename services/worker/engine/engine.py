@@ -72,6 +72,17 @@ class RequestOutput:
 
 
 class LLMEngine:
+    """One replica's inference: the base model and its paged KV cache, the registered adapters (host
+    memory, ``max_loras`` device slots, one merged at most), the running requests and the batching
+    policy that picks each step.
+
+    Owned by one thread at a time: the worker service calls it from one task (through
+    ``asyncio.to_thread`` for ``step``), ``dlora generate`` and the benchmarks from their own
+    loop. ``add_request`` / ``abort`` queue and drop requests; ``step`` runs one iteration and
+    returns what each request produced; ``register_adapter`` / ``unregister_adapter`` change the
+    adapters. Nothing here does I/O beyond loading weights.
+    """
+
     def __init__(self, config: EngineConfig, policy: Policy | None = None) -> None:
         if config.dtype not in DTYPES:
             raise ValueError(f"dtype {config.dtype!r}: expected one of {sorted(DTYPES)}")

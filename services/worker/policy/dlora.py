@@ -91,6 +91,15 @@ def _key(adapter: str | None) -> str:
 
 
 class DLoraPolicy(Policy):
+    """dLoRA's batching policy (OSDI'24, section 4): each step either merges the most-queued
+    adapter or runs many adapters unmerged, by thresholds adapted from the throughput each mode
+    measured (and what the other would have done), counting the cost of a switch; credits that grow
+    while an adapter's requests wait serve a starving adapter first.
+
+    Pure: ``decide`` sees the queue, ``observe`` the step that ran; the engine calls both from its
+    own thread. ``checkpoint`` / ``restore`` carry its learned state across worker restarts.
+    """
+
     def __init__(self, limits: BatchLimits, config: DLoraConfig | None = None) -> None:
         super().__init__(limits)
         self.config = config or DLoraConfig()
