@@ -69,6 +69,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         return None
 
 
+class FinishReason(str, enum.Enum):
+    """Why a request ended (OpenAI's finish_reason, and dlora's own two)."""
+
+    STOP = "stop"  # EOS, a stop token or string, or a structured document complete
+    LENGTH = "length"  # max_tokens, or the model's context is full
+    ABORT = "abort"  # its client went away
+    ERROR = "error"  # it failed; the chunk's error says why
+
+
 class ErrorCode(str, enum.Enum):
     """Why a request failed; the gateway maps each to an HTTP status."""
 
@@ -153,8 +162,8 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     seq: int
     token_ids: list[int] = []
     text: str = ""
-    # "stop" | "length" | "abort" on the last chunk; None before.
-    finish_reason: str | None = None
+    # Set on the last chunk; None before.
+    finish_reason: FinishReason | None = None
     usage: Usage | None = None
     # Set on a failed request's only chunk: a reason for the caller.
     error: str | None = None

@@ -18,6 +18,7 @@ from dlora.common.bus import connections
 from dlora.common.messages import (
     MAX_RECOVERIES,
     ErrorCode,
+    FinishReason,
     GenerateRequest,
     Placement,
     TokenChunk,
@@ -145,7 +146,7 @@ class Dispatcher:
 
     async def _fail(self, req: GenerateRequest, seq: int, reason: str,
                     code: ErrorCode = ErrorCode.INTERNAL) -> None:
-        chunk = TokenChunk(request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason="error")
+        chunk = TokenChunk(request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason=FinishReason.ERROR)
         await bus.publish(self.nc, req.reply_to, chunk)
         await self.store.delete_inflight(req.request_id)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk, Usage
+from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, TokenChunk, Usage
 from dlora.services.worker.engine import RequestOutput
 
 
@@ -36,7 +36,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         seq=stream.seq,
         token_ids=out.new_token_ids,
         text=out.new_text,
-        finish_reason=out.finish_reason.value if out.finish_reason else None,
+        finish_reason=out.finish_reason,
         usage=Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens)
         if out.finished
         else None,
@@ -51,4 +51,4 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
 def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str, seq: int | None = None) -> TokenChunk:
     """A failed request's last chunk: numbered ``seq`` (default: the request's next)."""
     return TokenChunk(request_id=req.request_id, seq=req.next_seq if seq is None else seq, error=reason,
-                      error_code=code, worker=worker, finish_reason="error")
+                      error_code=code, worker=worker, finish_reason=FinishReason.ERROR)

@@ -22,6 +22,7 @@ from dlora.common.messages import (
     AdapterEvent,
     AdapterResidency,
     ErrorCode,
+    FinishReason,
     GenerateRequest,
     KVChunk,
     MovePlan,
@@ -36,7 +37,6 @@ from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_st
 from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
-from dlora.services.worker.engine.sequence import FinishReason
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.versions import engine_key, name_of, version_of
 

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import FinishReason, SamplingParams
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.engine.offline import generate_lines
-from dlora.services.worker.engine.sequence import FinishReason
 from tests.engine.helpers import make_engine, run_all
 
 PROMPT = [5, 40, 41, 300, 17]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import FinishReason, SamplingParams
 from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.make_tiny import TinyOutput
-from dlora.services.worker.engine.sequence import FinishReason
 from tests.engine.helpers import make_engine
 
 PROMPT = [5, 40, 41, 300, 17]

@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import FinishReason, SamplingParams
 from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.make_tiny import TinyOutput
-from dlora.services.worker.engine.sequence import FinishReason
 from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA
 from tests.engine.helpers import make_engine
 

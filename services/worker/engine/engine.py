@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dlora.common.messages import SamplingParams, TokenLogprob
+from dlora.common.messages import FinishReason, SamplingParams, TokenLogprob
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
@@ -25,7 +25,7 @@ from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.sampler import SamplingError, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
-from dlora.services.worker.engine.sequence import FinishReason, Sequence, Status
+from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed

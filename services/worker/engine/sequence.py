@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import FinishReason, SamplingParams
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -14,13 +14,6 @@ class Status(enum.Enum):
     WAITING = "waiting"  # no KV in the cache: needs a prefill (new, or preempted)
     RUNNING = "running"  # KV cached up to all tokens but the last
     FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token or a stop string
-    LENGTH = "length"  # max_tokens, or the model's context is full
-    ABORT = "abort"
-    ERROR = "error"  # this request's step failed (RequestOutput.error says why); the others go on
 
 
 @dataclass

@@ -91,7 +91,7 @@ def _key(adapter: str | None) -> str:
 
 
 class DLoraPolicy(Policy):
-    """dLoRA's batching policy (OSDI'24, section 4): each step either merges the most-queued
+    """dLoRA's batching policy (OSDI'24): each step either merges the most-queued
     adapter or runs many adapters unmerged, by thresholds adapted from the throughput each mode
     measured (and what the other would have done), counting the cost of a switch; credits that grow
     while an adapter's requests wait serve a starving adapter first.
