@@ -34,6 +34,7 @@ from dlora.services.gateway import openai
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.metrics import Metrics
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, Shape
+from dlora.services.gateway.replies import ReplyStream
 from dlora.model.config import ModelConfig
 
 logger = log.get("gateway")
@@ -47,9 +48,8 @@ class _Choice:
     """One choice in flight: its request to the workers and what came back so far."""
 
     out: openai.Choice
-    request: GenerateRequest | None = None  # None: nothing to generate (echo with max_tokens 0)
-    next_seq: int = 0  # the next chunk number expected (duplicates after a resume are dropped)
-    tokens: int = 0
+    request: GenerateRequest | None = None  # None: nothing to generate (max_tokens 0)
+    replies: ReplyStream | None = None  # its chunks, with the request
     offset: int = 0  # characters of text so far, for completions' text_offset
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
 
@@ -155,6 +155,7 @@ class Gateway:
                 choice = _Choice(openai.Choice(index, text=prefix), offset=len(prefix))
                 if generate:
                     sub = f"{rid}-{index}"
+                    choice.replies = ReplyStream(sub)
                     seeded = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
                     choice.request = GenerateRequest(
                         request_id=sub, reply_to=subjects.reply_inbox(sub, self.gateway_id), adapter=job.adapter,
@@ -215,21 +216,21 @@ class Gateway:
                         data = await replies.get()
                 except TimeoutError:
                     late = next(c for c in job.choices if c.out.finish_reason is None)
-                    chunk = TokenChunk(request_id=late.request.request_id, seq=late.next_seq,
+                    chunk = TokenChunk(request_id=late.request.request_id, seq=late.replies.next_seq,
                                        error="no worker answered in time", error_code=ErrorCode.UNAVAILABLE)
                 else:
                     chunk = _decode_chunk.decode(data)
                 if request.transport is None or request.transport.is_closing():
                     raise ConnectionResetError("the client went away")  # whether or not we were cancelled
                 choice = by_id.get(chunk.request_id)
-                if choice is None or chunk.seq < choice.next_seq:  # a duplicate after a resume
+                if choice is None or not choice.replies.accept(chunk):  # a duplicate after a resume
                     continue
-                choice.next_seq = chunk.seq + 1
-                if chunk.error is not None:
+                if choice.replies.error is not None:
                     await self._abort([c for c in job.choices if c is not choice and c.out.finish_reason is None])
                     if stream is None:
-                        raise APIError(_STATUS.get(chunk.error_code or ErrorCode.INTERNAL, 500), chunk.error)
-                    await _sse(stream, {"error": {"message": chunk.error, "type": "server_error"}})
+                        raise APIError(_STATUS.get(choice.replies.error_code or ErrorCode.INTERNAL, 500),
+                                       choice.replies.error)
+                    await _sse(stream, {"error": {"message": choice.replies.error, "type": "server_error"}})
                     break
                 if first_at is None:
                     first_at = time.monotonic()
@@ -238,7 +239,6 @@ class Gateway:
                         self.metrics.queue.labels(label).observe(chunk.queue_seconds)
                 if stream_mode and stream is None:  # opened at the first chunk: errors before it get a status
                     stream = await self._open_stream(request, job)
-                choice.tokens += len(chunk.token_ids)
                 logprobs = self._logprobs(job, choice, chunk)
                 choice.offset += sum(len(self._decode_token(e.token_id)) for e in chunk.logprobs)
                 choice.out.finish_reason = chunk.finish_reason
@@ -251,8 +251,9 @@ class Gateway:
                     if logprobs is not None:
                         choice.parts.append(logprobs)
             else:
-                completion = sum(c.tokens for c in job.choices)
-                self._observe_done(label, start, first_at, max(c.tokens for c in job.choices))
+                per_choice = [c.replies.tokens if c.replies else 0 for c in job.choices]
+                completion = sum(per_choice)
+                self._observe_done(label, start, first_at, max(per_choice))
                 if not stream_mode:
                     for c in job.choices:
                         c.out.logprobs = openai.merge_logprobs(shape.chat, c.parts)

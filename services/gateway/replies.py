@@ -1,0 +1,40 @@
+"""One request's chunks as they come back to the gateway. Pure: no aiohttp, no NATS.
+
+Chunks are numbered from the request's first; after a move or a recovery a worker may send
+numbers the gateway already has (the resumed request starts where its record says, which can lag
+what was delivered), so anything below the next expected number is a duplicate and dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
+
+
+@dataclass
+class ReplyStream:
+    """De-duplicates one request's chunks, counts its tokens and says when it is over."""
+
+    request_id: str
+    next_seq: int = 0  # the number the next new chunk carries
+    tokens: int = 0
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    error_code: ErrorCode | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, chunk: TokenChunk) -> bool:
+        """Take ``chunk``; False (and nothing changes) for a duplicate or anything after the end."""
+        if chunk.seq < self.next_seq or self.done:
+            return False
+        self.next_seq = chunk.seq + 1
+        if chunk.error is not None:
+            self.error, self.error_code, self.finish_reason = chunk.error, chunk.error_code, FinishReason.ERROR
+            return True
+        self.tokens += len(chunk.token_ids)
+        self.finish_reason = chunk.finish_reason
+        return True

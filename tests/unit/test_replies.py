@@ -1,0 +1,31 @@
+"""The gateway's reply stream: duplicates after a resume dropped, tokens counted, the end known."""
+
+from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
+from dlora.services.gateway.replies import ReplyStream
+
+
+def chunk(seq: int, tokens: int = 1, **kw) -> TokenChunk:
+    return TokenChunk(request_id="r", seq=seq, token_ids=list(range(tokens)), **kw)
+
+
+def test_a_resumed_request_repeating_chunks_counts_each_once() -> None:
+    r = ReplyStream("r")
+    assert [r.accept(c) for c in (chunk(0), chunk(1), chunk(2))] == [True, True, True]
+    # the worker died; the recovered request resumes from its record, which says chunk 1
+    assert r.accept(chunk(1)) is False and r.accept(chunk(2)) is False
+    assert r.accept(chunk(3, finish_reason=FinishReason.LENGTH)) is True
+    assert (r.tokens, r.next_seq, r.done, r.finish_reason) == (4, 4, True, FinishReason.LENGTH)
+    assert r.accept(chunk(4)) is False and r.tokens == 4  # nothing after the end
+
+
+def test_an_error_ends_the_stream_with_its_reason() -> None:
+    r = ReplyStream("r")
+    r.accept(chunk(0, tokens=2))
+    assert r.accept(chunk(1, tokens=0, error="worker died twice", error_code=ErrorCode.INTERNAL,
+                          finish_reason=FinishReason.ERROR))
+    assert r.done and r.error == "worker died twice" and r.error_code is ErrorCode.INTERNAL and r.tokens == 2
+
+
+def test_a_gap_is_taken_as_progress() -> None:
+    r = ReplyStream("r")
+    assert r.accept(chunk(0)) and r.accept(chunk(5)) and r.next_seq == 6 and not r.accept(chunk(3))
