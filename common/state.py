@@ -1,15 +1,19 @@
 """Every Redis key dlora uses, and the operations on them. Nothing else spells a key.
 
-- ``{p}:adapters``             hash  name -> AdapterEntry (JSON): the adapter registry
+- ``{p}:adapters``             hash  name -> AdapterEntry (JSON): the adapter registry (each name's
+                                     current version)
+- ``{p}:adapter-versions``     hash  name@version -> AdapterEntry: every version ever registered, for
+                                     requests still running on one
 - ``{p}:placement:{adapter}``  set   workers that hold the adapter in memory
 - ``{p}:placement-of:{worker}`` set  the same, indexed by worker
 - ``{p}:worker:{id}``          str   WorkerStats (JSON), expires: a live worker refreshes it
 - ``{p}:policy:{worker}``      str   the worker's batching-policy checkpoint (credits, band)
 - ``{p}:inflight:{request}``   hash  worker, request (GenerateRequest JSON), chunks delivered,
-                                     tokens delivered ("1,2,3," appended per step)
+                                     tokens delivered ("1,2,3," appended per step), recoveries
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{worker}``  str   lock: one dispatcher re-dispatches a lost worker's requests
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
+- ``{p}:lease-epoch:{role}``   str   the lease's epoch, raised at every takeover (plans carry it)
 - ``{p}:traffic``              hash  adapter -> decayed request count (placement's traffic shares)
 """
 
@@ -45,7 +49,7 @@ redis.call('SET', KEYS[2], next)
 return next
 """
 
-# KEYS: the in-flight hash; ARGV: worker, request JSON, index key prefix, request id.
+# KEYS: the in-flight hash; ARGV: worker, request JSON, index key prefix, request id, recoveries.
 # One round trip: move the record to the worker, keeping the first request and the progress.
 # KEYS: the registry hash, the versions hash. ARGV: name, entry, name@version, replace (0/1).
 _PUT_ADAPTER_LUA = """
