@@ -219,7 +219,11 @@ class Gateway:
                     chunk = TokenChunk(request_id=late.request.request_id, seq=late.replies.next_seq,
                                        error="no worker answered in time", error_code=ErrorCode.UNAVAILABLE)
                 else:
-                    chunk = _decode_chunk.decode(data)
+                    try:
+                        chunk = _decode_chunk.decode(data)
+                    except msgspec.DecodeError as e:
+                        bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
+                        continue
                 if request.transport is None or request.transport.is_closing():
                     raise ConnectionResetError("the client went away")  # whether or not we were cancelled
                 choice = by_id.get(chunk.request_id)
