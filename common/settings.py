@@ -133,6 +133,11 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
                  "worker_id", self.worker_id, "must be non-empty without '.' or '*' (it is a NATS token)")
         _require(self.max_loras >= 1, "max_loras", self.max_loras, "must be >= 1")
         _require(self.kernels in ("auto", "torch", "triton"), "kernels", self.kernels, "must be auto, torch or triton")
+        # Refused here, at load, not after the weights are in memory.
+        _require(self.policy in ("dlora", "merged-only", "unmerged-only"), "policy", self.policy,
+                 "must be dlora, merged-only or unmerged-only")
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
+                 "must be float32, bfloat16 or float16")
         _require(self.stats_interval_s > 0, "stats_interval_s", self.stats_interval_s, "must be > 0")
 
 

@@ -25,6 +25,8 @@ def test_lists_come_from_json_in_env() -> None:
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "four"}, "max_loras"),
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "0"}, "max_loras=0"),
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_ID": "a.b"}, "worker_id"),
+        ({"DLORA_MODEL": "/m", "DLORA_WORKER_POLICY": "dLoRA"}, "policy='dLoRA'"),
+        ({"DLORA_MODEL": "/m", "DLORA_WORKER_DTYPE": "fp8"}, "dtype='fp8'"),
         ({}, "model"),
     ],
 )
