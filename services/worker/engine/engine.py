@@ -27,6 +27,7 @@ from dlora.services.worker.engine.sampler import SamplingError, position_generat
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
+from dlora.services.worker.engine.stopping import check_stop, visible_end
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
 from dlora.services.worker.engine.weights import load_weights
@@ -419,25 +420,14 @@ class LLMEngine:
         seq.num_cached = seq.total_len
         seq.status = Status.RUNNING
         seq.output_ids.append(token)
-        p = seq.params
         old_len = len(seq.text)
-        seq.text += seq.detok.push([token])
-        reason = None
-        if p.stop and (cut := _find_stop(seq.text, p.stop, old_len)) is not None:
-            seq.text = seq.text[:cut]
-            reason = FinishReason.STOP
-        elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
-            reason = FinishReason.STOP
-        elif seq.matcher is not None and seq.matcher.is_stopped():  # the document is complete
-            reason = FinishReason.STOP
-        elif len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.max_model_len:
-            reason = FinishReason.LENGTH
+        stop = check_stop(seq.text + seq.detok.push([token]), old_len, token, seq.params, self.eos_ids,
+                          len(seq.output_ids), seq.total_len, self.max_model_len,
+                          document_complete=seq.matcher is not None and seq.matcher.is_stopped())
+        seq.text, reason = stop.text, stop.reason
         if reason is not None:
             self._finish(seq, reason)
-            hold = 0
-        else:
-            hold = max((len(s) for s in p.stop), default=1) - 1
-        visible = max(seq.emitted, len(seq.text) - hold)
+        visible = visible_end(seq.text, seq.emitted, seq.params, finished=reason is not None)
         new_text = seq.text[seq.emitted : visible]
         seq.emitted = visible
         return RequestOutput(
@@ -475,11 +465,3 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-def _find_stop(text: str, stops: list[str], old_len: int) -> int | None:
-    """Index of the earliest stop string that ends in text's new part, or None."""
-    longest = max(len(s) for s in stops)
-    window_start = max(0, old_len - longest + 1)
-    hits = [i for s in stops if (i := text.find(s, window_start)) != -1]
-    return min(hits) if hits else None

@@ -1,0 +1,45 @@
+"""When a request stops, and how much of its text may be shown yet. Pure.
+
+Order, as vLLM checks it: a stop string in the new text (cut from the text), a stop token or EOS
+(kept in the tokens), a structured document complete, then the length limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlora.common.messages import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: FinishReason | None  # None: go on
+    text: str  # the output text, cut before a stop string that ended it
+
+
+def check_stop(text: str, old_len: int, token: int, params: SamplingParams, eos_ids: set[int], num_output: int,
+               total_len: int, max_model_len: int, document_complete: bool = False) -> Stop:
+    """Whether the request stops after ``token``, its text now ``text`` (``old_len`` characters
+    before this step); ``num_output`` tokens generated, ``total_len`` in its context."""
+    if params.stop and (cut := find_stop(text, params.stop, old_len)) is not None:
+        return Stop(FinishReason.STOP, text[:cut])
+    if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos) or document_complete:
+        return Stop(FinishReason.STOP, text)
+    if num_output >= params.max_tokens or total_len >= max_model_len:
+        return Stop(FinishReason.LENGTH, text)
+    return Stop(None, text)
+
+
+def visible_end(text: str, emitted: int, params: SamplingParams, finished: bool) -> int:
+    """How far the text may be shown: all of it once finished, else all but what could still turn
+    out to start a stop string (held back until it is known not to)."""
+    hold = 0 if finished else max((len(s) for s in params.stop), default=1) - 1
+    return max(emitted, len(text) - hold)
+
+
+def find_stop(text: str, stops: list[str], old_len: int) -> int | None:
+    """Index of the earliest stop string that ends in text's new part, or None."""
+    longest = max(len(s) for s in stops)
+    window_start = max(0, old_len - longest + 1)
+    hits = [i for s in stops if (i := text.find(s, window_start)) != -1]
+    return min(hits) if hits else None

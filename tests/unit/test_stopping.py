@@ -1,0 +1,40 @@
+"""Stop handling alone: stop strings cut and checked only in the new text, stop tokens and EOS,
+a complete structured document, the length limits, and the text held back for a stop string."""
+
+from dlora.common.messages import FinishReason, SamplingParams
+from dlora.services.worker.engine.stopping import check_stop, find_stop, visible_end
+
+EOS = {2}
+
+
+def stop(text: str, old_len: int, token: int = 7, n: int = 1, total: int = 10, **params) -> tuple:
+    s = check_stop(text, old_len, token, SamplingParams(**params), EOS, n, total, max_model_len=100)
+    return s.reason, s.text
+
+
+def test_a_stop_string_cuts_the_text_where_it_begins() -> None:
+    assert stop("hello wor", 8, stop=["wor"]) == (FinishReason.STOP, "hello ")
+    assert stop("abXYcd", 3, stop=["cd", "XY"]) == (FinishReason.STOP, "ab")  # the earliest ending in the new part
+    assert stop("XY and more", 10, stop=["XY"]) == (None, "XY and more")  # only the new text is looked at
+
+
+def test_stop_tokens_eos_and_documents() -> None:
+    assert stop("a", 0, token=9, stop_token_ids=[9])[0] is FinishReason.STOP
+    assert stop("a", 0, token=2)[0] is FinishReason.STOP
+    assert stop("a", 0, token=2, ignore_eos=True)[0] is None
+    assert check_stop("{}", 1, 7, SamplingParams(), EOS, 1, 5, 100, document_complete=True).reason is FinishReason.STOP
+
+
+def test_length_limits() -> None:
+    assert stop("a", 0, n=16, max_tokens=16)[0] is FinishReason.LENGTH
+    assert stop("a", 0, n=3, total=100, max_tokens=16)[0] is FinishReason.LENGTH  # the context is full
+    assert stop("a", 0, n=3, max_tokens=16)[0] is None
+
+
+def test_text_that_could_start_a_stop_string_is_held_back() -> None:
+    p = SamplingParams(stop=["STOP"])
+    assert visible_end("abcST", 0, p, finished=False) == 2  # "cST" might grow into STOP
+    assert visible_end("abcST", 4, p, finished=False) == 4  # never shows less than already shown
+    assert visible_end("abcST", 0, p, finished=True) == 5
+    assert visible_end("abc", 0, SamplingParams(), finished=False) == 3
+    assert find_stop("xxSTOP", ["STOP"], old_len=5) == 2
