@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -37,20 +37,13 @@ from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_st
 from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
 _encode_kv = msgspec.msgpack.Encoder()
 _PLAN_MAX_AGE_S = 5.0
-
-
-@dataclass
-class _Inbox:
-    """A moved request's KV cache, arriving in chunks."""
-
-    opened: float  # monotonic time of its first chunk
-    parts: dict[int, bytes] = field(default_factory=dict)  # chunk index -> bytes
 
 
 @dataclass(frozen=True)
@@ -102,8 +95,7 @@ class WorkerService:
         self.commands: asyncio.Queue[_Add | _Abort | _AdapterChanged | _Move | _Prefetch] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
         # KV caches of requests moving here as their chunks arrive, and who waits for them.
-        self.kv_inbox: dict[str, _Inbox] = {}
-        self.kv_ready: dict[str, asyncio.Event] = {}
+        self.kv_inbox = KVInbox(_KV_WAIT_S, _KV_STALE_S)  # caches of requests moving here, as they arrive
         self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
@@ -141,35 +133,7 @@ class WorkerService:
             await self.commands.put(_Prefetch(mine))
 
     async def _on_kv_chunk(self, chunk: KVChunk) -> None:
-        box = self.kv_inbox.get(chunk.request_id)
-        if box is None:
-            now = time.monotonic()
-            # Caches whose request never came (its source died, or it was refused here) or came too
-            # late (it recomputed) go after a while; looked for as each new cache starts to arrive.
-            for rid in [rid for rid, b in self.kv_inbox.items() if now - b.opened > _KV_STALE_S]:
-                self._drop_kv(rid)
-            box = self.kv_inbox[chunk.request_id] = _Inbox(now)
-        box.parts[chunk.index] = chunk.data
-        if len(box.parts) == chunk.total:
-            self.kv_ready.setdefault(chunk.request_id, asyncio.Event()).set()
-
-    def _drop_kv(self, request_id: str) -> _Inbox | None:
-        self.kv_ready.pop(request_id, None)
-        return self.kv_inbox.pop(request_id, None)
-
-    async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
-        """The moved cache of ``req`` once all its chunks are here; None (recompute) if they do not
-        come in time."""
-        ready = self.kv_ready.setdefault(req.request_id, asyncio.Event())
-        try:
-            async with asyncio.timeout(_KV_WAIT_S):
-                await ready.wait()
-        except TimeoutError:
-            logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
-            return None
-        finally:
-            box = self._drop_kv(req.request_id)
-        return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
+        self.kv_inbox.put(chunk)
 
     # ---- the owner of the engine ----------------------------------------------------------
     async def _safely(self, cmd: _Add | _Abort | _AdapterChanged | _Move | _Prefetch) -> None:
@@ -271,6 +235,12 @@ class WorkerService:
         if any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):
             self.retiring[name] = now
         return key
+
+    async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
+        kv = await self.kv_inbox.take(req.request_id)
+        if kv is None:
+            logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
+        return kv
 
     async def _versioned(self, req: GenerateRequest) -> GenerateRequest:
         """``req`` with its adapter's version: the registered one if it came without (NATS clients),
