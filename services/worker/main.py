@@ -20,14 +20,12 @@ from dlora.common.bus import connections
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
-    AdapterResidency,
     ErrorCode,
     FinishReason,
     GenerateRequest,
     KVChunk,
     MovePlan,
     Placement,
-    RequestLoad,
     WorkerStats,
     with_seed,
 )
@@ -39,6 +37,7 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
+from dlora.services.worker.snapshot import worker_stats
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
@@ -338,30 +337,7 @@ class WorkerService:
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
-        e = self.engine
-        running = sum(1 for q in e.queue() if q.running)
-        merged = e.merger.merged
-        residency = [AdapterResidency(name=name_of(key), version=version_of(key), slot=e.slots.slot_of(key),
-                                      merged=key == merged) for key in sorted(e.adapters)]
-        st = e.stats
-        loads = [RequestLoad(request_id=q.request_id, adapter=q.adapter and name_of(q.adapter),
-                             context_tokens=q_seq.total_len,
-                             remaining_tokens=self.lengths.expected_remaining(len(q_seq.output_ids),
-                                                                              q_seq.params.max_tokens))
-                 for q in e.queue() if (q_seq := e.seqs.get(q.request_id)) is not None]
-        per_token = st.step_seconds / max(1, st.tokens_generated)
-        return WorkerStats(
-            worker=self.s.worker_id, running=running, waiting=len(e.seqs) - running,
-            free_blocks=e.blocks.num_free, total_blocks=e.blocks.num_blocks, block_size=e.blocks.block_size,
-            max_loras=e.config.max_loras, adapters=residency, steps=st.steps, merges=st.merges,
-            preemptions=st.preemptions, adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
-            adapter_load_seconds=st.adapter_load_seconds, seconds_per_token=per_token, requests=loads,
-            adapter_seconds_per_token={name_of(k): v for k, v in st.adapter_seconds_per_token().items()},
-            prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
-            kv_transfer_seconds_per_token=self.kv_seconds / self.kv_tokens if self.kv_tokens else 0.0,
-            prefill_tokens=st.prefill_tokens, kv_transfer_tokens=self.kv_tokens,
-            sent=time.time(),
-        )
+        return worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
 
     async def publish_stats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -1,0 +1,26 @@
+"""What a worker publishes about its engine, without a bus: names not engine keys, counts that add
+up, remaining tokens capped by max_tokens."""
+
+from __future__ import annotations
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.services.worker.lengths import OutputLengths
+from dlora.services.worker.snapshot import worker_stats
+from tests.engine.helpers import make_engine
+
+
+def test_stats_speak_of_adapter_names_and_add_up(tiny_llama: TinyOutput) -> None:
+    engine = make_engine(tiny_llama, max_loras=2)
+    engine.register_adapter("lora-0@abc123", tiny_llama.adapters["lora-0"])  # a versioned key, as workers hold them
+    engine.add_request("a", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=9), adapter="lora-0@abc123")
+    engine.add_request("b", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=4))
+    engine.step()
+    st = worker_stats("w0", engine, OutputLengths(), kv_seconds=2.0, kv_tokens=8)
+    assert (st.worker, st.running + st.waiting, st.max_loras) == ("w0", 2, 2)
+    versioned = [a for a in st.adapters if a.version]
+    assert [(a.name, a.version) for a in versioned] == [("lora-0", "abc123")]
+    assert {r.request_id: r.adapter for r in st.requests} == {"a": "lora-0", "b": None}
+    assert all(0 <= r.remaining_tokens <= 9 for r in st.requests)
+    assert "lora-0" in st.adapter_seconds_per_token and not any("@" in k for k in st.adapter_seconds_per_token)
+    assert st.kv_transfer_seconds_per_token == 0.25 and st.steps == 1
