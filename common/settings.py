@@ -31,6 +31,10 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_json: bool = True
     # Key prefix in Redis, to share one Redis between deployments.
     redis_prefix: str = "dlora"
+    # Seconds without a worker's stats after which it is gone, for every service alike: its
+    # heartbeat key expires, the dispatcher stops choosing it and recovers its requests, the
+    # migrator stops counting it. One value, so they cannot disagree.
+    heartbeat_ttl_s: float = 5.0
 
 
 class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
@@ -56,8 +60,6 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
 
 
 class DispatcherSettings(Common, kw_only=True, forbid_unknown_fields=True):
-    # Workers whose heartbeat is older than this are not chosen (and their requests recovered).
-    heartbeat_ttl_s: float = 5.0
     # Seconds between recomputing the adapter placement from decayed traffic shares.
     placement_interval_s: float = 5.0
     # "proactive" (dLoRA: soonest estimated finish, placement-aware) or "round-robin" (baseline).
@@ -91,8 +93,6 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     cooldown_s: float = 3.0
     # Leader lease in Redis: the leader renews it every interval; a standby takes over when it expires.
     lease_s: float = 3.0
-    # Stats older than this mean the worker is gone (the dispatcher recovers its requests).
-    heartbeat_ttl_s: float = 5.0
     # Solver time bound.
     solve_time_s: float = 1.0
     # Move costs the planner weighs (seconds per token moved; per load for adapters). Recompute and
@@ -123,7 +123,6 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
     max_num_seqs: int = 64
     kv_cache_bytes: int = 256 << 20
     stats_interval_s: float = 0.5
-    heartbeat_ttl_s: float = 5.0
     # torch intra-op threads; 0: torch's default (all cores). One worker per core wants 1.
     torch_threads: int = 0
 
