@@ -192,7 +192,9 @@ class Gateway:
             return None
         if job.shape.chat:
             return openai.chat_logprobs(chunk.logprobs, self._decode_token)
-        return openai.completion_logprobs(chunk.logprobs, self._decode_token, choice.offset)
+        out = openai.completion_logprobs(chunk.logprobs, self._decode_token, choice.offset)
+        choice.offset += sum(len(t) for t in out["tokens"])  # the next chunk's text_offset starts here
+        return out
 
     async def _relay(self, request: web.Request, job: _Job) -> web.StreamResponse:
         label, shape, body = job.adapter or self.base_name, job.shape, job.body
@@ -244,7 +246,6 @@ class Gateway:
                 if stream_mode and stream is None:  # opened at the first chunk: errors before it get a status
                     stream = await self._open_stream(request, job)
                 logprobs = self._logprobs(job, choice, chunk)
-                choice.offset += sum(len(self._decode_token(e.token_id)) for e in chunk.logprobs)
                 choice.out.finish_reason = chunk.finish_reason
                 if stream is not None:
                     # One event per worker chunk (a step's token), text or not, so clients can time tokens.

@@ -56,8 +56,13 @@ def sample(
     their (prompt ids, output ids) in ``histories``. A row that cannot be sampled (its logits hold
     NaN or infinity) gets a ``SamplingError`` in its place instead of a token.
     """
-    # -inf is a masked token (structured output), not a fault, unless every token is masked
-    finite = (~(torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1))).tolist()
+    # One pass for the usual batch; only rows holding a non-finite value are looked at again, where
+    # -inf is a masked token (structured output), not a fault, unless every token is masked.
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            row = logits[i]
+            finite[i] = not (torch.isnan(row).any() or torch.isposinf(row).any() or torch.isneginf(row).all())
     out: list[int | SamplingError] = logits.argmax(dim=-1).tolist()
     simple = [not has_penalties(p) and is_greedy(p) for p in params]
     for i, p in enumerate(params):
