@@ -18,8 +18,8 @@ from rich.console import Console
 
 from dlora.loadgen import bundled
 from dlora.loadgen.bench_common import ensure_model, machine, save, today
-from dlora.loadgen.options import add_arguments
 from dlora.loadgen.main import run as run_loadgen
+from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
 
@@ -28,17 +28,14 @@ CONFIGS = (("round-robin", "round-robin", False), ("proactive", "proactive", Fal
 TITLE = "Cluster: dispatch and co-migration (`dlora bench cluster`, the paper's Fig. 11)"
 
 
-def _loadgen_args(args: argparse.Namespace, target: str, out: str) -> argparse.Namespace:
-    lg = argparse.ArgumentParser()
-    add_arguments(lg)
-    return lg.parse_args([
-        "--trace", str(Path(args.traces) / bundled.AZURE_CONV),
-        "--target", target, "--requests", str(args.requests), "--rate", str(args.rate),
-        "--arrivals", "gamma", "--cv", str(args.cv), "--lengths", "trace", "--length-divide",
-        str(args.length_divide), "--max-prompt", str(args.max_prompt), "--max-output", str(args.max_output),
-        "--adapters", str(args.adapters), "--popularity", "zipf", "--alpha", "1.2", "--shift-every",
-        str(args.shift_every), "--duration", str(args.max_seconds), "--seed", str(args.seed), "--out", out,
-    ])
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    """The workload every configuration replays: bursty Gamma arrivals, Azure conversation lengths
+    scaled to fit, Zipf popularity (alpha 1.2) that rotates every ``--shift-every`` seconds."""
+    return WorkloadSpec(trace=(str(Path(args.traces) / bundled.AZURE_CONV),), requests=args.requests, rate=args.rate,
+                        arrivals="gamma", cv=args.cv, lengths="trace", length_divide=args.length_divide,
+                        max_prompt=args.max_prompt, max_output=args.max_output, adapters=args.adapters,
+                        popularity="zipf", alpha=1.2, shift_every=args.shift_every, duration=args.max_seconds,
+                        seed=args.seed)
 
 
 def measure_step_seconds(root: Path, adapters: int,
@@ -65,9 +62,9 @@ def measure_step_seconds(root: Path, adapters: int,
 def balancing_bound(args: argparse.Namespace, root: Path) -> dict:
     """Round-robin and perfect free balancing, simulated on this workload from measured step times."""
     from dlora.loadgen.cluster_bound import interpolate, simulate
-    from dlora.loadgen.main import build_specs
+    from dlora.loadgen.workload import build_specs
 
-    specs = build_specs(_loadgen_args(args, "nats://unused", str(args.out)))
+    specs = build_specs(workload_spec(args))
     steps = measure_step_seconds(root, args.adapters)
     f = interpolate(steps)
     rr, best = (simulate(specs, f, args.workers, balanced) for balanced in (False, True))
@@ -90,9 +87,9 @@ def run(args: argparse.Namespace) -> dict:
                            env={"DLORA_DISPATCH": dispatch, "DLORA_INTERVAL_S": "0.5"}, migrator=migrate)
         stack.start()
         try:
-            lg_args = _loadgen_args(args, stack.nats_url, str(Path(args.out) / name.replace(" ", "")))
             with open(os.devnull, "w") as quiet:
-                summary = asyncio.run(run_loadgen(lg_args, Console(file=quiet)))
+                summary = asyncio.run(run_loadgen(workload_spec(args), stack.nats_url,
+                                                  str(Path(args.out) / name.replace(" ", "")), Console(file=quiet)))
         finally:
             stack.stop()
         row = {"config": name, "sent": summary["sent"], "completed": summary["completed"], "lost": summary["lost"],

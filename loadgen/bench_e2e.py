@@ -18,14 +18,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from dlora.loadgen import arrivals, bundled, popularity, workload
+from dlora.loadgen import bundled, workload
 from dlora.loadgen.baselines import HFPeftServer
 from dlora.loadgen.bench_common import ensure_model, machine, write_section
 from dlora.loadgen.bench_policy import make_engine, replay
 from dlora.loadgen.metrics import summarize
-from dlora.loadgen.traces import read_azure_functions, read_azure_llm
+from dlora.loadgen.spec import WorkloadSpec
 
 SYSTEMS = ("hf-peft", "merged-only", "unmerged-only", "dlora")
 TITLE = "End to end against HF PEFT (`dlora bench e2e`)"
@@ -45,28 +43,40 @@ def batching_gain(server: HFPeftServer, batch: int = 32, tokens: int = 16) -> di
     return out
 
 
+def workload_spec(args: argparse.Namespace, rate: float) -> WorkloadSpec:
+    """The workload at one rate of the sweep: the Azure conversation trace's first requests (as many
+    as ``--window`` seconds at that rate, within the request bounds) with their own timestamps
+    rescaled to it and their own lengths scaled to fit, adapters by the stride mapping over the
+    Azure Functions popularity (clipped at the n-th function)."""
+    traces = Path(args.traces)
+    return WorkloadSpec(trace=(str(traces / bundled.AZURE_CONV), str(traces / bundled.AZURE_FUNCTIONS)),
+                        requests=int(min(args.max_requests, max(args.min_requests, rate * args.window))), rate=rate,
+                        arrivals="trace", lengths="trace", length_divide=args.length_divide,
+                        max_prompt=args.max_prompt, max_output=args.max_output, adapters=args.adapters,
+                        popularity="stride", stride=args.stride, duration=args.max_seconds, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> dict:
     n = args.adapters
     root = ensure_model(Path(args.workdir), args.preset, n, ranks=[8, 16, 32])
-    trace = read_azure_llm(Path(args.traces) / bundled.AZURE_CONV).rows
-    functions = read_azure_functions(Path(args.traces) / bundled.AZURE_FUNCTIONS)
-    weights = popularity.stride(functions.totals(), n, args.stride, cap_rank=n)
-    scaling = workload.LengthScaling(args.length_divide, args.max_prompt, args.max_output)
+    first = workload_spec(args, args.rates[0])
+    traces = workload.load_traces(first)  # read once: every rate replays the same two traces
+    weights = workload.adapter_weights(first, traces[1])  # the same at every rate
+    scaling = workload.LengthScaling(first.length_divide, first.max_prompt, first.max_output)
     hf = HFPeftServer(root / "model", {f"lora-{i}": root / "adapters" / f"lora-{i}" for i in range(n)})
     gain = batching_gain(hf)
     print(f"HF batching gain on this machine: {gain['batch_1_tok_s']:.1f} -> {gain['batch_32_tok_s']:.1f} tok/s "
           f"({gain['gain']:.1f}x)", flush=True)
     rows = []
     for rate in args.rates:
-        count = int(min(args.max_requests, max(args.min_requests, rate * args.window)))
-        rng = np.random.default_rng(args.seed)
-        times = arrivals.replay([r.t for r in trace[:count]], rate=rate)
-        specs = workload.build(times, weights, trace[:count], rng, scaling, lengths_in_order=True)
+        spec = workload_spec(args, rate)
+        count = spec.requests
+        requests = workload.build_specs(spec, traces)
         for system in args.systems:
             if system == "hf-peft":
-                results, end = hf.serve(specs, args.max_seconds)
+                results, end = hf.serve(requests, spec.duration)
             else:
-                results, end = replay(make_engine(root, system, n, "float32"), specs, args.max_seconds)
+                results, end = replay(make_engine(root, system, n, "float32"), requests, spec.duration)
             s = summarize(results, end)
             row = {"rate": rate, "system": system, "requests": count, "finished": s["completed"],
                    "throughput_tok_s": s["throughput_tok_s"], "norm_latency_mean_s": s["normalized_latency_s"]["mean"],

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from dlora.common.messages import SamplingParams
-from dlora.loadgen import arrivals, bundled, popularity, workload
+from dlora.loadgen import bundled, workload
 from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.loadgen.metrics import RequestResult, summarize
-from dlora.loadgen.traces import read_azure_functions, read_azure_llm
+from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.policy import StepDecision
 
@@ -81,24 +82,36 @@ def saturation_rate(root: Path, num_adapters: int, dtype: str, mean_prompt: floa
     return 1.0 / (prefill / 8 + mean_output * decode / 32)
 
 
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    """The ablation's workload, less its rate and stride (set per run): Poisson arrivals (Gamma CV
+    1), Azure conversation lengths scaled to fit, adapters by the stride mapping over the Azure
+    Functions popularity, counts clipped at the n-th function (as ``workload.adapter_weights`` does
+    for that source)."""
+    traces = Path(args.traces)
+    return WorkloadSpec(trace=(str(traces / bundled.AZURE_CONV), str(traces / bundled.AZURE_FUNCTIONS)),
+                        requests=args.requests, arrivals="poisson", lengths="trace", length_divide=args.length_divide,
+                        max_prompt=args.max_prompt, max_output=args.max_output, adapters=args.adapters,
+                        popularity="stride", duration=args.max_seconds, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> dict:
-    rng_seed = args.seed
     root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=[8, 16, 32])
-    functions = read_azure_functions(Path(args.traces) / bundled.AZURE_FUNCTIONS)
-    lengths = read_azure_llm(Path(args.traces) / bundled.AZURE_CONV).rows
-    scaling = workload.LengthScaling(divide=args.length_divide, max_prompt=args.max_prompt, max_output=args.max_output)
+    base = workload_spec(args)
+    traces = workload.load_traces(base)  # read once: every stride replays the same two traces
+    lengths = traces[0].rows
+    scaling = workload.LengthScaling(divide=base.length_divide, max_prompt=base.max_prompt, max_output=base.max_output)
     mean_prompt, mean_output = np.mean([scaling.apply(r.input_tokens, r.output_tokens) for r in lengths], axis=0)
     rate = args.rate or args.load * saturation_rate(root, args.adapters, args.dtype, mean_prompt, mean_output)
     print(f"rate {rate:.2f} req/s, {args.requests} requests, mean prompt {mean_prompt:.1f}, output {mean_output:.1f} "
           "tokens", flush=True)
     rows = []
     for s in args.strides:
-        rng = np.random.default_rng(rng_seed)
-        weights = popularity.stride(functions.totals(), args.adapters, s, cap_rank=args.adapters)
-        specs = workload.build(arrivals.gamma(rate, 1.0, args.requests, rng), weights, lengths, rng, scaling)
+        spec = replace(base, rate=rate, stride=s)
+        weights = workload.adapter_weights(spec, traces[1])
+        requests = workload.build_specs(spec, traces)
         for policy in POLICIES:
             engine = make_engine(root, policy, args.adapters, args.dtype)
-            results, end = replay(engine, specs, args.max_seconds)
+            results, end = replay(engine, requests, spec.duration)
             full = summarize(results, end)
             m = {"stride": s, "policy": policy, "top_adapter_share": max(weights), "merges": engine.stats.merges,
                  "requests": full["sent"], "finished": full["completed"], "throughput_tok_s": full["throughput_tok_s"],

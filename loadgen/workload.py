@@ -1,4 +1,8 @@
-"""A workload: who asks what when. Arrivals x adapter popularity x lengths, deterministic per seed."""
+"""A workload: who asks what when. Arrivals x adapter popularity x lengths, deterministic per seed.
+
+``build_specs`` turns a ``WorkloadSpec`` into its requests (reading the traces it names);
+``build`` is the composition underneath, for callers that hold arrivals, weights and lengths already.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dlora.loadgen import arrivals as arrival_times
+from dlora.loadgen import bundled, popularity
 from dlora.loadgen.popularity import Schedule
-from dlora.loadgen.traces import LLMRequestRow
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.traces import (
+    LLMRequestRow,
+    RequestTrace,
+    TenantSeries,
+    TraceError,
+    read_azure_functions,
+    read_azure_llm,
+    read_trace,
+)
+
+Traces = tuple[RequestTrace | None, TenantSeries | None]
 
 
 @dataclass(frozen=True)
@@ -97,3 +114,101 @@ def build(
         out.append(RequestSpec(arrival_s=float(t), adapter=names[a], prompt_len=p, output_len=o,
                                hash_ids=hash_ids, block_tokens=block if hash_ids else 0))
     return out
+
+
+def load_traces(spec: WorkloadSpec) -> Traces:
+    """The request trace and the popularity source among ``spec.trace``, each defaulting to a
+    bundled one where the spec needs it (``None`` where it does not).
+
+    Raises:
+        TraceError: a trace cannot be read, two of one kind are given, or one is given that the spec does not use.
+        ValueError: an unknown ``bundled:NAME``.
+    """
+    needs_requests, needs_tenants = spec.arrivals == "trace" or spec.lengths == "trace", spec.popularity == "stride"
+    requests: RequestTrace | None = None
+    tenants: TenantSeries | None = None
+    if len(spec.trace) > 1 and spec.trace_format != "auto":
+        raise TraceError(f"--trace-format {spec.trace_format} applies to every --trace, and two traces are of two "
+                         "kinds: leave it at auto to give a request trace and a popularity source")
+    for path in spec.trace:
+        trace = read_trace(bundled.resolve(path), spec.trace_format)
+        if isinstance(trace, RequestTrace):
+            if requests is not None:
+                raise TraceError(f"{path}: a second request trace ({trace.format}); give at most one")
+            if not needs_requests:
+                raise TraceError(f"{path}: a request trace ({trace.format}), used only by --arrivals trace "
+                                 "or --lengths trace")
+            requests = trace
+        else:
+            if tenants is not None:
+                raise TraceError(f"{path}: a second popularity source ({trace.format}); give at most one")
+            if not needs_tenants:
+                raise TraceError(f"{path}: a popularity source ({trace.format}), used only by --popularity stride")
+            tenants = trace
+    if requests is None and needs_requests:
+        requests = read_azure_llm(bundled.path(bundled.AZURE_CONV))
+    if tenants is None and needs_tenants:
+        tenants = read_azure_functions(bundled.path(bundled.AZURE_FUNCTIONS))
+    return requests, tenants
+
+
+def adapter_names(spec: WorkloadSpec) -> list[str | None]:
+    """The spec's adapters in weight order: its names, or ``lora-0`` .. ``lora-<adapters-1>``."""
+    return list(spec.adapter_names) if spec.adapter_names else [f"lora-{i}" for i in range(spec.adapters)]
+
+
+def adapter_weights(spec: WorkloadSpec, tenants: TenantSeries | None) -> list[float] | Schedule:
+    """Each adapter's share of the requests (``adapter_names`` order), or a ``Schedule`` of them
+    where the spec replays a popularity source's windows.
+
+    Raises:
+        ValueError: stride popularity without a popularity source (``load_traces`` gives one).
+    """
+    k = len(adapter_names(spec))
+    if spec.popularity == "stride":
+        if tenants is None:
+            raise ValueError("--popularity stride needs a popularity source")
+        # The Azure Functions sample's one timer function carries 63 % of all invocations: clipped
+        # to the k-th largest so even stride 1 is not dominated by it. ServeGen's skew is kept.
+        cap = k if tenants.format == "azure-functions" else None
+        return popularity.tenants(tenants, k, spec.stride, cap_rank=cap, window_s=spec.tenant_window)
+    return {
+        "uniform": lambda: popularity.uniform(k),
+        "zipf": lambda: popularity.zipf(k, spec.alpha),
+        "power": lambda: popularity.power(k, spec.alpha),
+    }[spec.popularity]()
+
+
+def build_specs(spec: WorkloadSpec, traces: Traces | None = None) -> list[RequestSpec]:
+    """The requests ``spec`` stands for, in arrival order (at most ``spec.requests``; fewer when a
+    replayed trace is shorter). ``traces`` as ``load_traces(spec)`` returns them, read once by a
+    caller that builds several workloads from them; by default they are read here.
+
+    Raises:
+        TraceError, ValueError: as ``load_traces``; a rate or CV that is not positive; ``traces``
+            without the request trace or popularity source the spec uses.
+    """
+    rng = np.random.default_rng(spec.seed)
+    n = spec.requests
+    trace, tenants = traces or load_traces(spec)
+    if trace is None and (spec.arrivals == "trace" or spec.lengths == "trace"):
+        raise ValueError("the spec replays a request trace, and the traces given hold none")
+    if spec.arrivals == "trace":
+        times = arrival_times.replay([r.t for r in trace.rows[:n]], rate=spec.rate)
+    else:
+        times = arrival_times.gamma(spec.rate, 1.0 if spec.arrivals == "poisson" else spec.cv, n, rng)
+    if spec.lengths == "trace":
+        rows = trace.rows
+        scaling = LengthScaling(spec.length_divide, spec.max_prompt, spec.max_output)
+    else:
+        scaling = LengthScaling()
+        if spec.lengths == "fixed":
+            rows = [LLMRequestRow(0.0, spec.prompt_len, spec.output_len)]
+        else:
+            rows = [LLMRequestRow(0.0, int(p), int(o)) for p, o in zip(rng.integers(1, spec.prompt_len + 1, 1000),
+                                                                         rng.integers(1, spec.output_len + 1, 1000))]
+    names = adapter_names(spec)
+    weights = adapter_weights(spec, tenants)
+    return build(times, weights, rows, rng, scaling, names=names, shift_every_s=spec.shift_every,
+                 lengths_in_order=spec.arrivals == "trace" and spec.lengths == "trace",
+                 block_tokens=trace.block_tokens if spec.lengths == "trace" else None)

@@ -9,27 +9,26 @@ import pytest
 from rich.console import Console
 
 from dlora.loadgen.main import run
+from dlora.loadgen.metrics import SLO
 from dlora.loadgen.options import add_arguments
+from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.cli import build_parser
 from tests.integration.conftest import Stack
-
-
-def _args(target: str, out: Path, *extra: str):
-    return build_parser().parse_args(["loadgen", "--target", target, "--out", str(out), "--requests", "24",
-                                      "--rate", "20", "--duration", "10", "--lengths", "uniform", "--prompt-len",
-                                      "12", "--output-len", "8", "--slo-ttft", "5", *extra])
 
 
 @pytest.mark.parametrize("via", ["http", "nats"])
 async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Path, via: str) -> None:
     target = stack.url if via == "http" else stack.nc._current_server.uri.geturl()
-    args = _args(target, tmp_path, "--popularity", "zipf", "--alpha", "1.1", "--adapters", "3")
+    spec = WorkloadSpec(requests=24, rate=20.0, duration=10.0, lengths="uniform", prompt_len=12, output_len=8,
+                        popularity="zipf", alpha=1.1, adapters=3)
     with open(tmp_path / "console.txt", "w") as log:
-        summary = await run(args, Console(file=log, width=160))
+        summary = await run(spec, target, tmp_path, Console(file=log, width=160), slo=SLO(ttft_s=5))
     assert summary["sent"] == 24 and summary["completed"] == 24 and summary["lost"] == 0 and summary["failed"] == 0
     assert summary["throughput_tok_s"] > 0 and summary["ttft_s"]["p50"] is not None
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result) == {"config", "summary", "by_adapter"}
+    config = result["config"]
+    assert (config["target"], config["slo_ttft"], config["alpha"], config["out"]) == (target, 5, 1.1, str(tmp_path))
     assert sum(a["sent"] for a in result["by_adapter"].values()) == 24
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()

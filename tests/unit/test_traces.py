@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dlora.loadgen import bundled, popularity, workload
-from dlora.loadgen.main import build_specs, load_traces
+from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import (
     RequestTrace,
     TenantSeries,
@@ -21,6 +21,7 @@ from dlora.loadgen.traces import (
     read_trace,
     sniff,
 )
+from dlora.loadgen.workload import build_specs, load_traces
 from dlora.services.cli import build_parser
 
 AZURE_2023 = ("TIMESTAMP,ContextTokens,GeneratedTokens\n"
@@ -174,10 +175,8 @@ def test_shared_hash_ids_share_prompt_blocks_token_for_token() -> None:
 
 
 def test_mooncake_blocks_scale_with_the_lengths(tmp_path: Path) -> None:
-    args = build_parser().parse_args(["loadgen", "--trace", str(write(tmp_path, MOONCAKE, "t.jsonl")),
-                                      "--arrivals", "trace", "--requests", "3", "--length-divide", "64",
-                                      "--max-prompt", "1000"])
-    specs = build_specs(args)
+    specs = build_specs(WorkloadSpec(trace=(str(write(tmp_path, MOONCAKE, "t.jsonl")),), arrivals="trace", requests=3,
+                                     length_divide=64, max_prompt=1000))
     assert [(s.prompt_len, s.hash_ids, s.block_tokens) for s in specs] == [(17, (0, 1, 2), 8), (9, (0, 3), 8),
                                                                            (1, (), 0)]
     first, second = (workload.prompt_ids(i, s) for i, s in enumerate(specs[:2]))
@@ -203,15 +202,15 @@ def test_tenant_schedule_follows_the_windows(tmp_path: Path) -> None:
 
 
 def test_servegen_clients_as_adapter_popularity(tmp_path: Path) -> None:
-    args = build_parser().parse_args(["loadgen", "--trace", str(servegen_folder(tmp_path)), "--popularity", "stride",
-                                      "--adapters", "2", "--lengths", "fixed", "--requests", "2000"])
-    counts = [sum(s.adapter == f"lora-{i}" for s in build_specs(args)) / 2000 for i in range(2)]
+    spec = WorkloadSpec(trace=(str(servegen_folder(tmp_path)),), popularity="stride", adapters=2, lengths="fixed",
+                        requests=2000)
+    counts = [sum(s.adapter == f"lora-{i}" for s in build_specs(spec)) / 2000 for i in range(2)]
     assert counts == pytest.approx([1050 / 1950, 900 / 1950], abs=0.04)
 
 
 def test_traces_go_where_the_options_use_them(tmp_path: Path) -> None:
     def load(*argv: str) -> tuple[RequestTrace | None, TenantSeries | None]:
-        return load_traces(build_parser().parse_args(["loadgen", *argv]))
+        return load_traces(WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *argv])))
 
     azure, folder = str(write(tmp_path, AZURE_2023)), str(servegen_folder(tmp_path))
     requests, tenants = load("--trace", azure, "--trace", folder, "--popularity", "stride")

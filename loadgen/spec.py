@@ -1,0 +1,107 @@
+"""A workload as one value: everything that decides which requests the load generator sends and
+when, and nothing about where they go or where the report is written.
+
+The CLI builds it from its options (``WorkloadSpec.from_args``, the only place that reads an
+``argparse.Namespace``); every benchmark builds it directly. ``workload.build_specs`` turns it into
+requests. Field names are the ``dlora loadgen`` option names (``--length-divide`` is
+``length_divide``), so a spec reads like the command line that would make it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Literal, get_args
+
+from dlora.loadgen.traces import FORMATS
+
+if TYPE_CHECKING:
+    import argparse
+
+Arrivals = Literal["poisson", "gamma", "trace"]
+Lengths = Literal["trace", "fixed", "uniform"]
+Popularity = Literal["uniform", "zipf", "power", "stride"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadSpec:
+    """Who asks what when, deterministic per ``seed``. The defaults are ``dlora loadgen``'s.
+
+    Raises:
+        ValueError: (on construction) an arrival process, length source, popularity or trace
+            format that does not exist.
+    """
+
+    requests: int = 100
+    """Cap on requests: at most this many are built and sent."""
+    duration: float = 60.0
+    """Cap on sending, seconds from the first arrival; requests still running then are cut."""
+    seed: int = 0
+    """Seeds every random draw (arrivals, lengths, adapters): one seed, one workload."""
+    arrivals: Arrivals = "poisson"
+    """Arrival process: Poisson, Gamma with ``cv``, or the request trace's own timestamps."""
+    rate: float = 2.0
+    """Mean arrival rate, requests/s; a trace's timestamps are rescaled to it."""
+    cv: float = 1.0
+    """Gamma arrivals: coefficient of variation of the gaps (1 = Poisson, larger = burstier)."""
+    trace: tuple[str, ...] = ()
+    """Trace paths or ``bundled:NAME``: at most one request trace (for ``arrivals``/``lengths``
+    ``trace``) and one popularity source (for ``popularity`` ``stride``). Empty: the bundled Azure
+    conversation trace and Azure Functions sample, where an option needs them."""
+    trace_format: str = "auto"
+    """Format of every trace (``traces.FORMATS``); ``auto`` sniffs each from its first row."""
+    lengths: Lengths = "trace"
+    """Prompt/output lengths: from the request trace (scaled), fixed, or uniform in [1, len]."""
+    prompt_len: int = 32
+    """Fixed lengths: prompt tokens; uniform: the largest prompt drawn."""
+    output_len: int = 32
+    """Fixed lengths: output tokens; uniform: the largest output drawn."""
+    length_divide: float = 1.0
+    """Trace lengths (and Mooncake prompt blocks) are divided by this, then capped."""
+    max_prompt: int = 256
+    """Trace lengths: cap on prompt tokens, after dividing."""
+    max_output: int = 128
+    """Trace lengths: cap on output tokens, after dividing."""
+    adapters: int = 4
+    """Number of adapters, named ``lora-0`` .. ``lora-<adapters-1>`` (unless ``adapter_names``)."""
+    adapter_names: tuple[str | None, ...] | None = None
+    """The adapters by name instead of ``adapters``; None in it is the base model."""
+    popularity: Popularity = "uniform"
+    """How requests are spread over the adapters: uniform, Zipf, power law, or dLoRA's stride
+    mapping of the popularity source's tenants."""
+    alpha: float = 1.0
+    """Zipf exponent / power-law alpha."""
+    stride: int = 1
+    """Stride mapping: tenant k (ranked by requests) goes to adapter (k // stride) mod adapters."""
+    tenant_window: float | None = None
+    """Stride: replay the source's time windows, each lasting this many seconds of the run and
+    looping; None: the whole trace's shares throughout."""
+    shift_every: float | None = None
+    """Rotate adapter popularity by one adapter every this many seconds; None: no rotation."""
+
+    def __post_init__(self) -> None:
+        # A benchmark builds a spec without argparse's choices: a misspelt choice is refused here,
+        # not found as a KeyError (or a silently different branch) halfway through building.
+        for name, allowed in (("arrivals", get_args(Arrivals)), ("lengths", get_args(Lengths)),
+                              ("popularity", get_args(Popularity)), ("trace_format", FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WorkloadSpec:
+        """The spec ``dlora loadgen``'s options describe (``options.add_arguments``); options that
+        are not about the workload (target, output folder, SLOs) are left to the caller."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        values["trace"] = tuple(args.trace or ())
+        if args.adapter_names:
+            values["adapter_names"] = tuple(None if a == "-" else a for a in args.adapter_names.split(","))
+        return cls(**values)
+
+    def options(self) -> dict[str, object]:
+        """The spec under the CLI's option names and spellings (``adapter_names`` comma-joined, ``-``
+        for the base model; no trace: None), as result.json records it, so a run's record reads
+        the same whether the CLI or a benchmark made it."""
+        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["trace"] = list(self.trace) or None
+        out["adapter_names"] = (None if self.adapter_names is None
+                                else ",".join("-" if a is None else a for a in self.adapter_names))
+        return out

@@ -1,0 +1,106 @@
+"""The load generator's workload as one value: the CLI's options and the benchmarks build the same
+``WorkloadSpec``, the CLI through ``from_args``, each benchmark directly, without argparse."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import fields, replace
+
+import numpy as np
+import pytest
+
+from dlora.loadgen import arrivals, bench_cluster, bench_e2e, bench_policy, bundled, popularity, workload
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.traces import read_azure_functions, read_azure_llm
+from dlora.services.cli import build_parser
+
+# Options that say where the workload goes and how it is judged, not what it is: plain arguments of
+# ``main.run``. Every other loadgen option must be a spec field.
+NOT_WORKLOAD = {"command", "func", "target", "base_model", "out", "slo_ttft", "slo_tpot"}
+
+
+def test_spec_defaults_are_the_clis() -> None:
+    args = build_parser().parse_args(["loadgen"])
+    assert WorkloadSpec.from_args(args) == WorkloadSpec()
+    assert set(vars(args)) - NOT_WORKLOAD == {f.name for f in fields(WorkloadSpec)}
+
+
+def test_from_args_parses_the_cli_spellings_and_options_gives_them_back() -> None:
+    args = build_parser().parse_args([
+        "loadgen", "--requests", "7", "--duration", "9.5", "--seed", "3", "--arrivals", "gamma", "--rate", "1.5",
+        "--cv", "2", "--trace", "bundled:azure-conv", "--trace", "bundled:servegen", "--lengths", "uniform",
+        "--prompt-len", "5", "--output-len", "6", "--length-divide", "4", "--max-prompt", "10", "--max-output", "11",
+        "--adapter-names", "a,-,b", "--popularity", "stride", "--alpha", "1.3", "--stride", "2",
+        "--tenant-window", "30", "--shift-every", "12"])
+    spec = WorkloadSpec.from_args(args)
+    assert spec.trace == ("bundled:azure-conv", "bundled:servegen") and spec.adapter_names == ("a", None, "b")
+    assert workload.adapter_names(spec) == ["a", None, "b"]
+    # result.json records the spec as the options that made it
+    assert spec.options() == {k: v for k, v in vars(args).items() if k not in NOT_WORKLOAD}
+    assert WorkloadSpec().options()["trace"] is None and WorkloadSpec().options()["adapter_names"] is None
+
+
+def test_a_spec_is_a_frozen_value_that_refuses_unknown_choices() -> None:
+    spec = WorkloadSpec(rate=3.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.rate = 4.0  # type: ignore[misc]
+    assert replace(spec, rate=4.0).rate == 4.0 and hash(spec) == hash(WorkloadSpec(rate=3.0))
+    for bad in ({"arrivals": "posson"}, {"lengths": "trace-ish"}, {"popularity": "zip"}, {"trace_format": "csv"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            WorkloadSpec(**bad)
+
+
+def refuse_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, parsing any argv fails the test: a benchmark's spec must be built directly."""
+
+    def refuse(*_: object, **__: object) -> None:
+        pytest.fail("a benchmark parsed argv to build its workload")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", refuse)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", refuse)
+
+
+def test_bench_cluster_builds_the_workload_its_argv_used_to_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = build_parser().parse_args(["bench", "cluster", "--requests", "40", "--rate", "2.5", "--cv", "2",
+                                      "--shift-every", "7", "--max-seconds", "30", "--seed", "5"])
+    # the loadgen command line bench cluster used to forge for the same options
+    forged = WorkloadSpec.from_args(build_parser().parse_args([
+        "loadgen", "--trace", f"{args.traces}/{bundled.AZURE_CONV}", "--requests", "40", "--rate", "2.5",
+        "--arrivals", "gamma", "--cv", "2", "--lengths", "trace", "--length-divide", str(args.length_divide),
+        "--max-prompt", str(args.max_prompt), "--max-output", str(args.max_output), "--adapters", str(args.adapters),
+        "--popularity", "zipf", "--alpha", "1.2", "--shift-every", "7", "--duration", "30", "--seed", "5"]))
+    refuse_argv(monkeypatch)
+    spec = bench_cluster.workload_spec(args)
+    assert spec == forged
+    assert len(workload.build_specs(spec)) == 40
+
+
+def test_bench_policy_and_e2e_specs_are_their_papers_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    traces = bundled.data_dir()
+    functions = read_azure_functions(traces / bundled.AZURE_FUNCTIONS)
+    trace = read_azure_llm(traces / bundled.AZURE_CONV).rows
+    policy_args = build_parser().parse_args(["bench", "policy", "--requests", "30", "--adapters", "8"])
+    e2e_args = build_parser().parse_args(["bench", "e2e", "--adapters", "8", "--stride", "2"])
+    refuse_argv(monkeypatch)
+
+    # policy (Fig. 10): Poisson arrivals, lengths drawn from the trace, stride popularity clipped at n
+    args = policy_args
+    spec = replace(bench_policy.workload_spec(args), rate=1.7, stride=4)
+    scaling = workload.LengthScaling(args.length_divide, args.max_prompt, args.max_output)
+    rng = np.random.default_rng(args.seed)
+    weights = popularity.stride(functions.totals(), 8, 4, cap_rank=8)
+    assert workload.adapter_weights(spec, workload.load_traces(spec)[1]) == weights
+    assert workload.build_specs(spec) == workload.build(arrivals.gamma(1.7, 1.0, 30, rng), weights, trace, rng, scaling)
+    assert spec.duration == args.max_seconds
+
+    # e2e (Fig. 8/9): the trace's own first requests, timestamps rescaled to the rate, lengths in order
+    args = e2e_args
+    spec = bench_e2e.workload_spec(args, 0.5)
+    count = int(min(args.max_requests, max(args.min_requests, 0.5 * args.window)))
+    scaling = workload.LengthScaling(args.length_divide, args.max_prompt, args.max_output)
+    rng = np.random.default_rng(args.seed)
+    weights = popularity.stride(functions.totals(), 8, 2, cap_rank=8)
+    expected = workload.build(arrivals.replay([r.t for r in trace[:count]], rate=0.5), weights, trace[:count], rng,
+                              scaling, lengths_in_order=True)
+    assert spec.requests == count and workload.build_specs(spec) == expected
