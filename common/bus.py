@@ -42,6 +42,7 @@ REJECTED = Counter("dlora_bus_rejected_messages", "Bus messages that did not dec
                    "dropped", ["subject", "type"])
 _log = log.get("bus")
 _json = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
 
 
 async def subscribe(nc: NATS, subject: str, kind: type[T], handler: Callable[[T], Awaitable[None]], *,
@@ -68,6 +69,7 @@ def reject(pattern: str, subject: str, kind: type, error: Exception) -> None:
     _log.warning("bus message rejected", subject=subject, type=kind.__name__, error=str(error))
 
 
-async def publish(nc: NATS, subject: str, value: msgspec.Struct) -> None:
-    """Publish one message of the wire contract (``common/messages.py``) as JSON."""
-    await nc.publish(subject, _json.encode(value))
+async def publish(nc: NATS, subject: str, value: msgspec.Struct, *, msgpack: bool = False) -> None:
+    """Publish one message of the wire contract (``common/messages.py``) as JSON, or msgpack for
+    binary payloads (its subscribers decode it with ``msgpack=True``)."""
+    await nc.publish(subject, (_msgpack if msgpack else _json).encode(value))

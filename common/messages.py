@@ -69,7 +69,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         return None
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a request ended (OpenAI's finish_reason, and dlora's own two)."""
 
     STOP = "stop"  # EOS, a stop token or string, or a structured document complete
@@ -78,7 +78,7 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # it failed; the chunk's error says why
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Why a request failed; the gateway maps each to an HTTP status."""
 
     BAD_REQUEST = "bad_request"  # 400
@@ -290,6 +290,31 @@ class Placement(msgspec.Struct, kw_only=True, frozen=True):
     workers: dict[str, list[str]] = {}
 
 
+class PlanMethod(enum.StrEnum):
+    """How the migration planner found a plan."""
+
+    NONE = "none"  # nothing to plan (fewer than two workers, or no requests)
+    ILP = "ilp"  # the ILP solved to optimality
+    ILP_INCUMBENT = "ilp-incumbent"  # the ILP's best solution when its time bound expired
+    GREEDY = "greedy"  # the greedy pass, when the ILP found nothing (``MovePlan.ilp_fallback`` says why)
+
+
+class IlpFallback(enum.StrEnum):
+    """Why the planner's ILP gave way to the greedy pass."""
+
+    TOO_LARGE = "ilp-too-large"  # more request->worker variables than fit the time bound
+    BUILD_TIMEOUT = "ilp-build-timeout"  # building the model used up the time bound
+    FAILED = "ilp-failed"  # the solver ended without a solution
+
+
+class PlanTrigger(enum.StrEnum):
+    """Which of the migrator's bounds the cluster passed."""
+
+    QUEUE_DELAY = "queue-delay"  # the most loaded worker's completion time exceeds the mean
+    REQUEST_COUNT = "request-count"  # the most loaded worker holds too many requests over the mean
+    KV_PRESSURE = "kv-pressure"  # a worker's KV demand is over the bound while another's is under
+
+
 class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     """The migrator's decision, published on ``subjects.MOVES``. A worker moves only requests it
     still holds, and ignores plans older than a few stats intervals (``created``): a stale or
@@ -302,13 +327,20 @@ class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     # Unix seconds the plan was made.
     created: float = 0.0
     moves: list[MoveRequest] = []
-    # How it was found: "ilp", "ilp-incumbent" (time bound hit), "greedy", "none"; ":no-gain"
-    # appended when the moves were dropped for not shortening the longest completion by more
-    # than they cost.
-    method: str = "none"
-    # Which bound set it off: "queue-delay", "request-count" or "kv-pressure" (migrator settings).
-    trigger: str = ""
+    method: PlanMethod = PlanMethod.NONE
+    # Why the ILP gave way to the greedy pass (method GREEDY only).
+    ilp_fallback: IlpFallback | None = None
+    # The moves found were dropped for not shortening the longest completion by more than they cost.
+    no_gain: bool = False
+    # Which bound set it off (the migrator's [migrator.trigger] settings).
+    trigger: PlanTrigger | None = None
     solve_seconds: float = 0.0
     # Estimated longest worker completion time before and after the moves.
     makespan_before_s: float = 0.0
     makespan_after_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """The method in one word for logs and benchmarks: ``greedy (ilp-too-large):no-gain``."""
+        fallback = f" ({self.ilp_fallback})" if self.ilp_fallback else ""
+        return f"{self.method}{fallback}{':no-gain' if self.no_gain else ''}"

@@ -1,15 +1,24 @@
 """Typed settings, one object per service, from ``dlora.toml`` and ``DLORA_*`` environment variables.
 
-Precedence (last wins): defaults, the toml file's top-level keys, its ``[service]`` table,
-``DLORA_<FIELD>``, ``DLORA_<SERVICE>_<FIELD>``, explicit overrides (command-line flags).
-A bad value raises ``SettingsError`` naming the field, the value and where it came from.
+Each service declares its settings next to its code (``services/<name>/settings.py``), nesting the
+config types its pure cores own (the worker's ``[worker.engine]`` is the engine's ``EngineConfig``)
+instead of copying their fields. This module holds what they share: the fields every service
+reads (``Common``) and the loader.
+
+Precedence (last wins): defaults, the toml file's top-level keys, its ``[service]`` table (nested
+tables such as ``[worker.engine.policy]`` included), ``DLORA_<FIELD>``,
+``DLORA_<SERVICE>_<FIELD>``, explicit overrides (command-line flags). A nested field's variable
+joins the path with a double underscore: ``DLORA_WORKER_ENGINE__MAX_LORAS``. A bad value raises
+``SettingsError`` naming the field, the value and where it came from. ``deploy/dlora.example.toml``
+lists every setting with its default.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,9 +26,12 @@ import msgspec
 
 T = TypeVar("T", bound=msgspec.Struct)
 
+# What a settings object's ``check`` returns: (dotted field, value, why), one per problem.
+Problems = list[tuple[str, object, str]]
+
 
 class SettingsError(ValueError):
-    """A setting has a bad value; the message names it."""
+    """A setting has a bad value; the message names it, its value and its source."""
 
 
 class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -36,113 +48,25 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # migrator stops counting it. One value, so they cannot disagree.
     heartbeat_ttl_s: float = 5.0
 
-
-class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # The base model directory (its tokenizer and config check requests; its name is the base "model").
-    model: str = ""
-    # The name clients use for the base model (vLLM's --served-model-name); empty: the directory's name.
-    served_model_name: str = ""
-    # Bearer key for POST/DELETE /v1/adapters; empty: adapter admin is refused.
-    admin_key: str = ""
-    # Adapter directories must lie inside one of these.
-    adapter_roots: list[str] = []
-    max_body_bytes: int = 1 << 20
-    # Seconds without a chunk from the worker (before the first, or between two) after which the
-    # request fails with 503 (or an error event on a stream): a worker that died does not hang it.
-    chunk_timeout_s: float = 60.0
-
-    def check(self) -> None:
-        _require(0 < self.port < 65536, "port", self.port, "must be in 1..65535")
-        _require(bool(self.model), "model", self.model, "must name the base model directory")
-        _require(self.max_body_bytes > 0, "max_body_bytes", self.max_body_bytes, "must be > 0")
+    def check(self) -> Problems:
+        """Problems with the values; the loader refuses settings that have any."""
+        return [] if self.heartbeat_ttl_s > 0 else [("heartbeat_ttl_s", self.heartbeat_ttl_s, "must be > 0")]
 
 
-class DispatcherSettings(Common, kw_only=True, forbid_unknown_fields=True):
-    # Seconds between recomputing the adapter placement from decayed traffic shares.
-    placement_interval_s: float = 5.0
-    # "proactive" (dLoRA: soonest estimated finish, placement-aware) or "round-robin" (baseline).
-    dispatch: str = "proactive"
-
-    def check(self) -> None:
-        _require(self.dispatch in ("proactive", "round-robin"), "dispatch", self.dispatch,
-                 "must be 'proactive' or 'round-robin'")
+def nested_problems(prefix: str, problems: Problems) -> Problems:
+    """A nested config's problems with their fields under ``prefix`` (``engine.max_loras``)."""
+    return [(f"{prefix}.{field}", value, why) for field, value, why in problems]
 
 
-class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
-    # Name in the leader lease; unique per migrator process.
-    migrator_id: str = "migrator-0"
-    # Seconds between looks at the cluster.
-    interval_s: float = 1.0
-    # Plan when any of these bounds is passed; null (DLORA_..._IMBALANCE=null) turns one off.
-    # Queue-delay spread: the most loaded worker's estimated completion time exceeds the mean by
-    # this fraction ...
-    imbalance: float | None = 0.25
-    # ... and by at least this many seconds (also the least gain a plan must bring).
-    min_gain_s: float = 0.5
-    # Request-count excess: the most loaded worker holds this many requests more than the mean.
-    request_excess: int | None = None
-    # KV pressure: a worker's requests need more than this fraction of its KV blocks while another
-    # worker's need less. Plans also price KV demand above it (as the recompute it will cause).
-    kv_pressure: float | None = 0.9
-    # Plan only after this many consecutive imbalanced looks, and not within cooldown_s of the
-    # last solve (a plan's moves must show in the stats first; an unpaying imbalance is not
-    # re-solved every look).
-    patience: int = 2
-    cooldown_s: float = 3.0
-    # Leader lease in Redis: the leader renews it every interval; a standby takes over when it expires.
-    lease_s: float = 3.0
-    # Solver time bound.
-    solve_time_s: float = 1.0
-    # Move costs the planner weighs (seconds per token moved; per load for adapters). Recompute and
-    # KV transfer: unset, what the workers measured (prefill speed; a shipped cache's export plus the
-    # receiver's stall), with a prior until one has; a number fixes the cost (and so the choice).
-    recompute_seconds_per_token: float | None = None
-    kv_transfer_seconds_per_token: float | None = None
-    adapter_load_seconds: float = 0.05
-
-    def check(self) -> None:
-        _require(self.imbalance is None or self.imbalance >= 0, "imbalance", self.imbalance, "must be >= 0 or null")
-        _require(self.request_excess is None or self.request_excess >= 0, "request_excess", self.request_excess,
-                 "must be >= 0 or null")
-        _require(self.kv_pressure is None or 0 < self.kv_pressure <= 1, "kv_pressure", self.kv_pressure,
-                 "must be a fraction in (0, 1] or null")
-        _require(self.solve_time_s > 0, "solve_time_s", self.solve_time_s, "must be > 0")
-
-
-class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
-    worker_id: str = "worker-0"
-    model: str = ""
-    dtype: str = "float32"
-    device: str = "cpu"
-    # Compute kernels: auto (Triton on CUDA, torch elsewhere) | torch | triton.
-    kernels: str = "auto"
-    policy: str = "dlora"
-    max_loras: int = 8
-    max_num_seqs: int = 64
-    kv_cache_bytes: int = 256 << 20
-    stats_interval_s: float = 0.5
-    # torch intra-op threads; 0: torch's default (all cores). One worker per core wants 1.
-    torch_threads: int = 0
-
-    def check(self) -> None:
-        _require(bool(self.model), "model", self.model, "must name the base model directory")
-        _require(bool(self.worker_id) and "." not in self.worker_id and "*" not in self.worker_id,
-                 "worker_id", self.worker_id, "must be non-empty without '.' or '*' (it is a NATS token)")
-        _require(self.max_loras >= 1, "max_loras", self.max_loras, "must be >= 1")
-        _require(self.kernels in ("auto", "torch", "triton"), "kernels", self.kernels, "must be auto, torch or triton")
-        # Refused here, at load, not after the weights are in memory.
-        _require(self.policy in ("dlora", "merged-only", "unmerged-only"), "policy", self.policy,
-                 "must be dlora, merged-only or unmerged-only")
-        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
-                 "must be float32, bfloat16 or float16")
-        _require(self.stats_interval_s > 0, "stats_interval_s", self.stats_interval_s, "must be > 0")
-
-
-def _require(ok: bool, field: str, value: Any, why: str) -> None:
-    if not ok:
-        raise SettingsError(f"setting {field}={value!r} {why}")
+def field_paths(cls: type[msgspec.Struct], prefix: str = "") -> Iterator[str]:
+    """Every settable field of ``cls`` as a dotted path, nested structs walked (``engine.policy.name``)."""
+    hints = typing.get_type_hints(cls)
+    for name in cls.__struct_fields__:
+        hint = hints[name]
+        if isinstance(hint, type) and issubclass(hint, msgspec.Struct):
+            yield from field_paths(hint, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
 
 
 def load(
@@ -152,38 +76,82 @@ def load(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> T:
+    """``cls`` from defaults, the toml file (``toml_path``, else ``$DLORA_CONFIG``), the environment
+    and ``overrides`` (dotted paths to values; None values are skipped). SettingsError on an
+    unreadable file, an unknown key, a value of the wrong type or one its ``check`` refuses."""
     env = os.environ if env is None else env
-    fields = set(cls.__struct_fields__)
+    paths = set(field_paths(cls))
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}
+
+    def put(path: str, value: Any, source: str) -> None:
+        *parents, leaf = path.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"{service} setting {path}: {source} sets it under a value that is not a table")
+        node[leaf] = value
+        sources[path] = source
+
+    def put_table(table: Mapping[str, Any], prefix: str, source: str) -> None:
+        for k, v in table.items():
+            if isinstance(v, dict):
+                put_table(v, f"{prefix}{k}.", f"{source[:-1]}.{k}]")
+            else:
+                put(prefix + k, v, source)
+
     path = Path(toml_path) if toml_path else (Path(env["DLORA_CONFIG"]) if env.get("DLORA_CONFIG") else None)
     if path is not None:
         try:
             doc = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise SettingsError(f"{path}: {e}") from None
-        for k, v in doc.items():
-            if not isinstance(v, dict) and k in fields:
-                data[k], sources[k] = v, str(path)
-        for k, v in (doc.get(service) or {}).items():
-            data[k], sources[k] = v, f"{path} [{service}]"
-    for field in sorted(fields):
-        for name in (f"DLORA_{field.upper()}", f"DLORA_{service.upper()}_{field.upper()}"):
+        for k, v in doc.items():  # top-level keys are shared; tables are the services'
+            if not isinstance(v, dict) and k in paths:
+                put(k, v, str(path))
+        put_table(doc.get(service) or {}, "", f"{path} [{service}]")
+    for field in sorted(paths):
+        var = field.upper().replace(".", "__")
+        for name in (f"DLORA_{var}", f"DLORA_{service.upper()}_{var}"):
             if name in env:
-                data[field], sources[field] = _from_env(env[name]), name
+                put(field, _from_env(env[name]), name)
+    _refuse_unknown_env(env, service, paths)
     for k, v in (overrides or {}).items():
         if v is not None:
-            data[k], sources[k] = v, "command line"
+            put(k, v, "command line")
     try:
         settings = msgspec.convert(data, cls, strict=False)
     except msgspec.ValidationError as e:
-        field = str(e).rsplit("$.", 1)[-1].split("`")[0].split("[")[0] if "$." in str(e) else ""
+        raise SettingsError(_explain(service, str(e), data, sources)) from None
+    if problems := settings.check():  # type: ignore[attr-defined]
+        field, value, why = problems[0]
         where = f" (from {sources[field]})" if field in sources else ""
-        raise SettingsError(f"{service} settings: {e}{where}") from None
-    check = getattr(settings, "check", None)
-    if check is not None:
-        check()
+        raise SettingsError(f"{service} setting {field}={value!r} {why}{where}")
     return settings
+
+
+def _refuse_unknown_env(env: Mapping[str, str], service: str, paths: set[str]) -> None:
+    # A misspelt or outdated DLORA_<SERVICE>_... variable would be ignored without a word; the
+    # shared form DLORA_<FIELD> cannot be checked here (another service may read it).
+    prefix = f"DLORA_{service.upper()}_"
+    known = {f"DLORA_{p.upper().replace('.', '__')}" for p in paths}
+    for name in env:
+        if name.startswith(prefix) and name not in known and name[len(prefix):].lower().replace("__", ".") not in paths:
+            raise SettingsError(f"{service} settings: {name} names no setting (nested fields join with '__', "
+                                f"e.g. DLORA_WORKER_ENGINE__MAX_LORAS; see deploy/dlora.example.toml)")
+
+
+def _explain(service: str, error: str, data: dict[str, Any], sources: dict[str, str]) -> str:
+    """msgspec's message (``... - at `$.engine.dtype```) with the field's value and source."""
+    if "$." not in error:
+        return f"{service} settings: {error}"
+    field = error.rsplit("$.", 1)[-1].split("`")[0].split("[")[0]
+    value: Any = data
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    where = f" (from {sources[field]})" if field in sources else ""
+    return f"{service} setting {field}={value!r}: {error}{where}"
 
 
 def _from_env(value: str) -> Any:

@@ -45,12 +45,12 @@ def measure_step_seconds(root: Path, adapters: int,
     import torch
 
     from dlora.loadgen.bench_engine import measure
-    from dlora.services.worker.engine.engine import EngineConfig, LLMEngine
+    from dlora.services.worker.engine import LLMEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = LLMEngine(EngineConfig(model=str(root / "model")))
+        engine = LLMEngine(str(root / "model"))
         names: list[str | None] = [f"lora-{i}" for i in range(min(adapters, engine.config.max_loras))] or [None]
         for name in filter(None, names):
             engine.register_adapter(name, str(root / "adapters" / name))
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, dispatch, migrate in CONFIGS:
         worker_env = {"DLORA_TORCH_THREADS": "1", "DLORA_STATS_INTERVAL_S": "0.25"}
         if args.kv_cache_mb:
-            worker_env["DLORA_KV_CACHE_BYTES"] = str(int(args.kv_cache_mb * 2**20))
+            worker_env["DLORA_ENGINE__KV_CACHE_BYTES"] = str(int(args.kv_cache_mb * 2**20))
         stack = LocalStack(args.workers, str(root / "model"), loras, free_port(), None, worker_env=worker_env,
                            env={"DLORA_DISPATCH": dispatch, "DLORA_INTERVAL_S": "0.5"}, migrator=migrate)
         stack.start()

@@ -18,14 +18,13 @@ import aiohttp
 import msgspec
 import nats
 import numpy as np
-
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
-from dlora.common.settings import WorkerSettings
 from dlora.loadgen.bench_common import machine, save, today
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
-from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.settings import WorkerSettings
 
 PROMPT = [5, 40, 41, 300, 17, 9, 12, 60]
 
@@ -36,7 +35,7 @@ def _pcts(seconds: list[float]) -> dict[str, float]:
 
 
 def engine_latencies(model: Path, n: int) -> list[float]:
-    engine = LLMEngine(EngineConfig(model=str(model), policy=WorkerSettings().policy))  # as the worker runs it
+    engine = LLMEngine(str(model), WorkerSettings().engine)  # as the worker runs it
     out = []
     for i in range(n + 10):
         t0 = time.perf_counter()

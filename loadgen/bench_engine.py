@@ -66,8 +66,8 @@ def run(
 ) -> dict:
     max_adapters = max(adapter_counts)
     root = ensure_model(workdir, preset, max_adapters, ranks=[16])  # one rank: simple byte accounting
-    engine = LLMEngine(EngineConfig(model=str(root / "model"), dtype=dtype, max_loras=max_adapters,
-                                    max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30))
+    engine = LLMEngine(str(root / "model"), EngineConfig(dtype=dtype, max_loras=max_adapters,
+                                                          max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30))
     names = [f"lora-{i}" for i in range(max_adapters)]
     for name in names:
         engine.register_adapter(name, root / "adapters" / name)

@@ -34,10 +34,10 @@ def run(sizes: list[tuple[int, int, int]], time_limit_s: float) -> dict:
     for workers, adapters, requests in sizes:
         p = plan(snapshot(workers, adapters, requests), PlannerSettings(time_limit_s=time_limit_s))
         rows.append({"workers": workers, "adapters": adapters, "requests": requests, "seconds": p.solve_seconds,
-                     "method": p.method, "moves": len(p.moves), "makespan_before_s": p.makespan_before_s,
+                     "method": p.label, "moves": len(p.moves), "makespan_before_s": p.makespan_before_s,
                      "makespan_after_s": p.makespan_after_s})
         print(f"{workers:>4} workers {adapters:>5} adapters {requests:>6} requests: {p.solve_seconds:6.2f} s "
-              f"{p.method:<16} moves {len(p.moves):>5}  makespan {p.makespan_before_s:8.1f} -> "
+              f"{p.label:<16} moves {len(p.moves):>5}  makespan {p.makespan_before_s:8.1f} -> "
               f"{p.makespan_after_s:8.1f} s", flush=True)
     return {"machine": machine(), "date": today(), "time_limit_s": time_limit_s, "rows": rows}
 

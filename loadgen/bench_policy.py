@@ -20,14 +20,14 @@ from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.loadgen.metrics import RequestResult, summarize
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.worker.engine import EngineConfig, LLMEngine
-from dlora.services.worker.policy import StepDecision
+from dlora.services.worker.policy import PolicyConfig, StepDecision
 
 POLICIES = ("merged-only", "unmerged-only", "dlora")
 
 
 def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEngine:
-    engine = LLMEngine(EngineConfig(model=str(root / "model"), dtype=dtype, policy=policy, max_loras=num_adapters,
-                                    max_num_seqs=32, kv_cache_bytes=1 << 30))
+    engine = LLMEngine(str(root / "model"), EngineConfig(dtype=dtype, policy=PolicyConfig(name=policy), max_loras=num_adapters,
+                                                          max_num_seqs=32, kv_cache_bytes=1 << 30))
     for i in range(num_adapters):
         engine.register_adapter(f"lora-{i}", root / "adapters" / f"lora-{i}")
     return engine

@@ -181,15 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
-    from dlora.common.settings import (
-        DispatcherSettings,
-        GatewaySettings,
-        MigratorSettings,
-        SettingsError,
-        WorkerSettings,
-        load,
-    )
+    from dlora.common.settings import SettingsError, load
+    from dlora.services.dispatcher.settings import DispatcherSettings
+    from dlora.services.gateway.settings import GatewaySettings
+    from dlora.services.migrator.settings import MigratorSettings
     from dlora.services.run import run_until_signalled
+    from dlora.services.worker.settings import WorkerSettings
 
     kinds = {"gateway": GatewaySettings, "dispatcher": DispatcherSettings, "worker": WorkerSettings,
              "migrator": MigratorSettings}

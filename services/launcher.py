@@ -19,15 +19,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from redis.asyncio import Redis
-
-from dlora.common.settings import GatewaySettings, load
+from dlora.common.settings import load
 from dlora.common.state import StateStore
-from dlora.services.gateway.admin import check_adapter
-from dlora.services.gateway.openai import APIError
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig
+from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import NATS_DEFAULT_PORT, Server, port_is_free, start_nats, start_redis
+from redis.asyncio import Redis
 
 DEMO = Path(".cache/demo")
 

@@ -8,17 +8,29 @@ adapter (and is not meant to hold it by the placement) first pays for loading it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+
+import msgspec
 
 from dlora.common.messages import WorkerStats
 
 
-@dataclass(frozen=True)
-class DispatchCosts:
-    expected_tokens: float = 64.0  # a new request's output length (unknown: an estimate)
-    unmerged_overhead: float = 0.1  # extra cost per token when not the worker's dominant adapter
-    adapter_load_s: float = 0.05  # loading an adapter the worker lacks
+class DispatchMode(enum.StrEnum):
+    PROACTIVE = "proactive"  # dLoRA: soonest estimated finish, placement-aware
+    ROUND_ROBIN = "round-robin"  # the baseline: blind to load and adapters
+
+
+class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The estimates proactive dispatch prices a worker with (``[dispatcher.costs]`` in ``dlora.toml``)."""
+
+    expected_tokens: float = 64.0  # a new request's output length in tokens (unknown: an estimate)
+    unmerged_overhead: float = 0.1  # extra cost per token (fraction) when not the worker's dominant adapter
+    adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks
     default_seconds_per_token: float = 0.01  # for a worker that has not measured yet
+
+    def check(self) -> list[tuple[str, object, str]]:
+        """Problems as (field, value, why); empty when the values are usable."""
+        return [(f, getattr(self, f), "must be >= 0") for f in self.__struct_fields__ if getattr(self, f) < 0]
 
 
 def estimated_finish(w: WorkerStats, adapter: str | None, extra_requests: int, placed: set[str],

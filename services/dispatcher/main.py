@@ -10,9 +10,6 @@ import contextlib
 import time
 
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
@@ -25,10 +22,12 @@ from dlora.common.messages import (
     WorkerStats,
     with_seed,
 )
-from dlora.common.settings import DispatcherSettings
 from dlora.common.state import StateStore
-from dlora.services.dispatcher.choose import choose_worker
+from dlora.services.dispatcher.choose import DispatchMode, choose_worker
 from dlora.services.dispatcher.placement import WorkerCapacity, place
+from dlora.services.dispatcher.settings import DispatcherSettings
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
@@ -130,12 +129,12 @@ class Dispatcher:
                 req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
         self._count(req.adapter)
         live = self.live()
-        if self.s.dispatch == "round-robin":  # the baseline: blind to load and adapters
+        if self.s.dispatch is DispatchMode.ROUND_ROBIN:  # the baseline: blind to load and adapters
             names = sorted(w.worker for w in live)
             worker = names[self._turn % len(names)] if names else None
             self._turn += 1
         else:
-            worker = choose_worker(live, req.adapter, self.sent_since_stats, self.placement)
+            worker = choose_worker(live, req.adapter, self.sent_since_stats, self.placement, self.s.costs)
         if worker is None:
             await self._fail(req, req.next_seq, "no worker is available", ErrorCode.UNAVAILABLE)
             return

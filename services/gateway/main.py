@@ -28,7 +28,7 @@ from dlora.common.messages import (
     TokenChunk,
     WorkerStats,
 )
-from dlora.common.settings import GatewaySettings
+from dlora.services.gateway.settings import GatewaySettings
 from dlora.common.state import StateStore
 from dlora.services.gateway import openai
 from dlora.services.gateway.admin import check_adapter

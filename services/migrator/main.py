@@ -8,15 +8,14 @@ import contextlib
 import time
 
 import msgspec
-from nats.aio.client import Client as NATS
-
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import WorkerStats
-from dlora.common.settings import MigratorSettings
 from dlora.common.state import StateStore
 from dlora.services.migrator.planner import PlannerSettings, plan
-from dlora.services.migrator.trigger import TriggerBounds, snapshot_from_stats, triggered
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.migrator.trigger import snapshot_from_stats, triggered
+from nats.aio.client import Client as NATS
 
 logger = log.get("migrator")
 
@@ -49,16 +48,17 @@ class Migrator:
             kv_transfer_seconds_per_token=_cost(live, "kv_transfer", self.s.kv_transfer_seconds_per_token,
                                                 _PRIOR_KV_TRANSFER_S),
             adapter_load_seconds=self.s.adapter_load_seconds)
-        reason = triggered(snap, TriggerBounds(self.s.imbalance, self.s.min_gain_s, self.s.request_excess,
-                                               self.s.kv_pressure))
+        bounds = self.s.trigger
+        reason = triggered(snap, bounds)
         if reason is None:
             self._imbalanced_looks = 0
             return
         self._imbalanced_looks += 1
-        if self._imbalanced_looks < self.s.patience or now - self._last_solve < self.s.cooldown_s:
+        if self._imbalanced_looks < bounds.patience or now - self._last_solve < bounds.cooldown_s:
             return
-        settings = PlannerSettings(self.s.solve_time_s, min_gain_s=self.s.min_gain_s,
-                                   kv_pressure=self.s.kv_pressure if self.s.kv_pressure is not None else 1.0)
+        # A plan must bring at least the gain that makes an imbalance worth planning for.
+        settings = PlannerSettings(self.s.solve_time_s, min_gain_s=bounds.min_gain_s,
+                                   kv_pressure=bounds.kv_pressure if bounds.kv_pressure is not None else 1.0)
         p = await asyncio.to_thread(plan, snap, settings)
         p = msgspec.structs.replace(p, trigger=reason)
         # A solve, with moves or not, starts the cool-down: an imbalance no plan pays for (KV

@@ -37,7 +37,7 @@ from functools import cached_property
 
 import pulp
 
-from dlora.common.messages import MovePlan, MoveRequest
+from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 
 BASE = ""  # the base model needs no slot
@@ -128,10 +128,13 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     """The moves that best balance the cluster, by ILP, or greedily when the solver finds nothing."""
     start = time.perf_counter()
     if len(snapshot.workers) < 2 or not snapshot.requests:
-        return MovePlan(plan_id=uuid.uuid4().hex, method="none", solve_seconds=0.0)
-    moves, method = _solve(snapshot, settings)
-    if moves is None:
-        moves, method = _greedy(snapshot, settings), f"greedy ({method})"
+        return MovePlan(plan_id=uuid.uuid4().hex, method=PlanMethod.NONE, solve_seconds=0.0)
+    solved = _solve(snapshot, settings)
+    fallback: IlpFallback | None = None
+    if isinstance(solved, IlpFallback):
+        fallback, moves, method = solved, _greedy(snapshot, settings), PlanMethod.GREEDY
+    else:
+        moves, method = solved
     moved = apply(snapshot, moves)
     before = max(completion_times(snapshot).values())
     after = max(completion_times(moved).values())
@@ -140,10 +143,9 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     relief = kv_overflow_cost(snapshot, settings.kv_pressure) - kv_overflow_cost(moved, settings.kv_pressure)
     # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
     # the moves cost in total: each move's recompute is real work taken from the destination.
-    if moves and before - after + relief < max(settings.min_gain_s, cost):
-        moves, method = [], method + ":no-gain"
-    return MovePlan(plan_id=uuid.uuid4().hex, moves=moves, method=method,
-                    solve_seconds=time.perf_counter() - start, makespan_before_s=before, makespan_after_s=after)
+    no_gain = bool(moves) and before - after + relief < max(settings.min_gain_s, cost)
+    return MovePlan(plan_id=uuid.uuid4().hex, moves=[] if no_gain else moves, method=method, ilp_fallback=fallback,
+                    no_gain=no_gain, solve_seconds=time.perf_counter() - start, makespan_before_s=before, makespan_after_s=after)
 
 
 def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapshot:
@@ -172,13 +174,13 @@ def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[
 _CBC_OVERHEAD_S = 0.3
 
 
-def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[MoveRequest] | None, str]:
+def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[MoveRequest], PlanMethod] | IlpFallback:
     started = time.perf_counter()
     groups = _groups(snapshot)
     workers = {w.worker: w for w in snapshot.workers}
     dests = _destinations(snapshot, groups)
     if sum(map(len, dests)) > settings.max_ilp_variables:
-        return None, "ilp-too-large"
+        return IlpFallback.TOO_LARGE
     prob = pulp.LpProblem("co_migration", pulp.LpMinimize)
     T = prob.add_variable("T", lowBound=0)
     # Variables are named by index: worker names need not be LP-safe (PuLP maps "-" to "_").
@@ -223,10 +225,10 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
     prob += pulp.LpAffineExpression(objective)
     remaining = settings.time_limit_s - (time.perf_counter() - started)
     if remaining <= _CBC_OVERHEAD_S:  # building took the bound: no time left to solve
-        return None, "ilp-build-timeout"
+        return IlpFallback.BUILD_TIMEOUT
     prob.solve(pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S)))
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
-        return None, "ilp-failed"
+        return IlpFallback.FAILED
     moves = []
     for i, g in enumerate(groups):
         taken = 0
@@ -238,7 +240,7 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
                                      ship_kv=_ship_kv(snapshot)) for r in g.requests[taken : taken + k])
             taken += k
     optimal = prob.sol_status == pulp.LpSolutionOptimal
-    return moves, "ilp" if optimal else "ilp-incumbent"
+    return moves, PlanMethod.ILP if optimal else PlanMethod.ILP_INCUMBENT
 
 
 def _cbc_path() -> str:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
-from dlora.common.messages import WorkerStats
+from dlora.common.messages import PlanTrigger, WorkerStats
 from dlora.services.migrator.planner import completion_times, kv_demand
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
@@ -23,39 +23,58 @@ def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs
     return ClusterSnapshot(workers, requests, ranks, **costs)
 
 
-@dataclass(frozen=True)
-class TriggerBounds:
-    """When the cluster is out of balance enough to plan; each bound may be turned off (None)."""
+class TriggerBounds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """When the cluster is out of balance enough to plan (``[migrator.trigger]`` in ``dlora.toml``);
+    each bound may be turned off (None, ``null`` in the file or environment)."""
 
     # Queue-delay spread: the most loaded worker's estimated completion time exceeds the mean by
-    # this fraction, and by at least min_gain_s seconds.
+    # this fraction, and by at least min_gain_s seconds (also the least gain a plan must bring).
     imbalance: float | None = 0.25
     min_gain_s: float = 0.5
     # Request-count excess: the most loaded worker holds this many requests more than the mean.
     request_excess: int | None = None
     # KV pressure: a worker's KV demand (its requests' contexts) above this fraction of its blocks
-    # while another worker is below it (someone could take the excess).
+    # while another worker is below it (someone could take the excess). Plans also price KV demand
+    # above it, as the recompute it will cause.
     kv_pressure: float | None = 0.9
+    # Plan only after this many consecutive imbalanced looks, and not within cooldown_s seconds of
+    # the last solve (a plan's moves must show in the stats first; an imbalance no plan pays for
+    # is not re-solved every look).
+    patience: int = 2
+    cooldown_s: float = 3.0
+
+    def check(self) -> list[tuple[str, object, str]]:
+        """Problems as (field, value, why); empty when the values are usable."""
+        bad: list[tuple[str, object, str]] = []
+        if self.imbalance is not None and self.imbalance < 0:
+            bad.append(("imbalance", self.imbalance, "must be >= 0 or null"))
+        if self.request_excess is not None and self.request_excess < 0:
+            bad.append(("request_excess", self.request_excess, "must be >= 0 or null"))
+        if self.kv_pressure is not None and not 0 < self.kv_pressure <= 1:
+            bad.append(("kv_pressure", self.kv_pressure, "must be a fraction in (0, 1] or null"))
+        if self.patience < 1:
+            bad.append(("patience", self.patience, "must be >= 1"))
+        return bad
 
 
-def triggered(snapshot: ClusterSnapshot, bounds: TriggerBounds) -> str | None:
-    """Which bound the cluster passes ("queue-delay", "request-count", "kv-pressure"), or None."""
+def triggered(snapshot: ClusterSnapshot, bounds: TriggerBounds) -> PlanTrigger | None:
+    """Which bound the cluster passes, or None."""
     if len(snapshot.workers) < 2:
         return None
     if bounds.imbalance is not None:
         times = list(completion_times(snapshot).values())
         mean, worst = sum(times) / len(times), max(times)
         if worst > mean * (1 + bounds.imbalance) and worst - mean > bounds.min_gain_s:
-            return "queue-delay"
+            return PlanTrigger.QUEUE_DELAY
     if bounds.request_excess is not None:
         counts = {w.worker: 0 for w in snapshot.workers}
         for r in snapshot.requests:
             counts[r.worker] += 1
         if max(counts.values()) - sum(counts.values()) / len(counts) > bounds.request_excess:
-            return "request-count"
+            return PlanTrigger.REQUEST_COUNT
     if bounds.kv_pressure is not None:
         demand = kv_demand(snapshot)
         pressure = [demand[w.worker] / max(1, w.kv_blocks) for w in snapshot.workers]
         if max(pressure) > bounds.kv_pressure and min(pressure) < bounds.kv_pressure:
-            return "kv-pressure"
+            return PlanTrigger.KV_PRESSURE
     return None

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 
 import msgspec
-from nats.aio.client import Client as NATS
-
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
@@ -29,20 +27,20 @@ from dlora.common.messages import (
     WorkerStats,
     with_seed,
 )
-from dlora.common.settings import WorkerSettings
 from dlora.common.state import StateStore
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
-from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
+from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
+from dlora.services.worker.moves import Move, handoff, moves_to_take
+from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import worker_stats
 from dlora.services.worker.versions import engine_key, name_of, version_of
+from nats.aio.client import Client as NATS
 
 logger = log.get("worker")
-_encode_kv = msgspec.msgpack.Encoder()
-_PLAN_MAX_AGE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,17 +61,11 @@ class _AdapterChanged:
 
 @dataclass(frozen=True)
 class _Prefetch:
-    adapters: list[str]
+    adapters: list[str]  # the placement's adapters for this worker
 
 
-@dataclass(frozen=True)
-class _Move:
-    request_id: str
-    to_worker: str
-    ship_kv: bool
+_Command = _Add | _Abort | _AdapterChanged | _Prefetch | Move
 
-
-_KV_CHUNK_BYTES = 512 << 10  # under NATS's default 1 MiB payload limit
 _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
 _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 _EARLY_ABORT_S = 60.0  # an abort that came before its request is kept this long
@@ -91,7 +83,7 @@ class WorkerService:
 
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
-        self.commands: asyncio.Queue[_Add | _Abort | _AdapterChanged | _Move | _Prefetch] = asyncio.Queue()
+        self.commands: asyncio.Queue[_Command] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
         # KV caches of requests moving here as their chunks arrive, and who waits for them.
         self.kv_inbox = KVInbox(_KV_WAIT_S, _KV_STALE_S)  # caches of requests moving here, as they arrive
@@ -117,25 +109,23 @@ class WorkerService:
         await self.commands.put(_AdapterChanged(event.name, None if event.removed else event.version))
 
     async def _on_moves(self, plan: MovePlan) -> None:
-        if time.time() - plan.created > _PLAN_MAX_AGE_S or plan.epoch < self.plan_epoch:
+        moves = moves_to_take(plan, self.s.worker_id, self.plan_epoch, time.time())
+        if moves is None:
             logger.info("stale plan ignored", plan=plan.plan_id, epoch=plan.epoch, seen=self.plan_epoch)
             return
         self.plan_epoch = plan.epoch
-        for m in plan.moves:
-            if m.request_id in self.streams and m.to_worker != self.s.worker_id:
-                await self.commands.put(_Move(m.request_id, m.to_worker, m.ship_kv))
+        for move in moves:  # requests not (or no longer) here are skipped when the move is applied
+            await self.commands.put(move)
 
     async def _on_placement(self, placement: Placement) -> None:
-        held = {name_of(key) for key in self.engine.adapters}
-        mine = [a for a in placement.workers.get(self.s.worker_id, []) if a not in held]
-        if mine:
+        if mine := placement.workers.get(self.s.worker_id):
             await self.commands.put(_Prefetch(mine))
 
     async def _on_kv_chunk(self, chunk: KVChunk) -> None:
         self.kv_inbox.put(chunk)
 
     # ---- the owner of the engine ----------------------------------------------------------
-    async def _safely(self, cmd: _Add | _Abort | _AdapterChanged | _Move | _Prefetch) -> None:
+    async def _safely(self, cmd: _Command) -> None:
         """Apply one command; whatever goes wrong fails that command only (a request's with an
         error chunk naming the cause), never the worker."""
         try:
@@ -148,8 +138,8 @@ class WorkerService:
         if self.retiring:
             self._retire()
 
-    async def _apply(self, cmd: _Add | _Abort | _AdapterChanged | _Move | _Prefetch) -> None:
-        if isinstance(cmd, _Move):
+    async def _apply(self, cmd: _Command) -> None:
+        if isinstance(cmd, Move):
             await self._move(cmd)
         elif isinstance(cmd, _Prefetch):
             await self._prefetch(cmd.adapters)
@@ -180,7 +170,8 @@ class WorkerService:
 
     async def _prefetch(self, names: list[str]) -> None:
         """Load adapters the placement gives this worker into host memory before requests need them."""
-        for name in names:
+        held = {name_of(key) for key in self.engine.adapters}
+        for name in (n for n in names if n not in held):
             try:
                 entry = await self.store.get_adapter(name)
                 if entry is not None:
@@ -188,29 +179,26 @@ class WorkerService:
             except (AdapterError, _NotFound) as e:
                 logger.warning("prefetch failed", adapter=name, reason=str(e))
 
-    async def _move(self, cmd: _Move) -> None:
-        """Hand a request to another worker at a step boundary: its KV cache goes ahead in chunks
-        when the plan says shipping is cheaper, else the destination recomputes from the tokens
-        produced here; either way the client's chunks continue in sequence."""
-        stream = self.streams.get(cmd.request_id)
-        seq = self.engine.seqs.get(cmd.request_id)
+    async def _move(self, move: Move) -> None:
+        """Hand a request to another worker at a step boundary (``moves.handoff``): its KV cache
+        goes ahead in chunks when the plan ships it, else the destination recomputes from the
+        tokens produced here; either way the client's chunks continue in sequence."""
+        stream = self.streams.get(move.request_id)
+        seq = self.engine.seqs.get(move.request_id)
         if stream is None or seq is None:
             return  # finished or gone meanwhile: nothing to move
         start = time.monotonic()
-        kv = self.engine.export_kv(cmd.request_id) if cmd.ship_kv else None
-        data = kv.to_bytes() if kv is not None else b""
-        pieces = [data[i : i + _KV_CHUNK_BYTES] for i in range(0, len(data), _KV_CHUNK_BYTES)]
-        resumed = msgspec.structs.replace(stream.request, resume_token_ids=list(seq.output_ids), next_seq=stream.seq,
-                                          kv_chunks=len(pieces), kv_export_s=time.monotonic() - start if kv is not None else 0.0)
-        self.engine.abort(cmd.request_id)
-        del self.streams[cmd.request_id]
-        for i, piece in enumerate(pieces):
-            chunk = KVChunk(request_id=cmd.request_id, index=i, total=len(pieces), data=piece)
-            await self.nc.publish(subjects.kv_transfer(cmd.to_worker, cmd.request_id), _encode_kv.encode(chunk))
-        await bus.publish(self.nc, subjects.worker_requests(cmd.to_worker), resumed)
-        await self.store.put_inflight(resumed, cmd.to_worker)
-        logger.info("request moved", request=cmd.request_id, to=cmd.to_worker, tokens=len(seq.output_ids),
-                    kv_bytes=len(data))
+        kv = self.engine.export_kv(move.request_id) if move.ship_kv else None
+        data = kv.to_bytes() if kv is not None else None
+        resumed, chunks = handoff(stream.request, seq.output_ids, stream.seq, data, time.monotonic() - start)
+        self.engine.abort(move.request_id)
+        del self.streams[move.request_id]
+        for chunk in chunks:
+            await bus.publish(self.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
+        await bus.publish(self.nc, subjects.worker_requests(move.to_worker), resumed)
+        await self.store.put_inflight(resumed, move.to_worker)
+        logger.info("request moved", request=move.request_id, to=move.to_worker, tokens=len(seq.output_ids),
+                    kv_bytes=len(data or b""))
 
     async def _ensure_adapter(self, name: str, version: str) -> str:
         """The engine's key for that version of the adapter, loaded into host memory if it is not
@@ -388,8 +376,7 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
         import torch
 
         torch.set_num_threads(s.torch_threads)
-    return LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, device=s.device, kernels=s.kernels, policy=s.policy,
-                                  max_loras=s.max_loras, max_num_seqs=s.max_num_seqs, kv_cache_bytes=s.kv_cache_bytes))
+    return LLMEngine(s.model, s.engine)
 
 
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:

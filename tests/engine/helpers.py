@@ -3,11 +3,15 @@ from __future__ import annotations
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.services.worker.policy import PolicyConfig
 
 
 def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
-    config = EngineConfig(model=str(tiny.model), **overrides)
-    engine = LLMEngine(config)
+    """An engine on ``tiny``'s model with its adapters registered; ``overrides`` are EngineConfig
+    fields, ``policy`` a policy name. Unmerged-only unless a test names a policy: these tests were
+    written against the plain FCFS path (the engine's own default is the worker's, dlora)."""
+    overrides["policy"] = PolicyConfig(name=overrides.get("policy", "unmerged-only"))
+    engine = LLMEngine(str(tiny.model), EngineConfig(**overrides))
     for name, path in tiny.adapters.items():
         engine.register_adapter(name, path)
     return engine

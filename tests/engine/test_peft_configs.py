@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
-
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, load_adapter
 from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.services.worker.policy import PolicyConfig
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 PROMPT = [5, 40, 41, 300, 17, 99, 3]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,7 +67,7 @@ def peft_logits(tiny: TinyOutput, path: Path) -> torch.Tensor:
 
 
 def engine_logits(tiny: TinyOutput, path: Path, policy: str) -> torch.Tensor:
-    engine = LLMEngine(EngineConfig(model=str(tiny.model), policy=policy))
+    engine = LLMEngine(str(tiny.model), EngineConfig(policy=PolicyConfig(name=policy)))
     engine.register_adapter("x", path)
     engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=1), adapter="x")
     engine.step()

@@ -12,16 +12,18 @@ import aiohttp
 import nats
 import pytest
 from aiohttp import web
-from redis.asyncio import Redis
-
-from dlora.common.settings import DispatcherSettings, GatewaySettings, WorkerSettings
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.main import Gateway
+from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port, start_nats, start_redis
+from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+from redis.asyncio import Redis
 
 ADMIN_KEY = "test-admin-key"
 
@@ -75,7 +77,7 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
     conns.append(disp_nc)
     tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), disp_nc, store).run(stop)))
     for i in range(2):
-        ws = WorkerSettings(**common, worker_id=f"w{i}", model=str(tiny_llama.model), max_loras=2,
+        ws = WorkerSettings(**common, worker_id=f"w{i}", model=str(tiny_llama.model), engine=EngineConfig(max_loras=2),
                             stats_interval_s=0.1)
         nc = await nats.connect(nats_server.url)
         conns.append(nc)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import importlib.util
+import io
 import json
 import shutil
 from pathlib import Path
 
 import aiohttp
-
-from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
+
 from tests.integration.conftest import ADMIN_KEY, Stack
 
 PROMPTS = ["kalo remi suta", "nevo rida pole", "sumu gano befi tuza"]
@@ -45,7 +45,7 @@ async def stream(stack: Stack, path: str, body: dict) -> list:
 
 
 def offline(tiny, requests: list[dict]) -> list[dict]:
-    engine = LLMEngine(EngineConfig(model=str(tiny.model)))
+    engine = LLMEngine(str(tiny.model))
     for name, path in tiny.adapters.items():
         engine.register_adapter(name, path)
     return generate_lines(engine, [json.dumps(r) for r in requests])
@@ -112,7 +112,6 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
 
 async def test_served_model_name_names_the_base_model(stack: Stack) -> None:
     import msgspec
-
     from dlora.services.gateway.main import Gateway
 
     settings = msgspec.structs.replace(stack.gateway.s, served_model_name="my-llama")
@@ -383,10 +382,9 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
     """No dispatcher or worker listens on this NATS server: the gateway gives up after chunk_timeout_s."""
     import nats
     from aiohttp import web
-
-    from dlora.common.settings import GatewaySettings
     from dlora.common.state import StateStore
     from dlora.services.gateway.main import Gateway
+    from dlora.services.gateway.settings import GatewaySettings
     from dlora.services.servers import free_port, start_nats
 
     server = start_nats()

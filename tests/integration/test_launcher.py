@@ -93,7 +93,7 @@ def test_a_failed_start_leaves_nothing_running(tiny_llama) -> None:
     from dlora.services.launcher import LocalStack
 
     # A worker setting it refuses: the worker exits at start, and start() takes the rest down.
-    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, worker_env={"DLORA_KERNELS": "bogus"})
+    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, worker_env={"DLORA_ENGINE__KERNELS": "bogus"})
     with pytest.raises(RuntimeError, match="exited during start-up"):
         stack.start()
     assert stack.procs and all(p.poll() is not None for p in stack.procs)

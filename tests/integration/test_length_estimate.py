@@ -8,15 +8,15 @@ import uuid
 
 import msgspec
 import nats
-from redis.asyncio import Redis
-
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
-from dlora.common.settings import WorkerSettings
 from dlora.common.state import StateStore
 from dlora.services.servers import Server
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+from redis.asyncio import Redis
+
 from tests.integration.test_gateway import offline
 
 SHORT_PROMPT = [5, 6, 7]

@@ -10,16 +10,18 @@ import uuid
 import msgspec
 import nats
 import pytest
-from redis.asyncio import Redis
-
 from dlora.common import bus, subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk, WorkerStats
-from dlora.common.settings import MigratorSettings, WorkerSettings
 from dlora.common.state import StateStore
 from dlora.services.migrator.main import Migrator
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.migrator.trigger import TriggerBounds
 from dlora.services.servers import Server
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+from redis.asyncio import Redis
+
 from tests.integration.test_gateway import offline
 
 N_TOKENS = 300
@@ -56,7 +58,7 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
         conns.append(mnc)
         # Shipping KV is free here, or dearer than any recompute: the planner picks accordingly.
         kv_cost = 0.0 if ship_kv else 1.0
-        migrator = Migrator(MigratorSettings(**common, interval_s=0.05, imbalance=0.25, min_gain_s=0.01,
+        migrator = Migrator(MigratorSettings(**common, interval_s=0.05, trigger=TriggerBounds(imbalance=0.25, min_gain_s=0.01),
                                              kv_transfer_seconds_per_token=kv_cost), mnc, store)
         tasks.append(asyncio.create_task(migrator.run(stop)))
 
@@ -175,8 +177,8 @@ async def test_workers_drop_plans_from_a_deposed_migrator(nats_server: Server, r
 async def test_dispatcher_places_replicas_of_hot_adapters(nats_server: Server, redis: Redis) -> None:
     """Decayed traffic shares persist in Redis and drive the placement."""
     from dlora.common.messages import AdapterEntry, AdapterResidency, WorkerStats
-    from dlora.common.settings import DispatcherSettings
     from dlora.services.dispatcher.main import Dispatcher
+    from dlora.services.dispatcher.settings import DispatcherSettings
 
     store = StateStore(redis)
     for name in ("hot", "cold"):
@@ -206,7 +208,7 @@ async def test_migrator_waits_for_persistent_imbalance_and_cools_down(nats_serve
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)
     try:
-        m = Migrator(MigratorSettings(nats_url=nats_server.url, patience=2, cooldown_s=60, min_gain_s=0.0), nc, store)
+        m = Migrator(MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=2, cooldown_s=60, min_gain_s=0.0)), nc, store)
 
         def feed() -> None:
             for name, n in (("w0", 12), ("w1", 0)):
@@ -235,7 +237,6 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
     nats_server: Server, redis: Redis, redis_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import redis as sync_redis
-
     from dlora.common.messages import RequestLoad, WorkerStats
     from dlora.services.migrator import main as migrator_main
 
@@ -256,7 +257,7 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
 
     monkeypatch.setattr(migrator_main, "plan", slow_plan)
     try:
-        m = Migrator(MigratorSettings(nats_url=nats_server.url, patience=1, min_gain_s=0.0), nc, store)
+        m = Migrator(MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=1, min_gain_s=0.0)), nc, store)
         for name, n in (("w0", 12), ("w1", 0)):
             reqs = [RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=8, remaining_tokens=200)
                     for i in range(n)]
@@ -285,7 +286,7 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
     try:
         # Even completion times (no queue-delay spread), but w0's long contexts need 95 of its 100
         # blocks, and shipping a cache costs less than the recompute its preemptions would.
-        settings = MigratorSettings(nats_url=nats_server.url, patience=1, kv_pressure=0.8, min_gain_s=0.0,
+        settings = MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=1, kv_pressure=0.8, min_gain_s=0.0),
                                     recompute_seconds_per_token=0.001, kv_transfer_seconds_per_token=0.0005)
         m = Migrator(settings, nc, store)
         for name, context in (("w0", 19 * 16), ("w1", 16)):
@@ -309,8 +310,8 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
 async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server, redis: Redis,
                                                             tiny_llama: TinyOutput) -> None:
     from dlora.common.messages import AdapterEntry
-    from dlora.common.settings import DispatcherSettings
     from dlora.services.dispatcher.main import Dispatcher
+    from dlora.services.dispatcher.settings import DispatcherSettings
 
     store = StateStore(redis)
     for name, path in tiny_llama.adapters.items():

@@ -14,15 +14,17 @@ import aiohttp
 import nats
 import pytest
 from aiohttp import web
-from redis.asyncio import Redis
-
-from dlora.common.settings import DispatcherSettings, GatewaySettings, WorkerSettings
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.main import Gateway
+from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+from redis.asyncio import Redis
+
 from tests.integration.test_gateway import offline
 
 N = 400  # tokens: long enough that the victim is still generating when it dies
@@ -110,10 +112,11 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
                                                                                  redis: Redis) -> None:
     """Recovery re-dispatches a lost worker's request once; if that worker dies too, the request
     fails with a reason instead of being handed to the next worker (no poison cascade)."""
+    import time
+
+    import msgspec
     from dlora.common import subjects
     from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
-    import msgspec
-    import time
 
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)

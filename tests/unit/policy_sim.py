@@ -91,7 +91,7 @@ def simulate(policy: Policy, arrivals: list[Arrival], limits: BatchLimits, max_s
             else:
                 current[r.request_id] = current.get(r.request_id, 0.0) + seconds
                 res.max_displaced[r.request_id] = max(res.max_displaced.get(r.request_id, 0.0), current[r.request_id])
-        policy.observe(StepRecord(
+        policy.observe(decision, StepRecord(
             merged=merged, request_ids=[r["id"] for r in ran], adapters=[r["adapter"] for r in ran],
             num_tokens=len(ran), lora_rank_sum=sum(ranks[a] for a in adapters) if merged is None else 0,
             seconds=seconds, merge_seconds=merge_s, unmerge_seconds=unmerge_s,

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepRecord
-from dlora.services.worker.policy.dlora import DLoraConfig, DLoraPolicy
+from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepDecision, StepRecord
+from dlora.services.worker.policy.config import PolicyConfig
+from dlora.services.worker.policy.dlora import DLoraPolicy
 from tests.unit.policy_sim import Arrival, simulate
 
 LIMITS = BatchLimits(max_num_seqs=8, max_adapters=4)
@@ -33,7 +34,7 @@ def queue(*adapters: str | None, rank: int = 16) -> list[QueuedRequest]:
 )
 def test_decisions(adapters, merged_now, expected) -> None:
     # Nothing measured yet: thresholds are R and L over the prior overhead, no switch guard.
-    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.5, band_ratio=0.7))
+    p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.5, band_ratio=0.7))
     d = p.decide(queue(*adapters), merged_now)
     assert d.merged == expected
     if expected is None:
@@ -43,7 +44,7 @@ def test_decisions(adapters, merged_now, expected) -> None:
 
 
 def test_higher_rank_is_merged_at_a_smaller_share() -> None:
-    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.45))
+    p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.45))
     # Teach the cost model that LoRA overhead grows steeply with rank.
     p.costs.observe_step(8, 0, 0.010)
     for rank_sum, seconds in [(16, 0.012), (64, 0.018), (128, 0.026)] * 5:
@@ -64,7 +65,7 @@ def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.
 def _run_epoch(p: DLoraPolicy, q, merged_now, seconds: float, steps: int, **kw) -> str | None:
     for _ in range(steps):
         d = p.decide(q, merged_now)
-        p.observe(_record(d, q, seconds, **kw))
+        p.observe(d, _record(d, q, seconds, **kw))
         kw = {k: v for k, v in kw.items() if k == "rank_sum"}  # switches only on the first step
         merged_now = d.merged
     return merged_now
@@ -74,14 +75,13 @@ def _unmerged_epoch_then_close(switch_s: float) -> DLoraPolicy:
     """Five unmerged steps of 8 tokens measured at 0.03 s (267 tok/s) while a merged step of b's
     three requests is known to take 0.01 s (300 tok/s); then a step reported merged closes the
     epoch."""
-    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=1.0, band_down=0.8))
+    p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=1.0, band_down=0.8))
     p.costs.observe_step(3, 0, 0.010)
     p.costs.observe_switch(merge=switch_s, unmerge=switch_s)
     q = queue("a", "b", "c", "d", "b", "c", "d", "b")
     assert _run_epoch(p, q, None, seconds=0.030, steps=5, rank_sum=64) is None
     assert p.r == 1.0
-    p.decide(q, None)
-    p.observe(StepRecord("a", ["r0"], ["a"], 1, 0, 0.005, merge_seconds=switch_s))
+    p.observe(p.decide(q, None), StepRecord("a", ["r0"], ["a"], 1, 0, 0.005, merge_seconds=switch_s))
     return p
 
 
@@ -95,7 +95,7 @@ def test_switch_costs_count_against_merging() -> None:
 
 
 def test_band_rises_when_a_merged_epoch_lost() -> None:
-    p = DLoraPolicy(LIMITS, DLoraConfig(r_initial=0.3, band_up=0.05))
+    p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.3, band_up=0.05))
     p.costs.observe_step(8, 0, 0.010)  # FCFS batch of 8, unmerged, would be fast
     p.costs.observe_step(3, 0, 0.002)  # and a's 3 requests merged look faster still, so it merges
     q = queue("a", "a", "a", "b", "c", "d", "b", "c")
@@ -103,7 +103,7 @@ def test_band_rises_when_a_merged_epoch_lost() -> None:
     assert merged == "a"
     p.r = 0.95  # next decision goes unmerged and closes the merged epoch
     d = p.decide(q, merged)
-    p.observe(_record(d, q, 0.012, unmerge=0.01, rank_sum=64))
+    p.observe(d, _record(d, q, 0.012, unmerge=0.01, rank_sum=64))
     assert d.merged is None and p.r == pytest.approx(1.0)
 
 
@@ -140,7 +140,7 @@ def _hot_adapter_arrivals(steps: int = 300) -> list[Arrival]:
 
 def test_hot_adapter_cannot_hold_the_replica_merged_forever() -> None:
     limits = BatchLimits(max_num_seqs=8, max_adapters=4)
-    no_credits = simulate(DLoraPolicy(limits, DLoraConfig(starvation_s=math.inf, debt_floor_s=math.inf)),
+    no_credits = simulate(DLoraPolicy(limits, PolicyConfig(starvation_s=math.inf, debt_floor_s=math.inf)),
                           _hot_adapter_arrivals(), limits, max_steps=400)
     assert "q5" not in no_credits.finished  # without credits the cold request starves
     policy = DLoraPolicy(limits)
@@ -167,9 +167,20 @@ def test_wait_bound_holds_for_any_arrivals(n_adapters, hot_share, max_seqs, slot
         # hot_share of the traffic goes to adapter 0; the rest is spread (index 0 = base model).
         name = "a0" if u < hot_share else (None if pick == 0 else f"a{pick % n_adapters}")
         arrivals.append(Arrival(step=step, adapter=name, length=length, rank=rank))
-    policy = DLoraPolicy(limits, DLoraConfig(starvation_s=starvation_s, debt_floor_s=starvation_s))
+    policy = DLoraPolicy(limits, PolicyConfig(starvation_s=starvation_s, debt_floor_s=starvation_s))
     res = simulate(policy, arrivals, limits, max_steps=3000)
     assert len(res.finished) == len(arrivals)  # nobody starves outright
     bound = policy.wait_bound_s(res.t_max)
     assert max(res.max_displaced.values(), default=0.0) <= bound + 1e-9
     assert all(abs(t) < 1e-6 for t in res.credit_totals)  # credit only moves
+
+
+def test_a_decision_made_outside_the_policy_moves_no_credit() -> None:
+    """A step run on someone else's decision (``step(decision=...)``) teaches the policy its times
+    but is not accounted against what the policy last decided (there is no hidden pending batch)."""
+    p = DLoraPolicy(LIMITS, PolicyConfig())
+    q = queue("a", "b", "c", "b")
+    p.decide(q, None)  # decided, but not run
+    forced = StepDecision(merged="b", request_ids=["r1", "r3"])
+    p.observe(forced, _record(forced, q, 0.05, merge=0.01))
+    assert dict(p.credits.balances) == {} and p.costs.merge_seconds == pytest.approx(0.01)

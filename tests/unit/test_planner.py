@@ -92,7 +92,7 @@ def test_a_model_too_large_for_the_bound_is_planned_greedily() -> None:
     snap = ClusterSnapshot(workers=[worker("w0", ["a"]), worker("w1", ["a"])], requests=reqs("w0", "a", 10),
                            ranks={"a": 16})
     p = plan(snap, PlannerSettings(max_ilp_variables=1))
-    assert p.method == "greedy (ilp-too-large)" and p.moves
+    assert (p.method, p.ilp_fallback, p.label) == ("greedy", "ilp-too-large", "greedy (ilp-too-large)") and p.moves
     assert p.makespan_after_s < p.makespan_before_s
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from dlora.services.worker.policy import BatchLimits, QueuedRequest, fcfs_batch, make_policy
+from dlora.services.worker.policy import BatchLimits, PolicyConfig, QueuedRequest, fcfs_batch, make_policy
 from dlora.services.worker.policy.fcfs import MergedOnly, UnmergedOnly
 
 LIMITS = BatchLimits(max_num_seqs=8, max_adapters=2)
@@ -39,9 +39,9 @@ def test_merged_only_keeps_the_current_adapter_when_idle() -> None:
 
 @pytest.mark.parametrize("name", ["dlora", "merged-only", "unmerged-only"])
 def test_policies_by_name(name: str) -> None:
-    assert make_policy(name, LIMITS).decide([], None).request_ids == []
+    assert make_policy(PolicyConfig(name=name), LIMITS).decide([], None).request_ids == []
 
 
 def test_unknown_policy_is_refused_naming_the_choices() -> None:
     with pytest.raises(ValueError, match="dlora"):
-        make_policy("sometimes", LIMITS)
+        make_policy(PolicyConfig(name="sometimes"), LIMITS)  # type: ignore[arg-type]

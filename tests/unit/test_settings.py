@@ -1,17 +1,29 @@
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
-
-from dlora.common.settings import GatewaySettings, MigratorSettings, SettingsError, WorkerSettings, load
+from dlora.common.settings import Common, SettingsError, field_paths, load
+from dlora.services.dispatcher.choose import DispatchMode
+from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.policy.config import PolicyName
+from dlora.services.worker.settings import WorkerSettings
 
 
 def test_precedence_defaults_toml_env_overrides(tmp_path: Path) -> None:
     toml = tmp_path / "dlora.toml"
-    toml.write_text('model = "/m"\nnats_url = "nats://a"\n[worker]\nmax_loras = 3\npolicy = "merged-only"\n')
-    env = {"DLORA_NATS_URL": "nats://b", "DLORA_WORKER_POLICY": "unmerged-only", "DLORA_GATEWAY_PORT": "1"}
-    s = load(WorkerSettings, "worker", toml, env=env, overrides={"worker_id": "w7", "max_loras": None})
-    assert (s.model, s.nats_url, s.max_loras, s.policy, s.worker_id) == ("/m", "nats://b", 3, "unmerged-only", "w7")
-    assert s.stats_interval_s == 0.5  # default
+    toml.write_text('model = "/m"\nnats_url = "nats://a"\n[worker]\nstats_interval_s = 0.2\n[worker.engine]\n'
+                    'max_loras = 3\nblock_size = 8\n[worker.engine.policy]\nname = "merged-only"\nr_initial = 0.4\n')
+    env = {"DLORA_NATS_URL": "nats://b", "DLORA_WORKER_ENGINE__POLICY__NAME": "unmerged-only", "DLORA_GATEWAY_PORT": "1",
+           "DLORA_ENGINE__BLOCK_SIZE": "32"}
+    s = load(WorkerSettings, "worker", toml, env=env, overrides={"worker_id": "w7", "engine.max_loras": None})
+    assert (s.model, s.nats_url, s.worker_id, s.stats_interval_s) == ("/m", "nats://b", "w7", 0.2)
+    assert (s.engine.max_loras, s.engine.block_size, s.engine.policy.name, s.engine.policy.r_initial) == (
+        3, 32, PolicyName.UNMERGED_ONLY, 0.4)
+    assert s.engine.kv_cache_bytes == EngineConfig().kv_cache_bytes  # default
 
 
 def test_lists_come_from_json_in_env() -> None:
@@ -22,11 +34,16 @@ def test_lists_come_from_json_in_env() -> None:
 @pytest.mark.parametrize(
     "env,fragment",
     [
-        ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "four"}, "max_loras"),
-        ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "0"}, "max_loras=0"),
+        ({"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__MAX_LORAS": "four"},
+         "engine.max_loras='four'.*from DLORA_WORKER_ENGINE__MAX_LORAS"),
+        ({"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__MAX_LORAS": "0"}, "engine.max_loras=0 must be >= 1 .from DLORA_WORKER"),
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_ID": "a.b"}, "worker_id"),
-        ({"DLORA_MODEL": "/m", "DLORA_WORKER_POLICY": "dLoRA"}, "policy='dLoRA'"),
-        ({"DLORA_MODEL": "/m", "DLORA_WORKER_DTYPE": "fp8"}, "dtype='fp8'"),
+        ({"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__POLICY__NAME": "dLoRA"}, "engine.policy.name='dLoRA'"),
+        ({"DLORA_MODEL": "/m", "DLORA_ENGINE__DTYPE": "fp8"}, "engine.dtype='fp8'.*from DLORA_ENGINE__DTYPE"),
+        ({"DLORA_MODEL": "/m", "DLORA_ENGINE__KERNELS": "cuda"}, "engine.kernels='cuda'"),
+        ({"DLORA_MODEL": "/m", "DLORA_ENGINE__POLICY__BAND_DOWN": "1.5"}, "engine.policy.band_down=1.5"),
+        # An outdated flat name is refused, not ignored.
+        ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "4"}, "DLORA_WORKER_MAX_LORAS names no setting"),
         ({}, "model"),
     ],
 )
@@ -40,19 +57,82 @@ def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
     toml.write_text('[gateway]\nmodel = "/m"\nprot = 80\n')
     with pytest.raises(SettingsError, match="prot"):
         load(GatewaySettings, "gateway", toml, env={})
+    toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\nmax_lora = 4\n')
+    with pytest.raises(SettingsError, match="max_lora"):
+        load(WorkerSettings, "worker", toml, env={})
+    toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\ndtype = "fp4"\n')
+    with pytest.raises(SettingsError, match=r"engine.dtype='fp4'.*\[worker.engine\]"):
+        load(WorkerSettings, "worker", toml, env={})
     toml.write_text("[gateway\n")
     with pytest.raises(SettingsError, match=str(toml)):
         load(GatewaySettings, "gateway", toml, env={})
 
 
-@pytest.mark.parametrize("env,fragment", [({"DLORA_KV_PRESSURE": "1.5"}, "kv_pressure=1.5"),
-                                          ({"DLORA_REQUEST_EXCESS": "-1"}, "request_excess=-1"),
-                                          ({"DLORA_IMBALANCE": "-0.1"}, "imbalance")])
+@pytest.mark.parametrize("env,fragment", [({"DLORA_TRIGGER__KV_PRESSURE": "1.5"}, "trigger.kv_pressure=1.5"),
+                                          ({"DLORA_TRIGGER__REQUEST_EXCESS": "-1"}, "trigger.request_excess=-1"),
+                                          ({"DLORA_TRIGGER__IMBALANCE": "-0.1"}, "trigger.imbalance")])
 def test_bad_migrator_bounds_name_the_setting(env: dict, fragment: str) -> None:
     with pytest.raises(SettingsError, match=fragment):
         load(MigratorSettings, "migrator", env=env)
 
 
 def test_a_migrator_bound_is_turned_off_by_null() -> None:
-    s = load(MigratorSettings, "migrator", env={"DLORA_MIGRATOR_KV_PRESSURE": "null", "DLORA_REQUEST_EXCESS": "4"})
-    assert s.kv_pressure is None and s.request_excess == 4
+    s = load(MigratorSettings, "migrator",
+             env={"DLORA_MIGRATOR_TRIGGER__KV_PRESSURE": "null", "DLORA_TRIGGER__REQUEST_EXCESS": "4"})
+    assert s.trigger.kv_pressure is None and s.trigger.request_excess == 4
+
+
+def test_dispatch_choices_and_costs_are_typed(tmp_path: Path) -> None:
+    toml = tmp_path / "dlora.toml"
+    toml.write_text('[dispatcher]\ndispatch = "round-robin"\n[dispatcher.costs]\nexpected_tokens = 128\n')
+    s = load(DispatcherSettings, "dispatcher", toml, env={})
+    assert (s.dispatch, s.costs.expected_tokens) == (DispatchMode.ROUND_ROBIN, 128.0)
+    with pytest.raises(SettingsError, match="dispatch='random'"):
+        load(DispatcherSettings, "dispatcher", toml, env={"DLORA_DISPATCH": "random"})
+    with pytest.raises(SettingsError, match="costs.adapter_load_s=-1.0 must be >= 0"):
+        load(DispatcherSettings, "dispatcher", toml, env={"DLORA_DISPATCHER_COSTS__ADAPTER_LOAD_S": "-1"})
+
+
+SERVICES = {"gateway": GatewaySettings, "dispatcher": DispatcherSettings, "migrator": MigratorSettings,
+            "worker": WorkerSettings}
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "dlora.example.toml"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_the_example_file_loads_and_states_every_default(service: str) -> None:
+    """deploy/dlora.example.toml sets every setting to its default: each service loads from it
+    alone exactly what it has with no file (model aside, which has no default)."""
+    cls = SERVICES[service]
+    from_file = load(cls, service, EXAMPLE, env={})
+    assert from_file == load(cls, service, env={}, overrides={"model": from_file.model} if "model" in
+                             cls.__struct_fields__ else {})
+
+
+def test_the_example_file_names_every_setting() -> None:
+    # Settings whose default is null (TOML has none) appear commented out: `# num_blocks = 4096`.
+    text = EXAMPLE.read_text()
+    doc = tomllib.loads(re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.M))
+    commented = re.findall(r"^# ([a-z_]+) = ", text, flags=re.M)
+    assert commented and all(_default(WorkerSettings, MigratorSettings, name=name) is None for name in commented)
+    shared = {k for k, v in doc.items() if not isinstance(v, dict)}
+    assert shared == {*field_paths(Common), "model"}  # the base model: the gateway's and the workers'
+    for service, cls in SERVICES.items():
+        named = {*shared, *_leaves(doc[service])}
+        assert named - ({"model"} - set(cls.__struct_fields__)) == set(field_paths(cls)), service
+
+
+def _leaves(table: dict, prefix: str = "") -> set[str]:
+    return {p for k, v in table.items()
+            for p in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k})}
+
+
+def _default(*classes: type, name: str) -> object:
+    """The default of the one setting called ``name`` (at any depth) in ``classes``."""
+    for cls in classes:
+        for path in field_paths(cls):
+            if path.rsplit(".", 1)[-1] == name:
+                node = cls()
+                for part in path.split("."):
+                    node = getattr(node, part)
+                return node
+    raise KeyError(name)

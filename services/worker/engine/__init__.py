@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from dlora.services.worker.engine.config import EngineConfig
+
 __all__ = ["EngineConfig", "LLMEngine", "RequestError", "RequestOutput"]
 
 

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from dlora.common.messages import FinishReason, SamplingParams, TokenLogprob
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
+from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
@@ -41,23 +42,6 @@ class RequestError(ValueError):
 
 
 @dataclass
-class EngineConfig:
-    model: str  # Hugging Face model directory
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # KV blocks; None: as many as kv_cache_bytes holds
-    kv_cache_bytes: int = 256 << 20
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_loras: int = 8  # device slots for unmerged adapters
-    policy: str = "unmerged-only"  # batching policy: dlora | merged-only | unmerged-only
-    kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
-    seed: int = 0  # for requests that sample without a seed of their own
-
-
-@dataclass
 class RequestOutput:
     """What one step produced for one request."""
 
@@ -72,6 +56,18 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
 
 
+@dataclass
+class _Prepared:
+    """A step ready to run: its batch grouped by adapter slot, each adapter's slot (-1: none
+    unmerged), the switch paid before it (seconds) and when its own time began (perf_counter)."""
+
+    batch: list[Sequence]
+    slot_of: dict[str | None, int]
+    merge_s: float
+    unmerge_s: float
+    started: float
+
+
 class LLMEngine:
     """One replica's inference: the base model and its paged KV cache, the registered adapters (host
     memory, ``max_loras`` device slots, one merged at most), the running requests and the batching
@@ -84,21 +80,25 @@ class LLMEngine:
     adapters. Nothing here does I/O beyond loading weights.
     """
 
-    def __init__(self, config: EngineConfig, policy: Policy | None = None) -> None:
+    def __init__(self, model: str, config: EngineConfig | None = None, policy: Policy | None = None) -> None:
+        """``model``: a Hugging Face model directory. ValueError when ``config`` names an unknown dtype,
+        kernel path or policy or fails its ``check``; OSError / ValueError from reading the model."""
+        self.config = config = config or EngineConfig()
         if config.dtype not in DTYPES:
             raise ValueError(f"dtype {config.dtype!r}: expected one of {sorted(DTYPES)}")
-        self.config = config
+        if bad := config.check():
+            raise ValueError("; ".join(f"{f}={v!r} {why}" for f, v, why in bad))
         self.dtype = DTYPES[config.dtype]
         self.device = torch.device(config.device)
         self.kernels = select_kernels(config.kernels, self.device)
-        self.model_config = cfg = ModelConfig.from_dir(config.model)
-        self.model_name = Path(config.model).name
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.model_config = cfg = ModelConfig.from_dir(model)
+        self.model_name = Path(model).name
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        weights = load_weights(config.model, cfg, self.dtype, self.device)
+        weights = load_weights(model, cfg, self.dtype, self.device)
         num_blocks = config.num_blocks or max(
             1,
             config.kv_cache_bytes
@@ -260,28 +260,56 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, decision: StepDecision | None = None) -> list[RequestOutput]:
-        """Run one iteration; ``decision`` overrides the engine's policy for this step."""
+        """Run one iteration, in four phases: decide (the policy, unless ``decision`` overrides it),
+        prepare (switch merged/unmerged, schedule, give unmerged adapters their slots), run (the
+        model forward and sampling), postprocess (tokens to text and stop conditions, stats, and
+        the decision handed back to the policy with what the step ran and cost). What each request
+        produced, failures included (their ``error`` says why); ValueError for a decision that
+        merges an unknown adapter."""
         if not self.seqs:
             return []
         decision = decision or self.policy.decide(self.queue(), self.merger.merged)
+        step = self._prepare(decision)
+        if step is None:
+            return []
+        ran, logits, tokens, failed = self._run(step)
+        outputs = failed + self._postprocess(ran, logits, tokens)
+        self._observe(decision, step, time.perf_counter() - step.started)
+        return outputs
+
+    def _prepare(self, decision: StepDecision) -> _Prepared | None:
+        """Switch to the decision's merged adapter, schedule, and place the batch's unmerged
+        adapters; None when nothing can run (every candidate waits for memory)."""
         if decision.merged is not None and decision.merged not in self.adapters:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
         merge_s, unmerge_s = self._switch(decision.merged)
         plan = schedule(decision, self.seqs, self.blocks, self.limits)
         self.stats.preemptions += len(plan.preempted)
         if not plan.seqs:
-            return []
-        start = time.perf_counter()
+            return None
+        started = time.perf_counter()  # the step's time counts adapter loads, not the switch
         batch, slot_of = self._place_adapters(plan.seqs)
-        fed = sum(s.num_new for s in batch)
-        prefill = fed - sum(1 for s in batch if s.num_new == 1)  # prompt and recompute tokens
-        per_adapter = [(s.adapter or "", s.num_new) for s in batch]
-        ran, logits, outputs = self._forward(batch, slot_of)
+        return _Prepared(batch, slot_of, merge_s, unmerge_s, started)
+
+    def _run(self, step: _Prepared) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError],
+                                             list[RequestOutput]]:
+        """The forward and sampling: the sequences that ran, their logits (B, vocab), one token (or
+        the sampler's error) each, and failure outputs of those that could not run."""
+        ran, logits, failed = self._forward(step.batch, step.slot_of)
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
+        if logits is None:
+            return ran, None, [], failed
         generators = [position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
                       for s in ran]
         histories = [(s.prompt_ids, s.output_ids) for s in ran]
-        tokens = sample(self._constrained(ran, logits), [s.params for s in ran], generators, histories) if ran else []
+        tokens = sample(self._constrained(ran, logits), [s.params for s in ran], generators, histories)
+        return ran, logits, tokens, failed
+
+    def _postprocess(self, ran: list[Sequence], logits: torch.Tensor | None,
+                     tokens: list[int | SamplingError]) -> list[RequestOutput]:
+        """Each sampled token taken into its request: text, stop conditions, logprobs. A request
+        whose token cannot be taken fails alone."""
+        outputs = []
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if isinstance(tok, SamplingError):
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))
@@ -291,28 +319,32 @@ class LLMEngine:
                     outputs.append(self._fail(seq, f"structured output: {seq.matcher.get_error()}"))
                     continue
                 out = self._advance(seq, tok)
-                if seq.params.logprobs is not None:
+                if seq.params.logprobs is not None and logits is not None:
                     out.logprobs = [token_logprob(logits[i], tok, seq.params.logprobs)]
                 outputs.append(out)
             except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
                 outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))
-        seconds = time.perf_counter() - start
-        self.stats.record_step(seconds, len(batch), fed, prefill)
-        self.stats.record_adapters(seconds, fed, per_adapter)
-        unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
-        self.policy.observe(
-            StepRecord(
-                merged=self.merger.merged,
-                request_ids=[s.request_id for s in batch],
-                adapters=[s.adapter for s in batch],
-                num_tokens=fed,
-                lora_rank_sum=sum(self.adapters[a].rank for a in unmerged),
-                seconds=seconds,
-                merge_seconds=merge_s,
-                unmerge_seconds=unmerge_s,
-            )
-        )
         return outputs
+
+    def _observe(self, decision: StepDecision, step: _Prepared, seconds: float) -> None:
+        """Record the step in the engine's stats and hand the policy its decision back with what
+        the step ran and cost."""
+        batch, slot_of = step.batch, step.slot_of
+        fed = sum(s.num_new for s in batch)
+        prefill = fed - sum(1 for s in batch if s.num_new == 1)  # prompt and recompute tokens
+        self.stats.record_step(seconds, len(batch), fed, prefill)
+        self.stats.record_adapters(seconds, fed, [(s.adapter or "", s.num_new) for s in batch])
+        unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
+        self.policy.observe(decision, StepRecord(
+            merged=self.merger.merged,
+            request_ids=[s.request_id for s in batch],
+            adapters=[s.adapter for s in batch],
+            num_tokens=fed,
+            lora_rank_sum=sum(self.adapters[a].rank for a in unmerged if a is not None),
+            seconds=seconds,
+            merge_seconds=step.merge_s,
+            unmerge_seconds=step.unmerge_s,
+        ))
 
     def _constrained(self, ran: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Logits with the tokens each structured-output request's schema forbids masked out."""

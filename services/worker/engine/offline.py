@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
 from dlora.common.messages import SamplingParams
 from dlora.model.adapters import AdapterError, parse_lora_args
-from dlora.services.worker.engine.engine import EngineConfig, LLMEngine, RequestError
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.engine.engine import LLMEngine, RequestError
+from dlora.services.worker.policy import PolicyConfig
 
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
@@ -77,7 +78,8 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         loras = parse_lora_args(args.lora)
         engine = LLMEngine(
-            EngineConfig(model=args.model, dtype=args.dtype, device=args.device, policy=MODES[args.mode], max_loras=args.max_loras)
+            args.model, EngineConfig(dtype=args.dtype, device=args.device, policy=PolicyConfig(name=MODES[args.mode]),
+                                      max_loras=args.max_loras)
         )
         for name, path in loras.items():
             engine.register_adapter(name, path)

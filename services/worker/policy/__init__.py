@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import enum
-
 from dlora.services.worker.policy.base import (
     BatchLimits,
     Policy,
@@ -12,26 +10,22 @@ from dlora.services.worker.policy.base import (
     StepRecord,
     fcfs_batch,
 )
+from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
 
-class PolicyName(str, enum.Enum):
-    DLORA = "dlora"
-    MERGED_ONLY = "merged-only"
-    UNMERGED_ONLY = "unmerged-only"
-
-
-def make_policy(name: PolicyName | str, limits: BatchLimits) -> Policy:
-    """The policy called ``name``; ValueError naming the choices for an unknown one."""
+def make_policy(config: PolicyConfig, limits: BatchLimits) -> Policy:
+    """The policy ``config.name`` names; ValueError naming the choices for an unknown one."""
     from dlora.services.worker.policy.dlora import DLoraPolicy
     from dlora.services.worker.policy.fcfs import MergedOnly, UnmergedOnly
 
     try:
-        name = PolicyName(name)
+        name = PolicyName(config.name)
     except ValueError:
-        raise ValueError(f"policy {name!r}: expected one of {[p.value for p in PolicyName]}") from None
-    return {PolicyName.DLORA: DLoraPolicy, PolicyName.MERGED_ONLY: MergedOnly, PolicyName.UNMERGED_ONLY: UnmergedOnly}[
-        name
-    ](limits)
+        raise ValueError(f"policy {config.name!r}: expected one of {[p.value for p in PolicyName]}") from None
+    if name is PolicyName.DLORA:
+        return DLoraPolicy(limits, config)
+    return MergedOnly(limits) if name is PolicyName.MERGED_ONLY else UnmergedOnly(limits)
 
 
-__all__ = ["BatchLimits", "Policy", "PolicyName", "QueuedRequest", "StepDecision", "StepRecord", "fcfs_batch", "make_policy"]
+__all__ = ["BatchLimits", "Policy", "PolicyConfig", "PolicyName", "QueuedRequest", "StepDecision", "StepRecord",
+           "fcfs_batch", "make_policy"]

@@ -1,8 +1,8 @@
 """What a batching policy sees and returns, and the arithmetic every policy shares.
 
 Pure: no torch, no I/O. The engine builds a ``QueuedRequest`` per unfinished request before each
-step, asks ``decide`` for a ``StepDecision``, runs it, and reports what ran and what it cost in a
-``StepRecord`` through ``observe``.
+step, asks ``decide`` for a ``StepDecision``, runs it, and hands the decision back with what ran
+and what it cost (a ``StepRecord``) to ``observe``: a policy keeps no hidden state between the two.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ class StepDecision:
     # Requests that may join the step, in priority order; the scheduler admits as many as memory,
     # the token budget and the adapter slots allow.
     request_ids: list[str]
+    # What the deciding policy saw (opaque to the engine), handed back to it with the step's
+    # record in ``observe``; None for a decision made outside the policy (``step(decision=...)``).
+    basis: object | None = None
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,9 @@ class Policy:
         adapter merged now (None: base weights)."""
         raise NotImplementedError
 
-    def observe(self, record: StepRecord) -> None:
-        """Learn from what the last decided step ran and cost."""
+    def observe(self, decision: StepDecision, record: StepRecord) -> None:
+        """Learn from a step: the ``decision`` it ran (this policy's own, or one made outside it)
+        and what it ran and cost (``record``)."""
 
     def checkpoint(self) -> dict[str, Any]:
         """State worth keeping across a restart (credits, thresholds), JSON-serialisable."""

@@ -36,9 +36,10 @@ the switches), using measured step and switch times. Merged epochs that lost rai
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from dlora.services.worker.policy.base import (
     BatchLimits,
     Policy,
@@ -47,21 +48,9 @@ from dlora.services.worker.policy.base import (
     StepRecord,
     fcfs_batch,
 )
+from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
 from dlora.services.worker.policy.credits import BASE, CreditLedger
-
-
-@dataclass(frozen=True)
-class DLoraConfig:
-    starvation_s: float = 1.0  # credit (seconds owed) past which an adapter is served first
-    debt_floor_s: float = 1.0  # adapters owing more than this may not be merged
-    r_initial: float = 0.5  # R: share of the FCFS batch one adapter needs to be merged
-    r_min: float = 0.05
-    r_max: float = 1.0
-    band_ratio: float = 0.7  # L = band_ratio * R
-    band_up: float = 0.05  # additive step up after a merged epoch that lost
-    band_down: float = 0.8  # multiplicative step down after an unmerged epoch merging would have won
-    band_margin: float = 0.05  # relative throughput gain that counts as "would have won"
 
 
 @dataclass
@@ -79,7 +68,7 @@ class _Epoch:
 
 @dataclass
 class _Pending:
-    """What decide() saw, for observe() to account against."""
+    """What decide() saw, handed back to observe() in the decision (``StepDecision.basis``)."""
 
     fcfs: list[QueuedRequest]
     best: str | None  # most-queued eligible adapter
@@ -100,9 +89,9 @@ class DLoraPolicy(Policy):
     own thread. ``checkpoint`` / ``restore`` carry its learned state across worker restarts.
     """
 
-    def __init__(self, limits: BatchLimits, config: DLoraConfig | None = None) -> None:
+    def __init__(self, limits: BatchLimits, config: PolicyConfig | None = None) -> None:
         super().__init__(limits)
-        self.config = config or DLoraConfig()
+        self.config = config or PolicyConfig()
         self.r = self.config.r_initial
         self.credits = CreditLedger()
         self.costs = CostModel()
@@ -110,7 +99,6 @@ class DLoraPolicy(Policy):
         self._epoch: _Epoch | None = None
         # Running estimate of how many steps a merged epoch lasts, for amortising a switch.
         self.merged_epoch_steps = 8.0
-        self._pending: _Pending | None = None
 
     # ---- thresholds -----------------------------------------------------------------------
     @property
@@ -128,7 +116,6 @@ class DLoraPolicy(Policy):
     def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
         fcfs = fcfs_batch(queue, self.limits)
         if not queue:
-            self._pending = None
             return StepDecision(merged=merged_now, request_ids=[])
         for r in queue:
             if r.adapter is not None:
@@ -142,21 +129,22 @@ class DLoraPolicy(Policy):
         # Most queued first; among equals the one whose oldest request came first.
         best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
         best_rs = eligible.get(best, [])
-        self._pending = _Pending(fcfs, best, sum(r.num_new for r in best_rs))
+        seen = _Pending(fcfs, best, sum(r.num_new for r in best_rs))
 
         queued_keys = {_key(r.adapter) for r in queue}
         starving = {k for k in queued_keys if self.credits[k] > self.config.starvation_s}
         if starving:
             first = [r for r in fcfs if _key(r.adapter) in starving]
             rest = [r for r in fcfs if _key(r.adapter) not in starving]
-            return StepDecision(merged=None, request_ids=[r.request_id for r in first + rest])
+            return StepDecision(merged=None, request_ids=[r.request_id for r in first + rest], basis=seen)
 
         n_fcfs = len(fcfs)
         if merged_now in eligible and len(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs:
-            return StepDecision(merged=merged_now, request_ids=[r.request_id for r in eligible[merged_now]])
+            return StepDecision(merged=merged_now, request_ids=[r.request_id for r in eligible[merged_now]],
+                                basis=seen)
         if best is not None and len(best_rs) >= self._threshold(self.r, best) * n_fcfs and self._pays_off(fcfs, best_rs):
-            return StepDecision(merged=best, request_ids=[r.request_id for r in best_rs])
-        return StepDecision(merged=None, request_ids=[r.request_id for r in fcfs])
+            return StepDecision(merged=best, request_ids=[r.request_id for r in best_rs], basis=seen)
+        return StepDecision(merged=None, request_ids=[r.request_id for r in fcfs], basis=seen)
 
     def _pays_off(self, fcfs: list[QueuedRequest], group: list[QueuedRequest]) -> bool:
         """Would merging ``group`` win back the switch within a typical merged epoch?
@@ -176,11 +164,11 @@ class DLoraPolicy(Policy):
         return self.merged_epoch_steps * saving > self.costs.switch_seconds()
 
     # ---- learning from what ran -----------------------------------------------------------
-    def observe(self, record: StepRecord) -> None:
+    def observe(self, decision: StepDecision, record: StepRecord) -> None:
         self.costs.observe_step(record.num_tokens, record.lora_rank_sum, record.seconds)
         self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
-        pending, self._pending = self._pending, None
-        if pending is None:
+        pending = decision.basis
+        if not isinstance(pending, _Pending):  # decided elsewhere: its times teach, its batch moves no credit
             return
         self._move_credits(pending, record)
         self._account(pending, record)
@@ -242,7 +230,7 @@ class DLoraPolicy(Policy):
     # ---- checkpoint -----------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
         return {"r": self.r, "credits": dict(self.credits.balances), "costs": self.costs.to_dict(),
-                "config": asdict(self.config)}
+                "config": msgspec.to_builtins(self.config)}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.r = float(state.get("r", self.config.r_initial))

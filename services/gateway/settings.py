@@ -1,0 +1,35 @@
+"""The gateway's settings (``[gateway]`` in ``dlora.toml``); see ``dlora.common.settings`` for how they load."""
+
+from __future__ import annotations
+
+from dlora.common.settings import Common, Problems
+
+
+class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The base model directory (its tokenizer and config check requests; its name is the base "model").
+    model: str = ""
+    # The name clients use for the base model (vLLM's --served-model-name); empty: the directory's name.
+    served_model_name: str = ""
+    # Bearer key for POST/DELETE /v1/adapters; empty: adapter admin is refused.
+    admin_key: str = ""
+    # Adapter directories must lie inside one of these.
+    adapter_roots: list[str] = []
+    # Largest request body accepted, in bytes (413 above it).
+    max_body_bytes: int = 1 << 20
+    # Seconds without a chunk from the worker (before the first, or between two) after which the
+    # request fails with 503 (or an error event on a stream): a worker that died does not hang it.
+    chunk_timeout_s: float = 60.0
+
+    def check(self) -> Problems:
+        bad = Common.check(self)
+        if not 0 < self.port < 65536:
+            bad.append(("port", self.port, "must be in 1..65535"))
+        if not self.model:
+            bad.append(("model", self.model, "must name the base model directory"))
+        if self.max_body_bytes <= 0:
+            bad.append(("max_body_bytes", self.max_body_bytes, "must be > 0"))
+        if self.chunk_timeout_s <= 0:
+            bad.append(("chunk_timeout_s", self.chunk_timeout_s, "must be > 0"))
+        return bad

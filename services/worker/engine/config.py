@@ -1,0 +1,48 @@
+"""How one engine runs (``[worker.engine]`` in ``dlora.toml``). Pure and torch-free, so settings
+load and check it in any process before a weight is read."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from dlora.services.worker.policy.config import PolicyConfig
+
+
+class DType(enum.StrEnum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class KernelPath(enum.StrEnum):
+    AUTO = "auto"  # Triton on CUDA when it is installed, torch elsewhere
+    TORCH = "torch"
+    TRITON = "triton"  # on CPU only under TRITON_INTERPRET=1 (tests)
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Names follow vLLM's engine arguments where one exists."""
+
+    dtype: DType = DType.FLOAT32
+    device: str = "cpu"  # a torch device: cpu, cuda, cuda:1
+    kernels: KernelPath = KernelPath.AUTO
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV blocks; None: as many as kv_cache_bytes holds
+    kv_cache_bytes: int = 256 << 20  # bytes of KV cache when num_blocks is None
+    max_num_seqs: int = 64  # requests in one step
+    max_num_batched_tokens: int = 4096  # tokens in one step (raised to max_model_len when smaller)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_loras: int = 8  # device slots for unmerged adapters, one adapter of any rank each
+    seed: int = 0  # for requests that sample without a seed of their own
+    policy: PolicyConfig = PolicyConfig()
+
+    def check(self) -> list[tuple[str, object, str]]:
+        """Problems as (field, value, why); empty when the values are usable."""
+        positive = ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_loras")
+        bad: list[tuple[str, object, str]] = [(f, getattr(self, f), "must be >= 1") for f in positive
+                                              if getattr(self, f) < 1]
+        bad += [(f, getattr(self, f), "must be >= 1 or null") for f in ("num_blocks", "max_model_len")
+                if getattr(self, f) is not None and getattr(self, f) < 1]
+        return bad + [(f"policy.{f}", v, why) for f, v, why in self.policy.check()]

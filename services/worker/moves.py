@@ -1,0 +1,51 @@
+"""The sending side of the migrator's moves, pure: which of a plan's moves this worker takes, and
+what a moved request becomes on the wire (the request resumed at its next token, and its KV cache
+in chunks when the plan ships it). The worker shell does the I/O; ``kv_inbox`` is the receiving side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from dlora.common.messages import GenerateRequest, KVChunk, MovePlan
+
+# A plan older than this (seconds, by its ``created`` stamp) is ignored: the stats it was made
+# from no longer hold (a few stats intervals).
+PLAN_MAX_AGE_S = 5.0
+# KV bytes per chunk: under NATS's default 1 MiB payload limit.
+KV_CHUNK_BYTES = 512 << 10
+
+
+@dataclass(frozen=True)
+class Move:
+    """One request to hand to another worker at the next step boundary."""
+
+    request_id: str
+    to_worker: str
+    ship_kv: bool  # its KV cache goes along; else the destination recomputes it
+
+
+def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -> list[Move] | None:
+    """The plan's moves of requests away from ``worker_id`` (the caller drops ids it does not hold);
+    None when the plan is stale: older than ``PLAN_MAX_AGE_S`` at ``now`` (Unix seconds) or from a
+    migrator epoch below ``epoch_seen``, a leader since deposed."""
+    if now - plan.created > PLAN_MAX_AGE_S or plan.epoch < epoch_seen:
+        return None
+    return [Move(m.request_id, m.to_worker, m.ship_kv) for m in plan.moves if m.to_worker != worker_id]
+
+
+def handoff(request: GenerateRequest, output_ids: list[int], next_seq: int, kv: bytes | None,
+            kv_export_s: float) -> tuple[GenerateRequest, list[KVChunk]]:
+    """What to send the destination: ``request`` resumed after ``output_ids`` (the tokens produced
+    here) with its client's next chunk number ``next_seq``, and ``kv`` (a ``KVSnapshot``'s bytes,
+    None when recomputed) split into chunks of at most ``KV_CHUNK_BYTES``. ``kv_export_s``: what
+    exporting the cache took, seconds, for the destination's measure of a shipped cache's cost."""
+    data = kv or b""
+    chunks = [KVChunk(request_id=request.request_id, index=i // KV_CHUNK_BYTES,
+                      total=-(-len(data) // KV_CHUNK_BYTES), data=data[i : i + KV_CHUNK_BYTES])
+              for i in range(0, len(data), KV_CHUNK_BYTES)]
+    resumed = msgspec.structs.replace(request, resume_token_ids=list(output_ids), next_seq=next_seq,
+                                      kv_chunks=len(chunks), kv_export_s=kv_export_s if kv is not None else 0.0)
+    return resumed, chunks

@@ -1,0 +1,52 @@
+"""The sending side of a move alone: which moves a worker takes, and a request handed off with its
+cache in chunks that the receiving side's inbox puts back together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams
+from dlora.services.worker import moves
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.kv_inbox import KVInbox
+
+REQ = GenerateRequest(request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1, 2, 3], params=SamplingParams())
+
+
+def plan(epoch: int = 3, created: float = 100.0) -> MovePlan:
+    return MovePlan(plan_id="p", epoch=epoch, created=created,
+                    moves=[MoveRequest(request_id="a", adapter="x", to_worker="w1", ship_kv=True),
+                           MoveRequest(request_id="b", adapter=None, to_worker="w0", ship_kv=False)])
+
+
+def test_a_worker_takes_the_moves_away_from_it() -> None:
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True)]
+
+
+def test_stale_plans_are_refused() -> None:
+    assert moves.moves_to_take(plan(epoch=2), "w0", epoch_seen=3, now=101.0) is None  # a deposed leader's
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=0, now=100.0 + moves.PLAN_MAX_AGE_S + 1) is None
+
+
+def test_a_recomputed_move_sends_no_cache() -> None:
+    resumed, chunks = moves.handoff(REQ, [7, 8], next_seq=2, kv=None, kv_export_s=0.3)
+    assert chunks == [] and (resumed.resume_token_ids, resumed.next_seq, resumed.kv_chunks, resumed.kv_export_s) == (
+        [7, 8], 2, 0, 0.0)
+    assert resumed.prompt_token_ids == REQ.prompt_token_ids and resumed.request_id == "r"
+
+
+async def test_a_shipped_cache_arrives_whole(monkeypatch) -> None:
+    monkeypatch.setattr(moves, "KV_CHUNK_BYTES", 1000)  # several chunks from a small cache
+    kv = KVSnapshot(tokens=4, k=torch.randn(2, 4, 1, 64), v=torch.randn(2, 4, 1, 64))
+    data = kv.to_bytes()
+    resumed, chunks = moves.handoff(REQ, [7], next_seq=1, kv=data, kv_export_s=0.01)
+    assert len(chunks) == resumed.kv_chunks == -(-len(data) // 1000) > 1
+    assert all(c.total == len(chunks) and len(c.data) <= 1000 for c in chunks)
+    inbox = KVInbox(wait_s=2.0)
+    waiting = asyncio.create_task(inbox.take("r"))
+    for c in reversed(chunks):
+        inbox.put(c)
+    got = await waiting
+    assert got is not None and torch.equal(got.k, kv.k) and torch.equal(got.v, kv.v)
