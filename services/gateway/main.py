@@ -1,6 +1,7 @@
 """The gateway service: OpenAI-compatible HTTP in, GenerateRequest on NATS out, chunks back as JSON
-or server-sent events. Requests are checked here (adapter known, parameters, context length) so
-bad input gets a 4xx before it reaches a worker."""
+or server-sent events. Requests are checked before they are published (adapter known, parameters,
+context length: ``shaping``, pure) so bad input gets a 4xx before it reaches a worker; this module
+does the I/O around it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import asyncio
 import hmac
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
@@ -21,7 +23,6 @@ from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
     AbortRequest,
-    AdapterEntry,
     AdapterEvent,
     ErrorCode,
     GenerateRequest,
@@ -32,42 +33,37 @@ from dlora.services.gateway.settings import GatewaySettings
 from dlora.common.state import StateStore
 from dlora.services.gateway import openai
 from dlora.services.gateway.admin import check_adapter
-from dlora.services.gateway.metrics import Metrics
-from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, Shape
+from dlora.services.gateway.metrics import Metrics, RequestTimer
+from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import ReplyStream
+from dlora.services.gateway.shaping import ChoicePlan, Job, ServedModel, Tokenizer, new_request_id, shape_request
 from dlora.model.config import ModelConfig
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
-MAX_CHOICES = 256  # prompts x n in one request
 _STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
 @dataclass
 class _Choice:
-    """One choice in flight: its request to the workers and what came back so far."""
+    """One choice as its response is written: its request to the workers and what came back so far."""
 
     out: openai.Choice
-    request: GenerateRequest | None = None  # None: nothing to generate (max_tokens 0)
-    replies: ReplyStream | None = None  # its chunks, with the request
-    offset: int = 0  # characters of text so far, for completions' text_offset
+    request: GenerateRequest | None  # None: nothing to generate (max_tokens 0)
+    replies: ReplyStream | None  # its chunks, with the request
+    offset: int  # characters of text so far, for completions' text_offset
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
 
-
-@dataclass
-class _Job:
-    """One HTTP request: its response shape, body and choices."""
-
-    shape: Shape
-    body: Any
-    adapter: str | None
-    prompt_tokens: int
-    choices: list[_Choice] = field(default_factory=list)
+    @classmethod
+    def of(cls, plan: ChoicePlan) -> _Choice:
+        r = plan.request
+        return cls(openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"), r,
+                   ReplyStream(r.request_id) if r else None, offset=len(plan.echo))
 
 
 class Gateway:
-    """The OpenAI-compatible HTTP front: checks and shapes each request (adapter version, prompt,
-    parameters, context), publishes one ``GenerateRequest`` per choice to the dispatchers, relays
+    """The OpenAI-compatible HTTP front: has each request checked and shaped (``shaping``: adapter
+    version, prompt, parameters, context), publishes one ``GenerateRequest`` per choice to the dispatchers, relays
     the workers' chunks back as JSON or server-sent events, and administers the adapter registry.
 
     Runs on one asyncio loop; replies for every request it relays arrive on one subscription and
@@ -85,86 +81,12 @@ class Gateway:
 
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self.context = self.cfg.context_length()
+        # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
+        self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
         self.metrics = Metrics()
         # One subscription for every reply to this gateway; chunks are routed to the waiting request.
         self.gateway_id = uuid.uuid4().hex[:12]
         self.replies: dict[str, asyncio.Queue[bytes]] = {}
-
-    # ---- request preparation ------------------------------------------------------------
-    async def _adapter_for(self, model: str) -> AdapterEntry | None:
-        """The registered adapter (its current version) that ``model`` names; None: the base model."""
-        if model == self.base_name:
-            return None
-        entry = await self.store.get_adapter(model)
-        if entry is None:
-            raise APIError(404, f"model {model!r} does not exist (neither the base model nor a registered adapter)",
-                           param="model")
-        return entry
-
-    def _prompts(self, prompt: str | list[Any]) -> list[tuple[list[int], str | None]]:
-        """Each prompt's ids, and its text where it came as a string: a string, a list of token
-        ids, or a list of either (several prompts)."""
-        many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
-        out: list[tuple[list[int], str | None]] = []
-        for p in prompt if many else [prompt]:
-            if isinstance(p, str):
-                out.append((list(self.tokenizer.encode(p)), p))
-                continue
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                raise APIError(400, "prompt must be a string, a list of token ids, or a list of either",
-                               param="prompt")
-            if any(not 0 <= t < self.cfg.vocab_size for t in p):
-                raise APIError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
-            out.append((list(p), None))
-        return out
-
-    def _max_tokens(self, ids: list[int], asked: int | None) -> int:
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        room = self.context - len(ids)
-        if room <= 0 or (asked is not None and asked > room):
-            raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
-                                f"{len(ids)} and max_tokens asks for {asked}", param="max_tokens")
-        return room if asked is None else asked
-
-    async def _prepare(self, raw: bytes, chat: bool) -> _Job:
-        """The request body as one GenerateRequest per choice: each prompt x ``n`` samples (choice
-        index prompt x n + sample). A seeded request's samples take seeds seed, seed + 1, ..."""
-        body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
-        adapter = await self._adapter_for(body.model)
-        if chat:
-            prompts = [(openai.chat_prompt_ids(body.messages, self.tokenizer), None)]
-            asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        else:
-            prompts, asked = self._prompts(body.prompt), 16 if body.max_tokens is None else body.max_tokens
-        echo = not chat and bool(body.echo)
-        n = body.n or 1
-        if len(prompts) * n > MAX_CHOICES:
-            raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} "
-                                "per request", param="n")
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        job = _Job(Shape.new(chat, rid, body.model), body, adapter.name if adapter else None,
-                   prompt_tokens=sum(len(ids) for ids, _ in prompts))
-        for p, (ids, text) in enumerate(prompts):
-            generate = asked != 0  # max_tokens 0: nothing generated (with echo: the prompt back)
-            params = openai.sampling_params(body, self._max_tokens(ids, asked) if generate else 1)
-            # echoed as the client wrote it; token ids as text, without special tokens
-            prefix = "" if not echo else text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
-            for i in range(n):
-                index = p * n + i
-                choice = _Choice(openai.Choice(index, text=prefix), offset=len(prefix))
-                if generate:
-                    sub = f"{rid}-{index}"
-                    choice.replies = ReplyStream(sub)
-                    seeded = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
-                    choice.request = GenerateRequest(
-                        request_id=sub, reply_to=subjects.reply_inbox(sub, self.gateway_id), adapter=job.adapter,
-                        adapter_version=adapter.version if adapter else None, prompt_token_ids=ids, params=seeded,
-                        tenant=body.user or "", created=time.time())
-                else:
-                    choice.out.finish_reason = "length"
-                job.choices.append(choice)
-        return job
 
     # ---- handlers -----------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -177,127 +99,86 @@ class Gateway:
         adapter_label = "?"
         try:
             raw = await _read_body(request, self.s.max_body_bytes)
-            job = await self._prepare(raw, chat)
+            job = await self._job(raw, chat)
             adapter_label = job.adapter or self.base_name
             return await self._relay(request, job)
         except APIError as e:
             self.metrics.requests.labels(adapter_label, str(e.status)).inc()
             return web.json_response(e.body(), status=e.status)
 
+    async def _job(self, raw: bytes, chat: bool) -> Job:
+        """The request body shaped into its choices' requests (``shaping``); the I/O here is the
+        adapter registry lookup, skipped for the base model's name."""
+        body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
+        entry = None if body.model == self.base_name else await self.store.get_adapter(body.model)
+        return shape_request(body, entry, self.served, base_name=self.base_name, request_id=new_request_id(chat),
+                             gateway_id=self.gateway_id, now=time.time())
+
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def _logprobs(self, job: _Job, choice: _Choice, chunk: TokenChunk) -> dict[str, Any] | None:
-        if not chunk.logprobs:
-            return None
-        if job.shape.chat:
-            return openai.chat_logprobs(chunk.logprobs, self._decode_token)
-        out = openai.completion_logprobs(chunk.logprobs, self._decode_token, choice.offset)
-        choice.offset += sum(len(t) for t in out["tokens"])  # the next chunk's text_offset starts here
-        return out
-
-    async def _relay(self, request: web.Request, job: _Job) -> web.StreamResponse:
-        label, shape, body = job.adapter or self.base_name, job.shape, job.body
+    async def _relay(self, request: web.Request, job: Job) -> web.StreamResponse:
+        """Publishes the job's requests and writes their chunks back until every choice is over,
+        one fails (the others are aborted), or the client goes away (all are aborted)."""
+        choices = [_Choice.of(p) for p in job.choices]
+        by_id = {c.request.request_id: c for c in choices if c.request is not None}
         replies: asyncio.Queue[bytes] = asyncio.Queue()
-        by_id = {c.request.request_id: c for c in job.choices if c.request is not None}
         for rid in by_id:
             self.replies[rid] = replies
-        start = time.monotonic()
-        stream: web.StreamResponse | None = None
-        first_at: float | None = None
-        stream_mode = bool(body.stream)
+        timer = RequestTimer(self.metrics, job.adapter or self.base_name)
+        response = _Response(request, job, choices, self._decode_token)
         try:
             for c in by_id.values():
                 await bus.publish(self.nc, subjects.REQUESTS, c.request)
-            while any(c.out.finish_reason is None for c in job.choices):
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
-                # cancellation when get() completes at the same moment (CPython #86296), and the
-                # request then ran to the end for a client long gone.
-                try:
-                    async with asyncio.timeout(self.s.chunk_timeout_s):
-                        data = await replies.get()
-                except TimeoutError:
-                    late = next(c for c in job.choices if c.out.finish_reason is None)
-                    chunk = TokenChunk(request_id=late.request.request_id, seq=late.replies.next_seq,
-                                       error="no worker answered in time", error_code=ErrorCode.UNAVAILABLE)
-                else:
-                    try:
-                        chunk = _decode_chunk.decode(data)
-                    except msgspec.DecodeError as e:
-                        bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
-                        continue
+            while (late := next((c for c in choices if c.out.finish_reason is None), None)) is not None:
+                chunk = await self._next_chunk(replies, late)
+                if chunk is None:
+                    continue
                 if request.transport is None or request.transport.is_closing():
                     raise ConnectionResetError("the client went away")  # whether or not we were cancelled
                 choice = by_id.get(chunk.request_id)
                 if choice is None or not choice.replies.accept(chunk):  # a duplicate after a resume
                     continue
                 if choice.replies.error is not None:
-                    await self._abort([c for c in job.choices if c is not choice and c.out.finish_reason is None])
-                    if stream is None:
-                        raise APIError(_STATUS.get(choice.replies.error_code or ErrorCode.INTERNAL, 500),
-                                       choice.replies.error)
-                    await _sse(stream, {"error": {"message": choice.replies.error, "type": "server_error"}})
-                    break
-                if first_at is None:
-                    first_at = time.monotonic()
-                    self.metrics.ttft.labels(label).observe(first_at - start)
-                    if chunk.queue_seconds is not None:
-                        self.metrics.queue.labels(label).observe(chunk.queue_seconds)
-                if stream_mode and stream is None:  # opened at the first chunk: errors before it get a status
-                    stream = await self._open_stream(request, job)
-                logprobs = self._logprobs(job, choice, chunk)
-                choice.out.finish_reason = chunk.finish_reason
-                if stream is not None:
-                    # One event per worker chunk (a step's token), text or not, so clients can time tokens.
-                    await _sse(stream, shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index,
-                                                   logprobs=logprobs))
-                else:
-                    choice.out.text += chunk.text
-                    if logprobs is not None:
-                        choice.parts.append(logprobs)
-            else:
-                per_choice = [c.replies.tokens if c.replies else 0 for c in job.choices]
-                completion = sum(per_choice)
-                self._observe_done(label, start, first_at, max(per_choice))
-                if not stream_mode:
-                    for c in job.choices:
-                        c.out.logprobs = openai.merge_logprobs(shape.chat, c.parts)
-                    return web.json_response(shape.full([c.out for c in job.choices], job.prompt_tokens, completion))
-                stream = stream or await self._open_stream(request, job)  # echo with max_tokens 0: no chunk came
-                if body.stream_options is not None and body.stream_options.include_usage:
-                    await _sse(stream, shape.usage_chunk(job.prompt_tokens, completion))
-            assert stream is not None
-            await stream.write(b"data: [DONE]\n\n")
-            await stream.write_eof()
-            return stream
+                    await self._abort([c for c in choices if c is not choice and c.out.finish_reason is None])
+                    return await response.fail(choice.replies)
+                timer.chunk(chunk.queue_seconds)
+                await response.add(choice, chunk)
+            per_choice = [c.replies.tokens if c.replies else 0 for c in choices]
+            timer.done(max(per_choice))
+            return await response.finish(sum(per_choice))
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: stop the work wherever it runs.
-            await self._abort([c for c in job.choices if c.out.finish_reason is None])
-            self.metrics.requests.labels(label, "aborted").inc()
+            await self._abort([c for c in choices if c.out.finish_reason is None])
+            timer.aborted()
             raise
         finally:
             for rid in by_id:
                 del self.replies[rid]
 
-    async def _open_stream(self, request: web.Request, job: _Job) -> web.StreamResponse:
-        """The SSE response, opening with each choice's role (chat) or echoed prompt (completions)."""
-        stream = await _open_sse(request)
-        for c in job.choices:
-            if job.shape.chat or c.out.text or c.out.finish_reason:
-                await _sse(stream, job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
-        return stream
+    async def _next_chunk(self, replies: asyncio.Queue[bytes], late: _Choice) -> TokenChunk | None:
+        """The next reply to this request, decoded; after ``chunk_timeout_s`` without one, an
+        UNAVAILABLE error for ``late`` (a choice not over yet). None: a reply that does not decode
+        (logged and counted as a reject)."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
+        # cancellation when get() completes at the same moment (CPython #86296), and the
+        # request then ran to the end for a client long gone.
+        try:
+            async with asyncio.timeout(self.s.chunk_timeout_s):
+                data = await replies.get()
+        except TimeoutError:
+            return TokenChunk(request_id=late.request.request_id, seq=late.replies.next_seq,
+                              error="no worker answered in time", error_code=ErrorCode.UNAVAILABLE)
+        try:
+            return _decode_chunk.decode(data)
+        except msgspec.DecodeError as e:
+            bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
+            return None
 
     async def _abort(self, choices: list[_Choice]) -> None:
         for c in choices:
             if c.request is not None:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=c.request.request_id))
-
-    def _observe_done(self, label: str, start: float, first_at: float | None, n_tokens: int) -> None:
-        end = time.monotonic()
-        self.metrics.requests.labels(label, "200").inc()
-        self.metrics.e2e.labels(label).observe(end - start)
-        if first_at is not None and n_tokens > 1:
-            self.metrics.tpot.labels(label).observe((end - first_at) / (n_tokens - 1))
 
     async def models(self, request: web.Request) -> web.Response:
         """The base model and every adapter (with the base as parent). Where an adapter's files lie
@@ -408,6 +289,72 @@ class _AdapterBody(msgspec.Struct, kw_only=True):
     path: str
 
 
+class _Response:
+    """One request's HTTP response as its chunks come: server-sent events (opened at the first
+    chunk, so an error before it still gets a status) or, not streamed, one JSON body at the end."""
+
+    def __init__(self, request: web.Request, job: Job, choices: list[_Choice], decode: Callable[[int], str]) -> None:
+        self.request, self.job, self.choices, self.decode = request, job, choices, decode
+        self.stream: web.StreamResponse | None = None
+
+    async def add(self, choice: _Choice, chunk: TokenChunk) -> None:
+        """A new chunk of ``choice`` (not an error): an event, or its text and logprobs kept."""
+        if self.job.stream and self.stream is None:
+            self.stream = await self._open()
+        logprobs = self._logprobs(choice, chunk)
+        choice.out.finish_reason = chunk.finish_reason
+        if self.stream is not None:
+            # One event per worker chunk (a step's token), text or not, so clients can time tokens.
+            await _sse(self.stream, self.job.shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index,
+                                                         logprobs=logprobs))
+        else:
+            choice.out.text += chunk.text
+            if logprobs is not None:
+                choice.parts.append(logprobs)
+
+    async def fail(self, replies: ReplyStream) -> web.StreamResponse:
+        """A choice failed: its error as the status, or (the stream is open) as an event ending it.
+
+        Raises:
+            APIError: the error's status (503 for a timeout, ...) when no event went out yet.
+        """
+        if self.stream is None:
+            raise APIError(_STATUS.get(replies.error_code or ErrorCode.INTERNAL, 500), replies.error or "")
+        await _sse(self.stream, {"error": {"message": replies.error, "type": "server_error"}})
+        return await _end(self.stream)
+
+    async def finish(self, completion_tokens: int) -> web.StreamResponse:
+        """Every choice is over: the JSON body, or the stream's usage chunk (if asked) and its end."""
+        job = self.job
+        if not job.stream:
+            for c in self.choices:
+                c.out.logprobs = openai.merge_logprobs(job.shape.chat, c.parts)
+            return web.json_response(job.shape.full([c.out for c in self.choices], job.prompt_tokens,
+                                                    completion_tokens))
+        stream = self.stream or await self._open()  # echo with max_tokens 0: no chunk came
+        if job.include_usage:
+            await _sse(stream, job.shape.usage_chunk(job.prompt_tokens, completion_tokens))
+        return await _end(stream)
+
+    async def _open(self) -> web.StreamResponse:
+        """The SSE response, opening with each choice's role (chat) or echoed prompt (completions)."""
+        stream = await _open_sse(self.request)
+        for c in self.choices:
+            if self.job.shape.chat or c.out.text or c.out.finish_reason:
+                await _sse(stream, self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True,
+                                                        index=c.out.index))
+        return stream
+
+    def _logprobs(self, choice: _Choice, chunk: TokenChunk) -> dict[str, Any] | None:
+        if not chunk.logprobs:
+            return None
+        if self.job.shape.chat:
+            return openai.chat_logprobs(chunk.logprobs, self.decode)
+        out = openai.completion_logprobs(chunk.logprobs, self.decode, choice.offset)
+        choice.offset += sum(len(t) for t in out["tokens"])  # the next chunk's text_offset starts here
+        return out
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise APIError(400, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
@@ -425,6 +372,12 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
 
 async def _sse(stream: web.StreamResponse, obj: dict[str, Any]) -> None:
     await stream.write(b"data: " + msgspec.json.encode(obj) + b"\n\n")
+
+
+async def _end(stream: web.StreamResponse) -> web.StreamResponse:
+    await stream.write(b"data: [DONE]\n\n")
+    await stream.write_eof()
+    return stream
 
 
 @web.middleware

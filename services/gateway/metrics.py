@@ -3,6 +3,8 @@ the workers' stats messages."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from dlora.common.messages import WorkerStats
@@ -49,3 +51,35 @@ class Metrics:
     def render(self) -> bytes:
         """The gateway's metrics, then the process-wide ones (bus rejects, the process itself)."""
         return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+class RequestTimer:
+    """One request's latency metrics, under its adapter's label: time to first token and the
+    worker's queue time at its first chunk; the 200, end-to-end latency and time per output token
+    when it is done. Started when the request is published."""
+
+    def __init__(self, metrics: Metrics, label: str) -> None:
+        self.metrics, self.label = metrics, label
+        self.start = time.monotonic()
+        self.first_at: float | None = None  # monotonic seconds of the first chunk
+
+    def chunk(self, queue_seconds: float | None) -> None:
+        """A chunk came (any choice's, none a duplicate); only the first is timed."""
+        if self.first_at is not None:
+            return
+        self.first_at = time.monotonic()
+        self.metrics.ttft.labels(self.label).observe(self.first_at - self.start)
+        if queue_seconds is not None:
+            self.metrics.queue.labels(self.label).observe(queue_seconds)
+
+    def done(self, n_tokens: int) -> None:
+        """Every choice is over; ``n_tokens``: the longest choice's, which bound the time per token."""
+        end = time.monotonic()
+        self.metrics.requests.labels(self.label, "200").inc()
+        self.metrics.e2e.labels(self.label).observe(end - self.start)
+        if self.first_at is not None and n_tokens > 1:
+            self.metrics.tpot.labels(self.label).observe((end - self.first_at) / (n_tokens - 1))
+
+    def aborted(self) -> None:
+        """The client went away before the end."""
+        self.metrics.requests.labels(self.label, "aborted").inc()

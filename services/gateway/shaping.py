@@ -1,0 +1,305 @@
+"""Request shaping: a decoded OpenAI body in, the ``GenerateRequest`` of each choice out, or the
+``APIError`` that refuses it. Pure: no aiohttp, no NATS, no Redis; the caller looks up the adapter
+and passes the tokenizer in, so everything here is tested without servers.
+
+One request becomes prompts x ``n`` choices (choice index prompt x n + sample). Checks run in this
+order, and the first that fails is the error the client gets: unknown model (404), the prompt (its
+form, token ids, chat messages), the number of choices, then per prompt its length against the
+context and the sampling parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+from dlora.common import subjects
+from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams
+from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
+from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, check_schema
+
+MAX_CHOICES = 256  # prompts x n in one request
+# A completion request without max_tokens gets this many (the OpenAI default); a chat request
+# without one may fill the context.
+DEFAULT_COMPLETION_TOKENS = 16
+
+
+class Tokenizer(Protocol):
+    """What shaping asks of a tokenizer (a Hugging Face one in the gateway). A chat template, if
+    it has one, is used through ``apply_chat_template``."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What shaping needs to know of the base model the gateway serves."""
+
+    tokenizer: Tokenizer
+    vocab_size: int  # token ids in a prompt lie in [0, vocab_size)
+    context: int  # tokens of prompt plus generated ones at most (max_model_len)
+
+
+@dataclass(frozen=True)
+class ChoicePlan:
+    """One choice to produce: one prompt x one of its ``n`` samples."""
+
+    index: int  # prompt x n + sample
+    echo: str  # the choice's text starts with this: the prompt (completions with echo), else ""
+    # What the workers generate; None: nothing (max_tokens 0), the choice is over at once ("length").
+    request: GenerateRequest | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One HTTP request, shaped: what its response looks like and its choices in index order."""
+
+    shape: Shape
+    adapter: str | None  # None: the base model
+    prompt_tokens: int  # every prompt's tokens once (not once per sample), for usage
+    stream: bool  # server-sent events; else one JSON body
+    include_usage: bool  # a streamed response ends with a usage chunk
+    choices: list[ChoicePlan]
+
+
+def new_request_id(chat: bool) -> str:
+    """A fresh response id as OpenAI spells them (``chatcmpl-...``, ``cmpl-...``)."""
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def shape_request(body: Body, adapter: AdapterEntry | None, model: ServedModel, *, base_name: str,
+                  request_id: str, gateway_id: str, now: float) -> Job:
+    """The request ``body`` as one GenerateRequest per choice. A seeded request's samples take seeds
+    seed, seed + 1, ...; each choice's request id is ``request_id``-index and its replies go to
+    this gateway's inbox.
+
+    Args:
+        adapter: the registry's entry for ``body.model``; None where it has none. Ignored when
+            ``body.model`` is ``base_name`` (the base model: no adapter).
+        now: Unix seconds, the response's ``created`` and the requests' entry time.
+
+    Raises:
+        APIError(404): ``body.model`` is neither the base model nor a registered adapter.
+        APIError(400): a malformed prompt or conversation, too many choices, a prompt empty or too
+            long for the context with ``max_tokens``, a bad sampling parameter (see
+            ``sampling_params``); the message names what and the param field where.
+    """
+    if body.model == base_name:
+        adapter = None
+    elif adapter is None:
+        raise APIError(404, f"model {body.model!r} does not exist (neither the base model nor a registered adapter)",
+                       param="model")
+    chat = isinstance(body, ChatBody)
+    prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
+    asked: int | None  # max_tokens; None: what the context leaves
+    if isinstance(body, ChatBody):
+        prompts = [(chat_prompt_ids(body.messages, model.tokenizer), None)]
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    else:
+        prompts = prompt_ids(body.prompt, model.tokenizer, model.vocab_size)
+        asked = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+    echo = isinstance(body, CompletionBody) and bool(body.echo)
+    n = body.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} "
+                            "per request", param="n")
+    choices: list[ChoicePlan] = []
+    for p, (ids, text) in enumerate(prompts):
+        generate = asked != 0  # max_tokens 0: nothing generated (with echo: the prompt back)
+        params = sampling_params(body, max_new_tokens(ids, asked, model.context) if generate else 1)
+        # echoed as the client wrote it; token ids as text, without special tokens
+        prefix = "" if not echo else text if text is not None else model.tokenizer.decode(ids, skip_special_tokens=True)
+        for i in range(n):
+            index = p * n + i
+            request: GenerateRequest | None = None
+            if generate:
+                sub = f"{request_id}-{index}"
+                seeded = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
+                request = GenerateRequest(
+                    request_id=sub, reply_to=subjects.reply_inbox(sub, gateway_id),
+                    adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None,
+                    prompt_token_ids=ids, params=seeded, tenant=body.user or "", created=now)
+            choices.append(ChoicePlan(index, prefix, request))
+    return Job(Shape(chat, request_id, body.model, int(now)), adapter.name if adapter else None,
+               prompt_tokens=sum(len(ids) for ids, _ in prompts), stream=bool(body.stream),
+               include_usage=body.stream_options is not None and bool(body.stream_options.include_usage),
+               choices=choices)
+
+
+def prompt_ids(prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int) -> list[tuple[list[int], str | None]]:
+    """Each prompt's token ids, and its text where it came as a string. A completions ``prompt``
+    is a string, a list of token ids, or a list of either (several prompts).
+
+    Raises:
+        APIError(400): another form, or a token id outside [0, ``vocab_size``).
+    """
+    many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    out: list[tuple[list[int], str | None]] = []
+    for p in prompt if many else [prompt]:
+        if isinstance(p, str):
+            out.append((list(tokenizer.encode(p)), p))
+            continue
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise APIError(400, "prompt must be a string, a list of token ids, or a list of either", param="prompt")
+        if any(not 0 <= t < vocab_size for t in p):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+        out.append((list(p), None))
+    return out
+
+
+def max_new_tokens(ids: list[int], asked: int | None, context: int) -> int:
+    """Tokens to generate after the prompt ``ids``: ``asked``, or (None) all the context leaves.
+
+    Raises:
+        APIError(400): the prompt is empty, or it leaves no room or less than ``asked``.
+    """
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    room = context - len(ids)
+    if room <= 0 or (asked is not None and asked > room):
+        raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
+                            f"{len(ids)} and max_tokens asks for {asked}", param="max_tokens")
+    return room if asked is None else asked
+
+
+def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]:
+    """The prompt token ids for a conversation: the tokenizer's chat template rendered and
+    tokenized as ``apply_chat_template(..., tokenize=True, add_generation_prompt=True)`` does, so a
+    template that writes ``{{ bos_token }}`` is not given a second BOS by the tokenizer; without a
+    template, a plain "role: content" transcript ending with "assistant:", tokenized as a prompt.
+
+    Raises:
+        APIError(400): no messages, an unknown role, tool calls, audio or non-text content, or a
+            template that refuses the conversation (its reason).
+    """
+    if not messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    plain = []
+    for m in messages:
+        if m.role not in ("system", "user", "assistant", "tool", "developer"):
+            raise APIError(400, f"unknown message role {m.role!r}", param="messages")
+        if m.tool_calls or m.function_call or m.audio is not None:
+            field = "tool_calls" if m.tool_calls else "function_call" if m.function_call else "audio"
+            raise APIError(400, f"messages: {field} in a {m.role} message is not supported", param="messages")
+        parts = [] if isinstance(m.content, str) or m.content is None else m.content
+        other = sorted({p.type for p in parts if p.type != "text"})
+        if other:  # never dropped silently: the model would answer as if it were not there
+            raise APIError(400, f"messages: content parts of type {', '.join(other)} are not supported "
+                                "(this model reads text only)", param="messages")
+        content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in parts)
+        plain.append({"role": m.role, "content": content or ""} | ({"name": m.name} if m.name else {}))
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            template = tokenizer.apply_chat_template  # type: ignore[attr-defined]  # not in the Protocol: optional
+            out = template(plain, tokenize=True, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
+            raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
+        # a list of ids, or (transformers 5) an encoding holding them
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+    return list(tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"))
+
+
+# The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
+RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "n": (1, 128), "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0), "best_of": (0, 20), "top_logprobs": (0, 20), "max_tokens": (0, math.inf),
+    "max_completion_tokens": (0, math.inf),
+}
+# The completions endpoint's logprobs is a count in [0, 5]; the chat endpoint's is a flag.
+_COMPLETION_LOGPROBS = (0, 5)
+
+
+def _check_ranges(body: Body) -> None:
+    ranges = dict(RANGES)
+    if isinstance(body, CompletionBody):
+        ranges["logprobs"] = _COMPLETION_LOGPROBS
+    for name, (low, high) in ranges.items():
+        value = getattr(body, name, None)
+        if value is not None and not low <= value <= high:
+            span = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise APIError(400, f"{name} must be {span}, got {value}", param=name)
+
+
+def _unsupported(body: Body) -> list[tuple[str, bool]]:
+    """(field, set to something dlora cannot honour) for every field of the spec it does not serve."""
+    out = [("logit_bias", bool(body.logit_bias))]
+    if isinstance(body, CompletionBody):
+        out += [("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
+                ("suffix", body.suffix is not None),
+                ("echo with logprobs (prompt logprobs)", bool(body.echo) and body.logprobs is not None)]
+    else:
+        out += [("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
+                ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
+                ("functions", bool(body.functions)),
+                ("function_call", body.function_call not in (None, "none", "auto")),
+                ("audio", body.audio is not None), ("modalities", (body.modalities or ["text"]) != ["text"]),
+                ("prediction", body.prediction is not None),
+                ("web_search_options", body.web_search_options is not None),
+                ("reasoning_effort", body.reasoning_effort is not None), ("verbosity", body.verbosity is not None),
+                ("moderation", body.moderation is not None),
+                ("prompt_cache_options", body.prompt_cache_options is not None)]
+    return out
+
+
+def json_schema(response_format: Any) -> str | None:
+    """The JSON Schema (JSON text) a chat ``response_format`` asks for: None for text, any object
+    for ``json_object``, the given ``json_schema.schema`` otherwise.
+
+    Raises:
+        APIError(400): an unknown type, a missing or unusable schema (llguidance's reason).
+    """
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                       param="response_format")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
+    text = json.dumps(schema)
+    try:
+        check_schema(text)
+    except GrammarError as e:
+        raise APIError(400, str(e), param="response_format") from None
+    return text
+
+
+def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
+    """The engine's parameters for a request body (null fields at their defaults).
+
+    Raises:
+        APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
+    """
+    _check_ranges(body)
+    for name, bad in _unsupported(body):
+        if bad:
+            raise APIError(400, f"{name} is not supported (only its default)", param=name)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed, stop=stop,
+        stop_token_ids=body.stop_token_ids or [], ignore_eos=bool(body.ignore_eos),
+        skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=body.logprobs if isinstance(body, CompletionBody) else (
+            (body.top_logprobs or 0) if body.logprobs else None),
+        json_schema=None if isinstance(body, CompletionBody) else json_schema(body.response_format),
+    )
+    if (problem := params.problem()) is not None:
+        raise APIError(400, problem)
+    return params

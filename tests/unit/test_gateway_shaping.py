@@ -1,0 +1,203 @@
+"""Request shaping: an OpenAI body in, one GenerateRequest per choice out (or the 4xx that refuses
+it), with the tiny model's real tokenizer and no servers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from dlora.common import subjects
+from dlora.common.messages import AdapterEntry
+from dlora.services.gateway import openai, shaping
+from dlora.services.gateway.openai import APIError, ChatBody, ChatMessage, CompletionBody
+from dlora.services.gateway.shaping import Job, ServedModel
+
+BASE = "model"
+CONTEXT = 64
+ADAPTER = AdapterEntry(name="sql", path="/adapters/sql", rank=8, created=0.0, version="v1")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama) -> ServedModel:
+    from transformers import AutoTokenizer
+
+    from dlora.model.config import ModelConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama.model)
+    return ServedModel(tok, ModelConfig.from_dir(tiny_llama.model).vocab_size, CONTEXT)
+
+
+def shape(served: ServedModel, body: dict[str, Any], chat: bool = False, adapter: AdapterEntry | None = None) -> Job:
+    raw = json.dumps({"model": BASE} | body).encode()
+    decoded = openai.decode_body(raw, ChatBody if chat else CompletionBody)
+    return shaping.shape_request(decoded, adapter, served, base_name=BASE, request_id="cmpl-1", gateway_id="gw",
+                                 now=1000.5)
+
+
+def refused(served: ServedModel, body: dict[str, Any], chat: bool = False, **kw: Any) -> APIError:
+    with pytest.raises(APIError) as e:
+        shape(served, body, chat, **kw)
+    return e.value
+
+
+def test_n_samples_of_one_prompt_take_consecutive_seeds(served: ServedModel) -> None:
+    job = shape(served, {"prompt": "kalo remi", "n": 3, "seed": 7, "max_tokens": 5, "user": "ana"})
+    ids = served.tokenizer.encode("kalo remi")
+    assert [c.index for c in job.choices] == [0, 1, 2] and job.prompt_tokens == len(ids)
+    reqs = [c.request for c in job.choices]
+    assert [r.request_id for r in reqs] == ["cmpl-1-0", "cmpl-1-1", "cmpl-1-2"]
+    assert [r.params.seed for r in reqs] == [7, 8, 9]
+    assert all(r.prompt_token_ids == ids and r.params.max_tokens == 5 and r.adapter is None and r.tenant == "ana"
+               and r.created == 1000.5 for r in reqs)
+    assert reqs[1].reply_to == subjects.reply_inbox("cmpl-1-1", "gw")
+    assert (job.shape.chat, job.shape.request_id, job.shape.model, job.shape.created) == (False, "cmpl-1", BASE, 1000)
+    assert (job.adapter, job.stream, job.include_usage) == (None, False, False)
+
+
+def test_several_prompts_are_prompt_x_n_choices(served: ServedModel) -> None:
+    job = shape(served, {"prompt": ["kalo", [5, 6, 7]], "n": 2, "stream": True,
+                         "stream_options": {"include_usage": True}})
+    assert [(c.index, c.request.request_id) for c in job.choices] == [
+        (0, "cmpl-1-0"), (1, "cmpl-1-1"), (2, "cmpl-1-2"), (3, "cmpl-1-3")]
+    assert job.choices[2].request.prompt_token_ids == [5, 6, 7]
+    assert job.prompt_tokens == len(served.tokenizer.encode("kalo")) + 3  # each prompt once, not once per sample
+    assert all(c.request.params.max_tokens == shaping.DEFAULT_COMPLETION_TOKENS for c in job.choices)
+    assert all(c.request.params.seed is None for c in job.choices)
+    assert (job.stream, job.include_usage) == (True, True)
+
+
+def test_echo_gives_the_prompt_back_as_written_or_decoded(served: ServedModel) -> None:
+    ids = served.tokenizer.encode("kalo remi")
+    job = shape(served, {"prompt": ["kalo remi", ids], "echo": True, "max_tokens": 2})
+    assert [c.echo for c in job.choices] == ["kalo remi", served.tokenizer.decode(ids, skip_special_tokens=True)]
+    assert shape(served, {"prompt": "kalo", "max_tokens": 2}).choices[0].echo == ""  # no echo, no prefix
+    # max_tokens 0 with echo: the prompt back and nothing to generate
+    nothing = shape(served, {"prompt": "kalo", "echo": True, "max_tokens": 0})
+    assert [(c.echo, c.request) for c in nothing.choices] == [("kalo", None)]
+
+
+def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> None:
+    long = [5] * (CONTEXT - 4)
+    assert shape(served, {"prompt": long, "max_tokens": 4}).choices[0].request.params.max_tokens == 4
+    e = refused(served, {"prompt": long, "max_tokens": 5})
+    assert (e.status, e.param) == (400, "max_tokens")
+    assert e.message == (f"this model's maximum context length is {CONTEXT} tokens; the prompt has {CONTEXT - 4} "
+                         "and max_tokens asks for 5")
+    assert refused(served, {"prompt": [5] * CONTEXT, "max_tokens": 1}).param == "max_tokens"
+    assert refused(served, {"prompt": [], "max_tokens": 1}).message == "the prompt is empty"
+    # a chat request without max_tokens may fill the context
+    msgs = [{"role": "user", "content": "kalo"}]
+    chat = shape(served, {"messages": msgs}, chat=True)
+    assert chat.choices[0].request.params.max_tokens == CONTEXT - chat.prompt_tokens
+
+
+def test_malformed_prompts_and_too_many_choices(served: ServedModel) -> None:
+    e = refused(served, {"prompt": [1, "x"]})
+    assert (e.status, e.param, e.message) == (400, "prompt", "prompt must be a string, a list of token ids, or a "
+                                                             "list of either")
+    e = refused(served, {"prompt": [served.vocab_size]})
+    assert e.message == f"prompt token ids must be in [0, {served.vocab_size})"
+    e = refused(served, {"prompt": ["a", "b", "c"], "n": 100})
+    assert (e.status, e.param) == (400, "n") and "300 choices; at most 256" in e.message
+
+
+def test_the_model_names_the_base_or_a_registered_adapter(served: ServedModel) -> None:
+    job = shape(served, {"model": "sql", "prompt": "kalo"}, adapter=ADAPTER)
+    assert job.adapter == "sql"
+    assert (job.choices[0].request.adapter, job.choices[0].request.adapter_version) == ("sql", "v1")
+    assert job.shape.model == "sql"
+    # unknown: a 404, before anything else in the body is looked at
+    e = refused(served, {"model": "nope", "prompt": [], "temperature": 9})
+    assert (e.status, e.param) == (404, "model") and "'nope' does not exist" in e.message
+    # the base model's name means no adapter, whatever was passed
+    assert shape(served, {"prompt": "kalo"}, adapter=ADAPTER).choices[0].request.adapter is None
+
+
+def test_stop_logprobs_and_response_format(served: ServedModel) -> None:
+    p = shape(served, {"prompt": "kalo", "stop": "\n", "logprobs": 2}).choices[0].request.params
+    assert (p.stop, p.logprobs) == (["\n"], 2)
+    msgs = [{"role": "user", "content": "kalo"}]
+    p = shape(served, {"messages": msgs, "stop": ["a", "b"], "logprobs": True, "top_logprobs": 3,
+                       "response_format": {"type": "json_object"}}, chat=True).choices[0].request.params
+    assert (p.stop, p.logprobs, json.loads(p.json_schema)) == (["a", "b"], 3, {"type": "object"})
+    assert shape(served, {"messages": msgs}, chat=True).choices[0].request.params.logprobs is None
+    for bad in ({"type": "yaml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 3}}):
+        e = refused(served, {"messages": msgs, "response_format": bad}, chat=True)
+        assert (e.status, e.param) == (400, "response_format")
+    e = refused(served, {"messages": msgs, "response_format": {"type": "yaml"}}, chat=True)
+    assert e.message == "response_format type 'yaml' is not one of text, json_object, json_schema"
+
+
+def test_sampling_params_map_and_refuse_unsupported() -> None:
+    body = msgspec.convert({"model": "m", "prompt": "x", "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 4},
+                           CompletionBody)
+    p = shaping.sampling_params(body, 7)
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (7, 0.5, 0.9, ["\n"], 4)
+    for field, value in (("best_of", 2), ("suffix", "x"), ("logit_bias", {"5": 1.0})):
+        body = msgspec.convert({"model": "m", "prompt": "x", field: value}, CompletionBody)
+        with pytest.raises(APIError, match=field):
+            shaping.sampling_params(body, 7)
+    body = msgspec.convert({"model": "m", "prompt": "x", "temperature": 3}, CompletionBody)
+    with pytest.raises(APIError, match=r"temperature must be in \[0.0, 2.0\], got 3"):
+        shaping.sampling_params(body, 7)
+
+
+class _Chars:
+    """A tokenizer without a chat template: one id per character."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_chat_prompt_without_a_template_is_a_transcript(served: ServedModel) -> None:
+    msgs = [ChatMessage(role="system", content="be brief"),
+            ChatMessage(role="user", content=[openai.ContentPart(type="text", text="hi")])]
+    transcript = "system: be brief\nuser: hi\nassistant:"
+    assert shaping.chat_prompt_ids(msgs, tokenizer=_Chars()) == [ord(c) for c in transcript]
+    with pytest.raises(APIError, match="role"):
+        shaping.chat_prompt_ids([ChatMessage(role="robot", content="x")], tokenizer=_Chars())
+    # the tiny model has no template either: the transcript, through its own tokenizer
+    job = shape(served, {"messages": [{"role": "user", "content": "kalo"}], "n": 2}, chat=True)
+    ids = served.tokenizer.encode("user: kalo\nassistant:")
+    assert job.shape.chat and job.prompt_tokens == len(ids)
+    assert [c.request.prompt_token_ids for c in job.choices] == [ids, ids] and [c.echo for c in job.choices] == ["", ""]
+    image = [{"type": "image_url", "image_url": {}}]
+    e = refused(served, {"messages": [{"role": "user", "content": image}]}, chat=True)
+    assert (e.status, e.param) == (400, "messages") and "image_url" in e.message
+
+
+def llama_style_tokenizer(model_dir: Path, out: Path):
+    """The tiny model's tokenizer made Llama-like: it adds BOS itself, and its chat template writes
+    {{ bos_token }} too (Llama-2/3 and Mistral checkpoints do both)."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, out)
+    tj = json.loads((out / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    a, b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
+    tj["post_processor"] = {"type": "TemplateProcessing", "single": [bos, a], "pair": [bos, a, b],
+                            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    conf = json.loads((out / "tokenizer_config.json").read_text())
+    conf["chat_template"] = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (out / "tokenizer_config.json").write_text(json.dumps(conf))
+    return AutoTokenizer.from_pretrained(out)
+
+
+def test_a_template_that_writes_bos_gets_one_bos(tiny_llama, tmp_path: Path) -> None:
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    assert tok.encode("kalo")[0] == tok.bos_token_id  # the tokenizer adds one by itself
+    msgs = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="kalo remi")]
+    ids = shaping.chat_prompt_ids(msgs, tok)
+    plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "kalo remi"}]
+    expected = tok.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert ids == list(expected) and ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    # and a chat request through shaping is given those ids
+    served = ServedModel(tok, 1 << 16, CONTEXT)
+    assert shape(served, {"messages": plain}, chat=True).choices[0].request.prompt_token_ids == list(expected)
