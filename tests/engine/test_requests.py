@@ -147,3 +147,18 @@ def test_step_costs_are_accounted(tiny_llama: TinyOutput) -> None:
     st = eng.stats
     assert (st.steps, st.tokens_generated, st.prefill_tokens) == (3, 3, len(PROMPT))
     assert 0 < st.prefill_seconds < st.step_seconds
+
+
+def test_a_step_reports_what_it_fed_before_it_advanced(tiny_llama: TinyOutput) -> None:
+    """Stats and the policy's record count the tokens a step fed (a prefill of the whole prompt,
+    then one per decode), not what the sequences look like once the step has advanced them."""
+    engine = make_engine(tiny_llama)
+    seen: list[tuple[int, list[str]]] = []
+    observe = engine.policy.observe
+    engine.policy.observe = lambda decision, record: (seen.append((record.num_tokens, record.request_ids)),
+                                                      observe(decision, record))[-1]
+    engine.add_request("a", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=3))
+    while engine.has_unfinished():
+        engine.step()
+    assert seen == [(len(PROMPT), ["a"]), (1, ["a"]), (1, ["a"])]
+    assert (engine.stats.prefill_tokens, engine.stats.tokens_generated) == (len(PROMPT), 3)

@@ -59,13 +59,24 @@ class RequestOutput:
 @dataclass
 class _Prepared:
     """A step ready to run: its batch grouped by adapter slot, each adapter's slot (-1: none
-    unmerged), the switch paid before it (seconds) and when its own time began (perf_counter)."""
+    unmerged), the switch paid before it (seconds), when its own time began (perf_counter), and
+    the tokens it feeds, counted before the step advances its sequences."""
 
     batch: list[Sequence]
     slot_of: dict[str | None, int]
     merge_s: float
     unmerge_s: float
     started: float
+    fed: list[tuple[str, int]]  # (adapter or "", tokens fed) per sequence, in batch order
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.fed)
+
+    @property
+    def num_prefill(self) -> int:
+        """Prompt and recompute tokens: all but the one token of each decoding sequence."""
+        return sum(n for _, n in self.fed if n != 1)
 
 
 class LLMEngine:
@@ -289,7 +300,7 @@ class LLMEngine:
             return None
         started = time.perf_counter()  # the step's time counts adapter loads, not the switch
         batch, slot_of = self._place_adapters(plan.seqs)
-        return _Prepared(batch, slot_of, merge_s, unmerge_s, started)
+        return _Prepared(batch, slot_of, merge_s, unmerge_s, started, [(s.adapter or "", s.num_new) for s in batch])
 
     def _run(self, step: _Prepared) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError],
                                              list[RequestOutput]]:
@@ -329,11 +340,9 @@ class LLMEngine:
     def _observe(self, decision: StepDecision, step: _Prepared, seconds: float) -> None:
         """Record the step in the engine's stats and hand the policy its decision back with what
         the step ran and cost."""
-        batch, slot_of = step.batch, step.slot_of
-        fed = sum(s.num_new for s in batch)
-        prefill = fed - sum(1 for s in batch if s.num_new == 1)  # prompt and recompute tokens
-        self.stats.record_step(seconds, len(batch), fed, prefill)
-        self.stats.record_adapters(seconds, fed, [(s.adapter or "", s.num_new) for s in batch])
+        batch, slot_of, fed = step.batch, step.slot_of, step.num_tokens
+        self.stats.record_step(seconds, len(batch), fed, step.num_prefill)
+        self.stats.record_adapters(seconds, fed, step.fed)
         unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
         self.policy.observe(decision, StepRecord(
             merged=self.merger.merged,
