@@ -29,8 +29,13 @@ run: setup
 
 # Shared code and pure cores, type-checked strictly (the I/O shells and the engine's torch code are not).
 TYPED := -p dlora.common -p dlora.model -p dlora.services.worker.policy -p dlora.services.dispatcher \
-	-p dlora.services.migrator -m dlora.services.worker.moves -m dlora.services.worker.engine.config \
-	-m dlora.services.worker.engine.stopping -m dlora.services.gateway.replies -m dlora.services.gateway.settings
+	-p dlora.services.migrator -m dlora.services.worker.settings -m dlora.services.worker.moves \
+	-m dlora.services.worker.kv_inbox -m dlora.services.worker.versions -m dlora.services.worker.lengths \
+	-m dlora.services.worker.chunks -m dlora.services.worker.engine.config -m dlora.services.worker.engine.stopping \
+	-m dlora.services.worker.engine.scheduler -m dlora.services.worker.engine.kv_cache \
+	-m dlora.services.gateway.replies -m dlora.services.gateway.settings -m dlora.services.gateway.shaping \
+	-m dlora.loadgen.spec -m dlora.loadgen.workload -m dlora.loadgen.traces -m dlora.loadgen.popularity \
+	-m dlora.loadgen.arrivals
 # mypy reads the packages through links that map the top-level folders under dlora, as installed.
 MYPY_SRC := .cache/mypy-src
 

@@ -38,15 +38,25 @@ async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
 
 # Every process counts the bus messages it could not read, so a peer on another schema version
 # shows up instead of silently dropping out (the gateway serves this on /metrics).
-REJECTED = Counter("dlora_bus_rejected_messages", "Bus messages that did not decode as their subject's type, "
-                   "dropped", ["subject", "type"])
+REJECTED = Counter(
+    "dlora_bus_rejected_messages",
+    "Bus messages that did not decode as their subject's type, dropped",
+    ["subject", "type"],
+)
 _log = log.get("bus")
 _json = msgspec.json.Encoder()
 _msgpack = msgspec.msgpack.Encoder()
 
 
-async def subscribe(nc: NATS, subject: str, kind: type[T], handler: Callable[[T], Awaitable[None]], *,
-                    queue: str = "", msgpack: bool = False) -> Subscription:
+async def subscribe(
+    nc: NATS,
+    subject: str,
+    kind: type[T],
+    handler: Callable[[T], Awaitable[None]],
+    *,
+    queue: str = "",
+    msgpack: bool = False,
+) -> Subscription:
     """Subscribe ``handler`` to ``subject`` with messages decoded as ``kind`` (JSON, or msgpack for
     binary payloads). A message that does not decode is logged and counted in ``REJECTED`` by
     subject pattern and type, then dropped; the handler never sees it."""

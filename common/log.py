@@ -9,7 +9,7 @@ import structlog
 
 
 def configure(json: bool = True, level: int = logging.INFO) -> None:
-    processors: list = [
+    processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -24,4 +24,5 @@ def configure(json: bool = True, level: int = logging.INFO) -> None:
 
 
 def get(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

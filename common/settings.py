@@ -137,9 +137,15 @@ def _refuse_unknown_env(env: Mapping[str, str], service: str, paths: set[str]) -
     prefix = f"DLORA_{service.upper()}_"
     known = {f"DLORA_{p.upper().replace('.', '__')}" for p in paths}
     for name in env:
-        if name.startswith(prefix) and name not in known and name[len(prefix):].lower().replace("__", ".") not in paths:
-            raise SettingsError(f"{service} settings: {name} names no setting (nested fields join with '__', "
-                                f"e.g. DLORA_WORKER_ENGINE__MAX_LORAS; see deploy/dlora.example.toml)")
+        if (
+            name.startswith(prefix)
+            and name not in known
+            and name[len(prefix) :].lower().replace("__", ".") not in paths
+        ):
+            raise SettingsError(
+                f"{service} settings: {name} names no setting (nested fields join with '__', "
+                f"e.g. DLORA_WORKER_ENGINE__MAX_LORAS; see deploy/dlora.example.toml)"
+            )
 
 
 def _explain(service: str, error: str, data: dict[str, Any], sources: dict[str, str]) -> str:

@@ -118,9 +118,12 @@ class StateStore:
     async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
         """Register ``entry`` atomically: False if its name is taken (unless ``replace``). Every
         version stays findable by name and version, for requests still running on it."""
-        return bool(await self._put_adapter(
-            keys=[f"{self.p}:adapters", f"{self.p}:adapter-versions"],
-            args=[entry.name, msgspec.json.encode(entry), f"{entry.name}@{entry.version}", int(replace)]))
+        return bool(
+            await self._put_adapter(
+                keys=[f"{self.p}:adapters", f"{self.p}:adapter-versions"],
+                args=[entry.name, msgspec.json.encode(entry), f"{entry.name}@{entry.version}", int(replace)],
+            )
+        )
 
     async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None:
         """The registered adapter of that name, or a given version of it (registered now or before)."""
@@ -142,7 +145,7 @@ class StateStore:
         """Record exactly which adapters ``worker`` holds now."""
         old = await self.r.smembers(f"{self.p}:placement-of:{worker}")
         pipe = self.r.pipeline()
-        for name in {n.decode() for n in old} - set(adapters):
+        for name in {_text(n) for n in old} - set(adapters):
             pipe.srem(f"{self.p}:placement:{name}", worker)
         for name in adapters:
             pipe.sadd(f"{self.p}:placement:{name}", worker)
@@ -152,7 +155,7 @@ class StateStore:
         await pipe.execute()
 
     async def workers_with(self, adapter: str) -> set[str]:
-        return {w.decode() for w in await self.r.smembers(f"{self.p}:placement:{adapter}")}
+        return {_text(w) for w in await self.r.smembers(f"{self.p}:placement:{adapter}")}
 
     # ---- worker heartbeats --------------------------------------------------------------
     async def heartbeat(self, stats: WorkerStats, ttl_s: float) -> None:
@@ -161,7 +164,9 @@ class StateStore:
     async def live_workers(self) -> list[WorkerStats]:
         keys = [k async for k in self.r.scan_iter(match=f"{self.p}:worker:*")]
         values = await self.r.mget(keys) if keys else []
-        return sorted((msgspec.json.decode(v, type=WorkerStats) for v in values if v is not None), key=lambda s: s.worker)
+        return sorted(
+            (msgspec.json.decode(v, type=WorkerStats) for v in values if v is not None), key=lambda s: s.worker
+        )
 
     async def forget_worker(self, worker: str) -> None:
         await self.r.delete(f"{self.p}:worker:{worker}")
@@ -176,7 +181,7 @@ class StateStore:
         await pipe.execute()
 
     async def load_traffic(self) -> dict[str, float]:
-        return {k.decode(): float(v) for k, v in (await self.r.hgetall(f"{self.p}:traffic")).items()}
+        return {_text(k): float(v) for k, v in (await self.r.hgetall(f"{self.p}:traffic")).items()}
 
     # ---- leader leases -------------------------------------------------------------------
     async def hold_lease(self, role: str, holder: str, ttl_s: float) -> int:
@@ -188,7 +193,7 @@ class StateStore:
 
     async def lease_holder(self, role: str) -> str | None:
         raw = await self.r.get(f"{self.p}:lease:{role}")
-        return None if raw is None else raw.decode()
+        return None if raw is None else _text(raw)
 
     async def release_lease(self, role: str, holder: str) -> None:
         if await self.lease_holder(role) == holder:
@@ -207,9 +212,16 @@ class StateStore:
         """Record a request as running on ``worker``. On a resume elsewhere only the worker (and the
         recovery count) changes: the first request and the progress since it stay, so a second
         resume counts right."""
-        await self._put_inflight(keys=[f"{self.p}:inflight:{request.request_id}"],
-                                 args=[worker, msgspec.json.encode(request), f"{self.p}:inflight-of:",
-                                       request.request_id, request.recoveries])
+        await self._put_inflight(
+            keys=[f"{self.p}:inflight:{request.request_id}"],
+            args=[
+                worker,
+                msgspec.json.encode(request),
+                f"{self.p}:inflight-of:",
+                request.request_id,
+                request.recoveries,
+            ],
+        )
 
     async def record_progress(self, tokens: dict[str, list[int]], finished: list[str]) -> None:
         """One round trip per step: the tokens each running request was sent, and the records of
@@ -225,12 +237,17 @@ class StateStore:
         raw = await self.r.hgetall(f"{self.p}:inflight:{request_id}")
         if not raw:
             return None
-        tokens = [int(t) for t in raw.get(b"tokens", b"").decode().split(",") if t]
-        return Inflight(worker=raw[b"worker"].decode(), request=msgspec.json.decode(raw[b"request"], type=GenerateRequest),
-                        chunks=int(raw.get(b"chunks", 0)), tokens=tokens, recoveries=int(raw.get(b"recoveries", 0)))
+        tokens = [int(t) for t in _text(raw.get(b"tokens", b"")).split(",") if t]
+        return Inflight(
+            worker=_text(raw[b"worker"]),
+            request=msgspec.json.decode(raw[b"request"], type=GenerateRequest),
+            chunks=int(raw.get(b"chunks", 0)),
+            tokens=tokens,
+            recoveries=int(raw.get(b"recoveries", 0)),
+        )
 
     async def inflight_on(self, worker: str) -> list[str]:
-        return sorted(m.decode() for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))
+        return sorted(_text(m) for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))
 
     async def claim_recovery(self, worker: str, ttl_s: float = 30.0) -> bool:
         """True for exactly one caller per lost worker (within ``ttl_s``)."""
@@ -240,5 +257,10 @@ class StateStore:
         key = f"{self.p}:inflight:{request_id}"
         worker = await self.r.hget(key, "worker")
         if worker is not None:
-            await self.r.srem(f"{self.p}:inflight-of:{worker.decode()}", request_id)
+            await self.r.srem(f"{self.p}:inflight-of:{_text(worker)}", request_id)
         await self.r.delete(key)
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (redis-py gives bytes unless the client decodes responses)."""
+    return value.decode() if isinstance(value, bytes) else value

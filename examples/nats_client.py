@@ -25,8 +25,13 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
         request_id = uuid.uuid4().hex
         reply_to = subjects.reply_inbox(request_id)  # any subject you subscribe to works
         sub = await nc.subscribe(reply_to)  # subscribe before publishing, so no chunk is missed
-        request = GenerateRequest(request_id=request_id, reply_to=reply_to, adapter=adapter, prompt=prompt,
-                                  params=SamplingParams(max_tokens=max_tokens))
+        request = GenerateRequest(
+            request_id=request_id,
+            reply_to=reply_to,
+            adapter=adapter,
+            prompt=prompt,
+            params=SamplingParams(max_tokens=max_tokens),
+        )
         await nc.publish(subjects.REQUESTS, msgspec.json.encode(request))
         text = []
         async for msg in sub.messages:

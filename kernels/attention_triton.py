@@ -59,9 +59,13 @@ def build_paged_metadata(
 
     return PagedMetadata(
         slots=torch.tensor(slots, dtype=torch.int64, device=device),
-        q_start=i32(starts), q_len=i32(q_lens), ctx_len=i32(ctx_lens),
+        q_start=i32(starts),
+        q_len=i32(q_lens),
+        ctx_len=i32(ctx_lens),
         block_tables=i32(tables).reshape(len(q_lens), width),
-        decode_seqs=i32(decode), tile_seq=i32([i for i, _ in tiles]), tile_q0=i32([q0 for _, q0 in tiles]),
+        decode_seqs=i32(decode),
+        tile_seq=i32([i for i, _ in tiles]),
+        tile_q0=i32([q0 for _, q0 in tiles]),
         block_m=block_m,
     )
 
@@ -71,10 +75,20 @@ def _attend(
     q,  # (ROWS, BLOCK_D) query rows, zero past HEAD_DIM
     q_pos,  # (ROWS,) int32: each row's position in its sequence (it sees keys up to there)
     last,  # keys [0, last) are read
-    seq, kvh,  # the sequence (its block table row) and the KV head
-    k_ptr, v_ptr, tables_ptr, max_blocks, stride_kt, stride_kh, scale,  # as in the kernels
+    seq,
+    kvh,  # the sequence (its block table row) and the KV head
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    max_blocks,
+    stride_kt,
+    stride_kh,
+    scale,  # as in the kernels
     ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
     """Softmax(q·Kᵀ·scale)·V over one sequence's keys, gathered BLOCK_N at a time through its block
@@ -122,9 +136,12 @@ def _decode_kernel(
     ctx_len_ptr,  # (B,) int32: keys each sequence attends to
     tables_ptr,  # (B, max_blocks) int32: block table
     max_blocks,  # columns of the block table
-    stride_qt, stride_qh,  # q strides (token, head); head_dim contiguous
-    stride_kt, stride_kh,  # k/v cache strides (slot, KV head)
-    stride_ot, stride_oh,  # output strides
+    stride_qt,
+    stride_qh,  # q strides (token, head); head_dim contiguous
+    stride_kt,
+    stride_kh,  # k/v cache strides (slot, KV head)
+    stride_ot,
+    stride_oh,  # output strides
     scale,  # softmax scale (1/sqrt(head_dim) for Llama)
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two (at least 16, for tl.dot)
@@ -145,14 +162,38 @@ def _decode_kernel(
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
     # The group's query heads are the rows of one matrix, so its keys are read once for all.
-    q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    q = tl.load(
+        q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_G, BLOCK_D)
     # The one new token sits at position ctx - 1: it sees every key.
     q_pos = tl.zeros((BLOCK_G,), dtype=tl.int32) + ctx - 1
-    out = _attend(q, q_pos, ctx, seq, kvh, k_ptr, v_ptr, tables_ptr, max_blocks, stride_kt, stride_kh, scale,
-                  BLOCK_G, BLOCK_D, HEAD_DIM, BLOCK_SIZE, BLOCK_N, F32_DOT)
-    tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    out = _attend(
+        q,
+        q_pos,
+        ctx,
+        seq,
+        kvh,
+        k_ptr,
+        v_ptr,
+        tables_ptr,
+        max_blocks,
+        stride_kt,
+        stride_kh,
+        scale,
+        BLOCK_G,
+        BLOCK_D,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        F32_DOT,
+    )
+    tl.store(
+        o_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=g_mask[:, None] & d_mask[None, :],
+    )
 
 
 @triton.jit
@@ -168,9 +209,12 @@ def _prefill_kernel(
     ctx_len_ptr,  # (B,) int32: its context after this step
     tables_ptr,  # (B, max_blocks) int32: block table
     max_blocks,  # columns of the block table
-    stride_qt, stride_qh,  # q strides (token, head); head_dim contiguous
-    stride_kt, stride_kh,  # k/v cache strides (slot, KV head)
-    stride_ot, stride_oh,  # output strides
+    stride_qt,
+    stride_qh,  # q strides (token, head); head_dim contiguous
+    stride_kt,
+    stride_kh,  # k/v cache strides (slot, KV head)
+    stride_ot,
+    stride_oh,  # output strides
     scale,  # softmax scale
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two (at least 16, for tl.dot)
@@ -193,15 +237,39 @@ def _prefill_kernel(
     q_pos = ctx - n + offs_m  # position of each query in its sequence
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + (t0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        q_ptr + (t0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
     # Causal: the tile's last query sees keys up to its own position. Padded rows (past n) sit
     # beyond it and are not stored.
     last = tl.minimum(ctx - n + q0 + BLOCK_M, ctx)
-    out = _attend(q, q_pos, last, seq, kvh, k_ptr, v_ptr, tables_ptr, max_blocks, stride_kt, stride_kh, scale,
-                  BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, BLOCK_N, F32_DOT)
-    tl.store(o_ptr + (t0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    out = _attend(
+        q,
+        q_pos,
+        last,
+        seq,
+        kvh,
+        k_ptr,
+        v_ptr,
+        tables_ptr,
+        max_blocks,
+        stride_kt,
+        stride_kh,
+        scale,
+        BLOCK_M,
+        BLOCK_D,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        F32_DOT,
+    )
+    tl.store(
+        o_ptr + (t0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
 
 
 def paged_attention_triton(
@@ -232,16 +300,46 @@ def paged_attention_triton(
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1))
     if meta.decode_seqs.numel():
         _decode_kernel[(meta.decode_seqs.numel(), kv_heads)](
-            q, k_cache, v_cache, out, meta.decode_seqs, meta.q_start, meta.ctx_len, meta.block_tables,
-            meta.block_tables.shape[1], *strides, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-            BLOCK_SIZE=block_size, BLOCK_N=block_n, F32_DOT=f32_dot(q.dtype),
+            q,
+            k_cache,
+            v_cache,
+            out,
+            meta.decode_seqs,
+            meta.q_start,
+            meta.ctx_len,
+            meta.block_tables,
+            meta.block_tables.shape[1],
+            *strides,
+            scale,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            GROUP=group,
+            BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_SIZE=block_size,
+            BLOCK_N=block_n,
+            F32_DOT=f32_dot(q.dtype),
         )
     if meta.tile_seq.numel():
         _prefill_kernel[(meta.tile_seq.numel(), heads)](
-            q, k_cache, v_cache, out, meta.tile_seq, meta.tile_q0, meta.q_start, meta.q_len, meta.ctx_len,
-            meta.block_tables, meta.block_tables.shape[1], *strides, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_SIZE=block_size,
-            BLOCK_M=meta.block_m, BLOCK_N=block_n, F32_DOT=f32_dot(q.dtype),
+            q,
+            k_cache,
+            v_cache,
+            out,
+            meta.tile_seq,
+            meta.tile_q0,
+            meta.q_start,
+            meta.q_len,
+            meta.ctx_len,
+            meta.block_tables,
+            meta.block_tables.shape[1],
+            *strides,
+            scale,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            GROUP=group,
+            BLOCK_SIZE=block_size,
+            BLOCK_M=meta.block_m,
+            BLOCK_N=block_n,
+            F32_DOT=f32_dot(q.dtype),
         )
     return out

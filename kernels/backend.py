@@ -6,8 +6,9 @@ and LoRA functions per layer; nothing else in the engine knows which path runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -31,8 +32,14 @@ class Kernels:
     lora_tables: bool  # whether LoraProjection tables must be kept up to date
 
 
-TORCH = Kernels("torch", build_attention_metadata, paged_attention_torch, LoraSegments.from_token_slots,
-                add_lora_torch, lora_tables=False)
+TORCH = Kernels(
+    "torch",
+    build_attention_metadata,
+    paged_attention_torch,
+    LoraSegments.from_token_slots,
+    add_lora_torch,
+    lora_tables=False,
+)
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -54,10 +61,17 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
     if name == "torch" or (name == "auto" and not (device.type == "cuda" and usable)):
         return TORCH
     if not usable:
-        raise ValueError(f"kernels 'triton' need a CUDA device or TRITON_INTERPRET=1 (device is {device}) "
-                         "and the triton package")
+        raise ValueError(
+            f"kernels 'triton' need a CUDA device or TRITON_INTERPRET=1 (device is {device}) and the triton package"
+        )
     from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
     from dlora.kernels.lora_triton import LoraBatch, add_lora_triton
 
-    return Kernels("triton", build_paged_metadata, paged_attention_triton, LoraBatch.from_token_slots,
-                   add_lora_triton, lora_tables=True)
+    return Kernels(
+        "triton",
+        build_paged_metadata,
+        paged_attention_triton,
+        LoraBatch.from_token_slots,
+        add_lora_triton,
+        lora_tables=True,
+    )

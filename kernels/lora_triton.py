@@ -108,10 +108,12 @@ def _shrink_kernel(
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        xt = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
-                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)  # (BLOCK_K, BLOCK_R) = Aᵀ tile
+        xt = tl.load(
+            x_ptr + tokens[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )  # (BLOCK_M, BLOCK_K)
+        at = tl.load(
+            a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0
+        )  # (BLOCK_K, BLOCK_R) = Aᵀ tile
         if F32_DOT:
             acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
@@ -175,10 +177,14 @@ def _expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        yt = tl.load(y_ptr + ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :],
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
-        bt = tl.load(b_ptr + offs_n[None, :] * rank + offs_r[:, None],
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = Bᵀ tile
+        yt = tl.load(
+            y_ptr + ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :],
+            mask=m_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_R)
+        bt = tl.load(
+            b_ptr + offs_n[None, :] * rank + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+        )  # (BLOCK_R, BLOCK_N) = Bᵀ tile
         if F32_DOT:
             acc += tl.dot(yt, bt.to(tl.float32), input_precision="ieee")
         else:
@@ -206,15 +212,20 @@ class LoraBlocks:
     def choose(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
         rank = max(16, triton.next_power_of_2(tables.max_rank))
         if interpreting():
-            return cls(m=max(16, min(128, triton.next_power_of_2(batch.max_group_len))), r=rank,
-                       k=max(16, min(512, triton.next_power_of_2(tables.in_features))),
-                       n=max(16, min(512, triton.next_power_of_2(tables.max_size))), expand_r=rank)
+            return cls(
+                m=max(16, min(128, triton.next_power_of_2(batch.max_group_len))),
+                r=rank,
+                k=max(16, min(512, triton.next_power_of_2(tables.in_features))),
+                n=max(16, min(512, triton.next_power_of_2(tables.max_size))),
+                expand_r=rank,
+            )
         m = 16 if batch.max_group_len <= 16 else 32 if batch.max_group_len <= 256 else 64
         return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank))
 
 
-def lora_shrink(x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None,
-                split_k: int = 1) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None, split_k: int = 1
+) -> torch.Tensor:
     """y[p, j, :rank] = x[token_index[p]] · A[j, slot(p)]ᵀ for every grouped position p and slice j.
 
     x: (T, K), contiguous rows. Returns y (P, n_slices, R) float32 with R >= every rank; entries
@@ -236,16 +247,34 @@ def lora_shrink(x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: L
     y = alloc(num_pos, n_slices, r_tiles * b.r, dtype=torch.float32, device=x.device)
     grid = (batch.num_groups * m_tiles, n_slices * r_tiles, split_k)
     _shrink_kernel[grid](
-        x, y, tables.a_ptrs, tables.ranks, batch.token_index, batch.group_slot, batch.group_start, batch.group_len,
-        k, x.stride(0), num_slots, n_slices, y.shape[2], m_tiles, r_tiles,
-        ELEM=ELEM[x.dtype], F32_DOT=f32_dot(x.dtype),
-        BLOCK_M=b.m, BLOCK_R=b.r, BLOCK_K=b.k, SPLIT_K=split_k,
+        x,
+        y,
+        tables.a_ptrs,
+        tables.ranks,
+        batch.token_index,
+        batch.group_slot,
+        batch.group_start,
+        batch.group_len,
+        k,
+        x.stride(0),
+        num_slots,
+        n_slices,
+        y.shape[2],
+        m_tiles,
+        r_tiles,
+        ELEM=ELEM[x.dtype],
+        F32_DOT=f32_dot(x.dtype),
+        BLOCK_M=b.m,
+        BLOCK_R=b.r,
+        BLOCK_K=b.k,
+        SPLIT_K=split_k,
     )
     return y
 
 
-def lora_expand(out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: LoraBatch,
-                blocks: LoraBlocks | None = None) -> None:
+def lora_expand(
+    out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None
+) -> None:
     """In place: out[token_index[p], slice j] += scale[j, slot] · y[p, j, :rank] · B[j, slot]ᵀ.
 
     out: (T, N) with contiguous rows, in the weights' dtype; y from ``lora_shrink``.
@@ -261,16 +290,34 @@ def lora_expand(out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: L
     n_tiles = triton.cdiv(tables.max_size, b.n)
     grid = (batch.num_groups * m_tiles, n_slices * n_tiles)
     _expand_kernel[grid](
-        y, out, tables.b_ptrs, tables.ranks, tables.scales, tables.offsets, tables.sizes,
-        batch.token_index, batch.group_slot, batch.group_start, batch.group_len,
-        out.stride(0), num_slots, n_slices, y.shape[2], m_tiles, n_tiles,
-        ELEM=ELEM[out.dtype], F32_DOT=f32_dot(out.dtype),
-        BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_R=b.expand_r,
+        y,
+        out,
+        tables.b_ptrs,
+        tables.ranks,
+        tables.scales,
+        tables.offsets,
+        tables.sizes,
+        batch.token_index,
+        batch.group_slot,
+        batch.group_start,
+        batch.group_len,
+        out.stride(0),
+        num_slots,
+        n_slices,
+        y.shape[2],
+        m_tiles,
+        n_tiles,
+        ELEM=ELEM[out.dtype],
+        F32_DOT=f32_dot(out.dtype),
+        BLOCK_M=b.m,
+        BLOCK_N=b.n,
+        BLOCK_R=b.expand_r,
     )
 
 
-def add_lora_triton(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, batch: LoraBatch,
-                    blocks: LoraBlocks | None = None) -> None:
+def add_lora_triton(
+    out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, batch: LoraBatch, blocks: LoraBlocks | None = None
+) -> None:
     """The Triton twin of ``add_lora_torch``: out (T, N) += each LoRA token's delta, in place."""
     tables = proj.tables
     assert tables is not None, "LoraProjection.refresh() was not called after loading slots"

@@ -16,7 +16,7 @@ def gamma(rate: float, cv: float, n: int, rng: np.random.Generator) -> list[floa
         raise ValueError(f"rate and cv must be > 0, got {rate}, {cv}")
     shape = 1.0 / cv**2
     gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
-    return np.cumsum(gaps).tolist()
+    return [float(t) for t in np.cumsum(gaps)]
 
 
 def replay(timestamps: list[float], rate: float | None = None) -> list[float]:

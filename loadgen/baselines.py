@@ -33,8 +33,14 @@ class HFPeftServer:
         width = max(map(len, prompts))
         ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                      do_sample=False, pad_token_id=self.pad)
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad,
+        )
         if adapter is None:
             with self.model.disable_adapter():
                 self.model.generate(**kwargs)
@@ -59,8 +65,9 @@ class HFPeftServer:
                 continue
             adapter = specs[queue[0]].adapter
             batch = [i for i in queue if specs[i].adapter == adapter][: self.max_batch]
-            self.generate(adapter, [prompt_ids(i, specs[i], self.vocab) for i in batch],
-                          max(specs[i].output_len for i in batch))
+            self.generate(
+                adapter, [prompt_ids(i, specs[i], self.vocab) for i in batch], max(specs[i].output_len for i in batch)
+            )
             end = time.perf_counter() - start
             for i in batch:  # no streaming: every token arrives when the batch returns
                 r = results[i]

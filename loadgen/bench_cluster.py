@@ -23,23 +23,39 @@ from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
 
-CONFIGS = (("round-robin", "round-robin", False), ("proactive", "proactive", False),
-           ("proactive + migration", "proactive", True))
+CONFIGS = (
+    ("round-robin", "round-robin", False),
+    ("proactive", "proactive", False),
+    ("proactive + migration", "proactive", True),
+)
 TITLE = "Cluster: dispatch and co-migration (`dlora bench cluster`, the paper's Fig. 11)"
 
 
 def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     """The workload every configuration replays: bursty Gamma arrivals, Azure conversation lengths
     scaled to fit, Zipf popularity (alpha 1.2) that rotates every ``--shift-every`` seconds."""
-    return WorkloadSpec(trace=(str(Path(args.traces) / bundled.AZURE_CONV),), requests=args.requests, rate=args.rate,
-                        arrivals="gamma", cv=args.cv, lengths="trace", length_divide=args.length_divide,
-                        max_prompt=args.max_prompt, max_output=args.max_output, adapters=args.adapters,
-                        popularity="zipf", alpha=1.2, shift_every=args.shift_every, duration=args.max_seconds,
-                        seed=args.seed)
+    return WorkloadSpec(
+        trace=(str(Path(args.traces) / bundled.AZURE_CONV),),
+        requests=args.requests,
+        rate=args.rate,
+        arrivals="gamma",
+        cv=args.cv,
+        lengths="trace",
+        length_divide=args.length_divide,
+        max_prompt=args.max_prompt,
+        max_output=args.max_output,
+        adapters=args.adapters,
+        popularity="zipf",
+        alpha=1.2,
+        shift_every=args.shift_every,
+        duration=args.max_seconds,
+        seed=args.seed,
+    )
 
 
-def measure_step_seconds(root: Path, adapters: int,
-                         sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, float]:
+def measure_step_seconds(
+    root: Path, adapters: int, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+) -> dict[int, float]:
     """Median decode step time of one single-thread worker's engine at each batch size, its
     requests spread unmerged over as many adapters as it has slots (as under round-robin)."""
     import torch
@@ -69,9 +85,13 @@ def balancing_bound(args: argparse.Namespace, root: Path) -> dict:
     f = interpolate(steps)
     rr, best = (simulate(specs, f, args.workers, balanced) for balanced in (False, True))
     p90 = lambda xs: sorted(xs)[int(0.9 * (len(xs) - 1))]  # noqa: E731
-    return {"step_seconds": {str(b): round(s, 4) for b, s in steps.items()},
-            "round_robin_mean_s": sum(rr) / len(rr), "round_robin_p90_s": p90(rr),
-            "balanced_mean_s": sum(best) / len(best), "balanced_p90_s": p90(best)}
+    return {
+        "step_seconds": {str(b): round(s, 4) for b, s in steps.items()},
+        "round_robin_mean_s": sum(rr) / len(rr),
+        "round_robin_p90_s": p90(rr),
+        "balanced_mean_s": sum(best) / len(best),
+        "balanced_p90_s": p90(best),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -83,48 +103,91 @@ def run(args: argparse.Namespace) -> dict:
         worker_env = {"DLORA_TORCH_THREADS": "1", "DLORA_STATS_INTERVAL_S": "0.25"}
         if args.kv_cache_mb:
             worker_env["DLORA_ENGINE__KV_CACHE_BYTES"] = str(int(args.kv_cache_mb * 2**20))
-        stack = LocalStack(args.workers, str(root / "model"), loras, free_port(), None, worker_env=worker_env,
-                           env={"DLORA_DISPATCH": dispatch, "DLORA_INTERVAL_S": "0.5"}, migrator=migrate)
+        stack = LocalStack(
+            args.workers,
+            str(root / "model"),
+            loras,
+            free_port(),
+            None,
+            worker_env=worker_env,
+            env={"DLORA_DISPATCH": dispatch, "DLORA_INTERVAL_S": "0.5"},
+            migrator=migrate,
+        )
         stack.start()
         try:
             with open(os.devnull, "w") as quiet:
-                summary = asyncio.run(run_loadgen(workload_spec(args), stack.nats_url,
-                                                  str(Path(args.out) / name.replace(" ", "")), Console(file=quiet)))
+                summary = asyncio.run(
+                    run_loadgen(
+                        workload_spec(args),
+                        stack.nats_url,
+                        str(Path(args.out) / name.replace(" ", "")),
+                        Console(file=quiet),
+                    )
+                )
         finally:
             stack.stop()
-        row = {"config": name, "sent": summary["sent"], "completed": summary["completed"], "lost": summary["lost"],
-               "throughput_tok_s": summary["throughput_tok_s"],
-               "norm_latency_mean_s": summary["normalized_latency_s"]["mean"],
-               "norm_latency_p90_s": summary["normalized_latency_s"]["p90"]}
+        row = {
+            "config": name,
+            "sent": summary["sent"],
+            "completed": summary["completed"],
+            "lost": summary["lost"],
+            "throughput_tok_s": summary["throughput_tok_s"],
+            "norm_latency_mean_s": summary["normalized_latency_s"]["mean"],
+            "norm_latency_p90_s": summary["normalized_latency_s"]["p90"],
+        }
         rows.append(row)
-        print(f"{name:>22}: {row['throughput_tok_s']:6.1f} tok/s  norm latency mean {row['norm_latency_mean_s']:.3f}"
-              f" p90 {row['norm_latency_p90_s']:.3f}  completed {row['completed']}/{row['sent']}", flush=True)
-    return {"machine": machine(), "date": today(), "preset": args.preset, "workers": args.workers,
-            "adapters": args.adapters, "rate_req_s": args.rate, "cv": args.cv, "requests": args.requests,
-            "shift_every_s": args.shift_every, "length_divide": args.length_divide, "max_prompt": args.max_prompt,
-            "max_output": args.max_output, "kv_cache_mb": args.kv_cache_mb, "rows": rows, "bound": bound}
+        print(
+            f"{name:>22}: {row['throughput_tok_s']:6.1f} tok/s  norm latency mean {row['norm_latency_mean_s']:.3f}"
+            f" p90 {row['norm_latency_p90_s']:.3f}  completed {row['completed']}/{row['sent']}",
+            flush=True,
+        )
+    return {
+        "machine": machine(),
+        "date": today(),
+        "preset": args.preset,
+        "workers": args.workers,
+        "adapters": args.adapters,
+        "rate_req_s": args.rate,
+        "cv": args.cv,
+        "requests": args.requests,
+        "shift_every_s": args.shift_every,
+        "length_divide": args.length_divide,
+        "max_prompt": args.max_prompt,
+        "max_output": args.max_output,
+        "kv_cache_mb": args.kv_cache_mb,
+        "rows": rows,
+        "bound": bound,
+    }
 
 
 def markdown(r: dict) -> str:
     rr = next(x for x in r["rows"] if x["config"] == "round-robin")
-    lines = [f"Measured {r['date']} on **{r['machine']}**: {r['workers']} workers (one torch thread each), preset "
-             f"`{r['preset']}`, {r['adapters']} adapters, {r['requests']} requests at {r['rate_req_s']:g} req/s "
-             f"(Gamma CV {r['cv']:g}), Azure conversation lengths divided by {r['length_divide']:g} (prompts at most "
-             f"{r['max_prompt']}, outputs at most {r['max_output']} tokens), Zipf popularity rotating every "
-             f"{r['shift_every_s']:g} s.", "",
-             "| configuration | completed | throughput (tok/s) | norm. latency mean (s/token) | P90 | mean vs round-robin |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured {r['date']} on **{r['machine']}**: {r['workers']} workers (one torch thread each), preset "
+        f"`{r['preset']}`, {r['adapters']} adapters, {r['requests']} requests at {r['rate_req_s']:g} req/s "
+        f"(Gamma CV {r['cv']:g}), Azure conversation lengths divided by {r['length_divide']:g} (prompts at most "
+        f"{r['max_prompt']}, outputs at most {r['max_output']} tokens), Zipf popularity rotating every "
+        f"{r['shift_every_s']:g} s.",
+        "",
+        "| configuration | completed | throughput (tok/s) | norm. latency mean (s/token) | P90 | mean vs round-robin |",
+        "|---|---|---|---|---|---|",
+    ]
     for x in r["rows"]:
-        lines.append(f"| {x['config']} | {x['completed']}/{x['sent']} | {x['throughput_tok_s']:.1f} | "
-                     f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | "
-                     f"{x['norm_latency_mean_s'] / rr['norm_latency_mean_s']:.2f}x |")
+        lines.append(
+            f"| {x['config']} | {x['completed']}/{x['sent']} | {x['throughput_tok_s']:.1f} | "
+            f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | "
+            f"{x['norm_latency_mean_s'] / rr['norm_latency_mean_s']:.2f}x |"
+        )
     b = r["bound"]
     steps = ", ".join(f"{k}: {v * 1000:.0f}" for k, v in b["step_seconds"].items())
-    lines += ["", f"Rebalancing reference (simulated from this machine's measured decode step times, ms by batch size: "
-              f"{steps}): round-robin {b['round_robin_mean_s']:.3f} s/token mean (P90 {b['round_robin_p90_s']:.3f}), "
-              f"even, free rebalancing at every step {b['balanced_mean_s']:.3f} (P90 {b['balanced_p90_s']:.3f}): "
-              f"**rebalancing reaches {b['balanced_mean_s'] / b['round_robin_mean_s']:.2f}x round-robin's mean "
-              f"on these workers**."]
+    lines += [
+        "",
+        f"Rebalancing reference (simulated from this machine's measured decode step times, ms by batch size: "
+        f"{steps}): round-robin {b['round_robin_mean_s']:.3f} s/token mean (P90 {b['round_robin_p90_s']:.3f}), "
+        f"even, free rebalancing at every step {b['balanced_mean_s']:.3f} (P90 {b['balanced_p90_s']:.3f}): "
+        f"**rebalancing reaches {b['balanced_mean_s'] / b['round_robin_mean_s']:.2f}x round-robin's mean "
+        f"on these workers**.",
+    ]
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ def write_section(benchmarks: Path, key: str, title: str, body: str) -> None:
     block = f"{begin}\n{body.strip()}\n{end}"
     text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
     benchmarks.write_text(text)

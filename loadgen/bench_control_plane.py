@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 import nats
 import numpy as np
+
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.loadgen.bench_common import machine, save, today
@@ -54,8 +55,12 @@ async def nats_latencies(url: str, n: int) -> list[float]:
         for i in range(n + 10):
             rid = uuid.uuid4().hex
             sub = await nc.subscribe(subjects.reply_inbox(rid))
-            req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid), prompt_token_ids=PROMPT,
-                                  params=SamplingParams(max_tokens=1))
+            req = GenerateRequest(
+                request_id=rid,
+                reply_to=subjects.reply_inbox(rid),
+                prompt_token_ids=PROMPT,
+                params=SamplingParams(max_tokens=1),
+            )
             t0 = time.perf_counter()
             await nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
             while True:
@@ -114,9 +119,19 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         stack.stop()
     paths = {"engine": _pcts(direct), "nats": _pcts(via_nats), "gateway": _pcts(via_http)}
-    added = {name: {k: paths[name][k] - paths["engine"][k] for k in ("p50_ms", "p99_ms")} for name in ("nats", "gateway")}
-    return {"machine": machine(), "date": today(), "model": "tiny", "requests": args.requests, "paths": paths, "added": added,
-            "gateway_rate_req_s": rate, "concurrency": args.concurrency}
+    added = {
+        name: {k: paths[name][k] - paths["engine"][k] for k in ("p50_ms", "p99_ms")} for name in ("nats", "gateway")
+    }
+    return {
+        "machine": machine(),
+        "date": today(),
+        "model": "tiny",
+        "requests": args.requests,
+        "paths": paths,
+        "added": added,
+        "gateway_rate_req_s": rate,
+        "concurrency": args.concurrency,
+    }
 
 
 TITLE = "Control plane (`dlora bench control-plane`)"
@@ -124,20 +139,27 @@ TITLE = "Control plane (`dlora bench control-plane`)"
 
 def markdown(r: dict) -> str:
     p, a = r["paths"], r["added"]
-    return "\n".join([
-        f"Measured {r.get('date', '?')} on **{r['machine']}**, everything on this one machine (nats-server, "
-        "redis-server, dispatcher, one worker with the tiny model, gateway, client). Requests: 8 prompt tokens, "
-        f"`max_tokens` 1, one at a time ({r['requests']} after 10 warm-up).", "",
-        "| path | p50 | p99 |", "|---|---|---|",
-        f"| engine called directly | {p['engine']['p50_ms']:.2f} ms | {p['engine']['p99_ms']:.2f} ms |",
-        f"| NATS request subject (dispatcher + worker) | {p['nats']['p50_ms']:.2f} ms | {p['nats']['p99_ms']:.2f} ms |",
-        f"| HTTP gateway | {p['gateway']['p50_ms']:.2f} ms | {p['gateway']['p99_ms']:.2f} ms |",
-        f"| **added by NATS + dispatcher + worker shell** | **{a['nats']['p50_ms']:.2f} ms** | {a['nats']['p99_ms']:.2f} ms |",
-        f"| **added by gateway + NATS + dispatcher + worker shell** (target p50 ≤ 2 ms) | "
-        f"**{a['gateway']['p50_ms']:.2f} ms** | {a['gateway']['p99_ms']:.2f} ms |", "",
-        f"Sustained: the gateway completes **{r['gateway_rate_req_s']:,.0f} req/s** with {r['concurrency']} requests "
-        "in flight (tiny model, one token each).",
-    ])
+    return "\n".join(
+        [
+            f"Measured {r.get('date', '?')} on **{r['machine']}**, everything on this one machine (nats-server, "
+            "redis-server, dispatcher, one worker with the tiny model, gateway, client). Requests: 8 prompt tokens, "
+            f"`max_tokens` 1, one at a time ({r['requests']} after 10 warm-up).",
+            "",
+            "| path | p50 | p99 |",
+            "|---|---|---|",
+            f"| engine called directly | {p['engine']['p50_ms']:.2f} ms | {p['engine']['p99_ms']:.2f} ms |",
+            f"| NATS request subject (dispatcher + worker) | {p['nats']['p50_ms']:.2f} ms "
+            f"| {p['nats']['p99_ms']:.2f} ms |",
+            f"| HTTP gateway | {p['gateway']['p50_ms']:.2f} ms | {p['gateway']['p99_ms']:.2f} ms |",
+            f"| **added by NATS + dispatcher + worker shell** | **{a['nats']['p50_ms']:.2f} ms** "
+            f"| {a['nats']['p99_ms']:.2f} ms |",
+            f"| **added by gateway + NATS + dispatcher + worker shell** (target p50 ≤ 2 ms) | "
+            f"**{a['gateway']['p50_ms']:.2f} ms** | {a['gateway']['p99_ms']:.2f} ms |",
+            "",
+            f"Sustained: the gateway completes **{r['gateway_rate_req_s']:,.0f} req/s** with "
+            f"{r['concurrency']} requests in flight (tiny model, one token each).",
+        ]
+    )
 
 
 def run_bench_control_plane(args: argparse.Namespace) -> int:

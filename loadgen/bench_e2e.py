@@ -49,11 +49,21 @@ def workload_spec(args: argparse.Namespace, rate: float) -> WorkloadSpec:
     rescaled to it and their own lengths scaled to fit, adapters by the stride mapping over the
     Azure Functions popularity (clipped at the n-th function)."""
     traces = Path(args.traces)
-    return WorkloadSpec(trace=(str(traces / bundled.AZURE_CONV), str(traces / bundled.AZURE_FUNCTIONS)),
-                        requests=int(min(args.max_requests, max(args.min_requests, rate * args.window))), rate=rate,
-                        arrivals="trace", lengths="trace", length_divide=args.length_divide,
-                        max_prompt=args.max_prompt, max_output=args.max_output, adapters=args.adapters,
-                        popularity="stride", stride=args.stride, duration=args.max_seconds, seed=args.seed)
+    return WorkloadSpec(
+        trace=(str(traces / bundled.AZURE_CONV), str(traces / bundled.AZURE_FUNCTIONS)),
+        requests=int(min(args.max_requests, max(args.min_requests, rate * args.window))),
+        rate=rate,
+        arrivals="trace",
+        lengths="trace",
+        length_divide=args.length_divide,
+        max_prompt=args.max_prompt,
+        max_output=args.max_output,
+        adapters=args.adapters,
+        popularity="stride",
+        stride=args.stride,
+        duration=args.max_seconds,
+        seed=args.seed,
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -65,8 +75,11 @@ def run(args: argparse.Namespace) -> dict:
     scaling = workload.LengthScaling(first.length_divide, first.max_prompt, first.max_output)
     hf = HFPeftServer(root / "model", {f"lora-{i}": root / "adapters" / f"lora-{i}" for i in range(n)})
     gain = batching_gain(hf)
-    print(f"HF batching gain on this machine: {gain['batch_1_tok_s']:.1f} -> {gain['batch_32_tok_s']:.1f} tok/s "
-          f"({gain['gain']:.1f}x)", flush=True)
+    print(
+        f"HF batching gain on this machine: {gain['batch_1_tok_s']:.1f} -> {gain['batch_32_tok_s']:.1f} tok/s "
+        f"({gain['gain']:.1f}x)",
+        flush=True,
+    )
     rows = []
     for rate in args.rates:
         spec = workload_spec(args, rate)
@@ -78,22 +91,46 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 results, end = replay(make_engine(root, system, n, "float32"), requests, spec.duration)
             s = summarize(results, end)
-            row = {"rate": rate, "system": system, "requests": count, "finished": s["completed"],
-                   "throughput_tok_s": s["throughput_tok_s"], "norm_latency_mean_s": s["normalized_latency_s"]["mean"],
-                   "norm_latency_p90_s": s["normalized_latency_s"]["p90"]}
+            row = {
+                "rate": rate,
+                "system": system,
+                "requests": count,
+                "finished": s["completed"],
+                "throughput_tok_s": s["throughput_tok_s"],
+                "norm_latency_mean_s": s["normalized_latency_s"]["mean"],
+                "norm_latency_p90_s": s["normalized_latency_s"]["p90"],
+            }
             rows.append(row)
-            print(f"rate {rate:5.2f} {system:>13}: {row['throughput_tok_s']:7.1f} tok/s  norm latency mean "
-                  f"{row['norm_latency_mean_s']:.3f} p90 {row['norm_latency_p90_s']:.3f}  "
-                  f"finished {row['finished']}/{count}", flush=True)
+            print(
+                f"rate {rate:5.2f} {system:>13}: {row['throughput_tok_s']:7.1f} tok/s  norm latency mean "
+                f"{row['norm_latency_mean_s']:.3f} p90 {row['norm_latency_p90_s']:.3f}  "
+                f"finished {row['finished']}/{count}",
+                flush=True,
+            )
     sustained = {
-        system: max((r["rate"] for r in rows if r["system"] == system and r["finished"] == r["requests"]
-                     and r["norm_latency_mean_s"] <= args.latency_bound), default=0.0)
+        system: max(
+            (
+                r["rate"]
+                for r in rows
+                if r["system"] == system
+                and r["finished"] == r["requests"]
+                and r["norm_latency_mean_s"] <= args.latency_bound
+            ),
+            default=0.0,
+        )
         for system in args.systems
     }
     result = {
-        "machine": machine(), "date": datetime.date.today().isoformat(), "preset": args.preset, "adapters": n,
-        "stride": args.stride, "top_adapter_share": max(weights), "length_scaling": vars(scaling),
-        "latency_bound_s_per_token": args.latency_bound, "hf_batching": gain, "rows": rows,
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "preset": args.preset,
+        "adapters": n,
+        "stride": args.stride,
+        "top_adapter_share": max(weights),
+        "length_scaling": vars(scaling),
+        "latency_bound_s_per_token": args.latency_bound,
+        "hf_batching": gain,
+        "rows": rows,
         "sustained_rate_req_s": sustained,
         "dlora_over_hf": (sustained.get("dlora", 0) / sustained["hf-peft"]) if sustained.get("hf-peft") else None,
     }
@@ -101,25 +138,34 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Measured {result['date']} on **{result['machine']}**, preset `{result['preset']}`, "
-             f"{result['adapters']} adapters (ranks 8/16/32), stride {result['stride']} (top adapter share "
-             f"{result['top_adapter_share']:.2f}). Lengths: Azure conversation trace divided by "
-             f"{result['length_scaling']['divide']:g}, capped at {result['length_scaling']['max_prompt']} prompt / "
-             f"{result['length_scaling']['max_output']} output tokens. Bound for 'sustained': mean normalized "
-             f"latency ≤ {result['latency_bound_s_per_token']} s/token with every request finished.", "",
-             "| rate (req/s) | system | finished | throughput (tok/s) | norm. latency mean (s/token) | P90 |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured {result['date']} on **{result['machine']}**, preset `{result['preset']}`, "
+        f"{result['adapters']} adapters (ranks 8/16/32), stride {result['stride']} (top adapter share "
+        f"{result['top_adapter_share']:.2f}). Lengths: Azure conversation trace divided by "
+        f"{result['length_scaling']['divide']:g}, capped at {result['length_scaling']['max_prompt']} prompt / "
+        f"{result['length_scaling']['max_output']} output tokens. Bound for 'sustained': mean normalized "
+        f"latency ≤ {result['latency_bound_s_per_token']} s/token with every request finished.",
+        "",
+        "| rate (req/s) | system | finished | throughput (tok/s) | norm. latency mean (s/token) | P90 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['rate']:g} | {r['system']} | {r['finished']}/{r['requests']} | "
-                     f"{r['throughput_tok_s']:.1f} | {r['norm_latency_mean_s']:.3f} | {r['norm_latency_p90_s']:.3f} |")
+        lines.append(
+            f"| {r['rate']:g} | {r['system']} | {r['finished']}/{r['requests']} | "
+            f"{r['throughput_tok_s']:.1f} | {r['norm_latency_mean_s']:.3f} | {r['norm_latency_p90_s']:.3f} |"
+        )
     g = result["hf_batching"]
     ratio = result["dlora_over_hf"]
     lines += ["", "| system | highest sustained rate (req/s) |", "|---|---|"]
     lines += [f"| {k} | {v:g} |" for k, v in result["sustained_rate_req_s"].items()]
-    lines += ["", f"dlora / HF PEFT sustained rate: **{'n/a' if ratio is None else f'{ratio:.1f}x'}** (target on this "
-                  f"CPU ≥ 6×), read beside HF's own batching gain here: {g['batch_1_tok_s']:.1f} → "
-                  f"{g['batch_32_tok_s']:.1f} output tok/s from batch 1 to 32 (**{g['gain']:.1f}×**).", "",
-              "![e2e](docs/bench-e2e.png)"]
+    lines += [
+        "",
+        f"dlora / HF PEFT sustained rate: **{'n/a' if ratio is None else f'{ratio:.1f}x'}** (target on this "
+        f"CPU ≥ 6×), read beside HF's own batching gain here: {g['batch_1_tok_s']:.1f} → "
+        f"{g['batch_32_tok_s']:.1f} output tok/s from batch 1 to 32 (**{g['gain']:.1f}×**).",
+        "",
+        "![e2e](docs/bench-e2e.png)",
+    ]
     return "\n".join(lines)
 
 
@@ -157,5 +203,7 @@ def run_bench_e2e(args: argparse.Namespace) -> int:
         return 2
     result = run(args)
     write_outputs(result, args.json, Path(args.benchmarks), Path(args.docs))
-    print(json.dumps({"sustained_rate_req_s": result["sustained_rate_req_s"], "dlora_over_hf": result["dlora_over_hf"]}))
+    print(
+        json.dumps({"sustained_rate_req_s": result["sustained_rate_req_s"], "dlora_over_hf": result["dlora_over_hf"]})
+    )
     return 0

@@ -13,10 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from dlora.common.messages import SamplingParams
-from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.loadgen.bench_common import ensure_model, machine, save, today
+from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.policy import StepDecision
 
 PROMPT_LEN = 32
@@ -45,8 +44,12 @@ def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, s
     otherwise decide a ratio."""
     ids = [f"b{i}" for i in range(len(adapters))]
     for rid, name in zip(ids, adapters):
-        engine.add_request(rid, prompt_token_ids=[(7 * i + 3) % 500 for i in range(PROMPT_LEN)],
-                           params=SamplingParams(max_tokens=steps + 3, ignore_eos=True), adapter=name)
+        engine.add_request(
+            rid,
+            prompt_token_ids=[(7 * i + 3) % 500 for i in range(PROMPT_LEN)],
+            params=SamplingParams(max_tokens=steps + 3, ignore_eos=True),
+            adapter=name,
+        )
     decision = StepDecision(merged=merged, request_ids=ids)
     engine.step(decision)  # prefill
     engine.step(decision)  # first decode warms caches
@@ -66,8 +69,10 @@ def run(
 ) -> dict:
     max_adapters = max(adapter_counts)
     root = ensure_model(workdir, preset, max_adapters, ranks=[16])  # one rank: simple byte accounting
-    engine = LLMEngine(str(root / "model"), EngineConfig(dtype=dtype, max_loras=max_adapters,
-                                                          max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30))
+    engine = LLMEngine(
+        str(root / "model"),
+        EngineConfig(dtype=dtype, max_loras=max_adapters, max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30),
+    )
     names = [f"lora-{i}" for i in range(max_adapters)]
     for name in names:
         engine.register_adapter(name, root / "adapters" / name)
@@ -75,8 +80,10 @@ def run(
 
     def add(mode: str, n: int, batch: int, seconds: float, lora_bytes: int = 0) -> None:
         points.append(Point(mode, n, batch, seconds * 1e3, batch / seconds, lora_bytes))
-        print(f"{mode:>9} adapters={n:<3} batch={batch:<3} step={seconds * 1e3:8.2f} ms  {batch / seconds:9.1f} tok/s",
-              flush=True)
+        print(
+            f"{mode:>9} adapters={n:<3} batch={batch:<3} step={seconds * 1e3:8.2f} ms  {batch / seconds:9.1f} tok/s",
+            flush=True,
+        )
 
     measure(engine, [None] * max(batch_sizes), None, steps)  # warm up allocator and thread pool
     for batch in batch_sizes:
@@ -110,7 +117,9 @@ def run(
     ratios = {}
     for batch in batch_sizes:
         base = by[("base", 0, batch)]
-        ratios[f"merged/base throughput @batch {batch} (target >= 0.97)"] = by[("merged", 1, batch)].tokens_per_s / base.tokens_per_s
+        ratios[f"merged/base throughput @batch {batch} (target >= 0.97)"] = (
+            by[("merged", 1, batch)].tokens_per_s / base.tokens_per_s
+        )
         if ("unmerged", 1, batch) in by:
             ratios[f"unmerged 1 adapter/base throughput @batch {batch} (target >= 0.90)"] = (
                 by[("unmerged", 1, batch)].tokens_per_s / base.tokens_per_s
@@ -120,7 +129,9 @@ def run(
         p = by.get(("unmerged", many, batch))
         if p is not None and batch >= 32:
             explained = by[("base", 0, batch)].step_ms * (base_bytes + p.lora_bytes) / base_bytes
-            ratios[f"unmerged {many} adapters step / bytes-explained @batch {batch} (target <= 1.15)"] = p.step_ms / explained
+            ratios[f"unmerged {many} adapters step / bytes-explained @batch {batch} (target <= 1.15)"] = (
+                p.step_ms / explained
+            )
     return {
         "machine": machine(),
         "date": today(),
@@ -146,17 +157,28 @@ def markdown(r: dict) -> str:
     counts = sorted({p["adapters"] for p in r["points"] if p["mode"] == "unmerged"})
     cols = [("base", 0), ("merged", 1)] + [("unmerged", n) for n in counts]
     head = ["batch", "base", "merged"] + [f"unmerged, {n} adapter{'s' if n > 1 else ''}" for n in counts]
-    lines = [f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}: prompts of "
-             f"{r['prompt_len']} tokens prefilled untimed, then the median of {r['timed_decode_steps']} decode steps, "
-             f"{r['rounds']} interleaved rounds, median reported. Output tokens/s (median step time); a batch holds at "
-             "most `batch` distinct adapters.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}: prompts of "
+        f"{r['prompt_len']} tokens prefilled untimed, then the median of {r['timed_decode_steps']} decode steps, "
+        f"{r['rounds']} interleaved rounds, median reported. Output tokens/s (median step time); a batch holds at "
+        "most `batch` distinct adapters.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for b in batches:
-        cells = [f"{by[(m, n, b)]['tokens_per_s']:.1f} ({by[(m, n, b)]['step_ms']:.1f} ms)" if (m, n, b) in by else "-"
-                 for m, n in cols]
+        cells = [
+            f"{by[(m, n, b)]['tokens_per_s']:.1f} ({by[(m, n, b)]['step_ms']:.1f} ms)" if (m, n, b) in by else "-"
+            for m, n in cols
+        ]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", f"Switch cost: **merge {r['merge_ms']:.1f} ms, unmerge {r['unmerge_ms']:.1f} ms**.", "",
-              "| ratio (measured in the same run) | value |", "|---|---|"]
+    lines += [
+        "",
+        f"Switch cost: **merge {r['merge_ms']:.1f} ms, unmerge {r['unmerge_ms']:.1f} ms**.",
+        "",
+        "| ratio (measured in the same run) | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
     return "\n".join(lines)
 

@@ -55,8 +55,18 @@ def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], 
     return measure
 
 
-def _lora_points(device: torch.device, dtype: torch.dtype, hidden: int, rank: int, tokens: int, adapters: int,
-                 prefill: bool, impls: list[str], measure, peak: float | None) -> list[Point]:
+def _lora_points(
+    device: torch.device,
+    dtype: torch.dtype,
+    hidden: int,
+    rank: int,
+    tokens: int,
+    adapters: int,
+    prefill: bool,
+    impls: list[str],
+    measure,
+    peak: float | None,
+) -> list[Point]:
     from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
 
     sizes = [hidden, hidden, hidden]  # fused q|k|v of a Llama-7B-shaped layer
@@ -99,14 +109,24 @@ def _lora_points(device: torch.device, dtype: torch.dtype, hidden: int, rank: in
     return points
 
 
-def _attention_points(device: torch.device, dtype: torch.dtype, batch: int, ctx: int, heads: int, kv_heads: int,
-                      head_dim: int, impls: list[str], measure, peak: float | None,
-                      block_size: int = 16) -> list[Point]:
+def _attention_points(
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    ctx: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    impls: list[str],
+    measure,
+    peak: float | None,
+    block_size: int = 16,
+) -> list[Point]:
     from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
 
     blocks = ctx // block_size
     perm = torch.randperm(batch * blocks, generator=torch.Generator().manual_seed(0)).tolist()
-    tables = [perm[i * blocks:(i + 1) * blocks] for i in range(batch)]
+    tables = [perm[i * blocks : (i + 1) * blocks] for i in range(batch)]
     slots = [t[-1] * block_size + block_size - 1 for t in tables]
     g = torch.Generator().manual_seed(1)
     q = torch.randn(batch, heads, head_dim, generator=g).to(device, dtype)
@@ -164,28 +184,46 @@ def run(args: argparse.Namespace) -> dict:
     add(_lora_points(device, dtype, 4096, 16, 1024, 4, True, real, measure, peak))
     for batch, ctx in ((8, 512), (64, 2048)) if cuda else ((8, 512),):
         for heads, kv_heads in ((32, 32), (32, 8)):
-            add(_attention_points(device, dtype, batch, ctx, heads, kv_heads, 128, real + ["sdpa-dense"], measure,
-                                  peak))
+            add(
+                _attention_points(device, dtype, batch, ctx, heads, kv_heads, 128, real + ["sdpa-dense"], measure, peak)
+            )
     if not cuda:  # the Triton path under the interpreter, at shapes it finishes quickly
         interp = _timer(device, 1)
         add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None))
         add(_attention_points(device, dtype, 4, 64, 4, 2, 16, ["triton", "torch"], interp, None))
-    return {"machine": machine(), "date": today(), "device": name, "cuda": cuda, "dtype": str(dtype).split(".")[-1],
-            "peak_gb_s": peak, "reps": args.reps, "points": [asdict(p) for p in points]}
+    return {
+        "machine": machine(),
+        "date": today(),
+        "device": name,
+        "cuda": cuda,
+        "dtype": str(dtype).split(".")[-1],
+        "peak_gb_s": peak,
+        "reps": args.reps,
+        "points": [asdict(p) for p in points],
+    }
 
 
 def markdown(r: dict) -> str:
-    where = (f"on **{r['device']}** (peak {r['peak_gb_s']:g} GB/s), {r['dtype']}, Triton native" if r["cuda"] else
-             f"on **{r['machine']}** without a GPU, {r['dtype']}: torch paths at Llama-7B shapes on the CPU; the "
-             "Triton rows ran under TRITON_INTERPRET=1 at small shapes (programs run one by one in Python: "
-             "those times show the path runs, not its speed)")
-    lines = [f"Measured {r['date']} {where}. Median of {r['reps']} runs. GB/s counts the bytes the op must move "
-             "(weights of the adapters in the batch, activations in and out; for attention the keys and values).", "",
-             "| kernel | impl | shape | ms | GB/s | GFLOP/s | of peak bandwidth |", "|---|---|---|---|---|---|---|"]
+    where = (
+        f"on **{r['device']}** (peak {r['peak_gb_s']:g} GB/s), {r['dtype']}, Triton native"
+        if r["cuda"]
+        else f"on **{r['machine']}** without a GPU, {r['dtype']}: torch paths at Llama-7B shapes on the CPU; the "
+        "Triton rows ran under TRITON_INTERPRET=1 at small shapes (programs run one by one in Python: "
+        "those times show the path runs, not its speed)"
+    )
+    lines = [
+        f"Measured {r['date']} {where}. Median of {r['reps']} runs. GB/s counts the bytes the op must move "
+        "(weights of the adapters in the batch, activations in and out; for attention the keys and values).",
+        "",
+        "| kernel | impl | shape | ms | GB/s | GFLOP/s | of peak bandwidth |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in r["points"]:
         frac = f"{p['bandwidth_fraction']:.0%}" if p["bandwidth_fraction"] else "-"
-        lines.append(f"| {p['kernel']} | {p['impl']} | {p['shape']} | {p['ms']:.3f} | {p['gb_s']:.1f} | "
-                     f"{p['gflop_s']:.1f} | {frac} |")
+        lines.append(
+            f"| {p['kernel']} | {p['impl']} | {p['shape']} | {p['ms']:.3f} | {p['gb_s']:.1f} | "
+            f"{p['gflop_s']:.1f} | {frac} |"
+        )
     return "\n".join(lines)
 
 

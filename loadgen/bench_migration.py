@@ -18,14 +18,17 @@ from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Work
 def snapshot(workers: int, adapters: int, requests: int, seed: int = 0) -> ClusterSnapshot:
     rng = random.Random(seed)
     names = [f"a{i}" for i in range(adapters)]
-    ws = [WorkerState(f"w{i}", 4000, 16, 8, frozenset(rng.sample(names, min(adapters, rng.randint(4, 8)))), 0.01)
-          for i in range(workers)]
+    ws = [
+        WorkerState(f"w{i}", 4000, 16, 8, frozenset(rng.sample(names, min(adapters, rng.randint(4, 8)))), 0.01)
+        for i in range(workers)
+    ]
     weights = [3.0] + [1.0] * (workers - 1)
     rs = []
     for k in range(requests):
         w = rng.choices(ws, weights)[0]
-        rs.append(RequestState(f"r{k}", w.worker, rng.choice(sorted(w.adapters)), rng.randint(16, 1024),
-                               rng.uniform(8, 256)))
+        rs.append(
+            RequestState(f"r{k}", w.worker, rng.choice(sorted(w.adapters)), rng.randint(16, 1024), rng.uniform(8, 256))
+        )
     return ClusterSnapshot(ws, rs, ranks={a: rng.choice([8, 16, 32]) for a in names})
 
 
@@ -33,12 +36,24 @@ def run(sizes: list[tuple[int, int, int]], time_limit_s: float) -> dict:
     rows = []
     for workers, adapters, requests in sizes:
         p = plan(snapshot(workers, adapters, requests), PlannerSettings(time_limit_s=time_limit_s))
-        rows.append({"workers": workers, "adapters": adapters, "requests": requests, "seconds": p.solve_seconds,
-                     "method": p.label, "moves": len(p.moves), "makespan_before_s": p.makespan_before_s,
-                     "makespan_after_s": p.makespan_after_s})
-        print(f"{workers:>4} workers {adapters:>5} adapters {requests:>6} requests: {p.solve_seconds:6.2f} s "
-              f"{p.label:<16} moves {len(p.moves):>5}  makespan {p.makespan_before_s:8.1f} -> "
-              f"{p.makespan_after_s:8.1f} s", flush=True)
+        rows.append(
+            {
+                "workers": workers,
+                "adapters": adapters,
+                "requests": requests,
+                "seconds": p.solve_seconds,
+                "method": p.label,
+                "moves": len(p.moves),
+                "makespan_before_s": p.makespan_before_s,
+                "makespan_after_s": p.makespan_after_s,
+            }
+        )
+        print(
+            f"{workers:>4} workers {adapters:>5} adapters {requests:>6} requests: {p.solve_seconds:6.2f} s "
+            f"{p.label:<16} moves {len(p.moves):>5}  makespan {p.makespan_before_s:8.1f} -> "
+            f"{p.makespan_after_s:8.1f} s",
+            flush=True,
+        )
     return {"machine": machine(), "date": today(), "time_limit_s": time_limit_s, "rows": rows}
 
 
@@ -46,14 +61,20 @@ TITLE = "Co-migration ILP solve time (`dlora bench migration`)"
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Measured {r.get('date', '?')} on **{r['machine']}**, solver bound {r['time_limit_s']:g} s (PuLP + CBC from "
-             "the cbcbox wheel). Random snapshots: one worker holds 3x the requests of the others, 4-8 adapters per "
-             "worker of ranks 8/16/32, 8 slots per worker. Seconds include building the model, CBC's start-up and "
-             "reading the plan back.", "",
-             "| workers x adapters x requests | seconds | found by | moves | longest completion before -> after |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {x['workers']} x {x['adapters']} x {x['requests']:,} | {x['seconds']:.2f} | {x['method']} | "
-              f"{x['moves']} | {x['makespan_before_s']:.1f} -> {x['makespan_after_s']:.1f} s |" for x in r["rows"]]
+    lines = [
+        f"Measured {r.get('date', '?')} on **{r['machine']}**, solver bound {r['time_limit_s']:g} s (PuLP + CBC from "
+        "the cbcbox wheel). Random snapshots: one worker holds 3x the requests of the others, 4-8 adapters per "
+        "worker of ranks 8/16/32, 8 slots per worker. Seconds include building the model, CBC's start-up and "
+        "reading the plan back.",
+        "",
+        "| workers x adapters x requests | seconds | found by | moves | longest completion before -> after |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {x['workers']} x {x['adapters']} x {x['requests']:,} | {x['seconds']:.2f} | {x['method']} | "
+        f"{x['moves']} | {x['makespan_before_s']:.1f} -> {x['makespan_after_s']:.1f} s |"
+        for x in r["rows"]
+    ]
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 The same workload (Gamma arrivals with CV 1 at a rate near the replica's saturation, Azure
 conversation lengths scaled to fit, adapters by the stride mapping over Azure Functions
-popularity, counts clipped at the n-th most popular function so stride 1 is near uniform) is replayed in real time against an engine under each policy, for each stride.
+popularity, counts clipped at the n-th most popular function so stride 1 is near uniform) is
+replayed in real time against an engine under each policy, for each stride.
 """
 
 from __future__ import annotations
@@ -26,14 +27,24 @@ POLICIES = ("merged-only", "unmerged-only", "dlora")
 
 
 def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEngine:
-    engine = LLMEngine(str(root / "model"), EngineConfig(dtype=dtype, policy=PolicyConfig(name=policy), max_loras=num_adapters,
-                                                          max_num_seqs=32, kv_cache_bytes=1 << 30))
+    engine = LLMEngine(
+        str(root / "model"),
+        EngineConfig(
+            dtype=dtype,
+            policy=PolicyConfig(name=policy),
+            max_loras=num_adapters,
+            max_num_seqs=32,
+            kv_cache_bytes=1 << 30,
+        ),
+    )
     for i in range(num_adapters):
         engine.register_adapter(f"lora-{i}", root / "adapters" / f"lora-{i}")
     return engine
 
 
-def replay(engine: LLMEngine, specs: list[workload.RequestSpec], max_seconds: float) -> tuple[list[RequestResult], float]:
+def replay(
+    engine: LLMEngine, specs: list[workload.RequestSpec], max_seconds: float
+) -> tuple[list[RequestResult], float]:
     """Open loop: each request is added when its arrival time has passed, whatever is running."""
     results = [RequestResult(s.arrival_s, s.adapter, s.output_len, sent=True) for s in specs]
     start = time.perf_counter()
@@ -45,8 +56,12 @@ def replay(engine: LLMEngine, specs: list[workload.RequestSpec], max_seconds: fl
             return results, now
         while nxt < len(specs) and specs[nxt].arrival_s <= now:
             s = specs[nxt]
-            engine.add_request(str(nxt), prompt_token_ids=[(13 * nxt + 7 * j) % (vocab - 3) + 3 for j in range(s.prompt_len)],
-                               params=SamplingParams(max_tokens=s.output_len, ignore_eos=True), adapter=s.adapter)
+            engine.add_request(
+                str(nxt),
+                prompt_token_ids=[(13 * nxt + 7 * j) % (vocab - 3) + 3 for j in range(s.prompt_len)],
+                params=SamplingParams(max_tokens=s.output_len, ignore_eos=True),
+                adapter=s.adapter,
+            )
             nxt += 1
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(specs[nxt].arrival_s - now, 0.05)))
@@ -67,8 +82,12 @@ def saturation_rate(root: Path, num_adapters: int, dtype: str, mean_prompt: floa
     engine = make_engine(root, "unmerged-only", num_adapters, dtype)
     prompt = max(1, round(mean_prompt))
     for i in range(32):
-        engine.add_request(str(i), prompt_token_ids=[3 + i] * prompt, params=SamplingParams(max_tokens=12, ignore_eos=True),
-                           adapter=f"lora-{i % num_adapters}")
+        engine.add_request(
+            str(i),
+            prompt_token_ids=[3 + i] * prompt,
+            params=SamplingParams(max_tokens=12, ignore_eos=True),
+            adapter=f"lora-{i % num_adapters}",
+        )
     ids = [str(i) for i in range(32)]
     t0 = time.perf_counter()
     engine.step(StepDecision(None, ids[:8]))
@@ -88,10 +107,19 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     Functions popularity, counts clipped at the n-th function (as ``workload.adapter_weights`` does
     for that source)."""
     traces = Path(args.traces)
-    return WorkloadSpec(trace=(str(traces / bundled.AZURE_CONV), str(traces / bundled.AZURE_FUNCTIONS)),
-                        requests=args.requests, arrivals="poisson", lengths="trace", length_divide=args.length_divide,
-                        max_prompt=args.max_prompt, max_output=args.max_output, adapters=args.adapters,
-                        popularity="stride", duration=args.max_seconds, seed=args.seed)
+    return WorkloadSpec(
+        trace=(str(traces / bundled.AZURE_CONV), str(traces / bundled.AZURE_FUNCTIONS)),
+        requests=args.requests,
+        arrivals="poisson",
+        lengths="trace",
+        length_divide=args.length_divide,
+        max_prompt=args.max_prompt,
+        max_output=args.max_output,
+        adapters=args.adapters,
+        popularity="stride",
+        duration=args.max_seconds,
+        seed=args.seed,
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -102,8 +130,11 @@ def run(args: argparse.Namespace) -> dict:
     scaling = workload.LengthScaling(divide=base.length_divide, max_prompt=base.max_prompt, max_output=base.max_output)
     mean_prompt, mean_output = np.mean([scaling.apply(r.input_tokens, r.output_tokens) for r in lengths], axis=0)
     rate = args.rate or args.load * saturation_rate(root, args.adapters, args.dtype, mean_prompt, mean_output)
-    print(f"rate {rate:.2f} req/s, {args.requests} requests, mean prompt {mean_prompt:.1f}, output {mean_output:.1f} "
-          "tokens", flush=True)
+    print(
+        f"rate {rate:.2f} req/s, {args.requests} requests, mean prompt {mean_prompt:.1f}, output {mean_output:.1f} "
+        "tokens",
+        flush=True,
+    )
     rows = []
     for s in args.strides:
         spec = replace(base, rate=rate, stride=s)
@@ -113,16 +144,34 @@ def run(args: argparse.Namespace) -> dict:
             engine = make_engine(root, policy, args.adapters, args.dtype)
             results, end = replay(engine, requests, spec.duration)
             full = summarize(results, end)
-            m = {"stride": s, "policy": policy, "top_adapter_share": max(weights), "merges": engine.stats.merges,
-                 "requests": full["sent"], "finished": full["completed"], "throughput_tok_s": full["throughput_tok_s"],
-                 "norm_latency_mean_s": full["normalized_latency_s"]["mean"],
-                 "norm_latency_p90_s": full["normalized_latency_s"]["p90"]}
+            m = {
+                "stride": s,
+                "policy": policy,
+                "top_adapter_share": max(weights),
+                "merges": engine.stats.merges,
+                "requests": full["sent"],
+                "finished": full["completed"],
+                "throughput_tok_s": full["throughput_tok_s"],
+                "norm_latency_mean_s": full["normalized_latency_s"]["mean"],
+                "norm_latency_p90_s": full["normalized_latency_s"]["p90"],
+            }
             rows.append(m)
-            print(f"stride {s:>2} {policy:>13}: {m['throughput_tok_s']:7.1f} tok/s  norm latency mean "
-                  f"{m['norm_latency_mean_s']:.3f} p90 {m['norm_latency_p90_s']:.3f} s/token  "
-                  f"finished {m['finished']}/{m['requests']}  merges {m['merges']}", flush=True)
-    return {"machine": machine(), "date": today(), "preset": args.preset, "adapters": args.adapters, "rate_req_s": rate,
-            "requests": args.requests, "length_scaling": vars(scaling), "rows": rows}
+            print(
+                f"stride {s:>2} {policy:>13}: {m['throughput_tok_s']:7.1f} tok/s  norm latency mean "
+                f"{m['norm_latency_mean_s']:.3f} p90 {m['norm_latency_p90_s']:.3f} s/token  "
+                f"finished {m['finished']}/{m['requests']}  merges {m['merges']}",
+                flush=True,
+            )
+    return {
+        "machine": machine(),
+        "date": today(),
+        "preset": args.preset,
+        "adapters": args.adapters,
+        "rate_req_s": rate,
+        "requests": args.requests,
+        "length_scaling": vars(scaling),
+        "rows": rows,
+    }
 
 
 TITLE = "Batching policy ablation (`dlora bench policy`, the paper's Fig. 10)"
@@ -130,15 +179,21 @@ TITLE = "Batching policy ablation (`dlora bench policy`, the paper's Fig. 10)"
 
 def markdown(r: dict) -> str:
     sc = r["length_scaling"]
-    lines = [f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['adapters']} adapters "
-             f"(ranks 8/16/32), {r['requests']} requests, Gamma arrivals (CV 1) at {r['rate_req_s']:.2f} req/s; "
-             f"Azure conversation lengths divided by {sc['divide']:g}, capped at {sc['max_prompt']} prompt / "
-             f"{sc['max_output']} output tokens; adapters by the stride mapping over Azure Functions popularity "
-             "(clipped at the n-th function). Normalized latency = end-to-end seconds / output tokens.", "",
-             "| stride | top adapter share | policy | throughput (tok/s) | norm. latency mean (s/token) | P90 | merges |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {x['stride']} | {x['top_adapter_share']:.2f} | {x['policy']} | {x['throughput_tok_s']:.1f} | "
-              f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | {x['merges']} |" for x in r["rows"]]
+    lines = [
+        f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['adapters']} adapters "
+        f"(ranks 8/16/32), {r['requests']} requests, Gamma arrivals (CV 1) at {r['rate_req_s']:.2f} req/s; "
+        f"Azure conversation lengths divided by {sc['divide']:g}, capped at {sc['max_prompt']} prompt / "
+        f"{sc['max_output']} output tokens; adapters by the stride mapping over Azure Functions popularity "
+        "(clipped at the n-th function). Normalized latency = end-to-end seconds / output tokens.",
+        "",
+        "| stride | top adapter share | policy | throughput (tok/s) | norm. latency mean (s/token) | P90 | merges |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {x['stride']} | {x['top_adapter_share']:.2f} | {x['policy']} | {x['throughput_tok_s']:.1f} | "
+        f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | {x['merges']} |"
+        for x in r["rows"]
+    ]
     return "\n".join(lines)
 
 

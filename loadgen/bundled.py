@@ -36,7 +36,7 @@ def resolve(arg: str) -> Path:
     """
     if not arg.startswith(PREFIX):
         return Path(arg)
-    name = arg[len(PREFIX):]
+    name = arg[len(PREFIX) :]
     if name not in NAMES:
         raise ValueError(f"--trace {arg}: no such bundled trace; they are {', '.join(PREFIX + n for n in NAMES)}")
     return path(NAMES[name])

@@ -24,13 +24,20 @@ class HttpClient:
 
     def __init__(self, url: str, base_model: str, clock: Callable[[], float], timeout_s: float = 600) -> None:
         self.url, self.base_model, self.clock = url.rstrip("/"), base_model, clock
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                             connector=aiohttp.TCPConnector(limit=0))
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_s), connector=aiohttp.TCPConnector(limit=0)
+        )
 
     async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
-        body = {"model": spec.adapter or self.base_model, "prompt": prompt_ids(index, spec),
-                "max_tokens": spec.output_len, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": spec.adapter or self.base_model,
+            "prompt": prompt_ids(index, spec),
+            "max_tokens": spec.output_len,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         try:
             async with self.session.post(f"{self.url}/v1/completions", json=body) as resp:
                 if resp.status != 200:
@@ -54,7 +61,7 @@ class HttpClient:
                     if event["choices"][0]["finish_reason"] is not None:
                         r.finish_s = now
                 r.tokens = r.tokens or len(r.token_times)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             r.error = f"{type(e).__name__}: {e}"
 
     async def close(self) -> None:
@@ -98,9 +105,14 @@ class NatsClient:
         rid = uuid.uuid4().hex
         done = asyncio.Event()
         self.waiting[rid] = (r, done)
-        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, self.owner), adapter=spec.adapter,
-                              prompt_token_ids=prompt_ids(index, spec), created=time.time(),
-                              params=SamplingParams(max_tokens=spec.output_len, ignore_eos=True))
+        req = GenerateRequest(
+            request_id=rid,
+            reply_to=subjects.reply_inbox(rid, self.owner),
+            adapter=spec.adapter,
+            prompt_token_ids=prompt_ids(index, spec),
+            created=time.time(),
+            params=SamplingParams(max_tokens=spec.output_len, ignore_eos=True),
+        )
         try:
             await self.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
             await done.wait()

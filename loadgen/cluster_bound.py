@@ -44,8 +44,9 @@ class _Worker:
     own: list[int] = field(default_factory=list)  # round-robin: its requests, oldest first
 
 
-def simulate(specs: list[RequestSpec], step_seconds: Callable[[int], float], workers: int, balanced: bool,
-             max_batch: int = 64) -> list[float]:
+def simulate(
+    specs: list[RequestSpec], step_seconds: Callable[[int], float], workers: int, balanced: bool, max_batch: int = 64
+) -> list[float]:
     """Normalized latency (seconds from arrival to last token, per output token) of every request."""
     if any(s.output_len < 1 for s in specs):
         raise ValueError("every request must generate at least one token")

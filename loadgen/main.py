@@ -24,8 +24,9 @@ from dlora.loadgen.traces import TraceError
 from dlora.loadgen.workload import build_specs, load_traces
 
 
-async def run(spec: WorkloadSpec, target: str, out: str | Path, console: Console, *, base_model: str = "model",
-              slo: SLO = SLO()) -> dict:
+async def run(
+    spec: WorkloadSpec, target: str, out: str | Path, console: Console, *, base_model: str = "model", slo: SLO = SLO()
+) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``; or a ``nats://`` URL), judge it by ``slo`` and write result.json,
     report.png and report.html under ``out``. Ctrl-C stops sending; the report is still written.
@@ -41,21 +42,31 @@ async def run(spec: WorkloadSpec, target: str, out: str | Path, console: Console
         console.print(f"trace: skipped {traces[0].skipped} failed requests (no response tokens)")
     requests = build_specs(spec, traces)
     clock = Clock()
-    client = (await NatsClient.connect(target, clock) if target.startswith("nats://")
-              else HttpClient(target, base_model, clock))
+    client = (
+        await NatsClient.connect(target, clock)
+        if target.startswith("nats://")
+        else HttpClient(target, base_model, clock)
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
     task = progress.add_task("sending", total=len(requests))
 
     def on_update(results: list[RequestResult]) -> None:
         done = sum(r.completed for r in results)
         failed = sum(r.error is not None for r in results)
         tokens = sum(r.tokens for r in results)
-        progress.update(task, completed=done + failed,
-                        description=f"{tokens / max(clock(), 1e-9):7.1f} tok/s  errors {failed}")
+        progress.update(
+            task, completed=done + failed, description=f"{tokens / max(clock(), 1e-9):7.1f} tok/s  errors {failed}"
+        )
 
     try:
         with progress:
@@ -66,12 +77,17 @@ async def run(spec: WorkloadSpec, target: str, out: str | Path, console: Console
     summary = summarize(results, end, slo)
     by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
     # Keys in the CLI's option order and names, so records from the CLI and from benchmarks compare.
-    formats = {f"{kind}_format": t.format for kind, t in zip(("request_trace", "popularity_source"), traces)
-               if t is not None}
+    formats = {
+        f"{kind}_format": t.format for kind, t in zip(("request_trace", "popularity_source"), traces) if t is not None
+    }
     skipped = {"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {}
-    config = ({"target": target, "base_model": base_model} | spec.options()
-              | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "out": str(out), "interrupted": stop.is_set()}
-              | formats | skipped)
+    config = (
+        {"target": target, "base_model": base_model}
+        | spec.options()
+        | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "out": str(out), "interrupted": stop.is_set()}
+        | formats
+        | skipped
+    )
     report.write(Path(out), config, summary, by_adapter, results, end, console)
     return summary
 
@@ -81,8 +97,16 @@ def run_loadgen(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a log or a pipe: room for the whole table
         console = Console(stderr=True, width=160)
     try:
-        summary = asyncio.run(run(WorkloadSpec.from_args(args), args.target, args.out, console,
-                                  base_model=args.base_model, slo=SLO(args.slo_ttft, args.slo_tpot)))
+        summary = asyncio.run(
+            run(
+                WorkloadSpec.from_args(args),
+                args.target,
+                args.out,
+                console,
+                base_model=args.base_model,
+                slo=SLO(args.slo_ttft, args.slo_tpot),
+            )
+        )
     except (TraceError, ValueError, OSError) as e:
         print(f"dlora loadgen: {e}", file=sys.stderr)
         return 2

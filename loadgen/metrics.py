@@ -62,8 +62,12 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
     a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99))}
+    return {
+        "mean": float(a.mean()),
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+    }
 
 
 def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> dict:
@@ -89,8 +93,12 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> d
         "itl_s": _stats(itl),
         "e2e_s": _stats([r.finish_s - r.arrival_s for r in done]),
         "normalized_latency_s": _stats([r.normalized_latency(end_s) for r in sent]),
-        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
-                "attainment": len(met) / len(sent) if sent else None, "goodput_req_s": len(met) / span},
+        "slo": {
+            "ttft_s": slo.ttft_s,
+            "tpot_s": slo.tpot_s,
+            "attainment": len(met) / len(sent) if sent else None,
+            "goodput_req_s": len(met) / span,
+        },
         "errors": sorted({r.error for r in failed if r.error})[:10],
     }
 

@@ -14,7 +14,9 @@ _SPEC = WorkloadSpec()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)")
+    p.add_argument(
+        "--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)"
+    )
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
     p.add_argument("--requests", type=int, default=_SPEC.requests, help="cap on requests")
     p.add_argument("--duration", type=float, default=_SPEC.duration, help="cap on seconds of sending")
@@ -22,30 +24,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
     p.add_argument("--rate", type=float, default=_SPEC.rate, help="mean requests/s (trace replay is rescaled to it)")
     p.add_argument("--cv", type=float, default=_SPEC.cv, help="gamma: coefficient of variation of inter-arrivals")
-    p.add_argument("--trace", action="append", metavar="PATH",
-                   help="a request trace for --arrivals/--lengths trace (Azure LLM 2023/2024 CSV, BurstGPT CSV, "
-                        "Mooncake JSONL) and/or a popularity source for --popularity stride (ServeGen client "
-                        "file or folder, Azure Functions CSV); give it twice for one of each. bundled:NAME "
-                        "names a shipped one (azure-conv, azure-functions, burstgpt, servegen); the defaults "
-                        "are bundled:azure-conv and bundled:azure-functions")
-    p.add_argument("--trace-format", choices=FORMATS, default=_SPEC.trace_format,
-                   help="format of every --trace (auto: sniffed from each file's first row)")
+    p.add_argument(
+        "--trace",
+        action="append",
+        metavar="PATH",
+        help="a request trace for --arrivals/--lengths trace (Azure LLM 2023/2024 CSV, BurstGPT CSV, "
+        "Mooncake JSONL) and/or a popularity source for --popularity stride (ServeGen client "
+        "file or folder, Azure Functions CSV); give it twice for one of each. bundled:NAME "
+        "names a shipped one (azure-conv, azure-functions, burstgpt, servegen); the defaults "
+        "are bundled:azure-conv and bundled:azure-functions",
+    )
+    p.add_argument(
+        "--trace-format",
+        choices=FORMATS,
+        default=_SPEC.trace_format,
+        help="format of every --trace (auto: sniffed from each file's first row)",
+    )
     p.add_argument("--lengths", choices=get_args(Lengths), default=_SPEC.lengths)
     p.add_argument("--prompt-len", type=int, default=_SPEC.prompt_len)
     p.add_argument("--output-len", type=int, default=_SPEC.output_len)
-    p.add_argument("--length-divide", type=float, default=_SPEC.length_divide,
-                   help="trace lengths are divided by this ...")
+    p.add_argument(
+        "--length-divide", type=float, default=_SPEC.length_divide, help="trace lengths are divided by this ..."
+    )
     p.add_argument("--max-prompt", type=int, default=_SPEC.max_prompt, help="... and capped")
     p.add_argument("--max-output", type=int, default=_SPEC.max_output)
     p.add_argument("--adapters", type=int, default=_SPEC.adapters, help="adapters lora-0..N-1")
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
     p.add_argument("--alpha", type=float, default=_SPEC.alpha, help="zipf exponent / power-law alpha")
-    p.add_argument("--stride", type=int, default=_SPEC.stride,
-                   help="dLoRA's stride mapping of the popularity source's tenants (functions, clients) onto adapters")
-    p.add_argument("--tenant-window", type=float, metavar="SECONDS",
-                   help="stride: replay the source's time windows (ServeGen 10 min, Azure Functions 1 min), each "
-                        "lasting this many seconds of the run (default: the whole trace's shares)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=_SPEC.stride,
+        help="dLoRA's stride mapping of the popularity source's tenants (functions, clients) onto adapters",
+    )
+    p.add_argument(
+        "--tenant-window",
+        type=float,
+        metavar="SECONDS",
+        help="stride: replay the source's time windows (ServeGen 10 min, Azure Functions 1 min), each "
+        "lasting this many seconds of the run (default: the whole trace's shares)",
+    )
     p.add_argument("--shift-every", type=float, help="rotate adapter popularity every this many seconds")
     p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
     p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")

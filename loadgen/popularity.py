@@ -79,8 +79,9 @@ class Schedule:
         return self.weights[int(t // self.window_s) % len(self.weights)]
 
 
-def tenants(series: TenantSeries, n: int, stride_: int = 1, cap_rank: int | None = None,
-            window_s: float | None = None) -> list[float] | Schedule:
+def tenants(
+    series: TenantSeries, n: int, stride_: int = 1, cap_rank: int | None = None, window_s: float | None = None
+) -> list[float] | Schedule:
     """A popularity source's tenants (ServeGen clients, Azure functions) mapped onto ``n`` adapters
     by dLoRA's stride mapping (``stride``), ranked by their totals over the whole trace so each
     adapter keeps its tenants.

@@ -11,12 +11,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-from dlora.loadgen.metrics import RequestResult  # noqa: E402
+from dlora.loadgen.metrics import RequestResult
 
 
 def _fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -25,17 +25,37 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 def table(summary: dict, by_adapter: dict[str, dict]) -> Table:
     t = Table(title="dlora loadgen")
-    for col in ("", "sent", "done", "failed", "cut", "lost", "req/s", "tok/s", "TTFT p50/p99 ms", "TPOT p50 ms",
-                "norm. lat. mean/p90 s", "SLO"):
+    for col in (
+        "",
+        "sent",
+        "done",
+        "failed",
+        "cut",
+        "lost",
+        "req/s",
+        "tok/s",
+        "TTFT p50/p99 ms",
+        "TPOT p50 ms",
+        "norm. lat. mean/p90 s",
+        "SLO",
+    ):
         t.add_column(col, justify="right")
     for name, s in [("all", summary), *by_adapter.items()]:
         att = s["slo"]["attainment"]
-        t.add_row(name, str(s["sent"]), str(s["completed"]), str(s["failed"]), str(s["cut"]), str(s["lost"]),
-                  _fmt(s["throughput_req_s"], digits=2), _fmt(s["throughput_tok_s"], digits=1),
-                  f"{_fmt(s['ttft_s']['p50'], 1e3, 1)}/{_fmt(s['ttft_s']['p99'], 1e3, 1)}",
-                  _fmt(s["tpot_s"]["p50"], 1e3, 1),
-                  f"{_fmt(s['normalized_latency_s']['mean'])}/{_fmt(s['normalized_latency_s']['p90'])}",
-                  "-" if att is None else f"{att:.0%}")
+        t.add_row(
+            name,
+            str(s["sent"]),
+            str(s["completed"]),
+            str(s["failed"]),
+            str(s["cut"]),
+            str(s["lost"]),
+            _fmt(s["throughput_req_s"], digits=2),
+            _fmt(s["throughput_tok_s"], digits=1),
+            f"{_fmt(s['ttft_s']['p50'], 1e3, 1)}/{_fmt(s['ttft_s']['p99'], 1e3, 1)}",
+            _fmt(s["tpot_s"]["p50"], 1e3, 1),
+            f"{_fmt(s['normalized_latency_s']['mean'])}/{_fmt(s['normalized_latency_s']['p90'])}",
+            "-" if att is None else f"{att:.0%}",
+        )
     return t
 
 
@@ -44,8 +64,10 @@ def plot(results: list[RequestResult], by_adapter: dict[str, dict], end_s: float
     fig, ax = plt.subplots(2, 2, figsize=(11, 7), dpi=80)
     ax[0, 0].scatter([r.arrival_s for r in done], [r.finish_s - r.arrival_s for r in done], s=6)
     ax[0, 0].set(title="end-to-end latency by arrival", xlabel="arrival (s)", ylabel="latency (s)")
-    for label, values in (("TTFT", [r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
-                          ("normalized latency", [r.normalized_latency(end_s) for r in results if r.sent])):
+    for label, values in (
+        ("TTFT", [r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
+        ("normalized latency", [r.normalized_latency(end_s) for r in results if r.sent]),
+    ):
         if values:
             v = np.sort(values)
             ax[0, 1].plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
@@ -63,11 +85,19 @@ def plot(results: list[RequestResult], by_adapter: dict[str, dict], end_s: float
     plt.close(fig)
 
 
-def write(out: Path, config: dict, summary: dict, by_adapter: dict[str, dict], results: list[RequestResult],
-          end_s: float, console: Console | None = None) -> None:
+def write(
+    out: Path,
+    config: dict,
+    summary: dict,
+    by_adapter: dict[str, dict],
+    results: list[RequestResult],
+    end_s: float,
+    console: Console | None = None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({"config": config, "summary": summary, "by_adapter": by_adapter},
-                                                indent=2) + "\n")
+    (out / "result.json").write_text(
+        json.dumps({"config": config, "summary": summary, "by_adapter": by_adapter}, indent=2) + "\n"
+    )
     plot(results, by_adapter, end_s, out / "report.png")
     png = base64.b64encode((out / "report.png").read_bytes()).decode()
     rows = "".join(

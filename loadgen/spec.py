@@ -81,8 +81,12 @@ class WorkloadSpec:
     def __post_init__(self) -> None:
         # A benchmark builds a spec without argparse's choices: a misspelt choice is refused here,
         # not found as a KeyError (or a silently different branch) halfway through building.
-        for name, allowed in (("arrivals", get_args(Arrivals)), ("lengths", get_args(Lengths)),
-                              ("popularity", get_args(Popularity)), ("trace_format", FORMATS)):
+        for name, allowed in (
+            ("arrivals", get_args(Arrivals)),
+            ("lengths", get_args(Lengths)),
+            ("popularity", get_args(Popularity)),
+            ("trace_format", FORMATS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
 
@@ -102,6 +106,7 @@ class WorkloadSpec:
         the same whether the CLI or a benchmark made it."""
         out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["trace"] = list(self.trace) or None
-        out["adapter_names"] = (None if self.adapter_names is None
-                                else ",".join("-" if a is None else a for a in self.adapter_names))
+        out["adapter_names"] = (
+            None if self.adapter_names is None else ",".join("-" if a is None else a for a in self.adapter_names)
+        )
         return out

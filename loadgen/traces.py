@@ -26,10 +26,11 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 FORMATS = ("auto", "azure", "burstgpt", "mooncake", "servegen", "azure-functions")
 REQUEST_FORMATS = ("azure", "burstgpt", "mooncake")
@@ -83,7 +84,7 @@ class TenantSeries:
         return [sum(row) for row in self.counts]
 
 
-def _open_text(path: Path):
+def _open_text(path: Path) -> TextIO:
     try:
         return open(path, newline="", encoding="utf-8-sig")  # a BOM is not part of the header
     except IsADirectoryError:
@@ -106,7 +107,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             raise TraceError(f"{path}: not text (UTF-8)") from None
 
 
-def _with_header(path: Path, columns: tuple[str, ...], what: str) -> tuple[dict[str, int], Iterator[tuple[int, list[str]]]]:
+def _with_header(
+    path: Path, columns: tuple[str, ...], what: str
+) -> tuple[dict[str, int], Iterator[tuple[int, list[str]]]]:
     rows = _csv_rows(path)
     first = next(rows, None)
     if first is None:
@@ -131,7 +134,7 @@ def _seconds(value: object) -> float:
 def _epoch_seconds(text: str) -> float:
     when = datetime.fromisoformat(text.strip())
     if when.tzinfo is None:  # the 2023 schema has no zone; read it as UTC so mixed files still order
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return _seconds(when.timestamp())
 
 
@@ -142,8 +145,13 @@ def _count(text: str) -> int:
     return value
 
 
-def _finish(path: Path, fmt: str, stamped: list[tuple[float, int, int, tuple[int, ...]]], skipped: int = 0,
-            block_tokens: int | None = None) -> RequestTrace:
+def _finish(
+    path: Path,
+    fmt: str,
+    stamped: list[tuple[float, int, int, tuple[int, ...]]],
+    skipped: int = 0,
+    block_tokens: int | None = None,
+) -> RequestTrace:
     if not stamped:
         raise TraceError(f"{path}: no data rows" + (f" ({skipped} failed requests skipped)" if skipped else ""))
     if any(b[0] < a[0] for a, b in zip(stamped, stamped[1:])):
@@ -157,14 +165,22 @@ def read_azure_llm(path: str | Path) -> RequestTrace:
     """Azure LLM inference trace, 2023 or 2024 schema: ``TIMESTAMP,ContextTokens,GeneratedTokens``."""
     path = Path(path)
     col, rows = _with_header(path, AZURE_COLUMNS, "Azure LLM")
-    out = []
+    out: list[tuple[float, int, int, tuple[int, ...]]] = []
     for n, row in rows:
         try:
-            out.append((_epoch_seconds(row[col["TIMESTAMP"]]), _count(row[col["ContextTokens"]]),
-                        _count(row[col["GeneratedTokens"]]), ()))
+            out.append(
+                (
+                    _epoch_seconds(row[col["TIMESTAMP"]]),
+                    _count(row[col["ContextTokens"]]),
+                    _count(row[col["GeneratedTokens"]]),
+                    (),
+                )
+            )
         except (ValueError, IndexError):
-            raise TraceError(f"{path}: row {n}: expected an ISO time and two token counts >= 0 "
-                             f"({','.join(AZURE_COLUMNS)}), got {row!r}") from None
+            raise TraceError(
+                f"{path}: row {n}: expected an ISO time and two token counts >= 0 "
+                f"({','.join(AZURE_COLUMNS)}), got {row!r}"
+            ) from None
     return _finish(path, "azure", out)
 
 
@@ -173,14 +189,17 @@ def read_burstgpt(path: str | Path) -> RequestTrace:
     Rows with zero response tokens are failed requests: skipped, counted in ``skipped``."""
     path = Path(path)
     col, rows = _with_header(path, BURSTGPT_COLUMNS, "BurstGPT")
-    out, skipped = [], 0
+    out: list[tuple[float, int, int, tuple[int, ...]]] = []
+    skipped = 0
     for n, row in rows:
         try:
             t = _seconds(row[col["Timestamp"]])
             inp, outp = _count(row[col["Request tokens"]]), _count(row[col["Response tokens"]])
         except (ValueError, IndexError):
-            raise TraceError(f"{path}: row {n}: expected seconds and two token counts >= 0 "
-                             f"({','.join(BURSTGPT_COLUMNS)}), got {row!r}") from None
+            raise TraceError(
+                f"{path}: row {n}: expected seconds and two token counts >= 0 "
+                f"({','.join(BURSTGPT_COLUMNS)}), got {row!r}"
+            ) from None
         if outp == 0:
             skipped += 1
             continue
@@ -192,7 +211,7 @@ def read_mooncake(path: str | Path) -> RequestTrace:
     """Mooncake / Kimi JSONL: ``timestamp`` (ms), ``input_length``, ``output_length``, ``hash_ids``
     (optional; one per ``MOONCAKE_BLOCK_TOKENS`` prompt tokens)."""
     path = Path(path)
-    out = []
+    out: list[tuple[float, int, int, tuple[int, ...]]] = []
     for n, line in _lines(path):
         if not line.strip():
             continue
@@ -206,7 +225,9 @@ def read_mooncake(path: str | Path) -> RequestTrace:
             inp, outp = _int_field(obj["input_length"]), _int_field(obj["output_length"])
             hash_ids = tuple(_int_field(h) for h in obj.get("hash_ids") or ())
         except (ValueError, KeyError, TypeError):
-            raise TraceError(f"{path}: row {n}: expected a JSON object {MOONCAKE_FIELDS}, got {line.strip()[:120]!r}") from None
+            raise TraceError(
+                f"{path}: row {n}: expected a JSON object {MOONCAKE_FIELDS}, got {line.strip()[:120]!r}"
+            ) from None
         out.append((t, inp, outp, hash_ids))
     return _finish(path, "mooncake", out, block_tokens=MOONCAKE_BLOCK_TOKENS)
 
@@ -269,8 +290,10 @@ def _servegen_file(path: Path) -> list[tuple[int, float, float]]:
             if rate < 0 or start < 0 or (out and start <= out[-1][1]):
                 raise ValueError
         except ValueError:
-            raise TraceError(f"{path}: row {n}: expected ServeGen columns ({SERVEGEN_COLUMNS}) "
-                             f"with finite rates >= 0 and rising window starts, got {row!r}") from None
+            raise TraceError(
+                f"{path}: row {n}: expected ServeGen columns ({SERVEGEN_COLUMNS}) "
+                f"with finite rates >= 0 and rising window starts, got {row!r}"
+            ) from None
         out.append((n, start, rate))
     if not out:
         raise TraceError(f"{path}: no data rows")
@@ -299,8 +322,10 @@ def read_servegen(path: str | Path) -> TenantSeries:
         c = [0.0] * width
         for n, start, rate in rows:
             if abs(start / window - round(start / window)) > 1e-6:
-                raise TraceError(f"{f}: row {n}: window start {start:g} s is not a multiple of the {window:g} s "
-                                 "windows of the series")
+                raise TraceError(
+                    f"{f}: row {n}: window start {start:g} s is not a multiple of the {window:g} s "
+                    "windows of the series"
+                )
             c[round(start / window)] = rate * window
         counts.append(c)
     return _series(path, "servegen", [f.stem.removesuffix("-trace") for f in files], counts, window)
@@ -335,11 +360,17 @@ def sniff(path: str | Path) -> str:
         f"{path}: row 1: not a trace format dlora knows; expected an Azure LLM header ({','.join(AZURE_COLUMNS)}), "
         f"a BurstGPT header ({','.join(BURSTGPT_COLUMNS)},...), Mooncake JSONL ({MOONCAKE_FIELDS}), "
         f"ServeGen rows ({SERVEGEN_COLUMNS}) or an Azure Functions header ({','.join(FUNCTIONS_COLUMNS)},<minute>...); "
-        f"got {first.strip()[:120]!r}")
+        f"got {first.strip()[:120]!r}"
+    )
 
 
-_READERS = {"azure": read_azure_llm, "burstgpt": read_burstgpt, "mooncake": read_mooncake,
-            "servegen": read_servegen, "azure-functions": read_azure_functions}
+_READERS: dict[str, Callable[[str | Path], RequestTrace | TenantSeries]] = {
+    "azure": read_azure_llm,
+    "burstgpt": read_burstgpt,
+    "mooncake": read_mooncake,
+    "servegen": read_servegen,
+    "azure-functions": read_azure_functions,
+}
 
 
 def read_trace(path: str | Path, fmt: str = "auto") -> RequestTrace | TenantSeries:

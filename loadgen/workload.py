@@ -102,8 +102,10 @@ def build(
     if isinstance(weights, Schedule):
         drawn = [rng.choice(n, p=np.asarray(weights.at(t))) for t in arrivals]
     else:
-        drawn = rng.choice(n, size=len(arrivals), p=np.asarray(weights))
-    picks = np.arange(len(arrivals)) % len(lengths) if lengths_in_order else rng.integers(0, len(lengths), len(arrivals))
+        drawn = rng.choice(n, size=len(arrivals), p=np.asarray(weights)).tolist()
+    picks = (
+        np.arange(len(arrivals)) % len(lengths) if lengths_in_order else rng.integers(0, len(lengths), len(arrivals))
+    )
     block = max(1, round(block_tokens / scaling.divide)) if block_tokens else 0
     out = []
     for t, a, k in zip(arrivals, drawn, picks):
@@ -111,8 +113,16 @@ def build(
             a = (a + int(t // shift_every_s)) % n
         p, o = scaling.apply(lengths[k].input_tokens, lengths[k].output_tokens)
         hash_ids = lengths[k].hash_ids if block else ()
-        out.append(RequestSpec(arrival_s=float(t), adapter=names[a], prompt_len=p, output_len=o,
-                               hash_ids=hash_ids, block_tokens=block if hash_ids else 0))
+        out.append(
+            RequestSpec(
+                arrival_s=float(t),
+                adapter=names[a],
+                prompt_len=p,
+                output_len=o,
+                hash_ids=hash_ids,
+                block_tokens=block if hash_ids else 0,
+            )
+        )
     return out
 
 
@@ -128,16 +138,19 @@ def load_traces(spec: WorkloadSpec) -> Traces:
     requests: RequestTrace | None = None
     tenants: TenantSeries | None = None
     if len(spec.trace) > 1 and spec.trace_format != "auto":
-        raise TraceError(f"--trace-format {spec.trace_format} applies to every --trace, and two traces are of two "
-                         "kinds: leave it at auto to give a request trace and a popularity source")
+        raise TraceError(
+            f"--trace-format {spec.trace_format} applies to every --trace, and two traces are of two "
+            "kinds: leave it at auto to give a request trace and a popularity source"
+        )
     for path in spec.trace:
         trace = read_trace(bundled.resolve(path), spec.trace_format)
         if isinstance(trace, RequestTrace):
             if requests is not None:
                 raise TraceError(f"{path}: a second request trace ({trace.format}); give at most one")
             if not needs_requests:
-                raise TraceError(f"{path}: a request trace ({trace.format}), used only by --arrivals trace "
-                                 "or --lengths trace")
+                raise TraceError(
+                    f"{path}: a request trace ({trace.format}), used only by --arrivals trace or --lengths trace"
+                )
             requests = trace
         else:
             if tenants is not None:
@@ -191,24 +204,39 @@ def build_specs(spec: WorkloadSpec, traces: Traces | None = None) -> list[Reques
     rng = np.random.default_rng(spec.seed)
     n = spec.requests
     trace, tenants = traces or load_traces(spec)
-    if trace is None and (spec.arrivals == "trace" or spec.lengths == "trace"):
-        raise ValueError("the spec replays a request trace, and the traces given hold none")
     if spec.arrivals == "trace":
-        times = arrival_times.replay([r.t for r in trace.rows[:n]], rate=spec.rate)
+        times = arrival_times.replay([r.t for r in _replayed(trace).rows[:n]], rate=spec.rate)
     else:
         times = arrival_times.gamma(spec.rate, 1.0 if spec.arrivals == "poisson" else spec.cv, n, rng)
     if spec.lengths == "trace":
-        rows = trace.rows
+        rows = _replayed(trace).rows
         scaling = LengthScaling(spec.length_divide, spec.max_prompt, spec.max_output)
     else:
         scaling = LengthScaling()
         if spec.lengths == "fixed":
             rows = [LLMRequestRow(0.0, spec.prompt_len, spec.output_len)]
         else:
-            rows = [LLMRequestRow(0.0, int(p), int(o)) for p, o in zip(rng.integers(1, spec.prompt_len + 1, 1000),
-                                                                         rng.integers(1, spec.output_len + 1, 1000))]
+            rows = [
+                LLMRequestRow(0.0, int(p), int(o))
+                for p, o in zip(rng.integers(1, spec.prompt_len + 1, 1000), rng.integers(1, spec.output_len + 1, 1000))
+            ]
     names = adapter_names(spec)
     weights = adapter_weights(spec, tenants)
-    return build(times, weights, rows, rng, scaling, names=names, shift_every_s=spec.shift_every,
-                 lengths_in_order=spec.arrivals == "trace" and spec.lengths == "trace",
-                 block_tokens=trace.block_tokens if spec.lengths == "trace" else None)
+    return build(
+        times,
+        weights,
+        rows,
+        rng,
+        scaling,
+        names=names,
+        shift_every_s=spec.shift_every,
+        lengths_in_order=spec.arrivals == "trace" and spec.lengths == "trace",
+        block_tokens=_replayed(trace).block_tokens if spec.lengths == "trace" else None,
+    )
+
+
+def _replayed(trace: RequestTrace | None) -> RequestTrace:
+    """The request trace a spec replays; ValueError when the traces given hold none."""
+    if trace is None:
+        raise ValueError("the spec replays a request trace, and the traces given hold none")
+    return trace

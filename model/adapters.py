@@ -149,8 +149,9 @@ def validate(name: str, path: str | Path, conf_bytes: bytes, weight_bytes: bytes
         a, b, t = shapes[ab["A"]], shapes[ab["B"]], fits[target]
         rank = a[0] if a else 0
         if len(a) != 2 or len(b) != 2 or a[1] != t.in_features or b != (t.out_features, rank):
-            raise AdapterError(f"{where}: lora_A {a} / lora_B {b} do not fit the base "
-                               f"({t.in_features} -> {t.out_features})")
+            raise AdapterError(
+                f"{where}: lora_A {a} / lora_B {b} do not fit the base ({t.in_features} -> {t.out_features})"
+            )
         r = int(_pattern_value(conf.get("rank_pattern") or {}, module, conf["r"]))
         if r != rank:
             raise AdapterError(f"{where}: tensors have rank {rank}, adapter_config.json says r={r}")
@@ -158,8 +159,10 @@ def validate(name: str, path: str | Path, conf_bytes: bytes, weight_bytes: bytes
         scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
         modules[(layer, target)] = ModuleSpec(ab["A"], ab["B"], rank, scale)
     if not modules:
-        raise AdapterError(f"adapter {name!r}: none of its weights is on a module its target_modules, "
-                           "exclude_modules and layers_to_transform select")
+        raise AdapterError(
+            f"adapter {name!r}: none of its weights is on a module its target_modules, "
+            "exclude_modules and layers_to_transform select"
+        )
     return AdapterSpec(name, path, modules, content_digest(conf_bytes, weight_bytes))
 
 
@@ -185,8 +188,14 @@ def _layer_index(conf: dict[str, Any], module: str) -> int | None:
     if patterns is None:  # the first numbered segment after a named one
         m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
     else:
-        m = next((m for p in ([patterns] if isinstance(patterns, str) else patterns)
-                  if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+        m = next(
+            (
+                m
+                for p in ([patterns] if isinstance(patterns, str) else patterns)
+                if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))
+            ),
+            None,
+        )
     return int(m["idx"]) if m else None
 
 
@@ -225,20 +234,50 @@ def _whole(value: Any) -> bool:
 
 
 # adapter_config.json fields with no effect on inference (metadata, initialisation, training).
-_NO_EFFECT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-              "inference_mode", "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
-              "lora_ga_config", "megatron_core", "runtime_config", "ensure_weight_tying", "qalora_group_size"}
+_NO_EFFECT = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "megatron_core",
+    "runtime_config",
+    "ensure_weight_tying",
+    "qalora_group_size",
+}
 # Fields read above, as PEFT reads them.
-_HONOURED = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
-             "layers_to_transform", "layers_pattern", "fan_in_fan_out"}
+_HONOURED = {
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "fan_in_fan_out",
+}
 # Fields that change the math in ways not served here, by what they are.
-_REFUSED = {"use_dora": "DoRA adapters are not served", "lora_bias": "lora_bias (a bias on lora_B) is not served",
-            "modules_to_save": "modules_to_save (full fine-tuned modules) are not served",
-            "layer_replication": "layer_replication is not served",
-            "trainable_token_indices": "trainable tokens are not served",
-            "target_parameters": "LoRA on parameters (target_parameters) is not served",
-            "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served",
-            "use_qalora": "QALoRA is not served", "megatron_config": "Megatron-parallel LoRA is not served"}
+_REFUSED = {
+    "use_dora": "DoRA adapters are not served",
+    "lora_bias": "lora_bias (a bias on lora_B) is not served",
+    "modules_to_save": "modules_to_save (full fine-tuned modules) are not served",
+    "layer_replication": "layer_replication is not served",
+    "trainable_token_indices": "trainable tokens are not served",
+    "target_parameters": "LoRA on parameters (target_parameters) is not served",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served",
+    "use_qalora": "QALoRA is not served",
+    "megatron_config": "Megatron-parallel LoRA is not served",
+}
 
 
 def _check_config(name: str, conf: dict[str, Any]) -> None:
@@ -255,13 +294,23 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
     for key, reason in _REFUSED.items():
         if conf.get(key):
             refuse(reason)
-    unknown = sorted(k for k, v in conf.items()
-                     if k not in _NO_EFFECT | _HONOURED | set(_REFUSED) | {"bias"} and v not in (None, False, [], {}, ""))
+    unknown = sorted(
+        k
+        for k, v in conf.items()
+        if k not in _NO_EFFECT | _HONOURED | set(_REFUSED) | {"bias"} and v not in (None, False, [], {}, "")
+    )
     if unknown:
-        refuse(f"adapter_config.json sets {', '.join(unknown)}, which dlora does not know and which may change the "
-               "output (a LoRA variant); refused rather than served differently from PEFT")
+        refuse(
+            f"adapter_config.json sets {', '.join(unknown)}, which dlora does not know and which may change the "
+            "output (a LoRA variant); refused rather than served differently from PEFT"
+        )
+
     def names(value: Any) -> bool:
-        return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, str) for m in value))
+        return (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(m, str) for m in value))
+        )
 
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         if not names(conf.get(key)):
@@ -284,8 +333,12 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
         if not isinstance(conf.get(key) or {}, dict):
             refuse(f"{key} must be an object")
         for pattern, value in (conf.get(key) or {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
-                    key == "rank_pattern" and not _whole(value)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value <= 0
+                or (key == "rank_pattern" and not _whole(value))
+            ):
                 refuse(f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'}")
         for pattern in conf.get(key) or {}:
             try:

@@ -23,7 +23,9 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
     from dlora.services.worker.engine.make_tiny import make_tiny
 
     ranks = [int(r) for r in args.ranks.split(",") if r]
-    out = make_tiny(args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=ranks, seed=args.seed)
+    out = make_tiny(
+        args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=ranks, seed=args.seed
+    )
     print(f"wrote {out.model} and {len(out.adapters)} adapters under {out.adapters_dir}")
     return 0
 
@@ -49,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
     gen.add_argument("--input", required=True, help="JSONL requests")
     gen.add_argument("--output", required=True, help="JSONL results")
-    gen.add_argument("--mode", choices=["merged", "unmerged", "dlora"], default="unmerged",
-                     help="merged / unmerged: that mode only (FCFS); dlora: chosen per step")
+    gen.add_argument(
+        "--mode",
+        choices=["merged", "unmerged", "dlora"],
+        default="unmerged",
+        help="merged / unmerged: that mode only (FCFS); dlora: chosen per step",
+    )
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
@@ -140,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     b2.set_defaults(func=_lazy("dlora.loadgen.bench_e2e:run_bench_e2e"))
 
     bm = bench.add_parser("migration", help="co-migration ILP solve time as the cluster grows")
-    bm.add_argument("--sizes", default="4x16x100,8x64x500,32x128x2000,128x1024x10000",
-                    help="WORKERSxADAPTERSxREQUESTS, comma-separated")
+    bm.add_argument(
+        "--sizes",
+        default="4x16x100,8x64x500,32x128x2000,128x1024x10000",
+        help="WORKERSxADAPTERSxREQUESTS, comma-separated",
+    )
     bm.add_argument("--time-limit", type=float, default=1.0, help="solver bound (s)")
     bm.add_argument("--json", help="write results here")
     bm.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
@@ -158,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--length-divide", type=float, default=4.0)
     bk.add_argument("--max-prompt", type=int, default=32)
     bk.add_argument("--max-output", type=int, default=96)
-    bk.add_argument("--kv-cache-mb", type=float, default=None,
-                    help="each worker's KV cache (MiB); unset: the worker default")
+    bk.add_argument(
+        "--kv-cache-mb", type=float, default=None, help="each worker's KV cache (MiB); unset: the worker default"
+    )
     bk.add_argument("--max-seconds", type=float, default=120.0)
     bk.add_argument("--seed", type=int, default=0)
     bk.add_argument("--traces", default=str(data_dir()), help="folder of traces laid out as the bundled ones")
@@ -188,13 +198,18 @@ def _serve(args: argparse.Namespace) -> int:
     from dlora.services.run import run_until_signalled
     from dlora.services.worker.settings import WorkerSettings
 
-    kinds = {"gateway": GatewaySettings, "dispatcher": DispatcherSettings, "worker": WorkerSettings,
-             "migrator": MigratorSettings}
+    kinds = {
+        "gateway": GatewaySettings,
+        "dispatcher": DispatcherSettings,
+        "worker": WorkerSettings,
+        "migrator": MigratorSettings,
+    }
     overrides = {"model": args.model, "port": args.port, "worker_id": args.worker_id}
     cls = kinds[args.service]
     try:
-        settings = load(cls, args.service, args.config, overrides={k: v for k, v in overrides.items()
-                                                                    if k in cls.__struct_fields__})
+        settings = load(
+            cls, args.service, args.config, overrides={k: v for k, v in overrides.items() if k in cls.__struct_fields__}
+        )
     except SettingsError as e:
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from dlora.common.settings import load
 from dlora.common.state import StateStore
 from dlora.model.adapters import parse_lora_args
@@ -27,7 +29,6 @@ from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import NATS_DEFAULT_PORT, Server, port_is_free, start_nats, start_redis
-from redis.asyncio import Redis
 
 DEMO = Path(".cache/demo")
 
@@ -41,8 +42,9 @@ def _demo() -> tuple[Path, dict[str, str]]:
     return DEMO / "model", {p.name: str(p) for p in adapters}
 
 
-async def _register(redis_url: str, prefix: str, model: Path, loras: dict[str, str], roots: list[str],
-                    base_name: str) -> None:
+async def _register(
+    redis_url: str, prefix: str, model: Path, loras: dict[str, str], roots: list[str], base_name: str
+) -> None:
     cfg = ModelConfig.from_dir(model)
     redis = Redis.from_url(redis_url)
     store = StateStore(redis, prefix)
@@ -73,9 +75,18 @@ class LocalStack:
     """The stack as child processes: start() brings it up (raising on failure), stop() takes it
     down, services first. ``dlora up`` and the control-plane benchmark use it."""
 
-    def __init__(self, workers: int, model: str | None, lora: list[str], port: int | None, config: str | None,
-                 worker_env: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                 migrator: bool = True, nats_port: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        model: str | None,
+        lora: list[str],
+        port: int | None,
+        config: str | None,
+        worker_env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        migrator: bool = True,
+        nats_port: int | None = None,
+    ) -> None:
         self.workers, self.model, self.lora, self.config = workers, model, lora, config
         self.nats_port = nats_port  # for the nats-server it starts; None: any free port
         self.base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
@@ -103,12 +114,27 @@ class LocalStack:
             self.model_dir = Path(self.model)
         roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in self.loras.values()})
         self.admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
-        asyncio.run(_register(self.redis_url, base.redis_prefix, self.model_dir, self.loras, roots,
-                              base.served_model_name or self.model_dir.name))
+        asyncio.run(
+            _register(
+                self.redis_url,
+                base.redis_prefix,
+                self.model_dir,
+                self.loras,
+                roots,
+                base.served_model_name or self.model_dir.name,
+            )
+        )
 
-        env = {**os.environ, "DLORA_NATS_URL": self.nats_url, "DLORA_REDIS_URL": self.redis_url,
-               "DLORA_MODEL": str(self.model_dir.resolve()), "DLORA_ADMIN_KEY": self.admin_key,
-               "DLORA_ADAPTER_ROOTS": json.dumps(roots), "DLORA_GATEWAY_PORT": str(base.port), **self.extra_env}
+        env = {
+            **os.environ,
+            "DLORA_NATS_URL": self.nats_url,
+            "DLORA_REDIS_URL": self.redis_url,
+            "DLORA_MODEL": str(self.model_dir.resolve()),
+            "DLORA_ADMIN_KEY": self.admin_key,
+            "DLORA_ADAPTER_ROOTS": json.dumps(roots),
+            "DLORA_GATEWAY_PORT": str(base.port),
+            **self.extra_env,
+        }
         if self.config:
             env["DLORA_CONFIG"] = self.config
         cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
@@ -117,8 +143,13 @@ class LocalStack:
         if self.migrator:
             self.procs.append(subprocess.Popen([*cmd, "migrator"], env=env, start_new_session=True))
         for i in range(self.workers):
-            self.procs.append(subprocess.Popen([*cmd, "worker"], start_new_session=True,
-                                               env={**env, **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"}))
+            self.procs.append(
+                subprocess.Popen(
+                    [*cmd, "worker"],
+                    start_new_session=True,
+                    env={**env, **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"},
+                )
+            )
         self.procs.append(subprocess.Popen([*cmd, "gateway"], env=env, start_new_session=True))
         try:
             _wait_ready(self.url, self.workers, self.procs)
@@ -158,12 +189,16 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         stack = LocalStack(workers, model, lora, port, config, nats_port=nats_port)
         stack.start()
         first = next(iter(stack.loras), stack.model_dir.name)
-        print(f"\ndlora is up: {stack.url}  ({workers} workers, model {stack.model_dir.name}, "
-              f"adapters: {', '.join(stack.loras) or 'none'})")
+        print(
+            f"\ndlora is up: {stack.url}  ({workers} workers, model {stack.model_dir.name}, "
+            f"adapters: {', '.join(stack.loras) or 'none'})"
+        )
         print(f"NATS: {stack.nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
-        print(f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{first}\", \"prompt\": \"kalo remi\", \"max_tokens\": 16, \"temperature\": 0}}'\n",
-              flush=True)
+        print(
+            f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',
+            flush=True,
+        )
         while not stop and stack.alive():
             time.sleep(0.2)
         return 0 if stop else 1

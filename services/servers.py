@@ -78,16 +78,35 @@ class Server:
 def start_nats(port: int | None = None) -> Server:
     """nats-server (JetStream on) on ``port``, or on a free one."""
     port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-nats-")
-    proc = subprocess.Popen([_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp.name],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp.name],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _wait_port(port, proc, "nats-server")
     return Server(proc, f"nats://127.0.0.1:{port}", tmp)
 
 
 def start_redis() -> Server:
     port, tmp = free_port(), tempfile.TemporaryDirectory(prefix="dlora-redis-")
-    proc = subprocess.Popen([_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", tmp.name],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            _binary("redis-server"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp.name,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _wait_port(port, proc, "redis-server")
     return Server(proc, f"redis://127.0.0.1:{port}/0", tmp)

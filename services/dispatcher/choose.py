@@ -33,21 +33,30 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
         return [(f, getattr(self, f), "must be >= 0") for f in self.__struct_fields__ if getattr(self, f) < 0]
 
 
-def estimated_finish(w: WorkerStats, adapter: str | None, extra_requests: int, placed: set[str],
-                     costs: DispatchCosts) -> float:
+DEFAULT_COSTS = DispatchCosts()
+
+
+def estimated_finish(
+    w: WorkerStats, adapter: str | None, extra_requests: int, placed: set[str], costs: DispatchCosts
+) -> float:
     spt = w.seconds_per_token or costs.default_seconds_per_token
     queued = sum(r.remaining_tokens for r in w.requests) + extra_requests * costs.expected_tokens
     counts: dict[str | None, int] = {}
     for r in w.requests:
         counts[r.adapter] = counts.get(r.adapter, 0) + 1
-    dominant = max(counts, key=counts.get) if counts else adapter
+    dominant = max(counts, key=lambda a: counts[a]) if counts else adapter
     own = costs.expected_tokens * (1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead)
     holds = adapter is None or adapter in placed or any(a.name == adapter for a in w.adapters)
     return (queued + own) * spt + (0.0 if holds else costs.adapter_load_s)
 
 
-def choose_worker(workers: list[WorkerStats], adapter: str | None, sent_since_stats: dict[str, int] | None = None,
-                  placement: dict[str, list[str]] | None = None, costs: DispatchCosts = DispatchCosts()) -> str | None:
+def choose_worker(
+    workers: list[WorkerStats],
+    adapter: str | None,
+    sent_since_stats: dict[str, int] | None = None,
+    placement: dict[str, list[str]] | None = None,
+    costs: DispatchCosts = DEFAULT_COSTS,
+) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name."""
     if not workers:

@@ -10,6 +10,9 @@ import contextlib
 import time
 
 import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
@@ -26,8 +29,6 @@ from dlora.common.state import StateStore
 from dlora.services.dispatcher.choose import DispatchMode, choose_worker
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
@@ -93,13 +94,22 @@ class Dispatcher:
             first = rec.request
             next_seq = first.next_seq + rec.chunks
             if rec.recoveries >= MAX_RECOVERIES:
-                await self._fail(first, next_seq, f"the request was in flight on {rec.recoveries + 1} workers that "
-                                 f"died, the last {worker}; it is not retried again, since it may be what stops them")
+                await self._fail(
+                    first,
+                    next_seq,
+                    f"the request was in flight on {rec.recoveries + 1} workers that "
+                    f"died, the last {worker}; it is not retried again, since it may be what stops them",
+                )
                 continue
             # Recomputed from its tokens: a cache once shipped to the lost worker is gone with it.
-            resumed = msgspec.structs.replace(first, resume_token_ids=[*first.resume_token_ids, *rec.tokens],
-                                              next_seq=next_seq, kv_chunks=0, kv_export_s=0.0,
-                                              recoveries=rec.recoveries + 1)
+            resumed = msgspec.structs.replace(
+                first,
+                resume_token_ids=[*first.resume_token_ids, *rec.tokens],
+                next_seq=next_seq,
+                kv_chunks=0,
+                kv_export_s=0.0,
+                recoveries=rec.recoveries + 1,
+            )
             await self._dispatch(resumed)
 
     def _count(self, adapter: str | None) -> None:
@@ -124,7 +134,7 @@ class Dispatcher:
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
-            entry = await self.store.get_adapter(req.adapter)           # resume runs on the same weights
+            entry = await self.store.get_adapter(req.adapter)  # resume runs on the same weights
             if entry is not None and entry.version:
                 req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
         self._count(req.adapter)
@@ -143,9 +153,10 @@ class Dispatcher:
         await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
         await self.store.put_inflight(req, worker)
 
-    async def _fail(self, req: GenerateRequest, seq: int, reason: str,
-                    code: ErrorCode = ErrorCode.INTERNAL) -> None:
-        chunk = TokenChunk(request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason=FinishReason.ERROR)
+    async def _fail(self, req: GenerateRequest, seq: int, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
+        chunk = TokenChunk(
+            request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason=FinishReason.ERROR
+        )
         await bus.publish(self.nc, req.reply_to, chunk)
         await self.store.delete_inflight(req.request_id)
 

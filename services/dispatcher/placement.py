@@ -21,8 +21,15 @@ class WorkerCapacity:
     slots: int  # adapters it can hold on the device at once, of any rank (WorkerStats.max_loras)
 
 
-def _tolerance(adapter: str, holders: list[str], share: float, capacity: dict[str, WorkerCapacity],
-               placed: dict[str, list[str]], ranks: dict[str, int], penalty: float) -> float:
+def _tolerance(
+    adapter: str,
+    holders: list[str],
+    share: float,
+    capacity: dict[str, WorkerCapacity],
+    placed: dict[str, list[str]],
+    ranks: dict[str, int],
+    penalty: float,
+) -> float:
     """Free KV blocks behind the adapter per unit of its traffic share (higher is safer)."""
     total = 0.0
     for w in holders:
@@ -57,12 +64,14 @@ def place(
             if fits:
                 placed[max(fits, key=lambda w: (capacity[w].free_kv_blocks / (1 + len(placed[w])), w))].append(a)
     while True:
-        scored = sorted(shares, key=lambda a: _tolerance(a, holders(a), shares[a], capacity, placed, ranks,
-                                                         rank_mix_penalty))
+        scored = sorted(
+            shares, key=lambda a: _tolerance(a, holders(a), shares[a], capacity, placed, ranks, rank_mix_penalty)
+        )
         for a in scored:  # the least tolerant adapter that can still get a replica
             options = [w for w in placed if a not in placed[w] and free_slots(w) > 0]
             if options:
-                def gain(w: str) -> float:
+
+                def gain(w: str, a: str = a) -> float:
                     placed[w].append(a)
                     value = _tolerance(a, holders(a), shares[a], capacity, placed, ranks, rank_mix_penalty)
                     placed[w].remove(a)
@@ -74,11 +83,18 @@ def place(
             return placed
 
 
-def min_tolerance(placement: dict[str, list[str]], shares: dict[str, float], workers: list[WorkerCapacity],
-                  ranks: dict[str, int], rank_mix_penalty: float = 0.1) -> float:
+def min_tolerance(
+    placement: dict[str, list[str]],
+    shares: dict[str, float],
+    workers: list[WorkerCapacity],
+    ranks: dict[str, int],
+    rank_mix_penalty: float = 0.1,
+) -> float:
     capacity = {w.worker: w for w in workers}
-    return min(_tolerance(a, [w for w, ads in placement.items() if a in ads], s, capacity, placement, ranks,
-                          rank_mix_penalty) for a, s in shares.items())
+    return min(
+        _tolerance(a, [w for w, ads in placement.items() if a in ads], s, capacity, placement, ranks, rank_mix_penalty)
+        for a, s in shares.items()
+    )
 
 
 def round_robin(adapters: list[str], workers: list[WorkerCapacity], ranks: dict[str, int]) -> dict[str, list[str]]:

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from dlora.common.messages import AdapterEntry
-from dlora.services.gateway.openai import APIError
-from dlora.model.config import ModelConfig
 from dlora.model.adapters import AdapterError, inspect_adapter
+from dlora.model.config import ModelConfig
+from dlora.services.gateway.openai import APIError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

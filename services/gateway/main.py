@@ -29,15 +29,15 @@ from dlora.common.messages import (
     TokenChunk,
     WorkerStats,
 )
-from dlora.services.gateway.settings import GatewaySettings
 from dlora.common.state import StateStore
+from dlora.model.config import ModelConfig
 from dlora.services.gateway import openai
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import ReplyStream
+from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import ChoicePlan, Job, ServedModel, Tokenizer, new_request_id, shape_request
-from dlora.model.config import ModelConfig
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
@@ -57,8 +57,12 @@ class _Choice:
     @classmethod
     def of(cls, plan: ChoicePlan) -> _Choice:
         r = plan.request
-        return cls(openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"), r,
-                   ReplyStream(r.request_id) if r else None, offset=len(plan.echo))
+        return cls(
+            openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
+            r,
+            ReplyStream(r.request_id) if r else None,
+            offset=len(plan.echo),
+        )
 
 
 class Gateway:
@@ -111,8 +115,15 @@ class Gateway:
         adapter registry lookup, skipped for the base model's name."""
         body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
         entry = None if body.model == self.base_name else await self.store.get_adapter(body.model)
-        return shape_request(body, entry, self.served, base_name=self.base_name, request_id=new_request_id(chat),
-                             gateway_id=self.gateway_id, now=time.time())
+        return shape_request(
+            body,
+            entry,
+            self.served,
+            base_name=self.base_name,
+            request_id=new_request_id(chat),
+            gateway_id=self.gateway_id,
+            now=time.time(),
+        )
 
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -167,8 +178,12 @@ class Gateway:
             async with asyncio.timeout(self.s.chunk_timeout_s):
                 data = await replies.get()
         except TimeoutError:
-            return TokenChunk(request_id=late.request.request_id, seq=late.replies.next_seq,
-                              error="no worker answered in time", error_code=ErrorCode.UNAVAILABLE)
+            return TokenChunk(
+                request_id=late.request.request_id,
+                seq=late.replies.next_seq,
+                error="no worker answered in time",
+                error_code=ErrorCode.UNAVAILABLE,
+            )
         try:
             return _decode_chunk.decode(data)
         except msgspec.DecodeError as e:
@@ -185,12 +200,29 @@ class Gateway:
         is for admin callers only: others see its name as its root."""
         admin = self._is_admin(request)
         created = int(time.time())
-        data = [{"id": self.base_name, "object": "model", "created": created, "owned_by": "dlora",
-                 "root": self.base_name, "parent": None}]
+        data = [
+            {
+                "id": self.base_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "dlora",
+                "root": self.base_name,
+                "parent": None,
+            }
+        ]
         for e in await self.store.list_adapters():
-            data.append({"id": e.name, "object": "model", "created": int(e.created), "owned_by": "dlora",
-                         "root": e.path if admin else e.name, "parent": self.base_name, "rank": e.rank,
-                         "version": e.version})
+            data.append(
+                {
+                    "id": e.name,
+                    "object": "model",
+                    "created": int(e.created),
+                    "owned_by": "dlora",
+                    "root": e.path if admin else e.name,
+                    "parent": self.base_name,
+                    "rank": e.rank,
+                    "version": e.version,
+                }
+            )
         return web.json_response({"object": "list", "data": data})
 
     def _is_admin(self, request: web.Request) -> bool:
@@ -211,12 +243,14 @@ class Gateway:
             taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
             if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
                 raise taken
-            entry = await asyncio.to_thread(check_adapter, body.name, body.path, self.s.adapter_roots, self.base_name,
-                                            self.cfg)
+            entry = await asyncio.to_thread(
+                check_adapter, body.name, body.path, self.s.adapter_roots, self.base_name, self.cfg
+            )
             if not await self.store.put_adapter(entry):  # atomic: of two racing registrations one wins
                 raise taken
-            await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=entry.name, removed=False,
-                                                                                     version=entry.version))
+            await bus.publish(
+                self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=entry.name, removed=False, version=entry.version)
+            )
             return web.json_response(msgspec.to_builtins(entry), status=201)
         except APIError as e:
             return web.json_response(e.body(), status=e.status)
@@ -239,13 +273,24 @@ class Gateway:
         try:
             workers = await self.store.live_workers()
         except Exception as e:  # noqa: BLE001 - Redis down is a readiness answer, not a crash
-            return web.json_response({"status": "unavailable", "workers": 0, "nats": self.nc.is_connected,
-                                      "reason": f"the state store (Redis) is unreachable: {type(e).__name__}"},
-                                     status=503)
-        body = {"workers": len(workers), "running": sum(w.running for w in workers),
-                "waiting": sum(w.waiting for w in workers), "nats": self.nc.is_connected}
+            return web.json_response(
+                {
+                    "status": "unavailable",
+                    "workers": 0,
+                    "nats": self.nc.is_connected,
+                    "reason": f"the state store (Redis) is unreachable: {type(e).__name__}",
+                },
+                status=503,
+            )
+        body = {
+            "workers": len(workers),
+            "running": sum(w.running for w in workers),
+            "waiting": sum(w.waiting for w in workers),
+            "nats": self.nc.is_connected,
+        }
         reason = ("no worker is live" if not workers else None) or (
-            "the message bus (NATS) is disconnected" if not self.nc.is_connected else None)
+            "the message bus (NATS) is disconnected" if not self.nc.is_connected else None
+        )
         if reason:
             return web.json_response({"status": "unavailable", **body, "reason": reason}, status=503)
         return web.json_response({"status": "ok", **body})
@@ -305,8 +350,10 @@ class _Response:
         choice.out.finish_reason = chunk.finish_reason
         if self.stream is not None:
             # One event per worker chunk (a step's token), text or not, so clients can time tokens.
-            await _sse(self.stream, self.job.shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index,
-                                                         logprobs=logprobs))
+            await _sse(
+                self.stream,
+                self.job.shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index, logprobs=logprobs),
+            )
         else:
             choice.out.text += chunk.text
             if logprobs is not None:
@@ -329,8 +376,9 @@ class _Response:
         if not job.stream:
             for c in self.choices:
                 c.out.logprobs = openai.merge_logprobs(job.shape.chat, c.parts)
-            return web.json_response(job.shape.full([c.out for c in self.choices], job.prompt_tokens,
-                                                    completion_tokens))
+            return web.json_response(
+                job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens)
+            )
         stream = self.stream or await self._open()  # echo with max_tokens 0: no chunk came
         if job.include_usage:
             await _sse(stream, job.shape.usage_chunk(job.prompt_tokens, completion_tokens))
@@ -341,8 +389,7 @@ class _Response:
         stream = await _open_sse(self.request)
         for c in self.choices:
             if self.job.shape.chat or c.out.text or c.out.finish_reason:
-                await _sse(stream, self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True,
-                                                        index=c.out.index))
+                await _sse(stream, self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
         return stream
 
     def _logprobs(self, choice: _Choice, chunk: TokenChunk) -> dict[str, Any] | None:
@@ -392,7 +439,7 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         return web.json_response(APIError(e.status, e.reason).body(), status=e.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception as e:  # noqa: BLE001 - see the docstring
+    except Exception as e:
         logger.exception("handler failed", path=request.path)
         return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
 

@@ -15,27 +15,47 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("dlora_requests", "Requests finished, by adapter and status", ["adapter", "status"],
-                                registry=r)
-        self.ttft = Histogram("dlora_time_to_first_token_seconds", "Time to first token", ["adapter"],
-                              buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("dlora_time_per_output_token_seconds", "Time per output token after the first",
-                              ["adapter"], buckets=_LATENCY, registry=r)
-        self.e2e = Histogram("dlora_e2e_request_latency_seconds", "End-to-end request latency", ["adapter"],
-                             buckets=_LATENCY, registry=r)
-        self.queue = Histogram("dlora_request_queue_time_seconds", "Time waiting at the worker before the first step",
-                               ["adapter"], buckets=_LATENCY, registry=r)
+        self.requests = Counter(
+            "dlora_requests", "Requests finished, by adapter and status", ["adapter", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "dlora_time_to_first_token_seconds", "Time to first token", ["adapter"], buckets=_LATENCY, registry=r
+        )
+        self.tpot = Histogram(
+            "dlora_time_per_output_token_seconds",
+            "Time per output token after the first",
+            ["adapter"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "dlora_e2e_request_latency_seconds", "End-to-end request latency", ["adapter"], buckets=_LATENCY, registry=r
+        )
+        self.queue = Histogram(
+            "dlora_request_queue_time_seconds",
+            "Time waiting at the worker before the first step",
+            ["adapter"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.running = Gauge("dlora_num_requests_running", "Requests running on a worker", ["worker"], registry=r)
         self.waiting = Gauge("dlora_num_requests_waiting", "Requests waiting on a worker", ["worker"], registry=r)
-        self.resident = Gauge("dlora_adapter_resident", "1 if the adapter is in a device slot of the worker",
-                              ["worker", "adapter"], registry=r)
-        self.merged = Gauge("dlora_adapter_merged", "1 if the adapter is merged on the worker", ["worker", "adapter"],
-                            registry=r)
+        self.resident = Gauge(
+            "dlora_adapter_resident",
+            "1 if the adapter is in a device slot of the worker",
+            ["worker", "adapter"],
+            registry=r,
+        )
+        self.merged = Gauge(
+            "dlora_adapter_merged", "1 if the adapter is merged on the worker", ["worker", "adapter"], registry=r
+        )
         self.loads = Gauge("dlora_adapter_loads_total", "Adapter loads into device slots", ["worker"], registry=r)
-        self.evictions = Gauge("dlora_adapter_evictions_total", "Adapters evicted from device slots", ["worker"],
-                               registry=r)
-        self.load_seconds = Gauge("dlora_adapter_load_seconds_total", "Seconds spent loading adapters", ["worker"],
-                                  registry=r)
+        self.evictions = Gauge(
+            "dlora_adapter_evictions_total", "Adapters evicted from device slots", ["worker"], registry=r
+        )
+        self.load_seconds = Gauge(
+            "dlora_adapter_load_seconds_total", "Seconds spent loading adapters", ["worker"], registry=r
+        )
 
     def observe_worker(self, st: WorkerStats) -> None:
         w = st.worker

@@ -21,8 +21,13 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             409: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
+        self.kind = kind or {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            409: "invalid_request_error",
+            503: "service_unavailable",
+        }.get(status, "server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
@@ -157,20 +162,26 @@ def completion_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{decode(t): lp for t, lp in e.top} | {tok: e.logprob} for e, tok in zip(entries, tokens)],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{decode(t): lp for t, lp in e.top} | {tok: e.logprob} for e, tok in zip(entries, tokens)],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict[str, Any]:
     """The chat endpoint's logprobs object: per token its text, log-probability, UTF-8 bytes and
     the ``top_logprobs`` alternatives."""
+
     def item(token_id: int, logprob: float) -> dict[str, Any]:
         token = decode(token_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-    return {"content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries], "refusal": None}
+    return {
+        "content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],
+        "refusal": None,
+    }
 
 
 def merge_logprobs(chat: bool, parts: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -210,8 +221,14 @@ class Shape:
             out.append(choice)
         return {**self._head(False), "choices": out, "usage": usage(prompt_tokens, completion_tokens)}
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False, index: int = 0,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str,
+        finish_reason: str | None,
+        first: bool = False,
+        index: int = 0,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
@@ -224,5 +241,8 @@ class Shape:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -75,8 +75,16 @@ def new_request_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def shape_request(body: Body, adapter: AdapterEntry | None, model: ServedModel, *, base_name: str,
-                  request_id: str, gateway_id: str, now: float) -> Job:
+def shape_request(
+    body: Body,
+    adapter: AdapterEntry | None,
+    model: ServedModel,
+    *,
+    base_name: str,
+    request_id: str,
+    gateway_id: str,
+    now: float,
+) -> Job:
     """The request ``body`` as one GenerateRequest per choice. A seeded request's samples take seeds
     seed, seed + 1, ...; each choice's request id is ``request_id``-index and its replies go to
     this gateway's inbox.
@@ -95,8 +103,9 @@ def shape_request(body: Body, adapter: AdapterEntry | None, model: ServedModel, 
     if body.model == base_name:
         adapter = None
     elif adapter is None:
-        raise APIError(404, f"model {body.model!r} does not exist (neither the base model nor a registered adapter)",
-                       param="model")
+        raise APIError(
+            404, f"model {body.model!r} does not exist (neither the base model nor a registered adapter)", param="model"
+        )
     chat = isinstance(body, ChatBody)
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
     asked: int | None  # max_tokens; None: what the context leaves
@@ -109,8 +118,11 @@ def shape_request(body: Body, adapter: AdapterEntry | None, model: ServedModel, 
     echo = isinstance(body, CompletionBody) and bool(body.echo)
     n = body.n or 1
     if len(prompts) * n > MAX_CHOICES:
-        raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} "
-                            "per request", param="n")
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} per request",
+            param="n",
+        )
     choices: list[ChoicePlan] = []
     for p, (ids, text) in enumerate(prompts):
         generate = asked != 0  # max_tokens 0: nothing generated (with echo: the prompt back)
@@ -124,14 +136,24 @@ def shape_request(body: Body, adapter: AdapterEntry | None, model: ServedModel, 
                 sub = f"{request_id}-{index}"
                 seeded = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
                 request = GenerateRequest(
-                    request_id=sub, reply_to=subjects.reply_inbox(sub, gateway_id),
-                    adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None,
-                    prompt_token_ids=ids, params=seeded, tenant=body.user or "", created=now)
+                    request_id=sub,
+                    reply_to=subjects.reply_inbox(sub, gateway_id),
+                    adapter=adapter.name if adapter else None,
+                    adapter_version=adapter.version if adapter else None,
+                    prompt_token_ids=ids,
+                    params=seeded,
+                    tenant=body.user or "",
+                    created=now,
+                )
             choices.append(ChoicePlan(index, prefix, request))
-    return Job(Shape(chat, request_id, body.model, int(now)), adapter.name if adapter else None,
-               prompt_tokens=sum(len(ids) for ids, _ in prompts), stream=bool(body.stream),
-               include_usage=body.stream_options is not None and bool(body.stream_options.include_usage),
-               choices=choices)
+    return Job(
+        Shape(chat, request_id, body.model, int(now)),
+        adapter.name if adapter else None,
+        prompt_tokens=sum(len(ids) for ids, _ in prompts),
+        stream=bool(body.stream),
+        include_usage=body.stream_options is not None and bool(body.stream_options.include_usage),
+        choices=choices,
+    )
 
 
 def prompt_ids(prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int) -> list[tuple[list[int], str | None]]:
@@ -165,8 +187,12 @@ def max_new_tokens(ids: list[int], asked: int | None, context: int) -> int:
         raise APIError(400, "the prompt is empty", param="prompt")
     room = context - len(ids)
     if room <= 0 or (asked is not None and asked > room):
-        raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
-                            f"{len(ids)} and max_tokens asks for {asked}", param="max_tokens")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {context} tokens; the prompt has "
+            f"{len(ids)} and max_tokens asks for {asked}",
+            param="max_tokens",
+        )
     return room if asked is None else asked
 
 
@@ -192,8 +218,11 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[i
         parts = [] if isinstance(m.content, str) or m.content is None else m.content
         other = sorted({p.type for p in parts if p.type != "text"})
         if other:  # never dropped silently: the model would answer as if it were not there
-            raise APIError(400, f"messages: content parts of type {', '.join(other)} are not supported "
-                                "(this model reads text only)", param="messages")
+            raise APIError(
+                400,
+                f"messages: content parts of type {', '.join(other)} are not supported (this model reads text only)",
+                param="messages",
+            )
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in parts)
         plain.append({"role": m.role, "content": content or ""} | ({"name": m.name} if m.name else {}))
     if getattr(tokenizer, "chat_template", None):
@@ -209,8 +238,14 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[i
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
 RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "n": (1, 128), "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0), "best_of": (0, 20), "top_logprobs": (0, 20), "max_tokens": (0, math.inf),
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "n": (1, 128),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "best_of": (0, 20),
+    "top_logprobs": (0, 20),
+    "max_tokens": (0, math.inf),
     "max_completion_tokens": (0, math.inf),
 }
 # The completions endpoint's logprobs is a count in [0, 5]; the chat endpoint's is a flag.
@@ -232,20 +267,27 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     """(field, set to something dlora cannot honour) for every field of the spec it does not serve."""
     out = [("logit_bias", bool(body.logit_bias))]
     if isinstance(body, CompletionBody):
-        out += [("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
-                ("suffix", body.suffix is not None),
-                ("echo with logprobs (prompt logprobs)", bool(body.echo) and body.logprobs is not None)]
+        out += [
+            ("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
+            ("suffix", body.suffix is not None),
+            ("echo with logprobs (prompt logprobs)", bool(body.echo) and body.logprobs is not None),
+        ]
     else:
-        out += [("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
-                ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
-                ("functions", bool(body.functions)),
-                ("function_call", body.function_call not in (None, "none", "auto")),
-                ("audio", body.audio is not None), ("modalities", (body.modalities or ["text"]) != ["text"]),
-                ("prediction", body.prediction is not None),
-                ("web_search_options", body.web_search_options is not None),
-                ("reasoning_effort", body.reasoning_effort is not None), ("verbosity", body.verbosity is not None),
-                ("moderation", body.moderation is not None),
-                ("prompt_cache_options", body.prompt_cache_options is not None)]
+        out += [
+            ("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
+            ("tools", bool(body.tools)),
+            ("tool_choice", body.tool_choice not in (None, "none", "auto")),
+            ("functions", bool(body.functions)),
+            ("function_call", body.function_call not in (None, "none", "auto")),
+            ("audio", body.audio is not None),
+            ("modalities", (body.modalities or ["text"]) != ["text"]),
+            ("prediction", body.prediction is not None),
+            ("web_search_options", body.web_search_options is not None),
+            ("reasoning_effort", body.reasoning_effort is not None),
+            ("verbosity", body.verbosity is not None),
+            ("moderation", body.moderation is not None),
+            ("prompt_cache_options", body.prompt_cache_options is not None),
+        ]
     return out
 
 
@@ -264,8 +306,9 @@ def json_schema(response_format: Any) -> str | None:
     if kind == "json_object":
         return JSON_OBJECT_SCHEMA
     if kind != "json_schema":
-        raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
-                       param="response_format")
+        raise APIError(
+            400, f"response_format type {kind!r} is not one of text, json_object, json_schema", param="response_format"
+        )
     spec = response_format.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
@@ -290,14 +333,21 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
             raise APIError(400, f"{name} is not supported (only its default)", param=name)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed, stop=stop,
-        stop_token_ids=body.stop_token_ids or [], ignore_eos=bool(body.ignore_eos),
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        stop=stop,
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=bool(body.ignore_eos),
         skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
-        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        logprobs=body.logprobs if isinstance(body, CompletionBody) else (
-            (body.top_logprobs or 0) if body.logprobs else None),
+        logprobs=body.logprobs
+        if isinstance(body, CompletionBody)
+        else ((body.top_logprobs or 0) if body.logprobs else None),
         json_schema=None if isinstance(body, CompletionBody) else json_schema(body.response_format),
     )
     if (problem := params.problem()) is not None:

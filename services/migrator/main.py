@@ -8,6 +8,8 @@ import contextlib
 import time
 
 import msgspec
+from nats.aio.client import Client as NATS
+
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import WorkerStats
@@ -15,7 +17,6 @@ from dlora.common.state import StateStore
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import snapshot_from_stats, triggered
-from nats.aio.client import Client as NATS
 
 logger = log.get("migrator")
 
@@ -43,11 +44,14 @@ class Migrator:
         live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s]
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
         snap = snapshot_from_stats(
-            live, ranks,
+            live,
+            ranks,
             recompute_seconds_per_token=_cost(live, "prefill", self.s.recompute_seconds_per_token, _PRIOR_RECOMPUTE_S),
-            kv_transfer_seconds_per_token=_cost(live, "kv_transfer", self.s.kv_transfer_seconds_per_token,
-                                                _PRIOR_KV_TRANSFER_S),
-            adapter_load_seconds=self.s.adapter_load_seconds)
+            kv_transfer_seconds_per_token=_cost(
+                live, "kv_transfer", self.s.kv_transfer_seconds_per_token, _PRIOR_KV_TRANSFER_S
+            ),
+            adapter_load_seconds=self.s.adapter_load_seconds,
+        )
         bounds = self.s.trigger
         reason = triggered(snap, bounds)
         if reason is None:
@@ -57,8 +61,11 @@ class Migrator:
         if self._imbalanced_looks < bounds.patience or now - self._last_solve < bounds.cooldown_s:
             return
         # A plan must bring at least the gain that makes an imbalance worth planning for.
-        settings = PlannerSettings(self.s.solve_time_s, min_gain_s=bounds.min_gain_s,
-                                   kv_pressure=bounds.kv_pressure if bounds.kv_pressure is not None else 1.0)
+        settings = PlannerSettings(
+            self.s.solve_time_s,
+            min_gain_s=bounds.min_gain_s,
+            kv_pressure=bounds.kv_pressure if bounds.kv_pressure is not None else 1.0,
+        )
         p = await asyncio.to_thread(plan, snap, settings)
         p = msgspec.structs.replace(p, trigger=reason)
         # A solve, with moves or not, starts the cool-down: an imbalance no plan pays for (KV
@@ -71,9 +78,16 @@ class Migrator:
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.
             self.stats.clear()
-        logger.info("plan", plan=p.plan_id, trigger=reason, method=p.method, moves=len(p.moves),
-                    seconds=round(p.solve_seconds, 3),
-                    makespan_before=round(p.makespan_before_s, 2), makespan_after=round(p.makespan_after_s, 2))
+        logger.info(
+            "plan",
+            plan=p.plan_id,
+            trigger=reason,
+            method=p.method,
+            moves=len(p.moves),
+            seconds=round(p.solve_seconds, 3),
+            makespan_before=round(p.makespan_before_s, 2),
+            makespan_after=round(p.makespan_after_s, 2),
+        )
 
     async def _still_leader(self) -> bool:
         """The solve took a while: is the lease still ours, in the same epoch?"""
@@ -110,7 +124,10 @@ def _cost(stats: list[WorkerStats], measure: str, setting: float | None, prior: 
     if setting is not None:
         return setting
     # A figure without its count (a worker older than the count) weighs as one token.
-    seen = [(v, max(1, getattr(st, f"{measure}_tokens"))) for st in stats
-            if (v := getattr(st, f"{measure}_seconds_per_token")) > 0]
+    seen = [
+        (v, max(1, getattr(st, f"{measure}_tokens")))
+        for st in stats
+        if (v := getattr(st, f"{measure}_seconds_per_token")) > 0
+    ]
     tokens = sum(n for _, n in seen)
     return sum(v * n for v, n in seen) / tokens if tokens else prior

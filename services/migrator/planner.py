@@ -76,7 +76,9 @@ class _Group:
         up: whole coefficients let CBC find incumbents in time (fractional ones did not at
         32 x 128 x 2,000)."""
         if block_size not in self._blocks:
-            self._blocks[block_size] = -(-sum(_blocks(r.context_tokens, block_size) for r in self.requests) // self.size)
+            self._blocks[block_size] = -(
+                -sum(_blocks(r.context_tokens, block_size) for r in self.requests) // self.size
+            )
         return self._blocks[block_size]
 
 
@@ -144,17 +146,33 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
     # the moves cost in total: each move's recompute is real work taken from the destination.
     no_gain = bool(moves) and before - after + relief < max(settings.min_gain_s, cost)
-    return MovePlan(plan_id=uuid.uuid4().hex, moves=[] if no_gain else moves, method=method, ilp_fallback=fallback,
-                    no_gain=no_gain, solve_seconds=time.perf_counter() - start, makespan_before_s=before, makespan_after_s=after)
+    return MovePlan(
+        plan_id=uuid.uuid4().hex,
+        moves=[] if no_gain else moves,
+        method=method,
+        ilp_fallback=fallback,
+        no_gain=no_gain,
+        solve_seconds=time.perf_counter() - start,
+        makespan_before_s=before,
+        makespan_after_s=after,
+    )
 
 
 def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapshot:
     """The snapshot as it would be after the moves (for checking a plan)."""
     dest = {m.request_id: m.to_worker for m in moves}
-    reqs = [RequestState(r.request_id, dest.get(r.request_id, r.worker), r.adapter, r.context_tokens, r.remaining_tokens)
-            for r in snapshot.requests]
-    return ClusterSnapshot(snapshot.workers, reqs, snapshot.ranks, snapshot.recompute_seconds_per_token,
-                           snapshot.kv_transfer_seconds_per_token, snapshot.adapter_load_seconds)
+    reqs = [
+        RequestState(r.request_id, dest.get(r.request_id, r.worker), r.adapter, r.context_tokens, r.remaining_tokens)
+        for r in snapshot.requests
+    ]
+    return ClusterSnapshot(
+        snapshot.workers,
+        reqs,
+        snapshot.ranks,
+        snapshot.recompute_seconds_per_token,
+        snapshot.kv_transfer_seconds_per_token,
+        snapshot.adapter_load_seconds,
+    )
 
 
 def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[str]]:
@@ -162,9 +180,13 @@ def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[
     workers with a free slot for it. Pruning the impossible keeps big clusters small models."""
     out = []
     for g in groups:
-        out.append([w.worker for w in snapshot.workers
-                    if w.worker == g.worker or g.adapter == BASE or g.adapter in w.adapters
-                    or len(w.adapters) < w.slots])
+        out.append(
+            [
+                w.worker
+                for w in snapshot.workers
+                if w.worker == g.worker or g.adapter == BASE or g.adapter in w.adapters or len(w.adapters) < w.slots
+            ]
+        )
     return out
 
 
@@ -185,8 +207,11 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
     T = prob.add_variable("T", lowBound=0)
     # Variables are named by index: worker names need not be LP-safe (PuLP maps "-" to "_").
     index = {w: k for k, w in enumerate(workers)}
-    n = {(i, w): prob.add_variable(f"n_{i}_{index[w]}", lowBound=0, upBound=g.size, cat="Integer")
-         for i, g in enumerate(groups) for w in dests[i]}
+    n = {
+        (i, w): prob.add_variable(f"n_{i}_{index[w]}", lowBound=0, upBound=g.size, cat="Integer")
+        for i, g in enumerate(groups)
+        for w in dests[i]
+    }
     y: dict[tuple[str, str], object] = {}
     for i, g in enumerate(groups):
         for w in dests[i]:
@@ -229,15 +254,17 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
     prob.solve(pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S)))
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
-    moves = []
+    moves: list[MoveRequest] = []
     for i, g in enumerate(groups):
         taken = 0
         for w in dests[i]:
             if w == g.worker:
                 continue
             k = int(round(n[i, w].value() or 0))
-            moves.extend(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w,
-                                     ship_kv=_ship_kv(snapshot)) for r in g.requests[taken : taken + k])
+            moves.extend(
+                MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w, ship_kv=_ship_kv(snapshot))
+                for r in g.requests[taken : taken + k]
+            )
             taken += k
     optimal = prob.sol_status == pulp.LpSolutionOptimal
     return moves, PlanMethod.ILP if optimal else PlanMethod.ILP_INCUMBENT
@@ -247,7 +274,7 @@ def _cbc_path() -> str:
     # CBC comes with the cbcbox wheel (pulp[cbc]); ask it rather than PATH, which need not hold the venv.
     import cbcbox
 
-    return cbcbox.cbc_bin_path()
+    return str(cbcbox.cbc_bin_path())
 
 
 def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRequest]:
@@ -263,11 +290,11 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
         on[r.worker].append(r)
     moves: list[MoveRequest] = []
     for _ in range(len(snapshot.requests)):
-        src = max(load, key=load.get)
+        src = max(load, key=lambda w: load[w])
         best = None
         for r in sorted(on[src], key=lambda r: move_cost(snapshot, r)):
             a = r.adapter or BASE
-            for dst in sorted(load, key=load.get):
+            for dst in sorted(load, key=lambda w: load[w]):
                 if dst == src:
                     continue
                 slot = a == BASE or a in held[dst] or len(held[dst]) < workers[dst].slots

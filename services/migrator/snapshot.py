@@ -39,4 +39,3 @@ class ClusterSnapshot:
     recompute_seconds_per_token: float = 0.0005  # prefill of the moved context
     kv_transfer_seconds_per_token: float = 0.001  # shipping KV over the bus instead
     adapter_load_seconds: float = 0.05  # loading an adapter the destination lacks
-

@@ -14,12 +14,22 @@ def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs
     measured = [s.seconds_per_token for s in stats if s.seconds_per_token > 0]
     default = sum(measured) / len(measured) if measured else 0.01
     workers = [
-        WorkerState(s.worker, s.total_blocks, s.block_size, s.max_loras, frozenset(a.name for a in s.adapters),
-                    s.seconds_per_token or default, s.adapter_seconds_per_token)
+        WorkerState(
+            s.worker,
+            s.total_blocks,
+            s.block_size,
+            s.max_loras,
+            frozenset(a.name for a in s.adapters),
+            s.seconds_per_token or default,
+            s.adapter_seconds_per_token,
+        )
         for s in stats
     ]
-    requests = [RequestState(r.request_id, s.worker, r.adapter, r.context_tokens, float(r.remaining_tokens))
-                for s in stats for r in s.requests]
+    requests = [
+        RequestState(r.request_id, s.worker, r.adapter, r.context_tokens, float(r.remaining_tokens))
+        for s in stats
+        for r in s.requests
+    ]
     return ClusterSnapshot(workers, requests, ranks, **costs)
 
 

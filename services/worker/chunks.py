@@ -25,8 +25,13 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
     """The chunk for one step's output; advances the stream's sequence number. A failed request's
     output becomes its error chunk, with the reason."""
     if out.error is not None:
-        return error_chunk(stream.request, ErrorCode.INTERNAL, f"the request failed on worker {worker}: {out.error}",
-                           worker, seq=stream.seq)
+        return error_chunk(
+            stream.request,
+            ErrorCode.INTERNAL,
+            f"the request failed on worker {worker}: {out.error}",
+            worker,
+            seq=stream.seq,
+        )
     queue_seconds = None
     if not stream.first_sent:
         stream.first_sent = True
@@ -50,5 +55,11 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
 
 def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str, seq: int | None = None) -> TokenChunk:
     """A failed request's last chunk: numbered ``seq`` (default: the request's next)."""
-    return TokenChunk(request_id=req.request_id, seq=req.next_seq if seq is None else seq, error=reason,
-                      error_code=code, worker=worker, finish_reason=FinishReason.ERROR)
+    return TokenChunk(
+        request_id=req.request_id,
+        seq=req.next_seq if seq is None else seq,
+        error=reason,
+        error_code=code,
+        worker=worker,
+        finish_reason=FinishReason.ERROR,
+    )

@@ -52,6 +52,8 @@ class KVInbox:
             return None
         finally:
             box = self._drop(request_id)
+        if box is None:  # swept as stale between its last chunk and this take
+            return None
         return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
 
     def _drop(self, request_id: str) -> _Box | None:

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 
 import msgspec
+from nats.aio.client import Client as NATS
+
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.messages import (
@@ -38,7 +40,6 @@ from dlora.services.worker.moves import Move, handoff, moves_to_take
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import worker_stats
 from dlora.services.worker.versions import engine_key, name_of, version_of
-from nats.aio.client import Client as NATS
 
 logger = log.get("worker")
 
@@ -130,11 +131,13 @@ class WorkerService:
         error chunk naming the cause), never the worker."""
         try:
             await self._apply(cmd)
-        except Exception as e:  # noqa: BLE001 - see the docstring
+        except Exception as e:
             logger.exception("command failed", command=type(cmd).__name__, error=str(e))
             if isinstance(cmd, _Add):
                 reason = f"the worker could not take the request: {type(e).__name__}: {e}"
-                await bus.publish(self.nc, cmd.req.reply_to, error_chunk(cmd.req, ErrorCode.INTERNAL, reason, self.s.worker_id))
+                await bus.publish(
+                    self.nc, cmd.req.reply_to, error_chunk(cmd.req, ErrorCode.INTERNAL, reason, self.s.worker_id)
+                )
         if self.retiring:
             self._retire()
 
@@ -197,8 +200,13 @@ class WorkerService:
             await bus.publish(self.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
         await bus.publish(self.nc, subjects.worker_requests(move.to_worker), resumed)
         await self.store.put_inflight(resumed, move.to_worker)
-        logger.info("request moved", request=move.request_id, to=move.to_worker, tokens=len(seq.output_ids),
-                    kv_bytes=len(data or b""))
+        logger.info(
+            "request moved",
+            request=move.request_id,
+            to=move.to_worker,
+            tokens=len(seq.output_ids),
+            kv_bytes=len(data or b""),
+        )
 
     async def _ensure_adapter(self, name: str, version: str) -> str:
         """The engine's key for that version of the adapter, loaded into host memory if it is not
@@ -213,8 +221,10 @@ class WorkerService:
         adapter = await asyncio.to_thread(self.engine.register_adapter, key, entry.path)
         if version and adapter.digest != version:
             self.engine.unregister_adapter(key)
-            raise AdapterError(f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
-                               f"registered (they are now {adapter.digest}); register it again")
+            raise AdapterError(
+                f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
+                f"registered (they are now {adapter.digest}); register it again"
+            )
         current = await self.store.get_adapter(name)
         now = current.version if current else None
         # Versions other than the registered one (this one, for a request that began on it, or
@@ -241,8 +251,15 @@ class WorkerService:
 
     def _add_to_engine(self, req: GenerateRequest, kv: KVSnapshot | None) -> None:
         adapter = engine_key(req.adapter, req.adapter_version or "") if req.adapter is not None else None
-        self.engine.add_request(req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                                params=req.params, adapter=adapter, resume_token_ids=req.resume_token_ids, kv=kv)
+        self.engine.add_request(
+            req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            params=req.params,
+            adapter=adapter,
+            resume_token_ids=req.resume_token_ids,
+            kv=kv,
+        )
 
     async def _add(self, req: GenerateRequest) -> None:
         if self.early_aborts.pop(req.request_id, None) is not None:
@@ -277,7 +294,7 @@ class WorkerService:
     async def _step(self) -> None:
         try:
             outputs = await asyncio.to_thread(self.engine.step)
-        except Exception as e:  # noqa: BLE001 - a fault outside any one request (policy, scheduler): the
+        except Exception as e:
             # engine cannot say whose it is, so its requests fail with the reason and the worker serves on
             logger.exception("step failed", error=str(e))
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
@@ -346,8 +363,7 @@ class WorkerService:
         if state:
             self.engine.policy.restore(state)
         subs = [
-            await bus.subscribe(self.nc, subjects.worker_requests(self.s.worker_id), GenerateRequest,
-                                self._on_request),
+            await bus.subscribe(self.nc, subjects.worker_requests(self.s.worker_id), GenerateRequest, self._on_request),
             await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
             await bus.subscribe(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent, self._on_adapter_event),
             await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_moves),

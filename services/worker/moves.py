@@ -36,16 +36,28 @@ def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -
     return [Move(m.request_id, m.to_worker, m.ship_kv) for m in plan.moves if m.to_worker != worker_id]
 
 
-def handoff(request: GenerateRequest, output_ids: list[int], next_seq: int, kv: bytes | None,
-            kv_export_s: float) -> tuple[GenerateRequest, list[KVChunk]]:
+def handoff(
+    request: GenerateRequest, output_ids: list[int], next_seq: int, kv: bytes | None, kv_export_s: float
+) -> tuple[GenerateRequest, list[KVChunk]]:
     """What to send the destination: ``request`` resumed after ``output_ids`` (the tokens produced
     here) with its client's next chunk number ``next_seq``, and ``kv`` (a ``KVSnapshot``'s bytes,
     None when recomputed) split into chunks of at most ``KV_CHUNK_BYTES``. ``kv_export_s``: what
     exporting the cache took, seconds, for the destination's measure of a shipped cache's cost."""
     data = kv or b""
-    chunks = [KVChunk(request_id=request.request_id, index=i // KV_CHUNK_BYTES,
-                      total=-(-len(data) // KV_CHUNK_BYTES), data=data[i : i + KV_CHUNK_BYTES])
-              for i in range(0, len(data), KV_CHUNK_BYTES)]
-    resumed = msgspec.structs.replace(request, resume_token_ids=list(output_ids), next_seq=next_seq,
-                                      kv_chunks=len(chunks), kv_export_s=kv_export_s if kv is not None else 0.0)
+    chunks = [
+        KVChunk(
+            request_id=request.request_id,
+            index=i // KV_CHUNK_BYTES,
+            total=-(-len(data) // KV_CHUNK_BYTES),
+            data=data[i : i + KV_CHUNK_BYTES],
+        )
+        for i in range(0, len(data), KV_CHUNK_BYTES)
+    ]
+    resumed = msgspec.structs.replace(
+        request,
+        resume_token_ids=list(output_ids),
+        next_seq=next_seq,
+        kv_chunks=len(chunks),
+        kv_export_s=kv_export_s if kv is not None else 0.0,
+    )
     return resumed, chunks

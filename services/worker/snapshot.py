@@ -15,27 +15,51 @@ from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.versions import name_of, version_of
 
 
-def worker_stats(worker: str, engine: LLMEngine, lengths: OutputLengths, kv_seconds: float = 0.0,
-                 kv_tokens: int = 0) -> WorkerStats:
+def worker_stats(
+    worker: str, engine: LLMEngine, lengths: OutputLengths, kv_seconds: float = 0.0, kv_tokens: int = 0
+) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
     what the moved caches it took cost, in all."""
     e, st = engine, engine.stats
     queue = e.queue()
     running = sum(1 for q in queue if q.running)
-    residency = [AdapterResidency(name=name_of(key), version=version_of(key), slot=e.slots.slot_of(key),
-                                  merged=key == e.merger.merged) for key in sorted(e.adapters)]
-    loads = [RequestLoad(request_id=q.request_id, adapter=q.adapter and name_of(q.adapter),
-                         context_tokens=seq.total_len,
-                         remaining_tokens=lengths.expected_remaining(len(seq.output_ids), seq.params.max_tokens))
-             for q in queue if (seq := e.seqs.get(q.request_id)) is not None]
+    residency = [
+        AdapterResidency(
+            name=name_of(key), version=version_of(key), slot=e.slots.slot_of(key), merged=key == e.merger.merged
+        )
+        for key in sorted(e.adapters)
+    ]
+    loads = [
+        RequestLoad(
+            request_id=q.request_id,
+            adapter=q.adapter and name_of(q.adapter),
+            context_tokens=seq.total_len,
+            remaining_tokens=lengths.expected_remaining(len(seq.output_ids), seq.params.max_tokens),
+        )
+        for q in queue
+        if (seq := e.seqs.get(q.request_id)) is not None
+    ]
     return WorkerStats(
-        worker=worker, running=running, waiting=len(e.seqs) - running,
-        free_blocks=e.blocks.num_free, total_blocks=e.blocks.num_blocks, block_size=e.blocks.block_size,
-        max_loras=e.config.max_loras, adapters=residency, steps=st.steps, merges=st.merges,
-        preemptions=st.preemptions, adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
-        adapter_load_seconds=st.adapter_load_seconds, seconds_per_token=st.step_seconds / max(1, st.tokens_generated),
-        requests=loads, adapter_seconds_per_token={name_of(k): v for k, v in st.adapter_seconds_per_token().items()},
+        worker=worker,
+        running=running,
+        waiting=len(e.seqs) - running,
+        free_blocks=e.blocks.num_free,
+        total_blocks=e.blocks.num_blocks,
+        block_size=e.blocks.block_size,
+        max_loras=e.config.max_loras,
+        adapters=residency,
+        steps=st.steps,
+        merges=st.merges,
+        preemptions=st.preemptions,
+        adapter_loads=st.adapter_loads,
+        adapter_evictions=st.adapter_evictions,
+        adapter_load_seconds=st.adapter_load_seconds,
+        seconds_per_token=st.step_seconds / max(1, st.tokens_generated),
+        requests=loads,
+        adapter_seconds_per_token={name_of(k): v for k, v in st.adapter_seconds_per_token().items()},
         prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
         kv_transfer_seconds_per_token=kv_seconds / kv_tokens if kv_tokens else 0.0,
-        prefill_tokens=st.prefill_tokens, kv_transfer_tokens=kv_tokens, sent=time.time(),
+        prefill_tokens=st.prefill_tokens,
+        kv_transfer_tokens=kv_tokens,
+        sent=time.time(),
     )

@@ -17,7 +17,9 @@ def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
     return engine
 
 
-def run_all(engine: LLMEngine, requests: dict[str, tuple[str | None, list[int]]], max_tokens: int) -> dict[str, list[int]]:
+def run_all(
+    engine: LLMEngine, requests: dict[str, tuple[str | None, list[int]]], max_tokens: int
+) -> dict[str, list[int]]:
     """Submit every request at once and step until all finish; tokens per request id."""
     for rid, (adapter, ids) in requests.items():
         engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)

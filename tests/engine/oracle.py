@@ -39,7 +39,10 @@ class Oracle:
         out = self._run(
             adapter,
             lambda: self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
                 **kwargs,
             ),
         )

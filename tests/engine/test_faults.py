@@ -47,18 +47,33 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
     return out
 
 
-@pytest.mark.parametrize("params", [
-    dict(temperature=1e-39), dict(temperature=1e-300), dict(temperature=5e-6, top_k=40),
-    dict(temperature=1.0, top_p=0.0), dict(temperature=1.0, top_k=1), dict(temperature=1.0, top_p=1e-12),
-], ids=str)
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1e-39),
+        dict(temperature=1e-300),
+        dict(temperature=5e-6, top_k=40),
+        dict(temperature=1.0, top_p=0.0),
+        dict(temperature=1.0, top_k=1),
+        dict(temperature=1.0, top_p=1e-12),
+    ],
+    ids=str,
+)
 def test_extreme_parameters_the_api_accepts_act_greedy(engine: LLMEngine, params: dict) -> None:
     greedy = run_all(engine, {"g": ("lora-0", PROMPT)}, max_tokens=6)["g"]
     got = run(engine, {"x": (PROMPT, SamplingParams(max_tokens=6, seed=3, **params))})["x"]
     assert got["error"] is None and got["tokens"] == greedy
 
 
-@pytest.mark.parametrize("params", [dict(temperature=100.0), dict(temperature=2.0, top_k=100000, top_p=1.0),
-                                    dict(temperature=0.5, top_k=-1, top_p=1e-3)], ids=str)
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=100.0),
+        dict(temperature=2.0, top_k=100000, top_p=1.0),
+        dict(temperature=0.5, top_k=-1, top_p=1e-3),
+    ],
+    ids=str,
+)
 def test_other_edge_values_sample_without_fault(engine: LLMEngine, params: dict) -> None:
     got = run(engine, {"x": (PROMPT, SamplingParams(max_tokens=5, seed=1, **params))})["x"]
     assert got["error"] is None and len(got["tokens"]) == 5
@@ -67,9 +82,14 @@ def test_other_edge_values_sample_without_fault(engine: LLMEngine, params: dict)
 def test_a_failing_request_fails_alone_and_the_engine_serves_on(engine: LLMEngine) -> None:
     expected = run_all(engine, {"a": ("lora-0", PROMPT), "b": ("lora-0", PROMPT[::-1])}, max_tokens=6)
     poison_forward(engine)
-    out = run(engine, {"a": (PROMPT, SamplingParams(max_tokens=6)),
-                       "bad": ([7, POISON, 9], SamplingParams(max_tokens=6)),
-                       "b": (PROMPT[::-1], SamplingParams(max_tokens=6))})
+    out = run(
+        engine,
+        {
+            "a": (PROMPT, SamplingParams(max_tokens=6)),
+            "bad": ([7, POISON, 9], SamplingParams(max_tokens=6)),
+            "b": (PROMPT[::-1], SamplingParams(max_tokens=6)),
+        },
+    )
     assert out["bad"]["reason"] is FinishReason.ERROR and out["bad"]["tokens"] == []
     assert "RuntimeError: injected fault" in out["bad"]["error"]
     assert out["a"]["tokens"] == expected["a"] and out["b"]["tokens"] == expected["b"]
@@ -85,22 +105,30 @@ def test_non_finite_logits_fail_the_row_with_a_reason(engine: LLMEngine) -> None
         poisoned = torch.zeros(len(logits), dtype=torch.bool)
         starts = torch.cat([torch.zeros(1, dtype=torch.int64), inputs.last_index[:-1].cpu() + 1])
         for i, (s, e) in enumerate(zip(starts.tolist(), inputs.last_index.tolist())):
-            poisoned[i] = bool((inputs.input_ids[s:e + 1] == POISON).any())
+            poisoned[i] = bool((inputs.input_ids[s : e + 1] == POISON).any())
         return logits.masked_fill(poisoned[:, None].to(logits.device), float("nan"))
 
     engine.model.forward = nan_rows
-    out = run(engine, {"ok": (PROMPT, SamplingParams(max_tokens=3)),
-                       "nan": ([POISON, 8], SamplingParams(max_tokens=3, temperature=0.7, seed=1))})
+    out = run(
+        engine,
+        {
+            "ok": (PROMPT, SamplingParams(max_tokens=3)),
+            "nan": ([POISON, 8], SamplingParams(max_tokens=3, temperature=0.7, seed=1)),
+        },
+    )
     assert out["nan"]["reason"] is FinishReason.ERROR and "not finite" in out["nan"]["error"]
     assert len(out["ok"]["tokens"]) == 3 and out["ok"]["error"] is None
 
 
 def test_generate_writes_an_error_line_and_serves_the_rest(engine: LLMEngine) -> None:
     poison_forward(engine)
-    lines = [json.dumps({"id": "tiny-t", "adapter": "lora-0", "prompt_token_ids": PROMPT, "max_tokens": 4,
-                         "temperature": 1e-39}),
-             json.dumps({"id": "bad", "prompt_token_ids": [POISON, 4], "max_tokens": 4}),
-             json.dumps({"id": "ok", "prompt_token_ids": PROMPT, "max_tokens": 4})]
+    lines = [
+        json.dumps(
+            {"id": "tiny-t", "adapter": "lora-0", "prompt_token_ids": PROMPT, "max_tokens": 4, "temperature": 1e-39}
+        ),
+        json.dumps({"id": "bad", "prompt_token_ids": [POISON, 4], "max_tokens": 4}),
+        json.dumps({"id": "ok", "prompt_token_ids": PROMPT, "max_tokens": 4}),
+    ]
     results = generate_lines(engine, lines)
     assert [r["id"] for r in results] == ["tiny-t", "bad", "ok"]
     assert len(results[0]["token_ids"]) == 4 and len(results[2]["token_ids"]) == 4

@@ -49,8 +49,17 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
 
 def test_generate_refuses_a_bad_adapter_flag(tiny_llama: TinyOutput, tmp_path: Path, capsys) -> None:
     (tmp_path / "in.jsonl").write_text("")
-    argv = ["generate", "--model", str(tiny_llama.model), "--input", str(tmp_path / "in.jsonl"),
-            "--output", str(tmp_path / "out.jsonl"), "--lora", "broken"]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_llama.model),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--lora",
+        "broken",
+    ]
     assert main(argv) == 2
     assert "NAME=DIR" in capsys.readouterr().err
 
@@ -64,14 +73,33 @@ def _digest(root: Path) -> str:
 
 
 def test_make_tiny_is_deterministic_and_loads_offline(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "dlora.services.cli", "model", "make-tiny", "--adapters", "3", "--ranks", "4,8",
-           "--seed", "5", "--arch", "qwen2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlora.services.cli",
+        "model",
+        "make-tiny",
+        "--adapters",
+        "3",
+        "--ranks",
+        "4,8",
+        "--seed",
+        "5",
+        "--arch",
+        "qwen2",
+    ]
     for d in ("one", "two"):
-        subprocess.run([*cmd, "--out", str(tmp_path / d)], check=True, capture_output=True,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        subprocess.run(
+            [*cmd, "--out", str(tmp_path / d)],
+            check=True,
+            capture_output=True,
+            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        )
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
     tok = AutoTokenizer.from_pretrained(tmp_path / "one" / "model")
     assert tok.decode(tok.encode("kalo remi")) == "kalo remi"
-    ranks = [json.loads((tmp_path / "one" / "adapters" / f"lora-{i}" / "adapter_config.json").read_text())["r"]
-             for i in range(3)]
+    ranks = [
+        json.loads((tmp_path / "one" / "adapters" / f"lora-{i}" / "adapter_config.json").read_text())["r"]
+        for i in range(3)
+    ]
     assert ranks == [4, 8, 4]

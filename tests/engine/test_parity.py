@@ -55,16 +55,15 @@ def test_adapters_change_the_output(arch) -> None:
     assert len(outputs) == len(tiny.adapters) + 1  # otherwise the parity tests prove little
 
 
-@pytest.mark.parametrize("policy,kernels", [(p, "torch") for p in POLICIES] + [("unmerged-only", "triton"),
-                                                                              ("dlora", "triton")])
+@pytest.mark.parametrize(
+    "policy,kernels", [(p, "torch") for p in POLICIES] + [("unmerged-only", "triton"), ("dlora", "triton")]
+)
 def test_mixed_batch(arch, policy: str, kernels: str) -> None:
     """Every adapter and the base, prompts of different lengths, all submitted at once."""
     tiny, oracle = arch
     prompts = _prompts(tiny)
     adapters = [None, *tiny.adapters]
-    requests = {
-        f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(2 * len(adapters))
-    }
+    requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(2 * len(adapters))}
     engine = make_engine(tiny, policy=policy, kernels=kernels)
     assert engine.kernels.name == kernels
     got = run_all(engine, requests, MAX_TOKENS)
@@ -96,7 +95,10 @@ def test_resume_from_token_prefix(arch, kernels: str) -> None:
     full = oracle.generate(adapter, prompt, MAX_TOKENS)
     engine = make_engine(tiny, kernels=kernels)
     engine.add_request(
-        "r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter,
+        "r",
+        prompt_token_ids=prompt,
+        params=SamplingParams(max_tokens=MAX_TOKENS),
+        adapter=adapter,
         resume_token_ids=full[:5],
     )
     new: list[int] = []
@@ -115,9 +117,7 @@ def test_prefill_logits_close_to_peft(arch, policy: str, kernels: str) -> None:
         for adapter in [None, *tiny.adapters]:
             engine.add_request("p", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1), adapter=adapter)
             engine.step()
-            torch.testing.assert_close(
-                engine.last_logits["p"], oracle.last_logits(adapter, prompt), atol=1e-4, rtol=0
-            )
+            torch.testing.assert_close(engine.last_logits["p"], oracle.last_logits(adapter, prompt), atol=1e-4, rtol=0)
 
 
 def test_dlora_merges_a_skewed_queue_and_still_matches(arch) -> None:
@@ -151,8 +151,14 @@ def test_a_request_moves_with_its_kv_and_continues_exactly(arch, kernels: str) -
         produced += src.step()[0].new_token_ids
     kv = KVSnapshot.from_bytes(src.export_kv("r").to_bytes())
     src.abort("r")
-    dst.add_request("r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter,
-                    resume_token_ids=produced, kv=kv)
+    dst.add_request(
+        "r",
+        prompt_token_ids=prompt,
+        params=SamplingParams(max_tokens=MAX_TOKENS),
+        adapter=adapter,
+        resume_token_ids=produced,
+        kv=kv,
+    )
     while dst.has_unfinished():
         produced += dst.step()[0].new_token_ids
     assert produced == full

@@ -10,33 +10,40 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, load_adapter
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.policy import PolicyConfig
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 PROMPT = [5, 40, 41, 300, 17, 99, 3]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 CONFIGS = {
     # the issue's example: one key for two modules; PEFT matches (.*\.)?(k_proj|o_proj)$
-    "alpha_pattern alternation": dict(r=8, lora_alpha=16, target_modules=ALL,
-                                      alpha_pattern={"k_proj|o_proj": 128}),
-    "rank_pattern and alpha_pattern by layer": dict(r=8, lora_alpha=8, target_modules=ALL,
-                                                    rank_pattern={r"layers\.1\.mlp\.up_proj": 4, "v_proj": 16},
-                                                    alpha_pattern={r"layers\.0\..*": 32}),
+    "alpha_pattern alternation": dict(r=8, lora_alpha=16, target_modules=ALL, alpha_pattern={"k_proj|o_proj": 128}),
+    "rank_pattern and alpha_pattern by layer": dict(
+        r=8,
+        lora_alpha=8,
+        target_modules=ALL,
+        rank_pattern={r"layers\.1\.mlp\.up_proj": 4, "v_proj": 16},
+        alpha_pattern={r"layers\.0\..*": 32},
+    ),
     "target_modules as a regex": dict(r=8, lora_alpha=16, target_modules=r".*\.(q_proj|down_proj)"),
     "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
-    "layers_to_transform": dict(r=8, lora_alpha=16, target_modules=ALL, layers_to_transform=[1],
-                                layers_pattern="layers"),
-    "layers_to_transform as an int": dict(r=8, lora_alpha=16, target_modules=["v_proj", "up_proj"],
-                                          layers_to_transform=0),
+    "layers_to_transform": dict(
+        r=8, lora_alpha=16, target_modules=ALL, layers_to_transform=[1], layers_pattern="layers"
+    ),
+    "layers_to_transform as an int": dict(
+        r=8, lora_alpha=16, target_modules=["v_proj", "up_proj"], layers_to_transform=0
+    ),
     "exclude_modules": dict(r=8, lora_alpha=16, target_modules=ALL, exclude_modules=["o_proj", "gate_proj"]),
-    "exclude_modules as a regex": dict(r=8, lora_alpha=16, target_modules=ALL,
-                                       exclude_modules=r".*layers\.0\.self_attn\..*"),
+    "exclude_modules as a regex": dict(
+        r=8, lora_alpha=16, target_modules=ALL, exclude_modules=r".*layers\.0\.self_attn\..*"
+    ),
     "use_rslora": dict(r=16, lora_alpha=8, target_modules=ALL, use_rslora=True),
     "fan_in_fan_out on Linear (PEFT drops it)": dict(r=8, lora_alpha=16, target_modules=ALL, fan_in_fan_out=True),
 }
@@ -96,16 +103,20 @@ NARROWED = {
 
 
 @pytest.mark.parametrize("case", NARROWED)
-def test_weights_the_config_does_not_select_are_ignored_as_peft_ignores_them(tiny_llama: TinyOutput, tmp_path: Path,
-                                                                             case: str) -> None:
+def test_weights_the_config_does_not_select_are_ignored_as_peft_ignores_them(
+    tiny_llama: TinyOutput, tmp_path: Path, case: str
+) -> None:
     """A file holding weights for every module under a config that selects fewer: peft adapts only
     the selected modules, so the engine must too (peft-written files alone hold only selected ones)."""
     path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
     conf = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**conf, **NARROWED[case]}))
     expected = peft_logits(tiny_llama, path)
-    everything = engine_logits(tiny_llama, write_peft_adapter(tiny_llama, tmp_path / "b", r=8, lora_alpha=16,
-                                                              target_modules=ALL), "unmerged-only")
+    everything = engine_logits(
+        tiny_llama,
+        write_peft_adapter(tiny_llama, tmp_path / "b", r=8, lora_alpha=16, target_modules=ALL),
+        "unmerged-only",
+    )
     assert (expected - everything).abs().max() > 1e-3  # the narrowing matters
     assert torch.allclose(engine_logits(tiny_llama, path, "unmerged-only"), expected, atol=1e-4, rtol=1e-4)
 
@@ -136,8 +147,9 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", REFUSED)
-def test_fields_that_change_the_math_and_are_not_served_are_refused(tiny_llama: TinyOutput, engine_cfg,
-                                                                     tmp_path: Path, case: str) -> None:
+def test_fields_that_change_the_math_and_are_not_served_are_refused(
+    tiny_llama: TinyOutput, engine_cfg, tmp_path: Path, case: str
+) -> None:
     path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
     conf = json.loads((path / "adapter_config.json").read_text())
     changes, fragment = REFUSED[case]

@@ -67,24 +67,27 @@ def test_stop_string_is_cut_and_never_streamed(engine: LLMEngine) -> None:
 def test_seeded_sampling_repeats_whatever_else_runs(engine: LLMEngine) -> None:
     alone, _, _ = collect(engine, "a", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     for i in range(3):  # neighbours with their own randomness join the batch
-        engine.add_request(f"n{i}", prompt_token_ids=[7, 8, 9 + i], params=SamplingParams(max_tokens=12, temperature=1.0))
+        engine.add_request(
+            f"n{i}", prompt_token_ids=[7, 8, 9 + i], params=SamplingParams(max_tokens=12, temperature=1.0)
+        )
     crowded, _, _ = collect(engine, "b", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     assert alone == crowded
     other, _, _ = collect(engine, "c", max_tokens=12, temperature=1.0, top_p=0.9, seed=12)
     assert other != alone
 
 
-
 def test_a_seeded_request_resumed_anywhere_draws_what_it_would_have(engine: LLMEngine) -> None:
     params = dict(max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     whole, _, _ = collect(engine, "a", **params)
     for k in (1, 5, 11):  # as a worker taking it over after k tokens (moved, or its worker died)
-        engine.add_request(f"r{k}", prompt_token_ids=PROMPT, params=SamplingParams(**params),
-                           resume_token_ids=whole[:k])
+        engine.add_request(
+            f"r{k}", prompt_token_ids=PROMPT, params=SamplingParams(**params), resume_token_ids=whole[:k]
+        )
         rest = []
         while engine.has_unfinished():
             rest += [t for o in engine.step() for t in o.new_token_ids]
         assert whole[:k] + rest == whole
+
 
 def test_abort_frees_blocks_and_spares_others(engine: LLMEngine) -> None:
     free = engine.blocks.num_free
@@ -155,8 +158,10 @@ def test_a_step_reports_what_it_fed_before_it_advanced(tiny_llama: TinyOutput) -
     engine = make_engine(tiny_llama)
     seen: list[tuple[int, list[str]]] = []
     observe = engine.policy.observe
-    engine.policy.observe = lambda decision, record: (seen.append((record.num_tokens, record.request_ids)),
-                                                      observe(decision, record))[-1]
+    engine.policy.observe = lambda decision, record: (
+        seen.append((record.num_tokens, record.request_ids)),
+        observe(decision, record),
+    )[-1]
     engine.add_request("a", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=3))
     while engine.has_unfinished():
         engine.step()

@@ -17,8 +17,16 @@ SCALINGS = {
     "linear": ({"rope_type": "linear", "factor": 2.0}, 512),
     # Short max_position_embeddings so the prompt runs past it and the NTK rescaling is exercised.
     "dynamic": ({"rope_type": "dynamic", "factor": 4.0}, 16),
-    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16}, 512),
+    "llama3": (
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        512,
+    ),
     "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, 512),
 }
 

@@ -23,8 +23,9 @@ def oracle(tiny_llama: TinyOutput) -> Oracle:
 
 def engine_tokens(tiny: TinyOutput, adapter: str | None, policy: str, **params) -> list[int]:
     engine = make_engine(tiny, policy=policy)
-    engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=N, ignore_eos=True, **params),
-                       adapter=adapter)
+    engine.add_request(
+        "r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=N, ignore_eos=True, **params), adapter=adapter
+    )
     out = []
     while engine.has_unfinished():
         for o in engine.step():
@@ -32,11 +33,13 @@ def engine_tokens(tiny: TinyOutput, adapter: str | None, policy: str, **params) 
     return out
 
 
-@pytest.mark.parametrize("adapter,policy", [(None, "unmerged-only"), ("lora-1", "unmerged-only"),
-                                            ("lora-1", "merged-only")])
+@pytest.mark.parametrize(
+    "adapter,policy", [(None, "unmerged-only"), ("lora-1", "unmerged-only"), ("lora-1", "merged-only")]
+)
 @pytest.mark.parametrize("penalty", [0.3, 0.6])
-def test_repetition_penalty_equals_transformers(tiny_llama: TinyOutput, oracle: Oracle, adapter, policy,
-                                                penalty: float) -> None:
+def test_repetition_penalty_equals_transformers(
+    tiny_llama: TinyOutput, oracle: Oracle, adapter, policy, penalty: float
+) -> None:
     expected = oracle.generate(adapter, PROMPT, N, repetition_penalty=penalty, min_new_tokens=N)
     plain = oracle.generate(adapter, PROMPT, N, min_new_tokens=N)
     assert expected != plain  # the penalty matters here, so equality proves something
@@ -44,8 +47,9 @@ def test_repetition_penalty_equals_transformers(tiny_llama: TinyOutput, oracle: 
 
 
 @pytest.mark.parametrize("frequency,presence", [(1.5, 0.0), (0.0, 2.0), (0.5, -2.0)])
-def test_frequency_and_presence_follow_openai_over_the_oracle(tiny_llama: TinyOutput, oracle: Oracle,
-                                                              frequency: float, presence: float) -> None:
+def test_frequency_and_presence_follow_openai_over_the_oracle(
+    tiny_llama: TinyOutput, oracle: Oracle, frequency: float, presence: float
+) -> None:
     out: list[int] = []
     for _ in range(N):
         logits = oracle.last_logits("lora-0", PROMPT + out)
@@ -59,9 +63,12 @@ def test_frequency_and_presence_follow_openai_over_the_oracle(tiny_llama: TinyOu
 
 def test_logprobs_are_the_oracles_log_softmax(tiny_llama: TinyOutput, oracle: Oracle) -> None:
     engine = make_engine(tiny_llama)
-    engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=5, logprobs=3, temperature=0.8,
-                                                                           seed=2, repetition_penalty=1.3),
-                       adapter="lora-2")
+    engine.add_request(
+        "r",
+        prompt_token_ids=PROMPT,
+        params=SamplingParams(max_tokens=5, logprobs=3, temperature=0.8, seed=2, repetition_penalty=1.3),
+        adapter="lora-2",
+    )
     tokens, entries = [], []
     while engine.has_unfinished():
         for o in engine.step():

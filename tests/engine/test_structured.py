@@ -14,9 +14,12 @@ from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA
 from tests.engine.helpers import make_engine
 
 PROMPT = [5, 40, 41, 300, 17]
-SCHEMA = {"type": "object", "properties": {"size": {"enum": [1, 2, 3]}, "ok": {"type": "boolean"},
-                                          "tag": {"enum": ["kalo", "remi"]}},
-          "required": ["size", "ok", "tag"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"size": {"enum": [1, 2, 3]}, "ok": {"type": "boolean"}, "tag": {"enum": ["kalo", "remi"]}},
+    "required": ["size", "ok", "tag"],
+    "additionalProperties": False,
+}
 
 
 def run(engine: LLMEngine, requests: dict[str, SamplingParams], adapter: str | None = "lora-0") -> dict[str, tuple]:
@@ -67,7 +70,9 @@ def test_a_resumed_request_keeps_its_place_in_the_document(tiny_llama: TinyOutpu
 
 def test_unusable_schemas_are_refused(tiny_llama: TinyOutput) -> None:
     engine = make_engine(tiny_llama)
-    for schema, fragment in (("not json", "not a JSON object"), (json.dumps({"type": "integer", "minimum": 5,
-                                                                            "maximum": 1}), "cannot be used")):
+    for schema, fragment in (
+        ("not json", "not a JSON object"),
+        (json.dumps({"type": "integer", "minimum": 5, "maximum": 1}), "cannot be used"),
+    ):
         with pytest.raises(RequestError, match=fragment):
             engine.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(json_schema=schema))

@@ -12,6 +12,8 @@ import aiohttp
 import nats
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
+
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -23,7 +25,6 @@ from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from redis.asyncio import Redis
 
 ADMIN_KEY = "test-admin-key"
 
@@ -65,20 +66,32 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
     """The `dlora up` stack, in-process: dispatcher, two workers (dlora policy), gateway."""
     common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
     store = StateStore(redis)
-    gw_settings = GatewaySettings(**common, model=str(tiny_llama.model), port=free_port(), admin_key=ADMIN_KEY,
-                                  adapter_roots=[str(tiny_llama.adapters_dir)])
+    gw_settings = GatewaySettings(
+        **common,
+        model=str(tiny_llama.model),
+        port=free_port(),
+        admin_key=ADMIN_KEY,
+        adapter_roots=[str(tiny_llama.adapters_dir)],
+    )
     gw_nc = await nats.connect(nats_server.url)
     gateway = Gateway(gw_settings, gw_nc, store)
     for name, path in tiny_llama.adapters.items():
-        await store.put_adapter(check_adapter(name, str(path), gw_settings.adapter_roots, gateway.base_name, gateway.cfg))
+        await store.put_adapter(
+            check_adapter(name, str(path), gw_settings.adapter_roots, gateway.base_name, gateway.cfg)
+        )
     stop = asyncio.Event()
     tasks, conns, workers = [], [gw_nc], []
     disp_nc = await nats.connect(nats_server.url)
     conns.append(disp_nc)
     tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), disp_nc, store).run(stop)))
     for i in range(2):
-        ws = WorkerSettings(**common, worker_id=f"w{i}", model=str(tiny_llama.model), engine=EngineConfig(max_loras=2),
-                            stats_interval_s=0.1)
+        ws = WorkerSettings(
+            **common,
+            worker_id=f"w{i}",
+            model=str(tiny_llama.model),
+            engine=EngineConfig(max_loras=2),
+            stats_interval_s=0.1,
+        )
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
         worker = WorkerService(ws, nc, store, build_engine(ws))

@@ -27,8 +27,14 @@ async def test_completion_logprobs(stack: Stack) -> None:
 
 
 async def test_chat_logprobs_and_top_logprobs(stack: Stack) -> None:
-    body = {"model": "lora-1", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 3, "temperature": 0,
-            "logprobs": True, "top_logprobs": 4}
+    body = {
+        "model": "lora-1",
+        "messages": [{"role": "user", "content": "kalo"}],
+        "max_tokens": 3,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 4,
+    }
     status, resp = await post(stack, "/v1/chat/completions", body)
     assert status == 200, resp
     content = resp["choices"][0]["logprobs"]["content"]
@@ -45,8 +51,10 @@ async def test_n_samples_and_several_prompts(stack: Stack) -> None:
     greedy = {"model": "lora-0", "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 5, "temperature": 0, "n": 2}
     status, resp = await post(stack, "/v1/completions", greedy)
     assert status == 200, resp
-    expected = offline(stack.tiny, [{"id": str(i), "adapter": "lora-0", "prompt": p, "max_tokens": 5}
-                                    for i, p in enumerate(PROMPTS[:2])])
+    expected = offline(
+        stack.tiny,
+        [{"id": str(i), "adapter": "lora-0", "prompt": p, "max_tokens": 5} for i, p in enumerate(PROMPTS[:2])],
+    )
     assert [c["index"] for c in resp["choices"]] == [0, 1, 2, 3]
     assert [c["text"] for c in resp["choices"]] == [expected[0]["text"]] * 2 + [expected[1]["text"]] * 2
     assert resp["usage"]["completion_tokens"] == 20
@@ -55,21 +63,29 @@ async def test_n_samples_and_several_prompts(stack: Stack) -> None:
     again = await post(stack, "/v1/completions", sampled)
     texts = [c["text"] for c in first[1]["choices"]]
     assert len(set(texts)) == 3 and texts == [c["text"] for c in again[1]["choices"]]  # distinct, reproducible
-    events = await stream(stack, "/v1/chat/completions", {"model": "lora-0", "max_tokens": 3, "n": 2,
-                                                          "messages": [{"role": "user", "content": "kalo"}]})
+    events = await stream(
+        stack,
+        "/v1/chat/completions",
+        {"model": "lora-0", "max_tokens": 3, "n": 2, "messages": [{"role": "user", "content": "kalo"}]},
+    )
     assert {e["choices"][0]["index"] for e in events[:-1]} == {0, 1}
     assert sum(e["choices"][0]["finish_reason"] is not None for e in events[:-1]) == 2
 
 
 async def test_echo(stack: Stack) -> None:
-    status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 0,
-                                                         "echo": True})
+    status, resp = await post(
+        stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 0, "echo": True}
+    )
     assert status == 200 and resp["choices"][0]["text"] == PROMPTS[2]
     assert resp["usage"]["completion_tokens"] == 0
-    status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 3,
-                                                         "echo": True, "temperature": 0})
-    plain = await post(stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 3,
-                                                  "temperature": 0})
+    status, resp = await post(
+        stack,
+        "/v1/completions",
+        {"model": "model", "prompt": PROMPTS[2], "max_tokens": 3, "echo": True, "temperature": 0},
+    )
+    plain = await post(
+        stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 3, "temperature": 0}
+    )
     assert resp["choices"][0]["text"] == PROMPTS[2] + plain[1]["choices"][0]["text"]
     status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": "x", "echo": True, "logprobs": 1})
     assert status == 400 and "echo with logprobs" in resp["error"]["message"]
@@ -78,22 +94,43 @@ async def test_echo(stack: Stack) -> None:
 async def test_response_format(stack: Stack) -> None:
     import json
 
-    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"enum": [1, 2]}},
-              "required": ["answer", "n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"enum": [1, 2]}},
+        "required": ["answer", "n"],
+        "additionalProperties": False,
+    }
     chat = {"model": "lora-2", "messages": [{"role": "user", "content": "kalo?"}], "max_tokens": 100}
-    status, resp = await post(stack, "/v1/chat/completions", {**chat, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}})
+    status, resp = await post(
+        stack,
+        "/v1/chat/completions",
+        {
+            **chat,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "schema": schema, "strict": True},
+            },
+        },
+    )
     assert status == 200, resp
     doc = json.loads(resp["choices"][0]["message"]["content"])
     assert doc["answer"] in ("yes", "no") and doc["n"] in (1, 2) and resp["choices"][0]["finish_reason"] == "stop"
-    status, resp = await post(stack, "/v1/chat/completions", {**chat, "max_tokens": 5,
-                                                             "response_format": {"type": "json_object"}})
+    status, resp = await post(
+        stack, "/v1/chat/completions", {**chat, "max_tokens": 5, "response_format": {"type": "json_object"}}
+    )
     assert status == 200 and resp["choices"][0]["message"]["content"].startswith("{")
     assert (await post(stack, "/v1/chat/completions", {**chat, "response_format": {"type": "text"}}))[0] == 200
-    for bad, fragment in (({"type": "yaml"}, "not one of"), ({"type": "json_schema", "json_schema": {"name": "x"}},
-                                                             "needs a 'schema'"),
-                          ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
-                              "type": "integer", "minimum": 5, "maximum": 1}}}, "cannot be used")):
+    for bad, fragment in (
+        ({"type": "yaml"}, "not one of"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "needs a 'schema'"),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}},
+            },
+            "cannot be used",
+        ),
+    ):
         status, resp = await post(stack, "/v1/chat/completions", {**chat, "response_format": bad})
         assert status == 400 and fragment in resp["error"]["message"], resp
 
@@ -129,12 +166,21 @@ async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:
 async def test_a_chat_template_that_refuses_the_messages_is_a_400(stack: Stack) -> None:
     tok = stack.gateway.tokenizer
     saved = getattr(tok, "chat_template", None)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
-                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
-                         "{{ m['content'] }}{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
     try:
-        status, resp = await post(stack, "/v1/chat/completions", {"model": "model", "max_tokens": 2, "messages": [
-            {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+        status, resp = await post(
+            stack,
+            "/v1/chat/completions",
+            {
+                "model": "model",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            },
+        )
         assert status == 400 and "must alternate" in resp["error"]["message"]
     finally:
         tok.chat_template = saved
@@ -153,8 +199,12 @@ async def test_an_abort_that_overtakes_its_request_still_stops_it(stack: Stack) 
         if "overtaken" in worker.early_aborts:
             break
         await asyncio.sleep(0.01)
-    req = GenerateRequest(request_id="overtaken", reply_to="test.overtaken", prompt="kalo",
-                          params=SamplingParams(max_tokens=300, ignore_eos=True))
+    req = GenerateRequest(
+        request_id="overtaken",
+        reply_to="test.overtaken",
+        prompt="kalo",
+        params=SamplingParams(max_tokens=300, ignore_eos=True),
+    )
     await stack.nc.publish(subjects.worker_requests(worker.s.worker_id), msgspec.json.encode(req))
     await stack.nc.flush()
     await asyncio.sleep(0.3)

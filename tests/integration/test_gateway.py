@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import aiohttp
+
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
-
 from tests.integration.conftest import ADMIN_KEY, Stack
 
 PROMPTS = ["kalo remi suta", "nevo rida pole", "sumu gano befi tuza"]
@@ -22,7 +22,9 @@ PROMPTS = ["kalo remi suta", "nevo rida pole", "sumu gano befi tuza"]
 async def post(stack: Stack, path: str, body, headers=None) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as http:
         data = body if isinstance(body, (bytes, str, io.BytesIO)) else json.dumps(body)
-        async with http.post(stack.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}) as r:
+        async with http.post(
+            stack.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+        ) as r:
             return r.status, await r.json()
 
 
@@ -55,8 +57,18 @@ async def test_completions_for_several_adapters_at_once_equal_offline_generation
     models = ["model", "lora-0", "lora-1", "lora-2", "lora-3"]
     bodies = [{"model": m, "prompt": PROMPTS[i % 3], "max_tokens": 10, "temperature": 0} for i, m in enumerate(models)]
     results = await asyncio.gather(*(post(stack, "/v1/completions", b) for b in bodies))
-    expected = offline(stack.tiny, [{"id": str(i), "adapter": None if b["model"] == "model" else b["model"],
-                                     "prompt": b["prompt"], "max_tokens": 10} for i, b in enumerate(bodies)])
+    expected = offline(
+        stack.tiny,
+        [
+            {
+                "id": str(i),
+                "adapter": None if b["model"] == "model" else b["model"],
+                "prompt": b["prompt"],
+                "max_tokens": 10,
+            }
+            for i, b in enumerate(bodies)
+        ],
+    )
     for (status, resp), exp, body in zip(results, expected, bodies):
         assert status == 200, resp
         assert resp["object"] == "text_completion" and resp["model"] == body["model"]
@@ -82,9 +94,12 @@ async def test_streaming_completion_matches_the_plain_one(stack: Stack) -> None:
 
 
 async def test_chat_plain_and_streaming(stack: Stack) -> None:
-    body = {"model": "lora-2", "messages": [{"role": "system", "content": "be brief"},
-                                            {"role": "user", "content": "kalo remi?"}],
-            "max_tokens": 6, "temperature": 0}
+    body = {
+        "model": "lora-2",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "kalo remi?"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
     status, resp = await post(stack, "/v1/chat/completions", body)
     assert status == 200 and resp["object"] == "chat.completion"
     message = resp["choices"][0]["message"]
@@ -104,14 +119,17 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
     assert all(d["parent"] == "model" and d["object"] == "model" for d in adapters.values())
     # where the files lie is for admin callers only
     assert all(d["root"] == d["id"] for d in adapters.values())
-    async with aiohttp.ClientSession() as http, http.get(stack.url + "/v1/models",
-                                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(stack.url + "/v1/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r,
+    ):
         admin = {d["id"]: d for d in (await r.json())["data"][1:]}
     assert all(admin[n]["root"] == str(Path(p).resolve()) for n, p in stack.tiny.adapters.items())
 
 
 async def test_served_model_name_names_the_base_model(stack: Stack) -> None:
     import msgspec
+
     from dlora.services.gateway.main import Gateway
 
     settings = msgspec.structs.replace(stack.gateway.s, served_model_name="my-llama")
@@ -183,7 +201,10 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     ]
     for body, status, fragment in cases:
         got, resp = await post(stack, "/v1/completions", body)
-        assert got == status and fragment in resp["error"]["message"], (body if isinstance(body, dict) else body[:20], resp)
+        assert got == status and fragment in resp["error"]["message"], (
+            body if isinstance(body, dict) else body[:20],
+            resp,
+        )
         assert resp["error"]["type"]
     status, resp = await post(stack, "/v1/chat/completions", {"model": "model", "messages": []})
     assert status == 400 and "messages" in resp["error"]["message"]
@@ -194,8 +215,7 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     assert status == 401
     outside = tmp_path / "outside"
     shutil.copytree(stack.tiny.adapters["lora-0"], outside)
-    bad_dirs = {"outside the configured adapter roots": outside,
-                "not a directory": stack.tiny.adapters_dir / "missing"}
+    bad_dirs = {"outside the configured adapter roots": outside, "not a directory": stack.tiny.adapters_dir / "missing"}
     for fragment, breaker in BROKEN_ADAPTERS.items():
         d = stack.tiny.adapters_dir / fragment.replace(" ", "-")
         shutil.rmtree(d, ignore_errors=True)
@@ -247,9 +267,13 @@ async def test_a_replaced_adapter_serves_each_request_on_its_own_version(stack: 
     short = {"model": "versioned", "max_tokens": 8, "temperature": 0, "prompt": PROMPTS[0]}
     status, new = await post(stack, "/v1/completions", short)
     old = await asyncio.gather(*running)
-    expected = offline(stack.tiny, [{"id": str(i), "adapter": src, "prompt": p, "max_tokens": n, "ignore_eos": True}
-                                    for i, (src, p, n) in enumerate([("lora-0", q, 150) for q in PROMPTS]
-                                                                    + [("lora-1", PROMPTS[0], 8)])])
+    expected = offline(
+        stack.tiny,
+        [
+            {"id": str(i), "adapter": src, "prompt": p, "max_tokens": n, "ignore_eos": True}
+            for i, (src, p, n) in enumerate([("lora-0", q, 150) for q in PROMPTS] + [("lora-1", PROMPTS[0], 8)])
+        ],
+    )
     assert [r["choices"][0]["text"] for _, r in old] == [e["text"] for e in expected[:3]]
     assert status == 200 and new["choices"][0]["text"] == expected[3]["text"]
     models = (await get(stack, "/v1/models"))["data"]
@@ -268,21 +292,30 @@ async def test_one_request_cannot_take_down_a_worker(stack: Stack) -> None:
     every worker, and everything after it still is."""
     body = {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 4}
     greedy = await post(stack, "/v1/completions", {**body, "temperature": 0})
-    tiny = await asyncio.gather(*(post(stack, "/v1/completions", {**body, "temperature": t, "top_p": p})
-                                  for t in (1e-39, 1e-39, 5e-324, 1e-6) for p in (1.0, 0.0)))
-    assert all(status == 200 and resp["choices"][0]["text"] == greedy[1]["choices"][0]["text"]
-               for status, resp in tiny), tiny
+    tiny = await asyncio.gather(
+        *(
+            post(stack, "/v1/completions", {**body, "temperature": t, "top_p": p})
+            for t in (1e-39, 1e-39, 5e-324, 1e-6)
+            for p in (1.0, 0.0)
+        )
+    )
+    assert all(
+        status == 200 and resp["choices"][0]["text"] == greedy[1]["choices"][0]["text"] for status, resp in tiny
+    ), tiny
     assert all(w.engine.stats.steps > 0 for w in stack.workers)
     assert (await post(stack, "/v1/completions", body))[0] == 200
 
 
 async def test_nats_native_example(stack: Stack) -> None:
-    spec = importlib.util.spec_from_file_location("nats_client", Path(__file__).parents[2] / "examples" / "nats_client.py")
+    spec = importlib.util.spec_from_file_location(
+        "nats_client", Path(__file__).parents[2] / "examples" / "nats_client.py"
+    )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     text = await example.generate(stack.nc._current_server.uri.geturl(), "lora-0", PROMPTS[0], max_tokens=6)
-    _, resp = await post(stack, "/v1/completions", {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 6,
-                                                    "temperature": 0})
+    _, resp = await post(
+        stack, "/v1/completions", {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+    )
     assert text == resp["choices"][0]["text"]
 
 
@@ -299,8 +332,11 @@ async def test_bus_messages_that_do_not_decode_are_counted_not_lost_silently(sta
     async def rejects() -> float:
         async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
             text = await r.text()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('dlora_bus_rejected_messages_total{subject="dlora.stats.*",type="WorkerStats"}'))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('dlora_bus_rejected_messages_total{subject="dlora.stats.*",type="WorkerStats"}')
+        )
 
     before = await rejects()
     await stack.nc.publish(subjects.stats("w-from-the-future"), b'{"worker": 3}')
@@ -319,16 +355,28 @@ async def test_metrics_are_exposed(stack: Stack) -> None:
     await asyncio.sleep(0.3)  # a stats interval
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
         text = await r.text()
-    for name in ("dlora_requests_total{adapter=\"lora-1\",status=\"200\"} 1.0", "dlora_time_to_first_token_seconds",
-                 "dlora_time_per_output_token_seconds", "dlora_request_queue_time_seconds",
-                 "dlora_num_requests_running", "dlora_num_requests_waiting", "dlora_adapter_resident",
-                 "dlora_adapter_loads_total"):
+    for name in (
+        'dlora_requests_total{adapter="lora-1",status="200"} 1.0',
+        "dlora_time_to_first_token_seconds",
+        "dlora_time_per_output_token_seconds",
+        "dlora_request_queue_time_seconds",
+        "dlora_num_requests_running",
+        "dlora_num_requests_waiting",
+        "dlora_adapter_resident",
+        "dlora_adapter_loads_total",
+    ):
         assert name in text, name
 
 
 async def test_client_disconnect_aborts_the_request(stack: Stack) -> None:
-    body = {"model": "lora-2", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+    body = {
+        "model": "lora-2",
+        "prompt": PROMPTS[0],
+        "max_tokens": 400,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     async with aiohttp.ClientSession() as http:
         r = await http.post(stack.url + "/v1/completions", json=body)
         await r.content.readline()  # the first event: the request is running
@@ -347,9 +395,16 @@ async def test_every_disconnect_aborts_streamed_or_not(stack: Stack) -> None:
     aborted = stack.gateway.metrics.requests
     for attempt in range(8):
         streamed = attempt % 2 == 0
-        body = {"model": "lora-1", "prompt": PROMPTS[attempt % 3], "max_tokens": 300, "temperature": 0,
-                "ignore_eos": True, "stream": streamed}
+        body = {
+            "model": "lora-1",
+            "prompt": PROMPTS[attempt % 3],
+            "max_tokens": 300,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": streamed,
+        }
         steps = sum(w.engine.stats.steps for w in stack.workers)
+
         async def client(http: aiohttp.ClientSession) -> None:
             async with http.post(stack.url + "/v1/completions", json=body) as r:
                 await r.read()
@@ -382,6 +437,7 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
     """No dispatcher or worker listens on this NATS server: the gateway gives up after chunk_timeout_s."""
     import nats
     from aiohttp import web
+
     from dlora.common.state import StateStore
     from dlora.services.gateway.main import Gateway
     from dlora.services.gateway.settings import GatewaySettings
@@ -390,19 +446,30 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
     server = start_nats()
     nc = await nats.connect(server.url)
     try:
-        settings = GatewaySettings(nats_url=server.url, model=str(tiny_llama.model), port=free_port(), chunk_timeout_s=0.3)
+        settings = GatewaySettings(
+            nats_url=server.url, model=str(tiny_llama.model), port=free_port(), chunk_timeout_s=0.3
+        )
         gateway = Gateway(settings, nc, StateStore(redis))
         await gateway.start()
         runner = web.AppRunner(gateway.app())
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", settings.port).start()
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"http://127.0.0.1:{settings.port}/v1/completions",
-                                 json={"model": "model", "prompt": "kalo", "max_tokens": 2}) as r:
+            async with http.post(
+                f"http://127.0.0.1:{settings.port}/v1/completions",
+                json={"model": "model", "prompt": "kalo", "max_tokens": 2},
+            ) as r:
                 assert r.status == 503 and "no worker" in (await r.json())["error"]["message"]
-            async with http.post(f"http://127.0.0.1:{settings.port}/v1/chat/completions",
-                                 json={"model": "model", "messages": [{"role": "user", "content": "kalo"}],
-                                       "max_tokens": 2, "stream": True, "n": 2}) as r:
+            async with http.post(
+                f"http://127.0.0.1:{settings.port}/v1/chat/completions",
+                json={
+                    "model": "model",
+                    "messages": [{"role": "user", "content": "kalo"}],
+                    "max_tokens": 2,
+                    "stream": True,
+                    "n": 2,
+                },
+            ) as r:
                 # streamed too: an error before the first token is a status, not an event after a 200
                 assert r.status == 503 and "no worker" in (await r.json())["error"]["message"]
             # not ready with no live worker, and says why; alive all the same

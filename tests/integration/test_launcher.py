@@ -15,7 +15,6 @@ from pathlib import Path
 
 from dlora.services.servers import free_port
 
-
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -40,8 +39,13 @@ def run_readme_loadgen(gateway: str, nats_url: str, cwd: Path) -> None:
         if "--target" not in argv:
             argv += ["--target", gateway]
         out = cwd / f"run-{i}"
-        done = subprocess.run([dlora, "loadgen", *argv, "--requests", "6", "--out", str(out)], cwd=cwd,
-                              capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            [dlora, "loadgen", *argv, "--requests", "6", "--out", str(out)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         summary = json.loads((out / "result.json").read_text())["summary"]
         assert summary["completed"] == 6 and summary["lost"] == 0, line
@@ -51,7 +55,10 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dlora.services.cli", "up", "--workers", "1", "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines = []
     try:
@@ -68,8 +75,9 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
         while not re.search(r"curl .*\n", out):
             out += proc.stdout.readline()
         body = json.dumps({"model": "lora-1", "prompt": "kalo remi", "max_tokens": 5, "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             resp = json.load(r)
         assert resp["usage"]["completion_tokens"] == 5

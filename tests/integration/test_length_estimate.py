@@ -8,6 +8,8 @@ import uuid
 
 import msgspec
 import nats
+from redis.asyncio import Redis
+
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.state import StateStore
@@ -15,17 +17,17 @@ from dlora.services.servers import Server
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from redis.asyncio import Redis
-
 from tests.integration.test_gateway import offline
 
 SHORT_PROMPT = [5, 6, 7]
 
 
-async def test_stats_carry_the_expected_remaining_tokens(nats_server: Server, redis: Redis,
-                                                         tiny_llama: TinyOutput) -> None:
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w0", model=str(tiny_llama.model),
-                        stats_interval_s=0.05)
+async def test_stats_carry_the_expected_remaining_tokens(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    ws = WorkerSettings(
+        nats_url=nats_server.url, redis_url="unused", worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.05
+    )
     nc, client = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
     worker = WorkerService(ws, nc, StateStore(redis), build_engine(ws))
     stop = asyncio.Event()
@@ -39,14 +41,16 @@ async def test_stats_carry_the_expected_remaining_tokens(nats_server: Server, re
             finished[c.request_id] = c.finish_reason
 
     async def send(rid: str, prompt: list[int], params: SamplingParams) -> None:
-        req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=prompt,
-                              params=params)
+        req = GenerateRequest(
+            request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=prompt, params=params
+        )
         await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
 
     # Short answers that end by themselves, far below their bound (a stop token greedy decoding
     # first reaches at step stop_at), so the history holds real lengths, not cut-offs.
-    greedy = offline(tiny_llama, [{"id": "g", "prompt_token_ids": SHORT_PROMPT, "max_tokens": 40,
-                                   "ignore_eos": True}])[0]["token_ids"]
+    greedy = offline(tiny_llama, [{"id": "g", "prompt_token_ids": SHORT_PROMPT, "max_tokens": 40, "ignore_eos": True}])[
+        0
+    ]["token_ids"]
     stop_at = next(i for i, t in enumerate(greedy) if i >= 3 and t not in greedy[:i])
     short = SamplingParams(max_tokens=1000, temperature=0.0, stop_token_ids=[greedy[stop_at]])
 

@@ -19,8 +19,17 @@ from tests.integration.conftest import Stack
 @pytest.mark.parametrize("via", ["http", "nats"])
 async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Path, via: str) -> None:
     target = stack.url if via == "http" else stack.nc._current_server.uri.geturl()
-    spec = WorkloadSpec(requests=24, rate=20.0, duration=10.0, lengths="uniform", prompt_len=12, output_len=8,
-                        popularity="zipf", alpha=1.1, adapters=3)
+    spec = WorkloadSpec(
+        requests=24,
+        rate=20.0,
+        duration=10.0,
+        lengths="uniform",
+        prompt_len=12,
+        output_len=8,
+        popularity="zipf",
+        alpha=1.1,
+        adapters=3,
+    )
     with open(tmp_path / "console.txt", "w") as log:
         summary = await run(spec, target, tmp_path, Console(file=log, width=160), slo=SLO(ttft_s=5))
     assert summary["sent"] == 24 and summary["completed"] == 24 and summary["lost"] == 0 and summary["failed"] == 0
@@ -36,7 +45,20 @@ async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Pat
 
 
 def test_cli_knows_the_loadgen_options() -> None:
-    args = build_parser().parse_args(["loadgen", "--arrivals", "gamma", "--cv", "4", "--popularity", "stride",
-                                      "--stride", "8", "--shift-every", "30"])
+    args = build_parser().parse_args(
+        [
+            "loadgen",
+            "--arrivals",
+            "gamma",
+            "--cv",
+            "4",
+            "--popularity",
+            "stride",
+            "--stride",
+            "8",
+            "--shift-every",
+            "30",
+        ]
+    )
     assert (args.cv, args.stride, args.shift_every) == (4.0, 8, 30.0)
     assert callable(add_arguments)

@@ -10,6 +10,8 @@ import uuid
 import msgspec
 import nats
 import pytest
+from redis.asyncio import Redis
+
 from dlora.common import bus, subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
@@ -20,15 +22,21 @@ from dlora.services.servers import Server
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from redis.asyncio import Redis
-
 from tests.integration.test_gateway import offline
 
 N_TOKENS = 300
 
 
-async def start_workers(names: tuple[str, ...], nats_server: Server, store: StateStore, tiny_llama: TinyOutput,
-                        stop: asyncio.Event, conns: list, tasks: list, **settings) -> dict[str, WorkerService]:
+async def start_workers(
+    names: tuple[str, ...],
+    nats_server: Server,
+    store: StateStore,
+    tiny_llama: TinyOutput,
+    stop: asyncio.Event,
+    conns: list,
+    tasks: list,
+    **settings,
+) -> dict[str, WorkerService]:
     """Real workers in this process, running until ``stop``; their connections and tasks go into
     ``conns`` and ``tasks`` for the test to close."""
     workers = {}
@@ -42,8 +50,6 @@ async def start_workers(names: tuple[str, ...], nats_server: Server, store: Stat
 
 
 @pytest.mark.parametrize("ship_kv", [False, True], ids=["recompute", "kv"])
-
-
 async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput, ship_kv: bool
 ) -> None:
@@ -52,14 +58,23 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
-        workers = await start_workers(("w0", "w1", "w2"), nats_server, store, tiny_llama, stop, conns, tasks,
-                                      stats_interval_s=0.05)
+        workers = await start_workers(
+            ("w0", "w1", "w2"), nats_server, store, tiny_llama, stop, conns, tasks, stats_interval_s=0.05
+        )
         mnc = await nats.connect(nats_server.url)
         conns.append(mnc)
         # Shipping KV is free here, or dearer than any recompute: the planner picks accordingly.
         kv_cost = 0.0 if ship_kv else 1.0
-        migrator = Migrator(MigratorSettings(**common, interval_s=0.05, trigger=TriggerBounds(imbalance=0.25, min_gain_s=0.01),
-                                             kv_transfer_seconds_per_token=kv_cost), mnc, store)
+        migrator = Migrator(
+            MigratorSettings(
+                **common,
+                interval_s=0.05,
+                trigger=TriggerBounds(imbalance=0.25, min_gain_s=0.01),
+                kv_transfer_seconds_per_token=kv_cost,
+            ),
+            mnc,
+            store,
+        )
         tasks.append(asyncio.create_task(migrator.run(stop)))
 
         # A burst straight onto w0 (the NATS-native API lets an app pick a worker's subject).
@@ -79,16 +94,25 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
         await asyncio.sleep(0.3)  # the migrator has seen every worker
         for rid, prompt in prompts.items():
-            req = GenerateRequest(request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=prompt,
-                                  params=SamplingParams(max_tokens=N_TOKENS, ignore_eos=True))
+            req = GenerateRequest(
+                request_id=rid,
+                reply_to=subjects.reply_inbox(rid, owner),
+                prompt_token_ids=prompt,
+                params=SamplingParams(max_tokens=N_TOKENS, ignore_eos=True),
+            )
             await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
         await asyncio.wait_for(done.wait(), timeout=120)
 
         assert migrator.plans >= 1
         moved = {rid for rid, cs in chunks.items() if {c.worker for c in cs} != {"w0"}}
         assert moved, "no request finished away from w0"
-        expected = offline(tiny_llama, [{"id": rid, "prompt_token_ids": p, "max_tokens": N_TOKENS, "ignore_eos": True}
-                                        for rid, p in prompts.items()])
+        expected = offline(
+            tiny_llama,
+            [
+                {"id": rid, "prompt_token_ids": p, "max_tokens": N_TOKENS, "ignore_eos": True}
+                for rid, p in prompts.items()
+            ],
+        )
         for exp in expected:
             cs = chunks[exp["id"]]
             assert [c.seq for c in cs] == list(range(len(cs)))  # continuous numbering, nothing repeated
@@ -126,8 +150,9 @@ async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> N
         await nc.drain()
 
 
-async def test_workers_drop_plans_from_a_deposed_migrator(nats_server: Server, redis: Redis,
-                                                          tiny_llama: TinyOutput) -> None:
+async def test_workers_drop_plans_from_a_deposed_migrator(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
     from dlora.common.messages import MovePlan, MoveRequest
 
     store = StateStore(redis)
@@ -145,15 +170,23 @@ async def test_workers_drop_plans_from_a_deposed_migrator(nats_server: Server, r
 
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
         await asyncio.sleep(0.3)
-        req = GenerateRequest(request_id="r", reply_to=subjects.reply_inbox("r", owner), prompt_token_ids=[5, 6, 7],
-                              params=SamplingParams(max_tokens=400, ignore_eos=True))
+        req = GenerateRequest(
+            request_id="r",
+            reply_to=subjects.reply_inbox("r", owner),
+            prompt_token_ids=[5, 6, 7],
+            params=SamplingParams(max_tokens=400, ignore_eos=True),
+        )
         await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
         while not seen:
             await asyncio.sleep(0.01)
 
         async def send_plan(epoch: int, request_id: str = "r") -> None:
-            plan = MovePlan(plan_id=f"p{epoch}", epoch=epoch, created=time.time(),
-                            moves=[MoveRequest(request_id=request_id, adapter=None, to_worker="w1")])
+            plan = MovePlan(
+                plan_id=f"p{epoch}",
+                epoch=epoch,
+                created=time.time(),
+                moves=[MoveRequest(request_id=request_id, adapter=None, to_worker="w1")],
+            )
             await client.publish(subjects.MOVES, msgspec.json.encode(plan))
             await client.flush()
             await asyncio.sleep(0.3)
@@ -187,8 +220,16 @@ async def test_dispatcher_places_replicas_of_hot_adapters(nats_server: Server, r
     try:
         d = Dispatcher(DispatcherSettings(nats_url=nats_server.url), nc, store)
         for i in range(3):
-            st = WorkerStats(worker=f"w{i}", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16,
-                             max_loras=4, adapters=[AdapterResidency(name="cold", slot=0, merged=False)] if i == 0 else [])
+            st = WorkerStats(
+                worker=f"w{i}",
+                running=0,
+                waiting=0,
+                free_blocks=100,
+                total_blocks=100,
+                block_size=16,
+                max_loras=4,
+                adapters=[AdapterResidency(name="cold", slot=0, merged=False)] if i == 0 else [],
+            )
             d.workers[st.worker] = (st, time.monotonic())
         for _ in range(9):
             d._count("hot")
@@ -208,14 +249,32 @@ async def test_migrator_waits_for_persistent_imbalance_and_cools_down(nats_serve
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)
     try:
-        m = Migrator(MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=2, cooldown_s=60, min_gain_s=0.0)), nc, store)
+        m = Migrator(
+            MigratorSettings(
+                nats_url=nats_server.url, trigger=TriggerBounds(patience=2, cooldown_s=60, min_gain_s=0.0)
+            ),
+            nc,
+            store,
+        )
 
         def feed() -> None:
             for name, n in (("w0", 12), ("w1", 0)):
-                reqs = [RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=8, remaining_tokens=200)
-                        for i in range(n)]
-                st = WorkerStats(worker=name, running=n, waiting=0, free_blocks=1000, total_blocks=1000, block_size=16,
-                                 max_loras=4, seconds_per_token=0.01, prefill_seconds_per_token=0.0001, requests=reqs)
+                reqs = [
+                    RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=8, remaining_tokens=200)
+                    for i in range(n)
+                ]
+                st = WorkerStats(
+                    worker=name,
+                    running=n,
+                    waiting=0,
+                    free_blocks=1000,
+                    total_blocks=1000,
+                    block_size=16,
+                    max_loras=4,
+                    seconds_per_token=0.01,
+                    prefill_seconds_per_token=0.0001,
+                    requests=reqs,
+                )
                 m.stats[name] = (st, time.monotonic())
 
         feed()
@@ -237,6 +296,7 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
     nats_server: Server, redis: Redis, redis_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import redis as sync_redis
+
     from dlora.common.messages import RequestLoad, WorkerStats
     from dlora.services.migrator import main as migrator_main
 
@@ -257,13 +317,28 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
 
     monkeypatch.setattr(migrator_main, "plan", slow_plan)
     try:
-        m = Migrator(MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=1, min_gain_s=0.0)), nc, store)
+        m = Migrator(
+            MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=1, min_gain_s=0.0)), nc, store
+        )
         for name, n in (("w0", 12), ("w1", 0)):
-            reqs = [RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=8, remaining_tokens=200)
-                    for i in range(n)]
-            m.stats[name] = (WorkerStats(worker=name, running=n, waiting=0, free_blocks=1000, total_blocks=1000,
-                                         block_size=16, max_loras=4, seconds_per_token=0.01, requests=reqs),
-                             time.monotonic())
+            reqs = [
+                RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=8, remaining_tokens=200)
+                for i in range(n)
+            ]
+            m.stats[name] = (
+                WorkerStats(
+                    worker=name,
+                    running=n,
+                    waiting=0,
+                    free_blocks=1000,
+                    total_blocks=1000,
+                    block_size=16,
+                    max_loras=4,
+                    seconds_per_token=0.01,
+                    requests=reqs,
+                ),
+                time.monotonic(),
+            )
         await m.tick()
         await nc.flush()
         await asyncio.sleep(0.1)
@@ -286,14 +361,29 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
     try:
         # Even completion times (no queue-delay spread), but w0's long contexts need 95 of its 100
         # blocks, and shipping a cache costs less than the recompute its preemptions would.
-        settings = MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=1, kv_pressure=0.8, min_gain_s=0.0),
-                                    recompute_seconds_per_token=0.001, kv_transfer_seconds_per_token=0.0005)
+        settings = MigratorSettings(
+            nats_url=nats_server.url,
+            trigger=TriggerBounds(patience=1, kv_pressure=0.8, min_gain_s=0.0),
+            recompute_seconds_per_token=0.001,
+            kv_transfer_seconds_per_token=0.0005,
+        )
         m = Migrator(settings, nc, store)
         for name, context in (("w0", 19 * 16), ("w1", 16)):
-            reqs = [RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=context, remaining_tokens=10)
-                    for i in range(5)]
-            st = WorkerStats(worker=name, running=5, waiting=0, free_blocks=0, total_blocks=100, block_size=16,
-                             max_loras=4, seconds_per_token=0.01, requests=reqs)
+            reqs = [
+                RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=context, remaining_tokens=10)
+                for i in range(5)
+            ]
+            st = WorkerStats(
+                worker=name,
+                running=5,
+                waiting=0,
+                free_blocks=0,
+                total_blocks=100,
+                block_size=16,
+                max_loras=4,
+                seconds_per_token=0.01,
+                requests=reqs,
+            )
             m.stats[name] = (st, time.monotonic())
         await m.tick()
         await nc.flush()
@@ -307,8 +397,9 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
         await nc.drain()
 
 
-async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server, redis: Redis,
-                                                            tiny_llama: TinyOutput) -> None:
+async def test_workers_prefetch_the_adapters_placed_on_them(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
     from dlora.common.messages import AdapterEntry
     from dlora.services.dispatcher.main import Dispatcher
     from dlora.services.dispatcher.settings import DispatcherSettings
@@ -319,8 +410,13 @@ async def test_workers_prefetch_the_adapters_placed_on_them(nats_server: Server,
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
-        workers = list((await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks,
-                                            stats_interval_s=0.05)).values())
+        workers = list(
+            (
+                await start_workers(
+                    ("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks, stats_interval_s=0.05
+                )
+            ).values()
+        )
         dnc = await nats.connect(nats_server.url)
         conns.append(dnc)
         d = Dispatcher(DispatcherSettings(nats_url=nats_server.url), dnc, store)

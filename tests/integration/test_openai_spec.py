@@ -17,21 +17,37 @@ from tests.integration.conftest import Stack
 from tests.integration.test_gateway import post
 
 ENDPOINTS = {
-    "/v1/completions": (completion_create_params.CompletionCreateParamsBase,
-                        {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 2}),
-    "/v1/chat/completions": (chat_create_params.CompletionCreateParamsBase,
-                             {"model": "lora-0", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 2}),
+    "/v1/completions": (
+        completion_create_params.CompletionCreateParamsBase,
+        {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 2},
+    ),
+    "/v1/chat/completions": (
+        chat_create_params.CompletionCreateParamsBase,
+        {"model": "lora-0", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 2},
+    ),
 }
 REQUIRED = {"model", "prompt", "messages"}
 # The OpenAPI document's minimum and maximum for each numeric field (createCompletionRequest,
 # createChatCompletionRequest), written down here apart from the gateway's own table.
 SPEC_RANGES = {
-    "/v1/completions": {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "n": (1, 128), "best_of": (0, 20),
-                        "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0), "logprobs": (0, 5),
-                        "max_tokens": (0, math.inf)},
-    "/v1/chat/completions": {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "n": (1, 128),
-                             "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
-                             "top_logprobs": (0, 20)},
+    "/v1/completions": {
+        "temperature": (0.0, 2.0),
+        "top_p": (0.0, 1.0),
+        "n": (1, 128),
+        "best_of": (0, 20),
+        "presence_penalty": (-2.0, 2.0),
+        "frequency_penalty": (-2.0, 2.0),
+        "logprobs": (0, 5),
+        "max_tokens": (0, math.inf),
+    },
+    "/v1/chat/completions": {
+        "temperature": (0.0, 2.0),
+        "top_p": (0.0, 1.0),
+        "n": (1, 128),
+        "presence_penalty": (-2.0, 2.0),
+        "frequency_penalty": (-2.0, 2.0),
+        "top_logprobs": (0, 20),
+    },
 }
 
 
@@ -81,8 +97,9 @@ async def test_the_spec_ranges_are_the_accepted_ranges(stack: Stack, path: str) 
         outside = [low - step] + ([high + step] if high != math.inf else [])
         for value in inside:  # served, or refused as a feature (best_of other than n), never as out of range
             status, resp = await post(stack, path, {**base, field: value})
-            assert status == 200 or (status == 400 and "not supported" in resp["error"]["message"]
-                                     and not _range_error(resp, field)), (field, value, resp)
+            assert status == 200 or (
+                status == 400 and "not supported" in resp["error"]["message"] and not _range_error(resp, field)
+            ), (field, value, resp)
         for value in outside:
             status, resp = await post(stack, path, {**base, field: value})
             assert status == 400 and _range_error(resp, field), (field, value, resp)
@@ -97,16 +114,44 @@ async def test_the_issue_examples(stack: Stack) -> None:
 
 async def test_input_that_cannot_be_honoured_is_refused_by_name(stack: Stack) -> None:
     chat = ENDPOINTS["/v1/chat/completions"][1]
-    image = {"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    image = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        ],
+    }
     cases = [
         ("/v1/chat/completions", {**chat, "messages": [image]}, "image_url"),
-        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}, "input_audio"),
+        (
+            "/v1/chat/completions",
+            {
+                **chat,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}],
+                    }
+                ],
+            },
+            "input_audio",
+        ),
         ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/v1/chat/completions", {**chat, "modalities": ["text", "audio"]}, "modalities"),
-        ("/v1/chat/completions", {**chat, "messages": [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "tool_calls"),
+        (
+            "/v1/chat/completions",
+            {
+                **chat,
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                    }
+                ],
+            },
+            "tool_calls",
+        ),
         ("/v1/completions", {**ENDPOINTS["/v1/completions"][1], "suffix": "end"}, "suffix"),
         ("/v1/completions", {**ENDPOINTS["/v1/completions"][1], "bogus_option": 1}, "bogus_option"),
         ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x", "weird": 1}]}, "weird"),
@@ -115,6 +160,9 @@ async def test_input_that_cannot_be_honoured_is_refused_by_name(stack: Stack) ->
         status, resp = await post(stack, path, body)
         assert 400 <= status < 500 and name in resp["error"]["message"], (name, status, resp)
     # metadata that changes no token is accepted
-    status, _ = await post(stack, "/v1/chat/completions", {**chat, "metadata": {"k": "v"}, "store": False,
-                                                          "user": "u", "service_tier": "auto"})
+    status, _ = await post(
+        stack,
+        "/v1/chat/completions",
+        {**chat, "metadata": {"k": "v"}, "store": False, "user": "u", "service_tier": "auto"},
+    )
     assert status == 200

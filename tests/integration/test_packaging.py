@@ -15,25 +15,50 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_wheel_carries_the_traces_and_finds_them_installed(tmp_path: Path) -> None:
     # built from a copy, so the build leaves nothing in the checkout
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "build", "*.egg-info",
-                                                                "__pycache__", ".pytest_cache", "bench-results"))
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".cache", "build", "*.egg-info", "__pycache__", ".pytest_cache", "bench-results"
+        ),
+    )
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("dlora-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "loadgen" / "data").rglob("*") if p.is_file()}
     assert {f"dlora/{name}" for name in shipped} <= names
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     # -S: no site-packages, so the editable install of this checkout is not on the path; only the wheel is.
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]);"
-             "from dlora.loadgen import bundled; from dlora.loadgen.traces import read_trace;"
-             "p = bundled.resolve('bundled:azure-conv'); print(p); print(len(read_trace(p).rows));"
-             "print(len(read_trace(bundled.resolve('bundled:servegen')).tenants))")
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from dlora.loadgen import bundled; from dlora.loadgen.traces import read_trace;"
+        "p = bundled.resolve('bundled:azure-conv'); print(p); print(len(read_trace(p).rows));"
+        "print(len(read_trace(bundled.resolve('bundled:servegen')).tenants))"
+    )
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    out = subprocess.run([sys.executable, "-S", "-c", probe, str(target)], cwd=cwd, check=True, capture_output=True,
-                         text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe, str(target)], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.split()
     assert Path(out[0]).is_relative_to(target) and out[1:] == ["19366", "32"]

@@ -14,6 +14,8 @@ import aiohttp
 import nats
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
+
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -23,8 +25,6 @@ from dlora.services.servers import Server, free_port
 from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from redis.asyncio import Redis
-
 from tests.integration.test_gateway import offline
 
 N = 400  # tokens: long enough that the victim is still generating when it dies
@@ -38,16 +38,28 @@ async def _live(store: StateStore, worker: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{worker} never came up")
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.95, "seed": 1234}],
-                         ids=["greedy", "sampled"])
-async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_server: Server, redis: Redis,
-                                                 tiny_llama: TinyOutput, sampling: dict) -> None:
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.95, "seed": 1234}], ids=["greedy", "sampled"]
+)
+async def test_sigkilled_worker_loses_no_request(
+    nats_server: Server, redis_server: Server, redis: Redis, tiny_llama: TinyOutput, sampling: dict
+) -> None:
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url=redis_server.url)
-    env = {**os.environ, "DLORA_NATS_URL": nats_server.url, "DLORA_REDIS_URL": redis_server.url,
-           "DLORA_MODEL": str(tiny_llama.model), "DLORA_WORKER_ID": "a-victim", "DLORA_STATS_INTERVAL_S": "0.1"}
-    victim = subprocess.Popen([sys.executable, "-m", "dlora.services.cli", "serve", "worker"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": nats_server.url,
+        "DLORA_REDIS_URL": redis_server.url,
+        "DLORA_MODEL": str(tiny_llama.model),
+        "DLORA_WORKER_ID": "a-victim",
+        "DLORA_STATS_INTERVAL_S": "0.1",
+    }
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
@@ -61,7 +73,9 @@ async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_serv
         await _live(store, "b-survivor")
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
-        tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common, heartbeat_ttl_s=1.0), nc, store).run(stop)))
+        tasks.append(
+            asyncio.create_task(Dispatcher(DispatcherSettings(**common, heartbeat_ttl_s=1.0), nc, store).run(stop))
+        )
         gw_settings = GatewaySettings(**common, model=str(tiny_llama.model), port=free_port())
         gw_nc = await nats.connect(nats_server.url)
         conns.append(gw_nc)
@@ -72,8 +86,15 @@ async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_serv
         await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
         await asyncio.sleep(0.3)  # the dispatcher has seen the victim's stats
 
-        body = {"model": "model", "prompt": [5, 40, 41, 300, 17], "max_tokens": N, **sampling,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": "model",
+            "prompt": [5, 40, 41, 300, 17],
+            "max_tokens": N,
+            **sampling,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         texts, finish, usage, killed = [], None, None, False
         async with aiohttp.ClientSession() as http:
             async with http.post(f"http://127.0.0.1:{gw_settings.port}/v1/completions", json=body) as r:
@@ -93,8 +114,10 @@ async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_serv
                         killed = True
         assert killed and finish == "length" and survivor.engine.stats.steps > 0
         assert usage["completion_tokens"] == N and len(texts) >= N  # one event per token, none lost
-        expected = offline(tiny_llama, [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N,
-                                         "ignore_eos": True, **sampling}])[0]
+        expected = offline(
+            tiny_llama,
+            [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N, "ignore_eos": True, **sampling}],
+        )[0]
         # Continuous: nothing repeated, nothing missing; a sampled request draws on the survivor
         # what it would have drawn on the victim.
         assert "".join(texts) == expected["text"]
@@ -108,13 +131,15 @@ async def test_sigkilled_worker_loses_no_request(nats_server: Server, redis_serv
             await c.drain()
 
 
-async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(nats_server: Server,
-                                                                                 redis: Redis) -> None:
+async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
+    nats_server: Server, redis: Redis
+) -> None:
     """Recovery re-dispatches a lost worker's request once; if that worker dies too, the request
     fails with a reason instead of being handed to the next worker (no poison cascade)."""
     import time
 
     import msgspec
+
     from dlora.common import subjects
     from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
 
@@ -125,8 +150,9 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
     replies: asyncio.Queue = asyncio.Queue()
     await nc.subscribe(subjects.worker_requests("w-live"), cb=forwarded.put)
     await nc.subscribe("test.poison.reply", cb=replies.put)
-    live = WorkerStats(worker="w-live", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16,
-                       max_loras=4)
+    live = WorkerStats(
+        worker="w-live", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
+    )
     dispatcher.workers["w-live"] = (live, time.monotonic())
     try:
         req = GenerateRequest(request_id="poison", reply_to="test.poison.reply", prompt="kalo")

@@ -13,8 +13,17 @@ from dlora.kernels.attention_triton import build_paged_metadata, paged_attention
 from tests.kernels.conftest import assert_close, cuda_only, device
 
 
-def check(q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int = 16,
-          dtype: torch.dtype = torch.float32, seed: int = 0, block_n: int | None = None) -> None:
+def check(
+    q_lens: list[int],
+    ctx_lens: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    block_n: int | None = None,
+) -> None:
     """Sequences' blocks scattered over a shuffled pool; new tokens are the last q_len of ctx_len."""
     rng = random.Random(seed)
     needed = [-(-c // block_size) for c in ctx_lens]
@@ -31,16 +40,24 @@ def check(q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, hea
     k = torch.randn(num_slots, kv_heads, head_dim, generator=g).to(device(), dtype)
     v = torch.randn(num_slots, kv_heads, head_dim, generator=g).to(device(), dtype)
     scale = head_dim**-0.5
-    want = paged_attention_torch(q, k, v, build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size,
-                                                                   device()), block_size, scale)
+    want = paged_attention_torch(
+        q, k, v, build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size, device()), block_size, scale
+    )
     meta = build_paged_metadata(q_lens, ctx_lens, tables, slots, block_size, device())
     assert meta.slots.tolist() == slots
     assert_close(paged_attention_triton(q, k, v, meta, block_size, scale, block_n=block_n), want)
 
 
 def test_metadata_tiles_prefill_and_lists_decode() -> None:
-    meta = build_paged_metadata([1, 20, 1, 3], [9, 20, 40, 5], [[0], [1, 2], [3, 4, 5], [6]], list(range(25)), 16,
-                                torch.device("cpu"), block_m=16)
+    meta = build_paged_metadata(
+        [1, 20, 1, 3],
+        [9, 20, 40, 5],
+        [[0], [1, 2], [3, 4, 5], [6]],
+        list(range(25)),
+        16,
+        torch.device("cpu"),
+        block_m=16,
+    )
     assert meta.decode_seqs.tolist() == [0, 2]
     assert list(zip(meta.tile_seq.tolist(), meta.tile_q0.tolist())) == [(1, 0), (1, 16), (3, 0)]
     assert meta.q_start.tolist() == [0, 1, 21, 22]

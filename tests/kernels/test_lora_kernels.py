@@ -17,8 +17,14 @@ NUM_SLOTS = 8
 MIXED_RANKS = [8, 16, 32, 64, 8, 16, 32, 64]
 
 
-def projection(k: int, sizes: list[int], ranks: list[int], dtype: torch.dtype, skip: set[tuple[int, int]] = frozenset(),
-               seed: int = 0) -> LoraProjection:
+def projection(
+    k: int,
+    sizes: list[int],
+    ranks: list[int],
+    dtype: torch.dtype,
+    skip: set[tuple[int, int]] = frozenset(),
+    seed: int = 0,
+) -> LoraProjection:
     """A fused projection of ``sizes`` slices; slot s has rank ranks[s] (0: empty slot);
     (slice, slot) pairs in ``skip`` are not targeted by that slot's adapter."""
     g = torch.Generator().manual_seed(seed)
@@ -86,8 +92,11 @@ def test_decode_matches_reference(batch: int, pattern: str) -> None:
     check(proj, popularity(pattern, batch, random.Random(batch)), torch.float32, 64)
 
 
-@pytest.mark.parametrize("ranks", [[8] * NUM_SLOTS, [16] * NUM_SLOTS, [32] * NUM_SLOTS, [64] * NUM_SLOTS,
-                                   [4, 128, 8, 16, 32, 64, 12, 100]], ids=["8", "16", "32", "64", "mixed-4-128"])
+@pytest.mark.parametrize(
+    "ranks",
+    [[8] * NUM_SLOTS, [16] * NUM_SLOTS, [32] * NUM_SLOTS, [64] * NUM_SLOTS, [4, 128, 8, 16, 32, 64, 12, 100]],
+    ids=["8", "16", "32", "64", "mixed-4-128"],
+)
 def test_ranks(ranks: list[int]) -> None:
     proj = projection(64, [64, 32, 32], ranks, torch.float32)
     check(proj, popularity("uniform", 16, random.Random(0)), torch.float32, 64)

@@ -53,8 +53,16 @@ def simulate(policy: Policy, arrivals: list[Arrival], limits: BatchLimits, max_s
     for step in range(max_steps):
         while pending and pending[0][1].step <= step:
             i, a = pending.pop(0)
-            queue.append({"id": f"q{i}", "adapter": a.adapter, "left": a.length, "arrival": order, "ran": False,
-                          "rank": a.rank if a.adapter else 0})
+            queue.append(
+                {
+                    "id": f"q{i}",
+                    "adapter": a.adapter,
+                    "left": a.length,
+                    "arrival": order,
+                    "ran": False,
+                    "rank": a.rank if a.adapter else 0,
+                }
+            )
             if a.adapter:
                 ranks[a.adapter] = a.rank
             order += 1
@@ -91,11 +99,19 @@ def simulate(policy: Policy, arrivals: list[Arrival], limits: BatchLimits, max_s
             else:
                 current[r.request_id] = current.get(r.request_id, 0.0) + seconds
                 res.max_displaced[r.request_id] = max(res.max_displaced.get(r.request_id, 0.0), current[r.request_id])
-        policy.observe(decision, StepRecord(
-            merged=merged, request_ids=[r["id"] for r in ran], adapters=[r["adapter"] for r in ran],
-            num_tokens=len(ran), lora_rank_sum=sum(ranks[a] for a in adapters) if merged is None else 0,
-            seconds=seconds, merge_seconds=merge_s, unmerge_seconds=unmerge_s,
-        ))
+        policy.observe(
+            decision,
+            StepRecord(
+                merged=merged,
+                request_ids=[r["id"] for r in ran],
+                adapters=[r["adapter"] for r in ran],
+                num_tokens=len(ran),
+                lora_rank_sum=sum(ranks[a] for a in adapters) if merged is None else 0,
+                seconds=seconds,
+                merge_seconds=merge_s,
+                unmerge_seconds=unmerge_s,
+            ),
+        )
         res.steps += 1
         res.seconds += seconds + merge_s + unmerge_s
         res.t_max = max(res.t_max, seconds)

@@ -7,13 +7,30 @@ from dlora.loadgen.bench_e2e import write_outputs
 BEGIN, END = "<!-- bench-e2e:begin -->", "<!-- bench-e2e:end -->"
 
 RESULT = {
-    "machine": "test box", "date": "2026-01-01", "preset": "tiny", "adapters": 4, "stride": 8,
-    "top_adapter_share": 0.5, "length_scaling": {"divide": 8.0, "max_prompt": 64, "max_output": 32},
-    "latency_bound_s_per_token": 0.5, "hf_batching": {"batch_1_tok_s": 10.0, "batch_32_tok_s": 40.0, "gain": 4.0},
-    "rows": [{"rate": r, "system": s, "requests": 8, "finished": 8, "throughput_tok_s": 10.0 * r,
-              "norm_latency_mean_s": 0.1 * r, "norm_latency_p90_s": 0.2 * r}
-             for r in (1.0, 2.0) for s in ("hf-peft", "dlora")],
-    "sustained_rate_req_s": {"hf-peft": 1.0, "dlora": 2.0}, "dlora_over_hf": 2.0,
+    "machine": "test box",
+    "date": "2026-01-01",
+    "preset": "tiny",
+    "adapters": 4,
+    "stride": 8,
+    "top_adapter_share": 0.5,
+    "length_scaling": {"divide": 8.0, "max_prompt": 64, "max_output": 32},
+    "latency_bound_s_per_token": 0.5,
+    "hf_batching": {"batch_1_tok_s": 10.0, "batch_32_tok_s": 40.0, "gain": 4.0},
+    "rows": [
+        {
+            "rate": r,
+            "system": s,
+            "requests": 8,
+            "finished": 8,
+            "throughput_tok_s": 10.0 * r,
+            "norm_latency_mean_s": 0.1 * r,
+            "norm_latency_p90_s": 0.2 * r,
+        }
+        for r in (1.0, 2.0)
+        for s in ("hf-peft", "dlora")
+    ],
+    "sustained_rate_req_s": {"hf-peft": 1.0, "dlora": 2.0},
+    "dlora_over_hf": 2.0,
 }
 
 

@@ -5,8 +5,16 @@ import pytest
 
 from dlora.model.config import ModelConfig, ModelConfigError
 
-RAW = dict(model_type="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-           intermediate_size=128, num_hidden_layers=2, vocab_size=100, eos_token_id=[2, 5])
+RAW = dict(
+    model_type="qwen2",
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    vocab_size=100,
+    eos_token_id=[2, 5],
+)
 
 
 def test_reads_qwen2_defaults() -> None:

@@ -2,12 +2,25 @@ from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.dispatcher.choose import DispatchCosts, choose_worker
 
 
-def w(name: str, queued: list[tuple[str | None, int]] = (), adapters: tuple[str, ...] = (), spt: float = 0.01) -> WorkerStats:
-    reqs = [RequestLoad(request_id=f"{name}{i}", adapter=a, context_tokens=10, remaining_tokens=n)
-            for i, (a, n) in enumerate(queued)]
-    return WorkerStats(worker=name, running=len(reqs), waiting=0, free_blocks=100, total_blocks=100, block_size=16,
-                       max_loras=4, adapters=[AdapterResidency(name=a, slot=0, merged=False) for a in adapters],
-                       seconds_per_token=spt, requests=reqs)
+def w(
+    name: str, queued: list[tuple[str | None, int]] = (), adapters: tuple[str, ...] = (), spt: float = 0.01
+) -> WorkerStats:
+    reqs = [
+        RequestLoad(request_id=f"{name}{i}", adapter=a, context_tokens=10, remaining_tokens=n)
+        for i, (a, n) in enumerate(queued)
+    ]
+    return WorkerStats(
+        worker=name,
+        running=len(reqs),
+        waiting=0,
+        free_blocks=100,
+        total_blocks=100,
+        block_size=16,
+        max_loras=4,
+        adapters=[AdapterResidency(name=a, slot=0, merged=False) for a in adapters],
+        seconds_per_token=spt,
+        requests=reqs,
+    )
 
 
 def test_no_workers_no_choice() -> None:

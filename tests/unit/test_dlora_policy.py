@@ -58,8 +58,16 @@ def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.
     ran = [r for r in q if r.request_id in set(decision.request_ids)][: LIMITS.max_num_seqs]
     if decision.merged is not None:
         ran = [r for r in ran if r.adapter == decision.merged]
-    return StepRecord(decision.merged, [r.request_id for r in ran], [r.adapter for r in ran], len(ran),
-                      rank_sum if decision.merged is None else 0, seconds, merge, unmerge)
+    return StepRecord(
+        decision.merged,
+        [r.request_id for r in ran],
+        [r.adapter for r in ran],
+        len(ran),
+        rank_sum if decision.merged is None else 0,
+        seconds,
+        merge,
+        unmerge,
+    )
 
 
 def _run_epoch(p: DLoraPolicy, q, merged_now, seconds: float, steps: int, **kw) -> str | None:
@@ -140,8 +148,12 @@ def _hot_adapter_arrivals(steps: int = 300) -> list[Arrival]:
 
 def test_hot_adapter_cannot_hold_the_replica_merged_forever() -> None:
     limits = BatchLimits(max_num_seqs=8, max_adapters=4)
-    no_credits = simulate(DLoraPolicy(limits, PolicyConfig(starvation_s=math.inf, debt_floor_s=math.inf)),
-                          _hot_adapter_arrivals(), limits, max_steps=400)
+    no_credits = simulate(
+        DLoraPolicy(limits, PolicyConfig(starvation_s=math.inf, debt_floor_s=math.inf)),
+        _hot_adapter_arrivals(),
+        limits,
+        max_steps=400,
+    )
     assert "q5" not in no_credits.finished  # without credits the cold request starves
     policy = DLoraPolicy(limits)
     res = simulate(policy, _hot_adapter_arrivals(), limits, max_steps=400)
@@ -156,8 +168,13 @@ def test_hot_adapter_cannot_hold_the_replica_merged_forever() -> None:
     hot_share=st.floats(0.0, 0.95),
     max_seqs=st.integers(1, 8),
     slots=st.integers(1, 4),
-    seed_arrivals=st.lists(st.tuples(st.integers(0, 60), st.floats(0, 1), st.integers(0, 5), st.integers(1, 25),
-                                     st.sampled_from([4, 8, 16, 64])), min_size=1, max_size=60),
+    seed_arrivals=st.lists(
+        st.tuples(
+            st.integers(0, 60), st.floats(0, 1), st.integers(0, 5), st.integers(1, 25), st.sampled_from([4, 8, 16, 64])
+        ),
+        min_size=1,
+        max_size=60,
+    ),
     starvation_s=st.sampled_from([0.05, 0.2, 1.0]),
 )
 def test_wait_bound_holds_for_any_arrivals(n_adapters, hot_share, max_seqs, slots, seed_arrivals, starvation_s) -> None:

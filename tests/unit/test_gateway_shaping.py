@@ -35,8 +35,9 @@ def served(tiny_llama) -> ServedModel:
 def shape(served: ServedModel, body: dict[str, Any], chat: bool = False, adapter: AdapterEntry | None = None) -> Job:
     raw = json.dumps({"model": BASE} | body).encode()
     decoded = openai.decode_body(raw, ChatBody if chat else CompletionBody)
-    return shaping.shape_request(decoded, adapter, served, base_name=BASE, request_id="cmpl-1", gateway_id="gw",
-                                 now=1000.5)
+    return shaping.shape_request(
+        decoded, adapter, served, base_name=BASE, request_id="cmpl-1", gateway_id="gw", now=1000.5
+    )
 
 
 def refused(served: ServedModel, body: dict[str, Any], chat: bool = False, **kw: Any) -> APIError:
@@ -52,18 +53,29 @@ def test_n_samples_of_one_prompt_take_consecutive_seeds(served: ServedModel) -> 
     reqs = [c.request for c in job.choices]
     assert [r.request_id for r in reqs] == ["cmpl-1-0", "cmpl-1-1", "cmpl-1-2"]
     assert [r.params.seed for r in reqs] == [7, 8, 9]
-    assert all(r.prompt_token_ids == ids and r.params.max_tokens == 5 and r.adapter is None and r.tenant == "ana"
-               and r.created == 1000.5 for r in reqs)
+    assert all(
+        r.prompt_token_ids == ids
+        and r.params.max_tokens == 5
+        and r.adapter is None
+        and r.tenant == "ana"
+        and r.created == 1000.5
+        for r in reqs
+    )
     assert reqs[1].reply_to == subjects.reply_inbox("cmpl-1-1", "gw")
     assert (job.shape.chat, job.shape.request_id, job.shape.model, job.shape.created) == (False, "cmpl-1", BASE, 1000)
     assert (job.adapter, job.stream, job.include_usage) == (None, False, False)
 
 
 def test_several_prompts_are_prompt_x_n_choices(served: ServedModel) -> None:
-    job = shape(served, {"prompt": ["kalo", [5, 6, 7]], "n": 2, "stream": True,
-                         "stream_options": {"include_usage": True}})
+    job = shape(
+        served, {"prompt": ["kalo", [5, 6, 7]], "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert [(c.index, c.request.request_id) for c in job.choices] == [
-        (0, "cmpl-1-0"), (1, "cmpl-1-1"), (2, "cmpl-1-2"), (3, "cmpl-1-3")]
+        (0, "cmpl-1-0"),
+        (1, "cmpl-1-1"),
+        (2, "cmpl-1-2"),
+        (3, "cmpl-1-3"),
+    ]
     assert job.choices[2].request.prompt_token_ids == [5, 6, 7]
     assert job.prompt_tokens == len(served.tokenizer.encode("kalo")) + 3  # each prompt once, not once per sample
     assert all(c.request.params.max_tokens == shaping.DEFAULT_COMPLETION_TOKENS for c in job.choices)
@@ -86,8 +98,10 @@ def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> No
     assert shape(served, {"prompt": long, "max_tokens": 4}).choices[0].request.params.max_tokens == 4
     e = refused(served, {"prompt": long, "max_tokens": 5})
     assert (e.status, e.param) == (400, "max_tokens")
-    assert e.message == (f"this model's maximum context length is {CONTEXT} tokens; the prompt has {CONTEXT - 4} "
-                         "and max_tokens asks for 5")
+    assert e.message == (
+        f"this model's maximum context length is {CONTEXT} tokens; the prompt has {CONTEXT - 4} "
+        "and max_tokens asks for 5"
+    )
     assert refused(served, {"prompt": [5] * CONTEXT, "max_tokens": 1}).param == "max_tokens"
     assert refused(served, {"prompt": [], "max_tokens": 1}).message == "the prompt is empty"
     # a chat request without max_tokens may fill the context
@@ -98,8 +112,11 @@ def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> No
 
 def test_malformed_prompts_and_too_many_choices(served: ServedModel) -> None:
     e = refused(served, {"prompt": [1, "x"]})
-    assert (e.status, e.param, e.message) == (400, "prompt", "prompt must be a string, a list of token ids, or a "
-                                                             "list of either")
+    assert (e.status, e.param, e.message) == (
+        400,
+        "prompt",
+        "prompt must be a string, a list of token ids, or a list of either",
+    )
     e = refused(served, {"prompt": [served.vocab_size]})
     assert e.message == f"prompt token ids must be in [0, {served.vocab_size})"
     e = refused(served, {"prompt": ["a", "b", "c"], "n": 100})
@@ -122,8 +139,21 @@ def test_stop_logprobs_and_response_format(served: ServedModel) -> None:
     p = shape(served, {"prompt": "kalo", "stop": "\n", "logprobs": 2}).choices[0].request.params
     assert (p.stop, p.logprobs) == (["\n"], 2)
     msgs = [{"role": "user", "content": "kalo"}]
-    p = shape(served, {"messages": msgs, "stop": ["a", "b"], "logprobs": True, "top_logprobs": 3,
-                       "response_format": {"type": "json_object"}}, chat=True).choices[0].request.params
+    p = (
+        shape(
+            served,
+            {
+                "messages": msgs,
+                "stop": ["a", "b"],
+                "logprobs": True,
+                "top_logprobs": 3,
+                "response_format": {"type": "json_object"},
+            },
+            chat=True,
+        )
+        .choices[0]
+        .request.params
+    )
     assert (p.stop, p.logprobs, json.loads(p.json_schema)) == (["a", "b"], 3, {"type": "object"})
     assert shape(served, {"messages": msgs}, chat=True).choices[0].request.params.logprobs is None
     for bad in ({"type": "yaml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 3}}):
@@ -134,8 +164,9 @@ def test_stop_logprobs_and_response_format(served: ServedModel) -> None:
 
 
 def test_sampling_params_map_and_refuse_unsupported() -> None:
-    body = msgspec.convert({"model": "m", "prompt": "x", "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 4},
-                           CompletionBody)
+    body = msgspec.convert(
+        {"model": "m", "prompt": "x", "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 4}, CompletionBody
+    )
     p = shaping.sampling_params(body, 7)
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (7, 0.5, 0.9, ["\n"], 4)
     for field, value in (("best_of", 2), ("suffix", "x"), ("logit_bias", {"5": 1.0})):
@@ -155,8 +186,10 @@ class _Chars:
 
 
 def test_chat_prompt_without_a_template_is_a_transcript(served: ServedModel) -> None:
-    msgs = [ChatMessage(role="system", content="be brief"),
-            ChatMessage(role="user", content=[openai.ContentPart(type="text", text="hi")])]
+    msgs = [
+        ChatMessage(role="system", content="be brief"),
+        ChatMessage(role="user", content=[openai.ContentPart(type="text", text="hi")]),
+    ]
     transcript = "system: be brief\nuser: hi\nassistant:"
     assert shaping.chat_prompt_ids(msgs, tokenizer=_Chars()) == [ord(c) for c in transcript]
     with pytest.raises(APIError, match="role"):
@@ -180,12 +213,18 @@ def llama_style_tokenizer(model_dir: Path, out: Path):
     tj = json.loads((out / "tokenizer.json").read_text())
     bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
     a, b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
-    tj["post_processor"] = {"type": "TemplateProcessing", "single": [bos, a], "pair": [bos, a, b],
-                            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    tj["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, a],
+        "pair": [bos, a, b],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+    }
     (out / "tokenizer.json").write_text(json.dumps(tj))
     conf = json.loads((out / "tokenizer_config.json").read_text())
-    conf["chat_template"] = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                             "{% if add_generation_prompt %}[assistant] {% endif %}")
+    conf["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     (out / "tokenizer_config.json").write_text(json.dumps(conf))
     return AutoTokenizer.from_pretrained(out)
 

@@ -16,7 +16,9 @@ def chunks(request_id: str, n: int = 3) -> tuple[KVSnapshot, list[KVChunk]]:
     kv = KVSnapshot(tokens=4, k=torch.randn(2, 4, 1, 8), v=torch.randn(2, 4, 1, 8))
     data = kv.to_bytes()
     size = -(-len(data) // n)
-    return kv, [KVChunk(request_id=request_id, index=i, total=n, data=data[i * size:(i + 1) * size]) for i in range(n)]
+    return kv, [
+        KVChunk(request_id=request_id, index=i, total=n, data=data[i * size : (i + 1) * size]) for i in range(n)
+    ]
 
 
 async def test_a_cache_comes_together_in_any_order() -> None:

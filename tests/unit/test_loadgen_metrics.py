@@ -10,8 +10,9 @@ from dlora.loadgen.traces import LLMRequestRow
 
 def done(arrival: float, first: float, finish: float, tokens: int, adapter: str = "a") -> RequestResult:
     times = list(np.linspace(first, finish, tokens))
-    return RequestResult(arrival, adapter, tokens, sent=True, first_token_s=first, finish_s=finish, tokens=tokens,
-                         token_times=times)
+    return RequestResult(
+        arrival, adapter, tokens, sent=True, first_token_s=first, finish_s=finish, tokens=tokens, token_times=times
+    )
 
 
 def test_summary_of_a_hand_made_timeline() -> None:

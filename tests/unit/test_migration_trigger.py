@@ -13,8 +13,11 @@ OFF = TriggerBounds(imbalance=None, request_excess=None, kv_pressure=None)
 def snap(*loads: tuple[int, float, int], kv_blocks: int = 100) -> ClusterSnapshot:
     """One worker per (requests, remaining tokens each, context tokens each); 16-token blocks."""
     workers = [WorkerState(f"w{i}", kv_blocks, 16, 4, frozenset(), 0.01) for i in range(len(loads))]
-    requests = [RequestState(f"w{i}-{j}", f"w{i}", None, context, remaining)
-                for i, (n, remaining, context) in enumerate(loads) for j in range(n)]
+    requests = [
+        RequestState(f"w{i}-{j}", f"w{i}", None, context, remaining)
+        for i, (n, remaining, context) in enumerate(loads)
+        for j in range(n)
+    ]
     return ClusterSnapshot(workers, requests)
 
 
@@ -54,8 +57,17 @@ def test_move_costs_weigh_each_workers_measurement_by_its_tokens() -> None:
     from dlora.services.migrator.main import _cost
 
     def stats(name: str, spt: float, tokens: int) -> WorkerStats:
-        return WorkerStats(worker=name, running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16,
-                           max_loras=1, prefill_seconds_per_token=spt, prefill_tokens=tokens)
+        return WorkerStats(
+            worker=name,
+            running=0,
+            waiting=0,
+            free_blocks=1,
+            total_blocks=1,
+            block_size=16,
+            max_loras=1,
+            prefill_seconds_per_token=spt,
+            prefill_tokens=tokens,
+        )
 
     measured = [stats("w0", 0.001, 9000), stats("w1", 0.011, 1000), stats("w2", 0.0, 0)]
     assert _cost(measured, "prefill", None, prior=0.5) == pytest.approx(0.002)  # not the plain mean, 0.006

@@ -8,17 +8,25 @@ import subprocess
 import sys
 
 import pytest
+
 from dlora.model.adapters import inspect_adapter
 from dlora.model.config import ModelConfig
 from dlora.services.worker.engine.lora import load_adapter
 
-SERVICES = ["dlora.services.gateway.main", "dlora.services.dispatcher.main", "dlora.services.migrator.main",
-            "dlora.services.launcher", "dlora.services.cli"]
+SERVICES = [
+    "dlora.services.gateway.main",
+    "dlora.services.dispatcher.main",
+    "dlora.services.migrator.main",
+    "dlora.services.launcher",
+    "dlora.services.cli",
+]
 
 
 @pytest.mark.parametrize("module", SERVICES)
 def test_services_that_run_no_model_import_no_torch(module: str) -> None:
-    probe = f"import sys, {module}; print(sorted(m for m in ('torch', 'triton', 'safetensors.torch') if m in sys.modules))"
+    probe = (
+        f"import sys, {module}; print(sorted(m for m in ('torch', 'triton', 'safetensors.torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

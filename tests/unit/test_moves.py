@@ -16,9 +16,15 @@ REQ = GenerateRequest(request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1, 
 
 
 def plan(epoch: int = 3, created: float = 100.0) -> MovePlan:
-    return MovePlan(plan_id="p", epoch=epoch, created=created,
-                    moves=[MoveRequest(request_id="a", adapter="x", to_worker="w1", ship_kv=True),
-                           MoveRequest(request_id="b", adapter=None, to_worker="w0", ship_kv=False)])
+    return MovePlan(
+        plan_id="p",
+        epoch=epoch,
+        created=created,
+        moves=[
+            MoveRequest(request_id="a", adapter="x", to_worker="w1", ship_kv=True),
+            MoveRequest(request_id="b", adapter=None, to_worker="w0", ship_kv=False),
+        ],
+    )
 
 
 def test_a_worker_takes_the_moves_away_from_it() -> None:
@@ -33,7 +39,11 @@ def test_stale_plans_are_refused() -> None:
 def test_a_recomputed_move_sends_no_cache() -> None:
     resumed, chunks = moves.handoff(REQ, [7, 8], next_seq=2, kv=None, kv_export_s=0.3)
     assert chunks == [] and (resumed.resume_token_ids, resumed.next_seq, resumed.kv_chunks, resumed.kv_export_s) == (
-        [7, 8], 2, 0, 0.0)
+        [7, 8],
+        2,
+        0,
+        0.0,
+    )
     assert resumed.prompt_token_ids == REQ.prompt_token_ids and resumed.request_id == "r"
 
 

@@ -18,16 +18,24 @@ def test_decode_errors_are_400_with_the_reason() -> None:
 def test_response_shapes() -> None:
     chat, text = Shape.new(True, "chatcmpl-1", "m"), Shape.new(False, "cmpl-1", "m")
     full = chat.full([openai.Choice(0, "hello", "stop")], 3, 2)
-    assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "hello",
+    }
     assert full["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert text.full([openai.Choice(0, "hi", "length")], 1, 1)["choices"][0]["text"] == "hi"
     two = text.full([openai.Choice(1, "b", "stop"), openai.Choice(0, "a", "stop")], 1, 2)["choices"]
     assert [(c["index"], c["text"]) for c in two] == [(0, "a"), (1, "b")]
     first = chat.chunk("", None, first=True)
-    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+    }
     assert chat.chunk("", "stop")["choices"][0]["delta"] == {}
     assert text.usage_chunk(1, 2)["choices"] == []
-    assert APIError(404, "no").body() == {"error": {"message": "no", "type": "not_found_error", "param": None, "code": None}}
+    assert APIError(404, "no").body() == {
+        "error": {"message": "no", "type": "not_found_error", "param": None, "code": None}
+    }
 
 
 def test_logprob_objects() -> None:
@@ -36,11 +44,22 @@ def test_logprob_objects() -> None:
     decode = {1: "a", 2: "bc", 3: "d"}.__getitem__
     entries = [TokenLogprob(1, -0.5, [(3, -0.2), (1, -0.5)]), TokenLogprob(2, -1.0, [])]
     comp = openai.completion_logprobs(entries, decode, offset=4)
-    assert comp == {"tokens": ["a", "bc"], "token_logprobs": [-0.5, -1.0],
-                    "top_logprobs": [{"d": -0.2, "a": -0.5}, {"bc": -1.0}], "text_offset": [4, 5]}
+    assert comp == {
+        "tokens": ["a", "bc"],
+        "token_logprobs": [-0.5, -1.0],
+        "top_logprobs": [{"d": -0.2, "a": -0.5}, {"bc": -1.0}],
+        "text_offset": [4, 5],
+    }
     chat = openai.chat_logprobs(entries, decode)
-    assert chat["content"][0] == {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [
-        {"token": "d", "logprob": -0.2, "bytes": [100]}, {"token": "a", "logprob": -0.5, "bytes": [97]}]}
+    assert chat["content"][0] == {
+        "token": "a",
+        "logprob": -0.5,
+        "bytes": [97],
+        "top_logprobs": [
+            {"token": "d", "logprob": -0.2, "bytes": [100]},
+            {"token": "a", "logprob": -0.5, "bytes": [97]},
+        ],
+    }
     merged = openai.merge_logprobs(False, [comp, openai.completion_logprobs(entries[:1], decode, 7)])
     assert merged["tokens"] == ["a", "bc", "a"] and merged["text_offset"] == [4, 5, 7]
     assert openai.merge_logprobs(True, []) is None

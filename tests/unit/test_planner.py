@@ -50,7 +50,9 @@ def test_does_not_move_when_the_gain_is_below_the_move_cost() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["a"])],
         requests=reqs("w0", "a", 3, remaining=2, context=4000) + reqs("w1", "a", 2, remaining=2),
-        ranks={"a": 16}, recompute_seconds_per_token=0.01, kv_transfer_seconds_per_token=0.01,
+        ranks={"a": 16},
+        recompute_seconds_per_token=0.01,
+        kv_transfer_seconds_per_token=0.01,
     )
     assert plan(snap).moves == []
 
@@ -64,7 +66,8 @@ def test_base_model_requests_need_no_adapter() -> None:
 def test_greedy_fallback_balances_too() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["a"]), worker("w2")],
-        requests=reqs("w0", "a", 9), ranks={"a": 16},
+        requests=reqs("w0", "a", 9),
+        ranks={"a": 16},
     )
     moves = _greedy(snap, PlannerSettings())
     after = completion_times(apply(snap, moves))
@@ -89,8 +92,9 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
 
 
 def test_a_model_too_large_for_the_bound_is_planned_greedily() -> None:
-    snap = ClusterSnapshot(workers=[worker("w0", ["a"]), worker("w1", ["a"])], requests=reqs("w0", "a", 10),
-                           ranks={"a": 16})
+    snap = ClusterSnapshot(
+        workers=[worker("w0", ["a"]), worker("w1", ["a"])], requests=reqs("w0", "a", 10), ranks={"a": 16}
+    )
     p = plan(snap, PlannerSettings(max_ilp_variables=1))
     assert (p.method, p.ilp_fallback, p.label) == ("greedy", "ilp-too-large", "greedy (ilp-too-large)") and p.moves
     assert p.makespan_after_s < p.makespan_before_s
@@ -104,7 +108,9 @@ def test_kv_pressure_is_relieved_even_when_completion_times_are_even() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"], kv_blocks=100), worker("w1", ["a"], kv_blocks=100)],
         requests=reqs("w0", "a", 5, remaining=10, context=19 * 16) + reqs("w1", "a", 5, remaining=10, context=16),
-        ranks={"a": 16}, recompute_seconds_per_token=0.001, kv_transfer_seconds_per_token=0.0005,
+        ranks={"a": 16},
+        recompute_seconds_per_token=0.001,
+        kv_transfer_seconds_per_token=0.0005,
     )
     p = plan(snap, PlannerSettings(kv_pressure=0.8))
     assert p.moves and all(m.ship_kv for m in p.moves)
@@ -129,13 +135,13 @@ def test_measured_per_adapter_cost_weighs_the_work() -> None:
     # many adapters there): w0 finishes last, so a's requests move to w1, which has not run a
     # and is priced at its mean.
     slow = WorkerState("w0", 1000, 16, 4, frozenset({"a"}), 0.01, {"a": 0.03})
-    snap = ClusterSnapshot(workers=[slow, worker("w1", ["a"])],
-                           requests=reqs("w0", "a", 4) + reqs("w1", "a", 4), ranks={"a": 16})
+    snap = ClusterSnapshot(
+        workers=[slow, worker("w1", ["a"])], requests=reqs("w0", "a", 4) + reqs("w1", "a", 4), ranks={"a": 16}
+    )
     assert completion_times(snap) == pytest.approx({"w0": 12.0, "w1": 4.0})
     p = plan(snap)
     assert p.moves and all(m.to_worker == "w1" for m in p.moves)
     assert p.makespan_after_s < p.makespan_before_s
-
 
 
 def test_staying_put_always_fits_and_worker_names_need_not_be_lp_safe() -> None:
@@ -143,8 +149,12 @@ def test_staying_put_always_fits_and_worker_names_need_not_be_lp_safe() -> None:
     # find even "nobody moves" over these 3-block workers. Names PuLP would map to one ("-" -> "_").
     snap = ClusterSnapshot(
         workers=[worker("w-1", ["a"], kv_blocks=3), worker("w_1", ["a"], kv_blocks=3)],
-        requests=[RequestState("r0", "w-1", "a", 16, 100), RequestState("r1", "w-1", "a", 18, 100),
-                  RequestState("r2", "w_1", "a", 16, 1), RequestState("r3", "w_1", "a", 18, 1)],
+        requests=[
+            RequestState("r0", "w-1", "a", 16, 100),
+            RequestState("r1", "w-1", "a", 18, 100),
+            RequestState("r2", "w_1", "a", 16, 1),
+            RequestState("r3", "w_1", "a", 18, 1),
+        ],
         ranks={"a": 16},
     )
     assert plan(snap).method.startswith("ilp")
@@ -158,12 +168,22 @@ def test_the_planner_reads_worker_stats_in_the_engines_slots() -> None:
     from dlora.services.migrator.trigger import snapshot_from_stats
 
     def stats(name: str, adapters: dict[str, int], loads: list[RequestLoad]) -> WorkerStats:
-        return WorkerStats(worker=name, running=len(loads), waiting=0, free_blocks=900, total_blocks=1000,
-                           block_size=16, max_loras=2, seconds_per_token=0.01, requests=loads,
-                           adapters=[AdapterResidency(name=a, slot=i, merged=False) for i, a in enumerate(adapters)])
+        return WorkerStats(
+            worker=name,
+            running=len(loads),
+            waiting=0,
+            free_blocks=900,
+            total_blocks=1000,
+            block_size=16,
+            max_loras=2,
+            seconds_per_token=0.01,
+            requests=loads,
+            adapters=[AdapterResidency(name=a, slot=i, merged=False) for i, a in enumerate(adapters)],
+        )
 
     hot = [RequestLoad(request_id=f"r{i}", adapter="small", context_tokens=50, remaining_tokens=100) for i in range(12)]
-    snap = snapshot_from_stats([stats("w0", {"small": 8, "other": 8}, hot), stats("w1", {"big": 64}, [])],
-                               {"small": 8, "other": 8, "big": 64})
+    snap = snapshot_from_stats(
+        [stats("w0", {"small": 8, "other": 8}, hot), stats("w1", {"big": 64}, [])], {"small": 8, "other": 8, "big": 64}
+    )
     p = plan(snap)
     assert p.moves and all(m.to_worker == "w1" and m.adapter == "small" for m in p.moves)

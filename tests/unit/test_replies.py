@@ -21,8 +21,9 @@ def test_a_resumed_request_repeating_chunks_counts_each_once() -> None:
 def test_an_error_ends_the_stream_with_its_reason() -> None:
     r = ReplyStream("r")
     r.accept(chunk(0, tokens=2))
-    assert r.accept(chunk(1, tokens=0, error="worker died twice", error_code=ErrorCode.INTERNAL,
-                          finish_reason=FinishReason.ERROR))
+    assert r.accept(
+        chunk(1, tokens=0, error="worker died twice", error_code=ErrorCode.INTERNAL, finish_reason=FinishReason.ERROR)
+    )
     assert r.done and r.error == "worker died twice" and r.error_code is ErrorCode.INTERNAL and r.tokens == 2
 
 

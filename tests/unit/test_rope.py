@@ -14,17 +14,36 @@ SCALINGS = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                    "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16},
+    "yarn-mscale": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 16,
+    },
 }
 
 
 def configs(scaling):
-    raw = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-               num_hidden_layers=1, vocab_size=32, max_position_embeddings=256, rope_theta=5000.0)
+    raw = dict(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        vocab_size=32,
+        max_position_embeddings=256,
+        rope_theta=5000.0,
+    )
     hf = LlamaConfig(**raw, rope_scaling=scaling)
     ours = ModelConfig.from_dict({"model_type": "llama", **raw, "rope_scaling": scaling})
     return hf, ours
@@ -46,17 +65,31 @@ def test_inverse_frequencies_match_transformers(name: str) -> None:
 
 
 def test_old_and_new_config_spellings_agree() -> None:
-    raw = dict(model_type="llama", hidden_size=64, num_attention_heads=4, intermediate_size=64,
-               num_hidden_layers=1, vocab_size=32)
+    raw = dict(
+        model_type="llama",
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        vocab_size=32,
+    )
     old = ModelConfig.from_dict({**raw, "rope_theta": 500.0, "rope_scaling": {"type": "linear", "factor": 2.0}})
     new = ModelConfig.from_dict({**raw, "rope_parameters": {"rope_theta": 500.0, "rope_type": "linear", "factor": 2.0}})
     assert old.rope == new.rope
 
 
 def test_unknown_scaling_is_refused_by_name() -> None:
-    ours = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-                                  "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 32,
-                                  "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    ours = ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "vocab_size": 32,
+            "rope_scaling": {"rope_type": "longrope", "factor": 2.0},
+        }
+    )
     with pytest.raises(ModelConfigError, match="longrope"):
         inv_freq_and_scale(ours)
 

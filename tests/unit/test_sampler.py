@@ -1,10 +1,9 @@
 import pytest
 import torch
-
-from dlora.common.messages import SamplingParams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.sampler import SamplingError, apply_penalties, filtered_probs, sample
 
 
@@ -38,8 +37,11 @@ def test_seeded_rows_repeat_whatever_the_batch() -> None:
     logits = torch.randn(3, 50)
     params = SamplingParams(temperature=1.0, seed=7)
     draws = [sample(logits[:1], [params], [torch.Generator().manual_seed(7)])[0] for _ in range(3)]
-    batched = sample(logits, [params, SamplingParams(temperature=1.0), params],
-                     [torch.Generator().manual_seed(7), torch.Generator(), torch.Generator().manual_seed(7)])
+    batched = sample(
+        logits,
+        [params, SamplingParams(temperature=1.0), params],
+        [torch.Generator().manual_seed(7), torch.Generator(), torch.Generator().manual_seed(7)],
+    )
     assert len(set(draws)) == 1 and batched[0] == draws[0]
 
 
@@ -76,17 +78,30 @@ def test_with_seed_draws_one_only_for_unseeded_sampling() -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(temperature=st.floats(0.0, 100.0), top_p=st.floats(0.0, 1.0), top_k=st.integers(-1, 80),
-       scale=st.sampled_from([1e-3, 1.0, 1e3, 1e30]), repetition=st.floats(0.01, 100.0),
-       presence=st.floats(-2.0, 2.0), frequency=st.floats(-2.0, 2.0))
-def test_every_accepted_parameter_gives_a_token_or_fails_its_row(temperature: float, top_p: float, top_k: int,
-                                                                 scale: float, repetition: float, presence: float,
-                                                                 frequency: float) -> None:
+@given(
+    temperature=st.floats(0.0, 100.0),
+    top_p=st.floats(0.0, 1.0),
+    top_k=st.integers(-1, 80),
+    scale=st.sampled_from([1e-3, 1.0, 1e3, 1e30]),
+    repetition=st.floats(0.01, 100.0),
+    presence=st.floats(-2.0, 2.0),
+    frequency=st.floats(-2.0, 2.0),
+)
+def test_every_accepted_parameter_gives_a_token_or_fails_its_row(
+    temperature: float, top_p: float, top_k: int, scale: float, repetition: float, presence: float, frequency: float
+) -> None:
     """Whatever the API accepts (tiny temperatures, top_p 0, top_k past the vocabulary, huge
     logits, extreme penalties), sampling never raises: each row gets a token id, or a
     SamplingError of its own, and the other rows are served."""
-    p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=1, repetition_penalty=repetition,
-                       presence_penalty=presence, frequency_penalty=frequency)
+    p = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=1,
+        repetition_penalty=repetition,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
     assert p.problem() is None
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * scale
     history = ([1, 2, 3], [4, 4, 5])
@@ -97,8 +112,11 @@ def test_every_accepted_parameter_gives_a_token_or_fails_its_row(temperature: fl
 
 def test_tiny_temperatures_and_single_token_filters_are_greedy() -> None:
     logits = torch.tensor([[0.5, 3.0, 2.9, -1.0]])
-    for p in (SamplingParams(temperature=1e-39), SamplingParams(temperature=1.0, top_p=0.0),
-              SamplingParams(temperature=1.0, top_k=1)):
+    for p in (
+        SamplingParams(temperature=1e-39),
+        SamplingParams(temperature=1.0, top_p=0.0),
+        SamplingParams(temperature=1.0, top_k=1),
+    ):
         assert sample(logits, [p], [torch.Generator().manual_seed(0)]) == [1]
 
 

@@ -2,9 +2,9 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.kv_cache import BlockManager
-from dlora.services.worker.policy import StepDecision
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.policy import StepDecision
 
 LIMITS = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2)
 
@@ -17,8 +17,15 @@ class _NoText:
 def seq(rid: str, arrival: int, prompt_len: int, adapter: str | None = None, outputs: int = 0) -> Sequence:
     from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 
-    s = Sequence(rid, adapter, list(range(prompt_len)), SamplingParams(), arrival,
-                 IncrementalDetokenizer(_NoText(), []), torch.Generator())
+    s = Sequence(
+        rid,
+        adapter,
+        list(range(prompt_len)),
+        SamplingParams(),
+        arrival,
+        IncrementalDetokenizer(_NoText(), []),
+        torch.Generator(),
+    )
     s.output_ids = list(range(outputs))
     return s
 
@@ -61,8 +68,16 @@ def test_a_sequence_with_no_victim_preempts_itself() -> None:
 
 def test_limits_on_adapters_sequences_and_tokens() -> None:
     bm = BlockManager(num_blocks=64, block_size=4)
-    seqs = {s.request_id: s for s in [seq("a", 0, 4, "x"), seq("b", 1, 4, "y"), seq("c", 2, 4, "z"),
-                                      seq("d", 3, 4, None), seq("e", 4, 60, "x")]}
+    seqs = {
+        s.request_id: s
+        for s in [
+            seq("a", 0, 4, "x"),
+            seq("b", 1, 4, "y"),
+            seq("c", 2, 4, "z"),
+            seq("d", 3, 4, None),
+            seq("e", 4, 60, "x"),
+        ]
+    }
     plan = schedule(StepDecision(None, list(seqs)), seqs, bm, LIMITS)
     # z would be a third adapter; e would pass the 64-token budget
     assert [s.request_id for s in plan.seqs] == ["a", "b", "d"]

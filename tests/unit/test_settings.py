@@ -3,6 +3,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from dlora.common.settings import Common, SettingsError, field_paths, load
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -15,14 +16,24 @@ from dlora.services.worker.settings import WorkerSettings
 
 def test_precedence_defaults_toml_env_overrides(tmp_path: Path) -> None:
     toml = tmp_path / "dlora.toml"
-    toml.write_text('model = "/m"\nnats_url = "nats://a"\n[worker]\nstats_interval_s = 0.2\n[worker.engine]\n'
-                    'max_loras = 3\nblock_size = 8\n[worker.engine.policy]\nname = "merged-only"\nr_initial = 0.4\n')
-    env = {"DLORA_NATS_URL": "nats://b", "DLORA_WORKER_ENGINE__POLICY__NAME": "unmerged-only", "DLORA_GATEWAY_PORT": "1",
-           "DLORA_ENGINE__BLOCK_SIZE": "32"}
+    toml.write_text(
+        'model = "/m"\nnats_url = "nats://a"\n[worker]\nstats_interval_s = 0.2\n[worker.engine]\n'
+        'max_loras = 3\nblock_size = 8\n[worker.engine.policy]\nname = "merged-only"\nr_initial = 0.4\n'
+    )
+    env = {
+        "DLORA_NATS_URL": "nats://b",
+        "DLORA_WORKER_ENGINE__POLICY__NAME": "unmerged-only",
+        "DLORA_GATEWAY_PORT": "1",
+        "DLORA_ENGINE__BLOCK_SIZE": "32",
+    }
     s = load(WorkerSettings, "worker", toml, env=env, overrides={"worker_id": "w7", "engine.max_loras": None})
     assert (s.model, s.nats_url, s.worker_id, s.stats_interval_s) == ("/m", "nats://b", "w7", 0.2)
     assert (s.engine.max_loras, s.engine.block_size, s.engine.policy.name, s.engine.policy.r_initial) == (
-        3, 32, PolicyName.UNMERGED_ONLY, 0.4)
+        3,
+        32,
+        PolicyName.UNMERGED_ONLY,
+        0.4,
+    )
     assert s.engine.kv_cache_bytes == EngineConfig().kv_cache_bytes  # default
 
 
@@ -34,9 +45,14 @@ def test_lists_come_from_json_in_env() -> None:
 @pytest.mark.parametrize(
     "env,fragment",
     [
-        ({"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__MAX_LORAS": "four"},
-         "engine.max_loras='four'.*from DLORA_WORKER_ENGINE__MAX_LORAS"),
-        ({"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__MAX_LORAS": "0"}, "engine.max_loras=0 must be >= 1 .from DLORA_WORKER"),
+        (
+            {"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__MAX_LORAS": "four"},
+            "engine.max_loras='four'.*from DLORA_WORKER_ENGINE__MAX_LORAS",
+        ),
+        (
+            {"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__MAX_LORAS": "0"},
+            "engine.max_loras=0 must be >= 1 .from DLORA_WORKER",
+        ),
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_ID": "a.b"}, "worker_id"),
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__POLICY__NAME": "dLoRA"}, "engine.policy.name='dLoRA'"),
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__DTYPE": "fp8"}, "engine.dtype='fp8'.*from DLORA_ENGINE__DTYPE"),
@@ -68,17 +84,25 @@ def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
         load(GatewaySettings, "gateway", toml, env={})
 
 
-@pytest.mark.parametrize("env,fragment", [({"DLORA_TRIGGER__KV_PRESSURE": "1.5"}, "trigger.kv_pressure=1.5"),
-                                          ({"DLORA_TRIGGER__REQUEST_EXCESS": "-1"}, "trigger.request_excess=-1"),
-                                          ({"DLORA_TRIGGER__IMBALANCE": "-0.1"}, "trigger.imbalance")])
+@pytest.mark.parametrize(
+    "env,fragment",
+    [
+        ({"DLORA_TRIGGER__KV_PRESSURE": "1.5"}, "trigger.kv_pressure=1.5"),
+        ({"DLORA_TRIGGER__REQUEST_EXCESS": "-1"}, "trigger.request_excess=-1"),
+        ({"DLORA_TRIGGER__IMBALANCE": "-0.1"}, "trigger.imbalance"),
+    ],
+)
 def test_bad_migrator_bounds_name_the_setting(env: dict, fragment: str) -> None:
     with pytest.raises(SettingsError, match=fragment):
         load(MigratorSettings, "migrator", env=env)
 
 
 def test_a_migrator_bound_is_turned_off_by_null() -> None:
-    s = load(MigratorSettings, "migrator",
-             env={"DLORA_MIGRATOR_TRIGGER__KV_PRESSURE": "null", "DLORA_TRIGGER__REQUEST_EXCESS": "4"})
+    s = load(
+        MigratorSettings,
+        "migrator",
+        env={"DLORA_MIGRATOR_TRIGGER__KV_PRESSURE": "null", "DLORA_TRIGGER__REQUEST_EXCESS": "4"},
+    )
     assert s.trigger.kv_pressure is None and s.trigger.request_excess == 4
 
 
@@ -93,8 +117,12 @@ def test_dispatch_choices_and_costs_are_typed(tmp_path: Path) -> None:
         load(DispatcherSettings, "dispatcher", toml, env={"DLORA_DISPATCHER_COSTS__ADAPTER_LOAD_S": "-1"})
 
 
-SERVICES = {"gateway": GatewaySettings, "dispatcher": DispatcherSettings, "migrator": MigratorSettings,
-            "worker": WorkerSettings}
+SERVICES = {
+    "gateway": GatewaySettings,
+    "dispatcher": DispatcherSettings,
+    "migrator": MigratorSettings,
+    "worker": WorkerSettings,
+}
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "dlora.example.toml"
 
 
@@ -104,8 +132,9 @@ def test_the_example_file_loads_and_states_every_default(service: str) -> None:
     alone exactly what it has with no file (model aside, which has no default)."""
     cls = SERVICES[service]
     from_file = load(cls, service, EXAMPLE, env={})
-    assert from_file == load(cls, service, env={}, overrides={"model": from_file.model} if "model" in
-                             cls.__struct_fields__ else {})
+    assert from_file == load(
+        cls, service, env={}, overrides={"model": from_file.model} if "model" in cls.__struct_fields__ else {}
+    )
 
 
 def test_the_example_file_names_every_setting() -> None:
@@ -122,8 +151,7 @@ def test_the_example_file_names_every_setting() -> None:
 
 
 def _leaves(table: dict, prefix: str = "") -> set[str]:
-    return {p for k, v in table.items()
-            for p in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k})}
+    return {p for k, v in table.items() for p in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k})}
 
 
 def _default(*classes: type, name: str) -> object:

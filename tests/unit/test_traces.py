@@ -24,17 +24,24 @@ from dlora.loadgen.traces import (
 from dlora.loadgen.workload import build_specs, load_traces
 from dlora.services.cli import build_parser
 
-AZURE_2023 = ("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-              "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:48.1805900,10,2\n")
-AZURE_2024 = ("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-              "2024-05-10 00:00:00.009930+00:00,4808,10\n2024-05-10 00:00:01+00:00,3180,8\n"
-              "2024-05-10 00:00:00.509930+00:00,110,27\n")
-BURSTGPT = ("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
-            "5,ChatGPT,472,18,490,Conversation log\n45,ChatGPT,1087,230,1317,Conversation log\n"
-            "46,GPT-4,20,0,20,API log\n118,GPT-4,417,276,693,API log\n")
-MOONCAKE = ('{"timestamp": 0, "input_length": 1100, "output_length": 52, "hash_ids": [0, 1, 2]}\n'
-            '{"timestamp": 1500, "input_length": 600, "output_length": 26, "hash_ids": [0, 3]}\n'
-            '\n{"timestamp": 3000, "input_length": 30, "output_length": 5}\n')
+AZURE_2023 = (
+    "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:48.1805900,10,2\n"
+)
+AZURE_2024 = (
+    "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+    "2024-05-10 00:00:00.009930+00:00,4808,10\n2024-05-10 00:00:01+00:00,3180,8\n"
+    "2024-05-10 00:00:00.509930+00:00,110,27\n"
+)
+BURSTGPT = (
+    "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+    "5,ChatGPT,472,18,490,Conversation log\n45,ChatGPT,1087,230,1317,Conversation log\n"
+    "46,GPT-4,20,0,20,API log\n118,GPT-4,417,276,693,API log\n"
+)
+MOONCAKE = (
+    '{"timestamp": 0, "input_length": 1100, "output_length": 52, "hash_ids": [0, 1, 2]}\n'
+    '{"timestamp": 1500, "input_length": 600, "output_length": 26, "hash_ids": [0, 3]}\n'
+    '\n{"timestamp": 3000, "input_length": 30, "output_length": 5}\n'
+)
 SERVEGEN_A = "0,1.5,8.5,Weibull,0.37,0.39\n600,0,0,,0,0\n1200,0.25,6.0,Gamma,0.49,3.38\n"
 SERVEGEN_B = "0,0.5,1.0,Gamma,1.0,2.0\n600,0,0,,0,0\n1200,1.0,1.0,Gamma,1.0,1.0\n"
 
@@ -66,8 +73,11 @@ def test_azure_2023_and_2024_schemas(tmp_path: Path) -> None:
 def test_burstgpt_skips_and_counts_failed_requests(tmp_path: Path) -> None:
     trace = read_burstgpt(write(tmp_path, BURSTGPT))
     assert trace.skipped == 1
-    assert [(r.t, r.input_tokens, r.output_tokens) for r in trace.rows] == [(0.0, 472, 18), (40.0, 1087, 230),
-                                                                            (113.0, 417, 276)]
+    assert [(r.t, r.input_tokens, r.output_tokens) for r in trace.rows] == [
+        (0.0, 472, 18),
+        (40.0, 1087, 230),
+        (113.0, 417, 276),
+    ]
     # newer releases add columns: read by name, so extra and reordered columns are fine
     wider = "Session ID,Response tokens,Timestamp,Request tokens,Model,Elapsed time\nx,7,3.5,9,GPT-4,1.0\n"
     assert read_burstgpt(write(tmp_path, wider, "v2.csv")).rows[0].output_tokens == 7
@@ -77,7 +87,10 @@ def test_mooncake_keeps_hash_ids_and_times_in_ms(tmp_path: Path) -> None:
     trace = read_mooncake(write(tmp_path, MOONCAKE, "t.jsonl"))
     assert trace.block_tokens == 512
     assert [(r.t, r.input_tokens, r.output_tokens, r.hash_ids) for r in trace.rows] == [
-        (0.0, 1100, 52, (0, 1, 2)), (1.5, 600, 26, (0, 3)), (3.0, 30, 5, ())]
+        (0.0, 1100, 52, (0, 1, 2)),
+        (1.5, 600, 26, (0, 3)),
+        (3.0, 30, 5, ()),
+    ]
 
 
 def test_azure_functions_counts_per_minute(tmp_path: Path) -> None:
@@ -134,8 +147,9 @@ def test_servegen_file_and_folder(tmp_path: Path) -> None:
         ("f.csv", "HashOwner,HashApp,HashFunction,Trigger,1,2\no,a,f1,http,0,0\n", "every tenant is idle"),
     ],
 )
-def test_malformed_traces_name_file_row_and_what_was_expected(tmp_path: Path, name: str, text: str,
-                                                              fragment: str) -> None:
+def test_malformed_traces_name_file_row_and_what_was_expected(
+    tmp_path: Path, name: str, text: str, fragment: str
+) -> None:
     path = write(tmp_path, text, name)
     with pytest.raises(TraceError, match=fragment) as err:
         read_trace(path)
@@ -154,8 +168,13 @@ def test_a_forced_format_that_does_not_fit_says_what_it_expected(tmp_path: Path)
 
 
 def test_sniffing_tells_every_format_apart(tmp_path: Path) -> None:
-    files = {"azure": AZURE_2024, "burstgpt": BURSTGPT, "mooncake": MOONCAKE, "servegen": SERVEGEN_A,
-             "azure-functions": "HashOwner,HashApp,HashFunction,Trigger,1\no,a,f,http,3\n"}
+    files = {
+        "azure": AZURE_2024,
+        "burstgpt": BURSTGPT,
+        "mooncake": MOONCAKE,
+        "servegen": SERVEGEN_A,
+        "azure-functions": "HashOwner,HashApp,HashFunction,Trigger,1\no,a,f,http,3\n",
+    }
     for fmt, text in files.items():
         assert sniff(write(tmp_path, text, f"{fmt}.txt")) == fmt
     assert sniff(servegen_folder(tmp_path)) == "servegen"
@@ -175,10 +194,20 @@ def test_shared_hash_ids_share_prompt_blocks_token_for_token() -> None:
 
 
 def test_mooncake_blocks_scale_with_the_lengths(tmp_path: Path) -> None:
-    specs = build_specs(WorkloadSpec(trace=(str(write(tmp_path, MOONCAKE, "t.jsonl")),), arrivals="trace", requests=3,
-                                     length_divide=64, max_prompt=1000))
-    assert [(s.prompt_len, s.hash_ids, s.block_tokens) for s in specs] == [(17, (0, 1, 2), 8), (9, (0, 3), 8),
-                                                                           (1, (), 0)]
+    specs = build_specs(
+        WorkloadSpec(
+            trace=(str(write(tmp_path, MOONCAKE, "t.jsonl")),),
+            arrivals="trace",
+            requests=3,
+            length_divide=64,
+            max_prompt=1000,
+        )
+    )
+    assert [(s.prompt_len, s.hash_ids, s.block_tokens) for s in specs] == [
+        (17, (0, 1, 2), 8),
+        (9, (0, 3), 8),
+        (1, (), 0),
+    ]
     first, second = (workload.prompt_ids(i, s) for i, s in enumerate(specs[:2]))
     assert first[:8] == second[:8] and first[8:9] != second[8:9]
 
@@ -202,8 +231,9 @@ def test_tenant_schedule_follows_the_windows(tmp_path: Path) -> None:
 
 
 def test_servegen_clients_as_adapter_popularity(tmp_path: Path) -> None:
-    spec = WorkloadSpec(trace=(str(servegen_folder(tmp_path)),), popularity="stride", adapters=2, lengths="fixed",
-                        requests=2000)
+    spec = WorkloadSpec(
+        trace=(str(servegen_folder(tmp_path)),), popularity="stride", adapters=2, lengths="fixed", requests=2000
+    )
     counts = [sum(s.adapter == f"lora-{i}" for s in build_specs(spec)) / 2000 for i in range(2)]
     assert counts == pytest.approx([1050 / 1950, 900 / 1950], abs=0.04)
 
@@ -255,10 +285,38 @@ def test_the_cli_refuses_a_malformed_trace_before_sending(tmp_path: Path, capsys
 
     bad = write(tmp_path, MOONCAKE + '{"timestamp": 1, "input_length": 3}\n', "bad.jsonl")
     # port 9 (discard) is never served here: a run that got as far as sending would report failures, not 2
-    assert main(["loadgen", "--trace", str(bad), "--arrivals", "trace", "--target", "http://127.0.0.1:9",
-                 "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "loadgen",
+                "--trace",
+                str(bad),
+                "--arrivals",
+                "trace",
+                "--target",
+                "http://127.0.0.1:9",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{bad}: row 5: expected a JSON object" in err and not (tmp_path / "out").exists()
-    assert main(["loadgen", "--trace", str(bad), "--trace", "bundled:servegen", "--trace-format", "mooncake",
-                 "--target", "http://127.0.0.1:9"]) == 2
+    assert (
+        main(
+            [
+                "loadgen",
+                "--trace",
+                str(bad),
+                "--trace",
+                "bundled:servegen",
+                "--trace-format",
+                "mooncake",
+                "--target",
+                "http://127.0.0.1:9",
+            ]
+        )
+        == 2
+    )
     assert "leave it at auto" in capsys.readouterr().err

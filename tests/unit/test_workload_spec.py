@@ -27,12 +27,51 @@ def test_spec_defaults_are_the_clis() -> None:
 
 
 def test_from_args_parses_the_cli_spellings_and_options_gives_them_back() -> None:
-    args = build_parser().parse_args([
-        "loadgen", "--requests", "7", "--duration", "9.5", "--seed", "3", "--arrivals", "gamma", "--rate", "1.5",
-        "--cv", "2", "--trace", "bundled:azure-conv", "--trace", "bundled:servegen", "--lengths", "uniform",
-        "--prompt-len", "5", "--output-len", "6", "--length-divide", "4", "--max-prompt", "10", "--max-output", "11",
-        "--adapter-names", "a,-,b", "--popularity", "stride", "--alpha", "1.3", "--stride", "2",
-        "--tenant-window", "30", "--shift-every", "12"])
+    args = build_parser().parse_args(
+        [
+            "loadgen",
+            "--requests",
+            "7",
+            "--duration",
+            "9.5",
+            "--seed",
+            "3",
+            "--arrivals",
+            "gamma",
+            "--rate",
+            "1.5",
+            "--cv",
+            "2",
+            "--trace",
+            "bundled:azure-conv",
+            "--trace",
+            "bundled:servegen",
+            "--lengths",
+            "uniform",
+            "--prompt-len",
+            "5",
+            "--output-len",
+            "6",
+            "--length-divide",
+            "4",
+            "--max-prompt",
+            "10",
+            "--max-output",
+            "11",
+            "--adapter-names",
+            "a,-,b",
+            "--popularity",
+            "stride",
+            "--alpha",
+            "1.3",
+            "--stride",
+            "2",
+            "--tenant-window",
+            "30",
+            "--shift-every",
+            "12",
+        ]
+    )
     spec = WorkloadSpec.from_args(args)
     assert spec.trace == ("bundled:azure-conv", "bundled:servegen") and spec.adapter_names == ("a", None, "b")
     assert workload.adapter_names(spec) == ["a", None, "b"]
@@ -62,14 +101,62 @@ def refuse_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bench_cluster_builds_the_workload_its_argv_used_to_say(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = build_parser().parse_args(["bench", "cluster", "--requests", "40", "--rate", "2.5", "--cv", "2",
-                                      "--shift-every", "7", "--max-seconds", "30", "--seed", "5"])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "cluster",
+            "--requests",
+            "40",
+            "--rate",
+            "2.5",
+            "--cv",
+            "2",
+            "--shift-every",
+            "7",
+            "--max-seconds",
+            "30",
+            "--seed",
+            "5",
+        ]
+    )
     # the loadgen command line bench cluster used to forge for the same options
-    forged = WorkloadSpec.from_args(build_parser().parse_args([
-        "loadgen", "--trace", f"{args.traces}/{bundled.AZURE_CONV}", "--requests", "40", "--rate", "2.5",
-        "--arrivals", "gamma", "--cv", "2", "--lengths", "trace", "--length-divide", str(args.length_divide),
-        "--max-prompt", str(args.max_prompt), "--max-output", str(args.max_output), "--adapters", str(args.adapters),
-        "--popularity", "zipf", "--alpha", "1.2", "--shift-every", "7", "--duration", "30", "--seed", "5"]))
+    forged = WorkloadSpec.from_args(
+        build_parser().parse_args(
+            [
+                "loadgen",
+                "--trace",
+                f"{args.traces}/{bundled.AZURE_CONV}",
+                "--requests",
+                "40",
+                "--rate",
+                "2.5",
+                "--arrivals",
+                "gamma",
+                "--cv",
+                "2",
+                "--lengths",
+                "trace",
+                "--length-divide",
+                str(args.length_divide),
+                "--max-prompt",
+                str(args.max_prompt),
+                "--max-output",
+                str(args.max_output),
+                "--adapters",
+                str(args.adapters),
+                "--popularity",
+                "zipf",
+                "--alpha",
+                "1.2",
+                "--shift-every",
+                "7",
+                "--duration",
+                "30",
+                "--seed",
+                "5",
+            ]
+        )
+    )
     refuse_argv(monkeypatch)
     spec = bench_cluster.workload_spec(args)
     assert spec == forged
@@ -101,6 +188,12 @@ def test_bench_policy_and_e2e_specs_are_their_papers_settings(monkeypatch: pytes
     scaling = workload.LengthScaling(args.length_divide, args.max_prompt, args.max_output)
     rng = np.random.default_rng(args.seed)
     weights = popularity.stride(functions.totals(), 8, 2, cap_rank=8)
-    expected = workload.build(arrivals.replay([r.t for r in trace[:count]], rate=0.5), weights, trace[:count], rng,
-                              scaling, lengths_in_order=True)
+    expected = workload.build(
+        arrivals.replay([r.t for r in trace[:count]], rate=0.5),
+        weights,
+        trace[:count],
+        rng,
+        scaling,
+        lengths_in_order=True,
+    )
     assert spec.requests == count and workload.build_specs(spec) == expected

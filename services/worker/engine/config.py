@@ -41,8 +41,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
         positive = ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_loras")
-        bad: list[tuple[str, object, str]] = [(f, getattr(self, f), "must be >= 1") for f in positive
-                                              if getattr(self, f) < 1]
-        bad += [(f, getattr(self, f), "must be >= 1 or null") for f in ("num_blocks", "max_model_len")
-                if getattr(self, f) is not None and getattr(self, f) < 1]
+        bad: list[tuple[str, object, str]] = [
+            (f, getattr(self, f), "must be >= 1") for f in positive if getattr(self, f) < 1
+        ]
+        bad += [
+            (f, getattr(self, f), "must be >= 1 or null")
+            for f in ("num_blocks", "max_model_len")
+            if getattr(self, f) is not None and getattr(self, f) < 1
+        ]
         return bad + [(f"policy.{f}", v, why) for f, v, why in self.policy.check()]

@@ -28,8 +28,8 @@ from dlora.services.worker.engine.sampler import SamplingError, position_generat
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
-from dlora.services.worker.engine.stopping import check_stop, visible_end
 from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.engine.stopping import check_stop, visible_end
 from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, StepDecision, StepRecord, make_policy
@@ -113,10 +113,14 @@ class LLMEngine:
         num_blocks = config.num_blocks or max(
             1,
             config.kv_cache_bytes
-            // (config.block_size * KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)),
+            // (
+                config.block_size * KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+            ),
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = KVCache(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        kv = KVCache(
+            cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+        )
         self.max_model_len = min(config.max_model_len or cfg.context_length(), num_blocks * config.block_size)
         self.limits = Limits(
             max_num_seqs=config.max_num_seqs,
@@ -240,8 +244,9 @@ class LLMEngine:
         self.blocks.grow(seq.request_id, kv.tokens)
         slots = torch.tensor(self.blocks.slots(seq.request_id, 0, kv.tokens), dtype=torch.int64, device=self.device)
         for layer in range(cfg.num_layers):
-            self.model.kv.write(layer, kv.k[layer].to(self.device, self.dtype), kv.v[layer].to(self.device, self.dtype),
-                                slots)
+            self.model.kv.write(
+                layer, kv.k[layer].to(self.device, self.dtype), kv.v[layer].to(self.device, self.dtype), slots
+            )
         seq.num_cached = kv.tokens
         seq.status = Status.RUNNING
 
@@ -263,7 +268,11 @@ class LLMEngine:
     def queue(self) -> list[QueuedRequest]:
         return [
             QueuedRequest(
-                s.request_id, s.adapter, s.arrival, s.status is Status.RUNNING, s.num_new,
+                s.request_id,
+                s.adapter,
+                s.arrival,
+                s.status is Status.RUNNING,
+                s.num_new,
                 self.adapters[s.adapter].rank if s.adapter is not None else 0,
             )
             for s in sorted(self.seqs.values(), key=lambda s: s.arrival)
@@ -302,22 +311,26 @@ class LLMEngine:
         batch, slot_of = self._place_adapters(plan.seqs)
         return _Prepared(batch, slot_of, merge_s, unmerge_s, started, [(s.adapter or "", s.num_new) for s in batch])
 
-    def _run(self, step: _Prepared) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError],
-                                             list[RequestOutput]]:
+    def _run(
+        self, step: _Prepared
+    ) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError], list[RequestOutput]]:
         """The forward and sampling: the sequences that ran, their logits (B, vocab), one token (or
         the sampler's error) each, and failure outputs of those that could not run."""
         ran, logits, failed = self._forward(step.batch, step.slot_of)
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         if logits is None:
             return ran, None, [], failed
-        generators = [position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
-                      for s in ran]
+        generators = [
+            position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
+            for s in ran
+        ]
         histories = [(s.prompt_ids, s.output_ids) for s in ran]
         tokens = sample(self._constrained(ran, logits), [s.params for s in ran], generators, histories)
         return ran, logits, tokens, failed
 
-    def _postprocess(self, ran: list[Sequence], logits: torch.Tensor | None,
-                     tokens: list[int | SamplingError]) -> list[RequestOutput]:
+    def _postprocess(
+        self, ran: list[Sequence], logits: torch.Tensor | None, tokens: list[int | SamplingError]
+    ) -> list[RequestOutput]:
         """Each sampled token taken into its request: text, stop conditions, logprobs. A request
         whose token cannot be taken fails alone."""
         outputs = []
@@ -344,16 +357,19 @@ class LLMEngine:
         self.stats.record_step(seconds, len(batch), fed, step.num_prefill)
         self.stats.record_adapters(seconds, fed, step.fed)
         unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
-        self.policy.observe(decision, StepRecord(
-            merged=self.merger.merged,
-            request_ids=[s.request_id for s in batch],
-            adapters=[s.adapter for s in batch],
-            num_tokens=fed,
-            lora_rank_sum=sum(self.adapters[a].rank for a in unmerged if a is not None),
-            seconds=seconds,
-            merge_seconds=step.merge_s,
-            unmerge_seconds=step.unmerge_s,
-        ))
+        self.policy.observe(
+            decision,
+            StepRecord(
+                merged=self.merger.merged,
+                request_ids=[s.request_id for s in batch],
+                adapters=[s.adapter for s in batch],
+                num_tokens=fed,
+                lora_rank_sum=sum(self.adapters[a].rank for a in unmerged if a is not None),
+                seconds=seconds,
+                merge_seconds=step.merge_s,
+                unmerge_seconds=step.unmerge_s,
+            ),
+        )
 
     def _constrained(self, ran: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Logits with the tokens each structured-output request's schema forbids masked out."""
@@ -369,8 +385,9 @@ class LLMEngine:
             masked[i].masked_fill_(~ok, float("-inf"))
         return masked
 
-    def _forward(self, batch: list[Sequence], slot_of: dict[str | None, int]
-                 ) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
+    def _forward(
+        self, batch: list[Sequence], slot_of: dict[str | None, int]
+    ) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
         """Logits (B, vocab) of the sequences that ran, and failure outputs for those that could
         not. When the batch's forward raises, each sequence runs alone, so a request that brings
         the model down fails by itself and its batch mates go on (their KV writes repeat the same
@@ -462,9 +479,17 @@ class LLMEngine:
         seq.status = Status.RUNNING
         seq.output_ids.append(token)
         old_len = len(seq.text)
-        stop = check_stop(seq.text + seq.detok.push([token]), old_len, token, seq.params, self.eos_ids,
-                          len(seq.output_ids), seq.total_len, self.max_model_len,
-                          document_complete=seq.matcher is not None and seq.matcher.is_stopped())
+        stop = check_stop(
+            seq.text + seq.detok.push([token]),
+            old_len,
+            token,
+            seq.params,
+            self.eos_ids,
+            len(seq.output_ids),
+            seq.total_len,
+            self.max_model_len,
+            document_complete=seq.matcher is not None and seq.matcher.is_stopped(),
+        )
         seq.text, reason = stop.text, stop.reason
         if reason is not None:
             self._finish(seq, reason)
@@ -484,9 +509,16 @@ class LLMEngine:
     def _fail(self, seq: Sequence, reason: str) -> RequestOutput:
         """End a request whose step failed; its output carries the reason."""
         self._finish(seq, FinishReason.ERROR)
-        return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
-                             finish_reason=FinishReason.ERROR, num_prompt_tokens=len(seq.prompt_ids),
-                             num_output_tokens=len(seq.output_ids), error=reason)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[],
+            new_text="",
+            finished=True,
+            finish_reason=FinishReason.ERROR,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+            error=reason,
+        )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = Status.FINISHED

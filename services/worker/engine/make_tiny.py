@@ -19,11 +19,25 @@ from safetensors.torch import save_file
 
 PRESETS = {
     # For tests: builds and runs in well under a second.
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+    ),
     # For CPU benchmarks: about 100M parameters.
-    "small": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=4, vocab_size=2048, max_position_embeddings=2048),
+    "small": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=2048,
+        max_position_embeddings=2048,
+    ),
 }
 TARGET_SETS = [
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -125,8 +139,15 @@ def make_adapter(out: Path, model_dir: Path, rank: int, index: int, seed: int) -
     cfg = json.loads((model_dir / "config.json").read_text())
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-              "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    shapes = {
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "gate_proj": (inter, h),
+        "up_proj": (inter, h),
+        "down_proj": (h, inter),
+    }
     targets = TARGET_SETS[index % len(TARGET_SETS)]
     alpha = 2 * rank if index % 2 == 0 else rank // 2  # never equal to r, as real adapters often are
     use_rslora = index % 4 == 3

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dlora.services.worker.engine.lora import LoraAdapter
 from dlora.model.config import Target
+from dlora.services.worker.engine.lora import LoraAdapter
 from dlora.services.worker.engine.weights import ModelWeights
 
 

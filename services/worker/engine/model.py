@@ -41,14 +41,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, kv: KVCache, loras: DeviceLoras,
-                 kernels: Kernels) -> None:
+    def __init__(
+        self, cfg: ModelConfig, weights: ModelWeights, kv: KVCache, loras: DeviceLoras, kernels: Kernels
+    ) -> None:
         self.cfg, self.weights, self.kv, self.loras, self.kernels = cfg, weights, kv, loras, kernels
         self.rope = Rope(cfg, weights.embed.device)
         self.scale = cfg.head_dim**-0.5
 
-    def _proj(self, x: torch.Tensor, w: torch.Tensor, layer: int, fused: str, inp: StepInputs,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _proj(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        layer: int,
+        fused: str,
+        inp: StepInputs,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         out = F.linear(x, w, bias)
         if inp.lora is not None:
             self.kernels.add_lora(out, x, self.loras.layers[layer][fused], inp.lora)

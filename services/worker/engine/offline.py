@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from dlora.common.messages import SamplingParams
 from dlora.model.adapters import AdapterError, parse_lora_args
 from dlora.services.worker.engine.config import EngineConfig
@@ -78,8 +79,13 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         loras = parse_lora_args(args.lora)
         engine = LLMEngine(
-            args.model, EngineConfig(dtype=args.dtype, device=args.device, policy=PolicyConfig(name=MODES[args.mode]),
-                                      max_loras=args.max_loras)
+            args.model,
+            EngineConfig(
+                dtype=args.dtype,
+                device=args.device,
+                policy=PolicyConfig(name=MODES[args.mode]),
+                max_loras=args.max_loras,
+            ),
         )
         for name, path in loras.items():
             engine.register_adapter(name, path)

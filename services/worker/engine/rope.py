@@ -100,7 +100,9 @@ class Rope:
         inv_freq, self.scale = inv_freq_and_scale(cfg)
         self.inv_freq = inv_freq.to(device)
 
-    def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (T, head_dim) in fp32.
 
         ``seq_lens`` (T,) is each token's sequence length at this step; only dynamic NTK uses it,

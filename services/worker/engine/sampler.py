@@ -27,8 +27,9 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
 
-def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int],
-                    output_ids: list[int]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> torch.Tensor:
     """One row of logits (vocab,) after the penalties, as vLLM applies them: the repetition penalty
     over prompt and output tokens (transformers' RepetitionPenaltyLogitsProcessor), then OpenAI's
     frequency and presence penalties over the output tokens
@@ -46,7 +47,9 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[in
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[int | SamplingError]:
     """Next token id per row of logits (B, vocab), fp32. Greedy rows take the argmax.
@@ -67,21 +70,26 @@ def sample(
     simple = [not has_penalties(p) and is_greedy(p) for p in params]
     for i, p in enumerate(params):
         if not finite[i]:
-            out[i] = SamplingError("the model's logits for this request are not finite (NaN or infinity, or "
-                                   "every token masked); nothing can be sampled from them")
+            out[i] = SamplingError(
+                "the model's logits for this request are not finite (NaN or infinity, or "
+                "every token masked); nothing can be sampled from them"
+            )
             continue
         if simple[i]:  # the batch argmax is its token
             continue
         try:
             out[i] = _sample_row(logits[i], p, generators[i], histories[i] if histories else ([], []))
         except (RuntimeError, ValueError) as e:  # one row's numbers, never the batch's
-            out[i] = SamplingError(f"{e} (temperature={p.temperature}, top_p={p.top_p}, top_k={p.top_k}, "
-                                   f"repetition_penalty={p.repetition_penalty})")
+            out[i] = SamplingError(
+                f"{e} (temperature={p.temperature}, top_p={p.top_p}, top_k={p.top_k}, "
+                f"repetition_penalty={p.repetition_penalty})"
+            )
     return out
 
 
-def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
-                history: tuple[list[int], list[int]]) -> int:
+def _sample_row(
+    row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None, history: tuple[list[int], list[int]]
+) -> int:
     if has_penalties(p):
         row = apply_penalties(row, p, *history)
         if torch.isnan(row).any() or torch.isposinf(row).any():

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora.services.worker.engine.kv_cache import BlockManager
-from dlora.services.worker.policy import StepDecision
 from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.policy import StepDecision
 
 
 @dataclass(frozen=True)

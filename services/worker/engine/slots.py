@@ -8,6 +8,7 @@ running step is never evicted.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class SlotTable:
     def resident(self) -> list[str]:
         return list(self._lru)
 
-    def acquire(self, name: str, pinned: set[str] = frozenset()) -> tuple[int, SlotChange | None]:
+    def acquire(self, name: str, pinned: AbstractSet[str] = frozenset()) -> tuple[int, SlotChange | None]:
         """The slot for ``name``, placing it if needed (evicting the LRU adapter not in ``pinned``)."""
         if name in self._lru:
             self._lru.move_to_end(name)
@@ -70,8 +71,9 @@ class DeviceLoras:
     """Per layer, per fused projection ('qkv', 'o', 'gate_up', 'down'): the LoraSlices of every slot,
     and (``tables``: for the Triton kernels) their address tables, rebuilt whenever a slot changes."""
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device,
-                 tables: bool = False) -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device, tables: bool = False
+    ) -> None:
         self.dtype, self.device, self.tables = dtype, device, tables
         self.targets = targets(cfg)
         self.layers: list[dict[str, LoraProjection]] = []

@@ -17,8 +17,17 @@ class Stop:
     text: str  # the output text, cut before a stop string that ended it
 
 
-def check_stop(text: str, old_len: int, token: int, params: SamplingParams, eos_ids: set[int], num_output: int,
-               total_len: int, max_model_len: int, document_complete: bool = False) -> Stop:
+def check_stop(
+    text: str,
+    old_len: int,
+    token: int,
+    params: SamplingParams,
+    eos_ids: set[int],
+    num_output: int,
+    total_len: int,
+    max_model_len: int,
+    document_complete: bool = False,
+) -> Stop:
     """Whether the request stops after ``token``, its text now ``text`` (``old_len`` characters
     before this step); ``num_output`` tokens generated, ``total_len`` in its context."""
     if params.stop and (cut := find_stop(text, params.stop, old_len)) is not None:

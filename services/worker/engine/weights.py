@@ -68,11 +68,15 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
         p = f"model.layers.{i}."
         qkv_bias = None
         if cfg.qkv_bias:
-            qkv_bias = torch.cat([take(p + f"self_attn.{n}_proj.bias", (s,)) for n, s in (("q", q), ("k", kv), ("v", kv))])
+            qkv_bias = torch.cat(
+                [take(p + f"self_attn.{n}_proj.bias", (s,)) for n, s in (("q", q), ("k", kv), ("v", kv))]
+            )
         layers.append(
             LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (h,)),
-                qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight", (s, h)) for n, s in (("q", q), ("k", kv), ("v", kv))]),
+                qkv=torch.cat(
+                    [take(p + f"self_attn.{n}_proj.weight", (s, h)) for n, s in (("q", q), ("k", kv), ("v", kv))]
+                ),
                 qkv_bias=qkv_bias,
                 o=take(p + "self_attn.o_proj.weight", (h, q)),
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),

@@ -27,5 +27,14 @@ def make_policy(config: PolicyConfig, limits: BatchLimits) -> Policy:
     return MergedOnly(limits) if name is PolicyName.MERGED_ONLY else UnmergedOnly(limits)
 
 
-__all__ = ["BatchLimits", "Policy", "PolicyConfig", "PolicyName", "QueuedRequest", "StepDecision", "StepRecord",
-           "fcfs_batch", "make_policy"]
+__all__ = [
+    "BatchLimits",
+    "Policy",
+    "PolicyConfig",
+    "PolicyName",
+    "QueuedRequest",
+    "StepDecision",
+    "StepRecord",
+    "fcfs_batch",
+    "make_policy",
+]

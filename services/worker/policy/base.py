@@ -64,7 +64,7 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits) -> list[QueuedRe
     """The batch plain FCFS would run: arrival order, at most ``max_adapters`` distinct adapters
     (base requests need no slot) and ``max_num_seqs`` requests. ``queue`` is in arrival order."""
     adapters: set[str] = set()
-    out = []
+    out: list[QueuedRequest] = []
     for r in queue:
         if len(out) == limits.max_num_seqs:
             break

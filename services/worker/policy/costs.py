@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 _ALPHA = 0.2  # weight of the newest sample in the running averages
 _DECAY = 0.98  # per observation, for the overhead fit
@@ -100,14 +101,20 @@ class CostModel:
     def switch_seconds(self) -> float:
         return (self.merge_seconds or 0.0) + (self.unmerge_seconds or 0.0)
 
-    def to_dict(self) -> dict:
-        return {"base": {str(k): v for k, v in self.base.items()}, "merge_seconds": self.merge_seconds,
-                "unmerge_seconds": self.unmerge_seconds,
-                "fit": [self._n, self._sx, self._sy, self._sxx, self._sxy]}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": {str(k): v for k, v in self.base.items()},
+            "merge_seconds": self.merge_seconds,
+            "unmerge_seconds": self.unmerge_seconds,
+            "fit": [self._n, self._sx, self._sy, self._sxx, self._sxy],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> CostModel:
-        m = cls(base={int(k): float(v) for k, v in d.get("base", {}).items()},
-                merge_seconds=d.get("merge_seconds"), unmerge_seconds=d.get("unmerge_seconds"))
+    def from_dict(cls, d: dict[str, Any]) -> CostModel:
+        m = cls(
+            base={int(k): float(v) for k, v in d.get("base", {}).items()},
+            merge_seconds=d.get("merge_seconds"),
+            unmerge_seconds=d.get("unmerge_seconds"),
+        )
         m._n, m._sx, m._sy, m._sxx, m._sxy = d.get("fit", [0.0] * 5)
         return m

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+
 from dlora.services.worker.policy.base import (
     BatchLimits,
     Policy,
@@ -102,7 +103,7 @@ class DLoraPolicy(Policy):
 
     # ---- thresholds -----------------------------------------------------------------------
     @property
-    def l(self) -> float:
+    def l(self) -> float:  # noqa: E743 - the paper's L
         return self.config.band_ratio * self.r
 
     def _threshold(self, base: float, adapter: str) -> float:
@@ -128,7 +129,7 @@ class DLoraPolicy(Policy):
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first.
         best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        best_rs = eligible.get(best, [])
+        best_rs = eligible[best] if best is not None else []
         seen = _Pending(fcfs, best, sum(r.num_new for r in best_rs))
 
         queued_keys = {_key(r.adapter) for r in queue}
@@ -140,9 +141,12 @@ class DLoraPolicy(Policy):
 
         n_fcfs = len(fcfs)
         if merged_now in eligible and len(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs:
-            return StepDecision(merged=merged_now, request_ids=[r.request_id for r in eligible[merged_now]],
-                                basis=seen)
-        if best is not None and len(best_rs) >= self._threshold(self.r, best) * n_fcfs and self._pays_off(fcfs, best_rs):
+            return StepDecision(merged=merged_now, request_ids=[r.request_id for r in eligible[merged_now]], basis=seen)
+        if (
+            best is not None
+            and len(best_rs) >= self._threshold(self.r, best) * n_fcfs
+            and self._pays_off(fcfs, best_rs)
+        ):
             return StepDecision(merged=best, request_ids=[r.request_id for r in best_rs], basis=seen)
         return StepDecision(merged=None, request_ids=[r.request_id for r in fcfs], basis=seen)
 
@@ -229,8 +233,12 @@ class DLoraPolicy(Policy):
 
     # ---- checkpoint -----------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
-        return {"r": self.r, "credits": dict(self.credits.balances), "costs": self.costs.to_dict(),
-                "config": msgspec.to_builtins(self.config)}
+        return {
+            "r": self.r,
+            "credits": dict(self.credits.balances),
+            "costs": self.costs.to_dict(),
+            "config": msgspec.to_builtins(self.config),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.r = float(state.get("r", self.config.r_initial))
