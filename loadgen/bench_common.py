@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dlora.services.worker.engine.make_tiny import make_tiny
+from dlora.model.make_tiny import make_tiny
 
 
 def machine() -> str:

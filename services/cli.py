@@ -20,7 +20,7 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _model_make_tiny(args: argparse.Namespace) -> int:
-    from dlora.services.worker.engine.make_tiny import make_tiny
+    from dlora.model.make_tiny import make_tiny
 
     ranks = [int(r) for r in args.ranks.split(",") if r]
     out = make_tiny(

@@ -34,7 +34,7 @@ DEMO = Path(".cache/demo")
 
 
 def _demo() -> tuple[Path, dict[str, str]]:
-    from dlora.services.worker.engine.make_tiny import make_tiny
+    from dlora.model.make_tiny import make_tiny
 
     if not (DEMO / "model" / "config.json").exists():
         make_tiny(DEMO, num_adapters=4)

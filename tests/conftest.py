@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dlora.services.worker.engine.make_tiny import TinyOutput, make_tiny
+from dlora.model.make_tiny import TinyOutput, make_tiny
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from dlora.common.messages import SamplingParams
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import EngineConfig, LLMEngine
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.policy import PolicyConfig
 
 

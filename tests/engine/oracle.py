@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.model.make_tiny import TinyOutput
 
 
 class Oracle:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine.lora import AdapterError, load_adapter
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine, run_all
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dlora.common.messages import FinishReason, SamplingParams
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.engine.offline import generate_lines
 from tests.engine.helpers import make_engine, run_all
 

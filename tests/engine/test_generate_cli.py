@@ -10,8 +10,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import main
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from tests.engine.oracle import Oracle
 
 

@@ -14,9 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from dlora.common.messages import SamplingParams
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, load_adapter
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.policy import PolicyConfig
 
 PROMPT = [5, 40, 41, 300, 17, 99, 3]

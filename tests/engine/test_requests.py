@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dlora.common.messages import FinishReason, SamplingParams
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine, RequestError
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine
 
 PROMPT = [5, 40, 41, 300, 17]

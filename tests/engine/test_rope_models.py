@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.model.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine, run_all
 
 SCALINGS = {

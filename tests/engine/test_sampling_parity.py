@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dlora.common.messages import SamplingParams
-from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.model.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine
 from tests.engine.oracle import Oracle
 

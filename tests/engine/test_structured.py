@@ -8,8 +8,8 @@ import json
 import pytest
 
 from dlora.common.messages import FinishReason, SamplingParams
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine, RequestError
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA
 from tests.engine.helpers import make_engine
 

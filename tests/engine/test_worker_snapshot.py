@@ -4,7 +4,7 @@ up, remaining tokens capped by max_tokens."""
 from __future__ import annotations
 
 from dlora.common.messages import SamplingParams
-from dlora.services.worker.engine.make_tiny import TinyOutput
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.snapshot import worker_stats
 from tests.engine.helpers import make_engine

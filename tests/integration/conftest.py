@@ -15,6 +15,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.admin import check_adapter
@@ -22,7 +23,6 @@ from dlora.services.gateway.main import Gateway
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port, start_nats, start_redis
 from dlora.services.worker.engine.config import EngineConfig
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 

@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.test_gateway import offline

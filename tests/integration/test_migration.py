@@ -15,11 +15,11 @@ from redis.asyncio import Redis
 from dlora.common import bus, subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import TriggerBounds
 from dlora.services.servers import Server
-from dlora.services.worker.engine.make_tiny import TinyOutput
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.test_gateway import offline

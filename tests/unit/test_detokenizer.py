@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from dlora.model.make_tiny import make_tokenizer
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
-from dlora.services.worker.engine.make_tiny import make_tokenizer
 
 
 @pytest.fixture(scope="module")
