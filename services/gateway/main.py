@@ -354,10 +354,8 @@ class _Response:
                 self.stream,
                 self.job.shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index, logprobs=logprobs),
             )
-        else:
-            choice.out.text += chunk.text
-            if logprobs is not None:
-                choice.parts.append(logprobs)
+        elif logprobs is not None:  # the text is the reply stream's, taken at the end
+            choice.parts.append(logprobs)
 
     async def fail(self, replies: ReplyStream) -> web.StreamResponse:
         """A choice failed: its error as the status, or (the stream is open) as an event ending it.
@@ -375,6 +373,7 @@ class _Response:
         job = self.job
         if not job.stream:
             for c in self.choices:
+                c.out.text += c.replies.text if c.replies else ""  # after the echoed prompt, if any
                 c.out.logprobs = openai.merge_logprobs(job.shape.chat, c.parts)
             return web.json_response(
                 job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens)

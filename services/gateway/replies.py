@@ -14,11 +14,13 @@ from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
 
 @dataclass
 class ReplyStream:
-    """De-duplicates one request's chunks, counts its tokens and says when it is over."""
+    """De-duplicates one request's chunks, accumulates its text and token count (its usage) and
+    says when it is over."""
 
     request_id: str
     next_seq: int = 0  # the number the next new chunk carries
-    tokens: int = 0
+    tokens: int = 0  # completion tokens so far
+    text: str = ""  # completion text so far
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_code: ErrorCode | None = None
@@ -36,5 +38,6 @@ class ReplyStream:
             self.error, self.error_code, self.finish_reason = chunk.error, chunk.error_code, FinishReason.ERROR
             return True
         self.tokens += len(chunk.token_ids)
+        self.text += chunk.text
         self.finish_reason = chunk.finish_reason
         return True

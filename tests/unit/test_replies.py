@@ -10,11 +10,11 @@ def chunk(seq: int, tokens: int = 1, **kw) -> TokenChunk:
 
 def test_a_resumed_request_repeating_chunks_counts_each_once() -> None:
     r = ReplyStream("r")
-    assert [r.accept(c) for c in (chunk(0), chunk(1), chunk(2))] == [True, True, True]
+    assert [r.accept(c) for c in (chunk(0, text="a"), chunk(1, text="b"), chunk(2, text="c"))] == [True, True, True]
     # the worker died; the recovered request resumes from its record, which says chunk 1
-    assert r.accept(chunk(1)) is False and r.accept(chunk(2)) is False
-    assert r.accept(chunk(3, finish_reason=FinishReason.LENGTH)) is True
-    assert (r.tokens, r.next_seq, r.done, r.finish_reason) == (4, 4, True, FinishReason.LENGTH)
+    assert r.accept(chunk(1, text="b")) is False and r.accept(chunk(2, text="c")) is False
+    assert r.accept(chunk(3, text="d", finish_reason=FinishReason.LENGTH)) is True
+    assert (r.tokens, r.text, r.next_seq, r.done, r.finish_reason) == (4, "abcd", 4, True, FinishReason.LENGTH)
     assert r.accept(chunk(4)) is False and r.tokens == 4  # nothing after the end
 
 
