@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import EngineConfig, LLMEngine
@@ -11,6 +13,8 @@ def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
     fields, ``policy`` a policy name. Unmerged-only unless a test names a policy: these tests were
     written against the plain FCFS path (the engine's own default is the worker's, dlora)."""
     overrides["policy"] = PolicyConfig(name=overrides.get("policy", "unmerged-only"))
+    # make gpu-check runs the engine tests with every engine on the GPU.
+    overrides.setdefault("device", os.environ.get("DLORA_TEST_DEVICE", "cpu"))
     engine = LLMEngine(str(tiny.model), EngineConfig(**overrides))
     for name, path in tiny.adapters.items():
         engine.register_adapter(name, path)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine.lora import AdapterError, load_adapter
 from tests.engine.helpers import make_engine, run_all
@@ -102,9 +103,14 @@ def test_unregister_and_reuse_slots(tiny_llama: TinyOutput) -> None:
     assert names[0] not in engine.adapters
 
 
-def test_merge_unmerge_is_bit_exact_after_1000_cycles(tiny_llama: TinyOutput) -> None:
-    """bf16 makes W + s·BA round; restoring must still give the original bits."""
-    engine = make_engine(tiny_llama, dtype="bfloat16")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_merge_unmerge_is_bit_exact_after_1000_cycles(tiny_llama: TinyOutput, dtype: str, device: str) -> None:
+    """Half precision makes W + s·BA round; restoring must still give the original bits."""
+    engine = make_engine(tiny_llama, dtype=dtype, device=device)
     layers = engine.merger.weights.layers
     before = [[t.clone() for t in (lw.qkv, lw.o, lw.gate_up, lw.down)] for lw in layers]
     names = list(tiny_llama.adapters)
@@ -128,3 +134,22 @@ def test_merged_engine_is_exact_when_back_to_unmerged(tiny_llama: TinyOutput) ->
     engine.merger.unmerge()
     assert all(torch.equal(lw.gate_up, b) for lw, b in zip(layers, before))
     assert engine.stats.merge_seconds > 0 and engine.stats.unmerge_seconds > 0
+
+
+def test_a_merge_takes_a_and_b_from_the_adapters_device_slot(tiny_llama: TinyOutput) -> None:
+    """A merged adapter's A and B are loaded into a device slot once and merged from there: the
+    next merge of it loads nothing, and the result equals merging from host memory (fp32)."""
+    engine = make_engine(tiny_llama, policy="merged-only")
+    name = next(iter(tiny_llama.adapters))
+    engine.add_request("r", prompt_token_ids=[9, 8, 7], params=SamplingParams(max_tokens=1), adapter=name)
+    engine.step()
+    assert engine.merger.merged == name and engine.slots.slot_of(name) is not None
+    loads = engine.stats.adapter_loads
+    from_slot = [lw.qkv.clone() for lw in engine.merger.weights.layers]
+    engine.merger.unmerge()
+    engine.merger.merge(engine.adapters[name])  # from host memory
+    assert all(torch.equal(lw.qkv, m) for lw, m in zip(engine.merger.weights.layers, from_slot))
+    engine.merger.unmerge()
+    engine.add_request("r2", prompt_token_ids=[9, 8, 7], params=SamplingParams(max_tokens=1), adapter=name)
+    engine.step()
+    assert engine.merger.merged == name and engine.stats.adapter_loads == loads

@@ -8,6 +8,7 @@ task.
 from __future__ import annotations
 
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,7 +303,7 @@ class LLMEngine:
         adapters; None when nothing can run (every candidate waits for memory)."""
         if decision.merged is not None and decision.merged not in self.adapters:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
-        merge_s, unmerge_s = self._switch(decision.merged)
+        merge_s, unmerge_s = self.switch(decision.merged)
         plan = schedule(decision, self.seqs, self.blocks, self.limits)
         self.stats.preemptions += len(plan.preempted)
         if not plan.seqs:
@@ -406,15 +407,20 @@ class LLMEngine:
                 failed.append(self._fail(seq, f"the model step failed: {_describe(e)}"))
         return ran, torch.cat(rows) if rows else None, failed
 
-    def _switch(self, merged: str | None) -> tuple[float, float]:
-        """Merge/unmerge so that ``merged`` is the merged adapter; seconds spent on each."""
+    def switch(self, merged: str | None) -> tuple[float, float]:
+        """Merge/unmerge so that ``merged`` (an adapter's name, None: base weights) is the merged
+        adapter; seconds spent merging and unmerging. The step does this for its decision; the
+        benchmarks call it to time a switch as the engine pays it. KeyError for an unknown adapter."""
         if merged == self.merger.merged:
             return 0.0, 0.0
         unmerge_s = self._unmerge() if self.merger.merged is not None else 0.0
         merge_s = 0.0
         if merged is not None:
             start = time.perf_counter()
-            self.merger.merge(self.adapters[merged])
+            # A and B come from the adapter's device slot (loaded once, then resident), not host memory.
+            slot = self._slot_for(merged, pinned=frozenset({merged}))
+            self.merger.merge(self.adapters[merged], self.device_loras.weights_of(slot))
+            self._synchronize()
             merge_s = time.perf_counter() - start
             self.stats.record_merge(merge_s)
         return merge_s, unmerge_s
@@ -422,9 +428,16 @@ class LLMEngine:
     def _unmerge(self) -> float:
         start = time.perf_counter()
         self.merger.unmerge()
+        self._synchronize()
         seconds = time.perf_counter() - start
         self.stats.record_unmerge(seconds)
         return seconds
+
+    def _synchronize(self) -> None:
+        # A switch's copies run asynchronously on a GPU: its time (the policy prices switches with
+        # it) is the time until they are done.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _place_adapters(self, seqs: list[Sequence]) -> tuple[list[Sequence], dict[str | None, int]]:
         """Give each unmerged adapter a device slot and group the batch by slot (stable, so FCFS
@@ -436,13 +449,18 @@ class LLMEngine:
             return seqs, slot_of
         needed = {s.adapter for s in seqs if s.adapter is not None}
         for name in sorted(needed):
-            start = time.perf_counter()
-            slot, change = self.slots.acquire(name, pinned=needed)
-            if change is not None:
-                self.device_loras.load(slot, self.adapters[name])
-                self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
-            slot_of[name] = slot
+            slot_of[name] = self._slot_for(name, pinned=needed)
         return sorted(seqs, key=lambda s: slot_of[s.adapter]), slot_of
+
+    def _slot_for(self, name: str, pinned: AbstractSet[str]) -> int:
+        """The device slot holding adapter ``name``'s A and B, loading it there (evicting the least
+        recently used adapter not in ``pinned``) if it is not resident."""
+        start = time.perf_counter()
+        slot, change = self.slots.acquire(name, pinned=pinned)
+        if change is not None:
+            self.device_loras.load(slot, self.adapters[name])
+            self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
+        return slot
 
     def _inputs(self, batch: list[Sequence], slot_of: dict[str | None, int]) -> StepInputs:
         ids: list[int] = []

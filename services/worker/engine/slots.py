@@ -98,6 +98,16 @@ class DeviceLoras:
             sl.scale[slot] = w.scale
         self._refresh()
 
+    def weights_of(self, slot: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """The A (rank, in_features) and B (out_features, rank) the adapter in ``slot`` holds on the
+        device, by (layer, PEFT target name); empty for an empty slot."""
+        return {
+            (layer, target): (a, b)
+            for layer, by_target in enumerate(self._slice)
+            for target, sl in by_target.items()
+            if (a := sl.a[slot]) is not None and (b := sl.b[slot]) is not None
+        }
+
     def clear(self, slot: int) -> None:
         self._empty(slot)
         self._refresh()
