@@ -16,13 +16,21 @@ from dlora.loadgen.workload import RequestSpec, prompt_ids
 
 
 class HFPeftServer:
-    def __init__(self, model_dir: Path, adapters: dict[str, Path], max_batch: int = 32) -> None:
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    def __init__(
+        self,
+        model_dir: Path,
+        adapters: dict[str, Path],
+        max_batch: int = 32,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
         names = sorted(adapters)
         self.model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
         for name in names[1:]:
             self.model.load_adapter(adapters[name], adapter_name=name)
         self.model.eval()
+        self.device = torch.device(device)
         self.vocab = base.config.vocab_size
         self.pad = base.config.pad_token_id or 0
         self.max_batch = max_batch
@@ -31,8 +39,8 @@ class HFPeftServer:
     def generate(self, adapter: str | None, prompts: list[list[int]], new_tokens: int) -> None:
         """One batched generate of exactly ``new_tokens`` tokens, prompts left-padded."""
         width = max(map(len, prompts))
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         kwargs = dict(
             input_ids=ids,
             attention_mask=mask,

@@ -11,7 +11,13 @@ import torch
 from dlora.model.make_tiny import make_tiny
 
 
-def machine() -> str:
+def machine(device: torch.device | None = None) -> str:
+    """The machine a figure was measured on: the GPU's name when ``device`` is one, else the CPU."""
+    if device is not None and device.type == "cuda":
+        return (
+            f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"{os.cpu_count()} CPU cores"
+        )
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -37,11 +37,8 @@ def weight_bytes(engine: LLMEngine) -> int:
     return sum(t.nbytes for t in tensors)
 
 
-def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> float:
-    """Median seconds of one decode step with one request per entry of ``adapters``.
-
-    The median, not the mean: on a shared 2-core machine a single descheduled step would
-    otherwise decide a ratio."""
+def _start(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> StepDecision:
+    """One request per entry of ``adapters``, prefilled and one decode step in (untimed)."""
     ids = [f"b{i}" for i in range(len(adapters))]
     for rid, name in zip(ids, adapters):
         engine.add_request(
@@ -53,25 +50,107 @@ def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, s
     decision = StepDecision(merged=merged, request_ids=ids)
     engine.step(decision)  # prefill
     engine.step(decision)  # first decode warms caches
+    return decision
+
+
+def _stop(engine: LLMEngine, decision: StepDecision) -> None:
+    for rid in decision.request_ids:
+        engine.abort(rid)
+
+
+def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> float:
+    """Median seconds of one decode step with one request per entry of ``adapters``.
+
+    The median, not the mean: on a shared 2-core machine a single descheduled step would
+    otherwise decide a ratio. Each step ends when its tokens are on the host, so on a GPU the
+    time is the step's wall time, kernels included."""
+    decision = _start(engine, adapters, merged, steps)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         engine.step(decision)
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    for rid in ids:
-        engine.abort(rid)
-    return seconds
+    _stop(engine, decision)
+    return statistics.median(times)
+
+
+def profile_step(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> dict:
+    """Per decode step, under torch.profiler: GPU kernels launched and their summed time (CUDA),
+    or on a CPU the operators dispatched (aten ops not inside another aten op), the launches a
+    GPU would see. Wall time is not taken from here (the profiler slows the host)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    decision = _start(engine, adapters, merged, steps)
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step(decision)
+    _stop(engine, decision)
+    if cuda:
+        kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        return {
+            "launches_per_step": sum(e.count for e in kernels) / steps,
+            "kernel_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+        }
+
+    def nested(e: object) -> bool:
+        parent = getattr(e, "cpu_parent", None)
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    ops = [e for e in prof.events() if e.name.startswith("aten::") and not nested(e)]
+    return {"launches_per_step": len(ops) / steps, "kernel_ms_per_step": None}
+
+
+def hf_step_ms(root: Path, adapter: str, batch: int, device: str, dtype: str, steps: int) -> float:
+    """transformers + peft, the same model and adapter: milliseconds per decode step at ``batch``,
+    as (generate of steps + 1 tokens - generate of 1 token) / steps, so the prefill cancels."""
+    import torch
+
+    from dlora.loadgen.baselines import HFPeftServer
+
+    server = HFPeftServer(
+        root / "model", {adapter: root / "adapters" / adapter}, device=device, dtype=getattr(torch, dtype)
+    )
+    prompts = [[(7 * i + 3) % 500 for i in range(PROMPT_LEN)]] * batch
+    server.generate(adapter, prompts, 2)  # warm up
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        server.generate(adapter, prompts, n)
+        return time.perf_counter() - start
+
+    return (
+        (statistics.median(timed(steps + 1) for _ in range(3)) - statistics.median(timed(1) for _ in range(3)))
+        / steps
+        * 1e3
+    )
 
 
 def run(
-    preset: str, batch_sizes: list[int], adapter_counts: list[int], steps: int, rounds: int, dtype: str, workdir: Path
+    preset: str,
+    batch_sizes: list[int],
+    adapter_counts: list[int],
+    steps: int,
+    rounds: int,
+    dtype: str,
+    workdir: Path,
+    device: str = "cpu",
+    profile: bool = False,
+    hf_baseline: bool = False,
 ) -> dict:
     max_adapters = max(adapter_counts)
     root = ensure_model(workdir, preset, max_adapters, ranks=[16])  # one rank: simple byte accounting
     engine = LLMEngine(
         str(root / "model"),
-        EngineConfig(dtype=dtype, max_loras=max_adapters, max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30),
+        EngineConfig(
+            dtype=dtype, device=device, max_loras=max_adapters, max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30
+        ),
     )
     names = [f"lora-{i}" for i in range(max_adapters)]
     for name in names:
@@ -103,14 +182,33 @@ def run(
                 lora_bytes = sum(engine.adapters[a].nbytes for a in set(in_batch)) * engine.dtype.itemsize // 4
             add(mode, n, batch, statistics.median(samples[i]), lora_bytes)
 
+    # Switches as the engine pays them: A and B from the adapter's device slot (each adapter's first
+    # merge loads it there, untimed here as it is paid once while the adapter stays resident).
+    cycled = names[:5]
+    for name in cycled:
+        engine.switch(name)
+    engine.switch(None)
     merge_ms, unmerge_ms = [], []
-    for i in range(5):
-        t0 = time.perf_counter()
-        engine.merger.merge(engine.adapters[names[i % len(names)]])
-        t1 = time.perf_counter()
-        engine.merger.unmerge()
-        merge_ms.append((t1 - t0) * 1e3)
-        unmerge_ms.append((time.perf_counter() - t1) * 1e3)
+    for name in cycled:
+        merge_s, _ = engine.switch(name)
+        _, unmerge_s = engine.switch(None)
+        merge_ms.append(merge_s * 1e3)
+        unmerge_ms.append(unmerge_s * 1e3)
+
+    profiled: dict[str, dict] = {}
+    if profile:  # at batch 32 (or the largest below it): where a GPU step's time goes
+        batch = max([b for b in batch_sizes if b <= 32] or batch_sizes[:1])
+        for label, in_batch, merged in (
+            ("base", [None] * batch, None),
+            ("unmerged, 1 adapter", [names[0]] * batch, None),
+            (f"unmerged, {max_adapters} adapters", [names[i % max_adapters] for i in range(batch)], None),
+        ):
+            profiled[label] = {"batch": batch, **profile_step(engine, in_batch, merged, steps)}
+            profiled[label]["wall_ms_per_step"] = measure(engine, in_batch, merged, steps) * 1e3
+    hf: dict[str, float] = {}
+    if hf_baseline:
+        for batch in sorted({1, min(32, max(batch_sizes))}):
+            hf[f"batch {batch}"] = hf_step_ms(root, names[0], batch, device, dtype, steps)
 
     base_bytes = weight_bytes(engine)
     by = {(p.mode, p.adapters, p.batch): p for p in points}
@@ -133,9 +231,10 @@ def run(
                 p.step_ms / explained
             )
     return {
-        "machine": machine(),
+        "machine": machine(engine.device),
         "date": today(),
         "preset": preset,
+        "device": str(engine.device),
         "dtype": dtype,
         "prompt_len": PROMPT_LEN,
         "timed_decode_steps": steps,
@@ -145,6 +244,8 @@ def run(
         "unmerge_ms": sum(unmerge_ms) / len(unmerge_ms),
         "points": [asdict(p) for p in points],
         "ratios": ratios,
+        "profile": profiled,
+        "hf_peft_step_ms": hf,
     }
 
 
@@ -180,6 +281,31 @@ def markdown(r: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    if r.get("profile"):
+        gpu = any(p["kernel_ms_per_step"] is not None for p in r["profile"].values())
+        lines += [
+            "",
+            "Per decode step, profiled (torch.profiler): "
+            + ("GPU kernels launched and their summed time." if gpu else "operators dispatched (no GPU here)."),
+            "",
+            "| step | batch | wall ms | kernel ms | wall / kernel | launches |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, p in r["profile"].items():
+            k = p["kernel_ms_per_step"]
+            ratio = f"{p['wall_ms_per_step'] / k:.2f}" if k else "-"
+            kernel = f"{k:.2f}" if k is not None else "-"
+            lines.append(
+                f"| {label} | {p['batch']} | {p['wall_ms_per_step']:.2f} | {kernel} | {ratio} | "
+                f"{p['launches_per_step']:.0f} |"
+            )
+    if r.get("hf_peft_step_ms"):
+        lines += [
+            "",
+            "transformers + peft on the same model and adapter, per decode step: "
+            + ", ".join(f"{k}: {v:.1f} ms" for k, v in r["hf_peft_step_ms"].items())
+            + ".",
+        ]
     return "\n".join(lines)
 
 
@@ -192,6 +318,9 @@ def run_bench_engine(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         dtype=args.dtype,
         workdir=Path(args.workdir),
+        device=args.device,
+        profile=args.profile,
+        hf_baseline=args.hf_baseline,
     )
     print(f"merge {result['merge_ms']:.2f} ms, unmerge {result['unmerge_ms']:.2f} ms")
     for name, value in result["ratios"].items():

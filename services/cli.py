@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     tiny = model.add_parser("make-tiny", help="write a random Llama-family model and PEFT adapters (offline)")
     tiny.add_argument("--out", required=True, help="directory to write (model/ and adapters/ inside)")
-    tiny.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    tiny.add_argument("--preset", choices=["tiny", "small", "7b"], default="tiny")
     tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     tiny.add_argument("--adapters", type=int, default=4, help="number of adapters")
     tiny.add_argument("--ranks", default="8,16,32", help="ranks, cycled over the adapters")
@@ -86,13 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     be = bench.add_parser("engine", help="decode throughput: base, merged, unmerged with many adapters")
-    be.add_argument("--preset", choices=["tiny", "small"], default="small")
+    be.add_argument("--preset", choices=["tiny", "small", "7b"], default="small", help="7b: 7B widths, 4 layers")
     be.add_argument("--json", help="write results here")
     be.add_argument("--batch-sizes", default="1,8,32,64")
     be.add_argument("--adapters", default="1,8,64", help="distinct adapters in the unmerged runs")
     be.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
     be.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")
     be.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    be.add_argument("--device", default="cpu", help="torch device the engine runs on: cpu, cuda, cuda:1")
+    be.add_argument(
+        "--profile", action="store_true", help="per step at batch 32: GPU kernel time and launches (torch.profiler)"
+    )
+    be.add_argument(
+        "--hf-baseline", action="store_true", help="transformers + peft per decode step, same model, batch 1 and 32"
+    )
     be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     be.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     be.set_defaults(func=_lazy("dlora.loadgen.bench_engine:run_bench_engine"))
