@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup redis run lint test bench clean
+.PHONY: setup redis run lint test bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,26 @@ bench: setup
 	$(VENV)/bin/dlora bench e2e --preset small --json bench-results/e2e.json
 	$(VENV)/bin/dlora bench migration --json bench-results/migration.json
 	$(VENV)/bin/dlora bench cluster --json bench-results/cluster.json
+
+# On a machine with an NVIDIA GPU and its own torch, Triton, transformers and peft, with nothing of
+# this project set up and no network: the CUDA tests and the kernel and engine benchmarks at 7B
+# widths, in one command (loadgen/gpu_check.py). What such a machine lacks travels as wheels in .whl/,
+# fetched here by `make gpu-wheels` for its Python (3.12).
+GPU_SRC := .cache/gpu-src
+GPU_SITE := .cache/gpu-site
+GPU_WHEELS := msgspec llguidance structlog pytest-asyncio
+
+gpu-check:
+	mkdir -p $(GPU_SRC)/dlora
+	for d in common kernels loadgen model services; do ln -sfn ../../../$$d $(GPU_SRC)/dlora/$$d; done
+	if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(CURDIR)/$(GPU_SRC):$(CURDIR)/$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) -m dlora.loadgen.gpu_check
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .cache bench-results

@@ -1,0 +1,129 @@
+"""``make gpu-check``: what a session lent a GPU measures first, in one command, within 8 minutes.
+
+It runs on a machine with an NVIDIA GPU and its own torch, Triton, transformers and peft, with
+nothing of this project installed and no network (the Makefile puts the source on ``PYTHONPATH``
+and installs the wheels of ``make gpu-wheels``, carried in ``.whl/``, for what such a machine
+lacks). In order, each with its own time bound so one slow part cannot starve the rest:
+
+1. the CUDA tests: ``tests/kernels`` natively (real-model sizes included) and the engine's parity
+   and merge tests with ``DLORA_TEST_DEVICE=cuda`` (every engine the tests make runs on the GPU);
+2. ``dlora bench kernels``;
+3. ``dlora bench engine --device cuda --preset 7b --dtype bfloat16 --profile``: decode steps at 7B
+   widths (a few layers), wall vs GPU kernel time and launches per step, LoRA step ratios,
+   merge/unmerge, and HF transformers + peft on the same model.
+
+Each benchmark rewrites its section of BENCHMARKS.md, naming the GPU; ``OUT/gpu-check.json``
+holds every part's exit status and seconds. Exit status: 0 when every part passed, 1 when one
+failed, 2 when there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, str], float]]:
+    """(name, command, extra environment, seconds allowed) for each part, in order."""
+    py = [sys.executable]
+    cli = [*py, "-m", "dlora.services.cli", "bench"]
+    return [
+        ("kernel-tests", [*py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], {}, 120.0),
+        (
+            "engine-tests",
+            [
+                *py,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/engine/test_parity.py",
+                "tests/engine/test_adapters.py",
+            ],
+            {"DLORA_TEST_DEVICE": "cuda"},
+            120.0,
+        ),
+        ("bench-kernels", [*cli, "kernels", "--json", str(out / "kernels.json"), "--benchmarks", benchmarks], {}, 60.0),
+        (
+            "bench-engine",
+            [
+                *cli,
+                "engine",
+                "--device",
+                "cuda",
+                "--preset",
+                "7b",
+                "--dtype",
+                "bfloat16",
+                "--batch-sizes",
+                "1,32,64",
+                "--adapters",
+                "1,8,64",
+                "--steps",
+                "10",
+                "--rounds",
+                "3",
+                "--profile",
+                "--hf-baseline",
+                "--json",
+                str(out / "engine.json"),
+                "--benchmarks",
+                benchmarks,
+            ],
+            {},
+            180.0,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench-results/gpu", help="folder for the JSON results and logs")
+    p.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose sections are regenerated")
+    args = p.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print(
+            "make gpu-check: this Python has no torch (use the GPU machine's own: make gpu-check PYTHON=...)",
+            file=sys.stderr,
+        )
+        return 2
+    if not torch.cuda.is_available():
+        print("make gpu-check: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, object] = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "parts": {},
+    }
+    failed = False
+    for name, cmd, env, limit in parts(out, args.benchmarks):
+        start = time.monotonic()
+        log = out / f"{name}.log"
+        with log.open("w") as f:
+            try:
+                rc = subprocess.run(
+                    cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT, timeout=limit, check=False
+                ).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        seconds = time.monotonic() - start
+        summary["parts"][name] = {"rc": rc, "seconds": round(seconds, 1)}  # type: ignore[index]
+        print(f"{name:<14} rc={rc:<4} {seconds:6.1f} s  (log: {log})", flush=True)
+        failed |= rc != 0
+    (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
