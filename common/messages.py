@@ -234,6 +234,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     total_blocks: int
     block_size: int
     max_loras: int
+    # What it serves on: a torch device ("cuda:0", "cpu") and dtype ("bfloat16"); empty from an older worker.
+    device: str = ""
+    dtype: str = ""
     adapters: list[AdapterResidency] = []
     # Counters since start.
     steps: int = 0

@@ -57,8 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="unmerged",
         help="merged / unmerged: that mode only (FCFS); dlora: chosen per step",
     )
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bfloat16 on a GPU, float32 on a CPU",
+    )
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1; auto: the first GPU if any, else cpu")
     gen.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
     gen.set_defaults(func=_lazy("dlora.services.worker.engine.offline:run_generate"))
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -69,6 +70,24 @@ def _wait_ready(url: str, workers: int, procs: list[subprocess.Popen], timeout: 
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
+
+
+def visible_gpus(env: Mapping[str, str]) -> list[str]:
+    """The GPUs this host offers, as CUDA_VISIBLE_DEVICES names them: its value when set, else one
+    index per GPU ``nvidia-smi -L`` lists; empty without GPUs. Asks no torch (the launcher stays light)."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(line for line in listed.splitlines() if line.startswith("GPU "))]
+
+
+def gpu_of_worker(index: int, gpus: list[str]) -> dict[str, str]:
+    """The environment that gives worker ``index`` its own GPU (round robin when there are more
+    workers than GPUs), so each worker's ``auto`` device is a different one; nothing without GPUs."""
+    return {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else {}
 
 
 class LocalStack:
@@ -142,12 +161,13 @@ class LocalStack:
         self.procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
         if self.migrator:
             self.procs.append(subprocess.Popen([*cmd, "migrator"], env=env, start_new_session=True))
+        gpus = visible_gpus(os.environ)
         for i in range(self.workers):
             self.procs.append(
                 subprocess.Popen(
                     [*cmd, "worker"],
                     start_new_session=True,
-                    env={**env, **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"},
+                    env={**env, **gpu_of_worker(i, gpus), **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"},
                 )
             )
         self.procs.append(subprocess.Popen([*cmd, "gateway"], env=env, start_new_session=True))

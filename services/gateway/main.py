@@ -197,9 +197,13 @@ class Gateway:
 
     async def models(self, request: web.Request) -> web.Response:
         """The base model and every adapter (with the base as parent). Where an adapter's files lie
-        is for admin callers only: others see its name as its root."""
+        is for admin callers only: others see its name as its root. The base model's entry names
+        the live workers serving it and the device and dtype each runs on (``served_by``)."""
         admin = self._is_admin(request)
         created = int(time.time())
+        served_by = [
+            {"worker": w.worker, "device": w.device, "dtype": w.dtype} for w in await self.store.live_workers()
+        ]
         data = [
             {
                 "id": self.base_name,
@@ -208,6 +212,7 @@ class Gateway:
                 "owned_by": "dlora",
                 "root": self.base_name,
                 "parent": None,
+                "served_by": served_by,
             }
         ]
         for e in await self.store.list_adapters():

@@ -47,6 +47,8 @@ def worker_stats(
         total_blocks=e.blocks.num_blocks,
         block_size=e.blocks.block_size,
         max_loras=e.config.max_loras,
+        device=str(e.device),
+        dtype=str(e.dtype).removeprefix("torch."),
         adapters=residency,
         steps=st.steps,
         merges=st.merges,

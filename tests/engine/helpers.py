@@ -15,6 +15,7 @@ def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
     overrides["policy"] = PolicyConfig(name=overrides.get("policy", "unmerged-only"))
     # make gpu-check runs the engine tests with every engine on the GPU.
     overrides.setdefault("device", os.environ.get("DLORA_TEST_DEVICE", "cpu"))
+    overrides.setdefault("dtype", "float32")  # the parity tests compare fp32 token for token
     engine = LLMEngine(str(tiny.model), EngineConfig(**overrides))
     for name, path in tiny.adapters.items():
         engine.register_adapter(name, path)

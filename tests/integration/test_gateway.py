@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import aiohttp
+import torch
 
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
@@ -114,6 +115,12 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/v1/models") as r:
         data = (await r.json())["data"]
     assert data[0]["id"] == "model" and data[0]["parent"] is None
+    # the stack's two workers, on what `auto` picks on this machine
+    expected_device = ("cuda:0", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+    assert sorted((w["worker"], w["device"], w["dtype"]) for w in data[0]["served_by"]) == [
+        ("w0", *expected_device),
+        ("w1", *expected_device),
+    ]
     adapters = {d["id"]: d for d in data[1:]}
     assert set(adapters) == set(stack.tiny.adapters)
     assert all(d["parent"] == "model" and d["object"] == "model" for d in adapters.values())

@@ -11,6 +11,7 @@ from dlora.services.worker.policy.config import PolicyConfig
 
 
 class DType(enum.StrEnum):
+    AUTO = "auto"  # bfloat16 on a GPU, float32 on a CPU (as vLLM's "auto" serves half precision on GPUs)
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
@@ -25,8 +26,8 @@ class KernelPath(enum.StrEnum):
 class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Names follow vLLM's engine arguments where one exists."""
 
-    dtype: DType = DType.FLOAT32
-    device: str = "cpu"  # a torch device: cpu, cuda, cuda:1
+    dtype: DType = DType.AUTO
+    device: str = "auto"  # a torch device (cpu, cuda, cuda:1); auto: the first GPU if there is one, else cpu
     kernels: KernelPath = KernelPath.AUTO
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV blocks; None: as many as kv_cache_bytes holds

@@ -38,6 +38,23 @@ from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, Ste
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype an engine runs on: ``auto`` device is the first GPU when torch
+    sees one, else the CPU; ``auto`` dtype is bfloat16 on a GPU and float32 on a CPU. ValueError
+    for an unknown dtype or a device torch cannot name."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    return dev, DTYPES[dtype]
+
+
 class RequestError(ValueError):
     """The request cannot be served as given; the message says why (a 4xx for the caller)."""
 
@@ -96,12 +113,9 @@ class LLMEngine:
         """``model``: a Hugging Face model directory. ValueError when ``config`` names an unknown dtype,
         kernel path or policy or fails its ``check``; OSError / ValueError from reading the model."""
         self.config = config = config or EngineConfig()
-        if config.dtype not in DTYPES:
-            raise ValueError(f"dtype {config.dtype!r}: expected one of {sorted(DTYPES)}")
         if bad := config.check():
             raise ValueError("; ".join(f"{f}={v!r} {why}" for f, v, why in bad))
-        self.dtype = DTYPES[config.dtype]
-        self.device = torch.device(config.device)
+        self.device, self.dtype = resolve_device(config.device, config.dtype)
         self.kernels = select_kernels(config.kernels, self.device)
         self.model_config = cfg = ModelConfig.from_dir(model)
         self.model_name = Path(model).name
