@@ -14,6 +14,7 @@ import torch
 
 from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
 from dlora.kernels.lora import LoraSegments, add_lora_torch
+from dlora.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
 
 PATHS = ("auto", "torch", "triton")
 
@@ -30,6 +31,13 @@ class Kernels:
     # (out (T, N), x (T, K), LoraProjection, metadata): out += each LoRA token's delta, in place
     add_lora: Callable[..., None]
     lora_tables: bool  # whether LoraProjection tables must be kept up to date
+    # (x (T, H), weight (H,), eps) -> RMSNorm (T, H)
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
+    # (x, residual, weight, eps) -> (RMSNorm of residual + x, residual + x); the Triton path
+    # writes the new residual into ``residual``
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm
+    # gate_up (T, 2I) -> SiLU(gate) * up (T, I)
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
 
 
 TORCH = Kernels(
@@ -66,6 +74,7 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
         )
     from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
     from dlora.kernels.lora_triton import LoraBatch, add_lora_triton
+    from dlora.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton, silu_and_mul_triton
 
     return Kernels(
         "triton",
@@ -74,4 +83,7 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
         LoraBatch.from_token_slots,
         add_lora_triton,
         lora_tables=True,
+        rms_norm=rms_norm_triton,
+        add_rms_norm=add_rms_norm_triton,
+        silu_and_mul=silu_and_mul_triton,
     )

@@ -33,13 +33,6 @@ class StepInputs:
     lora: Any  # the kernel path's LoRA metadata; None: no token uses an unmerged adapter
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As in HF: normalise in fp32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class LlamaModel:
     def __init__(
         self, cfg: ModelConfig, weights: ModelWeights, kv: KVCache, loras: DeviceLoras, kernels: Kernels
@@ -65,12 +58,15 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Logits (B, vocab) in fp32 at each sequence's last new token."""
-        cfg, kv = self.cfg, self.kv
+        cfg, kv, ops = self.cfg, self.kv, self.kernels
+        eps, layers = cfg.rms_norm_eps, self.weights.layers
+        # The residual stream h; each sublayer's output is added to it in the same launch as the
+        # next norm (add_rms_norm), the last one after the loop.
         h = self.weights.embed[inp.input_ids]
+        x = ops.rms_norm(h, layers[0].input_norm, eps)
         cos, sin = self.rope.cos_sin(inp.positions, inp.seq_lens)
         q_size, kv_size = cfg.q_size, cfg.kv_size
-        for i, lw in enumerate(self.weights.layers):
-            x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
+        for i, lw in enumerate(layers):
             qkv = self._proj(x, lw.qkv, i, "qkv", inp, lw.qkv_bias)
             q = qkv[:, :q_size].unflatten(1, (cfg.num_heads, cfg.head_dim))
             k = qkv[:, q_size : q_size + kv_size].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
@@ -78,10 +74,12 @@ class LlamaModel:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv.write(i, k, v, inp.attention.slots)
             attn = self.kernels.paged_attention(q, kv.k[i], kv.v[i], inp.attention, kv.block_size, self.scale)
-            h = h + self._proj(attn.flatten(1), lw.o, i, "o", inp)
-            x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+            x, h = ops.add_rms_norm(self._proj(attn.flatten(1), lw.o, i, "o", inp), h, lw.post_norm, eps)
             gate_up = self._proj(x, lw.gate_up, i, "gate_up", inp)
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = h + self._proj(F.silu(gate) * up, lw.down, i, "down", inp)
-        last = rms_norm(h[inp.last_index], self.weights.norm, cfg.rms_norm_eps)
+            down = self._proj(ops.silu_and_mul(gate_up), lw.down, i, "down", inp)
+            if i + 1 < len(layers):
+                x, h = ops.add_rms_norm(down, h, layers[i + 1].input_norm, eps)
+            else:
+                h = h + down
+        last = ops.rms_norm(h[inp.last_index], self.weights.norm, eps)
         return F.linear(last, self.weights.lm_head).float()
