@@ -15,6 +15,7 @@ import torch
 from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
 from dlora.kernels.lora import LoraSegments, add_lora_torch
 from dlora.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
+from dlora.kernels.rope import rope_and_cache
 
 PATHS = ("auto", "torch", "triton")
 
@@ -38,6 +39,8 @@ class Kernels:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm
     # gate_up (T, 2I) -> SiLU(gate) * up (T, I)
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
+    # (qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads) -> rotated q; k, v into the cache
+    rope_and_cache: Callable[..., torch.Tensor] = rope_and_cache
 
 
 TORCH = Kernels(
@@ -75,6 +78,7 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
     from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
     from dlora.kernels.lora_triton import LoraBatch, add_lora_triton
     from dlora.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton, silu_and_mul_triton
+    from dlora.kernels.rope_triton import rope_and_cache_triton
 
     return Kernels(
         "triton",
@@ -86,4 +90,5 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
         rms_norm=rms_norm_triton,
         add_rms_norm=add_rms_norm_triton,
         silu_and_mul=silu_and_mul_triton,
+        rope_and_cache=rope_and_cache_triton,
     )

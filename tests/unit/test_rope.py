@@ -7,8 +7,9 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from dlora.kernels.rope import apply_rope
 from dlora.model.config import ModelConfig, ModelConfigError
-from dlora.services.worker.engine.rope import Rope, apply_rope, inv_freq_and_scale
+from dlora.services.worker.engine.rope import Rope, inv_freq_and_scale
 
 SCALINGS = {
     "default": None,

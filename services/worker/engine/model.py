@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dlora.kernels.backend import Kernels
 from dlora.model.config import ModelConfig
 from dlora.services.worker.engine.kv_cache import KVCache
-from dlora.services.worker.engine.rope import Rope, apply_rope
+from dlora.services.worker.engine.rope import Rope
 from dlora.services.worker.engine.slots import DeviceLoras
 from dlora.services.worker.engine.weights import ModelWeights
 
@@ -65,14 +65,12 @@ class LlamaModel:
         h = self.weights.embed[inp.input_ids]
         x = ops.rms_norm(h, layers[0].input_norm, eps)
         cos, sin = self.rope.cos_sin(inp.positions, inp.seq_lens)
-        q_size, kv_size = cfg.q_size, cfg.kv_size
         for i, lw in enumerate(layers):
             qkv = self._proj(x, lw.qkv, i, "qkv", inp, lw.qkv_bias)
-            q = qkv[:, :q_size].unflatten(1, (cfg.num_heads, cfg.head_dim))
-            k = qkv[:, q_size : q_size + kv_size].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
-            v = qkv[:, q_size + kv_size :].unflatten(1, (cfg.num_kv_heads, cfg.head_dim))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kv.write(i, k, v, inp.attention.slots)
+            # Rotated queries back; rotated keys and the values into the cache.
+            q = ops.rope_and_cache(
+                qkv, cos, sin, kv.k[i], kv.v[i], inp.attention.slots, cfg.num_heads, cfg.num_kv_heads
+            )
             attn = self.kernels.paged_attention(q, kv.k[i], kv.v[i], inp.attention, kv.block_size, self.scale)
             x, h = ops.add_rms_norm(self._proj(attn.flatten(1), lw.o, i, "o", inp), h, lw.post_norm, eps)
             gate_up = self._proj(x, lw.gate_up, i, "gate_up", inp)
