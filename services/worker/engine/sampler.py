@@ -61,12 +61,15 @@ def sample(
     """
     # One pass for the usual batch; only rows holding a non-finite value are looked at again, where
     # -inf is a masked token (structured output), not a fault, unless every token is masked.
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    # The argmax and the finiteness flags come to the host in one transfer: on a GPU each
+    # transfer is a synchronisation the step waits for.
+    argmax, all_finite = torch.stack((logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long())).tolist()
+    finite = [bool(ok) for ok in all_finite]
     for i, ok in enumerate(finite):
         if not ok:
             row = logits[i]
             finite[i] = not (torch.isnan(row).any() or torch.isposinf(row).any() or torch.isneginf(row).all())
-    out: list[int | SamplingError] = logits.argmax(dim=-1).tolist()
+    out: list[int | SamplingError] = list(argmax)
     simple = [not has_penalties(p) and is_greedy(p) for p in params]
     for i, p in enumerate(params):
         if not finite[i]:
