@@ -407,12 +407,24 @@ class _Response:
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole JSON body, up to ``limit`` bytes.
+
+    Raises:
+        APIError(415): the Content-Type is not application/json (a browser cannot send that
+            cross-site without a CORS preflight, which this server never grants).
+        APIError(413): the body is longer than ``limit``.
+    """
+    if request.content_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}")
     if request.content_length is not None and request.content_length > limit:
-        raise APIError(400, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise APIError(400, f"request body exceeds the limit of {limit} bytes")
-    return raw
+        raise APIError(413, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    raw = bytearray()
+    # Every chunk to the end: one read returns only what has arrived, and a large body comes in many.
+    async for chunk in request.content.iter_any():
+        raw += chunk
+        if len(raw) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    return bytes(raw)
 
 
 async def _open_sse(request: web.Request) -> web.StreamResponse:

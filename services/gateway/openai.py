@@ -133,7 +133,8 @@ def decode_body(raw: bytes, kind: type[msgspec.Struct]) -> Any:
     """``raw`` JSON as a ``kind`` body.
 
     Raises:
-        APIError(400): malformed JSON, or a field missing, unknown or of the wrong type (msgspec's reason).
+        APIError(400): malformed JSON, JSON nested deeper than the decoder follows, or a field
+            missing, unknown or of the wrong type (msgspec's reason).
     """
     try:
         return msgspec.json.decode(raw, type=kind)
@@ -141,6 +142,8 @@ def decode_body(raw: bytes, kind: type[msgspec.Struct]) -> Any:
         raise APIError(400, f"invalid request: {e}") from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # msgspec's own bound on nesting
+        raise APIError(400, "malformed JSON: nested too deeply") from None
 
 
 @dataclass

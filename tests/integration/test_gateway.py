@@ -204,7 +204,11 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
         ({**ok, "prompt": [1, 99999]}, 400, "token ids"),
         (b"{not json", 400, "malformed JSON"),
         (b'{"model": "model"}', 400, "prompt"),
-        (io.BytesIO(b"x" * (2 << 20)), 400, "exceeds"),
+        (io.BytesIO(b"x" * (2 << 20)), 413, "exceeds"),
+        # Valid and under the limit, but sent in many pieces: read whole, then judged on its content.
+        ({**ok, "prompt": list(range(5, 105)) * 1500}, 400, "maximum context length"),
+        (b'{"model": "model", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        ({**ok, "prompt": "kalo", "extra": None}, 400, "unknown field"),
     ]
     for body, status, fragment in cases:
         got, resp = await post(stack, "/v1/completions", body)
@@ -215,6 +219,9 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
         assert resp["error"]["type"]
     status, resp = await post(stack, "/v1/chat/completions", {"model": "model", "messages": []})
     assert status == 400 and "messages" in resp["error"]["message"]
+    # A form post (what a web page can send cross-site without a preflight) is refused.
+    status, resp = await post(stack, "/v1/completions", json.dumps(ok), {"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in resp["error"]["message"]
 
     # Admin: no key, then bad adapter directories; the registry never changes.
     before = [e.name for e in await stack.store.list_adapters()]
