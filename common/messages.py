@@ -156,7 +156,9 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
 
 class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     """New tokens of one request, published on its ``reply_to``. The last one has ``finish_reason``
-    (or ``error``); ``seq`` counts chunks from 0 so a reader can drop duplicates after a resume."""
+    (or ``error``); ``seq`` counts chunks from 0 so a reader can drop duplicates after a resume.
+    A chunk with ``error`` ends the request whatever its ``seq`` (a failed recovery numbers it from
+    the in-flight record, which can lag what the reader has)."""
 
     request_id: str
     seq: int

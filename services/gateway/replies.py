@@ -30,13 +30,20 @@ class ReplyStream:
         return self.finish_reason is not None
 
     def accept(self, chunk: TokenChunk) -> bool:
-        """Take ``chunk``; False (and nothing changes) for a duplicate or anything after the end."""
-        if chunk.seq < self.next_seq or self.done:
+        """Take ``chunk``; False (and nothing changes) for a duplicate or anything after the end.
+
+        An error ends the stream whatever its number: it carries no tokens to de-duplicate, and its
+        sender (a dispatcher failing a recovered request) numbers it from the in-flight record,
+        which can lag what the client already has; dropped as a duplicate, the client would hang."""
+        if self.done:
             return False
-        self.next_seq = chunk.seq + 1
         if chunk.error is not None:
+            self.next_seq = max(self.next_seq, chunk.seq + 1)
             self.error, self.error_code, self.finish_reason = chunk.error, chunk.error_code, FinishReason.ERROR
             return True
+        if chunk.seq < self.next_seq:
+            return False
+        self.next_seq = chunk.seq + 1
         self.tokens += len(chunk.token_ids)
         self.text += chunk.text
         self.finish_reason = chunk.finish_reason

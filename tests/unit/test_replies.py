@@ -30,3 +30,21 @@ def test_an_error_ends_the_stream_with_its_reason() -> None:
 def test_a_gap_is_taken_as_progress() -> None:
     r = ReplyStream("r")
     assert r.accept(chunk(0)) and r.accept(chunk(5)) and r.next_seq == 6 and not r.accept(chunk(3))
+
+
+def test_an_error_numbered_behind_what_arrived_still_ends_the_stream() -> None:
+    """A recovered request failed by the dispatcher is numbered from its in-flight record, which
+    can lag the chunks the client has: the error must end the stream, not be dropped."""
+    r = ReplyStream("r")
+    for seq in range(4):
+        r.accept(chunk(seq, text="x"))
+    lagging = chunk(
+        2,
+        tokens=0,
+        error="the request was in flight on 2 workers that died",
+        error_code=ErrorCode.INTERNAL,
+        finish_reason=FinishReason.ERROR,
+    )
+    assert r.accept(lagging) is True
+    assert r.done and r.finish_reason is FinishReason.ERROR and r.tokens == 4 and r.text == "xxxx"
+    assert r.accept(chunk(4)) is False  # nothing after the end
