@@ -14,6 +14,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dlora.common import log
 from dlora.common.settings import Common
@@ -27,13 +31,49 @@ async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
     """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
     Redis closed."""
     nc = await nats.connect(s.nats_url)
-    redis = Redis.from_url(s.redis_url)
+    redis = redis_client(s.redis_url)
     try:
         yield nc, StateStore(redis, s.redis_prefix)
     finally:
         with contextlib.suppress(Exception):  # a server already gone must not mask the real error
             await nc.drain()
         await redis.aclose()
+
+
+def redis_client(url: str) -> Redis:
+    """A Redis client that rides out a restart: a command that meets a closed or refused
+    connection (a pooled connection to the server before it restarted, or the seconds it is
+    down) is retried on a fresh one, three times with jittered backoff up to 0.5 s (redis-py's
+    Retry); a longer outage reaches the caller, whose loop tries again later. A command whose
+    reply was lost after the old server ran it is run again: every write of ours is idempotent
+    or harmless to repeat except appending progress tokens, and that record did not survive an
+    unpersisted restart anyway."""
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3)
+    return Redis.from_url(url, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError])
+
+
+# What a lost or restarting Redis raises: a service loop that meets one carries on and tries again.
+STATE_OUTAGE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+
+
+class Outage:
+    """A dependency that is down, logged once when it goes and once when it is back (with how many
+    attempts failed meanwhile), not at every attempt: a service retrying every 0.1 s would
+    otherwise write a line per attempt for as long as the outage lasts."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def failed(self, error: BaseException) -> None:
+        if self.failures == 0:
+            _log.warning("dependency unavailable; retrying", what=self.what, error=f"{type(error).__name__}: {error}")
+        self.failures += 1
+
+    def succeeded(self) -> None:
+        if self.failures:
+            _log.info("dependency back", what=self.what, failed_attempts=self.failures)
+            self.failures = 0
 
 
 # Every process counts the bus messages it could not read, so a peer on another schema version

@@ -20,8 +20,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from redis.asyncio import Redis
-
+from dlora.common.bus import redis_client
 from dlora.common.settings import load
 from dlora.common.state import StateStore
 from dlora.model.adapters import parse_lora_args
@@ -47,7 +46,7 @@ async def _register(
     redis_url: str, prefix: str, model: Path, loras: dict[str, str], roots: list[str], base_name: str
 ) -> None:
     cfg = ModelConfig.from_dir(model)
-    redis = Redis.from_url(redis_url)
+    redis = redis_client(redis_url)
     store = StateStore(redis, prefix)
     try:
         for name, path in loras.items():

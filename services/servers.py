@@ -88,8 +88,9 @@ def start_nats(port: int | None = None) -> Server:
     return Server(proc, f"nats://127.0.0.1:{port}", tmp)
 
 
-def start_redis() -> Server:
-    port, tmp = free_port(), tempfile.TemporaryDirectory(prefix="dlora-redis-")
+def start_redis(port: int | None = None) -> Server:
+    """redis-server without persistence on ``port``, or on a free one."""
+    port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-redis-")
     proc = subprocess.Popen(
         [
             _binary("redis-server"),

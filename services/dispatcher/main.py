@@ -69,19 +69,26 @@ class Dispatcher:
     async def watch_workers(self, stop: asyncio.Event) -> None:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
         Redis) re-dispatches its in-flight requests, each resuming after the tokens its client has."""
+        redis = bus.Outage("redis (dispatcher)")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.s.heartbeat_ttl_s / 4):
                     await stop.wait()
-            now = time.monotonic()
-            if now - self._placed_at > self.s.placement_interval_s:
-                self._placed_at = now
-                await self.replan_placement()
-            for worker, (_, at) in list(self.workers.items()):
-                if now - at > self.s.heartbeat_ttl_s:
-                    del self.workers[worker]
-                    if await self.store.claim_recovery(worker):
-                        await self.recover(worker)
+            try:
+                await self._look(time.monotonic())
+                redis.succeeded()
+            except bus.STATE_OUTAGE as e:  # Redis restarting: a lost worker is looked at again next time
+                redis.failed(e)
+
+    async def _look(self, now: float) -> None:
+        if now - self._placed_at > self.s.placement_interval_s:
+            self._placed_at = now
+            await self.replan_placement()
+        for worker, (_, at) in list(self.workers.items()):
+            if now - at > self.s.heartbeat_ttl_s:
+                if await self.store.claim_recovery(worker):
+                    await self.recover(worker)
+                del self.workers[worker]
 
     async def recover(self, worker: str) -> None:
         request_ids = await self.store.inflight_on(worker)

@@ -97,15 +97,21 @@ class Migrator:
         sub = await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         logger.info("migrator ready", migrator=self.s.migrator_id)
         try:
+            redis = bus.Outage("redis (migrator)")
             while not stop.is_set():
-                await self.tick()
+                try:
+                    await self.tick()
+                    redis.succeeded()
+                except bus.STATE_OUTAGE as e:  # Redis restarting: look again next interval
+                    redis.failed(e)
                 with contextlib.suppress(TimeoutError):  # asyncio.timeout: see the gateway's _relay
                     async with asyncio.timeout(self.s.interval_s):
                         await stop.wait()
         finally:
             await sub.unsubscribe()
             if self.leader:
-                await self.store.release_lease("migrator", self.s.migrator_id)
+                with contextlib.suppress(*bus.STATE_OUTAGE):
+                    await self.store.release_lease("migrator", self.s.migrator_id)
 
 
 async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:

@@ -96,6 +96,7 @@ class WorkerService:
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
         self.early_aborts: dict[str, float] = {}  # aborts of requests not here yet, and when they came
+        self._progress_outage = bus.Outage("in-flight progress records (redis)")
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -316,8 +317,9 @@ class WorkerService:
         finished = [rid for rid in sent if rid not in self.streams]
         try:
             await self.store.record_progress({rid: t for rid, t in sent.items() if rid in self.streams}, finished)
+            self._progress_outage.succeeded()
         except Exception as e:  # noqa: BLE001 - the tokens went out; only recovery's record lags
-            logger.warning("progress not recorded", error=f"{type(e).__name__}: {e}")
+            self._progress_outage.failed(e)
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -345,6 +347,7 @@ class WorkerService:
         return worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
 
     async def publish_stats(self, stop: asyncio.Event) -> None:
+        outage = bus.Outage("stats and heartbeat (nats, redis)")
         while not stop.is_set():
             stats = msgspec.structs.replace(self.stats, sent=time.time())
             try:
@@ -352,8 +355,9 @@ class WorkerService:
                 await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
                 await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
                 await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
+                outage.succeeded()
             except Exception as e:  # noqa: BLE001 - a missed beat is retried next interval
-                logger.warning("stats not published", error=f"{type(e).__name__}: {e}")
+                outage.failed(e)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.s.stats_interval_s):
                     await stop.wait()
@@ -380,7 +384,8 @@ class WorkerService:
             warm.cancel()
             for sub in subs:
                 await sub.unsubscribe()
-            await self.store.forget_worker(self.s.worker_id)
+            with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
+                await self.store.forget_worker(self.s.worker_id)
 
 
 class _NotFound(Exception):

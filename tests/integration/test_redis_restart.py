@@ -1,0 +1,84 @@
+"""Redis restarted under a running cluster (empty: no persistence): the worker, dispatcher and
+migrator ride it out, reconnect and serve again; nothing crashes (issue 16, the restart fault)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import msgspec
+import nats
+
+from dlora.common import subjects
+from dlora.common.bus import connections
+from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.migrator.main import Migrator
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.servers import Server, start_redis
+from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+
+
+async def _generate(nc: nats.NATS, tokens: int = 8) -> list[TokenChunk]:
+    rid = uuid.uuid4().hex
+    owner = uuid.uuid4().hex[:8]
+    got: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on_chunk(msg) -> None:
+        await got.put(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    sub = await nc.subscribe(subjects.replies_of(owner), cb=on_chunk)
+    req = GenerateRequest(
+        request_id=rid,
+        reply_to=subjects.reply_inbox(rid, owner),
+        prompt_token_ids=[5, 40, 41],
+        params=SamplingParams(max_tokens=tokens, ignore_eos=True),
+    )
+    await nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+    chunks: list[TokenChunk] = []
+    async with asyncio.timeout(60):
+        while not chunks or chunks[-1].finish_reason is None:
+            chunks.append(await got.get())
+    await sub.unsubscribe()
+    return chunks
+
+
+async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama: TinyOutput) -> None:
+    redis = start_redis()
+    port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
+    common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task] = []
+    async with contextlib.AsyncExitStack() as stack:
+        ws = WorkerSettings(**common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1)
+        worker_nc, worker_store = await stack.enter_async_context(connections(ws))
+        tasks.append(asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)))
+        ds = DispatcherSettings(**common)
+        d_nc, d_store = await stack.enter_async_context(connections(ds))
+        tasks.append(asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)))
+        ms = MigratorSettings(**common, interval_s=0.1)
+        m_nc, m_store = await stack.enter_async_context(connections(ms))
+        tasks.append(asyncio.create_task(Migrator(ms, m_nc, m_store).run(stop)))
+        client = await nats.connect(nats_server.url)
+        try:
+            await asyncio.sleep(1.0)
+            assert [c.finish_reason for c in await _generate(client)][-1] == "length"
+
+            redis.stop()
+            await asyncio.sleep(1.5)  # the services meet the closed connection meanwhile
+            redis = start_redis(port)  # back, empty
+            await asyncio.sleep(2.0)
+
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+            chunks = await _generate(client)
+            assert [t for c in chunks for t in c.token_ids] and chunks[-1].finish_reason == "length"
+            assert "w0" in [w.worker for w in await worker_store.live_workers()]  # heartbeat back in the new Redis
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+    redis.stop()
