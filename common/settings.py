@@ -16,6 +16,7 @@ lists every setting with its default.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Iterator, Mapping
@@ -150,6 +151,15 @@ def _refuse_unknown_env(env: Mapping[str, str], service: str, paths: set[str]) -
 
 def _explain(service: str, error: str, data: dict[str, Any], sources: dict[str, str]) -> str:
     """msgspec's message (``... - at `$.engine.dtype```) with the field's value and source."""
+    unknown = re.match(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?([^`]*)`)?", error)
+    if unknown:  # most often a setting of an earlier layout: name where it came from, and the map
+        field = ".".join(p for p in (unknown[2] or "", unknown[1]) if p)
+        where = f" (from {sources[field]})" if field in sources else ""
+        return (
+            f"{service} setting {field} does not exist{where}; the engine's, policy's, trigger's and "
+            "dispatch costs' settings are nested tables ([worker.engine], [worker.engine.policy], "
+            "[migrator.trigger], [dispatcher.costs]): deploy/dlora.example.toml lists every setting"
+        )
     if "$." not in error:
         return f"{service} settings: {error}"
     field = error.rsplit("$.", 1)[-1].split("`")[0].split("[")[0]

@@ -91,5 +91,7 @@ def rope_and_cache_triton(
             NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim,
             HALF=triton.next_power_of_2(head_dim // 2),
+            # Each product rounded before the sum, as torch computes it: no fused multiply-add.
+            enable_fp_fusion=False,
         )
     return q

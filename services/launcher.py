@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dlora.common.bus import redis_client
-from dlora.common.settings import load
+from dlora.common.settings import SettingsError, load
 from dlora.common.state import StateStore
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig
@@ -29,6 +29,7 @@ from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import NATS_DEFAULT_PORT, Server, port_is_free, start_nats, start_redis
+from dlora.services.worker.settings import WorkerSettings
 
 DEMO = Path(".cache/demo")
 
@@ -115,6 +116,15 @@ class LocalStack:
         self.procs: list[subprocess.Popen] = []
         self.url = f"http://{self.base.host}:{self.base.port}"
 
+    def _gpus(self, env: dict[str, str]) -> list[str]:
+        """The GPUs to spread the workers over: none when their settings name a device of their own
+        (cpu, cuda:1) or are bad (the worker itself then says why, at start)."""
+        try:
+            device = load(WorkerSettings, "worker", self.config, env=env, overrides={"model": "-"}).engine.device
+        except SettingsError:
+            return []
+        return visible_gpus(env) if device in ("auto", "cuda") else []
+
     def start(self) -> None:
         base = self.base
         self.nats_url, self.redis_url = base.nats_url, base.redis_url
@@ -160,7 +170,7 @@ class LocalStack:
         self.procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
         if self.migrator:
             self.procs.append(subprocess.Popen([*cmd, "migrator"], env=env, start_new_session=True))
-        gpus = visible_gpus(os.environ)
+        gpus = self._gpus({**env, **self.worker_env})
         for i in range(self.workers):
             self.procs.append(
                 subprocess.Popen(

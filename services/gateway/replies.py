@@ -24,6 +24,7 @@ class ReplyStream:
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_code: ErrorCode | None = None
+    worker: str = ""  # the worker of the last chunk taken: the one serving the request now
 
     @property
     def done(self) -> bool:
@@ -32,18 +33,21 @@ class ReplyStream:
     def accept(self, chunk: TokenChunk) -> bool:
         """Take ``chunk``; False (and nothing changes) for a duplicate or anything after the end.
 
-        An error ends the stream whatever its number: it carries no tokens to de-duplicate, and its
-        sender (a dispatcher failing a recovered request) numbers it from the in-flight record,
-        which can lag what the client already has; dropped as a duplicate, the client would hang."""
+        An error numbered behind what arrived still ends the stream when it comes from the
+        dispatcher (``worker`` empty: it fails a recovered request numbered from the in-flight
+        record, which can lag what the client has; dropped, the client would hang) or from the
+        worker serving the request now; from another worker it is a stale one's and is dropped."""
         if self.done:
             return False
         if chunk.error is not None:
+            if chunk.seq < self.next_seq and chunk.worker not in ("", self.worker):
+                return False
             self.next_seq = max(self.next_seq, chunk.seq + 1)
             self.error, self.error_code, self.finish_reason = chunk.error, chunk.error_code, FinishReason.ERROR
             return True
         if chunk.seq < self.next_seq:
             return False
-        self.next_seq = chunk.seq + 1
+        self.next_seq, self.worker = chunk.seq + 1, chunk.worker
         self.tokens += len(chunk.token_ids)
         self.text += chunk.text
         self.finish_reason = chunk.finish_reason

@@ -136,20 +136,35 @@ def test_merged_engine_is_exact_when_back_to_unmerged(tiny_llama: TinyOutput) ->
     assert engine.stats.merge_seconds > 0 and engine.stats.unmerge_seconds > 0
 
 
-def test_a_merge_takes_a_and_b_from_the_adapters_device_slot(tiny_llama: TinyOutput) -> None:
-    """A merged adapter's A and B are loaded into a device slot once and merged from there: the
-    next merge of it loads nothing, and the result equals merging from host memory (fp32)."""
-    engine = make_engine(tiny_llama, policy="merged-only")
+def test_a_merge_uses_a_and_b_already_in_the_adapters_device_slot(tiny_llama: TinyOutput) -> None:
+    """An adapter resident in a device slot (an unmerged step loaded it) is merged from there:
+    the switch loads nothing, takes no slot of its own, and gives what merging from host memory
+    gives (fp32)."""
+    engine = make_engine(tiny_llama)
     name = next(iter(tiny_llama.adapters))
-    engine.add_request("r", prompt_token_ids=[9, 8, 7], params=SamplingParams(max_tokens=1), adapter=name)
-    engine.step()
-    assert engine.merger.merged == name and engine.slots.slot_of(name) is not None
-    loads = engine.stats.adapter_loads
+    engine.add_request("r", prompt_token_ids=[9, 8, 7], params=SamplingParams(max_tokens=2), adapter=name)
+    engine.step()  # unmerged: loads the slot
+    loads, resident = engine.stats.adapter_loads, engine.slots.resident
+    assert engine.slots.slot_of(name) is not None
+    engine.switch(name)
+    assert engine.stats.adapter_loads == loads and engine.slots.resident == resident
     from_slot = [lw.qkv.clone() for lw in engine.merger.weights.layers]
-    engine.merger.unmerge()
+    engine.switch(None)
     engine.merger.merge(engine.adapters[name])  # from host memory
     assert all(torch.equal(lw.qkv, m) for lw, m in zip(engine.merger.weights.layers, from_slot))
     engine.merger.unmerge()
-    engine.add_request("r2", prompt_token_ids=[9, 8, 7], params=SamplingParams(max_tokens=1), adapter=name)
-    engine.step()
-    assert engine.merger.merged == name and engine.stats.adapter_loads == loads
+
+
+def test_a_merge_that_fails_part_way_leaves_the_base_weights_untouched(tiny_llama: TinyOutput) -> None:
+    engine = make_engine(tiny_llama)
+    layers = engine.merger.weights.layers
+    before = [[t.clone() for t in (lw.qkv, lw.o, lw.gate_up, lw.down)] for lw in layers]
+    adapter = engine.adapters[next(iter(tiny_llama.adapters))]
+    broken = dict(adapter.weights)
+    key = list(broken)[len(broken) // 2]
+    broken[key] = type(broken[key])(a=broken[key].a[:, :3], b=broken[key].b, scale=broken[key].scale)  # wrong shape
+    with pytest.raises(RuntimeError):
+        engine.merger.merge(type(adapter)(adapter.name, adapter.path, broken, adapter.digest))
+    assert engine.merger.merged is None
+    for lw, orig in zip(layers, before):
+        assert all(torch.equal(t, o) for t, o in zip((lw.qkv, lw.o, lw.gate_up, lw.down), orig))

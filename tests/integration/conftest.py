@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -89,7 +90,7 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
             **common,
             worker_id=f"w{i}",
             model=str(tiny_llama.model),
-            engine=EngineConfig(max_loras=2),
+            engine=EngineConfig(max_loras=2, device=os.environ.get("DLORA_TEST_DEVICE", "cpu"), dtype="float32"),
             stats_interval_s=0.1,
         )
         nc = await nats.connect(nats_server.url)

@@ -48,3 +48,16 @@ def test_an_error_numbered_behind_what_arrived_still_ends_the_stream() -> None:
     assert r.accept(lagging) is True
     assert r.done and r.finish_reason is FinishReason.ERROR and r.tokens == 4 and r.text == "xxxx"
     assert r.accept(chunk(4)) is False  # nothing after the end
+
+
+def test_a_stale_workers_late_error_does_not_end_a_resumed_stream() -> None:
+    r = ReplyStream("r")
+    r.accept(chunk(0, worker="w-old"))
+    r.accept(chunk(1, worker="w-new"))  # resumed elsewhere
+    late = chunk(
+        1, tokens=0, error="boom", error_code=ErrorCode.INTERNAL, finish_reason=FinishReason.ERROR, worker="w-old"
+    )
+    assert r.accept(late) is False and not r.done
+    assert (
+        r.accept(chunk(2, finish_reason=FinishReason.LENGTH, worker="w-new")) and r.finish_reason is FinishReason.LENGTH
+    )

@@ -58,6 +58,9 @@ def test_lists_come_from_json_in_env() -> None:
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__DTYPE": "fp8"}, "engine.dtype='fp8'.*from DLORA_ENGINE__DTYPE"),
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__KERNELS": "cuda"}, "engine.kernels='cuda'"),
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__POLICY__BAND_DOWN": "1.5"}, "engine.policy.band_down=1.5"),
+        ({"DLORA_MODEL": "/m", "DLORA_ENGINE__POLICY__DEBT_FLOOR_S": "-1"}, "engine.policy.debt_floor_s=-1.0"),
+        ({"DLORA_MODEL": "/m", "DLORA_ENGINE__POLICY__R_MAX": "2"}, "engine.policy.r_max=2.0"),
+        ({"DLORA_MODEL": "/m", "DLORA_ENGINE__DEVICE": "gpu"}, "engine.device='gpu'.*from DLORA_ENGINE__DEVICE"),
         # An outdated flat name is refused, not ignored.
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "4"}, "DLORA_WORKER_MAX_LORAS names no setting"),
         ({}, "model"),
@@ -74,7 +77,11 @@ def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="prot"):
         load(GatewaySettings, "gateway", toml, env={})
     toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\nmax_lora = 4\n')
-    with pytest.raises(SettingsError, match="max_lora"):
+    with pytest.raises(SettingsError, match=r"engine.max_lora does not exist \(from .*\[worker.engine\]\)"):
+        load(WorkerSettings, "worker", toml, env={})
+    # A setting of the flat layout before the cores' configs were nested: refused with the map.
+    toml.write_text('[worker]\nmodel = "/m"\nmax_loras = 4\n')
+    with pytest.raises(SettingsError, match=r"max_loras does not exist \(from .*\[worker\]\).*dlora.example.toml"):
         load(WorkerSettings, "worker", toml, env={})
     toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\ndtype = "fp4"\n')
     with pytest.raises(SettingsError, match=r"engine.dtype='fp4'.*\[worker.engine\]"):

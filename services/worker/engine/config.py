@@ -4,10 +4,14 @@ load and check it in any process before a weight is read."""
 from __future__ import annotations
 
 import enum
+import re
 
 import msgspec
 
 from dlora.services.worker.policy.config import PolicyConfig
+
+# What the device setting accepts, checked at load (torch is not imported there).
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class DType(enum.StrEnum):
@@ -50,4 +54,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
             for f in ("num_blocks", "max_model_len")
             if getattr(self, f) is not None and getattr(self, f) < 1
         ]
+        if not DEVICE.fullmatch(self.device):
+            bad.append(("device", self.device, "must be auto, cpu, or cuda with an optional index (cuda:1)"))
         return bad + [(f"policy.{f}", v, why) for f, v, why in self.policy.check()]

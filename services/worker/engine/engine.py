@@ -8,7 +8,6 @@ task.
 from __future__ import annotations
 
 import time
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -431,9 +430,10 @@ class LLMEngine:
         merge_s = 0.0
         if merged is not None:
             start = time.perf_counter()
-            # A and B come from the adapter's device slot (loaded once, then resident), not host memory.
-            slot = self._slot_for(merged, pinned=frozenset({merged}))
-            self.merger.merge(self.adapters[merged], self.device_loras.weights_of(slot))
+            # A and B from the adapter's device slot when it has one (no host copy); a merge takes no
+            # slot of its own, so it evicts nothing the next unmerged step needs.
+            slot = self.slots.slot_of(merged)
+            self.merger.merge(self.adapters[merged], self.device_loras.weights_of(slot) if slot is not None else None)
             self._synchronize()
             merge_s = time.perf_counter() - start
             self.stats.record_merge(merge_s)
@@ -463,18 +463,13 @@ class LLMEngine:
             return seqs, slot_of
         needed = {s.adapter for s in seqs if s.adapter is not None}
         for name in sorted(needed):
-            slot_of[name] = self._slot_for(name, pinned=needed)
+            start = time.perf_counter()
+            slot, change = self.slots.acquire(name, pinned=needed)
+            if change is not None:
+                self.device_loras.load(slot, self.adapters[name])
+                self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
+            slot_of[name] = slot
         return sorted(seqs, key=lambda s: slot_of[s.adapter]), slot_of
-
-    def _slot_for(self, name: str, pinned: AbstractSet[str]) -> int:
-        """The device slot holding adapter ``name``'s A and B, loading it there (evicting the least
-        recently used adapter not in ``pinned``) if it is not resident."""
-        start = time.perf_counter()
-        slot, change = self.slots.acquire(name, pinned=pinned)
-        if change is not None:
-            self.device_loras.load(slot, self.adapters[name])
-            self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
-        return slot
 
     def _inputs(self, batch: list[Sequence], slot_of: dict[str | None, int]) -> StepInputs:
         ids: list[int] = []

@@ -42,23 +42,32 @@ class Merger:
         """W[rows] = W[rows] + scale·B·A for each (layer, target) the adapter holds, computed in fp32
         and rounded once to the weights' dtype. ``resident``: the adapter's A (rank, in_features)
         and B (out_features, rank) already on the weights' device (its slot's), by (layer, PEFT
-        target); others are copied from host memory. RuntimeError if an adapter is merged already."""
+        target), used where they hold the same values as host memory (same dtype); the others
+        are copied from host memory. RuntimeError if an adapter is merged already; if the merge
+        fails part way (out of device memory for the saved rows, say), the rows changed so far
+        are restored before the error propagates, so the base weights are never left half merged."""
         if self.merged is not None:
             raise RuntimeError(f"{self.merged!r} is merged; unmerge it first")
         resident = resident or {}
-        for key, w in adapter.weights.items():
-            layer, target = key
-            t = self.targets[target]
-            weight = getattr(self.weights.layers[layer], t.fused)
-            rows = slice(t.offset, t.offset + t.out_features)
-            self._saved.append(_Saved(weight, rows, weight[rows].clone()))
-            a, b = resident.get(key, (w.a, w.b))
-            delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
-            weight[rows] = (weight[rows].float() + delta * w.scale).to(weight.dtype)
+        try:
+            for key, w in adapter.weights.items():
+                layer, target = key
+                t = self.targets[target]
+                weight = getattr(self.weights.layers[layer], t.fused)
+                rows = slice(t.offset, t.offset + t.out_features)
+                self._saved.append(_Saved(weight, rows, weight[rows].clone()))
+                a, b = resident.get(key, (w.a, w.b))
+                if a.dtype != w.a.dtype:  # a slot in half precision: merge from the exact host values
+                    a, b = w.a, w.b
+                delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
+                weight[rows] = (weight[rows].float() + delta * w.scale).to(weight.dtype)
+        except BaseException:
+            self.unmerge()
+            raise
         self.merged = adapter.name
 
     def unmerge(self) -> None:
-        """Put back the rows saved at merge (exactly the original bits)."""
+        """Put back the rows saved at merge (exactly the original bits); a no-op when none are."""
         for s in reversed(self._saved):
             s.weight[s.rows] = s.original
         self._saved.clear()

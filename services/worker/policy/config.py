@@ -41,12 +41,18 @@ class PolicyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
         bad: list[tuple[str, object, str]] = []
-        if not 0 < self.r_min <= self.r_initial <= self.r_max <= 1:
-            bad.append(("r_initial", self.r_initial, "needs 0 < r_min <= r_initial <= r_max <= 1"))
+        if not 0 < self.r_min <= 1:
+            bad.append(("r_min", self.r_min, "must be in (0, 1]"))
+        if not 0 < self.r_max <= 1:
+            bad.append(("r_max", self.r_max, "must be in (0, 1]"))
+        if not self.r_min <= self.r_initial <= self.r_max:
+            bad.append(("r_initial", self.r_initial, f"must lie in [r_min, r_max] = [{self.r_min}, {self.r_max}]"))
         if not 0 < self.band_ratio <= 1:
             bad.append(("band_ratio", self.band_ratio, "must be in (0, 1]"))
         if not 0 < self.band_down < 1:
             bad.append(("band_down", self.band_down, "must be in (0, 1)"))
-        if self.starvation_s <= 0 or self.debt_floor_s < 0:
-            bad.append(("starvation_s", self.starvation_s, "must be > 0 (and debt_floor_s >= 0)"))
+        if self.starvation_s <= 0:
+            bad.append(("starvation_s", self.starvation_s, "must be > 0"))
+        if self.debt_floor_s < 0:
+            bad.append(("debt_floor_s", self.debt_floor_s, "must be >= 0"))
         return bad
