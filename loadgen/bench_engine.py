@@ -182,12 +182,12 @@ def run(
                 lora_bytes = sum(engine.adapters[a].nbytes for a in set(in_batch)) * engine.dtype.itemsize // 4
             add(mode, n, batch, statistics.median(samples[i]), lora_bytes)
 
-    # Switches as the engine pays them: A and B from the adapter's device slot (each adapter's first
-    # merge loads it there, untimed here as it is paid once while the adapter stays resident).
+    # Switches as the engine pays them (A and B from a device slot where the adapter has one, as
+    # the unmerged points above left these), after one untimed round that warms the allocator.
     cycled = names[:5]
     for name in cycled:
         engine.switch(name)
-    engine.switch(None)
+        engine.switch(None)
     merge_ms, unmerge_ms = [], []
     for name in cycled:
         merge_s, _ = engine.switch(name)
