@@ -64,6 +64,8 @@ class Dispatcher:
         except msgspec.DecodeError as e:
             bus.reject(subjects.REQUESTS, msg.subject, GenerateRequest, e)
             return
+        if msg.reply:  # the gateway waits for a dispatcher to take it (NATS request/reply)
+            await msg.respond(b"")
         await self._dispatch(req, msg.data)
 
     async def watch_workers(self, stop: asyncio.Event) -> None:

@@ -18,6 +18,8 @@ import msgspec
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
@@ -41,6 +43,7 @@ from dlora.services.gateway.shaping import ChoicePlan, Job, ServedModel, Tokeniz
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
+_encode_request = msgspec.json.Encoder()
 _STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
@@ -128,6 +131,22 @@ class Gateway:
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    async def _submit(self, request: GenerateRequest) -> None:
+        """Hand one request to a dispatcher and wait until one has taken it: a NATS request to the
+        dispatchers' queue group, so with none running the server answers "no responders" at once
+        and the client gets a 503 now, not after the chunk timeout.
+
+        Raises:
+            APIError(503): no dispatcher is subscribed, or none took the request within
+                ``dispatch_timeout_s``.
+        """
+        try:
+            await self.nc.request(subjects.REQUESTS, _encode_request.encode(request), timeout=self.s.dispatch_timeout_s)
+        except NoRespondersError:
+            raise APIError(503, "no dispatcher is running; try again shortly") from None
+        except NatsTimeoutError:
+            raise APIError(503, f"no dispatcher took the request within {self.s.dispatch_timeout_s} s") from None
+
     async def _relay(self, request: web.Request, job: Job) -> web.StreamResponse:
         """Publishes the job's requests and writes their chunks back until every choice is over,
         one fails (the others are aborted), or the client goes away (all are aborted)."""
@@ -139,8 +158,11 @@ class Gateway:
         timer = RequestTimer(self.metrics, job.adapter or self.base_name)
         response = _Response(request, job, choices, self._decode_token)
         try:
-            for c in by_id.values():
-                await bus.publish(self.nc, subjects.REQUESTS, c.request)
+            try:
+                await asyncio.gather(*(self._submit(c.request) for c in by_id.values()))
+            except APIError:  # the choices a dispatcher did take would run on for nobody
+                await self._abort(list(by_id.values()))
+                raise
             while (late := next((c for c in choices if c.out.finish_reason is None), None)) is not None:
                 chunk = await self._next_chunk(replies, late)
                 if chunk is None:

@@ -21,6 +21,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Seconds without a chunk from the worker (before the first, or between two) after which the
     # request fails with 503 (or an error event on a stream): a worker that died does not hang it.
     chunk_timeout_s: float = 60.0
+    # Seconds to wait for a dispatcher to take a request before answering 503 (with no dispatcher
+    # running the answer is immediate).
+    dispatch_timeout_s: float = 5.0
 
     def check(self) -> Problems:
         bad = Common.check(self)
@@ -30,6 +33,7 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("model", self.model, "must name the base model directory"))
         if self.max_body_bytes <= 0:
             bad.append(("max_body_bytes", self.max_body_bytes, "must be > 0"))
-        if self.chunk_timeout_s <= 0:
-            bad.append(("chunk_timeout_s", self.chunk_timeout_s, "must be > 0"))
+        for field in ("chunk_timeout_s", "dispatch_timeout_s"):
+            if getattr(self, field) <= 0:
+                bad.append((field, getattr(self, field), "must be > 0"))
         return bad

@@ -448,10 +448,12 @@ async def test_workers_checkpoint_their_policy(stack: Stack) -> None:
 
 
 async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_llama) -> None:
-    """No dispatcher or worker listens on this NATS server: the gateway gives up after chunk_timeout_s."""
+    """A dispatcher takes the request but no worker ever answers: the gateway gives up after
+    chunk_timeout_s. (With no dispatcher at all it answers at once: test_no_dispatcher.)"""
     import nats
     from aiohttp import web
 
+    from dlora.common import subjects
     from dlora.common.state import StateStore
     from dlora.services.gateway.main import Gateway
     from dlora.services.gateway.settings import GatewaySettings
@@ -465,6 +467,11 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
         )
         gateway = Gateway(settings, nc, StateStore(redis))
         await gateway.start()
+
+        async def take_and_drop(msg) -> None:  # a dispatcher whose workers are gone
+            await msg.respond(b"")
+
+        await nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=take_and_drop)
         runner = web.AppRunner(gateway.app())
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", settings.port).start()
