@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dlora.services.launcher import gpu_of_worker, visible_gpus
-from dlora.services.worker.engine.engine import resolve_device
+from dlora.services.worker.engine.device import resolve_device
 
 
 def test_auto_is_the_gpu_in_bfloat16_where_there_is_one_else_the_cpu_in_float32() -> None:

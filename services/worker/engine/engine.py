@@ -14,16 +14,19 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dlora.common.messages import FinishReason, SamplingParams, TokenLogprob
+from dlora.common.messages import FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+from dlora.services.worker.engine.device import resolve_device
+from dlora.services.worker.engine.inputs import build_inputs
 from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
+from dlora.services.worker.engine.outputs import RequestError, RequestOutput, token_logprob
 from dlora.services.worker.engine.sampler import SamplingError, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
@@ -33,44 +36,6 @@ from dlora.services.worker.engine.stopping import check_stop, visible_end
 from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, StepDecision, StepRecord, make_policy
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """The torch device and dtype an engine runs on: ``auto`` device is the first GPU when torch
-    sees one, else the CPU; ``auto`` dtype is bfloat16 on a GPU and float32 on a CPU. ValueError
-    for an unknown dtype or a device torch cannot name."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r}: {e}") from None
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
-    return dev, DTYPES[dtype]
-
-
-class RequestError(ValueError):
-    """The request cannot be served as given; the message says why (a 4xx for the caller)."""
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str  # text completed this step (held back while it could be part of a stop string)
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    error: str | None = None  # why the request failed (finish_reason ERROR)
-    logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
 
 
 @dataclass
@@ -472,33 +437,7 @@ class LLMEngine:
         return sorted(seqs, key=lambda s: slot_of[s.adapter]), slot_of
 
     def _inputs(self, batch: list[Sequence], slot_of: dict[str | None, int]) -> StepInputs:
-        ids: list[int] = []
-        positions: list[int] = []
-        seq_lens: list[int] = []
-        slots: list[int] = []
-        token_slots: list[int] = []
-        q_lens, ctx_lens, tables = [], [], []
-        for s in batch:
-            new = s.new_ids()
-            n, total = len(new), s.total_len
-            ids += new
-            positions += range(s.num_cached, total)
-            seq_lens += [total] * n
-            slots += self.blocks.slots(s.request_id, s.num_cached, total)
-            token_slots += [slot_of[s.adapter]] * n
-            q_lens.append(n)
-            ctx_lens.append(total)
-            tables.append(self.blocks.table(s.request_id))
-        dev = self.device
-        last = torch.tensor(q_lens).cumsum(0) - 1
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            last_index=last.to(dev),
-            attention=self.kernels.attention_metadata(q_lens, ctx_lens, tables, slots, self.blocks.block_size, dev),
-            lora=self.kernels.lora_metadata(token_slots, dev),
-        )
+        return build_inputs(batch, slot_of, self.blocks, self.kernels, self.device)
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:
         """Record the sampled token, update text and stop conditions, report the delta."""
@@ -552,15 +491,6 @@ class LLMEngine:
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
-
-
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The chosen token's log-probability under the model's distribution, logits (vocab,), and
-    the ``top`` most likely tokens'."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(lp, top) if top else None
-    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return TokenLogprob(token, float(lp[token]), alternatives)
 
 
 def _describe(e: BaseException) -> str:

@@ -1,0 +1,49 @@
+"""One step's model inputs from its batch: the flat token ids and positions, and the kernel path's
+attention and LoRA metadata, built once per step and shared by every layer."""
+
+from __future__ import annotations
+
+import torch
+
+from dlora.kernels.backend import Kernels
+from dlora.services.worker.engine.kv_cache import BlockManager
+from dlora.services.worker.engine.model import StepInputs
+from dlora.services.worker.engine.sequence import Sequence
+
+
+def build_inputs(
+    batch: list[Sequence],
+    slot_of: dict[str | None, int],
+    blocks: BlockManager,
+    kernels: Kernels,
+    device: torch.device,
+) -> StepInputs:
+    """Each sequence's new tokens back to back (a whole prompt at prefill, one token at decode),
+    with its KV slots and its adapter's device slot (``slot_of``: -1 for none unmerged)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    seq_lens: list[int] = []
+    slots: list[int] = []
+    token_slots: list[int] = []
+    q_lens, ctx_lens, tables = [], [], []
+    for s in batch:
+        new = s.new_ids()
+        n, total = len(new), s.total_len
+        ids += new
+        positions += range(s.num_cached, total)
+        seq_lens += [total] * n
+        slots += blocks.slots(s.request_id, s.num_cached, total)
+        token_slots += [slot_of[s.adapter]] * n
+        q_lens.append(n)
+        ctx_lens.append(total)
+        tables.append(blocks.table(s.request_id))
+    dev = device
+    last = torch.tensor(q_lens).cumsum(0) - 1
+    return StepInputs(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+        positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+        last_index=last.to(dev),
+        attention=kernels.attention_metadata(q_lens, ctx_lens, tables, slots, blocks.block_size, dev),
+        lora=kernels.lora_metadata(token_slots, dev),
+    )
