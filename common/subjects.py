@@ -8,6 +8,9 @@ PREFIX = "dlora"
 REQUESTS = f"{PREFIX}.requests"
 DISPATCHERS = "dispatchers"  # the queue group
 
+# Empty request answered by any one dispatcher: "no responders" means none is running (readiness).
+DISPATCHER_PING = f"{PREFIX}.dispatchers.ping"
+
 # AbortRequest, broadcast: the worker that holds the request drops it.
 ABORT = f"{PREFIX}.abort"
 

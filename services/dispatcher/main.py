@@ -68,6 +68,9 @@ class Dispatcher:
             await msg.respond(b"")
         await self._dispatch(req, msg.data)
 
+    async def _on_ping(self, msg: Msg) -> None:
+        await msg.respond(b"")
+
     async def watch_workers(self, stop: asyncio.Event) -> None:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
         Redis) re-dispatches its in-flight requests, each resuming after the tokens its client has."""
@@ -180,6 +183,7 @@ class Dispatcher:
         subs = [
             await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),
             await self.nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),
+            await self.nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=self._on_ping),
         ]
         await self.nc.flush()
         logger.info("dispatcher ready")
