@@ -9,8 +9,6 @@ import asyncio
 import hmac
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,35 +35,13 @@ from dlora.services.gateway import openai
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
-from dlora.services.gateway.replies import ReplyStream
+from dlora.services.gateway.responses import ResponseWriter, RunningChoice
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.gateway.shaping import ChoicePlan, Job, ServedModel, Tokenizer, new_request_id, shape_request
+from dlora.services.gateway.shaping import Job, ServedModel, Tokenizer, new_request_id, shape_request
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
 _encode_request = msgspec.json.Encoder()
-_STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
-
-
-@dataclass
-class _Choice:
-    """One choice as its response is written: its request to the workers and what came back so far."""
-
-    out: openai.Choice
-    request: GenerateRequest | None  # None: nothing to generate (max_tokens 0)
-    replies: ReplyStream | None  # its chunks, with the request
-    offset: int  # characters of text so far, for completions' text_offset
-    parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
-
-    @classmethod
-    def of(cls, plan: ChoicePlan) -> _Choice:
-        r = plan.request
-        return cls(
-            openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
-            r,
-            ReplyStream(r.request_id) if r else None,
-            offset=len(plan.echo),
-        )
 
 
 class Gateway:
@@ -150,13 +126,13 @@ class Gateway:
     async def _relay(self, request: web.Request, job: Job) -> web.StreamResponse:
         """Publishes the job's requests and writes their chunks back until every choice is over,
         one fails (the others are aborted), or the client goes away (all are aborted)."""
-        choices = [_Choice.of(p) for p in job.choices]
+        choices = [RunningChoice.of(p) for p in job.choices]
         by_id = {c.request.request_id: c for c in choices if c.request is not None}
         replies: asyncio.Queue[bytes] = asyncio.Queue()
         for rid in by_id:
             self.replies[rid] = replies
         timer = RequestTimer(self.metrics, job.adapter or self.base_name)
-        response = _Response(request, job, choices, self._decode_token)
+        response = ResponseWriter(request, job, choices, self._decode_token)
         try:
             try:
                 await asyncio.gather(*(self._submit(c.request) for c in by_id.values()))
@@ -189,7 +165,7 @@ class Gateway:
             for rid in by_id:
                 del self.replies[rid]
 
-    async def _next_chunk(self, replies: asyncio.Queue[bytes], late: _Choice) -> TokenChunk | None:
+    async def _next_chunk(self, replies: asyncio.Queue[bytes], late: RunningChoice) -> TokenChunk | None:
         """The next reply to this request, decoded; after ``chunk_timeout_s`` without one, an
         UNAVAILABLE error for ``late`` (a choice not over yet). None: a reply that does not decode
         (logged and counted as a reject)."""
@@ -212,7 +188,7 @@ class Gateway:
             bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
             return None
 
-    async def _abort(self, choices: list[_Choice]) -> None:
+    async def _abort(self, choices: list[RunningChoice]) -> None:
         for c in choices:
             if c.request is not None:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=c.request.request_id))
@@ -361,73 +337,6 @@ class _AdapterBody(msgspec.Struct, kw_only=True):
     path: str
 
 
-class _Response:
-    """One request's HTTP response as its chunks come: server-sent events (opened at the first
-    chunk, so an error before it still gets a status) or, not streamed, one JSON body at the end."""
-
-    def __init__(self, request: web.Request, job: Job, choices: list[_Choice], decode: Callable[[int], str]) -> None:
-        self.request, self.job, self.choices, self.decode = request, job, choices, decode
-        self.stream: web.StreamResponse | None = None
-
-    async def add(self, choice: _Choice, chunk: TokenChunk) -> None:
-        """A new chunk of ``choice`` (not an error): an event, or its text and logprobs kept."""
-        if self.job.stream and self.stream is None:
-            self.stream = await self._open()
-        logprobs = self._logprobs(choice, chunk)
-        choice.out.finish_reason = chunk.finish_reason
-        if self.stream is not None:
-            # One event per worker chunk (a step's token), text or not, so clients can time tokens.
-            await _sse(
-                self.stream,
-                self.job.shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index, logprobs=logprobs),
-            )
-        elif logprobs is not None:  # the text is the reply stream's, taken at the end
-            choice.parts.append(logprobs)
-
-    async def fail(self, replies: ReplyStream) -> web.StreamResponse:
-        """A choice failed: its error as the status, or (the stream is open) as an event ending it.
-
-        Raises:
-            APIError: the error's status (503 for a timeout, ...) when no event went out yet.
-        """
-        if self.stream is None:
-            raise APIError(_STATUS.get(replies.error_code or ErrorCode.INTERNAL, 500), replies.error or "")
-        await _sse(self.stream, {"error": {"message": replies.error, "type": "server_error"}})
-        return await _end(self.stream)
-
-    async def finish(self, completion_tokens: int) -> web.StreamResponse:
-        """Every choice is over: the JSON body, or the stream's usage chunk (if asked) and its end."""
-        job = self.job
-        if not job.stream:
-            for c in self.choices:
-                c.out.text += c.replies.text if c.replies else ""  # after the echoed prompt, if any
-                c.out.logprobs = openai.merge_logprobs(job.shape.chat, c.parts)
-            return web.json_response(
-                job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens)
-            )
-        stream = self.stream or await self._open()  # echo with max_tokens 0: no chunk came
-        if job.include_usage:
-            await _sse(stream, job.shape.usage_chunk(job.prompt_tokens, completion_tokens))
-        return await _end(stream)
-
-    async def _open(self) -> web.StreamResponse:
-        """The SSE response, opening with each choice's role (chat) or echoed prompt (completions)."""
-        stream = await _open_sse(self.request)
-        for c in self.choices:
-            if self.job.shape.chat or c.out.text or c.out.finish_reason:
-                await _sse(stream, self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
-        return stream
-
-    def _logprobs(self, choice: _Choice, chunk: TokenChunk) -> dict[str, Any] | None:
-        if not chunk.logprobs:
-            return None
-        if self.job.shape.chat:
-            return openai.chat_logprobs(chunk.logprobs, self.decode)
-        out = openai.completion_logprobs(chunk.logprobs, self.decode, choice.offset)
-        choice.offset += sum(len(t) for t in out["tokens"])  # the next chunk's text_offset starts here
-        return out
-
-
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The whole JSON body, up to ``limit`` bytes.
 
@@ -447,22 +356,6 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         if len(raw) > limit:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes")
     return bytes(raw)
-
-
-async def _open_sse(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    return resp
-
-
-async def _sse(stream: web.StreamResponse, obj: dict[str, Any]) -> None:
-    await stream.write(b"data: " + msgspec.json.encode(obj) + b"\n\n")
-
-
-async def _end(stream: web.StreamResponse) -> web.StreamResponse:
-    await stream.write(b"data: [DONE]\n\n")
-    await stream.write_eof()
-    return stream
 
 
 @web.middleware

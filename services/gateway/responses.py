@@ -1,0 +1,126 @@
+"""One response as its chunks come back: each choice's state (``RunningChoice``) and the writer that
+turns chunks into server-sent events or, not streamed, one JSON body (``ResponseWriter``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk
+from dlora.services.gateway import openai
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.replies import ReplyStream
+from dlora.services.gateway.shaping import ChoicePlan, Job
+
+# An error chunk's code as the HTTP status of a response not yet begun.
+STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
+
+
+@dataclass
+class RunningChoice:
+    """One choice as its response is written: its request to the workers and what came back so far."""
+
+    out: openai.Choice
+    request: GenerateRequest | None  # None: nothing to generate (max_tokens 0)
+    replies: ReplyStream | None  # its chunks, with the request
+    offset: int  # characters of text so far, for completions' text_offset
+    parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
+
+    @classmethod
+    def of(cls, plan: ChoicePlan) -> RunningChoice:
+        r = plan.request
+        return cls(
+            openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
+            r,
+            ReplyStream(r.request_id) if r else None,
+            offset=len(plan.echo),
+        )
+
+
+class ResponseWriter:
+    """One request's HTTP response as its chunks come: server-sent events (opened at the first
+    chunk, so an error before it still gets a status) or, not streamed, one JSON body at the end."""
+
+    def __init__(
+        self, request: web.Request, job: Job, choices: list[RunningChoice], decode: Callable[[int], str]
+    ) -> None:
+        self.request, self.job, self.choices, self.decode = request, job, choices, decode
+        self.stream: web.StreamResponse | None = None
+
+    async def add(self, choice: RunningChoice, chunk: TokenChunk) -> None:
+        """A new chunk of ``choice`` (not an error): an event, or its text and logprobs kept."""
+        if self.job.stream and self.stream is None:
+            self.stream = await self._open()
+        logprobs = self._logprobs(choice, chunk)
+        choice.out.finish_reason = chunk.finish_reason
+        if self.stream is not None:
+            # One event per worker chunk (a step's token), text or not, so clients can time tokens.
+            await sse(
+                self.stream,
+                self.job.shape.chunk(chunk.text, chunk.finish_reason, index=choice.out.index, logprobs=logprobs),
+            )
+        elif logprobs is not None:  # the text is the reply stream's, taken at the end
+            choice.parts.append(logprobs)
+
+    async def fail(self, replies: ReplyStream) -> web.StreamResponse:
+        """A choice failed: its error as the status, or (the stream is open) as an event ending it.
+
+        Raises:
+            APIError: the error's status (503 for a timeout, ...) when no event went out yet.
+        """
+        if self.stream is None:
+            raise APIError(STATUS.get(replies.error_code or ErrorCode.INTERNAL, 500), replies.error or "")
+        await sse(self.stream, {"error": {"message": replies.error, "type": "server_error"}})
+        return await end_stream(self.stream)
+
+    async def finish(self, completion_tokens: int) -> web.StreamResponse:
+        """Every choice is over: the JSON body, or the stream's usage chunk (if asked) and its end."""
+        job = self.job
+        if not job.stream:
+            for c in self.choices:
+                c.out.text += c.replies.text if c.replies else ""  # after the echoed prompt, if any
+                c.out.logprobs = openai.merge_logprobs(job.shape.chat, c.parts)
+            return web.json_response(
+                job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens)
+            )
+        stream = self.stream or await self._open()  # echo with max_tokens 0: no chunk came
+        if job.include_usage:
+            await sse(stream, job.shape.usage_chunk(job.prompt_tokens, completion_tokens))
+        return await end_stream(stream)
+
+    async def _open(self) -> web.StreamResponse:
+        """The SSE response, opening with each choice's role (chat) or echoed prompt (completions)."""
+        stream = await opensse(self.request)
+        for c in self.choices:
+            if self.job.shape.chat or c.out.text or c.out.finish_reason:
+                await sse(stream, self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
+        return stream
+
+    def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:
+        if not chunk.logprobs:
+            return None
+        if self.job.shape.chat:
+            return openai.chat_logprobs(chunk.logprobs, self.decode)
+        out = openai.completion_logprobs(chunk.logprobs, self.decode, choice.offset)
+        choice.offset += sum(len(t) for t in out["tokens"])  # the next chunk's text_offset starts here
+        return out
+
+
+async def opensse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    return resp
+
+
+async def sse(stream: web.StreamResponse, obj: dict[str, Any]) -> None:
+    await stream.write(b"data: " + msgspec.json.encode(obj) + b"\n\n")
+
+
+async def end_stream(stream: web.StreamResponse) -> web.StreamResponse:
+    await stream.write(b"data: [DONE]\n\n")
+    await stream.write_eof()
+    return stream
