@@ -1,6 +1,7 @@
 r"""PEFT LoRA adapters read and validated against the base model without torch: the tensors' shapes
-come from the safetensors header, so the gateway checks an adapter without loading it, and the
-engine loads exactly what this module accepted.
+come from the safetensors header and their values are checked with numpy, so the gateway checks
+an adapter without torch, and the engine loads exactly what this module accepted. How the files are
+read, and the limits on sizes, ranks, dtypes and values, are ``adapter_files``'.
 
 Only safetensors are read. Every ``adapter_config.json`` field that changes the output is read as
 PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/utils/other.py
@@ -23,18 +24,36 @@ import hashlib
 import json
 import math
 import re
-import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlora.model.adapter_files import (
+    FLOAT_DTYPES,
+    WEIGHTS_FILE,
+    AdapterError,
+    AdapterLimits,
+    read_adapter_files,
+    safetensors_header,
+    value_problem,
+)
 from dlora.model.config import TARGET_NAMES, ModelConfig, targets
 
+__all__ = [
+    "AdapterError",
+    "AdapterLimits",
+    "AdapterSpec",
+    "ModuleSpec",
+    "content_digest",
+    "inspect_adapter",
+    "parse_lora_args",
+    "read_adapter_files",
+    "targeted",
+    "validate",
+]
+
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """The adapter directory cannot be served; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +68,7 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """An adapter as checked against the base model, before any tensor is read."""
+    """An adapter as checked against the base model and the limits, its values included."""
 
     name: str
     path: Path
@@ -64,35 +83,6 @@ class AdapterSpec:
         return max(m.rank for m in self.modules.values())
 
 
-def read_adapter_files(name: str, path: str | Path) -> tuple[bytes, bytes]:
-    """adapter_config.json and adapter_model.safetensors, as bytes (AdapterError if missing)."""
-    path = Path(path)
-    conf_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not conf_path.is_file():
-        raise AdapterError(f"adapter {name!r}: {conf_path} not found")
-    if not weights_path.is_file():
-        extra = " (only safetensors are loaded)" if (path / "adapter_model.bin").exists() else ""
-        raise AdapterError(f"adapter {name!r}: {weights_path} not found{extra}")
-    try:
-        return conf_path.read_bytes(), weights_path.read_bytes()
-    except OSError as e:
-        raise AdapterError(f"adapter {name!r}: cannot read {path} ({e.strerror})") from None
-
-
-def safetensors_shapes(data: bytes) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from a safetensors file's header (an 8-byte little-endian length, then
-    that much JSON; huggingface/safetensors, "Format"). Raises ValueError if it is not one."""
-    if len(data) < 8:
-        raise ValueError("shorter than a safetensors header")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > len(data) - 8:
-        raise ValueError("header longer than the file")
-    header = json.loads(data[8 : 8 + size])
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-
-
 def parse_lora_args(specs: list[str]) -> dict[str, str]:
     """``--lora NAME=DIR`` values as name -> directory (ValueError naming a malformed one)."""
     out = {}
@@ -104,16 +94,33 @@ def parse_lora_args(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def inspect_adapter(name: str, path: str | Path, cfg: ModelConfig) -> AdapterSpec:
-    """Read and validate a PEFT LoRA directory without loading its tensors (AdapterError says why
-    it is unusable)."""
-    return validate(name, path, *read_adapter_files(name, path), cfg)
+def inspect_adapter(
+    name: str,
+    path: str | Path,
+    cfg: ModelConfig,
+    limits: AdapterLimits | None = None,
+    roots: Sequence[str | Path] | None = None,
+) -> AdapterSpec:
+    """Read and validate a PEFT LoRA directory without torch (AdapterError says why it is
+    unusable). ``roots``: where its files must resolve to (``read_adapter_files``)."""
+    limits = limits or AdapterLimits()
+    return validate(name, path, *read_adapter_files(name, path, limits, roots), cfg, limits)
 
 
-def validate(name: str, path: str | Path, conf_bytes: bytes, weight_bytes: bytes, cfg: ModelConfig) -> AdapterSpec:
-    """The adapter these files hold, checked against the base: config fields as PEFT reads them,
-    tensor names, pairs, layers, shapes and ranks (AdapterError with the reason otherwise)."""
+def validate(
+    name: str,
+    path: str | Path,
+    conf_bytes: bytes,
+    weight_bytes: bytes,
+    cfg: ModelConfig,
+    limits: AdapterLimits | None = None,
+) -> AdapterSpec:
+    """The adapter these files hold, checked against the base and ``limits``: config fields as
+    PEFT reads them, tensor names, dtypes, pairs, layers, shapes, ranks, scalings and every
+    weight's value (AdapterError with the reason otherwise)."""
+    limits = limits or AdapterLimits()
     path = Path(path)
+    weights_file = path / WEIGHTS_FILE
     try:
         conf = json.loads(conf_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -122,18 +129,24 @@ def validate(name: str, path: str | Path, conf_bytes: bytes, weight_bytes: bytes
         raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not a JSON object")
     _check_config(name, conf)
     try:
-        shapes = safetensors_shapes(weight_bytes)
+        header = safetensors_header(weight_bytes)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"adapter {name!r}: cannot read {path / 'adapter_model.safetensors'} ({e})") from None
+        raise AdapterError(f"adapter {name!r}: cannot read {weights_file} ({e})") from None
+    shapes = {key: info.shape for key, info in header.items()}
 
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
         m = _KEY.search(key)
         if not m or m.group(2) not in TARGET_NAMES:
             raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)}")
+        if header[key].dtype not in FLOAT_DTYPES:
+            raise AdapterError(
+                f"adapter {name!r}: {weights_file}: tensor {key!r} has dtype {header[key].dtype}; "
+                f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
+            )
         pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
     if not pairs:
-        raise AdapterError(f"adapter {name!r}: {path / 'adapter_model.safetensors'} holds no LoRA weights")
+        raise AdapterError(f"adapter {name!r}: {weights_file} holds no LoRA weights")
 
     fits = targets(cfg)
     modules: dict[tuple[int, str], ModuleSpec] = {}
@@ -155,14 +168,27 @@ def validate(name: str, path: str | Path, conf_bytes: bytes, weight_bytes: bytes
         r = int(_pattern_value(conf.get("rank_pattern") or {}, module, conf["r"]))
         if r != rank:
             raise AdapterError(f"{where}: tensors have rank {rank}, adapter_config.json says r={r}")
+        if rank > limits.max_lora_rank:
+            raise AdapterError(f"{where}: rank {rank} is above max_lora_rank={limits.max_lora_rank}")
         alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
         scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+        # alpha is checked finite and positive, but a tiny or huge one still makes a scale of 0 or
+        # one that swamps the base's output
+        if not (math.isfinite(scale) and 0 < scale <= limits.max_scale):
+            raise AdapterError(
+                f"{where}: scaling lora_alpha {'/ sqrt(r)' if conf.get('use_rslora') else '/ r'} = "
+                f"{alpha:g} / {r} = {scale:g} is not in (0, max_scale={limits.max_scale:g}]"
+            )
         modules[(layer, target)] = ModuleSpec(ab["A"], ab["B"], rank, scale)
     if not modules:
         raise AdapterError(
             f"adapter {name!r}: none of its weights is on a module its target_modules, "
             "exclude_modules and layers_to_transform select"
         )
+    # Every tensor, used or not: a file carrying NaN anywhere is not one to trust.
+    for key, info in header.items():
+        if (problem := value_problem(weight_bytes, info, limits)) is not None:
+            raise AdapterError(f"adapter {name!r}: {weights_file}: tensor {key!r} {problem}")
     return AdapterSpec(name, path, modules, content_digest(conf_bytes, weight_bytes))
 
 
@@ -221,7 +247,8 @@ def targeted(conf: dict[str, Any], module: str) -> bool:
 
 
 def content_digest(config: bytes, weights: bytes) -> str:
-    """An adapter version: SHA-256 of its config and weights files, 16 hex digits."""
+    """An adapter version: SHA-256 of its config and weights files (every file read), each
+    prefixed by its length so bytes cannot move from one to the other unseen; 16 hex digits."""
     h = hashlib.sha256()
     for part in (config, weights):
         h.update(len(part).to_bytes(8, "little"))
@@ -231,6 +258,16 @@ def content_digest(config: bytes, weights: bytes) -> str:
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive(value: Any) -> bool:
+    """A JSON number that is finite, as a float too, and above zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0  # float(10**400) overflows
+    except OverflowError:
+        return False
 
 
 # adapter_config.json fields with no effect on inference (metadata, initialisation, training).
@@ -286,9 +323,11 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
 
     if conf.get("peft_type", "LORA") != "LORA":
         refuse(f"peft_type {conf.get('peft_type')!r} is not LORA")
-    for key in ("r", "lora_alpha"):
-        if isinstance(conf.get(key), bool) or not isinstance(conf.get(key), (int, float)) or conf[key] <= 0:
-            refuse(f"adapter_config.json needs a positive {key!r}")
+    # Python's json reads NaN and Infinity, which compare false to everything: test finiteness.
+    if not _whole(conf.get("r")) or conf["r"] == 0:
+        refuse(f"adapter_config.json needs a positive integer 'r', not {conf.get('r')!r}")
+    if not _positive(conf.get("lora_alpha")):
+        refuse(f"adapter_config.json needs a positive finite 'lora_alpha', not {conf.get('lora_alpha')!r}")
     if conf.get("bias", "none") != "none":
         refuse(f"bias={conf['bias']!r} is not served")
     for key, reason in _REFUSED.items():
@@ -333,13 +372,11 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
         if not isinstance(conf.get(key) or {}, dict):
             refuse(f"{key} must be an object")
         for pattern, value in (conf.get(key) or {}).items():
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or value <= 0
-                or (key == "rank_pattern" and not _whole(value))
-            ):
-                refuse(f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'}")
+            if not _positive(value) or (key == "rank_pattern" and not _whole(value)):
+                refuse(
+                    f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'} "
+                    f"(finite), not {value!r}"
+                )
         for pattern in conf.get(key) or {}:
             try:
                 re.compile(pattern)

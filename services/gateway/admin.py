@@ -1,5 +1,6 @@
-"""Adapter registration checks: the directory must lie inside a configured root and load as a
-valid adapter for the base model. Returns the registry entry or raises APIError(400)."""
+"""Adapter registration checks: the directory, and every file read from it, must resolve inside a
+configured root, and the files must make a valid adapter for the base model within the limits
+(``dlora.model.adapter_files``). Returns the registry entry or raises APIError(400)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,29 @@ import time
 from pathlib import Path
 
 from dlora.common.messages import AdapterEntry
-from dlora.model.adapters import AdapterError, inspect_adapter
+from dlora.model.adapters import AdapterError, AdapterLimits, inspect_adapter
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def check_adapter(name: str, path: str, roots: list[str], base_name: str, cfg: ModelConfig) -> AdapterEntry:
+def check_adapter(
+    name: str, path: str, roots: list[str], base_name: str, cfg: ModelConfig, limits: AdapterLimits | None = None
+) -> AdapterEntry:
+    """Blocking (it reads and checks every weight): the gateway runs it in a thread."""
     if not _NAME.match(name or ""):
         raise APIError(400, "adapter name must be 1-128 letters, digits, '.', '_' or '-'", param="name")
     if name == base_name:
         raise APIError(400, f"{name!r} is the base model's name", param="name")
+    # resolve(): a directory reached through a symlink is judged where it really is
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
         raise APIError(400, f"adapter path {path!r} is outside the configured adapter roots", param="path")
     if not resolved.is_dir():
         raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
     try:
-        adapter = inspect_adapter(name, resolved, cfg)  # the header's shapes: no tensor is loaded here
+        adapter = inspect_adapter(name, resolved, cfg, limits, roots)
     except AdapterError as e:
         raise APIError(400, str(e), param="path") from None
     return AdapterEntry(name=name, path=str(resolved), rank=adapter.rank, created=time.time(), version=adapter.digest)

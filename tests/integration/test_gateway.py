@@ -182,9 +182,27 @@ def _narrow_q(path: Path) -> None:
     save_file({k: (v[:, :-1] if "q_proj.lora_A" in k else v).contiguous() for k, v in t.items()}, str(f))
 
 
+def _nan_in_b(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = path / "adapter_model.safetensors"
+    t = load_file(str(f))
+    next(v for k, v in sorted(t.items()) if "lora_B" in k)[0, 0] = float("nan")
+    save_file(t, str(f))
+
+
+def _config_links_out(path: Path) -> None:
+    """adapter_config.json a link to a file beside the adapter roots (the tiny model's folder)."""
+    target = path.parents[1] / f"{path.name}.json"
+    (path / "adapter_config.json").rename(target)
+    (path / "adapter_config.json").symlink_to(target)
+
+
 BROKEN_ADAPTERS = {
     "only safetensors": lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"),
     "do not fit the base": _narrow_q,
+    "holds NaN": _nan_in_b,
+    "resolves to": _config_links_out,  # then: ", outside the configured adapter roots"
 }
 
 

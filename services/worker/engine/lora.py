@@ -10,10 +10,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from dlora.model.adapters import AdapterError, read_adapter_files, validate
+from dlora.model.adapters import AdapterError, AdapterLimits, read_adapter_files, validate
 from dlora.model.config import ModelConfig
 
-__all__ = ["AdapterError", "LoraAdapter", "LoraWeight", "load_adapter"]
+__all__ = ["AdapterError", "AdapterLimits", "LoraAdapter", "LoraWeight", "load_adapter"]
 
 
 @dataclass
@@ -44,11 +44,13 @@ class LoraAdapter:
         return {t for _, t in self.weights}
 
 
-def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoraAdapter:
+def load_adapter(name: str, path: str | Path, cfg: ModelConfig, limits: AdapterLimits | None = None) -> LoraAdapter:
     """Read and validate a PEFT LoRA directory, then its tensors; raise AdapterError with the
-    reason if it is unusable."""
-    conf_bytes, weight_bytes = read_adapter_files(name, path)
-    spec = validate(name, path, conf_bytes, weight_bytes, cfg)
+    reason if it is unusable. The files are checked here as at registration (limits, dtypes,
+    finite values), on the bytes that are then loaded: files changed since are caught even before
+    the worker compares their digest with the registered one."""
+    conf_bytes, weight_bytes = read_adapter_files(name, path, limits)
+    spec = validate(name, path, conf_bytes, weight_bytes, cfg, limits)
     try:
         tensors = load(weight_bytes)
     except SafetensorError as e:

@@ -1,0 +1,205 @@
+"""An adapter's files, read as untrusted input: every file resolved and confined, bounded in size,
+its safetensors header checked against the format, and its weights' values checked (finite, of a
+float dtype, of a sane magnitude). ``adapters`` builds on this; the gateway (at registration) and
+the worker's engine (at load) both read through here, so they refuse the same files.
+
+Torch-free: the values are read with numpy straight from the file's bytes (bfloat16 by widening
+its bits to float32), so the gateway checks them without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# adapter_config.json is a few kB; a bound keeps a planted huge file from being parsed as JSON.
+MAX_CONFIG_BYTES = 1 << 20
+# safetensors' own bound on the JSON header (safetensors/src/tensor.rs, MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+# The float dtypes a LoRA weight may have, by their safetensors names: (numpy dtype, bytes each).
+# Integer, boolean, fp8 and float64 weights are not LoRA adapters the engine serves.
+FLOAT_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+
+class AdapterError(ValueError):
+    """The adapter directory cannot be served; the message says why."""
+
+
+class AdapterLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What an adapter may be, beyond fitting the base model. The gateway checks these when an
+    adapter is registered (``[gateway.adapter_limits]``) and each worker when it loads one
+    (``[worker.engine.adapter_limits]``); give both the same values, or adapters the gateway
+    accepts fail their requests on the workers."""
+
+    # Highest LoRA rank of any module (vLLM's max_lora_rank; 512 is the largest it supports).
+    max_lora_rank: int = 512
+    # Largest adapter_model.safetensors, in bytes. 4 GiB holds rank 256 on every projection of
+    # an 8B Llama in fp32 (about 2.7 GB); raise it for bigger bases. The whole file is read into
+    # memory, by the gateway and by each worker.
+    max_file_bytes: int = 4 << 30
+    # Largest |value| of any weight. Trained LoRA weights are far below 1; 1e4 is already
+    # absurd, and half precision overflows at 65504.
+    max_abs_weight: float = 1e4
+    # Largest scaling of any module: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
+    # Usual values are 0.5 to 32; above 1e3 the adapter swamps the base model's output.
+    max_scale: float = 1e3
+
+    def check(self) -> list[tuple[str, object, str]]:
+        """Problems as (field, value, why); empty when the values are usable."""
+        bad: list[tuple[str, object, str]] = [
+            (f, getattr(self, f), "must be >= 1") for f in ("max_lora_rank", "max_file_bytes") if getattr(self, f) < 1
+        ]
+        # `not x > 0` also refuses NaN; inf is allowed and means no bound
+        bad += [
+            (f, getattr(self, f), "must be > 0") for f in ("max_abs_weight", "max_scale") if not getattr(self, f) > 0
+        ]
+        return bad
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_file(name: str, file: Path, max_bytes: int, roots: Sequence[Path] | None = None) -> bytes:
+    """The bytes of ``file``, refused (AdapterError) unless it resolves (symlinks followed) to a
+    regular file of at most ``max_bytes`` inside one of ``roots`` (resolved paths; None: anywhere).
+
+    Why each step: a symlink inside a root may point anywhere, so the root check is on the
+    resolved path; a FIFO would block the reader forever and a device (/dev/zero) never ends, so
+    only regular files are opened; and the file is opened without following a symlink and checked
+    to be the one stat'ed, so it cannot be swapped between the check and the read."""
+    where = f"adapter {name!r}: {file}"
+    try:
+        real = file.resolve(strict=True)
+    except FileNotFoundError:
+        raise AdapterError(f"{where} not found") from None
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
+        raise AdapterError(f"{where} cannot be resolved ({e})") from None
+    if roots is not None and not any(real.is_relative_to(root) for root in roots):
+        raise AdapterError(f"{where} resolves to {real}, outside the configured adapter roots")
+    try:
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterError(f"{where} is not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')})")
+        if st.st_size > max_bytes:
+            raise AdapterError(f"{where} is {st.st_size} bytes, above the limit of {max_bytes}")
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        with os.fdopen(os.open(real, flags), "rb") as f:
+            now = os.fstat(f.fileno())
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+                raise AdapterError(f"{where} changed while it was being read")
+            data = f.read(max_bytes + 1)  # a file growing meanwhile is still bounded
+    except OSError as e:
+        raise AdapterError(f"{where} cannot be read ({e.strerror})") from None
+    if len(data) > max_bytes:
+        raise AdapterError(f"{where} is over {max_bytes} bytes, the limit")
+    return data
+
+
+def read_adapter_files(
+    name: str, path: str | Path, limits: AdapterLimits | None = None, roots: Sequence[str | Path] | None = None
+) -> tuple[bytes, bytes]:
+    """adapter_config.json and adapter_model.safetensors, as bytes (AdapterError if missing or
+    refused by ``read_file``). ``roots``: the directories every file must resolve into; None (the
+    engine, ``dlora generate``) reads them wherever they are: a worker loads only paths the gateway
+    checked, and refuses files whose digest changed since."""
+    limits = limits or AdapterLimits()
+    path = Path(path)
+    resolved = None if roots is None else [Path(r).resolve() for r in roots]
+    weights = path / WEIGHTS_FILE
+    if not os.path.lexists(weights) and (path / "adapter_model.bin").exists():
+        raise AdapterError(f"adapter {name!r}: {weights} not found (only safetensors are loaded)")
+    conf = read_file(name, path / CONFIG_FILE, MAX_CONFIG_BYTES, resolved)
+    return conf, read_file(name, weights, limits.max_file_bytes, resolved)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file, as its header describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # offset of its first byte in the file
+    end: int  # one past its last byte
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+
+def safetensors_header(data: bytes) -> dict[str, TensorInfo]:
+    """Tensor name -> what the header says of it, checked against the format (huggingface/
+    safetensors, "Format": an 8-byte little-endian length, that much JSON, then the data), so the
+    values can be read where it says. Raises ValueError if the file is not one; the dtype is
+    returned as written, for the caller to judge."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {size} bytes, above safetensors' limit")
+    if size > len(data) - 8:
+        raise ValueError("header longer than the file")
+    header = json.loads(data[8 : 8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    base, out = 8 + size, {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        shape, offsets = v["shape"], v["data_offsets"]
+        if not (isinstance(shape, list) and all(_count(n) for n in shape)):
+            raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(n) for n in offsets)):
+            raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} are not two offsets")
+        info = TensorInfo(str(v["dtype"]), tuple(shape), base + offsets[0], base + offsets[1])
+        width = FLOAT_DTYPES.get(info.dtype, ("", 0))[1]
+        if not info.start <= info.end <= len(data) or (width and info.end - info.start != info.count * width):
+            raise ValueError(f"tensor {key!r}: data_offsets {offsets} do not fit its shape and the file")
+        out[key] = info
+    return out
+
+
+def _count(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def tensor_values(data: bytes, info: TensorInfo) -> npt.NDArray[np.floating]:
+    """A float tensor's values, flat, read from the file's bytes (float32 for bfloat16)."""
+    np_dtype = FLOAT_DTYPES[info.dtype][0]
+    values = np.frombuffer(data, dtype=np_dtype, count=info.count, offset=info.start)
+    if info.dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values
+
+
+def value_problem(data: bytes, info: TensorInfo, limits: AdapterLimits) -> str | None:
+    """Why a tensor's values cannot be served (NaN, Inf, above max_abs_weight), or None."""
+    if info.count == 0:
+        return None
+    values = tensor_values(data, info)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = values[~finite]
+        kinds = [k for k, hit in (("NaN", np.isnan(bad).any()), ("Inf", np.isinf(bad).any())) if hit]
+        return f"holds {' and '.join(kinds)} ({bad.size} of {values.size} values)"
+    peak = float(np.abs(values).max())
+    if peak > limits.max_abs_weight:
+        return f"holds a value of magnitude {peak:.3g}, above max_abs_weight={limits.max_abs_weight:g}"
+    return None

@@ -1,0 +1,271 @@
+"""Adapter files as untrusted input (issue 16, item 3): every file resolved and confined to the
+roots, only regular files of bounded size, float weights within the rank limit, finite and sane
+values and scalings. Each refusal is an AdapterError naming the file and the problem, the same at
+registration (the gateway's ``check_adapter``, a 400) and when a worker loads the files
+(``load_adapter``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dlora.model.adapters import AdapterError, AdapterLimits, content_digest, inspect_adapter
+from dlora.model.config import ModelConfig
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.openai import APIError
+from dlora.services.worker.engine.lora import load_adapter
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root").mkdir()
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def adapter(tiny_llama: TinyOutput, root: Path) -> Path:
+    """A copy of lora-0 (rank 8, alpha 16) inside ``root``."""
+    return Path(shutil.copytree(tiny_llama.adapters["lora-0"], root / "a"))
+
+
+def _register(path: Path, root: Path, cfg: ModelConfig, limits: AdapterLimits | None = None) -> str:
+    """What the gateway answers: the entry's version, or raises APIError."""
+    return check_adapter("a", str(path), [str(root)], "model", cfg, limits).version
+
+
+def _refused_everywhere(path: Path, root: Path, cfg: ModelConfig, fragment: str, **limits: int | float) -> None:
+    """Refused at registration with a 400 and by the worker's loader, both saying ``fragment``."""
+    lim = AdapterLimits(**limits)
+    with pytest.raises(APIError, match=fragment) as e:
+        _register(path, root, cfg, lim)
+    assert e.value.status == 400
+    with pytest.raises(AdapterError, match=fragment):
+        load_adapter("a", path, cfg, lim)
+
+
+def _edit_tensors(path: Path, fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    tensors = load_file(str(path / WEIGHTS))
+    save_file({k: v.contiguous() for k, v in fn(tensors).items()}, str(path / WEIGHTS))
+
+
+def _set_first(path: Path, part: str, value: float, dtype: torch.dtype | None = None) -> None:
+    """One value of the first tensor whose name has ``part``, the whole file cast to ``dtype``."""
+
+    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = {k: v.to(dtype or v.dtype) for k, v in t.items()}
+        t[next(k for k in sorted(t) if part in k)][0, 0] = value
+        return t
+
+    _edit_tensors(path, edit)
+
+
+def _edit_config_text(path: Path, key: str, raw: str) -> None:
+    """Set ``key`` to a raw JSON token (NaN and Infinity are what Python's json writes and reads)."""
+    conf = json.loads((path / CONFIG).read_text())
+    conf[key] = "__RAW__"
+    (path / CONFIG).write_text(json.dumps(conf).replace('"__RAW__"', raw))
+
+
+# ---- where the files are ----------------------------------------------------------------------
+@pytest.mark.parametrize("file", [CONFIG, WEIGHTS])
+def test_a_file_that_links_out_of_the_roots_is_refused(adapter: Path, root: Path, engine_cfg, file: str) -> None:
+    outside = root.parent / "outside"
+    outside.mkdir()
+    shutil.move(adapter / file, outside / file)
+    (adapter / file).symlink_to(outside / file)
+    with pytest.raises(
+        APIError, match=f"{file} resolves to .*outside/{file}, outside the configured adapter roots"
+    ) as e:
+        _register(adapter, root, engine_cfg)
+    assert e.value.status == 400
+
+
+def test_links_that_stay_inside_a_root_are_followed(adapter: Path, root: Path, engine_cfg) -> None:
+    """The Hugging Face cache's layout: snapshot files link to blobs elsewhere in the cache."""
+    before = _register(adapter, root, engine_cfg)
+    blobs = root / "blobs"
+    blobs.mkdir()
+    for file in (CONFIG, WEIGHTS):
+        shutil.move(adapter / file, blobs / file)
+        (adapter / file).symlink_to(Path("..") / "blobs" / file)
+    assert _register(adapter, root, engine_cfg) == before
+
+
+def test_a_directory_reached_through_a_link_out_of_the_roots_is_refused(
+    adapter: Path, root: Path, engine_cfg, tmp_path: Path
+) -> None:
+    outside = Path(shutil.move(adapter, tmp_path / "outside"))
+    (root / "a").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(APIError, match="outside the configured adapter roots") as e:
+        _register(root / "a", root, engine_cfg)
+    assert e.value.status == 400
+    (root / "b").symlink_to(root / "a")  # a chain of links ends where the last one points
+    with pytest.raises(APIError, match="outside the configured adapter roots"):
+        _register(root / "b", root, engine_cfg)
+
+
+@pytest.mark.timeout(30)  # a FIFO opened for reading blocks until a writer comes: it must not be
+@pytest.mark.parametrize("file", [CONFIG, WEIGHTS])
+def test_a_fifo_is_refused_without_blocking(adapter: Path, root: Path, engine_cfg, file: str) -> None:
+    (adapter / file).unlink()
+    os.mkfifo(adapter / file)
+    _refused_everywhere(adapter, root, engine_cfg, f"{file} is not a regular file \\(a FIFO\\)")
+
+
+@pytest.mark.timeout(30)
+def test_a_device_is_refused(adapter: Path, engine_cfg) -> None:
+    """The worker reads without roots (it loads what the gateway checked); /dev/zero never ends."""
+    (adapter / WEIGHTS).unlink()
+    (adapter / WEIGHTS).symlink_to("/dev/zero")
+    with pytest.raises(AdapterError, match=f"{WEIGHTS} is not a regular file \\(a character device\\)"):
+        load_adapter("a", adapter, engine_cfg)
+
+
+def test_a_directory_in_a_files_place_is_refused(adapter: Path, root: Path, engine_cfg) -> None:
+    (adapter / CONFIG).unlink()
+    (adapter / CONFIG).mkdir()
+    _refused_everywhere(adapter, root, engine_cfg, f"{CONFIG} is not a regular file \\(a directory\\)")
+
+
+def test_a_file_over_the_size_limit_is_refused(adapter: Path, root: Path, engine_cfg) -> None:
+    size = (adapter / WEIGHTS).stat().st_size
+    _refused_everywhere(adapter, root, engine_cfg, f"{WEIGHTS} is {size} bytes, above the limit", max_file_bytes=1000)
+    assert _register(adapter, root, engine_cfg, AdapterLimits(max_file_bytes=size))
+
+
+def test_a_huge_config_is_refused(adapter: Path, root: Path, engine_cfg) -> None:
+    conf = json.loads((adapter / CONFIG).read_text())
+    (adapter / CONFIG).write_text(json.dumps({**conf, "base_model_name_or_path": "x" * (2 << 20)}))
+    _refused_everywhere(adapter, root, engine_cfg, f"{CONFIG} is \\d+ bytes, above the limit")
+
+
+# ---- what the weights are ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("dtype", "name"), [(torch.int32, "I32"), (torch.float64, "F64"), (torch.int8, "I8"), (torch.bool, "BOOL")]
+)
+def test_weights_that_are_not_fp32_fp16_or_bf16_are_refused(
+    adapter: Path, root: Path, engine_cfg, dtype: torch.dtype, name: str
+) -> None:
+    _edit_tensors(adapter, lambda t: {k: v.to(dtype) for k, v in t.items()})
+    _refused_everywhere(adapter, root, engine_cfg, f"{WEIGHTS}: tensor '.*' has dtype {name}; LoRA weights must be")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_served(adapter: Path, root: Path, engine_cfg, dtype: torch.dtype) -> None:
+    _edit_tensors(adapter, lambda t: {k: v.to(dtype) for k, v in t.items()})
+    assert _register(adapter, root, engine_cfg)
+    assert next(iter(load_adapter("a", adapter, engine_cfg).weights.values())).a.dtype == dtype
+
+
+BAD_VALUES = {
+    "NaN": ("lora_A", float("nan"), None, "holds NaN"),
+    "Inf": ("lora_B", float("inf"), None, "holds Inf"),
+    "-Inf": ("lora_A", float("-inf"), None, "holds Inf"),
+    "NaN in bf16": ("lora_B", float("nan"), torch.bfloat16, "holds NaN"),
+    "Inf in fp16": ("lora_A", float("inf"), torch.float16, "holds Inf"),
+    "huge": ("lora_B", 3e6, None, "holds a value of magnitude 3e\\+06, above max_abs_weight=10000"),
+    "huge negative in bf16": ("lora_A", -1e20, torch.bfloat16, "holds a value of magnitude 9.97e\\+19, above"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_non_finite_or_huge_weights_are_refused(adapter: Path, root: Path, engine_cfg, case: str) -> None:
+    part, value, dtype, fragment = BAD_VALUES[case]
+    _set_first(adapter, part, value, dtype)
+    _refused_everywhere(adapter, root, engine_cfg, f"{WEIGHTS}: tensor '.*{part}.*' {fragment}")
+
+
+def test_the_magnitude_limit_is_a_setting(adapter: Path, root: Path, engine_cfg) -> None:
+    _set_first(adapter, "lora_B", 50.0)
+    assert _register(adapter, root, engine_cfg)
+    _refused_everywhere(adapter, root, engine_cfg, "magnitude 50, above max_abs_weight=10", max_abs_weight=10)
+
+
+def test_rank_over_the_limit_is_refused(adapter: Path, root: Path, engine_cfg) -> None:
+    _refused_everywhere(adapter, root, engine_cfg, "rank 8 is above max_lora_rank=4", max_lora_rank=4)
+    assert _register(adapter, root, engine_cfg, AdapterLimits(max_lora_rank=8))
+
+
+def test_header_offsets_that_do_not_fit_the_shape_are_refused(adapter: Path, root: Path, engine_cfg) -> None:
+    """The values are read where the header says: a header lying about them is refused, not read."""
+    data = (adapter / WEIGHTS).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    key = next(k for k in sorted(header) if "lora_A" in k)
+    header[key]["data_offsets"][1] += 4
+    text = json.dumps(header).encode()
+    (adapter / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+    _refused_everywhere(adapter, root, engine_cfg, f"cannot read .*{WEIGHTS} .*do not fit its shape")
+
+
+def test_tensors_that_do_not_fit_the_base_or_are_unexpected_or_missing_are_refused(
+    adapter: Path, root: Path, engine_cfg
+) -> None:
+    shutil.copytree(adapter, root / "b")
+    _edit_tensors(adapter, lambda t: {k: (v[:, :-1] if "q_proj.lora_A" in k else v) for k, v in t.items()})
+    _refused_everywhere(adapter, root, engine_cfg, "do not fit the base")
+    shutil.copytree(root / "b", root / "c")
+    _edit_tensors(root / "b", lambda t: {**t, "base_model.model.model.norm.lora_A.weight": torch.zeros(8, 64)})
+    _refused_everywhere(root / "b", root, engine_cfg, "is not a LoRA weight")
+    _edit_tensors(root / "c", lambda t: {k: v for k, v in t.items() if not k.endswith("q_proj.lora_B.weight")})
+    _refused_everywhere(root / "c", root, engine_cfg, "has lora_A but not both")
+
+
+# ---- the scaling --------------------------------------------------------------------------------
+BAD_CONFIG = {
+    "alpha NaN": ("lora_alpha", "NaN", "positive finite 'lora_alpha', not nan"),
+    "alpha Infinity": ("lora_alpha", "Infinity", "positive finite 'lora_alpha', not inf"),
+    "alpha zero": ("lora_alpha", "0", "positive finite 'lora_alpha', not 0"),
+    "alpha negative": ("lora_alpha", "-16", "positive finite 'lora_alpha', not -16"),
+    "alpha a huge integer": ("lora_alpha", "1" + "0" * 400, "positive finite 'lora_alpha'"),
+    "alpha huge": ("lora_alpha", "1e6", "= 1e\\+06 / 8 = 125000 is not in \\(0, max_scale=1000\\]"),
+    "alpha tiny": ("lora_alpha", "5e-324", "= 0 is not in \\(0, max_scale"),
+    "r NaN": ("r", "NaN", "positive integer 'r', not nan"),
+    "r a fraction": ("r", "8.5", "positive integer 'r', not 8.5"),
+    "alpha_pattern Infinity": ("alpha_pattern", '{"q_proj": Infinity}', "alpha_pattern\\['q_proj'\\] must be"),
+    "alpha_pattern NaN": ("alpha_pattern", '{"q_proj": NaN}', "alpha_pattern\\['q_proj'\\] must be"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIG)
+def test_non_finite_non_positive_or_huge_scalings_are_refused(adapter: Path, root: Path, engine_cfg, case: str) -> None:
+    key, raw, fragment = BAD_CONFIG[case]
+    _edit_config_text(adapter, key, raw)
+    _refused_everywhere(adapter, root, engine_cfg, fragment)
+
+
+def test_the_scale_limit_is_a_setting(adapter: Path, root: Path, engine_cfg) -> None:
+    _refused_everywhere(adapter, root, engine_cfg, "= 16 / 8 = 2 is not in \\(0, max_scale=1\\]", max_scale=1.0)
+
+
+# ---- the version ------------------------------------------------------------------------------
+def test_the_digest_covers_both_files_and_nothing_else(adapter: Path, root: Path, engine_cfg) -> None:
+    spec = inspect_adapter("a", adapter, engine_cfg)
+    assert spec.digest == content_digest((adapter / CONFIG).read_bytes(), (adapter / WEIGHTS).read_bytes())
+    copy = Path(shutil.copytree(adapter, root / "copy"))
+    (copy / "README.md").write_text("not read, not in the version")
+    assert inspect_adapter("b", copy, engine_cfg).digest == spec.digest
+    (copy / CONFIG).write_text((copy / CONFIG).read_text() + " ")  # the same config, other bytes
+    assert inspect_adapter("b", copy, engine_cfg).digest not in (spec.digest, "")
+    shutil.copy(adapter / CONFIG, copy / CONFIG)
+    _set_first(copy, "lora_B", 0.125)
+    assert inspect_adapter("b", copy, engine_cfg).digest != spec.digest
+    # bytes moved from one file to the other make another digest
+    assert content_digest(b"ab", b"c") != content_digest(b"a", b"bc")
+
+
+def test_limits_settings_are_checked() -> None:
+    bad = AdapterLimits(max_lora_rank=0, max_file_bytes=0, max_abs_weight=float("nan"), max_scale=-1).check()
+    assert [f for f, _, _ in bad] == ["max_lora_rank", "max_file_bytes", "max_abs_weight", "max_scale"]
+    assert AdapterLimits(max_abs_weight=float("inf")).check() == []
