@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dlora.common.settings import Common, Problems
+from dlora.common.settings import Common, Problems, nested_problems
+from dlora.model.adapter_files import AdapterLimits
 
 
 class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
@@ -14,8 +15,13 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     served_model_name: str = ""
     # Bearer key for POST/DELETE /v1/adapters; empty: adapter admin is refused.
     admin_key: str = ""
-    # Adapter directories must lie inside one of these.
+    # Adapter directories must lie inside one of these, and every file read from one must
+    # resolve (symlinks followed) inside one too.
     adapter_roots: list[str] = []
+    # [gateway.adapter_limits]: what an adapter may be (rank, file size, weight magnitude,
+    # scaling), checked at registration; the workers check [worker.engine.adapter_limits] when
+    # they load one, keep the two the same.
+    adapter_limits: AdapterLimits = AdapterLimits()
     # Largest request body accepted, in bytes (413 above it).
     max_body_bytes: int = 1 << 20
     # Seconds without a chunk from the worker (before the first, or between two) after which the
@@ -26,7 +32,7 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     dispatch_timeout_s: float = 5.0
 
     def check(self) -> Problems:
-        bad = Common.check(self)
+        bad = Common.check(self) + nested_problems("adapter_limits", self.adapter_limits.check())
         if not 0 < self.port < 65536:
             bad.append(("port", self.port, "must be in 1..65535"))
         if not self.model:

@@ -168,3 +168,19 @@ def test_a_merge_that_fails_part_way_leaves_the_base_weights_untouched(tiny_llam
     assert engine.merger.merged is None
     for lw, orig in zip(layers, before):
         assert all(torch.equal(t, o) for t, o in zip((lw.qkv, lw.o, lw.gate_up, lw.down), orig))
+
+
+def test_the_engine_loads_within_its_configured_adapter_limits(tiny_llama: TinyOutput) -> None:
+    """[worker.engine.adapter_limits] reaches the loader: a worker refuses what its limits refuse."""
+    from dlora.model.adapters import AdapterLimits
+
+    bare = TinyOutput(tiny_llama.model, tiny_llama.adapters_dir, {})
+    engine = make_engine(bare, adapter_limits=AdapterLimits(max_lora_rank=16))
+    ranks = {name: json.loads((p / "adapter_config.json").read_text())["r"] for name, p in tiny_llama.adapters.items()}
+    for name, path in tiny_llama.adapters.items():
+        if ranks[name] <= 16:
+            engine.register_adapter(name, path)
+        else:
+            with pytest.raises(AdapterError, match=f"rank {ranks[name]} is above max_lora_rank=16"):
+                engine.register_adapter(name, path)
+    assert set(engine.adapters) == {n for n, r in ranks.items() if r <= 16} and max(ranks.values()) > 16

@@ -171,3 +171,30 @@ def _default(*classes: type, name: str) -> object:
                     node = getattr(node, part)
                 return node
     raise KeyError(name)
+
+
+def test_adapter_limits_load_nested_and_are_checked(tmp_path: Path) -> None:
+    toml = tmp_path / "dlora.toml"
+    toml.write_text('model = "/m"\n[gateway.adapter_limits]\nmax_lora_rank = 64\nmax_scale = 100.0\n')
+    g = load(GatewaySettings, "gateway", toml, env={"DLORA_GATEWAY_ADAPTER_LIMITS__MAX_FILE_BYTES": "1000"})
+    assert (g.adapter_limits.max_lora_rank, g.adapter_limits.max_scale, g.adapter_limits.max_file_bytes) == (
+        64,
+        100.0,
+        1000,
+    )
+    w = load(
+        WorkerSettings,
+        "worker",
+        env={"DLORA_WORKER_ENGINE__ADAPTER_LIMITS__MAX_LORA_RANK": "16"},
+        overrides={"model": "/m"},
+    )
+    assert w.engine.adapter_limits.max_lora_rank == 16
+    with pytest.raises(SettingsError, match=r"adapter_limits.max_scale=0.0 must be > 0"):
+        load(GatewaySettings, "gateway", toml, env={"DLORA_GATEWAY_ADAPTER_LIMITS__MAX_SCALE": "0"})
+    with pytest.raises(SettingsError, match=r"engine.adapter_limits.max_lora_rank=0 must be >= 1"):
+        load(
+            WorkerSettings,
+            "worker",
+            env={"DLORA_WORKER_ENGINE__ADAPTER_LIMITS__MAX_LORA_RANK": "0"},
+            overrides={"model": "/m"},
+        )

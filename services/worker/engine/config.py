@@ -8,6 +8,7 @@ import re
 
 import msgspec
 
+from dlora.model.adapter_files import AdapterLimits
 from dlora.services.worker.policy.config import PolicyConfig
 
 # What the device setting accepts, checked at load (torch is not imported there).
@@ -42,6 +43,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     max_loras: int = 8  # device slots for unmerged adapters, one adapter of any rank each
     seed: int = 0  # for requests that sample without a seed of their own
     policy: PolicyConfig = PolicyConfig()
+    # What an adapter may be (rank, file size, weight magnitude, scaling), checked when one is
+    # loaded; the gateway checks its own copy at registration, keep the two the same.
+    adapter_limits: AdapterLimits = AdapterLimits()
 
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
@@ -56,4 +60,5 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         ]
         if not DEVICE.fullmatch(self.device):
             bad.append(("device", self.device, "must be auto, cpu, or cuda with an optional index (cuda:1)"))
+        bad += [(f"adapter_limits.{f}", v, why) for f, v, why in self.adapter_limits.check()]
         return bad + [(f"policy.{f}", v, why) for f, v, why in self.policy.check()]

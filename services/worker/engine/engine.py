@@ -127,7 +127,7 @@ class LLMEngine:
             raise AdapterError(f"adapter name {name!r} is empty or the base model's name")
         if name in self.adapters:
             raise AdapterError(f"adapter {name!r} is already registered")
-        adapter = load_adapter(name, path, self.model_config)
+        adapter = load_adapter(name, path, self.model_config, self.config.adapter_limits)
         self.adapters[name] = adapter
         return adapter
 
