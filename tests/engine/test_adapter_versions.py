@@ -1,0 +1,54 @@
+"""A worker loads an adapter only as it was registered: the version the gateway recorded is the
+digest of every file it read, and a worker whose files differ (config or weights) refuses them
+with a reason instead of serving other weights under that version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dlora.common.messages import AdapterEntry
+from dlora.model.adapters import AdapterError
+from dlora.model.config import ModelConfig
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.admin import check_adapter
+from dlora.services.worker.main import WorkerService
+from dlora.services.worker.settings import WorkerSettings
+from tests.engine.helpers import make_engine
+
+
+class _Registry:
+    """The one registry call ``_ensure_adapter`` makes, over one entry."""
+
+    def __init__(self, entry: AdapterEntry) -> None:
+        self.entry = entry
+
+    async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None:
+        return self.entry if name == self.entry.name and version in (None, self.entry.version) else None
+
+
+async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    engine = make_engine(tiny_llama)
+    settings = WorkerSettings(model=str(tiny_llama.model))
+    worker = WorkerService(settings, None, _Registry(entry), engine)  # type: ignore[arg-type]
+    originals = {f: (path / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+
+    conf = json.loads(originals["adapter_config.json"])
+    changes = {
+        # a valid adapter still, with another scaling: only the digest tells
+        "adapter_config.json": json.dumps({**conf, "lora_alpha": conf["lora_alpha"] + 1}).encode(),
+        "adapter_model.safetensors": originals["adapter_model.safetensors"][:-4] + b"\0\0\0\0",
+    }
+    for file, changed in changes.items():
+        (path / file).write_bytes(changed)
+        with pytest.raises(AdapterError, match=f"files in {path} changed since version {entry.version}"):
+            await worker._ensure_adapter("x", entry.version)
+        assert not any(k.startswith("x@") for k in engine.adapters), file
+        (path / file).write_bytes(originals[file])
+    key = await worker._ensure_adapter("x", entry.version)
+    assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version
