@@ -10,7 +10,7 @@ import hmac
 import time
 import uuid
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import msgspec
 from aiohttp import web
@@ -31,8 +31,10 @@ from dlora.common.messages import (
 )
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
-from dlora.services.gateway import openai
+from dlora.services.gateway import lograte, openai
 from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.connections import listen
+from dlora.services.gateway.errors import json_errors
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.responses import ResponseWriter, RunningChoice
@@ -314,7 +316,7 @@ class Gateway:
         self.metrics.observe_worker(st)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.s.max_body_bytes + 1024, middlewares=[_json_errors])
+        app = web.Application(client_max_size=self.s.max_body_bytes + 1024, middlewares=[json_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -358,32 +360,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return bytes(raw)
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Unknown routes and methods answer in the OpenAI error shape too, and so does a fault of
-    ours: a 500 that names its cause, never a bare one."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return web.json_response(APIError(e.status, e.reason).body(), status=e.status)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as e:
-        logger.exception("handler failed", path=request.path)
-        return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
-
-
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
+    lograte.install()  # before the first connection: asyncio's and aiohttp's per-connection lines
     async with connections(s) as (nc, store):
         gw = await asyncio.to_thread(Gateway, s, nc, store)
         await gw.start()
-        runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, s.host, s.port).start()
+        listener = await listen(gw.app(), s)
         logger.info("gateway ready", url=f"http://{s.host}:{s.port}")
         try:
             await stop.wait()
         finally:
-            await runner.cleanup()
+            await listener.close()

@@ -30,6 +30,17 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Seconds to wait for a dispatcher to take a request before answering 503 (with no dispatcher
     # running the answer is immediate).
     dispatch_timeout_s: float = 5.0
+    # Seconds a connection may take to send a whole request head, counted from when it opens or
+    # from its first byte after a finished request; then it is closed (nginx's client_header_timeout).
+    header_timeout_s: float = 60.0
+    # Seconds a connection may sit idle between requests before it is closed (nginx's keepalive_timeout).
+    idle_timeout_s: float = 75.0
+    # Open connections at most; more are answered 503 and closed at once. Lowered at start to what
+    # the file-descriptor limit (ulimit -n) allows with 256 to spare for everything else.
+    max_connections: int = 10000
+    # Open connections at most from one client address; more are answered 429 and closed at once.
+    # 0: no limit (behind a proxy, where every client has the proxy's address).
+    max_connections_per_client: int = 1024
 
     def check(self) -> Problems:
         bad = Common.check(self) + nested_problems("adapter_limits", self.adapter_limits.check())
@@ -39,7 +50,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("model", self.model, "must name the base model directory"))
         if self.max_body_bytes <= 0:
             bad.append(("max_body_bytes", self.max_body_bytes, "must be > 0"))
-        for field in ("chunk_timeout_s", "dispatch_timeout_s"):
+        for field in ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "idle_timeout_s", "max_connections"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
+        if self.max_connections_per_client < 0:
+            bad.append(("max_connections_per_client", self.max_connections_per_client, "must be >= 0 (0: no limit)"))
         return bad

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import aiohttp
 import nats
 import pytest
-from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common.state import StateStore
@@ -20,6 +19,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.connections import listen
 from dlora.services.gateway.main import Gateway
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port, start_nats, start_redis
@@ -99,9 +99,7 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
         workers.append(worker)
         tasks.append(asyncio.create_task(worker.run(stop)))
     await gateway.start()
-    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
+    listener = await listen(gateway.app(), gw_settings)  # as `dlora serve gateway` listens
     url = f"http://127.0.0.1:{gw_settings.port}"
     async with aiohttp.ClientSession() as http:  # ready when both workers are seen
         for _ in range(100):
@@ -111,7 +109,7 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
             await asyncio.sleep(0.05)
     yield Stack(url, gateway, workers, store, gw_nc, tiny_llama)
     stop.set()
-    await runner.cleanup()
+    await listener.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
     for nc in conns:

@@ -1,0 +1,158 @@
+"""Idle, slow and too many connections (issue 16, fault 8): the gateway keeps answering, closes
+what does not send a request in time, refuses what is over its limits, and its log stays small."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.connections import listen
+from dlora.services.servers import Server, free_port
+from tests.integration.conftest import Stack
+
+PARTIAL_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+
+
+async def _open(port: int, source: str, send: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    if send:
+        writer.write(send)
+        await writer.drain()
+    return reader, writer
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes | None:
+    """What the server sent before closing, or None if it is still open after ``seconds``."""
+    data = b""
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(4096):
+                data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answers(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = msgspec.structs.replace(
+        stack.gateway.s, port=free_port(), header_timeout_s=1.0, idle_timeout_s=2.5, max_connections_per_client=100
+    )
+    listener = await listen(stack.gateway.app(), s)  # the stack's gateway, with these limits
+    caplog.set_level(logging.DEBUG)
+    try:
+        start = time.monotonic()
+        # 300 connections from one address that send half a request head and stall (slowloris),
+        # and 20 from another that send nothing at all.
+        slow = [await _open(s.port, "127.0.0.2", PARTIAL_HEAD) for _ in range(300)]
+        idle = [await _open(s.port, "127.0.0.3") for _ in range(20)]
+        # A third of the slow ones are within that address's limit; the rest are refused at once.
+        answers = await asyncio.gather(*(_closed_within(r, 0.5) for r, _ in slow))
+        refused = [a for a in answers if a is not None]
+        assert len(refused) == 200 and all(a.startswith(b"HTTP/1.1 429 ") for a in refused), refused[:1]
+        assert b"Retry-After: 1" in refused[0]
+        assert listener.guard.open == 120
+
+        # Everyone else is served promptly meanwhile.
+        async with aiohttp.ClientSession() as http:
+            t = time.monotonic()
+            async with http.get(f"http://127.0.0.1:{s.port}/livez") as r:
+                assert r.status == 200
+            assert time.monotonic() - t < 0.5
+            async with http.post(
+                f"http://127.0.0.1:{s.port}/v1/completions",
+                json={"model": "lora-0", "prompt": "kalo remi", "max_tokens": 4, "temperature": 0},
+            ) as r:
+                assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 4
+
+        # The admitted slow and idle ones are closed once the head timeout has passed, unanswered.
+        stalled = [r for (r, _), a in zip(slow, answers) if a is None] + [r for r, _ in idle]
+        closed = await asyncio.gather(*(_closed_within(r, 3.0) for r in stalled))
+        assert all(c == b"" for c in closed), closed[:3]
+        assert 1.0 <= time.monotonic() - start < 4.0
+        assert listener.guard.header_timeouts == 120 and listener.guard.open == 0
+
+        # A keep-alive connection that finished a request is left open while idle, for the idle
+        # timeout (not the head timeout), then closed.
+        reader, writer = await _open(s.port, "127.0.0.4", b"GET /livez HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        t = time.monotonic()
+        assert await _closed_within(reader, 2.0) is None  # past the 1 s head timeout: still open
+        assert await _closed_within(reader, 2.0) == b""
+        assert 2.4 <= time.monotonic() - t < 4.0
+        for _, w in slow + idle + [(reader, writer)]:
+            w.close()
+    finally:
+        await listener.close()
+    # 440 connections refused or timed out: a line or two of log, not one (or a traceback) each.
+    lines = [r for r in caplog.records if r.name.startswith(("aiohttp", "asyncio"))]
+    assert len(lines) <= 5, [r.getMessage()[:200] for r in lines]
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+
+async def test_more_connections_than_file_descriptors_keep_the_gateway_up_and_its_log_small(
+    nats_server: Server, redis_server: Server, tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """`dlora serve gateway` with 400 file descriptors and 600 clients that connect and wait: it
+    used to run out of descriptors, stop answering and log a traceback for every failed accept
+    (about 100 MB in 30 s); now the connections over its limit are refused and it answers."""
+    port = free_port()
+    log_path = tmp_path / "gateway.log"
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": nats_server.url,
+        "DLORA_REDIS_URL": redis_server.url,
+        "DLORA_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "0",  # only the total limit here
+    }
+    cmd = [sys.executable, "-m", "dlora.services.cli", "serve", "gateway", "--model", str(tiny_llama.model)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=log, stderr=log, preexec_fn=_low_fd_limit)
+    clients: list[asyncio.StreamWriter] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                await asyncio.sleep(0.1)
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/livez") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    assert proc.poll() is None, log_path.read_text()[-2000:]
+            size_at_start = log_path.stat().st_size
+            for i in range(600):
+                try:
+                    _, w = await _open(port, f"127.0.0.{2 + i % 6}")
+                    clients.append(w)
+                except OSError:
+                    break
+            await asyncio.sleep(2.0)
+            t = time.monotonic()
+            async with http.get(f"http://127.0.0.1:{port}/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                assert r.status == 200
+            assert time.monotonic() - t < 1.0
+        logged = log_path.stat().st_size - size_at_start
+        assert logged < 4096, log_path.read_bytes()[size_at_start : size_at_start + 2000]
+    finally:
+        for w in clients:
+            w.close()
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,0 +1,50 @@
+"""Rate-limited logging: a flood of one kind of line is cut to a few per interval, with a count."""
+
+from __future__ import annotations
+
+import logging
+
+from dlora.services.gateway.lograte import RateLimiter, RateLimitFilter, install
+
+
+def test_a_kind_passes_burst_times_per_interval_and_the_next_one_carries_the_count() -> None:
+    now = [0.0]
+    limiter = RateLimiter(burst=2, interval_s=10.0, clock=lambda: now[0])
+    assert [limiter.allow("a") for _ in range(5)] == [(True, 0), (True, 0), (False, 0), (False, 0), (False, 0)]
+    assert limiter.allow("b") == (True, 0)  # kinds are counted apart
+    now[0] = 10.0
+    assert limiter.allow("a") == (True, 3)  # a new interval: the three held back are reported
+    assert limiter.allow("a") == (True, 0)
+
+
+def test_distinct_kinds_cannot_grow_it_without_bound() -> None:
+    limiter = RateLimiter(burst=1, interval_s=10.0, max_kinds=8)
+    for i in range(1000):
+        assert limiter.allow(i) == (True, 0)
+    assert len(limiter._windows) == 8
+
+
+def test_the_filter_on_asyncio_and_aiohttp_loggers_bounds_a_flood(caplog) -> None:
+    install(burst=3, interval_s=60.0)
+    try:
+        with caplog.at_level(logging.ERROR):
+            for _ in range(10_000):
+                logging.getLogger("asyncio").error("socket.accept() out of system resource\nsocket: <fd=7>")
+                logging.getLogger("aiohttp.server").error("Error handling request from %s", "127.0.0.1")
+        assert len(caplog.records) == 6
+    finally:
+        for name in ("asyncio", "aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal"):
+            logger = logging.getLogger(name)
+            for f in [f for f in logger.filters if isinstance(f, RateLimitFilter)]:
+                logger.removeFilter(f)
+
+
+def test_a_record_let_through_after_a_flood_says_how_many_were_dropped() -> None:
+    now = [0.0]
+    f = RateLimitFilter(RateLimiter(burst=1, interval_s=1.0, clock=lambda: now[0]))
+    record = lambda: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "lost %s", ("x",), None)  # noqa: E731
+    assert f.filter(record())
+    assert not any(f.filter(record()) for _ in range(41))
+    now[0] = 2.0
+    r = record()
+    assert f.filter(r) and r.getMessage() == "lost x\n[41 more like this were not logged]"
