@@ -1,5 +1,6 @@
-"""How the gateway answers what its handlers do not: every error in the OpenAI error shape, and a
-fault of ours as a 500 that names its cause, logged at a bounded rate."""
+"""How the gateway answers what its handlers do not: every error in the OpenAI error shape; a
+dependency that is down (Redis, NATS) as a 503; a fault of ours as a 500 that names its cause,
+logged at a bounded rate; and every 503 with a ``Retry-After``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from nats.errors import Error as NatsError
+from redis.exceptions import RedisError
 
 from dlora.common import log
 from dlora.services.gateway.lograte import RateLimiter
@@ -17,12 +20,25 @@ logger = log.get("gateway")
 _failures = RateLimiter(burst=10, interval_s=10.0)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown routes and methods answer in the OpenAI error shape too, and so does a fault of
-    ours: a 500 that names its cause, never a bare one."""
+def json_errors(retry_after_s: int) -> Middleware:
+    """The middleware: errors in the OpenAI shape, and ``Retry-After: retry_after_s`` on each 503
+    not yet sent (a 503 here always means try again later: no worker or dispatcher, Redis or NATS
+    unreachable, the gateway shutting down)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await _answer(request, handler)
+        if response.status == 503 and not response.prepared:
+            response.headers.setdefault("Retry-After", str(retry_after_s))
+        return response
+
+    return middleware
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as e:
@@ -31,8 +47,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response(APIError(e.status, e.reason).body(), status=e.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except RedisError as e:  # a restart or outage: the client may try again, it is not a fault of ours
+        return _unavailable(f"the state store (Redis) is unreachable: {type(e).__name__}")
+    except NatsError as e:
+        return _unavailable(f"the message bus (NATS) is unavailable: {type(e).__name__}")
     except Exception as e:
         allowed, suppressed = _failures.allow(type(e).__name__)
         if allowed:
             logger.exception("handler failed", path=request.path, like_this_not_logged=suppressed)
         return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
+
+
+def _unavailable(message: str) -> web.Response:
+    return web.json_response(APIError(503, message).body(), status=503)

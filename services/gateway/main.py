@@ -35,6 +35,7 @@ from dlora.services.gateway import lograte, openai
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import json_errors
+from dlora.services.gateway.health import readiness, retry_after_s
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.responses import ResponseWriter, RunningChoice
@@ -272,33 +273,11 @@ class Gateway:
             return web.json_response(e.body(), status=e.status)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served, i.e. NATS is
-        connected and at least one worker is live (its heartbeat in Redis); else 503 with the
-        reason and the counts, so a load balancer stops sending here."""
-        try:
-            workers = await self.store.live_workers()
-        except Exception as e:  # noqa: BLE001 - Redis down is a readiness answer, not a crash
-            return web.json_response(
-                {
-                    "status": "unavailable",
-                    "workers": 0,
-                    "nats": self.nc.is_connected,
-                    "reason": f"the state store (Redis) is unreachable: {type(e).__name__}",
-                },
-                status=503,
-            )
-        body = {
-            "workers": len(workers),
-            "running": sum(w.running for w in workers),
-            "waiting": sum(w.waiting for w in workers),
-            "nats": self.nc.is_connected,
-        }
-        reason = ("no worker is live" if not workers else None) or (
-            "the message bus (NATS) is disconnected" if not self.nc.is_connected else None
-        )
-        if reason:
-            return web.json_response({"status": "unavailable", **body, "reason": reason}, status=503)
-        return web.json_response({"status": "ok", **body})
+        """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
+        NATS connected, a dispatcher answering, a worker live: ``health.readiness``); else 503
+        with the reasons, so a load balancer stops sending here."""
+        ready, body = await readiness(self.nc, self.store)
+        return web.json_response(body, status=200 if ready else 503)
 
     async def livez(self, request: web.Request) -> web.Response:
         """Liveness: 200 while this process answers, whatever its dependencies (restart it only if not)."""
@@ -316,7 +295,10 @@ class Gateway:
         self.metrics.observe_worker(st)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.s.max_body_bytes + 1024, middlewares=[json_errors])
+        app = web.Application(
+            client_max_size=self.s.max_body_bytes + 1024,
+            middlewares=[json_errors(retry_after_s(self.s.heartbeat_ttl_s))],
+        )
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)

@@ -60,6 +60,7 @@ class Stack:
     store: StateStore
     nc: nats.NATS
     tiny: TinyOutput
+    dispatcher_nc: nats.NATS  # the dispatcher's own connection: closing it stops the dispatcher
 
 
 @pytest.fixture
@@ -107,10 +108,11 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
                 if (await r.json())["workers"] == 2:
                     break
             await asyncio.sleep(0.05)
-    yield Stack(url, gateway, workers, store, gw_nc, tiny_llama)
+    yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc)
     stop.set()
     await listener.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
     for nc in conns:
-        await nc.drain()
+        if not nc.is_closed:
+            await nc.drain()

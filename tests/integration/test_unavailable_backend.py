@@ -1,8 +1,10 @@
 """The gateway without a working backend: with no dispatcher a request is answered 503 at once
-(NATS "no responders"); with a dispatcher whose workers never answer, 503 after the chunk timeout."""
+(NATS "no responders") and readiness says so; with a dispatcher whose workers never answer, 503
+after the chunk timeout. Each such 503 carries a Retry-After."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -13,9 +15,12 @@ from redis.asyncio import Redis
 from dlora.common import subjects
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.main import Gateway
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port, start_nats
+from tests.integration.conftest import Stack
 
 
 async def test_a_request_with_no_dispatcher_is_refused_at_once(
@@ -45,6 +50,7 @@ async def test_a_request_with_no_dispatcher_is_refused_at_once(
         ):
             body = await r.json()
         assert r.status == 503 and "no dispatcher" in body["error"]["message"], body
+        assert r.headers["Retry-After"] == "5"  # one heartbeat TTL: try again when the cluster has changed
         assert time.monotonic() - start < 5.0  # not the 60 s chunk timeout
     finally:
         await runner.cleanup()
@@ -67,6 +73,7 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
             await msg.respond(b"")
 
         await nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=take_and_drop)
+        await nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=take_and_drop)
         runner = web.AppRunner(gateway.app())
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", settings.port).start()
@@ -76,6 +83,7 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
                 json={"model": "model", "prompt": "kalo", "max_tokens": 2},
             ) as r:
                 assert r.status == 503 and "no worker" in (await r.json())["error"]["message"]
+                assert r.headers["Retry-After"] == "5"
             async with http.post(
                 f"http://127.0.0.1:{settings.port}/v1/chat/completions",
                 json={
@@ -93,10 +101,81 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
                 async with http.get(f"http://127.0.0.1:{settings.port}{path}") as r:
                     body = await r.json()
                     assert r.status == 503 and body["status"] == "unavailable" and body["workers"] == 0, body
-                    assert body["reason"] == "no worker is live"
+                    assert body["reason"] == "no worker is live" and body["dispatcher"] is True
+                    assert r.headers["Retry-After"] == "5"
             async with http.get(f"http://127.0.0.1:{settings.port}/livez") as r:
                 assert r.status == 200
         await runner.cleanup()
     finally:
         await nc.drain()
         server.stop()
+
+
+async def test_readiness_fails_while_no_dispatcher_runs(stack: Stack) -> None:
+    """Workers live but the dispatcher gone: not ready, and says why (it used to say ok), with a
+    Retry-After on that 503 and on a request's; ready again once a dispatcher is back."""
+
+    async def health(http: aiohttp.ClientSession) -> tuple[int, dict, str | None]:
+        async with http.get(stack.url + "/healthz") as r:
+            return r.status, await r.json(), r.headers.get("Retry-After")
+
+    async with aiohttp.ClientSession() as http:
+        status, body, _ = await health(http)
+        assert status == 200 and body["dispatcher"] is True and body["workers"] == 2, body
+        await stack.dispatcher_nc.close()  # the dispatcher's subscriptions go with its connection
+        t = time.monotonic()
+        status, body, retry_after = await health(http)
+        assert time.monotonic() - t < 1.0  # NATS says "no responders" at once
+        assert status == 503 and body["reason"] == "no dispatcher is running", body
+        assert body["dispatcher"] is False and body["workers"] == 2 and retry_after == "5"
+        async with http.post(
+            stack.url + "/v1/completions", json={"model": "lora-0", "prompt": "kalo", "max_tokens": 2}
+        ) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "5"
+            assert "no dispatcher" in (await r.json())["error"]["message"]
+        nc = await nats.connect(stack.nc.connected_url.geturl())
+        try:
+            dispatcher = Dispatcher(DispatcherSettings(nats_url="unused", redis_url="unused"), nc, stack.store)
+            stop = asyncio.Event()
+            task = asyncio.create_task(dispatcher.run(stop))
+            for _ in range(100):
+                if (await health(http))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            status, body, retry_after = await health(http)
+            assert status == 200 and body["status"] == "ok" and retry_after is None, body
+            stop.set()
+            await task
+        finally:
+            await nc.drain()
+
+
+async def test_an_unreachable_state_store_is_a_503_with_retry_after_not_a_500(
+    nats_server: Server, tiny_llama: TinyOutput
+) -> None:
+    settings = GatewaySettings(nats_url=nats_server.url, model=str(tiny_llama.model), port=free_port())
+    nc = await nats.connect(nats_server.url)
+    down = Redis.from_url(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+    gateway = Gateway(settings, nc, StateStore(down))
+    await gateway.start()
+    runner = web.AppRunner(gateway.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            requests = [
+                http.post(f"{url}/v1/completions", json={"model": "lora-0", "prompt": "kalo", "max_tokens": 2}),
+                http.get(f"{url}/v1/models"),
+                http.get(f"{url}/healthz"),
+            ]
+            for request in requests:
+                async with request as r:
+                    body = await r.json()
+                    assert r.status == 503 and r.headers["Retry-After"] == "5", body
+                    text = body["error"]["message"] if "error" in body else body["reason"]
+                    assert "the state store (Redis) is unreachable" in text, body
+    finally:
+        await runner.cleanup()
+        await down.aclose()
+        await nc.drain()

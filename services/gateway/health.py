@@ -1,0 +1,79 @@
+"""Readiness: whether a request sent to this gateway now can be served, and why not.
+
+A request needs Redis (the adapter registry), NATS, a dispatcher to take it and a worker to run
+it. Dispatchers answer an empty request on ``subjects.DISPATCHER_PING`` (as one queue group), so
+NATS answers "no responders" at once when none is running; workers are live while their
+heartbeat is in Redis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from redis.exceptions import RedisError
+
+from dlora.common import subjects
+from dlora.common.bus import STATE_OUTAGE
+from dlora.common.state import StateStore
+
+# What an unreachable or failing Redis raises (redis-py's errors, and the socket's).
+STORE_DOWN = (RedisError, *STATE_OUTAGE)
+
+# Seconds a dispatcher has to answer the readiness ping: it answers from its event loop at once,
+# and a probe (Kubernetes' default timeout is 1 s) must not wait for more.
+PING_TIMEOUT_S = 0.5
+
+
+def retry_after_s(heartbeat_ttl_s: float) -> int:
+    """The ``Retry-After`` of a 503 for a missing worker or dispatcher or an unreachable Redis, in
+    whole seconds: one heartbeat TTL, the time the cluster takes to notice a worker that started
+    or stopped (a new worker is seen at its first heartbeat, a dead one forgotten and its requests
+    recovered after one TTL), and long enough for a restarting dispatcher or Redis; at least 1."""
+    return max(1, math.ceil(heartbeat_ttl_s))
+
+
+async def dispatcher_running(nc: NATS) -> bool:
+    """Whether any dispatcher answers a ping within ``PING_TIMEOUT_S``. A NATS error (it is
+    reconnecting or closed) is an answer too: no dispatcher can be reached."""
+    try:
+        await nc.request(subjects.DISPATCHER_PING, b"", timeout=PING_TIMEOUT_S)
+    except (NoRespondersError, NatsTimeoutError, NatsError):
+        return False
+    return True
+
+
+async def readiness(nc: NATS, store: StateStore) -> tuple[bool, dict[str, Any]]:
+    """Whether a request can be served now, and the body of ``/healthz``: the live workers' counts,
+    whether NATS is connected and a dispatcher answers, and when not ready the reasons (every one
+    that holds, joined by "; "). Never raises for an unreachable dependency: that is the answer."""
+    reasons: list[str] = []
+    try:
+        workers = await store.live_workers()
+        store_up = True
+    except STORE_DOWN as e:
+        workers, store_up = [], False
+        reasons.append(f"the state store (Redis) is unreachable: {type(e).__name__}")
+    connected = nc.is_connected
+    dispatcher = connected and await dispatcher_running(nc)
+    if not connected:
+        reasons.append("the message bus (NATS) is disconnected")
+    elif not dispatcher:
+        reasons.append("no dispatcher is running")
+    if not workers and store_up:
+        reasons.append("no worker is live")
+    body: dict[str, Any] = {
+        "status": "unavailable" if reasons else "ok",
+        "workers": len(workers),
+        "running": sum(w.running for w in workers),
+        "waiting": sum(w.waiting for w in workers),
+        "nats": connected,
+        "dispatcher": dispatcher,
+    }
+    if reasons:
+        body["reason"] = "; ".join(reasons)
+    return not reasons, body
