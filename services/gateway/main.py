@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -73,6 +74,7 @@ class Gateway:
         # One subscription for every reply to this gateway; chunks are routed to the waiting request.
         self.gateway_id = uuid.uuid4().hex[:12]
         self.replies: dict[str, asyncio.Queue[bytes]] = {}
+        self.closing = False  # set by shutdown(): new requests are refused
 
     # ---- handlers -----------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -128,7 +130,13 @@ class Gateway:
 
     async def _relay(self, request: web.Request, job: Job) -> web.StreamResponse:
         """Publishes the job's requests and writes their chunks back until every choice is over,
-        one fails (the others are aborted), or the client goes away (all are aborted)."""
+        one fails (the others are aborted), or the client goes away (all are aborted).
+
+        Raises:
+            APIError(503): the gateway is shutting down, or no dispatcher took the request.
+        """
+        if self.closing:  # checked here, with no wait before the request is registered: shutdown() sees it
+            raise APIError(503, "the gateway is shutting down; try again")
         choices = [RunningChoice.of(p) for p in job.choices]
         by_id = {c.request.request_id: c for c in choices if c.request is not None}
         replies: asyncio.Queue[bytes] = asyncio.Queue()
@@ -152,7 +160,10 @@ class Gateway:
                 if choice is None or not choice.replies.accept(chunk):  # a duplicate after a resume
                     continue
                 if choice.replies.error is not None:
-                    await self._abort([c for c in choices if c is not choice and c.out.finish_reason is None])
+                    # Every choice that may still run, the failed one too: a chunk timeout is made
+                    # here, and the request it gave up on may still be queued or running (an abort
+                    # of a request that already ended is harmless).
+                    await self._abort([c for c in choices if c.out.finish_reason is None])
                     return await response.fail(choice.replies)
                 timer.chunk(chunk.queue_seconds)
                 await response.add(choice, chunk)
@@ -190,6 +201,25 @@ class Gateway:
         except msgspec.DecodeError as e:
             bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
             return None
+
+    async def shutdown(self) -> None:
+        """Before the gateway stops: refuse new requests (503), abort every request in flight on
+        its worker (published and flushed, so they go out before NATS is drained), and end each
+        one's response at once with a 503 (or an error event on a stream already open) instead of
+        leaving the work to run on for a client that will be cut off."""
+        self.closing = True
+        in_flight = dict(self.replies)
+        for rid in in_flight:
+            await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=rid))
+        try:
+            await self.nc.flush(timeout=2)
+        except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
+            logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
+        for rid, queue in in_flight.items():  # an error from "" (the gateway) ends its choice whatever its seq
+            chunk = TokenChunk(
+                request_id=rid, seq=0, error="the gateway is shutting down", error_code=ErrorCode.UNAVAILABLE
+            )
+            queue.put_nowait(msgspec.json.encode(chunk))
 
     async def _abort(self, choices: list[RunningChoice]) -> None:
         for c in choices:
@@ -352,4 +382,5 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
         try:
             await stop.wait()
         finally:
+            await gw.shutdown()
             await listener.close()

@@ -110,6 +110,7 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
             await asyncio.sleep(0.05)
     yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc)
     stop.set()
+    await gateway.shutdown()  # as `dlora serve gateway` stops
     await listener.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)

@@ -1,0 +1,95 @@
+"""Work nobody waits for is stopped (issue 16, fault 4, the gateway's part): a request the gateway
+gives up on after its chunk timeout, and every request in flight when the gateway stops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import msgspec
+import pytest
+
+from dlora.services.gateway.main import serve
+from dlora.services.servers import Server, free_port
+from tests.integration.conftest import Stack
+
+
+def _slow_steps(stack: Stack, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every worker's engine step takes ``seconds`` more (it runs in a thread: the loop goes on)."""
+    for w in stack.workers:
+        step = w.engine.step
+
+        def slow(step=step):  # type: ignore[no-untyped-def]
+            time.sleep(seconds)
+            return step()
+
+        monkeypatch.setattr(w.engine, "step", slow)
+
+
+async def _nothing_left(stack: Stack, within_s: float) -> bool:
+    """True once no worker holds a request and no in-flight record is left, within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        records = [rid for w in stack.workers for rid in await stack.store.inflight_on(w.s.worker_id)]
+        if not records and not any(w.engine.has_unfinished() for w in stack.workers):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_chunk_timeout_aborts_every_choice_the_timed_out_one_too(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stack.gateway, "s", msgspec.structs.replace(stack.gateway.s, chunk_timeout_s=0.3))
+    _slow_steps(stack, monkeypatch, 0.5)  # slower than the timeout: no chunk comes in time
+    body = {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 300, "ignore_eos": True, "n": 2}
+    async with aiohttp.ClientSession() as http, http.post(stack.url + "/v1/completions", json=body) as r:
+        assert r.status == 503 and "no worker answered in time" in (await r.json())["error"]["message"]
+    steps = sum(w.engine.stats.steps for w in stack.workers)
+    # It used to run on for nobody: 300 steps of half a second.
+    assert await _nothing_left(stack, within_s=5.0)
+    assert sum(w.engine.stats.steps for w in stack.workers) - steps < 10
+
+
+async def test_a_stopping_gateway_aborts_its_requests_and_tells_their_clients(
+    stack: Stack, redis_server: Server
+) -> None:
+    """`dlora serve gateway` told to stop (SIGTERM sets the event) with a streamed and a plain
+    request running: both are aborted on the workers before NATS drains, the streamed client
+    gets an error event, the other a 503, and the gateway is gone within a second or two."""
+    s = msgspec.structs.replace(stack.gateway.s, port=free_port(), redis_url=redis_server.url)
+    stop = asyncio.Event()
+    gateway = asyncio.create_task(serve(s, stop))
+    url = f"http://127.0.0.1:{s.port}"
+    body = {"model": "lora-1", "prompt": "kalo remi", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(600):  # it loads its tokenizer first
+            try:
+                async with http.get(url + "/livez") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        streamed = await http.post(url + "/v1/completions", json={**body, "stream": True})
+        assert streamed.status == 200
+        await streamed.content.readline()  # the first event: it is running
+        plain = asyncio.create_task(http.post(url + "/v1/completions", json=body))
+        while sum(len(w.engine.seqs) for w in stack.workers) < 2:
+            await asyncio.sleep(0.01)
+        steps = sum(w.engine.stats.steps for w in stack.workers)
+
+        stop.set()
+        t = time.monotonic()
+        await asyncio.wait_for(gateway, timeout=10)
+        assert time.monotonic() - t < 2.0
+
+        events = [e[6:] for e in (await streamed.read()).decode().split("\n\n") if e.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2:]
+        r = await plain
+        assert r.status == 503 and r.headers["Retry-After"] == "5"
+        assert "shutting down" in (await r.json())["error"]["message"]
+    assert await _nothing_left(stack, within_s=2.0)
+    assert sum(w.engine.stats.steps for w in stack.workers) - steps < 50  # not the 400 each asked for
