@@ -8,12 +8,21 @@ import re
 import time
 from pathlib import Path
 
+import msgspec
+
 from dlora.common.messages import AdapterEntry
 from dlora.model.adapters import AdapterError, AdapterLimits, inspect_adapter
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class AdapterBody(msgspec.Struct, kw_only=True):
+    """``POST /v1/adapters``: the name to register and the adapter's directory."""
+
+    name: str
+    path: str
 
 
 def check_adapter(

@@ -32,8 +32,8 @@ from dlora.common.messages import (
 )
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
-from dlora.services.gateway import lograte, openai
-from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway import lograte, openai, openapi
+from dlora.services.gateway.admin import AdapterBody, check_adapter
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import json_errors
 from dlora.services.gateway.health import readiness, retry_after_s
@@ -275,7 +275,7 @@ class Gateway:
         try:
             self._check_admin(request)
             raw = await _read_body(request, self.s.max_body_bytes)
-            body = openai.decode_body(raw, _AdapterBody)
+            body = openai.decode_body(raw, AdapterBody)
             taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
             if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
                 raise taken
@@ -338,17 +338,13 @@ class Gateway:
         app.router.add_get("/readyz", self.healthz)
         app.router.add_get("/livez", self.livez)
         app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_get("/openapi.json", openapi.handler)
         return app
 
     async def start(self) -> None:
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()
-
-
-class _AdapterBody(msgspec.Struct, kw_only=True):
-    name: str
-    path: str
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -61,6 +61,7 @@ class Stack:
     nc: nats.NATS
     tiny: TinyOutput
     dispatcher_nc: nats.NATS  # the dispatcher's own connection: closing it stops the dispatcher
+    services: list[asyncio.Task[None]]  # the dispatcher's and the workers' run(): done means dead
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
                 if (await r.json())["workers"] == 2:
                     break
             await asyncio.sleep(0.05)
-    yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc)
+    yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc, tasks)
     stop.set()
     await gateway.shutdown()  # as `dlora serve gateway` stops
     await listener.close()

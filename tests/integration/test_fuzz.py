@@ -1,0 +1,136 @@
+"""Schema-driven fuzz (issue 16, item 5): schemathesis generates requests from the gateway's own
+``/openapi.json``, valid and invalid, against the real stack (NATS, Redis, dispatcher, two
+workers, gateway). No answer may be a 5xx, no service may die, and a normal completion is still
+exact afterwards. The budget is fixed (``MAX_EXAMPLES`` per operation and mode, derandomized, so
+every run sends the same requests and takes the same time: about 40 s on 2 cores)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import aiohttp
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from tests.integration.conftest import ADMIN_KEY, Stack
+from tests.integration.test_gateway import PROMPTS, offline, post
+
+# Per operation and mode. DLORA_FUZZ_EXAMPLES=300 DLORA_FUZZ_RANDOM=1 hunts longer (about a minute)
+# on new inputs each run; the suite's run is the same every time.
+MAX_EXAMPLES = int(os.environ.get("DLORA_FUZZ_EXAMPLES", "50"))
+# The most work one accepted request may ask of the workers here: a fuzzer that asks for 128
+# choices of 500 tokens each would spend minutes on a CPU generating them, and test nothing more.
+MAX_TOKENS, MAX_CHOICES = 4, 2
+# What a generated "model" becomes: the base model, two adapters, and one that does not exist.
+SERVED = ("model", "lora-0", "lora-3", "no-such-adapter")
+ROLES = ("system", "user", "assistant", "tool", "developer", "robot")
+
+
+def _cheap(case: schemathesis.Case) -> None:
+    """Steer a generated body past the model lookup (a random name is a 404 before anything else
+    is read) and clamp the amount of work it asks for, where the value would be accepted:
+    out-of-range values (negative, too large, wrong type) stay as generated, for the gateway to
+    refuse. A chat request with no limit would fill the context, so it gets one."""
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("model"), str):  # mostly a served model, or the rest of the body is never read
+        body["model"] = SERVED[len(body["model"]) % len(SERVED)]
+    for message in body.get("messages") or [] if isinstance(body.get("messages"), list) else []:
+        if isinstance(message, dict) and isinstance(message.get("role"), str):  # likewise a known role
+            message["role"] = ROLES[len(message["role"]) % len(ROLES)]
+    for key, cap in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS), ("n", MAX_CHOICES)):
+        value = body.get(key)
+        if type(value) is int and cap < value <= 4096:
+            body[key] = cap
+    if "best_of" in body and type(body["best_of"]) is int and body["best_of"] > MAX_CHOICES:
+        body["best_of"] = body.get("n", 1)
+    if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = MAX_TOKENS
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(type(t) is int for t in prompt):
+        body["prompt"] = prompt[:MAX_CHOICES]  # a list of prompts: one choice each
+
+
+def _fuzz(url: str) -> tuple[dict[str, int], list[str]]:
+    """Every operation of the document, valid then invalid bodies: how many requests each got an
+    answer to, and each request answered with a 5xx (or not at all)."""
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    answered: dict[str, int] = {}
+    failures: list[str] = []
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}  # past the key check, into the admin handlers
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(
+                max_examples=MAX_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=not os.environ.get("DLORA_FUZZ_RANDOM"),
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.generate],
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def run(case: schemathesis.Case) -> None:
+                _cheap(case)
+                headers = admin if case.path.startswith("/v1/adapters") else None
+                try:
+                    response = case.call(base_url=url, headers=headers, timeout=60)
+                except Exception as e:  # noqa: BLE001 - no answer at all is a failure to report too
+                    failures.append(f"{case.method} {case.formatted_path} {case.body!r:.300}: {e!r}")
+                    return
+                answered[operation.label] = answered.get(operation.label, 0) + 1
+                if response.status_code >= 500:
+                    failures.append(
+                        f"{response.status_code} {case.method} {case.formatted_path} "
+                        f"{case.body!r:.300} -> {response.text[:300]}"
+                    )
+
+            try:
+                run()
+            except Unsatisfiable:  # an operation with no input (GET /livez) has no invalid form
+                assert mode is GenerationMode.NEGATIVE, operation.label
+    return answered, failures
+
+
+async def test_fuzzing_every_operation_from_the_schema_gets_no_5xx(stack: Stack) -> None:
+    # The document covers every route a client uses (/metrics, /readyz and itself aside).
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/openapi.json") as r:
+        document = await r.json()
+    routes = {
+        (route.method.lower(), route.resource.canonical)
+        for route in stack.gateway.app().router.routes()
+        if route.method != "HEAD"  # aiohttp adds one to each GET
+        and route.resource is not None
+        and route.resource.canonical not in ("/metrics", "/readyz", "/openapi.json")
+    }
+    assert {(method, path) for path, ops in document["paths"].items() for method in ops} == routes
+
+    answered, failures = await asyncio.to_thread(_fuzz, stack.url)
+    assert not failures, "\n".join(failures)
+    assert len(answered) == 7, answered  # every operation of the document was reached
+    assert sum(answered.values()) >= 4 * 2 * MAX_EXAMPLES * 0.9, answered  # the four with inputs, both modes
+    # Nothing died: the dispatcher and both workers still run, and the gateway is ready.
+    assert not any(t.done() for t in stack.services), [t for t in stack.services if t.done()]
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/healthz") as r:
+        health: dict[str, Any] = await r.json()
+    assert r.status == 200 and health["workers"] == 2, health
+    # And a normal request is still answered exactly, on an adapter and on the base model.
+    bodies = [
+        {"model": "lora-1", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0},
+        {"model": "model", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0},
+    ]
+    results = [await post(stack, "/v1/completions", b) for b in bodies]
+    expected = offline(
+        stack.tiny,
+        [
+            {"id": "0", "adapter": "lora-1", "prompt": PROMPTS[0], "max_tokens": 6},
+            {"id": "1", "adapter": None, "prompt": PROMPTS[1], "max_tokens": 6},
+        ],
+    )
+    assert [(s, r["choices"][0]["text"]) for s, r in results] == [(200, e["text"]) for e in expected]
