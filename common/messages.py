@@ -112,6 +112,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # Tokens already produced (resume after migration, preemption or a lost worker): generation
     # continues after them and they are not sent again.
     resume_token_ids: list[int] = []
+    # How many of resume_token_ids, at the end, have had no text sent (a character split across
+    # tokens is held back until complete): the resumed request sends their text with its first.
+    resume_text_pending: int = 0
     # Sequence number the next chunk carries (resumes continue the numbering).
     next_seq: int = 0
     # Unix seconds the request entered the system (gateway or app), for queue time.
@@ -121,9 +124,15 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     kv_chunks: int = 0
     # Seconds the source spent exporting that cache (part of what the move cost).
     kv_export_s: float = 0.0
-    # Times this request was re-dispatched because the worker running it died. A request whose
-    # workers keep dying may be what kills them: past ``MAX_RECOVERIES`` it fails instead.
+    # Times this request was re-dispatched because the worker running it died, hung or restarted.
+    # A request whose workers keep dying may be what kills them: past ``MAX_RECOVERIES`` it fails
+    # instead. It is also the request's fencing token: its in-flight record and its chunks carry
+    # it, and a copy with a lower count (on a worker that hung and resumed) is refused.
     recoveries: int = 0
+    # Who reads the replies: a process that announces itself with ``ClientAlive`` on
+    # ``subjects.CLIENTS``. When it has been silent for ``heartbeat_ttl_s`` its requests are aborted
+    # wherever they run or wait; empty: never (an app that does not announce itself).
+    client: str = ""
 
 
 # A request in flight on a worker that died is retried elsewhere this many times, then failed
@@ -176,12 +185,31 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     queue_seconds: float | None = None
     # One per token in token_ids when the request asked for logprobs.
     logprobs: list[TokenLogprob] = []
+    # The request's ``recoveries`` where this chunk was made: once a later attempt has spoken, a
+    # reader drops an earlier one's chunks (a worker that hung, was given up and resumed).
+    recoveries: int = 0
 
 
 class AbortRequest(msgspec.Struct, kw_only=True, frozen=True):
     """Stop a request wherever it runs (client gone); published on ``subjects.ABORT``."""
 
     request_id: str
+
+
+class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
+    """A reply reader saying it is there, every second or so on ``subjects.CLIENTS`` (see
+    ``GenerateRequest.client``)."""
+
+    client: str
+
+
+class LostRequests(msgspec.Struct, kw_only=True, frozen=True):
+    """Requests recorded in flight on ``worker`` that it does not hold (it restarted, or their
+    message never came), each with its record's ``recoveries``; published by the worker on
+    ``subjects.LOST`` for one dispatcher to re-dispatch those whose record is still unchanged."""
+
+    worker: str
+    requests: dict[str, int]
 
 
 class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
@@ -229,6 +257,8 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     """A worker's load and residency, published on ``subjects.stats(worker)`` every interval."""
 
     worker: str
+    # Unique to one start of the worker process: a new value means it restarted.
+    incarnation: str = ""
     running: int
     waiting: int
     # Free KV blocks and their size, for placement.

@@ -9,9 +9,11 @@
 - ``{p}:worker:{id}``          str   WorkerStats (JSON), expires: a live worker refreshes it
 - ``{p}:policy:{worker}``      str   the worker's batching-policy checkpoint (credits, band)
 - ``{p}:inflight:{request}``   hash  worker, request (GenerateRequest JSON), chunks delivered,
-                                     tokens delivered ("1,2,3," appended per step), recoveries
+                                     tokens delivered ("1,2,3," appended per step), recoveries (the
+                                     attempt running: the fencing token), at (ms, Redis clock);
+                                     expires unless its worker refreshes it
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
-- ``{p}:recovering:{worker}``  str   lock: one dispatcher re-dispatches a lost worker's requests
+- ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
 - ``{p}:lease-epoch:{role}``   str   the lease's epoch, raised at every takeover (plans carry it)
 - ``{p}:traffic``              hash  adapter -> decayed request count (placement's traffic shares)
@@ -49,8 +51,6 @@ redis.call('SET', KEYS[2], next)
 return next
 """
 
-# KEYS: the in-flight hash; ARGV: worker, request JSON, index key prefix, request id, recoveries.
-# One round trip: move the record to the worker, keeping the first request and the progress.
 # KEYS: the registry hash, the versions hash. ARGV: name, entry, name@version, replace (0/1).
 _PUT_ADAPTER_LUA = """
 if ARGV[4] == '1' then
@@ -62,38 +62,113 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 return 1
 """
 
+# An in-flight record's fields: worker, request (the first GenerateRequest, JSON), chunks and
+# tokens delivered, recoveries (the attempt now running: the fencing token), at (Redis clock, ms,
+# when it last changed hands). A record expires unless its worker refreshes it (sweep, progress).
+
+# KEYS: the in-flight hash. ARGV: worker, request JSON, index key prefix, request id, recoveries,
+# ttl ms, then optionally the worker and recoveries the record must still have (compare-and-set
+# for a re-dispatch; 0 returned and nothing written if another got there first). A resume or move
+# changes only the worker, attempt and time: the first request and the progress since it stay, so
+# a second resume counts right.
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
+if ARGV[7] and (old ~= ARGV[7] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[8]) then
+  return 0
+end
 if old and old ~= ARGV[1] then
   redis.call('SREM', ARGV[3] .. old, ARGV[4])
 end
-redis.call('HSET', KEYS[1], 'worker', ARGV[1])
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000))
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'chunks', 0)
 redis.call('HSETNX', KEYS[1], 'tokens', '')
-redis.call('HSET', KEYS[1], 'recoveries', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SADD', ARGV[3] .. ARGV[1], ARGV[4])
+return 1
 """
 
-# KEYS: in-flight hashes. ARGV: per key, the step's token ids as "1,2,3," or "-" to delete; then the
-# index key prefix and the request ids. A record is only updated where it exists (requests sent
-# straight to a worker have none).
-_PROGRESS_LUA = """
-for i, key in ipairs(KEYS) do
-  local tokens = ARGV[i]
-  if tokens == "-" then
-    local worker = redis.call('HGET', key, 'worker')
-    if worker then
-      redis.call('SREM', ARGV[#KEYS + 1] .. worker, ARGV[#KEYS + 1 + i])
-    end
-    redis.call('DEL', key)
-  elseif redis.call('HEXISTS', key, 'worker') == 1 then
-    redis.call('HINCRBY', key, 'chunks', 1)
-    local old = redis.call('HGET', key, 'tokens') or ''
-    redis.call('HSET', key, 'tokens', old .. tokens)
-  end
+# A record is the caller's while it names the caller and the caller's attempt; a copy for which it
+# does not (the request was given up on this worker and re-dispatched) is fenced: its writes are
+# refused and the ids returned, so the worker drops those copies.
+_MINE_LUA = """
+local function mine(key, worker, recoveries)
+  local rec = redis.call('HMGET', key, 'worker', 'recoveries')
+  return rec[1] == false or (rec[1] == worker and rec[2] == recoveries)
 end
 """
+
+# KEYS: in-flight hashes. ARGV: worker, index key prefix, ttl ms, then per key its request id, its
+# attempt (recoveries), the step's token ids as "1,2,3," or "-" when it finished (the record goes),
+# and how many of the tokens so far have had their text held back. Records that do not exist are
+# left alone (requests sent straight to a worker have none).
+_PROGRESS_LUA = (
+    _MINE_LUA
+    + """
+local fenced = {}
+for i, key in ipairs(KEYS) do
+  local id, recoveries, tokens = ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2]
+  if not mine(key, ARGV[1], recoveries) then
+    table.insert(fenced, id)
+  elseif tokens == "-" then
+    redis.call('SREM', ARGV[2] .. ARGV[1], id)
+    redis.call('DEL', key)
+  elseif redis.call('EXISTS', key) == 1 then
+    redis.call('HINCRBY', key, 'chunks', 1)
+    local old = redis.call('HGET', key, 'tokens') or ''
+    redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[4 * i + 3])
+    redis.call('PEXPIRE', key, ARGV[3])
+  end
+end
+return fenced
+"""
+)
+
+# KEYS: in-flight hashes. ARGV: worker, then per key its attempt. Returns the fenced keys' indexes.
+_FENCED_LUA = (
+    _MINE_LUA
+    + """
+local fenced = {}
+for i, key in ipairs(KEYS) do
+  if not mine(key, ARGV[1], ARGV[i + 1]) then
+    table.insert(fenced, i)
+  end
+end
+return fenced
+"""
+)
+
+# KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, then the ids the
+# worker holds. Refreshes the held records' expiry, drops index entries whose record expired or
+# moved on, and returns {id, recoveries, ...} of records naming this worker that it does not hold
+# and that changed hands more than the grace ago (their message may still be on its way before).
+_SWEEP_LUA = """
+local held = {}
+for i = 5, #ARGV do
+  held[ARGV[i]] = true
+end
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local lost = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. id
+  local rec = redis.call('HMGET', key, 'worker', 'recoveries', 'at')
+  if rec[1] ~= ARGV[1] then
+    redis.call('SREM', KEYS[1], id)
+  elseif held[id] then
+    redis.call('PEXPIRE', key, ARGV[3])
+  elseif now_ms - tonumber(rec[3] or 0) > tonumber(ARGV[4]) then
+    table.insert(lost, id)
+    table.insert(lost, rec[2] or '0')
+  end
+end
+return lost
+"""
+
+# Seconds an in-flight record lives without its worker refreshing it: a record nobody holds (its
+# worker and every dispatcher gone meanwhile) is not kept, or replayed, for ever.
+INFLIGHT_TTL_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +178,7 @@ class Inflight:
     chunks: int  # chunks delivered so far: a resume continues the numbering here
     tokens: list[int]  # tokens delivered so far: a resume continues after them
     recoveries: int = 0  # times it was re-dispatched after its worker died (the latest request's count)
+    text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
 
 
 class StateStore:
@@ -112,6 +188,8 @@ class StateStore:
         self._progress = redis.register_script(_PROGRESS_LUA)
         self._lease = redis.register_script(_LEASE_LUA)
         self._put_inflight = redis.register_script(_PUT_INFLIGHT_LUA)
+        self._fenced = redis.register_script(_FENCED_LUA)
+        self._sweep = redis.register_script(_SWEEP_LUA)
         self._put_adapter = redis.register_script(_PUT_ADAPTER_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
@@ -208,30 +286,62 @@ class StateStore:
         return None if raw is None else json.loads(raw)
 
     # ---- in-flight requests -------------------------------------------------------------
-    async def put_inflight(self, request: GenerateRequest, worker: str) -> None:
-        """Record a request as running on ``worker``. On a resume elsewhere only the worker (and the
-        recovery count) changes: the first request and the progress since it stay, so a second
-        resume counts right."""
-        await self._put_inflight(
-            keys=[f"{self.p}:inflight:{request.request_id}"],
-            args=[
-                worker,
-                msgspec.json.encode(request),
-                f"{self.p}:inflight-of:",
-                request.request_id,
-                request.recoveries,
-            ],
-        )
+    async def put_inflight(self, request: GenerateRequest, worker: str, expect: tuple[str, int] | None = None) -> bool:
+        """Record a request as running on ``worker`` as attempt ``request.recoveries``. On a resume
+        elsewhere only the worker, the attempt and the time change: the first request and the
+        progress since it stay, so a second resume counts right. With ``expect`` (the worker and
+        attempt the record must still name) it is a compare-and-set: False, and nothing written,
+        when the record is gone or another re-dispatch came first."""
+        args: list[str | int] = [
+            worker,
+            msgspec.json.encode(request).decode(),
+            f"{self.p}:inflight-of:",
+            request.request_id,
+            request.recoveries,
+            int(INFLIGHT_TTL_S * 1000),
+        ]
+        if expect is not None:
+            args += [expect[0], expect[1]]
+        return bool(await self._put_inflight(keys=[f"{self.p}:inflight:{request.request_id}"], args=args))
 
-    async def record_progress(self, tokens: dict[str, list[int]], finished: list[str]) -> None:
-        """One round trip per step: the tokens each running request was sent, and the records of
-        finished ones dropped."""
-        if not tokens and not finished:
-            return
-        ids = [*tokens, *finished]
+    async def record_progress(
+        self, worker: str, running: dict[str, tuple[int, list[int], int]], finished: dict[str, int]
+    ) -> set[str]:
+        """One round trip per step from ``worker``: the tokens each running request was sent (id ->
+        (attempt, token ids, how many of all its tokens have their text held back)), and the
+        records of finished ones (id -> attempt) dropped.
+        Returns the ids whose record names another worker or attempt: those copies are fenced, their
+        writes refused, and the worker must drop them."""
+        if not running and not finished:
+            return set()
+        entries = [(rid, a, "".join(f"{t}," for t in ts), held) for rid, (a, ts, held) in running.items()]
+        entries += [(rid, a, "-", 0) for rid, a in finished.items()]
+        keys = [f"{self.p}:inflight:{rid}" for rid, *_ in entries]
+        args: list[str | int] = [worker, f"{self.p}:inflight-of:", int(INFLIGHT_TTL_S * 1000)]
+        args += [x for entry in entries for x in entry]
+        return {_text(rid) for rid in await self._progress(keys=keys, args=args)}
+
+    async def fenced(self, worker: str, attempts: dict[str, int]) -> set[str]:
+        """The ids (of ``attempts``: id -> attempt) whose record no longer names ``worker`` and that
+        attempt; read only (a worker that was stalled checks before it sends anything)."""
+        if not attempts:
+            return set()
+        ids = list(attempts)
         keys = [f"{self.p}:inflight:{rid}" for rid in ids]
-        args = ["".join(f"{t}," for t in ts) for ts in tokens.values()] + ["-"] * len(finished)
-        await self._progress(keys=keys, args=[*args, f"{self.p}:inflight-of:", *ids])
+        found = await self._fenced(keys=keys, args=[worker, *attempts.values()])
+        return {ids[int(i) - 1] for i in found}
+
+    async def sweep_inflight(self, worker: str, held: set[str], grace_s: float) -> dict[str, int]:
+        """``worker``'s reconciliation with its records: refreshes the expiry of the records of the
+        requests it ``held``, forgets index entries whose record expired or moved on, and returns
+        the records (id -> attempt) naming it that it does not hold and that changed hands more
+        than ``grace_s`` ago: requests lost with a previous incarnation of the worker, or whose
+        message never arrived."""
+        raw = await self._sweep(
+            keys=[f"{self.p}:inflight-of:{worker}"],
+            args=[worker, f"{self.p}:inflight:", int(INFLIGHT_TTL_S * 1000), int(grace_s * 1000), *held],
+        )
+        return {_text(raw[i]): int(raw[i + 1]) for i in range(0, len(raw), 2)}
 
     async def get_inflight(self, request_id: str) -> Inflight | None:
         raw = await self.r.hgetall(f"{self.p}:inflight:{request_id}")
@@ -244,14 +354,17 @@ class StateStore:
             chunks=int(raw.get(b"chunks", 0)),
             tokens=tokens,
             recoveries=int(raw.get(b"recoveries", 0)),
+            text_pending=int(raw.get(b"held", 0)),
         )
 
     async def inflight_on(self, worker: str) -> list[str]:
         return sorted(_text(m) for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))
 
-    async def claim_recovery(self, worker: str, ttl_s: float = 30.0) -> bool:
-        """True for exactly one caller per lost worker (within ``ttl_s``)."""
-        return bool(await self.r.set(f"{self.p}:recovering:{worker}", "1", nx=True, px=int(ttl_s * 1000)))
+    async def claim_recovery(self, loss: str, ttl_s: float = 30.0) -> bool:
+        """True for exactly one caller per ``loss`` (a worker's incarnation and last heartbeat:
+        each loss of a worker is its own, however soon after the last). Only spares the others
+        the work: each record is re-dispatched once anyway (``put_inflight``'s ``expect``)."""
+        return bool(await self.r.set(f"{self.p}:recovering:{loss}", "1", nx=True, px=int(ttl_s * 1000)))
 
     async def delete_inflight(self, request_id: str) -> None:
         key = f"{self.p}:inflight:{request_id}"

@@ -14,6 +14,12 @@ DISPATCHER_PING = f"{PREFIX}.dispatchers.ping"
 # AbortRequest, broadcast: the worker that holds the request drops it.
 ABORT = f"{PREFIX}.abort"
 
+# ClientAlive from every reply reader that wants its requests aborted when it goes (gateways).
+CLIENTS = f"{PREFIX}.clients"
+
+# LostRequests from a worker; dispatchers consume it as one queue group.
+LOST = f"{PREFIX}.lost"
+
 # AdapterEvent, broadcast.
 ADAPTER_EVENTS = f"{PREFIX}.adapters.events"
 

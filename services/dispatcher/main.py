@@ -15,17 +15,20 @@ from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
+from dlora.common.clients import Clients
 from dlora.common.messages import (
     MAX_RECOVERIES,
+    ClientAlive,
     ErrorCode,
     FinishReason,
     GenerateRequest,
+    LostRequests,
     Placement,
     TokenChunk,
     WorkerStats,
     with_seed,
 )
-from dlora.common.state import StateStore
+from dlora.common.state import Inflight, StateStore
 from dlora.services.dispatcher.choose import DispatchMode, choose_worker
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -49,6 +52,7 @@ class Dispatcher:
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._placed_at = 0.0
         self._turn = 0
+        self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
@@ -71,6 +75,18 @@ class Dispatcher:
     async def _on_ping(self, msg: Msg) -> None:
         await msg.respond(b"")
 
+    async def _on_client(self, alive: ClientAlive) -> None:
+        self.clients.heard(alive.client, time.monotonic())
+
+    async def _on_lost(self, lost: LostRequests) -> None:
+        """A worker's in-flight records of requests it does not hold (it restarted, or their
+        message never came): re-dispatch each whose record is still that worker's."""
+        logger.warning("worker handed back requests", worker=lost.worker, requests=len(lost.requests))
+        for rid, attempt in lost.requests.items():
+            rec = await self.store.get_inflight(rid)
+            if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
+                await self._recover(rec)
+
     async def watch_workers(self, stop: asyncio.Event) -> None:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
         Redis) re-dispatches its in-flight requests, each resuming after the tokens its client has."""
@@ -89,9 +105,9 @@ class Dispatcher:
         if now - self._placed_at > self.s.placement_interval_s:
             self._placed_at = now
             await self.replan_placement()
-        for worker, (_, at) in list(self.workers.items()):
+        for worker, (st, at) in list(self.workers.items()):
             if now - at > self.s.heartbeat_ttl_s:
-                if await self.store.claim_recovery(worker):
+                if await self.store.claim_recovery(f"{worker}:{st.incarnation}:{st.sent}"):
                     await self.recover(worker)
                 del self.workers[worker]
 
@@ -101,28 +117,37 @@ class Dispatcher:
         await self.store.forget_worker(worker)
         for rid in request_ids:
             rec = await self.store.get_inflight(rid)
-            if rec is None or rec.worker != worker:
-                continue
-            first = rec.request
-            next_seq = first.next_seq + rec.chunks
-            if rec.recoveries >= MAX_RECOVERIES:
-                await self._fail(
-                    first,
-                    next_seq,
-                    f"the request was in flight on {rec.recoveries + 1} workers that "
-                    f"died, the last {worker}; it is not retried again, since it may be what stops them",
-                )
-                continue
-            # Recomputed from its tokens: a cache once shipped to the lost worker is gone with it.
-            resumed = msgspec.structs.replace(
+            if rec is not None and rec.worker == worker:
+                await self._recover(rec)
+
+    async def _recover(self, rec: Inflight) -> None:
+        """Re-dispatch a request given up on ``rec.worker`` as its next attempt, resuming after the
+        tokens its client has; or fail it (too many attempts died with it), or drop it (its
+        client is gone). Each record is re-dispatched once, however many dispatchers try."""
+        first = rec.request
+        next_seq = first.next_seq + rec.chunks
+        if first.client and self.clients.gone(first.client, time.monotonic()):
+            await self.store.delete_inflight(first.request_id)
+            return
+        if rec.recoveries >= MAX_RECOVERIES:
+            await self._fail(
                 first,
-                resume_token_ids=[*first.resume_token_ids, *rec.tokens],
-                next_seq=next_seq,
-                kv_chunks=0,
-                kv_export_s=0.0,
-                recoveries=rec.recoveries + 1,
+                next_seq,
+                f"the request was in flight on {rec.recoveries + 1} workers that "
+                f"died, the last {rec.worker}; it is not retried again, since it may be what stops them",
             )
-            await self._dispatch(resumed)
+            return
+        # Recomputed from its tokens: a cache once shipped to the lost worker is gone with it.
+        resumed = msgspec.structs.replace(
+            first,
+            resume_token_ids=[*first.resume_token_ids, *rec.tokens],
+            resume_text_pending=rec.text_pending,
+            next_seq=next_seq,
+            kv_chunks=0,
+            kv_export_s=0.0,
+            recoveries=rec.recoveries + 1,
+        )
+        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries))
 
     def _count(self, adapter: str | None) -> None:
         if adapter is not None:
@@ -142,7 +167,11 @@ class Dispatcher:
         self.placement = place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
         await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))
 
-    async def _dispatch(self, req: GenerateRequest, raw: bytes | None = None) -> None:
+    async def _dispatch(
+        self, req: GenerateRequest, raw: bytes | None = None, expect: tuple[str, int] | None = None
+    ) -> None:
+        """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a
+        re-dispatch, sent only if the record still names that worker and attempt (recorded first)."""
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
@@ -161,6 +190,10 @@ class Dispatcher:
             await self._fail(req, req.next_seq, "no worker is available", ErrorCode.UNAVAILABLE)
             return
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
+        if expect is not None:
+            if await self.store.put_inflight(req, worker, expect):
+                await self.nc.publish(subjects.worker_requests(worker), _encode.encode(req))
+            return
         # Forward first: the Redis round trip stays off the request's path.
         await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
         await self.store.put_inflight(req, worker)
@@ -184,6 +217,8 @@ class Dispatcher:
             await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),
             await self.nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),
             await self.nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=self._on_ping),
+            await bus.subscribe(self.nc, subjects.LOST, LostRequests, self._on_lost, queue=subjects.DISPATCHERS),
+            await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
         ]
         await self.nc.flush()
         logger.info("dispatcher ready")

@@ -2,7 +2,9 @@
 
 Chunks are numbered from the request's first; after a move or a recovery a worker may send
 numbers the gateway already has (the resumed request starts where its record says, which can lag
-what was delivered), so anything below the next expected number is a duplicate and dropped.
+what was delivered), so anything below the next expected number is a duplicate and dropped. Each
+chunk also names its attempt (the request's ``recoveries``): once a later attempt is heard from,
+an earlier one's chunks are dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class ReplyStream:
     error: str | None = None
     error_code: ErrorCode | None = None
     worker: str = ""  # the worker of the last chunk taken: the one serving the request now
+    attempt: int = 0  # the latest attempt (``recoveries``) heard from: earlier ones are fenced
 
     @property
     def done(self) -> bool:
@@ -36,9 +39,12 @@ class ReplyStream:
         An error numbered behind what arrived still ends the stream when it comes from the
         dispatcher (``worker`` empty: it fails a recovered request numbered from the in-flight
         record, which can lag what the client has; dropped, the client would hang) or from the
-        worker serving the request now; from another worker it is a stale one's and is dropped."""
-        if self.done:
+        worker serving the request now; from another worker it is a stale one's and is dropped.
+        A worker's chunk from an attempt before the latest heard from is dropped whatever it says
+        (that worker stalled, was given up and resumed; the request was re-dispatched)."""
+        if self.done or (chunk.worker and chunk.recoveries < self.attempt):
             return False
+        self.attempt = max(self.attempt, chunk.recoveries)
         if chunk.error is not None:
             if chunk.seq < self.next_seq and chunk.worker not in ("", self.worker):
                 return False

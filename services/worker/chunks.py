@@ -48,6 +48,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         worker=worker,
         queue_seconds=queue_seconds,
         logprobs=out.logprobs or [],
+        recoveries=stream.request.recoveries,
     )
     stream.seq += 1
     return chunk
@@ -62,4 +63,5 @@ def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str,
         error_code=code,
         worker=worker,
         finish_reason=FinishReason.ERROR,
+        recoveries=req.recoveries,
     )

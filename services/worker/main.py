@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -17,13 +18,16 @@ from nats.aio.client import Client as NATS
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
+from dlora.common.clients import Clients
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
+    ClientAlive,
     ErrorCode,
     FinishReason,
     GenerateRequest,
     KVChunk,
+    LostRequests,
     MovePlan,
     Placement,
     WorkerStats,
@@ -31,7 +35,7 @@ from dlora.common.messages import (
 )
 from dlora.common.state import StateStore
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
-from dlora.services.worker.engine import LLMEngine, RequestError
+from dlora.services.worker.engine import LLMEngine, RequestError, RequestOutput
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
@@ -69,7 +73,9 @@ _Command = _Add | _Abort | _AdapterChanged | _Prefetch | Move
 
 _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
 _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
-_EARLY_ABORT_S = 60.0  # an abort that came before its request is kept this long
+# A record this fresh may be for a request whose message is still on its way here: not handed back.
+_HANDBACK_GRACE_S = 2.0
+_ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 
 
 class WorkerService:
@@ -95,14 +101,25 @@ class WorkerService:
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
-        self.early_aborts: dict[str, float] = {}  # aborts of requests not here yet, and when they came
+        # Aborts seen lately, and when (an abort can overtake its request, which is then dropped).
+        self.aborted: dict[str, float] = {}
+        # One start of this process: stats carry it, so a restart under the same id is told apart.
+        self.incarnation = secrets.token_hex(6)
+        self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
+        self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
+        self._sent_at = time.monotonic()  # when the last step's chunks went out
+        self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self._progress_outage = bus.Outage("in-flight progress records (redis)")
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
+        self.pending.add(req.request_id)
         await self.commands.put(_Add(req))
+
+    async def _on_client(self, alive: ClientAlive) -> None:
+        self.clients.heard(alive.client, time.monotonic())
 
     async def _on_abort(self, abort: AbortRequest) -> None:
         await self.commands.put(_Abort(abort.request_id))
@@ -148,18 +165,27 @@ class WorkerService:
         elif isinstance(cmd, _Prefetch):
             await self._prefetch(cmd.adapters)
         elif isinstance(cmd, _Abort):
-            if self.engine.abort(cmd.request_id):
-                self.streams.pop(cmd.request_id, None)
-                await self.store.delete_inflight(cmd.request_id)
-            else:  # not here yet: an abort can overtake its request (it does not pass the dispatcher)
-                now = time.monotonic()
-                self.early_aborts = {r: t for r, t in self.early_aborts.items() if now - t < _EARLY_ABORT_S}
-                self.early_aborts[cmd.request_id] = now
+            now = time.monotonic()  # remembered: an abort can overtake its request (not via a dispatcher)
+            self.aborted = {r: t for r, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
+            self.aborted[cmd.request_id] = now
+            await self._drop(cmd.request_id)
         elif isinstance(cmd, _AdapterChanged):
             self.retiring[cmd.name] = cmd.version
             self._retire()
         else:
             await self._add(cmd.req)
+
+    async def _drop(self, request_id: str, record: bool = True, attempt: int | None = None) -> None:
+        """Stop a request held here without a word to its client (it went away, or another attempt
+        serves it now: then only if the copy here is ``attempt``), and drop its in-flight record if
+        ``record`` and the record is still this copy's."""
+        stream = self.streams.get(request_id)
+        if stream is None or attempt is not None and stream.request.recoveries != attempt:
+            return
+        del self.streams[request_id]
+        self.engine.abort(request_id)
+        if record:
+            await self.store.record_progress(self.s.worker_id, {}, {request_id: stream.request.recoveries})
 
     def _retire(self) -> None:
         """Unload (and unmerge) replaced or removed adapter versions that no request uses any more."""
@@ -194,7 +220,9 @@ class WorkerService:
         start = time.monotonic()
         kv = self.engine.export_kv(move.request_id) if move.ship_kv else None
         data = kv.to_bytes() if kv is not None else None
-        resumed, chunks = handoff(stream.request, seq.output_ids, stream.seq, data, time.monotonic() - start)
+        resumed, chunks = handoff(
+            stream.request, seq.output_ids, seq.detok.pending, stream.seq, data, time.monotonic() - start
+        )
         self.engine.abort(move.request_id)
         del self.streams[move.request_id]
         for chunk in chunks:
@@ -259,13 +287,28 @@ class WorkerService:
             params=req.params,
             adapter=adapter,
             resume_token_ids=req.resume_token_ids,
+            resume_text_pending=req.resume_text_pending,
             kv=kv,
         )
 
     async def _add(self, req: GenerateRequest) -> None:
-        if self.early_aborts.pop(req.request_id, None) is not None:
-            await self.store.delete_inflight(req.request_id)  # its client left before it came
-            return
+        try:
+            await self._admit(req)
+        finally:
+            self.pending.discard(req.request_id)
+
+    async def _admit(self, req: GenerateRequest) -> None:
+        if req.request_id in self.aborted or (req.client and self.clients.gone(req.client, time.monotonic())):
+            await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
+            return  # its client left before it came
+        held = self.streams.get(req.request_id)
+        if held is not None:
+            if req.recoveries <= held.request.recoveries:
+                logger.warning("request delivered twice; the copy is ignored", request=req.request_id)
+                return
+            # A later attempt of a request this worker still runs: it was given up here while the
+            # worker stalled, and re-dispatched back to it. The later attempt replaces the copy.
+            await self._drop(req.request_id, record=False)
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
@@ -290,7 +333,7 @@ class WorkerService:
         except (RequestError, AdapterError) as e:
             reason = str(e)
         await bus.publish(self.nc, req.reply_to, error_chunk(req, code, reason, self.s.worker_id))
-        await self.store.delete_inflight(req.request_id)
+        await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
 
     async def _step(self) -> None:
         try:
@@ -300,13 +343,18 @@ class WorkerService:
             logger.exception("step failed", error=str(e))
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
         now = time.monotonic()
-        sent: dict[str, list[int]] = {}
+        if now - self._sent_at > self.s.heartbeat_ttl_s:
+            # Nothing went out for a heartbeat TTL: this process may have been stopped long enough
+            # to be given up on, and its requests re-dispatched. Ask before sending anything.
+            await self._drop_fenced(outputs)
+        sent: dict[str, tuple[int, list[int], int]] = {}  # attempt, new tokens, tokens with text held back
         for out in outputs:
             stream = self.streams.get(out.request_id)
             if stream is None:  # aborted while the step ran
                 continue
             await bus.publish(self.nc, stream.reply_to, chunk_for(out, stream, self.s.worker_id, now))
-            sent[out.request_id] = out.new_token_ids
+            held = seq.detok.pending if (seq := self.engine.seqs.get(out.request_id)) else 0
+            sent[out.request_id] = (stream.request.recoveries, out.new_token_ids, held)
             if out.finished:
                 del self.streams[out.request_id]
                 if out.error is None:
@@ -314,15 +362,55 @@ class WorkerService:
         # Flush before the Redis bookkeeping: left to nats-py's flusher the chunks go out about a
         # millisecond later (measured: 2.9 ms added at p50 instead of 1.9).
         await self.nc.flush()
-        finished = [rid for rid in sent if rid not in self.streams]
+        self._sent_at = time.monotonic()
+        running = {rid: v for rid, v in sent.items() if rid in self.streams}
+        finished = {rid: attempt for rid, (attempt, _, _) in sent.items() if rid not in self.streams}
         try:
-            await self.store.record_progress({rid: t for rid, t in sent.items() if rid in self.streams}, finished)
+            fenced = await self.store.record_progress(self.s.worker_id, running, finished)
             self._progress_outage.succeeded()
         except Exception as e:  # noqa: BLE001 - the tokens went out; only recovery's record lags
             self._progress_outage.failed(e)
+            return
+        for rid in fenced:  # given up here and re-dispatched: another attempt serves it now
+            logger.warning("request fenced: a later attempt serves it", request=rid)
+            await self._drop(rid, record=False, attempt=sent[rid][0])
+
+    async def _drop_fenced(self, outputs: list[RequestOutput]) -> None:
+        attempts = {o.request_id: s.request.recoveries for o in outputs if (s := self.streams.get(o.request_id))}
+        try:
+            fenced = await self.store.fenced(self.s.worker_id, attempts)
+        except bus.STATE_OUTAGE:
+            return  # cannot tell: send (a reader drops an earlier attempt's chunks anyway)
+        for rid in fenced:
+            logger.warning("request fenced after a stall: a later attempt serves it", request=rid)
+            await self._drop(rid, record=False, attempt=attempts[rid])
+
+    async def _reconcile(self) -> None:
+        """Between steps, every few seconds: drop requests whose client has gone, and hand back
+        what the in-flight records say is here but is not (a previous incarnation's requests, or
+        ones whose message never came) for a dispatcher to re-dispatch."""
+        now = time.monotonic()
+        for rid, stream in list(self.streams.items()):
+            if stream.request.client and self.clients.gone(stream.request.client, now):
+                logger.info("request abandoned: its client is gone", request=rid, client=stream.request.client)
+                await self._drop(rid)
+        lost = await self.store.sweep_inflight(
+            self.s.worker_id, set(self.streams) | self.pending, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s)
+        )
+        if aborted := {rid: a for rid, a in lost.items() if rid in self.aborted}:
+            await self.store.record_progress(self.s.worker_id, {}, aborted)  # its record outlived it
+        if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
+            logger.warning("in-flight records not held here; handed back", requests=len(lost))
+            await bus.publish(self.nc, subjects.LOST, LostRequests(worker=self.s.worker_id, requests=lost))
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if time.monotonic() - self._swept_at > self.s.heartbeat_ttl_s / 4:
+                self._swept_at = time.monotonic()
+                try:
+                    await self._reconcile()
+                except Exception as e:  # noqa: BLE001 - a Redis outage: reconciled next time
+                    logger.warning("in-flight reconciliation failed", error=f"{type(e).__name__}: {e}")
             if not self.engine.has_unfinished():
                 try:  # idle: wait for work
                     async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
@@ -344,7 +432,8 @@ class WorkerService:
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
-        return worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
+        stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
+        return msgspec.structs.replace(stats, incarnation=self.incarnation)
 
     async def publish_stats(self, stop: asyncio.Event) -> None:
         outage = bus.Outage("stats and heartbeat (nats, redis)")
@@ -373,6 +462,7 @@ class WorkerService:
             await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_moves),
             await bus.subscribe(self.nc, subjects.kv_inbox(self.s.worker_id), KVChunk, self._on_kv_chunk, msgpack=True),
             await bus.subscribe(self.nc, subjects.PLACEMENT, Placement, self._on_placement),
+            await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
         ]
         await self.nc.flush()
         # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.

@@ -37,10 +37,16 @@ def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -
 
 
 def handoff(
-    request: GenerateRequest, output_ids: list[int], next_seq: int, kv: bytes | None, kv_export_s: float
+    request: GenerateRequest,
+    output_ids: list[int],
+    text_pending: int,
+    next_seq: int,
+    kv: bytes | None,
+    kv_export_s: float,
 ) -> tuple[GenerateRequest, list[KVChunk]]:
     """What to send the destination: ``request`` resumed after ``output_ids`` (the tokens produced
-    here) with its client's next chunk number ``next_seq``, and ``kv`` (a ``KVSnapshot``'s bytes,
+    here, the text of the last ``text_pending`` not yet sent) with its client's next chunk number
+    ``next_seq``, and ``kv`` (a ``KVSnapshot``'s bytes,
     None when recomputed) split into chunks of at most ``KV_CHUNK_BYTES``. ``kv_export_s``: what
     exporting the cache took, seconds, for the destination's measure of a shipped cache's cost."""
     data = kv or b""
@@ -56,6 +62,7 @@ def handoff(
     resumed = msgspec.structs.replace(
         request,
         resume_token_ids=list(output_ids),
+        resume_text_pending=text_pending,
         next_seq=next_seq,
         kv_chunks=len(chunks),
         kv_export_s=kv_export_s if kv is not None else 0.0,

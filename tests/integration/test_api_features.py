@@ -196,7 +196,7 @@ async def test_an_abort_that_overtakes_its_request_still_stops_it(stack: Stack) 
     await stack.nc.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id="overtaken")))
     await stack.nc.flush()
     for _ in range(100):
-        if "overtaken" in worker.early_aborts:
+        if "overtaken" in worker.aborted:
             break
         await asyncio.sleep(0.01)
     req = GenerateRequest(
@@ -208,4 +208,4 @@ async def test_an_abort_that_overtakes_its_request_still_stops_it(stack: Stack) 
     await stack.nc.publish(subjects.worker_requests(worker.s.worker_id), msgspec.json.encode(req))
     await stack.nc.flush()
     await asyncio.sleep(0.3)
-    assert "overtaken" not in worker.engine.seqs and "overtaken" not in worker.early_aborts
+    assert "overtaken" not in worker.engine.seqs and "overtaken" not in worker.streams

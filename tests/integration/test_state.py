@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from redis.asyncio import Redis
 
 from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
@@ -46,12 +47,13 @@ async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     s = StateStore(redis)
     req = GenerateRequest(request_id="r1", reply_to="x", prompt_token_ids=[1, 2])
     await s.put_inflight(req, "w1")
-    await s.record_progress({"r1": [7, 8], "unknown": [9]}, [])
-    await s.record_progress({"r1": [10]}, [])
+    assert await s.record_progress("w1", {"r1": (0, [7, 8], 1), "unknown": (0, [9], 0)}, {}) == set()
+    await s.record_progress("w1", {"r1": (0, [10], 2)}, {})
     rec = await s.get_inflight("r1")
-    assert (rec.worker, rec.request, rec.chunks, rec.tokens) == ("w1", req, 2, [7, 8, 10])
+    assert (rec.worker, rec.request, rec.chunks, rec.tokens, rec.text_pending) == ("w1", req, 2, [7, 8, 10], 2)
     assert await s.get_inflight("unknown") is None  # no half-record for a request without one
     assert await s.inflight_on("w1") == ["r1"]
+    assert 0 < await redis.pttl("dlora:inflight:r1") <= 600_000  # it expires unless refreshed
 
     # A resume elsewhere moves the record, keeps the first request and the progress.
     resumed = GenerateRequest(request_id="r1", reply_to="x", prompt_token_ids=[1, 2], resume_token_ids=[7, 8, 10])
@@ -60,9 +62,47 @@ async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     assert (rec.worker, rec.request, rec.tokens) == ("w2", req, [7, 8, 10])
     assert await s.inflight_on("w1") == [] and await s.inflight_on("w2") == ["r1"]
 
-    await s.record_progress({}, ["r1"])
+    await s.record_progress("w2", {}, {"r1": 0})
     assert await s.get_inflight("r1") is None and await s.inflight_on("w2") == []
-    assert await s.claim_recovery("w1") and not await s.claim_recovery("w1")
+    assert await s.claim_recovery("w1:a:1") and not await s.claim_recovery("w1:a:1")
+    assert await s.claim_recovery("w1:a:2")  # the same worker lost again is another loss
+
+
+async def test_a_given_up_attempt_is_fenced(redis: Redis) -> None:
+    """A worker that stalled past the heartbeat had its request re-dispatched (attempt 1, maybe to
+    itself): the stalled copy's progress and its end are refused, and it learns it is fenced."""
+    s = StateStore(redis)
+    req = GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1])
+    await s.put_inflight(req, "w1")
+    await s.record_progress("w1", {"r": (0, [5], 0)}, {})
+    again = msgspec.structs.replace(req, resume_token_ids=[5], recoveries=1)
+    assert await s.put_inflight(again, "w2", expect=("w1", 0))
+    assert not await s.put_inflight(again, "w3", expect=("w1", 0))  # a second dispatcher is too late
+    assert await s.fenced("w1", {"r": 0}) == {"r"} and await s.fenced("w2", {"r": 1}) == set()
+    assert await s.record_progress("w1", {"r": (0, [6], 0)}, {}) == {"r"}
+    assert await s.record_progress("w1", {}, {"r": 0}) == {"r"}  # its end does not drop the new record
+    rec = await s.get_inflight("r")
+    assert (rec.worker, rec.recoveries, rec.tokens) == ("w2", 1, [5])
+    # re-dispatched back to the same worker: only the attempt tells the copies apart
+    third = msgspec.structs.replace(again, recoveries=2)
+    assert await s.put_inflight(third, "w1", expect=("w2", 1))
+    assert await s.record_progress("w1", {"r": (0, [6], 0)}, {}) == {"r"}
+    assert await s.record_progress("w1", {"r": (2, [6], 0)}, {}) == set()
+
+
+async def test_sweep_hands_back_what_a_worker_does_not_hold(redis: Redis) -> None:
+    s = StateStore(redis)
+    for rid in ("held", "lost", "fresh"):
+        await s.put_inflight(GenerateRequest(request_id=rid, reply_to="x", prompt_token_ids=[1]), "w1")
+    await asyncio.sleep(0.25)
+    await s.put_inflight(GenerateRequest(request_id="fresh", reply_to="x", prompt_token_ids=[1]), "w1")
+    await redis.pexpire("dlora:inflight:held", 1000)
+    # "fresh" changed hands within the grace: its message may still be on its way
+    assert await s.sweep_inflight("w1", {"held"}, grace_s=0.2) == {"lost": 0}
+    assert await redis.pttl("dlora:inflight:held") > 1000  # refreshed by its holder
+    await redis.delete("dlora:inflight:lost")  # expired: the index forgets it
+    assert await s.sweep_inflight("w1", {"held"}, grace_s=0.2) == {}
+    assert await s.inflight_on("w1") == ["fresh", "held"]
 
 
 async def test_traffic_and_lease(redis: Redis) -> None:

@@ -33,3 +33,15 @@ def test_multibyte_character_waits_for_its_last_byte(tokenizer) -> None:
     assert len(ids) > 1  # split over byte tokens by this small vocabulary
     d = IncrementalDetokenizer(tokenizer, [])
     assert [d.push([t]) for t in ids] == [""] * (len(ids) - 1) + ["日"]
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+def test_a_resumed_stream_loses_no_character_at_the_seam(tokenizer, cut: int) -> None:
+    """A request resumed elsewhere after ``cut`` outputs (moved, or its worker died) starts a new
+    detokenizer; where the seam splits a character, the text held back before comes out after."""
+    prompt = tokenizer.encode("prompt ")
+    ids = tokenizer.encode("naïve 日本語 café")
+    before = IncrementalDetokenizer(tokenizer, prompt)
+    sent = "".join(before.push([t]) for t in ids[:cut])
+    after = IncrementalDetokenizer(tokenizer, prompt + ids[:cut], pending=before.pending)
+    assert sent + "".join(after.push([t]) for t in ids[cut:]) == tokenizer.decode(ids)

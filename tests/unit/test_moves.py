@@ -37,7 +37,7 @@ def test_stale_plans_are_refused() -> None:
 
 
 def test_a_recomputed_move_sends_no_cache() -> None:
-    resumed, chunks = moves.handoff(REQ, [7, 8], next_seq=2, kv=None, kv_export_s=0.3)
+    resumed, chunks = moves.handoff(REQ, [7, 8], 1, next_seq=2, kv=None, kv_export_s=0.3)
     assert chunks == [] and (resumed.resume_token_ids, resumed.next_seq, resumed.kv_chunks, resumed.kv_export_s) == (
         [7, 8],
         2,
@@ -51,7 +51,7 @@ async def test_a_shipped_cache_arrives_whole(monkeypatch) -> None:
     monkeypatch.setattr(moves, "KV_CHUNK_BYTES", 1000)  # several chunks from a small cache
     kv = KVSnapshot(tokens=4, k=torch.randn(2, 4, 1, 64), v=torch.randn(2, 4, 1, 64))
     data = kv.to_bytes()
-    resumed, chunks = moves.handoff(REQ, [7], next_seq=1, kv=data, kv_export_s=0.01)
+    resumed, chunks = moves.handoff(REQ, [7], 0, next_seq=1, kv=data, kv_export_s=0.01)
     assert len(chunks) == resumed.kv_chunks == -(-len(data) // 1000) > 1
     assert all(c.total == len(chunks) and len(c.data) <= 1000 for c in chunks)
     inbox = KVInbox(wait_s=2.0)

@@ -61,3 +61,16 @@ def test_a_stale_workers_late_error_does_not_end_a_resumed_stream() -> None:
     assert (
         r.accept(chunk(2, finish_reason=FinishReason.LENGTH, worker="w-new")) and r.finish_reason is FinishReason.LENGTH
     )
+
+
+def test_a_stalled_workers_chunks_are_dropped_once_a_later_attempt_spoke() -> None:
+    """A worker stopped longer than the heartbeat is given up and its request re-dispatched
+    (attempt 1); when it resumes, its attempt-0 chunks must not interleave with the new ones."""
+    r = ReplyStream("r")
+    assert r.accept(chunk(0, text="a", worker="w-hung"))
+    assert r.accept(chunk(1, text="b", worker="w-new", recoveries=1))
+    assert not r.accept(chunk(2, text="X", worker="w-hung"))  # resumed: its attempt is over
+    late_error = chunk(2, tokens=0, error="boom", error_code=ErrorCode.INTERNAL, worker="w-hung")
+    assert not r.accept(late_error) and not r.done
+    assert r.accept(chunk(2, text="c", worker="w-new", recoveries=1, finish_reason=FinishReason.STOP))
+    assert r.text == "abc" and r.attempt == 1

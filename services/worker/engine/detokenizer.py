@@ -18,13 +18,26 @@ class Tokenizer(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+    """``prompt_ids``: the tokens before the first new one (a resumed request's include the outputs
+    produced before); ``pending``: how many of those at the end have had no text emitted yet (a
+    character split across tokens held back where the request ran before): their text comes out
+    with the next push, so a resumed stream loses no character at the seam."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True, pending: int = 0
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
-        self.ids = list(prompt_ids[-_CONTEXT:])
+        pending = max(0, min(pending, len(prompt_ids)))
+        self.ids = list(prompt_ids[-(_CONTEXT + pending) :])
         # ids[prefix:read] is decoded context; ids[read:] is not yet emitted.
         self.prefix = 0
-        self.read = len(self.ids)
+        self.read = len(self.ids) - pending
+
+    @property
+    def pending(self) -> int:
+        """Tokens pushed whose text is held back (they end in part of a character)."""
+        return len(self.ids) - self.read
 
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; return the newly completed text (possibly empty)."""

@@ -158,9 +158,11 @@ class LLMEngine:
         adapter: str | None = None,
         resume_token_ids: list[int] | None = None,
         kv: KVSnapshot | None = None,
+        resume_text_pending: int = 0,
     ) -> None:
         """Queue a request. ``resume_token_ids`` are outputs already produced (by a preempted,
-        migrated or lost run): generation continues after them and they are not reported again.
+        migrated or lost run): generation continues after them and they are not reported again
+        (but the text of the last ``resume_text_pending``, not sent yet, comes with the first new).
         ``kv`` is the moved request's cache from another engine (``export_kv``): with it the
         request continues decoding here without recomputing its context."""
         params = params or SamplingParams()
@@ -191,7 +193,9 @@ class LLMEngine:
             prompt_ids=ids,
             params=params,
             arrival=self._arrivals,
-            detok=IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens),
+            detok=IncrementalDetokenizer(
+                self.tokenizer, ids + resumed, params.skip_special_tokens, resume_text_pending
+            ),
             output_ids=resumed,
         )
         if params.json_schema is not None:

@@ -1,0 +1,50 @@
+"""Which reply readers are still there: a gateway (or any app that opts in) announces itself with
+``ClientAlive`` every ``ANNOUNCE_S`` on ``subjects.CLIENTS``; a request whose client (its
+``GenerateRequest.client``) was heard from and has since been silent for the heartbeat TTL is
+abandoned, and whoever holds it drops it. A client never heard from is never taken for gone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from nats.aio.client import Client as NATS
+
+from dlora.common import bus, subjects
+from dlora.common.messages import ClientAlive
+
+# Seconds between two announcements: several fit in any heartbeat TTL worth setting.
+ANNOUNCE_S = 1.0
+
+
+class Clients:
+    """Reply readers and when each was last heard from (monotonic seconds). Pure."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._last: dict[str, float] = {}
+
+    def heard(self, client: str, now: float) -> None:
+        self._last[client] = now
+        # Forget clients gone long ago: their requests were dropped then, and the map stays small.
+        if len(self._last) > 64:
+            self._last = {c: t for c, t in self._last.items() if now - t < 100 * self.ttl_s}
+
+    def gone(self, client: str, now: float) -> bool:
+        """True when ``client`` was heard from and has been silent for more than the TTL."""
+        last = self._last.get(client)
+        return last is not None and now - last > self.ttl_s
+
+
+async def announce(nc: NATS, client: str, stop: asyncio.Event) -> None:
+    """Say ``client`` is there every ``ANNOUNCE_S`` until ``stop``; a NATS outage is ridden out."""
+    outage = bus.Outage("client announcements (nats)")
+    while not stop.is_set():
+        try:
+            await bus.publish(nc, subjects.CLIENTS, ClientAlive(client=client))
+            outage.succeeded()
+        except Exception as e:  # noqa: BLE001 - a missed announcement is repeated next second
+            outage.failed(e)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ANNOUNCE_S):
+                await stop.wait()

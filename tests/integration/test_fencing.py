@@ -1,0 +1,268 @@
+"""Workers that restart, stall or lose their client (issue 16, faults 1, 4 and 5), against real NATS
+and Redis: a restarted worker hands back what its previous incarnation held, a stalled one is
+fenced once its requests were given up, and a request whose client went away is dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from redis.asyncio import Redis
+
+from dlora.common import subjects
+from dlora.common.messages import ClientAlive, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.gateway.replies import ReplyStream
+from dlora.services.servers import Server
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+from tests.integration.test_gateway import offline
+
+PROMPT = [5, 40, 41, 300, 17]
+N = 300  # tokens: the request is still running when its worker goes
+
+
+@dataclass
+class Cluster:
+    """A dispatcher and in-process workers; each worker runs until its own stop event."""
+
+    nats_url: str
+    redis_url: str
+    store: StateStore
+    tiny: TinyOutput
+    ttl_s: float
+    nc: NATS
+    stops: list[asyncio.Event] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    conns: list[NATS] = field(default_factory=list)
+    arrivals: list[tuple[float, TokenChunk]] = field(default_factory=list)  # every chunk, when it came
+
+    async def worker(self, worker_id: str) -> tuple[WorkerService, asyncio.Event, asyncio.Task[None]]:
+        ws = WorkerSettings(
+            nats_url=self.nats_url,
+            redis_url=self.redis_url,
+            heartbeat_ttl_s=self.ttl_s,
+            worker_id=worker_id,
+            model=str(self.tiny.model),
+            engine=EngineConfig(device="cpu", dtype="float32"),
+            stats_interval_s=0.1,
+        )
+        nc = await nats.connect(self.nats_url)
+        self.conns.append(nc)
+        service = WorkerService(ws, nc, self.store, build_engine(ws))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        self.stops.append(stop)
+        self.tasks.append(task)
+        await _until(lambda: _live(self.store, worker_id))
+        return service, stop, task
+
+    async def send(self, request_id: str, client: str = "") -> asyncio.Queue[TokenChunk]:
+        """Publish a long greedy request to the dispatchers; its chunks arrive on the queue."""
+        chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+        async def on_chunk(msg: nats.aio.msg.Msg) -> None:
+            chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+            self.arrivals.append((time.monotonic(), chunk))
+            chunks.put_nowait(chunk)
+
+        reply = f"test.reply.{request_id}"
+        await self.nc.subscribe(reply, cb=on_chunk)
+        req = GenerateRequest(
+            request_id=request_id,
+            reply_to=reply,
+            prompt_token_ids=PROMPT,
+            params=SamplingParams(max_tokens=N, ignore_eos=True),
+            client=client,
+        )
+        await self.nc.request(subjects.REQUESTS, msgspec.json.encode(req), timeout=5)
+        return chunks
+
+
+async def _live(store: StateStore, worker: str) -> bool:
+    return any(w.worker == worker for w in await store.live_workers())
+
+
+async def _until(check, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition never held")
+        await asyncio.sleep(0.05)
+
+
+async def _read(stream: ReplyStream, chunks: asyncio.Queue[TokenChunk], until_tokens: int | None = None) -> None:
+    """Take chunks into ``stream`` until it is over (or has ``until_tokens`` tokens)."""
+    while not stream.done and (until_tokens is None or stream.tokens < until_tokens):
+        stream.accept(await asyncio.wait_for(chunks.get(), 60))
+
+
+@pytest.fixture
+async def cluster(nats_server: Server, redis_server: Server, redis: Redis, tiny_llama: TinyOutput) -> AsyncIterator:
+    async def make(ttl_s: float) -> Cluster:
+        nc = await nats.connect(nats_server.url)
+        stop = asyncio.Event()
+        c = Cluster(nats_server.url, redis_server.url, StateStore(redis), tiny_llama, ttl_s, nc, [stop], conns=[nc])
+        made.append(c)
+        settings = DispatcherSettings(nats_url=nats_server.url, redis_url="unused", heartbeat_ttl_s=ttl_s)
+        c.tasks.append(asyncio.create_task(Dispatcher(settings, nc, c.store).run(stop)))
+        return c
+
+    made: list[Cluster] = []
+    yield make
+    for c in made:
+        for stop in c.stops:
+            stop.set()
+        # stopped, not cancelled: a cancel that meets an expiring asyncio.timeout can be lost (3.11)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*c.tasks, return_exceptions=True), timeout=10)
+        for conn in c.conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+def _expected(tiny: TinyOutput) -> str:
+    return offline(tiny, [{"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True}])[0]["text"]
+
+
+async def test_a_worker_restarted_within_the_heartbeat_hands_back_its_requests(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Killed and back under the same id before its heartbeat lapsed, the dispatcher never sees it
+    go: the new incarnation finds its predecessor's in-flight records and hands them back, and the
+    request resumes, exact, instead of hanging until the client's timeout."""
+    c: Cluster = await cluster(ttl_s=60.0)  # far beyond the test: only the hand-back can save it
+    first, first_stop, first_task = await c.worker("w-a")
+    chunks = await c.send("restarted")
+    stream = ReplyStream("restarted")
+    await _read(stream, chunks, until_tokens=10)
+    # SIGKILL, in-process: its connection closed without a word, then the task ended.
+    await c.conns[-1].close()
+    first_stop.set()
+    await asyncio.wait_for(asyncio.gather(first_task, return_exceptions=True), timeout=10)
+    second, _, _ = await c.worker("w-a")
+    assert second.incarnation != first.incarnation
+    await _read(stream, chunks)
+    assert stream.finish_reason == "length" and stream.attempt == 1 and stream.error is None
+    assert stream.text == _expected(c.tiny)
+    await _until(lambda: _gone(c.store, "restarted"), timeout=10)
+
+
+async def _gone(store: StateStore, request_id: str) -> bool:
+    return await store.get_inflight(request_id) is None
+
+
+async def test_a_later_attempt_sent_back_to_a_stalled_worker_replaces_its_copy(cluster) -> None:  # type: ignore[no-untyped-def]
+    """The request was given up on this worker while it stalled, and re-dispatched to it: it runs
+    the later attempt instead of failing it as 'already in flight', and drops the stale copy."""
+    c: Cluster = await cluster(ttl_s=60.0)
+    worker, _, _ = await c.worker("w-a")
+    chunks = await c.send("twice")
+    stream = ReplyStream("twice")
+    await _read(stream, chunks, until_tokens=5)
+    rec = await c.store.get_inflight("twice")
+    assert rec is not None
+    again = msgspec.structs.replace(
+        rec.request,
+        resume_token_ids=rec.tokens,
+        resume_text_pending=rec.text_pending,
+        next_seq=rec.request.next_seq + rec.chunks,
+        recoveries=1,
+    )
+    assert await c.store.put_inflight(again, "w-a", expect=("w-a", 0))
+    await c.nc.publish(subjects.worker_requests("w-a"), msgspec.json.encode(again))
+    await _read(stream, chunks)
+    assert stream.error is None and stream.attempt == 1 and stream.text == _expected(c.tiny)
+    assert worker.streams == {} and not worker.engine.has_unfinished()
+
+
+async def test_a_request_whose_client_went_away_is_dropped(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A gateway killed mid-request cannot abort what it sent: its requests stop once it has been
+    silent for the heartbeat TTL, and their in-flight records go."""
+    c: Cluster = await cluster(ttl_s=1.0)
+    worker, _, _ = await c.worker("w-a")
+    await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client="gw-1")))
+    await _until(lambda: _heard(worker, "gw-1"), timeout=5)
+    chunks = await c.send("orphaned", client="gw-1")
+    stream = ReplyStream("orphaned")
+    await _read(stream, chunks, until_tokens=3)
+    # gw-1 says nothing more: within the TTL and a reconciliation the request stops
+    await _until(lambda: _gone(c.store, "orphaned"), timeout=10)
+    assert "orphaned" not in worker.streams and not worker.engine.has_unfinished() and not stream.done
+
+
+async def _heard(worker: WorkerService, client: str) -> bool:
+    return not worker.clients.gone(client, time.monotonic()) and client in worker.clients._last
+
+
+async def test_a_stalled_worker_given_up_on_stops_when_it_resumes(
+    cluster,  # type: ignore[no-untyped-def]
+    nats_server: Server,
+    redis_server: Server,
+    tiny_llama: TinyOutput,
+) -> None:
+    """SIGSTOP past the heartbeat: the dispatcher re-dispatches the request to a live worker (the
+    next attempt). On SIGCONT the stalled worker must notice before it sends anything, drop its
+    copy (nothing generated twice) and leave the record to the new attempt; the client's stream
+    stays exact."""
+    c: Cluster = await cluster(ttl_s=1.0)
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": nats_server.url,
+        "DLORA_REDIS_URL": redis_server.url,
+        "DLORA_MODEL": str(tiny_llama.model),
+        "DLORA_WORKER_ID": "a-stalled",
+        "DLORA_STATS_INTERVAL_S": "0.1",
+        "DLORA_HEARTBEAT_TTL_S": "1.0",
+        "DLORA_WORKER_ENGINE__DEVICE": "cpu",
+    }
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await _until(lambda: _live(c.store, "a-stalled"), timeout=120)
+        survivor, _, _ = await c.worker("b-survivor")
+        await asyncio.sleep(0.3)  # the dispatcher has both: on a tie it picks "a-stalled" (by name)
+        chunks = await c.send("stalled")
+        stream = ReplyStream("stalled")
+        await _read(stream, chunks, until_tokens=10)
+        assert survivor.engine.stats.steps == 0  # the victim has it
+        victim.send_signal(signal.SIGSTOP)
+        await _until(lambda: _recovered(c.store, "stalled"), timeout=15)
+        resumed_at = time.monotonic()
+        victim.send_signal(signal.SIGCONT)
+        await _until(lambda: _idle(c.store, "a-stalled"), timeout=15)
+        assert not stream.done  # the stalled copy stopped while the new attempt still runs
+        await _read(stream, chunks)
+        assert stream.error is None and stream.attempt == 1 and stream.text == _expected(tiny_llama)
+        assert survivor.engine.stats.steps > 0
+        # it asked before sending: not one chunk from it after it resumed
+        assert not [c.seq for at, c in c.arrivals if c.worker == "a-stalled" and at > resumed_at]
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+async def _recovered(store: StateStore, request_id: str) -> bool:
+    rec = await store.get_inflight(request_id)
+    return rec is not None and rec.recoveries == 1
+
+
+async def _idle(store: StateStore, worker: str) -> bool:
+    return any(w.worker == worker and w.running == 0 and w.waiting == 0 for w in await store.live_workers())
