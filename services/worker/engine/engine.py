@@ -162,9 +162,8 @@ class LLMEngine:
     ) -> None:
         """Queue a request. ``resume_token_ids`` are outputs already produced (by a preempted,
         migrated or lost run): generation continues after them and they are not reported again
-        (but the text of the last ``resume_text_pending``, not sent yet, comes with the first new).
-        ``kv`` is the moved request's cache from another engine (``export_kv``): with it the
-        request continues decoding here without recomputing its context."""
+        (the text of the last ``resume_text_pending``, not sent yet, comes with the first new). ``kv``:
+        the moved request's cache from another engine (``export_kv``), so it is not recomputed."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
