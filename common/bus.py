@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,7 +31,7 @@ async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
     """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
     Redis closed."""
     nc = await nats.connect(s.nats_url)
-    redis = redis_client(s.redis_url)
+    redis = redis_client(s.redis_url, s.redis_max_connections, s.redis_pool_timeout_s)
     try:
         yield nc, StateStore(redis, s.redis_prefix)
     finally:
@@ -40,8 +40,12 @@ async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
         await redis.aclose()
 
 
-def redis_client(url: str) -> Redis:
-    """A Redis client that rides out a restart: a command that meets a closed or refused
+def redis_client(url: str, max_connections: int = 64, pool_timeout_s: float = 10.0) -> Redis:
+    """A Redis client with at most ``max_connections`` connections: a command that finds them all
+    busy waits up to ``pool_timeout_s`` for one (redis-py's BlockingConnectionPool) instead of
+    failing, as the default pool does past its size (a burst of requests answered 500).
+
+    It rides out a restart: a command that meets a closed or refused
     connection (a pooled connection to the server before it restarted, or the seconds it is
     down) is retried on a fresh one, three times with jittered backoff up to 0.5 s (redis-py's
     Retry); a longer outage reaches the caller, whose loop tries again later. A command whose
@@ -49,7 +53,14 @@ def redis_client(url: str) -> Redis:
     or harmless to repeat except appending progress tokens, and that record did not survive an
     unpersisted restart anyway."""
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3)
-    return Redis.from_url(url, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError])
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return Redis.from_pool(pool)
 
 
 # What a lost or restarting Redis raises: a service loop that meets one carries on and tries again.

@@ -48,10 +48,15 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # heartbeat key expires, the dispatcher stops choosing it and recovers its requests, the
     # migrator stops counting it. One value, so they cannot disagree.
     heartbeat_ttl_s: float = 5.0
+    # Redis connections this process keeps at most (redis-py's pool); a burst beyond it waits up to
+    # redis_pool_timeout_s for one to come free instead of failing.
+    redis_max_connections: int = 64
+    redis_pool_timeout_s: float = 10.0
 
     def check(self) -> Problems:
         """Problems with the values; the loader refuses settings that have any."""
-        return [] if self.heartbeat_ttl_s > 0 else [("heartbeat_ttl_s", self.heartbeat_ttl_s, "must be > 0")]
+        positive = ("heartbeat_ttl_s", "redis_max_connections", "redis_pool_timeout_s")
+        return [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
 
 
 def nested_problems(prefix: str, problems: Problems) -> Problems:

@@ -126,3 +126,18 @@ async def test_traffic_and_lease(redis: Redis) -> None:
     await redis.delete(f"{s.p}:lease-epoch:x")  # Redis lost the counter (a restart without persistence)
     await s.release_lease("x", "two")
     assert await s.hold_lease("x", "one", 1.0) > third  # still later: epochs start from Redis's clock
+
+
+async def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """redis-py's default pool fails past its size ("Too many connections"): a burst of requests
+    was answered 500. With the bounded, blocking pool the burst queues for its connections."""
+    from dlora.common.bus import redis_client
+
+    client = redis_client(redis_server.url, max_connections=2, pool_timeout_s=10)
+    try:
+        s = StateStore(client)
+        await s.put_adapter(AdapterEntry(name="a", path="/a", rank=8, created=1.0, version="v1"))
+        found = await asyncio.gather(*(s.get_adapter("a") for _ in range(300)))
+        assert all(e is not None and e.version == "v1" for e in found)
+    finally:
+        await client.aclose()
