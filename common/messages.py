@@ -266,6 +266,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     total_blocks: int
     block_size: int
     max_loras: int
+    # Tokens one request may hold here, prompt and output: the model's context or the KV cache,
+    # whichever is smaller (0: an older worker that does not say).
+    max_model_len: int = 0
     # What it serves on: a torch device ("cuda:0", "cpu") and dtype ("bfloat16"); empty from an older worker.
     device: str = ""
     dtype: str = ""

@@ -50,6 +50,12 @@ def estimated_finish(
     return (queued + own) * spt + (0.0 if holds else costs.adapter_load_s)
 
 
+def holds_request(w: WorkerStats, tokens: int) -> bool:
+    """Whether a request of ``tokens`` (prompt + max_tokens) fits ``w``'s context and KV cache
+    whole: elsewhere it would be cut short with finish_reason "length"."""
+    return w.max_model_len == 0 or tokens <= w.max_model_len
+
+
 def choose_worker(
     workers: list[WorkerStats],
     adapter: str | None,

@@ -29,7 +29,7 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.state import Inflight, StateStore
-from dlora.services.dispatcher.choose import DispatchMode, choose_worker
+from dlora.services.dispatcher.choose import DispatchMode, choose_worker, holds_request
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
 
@@ -180,6 +180,17 @@ class Dispatcher:
                 req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
         self._count(req.adapter)
         live = self.live()
+        # prompt and every token it may generate: a worker that cannot hold them would cut it short
+        prompt = len(req.prompt_token_ids) if req.prompt_token_ids is not None else 1  # text: not known here
+        need = prompt + req.params.max_tokens
+        if live and not (live := [w for w in live if holds_request(w, need)]):
+            largest = max(w.max_model_len for w in self.live())
+            reason = (
+                f"the request needs {need} tokens (prompt and max_tokens); the largest worker's context "
+                f"and KV cache hold {largest}: lower max_tokens or shorten the prompt"
+            )
+            await self._fail(req, req.next_seq, reason, ErrorCode.BAD_REQUEST)
+            return
         if self.s.dispatch is DispatchMode.ROUND_ROBIN:  # the baseline: blind to load and adapters
             names = sorted(w.worker for w in live)
             worker = names[self._turn % len(names)] if names else None

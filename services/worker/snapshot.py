@@ -47,6 +47,7 @@ def worker_stats(
         total_blocks=e.blocks.num_blocks,
         block_size=e.blocks.block_size,
         max_loras=e.config.max_loras,
+        max_model_len=e.max_model_len,
         device=str(e.device),
         dtype=str(e.dtype).removeprefix("torch."),
         adapters=residency,

@@ -52,14 +52,16 @@ class Cluster:
     conns: list[NATS] = field(default_factory=list)
     arrivals: list[tuple[float, TokenChunk]] = field(default_factory=list)  # every chunk, when it came
 
-    async def worker(self, worker_id: str) -> tuple[WorkerService, asyncio.Event, asyncio.Task[None]]:
+    async def worker(
+        self, worker_id: str, engine: EngineConfig | None = None
+    ) -> tuple[WorkerService, asyncio.Event, asyncio.Task[None]]:
         ws = WorkerSettings(
             nats_url=self.nats_url,
             redis_url=self.redis_url,
             heartbeat_ttl_s=self.ttl_s,
             worker_id=worker_id,
             model=str(self.tiny.model),
-            engine=EngineConfig(device="cpu", dtype="float32"),
+            engine=engine or EngineConfig(device="cpu", dtype="float32"),
             stats_interval_s=0.1,
         )
         nc = await nats.connect(self.nats_url)
@@ -72,7 +74,7 @@ class Cluster:
         await _until(lambda: _live(self.store, worker_id))
         return service, stop, task
 
-    async def send(self, request_id: str, client: str = "") -> asyncio.Queue[TokenChunk]:
+    async def send(self, request_id: str, client: str = "", max_tokens: int = N) -> asyncio.Queue[TokenChunk]:
         """Publish a long greedy request to the dispatchers; its chunks arrive on the queue."""
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
@@ -87,7 +89,7 @@ class Cluster:
             request_id=request_id,
             reply_to=reply,
             prompt_token_ids=PROMPT,
-            params=SamplingParams(max_tokens=N, ignore_eos=True),
+            params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
             client=client,
         )
         await self.nc.request(subjects.REQUESTS, msgspec.json.encode(req), timeout=5)
@@ -266,3 +268,21 @@ async def _recovered(store: StateStore, request_id: str) -> bool:
 
 async def _idle(store: StateStore, worker: str) -> bool:
     return any(w.worker == worker and w.running == 0 and w.waiting == 0 for w in await store.live_workers())
+
+
+async def test_a_request_no_worker_can_hold_is_refused_not_cut_short(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A worker whose KV cache is smaller than the model's context cut long outputs short with
+    finish_reason "length" (246 of 400 tokens). The dispatcher sends a request only to a worker
+    that holds its prompt and max_tokens, and refuses it, saying why, when none does."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    small = EngineConfig(device="cpu", dtype="float32", num_blocks=8, block_size=16)  # 128 tokens
+    worker, _, _ = await c.worker("w-small", small)
+    assert worker.engine.max_model_len == 128
+    chunks = await c.send("too-long", max_tokens=200)
+    stream = ReplyStream("too-long")
+    await _read(stream, chunks)
+    assert stream.error_code == "bad_request" and "largest worker" in (stream.error or "") and stream.tokens == 0
+    chunks = await c.send("fits", max_tokens=100)
+    stream = ReplyStream("fits")
+    await _read(stream, chunks)
+    assert stream.error is None and stream.tokens == 100 and stream.finish_reason == "length"

@@ -1,3 +1,5 @@
+import msgspec
+
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.dispatcher.choose import DispatchCosts, choose_worker
 
@@ -50,3 +52,13 @@ def test_placement_and_recent_sends_count() -> None:
     costs = DispatchCosts(adapter_load_s=1.0)
     assert choose_worker([w("x"), w("y")], "a", placement={"y": ["a"]}, costs=costs) == "y"
     assert choose_worker([w("x"), w("y")], None, sent_since_stats={"x": 3}) == "y"
+
+
+def test_a_worker_holds_a_request_only_whole() -> None:
+    from dlora.services.dispatcher.choose import holds_request
+
+    small = WorkerStats(
+        worker="w", running=0, waiting=0, free_blocks=8, total_blocks=8, block_size=16, max_loras=1, max_model_len=128
+    )
+    assert holds_request(small, 128) and not holds_request(small, 129)
+    assert holds_request(msgspec.structs.replace(small, max_model_len=0), 10**6)  # an older worker: unknown
