@@ -28,17 +28,26 @@ class AdapterBody(msgspec.Struct, kw_only=True):
 def check_adapter(
     name: str, path: str, roots: list[str], base_name: str, cfg: ModelConfig, limits: AdapterLimits | None = None
 ) -> AdapterEntry:
-    """Blocking (it reads and checks every weight): the gateway runs it in a thread."""
+    """Blocking (it reads and checks every weight): the gateway runs it in a thread.
+
+    Raises:
+        APIError(400): a bad name, or a path that is not a readable adapter directory inside the roots.
+    """
     if not _NAME.match(name or ""):
         raise APIError(400, "adapter name must be 1-128 letters, digits, '.', '_' or '-'", param="name")
     if name == base_name:
         raise APIError(400, f"{name!r} is the base model's name", param="name")
-    # resolve(): a directory reached through a symlink is judged where it really is
-    resolved = Path(path).resolve()
-    if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
-        raise APIError(400, f"adapter path {path!r} is outside the configured adapter roots", param="path")
-    if not resolved.is_dir():
-        raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
+    if "\x00" in path:  # no file name holds one: the OS refuses it (Path raises ValueError)
+        raise APIError(400, "adapter path must not contain a NUL character", param="path")
+    try:
+        # resolve(): a directory reached through a symlink is judged where it really is
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+            raise APIError(400, f"adapter path {path!r} is outside the configured adapter roots", param="path")
+        if not resolved.is_dir():
+            raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
+    except OSError as e:  # a name too long, a loop of links, no permission: the path is the client's
+        raise APIError(400, f"adapter path {path!r} cannot be read: {e.strerror or e}", param="path") from None
     try:
         adapter = inspect_adapter(name, resolved, cfg, limits, roots)
     except AdapterError as e:

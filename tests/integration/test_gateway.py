@@ -247,7 +247,13 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     assert status == 401
     outside = tmp_path / "outside"
     shutil.copytree(stack.tiny.adapters["lora-0"], outside)
-    bad_dirs = {"outside the configured adapter roots": outside, "not a directory": stack.tiny.adapters_dir / "missing"}
+    bad_dirs = {
+        "outside the configured adapter roots": outside,
+        "not a directory": stack.tiny.adapters_dir / "missing",
+        # found by the fuzzer (test_fuzz.py): these were a 500
+        "NUL character": "lora\x00",
+        "cannot be read: File name too long": stack.tiny.adapters_dir / ("x" * 300),
+    }
     for fragment, breaker in BROKEN_ADAPTERS.items():
         d = stack.tiny.adapters_dir / fragment.replace(" ", "-")
         shutil.rmtree(d, ignore_errors=True)
