@@ -37,14 +37,18 @@ def retry_after_s(heartbeat_ttl_s: float) -> int:
     return max(1, math.ceil(heartbeat_ttl_s))
 
 
-async def dispatcher_running(nc: NATS) -> bool:
-    """Whether any dispatcher answers a ping within ``PING_TIMEOUT_S``. A NATS error (it is
-    reconnecting or closed) is an answer too: no dispatcher can be reached."""
+async def dispatcher_problem(nc: NATS) -> str | None:
+    """Why no dispatcher can take a request (none subscribed, none answered within
+    ``PING_TIMEOUT_S``, NATS failing), or None when one answered the ping."""
     try:
         await nc.request(subjects.DISPATCHER_PING, b"", timeout=PING_TIMEOUT_S)
-    except (NoRespondersError, NatsTimeoutError, NatsError):
-        return False
-    return True
+    except NoRespondersError:
+        return "no dispatcher is running"
+    except NatsTimeoutError:
+        return f"no dispatcher answered within {PING_TIMEOUT_S} s"
+    except NatsError as e:
+        return f"no dispatcher can be reached: {type(e).__name__}"
+    return None
 
 
 async def readiness(nc: NATS, store: StateStore) -> tuple[bool, dict[str, Any]]:
@@ -59,11 +63,9 @@ async def readiness(nc: NATS, store: StateStore) -> tuple[bool, dict[str, Any]]:
         workers, store_up = [], False
         reasons.append(f"the state store (Redis) is unreachable: {type(e).__name__}")
     connected = nc.is_connected
-    dispatcher = connected and await dispatcher_running(nc)
-    if not connected:
-        reasons.append("the message bus (NATS) is disconnected")
-    elif not dispatcher:
-        reasons.append("no dispatcher is running")
+    dispatcher = await dispatcher_problem(nc) if connected else "the message bus (NATS) is disconnected"
+    if dispatcher is not None:
+        reasons.append(dispatcher)
     if not workers and store_up:
         reasons.append("no worker is live")
     body: dict[str, Any] = {
@@ -72,7 +74,7 @@ async def readiness(nc: NATS, store: StateStore) -> tuple[bool, dict[str, Any]]:
         "running": sum(w.running for w in workers),
         "waiting": sum(w.waiting for w in workers),
         "nats": connected,
-        "dispatcher": dispatcher,
+        "dispatcher": dispatcher is None,
     }
     if reasons:
         body["reason"] = "; ".join(reasons)

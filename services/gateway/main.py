@@ -209,9 +209,9 @@ class Gateway:
         leaving the work to run on for a client that will be cut off."""
         self.closing = True
         in_flight = dict(self.replies)
-        for rid in in_flight:
-            await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=rid))
         try:
+            for rid in in_flight:
+                await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=rid))
             await self.nc.flush(timeout=2)
         except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
             logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
