@@ -211,6 +211,13 @@ class StateStore:
             raw = await self.r.hget(f"{self.p}:adapter-versions", f"{name}@{version}")
         return None if raw is None else msgspec.json.decode(raw, type=AdapterEntry)
 
+    async def has_adapters(self) -> bool:
+        return bool(await self.r.hlen(f"{self.p}:adapters"))
+
+    async def put_version(self, entry: AdapterEntry) -> None:
+        """Make a version findable by name and version, without registering it (a restore)."""
+        await self.r.hset(f"{self.p}:adapter-versions", f"{entry.name}@{entry.version}", msgspec.json.encode(entry))
+
     async def list_adapters(self) -> list[AdapterEntry]:
         raw = await self.r.hgetall(f"{self.p}:adapters")
         return sorted((msgspec.json.decode(v, type=AdapterEntry) for v in raw.values()), key=lambda e: e.name)

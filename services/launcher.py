@@ -20,7 +20,10 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+import nats
+
 from dlora.common.bus import redis_client
+from dlora.common.registry import AdapterRegistry
 from dlora.common.settings import SettingsError, load
 from dlora.common.state import StateStore
 from dlora.model.adapters import parse_lora_args
@@ -44,16 +47,24 @@ def _demo() -> tuple[Path, dict[str, str]]:
 
 
 async def _register(
-    redis_url: str, prefix: str, model: Path, loras: dict[str, str], roots: list[str], base_name: str
+    nats_url: str,
+    redis_url: str,
+    prefix: str,
+    model: Path,
+    loras: dict[str, str],
+    roots: list[str],
+    base_name: str,
 ) -> None:
     cfg = ModelConfig.from_dir(model)
     redis = redis_client(redis_url)
-    store = StateStore(redis, prefix)
+    nc = await nats.connect(nats_url)
     try:
+        registry = await AdapterRegistry.open(nc, StateStore(redis, prefix))
         for name, path in loras.items():
             # the command line is the authority over an entry a Redis of its own may still hold
-            await store.put_adapter(check_adapter(name, path, roots, base_name, cfg), replace=True)
+            await registry.register(check_adapter(name, path, roots, base_name, cfg), replace=True)
     finally:
+        await nc.close()
         await redis.aclose()
 
 
@@ -144,6 +155,7 @@ class LocalStack:
         self.admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
         asyncio.run(
             _register(
+                self.nats_url,
                 self.redis_url,
                 base.redis_prefix,
                 self.model_dir,

@@ -28,6 +28,7 @@ from dlora.common.messages import (
     WorkerStats,
     with_seed,
 )
+from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
 from dlora.services.dispatcher.choose import DispatchMode, choose_worker, holds_request
 from dlora.services.dispatcher.placement import WorkerCapacity, place
@@ -53,6 +54,7 @@ class Dispatcher:
         self._placed_at = 0.0
         self._turn = 0
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
+        self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
@@ -102,6 +104,7 @@ class Dispatcher:
                 redis.failed(e)
 
     async def _look(self, now: float) -> None:
+        await self.registry.restore()  # Redis came back empty: the adapters are still registered
         if now - self._placed_at > self.s.placement_interval_s:
             self._placed_at = now
             await self.replan_placement()
@@ -223,6 +226,7 @@ class Dispatcher:
         self.traffic = await self.store.load_traffic()
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.registry = await AdapterRegistry.open(self.nc, self.store)
         await self._seed_from_redis()
         subs = [
             await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),

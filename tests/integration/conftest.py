@@ -14,6 +14,7 @@ import nats
 import pytest
 from redis.asyncio import Redis
 
+from dlora.common.registry import purge
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
@@ -45,7 +46,12 @@ def redis_server() -> Iterator[Server]:
 
 
 @pytest.fixture
-async def redis(redis_server: Server) -> AsyncIterator[Redis]:
+async def redis(redis_server: Server, nats_server: Server) -> AsyncIterator[Redis]:
+    """Redis emptied for the test, and the adapter registry's durable copy (JetStream) with it: a
+    dispatcher would otherwise restore another test's adapters into the empty Redis."""
+    nc = await nats.connect(nats_server.url)
+    await purge(nc, "dlora")
+    await nc.close()
     client = Redis.from_url(redis_server.url)
     await client.flushdb()
     yield client

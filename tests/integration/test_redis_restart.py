@@ -1,5 +1,6 @@
 """Redis restarted under a running cluster (empty: no persistence): the worker, dispatcher and
-migrator ride it out, reconnect and serve again; nothing crashes (issue 16, the restart fault)."""
+migrator ride it out, reconnect and serve again, the adapter registry comes back from its durable
+copy; nothing crashes (issue 16, the restart fault)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import uuid
 
 import msgspec
 import nats
+from redis.asyncio import Redis
 
 from dlora.common import subjects
 from dlora.common.bus import connections
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.registry import AdapterRegistry, purge
+from dlora.common.state import StateStore
+from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.gateway.admin import check_adapter
 from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.servers import Server, start_redis
@@ -23,7 +29,7 @@ from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 
 
-async def _generate(nc: nats.NATS, tokens: int = 8) -> list[TokenChunk]:
+async def _generate(nc: nats.NATS, tokens: int = 8, adapter: str | None = None) -> list[TokenChunk]:
     rid = uuid.uuid4().hex
     owner = uuid.uuid4().hex[:8]
     got: asyncio.Queue[TokenChunk] = asyncio.Queue()
@@ -37,6 +43,7 @@ async def _generate(nc: nats.NATS, tokens: int = 8) -> list[TokenChunk]:
         reply_to=subjects.reply_inbox(rid, owner),
         prompt_token_ids=[5, 40, 41],
         params=SamplingParams(max_tokens=tokens, ignore_eos=True),
+        adapter=adapter,
     )
     await nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
     chunks: list[TokenChunk] = []
@@ -64,6 +71,13 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
         m_nc, m_store = await stack.enter_async_context(connections(ms))
         tasks.append(asyncio.create_task(Migrator(ms, m_nc, m_store).run(stop)))
         client = await nats.connect(nats_server.url)
+        await purge(client, "dlora")
+        registry = await AdapterRegistry.open(client, StateStore(Redis.from_url(redis.url)))
+        path = str(tiny_llama.adapters["lora-0"])
+        entry = check_adapter(
+            "lora-0", path, [str(tiny_llama.adapters_dir)], "model", ModelConfig.from_dir(tiny_llama.model)
+        )
+        assert await registry.register(entry)
         try:
             await asyncio.sleep(1.0)
             assert [c.finish_reason for c in await _generate(client)][-1] == "length"
@@ -76,9 +90,16 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
             chunks = await _generate(client)
             assert [t for c in chunks for t in c.token_ids] and chunks[-1].finish_reason == "length"
+            # the registry is back from its durable copy: the adapter is served, not 404
+            assert await d_store.get_adapter("lora-0") == entry
+            assert await d_store.get_adapter("lora-0", entry.version) == entry
+            chunks = await _generate(client, adapter="lora-0")
+            assert chunks[-1].error is None and chunks[-1].finish_reason == "length"
             assert "w0" in [w.worker for w in await worker_store.live_workers()]  # heartbeat back in the new Redis
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await purge(client, "dlora")
             await client.close()
+            await registry.store.r.aclose()
     redis.stop()
