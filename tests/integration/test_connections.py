@@ -72,7 +72,7 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
             t = time.monotonic()
             async with http.get(f"http://127.0.0.1:{s.port}/livez") as r:
                 assert r.status == 200
-            assert time.monotonic() - t < 0.5
+            assert time.monotonic() - t < 1.0
             async with http.post(
                 f"http://127.0.0.1:{s.port}/v1/completions",
                 json={"model": "lora-0", "prompt": "kalo remi", "max_tokens": 4, "temperature": 0},
@@ -83,7 +83,7 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
         stalled = [r for (r, _), a in zip(slow, answers) if a is None] + [r for r, _ in idle]
         closed = await asyncio.gather(*(_closed_within(r, 3.0) for r in stalled))
         assert all(c == b"" for c in closed), closed[:3]
-        assert 1.0 <= time.monotonic() - start < 4.0
+        assert 1.0 <= time.monotonic() - start < 6.0  # closed by the 1 s timeout, not by chance
         assert listener.guard.header_timeouts == 120 and listener.guard.open == 0
 
         # A keep-alive connection that finished a request is left open while idle, for the idle
@@ -95,7 +95,7 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
         t = time.monotonic()
         assert await _closed_within(reader, 2.0) is None  # past the 1 s head timeout: still open
         assert await _closed_within(reader, 2.0) == b""
-        assert 2.4 <= time.monotonic() - t < 4.0
+        assert 2.4 <= time.monotonic() - t < 5.0
         for _, w in slow + idle + [(reader, writer)]:
             w.close()
     finally:
