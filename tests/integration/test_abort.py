@@ -85,7 +85,8 @@ async def test_a_stopping_gateway_aborts_its_requests_and_tells_their_clients(
         await asyncio.wait_for(gateway, timeout=10)
         assert time.monotonic() - t < 2.0
 
-        events = [e[6:] for e in (await streamed.read()).decode().split("\n\n") if e.startswith("data: ")]
+        rest = (await streamed.read()).decode().split("\n\n")  # the first event's line was read already
+        events = [e.strip()[6:] for e in rest if e.strip().startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2:]
         r = await plain
