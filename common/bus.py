@@ -30,8 +30,10 @@ T = TypeVar("T")
 async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
     """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
     Redis closed."""
-    nc = await nats.connect(s.nats_url)
-    redis = redis_client(s.redis_url, s.redis_max_connections, s.redis_pool_timeout_s)
+    nc = await nats.connect(s.nats_url, user=s.nats_user or None, password=s.nats_password or None)
+    redis = redis_client(
+        s.redis_url, s.redis_max_connections, s.redis_pool_timeout_s, s.redis_username, s.redis_password
+    )
     try:
         yield nc, StateStore(redis, s.redis_prefix)
     finally:
@@ -40,7 +42,9 @@ async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
         await redis.aclose()
 
 
-def redis_client(url: str, max_connections: int = 64, pool_timeout_s: float = 10.0) -> Redis:
+def redis_client(
+    url: str, max_connections: int = 64, pool_timeout_s: float = 10.0, username: str = "", password: str = ""
+) -> Redis:
     """A Redis client with at most ``max_connections`` connections: a command that finds them all
     busy waits up to ``pool_timeout_s`` for one (redis-py's BlockingConnectionPool) instead of
     failing, as the default pool does past its size (a burst of requests answered 500).
@@ -59,6 +63,8 @@ def redis_client(url: str, max_connections: int = 64, pool_timeout_s: float = 10
         timeout=pool_timeout_s,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **({"username": username} if username else {}),
+        **({"password": password} if password else {}),
     )
     return Redis.from_pool(pool)
 

@@ -40,6 +40,13 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_url: str = ""
     # Redis URL; empty: the launcher starts one.
     redis_url: str = ""
+    # NATS user and password of this service (common/permissions.py: one user per role, each
+    # allowed only its own subjects); empty: connect without (a server without authorization).
+    nats_user: str = ""
+    nats_password: str = ""
+    # Redis ACL user and password; empty: Redis's default user.
+    redis_username: str = ""
+    redis_password: str = ""
     # Log as JSON lines (services) rather than for a terminal.
     log_json: bool = True
     # Key prefix in Redis, to share one Redis between deployments.

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
                 summary = asyncio.run(
                     run_loadgen(
                         workload_spec(args),
-                        stack.nats_url,
+                        stack.app_nats_url,
                         str(Path(args.out) / name.replace(" ", "")),
                         Console(file=quiet),
                     )

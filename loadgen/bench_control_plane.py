@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         model = stack.model_dir
         direct = engine_latencies(model, args.requests)
-        via_nats = asyncio.run(nats_latencies(stack.nats_url, args.requests))
+        via_nats = asyncio.run(nats_latencies(stack.app_nats_url, args.requests))
         via_http = asyncio.run(http_latencies(stack.url, model.name, args.requests))
         rate = asyncio.run(http_rate(stack.url, model.name, args.seconds, args.concurrency))
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 
@@ -71,14 +72,16 @@ class HttpClient:
 class NatsClient:
     """GenerateRequest on the request subject; TokenChunks on one reply subscription for the run."""
 
-    def __init__(self, nc: nats.NATS, clock: Callable[[], float]) -> None:
+    def __init__(self, nc: nats.NATS, clock: Callable[[], float], user: str = "app") -> None:
         self.nc, self.clock = nc, clock
-        self.owner = f"loadgen{uuid.uuid4().hex[:8]}"
+        # Replies under the NATS user's own subjects (the only ones it may read where the server
+        # has users: common/permissions.py), then this run's.
+        self.owner = f"{user}.loadgen{uuid.uuid4().hex[:8]}"
         self.waiting: dict[str, tuple[RequestResult, asyncio.Event]] = {}
 
     @classmethod
     async def connect(cls, url: str, clock: Callable[[], float]) -> NatsClient:
-        client = cls(await nats.connect(url), clock)
+        client = cls(await nats.connect(url), clock, urllib.parse.urlsplit(url).username or "app")
         await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
         return client
 

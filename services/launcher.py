@@ -20,9 +20,11 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+import msgspec
 import nats
 
 from dlora.common.bus import redis_client
+from dlora.common.permissions import APP_USER, ROLES
 from dlora.common.registry import AdapterRegistry
 from dlora.common.settings import SettingsError, load
 from dlora.common.state import StateStore
@@ -31,7 +33,7 @@ from dlora.model.config import ModelConfig
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.servers import NATS_DEFAULT_PORT, Server, port_is_free, start_nats, start_redis
+from dlora.services.servers import NATS_DEFAULT_PORT, REDIS_USER, Server, port_is_free, start_nats, start_redis
 from dlora.services.worker.settings import WorkerSettings
 
 DEMO = Path(".cache/demo")
@@ -46,20 +48,13 @@ def _demo() -> tuple[Path, dict[str, str]]:
     return DEMO / "model", {p.name: str(p) for p in adapters}
 
 
-async def _register(
-    nats_url: str,
-    redis_url: str,
-    prefix: str,
-    model: Path,
-    loras: dict[str, str],
-    roots: list[str],
-    base_name: str,
-) -> None:
+async def _register(s: GatewaySettings, model: Path, loras: dict[str, str], roots: list[str], base_name: str) -> None:
+    """Register the command line's adapters, as the gateway (its NATS and Redis credentials)."""
     cfg = ModelConfig.from_dir(model)
-    redis = redis_client(redis_url)
-    nc = await nats.connect(nats_url)
+    redis = redis_client(s.redis_url, username=s.redis_username, password=s.redis_password)
+    nc = await nats.connect(s.nats_url, user=s.nats_user or None, password=s.nats_password or None)
     try:
-        registry = await AdapterRegistry.open(nc, StateStore(redis, prefix))
+        registry = await AdapterRegistry.open(nc, StateStore(redis, s.redis_prefix))
         for name, path in loras.items():
             # the command line is the authority over an entry a Redis of its own may still hold
             await registry.register(check_adapter(name, path, roots, base_name, cfg), replace=True)
@@ -139,12 +134,24 @@ class LocalStack:
     def start(self) -> None:
         base = self.base
         self.nats_url, self.redis_url = base.nats_url, base.redis_url
+        # The servers it starts take only the credentials it makes for them: one NATS user per
+        # service role and one for applications (common/permissions.py), one Redis ACL user.
+        self.nats_passwords: dict[str, str] = {}
+        self.role_env: dict[str, dict[str, str]] = {role: {} for role in ROLES}
         if not self.nats_url:
-            self.servers.append(start_nats(self.nats_port))
+            self.nats_passwords = {name: secrets.token_urlsafe(18) for name in (*ROLES, APP_USER)}
+            self.servers.append(start_nats(self.nats_port, self.nats_passwords))
             self.nats_url = self.servers[-1].url
+            for role in ROLES:
+                self.role_env[role] |= {"DLORA_NATS_USER": role, "DLORA_NATS_PASSWORD": self.nats_passwords[role]}
+        redis_env: dict[str, str] = {}
         if not self.redis_url:
-            self.servers.append(start_redis())
+            password = secrets.token_urlsafe(18)
+            self.servers.append(start_redis(password=password, prefix=base.redis_prefix))
             self.redis_url = self.servers[-1].url
+            redis_env = {"DLORA_REDIS_USERNAME": REDIS_USER, "DLORA_REDIS_PASSWORD": password}
+        for role in ROLES:
+            self.role_env[role] |= redis_env
         self.loras = parse_lora_args(self.lora)
         if self.model is None:
             self.model_dir, demo_loras = _demo()
@@ -153,17 +160,17 @@ class LocalStack:
             self.model_dir = Path(self.model)
         roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in self.loras.values()})
         self.admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
-        asyncio.run(
-            _register(
-                self.nats_url,
-                self.redis_url,
-                base.redis_prefix,
-                self.model_dir,
-                self.loras,
-                roots,
-                base.served_model_name or self.model_dir.name,
-            )
+        as_gateway = self.role_env["gateway"]
+        creds = msgspec.structs.replace(
+            base,
+            nats_url=self.nats_url,
+            redis_url=self.redis_url,
+            nats_user=as_gateway.get("DLORA_NATS_USER", base.nats_user),
+            nats_password=as_gateway.get("DLORA_NATS_PASSWORD", base.nats_password),
+            redis_username=as_gateway.get("DLORA_REDIS_USERNAME", base.redis_username),
+            redis_password=as_gateway.get("DLORA_REDIS_PASSWORD", base.redis_password),
         )
+        asyncio.run(_register(creds, self.model_dir, self.loras, roots, base.served_model_name or self.model_dir.name))
 
         env = {
             **os.environ,
@@ -179,24 +186,43 @@ class LocalStack:
             env["DLORA_CONFIG"] = self.config
         cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
         # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
-        self.procs.append(subprocess.Popen([*cmd, "dispatcher"], env=env, start_new_session=True))
+        roles = self.role_env
+        self.procs.append(
+            subprocess.Popen([*cmd, "dispatcher"], env={**env, **roles["dispatcher"]}, start_new_session=True)
+        )
         if self.migrator:
-            self.procs.append(subprocess.Popen([*cmd, "migrator"], env=env, start_new_session=True))
+            self.procs.append(
+                subprocess.Popen([*cmd, "migrator"], env={**env, **roles["migrator"]}, start_new_session=True)
+            )
         gpus = self._gpus({**env, **self.worker_env})
         for i in range(self.workers):
             self.procs.append(
                 subprocess.Popen(
                     [*cmd, "worker"],
                     start_new_session=True,
-                    env={**env, **gpu_of_worker(i, gpus), **self.worker_env, "DLORA_WORKER_ID": f"worker-{i}"},
+                    env={
+                        **env,
+                        **roles["worker"],
+                        **gpu_of_worker(i, gpus),
+                        **self.worker_env,
+                        "DLORA_WORKER_ID": f"worker-{i}",
+                    },
                 )
             )
-        self.procs.append(subprocess.Popen([*cmd, "gateway"], env=env, start_new_session=True))
+        self.procs.append(subprocess.Popen([*cmd, "gateway"], env={**env, **roles["gateway"]}, start_new_session=True))
         try:
             _wait_ready(self.url, self.workers, self.procs)
         except BaseException:
             self.stop()  # the services that did start live in their own sessions: stop them here
             raise
+
+    @property
+    def app_nats_url(self) -> str:
+        """NATS for applications (loadgen, your own): the URL with the application user's
+        credentials when this stack made them (it may read only ``dlora.reply.app.>``)."""
+        if APP_USER not in self.nats_passwords:
+            return self.nats_url
+        return self.nats_url.replace("nats://", f"nats://{APP_USER}:{self.nats_passwords[APP_USER]}@", 1)
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
@@ -234,7 +260,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f"\ndlora is up: {stack.url}  ({workers} workers, model {stack.model_dir.name}, "
             f"adapters: {', '.join(stack.loras) or 'none'})"
         )
-        print(f"NATS: {stack.nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
+        print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
         print(
             f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',

@@ -11,6 +11,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlora.common.permissions import nats_config
+
+# The Redis ACL user of every service (started with a password).
+REDIS_USER = "dlora"
+
+
+def redis_acl(password: str, prefix: str) -> list[str]:
+    """redis-server arguments: the default user off, ``REDIS_USER`` on with ``password``, its keys
+    and channels limited to the deployment's ``prefix``, every command but the dangerous ones."""
+    # One word per argument: redis-server joins the words after "--user" into the directive (one
+    # argument with spaces would be read as a single, quoted, user name).
+    rules = [REDIS_USER, "on", f">{password}", f"~{prefix}:*", f"&{prefix}:*", "+@all", "-@dangerous"]
+    return ["--user", "default", "off", "--user", *rules]
+
 
 class ServerError(RuntimeError):
     pass
@@ -75,11 +89,19 @@ class Server:
         self.workdir.cleanup()
 
 
-def start_nats(port: int | None = None) -> Server:
-    """nats-server (JetStream on) on ``port``, or on a free one."""
+def start_nats(port: int | None = None, passwords: dict[str, str] | None = None) -> Server:
+    """nats-server (JetStream on) on ``port``, or on a free one. With ``passwords`` (user ->
+    password, for the service roles and application users of ``common/permissions.py``) only
+    those users connect, each to its own subjects."""
     port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-nats-")
+    auth: list[str] = []
+    if passwords is not None:
+        conf = Path(tmp.name) / "users.conf"
+        conf.write_text(nats_config(passwords))
+        conf.chmod(0o600)
+        auth = ["-c", str(conf)]
     proc = subprocess.Popen(
-        [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp.name],
+        [_binary("nats-server"), *auth, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp.name],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -88,8 +110,10 @@ def start_nats(port: int | None = None) -> Server:
     return Server(proc, f"nats://127.0.0.1:{port}", tmp)
 
 
-def start_redis(port: int | None = None) -> Server:
-    """redis-server without persistence on ``port``, or on a free one."""
+def start_redis(port: int | None = None, password: str | None = None, prefix: str = "dlora") -> Server:
+    """redis-server without persistence on ``port``, or on a free one. With ``password`` the
+    default user is off and only ``REDIS_USER`` connects, with that password, to the keys under
+    ``prefix`` and without the dangerous commands (FLUSHALL, CONFIG, KEYS, ...)."""
     port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-redis-")
     proc = subprocess.Popen(
         [
@@ -104,6 +128,7 @@ def start_redis(port: int | None = None) -> Server:
             "no",
             "--dir",
             tmp.name,
+            *(redis_acl(password, prefix) if password is not None else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

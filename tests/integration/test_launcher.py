@@ -34,7 +34,7 @@ def run_readme_loadgen(gateway: str, nats_url: str, cwd: Path) -> None:
     assert len(commands) >= 3, commands
     dlora = str(Path(sys.executable).parent / "dlora")
     for i, line in enumerate(commands):
-        line = line.replace("http://127.0.0.1:8000", gateway).replace("nats://127.0.0.1:4222", nats_url)
+        line = line.replace("http://127.0.0.1:8000", gateway).replace("nats://app:PASSWORD@127.0.0.1:4222", nats_url)
         argv = shlex.split(line)[2:]
         if "--target" not in argv:
             argv += ["--target", gateway]
@@ -82,7 +82,7 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
             resp = json.load(r)
         assert resp["usage"]["completion_tokens"] == 5
         assert (tmp_path / ".cache" / "demo" / "model" / "config.json").exists()
-        nats_url = re.search(r"NATS: (nats://\S+)", out).group(1)
+        nats_url = re.search(r"NATS \(applications\): (nats://\S+)", out).group(1)
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         run_readme_loadgen(f"http://127.0.0.1:{port}", nats_url, elsewhere)

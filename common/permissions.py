@@ -1,0 +1,106 @@
+"""Who may publish and subscribe to what on NATS: one user per service role, and one per NATS-native
+application, each allowed only its own subjects (``subjects.py`` spells them). Pure: rendered into
+nats-server's configuration by ``dlora up`` (``services/servers.py``) and shipped as
+``deploy/nats/dlora-users.conf`` for servers run by hand (a test keeps the two the same).
+
+What this stops (issue 16, item 10): a process on the host without a service's password cannot
+read other users' prompts and outputs (``dlora.reply.<owner>.*`` is readable only by the gateway
+and by the application that owns it), inject into or abort others' streams, publish migration plans,
+or pose as a worker to swallow requests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from dlora.common import subjects
+
+P = subjects.PREFIX
+ROLES = ("gateway", "dispatcher", "worker", "migrator")
+# The application user `dlora up` creates; a deployment adds one per application (app_permissions).
+APP_USER = "app"
+# JetStream's API and the adapter registry's key-value bucket (common/registry.py).
+_JETSTREAM = ["$JS.API.>", f"$KV.{P}-adapters.>"]
+# nats-py's replies to its own requests (nc.request) come to _INBOX.<random>.
+_INBOX = "_INBOX.>"
+
+
+def service_permissions(role: str) -> dict[str, list[str]]:
+    """The subjects ``role``'s user may publish and subscribe to."""
+    perms = {
+        "gateway": (
+            [subjects.REQUESTS, subjects.ABORT, subjects.ADAPTER_EVENTS, subjects.CLIENTS, subjects.DISPATCHER_PING]
+            + _JETSTREAM,
+            [f"{P}.reply.>", subjects.STATS_ALL, _INBOX],
+        ),
+        "dispatcher": (
+            [f"{P}.worker.*.requests", subjects.PLACEMENT, f"{P}.reply.>", _INBOX, *_JETSTREAM],
+            [
+                subjects.REQUESTS,
+                subjects.DISPATCHER_PING,
+                subjects.LOST,
+                subjects.CLIENTS,
+                subjects.STATS_ALL,
+                _INBOX,
+            ],
+        ),
+        "worker": (
+            [f"{P}.stats.*", f"{P}.reply.>", _INBOX, f"{P}.worker.*.requests", f"{P}.worker.*.kv.>", subjects.LOST],
+            [
+                f"{P}.worker.>",
+                subjects.ABORT,
+                subjects.ADAPTER_EVENTS,
+                subjects.MOVES,
+                subjects.PLACEMENT,
+                subjects.CLIENTS,
+                _INBOX,
+            ],
+        ),
+        "migrator": ([subjects.MOVES], [subjects.STATS_ALL, _INBOX]),
+    }[role]
+    return {"publish": perms[0], "subscribe": perms[1]}
+
+
+def app_permissions(user: str) -> dict[str, list[str]]:
+    """An application's user: it sends requests and aborts and reads only its own replies, sent to
+    ``subjects.reply_inbox(rid, owner)`` with an ``owner`` of ``<user>`` or ``<user>.<anything>``
+    (or to its own request inboxes: connect with ``inbox_prefix="_INBOX.<user>"``)."""
+    return {
+        "publish": [subjects.REQUESTS, subjects.ABORT, subjects.CLIENTS],
+        "subscribe": [f"{P}.reply.{user}.>", f"_INBOX.{user}.>"],
+    }
+
+
+def nats_users(passwords: dict[str, str]) -> list[dict[str, object]]:
+    """nats-server ``authorization.users`` entries: ``passwords`` maps each service role and each
+    application user to its password (or to a ``$VARIABLE`` the server reads from its environment)."""
+    return [
+        {
+            "user": name,
+            "password": password,
+            "permissions": service_permissions(name) if name in ROLES else app_permissions(name),
+        }
+        for name, password in passwords.items()
+    ]
+
+
+def nats_config(passwords: dict[str, str]) -> str:
+    """The ``authorization`` block of a nats-server configuration (JSON, which its parser reads). A
+    password ``$NAME`` stays unquoted: the server reads it from its environment."""
+    text = json.dumps({"users": nats_users(passwords)}, indent=2)
+    return "authorization " + re.sub(r'"(\$[A-Z_][A-Z0-9_]*)"', r"\1", text) + "\n"
+
+
+def shipped_config() -> str:
+    """``deploy/nats/dlora-users.conf``: every service role and the ``app`` application user, each
+    password read from ``$DLORA_NATS_<USER>_PASSWORD`` in the server's environment."""
+    header = (
+        "# dlora's NATS users and what each may publish and subscribe to (generated from\n"
+        "# common/permissions.py; a test keeps them the same). Include it in nats-server.conf\n"
+        "# (`include dlora-users.conf`) and set each DLORA_NATS_<USER>_PASSWORD in the server's\n"
+        "# environment; give each service its own with [<service>] nats_user / nats_password.\n"
+        "# Add a user per application like `app` (permissions.app_permissions(name)).\n"
+    )
+    names = (*ROLES, APP_USER)
+    return header + nats_config({n: f"$DLORA_NATS_{n.upper()}_PASSWORD" for n in names})

@@ -1,0 +1,118 @@
+"""NATS users with per-role subject permissions and a Redis ACL user, against real servers (issue
+16, item 2's bus half): anyone else on the host can neither connect nor, as an application, read
+others' replies, publish plans or pose as a worker. (`dlora up` running on them end to end is
+test_launcher's.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.errors import NoServersError
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, NoPermissionError
+
+from dlora.common import subjects
+from dlora.common.bus import redis_client
+from dlora.common.messages import MovePlan
+from dlora.common.permissions import APP_USER, ROLES, shipped_config
+from dlora.services.servers import REDIS_USER, Server, free_port, start_nats, start_redis
+
+PASSWORDS = {name: f"pw-{name}" for name in (*ROLES, APP_USER)}
+
+
+@pytest.fixture(scope="module")
+def secured_nats() -> Server:
+    server = start_nats(passwords=PASSWORDS)
+    yield server
+    server.stop()
+
+
+async def _connect(url: str, user: str | None, errors: list[str]) -> nats.NATS:
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    return await nats.connect(
+        url,
+        user=user,
+        password=PASSWORDS.get(user or ""),
+        error_cb=on_error,
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+    )
+
+
+async def test_only_known_users_connect(secured_nats: Server) -> None:
+    for user, password in ((None, None), ("app", "wrong"), ("intruder", "pw-app")):
+        with pytest.raises((NoServersError, nats.errors.Error, OSError)):
+            await nats.connect(
+                secured_nats.url, user=user, password=password, allow_reconnect=False, max_reconnect_attempts=0
+            )
+
+
+async def test_an_application_reaches_only_its_own_subjects(secured_nats: Server) -> None:
+    errors: list[str] = []
+    app = await _connect(secured_nats.url, APP_USER, errors)
+    worker = await _connect(secured_nats.url, "worker", [])
+    try:
+        # its own replies arrive, sent where a worker would send them
+        own = await app.subscribe(subjects.replies_of(f"{APP_USER}.mine"))
+        await app.flush()
+        await worker.publish(subjects.reply_inbox("r1", f"{APP_USER}.mine"), b"hello")
+        assert (await own.next_msg(timeout=5)).data == b"hello"
+        # another user's replies, a worker's requests, plans, stats: refused by the server
+        for subject in (subjects.replies_of("gw1"), subjects.worker_requests("w0"), subjects.REQUESTS):
+            await app.subscribe(subject)
+        await app.publish(subjects.MOVES, msgspec.json.encode(MovePlan(plan_id="forged")))
+        await app.publish(subjects.stats("w0"), b"{}")
+        await app.publish(subjects.reply_inbox("r1", "gw1"), b"injected")
+        await app.publish(subjects.REQUESTS, b"{}")  # allowed: what it is for
+        await app.flush()
+        await asyncio.sleep(0.3)
+        violations = [e for e in errors if "permissions violation" in e.lower()]
+        assert len(violations) == 6, errors
+        for what in ("dlora.reply.gw1", "dlora.worker.w0.requests", "dlora.moves", "dlora.stats.w0"):
+            assert any(what in e for e in violations), (what, violations)
+        assert not any('publish to "dlora.requests"' in e for e in violations)
+    finally:
+        await app.close()
+        await worker.close()
+
+
+async def test_redis_takes_only_the_services_user_on_their_keys() -> None:
+    server = start_redis(password="pw-redis", prefix="dlora")
+    anonymous = Redis.from_url(server.url)
+    services = redis_client(server.url, username=REDIS_USER, password="pw-redis")
+    try:
+        with pytest.raises(AuthenticationError):
+            await anonymous.hset("dlora:adapters", "evil", "{}")
+        await services.hset("dlora:adapters", "a", "{}")
+        assert await services.hget("dlora:adapters", "a") == b"{}"
+        with pytest.raises(NoPermissionError):
+            await services.set("elsewhere", "1")  # another deployment's keys
+        with pytest.raises(NoPermissionError):
+            await services.flushall()
+    finally:
+        await anonymous.aclose()
+        await services.aclose()
+        server.stop()
+
+
+def test_the_shipped_users_file_is_the_generated_one_and_the_server_takes_it(tmp_path: Path) -> None:
+    shipped = Path(__file__).parents[2] / "deploy" / "nats" / "dlora-users.conf"
+    assert shipped.read_text() == shipped_config()
+    port = free_port()
+    (tmp_path / "dlora-users.conf").write_text(shipped.read_text())
+    (tmp_path / "nats.conf").write_text(f"port: {port}\nhost: 127.0.0.1\ninclude dlora-users.conf\n")
+    env = {**os.environ, **{f"DLORA_NATS_{n.upper()}_PASSWORD": f"pw-{n}" for n in PASSWORDS}}
+    from dlora.services.servers import _binary
+
+    check = subprocess.run(
+        [_binary("nats-server"), "-c", str(tmp_path / "nats.conf"), "-t"], env=env, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
