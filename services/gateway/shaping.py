@@ -144,6 +144,7 @@ def shape_request(
                     params=seeded,
                     tenant=body.user or "",
                     created=now,
+                    client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )
             choices.append(ChoicePlan(index, prefix, request))
     return Job(
