@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup redis run lint test bench gpu-check gpu-wheels clean
+.PHONY: setup redis run lint test bench chaos gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ TYPED := -p dlora.common -p dlora.model -p dlora.services.worker.policy -p dlora
 	-m dlora.services.gateway.connections -m dlora.services.gateway.lograte -m dlora.services.gateway.errors \
 	-m dlora.services.gateway.health -m dlora.services.gateway.openapi \
 	-m dlora.loadgen.spec -m dlora.loadgen.workload -m dlora.loadgen.traces -m dlora.loadgen.popularity \
-	-m dlora.loadgen.arrivals
+	-m dlora.loadgen.arrivals -p dlora.loadgen.chaos
 # mypy reads the packages through links that map the top-level folders under dlora, as installed.
 MYPY_SRC := .cache/mypy-src
 
@@ -60,6 +60,14 @@ bench: setup
 	$(VENV)/bin/dlora bench e2e --preset small --json bench-results/e2e.json
 	$(VENV)/bin/dlora bench migration --json bench-results/migration.json
 	$(VENV)/bin/dlora bench cluster --json bench-results/cluster.json
+
+# Every server and service fault in turn under streaming load through the gateway (loadgen/chaos):
+# per fault sent/completed/failed, probes against the offline oracle, nothing generated twice,
+# recovery time, steady state after. JSON and logs under bench-results/, a section of BENCHMARKS.md.
+# About 10 minutes on 2 cores; `make test` runs a short version (tests/integration/test_chaos.py).
+chaos: setup
+	mkdir -p bench-results
+	$(PY) -m dlora.loadgen.chaos --json bench-results/chaos.json
 
 # On a machine with an NVIDIA GPU and its own torch, Triton, transformers and peft, with nothing of
 # this project set up and no network: the CUDA tests and the kernel and engine benchmarks at 7B
