@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup redis run lint test bench chaos gpu-check gpu-wheels clean
+.PHONY: setup redis run lint test bench chaos soak gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ TYPED := -p dlora.common -p dlora.model -p dlora.services.worker.policy -p dlora
 	-m dlora.services.gateway.connections -m dlora.services.gateway.lograte -m dlora.services.gateway.errors \
 	-m dlora.services.gateway.health -m dlora.services.gateway.openapi \
 	-m dlora.loadgen.spec -m dlora.loadgen.workload -m dlora.loadgen.traces -m dlora.loadgen.popularity \
-	-m dlora.loadgen.arrivals -p dlora.loadgen.chaos
+	-m dlora.loadgen.arrivals -p dlora.loadgen.chaos -m dlora.loadgen.soak
 # mypy reads the packages through links that map the top-level folders under dlora, as installed.
 MYPY_SRC := .cache/mypy-src
 
@@ -68,6 +68,13 @@ bench: setup
 chaos: setup
 	mkdir -p bench-results
 	$(PY) -m dlora.loadgen.chaos --json bench-results/chaos.json
+
+# Mixed load for DURATION (30m, 180s, 1h): service memory, Redis keys and NATS subscriptions
+# sampled every 10 s and checked to stay bounded; the curve in bench-results/soak.json and BENCHMARKS.md.
+DURATION ?= 30m
+soak: setup
+	mkdir -p bench-results
+	$(PY) -m dlora.loadgen.soak --duration $(DURATION) --json bench-results/soak.json
 
 # On a machine with an NVIDIA GPU and its own torch, Triton, transformers and peft, with nothing of
 # this project set up and no network: the CUDA tests and the kernel and engine benchmarks at 7B
