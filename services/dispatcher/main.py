@@ -226,7 +226,6 @@ class Dispatcher:
         self.traffic = await self.store.load_traffic()
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.registry = await AdapterRegistry.open(self.nc, self.store)
         await self._seed_from_redis()
         subs = [
             await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),
@@ -237,6 +236,7 @@ class Dispatcher:
         ]
         await self.nc.flush()
         logger.info("dispatcher ready")
+        self.registry = await AdapterRegistry.open(self.nc, self.store)  # after: requests need not wait
         try:
             await self.watch_workers(stop)
         finally:

@@ -6,6 +6,7 @@ does the I/O around it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import time
 import uuid
@@ -22,6 +23,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
+from dlora.common.clients import announce
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
@@ -30,6 +32,7 @@ from dlora.common.messages import (
     TokenChunk,
     WorkerStats,
 )
+from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
 from dlora.services.gateway import lograte, openai, openapi
@@ -41,7 +44,14 @@ from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.responses import ResponseWriter, RunningChoice
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.gateway.shaping import Job, ServedModel, Tokenizer, new_request_id, shape_request
+from dlora.services.gateway.shaping import (
+    Job,
+    ServedModel,
+    Tokenizer,
+    new_request_id,
+    served_context,
+    shape_request,
+)
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
@@ -75,6 +85,12 @@ class Gateway:
         self.gateway_id = uuid.uuid4().hex[:12]
         self.replies: dict[str, asyncio.Queue[bytes]] = {}
         self.closing = False  # set by shutdown(): new requests are refused
+        self._stopped = asyncio.Event()  # ends the announcements (shutdown)
+        self._announcer: asyncio.Task[None] | None = None
+        self.registry = AdapterRegistry(store, None)  # with its durable copy once started
+        # Tokens one request may hold on each worker, and when it said so (monotonic): requests are
+        # checked against the largest, not only the model's context (a small KV cache holds less).
+        self.worker_context: dict[str, tuple[int, float]] = {}
 
     # ---- handlers -----------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -208,6 +224,7 @@ class Gateway:
         one's response at once with a 503 (or an error event on a stream already open) instead of
         leaving the work to run on for a client that will be cut off."""
         self.closing = True
+        self._stopped.set()
         in_flight = dict(self.replies)
         try:
             for rid in in_flight:
@@ -280,9 +297,15 @@ class Gateway:
             if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
                 raise taken
             entry = await asyncio.to_thread(
-                check_adapter, body.name, body.path, self.s.adapter_roots, self.base_name, self.cfg
+                check_adapter,
+                body.name,
+                body.path,
+                self.s.adapter_roots,
+                self.base_name,
+                self.cfg,
+                self.s.adapter_limits,
             )
-            if not await self.store.put_adapter(entry):  # atomic: of two racing registrations one wins
+            if not await self.registry.register(entry):  # atomic: of two racing registrations one wins
                 raise taken
             await bus.publish(
                 self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=entry.name, removed=False, version=entry.version)
@@ -295,7 +318,7 @@ class Gateway:
         try:
             self._check_admin(request)
             name = request.match_info["name"]
-            if not await self.store.delete_adapter(name):
+            if not await self.registry.remove(name):
                 raise APIError(404, f"adapter {name!r} is not registered", param="name")
             await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
             return web.json_response({"id": name, "object": "model", "deleted": True})
@@ -323,6 +346,12 @@ class Gateway:
 
     async def _on_stats(self, st: WorkerStats) -> None:
         self.metrics.observe_worker(st)
+        now = time.monotonic()
+        self.worker_context[st.worker] = (st.max_model_len, now)
+        live = [n for n, at in self.worker_context.values() if now - at <= self.s.heartbeat_ttl_s]
+        context = served_context(self.context, live)
+        if context != self.served.context:
+            self.served = dataclasses.replace(self.served, context=context)
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -342,9 +371,12 @@ class Gateway:
         return app
 
     async def start(self) -> None:
+        self.registry = await AdapterRegistry.open(self.nc, self.store)
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()
+        # Workers drop this gateway's requests once these stop (it died without aborting them).
+        self._announcer = asyncio.create_task(announce(self.nc, self.gateway_id, self._stopped))
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -48,6 +48,13 @@ class ServedModel:
     context: int  # tokens of prompt plus generated ones at most (max_model_len)
 
 
+def served_context(model_context: int, worker_contexts: list[int]) -> int:
+    """The context a request may fill: the model's, or less where even the largest live worker
+    holds fewer tokens in one request (its KV cache; 0: a worker that does not say)."""
+    known = [n for n in worker_contexts if n > 0]
+    return min(model_context, max(known)) if known else model_context
+
+
 @dataclass(frozen=True)
 class ChoicePlan:
     """One choice to produce: one prompt x one of its ``n`` samples."""

@@ -109,10 +109,10 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
     await gateway.start()
     listener = await listen(gateway.app(), gw_settings)  # as `dlora serve gateway` listens
     url = f"http://127.0.0.1:{gw_settings.port}"
-    async with aiohttp.ClientSession() as http:  # ready when both workers are seen
+    async with aiohttp.ClientSession() as http:  # ready (a dispatcher answering) with both workers seen
         for _ in range(100):
             async with http.get(f"{url}/healthz") as r:
-                if (await r.json())["workers"] == 2:
+                if r.status == 200 and (await r.json())["workers"] == 2:
                     break
             await asyncio.sleep(0.05)
     yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc, tasks)
