@@ -73,14 +73,18 @@ class Fault:
     inject: Inject
 
 
-async def _busy(ctx: Ctx, worker: str, limit_s: float = 30.0) -> int:
-    """Wait until ``worker`` holds requests in flight (at most ``limit_s``); how many. Meanwhile
-    more load goes out every 0.3 s: the dispatcher sends a request where it would finish soonest,
-    so under light load a worker just restarted (no adapter loaded yet) may get nothing for long."""
+async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
+    """Wait until ``worker`` (None: any worker) holds requests in flight (at most ``limit_s``); how
+    many. Meanwhile more load goes out every 0.3 s: the dispatcher sends a request where it would
+    finish soonest, so under light load a worker just restarted (no adapter loaded yet) may get
+    nothing for long."""
     deadline = time.monotonic() + limit_s
     nudged = 0.0
     while True:
-        n = await ctx.stack.inflight_on(worker)
+        try:
+            n = await ctx.stack.inflight_on(worker) if worker else len(await ctx.stack.inflight_keys())
+        except Exception:  # noqa: BLE001 - Redis restarting: look again
+            n = 0
         if n > 0 or time.monotonic() > deadline:
             return n
         if ctx.nudge is not None and time.monotonic() - nudged > 0.3:
@@ -104,16 +108,22 @@ async def _restart_worker(ctx: Ctx, log: FaultLog, worker: str, killed_at: float
 
 
 def worker_killed(worker: str) -> Fault:
-    """SIGKILL, and a cold restart once the heartbeat has lapsed: the dispatcher re-dispatches
-    what it held."""
+    """SIGKILL, and back under the same id once the heartbeat has lapsed: the dispatcher
+    re-dispatches what it held. The replacement is a standby started at the kill, so its start-up
+    overlaps the wait instead of following it (the faults that kill twice restart cold)."""
 
     async def inject(ctx: Ctx, log: FaultLog) -> None:
         killed = await _sigkill_worker(ctx, log, worker)
-        await asyncio.sleep(ctx.stack.heartbeat_ttl_s + 1.0)  # lost for the dispatcher
-        await _restart_worker(ctx, log, worker, killed)
+        lapsed = asyncio.create_task(asyncio.sleep(ctx.stack.heartbeat_ttl_s + 1.0))
+        standby = await ctx.stack.start_standby(worker)
+        await lapsed  # lost for the dispatcher
+        await ctx.stack.promote(worker, standby, None)
+        down = time.monotonic() - killed
+        log.event("back", target=worker, down_s=round(down, 2), incarnation=await ctx.stack.incarnation(worker))
+        log.facts["down_s"] = round(down, 2)
         log.restored()
 
-    return Fault(f"{worker}-sigkill", f"SIGKILL {worker}, restart it after the heartbeat lapsed", inject)
+    return Fault(f"{worker}-sigkill", f"SIGKILL {worker}, back under its id once the heartbeat lapsed", inject)
 
 
 def worker_killed_twice(worker: str) -> Fault:
@@ -184,11 +194,12 @@ def worker_stalled(worker: str) -> Fault:
 
 def service_killed(name: str) -> Fault:
     async def inject(ctx: Ctx, log: FaultLog) -> None:
+        n = await _busy(ctx, None)
         killed = time.monotonic()
         await ctx.stack.kill(name)
         if name == "gateway":
             ctx.gateway_gen += 1
-        log.hit("SIGKILL", target=name)
+        log.hit("SIGKILL", target=name, in_flight=n)
         await ctx.stack.restart_service(name)
         back = time.monotonic()
         if name == "gateway":
@@ -205,11 +216,12 @@ def server_restarted(name: str, wipe: bool = False) -> Fault:
     append-only file (persisted) or from nothing (``wipe``: a Redis without persistence)."""
 
     async def inject(ctx: Ctx, log: FaultLog) -> None:
+        n = await _busy(ctx, None)
         killed = time.monotonic()
         if name == "redis":
             log.facts["keys_before"] = await ctx.stack.redis.dbsize()
         await ctx.stack.kill(name)
-        log.hit("SIGKILL", target=name)
+        log.hit("SIGKILL", target=name, in_flight=n)
         await asyncio.sleep(1.0)  # down for a moment: clients meet refused connections
         await ctx.stack.start_server(name, wipe=wipe)
         back = time.monotonic()

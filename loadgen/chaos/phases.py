@@ -19,7 +19,7 @@ from dlora.loadgen.chaos.traffic import Ask, Outcome, StreamClient, Traffic
 
 @dataclass(frozen=True)
 class Timing:
-    lead_s: float = 4.0  # load before the fault (the probes go out halfway)
+    lead_s: float = 4.0  # load before the fault (then the probes go out, and the fault waits for work in flight)
     tail_s: float = 6.0  # load after the fault is over
     probes: int = 3  # probes per fault, sent so they are running when it hits
     drain_s: float = 150.0  # longest wait for the requests sent to end (the gateway's own timeout is 60 s)
@@ -87,10 +87,9 @@ async def run_phase(
     offsets = {name: proc.log.stat().st_size for name, proc in stack.procs.items()}
     traffic.phase = fault.name
     traffic.start()
-    await asyncio.sleep(timing.lead_s / 2)
-    for p in probes:
+    await asyncio.sleep(timing.lead_s)
+    for p in probes:  # just before the fault, which waits until requests are in flight: they are
         traffic.send(p)
-    await asyncio.sleep(timing.lead_s / 2)
     log = FaultLog(time.monotonic())
     adapter = next((a for a in traffic.adapters if a is not None), None)
     asks = [Ask("canary", 0, None, [5, 6, 7], 2)] + ([Ask("canary", 1, adapter, [5, 6, 7], 2)] if adapter else [])

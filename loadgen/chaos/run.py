@@ -59,7 +59,7 @@ async def run_chaos(cfg: ChaosConfig, machine: str, say: Callable[[str], None] =
         t0 = time.monotonic()
         await stack.start()
         say(f"stack up in {time.monotonic() - t0:.1f} s: {stack.url}")
-        await tap.start(stack.nats_url)
+        await tap.start(stack.observer_nats_url)
         base = cfg.model.name
 
         def gen() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,10 +23,14 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from dlora.services.servers import free_port
+from dlora.common import subjects
+from dlora.common.permissions import ROLES, nats_users
+from dlora.services.servers import REDIS_USER, free_port, redis_acl
 
 # What the services log once they serve (dlora serve <service>).
 _READY = {"dispatcher": "dispatcher ready", "migrator": "migrator ready", "gateway": "gateway ready"}
+# This harness's own NATS and Redis user (it only watches).
+OBSERVER = "chaos"
 # What a standby worker (chaos/standby.py) logs once its engine is built.
 STANDBY_READY = "standby ready"
 
@@ -126,13 +131,28 @@ class ChaosStack:
         self.monitor_url = f"http://127.0.0.1:{self.nats_monitor_port}"
         self.redis_dir = self.workdir / "redis"
         logs = self.workdir / "logs"
-        nats_argv = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(self.nats_port)]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # As `dlora up` runs them: NATS users per service role, each allowed only its own
+        # subjects, and one Redis ACL user; plus an observer for this harness, which reads every
+        # reply and every worker's stats off the bus and every key in Redis.
+        self.passwords = {name: secrets.token_urlsafe(18) for name in (*ROLES, OBSERVER, "redis")}
+        users = nats_users({role: self.passwords[role] for role in ROLES})
+        subscribe = [f"{subjects.PREFIX}.reply.>", subjects.STATS_ALL, "_INBOX.>"]
+        watch = {"publish": [f"{subjects.PREFIX}.chaos.nothing"], "subscribe": subscribe}
+        users.append({"user": OBSERVER, "password": self.passwords[OBSERVER], "permissions": watch})
+        conf = self.workdir / "nats-users.conf"
+        conf.write_text("authorization " + json.dumps({"users": users}, indent=2) + "\n")
+        conf.chmod(0o600)
+        self.observer_nats_url = self.nats_url.replace("nats://", f"nats://{OBSERVER}:{self.passwords[OBSERVER]}@")
+        nats_argv = [_binary("nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.nats_port)]
         nats_argv += ["-m", str(self.nats_monitor_port), "-js", "-sd", str(self.workdir / "jetstream")]
         # Append-only file, fsynced at every write: a SIGKILLed Redis restarted in the same
         # directory has every key it had (the "persisted" restart); wiping the directory first
         # makes the restart of a Redis without persistence.
         redis_argv = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(self.redis_port)]
         redis_argv += ["--dir", str(self.redis_dir), "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        redis_argv += redis_acl(self.passwords["redis"], "dlora")
+        redis_argv += ["--user", OBSERVER, "on", f">{self.passwords[OBSERVER]}", "~*", "&*", "+@all"]
         self.procs["nats"] = Proc("nats", nats_argv, dict(os.environ), logs / "nats.log")
         self.procs["redis"] = Proc("redis", redis_argv, dict(os.environ), logs / "redis.log")
         roots = sorted({str(p.resolve().parent) for p in self.adapters.values()})
@@ -150,13 +170,19 @@ class ChaosStack:
             "DLORA_WORKER_TORCH_THREADS": "1",
             **self.extra_env,
         }
+        env |= {"DLORA_REDIS_USERNAME": REDIS_USER, "DLORA_REDIS_PASSWORD": self.passwords["redis"]}
+
+        def as_role(role: str) -> dict[str, str]:
+            return {**env, "DLORA_NATS_USER": role, "DLORA_NATS_PASSWORD": self.passwords[role]}
+
         serve = [sys.executable, "-m", "dlora.services.cli", "serve"]
         for name in ("dispatcher", "migrator", "gateway"):
-            self.procs[name] = Proc(name, [*serve, name], env, logs / f"{name}.log")
+            self.procs[name] = Proc(name, [*serve, name], as_role(name), logs / f"{name}.log")
         for i in range(self.workers):
             wid = self.worker_id(i)
-            self.procs[wid] = Proc(wid, [*serve, "worker"], {**env, "DLORA_WORKER_ID": wid}, logs / f"{wid}.log")
-        self.redis = Redis.from_url(self.redis_url)
+            worker_env = {**as_role("worker"), "DLORA_WORKER_ID": wid}
+            self.procs[wid] = Proc(wid, [*serve, "worker"], worker_env, logs / f"{wid}.log")
+        self.redis = Redis.from_url(self.redis_url, username=OBSERVER, password=self.passwords[OBSERVER])
 
     @staticmethod
     def worker_id(i: int) -> str:

@@ -103,12 +103,16 @@ class BusTap:
         self.stats: dict[str, tuple[WorkerStats, float]] = {}  # latest per worker, and when
         self.incarnations: dict[str, list[tuple[str, float]]] = {}  # per worker: each incarnation, first seen
         self.nc: NATS | None = None
+        self.errors = 0  # connection errors while NATS restarted (nats-py would print each)
 
     async def start(self, url: str) -> None:
-        self.nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+        self.nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=self._on_error)
         await self.nc.subscribe(f"{subjects.PREFIX}.reply.>", cb=self._on_chunk)
         await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
         await self.nc.flush()
+
+    async def _on_error(self, e: Exception) -> None:
+        self.errors += 1
 
     async def _on_chunk(self, msg: Msg) -> None:
         try:
