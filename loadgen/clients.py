@@ -78,6 +78,9 @@ class NatsClient:
         # has users: common/permissions.py), then this run's.
         self.owner = f"{user}.loadgen{uuid.uuid4().hex[:8]}"
         self.waiting: dict[str, tuple[RequestResult, asyncio.Event]] = {}
+        # The number of each request's next chunk: after a resume or a NATS reconnect a worker
+        # sends chunks again, which must not count twice.
+        self.next_seq: dict[str, int] = {}
 
     @classmethod
     async def connect(cls, url: str, clock: Callable[[], float]) -> NatsClient:
@@ -91,6 +94,9 @@ class NatsClient:
         if entry is None:
             return
         r, done = entry
+        if chunk.error is None and chunk.seq < self.next_seq.get(chunk.request_id, 0):
+            return
+        self.next_seq[chunk.request_id] = chunk.seq + 1
         now = self.clock()
         if chunk.error:
             r.error = chunk.error
@@ -121,6 +127,7 @@ class NatsClient:
             await done.wait()
         finally:
             del self.waiting[rid]
+            self.next_seq.pop(rid, None)
 
     async def close(self) -> None:
         await self.nc.drain()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import time
 import uuid
 from pathlib import Path
@@ -32,14 +31,16 @@ from dlora.common.messages import (
     TokenChunk,
     WorkerStats,
 )
-from dlora.common.registry import AdapterRegistry
+from dlora.common.registry import AdapterRegistry, KeyRegistry
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
 from dlora.services.gateway import lograte, openai, openapi
 from dlora.services.gateway.admin import AdapterBody, check_adapter
+from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.connections import listen
-from dlora.services.gateway.errors import json_errors
+from dlora.services.gateway.errors import error_response, json_errors
 from dlora.services.gateway.health import readiness, retry_after_s
+from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.responses import ResponseWriter, RunningChoice
@@ -88,6 +89,7 @@ class Gateway:
         self._stopped = asyncio.Event()  # ends the announcements (shutdown)
         self._announcer: asyncio.Task[None] | None = None
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
+        self.auth = Auth(settings, KeyRegistry(store, None))  # likewise
         # Tokens one request may hold on each worker, and when it said so (monotonic): requests are
         # checked against the largest, not only the model's context (a small KV cache holds less).
         self.worker_context: dict[str, tuple[int, float]] = {}
@@ -102,19 +104,26 @@ class Gateway:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         adapter_label = "?"
         try:
-            raw = await _read_body(request, self.s.max_body_bytes)
-            job = await self._job(raw, chat)
-            adapter_label = job.adapter or self.base_name
-            return await self._relay(request, job)
+            # Who asks, and within their key's limits, before the body is even read: a refusal
+            # costs one Redis lookup.
+            who = await self.auth.inference(request)
+            with self.auth.admitted(who):
+                raw = await _read_body(request, self.s.max_body_bytes)
+                job = await self._job(raw, chat, who)
+                adapter_label = job.adapter or self.base_name
+                return await self._relay(request, job)
         except APIError as e:
             self.metrics.requests.labels(adapter_label, str(e.status)).inc()
-            return web.json_response(e.body(), status=e.status)
+            return error_response(e)
 
-    async def _job(self, raw: bytes, chat: bool) -> Job:
+    async def _job(self, raw: bytes, chat: bool, who: Principal) -> Job:
         """The request body shaped into its choices' requests (``shaping``); the I/O here is the
-        adapter registry lookup, skipped for the base model's name."""
+        adapter registry lookup, skipped for the base model's name. An adapter ``who`` may not
+        use is looked up as none: the same 404 as a name never registered."""
         body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
         entry = None if body.model == self.base_name else await self.store.get_adapter(body.model)
+        if entry is not None and not who.may_use(entry):
+            entry = None
         return shape_request(
             body,
             entry,
@@ -123,6 +132,7 @@ class Gateway:
             request_id=new_request_id(chat),
             gateway_id=self.gateway_id,
             now=time.time(),
+            tenant=who.tenant,
         )
 
     def _decode_token(self, token_id: int) -> str:
@@ -173,16 +183,19 @@ class Gateway:
                 if request.transport is None or request.transport.is_closing():
                     raise ConnectionResetError("the client went away")  # whether or not we were cancelled
                 choice = by_id.get(chunk.request_id)
-                if choice is None or not choice.replies.accept(chunk):  # a duplicate after a resume
+                if choice is None:
                     continue
+                # none for a duplicate after a resume; several when it fills a gap (chunks re-sent)
+                ready = choice.replies.take(chunk, time.monotonic())
                 if choice.replies.error is not None:
                     # Every choice that may still run, the failed one too: a chunk timeout is made
                     # here, and the request it gave up on may still be queued or running (an abort
                     # of a request that already ended is harmless).
                     await self._abort([c for c in choices if c.out.finish_reason is None])
                     return await response.fail(choice.replies)
-                timer.chunk(chunk.queue_seconds)
-                await response.add(choice, chunk)
+                for taken in ready:
+                    timer.chunk(taken.queue_seconds)
+                    await response.add(choice, taken)
             per_choice = [c.replies.tokens if c.replies else 0 for c in choices]
             timer.done(max(per_choice))
             return await response.finish(sum(per_choice))
@@ -244,10 +257,14 @@ class Gateway:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=c.request.request_id))
 
     async def models(self, request: web.Request) -> web.Response:
-        """The base model and every adapter (with the base as parent). Where an adapter's files lie
-        is for admin callers only: others see its name as its root. The base model's entry names
-        the live workers serving it and the device and dtype each runs on (``served_by``)."""
-        admin = self._is_admin(request)
+        """The base model and every adapter the caller may use (with the base as parent); each
+        adapter is ``owned_by`` its tenant, or dlora when public. Where an adapter's files lie is
+        for admin callers only: others see its name as its root. The base model's entry names the
+        live workers serving it and the device and dtype each runs on (``served_by``)."""
+        try:
+            who = await self.auth.inference(request)
+        except APIError as e:
+            return error_response(e)
         created = int(time.time())
         served_by = [
             {"worker": w.worker, "device": w.device, "dtype": w.dtype} for w in await self.store.live_workers()
@@ -264,13 +281,15 @@ class Gateway:
             }
         ]
         for e in await self.store.list_adapters():
+            if not who.may_use(e):
+                continue
             data.append(
                 {
                     "id": e.name,
                     "object": "model",
                     "created": int(e.created),
-                    "owned_by": "dlora",
-                    "root": e.path if admin else e.name,
+                    "owned_by": e.owner or "dlora",
+                    "root": e.path if who.admin else e.name,
                     "parent": self.base_name,
                     "rank": e.rank,
                     "version": e.version,
@@ -278,19 +297,9 @@ class Gateway:
             )
         return web.json_response({"object": "list", "data": data})
 
-    def _is_admin(self, request: web.Request) -> bool:
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        return bool(self.s.admin_key) and hmac.compare_digest(given, f"Bearer {self.s.admin_key}".encode())
-
-    def _check_admin(self, request: web.Request) -> None:
-        if not self.s.admin_key:
-            raise APIError(401, "adapter admin is disabled: no admin_key is configured")
-        if not self._is_admin(request):
-            raise APIError(401, "adapter admin needs 'Authorization: Bearer <admin key>'")
-
     async def add_adapter(self, request: web.Request) -> web.Response:
         try:
-            self._check_admin(request)
+            await self.auth.admin(request)
             raw = await _read_body(request, self.s.max_body_bytes)
             body = openai.decode_body(raw, AdapterBody)
             taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
@@ -304,6 +313,7 @@ class Gateway:
                 self.base_name,
                 self.cfg,
                 self.s.adapter_limits,
+                body.owner or "",
             )
             if not await self.registry.register(entry):  # atomic: of two racing registrations one wins
                 raise taken
@@ -312,18 +322,18 @@ class Gateway:
             )
             return web.json_response(msgspec.to_builtins(entry), status=201)
         except APIError as e:
-            return web.json_response(e.body(), status=e.status)
+            return error_response(e)
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
         try:
-            self._check_admin(request)
+            await self.auth.admin(request)
             name = request.match_info["name"]
             if not await self.registry.remove(name):
                 raise APIError(404, f"adapter {name!r} is not registered", param="name")
             await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
             return web.json_response({"id": name, "object": "model", "deleted": True})
         except APIError as e:
-            return web.json_response(e.body(), status=e.status)
+            return error_response(e)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
@@ -363,6 +373,10 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/adapters", self.add_adapter)
         app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
+        keys = KeyAdmin(self.auth, lambda r: _read_body(r, self.s.max_body_bytes))
+        app.router.add_post("/v1/keys", keys.create)
+        app.router.add_get("/v1/keys", keys.list)
+        app.router.add_delete("/v1/keys/{id}", keys.revoke)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.healthz)
         app.router.add_get("/livez", self.livez)
@@ -372,6 +386,9 @@ class Gateway:
 
     async def start(self) -> None:
         self.registry = await AdapterRegistry.open(self.nc, self.store)
+        self.auth.keys = await KeyRegistry.open(self.nc, self.store)
+        if self.s.auth == "none" and self.s.host not in ("127.0.0.1", "::1", "localhost"):
+            logger.warning("inference is open to anyone who reaches this address (auth = none)", host=self.s.host)
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()

@@ -9,9 +9,13 @@ an earlier one's chunks are dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
+
+# Seconds a gap in the chunk numbers may stay open before the stream fails: longer than a NATS
+# server restart plus the worker's second re-send of its recent chunks (worker/main.py).
+GAP_WAIT_S = 10.0
 
 
 @dataclass
@@ -28,13 +32,20 @@ class ReplyStream:
     error_code: ErrorCode | None = None
     worker: str = ""  # the worker of the last chunk taken: the one serving the request now
     attempt: int = 0  # the latest attempt (``recoveries``) heard from: earlier ones are fenced
+    _ahead: dict[int, TokenChunk] = field(default_factory=dict)  # chunks after a gap, by seq
+    _gap_since: float | None = None  # when the open gap opened (monotonic seconds)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, chunk: TokenChunk) -> bool:
-        """Take ``chunk``; False (and nothing changes) for a duplicate or anything after the end.
+    def take(self, chunk: TokenChunk, now: float = 0.0) -> list[TokenChunk]:
+        """Take ``chunk`` (arrived at ``now``, monotonic seconds); returns the chunks to deliver now,
+        in order: none for a duplicate or anything after the end, several when it fills a gap.
+
+        Chunks after a gap wait (a chunk lost in transit around a NATS restart comes again: the
+        worker re-sends its recent chunks once reconnected); a gap still open ``GAP_WAIT_S``
+        after it opened fails the stream instead of delivering text with a hole in it.
 
         An error numbered behind what arrived still ends the stream when it comes from the
         dispatcher (``worker`` empty: it fails a recovered request numbered from the in-flight
@@ -43,18 +54,35 @@ class ReplyStream:
         A worker's chunk from an attempt before the latest heard from is dropped whatever it says
         (that worker stalled, was given up and resumed; the request was re-dispatched)."""
         if self.done or (chunk.worker and chunk.recoveries < self.attempt):
-            return False
+            return []
         self.attempt = max(self.attempt, chunk.recoveries)
         if chunk.error is not None:
             if chunk.seq < self.next_seq and chunk.worker not in ("", self.worker):
-                return False
-            self.next_seq = max(self.next_seq, chunk.seq + 1)
-            self.error, self.error_code, self.finish_reason = chunk.error, chunk.error_code, FinishReason.ERROR
-            return True
+                return []
+            self._end(chunk.error, chunk.error_code)
+            return [chunk]
         if chunk.seq < self.next_seq:
-            return False
-        self.next_seq, self.worker = chunk.seq + 1, chunk.worker
-        self.tokens += len(chunk.token_ids)
-        self.text += chunk.text
-        self.finish_reason = chunk.finish_reason
-        return True
+            return []
+        self._ahead.setdefault(chunk.seq, chunk)
+        ready = []
+        while (nxt := self._ahead.pop(self.next_seq, None)) is not None and not self.done:
+            self.next_seq, self.worker = nxt.seq + 1, nxt.worker
+            self.tokens += len(nxt.token_ids)
+            self.text += nxt.text
+            self.finish_reason = nxt.finish_reason
+            ready.append(nxt)
+        if not self._ahead:
+            self._gap_since = None
+        elif self._gap_since is None:
+            self._gap_since = now
+        elif now - self._gap_since > GAP_WAIT_S:
+            self._end(f"chunks {self.next_seq}..{min(self._ahead) - 1} were lost in transit", ErrorCode.UNAVAILABLE)
+        return ready
+
+    def accept(self, chunk: TokenChunk, now: float = 0.0) -> bool:
+        """``take``, for a reader that only needs to know whether anything was delivered."""
+        return bool(self.take(chunk, now))
+
+    def _end(self, error: str, code: ErrorCode | None) -> None:
+        self.error, self.error_code, self.finish_reason = error, code, FinishReason.ERROR
+        self._ahead.clear()

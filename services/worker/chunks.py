@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, TokenChunk, Usage
@@ -65,3 +66,22 @@ def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str,
         finish_reason=FinishReason.ERROR,
         recoveries=req.recoveries,
     )
+
+
+class Resend:
+    """The chunks published in the last ``window_s`` seconds, to publish again after the worker's
+    NATS connection came back: what it sent while the server was restarting, or just before,
+    may never have reached a reader (nats-py buffers while reconnecting, but a reader that has not
+    re-subscribed yet misses it). Readers drop what they already have by ``seq``. Pure."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._sent: deque[tuple[float, str, TokenChunk]] = deque()
+
+    def add(self, now: float, subject: str, chunk: TokenChunk) -> None:
+        self._sent.append((now, subject, chunk))
+        while self._sent and now - self._sent[0][0] > self.window_s:
+            self._sent.popleft()
+
+    def recent(self, now: float) -> list[tuple[str, TokenChunk]]:
+        return [(subject, chunk) for at, subject, chunk in self._sent if now - at <= self.window_s]

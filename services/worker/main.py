@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import secrets
 import time
-from dataclasses import dataclass
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -34,7 +33,8 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.state import StateStore
-from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
+from dlora.services.worker.chunks import Resend, Stream, chunk_for, error_chunk, open_stream
+from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.engine import LLMEngine, RequestError, RequestOutput
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
@@ -47,35 +47,16 @@ from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
 
-
-@dataclass(frozen=True)
-class _Add:
-    req: GenerateRequest
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class _AdapterChanged:
-    name: str
-    version: str | None  # registered now; None: removed
-
-
-@dataclass(frozen=True)
-class _Prefetch:
-    adapters: list[str]  # the placement's adapters for this worker
-
-
-_Command = _Add | _Abort | _AdapterChanged | _Prefetch | Move
-
 _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
 _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 # A record this fresh may be for a request whose message is still on its way here: not handed back.
 _HANDBACK_GRACE_S = 2.0
 _ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
+# Chunks are published again after a NATS reconnect if they went out this recently (a restart of
+# the server takes a few seconds), twice: readers re-subscribe when they reconnect, which takes
+# nats-py up to its reconnect wait (2 s by default) after the server is back.
+_RESEND_WINDOW_S = 15.0
+_RESEND_DELAYS_S = (1.0, 3.0)
 
 
 class WorkerService:
@@ -90,7 +71,7 @@ class WorkerService:
 
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
-        self.commands: asyncio.Queue[_Command] = asyncio.Queue()
+        self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
         # KV caches of requests moving here as their chunks arrive, and who waits for them.
         self.kv_inbox = KVInbox(_KV_WAIT_S, _KV_STALE_S)  # caches of requests moving here, as they arrive
@@ -108,6 +89,8 @@ class WorkerService:
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
         self._sent_at = time.monotonic()  # when the last step's chunks went out
+        self.resend = Resend(_RESEND_WINDOW_S)
+        self._resending: asyncio.Task[None] | None = None
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self._progress_outage = bus.Outage("in-flight progress records (redis)")
         self.stats: WorkerStats = self._snapshot()
@@ -116,16 +99,16 @@ class WorkerService:
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
         self.pending.add(req.request_id)
-        await self.commands.put(_Add(req))
+        await self.commands.put(Add(req))
 
     async def _on_client(self, alive: ClientAlive) -> None:
         self.clients.heard(alive.client, time.monotonic())
 
     async def _on_abort(self, abort: AbortRequest) -> None:
-        await self.commands.put(_Abort(abort.request_id))
+        await self.commands.put(Abort(abort.request_id))
 
     async def _on_adapter_event(self, event: AdapterEvent) -> None:
-        await self.commands.put(_AdapterChanged(event.name, None if event.removed else event.version))
+        await self.commands.put(AdapterChanged(event.name, None if event.removed else event.version))
 
     async def _on_moves(self, plan: MovePlan) -> None:
         moves = moves_to_take(plan, self.s.worker_id, self.plan_epoch, time.time())
@@ -138,20 +121,20 @@ class WorkerService:
 
     async def _on_placement(self, placement: Placement) -> None:
         if mine := placement.workers.get(self.s.worker_id):
-            await self.commands.put(_Prefetch(mine))
+            await self.commands.put(Prefetch(mine))
 
     async def _on_kv_chunk(self, chunk: KVChunk) -> None:
         self.kv_inbox.put(chunk)
 
     # ---- the owner of the engine ----------------------------------------------------------
-    async def _safely(self, cmd: _Command) -> None:
+    async def _safely(self, cmd: Command) -> None:
         """Apply one command; whatever goes wrong fails that command only (a request's with an
         error chunk naming the cause), never the worker."""
         try:
             await self._apply(cmd)
         except Exception as e:
             logger.exception("command failed", command=type(cmd).__name__, error=str(e))
-            if isinstance(cmd, _Add):
+            if isinstance(cmd, Add):
                 reason = f"the worker could not take the request: {type(e).__name__}: {e}"
                 await bus.publish(
                     self.nc, cmd.req.reply_to, error_chunk(cmd.req, ErrorCode.INTERNAL, reason, self.s.worker_id)
@@ -159,17 +142,17 @@ class WorkerService:
         if self.retiring:
             self._retire()
 
-    async def _apply(self, cmd: _Command) -> None:
+    async def _apply(self, cmd: Command) -> None:
         if isinstance(cmd, Move):
             await self._move(cmd)
-        elif isinstance(cmd, _Prefetch):
+        elif isinstance(cmd, Prefetch):
             await self._prefetch(cmd.adapters)
-        elif isinstance(cmd, _Abort):
+        elif isinstance(cmd, Abort):
             now = time.monotonic()  # remembered: an abort can overtake its request (not via a dispatcher)
             self.aborted = {r: t for r, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
             self.aborted[cmd.request_id] = now
             await self._drop(cmd.request_id)
-        elif isinstance(cmd, _AdapterChanged):
+        elif isinstance(cmd, AdapterChanged):
             self.retiring[cmd.name] = cmd.version
             self._retire()
         else:
@@ -352,7 +335,9 @@ class WorkerService:
             stream = self.streams.get(out.request_id)
             if stream is None:  # aborted while the step ran
                 continue
-            await bus.publish(self.nc, stream.reply_to, chunk_for(out, stream, self.s.worker_id, now))
+            chunk = chunk_for(out, stream, self.s.worker_id, now)
+            self.resend.add(now, stream.reply_to, chunk)
+            await bus.publish(self.nc, stream.reply_to, chunk)
             held = seq.detok.pending if (seq := self.engine.seqs.get(out.request_id)) else 0
             sent[out.request_id] = (stream.request.recoveries, out.new_token_ids, held)
             if out.finished:
@@ -435,9 +420,21 @@ class WorkerService:
         stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
         return msgspec.structs.replace(stats, incarnation=self.incarnation)
 
+    async def _resend(self) -> None:
+        for delay in _RESEND_DELAYS_S:
+            await asyncio.sleep(delay)
+            recent = self.resend.recent(time.monotonic())
+            logger.info("nats reconnected: recent chunks sent again", chunks=len(recent))
+            for subject, chunk in recent:
+                await bus.publish(self.nc, subject, chunk)
+
     async def publish_stats(self, stop: asyncio.Event) -> None:
         outage = bus.Outage("stats and heartbeat (nats, redis)")
+        reconnects = self.nc.stats["reconnects"]
         while not stop.is_set():
+            if self.nc.stats["reconnects"] > reconnects:  # what went out meanwhile may be lost
+                reconnects = self.nc.stats["reconnects"]
+                self._resending = asyncio.create_task(self._resend())
             stats = msgspec.structs.replace(self.stats, sent=time.time())
             try:
                 await bus.publish(self.nc, subjects.stats(self.s.worker_id), stats)

@@ -1,7 +1,7 @@
 """The gateway's reply stream: duplicates after a resume dropped, tokens counted, the end known."""
 
 from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
-from dlora.services.gateway.replies import ReplyStream
+from dlora.services.gateway.replies import GAP_WAIT_S, ReplyStream
 
 
 def chunk(seq: int, tokens: int = 1, **kw) -> TokenChunk:
@@ -27,9 +27,23 @@ def test_an_error_ends_the_stream_with_its_reason() -> None:
     assert r.done and r.error == "worker died twice" and r.error_code is ErrorCode.INTERNAL and r.tokens == 2
 
 
-def test_a_gap_is_taken_as_progress() -> None:
+def test_chunks_after_a_gap_wait_for_it_to_fill() -> None:
+    """Around a NATS restart a reader can miss chunks its worker sends again once reconnected:
+    later chunks wait, and the whole run comes out in order when the gap fills."""
     r = ReplyStream("r")
-    assert r.accept(chunk(0)) and r.accept(chunk(5)) and r.next_seq == 6 and not r.accept(chunk(3))
+    assert r.take(chunk(0, text="a"), now=0.0) == [chunk(0, text="a")]
+    assert r.take(chunk(3, text="d"), now=1.0) == [] and r.take(chunk(2, text="c"), now=1.5) == []
+    assert [c.seq for c in r.take(chunk(1, text="b"), now=3.0)] == [1, 2, 3]
+    assert r.text == "abcd" and r.next_seq == 4 and r.tokens == 4 and not r.done
+    assert r.take(chunk(2, text="c"), now=3.5) == []  # the second re-send: a duplicate
+
+
+def test_a_gap_that_never_fills_fails_the_stream_instead_of_leaving_a_hole() -> None:
+    r = ReplyStream("r")
+    r.take(chunk(0), now=0.0)
+    r.take(chunk(2), now=1.0)
+    assert r.take(chunk(3), now=1.0 + GAP_WAIT_S + 0.1) == []
+    assert r.done and r.error_code is ErrorCode.UNAVAILABLE and "chunks 1..1 were lost" in (r.error or "")
 
 
 def test_an_error_numbered_behind_what_arrived_still_ends_the_stream() -> None:

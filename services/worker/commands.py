@@ -1,0 +1,32 @@
+"""What the worker's bus handlers hand to the task that owns the engine, applied between steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlora.common.messages import GenerateRequest
+from dlora.services.worker.moves import Move
+
+
+@dataclass(frozen=True)
+class Add:
+    req: GenerateRequest
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class AdapterChanged:
+    name: str
+    version: str | None  # registered now; None: removed
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    adapters: list[str]  # the placement's adapters for this worker
+
+
+Command = Add | Abort | AdapterChanged | Prefetch | Move
