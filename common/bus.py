@@ -30,7 +30,11 @@ T = TypeVar("T")
 async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
     """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
     Redis closed."""
-    nc = await nats.connect(s.nats_url, user=s.nats_user or None, password=s.nats_password or None)
+    # Reconnect for ever (nats-py gives up after 60 tries, 2 minutes, by default, leaving a service
+    # that runs but hears nothing): a NATS outage of any length ends when the server is back.
+    nc = await nats.connect(
+        s.nats_url, user=s.nats_user or None, password=s.nats_password or None, max_reconnect_attempts=-1
+    )
     redis = redis_client(
         s.redis_url, s.redis_max_connections, s.redis_pool_timeout_s, s.redis_username, s.redis_password
     )
