@@ -223,6 +223,35 @@ class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
     # Content digest of its config and weights at registration: requests run on this version, and
     # a name registered again with other files is a new version.
     version: str = ""
+    # The tenant it belongs to: only that tenant's API keys (and admins) list and use it. Empty:
+    # public, every caller's.
+    owner: str = ""
+
+
+class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
+    """An inference API key as stored (Redis, and its durable copy): never the key itself, only its
+    SHA-256 digest (``common/apikeys.py`` says why that hash)."""
+
+    # Names the key in listings and revocation; not secret.
+    id: str
+    # SHA-256 of the key, hex: a presented key is looked up by its digest.
+    digest: str
+    # The end of the key ("sk-dlora-...AbCd"), so a listing tells keys apart without revealing them.
+    hint: str
+    # Who the key acts for: the adapters it lists and uses are this tenant's and the public ones.
+    tenant: str
+    # "inference" (completions, chat, models) and/or "admin" (adapter and key administration).
+    scopes: list[str]
+    # Unix seconds it was created.
+    created: float
+    # Requests per second on average, the token bucket's size, and requests at once; None: the
+    # gateway's key_rate_per_s / key_burst / key_concurrency; 0: no limit (a burst of 0: the
+    # gateway's key_burst).
+    rate_per_s: float | None = None
+    burst: int | None = None
+    concurrency: int | None = None
+    # A revoked key is refused (401) but kept, so listings show it and it cannot come back.
+    revoked: bool = False
 
 
 class AdapterEvent(msgspec.Struct, kw_only=True, frozen=True, tag=True):

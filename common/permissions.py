@@ -22,6 +22,9 @@ ROLES = ("gateway", "dispatcher", "worker", "migrator")
 APP_USER = "app"
 # JetStream's API and the adapter registry's key-value bucket (common/registry.py).
 _JETSTREAM = ["$JS.API.>", f"$KV.{P}-adapters.>"]
+# The inference API keys' bucket (common/registry.py KeyRegistry): the gateway's alone, and the
+# `dlora keys` command's, which connects as the gateway.
+_KEYS_BUCKET = f"$KV.{P}-keys.>"
 # nats-py's replies to its own requests (nc.request) come to _INBOX.<random>.
 _INBOX = "_INBOX.>"
 
@@ -31,7 +34,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
     perms = {
         "gateway": (
             [subjects.REQUESTS, subjects.ABORT, subjects.ADAPTER_EVENTS, subjects.CLIENTS, subjects.DISPATCHER_PING]
-            + _JETSTREAM,
+            + [*_JETSTREAM, _KEYS_BUCKET],
             [f"{P}.reply.>", subjects.STATS_ALL, _INBOX],
         ),
         "dispatcher": (

@@ -11,24 +11,37 @@ so once in the log.
 
 Keys in the bucket: ``current.<name>`` holds the name's registered version's AdapterEntry (JSON),
 ``version.<name>.<version>`` every version ever registered (requests may still run on one).
+
+Inference API keys (``KeyRegistry``) are kept the same way, in their own bucket ``{prefix}-keys``
+(``key.<id>`` -> ApiKey, its digest and never the key): an empty Redis must not lock every client
+out, nor bring a revoked key back. Only the gateway reads keys, so it restores them itself (at
+start, before writing one, and when a presented key is not found, at most once a second) instead
+of the dispatcher's loop doing it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
+from redis.exceptions import RedisError
 
 from dlora.common import log
-from dlora.common.messages import AdapterEntry
+from dlora.common.messages import AdapterEntry, ApiKey
 from dlora.common.state import StateStore
 
 logger = log.get("registry")
 _encode = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder(AdapterEntry)
+_decode_key = msgspec.json.Decoder(ApiKey)
+# Seconds between two restores a missing key may set off: a client sending wrong keys costs one
+# Redis lookup each, not a listing of the bucket each.
+KEY_RESTORE_INTERVAL_S = 1.0
 
 
 def bucket_name(prefix: str) -> str:
@@ -112,3 +125,109 @@ async def purge(nc: NATS, prefix: str) -> None:
     """Delete the deployment's durable registry (tests start each case from nothing)."""
     with contextlib.suppress(NotFoundError):  # none yet
         await nc.jetstream().delete_key_value(bucket_name(prefix))
+
+
+def keys_bucket_name(prefix: str) -> str:
+    return f"{prefix}-keys"
+
+
+class KeyRegistry:
+    """Inference API keys, written to the durable bucket (``kv``; None: Redis only) and then to
+    Redis (``store``), which every lookup reads. Durable first: a write that fails half way leaves
+    the bucket right (a key created there but not in Redis is unusable, its secret never shown; a
+    revocation refused by Redis is reported and tried again by the caller)."""
+
+    def __init__(self, store: StateStore, kv: KeyValue | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.kv, self.clock = store, kv, clock
+        self._restore_tried = -KEY_RESTORE_INTERVAL_S  # the clock's time of the last restore a miss set off
+
+    @classmethod
+    async def open(cls, nc: NATS, store: StateStore) -> KeyRegistry:
+        """The keys of ``store``'s deployment, their bucket created if missing and restored into an
+        empty Redis (when Redis is unreachable now, by the first lookup that misses). Without
+        JetStream they live in Redis alone (logged)."""
+        try:
+            kv = await nc.jetstream().create_key_value(bucket=keys_bucket_name(store.p), history=1)
+        except Exception as e:  # noqa: BLE001 - no JetStream: the keys live in Redis only
+            logger.warning("no durable API keys (JetStream unavailable)", error=f"{type(e).__name__}: {e}")
+            kv = None
+        registry = cls(store, kv)
+        try:
+            await registry.restore()
+        except (RedisError, OSError) as e:  # Redis down at start: the first key it misses restores
+            logger.warning("API keys not restored at start (Redis unreachable)", error=f"{type(e).__name__}: {e}")
+        return registry
+
+    async def add(self, key: ApiKey) -> None:
+        """Store a new key. An empty Redis is restored first, or the keys made before it emptied
+        would never come back (``restore`` only fills a Redis with none)."""
+        await self.restore()
+        if self.kv is not None:
+            await self.kv.put(f"key.{key.id}", _encode.encode(key))
+        await self.store.put_api_key(key)
+
+    async def revoke(self, key_id: str) -> ApiKey | None:
+        """Mark the key revoked (it stays listed, and refused); returns it, or None if no key has
+        that id. Revoking a revoked key changes nothing."""
+        await self.restore()
+        key = await self.store.api_key(key_id)
+        if key is None:
+            return None
+        revoked = msgspec.structs.replace(key, revoked=True)
+        if self.kv is not None:
+            await self.kv.put(f"key.{key.id}", _encode.encode(revoked))
+        await self.store.put_api_key(revoked)
+        return revoked
+
+    async def all(self) -> list[ApiKey]:
+        """Every key, revoked ones too, oldest first."""
+        await self.restore()
+        return await self.store.list_api_keys()
+
+    async def lookup(self, digest: str) -> ApiKey | None:
+        """The key with that digest, revoked or not; None if there is none. A miss restores an
+        empty Redis from the durable copy (at most once per ``KEY_RESTORE_INTERVAL_S``) and looks
+        again."""
+        key = await self.store.api_key_by_digest(digest)
+        if key is None and self.kv is not None and self.clock() - self._restore_tried >= KEY_RESTORE_INTERVAL_S:
+            self._restore_tried = self.clock()
+            if await self.restore():
+                key = await self.store.api_key_by_digest(digest)
+        return key
+
+    async def durable_keys(self) -> list[ApiKey]:
+        """Every key in the bucket, as stored."""
+        if self.kv is None:
+            return []
+        try:
+            names = await self.kv.keys()
+        except NoKeysError:
+            return []
+        keys: list[ApiKey] = []
+        for name in names:
+            try:
+                value = (await self.kv.get(name)).value
+            except KeyNotFoundError:  # removed since listed
+                continue
+            if value:
+                keys.append(_decode_key.decode(value))
+        return keys
+
+    async def restore(self) -> int:
+        """Put the durable keys back into Redis when it has none (it restarted empty); returns how
+        many were put back. A key already in Redis is left alone: a revocation written there
+        since the bucket was read stands."""
+        if self.kv is None or await self.store.has_api_keys():
+            return 0
+        keys = await self.durable_keys()
+        for key in keys:
+            await self.store.put_api_key(key, replace=False)
+        if keys:
+            logger.warning("API keys restored from the durable copy", keys=len(keys))
+        return len(keys)
+
+
+async def purge_keys(nc: NATS, prefix: str) -> None:
+    """Delete the deployment's durable API keys (tests start each case from nothing)."""
+    with contextlib.suppress(NotFoundError):  # none yet
+        await nc.jetstream().delete_key_value(keys_bucket_name(prefix))

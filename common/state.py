@@ -17,6 +17,9 @@
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
 - ``{p}:lease-epoch:{role}``   str   the lease's epoch, raised at every takeover (plans carry it)
 - ``{p}:traffic``              hash  adapter -> decayed request count (placement's traffic shares)
+- ``{p}:api-keys``             hash  key digest (SHA-256, hex) -> ApiKey (JSON): inference API keys,
+                                     revoked ones kept (``common/apikeys.py``)
+- ``{p}:api-key-ids``          hash  key id -> its digest (revocation and lookup by id)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
+from dlora.common.messages import AdapterEntry, ApiKey, GenerateRequest, WorkerStats
 
 PREFIX = "dlora"
 
@@ -59,6 +62,19 @@ elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS: the keys hash, the ids hash. ARGV: digest, key JSON, id, replace (0/1). Returns 0, writing
+# nothing, when the digest is already there and not ``replace`` (a restore does not undo a revocation
+# written since it read the durable copy).
+_PUT_API_KEY_LUA = """
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
 
@@ -191,6 +207,7 @@ class StateStore:
         self._fenced = redis.register_script(_FENCED_LUA)
         self._sweep = redis.register_script(_SWEEP_LUA)
         self._put_adapter = redis.register_script(_PUT_ADAPTER_LUA)
+        self._put_api_key = redis.register_script(_PUT_API_KEY_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
@@ -224,6 +241,35 @@ class StateStore:
 
     async def delete_adapter(self, name: str) -> bool:
         return bool(await self.r.hdel(f"{self.p}:adapters", name))
+
+    # ---- API keys ------------------------------------------------------------------------
+    async def put_api_key(self, key: ApiKey, replace: bool = True) -> bool:
+        """Store ``key`` under its digest and id, atomically. Without ``replace`` a key whose digest
+        is already stored is left as it is (False)."""
+        return bool(
+            await self._put_api_key(
+                keys=[f"{self.p}:api-keys", f"{self.p}:api-key-ids"],
+                args=[key.digest, msgspec.json.encode(key), key.id, int(replace)],
+            )
+        )
+
+    async def api_key_by_digest(self, digest: str) -> ApiKey | None:
+        """The key whose SHA-256 digest is ``digest`` (revoked or not), or None."""
+        raw = await self.r.hget(f"{self.p}:api-keys", digest)
+        return None if raw is None else msgspec.json.decode(raw, type=ApiKey)
+
+    async def api_key(self, key_id: str) -> ApiKey | None:
+        """The key with that id (revoked or not), or None."""
+        digest = await self.r.hget(f"{self.p}:api-key-ids", key_id)
+        return None if digest is None else await self.api_key_by_digest(_text(digest))
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones too, oldest first."""
+        raw = await self.r.hgetall(f"{self.p}:api-keys")
+        return sorted((msgspec.json.decode(v, type=ApiKey) for v in raw.values()), key=lambda k: (k.created, k.id))
+
+    async def has_api_keys(self) -> bool:
+        return bool(await self.r.hlen(f"{self.p}:api-keys"))
 
     # ---- placement ----------------------------------------------------------------------
     async def set_placement(self, worker: str, adapters: list[str]) -> None:
