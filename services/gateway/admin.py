@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 
+from dlora.common.apikeys import tenant_problem
 from dlora.common.messages import AdapterEntry
 from dlora.model.adapters import AdapterError, AdapterLimits, inspect_adapter
 from dlora.model.config import ModelConfig
@@ -19,22 +20,39 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class AdapterBody(msgspec.Struct, kw_only=True):
-    """``POST /v1/adapters``: the name to register and the adapter's directory."""
+    """``POST /v1/adapters``: the name to register, the adapter's directory, and the tenant that
+    owns it (only that tenant's API keys list and use it; unset or empty: public)."""
 
     name: str
     path: str
+    owner: str | None = None
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` could be registered: a name that could not is in no registry (and the
+    durable copy's keys take no other characters)."""
+    return bool(_NAME.match(name))
 
 
 def check_adapter(
-    name: str, path: str, roots: list[str], base_name: str, cfg: ModelConfig, limits: AdapterLimits | None = None
+    name: str,
+    path: str,
+    roots: list[str],
+    base_name: str,
+    cfg: ModelConfig,
+    limits: AdapterLimits | None = None,
+    owner: str = "",
 ) -> AdapterEntry:
     """Blocking (it reads and checks every weight): the gateway runs it in a thread.
 
     Raises:
-        APIError(400): a bad name, or a path that is not a readable adapter directory inside the roots.
+        APIError(400): a bad name or owner, or a path that is not a readable adapter directory
+            inside the roots.
     """
     if not _NAME.match(name or ""):
         raise APIError(400, "adapter name must be 1-128 letters, digits, '.', '_' or '-'", param="name")
+    if owner and (problem := tenant_problem(owner)) is not None:
+        raise APIError(400, problem.replace("tenant", "owner", 1), param="owner")
     if name == base_name:
         raise APIError(400, f"{name!r} is the base model's name", param="name")
     if "\x00" in path:  # no file name holds one: the OS refuses it (Path raises ValueError)
@@ -52,4 +70,6 @@ def check_adapter(
         adapter = inspect_adapter(name, resolved, cfg, limits, roots)
     except AdapterError as e:
         raise APIError(400, str(e), param="path") from None
-    return AdapterEntry(name=name, path=str(resolved), rank=adapter.rank, created=time.time(), version=adapter.digest)
+    return AdapterEntry(
+        name=name, path=str(resolved), rank=adapter.rank, created=time.time(), version=adapter.digest, owner=owner
+    )

@@ -60,3 +60,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _unavailable(message: str) -> web.Response:
     return web.json_response(APIError(503, message).body(), status=503)
+
+
+def error_response(e: APIError) -> web.Response:
+    """A refusal as the client gets it: OpenAI's error body and the error's headers
+    (``Retry-After``, ``WWW-Authenticate``)."""
+    return web.json_response(e.body(), status=e.status, headers=e.headers or None)

@@ -35,7 +35,7 @@ from dlora.common.registry import AdapterRegistry, KeyRegistry
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
 from dlora.services.gateway import lograte, openai, openapi
-from dlora.services.gateway.admin import AdapterBody, check_adapter
+from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, json_errors
@@ -328,7 +328,8 @@ class Gateway:
         try:
             await self.auth.admin(request)
             name = request.match_info["name"]
-            if not await self.registry.remove(name):
+            # A name no adapter can have is not registered; the durable copy would refuse it as a key.
+            if not valid_name(name) or not await self.registry.remove(name):
                 raise APIError(404, f"adapter {name!r} is not registered", param="name")
             await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
             return web.json_response({"id": name, "object": "model", "deleted": True})
@@ -375,7 +376,7 @@ class Gateway:
         app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
         keys = KeyAdmin(self.auth, lambda r: _read_body(r, self.s.max_body_bytes))
         app.router.add_post("/v1/keys", keys.create)
-        app.router.add_get("/v1/keys", keys.list)
+        app.router.add_get("/v1/keys", keys.listing)
         app.router.add_delete("/v1/keys/{id}", keys.revoke)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.healthz)

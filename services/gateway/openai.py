@@ -16,21 +16,34 @@ from dlora.common.messages import TokenLogprob
 
 
 class APIError(Exception):
-    """A request the gateway refuses: HTTP status and an OpenAI-style error body."""
+    """A request the gateway refuses: HTTP status, an OpenAI-style error body (``code``: OpenAI's
+    machine-readable reason, such as ``invalid_api_key``) and the response headers it needs
+    (``Retry-After`` on a 429, ``WWW-Authenticate`` on a 401)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
         self.kind = kind or {
             400: "invalid_request_error",
             401: "authentication_error",
+            403: "permission_error",
             404: "not_found_error",
             409: "invalid_request_error",
+            429: "rate_limit_exceeded",
             503: "service_unavailable",
         }.get(status, "server_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

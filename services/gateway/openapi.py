@@ -3,7 +3,9 @@ decodes (``msgspec.json.schema_components`` over the msgspec Structs), so the do
 drift from what the gateway accepts; a schema-driven fuzzer (the suite runs schemathesis) reads
 it. OpenAPI 3.1 because its schemas are JSON Schema 2020-12, which is what msgspec writes
 (``anyOf`` with ``{"type": "null"}`` for an optional field, where 3.0 had ``nullable``).
-Responses are described by status; only the error body has a schema."""
+Responses are described by status; only the error body has a schema. Two bearer schemes: ``apiKey``
+(an inference API key, required when the gateway's ``auth`` is "keys", hence optional here) and
+``admin`` (the admin key, or an API key with the admin scope)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from dlora.services.gateway.admin import AdapterBody
+from dlora.services.gateway.keys import KeyBody
 from dlora.services.gateway.openai import ChatBody, CompletionBody
 
 _REF = "#/components/schemas/{name}"
@@ -73,14 +76,18 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
         out["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
     why = {
         400: "invalid request",
-        401: "no or a wrong admin key",
-        404: "unknown model or adapter",
+        401: "no key, or a wrong or revoked one",
+        403: "the key lacks the scope (inference or admin)",
+        404: "unknown model, adapter or key",
         409: "adapter name taken",
         413: "body over the limit",
         415: "not application/json",
+        429: "over the API key's rate or concurrency limit: try again after Retry-After",
     }
     for status in errors:
         out[str(status)] = {"description": why[status], "content": error}
+        if status == 429:
+            out["429"]["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
     out["503"] = {
         "description": "no worker or dispatcher, Redis or NATS unreachable, or shutting down: try again later",
         "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
@@ -93,11 +100,13 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
 def document() -> dict[str, Any]:
     """The OpenAPI document of every route a client uses (``/metrics`` and ``/readyz``, an alias
     of ``/healthz``, are left out)."""
-    bodies = [CompletionBody, ChatBody, AdapterBody, ErrorBody]
-    (completion, chat, adapter, _), schemas = msgspec.json.schema_components(bodies, ref_template=_REF)
+    bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody]
+    (completion, chat, adapter, key, _), schemas = msgspec.json.schema_components(bodies, ref_template=_REF)
     for name in _closed_structs(bodies):
         schemas[name]["additionalProperties"] = False
     admin: list[dict[str, list[str]]] = [{"admin": []}]
+    # {}: no credential, which a gateway with auth = "none" takes
+    inference: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
     health = {"description": "ready", "content": {"application/json": {"schema": {"type": "object"}}}}
     not_ready = {
         "description": "not ready, and why",
@@ -108,25 +117,33 @@ def document() -> dict[str, Any]:
         "/v1/completions": {
             "post": {
                 "operationId": "createCompletion",
+                "security": inference,
                 "requestBody": _json_body(completion),
-                "responses": _responses("a completion", 400, 404, 413, 415, streams=True),
+                "responses": _responses("a completion", 400, 401, 403, 404, 413, 415, 429, streams=True),
             }
         },
         "/v1/chat/completions": {
             "post": {
                 "operationId": "createChatCompletion",
+                "security": inference,
                 "requestBody": _json_body(chat),
-                "responses": _responses("a chat completion", 400, 404, 413, 415, streams=True),
+                "responses": _responses("a chat completion", 400, 401, 403, 404, 413, 415, 429, streams=True),
             }
         },
-        "/v1/models": {"get": {"operationId": "listModels", "responses": _responses("the base model and adapters")}},
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "security": inference,
+                "responses": _responses("the base model and the adapters the caller may use", 401, 403),
+            }
+        },
         "/v1/adapters": {
             "post": {
                 "operationId": "registerAdapter",
                 "security": admin,
                 "requestBody": _json_body(adapter),
                 "responses": {
-                    **_responses("registered", 400, 401, 409, 413, 415),
+                    **_responses("registered", 400, 401, 403, 409, 413, 415),
                     "201": {"description": "registered"},
                 },
             }
@@ -136,7 +153,34 @@ def document() -> dict[str, Any]:
                 "operationId": "deleteAdapter",
                 "security": admin,
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": _responses("unregistered", 401, 404),
+                "responses": _responses("unregistered", 401, 403, 404),
+            }
+        },
+        "/v1/keys": {
+            "post": {
+                "operationId": "createKey",
+                "security": admin,
+                "requestBody": _json_body(key),
+                "responses": {
+                    **_responses("", 400, 401, 403, 413, 415),
+                    "201": {
+                        "description": "the new key (its only showing, in `key`) and its record",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                },
+            },
+            "get": {
+                "operationId": "listKeys",
+                "security": admin,
+                "responses": _responses("every key's record, revoked ones too (never the key)", 401, 403),
+            },
+        },
+        "/v1/keys/{id}": {
+            "delete": {
+                "operationId": "revokeKey",
+                "security": admin,
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": _responses("revoked: the key's record", 401, 403, 404),
             }
         },
         "/healthz": {"get": {"operationId": "readiness", "responses": {"200": health, "503": not_ready}}},
@@ -146,7 +190,17 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "dlora gateway", "version": "1", "description": "OpenAI-compatible serving of LoRA adapters"},
         "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "an API key (sk-dlora-...)"},
+                "admin": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the admin key, or an admin-scope API key",
+                },
+            },
+        },
     }
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.model.adapter_files import AdapterLimits
+
+# The gateway's ``auth`` modes (see the setting).
+AUTH_MODES = ("none", "keys")
 
 
 class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
@@ -13,8 +18,22 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     model: str = ""
     # The name clients use for the base model (vLLM's --served-model-name); empty: the directory's name.
     served_model_name: str = ""
-    # Bearer key for POST/DELETE /v1/adapters; empty: adapter admin is refused.
+    # Bearer key with every right: adapter and API key administration, every adapter, file paths
+    # in /v1/models; the credential that makes the first API keys. Empty: none (with auth "none"
+    # adapter admin is then refused; with "keys" only keys with the admin scope administer).
     admin_key: str = ""
+    # Who may call the inference endpoints (completions, chat, models): "none", anyone (vLLM's
+    # default without --api-key; the gateway listens on loopback unless host says otherwise), or
+    # "keys", only 'Authorization: Bearer <API key>' with a key made by `dlora keys create` or
+    # POST /v1/keys (401 otherwise); each key acts for its tenant, which lists and uses only its
+    # own and the public adapters. Callers without a key see the public adapters only.
+    auth: str = "none"
+    # Limits of each API key that sets none of its own, counted per gateway process: requests per
+    # second on average (0: no limit), the bursts allowed above it (0: one second's worth, at least
+    # 1), and requests in progress at once (0: no limit). Over them: 429 with Retry-After.
+    key_rate_per_s: float = 0.0
+    key_burst: int = 0
+    key_concurrency: int = 0
     # Adapter directories must lie inside one of these, and every file read from one must
     # resolve (symlinks followed) inside one too.
     adapter_roots: list[str] = []
@@ -53,6 +72,13 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         for field in ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "idle_timeout_s", "max_connections"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
+        if self.auth not in AUTH_MODES:
+            bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
+        if not (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= 0):
+            bad.append(("key_rate_per_s", self.key_rate_per_s, "must be >= 0 (0: no limit)"))
+        for field in ("key_burst", "key_concurrency"):
+            if getattr(self, field) < 0:
+                bad.append((field, getattr(self, field), "must be >= 0"))
         if self.max_connections_per_client < 0:
             bad.append(("max_connections_per_client", self.max_connections_per_client, "must be >= 0 (0: no limit)"))
         return bad

@@ -91,6 +91,7 @@ def shape_request(
     request_id: str,
     gateway_id: str,
     now: float,
+    tenant: str | None = None,
 ) -> Job:
     """The request ``body`` as one GenerateRequest per choice. A seeded request's samples take seeds
     seed, seed + 1, ...; each choice's request id is ``request_id``-index and its replies go to
@@ -100,6 +101,8 @@ def shape_request(
         adapter: the registry's entry for ``body.model``; None where it has none. Ignored when
             ``body.model`` is ``base_name`` (the base model: no adapter).
         now: Unix seconds, the response's ``created`` and the requests' entry time.
+        tenant: the caller's API key's tenant, which the requests carry; None (no key): the
+            body's ``user``.
 
     Raises:
         APIError(404): ``body.model`` is neither the base model nor a registered adapter.
@@ -149,7 +152,7 @@ def shape_request(
                     adapter_version=adapter.version if adapter else None,
                     prompt_token_ids=ids,
                     params=seeded,
-                    tenant=body.user or "",
+                    tenant=(body.user or "") if tenant is None else tenant,
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )

@@ -8,13 +8,14 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import nats
 import pytest
 from redis.asyncio import Redis
 
-from dlora.common.registry import purge
+from dlora.common.registry import purge, purge_keys
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
@@ -47,10 +48,12 @@ def redis_server() -> Iterator[Server]:
 
 @pytest.fixture
 async def redis(redis_server: Server, nats_server: Server) -> AsyncIterator[Redis]:
-    """Redis emptied for the test, and the adapter registry's durable copy (JetStream) with it: a
-    dispatcher would otherwise restore another test's adapters into the empty Redis."""
+    """Redis emptied for the test, and the durable copies (JetStream) of the adapter registry and
+    the API keys with it: a dispatcher or gateway would otherwise restore another test's into the
+    empty Redis."""
     nc = await nats.connect(nats_server.url)
     await purge(nc, "dlora")
+    await purge_keys(nc, "dlora")
     await nc.close()
     client = Redis.from_url(redis_server.url)
     await client.flushdb()
@@ -73,6 +76,20 @@ class Stack:
 @pytest.fixture
 async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> AsyncIterator[Stack]:
     """The `dlora up` stack, in-process: dispatcher, two workers (dlora policy), gateway."""
+    async with run_stack(nats_server, redis, tiny_llama) as running:
+        yield running
+
+
+@pytest.fixture
+async def keyed_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> AsyncIterator[Stack]:
+    """The same stack with the gateway taking API keys only (``auth = "keys"``)."""
+    async with run_stack(nats_server, redis, tiny_llama, auth="keys") as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def run_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput, **gateway: Any) -> AsyncIterator[Stack]:
+    """The stack, with ``gateway`` settings over the tests' own."""
     common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
     store = StateStore(redis)
     gw_settings = GatewaySettings(
@@ -81,6 +98,7 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
         port=free_port(),
         admin_key=ADMIN_KEY,
         adapter_roots=[str(tiny_llama.adapters_dir)],
+        **gateway,
     )
     gw_nc = await nats.connect(nats_server.url)
     gateway = Gateway(gw_settings, gw_nc, store)
@@ -115,12 +133,14 @@ async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> As
                 if r.status == 200 and (await r.json())["workers"] == 2:
                     break
             await asyncio.sleep(0.05)
-    yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc, tasks)
-    stop.set()
-    await gateway.shutdown()  # as `dlora serve gateway` stops
-    await listener.close()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
-    for nc in conns:
-        if not nc.is_closed:
-            await nc.drain()
+    try:
+        yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc, tasks)
+    finally:
+        stop.set()
+        await gateway.shutdown()  # as `dlora serve gateway` stops
+        await listener.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+        for nc in conns:
+            if not nc.is_closed:
+                await nc.drain()

@@ -1,6 +1,6 @@
 """Schema-driven fuzz (issue 16, item 5): schemathesis generates requests from the gateway's own
 ``/openapi.json``, valid and invalid, against the real stack (NATS, Redis, dispatcher, two
-workers, gateway). No answer may be a 5xx, no service may die, and a normal completion is still
+workers, gateway taking API keys only). No answer may be a 5xx, no service may die, and a normal completion is still
 exact afterwards. The budget is fixed (``MAX_EXAMPLES`` per operation and mode, derandomized, so
 every run sends the same requests and takes the same time: about 40 s on 2 cores)."""
 
@@ -56,13 +56,15 @@ def _cheap(case: schemathesis.Case) -> None:
         body["prompt"] = prompt[:MAX_CHOICES]  # a list of prompts: one choice each
 
 
-def _fuzz(url: str) -> tuple[dict[str, int], list[str]]:
-    """Every operation of the document, valid then invalid bodies: how many requests each got an
-    answer to, and each request answered with a 5xx (or not at all)."""
+def _fuzz(url: str, key: str) -> tuple[dict[str, int], list[str]]:
+    """Every operation of the document, valid then invalid bodies, each with the credential its
+    operation needs (the admin key for the admin ones, the API ``key`` for the rest): how many
+    requests each got an answer to, and each request answered with a 5xx (or not at all)."""
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     answered: dict[str, int] = {}
     failures: list[str] = []
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}  # past the key check, into the admin handlers
+    user = {"Authorization": f"Bearer {key}"}
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -78,7 +80,7 @@ def _fuzz(url: str) -> tuple[dict[str, int], list[str]]:
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case: schemathesis.Case) -> None:
                 _cheap(case)
-                headers = admin if case.path.startswith("/v1/adapters") else None
+                headers = admin if case.path.startswith(("/v1/adapters", "/v1/keys")) else user
                 try:
                     response = case.call(base_url=url, headers=headers, timeout=60)
                 except Exception as e:  # noqa: BLE001 - no answer at all is a failure to report too
@@ -98,7 +100,8 @@ def _fuzz(url: str) -> tuple[dict[str, int], list[str]]:
     return answered, failures
 
 
-async def test_fuzzing_every_operation_from_the_schema_gets_no_5xx(stack: Stack) -> None:
+async def test_fuzzing_every_operation_from_the_schema_gets_no_5xx(keyed_stack: Stack) -> None:
+    stack = keyed_stack
     # The document covers every route a client uses (/metrics, /readyz and itself aside).
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/openapi.json") as r:
         document = await r.json()
@@ -111,10 +114,12 @@ async def test_fuzzing_every_operation_from_the_schema_gets_no_5xx(stack: Stack)
     }
     assert {(method, path) for path, ops in document["paths"].items() for method in ops} == routes
 
-    answered, failures = await asyncio.to_thread(_fuzz, stack.url)
+    status, made = await post(stack, "/v1/keys", {"tenant": "fuzz"}, {"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert status == 201, made
+    answered, failures = await asyncio.to_thread(_fuzz, stack.url, made["key"])
     assert not failures, "\n".join(failures)
-    assert len(answered) == 7, answered  # every operation of the document was reached
-    assert sum(answered.values()) >= 4 * 2 * MAX_EXAMPLES * 0.9, answered  # the four with inputs, both modes
+    assert len(answered) == 10, answered  # every operation of the document was reached
+    assert sum(answered.values()) >= 6 * 2 * MAX_EXAMPLES * 0.9, answered  # the six with inputs, both modes
     # Nothing died: the dispatcher and both workers still run, and the gateway is ready.
     assert not any(t.done() for t in stack.services), [t for t in stack.services if t.done()]
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/healthz") as r:
@@ -125,7 +130,7 @@ async def test_fuzzing_every_operation_from_the_schema_gets_no_5xx(stack: Stack)
         {"model": "lora-1", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0},
         {"model": "model", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0},
     ]
-    results = [await post(stack, "/v1/completions", b) for b in bodies]
+    results = [await post(stack, "/v1/completions", b, {"Authorization": f"Bearer {made['key']}"}) for b in bodies]
     expected = offline(
         stack.tiny,
         [

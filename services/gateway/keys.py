@@ -1,0 +1,83 @@
+"""API key administration over HTTP, for admins (the ``admin_key`` or a key with the admin scope):
+``POST /v1/keys`` makes one and shows it once, ``GET /v1/keys`` lists them (never the key, nor its
+digest), ``DELETE /v1/keys/{id}`` revokes one. ``dlora keys create|list|revoke`` does the same
+from a shell, straight on Redis and NATS (``services/keys_cli.py``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from dlora.common import apikeys
+from dlora.services.gateway import openai
+from dlora.services.gateway.auth import Auth
+from dlora.services.gateway.errors import error_response
+from dlora.services.gateway.openai import APIError
+
+
+class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/keys``: the tenant the key acts for, its scopes, and its own limits (unset: the
+    gateway's ``key_rate_per_s`` / ``key_burst`` / ``key_concurrency``; 0: no limit)."""
+
+    tenant: str
+    scopes: list[str] = msgspec.field(default_factory=lambda: [apikeys.INFERENCE])
+    rate_per_s: float | None = None
+    burst: int | None = None
+    concurrency: int | None = None
+
+
+ReadBody = Callable[[web.Request], Awaitable[bytes]]
+
+
+class KeyAdmin:
+    """The three handlers, over the gateway's ``Auth``: who may, and its ``KeyRegistry``, where
+    (read at each request: the gateway opens the durable one when it starts)."""
+
+    def __init__(self, auth: Auth, read_body: ReadBody) -> None:
+        self.auth, self.read_body = auth, read_body
+
+    async def create(self, request: web.Request) -> web.Response:
+        """201 with the new key (the only time it is shown) and its record.
+
+        Raises (answered): APIError 401/403 (not an admin), 400 (an invalid field, named), 413/415."""
+        try:
+            await self.auth.admin(request)
+            body = openai.decode_body(await self.read_body(request), KeyBody)
+            try:
+                secret, key = apikeys.new_key(
+                    body.tenant,
+                    body.scopes,
+                    time.time(),
+                    rate_per_s=body.rate_per_s,
+                    burst=body.burst,
+                    concurrency=body.concurrency,
+                )
+            except apikeys.KeySpecError as e:
+                raise APIError(400, str(e), param=e.param) from None
+            await self.auth.keys.add(key)
+            return web.json_response({**apikeys.public(key), "key": secret}, status=201)
+        except APIError as e:
+            return error_response(e)
+
+    async def listing(self, request: web.Request) -> web.Response:
+        try:
+            await self.auth.admin(request)
+            keys = await self.auth.keys.all()
+            return web.json_response({"object": "list", "data": [apikeys.public(k) for k in keys]})
+        except APIError as e:
+            return error_response(e)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """200 with the revoked key's record; 404 for an id no key has."""
+        try:
+            await self.auth.admin(request)
+            key_id = request.match_info["id"]
+            key = await self.auth.keys.revoke(key_id)
+            if key is None:
+                raise APIError(404, f"no API key has the id {key_id!r}", param="id")
+            return web.json_response(apikeys.public(key))
+        except APIError as e:
+            return error_response(e)
