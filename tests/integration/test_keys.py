@@ -1,0 +1,247 @@
+"""API keys and tenancy end to end (issue 16, item 2): the gateway with ``auth = "keys"`` in front
+of the real stack (NATS with JetStream, Redis, dispatcher, two workers). Keys are made, listed and
+revoked over /v1/keys and with `dlora keys`; a tenant sees and uses only its own and the public
+adapters; limits answer 429 with Retry-After; keys come back from their durable copy after Redis
+loses everything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from nats.aio.msg import Msg
+
+from dlora.common import subjects
+from dlora.common.messages import GenerateRequest
+from dlora.services.cli import main
+from dlora.services.servers import Server
+from tests.integration.conftest import ADMIN_KEY, Stack
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ONE = {"model": "model", "prompt": "kalo remi", "max_tokens": 1, "temperature": 0}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def call(
+    stack: Stack, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, stack.url + path, json=body, headers=headers) as r:
+            return r.status, await r.json(), dict(r.headers)
+
+
+async def make_key(stack: Stack, tenant: str, **fields: Any) -> tuple[str, dict]:
+    status, made, _ = await call(stack, "POST", "/v1/keys", {"tenant": tenant, **fields}, ADMIN)
+    assert status == 201, made
+    return made["key"], made
+
+
+async def test_inference_takes_only_a_valid_unrevoked_key(keyed_stack: Stack) -> None:
+    stack = keyed_stack
+    key, made = await make_key(stack, "acme")
+    assert key.startswith("sk-dlora-") and made["scopes"] == ["inference"] and "digest" not in made
+    chat = {"model": "model", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 1}
+    for method, path, body in (
+        ("POST", "/v1/completions", ONE),
+        ("POST", "/v1/chat/completions", chat),
+        ("GET", "/v1/models", None),
+    ):
+        status, err, headers = await call(stack, method, path, body)  # no key
+        assert status == 401 and err["error"]["type"] == "invalid_request_error", (path, err)
+        assert "didn't provide an API key" in err["error"]["message"] and headers["WWW-Authenticate"].startswith(
+            "Bearer"
+        )
+        status, err, _ = await call(stack, method, path, body, bearer(key[:-1] + "?"))
+        assert status == 401 and err["error"]["code"] == "invalid_api_key", (path, err)
+        status, _, _ = await call(stack, method, path, body, bearer(key))
+        assert status == 200, path
+
+    # the admin endpoints list keys without their secret, and revoke them
+    status, listing, _ = await call(stack, "GET", "/v1/keys", headers=ADMIN)
+    assert status == 200 and [k["id"] for k in listing["data"]] == [made["id"]]
+    assert key not in json.dumps(listing) and made["hint"] == f"sk-dlora-...{key[-4:]}"
+    status, revoked, _ = await call(stack, "DELETE", f"/v1/keys/{made['id']}", headers=ADMIN)
+    assert status == 200 and revoked["revoked"] is True
+    status, err, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(key))
+    assert status == 401 and "revoked" in err["error"]["message"] and err["error"]["code"] == "invalid_api_key"
+    status, err, _ = await call(stack, "DELETE", "/v1/keys/key-nope", headers=ADMIN)
+    assert status == 404
+
+    # scopes: an inference key administers nothing (403); an admin-scope key does
+    user, _ = await make_key(stack, "acme")
+    adapter = {"name": "mine", "path": str(stack.tiny.adapters["lora-0"])}
+    for method, path, body in (("POST", "/v1/adapters", adapter), ("POST", "/v1/keys", {"tenant": "x"})):
+        status, err, _ = await call(stack, method, path, body, bearer(user))
+        assert status == 403 and err["error"]["code"] == "insufficient_scope", err
+    status, _, _ = await call(stack, "DELETE", "/v1/adapters/lora-0", headers=bearer(user))
+    assert status == 403
+    boss, _ = await make_key(stack, "ops", scopes=["inference", "admin"])
+    status, _, _ = await call(stack, "POST", "/v1/adapters", adapter, bearer(boss))
+    assert status == 201
+    status, err, _ = await call(stack, "POST", "/v1/keys", {"tenant": "bad tenant"}, bearer(boss))
+    assert status == 400 and err["error"]["param"] == "tenant"
+
+
+async def test_a_tenant_sees_and_uses_only_its_own_and_public_adapters(keyed_stack: Stack) -> None:
+    stack = keyed_stack
+    for name, owner, src in (("acme-sql", "acme", "lora-0"), ("globex-sql", "globex", "lora-1")):
+        body = {"name": name, "path": str(stack.tiny.adapters[src]), "owner": owner}
+        status, entry, _ = await call(stack, "POST", "/v1/adapters", body, ADMIN)
+        assert status == 201 and entry["owner"] == owner
+    acme, _ = await make_key(stack, "acme")
+    public = set(stack.tiny.adapters)
+
+    status, models, _ = await call(stack, "GET", "/v1/models", headers=bearer(acme))
+    listed = {m["id"]: m for m in models["data"][1:]}
+    assert status == 200 and set(listed) == public | {"acme-sql"}
+    assert listed["acme-sql"]["owned_by"] == "acme" and listed["lora-0"]["owned_by"] == "dlora"
+    assert all(m["root"] == m["id"] for m in listed.values())  # no file paths but to admins
+    status, models, _ = await call(stack, "GET", "/v1/models", headers=ADMIN)
+    every = {m["id"]: m for m in models["data"][1:]}
+    assert set(every) == public | {"acme-sql", "globex-sql"} and every["globex-sql"]["root"].startswith("/")
+
+    # the tenant's requests carry its tenant (not the body's user)
+    seen: list[GenerateRequest] = []
+
+    async def on_request(msg: Msg) -> None:
+        seen.append(msgspec.json.decode(msg.data, type=GenerateRequest))
+
+    sub = await stack.nc.subscribe(subjects.REQUESTS, cb=on_request)
+    for model in ("acme-sql", "lora-2", "model"):
+        status, resp, _ = await call(
+            stack, "POST", "/v1/completions", {**ONE, "model": model, "user": "u"}, bearer(acme)
+        )
+        assert status == 200 and resp["model"] == model
+    await sub.unsubscribe()
+    assert [r.tenant for r in seen] == ["acme"] * 3
+
+    # another tenant's adapter is answered exactly as a name never registered
+    status, theirs, _ = await call(stack, "POST", "/v1/completions", {**ONE, "model": "globex-sql"}, bearer(acme))
+    _, unknown, _ = await call(stack, "POST", "/v1/completions", {**ONE, "model": "nothing-sq"}, bearer(acme))
+    assert status == 404
+    assert theirs["error"]["message"].replace("globex-sql", "X") == unknown["error"]["message"].replace(
+        "nothing-sq", "X"
+    )
+    assert {k: v for k, v in theirs["error"].items() if k != "message"} == {
+        k: v for k, v in unknown["error"].items() if k != "message"
+    }
+    status, _, _ = await call(
+        stack, "POST", "/v1/chat/completions", {"model": "globex-sql", "messages": [], "max_tokens": 1}, bearer(acme)
+    )
+    assert status == 404
+
+
+async def test_a_key_over_its_rate_or_concurrency_gets_429_with_retry_after(keyed_stack: Stack) -> None:
+    stack = keyed_stack
+    paced, _ = await make_key(stack, "acme", rate_per_s=0.2, burst=2)
+    statuses = []
+    for _ in range(3):
+        status, body, headers = await call(stack, "POST", "/v1/completions", ONE, bearer(paced))
+        statuses.append(status)
+    assert statuses == [200, 200, 429]
+    assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "rate_limit_exceeded"
+    assert 1 <= int(headers["Retry-After"]) <= 5
+    status, _, _ = await call(stack, "GET", "/v1/models", headers=bearer(paced))
+    assert status == 200  # listing models is not a request the limits count
+
+    single, made = await make_key(stack, "acme", concurrency=1)
+    long = {**ONE, "max_tokens": 200, "ignore_eos": True}
+    running = asyncio.create_task(call(stack, "POST", "/v1/completions", long, bearer(single)))
+    while stack.gateway.auth.limiter.running(made["id"]) == 0:
+        await asyncio.sleep(0.01)
+    status, body, headers = await call(stack, "POST", "/v1/completions", ONE, bearer(single))
+    assert status == 429 and "1 requests at once" in body["error"]["message"] and headers["Retry-After"] == "1"
+    status, _, _ = await running
+    assert status == 200
+    status, _, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(single))
+    assert status == 200  # the place was given back
+
+
+async def test_keys_and_revocations_survive_redis_losing_everything(keyed_stack: Stack) -> None:
+    stack = keyed_stack
+    kept, _ = await make_key(stack, "acme")
+    gone, gone_made = await make_key(stack, "acme")
+    status, _, _ = await call(stack, "DELETE", f"/v1/keys/{gone_made['id']}", headers=ADMIN)
+    assert status == 200
+    await stack.store.r.flushdb()  # as a Redis restarted without persistence
+    assert not await stack.store.has_api_keys()
+    async with asyncio.timeout(10):  # the workers' heartbeats come back within their interval
+        while not await stack.store.live_workers():
+            await asyncio.sleep(0.05)
+    status, resp, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(kept))
+    assert status == 200, resp
+    status, err, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(gone))
+    assert status == 401 and "revoked" in err["error"]["message"]
+    status, listing, _ = await call(stack, "GET", "/v1/keys", headers=ADMIN)
+    assert [k["revoked"] for k in listing["data"]] == [False, True]
+
+
+async def test_the_cli_creates_lists_and_revokes_keys(
+    keyed_stack: Stack, nats_server: Server, redis_server: Server, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    stack = keyed_stack
+    monkeypatch.setenv("DLORA_NATS_URL", nats_server.url)
+    monkeypatch.setenv("DLORA_REDIS_URL", redis_server.url)
+
+    async def dlora(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["keys", *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = await dlora("create", "--tenant", "acme", "--rate", "5", "--concurrency", "2")
+    key, summary = out.splitlines()
+    assert code == 0 and key.startswith("sk-dlora-") and "tenant acme" in summary
+    key_id = summary.split()[0]
+    status, _, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(key))
+    assert status == 200
+    code, out, _ = await dlora("create", "--tenant", "ops", "--admin", "--json")
+    boss = json.loads(out)
+    assert code == 0 and boss["scopes"] == ["inference", "admin"]
+    status, _, _ = await call(stack, "GET", "/v1/keys", headers=bearer(boss["key"]))
+    assert status == 200
+
+    code, out, _ = await dlora("list")
+    rows = out.splitlines()
+    assert code == 0 and len(rows) == 2 and key not in out
+    assert (
+        rows[0].startswith(key_id) and "tenant=acme" in rows[0] and "rate=5/s" in rows[0] and "concurrency=2" in rows[0]
+    )
+    code, out, _ = await dlora("revoke", key_id)
+    assert code == 0 and key_id in out
+    status, _, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(key))
+    assert status == 401
+    code, out, _ = await dlora("list", "--json")
+    assert [k["revoked"] for k in json.loads(out)] == [True, False]
+    code, _, err = await dlora("revoke", "key-nope")
+    assert code == 1 and "no key" in err
+    code, _, err = await dlora("create", "--tenant", "no spaces")
+    assert code == 2 and "tenant" in err
+
+
+async def test_the_openai_client_authenticates_with_a_key_and_reads_the_refusals(keyed_stack: Stack) -> None:
+    import openai
+
+    stack = keyed_stack
+    key, _ = await make_key(stack, "acme", rate_per_s=0.1, burst=1)
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
+    wrong = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="sk-dlora-wrong", max_retries=0)
+    try:
+        done = await client.completions.create(model="model", prompt="kalo remi", max_tokens=2)
+        assert done.usage is not None and done.usage.completion_tokens == 2
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.completions.create(model="model", prompt="kalo remi", max_tokens=2)
+        assert limited.value.code == "rate_limit_exceeded" and int(limited.value.response.headers["Retry-After"]) >= 1
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await wrong.models.list()
+        assert refused.value.code == "invalid_api_key"
+    finally:
+        await client.close()
+        await wrong.close()
