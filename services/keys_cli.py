@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 
-from dlora.common import apikeys
+from dlora.common import apikeys, log
 from dlora.common.bus import connections
 from dlora.common.messages import ApiKey
 from dlora.common.registry import KeyRegistry
@@ -28,6 +29,8 @@ class _KeySettings(GatewaySettings, kw_only=True, forbid_unknown_fields=True):
 
 def run_keys(args: argparse.Namespace) -> int:
     """Exit status 0 when done; 1 for an unknown key id; 2 for bad settings or arguments."""
+    # Log lines (a restore, no JetStream) to stderr and only warnings: stdout is the key or JSON.
+    log.configure(json=False, level=logging.WARNING)
     try:
         settings = load(_KeySettings, "gateway", args.config)
     except SettingsError as e:
@@ -86,13 +89,14 @@ async def _run(args: argparse.Namespace, s: GatewaySettings) -> int:
 
 
 def _row(key: ApiKey) -> str:
-    def limit(value: float | None, default_at_zero: bool = False) -> str:
+    def limit(value: float | None, unit: str = "", default_at_zero: bool = False) -> str:
         if value is None or (default_at_zero and value == 0):
             return "default"
-        return "none" if value == 0 else f"{value:g}"
+        return "none" if value == 0 else f"{value:g}{unit}"
 
     return (
         f"{key.id}  {key.hint}  tenant={key.tenant}  scopes={','.join(key.scopes)}  "
-        f"rate={limit(key.rate_per_s)}/s burst={limit(key.burst, True)} concurrency={limit(key.concurrency)}"
+        f"rate={limit(key.rate_per_s, '/s')} burst={limit(key.burst, default_at_zero=True)} "
+        f"concurrency={limit(key.concurrency)}"
         f"{'  REVOKED' if key.revoked else ''}"
     )
