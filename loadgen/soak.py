@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from dlora.loadgen.chaos.report import code_version
 from dlora.loadgen.chaos.stack import ChaosStack, demo_model
 
 KINDS = {"stream": 0.45, "plain": 0.2, "chat": 0.2, "abandon": 0.15}
@@ -259,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     from dlora.loadgen.bench_common import machine, write_section
 
     workdir = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
+    version = code_version()
     result = asyncio.run(soak(args.duration, args.interval, args.rate, workdir))
-    result["machine"], result["date"] = machine(), time.strftime("%Y-%m-%d")
+    result["machine"], result["date"], result["code"] = machine(), time.strftime("%Y-%m-%d"), version
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     text = section(result)

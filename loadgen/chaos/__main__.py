@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dlora.loadgen.chaos.phases import Timing
-from dlora.loadgen.chaos.report import failure_lines, table
+from dlora.loadgen.chaos.report import code_version, failure_lines, table
 from dlora.loadgen.chaos.run import ChaosConfig, run_chaos
 from dlora.loadgen.chaos.stack import demo_model
 from dlora.loadgen.chaos.traffic import LoadShape
@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="bench-results/chaos", help="logs and server data, per run")
     p.add_argument("--json", default="bench-results/chaos.json")
     p.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose chaos section is rewritten ('' for none)")
+    p.add_argument("--from-json", help="no run: the table and the BENCHMARKS.md section from an earlier run's JSON")
     return p
 
 
@@ -46,7 +47,8 @@ def section(result: dict[str, Any]) -> str:
         f"{load['output_tokens'][1]} output tokens, over the base model and {len(cfg['adapters'])} adapters, "
         f"plus {cfg['timing']['probes']} probes of {cfg['probe_tokens']} tokens per fault compared with the "
         f"offline oracle; the client retries as the openai package does ({cfg['client_retries']} retries on "
-        f"429/503/refused, honouring Retry-After). Overall: **{'pass' if result['passed'] else 'fail'}**.",
+        f"429/503/refused, honouring Retry-After). Code: {_version(result)}. "
+        f"Overall: **{'pass' if result['passed'] else 'fail'}**.",
         "",
         *table(result["phases"]),
         "",
@@ -67,10 +69,23 @@ def section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _version(result: dict[str, Any]) -> str:
+    code = result.get("code") or {}
+    dirty = code.get("uncommitted") or []
+    return f"commit {code.get('commit', '?')}" + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from dlora.loadgen.bench_common import machine, write_section
     from dlora.loadgen.chaos.run import pick_faults
+
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        print("\n".join(table(result["phases"]) + failure_lines(result["phases"])))
+        if args.benchmarks:
+            write_section(Path(args.benchmarks), "chaos", "Chaos: faults under load (`make chaos`)", section(result))
+        return 0 if result["passed"] else 1
 
     faults = args.faults.split(",") if args.faults else None
     try:
@@ -90,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         timing=Timing(lead_s=args.lead, tail_s=args.tail, probes=args.probes),
         probe_tokens=args.probe_tokens,
     )
+    version = code_version()
     result = asyncio.run(run_chaos(cfg, machine()))
+    result["code"] = version
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -79,7 +79,7 @@ async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
     finish soonest, so under light load a worker just restarted (no adapter loaded yet) may get
     nothing for long."""
     deadline = time.monotonic() + limit_s
-    nudged = 0.0
+    nudged, nudges = 0.0, 0
     while True:
         try:
             n = await ctx.stack.inflight_on(worker) if worker else len(await ctx.stack.inflight_keys())
@@ -87,8 +87,9 @@ async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
             n = 0
         if n > 0 or time.monotonic() > deadline:
             return n
-        if ctx.nudge is not None and time.monotonic() - nudged > 0.3:
+        if ctx.nudge is not None and time.monotonic() - nudged > 0.3 and nudges < 30:
             ctx.nudge()
+            nudges += 1
             nudged = time.monotonic()
         await asyncio.sleep(0.05)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from dlora.loadgen.chaos.faults import Ctx, Fault, FaultLog, log_notes
 from dlora.loadgen.chaos.report import summarize_phase
+from dlora.loadgen.chaos.stack import StackError
 from dlora.loadgen.chaos.traffic import Ask, Outcome, StreamClient, Traffic
 
 
@@ -51,7 +52,8 @@ async def steady(ctx: Ctx, limit_s: float) -> dict[str, Any]:
             "inflight_left": len(left),
             "waited_s": round(time.monotonic() - start, 2),
         }
-        if state["ok"] or time.monotonic() - start > limit_s:
+        # a process that exited does not come back by itself: no use waiting for it
+        if state["ok"] or dead or time.monotonic() - start > limit_s:
             if left and not state["ok"]:
                 state["inflight_keys"] = left[:10]
             return state
@@ -72,6 +74,8 @@ async def recovery(ctx: Ctx, log: FaultLog, canary: StreamClient, asks: list[Ask
     await log.restored_event.wait()
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
+        if ctx.stack.dead():  # something exited after the fault was over: it will not recover
+            return None
         status, body = await ctx.stack.health()
         if status == 200 and body.get("workers") == ctx.stack.workers and await _canary(canary, asks):
             return time.monotonic() - log.start
@@ -107,6 +111,7 @@ async def run_phase(
     except TimeoutError:
         recovery_s = None
     after = await steady(ctx, timing.settle_s)
+    exited = await repair(ctx, offsets)
     # An empty Redis lost the adapter registry: say so, and register the adapters again (as an
     # operator would) so the faults after this one have them.
     reregistered: list[str] = []
@@ -127,4 +132,25 @@ async def run_phase(
         recovery_s=recovery_s,
         reregistered=reregistered,
         notes=notes,
+        exited=exited,
     )
+
+
+async def repair(ctx: Ctx, offsets: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Processes that exited during the phase: their exit status and last log lines (the evidence),
+    then started again (as an operator would), so the next fault is judged on its own."""
+    found: dict[str, dict[str, Any]] = {}
+    for name in ctx.stack.dead():
+        proc = ctx.stack.procs[name]
+        lines = [line for line in proc.log_since(offsets[name]).splitlines() if line.strip()]
+        found[name] = {"exit_status": proc.popen.returncode if proc.popen else None, "log_tail": lines[-8:]}
+        try:
+            if name in ("nats", "redis"):
+                await ctx.stack.start_server(name)
+            else:
+                await ctx.stack.restart_service(name)
+        except StackError as e:
+            found[name]["restart_failed"] = str(e)[-500:]
+    if found:
+        await steady(ctx, 60.0)
+    return found

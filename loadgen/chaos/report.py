@@ -44,6 +44,7 @@ def summarize_phase(
     recovery_s: float | None,
     reregistered: list[str],
     notes: dict[str, dict[str, int]],
+    exited: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     through_gateway = [o for o in outcomes if _through_killed_gateway(o, ctx)]
     counted = [o for o in outcomes if o not in through_gateway]
@@ -78,7 +79,7 @@ def summarize_phase(
         "probes": {
             "sent": len(probes),
             "exact": sum(1 for o in probes if o.completed and o.exact),
-            "mismatched": [{"adapter": o.ask.adapter, "got": o.text, "expected": o.ask.expected} for o in mismatched],
+            "mismatched": [_mismatch(o, ctx, log.start) for o in mismatched],
         },
         "hit_by_fault": len(hit),
         "affected_done_s": round(max((o.ended_at or 0) - log.start for o in hit), 2) if hit else None,
@@ -100,6 +101,7 @@ def summarize_phase(
         "events": log.events,
         "facts": log.facts,
         "service_log_notes": notes,
+        "exited": exited,  # processes that exited on their own during the phase (restarted after it)
     }
     result["pass"] = bool(
         not failed
@@ -108,9 +110,27 @@ def summarize_phase(
         and recovery_s is not None
         and after["ok"]
         and not reregistered
+        and not exited
         and not any(e["what"] == "the fault itself failed" for e in log.events)
     )
     return result
+
+
+def _mismatch(o: Outcome, ctx: Ctx, t0: float) -> dict[str, Any]:
+    """A probe whose text is not the oracle's: where they part, and its chunks as the bus saw them."""
+    got, expected = o.text, o.ask.expected or ""
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    return {
+        "request_id": o.request_id,
+        "adapter": o.ask.adapter,
+        "first_difference_at_char": at,
+        # the event (the chunk's seq) whose text first differs
+        "first_difference_at_seq": next((i for i, end in enumerate(o.text_ends) if end > at), None),
+        "got": got,
+        "expected": expected,
+        "retried": o.retried,
+        "chunks": _evidence(generation(ctx.tap.of(o.request_id or "")), t0),
+    }
 
 
 def _evidence(g: Generation, t0: float) -> dict[str, Any]:
@@ -172,6 +192,9 @@ def failure_lines(phases: list[dict[str, Any]]) -> list[str]:
                 f"- {p['fault']}: {tg['requests']} routed through the killed gateway ({reasons}); "
                 f"workers generated {tg['tokens_generated_after_it_died']} tokens for them after it died"
             )
+        for name, e in p.get("exited", {}).items():
+            tail = " / ".join(e["log_tail"][-3:])[:400]
+            out.append(f"- {p['fault']}: {name} exited by itself (status {e['exit_status']}): {tail}")
         if p["adapters_reregistered"]:
             out.append(
                 f"- {p['fault']}: the adapter registry was gone afterwards; re-registered "
@@ -200,3 +223,19 @@ def summary(phases: list[dict[str, Any]], machine: str, config: dict[str, Any]) 
         "passed": all(p["pass"] for p in phases),
         "phases": phases,
     }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit of the code this process runs (and the stack with it: the services inherit its
+    import path), and the files changed since: a chaos run tests a working tree."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*a: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "tree": str(root), "uncommitted": changed}

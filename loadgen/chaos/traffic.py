@@ -49,6 +49,8 @@ class Outcome:
     finish_reason: str | None = None
     error: str | None = None
     text: str = ""
+    # the text's length after each event: an event carries one chunk, numbered from 0 (its seq)
+    text_ends: list[int] = field(default_factory=list)
     tokens: int = 0  # the usage's completion tokens
     events: int = 0
     done_marker: bool = False  # "data: [DONE]" came
@@ -187,6 +189,7 @@ class StreamClient:
             o.events += 1
             choice = event["choices"][0]
             o.text += choice.get("text") or ""
+            o.text_ends.append(len(o.text))
             o.finish_reason = choice.get("finish_reason") or o.finish_reason
 
     async def close(self) -> None:
