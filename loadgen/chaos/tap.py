@@ -41,7 +41,9 @@ class Generation:
 
     published_tokens: int = 0
     attempts: int = 1  # distinct attempts that published anything
-    # The same chunk (attempt and sequence number) published twice by one worker: generated twice.
+    # The same chunk (attempt and sequence number) published again by the worker that generated it:
+    # sent twice, not generated twice (a worker re-sends its recent chunks after a NATS reconnect,
+    # since what went out meanwhile may be lost; one attempt generates each position once).
     same_attempt_duplicates: int = 0
     # Chunks a later attempt published again (a resume starts where the record says, which lags by
     # the step that went out just before the worker died): harmless (the gateway drops them) as long
@@ -58,7 +60,7 @@ class Generation:
     @property
     def twice(self) -> bool:
         """Whether something was generated twice beyond the one re-sent step a takeover may cost."""
-        return bool(self.same_attempt_duplicates or self.stale_after_takeover or self.regenerated > self.attempts - 1)
+        return bool(self.stale_after_takeover or self.regenerated > self.attempts - 1)
 
 
 def generation(chunks: list[Seen]) -> Generation:
@@ -71,7 +73,7 @@ def generation(chunks: list[Seen]) -> Generation:
     g.workers = sorted({c.worker for c in ours})
     per_chunk = Counter((c.worker, c.attempt, c.seq) for c in ours)
     g.same_attempt_duplicates = sum(n - 1 for n in per_chunk.values())
-    by_seq: dict[int, set[int]] = {}
+    by_seq: dict[int, set[int]] = {}  # chunk -> the attempts that generated it
     for c in ours:
         by_seq.setdefault(c.seq, set()).add(c.attempt)
     g.regenerated = sum(len(a) - 1 for a in by_seq.values())
