@@ -30,6 +30,11 @@ class Clients:
         if len(self._last) > 64:
             self._last = {c: t for c, t in self._last.items() if now - t < 100 * self.ttl_s}
 
+    def forgive(self, now: float) -> None:
+        """Count every known client as heard from ``now``: the observer's own connection was down,
+        so their silence meanwhile says nothing about them."""
+        self._last = dict.fromkeys(self._last, now)
+
     def gone(self, client: str, now: float) -> bool:
         """True when ``client`` was heard from and has been silent for more than the TTL."""
         last = self._last.get(client)

@@ -20,8 +20,9 @@ P = subjects.PREFIX
 ROLES = ("gateway", "dispatcher", "worker", "migrator")
 # The application user `dlora up` creates; a deployment adds one per application (app_permissions).
 APP_USER = "app"
-# JetStream's API and the adapter registry's key-value bucket (common/registry.py).
-_JETSTREAM = ["$JS.API.>", f"$KV.{P}-adapters.>"]
+# JetStream's API, the flow control and acknowledgements of the consumers that read buckets (a
+# restore's key listing), and the adapter registry's key-value bucket (common/registry.py).
+_JETSTREAM = ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", f"$KV.{P}-adapters.>"]
 # The inference API keys' bucket (common/registry.py KeyRegistry): the gateway's alone, and the
 # `dlora keys` command's, which connects as the gateway.
 _KEYS_BUCKET = f"$KV.{P}-keys.>"

@@ -299,6 +299,10 @@ class StateStore:
             (msgspec.json.decode(v, type=WorkerStats) for v in values if v is not None), key=lambda s: s.worker
         )
 
+    async def beating(self, worker: str) -> bool:
+        """Whether ``worker``'s heartbeat key is there (it wrote one within the TTL)."""
+        return bool(await self.r.exists(f"{self.p}:worker:{worker}"))
+
     async def forget_worker(self, worker: str) -> None:
         await self.r.delete(f"{self.p}:worker:{worker}")
         await self.set_placement(worker, [])

@@ -55,6 +55,7 @@ class Dispatcher:
         self._turn = 0
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
+        self._reconnects = nc.stats["reconnects"]
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
@@ -104,12 +105,21 @@ class Dispatcher:
                 redis.failed(e)
 
     async def _look(self, now: float) -> None:
-        await self.registry.restore()  # Redis came back empty: the adapters are still registered
+        if self.nc.stats["reconnects"] != self._reconnects:  # our own outage: their silence was ours
+            self._reconnects = self.nc.stats["reconnects"]
+            self.clients.forgive(now)
+            self.workers = {w: (st, now) for w, (st, _) in self.workers.items()}
+        try:  # Redis came back empty: the adapters are still registered
+            await self.registry.restore()
+        except Exception as e:  # noqa: BLE001 - NATS or JetStream down: restored on a later look
+            logger.warning("adapter registry not restored", error=f"{type(e).__name__}: {e}")
         if now - self._placed_at > self.s.placement_interval_s:
             self._placed_at = now
             await self.replan_placement()
         for worker, (st, at) in list(self.workers.items()):
             if now - at > self.s.heartbeat_ttl_s:
+                if await self.store.beating(worker):
+                    continue  # its stats do not reach us, but its heartbeat does: not lost
                 if await self.store.claim_recovery(f"{worker}:{st.incarnation}:{st.sent}"):
                     await self.recover(worker)
                 del self.workers[worker]
@@ -204,13 +214,10 @@ class Dispatcher:
             await self._fail(req, req.next_seq, "no worker is available", ErrorCode.UNAVAILABLE)
             return
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
-        if expect is not None:
-            if await self.store.put_inflight(req, worker, expect):
-                await self.nc.publish(subjects.worker_requests(worker), _encode.encode(req))
-            return
-        # Forward first: the Redis round trip stays off the request's path.
-        await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
-        await self.store.put_inflight(req, worker)
+        # Recorded first: a record made after its request ended (refused at once, or aborted) would
+        # outlive it and be handed back; one whose message is lost is handed back, as it should.
+        if await self.store.put_inflight(req, worker, expect):
+            await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
 
     async def _fail(self, req: GenerateRequest, seq: int, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
         chunk = TokenChunk(

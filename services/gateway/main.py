@@ -43,6 +43,7 @@ from dlora.services.gateway.health import readiness, retry_after_s
 from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
+from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import ResponseWriter, RunningChoice
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import (
@@ -177,7 +178,9 @@ class Gateway:
                 await self._abort(list(by_id.values()))
                 raise
             while (late := next((c for c in choices if c.out.finish_reason is None), None)) is not None:
-                chunk = await self._next_chunk(replies, late)
+                # A choice with a gap in its chunks waits for it only so long (the re-sends)
+                gap = next((c for c in choices if c.replies and c.replies.gap_open), None)
+                chunk = await self._next_chunk(replies, gap or late, GAP_WAIT_S if gap else self.s.chunk_timeout_s)
                 if chunk is None:
                     continue
                 if request.transport is None or request.transport.is_closing():
@@ -208,15 +211,17 @@ class Gateway:
             for rid in by_id:
                 del self.replies[rid]
 
-    async def _next_chunk(self, replies: asyncio.Queue[bytes], late: RunningChoice) -> TokenChunk | None:
-        """The next reply to this request, decoded; after ``chunk_timeout_s`` without one, an
+    async def _next_chunk(
+        self, replies: asyncio.Queue[bytes], late: RunningChoice, timeout_s: float
+    ) -> TokenChunk | None:
+        """The next reply to this request, decoded; after ``timeout_s`` without one, an
         UNAVAILABLE error for ``late`` (a choice not over yet). None: a reply that does not decode
         (logged and counted as a reject)."""
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
         # cancellation when get() completes at the same moment (CPython #86296), and the
         # request then ran to the end for a client long gone.
         try:
-            async with asyncio.timeout(self.s.chunk_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 data = await replies.get()
         except TimeoutError:
             return TokenChunk(

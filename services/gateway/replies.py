@@ -39,6 +39,11 @@ class ReplyStream:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def gap_open(self) -> bool:
+        """Chunks wait for an earlier one that has not come (yet)."""
+        return bool(self._ahead) and not self.done
+
     def take(self, chunk: TokenChunk, now: float = 0.0) -> list[TokenChunk]:
         """Take ``chunk`` (arrived at ``now``, monotonic seconds); returns the chunks to deliver now,
         in order: none for a duplicate or anything after the end, several when it fills a gap.
@@ -55,7 +60,9 @@ class ReplyStream:
         (that worker stalled, was given up and resumed; the request was re-dispatched)."""
         if self.done or (chunk.worker and chunk.recoveries < self.attempt):
             return []
-        self.attempt = max(self.attempt, chunk.recoveries)
+        if chunk.recoveries > self.attempt:  # held chunks of an earlier attempt are fenced too
+            self.attempt = chunk.recoveries
+            self._ahead = {seq: c for seq, c in self._ahead.items() if not c.worker or c.recoveries >= self.attempt}
         if chunk.error is not None:
             if chunk.seq < self.next_seq and chunk.worker not in ("", self.worker):
                 return []

@@ -33,8 +33,9 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.state import StateStore
-from dlora.services.worker.chunks import Resend, Stream, chunk_for, error_chunk, open_stream
+from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
+from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine, RequestError, RequestOutput
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
@@ -49,14 +50,10 @@ logger = log.get("worker")
 
 _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
 _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
-# A record this fresh may be for a request whose message is still on its way here: not handed back.
+# A record this fresh may be for a request whose message is still on its way here: not handed
+# back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
 _ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
-# Chunks are published again after a NATS reconnect if they went out this recently (a restart of
-# the server takes a few seconds), twice: readers re-subscribe when they reconnect, which takes
-# nats-py up to its reconnect wait (2 s by default) after the server is back.
-_RESEND_WINDOW_S = 15.0
-_RESEND_DELAYS_S = (1.0, 3.0)
 
 
 class WorkerService:
@@ -89,10 +86,10 @@ class WorkerService:
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
         self._sent_at = time.monotonic()  # when the last step's chunks went out
-        self.resend = Resend(_RESEND_WINDOW_S)
-        self._resending: asyncio.Task[None] | None = None
+        self.delivery = Delivery(nc)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self._progress_outage = bus.Outage("in-flight progress records (redis)")
+        self.unrecorded_ends: dict[str, int] = {}  # finished requests whose records are not yet deleted
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -208,10 +205,13 @@ class WorkerService:
         )
         self.engine.abort(move.request_id)
         del self.streams[move.request_id]
+        if await self.store.fenced(self.s.worker_id, {move.request_id: stream.request.recoveries}):
+            return  # given up here meanwhile (this worker stalled): a later attempt serves it
+        # Recorded at the destination first: what it writes then is its own, not fenced.
+        await self.store.put_inflight(resumed, move.to_worker)
         for chunk in chunks:
             await bus.publish(self.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
         await bus.publish(self.nc, subjects.worker_requests(move.to_worker), resumed)
-        await self.store.put_inflight(resumed, move.to_worker)
         logger.info(
             "request moved",
             request=move.request_id,
@@ -336,22 +336,26 @@ class WorkerService:
             if stream is None:  # aborted while the step ran
                 continue
             chunk = chunk_for(out, stream, self.s.worker_id, now)
-            self.resend.add(now, stream.reply_to, chunk)
-            await bus.publish(self.nc, stream.reply_to, chunk)
-            held = seq.detok.pending if (seq := self.engine.seqs.get(out.request_id)) else 0
-            sent[out.request_id] = (stream.request.recoveries, out.new_token_ids, held)
+            # Recorded only if handed to NATS: the record says what a resume need not send again.
+            if await self.delivery.publish(stream.reply_to, chunk):
+                held = seq.detok.pending if (seq := self.engine.seqs.get(out.request_id)) else 0
+                sent[out.request_id] = (stream.request.recoveries, out.new_token_ids, held)
             if out.finished:
                 del self.streams[out.request_id]
                 if out.error is None:
                     self.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == FinishReason.LENGTH)
         # Flush before the Redis bookkeeping: left to nats-py's flusher the chunks go out about a
         # millisecond later (measured: 2.9 ms added at p50 instead of 1.9).
-        await self.nc.flush()
+        with contextlib.suppress(Exception):  # NATS down: they go out on reconnect (and are re-sent)
+            await self.nc.flush(timeout=1)
         self._sent_at = time.monotonic()
         running = {rid: v for rid, v in sent.items() if rid in self.streams}
-        finished = {rid: attempt for rid, (attempt, _, _) in sent.items() if rid not in self.streams}
+        # Finished requests' records go with this write, or with a later one if it fails: left
+        # behind they would be handed back and generated again.
+        self.unrecorded_ends |= {rid: attempt for rid, (attempt, _, _) in sent.items() if rid not in self.streams}
         try:
-            fenced = await self.store.record_progress(self.s.worker_id, running, finished)
+            fenced = await self.store.record_progress(self.s.worker_id, running, self.unrecorded_ends)
+            self.unrecorded_ends = {}
             self._progress_outage.succeeded()
         except Exception as e:  # noqa: BLE001 - the tokens went out; only recovery's record lags
             self._progress_outage.failed(e)
@@ -379,6 +383,9 @@ class WorkerService:
             if stream.request.client and self.clients.gone(stream.request.client, now):
                 logger.info("request abandoned: its client is gone", request=rid, client=stream.request.client)
                 await self._drop(rid)
+        if self.unrecorded_ends:
+            await self.store.record_progress(self.s.worker_id, {}, self.unrecorded_ends)
+            self.unrecorded_ends = {}
         lost = await self.store.sweep_inflight(
             self.s.worker_id, set(self.streams) | self.pending, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s)
         )
@@ -390,7 +397,7 @@ class WorkerService:
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if time.monotonic() - self._swept_at > self.s.heartbeat_ttl_s / 4:
+            if time.monotonic() - self._swept_at > min(self.s.heartbeat_ttl_s / 4, _HANDBACK_GRACE_S):
                 self._swept_at = time.monotonic()
                 try:
                     await self._reconcile()
@@ -420,21 +427,11 @@ class WorkerService:
         stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
         return msgspec.structs.replace(stats, incarnation=self.incarnation)
 
-    async def _resend(self) -> None:
-        for delay in _RESEND_DELAYS_S:
-            await asyncio.sleep(delay)
-            recent = self.resend.recent(time.monotonic())
-            logger.info("nats reconnected: recent chunks sent again", chunks=len(recent))
-            for subject, chunk in recent:
-                await bus.publish(self.nc, subject, chunk)
-
     async def publish_stats(self, stop: asyncio.Event) -> None:
         outage = bus.Outage("stats and heartbeat (nats, redis)")
-        reconnects = self.nc.stats["reconnects"]
         while not stop.is_set():
-            if self.nc.stats["reconnects"] > reconnects:  # what went out meanwhile may be lost
-                reconnects = self.nc.stats["reconnects"]
-                self._resending = asyncio.create_task(self._resend())
+            if self.delivery.reconnected():  # what went out meanwhile may be lost: sent again
+                self.clients.forgive(time.monotonic())  # and the clients' silence was ours
             stats = msgspec.structs.replace(self.stats, sent=time.time())
             try:
                 await bus.publish(self.nc, subjects.stats(self.s.worker_id), stats)

@@ -88,3 +88,13 @@ def test_a_stalled_workers_chunks_are_dropped_once_a_later_attempt_spoke() -> No
     assert not r.accept(late_error) and not r.done
     assert r.accept(chunk(2, text="c", worker="w-new", recoveries=1, finish_reason=FinishReason.STOP))
     assert r.text == "abc" and r.attempt == 1
+
+
+def test_held_chunks_of_an_earlier_attempt_are_dropped_when_a_later_one_speaks() -> None:
+    r = ReplyStream("r")
+    r.take(chunk(0, worker="w-hung"))
+    assert r.take(chunk(2, text="stale", worker="w-hung")) == []  # held behind a gap
+    assert r.gap_open
+    assert [c.text for c in r.take(chunk(1, text="b", worker="w-new", recoveries=1))] == ["b"]
+    assert not r.gap_open  # the stale attempt's chunk 2 went with its attempt
+    assert [c.text for c in r.take(chunk(2, text="c", worker="w-new", recoveries=1))] == ["c"]

@@ -1,0 +1,62 @@
+"""Getting a worker's token chunks to their readers through NATS outages.
+
+A chunk published while the connection is down waits in nats-py's buffer and goes out on
+reconnect, but a reader that has not re-subscribed by then misses it; and a long outage fills the
+buffer, when publishing raises. So every chunk is kept for ``RESEND_WINDOW_S`` and, when the
+connection comes back, the recent ones are published again, twice: readers re-subscribe when
+they reconnect, which takes nats-py up to its reconnect wait (2 s by default) after the server is
+back. Readers drop what they already have by ``seq`` (the gateway's ReplyStream)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+
+from dlora.common import bus, log
+from dlora.common.messages import TokenChunk
+from dlora.services.worker.chunks import Resend
+
+RESEND_WINDOW_S = 15.0  # a server restart takes a few seconds; what went out before it may be lost too
+RESEND_DELAYS_S = (1.0, 3.0)  # after the reconnect is seen
+
+logger = log.get("worker")
+
+
+class Delivery:
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.resend = Resend(RESEND_WINDOW_S)
+        self._outage = bus.Outage("token chunks (nats)")
+        self._reconnects = nc.stats["reconnects"]
+        self._resending: asyncio.Task[None] | None = None
+
+    async def publish(self, subject: str, chunk: TokenChunk) -> bool:
+        """Publish ``chunk`` and keep it for a re-send. False when NATS refused it (closed, or its
+        buffer full in a long outage): logged, never raised."""
+        self.resend.add(time.monotonic(), subject, chunk)
+        try:
+            await bus.publish(self.nc, subject, chunk)
+        except NatsError as e:
+            self._outage.failed(e)
+            return False
+        self._outage.succeeded()
+        return True
+
+    def reconnected(self) -> bool:
+        """Whether the connection came back since the last call; if so the re-sends are under way."""
+        if self.nc.stats["reconnects"] == self._reconnects:
+            return False
+        self._reconnects = self.nc.stats["reconnects"]
+        self._resending = asyncio.create_task(self._resend())
+        return True
+
+    async def _resend(self) -> None:
+        for delay in RESEND_DELAYS_S:
+            await asyncio.sleep(delay)
+            recent = self.resend.recent(time.monotonic())
+            logger.info("nats reconnected: recent chunks sent again", chunks=len(recent))
+            for subject, chunk in recent:
+                await self.publish(subject, chunk)
