@@ -30,7 +30,7 @@ class Delivery:
         self.nc = nc
         self.resend = Resend(RESEND_WINDOW_S)
         self._outage = bus.Outage("token chunks (nats)")
-        self._reconnects = nc.stats["reconnects"]
+        self._reconnects: int | None = None  # as of the first look (the connection may come later)
         self._resending: asyncio.Task[None] | None = None
 
     async def publish(self, subject: str, chunk: TokenChunk) -> bool:
@@ -47,9 +47,9 @@ class Delivery:
 
     def reconnected(self) -> bool:
         """Whether the connection came back since the last call; if so the re-sends are under way."""
-        if self.nc.stats["reconnects"] == self._reconnects:
+        seen, self._reconnects = self._reconnects, self.nc.stats["reconnects"]
+        if seen is None or seen == self._reconnects:
             return False
-        self._reconnects = self.nc.stats["reconnects"]
         self._resending = asyncio.create_task(self._resend())
         return True
 
