@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from dlora.loadgen.chaos.report import code_version
+from dlora.loadgen.chaos.report import code_version, version_text
 from dlora.loadgen.chaos.stack import ChaosStack, demo_model
 
 KINDS = {"stream": 0.45, "plain": 0.2, "chat": 0.2, "abandon": 0.15}
@@ -234,7 +234,8 @@ def section(result: dict[str, Any]) -> str:
         f"Measured on {result['machine']}, {result['date']}: {minutes:g} minutes of mixed load at "
         f"{result['rate']:g} req/s ({', '.join(f'{k} {v:.0%}' for k, v in result['mix'].items())}; "
         f"8-64 output tokens over the base model and the 4 demo adapters), sampled every "
-        f"{result['interval_s']:g} s. Sent {sum(result['sent'].values())}, answered as expected "
+        f"{result['interval_s']:g} s; code: {version_text(result.get('code'))}. Sent {sum(result['sent'].values())}, "
+        "answered as expected "
         f"{sum(result['ok'].values())}, failed {sum(result['failures'].values())}.",
         "",
         *rows,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dlora.loadgen.chaos.phases import Timing
-from dlora.loadgen.chaos.report import code_version, failure_lines, table
+from dlora.loadgen.chaos.report import code_version, failure_lines, table, version_text
 from dlora.loadgen.chaos.run import ChaosConfig, run_chaos
 from dlora.loadgen.chaos.stack import demo_model
 from dlora.loadgen.chaos.traffic import LoadShape
@@ -47,7 +47,7 @@ def section(result: dict[str, Any]) -> str:
         f"{load['output_tokens'][1]} output tokens, over the base model and {len(cfg['adapters'])} adapters, "
         f"plus {cfg['timing']['probes']} probes of {cfg['probe_tokens']} tokens per fault compared with the "
         f"offline oracle; the client retries as the openai package does ({cfg['client_retries']} retries on "
-        f"429/503/refused, honouring Retry-After). Code: {_version(result)}. "
+        f"429/503/refused, honouring Retry-After). Code: {version_text(result.get('code'))}. "
         f"Overall: **{'pass' if result['passed'] else 'fail'}**.",
         "",
         *table(result["phases"]),
@@ -69,12 +69,6 @@ def section(result: dict[str, Any]) -> str:
     if notes:
         lines += ["", "What failed, per fault:", "", *notes]
     return "\n".join(lines)
-
-
-def _version(result: dict[str, Any]) -> str:
-    code = result.get("code") or {}
-    dirty = code.get("uncommitted") or []
-    return f"commit {code.get('commit', '?')}" + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

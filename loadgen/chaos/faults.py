@@ -37,9 +37,9 @@ class FaultLog:
     def event(self, what: str, **facts: Any) -> None:
         self.events.append({"t_s": round(time.monotonic() - self.t0, 2), "what": what, **facts})
 
-    def hit(self, what: str, **facts: Any) -> None:
-        """A signal sent: the first one is when the fault hit, which recovery is timed from."""
-        self.hit_at = self.hit_at or time.monotonic()
+    def hit(self, what: str, at: float, **facts: Any) -> None:
+        """A signal sent at ``at``: the first one is when the fault hit, which recovery is timed from."""
+        self.hit_at = self.hit_at or at
         self.event(what, **facts)
 
     def restored(self) -> None:
@@ -96,9 +96,10 @@ async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
 
 async def _sigkill_worker(ctx: Ctx, log: FaultLog, worker: str) -> float:
     n = await _busy(ctx, worker)
+    at = time.monotonic()
     await ctx.stack.kill(worker)
-    log.hit("SIGKILL", target=worker, in_flight=n)
-    return time.monotonic()
+    log.hit("SIGKILL", at, target=worker, in_flight=n)
+    return at
 
 
 async def _restart_worker(ctx: Ctx, log: FaultLog, worker: str, killed_at: float) -> None:
@@ -182,8 +183,9 @@ def worker_stalled(worker: str) -> Fault:
 
     async def inject(ctx: Ctx, log: FaultLog) -> None:
         n = await _busy(ctx, worker)
+        at = time.monotonic()
         ctx.stack.procs[worker].signal(signal.SIGSTOP)
-        log.hit("SIGSTOP", target=worker, in_flight=n)
+        log.hit("SIGSTOP", at, target=worker, in_flight=n)
         stall = ctx.stack.heartbeat_ttl_s + 3.0
         await asyncio.sleep(stall)
         ctx.stack.procs[worker].signal(signal.SIGCONT)
@@ -200,7 +202,7 @@ def service_killed(name: str) -> Fault:
         await ctx.stack.kill(name)
         if name == "gateway":
             ctx.gateway_gen += 1
-        log.hit("SIGKILL", target=name, in_flight=n)
+        log.hit("SIGKILL", killed, target=name, in_flight=n)
         await ctx.stack.restart_service(name)
         back = time.monotonic()
         if name == "gateway":
@@ -222,7 +224,7 @@ def server_restarted(name: str, wipe: bool = False) -> Fault:
         if name == "redis":
             log.facts["keys_before"] = await ctx.stack.redis.dbsize()
         await ctx.stack.kill(name)
-        log.hit("SIGKILL", target=name, in_flight=n)
+        log.hit("SIGKILL", killed, target=name, in_flight=n)
         await asyncio.sleep(1.0)  # down for a moment: clients meet refused connections
         await ctx.stack.start_server(name, wipe=wipe)
         back = time.monotonic()

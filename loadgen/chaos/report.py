@@ -57,10 +57,12 @@ def summarize_phase(
     twice = {rid: g for rid, g in gens.items() if g.twice}
     # Work done for nobody: tokens workers published for requests whose client was cut off with
     # the killed gateway, after it died.
-    abandoned = 0
+    abandoned, abandoned_until = 0, 0.0
     for o in through_gateway:
         if o.request_id and o.broke_at is not None:
-            abandoned += sum(c.tokens for c in ctx.tap.of(o.request_id) if c.worker and c.at > o.broke_at)
+            late = [c for c in ctx.tap.of(o.request_id) if c.worker and c.at > o.broke_at]
+            abandoned += sum(c.tokens for c in late)
+            abandoned_until = max([abandoned_until, *(c.at - log.start for c in late)])
     gaps = [o.max_gap_s for o in counted if o.completed]
     result: dict[str, Any] = {
         "fault": fault.name,
@@ -75,6 +77,7 @@ def summarize_phase(
             "requests": len(through_gateway),
             "reasons": dict(Counter(_reason(o) for o in through_gateway).most_common(5)),
             "tokens_generated_after_it_died": abandoned,
+            "last_of_them_s": round(abandoned_until, 2),  # after the kill (its heartbeat TTL bounds it)
         },
         "probes": {
             "sent": len(probes),
@@ -240,3 +243,10 @@ def code_version() -> dict[str, Any]:
 
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD"), "tree": str(root), "uncommitted": changed}
+
+
+def version_text(code: dict[str, Any] | None) -> str:
+    """``code_version()`` in words, for BENCHMARKS.md."""
+    code = code or {}
+    dirty = code.get("uncommitted") or []
+    return f"commit {code.get('commit', '?')}" + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "")
