@@ -87,7 +87,8 @@ def summarize_phase(
         "hit_by_fault": len(hit),
         "affected_done_s": round(max((o.ended_at or 0) - log.start for o in hit), 2) if hit else None,
         "longest_stall_s": round(max(gaps), 2) if gaps else None,
-        "resumed": sum(1 for g in gens.values() if g.attempts > 1),
+        # served, in part or whole, by a later attempt (re-dispatched after its worker was lost)
+        "resumed": sum(1 for g in gens.values() if g.last_attempt > 0),
         "generated_twice": {
             "requests": len(twice),
             "resent_chunks": sum(g.same_attempt_duplicates for g in gens.values()),  # sent again, not generated

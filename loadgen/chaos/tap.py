@@ -41,6 +41,7 @@ class Generation:
 
     published_tokens: int = 0
     attempts: int = 1  # distinct attempts that published anything
+    last_attempt: int = 0  # the latest attempt that published: above 0, a recovery served it
     # The same chunk (attempt and sequence number) published again by the worker that generated it:
     # sent twice, not generated twice (a worker re-sends its recent chunks after a NATS reconnect,
     # since what went out meanwhile may be lost; one attempt generates each position once).
@@ -70,6 +71,7 @@ def generation(chunks: list[Seen]) -> Generation:
         return g
     g.published_tokens = sum(c.tokens for c in ours)
     g.attempts = len({c.attempt for c in ours})
+    g.last_attempt = max(c.attempt for c in ours)
     g.workers = sorted({c.worker for c in ours})
     per_chunk = Counter((c.worker, c.attempt, c.seq) for c in ours)
     g.same_attempt_duplicates = sum(n - 1 for n in per_chunk.values())
