@@ -141,19 +141,22 @@ return fenced
 """
 )
 
-# KEYS: in-flight hashes. ARGV: worker, then per key its attempt. Returns the fenced keys' indexes.
-_FENCED_LUA = (
-    _MINE_LUA
-    + """
+# KEYS: in-flight hashes. ARGV: worker, "1" if a missing record counts as fenced, then per key its
+# attempt. Returns the indexes of the keys that name another worker or attempt (or are gone).
+_FENCED_LUA = """
 local fenced = {}
 for i, key in ipairs(KEYS) do
-  if not mine(key, ARGV[1], ARGV[i + 1]) then
+  local rec = redis.call('HMGET', key, 'worker', 'recoveries')
+  if rec[1] == false then
+    if ARGV[2] == '1' then
+      table.insert(fenced, i)
+    end
+  elseif rec[1] ~= ARGV[1] or rec[2] ~= ARGV[i + 2] then
     table.insert(fenced, i)
   end
 end
 return fenced
 """
-)
 
 # KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, then the ids the
 # worker holds. Refreshes the held records' expiry, drops index entries whose record expired or
@@ -378,14 +381,17 @@ class StateStore:
         args += [x for entry in entries for x in entry]
         return {_text(rid) for rid in await self._progress(keys=keys, args=args)}
 
-    async def fenced(self, worker: str, attempts: dict[str, int]) -> set[str]:
+    async def fenced(self, worker: str, attempts: dict[str, int], gone_too: bool = False) -> set[str]:
         """The ids (of ``attempts``: id -> attempt) whose record no longer names ``worker`` and that
-        attempt; read only (a worker that was stalled checks before it sends anything)."""
+        attempt, and with ``gone_too`` those whose record is gone; read only. A stalled worker asks
+        with ``gone_too`` before it sends anything: a request re-dispatched meanwhile may have
+        finished elsewhere, its record deleted (dispatched and moved requests are recorded before
+        they are sent, so only one sent straight to the worker has none from the start)."""
         if not attempts:
             return set()
         ids = list(attempts)
         keys = [f"{self.p}:inflight:{rid}" for rid in ids]
-        found = await self._fenced(keys=keys, args=[worker, *attempts.values()])
+        found = await self._fenced(keys=keys, args=[worker, int(gone_too), *attempts.values()])
         return {ids[int(i) - 1] for i in found}
 
     async def sweep_inflight(self, worker: str, held: set[str], grace_s: float) -> dict[str, int]:

@@ -23,7 +23,10 @@ def redis_acl(password: str, prefix: str) -> list[str]:
     # One word per argument: redis-server joins the words after "--user" into the directive (one
     # argument with spaces would be read as a single, quoted, user name).
     rules = [REDIS_USER, "on", f">{password}", f"~{prefix}:*", f"&{prefix}:*", "+@all", "-@dangerous"]
-    return ["--user", "default", "off", "--user", *rules]
+    # The default user cannot log in (off) but keeps every permission: redis-server 7.0 replays its
+    # append-only file as the default user, and refused every MULTI/EXEC of it (each two-key
+    # script) after a restart when the default user had none.
+    return ["--user", "default", "off", "~*", "&*", "+@all", "--user", *rules]
 
 
 class ServerError(RuntimeError):

@@ -367,7 +367,7 @@ class WorkerService:
     async def _drop_fenced(self, outputs: list[RequestOutput]) -> None:
         attempts = {o.request_id: s.request.recoveries for o in outputs if (s := self.streams.get(o.request_id))}
         try:
-            fenced = await self.store.fenced(self.s.worker_id, attempts)
+            fenced = await self.store.fenced(self.s.worker_id, attempts, gone_too=True)
         except bus.STATE_OUTAGE:
             return  # cannot tell: send (a reader drops an earlier attempt's chunks anyway)
         for rid in fenced:

@@ -79,6 +79,8 @@ async def test_a_given_up_attempt_is_fenced(redis: Redis) -> None:
     assert await s.put_inflight(again, "w2", expect=("w1", 0))
     assert not await s.put_inflight(again, "w3", expect=("w1", 0))  # a second dispatcher is too late
     assert await s.fenced("w1", {"r": 0}) == {"r"} and await s.fenced("w2", {"r": 1}) == set()
+    assert await s.fenced("w2", {"gone": 0}) == set()  # sent straight to the worker: no record
+    assert await s.fenced("w2", {"gone": 0}, gone_too=True) == {"gone"}  # after a stall: over
     assert await s.record_progress("w1", {"r": (0, [6], 0)}, {}) == {"r"}
     assert await s.record_progress("w1", {}, {"r": 0}) == {"r"}  # its end does not drop the new record
     rec = await s.get_inflight("r")
