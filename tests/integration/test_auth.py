@@ -64,7 +64,8 @@ async def test_an_application_reaches_only_its_own_subjects(secured_nats: Server
         own = await app.subscribe(subjects.replies_of(f"{APP_USER}.mine"))
         await app.flush()
         await worker.publish(subjects.reply_inbox("r1", f"{APP_USER}.mine"), b"hello")
-        assert (await own.next_msg(timeout=5)).data == b"hello"
+        await worker.flush()
+        assert (await own.next_msg(timeout=20)).data == b"hello"
         # another user's replies, a worker's requests, plans, stats: refused by the server
         for subject in (subjects.replies_of("gw1"), subjects.worker_requests("w0"), subjects.REQUESTS):
             await app.subscribe(subject)
