@@ -54,27 +54,16 @@ redis.call('SET', KEYS[2], next)
 return next
 """
 
-# KEYS: the registry hash, the versions hash. ARGV: name, entry, name@version, replace (0/1).
-_PUT_ADAPTER_LUA = """
-if ARGV[4] == '1' then
+# KEYS: a hash and a second one written with it. ARGV: field, value, the second hash's field and
+# value, replace (0/1). Returns 0, writing nothing, when the field is taken and not ``replace``: an
+# adapter name registered twice, or a key a restore would put back over a revocation written since.
+_PUT_BOTH_LUA = """
+if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
-return 1
-"""
-
-# KEYS: the keys hash, the ids hash. ARGV: digest, key JSON, id, replace (0/1). Returns 0, writing
-# nothing, when the digest is already there and not ``replace`` (a restore does not undo a revocation
-# written since it read the durable copy).
-_PUT_API_KEY_LUA = """
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  return 0
-end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
@@ -209,17 +198,22 @@ class StateStore:
         self._put_inflight = redis.register_script(_PUT_INFLIGHT_LUA)
         self._fenced = redis.register_script(_FENCED_LUA)
         self._sweep = redis.register_script(_SWEEP_LUA)
-        self._put_adapter = redis.register_script(_PUT_ADAPTER_LUA)
-        self._put_api_key = redis.register_script(_PUT_API_KEY_LUA)
+        self._put_both = redis.register_script(_PUT_BOTH_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
         """Register ``entry`` atomically: False if its name is taken (unless ``replace``). Every
         version stays findable by name and version, for requests still running on it."""
         return bool(
-            await self._put_adapter(
+            await self._put_both(
                 keys=[f"{self.p}:adapters", f"{self.p}:adapter-versions"],
-                args=[entry.name, msgspec.json.encode(entry), f"{entry.name}@{entry.version}", int(replace)],
+                args=[
+                    entry.name,
+                    data := msgspec.json.encode(entry),
+                    f"{entry.name}@{entry.version}",
+                    data,
+                    int(replace),
+                ],
             )
         )
 
@@ -250,9 +244,9 @@ class StateStore:
         """Store ``key`` under its digest and id, atomically. Without ``replace`` a key whose digest
         is already stored is left as it is (False)."""
         return bool(
-            await self._put_api_key(
+            await self._put_both(
                 keys=[f"{self.p}:api-keys", f"{self.p}:api-key-ids"],
-                args=[key.digest, msgspec.json.encode(key), key.id, int(replace)],
+                args=[key.digest, msgspec.json.encode(key), key.id, key.digest, int(replace)],
             )
         )
 
