@@ -87,21 +87,10 @@ class AdapterRegistry:
 
     async def durable_entries(self) -> tuple[list[AdapterEntry], list[AdapterEntry]]:
         """The bucket's registered entries and every version's, as stored."""
-        if self.kv is None:
-            return [], []
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return [], []
         current: list[AdapterEntry] = []
         versions: list[AdapterEntry] = []
-        for key in keys:
-            try:
-                value = (await self.kv.get(key)).value
-            except KeyNotFoundError:  # removed since listed
-                continue
-            if value:
-                (current if key.startswith("current.") else versions).append(_decode.decode(value))
+        for key, value in (await _bucket_values(self.kv)).items():
+            (current if key.startswith("current.") else versions).append(_decode.decode(value))
         return current, versions
 
     async def restore(self) -> int:
@@ -197,21 +186,7 @@ class KeyRegistry:
 
     async def durable_keys(self) -> list[ApiKey]:
         """Every key in the bucket, as stored."""
-        if self.kv is None:
-            return []
-        try:
-            names = await self.kv.keys()
-        except NoKeysError:
-            return []
-        keys: list[ApiKey] = []
-        for name in names:
-            try:
-                value = (await self.kv.get(name)).value
-            except KeyNotFoundError:  # removed since listed
-                continue
-            if value:
-                keys.append(_decode_key.decode(value))
-        return keys
+        return [_decode_key.decode(value) for value in (await _bucket_values(self.kv)).values()]
 
     async def restore(self) -> int:
         """Put the durable keys back into Redis when it has none (it restarted empty); returns how
@@ -231,3 +206,19 @@ async def purge_keys(nc: NATS, prefix: str) -> None:
     """Delete the deployment's durable API keys (tests start each case from nothing)."""
     with contextlib.suppress(NotFoundError):  # none yet
         await nc.jetstream().delete_key_value(keys_bucket_name(prefix))
+
+
+async def _bucket_values(kv: KeyValue | None) -> dict[str, bytes]:
+    """Every key of a bucket with its value (none without a bucket; a key removed meanwhile skipped)."""
+    if kv is None:
+        return {}
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return {}
+    values: dict[str, bytes] = {}
+    for key in keys:
+        with contextlib.suppress(KeyNotFoundError):  # removed since listed
+            if value := (await kv.get(key)).value:
+                values[key] = value
+    return values
