@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from redis.asyncio import Redis
@@ -96,25 +96,31 @@ return 1
 
 # A record is the caller's while it names the caller and the caller's attempt; a copy for which it
 # does not (the request was given up on this worker and re-dispatched) is fenced: its writes are
-# refused and the ids returned, so the worker drops those copies.
+# refused and the ids returned, so the worker drops those copies. A missing record is the caller's
+# unless its copy was recorded before it was sent (GenerateRequest.recorded): then it ended or was
+# given up, and a copy sent straight to a worker never had one.
 _MINE_LUA = """
-local function mine(key, worker, recoveries)
+local function mine(key, worker, recoveries, recorded)
   local rec = redis.call('HMGET', key, 'worker', 'recoveries')
-  return rec[1] == false or (rec[1] == worker and rec[2] == recoveries)
+  if rec[1] == false then
+    return recorded ~= '1'
+  end
+  return rec[1] == worker and rec[2] == recoveries
 end
 """
 
 # KEYS: in-flight hashes. ARGV: worker, index key prefix, ttl ms, then per key its request id, its
 # attempt (recoveries), the step's token ids as "1,2,3," or "-" when it finished (the record goes),
-# and how many of the tokens so far have had their text held back. Records that do not exist are
-# left alone (requests sent straight to a worker have none).
+# and how many of the tokens so far have had their text held back. A missing record is left alone
+# and its copy not fenced: it was sent straight to the worker, or Redis lost its data (a running
+# request goes on; only a worker that stalled asks more strictly, with _FENCED_LUA).
 _PROGRESS_LUA = (
     _MINE_LUA
     + """
 local fenced = {}
 for i, key in ipairs(KEYS) do
   local id, recoveries, tokens = ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2]
-  if not mine(key, ARGV[1], recoveries) then
+  if not mine(key, ARGV[1], recoveries, '0') then
     table.insert(fenced, id)
   elseif tokens == "-" then
     redis.call('SREM', ARGV[2] .. ARGV[1], id)
@@ -130,22 +136,20 @@ return fenced
 """
 )
 
-# KEYS: in-flight hashes. ARGV: worker, "1" if a missing record counts as fenced, then per key its
-# attempt. Returns the indexes of the keys that name another worker or attempt (or are gone).
-_FENCED_LUA = """
+# KEYS: in-flight hashes. ARGV: worker, then per key its attempt and "1" if it was recorded before
+# it was sent. Returns the indexes of the keys whose copies are fenced.
+_FENCED_LUA = (
+    _MINE_LUA
+    + """
 local fenced = {}
 for i, key in ipairs(KEYS) do
-  local rec = redis.call('HMGET', key, 'worker', 'recoveries')
-  if rec[1] == false then
-    if ARGV[2] == '1' then
-      table.insert(fenced, i)
-    end
-  elseif rec[1] ~= ARGV[1] or rec[2] ~= ARGV[i + 2] then
+  if not mine(key, ARGV[1], ARGV[2 * i], ARGV[2 * i + 1]) then
     table.insert(fenced, i)
   end
 end
 return fenced
 """
+)
 
 # KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, then the ids the
 # worker holds. Refreshes the held records' expiry, drops index entries whose record expired or
@@ -187,6 +191,21 @@ class Inflight:
     tokens: list[int]  # tokens delivered so far: a resume continues after them
     recoveries: int = 0  # times it was re-dispatched after its worker died (the latest request's count)
     text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
+
+
+class Copy(NamedTuple):
+    """Which copy of a request a worker holds, as fencing asks it: its attempt
+    (``GenerateRequest.recoveries``, the fencing token), and whether a missing record means the
+    request is over (it was recorded before it was sent, and the worker asks after a stall: a
+    record can also go missing because Redis lost its data, and a running request must not be
+    dropped for that)."""
+
+    attempt: int
+    recorded: bool
+
+    @staticmethod
+    def of(request: GenerateRequest, stalled: bool) -> Copy:
+        return Copy(request.recoveries, stalled and request.recorded)
 
 
 class StateStore:
@@ -375,17 +394,16 @@ class StateStore:
         args += [x for entry in entries for x in entry]
         return {_text(rid) for rid in await self._progress(keys=keys, args=args)}
 
-    async def fenced(self, worker: str, attempts: dict[str, int], gone_too: bool = False) -> set[str]:
-        """The ids (of ``attempts``: id -> attempt) whose record no longer names ``worker`` and that
-        attempt, and with ``gone_too`` those whose record is gone; read only. A stalled worker asks
-        with ``gone_too`` before it sends anything: a request re-dispatched meanwhile may have
-        finished elsewhere, its record deleted (dispatched and moved requests are recorded before
-        they are sent, so only one sent straight to the worker has none from the start)."""
-        if not attempts:
+    async def fenced(self, worker: str, copies: dict[str, Copy]) -> set[str]:
+        """The ids (of ``copies``) whose copy here is fenced: the record names another worker or
+        attempt, or is gone though the copy was recorded before it was sent (the request ended
+        elsewhere, or was given up). Read only: a worker asks before it moves a request, and
+        before it sends anything after a stall."""
+        if not copies:
             return set()
-        ids = list(attempts)
+        ids = list(copies)
         keys = [f"{self.p}:inflight:{rid}" for rid in ids]
-        found = await self._fenced(keys=keys, args=[worker, int(gone_too), *attempts.values()])
+        found = await self._fenced(keys=keys, args=[worker, *(x for a, rec in copies.values() for x in (a, int(rec)))])
         return {ids[int(i) - 1] for i in found}
 
     async def sweep_inflight(self, worker: str, held: set[str], grace_s: float) -> dict[str, int]:

@@ -216,6 +216,8 @@ class Dispatcher:
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
+        if not req.recorded:  # its worker then takes a missing record after a stall for its end
+            req, raw = msgspec.structs.replace(req, recorded=True), None
         if await self.store.put_inflight(req, worker, expect):
             await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
 

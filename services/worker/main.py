@@ -32,11 +32,11 @@ from dlora.common.messages import (
     WorkerStats,
     with_seed,
 )
-from dlora.common.state import StateStore
+from dlora.common.state import Copy, StateStore
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.delivery import Delivery
-from dlora.services.worker.engine import LLMEngine, RequestError, RequestOutput
+from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
@@ -85,7 +85,11 @@ class WorkerService:
         self.incarnation = secrets.token_hex(6)
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
-        self._sent_at = time.monotonic()  # when the last step's chunks went out
+        # Stalls seen (no heartbeat got out for long enough to be given up on), and how many of
+        # them a strict fencing check has followed: see _stalled.
+        self.stalls = 0
+        self._stalls_checked = 0
+        self._beat_at = time.monotonic()  # when a heartbeat last got out
         self.delivery = Delivery(nc)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self._progress_outage = bus.Outage("in-flight progress records (redis)")
@@ -205,7 +209,7 @@ class WorkerService:
         )
         self.engine.abort(move.request_id)
         del self.streams[move.request_id]
-        if await self.store.fenced(self.s.worker_id, {move.request_id: stream.request.recoveries}):
+        if await self.store.fenced(self.s.worker_id, {move.request_id: Copy.of(stream.request, self._stalled())}):
             return  # given up here meanwhile (this worker stalled): a later attempt serves it
         # Recorded at the destination first: what it writes then is its own, not fenced.
         await self.store.put_inflight(resumed, move.to_worker)
@@ -326,10 +330,8 @@ class WorkerService:
             logger.exception("step failed", error=str(e))
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
         now = time.monotonic()
-        if now - self._sent_at > self.s.heartbeat_ttl_s:
-            # Nothing went out for a heartbeat TTL: this process may have been stopped long enough
-            # to be given up on, and its requests re-dispatched. Ask before sending anything.
-            await self._drop_fenced(outputs)
+        if self._stalled():  # ask before sending anything (for every request held, waiting ones too)
+            await self._drop_fenced(set(self.streams))
         sent: dict[str, tuple[int, list[int], int]] = {}  # attempt, new tokens, tokens with text held back
         for out in outputs:
             stream = self.streams.get(out.request_id)
@@ -348,7 +350,6 @@ class WorkerService:
         # millisecond later (measured: 2.9 ms added at p50 instead of 1.9).
         with contextlib.suppress(Exception):  # NATS down: they go out on reconnect (and are re-sent)
             await self.nc.flush(timeout=1)
-        self._sent_at = time.monotonic()
         running = {rid: v for rid, v in sent.items() if rid in self.streams}
         # Finished requests' records go with this write, or with a later one if it fails: left
         # behind they would be handed back and generated again.
@@ -360,19 +361,32 @@ class WorkerService:
         except Exception as e:  # noqa: BLE001 - the tokens went out; only recovery's record lags
             self._progress_outage.failed(e)
             return
-        for rid in fenced:  # given up here and re-dispatched: another attempt serves it now
+        for rid in fenced & running.keys():  # given up here and re-dispatched: another attempt serves it
             logger.warning("request fenced: a later attempt serves it", request=rid)
-            await self._drop(rid, record=False, attempt=sent[rid][0])
+            await self._drop(rid, record=False, attempt=running[rid][0])
 
-    async def _drop_fenced(self, outputs: list[RequestOutput]) -> None:
-        attempts = {o.request_id: s.request.recoveries for o in outputs if (s := self.streams.get(o.request_id))}
+    def _stalled(self) -> bool:
+        """Whether this process may have been given up on, its requests re-dispatched (and perhaps
+        finished elsewhere, their records gone), since fencing last asked strictly: no heartbeat
+        got out for half the TTL, now or at some point since (see ``_beat``). Not a long step:
+        it runs off the loop, and the heartbeat goes on. A stall that hits after this is asked
+        (mid-send) costs the rest of that step's chunks; the next step asks first."""
+        silent = time.monotonic() - self._beat_at > self.s.heartbeat_ttl_s / 2  # the beat task has not run yet
+        return silent or self.stalls != self._stalls_checked
+
+    async def _drop_fenced(self, request_ids: set[str]) -> None:
+        """Drop the copies of ``request_ids`` that are fenced, a missing record of a recorded one
+        included: asked after a stall, before anything more is sent for them."""
+        stalls = self.stalls  # a stall during the check makes another one
+        copies = {rid: Copy.of(s.request, stalled=True) for rid in request_ids if (s := self.streams.get(rid))}
         try:
-            fenced = await self.store.fenced(self.s.worker_id, attempts, gone_too=True)
+            fenced = await self.store.fenced(self.s.worker_id, copies)
         except bus.STATE_OUTAGE:
             return  # cannot tell: send (a reader drops an earlier attempt's chunks anyway)
+        self._stalls_checked = stalls
         for rid in fenced:
             logger.warning("request fenced after a stall: a later attempt serves it", request=rid)
-            await self._drop(rid, record=False, attempt=attempts[rid])
+            await self._drop(rid, record=False, attempt=copies[rid].attempt)
 
     async def _reconcile(self) -> None:
         """Between steps, every few seconds: drop requests whose client has gone, and hand back
@@ -433,17 +447,30 @@ class WorkerService:
             if self.delivery.reconnected():  # what went out meanwhile may be lost: sent again
                 self.clients.forgive(time.monotonic())  # and the clients' silence was ours
             stats = msgspec.structs.replace(self.stats, sent=time.time())
+            beat = False
             try:
                 await bus.publish(self.nc, subjects.stats(self.s.worker_id), stats)
+                beat = True
                 await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
                 await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
                 await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
                 outage.succeeded()
             except Exception as e:  # noqa: BLE001 - a missed beat is retried next interval
                 outage.failed(e)
+            self._beat(beat)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.s.stats_interval_s):
                     await stop.wait()
+
+    def _beat(self, got_out: bool) -> None:
+        """After each heartbeat: a silence of half the TTL (this process stopped, or neither NATS
+        nor Redis took the beat) may have let a dispatcher give up on the worker, and counts as a
+        stall (half: the dispatcher's clock starts from the last beat it received)."""
+        now = time.monotonic()
+        if got_out:
+            if now - self._beat_at > self.s.heartbeat_ttl_s / 2:
+                self.stalls += 1
+            self._beat_at = now
 
     async def run(self, stop: asyncio.Event) -> None:
         state = await self.store.load_policy(self.s.worker_id)

@@ -66,5 +66,6 @@ def handoff(
         next_seq=next_seq,
         kv_chunks=len(chunks),
         kv_export_s=kv_export_s if kv is not None else 0.0,
+        recorded=True,  # the source records it at the destination before sending it
     )
     return resumed, chunks

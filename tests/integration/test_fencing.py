@@ -74,8 +74,11 @@ class Cluster:
         await _until(lambda: _live(self.store, worker_id))
         return service, stop, task
 
-    async def send(self, request_id: str, client: str = "", max_tokens: int = N) -> asyncio.Queue[TokenChunk]:
-        """Publish a long greedy request to the dispatchers; its chunks arrive on the queue."""
+    async def send(
+        self, request_id: str, client: str = "", max_tokens: int = N, to_worker: str = ""
+    ) -> asyncio.Queue[TokenChunk]:
+        """Publish a long greedy request to the dispatchers (or straight to a worker, unrecorded);
+        its chunks arrive on the queue."""
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
         async def on_chunk(msg: nats.aio.msg.Msg) -> None:
@@ -92,7 +95,10 @@ class Cluster:
             params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
             client=client,
         )
-        await self.nc.request(subjects.REQUESTS, msgspec.json.encode(req), timeout=5)
+        if to_worker:
+            await self.nc.publish(subjects.worker_requests(to_worker), msgspec.json.encode(req))
+        else:
+            await self.nc.request(subjects.REQUESTS, msgspec.json.encode(req), timeout=5)
         return chunks
 
 
@@ -259,6 +265,35 @@ async def test_a_stalled_worker_given_up_on_stops_when_it_resumes(
     finally:
         victim.kill()
         victim.wait()
+
+
+async def test_after_a_stall_a_recorded_request_whose_record_went_is_dropped(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Stopped mid-send, a worker resumes past the check it makes before sending; a request that
+    finished elsewhere meanwhile has no record left to fence it, and was generated again to the
+    end. A silence of its heartbeat counts as a stall, and the next strict check drops a copy
+    whose record went though it was recorded; a request sent straight to it (never recorded)
+    runs on, as does every request when only Redis lost its records (no stall)."""
+    c: Cluster = await cluster(ttl_s=2.0)
+    worker, _, _ = await c.worker("w-a")
+    over, direct = ReplyStream("over"), ReplyStream("direct")
+    over_chunks = await c.send("over")
+    direct_chunks = await c.send("direct", to_worker="w-a")
+    await _read(over, over_chunks, until_tokens=5)
+    await _read(direct, direct_chunks, until_tokens=5)
+    await c.store.delete_inflight("over")  # finished elsewhere (or Redis lost it)
+    await asyncio.sleep(0.3)
+    assert "over" in worker.streams  # no stall: a missing record is not taken for an end
+    # The whole process stops for longer than half the TTL (its heartbeat lapses), not the TTL: the
+    # dispatcher, stopped too, does not give up on it, and the check before sending is not made.
+    time.sleep(1.2)
+    await _until(lambda: _dropped(worker, "over"), timeout=5)
+    assert not over.done and worker.stalls >= 1
+    await _read(direct, direct_chunks)
+    assert direct.error is None and direct.text == _expected(c.tiny)
+
+
+async def _dropped(worker: WorkerService, request_id: str) -> bool:
+    return request_id not in worker.streams
 
 
 async def _recovered(store: StateStore, request_id: str) -> bool:

@@ -8,7 +8,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
-from dlora.common.state import StateStore
+from dlora.common.state import Copy, StateStore
 
 
 async def test_registry_placement_and_policy(redis: Redis) -> None:
@@ -78,9 +78,13 @@ async def test_a_given_up_attempt_is_fenced(redis: Redis) -> None:
     again = msgspec.structs.replace(req, resume_token_ids=[5], recoveries=1)
     assert await s.put_inflight(again, "w2", expect=("w1", 0))
     assert not await s.put_inflight(again, "w3", expect=("w1", 0))  # a second dispatcher is too late
-    assert await s.fenced("w1", {"r": 0}) == {"r"} and await s.fenced("w2", {"r": 1}) == set()
-    assert await s.fenced("w2", {"gone": 0}) == set()  # sent straight to the worker: no record
-    assert await s.fenced("w2", {"gone": 0}, gone_too=True) == {"gone"}  # after a stall: over
+    assert await s.fenced("w1", {"r": Copy(0, False)}) == {"r"}
+    assert await s.fenced("w2", {"r": Copy(1, False)}) == set()
+    # no record: sent straight to the worker, or Redis lost it; or, for a recorded copy asked after
+    # a stall, over (finished elsewhere)
+    assert await s.fenced("w2", {"gone": Copy(0, False)}) == set()
+    assert await s.fenced("w2", {"gone": Copy(0, True)}) == {"gone"}
+    assert await s.record_progress("w2", {"gone": (0, [6], 0)}, {}) == set()  # progress goes on
     assert await s.record_progress("w1", {"r": (0, [6], 0)}, {}) == {"r"}
     assert await s.record_progress("w1", {}, {"r": 0}) == {"r"}  # its end does not drop the new record
     rec = await s.get_inflight("r")

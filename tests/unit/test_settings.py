@@ -54,6 +54,8 @@ def test_lists_come_from_json_in_env() -> None:
             "engine.max_loras=0 must be >= 1 .from DLORA_WORKER",
         ),
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_ID": "a.b"}, "worker_id"),
+        # a beat later than half the TTL counts as a stall: beats must come more often
+        ({"DLORA_MODEL": "/m", "DLORA_HEARTBEAT_TTL_S": "1", "DLORA_STATS_INTERVAL_S": "0.5"}, "stats_interval_s=0.5"),
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_ENGINE__POLICY__NAME": "dLoRA"}, "engine.policy.name='dLoRA'"),
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__DTYPE": "fp8"}, "engine.dtype='fp8'.*from DLORA_ENGINE__DTYPE"),
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__KERNELS": "cuda"}, "engine.kernels='cuda'"),
