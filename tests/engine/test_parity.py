@@ -32,10 +32,21 @@ def _expected(oracle: Oracle, requests: dict[str, tuple[str | None, list[int]]])
 
 
 POLICIES = ["unmerged-only", "merged-only", "dlora"]
-# The engine on both kernel paths: Triton runs under its interpreter on CPU (slowly), so it takes
-# the tests that drive the kernels in distinct ways (unmerged mixed batches, preemption, resume
-# over a cached prefix, prefill logits, moved KV); merged steps run no LoRA kernel at all.
-KERNELS = ["torch", "triton"]
+ARCHS = ["llama", "qwen2"]
+
+
+def with_triton(torch_cases: list[tuple[str, ...]], *triton_cases: tuple[str, ...]) -> pytest.MarkDecorator:
+    """Parametrize ``arch,kernels`` (and what follows) with the torch path on the given cases and
+    the Triton path on ``triton_cases`` only. Under the interpreter on CPU a Triton case takes
+    10-30 s here, so each drives the kernels in one distinct way (unmerged mixed batches, a
+    merge/unmerge mix, preemption, resume over a cached prefix, prefill logits, moved KV) on one
+    architecture: the kernels see the same code paths for both (the architectures differ in the
+    q/k/v bias and the tied LM head, outside them), and tests/kernels covers their shapes. Merged steps run
+    no LoRA kernel at all."""
+    cases = [(arch, "torch", *rest) for arch, *rest in torch_cases]
+    cases += [(arch, "triton", *rest) for arch, *rest in triton_cases]
+    names = "arch,kernels,policy" if len(cases[0]) == 3 else "arch,kernels"
+    return pytest.mark.parametrize(names, cases, indirect=["arch"])
 
 
 @pytest.mark.parametrize("policy", POLICIES[:2])
@@ -55,10 +66,8 @@ def test_adapters_change_the_output(arch) -> None:
     assert len(outputs) == len(tiny.adapters) + 1  # otherwise the parity tests prove little
 
 
-@pytest.mark.parametrize(
-    "policy,kernels", [(p, "torch") for p in POLICIES] + [("unmerged-only", "triton"), ("dlora", "triton")]
-)
-def test_mixed_batch(arch, policy: str, kernels: str) -> None:
+@with_triton([(a, p) for a in ARCHS for p in POLICIES], ("llama", "unmerged-only"), ("qwen2", "dlora"))
+def test_mixed_batch(arch, kernels: str, policy: str) -> None:
     """Every adapter and the base, prompts of different lengths, all submitted at once."""
     tiny, oracle = arch
     prompts = _prompts(tiny)
@@ -74,7 +83,7 @@ def test_mixed_batch(arch, policy: str, kernels: str) -> None:
         assert engine.stats.merges == 0
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
+@with_triton([(a,) for a in ARCHS], ("llama",))
 def test_preempted_requests_resume_by_recompute(arch, kernels: str) -> None:
     """With too few KV blocks for the whole batch, requests are preempted and still match."""
     tiny, oracle = arch
@@ -87,7 +96,7 @@ def test_preempted_requests_resume_by_recompute(arch, kernels: str) -> None:
     assert got == _expected(oracle, requests)
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
+@with_triton([(a,) for a in ARCHS], ("qwen2",))
 def test_resume_from_token_prefix(arch, kernels: str) -> None:
     tiny, oracle = arch
     prompt = _prompts(tiny)[2]
@@ -109,8 +118,8 @@ def test_resume_from_token_prefix(arch, kernels: str) -> None:
     assert new == full[5:]
 
 
-@pytest.mark.parametrize("policy,kernels", [(p, "torch") for p in POLICIES[:2]] + [("unmerged-only", "triton")])
-def test_prefill_logits_close_to_peft(arch, policy: str, kernels: str) -> None:
+@with_triton([(a, p) for a in ARCHS for p in POLICIES[:2]], ("qwen2", "unmerged-only"))
+def test_prefill_logits_close_to_peft(arch, kernels: str, policy: str) -> None:
     tiny, oracle = arch
     engine = make_engine(tiny, policy=policy, kernels=kernels)
     for prompt in _prompts(tiny):
@@ -134,7 +143,7 @@ def test_dlora_merges_a_skewed_queue_and_still_matches(arch) -> None:
     assert got == _expected(oracle, requests)
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
+@with_triton([(a,) for a in ARCHS], ("llama",))
 def test_a_request_moves_with_its_kv_and_continues_exactly(arch, kernels: str) -> None:
     """Five tokens on one engine, then the cache travels (as bytes) to another: no recompute there,
     and the rest of the output equals the oracle's."""
