@@ -34,7 +34,7 @@ TYPED := -p dlora.common -p dlora.model -p dlora.services.worker.policy -p dlora
 	-m dlora.services.worker.chunks -m dlora.services.worker.engine.config -m dlora.services.worker.engine.stopping \
 	-m dlora.services.worker.engine.scheduler -m dlora.services.worker.engine.kv_cache \
 	-m dlora.services.gateway.replies -m dlora.services.gateway.settings -m dlora.services.gateway.shaping \
-	-m dlora.services.gateway.connections -m dlora.services.gateway.lograte -m dlora.services.gateway.errors \
+	-m dlora.services.gateway.connections -m dlora.services.gateway.errors \
 	-m dlora.services.gateway.health -m dlora.services.gateway.openapi -m dlora.services.gateway.limits \
 	-m dlora.services.gateway.auth -m dlora.services.gateway.keys -m dlora.services.keys_cli \
 	-m dlora.loadgen.spec -m dlora.loadgen.workload -m dlora.loadgen.traces -m dlora.loadgen.popularity \

@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dlora.common import log
+from dlora.common.lograte import RateLimiter
 from dlora.common.settings import Common
 from dlora.common.state import StateStore
 
@@ -134,10 +135,19 @@ async def subscribe(
     return await nc.subscribe(subject, queue=queue, cb=on_message)
 
 
+# A flood of bad messages (any process on the bus can publish) must not flood the log too.
+_reject_log = RateLimiter(burst=10, interval_s=10.0)
+
+
 def reject(pattern: str, subject: str, kind: type, error: Exception) -> None:
-    """Count and log a message on ``subject`` (subscribed as ``pattern``) that is not a ``kind``."""
+    """Count, and log (at most 10 per kind in 10 s), a message on ``subject`` (subscribed as
+    ``pattern``) that is not a ``kind``."""
     REJECTED.labels(pattern, kind.__name__).inc()
-    _log.warning("bus message rejected", subject=subject, type=kind.__name__, error=str(error))
+    allowed, suppressed = _reject_log.allow((pattern, kind.__name__))
+    if allowed:
+        _log.warning(
+            "bus message rejected", subject=subject, type=kind.__name__, error=str(error), not_logged=suppressed
+        )
 
 
 async def publish(nc: NATS, subject: str, value: msgspec.Struct, *, msgpack: bool = False) -> None:

@@ -29,7 +29,7 @@ import msgspec
 from aiohttp import web
 
 from dlora.common import log
-from dlora.services.gateway.lograte import RateLimiter
+from dlora.common.lograte import RateLimiter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
 

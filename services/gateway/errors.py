@@ -12,7 +12,7 @@ from nats.errors import Error as NatsError
 from redis.exceptions import RedisError
 
 from dlora.common import log
-from dlora.services.gateway.lograte import RateLimiter
+from dlora.common.lograte import RateLimiter
 from dlora.services.gateway.openai import APIError
 
 logger = log.get("gateway")

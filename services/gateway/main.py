@@ -20,7 +20,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from dlora.common import bus, log, subjects
+from dlora.common import bus, log, lograte, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import announce
 from dlora.common.messages import (
@@ -34,7 +34,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry, KeyRegistry
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
-from dlora.services.gateway import lograte, openai, openapi
+from dlora.services.gateway import openai, openapi
 from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.connections import listen

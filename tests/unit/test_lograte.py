@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from dlora.services.gateway.lograte import RateLimiter, RateLimitFilter, install
+from dlora.common.lograte import RateLimiter, RateLimitFilter, install
 
 
 def test_a_kind_passes_burst_times_per_interval_and_the_next_one_carries_the_count() -> None:
@@ -48,3 +48,16 @@ def test_a_record_let_through_after_a_flood_says_how_many_were_dropped() -> None
     now[0] = 2.0
     r = record()
     assert f.filter(r) and r.getMessage() == "lost x\n[41 more like this were not logged]"
+
+
+def test_a_flood_of_bad_bus_messages_logs_a_few_lines_and_counts_them_all(capsys) -> None:
+    from dlora.common import bus, log
+    from dlora.common.messages import GenerateRequest
+
+    log.configure(json=True)
+    before = bus.REJECTED.labels("flood.>", "GenerateRequest")._value.get()
+    for i in range(100):
+        bus.reject("flood.>", f"flood.{i}", GenerateRequest, ValueError("not JSON"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "bus message rejected" in line]
+    assert len(lines) == 10
+    assert bus.REJECTED.labels("flood.>", "GenerateRequest")._value.get() - before == 100

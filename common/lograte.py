@@ -6,7 +6,8 @@ the next one let through carries that count. ``install`` puts one as a ``logging
 standard-library loggers that log per connection or per request in the gateway: asyncio's (its
 accept loop logged ``socket.accept() out of system resource`` thousands of times a second when
 file descriptors ran out; issue 16, fault 8) and aiohttp's server, access and web loggers
-("Error handling request" with a traceback for each malformed request).
+("Error handling request" with a traceback for each malformed request). The bus's log of rejected
+messages (``common/bus.py``) uses a ``RateLimiter`` too: any process on the bus can publish.
 """
 
 from __future__ import annotations
