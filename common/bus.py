@@ -3,9 +3,10 @@ one), and typed subscribe / publish over the wire contract."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -16,6 +17,7 @@ from prometheus_client import Counter
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,20 +33,67 @@ T = TypeVar("T")
 async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
     """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
     Redis closed."""
-    # Reconnect for ever (nats-py gives up after 60 tries, 2 minutes, by default, leaving a service
-    # that runs but hears nothing): a NATS outage of any length ends when the server is back.
-    nc = await nats.connect(
-        s.nats_url, user=s.nats_user or None, password=s.nats_password or None, max_reconnect_attempts=-1
-    )
+    nc = await _connect_nats(s)
     redis = redis_client(
         s.redis_url, s.redis_max_connections, s.redis_pool_timeout_s, s.redis_username, s.redis_password
     )
+    try:
+        await redis.ping()
+    except RedisAuthenticationError as e:
+        await nc.close()
+        await redis.aclose()
+        raise CredentialsRefused(
+            f"Redis at {s.redis_url} refused the credentials: {e} (check redis_username and redis_password)"
+        ) from e
+    except (RedisConnectionError, RedisTimeoutError):
+        pass  # down at start: an outage, ridden out like any other
     try:
         yield nc, StateStore(redis, s.redis_prefix)
     finally:
         with contextlib.suppress(Exception):  # a server already gone must not mask the real error
             await nc.drain()
         await redis.aclose()
+
+
+class CredentialsRefused(Exception):
+    """NATS or Redis refused this service's credentials at start: a setting to fix, not an outage
+    to wait out (a NATS client retries a refused login for ever, and says so only in its log)."""
+
+
+async def _connect_nats(s: Common) -> NATS:
+    """Connected to NATS, or ``CredentialsRefused`` as soon as the server refuses the login.
+
+    It reconnects for ever once connected (nats-py gives up after 60 tries, 2 minutes, by default,
+    leaving a service that runs but hears nothing): a NATS outage of any length ends when the
+    server is back."""
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    async def on_error(e: Exception) -> None:
+        if isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower():
+            if not refused.done():
+                refused.set_result(e)
+        _log.warning("nats error", error=f"{type(e).__name__}: {e}")
+
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            s.nats_url,
+            user=s.nats_user or None,
+            password=s.nats_password or None,
+            max_reconnect_attempts=-1,
+            error_cb=on_error,
+        )
+    )
+    either: list[asyncio.Future[Any]] = [connecting, refused]
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await connecting
+    user = f"user {s.nats_user!r}" if s.nats_user else "no user"
+    raise CredentialsRefused(
+        f"NATS at {s.nats_url} refused the login ({user}): {refused.result()} (check nats_user and nats_password)"
+    )
 
 
 def redis_client(

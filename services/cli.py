@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
+    from dlora.common.bus import CredentialsRefused
     from dlora.common.settings import SettingsError, load
     from dlora.services.dispatcher.settings import DispatcherSettings
     from dlora.services.gateway.settings import GatewaySettings
@@ -250,7 +251,11 @@ def _serve(args: argparse.Namespace) -> int:
         from dlora.services.migrator.main import serve
     else:
         from dlora.services.worker.main import serve
-    run_until_signalled(serve, settings)
+    try:
+        run_until_signalled(serve, settings)
+    except CredentialsRefused as e:
+        print(f"dlora serve {args.service}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -117,3 +118,32 @@ def test_the_shipped_users_file_is_the_generated_one_and_the_server_takes_it(tmp
         [_binary("nats-server"), "-c", str(tmp_path / "nats.conf"), "-t"], env=env, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("wrong", ["nats", "redis"])
+def test_a_service_whose_login_is_refused_stops_at_once_saying_which_setting(secured_nats: Server, wrong: str) -> None:
+    """A wrong password is a setting to fix, not an outage to wait out: the NATS client retried
+    a refused login for ever and said so only in its log."""
+    redis = start_redis(password="pw-redis", prefix="dlora")
+    try:
+        env = {
+            **os.environ,
+            "DLORA_NATS_URL": secured_nats.url,
+            "DLORA_NATS_USER": "dispatcher",
+            "DLORA_NATS_PASSWORD": "wrong" if wrong == "nats" else PASSWORDS["dispatcher"],
+            "DLORA_REDIS_URL": redis.url,
+            "DLORA_REDIS_USERNAME": REDIS_USER,
+            "DLORA_REDIS_PASSWORD": "wrong" if wrong == "redis" else "pw-redis",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "dlora.services.cli", "serve", "dispatcher"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        redis.stop()
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dlora serve dispatcher: ") and f"(check {wrong}_" in last
