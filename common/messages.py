@@ -284,6 +284,8 @@ class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     # Tokens it is expected still to generate: output lengths are unknown, so an estimate from
     # recently finished requests, never above max_tokens - generated (see worker/lengths.py).
     remaining_tokens: int
+    # Prompt + max_tokens: what a worker it moves to must hold whole (WorkerStats.max_model_len).
+    total_tokens: int = 0
 
 
 class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):

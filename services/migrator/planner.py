@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import pulp
@@ -61,6 +61,7 @@ class _Group:
     worker: str
     adapter: str
     requests: list[RequestState]  # shortest context first
+    fits: frozenset[str]  # the workers that hold each of them whole (all, unless contexts differ)
     _blocks: dict[int, int] = field(default_factory=dict)  # mean_blocks by block size
 
     @property
@@ -83,10 +84,14 @@ class _Group:
 
 
 def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
-    by: dict[tuple[str, str], list[RequestState]] = defaultdict(list)
+    by: dict[tuple[str, str, frozenset[str]], list[RequestState]] = defaultdict(list)
     for r in snapshot.requests:
-        by[(r.worker, r.adapter or BASE)].append(r)
-    return [_Group(w, a, sorted(rs, key=lambda r: r.context_tokens)) for (w, a), rs in sorted(by.items())]
+        fits = frozenset(w.worker for w in snapshot.workers if w.holds(r))
+        by[(r.worker, r.adapter or BASE, fits)].append(r)
+    return [
+        _Group(w, a, sorted(rs, key=lambda r: r.context_tokens), fits)
+        for (w, a, fits), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], sorted(kv[0][2])))
+    ]
 
 
 def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
@@ -161,30 +166,23 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
 def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapshot:
     """The snapshot as it would be after the moves (for checking a plan)."""
     dest = {m.request_id: m.to_worker for m in moves}
-    reqs = [
-        RequestState(r.request_id, dest.get(r.request_id, r.worker), r.adapter, r.context_tokens, r.remaining_tokens)
-        for r in snapshot.requests
-    ]
-    return ClusterSnapshot(
-        snapshot.workers,
-        reqs,
-        snapshot.ranks,
-        snapshot.recompute_seconds_per_token,
-        snapshot.kv_transfer_seconds_per_token,
-        snapshot.adapter_load_seconds,
-    )
+    reqs = [replace(r, worker=dest.get(r.request_id, r.worker)) for r in snapshot.requests]
+    return replace(snapshot, requests=reqs)
 
 
 def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[str]]:
-    """Per group: where its requests could run at all: home, workers holding its adapter, and
-    workers with a free slot for it. Pruning the impossible keeps big clusters small models."""
+    """Per group: where its requests could run at all: home, and workers whose context holds them
+    that hold its adapter or have a free slot for it. Pruning the impossible keeps big clusters
+    small models."""
     out = []
     for g in groups:
         out.append(
             [
                 w.worker
                 for w in snapshot.workers
-                if w.worker == g.worker or g.adapter == BASE or g.adapter in w.adapters or len(w.adapters) < w.slots
+                if w.worker == g.worker
+                or w.worker in g.fits
+                and (g.adapter == BASE or g.adapter in w.adapters or len(w.adapters) < w.slots)
             ]
         )
     return out
@@ -297,7 +295,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
             for dst in sorted(load, key=lambda w: load[w]):
                 if dst == src:
                     continue
-                slot = a == BASE or a in held[dst] or len(held[dst]) < workers[dst].slots
+                slot = workers[dst].holds(r) and (a == BASE or a in held[dst] or len(held[dst]) < workers[dst].slots)
                 room = demand[dst] + _blocks(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
                 new_dst = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
                 if slot and room and new_dst < load[src]:

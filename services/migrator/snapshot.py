@@ -12,6 +12,8 @@ class RequestState:
     adapter: str | None  # None: the base model
     context_tokens: int  # prompt + generated so far (what a recompute costs, and its KV size)
     remaining_tokens: float  # expected tokens still to generate (output lengths are unknown: an estimate)
+    # Prompt + max_tokens: what a destination's context and KV cache must hold whole (0: unknown).
+    total_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class WorkerState:
     seconds_per_token: float  # measured: decode seconds per generated token per request here
     # Measured per adapter ("" for the base model) where it has run here; see WorkerStats.
     adapter_seconds_per_token: dict[str, float] = field(default_factory=dict)
+    max_model_len: int = 0  # the most tokens one request may span here (0: not known)
+
+    def holds(self, r: RequestState) -> bool:
+        """Whether ``r`` fits here whole (elsewhere it would be refused, or cut short)."""
+        return self.max_model_len == 0 or r.total_tokens <= self.max_model_len
 
     def cost(self, adapter: str | None) -> float:
         """Seconds per token a request of ``adapter`` takes here: what it measured, else the mean."""

@@ -22,11 +22,12 @@ def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs
             frozenset(a.name for a in s.adapters),
             s.seconds_per_token or default,
             s.adapter_seconds_per_token,
+            s.max_model_len,
         )
         for s in stats
     ]
     requests = [
-        RequestState(r.request_id, s.worker, r.adapter, r.context_tokens, float(r.remaining_tokens))
+        RequestState(r.request_id, s.worker, r.adapter, r.context_tokens, float(r.remaining_tokens), r.total_tokens)
         for s in stats
         for r in s.requests
     ]

@@ -35,6 +35,7 @@ def worker_stats(
             adapter=q.adapter and name_of(q.adapter),
             context_tokens=seq.total_len,
             remaining_tokens=lengths.expected_remaining(len(seq.output_ids), seq.params.max_tokens),
+            total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
         )
         for q in queue
         if (seq := e.seqs.get(q.request_id)) is not None

@@ -33,6 +33,26 @@ def test_moves_work_off_the_hottest_worker_with_its_adapter() -> None:
     assert p.makespan_after_s < p.makespan_before_s
 
 
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_request_moves_only_to_a_worker_whose_context_holds_it(solver: str) -> None:
+    """w1's context is 512 tokens: of w0's requests, only those whose prompt + max_tokens fit go
+    there (elsewhere they would be refused, or cut short); the rest stay or go to w2."""
+    small, large = 512, 4096
+    snap = ClusterSnapshot(
+        workers=[
+            WorkerState("w0", 1000, 16, 4, frozenset(), 0.01, max_model_len=large),
+            WorkerState("w1", 1000, 16, 4, frozenset(), 0.01, max_model_len=small),
+            WorkerState("w2", 1000, 16, 4, frozenset(), 0.01, max_model_len=large),
+        ],
+        requests=[RequestState(f"long-{i}", "w0", None, 50, 100, total_tokens=2000) for i in range(8)]
+        + [RequestState(f"short-{i}", "w0", None, 50, 100, total_tokens=300) for i in range(8)],
+    )
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert {m.to_worker for m in moves if m.request_id.startswith("long")} == {"w2"}
+    if solver == "ilp":  # greedy stops once the busiest worker (w2, with the long ones) cannot shed
+        assert {m.to_worker for m in moves if m.request_id.startswith("short")} == {"w1"}
+
+
 def test_respects_slots_and_memory() -> None:
     # w1's one slot holds a rank-64 adapter: a cannot go there; w2 has no KV room.
     snap = ClusterSnapshot(
