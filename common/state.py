@@ -151,6 +151,20 @@ return fenced
 """
 )
 
+# KEYS: an in-flight hash. ARGV: index key prefix, request id, then optionally the worker and
+# attempt it must still name. Deletes it and its index entry; 0 if it names another.
+_DELETE_INFLIGHT_LUA = """
+local rec = redis.call('HMGET', KEYS[1], 'worker', 'recoveries')
+if ARGV[3] and (rec[1] ~= ARGV[3] or rec[2] ~= ARGV[4]) then
+  return 0
+end
+if rec[1] then
+  redis.call('SREM', ARGV[1] .. rec[1], ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, then the ids the
 # worker holds. Refreshes the held records' expiry, drops index entries whose record expired or
 # moved on, and returns {id, recoveries, ...} of records naming this worker that it does not hold
@@ -217,6 +231,7 @@ class StateStore:
         self._put_inflight = redis.register_script(_PUT_INFLIGHT_LUA)
         self._fenced = redis.register_script(_FENCED_LUA)
         self._sweep = redis.register_script(_SWEEP_LUA)
+        self._delete_inflight = redis.register_script(_DELETE_INFLIGHT_LUA)
         self._put_both = redis.register_script(_PUT_BOTH_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
@@ -441,12 +456,12 @@ class StateStore:
         the work: each record is re-dispatched once anyway (``put_inflight``'s ``expect``)."""
         return bool(await self.r.set(f"{self.p}:recovering:{loss}", "1", nx=True, px=int(ttl_s * 1000)))
 
-    async def delete_inflight(self, request_id: str) -> None:
-        key = f"{self.p}:inflight:{request_id}"
-        worker = await self.r.hget(key, "worker")
-        if worker is not None:
-            await self.r.srem(f"{self.p}:inflight-of:{_text(worker)}", request_id)
-        await self.r.delete(key)
+    async def delete_inflight(self, request_id: str, expect: tuple[str, int] | None = None) -> bool:
+        """Drop ``request_id``'s record (and its worker's index entry); with ``expect`` (worker,
+        attempt) only if the record still names them: a later attempt's record, written meanwhile
+        by another dispatcher, stays. Whether it was dropped (or was not there)."""
+        args: list[str | int] = [f"{self.p}:inflight-of:", request_id, *(expect or ())]
+        return bool(await self._delete_inflight(keys=[f"{self.p}:inflight:{request_id}"], args=args))
 
 
 def _text(value: bytes | str) -> str:

@@ -139,8 +139,9 @@ class Dispatcher:
         client is gone). Each record is re-dispatched once, however many dispatchers try."""
         first = rec.request
         next_seq = first.next_seq + rec.chunks
+        mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         if first.client and self.clients.gone(first.client, time.monotonic()):
-            await self.store.delete_inflight(first.request_id)
+            await self.store.delete_inflight(first.request_id, expect=mine)
             return
         if rec.recoveries >= MAX_RECOVERIES:
             await self._fail(
@@ -148,6 +149,7 @@ class Dispatcher:
                 next_seq,
                 f"the request was in flight on {rec.recoveries + 1} workers that "
                 f"died, the last {rec.worker}; it is not retried again, since it may be what stops them",
+                expect=mine,
             )
             return
         # Recomputed from its tokens: a cache once shipped to the lost worker is gone with it.
@@ -202,7 +204,7 @@ class Dispatcher:
                 f"the request needs {need} tokens (prompt and max_tokens); the largest worker's context "
                 f"and KV cache hold {largest}: lower max_tokens or shorten the prompt"
             )
-            await self._fail(req, req.next_seq, reason, ErrorCode.BAD_REQUEST)
+            await self._fail(req, req.next_seq, reason, ErrorCode.BAD_REQUEST, expect)
             return
         if self.s.dispatch is DispatchMode.ROUND_ROBIN:  # the baseline: blind to load and adapters
             names = sorted(w.worker for w in live)
@@ -211,7 +213,7 @@ class Dispatcher:
         else:
             worker = choose_worker(live, req.adapter, self.sent_since_stats, self.placement, self.s.costs)
         if worker is None:
-            await self._fail(req, req.next_seq, "no worker is available", ErrorCode.UNAVAILABLE)
+            await self._fail(req, req.next_seq, "no worker is available", ErrorCode.UNAVAILABLE, expect)
             return
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
@@ -221,12 +223,23 @@ class Dispatcher:
         if await self.store.put_inflight(req, worker, expect):
             await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
 
-    async def _fail(self, req: GenerateRequest, seq: int, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
+    async def _fail(
+        self,
+        req: GenerateRequest,
+        seq: int,
+        reason: str,
+        code: ErrorCode = ErrorCode.INTERNAL,
+        expect: tuple[str, int] | None = None,
+    ) -> None:
+        """Answer ``req`` with an error chunk. ``expect``: a re-dispatch, failed only while its record
+        still names that worker and attempt (the record goes with it); a request not yet dispatched
+        has no record of ours to drop (one under its id is another request's)."""
+        if expect is not None and not await self.store.delete_inflight(req.request_id, expect):
+            return  # another dispatcher took it meanwhile
         chunk = TokenChunk(
             request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason=FinishReason.ERROR
         )
         await bus.publish(self.nc, req.reply_to, chunk)
-        await self.store.delete_inflight(req.request_id)
 
     async def _seed_from_redis(self) -> None:
         # Workers and traffic seen before this dispatcher started.

@@ -96,6 +96,21 @@ async def test_a_given_up_attempt_is_fenced(redis: Redis) -> None:
     assert await s.record_progress("w1", {"r": (2, [6], 0)}, {}) == set()
 
 
+async def test_a_record_is_dropped_only_by_whoever_holds_its_attempt(redis: Redis) -> None:
+    """A dispatcher that fails (or drops) a request it was re-dispatching must not drop the record
+    of the attempt another dispatcher sent meanwhile."""
+    s = StateStore(redis)
+    req = GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1])
+    await s.put_inflight(req, "w1")
+    assert await s.put_inflight(msgspec.structs.replace(req, recoveries=1), "w2", expect=("w1", 0))
+    assert not await s.delete_inflight("r", expect=("w1", 0))  # the late dispatcher's view
+    rec = await s.get_inflight("r")
+    assert rec is not None and (rec.worker, rec.recoveries) == ("w2", 1)
+    assert await s.delete_inflight("r", expect=("w2", 1))
+    assert await s.get_inflight("r") is None and await s.inflight_on("w2") == []
+    assert await s.delete_inflight("gone")  # nothing there: nothing to keep
+
+
 async def test_sweep_hands_back_what_a_worker_does_not_hold(redis: Redis) -> None:
     s = StateStore(redis)
     for rid in ("held", "lost", "fresh"):
