@@ -21,7 +21,7 @@ from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from dlora.common import log
+from dlora.common import log, subjects
 from dlora.common.lograte import RateLimiter
 from dlora.common.settings import Common
 from dlora.common.state import StateStore
@@ -172,16 +172,34 @@ async def subscribe(
     binary payloads). A message that does not decode is logged and counted in ``REJECTED`` by
     subject pattern and type, then dropped; the handler never sees it."""
     decoder = (msgspec.msgpack.Decoder if msgpack else msgspec.json.Decoder)(kind)
+    return await nc.subscribe(subject, queue=queue, cb=_decoding(subject, kind, decoder, lambda v, _: handler(v)))
 
+
+async def subscribe_senders(
+    nc: NATS, pattern: str, kind: type[T], handler: Callable[[T, str], Awaitable[None]], *, queue: str = ""
+) -> Subscription:
+    """``subscribe`` to a subject per application user (``subjects.APP_ABORTS``): ``handler`` also
+    gets the user it came from (``subjects.sender``), which NATS permissions vouch for."""
+    decoder = msgspec.json.Decoder(kind)
+    deliver = _decoding(pattern, kind, decoder, lambda v, msg: handler(v, subjects.sender(msg.subject)))
+    return await nc.subscribe(pattern, queue=queue, cb=deliver)
+
+
+def _decoding(
+    pattern: str,
+    kind: type[T],
+    decoder: msgspec.json.Decoder[T] | msgspec.msgpack.Decoder[T],
+    deliver: Callable[[T, Msg], Awaitable[None]],
+) -> Callable[[Msg], Awaitable[None]]:
     async def on_message(msg: Msg) -> None:
         try:
             value = decoder.decode(msg.data)
         except msgspec.DecodeError as e:
-            reject(subject, msg.subject, kind, e)
+            reject(pattern, msg.subject, kind, e)
             return
-        await handler(value)
+        await deliver(value, msg)
 
-    return await nc.subscribe(subject, queue=queue, cb=on_message)
+    return on_message
 
 
 # A flood of bad messages (any process on the bus can publish) must not flood the log too.

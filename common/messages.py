@@ -133,6 +133,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # ``subjects.CLIENTS``. When it has been silent for ``heartbeat_ttl_s`` its requests are aborted
     # wherever they run or wait; empty: never (an app that does not announce itself).
     client: str = ""
+    # The NATS user of the application that sent it, from the subject it came on
+    # (``subjects.requests_of``), set by the dispatcher; "" for a gateway's. Only that user's
+    # aborts (``subjects.aborts_of``) stop it.
+    owner: str = ""
     # Its in-flight record was written before it was sent (by a dispatcher, or by the worker that
     # moved it): once that record is gone, the request ended or was given up here, and this copy
     # is fenced. False for a request published straight to a worker, which has no record to lose.

@@ -42,6 +42,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
             [f"{P}.worker.*.requests", subjects.PLACEMENT, f"{P}.reply.>", _INBOX, *_JETSTREAM],
             [
                 subjects.REQUESTS,
+                subjects.APP_REQUESTS,
                 subjects.DISPATCHER_PING,
                 subjects.LOST,
                 subjects.CLIENTS,
@@ -54,6 +55,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
             [
                 f"{P}.worker.>",
                 subjects.ABORT,
+                subjects.APP_ABORTS,
                 subjects.ADAPTER_EVENTS,
                 subjects.MOVES,
                 subjects.PLACEMENT,
@@ -67,11 +69,13 @@ def service_permissions(role: str) -> dict[str, list[str]]:
 
 
 def app_permissions(user: str) -> dict[str, list[str]]:
-    """An application's user: it sends requests and aborts and reads only its own replies, sent to
+    """An application's user: it sends requests and aborts on its own subjects (``requests_of``,
+    ``aborts_of``: its aborts stop only its requests) and reads only its own replies, sent to
     ``subjects.reply_inbox(rid, owner)`` with an ``owner`` of ``<user>`` or ``<user>.<anything>``
-    (or to its own request inboxes: connect with ``inbox_prefix="_INBOX.<user>"``)."""
+    (or to its own request inboxes: connect with ``inbox_prefix="_INBOX.<user>"``); a dispatcher
+    refuses a request whose ``reply_to`` is anything else."""
     return {
-        "publish": [subjects.REQUESTS, subjects.ABORT, subjects.CLIENTS],
+        "publish": [subjects.requests_of(user), subjects.aborts_of(user), subjects.CLIENTS],
         "subscribe": [f"{P}.reply.{user}.>", f"_INBOX.{user}.>"],
     }
 

@@ -73,12 +73,17 @@ return 1
 
 # KEYS: the in-flight hash. ARGV: worker, request JSON, index key prefix, request id, recoveries,
 # ttl ms, then optionally the worker and recoveries the record must still have (compare-and-set
-# for a re-dispatch; 0 returned and nothing written if another got there first). A resume or move
+# for a re-dispatch; 0 returned and nothing written if another got there first), or two empty
+# strings: the record must not exist yet (a first dispatch; 0 if another request has the id). A resume or move
 # changes only the worker, attempt and time: the first request and the progress since it stay, so
 # a second resume counts right.
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
-if ARGV[7] and (old ~= ARGV[7] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[8]) then
+if ARGV[7] == '' then
+  if old then
+    return 0
+  end
+elseif ARGV[7] and (old ~= ARGV[7] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[8]) then
   return 0
 end
 if old and old ~= ARGV[1] then
@@ -374,12 +379,16 @@ class StateStore:
         return None if raw is None else json.loads(raw)
 
     # ---- in-flight requests -------------------------------------------------------------
-    async def put_inflight(self, request: GenerateRequest, worker: str, expect: tuple[str, int] | None = None) -> bool:
+    async def put_inflight(
+        self, request: GenerateRequest, worker: str, expect: tuple[str, int] | None = None, new: bool = False
+    ) -> bool:
         """Record a request as running on ``worker`` as attempt ``request.recoveries``. On a resume
         elsewhere only the worker, the attempt and the time change: the first request and the
         progress since it stay, so a second resume counts right. With ``expect`` (the worker and
         attempt the record must still name) it is a compare-and-set: False, and nothing written,
-        when the record is gone or another re-dispatch came first."""
+        when the record is gone or another re-dispatch came first. With ``new`` (a request's first
+        dispatch) False, and nothing written, when a record under its id exists: another request
+        in flight has that id."""
         args: list[str | int] = [
             worker,
             msgspec.json.encode(request).decode(),
@@ -390,6 +399,8 @@ class StateStore:
         ]
         if expect is not None:
             args += [expect[0], expect[1]]
+        elif new:
+            args += ["", ""]
         return bool(await self._put_inflight(keys=[f"{self.p}:inflight:{request.request_id}"], args=args))
 
     async def record_progress(

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 PREFIX = "dlora"
 
-# GenerateRequest from gateways and apps; dispatchers consume it as one queue group.
+# GenerateRequest from gateways; dispatchers consume it as one queue group (with APP_REQUESTS).
 REQUESTS = f"{PREFIX}.requests"
 DISPATCHERS = "dispatchers"  # the queue group
+# GenerateRequest from applications on the bus, each on its NATS user's own subject (requests_of):
+# where the server has users, an application may publish only there, so its subject says who sent
+# it (GenerateRequest.owner), and its aborts (aborts_of) reach only its own requests.
+APP_REQUESTS = f"{PREFIX}.requests.*"
 
 # Empty request answered by any one dispatcher: "no responders" means none is running (readiness).
 DISPATCHER_PING = f"{PREFIX}.dispatchers.ping"
 
-# AbortRequest, broadcast: the worker that holds the request drops it.
+# AbortRequest from gateways, broadcast: the worker that holds the request drops it.
 ABORT = f"{PREFIX}.abort"
+# AbortRequest from applications (aborts_of): only a request the same user sent is dropped.
+APP_ABORTS = f"{PREFIX}.abort.*"
 
 # ClientAlive from every reply reader that wants its requests aborted when it goes (gateways).
 CLIENTS = f"{PREFIX}.clients"
@@ -60,3 +66,26 @@ def reply_inbox(request_id: str, owner: str = "app") -> str:
 def replies_of(owner: str) -> str:
     """Every reply subject of one owner: a gateway subscribes once, not once per request."""
     return f"{PREFIX}.reply.{owner}.*"
+
+
+def requests_of(user: str) -> str:
+    """Where the application connected as NATS ``user`` publishes its GenerateRequests."""
+    return f"{PREFIX}.requests.{user}"
+
+
+def aborts_of(user: str) -> str:
+    """Where the application connected as NATS ``user`` publishes its AbortRequests."""
+    return f"{PREFIX}.abort.{user}"
+
+
+def sender(subject: str) -> str:
+    """The application user a message on ``requests_of(user)`` or ``aborts_of(user)`` came from;
+    "" for the gateways' own subjects (REQUESTS, ABORT)."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 3 else ""
+
+
+def replies_to(user: str, reply_to: str) -> bool:
+    """Whether ``reply_to`` is a subject the application user may read (its replies or its inboxes):
+    the only kind its requests may name, or it could write into another user's stream."""
+    return reply_to.startswith((f"{PREFIX}.reply.{user}.", f"_INBOX.{user}."))

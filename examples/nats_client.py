@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import urllib.parse
 import uuid
 
 import msgspec
@@ -21,9 +22,12 @@ from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 
 async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: int = 16) -> str:
     nc = await nats.connect(nats_url)
+    # Requests go on your NATS user's own subject, and their replies to one under its name: where
+    # the server has users (`dlora up`'s is `app`), those are the only ones you may use.
+    user = urllib.parse.urlsplit(nats_url).username or "app"
     try:
         request_id = uuid.uuid4().hex
-        reply_to = subjects.reply_inbox(request_id)  # any subject you subscribe to works
+        reply_to = subjects.reply_inbox(request_id, user)
         sub = await nc.subscribe(reply_to)  # subscribe before publishing, so no chunk is missed
         request = GenerateRequest(
             request_id=request_id,
@@ -32,7 +36,7 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
             prompt=prompt,
             params=SamplingParams(max_tokens=max_tokens),
         )
-        await nc.publish(subjects.REQUESTS, msgspec.json.encode(request))
+        await nc.publish(subjects.requests_of(user), msgspec.json.encode(request))
         text = []
         async for msg in sub.messages:
             chunk = msgspec.json.decode(msg.data, type=TokenChunk)

@@ -77,6 +77,7 @@ class NatsClient:
         # Replies under the NATS user's own subjects (the only ones it may read where the server
         # has users: common/permissions.py), then this run's.
         self.owner = f"{user}.loadgen{uuid.uuid4().hex[:8]}"
+        self.subject = subjects.requests_of(user)  # the only one it may publish requests on
         self.waiting: dict[str, tuple[RequestResult, asyncio.Event]] = {}
         # The number of each request's next chunk: after a resume or a NATS reconnect a worker
         # sends chunks again, which must not count twice.
@@ -123,7 +124,7 @@ class NatsClient:
             params=SamplingParams(max_tokens=spec.output_len, ignore_eos=True),
         )
         try:
-            await self.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+            await self.nc.publish(self.subject, msgspec.json.encode(req))
             await done.wait()
         finally:
             del self.waiting[rid]

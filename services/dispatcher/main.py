@@ -71,9 +71,26 @@ class Dispatcher:
         except msgspec.DecodeError as e:
             bus.reject(subjects.REQUESTS, msg.subject, GenerateRequest, e)
             return
+        raw: bytes | None = msg.data
+        if req.owner != (owner := subjects.sender(msg.subject)):  # only its subject says who sent it
+            req, raw = msgspec.structs.replace(req, owner=owner), None
+        if owner and not subjects.replies_to(owner, req.reply_to):
+            # Its chunks would go where another user reads them: refused, said to the sender alone.
+            reason = f"reply_to {req.reply_to!r} is not one of {owner!r}'s reply subjects or inboxes"
+            bus.reject(subjects.APP_REQUESTS, msg.subject, GenerateRequest, ValueError(reason))
+            if msg.reply:
+                refused = TokenChunk(
+                    request_id=req.request_id,
+                    seq=0,
+                    error=reason,
+                    error_code=ErrorCode.BAD_REQUEST,
+                    finish_reason=FinishReason.ERROR,
+                )
+                await msg.respond(_encode.encode(refused))
+            return
         if msg.reply:  # the gateway waits for a dispatcher to take it (NATS request/reply)
             await msg.respond(b"")
-        await self._dispatch(req, msg.data)
+        await self._dispatch(req, raw)
 
     async def _on_ping(self, msg: Msg) -> None:
         await msg.respond(b"")
@@ -220,8 +237,11 @@ class Dispatcher:
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         if not req.recorded:  # its worker then takes a missing record after a stall for its end
             req, raw = msgspec.structs.replace(req, recorded=True), None
-        if await self.store.put_inflight(req, worker, expect):
+        if await self.store.put_inflight(req, worker, expect, new=expect is None):
             await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
+        elif expect is None:  # a second request under the id of one in flight (anyone's)
+            reason = f"request id {req.request_id!r} is already in flight; give each request its own"
+            await self._fail(req, req.next_seq, reason, ErrorCode.BAD_REQUEST)
 
     async def _fail(
         self,
@@ -252,6 +272,7 @@ class Dispatcher:
         subs = [
             await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),
             await self.nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),
+            await self.nc.subscribe(subjects.APP_REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),
             await self.nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=self._on_ping),
             await bus.subscribe(self.nc, subjects.LOST, LostRequests, self._on_lost, queue=subjects.DISPATCHERS),
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),

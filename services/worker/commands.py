@@ -16,6 +16,9 @@ class Add:
 @dataclass(frozen=True)
 class Abort:
     request_id: str
+    # The application user that sent it (subjects.aborts_of): only its own requests stop. None: a
+    # gateway's (subjects.ABORT), for any request.
+    sender: str | None = None
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,9 @@ class WorkerService:
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
-        # Aborts seen lately, and when (an abort can overtake its request, which is then dropped).
-        self.aborted: dict[str, float] = {}
+        # Aborts seen lately, by request id and sender (Abort.sender), and when (an abort can
+        # overtake its request, which is then dropped).
+        self.aborted: dict[tuple[str, str | None], float] = {}
         # One start of this process: stats carry it, so a restart under the same id is told apart.
         self.incarnation = secrets.token_hex(6)
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
@@ -107,6 +108,9 @@ class WorkerService:
 
     async def _on_abort(self, abort: AbortRequest) -> None:
         await self.commands.put(Abort(abort.request_id))
+
+    async def _on_app_abort(self, abort: AbortRequest, sender: str) -> None:
+        await self.commands.put(Abort(abort.request_id, sender))
 
     async def _on_adapter_event(self, event: AdapterEvent) -> None:
         await self.commands.put(AdapterChanged(event.name, None if event.removed else event.version))
@@ -150,9 +154,11 @@ class WorkerService:
             await self._prefetch(cmd.adapters)
         elif isinstance(cmd, Abort):
             now = time.monotonic()  # remembered: an abort can overtake its request (not via a dispatcher)
-            self.aborted = {r: t for r, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
-            self.aborted[cmd.request_id] = now
-            await self._drop(cmd.request_id)
+            self.aborted = {k: t for k, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
+            self.aborted[cmd.request_id, cmd.sender] = now
+            stream = self.streams.get(cmd.request_id)
+            if stream is not None and self._aborted(stream.request):
+                await self._drop(cmd.request_id)
         elif isinstance(cmd, AdapterChanged):
             self.retiring[cmd.name] = cmd.version
             self._retire()
@@ -170,6 +176,11 @@ class WorkerService:
         self.engine.abort(request_id)
         if record:
             await self.store.record_progress(self.s.worker_id, {}, {request_id: stream.request.recoveries})
+
+    def _aborted(self, req: GenerateRequest) -> bool:
+        """Whether an abort for ``req`` came lately: a gateway's, or its own sender's (an
+        application may stop only what it sent)."""
+        return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
 
     def _retire(self) -> None:
         """Unload (and unmerge) replaced or removed adapter versions that no request uses any more."""
@@ -285,7 +296,7 @@ class WorkerService:
             self.pending.discard(req.request_id)
 
     async def _admit(self, req: GenerateRequest) -> None:
-        if req.request_id in self.aborted or (req.client and self.clients.gone(req.client, time.monotonic())):
+        if self._aborted(req) or (req.client and self.clients.gone(req.client, time.monotonic())):
             await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
             return  # its client left before it came
         held = self.streams.get(req.request_id)
@@ -403,7 +414,7 @@ class WorkerService:
         lost = await self.store.sweep_inflight(
             self.s.worker_id, set(self.streams) | self.pending, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s)
         )
-        if aborted := {rid: a for rid, a in lost.items() if rid in self.aborted}:
+        if aborted := {rid: a for rid, a in lost.items() if any(r == rid for r, _ in self.aborted)}:
             await self.store.record_progress(self.s.worker_id, {}, aborted)  # its record outlived it
         if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
             logger.warning("in-flight records not held here; handed back", requests=len(lost))
@@ -479,6 +490,7 @@ class WorkerService:
         subs = [
             await bus.subscribe(self.nc, subjects.worker_requests(self.s.worker_id), GenerateRequest, self._on_request),
             await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
+            await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),
             await bus.subscribe(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent, self._on_adapter_event),
             await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_moves),
             await bus.subscribe(self.nc, subjects.kv_inbox(self.s.worker_id), KVChunk, self._on_kv_chunk, msgpack=True),

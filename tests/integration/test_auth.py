@@ -73,14 +73,18 @@ async def test_an_application_reaches_only_its_own_subjects(secured_nats: Server
         await app.publish(subjects.MOVES, msgspec.json.encode(MovePlan(plan_id="forged")))
         await app.publish(subjects.stats("w0"), b"{}")
         await app.publish(subjects.reply_inbox("r1", "gw1"), b"injected")
-        await app.publish(subjects.REQUESTS, b"{}")  # allowed: what it is for
+        # the gateways' request and abort subjects, and another application's
+        for subject in (subjects.REQUESTS, subjects.ABORT, subjects.requests_of("b"), subjects.aborts_of("b")):
+            await app.publish(subject, b"{}")
+        for subject in (subjects.requests_of(APP_USER), subjects.aborts_of(APP_USER)):  # allowed: its own
+            await app.publish(subject, b"{}")
         await app.flush()
         await asyncio.sleep(0.3)
         violations = [e for e in errors if "permissions violation" in e.lower()]
-        assert len(violations) == 6, errors
-        for what in ("dlora.reply.gw1", "dlora.worker.w0.requests", "dlora.moves", "dlora.stats.w0"):
+        assert len(violations) == 10, errors
+        for what in ("dlora.reply.gw1", "dlora.worker.w0.requests", "dlora.moves", "dlora.stats.w0", "dlora.abort.b"):
             assert any(what in e for e in violations), (what, violations)
-        assert not any('publish to "dlora.requests"' in e for e in violations)
+        assert not any(f'"dlora.requests.{APP_USER}"' in e or f'"dlora.abort.{APP_USER}"' in e for e in violations)
     finally:
         await app.close()
         await worker.close()

@@ -1,0 +1,141 @@
+"""Applications on the bus, each its own NATS user, against a secured server and real services: one
+cannot stop another's request, write into its reply subject, or take its request id (issue 16,
+item 10: "inject text into or abort another user's stream")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from redis.asyncio import Redis
+
+from dlora.common import subjects
+from dlora.common.messages import AbortRequest, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.permissions import ROLES
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.servers import Server, start_nats
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+
+PASSWORDS = {name: f"pw-{name}" for name in (*ROLES, "alice", "bob")}
+
+
+@pytest.fixture
+async def bus(
+    redis_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> AsyncIterator[tuple[NATS, NATS, WorkerService]]:
+    """A secured NATS with a dispatcher and a worker on it; yields alice's and bob's connections."""
+    server = start_nats(passwords=PASSWORDS)
+    stop, conns, tasks = asyncio.Event(), [], []
+
+    async def connect(user: str) -> NATS:
+        nc = await nats.connect(server.url, user=user, password=PASSWORDS[user], inbox_prefix=f"_INBOX.{user}")
+        conns.append(nc)
+        return nc
+
+    try:
+        store = StateStore(redis)
+        common = dict(nats_url=server.url, redis_url=redis_server.url)
+        ws = WorkerSettings(
+            **common,
+            worker_id="w0",
+            model=str(tiny_llama.model),
+            engine=EngineConfig(device="cpu"),
+            stats_interval_s=0.1,
+        )
+        worker = WorkerService(ws, await connect("worker"), store, build_engine(ws))
+        tasks.append(asyncio.create_task(worker.run(stop)))
+        tasks.append(
+            asyncio.create_task(Dispatcher(DispatcherSettings(**common), await connect("dispatcher"), store).run(stop))
+        )
+        for _ in range(200):  # the dispatcher has heard the worker
+            if await store.live_workers():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        yield await connect("alice"), await connect("bob"), worker
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+        for nc in conns:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        server.stop()
+
+
+async def _send(nc: NATS, user: str, rid: str, reply_to: str) -> None:
+    req = GenerateRequest(
+        request_id=rid,
+        reply_to=reply_to,
+        prompt_token_ids=[5, 40, 41],
+        params=SamplingParams(max_tokens=400, ignore_eos=True),
+    )
+    await nc.publish(subjects.requests_of(user), msgspec.json.encode(req))
+
+
+async def _chunks(nc: NATS, subject: str) -> asyncio.Queue[TokenChunk]:
+    q: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on(msg: nats.aio.msg.Msg) -> None:
+        q.put_nowait(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    await nc.subscribe(subject, cb=on)
+    await nc.flush()
+    return q
+
+
+async def _still_running(q: asyncio.Queue[TokenChunk]) -> bool:
+    """Whether chunks keep coming: the queue drained, then a new one within 2 s."""
+    while not q.empty():
+        q.get_nowait()
+    try:
+        chunk = await asyncio.wait_for(q.get(), 2)
+    except TimeoutError:
+        return False
+    return chunk.error is None and chunk.finish_reason is None
+
+
+async def test_an_application_stops_and_reaches_only_its_own_requests(bus) -> None:  # type: ignore[no-untyped-def]
+    alice, bob, worker = bus
+    mine = await _chunks(alice, subjects.reply_inbox("r-1", "alice"))
+    await _send(alice, "alice", "r-1", subjects.reply_inbox("r-1", "alice"))
+    first = await asyncio.wait_for(mine.get(), 30)
+    assert first.error is None
+
+    # bob's abort of alice's request id does nothing to it
+    await bob.publish(subjects.aborts_of("bob"), msgspec.json.encode(AbortRequest(request_id="r-1")))
+    await bob.flush()
+    await asyncio.sleep(0.3)
+    assert await _still_running(mine)
+
+    # bob's request under the same id is refused, to bob, and alice's runs on
+    bobs = await _chunks(bob, subjects.reply_inbox("r-1", "bob"))
+    await _send(bob, "bob", "r-1", subjects.reply_inbox("r-1", "bob"))
+    refused = await asyncio.wait_for(bobs.get(), 10)
+    assert refused.error_code == "bad_request" and "already in flight" in (refused.error or "")
+    assert await _still_running(mine)
+
+    # a request of bob's whose chunks would go to alice's subject is refused, to bob alone
+    forged = GenerateRequest(request_id="r-2", reply_to=subjects.reply_inbox("r-2", "alice"), prompt_token_ids=[5])
+    answer = await bob.request(subjects.requests_of("bob"), msgspec.json.encode(forged), timeout=10)
+    assert "not one of 'bob'" in msgspec.json.decode(answer.data, type=TokenChunk).error
+    assert {mine.get_nowait().request_id for _ in range(mine.qsize())} <= {"r-1"}
+
+    # alice's own abort stops it
+    await alice.publish(subjects.aborts_of("alice"), msgspec.json.encode(AbortRequest(request_id="r-1")))
+    await alice.flush()
+    for _ in range(100):
+        if "r-1" not in worker.streams:
+            break
+        await asyncio.sleep(0.05)
+    assert "r-1" not in worker.streams and not await _still_running(mine)
