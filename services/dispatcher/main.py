@@ -90,6 +90,13 @@ class Dispatcher:
             return
         if msg.reply:  # the gateway waits for a dispatcher to take it (NATS request/reply)
             await msg.respond(b"")
+        if owner and req.adapter is not None:
+            # An application is a tenant named by its NATS user: another tenant's adapter is, to
+            # it, not there (as the gateway answers a key of another tenant).
+            entry = await self.store.get_adapter(req.adapter, req.adapter_version)
+            if entry is not None and entry.owner not in ("", owner):
+                await self._fail(req, req.next_seq, f"adapter {req.adapter!r} is not registered", ErrorCode.NOT_FOUND)
+                return
         await self._dispatch(req, raw)
 
     async def _on_ping(self, msg: Msg) -> None:

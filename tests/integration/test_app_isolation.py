@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import AbortRequest, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import AbortRequest, AdapterEntry, GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.permissions import ROLES
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
@@ -73,12 +73,15 @@ async def bus(
         server.stop()
 
 
-async def _send(nc: NATS, user: str, rid: str, reply_to: str) -> None:
+async def _send(
+    nc: NATS, user: str, rid: str, reply_to: str, adapter: str | None = None, max_tokens: int = 400
+) -> None:
     req = GenerateRequest(
         request_id=rid,
         reply_to=reply_to,
+        adapter=adapter,
         prompt_token_ids=[5, 40, 41],
-        params=SamplingParams(max_tokens=400, ignore_eos=True),
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
     )
     await nc.publish(subjects.requests_of(user), msgspec.json.encode(req))
 
@@ -139,3 +142,26 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus) -> No
             break
         await asyncio.sleep(0.05)
     assert "r-1" not in worker.streams and not await _still_running(mine)
+
+
+async def test_an_application_uses_only_public_adapters_and_its_own(bus, redis: Redis, tiny_llama: TinyOutput) -> None:  # type: ignore[no-untyped-def]
+    """An application is the tenant named by its NATS user: alice's adapter is, to bob, not there
+    (the answer for a name never registered), as the gateway answers another tenant's key."""
+    alice, bob, _ = bus
+    store = StateStore(redis)
+    (public, public_path), (private, private_path) = sorted(tiny_llama.adapters.items())[:2]
+    await store.put_adapter(AdapterEntry(name=public, path=str(public_path), rank=8, created=0.0))
+    await store.put_adapter(AdapterEntry(name=private, path=str(private_path), rank=8, created=0.0, owner="alice"))
+    for nc, user, adapter, ok in (
+        (bob, "bob", private, False),
+        (bob, "bob", public, True),
+        (alice, "alice", private, True),
+    ):
+        rid = f"{user}-{adapter}"
+        q = await _chunks(nc, subjects.reply_inbox(rid, user))
+        await _send(nc, user, rid, subjects.reply_inbox(rid, user), adapter=adapter, max_tokens=2)
+        chunk = await asyncio.wait_for(q.get(), 30)
+        if ok:
+            assert chunk.error is None, chunk.error
+        else:
+            assert chunk.error_code == "not_found" and chunk.error == f"adapter {adapter!r} is not registered"
