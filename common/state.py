@@ -67,23 +67,24 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
-# An in-flight record's fields: worker, request (the first GenerateRequest, JSON), chunks and
-# tokens delivered, recoveries (the attempt now running: the fencing token), at (Redis clock, ms,
-# when it last changed hands). A record expires unless its worker refreshes it (sweep, progress).
+# An in-flight record's fields: worker, request (the first GenerateRequest, JSON), next (the
+# sequence number the next chunk carries) and tokens delivered, recoveries (the attempt now running:
+# the fencing token), at (Redis clock, ms, when it last changed hands). A record expires unless its
+# worker refreshes it (sweep, progress).
 
 # KEYS: the in-flight hash. ARGV: worker, request JSON, index key prefix, request id, recoveries,
-# ttl ms, then optionally the worker and recoveries the record must still have (compare-and-set
-# for a re-dispatch; 0 returned and nothing written if another got there first), or two empty
-# strings: the record must not exist yet (a first dispatch; 0 if another request has the id). A resume or move
-# changes only the worker, attempt and time: the first request and the progress since it stay, so
-# a second resume counts right.
+# ttl ms, the request's next_seq, then optionally the worker and recoveries the record must still
+# have (compare-and-set for a re-dispatch; 0 returned and nothing written if another got there
+# first), or two empty strings: the record must not exist yet (a first dispatch; 0 if another
+# request has the id). A resume or move changes only the worker, attempt and time: the first request
+# and the progress since it stay, so a second resume counts right.
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
-if ARGV[7] == '' then
+if ARGV[8] == '' then
   if old then
     return 0
   end
-elseif ARGV[7] and (old ~= ARGV[7] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[8]) then
+elseif ARGV[8] and (old ~= ARGV[8] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[9]) then
   return 0
 end
 if old and old ~= ARGV[1] then
@@ -92,7 +93,7 @@ end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000))
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
-redis.call('HSETNX', KEYS[1], 'chunks', 0)
+redis.call('HSETNX', KEYS[1], 'next', ARGV[7])
 redis.call('HSETNX', KEYS[1], 'tokens', '')
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SADD', ARGV[3] .. ARGV[1], ARGV[4])
@@ -115,25 +116,28 @@ end
 """
 
 # KEYS: in-flight hashes. ARGV: worker, index key prefix, ttl ms, then per key its request id, its
-# attempt (recoveries), the step's token ids as "1,2,3," or "-" when it finished (the record goes),
-# and how many of the tokens so far have had their text held back. A missing record is left alone
-# and its copy not fenced: it was sent straight to the worker, or Redis lost its data (a running
-# request goes on; only a worker that stalled asks more strictly, with _FENCED_LUA).
+# attempt (recoveries), the chunk's sequence number, the step's token ids as "1,2,3," or "-" when it
+# finished (the record goes), and how many of the tokens so far have had their text held back. A
+# chunk below the record's next is not appended again: a write retried after its reply was lost. A
+# missing record is left alone and its copy not fenced: it was sent straight to the worker, or Redis
+# lost its data (a running request goes on; only a worker that stalled asks more strictly, with
+# _FENCED_LUA).
 _PROGRESS_LUA = (
     _MINE_LUA
     + """
 local fenced = {}
 for i, key in ipairs(KEYS) do
-  local id, recoveries, tokens = ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2]
-  if not mine(key, ARGV[1], recoveries, '0') then
+  local id, seq, tokens = ARGV[5 * i - 1], tonumber(ARGV[5 * i + 1]), ARGV[5 * i + 2]
+  if not mine(key, ARGV[1], ARGV[5 * i], '0') then
     table.insert(fenced, id)
   elseif tokens == "-" then
     redis.call('SREM', ARGV[2] .. ARGV[1], id)
     redis.call('DEL', key)
   elseif redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBY', key, 'chunks', 1)
-    local old = redis.call('HGET', key, 'tokens') or ''
-    redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[4 * i + 3])
+    if seq >= tonumber(redis.call('HGET', key, 'next') or 0) then
+      local old = redis.call('HGET', key, 'tokens') or ''
+      redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[5 * i + 3], 'next', seq + 1)
+    end
     redis.call('PEXPIRE', key, ARGV[3])
   end
 end
@@ -206,10 +210,19 @@ INFLIGHT_TTL_S = 600.0
 class Inflight:
     worker: str
     request: GenerateRequest
-    chunks: int  # chunks delivered so far: a resume continues the numbering here
+    next_seq: int  # the sequence number of the next chunk: a resume continues the numbering here
     tokens: list[int]  # tokens delivered so far: a resume continues after them
     recoveries: int = 0  # times it was re-dispatched after its worker died (the latest request's count)
     text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
+
+
+class Sent(NamedTuple):
+    """One step's chunk of a running request, as its in-flight record takes it."""
+
+    attempt: int  # GenerateRequest.recoveries of the copy that sent it (the fencing token)
+    seq: int  # its sequence number: a write retried after its reply was lost is not counted twice
+    token_ids: list[int]
+    held: int  # how many of all the request's tokens so far have had their text held back
 
 
 class Copy(NamedTuple):
@@ -396,6 +409,7 @@ class StateStore:
             request.request_id,
             request.recoveries,
             int(INFLIGHT_TTL_S * 1000),
+            request.next_seq,
         ]
         if expect is not None:
             args += [expect[0], expect[1]]
@@ -403,18 +417,15 @@ class StateStore:
             args += ["", ""]
         return bool(await self._put_inflight(keys=[f"{self.p}:inflight:{request.request_id}"], args=args))
 
-    async def record_progress(
-        self, worker: str, running: dict[str, tuple[int, list[int], int]], finished: dict[str, int]
-    ) -> set[str]:
-        """One round trip per step from ``worker``: the tokens each running request was sent (id ->
-        (attempt, token ids, how many of all its tokens have their text held back)), and the
-        records of finished ones (id -> attempt) dropped.
+    async def record_progress(self, worker: str, running: dict[str, Sent], finished: dict[str, int]) -> set[str]:
+        """One round trip per step from ``worker``: the chunk each running request was sent, and
+        the records of finished ones (id -> attempt) dropped.
         Returns the ids whose record names another worker or attempt: those copies are fenced, their
         writes refused, and the worker must drop them."""
         if not running and not finished:
             return set()
-        entries = [(rid, a, "".join(f"{t}," for t in ts), held) for rid, (a, ts, held) in running.items()]
-        entries += [(rid, a, "-", 0) for rid, a in finished.items()]
+        entries = [(rid, s.attempt, s.seq, "".join(f"{t}," for t in s.token_ids), s.held) for rid, s in running.items()]
+        entries += [(rid, a, 0, "-", 0) for rid, a in finished.items()]
         keys = [f"{self.p}:inflight:{rid}" for rid, *_ in entries]
         args: list[str | int] = [worker, f"{self.p}:inflight-of:", int(INFLIGHT_TTL_S * 1000)]
         args += [x for entry in entries for x in entry]
@@ -452,7 +463,7 @@ class StateStore:
         return Inflight(
             worker=_text(raw[b"worker"]),
             request=msgspec.json.decode(raw[b"request"], type=GenerateRequest),
-            chunks=int(raw.get(b"chunks", 0)),
+            next_seq=int(raw.get(b"next", 0)),
             tokens=tokens,
             recoveries=int(raw.get(b"recoveries", 0)),
             text_pending=int(raw.get(b"held", 0)),

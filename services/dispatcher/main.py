@@ -162,7 +162,7 @@ class Dispatcher:
         tokens its client has; or fail it (too many attempts died with it), or drop it (its
         client is gone). Each record is re-dispatched once, however many dispatchers try."""
         first = rec.request
-        next_seq = first.next_seq + rec.chunks
+        next_seq = rec.next_seq
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         if first.client and self.clients.gone(first.client, time.monotonic()):
             await self.store.delete_inflight(first.request_id, expect=mine)

@@ -32,7 +32,7 @@ from dlora.common.messages import (
     WorkerStats,
     with_seed,
 )
-from dlora.common.state import Copy, StateStore
+from dlora.common.state import Copy, Sent, StateStore
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.delivery import Delivery
@@ -343,7 +343,7 @@ class WorkerService:
         now = time.monotonic()
         if self._stalled():  # ask before sending anything (for every request held, waiting ones too)
             await self._drop_fenced(set(self.streams))
-        sent: dict[str, tuple[int, list[int], int]] = {}  # attempt, new tokens, tokens with text held back
+        sent: dict[str, Sent] = {}
         for out in outputs:
             stream = self.streams.get(out.request_id)
             if stream is None:  # aborted while the step ran
@@ -352,7 +352,7 @@ class WorkerService:
             # Recorded only if handed to NATS: the record says what a resume need not send again.
             if await self.delivery.publish(stream.reply_to, chunk):
                 held = seq.detok.pending if (seq := self.engine.seqs.get(out.request_id)) else 0
-                sent[out.request_id] = (stream.request.recoveries, out.new_token_ids, held)
+                sent[out.request_id] = Sent(stream.request.recoveries, chunk.seq, out.new_token_ids, held)
             if out.finished:
                 del self.streams[out.request_id]
                 if out.error is None:
@@ -364,7 +364,7 @@ class WorkerService:
         running = {rid: v for rid, v in sent.items() if rid in self.streams}
         # Finished requests' records go with this write, or with a later one if it fails: left
         # behind they would be handed back and generated again.
-        self.unrecorded_ends |= {rid: attempt for rid, (attempt, _, _) in sent.items() if rid not in self.streams}
+        self.unrecorded_ends |= {rid: s.attempt for rid, s in sent.items() if rid not in self.streams}
         try:
             fenced = await self.store.record_progress(self.s.worker_id, running, self.unrecorded_ends)
             self.unrecorded_ends = {}
@@ -374,7 +374,7 @@ class WorkerService:
             return
         for rid in fenced & running.keys():  # given up here and re-dispatched: another attempt serves it
             logger.warning("request fenced: a later attempt serves it", request=rid)
-            await self._drop(rid, record=False, attempt=running[rid][0])
+            await self._drop(rid, record=False, attempt=running[rid].attempt)
 
     def _stalled(self) -> bool:
         """Whether this process may have been given up on, its requests re-dispatched (and perhaps

@@ -187,7 +187,7 @@ async def test_a_later_attempt_sent_back_to_a_stalled_worker_replaces_its_copy(c
         rec.request,
         resume_token_ids=rec.tokens,
         resume_text_pending=rec.text_pending,
-        next_seq=rec.request.next_seq + rec.chunks,
+        next_seq=rec.next_seq,
         recoveries=1,
     )
     assert await c.store.put_inflight(again, "w-a", expect=("w-a", 0))

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dlora.common.state import StateStore
+from dlora.common.state import Sent, StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -157,7 +157,7 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
     try:
         req = GenerateRequest(request_id="poison", reply_to="test.poison.reply", prompt="kalo")
         await store.put_inflight(req, "w-a")
-        await store.record_progress("w-a", {"poison": (0, [5, 6], 0)}, {})
+        await store.record_progress("w-a", {"poison": Sent(0, 0, [5, 6], 0)}, {})
         await dispatcher.recover("w-a")  # first loss: retried on the live worker, once
         moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
         assert moved.recoveries == 1 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1

@@ -8,7 +8,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
-from dlora.common.state import Copy, StateStore
+from dlora.common.state import Copy, Sent, StateStore
 
 
 async def test_registry_placement_and_policy(redis: Redis) -> None:
@@ -47,10 +47,11 @@ async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     s = StateStore(redis)
     req = GenerateRequest(request_id="r1", reply_to="x", prompt_token_ids=[1, 2])
     await s.put_inflight(req, "w1")
-    assert await s.record_progress("w1", {"r1": (0, [7, 8], 1), "unknown": (0, [9], 0)}, {}) == set()
-    await s.record_progress("w1", {"r1": (0, [10], 2)}, {})
+    assert await s.record_progress("w1", {"r1": Sent(0, 0, [7, 8], 1), "unknown": Sent(0, 0, [9], 0)}, {}) == set()
+    await s.record_progress("w1", {"r1": Sent(0, 1, [10], 2)}, {})
+    await s.record_progress("w1", {"r1": Sent(0, 1, [10], 2)}, {})  # retried, its reply lost: not twice
     rec = await s.get_inflight("r1")
-    assert (rec.worker, rec.request, rec.chunks, rec.tokens, rec.text_pending) == ("w1", req, 2, [7, 8, 10], 2)
+    assert (rec.worker, rec.request, rec.next_seq, rec.tokens, rec.text_pending) == ("w1", req, 2, [7, 8, 10], 2)
     assert await s.get_inflight("unknown") is None  # no half-record for a request without one
     assert await s.inflight_on("w1") == ["r1"]
     assert 0 < await redis.pttl("dlora:inflight:r1") <= 600_000  # it expires unless refreshed
@@ -74,7 +75,7 @@ async def test_a_given_up_attempt_is_fenced(redis: Redis) -> None:
     s = StateStore(redis)
     req = GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1])
     await s.put_inflight(req, "w1")
-    await s.record_progress("w1", {"r": (0, [5], 0)}, {})
+    await s.record_progress("w1", {"r": Sent(0, 0, [5], 0)}, {})
     again = msgspec.structs.replace(req, resume_token_ids=[5], recoveries=1)
     assert await s.put_inflight(again, "w2", expect=("w1", 0))
     assert not await s.put_inflight(again, "w3", expect=("w1", 0))  # a second dispatcher is too late
@@ -84,16 +85,16 @@ async def test_a_given_up_attempt_is_fenced(redis: Redis) -> None:
     # a stall, over (finished elsewhere)
     assert await s.fenced("w2", {"gone": Copy(0, False)}) == set()
     assert await s.fenced("w2", {"gone": Copy(0, True)}) == {"gone"}
-    assert await s.record_progress("w2", {"gone": (0, [6], 0)}, {}) == set()  # progress goes on
-    assert await s.record_progress("w1", {"r": (0, [6], 0)}, {}) == {"r"}
+    assert await s.record_progress("w2", {"gone": Sent(0, 0, [6], 0)}, {}) == set()  # progress goes on
+    assert await s.record_progress("w1", {"r": Sent(0, 1, [6], 0)}, {}) == {"r"}
     assert await s.record_progress("w1", {}, {"r": 0}) == {"r"}  # its end does not drop the new record
     rec = await s.get_inflight("r")
     assert (rec.worker, rec.recoveries, rec.tokens) == ("w2", 1, [5])
     # re-dispatched back to the same worker: only the attempt tells the copies apart
     third = msgspec.structs.replace(again, recoveries=2)
     assert await s.put_inflight(third, "w1", expect=("w2", 1))
-    assert await s.record_progress("w1", {"r": (0, [6], 0)}, {}) == {"r"}
-    assert await s.record_progress("w1", {"r": (2, [6], 0)}, {}) == set()
+    assert await s.record_progress("w1", {"r": Sent(0, 1, [6], 0)}, {}) == {"r"}
+    assert await s.record_progress("w1", {"r": Sent(2, 1, [6], 0)}, {}) == set()
 
 
 async def test_a_record_is_dropped_only_by_whoever_holds_its_attempt(redis: Redis) -> None:
