@@ -109,7 +109,7 @@ class Gateway:
             # costs one Redis lookup.
             who = await self.auth.inference(request)
             with self.auth.admitted(who):
-                raw = await _read_body(request, self.s.max_body_bytes)
+                raw = await self._read_body(request)
                 job = await self._job(raw, chat, who)
                 adapter_label = job.adapter or self.base_name
                 return await self._relay(request, job)
@@ -305,7 +305,7 @@ class Gateway:
     async def add_adapter(self, request: web.Request) -> web.Response:
         try:
             await self.auth.admin(request)
-            raw = await _read_body(request, self.s.max_body_bytes)
+            raw = await self._read_body(request)
             body = openai.decode_body(raw, AdapterBody)
             taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
             if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
@@ -369,6 +369,9 @@ class Gateway:
         if context != self.served.context:
             self.served = dataclasses.replace(self.served, context=context)
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        return await read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
+
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.s.max_body_bytes + 1024,
@@ -379,7 +382,7 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/adapters", self.add_adapter)
         app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
-        keys = KeyAdmin(self.auth, lambda r: _read_body(r, self.s.max_body_bytes))
+        keys = KeyAdmin(self.auth, self._read_body)
         app.router.add_post("/v1/keys", keys.create)
         app.router.add_get("/v1/keys", keys.listing)
         app.router.add_delete("/v1/keys/{id}", keys.revoke)
@@ -402,24 +405,30 @@ class Gateway:
         self._announcer = asyncio.create_task(announce(self.nc, self.gateway_id, self._stopped))
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The whole JSON body, up to ``limit`` bytes.
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The whole JSON body, up to ``limit`` bytes, within ``timeout_s`` seconds.
 
     Raises:
         APIError(415): the Content-Type is not application/json (a browser cannot send that
             cross-site without a CORS preflight, which this server never grants).
         APIError(413): the body is longer than ``limit``.
+        APIError(408): the body did not all come within ``timeout_s`` (a client trickling it
+            would hold a connection and a handler for as long as it liked).
     """
     if request.content_type != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}")
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
     raw = bytearray()
-    # Every chunk to the end: one read returns only what has arrived, and a large body comes in many.
-    async for chunk in request.content.iter_any():
-        raw += chunk
-        if len(raw) > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            # Every chunk to the end: one read returns only what has arrived, and a large body comes in many.
+            async for chunk in request.content.iter_any():
+                raw += chunk
+                if len(raw) > limit:
+                    raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
     return bytes(raw)
 
 

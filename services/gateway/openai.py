@@ -40,7 +40,7 @@ class APIError(Exception):
             409: "invalid_request_error",
             429: "rate_limit_exceeded",
             503: "service_unavailable",
-        }.get(status, "server_error")
+        }.get(status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}

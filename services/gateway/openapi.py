@@ -79,6 +79,7 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
         401: "no key, or a wrong or revoked one",
         403: "the key lacks the scope (inference or admin)",
         404: "unknown model, adapter or key",
+        408: "the body did not arrive within body_timeout_s",
         409: "adapter name taken",
         413: "body over the limit",
         415: "not application/json",
@@ -119,7 +120,7 @@ def document() -> dict[str, Any]:
                 "operationId": "createCompletion",
                 "security": inference,
                 "requestBody": _json_body(completion),
-                "responses": _responses("a completion", 400, 401, 403, 404, 413, 415, 429, streams=True),
+                "responses": _responses("a completion", 400, 401, 403, 404, 408, 413, 415, 429, streams=True),
             }
         },
         "/v1/chat/completions": {
@@ -127,7 +128,7 @@ def document() -> dict[str, Any]:
                 "operationId": "createChatCompletion",
                 "security": inference,
                 "requestBody": _json_body(chat),
-                "responses": _responses("a chat completion", 400, 401, 403, 404, 413, 415, 429, streams=True),
+                "responses": _responses("a chat completion", 400, 401, 403, 404, 408, 413, 415, 429, streams=True),
             }
         },
         "/v1/models": {
@@ -143,7 +144,7 @@ def document() -> dict[str, Any]:
                 "security": admin,
                 "requestBody": _json_body(adapter),
                 "responses": {
-                    **_responses("registered", 400, 401, 403, 409, 413, 415),
+                    **_responses("registered", 400, 401, 403, 408, 409, 413, 415),
                     "201": {"description": "registered"},
                 },
             }
@@ -162,7 +163,7 @@ def document() -> dict[str, Any]:
                 "security": admin,
                 "requestBody": _json_body(key),
                 "responses": {
-                    **_responses("", 400, 401, 403, 413, 415),
+                    **_responses("", 400, 401, 403, 408, 413, 415),
                     "201": {
                         "description": "the new key (its only showing, in `key`) and its record",
                         "content": {"application/json": {"schema": {"type": "object"}}},

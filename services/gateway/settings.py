@@ -52,6 +52,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Seconds a connection may take to send a whole request head, counted from when it opens or
     # from its first byte after a finished request; then it is closed (nginx's client_header_timeout).
     header_timeout_s: float = 60.0
+    # Seconds a request may take to send its whole body once its head is in; then it is answered
+    # 408 (nginx's client_body_timeout, counted over the whole body rather than between reads).
+    body_timeout_s: float = 60.0
     # Seconds a connection may sit idle between requests before it is closed (nginx's keepalive_timeout).
     idle_timeout_s: float = 75.0
     # Open connections at most; more are answered 503 and closed at once. Lowered at start to what
@@ -69,7 +72,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("model", self.model, "must name the base model directory"))
         if self.max_body_bytes <= 0:
             bad.append(("max_body_bytes", self.max_body_bytes, "must be > 0"))
-        for field in ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "idle_timeout_s", "max_connections"):
+        positive = ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "body_timeout_s", "idle_timeout_s")
+        for field in (*positive, "max_connections"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
         if self.auth not in AUTH_MODES:

@@ -96,6 +96,20 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
         assert await _closed_within(reader, 2.0) is None  # past the 1 s head timeout: still open
         assert await _closed_within(reader, 2.0) == b""
         assert 2.4 <= time.monotonic() - t < 5.0
+        # A request whose head came whole but whose body trickles (here: stops) is answered 408
+        # once the body timeout has passed, not held open for as long as the client likes.
+        settings, stack.gateway.s = stack.gateway.s, msgspec.structs.replace(stack.gateway.s, body_timeout_s=1.0)
+        try:
+            head = PARTIAL_HEAD + b"Content-Length: 100\r\n\r\n" + b'{"model": "'
+            body_reader, body_writer = await _open(s.port, "127.0.0.5", head)
+            t = time.monotonic()
+            answer = await asyncio.wait_for(body_reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            answer += await body_reader.readexactly(int(answer.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            assert b"did not arrive within 1 s" in answer and 1.0 <= time.monotonic() - t < 4.0
+            body_writer.close()
+        finally:
+            stack.gateway.s = settings
         for _, w in slow + idle + [(reader, writer)]:
             w.close()
     finally:
