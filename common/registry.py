@@ -6,8 +6,9 @@ registration and removal is therefore also written to the bucket ``{prefix}-adap
 JetStream keeps on disk (and replicates in a cluster), and a dispatcher that finds the Redis
 registry empty while the bucket is not puts it back (``restore``). JetStream's key-value store is
 used, not a file of ours, because every host already reaches NATS and it is replicated there.
-Without JetStream (a server started without ``-js``) the registry works from Redis alone, and says
-so once in the log.
+Without JetStream (a server started without ``-js``, or a cluster still electing its leader) the
+registry works from Redis alone, says so once in the log, and tries the bucket again every
+``REOPEN_INTERVAL_S``: opened late, it first takes what was registered meanwhile.
 
 Keys in the bucket: ``current.<name>`` holds the name's registered version's AdapterEntry (JSON),
 ``version.<name>.<version>`` every version ever registered (requests may still run on one).
@@ -42,54 +43,104 @@ _decode_key = msgspec.json.Decoder(ApiKey)
 # Seconds between two restores a missing key may set off: a client sending wrong keys costs one
 # Redis lookup each, not a listing of the bucket each.
 KEY_RESTORE_INTERVAL_S = 1.0
+# Seconds between two tries to open a bucket while JetStream is unavailable.
+REOPEN_INTERVAL_S = 10.0
+
+
+class Bucket:
+    """One JetStream key-value bucket, created if missing, opened on first use. While JetStream is
+    unavailable ``get`` gives None (the caller works from Redis alone) and tries again at most
+    every ``REOPEN_INTERVAL_S``; ``missed`` says a try failed before it opened."""
+
+    def __init__(self, nc: NATS, name: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.nc, self.name, self.clock = nc, name, clock
+        self.kv: KeyValue | None = None
+        self.missed = False
+        self._tried = -REOPEN_INTERVAL_S
+
+    async def get(self) -> KeyValue | None:
+        if self.kv is None and self.clock() - self._tried >= REOPEN_INTERVAL_S:
+            self._tried = self.clock()
+            try:
+                self.kv = await self.nc.jetstream(timeout=2.0).create_key_value(bucket=self.name, history=1)
+            except Exception as e:  # noqa: BLE001 - no JetStream: Redis alone until it comes
+                if not self.missed:
+                    logger.warning(
+                        f"no durable copy while JetStream is unavailable; tried again every {REOPEN_INTERVAL_S:g} s",
+                        bucket=self.name,
+                        error=f"{type(e).__name__}: {e}",
+                    )
+                self.missed = True
+            else:
+                if self.missed:
+                    logger.info("durable copy opened", bucket=self.name)
+        return self.kv
+
+
+class _Durable:
+    """A registry's durable side: its bucket (None: Redis alone), caught up once when it opens late."""
+
+    def __init__(self, bucket: Bucket | None) -> None:
+        self.bucket = bucket
+        self._caught_up = False
+
+    async def kv(self) -> KeyValue | None:
+        kv = await self.bucket.get() if self.bucket is not None else None
+        if kv is not None and self.bucket is not None and self.bucket.missed and not self._caught_up:
+            self._caught_up = True
+            await self._catch_up(kv, await _bucket_values(kv))
+        return kv
+
+    async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
+        """Write what Redis holds and the bucket, opened late, lacks: written while JetStream was down."""
 
 
 def bucket_name(prefix: str) -> str:
     return f"{prefix}-adapters"
 
 
-class AdapterRegistry:
-    """Registration and removal, written to Redis (``store``) and the durable bucket (``kv``; None:
-    Redis only)."""
+class AdapterRegistry(_Durable):
+    """Registration and removal, written to Redis (``store``) and the durable bucket (None: Redis
+    only)."""
 
-    def __init__(self, store: StateStore, kv: KeyValue | None) -> None:
-        self.store, self.kv = store, kv
+    def __init__(self, store: StateStore, bucket: Bucket | None) -> None:
+        super().__init__(bucket)
+        self.store = store
 
     @classmethod
     async def open(cls, nc: NATS, store: StateStore) -> AdapterRegistry:
-        """The registry of ``store``'s deployment, its bucket created if missing. Without JetStream
-        on the server it falls back to Redis alone (logged)."""
-        try:
-            kv = await nc.jetstream().create_key_value(bucket=bucket_name(store.p), history=1)
-        except Exception as e:  # noqa: BLE001 - no JetStream: the registry lives in Redis only
-            logger.warning("no durable adapter registry (JetStream unavailable)", error=f"{type(e).__name__}: {e}")
-            kv = None
-        return cls(store, kv)
+        """The registry of ``store``'s deployment, its bucket created if missing (see ``Bucket``)."""
+        registry = cls(store, Bucket(nc, bucket_name(store.p)))
+        await registry.kv()
+        return registry
 
     async def register(self, entry: AdapterEntry, replace: bool = False) -> bool:
         """Register ``entry`` (``StateStore.put_adapter``: False if the name is taken, unless
         ``replace``), then record it durably."""
         if not await self.store.put_adapter(entry, replace):
             return False
-        if self.kv is not None:
-            data = _encode.encode(entry)
-            await self.kv.put(f"version.{entry.name}.{entry.version or 'none'}", data)
-            await self.kv.put(f"current.{entry.name}", data)
+        if (kv := await self.kv()) is not None:
+            await _put_entry(kv, entry)
         return True
 
     async def remove(self, name: str) -> bool:
         """Unregister ``name``; False if it was not registered. Its versions stay findable."""
         removed = await self.store.delete_adapter(name)
-        if self.kv is not None:
+        if (kv := await self.kv()) is not None:
             with contextlib.suppress(KeyNotFoundError):
-                await self.kv.delete(f"current.{name}")
+                await kv.delete(f"current.{name}")
         return removed
+
+    async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
+        for entry in await self.store.list_adapters():
+            if f"current.{entry.name}" not in stored:
+                await _put_entry(kv, entry)
 
     async def durable_entries(self) -> tuple[list[AdapterEntry], list[AdapterEntry]]:
         """The bucket's registered entries and every version's, as stored."""
         current: list[AdapterEntry] = []
         versions: list[AdapterEntry] = []
-        for key, value in (await _bucket_values(self.kv)).items():
+        for key, value in (await _bucket_values(await self.kv())).items():
             (current if key.startswith("current.") else versions).append(_decode.decode(value))
         return current, versions
 
@@ -97,7 +148,7 @@ class AdapterRegistry:
         """Put the durable registry back into Redis when Redis has no registry at all (it restarted
         empty); returns the number of adapters restored. Versions go first, so a request running
         on an older one finds it too."""
-        if self.kv is None or await self.store.has_adapters():
+        if await self.kv() is None or await self.store.has_adapters():
             return 0
         current, versions = await self.durable_entries()
         if not current:
@@ -120,27 +171,29 @@ def keys_bucket_name(prefix: str) -> str:
     return f"{prefix}-keys"
 
 
-class KeyRegistry:
+async def _put_entry(kv: KeyValue, entry: AdapterEntry) -> None:
+    data = _encode.encode(entry)
+    await kv.put(f"version.{entry.name}.{entry.version or 'none'}", data)
+    await kv.put(f"current.{entry.name}", data)
+
+
+class KeyRegistry(_Durable):
     """Inference API keys, written to the durable bucket (``kv``; None: Redis only) and then to
     Redis (``store``), which every lookup reads. Durable first: a write that fails half way leaves
     the bucket right (a key created there but not in Redis is unusable, its secret never shown; a
     revocation refused by Redis is reported and tried again by the caller)."""
 
-    def __init__(self, store: StateStore, kv: KeyValue | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.store, self.kv, self.clock = store, kv, clock
+    def __init__(self, store: StateStore, bucket: Bucket | None, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(bucket)
+        self.store, self.clock = store, clock
         self._restore_tried = -KEY_RESTORE_INTERVAL_S  # the clock's time of the last restore a miss set off
 
     @classmethod
     async def open(cls, nc: NATS, store: StateStore) -> KeyRegistry:
         """The keys of ``store``'s deployment, their bucket created if missing and restored into an
         empty Redis (when Redis is unreachable now, by the first lookup that misses). Without
-        JetStream they live in Redis alone (logged)."""
-        try:
-            kv = await nc.jetstream().create_key_value(bucket=keys_bucket_name(store.p), history=1)
-        except Exception as e:  # noqa: BLE001 - no JetStream: the keys live in Redis only
-            logger.warning("no durable API keys (JetStream unavailable)", error=f"{type(e).__name__}: {e}")
-            kv = None
-        registry = cls(store, kv)
+        JetStream they live in Redis alone meanwhile (see ``Bucket``)."""
+        registry = cls(store, Bucket(nc, keys_bucket_name(store.p)))
         try:
             await registry.restore()
         except (RedisError, OSError) as e:  # Redis down at start: the first key it misses restores
@@ -151,8 +204,8 @@ class KeyRegistry:
         """Store a new key. An empty Redis is restored first, or the keys made before it emptied
         would never come back (``restore`` only fills a Redis with none)."""
         await self.restore()
-        if self.kv is not None:
-            await self.kv.put(f"key.{key.id}", _encode.encode(key))
+        if (kv := await self.kv()) is not None:
+            await kv.put(f"key.{key.id}", _encode.encode(key))
         await self.store.put_api_key(key)
 
     async def revoke(self, key_id: str) -> ApiKey | None:
@@ -163,8 +216,8 @@ class KeyRegistry:
         if key is None:
             return None
         revoked = msgspec.structs.replace(key, revoked=True)
-        if self.kv is not None:
-            await self.kv.put(f"key.{key.id}", _encode.encode(revoked))
+        if (kv := await self.kv()) is not None:
+            await kv.put(f"key.{key.id}", _encode.encode(revoked))
         await self.store.put_api_key(revoked)
         return revoked
 
@@ -178,7 +231,7 @@ class KeyRegistry:
         empty Redis from the durable copy (at most once per ``KEY_RESTORE_INTERVAL_S``) and looks
         again."""
         key = await self.store.api_key_by_digest(digest)
-        if key is None and self.kv is not None and self.clock() - self._restore_tried >= KEY_RESTORE_INTERVAL_S:
+        if key is None and self.bucket is not None and self.clock() - self._restore_tried >= KEY_RESTORE_INTERVAL_S:
             self._restore_tried = self.clock()
             if await self.restore():
                 key = await self.store.api_key_by_digest(digest)
@@ -186,13 +239,18 @@ class KeyRegistry:
 
     async def durable_keys(self) -> list[ApiKey]:
         """Every key in the bucket, as stored."""
-        return [_decode_key.decode(value) for value in (await _bucket_values(self.kv)).values()]
+        return [_decode_key.decode(value) for value in (await _bucket_values(await self.kv())).values()]
+
+    async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
+        for key in await self.store.list_api_keys():
+            if f"key.{key.id}" not in stored:
+                await kv.put(f"key.{key.id}", _encode.encode(key))
 
     async def restore(self) -> int:
         """Put the durable keys back into Redis when it has none (it restarted empty); returns how
         many were put back. A key already in Redis is left alone: a revocation written there
         since the bucket was read stands."""
-        if self.kv is None or await self.store.has_api_keys():
+        if await self.kv() is None or await self.store.has_api_keys():
             return 0
         keys = await self.durable_keys()
         for key in keys:

@@ -53,7 +53,7 @@ def run_keys(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, s: GatewaySettings) -> int:
     async with connections(s) as (nc, store):
         keys = await KeyRegistry.open(nc, store)
-        if keys.kv is None:
+        if await keys.kv() is None:
             print("dlora keys: warning: NATS has no JetStream; keys are kept in Redis only", file=sys.stderr)
         if args.keys_command == "create":
             scopes = [apikeys.INFERENCE, apikeys.ADMIN] if args.admin else [apikeys.INFERENCE]

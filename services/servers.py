@@ -92,10 +92,10 @@ class Server:
         self.workdir.cleanup()
 
 
-def start_nats(port: int | None = None, passwords: dict[str, str] | None = None) -> Server:
-    """nats-server (JetStream on) on ``port``, or on a free one. With ``passwords`` (user ->
-    password, for the service roles and application users of ``common/permissions.py``) only
-    those users connect, each to its own subjects."""
+def start_nats(port: int | None = None, passwords: dict[str, str] | None = None, jetstream: bool = True) -> Server:
+    """nats-server (JetStream on, unless not ``jetstream``) on ``port``, or on a free one. With
+    ``passwords`` (user -> password, for the service roles and application users of
+    ``common/permissions.py``) only those users connect, each to its own subjects."""
     port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-nats-")
     auth: list[str] = []
     if passwords is not None:
@@ -104,7 +104,15 @@ def start_nats(port: int | None = None, passwords: dict[str, str] | None = None)
         conf.chmod(0o600)
         auth = ["-c", str(conf)]
     proc = subprocess.Popen(
-        [_binary("nats-server"), *auth, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp.name],
+        [
+            _binary("nats-server"),
+            *auth,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            *(["-js", "-sd", tmp.name] if jetstream else []),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -1,0 +1,52 @@
+"""The durable copies of the adapter registry and the API keys when JetStream is not there at start
+(a server without it, or a cluster still electing its leader): the services work from Redis, and
+once JetStream is up the buckets open and take what was written meanwhile, so a Redis that then
+restarts empty gets it all back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+from redis.asyncio import Redis
+
+from dlora.common import apikeys
+from dlora.common.messages import AdapterEntry
+from dlora.common.registry import REOPEN_INTERVAL_S, AdapterRegistry, Bucket, KeyRegistry, bucket_name, keys_bucket_name
+from dlora.common.state import StateStore
+from dlora.services.servers import free_port, start_nats
+
+
+async def test_buckets_opened_late_catch_up_with_what_redis_took_meanwhile(redis: Redis) -> None:
+    port = free_port()
+    server = start_nats(port, jetstream=False)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    now = [0.0]
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p), clock=lambda: now[0]))
+    keys = KeyRegistry(store, Bucket(nc, keys_bucket_name(store.p), clock=lambda: now[0]))
+    try:
+        assert await registry.kv() is None and await keys.kv() is None  # no JetStream: Redis alone
+        assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
+        _, key = apikeys.new_key("acme", [apikeys.INFERENCE], now=0.0)
+        await keys.add(key)
+
+        server.stop()
+        server = start_nats(port)  # with JetStream now
+        for _ in range(100):
+            if nc.stats["reconnects"] and nc.is_connected:
+                break
+            await asyncio.sleep(0.1)
+        now[0] = REOPEN_INTERVAL_S / 2
+        assert await registry.kv() is None  # not tried again yet
+        now[0] = REOPEN_INTERVAL_S
+        assert await registry.kv() is not None and await keys.kv() is not None
+
+        # Redis restarts empty: what was written before JetStream came is back
+        await redis.flushdb()
+        assert await registry.restore() == 1 and await keys.restore() == 1
+        assert (await store.get_adapter("a")).version == "v1"
+        assert (await keys.lookup(key.digest)) == key
+    finally:
+        await nc.close()
+        server.stop()
