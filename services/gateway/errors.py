@@ -41,6 +41,8 @@ def json_errors(retry_after_s: int) -> Middleware:
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except APIError as e:  # a refusal, raised anywhere in a handler
+        return error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -14,7 +14,6 @@ from aiohttp import web
 from dlora.common import apikeys
 from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth
-from dlora.services.gateway.errors import error_response
 from dlora.services.gateway.openai import APIError
 
 
@@ -43,41 +42,32 @@ class KeyAdmin:
         """201 with the new key (the only time it is shown) and its record.
 
         Raises (answered): APIError 401/403 (not an admin), 400 (an invalid field, named), 413/415."""
+        await self.auth.admin(request)
+        body = openai.decode_body(await self.read_body(request), KeyBody)
         try:
-            await self.auth.admin(request)
-            body = openai.decode_body(await self.read_body(request), KeyBody)
-            try:
-                secret, key = apikeys.new_key(
-                    body.tenant,
-                    body.scopes,
-                    time.time(),
-                    rate_per_s=body.rate_per_s,
-                    burst=body.burst,
-                    concurrency=body.concurrency,
-                )
-            except apikeys.KeySpecError as e:
-                raise APIError(400, str(e), param=e.param) from None
-            await self.auth.keys.add(key)
-            return web.json_response({**apikeys.public(key), "key": secret}, status=201)
-        except APIError as e:
-            return error_response(e)
+            secret, key = apikeys.new_key(
+                body.tenant,
+                body.scopes,
+                time.time(),
+                rate_per_s=body.rate_per_s,
+                burst=body.burst,
+                concurrency=body.concurrency,
+            )
+        except apikeys.KeySpecError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        await self.auth.keys.add(key)
+        return web.json_response({**apikeys.public(key), "key": secret}, status=201)
 
     async def listing(self, request: web.Request) -> web.Response:
-        try:
-            await self.auth.admin(request)
-            keys = await self.auth.keys.all()
-            return web.json_response({"object": "list", "data": [apikeys.public(k) for k in keys]})
-        except APIError as e:
-            return error_response(e)
+        await self.auth.admin(request)
+        keys = await self.auth.keys.all()
+        return web.json_response({"object": "list", "data": [apikeys.public(k) for k in keys]})
 
     async def revoke(self, request: web.Request) -> web.Response:
         """200 with the revoked key's record; 404 for an id no key has."""
-        try:
-            await self.auth.admin(request)
-            key_id = request.match_info["id"]
-            key = await self.auth.keys.revoke(key_id)
-            if key is None:
-                raise APIError(404, f"no API key has the id {key_id!r}", param="id")
-            return web.json_response(apikeys.public(key))
-        except APIError as e:
-            return error_response(e)
+        await self.auth.admin(request)
+        key_id = request.match_info["id"]
+        key = await self.auth.keys.revoke(key_id)
+        if key is None:
+            raise APIError(404, f"no API key has the id {key_id!r}", param="id")
+        return web.json_response(apikeys.public(key))

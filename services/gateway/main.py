@@ -266,10 +266,7 @@ class Gateway:
         adapter is ``owned_by`` its tenant, or dlora when public. Where an adapter's files lie is
         for admin callers only: others see its name as its root. The base model's entry names the
         live workers serving it and the device and dtype each runs on (``served_by``)."""
-        try:
-            who = await self.auth.inference(request)
-        except APIError as e:
-            return error_response(e)
+        who = await self.auth.inference(request)
         created = int(time.time())
         served_by = [
             {"worker": w.worker, "device": w.device, "dtype": w.dtype} for w in await self.store.live_workers()
@@ -303,43 +300,37 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def add_adapter(self, request: web.Request) -> web.Response:
-        try:
-            await self.auth.admin(request)
-            raw = await self._read_body(request)
-            body = openai.decode_body(raw, AdapterBody)
-            taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
-            if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
-                raise taken
-            entry = await asyncio.to_thread(
-                check_adapter,
-                body.name,
-                body.path,
-                self.s.adapter_roots,
-                self.base_name,
-                self.cfg,
-                self.s.adapter_limits,
-                body.owner or "",
-            )
-            if not await self.registry.register(entry):  # atomic: of two racing registrations one wins
-                raise taken
-            await bus.publish(
-                self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=entry.name, removed=False, version=entry.version)
-            )
-            return web.json_response(msgspec.to_builtins(entry), status=201)
-        except APIError as e:
-            return error_response(e)
+        await self.auth.admin(request)
+        raw = await self._read_body(request)
+        body = openai.decode_body(raw, AdapterBody)
+        taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
+        if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
+            raise taken
+        entry = await asyncio.to_thread(
+            check_adapter,
+            body.name,
+            body.path,
+            self.s.adapter_roots,
+            self.base_name,
+            self.cfg,
+            self.s.adapter_limits,
+            body.owner or "",
+        )
+        if not await self.registry.register(entry):  # atomic: of two racing registrations one wins
+            raise taken
+        await bus.publish(
+            self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=entry.name, removed=False, version=entry.version)
+        )
+        return web.json_response(msgspec.to_builtins(entry), status=201)
 
     async def delete_adapter(self, request: web.Request) -> web.Response:
-        try:
-            await self.auth.admin(request)
-            name = request.match_info["name"]
-            # A name no adapter can have is not registered; the durable copy would refuse it as a key.
-            if not valid_name(name) or not await self.registry.remove(name):
-                raise APIError(404, f"adapter {name!r} is not registered", param="name")
-            await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
-            return web.json_response({"id": name, "object": "model", "deleted": True})
-        except APIError as e:
-            return error_response(e)
+        await self.auth.admin(request)
+        name = request.match_info["name"]
+        # A name no adapter can have is not registered; the durable copy would refuse it as a key.
+        if not valid_name(name) or not await self.registry.remove(name):
+            raise APIError(404, f"adapter {name!r} is not registered", param="name")
+        await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
+        return web.json_response({"id": name, "object": "model", "deleted": True})
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
