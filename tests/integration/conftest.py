@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -144,3 +146,21 @@ async def run_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput, *
         for nc in conns:
             if not nc.is_closed:
                 await nc.drain()
+
+
+def spawn_worker(nats_url: str, redis_url: str, model: str, worker_id: str, **env: str) -> subprocess.Popen[bytes]:
+    """``dlora serve worker`` as a process of its own, to be killed or stopped whole; ``env`` adds
+    or overrides its ``DLORA_*`` settings."""
+    settings = {
+        "DLORA_NATS_URL": nats_url,
+        "DLORA_REDIS_URL": redis_url,
+        "DLORA_MODEL": model,
+        "DLORA_WORKER_ID": worker_id,
+        "DLORA_STATS_INTERVAL_S": "0.1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],
+        env={**os.environ, **settings, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

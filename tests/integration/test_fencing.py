@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from dlora.services.servers import Server
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import spawn_worker
 from tests.integration.test_gateway import offline
 
 PROMPT = [5, 40, 41, 300, 17]
@@ -227,21 +225,13 @@ async def test_a_stalled_worker_given_up_on_stops_when_it_resumes(
     copy (nothing generated twice) and leave the record to the new attempt; the client's stream
     stays exact."""
     c: Cluster = await cluster(ttl_s=1.0)
-    env = {
-        **os.environ,
-        "DLORA_NATS_URL": nats_server.url,
-        "DLORA_REDIS_URL": redis_server.url,
-        "DLORA_MODEL": str(tiny_llama.model),
-        "DLORA_WORKER_ID": "a-stalled",
-        "DLORA_STATS_INTERVAL_S": "0.1",
-        "DLORA_HEARTBEAT_TTL_S": "1.0",
-        "DLORA_WORKER_ENGINE__DEVICE": "cpu",
-    }
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    victim = spawn_worker(
+        nats_server.url,
+        redis_server.url,
+        str(tiny_llama.model),
+        "a-stalled",
+        DLORA_HEARTBEAT_TTL_S="1.0",
+        DLORA_WORKER_ENGINE__DEVICE="cpu",
     )
     try:
         await _until(lambda: _live(c.store, "a-stalled"), timeout=120)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import aiohttp
 import nats
@@ -25,6 +22,7 @@ from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import spawn_worker
 from tests.integration.test_gateway import offline
 
 N = 400  # tokens: long enough that the victim is still generating when it dies
@@ -46,20 +44,7 @@ async def test_sigkilled_worker_loses_no_request(
 ) -> None:
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url=redis_server.url)
-    env = {
-        **os.environ,
-        "DLORA_NATS_URL": nats_server.url,
-        "DLORA_REDIS_URL": redis_server.url,
-        "DLORA_MODEL": str(tiny_llama.model),
-        "DLORA_WORKER_ID": "a-victim",
-        "DLORA_STATS_INTERVAL_S": "0.1",
-    }
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    victim = spawn_worker(nats_server.url, redis_server.url, str(tiny_llama.model), "a-victim")
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
