@@ -40,9 +40,9 @@ logger = log.get("registry")
 _encode = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder(AdapterEntry)
 _decode_key = msgspec.json.Decoder(ApiKey)
-# Seconds between two restores a missing key may set off: a client sending wrong keys costs one
-# Redis lookup each, not a listing of the bucket each.
-KEY_RESTORE_INTERVAL_S = 1.0
+# Seconds between two restores a lookup that misses may set off: a client sending wrong keys or
+# adapter names costs one Redis lookup each, not a listing of the bucket each.
+RESTORE_ON_MISS_INTERVAL_S = 1.0
 # Seconds between two tries to open a bucket while JetStream is unavailable.
 REOPEN_INTERVAL_S = 10.0
 
@@ -78,11 +78,25 @@ class Bucket:
 
 
 class _Durable:
-    """A registry's durable side: its bucket (None: Redis alone), caught up once when it opens late."""
+    """A registry's durable side: its bucket (None: Redis alone), caught up once when it opens late,
+    and restored from after a lookup misses."""
 
-    def __init__(self, bucket: Bucket | None) -> None:
-        self.bucket = bucket
+    def __init__(self, bucket: Bucket | None, clock: Callable[[], float]) -> None:
+        self.bucket, self.clock = bucket, clock
         self._caught_up = False
+        self._restore_tried = -RESTORE_ON_MISS_INTERVAL_S  # the clock's time of the last restore a miss set off
+
+    async def restore(self) -> int:
+        """Put the bucket back into an empty Redis; how many entries came back."""
+        raise NotImplementedError
+
+    async def _restored_after_miss(self) -> bool:
+        """After a lookup missed: whether restoring an empty Redis (at most once per
+        ``RESTORE_ON_MISS_INTERVAL_S``) brought anything back, so looking again may find it."""
+        if self.bucket is None or self.clock() - self._restore_tried < RESTORE_ON_MISS_INTERVAL_S:
+            return False
+        self._restore_tried = self.clock()
+        return bool(await self.restore())
 
     async def kv(self) -> KeyValue | None:
         kv = await self.bucket.get() if self.bucket is not None else None
@@ -103,8 +117,8 @@ class AdapterRegistry(_Durable):
     """Registration and removal, written to Redis (``store``) and the durable bucket (None: Redis
     only)."""
 
-    def __init__(self, store: StateStore, bucket: Bucket | None) -> None:
-        super().__init__(bucket)
+    def __init__(self, store: StateStore, bucket: Bucket | None, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(bucket, clock)
         self.store = store
 
     @classmethod
@@ -122,6 +136,15 @@ class AdapterRegistry(_Durable):
         if (kv := await self.kv()) is not None:
             await _put_entry(kv, entry)
         return True
+
+    async def lookup(self, name: str) -> AdapterEntry | None:
+        """The adapter registered under ``name``, or None. A miss restores an empty Redis from the
+        durable copy (see ``_restored_after_miss``) and looks again: Redis came back empty, and
+        the dispatcher has not put the registry back yet."""
+        entry = await self.store.get_adapter(name)
+        if entry is None and await self._restored_after_miss():
+            entry = await self.store.get_adapter(name)
+        return entry
 
     async def remove(self, name: str) -> bool:
         """Unregister ``name``; False if it was not registered. Its versions stay findable."""
@@ -184,9 +207,8 @@ class KeyRegistry(_Durable):
     revocation refused by Redis is reported and tried again by the caller)."""
 
     def __init__(self, store: StateStore, bucket: Bucket | None, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(bucket)
-        self.store, self.clock = store, clock
-        self._restore_tried = -KEY_RESTORE_INTERVAL_S  # the clock's time of the last restore a miss set off
+        super().__init__(bucket, clock)
+        self.store = store
 
     @classmethod
     async def open(cls, nc: NATS, store: StateStore) -> KeyRegistry:
@@ -228,13 +250,10 @@ class KeyRegistry(_Durable):
 
     async def lookup(self, digest: str) -> ApiKey | None:
         """The key with that digest, revoked or not; None if there is none. A miss restores an
-        empty Redis from the durable copy (at most once per ``KEY_RESTORE_INTERVAL_S``) and looks
-        again."""
+        empty Redis from the durable copy (see ``_restored_after_miss``) and looks again."""
         key = await self.store.api_key_by_digest(digest)
-        if key is None and self.bucket is not None and self.clock() - self._restore_tried >= KEY_RESTORE_INTERVAL_S:
-            self._restore_tried = self.clock()
-            if await self.restore():
-                key = await self.store.api_key_by_digest(digest)
+        if key is None and await self._restored_after_miss():
+            key = await self.store.api_key_by_digest(digest)
         return key
 
     async def durable_keys(self) -> list[ApiKey]:

@@ -122,7 +122,7 @@ class Gateway:
         adapter registry lookup, skipped for the base model's name. An adapter ``who`` may not
         use is looked up as none: the same 404 as a name never registered."""
         body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
-        entry = None if body.model == self.base_name else await self.store.get_adapter(body.model)
+        entry = None if body.model == self.base_name else await self.registry.lookup(body.model)
         if entry is not None and not who.may_use(entry):
             entry = None
         return shape_request(

@@ -12,9 +12,17 @@ from redis.asyncio import Redis
 
 from dlora.common import apikeys
 from dlora.common.messages import AdapterEntry
-from dlora.common.registry import REOPEN_INTERVAL_S, AdapterRegistry, Bucket, KeyRegistry, bucket_name, keys_bucket_name
+from dlora.common.registry import (
+    REOPEN_INTERVAL_S,
+    RESTORE_ON_MISS_INTERVAL_S,
+    AdapterRegistry,
+    Bucket,
+    KeyRegistry,
+    bucket_name,
+    keys_bucket_name,
+)
 from dlora.common.state import StateStore
-from dlora.services.servers import free_port, start_nats
+from dlora.services.servers import Server, free_port, start_nats
 
 
 async def test_buckets_opened_late_catch_up_with_what_redis_took_meanwhile(redis: Redis) -> None:
@@ -50,3 +58,26 @@ async def test_buckets_opened_late_catch_up_with_what_redis_took_meanwhile(redis
     finally:
         await nc.close()
         server.stop()
+
+
+async def test_a_lookup_that_misses_after_redis_came_back_empty_restores_the_registry(
+    nats_server: Server, redis: Redis
+) -> None:
+    """The gateway answered 404 for a registered adapter until the dispatcher next restored the
+    registry (the chaos run's Redis restarts); a miss now restores it, at most once a second."""
+    nc = await nats.connect(nats_server.url)
+    now = [0.0]
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: now[0])
+    try:
+        assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
+        await redis.flushdb()
+        assert (await registry.lookup("a")).version == "v1"
+        assert await registry.lookup("never-registered") is None
+        await redis.flushdb()
+        now[0] = RESTORE_ON_MISS_INTERVAL_S / 2
+        assert await registry.lookup("a") is None  # a restore was tried just now
+        now[0] = RESTORE_ON_MISS_INTERVAL_S
+        assert await registry.lookup("a") is not None
+    finally:
+        await nc.close()
