@@ -20,12 +20,29 @@ P = subjects.PREFIX
 ROLES = ("gateway", "dispatcher", "worker", "migrator")
 # The application user `dlora up` creates; a deployment adds one per application (app_permissions).
 APP_USER = "app"
-# JetStream's API, the flow control and acknowledgements of the consumers that read buckets (a
-# restore's key listing), and the adapter registry's key-value bucket (common/registry.py).
-_JETSTREAM = ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", f"$KV.{P}-adapters.>"]
+
+
+def _bucket(name: str) -> list[str]:
+    """What using one JetStream key-value bucket takes (nats-py): its stream's API (create, info),
+    reading a key (direct or message get), the consumers that list its keys, and its subjects."""
+    stream = f"KV_{name}"
+    return [
+        f"$JS.API.STREAM.*.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.*.{stream}",
+        f"$JS.API.CONSUMER.*.{stream}.>",
+        f"$KV.{name}.>",
+    ]
+
+
+# JetStream's account info, the flow control and acknowledgements of the consumers that read
+# buckets (a restore's key listing), and the adapter registry's bucket (common/registry.py): only
+# that bucket's API, so a service cannot reach other streams on the server.
+_JETSTREAM = ["$JS.API.INFO", "$JS.FC.>", "$JS.ACK.>", *_bucket(f"{P}-adapters")]
 # The inference API keys' bucket (common/registry.py KeyRegistry): the gateway's alone, and the
 # `dlora keys` command's, which connects as the gateway.
-_KEYS_BUCKET = f"$KV.{P}-keys.>"
+_KEYS_BUCKET = _bucket(f"{P}-keys")
 # nats-py's replies to its own requests (nc.request) come to _INBOX.<random>.
 _INBOX = "_INBOX.>"
 
@@ -35,7 +52,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
     perms = {
         "gateway": (
             [subjects.REQUESTS, subjects.ABORT, subjects.ADAPTER_EVENTS, subjects.CLIENTS, subjects.DISPATCHER_PING]
-            + [*_JETSTREAM, _KEYS_BUCKET],
+            + [*_JETSTREAM, *_KEYS_BUCKET],
             [f"{P}.reply.>", subjects.STATS_ALL, _INBOX],
         ),
         "dispatcher": (

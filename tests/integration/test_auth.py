@@ -6,6 +6,7 @@ test_launcher's.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -151,3 +152,39 @@ def test_a_service_whose_login_is_refused_stops_at_once_saying_which_setting(sec
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("dlora serve dispatcher: ") and f"(check {wrong}_" in last
+
+
+async def test_the_services_keep_their_durable_copies_with_only_their_own_permissions(
+    secured_nats: Server, redis: Redis
+) -> None:
+    """The dispatcher writes and restores the adapter registry's bucket, the gateway the API keys'
+    too, each connected as its own user: JetStream's API is open to them only for those buckets."""
+    from dlora.common import apikeys
+    from dlora.common.messages import AdapterEntry
+    from dlora.common.registry import AdapterRegistry, KeyRegistry, purge, purge_keys
+    from dlora.common.state import StateStore
+
+    store = StateStore(redis)
+    dispatcher = await _connect(secured_nats.url, "dispatcher", errors := [])
+    gateway = await _connect(secured_nats.url, "gateway", errors)
+    try:
+        registry = await AdapterRegistry.open(dispatcher, store)
+        keys = await KeyRegistry.open(gateway, store)
+        assert await registry.kv() is not None and await keys.kv() is not None, errors
+        assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
+        _, key = apikeys.new_key("acme", [apikeys.INFERENCE], now=0.0)
+        await keys.add(key)
+        await redis.flushdb()
+        assert await registry.restore() == 1 and await keys.restore() == 1
+        assert await (await AdapterRegistry.open(gateway, store)).lookup("a") is not None
+        assert not [e for e in errors if "permissions violation" in e.lower()], errors
+        with pytest.raises(Exception):  # noqa: B017 - any other stream is out of reach (a timeout)
+            await dispatcher.jetstream(timeout=1.0).add_stream(name="elsewhere", subjects=["elsewhere.>"])
+    finally:
+        for name, purged in (("dispatcher", purge), ("gateway", purge_keys)):  # the next test starts afresh
+            anyone = await _connect(secured_nats.url, name, [])
+            with contextlib.suppress(Exception):
+                await purged(anyone, "dlora")
+            await anyone.close()
+        await dispatcher.close()
+        await gateway.close()
