@@ -143,8 +143,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     recorded: bool = False
 
 
-# A request in flight on a worker that died is retried elsewhere this many times, then failed
-# (a poison request must not take down one worker after another).
+# A request in flight on a worker that died (or hung, or restarted) is retried elsewhere this many
+# times, then failed: a poison request must not take down one worker after another. A request
+# whose message never reached its worker is re-dispatched without counting.
 MAX_RECOVERIES = 1
 
 
@@ -218,6 +219,9 @@ class LostRequests(msgspec.Struct, kw_only=True, frozen=True):
 
     worker: str
     requests: dict[str, int]
+    # Those of ``requests`` recorded as sent to the incarnation handing them back: their message
+    # never came, and the re-dispatch does not count as a death (``MAX_RECOVERIES``).
+    never_arrived: list[str] = []
 
 
 class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):

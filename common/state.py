@@ -80,18 +80,20 @@ return 1
 # and the progress since it stay, so a second resume counts right.
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
-if ARGV[8] == '' then
+if ARGV[10] == '' then
   if old then
     return 0
   end
-elseif ARGV[8] and (old ~= ARGV[8] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[9]) then
+elseif ARGV[10] and (old ~= ARGV[10] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[11]) then
   return 0
 end
 if old and old ~= ARGV[1] then
   redis.call('SREM', ARGV[3] .. old, ARGV[4])
 end
 local now = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000),
+  'incarnation', ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'deaths', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'next', ARGV[7])
 redis.call('HSETNX', KEYS[1], 'tokens', '')
@@ -174,13 +176,14 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, then the ids the
-# worker holds. Refreshes the held records' expiry, drops index entries whose record expired or
-# moved on, and returns {id, recoveries, ...} of records naming this worker that it does not hold
-# and that changed hands more than the grace ago (their message may still be on its way before).
+# KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, the worker's
+# incarnation, then the ids the worker holds. Refreshes the held records' expiry, drops index
+# entries whose record expired or moved on, and returns {id, recoveries, 1 if the record names this
+# incarnation, ...} of records naming this worker that it does not hold and that changed hands more
+# than the grace ago (their message may still be on its way before).
 _SWEEP_LUA = """
 local held = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   held[ARGV[i]] = true
 end
 local now = redis.call('TIME')
@@ -188,7 +191,7 @@ local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 local lost = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[2] .. id
-  local rec = redis.call('HMGET', key, 'worker', 'recoveries', 'at')
+  local rec = redis.call('HMGET', key, 'worker', 'recoveries', 'at', 'incarnation')
   if rec[1] ~= ARGV[1] then
     redis.call('SREM', KEYS[1], id)
   elseif held[id] then
@@ -196,6 +199,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   elseif now_ms - tonumber(rec[3] or 0) > tonumber(ARGV[4]) then
     table.insert(lost, id)
     table.insert(lost, rec[2] or '0')
+    table.insert(lost, rec[4] == ARGV[5] and 1 or 0)
   end
 end
 return lost
@@ -214,6 +218,7 @@ class Inflight:
     tokens: list[int]  # tokens delivered so far: a resume continues after them
     recoveries: int = 0  # times it was re-dispatched after its worker died (the latest request's count)
     text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
+    deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
 
 
 class Sent(NamedTuple):
@@ -393,7 +398,13 @@ class StateStore:
 
     # ---- in-flight requests -------------------------------------------------------------
     async def put_inflight(
-        self, request: GenerateRequest, worker: str, expect: tuple[str, int] | None = None, new: bool = False
+        self,
+        request: GenerateRequest,
+        worker: str,
+        expect: tuple[str, int] | None = None,
+        new: bool = False,
+        incarnation: str = "",
+        died: bool = False,
     ) -> bool:
         """Record a request as running on ``worker`` as attempt ``request.recoveries``. On a resume
         elsewhere only the worker, the attempt and the time change: the first request and the
@@ -401,7 +412,9 @@ class StateStore:
         attempt the record must still name) it is a compare-and-set: False, and nothing written,
         when the record is gone or another re-dispatch came first. With ``new`` (a request's first
         dispatch) False, and nothing written, when a record under its id exists: another request
-        in flight has that id."""
+        in flight has that id. ``incarnation``: the start of ``worker`` it is sent to, where known
+        (a hand-back then tells a message that never came from a death); ``died``: a re-dispatch
+        after the worker running it died (or hung), counted in the record's ``deaths``."""
         args: list[str | int] = [
             worker,
             msgspec.json.encode(request).decode(),
@@ -410,6 +423,8 @@ class StateStore:
             request.recoveries,
             int(INFLIGHT_TTL_S * 1000),
             request.next_seq,
+            incarnation,
+            int(died),
         ]
         if expect is not None:
             args += [expect[0], expect[1]]
@@ -443,17 +458,21 @@ class StateStore:
         found = await self._fenced(keys=keys, args=[worker, *(x for a, rec in copies.values() for x in (a, int(rec)))])
         return {ids[int(i) - 1] for i in found}
 
-    async def sweep_inflight(self, worker: str, held: set[str], grace_s: float) -> dict[str, int]:
+    async def sweep_inflight(
+        self, worker: str, incarnation: str, held: set[str], grace_s: float
+    ) -> tuple[dict[str, int], set[str]]:
         """``worker``'s reconciliation with its records: refreshes the expiry of the records of the
         requests it ``held``, forgets index entries whose record expired or moved on, and returns
         the records (id -> attempt) naming it that it does not hold and that changed hands more
         than ``grace_s`` ago: requests lost with a previous incarnation of the worker, or whose
-        message never arrived."""
+        message never arrived. With them, the ids among them recorded as sent to this very
+        ``incarnation``: their message never came (no death)."""
         raw = await self._sweep(
             keys=[f"{self.p}:inflight-of:{worker}"],
-            args=[worker, f"{self.p}:inflight:", int(INFLIGHT_TTL_S * 1000), int(grace_s * 1000), *held],
+            args=[worker, f"{self.p}:inflight:", int(INFLIGHT_TTL_S * 1000), int(grace_s * 1000), incarnation, *held],
         )
-        return {_text(raw[i]): int(raw[i + 1]) for i in range(0, len(raw), 2)}
+        lost = {_text(raw[i]): int(raw[i + 1]) for i in range(0, len(raw), 3)}
+        return lost, {_text(raw[i]) for i in range(0, len(raw), 3) if int(raw[i + 2])}
 
     async def get_inflight(self, request_id: str) -> Inflight | None:
         raw = await self.r.hgetall(f"{self.p}:inflight:{request_id}")
@@ -467,6 +486,7 @@ class StateStore:
             tokens=tokens,
             recoveries=int(raw.get(b"recoveries", 0)),
             text_pending=int(raw.get(b"held", 0)),
+            deaths=int(raw.get(b"deaths", 0)),
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

@@ -112,7 +112,7 @@ class Dispatcher:
         for rid, attempt in lost.requests.items():
             rec = await self.store.get_inflight(rid)
             if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
-                await self._recover(rec)
+                await self._recover(rec, died=rid not in lost.never_arrived)
 
     async def watch_workers(self, stop: asyncio.Event) -> None:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
@@ -157,21 +157,22 @@ class Dispatcher:
             if rec is not None and rec.worker == worker:
                 await self._recover(rec)
 
-    async def _recover(self, rec: Inflight) -> None:
+    async def _recover(self, rec: Inflight, died: bool = True) -> None:
         """Re-dispatch a request given up on ``rec.worker`` as its next attempt, resuming after the
-        tokens its client has; or fail it (too many attempts died with it), or drop it (its
-        client is gone). Each record is re-dispatched once, however many dispatchers try."""
+        tokens its client has; or fail it (``died``, and too many workers died with it before),
+        or drop it (its client is gone). Each record is re-dispatched once, however many
+        dispatchers try. Not ``died``: its message never reached the worker."""
         first = rec.request
         next_seq = rec.next_seq
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         if first.client and self.clients.gone(first.client, time.monotonic()):
             await self.store.delete_inflight(first.request_id, expect=mine)
             return
-        if rec.recoveries >= MAX_RECOVERIES:
+        if died and rec.deaths >= MAX_RECOVERIES:
             await self._fail(
                 first,
                 next_seq,
-                f"the request was in flight on {rec.recoveries + 1} workers that "
+                f"the request was in flight on {rec.deaths + 1} workers that "
                 f"died, the last {rec.worker}; it is not retried again, since it may be what stops them",
                 expect=mine,
             )
@@ -186,7 +187,7 @@ class Dispatcher:
             kv_export_s=0.0,
             recoveries=rec.recoveries + 1,
         )
-        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries))
+        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died)
 
     def _count(self, adapter: str | None) -> None:
         if adapter is not None:
@@ -207,10 +208,11 @@ class Dispatcher:
         await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))
 
     async def _dispatch(
-        self, req: GenerateRequest, raw: bytes | None = None, expect: tuple[str, int] | None = None
+        self, req: GenerateRequest, raw: bytes | None = None, expect: tuple[str, int] | None = None, died: bool = False
     ) -> None:
         """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a
-        re-dispatch, sent only if the record still names that worker and attempt (recorded first)."""
+        re-dispatch, sent only if the record still names that worker and attempt (recorded first);
+        ``died``: one after the worker running it died, counted in the record."""
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
@@ -244,7 +246,9 @@ class Dispatcher:
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         if not req.recorded:  # its worker then takes a missing record after a stall for its end
             req, raw = msgspec.structs.replace(req, recorded=True), None
-        if await self.store.put_inflight(req, worker, expect, new=expect is None):
+        seen = self.workers.get(worker)
+        incarnation = seen[0].incarnation if seen else ""
+        if await self.store.put_inflight(req, worker, expect, new=expect is None, incarnation=incarnation, died=died):
             await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
         elif expect is None:  # a second request under the id of one in flight (anyone's)
             reason = f"request id {req.request_id!r} is already in flight; give each request its own"

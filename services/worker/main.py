@@ -411,14 +411,20 @@ class WorkerService:
         if self.unrecorded_ends:
             await self.store.record_progress(self.s.worker_id, {}, self.unrecorded_ends)
             self.unrecorded_ends = {}
-        lost = await self.store.sweep_inflight(
-            self.s.worker_id, set(self.streams) | self.pending, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s)
+        lost, never_arrived = await self.store.sweep_inflight(
+            self.s.worker_id,
+            self.incarnation,
+            set(self.streams) | self.pending,
+            min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s),
         )
         if aborted := {rid: a for rid, a in lost.items() if any(r == rid for r, _ in self.aborted)}:
             await self.store.record_progress(self.s.worker_id, {}, aborted)  # its record outlived it
         if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
             logger.warning("in-flight records not held here; handed back", requests=len(lost))
-            await bus.publish(self.nc, subjects.LOST, LostRequests(worker=self.s.worker_id, requests=lost))
+            handed = LostRequests(
+                worker=self.s.worker_id, requests=lost, never_arrived=sorted(never_arrived & set(lost))
+            )
+            await bus.publish(self.nc, subjects.LOST, handed)
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

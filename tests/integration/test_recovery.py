@@ -126,7 +126,7 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
     import msgspec
 
     from dlora.common import subjects
-    from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
+    from dlora.common.messages import GenerateRequest, LostRequests, TokenChunk, WorkerStats
 
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)
@@ -143,12 +143,17 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
         req = GenerateRequest(request_id="poison", reply_to="test.poison.reply", prompt="kalo")
         await store.put_inflight(req, "w-a")
         await store.record_progress("w-a", {"poison": Sent(0, 0, [5, 6], 0)}, {})
-        await dispatcher.recover("w-a")  # first loss: retried on the live worker, once
+        # w-a's new incarnation never got it and hands it back: re-dispatched, and no death counted
+        await dispatcher._on_lost(LostRequests(worker="w-a", requests={"poison": 0}, never_arrived=["poison"]))
         moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
         assert moved.recoveries == 1 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1
+        await store.put_inflight(moved, "w-a", expect=("w-live", 1))  # (sent back to w-a, say)
+        await dispatcher.recover("w-a")  # first death: retried on the live worker, once
+        moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
+        assert moved.recoveries == 2 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1
         # the live worker took it, then died in turn
         rec = await store.get_inflight("poison")
-        assert rec is not None and rec.worker == "w-live" and rec.recoveries == 1
+        assert rec is not None and rec.worker == "w-live" and (rec.recoveries, rec.deaths) == (2, 1)
         await dispatcher.recover("w-live")
         chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
         assert chunk.error is not None and "not retried again" in chunk.error and chunk.seq == 1

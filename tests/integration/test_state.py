@@ -115,16 +115,34 @@ async def test_a_record_is_dropped_only_by_whoever_holds_its_attempt(redis: Redi
 async def test_sweep_hands_back_what_a_worker_does_not_hold(redis: Redis) -> None:
     s = StateStore(redis)
     for rid in ("held", "lost", "fresh"):
-        await s.put_inflight(GenerateRequest(request_id=rid, reply_to="x", prompt_token_ids=[1]), "w1")
+        await s.put_inflight(
+            GenerateRequest(request_id=rid, reply_to="x", prompt_token_ids=[1]), "w1", incarnation="old"
+        )
+    # sent to this incarnation, and never arrived
+    await s.put_inflight(
+        GenerateRequest(request_id="unsent", reply_to="x", prompt_token_ids=[1]), "w1", incarnation="new"
+    )
     await asyncio.sleep(0.25)
     await s.put_inflight(GenerateRequest(request_id="fresh", reply_to="x", prompt_token_ids=[1]), "w1")
     await redis.pexpire("dlora:inflight:held", 1000)
     # "fresh" changed hands within the grace: its message may still be on its way
-    assert await s.sweep_inflight("w1", {"held"}, grace_s=0.2) == {"lost": 0}
+    assert await s.sweep_inflight("w1", "new", {"held"}, grace_s=0.2) == ({"lost": 0, "unsent": 0}, {"unsent"})
     assert await redis.pttl("dlora:inflight:held") > 1000  # refreshed by its holder
-    await redis.delete("dlora:inflight:lost")  # expired: the index forgets it
-    assert await s.sweep_inflight("w1", {"held"}, grace_s=0.2) == {}
+    await redis.delete("dlora:inflight:lost", "dlora:inflight:unsent")  # expired: the index forgets them
+    assert await s.sweep_inflight("w1", "new", {"held"}, grace_s=0.2) == ({}, set())
     assert await s.inflight_on("w1") == ["fresh", "held"]
+
+
+async def test_a_record_counts_the_deaths_its_request_met_not_its_hand_backs(redis: Redis) -> None:
+    s = StateStore(redis)
+    req = GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1])
+    await s.put_inflight(req, "w1")
+    again = msgspec.structs.replace(req, recoveries=1)
+    assert await s.put_inflight(again, "w2", expect=("w1", 0), died=False)  # its message never came
+    third = msgspec.structs.replace(req, recoveries=2)
+    assert await s.put_inflight(third, "w1", expect=("w2", 1), died=True)
+    rec = await s.get_inflight("r")
+    assert rec is not None and (rec.recoveries, rec.deaths) == (2, 1)
 
 
 async def test_traffic_and_lease(redis: Redis) -> None:
