@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -50,19 +51,20 @@ def engine_latencies(model: Path, n: int) -> list[float]:
 
 async def nats_latencies(url: str, n: int) -> list[float]:
     nc = await nats.connect(url)
+    user = urllib.parse.urlsplit(url).username or "app"  # an application: its own subjects only
     out = []
     try:
         for i in range(n + 10):
             rid = uuid.uuid4().hex
-            sub = await nc.subscribe(subjects.reply_inbox(rid))
+            sub = await nc.subscribe(subjects.reply_inbox(rid, user))
             req = GenerateRequest(
                 request_id=rid,
-                reply_to=subjects.reply_inbox(rid),
+                reply_to=subjects.reply_inbox(rid, user),
                 prompt_token_ids=PROMPT,
                 params=SamplingParams(max_tokens=1),
             )
             t0 = time.perf_counter()
-            await nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+            await nc.publish(subjects.requests_of(user), msgspec.json.encode(req))
             while True:
                 chunk = msgspec.json.decode((await sub.next_msg(timeout=30)).data, type=TokenChunk)
                 if chunk.finish_reason:
