@@ -23,12 +23,18 @@ class Clients:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._last: dict[str, float] = {}
+        self._reconnects: dict[str, int] = {}
 
-    def heard(self, client: str, now: float) -> None:
-        self._last[client] = now
-        # Forget clients gone long ago: their requests were dropped then, and the map stays small.
+    def heard(self, client: str, now: float, reconnects: int = 0) -> bool:
+        """Note ``client`` as there ``now``. True when it says its connection came back since it
+        was last heard from (``ClientAlive.reconnects`` grew): it may have missed replies."""
+        before = self._reconnects.get(client)
+        self._last[client], self._reconnects[client] = now, reconnects
+        # Forget clients gone long ago: their requests were dropped then, and the maps stay small.
         if len(self._last) > 64:
             self._last = {c: t for c, t in self._last.items() if now - t < 100 * self.ttl_s}
+            self._reconnects = {c: n for c, n in self._reconnects.items() if c in self._last}
+        return reconnects > (before or 0)  # first heard after a reconnect: a re-send costs little
 
     def forgive(self, now: float) -> None:
         """Count every known client as heard from ``now``: the observer's own connection was down,
@@ -42,11 +48,12 @@ class Clients:
 
 
 async def announce(nc: NATS, client: str, stop: asyncio.Event) -> None:
-    """Say ``client`` is there every ``ANNOUNCE_S`` until ``stop``; a NATS outage is ridden out."""
+    """Say ``client`` is there every ``ANNOUNCE_S`` until ``stop``, with how often its connection
+    came back; a NATS outage is ridden out."""
     outage = bus.Outage("client announcements (nats)")
     while not stop.is_set():
         try:
-            await bus.publish(nc, subjects.CLIENTS, ClientAlive(client=client))
+            await bus.publish(nc, subjects.CLIENTS, ClientAlive(client=client, reconnects=nc.stats["reconnects"]))
             outage.succeeded()
         except Exception as e:  # noqa: BLE001 - a missed announcement is repeated next second
             outage.failed(e)

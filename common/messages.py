@@ -210,6 +210,9 @@ class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
     ``GenerateRequest.client``)."""
 
     client: str
+    # Times its NATS connection came back: when it grows, the reader may have missed replies sent
+    # while it was away, and workers send their recent ones to it again (its replies_of subjects).
+    reconnects: int = 0
 
 
 class LostRequests(msgspec.Struct, kw_only=True, frozen=True):

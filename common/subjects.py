@@ -60,12 +60,17 @@ def stats(worker: str) -> str:
 def reply_inbox(request_id: str, owner: str = "app") -> str:
     """A reply subject for one request (any subject works; this is the conventional one).
     ``owner`` groups the replies of one process under ``replies_of(owner)``."""
-    return f"{PREFIX}.reply.{owner}.{request_id}"
+    return f"{replies_prefix(owner)}{request_id}"
 
 
 def replies_of(owner: str) -> str:
     """Every reply subject of one owner: a gateway subscribes once, not once per request."""
-    return f"{PREFIX}.reply.{owner}.*"
+    return f"{replies_prefix(owner)}*"
+
+
+def replies_prefix(owner: str) -> str:
+    """What every reply subject of ``owner`` starts with."""
+    return f"{PREFIX}.reply.{owner}."
 
 
 def requests_of(user: str) -> str:
@@ -88,4 +93,4 @@ def sender(subject: str) -> str:
 def replies_to(user: str, reply_to: str) -> bool:
     """Whether ``reply_to`` is a subject the application user may read (its replies or its inboxes):
     the only kind its requests may name, or it could write into another user's stream."""
-    return reply_to.startswith((f"{PREFIX}.reply.{user}.", f"_INBOX.{user}."))
+    return reply_to.startswith((replies_prefix(user), f"_INBOX.{user}."))

@@ -5,7 +5,9 @@ reconnect, but a reader that has not re-subscribed by then misses it; and a long
 buffer, when publishing raises. So every chunk is kept for ``RESEND_WINDOW_S`` and, when the
 connection comes back, the recent ones are published again, twice: readers re-subscribe when
 they reconnect, which takes nats-py up to its reconnect wait (2 s by default) after the server is
-back. Readers drop what they already have by ``seq`` (the gateway's ReplyStream)."""
+back. A reader whose own connection dropped (the worker's stayed up) says so in its next
+``ClientAlive``, and the recent chunks to it are published again then. Readers drop what they
+already have by ``seq`` (the gateway's ReplyStream)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Delivery:
         self._outage = bus.Outage("token chunks (nats)")
         self._reconnects: int | None = None  # as of the first look (the connection may come later)
         self._resending: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # re-sends to one reader, held until done
 
     async def publish(self, subject: str, chunk: TokenChunk) -> bool:
         """Publish ``chunk`` and keep it for a re-send. False when NATS refused it (closed, or its
@@ -53,10 +56,16 @@ class Delivery:
         self._resending = asyncio.create_task(self._resend())
         return True
 
-    async def _resend(self) -> None:
-        for delay in RESEND_DELAYS_S:
+    def resend_to(self, prefix: str) -> None:
+        """Publish again, now, the recent chunks on subjects under ``prefix``: a reader there says
+        its own connection came back, and what went out while it was away never reached it."""
+        self._tasks.add(task := asyncio.create_task(self._resend((0.0,), prefix)))
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resend(self, delays: tuple[float, ...] = RESEND_DELAYS_S, prefix: str = "") -> None:
+        for delay in delays:
             await asyncio.sleep(delay)
-            recent = self.resend.recent(time.monotonic())
-            logger.info("nats reconnected: recent chunks sent again", chunks=len(recent))
+            recent = [(subject, c) for subject, c in self.resend.recent(time.monotonic()) if subject.startswith(prefix)]
+            logger.info("nats reconnected: recent chunks sent again", chunks=len(recent), to=prefix or "all")
             for subject, chunk in recent:
                 await self.publish(subject, chunk)

@@ -104,7 +104,8 @@ class WorkerService:
         await self.commands.put(Add(req))
 
     async def _on_client(self, alive: ClientAlive) -> None:
-        self.clients.heard(alive.client, time.monotonic())
+        if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
+            self.delivery.resend_to(subjects.replies_prefix(alive.client))  # what it may have missed
 
     async def _on_abort(self, abort: AbortRequest) -> None:
         await self.commands.put(Abort(abort.request_id))

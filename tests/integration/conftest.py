@@ -90,8 +90,11 @@ async def keyed_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput)
 
 
 @contextlib.asynccontextmanager
-async def run_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput, **gateway: Any) -> AsyncIterator[Stack]:
-    """The stack, with ``gateway`` settings over the tests' own."""
+async def run_stack(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, gateway_nats_url: str = "", **gateway: Any
+) -> AsyncIterator[Stack]:
+    """The stack, with ``gateway`` settings over the tests' own; the gateway's NATS connection
+    goes to ``gateway_nats_url`` if given (a proxy the test can cut), reconnecting for ever."""
     common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
     store = StateStore(redis)
     gw_settings = GatewaySettings(
@@ -102,7 +105,7 @@ async def run_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput, *
         adapter_roots=[str(tiny_llama.adapters_dir)],
         **gateway,
     )
-    gw_nc = await nats.connect(nats_server.url)
+    gw_nc = await nats.connect(gateway_nats_url or nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     gateway = Gateway(gw_settings, gw_nc, store)
     for name, path in tiny_llama.adapters.items():
         await store.put_adapter(

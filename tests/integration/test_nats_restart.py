@@ -6,8 +6,11 @@ reader drops what it has by sequence number)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 
+import aiohttp
 import msgspec
 import nats
 from redis.asyncio import Redis
@@ -23,6 +26,7 @@ from dlora.services.servers import Server, start_nats
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import run_stack
 from tests.integration.test_gateway import offline
 
 PROMPT, N = [5, 40, 41, 300, 17], 200
@@ -87,3 +91,74 @@ async def test_a_stream_survives_a_nats_restart(redis: Redis, redis_server: Serv
         for c in conns:
             await c.close()
         server.stop()
+
+
+class CuttableLink:
+    """A TCP relay between one client and the NATS server that the test can cut: every connection
+    through it is closed, and new ones refused, until it is restored (the network between that one
+    client and the server failing, while everyone else's stays up)."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.removeprefix("nats://").split(":")
+        self.port, self.up = int(port), True
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.up = False
+        for w in self.writers:
+            w.close()
+        self.writers = []
+
+    async def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+async def test_a_gateway_whose_own_connection_dropped_gets_the_chunks_it_missed(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Only the gateway's link to NATS fails for a second: the chunks the worker published
+    meanwhile never reached it, and the worker, whose own connection stayed up, had no reason to
+    send them again; the stream waited on the gap and failed. The gateway's next ClientAlive says
+    it reconnected, and the worker sends it its recent chunks again."""
+    link = CuttableLink(nats_server.url)
+    async with run_stack(nats_server, redis, tiny_llama, gateway_nats_url=await link.start()) as stack:
+        body = {"model": "lora-0", "prompt": PROMPT, "max_tokens": N, "ignore_eos": True, "stream": True}
+        body |= {"temperature": 0}
+        texts, finish = [], None
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{stack.url}/v1/completions", json=body) as r:
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: {"):
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    texts.append(choice["text"])
+                    finish = choice["finish_reason"] or finish
+                    if len(texts) == 5:  # the link fails for a second, mid-stream
+                        link.cut()
+                        await asyncio.sleep(1.0)
+                        link.up = True
+    await link.close()
+    request = {"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True, "adapter": "lora-0"}
+    assert finish == "length" and "".join(texts) == offline(tiny_llama, [request])[0]["text"]

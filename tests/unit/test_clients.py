@@ -1,0 +1,23 @@
+"""Which reply readers are still there, and which came back from a dropped connection (pure)."""
+
+from __future__ import annotations
+
+from dlora.common.clients import Clients
+
+
+def test_a_client_is_gone_only_after_it_was_heard_and_fell_silent_for_the_ttl() -> None:
+    clients = Clients(ttl_s=5.0)
+    assert not clients.gone("never-heard", 100.0)
+    clients.heard("gw", 0.0)
+    assert not clients.gone("gw", 5.0) and clients.gone("gw", 5.1)
+    clients.forgive(10.0)  # the observer's own connection was down: their silence says nothing
+    assert not clients.gone("gw", 12.0)
+
+
+def test_heard_says_when_a_client_s_connection_came_back() -> None:
+    clients = Clients(ttl_s=5.0)
+    assert not clients.heard("gw", 0.0, reconnects=0)
+    assert not clients.heard("gw", 1.0, reconnects=0)
+    assert clients.heard("gw", 2.0, reconnects=1)  # it may have missed replies meanwhile
+    assert not clients.heard("gw", 3.0, reconnects=1)
+    assert clients.heard("late", 3.0, reconnects=2)  # first heard after reconnecting: a re-send costs little
