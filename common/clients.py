@@ -23,18 +23,21 @@ class Clients:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._last: dict[str, float] = {}
-        self._reconnects: dict[str, int] = {}
+        self._reconnects: dict[str, tuple[int, float]] = {}  # its count, and when it last grew
 
     def heard(self, client: str, now: float, reconnects: int = 0) -> bool:
         """Note ``client`` as there ``now``. True when it says its connection came back since it
-        was last heard from (``ClientAlive.reconnects`` grew): it may have missed replies."""
-        before = self._reconnects.get(client)
-        self._last[client], self._reconnects[client] = now, reconnects
+        was last heard from (``ClientAlive.reconnects`` grew; at most once per ``ANNOUNCE_S``,
+        for the count is the client's word): it may have missed replies, to be sent again."""
+        before, grew_at = self._reconnects.get(client, (0, -ANNOUNCE_S))
+        missed = reconnects > before and now - grew_at >= ANNOUNCE_S  # first heard after one too
+        self._reconnects[client] = (reconnects, now) if missed else (before, grew_at)
+        self._last[client] = now
         # Forget clients gone long ago: their requests were dropped then, and the maps stay small.
         if len(self._last) > 64:
             self._last = {c: t for c, t in self._last.items() if now - t < 100 * self.ttl_s}
             self._reconnects = {c: n for c, n in self._reconnects.items() if c in self._last}
-        return reconnects > (before or 0)  # first heard after a reconnect: a re-send costs little
+        return missed
 
     def forgive(self, now: float) -> None:
         """Count every known client as heard from ``now``: the observer's own connection was down,

@@ -21,3 +21,8 @@ def test_heard_says_when_a_client_s_connection_came_back() -> None:
     assert clients.heard("gw", 2.0, reconnects=1)  # it may have missed replies meanwhile
     assert not clients.heard("gw", 3.0, reconnects=1)
     assert clients.heard("late", 3.0, reconnects=2)  # first heard after reconnecting: a re-send costs little
+    # the count is the client's word: a client claiming a reconnect in every message is believed
+    # at most once a second
+    assert clients.heard("noisy", 10.0, reconnects=1)
+    assert not clients.heard("noisy", 10.5, reconnects=2)
+    assert clients.heard("noisy", 11.0, reconnects=3)
