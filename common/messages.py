@@ -88,7 +88,8 @@ class ErrorCode(enum.StrEnum):
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
-    """One generation request, published on ``subjects.REQUESTS`` by the gateway or any app."""
+    """One generation request, published on ``subjects.REQUESTS`` by a gateway, or on
+    ``subjects.requests_of(user)`` by an application connected as that NATS user."""
 
     # Unique per request; chunks and aborts refer to it.
     request_id: str
@@ -200,7 +201,8 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class AbortRequest(msgspec.Struct, kw_only=True, frozen=True):
-    """Stop a request wherever it runs (client gone); published on ``subjects.ABORT``."""
+    """Stop a request wherever it runs (client gone); published on ``subjects.ABORT`` by a gateway,
+    or on ``subjects.aborts_of(user)`` by an application (then only its own requests stop)."""
 
     request_id: str
 

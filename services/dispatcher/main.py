@@ -69,16 +69,27 @@ class Dispatcher:
         try:  # decoded here, not by bus.subscribe: an unchanged request is forwarded as it came
             req = _decode_request.decode(msg.data)
         except msgspec.DecodeError as e:
-            bus.reject(subjects.REQUESTS, msg.subject, GenerateRequest, e)
+            bus.reject(
+                subjects.REQUESTS if msg.subject == subjects.REQUESTS else subjects.APP_REQUESTS,
+                msg.subject,
+                GenerateRequest,
+                e,
+            )
             return
+        owner = subjects.sender(msg.subject)  # only its subject says who sent it
+        # What an application may not set: the workers' own fields (a shipped cache that never
+        # comes would hold a worker 5 s), and the owner. Gateways never set them.
+        clean = dict(owner=owner, kv_chunks=0, kv_export_s=0.0, recoveries=0, recorded=False)
         raw: bytes | None = msg.data
-        if req.owner != (owner := subjects.sender(msg.subject)):  # only its subject says who sent it
-            req, raw = msgspec.structs.replace(req, owner=owner), None
+        if any(getattr(req, k) != v for k, v in clean.items()):
+            req, raw = msgspec.structs.replace(req, **clean), None
+        # An application's answers go only where it reads: a reply subject it chose elsewhere could
+        # be another user's stream or a JetStream subject the dispatcher may write.
+        answer = msg.reply if not owner or subjects.replies_to(owner, msg.reply) else ""
         if owner and not subjects.replies_to(owner, req.reply_to):
-            # Its chunks would go where another user reads them: refused, said to the sender alone.
             reason = f"reply_to {req.reply_to!r} is not one of {owner!r}'s reply subjects or inboxes"
             bus.reject(subjects.APP_REQUESTS, msg.subject, GenerateRequest, ValueError(reason))
-            if msg.reply:
+            if answer:
                 refused = TokenChunk(
                     request_id=req.request_id,
                     seq=0,
@@ -86,10 +97,10 @@ class Dispatcher:
                     error_code=ErrorCode.BAD_REQUEST,
                     finish_reason=FinishReason.ERROR,
                 )
-                await msg.respond(_encode.encode(refused))
+                await self.nc.publish(answer, _encode.encode(refused))
             return
-        if msg.reply:  # the gateway waits for a dispatcher to take it (NATS request/reply)
-            await msg.respond(b"")
+        if answer:  # the gateway waits for a dispatcher to take it (NATS request/reply)
+            await self.nc.publish(answer, b"")
         if owner and req.adapter is not None:
             # An application is a tenant named by its NATS user: another tenant's adapter is, to
             # it, not there (as the gateway answers a key of another tenant).

@@ -134,6 +134,16 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus) -> No
     assert "not one of 'bob'" in msgspec.json.decode(answer.data, type=TokenChunk).error
     assert {mine.get_nowait().request_id for _ in range(mine.qsize())} <= {"r-1"}
 
+    # nor does the dispatcher answer it on a subject it names as the message's reply (the answer
+    # would end alice's stream, or write into a JetStream bucket)
+    await bob.publish(
+        subjects.requests_of("bob"), msgspec.json.encode(forged), reply=subjects.reply_inbox("r-1", "alice")
+    )
+    await bob.flush()
+    await asyncio.sleep(0.5)
+    assert not [c.error for c in [mine.get_nowait() for _ in range(mine.qsize())] if c.error]
+    assert await _still_running(mine)
+
     # alice's own abort stops it
     await alice.publish(subjects.aborts_of("alice"), msgspec.json.encode(AbortRequest(request_id="r-1")))
     await alice.flush()
