@@ -108,8 +108,9 @@ def redis_client(
     down) is retried on a fresh one, three times with jittered backoff up to 0.5 s (redis-py's
     Retry); a longer outage reaches the caller, whose loop tries again later. A command whose
     reply was lost after the old server ran it is run again: every write of ours is idempotent
-    or harmless to repeat except appending progress tokens, and that record did not survive an
-    unpersisted restart anyway."""
+    or harmless to repeat (progress appends only a chunk past the record's next sequence
+    number; a create-only or compare-and-delete script run again answers as it did the first
+    time)."""
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3)
     pool = BlockingConnectionPool.from_url(
         url,

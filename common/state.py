@@ -8,10 +8,13 @@
 - ``{p}:placement-of:{worker}`` set  the same, indexed by worker
 - ``{p}:worker:{id}``          str   WorkerStats (JSON), expires: a live worker refreshes it
 - ``{p}:policy:{worker}``      str   the worker's batching-policy checkpoint (credits, band)
-- ``{p}:inflight:{request}``   hash  worker, request (GenerateRequest JSON), chunks delivered,
-                                     tokens delivered ("1,2,3," appended per step), recoveries (the
-                                     attempt running: the fencing token), at (ms, Redis clock);
-                                     expires unless its worker refreshes it
+- ``{p}:inflight:{request}``   hash  worker, incarnation (of the worker it was sent to, "" if
+                                     unknown), request (the first GenerateRequest, JSON), next (the
+                                     next chunk's seq), tokens delivered ("1,2,3," appended per
+                                     step), held (of those, how many await their text), recoveries
+                                     (the attempt running: the fencing token), deaths (workers that
+                                     died with it), at (ms, Redis clock); expires unless its worker
+                                     refreshes it
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
@@ -25,6 +28,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -81,8 +85,8 @@ return 1
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
 if ARGV[10] == '' then
-  if old then
-    return 0
+  if old then  -- another request's, unless this is our write run again after its reply was lost
+    return (old == ARGV[1] and redis.call('HGET', KEYS[1], 'request') == ARGV[2]) and 1 or 0
   end
 elseif ARGV[10] and (old ~= ARGV[10] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[11]) then
   return 0
@@ -163,10 +167,11 @@ return fenced
 )
 
 # KEYS: an in-flight hash. ARGV: index key prefix, request id, then optionally the worker and
-# attempt it must still name. Deletes it and its index entry; 0 if it names another.
+# attempt it must still name. Deletes it and its index entry; 0 if it names another (gone is
+# fine: this very delete, run again after its reply was lost, must still say it did it).
 _DELETE_INFLIGHT_LUA = """
 local rec = redis.call('HMGET', KEYS[1], 'worker', 'recoveries')
-if ARGV[3] and (rec[1] ~= ARGV[3] or rec[2] ~= ARGV[4]) then
+if ARGV[3] and rec[1] and (rec[1] ~= ARGV[3] or rec[2] ~= ARGV[4]) then
   return 0
 end
 if rec[1] then
@@ -216,7 +221,7 @@ class Inflight:
     request: GenerateRequest
     next_seq: int  # the sequence number of the next chunk: a resume continues the numbering here
     tokens: list[int]  # tokens delivered so far: a resume continues after them
-    recoveries: int = 0  # times it was re-dispatched after its worker died (the latest request's count)
+    recoveries: int = 0  # times it was re-dispatched (its worker lost, stalled, restarted): the attempt
     text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
     deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
 
@@ -432,14 +437,19 @@ class StateStore:
             args += ["", ""]
         return bool(await self._put_inflight(keys=[f"{self.p}:inflight:{request.request_id}"], args=args))
 
-    async def record_progress(self, worker: str, running: dict[str, Sent], finished: dict[str, int]) -> set[str]:
+    async def record_progress(
+        self, worker: str, running: dict[str, Sent], finished: dict[str, int], earlier: Sequence[tuple[str, Sent]] = ()
+    ) -> set[str]:
         """One round trip per step from ``worker``: the chunk each running request was sent, and
-        the records of finished ones (id -> attempt) dropped.
+        the records of finished ones (id -> attempt) dropped. ``earlier``: chunks an earlier write
+        that failed did not record, written first, in order (a record missing a step would have a
+        resume send that step's tokens again).
         Returns the ids whose record names another worker or attempt: those copies are fenced, their
         writes refused, and the worker must drop them."""
-        if not running and not finished:
+        if not running and not finished and not earlier:
             return set()
-        entries = [(rid, s.attempt, s.seq, "".join(f"{t}," for t in s.token_ids), s.held) for rid, s in running.items()]
+        chunks = [*earlier, *running.items()]
+        entries = [(rid, s.attempt, s.seq, "".join(f"{t}," for t in s.token_ids), s.held) for rid, s in chunks]
         entries += [(rid, a, 0, "-", 0) for rid, a in finished.items()]
         keys = [f"{self.p}:inflight:{rid}" for rid, *_ in entries]
         args: list[str | int] = [worker, f"{self.p}:inflight-of:", int(INFLIGHT_TTL_S * 1000)]
@@ -501,7 +511,7 @@ class StateStore:
     async def delete_inflight(self, request_id: str, expect: tuple[str, int] | None = None) -> bool:
         """Drop ``request_id``'s record (and its worker's index entry); with ``expect`` (worker,
         attempt) only if the record still names them: a later attempt's record, written meanwhile
-        by another dispatcher, stays. Whether it was dropped (or was not there)."""
+        by another dispatcher, stays. False only when such a record stayed."""
         args: list[str | int] = [f"{self.p}:inflight-of:", request_id, *(expect or ())]
         return bool(await self._delete_inflight(keys=[f"{self.p}:inflight:{request_id}"], args=args))
 

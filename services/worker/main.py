@@ -53,6 +53,9 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 # A record this fresh may be for a request whose message is still on its way here: not handed
 # back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
+# Chunks kept for the in-flight records while Redis refuses writes: a long outage keeps the latest
+# (a record then lacks the oldest, and a resume from it may send those tokens again).
+_MAX_UNWRITTEN = 10_000
 _ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 
 
@@ -95,6 +98,7 @@ class WorkerService:
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self._progress_outage = bus.Outage("in-flight progress records (redis)")
         self.unrecorded_ends: dict[str, int] = {}  # finished requests whose records are not yet deleted
+        self.unwritten: list[tuple[str, Sent]] = []  # chunks sent whose progress write failed, in order
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -145,6 +149,9 @@ class WorkerService:
                 await bus.publish(
                     self.nc, cmd.req.reply_to, error_chunk(cmd.req, ErrorCode.INTERNAL, reason, self.s.worker_id)
                 )
+                # Its record goes too: left, it would be handed back (it never came, as the sweep
+                # sees it) and fail on the next worker, and the next, without counting a death.
+                self.unrecorded_ends[cmd.req.request_id] = cmd.req.recoveries
         if self.retiring:
             self._retire()
 
@@ -367,15 +374,23 @@ class WorkerService:
         # behind they would be handed back and generated again.
         self.unrecorded_ends |= {rid: s.attempt for rid, s in sent.items() if rid not in self.streams}
         try:
-            fenced = await self.store.record_progress(self.s.worker_id, running, self.unrecorded_ends)
-            self.unrecorded_ends = {}
+            fenced = await self._write_records(running)
             self._progress_outage.succeeded()
         except Exception as e:  # noqa: BLE001 - the tokens went out; only recovery's record lags
             self._progress_outage.failed(e)
+            self.unwritten = [*self.unwritten, *running.items()][-_MAX_UNWRITTEN:]
             return
         for rid in fenced & running.keys():  # given up here and re-dispatched: another attempt serves it
             logger.warning("request fenced: a later attempt serves it", request=rid)
             await self._drop(rid, record=False, attempt=running[rid].attempt)
+
+    async def _write_records(self, running: dict[str, Sent]) -> set[str]:
+        """Record this step's chunks, after those earlier failed writes left, and drop the records
+        of finished requests; the ids whose copies are fenced. Raises what Redis raises, and
+        then what it did not write stays for the next call (the caller adds ``running``)."""
+        fenced = await self.store.record_progress(self.s.worker_id, running, self.unrecorded_ends, self.unwritten)
+        self.unwritten, self.unrecorded_ends = [], {}
+        return fenced
 
     def _stalled(self) -> bool:
         """Whether this process may have been given up on, its requests re-dispatched (and perhaps
@@ -409,16 +424,17 @@ class WorkerService:
             if stream.request.client and self.clients.gone(stream.request.client, now):
                 logger.info("request abandoned: its client is gone", request=rid, client=stream.request.client)
                 await self._drop(rid)
-        if self.unrecorded_ends:
-            await self.store.record_progress(self.s.worker_id, {}, self.unrecorded_ends)
-            self.unrecorded_ends = {}
+        if self.unrecorded_ends or self.unwritten:
+            await self._write_records({})
         lost, never_arrived = await self.store.sweep_inflight(
             self.s.worker_id,
             self.incarnation,
             set(self.streams) | self.pending,
             min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s),
         )
-        if aborted := {rid: a for rid, a in lost.items() if any(r == rid for r, _ in self.aborted)}:
+        # A gateway's abort only: the record does not say whose request it is, and an application
+        # must not stop another's recovery.
+        if aborted := {rid: a for rid, a in lost.items() if (rid, None) in self.aborted}:
             await self.store.record_progress(self.s.worker_id, {}, aborted)  # its record outlived it
         if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
             logger.warning("in-flight records not held here; handed back", requests=len(lost))
@@ -465,30 +481,32 @@ class WorkerService:
             if self.delivery.reconnected():  # what went out meanwhile may be lost: sent again
                 self.clients.forgive(time.monotonic())  # and the clients' silence was ours
             stats = msgspec.structs.replace(self.stats, sent=time.time())
-            beat = False
             try:
                 await bus.publish(self.nc, subjects.stats(self.s.worker_id), stats)
-                beat = True
-                await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
-                await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
-                await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
+                self._beat()
+                # Bounded: a Redis that hangs must not hold up the next beat on NATS (that silence
+                # would count as a stall).
+                async with asyncio.timeout(self.s.stats_interval_s):
+                    await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
+                    self._beat()
+                    await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
+                    await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
                 outage.succeeded()
             except Exception as e:  # noqa: BLE001 - a missed beat is retried next interval
                 outage.failed(e)
-            self._beat(beat)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.s.stats_interval_s):
                     await stop.wait()
 
-    def _beat(self, got_out: bool) -> None:
-        """After each heartbeat: a silence of half the TTL (this process stopped, or neither NATS
-        nor Redis took the beat) may have let a dispatcher give up on the worker, and counts as a
-        stall (half: the dispatcher's clock starts from the last beat it received)."""
+    def _beat(self) -> None:
+        """A heartbeat got out (stats on NATS, or the key in Redis: a dispatcher takes either). A
+        silence before it of half the TTL (this process stopped, or cut off) may have let a
+        dispatcher give up on the worker, and counts as a stall (half: the dispatcher's clock
+        starts from the last beat it received)."""
         now = time.monotonic()
-        if got_out:
-            if now - self._beat_at > self.s.heartbeat_ttl_s / 2:
-                self.stalls += 1
-            self._beat_at = now
+        if now - self._beat_at > self.s.heartbeat_ttl_s / 2:
+            self.stalls += 1
+        self._beat_at = now
 
     async def run(self, stop: asyncio.Event) -> None:
         state = await self.store.load_policy(self.s.worker_id)

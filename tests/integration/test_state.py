@@ -52,15 +52,24 @@ async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     await s.record_progress("w1", {"r1": Sent(0, 1, [10], 2)}, {})  # retried, its reply lost: not twice
     rec = await s.get_inflight("r1")
     assert (rec.worker, rec.request, rec.next_seq, rec.tokens, rec.text_pending) == ("w1", req, 2, [7, 8, 10], 2)
+    # a write that failed is written before the next step's, in order (here seq 1 was in fact
+    # written before its reply was lost: not twice)
+    await s.record_progress(
+        "w1", {"r1": Sent(0, 3, [12], 2)}, {}, earlier=[("r1", Sent(0, 1, [10], 2)), ("r1", Sent(0, 2, [11], 2))]
+    )
+    rec = await s.get_inflight("r1")
+    assert (rec.next_seq, rec.tokens) == (4, [7, 8, 10, 11, 12])
     assert await s.get_inflight("unknown") is None  # no half-record for a request without one
     assert await s.inflight_on("w1") == ["r1"]
     assert 0 < await redis.pttl("dlora:inflight:r1") <= 600_000  # it expires unless refreshed
 
     # A resume elsewhere moves the record, keeps the first request and the progress.
-    resumed = GenerateRequest(request_id="r1", reply_to="x", prompt_token_ids=[1, 2], resume_token_ids=[7, 8, 10])
+    resumed = GenerateRequest(
+        request_id="r1", reply_to="x", prompt_token_ids=[1, 2], resume_token_ids=[7, 8, 10, 11, 12]
+    )
     await s.put_inflight(resumed, "w2")
     rec = await s.get_inflight("r1")
-    assert (rec.worker, rec.request, rec.tokens) == ("w2", req, [7, 8, 10])
+    assert (rec.worker, rec.request, rec.tokens) == ("w2", req, [7, 8, 10, 11, 12])
     assert await s.inflight_on("w1") == [] and await s.inflight_on("w2") == ["r1"]
 
     await s.record_progress("w2", {}, {"r1": 0})
@@ -110,6 +119,11 @@ async def test_a_record_is_dropped_only_by_whoever_holds_its_attempt(redis: Redi
     assert await s.delete_inflight("r", expect=("w2", 1))
     assert await s.get_inflight("r") is None and await s.inflight_on("w2") == []
     assert await s.delete_inflight("gone")  # nothing there: nothing to keep
+    assert await s.delete_inflight("gone", expect=("w2", 1))  # run again after its reply was lost
+    # a first dispatch run again after its reply was lost is still the dispatcher's own
+    fresh = GenerateRequest(request_id="f", reply_to="x", prompt_token_ids=[1])
+    assert await s.put_inflight(fresh, "w1", new=True) and await s.put_inflight(fresh, "w1", new=True)
+    assert not await s.put_inflight(msgspec.structs.replace(fresh, reply_to="y"), "w1", new=True)  # another's
 
 
 async def test_sweep_hands_back_what_a_worker_does_not_hold(redis: Redis) -> None:
