@@ -40,6 +40,9 @@ class Delivery:
         """Publish ``chunk`` and keep it for a re-send. False when NATS refused it (closed, or its
         buffer full in a long outage): logged, never raised."""
         self.resend.add(time.monotonic(), subject, chunk)
+        return await self._send(subject, chunk)
+
+    async def _send(self, subject: str, chunk: TokenChunk) -> bool:
         try:
             await bus.publish(self.nc, subject, chunk)
         except NatsError as e:
@@ -66,6 +69,6 @@ class Delivery:
         for delay in delays:
             await asyncio.sleep(delay)
             recent = [(subject, c) for subject, c in self.resend.recent(time.monotonic()) if subject.startswith(prefix)]
-            logger.info("nats reconnected: recent chunks sent again", chunks=len(recent), to=prefix or "all")
+            logger.info("recent chunks sent again", chunks=len(recent), to=prefix or "every reader")
             for subject, chunk in recent:
-                await self.publish(subject, chunk)
+                await self._send(subject, chunk)  # kept once: a re-send must not grow what is kept
