@@ -101,12 +101,13 @@ class _Durable:
     async def kv(self) -> KeyValue | None:
         kv = await self.bucket.get() if self.bucket is not None else None
         if kv is not None and self.bucket is not None and self.bucket.missed and not self._caught_up:
-            self._caught_up = True
             await self._catch_up(kv, await _bucket_values(kv))
+            self._caught_up = True  # only once it all went in: a failed catch-up is tried again
         return kv
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
-        """Write what Redis holds and the bucket, opened late, lacks: written while JetStream was down."""
+        """Make the bucket, opened late, say what Redis says of what was written while JetStream
+        was down: a key revoked meanwhile must not come back unrevoked after a later Redis loss."""
 
 
 def bucket_name(prefix: str) -> str:
@@ -155,8 +156,11 @@ class AdapterRegistry(_Durable):
         return removed
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
+        # Registered or replaced meanwhile. A name removed meanwhile stays in the bucket: Redis
+        # may lack a name because it lost it (emptied, then written to before a restore ran), and
+        # dropping a registered adapter would be worse than keeping a removed one.
         for entry in await self.store.list_adapters():
-            if f"current.{entry.name}" not in stored:
+            if stored.get(f"current.{entry.name}") != _encode.encode(entry):
                 await _put_entry(kv, entry)
 
     async def durable_entries(self) -> tuple[list[AdapterEntry], list[AdapterEntry]]:
@@ -261,9 +265,9 @@ class KeyRegistry(_Durable):
         return [_decode_key.decode(value) for value in (await _bucket_values(await self.kv())).values()]
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
-        for key in await self.store.list_api_keys():
-            if f"key.{key.id}" not in stored:
-                await kv.put(f"key.{key.id}", _encode.encode(key))
+        for key in await self.store.list_api_keys():  # keys are revoked, never deleted
+            if stored.get(f"key.{key.id}") != (data := _encode.encode(key)):
+                await kv.put(f"key.{key.id}", data)
 
     async def restore(self) -> int:
         """Put the durable keys back into Redis when it has none (it restarted empty); returns how

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import nats
 from redis.asyncio import Redis
 
@@ -38,6 +39,8 @@ async def test_buckets_opened_late_catch_up_with_what_redis_took_meanwhile(redis
         assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
         _, key = apikeys.new_key("acme", [apikeys.INFERENCE], now=0.0)
         await keys.add(key)
+        _, revoked = apikeys.new_key("acme", [apikeys.INFERENCE], now=0.0)
+        await keys.add(revoked)
 
         server.stop()
         server = start_nats(port)  # with JetStream now
@@ -49,12 +52,18 @@ async def test_buckets_opened_late_catch_up_with_what_redis_took_meanwhile(redis
         assert await registry.kv() is None  # not tried again yet
         now[0] = REOPEN_INTERVAL_S
         assert await registry.kv() is not None and await keys.kv() is not None
+        # A revocation while JetStream was down again, with the bucket's copy older (the bucket
+        # lost its open handle as JetStream went): it must reach the bucket when it opens.
+        keys.bucket.kv, keys.bucket.missed, keys._caught_up = None, True, False
+        await keys.store.put_api_key(msgspec.structs.replace(revoked, revoked=True))
+        now[0] = 2 * REOPEN_INTERVAL_S
+        assert await keys.kv() is not None
 
         # Redis restarts empty: what was written before JetStream came is back
         await redis.flushdb()
-        assert await registry.restore() == 1 and await keys.restore() == 1
+        assert await registry.restore() == 1 and await keys.restore() == 2
         assert (await store.get_adapter("a")).version == "v1"
-        assert (await keys.lookup(key.digest)) == key
+        assert (await keys.lookup(key.digest)) == key and (await keys.lookup(revoked.digest)).revoked
     finally:
         await nc.close()
         server.stop()
