@@ -162,3 +162,19 @@ async def test_a_gateway_whose_own_connection_dropped_gets_the_chunks_it_missed(
     await link.close()
     request = {"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True, "adapter": "lora-0"}
     assert finish == "length" and "".join(texts) == offline(tiny_llama, [request])[0]["text"]
+
+
+async def test_a_re_send_does_not_grow_what_a_worker_keeps(nats_server: Server) -> None:
+    from dlora.services.worker.delivery import Delivery
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        delivery = Delivery(nc)
+        for seq in range(3):
+            assert await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=seq))
+        for _ in range(3):  # a reader announcing reconnects
+            delivery.resend_to(subjects.replies_prefix("gw"))
+            await asyncio.sleep(0.05)
+        assert len(delivery.resend.recent(time.monotonic())) == 3
+    finally:
+        await nc.close()
