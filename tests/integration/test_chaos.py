@@ -1,8 +1,9 @@
 """`make chaos`, short: the stack as separate processes (nats-server, redis-server, dispatcher,
 migrator, 2 workers, gateway) under streaming load through the gateway while a worker is restarted
-under its own id within the heartbeat TTL, another is SIGKILLed and restarted after it, and one is
-SIGSTOPped past the heartbeat and resumed. Every request completes, the probes equal the offline
-oracle, nothing is generated twice, and the cluster comes back to rest (loadgen/chaos)."""
+under its own id within the heartbeat TTL, and then SIGSTOPped past the heartbeat and resumed.
+Every request completes, the probes equal the offline oracle, nothing is generated twice, and the
+cluster comes back to rest (loadgen/chaos). A worker SIGKILLed and recovered after the TTL is
+test_recovery's (left out here for the suite's time); `make chaos` runs every fault."""
 
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ from dlora.loadgen.chaos.run import ChaosConfig, run_chaos
 from dlora.loadgen.chaos.traffic import LoadShape
 from dlora.model.make_tiny import TinyOutput
 
-FAULTS = ["worker-0-fast-restart", "worker-1-sigkill", "worker-0-sigstop"]
+FAULTS = ["worker-0-fast-restart", "worker-0-sigstop"]
 
 
-async def test_workers_killed_restarted_and_stalled_under_load_lose_nothing(
-    tiny_llama: TinyOutput, tmp_path: Path
-) -> None:
+async def test_workers_restarted_and_stalled_under_load_lose_nothing(tiny_llama: TinyOutput, tmp_path: Path) -> None:
     adapters = {name: Path(path) for name, path in sorted(tiny_llama.adapters.items())[:2]}
     cfg = ChaosConfig(
         workdir=tmp_path,
@@ -47,6 +46,5 @@ async def test_workers_killed_restarted_and_stalled_under_load_lose_nothing(
     # the dispatcher never saw it go: the new incarnation handed its predecessor's requests back
     assert "warning: worker handed back requests" in fast["service_log_notes"]["dispatcher"]
     assert "warning: worker lost" not in fast["service_log_notes"]["dispatcher"]
-    assert "warning: worker lost" in phases["worker-1-sigkill"]["service_log_notes"]["dispatcher"]
     assert phases["worker-0-sigstop"]["resumed"] > 0  # given up on while stalled, and continued elsewhere
     assert result["passed"] and result["steady_at_end"]["ok"], explain

@@ -21,7 +21,7 @@ from tests.integration.test_gateway import PROMPTS, offline, post
 
 # Per operation and mode. DLORA_FUZZ_EXAMPLES=300 DLORA_FUZZ_RANDOM=1 hunts longer (about a minute)
 # on new inputs each run; the suite's run is the same every time.
-MAX_EXAMPLES = int(os.environ.get("DLORA_FUZZ_EXAMPLES", "50"))
+MAX_EXAMPLES = int(os.environ.get("DLORA_FUZZ_EXAMPLES", "35"))
 # The most work one accepted request may ask of the workers here: a fuzzer that asks for 128
 # choices of 500 tokens each would spend minutes on a CPU generating them, and test nothing more.
 MAX_TOKENS, MAX_CHOICES = 4, 2
