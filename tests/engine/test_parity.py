@@ -27,8 +27,10 @@ def _prompts(tiny: TinyOutput) -> list[list[int]]:
     return [tok.encode(t) for t in TEXTS]
 
 
-def _expected(oracle: Oracle, requests: dict[str, tuple[str | None, list[int]]]) -> dict[str, list[int]]:
-    return {rid: oracle.generate(a, ids, MAX_TOKENS) for rid, (a, ids) in requests.items()}
+def _expected(
+    oracle: Oracle, requests: dict[str, tuple[str | None, list[int]]], max_tokens: int = MAX_TOKENS
+) -> dict[str, list[int]]:
+    return {rid: oracle.generate(a, ids, max_tokens) for rid, (a, ids) in requests.items()}
 
 
 POLICIES = ["unmerged-only", "merged-only", "dlora"]
@@ -75,8 +77,11 @@ def test_mixed_batch(arch, kernels: str, policy: str) -> None:
     requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(2 * len(adapters))}
     engine = make_engine(tiny, policy=policy, kernels=kernels)
     assert engine.kernels.name == kernels
-    got = run_all(engine, requests, MAX_TOKENS)
-    assert got == _expected(oracle, requests)
+    # Under the Triton interpreter every step costs about 2 s whatever the batch: fewer decode
+    # steps there (the kernels see the same segments in each).
+    max_tokens = MAX_TOKENS // 2 if kernels == "triton" else MAX_TOKENS
+    got = run_all(engine, requests, max_tokens)
+    assert got == _expected(oracle, requests, max_tokens)
     if policy == "merged-only":
         assert engine.stats.merges >= len(tiny.adapters)
     elif policy == "unmerged-only":
