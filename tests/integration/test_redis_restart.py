@@ -60,6 +60,10 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
+    client = await nats.connect(nats_server.url)
+    # Before any service opens the registry's bucket: a purge racing the dispatcher's open left it
+    # holding a stream that was then deleted (seen once in a fresh-clone run).
+    await purge(client, "dlora")
     async with contextlib.AsyncExitStack() as stack:
         ws = WorkerSettings(**common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1)
         worker_nc, worker_store = await stack.enter_async_context(connections(ws))
@@ -70,8 +74,6 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
         ms = MigratorSettings(**common, interval_s=0.1)
         m_nc, m_store = await stack.enter_async_context(connections(ms))
         tasks.append(asyncio.create_task(Migrator(ms, m_nc, m_store).run(stop)))
-        client = await nats.connect(nats_server.url)
-        await purge(client, "dlora")
         registry = await AdapterRegistry.open(client, StateStore(Redis.from_url(redis.url)))
         path = str(tiny_llama.adapters["lora-0"])
         entry = check_adapter(
