@@ -1,0 +1,173 @@
+"""The Lua scripts ``StateStore`` runs in Redis (each one round trip, atomic); ``state.py`` says
+what each key holds. Pure text."""
+
+# KEYS: the lease, its epoch; ARGV: holder, ttl in ms. Returns the epoch while held, else 0. A
+# renewal keeps the epoch; a takeover (also by the same holder after its lease lapsed) raises it
+# to at least Redis's clock in milliseconds, so it keeps growing even if the epoch key is lost.
+_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= false and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local epoch = redis.call('GET', KEYS[2])
+if holder ~= false and epoch ~= false then
+  return tonumber(epoch)
+end
+local now = redis.call('TIME')
+local next = math.max((tonumber(epoch) or 0) + 1, tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+redis.call('SET', KEYS[2], next)
+return next
+"""
+
+# KEYS: a hash and a second one written with it. ARGV: field, value, the second hash's field and
+# value, replace (0/1). Returns 0, writing nothing, when the field is taken and not ``replace``: an
+# adapter name registered twice, or a key a restore would put back over a revocation written since.
+_PUT_BOTH_LUA = """
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+# An in-flight record's fields: worker, request (the first GenerateRequest, JSON), next (the
+# sequence number the next chunk carries) and tokens delivered, recoveries (the attempt now running:
+# the fencing token), at (Redis clock, ms, when it last changed hands). A record expires unless its
+# worker refreshes it (sweep, progress).
+
+# KEYS: the in-flight hash. ARGV: worker, request JSON, index key prefix, request id, recoveries,
+# ttl ms, the request's next_seq, then optionally the worker and recoveries the record must still
+# have (compare-and-set for a re-dispatch; 0 returned and nothing written if another got there
+# first), or two empty strings: the record must not exist yet (a first dispatch; 0 if another
+# request has the id). A resume or move changes only the worker, attempt and time: the first request
+# and the progress since it stay, so a second resume counts right.
+_PUT_INFLIGHT_LUA = """
+local old = redis.call('HGET', KEYS[1], 'worker')
+if ARGV[10] == '' then
+  if old then  -- another request's, unless this is our write run again after its reply was lost
+    return (old == ARGV[1] and redis.call('HGET', KEYS[1], 'request') == ARGV[2]) and 1 or 0
+  end
+elseif ARGV[10] and (old ~= ARGV[10] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[11]) then
+  return 0
+end
+if old and old ~= ARGV[1] then
+  redis.call('SREM', ARGV[3] .. old, ARGV[4])
+end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000),
+  'incarnation', ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'deaths', ARGV[9])
+redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
+redis.call('HSETNX', KEYS[1], 'next', ARGV[7])
+redis.call('HSETNX', KEYS[1], 'tokens', '')
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('SADD', ARGV[3] .. ARGV[1], ARGV[4])
+return 1
+"""
+
+# A record is the caller's while it names the caller and the caller's attempt; a copy for which it
+# does not (the request was given up on this worker and re-dispatched) is fenced: its writes are
+# refused and the ids returned, so the worker drops those copies. A missing record is the caller's
+# unless its copy was recorded before it was sent (GenerateRequest.recorded): then it ended or was
+# given up, and a copy sent straight to a worker never had one.
+_MINE_LUA = """
+local function mine(key, worker, recoveries, recorded)
+  local rec = redis.call('HMGET', key, 'worker', 'recoveries')
+  if rec[1] == false then
+    return recorded ~= '1'
+  end
+  return rec[1] == worker and rec[2] == recoveries
+end
+"""
+
+# KEYS: in-flight hashes. ARGV: worker, index key prefix, ttl ms, then per key its request id, its
+# attempt (recoveries), the chunk's sequence number, the step's token ids as "1,2,3," or "-" when it
+# finished (the record goes), and how many of the tokens so far have had their text held back. A
+# chunk below the record's next is not appended again: a write retried after its reply was lost. A
+# missing record is left alone and its copy not fenced: it was sent straight to the worker, or Redis
+# lost its data (a running request goes on; only a worker that stalled asks more strictly, with
+# _FENCED_LUA).
+_PROGRESS_LUA = (
+    _MINE_LUA
+    + """
+local fenced = {}
+for i, key in ipairs(KEYS) do
+  local id, seq, tokens = ARGV[5 * i - 1], tonumber(ARGV[5 * i + 1]), ARGV[5 * i + 2]
+  if not mine(key, ARGV[1], ARGV[5 * i], '0') then
+    table.insert(fenced, id)
+  elseif tokens == "-" then
+    redis.call('SREM', ARGV[2] .. ARGV[1], id)
+    redis.call('DEL', key)
+  elseif redis.call('EXISTS', key) == 1 then
+    if seq >= tonumber(redis.call('HGET', key, 'next') or 0) then
+      local old = redis.call('HGET', key, 'tokens') or ''
+      redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[5 * i + 3], 'next', seq + 1)
+    end
+    redis.call('PEXPIRE', key, ARGV[3])
+  end
+end
+return fenced
+"""
+)
+
+# KEYS: in-flight hashes. ARGV: worker, then per key its attempt and "1" if it was recorded before
+# it was sent. Returns the indexes of the keys whose copies are fenced.
+_FENCED_LUA = (
+    _MINE_LUA
+    + """
+local fenced = {}
+for i, key in ipairs(KEYS) do
+  if not mine(key, ARGV[1], ARGV[2 * i], ARGV[2 * i + 1]) then
+    table.insert(fenced, i)
+  end
+end
+return fenced
+"""
+)
+
+# KEYS: an in-flight hash. ARGV: index key prefix, request id, then optionally the worker and
+# attempt it must still name. Deletes it and its index entry; 0 if it names another (gone is
+# fine: this very delete, run again after its reply was lost, must still say it did it).
+_DELETE_INFLIGHT_LUA = """
+local rec = redis.call('HMGET', KEYS[1], 'worker', 'recoveries')
+if ARGV[3] and rec[1] and (rec[1] ~= ARGV[3] or rec[2] ~= ARGV[4]) then
+  return 0
+end
+if rec[1] then
+  redis.call('SREM', ARGV[1] .. rec[1], ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, the worker's
+# incarnation, then the ids the worker holds. Refreshes the held records' expiry, drops index
+# entries whose record expired or moved on, and returns {id, recoveries, 1 if the record names this
+# incarnation, ...} of records naming this worker that it does not hold and that changed hands more
+# than the grace ago (their message may still be on its way before).
+_SWEEP_LUA = """
+local held = {}
+for i = 6, #ARGV do
+  held[ARGV[i]] = true
+end
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local lost = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. id
+  local rec = redis.call('HMGET', key, 'worker', 'recoveries', 'at', 'incarnation')
+  if rec[1] ~= ARGV[1] then
+    redis.call('SREM', KEYS[1], id)
+  elseif held[id] then
+    redis.call('PEXPIRE', key, ARGV[3])
+  elseif now_ms - tonumber(rec[3] or 0) > tonumber(ARGV[4]) then
+    table.insert(lost, id)
+    table.insert(lost, rec[2] or '0')
+    table.insert(lost, rec[4] == ARGV[5] and 1 or 0)
+  end
+end
+return lost
+"""
