@@ -33,6 +33,7 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.state import Copy, Sent, StateStore
+from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.delivery import Delivery
@@ -42,9 +43,10 @@ from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.moves import Move, handoff, moves_to_take
+from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import worker_stats
-from dlora.services.worker.versions import engine_key, name_of, version_of
+from dlora.services.worker.versions import engine_key
 
 logger = log.get("worker")
 
@@ -53,9 +55,6 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 # A record this fresh may be for a request whose message is still on its way here: not handed
 # back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
-# Chunks kept for the in-flight records while Redis refuses writes: a long outage keeps the latest
-# (a record then lacks the oldest, and a resume from it may send those tokens again).
-_MAX_UNWRITTEN = 10_000
 _ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 
 
@@ -79,9 +78,7 @@ class WorkerService:
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.plan_epoch = 0  # the highest migrator epoch among the plans taken
-        # Adapter names with a replaced or removed version still loaded here, and the version now
-        # registered (None: removed): those versions go once their last request ends.
-        self.retiring: dict[str, str | None] = {}
+        self.adapters = WorkerAdapters(engine, store)  # the adapter versions loaded, kept to the registry
         # Aborts seen lately, by request id and sender (Abort.sender), and when (an abort can
         # overtake its request, which is then dropped).
         self.aborted: dict[tuple[str, str | None], float] = {}
@@ -89,16 +86,9 @@ class WorkerService:
         self.incarnation = secrets.token_hex(6)
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
-        # Stalls seen (no heartbeat got out for long enough to be given up on), and how many of
-        # them a strict fencing check has followed: see _stalled.
-        self.stalls = 0
-        self._stalls_checked = 0
-        self._beat_at = time.monotonic()  # when a heartbeat last got out
+        self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
         self.delivery = Delivery(nc)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
-        self._progress_outage = bus.Outage("in-flight progress records (redis)")
-        self.unrecorded_ends: dict[str, int] = {}  # finished requests whose records are not yet deleted
-        self.unwritten: list[tuple[str, Sent]] = []  # chunks sent whose progress write failed, in order
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -151,15 +141,15 @@ class WorkerService:
                 )
                 # Its record goes too: left, it would be handed back (it never came, as the sweep
                 # sees it) and fail on the next worker, and the next, without counting a death.
-                self.unrecorded_ends[cmd.req.request_id] = cmd.req.recoveries
-        if self.retiring:
-            self._retire()
+                self.records.unrecorded_ends[cmd.req.request_id] = cmd.req.recoveries
+        if self.adapters.retiring:
+            self.adapters.retire()
 
     async def _apply(self, cmd: Command) -> None:
         if isinstance(cmd, Move):
             await self._move(cmd)
         elif isinstance(cmd, Prefetch):
-            await self._prefetch(cmd.adapters)
+            await self.adapters.prefetch(cmd.adapters)
         elif isinstance(cmd, Abort):
             now = time.monotonic()  # remembered: an abort can overtake its request (not via a dispatcher)
             self.aborted = {k: t for k, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
@@ -168,8 +158,7 @@ class WorkerService:
             if stream is not None and self._aborted(stream.request):
                 await self._drop(cmd.request_id)
         elif isinstance(cmd, AdapterChanged):
-            self.retiring[cmd.name] = cmd.version
-            self._retire()
+            self.adapters.changed(cmd.name, cmd.version)
         else:
             await self._add(cmd.req)
 
@@ -190,28 +179,6 @@ class WorkerService:
         application may stop only what it sent)."""
         return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
 
-    def _retire(self) -> None:
-        """Unload (and unmerge) replaced or removed adapter versions that no request uses any more."""
-        for name, current in list(self.retiring.items()):
-            stale = [key for key in self.engine.adapters if name_of(key) == name and version_of(key) != current]
-            for key in stale:
-                if not self.engine.in_use(key):
-                    self.engine.unregister_adapter(key)
-                    logger.info("adapter version unloaded", adapter=name, version=version_of(key), current=current)
-            if all(not self.engine.in_use(key) for key in stale):
-                del self.retiring[name]
-
-    async def _prefetch(self, names: list[str]) -> None:
-        """Load adapters the placement gives this worker into host memory before requests need them."""
-        held = {name_of(key) for key in self.engine.adapters}
-        for name in (n for n in names if n not in held):
-            try:
-                entry = await self.store.get_adapter(name)
-                if entry is not None:
-                    await self._ensure_adapter(name, entry.version)
-            except (AdapterError, _NotFound) as e:
-                logger.warning("prefetch failed", adapter=name, reason=str(e))
-
     async def _move(self, move: Move) -> None:
         """Hand a request to another worker at a step boundary (``moves.handoff``): its KV cache
         goes ahead in chunks when the plan ships it, else the destination recomputes from the
@@ -228,7 +195,8 @@ class WorkerService:
         )
         self.engine.abort(move.request_id)
         del self.streams[move.request_id]
-        if await self.store.fenced(self.s.worker_id, {move.request_id: Copy.of(stream.request, self._stalled())}):
+        copy = Copy.of(stream.request, self.records.stalled())
+        if await self.store.fenced(self.s.worker_id, {move.request_id: copy}):
             return  # given up here meanwhile (this worker stalled): a later attempt serves it
         # Recorded at the destination first: what it writes then is its own, not fenced.
         await self.store.put_inflight(resumed, move.to_worker)
@@ -243,46 +211,11 @@ class WorkerService:
             kv_bytes=len(data or b""),
         )
 
-    async def _ensure_adapter(self, name: str, version: str) -> str:
-        """The engine's key for that version of the adapter, loaded into host memory if it is not
-        there yet. Raises _NotFound if the registry never had that version, AdapterError if its
-        files are bad or no longer what was registered."""
-        key = engine_key(name, version)
-        if key in self.engine.adapters:
-            return key
-        entry = await self.store.get_adapter(name, version)
-        if entry is None:
-            raise _NotFound(f"adapter {name!r} version {version} is not registered")
-        adapter = await asyncio.to_thread(self.engine.register_adapter, key, entry.path)
-        if version and adapter.digest != version:
-            self.engine.unregister_adapter(key)
-            raise AdapterError(
-                f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
-                f"registered (they are now {adapter.digest}); register it again"
-            )
-        current = await self.store.get_adapter(name)
-        now = current.version if current else None
-        # Versions other than the registered one (this one, for a request that began on it, or
-        # ones whose replacement event never came) go once unused.
-        if any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):
-            self.retiring[name] = now
-        return key
-
     async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
         kv = await self.kv_inbox.take(req.request_id)
         if kv is None:
             logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
         return kv
-
-    async def _versioned(self, req: GenerateRequest) -> GenerateRequest:
-        """``req`` with its adapter's version: the registered one if it came without (NATS clients),
-        so a move or a recovery continues it on the same version."""
-        if req.adapter is None or req.adapter_version is not None:
-            return req
-        entry = await self.store.get_adapter(req.adapter)
-        if entry is None:
-            raise _NotFound(f"adapter {req.adapter!r} is not registered")
-        return msgspec.structs.replace(req, adapter_version=entry.version)
 
     def _add_to_engine(self, req: GenerateRequest, kv: KVSnapshot | None) -> None:
         adapter = engine_key(req.adapter, req.adapter_version or "") if req.adapter is not None else None
@@ -318,9 +251,9 @@ class WorkerService:
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
-            req = await self._versioned(req)
+            req = await self.adapters.versioned(req)
             if req.adapter is not None:
-                await self._ensure_adapter(req.adapter, req.adapter_version or "")
+                await self.adapters.ensure(req.adapter, req.adapter_version or "")
             start = time.monotonic()
             kv = await self._take_kv(req) if req.kv_chunks else None
             try:
@@ -334,7 +267,7 @@ class WorkerService:
                 self._add_to_engine(req, None)  # the cache does not fit here: recompute instead
             self.streams[req.request_id] = open_stream(req, time.monotonic())
             return
-        except _NotFound as e:
+        except AdapterNotFound as e:
             code, reason = ErrorCode.NOT_FOUND, str(e)
         except (RequestError, AdapterError) as e:
             reason = str(e)
@@ -349,8 +282,8 @@ class WorkerService:
             logger.exception("step failed", error=str(e))
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
         now = time.monotonic()
-        if self._stalled():  # ask before sending anything (for every request held, waiting ones too)
-            await self._drop_fenced(set(self.streams))
+        if self.records.stalled():  # ask before sending anything (for every request held, waiting ones too)
+            await self._drop_fenced()
         sent: dict[str, Sent] = {}
         for out in outputs:
             stream = self.streams.get(out.request_id)
@@ -372,46 +305,17 @@ class WorkerService:
         running = {rid: v for rid, v in sent.items() if rid in self.streams}
         # Finished requests' records go with this write, or with a later one if it fails: left
         # behind they would be handed back and generated again.
-        self.unrecorded_ends |= {rid: s.attempt for rid, s in sent.items() if rid not in self.streams}
-        try:
-            fenced = await self._write_records(running)
-            self._progress_outage.succeeded()
-        except Exception as e:  # noqa: BLE001 - the tokens went out; only recovery's record lags
-            self._progress_outage.failed(e)
-            self.unwritten = [*self.unwritten, *running.items()][-_MAX_UNWRITTEN:]
-            return
-        for rid in fenced & running.keys():  # given up here and re-dispatched: another attempt serves it
+        self.records.unrecorded_ends |= {rid: s.attempt for rid, s in sent.items() if rid not in self.streams}
+        # Fenced: given up here and re-dispatched, another attempt serves it.
+        for rid in await self.records.write_step(running) & running.keys():
             logger.warning("request fenced: a later attempt serves it", request=rid)
             await self._drop(rid, record=False, attempt=running[rid].attempt)
 
-    async def _write_records(self, running: dict[str, Sent]) -> set[str]:
-        """Record this step's chunks, after those earlier failed writes left, and drop the records
-        of finished requests; the ids whose copies are fenced. Raises what Redis raises, and
-        then what it did not write stays for the next call (the caller adds ``running``)."""
-        fenced = await self.store.record_progress(self.s.worker_id, running, self.unrecorded_ends, self.unwritten)
-        self.unwritten, self.unrecorded_ends = [], {}
-        return fenced
-
-    def _stalled(self) -> bool:
-        """Whether this process may have been given up on, its requests re-dispatched (and perhaps
-        finished elsewhere, their records gone), since fencing last asked strictly: no heartbeat
-        got out for half the TTL, now or at some point since (see ``_beat``). Not a long step:
-        it runs off the loop, and the heartbeat goes on. A stall that hits after this is asked
-        (mid-send) costs the rest of that step's chunks; the next step asks first."""
-        silent = time.monotonic() - self._beat_at > self.s.heartbeat_ttl_s / 2  # the beat task has not run yet
-        return silent or self.stalls != self._stalls_checked
-
-    async def _drop_fenced(self, request_ids: set[str]) -> None:
-        """Drop the copies of ``request_ids`` that are fenced, a missing record of a recorded one
-        included: asked after a stall, before anything more is sent for them."""
-        stalls = self.stalls  # a stall during the check makes another one
-        copies = {rid: Copy.of(s.request, stalled=True) for rid in request_ids if (s := self.streams.get(rid))}
-        try:
-            fenced = await self.store.fenced(self.s.worker_id, copies)
-        except bus.STATE_OUTAGE:
-            return  # cannot tell: send (a reader drops an earlier attempt's chunks anyway)
-        self._stalls_checked = stalls
-        for rid in fenced:
+    async def _drop_fenced(self) -> None:
+        """Drop the copies held here that are fenced, a missing record of a recorded one included:
+        asked after a stall, before anything more is sent for them."""
+        copies = {rid: Copy.of(s.request, stalled=True) for rid, s in self.streams.items()}
+        for rid in await self.records.fenced_after_stall(copies):
             logger.warning("request fenced after a stall: a later attempt serves it", request=rid)
             await self._drop(rid, record=False, attempt=copies[rid].attempt)
 
@@ -424,8 +328,8 @@ class WorkerService:
             if stream.request.client and self.clients.gone(stream.request.client, now):
                 logger.info("request abandoned: its client is gone", request=rid, client=stream.request.client)
                 await self._drop(rid)
-        if self.unrecorded_ends or self.unwritten:
-            await self._write_records({})
+        if self.records.behind:
+            await self.records.write({})
         lost, never_arrived = await self.store.sweep_inflight(
             self.s.worker_id,
             self.incarnation,
@@ -462,8 +366,8 @@ class WorkerService:
                 await self._safely(self.commands.get_nowait())
             if self.engine.has_unfinished():
                 await self._step()
-                if self.retiring:
-                    self._retire()
+                if self.adapters.retiring:
+                    self.adapters.retire()
             # The snapshot walks every request: take it as often as stats go out, not every step
             # (and at once when the engine falls idle, so the last stats say so).
             now = time.monotonic()
@@ -483,12 +387,12 @@ class WorkerService:
             stats = msgspec.structs.replace(self.stats, sent=time.time())
             try:
                 await bus.publish(self.nc, subjects.stats(self.s.worker_id), stats)
-                self._beat()
+                self.records.beat()
                 # Bounded: a Redis that hangs must not hold up the next beat on NATS (that silence
                 # would count as a stall).
                 async with asyncio.timeout(self.s.stats_interval_s):
                     await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
-                    self._beat()
+                    self.records.beat()
                     await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
                     await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
                 outage.succeeded()
@@ -497,16 +401,6 @@ class WorkerService:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.s.stats_interval_s):
                     await stop.wait()
-
-    def _beat(self) -> None:
-        """A heartbeat got out (stats on NATS, or the key in Redis: a dispatcher takes either). A
-        silence before it of half the TTL (this process stopped, or cut off) may have let a
-        dispatcher give up on the worker, and counts as a stall (half: the dispatcher's clock
-        starts from the last beat it received)."""
-        now = time.monotonic()
-        if now - self._beat_at > self.s.heartbeat_ttl_s / 2:
-            self.stalls += 1
-        self._beat_at = now
 
     async def run(self, stop: asyncio.Event) -> None:
         state = await self.store.load_policy(self.s.worker_id)
@@ -534,10 +428,6 @@ class WorkerService:
                 await sub.unsubscribe()
             with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
                 await self.store.forget_worker(self.s.worker_id)
-
-
-class _NotFound(Exception):
-    pass
 
 
 def build_engine(s: WorkerSettings) -> LLMEngine:

@@ -26,7 +26,7 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
         if not self.worker_id or "." in self.worker_id or "*" in self.worker_id:
             bad.append(("worker_id", self.worker_id, "must be non-empty without '.' or '*' (it is a NATS token)"))
         if not 0 < self.stats_interval_s < self.heartbeat_ttl_s / 2:
-            # a beat later than half the TTL is taken for a stall (see WorkerService._beat)
+            # a beat later than half the TTL is taken for a stall (see ProgressRecords.beat)
             bad.append(("stats_interval_s", self.stats_interval_s, "must be > 0 and under half of heartbeat_ttl_s"))
         if self.torch_threads < 0:
             bad.append(("torch_threads", self.torch_threads, "must be >= 0"))

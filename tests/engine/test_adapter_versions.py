@@ -15,13 +15,12 @@ from dlora.model.adapters import AdapterError
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
-from dlora.services.worker.main import WorkerService
-from dlora.services.worker.settings import WorkerSettings
+from dlora.services.worker.adapters import WorkerAdapters
 from tests.engine.helpers import make_engine
 
 
 class _Registry:
-    """The one registry call ``_ensure_adapter`` makes, over one entry."""
+    """The one registry call ``WorkerAdapters.ensure`` makes, over one entry."""
 
     def __init__(self, entry: AdapterEntry) -> None:
         self.entry = entry
@@ -34,8 +33,7 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
     path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
     entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
     engine = make_engine(tiny_llama)
-    settings = WorkerSettings(model=str(tiny_llama.model))
-    worker = WorkerService(settings, None, _Registry(entry), engine)  # type: ignore[arg-type]
+    worker = WorkerAdapters(engine, _Registry(entry))
     originals = {f: (path / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
 
     conf = json.loads(originals["adapter_config.json"])
@@ -47,8 +45,8 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
     for file, changed in changes.items():
         (path / file).write_bytes(changed)
         with pytest.raises(AdapterError, match=f"files in {path} changed since version {entry.version}"):
-            await worker._ensure_adapter("x", entry.version)
+            await worker.ensure("x", entry.version)
         assert not any(k.startswith("x@") for k in engine.adapters), file
         (path / file).write_bytes(originals[file])
-    key = await worker._ensure_adapter("x", entry.version)
+    key = await worker.ensure("x", entry.version)
     assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version

@@ -277,7 +277,7 @@ async def test_after_a_stall_a_recorded_request_whose_record_went_is_dropped(clu
     # dispatcher, stopped too, does not give up on it, and the check before sending is not made.
     time.sleep(1.2)
     await _until(lambda: _dropped(worker, "over"), timeout=5)
-    assert not over.done and worker.stalls >= 1
+    assert not over.done and worker.records.stalls >= 1
     await _read(direct, direct_chunks)
     assert direct.error is None and direct.text == _expected(c.tiny)
 

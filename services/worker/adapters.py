@@ -1,0 +1,99 @@
+"""The adapter versions a worker holds: loaded as registered (the files' digest must match the
+version), retired once no request uses a replaced or removed one, prefetched where the placement
+puts them. Names, keys and versions: ``versions``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import msgspec
+
+from dlora.common import log
+from dlora.common.messages import AdapterEntry, GenerateRequest
+from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.versions import engine_key, name_of, version_of
+
+logger = log.get("worker")
+
+
+class AdapterNotFound(Exception):
+    """The registry has no such adapter (or no such version of it)."""
+
+
+class Registry(Protocol):
+    async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None: ...
+
+
+class WorkerAdapters:
+    """The engine's adapters, kept to the registry: each version under its own key, so requests
+    running on a version finish on it while new ones take the version registered now."""
+
+    def __init__(self, engine: LLMEngine, registry: Registry) -> None:
+        self.engine, self.registry = engine, registry
+        # Adapter names with a replaced or removed version still loaded here, and the version now
+        # registered (None: removed): those versions go once their last request ends.
+        self.retiring: dict[str, str | None] = {}
+
+    async def ensure(self, name: str, version: str) -> str:
+        """The engine's key for that version of the adapter, loaded into host memory if it is not
+        there yet. Raises AdapterNotFound if the registry never had that version, AdapterError if
+        its files are bad or no longer what was registered."""
+        key = engine_key(name, version)
+        if key in self.engine.adapters:
+            return key
+        entry = await self.registry.get_adapter(name, version)
+        if entry is None:
+            raise AdapterNotFound(f"adapter {name!r} version {version} is not registered")
+        adapter = await asyncio.to_thread(self.engine.register_adapter, key, entry.path)
+        if version and adapter.digest != version:
+            self.engine.unregister_adapter(key)
+            raise AdapterError(
+                f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
+                f"registered (they are now {adapter.digest}); register it again"
+            )
+        current = await self.registry.get_adapter(name)
+        now = current.version if current else None
+        # Versions other than the registered one (this one, for a request that began on it, or
+        # ones whose replacement event never came) go once unused.
+        if any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):
+            self.retiring[name] = now
+        return key
+
+    async def versioned(self, req: GenerateRequest) -> GenerateRequest:
+        """``req`` with its adapter's version: the registered one if it came without (NATS clients),
+        so a move or a recovery continues it on the same version. Raises AdapterNotFound."""
+        if req.adapter is None or req.adapter_version is not None:
+            return req
+        entry = await self.registry.get_adapter(req.adapter)
+        if entry is None:
+            raise AdapterNotFound(f"adapter {req.adapter!r} is not registered")
+        return msgspec.structs.replace(req, adapter_version=entry.version)
+
+    def changed(self, name: str, version: str | None) -> None:
+        """The registry replaced (``version``) or removed (None) adapter ``name``."""
+        self.retiring[name] = version
+        self.retire()
+
+    def retire(self) -> None:
+        """Unload (and unmerge) replaced or removed adapter versions that no request uses any more."""
+        for name, current in list(self.retiring.items()):
+            stale = [key for key in self.engine.adapters if name_of(key) == name and version_of(key) != current]
+            for key in stale:
+                if not self.engine.in_use(key):
+                    self.engine.unregister_adapter(key)
+                    logger.info("adapter version unloaded", adapter=name, version=version_of(key), current=current)
+            if all(not self.engine.in_use(key) for key in stale):
+                del self.retiring[name]
+
+    async def prefetch(self, names: list[str]) -> None:
+        """Load adapters the placement gives this worker into host memory before requests need them."""
+        held = {name_of(key) for key in self.engine.adapters}
+        for name in (n for n in names if n not in held):
+            try:
+                entry = await self.registry.get_adapter(name)
+                if entry is not None:
+                    await self.ensure(name, entry.version)
+            except (AdapterError, AdapterNotFound) as e:
+                logger.warning("prefetch failed", adapter=name, reason=str(e))

@@ -1,0 +1,87 @@
+"""The worker's side of the in-flight records: progress writes that survive a Redis outage, the
+deletes of finished requests' records, and the stalls after which copies held here are checked
+against their records before anything more is sent for them (fencing)."""
+
+from __future__ import annotations
+
+import time
+
+from dlora.common import bus, log
+from dlora.common.state import Copy, Sent, StateStore
+
+logger = log.get("worker")
+
+# Chunks kept for the in-flight records while Redis refuses writes: a long outage keeps the latest
+# (a record then lacks the oldest, and a resume from it may send those tokens again).
+_MAX_UNWRITTEN = 10_000
+
+
+class ProgressRecords:
+    """What one worker process writes to the in-flight records, and whether it may have stalled.
+
+    A stall is a heartbeat silence of half the TTL: long enough for a dispatcher to have given up
+    on the worker and re-dispatched its requests (half: the dispatcher's clock starts from the last
+    beat it received). Not a long step: it runs off the loop, and the heartbeat goes on.
+    """
+
+    def __init__(self, store: StateStore, worker_id: str, heartbeat_ttl_s: float) -> None:
+        self.store, self.worker_id, self.ttl_s = store, worker_id, heartbeat_ttl_s
+        self.unrecorded_ends: dict[str, int] = {}  # finished requests whose records are not yet deleted
+        self.unwritten: list[tuple[str, Sent]] = []  # chunks sent whose progress write failed, in order
+        self.stalls = 0  # stalls seen, and how many of them a strict fencing check has followed
+        self._stalls_checked = 0
+        self._beat_at = time.monotonic()  # when a heartbeat last got out
+        self._outage = bus.Outage("in-flight progress records (redis)")
+
+    def beat(self) -> None:
+        """A heartbeat got out (stats on NATS, or the key in Redis: a dispatcher takes either)."""
+        now = time.monotonic()
+        if now - self._beat_at > self.ttl_s / 2:
+            self.stalls += 1
+        self._beat_at = now
+
+    def stalled(self) -> bool:
+        """Whether this process may have been given up on, its requests re-dispatched (and perhaps
+        finished elsewhere, their records gone), since fencing last asked strictly: no heartbeat
+        got out for half the TTL, now (the beat task has not run yet) or at some point since. A
+        stall that hits after this is asked (mid-send) costs the rest of that step's chunks; the
+        next step asks first."""
+        silent = time.monotonic() - self._beat_at > self.ttl_s / 2
+        return silent or self.stalls != self._stalls_checked
+
+    async def fenced_after_stall(self, copies: dict[str, Copy]) -> set[str]:
+        """The ids among ``copies`` (taken with ``stalled=True``) that are fenced, a missing record
+        of a recorded one included; none if Redis cannot tell (then the next step asks again)."""
+        stalls = self.stalls  # a stall during the check makes another one
+        try:
+            fenced = await self.store.fenced(self.worker_id, copies)
+        except bus.STATE_OUTAGE:
+            return set()  # cannot tell: send (a reader drops an earlier attempt's chunks anyway)
+        self._stalls_checked = stalls
+        return fenced
+
+    async def write(self, running: dict[str, Sent]) -> set[str]:
+        """Record this step's chunks, after those earlier failed writes left, and drop the records
+        of finished requests; the ids whose copies are fenced. Raises what Redis raises, and then
+        what it did not write stays for the next call (the caller keeps ``running``: see
+        ``write_step``)."""
+        fenced = await self.store.record_progress(self.worker_id, running, self.unrecorded_ends, self.unwritten)
+        self.unwritten, self.unrecorded_ends = [], {}
+        return fenced
+
+    async def write_step(self, running: dict[str, Sent]) -> set[str]:
+        """``write``, with a failure kept for the next write rather than raised: the tokens went
+        out, only recovery's record lags. The ids whose copies are fenced (none on a failure)."""
+        try:
+            fenced = await self.write(running)
+        except Exception as e:  # noqa: BLE001 - see above
+            self._outage.failed(e)
+            self.unwritten = [*self.unwritten, *running.items()][-_MAX_UNWRITTEN:]
+            return set()
+        self._outage.succeeded()
+        return fenced
+
+    @property
+    def behind(self) -> bool:
+        """Whether writes or deletes wait for Redis."""
+        return bool(self.unrecorded_ends or self.unwritten)
