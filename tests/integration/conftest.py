@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,12 @@ def spawn_worker(nats_url: str, redis_url: str, model: str, worker_id: str, **en
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    """The events of a server-sent stream as they arrive: each ``data:`` line's JSON, and the
+    closing ``"[DONE]"`` as that string."""
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            yield line[6:] if line == "data: [DONE]" else json.loads(line[6:])

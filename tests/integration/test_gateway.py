@@ -15,7 +15,7 @@ import torch
 
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
-from tests.integration.conftest import ADMIN_KEY, Stack
+from tests.integration.conftest import ADMIN_KEY, Stack, sse_events
 
 PROMPTS = ["kalo remi suta", "nevo rida pole", "sumu gano befi tuza"]
 
@@ -36,15 +36,10 @@ async def get(stack: Stack, path: str) -> dict:
 
 
 async def stream(stack: Stack, path: str, body: dict) -> list:
-    events = []
     async with aiohttp.ClientSession() as http:
         async with http.post(stack.url + path, json={**body, "stream": True}) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
-            async for line in r.content:
-                line = line.decode().strip()
-                if line.startswith("data: "):
-                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-    return events
+            return [event async for event in sse_events(r)]
 
 
 def offline(tiny, requests: list[dict]) -> list[dict]:

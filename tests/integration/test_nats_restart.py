@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 
 import aiohttp
@@ -26,7 +25,7 @@ from dlora.services.servers import Server, start_nats
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import run_stack
+from tests.integration.conftest import run_stack, sse_events
 from tests.integration.test_gateway import offline
 
 PROMPT, N = [5, 40, 41, 300, 17], 200
@@ -148,11 +147,10 @@ async def test_a_gateway_whose_own_connection_dropped_gets_the_chunks_it_missed(
         texts, finish = [], None
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{stack.url}/v1/completions", json=body) as r:
-                async for raw in r.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: {"):
+                async for event in sse_events(r):
+                    if event == "[DONE]":
                         continue
-                    choice = json.loads(line[6:])["choices"][0]
+                    choice = event["choices"][0]
                     texts.append(choice["text"])
                     finish = choice["finish_reason"] or finish
                     if len(texts) == 5:  # the link fails for a second, mid-stream

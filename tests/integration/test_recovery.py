@@ -4,7 +4,6 @@ from the tokens already delivered, and the client's stream is continuous."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 
 import aiohttp
@@ -22,7 +21,7 @@ from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import spawn_worker
+from tests.integration.conftest import spawn_worker, sse_events
 from tests.integration.test_gateway import offline
 
 N = 400  # tokens: long enough that the victim is still generating when it dies
@@ -83,11 +82,9 @@ async def test_sigkilled_worker_loses_no_request(
         texts, finish, usage, killed = [], None, None, False
         async with aiohttp.ClientSession() as http:
             async with http.post(f"http://127.0.0.1:{gw_settings.port}/v1/completions", json=body) as r:
-                async for raw in r.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: {"):
+                async for event in sse_events(r):
+                    if event == "[DONE]":
                         continue
-                    event = json.loads(line[6:])
                     if event.get("usage"):
                         usage = event["usage"]
                         continue
