@@ -27,8 +27,9 @@ class Kernels:
     attention_metadata: Callable[..., Any]
     # (q (T, heads, D), k_cache, v_cache, metadata, block_size, scale) -> (T, heads, D)
     paged_attention: Callable[..., torch.Tensor]
-    # (slot per token, device) -> metadata, or None when no token uses an unmerged adapter
-    lora_metadata: Callable[[list[int], torch.device], Any]
+    # (slot per token, device, slot subtracted per token or None) -> metadata, or None when no
+    # token uses LoRA; a mixed step subtracts the merged adapter's delta from the other tokens
+    lora_metadata: Callable[[list[int], torch.device, list[int] | None], Any]
     # (out (T, N), x (T, K), LoraProjection, metadata): out += each LoRA token's delta, in place
     add_lora: Callable[..., None]
     lora_tables: bool  # whether LoraProjection tables must be kept up to date
@@ -76,15 +77,15 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
             f"kernels 'triton' need a CUDA device or TRITON_INTERPRET=1 (device is {device}) and the triton package"
         )
     from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
-    from dlora.kernels.lora_triton import LoraBatch, add_lora_triton
+    from dlora.kernels.lora_triton import LoraPasses, add_lora_passes
     from dlora.kernels.triton_common import interpreting
 
     kernels = Kernels(
         "triton",
         build_paged_metadata,
         paged_attention_triton,
-        LoraBatch.from_token_slots,
-        add_lora_triton,
+        LoraPasses.from_token_slots,
+        add_lora_passes,
         lora_tables=True,
     )
     if interpreting():

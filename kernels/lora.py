@@ -13,28 +13,40 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _runs(token_slots: list[int]) -> list[tuple[int, int, int]]:
+    """(slot, start, end) for each maximal run of equal slots >= 0."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for t in range(1, len(token_slots) + 1):
+        if t == len(token_slots) or token_slots[t] != token_slots[start]:
+            if token_slots[start] >= 0:
+                runs.append((token_slots[start], start, t))
+            start = t
+    return runs
+
+
 @dataclass
 class LoraSegments:
     """Per-step metadata, built once and shared by every layer.
 
     Example: slots per token [3, 3, -1, 0, 0, 0] gives segments [(3, 0, 2), (0, 3, 6)]; the
-    token with slot -1 runs the base model only.
+    token with slot -1 runs the base model only. ``negative`` segments subtract their slot's
+    delta: a mixed step's correction for the adapter merged into the weights, on every token
+    that is not that adapter's (y = x·W' + s_i·(x·A_i)·B_i − s_m·(x·A_m)·B_m).
     """
 
     segments: list[tuple[int, int, int]]  # (slot, start, end): tokens [start, end) use slot >= 0
+    negative: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, start, end): subtracted
 
     @classmethod
-    def from_token_slots(cls, token_slots: list[int], device: torch.device | None = None) -> LoraSegments | None:
-        """The segments, or None when no token uses LoRA (``device`` is unused: the torch path
-        keeps its metadata on the host)."""
-        segments: list[tuple[int, int, int]] = []
-        start = 0
-        for t in range(1, len(token_slots) + 1):
-            if t == len(token_slots) or token_slots[t] != token_slots[start]:
-                if token_slots[start] >= 0:
-                    segments.append((token_slots[start], start, t))
-                start = t
-        return cls(segments) if segments else None
+    def from_token_slots(
+        cls, token_slots: list[int], device: torch.device | None = None, minus_slots: list[int] | None = None
+    ) -> LoraSegments | None:
+        """The segments of ``token_slots`` (added) and ``minus_slots`` (subtracted; per token, -1
+        for none), or None when no token uses LoRA (``device`` is unused: the torch path keeps
+        its metadata on the host)."""
+        segments, negative = _runs(token_slots), _runs(minus_slots or [])
+        return cls(segments, negative) if segments or negative else None
 
 
 @dataclass
@@ -110,16 +122,18 @@ class LoraProjection:
 
 
 def add_lora_torch(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, meta: LoraSegments) -> None:
-    """In place: out[t, slice] += scale[slot] · (x[t] · A[slot]ᵀ) · B[slot]ᵀ for every token t of a segment.
+    """In place: out[t, slice] += scale[slot] · (x[t] · A[slot]ᵀ) · B[slot]ᵀ for every token t of a
+    segment, and -= for every token of a negative segment.
 
     out (T, N) is the fused projection's output, x (T, K) its input. Tokens outside every segment
     are untouched.
     """
-    for slot, start, end in meta.segments:
-        xs = x[start:end]
-        for sl in proj.slices:
-            a = sl.a[slot]
-            if a is None:
-                continue
-            shrunk = xs @ a.t()  # (n, rank)
-            out[start:end, sl.offset : sl.offset + sl.size] += (shrunk @ sl.b[slot].t()) * sl.scale[slot]
+    for segments, sign in ((meta.segments, 1.0), (meta.negative, -1.0)):
+        for slot, start, end in segments:
+            xs = x[start:end]
+            for sl in proj.slices:
+                a = sl.a[slot]
+                if a is None:
+                    continue
+                shrunk = xs @ a.t()  # (n, rank)
+                out[start:end, sl.offset : sl.offset + sl.size] += (shrunk @ sl.b[slot].t()) * (sl.scale[slot] * sign)

@@ -38,9 +38,10 @@ class LoraBatch:
     group_len: torch.Tensor  # (G,) int32: its number of tokens
     num_groups: int
     max_group_len: int
+    sign: float = 1.0  # -1.0: the deltas are subtracted (a mixed step's correction, see LoraPasses)
 
     @classmethod
-    def from_token_slots(cls, token_slots: list[int], device: torch.device) -> LoraBatch | None:
+    def from_token_slots(cls, token_slots: list[int], device: torch.device, sign: float = 1.0) -> LoraBatch | None:
         """Group the tokens by slot, groups in order of first appearance; None when no token uses LoRA."""
         members: dict[int, list[int]] = {}
         for t, slot in enumerate(token_slots):
@@ -57,7 +58,30 @@ class LoraBatch:
         def i32(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32, device=device)
 
-        return cls(i32(index), i32(list(members)), i32(starts), i32(lens), len(members), max(lens))
+        return cls(i32(index), i32(list(members)), i32(starts), i32(lens), len(members), max(lens), sign)
+
+
+@dataclass
+class LoraPasses:
+    """One step's LoRA work on the Triton path: the deltas added (each token's own adapter) and,
+    in a mixed step, the merged adapter's delta subtracted from every token that is not its own
+    (``lora.LoraSegments`` is the torch path's twin). Two launch pairs rather than one where a
+    token sits in two groups: the expand's read-add-write of an output row is not atomic, so two
+    programs adding to one row at once would race; atomics would make the sum's order, and so
+    its last bits, vary between runs."""
+
+    passes: list[LoraBatch]
+
+    @classmethod
+    def from_token_slots(
+        cls, token_slots: list[int], device: torch.device, minus_slots: list[int] | None = None
+    ) -> LoraPasses | None:
+        """``token_slots``: each token's own slot; ``minus_slots``: the slot whose delta it
+        subtracts (-1: none). None when no token uses LoRA."""
+        added = LoraBatch.from_token_slots(token_slots, device)
+        subtracted = LoraBatch.from_token_slots(minus_slots or [], device, sign=-1.0)
+        passes = [b for b in (added, subtracted) if b is not None]
+        return cls(passes) if passes else None
 
 
 @triton.jit
@@ -139,6 +163,7 @@ def _expand_kernel(
     group_slot_ptr,  # (G,) int32: slot of each group
     group_start_ptr,  # (G,) int32: first grouped position of each group
     group_len_ptr,  # (G,) int32: tokens in each group
+    sign,  # float: 1.0 adds the deltas, -1.0 subtracts them
     stride_out,  # elements between rows of out
     num_slots,  # columns of the tables
     n_slices,  # slices of the fused projection
@@ -166,7 +191,7 @@ def _expand_kernel(
     if rank == 0:  # this slot's adapter does not target the slice
         return
     b_ptr = tl.load(b_ptrs + j * num_slots + slot).to(tl.pointer_type(ELEM))
-    scale = tl.load(scales_ptr + j * num_slots + slot)
+    scale = tl.load(scales_ptr + j * num_slots + slot) * sign
     start = tl.load(group_start_ptr + g)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -275,7 +300,7 @@ def lora_shrink(
 def lora_expand(
     out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None
 ) -> None:
-    """In place: out[token_index[p], slice j] += scale[j, slot] · y[p, j, :rank] · B[j, slot]ᵀ.
+    """In place: out[token_index[p], slice j] += sign · scale[j, slot] · y[p, j, :rank] · B[j, slot]ᵀ.
 
     out: (T, N) with contiguous rows, in the weights' dtype; y from ``lora_shrink``.
     """
@@ -301,6 +326,7 @@ def lora_expand(
         batch.group_slot,
         batch.group_start,
         batch.group_len,
+        batch.sign,
         out.stride(0),
         num_slots,
         n_slices,
@@ -325,3 +351,12 @@ def add_lora_triton(
         return
     blocks = blocks or LoraBlocks.choose(batch, tables)
     lora_expand(out, lora_shrink(x, tables, batch, blocks), tables, batch, blocks)
+
+
+def add_lora_passes(
+    out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, passes: LoraPasses, blocks: LoraBlocks | None = None
+) -> None:
+    """``add_lora_triton`` for each pass in turn: out (T, N) += each token's own delta, -= the
+    merged adapter's where a mixed step subtracts it."""
+    for batch in passes.passes:
+        add_lora_triton(out, x, proj, batch, blocks)

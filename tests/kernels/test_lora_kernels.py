@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
-from dlora.kernels.lora_triton import LoraBatch, LoraBlocks, add_lora_triton, lora_shrink
+from dlora.kernels.lora_triton import LoraBatch, LoraBlocks, LoraPasses, add_lora_passes, lora_shrink
 from tests.kernels.conftest import assert_close, cuda_only, device
 
 NUM_SLOTS = 8
@@ -58,22 +58,36 @@ def popularity(pattern: str, n: int, rng: random.Random) -> list[int]:
     raise ValueError(pattern)
 
 
-def check(proj: LoraProjection, token_slots: list[int], dtype: torch.dtype, k: int, **kw) -> None:
+def check(
+    proj: LoraProjection,
+    token_slots: list[int],
+    dtype: torch.dtype,
+    k: int,
+    minus_slots: list[int] | None = None,
+    **kw,
+) -> None:
     n_out = sum(sl.size for sl in proj.slices)
     g = torch.Generator().manual_seed(len(token_slots))
     x = torch.randn(len(token_slots), k, generator=g).to(device(), dtype)
     base = torch.randn(len(token_slots), n_out, generator=g).to(device(), dtype)
     want, got = base.clone(), base.clone()
-    segments = LoraSegments.from_token_slots(token_slots)
-    batch = LoraBatch.from_token_slots(token_slots, device())
-    assert (segments is None) == (batch is None)
+    segments = LoraSegments.from_token_slots(token_slots, None, minus_slots)
+    passes = LoraPasses.from_token_slots(token_slots, device(), minus_slots)
+    assert (segments is None) == (passes is None)
     if segments is not None:
         add_lora_torch(want, x, proj, segments)
-        add_lora_triton(got, x, proj, batch, **kw)
+        add_lora_passes(got, x, proj, passes, **kw)
     assert_close(got, want)
     # Tokens without LoRA are untouched, bit for bit.
-    plain = torch.tensor([s < 0 for s in token_slots], device=device())
+    minus = minus_slots or [-1] * len(token_slots)
+    plain = torch.tensor([s < 0 and m < 0 for s, m in zip(token_slots, minus)], device=device())
     assert torch.equal(got[plain], base[plain])
+
+
+def mixed(slots: list[int], merged: int) -> tuple[list[int], list[int]]:
+    """A mixed step's (token_slots, minus_slots) for requests on ``slots`` with ``merged``'s adapter
+    merged: its own tokens run no LoRA; every other token (the base model's too) subtracts its delta."""
+    return [-1 if s == merged else s for s in slots], [-1 if s == merged else merged for s in slots]
 
 
 def test_batch_groups_tokens_by_slot() -> None:
@@ -82,6 +96,27 @@ def test_batch_groups_tokens_by_slot() -> None:
     assert (b.group_slot.tolist(), b.group_start.tolist(), b.group_len.tolist()) == ([3, 0], [0, 2], [2, 2])
     assert (b.num_groups, b.max_group_len) == (2, 2)
     assert LoraBatch.from_token_slots([-1, -1], torch.device("cpu")) is None
+    passes = LoraPasses.from_token_slots([-1, 0, -1], torch.device("cpu"), [-1, 3, 3])
+    assert [(p.sign, p.token_index.tolist()) for p in passes.passes] == [(1.0, [1]), (-1.0, [1, 2])]
+    assert LoraPasses.from_token_slots([-1, -1], torch.device("cpu"), [-1, -1]) is None
+
+
+@pytest.mark.parametrize("pattern", ["skewed", "uniform", "identical"])
+@pytest.mark.parametrize("batch", [1, 16, 133])
+def test_mixed_step_matches_reference(batch: int, pattern: str) -> None:
+    """A mixed step: slot 3's adapter merged, every other token (base-model ones too) carries a
+    second, subtracted delta, decode-shaped."""
+    token_slots, minus_slots = mixed(popularity(pattern, batch, random.Random(batch)), 3)
+    check(projection(64, [64, 32, 32], MIXED_RANKS, torch.float32), token_slots, torch.float32, 64, minus_slots)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mixed_prefill_matches_reference(dtype: torch.dtype) -> None:
+    """Prompts of several adapters, the merged one's among them, in contiguous runs."""
+    rng = random.Random(5)
+    slots = [s for s in [3, 0, -1, 3, 5] for _ in range(rng.randint(5, 40))]
+    token_slots, minus_slots = mixed(slots, 3)
+    check(projection(64, [96, 96], MIXED_RANKS, dtype), token_slots, dtype, 64, minus_slots)
 
 
 @pytest.mark.parametrize("pattern", ["distinct", "uniform", "zipf", "identical", "skewed"])
@@ -155,3 +190,4 @@ def test_gpu_tiles_and_split_k(split_k: int) -> None:
 def test_real_model_sizes(hidden: int, kv: int, batch: int, pattern: str, dtype: torch.dtype) -> None:
     proj = projection(hidden, [hidden, kv, kv], MIXED_RANKS, dtype)
     check(proj, popularity(pattern, batch, random.Random(batch)), dtype, hidden)
+    check(proj, *mixed(popularity(pattern, batch, random.Random(batch)), 3), dtype, hidden)
