@@ -7,6 +7,7 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.policy import Mode, StepDecision
 from tests.engine.helpers import make_engine, run_all
 from tests.engine.oracle import Oracle
 
@@ -33,7 +34,7 @@ def _expected(
     return {rid: oracle.generate(a, ids, max_tokens) for rid, (a, ids) in requests.items()}
 
 
-POLICIES = ["unmerged-only", "merged-only", "dlora"]
+POLICIES = ["unmerged-only", "merged-only", "dlora", "mixed-only"]
 ARCHS = ["llama", "qwen2"]
 
 
@@ -41,7 +42,7 @@ def with_triton(torch_cases: list[tuple[str, ...]], *triton_cases: tuple[str, ..
     """Parametrize ``arch,kernels`` (and what follows) with the torch path on the given cases and
     the Triton path on ``triton_cases`` only. Under the interpreter on CPU a Triton case takes
     10-30 s here, so each drives the kernels in one distinct way (unmerged mixed batches, a
-    merge/unmerge mix, preemption, resume over a cached prefix, prefill logits, moved KV) on one
+    mixed step's subtracted pass, preemption, resume over a cached prefix, prefill logits, moved KV) on one
     architecture: the kernels see the same code paths for both (the architectures differ in the
     q/k/v bias and the tied LM head, outside them), and tests/kernels covers their shapes. Merged steps run
     no LoRA kernel at all."""
@@ -68,7 +69,7 @@ def test_adapters_change_the_output(arch) -> None:
     assert len(outputs) == len(tiny.adapters) + 1  # otherwise the parity tests prove little
 
 
-@with_triton([(a, p) for a in ARCHS for p in POLICIES], ("llama", "unmerged-only"), ("qwen2", "dlora"))
+@with_triton([(a, p) for a in ARCHS for p in POLICIES], ("llama", "unmerged-only"), ("qwen2", "mixed-only"))
 def test_mixed_batch(arch, kernels: str, policy: str) -> None:
     """Every adapter and the base, prompts of different lengths, all submitted at once."""
     tiny, oracle = arch
@@ -86,18 +87,52 @@ def test_mixed_batch(arch, kernels: str, policy: str) -> None:
         assert engine.stats.merges >= len(tiny.adapters)
     elif policy == "unmerged-only":
         assert engine.stats.merges == 0
+    elif policy == "mixed-only":
+        assert engine.stats.merges >= 1 and engine.stats.steps_by_mode.get(Mode.MIXED, 0) > 0
 
 
-@with_triton([(a,) for a in ARCHS], ("llama",))
-def test_preempted_requests_resume_by_recompute(arch, kernels: str) -> None:
+@pytest.mark.parametrize("arch", ARCHS, indirect=True)
+def test_mixed_steps_across_switches_match_and_unmerge_exactly(arch) -> None:
+    """Every adapter and the base in flight while the engine goes unmerged, mixed on one adapter,
+    mixed on another, merged on one (the others wait), mixed again and back: every output equals
+    the oracle's, and the base weights come back bit for bit."""
+    tiny, oracle = arch
+    prompts = _prompts(tiny)
+    adapters = [None, *sorted(tiny.adapters)]
+    requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(len(adapters) + 2)}
+    engine = make_engine(tiny)
+    original = [lw.qkv.clone() for lw in engine.merger.weights.layers]
+    for rid, (adapter, ids) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter)
+    a, b = adapters[1], adapters[2]
+    plan = [(None, False), (a, True), (a, True), (b, True), (b, False), (a, True), (None, False), (b, True)]
+    got: dict[str, list[int]] = {rid: [] for rid in requests}
+    modes = set()
+    for i in range(200):
+        if not engine.has_unfinished():
+            break
+        merged, mixed = plan[i % len(plan)]
+        decision = StepDecision(merged, sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival), mixed=mixed)
+        for o in engine.step(decision):
+            got[o.request_id] += o.new_token_ids
+        modes.add(decision.mode)
+    assert got == _expected(oracle, requests)
+    assert modes == {Mode.UNMERGED, Mode.MERGED, Mode.MIXED}
+    engine.switch(None)
+    assert all(torch.equal(lw.qkv, w) for lw, w in zip(engine.merger.weights.layers, original))
+
+
+@with_triton([(a, p) for a in ARCHS for p in ("unmerged-only", "mixed-only")], ("llama", "unmerged-only"))
+def test_preempted_requests_resume_by_recompute(arch, kernels: str, policy: str) -> None:
     """With too few KV blocks for the whole batch, requests are preempted and still match."""
     tiny, oracle = arch
     prompts = _prompts(tiny)
     adapters = [None, *tiny.adapters]
     requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(6)}
-    engine = make_engine(tiny, block_size=4, num_blocks=14, kernels=kernels)
+    engine = make_engine(tiny, block_size=4, num_blocks=14, kernels=kernels, policy=policy)
     got = run_all(engine, requests, MAX_TOKENS)
     assert engine.stats.preemptions > 0
+    assert policy == "unmerged-only" or engine.stats.steps_by_mode.get(Mode.MIXED, 0) > 0
     assert got == _expected(oracle, requests)
 
 
@@ -177,3 +212,43 @@ def test_a_request_moves_with_its_kv_and_continues_exactly(arch, kernels: str) -
         produced += dst.step()[0].new_token_ids
     assert produced == full
     assert dst.stats.prefill_tokens == 0  # decoding went on from the moved cache
+
+
+@pytest.mark.parametrize("arch", ARCHS, indirect=True)
+def test_a_request_moves_between_mixed_steps_and_continues_exactly(arch) -> None:
+    """A request of adapter b runs beside a merged (its delta corrected) for five tokens, moves with
+    its KV to an engine where b itself is merged and a runs beside it: every output, the moved
+    one's and its batch mates' on both engines, equals the oracle's."""
+    from dlora.services.worker.engine.kv_transfer import KVSnapshot
+
+    tiny, oracle = arch
+    prompts = _prompts(tiny)
+    a, b = sorted(tiny.adapters)[:2]
+    src, dst = make_engine(tiny, policy="mixed-only"), make_engine(tiny, policy="mixed-only")
+    here = {"r": (b, prompts[2]), "s0": (a, prompts[0]), "s1": (a, prompts[1]), "s2": (None, prompts[3])}
+    there = {"d0": (b, prompts[0]), "d1": (b, prompts[4]), "d2": (a, prompts[1])}
+    for engine, requests in ((src, here), (dst, there)):
+        for rid, (adapter, ids) in requests.items():
+            engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter)
+    got: dict[str, list[int]] = {rid: [] for rid in [*here, *there]}
+    for _ in range(5):
+        for engine in (src, dst):
+            for o in engine.step():
+                got[o.request_id] += o.new_token_ids
+    assert (src.merger.merged, dst.merger.merged) == (a, b)
+    kv = KVSnapshot.from_bytes(src.export_kv("r").to_bytes())
+    src.abort("r")
+    dst.add_request(
+        "r",
+        prompt_token_ids=here["r"][1],
+        params=SamplingParams(max_tokens=MAX_TOKENS),
+        adapter=b,
+        resume_token_ids=got["r"],
+        kv=kv,
+    )
+    for engine in (src, dst):
+        while engine.has_unfinished():
+            for o in engine.step():
+                got[o.request_id] += o.new_token_ids
+    assert got == _expected(oracle, here | there)
+    assert all(e.stats.steps_by_mode.get(Mode.MIXED, 0) > 0 for e in (src, dst))

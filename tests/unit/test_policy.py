@@ -1,7 +1,7 @@
 import pytest
 
 from dlora.services.worker.policy import BatchLimits, PolicyConfig, QueuedRequest, fcfs_batch, make_policy
-from dlora.services.worker.policy.fcfs import MergedOnly, UnmergedOnly
+from dlora.services.worker.policy.fcfs import MergedOnly, MixedOnly, UnmergedOnly
 
 LIMITS = BatchLimits(max_num_seqs=8, max_adapters=2)
 
@@ -16,6 +16,26 @@ QUEUE = [q("r0", "a", 0), q("r1", None, 1), q("r2", "b", 2), q("r3", "a", 3), q(
 def test_fcfs_batch_respects_slots_and_size() -> None:
     assert [r.request_id for r in fcfs_batch(QUEUE, LIMITS)] == ["r0", "r1", "r2", "r3", "r5"]
     assert [r.request_id for r in fcfs_batch(QUEUE, BatchLimits(3, 8))] == ["r0", "r1", "r2"]
+
+
+def test_a_mixed_batch_gives_the_merged_adapter_no_slot_and_its_correction_one() -> None:
+    # a merged: its requests and base ones need no slot; one of the two slots holds a's correction
+    assert [r.request_id for r in fcfs_batch(QUEUE, LIMITS, merged="a")] == ["r0", "r1", "r2", "r3", "r5"]
+    assert [r.request_id for r in fcfs_batch(QUEUE, LIMITS, merged="c")] == ["r0", "r1", "r3", "r4"]
+    one_slot = BatchLimits(max_num_seqs=8, max_adapters=1)
+    assert [r.request_id for r in fcfs_batch(QUEUE, one_slot, merged="a")] == ["r0", "r1", "r3"]
+
+
+def test_mixed_only_merges_the_busiest_and_runs_everyone_beside_it() -> None:
+    d = MixedOnly(LIMITS).decide(QUEUE, merged_now=None)
+    assert (d.merged, d.mixed, d.request_ids) == ("a", True, ["r0", "r1", "r2", "r3", "r5"])
+    # b ties a: the merged adapter stays (no switch for an equal count)
+    assert MixedOnly(LIMITS).decide(QUEUE, merged_now="b").merged == "b"
+    assert MixedOnly(LIMITS).decide(QUEUE + [q("r6", "b", 6)], merged_now="a").merged == "b"
+    # only base requests: the merged adapter stays and they run beside it; none merged: unmerged
+    assert MixedOnly(LIMITS).decide([q("x", None, 0)], merged_now="a").merged == "a"
+    d = MixedOnly(LIMITS).decide([q("x", None, 0)], merged_now=None)
+    assert (d.merged, d.mixed, d.request_ids) == (None, False, ["x"])
 
 
 def test_unmerged_only_is_fcfs_within_the_adapter_slots() -> None:
@@ -37,7 +57,7 @@ def test_merged_only_keeps_the_current_adapter_when_idle() -> None:
     assert MergedOnly(LIMITS).decide([], merged_now="a").merged == "a"
 
 
-@pytest.mark.parametrize("name", ["dlora", "merged-only", "unmerged-only"])
+@pytest.mark.parametrize("name", ["dlora", "merged-only", "unmerged-only", "mixed-only"])
 def test_policies_by_name(name: str) -> None:
     assert make_policy(PolicyConfig(name=name), LIMITS).decide([], None).request_ids == []
 

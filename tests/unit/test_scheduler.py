@@ -97,3 +97,15 @@ def test_an_empty_step_takes_blocks_from_paused_sequences() -> None:
     fresh = seq("f", 1, 4, "x")
     plan = schedule(StepDecision("x", ["f"]), {"p": paused, "f": fresh}, bm, LIMITS)
     assert plan.seqs == [fresh] and plan.preempted == [paused]
+
+
+def test_a_mixed_step_runs_others_beside_the_merged_adapter_within_the_slots_left() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    adapters = ["m", "x", None, "m", "y", "x"]
+    seqs = {f"r{i}": seq(f"r{i}", i, 2, a) for i, a in enumerate(adapters)}
+    ids = list(seqs)
+    merged_only = schedule(StepDecision("m", ids), seqs, bm, LIMITS)
+    assert [s.request_id for s in merged_only.seqs] == ["r0", "r3"]
+    # two slots: m's correction holds one, x the other; y waits
+    mixed = schedule(StepDecision("m", ids, mixed=True), seqs, BlockManager(64, 4), LIMITS)
+    assert [s.request_id for s in mixed.seqs] == ["r0", "r1", "r2", "r3", "r5"]

@@ -27,10 +27,11 @@ from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_ad
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import RequestError, RequestOutput, token_logprob
+from dlora.services.worker.engine.placement import StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import SamplingError, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
-from dlora.services.worker.engine.slots import DeviceLoras, SlotTable
+from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.stopping import check_stop, visible_end
 from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
@@ -40,16 +41,16 @@ from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, Ste
 
 @dataclass
 class _Prepared:
-    """A step ready to run: its batch grouped by adapter slot, each adapter's slot (-1: none
-    unmerged), the switch paid before it (seconds), when its own time began (perf_counter), and
-    the tokens it feeds, counted before the step advances its sequences."""
+    """A step ready to run: its batch grouped by adapter slot, where its adapters run, the switch
+    paid before it (seconds), when its own time began (perf_counter), and the tokens it feeds,
+    counted before the step advances its sequences."""
 
     batch: list[Sequence]
-    slot_of: dict[str | None, int]
+    slots: StepSlots
     merge_s: float
     unmerge_s: float
     started: float
-    fed: list[tuple[str, int]]  # (adapter or "", tokens fed) per sequence, in batch order
+    fed: list[tuple[str | None, int]]  # (adapter, tokens fed) per sequence, in batch order
 
     @property
     def num_tokens(self) -> int:
@@ -290,15 +291,15 @@ class LLMEngine:
         if not plan.seqs:
             return None
         started = time.perf_counter()  # the step's time counts adapter loads, not the switch
-        batch, slot_of = self._place_adapters(plan.seqs)
-        return _Prepared(batch, slot_of, merge_s, unmerge_s, started, [(s.adapter or "", s.num_new) for s in batch])
+        batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
+        return _Prepared(batch, slots, merge_s, unmerge_s, started, [(s.adapter, s.num_new) for s in batch])
 
     def _run(
         self, step: _Prepared
     ) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError], list[RequestOutput]]:
         """The forward and sampling: the sequences that ran, their logits (B, vocab), one token (or
         the sampler's error) each, and failure outputs of those that could not run."""
-        ran, logits, failed = self._forward(step.batch, step.slot_of)
+        ran, logits, failed = self._forward(step.batch, step.slots)
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         if logits is None:
             return ran, None, [], failed
@@ -335,23 +336,24 @@ class LLMEngine:
     def _observe(self, decision: StepDecision, step: _Prepared, seconds: float) -> None:
         """Record the step in the engine's stats and hand the policy its decision back with what
         the step ran and cost."""
-        batch, slot_of, fed = step.batch, step.slot_of, step.num_tokens
-        self.stats.record_step(seconds, len(batch), fed, step.num_prefill)
-        self.stats.record_adapters(seconds, fed, step.fed)
-        unmerged = {s.adapter for s in batch if slot_of[s.adapter] >= 0}
-        self.policy.observe(
-            decision,
-            StepRecord(
-                merged=self.merger.merged,
-                request_ids=[s.request_id for s in batch],
-                adapters=[s.adapter for s in batch],
-                num_tokens=fed,
-                lora_rank_sum=sum(self.adapters[a].rank for a in unmerged if a is not None),
-                seconds=seconds,
-                merge_seconds=step.merge_s,
-                unmerge_seconds=step.unmerge_s,
-            ),
+        batch, fed, merged = step.batch, step.num_tokens, self.merger.merged
+        ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
+        rank_sum, segments, rank_tokens = step.slots.lora_work(step.fed, ranks)
+        record = StepRecord(
+            merged=merged,
+            request_ids=[s.request_id for s in batch],
+            adapters=[s.adapter for s in batch],
+            num_tokens=fed,
+            lora_rank_sum=rank_sum,
+            lora_segments=segments,
+            lora_rank_tokens=rank_tokens,
+            seconds=seconds,
+            merge_seconds=step.merge_s,
+            unmerge_seconds=step.unmerge_s,
         )
+        self.stats.record_step(seconds, len(batch), fed, step.num_prefill, record.mode)
+        self.stats.record_adapters(seconds, fed, [(a or "", n) for a, n in step.fed])
+        self.policy.observe(decision, record)
 
     def _constrained(self, ran: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Logits with the tokens each structured-output request's schema forbids masked out."""
@@ -368,21 +370,21 @@ class LLMEngine:
         return masked
 
     def _forward(
-        self, batch: list[Sequence], slot_of: dict[str | None, int]
+        self, batch: list[Sequence], slots: StepSlots
     ) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
         """Logits (B, vocab) of the sequences that ran, and failure outputs for those that could
         not. When the batch's forward raises, each sequence runs alone, so a request that brings
         the model down fails by itself and its batch mates go on (their KV writes repeat the same
         values into the same slots, so a second pass is harmless)."""
         try:
-            return batch, self.model.forward(self._inputs(batch, slot_of)), []
+            return batch, self.model.forward(self._inputs(batch, slots)), []
         except Exception as e:  # noqa: BLE001 - see the docstring
             if len(batch) == 1:
                 return [], None, [self._fail(batch[0], f"the model step failed: {_describe(e)}")]
         ran, rows, failed = [], [], []
         for seq in batch:
             try:
-                rows.append(self.model.forward(self._inputs([seq], slot_of)))
+                rows.append(self.model.forward(self._inputs([seq], slots)))
                 ran.append(seq)
             except Exception as e:  # noqa: BLE001
                 failed.append(self._fail(seq, f"the model step failed: {_describe(e)}"))
@@ -421,26 +423,13 @@ class LLMEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _place_adapters(self, seqs: list[Sequence]) -> tuple[list[Sequence], dict[str | None, int]]:
-        """Give each unmerged adapter a device slot and group the batch by slot (stable, so FCFS
-        order holds inside a group): each adapter's tokens then form one contiguous segment.
-        Returns the ordered batch and each adapter's slot (-1: no unmerged LoRA)."""
-        slot_of: dict[str | None, int] = {None: -1}
-        if self.merger.merged is not None:
-            slot_of[self.merger.merged] = -1
-            return seqs, slot_of
-        needed = {s.adapter for s in seqs if s.adapter is not None}
-        for name in sorted(needed):
-            start = time.perf_counter()
-            slot, change = self.slots.acquire(name, pinned=needed)
-            if change is not None:
-                self.device_loras.load(slot, self.adapters[name])
-                self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
-            slot_of[name] = slot
-        return sorted(seqs, key=lambda s: slot_of[s.adapter]), slot_of
+    def _load_slot(self, change: SlotChange) -> None:
+        start = time.perf_counter()
+        self.device_loras.load(change.slot, self.adapters[change.loaded])
+        self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
 
-    def _inputs(self, batch: list[Sequence], slot_of: dict[str | None, int]) -> StepInputs:
-        return build_inputs(batch, slot_of, self.blocks, self.kernels, self.device)
+    def _inputs(self, batch: list[Sequence], slots: StepSlots) -> StepInputs:
+        return build_inputs(batch, slots, self.blocks, self.kernels, self.device)
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:
         """Record the sampled token, update text and stop conditions, report the delta."""

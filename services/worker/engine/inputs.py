@@ -8,23 +8,25 @@ import torch
 from dlora.kernels.backend import Kernels
 from dlora.services.worker.engine.kv_cache import BlockManager
 from dlora.services.worker.engine.model import StepInputs
+from dlora.services.worker.engine.placement import StepSlots
 from dlora.services.worker.engine.sequence import Sequence
 
 
 def build_inputs(
     batch: list[Sequence],
-    slot_of: dict[str | None, int],
+    lora: StepSlots,
     blocks: BlockManager,
     kernels: Kernels,
     device: torch.device,
 ) -> StepInputs:
     """Each sequence's new tokens back to back (a whole prompt at prefill, one token at decode),
-    with its KV slots and its adapter's device slot (``slot_of``: -1 for none unmerged)."""
+    with its KV slots and the device slots of the LoRA deltas it adds and subtracts (``lora``)."""
     ids: list[int] = []
     positions: list[int] = []
     seq_lens: list[int] = []
     slots: list[int] = []
     token_slots: list[int] = []
+    minus_slots: list[int] = []
     q_lens, ctx_lens, tables = [], [], []
     for s in batch:
         new = s.new_ids()
@@ -33,7 +35,9 @@ def build_inputs(
         positions += range(s.num_cached, total)
         seq_lens += [total] * n
         slots += blocks.slots(s.request_id, s.num_cached, total)
-        token_slots += [slot_of[s.adapter]] * n
+        added, subtracted = lora.slots_of(s.adapter)
+        token_slots += [added] * n
+        minus_slots += [subtracted] * n
         q_lens.append(n)
         ctx_lens.append(total)
         tables.append(blocks.table(s.request_id))
@@ -45,5 +49,5 @@ def build_inputs(
         seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
         last_index=last.to(dev),
         attention=kernels.attention_metadata(q_lens, ctx_lens, tables, slots, blocks.block_size, dev),
-        lora=kernels.lora_metadata(token_slots, dev),
+        lora=kernels.lora_metadata(token_slots, dev, minus_slots if lora.minus >= 0 else None),
     )

@@ -30,7 +30,7 @@ class StepInputs:
     seq_lens: torch.Tensor  # (T,) int64: context length of each token's sequence after this step
     last_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
     attention: Any  # the kernel path's attention metadata
-    lora: Any  # the kernel path's LoRA metadata; None: no token uses an unmerged adapter
+    lora: Any  # the kernel path's LoRA metadata; None: no token adds or subtracts a LoRA delta
 
 
 class LlamaModel:

@@ -19,7 +19,7 @@ from dlora.services.worker.policy import StepDecision
 class Limits:
     max_num_seqs: int  # sequences per step
     max_num_batched_tokens: int  # new tokens per step (a longer prefill still runs alone)
-    max_adapters: int  # distinct unmerged adapters per step (device slots)
+    max_adapters: int  # distinct unmerged adapters per step (device slots), a mixed step's merged one included
 
 
 @dataclass
@@ -40,20 +40,19 @@ def schedule(decision: StepDecision, seqs: dict[str, Sequence], blocks: BlockMan
     chosen: set[str] = set()
     adapters: set[str] = set()
     tokens = 0
+    merged = decision.merged
+    # Device slots for adapters that run unmerged; in a mixed step the merged adapter's
+    # correction holds one of them.
+    free_slots = limits.max_adapters - (merged is not None)
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
             continue
         if len(out.seqs) == limits.max_num_seqs:
             break
-        if decision.merged is not None and seq.adapter != decision.merged:
-            continue  # only the merged adapter's requests run on merged weights
-        if (
-            decision.merged is None
-            and seq.adapter is not None
-            and seq.adapter not in adapters
-            and len(adapters) == limits.max_adapters
-        ):
+        if merged is not None and seq.adapter != merged and not decision.mixed:
+            continue  # a merged step runs only the merged adapter's requests
+        if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= free_slots:
             continue
         if out.seqs and tokens + seq.num_new > limits.max_num_batched_tokens:
             continue
@@ -76,7 +75,7 @@ def schedule(decision: StepDecision, seqs: dict[str, Sequence], blocks: BlockMan
         out.seqs.append(seq)
         chosen.add(rid)
         tokens += seq.num_new
-        if seq.adapter is not None:
+        if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out
 

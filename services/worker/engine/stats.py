@@ -23,14 +23,17 @@ class EngineStats:
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0  # total
+    steps_by_mode: dict[str, int] = field(default_factory=dict)  # "unmerged", "merged", "mixed" (policy.Mode)
     # Per adapter ("" for the base model): the step time its sequences took, each step's time
     # shared by tokens fed, and the tokens they generated.
     adapter_seconds: dict[str, float] = field(default_factory=dict)
     adapter_tokens: dict[str, int] = field(default_factory=dict)
 
-    def record_step(self, seconds: float, tokens: int, fed: int, prefill: int) -> None:
-        """One step: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of them prompt/recompute."""
+    def record_step(self, seconds: float, tokens: int, fed: int, prefill: int, mode: str = "unmerged") -> None:
+        """One step: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of them prompt/recompute,
+        run in ``mode``."""
         self.steps += 1
+        self.steps_by_mode[mode] = self.steps_by_mode.get(mode, 0) + 1
         self.step_seconds += seconds
         self.tokens_generated += tokens
         self.prefill_tokens += prefill

@@ -1,9 +1,11 @@
-"""Batching policies: per step, merged on one adapter or unmerged across many. Pure, no I/O."""
+"""Batching policies: per step, unmerged across many adapters, merged on one, or mixed (one merged,
+the others unmerged beside it). Pure, no I/O."""
 
 from __future__ import annotations
 
 from dlora.services.worker.policy.base import (
     BatchLimits,
+    Mode,
     Policy,
     QueuedRequest,
     StepDecision,
@@ -16,7 +18,7 @@ from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 def make_policy(config: PolicyConfig, limits: BatchLimits) -> Policy:
     """The policy ``config.name`` names; ValueError naming the choices for an unknown one."""
     from dlora.services.worker.policy.dlora import DLoraPolicy
-    from dlora.services.worker.policy.fcfs import MergedOnly, UnmergedOnly
+    from dlora.services.worker.policy.fcfs import MergedOnly, MixedOnly, UnmergedOnly
 
     try:
         name = PolicyName(config.name)
@@ -24,11 +26,17 @@ def make_policy(config: PolicyConfig, limits: BatchLimits) -> Policy:
         raise ValueError(f"policy {config.name!r}: expected one of {[p.value for p in PolicyName]}") from None
     if name is PolicyName.DLORA:
         return DLoraPolicy(limits, config)
-    return MergedOnly(limits) if name is PolicyName.MERGED_ONLY else UnmergedOnly(limits)
+    fixed = {
+        PolicyName.MERGED_ONLY: MergedOnly,
+        PolicyName.MIXED_ONLY: MixedOnly,
+        PolicyName.UNMERGED_ONLY: UnmergedOnly,
+    }
+    return fixed[name](limits)
 
 
 __all__ = [
     "BatchLimits",
+    "Mode",
     "Policy",
     "PolicyConfig",
     "PolicyName",

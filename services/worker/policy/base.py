@@ -7,8 +7,19 @@ and what it cost (a ``StepRecord``) to ``observe``: a policy keeps no hidden sta
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
+
+
+class Mode(enum.StrEnum):
+    """How a step runs its adapters."""
+
+    UNMERGED = "unmerged"  # base weights; every adapter's tokens add their own delta
+    MERGED = "merged"  # one adapter merged into the weights; only its requests run, at base cost
+    # One adapter merged; its requests run at base cost and every other request beside them, with
+    # its own delta added and the merged adapter's subtracted (``engine.placement.StepSlots``).
+    MIXED = "mixed"
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,15 @@ class StepDecision:
     # What the deciding policy saw (opaque to the engine), handed back to it with the step's
     # record in ``observe``; None for a decision made outside the policy (``step(decision=...)``).
     basis: object | None = None
+    # With ``merged``: other adapters' and base requests may run too (a mixed step). The merged
+    # adapter's correction then takes one of the ``max_adapters`` device slots.
+    mixed: bool = False
+
+    @property
+    def mode(self) -> Mode:
+        if self.merged is None:
+            return Mode.UNMERGED
+        return Mode.MIXED if self.mixed else Mode.MERGED
 
 
 @dataclass(frozen=True)
@@ -44,10 +64,21 @@ class StepRecord:
     request_ids: list[str]  # requests that ran
     adapters: list[str | None]  # their adapters, in the same order
     num_tokens: int  # tokens fed (prefill + decode)
-    lora_rank_sum: int  # sum of ranks of the distinct unmerged adapters in the batch
+    # Sum of ranks of the distinct adapters whose deltas the step ran (unmerged, and a mixed
+    # step's merged adapter for its correction).
+    lora_rank_sum: int
     seconds: float  # model step time (inputs, forward and sampling; switches not)
     merge_seconds: float = 0.0  # merge paid before the step (0 if none)
     unmerge_seconds: float = 0.0  # unmerge paid before the step (0 if none)
+    lora_segments: int = 0  # distinct adapters whose deltas ran (shrink/expand segments per layer)
+    lora_rank_tokens: int = 0  # the ranks each token's deltas ran at, summed over the tokens
+
+    @property
+    def mode(self) -> Mode:
+        """What ran: a mixed decision whose batch held only the merged adapter's requests ran merged."""
+        if self.merged is None:
+            return Mode.UNMERGED
+        return Mode.MERGED if all(a == self.merged for a in self.adapters) else Mode.MIXED
 
     @property
     def switch_seconds(self) -> float:
@@ -57,19 +88,22 @@ class StepRecord:
 @dataclass(frozen=True)
 class BatchLimits:
     max_num_seqs: int  # requests per step
-    max_adapters: int  # distinct unmerged adapters per step (device slots)
+    max_adapters: int  # distinct unmerged adapters per step (device slots), a mixed step's merged one included
 
 
-def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits) -> list[QueuedRequest]:
+def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | None = None) -> list[QueuedRequest]:
     """The batch plain FCFS would run: arrival order, at most ``max_adapters`` distinct adapters
-    (base requests need no slot) and ``max_num_seqs`` requests. ``queue`` is in arrival order."""
+    (base requests need no slot) and ``max_num_seqs`` requests. ``queue`` is in arrival order.
+    ``merged``: the batch of a mixed step with that adapter merged, whose requests need no slot
+    while its correction holds one."""
+    free_slots = limits.max_adapters - (merged is not None)
     adapters: set[str] = set()
     out: list[QueuedRequest] = []
     for r in queue:
         if len(out) == limits.max_num_seqs:
             break
-        if r.adapter is not None and r.adapter not in adapters:
-            if len(adapters) == limits.max_adapters:
+        if r.adapter is not None and r.adapter != merged and r.adapter not in adapters:
+            if len(adapters) >= free_slots:
                 continue
             adapters.add(r.adapter)
         out.append(r)

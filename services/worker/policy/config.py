@@ -11,6 +11,7 @@ class PolicyName(enum.StrEnum):
     DLORA = "dlora"  # dynamic merge/unmerge with credits (policy/dlora.py)
     MERGED_ONLY = "merged-only"  # always one adapter merged, FCFS by adapter (the dLoRA paper's baseline)
     UNMERGED_ONLY = "unmerged-only"  # always many adapters unmerged, FCFS (vLLM's / S-LoRA's way)
+    MIXED_ONLY = "mixed-only"  # always the busiest adapter merged, every other request beside it unmerged
 
 
 class PolicyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -1,6 +1,9 @@
-"""The two fixed policies, for ablations: always unmerged, or always merged on the head of line."""
+"""The fixed policies, for ablations: always unmerged, always merged on the head of line, or always
+mixed on the busiest adapter."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 from dlora.services.worker.policy.base import Policy, QueuedRequest, StepDecision, fcfs_batch
 
@@ -21,3 +24,16 @@ class MergedOnly(Policy):
             return StepDecision(merged=merged_now, request_ids=[])
         head = queue[0].adapter
         return StepDecision(merged=head, request_ids=[r.request_id for r in queue if r.adapter == head])
+
+
+class MixedOnly(Policy):
+    """Mixed steps on the busiest adapter (most queued requests): it runs merged, at base cost, and
+    every other request runs beside it unmerged, FCFS within the remaining slots, so nobody waits
+    for a merge. The merged adapter stays until another has strictly more requests queued (or,
+    with no adapter's request queued, until one comes)."""
+
+    def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
+        counts = Counter(r.adapter for r in queue if r.adapter is not None)
+        busiest = max(counts, key=lambda a: (counts[a], a == merged_now), default=merged_now)
+        batch = fcfs_batch(queue, self.limits, busiest)
+        return StepDecision(merged=busiest, request_ids=[r.request_id for r in batch], mixed=busiest is not None)
