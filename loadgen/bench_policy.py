@@ -3,12 +3,15 @@
 The same workload (Gamma arrivals with CV 1 at a rate near the replica's saturation, Azure
 conversation lengths scaled to fit, adapters by the stride mapping over Azure Functions
 popularity, counts clipped at the n-th most popular function so stride 1 is near uniform) is
-replayed in real time against an engine under each policy, for each stride.
+replayed in real time against an engine under each policy, for each stride, ``--repeats`` times
+(rounds interleaved, so a slow spell of the machine hits every policy alike); each figure is the
+median of the repeats, with their spread (min-max).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +26,8 @@ from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.policy import PolicyConfig, StepDecision
 
-POLICIES = ("merged-only", "unmerged-only", "dlora")
+# The figures each run gives, kept per repeat and summarized as median and spread.
+METRICS = ("throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s", "finished", "merges", "mixed_steps")
 
 
 def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEngine:
@@ -135,33 +139,44 @@ def run(args: argparse.Namespace) -> dict:
         "tokens",
         flush=True,
     )
-    rows = []
+    cases = [(s, policy) for s in args.strides for policy in args.policies]
+    runs: dict[tuple[int, str], list[dict]] = {case: [] for case in cases}
+    specs = {}
     for s in args.strides:
         spec = replace(base, rate=rate, stride=s)
-        weights = workload.adapter_weights(spec, traces[1])
-        requests = workload.build_specs(spec, traces)
-        for policy in POLICIES:
+        specs[s] = (max(workload.adapter_weights(spec, traces[1])), workload.build_specs(spec, traces), spec.duration)
+    for round_ in range(args.repeats):
+        for s, policy in cases:
+            share, requests, duration = specs[s]
             engine = make_engine(root, policy, args.adapters, args.dtype)
-            results, end = replay(engine, requests, spec.duration)
+            results, end = replay(engine, requests, duration)
             full = summarize(results, end)
             m = {
-                "stride": s,
-                "policy": policy,
-                "top_adapter_share": max(weights),
-                "merges": engine.stats.merges,
-                "requests": full["sent"],
-                "finished": full["completed"],
                 "throughput_tok_s": full["throughput_tok_s"],
                 "norm_latency_mean_s": full["normalized_latency_s"]["mean"],
                 "norm_latency_p90_s": full["normalized_latency_s"]["p90"],
+                "finished": full["completed"],
+                "merges": engine.stats.merges,
+                "mixed_steps": engine.stats.steps_by_mode.get("mixed", 0) / max(1, engine.stats.steps),
             }
-            rows.append(m)
+            runs[s, policy].append(m)
             print(
-                f"stride {s:>2} {policy:>13}: {m['throughput_tok_s']:7.1f} tok/s  norm latency mean "
-                f"{m['norm_latency_mean_s']:.3f} p90 {m['norm_latency_p90_s']:.3f} s/token  "
-                f"finished {m['finished']}/{m['requests']}  merges {m['merges']}",
+                f"round {round_ + 1} stride {s:>2} {policy:>13}: {m['throughput_tok_s']:7.1f} tok/s  norm latency "
+                f"mean {m['norm_latency_mean_s']:.3f} p90 {m['norm_latency_p90_s']:.3f} s/token  finished "
+                f"{m['finished']}/{len(requests)}  merges {m['merges']}  mixed steps {m['mixed_steps']:.0%}",
                 flush=True,
             )
+    rows = [
+        {
+            "stride": s,
+            "policy": policy,
+            "top_adapter_share": specs[s][0],
+            "requests": len(specs[s][1]),
+            "runs": runs[s, policy],
+            **{k: _summary([r[k] for r in runs[s, policy]]) for k in METRICS},
+        }
+        for s, policy in cases
+    ]
     return {
         "machine": machine(),
         "date": today(),
@@ -169,9 +184,14 @@ def run(args: argparse.Namespace) -> dict:
         "adapters": args.adapters,
         "rate_req_s": rate,
         "requests": args.requests,
+        "repeats": args.repeats,
         "length_scaling": vars(scaling),
         "rows": rows,
     }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 TITLE = "Batching policy ablation (`dlora bench policy`, the paper's Fig. 10)"
@@ -184,21 +204,36 @@ def markdown(r: dict) -> str:
         f"(ranks 8/16/32), {r['requests']} requests, Gamma arrivals (CV 1) at {r['rate_req_s']:.2f} req/s; "
         f"Azure conversation lengths divided by {sc['divide']:g}, capped at {sc['max_prompt']} prompt / "
         f"{sc['max_output']} output tokens; adapters by the stride mapping over Azure Functions popularity "
-        "(clipped at the n-th function). Normalized latency = end-to-end seconds / output tokens.",
+        "(clipped at the n-th function). Normalized latency = end-to-end seconds / output tokens. Each "
+        f"figure is the median of {r.get('repeats', 1)} runs of the same workload, with their spread "
+        "(min–max); mixed = share of steps that ran mixed.",
         "",
-        "| stride | top adapter share | policy | throughput (tok/s) | norm. latency mean (s/token) | P90 | merges |",
-        "|---|---|---|---|---|---|---|",
+        "| stride | top adapter share | policy | throughput (tok/s) | norm. latency mean (s/token) | P90 | "
+        "finished | merges | mixed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {x['stride']} | {x['top_adapter_share']:.2f} | {x['policy']} | {x['throughput_tok_s']:.1f} | "
-        f"{x['norm_latency_mean_s']:.3f} | {x['norm_latency_p90_s']:.3f} | {x['merges']} |"
-        for x in r["rows"]
-    ]
+
+    def cell(x: dict, key: str, fmt: str) -> str:
+        v = x[key]
+        if not isinstance(v, dict):  # a result from before repeats
+            return format(v, fmt)
+        if v["min"] == v["max"]:
+            return format(v["median"], fmt)
+        return f"{format(v['median'], fmt)} ({format(v['min'], fmt)}–{format(v['max'], fmt)})"
+
+    for x in r["rows"]:
+        mixed = cell(x, "mixed_steps", ".0%") if "mixed_steps" in x else "–"
+        lines.append(
+            f"| {x['stride']} | {x['top_adapter_share']:.2f} | {x['policy']} | {cell(x, 'throughput_tok_s', '.1f')} | "
+            f"{cell(x, 'norm_latency_mean_s', '.3f')} | {cell(x, 'norm_latency_p90_s', '.3f')} | "
+            f"{cell(x, 'finished', '.0f')}/{x['requests']} | {cell(x, 'merges', '.0f')} | {mixed} |"
+        )
     return "\n".join(lines)
 
 
 def run_bench_policy(args: argparse.Namespace) -> int:
     args.strides = [int(s) for s in args.strides.split(",")]
+    args.policies = args.policies.split(",")
     result = run(args)
     save(result, args.json, args.benchmarks, "policy", TITLE, markdown(result))
     return 0

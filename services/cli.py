@@ -132,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     bkr.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bkr.set_defaults(func=_lazy("dlora.loadgen.bench_kernels:run_bench_kernels"))
 
-    bp = bench.add_parser("policy", help="merged-only vs unmerged-only vs dlora over adapter skew (paper Fig. 10)")
+    bp = bench.add_parser("policy", help="dlora vs the fixed modes over adapter skew (paper Fig. 10)")
     bp.add_argument("--preset", choices=["tiny", "small"], default="small")
     bp.add_argument("--adapters", type=int, default=16, help="number of adapters (ranks 8/16/32)")
     bp.add_argument("--strides", default="1,4,8,16,32", help="stride mapping values: bigger = more skew")
+    bp.add_argument("--policies", default="merged-only,unmerged-only,mixed-only,dlora")
+    bp.add_argument("--repeats", type=int, default=3, help="runs of each (stride, policy): median and spread")
     bp.add_argument("--requests", type=int, default=120)
     bp.add_argument("--rate", type=float, help="arrival rate, req/s (default: --load x measured saturation)")
     bp.add_argument("--load", type=float, default=0.9, help="fraction of the measured saturation rate")
