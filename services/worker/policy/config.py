@@ -38,6 +38,13 @@ class PolicyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     band_down: float = 0.8
     # ... by at least this relative throughput gain.
     band_margin: float = 0.05
+    # Leave the current mode only for one cheaper per token by this many standard deviations of
+    # the difference of the two estimates (the cost model's uncertainty).
+    kappa: float = 0.5
+    # A merged or mixed epoch whose steps took this many times their predicted time ...
+    watchdog_ratio: float = 2.0
+    # ... makes the policy run unmerged for this many steps.
+    watchdog_steps: int = 16
 
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
@@ -56,4 +63,10 @@ class PolicyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
             bad.append(("starvation_s", self.starvation_s, "must be > 0"))
         if self.debt_floor_s < 0:
             bad.append(("debt_floor_s", self.debt_floor_s, "must be >= 0"))
+        if self.kappa < 0:
+            bad.append(("kappa", self.kappa, "must be >= 0"))
+        if self.watchdog_ratio <= 1:
+            bad.append(("watchdog_ratio", self.watchdog_ratio, "must be > 1"))
+        if self.watchdog_steps < 0:
+            bad.append(("watchdog_steps", self.watchdog_steps, "must be >= 0"))
         return bad

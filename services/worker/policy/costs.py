@@ -1,11 +1,17 @@
-"""Running estimates of what a step costs, from the engine's measurements.
+"""Running estimates of what a step costs, with their uncertainty, from the engine's measurements.
 
-- Base step seconds per batch size (tokens in the step), from steps with no unmerged LoRA,
-  bucketed by powers of two and interpolated between buckets.
-- The unmerged overhead as a fraction of the base step: ``c0 + c1 * rank_sum`` where rank_sum
-  sums the ranks of the distinct adapters in the batch (heterogeneous ranks: a rank-64 adapter
-  costs more than a rank-8 one), fitted by least squares over decayed observations.
-- Merge and unmerge seconds.
+- **Base step** seconds per batch size (tokens in the step), from steps that ran no LoRA delta
+  (merged steps, or batches of base-model requests): a decayed mean and variance per token count
+  up to ``EXACT_TOKENS`` (decode batches, where the policy compares candidates a few tokens
+  apart), per power-of-two bucket above it, interpolated linearly in tokens between them.
+- **LoRA overhead** as a fraction of the base step, ``a · segments + b · rank_tokens / tokens``:
+  ``segments`` counts the distinct adapters whose deltas ran (a fixed cost per adapter and layer:
+  launches, and reading its weights), ``rank_tokens`` sums over tokens the ranks their deltas ran
+  at (the FLOPs). The same formula prices unmerged and mixed steps: a mixed step's merged
+  adapter's tokens carry no rank, every other token carries its own plus the merged adapter's
+  (the correction). Fitted by decayed least squares, pulled towards a prior where the
+  observations do not pin a coefficient down (ridge), with the residuals' decayed variance.
+- **Merge and unmerge** seconds: decayed mean and variance.
 """
 
 from __future__ import annotations
@@ -14,107 +20,213 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-_ALPHA = 0.2  # weight of the newest sample in the running averages
+_ALPHA = 0.2  # weight of the newest sample in the running means and variances
+_CLIP, _CLIP_AFTER = 3.0, 4  # samples are clipped to mean ± 3 std once 4 are in (see Estimate)
 _DECAY = 0.98  # per observation, for the overhead fit
-# Until the fit has seen different rank sums: a few percent for any LoRA and per 16 of rank.
-PRIOR_C0, PRIOR_C1 = 0.05, 0.02 / 16
+# Until the fit has seen enough: a few percent per adapter, and per 16 of rank on every token.
+PRIOR_A, PRIOR_B = 0.05, 0.02 / 16
+# How strongly the fit is pulled to the prior: worth this many observations of unit features.
+_RIDGE = 1.0
+
+
+EXACT_TOKENS = 64
 
 
 def _bucket(tokens: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(tokens, 1))))
+    tokens = max(tokens, 1)
+    return tokens if tokens <= EXACT_TOKENS else 1 << math.ceil(math.log2(tokens))
 
 
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else (1 - _ALPHA) * old + _ALPHA * new
+@dataclass
+class Estimate:
+    """An exponentially weighted mean and variance (West's incremental form, weight ``_ALPHA``),
+    robust to outliers: once a few samples are in, each is clipped to within ``_CLIP`` standard
+    deviations of the mean, so one stalled step (5x its usual time) moves the mean by at most
+    ``_ALPHA * _CLIP`` deviations, while a lasting change still gets through in a few steps."""
+
+    mean: float
+    var: float = 0.0
+    n: int = 1
+
+    def add(self, x: float) -> None:
+        if self.n >= _CLIP_AFTER:
+            limit = _CLIP * self.std
+            x = min(max(x, self.mean - limit), self.mean + limit)
+        d = x - self.mean
+        self.mean += _ALPHA * d
+        self.var = (1 - _ALPHA) * (self.var + _ALPHA * d * d)
+        self.n += 1
+
+    @property
+    def std(self) -> float:
+        """Spread of one observation; before two are seen, a quarter of the mean (a guess)."""
+        return math.sqrt(self.var) if self.n > 1 else 0.25 * abs(self.mean)
+
+    @property
+    def sem(self) -> float:
+        """Standard error of the mean: the weights (1-α)^k·α of the average sum in square to
+        α/(2-α), about one ninth at α = 0.2 (fewer samples: std/√n)."""
+        return self.std * math.sqrt(max(_ALPHA / (2 - _ALPHA), 1 / self.n))
+
+    def to_list(self) -> list[float]:
+        return [self.mean, self.var, self.n]
+
+    @classmethod
+    def from_list(cls, v: list[float]) -> Estimate:
+        return cls(float(v[0]), float(v[1]), int(v[2]))
+
+
+def _add(e: Estimate | None, x: float) -> Estimate:
+    if e is None:
+        return Estimate(x)
+    e.add(x)
+    return e
+
+
+def _lookup(table: dict[int, Estimate], tokens: int, extrapolate: bool) -> Estimate | None:
+    """The estimate for ``tokens`` in ``table`` (bucket -> seconds): its bucket's, else
+    interpolated linearly in tokens between the nearest buckets, else (``extrapolate``) the
+    nearest scaled linearly in tokens, a safe upper bound above (steps grow at most linearly) and
+    a fair guess below, half as sure; None where there is none."""
+    b = _bucket(tokens)
+    if b in table:
+        return table[b]
+    lower = [k for k in table if k < b]
+    upper = [k for k in table if k > b]
+    if lower and upper:
+        lo_k, hi_k = max(lower), min(upper)
+        lo, hi = table[lo_k], table[hi_k]
+        w = (b - lo_k) / (hi_k - lo_k)
+        return Estimate(lo.mean * (1 - w) + hi.mean * w, max(lo.var, hi.var), min(lo.n, hi.n))
+    if not extrapolate or not table:
+        return None
+    k = max(lower) if lower else min(upper)
+    f = b / k if lower else max(b / k, 0.5)
+    near = table[k]
+    return Estimate(near.mean * f, 4 * near.var * f * f, 1)
 
 
 @dataclass
 class CostModel:
-    base: dict[int, float] = field(default_factory=dict)  # bucket -> seconds
-    merge_seconds: float | None = None
-    unmerge_seconds: float | None = None
-    # Decayed sums for the fit y = c0 + c1 * x, with x = rank_sum and y = overhead fraction.
-    _n: float = 0.0
-    _sx: float = 0.0
-    _sy: float = 0.0
-    _sxx: float = 0.0
-    _sxy: float = 0.0
+    base: dict[int, Estimate] = field(default_factory=dict)  # bucket -> seconds, from steps without LoRA
+    # bucket -> seconds of the base step, from steps with LoRA divided by their estimated factor:
+    # where no step without LoRA ran at that size (an unmerged replica rarely runs one), the
+    # prior and the fit say what the base step took.
+    inferred: dict[int, Estimate] = field(default_factory=dict)
+    merge: Estimate | None = None
+    unmerge: Estimate | None = None
+    # Decayed sums of the overhead fit y = a·s + b·r (s segments, r rank-tokens per token).
+    _fit: list[float] = field(default_factory=lambda: [0.0] * 6)  # n, Σss, Σsr, Σrr, Σsy, Σry
+    _resid: Estimate | None = None  # of the fit's relative residual
 
-    def observe_step(self, tokens: int, rank_sum: int, seconds: float) -> None:
-        if rank_sum == 0:
-            key = _bucket(tokens)
-            self.base[key] = _ema(self.base.get(key), seconds)
+    # ---- observations ---------------------------------------------------------------------
+    def observe_step(self, tokens: int, seconds: float, segments: int = 0, rank_tokens: int = 0) -> None:
+        """One step's measured seconds, its ``tokens`` and the LoRA it ran (see the module doc)."""
+        key = _bucket(tokens)
+        if segments == 0:
+            self.base[key] = _add(self.base.get(key), seconds)
             return
-        base = self.base_seconds(tokens)
-        if base is None:
+        if tokens <= 0:
             return
-        y = seconds / base - 1.0
-        d = _DECAY
-        self._n, self._sx, self._sy = d * self._n + 1, d * self._sx + rank_sum, d * self._sy + y
-        self._sxx, self._sxy = d * self._sxx + rank_sum * rank_sum, d * self._sxy + rank_sum * y
+        direct = _lookup(self.base, tokens, extrapolate=False)
+        if direct is not None:  # the fit learns only against measured base steps: never circular
+            y, s, r = seconds / direct.mean - 1.0, float(segments), rank_tokens / tokens
+            a, b = self.coefficients()
+            self._resid = _add(self._resid, y - a * s - b * r)
+            d, f = _DECAY, self._fit
+            for i, v in enumerate((1.0, s * s, s * r, r * r, s * y, r * y)):
+                f[i] = d * f[i] + v
+        self.inferred[key] = _add(self.inferred.get(key), seconds / self.factor(tokens, segments, rank_tokens)[0])
 
     def observe_switch(self, merge: float | None = None, unmerge: float | None = None) -> None:
         if merge is not None:
-            self.merge_seconds = _ema(self.merge_seconds, merge)
+            self.merge = _add(self.merge, merge)
         if unmerge is not None:
-            self.unmerge_seconds = _ema(self.unmerge_seconds, unmerge)
+            self.unmerge = _add(self.unmerge, unmerge)
 
-    def overhead(self, rank_sum: int) -> float:
-        """Unmerged step time over base step time, minus one, for adapters of this rank sum."""
-        if rank_sum <= 0:
-            return 0.0
-        c0, c1 = self.coefficients()
-        return max(0.0, c0 + c1 * rank_sum)
-
+    # ---- estimates ------------------------------------------------------------------------
     def coefficients(self) -> tuple[float, float]:
-        if self._n < 1:
-            return PRIOR_C0, PRIOR_C1
-        var = self._n * self._sxx - self._sx**2
-        if var <= 1e-9 * max(1.0, self._n * self._sxx):  # one rank sum seen: keep the prior slope
-            return self._sy / self._n - PRIOR_C1 * self._sx / self._n, PRIOR_C1
-        c1 = (self._n * self._sxy - self._sx * self._sy) / var
-        return (self._sy - c1 * self._sx) / self._n, max(c1, 0.0)
+        """(a, b) of the overhead fit: ridge towards (PRIOR_A, PRIOR_B)."""
+        _, ss, sr, rr, sy, ry = self._fit
+        m11, m12, m22 = ss + _RIDGE, sr, rr + _RIDGE
+        v1, v2 = sy + _RIDGE * PRIOR_A, ry + _RIDGE * PRIOR_B
+        det = m11 * m22 - m12 * m12
+        a, b = (m22 * v1 - m12 * v2) / det, (m11 * v2 - m12 * v1) / det
+        return max(a, 0.0), max(b, 0.0)
+
+    def overhead(self, segments: int, rank_tokens_per_token: float) -> float:
+        """Step time with that LoRA over the base step's, minus one."""
+        if segments <= 0:
+            return 0.0
+        a, b = self.coefficients()
+        return a * segments + b * rank_tokens_per_token
+
+    @staticmethod
+    def key(tokens: int) -> int:
+        """Which base estimate a step of ``tokens`` tokens rests on."""
+        return _bucket(tokens)
+
+    def base_estimate(self, tokens: int) -> Estimate | None:
+        """Seconds of a base step of ``tokens`` tokens; None before any measurement. Measured
+        steps without LoRA first, inferred ones where none ran at that size."""
+        return _lookup(self.inferred | self.base, tokens, extrapolate=True)
 
     def base_seconds(self, tokens: int) -> float | None:
-        """Estimated seconds of a base step of ``tokens`` tokens; None before any measurement."""
-        if not self.base:
-            return None
-        b = _bucket(tokens)
-        if b in self.base:
-            return self.base[b]
-        keys = sorted(self.base)
-        lower = [k for k in keys if k < b]
-        upper = [k for k in keys if k > b]
-        if lower and upper:  # interpolate on log2 of the bucket
-            lo, hi = lower[-1], upper[0]
-            w = (math.log2(b) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-            return self.base[lo] * (1 - w) + self.base[hi] * w
-        # Outside the measured range: scale the nearest bucket linearly in tokens, a safe upper
-        # bound above (steps grow at most linearly) and a fair guess below.
-        k = lower[-1] if lower else upper[0]
-        return self.base[k] * (b / k if lower else max(b / k, 0.5))
+        e = self.base_estimate(tokens)
+        return None if e is None else e.mean
 
-    def step_seconds(self, tokens: int, rank_sum: int) -> float | None:
+    def factor(self, tokens: int, segments: int = 0, rank_tokens: int = 0) -> tuple[float, float]:
+        """(mean, standard error) of step time with that LoRA over the base step's: 1 + the
+        overhead; the error from the fit's residuals (half the overhead before any is seen)."""
+        if segments == 0 or tokens <= 0:
+            return 1.0, 0.0
+        overhead = self.overhead(segments, rank_tokens / tokens)
+        return 1.0 + overhead, self._resid.sem if self._resid is not None else 0.5 * overhead
+
+    def step_seconds(self, tokens: int, segments: int = 0, rank_tokens: int = 0) -> float | None:
+        """Estimated seconds of a step of ``tokens`` tokens running that LoRA; None before any
+        base step was measured."""
         base = self.base_seconds(tokens)
-        return None if base is None else base * (1.0 + self.overhead(rank_sum))
+        return None if base is None else base * self.factor(tokens, segments, rank_tokens)[0]
 
-    def switch_seconds(self) -> float:
-        return (self.merge_seconds or 0.0) + (self.unmerge_seconds or 0.0)
+    @property
+    def merge_seconds(self) -> float | None:
+        return self.merge.mean if self.merge else None
 
+    @property
+    def unmerge_seconds(self) -> float | None:
+        return self.unmerge.mean if self.unmerge else None
+
+    def switch_seconds(self, merge: bool = True, unmerge: bool = True) -> tuple[float, float]:
+        """(mean, standard error) seconds of a merge and/or an unmerge (0 for one never measured)."""
+        parts = [e for e, on in ((self.merge, merge), (self.unmerge, unmerge)) if on and e is not None]
+        return sum(e.mean for e in parts), math.sqrt(sum(e.sem**2 for e in parts))
+
+    # ---- checkpoint -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "base": {str(k): v for k, v in self.base.items()},
-            "merge_seconds": self.merge_seconds,
-            "unmerge_seconds": self.unmerge_seconds,
-            "fit": [self._n, self._sx, self._sy, self._sxx, self._sxy],
+            "base": {str(k): v.to_list() for k, v in self.base.items()},
+            "inferred": {str(k): v.to_list() for k, v in self.inferred.items()},
+            "merge": self.merge.to_list() if self.merge else None,
+            "unmerge": self.unmerge.to_list() if self.unmerge else None,
+            "fit": list(self._fit),
+            "resid": self._resid.to_list() if self._resid else None,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
-        m = cls(
-            base={int(k): float(v) for k, v in d.get("base", {}).items()},
-            merge_seconds=d.get("merge_seconds"),
-            unmerge_seconds=d.get("unmerge_seconds"),
-        )
-        m._n, m._sx, m._sy, m._sxx, m._sxy = d.get("fit", [0.0] * 5)
-        return m
+        """From ``to_dict``; a checkpoint of another shape (an older release's) starts afresh."""
+        try:
+            fit = [float(x) for x in d.get("fit", [0.0] * 6)]
+            if len(fit) != 6:
+                return cls()
+            return cls(
+                base={int(k): Estimate.from_list(v) for k, v in d.get("base", {}).items()},
+                inferred={int(k): Estimate.from_list(v) for k, v in d.get("inferred", {}).items()},
+                merge=Estimate.from_list(d["merge"]) if d.get("merge") else None,
+                unmerge=Estimate.from_list(d["unmerge"]) if d.get("unmerge") else None,
+                _fit=fit,
+                _resid=Estimate.from_list(d["resid"]) if d.get("resid") else None,
+            )
+        except (TypeError, ValueError, KeyError, IndexError):
+            return cls()

@@ -1,30 +1,44 @@
-"""The dLoRA policy: dynamic merge/unmerge with an adaptive band and credits against starvation.
+"""The dLoRA policy with a third mode: each step unmerged, merged or mixed, chosen by measured
+costs and their uncertainty, with credits against starvation.
 
 Every step, with F the batch plain FCFS would run (``fcfs_batch``) and n_a the queued requests
 of adapter a (capped at a batch):
 
 1. **Starvation first.** If an adapter with queued requests is owed more than
    ``starvation_s`` seconds of credit, run F unmerged, the starving adapters' requests first.
-2. **Stay merged** on m while m is eligible and n_m >= L_m * |F|.
-3. **Enter merged** on the most-queued eligible adapter a when n_a >= R_a * |F| and, by the
-   measured costs, serving a merged for a typical merged epoch saves more than the switch costs.
-4. Otherwise run F unmerged.
+2. **Watchdog.** For ``watchdog_steps`` steps after a merged or mixed epoch ran longer than its
+   predicted time by ``watchdog_ratio``, run F unmerged.
+3. **The cheapest candidate per token** by the cost model (``CostModel``), the switch it needs
+   spread over a typical merged epoch:
+   - unmerged: F;
+   - mixed on m, for m the most-queued eligible adapter and the one merged now (if eligible): the
+     FCFS batch in which m's requests need no slot and its correction holds one;
+   - merged on m, only where dLoRA's band lets it: stay while n_m >= L_m * |F|, enter at
+     n_m >= R_m * |F| when serving m merged for a typical epoch wins back the switch. A merged
+     step makes everyone else wait, which its cost per token does not show: the band and the
+     credits bound that.
+   The incumbent (the mode and adapter of the last step) is left only for a candidate cheaper by
+   ``kappa`` standard deviations of the difference, so noisy measurements hold the policy still
+   rather than walk it into a mode that stalls. Before a base step is measured the count rule
+   decides, with mixed rather than merged steps (they stall nobody).
 
 Eligible: not the base model, and credit >= -debt_floor_s. The thresholds are per adapter,
 R_a = R / (1 + overhead(rank_a)) (and L_a likewise): an adapter that costs more to run unmerged
 (higher rank, by the measured cost model) is merged at a smaller share of the batch.
 
-**Credits** (``CreditLedger``) flow from the merged adapter, or from the adapters whose requests
-jumped into the batch, to every adapter with a request in F that did not run; an owed adapter
-is settled once nothing of it is displaced.
+**Credits** (``CreditLedger``) flow from the merged adapter (merged or mixed), or from the
+adapters whose requests jumped into the batch, to every adapter with a request in F that did not
+run; an owed adapter is settled once nothing of it is displaced.
 
 **Wait bound.** A request in F that does not run makes its adapter gain the step's seconds, and
-no adapter's balance goes below -(debt_floor_s + (max_adapters + 1) * t_max) (only eligible
-adapters are merged; one step moves at most one t_max per displaced adapter; settling never
-crosses zero). So once in F, a request waits at most ``wait_bound_s(t_max)`` =
-starvation_s + debt_floor_s + (max_adapters + 2) * t_max seconds of steps before it runs, t_max
-being the longest step: its adapter then starves, and the next step is F. (It assumes the
-scheduler admits what the policy chose; a step short of KV memory moves no credit.)
+no adapter's balance goes below -(debt_floor_s + (max_adapters + 1) * t_max): only eligible
+adapters are merged, merged or mixed; one step displaces at most max_adapters adapters (a mixed
+step fewer: its batch holds every adapter of F but one at most, and the requests its merged
+adapter brought in ahead of F's), each moving one t_max; settling never crosses zero. So once in
+F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt_floor_s +
+(max_adapters + 2) * t_max seconds of steps before it runs, t_max being the longest step: its
+adapter then starves, and the next step is F. (It assumes the scheduler admits what the policy
+chose; a step short of KV memory moves no credit.)
 
 **Band.** At each change of mode the epoch that ended is compared with what the other mode would
 have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
@@ -35,6 +49,7 @@ the switches), using measured step and switch times. Merged epochs that lost rai
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +58,7 @@ import msgspec
 
 from dlora.services.worker.policy.base import (
     BatchLimits,
+    Mode,
     Policy,
     QueuedRequest,
     StepDecision,
@@ -58,33 +74,75 @@ from dlora.services.worker.policy.credits import BASE, CreditLedger
 class _Epoch:
     """Actual and counterfactual work since the last change of mode."""
 
+    mode: Mode
     merged: str | None
     steps: int = 0
+    mixed_steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    predicted: float = 0.0  # what the cost model expected of the steps it predicted
+    predicted_actual: float = 0.0  # what those steps took
     cf_tokens: int = 0
     cf_seconds: float = 0.0
     cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
 
 
+@dataclass(frozen=True)
+class _Price:
+    """A candidate's estimated cost per token served, split by where its uncertainty comes from."""
+
+    key: int  # the base estimate it rests on (its step's token count, or bucket)
+    seconds: float  # the step's own estimated time
+    cost: float  # seconds per token served, the switch spread over an epoch
+    base_std: float  # standard error of the cost from the base step estimate(s)
+    other_std: float  # and from the overhead fit and the switch
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    mode: Mode
+    merged: str | None
+    batch: list[QueuedRequest]
+    # F's requests it leaves waiting: its cost per token counts them (see _price).
+    waiting: int = 0
+    price: _Price | None = None
+
+    def decision(self, basis: _Basis, first: list[QueuedRequest] | None = None) -> StepDecision:
+        rs = first or self.batch
+        return StepDecision(self.merged, [r.request_id for r in rs], basis, mixed=self.mode is Mode.MIXED)
+
+
 @dataclass
-class _Pending:
+class _Basis:
     """What decide() saw, handed back to observe() in the decision (``StepDecision.basis``)."""
 
     fcfs: list[QueuedRequest]
     best: str | None  # most-queued eligible adapter
     best_tokens: int  # tokens a merged step on it would feed
+    predicted: float | None = None  # seconds the cost model expects of the chosen step
 
 
 def _key(adapter: str | None) -> str:
     return BASE if adapter is None else adapter
 
 
+def _work(batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int]) -> tuple[int, int, int]:
+    """(tokens, LoRA segments, rank-tokens) of a step running ``batch`` with ``merged`` merged
+    (``CostModel``): its own adapters' deltas, and the merged adapter's on every other token."""
+    tokens = sum(r.num_new for r in batch)
+    own = {r.adapter for r in batch if r.adapter not in (None, merged)}
+    rank_tokens = sum(r.rank * r.num_new for r in batch if r.adapter not in (None, merged))
+    corrected = sum(r.num_new for r in batch if r.adapter != merged) if merged is not None else 0
+    rank_tokens += ranks.get(merged, 0) * corrected if merged is not None else 0
+    return tokens, len(own) + (corrected > 0), rank_tokens
+
+
 class DLoraPolicy(Policy):
-    """dLoRA's batching policy (OSDI'24): each step either merges the most-queued
-    adapter or runs many adapters unmerged, by thresholds adapted from the throughput each mode
-    measured (and what the other would have done), counting the cost of a switch; credits that grow
-    while an adapter's requests wait serve a starving adapter first.
+    """dLoRA's batching policy (OSDI'24) with mixed steps: each step runs unmerged across many
+    adapters, merged on the most-queued one, or mixed (that one merged, the rest beside it), by
+    the costs each measured and how sure they are; thresholds adapted from measured throughput
+    keep merged steps to where they pay, and credits that grow while an adapter's requests wait
+    serve a starving adapter first.
 
     Pure: ``decide`` sees the queue, ``observe`` the step that ran; the engine calls both from its
     own thread. ``checkpoint`` / ``restore`` carry its learned state across worker restarts.
@@ -98,8 +156,10 @@ class DLoraPolicy(Policy):
         self.costs = CostModel()
         self.ranks: dict[str, int] = {}
         self._epoch: _Epoch | None = None
-        # Running estimate of how many steps a merged epoch lasts, for amortising a switch.
+        # Running estimate of how many steps a merged (or mixed) epoch lasts, for amortising a switch.
         self.merged_epoch_steps = 8.0
+        self.fallback_steps = 0  # steps the watchdog still holds the policy unmerged
+        self.watchdog_trips = 0
 
     # ---- thresholds -----------------------------------------------------------------------
     @property
@@ -107,7 +167,8 @@ class DLoraPolicy(Policy):
         return self.config.band_ratio * self.r
 
     def _threshold(self, base: float, adapter: str) -> float:
-        return base / (1.0 + self.costs.overhead(self.ranks.get(adapter, 0)))
+        rank = self.ranks.get(adapter, 0)
+        return base / (1.0 + self.costs.overhead(1, rank) if rank else 1.0)
 
     def wait_bound_s(self, t_max: float) -> float:
         c = self.config
@@ -129,26 +190,86 @@ class DLoraPolicy(Policy):
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first.
         best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        best_rs = eligible[best] if best is not None else []
-        seen = _Pending(fcfs, best, sum(r.num_new for r in best_rs))
+        basis = _Basis(fcfs, best, sum(r.num_new for r in eligible.get(best or "", [])))
+        unmerged = _Candidate(Mode.UNMERGED, None, fcfs)
 
-        queued_keys = {_key(r.adapter) for r in queue}
-        starving = {k for k in queued_keys if self.credits[k] > self.config.starvation_s}
+        starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
         if starving:
             first = [r for r in fcfs if _key(r.adapter) in starving]
-            rest = [r for r in fcfs if _key(r.adapter) not in starving]
-            return StepDecision(merged=None, request_ids=[r.request_id for r in first + rest], basis=seen)
+            return unmerged.decision(basis, first + [r for r in fcfs if _key(r.adapter) not in starving])
+        if self.fallback_steps > 0:
+            return unmerged.decision(basis)
 
         n_fcfs = len(fcfs)
+        candidates = [unmerged]
+        for m in dict.fromkeys(a for a in (merged_now, best) if a in eligible):
+            candidates.append(self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), fcfs))
         if merged_now in eligible and len(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs:
-            return StepDecision(merged=merged_now, request_ids=[r.request_id for r in eligible[merged_now]], basis=seen)
+            candidates.append(self._candidate(Mode.MERGED, merged_now, eligible[merged_now], fcfs))
         if (
             best is not None
-            and len(best_rs) >= self._threshold(self.r, best) * n_fcfs
-            and self._pays_off(fcfs, best_rs)
+            and best != merged_now
+            and len(eligible[best]) >= self._threshold(self.r, best) * n_fcfs
+            and self._pays_off(fcfs, eligible[best])
         ):
-            return StepDecision(merged=best, request_ids=[r.request_id for r in best_rs], basis=seen)
-        return StepDecision(merged=None, request_ids=[r.request_id for r in fcfs], basis=seen)
+            candidates.append(self._candidate(Mode.MERGED, best, eligible[best], fcfs))
+
+        priced = [self._price(c, merged_now) for c in candidates]
+        if any(c.price is None for c in priced):
+            # Not measured yet: the count rule, with a mixed step where dLoRA would merge.
+            merging = [c.merged for c in candidates if c.mode is Mode.MERGED]
+            return next((c for c in candidates if c.mode is Mode.MIXED and c.merged in merging), unmerged).decision(
+                basis
+            )
+        chosen = self._choose(priced, self._incumbent(priced, merged_now))
+        basis.predicted = chosen.price.seconds if chosen.price else None
+        return chosen.decision(basis)
+
+    @staticmethod
+    def _candidate(mode: Mode, m: str | None, batch: list[QueuedRequest], fcfs: list[QueuedRequest]) -> _Candidate:
+        ids = {r.request_id for r in batch}
+        return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in fcfs))
+
+    def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
+        """``c`` with its price; unpriced before a base step was measured."""
+        tokens, segments, rank_tokens = _work(c.batch, c.merged, self.ranks)
+        base = self.costs.base_estimate(tokens)
+        if base is None or tokens == 0:
+            return c
+        factor, factor_std = self.costs.factor(tokens, segments, rank_tokens)
+        seconds = total = base.mean * factor
+        base_var, other_var = (base.sem * factor) ** 2, (base.mean * factor_std) ** 2
+        if c.merged != merged_now:
+            switch, switch_std = self.costs.switch_seconds(merge=c.merged is not None, unmerge=merged_now is not None)
+            epoch = max(1.0, self.merged_epoch_steps)
+            total += switch / epoch
+            other_var += (switch_std / epoch) ** 2
+        # Per token served, with each request of F it leaves waiting costing as much as one it
+        # serves: a step that advances half of F costs twice what its time alone says (a merged
+        # step puts the others' work off; it does not save it).
+        scale = (1 + 2 * c.waiting / len(c.batch)) / tokens
+        price = _Price(self.costs.key(tokens), seconds, total * scale, base_var**0.5 * scale, other_var**0.5 * scale)
+        return _Candidate(c.mode, c.merged, c.batch, c.waiting, price)
+
+    def _incumbent(self, priced: list[_Candidate], merged_now: str | None) -> _Candidate | None:
+        """The candidate that goes on as the last step ran (None: none does)."""
+        mode = self._epoch.mode if self._epoch is not None and merged_now is not None else Mode.UNMERGED
+        same = [c for c in priced if c.merged == merged_now]
+        return next((c for c in same if c.mode is mode), same[0] if same else None)
+
+    def _choose(self, priced: list[_Candidate], incumbent: _Candidate | None) -> _Candidate:
+        """The cheapest candidate, unless the incumbent is within ``kappa`` standard deviations of
+        the difference. Two steps of the same size rest on one base estimate: its uncertainty then
+        scales only their difference."""
+        cheapest = min(priced, key=lambda c: c.price.cost if c.price else math.inf)
+        if incumbent is None or cheapest is incumbent or not (a := cheapest.price) or not (b := incumbent.price):
+            return cheapest
+        if a.key == b.key and a.cost > 0:
+            base_std = abs(a.cost - b.cost) * a.base_std / a.cost
+        else:
+            base_std = math.hypot(a.base_std, b.base_std)
+        margin = self.config.kappa * math.hypot(base_std, a.other_std, b.other_std)
+        return cheapest if a.cost + margin < b.cost else incumbent
 
     def _pays_off(self, fcfs: list[QueuedRequest], group: list[QueuedRequest]) -> bool:
         """Would merging ``group`` win back the switch within a typical merged epoch?
@@ -157,30 +278,31 @@ class DLoraPolicy(Policy):
         token) x its tokens; over ``merged_epoch_steps`` steps that must exceed the merge and
         unmerge it costs. Before both modes are measured, the count rule alone decides.
         """
-        f_tokens = sum(r.num_new for r in fcfs)
+        f_tokens, seg, rank_tokens = _work(fcfs, None, self.ranks)
         g_tokens = sum(r.num_new for r in group)
-        ranks = {r.adapter: r.rank for r in fcfs if r.adapter is not None}
-        unmerged = self.costs.step_seconds(f_tokens, sum(ranks.values()))
-        merged = self.costs.step_seconds(g_tokens, 0)
+        unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens)
+        merged = self.costs.step_seconds(g_tokens)
         if unmerged is None or merged is None or not f_tokens or not g_tokens:
             return True
         saving = g_tokens * (unmerged / f_tokens - merged / g_tokens)
-        return self.merged_epoch_steps * saving > self.costs.switch_seconds()
+        return self.merged_epoch_steps * saving > self.costs.switch_seconds()[0]
 
     # ---- learning from what ran -----------------------------------------------------------
     def observe(self, decision: StepDecision, record: StepRecord) -> None:
-        self.costs.observe_step(record.num_tokens, record.lora_rank_sum, record.seconds)
+        self.costs.observe_step(record.num_tokens, record.seconds, record.lora_segments, record.lora_rank_tokens)
         self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
-        pending = decision.basis
-        if not isinstance(pending, _Pending):  # decided elsewhere: its times teach, its batch moves no credit
+        if self.fallback_steps > 0:
+            self.fallback_steps -= 1
+        basis = decision.basis
+        if not isinstance(basis, _Basis):  # decided elsewhere: its times teach, its batch moves no credit
             return
-        self._move_credits(pending, record)
-        self._account(pending, record)
+        self._move_credits(basis, record)
+        self._account(basis, record)
 
-    def _move_credits(self, pending: _Pending, record: StepRecord) -> None:
+    def _move_credits(self, basis: _Basis, record: StepRecord) -> None:
         ran = set(record.request_ids)
-        fcfs_ids = {r.request_id for r in pending.fcfs}
-        displaced = {_key(r.adapter) for r in pending.fcfs if r.request_id not in ran}
+        fcfs_ids = {r.request_id for r in basis.fcfs}
+        displaced = {_key(r.adapter) for r in basis.fcfs if r.request_id not in ran}
         if record.merged is not None:
             payers: dict[str, float] = {record.merged: 1.0}
         else:  # whoever jumped in ahead of FCFS pays (nobody, for a batch this policy chose)
@@ -190,36 +312,53 @@ class DLoraPolicy(Policy):
         for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in displaced]:
             self.credits.settle(key)
 
-    def _account(self, pending: _Pending, record: StepRecord) -> None:
+    def _account(self, basis: _Basis, record: StepRecord) -> None:
+        # An epoch lasts while the same adapter stays merged (or none): mixed and merged steps of one
+        # merge are one epoch, its mode the last step's.
         epoch = self._epoch
         if epoch is None or epoch.merged != record.merged:
             if epoch is not None:
                 self._adapt(epoch)
-            epoch = self._epoch = _Epoch(merged=record.merged)
+            epoch = self._epoch = _Epoch(mode=record.mode, merged=record.merged)
+        epoch.mode = record.mode
+        epoch.mixed_steps += record.mode is Mode.MIXED
         epoch.steps += 1
         epoch.tokens += record.num_tokens
         epoch.seconds += record.seconds + record.switch_seconds
+        if basis.predicted is not None:
+            epoch.predicted += basis.predicted
+            epoch.predicted_actual += record.seconds
+            self._watch(epoch)
         if record.merged is not None:  # counterfactual: the FCFS batch, unmerged
-            fcfs_tokens = sum(r.num_new for r in pending.fcfs)
-            ranks = {r.adapter: r.rank for r in pending.fcfs if r.adapter is not None}
-            cf = self.costs.step_seconds(fcfs_tokens, sum(ranks.values()))
+            tokens, segments, rank_tokens = _work(basis.fcfs, None, self.ranks)
+            cf = self.costs.step_seconds(tokens, segments, rank_tokens)
             if cf is not None:
-                epoch.cf_tokens += fcfs_tokens
+                epoch.cf_tokens += tokens
                 epoch.cf_seconds += cf
-        elif pending.best is not None:  # counterfactual: the most-queued adapter, merged
-            cf = self.costs.step_seconds(pending.best_tokens, 0)
+        elif basis.best is not None:  # counterfactual: the most-queued adapter, merged
+            cf = self.costs.step_seconds(basis.best_tokens)
             if cf is not None:
-                if pending.best != epoch.cf_adapter:
-                    cf += self.costs.switch_seconds()
-                    epoch.cf_adapter = pending.best
-                epoch.cf_tokens += pending.best_tokens
+                if basis.best != epoch.cf_adapter:
+                    cf += self.costs.switch_seconds()[0]
+                    epoch.cf_adapter = basis.best
+                epoch.cf_tokens += basis.best_tokens
                 epoch.cf_seconds += cf
+
+    def _watch(self, epoch: _Epoch) -> None:
+        """The watchdog: a merged or mixed epoch whose steps took ``watchdog_ratio`` times what was
+        predicted of them falls back to unmerged for ``watchdog_steps`` steps."""
+        c = self.config
+        if epoch.merged is None or epoch.steps < 4 or epoch.predicted_actual <= c.watchdog_ratio * epoch.predicted:
+            return
+        self.fallback_steps = c.watchdog_steps
+        self.watchdog_trips += 1
+        epoch.predicted = epoch.predicted_actual = 0.0
 
     def _adapt(self, epoch: _Epoch) -> None:
         if epoch.merged is not None:
             self.merged_epoch_steps = 0.8 * self.merged_epoch_steps + 0.2 * epoch.steps
-        if epoch.seconds <= 0 or epoch.cf_seconds <= 0 or epoch.cf_tokens == 0:
-            return
+        if epoch.seconds <= 0 or epoch.cf_seconds <= 0 or epoch.cf_tokens == 0 or 2 * epoch.mixed_steps > epoch.steps:
+            return  # mostly mixed: it displaced (almost) nobody, and says nothing about merged steps' band
         c = self.config
         seconds = epoch.seconds
         if epoch.merged is not None:  # its unmerge is paid by the next epoch's first step
