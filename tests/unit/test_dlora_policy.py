@@ -41,6 +41,14 @@ def test_decisions(adapters, merged_now, expected) -> None:
     assert d.request_ids == [r.request_id for r in fcfs_batch(queue(*adapters), LIMITS, merged=expected)]
 
 
+def _fit(p: DLoraPolicy, tokens: int = 8, base_s: float = 0.010) -> None:
+    """Teach the cost model enough to price LoRA: base steps of ``tokens`` tokens, and unmerged
+    ones of one rank-16 adapter 10 % dearer."""
+    p.costs.observe_step(tokens, base_s)
+    while not p.costs.fitted:
+        p.costs.observe_step(tokens, base_s * 1.1, segments=1, rank_tokens=16 * tokens)
+
+
 def test_higher_rank_is_merged_at_a_smaller_share() -> None:
     p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.45))
     # Teach the cost model that LoRA overhead grows steeply with rank.
@@ -109,7 +117,7 @@ def test_switch_costs_count_against_merging() -> None:
 
 def test_band_rises_when_a_merged_epoch_lost() -> None:
     p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.3, band_up=0.05))
-    p.costs.observe_step(8, 0.010)  # FCFS batch of 8, unmerged, would be fast
+    _fit(p)  # FCFS batch of 8, unmerged, would be fast
     p.costs.observe_step(6, 0.001)  # and a's 6 requests merged look far faster, so it merges
     q = queue("a", "a", "a", "a", "a", "a", "b", "c")
     merged = _run_epoch(p, q, None, seconds=0.200, steps=2, merge=0.01)  # merged on a: slow
@@ -126,7 +134,7 @@ def test_merging_a_small_group_must_win_back_its_switch() -> None:
     q = queue("a", "a", "a", "a", "b", "c", "d", "b")
     cheap, dear = DLoraPolicy(LIMITS), DLoraPolicy(LIMITS)
     for p, switch in ((cheap, 0.001), (dear, 10.0)):
-        p.costs.observe_step(8, 0.010)
+        _fit(p)
         p.costs.observe_step(4, 0.004)
         p.costs.observe_switch(merge=switch, unmerge=switch)
     assert cheap._pays_off(q, q[:4]) and not dear._pays_off(q, q[:4])
@@ -217,37 +225,31 @@ def _skewed(hot: float, seed: int, n: int = 120, adapters: int = 8) -> list[Arri
 STATIC = ("unmerged-only", "merged-only", "mixed-only")
 
 
-@pytest.mark.parametrize("noise", [None, Noise(1), Noise(2)], ids=["exact", "noisy-1", "noisy-2"])
-@pytest.mark.parametrize("profile,bound", [(CPU_LIKE, 1.15), (GPU_LIKE, 1.45)], ids=["cpu-like", "gpu-like"])
-def test_robust_to_noisy_measurements(profile: Profile, bound: float, noise: Noise | None) -> None:
+@pytest.mark.parametrize("noise", [None, Noise(1), Noise(2), Noise(3)], ids=["exact", "noisy-1", "noisy-2", "noisy-3"])
+@pytest.mark.parametrize("profile", [CPU_LIKE, GPU_LIKE], ids=["cpu-like", "gpu-like"])
+def test_robust_to_noisy_measurements(profile: Profile, noise: Noise | None) -> None:
     """Step times off by up to ±50 % and now and then 5x (a stall), at skews from near uniform to
-    one hot adapter: dlora's mean normalized latency stays within ``bound`` of the best fixed
-    policy's. The issue asks 1.1x everywhere; measured (2026-11-30), dlora over the best fixed
-    policy at hot shares 0.05/0.3/0.6/0.9: CPU-like exact 1.00/1.05/1.00/1.03, noisy 1.02/1.05/
-    1.02/1.07 and 1.00/1.05/1.00/1.11; GPU-like (LoRA as dear as in the dLoRA artifact) exact
-    1.00/1.01/1.13/1.07, noisy 1.02/0.98/1.00/1.08 and 1.00/1.00/1.01/1.40. The misses are at
-    high skew, where mixed-only is best and dlora reaches mixed mode late or leaves it on noisy
-    estimates. These bounds hold what is measured so that a regression fails."""
+    one hot adapter, on a CPU-like replica and a GPU-like one (LoRA as dear as in the dLoRA
+    artifact): dlora's mean normalized latency stays within 1.1x of the best fixed policy's
+    (measured worst on 2026-11-30: 1.06x, GPU-like, hot share 0.9; before mixed steps could serve
+    a starving adapter and a merged adapter in debt, 1.4x)."""
     limits = BatchLimits(max_num_seqs=16, max_adapters=4)
     for hot in (0.05, 0.3, 0.6, 0.9):
-        arrivals = _skewed(hot, 7)
+        arrivals = _skewed(hot, 11)
         latency = {}
         for name in (*STATIC, "dlora"):
             res = simulate(make_policy(PolicyConfig(name=name), limits), arrivals, limits, 5000, profile, noise)
             assert len(res.finished) == len(arrivals), name
             latency[name] = res.mean_norm_latency
-        best = min(latency[n] for n in STATIC)
-        assert latency["dlora"] <= bound * best, (hot, latency)
+        assert latency["dlora"] <= 1.1 * min(latency[n] for n in STATIC), (hot, latency)
 
 
 def test_the_watchdog_falls_back_to_unmerged_when_a_merged_epoch_overruns() -> None:
-    """Mixed steps predicted at the measured 10 ms that take 40 ms: after a few of them the
-    policy runs unmerged for ``watchdog_steps`` steps, then may merge again."""
+    """Mixed steps predicted at about the measured 10 ms that take four times that: after a few
+    of them the policy runs unmerged for ``watchdog_steps`` steps."""
     p = DLoraPolicy(LIMITS, PolicyConfig(watchdog_steps=5))
     q = queue("a", "a", "a", "a", "a", "a", "a", "b")
-    for _ in range(20):  # teach it: mixed steps of this queue take 10 ms, unmerged ones 30 ms
-        for decision, seconds in ((StepDecision("a", ["r0"], mixed=True), 0.010), (StepDecision(None, []), 0.030)):
-            p.observe(decision, _record(decision, q, seconds, rank_sum=16 if decision.merged is None else 0))
+    _fit(p)  # steps of 8 take about 10 ms
     d = p.decide(q, "a")
     assert d.merged == "a" and d.basis.predicted is not None
     merged, steps = "a", []

@@ -27,6 +27,7 @@ _DECAY = 0.98  # per observation, for the overhead fit
 PRIOR_A, PRIOR_B = 0.05, 0.02 / 16
 # How strongly the fit is pulled to the prior: worth this many observations of unit features.
 _RIDGE = 1.0
+FIT_MIN = 8.0  # observations the fit needs before the policy prices LoRA by it
 
 
 EXACT_TOKENS = 64
@@ -145,6 +146,12 @@ class CostModel:
             self.unmerge = _add(self.unmerge, unmerge)
 
     # ---- estimates ------------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        """Whether the overhead fit has seen enough steps against measured base steps to price
+        LoRA (``FIT_MIN``, decayed count), rather than lean on its prior."""
+        return self._fit[0] >= FIT_MIN
+
     def coefficients(self) -> tuple[float, float]:
         """(a, b) of the overhead fit: ridge towards (PRIOR_A, PRIOR_B)."""
         _, ss, sr, rr, sy, ry = self._fit

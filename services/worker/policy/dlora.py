@@ -5,22 +5,26 @@ Every step, with F the batch plain FCFS would run (``fcfs_batch``) and n_a the q
 of adapter a (capped at a batch):
 
 1. **Starvation first.** If an adapter with queued requests is owed more than
-   ``starvation_s`` seconds of credit, run F unmerged, the starving adapters' requests first.
+   ``starvation_s`` seconds of credit, its requests in F run first: in a mixed step beside the
+   adapter merged now when they all fit there (no switch), else in F unmerged.
 2. **Watchdog.** For ``watchdog_steps`` steps after a merged or mixed epoch ran longer than its
    predicted time by ``watchdog_ratio``, run F unmerged.
 3. **The cheapest candidate per token** by the cost model (``CostModel``), the switch it needs
    spread over a typical merged epoch:
    - unmerged: F;
-   - mixed on m, for m the most-queued eligible adapter and the one merged now (if eligible): the
-     FCFS batch in which m's requests need no slot and its correction holds one;
+   - mixed on m, for m the most-queued eligible adapter and the one merged now (eligible, or its
+     mixed batch leaves none of F waiting, so it owes nothing more): the FCFS batch in which m's
+     requests need no slot and its correction holds one;
    - merged on m, only where dLoRA's band lets it: stay while n_m >= L_m * |F|, enter at
      n_m >= R_m * |F| when serving m merged for a typical epoch wins back the switch. A merged
      step makes everyone else wait, which its cost per token does not show: the band and the
      credits bound that.
-   The incumbent (the mode and adapter of the last step) is left only for a candidate cheaper by
-   ``kappa`` standard deviations of the difference, so noisy measurements hold the policy still
-   rather than walk it into a mode that stalls. Before a base step is measured the count rule
-   decides, with mixed rather than merged steps (they stall nobody).
+   Each request of F a candidate leaves waiting counts as much as one it serves (waiting is
+   work put off, not saved). The incumbent (the mode and adapter of the last step) is left only
+   for a candidate cheaper by ``kappa`` standard errors of the difference, so noisy measurements
+   hold the policy still rather than walk it into a mode that stalls. Until the overhead fit has
+   seen enough steps against measured base steps (``CostModel.fitted``) dLoRA's count rule
+   decides, with mixed rather than merged steps (they stall nobody, and measure both).
 
 Eligible: not the base model, and credit >= -debt_floor_s. The thresholds are per adapter,
 R_a = R / (1 + overhead(rank_a)) (and L_a likewise): an adapter that costs more to run unmerged
@@ -107,9 +111,8 @@ class _Candidate:
     waiting: int = 0
     price: _Price | None = None
 
-    def decision(self, basis: _Basis, first: list[QueuedRequest] | None = None) -> StepDecision:
-        rs = first or self.batch
-        return StepDecision(self.merged, [r.request_id for r in rs], basis, mixed=self.mode is Mode.MIXED)
+    def decision(self, basis: _Basis) -> StepDecision:
+        return StepDecision(self.merged, [r.request_id for r in self.batch], basis, mixed=self.mode is Mode.MIXED)
 
 
 @dataclass
@@ -195,35 +198,58 @@ class DLoraPolicy(Policy):
 
         starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
         if starving:
-            first = [r for r in fcfs if _key(r.adapter) in starving]
-            return unmerged.decision(basis, first + [r for r in fcfs if _key(r.adapter) not in starving])
+            return self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible).decision(basis)
         if self.fallback_steps > 0:
             return unmerged.decision(basis)
 
+        # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
         n_fcfs = len(fcfs)
+        stay = merged_now in eligible and len(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs
+        enter = best not in (None, merged_now) and len(eligible[best]) >= self._threshold(self.r, best) * n_fcfs
         candidates = [unmerged]
-        for m in dict.fromkeys(a for a in (merged_now, best) if a in eligible):
-            candidates.append(self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), fcfs))
-        if merged_now in eligible and len(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs:
+        for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
+            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), fcfs)
+            if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
+                candidates.append(mixed)
+        if stay and merged_now is not None:
             candidates.append(self._candidate(Mode.MERGED, merged_now, eligible[merged_now], fcfs))
-        if (
-            best is not None
-            and best != merged_now
-            and len(eligible[best]) >= self._threshold(self.r, best) * n_fcfs
-            and self._pays_off(fcfs, eligible[best])
-        ):
+        if enter and best is not None and self._pays_off(fcfs, eligible[best]):
             candidates.append(self._candidate(Mode.MERGED, best, eligible[best], fcfs))
 
         priced = [self._price(c, merged_now) for c in candidates]
-        if any(c.price is None for c in priced):
-            # Not measured yet: the count rule, with a mixed step where dLoRA would merge.
-            merging = [c.merged for c in candidates if c.mode is Mode.MERGED]
-            return next((c for c in candidates if c.mode is Mode.MIXED and c.merged in merging), unmerged).decision(
+        if any(c.price is None for c in priced) or not self.costs.fitted:
+            # Not measured enough to price LoRA (the overhead fit learns only where base steps of
+            # the same size were measured, which unmerged replicas rarely run): dLoRA's count
+            # rule, with a mixed step where it would merge. Mixed steps of the hot adapter alone
+            # measure base steps; the others beside it, the overhead.
+            target = merged_now if stay else best if enter else None
+            return next((c for c in candidates if c.mode is Mode.MIXED and c.merged == target), unmerged).decision(
                 basis
             )
         chosen = self._choose(priced, self._incumbent(priced, merged_now))
         basis.predicted = chosen.price.seconds if chosen.price else None
         return chosen.decision(basis)
+
+    def _serve_starving(
+        self,
+        queue: list[QueuedRequest],
+        fcfs: list[QueuedRequest],
+        starving: set[str],
+        merged_now: str | None,
+        eligible: bool,
+    ) -> _Candidate:
+        """The starving adapters' requests in F first: beside the adapter merged now if they all
+        fit there (no switch; and all of F, if it may not displace anyone: ``eligible``), else F
+        unmerged."""
+        first = [r for r in fcfs if _key(r.adapter) in starving]
+        if merged_now is not None:
+            ordered = [r for r in queue if _key(r.adapter) in starving]
+            ordered += [r for r in queue if _key(r.adapter) not in starving]
+            mixed = fcfs_batch(ordered, self.limits, merged=merged_now)
+            must = first if eligible else fcfs
+            if {r.request_id for r in must} <= {r.request_id for r in mixed}:
+                return _Candidate(Mode.MIXED, merged_now, mixed)
+        return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if _key(r.adapter) not in starving])
 
     @staticmethod
     def _candidate(mode: Mode, m: str | None, batch: list[QueuedRequest], fcfs: list[QueuedRequest]) -> _Candidate:
@@ -247,7 +273,7 @@ class DLoraPolicy(Policy):
         # Per token served, with each request of F it leaves waiting costing as much as one it
         # serves: a step that advances half of F costs twice what its time alone says (a merged
         # step puts the others' work off; it does not save it).
-        scale = (1 + 2 * c.waiting / len(c.batch)) / tokens
+        scale = (1 + c.waiting / len(c.batch)) / tokens
         price = _Price(self.costs.key(tokens), seconds, total * scale, base_var**0.5 * scale, other_var**0.5 * scale)
         return _Candidate(c.mode, c.merged, c.batch, c.waiting, price)
 
