@@ -66,7 +66,10 @@ def _lora_points(
     impls: list[str],
     measure,
     peak: float | None,
+    mixed: bool = False,
 ) -> list[Point]:
+    """``mixed``: a mixed decode step, slot 0's adapter merged and holding 3/4 of the tokens: the
+    other tokens add their own delta and subtract slot 0's (two passes on the Triton path)."""
     from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
 
     sizes = [hidden, hidden, hidden]  # fused q|k|v of a Llama-7B-shaped layer
@@ -86,23 +89,34 @@ def _lora_points(
     # at prefill, each adapter's prompts in one long segment.
     rng = random.Random(0)
     token_slots = sorted(rng.randrange(adapters) if prefill else i % adapters for i in range(tokens))
+    minus_slots = None
+    if mixed:
+        token_slots = sorted(0 if i % 4 else 1 + i % (adapters - 1) for i in range(tokens))
+        minus_slots = [-1 if s == 0 else 0 for s in token_slots]
+        token_slots = [-1 if s == 0 else s for s in token_slots]
     x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     out = torch.zeros(tokens, off, device=device, dtype=dtype)
-    used = len(set(token_slots))
     elem = x.element_size()
-    moved = elem * (used * sum(rank * hidden + size * rank for size in sizes) + tokens * hidden + 2 * tokens * off)
-    flops = 2 * tokens * rank * (hidden * len(sizes) + off)
-    kernel = "lora prefill" if prefill else "lora decode"
+    # Per pass: its adapters' weights once, its tokens' x, and their output read and written.
+    passes = [token_slots] + ([minus_slots] if minus_slots else [])
+    weights = sum(rank * hidden + size * rank for size in sizes)
+    moved, flops = 0, 0
+    for slots in passes:
+        n = sum(s >= 0 for s in slots)
+        moved += elem * (len({s for s in slots if s >= 0}) * weights + n * hidden + 2 * n * off)
+        flops += 2 * n * rank * (hidden * len(sizes) + off)
+    used = len({s for s in token_slots if s >= 0}) + bool(mixed)
+    kernel = "lora mixed" if mixed else "lora prefill" if prefill else "lora decode"
     shape = f"K={hidden} r={rank} T={tokens} adapters={used}, fused qkv"
     points = []
     for impl in impls:
         if impl == "triton":
-            from dlora.kernels.lora_triton import LoraBatch, add_lora_triton
+            from dlora.kernels.lora_triton import LoraPasses, add_lora_passes
 
-            batch = LoraBatch.from_token_slots(token_slots, device)
-            ms = measure(lambda: add_lora_triton(out, x, proj, batch))
+            batch = LoraPasses.from_token_slots(token_slots, device, minus_slots)
+            ms = measure(lambda: add_lora_passes(out, x, proj, batch))
         else:
-            segments = LoraSegments.from_token_slots(token_slots)
+            segments = LoraSegments.from_token_slots(token_slots, None, minus_slots)
             ms = measure(lambda: add_lora_torch(out, x, proj, segments))
         gbs = moved / ms / 1e6
         points.append(Point(kernel, impl, shape, ms, gbs, flops / ms / 1e6, gbs / peak if peak else None))
@@ -182,6 +196,8 @@ def run(args: argparse.Namespace) -> dict:
             if adapters <= tokens and (cuda or tokens in (32, 256)):
                 add(_lora_points(device, dtype, 4096, 16, tokens, adapters, False, real, measure, peak))
     add(_lora_points(device, dtype, 4096, 16, 1024, 4, True, real, measure, peak))
+    for tokens in (64, 256) if cuda else (32,):  # a mixed step beside its unmerged twin above
+        add(_lora_points(device, dtype, 4096, 16, tokens, 8, False, real, measure, peak, mixed=True))
     for batch, ctx in ((8, 512), (64, 2048)) if cuda else ((8, 512),):
         for heads, kv_heads in ((32, 32), (32, 8)):
             add(
@@ -190,6 +206,7 @@ def run(args: argparse.Namespace) -> dict:
     if not cuda:  # the Triton path under the interpreter, at shapes it finishes quickly
         interp = _timer(device, 1)
         add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None))
+        add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None, mixed=True))
         add(_attention_points(device, dtype, 4, 64, 4, 2, 16, ["triton", "torch"], interp, None))
     return {
         "machine": machine(),
