@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="JSONL results")
     gen.add_argument(
         "--mode",
-        choices=["merged", "unmerged", "dlora"],
+        choices=["merged", "unmerged", "mixed", "dlora"],
         default="unmerged",
-        help="merged / unmerged: that mode only (FCFS); dlora: chosen per step",
+        help="merged / unmerged / mixed: that mode only (FCFS); dlora: chosen per step",
     )
     gen.add_argument(
         "--dtype",

@@ -190,4 +190,5 @@ def test_gpu_tiles_and_split_k(split_k: int) -> None:
 def test_real_model_sizes(hidden: int, kv: int, batch: int, pattern: str, dtype: torch.dtype) -> None:
     proj = projection(hidden, [hidden, kv, kv], MIXED_RANKS, dtype)
     check(proj, popularity(pattern, batch, random.Random(batch)), dtype, hidden)
-    check(proj, *mixed(popularity(pattern, batch, random.Random(batch)), 3), dtype, hidden)
+    token_slots, minus_slots = mixed(popularity(pattern, batch, random.Random(batch)), 3)
+    check(proj, token_slots, dtype, hidden, minus_slots)

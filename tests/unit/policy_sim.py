@@ -12,7 +12,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, StepRecord, fcfs_batch
+from dlora.services.worker.policy import (
+    BatchLimits,
+    Policy,
+    QueuedRequest,
+    StepRecord,
+    fcfs_batch,
+    free_slots,
+    lora_work,
+)
 
 
 @dataclass
@@ -114,7 +122,7 @@ def simulate(
             merged = decision.merged
         by_id = {r["id"]: r for r in queue}
         ran, adapters = [], set()
-        free_slots = limits.max_adapters - (merged is not None)
+        slots = free_slots(limits.max_adapters, merged)
         for rid in decision.request_ids:
             r = by_id.get(rid)
             if r is None or len(ran) == limits.max_num_seqs:
@@ -122,14 +130,11 @@ def simulate(
             if merged is not None and r["adapter"] != merged and not decision.mixed:
                 continue
             if r["adapter"] not in (None, merged) and r["adapter"] not in adapters:
-                if len(adapters) >= free_slots:
+                if len(adapters) >= slots:
                     continue
                 adapters.add(r["adapter"])
             ran.append(r)
-        corrected = sum(r["adapter"] != merged for r in ran) if merged is not None else 0
-        segments = len(adapters) + (corrected > 0)
-        rank_tokens = sum(ranks[a] for a in (r["adapter"] for r in ran) if a not in (None, merged))
-        rank_tokens += ranks[merged] * corrected if merged is not None else 0
+        segments, rank_tokens = lora_work([(r["adapter"], 1) for r in ran], merged, ranks)
         seconds = profile.step_seconds(len(ran), segments, rank_tokens)
         if rng is not None and noise is not None:
             seconds *= 1 + rng.uniform(-noise.jitter, noise.jitter)
@@ -147,7 +152,6 @@ def simulate(
             request_ids=[r["id"] for r in ran],
             adapters=[r["adapter"] for r in ran],
             num_tokens=len(ran),
-            lora_rank_sum=sum(ranks[a] for a in adapters | ({merged} if corrected and merged else set())),
             seconds=seconds,
             merge_seconds=merge_s,
             unmerge_seconds=unmerge_s,

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepDecision, StepRecord, fcfs_batch, make_policy
+from dlora.services.worker.policy import (
+    BatchLimits,
+    QueuedRequest,
+    StepDecision,
+    StepRecord,
+    fcfs_batch,
+    lora_work,
+    make_policy,
+)
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.dlora import DLoraPolicy
 from tests.unit.policy_sim import CPU_LIKE, GPU_LIKE, Arrival, Noise, Profile, simulate
@@ -62,24 +70,23 @@ def test_higher_rank_is_merged_at_a_smaller_share() -> None:
     assert p._threshold(p.r, "a") * 8 <= 3  # rank 128: enough
 
 
-def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.0, rank_sum: int = 0) -> StepRecord:
-    """What the engine would report of ``decision`` over ``q``; ``rank_sum``: of an unmerged step
-    (one segment per 16 of it, every token at that rank)."""
+def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.0) -> StepRecord:
+    """What the engine would report of ``decision`` run over ``q``."""
     ran = [r for r in q if r.request_id in set(decision.request_ids)][: LIMITS.max_num_seqs]
     if decision.merged is not None and not decision.mixed:
         ran = [r for r in ran if r.adapter == decision.merged]
-    lora = rank_sum if decision.merged is None else 0
+    ranks = {r.adapter: r.rank for r in q if r.adapter is not None}
+    segments, rank_tokens = lora_work([(r.adapter, r.num_new) for r in ran], decision.merged, ranks)
     return StepRecord(
         decision.merged,
         [r.request_id for r in ran],
         [r.adapter for r in ran],
         len(ran),
-        lora,
         seconds,
         merge,
         unmerge,
-        lora_segments=max(1, lora // 16) if lora else 0,
-        lora_rank_tokens=lora * len(ran),
+        lora_segments=segments,
+        lora_rank_tokens=rank_tokens,
     )
 
 
@@ -87,7 +94,7 @@ def _run_epoch(p: DLoraPolicy, q, merged_now, seconds: float, steps: int, **kw) 
     for _ in range(steps):
         d = p.decide(q, merged_now)
         p.observe(d, _record(d, q, seconds, **kw))
-        kw = {k: v for k, v in kw.items() if k == "rank_sum"}  # switches only on the first step
+        kw = {}  # switches only on the first step
         merged_now = d.merged
     return merged_now
 
@@ -100,9 +107,9 @@ def _unmerged_epoch_then_close(switch_s: float) -> DLoraPolicy:
     p.costs.observe_step(3, 0.010)
     p.costs.observe_switch(merge=switch_s, unmerge=switch_s)
     q = queue("a", "b", "c", "d", "b", "c", "d", "b")
-    assert _run_epoch(p, q, None, seconds=0.030, steps=5, rank_sum=64) is None
+    assert _run_epoch(p, q, None, seconds=0.030, steps=5) is None
     assert p.r == 1.0
-    p.observe(p.decide(q, None), StepRecord("a", ["r0"], ["a"], 1, 0, 0.005, merge_seconds=switch_s))
+    p.observe(p.decide(q, None), StepRecord("a", ["r0"], ["a"], 1, 0.005, merge_seconds=switch_s))
     return p
 
 
@@ -125,7 +132,7 @@ def test_band_rises_when_a_merged_epoch_lost() -> None:
     p.r = 0.95
     d = p.decide(q, merged)  # the step after runs unmerged and closes the merged epoch
     unmerged = StepDecision(None, d.request_ids, d.basis)
-    p.observe(unmerged, _record(unmerged, q, 0.012, unmerge=0.01, rank_sum=64))
+    p.observe(unmerged, _record(unmerged, q, 0.012, unmerge=0.01))
     assert p.r == pytest.approx(1.0)
 
 
@@ -255,8 +262,34 @@ def test_the_watchdog_falls_back_to_unmerged_when_a_merged_epoch_overruns() -> N
     merged, steps = "a", []
     for _ in range(12):
         d = p.decide(q, merged)
-        p.observe(d, _record(d, q, 4 * d.basis.predicted if d.merged else 0.03, rank_sum=0 if d.merged else 16))
+        p.observe(d, _record(d, q, 4 * d.basis.predicted if d.merged else 0.03))
         merged = d.merged
         steps.append(d.mode.value)
     assert p.watchdog_trips >= 1 and "unmerged" in steps
     assert steps.index("unmerged") <= 4  # tripped within a few overrunning steps
+
+
+def test_a_starving_adapter_is_served_beside_the_merged_one_without_a_switch() -> None:
+    p = DLoraPolicy(LIMITS, PolicyConfig(starvation_s=1.0, debt_floor_s=1.0))
+    p.credits.transfer({"c"}, {"a": 1.0}, 1.5)  # c starves; a owes 1.5 s, below the floor
+    q = queue("b", "c", "d", "e", "a", "a")  # F: b, c, d, e (four slots); a's requests wait
+    d = p.decide(q, "a")
+    # a may not displace anyone, and a mixed step would leave e out (a's correction holds a slot)
+    assert (d.merged, d.request_ids[0]) == (None, "r1")
+    p.credits.transfer({"a"}, {"b": 1.0}, 1.0)  # a back above the floor: it may displace e
+    d = p.decide(q, "a")
+    assert (d.merged, d.mixed, d.request_ids[0]) == ("a", True, "r1")
+    assert "r3" not in d.request_ids  # e's request waits this step
+
+
+def test_a_merged_adapter_in_debt_keeps_running_mixed_steps_that_leave_nobody_waiting() -> None:
+    p = DLoraPolicy(LIMITS, PolicyConfig(debt_floor_s=1.0))
+    p.credits.transfer({"b"}, {"a": 1.0}, 0.9)  # b owed 0.9 s (not starving); a owes 0.9 s
+    p.credits.transfer({"c"}, {"a": 1.0}, 0.9)  # a owes 1.8 s: below the floor
+    _fit(p)
+    q = queue("a", "a", "a", "a", "a", "a", "b")
+    d = p.decide(q, "a")
+    assert (d.merged, d.mixed) == ("a", True) and set(d.request_ids) == {r.request_id for r in q}
+    before = dict(p.credits.balances)
+    p.observe(d, _record(d, q, 0.01))
+    assert p.credits["a"] >= before["a"]  # nobody displaced: a pays nothing (b, served, squares up)

@@ -1,43 +1,31 @@
-"""Where a step's adapters run: slots for the unmerged ones, the merged one's slot in a mixed step
-only, the batch grouped so each slot's tokens (and the corrected ones) are contiguous."""
+from dlora.services.dispatcher.placement import WorkerCapacity, min_tolerance, place, round_robin
 
-from __future__ import annotations
-
-from dlora.services.worker.engine.placement import StepSlots, place_adapters
-from dlora.services.worker.engine.sequence import Sequence
-from dlora.services.worker.engine.slots import SlotChange, SlotTable
+WORKERS = [WorkerCapacity(f"w{i}", free_kv_blocks=1000, slots=4) for i in range(4)]
 
 
-def seqs(*adapters: str | None) -> list[Sequence]:
-    return [Sequence(f"r{i}", a, [1, 2], None, i, None) for i, a in enumerate(adapters)]  # type: ignore[arg-type]
+def test_skewed_shares_get_more_replicas_and_beat_round_robin() -> None:
+    shares = {"hot": 0.7, "b": 0.1, "c": 0.1, "d": 0.05, "e": 0.05}
+    ranks = dict.fromkeys(shares, 16)
+    p = place(shares, WORKERS, ranks)
+    replicas = {a: sum(a in ads for ads in p.values()) for a in shares}
+    assert replicas["hot"] >= 3 and all(n >= 1 for n in replicas.values())
+    rr = round_robin(list(shares), WORKERS, ranks)
+    assert min_tolerance(p, shares, WORKERS, ranks) >= 1.5 * min_tolerance(rr, shares, WORKERS, ranks)
 
 
-def place(batch: list[Sequence], merged: str | None, slots: SlotTable) -> tuple[list[str], StepSlots, list[str]]:
-    loaded: list[SlotChange] = []
-    ordered, where = place_adapters(batch, merged, slots, loaded.append)
-    return [s.request_id for s in ordered], where, [c.loaded for c in loaded]
+def test_a_slot_holds_one_adapter_of_any_rank() -> None:
+    """As the engine holds them (max_loras adapters, each at its own rank): a rank-64 adapter
+    takes one slot, not four rank-16 units."""
+    shares = {"big": 0.4, "small": 0.3, "tiny": 0.3}
+    ranks = {"big": 64, "small": 16, "tiny": 8}
+    workers = [WorkerCapacity("w0", 1000, slots=2), WorkerCapacity("w1", 1000, slots=1)]
+    p = place(shares, workers, ranks)
+    assert all(len(p[w.worker]) <= w.slots for w in workers)
+    assert sum(len(ads) for ads in p.values()) == 3  # all three fit in three slots
+    assert len(round_robin(list(shares), workers, ranks)["w0"]) == 2
 
 
-def test_unmerged_steps_give_each_adapter_a_slot_and_group_by_it() -> None:
-    order, where, loaded = place(seqs("b", None, "a", "b"), None, SlotTable(4))
-    assert loaded == ["a", "b"] and where.own == {None: -1, "a": 0, "b": 1} and where.minus == -1
-    assert order == ["r1", "r2", "r0", "r3"]  # base, then a's slot, then b's (FCFS inside)
-    assert [where.slots_of(a) for a in (None, "a", "b")] == [(-1, -1), (0, -1), (1, -1)]
-
-
-def test_a_merged_step_takes_no_slot() -> None:
-    slots = SlotTable(1)
-    order, where, loaded = place(seqs("a", "a"), "a", slots)
-    assert (loaded, where.minus, where.slots_of("a"), slots.resident) == ([], -1, (-1, -1), [])
-
-
-def test_a_mixed_step_puts_the_merged_adapter_in_a_slot_for_the_others_correction() -> None:
-    order, where, loaded = place(seqs("b", "a", None, "a"), "a", SlotTable(2))
-    assert sorted(loaded) == ["a", "b"]
-    # a's tokens: no LoRA; the others add their own (base: none) and subtract a's
-    assert where.slots_of("a") == (-1, -1)
-    assert where.slots_of(None) == (-1, where.minus) and where.slots_of("b") == (where.own["b"], where.minus)
-    assert order == ["r1", "r3", "r2", "r0"]  # a's first, then the corrected ones, base before b
-    # rank sum and segments count a's correction; rank-tokens: b's token carries two ranks
-    fed = [("a", 1), ("a", 1), (None, 1), ("b", 1)]
-    assert where.lora_work(fed, {"a": 8, "b": 16}) == (24, 2, 8 + 16 + 8)
+def test_current_placement_is_kept_and_extended() -> None:
+    shares = {"a": 0.5, "b": 0.5}
+    p = place(shares, WORKERS[:2], dict.fromkeys(shares, 16), current={"w0": ["b"]})
+    assert "b" in p["w0"] and any("a" in ads for ads in p.values())

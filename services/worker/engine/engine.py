@@ -36,7 +36,15 @@ from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.stopping import check_stop, visible_end
 from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
 from dlora.services.worker.engine.weights import load_weights
-from dlora.services.worker.policy import BatchLimits, Policy, QueuedRequest, StepDecision, StepRecord, make_policy
+from dlora.services.worker.policy import (
+    BatchLimits,
+    Policy,
+    QueuedRequest,
+    StepDecision,
+    StepRecord,
+    lora_work,
+    make_policy,
+)
 
 
 @dataclass
@@ -338,13 +346,12 @@ class LLMEngine:
         the step ran and cost."""
         batch, fed, merged = step.batch, step.num_tokens, self.merger.merged
         ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
-        rank_sum, segments, rank_tokens = step.slots.lora_work(step.fed, ranks)
+        segments, rank_tokens = lora_work(step.fed, merged, ranks)
         record = StepRecord(
             merged=merged,
             request_ids=[s.request_id for s in batch],
             adapters=[s.adapter for s in batch],
             num_tokens=fed,
-            lora_rank_sum=rank_sum,
             lora_segments=segments,
             lora_rank_tokens=rank_tokens,
             seconds=seconds,

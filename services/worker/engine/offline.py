@@ -24,7 +24,7 @@ from dlora.services.worker.policy import PolicyConfig
 
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
-MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "dlora": "dlora"}
+MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
 
 
 def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None]:

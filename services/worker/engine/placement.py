@@ -29,19 +29,6 @@ class StepSlots:
         """(slot added, slot subtracted) for a token of ``adapter``; -1 for none."""
         return self.own[adapter], (self.minus if adapter != self.merged else -1)
 
-    def lora_work(self, fed: list[tuple[str | None, int]], ranks: dict[str, int]) -> tuple[int, int, int]:
-        """What LoRA the step runs, for the cost model: (rank sum of the distinct slots used,
-        segments: the distinct slots used, rank-tokens: each token's ranks summed), from each
-        sequence's (adapter, tokens fed) and each adapter's rank."""
-        used: set[str] = set()
-        rank_tokens = 0
-        for adapter, n in fed:
-            for slot, name in ((self.own[adapter], adapter), (self.slots_of(adapter)[1], self.merged)):
-                if slot >= 0 and name is not None:
-                    used.add(name)
-                    rank_tokens += ranks[name] * n
-        return sum(ranks[a] for a in used), len(used), rank_tokens
-
 
 def place_adapters(
     seqs: list[Sequence], merged: str | None, slots: SlotTable, load: Callable[[SlotChange], None]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from dlora.services.worker.engine.kv_cache import BlockManager
 from dlora.services.worker.engine.sequence import Sequence, Status
-from dlora.services.worker.policy import StepDecision
+from dlora.services.worker.policy import StepDecision, free_slots
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,7 @@ def schedule(decision: StepDecision, seqs: dict[str, Sequence], blocks: BlockMan
     adapters: set[str] = set()
     tokens = 0
     merged = decision.merged
-    # Device slots for adapters that run unmerged; in a mixed step the merged adapter's
-    # correction holds one of them.
-    free_slots = limits.max_adapters - (merged is not None)
+    slots = free_slots(limits.max_adapters, merged)
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -52,7 +50,7 @@ def schedule(decision: StepDecision, seqs: dict[str, Sequence], blocks: BlockMan
             break
         if merged is not None and seq.adapter != merged and not decision.mixed:
             continue  # a merged step runs only the merged adapter's requests
-        if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= free_slots:
+        if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
             continue
         if out.seqs and tokens + seq.num_new > limits.max_num_batched_tokens:
             continue

@@ -11,6 +11,8 @@ from dlora.services.worker.policy.base import (
     StepDecision,
     StepRecord,
     fcfs_batch,
+    free_slots,
+    lora_work,
 )
 from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
@@ -44,5 +46,7 @@ __all__ = [
     "StepDecision",
     "StepRecord",
     "fcfs_batch",
+    "free_slots",
+    "lora_work",
     "make_policy",
 ]

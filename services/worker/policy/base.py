@@ -8,6 +8,7 @@ and what it cost (a ``StepRecord``) to ``observe``: a policy keeps no hidden sta
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,13 +65,10 @@ class StepRecord:
     request_ids: list[str]  # requests that ran
     adapters: list[str | None]  # their adapters, in the same order
     num_tokens: int  # tokens fed (prefill + decode)
-    # Sum of ranks of the distinct adapters whose deltas the step ran (unmerged, and a mixed
-    # step's merged adapter for its correction).
-    lora_rank_sum: int
     seconds: float  # model step time (inputs, forward and sampling; switches not)
     merge_seconds: float = 0.0  # merge paid before the step (0 if none)
     unmerge_seconds: float = 0.0  # unmerge paid before the step (0 if none)
-    lora_segments: int = 0  # distinct adapters whose deltas ran (shrink/expand segments per layer)
+    lora_segments: int = 0  # distinct adapters whose deltas ran (``lora_work``)
     lora_rank_tokens: int = 0  # the ranks each token's deltas ran at, summed over the tokens
 
     @property
@@ -91,19 +89,38 @@ class BatchLimits:
     max_adapters: int  # distinct unmerged adapters per step (device slots), a mixed step's merged one included
 
 
+def free_slots(max_adapters: int, merged: str | None) -> int:
+    """Device slots for the adapters that run unmerged beside ``merged``: a mixed step's merged
+    adapter needs none for its own requests, but its correction holds one."""
+    return max_adapters - (merged is not None)
+
+
+def lora_work(fed: list[tuple[str | None, int]], merged: str | None, ranks: Mapping[str, int]) -> tuple[int, int]:
+    """(segments, rank-tokens) of the LoRA a step runs, from each sequence's (adapter, tokens fed)
+    with ``merged`` merged: each adapter's own delta (none for the base model's or the merged
+    adapter's tokens) and, in a mixed step, the merged adapter's subtracted from every other token.
+    Segments: distinct adapters whose deltas run; rank-tokens: each token's ranks, summed."""
+    own = {a for a, _ in fed if a is not None and a != merged}
+    rank_tokens = sum(ranks[a] * n for a, n in fed if a is not None and a != merged)
+    corrected = sum(n for a, n in fed if a != merged) if merged is not None else 0
+    if merged is not None:
+        rank_tokens += ranks[merged] * corrected
+    return len(own) + (corrected > 0), rank_tokens
+
+
 def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | None = None) -> list[QueuedRequest]:
     """The batch plain FCFS would run: arrival order, at most ``max_adapters`` distinct adapters
     (base requests need no slot) and ``max_num_seqs`` requests. ``queue`` is in arrival order.
     ``merged``: the batch of a mixed step with that adapter merged, whose requests need no slot
     while its correction holds one."""
-    free_slots = limits.max_adapters - (merged is not None)
+    slots = free_slots(limits.max_adapters, merged)
     adapters: set[str] = set()
     out: list[QueuedRequest] = []
     for r in queue:
         if len(out) == limits.max_num_seqs:
             break
         if r.adapter is not None and r.adapter != merged and r.adapter not in adapters:
-            if len(adapters) >= free_slots:
+            if len(adapters) >= slots:
                 continue
             adapters.add(r.adapter)
         out.append(r)

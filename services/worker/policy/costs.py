@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _ALPHA = 0.2  # weight of the newest sample in the running means and variances
-_CLIP, _CLIP_AFTER = 3.0, 4  # samples are clipped to mean ± 3 std once 4 are in (see Estimate)
+_CLIP, _CLIP_AFTER, _CLIP_FLOOR = 3.0, 4, 0.1  # samples clipped to mean ± 3 std once 4 are in (Estimate)
 _DECAY = 0.98  # per observation, for the overhead fit
 # Until the fit has seen enough: a few percent per adapter, and per 16 of rank on every token.
 PRIOR_A, PRIOR_B = 0.05, 0.02 / 16
-# How strongly the fit is pulled to the prior: worth this many observations of unit features.
+# How strongly the fit is pulled to the prior (the ridge penalty on each coefficient's distance
+# from it; rank-tokens per token run 8-64, so the prior on b yields after a few observations, the
+# one on a after a few more).
 _RIDGE = 1.0
 FIT_MIN = 8.0  # observations the fit needs before the policy prices LoRA by it
 
@@ -42,8 +44,10 @@ def _bucket(tokens: int) -> int:
 class Estimate:
     """An exponentially weighted mean and variance (West's incremental form, weight ``_ALPHA``),
     robust to outliers: once a few samples are in, each is clipped to within ``_CLIP`` standard
-    deviations of the mean, so one stalled step (5x its usual time) moves the mean by at most
-    ``_ALPHA * _CLIP`` deviations, while a lasting change still gets through in a few steps."""
+    deviations of the mean (at least ``_CLIP_FLOOR`` of it, so a run of equal samples cannot
+    freeze it), so one stalled step (5x its usual time) moves the mean by at most ``_ALPHA *
+    _CLIP`` deviations, while a lasting change still gets through in a few steps (and, meanwhile,
+    the policy's watchdog sees the steps overrun their predictions)."""
 
     mean: float
     var: float = 0.0
@@ -51,7 +55,7 @@ class Estimate:
 
     def add(self, x: float) -> None:
         if self.n >= _CLIP_AFTER:
-            limit = _CLIP * self.std
+            limit = max(_CLIP * self.std, _CLIP_FLOOR * abs(self.mean))
             x = min(max(x, self.mean - limit), self.mean + limit)
         d = x - self.mean
         self.mean += _ALPHA * d
@@ -104,7 +108,7 @@ def _lookup(table: dict[int, Estimate], tokens: int, extrapolate: bool) -> Estim
     k = max(lower) if lower else min(upper)
     f = b / k if lower else max(b / k, 0.5)
     near = table[k]
-    return Estimate(near.mean * f, 4 * near.var * f * f, 1)
+    return Estimate(near.mean * f, 4 * near.var * f * f, max(2, near.n))
 
 
 @dataclass
@@ -235,5 +239,5 @@ class CostModel:
                 _fit=fit,
                 _resid=Estimate.from_list(d["resid"]) if d.get("resid") else None,
             )
-        except (TypeError, ValueError, KeyError, IndexError):
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError):
             return cls()

@@ -4,11 +4,12 @@ costs and their uncertainty, with credits against starvation.
 Every step, with F the batch plain FCFS would run (``fcfs_batch``) and n_a the queued requests
 of adapter a (capped at a batch):
 
-1. **Starvation first.** If an adapter with queued requests is owed more than
-   ``starvation_s`` seconds of credit, its requests in F run first: in a mixed step beside the
-   adapter merged now when they all fit there (no switch), else in F unmerged.
-2. **Watchdog.** For ``watchdog_steps`` steps after a merged or mixed epoch ran longer than its
-   predicted time by ``watchdog_ratio``, run F unmerged.
+1. **Starvation first** (before the watchdog, too). If an adapter with queued requests is owed
+   more than ``starvation_s`` seconds of credit, its requests in F run first: in a mixed step
+   beside the adapter merged now when they all fit there (all of F, if that adapter is not
+   eligible: it may then displace nobody), with no switch; else in F unmerged.
+2. **Watchdog.** For ``watchdog_steps`` steps after a merged or mixed epoch's predicted steps
+   (three at least) took ``watchdog_ratio`` times their predicted time, run F unmerged.
 3. **The cheapest candidate per token** by the cost model (``CostModel``), the switch it needs
    spread over a typical merged epoch:
    - unmerged: F;
@@ -36,13 +37,15 @@ run; an owed adapter is settled once nothing of it is displaced.
 
 **Wait bound.** A request in F that does not run makes its adapter gain the step's seconds, and
 no adapter's balance goes below -(debt_floor_s + (max_adapters + 1) * t_max): only eligible
-adapters are merged, merged or mixed; one step displaces at most max_adapters adapters (a mixed
-step fewer: its batch holds every adapter of F but one at most, and the requests its merged
-adapter brought in ahead of F's), each moving one t_max; settling never crosses zero. So once in
-F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt_floor_s +
+adapters are merged, merged or mixed (a merged adapter in debt runs only mixed steps that leave
+none of F waiting, which move no credit); one step displaces at most the max_adapters adapters
+and the base model of F, less the payer, each moving one t_max; settling never crosses zero. So
+once in F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt_floor_s +
 (max_adapters + 2) * t_max seconds of steps before it runs, t_max being the longest step: its
-adapter then starves, and the next step is F. (It assumes the scheduler admits what the policy
-chose; a step short of KV memory moves no credit.)
+adapter then starves, and the next step serves it. (It assumes the scheduler admits what the
+policy chose: a request it leaves out for memory or the token budget still counts as displaced
+and moves credit, which can take the payer below that floor and lengthen the bound of the
+payer's own requests.)
 
 **Band.** At each change of mode the epoch that ended is compared with what the other mode would
 have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
@@ -68,6 +71,7 @@ from dlora.services.worker.policy.base import (
     StepDecision,
     StepRecord,
     fcfs_batch,
+    lora_work,
 )
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
@@ -86,6 +90,7 @@ class _Epoch:
     seconds: float = 0.0
     predicted: float = 0.0  # what the cost model expected of the steps it predicted
     predicted_actual: float = 0.0  # what those steps took
+    predicted_steps: int = 0  # how many
     cf_tokens: int = 0
     cf_seconds: float = 0.0
     cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
@@ -131,13 +136,12 @@ def _key(adapter: str | None) -> str:
 
 def _work(batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int]) -> tuple[int, int, int]:
     """(tokens, LoRA segments, rank-tokens) of a step running ``batch`` with ``merged`` merged
-    (``CostModel``): its own adapters' deltas, and the merged adapter's on every other token."""
-    tokens = sum(r.num_new for r in batch)
-    own = {r.adapter for r in batch if r.adapter not in (None, merged)}
-    rank_tokens = sum(r.rank * r.num_new for r in batch if r.adapter not in (None, merged))
-    corrected = sum(r.num_new for r in batch if r.adapter != merged) if merged is not None else 0
-    rank_tokens += ranks.get(merged, 0) * corrected if merged is not None else 0
-    return tokens, len(own) + (corrected > 0), rank_tokens
+    (``lora_work``)."""
+    fed = [(r.adapter, r.num_new) for r in batch]
+    known = ranks | {r.adapter: r.rank for r in batch if r.adapter is not None}
+    if merged is not None:
+        known.setdefault(merged, 0)
+    return sum(n for _, n in fed), *lora_work(fed, merged, known)
 
 
 class DLoraPolicy(Policy):
@@ -284,14 +288,14 @@ class DLoraPolicy(Policy):
         return next((c for c in same if c.mode is mode), same[0] if same else None)
 
     def _choose(self, priced: list[_Candidate], incumbent: _Candidate | None) -> _Candidate:
-        """The cheapest candidate, unless the incumbent is within ``kappa`` standard deviations of
-        the difference. Two steps of the same size rest on one base estimate: its uncertainty then
-        scales only their difference."""
+        """The cheapest candidate, unless the incumbent is within ``kappa`` standard errors of the
+        difference. Two steps of the same size rest on one base estimate: its error moves both
+        costs together, and only the difference of its shares counts."""
         cheapest = min(priced, key=lambda c: c.price.cost if c.price else math.inf)
         if incumbent is None or cheapest is incumbent or not (a := cheapest.price) or not (b := incumbent.price):
             return cheapest
-        if a.key == b.key and a.cost > 0:
-            base_std = abs(a.cost - b.cost) * a.base_std / a.cost
+        if a.key == b.key:
+            base_std = abs(a.base_std - b.base_std)
         else:
             base_std = math.hypot(a.base_std, b.base_std)
         margin = self.config.kappa * math.hypot(base_std, a.other_std, b.other_std)
@@ -354,6 +358,7 @@ class DLoraPolicy(Policy):
         if basis.predicted is not None:
             epoch.predicted += basis.predicted
             epoch.predicted_actual += record.seconds
+            epoch.predicted_steps += 1
             self._watch(epoch)
         if record.merged is not None:  # counterfactual: the FCFS batch, unmerged
             tokens, segments, rank_tokens = _work(basis.fcfs, None, self.ranks)
@@ -374,11 +379,14 @@ class DLoraPolicy(Policy):
         """The watchdog: a merged or mixed epoch whose steps took ``watchdog_ratio`` times what was
         predicted of them falls back to unmerged for ``watchdog_steps`` steps."""
         c = self.config
-        if epoch.merged is None or epoch.steps < 4 or epoch.predicted_actual <= c.watchdog_ratio * epoch.predicted:
+        if epoch.merged is None or epoch.predicted_steps < 3:
+            return
+        if epoch.predicted_actual <= c.watchdog_ratio * epoch.predicted:
             return
         self.fallback_steps = c.watchdog_steps
         self.watchdog_trips += 1
         epoch.predicted = epoch.predicted_actual = 0.0
+        epoch.predicted_steps = 0
 
     def _adapt(self, epoch: _Epoch) -> None:
         if epoch.merged is not None:

@@ -30,7 +30,9 @@ class MixedOnly(Policy):
     """Mixed steps on the busiest adapter (most queued requests): it runs merged, at base cost, and
     every other request runs beside it unmerged, FCFS within the remaining slots, so nobody waits
     for a merge. The merged adapter stays until another has strictly more requests queued (or,
-    with no adapter's request queued, until one comes)."""
+    with no adapter's request queued, until one comes). With one device slot (``max_adapters``
+    1) the correction holds it and only the busiest adapter's and base requests run: the others
+    wait until theirs is the busiest, without a bound (an ablation, not for serving)."""
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
         counts = Counter(r.adapter for r in queue if r.adapter is not None)

@@ -1,0 +1,74 @@
+"""The policy's cost model: robust running estimates, the overhead fit, lookups and checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dlora.services.worker.policy.costs import FIT_MIN, PRIOR_A, PRIOR_B, CostModel, Estimate
+
+
+def test_an_estimate_shrugs_off_a_stall_but_follows_a_lasting_change() -> None:
+    e = Estimate(1.0)
+    for x in (1.1, 0.9, 1.0, 1.05, 0.95):
+        e.add(x)
+    calm = e.mean
+    e.add(5.0)  # one stalled step
+    assert abs(e.mean - calm) < 0.1
+    for _ in range(40):  # the machine got twice as slow, for good
+        e.add(2.0)
+    assert e.mean == pytest.approx(2.0, rel=0.05)
+
+
+def test_equal_samples_cannot_freeze_an_estimate() -> None:
+    e = Estimate(1.0)
+    for _ in range(10):
+        e.add(1.0)
+    assert e.var == 0.0
+    for _ in range(60):
+        e.add(3.0)
+    assert e.mean == pytest.approx(3.0, rel=0.05)
+
+
+def test_standard_error_is_the_spread_over_the_effective_sample_count() -> None:
+    e = Estimate(1.0)
+    for i in range(200):
+        e.add(1.0 + (0.1 if i % 2 else -0.1))
+    assert e.sem == pytest.approx(e.std * math.sqrt(0.2 / 1.8))
+    assert Estimate(2.0).std == pytest.approx(0.5)  # one sample: a guess, a quarter of the mean
+
+
+def test_the_fit_recovers_the_overhead_and_leans_on_its_prior_until_fitted() -> None:
+    m = CostModel()
+    assert m.coefficients() == pytest.approx((PRIOR_A, PRIOR_B)) and not m.fitted
+    a, b = 0.08, 0.03
+    m.observe_step(16, 0.1)
+    m.observe_step(8, 0.07)
+    for segments, rank, tokens in [(1, 16, 16), (3, 32, 16), (2, 8, 8), (4, 64, 8)] * 10:
+        base = 0.1 if tokens == 16 else 0.07
+        m.observe_step(tokens, base * (1 + a * segments + b * rank), segments, rank * tokens)
+    assert m.fitted and m._fit[0] >= FIT_MIN
+    assert m.coefficients() == pytest.approx((a, b), rel=0.05)
+    assert m.step_seconds(16, 2, 16 * 16) == pytest.approx(0.1 * (1 + 2 * a + 16 * b), rel=0.05)
+
+
+def test_base_steps_are_inferred_from_lora_steps_where_none_ran_without() -> None:
+    m = CostModel()
+    m.observe_step(4, 0.05)
+    m.observe_step(12, 0.12, segments=1, rank_tokens=12 * 16)  # 12 tokens: never without LoRA
+    assert 12 not in m.base and m.base_seconds(12) == pytest.approx(0.12 / m.factor(12, 1, 192)[0], rel=0.01)
+    assert m.base_seconds(8) == pytest.approx((m.base_seconds(4) + m.base_seconds(12)) / 2)  # linear between
+    assert m.base_seconds(32) == pytest.approx(m.base_seconds(12) * 32 / 12)  # above: linear in tokens
+    assert m.base_seconds(1000) == pytest.approx(m.base_seconds(12) * 1024 / 12)  # power-of-two buckets
+
+
+def test_checkpoint_round_trip_and_an_old_checkpoint_starts_afresh() -> None:
+    m = CostModel()
+    m.observe_step(8, 0.01)
+    m.observe_step(8, 0.012, 1, 128)
+    m.observe_switch(0.02, 0.01)
+    assert CostModel.from_dict(m.to_dict()).to_dict() == m.to_dict()
+    old = {"base": {"8": 0.01}, "merge_seconds": 0.02, "unmerge_seconds": 0.01, "fit": [0, 0, 0, 0, 0]}
+    assert CostModel.from_dict(old).to_dict() == CostModel().to_dict()
+    assert CostModel.from_dict({"base": "nonsense"}).to_dict() == CostModel().to_dict()
