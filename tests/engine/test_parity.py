@@ -130,10 +130,11 @@ def test_preempted_requests_resume_by_recompute(arch, kernels: str, policy: str)
     adapters = [None, *tiny.adapters]
     requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(6)}
     engine = make_engine(tiny, block_size=4, num_blocks=14, kernels=kernels, policy=policy)
-    got = run_all(engine, requests, MAX_TOKENS)
+    max_tokens = MAX_TOKENS // 2 if kernels == "triton" else MAX_TOKENS  # see test_mixed_batch
+    got = run_all(engine, requests, max_tokens)
     assert engine.stats.preemptions > 0
     assert policy == "unmerged-only" or engine.stats.steps_by_mode.get(Mode.MIXED, 0) > 0
-    assert got == _expected(oracle, requests)
+    assert got == _expected(oracle, requests, max_tokens)
 
 
 @with_triton([(a,) for a in ARCHS], ("qwen2",))

@@ -29,7 +29,8 @@ PRIOR_A, PRIOR_B = 0.05, 0.02 / 16
 # from it; rank-tokens per token run 8-64, so the prior on b yields after a few observations, the
 # one on a after a few more).
 _RIDGE = 1.0
-FIT_MIN = 8.0  # observations the fit needs before the policy prices LoRA by it
+FIT_MIN = 8.0  # observations the fit needs before the policy prices LoRA by it ...
+EXPLORE_STEPS = 96  # ... or steps with LoRA seen, after which the fit (and its prior) must do
 
 
 EXACT_TOKENS = 64
@@ -123,6 +124,7 @@ class CostModel:
     # Decayed sums of the overhead fit y = a·s + b·r (s segments, r rank-tokens per token).
     _fit: list[float] = field(default_factory=lambda: [0.0] * 6)  # n, Σss, Σsr, Σrr, Σsy, Σry
     _resid: Estimate | None = None  # of the fit's relative residual
+    lora_steps: int = 0  # steps with LoRA observed
 
     # ---- observations ---------------------------------------------------------------------
     def observe_step(self, tokens: int, seconds: float, segments: int = 0, rank_tokens: int = 0) -> None:
@@ -133,6 +135,7 @@ class CostModel:
             return
         if tokens <= 0:
             return
+        self.lora_steps += 1
         direct = _lookup(self.base, tokens, extrapolate=False)
         if direct is not None:  # the fit learns only against measured base steps: never circular
             y, s, r = seconds / direct.mean - 1.0, float(segments), rank_tokens / tokens
@@ -152,9 +155,10 @@ class CostModel:
     # ---- estimates ------------------------------------------------------------------------
     @property
     def fitted(self) -> bool:
-        """Whether the overhead fit has seen enough steps against measured base steps to price
-        LoRA (``FIT_MIN``, decayed count), rather than lean on its prior."""
-        return self._fit[0] >= FIT_MIN
+        """Whether LoRA can be priced: the overhead fit has seen enough steps against measured base
+        steps (``FIT_MIN``, decayed count), or ``EXPLORE_STEPS`` steps with LoRA went by without
+        (a replica whose batches never run without LoRA), and the prior must do."""
+        return self._fit[0] >= FIT_MIN or self.lora_steps >= EXPLORE_STEPS
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) of the overhead fit: ridge towards (PRIOR_A, PRIOR_B)."""
