@@ -24,6 +24,7 @@ from dlora.loadgen.bench_common import ensure_model, machine, save, today
 from dlora.loadgen.metrics import RequestResult, summarize
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.worker.engine import EngineConfig, LLMEngine
+from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.policy import PolicyConfig, StepDecision
 
 # The figures each run gives, kept per repeat and summarized as median and spread.
@@ -43,6 +44,12 @@ def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEn
     )
     for i in range(num_adapters):
         engine.register_adapter(f"lora-{i}", root / "adapters" / f"lora-{i}")
+    # A long-running worker has merged before: the first merge of a process costs several times
+    # the next ones (1.4 s against 0.1-0.25 s for the small preset on this CPU: its saved rows
+    # touch fresh memory), which would charge every policy that merges a start-up cost per run.
+    engine.switch("lora-0")
+    engine.switch(None)
+    engine.stats = EngineStats()
     return engine
 
 
