@@ -140,7 +140,7 @@ def _work(batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int])
     fed = [(r.adapter, r.num_new) for r in batch]
     known = ranks | {r.adapter: r.rank for r in batch if r.adapter is not None}
     if merged is not None:
-        known.setdefault(merged, 0)
+        known.setdefault(merged, 0)  # merged before a restart and not queued since
     return sum(n for _, n in fed), *lora_work(fed, merged, known)
 
 
@@ -350,7 +350,8 @@ class DLoraPolicy(Policy):
             if epoch is not None:
                 self._adapt(epoch)
             epoch = self._epoch = _Epoch(mode=record.mode, merged=record.merged)
-        epoch.mode = record.mode
+        else:
+            epoch.mode = record.mode
         epoch.mixed_steps += record.mode is Mode.MIXED
         epoch.steps += 1
         epoch.tokens += record.num_tokens
