@@ -111,6 +111,20 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
         server.stop()
 
 
+async def _until_no_dispatcher_subscribes(nc: nats.NATS) -> None:
+    """The server drops a closed connection's interest a moment after the close returns; a ping
+    sent in that moment goes to the dead subscription and times out instead of "no responders"."""
+    for _ in range(100):
+        try:
+            await nc.request(subjects.DISPATCHER_PING, b"", timeout=0.2)
+        except nats.errors.NoRespondersError:
+            return
+        except nats.errors.TimeoutError:
+            pass
+        await asyncio.sleep(0.02)
+    raise AssertionError("the closed dispatcher's subscription outlived 2 s")
+
+
 async def test_readiness_fails_while_no_dispatcher_runs(stack: Stack) -> None:
     """Workers live but the dispatcher gone: not ready, and says why (it used to say ok), with a
     Retry-After on that 503 and on a request's; ready again once a dispatcher is back."""
@@ -123,6 +137,7 @@ async def test_readiness_fails_while_no_dispatcher_runs(stack: Stack) -> None:
         status, body, _ = await health(http)
         assert status == 200 and body["dispatcher"] is True and body["workers"] == 2, body
         await stack.dispatcher_nc.close()  # the dispatcher's subscriptions go with its connection
+        await _until_no_dispatcher_subscribes(stack.nc)
         t = time.monotonic()
         status, body, retry_after = await health(http)
         assert time.monotonic() - t < 1.0  # NATS says "no responders" at once
