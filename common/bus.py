@@ -16,6 +16,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,6 +26,7 @@ from dlora.common import log, subjects
 from dlora.common.lograte import RateLimiter
 from dlora.common.settings import Common
 from dlora.common.state import StateStore
+from dlora.common.urls import SENTINEL_SCHEME, nats_servers, parse_sentinel_url
 
 T = TypeVar("T")
 
@@ -76,7 +78,7 @@ async def _connect_nats(s: Common) -> NATS:
 
     connecting = asyncio.ensure_future(
         nats.connect(
-            s.nats_url,
+            nats_servers(s.nats_url),
             user=s.nats_user or None,
             password=s.nats_password or None,
             max_reconnect_attempts=-1,
@@ -96,12 +98,29 @@ async def _connect_nats(s: Common) -> NATS:
     )
 
 
+# Seconds a Sentinel query (and a connection to a Sentinel) may take: a Sentinel on a host that
+# was cut off must not hold up the question to the next one for a TCP timeout (minutes).
+SENTINEL_TIMEOUT_S = 0.5
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Connections to whichever server the Sentinels name primary (``SentinelConnectionPool``),
+    a burst beyond ``max_connections`` waiting for one (``BlockingConnectionPool``): the
+    Sentinel pool's only overrides are where a connection goes, the blocking pool's how one is
+    handed out, so the two combine without either knowing the other."""
+
+
 def redis_client(
     url: str, max_connections: int = 64, pool_timeout_s: float = 10.0, username: str = "", password: str = ""
 ) -> Redis:
     """A Redis client with at most ``max_connections`` connections: a command that finds them all
     busy waits up to ``pool_timeout_s`` for one (redis-py's BlockingConnectionPool) instead of
     failing, as the default pool does past its size (a burst of requests answered 500).
+
+    ``url`` is a ``redis://`` URL, or a ``redis+sentinel://`` one (``parse_sentinel_url``): then
+    every connection goes to the server the Sentinels name primary, and after a failover to the
+    replica they promote (redis-py's Sentinel support); ``username`` and ``password`` are the
+    data servers', the Sentinels are asked without.
 
     It rides out a restart: a command that meets a closed or refused
     connection (a pooled connection to the server before it restarted, or the seconds it is
@@ -111,13 +130,31 @@ def redis_client(
     or harmless to repeat (progress appends only a chunk past the record's next sequence
     number; a create-only or compare-and-delete script run again answers as it did the first
     time)."""
-    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3)
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": pool_timeout_s,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+    if url.startswith(f"{SENTINEL_SCHEME}://"):
+        address = parse_sentinel_url(url)
+        sentinel = Sentinel(
+            address.sentinels,
+            sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S},
+        )
+        username, password = username or address.username, password or address.password
+        return sentinel.master_for(
+            address.service,
+            redis_class=Redis,
+            connection_pool_class=_BlockingSentinelPool,
+            db=address.db,
+            **options,
+            **({"username": username} if username else {}),
+            **({"password": password} if password else {}),
+        )
     pool = BlockingConnectionPool.from_url(
         url,
-        max_connections=max_connections,
-        timeout=pool_timeout_s,
-        retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **options,
         **({"username": username} if username else {}),
         **({"password": password} if password else {}),
     )

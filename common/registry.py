@@ -52,8 +52,8 @@ class Bucket:
     unavailable ``get`` gives None (the caller works from Redis alone) and tries again at most
     every ``REOPEN_INTERVAL_S``; ``missed`` says a try failed before it opened."""
 
-    def __init__(self, nc: NATS, name: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self.nc, self.name, self.clock = nc, name, clock
+    def __init__(self, nc: NATS, name: str, clock: Callable[[], float] = time.monotonic, replicas: int = 1) -> None:
+        self.nc, self.name, self.clock, self.replicas = nc, name, clock, replicas
         self.kv: KeyValue | None = None
         self.missed = False
         self._tried = -REOPEN_INTERVAL_S
@@ -62,7 +62,9 @@ class Bucket:
         if self.kv is None and self.clock() - self._tried >= REOPEN_INTERVAL_S:
             self._tried = self.clock()
             try:
-                self.kv = await self.nc.jetstream(timeout=2.0).create_key_value(bucket=self.name, history=1)
+                self.kv = await self.nc.jetstream(timeout=2.0).create_key_value(
+                    bucket=self.name, history=1, replicas=self.replicas
+                )
             except Exception as e:  # noqa: BLE001 - no JetStream: Redis alone until it comes
                 if not self.missed:
                     logger.warning(
@@ -123,9 +125,10 @@ class AdapterRegistry(_Durable):
         self.store = store
 
     @classmethod
-    async def open(cls, nc: NATS, store: StateStore) -> AdapterRegistry:
-        """The registry of ``store``'s deployment, its bucket created if missing (see ``Bucket``)."""
-        registry = cls(store, Bucket(nc, bucket_name(store.p)))
+    async def open(cls, nc: NATS, store: StateStore, replicas: int = 1) -> AdapterRegistry:
+        """The registry of ``store``'s deployment, its bucket created if missing with ``replicas``
+        copies across a NATS cluster (see ``Bucket``)."""
+        registry = cls(store, Bucket(nc, bucket_name(store.p), replicas=replicas))
         await registry.kv()
         return registry
 
@@ -215,11 +218,11 @@ class KeyRegistry(_Durable):
         self.store = store
 
     @classmethod
-    async def open(cls, nc: NATS, store: StateStore) -> KeyRegistry:
+    async def open(cls, nc: NATS, store: StateStore, replicas: int = 1) -> KeyRegistry:
         """The keys of ``store``'s deployment, their bucket created if missing and restored into an
         empty Redis (when Redis is unreachable now, by the first lookup that misses). Without
         JetStream they live in Redis alone meanwhile (see ``Bucket``)."""
-        registry = cls(store, Bucket(nc, keys_bucket_name(store.p)))
+        registry = cls(store, Bucket(nc, keys_bucket_name(store.p), replicas=replicas))
         try:
             await registry.restore()
         except (RedisError, OSError) as e:  # Redis down at start: the first key it misses restores

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from dlora.common.urls import SENTINEL_SCHEME, parse_sentinel_url
+
 T = TypeVar("T", bound=msgspec.Struct)
 
 # What a settings object's ``check`` returns: (dotted field, value, why), one per problem.
@@ -36,10 +38,16 @@ class SettingsError(ValueError):
 
 
 class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    # NATS server URL; empty: the launcher starts one.
+    # NATS server URL, or several comma-separated (the seeds of a cluster: the client fails over
+    # between its nodes); empty: the launcher starts one.
     nats_url: str = ""
-    # Redis URL; empty: the launcher starts one.
+    # Redis URL: redis://host:port/db, or redis+sentinel://host:26379,host:26379/service[/db] to
+    # follow the primary the Sentinels name through a failover; empty: the launcher starts one.
     redis_url: str = ""
+    # Copies of each JetStream key-value bucket (the adapter registry's and the API keys' durable
+    # copy) across a NATS cluster: 3 on a three-node cluster survives one node; at most the
+    # number of nodes (JetStream refuses more).
+    nats_kv_replicas: int = 1
     # NATS user and password of this service (common/permissions.py: one user per role, each
     # allowed only its own subjects); empty: connect without (a server without authorization).
     nats_user: str = ""
@@ -63,7 +71,15 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def check(self) -> Problems:
         """Problems with the values; the loader refuses settings that have any."""
         positive = ("heartbeat_ttl_s", "redis_max_connections", "redis_pool_timeout_s")
-        return [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
+        problems = [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
+        if not 1 <= self.nats_kv_replicas <= 5:
+            problems.append(("nats_kv_replicas", self.nats_kv_replicas, "must be 1 to 5 (JetStream's limit)"))
+        if self.redis_url.startswith(f"{SENTINEL_SCHEME}://"):
+            try:
+                parse_sentinel_url(self.redis_url)
+            except ValueError as e:
+                problems.append(("redis_url", self.redis_url, str(e)))
+        return problems
 
 
 def nested_problems(prefix: str, problems: Problems) -> Problems:

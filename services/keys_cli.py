@@ -52,7 +52,7 @@ def run_keys(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace, s: GatewaySettings) -> int:
     async with connections(s) as (nc, store):
-        keys = await KeyRegistry.open(nc, store)
+        keys = await KeyRegistry.open(nc, store, s.nats_kv_replicas)
         if await keys.kv() is None:
             print("dlora keys: warning: NATS has no JetStream; keys are kept in Redis only", file=sys.stderr)
         if args.keys_command == "create":

@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import nats
 
-from dlora.common.bus import redis_client
+from dlora.common.bus import nats_servers, redis_client
 from dlora.common.permissions import APP_USER, ROLES
 from dlora.common.registry import AdapterRegistry
 from dlora.common.settings import SettingsError, load
@@ -52,9 +52,9 @@ async def _register(s: GatewaySettings, model: Path, loras: dict[str, str], root
     """Register the command line's adapters, as the gateway (its NATS and Redis credentials)."""
     cfg = ModelConfig.from_dir(model)
     redis = redis_client(s.redis_url, username=s.redis_username, password=s.redis_password)
-    nc = await nats.connect(s.nats_url, user=s.nats_user or None, password=s.nats_password or None)
+    nc = await nats.connect(nats_servers(s.nats_url), user=s.nats_user or None, password=s.nats_password or None)
     try:
-        registry = await AdapterRegistry.open(nc, StateStore(redis, s.redis_prefix))
+        registry = await AdapterRegistry.open(nc, StateStore(redis, s.redis_prefix), s.nats_kv_replicas)
         for name, path in loras.items():
             # the command line is the authority over an entry a Redis of its own may still hold
             await registry.register(check_adapter(name, path, roots, base_name, cfg), replace=True)

@@ -301,7 +301,8 @@ class Dispatcher:
         ]
         await self.nc.flush()
         logger.info("dispatcher ready")
-        self.registry = await AdapterRegistry.open(self.nc, self.store)  # after: requests need not wait
+        # after: requests need not wait
+        self.registry = await AdapterRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
         try:
             await self.watch_workers(stop)
         finally:

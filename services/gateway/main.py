@@ -385,8 +385,8 @@ class Gateway:
         return app
 
     async def start(self) -> None:
-        self.registry = await AdapterRegistry.open(self.nc, self.store)
-        self.auth.keys = await KeyRegistry.open(self.nc, self.store)
+        self.registry = await AdapterRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
+        self.auth.keys = await KeyRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
         if self.s.auth == "none" and self.s.host not in ("127.0.0.1", "::1", "localhost"):
             logger.warning("inference is open to anyone who reaches this address (auth = none)", host=self.s.host)
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
