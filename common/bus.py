@@ -138,12 +138,12 @@ def redis_client(
     }
     if url.startswith(f"{SENTINEL_SCHEME}://"):
         address = parse_sentinel_url(url)
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             address.sentinels,
             sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S},
         )
         username, password = username or address.username, password or address.password
-        return sentinel.master_for(
+        client: Redis = sentinel.master_for(
             address.service,
             redis_class=Redis,
             connection_pool_class=_BlockingSentinelPool,
@@ -152,6 +152,7 @@ def redis_client(
             **({"username": username} if username else {}),
             **({"password": password} if password else {}),
         )
+        return client
     pool = BlockingConnectionPool.from_url(
         url,
         **options,
