@@ -36,7 +36,7 @@ TYPED := -p dlora.common -p dlora.model -p dlora.services.worker.policy -p dlora
 	-m dlora.services.gateway.replies -m dlora.services.gateway.settings -m dlora.services.gateway.shaping \
 	-m dlora.services.gateway.connections -m dlora.services.gateway.errors \
 	-m dlora.services.gateway.health -m dlora.services.gateway.openapi -m dlora.services.gateway.limits \
-	-m dlora.services.gateway.auth -m dlora.services.gateway.keys -m dlora.services.keys_cli \
+	-m dlora.services.gateway.auth -m dlora.services.gateway.keys -m dlora.services.keys_cli -m dlora.services.notify -m dlora.services.run \
 	-m dlora.loadgen.spec -m dlora.loadgen.workload -m dlora.loadgen.traces -m dlora.loadgen.popularity \
 	-m dlora.loadgen.arrivals -p dlora.loadgen.chaos -m dlora.loadgen.soak
 # mypy reads the packages through links that map the top-level folders under dlora, as installed.

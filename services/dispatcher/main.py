@@ -33,6 +33,7 @@ from dlora.common.state import Inflight, StateStore
 from dlora.services.dispatcher.choose import DispatchMode, choose_worker, holds_request
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
@@ -301,6 +302,7 @@ class Dispatcher:
         ]
         await self.nc.flush()
         logger.info("dispatcher ready")
+        notifier.ready("taking requests")
         # after: requests need not wait
         self.registry = await AdapterRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
         try:

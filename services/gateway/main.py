@@ -54,6 +54,7 @@ from dlora.services.gateway.shaping import (
     served_context,
     shape_request,
 )
+from dlora.services.notify import notifier
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
@@ -430,6 +431,7 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
         await gw.start()
         listener = await listen(gw.app(), s)
         logger.info("gateway ready", url=f"http://{s.host}:{s.port}")
+        notifier.ready(f"serving on http://{s.host}:{s.port}")
         try:
             await stop.wait()
         finally:

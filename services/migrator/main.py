@@ -17,6 +17,7 @@ from dlora.common.state import StateStore
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import snapshot_from_stats, triggered
+from dlora.services.notify import notifier
 
 logger = log.get("migrator")
 
@@ -96,6 +97,7 @@ class Migrator:
     async def run(self, stop: asyncio.Event) -> None:
         sub = await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         logger.info("migrator ready", migrator=self.s.migrator_id)
+        notifier.ready(f"migrator {self.s.migrator_id} watching load")
         try:
             redis = bus.Outage("redis (migrator)")
             while not stop.is_set():

@@ -33,6 +33,7 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.state import Copy, Sent, StateStore
+from dlora.services.notify import notifier
 from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
@@ -349,6 +350,7 @@ class WorkerService:
 
     async def run_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            notifier.beat()  # a step that never returns stops these, and systemd's watchdog restarts us
             if time.monotonic() - self._swept_at > min(self.s.heartbeat_ttl_s / 4, _HANDBACK_GRACE_S):
                 self._swept_at = time.monotonic()
                 try:
@@ -420,6 +422,7 @@ class WorkerService:
         # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.
         warm = asyncio.create_task(asyncio.to_thread(lambda: self.engine.grammars.tokenizer))
         logger.info("worker ready", worker=self.s.worker_id)
+        notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
             await asyncio.gather(self.run_loop(stop), self.publish_stats(stop))
         finally:
