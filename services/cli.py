@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-id", help="worker id (a NATS subject token)")
     serve.set_defaults(func=_serve)
 
+    dep = sub.add_parser("deploy", help="install dlora under systemd on this host (deploy/README.md), or remove it")
+    dep_sub = dep.add_subparsers(dest="deploy_command", required=True)
+    for name, text in (
+        ("install", "user, directories, venv, units, /etc/dlora/dlora.toml if absent"),
+        ("uninstall", "remove what install added, nothing else"),
+    ):
+        d = dep_sub.add_parser(name, help=text)
+        d.add_argument(
+            "--prefix", default="/", help="root to install under (not /: a staged tree; no user, no systemctl)"
+        )
+        d.add_argument("--venv", help="an existing virtualenv with dlora installed, instead of making one")
+        d.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
+    dep.set_defaults(func=_lazy("dlora.services.deploy:run"))
+
     upp = sub.add_parser("up", help="start the whole stack on this machine (NATS and Redis too, if not configured)")
     upp.add_argument("--workers", type=int, default=2)
     upp.add_argument("--model", help="base model directory (default: the tiny demo model, made if missing)")
