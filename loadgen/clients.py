@@ -21,10 +21,17 @@ from dlora.loadgen.workload import RequestSpec, prompt_ids
 
 
 class HttpClient:
-    """OpenAI completions with ``stream: true``; ``model`` is the adapter (or the base name)."""
+    """OpenAI completions with ``stream: true``; ``model`` is the adapter (or the base name).
 
-    def __init__(self, url: str, base_model: str, clock: Callable[[], float], timeout_s: float = 600) -> None:
-        self.url, self.base_model, self.clock = url.rstrip("/"), base_model, clock
+    With ``max_retries`` it retries as the official ``openai`` package does (its default is 2): a
+    429 or 503 before the stream starts, or a refused connection, is tried again after the
+    response's ``Retry-After`` (at most 60 s) or else 0.5 s doubling up to 8 s; a stream that
+    broke after it started is not retried (it counts as failed)."""
+
+    def __init__(
+        self, url: str, base_model: str, clock: Callable[[], float], timeout_s: float = 600, max_retries: int = 0
+    ) -> None:
+        self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s), connector=aiohttp.TCPConnector(limit=0)
         )
@@ -39,31 +46,49 @@ class HttpClient:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        try:
-            async with self.session.post(f"{self.url}/v1/completions", json=body) as resp:
-                if resp.status != 200:
-                    r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                    return
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        r.error = event["error"].get("message", "error")
+        for attempt in range(self.max_retries + 1):
+            wait_s = min(0.5 * 2**attempt, 8.0)
+            try:
+                async with self.session.post(f"{self.url}/v1/completions", json=body) as resp:
+                    if resp.status != 200:
+                        r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                        if resp.status not in (429, 503) or attempt == self.max_retries:
+                            return
+                        retry_after = resp.headers.get("Retry-After", "")
+                        wait_s = min(float(retry_after), 60.0) if retry_after.isdigit() else wait_s
+                    else:
+                        r.error = None
+                        await self._read(resp, r)
                         return
-                    now = self.clock()
-                    if event.get("usage"):
-                        r.tokens = event["usage"]["completion_tokens"]
-                        continue
-                    if r.first_token_s is None:
-                        r.first_token_s = now
-                    r.token_times.append(now)
-                    if event["choices"][0]["finish_reason"] is not None:
-                        r.finish_s = now
-                r.tokens = r.tokens or len(r.token_times)
-        except (TimeoutError, aiohttp.ClientError) as e:
-            r.error = f"{type(e).__name__}: {e}"
+            except aiohttp.ClientConnectorError as e:  # refused: nothing was sent
+                r.error = f"{type(e).__name__}: {e}"
+                if attempt == self.max_retries:
+                    return
+            except (TimeoutError, aiohttp.ClientError) as e:
+                r.error = f"{type(e).__name__}: {e}"
+                return
+            r.retries += 1
+            await asyncio.sleep(wait_s)
+
+    async def _read(self, resp: aiohttp.ClientResponse, r: RequestResult) -> None:
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                r.error = event["error"].get("message", "error")
+                return
+            now = self.clock()
+            if event.get("usage"):
+                r.tokens = event["usage"]["completion_tokens"]
+                continue
+            if r.first_token_s is None:
+                r.first_token_s = now
+            r.token_times.append(now)
+            if event["choices"][0]["finish_reason"] is not None:
+                r.finish_s = now
+        r.tokens = r.tokens or len(r.token_times)
 
     async def close(self) -> None:
         await self.session.close()

@@ -25,10 +25,18 @@ from dlora.loadgen.workload import build_specs, load_traces
 
 
 async def run(
-    spec: WorkloadSpec, target: str, out: str | Path, console: Console, *, base_model: str = "model", slo: SLO = SLO()
+    spec: WorkloadSpec,
+    target: str,
+    out: str | Path,
+    console: Console,
+    *,
+    base_model: str = "model",
+    slo: SLO = SLO(),
+    max_retries: int = 0,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
-    model is called ``base_model``; or a ``nats://`` URL), judge it by ``slo`` and write result.json,
+    model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
+    openai package does; or a ``nats://`` URL), judge it by ``slo`` and write result.json,
     report.png and report.html under ``out``. Ctrl-C stops sending; the report is still written.
 
     Returns:
@@ -45,7 +53,7 @@ async def run(
     client = (
         await NatsClient.connect(target, clock)
         if target.startswith("nats://")
-        else HttpClient(target, base_model, clock)
+        else HttpClient(target, base_model, clock, max_retries=max_retries)
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,6 +113,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 console,
                 base_model=args.base_model,
                 slo=SLO(args.slo_ttft, args.slo_tpot),
+                max_retries=args.max_retries,
             )
         )
     except (TraceError, ValueError, OSError) as e:

@@ -25,6 +25,7 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)  # arrival of each chunk with tokens
     error: str | None = None
     cut: bool = False  # still running when the run ended (duration cap or Ctrl-C)
+    retries: int = 0  # tries answered 429/503 or refused before the one that counts (--max-retries)
 
     @property
     def completed(self) -> bool:
@@ -85,6 +86,9 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> d
         "failed": len(failed),
         "cut": len(cut),
         "lost": len(sent) - len(done) - len(failed) - len(cut),
+        "retried": sum(1 for r in sent if r.retries),
+        # completed with fewer tokens than asked for, though every request ignores EOS: a gap
+        "short": sum(1 for r in done if r.tokens < r.output_len),
         "duration_s": span,
         "throughput_req_s": len(done) / span,
         "throughput_tok_s": sum(r.tokens for r in sent) / span,

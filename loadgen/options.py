@@ -68,4 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift-every", type=float, help="rotate adapter popularity every this many seconds")
     p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
     p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=0,
+        help="retry a 429/503 or a refused connection as the openai package does (its default: 2)",
+    )
     p.add_argument("--out", default="loadgen-results", help="folder for result.json, report.png, report.html")
