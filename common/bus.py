@@ -63,7 +63,8 @@ class CredentialsRefused(Exception):
 
 
 async def _connect_nats(s: Common) -> NATS:
-    """Connected to NATS, or ``CredentialsRefused`` as soon as the server refuses the login.
+    """Connected to NATS (any of ``s.nats_url``'s seeds), or ``CredentialsRefused`` as soon as the
+    server refuses the login.
 
     It reconnects for ever once connected (nats-py gives up after 60 tries, 2 minutes, by default,
     leaving a service that runs but hears nothing): a NATS outage of any length ends when the
@@ -83,6 +84,12 @@ async def _connect_nats(s: Common) -> NATS:
             password=s.nats_password or None,
             max_reconnect_attempts=-1,
             error_cb=on_error,
+            # A server on a host that was cut off answers nothing and closes nothing: only a missed
+            # ping shows it. nats-py's default (2 pings, 2 minutes apart) left a worker deaf and
+            # mute for minutes; two missed pings a quarter TTL apart move it to another node
+            # before the dispatcher gives up on it (deploy test: a worker host cut off).
+            ping_interval=max(0.5, s.heartbeat_ttl_s / 4),
+            max_outstanding_pings=2,
         )
     )
     either: list[asyncio.Future[Any]] = [connecting, refused]

@@ -151,9 +151,7 @@ def install(layout: Layout, steps: list[Step]) -> list[str]:
                 created.append(f"user:{USER}")
         elif step.kind == "dir":
             assert step.path is not None
-            missing = [p for p in (step.path, *step.path.parents) if not p.exists()]
-            step.path.mkdir(parents=True, exist_ok=True)
-            created += [str(p) for p in reversed(missing)]
+            _make_dirs(step.path, created)
         elif step.kind == "venv":
             assert step.path is not None
             if not step.path.exists():
@@ -166,7 +164,7 @@ def install(layout: Layout, steps: list[Step]) -> list[str]:
             assert step.path is not None
             if step.keep and step.path.exists():
                 continue
-            step.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(step.path.parent, created)
             if not step.path.exists():
                 created.append(str(step.path))
             step.path.write_text(step.content)
@@ -176,6 +174,12 @@ def install(layout: Layout, steps: list[Step]) -> list[str]:
         subprocess.run(["chown", "-R", f"{USER}:{USER}", str(layout.state)], check=True)
     manifest_path.write_text(json.dumps({"created": sorted(set(created), key=created.index)}, indent=1) + "\n")
     return created
+
+
+def _make_dirs(path: Path, created: list[str]) -> None:
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    created += [str(p) for p in reversed(missing)]
 
 
 def uninstall(layout: Layout, dry_run: bool = False) -> list[str]:
