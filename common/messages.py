@@ -227,6 +227,9 @@ class LostRequests(msgspec.Struct, kw_only=True, frozen=True):
     # Those of ``requests`` recorded as sent to the incarnation handing them back: their message
     # never came, and the re-dispatch does not count as a death (``MAX_RECOVERIES``).
     never_arrived: list[str] = []
+    # Handed over by a worker that is stopping (``WorkerSettings.drain_timeout_s``): none of them
+    # counts as a death either.
+    draining: bool = False
 
 
 class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
@@ -307,6 +310,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     worker: str
     # Unique to one start of the worker process: a new value means it restarted.
     incarnation: str = ""
+    # Stopping: it finishes what it runs (or hands it back) and must be given nothing new, nor
+    # be moved to or from.
+    draining: bool = False
     running: int
     waiting: int
     # Free KV blocks and their size, for placement.

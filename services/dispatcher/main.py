@@ -60,7 +60,7 @@ class Dispatcher:
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
-        return [st for st, at in self.workers.values() if now - at <= self.s.heartbeat_ttl_s]
+        return [st for st, at in self.workers.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]
 
     async def _on_stats(self, st: WorkerStats) -> None:
         self.workers[st.worker] = (st, time.monotonic())
@@ -119,12 +119,13 @@ class Dispatcher:
 
     async def _on_lost(self, lost: LostRequests) -> None:
         """A worker's in-flight records of requests it does not hold (it restarted, or their
-        message never came): re-dispatch each whose record is still that worker's."""
+        message never came) or will not finish (it is stopping): re-dispatch each whose record
+        is still that worker's."""
         logger.warning("worker handed back requests", worker=lost.worker, requests=len(lost.requests))
         for rid, attempt in lost.requests.items():
             rec = await self.store.get_inflight(rid)
             if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
-                await self._recover(rec, died=rid not in lost.never_arrived)
+                await self._recover(rec, died=not lost.draining and rid not in lost.never_arrived)
 
     async def watch_workers(self, stop: asyncio.Event) -> None:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in

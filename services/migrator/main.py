@@ -42,7 +42,8 @@ class Migrator:
         if not self.leader:
             return
         now = time.monotonic()
-        live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s]
+        # A draining worker hands its requests back itself; moving them meanwhile would race that.
+        live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
         snap = snapshot_from_stats(
             live,

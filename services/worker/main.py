@@ -90,6 +90,7 @@ class WorkerService:
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
         self.delivery = Delivery(nc)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
+        self.draining = False  # told to stop: finishing what runs here, given nothing new
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
 
@@ -348,38 +349,86 @@ class WorkerService:
             )
             await bus.publish(self.nc, subjects.LOST, handed)
 
-    async def run_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            notifier.beat()  # a step that never returns stops these, and systemd's watchdog restarts us
-            if time.monotonic() - self._swept_at > min(self.s.heartbeat_ttl_s / 4, _HANDBACK_GRACE_S):
-                self._swept_at = time.monotonic()
-                try:
-                    await self._reconcile()
-                except Exception as e:  # noqa: BLE001 - a Redis outage: reconciled next time
-                    logger.warning("in-flight reconciliation failed", error=f"{type(e).__name__}: {e}")
-            if not self.engine.has_unfinished():
-                try:  # idle: wait for work
-                    async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
-                        cmd = await self.commands.get()
-                except TimeoutError:
-                    continue
-                await self._safely(cmd)
-            while not self.commands.empty():
-                await self._safely(self.commands.get_nowait())
-            if self.engine.has_unfinished():
-                await self._step()
-                if self.adapters.retiring:
-                    self.adapters.retire()
-            # The snapshot walks every request: take it as often as stats go out, not every step
-            # (and at once when the engine falls idle, so the last stats say so).
-            now = time.monotonic()
-            if now - self._snapshot_at >= self.s.stats_interval_s / 2 or not self.engine.has_unfinished():
-                self.stats, self._snapshot_at = self._snapshot(), now
+    async def run_loop(self, stop: asyncio.Event, done: asyncio.Event) -> None:
+        """Steps until ``stop``, then drains (``drain_timeout_s``) and hands over what is left;
+        sets ``done`` when it returns."""
+        drain_until: float | None = None
+        try:
+            while True:
+                notifier.beat()  # a step that never returns stops these, and systemd's watchdog restarts us
+                if stop.is_set():
+                    drain_until = drain_until or await self._start_draining()
+                    idle = not self.engine.has_unfinished() and self.commands.empty()
+                    if idle or time.monotonic() >= drain_until:
+                        await self._hand_over()
+                        return
+                await self._turn()
+        finally:
+            done.set()
+
+    async def _start_draining(self) -> float:
+        """Be given nothing new: stats saying so go out at once (the dispatcher and the migrator
+        leave a draining worker alone). When the drain ends (monotonic seconds)."""
+        self.draining = True
+        self.stats, self._snapshot_at = self._snapshot(), time.monotonic()
+        with contextlib.suppress(Exception):  # NATS down: the next stats say it
+            await bus.publish(self.nc, subjects.stats(self.s.worker_id), self.stats)
+        logger.info("draining", requests=len(self.streams), timeout_s=self.s.drain_timeout_s)
+        return time.monotonic() + self.s.drain_timeout_s
+
+    async def _hand_over(self) -> None:
+        """Give what still runs here after the drain back to a dispatcher, which runs each on
+        another worker from the tokens its client has (its in-flight record says which); not a
+        death (``LostRequests.draining``). Unsent (NATS down), they are recovered anyway once
+        this worker's heartbeat is gone."""
+        while not self.commands.empty():  # came during the drain: handed over with the rest
+            await self._safely(self.commands.get_nowait())
+        held = {rid: s.request.recoveries for rid, s in self.streams.items()}
+        if not held:
+            return
+        for rid, attempt in held.items():
+            await self._drop(rid, record=False, attempt=attempt)
+        try:
+            if self.records.behind:  # the records must say what the clients have
+                await self.records.write({})
+            handed = LostRequests(worker=self.s.worker_id, requests=held, draining=True)
+            await bus.publish(self.nc, subjects.LOST, handed)
+            await self.nc.flush(timeout=2)
+            logger.info("handed over at stop", requests=len(held))
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logger.warning("hand-over not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
+
+    async def _turn(self) -> None:
+        """One turn of the loop: reconcile now and then, take commands, step, refresh the stats."""
+        if time.monotonic() - self._swept_at > min(self.s.heartbeat_ttl_s / 4, _HANDBACK_GRACE_S):
+            self._swept_at = time.monotonic()
+            try:
+                await self._reconcile()
+            except Exception as e:  # noqa: BLE001 - a Redis outage: reconciled next time
+                logger.warning("in-flight reconciliation failed", error=f"{type(e).__name__}: {e}")
+        if not self.engine.has_unfinished():
+            try:  # idle: wait for work
+                async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
+                    cmd = await self.commands.get()
+            except TimeoutError:
+                return
+            await self._safely(cmd)
+        while not self.commands.empty():
+            await self._safely(self.commands.get_nowait())
+        if self.engine.has_unfinished():
+            await self._step()
+            if self.adapters.retiring:
+                self.adapters.retire()
+        # The snapshot walks every request: take it as often as stats go out, not every step
+        # (and at once when the engine falls idle, so the last stats say so).
+        now = time.monotonic()
+        if now - self._snapshot_at >= self.s.stats_interval_s / 2 or not self.engine.has_unfinished():
+            self.stats, self._snapshot_at = self._snapshot(), now
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
         stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
-        return msgspec.structs.replace(stats, incarnation=self.incarnation)
+        return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining)
 
     async def publish_stats(self, stop: asyncio.Event) -> None:
         outage = bus.Outage("stats and heartbeat (nats, redis)")
@@ -424,7 +473,8 @@ class WorkerService:
         logger.info("worker ready", worker=self.s.worker_id)
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
-            await asyncio.gather(self.run_loop(stop), self.publish_stats(stop))
+            done = asyncio.Event()  # stopped and drained: the stats and heartbeat go on until then
+            await asyncio.gather(self.run_loop(stop, done), self.publish_stats(done))
         finally:
             warm.cancel()
             for sub in subs:

@@ -16,6 +16,10 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
     stats_interval_s: float = 0.5
     # torch intra-op threads; 0: torch's default (all cores). One worker per core wants 1.
     torch_threads: int = 0
+    # Seconds a stopping worker (SIGTERM: systemctl stop) goes on with the requests it runs, taking
+    # no new ones, before it hands the rest to the other workers (each resumes there after the
+    # tokens its client has); 0: hand them over at once. Under systemd's TimeoutStopSec (60 s).
+    drain_timeout_s: float = 10.0
     # [worker.engine] and [worker.engine.policy]: how the engine runs, and its batching policy.
     engine: EngineConfig = EngineConfig()
 
@@ -28,6 +32,8 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
         if not 0 < self.stats_interval_s < self.heartbeat_ttl_s / 2:
             # a beat later than half the TTL is taken for a stall (see ProgressRecords.beat)
             bad.append(("stats_interval_s", self.stats_interval_s, "must be > 0 and under half of heartbeat_ttl_s"))
+        if self.drain_timeout_s < 0:
+            bad.append(("drain_timeout_s", self.drain_timeout_s, "must be >= 0"))
         if self.torch_threads < 0:
             bad.append(("torch_threads", self.torch_threads, "must be >= 0"))
         return bad

@@ -3,7 +3,9 @@ them, and three hosts made of network namespaces run them — a control host (ga
 dispatcher, migrator, NATS node, Redis primary, Sentinel) and two worker hosts (a worker, a NATS
 node, a Sentinel each; the Redis replica on the second) — under streaming load from
 ``dlora loadgen`` while a worker host is cut off, then a NATS node and the Redis primary are
-killed. Every request must complete, with every token it asked for.
+killed, and at last a worker is stopped as ``systemctl stop`` would (it drains). Every request must
+complete, with every token it asked for, and every service must tell systemd it is ready
+(``Type=notify``; each gets a ``$NOTIFY_SOCKET`` of the test's, as systemd gives one).
 
 PID 1 here is not systemd, so the services are started by running each unit's ExecStart with its
 Environment=, EnvironmentFile= and WorkingDirectory= (``units.command``), as root rather than as
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +35,7 @@ VENV = Path(sys.executable).parent.parent
 ADMIN_KEY = "deploy-test-admin"
 TTL_S = 2.0  # heartbeat_ttl_s: a lost worker's requests move after this
 GATEWAY_PORT = 8000
+REQUESTS = 56  # at 2 req/s: sent over the 28 s the faults take
 
 
 def test_install_stages_units_systemd_accepts_and_uninstall_removes_only_what_it_added(tmp_path: Path) -> None:
@@ -141,6 +146,7 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
         [dlora, "deploy", "install", "--prefix", str(prefix), "--venv", str(VENV)], check=True, capture_output=True
     )
     net = Network(logs)
+    notify: dict[str, socket.socket] = {}
     try:
         net.open("ctl", "w1", "w2")
         (prefix / "etc/dlora/dlora.toml").write_text(_config(net, tiny_llama))
@@ -150,12 +156,19 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
         _start_servers(net, work)
         system = prefix / "etc/systemd/system"
         base = {k: v for k, v in os.environ.items() if not k.startswith("DLORA_")}
+
+        def start_unit(host: str, unit: str, instance: str = "") -> None:
+            c = units.command(system / unit, instance=instance, short_host=host, base_env=base)
+            name = f"{host}/{unit.split('-')[1].split('@')[0].split('.')[0]}"
+            notify[name] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # as systemd listens
+            notify[name].bind(str(work / f"notify-{len(notify)}"))
+            env = {**c.env, "NOTIFY_SOCKET": notify[name].getsockname()}
+            net.start(host, name.split("/")[1], c.argv, env, c.cwd)
+
         for host in ("w1", "w2"):
-            c = units.command(system / "dlora-worker@.service", instance="0", short_host=host, base_env=base)
-            net.start(host, "worker", c.argv, c.env, c.cwd)
+            start_unit(host, "dlora-worker@.service", instance="0")
         for service in ("dispatcher", "migrator", "gateway"):
-            c = units.command(system / f"dlora-{service}.service", short_host="ctl", base_env=base)
-            net.start("ctl", service, c.argv, c.env, c.cwd)
+            start_unit("ctl", f"dlora-{service}.service")
         url = f"http://{net.hosts['ctl']}:{GATEWAY_PORT}"
         net.run(
             "ctl",
@@ -180,7 +193,7 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
                 "--target",
                 url,
                 "--requests",
-                "48",
+                str(REQUESTS),
                 "--rate",
                 "2",
                 "--lengths",
@@ -218,12 +231,16 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
         at(19)
         next(p for p in net.procs if p.name == "ctl/redis").kill()
         faults.append(("Redis primary killed", time.monotonic() - t0))
+        at(24)
+        drained = next(p for p in net.procs if p.name == "w1/worker")
+        drained.kill(signal.SIGTERM)  # systemctl stop dlora-worker@0 on w1: it drains, then exits
+        faults.append(("worker on w1 stopped (SIGTERM)", time.monotonic() - t0))
         assert load.popen.wait(timeout=240) == 0, load.log.read_text()[-3000:]
         summary = json.loads((out / "result.json").read_text())["summary"]
         master = net.run(
             "w2",
             [
-                _binary("redis-server").replace("redis-server", "redis-cli"),
+                _binary("redis-cli"),
                 "-p",
                 "26379",
                 "sentinel",
@@ -242,15 +259,32 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
         }
         (tmp_path / "deploy-figures.json").write_text(json.dumps(record, indent=1))
         print(json.dumps(record))
-        assert summary["sent"] == 48 and summary["completed"] == 48, summary
+        assert summary["sent"] == REQUESTS and summary["completed"] == REQUESTS, summary
         assert summary["failed"] == 0 and summary["lost"] == 0 and summary["short"] == 0, summary
         assert master[0] == net.hosts["w2"], master  # the Sentinels promoted the replica
+        assert drained.popen.wait(timeout=30) == 0
+        # Type=notify: each service said READY=1 once serving; the stopped worker said STOPPING=1
+        said = {name: _received(sock) for name, sock in notify.items()}
+        assert all("READY=1" in lines for lines in said.values()), said
+        assert "STOPPING=1" in said["w1/worker"], said
     except BaseException:
         for proc in net.procs:
             print(f"---- {proc.name} ----\n{proc.log.read_text()[-2500:]}")
         raise
     finally:
         net.close()
+        for sock in notify.values():
+            sock.close()
+
+
+def _received(sock: socket.socket) -> list[str]:
+    sock.setblocking(False)
+    lines = []
+    while True:
+        try:
+            lines += sock.recv(4096).decode().splitlines()
+        except BlockingIOError:
+            return lines
 
 
 # Run inside the control host: wait until the gateway is ready with both workers, then register

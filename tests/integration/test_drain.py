@@ -1,0 +1,114 @@
+"""A worker told to stop (SIGTERM: ``systemctl stop``) drops no request: with a drain timeout it
+finishes what it runs, given nothing new meanwhile; past it (here 0 s) it hands the rest back at
+once, not as a death, and each resumes on another worker with the stream continuous."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import msgspec
+import nats
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dlora.common import subjects
+from dlora.common.messages import LostRequests, WorkerStats
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.gateway.main import Gateway
+from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.servers import Server, free_port
+from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import sse_events
+from tests.integration.test_gateway import offline
+
+N = 160  # tokens: the stop comes after 10 of them
+PROMPT = [5, 40, 41, 300, 17]
+
+
+@pytest.mark.parametrize("drain_timeout_s", [0.0, 60.0], ids=["hand-over", "finish"])
+async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, drain_timeout_s: float
+) -> None:
+    store = StateStore(redis)
+    common = dict(nats_url=nats_server.url, redis_url="unused")
+    conns: list[nats.NATS] = []
+    stop, stop_victim = asyncio.Event(), asyncio.Event()
+    tasks: list[asyncio.Task] = []
+
+    async def worker(name: str, until: asyncio.Event) -> WorkerService:
+        ws = WorkerSettings(
+            **common, worker_id=name, model=str(tiny_llama.model), stats_interval_s=0.1, drain_timeout_s=drain_timeout_s
+        )
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        service = WorkerService(ws, nc, store, build_engine(ws))
+        tasks.append(asyncio.create_task(service.run(until)))
+        return service
+
+    try:
+        # On a tie the dispatcher picks "a-victim" (by name).
+        victim, survivor = await worker("a-victim", stop_victim), await worker("b-survivor", stop)
+        victim_done = tasks[0]
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), nc, store).run(stop)))
+        handed: list[LostRequests] = []
+        drain_stats: list[WorkerStats] = []
+
+        async def on_lost(msg) -> None:
+            handed.append(msgspec.json.decode(msg.data, type=LostRequests))
+
+        async def on_stats(msg) -> None:
+            if (st := msgspec.json.decode(msg.data, type=WorkerStats)).draining:
+                drain_stats.append(st)
+
+        await nc.subscribe(subjects.LOST, cb=on_lost)
+        await nc.subscribe(subjects.stats("a-victim"), cb=on_stats)
+        gw_settings = GatewaySettings(**common, model=str(tiny_llama.model), port=free_port())
+        gw_nc = await nats.connect(nats_server.url)
+        conns.append(gw_nc)
+        gateway = Gateway(gw_settings, gw_nc, store)
+        await gateway.start()
+        runner = web.AppRunner(gateway.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
+        await asyncio.sleep(0.3)  # the dispatcher has seen both workers' stats
+
+        body = {"model": "model", "prompt": PROMPT, "max_tokens": N, "temperature": 0, "ignore_eos": True}
+        texts: list[str] = []
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{gw_settings.port}/v1/completions"
+            async with http.post(url, json={**body, "stream": True}) as r:
+                async for event in sse_events(r):
+                    if event == "[DONE]":
+                        continue
+                    texts.append(event["choices"][0]["text"])
+                    if len(texts) == 10:
+                        assert survivor.engine.stats.steps == 0  # the victim has the request
+                        stop_victim.set()  # what SIGTERM does (services/run.py)
+                        await asyncio.sleep(0.3)  # its draining stats are out
+                        # meanwhile a new request goes to the other worker, not the draining one
+                        async with http.post(url, json={**body, "max_tokens": 4}) as other:
+                            assert other.status == 200 and survivor.engine.stats.steps > 0
+            await asyncio.wait_for(victim_done, timeout=10)  # it stops once drained
+        expected = offline(tiny_llama, [{"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True}])
+        assert "".join(texts) == expected[0]["text"]  # continuous: nothing repeated, nothing missing
+        assert drain_stats and drain_stats[0].running == 1
+        if drain_timeout_s:  # finished where it ran; nothing handed back
+            assert handed == [] and victim.engine.stats.steps > N - 10
+        else:  # handed over at once, not as a death; the survivor generated the rest
+            assert [(h.worker, h.draining) for h in handed] == [("a-victim", True)]
+            assert len(handed[0].requests) == 1
+        await runner.cleanup()
+    finally:
+        stop.set()
+        stop_victim.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
