@@ -23,12 +23,14 @@ class Clients:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._last: dict[str, float] = {}
+        self._latest = float("-inf")  # when anyone (a client, or another party: ``noted``) was last heard
         self._reconnects: dict[str, tuple[int, float]] = {}  # its count, and when it last grew
 
     def heard(self, client: str, now: float, reconnects: int = 0) -> bool:
         """Note ``client`` as there ``now``. True when it says its connection came back since it
         was last heard from (``ClientAlive.reconnects`` grew; at most once per ``ANNOUNCE_S``,
         for the count is the client's word): it may have missed replies, to be sent again."""
+        self.noted(now)
         before, grew_at = self._reconnects.get(client, (0, -ANNOUNCE_S))
         missed = reconnects > before and now - grew_at >= ANNOUNCE_S  # first heard after one too
         self._reconnects[client] = (reconnects, now) if missed else (before, grew_at)
@@ -39,15 +41,29 @@ class Clients:
             self._reconnects = {c: n for c, n in self._reconnects.items() if c in self._last}
         return missed
 
+    def noted(self, now: float) -> None:
+        """Someone (a client, or another party: a worker's stats) was heard ``now``. The first
+        after a silence of everyone longer than the TTL forgives every client (``forgive``): the
+        silence was the observer's, and a client's own announcement may come a second later."""
+        if now - self._latest > self.ttl_s:
+            self.forgive(now)
+        self._latest = max(self._latest, now)
+
     def forgive(self, now: float) -> None:
         """Count every known client as heard from ``now``: the observer's own connection was down,
         so their silence meanwhile says nothing about them."""
         self._last = dict.fromkeys(self._last, now)
+        self._latest = now
 
     def gone(self, client: str, now: float) -> bool:
-        """True when ``client`` was heard from and has been silent for more than the TTL."""
+        """True when ``client`` was heard from and has been silent for more than the TTL, while
+        someone else (another client, or a party ``noted``) was heard from meanwhile. When the
+        observer heard no one for that long, the silence is more likely its own: its host cut off
+        from the others while its local NATS node stayed up (so no reconnect says so); a request
+        that reached it right after the link came back, before the first announcement did, was
+        dropped for a client that was there (the deploy test's worker host cut off)."""
         last = self._last.get(client)
-        return last is not None and now - last > self.ttl_s
+        return last is not None and now - last > self.ttl_s and now - self._latest <= self.ttl_s
 
 
 async def announce(nc: NATS, client: str, stop: asyncio.Event) -> None:

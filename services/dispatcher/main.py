@@ -64,6 +64,7 @@ class Dispatcher:
 
     async def _on_stats(self, st: WorkerStats) -> None:
         self.workers[st.worker] = (st, time.monotonic())
+        self.clients.noted(time.monotonic())  # not cut off: a client's silence means something
         self.sent_since_stats[st.worker] = 0
 
     async def _on_request(self, msg: Msg) -> None:

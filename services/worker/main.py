@@ -14,6 +14,7 @@ import time
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
@@ -98,6 +99,12 @@ class WorkerService:
     async def _on_request(self, req: GenerateRequest) -> None:
         self.pending.add(req.request_id)
         await self.commands.put(Add(req))
+
+    async def _on_peer_stats(self, msg: Msg) -> None:
+        """Another worker's stats (not decoded): this one is not cut off, so a client's silence
+        means something (``Clients.gone``)."""
+        if msg.subject != subjects.stats(self.s.worker_id):
+            self.clients.noted(time.monotonic())
 
     async def _on_client(self, alive: ClientAlive) -> None:
         if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
@@ -466,6 +473,7 @@ class WorkerService:
             await bus.subscribe(self.nc, subjects.kv_inbox(self.s.worker_id), KVChunk, self._on_kv_chunk, msgpack=True),
             await bus.subscribe(self.nc, subjects.PLACEMENT, Placement, self._on_placement),
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
+            await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_peer_stats),
         ]
         await self.nc.flush()
         # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.

@@ -9,9 +9,26 @@ def test_a_client_is_gone_only_after_it_was_heard_and_fell_silent_for_the_ttl() 
     clients = Clients(ttl_s=5.0)
     assert not clients.gone("never-heard", 100.0)
     clients.heard("gw", 0.0)
+    clients.noted(5.0)  # others are heard meanwhile (workers' stats)
     assert not clients.gone("gw", 5.0) and clients.gone("gw", 5.1)
     clients.forgive(10.0)  # the observer's own connection was down: their silence says nothing
     assert not clients.gone("gw", 12.0)
+
+
+def test_a_client_is_not_gone_while_the_observer_heard_no_one() -> None:
+    """A worker whose host was cut off hears no one; its own NATS node stayed up, so no reconnect
+    forgives the silence. It must not take the clients for gone: a request reaching it when the
+    link is back, before the first announcement, would be dropped for a client that is there."""
+    clients = Clients(ttl_s=2.0)
+    clients.heard("gw", 0.0)
+    clients.noted(0.5)
+    assert not clients.gone("gw", 8.0)  # cut off from 0.5 to 8: no one heard
+    clients.noted(8.1)  # the link is back: another worker's stats come before "gw" announces
+    assert not clients.gone("gw", 8.5)  # the silence was ours: forgiven
+    clients.noted(10.0)  # others heard meanwhile, "gw" still silent
+    assert clients.gone("gw", 10.2)  # silent since the forgiveness at 8.1: more than the TTL
+    clients.heard("gw", 10.3)
+    assert not clients.gone("gw", 10.3)
 
 
 def test_heard_says_when_a_client_s_connection_came_back() -> None:
