@@ -101,8 +101,7 @@ class WorkerService:
         await self.commands.put(Add(req))
 
     async def _on_peer_stats(self, msg: Msg) -> None:
-        """Another worker's stats (not decoded): this one is not cut off, so a client's silence
-        means something (``Clients.gone``)."""
+        """Another worker's stats (not decoded): not cut off, a client's silence means something."""
         if msg.subject != subjects.stats(self.s.worker_id):
             self.clients.noted(time.monotonic())
 
@@ -357,16 +356,14 @@ class WorkerService:
             await bus.publish(self.nc, subjects.LOST, handed)
 
     async def run_loop(self, stop: asyncio.Event, done: asyncio.Event) -> None:
-        """Steps until ``stop``, then drains (``drain_timeout_s``) and hands over what is left;
-        sets ``done`` when it returns."""
+        """Steps until ``stop``, drains (``drain_timeout_s``), hands over the rest; then ``done``."""
         drain_until: float | None = None
         try:
             while True:
                 notifier.beat()  # a step that never returns stops these, and systemd's watchdog restarts us
                 if stop.is_set():
                     drain_until = drain_until or await self._start_draining()
-                    idle = not self.engine.has_unfinished() and self.commands.empty()
-                    if idle or time.monotonic() >= drain_until:
+                    if time.monotonic() >= drain_until or not self.engine.has_unfinished() and self.commands.empty():
                         await self._hand_over()
                         return
                 await self._turn()
@@ -390,8 +387,7 @@ class WorkerService:
         this worker's heartbeat is gone."""
         while not self.commands.empty():  # came during the drain: handed over with the rest
             await self._safely(self.commands.get_nowait())
-        held = {rid: s.request.recoveries for rid, s in self.streams.items()}
-        if not held:
+        if not (held := {rid: s.request.recoveries for rid, s in self.streams.items()}):
             return
         for rid, attempt in held.items():
             await self._drop(rid, record=False, attempt=attempt)
