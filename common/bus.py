@@ -105,6 +105,9 @@ async def _connect_nats(s: Common) -> NATS:
     )
 
 
+# Seconds a Redis command or connect may take before it counts as an outage (retried, then the
+# caller's loop tries again): far above a command's time, far below TCP's own timeouts.
+REDIS_SOCKET_TIMEOUT_S = 5.0
 # Seconds a Sentinel query (and a connection to a Sentinel) may take: a Sentinel on a host that
 # was cut off must not hold up the question to the next one for a TCP timeout (minutes).
 SENTINEL_TIMEOUT_S = 0.5
@@ -142,6 +145,11 @@ def redis_client(
         "timeout": pool_timeout_s,
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        # A server on a host that was cut off answers nothing and closes nothing: without these a
+        # command on a pooled connection to it waited for TCP to give up (minutes), and a Sentinel
+        # failover never reached it. No command of ours blocks on the server (no BLPOP, no XREAD).
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_SOCKET_TIMEOUT_S,
     }
     if url.startswith(f"{SENTINEL_SCHEME}://"):
         address = parse_sentinel_url(url)

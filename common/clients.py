@@ -23,7 +23,7 @@ class Clients:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._last: dict[str, float] = {}
-        self._latest = float("-inf")  # when anyone (a client, or another party: ``noted``) was last heard
+        self._latest = float("-inf")  # when anyone (a client, or another party: ``noted``) was last heard from
         self._reconnects: dict[str, tuple[int, float]] = {}  # its count, and when it last grew
 
     def heard(self, client: str, now: float, reconnects: int = 0) -> bool:
@@ -42,7 +42,7 @@ class Clients:
         return missed
 
     def noted(self, now: float) -> None:
-        """Someone (a client, or another party: a worker's stats) was heard ``now``. The first
+        """Someone (a client, or another party: a worker's stats, Redis, a request) was heard ``now``. The first
         after a silence of everyone longer than the TTL forgives every client (``forgive``): the
         silence was the observer's, and a client's own announcement may come a second later."""
         if now - self._latest > self.ttl_s:
@@ -61,7 +61,8 @@ class Clients:
         observer heard no one for that long, the silence is more likely its own: its host cut off
         from the others while its local NATS node stayed up (so no reconnect says so); a request
         that reached it right after the link came back, before the first announcement did, was
-        dropped for a client that was there (the deploy test's worker host cut off)."""
+        dropped for a client that was there (the deploy test's worker host cut off). Workers note
+        each heartbeat Redis took and each request that came; dispatchers each worker's stats."""
         last = self._last.get(client)
         return last is not None and now - last > self.ttl_s and now - self._latest <= self.ttl_s
 

@@ -77,8 +77,6 @@ def service_permissions(role: str) -> dict[str, list[str]]:
                 subjects.MOVES,
                 subjects.PLACEMENT,
                 subjects.CLIENTS,
-                # the other workers' stats: hearing them says this one is not cut off (common/clients.py)
-                subjects.STATS_ALL,
                 _INBOX,
             ],
         ),

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from redis.exceptions import RedisError
 
@@ -62,9 +62,7 @@ class Bucket:
         if self.kv is None and self.clock() - self._tried >= REOPEN_INTERVAL_S:
             self._tried = self.clock()
             try:
-                self.kv = await self.nc.jetstream(timeout=2.0).create_key_value(
-                    bucket=self.name, history=1, replicas=self.replicas
-                )
+                self.kv = await _open_bucket(self.nc, self.name, self.replicas)
             except Exception as e:  # noqa: BLE001 - no JetStream: Redis alone until it comes
                 if not self.missed:
                     logger.warning(
@@ -77,6 +75,25 @@ class Bucket:
                 if self.missed:
                     logger.info("durable copy opened", bucket=self.name)
         return self.kv
+
+
+async def _open_bucket(nc: NATS, name: str, replicas: int) -> KeyValue:
+    """The bucket, created with ``replicas`` copies if missing. One made earlier with other
+    settings (``nats_kv_replicas`` changed since) is used as it is, with a warning: JetStream
+    refuses to create it again, and taking that for "JetStream unavailable" left the durable
+    copy off for good."""
+    js = nc.jetstream(timeout=2.0)
+    try:
+        return await js.create_key_value(bucket=name, history=1, replicas=replicas)
+    except BadRequestError as e:
+        kv = await js.key_value(name)
+        logger.warning(
+            "bucket exists with other settings; used as it is (change them with `nats kv edit`)",
+            bucket=name,
+            replicas=replicas,
+            error=str(e),
+        )
+        return kv
 
 
 class _Durable:

@@ -44,10 +44,14 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
     sentinels: list[tuple[str, int]] = []
     for host in filter(None, (h.strip() for h in hosts.split(","))):
-        name, _, port = host.rpartition(":") if ":" in host else (host, "", "26379")
-        if not port.isdigit():
-            raise ValueError(f"{url!r}: Sentinel {host!r} has no valid port")
-        sentinels.append((name, int(port)))
+        try:  # urllib's own host[:port] parsing: IPv6 in brackets, ports 0-65535
+            parts = urllib.parse.urlsplit(f"//{host}")
+            name, port = parts.hostname, parts.port or 26379
+        except ValueError:
+            name = None
+        if not name:
+            raise ValueError(f"{url!r}: Sentinel {host!r} is not host[:port]")
+        sentinels.append((name, port))
     service, _, db = path.partition("/")
     if not sentinels or not service:
         raise ValueError(f"{url!r}: expected {prefix}host:port[,host:port...]/service[/db]")

@@ -23,10 +23,11 @@ from dlora.loadgen.workload import RequestSpec, prompt_ids
 class HttpClient:
     """OpenAI completions with ``stream: true``; ``model`` is the adapter (or the base name).
 
-    With ``max_retries`` it retries as the official ``openai`` package does (its default is 2): a
-    429 or 503 before the stream starts, or a refused connection, is tried again after the
-    response's ``Retry-After`` (at most 60 s) or else 0.5 s doubling up to 8 s; a stream that
-    broke after it started is not retried (it counts as failed)."""
+    With ``max_retries`` it retries what the official ``openai`` package retries that a gateway
+    answers when it cannot serve now (its default is 2 retries; it also retries 408, 409, other
+    5xx and timeouts): a 429 or 503 before the stream starts, or a refused connection, is tried
+    again after the response's ``Retry-After`` (at most 60 s) or else 0.5 s doubling up to 8 s;
+    a stream that broke after it started is not retried (it counts as failed)."""
 
     def __init__(
         self, url: str, base_model: str, clock: Callable[[], float], timeout_s: float = 600, max_retries: int = 0

@@ -13,6 +13,13 @@ from dlora.loadgen.traces import FORMATS
 _SPEC = WorkloadSpec()
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)"
@@ -70,8 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")
     p.add_argument(
         "--max-retries",
-        type=int,
+        type=_count,
         default=0,
-        help="retry a 429/503 or a refused connection as the openai package does (its default: 2)",
+        help="retry a 429 or 503 answer or a refused connection, after Retry-After (the openai "
+        "package retries these, and 408, 409, 5xx and timeouts, twice by default)",
     )
     p.add_argument("--out", default="loadgen-results", help="folder for result.json, report.png, report.html")

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         d = dep_sub.add_parser(name, help=text)
         d.add_argument(
-            "--prefix", default="/", help="root to install under (not /: a staged tree; no user, no systemctl)"
+            "--prefix",
+            default="/",
+            help="root to install under (not /: a tree whose units name paths in it; no user, no systemctl)",
         )
         d.add_argument("--venv", help="an existing virtualenv with dlora installed, instead of making one")
         d.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")

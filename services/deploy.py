@@ -3,8 +3,9 @@
 ``plan`` is pure: the steps an install takes for a root (``/``, or a staging directory), each a
 path to create or a command to run; ``install`` carries them out and writes a manifest of what it
 created, which ``uninstall`` reads to remove exactly that (a config that was there before, the
-operator's, is never in it). Outside ``/`` the system user and ``systemctl`` are skipped: a staged
-tree for a package or an image, or a test's.
+operator's, is never in it). Outside ``/`` the system user and ``systemctl`` are skipped and the
+units name the paths under that root: a tree to inspect or to run the units' commands from (the
+tests do), not one to copy onto another machine.
 
 Layout (under the root): ``/opt/dlora/venv`` (the virtualenv, unless ``--venv`` names an existing
 one), ``/opt/dlora/deploy`` (the shipped unit and server configs, for reference),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,12 +95,8 @@ def render_unit(text: str, layout: Layout) -> str:
         "/etc/dlora": str(layout.etc),
         "/var/lib/dlora": str(layout.state),
     }
-    marked = text
-    for i, path in enumerate(_UNIT_PATHS):  # in two passes, so a replaced path is not replaced again
-        marked = marked.replace(path, f"\0{i}\0")
-    for i, path in enumerate(_UNIT_PATHS):
-        marked = marked.replace(f"\0{i}\0", mapping[path])
-    return marked
+    # one pass, longest path first: a path already moved is not moved again
+    return re.sub("|".join(map(re.escape, _UNIT_PATHS)), lambda m: mapping[m.group(0)], text)
 
 
 def plan(layout: Layout, source: Path | None, create_venv: bool) -> list[Step]:
@@ -131,16 +129,30 @@ def next_command(layout: Layout) -> str:
             f"edit {layout.etc / 'dlora.toml'}, then: systemctl enable --now dlora.target "
             "dlora-gateway dlora-dispatcher dlora-migrator (control host) or dlora-worker@0 ... (one per GPU)"
         )
-    return f"staged under {layout.root}: copy it onto the target's / and run systemctl daemon-reload there"
+    return f"staged under {layout.root} (its units name paths there): inspect it, or run what they start"
 
 
 def install(layout: Layout, steps: list[Step]) -> list[str]:
-    """Carry out ``steps``; what was created, recorded in ``etc/dlora/MANIFEST`` and returned.
-    Raises ``OSError`` or ``subprocess.CalledProcessError`` on a step that fails."""
+    """Carry out ``steps``; what was created, recorded in ``etc/dlora/.install-manifest.json``
+    (also when a step fails: an install run again, or an uninstall, goes on from there) and
+    returned. A file written only if absent (``dlora.toml``) is never recorded: it is the
+    operator's from then on. Raises ``OSError`` or ``subprocess.CalledProcessError`` on a step
+    that fails."""
     created: list[str] = []
     manifest_path = layout.etc / MANIFEST
     if manifest_path.exists():  # a second install adds to the first's record
         created = json.loads(manifest_path.read_text())["created"]
+    try:
+        _carry_out(steps, created)
+    finally:
+        if layout.etc.exists():
+            manifest_path.write_text(json.dumps({"created": sorted(set(created), key=created.index)}, indent=1) + "\n")
+    if layout.system:
+        subprocess.run(["chown", "-R", f"{USER}:{USER}", str(layout.state)], check=True)
+    return created
+
+
+def _carry_out(steps: list[Step], created: list[str]) -> None:
     for step in steps:
         if step.kind == "user":
             if subprocess.run(["id", "-u", USER], capture_output=True).returncode != 0:
@@ -152,28 +164,24 @@ def install(layout: Layout, steps: list[Step]) -> list[str]:
         elif step.kind == "dir":
             assert step.path is not None
             _make_dirs(step.path, created)
-        elif step.kind == "venv":
+        elif step.kind == "venv":  # made once; dlora in it reinstalled from the source every time (upgrade)
             assert step.path is not None
+            pip = [str(step.path / "bin/python"), "-m", "pip", "install", "-q"]
             if not step.path.exists():
                 created.append(str(step.path))
-                pip = [str(step.path / "bin/python"), "-m", "pip", "install", "-q"]
                 subprocess.run([sys.executable, "-m", "venv", str(step.path)], check=True)
-                subprocess.run([*pip, TORCH], check=True)
-                subprocess.run([*pip, step.content], check=True)
+            subprocess.run([*pip, TORCH], check=True)
+            subprocess.run([*pip, "--upgrade", step.content], check=True)
         elif step.kind == "file":
             assert step.path is not None
             if step.keep and step.path.exists():
                 continue
             _make_dirs(step.path.parent, created)
-            if not step.path.exists():
+            if not step.path.exists() and not step.keep:
                 created.append(str(step.path))
             step.path.write_text(step.content)
         elif step.kind == "run":
             subprocess.run(list(step.command), check=True)
-    if layout.system:
-        subprocess.run(["chown", "-R", f"{USER}:{USER}", str(layout.state)], check=True)
-    manifest_path.write_text(json.dumps({"created": sorted(set(created), key=created.index)}, indent=1) + "\n")
-    return created
 
 
 def _make_dirs(path: Path, created: list[str]) -> None:
@@ -183,18 +191,22 @@ def _make_dirs(path: Path, created: list[str]) -> None:
 
 
 def uninstall(layout: Layout, dry_run: bool = False) -> list[str]:
-    """Remove what install recorded, newest first (files, then the folders it made once empty of
-    anything else, then the user); a path someone else added to is left. What was removed."""
+    """Stop and disable the units (on ``/``), then remove what install recorded, newest first
+    (files, then the folders it made once empty of anything else, then the user); a path someone
+    else added to is left, and so is ``dlora.toml``. What was removed."""
     manifest_path = layout.etc / MANIFEST
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path}: nothing was installed there by dlora deploy install")
     created: list[str] = json.loads(manifest_path.read_text())["created"]
     removed: list[str] = []
+    if layout.system and not dry_run:  # nothing may run from, or be enabled on, what goes
+        units = sorted(Path(p).name for p in created if p.startswith(str(layout.units)))
+        subprocess.run(["systemctl", "stop", "dlora.target", "dlora-*.service"], check=False)
+        subprocess.run(["systemctl", "disable", *units], check=False)  # a template: every instance
     for item in reversed(created):
         if item.startswith("user:"):
-            if not dry_run:
-                subprocess.run(["userdel", item[5:]], check=False)
-            removed.append(item)
+            if dry_run or subprocess.run(["userdel", item[5:]], check=False).returncode == 0:
+                removed.append(item)
             continue
         path = Path(item)
         if path.is_dir() and (path / "bin" / "python").exists() and path.name == "venv":

@@ -123,6 +123,9 @@ class Dispatcher:
         message never came) or will not finish (it is stopping): re-dispatch each whose record
         is still that worker's."""
         logger.warning("worker handed back requests", worker=lost.worker, requests=len(lost.requests))
+        if lost.draining and not self.live():  # nowhere to go now: left to the usual recovery
+            logger.warning("no other worker to take a stopping worker's requests", worker=lost.worker)
+            return
         for rid, attempt in lost.requests.items():
             rec = await self.store.get_inflight(rid)
             if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:

@@ -14,7 +14,6 @@ import time
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
@@ -97,13 +96,9 @@ class WorkerService:
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
+        self.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
         self.pending.add(req.request_id)
         await self.commands.put(Add(req))
-
-    async def _on_peer_stats(self, msg: Msg) -> None:
-        """Another worker's stats (not decoded): not cut off, a client's silence means something."""
-        if msg.subject != subjects.stats(self.s.worker_id):
-            self.clients.noted(time.monotonic())
 
     async def _on_client(self, alive: ClientAlive) -> None:
         if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
@@ -385,15 +380,21 @@ class WorkerService:
         another worker from the tokens its client has (its in-flight record says which); not a
         death (``LostRequests.draining``). Unsent (NATS down), they are recovered anyway once
         this worker's heartbeat is gone."""
-        while not self.commands.empty():  # came during the drain: handed over with the rest
-            await self._safely(self.commands.get_nowait())
-        if not (held := {rid: s.request.recoveries for rid, s in self.streams.items()}):
-            return
-        for rid, attempt in held.items():
-            await self._drop(rid, record=False, attempt=attempt)
+        held: dict[str, int] = {}
+        while not self.commands.empty():  # requests that came during the drain go back unrun
+            if isinstance(cmd := self.commands.get_nowait(), Add):
+                held[cmd.req.request_id] = cmd.req.recoveries
+                self.pending.discard(cmd.req.request_id)
+            else:
+                await self._safely(cmd)
+        for rid, stream in list(self.streams.items()):
+            held[rid] = stream.request.recoveries
+            await self._drop(rid, record=False, attempt=stream.request.recoveries)
         try:
-            if self.records.behind:  # the records must say what the clients have
+            if self.records.behind:  # the records must say what the clients have (and which ended)
                 await self.records.write({})
+            if not held:
+                return
             handed = LostRequests(worker=self.s.worker_id, requests=held, draining=True)
             await bus.publish(self.nc, subjects.LOST, handed)
             await self.nc.flush(timeout=2)
@@ -447,6 +448,7 @@ class WorkerService:
                 async with asyncio.timeout(self.s.stats_interval_s):
                     await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
                     self.records.beat()
+                    self.clients.noted(time.monotonic())  # Redis's host reached: not cut off
                     await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
                     await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
                 outage.succeeded()
@@ -469,7 +471,6 @@ class WorkerService:
             await bus.subscribe(self.nc, subjects.kv_inbox(self.s.worker_id), KVChunk, self._on_kv_chunk, msgpack=True),
             await bus.subscribe(self.nc, subjects.PLACEMENT, Placement, self._on_placement),
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
-            await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_peer_stats),
         ]
         await self.nc.flush()
         # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.

@@ -90,3 +90,20 @@ async def test_a_lookup_that_misses_after_redis_came_back_empty_restores_the_reg
         assert await registry.lookup("a") is not None
     finally:
         await nc.close()
+
+
+async def test_a_bucket_made_with_other_settings_is_used_as_it_is() -> None:
+    """``nats_kv_replicas`` changed after the bucket was made: JetStream refuses to make it again
+    with the new settings; the bucket that is there is used (it was taken for "no JetStream" and
+    the durable copy stayed off)."""
+    server = start_nats()
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().create_key_value(bucket="dlora-test-settings", history=5)  # other settings
+        bucket = Bucket(nc, "dlora-test-settings", replicas=1)
+        kv = await bucket.get()
+        assert kv is not None and not bucket.missed
+        assert (await kv.status()).history == 5
+    finally:
+        await nc.close()
+        server.stop()

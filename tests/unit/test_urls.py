@@ -21,6 +21,10 @@ def test_sentinel_url_names_every_sentinel_the_service_and_the_database() -> Non
         [("10.0.0.1", 26380), ("10.0.0.2", 26379)], "dlora", db=3, username="dlora", password="p@ss"
     )
     assert parse_sentinel_url("redis+sentinel://h:1/svc") == SentinelAddress([("h", 1)], "svc")
+    assert parse_sentinel_url("redis+sentinel://[::1],[fd00::2]:26380/svc").sentinels == [
+        ("::1", 26379),
+        ("fd00::2", 26380),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -29,7 +33,8 @@ def test_sentinel_url_names_every_sentinel_the_service_and_the_database() -> Non
         ("redis://h:6379/0", "is not a redis\\+sentinel"),
         ("redis+sentinel://h:26379", "expected"),  # no service
         ("redis+sentinel:///dlora", "expected"),  # no sentinel
-        ("redis+sentinel://h:port/dlora", "no valid port"),
+        ("redis+sentinel://h:port/dlora", "is not host\\[:port\\]"),
+        ("redis+sentinel://h:99999/dlora", "is not host"),  # past 65535
         ("redis+sentinel://h:26379/dlora/x", "not a number"),
     ],
 )
@@ -39,7 +44,7 @@ def test_a_bad_sentinel_url_says_what_is_wrong(url: str, why: str) -> None:
 
 
 def test_settings_refuse_a_bad_sentinel_url_and_replicas_past_jetstreams_limit() -> None:
-    with pytest.raises(SettingsError, match="redis_url.*no valid port"):
+    with pytest.raises(SettingsError, match="redis_url.*is not host"):
         load(Common, "gateway", env={"DLORA_REDIS_URL": "redis+sentinel://h:x/dlora"})
     with pytest.raises(SettingsError, match="nats_kv_replicas=7 must be 1 to 5"):
         load(Common, "gateway", env={"DLORA_NATS_KV_REPLICAS": "7"})
