@@ -124,6 +124,7 @@ async def run_stack(
             model=str(tiny_llama.model),
             engine=EngineConfig(max_loras=2, device=os.environ.get("DLORA_TEST_DEVICE", "cpu"), dtype="float32"),
             stats_interval_s=0.1,
+            drain_timeout_s=0.0,  # the whole stack stops at once: no one to drain to, nothing to wait for
         )
         nc = await nats.connect(nats_server.url)
         conns.append(nc)

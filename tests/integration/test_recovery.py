@@ -35,9 +35,9 @@ async def _live(store: StateStore, worker: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{worker} never came up")
 
 
-@pytest.mark.parametrize(
-    "sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.95, "seed": 1234}], ids=["greedy", "sampled"]
-)
+# Sampled only: a resume that draws what it would have drawn is exact for greedy a fortiori (the
+# same path with a seed on top), and each run costs a worker process's start (about 17 s here).
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0, "top_p": 0.95, "seed": 1234}], ids=["sampled"])
 async def test_sigkilled_worker_loses_no_request(
     nats_server: Server, redis_server: Server, redis: Redis, tiny_llama: TinyOutput, sampling: dict
 ) -> None:
