@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common.registry import purge, purge_keys
@@ -151,6 +152,22 @@ async def run_stack(
         for nc in conns:
             if not nc.is_closed:
                 await nc.drain()
+
+
+async def start_gateway(
+    nats_url: str, store: StateStore, model: str, conns: list[nats.NATS]
+) -> tuple[str, web.AppRunner]:
+    """A gateway on a free loopback port with a NATS connection of its own (added to ``conns``):
+    its URL and its runner (``cleanup()`` stops it)."""
+    settings = GatewaySettings(nats_url=nats_url, redis_url="unused", model=model, port=free_port())
+    nc = await nats.connect(nats_url)
+    conns.append(nc)
+    gateway = Gateway(settings, nc, store)
+    await gateway.start()
+    runner = web.AppRunner(gateway.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    return f"http://127.0.0.1:{settings.port}", runner
 
 
 def spawn_worker(nats_url: str, redis_url: str, model: str, worker_id: str, **env: str) -> subprocess.Popen[bytes]:

@@ -10,7 +10,6 @@ import aiohttp
 import msgspec
 import nats
 import pytest
-from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common import subjects
@@ -19,12 +18,10 @@ from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
-from dlora.services.gateway.main import Gateway
-from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.servers import Server, free_port
+from dlora.services.servers import Server
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import sse_events
+from tests.integration.conftest import sse_events, start_gateway
 from tests.integration.test_gateway import offline
 
 N = 160  # tokens: the stop comes after 10 of them
@@ -70,20 +67,13 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
 
         await nc.subscribe(subjects.LOST, cb=on_lost)
         await nc.subscribe(subjects.stats("a-victim"), cb=on_stats)
-        gw_settings = GatewaySettings(**common, model=str(tiny_llama.model), port=free_port())
-        gw_nc = await nats.connect(nats_server.url)
-        conns.append(gw_nc)
-        gateway = Gateway(gw_settings, gw_nc, store)
-        await gateway.start()
-        runner = web.AppRunner(gateway.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
+        base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
         await asyncio.sleep(0.3)  # the dispatcher has seen both workers' stats
 
         body = {"model": "model", "prompt": PROMPT, "max_tokens": N, "temperature": 0, "ignore_eos": True}
         texts: list[str] = []
         async with aiohttp.ClientSession() as http:
-            url = f"http://127.0.0.1:{gw_settings.port}/v1/completions"
+            url = f"{base_url}/v1/completions"
             async with http.post(url, json={**body, "stream": True}) as r:
                 async for event in sse_events(r):
                     if event == "[DONE]":

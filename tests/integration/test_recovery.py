@@ -9,19 +9,16 @@ import signal
 import aiohttp
 import nats
 import pytest
-from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common.state import Sent, StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
-from dlora.services.gateway.main import Gateway
-from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.servers import Server, free_port
+from dlora.services.servers import Server
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import spawn_worker, sse_events
+from tests.integration.conftest import spawn_worker, sse_events, start_gateway
 from tests.integration.test_gateway import offline
 
 N = 400  # tokens: long enough that the victim is still generating when it dies
@@ -60,14 +57,7 @@ async def test_sigkilled_worker_loses_no_request(
         tasks.append(
             asyncio.create_task(Dispatcher(DispatcherSettings(**common, heartbeat_ttl_s=1.0), nc, store).run(stop))
         )
-        gw_settings = GatewaySettings(**common, model=str(tiny_llama.model), port=free_port())
-        gw_nc = await nats.connect(nats_server.url)
-        conns.append(gw_nc)
-        gateway = Gateway(gw_settings, gw_nc, store)
-        await gateway.start()
-        runner = web.AppRunner(gateway.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", gw_settings.port).start()
+        base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
         await asyncio.sleep(0.3)  # the dispatcher has seen the victim's stats
 
         body = {
@@ -81,7 +71,7 @@ async def test_sigkilled_worker_loses_no_request(
         }
         texts, finish, usage, killed = [], None, None, False
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"http://127.0.0.1:{gw_settings.port}/v1/completions", json=body) as r:
+            async with http.post(f"{base_url}/v1/completions", json=body) as r:
                 async for event in sse_events(r):
                     if event == "[DONE]":
                         continue
