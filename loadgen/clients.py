@@ -68,7 +68,7 @@ class HttpClient:
             except (TimeoutError, aiohttp.ClientError) as e:
                 r.error = f"{type(e).__name__}: {e}"
                 return
-            r.retries += 1
+            r.retry_reasons.append(f"{self.clock():.3f} s: {r.error}")
             await asyncio.sleep(wait_s)
 
     async def _read(self, resp: aiohttp.ClientResponse, r: RequestResult) -> None:

@@ -25,7 +25,7 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)  # arrival of each chunk with tokens
     error: str | None = None
     cut: bool = False  # still running when the run ended (duration cap or Ctrl-C)
-    retries: int = 0  # tries answered 429/503 or refused before the one that counts (--max-retries)
+    retry_reasons: list[str] = field(default_factory=list)  # why each earlier try was retried (--max-retries)
 
     @property
     def completed(self) -> bool:
@@ -86,7 +86,7 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> d
         "failed": len(failed),
         "cut": len(cut),
         "lost": len(sent) - len(done) - len(failed) - len(cut),
-        "retried": sum(1 for r in sent if r.retries),
+        "retried": sum(1 for r in sent if r.retry_reasons),
         # completed with fewer tokens than asked for, though every request ignores EOS: a gap
         "short": sum(1 for r in done if r.tokens < r.output_len),
         "duration_s": span,
@@ -105,6 +105,25 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> d
         },
         "errors": sorted({r.error for r in failed if r.error})[:10],
     }
+
+
+def slowest(results: list[RequestResult], n: int = 5) -> list[dict]:
+    """The ``n`` sent requests that waited longest for their first token (an unanswered one
+    counts as waiting for ever): when each came, what it waited, and why it was retried or
+    failed; times in seconds from the run's start. What to look at when a tail is long."""
+    sent = [r for r in results if r.sent]
+    wait = {id(r): (r.first_token_s - r.arrival_s if r.first_token_s is not None else float("inf")) for r in sent}
+    return [
+        {
+            "arrival_s": round(r.arrival_s, 3),
+            "ttft_s": None if r.first_token_s is None else round(wait[id(r)], 3),
+            "adapter": r.adapter,
+            "tokens": r.tokens,
+            "retried": r.retry_reasons,
+            "error": r.error,
+        }
+        for r in sorted(sent, key=lambda r: wait[id(r)], reverse=True)[:n]
+    ]
 
 
 def summarize_by_adapter(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> dict[str, dict]:

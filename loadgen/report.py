@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dlora.loadgen.metrics import RequestResult
+from dlora.loadgen.metrics import RequestResult, slowest
 
 
 def _fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -96,7 +96,10 @@ def write(
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(
-        json.dumps({"config": config, "summary": summary, "by_adapter": by_adapter}, indent=2) + "\n"
+        json.dumps(
+            {"config": config, "summary": summary, "by_adapter": by_adapter, "slowest": slowest(results)}, indent=2
+        )
+        + "\n"
     )
     plot(results, by_adapter, end_s, out / "report.png")
     png = base64.b64encode((out / "report.png").read_bytes()).decode()

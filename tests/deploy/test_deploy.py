@@ -238,7 +238,8 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
         drained.kill(signal.SIGTERM)  # systemctl stop dlora-worker@0 on w1: it drains, then exits
         faults.append(("worker on w1 stopped (SIGTERM)", time.monotonic() - t0))
         assert load.popen.wait(timeout=240) == 0, load.log.read_text()[-3000:]
-        summary = json.loads((out / "result.json").read_text())["summary"]
+        result = json.loads((out / "result.json").read_text())
+        summary = result["summary"]
         master = net.run(
             "w2",
             [
@@ -258,6 +259,7 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
             "e2e_p99_s": summary["e2e_s"].get("p99"),
             "ttft_p99_s": summary["ttft_s"].get("p99"),
             "redis_primary_after": master[0],
+            "slowest": result["slowest"][:3],  # when they came, what they waited, why retried
         }
         (tmp_path / "deploy-figures.json").write_text(json.dumps(record, indent=1))
         print(json.dumps(record))

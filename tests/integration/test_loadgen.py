@@ -35,7 +35,8 @@ async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Pat
     assert summary["sent"] == 24 and summary["completed"] == 24 and summary["lost"] == 0 and summary["failed"] == 0
     assert summary["throughput_tok_s"] > 0 and summary["ttft_s"]["p50"] is not None
     result = json.loads((tmp_path / "result.json").read_text())
-    assert set(result) == {"config", "summary", "by_adapter"}
+    assert set(result) == {"config", "summary", "by_adapter", "slowest"}
+    assert len(result["slowest"]) == 5 and all(r["tokens"] > 0 and r["error"] is None for r in result["slowest"])
     config = result["config"]
     assert (config["target"], config["slo_ttft"], config["alpha"], config["out"]) == (target, 5, 1.1, str(tmp_path))
     assert sum(a["sent"] for a in result["by_adapter"].values()) == 24

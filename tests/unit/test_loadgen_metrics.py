@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dlora.loadgen import workload
-from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
+from dlora.loadgen.metrics import SLO, RequestResult, slowest, summarize, summarize_by_adapter
 from dlora.loadgen.traces import LLMRequestRow
 
 
@@ -52,3 +52,21 @@ def test_popularity_shifts_over_time() -> None:
     assert [s.adapter for s in specs] == [None, None]
     with pytest.raises(ValueError, match="names"):
         workload.build([0.1], [1.0], rows, rng, names=["x", "y"])
+
+
+def test_slowest_names_the_longest_waits_for_a_first_token_and_why() -> None:
+    fast = RequestResult(arrival_s=0.0, adapter="a", output_len=4, sent=True, first_token_s=0.1, finish_s=0.2)
+    retried = RequestResult(
+        arrival_s=1.0,
+        adapter=None,
+        output_len=4,
+        sent=True,
+        first_token_s=8.0,
+        finish_s=8.1,
+        retry_reasons=["3.000 s: HTTP 503: no dispatcher"],
+    )
+    unanswered = RequestResult(arrival_s=2.0, adapter="b", output_len=4, sent=True, error="HTTP 400: bad")
+    never_sent = RequestResult(arrival_s=3.0, adapter="c", output_len=4)
+    top = slowest([fast, retried, unanswered, never_sent], n=2)
+    assert [(t["arrival_s"], t["ttft_s"]) for t in top] == [(2.0, None), (1.0, 7.0)]
+    assert top[0]["error"] == "HTTP 400: bad" and top[1]["retried"] == ["3.000 s: HTTP 503: no dispatcher"]
