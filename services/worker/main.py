@@ -34,6 +34,7 @@ from dlora.common.messages import (
 )
 from dlora.common.state import Copy, Sent, StateStore
 from dlora.services.notify import notifier
+from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
@@ -357,50 +358,13 @@ class WorkerService:
             while True:
                 notifier.beat()  # a step that never returns stops these, and systemd's watchdog restarts us
                 if stop.is_set():
-                    drain_until = drain_until or await self._start_draining()
+                    drain_until = drain_until or await drain.start(self)
                     if time.monotonic() >= drain_until or not self.engine.has_unfinished() and self.commands.empty():
-                        await self._hand_over()
+                        await drain.hand_over(self)
                         return
                 await self._turn()
         finally:
             done.set()
-
-    async def _start_draining(self) -> float:
-        """Be given nothing new: stats saying so go out at once (the dispatcher and the migrator
-        leave a draining worker alone). When the drain ends (monotonic seconds)."""
-        self.draining = True
-        self.stats, self._snapshot_at = self._snapshot(), time.monotonic()
-        with contextlib.suppress(Exception):  # NATS down: the next stats say it
-            await bus.publish(self.nc, subjects.stats(self.s.worker_id), self.stats)
-        logger.info("draining", requests=len(self.streams), timeout_s=self.s.drain_timeout_s)
-        return time.monotonic() + self.s.drain_timeout_s
-
-    async def _hand_over(self) -> None:
-        """Give what still runs here after the drain back to a dispatcher, which runs each on
-        another worker from the tokens its client has (its in-flight record says which); not a
-        death (``LostRequests.draining``). Unsent (NATS down), they are recovered anyway once
-        this worker's heartbeat is gone."""
-        held: dict[str, int] = {}
-        while not self.commands.empty():  # requests that came during the drain go back unrun
-            if isinstance(cmd := self.commands.get_nowait(), Add):
-                held[cmd.req.request_id] = cmd.req.recoveries
-                self.pending.discard(cmd.req.request_id)
-            else:
-                await self._safely(cmd)
-        for rid, stream in list(self.streams.items()):
-            held[rid] = stream.request.recoveries
-            await self._drop(rid, record=False, attempt=stream.request.recoveries)
-        try:
-            if self.records.behind:  # the records must say what the clients have (and which ended)
-                await self.records.write({})
-            if not held:
-                return
-            handed = LostRequests(worker=self.s.worker_id, requests=held, draining=True)
-            await bus.publish(self.nc, subjects.LOST, handed)
-            await self.nc.flush(timeout=2)
-            logger.info("handed over at stop", requests=len(held))
-        except Exception as e:  # noqa: BLE001 - see the docstring
-            logger.warning("hand-over not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
 
     async def _turn(self) -> None:
         """One turn of the loop: reconcile now and then, take commands, step, refresh the stats."""

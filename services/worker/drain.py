@@ -1,0 +1,57 @@
+"""What a worker told to stop (SIGTERM: ``systemctl stop``) does before it exits: say so in its
+stats at once, finish what runs for ``drain_timeout_s``, hand the rest back to a dispatcher.
+Functions of the running ``WorkerService`` (its commands, streams and records)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from dlora.common import bus, log, subjects
+from dlora.common.messages import LostRequests
+from dlora.services.worker.commands import Add
+
+if TYPE_CHECKING:
+    from dlora.services.worker.main import WorkerService
+
+logger = log.get("worker")
+
+
+async def start(w: WorkerService) -> float:
+    """Be given nothing new: stats saying so go out at once (the dispatcher and the migrator
+    leave a draining worker alone). When the drain ends (monotonic seconds)."""
+    w.draining = True
+    w.stats, w._snapshot_at = w._snapshot(), time.monotonic()
+    with contextlib.suppress(Exception):  # NATS down: the next stats say it
+        await bus.publish(w.nc, subjects.stats(w.s.worker_id), w.stats)
+    logger.info("draining", requests=len(w.streams), timeout_s=w.s.drain_timeout_s)
+    return time.monotonic() + w.s.drain_timeout_s
+
+
+async def hand_over(w: WorkerService) -> None:
+    """Give what still runs here after the drain back to a dispatcher, which runs each on
+    another worker from the tokens its client has (its in-flight record says which); not a
+    death (``LostRequests.draining``). Unsent (NATS down), they are recovered anyway once
+    this worker's heartbeat is gone."""
+    held: dict[str, int] = {}
+    while not w.commands.empty():  # requests that came during the drain go back unrun
+        if isinstance(cmd := w.commands.get_nowait(), Add):
+            held[cmd.req.request_id] = cmd.req.recoveries
+            w.pending.discard(cmd.req.request_id)
+        else:
+            await w._safely(cmd)
+    for rid, stream in list(w.streams.items()):
+        held[rid] = stream.request.recoveries
+        await w._drop(rid, record=False, attempt=stream.request.recoveries)
+    try:
+        if w.records.behind:  # the records must say what the clients have (and which ended)
+            await w.records.write({})
+        if not held:
+            return
+        handed = LostRequests(worker=w.s.worker_id, requests=held, draining=True)
+        await bus.publish(w.nc, subjects.LOST, handed)
+        await w.nc.flush(timeout=2)
+        logger.info("handed over at stop", requests=len(held))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logger.warning("hand-over not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
