@@ -12,10 +12,15 @@ messages (``common/bus.py``) uses a ``RateLimiter`` too: any process on the bus 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+
+# Errors of a process out of descriptors or memory: their traceback (asyncio's accept loop, the
+# same frames every time) is ~2 KB of nothing the one-line message does not say.
+_EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # The standard-library loggers that write a line per connection or request in the gateway.
 PER_CONNECTION_LOGGERS = ("asyncio", "aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal")
@@ -59,7 +64,9 @@ class RateLimiter:
 
 class RateLimitFilter(logging.Filter):
     """A ``logging.Filter`` over a ``RateLimiter``; a record's kind is its logger, level and the
-    first line of its message template (the arguments vary: the client's address)."""
+    first line of its message template (the arguments vary: the client's address). A record let
+    through for running out of descriptors or memory loses its traceback and keeps the error's
+    one line (``[Errno 24] Too many open files``)."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         super().__init__()
@@ -68,10 +75,16 @@ class RateLimitFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         first_line = str(record.msg).split("\n", 1)[0][:200]
         allowed, suppressed = self.limiter.allow((record.name, record.levelno, first_line))
-        if allowed and suppressed:
+        if not allowed:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError) and exc.errno in _EXHAUSTION_ERRNOS:
+            record.msg, record.args = f"{record.getMessage().split(chr(10), 1)[0]}: {exc}", None
+            record.exc_info = record.exc_text = None
+        if suppressed:
             record.msg = f"{record.getMessage()}\n[{suppressed} more like this were not logged]"
             record.args = None
-        return allowed
+        return True
 
 
 def install(burst: int = 10, interval_s: float = 10.0, loggers: tuple[str, ...] = PER_CONNECTION_LOGGERS) -> None:

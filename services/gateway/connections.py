@@ -8,8 +8,11 @@ of file descriptors, and asyncio then logged ``socket.accept() out of system res
 aiohttp's per-connection protocol:
 
 - a connection over the total limit (503) or over its client address's limit (429) is answered at
-  once, before aiohttp sees it, and closed; the total is kept below the process's file-descriptor
-  limit, so ``accept`` never fails for want of one;
+  once, before aiohttp sees it, and closed; the total is kept ``FD_RESERVE`` below the process's
+  file-descriptor limit. A flood can still run ``accept`` out of descriptors for a moment: asyncio
+  accepts up to ``backlog`` connections per loop turn, and those refused are closed a turn or two
+  later. asyncio then pauses accepting for 1 s and logs it, one line without a traceback
+  (``common/lograte.py``);
 - a connection must send a complete request head within ``header_timeout_s`` of opening, or of
   its first byte after a finished request, or it is closed (nginx's ``client_header_timeout``);
 - between requests aiohttp's keep-alive timer closes it after ``idle_timeout_s``.

@@ -50,6 +50,30 @@ def test_a_record_let_through_after_a_flood_says_how_many_were_dropped() -> None
     assert f.filter(r) and r.getMessage() == "lost x\n[41 more like this were not logged]"
 
 
+def test_running_out_of_descriptors_is_logged_as_one_line_without_its_traceback() -> None:
+    """asyncio logs each failed ``accept`` with a ~2 KB traceback that says nothing the error's
+    one line does not; other errors keep theirs."""
+    import errno
+    import sys
+
+    f = RateLimitFilter(RateLimiter(burst=10, interval_s=1.0))
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\nsocket: <fd=8>", None, info
+        )
+
+    r = record(OSError(errno.EMFILE, "Too many open files"))
+    assert f.filter(r) and r.exc_info is None
+    assert r.getMessage() == "socket.accept() out of system resource: [Errno 24] Too many open files"
+    other = record(ValueError("a bug"))
+    assert f.filter(other) and other.exc_info is not None
+
+
 def test_a_flood_of_bad_bus_messages_logs_a_few_lines_and_counts_them_all(capsys) -> None:
     from dlora.common import bus, log
     from dlora.common.messages import GenerateRequest
