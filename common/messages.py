@@ -334,6 +334,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0
+    # Prompt tokens looked up in the prefix cache, and of those found cached (vLLM's
+    # prefix_cache_queries and prefix_cache_hits).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # Measured seconds of step time per generated token (prefill included); 0 before any step.
     seconds_per_token: float = 0.0
     # The same per adapter ("" for the base model): each step's time shared by the tokens fed, over

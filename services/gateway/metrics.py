@@ -4,8 +4,11 @@ the workers' stats messages."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from dlora.common.messages import WorkerStats
 
@@ -57,8 +60,12 @@ class Metrics:
             "dlora_adapter_load_seconds_total", "Seconds spent loading adapters", ["worker"], registry=r
         )
 
+        self.worker_counters = _WorkerCounters()
+        r.register(self.worker_counters)
+
     def observe_worker(self, st: WorkerStats) -> None:
         w = st.worker
+        self.worker_counters.latest[w] = st
         self.running.labels(w).set(st.running)
         self.waiting.labels(w).set(st.waiting)
         self.loads.labels(w).set(st.adapter_loads)
@@ -71,6 +78,26 @@ class Metrics:
     def render(self) -> bytes:
         """The gateway's metrics, then the process-wide ones (bus rejects, the process itself)."""
         return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+class _WorkerCounters(Collector):
+    """Totals each worker keeps since it started, exported as counters from its latest stats; the
+    names and meanings are vLLM's, so its dashboards and alerts read them unchanged."""
+
+    COUNTERS = (
+        ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
+        ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", "prefix_cache_hits"),
+    )
+
+    def __init__(self) -> None:
+        self.latest: dict[str, WorkerStats] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, doc, field in self.COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["worker"])
+            for worker, st in sorted(self.latest.items()):
+                family.add_metric([worker], getattr(st, field))
+            yield family
 
 
 class RequestTimer:

@@ -58,6 +58,8 @@ def worker_stats(
         adapter_loads=st.adapter_loads,
         adapter_evictions=st.adapter_evictions,
         adapter_load_seconds=st.adapter_load_seconds,
+        prefix_cache_queries=st.prefix_cache_queries,
+        prefix_cache_hits=st.prefix_cache_hits,
         seconds_per_token=st.step_seconds / max(1, st.tokens_generated),
         requests=loads,
         adapter_seconds_per_token={name_of(k): v for k, v in st.adapter_seconds_per_token().items()},

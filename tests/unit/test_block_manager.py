@@ -1,6 +1,6 @@
 import pytest
 
-from dlora.services.worker.engine.kv_cache import BlockManager
+from dlora.services.worker.engine.block_manager import BlockManager
 
 
 def test_grow_allocates_whole_blocks_and_maps_slots() -> None:
@@ -31,7 +31,7 @@ def test_grow_past_capacity_raises_and_changes_nothing() -> None:
     assert bm.num_free == 1 and bm.table("b") == []
 
 
-def test_blocks_are_never_shared() -> None:
+def test_without_prefix_caching_blocks_are_never_shared() -> None:
     bm = BlockManager(num_blocks=10, block_size=3)
     for i, n in enumerate([4, 7, 1, 9]):
         bm.grow(f"s{i}", n)

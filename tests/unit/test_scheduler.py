@@ -1,7 +1,9 @@
+from dataclasses import replace
+
 import torch
 
 from dlora.common.messages import SamplingParams
-from dlora.services.worker.engine.kv_cache import BlockManager
+from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import StepDecision
@@ -109,3 +111,56 @@ def test_a_mixed_step_runs_others_beside_the_merged_adapter_within_the_slots_lef
     # two slots: m's correction holds one, x the other; y waits
     mixed = schedule(StepDecision("m", ids, mixed=True), seqs, BlockManager(64, 4), LIMITS)
     assert [s.request_id for s in mixed.seqs] == ["r0", "r1", "r2", "r3", "r5"]
+
+
+CHUNKED = Limits(max_num_seqs=8, max_num_batched_tokens=16, max_adapters=2, chunked_prefill=True)
+
+
+def test_a_long_prefill_runs_in_chunks_beside_the_decodes() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    d1, d2 = running(seq("d1", 0, 5, outputs=1), bm), running(seq("d2", 1, 3, outputs=2), bm)
+    long = seq("long", 2, 40)
+    seqs = {s.request_id: s for s in (d1, d2, long)}
+    plan = schedule(StepDecision(None, ["d1", "d2", "long"]), seqs, bm, CHUNKED)
+    assert [(s.request_id, s.num_scheduled) for s in plan.seqs] == [("d1", 1), ("d2", 1), ("long", 14)]
+    assert len(bm.table("long")) == 4  # room for the 14 tokens of this chunk only
+    # Without chunks the budget holds the decodes only and the prompt waits for a step of its own.
+    bm2 = BlockManager(num_blocks=64, block_size=4)
+    seqs2 = {s.request_id: s for s in (running(seq("d1", 0, 5, outputs=1), bm2), seq("long", 2, 40))}
+    plan = schedule(StepDecision(None, ["d1", "long"]), seqs2, bm2, replace(CHUNKED, chunked_prefill=False))
+    assert [s.request_id for s in plan.seqs] == ["d1"]
+
+
+def test_a_prompt_longer_than_the_budget_is_chunked_even_when_it_runs_first() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    s = seq("p", 0, 40)
+    s.num_cached = 0
+    plan = schedule(StepDecision(None, ["p"]), {"p": s}, bm, CHUNKED)
+    assert plan.seqs == [s] and s.num_scheduled == 16
+    s.num_cached = 16  # the engine moves it on after the step; the next chunk continues there
+    plan = schedule(StepDecision(None, ["p"]), {"p": s}, bm, CHUNKED)
+    assert s.num_scheduled == 16 and len(bm.table("p")) == 8
+
+
+def test_a_fresh_prefill_starts_after_its_cached_prefix_and_the_lookup_is_counted() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    first = seq("a", 0, 10)
+    schedule(StepDecision(None, ["a"]), {"a": first}, bm, CHUNKED)
+    bm.computed("a", first.all_ids(), 0, 10, b"k")
+    again = seq("b", 1, 12)  # the same first ten tokens
+    plan = schedule(StepDecision(None, ["b"]), {"b": again}, bm, CHUNKED, cache_key=lambda _: b"k")
+    assert again.num_cached == 8 and again.num_scheduled == 4
+    assert (plan.prefix_queries, plan.prefix_hits) == (12, 8)
+
+
+def test_a_prefill_that_cannot_run_gives_its_cached_blocks_back() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    a = seq("a", 0, 9)
+    schedule(StepDecision(None, ["a"]), {"a": a}, bm, CHUNKED)
+    bm.computed("a", a.all_ids(), 0, 9, b"")
+    bm.free("a")  # finished: its two full blocks stay cached
+    hog = running(seq("hog", 1, 7, outputs=1), bm)  # takes the two never-cached blocks
+    late = seq("late", 2, 30)  # begins with a's first two blocks, then needs more than is free
+    plan = schedule(StepDecision(None, ["hog", "late"]), {"hog": hog, "late": late}, bm, CHUNKED)
+    assert [s.request_id for s in plan.seqs] == ["hog"]
+    assert late.num_cached == 0 and bm.table("late") == [] and bm.num_cached == 2

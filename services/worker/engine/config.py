@@ -38,7 +38,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     num_blocks: int | None = None  # KV blocks; None: as many as kv_cache_bytes holds
     kv_cache_bytes: int = 256 << 20  # bytes of KV cache when num_blocks is None
     max_num_seqs: int = 64  # requests in one step
-    max_num_batched_tokens: int = 4096  # tokens in one step (raised to max_model_len when smaller)
+    # Tokens fed in one step, prefill chunks and decodes together (raised to max_model_len when
+    # smaller and chunked prefill is off); 2048 as vLLM's default for an API server.
+    max_num_batched_tokens: int = 2048
+    # A prompt longer than the step's token budget left is prefilled in chunks beside the
+    # decodes, so a long prompt does not stall every running stream (vLLM's chunked prefill).
+    enable_chunked_prefill: bool = True
+    # Full KV blocks are kept for later requests with the same prefix and adapter weights.
+    enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_loras: int = 8  # device slots for unmerged adapters, one adapter of any rank each
     seed: int = 0  # for requests that sample without a seed of their own

@@ -17,24 +17,25 @@ from transformers import AutoTokenizer
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
+from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 from dlora.services.worker.engine.device import resolve_device
 from dlora.services.worker.engine.inputs import build_inputs
-from dlora.services.worker.engine.kv_cache import BlockManager, KVCache
-from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.engine.kv_cache import KVCache
+from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, import_kv
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import RequestError, RequestOutput, token_logprob
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
-from dlora.services.worker.engine.sampler import SamplingError, position_generator, sample
+from dlora.services.worker.engine.sampler import SamplingError, constrain, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.stopping import check_stop, visible_end
-from dlora.services.worker.engine.structured import GrammarError, Grammars, allowed
+from dlora.services.worker.engine.structured import GrammarError, Grammars
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
     BatchLimits,
@@ -59,15 +60,11 @@ class _Prepared:
     unmerge_s: float
     started: float
     fed: list[tuple[str | None, int]]  # (adapter, tokens fed) per sequence, in batch order
+    num_prefill: int  # of those, prompt (and recompute) tokens: all but the decodes' one each
 
     @property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.fed)
-
-    @property
-    def num_prefill(self) -> int:
-        """Prompt and recompute tokens: all but the one token of each decoding sequence."""
-        return sum(n for _, n in self.fed if n != 1)
 
 
 class LLMEngine:
@@ -105,15 +102,19 @@ class LLMEngine:
                 config.block_size * KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
             ),
         )
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         kv = KVCache(
             cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
         self.max_model_len = min(config.max_model_len or cfg.context_length(), num_blocks * config.block_size)
         self.limits = Limits(
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            # Without chunks a prompt must fit in one step.
+            max_num_batched_tokens=config.max_num_batched_tokens
+            if config.enable_chunked_prefill
+            else max(config.max_num_batched_tokens, self.max_model_len),
             max_adapters=config.max_loras,
+            chunked_prefill=config.enable_chunked_prefill,
         )
         self.slots = SlotTable(config.max_loras)
         self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
@@ -212,34 +213,16 @@ class LLMEngine:
             except GrammarError as e:
                 raise RequestError(str(e)) from None
         if kv is not None:
-            self._import_kv(seq, kv)
+            import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
         self.seqs[request_id] = seq
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
-        """The cache of a running request (None if it has none: waiting or unknown)."""
+        """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown)."""
         seq = self.seqs.get(request_id)
         if seq is None or seq.status is not Status.RUNNING or seq.num_cached == 0:
             return None
-        slots = torch.tensor(self.blocks.slots(request_id, 0, seq.num_cached), dtype=torch.int64, device=self.device)
-        kv = self.model.kv
-        return KVSnapshot(tokens=seq.num_cached, k=kv.k[:, slots].cpu(), v=kv.v[:, slots].cpu())
-
-    def _import_kv(self, seq: Sequence, kv: KVSnapshot) -> None:
-        cfg = self.model_config
-        expected = (cfg.num_layers, seq.total_len - 1, cfg.num_kv_heads, cfg.head_dim)
-        if tuple(kv.k.shape) != expected or tuple(kv.v.shape) != expected:
-            raise RequestError(f"moved KV has shape {tuple(kv.k.shape)}, expected {expected}")
-        if not self.blocks.can_grow(seq.request_id, kv.tokens):
-            raise RequestError("no free KV blocks for the moved cache")
-        self.blocks.grow(seq.request_id, kv.tokens)
-        slots = torch.tensor(self.blocks.slots(seq.request_id, 0, kv.tokens), dtype=torch.int64, device=self.device)
-        for layer in range(cfg.num_layers):
-            self.model.kv.write(
-                layer, kv.k[layer].to(self.device, self.dtype), kv.v[layer].to(self.device, self.dtype), slots
-            )
-        seq.num_cached = kv.tokens
-        seq.status = Status.RUNNING
+        return export_kv(seq, self.blocks, self.model.kv)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its memory; False if it was not in flight."""
@@ -263,7 +246,7 @@ class LLMEngine:
                 s.adapter,
                 s.arrival,
                 s.status is Status.RUNNING,
-                s.num_new,
+                min(s.num_new, self.limits.max_num_batched_tokens),
                 self.adapters[s.adapter].rank if s.adapter is not None else 0,
             )
             for s in sorted(self.seqs.values(), key=lambda s: s.arrival)
@@ -285,7 +268,7 @@ class LLMEngine:
             return []
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
-        self._observe(decision, step, time.perf_counter() - step.started)
+        self._observe(decision, step, len(tokens), time.perf_counter() - step.started)
         return outputs
 
     def _prepare(self, decision: StepDecision) -> _Prepared | None:
@@ -294,20 +277,24 @@ class LLMEngine:
         if decision.merged is not None and decision.merged not in self.adapters:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
         merge_s, unmerge_s = self.switch(decision.merged)
-        plan = schedule(decision, self.seqs, self.blocks, self.limits)
+        plan = schedule(decision, self.seqs, self.blocks, self.limits, self._cache_key)
         self.stats.preemptions += len(plan.preempted)
+        self.stats.record_prefix_cache(plan.prefix_queries, plan.prefix_hits)
         if not plan.seqs:
             return None
         started = time.perf_counter()  # the step's time counts adapter loads, not the switch
         batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
-        return _Prepared(batch, slots, merge_s, unmerge_s, started, [(s.adapter, s.num_new) for s in batch])
+        fed = [(s.adapter, s.num_scheduled) for s in batch]
+        prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)
+        return _Prepared(batch, slots, merge_s, unmerge_s, started, fed, prefill)
 
     def _run(
         self, step: _Prepared
     ) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError], list[RequestOutput]]:
-        """The forward and sampling: the sequences that ran, their logits (B, vocab), one token (or
-        the sampler's error) each, and failure outputs of those that could not run."""
+        """The forward and sampling: the sequences that ran to a new token, their logits (B, vocab),
+        one token (or the sampler's error) each, and failure outputs of those that could not run."""
         ran, logits, failed = self._forward(step.batch, step.slots)
+        ran, logits = self._written(ran, logits)
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         if logits is None:
             return ran, None, [], failed
@@ -316,8 +303,32 @@ class LLMEngine:
             for s in ran
         ]
         histories = [(s.prompt_ids, s.output_ids) for s in ran]
-        tokens = sample(self._constrained(ran, logits), [s.params for s in ran], generators, histories)
+        tokens = sample(constrain(logits, [s.matcher for s in ran]), [s.params for s in ran], generators, histories)
         return ran, logits, tokens, failed
+
+    def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Take in the KV the step wrote (the prefix cache names the blocks it completed) and keep
+        the sequences, with their logits, that go on to sample: a prefill chunk short of the
+        prompt's end only moves its ``num_cached`` on."""
+        done = []
+        for i, s in enumerate(ran):
+            start, end = s.num_cached, s.num_cached + s.num_scheduled
+            if self.blocks.enable_prefix_caching:
+                self.blocks.computed(s.request_id, s.all_ids(), start, end, self._cache_key(s.adapter))
+            if end < s.total_len:
+                s.num_cached = end
+            else:
+                done.append(i)
+        if len(done) == len(ran):
+            return ran, logits
+        return [ran[i] for i in done], (logits[done] if logits is not None else None)
+
+    def _cache_key(self, adapter: str | None) -> bytes:
+        """Which weights compute ``adapter``'s KV now: its content digest and the merged adapter's
+        (the prefix cache's key; ``block_manager.py`` says why the mode is in it)."""
+        merged = self.merger.merged
+        own = self.adapters[adapter].digest if adapter is not None else ""
+        return f"{own}|{self.adapters[merged].digest if merged is not None else ''}".encode()
 
     def _postprocess(
         self, ran: list[Sequence], logits: torch.Tensor | None, tokens: list[int | SamplingError]
@@ -341,9 +352,9 @@ class LLMEngine:
                 outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))
         return outputs
 
-    def _observe(self, decision: StepDecision, step: _Prepared, seconds: float) -> None:
-        """Record the step in the engine's stats and hand the policy its decision back with what
-        the step ran and cost."""
+    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: float) -> None:
+        """Record the step (``generated`` tokens) in the engine's stats and hand the policy its
+        decision back with what the step ran and cost."""
         batch, fed, merged = step.batch, step.num_tokens, self.merger.merged
         ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
         segments, rank_tokens = lora_work(step.fed, merged, ranks)
@@ -358,23 +369,9 @@ class LLMEngine:
             merge_seconds=step.merge_s,
             unmerge_seconds=step.unmerge_s,
         )
-        self.stats.record_step(seconds, len(batch), fed, step.num_prefill, record.mode)
+        self.stats.record_step(seconds, generated, fed, step.num_prefill, record.mode)
         self.stats.record_adapters(seconds, fed, [(a or "", n) for a, n in step.fed])
         self.policy.observe(decision, record)
-
-    def _constrained(self, ran: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """Logits with the tokens each structured-output request's schema forbids masked out."""
-        rows = [i for i, s in enumerate(ran) if s.matcher is not None]
-        if not rows:
-            return logits
-        masked = logits.clone()
-        for i in rows:
-            try:
-                ok = torch.from_numpy(allowed(ran[i].matcher, masked.shape[-1])).to(masked.device)
-            except Exception:  # noqa: BLE001 - its own row fails (every token masked), not the step
-                ok = torch.zeros(masked.shape[-1], dtype=torch.bool, device=masked.device)
-            masked[i].masked_fill_(~ok, float("-inf"))
-        return masked
 
     def _forward(
         self, batch: list[Sequence], slots: StepSlots

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dlora.kernels.backend import Kernels
-from dlora.services.worker.engine.kv_cache import BlockManager
+from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.model import StepInputs
 from dlora.services.worker.engine.placement import StepSlots
 from dlora.services.worker.engine.sequence import Sequence
@@ -19,8 +19,8 @@ def build_inputs(
     kernels: Kernels,
     device: torch.device,
 ) -> StepInputs:
-    """Each sequence's new tokens back to back (a whole prompt at prefill, one token at decode),
-    with its KV slots and the device slots of the LoRA deltas it adds and subtracts (``lora``)."""
+    """Each sequence's scheduled tokens back to back (a prompt or a chunk of it at prefill, one
+    token at decode), with their KV slots and the device slots of the LoRA deltas it adds and subtracts (``lora``)."""
     ids: list[int] = []
     positions: list[int] = []
     seq_lens: list[int] = []
@@ -29,8 +29,9 @@ def build_inputs(
     minus_slots: list[int] = []
     q_lens, ctx_lens, tables = [], [], []
     for s in batch:
-        new = s.new_ids()
-        n, total = len(new), s.total_len
+        new = s.scheduled_ids()
+        n = len(new)
+        total = s.num_cached + n  # its context once this step's tokens are in
         ids += new
         positions += range(s.num_cached, total)
         seq_lens += [total] * n

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load, save
 
+from dlora.services.worker.engine.block_manager import BlockManager
+from dlora.services.worker.engine.kv_cache import KVCache
+from dlora.services.worker.engine.outputs import RequestError
+from dlora.services.worker.engine.sequence import Sequence, Status
+
 
 @dataclass
 class KVSnapshot:
@@ -25,3 +30,30 @@ class KVSnapshot:
     def from_bytes(cls, data: bytes) -> KVSnapshot:
         t = load(data)
         return cls(tokens=t["k"].shape[1], k=t["k"], v=t["v"])
+
+
+def export_kv(seq: Sequence, blocks: BlockManager, kv: KVCache) -> KVSnapshot:
+    """The K and V of ``seq``'s cached tokens, on the host."""
+    slots = torch.tensor(blocks.slots(seq.request_id, 0, seq.num_cached), dtype=torch.int64, device=kv.k.device)
+    return KVSnapshot(tokens=seq.num_cached, k=kv.k[:, slots].cpu(), v=kv.v[:, slots].cpu())
+
+
+def import_kv(seq: Sequence, snapshot: KVSnapshot, blocks: BlockManager, kv: KVCache) -> None:
+    """Write a moved request's cache into blocks of its own and make it a decoding sequence. Its
+    blocks are not prefix-cached: which weights computed them is not known here. RequestError when
+    the snapshot's shape is not ``seq``'s context but one token in this cache's layout, or blocks
+    run out."""
+    layers, _, kv_heads, head_dim = kv.k.shape
+    expected = (layers, seq.total_len - 1, kv_heads, head_dim)
+    if tuple(snapshot.k.shape) != expected or tuple(snapshot.v.shape) != expected:
+        raise RequestError(f"moved KV has shape {tuple(snapshot.k.shape)}, expected {expected}")
+    if not blocks.can_grow(seq.request_id, snapshot.tokens):
+        raise RequestError("no free KV blocks for the moved cache")
+    blocks.grow(seq.request_id, snapshot.tokens)
+    blocks.stop_caching(seq.request_id)
+    slots = torch.tensor(blocks.slots(seq.request_id, 0, snapshot.tokens), dtype=torch.int64, device=kv.k.device)
+    device, dtype = kv.k.device, kv.k.dtype
+    for layer in range(layers):
+        kv.write(layer, snapshot.k[layer].to(device, dtype), snapshot.v[layer].to(device, dtype), slots)
+    seq.num_cached = snapshot.tokens
+    seq.status = Status.RUNNING

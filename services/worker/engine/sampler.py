@@ -7,9 +7,12 @@ Safe for every parameter value the API accepts: temperatures below ``GREEDY_BELO
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.structured import allowed
 
 # Temperatures below this sample greedily (vLLM: vllm/sampling_params.py, _SAMPLING_EPS = 1e-5).
 GREEDY_BELOW = 1e-5
@@ -132,3 +135,20 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled.softmax(-1)
+
+
+def constrain(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
+    """``logits`` (B, vocab) with the tokens each row's structured-output matcher (llguidance; None:
+    unconstrained) forbids set to -inf; a matcher that fails masks its whole row, so that row
+    alone fails to sample."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    masked = logits.clone()
+    for i in rows:
+        try:
+            ok = torch.from_numpy(allowed(matchers[i], masked.shape[-1])).to(masked.device)
+        except Exception:  # noqa: BLE001 - its own row fails (every token masked), not the step
+            ok = torch.zeros(masked.shape[-1], dtype=torch.bool, device=masked.device)
+        masked[i].masked_fill_(~ok, float("-inf"))
+    return masked

@@ -1,16 +1,18 @@
 """Turn a policy's decision into this step's batch under memory, token and adapter-slot limits.
 
 Pure bookkeeping over sequences and the block manager: no tensors. A running sequence that
-needs a block when none is free takes one from the most recently arrived running sequence
+needs a block when none is free takes one from the most recently arrived sequence holding blocks
 outside the batch (or gives up its own), which is preempted by recompute: its blocks are freed
-and it re-enters as a prefill of its prompt plus the tokens it already produced.
+and it re-enters as a prefill of its prompt plus the tokens it already produced (whose full
+blocks the prefix cache may still hold).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dlora.services.worker.engine.kv_cache import BlockManager
+from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import StepDecision, free_slots
 
@@ -18,14 +20,19 @@ from dlora.services.worker.policy import StepDecision, free_slots
 @dataclass(frozen=True)
 class Limits:
     max_num_seqs: int  # sequences per step
-    max_num_batched_tokens: int  # new tokens per step (a longer prefill still runs alone)
+    max_num_batched_tokens: int  # tokens fed per step
     max_adapters: int  # distinct unmerged adapters per step (device slots), a mixed step's merged one included
+    # A prefill longer than the step's token budget left runs a chunk of it beside the decodes
+    # (vLLM's chunked prefill); off: it waits for a step with room, or runs alone when first.
+    chunked_prefill: bool = False
 
 
 @dataclass
 class Schedule:
     seqs: list[Sequence] = field(default_factory=list)  # run this step, in decision order
     preempted: list[Sequence] = field(default_factory=list)  # lost their KV this step
+    prefix_queries: int = 0  # tokens of the prefills admitted fresh, looked up in the prefix cache
+    prefix_hits: int = 0  # of those, found cached: their prefill skips them
 
 
 def preempt(seq: Sequence, blocks: BlockManager) -> None:
@@ -35,7 +42,17 @@ def preempt(seq: Sequence, blocks: BlockManager) -> None:
     seq.num_preemptions += 1
 
 
-def schedule(decision: StepDecision, seqs: dict[str, Sequence], blocks: BlockManager, limits: Limits) -> Schedule:
+def schedule(
+    decision: StepDecision,
+    seqs: dict[str, Sequence],
+    blocks: BlockManager,
+    limits: Limits,
+    cache_key: Callable[[str | None], bytes] = lambda _: b"",
+) -> Schedule:
+    """The decision's requests that run this step, each with ``num_scheduled`` set: every token it
+    has new, or a chunk of a prefill. A prefill that holds no blocks yet first takes the cached
+    blocks its prompt begins with under ``cache_key(adapter)`` (which weights compute this step's
+    KV for that adapter; ``block_manager.py``)."""
     out = Schedule()
     chosen: set[str] = set()
     adapters: set[str] = set()
@@ -46,43 +63,83 @@ def schedule(decision: StepDecision, seqs: dict[str, Sequence], blocks: BlockMan
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
             continue
-        if len(out.seqs) == limits.max_num_seqs:
+        if len(out.seqs) == limits.max_num_seqs or tokens >= limits.max_num_batched_tokens:
             break
         if merged is not None and seq.adapter != merged and not decision.mixed:
             continue  # a merged step runs only the merged adapter's requests
         if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
             continue
-        if out.seqs and tokens + seq.num_new > limits.max_num_batched_tokens:
+        fresh = not blocks.holds(rid)
+        if fresh:
+            seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), cache_key(seq.adapter))
+        n = seq.num_new
+        if tokens + n > limits.max_num_batched_tokens:
+            if limits.chunked_prefill and seq.status is Status.WAITING:
+                n = limits.max_num_batched_tokens - tokens
+            elif out.seqs:
+                _release(seq, blocks, fresh)
+                continue
+        if not _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision):
+            _release(seq, blocks, fresh)
             continue
-        if seq.status is Status.RUNNING:
-            out.preempted += _make_room(seq, seqs, blocks, exclude=chosen | {rid})
-            if not blocks.can_grow(rid, seq.total_len):
-                preempt(seq, blocks)
-                out.preempted.append(seq)
-                continue
-        elif not blocks.can_grow(rid, seq.total_len):
-            # A prefill waits for free blocks rather than evicting running work, unless the step
-            # would otherwise be empty: then sequences the decision left out (paused while another
-            # adapter is merged) give their blocks back.
-            if out.seqs:
-                continue
-            out.preempted += _make_room(seq, seqs, blocks, exclude=set(decision.request_ids))
-            if not blocks.can_grow(rid, seq.total_len):
-                continue
-        blocks.grow(rid, seq.total_len)
+        blocks.grow(rid, seq.num_cached + n)
+        seq.num_scheduled = n
         out.seqs.append(seq)
         chosen.add(rid)
-        tokens += seq.num_new
+        tokens += n
+        if fresh:
+            out.prefix_queries += seq.total_len
+            out.prefix_hits += seq.num_cached
         if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out
 
 
-def _make_room(seq: Sequence, seqs: dict[str, Sequence], blocks: BlockManager, exclude: set[str]) -> list[Sequence]:
-    """Preempt running sequences outside ``exclude``, latest arrival first, until ``seq`` fits."""
+def _fits(
+    seq: Sequence,
+    num_tokens: int,
+    seqs: dict[str, Sequence],
+    blocks: BlockManager,
+    out: Schedule,
+    chosen: set[str],
+    decision: StepDecision,
+) -> bool:
+    """Whether ``seq`` can hold ``num_tokens``, preempting others where it may: a decode takes
+    blocks from sequences outside the step (or gives up its own); a prefill waits for free blocks
+    rather than evicting running work, unless the step would otherwise be empty: then sequences
+    the decision left out (paused while another adapter is merged) give their blocks back."""
+    rid = seq.request_id
+    if seq.status is Status.RUNNING:
+        out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=chosen | {rid})
+        if not blocks.can_grow(rid, num_tokens):
+            preempt(seq, blocks)
+            out.preempted.append(seq)
+            return False
+        return True
+    if blocks.can_grow(rid, num_tokens):
+        return True
+    if out.seqs:
+        return False
+    out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=set(decision.request_ids))
+    return blocks.can_grow(rid, num_tokens)
+
+
+def _release(seq: Sequence, blocks: BlockManager, fresh: bool) -> None:
+    """Undo a fresh prefill's lookup when it does not run this step: the cached blocks it took go
+    back (still cached) and it is looked up again when it is next considered."""
+    if fresh:
+        blocks.free(seq.request_id)
+        seq.num_cached = 0
+
+
+def _make_room(
+    seq: Sequence, num_tokens: int, seqs: dict[str, Sequence], blocks: BlockManager, exclude: set[str]
+) -> list[Sequence]:
+    """Preempt sequences holding blocks outside ``exclude``, latest arrival first, until ``seq``
+    can hold ``num_tokens``."""
     victims = []
-    while not blocks.can_grow(seq.request_id, seq.total_len):
-        victim = _latest_running(seqs, exclude)
+    while not blocks.can_grow(seq.request_id, num_tokens):
+        victim = _latest_holding(seqs, blocks, exclude)
         if victim is None:
             break
         preempt(victim, blocks)
@@ -90,6 +147,6 @@ def _make_room(seq: Sequence, seqs: dict[str, Sequence], blocks: BlockManager, e
     return victims
 
 
-def _latest_running(seqs: dict[str, Sequence], exclude: set[str]) -> Sequence | None:
-    running = [s for s in seqs.values() if s.status is Status.RUNNING and s.request_id not in exclude]
-    return max(running, key=lambda s: s.arrival, default=None)
+def _latest_holding(seqs: dict[str, Sequence], blocks: BlockManager, exclude: set[str]) -> Sequence | None:
+    holding = [s for s in seqs.values() if blocks.holds(s.request_id) and s.request_id not in exclude]
+    return max(holding, key=lambda s: s.arrival, default=None)

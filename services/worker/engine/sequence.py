@@ -11,8 +11,9 @@ from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # no KV in the cache: needs a prefill (new, or preempted)
-    RUNNING = "running"  # KV cached up to all tokens but the last
+    # Needs a prefill (new, or preempted); holds blocks once a chunk of it or a cached prefix is in
+    WAITING = "waiting"
+    RUNNING = "running"  # KV cached up to all tokens but the last: decoding
     FINISHED = "finished"
 
 
@@ -29,6 +30,8 @@ class Sequence:
     # Tokens whose K/V are in the cache. RUNNING keeps this at len(all_ids) - 1: the last sampled
     # token is fed at the next step, so prefill and decode are one code path.
     num_cached: int = 0
+    # Tokens fed at the step being run (set by the scheduler): num_new, or a chunk of a prefill.
+    num_scheduled: int = 0
     text: str = ""  # output text so far (stop string cut off)
     emitted: int = 0  # characters of text already returned to the caller
     finish_reason: FinishReason | None = None
@@ -36,11 +39,18 @@ class Sequence:
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
 
     def new_ids(self) -> list[int]:
-        """Tokens whose K/V are not cached yet, i.e. this step's input."""
+        """Tokens whose K/V are not cached yet."""
         n = len(self.prompt_ids)
         if self.num_cached >= n:
             return self.output_ids[self.num_cached - n :]
         return self.prompt_ids[self.num_cached :] + self.output_ids
+
+    def scheduled_ids(self) -> list[int]:
+        """This step's input: the first ``num_scheduled`` of ``new_ids``."""
+        return self.new_ids()[: self.num_scheduled]
+
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def total_len(self) -> int:

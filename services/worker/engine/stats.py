@@ -20,6 +20,10 @@ class EngineStats:
     unmerges: int = 0
     unmerge_seconds: float = 0.0  # total
     preemptions: int = 0
+    # Tokens of prefills looked up in the prefix cache, and of those found (vLLM's
+    # prefix_cache_queries and prefix_cache_hits).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0  # total
@@ -47,6 +51,10 @@ class EngineStats:
 
     def adapter_seconds_per_token(self) -> dict[str, float]:
         return {a: self.adapter_seconds[a] / n for a, n in self.adapter_tokens.items() if n}
+
+    def record_prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_cache_queries += queries
+        self.prefix_cache_hits += hits
 
     def record_merge(self, seconds: float) -> None:
         self.merges += 1

@@ -1,0 +1,189 @@
+"""The paged KV cache's bookkeeping: which physical blocks each sequence holds, and which full blocks
+are cached for reuse by their content (automatic prefix caching). Pure: no tensors, no I/O.
+
+A sequence's KV lives in fixed-size blocks scattered over one pool; its block table maps logical
+block i (tokens [i*block_size, (i+1)*block_size)) to a physical block. Token t of a sequence is
+stored at flat slot ``table[t // block_size] * block_size + t % block_size``.
+
+**Prefix caching** (as vLLM's automatic prefix caching, keyed so a hit is always the same KV): a
+full block is named by a hash chain, ``hash(parent's hash, its token ids, cache key)``, where the
+cache key says which weights computed it: the adapter's *content* digest (its config and weights,
+never its name, so an adapter registered again under the same name with other weights never
+reads the old KV; vLLM #42125) and the digest of the adapter merged into the base weights while
+it was computed. The second part is there because merged and unmerged execution do not produce
+the same KV: ``x (W + s·BA)`` and ``x W + s·(x A) B`` round differently, and in half precision
+the merged weight itself loses the delta's low bits (tests/engine/test_prefix_cache.py measures
+it). A block whose tokens were computed under two merged states is not cached, nor any block after
+it in that sequence (its chain would name KV that no single state produces).
+
+Blocks are reference-counted: a cached block may be in several sequences' tables. One that no
+sequence holds stays cached and is reused only when no never-cached block is free, least
+recently released first (a sequence releases its tail first, so a shared prefix outlives the
+turns that extended it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+# A block's hash chain starts from this parent.
+_ROOT = b"dlora-prefix-v1"
+
+
+def block_hash(parent: bytes, token_ids: list[int], cache_key: bytes) -> bytes:
+    """The name of a full block: 16 bytes of BLAKE2b over its parent's name, its token ids and the
+    cache key (which weights computed its KV)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    h.update(cache_key)
+    return h.digest()
+
+
+@dataclass
+class _Held:
+    """One sequence's blocks and how far its chain of cached blocks goes."""
+
+    table: list[int] = field(default_factory=list)
+    chain: list[bytes] = field(default_factory=list)  # names of its leading full blocks, in order
+    # The cache key of the tokens computed so far in the block after the chain: None before any,
+    # or False once two keys have been seen there (then nothing more of this sequence is cached).
+    open_key: bytes | None | bool = None
+
+
+class BlockManager:
+    """Hands out physical blocks to sequences and (with ``enable_prefix_caching``) keeps full
+    blocks' KV for later sequences with the same prefix."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+        """ValueError when ``num_blocks`` or ``block_size`` is below 1."""
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._free: deque[int] = deque(range(num_blocks))  # never cached, or no longer
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by none: LRU first
+        self._ref = [0] * num_blocks
+        self._name_of: dict[int, bytes] = {}  # cached blocks' names
+        self._cached: dict[bytes, int] = {}  # name -> block
+        self._held: dict[str, _Held] = {}
+
+    @property
+    def num_free(self) -> int:
+        """Blocks a sequence can be given: never cached, or cached and held by none."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def table(self, seq_id: str) -> list[int]:
+        held = self._held.get(seq_id)
+        return held.table if held is not None else []
+
+    def holds(self, seq_id: str) -> bool:
+        return bool(self.table(seq_id))
+
+    def extra_blocks_needed(self, seq_id: str, num_tokens: int) -> int:
+        """Blocks to add so ``seq_id`` can hold ``num_tokens`` tokens (0 if it already can)."""
+        return max(0, self.blocks_for(num_tokens) - len(self.table(seq_id)))
+
+    def can_grow(self, seq_id: str, num_tokens: int) -> bool:
+        return self.extra_blocks_needed(seq_id, num_tokens) <= self.num_free
+
+    def grow(self, seq_id: str, num_tokens: int) -> None:
+        """Make ``seq_id`` hold ``num_tokens`` tokens. MemoryError if blocks run out (check can_grow)."""
+        need = self.extra_blocks_needed(seq_id, num_tokens)
+        if need > self.num_free:
+            raise MemoryError(f"{seq_id}: needs {need} blocks, {self.num_free} free")
+        held = self._held.setdefault(seq_id, _Held())
+        held.table.extend(self._take() for _ in range(need))
+
+    def free(self, seq_id: str) -> None:
+        """Release every block of ``seq_id``, its last block first; a no-op for an unknown sequence.
+        A cached block nobody holds any more stays cached until its block is needed."""
+        held = self._held.pop(seq_id, None)
+        for block in reversed(held.table if held is not None else []):
+            self._ref[block] -= 1
+            if self._ref[block] == 0:
+                if block in self._name_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def slots(self, seq_id: str, start: int, end: int) -> list[int]:
+        """Flat cache slots of tokens [start, end) of ``seq_id``."""
+        table, bs = self._held[seq_id].table, self.block_size
+        return [table[t // bs] * bs + t % bs for t in range(start, end)]
+
+    # ---- prefix caching ---------------------------------------------------------------------
+    def reuse_prefix(self, seq_id: str, token_ids: list[int], cache_key: bytes) -> int:
+        """Give ``seq_id`` (holding nothing) the cached blocks that begin ``token_ids`` under
+        ``cache_key``; the number of tokens whose KV they hold (a multiple of ``block_size``). The
+        last token is never taken from the cache: its logits are needed, so it is computed.
+        ValueError if ``seq_id`` already holds blocks."""
+        if self.holds(seq_id):
+            raise ValueError(f"{seq_id} already holds blocks")
+        if not self.enable_prefix_caching:
+            return 0
+        held = self._held[seq_id] = _Held()
+        bs, parent = self.block_size, _ROOT
+        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
+            name = block_hash(parent, token_ids[start : start + bs], cache_key)
+            block = self._cached.get(name)
+            if block is None:
+                break
+            if self._ref[block] == 0:
+                del self._evictable[block]
+            self._ref[block] += 1
+            held.table.append(block)
+            held.chain.append(name)
+            parent = name
+        return len(held.table) * bs
+
+    def computed(self, seq_id: str, token_ids: list[int], start: int, end: int, cache_key: bytes) -> None:
+        """Tokens [start, end) of ``seq_id`` (``token_ids`` are all its tokens so far) had their KV
+        written by weights named ``cache_key``: cache each block this completes, unless its tokens
+        were computed under two keys (then nothing more of the sequence is cached)."""
+        held = self._held.get(seq_id)
+        if not self.enable_prefix_caching or held is None or held.open_key is False or end <= start:
+            return
+        bs = self.block_size
+        if len(held.chain) * bs > start:
+            return  # recomputing what its chain already names: nothing new to cache
+        if held.open_key is not None and held.open_key != cache_key:
+            held.open_key = False
+            return
+        held.open_key = cache_key
+        while (len(held.chain) + 1) * bs <= end:
+            b = len(held.chain)
+            name = block_hash(held.chain[-1] if held.chain else _ROOT, token_ids[b * bs : (b + 1) * bs], cache_key)
+            held.chain.append(name)
+            block = held.table[b]
+            if name not in self._cached:  # else another sequence cached the same KV first
+                self._cached[name] = block
+                self._name_of[block] = name
+        if end % bs == 0:
+            held.open_key = None
+
+    def stop_caching(self, seq_id: str) -> None:
+        """Cache nothing more of ``seq_id``: its KV came from elsewhere (a moved request)."""
+        if seq_id in self._held:
+            self._held[seq_id].open_key = False
+
+    def _take(self) -> int:
+        """A block for a sequence: a never-cached one if any, else the least recently released
+        cached one, which stops being cached."""
+        if self._free:
+            block = self._free.popleft()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._name_of.pop(block)]
+        self._ref[block] = 1
+        return block

@@ -1,0 +1,98 @@
+"""Prefix caching in the block manager (pure): which blocks a prompt reuses, under which key,
+what stays cached when sequences end, and what is evicted first."""
+
+from __future__ import annotations
+
+from dlora.services.worker.engine.block_manager import BlockManager
+
+KEY, OTHER = b"lora-a|", b"lora-a|merged-b"
+
+
+def _run(bm: BlockManager, seq: str, ids: list[int], key: bytes = KEY) -> int:
+    """A prefill of ``ids`` as the engine does it: reuse, grow, compute the rest; tokens reused."""
+    reused = bm.reuse_prefix(seq, ids, key)
+    bm.grow(seq, len(ids))
+    bm.computed(seq, ids, reused, len(ids), key)
+    return reused
+
+
+def test_a_prompt_reuses_the_full_blocks_another_computed_under_the_same_key() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    prompt = list(range(10))
+    assert _run(bm, "a", prompt) == 0
+    assert bm.num_cached == 2  # tokens 0-7; 8-9 fill no block
+    assert _run(bm, "b", prompt + [77, 78]) == 8
+    assert bm.table("b")[:2] == bm.table("a")[:2]  # shared, not copied
+    assert bm.reuse_prefix("c", prompt, OTHER) == 0  # other weights computed nothing here
+    bm.free("c")
+    assert bm.reuse_prefix("d", [99, *prompt[1:]], KEY) == 0  # the chain: a different first token
+    bm.free("d")
+    # Never the last token: its logits must be computed, so an 8-token prompt reuses one block.
+    assert bm.reuse_prefix("e", prompt[:8], KEY) == 4
+
+
+def test_cached_blocks_outlive_their_sequences_until_their_blocks_are_needed() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    _run(bm, "a", list(range(12)))  # three blocks, three cached
+    bm.free("a")
+    assert bm.num_free == 4 and bm.num_cached == 3
+    assert _run(bm, "b", list(range(12)) + [5]) == 12
+    bm.free("b")
+    # Something else needs every block: the never-cached one first, then the least recently
+    # released cached ones, the tail before the head (b released its last block first).
+    bm.grow("x", 8)
+    assert bm.num_cached == 2
+    assert bm.reuse_prefix("y", list(range(13)), KEY) == 8  # blocks 0 and 1 of the chain are left
+    bm.free("y")
+    bm.grow("x", 16)
+    assert bm.num_cached == 0 and bm.num_free == 0
+
+
+def test_blocks_shared_by_two_sequences_stay_held_until_both_release_them() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    _run(bm, "a", [1, 2, 3, 4, 5])
+    _run(bm, "b", [1, 2, 3, 4, 9])
+    assert bm.num_free == 4 - 3 - 1  # a: 3 blocks; b: a's first two and one of its own
+    bm.free("a")
+    assert bm.num_free == 4 - 3  # b still holds the shared two
+    bm.free("b")
+    assert bm.num_free == 4
+
+
+def test_a_block_computed_under_two_keys_is_not_cached_nor_anything_after_it() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    ids = list(range(14))
+    bm.grow("a", 6)
+    bm.computed("a", ids, 0, 6, KEY)  # block 0 cached; block 1 half done under KEY
+    bm.grow("a", 14)
+    bm.computed("a", ids, 6, 14, OTHER)  # block 1 finished under OTHER
+    assert bm.num_cached == 1
+    assert bm.reuse_prefix("b", ids, KEY) == 4 and bm.reuse_prefix("c", ids, OTHER) == 0
+
+
+def test_two_sequences_computing_the_same_prefix_cache_it_once() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    for s in ("a", "b"):
+        bm.reuse_prefix(s, [1, 2, 3], KEY)
+        bm.grow(s, 3)
+    for s in ("a", "b"):
+        bm.computed(s, [1, 2, 3], 0, 3, KEY)
+    assert bm.num_cached == 1
+    bm.free("a")
+    bm.free("b")
+    assert bm.num_free == 8 and bm.reuse_prefix("c", [1, 2, 3], KEY) == 2
+
+
+def test_moved_kv_is_not_cached() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    bm.grow("m", 6)
+    bm.stop_caching("m")
+    bm.computed("m", [1, 2, 3, 4, 5, 6, 7], 6, 7, KEY)
+    assert bm.num_cached == 0
+
+
+def test_off_it_reuses_nothing_and_caches_nothing() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2)
+    assert _run(bm, "a", [1, 2, 3, 4, 5]) == 0 and bm.num_cached == 0
+    bm.free("a")
+    assert _run(bm, "b", [1, 2, 3, 4, 5]) == 0
