@@ -1,26 +1,41 @@
 """Paged attention over the KV block pool, torch implementation (the CPU path and the reference).
 
-Sequences of one step are split into groups of similar query length (decode: one token each;
-prefill: many); each group is padded to its longest query and run as one batched SDPA call,
-with a mask that is causal inside the new tokens and hides cache slots past each context.
+Sequences of one step are split into groups (decode: one new token each; prefill: many) of at
+most ``GROUP_KEYS`` keys together. For each group and layer, the keys and values of its blocks
+are copied with one ``index_select`` each into a workspace reused by every group and layer of the
+step, and attended by one SDPA call: a lone sequence over exactly its context (no mask, or SDPA's
+own causal one when its whole prompt is new), several with queries and keys padded and a mask
+that is causal inside the new tokens and hides keys past each context. Small groups keep the
+copy in cache for SDPA's read and spare the allocation (page faults) per layer that made the
+first version of this path 5-10x slower than SDPA over dense keys (BENCHMARKS.md, kernels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+# Keys (padded) attended in one SDPA call: 1,024 keys of 8 KV heads x 128 fp32 are 4 MiB of keys
+# and 4 of values, about what stays in this CPU's cache between the copy and SDPA's read
+# (measured with dlora bench kernels; more or fewer per group was slower).
+GROUP_KEYS = 1024
+
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended in one batched call. B sequences, queries padded to Q, keys to L."""
+    """Sequences attended in one call. B sequences, queries padded to Q, keys to L = blocks * block_size."""
 
     q_index: torch.Tensor  # (B, Q) int64: flat token index of each query (padding repeats a valid one)
     q_valid: torch.Tensor  # (B, Q) bool: which queries are real
-    block_tables: torch.Tensor  # (B, max_blocks) int64: physical blocks (padding points at block 0)
-    mask: torch.Tensor  # (B, 1, Q, L) bool: True where query may attend to key; L = max_blocks * block_size
+    blocks: torch.Tensor  # (B * max_blocks,) int64: each sequence's physical blocks in order (padding: block 0)
+    num_seqs: int
+    keys: int  # L, or a lone sequence's exact context
+    # (B, 1, Q, L) bool: True where a query may attend to a key; None: every query sees every key
+    # (a lone decode), or ``causal``.
+    mask: torch.Tensor | None
+    causal: bool = False  # a lone sequence whose whole context is new: SDPA's causal mask
 
 
 @dataclass
@@ -29,6 +44,11 @@ class AttentionMetadata:
 
     slots: torch.Tensor  # (T,) int64: flat cache slot where each new token's K/V is written
     groups: list[AttentionGroup]
+    # Copies of a group's keys and values, per (shape, dtype): allocated at the first layer, reused
+    # by every group and layer after it.
+    workspace: dict[tuple[tuple[int, ...], torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
 
 def build_attention_metadata(
@@ -48,11 +68,17 @@ def build_attention_metadata(
         starts.append(t)
         t += n
     groups = []
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
-    prefill = [i for i, n in enumerate(q_lens) if n > 1]
-    for members in (decode, prefill):
-        if members:
-            groups.append(_group(members, starts, q_lens, ctx_lens, block_tables, block_size, device))
+    for decode in (True, False):
+        members = [i for i, n in enumerate(q_lens) if (n == 1) == decode]
+        group: list[int] = []
+        for i in members:
+            width = max(len(block_tables[j]) for j in [*group, i])
+            if group and (len(group) + 1) * width * block_size > GROUP_KEYS:
+                groups.append(_group(group, starts, q_lens, ctx_lens, block_tables, block_size, device))
+                group = []
+            group.append(i)
+        if group:
+            groups.append(_group(group, starts, q_lens, ctx_lens, block_tables, block_size, device))
     return AttentionMetadata(slots=torch.tensor(slots, dtype=torch.int64, device=device), groups=groups)
 
 
@@ -67,27 +93,44 @@ def _group(
 ) -> AttentionGroup:
     q_max = max(q_lens[i] for i in members)
     blocks_max = max(len(block_tables[i]) for i in members)
-    key_pos = torch.arange(blocks_max * block_size)
     q_index = torch.empty(len(members), q_max, dtype=torch.int64)
     q_valid = torch.zeros(len(members), q_max, dtype=torch.bool)
-    tables = torch.zeros(len(members), blocks_max, dtype=torch.int64)
-    mask = torch.zeros(len(members), 1, q_max, blocks_max * block_size, dtype=torch.bool)
+    blocks = torch.zeros(len(members), blocks_max, dtype=torch.int64)
     for row, i in enumerate(members):
-        n, ctx = q_lens[i], ctx_lens[i]
+        n = q_lens[i]
         q_index[row, :n] = torch.arange(starts[i], starts[i] + n)
         q_index[row, n:] = starts[i]
         q_valid[row, :n] = True
-        tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.int64)
-        # Query j sits at position ctx - n + j and sees keys up to and including itself.
-        q_pos = torch.arange(ctx - n, ctx)
-        mask[row, 0, :n] = key_pos[None, :] <= q_pos[:, None]
-        mask[row, 0, n:] = mask[row, 0, 0]  # padded queries copy a real row: no all-masked NaN rows
+        blocks[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.int64)
+    keys, mask, causal = blocks_max * block_size, None, False
+    if len(members) == 1:
+        n, keys = q_lens[members[0]], ctx_lens[members[0]]
+        causal = 1 < n == keys
+        if 1 < n < keys:
+            mask = _causal_mask([n], [keys], 1, n, keys)
+    elif any(q_lens[i] > 1 or ctx_lens[i] < keys for i in members):
+        mask = _causal_mask([q_lens[i] for i in members], [ctx_lens[i] for i in members], len(members), q_max, keys)
     return AttentionGroup(
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
-        block_tables=tables.to(device),
-        mask=mask.to(device),
+        blocks=blocks.flatten().to(device),
+        num_seqs=len(members),
+        keys=keys,
+        mask=mask.to(device) if mask is not None else None,
+        causal=causal,
     )
+
+
+def _causal_mask(q_lens: list[int], ctx_lens: list[int], rows: int, q_max: int, keys: int) -> torch.Tensor:
+    """(rows, 1, q_max, keys) bool: query j of row r sits at position ctx - n + j and sees keys up
+    to and including itself; padded queries copy a real row (no all-masked NaN rows)."""
+    key_pos = torch.arange(keys)
+    mask = torch.zeros(rows, 1, q_max, keys, dtype=torch.bool)
+    for row, (n, ctx) in enumerate(zip(q_lens, ctx_lens)):
+        q_pos = torch.arange(ctx - n, ctx)
+        mask[row, 0, :n] = key_pos[None, :] <= q_pos[:, None]
+        mask[row, 0, n:] = mask[row, 0, 0]
+    return mask
 
 
 def paged_attention_torch(
@@ -104,13 +147,35 @@ def paged_attention_torch(
     multiple of kv_heads. Returns (T, heads, head_dim) in q's dtype.
     """
     out = torch.empty_like(q)
-    k_blocks = k_cache.unflatten(0, (-1, block_size))
-    v_blocks = v_cache.unflatten(0, (-1, block_size))
+    _, kv_heads, head_dim = k_cache.shape
+    k_blocks = k_cache.view(-1, block_size * kv_heads * head_dim)  # one row per block
+    v_blocks = v_cache.view(-1, block_size * kv_heads * head_dim)
     for g in meta.groups:
-        k = k_blocks[g.block_tables].flatten(1, 2).transpose(1, 2)  # (B, kv_heads, L, D)
-        v = v_blocks[g.block_tables].flatten(1, 2).transpose(1, 2)
+        k_rows, v_rows = _workspace(meta, (g.blocks.numel(), k_blocks.shape[1]), k_cache)
+        torch.index_select(k_blocks, 0, g.blocks, out=k_rows)
+        torch.index_select(v_blocks, 0, g.blocks, out=v_rows)
+        # (B, kv_heads, keys, D) views of the copies: SDPA reads them strided, no transpose copy.
+        k = k_rows.view(g.num_seqs, -1, kv_heads, head_dim)[:, : g.keys].transpose(1, 2)
+        v = v_rows.view(g.num_seqs, -1, kv_heads, head_dim)[:, : g.keys].transpose(1, 2)
         qg = q[g.q_index].transpose(1, 2)  # (B, heads, Q, D)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            qg, k, v, attn_mask=g.mask, is_causal=g.causal, scale=scale, enable_gqa=q.shape[1] != kv_heads
+        )
         o = o.transpose(1, 2)  # (B, Q, heads, D)
         out[g.q_index[g.q_valid]] = o[g.q_valid]
     return out
+
+
+def _workspace(
+    meta: AttentionMetadata, shape: tuple[int, int], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers of ``shape`` for a group's keys and values, shared by the step's groups and layers
+    (the largest group's size is allocated once; smaller ones use its front)."""
+    key = (tuple(like.shape[1:]), like.dtype)
+    k, v = meta.workspace.get(key, (None, None))
+    if k is None or v is None or k.numel() < shape[0] * shape[1]:
+        k = torch.empty(shape[0] * shape[1], dtype=like.dtype, device=like.device)
+        v = torch.empty_like(k)
+        meta.workspace[key] = (k, v)
+    n = shape[0] * shape[1]
+    return k[:n].view(shape), v[:n].view(shape)

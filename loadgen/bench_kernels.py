@@ -29,7 +29,7 @@ PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB
 
 @dataclass
 class Point:
-    kernel: str  # "lora decode", "lora prefill", "attention decode"
+    kernel: str  # "lora decode", "lora prefill", "attention decode", "attention prefill"
     impl: str  # triton | torch | sdpa-dense
     shape: str
     ms: float  # median
@@ -135,23 +135,27 @@ def _attention_points(
     measure,
     peak: float | None,
     block_size: int = 16,
+    prefill: bool = False,
 ) -> list[Point]:
+    """Decode (one new token per sequence) or prefill (every token of each sequence new, causal)."""
     from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
 
     blocks = ctx // block_size
     perm = torch.randperm(batch * blocks, generator=torch.Generator().manual_seed(0)).tolist()
     tables = [perm[i * blocks : (i + 1) * blocks] for i in range(batch)]
-    slots = [t[-1] * block_size + block_size - 1 for t in tables]
+    q_len = ctx if prefill else 1
+    slots = [t[p // block_size] * block_size + p % block_size for t in tables for p in range(ctx - q_len, ctx)]
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(batch, heads, head_dim, generator=g).to(device, dtype)
+    q = torch.randn(batch * q_len, heads, head_dim, generator=g).to(device, dtype)
     k = torch.randn(batch * ctx, kv_heads, head_dim, generator=g).to(device, dtype)
     v = torch.randn(batch * ctx, kv_heads, head_dim, generator=g).to(device, dtype)
-    args = ([1] * batch, [ctx] * batch, tables, slots, block_size, device)
+    args = ([q_len] * batch, [ctx] * batch, tables, slots, block_size, device)
     scale = head_dim**-0.5
     elem = q.element_size()
-    moved = elem * (2 * batch * ctx * kv_heads * head_dim + 2 * batch * heads * head_dim)
-    flops = 4 * batch * heads * ctx * head_dim
+    moved = elem * (2 * batch * ctx * kv_heads * head_dim + 2 * batch * q_len * heads * head_dim)
+    flops = 4 * batch * heads * ctx * head_dim * (q_len + 1) // (2 if prefill else 1)  # causal: half the pairs
     shape = f"B={batch} ctx={ctx} heads={heads}/{kv_heads} D={head_dim}"
+    kernel = "attention prefill" if prefill else "attention decode"
     points = []
     for impl in impls:
         if impl == "triton":
@@ -166,10 +170,12 @@ def _attention_points(
             idx = torch.tensor(tables, device=device)
             kd = k.unflatten(0, (-1, block_size))[idx].flatten(1, 2).transpose(1, 2).contiguous()
             vd = v.unflatten(0, (-1, block_size))[idx].flatten(1, 2).transpose(1, 2).contiguous()
-            qd = q[:, :, None, :]
-            ms = measure(lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale, enable_gqa=True))
+            qd = q.unflatten(0, (batch, q_len)).transpose(1, 2)
+            ms = measure(
+                lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale, is_causal=prefill, enable_gqa=True)
+            )
         gbs = moved / ms / 1e6
-        points.append(Point("attention decode", impl, shape, ms, gbs, flops / ms / 1e6, gbs / peak if peak else None))
+        points.append(Point(kernel, impl, shape, ms, gbs, flops / ms / 1e6, gbs / peak if peak else None))
     return points
 
 
@@ -203,6 +209,10 @@ def run(args: argparse.Namespace) -> dict:
             add(
                 _attention_points(device, dtype, batch, ctx, heads, kv_heads, 128, real + ["sdpa-dense"], measure, peak)
             )
+    for batch, ctx in ((4, 512), (1, 2048)):  # whole prompts: a batch of short ones, one code-assistant-long
+        for heads, kv_heads in ((32, 32), (32, 8)):
+            impls = real + ["sdpa-dense"]
+            add(_attention_points(device, dtype, batch, ctx, heads, kv_heads, 128, impls, measure, peak, prefill=True))
     if not cuda:  # the Triton path under the interpreter, at shapes it finishes quickly
         interp = _timer(device, 1)
         add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None))

@@ -117,3 +117,54 @@ def test_real_model_sizes(phase: str, heads: int, kv_heads: int, head_dim: int, 
     else:
         lens = [rng.randint(1, 1024) for _ in range(8)]
         check(lens, lens, heads, kv_heads, head_dim, dtype=dtype)
+
+
+def _dense_reference(q, k, v, q_lens, ctx_lens, tables, block_size, scale) -> torch.Tensor:
+    """Each sequence alone, its keys gathered token by token, causal softmax written out."""
+    out, t = [], 0
+    group = q.shape[1] // k.shape[1]
+    for n, ctx, table in zip(q_lens, ctx_lens, tables):
+        idx = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
+        keys = k[idx].repeat_interleave(group, 1).float()  # (ctx, heads, D)
+        values = v[idx].repeat_interleave(group, 1).float()
+        scores = torch.einsum("qhd,khd->hqk", q[t : t + n].float(), keys) * scale
+        pos = torch.arange(ctx - n, ctx)
+        scores = scores.masked_fill(torch.arange(ctx)[None, None, :] > pos[None, :, None], float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype))
+        t += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(
+    "q_lens,ctx_lens",
+    [
+        ([1] * 40, [random.Random(i).randint(1, 200) for i in range(40)]),  # many decodes, several groups
+        ([1, 1], [1500, 7]),  # a decode longer than a group alone, and a lone short one
+        ([30, 5, 1, 12], [30, 70, 900, 1200]),  # prompts, cached prefixes and chunks, padded and alone
+        ([1100], [1100]),  # a whole prompt alone: SDPA's causal mask
+    ],
+)
+def test_the_torch_path_equals_attention_written_out(q_lens: list[int], ctx_lens: list[int]) -> None:
+    """The CPU path's groups, workspace and masks against the definition, sequence by sequence."""
+    block_size, heads, kv_heads, head_dim = 16, 4, 2, 16
+    rng = random.Random(len(q_lens))
+    needed = [-(-c // block_size) for c in ctx_lens]
+    pool = list(range(sum(needed)))
+    rng.shuffle(pool)
+    tables = []
+    for nb in needed:
+        tables.append(pool[:nb])
+        pool = pool[nb:]
+    slots = [
+        t[p // block_size] * block_size + p % block_size
+        for n, c, t in zip(q_lens, ctx_lens, tables)
+        for p in range(c - n, c)
+    ]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=g)
+    k = torch.randn(sum(needed) * block_size, kv_heads, head_dim, generator=g)
+    v = torch.randn(sum(needed) * block_size, kv_heads, head_dim, generator=g)
+    meta = build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size, torch.device("cpu"))
+    got = paged_attention_torch(q, k, v, meta, block_size, head_dim**-0.5)
+    torch.testing.assert_close(got, _dense_reference(q, k, v, q_lens, ctx_lens, tables, block_size, head_dim**-0.5))
+    assert len(meta.groups) > 1 or len(q_lens) == 1
