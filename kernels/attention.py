@@ -21,6 +21,12 @@ import torch.nn.functional as F
 # and 4 of values, about what stays in this CPU's cache between the copy and SDPA's read
 # (measured with dlora bench kernels; more or fewer per group was slower).
 GROUP_KEYS = 1024
+# A lone decode whose keys pass this many bytes is attended in chunks of about this size, each
+# copy still in cache when it is read, the chunks' outputs merged by their log-sum-exp (as
+# flash-decoding splits the keys): 2 MiB measured best for 32 heads x 128 fp32 (128 keys).
+DECODE_CHUNK_BYTES = 2 << 20
+# A decode with at least this many keys is grouped alone (so its keys can be chunked).
+LONE_DECODE_KEYS = 256
 
 
 @dataclass
@@ -70,15 +76,17 @@ def build_attention_metadata(
     groups = []
     for decode in (True, False):
         members = [i for i, n in enumerate(q_lens) if (n == 1) == decode]
-        group: list[int] = []
+        batches: list[list[int]] = []
         for i in members:
-            width = max(len(block_tables[j]) for j in [*group, i])
-            if group and (len(group) + 1) * width * block_size > GROUP_KEYS:
-                groups.append(_group(group, starts, q_lens, ctx_lens, block_tables, block_size, device))
-                group = []
-            group.append(i)
-        if group:
-            groups.append(_group(group, starts, q_lens, ctx_lens, block_tables, block_size, device))
+            lone = decode and ctx_lens[i] >= LONE_DECODE_KEYS
+            last = batches[-1] if batches else []
+            width = max(len(block_tables[j]) for j in [*last, i])
+            joins = last and not lone and ctx_lens[last[0]] < LONE_DECODE_KEYS if decode else bool(last)
+            if joins and (len(last) + 1) * width * block_size <= GROUP_KEYS:
+                last.append(i)
+            else:
+                batches.append([i])
+        groups += [_group(b, starts, q_lens, ctx_lens, block_tables, block_size, device) for b in batches]
     return AttentionMetadata(slots=torch.tensor(slots, dtype=torch.int64, device=device), groups=groups)
 
 
@@ -150,7 +158,12 @@ def paged_attention_torch(
     _, kv_heads, head_dim = k_cache.shape
     k_blocks = k_cache.view(-1, block_size * kv_heads * head_dim)  # one row per block
     v_blocks = v_cache.view(-1, block_size * kv_heads * head_dim)
+    chunk = max(1, DECODE_CHUNK_BYTES // k_blocks[0].nbytes)  # blocks per chunk of a long decode
     for g in meta.groups:
+        if g.num_seqs == 1 and g.mask is None and not g.causal and g.blocks.numel() > chunk:
+            t = g.q_index[0, 0]
+            out[t] = _chunked_decode(q[t], k_blocks, v_blocks, meta, g, chunk, block_size, scale)
+            continue
         k_rows, v_rows = _workspace(meta, (g.blocks.numel(), k_blocks.shape[1]), k_cache)
         torch.index_select(k_blocks, 0, g.blocks, out=k_rows)
         torch.index_select(v_blocks, 0, g.blocks, out=v_rows)
@@ -164,6 +177,40 @@ def paged_attention_torch(
         o = o.transpose(1, 2)  # (B, Q, heads, D)
         out[g.q_index[g.q_valid]] = o[g.q_valid]
     return out
+
+
+def _chunked_decode(
+    q: torch.Tensor,
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    meta: AttentionMetadata,
+    g: AttentionGroup,
+    chunk: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """One decode query q (heads, D) over a long context, ``chunk`` blocks at a time. Each chunk
+    runs aten's CPU flash attention, which also returns the log-sum-exp of its scores; the
+    chunks' outputs weighted by softmax over those are the attention over all keys. The query
+    heads of one KV head are that call's query rows (GQA without repeating keys)."""
+    heads, head_dim = q.shape
+    kv_heads = k_blocks.shape[1] // (block_size * head_dim)
+    qg = q.view(1, kv_heads, heads // kv_heads, head_dim)
+    outs, lses = [], []
+    for start in range(0, g.blocks.numel(), chunk):
+        blocks = g.blocks[start : start + chunk]
+        keys = min(g.keys - start * block_size, blocks.numel() * block_size)
+        k_rows, v_rows = _workspace(meta, (blocks.numel(), k_blocks.shape[1]), k_blocks)
+        torch.index_select(k_blocks, 0, blocks, out=k_rows)
+        torch.index_select(v_blocks, 0, blocks, out=v_rows)
+        k = k_rows.view(1, -1, kv_heads, head_dim)[:, :keys].transpose(1, 2)
+        v = v_rows.view(1, -1, kv_heads, head_dim)[:, :keys].transpose(1, 2)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, scale=scale)
+        outs.append(o)
+        lses.append(lse)
+    weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # (chunks, 1, kv_heads, group, 1)
+    merged = (weights * torch.stack(outs).float()).sum(0)
+    return merged.to(q.dtype).view(heads, head_dim)
 
 
 def _workspace(

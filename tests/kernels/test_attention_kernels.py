@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from dlora.kernels import attention
 from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
 from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
 from tests.kernels.conftest import assert_close, cuda_only, device
@@ -144,8 +145,13 @@ def _dense_reference(q, k, v, q_lens, ctx_lens, tables, block_size, scale) -> to
         ([1100], [1100]),  # a whole prompt alone: SDPA's causal mask
     ],
 )
-def test_the_torch_path_equals_attention_written_out(q_lens: list[int], ctx_lens: list[int]) -> None:
-    """The CPU path's groups, workspace and masks against the definition, sequence by sequence."""
+@pytest.mark.parametrize("chunk_bytes", [2 << 20, 4096])
+def test_the_torch_path_equals_attention_written_out(
+    q_lens: list[int], ctx_lens: list[int], chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU path's groups, workspace, masks and (with small chunks) long decodes attended chunk
+    by chunk against the definition, sequence by sequence."""
+    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
     block_size, heads, kv_heads, head_dim = 16, 4, 2, 16
     rng = random.Random(len(q_lens))
     needed = [-(-c // block_size) for c in ctx_lens]
