@@ -45,6 +45,7 @@ class Cluster:
     tiny: TinyOutput
     ttl_s: float
     nc: NATS
+    dispatcher: Dispatcher | None = None
     stops: list[asyncio.Event] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     conns: list[NATS] = field(default_factory=list)
@@ -123,10 +124,13 @@ async def cluster(nats_server: Server, redis_server: Server, redis: Redis, tiny_
     async def make(ttl_s: float) -> Cluster:
         nc = await nats.connect(nats_server.url)
         stop = asyncio.Event()
-        c = Cluster(nats_server.url, redis_server.url, StateStore(redis), tiny_llama, ttl_s, nc, [stop], conns=[nc])
+        c = Cluster(
+            nats_server.url, redis_server.url, StateStore(redis), tiny_llama, ttl_s, nc, stops=[stop], conns=[nc]
+        )
         made.append(c)
         settings = DispatcherSettings(nats_url=nats_server.url, redis_url="unused", heartbeat_ttl_s=ttl_s)
-        c.tasks.append(asyncio.create_task(Dispatcher(settings, nc, c.store).run(stop)))
+        c.dispatcher = Dispatcher(settings, nc, c.store)
+        c.tasks.append(asyncio.create_task(c.dispatcher.run(stop)))
         return c
 
     made: list[Cluster] = []
@@ -234,9 +238,13 @@ async def test_a_stalled_worker_given_up_on_stops_when_it_resumes(
         DLORA_WORKER_ENGINE__DEVICE="cpu",
     )
     try:
-        await _until(lambda: _live(c.store, "a-stalled"), timeout=120)
+        # While the victim's process starts (the longest wait here): the expected output, and the
+        # survivor up.
+        expected = _expected(tiny_llama)
         survivor, _, _ = await c.worker("b-survivor")
-        await asyncio.sleep(0.3)  # the dispatcher has both: on a tie it picks "a-stalled" (by name)
+        await _until(lambda: _live(c.store, "a-stalled"), timeout=120)
+        # The dispatcher has both: on a tie it picks "a-stalled" (by name).
+        await _until(lambda: _seen(c, "a-stalled", "b-survivor"), timeout=30)
         chunks = await c.send("stalled")
         stream = ReplyStream("stalled")
         await _read(stream, chunks, until_tokens=10)
@@ -248,7 +256,7 @@ async def test_a_stalled_worker_given_up_on_stops_when_it_resumes(
         await _until(lambda: _idle(c.store, "a-stalled"), timeout=15)
         assert not stream.done  # the stalled copy stopped while the new attempt still runs
         await _read(stream, chunks)
-        assert stream.error is None and stream.attempt == 1 and stream.text == _expected(tiny_llama)
+        assert stream.error is None and stream.attempt == 1 and stream.text == expected
         assert survivor.engine.stats.steps > 0
         # it asked before sending: not one chunk from it after it resumed
         assert not [c.seq for at, c in c.arrivals if c.worker == "a-stalled" and at > resumed_at]
@@ -280,6 +288,11 @@ async def test_after_a_stall_a_recorded_request_whose_record_went_is_dropped(clu
     assert not over.done and worker.records.stalls >= 1
     await _read(direct, direct_chunks)
     assert direct.error is None and direct.text == _expected(c.tiny)
+
+
+async def _seen(c: Cluster, *workers: str) -> bool:
+    assert c.dispatcher is not None
+    return set(workers) <= c.dispatcher.workers.keys()
 
 
 async def _dropped(worker: WorkerService, request_id: str) -> bool:

@@ -29,26 +29,35 @@ def readme_loadgen_commands() -> list[str]:
 def run_readme_loadgen(gateway: str, nats_url: str, cwd: Path) -> None:
     """Each README example against this stack, from a working directory that is not the
     repository, through the installed ``dlora`` script. Only the addresses (where this stack's
-    differ) and the request count (kept small) change."""
+    differ) and the work asked (kept small: few requests with short outputs, sent faster where the
+    example sets no rate) change. The examples run side by side, each checked on its own."""
     commands = readme_loadgen_commands()
     assert len(commands) >= 3, commands
     dlora = str(Path(sys.executable).parent / "dlora")
-    for i, line in enumerate(commands):
-        line = line.replace("http://127.0.0.1:8000", gateway).replace("nats://app:PASSWORD@127.0.0.1:4222", nats_url)
-        argv = shlex.split(line)[2:]
-        if "--target" not in argv:
-            argv += ["--target", gateway]
-        out = cwd / f"run-{i}"
-        done = subprocess.run(
-            [dlora, "loadgen", *argv, "--requests", "6", "--out", str(out)],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-        summary = json.loads((out / "result.json").read_text())["summary"]
-        assert summary["completed"] == 6 and summary["lost"] == 0, line
+    runs = []
+    try:
+        for i, line in enumerate(commands):
+            line = line.replace("http://127.0.0.1:8000", gateway)
+            line = line.replace("nats://app:PASSWORD@127.0.0.1:4222", nats_url)
+            argv = shlex.split(line)[2:]
+            if "--target" not in argv:
+                argv += ["--target", gateway]
+            if "--rate" not in argv:
+                argv += ["--rate", "10"]
+            out, log = cwd / f"run-{i}", cwd / f"run-{i}.log"
+            with log.open("w") as f:
+                small = ["--requests", "6", "--max-output", "16", "--out", str(out)]
+                proc = subprocess.Popen([dlora, "loadgen", *argv, *small], cwd=cwd, stdout=f, stderr=f)
+            runs.append((line, out, log, proc))
+        for line, out, log, proc in runs:
+            assert proc.wait(timeout=180) == 0, f"{line}\n{log.read_text()[-5000:]}"
+            summary = json.loads((out / "result.json").read_text())["summary"]
+            assert summary["completed"] == 6 and summary["lost"] == 0, line
+    finally:
+        for *_, proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -> None:

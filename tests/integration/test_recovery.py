@@ -40,25 +40,35 @@ async def test_sigkilled_worker_loses_no_request(
 ) -> None:
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url=redis_server.url)
-    victim = spawn_worker(nats_server.url, redis_server.url, str(tiny_llama.model), "a-victim")
+    # Its heartbeat lapses 2 s after it dies (5 s by default): only how soon its death is noticed.
+    victim = spawn_worker(
+        nats_server.url, redis_server.url, str(tiny_llama.model), "a-victim", DLORA_HEARTBEAT_TTL_S="2.0"
+    )
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
-        await _live(store, "a-victim")
-        # The survivor is up from the start; on a tie the dispatcher picks "a-victim" (by name).
+        # While the victim's process starts (the longest wait here), the survivor's engine is built
+        # and the expected output computed, in this process.
+        expected = offline(
+            tiny_llama,
+            [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N, "ignore_eos": True, **sampling}],
+        )[0]
         ws = WorkerSettings(**common, worker_id="b-survivor", model=str(tiny_llama.model), stats_interval_s=0.1)
         wnc = await nats.connect(nats_server.url)
         conns.append(wnc)
         survivor = WorkerService(ws, wnc, store, build_engine(ws))
+        await _live(store, "a-victim")
+        # The survivor is up from the start; on a tie the dispatcher picks "a-victim" (by name).
         tasks.append(asyncio.create_task(survivor.run(stop)))
         await _live(store, "b-survivor")
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
-        tasks.append(
-            asyncio.create_task(Dispatcher(DispatcherSettings(**common, heartbeat_ttl_s=1.0), nc, store).run(stop))
-        )
+        dispatcher = Dispatcher(DispatcherSettings(**common, heartbeat_ttl_s=1.0), nc, store)
+        tasks.append(asyncio.create_task(dispatcher.run(stop)))
         base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
-        await asyncio.sleep(0.3)  # the dispatcher has seen the victim's stats
+        async with asyncio.timeout(30):  # the dispatcher has seen both workers' stats
+            while not {"a-victim", "b-survivor"} <= dispatcher.workers.keys():
+                await asyncio.sleep(0.02)
 
         body = {
             "model": "model",
@@ -86,10 +96,6 @@ async def test_sigkilled_worker_loses_no_request(
                         killed = True
         assert killed and finish == "length" and survivor.engine.stats.steps > 0
         assert usage["completion_tokens"] == N and len(texts) >= N  # one event per token, none lost
-        expected = offline(
-            tiny_llama,
-            [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N, "ignore_eos": True, **sampling}],
-        )[0]
         # Continuous: nothing repeated, nothing missing; a sampled request draws on the survivor
         # what it would have drawn on the victim.
         assert "".join(texts) == expected["text"]
