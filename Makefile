@@ -56,6 +56,7 @@ bench: setup
 	mkdir -p bench-results
 	$(VENV)/bin/dlora bench engine --preset small --json bench-results/engine.json
 	$(VENV)/bin/dlora bench kernels --json bench-results/kernels.json
+	$(VENV)/bin/dlora bench features --preset small --json bench-results/features.json
 	$(VENV)/bin/dlora bench policy --preset small --json bench-results/policy.json
 	$(VENV)/bin/dlora bench control-plane --json bench-results/control-plane.json
 	$(VENV)/bin/dlora bench e2e --preset small --json bench-results/e2e.json
