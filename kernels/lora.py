@@ -8,6 +8,7 @@ reference the Triton kernels (``lora_triton.py``) are tested against.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -115,10 +116,38 @@ class LoraProjection:
 
     slices: list[LoraSlice]
     tables: LoraTables | None = None  # None until ``refresh``
+    # The torch path's per-slot weights of every slice at once (``stacked``), made on first use.
+    _stacked: dict[int, tuple[torch.Tensor, list[tuple[LoraSlice, int, int, torch.Tensor]]] | None] = field(
+        default_factory=dict
+    )
 
     def refresh(self, device: torch.device) -> None:
         """Rebuild the tables after slot weights changed."""
         self.tables = LoraTables.build(self.slices, device)
+
+    def forget(self) -> None:
+        """Drop the stacked weights after slot weights changed."""
+        self._stacked.clear()
+
+    def stacked(self, slot: int) -> tuple[torch.Tensor, list[tuple[LoraSlice, int, int, torch.Tensor]]] | None:
+        """The slot's shrink for every slice at once: A (K, R), the slices' A stacked with their
+        scales folded in (R: the slot's ranks summed over the slices it targets), and per slice
+        its columns [r0, r1) of the shrunk activations and its Bᵀ (rank, size). One shrink matmul
+        per projection instead of one per slice: on a CPU a small matmul costs more in the call
+        than in arithmetic (issue 19, LoRA tax); the expands stay per slice, as one expand against
+        a block-diagonal B does the zeros' arithmetic too (measured slower). None: no slice."""
+        if slot not in self._stacked:
+            parts = [
+                (sl, a, b) for sl in self.slices if (a := sl.a[slot]) is not None and (b := sl.b[slot]) is not None
+            ]
+            if not parts:
+                self._stacked[slot] = None
+            else:
+                a_all = torch.cat([a * sl.scale[slot] for sl, a, _ in parts]).t().contiguous()
+                bounds = list(itertools.accumulate((a.shape[0] for _, a, _ in parts), initial=0))
+                expands = [(sl, r0, r1, b.t()) for (sl, _, b), r0, r1 in zip(parts, bounds, bounds[1:])]
+                self._stacked[slot] = (a_all, expands)
+        return self._stacked[slot]
 
 
 def add_lora_torch(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, meta: LoraSegments) -> None:
@@ -130,12 +159,10 @@ def add_lora_torch(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, met
     """
     for segments, sign in ((meta.segments, 1.0), (meta.negative, -1.0)):
         for slot, start, end in segments:
-            xs = x[start:end]
-            for sl in proj.slices:
-                a = sl.a[slot]
-                if a is None:
-                    continue
-                # The scale on the (n, rank) shrink, and the expand added into out's columns by
-                # addmm: no (n, size) temporaries, two ops fewer per slice than scaling the expand.
-                shrunk = (xs @ a.t()).mul_(sl.scale[slot] * sign)  # (n, rank)
-                out[start:end, sl.offset : sl.offset + sl.size].addmm_(shrunk, sl.b[slot].t())
+            stacked = proj.stacked(slot)
+            if stacked is None:
+                continue
+            a, expands = stacked
+            shrunk = x[start:end] @ a  # (n, R), scaled
+            for sl, r0, r1, bt in expands:
+                out[start:end, sl.offset : sl.offset + sl.size].addmm_(shrunk[:, r0:r1], bt, alpha=sign)

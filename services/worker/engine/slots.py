@@ -119,8 +119,10 @@ class DeviceLoras:
                 sl.scale[slot] = 0.0
 
     def _refresh(self) -> None:
-        # The tables hold raw addresses of the slot tensors: they must follow every change.
-        if self.tables:
-            for fused in self.layers:
-                for proj in fused.values():
+        # The tables hold raw addresses of the slot tensors, and the stacks copies of them: both
+        # must follow every change.
+        for fused in self.layers:
+            for proj in fused.values():
+                proj.forget()
+                if self.tables:
                     proj.refresh(self.device)
