@@ -370,7 +370,8 @@ class LLMEngine:
             unmerge_seconds=step.unmerge_s,
         )
         self.stats.record_step(seconds, generated, fed, step.num_prefill, record.mode)
-        self.stats.record_adapters(seconds, fed, [(a or "", n) for a, n in step.fed])
+        made = [s.status is not Status.WAITING for s in batch]  # a chunk short of its prompt's end made none
+        self.stats.record_adapters(seconds, fed, [(a or "", n, m) for (a, n), m in zip(step.fed, made)])
         self.policy.observe(decision, record)
 
     def _forward(

@@ -43,11 +43,13 @@ class EngineStats:
         self.prefill_tokens += prefill
         self.prefill_seconds += seconds * prefill / max(1, fed)
 
-    def record_adapters(self, seconds: float, fed: int, sequences: list[tuple[str, int]]) -> None:
-        """Share one step's time among its sequences, given as (adapter, tokens fed); each made a token."""
-        for adapter, n in sequences:
+    def record_adapters(self, seconds: float, fed: int, sequences: list[tuple[str, int, bool]]) -> None:
+        """Share one step's time among its sequences, given as (adapter, tokens fed, whether it made
+        a token: a prefill chunk short of its prompt's end makes none, its share is paid by the
+        tokens that follow)."""
+        for adapter, n, made in sequences:
             self.adapter_seconds[adapter] = self.adapter_seconds.get(adapter, 0.0) + seconds * n / max(1, fed)
-            self.adapter_tokens[adapter] = self.adapter_tokens.get(adapter, 0) + 1
+            self.adapter_tokens[adapter] = self.adapter_tokens.get(adapter, 0) + made
 
     def adapter_seconds_per_token(self) -> dict[str, float]:
         return {a: self.adapter_seconds[a] / n for a, n in self.adapter_tokens.items() if n}
