@@ -160,7 +160,9 @@ def paged_attention_torch(
     v_blocks = v_cache.view(-1, block_size * kv_heads * head_dim)
     chunk = max(1, DECODE_CHUNK_BYTES // k_blocks[0].nbytes)  # blocks per chunk of a long decode
     for g in meta.groups:
-        if g.num_seqs == 1 and g.mask is None and not g.causal and g.blocks.numel() > chunk:
+        # aten's flash attention that returns the log-sum-exp runs on CPUs only (on CUDA the
+        # Triton path attends; this one is its reference there).
+        if q.device.type == "cpu" and g.num_seqs == 1 and g.mask is None and not g.causal and g.blocks.numel() > chunk:
             t = g.q_index[0, 0]
             out[t] = _chunked_decode(q[t], k_blocks, v_blocks, meta, g, chunk, block_size, scale)
             continue

@@ -164,3 +164,18 @@ def test_a_prefill_that_cannot_run_gives_its_cached_blocks_back() -> None:
     plan = schedule(StepDecision(None, ["hog", "late"]), {"hog": hog, "late": late}, bm, CHUNKED)
     assert [s.request_id for s in plan.seqs] == ["hog"]
     assert late.num_cached == 0 and bm.table("late") == [] and bm.num_cached == 2
+
+
+def test_two_half_prefilled_prompts_that_fill_the_cache_do_not_stall_it() -> None:
+    """Each got a chunk in turn (the policy's order changed between the steps) and together they
+    hold every block: the earlier one takes the later one's blocks, as a step must run."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    p1, p2 = seq("p1", 0, 30), seq("p2", 1, 30)
+    seqs = {"p1": p1, "p2": p2}
+    schedule(StepDecision(None, ["p1", "p2"]), seqs, bm, CHUNKED)
+    p1.num_cached = 16
+    schedule(StepDecision(None, ["p2", "p1"]), seqs, bm, CHUNKED)
+    p2.num_cached = 16
+    assert bm.num_free == 0
+    plan = schedule(StepDecision(None, ["p2", "p1"]), seqs, bm, CHUNKED)
+    assert plan.seqs == [p1] and plan.preempted == [p2] and p2.num_cached == 0

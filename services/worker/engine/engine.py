@@ -102,19 +102,23 @@ class LLMEngine:
                 config.block_size * KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
             ),
         )
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         kv = KVCache(
             cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
         self.max_model_len = min(config.max_model_len or cfg.context_length(), num_blocks * config.block_size)
+        # Dynamic NTK rotates by the length when written: a cached block or early chunk past the native
+        # context would differ from one prefill of the whole prompt (as transformers does it); both off.
+        whole = cfg.rope["rope_type"] == "dynamic" and self.max_model_len > cfg.max_position_embeddings
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not whole)
+        chunked = config.enable_chunked_prefill and not whole
         self.limits = Limits(
             max_num_seqs=config.max_num_seqs,
             # Without chunks a prompt must fit in one step.
             max_num_batched_tokens=config.max_num_batched_tokens
-            if config.enable_chunked_prefill
+            if chunked
             else max(config.max_num_batched_tokens, self.max_model_len),
             max_adapters=config.max_loras,
-            chunked_prefill=config.enable_chunked_prefill,
+            chunked_prefill=chunked,
         )
         self.slots = SlotTable(config.max_loras)
         self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
@@ -268,7 +272,8 @@ class LLMEngine:
             return []
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
-        self._observe(decision, step, len(tokens), time.perf_counter() - step.started)
+        generated = sum(len(o.new_token_ids) for o in outputs)
+        self._observe(decision, step, generated, time.perf_counter() - step.started)
         return outputs
 
     def _prepare(self, decision: StepDecision) -> _Prepared | None:
@@ -370,7 +375,8 @@ class LLMEngine:
             unmerge_seconds=step.unmerge_s,
         )
         self.stats.record_step(seconds, generated, fed, step.num_prefill, record.mode)
-        made = [s.status is not Status.WAITING for s in batch]  # a chunk short of its prompt's end made none
+        # A chunk short of its prompt's end made no token, nor did a sequence that failed.
+        made = [s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch]
         self.stats.record_adapters(seconds, fed, [(a or "", n, m) for (a, n), m in zip(step.fed, made)])
         self.policy.observe(decision, record)
 

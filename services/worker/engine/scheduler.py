@@ -107,7 +107,8 @@ def _fits(
     """Whether ``seq`` can hold ``num_tokens``, preempting others where it may: a decode takes
     blocks from sequences outside the step (or gives up its own); a prefill waits for free blocks
     rather than evicting running work, unless the step would otherwise be empty: then sequences
-    the decision left out (paused while another adapter is merged) give their blocks back."""
+    the decision left out (paused while another adapter is merged) give their blocks back, and
+    then those of the decision that arrived after it."""
     rid = seq.request_id
     if seq.status is Status.RUNNING:
         out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=chosen | {rid})
@@ -121,6 +122,11 @@ def _fits(
     if out.seqs:
         return False
     out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=set(decision.request_ids))
+    if not blocks.can_grow(rid, num_tokens):
+        # Still empty: half-prefilled prompts of the decision that came after this one give their
+        # blocks back (else two of them can fill the cache and no step ever runs again).
+        earlier = {r for r, s in seqs.items() if s.arrival <= seq.arrival}
+        out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=earlier)
     return blocks.can_grow(rid, num_tokens)
 
 

@@ -91,12 +91,14 @@ class DeviceLoras:
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
         self._empty(slot)
-        for (layer, target), w in adapter.weights.items():
-            sl = self._slice[layer][target]
-            sl.a[slot] = w.a.to(device=self.device, dtype=self.dtype).contiguous()
-            sl.b[slot] = w.b.to(device=self.device, dtype=self.dtype).contiguous()
-            sl.scale[slot] = w.scale
-        self._refresh()
+        try:
+            for (layer, target), w in adapter.weights.items():
+                sl = self._slice[layer][target]
+                sl.a[slot] = w.a.to(device=self.device, dtype=self.dtype).contiguous()
+                sl.b[slot] = w.b.to(device=self.device, dtype=self.dtype).contiguous()
+                sl.scale[slot] = w.scale
+        finally:
+            self._refresh()  # also after a failed copy: nothing may point at the slot's old weights
 
     def weights_of(self, slot: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """The A (rank, in_features) and B (out_features, rank) the adapter in ``slot`` holds on the
