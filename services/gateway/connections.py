@@ -42,6 +42,8 @@ logger = log.get("gateway.connections")
 # NATS connection, the Redis pool, model files, logs. The total connection limit is lowered to
 # fit under the process's descriptor limit with this much to spare.
 FD_RESERVE = 256
+# Seconds a refused connection is kept half-closed for the client to read its answer and close.
+REFUSED_LINGER_S = 0.5
 
 
 def _refusal(status: int, reason: str, message: str, kind: str) -> bytes:
@@ -155,7 +157,15 @@ class _Guarded(asyncio.Protocol):
         refusal = self.guard._admit(self.client)
         if refusal is not None:
             transport.write(refusal)
-            transport.close()
+            if transport.can_write_eof():
+                # A lingering close (as nginx's): the answer and a FIN go out, what the client
+                # sent is read and dropped until it closes or REFUSED_LINGER_S pass. Closing at
+                # once with its request head unread made the kernel reset the connection, and
+                # the client could lose the 429/503 before reading it.
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+            else:
+                transport.close()
             return
         self.transport = transport
         self.inner = self.factory()
