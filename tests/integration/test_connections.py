@@ -50,7 +50,7 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = msgspec.structs.replace(
-        stack.gateway.s, port=free_port(), header_timeout_s=1.0, idle_timeout_s=2.5, max_connections_per_client=100
+        stack.gateway.s, port=free_port(), header_timeout_s=2.0, idle_timeout_s=3.0, max_connections_per_client=100
     )
     listener = await listen(stack.gateway.app(), s)  # the stack's gateway, with these limits
     caplog.set_level(logging.DEBUG)
@@ -83,7 +83,10 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
         stalled = [r for (r, _), a in zip(slow, answers) if a is None] + [r for r, _ in idle]
         closed = await asyncio.gather(*(_closed_within(r, 3.0) for r in stalled))
         assert all(c == b"" for c in closed), closed[:3]
-        assert 1.0 <= time.monotonic() - start < 6.0  # closed by the 1 s timeout, not by chance
+        # Closed by the 2 s timeout, not by chance. (2 s, not 1: opening 320 connections from this
+        # loop can take a second on a loaded machine, and the first ones must still be open when
+        # the refusals above are read.)
+        assert 2.0 <= time.monotonic() - start < 7.0
         assert listener.guard.header_timeouts == 120 and listener.guard.open == 0
 
         # A keep-alive connection that finished a request is left open while idle, for the idle
@@ -93,9 +96,9 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
         assert head.startswith(b"HTTP/1.1 200 ")
         await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
         t = time.monotonic()
-        assert await _closed_within(reader, 2.0) is None  # past the 1 s head timeout: still open
+        assert await _closed_within(reader, 2.5) is None  # past the 2 s head timeout: still open
         assert await _closed_within(reader, 2.0) == b""
-        assert 2.4 <= time.monotonic() - t < 5.0
+        assert 2.9 <= time.monotonic() - t < 5.5
         # A request whose head came whole but whose body trickles (here: stops) is answered 408
         # once the body timeout has passed, not held open for as long as the client likes.
         settings, stack.gateway.s = stack.gateway.s, msgspec.structs.replace(stack.gateway.s, body_timeout_s=1.0)
