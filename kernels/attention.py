@@ -166,7 +166,7 @@ def paged_attention_torch(
             t = g.q_index[0, 0]
             out[t] = _chunked_decode(q[t], k_blocks, v_blocks, meta, g, chunk, block_size, scale)
             continue
-        k_rows, v_rows = _workspace(meta, (g.blocks.numel(), k_blocks.shape[1]), k_cache)
+        k_rows, v_rows = _workspace(meta, (g.blocks.numel(), k_blocks.shape[1]), k_blocks)
         torch.index_select(k_blocks, 0, g.blocks, out=k_rows)
         torch.index_select(v_blocks, 0, g.blocks, out=v_rows)
         # (B, kv_heads, keys, D) views of the copies: SDPA reads them strided, no transpose copy.

@@ -147,10 +147,15 @@ class BlockManager:
             parent = name
         return len(held.table) * bs
 
+    def fills_block(self, start: int, end: int) -> bool:
+        """Whether computing tokens [start, end) completes a block (``computed`` then reads ids)."""
+        return end // self.block_size > start // self.block_size
+
     def computed(self, seq_id: str, token_ids: list[int], start: int, end: int, cache_key: bytes) -> None:
-        """Tokens [start, end) of ``seq_id`` (``token_ids`` are all its tokens so far) had their KV
-        written by weights named ``cache_key``: cache each block this completes, unless its tokens
-        were computed under two keys (then nothing more of the sequence is cached)."""
+        """Tokens [start, end) of ``seq_id`` (``token_ids`` are all its tokens so far; may be empty
+        when ``fills_block(start, end)`` is false) had their KV written by weights named
+        ``cache_key``: cache each block this completes, unless its tokens were computed under two
+        keys (then nothing more of the sequence is cached)."""
         held = self._held.get(seq_id)
         if not self.enable_prefix_caching or held is None or held.open_key is False or end <= start:
             return

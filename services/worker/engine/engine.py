@@ -312,14 +312,16 @@ class LLMEngine:
         return ran, logits, tokens, failed
 
     def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Take in the KV the step wrote (the prefix cache names the blocks it completed) and keep
-        the sequences, with their logits, that go on to sample: a prefill chunk short of the
-        prompt's end only moves its ``num_cached`` on."""
-        done = []
+        """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what
+        goes on to sample, with its logits: a prefill chunk short of the prompt's end does not."""
+        done, keys = [], {}
         for i, s in enumerate(ran):
             start, end = s.num_cached, s.num_cached + s.num_scheduled
             if self.blocks.enable_prefix_caching:
-                self.blocks.computed(s.request_id, s.all_ids(), start, end, self._cache_key(s.adapter))
+                if s.adapter not in keys:
+                    keys[s.adapter] = self._cache_key(s.adapter)
+                ids = s.all_ids() if self.blocks.fills_block(start, end) else []  # a decode mostly fills none
+                self.blocks.computed(s.request_id, ids, start, end, keys[s.adapter])
             if end < s.total_len:
                 s.num_cached = end
             else:

@@ -38,16 +38,15 @@ class Sequence:
     num_preemptions: int = 0
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
 
-    def new_ids(self) -> list[int]:
-        """Tokens whose K/V are not cached yet."""
-        n = len(self.prompt_ids)
-        if self.num_cached >= n:
-            return self.output_ids[self.num_cached - n :]
-        return self.prompt_ids[self.num_cached :] + self.output_ids
-
     def scheduled_ids(self) -> list[int]:
-        """This step's input: the first ``num_scheduled`` of ``new_ids``."""
-        return self.new_ids()[: self.num_scheduled]
+        """This step's input: the ``num_scheduled`` tokens after the cached ones (sliced, not built
+        whole: a chunk of a long prompt is a small part of it)."""
+        start, end, n = self.num_cached, self.num_cached + self.num_scheduled, len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
