@@ -85,3 +85,9 @@ class Resend:
 
     def recent(self, now: float) -> list[tuple[str, TokenChunk]]:
         return [(subject, chunk) for at, subject, chunk in self._sent if now - at <= self.window_s]
+
+    def forget(self, request_id: str) -> None:
+        """Keep nothing more of ``request_id``'s chunks sent so far: another attempt serves it now,
+        and a re-send of this attempt's chunks after that attempt's first would be two copies
+        streaming at once."""
+        self._sent = deque(entry for entry in self._sent if entry[2].request_id != request_id)

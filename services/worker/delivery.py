@@ -7,12 +7,17 @@ connection comes back, the recent ones are published again, twice: readers re-su
 they reconnect, which takes nats-py up to its reconnect wait (2 s by default) after the server is
 back. A reader whose own connection dropped (the worker's stayed up) says so in its next
 ``ClientAlive``, and the recent chunks to it are published again then. Readers drop what they
-already have by ``seq`` (the gateway's ReplyStream)."""
+already have by ``seq`` (the gateway's ReplyStream).
+
+A re-send never carries the chunks of a copy given up on meanwhile (its worker stalled, and
+another attempt serves the request): ``superseded`` is asked first, since a reconnect after a
+stall comes before the step that would learn it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
@@ -27,9 +32,18 @@ RESEND_DELAYS_S = (1.0, 3.0)  # after the reconnect is seen
 logger = log.get("worker")
 
 
+# Which of these requests (id -> the attempt whose chunks are kept) another attempt serves now.
+Superseded = Callable[[dict[str, int]], Awaitable[set[str]]]
+
+
+async def _none_superseded(_: dict[str, int]) -> set[str]:
+    return set()
+
+
 class Delivery:
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, superseded: Superseded = _none_superseded) -> None:
         self.nc = nc
+        self.superseded = superseded
         self.resend = Resend(RESEND_WINDOW_S)
         self._outage = bus.Outage("token chunks (nats)")
         self._reconnects: int | None = None  # as of the first look (the connection may come later)
@@ -69,6 +83,9 @@ class Delivery:
         for delay in delays:
             await asyncio.sleep(delay)
             recent = [(subject, c) for subject, c in self.resend.recent(time.monotonic()) if subject.startswith(prefix)]
+            for rid in await self.superseded({c.request_id: c.recoveries for _, c in recent}):
+                self.resend.forget(rid)
+                recent = [(subject, c) for subject, c in recent if c.request_id != rid]
             logger.info("recent chunks sent again", chunks=len(recent), to=prefix or "every reader")
             for subject, chunk in recent:
                 await self._send(subject, chunk)  # kept once: a re-send must not grow what is kept

@@ -89,7 +89,7 @@ class WorkerService:
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
-        self.delivery = Delivery(nc)  # chunks out, and again after a NATS reconnect
+        self.delivery = Delivery(nc, self._superseded)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self.draining = False  # told to stop: finishing what runs here, given nothing new
         self.stats: WorkerStats = self._snapshot()
@@ -177,6 +177,8 @@ class WorkerService:
         self.engine.abort(request_id)
         if record:
             await self.store.record_progress(self.s.worker_id, {}, {request_id: stream.request.recoveries})
+        else:  # another attempt serves it: what this copy sent is not sent again
+            self.delivery.resend.forget(request_id)
 
     def _aborted(self, req: GenerateRequest) -> bool:
         """Whether an abort for ``req`` came lately: a gateway's, or its own sender's (an
@@ -314,6 +316,17 @@ class WorkerService:
         for rid in await self.records.write_step(running) & running.keys():
             logger.warning("request fenced: a later attempt serves it", request=rid)
             await self._drop(rid, record=False, attempt=running[rid].attempt)
+
+    async def _superseded(self, attempts: dict[str, int]) -> set[str]:
+        """Which of these requests (id -> attempt) another attempt serves now, as a re-send asks
+        it: read only, so it may run beside a step. A missing record does not count (the request
+        may have finished here); none when Redis cannot tell (readers drop an earlier attempt's
+        chunks anyway)."""
+        copies = {rid: Copy(attempt, recorded=False) for rid, attempt in attempts.items()}
+        try:
+            return await self.store.fenced(self.s.worker_id, copies)
+        except bus.STATE_OUTAGE:
+            return set()
 
     async def _drop_fenced(self) -> None:
         """Drop the copies held here that are fenced, a missing record of a recorded one included:

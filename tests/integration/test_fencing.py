@@ -199,6 +199,23 @@ async def test_a_later_attempt_sent_back_to_a_stalled_worker_replaces_its_copy(c
     assert worker.streams == {} and not worker.engine.has_unfinished()
 
 
+async def test_a_copy_another_attempt_serves_is_not_sent_again(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A NATS reconnect after a stall re-sends the worker's recent chunks before a step has learned
+    that its copy was given up: the re-send asks which copies are superseded (a missing record is
+    not), and a fenced copy's chunks are no longer kept for one."""
+    c: Cluster = await cluster(ttl_s=60.0)
+    worker, _, _ = await c.worker("w-a")
+    chunks = await c.send("moved-on")
+    await _read(ReplyStream("moved-on"), chunks, until_tokens=5)
+    assert await worker._superseded({"moved-on": 0, "finished": 0}) == set()
+    rec = await c.store.get_inflight("moved-on")
+    assert rec is not None
+    assert await c.store.put_inflight(msgspec.structs.replace(rec.request, recoveries=1), "w-b", expect=("w-a", 0))
+    assert await worker._superseded({"moved-on": 0, "finished": 0}) == {"moved-on"}
+    await _until(lambda: _dropped(worker, "moved-on"), timeout=10)  # its next progress write is fenced
+    assert not [c for _, c in worker.delivery.resend.recent(time.monotonic()) if c.request_id == "moved-on"]
+
+
 async def test_a_request_whose_client_went_away_is_dropped(cluster) -> None:  # type: ignore[no-untyped-def]
     """A gateway killed mid-request cannot abort what it sent: its requests stop once it has been
     silent for the heartbeat TTL, and their in-flight records go."""

@@ -176,3 +176,34 @@ async def test_a_re_send_does_not_grow_what_a_worker_keeps(nats_server: Server) 
         assert len(delivery.resend.recent(time.monotonic())) == 3
     finally:
         await nc.close()
+
+
+async def test_a_re_send_leaves_out_what_another_attempt_serves(nats_server: Server) -> None:
+    from dlora.services.worker.delivery import Delivery
+
+    async def superseded(attempts: dict[str, int]) -> set[str]:
+        return {rid for rid in attempts if rid == "old"}
+
+    nc = await nats.connect(nats_server.url)
+    got: list[TokenChunk] = []
+
+    async def on_chunk(msg: nats.aio.msg.Msg) -> None:
+        got.append(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    try:
+        await nc.subscribe(subjects.replies_prefix("gw") + ">", cb=on_chunk)
+        delivery = Delivery(nc, superseded)
+        for rid in ("old", "new"):
+            assert await delivery.publish(subjects.reply_inbox(rid, "gw"), TokenChunk(request_id=rid, seq=0))
+        await nc.flush()
+        got.clear()
+        delivery.resend_to(subjects.replies_prefix("gw"))
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        await nc.flush()
+        assert [c.request_id for c in got] == ["new"]
+        assert [c.request_id for _, c in delivery.resend.recent(time.monotonic())] == ["new"]
+    finally:
+        await nc.close()
