@@ -27,14 +27,13 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, impo
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.outputs import RequestError, RequestOutput, token_logprob
+from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprob
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import SamplingError, constrain, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.engine.stopping import check_stop, visible_end
 from dlora.services.worker.engine.structured import GrammarError, Grammars
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
@@ -445,37 +444,10 @@ class LLMEngine:
         return build_inputs(batch, slots, self.blocks, self.kernels, self.device)
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:
-        """Record the sampled token, update text and stop conditions, report the delta."""
-        seq.num_cached = seq.total_len
-        seq.status = Status.RUNNING
-        seq.output_ids.append(token)
-        old_len = len(seq.text)
-        stop = check_stop(
-            seq.text + seq.detok.push([token]),
-            old_len,
-            token,
-            seq.params,
-            self.eos_ids,
-            len(seq.output_ids),
-            seq.total_len,
-            self.max_model_len,
-            document_complete=seq.matcher is not None and seq.matcher.is_stopped(),
-        )
-        seq.text, reason = stop.text, stop.reason
-        if reason is not None:
-            self._finish(seq, reason)
-        visible = visible_end(seq.text, seq.emitted, seq.params, finished=reason is not None)
-        new_text = seq.text[seq.emitted : visible]
-        seq.emitted = visible
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=[token],
-            new_text=new_text,
-            finished=reason is not None,
-            finish_reason=reason,
-            num_prompt_tokens=len(seq.prompt_ids),
-            num_output_tokens=len(seq.output_ids),
-        )
+        out = advance(seq, token, self.eos_ids, self.max_model_len)
+        if out.finish_reason is not None:
+            self._finish(seq, out.finish_reason)
+        return out
 
     def _fail(self, seq: Sequence, reason: str) -> RequestOutput:
         """End a request whose step failed; its output carries the reason."""

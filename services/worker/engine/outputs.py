@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from dlora.common.messages import FinishReason, TokenLogprob
+from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.engine.stopping import check_stop, visible_end
 
 
 class RequestError(ValueError):
@@ -36,3 +38,36 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     best = torch.topk(lp, top) if top else None
     alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
     return TokenLogprob(token, float(lp[token]), alternatives)
+
+
+def advance(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int) -> RequestOutput:
+    """Record the sampled token on ``seq``, update its text and stop conditions, and report the
+    delta; a finished output's sequence is for the caller to free."""
+    seq.num_cached = seq.total_len
+    seq.status = Status.RUNNING
+    seq.output_ids.append(token)
+    old_len = len(seq.text)
+    stop = check_stop(
+        seq.text + seq.detok.push([token]),
+        old_len,
+        token,
+        seq.params,
+        eos_ids,
+        len(seq.output_ids),
+        seq.total_len,
+        max_model_len,
+        document_complete=seq.matcher is not None and seq.matcher.is_stopped(),
+    )
+    seq.text, reason = stop.text, stop.reason
+    visible = visible_end(seq.text, seq.emitted, seq.params, finished=reason is not None)
+    new_text = seq.text[seq.emitted : visible]
+    seq.emitted = visible
+    return RequestOutput(
+        request_id=seq.request_id,
+        new_token_ids=[token],
+        new_text=new_text,
+        finished=reason is not None,
+        finish_reason=reason,
+        num_prompt_tokens=len(seq.prompt_ids),
+        num_output_tokens=len(seq.output_ids),
+    )
