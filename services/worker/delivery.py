@@ -83,9 +83,10 @@ class Delivery:
         for delay in delays:
             await asyncio.sleep(delay)
             recent = [(subject, c) for subject, c in self.resend.recent(time.monotonic()) if subject.startswith(prefix)]
-            for rid in await self.superseded({c.request_id: c.recoveries for _, c in recent}):
+            gone = await self.superseded({c.request_id: c.recoveries for _, c in recent})
+            for rid in gone:
                 self.resend.forget(rid)
-                recent = [(subject, c) for subject, c in recent if c.request_id != rid]
+            recent = [(subject, c) for subject, c in recent if c.request_id not in gone]
             logger.info("recent chunks sent again", chunks=len(recent), to=prefix or "every reader")
             for subject, chunk in recent:
                 await self._send(subject, chunk)  # kept once: a re-send must not grow what is kept
