@@ -26,7 +26,7 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     expected_tokens: float = 64.0  # a new request's output length in tokens (unknown: an estimate)
     unmerged_overhead: float = 0.1  # extra cost per token (fraction) when not the worker's dominant adapter
     adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks
-    default_seconds_per_token: float = 0.01  # for a worker that has not measured yet
+    default_seconds_per_token: float = 0.01  # for a worker that has not measured yet, when no worker has
 
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
@@ -69,6 +69,11 @@ def choose_worker(
         return None
     sent = sent_since_stats or {}
     placement = placement or {}
+    # A worker that has not measured yet (just started or restarted) runs the same model as the
+    # others: priced at their mean speed, not at a fixed guess that can leave it idle under light
+    # load behind slower-looking but measured peers.
+    if measured := [w.seconds_per_token for w in workers if w.seconds_per_token]:
+        costs = msgspec.structs.replace(costs, default_seconds_per_token=sum(measured) / len(measured))
 
     def key(w: WorkerStats) -> tuple[float, int, str]:
         finish = estimated_finish(w, adapter, sent.get(w.worker, 0), set(placement.get(w.worker, ())), costs)

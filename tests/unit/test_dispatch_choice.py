@@ -62,3 +62,15 @@ def test_a_worker_holds_a_request_only_whole() -> None:
     )
     assert holds_request(small, 128) and not holds_request(small, 129)
     assert holds_request(msgspec.structs.replace(small, max_model_len=0), 10**6)  # an older worker: unknown
+
+
+def test_a_worker_that_has_not_measured_is_priced_at_its_peers_speed() -> None:
+    """Restarted, it has no measured speed yet: at a fixed 10 ms per token guess it lost every
+    request to a measured 3 ms peer under light load and stayed idle. At the peers' mean it takes
+    one as soon as the peer has work queued."""
+    fresh = w("a-fresh", spt=0.0)
+    busy = w("b-busy", [(None, 20)], spt=0.003)
+    assert choose_worker([fresh, busy], None) == "a-fresh"
+    assert choose_worker([fresh, w("b-idle", spt=0.003)], None) == "a-fresh"  # a tie: by name
+    # with no worker measured, the configured guess prices all alike
+    assert choose_worker([w("y", spt=0.0), w("x", [(None, 1)], spt=0.0)], None) == "y"
