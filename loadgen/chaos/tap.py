@@ -4,7 +4,8 @@ worker, which attempt, which sequence number, how many tokens) and every worker'
 This is how "nothing generated twice" is checked: the client sees only what the gateway kept after
 dropping duplicates, but the tap sees every chunk any worker sent, so a request that two attempts
 generated side by side (a stalled worker resuming after its request was re-dispatched) shows up as
-chunks of the earlier attempt arriving after the later attempt's first.
+chunks of the earlier attempt arriving after the later attempt's first, beyond the position the
+later attempt started from.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class Generation:
     # as there is at most one per takeover.
     regenerated: int = 0
     # Chunks of an earlier attempt published after a later attempt's first: two attempts running at
-    # once, i.e. generated twice (what fencing exists to stop).
+    # once, i.e. generated twice (what fencing exists to stop). Not the chunk at or before the later
+    # attempt's start: that step was done and handed to NATS when the worker stopped (in the
+    # process's buffer, it goes out on SIGCONT), the one a resume regenerates (see ``regenerated``).
     stale_after_takeover: int = 0
     workers: list[str] = field(default_factory=list)
     # Per attempt: its workers, chunks, sequence numbers and when its first and last chunk came
@@ -79,10 +82,12 @@ def generation(chunks: list[Seen]) -> Generation:
     for c in ours:
         by_seq.setdefault(c.seq, set()).add(c.attempt)
     g.regenerated = sum(len(a) - 1 for a in by_seq.values())
-    first_of: dict[int, float] = {}  # attempt -> when its first chunk came
+    first_of: dict[int, Seen] = {}  # attempt -> its first chunk to come
     for c in sorted(ours, key=lambda c: c.at):
-        first_of.setdefault(c.attempt, c.at)
-    g.stale_after_takeover = sum(int(any(a > c.attempt and first_of[a] < c.at for a in first_of)) for c in ours)
+        first_of.setdefault(c.attempt, c)
+    g.stale_after_takeover = sum(
+        int(any(a > c.attempt and f.at < c.at and c.seq > f.seq for a, f in first_of.items())) for c in ours
+    )
     for attempt in sorted(first_of):
         mine = [c for c in ours if c.attempt == attempt]
         g.timeline.append(

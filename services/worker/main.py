@@ -288,14 +288,18 @@ class WorkerService:
             logger.exception("step failed", error=str(e))
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
         now = time.monotonic()
-        if self.records.stalled():  # ask before sending anything (for every request held, waiting ones too)
+        ready = [(out, s) for out in outputs if (s := self.streams.get(out.request_id))]  # not aborted meanwhile
+        chunks = [(out, stream, chunk_for(out, stream, self.s.worker_id, now)) for out, stream in ready]
+        # Asked as late as can be: the chunks are handed to NATS right after, and its flusher writes
+        # them at the flush below with no other wait between. A stall (SIGSTOP) after the question
+        # puts out chunks of a copy given up on meanwhile (readers drop them by attempt). Asked for
+        # every request held, waiting ones too.
+        if self.records.stalled():
             await self._drop_fenced()
         sent: dict[str, Sent] = {}
-        for out in outputs:
-            stream = self.streams.get(out.request_id)
-            if stream is None:  # aborted while the step ran
+        for out, stream, chunk in chunks:
+            if out.request_id not in self.streams:  # fenced just now
                 continue
-            chunk = chunk_for(out, stream, self.s.worker_id, now)
             # Recorded only if handed to NATS: the record says what a resume need not send again.
             if await self.delivery.publish(stream.reply_to, chunk):
                 held = seq.detok.pending if (seq := self.engine.seqs.get(out.request_id)) else 0

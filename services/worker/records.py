@@ -44,8 +44,8 @@ class ProgressRecords:
         """Whether this process may have been given up on, its requests re-dispatched (and perhaps
         finished elsewhere, their records gone), since fencing last asked strictly: no heartbeat
         got out for half the TTL, now (the beat task has not run yet) or at some point since. A
-        stall that hits after this is asked (mid-send) costs the rest of that step's chunks; the
-        next step asks first."""
+        stall that hits after this is asked and before the chunks are written to the socket puts
+        out that step's chunks (readers drop them by attempt); the next step asks first."""
         silent = time.monotonic() - self._beat_at > self.ttl_s / 2
         return silent or self.stalls != self._stalls_checked
 
