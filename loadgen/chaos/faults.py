@@ -75,9 +75,9 @@ class Fault:
 
 async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
     """Wait until ``worker`` (None: any worker) holds requests in flight (at most ``limit_s``); how
-    many. Meanwhile more load goes out every 0.3 s: the dispatcher sends a request where it would
-    finish soonest, so under light load a worker just restarted (no adapter loaded yet) may get
-    nothing for long."""
+    many. Meanwhile more load goes out every 0.3 s, in bursts that grow while the worker stays
+    idle: the dispatcher sends a request where it would finish soonest, so under light load a
+    worker just restarted (no adapter loaded yet) gets one only once its peers have a queue."""
     deadline = time.monotonic() + limit_s
     nudged, nudges = 0.0, 0
     while True:
@@ -88,7 +88,8 @@ async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
         if n > 0 or time.monotonic() > deadline:
             return n
         if ctx.nudge is not None and time.monotonic() - nudged > 0.3 and nudges < 30:
-            ctx.nudge()
+            for _ in range(1 + nudges // 5):
+                ctx.nudge()
             nudges += 1
             nudged = time.monotonic()
         await asyncio.sleep(0.05)
