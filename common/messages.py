@@ -290,6 +290,13 @@ class AdapterResidency(msgspec.Struct, kw_only=True, frozen=True):
     merged: bool
     version: str = ""  # which version of the adapter this is (a worker may briefly hold two)
 
+    @property
+    def tier(self) -> str:
+        """Where it lives: "gpu" in a device slot or merged into the weights on the device (a merged
+        adapter needs no slot), else "cpu" (host memory). On a CPU-only worker "gpu" still names
+        its device slots."""
+        return "gpu" if self.slot is not None or self.merged else "cpu"
+
 
 class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     """One unfinished request on a worker, for the migration planner."""
@@ -302,6 +309,8 @@ class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     remaining_tokens: int
     # Prompt + max_tokens: what a worker it moves to must hold whole (WorkerStats.max_model_len).
     total_tokens: int = 0
+    # In the running batch (its KV cached), rather than waiting for its prefill.
+    running: bool = True
 
 
 class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
@@ -327,6 +336,8 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     device: str = ""
     dtype: str = ""
     adapters: list[AdapterResidency] = []
+    # How its last step ran: "merged", "unmerged" or "mixed" (policy.Mode); "" before any step.
+    mode: str = ""
     # Counters since start.
     steps: int = 0
     merges: int = 0

@@ -67,11 +67,17 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # redis_pool_timeout_s for one to come free instead of failing.
     redis_max_connections: int = 64
     redis_pool_timeout_s: float = 10.0
+    # Prometheus metrics of the dispatcher, the migrator and each worker: GET /metrics on this
+    # port (0: not served); the gateway serves its own on its API port. docs/metrics.md lists them.
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
 
     def check(self) -> Problems:
         """Problems with the values; the loader refuses settings that have any."""
         positive = ("heartbeat_ttl_s", "redis_max_connections", "redis_pool_timeout_s")
         problems = [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(("metrics_port", self.metrics_port, "must be a TCP port, or 0 for none"))
         if not 1 <= self.nats_kv_replicas <= 5:
             problems.append(("nats_kv_replicas", self.nats_kv_replicas, "must be 1 to 5 (JetStream's limit)"))
         if self.redis_url.startswith(f"{SENTINEL_SCHEME}://"):

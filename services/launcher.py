@@ -33,7 +33,15 @@ from dlora.model.config import ModelConfig
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.servers import NATS_DEFAULT_PORT, REDIS_USER, Server, port_is_free, start_nats, start_redis
+from dlora.services.servers import (
+    NATS_DEFAULT_PORT,
+    REDIS_USER,
+    Server,
+    free_port,
+    port_is_free,
+    start_nats,
+    start_redis,
+)
 from dlora.services.worker.settings import WorkerSettings
 
 DEMO = Path(".cache/demo")
@@ -121,6 +129,18 @@ class LocalStack:
         self.servers: list[Server] = []
         self.procs: list[subprocess.Popen] = []
         self.url = f"http://{self.base.host}:{self.base.port}"
+        # Each service's Prometheus endpoint (docs/metrics.md), by dispatcher, migrator, worker id
+        # and gateway: on free loopback ports, unless the settings give metrics_port.
+        self.metrics_urls: dict[str, str] = {}
+
+    def _metrics(self, name: str, env: Mapping[str, str]) -> dict[str, str]:
+        """The environment that serves ``name``'s metrics on a free loopback port (none when the
+        environment or settings choose one), and notes the URL."""
+        if "DLORA_METRICS_PORT" in env or self.base.metrics_port:
+            return {}
+        port = free_port()
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return {"DLORA_METRICS_PORT": str(port), "DLORA_METRICS_HOST": "127.0.0.1"}
 
     def _gpus(self, env: dict[str, str]) -> list[str]:
         """The GPUs to spread the workers over: none when their settings name a device of their own
@@ -188,11 +208,19 @@ class LocalStack:
         # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
         roles = self.role_env
         self.procs.append(
-            subprocess.Popen([*cmd, "dispatcher"], env={**env, **roles["dispatcher"]}, start_new_session=True)
+            subprocess.Popen(
+                [*cmd, "dispatcher"],
+                env={**env, **roles["dispatcher"], **self._metrics("dispatcher", env)},
+                start_new_session=True,
+            )
         )
         if self.migrator:
             self.procs.append(
-                subprocess.Popen([*cmd, "migrator"], env={**env, **roles["migrator"]}, start_new_session=True)
+                subprocess.Popen(
+                    [*cmd, "migrator"],
+                    env={**env, **roles["migrator"], **self._metrics("migrator", env)},
+                    start_new_session=True,
+                )
             )
         gpus = self._gpus({**env, **self.worker_env})
         for i in range(self.workers):
@@ -205,11 +233,13 @@ class LocalStack:
                         **roles["worker"],
                         **gpu_of_worker(i, gpus),
                         **self.worker_env,
+                        **self._metrics(f"worker-{i}", {**env, **self.worker_env}),
                         "DLORA_WORKER_ID": f"worker-{i}",
                     },
                 )
             )
         self.procs.append(subprocess.Popen([*cmd, "gateway"], env={**env, **roles["gateway"]}, start_new_session=True))
+        self.metrics_urls["gateway"] = f"{self.url}/metrics"
         try:
             _wait_ready(self.url, self.workers, self.procs)
         except BaseException:
@@ -261,6 +291,8 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f"adapters: {', '.join(stack.loras) or 'none'})"
         )
         print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
+        print(f"status page: {stack.url}/dashboard#key={stack.admin_key}")
+        print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
         print(
             f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',

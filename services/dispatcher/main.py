@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import Clients
+from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import (
     MAX_RECOVERIES,
     ClientAlive,
@@ -31,6 +32,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
 from dlora.services.dispatcher.choose import DispatchMode, choose_worker, holds_request
+from dlora.services.dispatcher.metrics import DispatcherMetrics
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.notify import notifier
@@ -57,6 +59,7 @@ class Dispatcher:
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
         self._reconnects = nc.stats["reconnects"]
+        self.metrics = DispatcherMetrics(lambda: len(self.live()))
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
@@ -91,6 +94,7 @@ class Dispatcher:
         if owner and not subjects.replies_to(owner, req.reply_to):
             reason = f"reply_to {req.reply_to!r} is not one of {owner!r}'s reply subjects or inboxes"
             bus.reject(subjects.APP_REQUESTS, msg.subject, GenerateRequest, ValueError(reason))
+            self.metrics.refusals.labels("bad-reply-to").inc()
             if answer:
                 refused = TokenChunk(
                     request_id=req.request_id,
@@ -108,7 +112,8 @@ class Dispatcher:
             # it, not there (as the gateway answers a key of another tenant).
             entry = await self.store.get_adapter(req.adapter, req.adapter_version)
             if entry is not None and entry.owner not in ("", owner):
-                await self._fail(req, req.next_seq, f"adapter {req.adapter!r} is not registered", ErrorCode.NOT_FOUND)
+                reason = f"adapter {req.adapter!r} is not registered"
+                await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
                 return
         await self._dispatch(req, raw)
 
@@ -168,6 +173,7 @@ class Dispatcher:
     async def recover(self, worker: str) -> None:
         request_ids = await self.store.inflight_on(worker)
         logger.warning("worker lost", worker=worker, requests=len(request_ids))
+        self.metrics.losses.inc()
         await self.store.forget_worker(worker)
         for rid in request_ids:
             rec = await self.store.get_inflight(rid)
@@ -191,6 +197,7 @@ class Dispatcher:
                 next_seq,
                 f"the request was in flight on {rec.deaths + 1} workers that "
                 f"died, the last {rec.worker}; it is not retried again, since it may be what stops them",
+                "gave-up",
                 expect=mine,
             )
             return
@@ -247,7 +254,7 @@ class Dispatcher:
                 f"the request needs {need} tokens (prompt and max_tokens); the largest worker's context "
                 f"and KV cache hold {largest}: lower max_tokens or shorten the prompt"
             )
-            await self._fail(req, req.next_seq, reason, ErrorCode.BAD_REQUEST, expect)
+            await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return
         if self.s.dispatch is DispatchMode.ROUND_ROBIN:  # the baseline: blind to load and adapters
             names = sorted(w.worker for w in live)
@@ -256,7 +263,7 @@ class Dispatcher:
         else:
             worker = choose_worker(live, req.adapter, self.sent_since_stats, self.placement, self.s.costs)
         if worker is None:
-            await self._fail(req, req.next_seq, "no worker is available", ErrorCode.UNAVAILABLE, expect)
+            await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
         self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
@@ -267,23 +274,29 @@ class Dispatcher:
         incarnation = seen[0].incarnation if seen else ""
         if await self.store.put_inflight(req, worker, expect, new=expect is None, incarnation=incarnation, died=died):
             await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
+            self.metrics.decisions.labels(worker).inc()
+            if expect is not None:
+                self.metrics.recovered.inc()
         elif expect is None:  # a second request under the id of one in flight (anyone's)
             reason = f"request id {req.request_id!r} is already in flight; give each request its own"
-            await self._fail(req, req.next_seq, reason, ErrorCode.BAD_REQUEST)
+            await self._fail(req, req.next_seq, reason, "duplicate-id", ErrorCode.BAD_REQUEST)
 
     async def _fail(
         self,
         req: GenerateRequest,
         seq: int,
         reason: str,
+        kind: str,
         code: ErrorCode = ErrorCode.INTERNAL,
         expect: tuple[str, int] | None = None,
     ) -> None:
-        """Answer ``req`` with an error chunk. ``expect``: a re-dispatch, failed only while its record
-        still names that worker and attempt (the record goes with it); a request not yet dispatched
-        has no record of ours to drop (one under its id is another request's)."""
+        """Answer ``req`` with an error chunk, counted under ``kind`` (metrics.REFUSALS). ``expect``:
+        a re-dispatch, failed only while its record still names that worker and attempt (the record
+        goes with it); a request not yet dispatched has no record of ours to drop (one under its id
+        is another request's)."""
         if expect is not None and not await self.store.delete_inflight(req.request_id, expect):
             return  # another dispatcher took it meanwhile
+        self.metrics.refusals.labels(kind).inc()
         chunk = TokenChunk(
             request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason=FinishReason.ERROR
         )
@@ -319,4 +332,6 @@ class Dispatcher:
 
 async def serve(s: DispatcherSettings, stop: asyncio.Event) -> None:
     async with connections(s) as (nc, store):
-        await Dispatcher(s, nc, store).run(stop)
+        dispatcher = Dispatcher(s, nc, store)
+        async with metrics_endpoint(s, dispatcher.metrics.registry):
+            await dispatcher.run(stop)

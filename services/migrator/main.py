@@ -12,8 +12,10 @@ from nats.aio.client import Client as NATS
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
+from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import WorkerStats
 from dlora.common.state import StateStore
+from dlora.services.migrator.metrics import MigratorMetrics
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import snapshot_from_stats, triggered
@@ -31,6 +33,7 @@ class Migrator:
         self.plans = 0
         self._imbalanced_looks = 0
         self._last_solve = float("-inf")
+        self.metrics = MigratorMetrics()
 
     async def _on_stats(self, st: WorkerStats) -> None:
         self.stats[st.worker] = (st, time.monotonic())
@@ -73,7 +76,8 @@ class Migrator:
         # A solve, with moves or not, starts the cool-down: an imbalance no plan pays for (KV
         # pressure on a loaded cluster is common) would otherwise cost a full solve every look.
         self._last_solve = now
-        if p.moves and await self._still_leader():
+        published = bool(p.moves) and await self._still_leader()
+        if published:
             p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time())
             await bus.publish(self.nc, subjects.MOVES, p)
             self.plans += 1
@@ -90,6 +94,7 @@ class Migrator:
             makespan_before=round(p.makespan_before_s, 2),
             makespan_after=round(p.makespan_after_s, 2),
         )
+        self.metrics.planned(p, published)
 
     async def _still_leader(self) -> bool:
         """The solve took a while: is the lease still ours, in the same epoch?"""
@@ -119,7 +124,9 @@ class Migrator:
 
 async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
     async with connections(s) as (nc, store):
-        await Migrator(s, nc, store).run(stop)
+        migrator = Migrator(s, nc, store)
+        async with metrics_endpoint(s, migrator.metrics.registry):
+            await migrator.run(stop)
 
 
 # Move costs per token before any worker has measured them (a CPU-sized guess).

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import Clients
+from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
@@ -44,6 +45,7 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
+from dlora.services.worker.metrics import WorkerMetrics, worker_view
 from dlora.services.worker.moves import Move, handoff, moves_to_take
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.settings import WorkerSettings
@@ -57,6 +59,7 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 # A record this fresh may be for a request whose message is still on its way here: not handed
 # back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
+_LIST_EVERY_S = 10.0  # how often the registry's adapters are listed (their ranks, for the metrics)
 _ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 
 
@@ -94,6 +97,9 @@ class WorkerService:
         self.draining = False  # told to stop: finishing what runs here, given nothing new
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
+        self.registered: dict[str, int] = {}  # adapter name -> rank, as the registry last listed them
+        self._listed_at = -_LIST_EVERY_S
+        self.metrics = WorkerMetrics(settings.worker_id, lambda: worker_view(self))
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
@@ -204,6 +210,7 @@ class WorkerService:
         copy = Copy.of(stream.request, self.records.stalled())
         if await self.store.fenced(self.s.worker_id, {move.request_id: copy}):
             return  # given up here meanwhile (this worker stalled): a later attempt serves it
+        self.metrics.moved(len(data) if data is not None else None)
         # Recorded at the destination first: what it writes then is its own, not fenced.
         await self.store.put_inflight(resumed, move.to_worker)
         for chunk in chunks:
@@ -432,6 +439,9 @@ class WorkerService:
                     self.clients.noted(time.monotonic())  # Redis's host reached: not cut off
                     await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
                     await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
+                    if time.monotonic() - self._listed_at > _LIST_EVERY_S:  # for the residency metric's disk tier
+                        self.registered = {e.name: e.rank for e in await self.store.list_adapters()}
+                        self._listed_at = time.monotonic()
                 outage.succeeded()
             except Exception as e:  # noqa: BLE001 - a missed beat is retried next interval
                 outage.failed(e)
@@ -480,4 +490,6 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     engine = await asyncio.to_thread(build_engine, s)
     async with connections(s) as (nc, store):
-        await WorkerService(s, nc, store, engine).run(stop)
+        service = WorkerService(s, nc, store, engine)
+        async with metrics_endpoint(s, service.metrics.registry):
+            await service.run(stop)

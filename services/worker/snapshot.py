@@ -36,6 +36,7 @@ def worker_stats(
             context_tokens=seq.total_len,
             remaining_tokens=lengths.expected_remaining(len(seq.output_ids), seq.params.max_tokens),
             total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
+            running=q.running,
         )
         for q in queue
         if (seq := e.seqs.get(q.request_id)) is not None
@@ -52,6 +53,7 @@ def worker_stats(
         device=str(e.device),
         dtype=str(e.dtype).removeprefix("torch."),
         adapters=residency,
+        mode=st.last_mode,
         steps=st.steps,
         merges=st.merges,
         preemptions=st.preemptions,

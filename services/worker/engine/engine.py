@@ -219,6 +219,8 @@ class LLMEngine:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
         self.seqs[request_id] = seq
+        if not resumed:
+            self.stats.prompt_tokens += len(ids)
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
         """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown)."""
@@ -438,7 +440,7 @@ class LLMEngine:
     def _load_slot(self, change: SlotChange) -> None:
         start = time.perf_counter()
         self.device_loras.load(change.slot, self.adapters[change.loaded])
-        self.stats.record_load(evicted=change.evicted is not None, seconds=time.perf_counter() - start)
+        self.stats.record_load(change.loaded, evicted=change.evicted is not None, seconds=time.perf_counter() - start)
 
     def _inputs(self, batch: list[Sequence], slots: StepSlots) -> StepInputs:
         return build_inputs(batch, slots, self.blocks, self.kernels, self.device)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 class EngineStats:
     steps: int = 0
     step_seconds: float = 0.0  # total
+    max_step_seconds: float = 0.0  # the longest step (the dLoRA policy's wait bound grows with it)
+    last_mode: str = ""  # the mode the last step ran in ("" before any)
+    prompt_tokens: int = 0  # total, of requests admitted (a resumed request's once, where it began)
     tokens_generated: int = 0  # total, over all requests
     prefill_tokens: int = 0  # total prompt (and recompute) tokens fed
     prefill_seconds: float = 0.0  # their share of step time
@@ -27,6 +30,9 @@ class EngineStats:
     adapter_loads: int = 0
     adapter_evictions: int = 0
     adapter_load_seconds: float = 0.0  # total
+    # The same per adapter (engine key), loads into a device slot and their seconds.
+    loads_by_adapter: dict[str, int] = field(default_factory=dict)
+    load_seconds_by_adapter: dict[str, float] = field(default_factory=dict)
     steps_by_mode: dict[str, int] = field(default_factory=dict)  # "unmerged", "merged", "mixed" (policy.Mode)
     # Per adapter ("" for the base model): the step time its sequences took, each step's time
     # shared by tokens fed, and the tokens they generated.
@@ -38,7 +44,9 @@ class EngineStats:
         run in ``mode``."""
         self.steps += 1
         self.steps_by_mode[mode] = self.steps_by_mode.get(mode, 0) + 1
+        self.last_mode = mode
         self.step_seconds += seconds
+        self.max_step_seconds = max(self.max_step_seconds, seconds)
         self.tokens_generated += tokens
         self.prefill_tokens += prefill
         self.prefill_seconds += seconds * prefill / max(1, fed)
@@ -66,7 +74,9 @@ class EngineStats:
         self.unmerges += 1
         self.unmerge_seconds += seconds
 
-    def record_load(self, evicted: bool, seconds: float) -> None:
+    def record_load(self, adapter: str, evicted: bool, seconds: float) -> None:
         self.adapter_loads += 1
         self.adapter_evictions += evicted
         self.adapter_load_seconds += seconds
+        self.loads_by_adapter[adapter] = self.loads_by_adapter.get(adapter, 0) + 1
+        self.load_seconds_by_adapter[adapter] = self.load_seconds_by_adapter.get(adapter, 0.0) + seconds

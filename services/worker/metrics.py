@@ -1,0 +1,288 @@
+"""A worker's Prometheus metrics (docs/metrics.md): read at scrape time from its latest stats
+snapshot, its engine's counters and its policy, never kept up to date between scrapes.
+
+``families`` is the pure core (a ``WorkerView`` in, metric families out); ``WorkerMetrics`` is the
+registry the service serves, with the counters of moves it bumps itself. Where a metric means what
+vLLM's does it is also exported under vLLM's name, labelled with ``model_name`` as vLLM's are, so
+vLLM dashboards, alerts and inference routers read a dlora worker unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dlora.common.messages import WorkerStats
+from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.versions import name_of
+
+if TYPE_CHECKING:
+    from dlora.services.worker.main import WorkerService
+
+MODES = ("merged", "unmerged", "mixed")  # policy.Mode's values
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What one scrape reads of a worker."""
+
+    worker: str
+    model_name: str
+    stats: WorkerStats  # the latest snapshot (its requests, residency and KV blocks)
+    engine: EngineStats  # counters since start
+    ranks: dict[str, int]  # adapter name -> LoRA rank, of those in host memory here
+    registered: dict[str, int]  # adapter name -> rank, of every adapter in the registry
+    credits: dict[str, float] | None  # the policy's credit per adapter ("" the base model); None: it keeps none
+    wait_bound_s: float | None  # the policy's bound on a request's wait; None: it has none
+    longest_wait_s: float  # the oldest request still without its first token: how long it has waited
+    now: float  # Unix seconds
+
+
+# Label values (in the family's label order) -> the sample's value.
+Labelled = dict[tuple[str, ...], float]
+
+
+def _gauge(name: str, doc: str, labels: list[str], values: Labelled) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, value in values.items():
+        family.add_metric(list(key), value)
+    return family
+
+
+def _counter(name: str, doc: str, labels: list[str], values: Labelled) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in values.items():
+        family.add_metric(list(key), value)
+    return family
+
+
+def _both(
+    make: Callable[..., Metric], dlora: str, vllm: str, doc: str, v: WorkerView, value: float
+) -> Iterator[Metric]:
+    """One figure under dlora's name (labelled by worker) and vLLM's (by model_name and worker)."""
+    yield make(dlora, doc, ["worker"], {(v.worker,): value})
+    yield make(vllm, doc, ["model_name", "worker"], {(v.model_name, v.worker): value})
+
+
+def families(v: WorkerView) -> Iterator[Metric]:
+    """Every worker metric family of docs/metrics.md, from one view."""
+    st, e, w = v.stats, v.engine, v.worker
+    yield from _both(
+        _gauge,
+        "dlora_num_requests_running",
+        "vllm:num_requests_running",
+        "Requests in the running batch",
+        v,
+        st.running,
+    )
+    yield from _both(
+        _gauge, "dlora_num_requests_waiting", "vllm:num_requests_waiting", "Requests waiting to run", v, st.waiting
+    )
+    usage = 1.0 - st.free_blocks / st.total_blocks if st.total_blocks else 0.0
+    yield from _both(
+        _gauge, "dlora_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", v, usage
+    )
+    yield _gauge("dlora_kv_cache_blocks", "KV cache blocks in all", ["worker"], {(w,): st.total_blocks})
+    labels = ["model_name", "worker"]
+    key = (v.model_name, w)
+    yield _counter(
+        "vllm:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache",
+        labels,
+        {key: e.prefix_cache_queries},
+    )
+    yield _counter(
+        "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels, {key: e.prefix_cache_hits}
+    )
+    yield from _both(
+        _counter, "dlora_prompt_tokens", "vllm:prompt_tokens", "Prompt tokens of requests admitted", v, e.prompt_tokens
+    )
+    yield from _both(
+        _counter, "dlora_generation_tokens", "vllm:generation_tokens", "Tokens generated", v, e.tokens_generated
+    )
+    yield from _both(
+        _counter, "dlora_num_preemptions", "vllm:num_preemptions", "Running requests preempted", v, e.preemptions
+    )
+    by_mode = dict(e.steps_by_mode)
+    yield _counter(
+        "dlora_steps", "Engine steps by mode", ["worker", "mode"], {(w, m): by_mode.get(m, 0) for m in MODES}
+    )
+    kinds = {"merge": (e.merges, e.merge_seconds), "unmerge": (e.unmerges, e.unmerge_seconds)}
+    yield _counter(
+        "dlora_adapter_switches",
+        "Merges and unmerges of an adapter",
+        ["worker", "kind"],
+        {(w, k): n for k, (n, _) in kinds.items()},
+    )
+    yield _counter(
+        "dlora_adapter_switch_seconds",
+        "Seconds merges and unmerges took",
+        ["worker", "kind"],
+        {(w, k): s for k, (_, s) in kinds.items()},
+    )
+    yield _gauge(
+        "dlora_worker_mode",
+        "1 for the mode of the last step",
+        ["worker", "mode"],
+        {(w, m): float(m == e.last_mode) for m in MODES},
+    )
+    merged = [a.name for a in st.adapters if a.merged]
+    yield _gauge(
+        "dlora_merged_adapter",
+        "1 for the adapter merged into the weights now",
+        ["worker", "adapter"],
+        {(w, a): 1 for a in merged},
+    )
+    if v.credits is not None:
+        # Square adapters leave the ledger: 0 for the base model and every adapter held here.
+        credits: Labelled = {(w, a): 0.0 for a in [v.model_name, *v.ranks]}
+        credits |= {(w, name_of(k) if k else v.model_name): c for k, c in v.credits.items()}
+        yield _gauge(
+            "dlora_adapter_credit_seconds",
+            "Seconds of service the adapter is owed (+) or owes (-)",
+            ["worker", "adapter"],
+            credits,
+        )
+    yield _gauge(
+        "dlora_longest_wait_seconds",
+        "How long the oldest request without a first token has waited",
+        ["worker"],
+        {(w,): v.longest_wait_s},
+    )
+    if v.wait_bound_s is not None:
+        yield _gauge(
+            "dlora_wait_bound_seconds", "The policy's bound on a request's wait", ["worker"], {(w,): v.wait_bound_s}
+        )
+    yield from _requests(v)
+    yield from _residency(v)
+
+
+def _requests(v: WorkerView) -> Iterator[Metric]:
+    counts: Labelled = {}
+    running: set[str] = set()
+    waiting: set[str] = set()
+    for r in v.stats.requests:
+        state = "running" if r.running else "waiting"
+        key = (v.worker, r.adapter or v.model_name, state)
+        counts[key] = counts.get(key, 0) + 1
+        if r.adapter is not None:
+            (running if r.running else waiting).add(r.adapter)
+    yield _gauge("dlora_adapter_requests", "Unfinished requests per adapter", ["worker", "adapter", "state"], counts)
+    # vLLM's: the value is the time, the labels carry the adapters (comma-separated).
+    info = (str(v.stats.max_loras), ",".join(sorted(running)), ",".join(sorted(waiting)), v.model_name, v.worker)
+    yield _gauge(
+        "vllm:lora_requests_info",
+        "Running stats on LoRA requests",
+        ["max_lora", "running_lora_adapters", "waiting_lora_adapters", "model_name", "worker"],
+        {info: v.now},
+    )
+
+
+def _residency(v: WorkerView) -> Iterator[Metric]:
+    w = v.worker
+    tier = {a.name: a.tier for a in v.stats.adapters}
+    ranks = v.registered | v.ranks
+    resident: Labelled = {(w, a, t, str(ranks.get(a, 0))): 1.0 for a, t in tier.items()}
+    resident |= {(w, a, "disk", str(r)): 1.0 for a, r in v.registered.items() if a not in tier}
+    yield _gauge(
+        "dlora_adapter_resident",
+        "1 where the adapter lives: gpu slot, cpu memory or disk",
+        ["worker", "adapter", "tier", "rank"],
+        resident,
+    )
+    loads: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for k, n in dict(v.engine.loads_by_adapter).items():
+        loads[name_of(k)] = loads.get(name_of(k), 0) + n
+    for k, s in dict(v.engine.load_seconds_by_adapter).items():
+        seconds[name_of(k)] = seconds.get(name_of(k), 0.0) + s
+    yield _counter(
+        "dlora_adapter_loads",
+        "Loads of the adapter into a device slot",
+        ["worker", "adapter"],
+        {(w, a): n for a, n in loads.items()},
+    )
+    yield _counter(
+        "dlora_adapter_load_seconds",
+        "Seconds those loads took",
+        ["worker", "adapter"],
+        {(w, a): s for a, s in seconds.items()},
+    )
+    vllm: Labelled = {(v.model_name, w, a, t, "false", str(ranks.get(a, 0))): 1.0 for a, t in tier.items()}
+    yield _gauge(
+        "vllm:lora_adapter_loaded",
+        "1 per LoRA adapter loaded, by cache level",
+        ["model_name", "worker", "adapter_name", "level", "pinned", "rank"],
+        vllm,
+    )
+    gpu = sum(t == "gpu" for t in tier.values())
+    counts = {
+        "vllm:num_gpu_loaded_lora_adapters": ("LoRA adapters in device slots", gpu),
+        "vllm:num_cpu_loaded_lora_adapters": ("LoRA adapters in host memory only", len(tier) - gpu),
+        "vllm:max_gpu_lora_adapters": ("LoRA adapter device slots", v.stats.max_loras),
+    }
+    for name, (doc, n) in counts.items():
+        yield _gauge(name, doc, ["model_name", "worker"], {(v.model_name, w): n})
+
+
+def worker_view(svc: WorkerService) -> WorkerView:
+    """What a scrape reads of ``svc``, on its event loop: the engine's counters and policy are read,
+    not walked (a step may be running in its thread); requests come from the latest snapshot."""
+    engine, now = svc.engine, time.monotonic()
+    policy = engine.policy
+    credits = getattr(policy, "credits", None)
+    bound = getattr(policy, "wait_bound_s", None)
+    return WorkerView(
+        worker=svc.s.worker_id,
+        model_name=Path(svc.s.model).name,
+        stats=svc.stats,
+        engine=engine.stats,
+        ranks={name_of(k): a.rank for k, a in list(engine.adapters.items())},
+        registered=svc.registered,
+        credits=dict(credits.balances) if credits is not None else None,
+        wait_bound_s=bound(engine.stats.max_step_seconds) if bound is not None else None,
+        longest_wait_s=max((now - s.arrived for s in svc.streams.values() if not s.first_sent), default=0.0),
+        now=time.time(),
+    )
+
+
+class _Live(Collector):
+    def __init__(self, view: Callable[[], WorkerView]) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self.view())
+
+
+class WorkerMetrics:
+    """The registry a worker serves on ``metrics_port``: ``families`` of ``view()`` at each scrape,
+    and the moves away from it, counted as they happen."""
+
+    def __init__(self, worker: str, view: Callable[[], WorkerView]) -> None:
+        self.registry = CollectorRegistry()
+        self.worker = worker
+        self._moves = Counter(
+            "dlora_migrations_out",
+            "Requests moved away from this worker, by method: kv (cache shipped) or recompute",
+            ["worker", "method"],
+            registry=self.registry,
+        )
+        self._kv_bytes = Counter(
+            "dlora_migration_kv_bytes", "Bytes of KV cache shipped by moves", ["worker"], registry=self.registry
+        )
+        for method in ("kv", "recompute"):
+            self._moves.labels(worker, method)
+        self._kv_bytes.labels(worker)
+        self.registry.register(_Live(view))
+
+    def moved(self, kv_bytes: int | None) -> None:
+        """A request moved away: with its cache (``kv_bytes``) or to be recomputed (None)."""
+        self._moves.labels(self.worker, "recompute" if kv_bytes is None else "kv").inc()
+        self._kv_bytes.labels(self.worker).inc(kv_bytes or 0)

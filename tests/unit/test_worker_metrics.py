@@ -1,0 +1,101 @@
+"""The worker's metric families from one view (pure: no engine, no HTTP)."""
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
+from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.metrics import WorkerView, _Live
+
+
+def _view(**over: object) -> WorkerView:
+    stats = WorkerStats(
+        worker="w0",
+        running=2,
+        waiting=1,
+        free_blocks=25,
+        total_blocks=100,
+        block_size=16,
+        max_loras=4,
+        mode="mixed",
+        adapters=[
+            AdapterResidency(name="a", slot=0, merged=True, version="v1"),
+            AdapterResidency(name="b", slot=None, merged=False, version="v1"),
+        ],
+        requests=[
+            RequestLoad(request_id="1", adapter="a", context_tokens=9, remaining_tokens=5, running=True),
+            RequestLoad(request_id="2", adapter=None, context_tokens=9, remaining_tokens=5, running=True),
+            RequestLoad(request_id="3", adapter="b", context_tokens=9, remaining_tokens=5, running=False),
+        ],
+    )
+    engine = EngineStats(steps=7, tokens_generated=40, prompt_tokens=30, merges=2, merge_seconds=0.5, preemptions=1)
+    engine.steps_by_mode.update({"mixed": 5, "unmerged": 2})
+    engine.last_mode = "mixed"
+    engine.record_load("a@v1", evicted=False, seconds=0.25)
+    engine.record_load("a@v1", evicted=True, seconds=0.25)
+    fields: dict[str, object] = dict(
+        worker="w0",
+        model_name="llama",
+        stats=stats,
+        engine=engine,
+        ranks={"a": 8, "b": 16},
+        registered={"a": 8, "b": 16, "c": 4},
+        credits={"a@v1": -1.5, "": 1.5},
+        wait_bound_s=3.0,
+        longest_wait_s=0.7,
+        now=1000.0,
+    )
+    return WorkerView(**(fields | over))  # type: ignore[arg-type]
+
+
+def _scrape(view: WorkerView) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    registry = CollectorRegistry()
+    registry.register(_Live(lambda: view))
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def _one(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+    matching = [v for k, v in samples[name].items() if set(labels.items()) <= set(k)]
+    assert len(matching) == 1, (name, labels, samples[name])
+    return matching[0]
+
+
+def test_every_family_with_the_view_s_values() -> None:
+    s = _scrape(_view())
+    assert _one(s, "vllm:num_requests_running", model_name="llama", worker="w0") == 2
+    assert _one(s, "dlora_num_requests_waiting", worker="w0") == 1
+    assert _one(s, "vllm:kv_cache_usage_perc") == _one(s, "dlora_kv_cache_usage_ratio") == 0.75
+    assert _one(s, "vllm:generation_tokens_total") == 40 and _one(s, "vllm:prompt_tokens_total") == 30
+    assert _one(s, "vllm:num_preemptions_total") == 1
+    assert _one(s, "dlora_steps_total", mode="mixed") == 5 and _one(s, "dlora_steps_total", mode="merged") == 0
+    assert _one(s, "dlora_adapter_switches_total", kind="merge") == 2
+    assert _one(s, "dlora_adapter_switch_seconds_total", kind="merge") == 0.5
+    assert _one(s, "dlora_worker_mode", mode="mixed") == 1 and _one(s, "dlora_worker_mode", mode="merged") == 0
+    assert s["dlora_merged_adapter"] == {(("adapter", "a"), ("worker", "w0")): 1}
+    assert _one(s, "dlora_adapter_credit_seconds", adapter="a") == -1.5
+    assert _one(s, "dlora_adapter_credit_seconds", adapter="llama") == 1.5
+    assert _one(s, "dlora_wait_bound_seconds") == 3.0 and _one(s, "dlora_longest_wait_seconds") == 0.7
+    assert _one(s, "dlora_adapter_requests", adapter="b", state="waiting") == 1
+    assert _one(s, "dlora_adapter_requests", adapter="llama", state="running") == 1
+    # where each adapter lives, with its rank: c is registered but not loaded here
+    assert _one(s, "dlora_adapter_resident", adapter="a", tier="gpu", rank="8") == 1
+    assert _one(s, "dlora_adapter_resident", adapter="b", tier="cpu", rank="16") == 1
+    assert _one(s, "dlora_adapter_resident", adapter="c", tier="disk", rank="4") == 1
+    assert _one(s, "dlora_adapter_loads_total", adapter="a") == 2
+    assert _one(s, "dlora_adapter_load_seconds_total", adapter="a") == 0.5
+    assert _one(s, "vllm:lora_adapter_loaded", adapter_name="a", level="gpu") == 1
+    assert "c" not in {dict(k)["adapter_name"] for k in s["vllm:lora_adapter_loaded"]}
+    assert _one(s, "vllm:num_gpu_loaded_lora_adapters") == 1 and _one(s, "vllm:num_cpu_loaded_lora_adapters") == 1
+    assert _one(s, "vllm:max_gpu_lora_adapters") == 4
+    info = dict(next(iter(s["vllm:lora_requests_info"])))
+    assert (info["running_lora_adapters"], info["waiting_lora_adapters"], info["max_lora"]) == ("a", "b", "4")
+
+
+def test_a_policy_without_credits_or_a_bound_exports_neither() -> None:
+    s = _scrape(_view(credits=None, wait_bound_s=None))
+    assert "dlora_adapter_credit_seconds" not in s and "dlora_wait_bound_seconds" not in s
+    assert "dlora_longest_wait_seconds" in s
