@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup redis run lint test bench chaos soak gpu-check gpu-wheels clean
+.PHONY: setup redis chromium run lint test bench chaos soak gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ redis:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
+# Chromium and its WebDriver from Debian's packages, for the status page's browser test (never a
+# downloaded browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		echo "installing chromium and chromium-driver (Debian packages)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 setup: $(STAMP) redis
 
 # The whole stack on the tiny demo model (made on first run), NATS and Redis as children.
@@ -36,6 +44,7 @@ TYPED := -p dlora.common -p dlora.model -p dlora.services.worker.policy -p dlora
 	-m dlora.services.gateway.replies -m dlora.services.gateway.settings -m dlora.services.gateway.shaping \
 	-m dlora.services.gateway.connections -m dlora.services.gateway.errors \
 	-m dlora.services.gateway.health -m dlora.services.gateway.openapi -m dlora.services.gateway.limits \
+	-m dlora.services.gateway.status -m dlora.services.gateway.dashboard -m dlora.services.worker.metrics \
 	-m dlora.services.gateway.auth -m dlora.services.gateway.keys -m dlora.services.keys_cli -m dlora.services.notify -m dlora.services.run \
 	-m dlora.loadgen.spec -m dlora.loadgen.workload -m dlora.loadgen.traces -m dlora.loadgen.popularity \
 	-m dlora.loadgen.arrivals -p dlora.loadgen.chaos -m dlora.loadgen.soak
@@ -49,7 +58,7 @@ lint: setup
 	for d in common kernels loadgen model services; do ln -sfn ../../../$$d $(MYPY_SRC)/dlora/$$d; done
 	cd $(MYPY_SRC) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml --cache-dir ../mypy $(TYPED)
 
-test: setup lint
+test: setup chromium lint
 	$(PY) -m pytest -q
 
 bench: setup

@@ -53,7 +53,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
         "gateway": (
             [subjects.REQUESTS, subjects.ABORT, subjects.ADAPTER_EVENTS, subjects.CLIENTS, subjects.DISPATCHER_PING]
             + [*_JETSTREAM, *_KEYS_BUCKET],
-            [f"{P}.reply.>", subjects.STATS_ALL, _INBOX],
+            [f"{P}.reply.>", subjects.STATS_ALL, subjects.MOVES, _INBOX],  # stats and plans: /v1/status
         ),
         "dispatcher": (
             [f"{P}.worker.*.requests", subjects.PLACEMENT, f"{P}.reply.>", _INBOX, *_JETSTREAM],

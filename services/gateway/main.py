@@ -28,13 +28,14 @@ from dlora.common.messages import (
     AdapterEvent,
     ErrorCode,
     GenerateRequest,
+    MovePlan,
     TokenChunk,
     WorkerStats,
 )
 from dlora.common.registry import AdapterRegistry, KeyRegistry
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
-from dlora.services.gateway import openai, openapi
+from dlora.services.gateway import dashboard, openai, openapi
 from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.connections import listen
@@ -44,7 +45,7 @@ from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
-from dlora.services.gateway.responses import ResponseWriter, RunningChoice
+from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import (
     Job,
@@ -54,6 +55,7 @@ from dlora.services.gateway.shaping import (
     served_context,
     shape_request,
 )
+from dlora.services.gateway.status import ClusterView, cluster_status
 from dlora.services.notify import notifier
 
 logger = log.get("gateway")
@@ -84,6 +86,7 @@ class Gateway:
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
         self.metrics = Metrics()
+        self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status
         # One subscription for every reply to this gateway; chunks are routed to the waiting request.
         self.gateway_id = uuid.uuid4().hex[:12]
         self.replies: dict[str, asyncio.Queue[bytes]] = {}
@@ -115,7 +118,7 @@ class Gateway:
                 adapter_label = job.adapter or self.base_name
                 return await self._relay(request, job)
         except APIError as e:
-            self.metrics.requests.labels(adapter_label, str(e.status)).inc()
+            self.metrics.failed(adapter_label, e.status)
             return error_response(e)
 
     async def _job(self, raw: bytes, chat: bool, who: Principal) -> Job:
@@ -196,12 +199,14 @@ class Gateway:
                     # here, and the request it gave up on may still be queued or running (an abort
                     # of a request that already ended is harmless).
                     await self._abort([c for c in choices if c.out.finish_reason is None])
+                    if response.stream is not None:  # else the APIError it raises is counted
+                        timer.failed(STATUS.get(choice.replies.error_code or ErrorCode.INTERNAL, 500))
                     return await response.fail(choice.replies)
                 for taken in ready:
                     timer.chunk(taken.queue_seconds)
                     await response.add(choice, taken)
             per_choice = [c.replies.tokens if c.replies else 0 for c in choices]
-            timer.done(max(per_choice))
+            timer.done(max(per_choice), sum(per_choice))
             return await response.finish(sum(per_choice))
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: stop the work wherever it runs.
@@ -352,9 +357,27 @@ class Gateway:
         if queue is not None:  # else: the request is already over (client gone)
             queue.put_nowait(msg.data)
 
-    async def _on_stats(self, st: WorkerStats) -> None:
-        self.metrics.observe_worker(st)
+    async def status(self, request: web.Request) -> web.Response:
+        """``GET /v1/status`` (admin): the cluster as this gateway hears it (``status.ClusterStatus``)."""
+        await self.auth.admin(request)
         now = time.monotonic()
+        doc = cluster_status(
+            self.cluster.live(now, self.s.heartbeat_ttl_s),
+            list(self.cluster.plans),
+            await self.store.list_adapters(),
+            self.metrics.traffic,
+            self.base_name,
+            self.gateway_id,
+            time.time(),
+        )
+        return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
+
+    async def _on_plan(self, plan: MovePlan) -> None:
+        self.cluster.planned(plan)
+
+    async def _on_stats(self, st: WorkerStats) -> None:
+        now = time.monotonic()
+        self.cluster.heard(st, now)
         self.worker_context[st.worker] = (st.max_model_len, now)
         live = [n for n, at in self.worker_context.values() if now - at <= self.s.heartbeat_ttl_s]
         context = served_context(self.context, live)
@@ -382,6 +405,8 @@ class Gateway:
         app.router.add_get("/readyz", self.healthz)
         app.router.add_get("/livez", self.livez)
         app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_get("/v1/status", self.status)
+        dashboard.add_static(app)
         app.router.add_get("/openapi.json", openapi.handler)
         return app
 
@@ -391,6 +416,7 @@ class Gateway:
         if self.s.auth == "none" and self.s.host not in ("127.0.0.1", "::1", "localhost"):
             logger.warning("inference is open to anyone who reaches this address (auth = none)", host=self.s.host)
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
+        await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_plan)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()
         # Workers drop this gateway's requests once these stop (it died without aborting them).

@@ -18,6 +18,7 @@ from aiohttp import web
 from dlora.services.gateway.admin import AdapterBody
 from dlora.services.gateway.keys import KeyBody
 from dlora.services.gateway.openai import ChatBody, CompletionBody
+from dlora.services.gateway.status import ClusterStatus
 
 _REF = "#/components/schemas/{name}"
 
@@ -99,10 +100,10 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
 
 @functools.cache
 def document() -> dict[str, Any]:
-    """The OpenAPI document of every route a client uses (``/metrics`` and ``/readyz``, an alias
-    of ``/healthz``, are left out)."""
-    bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody]
-    (completion, chat, adapter, key, _), schemas = msgspec.json.schema_components(bodies, ref_template=_REF)
+    """The OpenAPI document of every route a client uses (``/metrics``, ``/readyz``, an alias of
+    ``/healthz``, and the ``/dashboard`` page's HTML are left out)."""
+    bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody, ClusterStatus]
+    (completion, chat, adapter, key, _, status), schemas = msgspec.json.schema_components(bodies, ref_template=_REF)
     for name in _closed_structs(bodies):
         schemas[name]["additionalProperties"] = False
     admin: list[dict[str, list[str]]] = [{"admin": []}]
@@ -182,6 +183,19 @@ def document() -> dict[str, Any]:
                 "security": admin,
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": _responses("revoked: the key's record", 401, 403, 404),
+            }
+        },
+        "/v1/status": {
+            "get": {
+                "operationId": "clusterStatus",
+                "description": "The cluster as this gateway hears it: workers (mode, merged adapter, queues, KV "
+                "usage, adapters), where each adapter lives, recent migrations, and this gateway's traffic and "
+                "latency per adapter. What the /dashboard page polls.",
+                "security": admin,
+                "responses": {
+                    **_responses("", 401, 403),
+                    "200": {"description": "the status", "content": {"application/json": {"schema": status}}},
+                },
             }
         },
         "/healthz": {"get": {"operationId": "readiness", "responses": {"200": health, "503": not_ready}}},

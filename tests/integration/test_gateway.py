@@ -393,16 +393,10 @@ async def test_metrics_are_exposed(stack: Stack) -> None:
         "dlora_time_to_first_token_seconds",
         "dlora_time_per_output_token_seconds",
         "dlora_request_queue_time_seconds",
-        "dlora_num_requests_running",
-        "dlora_num_requests_waiting",
-        "dlora_adapter_resident",
-        "dlora_adapter_loads_total",
-        "vllm:prefix_cache_hits_total{worker=",
     ):
         assert name in text, name
-    queries = [line for line in text.splitlines() if line.startswith("vllm:prefix_cache_queries_total{")]
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in queries) >= 2  # the prompt's tokens, counted as vLLM does
-    assert "# TYPE vllm:prefix_cache_queries_total counter" in text
+    # The workers export their own (tests/integration/test_exporters.py), not the gateway from the bus.
+    assert "dlora_num_requests_running" not in text and "vllm:" not in text
 
 
 async def test_client_disconnect_aborts_the_request(stack: Stack) -> None:

@@ -1,0 +1,231 @@
+"""The cluster as one gateway sees it, for ``GET /v1/status`` and the ``/dashboard`` page: each
+live worker's mode, merged adapter, queues, KV usage and adapters (from their stats on the bus),
+where each adapter lives, the migrator's recent plans (from ``subjects.MOVES``), and the traffic
+and latency this gateway measured per adapter.
+
+``ClusterView`` and ``Traffic`` keep what was heard; ``cluster_status`` is the pure core that
+turns them into the document (``ClusterStatus``, described in the gateway's OpenAPI document).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+
+from dlora.common.messages import AdapterEntry, MovePlan, MoveRequest, WorkerStats
+
+RECENT_PLANS = 20  # plans kept for the page
+RECENT_LATENCIES = 200  # latencies kept per adapter for its percentiles
+
+
+class AdapterPlace(msgspec.Struct, kw_only=True):
+    name: str
+    tier: str  # "gpu": in a device slot or merged into the device's weights; "cpu": in host memory only
+    slot: int | None
+    merged: bool
+
+
+class WorkerStatus(msgspec.Struct, kw_only=True):
+    worker: str
+    incarnation: str
+    draining: bool
+    device: str
+    dtype: str
+    mode: str  # how its last step ran: "merged", "unmerged", "mixed" ("" before any)
+    merged: str | None  # the adapter merged into its weights now
+    running: int
+    waiting: int
+    kv_cache_usage: float  # fraction of its KV blocks in use, 0 to 1
+    free_blocks: int
+    total_blocks: int
+    max_loras: int  # device slots for adapters
+    seconds_per_token: float  # measured step time per generated token
+    steps: int
+    preemptions: int
+    adapters: list[AdapterPlace]
+    stats_age_s: float  # how old its latest stats are
+
+
+class AdapterStatus(msgspec.Struct, kw_only=True):
+    name: str  # the base model's served name for the base model
+    base: bool
+    rank: int
+    version: str
+    placement: dict[str, str]  # worker -> tier ("gpu" or "cpu") where it is loaded
+    running: int  # requests running for it across the workers now
+    waiting: int
+    # What this gateway served for it since it started.
+    requests: int
+    errors: int
+    tokens: int
+    ttft_p50_s: float | None  # over its last RECENT_LATENCIES requests
+    ttft_p90_s: float | None
+    e2e_p50_s: float | None
+    e2e_p90_s: float | None
+
+
+class PlanStatus(msgspec.Struct, kw_only=True):
+    plan_id: str
+    created: float  # Unix seconds
+    trigger: str | None
+    method: str
+    ilp_fallback: str | None  # why the ILP gave way to the greedy pass
+    no_gain: bool  # the moves found were dropped: they did not pay for themselves
+    solve_seconds: float
+    makespan_before_s: float
+    makespan_after_s: float
+    moves: list[MoveRequest]
+
+
+class ClusterStatus(msgspec.Struct, kw_only=True):
+    time: float  # Unix seconds
+    model: str  # the base model's served name
+    gateway: str  # this gateway's id: traffic and latency are what it served
+    workers: list[WorkerStatus]
+    adapters: list[AdapterStatus]
+    migrations: list[PlanStatus]  # newest first
+
+
+class ClusterView:
+    """The latest stats of every worker heard from, and the migrator's recent plans."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, tuple[WorkerStats, float]] = {}  # worker -> (stats, monotonic when)
+        self.plans: deque[MovePlan] = deque(maxlen=RECENT_PLANS)
+
+    def heard(self, st: WorkerStats, now: float) -> None:
+        self.workers[st.worker] = (st, now)
+
+    def planned(self, plan: MovePlan) -> None:
+        self.plans.appendleft(plan)
+
+    def live(self, now: float, ttl_s: float) -> list[tuple[WorkerStats, float]]:
+        """(stats, age in seconds) of the workers heard from within ``ttl_s``, by name."""
+        return sorted(
+            ((st, now - at) for st, at in self.workers.values() if now - at <= ttl_s), key=lambda x: x[0].worker
+        )
+
+
+@dataclass
+class _Tally:
+    requests: int = 0
+    errors: int = 0
+    tokens: int = 0
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
+    e2e: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
+
+
+class Traffic:
+    """Requests, errors, tokens and recent latencies per adapter label, as this gateway served them."""
+
+    def __init__(self) -> None:
+        self.by_label: dict[str, _Tally] = {}
+
+    def _of(self, label: str) -> _Tally:
+        return self.by_label.setdefault(label, _Tally())
+
+    def first_token(self, label: str, seconds: float) -> None:
+        self._of(label).ttft.append(seconds)
+
+    def done(self, label: str, seconds: float, tokens: int) -> None:
+        t = self._of(label)
+        t.requests += 1
+        t.tokens += tokens
+        t.e2e.append(seconds)
+
+    def failed(self, label: str) -> None:
+        self._of(label).errors += 1
+
+
+def _quantile(values: deque[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def _worker(st: WorkerStats, age: float) -> WorkerStatus:
+    places = [AdapterPlace(name=a.name, tier=a.tier, slot=a.slot, merged=a.merged) for a in st.adapters]
+    return WorkerStatus(
+        worker=st.worker,
+        incarnation=st.incarnation,
+        draining=st.draining,
+        device=st.device,
+        dtype=st.dtype,
+        mode=st.mode,
+        merged=next((a.name for a in st.adapters if a.merged), None),
+        running=st.running,
+        waiting=st.waiting,
+        kv_cache_usage=1.0 - st.free_blocks / st.total_blocks if st.total_blocks else 0.0,
+        free_blocks=st.free_blocks,
+        total_blocks=st.total_blocks,
+        max_loras=st.max_loras,
+        seconds_per_token=st.seconds_per_token,
+        steps=st.steps,
+        preemptions=st.preemptions,
+        adapters=places,
+        stats_age_s=round(age, 3),
+    )
+
+
+def cluster_status(
+    live: list[tuple[WorkerStats, float]],
+    plans: list[MovePlan],
+    registered: list[AdapterEntry],
+    traffic: Traffic,
+    model: str,
+    gateway: str,
+    now: float,
+) -> ClusterStatus:
+    """The status document: ``live`` workers as (stats, age), the ``plans`` newest first, every
+    ``registered`` adapter (and the base model, under ``model``) with where it lives, its requests
+    in flight, and ``traffic``'s figures; ``now`` in Unix seconds."""
+    workers = [_worker(st, age) for st, age in live]
+    rows = [
+        (model, True, 0, ""),
+        *((e.name, False, e.rank, e.version) for e in sorted(registered, key=lambda e: e.name)),
+    ]
+    adapters = []
+    for name, base, rank, version in rows:
+        inflight = [r for st, _ in live for r in st.requests if (r.adapter or model) == name]
+        tally = traffic.by_label.get(name, _Tally())
+        adapters.append(
+            AdapterStatus(
+                name=name,
+                base=base,
+                rank=rank,
+                version=version,
+                placement={w.worker: p.tier for w in workers for p in w.adapters if p.name == name},
+                running=sum(r.running for r in inflight),
+                waiting=sum(not r.running for r in inflight),
+                requests=tally.requests,
+                errors=tally.errors,
+                tokens=tally.tokens,
+                ttft_p50_s=_quantile(tally.ttft, 0.5),
+                ttft_p90_s=_quantile(tally.ttft, 0.9),
+                e2e_p50_s=_quantile(tally.e2e, 0.5),
+                e2e_p90_s=_quantile(tally.e2e, 0.9),
+            )
+        )
+    migrations = [
+        PlanStatus(
+            plan_id=p.plan_id,
+            created=p.created,
+            trigger=p.trigger.value if p.trigger else None,
+            method=p.method.value,
+            ilp_fallback=p.ilp_fallback.value if p.ilp_fallback else None,
+            no_gain=p.no_gain,
+            solve_seconds=p.solve_seconds,
+            makespan_before_s=p.makespan_before_s,
+            makespan_after_s=p.makespan_after_s,
+            moves=list(p.moves),
+        )
+        for p in plans
+    ]
+    return ClusterStatus(
+        time=now, model=model, gateway=gateway, workers=workers, adapters=adapters, migrations=migrations
+    )

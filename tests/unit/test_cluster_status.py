@@ -1,0 +1,73 @@
+"""The /v1/status document from what a gateway heard (pure)."""
+
+import msgspec
+
+from dlora.common.messages import (
+    AdapterEntry,
+    AdapterResidency,
+    MovePlan,
+    MoveRequest,
+    PlanMethod,
+    PlanTrigger,
+    RequestLoad,
+    WorkerStats,
+)
+from dlora.services.gateway.status import ClusterStatus, ClusterView, Traffic, cluster_status
+
+
+def _stats(worker: str, adapters: list[AdapterResidency], requests: list[RequestLoad], mode: str = "") -> WorkerStats:
+    return WorkerStats(
+        worker=worker,
+        running=sum(r.running for r in requests),
+        waiting=sum(not r.running for r in requests),
+        free_blocks=30,
+        total_blocks=40,
+        block_size=16,
+        max_loras=2,
+        mode=mode,
+        adapters=adapters,
+        requests=requests,
+    )
+
+
+def test_workers_adapters_and_plans_as_the_page_shows_them() -> None:
+    view = ClusterView()
+    merged_a = AdapterResidency(name="a", slot=None, merged=True)
+    view.heard(
+        _stats(
+            "w1",
+            [merged_a, AdapterResidency(name="b", slot=None, merged=False)],
+            [RequestLoad(request_id="1", adapter="a", context_tokens=4, remaining_tokens=3)],
+            "merged",
+        ),
+        10.0,
+    )
+    view.heard(_stats("w0", [AdapterResidency(name="a", slot=1, merged=False)], []), 11.0)
+    view.heard(_stats("gone", [], []), 0.0)
+    move = MoveRequest(request_id="1", adapter="a", to_worker="w0", ship_kv=True)
+    for i in range(3):
+        view.planned(MovePlan(plan_id=f"p{i}", moves=[move], method=PlanMethod.ILP, trigger=PlanTrigger.QUEUE_DELAY))
+    traffic = Traffic()
+    for seconds in (0.1, 0.2, 0.3):
+        traffic.first_token("a", seconds)
+        traffic.done("a", seconds * 10, 8)
+    traffic.failed("a")
+    registered = [
+        AdapterEntry(name="b", path="/b", rank=8, created=0.0),
+        AdapterEntry(name="a", path="/a", rank=16, created=0.0, version="v"),
+    ]
+    doc = cluster_status(view.live(12.0, 5.0), list(view.plans), registered, traffic, "llama", "gw", 1e9)
+    doc = msgspec.json.decode(msgspec.json.encode(doc), type=ClusterStatus)  # what a script reads
+    assert [w.worker for w in doc.workers] == ["w0", "w1"]  # live ones, by name
+    w1 = doc.workers[1]
+    assert (w1.mode, w1.merged, w1.running, w1.kv_cache_usage, w1.stats_age_s) == ("merged", "a", 1, 0.25, 2.0)
+    # a merged adapter needs no slot: its weights are in the device's
+    assert [p.tier for p in doc.workers[0].adapters + w1.adapters] == ["gpu", "gpu", "cpu"]
+    assert [a.name for a in doc.adapters] == ["llama", "a", "b"] and doc.adapters[0].base
+    a = doc.adapters[1]
+    assert (a.rank, a.version, a.placement, a.running, a.waiting) == (16, "v", {"w0": "gpu", "w1": "gpu"}, 1, 0)
+    assert (a.requests, a.errors, a.tokens, a.ttft_p50_s, a.e2e_p50_s) == (3, 1, 24, 0.2, 2.0)
+    assert doc.adapters[2].requests == 0 and doc.adapters[2].ttft_p50_s is None
+    assert doc.adapters[2].placement == {"w1": "cpu"}
+    assert [p.plan_id for p in doc.migrations] == ["p2", "p1", "p0"]  # newest first
+    assert doc.migrations[0].trigger == "queue-delay" and doc.migrations[0].moves[0].ship_kv
