@@ -3,7 +3,8 @@ what each key holds. Pure text."""
 
 # KEYS: the lease, its epoch; ARGV: holder, ttl in ms. Returns the epoch while held, else 0. A
 # renewal keeps the epoch; a takeover (also by the same holder after its lease lapsed) raises it
-# to at least Redis's clock in milliseconds, so it keeps growing even if the epoch key is lost.
+# to at least Redis's clock in milliseconds, so it keeps growing even if the epoch key is lost (a
+# Redis restart takes longer than the millisecond: within one, a lost key could repeat an epoch).
 _LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
 if holder ~= false and holder ~= ARGV[1] then

@@ -13,15 +13,19 @@ import argparse
 import asyncio
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from dlora.loadgen import bundled
-from dlora.loadgen.bench_common import ensure_model, machine, save, today
+from dlora.loadgen.bench_common import ensure_model, figure, grouped_bars, machine, save, today
 from dlora.loadgen.main import run as run_loadgen
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CONFIGS = (
     ("round-robin", "round-robin", False),
@@ -191,7 +195,27 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict) -> Figure:
+    """Fig. 11's analog: normalized latency and throughput per dispatch mode, beside the simulated bounds."""
+    fig, ax = figure(2)
+    rows, b = r["rows"], r["bound"]
+    configs = [x["config"].replace(" + ", "\n+ ") for x in rows]
+    grouped_bars(
+        ax[0],
+        configs,
+        {"mean": [x["norm_latency_mean_s"] for x in rows], "P90": [x["norm_latency_p90_s"] for x in rows]},
+    )
+    ax[0].axhline(b["round_robin_mean_s"], color="grey", linestyle=":", label="simulated round-robin mean")
+    ax[0].axhline(b["balanced_mean_s"], color="grey", linestyle="--", label="simulated balanced mean")
+    ax[0].legend(fontsize=7)
+    ax[0].set(ylabel="normalized latency (s/token)", title="Latency per dispatch mode")
+    ax[1].bar(range(len(rows)), [x["throughput_tok_s"] for x in rows], 0.5)
+    ax[1].set_xticks(range(len(rows)), configs, fontsize=8)
+    ax[1].set(ylabel="throughput (tok/s)", title=f"Throughput ({r['workers']} workers)")
+    return fig
+
+
 def run_bench_cluster(args: argparse.Namespace) -> int:
     result = run(args)
-    save(result, args.json, args.benchmarks, "cluster", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "cluster", TITLE, markdown(result), plot=plot)
     return 0

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dlora.model.make_tiny import make_tiny
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+Plot = Callable[[dict], "Figure"]
 
 
 def machine(device: torch.device | None = None) -> str:
@@ -56,11 +64,64 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
-def save(result: dict, json_path: str | None, benchmarks: str, key: str, title: str, body: str) -> None:
-    """A benchmark's outputs: the JSON (if asked) and its section of BENCHMARKS.md."""
+def figure(ncols: int = 1) -> tuple[Figure, list[Axes]]:
+    """A figure of ``ncols`` axes side by side, drawn off-screen (Agg)."""
+    # matplotlib is imported here, not at the top: most of dlora never draws, and its import is slow.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # 9 x 3.5 in at 80 dpi keeps each PNG at ~30-60 KB: they are committed beside BENCHMARKS.md.
+    fig, axes = plt.subplots(1, ncols, figsize=(9, 3.5), dpi=80, squeeze=False)
+    return fig, list(axes[0])
+
+
+def grouped_bars(ax: Axes, groups: list[str], series: dict[str, list[float]]) -> None:
+    """Bars side by side: one cluster per group, one bar (and legend entry) per series."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))], values, width, label=name)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def embed_plot(body: str, result: dict, plot: Plot, benchmarks: Path, key: str, docs: Path | None = None) -> str:
+    """Draw ``plot(result)`` to ``docs/bench-<key>.png`` beside BENCHMARKS.md; ``body`` ending with its image."""
+    import matplotlib.pyplot as plt
+
+    docs = benchmarks.parent / "docs" if docs is None else docs
+    docs.mkdir(parents=True, exist_ok=True)
+    png = docs / f"bench-{key}.png"
+    fig = plot(result)
+    try:
+        fig.tight_layout()
+        fig.savefig(png)
+    finally:
+        plt.close(fig)
+    # The link is read from BENCHMARKS.md's folder, whatever the working directory was.
+    image = f"![{key}]({Path(os.path.relpath(png, benchmarks.parent)).as_posix()})"
+    body = body.rstrip()
+    return body if body.endswith(image) else f"{body}\n\n{image}"
+
+
+def save(
+    result: dict,
+    json_path: str | None,
+    benchmarks: str | Path,
+    key: str,
+    title: str,
+    body: str,
+    *,
+    plot: Plot | None = None,
+    docs: Path | None = None,
+) -> None:
+    """A benchmark's outputs: the JSON (if asked), its plot (if given) and its section of BENCHMARKS.md."""
     import json
 
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        body = embed_plot(body, result, plot, Path(benchmarks), key, docs)
     write_section(Path(benchmarks), key, title, body)

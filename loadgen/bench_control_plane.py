@@ -14,6 +14,7 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
@@ -22,11 +23,14 @@ import numpy as np
 
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
-from dlora.loadgen.bench_common import machine, save, today
+from dlora.loadgen.bench_common import figure, grouped_bars, machine, save, today
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PROMPT = [5, 40, 41, 300, 17, 9, 12, 60]
 
@@ -164,6 +168,21 @@ def markdown(r: dict) -> str:
     )
 
 
+def plot(r: dict) -> Figure:
+    """Each path's one-token latency, and what the layers add over the engine (target p50 <= 2 ms)."""
+    fig, ax = figure(2)
+    p, a = r["paths"], r["added"]
+    paths = {"engine": "engine", "nats": "NATS + dispatcher", "gateway": "HTTP gateway"}
+    grouped_bars(ax[0], list(paths.values()), {q: [p[k][f"{q}_ms"] for k in paths] for q in ("p50", "p99")})
+    ax[0].set(ylabel="latency, 1 token (ms)", title="Per path")
+    added = {"nats": "NATS + dispatcher", "gateway": "HTTP gateway"}
+    grouped_bars(ax[1], list(added.values()), {q: [a[k][f"{q}_ms"] for k in added] for q in ("p50", "p99")})
+    ax[1].axhline(2.0, color="grey", linestyle=":")
+    ax[1].set(ylabel="added over the engine (ms)")
+    ax[1].set_title(f"Added (dotted: p50 target); gateway {r['gateway_rate_req_s']:,.0f} req/s")
+    return fig
+
+
 def run_bench_control_plane(args: argparse.Namespace) -> int:
     result = run(args)
     for name, p in result["paths"].items():
@@ -171,5 +190,5 @@ def run_bench_control_plane(args: argparse.Namespace) -> int:
     for name, a in result["added"].items():
         print(f"added by {name:>7}: p50 {a['p50_ms']:.2f} ms  p99 {a['p99_ms']:.2f} ms  (target p50 <= 2 ms)")
     print(f"gateway sustains {result['gateway_rate_req_s']:.0f} req/s at concurrency {result['concurrency']}")
-    save(result, args.json, args.benchmarks, "control-plane", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "control-plane", TITLE, markdown(result), plot=plot)
     return 0

@@ -17,13 +17,17 @@ import datetime
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dlora.loadgen import bundled, workload
 from dlora.loadgen.baselines import HFPeftServer
-from dlora.loadgen.bench_common import ensure_model, machine, write_section
+from dlora.loadgen.bench_common import ensure_model, figure, machine, save
 from dlora.loadgen.bench_policy import make_engine, replay
 from dlora.loadgen.metrics import summarize
 from dlora.loadgen.spec import WorkloadSpec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SYSTEMS = ("hf-peft", "merged-only", "unmerged-only", "dlora")
 TITLE = "End to end against HF PEFT (`dlora bench e2e`)"
@@ -163,35 +167,33 @@ def markdown(result: dict) -> str:
         f"dlora / HF PEFT sustained rate: **{'n/a' if ratio is None else f'{ratio:.1f}x'}** (target on this "
         f"CPU ≥ 6×), read beside HF's own batching gain here: {g['batch_1_tok_s']:.1f} → "
         f"{g['batch_32_tok_s']:.1f} output tok/s from batch 1 to 32 (**{g['gain']:.1f}×**).",
-        "",
-        "![e2e](docs/bench-e2e.png)",
     ]
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, json_path: str | None, benchmarks: Path, docs: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
-    docs.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5), dpi=80)
+def plot(result: dict) -> Figure:
+    """Throughput and mean normalized latency against the request rate, one line per system."""
+    fig, ax = figure(2)
     for system in dict.fromkeys(r["system"] for r in result["rows"]):
         rs = [r for r in result["rows"] if r["system"] == system]
         ax[0].plot([r["rate"] for r in rs], [r["throughput_tok_s"] for r in rs], marker="o", label=system)
         ax[1].plot([r["rate"] for r in rs], [r["norm_latency_mean_s"] for r in rs], marker="o", label=system)
-    ax[0].set(xlabel="request rate (req/s)", ylabel="throughput (tok/s)", xscale="log")
-    ax[1].set(xlabel="request rate (req/s)", ylabel="mean normalized latency (s/token)", xscale="log", yscale="log")
+    ax[0].set(xlabel="request rate (req/s)", ylabel="throughput (tok/s)", xscale="log", title="Throughput")
+    ax[1].set(
+        xlabel="request rate (req/s)",
+        ylabel="mean normalized latency (s/token)",
+        xscale="log",
+        yscale="log",
+        title="Latency (dotted: the bound)",
+    )
     ax[1].axhline(result["latency_bound_s_per_token"], color="grey", linestyle=":")
     ax[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(docs / "bench-e2e.png")
-    plt.close(fig)
-    write_section(benchmarks, "e2e", TITLE, markdown(result))
+    return fig
+
+
+def write_outputs(result: dict, json_path: str | None, benchmarks: Path, docs: Path | None = None) -> None:
+    """The JSON, the plot (``docs``, by default docs/ beside BENCHMARKS.md) and the BENCHMARKS.md section."""
+    save(result, json_path, benchmarks, "e2e", TITLE, markdown(result), plot=plot, docs=docs)
 
 
 def run_bench_e2e(args: argparse.Namespace) -> int:

@@ -12,11 +12,15 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dlora.common.messages import SamplingParams
-from dlora.loadgen.bench_common import ensure_model, machine, save, today
+from dlora.loadgen.bench_common import ensure_model, figure, machine, save, today
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.policy import StepDecision
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PROMPT_LEN = 32
 
@@ -309,6 +313,30 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict) -> Figure:
+    """Decode throughput by batch size per mode, and each mode's throughput relative to base."""
+    fig, ax = figure(2)
+    by = {(p["mode"], p["adapters"], p["batch"]): p for p in r["points"]}
+    counts = sorted({p["adapters"] for p in r["points"] if p["mode"] == "unmerged"})
+    for mode, n in [("base", 0), ("merged", 1)] + [("unmerged", n) for n in counts]:
+        ps = sorted((p for p in r["points"] if (p["mode"], p["adapters"]) == (mode, n)), key=lambda p: p["batch"])
+        label = mode if mode != "unmerged" else f"unmerged, {n} adapter{'s' if n > 1 else ''}"
+        ax[0].plot([p["batch"] for p in ps], [p["tokens_per_s"] for p in ps], marker="o", label=label)
+        rel = [(p["batch"], p["tokens_per_s"] / by["base", 0, p["batch"]]["tokens_per_s"]) for p in ps]
+        ax[1].plot(*zip(*rel), marker="o", label=label)
+    ax[0].set(xlabel="batch size (requests)", ylabel="decode throughput (tok/s)", xscale="log", yscale="log")
+    ax[0].set_title("Decode throughput")
+    ax[1].set(xlabel="batch size (requests)", ylabel="throughput / base", xscale="log")
+    ax[1].set_title("Relative to base")
+    ax[1].axhline(1.0, color="grey", linestyle=":")
+    for a in ax:
+        a.set_xticks(sorted({p["batch"] for p in r["points"]}))
+        a.xaxis.set_major_formatter("{x:g}")
+        a.xaxis.set_minor_formatter("")
+    ax[0].legend(fontsize=7)
+    return fig
+
+
 def run_bench_engine(args: argparse.Namespace) -> int:
     result = run(
         preset=args.preset,
@@ -325,5 +353,5 @@ def run_bench_engine(args: argparse.Namespace) -> int:
     print(f"merge {result['merge_ms']:.2f} ms, unmerge {result['unmerge_ms']:.2f} ms")
     for name, value in result["ratios"].items():
         print(f"{value:6.3f}  {name}")
-    save(result, args.json, args.benchmarks, "engine", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "engine", TITLE, markdown(result), plot=plot)
     return 0

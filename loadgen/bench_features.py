@@ -18,11 +18,15 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dlora.common.messages import SamplingParams
-from dlora.loadgen.bench_common import ensure_model, machine, save, today
+from dlora.loadgen.bench_common import ensure_model, figure, grouped_bars, machine, save, today
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.policy import PolicyConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TITLE = "Engine features: prefix caching and chunked prefill (`dlora bench features`)"
 
@@ -235,7 +239,29 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict) -> Figure:
+    """Time to first token with the prefix cache on and off; streams' inter-token gaps, chunked vs whole."""
+    fig, ax = figure(2)
+    mt, it = r["multi_turn"], r["interference"]
+    ttft = {"mean": "ttft_mean_s", "P90": "ttft_p90_s", "later turns' mean": "later_turns_ttft_mean_s"}
+    grouped_bars(
+        ax[0],
+        list(ttft),
+        {
+            f"cache {name}": [mt[key][k] or 0.0 for k in ttft.values()]
+            for key, name in (("cache_on", "on"), ("cache_off", "off"))
+        },
+    )
+    ax[0].set(ylabel="time to first token (s)")
+    ax[0].set_title(f"Multi-turn: prefix cache (off/on {mt['ttft_mean_off_over_on']:.1f}x)")
+    itl = {"P50": "itl_p50_s", "mean": "itl_mean_s", "P99": "itl_p99_s"}
+    grouped_bars(ax[1], list(itl), {key: [it[key][k] for k in itl.values()] for key in ("chunked", "whole")})
+    ax[1].set(ylabel="streams' inter-token latency (s)")
+    ax[1].set_title(f"Long prompts: prefill (whole/chunked P99 {it['itl_p99_whole_over_chunked']:.1f}x)")
+    return fig
+
+
 def run_bench_features(args: argparse.Namespace) -> int:
     result = run(args)
-    save(result, args.json, args.benchmarks, "features", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "features", TITLE, markdown(result), plot=plot)
     return 0

@@ -10,17 +10,22 @@ only to show the path runs; the torch paths are timed at the real shapes on the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from dlora.loadgen.bench_common import machine, save, today
+from dlora.loadgen.bench_common import figure, machine, save, today
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TITLE = "Kernels: LoRA shrink/expand and paged attention (`dlora bench kernels`)"
 # Peak memory bandwidth (GB/s) of devices we may be lent, by name fragment; --peak-gbs overrides.
@@ -254,7 +259,37 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict) -> Figure:
+    """Achieved bandwidth of each implementation per shape: LoRA kernels left, attention right."""
+    fig, ax = figure(2)
+    impls = list(dict.fromkeys(p["impl"] for p in r["points"]))
+    height = 0.8 / max(1, len(impls))
+    for a, family, title in zip(ax, ("lora", "attention"), ("LoRA shrink/expand", "Paged attention")):
+        points = [p for p in r["points"] if p["kernel"].startswith(family)]
+        shapes = list(dict.fromkeys((p["kernel"], p["shape"]) for p in points))
+        labels = [f"{k.split()[-1]} {s.replace(', fused qkv', '').replace('adapters=', 'a=')}" for k, s in shapes]
+        # Words every row shares (the rank, the head size) go to the title: they only widen the labels.
+        common = set.intersection(*(set(label.split()) for label in labels)) if labels else set()
+        labels = [" ".join(w for w in label.split() if w not in common) for label in labels]
+        for i, impl in enumerate(impls):
+            at = {(p["kernel"], p["shape"]): p["gb_s"] for p in points if p["impl"] == impl}
+            ys = [y + i * height for y, s in enumerate(shapes) if s in at]
+            if ys:  # one colour per implementation in both panels
+                a.barh(ys, [at[s] for s in shapes if s in at], height, color=f"C{i}", label=impl)
+        a.set_yticks([y + (len(impls) - 1) * height / 2 for y in range(len(shapes))], labels, fontsize=6)
+        a.invert_yaxis()
+        a.set(xlabel="achieved bandwidth (GB/s)", xscale="log")
+        if r.get("peak_gb_s"):
+            a.axvline(r["peak_gb_s"], color="grey", linestyle=":", label="device peak")
+        a.xaxis.set_minor_formatter("")
+        a.set_title(title + (f" ({' '.join(sorted(common))})" if common else ""), fontsize=9)
+        if points:  # bars start from the decade below the slowest, so lengths compare on the log axis
+            a.set_xlim(left=10 ** math.floor(math.log10(min(p["gb_s"] for p in points) / 2)))
+            a.legend(fontsize=6)
+    return fig
+
+
 def run_bench_kernels(args: argparse.Namespace) -> int:
     result = run(args)
-    save(result, args.json, args.benchmarks, "kernels", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "kernels", TITLE, markdown(result), plot=plot)
     return 0

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import random
+from typing import TYPE_CHECKING
 
-from dlora.loadgen.bench_common import machine, save, today
+from dlora.loadgen.bench_common import figure, grouped_bars, machine, save, today
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def snapshot(workers: int, adapters: int, requests: int, seed: int = 0) -> ClusterSnapshot:
@@ -78,8 +82,40 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict) -> Figure:
+    """Build + solve seconds against the problem's size, and the longest completion before and after."""
+    fig, ax = figure(2)
+    rows = sorted(r["rows"], key=lambda x: x["requests"])
+    ax[0].plot([x["requests"] for x in rows], [x["seconds"] for x in rows], marker="o")
+    for i, x in enumerate(rows):
+        last = i == len(rows) - 1  # its label goes left of the point, inside the axes
+        ax[0].annotate(
+            f"{x['workers']}x{x['adapters']}, {x['method']}",
+            (x["requests"], x["seconds"]),
+            fontsize=6,
+            xytext=(-4 if last else 4, -8),
+            textcoords="offset points",
+            ha="right" if last else "left",
+        )
+    ax[0].axhline(r["time_limit_s"], color="grey", linestyle=":")
+    ax[0].set(xlabel="requests in the snapshot", ylabel="build + solve (s)", xscale="log", yscale="log")
+    ax[0].set_title("Solve time (dotted: solver bound)")
+    sizes = [f"{x['workers']}x{x['adapters']}x{x['requests']}" for x in rows]
+    grouped_bars(
+        ax[1],
+        sizes,
+        {
+            "before": [x["makespan_before_s"] for x in rows],
+            "after": [x["makespan_after_s"] for x in rows],
+        },
+    )
+    ax[1].tick_params(axis="x", labelsize=6)
+    ax[1].set(xlabel="workers x adapters x requests", ylabel="longest completion (s)", title="Plan's effect")
+    return fig
+
+
 def run_bench_migration(args: argparse.Namespace) -> int:
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     result = run(sizes, args.time_limit)
-    save(result, args.json, args.benchmarks, "migration", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "migration", TITLE, markdown(result), plot=plot)
     return 0

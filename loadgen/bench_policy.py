@@ -15,17 +15,21 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dlora.common.messages import SamplingParams
 from dlora.loadgen import bundled, workload
-from dlora.loadgen.bench_common import ensure_model, machine, save, today
+from dlora.loadgen.bench_common import ensure_model, figure, machine, save, today
 from dlora.loadgen.metrics import RequestResult, summarize
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.policy import PolicyConfig, StepDecision
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The figures each run gives, kept per repeat and summarized as median and spread.
 METRICS = ("throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s", "finished", "merges", "mixed_steps")
@@ -238,9 +242,35 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict) -> Figure:
+    """Fig. 10's panels: throughput and mean normalized latency per policy across strides (bars: min-max)."""
+    fig, ax = figure(2)
+    strides = sorted({x["stride"] for x in r["rows"]})
+    share = {x["stride"]: x["top_adapter_share"] for x in r["rows"]}
+
+    def spread(v: dict | float) -> tuple[float, float, float]:
+        # Results from before repeats hold one figure, not a median and its range.
+        return (v["median"], v["min"], v["max"]) if isinstance(v, dict) else (v, v, v)
+
+    for policy in dict.fromkeys(x["policy"] for x in r["rows"]):
+        xs = sorted((x for x in r["rows"] if x["policy"] == policy), key=lambda x: x["stride"])
+        at = [strides.index(x["stride"]) for x in xs]
+        for a, key in zip(ax, ("throughput_tok_s", "norm_latency_mean_s")):
+            mid, lo, hi = zip(*(spread(x[key]) for x in xs))
+            err = [[m - low for m, low in zip(mid, lo)], [h - m for m, h in zip(mid, hi)]]
+            a.errorbar(at, mid, yerr=err, marker="o", capsize=3, label=policy)
+    for a in ax:
+        a.set_xticks(range(len(strides)), [f"{s}\n({share[s]:.2f})" for s in strides], fontsize=8)
+        a.set_xlabel("stride (top adapter share)")
+    ax[0].set(ylabel="throughput (tok/s)", title="Throughput")
+    ax[1].set(ylabel="mean normalized latency (s/token)", title="Latency")
+    ax[1].legend(fontsize=7)
+    return fig
+
+
 def run_bench_policy(args: argparse.Namespace) -> int:
     args.strides = [int(s) for s in args.strides.split(",")]
     args.policies = args.policies.split(",")
     result = run(args)
-    save(result, args.json, args.benchmarks, "policy", TITLE, markdown(result))
+    save(result, args.json, args.benchmarks, "policy", TITLE, markdown(result), plot=plot)
     return 0

@@ -21,12 +21,16 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from dlora.loadgen.chaos.report import code_version, version_text
 from dlora.loadgen.chaos.stack import ChaosStack, demo_model
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 KINDS = {"stream": 0.45, "plain": 0.2, "chat": 0.2, "abandon": 0.15}
 # metric -> (factor, slack): the last third's max may be at most factor x the first third's + slack
@@ -249,6 +253,36 @@ def section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict[str, Any]) -> Figure:
+    """The sampled series over time: each service's memory, Redis's keys, NATS's subscriptions."""
+    from dlora.loadgen.bench_common import figure
+
+    fig, ax = figure(3)
+    samples = result["samples"]
+    minutes = [s["t_s"] / 60 for s in samples]
+
+    def line(a: Axes, key: str, label: str) -> None:
+        points = [(t, s[key]) for t, s in zip(minutes, samples) if s.get(key) is not None]
+        if points:
+            a.plot(*zip(*points), marker=".", markersize=3, label=label)
+
+    for key in sorted({k for s in samples for k in s if k.startswith("rss_mb:")}):
+        line(ax[0], key, key.split(":", 1)[1])
+    line(ax[1], "redis_keys", "Redis keys")
+    line(ax[1], "inflight_records", "in-flight records")
+    line(ax[2], "nats_subscriptions", "subscriptions")
+    line(ax[2], "nats_connections", "connections")
+    ax[0].set(ylabel="resident memory (MB)", yscale="log", title="Memory per service")
+    ax[1].set(ylabel="keys (count)", title="Redis")
+    ax[2].set(ylabel="count", title="NATS")
+    for a in ax:
+        # The last sample is taken after the load stops, once the last requests' records expire.
+        a.axvline(result["duration_s"] / 60, color="grey", linestyle=":")
+        a.set_xlabel("time (min)")
+        a.legend(fontsize=6)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dlora.loadgen.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=parse_duration, default=parse_duration("30m"), help="e.g. 30m, 180s")
@@ -258,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench-results/soak.json")
     p.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose soak section is rewritten ('' for none)")
     args = p.parse_args(argv)
-    from dlora.loadgen.bench_common import machine, write_section
+    from dlora.loadgen.bench_common import embed_plot, machine, write_section
 
     workdir = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
     version = code_version()
@@ -269,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     text = section(result)
     print(text)
     if args.benchmarks:
-        write_section(Path(args.benchmarks), "soak", "Soak: mixed load over time (`make soak`)", text)
+        body = embed_plot(text, result, plot, Path(args.benchmarks), "soak")
+        write_section(Path(args.benchmarks), "soak", "Soak: mixed load over time (`make soak`)", body)
     ok = all(v["ok"] for v in result["bounded"].values()) and not result["failures"]
     return 0 if ok else 1
 
