@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from dlora.common import log
 from dlora.common.settings import Common
@@ -24,6 +24,11 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry) + generate_latest(REGISTRY)
 
 
+def metrics_response(registry: CollectorRegistry) -> web.Response:
+    """``GET /metrics``: ``render(registry)``."""
+    return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 @contextlib.asynccontextmanager
 async def metrics_endpoint(s: Common, registry: CollectorRegistry) -> AsyncIterator[None]:
     """Serve ``registry`` on ``s.metrics_host:s.metrics_port`` while the block runs; nothing when
@@ -33,7 +38,7 @@ async def metrics_endpoint(s: Common, registry: CollectorRegistry) -> AsyncItera
         return
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=render(registry), content_type="text/plain", charset="utf-8")
+        return metrics_response(registry)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

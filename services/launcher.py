@@ -130,17 +130,17 @@ class LocalStack:
         self.procs: list[subprocess.Popen] = []
         self.url = f"http://{self.base.host}:{self.base.port}"
         # Each service's Prometheus endpoint (docs/metrics.md), by dispatcher, migrator, worker id
-        # and gateway: on free loopback ports, unless the settings give metrics_port.
+        # and gateway.
         self.metrics_urls: dict[str, str] = {}
 
-    def _metrics(self, name: str, env: Mapping[str, str]) -> dict[str, str]:
-        """The environment that serves ``name``'s metrics on a free loopback port (none when the
-        environment or settings choose one), and notes the URL."""
-        if "DLORA_METRICS_PORT" in env or self.base.metrics_port:
-            return {}
+    def _metrics(self, name: str, service: str) -> dict[str, str]:
+        """The environment that serves ``name``'s metrics on a free loopback port of its own, and
+        notes the URL: on one host a configured port would be every service's, so it is overridden
+        (DLORA_<SERVICE>_*, which comes after the file and DLORA_METRICS_PORT)."""
         port = free_port()
         self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
-        return {"DLORA_METRICS_PORT": str(port), "DLORA_METRICS_HOST": "127.0.0.1"}
+        prefix = f"DLORA_{service.upper()}_"
+        return {f"{prefix}METRICS_PORT": str(port), f"{prefix}METRICS_HOST": "127.0.0.1"}
 
     def _gpus(self, env: dict[str, str]) -> list[str]:
         """The GPUs to spread the workers over: none when their settings name a device of their own
@@ -210,7 +210,7 @@ class LocalStack:
         self.procs.append(
             subprocess.Popen(
                 [*cmd, "dispatcher"],
-                env={**env, **roles["dispatcher"], **self._metrics("dispatcher", env)},
+                env={**env, **roles["dispatcher"], **self._metrics("dispatcher", "dispatcher")},
                 start_new_session=True,
             )
         )
@@ -218,7 +218,7 @@ class LocalStack:
             self.procs.append(
                 subprocess.Popen(
                     [*cmd, "migrator"],
-                    env={**env, **roles["migrator"], **self._metrics("migrator", env)},
+                    env={**env, **roles["migrator"], **self._metrics("migrator", "migrator")},
                     start_new_session=True,
                 )
             )
@@ -233,7 +233,7 @@ class LocalStack:
                         **roles["worker"],
                         **gpu_of_worker(i, gpus),
                         **self.worker_env,
-                        **self._metrics(f"worker-{i}", {**env, **self.worker_env}),
+                        **self._metrics(f"worker-{i}", "worker"),
                         "DLORA_WORKER_ID": f"worker-{i}",
                     },
                 )

@@ -32,7 +32,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
 from dlora.services.dispatcher.choose import DispatchMode, choose_worker, holds_request
-from dlora.services.dispatcher.metrics import DispatcherMetrics
+from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.notify import notifier
@@ -286,11 +286,11 @@ class Dispatcher:
         req: GenerateRequest,
         seq: int,
         reason: str,
-        kind: str,
+        kind: Refusal,
         code: ErrorCode = ErrorCode.INTERNAL,
         expect: tuple[str, int] | None = None,
     ) -> None:
-        """Answer ``req`` with an error chunk, counted under ``kind`` (metrics.REFUSALS). ``expect``:
+        """Answer ``req`` with an error chunk, counted under ``kind``. ``expect``:
         a re-dispatch, failed only while its record still names that worker and attempt (the record
         goes with it); a request not yet dispatched has no record of ours to drop (one under its id
         is another request's)."""

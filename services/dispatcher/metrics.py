@@ -4,14 +4,18 @@ gave up on and the requests it recovered from them."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 # Why a request was refused (``dlora_dispatch_refusals_total{reason}``).
-REFUSALS = ("too-long", "no-worker", "duplicate-id", "not-found", "bad-reply-to", "gave-up")
+Refusal = Literal["too-long", "no-worker", "duplicate-id", "not-found", "bad-reply-to", "gave-up"]
+REFUSALS: tuple[Refusal, ...] = get_args(Refusal)
 
 
 class DispatcherMetrics:
+    """The registry a dispatcher serves on ``metrics_port``; every dispatcher counts what it did."""
+
     def __init__(self, live_workers: Callable[[], int]) -> None:
         self.registry = r = CollectorRegistry()
         self.decisions = Counter(

@@ -17,7 +17,10 @@ from aiohttp import web
 PAGE = Path(__file__).parent / "dashboard.html"
 STATIC = Path(__file__).parent / "static"  # its script and style only: the HTML is served with its CSP
 # The page may load only its own script and style, and fetch only this origin.
-_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:"
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
 
 
 async def page(_: web.Request) -> web.FileResponse:

@@ -23,6 +23,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from dlora.common import bus, log, lograte, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import announce
+from dlora.common.exporter import metrics_response
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
@@ -350,7 +351,7 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        return metrics_response(self.metrics.registry)
 
     async def _on_reply(self, msg: Msg) -> None:
         queue = self.replies.get(msg.subject.rsplit(".", 1)[-1])

@@ -7,7 +7,6 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from dlora.common.exporter import render
 from dlora.services.gateway.status import Traffic
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -45,10 +44,6 @@ class Metrics:
         """A request refused or failed with HTTP ``status``."""
         self.requests.labels(label, str(status)).inc()
         self.traffic.failed(label)
-
-    def render(self) -> bytes:
-        """The gateway's metrics, then the process-wide ones (bus rejects, the process itself)."""
-        return render(self.registry)
 
 
 class RequestTimer:

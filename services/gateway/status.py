@@ -189,9 +189,19 @@ def cluster_status(
         (model, True, 0, ""),
         *((e.name, False, e.rank, e.version) for e in sorted(registered, key=lambda e: e.name)),
     ]
+    # One pass over the requests and the residency, not one per adapter: thousands of adapters
+    # and requests are polled every second by every open page.
+    states: dict[str, list[int]] = {}  # adapter -> [running, waiting]
+    for st, _ in live:
+        for r in st.requests:
+            states.setdefault(r.adapter or model, [0, 0])[0 if r.running else 1] += 1
+    placement: dict[str, dict[str, str]] = {}
+    for w in workers:
+        for p in w.adapters:
+            placement.setdefault(p.name, {})[w.worker] = p.tier
     adapters = []
     for name, base, rank, version in rows:
-        inflight = [r for st, _ in live for r in st.requests if (r.adapter or model) == name]
+        running, waiting = states.get(name, (0, 0))
         tally = traffic.by_label.get(name, _Tally())
         adapters.append(
             AdapterStatus(
@@ -199,9 +209,9 @@ def cluster_status(
                 base=base,
                 rank=rank,
                 version=version,
-                placement={w.worker: p.tier for w in workers for p in w.adapters if p.name == name},
-                running=sum(r.running for r in inflight),
-                waiting=sum(not r.running for r in inflight),
+                placement=placement.get(name, {}),
+                running=running,
+                waiting=waiting,
                 requests=tally.requests,
                 errors=tally.errors,
                 tokens=tally.tokens,

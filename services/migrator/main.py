@@ -42,6 +42,7 @@ class Migrator:
         """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""
         self.epoch = await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s)
         self.leader = self.epoch > 0
+        self.metrics.leads(self.leader)
         if not self.leader:
             return
         now = time.monotonic()

@@ -12,11 +12,15 @@ _SOLVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class MigratorMetrics:
+    """The registry a migrator serves on ``metrics_port``. Every migrator counts its own solves;
+    only the leader solves, and one that loses the lease forgets its last plan's makespan."""
+
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self.leader = Gauge("dlora_migrator_leader", "1 while this migrator holds the lease", registry=r)
         self.plans = Counter(
             "dlora_migration_plans",
-            "Plans made, by the bound that set them off and how found",
+            "Solves, published or not, by the bound that set them off and how they were found",
             ["trigger", "method"],
             registry=r,
         )
@@ -35,6 +39,12 @@ class MigratorMetrics:
             ["when"],
             registry=r,
         )
+
+    def leads(self, leader: bool) -> None:
+        """Whether this migrator holds the lease now."""
+        self.leader.set(leader)
+        if not leader:  # the new leader's plans are the ones to read
+            self.makespan.clear()
 
     def planned(self, p: MovePlan, published: bool) -> None:
         """A solve: ``p``, published (its moves go ahead) or not (no moves, or the lease lost)."""

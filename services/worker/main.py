@@ -439,10 +439,10 @@ class WorkerService:
                     self.clients.noted(time.monotonic())  # Redis's host reached: not cut off
                     await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
                     await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
-                    if time.monotonic() - self._listed_at > _LIST_EVERY_S:  # for the residency metric's disk tier
-                        self.registered = {e.name: e.rank for e in await self.store.list_adapters()}
-                        self._listed_at = time.monotonic()
                 outage.succeeded()
+                if time.monotonic() - self._listed_at > _LIST_EVERY_S:  # for the residency metric's disk tier
+                    self._listed_at = time.monotonic()
+                    self.registered = {e.name: e.rank for e in await self.store.list_adapters()}
             except Exception as e:  # noqa: BLE001 - a missed beat is retried next interval
                 outage.failed(e)
             with contextlib.suppress(TimeoutError):

@@ -9,6 +9,8 @@ vLLM dashboards, alerts and inference routers read a dlora worker unchanged.
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,12 +21,15 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dlora.common import log
 from dlora.common.messages import WorkerStats
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.versions import name_of
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
+
+logger = log.get("worker")
 
 MODES = ("merged", "unmerged", "mixed")  # policy.Mode's values
 
@@ -49,18 +54,17 @@ class WorkerView:
 Labelled = dict[tuple[str, ...], float]
 
 
-def _gauge(name: str, doc: str, labels: list[str], values: Labelled) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=labels)
+def _family(
+    kind: type[GaugeMetricFamily | CounterMetricFamily], name: str, doc: str, labels: list[str], values: Labelled
+) -> Metric:
+    family = kind(name, doc, labels=labels)
     for key, value in values.items():
         family.add_metric(list(key), value)
     return family
 
 
-def _counter(name: str, doc: str, labels: list[str], values: Labelled) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=labels)
-    for key, value in values.items():
-        family.add_metric(list(key), value)
-    return family
+_gauge = functools.partial(_family, GaugeMetricFamily)
+_counter = functools.partial(_family, CounterMetricFamily)
 
 
 def _both(
@@ -143,7 +147,9 @@ def families(v: WorkerView) -> Iterator[Metric]:
     if v.credits is not None:
         # Square adapters leave the ledger: 0 for the base model and every adapter held here.
         credits: Labelled = {(w, a): 0.0 for a in [v.model_name, *v.ranks]}
-        credits |= {(w, name_of(k) if k else v.model_name): c for k, c in v.credits.items()}
+        for k, c in v.credits.items():  # two versions of one adapter (a rollover): their sum
+            key = (w, name_of(k) if k else v.model_name)
+            credits[key] = credits.get(key, 0.0) + c
         yield _gauge(
             "dlora_adapter_credit_seconds",
             "Seconds of service the adapter is owed (+) or owes (-)",
@@ -241,9 +247,9 @@ def worker_view(svc: WorkerService) -> WorkerView:
     bound = getattr(policy, "wait_bound_s", None)
     return WorkerView(
         worker=svc.s.worker_id,
-        model_name=Path(svc.s.model).name,
+        model_name=svc.s.served_model_name or Path(svc.s.model).name,
         stats=svc.stats,
-        engine=engine.stats,
+        engine=copy.deepcopy(engine.stats),  # one step's counters, not a step's worth apart
         ranks={name_of(k): a.rank for k, a in list(engine.adapters.items())},
         registered=svc.registered,
         credits=dict(credits.balances) if credits is not None else None,
@@ -258,7 +264,12 @@ class _Live(Collector):
         self.view = view
 
     def collect(self) -> Iterator[Metric]:
-        return families(self.view())
+        # A fault here must not take the scrape down with it (the process families still go out).
+        try:
+            return iter(list(families(self.view())))
+        except Exception:
+            logger.exception("worker metrics failed")
+            return iter(())
 
 
 class WorkerMetrics:

@@ -12,6 +12,9 @@ class WorkerSettings(Common, kw_only=True, forbid_unknown_fields=True):
     worker_id: str = "worker-0"
     # The base model directory (a Hugging Face layout).
     model: str = ""
+    # The base model's served name (the gateway's too: vLLM's --served-model-name), which labels
+    # its metrics; empty: the directory's name.
+    served_model_name: str = ""
     # Seconds between two stats messages (the dispatcher's and migrator's view, and the heartbeat).
     stats_interval_s: float = 0.5
     # torch intra-op threads; 0: torch's default (all cores). One worker per core wants 1.

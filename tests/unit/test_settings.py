@@ -153,10 +153,12 @@ def test_the_example_file_names_every_setting() -> None:
     commented = re.findall(r"^# ([a-z_]+) = ", text, flags=re.M)
     assert commented and all(_default(WorkerSettings, MigratorSettings, name=name) is None for name in commented)
     shared = {k for k, v in doc.items() if not isinstance(v, dict)}
-    assert shared == {*field_paths(Common), "model"}  # the base model: the gateway's and the workers'
+    # the base model and its served name: the gateway's and the workers'
+    model = {"model", "served_model_name"}
+    assert shared == {*field_paths(Common), *model}
     for service, cls in SERVICES.items():
         named = {*shared, *_leaves(doc[service])}
-        assert named - ({"model"} - set(cls.__struct_fields__)) == set(field_paths(cls)), service
+        assert named - (model - set(cls.__struct_fields__)) == set(field_paths(cls)), service
 
 
 def _leaves(table: dict, prefix: str = "") -> set[str]:

@@ -40,7 +40,7 @@ def _view(**over: object) -> WorkerView:
         engine=engine,
         ranks={"a": 8, "b": 16},
         registered={"a": 8, "b": 16, "c": 4},
-        credits={"a@v1": -1.5, "": 1.5},
+        credits={"a@v1": -1.0, "a@v2": -0.5, "": 1.5},  # two versions of a: one figure
         wait_bound_s=3.0,
         longest_wait_s=0.7,
         now=1000.0,
