@@ -36,7 +36,7 @@ run: setup
 	$(VENV)/bin/dlora up
 
 # Shared code and pure cores, type-checked strictly (the I/O shells and the engine's torch code are not).
-TYPED := -p dlora.common -p dlora.model -p dlora.services.worker.policy -p dlora.services.dispatcher \
+TYPED := -p dlora.common -p dlora.model -p dlora.sim -p dlora.services.worker.policy -p dlora.services.dispatcher \
 	-p dlora.services.migrator -m dlora.services.worker.settings -m dlora.services.worker.moves \
 	-m dlora.services.worker.kv_inbox -m dlora.services.worker.records -m dlora.services.worker.versions -m dlora.services.worker.lengths \
 	-m dlora.services.worker.chunks -m dlora.services.worker.delivery -m dlora.services.worker.engine.config -m dlora.services.worker.engine.stopping \
@@ -55,7 +55,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	mkdir -p $(MYPY_SRC)/dlora
-	for d in common kernels loadgen model services; do ln -sfn ../../../$$d $(MYPY_SRC)/dlora/$$d; done
+	for d in common kernels loadgen model services sim; do ln -sfn ../../../$$d $(MYPY_SRC)/dlora/$$d; done
 	cd $(MYPY_SRC) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml --cache-dir ../mypy $(TYPED)
 
 test: setup chromium lint
@@ -97,7 +97,7 @@ GPU_WHEELS := msgspec llguidance structlog pytest-asyncio
 
 gpu-check:
 	mkdir -p $(GPU_SRC)/dlora
-	for d in common kernels loadgen model services; do ln -sfn ../../../$$d $(GPU_SRC)/dlora/$$d; done
+	for d in common kernels loadgen model services sim; do ln -sfn ../../../$$d $(GPU_SRC)/dlora/$$d; done
 	if ls .whl/*.whl >/dev/null 2>&1; then \
 		$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
 	PYTHONPATH=$(CURDIR)/$(GPU_SRC):$(CURDIR)/$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) -m dlora.loadgen.gpu_check

@@ -1,0 +1,241 @@
+"""What the engine's work costs, for the cluster simulator (issue 21): one replica's step, a merge
+or unmerge, an adapter load from each tier, and a request move, priced without running the model.
+
+Pure: no torch, no I/O. A step is described by the figures the real engine records for it
+(``StepShape``: tokens fed, how many of them prefill, the context its sequences attend, and the
+LoRA work ``policy.base.lora_work`` counts), so the simulator prices exactly what the real
+scheduler and policy put into a step.
+
+Profiles (``PROFILES``):
+
+- ``dlora-artifact``: the dLoRA artifact's own per-iteration constants at Llama-7B (merged 15 ms,
+  unmerged 27 ms, a switch 20 ms), to compare with the paper's regime.
+- ``h100-llama7b`` / ``h200-llama7b``: a roofline of Llama-2-7B in bf16 on one GPU, every constant
+  with its source below; the efficiency factors and the per-step overhead are assumptions, and
+  say so.
+- ``calibrated(bench_engine_json)``: the decode step times ``dlora bench engine`` measured on a
+  machine (this CPU, or a GPU once measured there), with the LoRA cost fitted to its unmerged
+  points.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One step as the engine ran it."""
+
+    tokens: int  # tokens fed: prefill chunks and one per decoding sequence
+    prefill_tokens: int  # of those, prompt (or recompute) tokens
+    context_tokens: int  # KV entries the step's sequences attend, summed over them
+    lora_segments: int = 0  # distinct adapter deltas run (policy.base.lora_work)
+    lora_rank_tokens: int = 0  # each token's LoRA ranks, summed over the tokens
+
+    @property
+    def decode_seqs(self) -> int:
+        return self.tokens - self.prefill_tokens
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Seconds for each kind of work on one replica. A step costs
+
+        step_s + curve(decode sequences) or token_s per token fed
+        + context_token_s per KV entry read
+        + (unmerged_step_s if any LoRA work) + lora_segment_s per segment + lora_rank_token_s per rank-token
+
+    where ``curve`` (batch -> seconds, measured) replaces ``step_s + token_s * batch`` for decode
+    batches when a profile has one, and prefill tokens always cost ``token_s`` each. Attention is
+    priced by the KV it reads; its FLOPs (quadratic in a long prefill) are left out."""
+
+    name: str
+    step_s: float  # per step whatever its size: the weights read once, launches, sampling
+    token_s: float  # per token fed: its share of the weights' FLOPs
+    context_token_s: float  # per KV entry a step's attention reads
+    lora_segment_s: float  # per distinct adapter whose delta runs: its A and B read once
+    lora_rank_token_s: float  # per token per unit of LoRA rank: the delta's FLOPs
+    unmerged_step_s: float  # per step with any LoRA work, beyond the above (the artifact's 27 - 15 ms)
+    merge_s: float  # folding an adapter into the weights
+    unmerge_s: float  # taking it out again
+    slot_load_s_per_rank: float  # host memory -> a device slot, per unit of rank (bytes grow with it)
+    disk_load_s_per_rank: float  # disk -> host memory, per unit of rank
+    kv_transfer_s_per_token: float  # a moved request's KV shipped between replicas, per token
+    kv_capacity_tokens: int  # KV entries one replica holds
+    curve: tuple[tuple[int, float], ...] = ()  # measured (decode batch, step seconds), ascending
+
+    def decode_seconds(self, batch: int) -> float:
+        """The weights' part of a step that decodes ``batch`` sequences."""
+        if not self.curve:
+            return self.step_s + self.token_s * batch
+        xs = [b for b, _ in self.curve]
+        i = min(max(bisect.bisect_right(xs, batch) - 1, 0), len(xs) - 2)
+        (x0, y0), (x1, y1) = self.curve[i], self.curve[i + 1]
+        return max(0.0, y0 + (y1 - y0) * (batch - x0) / (x1 - x0))  # linear, the end slopes beyond
+
+    def step_seconds(self, s: StepShape) -> float:
+        """Seconds one step of shape ``s`` takes (switches and loads not included: the engine pays
+        them before the step, as ``switch_seconds`` and ``load_seconds``)."""
+        seconds = self.decode_seconds(s.decode_seqs) + self.token_s * s.prefill_tokens
+        seconds += self.context_token_s * s.context_tokens
+        if s.lora_segments:
+            seconds += self.unmerged_step_s + self.lora_segment_s * s.lora_segments
+            seconds += self.lora_rank_token_s * s.lora_rank_tokens
+        return seconds
+
+    def switch_seconds(self, unmerge: bool, merge: bool) -> float:
+        """A change of the merged adapter: the old one out (``unmerge``), the new one in (``merge``)."""
+        return self.unmerge_s * unmerge + self.merge_s * merge
+
+    def load_seconds(self, rank: int, tier: str) -> float:
+        """Bringing an adapter of ``rank`` into a device slot from ``tier``: "cpu" (host memory)
+        or "disk" (read into host memory first); "gpu" is there already."""
+        if tier == "gpu":
+            return 0.0
+        seconds = self.slot_load_s_per_rank * rank
+        if tier == "disk":
+            seconds += self.disk_load_s_per_rank * rank
+        elif tier != "cpu":
+            raise ValueError(f"unknown tier {tier!r}: gpu, cpu or disk")
+        return seconds
+
+    def move_seconds(self, context_tokens: int, ship_kv: bool) -> float:
+        """What moving a running request costs: its KV shipped, or its context recomputed (prefilled
+        again at the destination)."""
+        if ship_kv:
+            return self.kv_transfer_s_per_token * context_tokens
+        return self.token_s * context_tokens + self.step_s
+
+
+# ---- Llama-2-7B on one GPU, by roofline --------------------------------------------------------
+# Model: Llama-2-7B (Touvron et al., 2023, "Llama 2", Table 1 and the HF config): 6.74e9
+# parameters, 32 layers, hidden 4096, intermediate 11008, 32 KV heads of 128; bf16, 2 bytes.
+_PARAMS = 6.74e9
+_LAYERS, _HIDDEN, _INTER = 32, 4096, 11008
+_WEIGHT_BYTES = 2 * _PARAMS
+_KV_BYTES_PER_TOKEN = 2 * _LAYERS * _HIDDEN * 2  # K and V, every layer, bf16: 0.5 MiB
+# LoRA on all seven projections (q, k, v, o, gate, up, down): A (r x in) and B (out x r) per
+# target, so per unit of rank sum(in + out) = 4 x (4096 + 4096) + 3 x (4096 + 11008) = 78,080
+# parameters per layer.
+_LORA_PARAMS_PER_RANK = _LAYERS * (4 * (_HIDDEN + _HIDDEN) + 3 * (_HIDDEN + _INTER))
+# Assumptions (no published source fits a serving engine's kernels): 80 % of HBM bandwidth on
+# weight reads, 60 % of dense bf16 peak on GEMMs, 1 ms per step for launches, sampling and the
+# scheduler (a CUDA-graph decode step's host side), 80 % of a link's rate.
+_BW_EFF, _FLOP_EFF, _STEP_OVERHEAD_S, _LINK_EFF = 0.8, 0.6, 1e-3, 0.8
+# Links: PCIe 5.0 x16, 63 GB/s per direction (PCI-SIG, PCIe 5.0 base specification: 32 GT/s per
+# lane, 128b/130b); an NVMe drive at 7 GB/s sequential read (a PCIe 4.0 x4 drive's datasheet
+# figure, e.g. Samsung 990 PRO: 7,450 MB/s); 100 Gb/s between hosts (an InfiniBand EDR / 100 GbE NIC).
+_PCIE_BPS, _NVME_BPS, _NET_BPS = 63e9, 7e9, 100e9 / 8
+# vLLM's default gpu_memory_utilization (0.9) of the device's memory, less the weights, is KV cache.
+_GPU_MEM_UTIL = 0.9
+
+
+def roofline_llama7b(name: str, hbm_bps: float, bf16_flops: float, memory_bytes: float) -> CostProfile:
+    """Llama-2-7B serving on one GPU of ``hbm_bps`` memory bandwidth, ``bf16_flops`` dense bf16
+    throughput and ``memory_bytes`` of memory, from the constants above."""
+    bw, flops = hbm_bps * _BW_EFF, bf16_flops * _FLOP_EFF
+    weights_and_copy = 2 * _WEIGHT_BYTES  # a merge reads and writes every projection's weights
+    return CostProfile(
+        name=name,
+        step_s=_STEP_OVERHEAD_S + _WEIGHT_BYTES / bw,  # decode reads every weight once a step
+        token_s=2 * _PARAMS / flops,  # 2 FLOPs per parameter per token
+        context_token_s=_KV_BYTES_PER_TOKEN / bw,
+        lora_segment_s=2 * _LORA_PARAMS_PER_RANK * 16 / bw,  # a rank-16 adapter's A and B, read once
+        lora_rank_token_s=2 * _LORA_PARAMS_PER_RANK / flops,
+        unmerged_step_s=0.0,
+        merge_s=weights_and_copy / bw,
+        unmerge_s=weights_and_copy / bw,
+        slot_load_s_per_rank=2 * _LORA_PARAMS_PER_RANK / (_PCIE_BPS * _LINK_EFF),
+        disk_load_s_per_rank=2 * _LORA_PARAMS_PER_RANK / _NVME_BPS,
+        kv_transfer_s_per_token=_KV_BYTES_PER_TOKEN / (_NET_BPS * _LINK_EFF),
+        kv_capacity_tokens=int((memory_bytes * _GPU_MEM_UTIL - _WEIGHT_BYTES) / _KV_BYTES_PER_TOKEN),
+    )
+
+
+# NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 (1,979 with sparsity), 80 GB.
+H100 = roofline_llama7b("h100-llama7b", 3.35e12, 989e12, 80e9)
+# NVIDIA H200 datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense bf16, 141 GB.
+H200 = roofline_llama7b("h200-llama7b", 4.8e12, 989e12, 141e9)
+
+# The dLoRA artifact's constants at Llama-7B (issue 21, from the artifact's simulator): an
+# iteration costs 15 ms merged and 27 ms unmerged whatever its batch, and a switch of the merged
+# adapter 20 ms (an unmerge and a merge, 10 ms each). Loads, moves and KV as the A100-80GB-class
+# roofline (the artifact's testbed), the H100 figures standing in.
+ARTIFACT = dataclasses.replace(
+    H100,
+    name="dlora-artifact",
+    step_s=15e-3,
+    token_s=0.0,
+    context_token_s=0.0,
+    lora_segment_s=0.0,
+    lora_rank_token_s=0.0,
+    unmerged_step_s=12e-3,
+    merge_s=10e-3,
+    unmerge_s=10e-3,
+)
+
+PROFILES = {p.name: p for p in (ARTIFACT, H100, H200)}
+_BENCH_RANK = 16  # dlora bench engine makes its adapters at this rank
+
+
+def _fit_through_zero(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(a, b) minimising sum (a x + b y - z)^2 over ``rows`` of (x, y, z), each clipped at 0;
+    with one kind of point only (or none) the other coefficient is 0."""
+    sxx = sum(x * x for x, _, _ in rows)
+    syy = sum(y * y for _, y, _ in rows)
+    sxy = sum(x * y for x, y, _ in rows)
+    sxz = sum(x * z for x, _, z in rows)
+    syz = sum(y * z for _, y, z in rows)
+    det = sxx * syy - sxy * sxy
+    if det > 1e-12 * max(sxx * syy, 1e-300):
+        a, b = (sxz * syy - syz * sxy) / det, (syz * sxx - sxz * sxy) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    # Collinear points, or a negative coefficient: the better single-term fit.
+    a_only = sxz / sxx if sxx else 0.0
+    b_only = syz / syy if syy else 0.0
+    err_a = sum((a_only * x - z) ** 2 for x, _, z in rows)
+    err_b = sum((b_only * y - z) ** 2 for _, y, z in rows)
+    return (max(0.0, a_only), 0.0) if err_a <= err_b else (0.0, max(0.0, b_only))
+
+
+def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
+    """A profile from ``dlora bench engine``'s JSON: its base decode step times by batch as the
+    curve, merge and unmerge as measured, and the unmerged points' extra time over base fitted as
+    a cost per distinct adapter and one per rank-token (least squares through zero; the bench's
+    adapters are rank 16). Prefill, KV, loads and moves are not measured
+    there: priced from the curve's slope per token and the H100 roofline's links (say so when
+    comparing). Raises ValueError without base points at two batch sizes."""
+    points = bench["points"]
+    base = {p["batch"]: p["step_ms"] / 1e3 for p in points if p["mode"] == "base"}
+    if len(base) < 2:
+        raise ValueError("the bench engine result needs base step times at two batch sizes at least")
+    curve = tuple(sorted(base.items()))
+    (b0, s0), (b1, s1) = curve[0], curve[-1]
+    per_token = (s1 - s0) / (b1 - b0)
+    # Unmerged over base = segments x a + rank-tokens x b, least squares through zero.
+    rows = [
+        (p["adapters"], p["batch"] * _BENCH_RANK, p["step_ms"] / 1e3 - base[p["batch"]])
+        for p in points
+        if p["mode"] == "unmerged" and p["batch"] in base
+    ]
+    segment_s, rank_token_s = _fit_through_zero(rows)
+    return dataclasses.replace(
+        H100,
+        name=name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})",
+        step_s=s0 - per_token * b0,
+        token_s=per_token,
+        context_token_s=0.0,  # in the curve: its points hold a short prompt's context
+        lora_segment_s=segment_s,
+        lora_rank_token_s=rank_token_s,
+        unmerged_step_s=0.0,
+        merge_s=bench["merge_ms"] / 1e3,
+        unmerge_s=bench["unmerge_ms"] / 1e3,
+        curve=curve,
+    )

@@ -1,0 +1,66 @@
+"""The simulator's cost profiles (pure)."""
+
+import pytest
+
+from dlora.sim.cost import ARTIFACT, H100, H200, PROFILES, StepShape, calibrated
+
+DECODE_32 = StepShape(tokens=32, prefill_tokens=0, context_tokens=32 * 512)
+
+
+def test_the_artifact_profile_reproduces_its_constants() -> None:
+    merged = StepShape(tokens=8, prefill_tokens=0, context_tokens=800)
+    unmerged = StepShape(tokens=8, prefill_tokens=0, context_tokens=800, lora_segments=3, lora_rank_tokens=128)
+    assert ARTIFACT.step_seconds(merged) == pytest.approx(15e-3)
+    assert ARTIFACT.step_seconds(unmerged) == pytest.approx(27e-3)
+    assert ARTIFACT.switch_seconds(unmerge=True, merge=True) == pytest.approx(20e-3)
+    assert set(PROFILES) == {"dlora-artifact", "h100-llama7b", "h200-llama7b"}
+
+
+def test_the_gpu_rooflines_are_bandwidth_bound_at_decode() -> None:
+    # Llama-2-7B's 13.5 GB of bf16 weights read once a step: 4.2 ms at 80 % of 4.8 TB/s, plus the
+    # 1 ms host side; 32 tokens of FLOPs and 16k KV entries add little.
+    step = H200.step_seconds(DECODE_32)
+    assert 5.0e-3 < step < 8.0e-3
+    assert H100.step_seconds(DECODE_32) > step  # less bandwidth
+    # a rank-16 adapter on all seven targets is ~1 % of the weights' bytes: unmerged costs ~1 %
+    lora = StepShape(tokens=32, prefill_tokens=0, context_tokens=32 * 512, lora_segments=1, lora_rank_tokens=32 * 16)
+    assert 1.0 < H200.step_seconds(lora) / step < 1.03
+    # a merge reads and writes every weight; a load comes over PCIe, from disk slower still
+    assert 5e-3 < H200.switch_seconds(unmerge=False, merge=True) < 10e-3
+    assert 0 < H200.load_seconds(16, "cpu") < H200.load_seconds(16, "disk") and H200.load_seconds(16, "gpu") == 0
+    assert H200.kv_capacity_tokens > H100.kv_capacity_tokens > 100_000
+    with pytest.raises(ValueError, match="tier"):
+        H200.load_seconds(16, "tape")
+
+
+def test_prefill_costs_flops_and_a_move_ships_or_recomputes() -> None:
+    prefill = StepShape(tokens=2048, prefill_tokens=2048, context_tokens=2048)
+    # compute-bound: 2 FLOPs per parameter per token, 47 ms for 2,048 tokens at 60 % of 989 TFLOP/s
+    assert 40e-3 < H200.step_seconds(prefill) < 60e-3
+    assert H200.move_seconds(2000, ship_kv=True) != H200.move_seconds(2000, ship_kv=False)
+
+
+def _bench(unmerged: dict[tuple[int, int], float]) -> dict:
+    base = {1: 36.0, 8: 79.0, 32: 146.0}
+    points = [{"mode": "base", "adapters": 0, "batch": b, "step_ms": ms} for b, ms in base.items()]
+    points += [
+        {"mode": "unmerged", "adapters": n, "batch": b, "step_ms": base[b] + extra}
+        for (n, b), extra in unmerged.items()
+    ]
+    return {"points": points, "merge_ms": 40.0, "unmerge_ms": 35.0, "machine": "test", "date": "2026-12-01"}
+
+
+def test_calibrated_from_bench_engine_replays_its_points_and_fits_the_lora_cost() -> None:
+    # extra = 2 ms per adapter + 0.01 ms per rank-token (rank 16): the fit recovers both
+    truth = {(n, b): 2.0 * n + 0.01 * b * 16 for n in (1, 4, 8) for b in (8, 32)}
+    p = calibrated(_bench(truth))
+    for b, ms in ((1, 36.0), (8, 79.0), (32, 146.0)):
+        assert p.step_seconds(StepShape(tokens=b, prefill_tokens=0, context_tokens=0)) == pytest.approx(ms / 1e3)
+    assert p.decode_seconds(64) > p.decode_seconds(32)  # the last slope beyond
+    assert p.lora_segment_s == pytest.approx(2e-3) and p.lora_rank_token_s == pytest.approx(1e-5)
+    assert (p.merge_s, p.unmerge_s) == (0.04, 0.035) and "test" in p.name
+    # one kind of point only: the other coefficient is 0, never negative
+    one = calibrated(_bench({(1, 32): 10.0, (1, 8): 2.5}))
+    assert one.lora_segment_s >= 0 and one.lora_rank_token_s >= 0
+    with pytest.raises(ValueError, match="two batch sizes"):
+        calibrated({"points": [{"mode": "base", "adapters": 0, "batch": 1, "step_ms": 3.0}]})
