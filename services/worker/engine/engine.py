@@ -104,6 +104,19 @@ class LLMEngine:
         kv = KVCache(
             cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
+        self._init_scheduling(config, cfg, num_blocks, policy)
+        self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
+        self.merger = Merger(weights, targets(cfg))
+        self.model = LlamaModel(cfg, weights, kv, self.device_loras, self.kernels)
+        # Logits (vocab,) of the last step, per request id: for tests and future logprobs.
+        self.last_logits: dict[str, torch.Tensor] = {}
+        self._rng = torch.Generator().manual_seed(config.seed)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
+
+    def _init_scheduling(self, config: EngineConfig, cfg: ModelConfig, num_blocks: int, policy: Policy | None) -> None:
+        """The state every step's scheduling runs on (no weights, no tensors): the block manager,
+        the scheduler's limits, the slot table, the policy, the requests and the counters. Apart so
+        the cluster simulator (``dlora.sim``) runs these very parts against a cost model."""
         self.max_model_len = min(config.max_model_len or cfg.context_length(), num_blocks * config.block_size)
         # Dynamic NTK rotates by the length when written: a cached block or early chunk past the native
         # context would differ from one prefill of the whole prompt (as transformers does it); both off.
@@ -120,18 +133,12 @@ class LLMEngine:
             chunked_prefill=chunked,
         )
         self.slots = SlotTable(config.max_loras)
-        self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
-        self.merger = Merger(weights, targets(cfg))
-        self.model = LlamaModel(cfg, weights, kv, self.device_loras, self.kernels)
         self.policy: Policy = policy or make_policy(config.policy, BatchLimits(config.max_num_seqs, config.max_loras))
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
-        # Logits (vocab,) of the last step, per request id: for tests and future logprobs.
-        self.last_logits: dict[str, torch.Tensor] = {}
         self._arrivals = 0
-        self._rng = torch.Generator().manual_seed(config.seed)
-        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
+        self.clock = time.perf_counter  # seconds; a simulator's runs on simulated time
 
     # ---- adapters -------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path) -> LoraAdapter:
@@ -274,7 +281,7 @@ class LLMEngine:
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
         generated = sum(len(o.new_token_ids) for o in outputs)
-        self._observe(decision, step, generated, time.perf_counter() - step.started)
+        self._observe(decision, step, generated, self.clock() - step.started)
         return outputs
 
     def _prepare(self, decision: StepDecision) -> _Prepared | None:
@@ -288,7 +295,7 @@ class LLMEngine:
         self.stats.record_prefix_cache(plan.prefix_queries, plan.prefix_hits)
         if not plan.seqs:
             return None
-        started = time.perf_counter()  # the step's time counts adapter loads, not the switch
+        started = self.clock()  # the step's time counts adapter loads, not the switch
         batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
         fed = [(s.adapter, s.num_scheduled) for s in batch]
         prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)
@@ -413,21 +420,21 @@ class LLMEngine:
         unmerge_s = self._unmerge() if self.merger.merged is not None else 0.0
         merge_s = 0.0
         if merged is not None:
-            start = time.perf_counter()
+            start = self.clock()
             # A and B from the adapter's device slot when it has one (no host copy); a merge takes no
             # slot of its own, so it evicts nothing the next unmerged step needs.
             slot = self.slots.slot_of(merged)
             self.merger.merge(self.adapters[merged], self.device_loras.weights_of(slot) if slot is not None else None)
             self._synchronize()
-            merge_s = time.perf_counter() - start
+            merge_s = self.clock() - start
             self.stats.record_merge(merge_s)
         return merge_s, unmerge_s
 
     def _unmerge(self) -> float:
-        start = time.perf_counter()
+        start = self.clock()
         self.merger.unmerge()
         self._synchronize()
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
         self.stats.record_unmerge(seconds)
         return seconds
 
@@ -438,9 +445,9 @@ class LLMEngine:
             torch.cuda.synchronize(self.device)
 
     def _load_slot(self, change: SlotChange) -> None:
-        start = time.perf_counter()
+        start = self.clock()
         self.device_loras.load(change.slot, self.adapters[change.loaded])
-        self.stats.record_load(change.loaded, evicted=change.evicted is not None, seconds=time.perf_counter() - start)
+        self.stats.record_load(change.loaded, evicted=change.evicted is not None, seconds=self.clock() - start)
 
     def _inputs(self, batch: list[Sequence], slots: StepSlots) -> StepInputs:
         return build_inputs(batch, slots, self.blocks, self.kernels, self.device)

@@ -1,0 +1,169 @@
+"""One simulated replica: the real engine's scheduling path (the policy's decision, merges and
+unmerges, the scheduler with its token budget, preemption and prefix cache, the block manager, the
+adapter slots and their loads, the stats and the policy's feedback), with the model forward priced
+by a ``CostProfile`` instead of run, on simulated time.
+
+``SimEngine`` is an ``LLMEngine`` built without weights (``LLMEngine._init_scheduling``); it
+overrides only what touches them: the forward and sampling (``_run``: the step's cost, then each
+request's next token, the end-of-sequence token once it reaches its target length), and the
+merger and device slots (their cost on the clock). Everything else is the engine's own code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from dlora.common.messages import SamplingParams
+from dlora.model.config import ModelConfig
+from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.engine.sampler import SamplingError
+from dlora.services.worker.policy import Policy, lora_work
+from dlora.sim.cost import CostProfile, StepShape
+
+if TYPE_CHECKING:
+    from dlora.services.worker.engine.engine import _Prepared
+    from dlora.services.worker.engine.lora import LoraAdapter
+    from dlora.services.worker.engine.outputs import RequestOutput
+    from dlora.services.worker.engine.sequence import Sequence
+
+# Llama-2-7B's shape (its HF config): what the profiles price. Only the context, vocabulary and
+# end-of-sequence token matter to scheduling.
+LLAMA_7B = ModelConfig(
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    qkv_bias=False,
+    rope={"rope_theta": 10000.0, "rope_type": "default"},
+    bos_token_id=1,
+    eos_token_ids=(2,),
+)
+
+
+@dataclass(frozen=True)
+class SimAdapter:
+    """What scheduling reads of an adapter: its name, LoRA rank and content digest."""
+
+    name: str
+    rank: int
+    digest: str
+
+
+class _Silent:
+    """A tokenizer that decodes nothing: the simulator needs tokens, not text."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+class _Merger:
+    """The merged adapter, its switches costed on the replica's clock."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.engine = engine
+        self.merged: str | None = None
+
+    def merge(self, adapter: SimAdapter, _weights: object) -> None:
+        self.engine.now += self.engine.cost.merge_s
+        self.merged = adapter.name
+
+    def unmerge(self) -> None:
+        self.engine.now += self.engine.cost.unmerge_s
+        self.merged = None
+
+
+class _DeviceSlots:
+    """The device slots' contents, their loads from host memory costed on the replica's clock."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.engine = engine
+
+    def load(self, _slot: int, adapter: SimAdapter) -> None:
+        self.engine.now += self.engine.cost.load_seconds(adapter.rank, "cpu")
+
+    def clear(self, _slot: int) -> None:
+        pass
+
+    def weights_of(self, _slot: int) -> None:
+        return None
+
+
+class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: torch is untyped here
+    """The engine of one simulated replica. ``now`` is its clock (seconds of simulated time): a
+    step, a switch and a load advance it by what ``cost`` says they take."""
+
+    def __init__(
+        self,
+        cost: CostProfile,
+        config: EngineConfig | None = None,
+        model: ModelConfig = LLAMA_7B,
+        policy: Policy | None = None,
+        now: float = 0.0,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        if bad := config.check():
+            raise ValueError("; ".join(f"{f}={v!r} {why}" for f, v, why in bad))
+        self.cost, self.now = cost, now
+        self.model_config, self.model_name = model, "base"
+        self.tokenizer = _Silent()
+        self.eos_ids = set(model.eos_token_ids)
+        self._token = next(t for t in range(model.vocab_size) if t not in self.eos_ids)  # any other token
+        num_blocks = config.num_blocks or max(1, cost.kv_capacity_tokens // config.block_size)
+        self._init_scheduling(config, model, num_blocks, policy)
+        self.clock = lambda: self.now
+        self.merger = _Merger(self)  # type: ignore[assignment]
+        self.device_loras = _DeviceSlots(self)  # type: ignore[assignment]
+        self.targets: dict[str, int] = {}  # request id -> the output length it ends at
+
+    def add_adapter(self, name: str, rank: int) -> None:
+        """An adapter in host memory (its content digest: its name)."""
+        self.adapters[name] = cast("LoraAdapter", SimAdapter(name, rank, name))
+
+    def add(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        output_len: int,
+        adapter: str | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        """Queue a request that ends after ``output_len`` tokens with the end-of-sequence token (at
+        ``max_tokens`` with "length" if that comes first). Raises what ``add_request`` raises."""
+        params = SamplingParams(max_tokens=max_tokens or output_len, temperature=0.0)
+        self.add_request(request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=adapter)
+        self.targets[request_id] = output_len
+
+    def _synchronize(self) -> None:
+        pass
+
+    def _run(self, step: _Prepared) -> tuple[list[Sequence], None, list[int | SamplingError], list[RequestOutput]]:
+        merged = self.merger.merged
+        ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
+        segments, rank_tokens = lora_work(step.fed, merged, ranks)
+        shape = StepShape(
+            tokens=step.num_tokens,
+            prefill_tokens=step.num_prefill,
+            context_tokens=sum(s.num_cached + s.num_scheduled for s in step.batch),
+            lora_segments=segments,
+            lora_rank_tokens=rank_tokens,
+        )
+        self.now += self.cost.step_seconds(shape)
+        ran, _ = self._written(step.batch, None)
+        tokens: list[int | SamplingError] = [
+            next(iter(self.eos_ids)) if len(s.output_ids) + 1 >= self.targets[s.request_id] else self._token
+            for s in ran
+        ]
+        return ran, None, tokens, []
+
+    def _finish(self, seq: Sequence, reason: object) -> None:
+        super()._finish(seq, reason)  # type: ignore[arg-type]
+        self.targets.pop(seq.request_id, None)
