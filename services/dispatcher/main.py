@@ -31,10 +31,11 @@ from dlora.common.messages import (
 )
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
-from dlora.services.dispatcher.choose import DispatchMode, choose_worker, holds_request
+from dlora.services.dispatcher.choose import holds_request
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.dispatcher.state import DispatchState
 from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
@@ -46,29 +47,29 @@ _DECAY = 0.9  # per placement interval: traffic shares follow the last minute or
 class Dispatcher:
     def __init__(self, settings: DispatcherSettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
-        # Latest stats per worker and when they arrived (monotonic); stale ones are ignored.
-        self.workers: dict[str, tuple[WorkerStats, float]] = {}
-        # Requests sent to each worker since its last stats: a burst must not all go to the
-        # worker that looked idlest a moment ago.
-        self.sent_since_stats: dict[str, int] = {}
-        # Where adapters should have replicas (burst tolerance), recomputed from traffic shares.
-        self.placement: dict[str, list[str]] = {}
+        # The workers' stats (monotonic clock), the sends since, the placement: the choice's inputs.
+        self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs)
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._placed_at = 0.0
-        self._turn = 0
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
         self._reconnects = nc.stats["reconnects"]
         self.metrics = DispatcherMetrics(lambda: len(self.live()))
 
+    @property
+    def workers(self) -> dict[str, tuple[WorkerStats, float]]:
+        return self.state.workers
+
+    @property
+    def placement(self) -> dict[str, list[str]]:
+        return self.state.placement
+
     def live(self) -> list[WorkerStats]:
-        now = time.monotonic()
-        return [st for st, at in self.workers.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]
+        return self.state.live(time.monotonic())
 
     async def _on_stats(self, st: WorkerStats) -> None:
-        self.workers[st.worker] = (st, time.monotonic())
+        self.state.heard(st, time.monotonic())
         self.clients.noted(time.monotonic())  # not cut off: a client's silence means something
-        self.sent_since_stats[st.worker] = 0
 
     async def _on_request(self, msg: Msg) -> None:
         try:  # decoded here, not by bus.subscribe: an unchanged request is forwarded as it came
@@ -154,7 +155,7 @@ class Dispatcher:
         if self.nc.stats["reconnects"] != self._reconnects:  # our own outage: their silence was ours
             self._reconnects = self.nc.stats["reconnects"]
             self.clients.forgive(now)
-            self.workers = {w: (st, now) for w, (st, _) in self.workers.items()}
+            self.state.workers = {w: (st, now) for w, (st, _) in self.workers.items()}
         try:  # Redis came back empty: the adapters are still registered
             await self.registry.restore()
         except Exception as e:  # noqa: BLE001 - NATS or JetStream down: restored on a later look
@@ -228,7 +229,7 @@ class Dispatcher:
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
         capacity = [WorkerCapacity(w.worker, w.free_blocks, w.max_loras) for w in live]
         shares = {a: c / total for a, c in self.traffic.items() if a in ranks}
-        self.placement = place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
+        self.state.placement = place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
         await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))
 
     async def _dispatch(
@@ -256,16 +257,10 @@ class Dispatcher:
             )
             await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return
-        if self.s.dispatch is DispatchMode.ROUND_ROBIN:  # the baseline: blind to load and adapters
-            names = sorted(w.worker for w in live)
-            worker = names[self._turn % len(names)] if names else None
-            self._turn += 1
-        else:
-            worker = choose_worker(live, req.adapter, self.sent_since_stats, self.placement, self.s.costs)
+        worker = self.state.choose(live, req.adapter)
         if worker is None:
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
-        self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         if not req.recorded:  # its worker then takes a missing record after a stall for its end

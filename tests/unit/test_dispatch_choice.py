@@ -74,3 +74,24 @@ def test_a_worker_that_has_not_measured_is_priced_at_its_peers_speed() -> None:
     assert choose_worker([fresh, w("b-idle", spt=0.003)], None) == "a-fresh"  # a tie: by name
     # with no worker measured, the configured guess prices all alike
     assert choose_worker([w("y", spt=0.0), w("x", [(None, 1)], spt=0.0)], None) == "y"
+
+
+def test_dispatch_state_counts_sends_until_the_next_stats_and_drops_stale_or_draining_workers() -> None:
+    from dlora.services.dispatcher.choose import DispatchMode
+    from dlora.services.dispatcher.state import DispatchState
+
+    state = DispatchState(ttl_s=5.0, mode=DispatchMode.PROACTIVE, costs=DispatchCosts())
+    state.heard(w("x"), now=0.0)
+    state.heard(w("y"), now=0.0)
+    state.heard(msgspec.structs.replace(w("z"), draining=True), now=0.0)
+    assert [st.worker for st in state.live(now=1.0)] == ["x", "y"]
+    picks = [state.choose(state.live(1.0), None) for _ in range(4)]
+    assert picks == ["x", "y", "x", "y"]  # each send counts against its worker until it reports
+    state.heard(w("x"), now=2.0)
+    assert state.sent_since_stats == {"x": 0, "y": 2, "z": 0}
+    assert [st.worker for st in state.live(now=6.0)] == ["x"]  # y's stats are 6 s old
+    rr = DispatchState(ttl_s=5.0, mode=DispatchMode.ROUND_ROBIN, costs=DispatchCosts())
+    for name in ("b", "a"):
+        rr.heard(w(name, [(None, 900)] if name == "a" else []), now=0.0)
+    assert [rr.choose(rr.live(0.0), None) for _ in range(3)] == ["a", "b", "a"]  # blind to load
+    assert rr.choose([], None) is None

@@ -1,0 +1,44 @@
+"""What a dispatcher knows between requests, and the choice it makes from it: the workers' latest
+stats and when they came, the requests sent to each since, where the placement wants adapters,
+and the round-robin turn. Pure (the caller passes the clock), so the dispatcher service and the
+cluster simulator (``dlora.sim``) run the same code."""
+
+from __future__ import annotations
+
+from dlora.common.messages import WorkerStats
+from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker
+
+
+class DispatchState:
+    def __init__(self, ttl_s: float, mode: DispatchMode, costs: DispatchCosts) -> None:
+        self.ttl_s, self.mode, self.costs = ttl_s, mode, costs
+        # Latest stats per worker and when they arrived (the caller's clock); stale ones are ignored.
+        self.workers: dict[str, tuple[WorkerStats, float]] = {}
+        # Requests sent to each worker since its last stats: a burst must not all go to the
+        # worker that looked idlest a moment ago.
+        self.sent_since_stats: dict[str, int] = {}
+        # Where adapters should have replicas (burst tolerance): worker -> adapters.
+        self.placement: dict[str, list[str]] = {}
+        self._turn = 0
+
+    def heard(self, st: WorkerStats, now: float) -> None:
+        """A worker's stats came at ``now``."""
+        self.workers[st.worker] = (st, now)
+        self.sent_since_stats[st.worker] = 0
+
+    def live(self, now: float) -> list[WorkerStats]:
+        """Workers heard from within the TTL that take new requests (not draining)."""
+        return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
+
+    def choose(self, live: list[WorkerStats], adapter: str | None) -> str | None:
+        """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
+        as sent to it: round-robin blind to load and adapters, or proactive (``choose_worker``)."""
+        if self.mode is DispatchMode.ROUND_ROBIN:
+            names = sorted(w.worker for w in live)
+            worker = names[self._turn % len(names)] if names else None
+            self._turn += 1
+        else:
+            worker = choose_worker(live, adapter, self.sent_since_stats, self.placement, self.costs)
+        if worker is not None:
+            self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
+        return worker
