@@ -115,6 +115,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.cost, self.now = cost, now
         self.model_config, self.model_name = model, "base"
         self.tokenizer = _Silent()
+        self.device, self.dtype = f"sim:{cost.name}", "bfloat16"  # what its stats say it serves on
         self.eos_ids = set(model.eos_token_ids)
         self._token = next(t for t in range(model.vocab_size) if t not in self.eos_ids)  # any other token
         num_blocks = config.num_blocks or max(1, cost.kv_capacity_tokens // config.block_size)
