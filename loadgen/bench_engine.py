@@ -41,9 +41,12 @@ def weight_bytes(engine: LLMEngine) -> int:
     return sum(t.nbytes for t in tensors)
 
 
-def _start(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> StepDecision:
-    """One request per entry of ``adapters``, prefilled and one decode step in (untimed)."""
-    ids = [f"b{i}" for i in range(len(adapters))]
+def _start(
+    engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int, prefix: str = "b"
+) -> StepDecision:
+    """One request per entry of ``adapters`` (ids ``prefix`` and a number), prefilled and one decode
+    step in (untimed)."""
+    ids = [f"{prefix}{i}" for i in range(len(adapters))]
     for rid, name in zip(ids, adapters):
         engine.add_request(
             rid,
@@ -76,6 +79,25 @@ def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, s
         times.append(time.perf_counter() - start)
     _stop(engine, decision)
     return statistics.median(times)
+
+
+def lora_tax(engine: LLMEngine, adapter: str, batch: int, pairs: int) -> dict[str, float]:
+    """One unmerged adapter against the base at ``batch``, step by step: a base batch and an
+    adapter batch held at once, their steps alternating (the order flipped every pair) so a slow
+    spell of a shared machine hits both alike; medians of each side and of the pairs' ratios."""
+    base = _start(engine, [None] * batch, None, pairs + 2, "base")
+    lora = _start(engine, [adapter] * batch, None, pairs + 2, "lora")
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(pairs):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            engine.step((base, lora)[side])
+            times[side].append(time.perf_counter() - start)
+    _stop(engine, base)
+    _stop(engine, lora)
+    base_ms, lora_ms = statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+    pairwise = statistics.median(b / u for b, u in zip(times[0], times[1]))
+    return {"batch": batch, "pairs": pairs, "base_ms": base_ms, "unmerged_ms": lora_ms, "ratio_of_pairs": pairwise}
 
 
 def profile_step(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> dict:
@@ -214,9 +236,17 @@ def run(
         for batch in sorted({1, min(32, max(batch_sizes))}):
             hf[f"batch {batch}"] = hf_step_ms(root, names[0], batch, device, dtype, steps)
 
+    # The LoRA tax at batch 32 (or the largest below it), step by step: the per-point medians above
+    # move by more than the tax on a shared machine.
+    tax_batch = max([b for b in batch_sizes if b <= 32] or batch_sizes[:1])
+    tax = lora_tax(engine, names[0], tax_batch, max(20, steps * rounds))
     base_bytes = weight_bytes(engine)
     by = {(p.mode, p.adapters, p.batch): p for p in points}
-    ratios = {}
+    ratios = {
+        f"unmerged 1 adapter/base @batch {tax_batch}, steps interleaved pairwise (target >= 0.95)": tax[
+            "ratio_of_pairs"
+        ]
+    }
     for batch in batch_sizes:
         base = by[("base", 0, batch)]
         ratios[f"merged/base throughput @batch {batch} (target >= 0.97)"] = (
@@ -247,6 +277,7 @@ def run(
         "merge_ms": sum(merge_ms) / len(merge_ms),
         "unmerge_ms": sum(unmerge_ms) / len(unmerge_ms),
         "points": [asdict(p) for p in points],
+        "lora_tax": tax,
         "ratios": ratios,
         "profile": profiled,
         "hf_peft_step_ms": hf,
@@ -285,6 +316,13 @@ def markdown(r: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    if tax := r.get("lora_tax"):
+        lines += [
+            "",
+            f"LoRA tax, steps interleaved: a base batch and a one-adapter batch of {tax['batch']} held at once, "
+            f"{tax['pairs']} pairs of steps alternating: base {tax['base_ms']:.1f} ms, unmerged "
+            f"{tax['unmerged_ms']:.1f} ms (medians), median pairwise base/unmerged **{tax['ratio_of_pairs']:.3f}**.",
+        ]
     if r.get("profile"):
         gpu = any(p["kernel_ms_per_step"] is not None for p in r["profile"].values())
         lines += [
