@@ -15,10 +15,10 @@ from dlora.common.bus import connections
 from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import WorkerStats
 from dlora.common.state import StateStore
+from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
 from dlora.services.migrator.metrics import MigratorMetrics
-from dlora.services.migrator.planner import PlannerSettings, plan
+from dlora.services.migrator.planner import plan
 from dlora.services.migrator.settings import MigratorSettings
-from dlora.services.migrator.trigger import snapshot_from_stats, triggered
 from dlora.services.notify import notifier
 
 logger = log.get("migrator")
@@ -31,8 +31,7 @@ class Migrator:
         self.leader = False
         self.epoch = 0  # the lease's, while leader
         self.plans = 0
-        self._imbalanced_looks = 0
-        self._last_solve = float("-inf")
+        self.looks = Looks(settings.trigger)  # the trigger's patience and cool-down
         self.metrics = MigratorMetrics()
 
     async def _on_stats(self, st: WorkerStats) -> None:
@@ -49,34 +48,14 @@ class Migrator:
         # A draining worker hands its requests back itself; moving them meanwhile would race that.
         live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
-        snap = snapshot_from_stats(
-            live,
-            ranks,
-            recompute_seconds_per_token=_cost(live, "prefill", self.s.recompute_seconds_per_token, _PRIOR_RECOMPUTE_S),
-            kv_transfer_seconds_per_token=_cost(
-                live, "kv_transfer", self.s.kv_transfer_seconds_per_token, _PRIOR_KV_TRANSFER_S
-            ),
-            adapter_load_seconds=self.s.adapter_load_seconds,
-        )
-        bounds = self.s.trigger
-        reason = triggered(snap, bounds)
+        snap = cluster_snapshot(live, ranks, self.s)
+        reason = self.looks.look(snap, now)
         if reason is None:
-            self._imbalanced_looks = 0
             return
-        self._imbalanced_looks += 1
-        if self._imbalanced_looks < bounds.patience or now - self._last_solve < bounds.cooldown_s:
-            return
-        # A plan must bring at least the gain that makes an imbalance worth planning for.
-        settings = PlannerSettings(
-            self.s.solve_time_s,
-            min_gain_s=bounds.min_gain_s,
-            kv_pressure=bounds.kv_pressure if bounds.kv_pressure is not None else 1.0,
-        )
+        settings = planner_settings(self.s)
         p = await asyncio.to_thread(plan, snap, settings)
         p = msgspec.structs.replace(p, trigger=reason)
-        # A solve, with moves or not, starts the cool-down: an imbalance no plan pays for (KV
-        # pressure on a loaded cluster is common) would otherwise cost a full solve every look.
-        self._last_solve = now
+        self.looks.solved(now)
         published = bool(p.moves) and await self._still_leader()
         if published:
             p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time())
@@ -128,23 +107,3 @@ async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
         migrator = Migrator(s, nc, store)
         async with metrics_endpoint(s, migrator.metrics.registry):
             await migrator.run(stop)
-
-
-# Move costs per token before any worker has measured them (a CPU-sized guess).
-_PRIOR_RECOMPUTE_S = 0.0005
-_PRIOR_KV_TRANSFER_S = 0.001
-
-
-def _cost(stats: list[WorkerStats], measure: str, setting: float | None, prior: float) -> float:
-    """A move cost per token: the setting where one is given, else what the workers measured
-    (``{measure}_seconds_per_token`` of their stats, weighed by ``{measure}_tokens``), else the prior."""
-    if setting is not None:
-        return setting
-    # A figure without its count (a worker older than the count) weighs as one token.
-    seen = [
-        (v, max(1, getattr(st, f"{measure}_tokens")))
-        for st in stats
-        if (v := getattr(st, f"{measure}_seconds_per_token")) > 0
-    ]
-    tokens = sum(n for _, n in seen)
-    return sum(v * n for v, n in seen) / tokens if tokens else prior

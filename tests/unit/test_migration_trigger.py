@@ -54,7 +54,7 @@ def test_a_lone_worker_never_triggers() -> None:
 
 def test_move_costs_weigh_each_workers_measurement_by_its_tokens() -> None:
     from dlora.common.messages import WorkerStats
-    from dlora.services.migrator.main import _cost
+    from dlora.services.migrator.looks import _cost
 
     def stats(name: str, spt: float, tokens: int) -> WorkerStats:
         return WorkerStats(
@@ -73,3 +73,19 @@ def test_move_costs_weigh_each_workers_measurement_by_its_tokens() -> None:
     assert _cost(measured, "prefill", None, prior=0.5) == pytest.approx(0.002)  # not the plain mean, 0.006
     assert _cost(measured, "prefill", 0.25, prior=0.5) == 0.25  # a setting fixes it
     assert _cost([stats("w2", 0.0, 0)], "prefill", None, prior=0.5) == 0.5  # nobody has measured yet
+
+
+def test_looks_wait_for_patience_and_the_cool_down() -> None:
+    from dlora.services.migrator.looks import Looks
+
+    bounds = TriggerBounds(request_excess=1, patience=2, cooldown_s=10.0)
+    looks = Looks(bounds)
+    imbalanced, even = snap((10, 100, 160), (1, 10, 160)), snap((5, 50, 160), (5, 50, 160))
+    assert triggered(imbalanced, bounds) is not None and triggered(even, bounds) is None
+    assert looks.look(imbalanced, now=0.0) is None  # once: not yet
+    assert looks.look(even, now=1.0) is None  # the run is broken
+    assert looks.look(imbalanced, now=2.0) is None
+    assert looks.look(imbalanced, now=3.0) is not None  # twice in a row
+    looks.solved(3.0)
+    assert looks.look(imbalanced, now=4.0) is None  # cooling down
+    assert looks.look(imbalanced, now=13.5) is not None

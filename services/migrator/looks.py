@@ -1,0 +1,81 @@
+"""When the migrator plans, and from what: pure (the caller passes the clock), so the migrator
+service and the cluster simulator (``dlora.sim``) run the same decisions.
+
+``Looks`` keeps the trigger's patience and cool-down; ``cluster_snapshot`` turns the live workers'
+stats into the planner's view with the move costs the settings fix or the workers measured;
+``planner_settings`` is the planner's bound from the trigger's.
+"""
+
+from __future__ import annotations
+
+from dlora.common.messages import PlanTrigger, WorkerStats
+from dlora.services.migrator.planner import PlannerSettings
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.migrator.snapshot import ClusterSnapshot
+from dlora.services.migrator.trigger import TriggerBounds, snapshot_from_stats, triggered
+
+# Move costs per token before any worker has measured them (a CPU-sized guess).
+PRIOR_RECOMPUTE_S = 0.0005
+PRIOR_KV_TRANSFER_S = 0.001
+
+
+class Looks:
+    """An imbalance is planned for once ``triggered`` has held ``patience`` looks in a row, and not
+    within ``cooldown_s`` of the last solve."""
+
+    def __init__(self, bounds: TriggerBounds) -> None:
+        self.bounds = bounds
+        self._imbalanced = 0
+        self._last_solve = float("-inf")
+
+    def look(self, snap: ClusterSnapshot, now: float) -> PlanTrigger | None:
+        """The bound the cluster passed if it is time to plan for it now; else None."""
+        reason = triggered(snap, self.bounds)
+        if reason is None:
+            self._imbalanced = 0
+            return None
+        self._imbalanced += 1
+        if self._imbalanced < self.bounds.patience or now - self._last_solve < self.bounds.cooldown_s:
+            return None
+        return reason
+
+    def solved(self, now: float) -> None:
+        """A solve ran (with moves or not): the cool-down starts. An imbalance no plan pays for
+        (KV pressure on a loaded cluster is common) would otherwise cost a full solve every look."""
+        self._last_solve = now
+
+
+def _cost(stats: list[WorkerStats], measure: str, setting: float | None, prior: float) -> float:
+    """A move cost per token: the setting where one is given, else what the workers measured
+    (``{measure}_seconds_per_token`` of their stats, weighed by ``{measure}_tokens``), else the prior."""
+    if setting is not None:
+        return setting
+    # A figure without its count (a worker older than the count) weighs as one token.
+    seen = [
+        (v, max(1, getattr(st, f"{measure}_tokens")))
+        for st in stats
+        if (v := getattr(st, f"{measure}_seconds_per_token")) > 0
+    ]
+    tokens = sum(n for _, n in seen)
+    return sum(v * n for v, n in seen) / tokens if tokens else prior
+
+
+def cluster_snapshot(live: list[WorkerStats], ranks: dict[str, int], s: MigratorSettings) -> ClusterSnapshot:
+    """The planner's view of ``live`` workers (``ranks``: adapter -> rank, of the registry)."""
+    return snapshot_from_stats(
+        live,
+        ranks,
+        recompute_seconds_per_token=_cost(live, "prefill", s.recompute_seconds_per_token, PRIOR_RECOMPUTE_S),
+        kv_transfer_seconds_per_token=_cost(live, "kv_transfer", s.kv_transfer_seconds_per_token, PRIOR_KV_TRANSFER_S),
+        adapter_load_seconds=s.adapter_load_seconds,
+    )
+
+
+def planner_settings(s: MigratorSettings) -> PlannerSettings:
+    """A plan must bring at least the gain that makes an imbalance worth planning for."""
+    bounds = s.trigger
+    return PlannerSettings(
+        s.solve_time_s,
+        min_gain_s=bounds.min_gain_s,
+        kv_pressure=bounds.kv_pressure if bounds.kv_pressure is not None else 1.0,
+    )
