@@ -3,8 +3,12 @@
 
 Each replica reports the stats a worker publishes (``worker_stats``, the worker's own snapshot)
 every ``stats_interval_s``, and the dispatcher chooses from the latest it heard, as the services
-do over NATS; a request goes to its replica at once and joins that replica's next step. Not yet
-here (issue 21, later): the placement's prefetches, the migrator's trigger and planner, and moves.
+do over NATS; a request goes to its replica at once and joins that replica's next step. With
+``migrator`` settings the migrator's own decisions (``looks``) and planner run every
+``interval_s`` on the stats it heard, and a plan's moves go ahead: the request leaves its replica
+and joins the destination with the tokens it produced, after its KV's transfer time when the plan
+ships it (it then decodes on) or at once to be recomputed there. Not yet here (issue 21, later):
+the placement's prefetches and the disk tier.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import heapq
 import statistics
 from dataclasses import dataclass, field
 
+from dlora.common.messages import MovePlan, WorkerStats
 from dlora.services.dispatcher.choose import DEFAULT_COSTS, DispatchCosts, DispatchMode
 from dlora.services.dispatcher.state import DispatchState
+from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
+from dlora.services.migrator.planner import plan
+from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.snapshot import worker_stats
@@ -42,12 +50,23 @@ class Served:
     finish_s: float | None = None
     tokens: int = 0
     finish_reason: str | None = None
+    moves: int = 0  # times the migrator moved it
 
     @property
     def normalized_latency_s(self) -> float:
         """End-to-end latency over output tokens (the dLoRA paper's metric), seconds per token."""
         assert self.finish_s is not None
         return (self.finish_s - self.request.arrival_s) / max(1, self.tokens)
+
+
+@dataclass(frozen=True)
+class _Moving:
+    """A request on its way to another replica, with the tokens it produced."""
+
+    request_id: str
+    to: str
+    produced: list[int]
+    ship_kv: bool
 
 
 @dataclass
@@ -72,12 +91,18 @@ class Cluster:
         dispatch_costs: DispatchCosts = DEFAULT_COSTS,
         stats_interval_s: float = 0.5,
         heartbeat_ttl_s: float = 5.0,
+        migrator: MigratorSettings | None = None,
     ) -> None:
         self.replicas = [Replica(f"r{i:03d}", SimEngine(cost, config)) for i in range(replicas)]
         for r in self.replicas:
             for name, rank in adapters.items():
                 r.engine.add_adapter(name, rank)
         self.state = DispatchState(heartbeat_ttl_s, mode, dispatch_costs)
+        self.ranks = dict(adapters)
+        self.migrator = migrator
+        self.looks = Looks(migrator.trigger) if migrator is not None else None
+        self.heard: dict[str, WorkerStats] = {}  # the migrator's view: stats since its last plan
+        self.plans: list[MovePlan] = []  # every solve that moved something
         self.stats_interval_s = stats_interval_s
         self.served: dict[str, Served] = {}
         self._events: list[tuple[float, int, str, object]] = []
@@ -90,9 +115,11 @@ class Cluster:
     def run(self, requests: list[SimRequest]) -> list[Served]:
         """Serve ``requests`` (by arrival) to the end; what became of each, in arrival order.
         Raises RuntimeError when one cannot be placed (no replica holds it)."""
+        self._push(0.0, "stats", None)  # first: the dispatcher knows the replicas before any request
         for r in requests:
             self._push(r.arrival_s, "arrive", r)
-        self._push(0.0, "stats", None)
+        if self.migrator is not None:
+            self._push(self.migrator.interval_s, "look", None)
         pending = len(requests)
         while self._events and pending:
             now, _, kind, what = heapq.heappop(self._events)
@@ -102,6 +129,12 @@ class Cluster:
             elif kind == "arrive":
                 assert isinstance(what, SimRequest)
                 self._dispatch(what, now)
+            elif kind == "look":
+                self._look(now)
+                self._push(now + self.migrator.interval_s, "look", None)  # type: ignore[union-attr]
+            elif kind == "moved":
+                assert isinstance(what, _Moving)
+                self._arrive_moved(what, now)
             else:
                 assert isinstance(what, Replica)
                 pending -= self._step(what, now)
@@ -109,20 +142,70 @@ class Cluster:
 
     def _report(self, now: float) -> None:
         for r in self.replicas:
-            self.state.heard(worker_stats(r.name, r.engine, r.lengths), now)
+            st = worker_stats(r.name, r.engine, r.lengths)
+            self.state.heard(st, now)
+            self.heard[r.name] = st
+
+    def _look(self, now: float) -> None:
+        """The migrator's look: plan if its own decisions say so, and move what the plan moves."""
+        assert self.migrator is not None and self.looks is not None
+        snap = cluster_snapshot(list(self.heard.values()), self.ranks, self.migrator)
+        if self.looks.look(snap, now) is None:
+            return
+        p = plan(snap, planner_settings(self.migrator))
+        self.looks.solved(now)
+        if not p.moves:
+            return
+        self.plans.append(p)
+        self.heard.clear()  # as the migrator does: its view is stale until the moved requests report
+        for m in p.moves:
+            self._move(m.request_id, m.to_worker, m.ship_kv, now)
+
+    def _move(self, request_id: str, to: str, ship_kv: bool, now: float) -> None:
+        served = self.served[request_id]
+        source = self._replica(served.replica)
+        seq = source.engine.seqs.get(request_id)
+        if seq is None or to == source.name:
+            return  # finished meanwhile
+        produced, context = list(seq.output_ids), seq.total_len
+        source.engine.abort(request_id)
+        delay = source.engine.cost.kv_transfer_s_per_token * context if ship_kv else 0.0
+        self._push(max(now, source.engine.now) + delay, "moved", _Moving(request_id, to, produced, ship_kv))
+
+    def _arrive_moved(self, m: _Moving, now: float) -> None:
+        served = self.served[m.request_id]
+        req, replica = served.request, self._replica(m.to)
+        replica.engine.add(
+            m.request_id,
+            req.prompt_token_ids,
+            req.output_len,
+            req.adapter,
+            req.max_tokens or req.output_len,
+            resumed=m.produced,
+            shipped=m.ship_kv,
+        )
+        served.replica = m.to
+        served.moves += 1
+        self._wake(replica, now)
+
+    def _replica(self, name: str) -> Replica:
+        return next(r for r in self.replicas if r.name == name)
+
+    def _wake(self, replica: Replica, now: float) -> None:
+        if not replica.stepping:
+            replica.stepping = True
+            self._push(max(now, replica.engine.now), "step", replica)
 
     def _dispatch(self, req: SimRequest, now: float) -> None:
         name = self.state.choose(self.state.live(now), req.adapter)
         if name is None:
             raise RuntimeError(f"no live replica for {req.request_id}")
-        replica = next(r for r in self.replicas if r.name == name)
+        replica = self._replica(name)
         replica.engine.add(
             req.request_id, req.prompt_token_ids, req.output_len, req.adapter, req.max_tokens or req.output_len
         )
         self.served[req.request_id] = Served(req, name)
-        if not replica.stepping:
-            replica.stepping = True
-            self._push(max(now, replica.engine.now), "step", replica)
+        self._wake(replica, now)
 
     def _step(self, replica: Replica, now: float) -> int:
         """One step of ``replica`` starting at ``now``; how many requests it finished."""

@@ -18,6 +18,7 @@ from dlora.common.messages import SamplingParams
 from dlora.model.config import ModelConfig
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.engine.kv_transfer import adopt
 from dlora.services.worker.engine.sampler import SamplingError
 from dlora.services.worker.policy import Policy, lora_work
 from dlora.sim.cost import CostProfile, StepShape
@@ -136,12 +137,25 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         output_len: int,
         adapter: str | None = None,
         max_tokens: int | None = None,
+        resumed: list[int] | None = None,
+        shipped: bool = False,
     ) -> None:
         """Queue a request that ends after ``output_len`` tokens with the end-of-sequence token (at
-        ``max_tokens`` with "length" if that comes first). Raises what ``add_request`` raises."""
+        ``max_tokens`` with "length" if that comes first). ``resumed``: tokens it produced elsewhere
+        (a move); ``shipped``: its KV cache came along (else the context is recomputed here).
+        Raises what ``add_request`` (or, out of blocks, ``adopt``) raises."""
         params = SamplingParams(max_tokens=max_tokens or output_len, temperature=0.0)
-        self.add_request(request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=adapter)
+        self.add_request(
+            request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=adapter, resume_token_ids=resumed
+        )
         self.targets[request_id] = output_len
+        if shipped:  # its cache came with it: it decodes on, no prefill
+            seq = self.seqs[request_id]
+            adopt(seq, seq.total_len - 1, self.blocks)
+
+    def abort(self, request_id: str) -> bool:
+        self.targets.pop(request_id, None)
+        return bool(super().abort(request_id))
 
     def _synchronize(self) -> None:
         pass

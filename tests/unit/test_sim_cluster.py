@@ -4,7 +4,7 @@ import random
 
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.sim.cluster import Cluster, SimRequest, summary
-from dlora.sim.cost import ARTIFACT
+from dlora.sim.cost import ARTIFACT, H200
 
 
 def _workload(n: int, rate: float, adapters: list[str], seed: int = 0) -> list[SimRequest]:
@@ -33,3 +33,26 @@ def test_every_request_is_served_to_its_length_under_each_dispatch_mode() -> Non
     # deterministic: the same workload gives the same figures
     again = summary(Cluster(ARTIFACT, replicas=4, adapters=adapters).run(requests))
     assert again == results[DispatchMode.PROACTIVE]
+
+
+def test_the_migrator_moves_requests_off_an_overloaded_replica_and_they_end_exact() -> None:
+    """Round-robin sends every long request to one replica (they alternate with short ones): the
+    migrator's own trigger and planner move some of them, shipped or recomputed, and each ends at
+    its length on its new replica."""
+    from dlora.services.migrator.settings import MigratorSettings
+
+    requests = [SimRequest(f"q{i}", 0.01 * i, None, [7 + i % 50] * 32, 1500 if i % 2 == 0 else 4) for i in range(24)]
+    settings = MigratorSettings(interval_s=0.5)
+    cluster = Cluster(H200, replicas=2, adapters={}, mode=DispatchMode.ROUND_ROBIN, migrator=settings)
+    served = cluster.run(requests)
+    assert all(s.tokens == s.request.output_len and s.finish_reason == "stop" for s in served)
+    moved = [s for s in served if s.moves]
+    assert cluster.plans and moved and {s.replica for s in moved} == {"r001"}
+    without = summary(Cluster(H200, replicas=2, adapters={}, mode=DispatchMode.ROUND_ROBIN).run(requests))
+    assert summary(served)["norm_latency_mean_s"] < without["norm_latency_mean_s"]  # the moves paid
+    # shipping priced far below recomputing: the plan ships the cache, and the request decodes on
+    cheap_kv = MigratorSettings(interval_s=0.5, kv_transfer_seconds_per_token=1e-9, recompute_seconds_per_token=1e-2)
+    shipped = Cluster(H200, replicas=2, adapters={}, mode=DispatchMode.ROUND_ROBIN, migrator=cheap_kv)
+    served = shipped.run(requests)
+    assert any(m.ship_kv for p in shipped.plans for m in p.moves)
+    assert all(s.tokens == s.request.output_len and s.finish_reason == "stop" for s in served)

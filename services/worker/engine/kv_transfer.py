@@ -47,13 +47,20 @@ def import_kv(seq: Sequence, snapshot: KVSnapshot, blocks: BlockManager, kv: KVC
     expected = (layers, seq.total_len - 1, kv_heads, head_dim)
     if tuple(snapshot.k.shape) != expected or tuple(snapshot.v.shape) != expected:
         raise RequestError(f"moved KV has shape {tuple(snapshot.k.shape)}, expected {expected}")
-    if not blocks.can_grow(seq.request_id, snapshot.tokens):
-        raise RequestError("no free KV blocks for the moved cache")
-    blocks.grow(seq.request_id, snapshot.tokens)
-    blocks.stop_caching(seq.request_id)
+    adopt(seq, snapshot.tokens, blocks)
     slots = torch.tensor(blocks.slots(seq.request_id, 0, snapshot.tokens), dtype=torch.int64, device=kv.k.device)
     device, dtype = kv.k.device, kv.k.dtype
     for layer in range(layers):
         kv.write(layer, snapshot.k[layer].to(device, dtype), snapshot.v[layer].to(device, dtype), slots)
-    seq.num_cached = snapshot.tokens
+
+
+def adopt(seq: Sequence, tokens: int, blocks: BlockManager) -> None:
+    """The block bookkeeping of a moved cache (no tensors: the cluster simulator's move too): blocks
+    for ``tokens`` cached tokens, kept out of the prefix cache, and ``seq`` a decoding sequence.
+    RequestError when blocks run out."""
+    if not blocks.can_grow(seq.request_id, tokens):
+        raise RequestError("no free KV blocks for the moved cache")
+    blocks.grow(seq.request_id, tokens)
+    blocks.stop_caching(seq.request_id)
+    seq.num_cached = tokens
     seq.status = Status.RUNNING
