@@ -21,10 +21,27 @@ def _count(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
         "--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)"
     )
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
+    add_workload_arguments(p)
+    p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
+    p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")
+    p.add_argument(
+        "--max-retries",
+        type=_count,
+        default=0,
+        help="retry a 429 or 503 answer or a refused connection, after Retry-After (the openai "
+        "package retries these, and 408, 409, 5xx and timeouts, twice by default)",
+    )
+    p.add_argument("--out", default="loadgen-results", help="folder for result.json, report.png, report.html")
+
+
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The workload's options (``WorkloadSpec.from_args``), shared by ``dlora loadgen`` and
+    ``dlora simulate``."""
     p.add_argument("--requests", type=int, default=_SPEC.requests, help="cap on requests")
     p.add_argument("--duration", type=float, default=_SPEC.duration, help="cap on seconds of sending")
     p.add_argument("--seed", type=int, default=_SPEC.seed)
@@ -73,13 +90,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "lasting this many seconds of the run (default: the whole trace's shares)",
     )
     p.add_argument("--shift-every", type=float, help="rotate adapter popularity every this many seconds")
-    p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
-    p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")
-    p.add_argument(
-        "--max-retries",
-        type=_count,
-        default=0,
-        help="retry a 429 or 503 answer or a refused connection, after Retry-After (the openai "
-        "package retries these, and 408, 409, 5xx and timeouts, twice by default)",
-    )
-    p.add_argument("--out", default="loadgen-results", help="folder for result.json, report.png, report.html")

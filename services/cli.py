@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(lg)
     lg.set_defaults(func=_lazy("dlora.loadgen.main:run_loadgen"))
 
+    sim = sub.add_parser("simulate", help="a workload through a simulated cluster: the real cores, a cost model")
+    from dlora.sim.main import add_arguments as add_simulate_arguments
+
+    add_simulate_arguments(sim)
+    sim.set_defaults(func=_lazy("dlora.sim.main:run_simulate"))
+
     serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
     serve.add_argument("service", choices=["gateway", "dispatcher", "worker", "migrator"])
     serve.add_argument("--config", help="dlora.toml")

@@ -1,0 +1,113 @@
+"""``dlora simulate``: a workload (``dlora loadgen``'s options) through a simulated cluster, printed
+and optionally written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.workload import build_specs, prompt_ids
+from dlora.services.dispatcher.choose import DispatchMode
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.policy.config import PolicyConfig, PolicyName
+from dlora.sim.cluster import Cluster, SimRequest, summary
+from dlora.sim.cost import PROFILES, CostProfile, calibrated
+from dlora.sim.replica import LLAMA_7B
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dlora.loadgen.options import add_workload_arguments
+
+    p.add_argument(
+        "--profile",
+        default="dlora-artifact",
+        help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (a `dlora bench engine --json` file)",
+    )
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--ranks", default="16", help="LoRA ranks, comma-separated, given to the adapters in turn")
+    p.add_argument("--max-loras", type=int, default=8, help="device slots per replica")
+    p.add_argument("--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value)
+    p.add_argument("--dispatch", choices=[m.value for m in DispatchMode], default=DispatchMode.PROACTIVE.value)
+    p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")
+    p.add_argument("--json", help="write the result here")
+    add_workload_arguments(p)
+
+
+def profile(name: str) -> CostProfile:
+    """A named profile, or ``calibrated:PATH``. Raises ValueError naming the choices."""
+    if name.startswith("calibrated:"):
+        return calibrated(json.loads(Path(name.removeprefix("calibrated:")).read_text()))
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: {', '.join(PROFILES)} or calibrated:PATH")
+    return PROFILES[name]
+
+
+def requests_of(spec: WorkloadSpec) -> list[SimRequest]:
+    """The workload's requests, with prompts of real token ids (shared prefixes stay shared)."""
+    return [
+        SimRequest(f"q{i}", r.arrival_s, r.adapter, prompt_ids(i, r, LLAMA_7B.vocab_size), max(1, r.output_len))
+        for i, r in enumerate(build_specs(spec))
+    ]
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    try:
+        cost = profile(args.profile)
+        spec = WorkloadSpec.from_args(args)
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"dlora simulate: {e}")
+        return 2
+    requests = requests_of(spec)
+    names = sorted({r.adapter for r in requests if r.adapter is not None})
+    adapters = {name: ranks[i % len(ranks)] for i, name in enumerate(names)}
+    config = EngineConfig(max_loras=args.max_loras, policy=PolicyConfig(name=PolicyName(args.policy)))
+    cluster = Cluster(
+        cost,
+        args.replicas,
+        adapters,
+        DispatchMode(args.dispatch),
+        config,
+        migrator=MigratorSettings() if args.migrate else None,
+    )
+    start = time.perf_counter()
+    served = cluster.run(requests)
+    wall = time.perf_counter() - start
+    result = {
+        "profile": cost.name,
+        "replicas": args.replicas,
+        "adapters": len(adapters),
+        "requests": len(requests),
+        "policy": args.policy,
+        "dispatch": args.dispatch,
+        "migrate": args.migrate,
+        "workload": spec.options(),
+        **summary(served),
+        "simulated_s": max(s.finish_s or 0.0 for s in served),
+        "wall_s": wall,
+        "plans": len(cluster.plans),
+        "moved": sum(s.moves for s in served),
+        "steps_by_mode": _sum(r.engine.stats.steps_by_mode for r in cluster.replicas),
+        "merges": sum(r.engine.stats.merges for r in cluster.replicas),
+        "preemptions": sum(r.engine.stats.preemptions for r in cluster.replicas),
+    }
+    for key, value in result.items():
+        if key != "workload":
+            print(f"{key:>20}: {value}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def _sum(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[str(k)] = out.get(str(k), 0) + v
+    return out

@@ -1,0 +1,33 @@
+"""`dlora simulate` end to end: options in, the summary out and as JSON."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from dlora.sim.main import add_arguments, run_simulate
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_a_workload_through_the_simulated_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sim.json"
+    argv = ["--requests", "120", "--rate", "30", "--replicas", "3", "--adapters", "6", "--popularity", "zipf"]
+    argv += ["--dispatch", "round-robin", "--migrate", "--ranks", "8,16,32", "--json", str(out)]
+    assert run_simulate(_args(*argv)) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == result["requests"] == 120 and result["replicas"] == 3
+    assert result["profile"] == "dlora-artifact" and result["dispatch"] == "round-robin" and result["migrate"]
+    assert sum(result["steps_by_mode"].values()) > 0 and set(result["steps_by_mode"]) <= {"merged", "unmerged", "mixed"}
+    assert result["norm_latency_mean_s"] >= 0.015  # no step is faster than the artifact's 15 ms
+    assert "norm_latency_mean_s" in capsys.readouterr().out
+
+
+def test_an_unknown_profile_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_simulate(_args("--profile", "a100")) == 2
+    assert "dlora-artifact" in capsys.readouterr().out
