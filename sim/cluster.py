@@ -94,6 +94,7 @@ class Cluster:
         migrator: MigratorSettings | None = None,
     ) -> None:
         self.replicas = [Replica(f"r{i:03d}", SimEngine(cost, config)) for i in range(replicas)]
+        self._by_name = {r.name: r for r in self.replicas}
         for r in self.replicas:
             for name, rank in adapters.items():
                 r.engine.add_adapter(name, rank)
@@ -189,7 +190,7 @@ class Cluster:
         self._wake(replica, now)
 
     def _replica(self, name: str) -> Replica:
-        return next(r for r in self.replicas if r.name == name)
+        return self._by_name[name]
 
     def _wake(self, replica: Replica, now: float) -> None:
         if not replica.stepping:

@@ -11,6 +11,7 @@ merger and device slots (their cost on the clock). Everything else is the engine
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -19,6 +20,7 @@ from dlora.model.config import ModelConfig
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.kv_transfer import adopt
+from dlora.services.worker.engine.outputs import RequestError
 from dlora.services.worker.engine.sampler import SamplingError
 from dlora.services.worker.policy import Policy, lora_work
 from dlora.sim.cost import CostProfile, StepShape
@@ -142,8 +144,8 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
     ) -> None:
         """Queue a request that ends after ``output_len`` tokens with the end-of-sequence token (at
         ``max_tokens`` with "length" if that comes first). ``resumed``: tokens it produced elsewhere
-        (a move); ``shipped``: its KV cache came along (else the context is recomputed here).
-        Raises what ``add_request`` (or, out of blocks, ``adopt``) raises."""
+        (a move); ``shipped``: its KV cache came along (else, or when its blocks do not fit, the
+        context is recomputed here). Raises what ``add_request`` raises."""
         params = SamplingParams(max_tokens=max_tokens or output_len, temperature=0.0)
         self.add_request(
             request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=adapter, resume_token_ids=resumed
@@ -151,7 +153,8 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.targets[request_id] = output_len
         if shipped:  # its cache came with it: it decodes on, no prefill
             seq = self.seqs[request_id]
-            adopt(seq, seq.total_len - 1, self.blocks)
+            with contextlib.suppress(RequestError):  # no room for it: recomputed here, as a worker does
+                adopt(seq, seq.total_len - 1, self.blocks)
 
     def abort(self, request_id: str) -> bool:
         self.targets.pop(request_id, None)

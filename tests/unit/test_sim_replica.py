@@ -66,3 +66,18 @@ def test_a_load_into_a_device_slot_costs_the_profile_s_time() -> None:
     _drain(e)
     assert e.stats.adapter_loads == 2 and e.stats.adapter_evictions == 1  # one slot: b evicts a
     assert e.stats.adapter_load_seconds == pytest.approx(2 * H200.load_seconds(32, "cpu"))
+
+
+def test_a_moved_request_decodes_on_with_its_cache_or_is_recomputed_when_it_does_not_fit() -> None:
+    roomy = SimEngine(H200, EngineConfig(num_blocks=16, block_size=16))
+    roomy.add("m", list(range(3, 40)), output_len=12, resumed=[9] * 5, shipped=True)
+    seq = roomy.seqs["m"]
+    assert seq.num_cached == seq.total_len - 1 and roomy.stats.prefill_tokens == 0
+    tight = SimEngine(H200, EngineConfig(num_blocks=4, block_size=16))  # 64 tokens: no room for both
+    tight.add("other", list(range(3, 30)), output_len=10)
+    tight.step()
+    tight.add("m", list(range(3, 40)), output_len=12, resumed=[9] * 5, shipped=True)
+    assert tight.seqs["m"].num_cached == 0  # waits to be recomputed
+    done = _drain(tight)
+    assert done["m"] == (12 - 5, "stop") and done["other"] == (9, "stop")
+    assert _drain(roomy) == {"m": (7, "stop")}
