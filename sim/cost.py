@@ -205,20 +205,43 @@ def _fit_through_zero(rows: list[tuple[float, float, float]]) -> tuple[float, fl
     return (max(0.0, a_only), 0.0) if err_a <= err_b else (0.0, max(0.0, b_only))
 
 
+def measured(curve: dict[int, float], name: str, **over: float) -> CostProfile:
+    """A profile whose decode step takes ``curve`` (batch -> seconds, two sizes at least), prefill
+    tokens the curve's slope each, and everything else as ``over`` sets it, the rest as the H100
+    roofline's links (loads, moves; say so when comparing). Raises ValueError with fewer points."""
+    if len(curve) < 2:
+        raise ValueError("a measured profile needs step times at two batch sizes at least")
+    points = tuple(sorted(curve.items()))
+    (b0, s0), (b1, s1) = points[0], points[-1]
+    per_token = (s1 - s0) / (b1 - b0)
+    fields: dict[str, Any] = dict(
+        name=name,
+        step_s=s0 - per_token * b0,
+        token_s=per_token,
+        context_token_s=0.0,  # in the curve: its points hold a short prompt's context
+        lora_segment_s=0.0,
+        lora_rank_token_s=0.0,
+        unmerged_step_s=0.0,
+        curve=points,
+    )
+    return dataclasses.replace(H100, **(fields | over))
+
+
 def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
-    """A profile from ``dlora bench engine``'s JSON: its base decode step times by batch as the
-    curve, merge and unmerge as measured, and the unmerged points' extra time over base fitted as
-    a cost per distinct adapter and one per rank-token (least squares through zero; the bench's
-    adapters are rank 16). Prefill, KV, loads and moves are not measured
-    there: priced from the curve's slope per token and the H100 roofline's links (say so when
-    comparing). Raises ValueError without base points at two batch sizes."""
+    """A profile from a benchmark's JSON. ``dlora bench engine``'s: its base decode step times by
+    batch as the curve, merge and unmerge as measured, and the unmerged points' extra time over
+    base fitted as a cost per distinct adapter and one per rank-token (least squares through zero;
+    the bench's adapters are rank 16). ``dlora bench cluster``'s: the step times its workers
+    measured with requests spread unmerged over their slots (LoRA inside the curve), merge and
+    unmerge at the roofline's unless ``bench`` gives ``merge_ms`` / ``unmerge_ms``. Prefill, KV,
+    loads and moves are not measured there (see ``measured``). Raises ValueError without step
+    times at two batch sizes, KeyError for JSON of neither kind."""
+    label = name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})"
+    switches = {k: bench[f"{k[:-2]}_ms"] / 1e3 for k in ("merge_s", "unmerge_s") if f"{k[:-2]}_ms" in bench}
+    if "points" not in bench:  # bench cluster: its workers' step curve
+        return measured({int(b): s for b, s in bench["bound"]["step_seconds"].items()}, label, **switches)
     points = bench["points"]
     base = {p["batch"]: p["step_ms"] / 1e3 for p in points if p["mode"] == "base"}
-    if len(base) < 2:
-        raise ValueError("the bench engine result needs base step times at two batch sizes at least")
-    curve = tuple(sorted(base.items()))
-    (b0, s0), (b1, s1) = curve[0], curve[-1]
-    per_token = (s1 - s0) / (b1 - b0)
     # Unmerged over base = segments x a + rank-tokens x b, least squares through zero.
     rows = [
         (p["adapters"], p["batch"] * _BENCH_RANK, p["step_ms"] / 1e3 - base[p["batch"]])
@@ -226,16 +249,4 @@ def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
         if p["mode"] == "unmerged" and p["batch"] in base
     ]
     segment_s, rank_token_s = _fit_through_zero(rows)
-    return dataclasses.replace(
-        H100,
-        name=name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})",
-        step_s=s0 - per_token * b0,
-        token_s=per_token,
-        context_token_s=0.0,  # in the curve: its points hold a short prompt's context
-        lora_segment_s=segment_s,
-        lora_rank_token_s=rank_token_s,
-        unmerged_step_s=0.0,
-        merge_s=bench["merge_ms"] / 1e3,
-        unmerge_s=bench["unmerge_ms"] / 1e3,
-        curve=curve,
-    )
+    return measured(base, label, lora_segment_s=segment_s, lora_rank_token_s=rank_token_s, **switches)

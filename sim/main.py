@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         default="dlora-artifact",
-        help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (a `dlora bench engine --json` file)",
+        help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (`dlora bench engine` or "
+        "`bench cluster` JSON)",
     )
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--ranks", default="16", help="LoRA ranks, comma-separated, given to the adapters in turn")
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value)
     p.add_argument("--dispatch", choices=[m.value for m in DispatchMode], default=DispatchMode.PROACTIVE.value)
     p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")
+    p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between a replica's stats")
+    p.add_argument("--migrate-interval", type=float, default=1.0, help="seconds between the migrator's looks")
     p.add_argument("--json", help="write the result here")
     add_workload_arguments(p)
 
@@ -73,7 +76,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         adapters,
         DispatchMode(args.dispatch),
         config,
-        migrator=MigratorSettings() if args.migrate else None,
+        stats_interval_s=args.stats_interval,
+        migrator=MigratorSettings(interval_s=args.migrate_interval) if args.migrate else None,
     )
     start = time.perf_counter()
     served = cluster.run(requests)

@@ -64,3 +64,11 @@ def test_calibrated_from_bench_engine_replays_its_points_and_fits_the_lora_cost(
     assert one.lora_segment_s >= 0 and one.lora_rank_token_s >= 0
     with pytest.raises(ValueError, match="two batch sizes"):
         calibrated({"points": [{"mode": "base", "adapters": 0, "batch": 1, "step_ms": 3.0}]})
+
+
+def test_calibrated_from_bench_cluster_takes_its_workers_step_curve() -> None:
+    bench = {"bound": {"step_seconds": {"1": 0.036, "8": 0.079, "64": 0.243}}, "machine": "m", "date": "d"}
+    p = calibrated(bench)
+    assert p.decode_seconds(8) == pytest.approx(0.079) and p.lora_segment_s == 0.0  # LoRA is in the curve
+    assert p.merge_s == H100.merge_s  # none measured there
+    assert calibrated({**bench, "merge_ms": 137.0}).merge_s == pytest.approx(0.137)
