@@ -50,7 +50,7 @@ from dlora.services.worker.policy import (
 @dataclass
 class _Prepared:
     """A step ready to run: its batch grouped by adapter slot, where its adapters run, the switch
-    paid before it (seconds), when its own time began (perf_counter), and the tokens it feeds,
+    paid before it (seconds), when its own time began (the clock), and the tokens it feeds,
     counted before the step advances its sequences."""
 
     batch: list[Sequence]
