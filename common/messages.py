@@ -368,6 +368,16 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # Unix seconds when sent.
     sent: float = 0.0
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of its KV blocks in use, 0 to 1 (vLLM's kv_cache_usage_perc)."""
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+    @property
+    def merged_adapter(self) -> str | None:
+        """The adapter merged into its weights now (None: none)."""
+        return next((a.name for a in self.adapters if a.merged), None)
+
 
 class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):
     """One running request to move, with its adapter (migration issue)."""

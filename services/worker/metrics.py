@@ -89,9 +89,8 @@ def families(v: WorkerView) -> Iterator[Metric]:
     yield from _both(
         _gauge, "dlora_num_requests_waiting", "vllm:num_requests_waiting", "Requests waiting to run", v, st.waiting
     )
-    usage = 1.0 - st.free_blocks / st.total_blocks if st.total_blocks else 0.0
     yield from _both(
-        _gauge, "dlora_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", v, usage
+        _gauge, "dlora_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", v, st.kv_cache_usage
     )
     yield _gauge("dlora_kv_cache_blocks", "KV cache blocks in all", ["worker"], {(w,): st.total_blocks})
     labels = ["model_name", "worker"]
@@ -137,12 +136,12 @@ def families(v: WorkerView) -> Iterator[Metric]:
         ["worker", "mode"],
         {(w, m): float(m == e.last_mode) for m in MODES},
     )
-    merged = [a.name for a in st.adapters if a.merged]
+    merged = st.merged_adapter
     yield _gauge(
         "dlora_merged_adapter",
         "1 for the adapter merged into the weights now",
         ["worker", "adapter"],
-        {(w, a): 1 for a in merged},
+        {(w, merged): 1} if merged is not None else {},
     )
     if v.credits is not None:
         # Square adapters leave the ledger: 0 for the base model and every adapter held here.
