@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,9 +113,8 @@ def families(v: WorkerView) -> Iterator[Metric]:
     yield from _both(
         _counter, "dlora_num_preemptions", "vllm:num_preemptions", "Running requests preempted", v, e.preemptions
     )
-    by_mode = dict(e.steps_by_mode)
     yield _counter(
-        "dlora_steps", "Engine steps by mode", ["worker", "mode"], {(w, m): by_mode.get(m, 0) for m in MODES}
+        "dlora_steps", "Engine steps by mode", ["worker", "mode"], {(w, m): e.steps_by_mode.get(m, 0) for m in MODES}
     )
     kinds = {"merge": (e.merges, e.merge_seconds), "unmerge": (e.unmerges, e.unmerge_seconds)}
     yield _counter(
@@ -145,15 +144,12 @@ def families(v: WorkerView) -> Iterator[Metric]:
     )
     if v.credits is not None:
         # Square adapters leave the ledger: 0 for the base model and every adapter held here.
-        credits: Labelled = {(w, a): 0.0 for a in [v.model_name, *v.ranks]}
-        for k, c in v.credits.items():  # two versions of one adapter (a rollover): their sum
-            key = (w, name_of(k) if k else v.model_name)
-            credits[key] = credits.get(key, 0.0) + c
+        credits = dict.fromkeys([v.model_name, *v.ranks], 0.0) | _by_name(v.credits, v.model_name)
         yield _gauge(
             "dlora_adapter_credit_seconds",
             "Seconds of service the adapter is owed (+) or owes (-)",
             ["worker", "adapter"],
-            credits,
+            {(w, a): c for a, c in credits.items()},
         )
     yield _gauge(
         "dlora_longest_wait_seconds",
@@ -167,6 +163,16 @@ def families(v: WorkerView) -> Iterator[Metric]:
         )
     yield from _requests(v)
     yield from _residency(v)
+
+
+def _by_name(by_key: Mapping[str, float], base: str = "") -> dict[str, float]:
+    """Figures by engine key (``name@version``; "" the base model, as ``base``) summed by adapter
+    name: two versions of one adapter during a rollover count as one."""
+    out: dict[str, float] = {}
+    for key, value in by_key.items():
+        name = name_of(key) if key else base
+        out[name] = out.get(name, 0.0) + value
+    return out
 
 
 def _requests(v: WorkerView) -> Iterator[Metric]:
@@ -202,12 +208,8 @@ def _residency(v: WorkerView) -> Iterator[Metric]:
         ["worker", "adapter", "tier", "rank"],
         resident,
     )
-    loads: dict[str, float] = {}
-    seconds: dict[str, float] = {}
-    for k, n in dict(v.engine.loads_by_adapter).items():
-        loads[name_of(k)] = loads.get(name_of(k), 0) + n
-    for k, s in dict(v.engine.load_seconds_by_adapter).items():
-        seconds[name_of(k)] = seconds.get(name_of(k), 0.0) + s
+    loads = _by_name(v.engine.loads_by_adapter)
+    seconds = _by_name(v.engine.load_seconds_by_adapter)
     yield _counter(
         "dlora_adapter_loads",
         "Loads of the adapter into a device slot",
