@@ -295,8 +295,11 @@ class WorkerService:
             logger.exception("step failed", error=str(e))
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
         now = time.monotonic()
-        ready = [(out, s) for out in outputs if (s := self.streams.get(out.request_id))]  # not aborted meanwhile
-        chunks = [(out, stream, chunk_for(out, stream, self.s.worker_id, now)) for out, stream in ready]
+        chunks = [  # of the requests not aborted while the step ran
+            (out, s, chunk_for(out, s, self.s.worker_id, now))
+            for out in outputs
+            if (s := self.streams.get(out.request_id))
+        ]
         # Asked as late as can be: the chunks are handed to NATS right after, and its flusher writes
         # them at the flush below with no other wait between. A stall (SIGSTOP) after the question
         # puts out chunks of a copy given up on meanwhile (readers drop them by attempt). Asked for
