@@ -155,7 +155,7 @@ class Dispatcher:
         if self.nc.stats["reconnects"] != self._reconnects:  # our own outage: their silence was ours
             self._reconnects = self.nc.stats["reconnects"]
             self.clients.forgive(now)
-            self.state.workers = {w: (st, now) for w, (st, _) in self.workers.items()}
+            self.state.forgive(now)
         try:  # Redis came back empty: the adapters are still registered
             await self.registry.restore()
         except Exception as e:  # noqa: BLE001 - NATS or JetStream down: restored on a later look

@@ -26,6 +26,11 @@ class DispatchState:
         self.workers[st.worker] = (st, now)
         self.sent_since_stats[st.worker] = 0
 
+    def forgive(self, now: float) -> None:
+        """Every worker counts as heard from ``now``: the silence was the dispatcher's own (its
+        connection was down), not theirs."""
+        self.workers = {w: (st, now) for w, (st, _) in self.workers.items()}
+
     def live(self, now: float) -> list[WorkerStats]:
         """Workers heard from within the TTL that take new requests (not draining)."""
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
