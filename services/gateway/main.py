@@ -96,9 +96,6 @@ class Gateway:
         self._announcer: asyncio.Task[None] | None = None
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
         self.auth = Auth(settings, KeyRegistry(store, None))  # likewise
-        # Tokens one request may hold on each worker, and when it said so (monotonic): requests are
-        # checked against the largest, not only the model's context (a small KV cache holds less).
-        self.worker_context: dict[str, tuple[int, float]] = {}
 
     # ---- handlers -----------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -379,8 +376,9 @@ class Gateway:
     async def _on_stats(self, st: WorkerStats) -> None:
         now = time.monotonic()
         self.cluster.heard(st, now)
-        self.worker_context[st.worker] = (st.max_model_len, now)
-        live = [n for n, at in self.worker_context.values() if now - at <= self.s.heartbeat_ttl_s]
+        # Requests are checked against the largest live worker's context, not only the model's (a
+        # small KV cache holds less).
+        live = [st.max_model_len for st, _ in self.cluster.live(now, self.s.heartbeat_ttl_s)]
         context = served_context(self.context, live)
         if context != self.served.context:
             self.served = dataclasses.replace(self.served, context=context)

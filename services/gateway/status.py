@@ -103,10 +103,8 @@ class ClusterView:
         self.plans.appendleft(plan)
 
     def live(self, now: float, ttl_s: float) -> list[tuple[WorkerStats, float]]:
-        """(stats, age in seconds) of the workers heard from within ``ttl_s``, by name."""
-        return sorted(
-            ((st, now - at) for st, at in self.workers.values() if now - at <= ttl_s), key=lambda x: x[0].worker
-        )
+        """(stats, age in seconds) of the workers heard from within ``ttl_s``."""
+        return [(st, now - at) for st, at in self.workers.values() if now - at <= ttl_s]
 
 
 @dataclass
@@ -181,10 +179,10 @@ def cluster_status(
     gateway: str,
     now: float,
 ) -> ClusterStatus:
-    """The status document: ``live`` workers as (stats, age), the ``plans`` newest first, every
-    ``registered`` adapter (and the base model, under ``model``) with where it lives, its requests
-    in flight, and ``traffic``'s figures; ``now`` in Unix seconds."""
-    workers = [_worker(st, age) for st, age in live]
+    """The status document: ``live`` workers as (stats, age), listed by name; the ``plans`` newest
+    first; every ``registered`` adapter (and the base model, under ``model``) with where it lives,
+    its requests in flight, and ``traffic``'s figures; ``now`` in Unix seconds."""
+    workers = sorted((_worker(st, age) for st, age in live), key=lambda w: w.worker)
     rows = [
         (model, True, 0, ""),
         *((e.name, False, e.rank, e.version) for e in sorted(registered, key=lambda e: e.name)),
