@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterable
+from collections import Counter
 from pathlib import Path
 
 from dlora.loadgen.spec import WorkloadSpec
@@ -96,7 +96,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         "wall_s": wall,
         "plans": len(cluster.plans),
         "moved": sum(s.moves for s in served),
-        "steps_by_mode": _sum(r.engine.stats.steps_by_mode for r in cluster.replicas),
+        "steps_by_mode": {
+            str(mode): n
+            for mode, n in sum((Counter(r.engine.stats.steps_by_mode) for r in cluster.replicas), Counter()).items()
+        },
         "merges": sum(r.engine.stats.merges for r in cluster.replicas),
         "preemptions": sum(r.engine.stats.preemptions for r in cluster.replicas),
     }
@@ -107,11 +110,3 @@ def run_simulate(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0
-
-
-def _sum(counts: Iterable[dict[str, int]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            out[str(k)] = out.get(str(k), 0) + v
-    return out

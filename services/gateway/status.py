@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from dlora.common.messages import AdapterEntry, MovePlan, MoveRequest, WorkerStats
+from dlora.common.messages import AdapterEntry, MovePlan, WorkerStats
 
 RECENT_PLANS = 20  # plans kept for the page
 RECENT_LATENCIES = 200  # latencies kept per adapter for its percentiles
@@ -67,26 +67,13 @@ class AdapterStatus(msgspec.Struct, kw_only=True):
     e2e_p90_s: float | None
 
 
-class PlanStatus(msgspec.Struct, kw_only=True):
-    plan_id: str
-    created: float  # Unix seconds
-    trigger: str | None
-    method: str
-    ilp_fallback: str | None  # why the ILP gave way to the greedy pass
-    no_gain: bool  # the moves found were dropped: they did not pay for themselves
-    solve_seconds: float
-    makespan_before_s: float
-    makespan_after_s: float
-    moves: list[MoveRequest]
-
-
 class ClusterStatus(msgspec.Struct, kw_only=True):
     time: float  # Unix seconds
     model: str  # the base model's served name
     gateway: str  # this gateway's id: traffic and latency are what it served
     workers: list[WorkerStatus]
     adapters: list[AdapterStatus]
-    migrations: list[PlanStatus]  # newest first
+    migrations: list[MovePlan]  # the migrator's plans as it published them, newest first
 
 
 class ClusterView:
@@ -219,21 +206,4 @@ def cluster_status(
                 e2e_p90_s=_quantile(tally.e2e, 0.9),
             )
         )
-    migrations = [
-        PlanStatus(
-            plan_id=p.plan_id,
-            created=p.created,
-            trigger=p.trigger.value if p.trigger else None,
-            method=p.method.value,
-            ilp_fallback=p.ilp_fallback.value if p.ilp_fallback else None,
-            no_gain=p.no_gain,
-            solve_seconds=p.solve_seconds,
-            makespan_before_s=p.makespan_before_s,
-            makespan_after_s=p.makespan_after_s,
-            moves=list(p.moves),
-        )
-        for p in plans
-    ]
-    return ClusterStatus(
-        time=now, model=model, gateway=gateway, workers=workers, adapters=adapters, migrations=migrations
-    )
+    return ClusterStatus(time=now, model=model, gateway=gateway, workers=workers, adapters=adapters, migrations=plans)
