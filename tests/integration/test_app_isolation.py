@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -108,8 +109,15 @@ async def _still_running(q: asyncio.Queue[TokenChunk]) -> bool:
     return chunk.error is None and chunk.finish_reason is None
 
 
-async def test_an_application_stops_and_reaches_only_its_own_requests(bus) -> None:  # type: ignore[no-untyped-def]
+async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     alice, bob, worker = bus
+    step = worker.engine.step
+
+    def slow():  # type: ignore[no-untyped-def]
+        time.sleep(0.02)  # 400 tokens take 8 s or more: r-1 outlives every check below, however fast the machine
+        return step()
+
+    monkeypatch.setattr(worker.engine, "step", slow)
     mine = await _chunks(alice, subjects.reply_inbox("r-1", "alice"))
     await _send(alice, "alice", "r-1", subjects.reply_inbox("r-1", "alice"))
     first = await asyncio.wait_for(mine.get(), 30)
