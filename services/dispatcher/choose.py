@@ -9,6 +9,8 @@ adapter (and is not meant to hold it by the placement) first pays for loading it
 from __future__ import annotations
 
 import enum
+from collections import Counter
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -36,17 +38,43 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
 DEFAULT_COSTS = DispatchCosts()
 
 
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What proactive dispatch reads of one worker's stats, summed once per stats message rather
+    than for every request (a dispatcher prices every live worker for each request it places)."""
+
+    worker: str
+    seconds_per_token: float  # measured; 0: not yet
+    queued_tokens: int  # remaining tokens of its requests, summed
+    dominant: str | None  # the adapter with most requests there (the first seen of equals)
+    busy: bool  # it holds requests (else a request's own adapter counts as dominant)
+    adapters: frozenset[str]  # loaded there (device slots or host memory)
+    stats: WorkerStats = field(compare=False, repr=False)  # what it was summed from
+
+    @classmethod
+    def of(cls, w: WorkerStats) -> WorkerLoad:
+        counts = Counter(r.adapter for r in w.requests)
+        return cls(
+            worker=w.worker,
+            seconds_per_token=w.seconds_per_token,
+            queued_tokens=sum(r.remaining_tokens for r in w.requests),
+            dominant=max(counts, key=counts.__getitem__) if counts else None,
+            busy=bool(counts),
+            adapters=frozenset(a.name for a in w.adapters),
+            stats=w,
+        )
+
+
 def estimated_finish(
-    w: WorkerStats, adapter: str | None, extra_requests: int, placed: set[str], costs: DispatchCosts
+    w: WorkerLoad, adapter: str | None, extra_requests: int, placed: set[str], costs: DispatchCosts
 ) -> float:
+    """Seconds until a request of ``adapter`` would finish on ``w``, with ``extra_requests`` sent
+    there since its stats and ``placed`` the adapters the placement means it to hold."""
     spt = w.seconds_per_token or costs.default_seconds_per_token
-    queued = sum(r.remaining_tokens for r in w.requests) + extra_requests * costs.expected_tokens
-    counts: dict[str | None, int] = {}
-    for r in w.requests:
-        counts[r.adapter] = counts.get(r.adapter, 0) + 1
-    dominant = max(counts, key=lambda a: counts[a]) if counts else adapter
+    queued = w.queued_tokens + extra_requests * costs.expected_tokens
+    dominant = w.dominant if w.busy else adapter
     own = costs.expected_tokens * (1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead)
-    holds = adapter is None or adapter in placed or any(a.name == adapter for a in w.adapters)
+    holds = adapter is None or adapter in placed or adapter in w.adapters
     return (queued + own) * spt + (0.0 if holds else costs.adapter_load_s)
 
 
@@ -62,9 +90,11 @@ def choose_worker(
     sent_since_stats: dict[str, int] | None = None,
     placement: dict[str, list[str]] | None = None,
     costs: DispatchCosts = DEFAULT_COSTS,
+    loads: dict[str, WorkerLoad] | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
-    that holds the adapter, then by name."""
+    that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,
+    where the caller keeps them (else made here)."""
     if not workers:
         return None
     sent = sent_since_stats or {}
@@ -76,8 +106,11 @@ def choose_worker(
         costs = msgspec.structs.replace(costs, default_seconds_per_token=sum(measured) / len(measured))
 
     def key(w: WorkerStats) -> tuple[float, int, str]:
-        finish = estimated_finish(w, adapter, sent.get(w.worker, 0), set(placement.get(w.worker, ())), costs)
-        holds = adapter is None or any(a.name == adapter for a in w.adapters)
+        load = (loads or {}).get(w.worker)
+        if load is None or load.stats is not w:  # not kept, or kept of other stats
+            load = WorkerLoad.of(w)
+        finish = estimated_finish(load, adapter, sent.get(w.worker, 0), set(placement.get(w.worker, ())), costs)
+        holds = adapter is None or adapter in load.adapters
         return (round(finish, 9), 0 if holds else 1, w.worker)
 
     return min(workers, key=key).worker

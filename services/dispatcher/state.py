@@ -6,7 +6,7 @@ cluster simulator (``dlora.sim``) run the same code."""
 from __future__ import annotations
 
 from dlora.common.messages import WorkerStats
-from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker
+from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker
 
 
 class DispatchState:
@@ -14,6 +14,7 @@ class DispatchState:
         self.ttl_s, self.mode, self.costs = ttl_s, mode, costs
         # Latest stats per worker and when they arrived (the caller's clock); stale ones are ignored.
         self.workers: dict[str, tuple[WorkerStats, float]] = {}
+        self.loads: dict[str, WorkerLoad] = {}  # of those stats, what choosing reads
         # Requests sent to each worker since its last stats: a burst must not all go to the
         # worker that looked idlest a moment ago.
         self.sent_since_stats: dict[str, int] = {}
@@ -24,6 +25,7 @@ class DispatchState:
     def heard(self, st: WorkerStats, now: float) -> None:
         """A worker's stats came at ``now``."""
         self.workers[st.worker] = (st, now)
+        self.loads[st.worker] = WorkerLoad.of(st)
         self.sent_since_stats[st.worker] = 0
 
     def forgive(self, now: float) -> None:
@@ -43,7 +45,7 @@ class DispatchState:
             worker = names[self._turn % len(names)] if names else None
             self._turn += 1
         else:
-            worker = choose_worker(live, adapter, self.sent_since_stats, self.placement, self.costs)
+            worker = choose_worker(live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads)
         if worker is not None:
             self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
         return worker

@@ -95,3 +95,20 @@ def test_dispatch_state_counts_sends_until_the_next_stats_and_drops_stale_or_dra
         rr.heard(w(name, [(None, 900)] if name == "a" else []), now=0.0)
     assert [rr.choose(rr.live(0.0), None) for _ in range(3)] == ["a", "b", "a"]  # blind to load
     assert rr.choose([], None) is None
+
+
+def test_loads_kept_per_stats_choose_as_the_stats_do_and_stale_ones_are_not_read() -> None:
+    """The dispatcher sums each worker's stats once (``WorkerLoad``), not per request; a load kept
+    of older stats of the same worker is never read in place of the stats it is handed."""
+    from dlora.services.dispatcher.choose import WorkerLoad
+
+    x, y = w("x", [("b", 50), ("b", 5), ("a", 9)], ("a", "b")), w("y", [("a", 50)], ("a", "b"))
+    load = WorkerLoad.of(x)
+    assert (load.queued_tokens, load.dominant, load.busy, load.adapters) == (64, "b", True, frozenset({"a", "b"}))
+    for adapter in ("a", "b", None):
+        assert choose_worker([x, y], adapter, loads={"x": load, "y": WorkerLoad.of(y)}) == choose_worker(
+            [x, y], adapter
+        )
+    idle_x = w("x", adapters=("a", "b"))
+    assert choose_worker([idle_x, y], "a") == "x"
+    assert choose_worker([idle_x, y], "a", loads={"x": load}) == "x"  # the kept load is of x's older stats
