@@ -3,7 +3,11 @@
 
 Each replica reports the stats a worker publishes (``worker_stats``, the worker's own snapshot)
 every ``stats_interval_s``, and the dispatcher chooses from the latest it heard, as the services
-do over NATS; a request goes to its replica at once and joins that replica's next step. With
+do over NATS; a request goes to its replica at once and joins that replica's next step (its
+replica is chosen at the stats before its arrival: the dispatcher's state changes only with
+stats and its own choices, so the choice is the same). A replica whose last step repeats (every
+request decoding, none waiting) runs the following steps up to the next thing that could change
+them at once (``SimEngine.fast_forward``; ``fast_forward=False`` steps one by one). With
 ``migrator`` settings the migrator's own decisions (``looks``) and planner run every
 ``interval_s`` on the stats it heard, and a plan's moves go ahead: the request leaves its replica
 and joins the destination with the tokens it produced, after its KV's transfer time when the plan
@@ -75,6 +79,7 @@ class Replica:
     engine: SimEngine
     lengths: OutputLengths = field(default_factory=OutputLengths)
     stepping: bool = False  # a step event is pending
+    incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
 
 
 class Cluster:
@@ -92,6 +97,7 @@ class Cluster:
         stats_interval_s: float = 0.5,
         heartbeat_ttl_s: float = 5.0,
         migrator: MigratorSettings | None = None,
+        fast_forward: bool = True,
     ) -> None:
         self.replicas = [Replica(f"r{i:03d}", SimEngine(cost, config)) for i in range(replicas)]
         self._by_name = {r.name: r for r in self.replicas}
@@ -105,9 +111,12 @@ class Cluster:
         self.heard: dict[str, WorkerStats] = {}  # the migrator's view: stats since its last plan
         self.plans: list[MovePlan] = []  # every solve that moved something
         self.stats_interval_s = stats_interval_s
+        self.fast_forward = fast_forward
         self.served: dict[str, Served] = {}
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = 0
+        self._arrivals: list[SimRequest] = []  # not yet dispatched, the next one last
+        self._next_stats = self._next_look = 0.0
 
     def _push(self, at: float, kind: str, what: object) -> None:
         heapq.heappush(self._events, (at, self._seq, kind, what))
@@ -116,9 +125,8 @@ class Cluster:
     def run(self, requests: list[SimRequest]) -> list[Served]:
         """Serve ``requests`` (by arrival) to the end; what became of each, in arrival order.
         Raises RuntimeError when one cannot be placed (no replica holds it)."""
-        self._push(0.0, "stats", None)  # first: the dispatcher knows the replicas before any request
-        for r in requests:
-            self._push(r.arrival_s, "arrive", r)
+        self._arrivals = sorted(requests, key=lambda r: r.arrival_s)[::-1]  # next last
+        self._push(0.0, "stats", None)
         if self.migrator is not None:
             self._push(self.migrator.interval_s, "look", None)
         pending = len(requests)
@@ -126,13 +134,17 @@ class Cluster:
             now, _, kind, what = heapq.heappop(self._events)
             if kind == "stats":
                 self._report(now)
-                self._push(now + self.stats_interval_s, "stats", None)
-            elif kind == "arrive":
-                assert isinstance(what, SimRequest)
-                self._dispatch(what, now)
+                self._next_stats = now + self.stats_interval_s
+                self._push(self._next_stats, "stats", None)
+                self._dispatch_until(self._next_stats)
+            elif kind == "join":
+                assert isinstance(what, tuple)
+                req, name = what
+                self._join(req, name, now)
             elif kind == "look":
                 self._look(now)
-                self._push(now + self.migrator.interval_s, "look", None)  # type: ignore[union-attr]
+                self._next_look = now + self.migrator.interval_s  # type: ignore[union-attr]
+                self._push(self._next_look, "look", None)
             elif kind == "moved":
                 assert isinstance(what, _Moving)
                 self._arrive_moved(what, now)
@@ -171,7 +183,9 @@ class Cluster:
         produced, context = list(seq.output_ids), seq.total_len
         source.engine.abort(request_id)
         delay = source.engine.cost.kv_transfer_s_per_token * context if ship_kv else 0.0
-        self._push(max(now, source.engine.now) + delay, "moved", _Moving(request_id, to, produced, ship_kv))
+        at = max(now, source.engine.now) + delay
+        heapq.heappush(self._replica(to).incoming, at)
+        self._push(at, "moved", _Moving(request_id, to, produced, ship_kv))
 
     def _arrive_moved(self, m: _Moving, now: float) -> None:
         served = self.served[m.request_id]
@@ -187,6 +201,7 @@ class Cluster:
         )
         served.replica = m.to
         served.moves += 1
+        heapq.heappop(replica.incoming)
         self._wake(replica, now)
 
     def _replica(self, name: str) -> Replica:
@@ -197,15 +212,26 @@ class Cluster:
             replica.stepping = True
             self._push(max(now, replica.engine.now), "step", replica)
 
-    def _dispatch(self, req: SimRequest, now: float) -> None:
-        name = self.state.choose(self.state.live(now), req.adapter)
-        if name is None:
-            raise RuntimeError(f"no live replica for {req.request_id}")
+    def _dispatch_until(self, end: float) -> None:
+        """Choose the replica of every request arriving before ``end`` (the next stats): the
+        dispatcher's state changes only with stats and its own choices, so each is what it would
+        choose at the request's arrival; the request joins its replica then. Known ahead, the
+        joins bound how far each replica may run on alone (``_step``)."""
+        while self._arrivals and self._arrivals[-1].arrival_s < end:
+            req = self._arrivals.pop()
+            name = self.state.choose(self.state.live(req.arrival_s), req.adapter)
+            if name is None:
+                raise RuntimeError(f"no live replica for {req.request_id}")
+            self.served[req.request_id] = Served(req, name)
+            heapq.heappush(self._replica(name).incoming, req.arrival_s)
+            self._push(req.arrival_s, "join", (req, name))
+
+    def _join(self, req: SimRequest, name: str, now: float) -> None:
         replica = self._replica(name)
+        heapq.heappop(replica.incoming)
         replica.engine.add(
             req.request_id, req.prompt_token_ids, req.output_len, req.adapter, req.max_tokens or req.output_len
         )
-        self.served[req.request_id] = Served(req, name)
         self._wake(replica, now)
 
     def _step(self, replica: Replica, now: float) -> int:
@@ -225,6 +251,13 @@ class Cluster:
                 finished += 1
         replica.stepping = engine.has_unfinished()
         if replica.stepping:
+            if self.fast_forward:
+                # The steps that only repeat this one, up to the next thing that could change it: a
+                # request joining, the stats the dispatcher and migrator read, the migrator's look.
+                horizon = min([self._next_stats, *replica.incoming[:1], *([self._next_look] if self.migrator else [])])
+                advanced, k = engine.fast_forward(horizon)
+                for rid in advanced:
+                    self.served[rid].tokens += k
             self._push(engine.now, "step", replica)
         return finished
 

@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")
     p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between a replica's stats")
     p.add_argument("--migrate-interval", type=float, default=1.0, help="seconds between the migrator's looks")
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="ask the policy at every step (no fast-forward of steps that repeat the last one); slower",
+    )
     p.add_argument("--json", help="write the result here")
     add_workload_arguments(p)
 
@@ -78,6 +83,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         config,
         stats_interval_s=args.stats_interval,
         migrator=MigratorSettings(interval_s=args.migrate_interval) if args.migrate else None,
+        fast_forward=not args.exact,
     )
     start = time.perf_counter()
     served = cluster.run(requests)
@@ -90,6 +96,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "dispatch": args.dispatch,
         "migrate": args.migrate,
+        "exact": args.exact,
         "workload": spec.options(),
         **summary(served),
         "simulated_s": max(s.finish_s or 0.0 for s in served),
@@ -100,6 +107,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             str(mode): n
             for mode, n in sum((Counter(r.engine.stats.steps_by_mode) for r in cluster.replicas), Counter()).items()
         },
+        "fast_forwarded_steps": sum(r.engine.fast_forwarded for r in cluster.replicas),
         "merges": sum(r.engine.stats.merges for r in cluster.replicas),
         "preemptions": sum(r.engine.stats.preemptions for r in cluster.replicas),
     }

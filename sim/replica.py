@@ -12,6 +12,8 @@ merger and device slots (their cost on the clock). Everything else is the engine
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -22,6 +24,7 @@ from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.kv_transfer import adopt
 from dlora.services.worker.engine.outputs import RequestError
 from dlora.services.worker.engine.sampler import SamplingError
+from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.policy import Policy, lora_work
 from dlora.sim.cost import CostProfile, StepShape
 
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from dlora.services.worker.engine.lora import LoraAdapter
     from dlora.services.worker.engine.outputs import RequestOutput
     from dlora.services.worker.engine.sequence import Sequence
+    from dlora.services.worker.policy import StepDecision
 
 # Llama-2-7B's shape (its HF config): what the profiles price. Only the context, vocabulary and
 # end-of-sequence token matter to scheduling.
@@ -100,6 +104,14 @@ class _DeviceSlots:
         return None
 
 
+def _by_offset(seqs: list[Sequence], bs: int) -> dict[int, list[Sequence]]:
+    """``seqs`` by their cached tokens modulo the block size, each group in the order given."""
+    groups: dict[int, list[Sequence]] = {}
+    for s in seqs:
+        groups.setdefault(s.num_cached % bs, []).append(s)
+    return groups
+
+
 class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: torch is untyped here
     """The engine of one simulated replica. ``now`` is its clock (seconds of simulated time): a
     step, a switch and a load advance it by what ``cost`` says they take."""
@@ -127,6 +139,8 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.merger = _Merger(self)  # type: ignore[assignment]
         self.device_loras = _DeviceSlots(self)  # type: ignore[assignment]
         self.targets: dict[str, int] = {}  # request id -> the output length it ends at
+        self._last: tuple[StepDecision, _Prepared] | None = None  # the last step, while nothing else changed
+        self.fast_forwarded = 0  # steps run by ``fast_forward`` (also in ``stats.steps``)
 
     def add_adapter(self, name: str, rank: int) -> None:
         """An adapter in host memory (its content digest: its name)."""
@@ -151,6 +165,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=adapter, resume_token_ids=resumed
         )
         self.targets[request_id] = output_len
+        self._last = None
         if shipped:  # its cache came with it: it decodes on, no prefill
             seq = self.seqs[request_id]
             with contextlib.suppress(RequestError):  # no room for it: recomputed here, as a worker does
@@ -158,6 +173,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
 
     def abort(self, request_id: str) -> bool:
         self.targets.pop(request_id, None)
+        self._last = None
         return bool(super().abort(request_id))
 
     def _synchronize(self) -> None:
@@ -181,6 +197,83 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             for s in ran
         ]
         return ran, None, tokens, []
+
+    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: float) -> None:
+        super()._observe(decision, step, generated, seconds)
+        self._last = (decision, step)
+
+    def fast_forward(self, until: float) -> tuple[list[str], int]:
+        """Run the steps that begin before ``until`` at once, as long as each would repeat the last:
+        that step was decodes only and ran every request here (none waits, none was preempted),
+        nothing was added or aborted since, and no request reaches its end (each step that ends
+        one runs as a real step). Each such step is what the engine's own step would make of the
+        same decision (one token per request, its KV blocks, the prefix cache, the stats, the
+        policy's ``observe``, its cost on the clock), without asking the policy again: it could
+        only decide otherwise by its cost estimates moving across a margin within the run.
+        The requests advanced and the steps run (0: none)."""
+        if self._last is None:
+            return [], 0
+        decision, step = self._last
+        batch = step.batch
+        if step.num_prefill or len(batch) != len(self.seqs) or any(s.status is not Status.RUNNING for s in batch):
+            return [], 0
+        n, bs = len(batch), self.blocks.block_size
+        k_max = min(
+            min(self.targets[s.request_id], s.params.max_tokens, self.max_model_len - len(s.prompt_ids))
+            - len(s.output_ids)
+            - 1
+            for s in batch
+        )
+        # Step j (from 1) grows a request with c tokens cached by one block where (c + j - 1) % bs == 0.
+        crossing = Counter(s.num_cached % bs for s in batch)
+        free = self.blocks.num_free
+        merged = self.merger.merged
+        ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
+        segments, rank_tokens = lora_work(step.fed, merged, ranks)
+        context = sum(s.num_cached for s in batch)
+        seconds: list[float] = []
+        clock = self.now
+        while len(seconds) < k_max and clock < until:
+            j = len(seconds) + 1
+            free -= crossing[(1 - j) % bs]
+            if free < 0:
+                break
+            t = self.cost.step_seconds(StepShape(n, 0, context + n * j, segments, rank_tokens))
+            seconds.append(t)
+            clock += t
+        k = len(seconds)
+        if not k:
+            return [], 0
+        # Blocks are taken and named step by step in the order the engine's step takes them (the
+        # scheduler grows requests in decision order, the KV written is taken in batch order), at
+        # the steps where a request crosses a block bound: the same tables and cache as stepping.
+        start = {s.request_id: s.num_cached for s in batch}
+        order = [s for rid in decision.request_ids if (s := self.seqs.get(rid)) is not None and rid in start]
+        grows, fills = _by_offset(order, bs), _by_offset(batch, bs)
+        caching = self.blocks.enable_prefix_caching
+        keys = {a: self._cache_key(a) for a in {s.adapter for s in batch}} if caching else {}
+        written = dict(start)
+        for s in batch:
+            s.output_ids.extend([self._token] * k)
+            s.detok.push([self._token] * k)
+        for j in range(1, k + 1):
+            for s in grows.get((1 - j) % bs, ()):
+                self.blocks.grow(s.request_id, start[s.request_id] + j)
+            for s in fills.get(-j % bs, ()) if caching else ():
+                end = start[s.request_id] + j
+                self.blocks.computed(s.request_id, s.all_ids(), written[s.request_id], end, keys[s.adapter])
+                written[s.request_id] = end
+        for s in batch:
+            s.num_cached = start[s.request_id] + k
+            if caching:  # a block begun and not filled: it fills no block, so no ids are read
+                self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, keys[s.adapter])
+        repeat = dataclasses.replace(step, merge_s=0.0, unmerge_s=0.0)
+        for t in seconds:
+            self.now += t
+            super()._observe(decision, repeat, n, t)
+        self._last = (decision, repeat)
+        self.fast_forwarded += k
+        return [s.request_id for s in batch], k
 
     def _finish(self, seq: Sequence, reason: object) -> None:
         super()._finish(seq, reason)  # type: ignore[arg-type]

@@ -81,3 +81,63 @@ def test_a_moved_request_decodes_on_with_its_cache_or_is_recomputed_when_it_does
     done = _drain(tight)
     assert done["m"] == (12 - 5, "stop") and done["other"] == (9, "stop")
     assert _drain(roomy) == {"m": (7, "stop")}
+
+
+def _state(e: SimEngine) -> tuple:
+    seqs = sorted(
+        (s.request_id, len(s.output_ids), s.num_cached, tuple(e.blocks.table(s.request_id))) for s in e.seqs.values()
+    )
+    return (
+        seqs,
+        round(e.now, 12),
+        e.stats.steps,
+        round(e.stats.step_seconds, 12),
+        e.stats.tokens_generated,
+        e.blocks.num_free,
+    )
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_fast_forward_makes_the_same_state_as_the_steps_it_skips(caching: bool) -> None:
+    """Steps that repeat the last one (decodes of every request, none ending) run at once: the same
+    tokens, blocks (new ones taken as the steps cross block bounds), prefix cache, clock and stats
+    as stepping one by one; it stops short of a request's end and of ``until``."""
+    config = EngineConfig(
+        policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY), block_size=4, enable_prefix_caching=caching
+    )
+    engines = [SimEngine(H200, config) for _ in range(2)]
+    for e in engines:
+        e.add_adapter("a", 16)
+        for i, n in enumerate((5, 30, 40)):
+            e.add(f"r{i}", list(range(10 + i, 17 + 3 * i)), output_len=n, adapter="a" if i else None)
+        e.step()  # the prefills
+        e.step()  # a first decode: the step to repeat
+    fast, slow = engines
+    ids, k = fast.fast_forward(until=1e9)
+    assert (
+        sorted(ids) == ["r0", "r1", "r2"] and k == 2
+    )  # r0 has 2 of its 5 tokens: its fifth, last comes in a real step
+    for _ in range(k):
+        slow.step()
+    assert _state(fast) == _state(slow)
+    assert fast.blocks._cached == slow.blocks._cached  # the same blocks named the same
+    assert fast.fast_forward(until=1e9) == ([], 0)  # its next step ends r0: a real one
+    fast.step(), slow.step()  # r0 ends
+    before = slow.now
+    fast.step(), slow.step()
+    one = slow.now - before
+    _, k = fast.fast_forward(until=fast.now + 2.5 * one)
+    assert k == 3  # those that begin before ``until``: at now, now + one, now + 2 one (each a little longer)
+    for _ in range(k):
+        slow.step()
+    assert _state(fast) == _state(slow)
+
+
+def test_nothing_is_fast_forwarded_after_a_request_joins_or_while_one_waits() -> None:
+    e = SimEngine(ARTIFACT, EngineConfig(policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY), max_num_seqs=1))
+    e.add("r0", [5, 6, 7], output_len=50)
+    e.step()
+    e.add("r1", [5, 6, 8], output_len=50)
+    assert e.fast_forward(until=1e9) == ([], 0)  # joined since the last step
+    e.step()
+    assert e.fast_forward(until=1e9) == ([], 0)  # r1 waits: the batch is not all there is
