@@ -54,6 +54,10 @@ class PlannerSettings:
     min_gain_s: float = 0.0  # a plan must shorten the longest completion time by at least this
     # (and always by more than the summed cost of its moves)
     kv_pressure: float = 1.0  # KV demand above this fraction of a worker's blocks is priced (see above)
+    # A bound by work instead of time: CBC (one thread) stops after this many branch-and-bound
+    # nodes and ``time_limit_s`` does not apply, so a snapshot gives the same plan on any machine
+    # and under any load (the simulator's setting). None: the time bound, as a migrator runs.
+    max_nodes: int | None = None
 
 
 @dataclass
@@ -246,10 +250,14 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
         work = [(n[i, w], groups[i].mean_remaining * ws.cost(groups[i].adapter)) for i in here]
         prob += pulp.LpAffineExpression([*work, (T, -1)]) <= 0
     prob += pulp.LpAffineExpression(objective)
-    remaining = settings.time_limit_s - (time.perf_counter() - started)
-    if remaining <= _CBC_OVERHEAD_S:  # building took the bound: no time left to solve
-        return IlpFallback.BUILD_TIMEOUT
-    prob.solve(pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S)))
+    if settings.max_nodes is not None:
+        solver = pulp.COIN_CMD(path=_cbc_path(), msg=False, maxNodes=settings.max_nodes, threads=1)
+    else:
+        remaining = settings.time_limit_s - (time.perf_counter() - started)
+        if remaining <= _CBC_OVERHEAD_S:  # building took the bound: no time left to solve
+            return IlpFallback.BUILD_TIMEOUT
+        solver = pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S))
+    prob.solve(solver)
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []

@@ -111,6 +111,26 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
     assert p.makespan_after_s <= p.makespan_before_s
 
 
+def test_a_node_bound_plans_the_same_whatever_the_time_bound() -> None:
+    """``max_nodes`` bounds CBC by work: no time bound applies (not even one too short to build
+    the model in), and the same snapshot gives the same plan each time (the simulator's setting)."""
+    rng = random.Random(7)
+    names = [f"a{i}" for i in range(16)]
+    ws = [worker(f"w{i}", rng.sample(names, 4), slots=6) for i in range(6)]
+    rs = [
+        RequestState(f"r{i}-{k}", w.worker, rng.choice(sorted(w.adapters)), rng.randint(10, 500), rng.uniform(10, 200))
+        for i, w in enumerate(ws)
+        for k in range(rng.randint(5, 30) * (3 if i == 0 else 1))
+    ]
+    snap = ClusterSnapshot(ws, rs, ranks={a: 16 for a in names})
+    plans = [plan(snap, PlannerSettings(time_limit_s=0.0, max_nodes=200)) for _ in range(2)]
+    assert plans[0].method in ("ilp", "ilp-incumbent") and plans[0].moves
+    assert [(m.request_id, m.to_worker) for m in plans[0].moves] == [
+        (m.request_id, m.to_worker) for m in plans[1].moves
+    ]
+    assert plan(snap, PlannerSettings(time_limit_s=0.0)).ilp_fallback == "ilp-build-timeout"
+
+
 def test_a_model_too_large_for_the_bound_is_planned_greedily() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["a"])], requests=reqs("w0", "a", 10), ranks={"a": 16}
