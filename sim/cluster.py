@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dlora.common.messages import MovePlan, WorkerStats
 from dlora.services.dispatcher.choose import DEFAULT_COSTS, DispatchCosts, DispatchMode
@@ -98,6 +98,7 @@ class Cluster:
         heartbeat_ttl_s: float = 5.0,
         migrator: MigratorSettings | None = None,
         fast_forward: bool = True,
+        planner_nodes: int = 1000,
     ) -> None:
         self.replicas = [Replica(f"r{i:03d}", SimEngine(cost, config)) for i in range(replicas)]
         self._by_name = {r.name: r for r in self.replicas}
@@ -110,6 +111,9 @@ class Cluster:
         self.looks = Looks(migrator.trigger) if migrator is not None else None
         self.heard: dict[str, WorkerStats] = {}  # the migrator's view: stats since its last plan
         self.plans: list[MovePlan] = []  # every solve that moved something
+        # The planner is bounded by CBC nodes, not by time: the same run on any machine.
+        self.planner_nodes = planner_nodes
+        self.solve_seconds: list[float] = []  # wall time of every solve (this machine's)
         self.stats_interval_s = stats_interval_s
         self.fast_forward = fast_forward
         self.served: dict[str, Served] = {}
@@ -122,15 +126,17 @@ class Cluster:
         heapq.heappush(self._events, (at, self._seq, kind, what))
         self._seq += 1
 
-    def run(self, requests: list[SimRequest]) -> list[Served]:
-        """Serve ``requests`` (by arrival) to the end; what became of each, in arrival order.
-        Raises RuntimeError when one cannot be placed (no replica holds it)."""
+    def run(self, requests: list[SimRequest], until: float | None = None) -> list[Served]:
+        """Serve ``requests`` (by arrival) to the end, or until simulated time ``until`` (what is
+        unfinished then has no ``finish_s``: a backlog that would take hours to drain need not be
+        simulated); what became of each, in arrival order. Raises RuntimeError when one cannot be
+        placed (no replica holds it)."""
         self._arrivals = sorted(requests, key=lambda r: r.arrival_s)[::-1]  # next last
         self._push(0.0, "stats", None)
         if self.migrator is not None:
             self._push(self.migrator.interval_s, "look", None)
         pending = len(requests)
-        while self._events and pending:
+        while self._events and pending and (until is None or self._events[0][0] <= until):
             now, _, kind, what = heapq.heappop(self._events)
             if kind == "stats":
                 self._report(now)
@@ -151,7 +157,7 @@ class Cluster:
             else:
                 assert isinstance(what, Replica)
                 pending -= self._step(what, now)
-        return [self.served[r.request_id] for r in requests]
+        return [self.served.get(r.request_id) or Served(r, "") for r in requests]
 
     def _report(self, now: float) -> None:
         for r in self.replicas:
@@ -165,8 +171,9 @@ class Cluster:
         snap = cluster_snapshot(list(self.heard.values()), self.ranks, self.migrator)
         if self.looks.look(snap, now) is None:
             return
-        p = plan(snap, planner_settings(self.migrator))
+        p = plan(snap, replace(planner_settings(self.migrator), max_nodes=self.planner_nodes))
         self.looks.solved(now)
+        self.solve_seconds.append(p.solve_seconds)
         if not p.moves:
             return
         self.plans.append(p)
@@ -262,15 +269,21 @@ class Cluster:
         return finished
 
 
-def summary(served: list[Served]) -> dict[str, float]:
-    """Throughput (output tokens per second over the run) and normalized latency, mean and P90."""
+def summary(served: list[Served], until: float | None = None) -> dict[str, float]:
+    """Throughput (output tokens per second over the run) and normalized latency, mean and P90.
+    A run cut at ``until`` counts the tokens made by then, and each unfinished request at its
+    latency so far (a lower bound: an overloaded policy is not flattered by leaving out the
+    requests it kept waiting)."""
     done = [s for s in served if s.finish_s is not None]
     start = min(s.request.arrival_s for s in served)
-    end = max(s.finish_s for s in done if s.finish_s is not None)
-    norm = sorted(s.normalized_latency_s for s in done)
+    cut = until is not None and len(done) < len(served)
+    end = until if cut else max(s.finish_s for s in done if s.finish_s is not None)
+    assert end is not None
+    late = [(end - s.request.arrival_s) / max(1, s.tokens) for s in served if s.finish_s is None] if cut else []
+    norm = sorted([s.normalized_latency_s for s in done] + late)
     return {
         "completed": len(done),
-        "throughput_tok_s": sum(s.tokens for s in done) / max(end - start, 1e-9),
+        "throughput_tok_s": sum(s.tokens for s in (served if cut else done)) / max(end - start, 1e-9),
         "norm_latency_mean_s": statistics.fmean(norm),
         "norm_latency_p90_s": norm[min(len(norm) - 1, int(0.9 * len(norm)))],
     }
