@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -94,6 +94,7 @@ class _Epoch:
     cf_tokens: int = 0
     cf_seconds: float = 0.0
     cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
+    cf_prefilled: set[str] = field(default_factory=set)  # requests whose prompt the counterfactual served
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class _Basis:
 
     fcfs: list[QueuedRequest]
     best: str | None  # most-queued eligible adapter
-    best_tokens: int  # tokens a merged step on it would feed
+    best_group: list[QueuedRequest]  # its queued requests: what a merged step on it would run
     predicted: float | None = None  # seconds the cost model expects of the chosen step
 
 
@@ -197,7 +198,7 @@ class DLoraPolicy(Policy):
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first.
         best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        basis = _Basis(fcfs, best, sum(r.num_new for r in eligible.get(best or "", [])))
+        basis = _Basis(fcfs, best, eligible.get(best or "", []))
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs)
 
         starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
@@ -355,7 +356,12 @@ class DLoraPolicy(Policy):
         epoch.mixed_steps += record.mode is Mode.MIXED
         epoch.steps += 1
         epoch.tokens += record.num_tokens
-        epoch.seconds += record.seconds + record.switch_seconds
+        # A step that leaves requests of F waiting has put their work off, not saved it: it counts
+        # as long as it would take to serve them too (as ``_price`` counts a candidate's waiting),
+        # or a merged epoch's throughput, and the counterfactual merged one, flatter merging.
+        ran = set(record.request_ids)
+        waiting = sum(r.request_id not in ran for r in basis.fcfs)
+        epoch.seconds += record.seconds * (1 + waiting / max(1, len(ran))) + record.switch_seconds
         if basis.predicted is not None:
             epoch.predicted += basis.predicted
             epoch.predicted_actual += record.seconds
@@ -368,12 +374,18 @@ class DLoraPolicy(Policy):
                 epoch.cf_tokens += tokens
                 epoch.cf_seconds += cf
         elif basis.best is not None:  # counterfactual: the most-queued adapter, merged
-            cf = self.costs.step_seconds(basis.best_tokens)
+            # Each request's prompt counts once in an epoch: one that waits for room through many
+            # steps would be prefilled by the first merged step, not by every one (counted at each,
+            # a long prompt queued a while made merging look many times better than it was).
+            tokens = sum(1 if r.request_id in epoch.cf_prefilled else r.num_new for r in basis.best_group)
+            epoch.cf_prefilled.update(r.request_id for r in basis.best_group)
+            cf = self.costs.step_seconds(tokens)
             if cf is not None:
+                cf *= 1 + sum(r.adapter != basis.best for r in basis.fcfs) / max(1, len(basis.best_group))
                 if basis.best != epoch.cf_adapter:
                     cf += self.costs.switch_seconds()[0]
                     epoch.cf_adapter = basis.best
-                epoch.cf_tokens += basis.best_tokens
+                epoch.cf_tokens += tokens
                 epoch.cf_seconds += cf
 
     def _watch(self, epoch: _Epoch) -> None:
