@@ -71,6 +71,8 @@ bench: setup
 	$(VENV)/bin/dlora bench e2e --preset small --json bench-results/e2e.json
 	$(VENV)/bin/dlora bench migration --json bench-results/migration.json
 	$(VENV)/bin/dlora bench cluster --json bench-results/cluster.json
+	$(VENV)/bin/dlora bench simulate --experiment policy --json bench-results/simulate-policy.json
+	$(VENV)/bin/dlora bench simulate --experiment cluster --json bench-results/simulate-cluster.json
 
 # Every server and service fault in turn under streaming load through the gateway (loadgen/chaos):
 # per fault sent/completed/failed, probes against the offline oracle, nothing generated twice,

@@ -1,0 +1,276 @@
+"""``dlora bench simulate``: the simulator's experiments (issue 21), each a run of ``dlora.sim``
+with the real policies, dispatch and planner against a cost profile.
+
+1. **Policy ablation** (dLoRA Fig. 10): one replica with a device slot for every adapter (as
+   dLoRA's unmerged mode has), Azure conversation lengths, adapters by the
+   stride mapping over the Azure Functions popularity, Poisson arrivals at ``load`` times the
+   replica's capacity (``capacity_rps``), for each profile, stride and policy.
+2. **Cluster** (dLoRA Fig. 11): ``replicas`` replicas and ``adapters`` adapters (a slot for
+   each on every replica), stride 4, bursty
+   arrivals whose popularity rotates: round-robin, proactive dispatch, and proactive with the
+   migrator.
+
+Every run also reports its wall time: the simulator's speed is part of what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from dlora.loadgen.bench_common import figure, machine, save, today
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.services.dispatcher.choose import DispatchMode
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.policy.config import PolicyConfig, PolicyName
+from dlora.sim.cluster import Cluster, SimRequest, summary
+from dlora.sim.cost import PROFILES, CostProfile, StepShape
+from dlora.sim.main import requests_of
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+TITLES = {
+    "policy": "Cluster simulator: policy ablation over adapter skew (`dlora bench simulate --experiment policy`)",
+    "cluster": "Cluster simulator: dispatch and migration at scale (`dlora bench simulate --experiment cluster`)",
+}
+RANKS = (8, 16, 32)  # given to the adapters in turn, as `bench policy` makes them
+# A run ends at this many times its arrivals' span: a policy that falls behind leaves a backlog
+# (counted at its latency so far, ``summary``) rather than hours of it to simulate.
+CUT = 2.0
+
+
+def capacity_rps(cost: CostProfile, config: EngineConfig, mean_prompt: float, mean_output: float) -> float:
+    """Requests/s one replica serves unmerged with a full batch: ``max_num_seqs`` decoding over as
+    many adapters as it has slots, each request's prompt priced at the profile's per-token cost."""
+    batch = config.max_num_seqs
+    segments = min(batch, config.max_loras)
+    shape = StepShape(batch, 0, int(batch * (mean_prompt + mean_output / 2)), segments, batch * RANKS[1])
+    per_request = mean_output * cost.step_seconds(shape) / batch + cost.token_s * mean_prompt
+    return 1.0 / per_request
+
+
+def _run(
+    cost: CostProfile, requests: list[SimRequest], replicas: int, config: EngineConfig, until: float, **kw: object
+) -> dict[str, float]:
+    names = sorted({r.adapter for r in requests if r.adapter is not None})
+    adapters = {name: RANKS[i % len(RANKS)] for i, name in enumerate(names)}
+    cluster = Cluster(cost, replicas, adapters, config=config, **kw)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    served = cluster.run(requests, until)
+    out = summary(served, until)
+    stats = [r.engine.stats for r in cluster.replicas]
+    steps = sum(s.steps for s in stats)
+    out |= {
+        "wall_s": time.perf_counter() - start,
+        "requests": len(requests),
+        "simulated_s": max(s.finish_s or until for s in served),
+        "steps": steps,
+        "merged_steps": sum(s.steps_by_mode.get("merged", 0) for s in stats) / max(1, steps),
+        "mixed_steps": sum(s.steps_by_mode.get("mixed", 0) for s in stats) / max(1, steps),
+        "merges": sum(s.merges for s in stats),
+        "plans": len(cluster.plans),
+        "solves": len(cluster.solve_seconds),
+        "solve_s_max": max(cluster.solve_seconds, default=0.0),
+        "moved": sum(s.moves for s in served),
+    }
+    return out
+
+
+def _at(spec: WorkloadSpec, rate: float) -> list[SimRequest]:
+    """``spec``'s requests at ``rate``, as many as arrive in its duration."""
+    return requests_of(replace(spec, rate=rate, requests=int(rate * spec.duration * 1.5) + 10))
+
+
+def _means(requests: list[SimRequest]) -> tuple[float, float]:
+    return (
+        statistics.fmean(len(r.prompt_token_ids) for r in requests),
+        statistics.fmean(r.output_len for r in requests),
+    )
+
+
+def ablation(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name in args.profiles:
+        cost = PROFILES[name]
+        for stride in args.strides:
+            spec = replace(_spec(args, args.adapters, args.duration), stride=stride)
+            probe = requests_of(spec)
+            # Every adapter has a device slot, as in dLoRA's unmerged mode: only the policy differs.
+            slots = EngineConfig(max_loras=args.adapters)
+            rate = args.load * capacity_rps(cost, slots, *_means(probe))
+            requests = _at(spec, rate)
+            for policy in args.policies:
+                config = msgspec.structs.replace(slots, policy=PolicyConfig(name=PolicyName(policy)))
+                m = _run(cost, requests, 1, config, CUT * args.duration)
+                top = max(Counter(r.adapter for r in requests).values()) / len(requests)
+                rows.append(
+                    {"profile": name, "stride": stride, "top_adapter_share": top, "policy": policy, "rate": rate} | m
+                )
+                print(
+                    f"{name:>14} stride {stride:>2} {policy:>13}: {m['throughput_tok_s']:8.1f} tok/s  "
+                    f"norm latency {m['norm_latency_mean_s'] * 1e3:7.1f} ms/token  ({m['wall_s']:.1f} s)",
+                    flush=True,
+                )
+    return rows
+
+
+def cluster(args: argparse.Namespace) -> list[dict]:
+    cost = PROFILES[args.cluster_profile]
+    spec = replace(
+        _spec(args, args.cluster_adapters, args.cluster_duration),
+        stride=4,
+        arrivals="gamma",
+        cv=args.cv,
+        shift_every=args.shift_every,
+    )
+    # A slot for every adapter, as in the ablation: with fewer, an unmerged step runs only as many
+    # adapters as slots and the capacity below is not what the replicas have.
+    config = EngineConfig(max_loras=args.cluster_adapters)
+    per_replica = capacity_rps(cost, config, *_means(requests_of(spec)))
+    rate = args.cluster_load * args.replicas * per_replica
+    requests = _at(spec, rate)
+    configs = {
+        "round-robin": dict(mode=DispatchMode.ROUND_ROBIN),
+        "proactive": dict(mode=DispatchMode.PROACTIVE),
+        "proactive + migration": dict(mode=DispatchMode.PROACTIVE, migrator=MigratorSettings(interval_s=1.0)),
+    }
+    rows = []
+    for label, kw in configs.items():
+        m = _run(cost, requests, args.replicas, config, CUT * args.cluster_duration, **kw)
+        rows.append({"dispatch": label, "rate": rate} | m)
+        print(
+            f"{label:>22}: {m['throughput_tok_s']:9.1f} tok/s  norm latency {m['norm_latency_mean_s'] * 1e3:7.1f} "
+            f"ms/token  P90 {m['norm_latency_p90_s'] * 1e3:7.1f}  moved {m['moved']}  ({m['wall_s']:.1f} s)",
+            flush=True,
+        )
+    return rows
+
+
+def _spec(args: argparse.Namespace, adapters: int, duration: float) -> WorkloadSpec:
+    """The workload at 2 requests/s for its lengths' means; ``_at`` sets the rate."""
+    return WorkloadSpec(
+        requests=1000,
+        duration=duration,
+        seed=args.seed,
+        arrivals="poisson",
+        lengths="trace",
+        max_prompt=args.max_prompt,
+        max_output=args.max_output,
+        adapters=adapters,
+        popularity="stride",
+    )
+
+
+def _header(r: dict) -> str:
+    s = r["settings"]
+    return (
+        f"{r['date']}, **{r['machine']}** (simulated time; the wall time is this machine's). "
+        f"Azure conversation lengths (prompts ≤ {s['max_prompt']}, outputs ≤ {s['max_output']} tokens), adapters "
+        f"of ranks {'/'.join(map(str, RANKS))} by the stride mapping over Azure Functions popularity. A run ends "
+        f"at {CUT:.0f}× its arrivals' span; what is unfinished then counts at its latency so far (a lower bound)."
+    )
+
+
+def markdown_policy(r: dict) -> str:
+    s = r["settings"]
+    lines = [
+        _header(r),
+        "",
+        f"`dlora bench simulate --experiment policy`: one replica with a slot for every one of its {s['adapters']} "
+        f"adapters, Poisson arrivals for {s['duration']:.0f} s at {s['load']} × its unmerged capacity "
+        "(`capacity_rps`).",
+        "",
+        "| profile | stride (top adapter share) | policy | finished | throughput (tok/s) | "
+        "norm. latency mean / P90 (ms/token) | merged / mixed steps | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for x in r["rows"]:
+        lines.append(
+            f"| {x['profile']} | {x['stride']} ({x['top_adapter_share']:.2f}) | {x['policy']} | "
+            f"{x['completed']}/{x['requests']} | {x['throughput_tok_s']:.1f} | "
+            f"{x['norm_latency_mean_s'] * 1e3:.1f} / {x['norm_latency_p90_s'] * 1e3:.1f} | "
+            f"{x['merged_steps']:.2f} / {x['mixed_steps']:.2f} | {x['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_cluster(r: dict) -> str:
+    s = r["settings"]
+    lines = [
+        _header(r),
+        "",
+        f"`dlora bench simulate --experiment cluster`: {s['replicas']} replicas × {s['cluster_adapters']} adapters "
+        "(a slot for each on every replica) "
+        f"under `{s['cluster_profile']}`, stride 4, Gamma arrivals (CV {s['cv']}) for {s['cluster_duration']:.0f} s "
+        f"at {s['cluster_load']} × the replicas' unmerged capacity, popularity rotating every "
+        f"{s['shift_every']:.0f} s:",
+        "",
+        "| dispatch | finished | throughput (tok/s) | norm. latency mean / P90 (ms/token) | solves / plans / moved | "
+        "slowest solve (s) | simulated (s) | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for x in r["rows"]:
+        lines.append(
+            f"| {x['dispatch']} | {x['completed']}/{x['requests']} | {x['throughput_tok_s']:.1f} | "
+            f"{x['norm_latency_mean_s'] * 1e3:.1f} / {x['norm_latency_p90_s'] * 1e3:.1f} | "
+            f"{x['solves']} / {x['plans']} / {x['moved']} | {x['solve_s_max']:.2f} | {x['simulated_s']:.0f} | "
+            f"{x['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(r: dict) -> Figure:
+    """Mean normalized latency per policy across strides, one panel per profile (Fig. 10's shape)."""
+    profiles = list(dict.fromkeys(x["profile"] for x in r["rows"]))
+    fig, axes = figure(len(profiles))
+    for ax, name in zip(axes, profiles):
+        rows = [x for x in r["rows"] if x["profile"] == name]
+        strides = sorted({x["stride"] for x in rows})
+        for policy in dict.fromkeys(x["policy"] for x in rows):
+            xs = sorted((x for x in rows if x["policy"] == policy), key=lambda x: x["stride"])
+            ax.plot([strides.index(x["stride"]) for x in xs], [x["norm_latency_mean_s"] * 1e3 for x in xs], "o-")
+            ax.lines[-1].set_label(policy)
+        ax.set_xticks(range(len(strides)), [str(s) for s in strides])
+        ax.set(xlabel="stride", ylabel="mean normalized latency (ms/token)", title=name, yscale="log")
+        ax.legend(fontsize=7)
+    return fig
+
+
+SETTINGS = {
+    "policy": ("profiles", "strides", "policies", "adapters", "duration", "load"),
+    "cluster": (
+        "replicas",
+        "cluster_adapters",
+        "cluster_duration",
+        "cluster_profile",
+        "cluster_load",
+        "cv",
+        "shift_every",
+    ),
+}
+
+
+def run_bench_simulate(args: argparse.Namespace) -> int:
+    args.profiles = args.profiles.split(",")
+    args.strides = [int(s) for s in args.strides.split(",")]
+    args.policies = args.policies.split(",")
+    policy = args.experiment == "policy"
+    result = {
+        "date": today(),
+        "machine": machine(),
+        "experiment": args.experiment,
+        "settings": {k: getattr(args, k) for k in (*SETTINGS[args.experiment], "max_prompt", "max_output", "seed")},
+        "rows": ablation(args) if policy else cluster(args),
+    }
+    key, title = f"simulate-{args.experiment}", TITLES[args.experiment]
+    body = (markdown_policy if policy else markdown_cluster)(result)
+    save(result, args.json, args.benchmarks, key, title, body, plot=plot if policy else None)
+    return 0

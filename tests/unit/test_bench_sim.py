@@ -1,0 +1,40 @@
+"""``dlora bench simulate``: the simulator's experiments, run small."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dlora.loadgen.bench_sim import capacity_rps
+from dlora.services.cli import build_parser
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.sim.cost import ARTIFACT
+
+
+def test_a_replica_s_capacity_is_a_full_unmerged_batch_over_each_request_s_steps() -> None:
+    # the artifact's unmerged step is 27 ms whatever its batch, and prompts cost nothing there
+    assert capacity_rps(ARTIFACT, EngineConfig(max_num_seqs=64), 500.0, 100.0) == pytest.approx(64 / (100 * 27e-3))
+
+
+def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Path) -> None:
+    out, md, r = tmp_path / "r.json", tmp_path / "BENCHMARKS.md", {}
+    argv = "bench simulate --profiles dlora-artifact --strides 1,16 --policies dlora,merged-only --adapters 8"
+    argv += " --duration 4 --replicas 2 --cluster-adapters 8 --cluster-duration 3"
+    for experiment in ("policy", "cluster"):
+        args = build_parser().parse_args(
+            [*argv.split(), "--experiment", experiment, "--json", str(out), "--benchmarks", str(md)]
+        )
+        assert args.func(args) == 0
+        r[experiment] = json.loads(out.read_text())["rows"]
+    assert [(x["stride"], x["policy"]) for x in r["policy"]] == [
+        (1, "dlora"),
+        (1, "merged-only"),
+        (16, "dlora"),
+        (16, "merged-only"),
+    ]
+    assert all(x["completed"] > 0 and x["norm_latency_mean_s"] >= 15e-3 for x in r["policy"])
+    assert all(x["merged_steps"] == 1.0 for x in r["policy"] if x["policy"] == "merged-only")
+    assert [x["dispatch"] for x in r["cluster"]] == ["round-robin", "proactive", "proactive + migration"]
+    assert len({x["requests"] for x in r["cluster"]}) == 1  # one workload for the three
+    text = md.read_text()
+    assert "--experiment policy" in text and "proactive + migration" in text and ".png)" in text
