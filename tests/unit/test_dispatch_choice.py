@@ -35,8 +35,16 @@ def test_least_queued_work_wins_not_least_requests() -> None:
     assert choose_worker([few_long, many_short], None) == "y"
 
 
-def test_measured_speed_counts() -> None:
-    assert choose_worker([w("x", [(None, 100)], spt=0.001), w("y", [(None, 50)], spt=0.01)], None) == "x"
+def test_every_worker_is_priced_at_the_live_workers_mean_speed() -> None:
+    """A batched worker's seconds per token fall as its batch grows: the busier x measures 1 ms,
+    the idler y 10 ms. Priced by its own figure, x won with twice y's queue and drew still more
+    (simulated: 35k-107k tokens per replica, a third above round-robin's latency); at the mean
+    the shorter queue wins. The measured speed still prices queued work against a load."""
+    assert choose_worker([w("x", [(None, 100)], spt=0.001), w("y", [(None, 50)], spt=0.01)], None) == "y"
+    costs = DispatchCosts(adapter_load_s=0.3)
+    for spt, expected in ((0.001, "x"), (0.01, "y")):  # fast: a 0.3 s load outweighs 50 tokens; slow: not
+        x, y = w("x", [(None, 100)], ("a",), spt=spt), w("y", [(None, 50)], spt=10 * spt)
+        assert choose_worker([x, y], "a", costs=costs) == expected
 
 
 def test_holding_the_adapter_saves_its_load_and_same_adapter_batches_run_merged() -> None:
