@@ -179,6 +179,14 @@ def _header(r: dict) -> str:
     )
 
 
+def _served(x: dict) -> str:
+    """The finished, throughput and latency cells of a row."""
+    return (
+        f"{x['completed']}/{x['requests']} | {x['throughput_tok_s']:.1f} | "
+        f"{x['norm_latency_mean_s'] * 1e3:.1f} / {x['norm_latency_p90_s'] * 1e3:.1f}"
+    )
+
+
 def markdown_policy(r: dict) -> str:
     s = r["settings"]
     lines = [
@@ -194,9 +202,7 @@ def markdown_policy(r: dict) -> str:
     ]
     for x in r["rows"]:
         lines.append(
-            f"| {x['profile']} | {x['stride']} ({x['top_adapter_share']:.2f}) | {x['policy']} | "
-            f"{x['completed']}/{x['requests']} | {x['throughput_tok_s']:.1f} | "
-            f"{x['norm_latency_mean_s'] * 1e3:.1f} / {x['norm_latency_p90_s'] * 1e3:.1f} | "
+            f"| {x['profile']} | {x['stride']} ({x['top_adapter_share']:.2f}) | {x['policy']} | {_served(x)} | "
             f"{x['merged_steps']:.2f} / {x['mixed_steps']:.2f} | {x['wall_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -219,10 +225,8 @@ def markdown_cluster(r: dict) -> str:
     ]
     for x in r["rows"]:
         lines.append(
-            f"| {x['dispatch']} | {x['completed']}/{x['requests']} | {x['throughput_tok_s']:.1f} | "
-            f"{x['norm_latency_mean_s'] * 1e3:.1f} / {x['norm_latency_p90_s'] * 1e3:.1f} | "
-            f"{x['solves']} / {x['plans']} / {x['moved']} | {x['solve_s_max']:.2f} | {x['simulated_s']:.0f} | "
-            f"{x['wall_s']:.1f} |"
+            f"| {x['dispatch']} | {_served(x)} | {x['solves']} / {x['plans']} / {x['moved']} | "
+            f"{x['solve_s_max']:.2f} | {x['simulated_s']:.0f} | {x['wall_s']:.1f} |"
         )
     return "\n".join(lines)
 

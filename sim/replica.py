@@ -198,6 +198,10 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         ]
         return ran, None, tokens, []
 
+    def step(self, decision: StepDecision | None = None) -> list[RequestOutput]:
+        self._last = None  # set again by ``_observe`` if this step runs
+        return cast("list[RequestOutput]", super().step(decision))
+
     def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: float) -> None:
         super()._observe(decision, step, generated, seconds)
         self._last = (decision, step)
