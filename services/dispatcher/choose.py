@@ -29,7 +29,7 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     expected_tokens: float = 64.0  # a new request's output length in tokens (unknown: an estimate)
     unmerged_overhead: float = 0.1  # extra cost per token (fraction) when not the worker's dominant adapter
     adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks
-    default_seconds_per_token: float = 0.01  # for a worker that has not measured yet, when no worker has
+    default_seconds_per_token: float = 0.01  # every worker's price when no worker has measured yet
 
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
