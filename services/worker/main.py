@@ -261,6 +261,9 @@ class WorkerService:
             # A later attempt of a request this worker still runs: it was given up here while the
             # worker stalled, and re-dispatched back to it. The later attempt replaces the copy.
             await self._drop(req.request_id, record=False)
+        if await self._fenced_on_arrival(req):
+            logger.warning("request sent before a stall came after it was given up; dropped", request=req.request_id)
+            return
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
@@ -286,6 +289,17 @@ class WorkerService:
             reason = str(e)
         await bus.publish(self.nc, req.reply_to, error_chunk(req, code, reason, self.s.worker_id))
         await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
+
+    async def _fenced_on_arrival(self, req: GenerateRequest) -> bool:
+        """Whether a request delivered just after this process stalled was given up on meanwhile:
+        sent before the stall and re-dispatched, perhaps finished elsewhere (its record gone). The
+        check after the stall asked about the copies held then, not one still in the socket."""
+        if not self.records.stalled_lately():
+            return False
+        try:
+            return bool(await self.store.fenced(self.s.worker_id, {req.request_id: Copy.of(req, stalled=True)}))
+        except bus.STATE_OUTAGE:
+            return False  # cannot tell: serve it (a reader drops an earlier attempt's chunks anyway)
 
     async def _step(self) -> None:
         try:

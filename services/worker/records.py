@@ -31,6 +31,7 @@ class ProgressRecords:
         self.stalls = 0  # stalls seen, and how many of them a strict fencing check has followed
         self._stalls_checked = 0
         self._beat_at = time.monotonic()  # when a heartbeat last got out
+        self._stall_seen_at = -float("inf")  # when a heartbeat after a stall last got out
         self._outage = bus.Outage("in-flight progress records (redis)")
 
     def beat(self) -> None:
@@ -38,6 +39,7 @@ class ProgressRecords:
         now = time.monotonic()
         if now - self._beat_at > self.ttl_s / 2:
             self.stalls += 1
+            self._stall_seen_at = now
         self._beat_at = now
 
     def stalled(self) -> bool:
@@ -48,6 +50,12 @@ class ProgressRecords:
         out that step's chunks (readers drop them by attempt); the next step asks first."""
         silent = time.monotonic() - self._beat_at > self.ttl_s / 2
         return silent or self.stalls != self._stalls_checked
+
+    def stalled_lately(self) -> bool:
+        """Whether a request delivered now may have been sent before a stall of this process and
+        given up on since: ``stalled``, or a stall ended within the heartbeat TTL (a message
+        buffered through the stall is delivered after the check that followed it)."""
+        return self.stalled() or time.monotonic() - self._stall_seen_at < self.ttl_s
 
     async def fenced_after_stall(self, copies: dict[str, Copy]) -> set[str]:
         """The ids among ``copies`` (taken with ``stalled=True``) that are fenced, a missing record
