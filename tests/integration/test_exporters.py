@@ -113,7 +113,9 @@ def test_every_exporter_serves_its_families_with_values_that_agree_with_the_load
         assert {s.labels["rank"] for s in w.of("dlora_adapter_resident")} <= {"4", "8", "16", "32", "64"}
         assert w.of("dlora_adapter_credit_seconds") and w.total("dlora_wait_bound_seconds") > 0  # the dlora policy
     loaded = {s.labels["adapter"] for w in workers for s in w.of("dlora_adapter_loads_total") if s.value > 0}
-    assert loaded == {"lora-1", "lora-2"}  # each went into some worker's device slot
+    merges = sum(s.value for w in workers for s in w.of("dlora_adapter_switches_total") if s.labels["kind"] == "merge")
+    # each went into some worker's device slot, but for one that ran merged only (no slot needed)
+    assert loaded <= {"lora-1", "lora-2"} and len(loaded) + min(merges, 2) >= 2, (loaded, merges)
     # The dispatcher sent every request somewhere, to live workers; nothing was refused or lost.
     dispatcher = scrapes["dispatcher"]
     assert dispatcher.total("dlora_dispatch_decisions_total") == len(REQUESTS)
