@@ -2,9 +2,8 @@
 
 A request goes to the worker where it would finish soonest, estimated as the work queued there
 (remaining tokens x the live workers' mean measured seconds per token) plus its own, where its own
-tokens cost more if
-they will run unmerged (the worker is busy with other adapters) and a worker that lacks the
-adapter (and is not meant to hold it by the placement) first pays for loading it.
+tokens cost more if they will run unmerged (the worker is busy with other adapters) and a worker
+that lacks the adapter (and is not meant to hold it by the placement) first pays for loading it.
 """
 
 from __future__ import annotations
