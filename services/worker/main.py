@@ -92,7 +92,7 @@ class WorkerService:
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
-        self.delivery = Delivery(nc, self._superseded)  # chunks out, and again after a NATS reconnect
+        self.delivery = Delivery(nc, self.records.superseded)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self.draining = False  # told to stop: finishing what runs here, given nothing new
         self.stats: WorkerStats = self._snapshot()
@@ -261,7 +261,7 @@ class WorkerService:
             # A later attempt of a request this worker still runs: it was given up here while the
             # worker stalled, and re-dispatched back to it. The later attempt replaces the copy.
             await self._drop(req.request_id, record=False)
-        if await self._fenced_on_arrival(req):
+        if await self.records.fenced_on_arrival(req):
             logger.warning("request sent before a stall came after it was given up; dropped", request=req.request_id)
             return
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
@@ -289,17 +289,6 @@ class WorkerService:
             reason = str(e)
         await bus.publish(self.nc, req.reply_to, error_chunk(req, code, reason, self.s.worker_id))
         await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
-
-    async def _fenced_on_arrival(self, req: GenerateRequest) -> bool:
-        """Whether a request delivered just after this process stalled was given up on meanwhile:
-        sent before the stall and re-dispatched, perhaps finished elsewhere (its record gone). The
-        check after the stall asked about the copies held then, not one still in the socket."""
-        if not self.records.stalled_lately():
-            return False
-        try:
-            return bool(await self.store.fenced(self.s.worker_id, {req.request_id: Copy.of(req, stalled=True)}))
-        except bus.STATE_OUTAGE:
-            return False  # cannot tell: serve it (a reader drops an earlier attempt's chunks anyway)
 
     async def _step(self) -> None:
         try:
@@ -344,17 +333,6 @@ class WorkerService:
         for rid in await self.records.write_step(running) & running.keys():
             logger.warning("request fenced: a later attempt serves it", request=rid)
             await self._drop(rid, record=False, attempt=running[rid].attempt)
-
-    async def _superseded(self, attempts: dict[str, int]) -> set[str]:
-        """Which of these requests (id -> attempt) another attempt serves now, as a re-send asks
-        it: read only, so it may run beside a step. A missing record does not count (the request
-        may have finished here); none when Redis cannot tell (readers drop an earlier attempt's
-        chunks anyway)."""
-        copies = {rid: Copy(attempt, recorded=False) for rid, attempt in attempts.items()}
-        try:
-            return await self.store.fenced(self.s.worker_id, copies)
-        except bus.STATE_OUTAGE:
-            return set()
 
     async def _drop_fenced(self) -> None:
         """Drop the copies held here that are fenced, a missing record of a recorded one included:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from dlora.common import bus, log
+from dlora.common.messages import GenerateRequest
 from dlora.common.state import Copy, Sent, StateStore
 
 logger = log.get("worker")
@@ -56,6 +57,28 @@ class ProgressRecords:
         given up on since: ``stalled``, or a stall ended within the heartbeat TTL (a message
         buffered through the stall is delivered after the check that followed it)."""
         return self.stalled() or time.monotonic() - self._stall_seen_at < self.ttl_s
+
+    async def fenced_on_arrival(self, request: GenerateRequest) -> bool:
+        """Whether a request delivered just after this process stalled was given up on meanwhile:
+        sent before the stall and re-dispatched, perhaps finished elsewhere (its record gone). The
+        check after the stall asked about the copies held then, not one still in the socket."""
+        if not self.stalled_lately():
+            return False
+        return bool(await self._ask({request.request_id: Copy.of(request, stalled=True)}))
+
+    async def superseded(self, attempts: dict[str, int]) -> set[str]:
+        """Which of these requests (id -> attempt) another attempt serves now, as a re-send asks
+        it: read only, so it may run beside a step. A missing record does not count (the request
+        may have finished here)."""
+        return await self._ask({rid: Copy(attempt, recorded=False) for rid, attempt in attempts.items()})
+
+    async def _ask(self, copies: dict[str, Copy]) -> set[str]:
+        """The fenced ids among ``copies``; none when Redis cannot tell (then the copy is served: a
+        reader drops an earlier attempt's chunks anyway)."""
+        try:
+            return await self.store.fenced(self.worker_id, copies)
+        except bus.STATE_OUTAGE:
+            return set()
 
     async def fenced_after_stall(self, copies: dict[str, Copy]) -> set[str]:
         """The ids among ``copies`` (taken with ``stalled=True``) that are fenced, a missing record

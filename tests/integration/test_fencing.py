@@ -210,11 +210,11 @@ async def test_a_copy_another_attempt_serves_is_not_sent_again(cluster) -> None:
     worker, _, _ = await c.worker("w-a")
     chunks = await c.send("moved-on")
     await _read(ReplyStream("moved-on"), chunks, until_tokens=5)
-    assert await worker._superseded({"moved-on": 0, "finished": 0}) == set()
+    assert await worker.records.superseded({"moved-on": 0, "finished": 0}) == set()
     rec = await c.store.get_inflight("moved-on")
     assert rec is not None
     assert await c.store.put_inflight(msgspec.structs.replace(rec.request, recoveries=1), "w-b", expect=("w-a", 0))
-    assert await worker._superseded({"moved-on": 0, "finished": 0}) == {"moved-on"}
+    assert await worker.records.superseded({"moved-on": 0, "finished": 0}) == {"moved-on"}
     await _until(lambda: _dropped(worker, "moved-on"), timeout=10)  # its next progress write is fenced
     assert not [c for _, c in worker.delivery.resend.recent(time.monotonic()) if c.request_id == "moved-on"]
 
