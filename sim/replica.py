@@ -179,10 +179,14 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
     def _synchronize(self) -> None:
         pass
 
-    def _run(self, step: _Prepared) -> tuple[list[Sequence], None, list[int | SamplingError], list[RequestOutput]]:
+    def _lora_work(self, step: _Prepared) -> tuple[int, int]:
+        """(LoRA segments, rank-tokens) of ``step`` under the adapter merged now (``lora_work``)."""
         merged = self.merger.merged
         ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
-        segments, rank_tokens = lora_work(step.fed, merged, ranks)
+        return lora_work(step.fed, merged, ranks)
+
+    def _run(self, step: _Prepared) -> tuple[list[Sequence], None, list[int | SamplingError], list[RequestOutput]]:
+        segments, rank_tokens = self._lora_work(step)
         shape = StepShape(
             tokens=step.num_tokens,
             prefill_tokens=step.num_prefill,
@@ -231,9 +235,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         # Step j (from 1) grows a request with c tokens cached by one block where (c + j - 1) % bs == 0.
         crossing = Counter(s.num_cached % bs for s in batch)
         free = self.blocks.num_free
-        merged = self.merger.merged
-        ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
-        segments, rank_tokens = lora_work(step.fed, merged, ranks)
+        segments, rank_tokens = self._lora_work(step)
         context = sum(s.num_cached for s in batch)
         seconds: list[float] = []
         clock = self.now
