@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from dlora.loadgen.bench_common import figure, machine, save, today
+from dlora.loadgen.bench_common import figure, grouped_bars, machine, save, today
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.migrator.settings import MigratorSettings
@@ -231,7 +231,7 @@ def markdown_cluster(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict) -> Figure:
+def plot_policy(r: dict) -> Figure:
     """Mean normalized latency per policy across strides, one panel per profile (Fig. 10's shape)."""
     profiles = list(dict.fromkeys(x["profile"] for x in r["rows"]))
     fig, axes = figure(len(profiles))
@@ -245,6 +245,32 @@ def plot(r: dict) -> Figure:
         ax.set_xticks(range(len(strides)), [str(s) for s in strides])
         ax.set(xlabel="stride", ylabel="mean normalized latency (ms/token)", title=name, yscale="log")
         ax.legend(fontsize=7)
+    return fig
+
+
+def plot_cluster(r: dict) -> Figure:
+    """Fig. 11's shape: normalized latency and throughput per dispatch, requests moved above its bar."""
+    s, rows = r["settings"], r["rows"]
+    fig, ax = figure(2)
+    labels = [x["dispatch"].replace(" + ", "\n+ ") for x in rows]
+    grouped_bars(
+        ax[0],
+        labels,
+        {
+            "mean": [x["norm_latency_mean_s"] * 1e3 for x in rows],
+            "P90": [x["norm_latency_p90_s"] * 1e3 for x in rows],
+        },
+    )
+    ax[0].margins(y=0.15)  # room above the bars for the legend
+    ax[0].legend(fontsize=7, loc="upper center", ncols=2)
+    ax[0].set(ylabel="normalized latency (ms/token)")
+    ax[0].set_title(f"Latency per dispatch ({s['cluster_profile']})", fontsize=9)
+    bars = ax[1].bar(range(len(rows)), [x["throughput_tok_s"] for x in rows], 0.5)
+    ax[1].bar_label(bars, [f"moved {x['moved']}" if x["moved"] else "" for x in rows], fontsize=7)
+    ax[1].margins(y=0.1)
+    ax[1].set_xticks(range(len(rows)), labels, fontsize=8)
+    ax[1].set(ylabel="throughput (tok/s)")
+    ax[1].set_title(f"Throughput ({s['replicas']} replicas × {s['cluster_adapters']} adapters)", fontsize=9)
     return fig
 
 
@@ -276,5 +302,5 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
     }
     key, title = f"simulate-{args.experiment}", TITLES[args.experiment]
     body = (markdown_policy if policy else markdown_cluster)(result)
-    save(result, args.json, args.benchmarks, key, title, body, plot=plot if policy else None)
+    save(result, args.json, args.benchmarks, key, title, body, plot=plot_policy if policy else plot_cluster)
     return 0

@@ -1,6 +1,6 @@
 """``python -m dlora.loadgen.chaos`` (``make chaos``): every fault in turn under load; the results
-as JSON, a table on the terminal and a section of BENCHMARKS.md. Exit status 1 if any fault failed
-its checks."""
+as JSON, a table on the terminal and a section of BENCHMARKS.md with its plot (docs/bench-chaos.png).
+Exit status 1 if any fault failed its checks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dlora.loadgen.chaos.phases import Timing
-from dlora.loadgen.chaos.report import code_version, failure_lines, table, version_text
+from dlora.loadgen.chaos.report import code_version, failure_lines, plot, table, version_text
 from dlora.loadgen.chaos.run import ChaosConfig, run_chaos
 from dlora.loadgen.chaos.stack import demo_model
 from dlora.loadgen.chaos.traffic import LoadShape
@@ -71,16 +71,26 @@ def section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TITLE = "Chaos: faults under load (`make chaos`)"
+
+
+def write_benchmarks(result: dict[str, Any], benchmarks: Path) -> None:
+    """The chaos section of ``benchmarks``, ending with its plot (``docs/bench-chaos.png`` beside it)."""
+    from dlora.loadgen.bench_common import embed_plot, write_section
+
+    write_section(benchmarks, "chaos", TITLE, embed_plot(section(result), result, plot, benchmarks, "chaos"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from dlora.loadgen.bench_common import machine, write_section
+    from dlora.loadgen.bench_common import machine
     from dlora.loadgen.chaos.run import pick_faults
 
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         print("\n".join(table(result["phases"]) + failure_lines(result["phases"])))
         if args.benchmarks:
-            write_section(Path(args.benchmarks), "chaos", "Chaos: faults under load (`make chaos`)", section(result))
+            write_benchmarks(result, Path(args.benchmarks))
         return 0 if result["passed"] else 1
 
     faults = args.faults.split(",") if args.faults else None
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in failure_lines(result["phases"]):
         print(line)
     if args.benchmarks:
-        write_section(Path(args.benchmarks), "chaos", "Chaos: faults under load (`make chaos`)", section(result))
+        write_benchmarks(result, Path(args.benchmarks))
     print(f"{'all faults passed' if result['passed'] else 'some faults FAILED'}; details in {args.json}")
     return 0 if result["passed"] else 1
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlora.loadgen.chaos.faults import Ctx, Fault, FaultLog
 from dlora.loadgen.chaos.tap import Generation, generation
 from dlora.loadgen.chaos.traffic import Outcome
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _IDS = re.compile(r"\b(?:cmpl-)?[0-9a-f]{8,}(?:-\d+)?\b")
 
@@ -181,6 +184,45 @@ def _why_not_steady(s: dict[str, Any]) -> str:
     if s["workers_busy"]:
         why.append(f"busy: {s['workers_busy']}")
     return "; ".join(why) or "?"
+
+
+def plot(result: dict[str, Any]) -> Figure:
+    """Per fault: how long the cluster took to serve again and the longest stall of a stream; how the
+    requests sent during it ended. A fault that failed its checks has its name in red."""
+    from dlora.loadgen.bench_common import figure
+
+    fig, ax = figure(2)
+    phases = result["phases"]
+    at = list(range(len(phases)))
+    names = [p["fault"] for p in phases]
+    # Recovery "never" is drawn as no bar, and said at the axis.
+    recovery = [p["recovery_s"] for p in phases]
+    stall = [p["longest_stall_s"] or 0.0 for p in phases]
+    height = 0.4
+    ax[0].barh([y - height / 2 for y in at], [r or 0.0 for r in recovery], height, color="C0", label="recovery")
+    ax[0].barh([y + height / 2 for y in at], stall, height, color="C1", label="longest stall")
+    for y, r in zip(at, recovery):
+        if r is None:
+            ax[0].text(0, y - height / 2, " never", va="center", fontsize=6, color="C3")
+    ax[0].set(xlabel="seconds from the fault", title="Recovery and longest stall")
+    # Stacked: what was counted (completed, then failed), then what went through the killed gateway.
+    completed = [p["completed"] for p in phases]
+    failed = [p["failed"] for p in phases]
+    gateway = [p["through_killed_gateway"]["requests"] for p in phases]
+    ax[1].barh(at, completed, 0.6, color="C2", label="completed")
+    ax[1].barh(at, failed, 0.6, left=completed, color="C3", label="failed")
+    ax[1].barh(
+        at, gateway, 0.6, left=[c + f for c, f in zip(completed, failed)], color="C7", label="via killed gateway"
+    )
+    ax[1].set(xlabel="requests sent during the fault", title="How the requests ended")
+    for a in ax:
+        a.set_yticks(at, names, fontsize=6)
+        for label, p in zip(a.get_yticklabels(), phases):
+            if not p["pass"]:
+                label.set_color("C3")
+        a.invert_yaxis()
+        a.legend(fontsize=6)
+    return fig
 
 
 def failure_lines(phases: list[dict[str, Any]]) -> list[str]:

@@ -1,5 +1,6 @@
 """Every benchmark's plot draws from the result its markdown reads, and save() embeds it once."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ from dlora.loadgen import (
     bench_kernels,
     bench_migration,
     bench_policy,
+    bench_sim,
     soak,
 )
 from dlora.loadgen.bench_common import save
+from dlora.loadgen.chaos import __main__ as chaos_main
+from dlora.loadgen.chaos import report as chaos_report
 from tests.unit.test_bench_report import RESULT as E2E
 
 ENGINE = {
@@ -133,6 +137,76 @@ SOAK = {
     ],
 }
 
+SIMULATE_POLICY = {
+    "rows": [
+        {"profile": f, "stride": s, "policy": p, "norm_latency_mean_s": 0.03 * s if p == "merged-only" else 0.031}
+        for f in ("dlora-artifact", "h200-llama7b")
+        for s in (1, 32)
+        for p in ("dlora", "merged-only", "unmerged-only")
+    ]
+}
+
+SIMULATE_CLUSTER = {
+    "settings": {"replicas": 32, "cluster_adapters": 128, "cluster_profile": "dlora-artifact"},
+    "rows": [
+        {
+            "dispatch": d,
+            "throughput_tok_s": t,
+            "norm_latency_mean_s": m,
+            "norm_latency_p90_s": 1.1 * m,
+            "moved": moved,
+        }
+        for d, t, m, moved in (
+            ("round-robin", 44591.7, 0.0273, 0),
+            ("proactive", 44339.9, 0.0273, 0),
+            ("proactive + migration", 44376.6, 0.0272, 1561),
+        )
+    ],
+}
+
+
+def _phase(fault: str, sent: int, *, failed: int = 0, gateway: int = 0, recovery: float | None = 2.0) -> dict:
+    return {
+        "fault": fault,
+        "sent": sent,
+        "completed": sent - failed,
+        "failed": failed,
+        "failures": {"HTTP 503": failed} if failed else {},
+        "completed_after_retry": 1,
+        "through_killed_gateway": {"requests": gateway, "reasons": {}, "tokens_generated_after_it_died": 0},
+        "probes": {"sent": 3, "exact": 3, "mismatched": []},
+        "resumed": 0,
+        "generated_twice": {"requests": 0},
+        "longest_stall_s": 0.5,
+        "recovery_s": recovery,
+        "steady_after": {"ok": True},
+        "exited": {},
+        "adapters_reregistered": [],
+        "pass": not failed and recovery is not None,
+    }
+
+
+CHAOS = {
+    "machine": "a test machine",
+    "date": "2026-12-01",
+    "code": {"commit": "abc1234", "uncommitted": []},
+    "config": {
+        "workers": 2,
+        "heartbeat_ttl_s": 5.0,
+        "load": {"rate": 1.5, "output_tokens": [16, 64]},
+        "adapters": ["a", "b"],
+        "timing": {"probes": 3},
+        "probe_tokens": 96,
+        "client_retries": 2,
+    },
+    "passed": False,
+    "phases": [
+        _phase("worker-0-sigkill-twice", 72, recovery=29.9),
+        _phase("gateway-sigkill", 20, gateway=15),
+        _phase("redis-restart-empty", 26, failed=2, recovery=None),  # failed, never served again
+    ],
+}
+
 PLOTS = {
     "e2e": (bench_e2e.plot, E2E),
     "engine": (bench_engine.plot, ENGINE),
@@ -143,6 +217,9 @@ PLOTS = {
     "migration": (bench_migration.plot, MIGRATION),
     "cluster": (bench_cluster.plot, CLUSTER),
     "soak": (soak.plot, SOAK),
+    "simulate-policy": (bench_sim.plot_policy, SIMULATE_POLICY),
+    "simulate-cluster": (bench_sim.plot_cluster, SIMULATE_CLUSTER),
+    "chaos": (chaos_report.plot, CHAOS),
 }
 
 
@@ -180,3 +257,15 @@ def test_e2e_keeps_its_image_path(tmp_path: Path) -> None:
     bench_e2e.write_outputs(E2E, None, bench)
     assert (tmp_path / "docs" / "bench-e2e.png").read_bytes()[:4] == b"\x89PNG"
     assert bench.read_text().count("![e2e](docs/bench-e2e.png)") == 1
+
+
+def test_chaos_from_json_writes_its_section_with_the_plot(tmp_path: Path) -> None:
+    bench, run = tmp_path / "BENCHMARKS.md", tmp_path / "chaos.json"
+    run.write_text(json.dumps(CHAOS))
+    for _ in range(2):  # a second run replaces the section and its image, it does not add one
+        assert chaos_main.main(["--from-json", str(run), "--benchmarks", str(bench)]) == 1  # a fault failed
+    assert (tmp_path / "docs" / "bench-chaos.png").read_bytes()[:4] == b"\x89PNG"
+    text = bench.read_text()
+    section = text[: text.index("<!-- bench-chaos:end -->")].rstrip()
+    assert section.endswith("![chaos](docs/bench-chaos.png)") and text.count("![chaos]") == 1
+    assert "| redis-restart-empty | 26 | 24 | 2 |" in text

@@ -37,4 +37,7 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     assert [x["dispatch"] for x in r["cluster"]] == ["round-robin", "proactive", "proactive + migration"]
     assert len({x["requests"] for x in r["cluster"]}) == 1  # one workload for the three
     text = md.read_text()
-    assert "--experiment policy" in text and "proactive + migration" in text and ".png)" in text
+    assert "--experiment policy" in text and "proactive + migration" in text
+    for key in ("simulate-policy", "simulate-cluster"):  # each section ends with its plot
+        assert f"![{key}](docs/bench-{key}.png)\n<!-- bench-{key}:end -->" in text
+        assert (tmp_path / "docs" / f"bench-{key}.png").read_bytes()[:4] == b"\x89PNG"
