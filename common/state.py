@@ -340,6 +340,16 @@ class StateStore:
     async def inflight_on(self, worker: str) -> list[str]:
         return sorted(_text(m) for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))
 
+    async def indexed_workers(self) -> set[str]:
+        """Every worker some request is recorded as in flight on (its index is not empty)."""
+        prefix = f"{self.p}:inflight-of:"
+        return {_text(k)[len(prefix) :] async for k in self.r.scan_iter(match=prefix + "*", count=1000)}
+
+    async def unindex(self, worker: str, request_ids: list[str]) -> None:
+        """Drop ``request_ids`` from ``worker``'s index (their records expired or name another)."""
+        if request_ids:
+            await self.r.srem(f"{self.p}:inflight-of:{worker}", *request_ids)
+
     async def claim_recovery(self, loss: str, ttl_s: float = 30.0) -> bool:
         """True for exactly one caller per ``loss`` (a worker's incarnation and last heartbeat:
         each loss of a worker is its own, however soon after the last). Only spares the others

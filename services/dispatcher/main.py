@@ -51,6 +51,7 @@ class Dispatcher:
         self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs)
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._placed_at = 0.0
+        self._orphans_at = 0.0
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
         self._reconnects = nc.stats["reconnects"]
@@ -133,9 +134,13 @@ class Dispatcher:
             logger.warning("no other worker to take a stopping worker's requests", worker=lost.worker)
             return
         for rid, attempt in lost.requests.items():
-            rec = await self.store.get_inflight(rid)
-            if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
-                await self._recover(rec, died=not lost.draining and rid not in lost.never_arrived)
+            died = not lost.draining and rid not in lost.never_arrived
+            try:  # one record Redis failed on must not hold up the rest: the worker hands it back again
+                rec = await self.store.get_inflight(rid)
+                if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
+                    await self._recover(rec, died=died, avoid=None if died else lost.worker)
+            except bus.STATE_OUTAGE as e:
+                logger.warning("handed-back request not re-dispatched yet", request=rid, error=type(e).__name__)
 
     async def watch_workers(self, stop: asyncio.Event) -> None:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
@@ -170,27 +175,55 @@ class Dispatcher:
                 if await self.store.claim_recovery(f"{worker}:{st.incarnation}:{st.sent}"):
                     await self.recover(worker)
                 del self.workers[worker]
+        if now - self._orphans_at > self.s.heartbeat_ttl_s:
+            self._orphans_at = now
+            await self._recover_orphans()
 
     async def recover(self, worker: str) -> None:
-        request_ids = await self.store.inflight_on(worker)
-        logger.warning("worker lost", worker=worker, requests=len(request_ids))
+        logger.warning("worker lost", worker=worker)
         self.metrics.losses.inc()
         await self.store.forget_worker(worker)
+        await self._recover_on(worker)
+
+    async def _recover_on(self, worker: str) -> None:
+        """Re-dispatch every request recorded as in flight on ``worker`` (lost), and drop its index
+        entries that name no record of it any more."""
+        request_ids = await self.store.inflight_on(worker)
+        stale = []
         for rid in request_ids:
             rec = await self.store.get_inflight(rid)
             if rec is not None and rec.worker == worker:
                 await self._recover(rec)
+            else:
+                stale.append(rid)
+        await self.store.unindex(worker, stale)
+        logger.warning("requests of a lost worker re-dispatched", worker=worker, requests=len(request_ids) - len(stale))
 
-    async def _recover(self, rec: Inflight, died: bool = True) -> None:
+    async def _recover_orphans(self) -> None:
+        """Requests recorded on a worker that is neither heard from nor beating, which no loss
+        re-dispatched: one whose recovery broke off (Redis failed over mid-way, the dispatcher
+        restarted), or on a worker that died before this dispatcher heard of it. Without this
+        sweep such a request would wait for its client's chunk timeout."""
+        for worker in await self.store.indexed_workers():
+            if worker in self.workers or await self.store.beating(worker):
+                continue
+            if await self.store.claim_recovery(f"{worker}:orphans", ttl_s=self.s.heartbeat_ttl_s):
+                await self._recover_on(worker)
+
+    async def _recover(self, rec: Inflight, died: bool = True, avoid: str | None = None) -> None:
         """Re-dispatch a request given up on ``rec.worker`` as its next attempt, resuming after the
-        tokens its client has; or fail it (``died``, and too many workers died with it before),
-        or drop it (its client is gone). Each record is re-dispatched once, however many
-        dispatchers try. Not ``died``: its message never reached the worker."""
+        tokens its client has; or fail it (``died``, and too many workers died with it before; or
+        its client is judged gone: said, not dropped in silence, for a client that was only cut
+        off for a while would otherwise wait out its chunk timeout). Each record is re-dispatched
+        once, however many dispatchers try. Not ``died``: its message never reached the worker,
+        or the worker is stopping; ``avoid``: a worker to send it elsewhere than, if any other."""
         first = rec.request
         next_seq = rec.next_seq
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         if first.client and self.clients.gone(first.client, time.monotonic()):
-            await self.store.delete_inflight(first.request_id, expect=mine)
+            logger.warning("client silent; its request is answered, not re-dispatched", request=first.request_id)
+            reason = "the request's worker was lost while its client was not heard from; try again"
+            await self._fail(first, next_seq, reason, "client-gone", ErrorCode.UNAVAILABLE, expect=mine)
             return
         if died and rec.deaths >= MAX_RECOVERIES:
             await self._fail(
@@ -212,7 +245,7 @@ class Dispatcher:
             kv_export_s=0.0,
             recoveries=rec.recoveries + 1,
         )
-        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died)
+        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid)
 
     def _count(self, adapter: str | None) -> None:
         if adapter is not None:
@@ -233,11 +266,17 @@ class Dispatcher:
         await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))
 
     async def _dispatch(
-        self, req: GenerateRequest, raw: bytes | None = None, expect: tuple[str, int] | None = None, died: bool = False
+        self,
+        req: GenerateRequest,
+        raw: bytes | None = None,
+        expect: tuple[str, int] | None = None,
+        died: bool = False,
+        avoid: str | None = None,
     ) -> None:
         """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a
         re-dispatch, sent only if the record still names that worker and attempt (recorded first);
-        ``died``: one after the worker running it died, counted in the record."""
+        ``died``: one after the worker running it died, counted in the record; ``avoid``: a worker
+        not to choose while another can take it (one its message never reached)."""
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
@@ -257,7 +296,8 @@ class Dispatcher:
             )
             await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return
-        worker = self.state.choose(live, req.adapter)
+        others = [w for w in live if w.worker != avoid]
+        worker = self.state.choose(others or live, req.adapter)
         if worker is None:
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return

@@ -219,26 +219,39 @@ class Gateway:
         self, replies: asyncio.Queue[bytes], late: RunningChoice, timeout_s: float
     ) -> TokenChunk | None:
         """The next reply to this request, decoded; after ``timeout_s`` without one, an
-        UNAVAILABLE error for ``late`` (a choice not over yet). None: a reply that does not decode
-        (logged and counted as a reject)."""
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
-        # cancellation when get() completes at the same moment (CPython #86296), and the
-        # request then ran to the end for a client long gone.
-        try:
-            async with asyncio.timeout(timeout_s):
-                data = await replies.get()
-        except TimeoutError:
-            return TokenChunk(
-                request_id=late.request.request_id,
-                seq=late.replies.next_seq,
-                error="no worker answered in time",
-                error_code=ErrorCode.UNAVAILABLE,
-            )
+        UNAVAILABLE error for ``late`` (a choice not over yet), or sooner once ``late``'s in-flight
+        record is found gone at two checks in a row, ``2 × heartbeat_ttl_s`` apart, with nothing
+        heard: nobody holds it (it was dropped or lost on the way), so nothing more will come.
+        None: a reply that does not decode (logged and counted as a reject)."""
+        check_s = 2 * self.s.heartbeat_ttl_s
+        deadline = time.monotonic() + timeout_s
+        missing = 0
+        while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
+            # cancellation when get() completes at the same moment (CPython #86296), and the
+            # request then ran to the end for a client long gone.
+            try:
+                async with asyncio.timeout(min(check_s, deadline - time.monotonic())):
+                    data = await replies.get()
+                break
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    return _unanswered(late, "no worker answered in time")
+            missing = missing + 1 if await self._unrecorded(late.request.request_id) else 0
+            if missing >= 2:
+                return _unanswered(late, "the request was lost on its way to a worker; try again")
         try:
             return _decode_chunk.decode(data)
         except msgspec.DecodeError as e:
             bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
             return None
+
+    async def _unrecorded(self, request_id: str) -> bool:
+        """Whether ``request_id`` has no in-flight record (False when Redis cannot say)."""
+        try:
+            return await self.store.get_inflight(request_id) is None
+        except bus.STATE_OUTAGE:
+            return False
 
     async def shutdown(self) -> None:
         """Before the gateway stops: refuse new requests (503), abort every request in flight on
@@ -462,3 +475,13 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
         finally:
             await gw.shutdown()
             await listener.close()
+
+
+def _unanswered(choice: RunningChoice, reason: str) -> TokenChunk:
+    """The UNAVAILABLE error the gateway makes for ``choice`` when no worker will answer it."""
+    return TokenChunk(
+        request_id=choice.request.request_id,
+        seq=choice.replies.next_seq,
+        error=reason,
+        error_code=ErrorCode.UNAVAILABLE,
+    )

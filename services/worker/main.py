@@ -251,6 +251,12 @@ class WorkerService:
 
     async def _admit(self, req: GenerateRequest) -> None:
         if self._aborted(req) or (req.client and self.clients.gone(req.client, time.monotonic())):
+            if not self._aborted(req):  # told, not left to its chunk timeout: it may only have been cut off
+                logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
+                reason = "the request's client was not heard from when it arrived; try again"
+                await bus.publish(
+                    self.nc, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, reason, self.s.worker_id)
+                )
             await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
             return  # its client left before it came
         held = self.streams.get(req.request_id)

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import ClientAlive, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import ClientAlive, GenerateRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
@@ -255,9 +255,12 @@ async def test_a_stall_after_a_step_is_asked_about_before_its_chunks_go_out(
 
 
 async def _take_over(redis_url: str, request_id: str) -> None:
-    """Another attempt of the request, on another worker, as a dispatcher records it (own loop)."""
+    """Another attempt of the request, on another worker, as a dispatcher records it (own loop);
+    that worker beats, as a live one does (else the dispatcher re-dispatches what it holds)."""
     redis = Redis.from_url(redis_url)
     store = StateStore(redis)
+    live = WorkerStats(worker="w-b", running=1, waiting=0, free_blocks=1, total_blocks=1, block_size=16, max_loras=1)
+    await store.heartbeat(live, ttl_s=60)
     rec = await store.get_inflight(request_id)
     assert rec is not None
     later = msgspec.structs.replace(rec.request, recoveries=1)

@@ -1,0 +1,119 @@
+"""Requests that nobody holds are re-dispatched or answered, never left to the client's chunk
+timeout (issue 18: in the multi-host test two requests went silent for 60 s after their worker's
+host was cut off). Against real NATS and Redis: records left on a worker no dispatcher recovered,
+a message that never reached its worker, a request of a client judged gone, and the gateway's
+own check for a request whose record went while it waited."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from dlora.common import subjects
+from dlora.common.messages import ClientAlive, ErrorCode, GenerateRequest, SamplingParams, TokenChunk
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.replies import ReplyStream
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack, run_stack
+from tests.integration.test_fencing import PROMPT, Cluster, _read, _until, cluster  # noqa: F401 - a fixture
+
+
+async def _recorded(c: Cluster, request_id: str, worker: str, incarnation: str = "") -> asyncio.Queue[TokenChunk]:
+    """A request recorded as in flight on ``worker``, as a dispatcher records it before it sends,
+    but never sent: its chunks, if any come, arrive on the queue."""
+    chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+        chunks.put_nowait(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    reply = f"test.reply.{request_id}"
+    await c.nc.subscribe(reply, cb=on_chunk)
+    req = GenerateRequest(
+        request_id=request_id,
+        reply_to=reply,
+        prompt_token_ids=PROMPT,
+        params=SamplingParams(max_tokens=8, ignore_eos=True),
+        recorded=True,
+    )
+    assert await c.store.put_inflight(req, worker, new=True, incarnation=incarnation)
+    return chunks
+
+
+async def test_records_left_on_a_worker_nobody_recovered_are_re_dispatched(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A record on a worker that is neither heard from nor beating, whose loss no dispatcher saw
+    (one that died before this dispatcher started, or whose recovery broke off mid-way), is
+    re-dispatched by the dispatcher's periodic sweep and runs to its end elsewhere."""
+    c: Cluster = await cluster(ttl_s=1.0)
+    await c.worker("w-a")
+    chunks = await _recorded(c, "orphan", "w-dead")
+    stream = ReplyStream("orphan")
+    await asyncio.wait_for(_read(stream, chunks), 15)
+    assert stream.done and stream.error is None and stream.tokens == 8
+    assert not await c.store.indexed_workers() - {"w-a"}  # the dead worker's index is gone
+    assert c.dispatcher is not None
+    assert (c.dispatcher.metrics.registry.get_sample_value("dlora_requests_recovered_total") or 0) >= 1
+
+
+async def test_a_message_that_never_reached_its_worker_goes_to_another(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A worker hands back a record of its own incarnation that it never received: the request is
+    sent to another worker, not the same route again (both idle, w-a would be chosen first)."""
+    c: Cluster = await cluster(ttl_s=1.0)
+    a, _, _ = await c.worker("w-a")
+    await c.worker("w-b")
+    chunks = await _recorded(c, "never-came", "w-a", incarnation=a.incarnation)
+    stream, workers = ReplyStream("never-came"), set()
+    while not stream.done:
+        chunk = await asyncio.wait_for(chunks.get(), 15)
+        workers.add(chunk.worker)
+        stream.accept(chunk)
+    assert stream.error is None and stream.tokens == 8 and workers == {"w-b"}
+
+
+async def test_a_request_of_a_client_judged_gone_is_answered_not_dropped(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A worker that judges a request's client gone when it arrives says so (UNAVAILABLE): a client
+    only cut off for a while hears at once, instead of after its chunk timeout."""
+    c: Cluster = await cluster(ttl_s=0.5)
+    worker, _, _ = await c.worker("w-a")
+    await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client="gw-quiet")))
+    await _until(lambda: _judged_gone(worker, "gw-quiet"), timeout=10)
+    chunks = await c.send("from-quiet", client="gw-quiet", to_worker="w-a")
+    chunk = await asyncio.wait_for(chunks.get(), 10)
+    assert chunk.error_code == ErrorCode.UNAVAILABLE and "not heard from" in (chunk.error or "")
+    assert await c.store.get_inflight("from-quiet") is None
+
+
+async def _judged_gone(worker, client: str) -> bool:  # type: ignore[no-untyped-def]
+    return client in worker.clients._last and worker.clients.gone(client, time.monotonic())
+
+
+@pytest.fixture
+async def quick_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput):  # type: ignore[no-untyped-def]
+    async with run_stack(nats_server, redis, tiny_llama, heartbeat_ttl_s=0.5) as s:
+        yield s
+
+
+async def test_the_gateway_answers_a_request_whose_record_went_without_an_answer(
+    quick_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request dropped in silence (here every worker drops what it is sent and its record, as a
+    worker once did for a client it judged gone) is answered 503 by the gateway once its record is
+    found gone twice, 2 × heartbeat_ttl_s apart: seconds, not the 60 s chunk timeout."""
+    stack = quick_stack
+
+    async def drop(self, req: GenerateRequest) -> None:  # type: ignore[no-untyped-def]
+        await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
+        self.pending.discard(req.request_id)
+
+    for w in stack.workers:
+        monkeypatch.setattr(w, "_add", drop.__get__(w))
+    body = {"model": "model", "prompt": "kalo", "max_tokens": 4}
+    start = time.monotonic()
+    async with aiohttp.ClientSession() as http, http.post(f"{stack.url}/v1/completions", json=body) as r:
+        assert r.status == 503, await r.text()
+        assert "lost on its way" in (await r.json())["error"]["message"]
+    assert time.monotonic() - start < 10
