@@ -9,13 +9,13 @@ vLLM dashboards, alerts and inference routers read a dlora worker unchanged.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -239,6 +239,17 @@ def _residency(v: WorkerView) -> Iterator[Metric]:
         yield _gauge(name, doc, ["model_name", "worker"], {(v.model_name, w): n})
 
 
+def _copied(stats: EngineStats) -> EngineStats:
+    """A copy of ``stats`` that a step updating them in another thread cannot break: each dict is
+    copied by ``dict()``, one C call under the GIL, where a deep copy iterates it in Python and a key
+    added meanwhile raises "dictionary changed size during iteration" (losing the scrape)."""
+    dicts: dict[str, Any] = {}
+    for f in dataclasses.fields(stats):
+        if isinstance(value := getattr(stats, f.name), dict):
+            dicts[f.name] = dict(value)
+    return dataclasses.replace(stats, **dicts)
+
+
 def worker_view(svc: WorkerService) -> WorkerView:
     """What a scrape reads of ``svc``, on its event loop: the engine's counters and policy are read,
     not walked (a step may be running in its thread); requests come from the latest snapshot."""
@@ -250,7 +261,7 @@ def worker_view(svc: WorkerService) -> WorkerView:
         worker=svc.s.worker_id,
         model_name=svc.s.served_model_name or Path(svc.s.model).name,
         stats=svc.stats,
-        engine=copy.deepcopy(engine.stats),  # one step's counters, not a step's worth apart
+        engine=_copied(engine.stats),
         ranks={name_of(k): a.rank for k, a in list(engine.adapters.items())},
         registered=svc.registered,
         credits=dict(credits.balances) if credits is not None else None,

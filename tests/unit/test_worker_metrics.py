@@ -1,11 +1,14 @@
 """The worker's metric families from one view (pure: no engine, no HTTP)."""
 
+import sys
+import threading
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.metrics import WorkerView, _Live
+from dlora.services.worker.metrics import WorkerView, _copied, _Live
 
 
 def _view(**over: object) -> WorkerView:
@@ -99,3 +102,30 @@ def test_a_policy_without_credits_or_a_bound_exports_neither() -> None:
     s = _scrape(_view(credits=None, wait_bound_s=None))
     assert "dlora_adapter_credit_seconds" not in s and "dlora_wait_bound_seconds" not in s
     assert "dlora_longest_wait_seconds" in s
+
+
+def test_the_engine_s_counters_copy_while_a_step_adds_to_them() -> None:
+    # A step runs in the engine's thread while a scrape copies its counters on the event loop: a
+    # dict that grows mid-copy must not fail the copy (and with it every worker family).
+    stats = EngineStats()
+    stats.loads_by_adapter.update({f"a{i}@v1": i for i in range(200)})
+    stop = threading.Event()
+
+    def step() -> None:
+        while not stop.is_set():
+            stats.loads_by_adapter["new@v1"] = 1
+            stop.is_set()  # the step's other work: the thread may be switched out with the dict grown
+            del stats.loads_by_adapter["new@v1"]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter lets us
+    thread = threading.Thread(target=step)
+    thread.start()
+    try:
+        copies = [_copied(stats) for _ in range(2000)]
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert all(len(c.loads_by_adapter) in (200, 201) for c in copies)
+    assert copies[0].loads_by_adapter is not stats.loads_by_adapter  # a copy, not the live dict
