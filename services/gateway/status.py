@@ -34,7 +34,9 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     draining: bool
     device: str
     dtype: str
-    mode: str  # how its last step ran: "merged", "unmerged", "mixed" ("" before any)
+    # How it runs: its last step's mode ("merged", "unmerged", "mixed"; "" before any step), or
+    # "idle" when it holds no request (its last step's mode then no longer says anything).
+    mode: str
     merged: str | None  # the adapter merged into its weights now
     running: int
     waiting: int
@@ -141,7 +143,7 @@ def _worker(st: WorkerStats, age: float) -> WorkerStatus:
         draining=st.draining,
         device=st.device,
         dtype=st.dtype,
-        mode=st.mode,
+        mode=st.mode if st.running or st.waiting else "idle",
         merged=st.merged_adapter,
         running=st.running,
         waiting=st.waiting,

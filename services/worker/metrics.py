@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 logger = log.get("worker")
 
-MODES = ("merged", "unmerged", "mixed")  # policy.Mode's values
+MODES = ("merged", "unmerged", "mixed")  # policy.Mode's values: how a step runs
+IDLE = "idle"  # dlora_worker_mode's with no request held: the last step's mode no longer says anything
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,12 @@ def families(v: WorkerView) -> Iterator[Metric]:
         ["worker", "kind"],
         {(w, k): s for k, (_, s) in kinds.items()},
     )
+    mode = e.last_mode if st.running or st.waiting else IDLE
     yield _gauge(
         "dlora_worker_mode",
-        "1 for the mode of the last step",
+        "1 for the mode the worker runs in: its last step's, or idle with no request",
         ["worker", "mode"],
-        {(w, m): float(m == e.last_mode) for m in MODES},
+        {(w, m): float(m == mode) for m in (*MODES, IDLE)},
     )
     merged = st.merged_adapter
     yield _gauge(

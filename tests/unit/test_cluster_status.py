@@ -61,6 +61,7 @@ def test_workers_adapters_and_plans_as_the_page_shows_them() -> None:
     assert [w.worker for w in doc.workers] == ["w0", "w1"]  # live ones, by name
     w1 = doc.workers[1]
     assert (w1.mode, w1.merged, w1.running, w1.kv_cache_usage, w1.stats_age_s) == ("merged", "a", 1, 0.25, 2.0)
+    assert doc.workers[0].mode == "idle"  # no request held
     # a merged adapter needs no slot: its weights are in the device's
     assert [p.tier for p in doc.workers[0].adapters + w1.adapters] == ["gpu", "gpu", "cpu"]
     assert [a.name for a in doc.adapters] == ["llama", "a", "b"] and doc.adapters[0].base
@@ -71,3 +72,13 @@ def test_workers_adapters_and_plans_as_the_page_shows_them() -> None:
     assert doc.adapters[2].placement == {"w1": "cpu"}
     assert [p.plan_id for p in doc.migrations] == ["p2", "p1", "p0"]  # newest first
     assert doc.migrations[0].trigger == "queue-delay" and doc.migrations[0].moves[0].ship_kv
+
+
+def test_a_worker_with_no_request_shows_idle_not_its_last_step_s_mode() -> None:
+    view = ClusterView()
+    view.heard(_stats("w0", [], [], "mixed"), 10.0)  # its last step ran mixed, then it emptied
+    view.heard(
+        _stats("w1", [], [RequestLoad(request_id="1", adapter=None, context_tokens=4, remaining_tokens=3)]), 10.0
+    )
+    doc = cluster_status(view.live(10.0, 5.0), [], [], Traffic(), "llama", "gw", 1e9)
+    assert [(w.worker, w.mode) for w in doc.workers] == [("w0", "idle"), ("w1", "")]  # w1: no step yet

@@ -78,6 +78,7 @@ def test_every_family_with_the_view_s_values() -> None:
     assert _one(s, "dlora_adapter_switches_total", kind="merge") == 2
     assert _one(s, "dlora_adapter_switch_seconds_total", kind="merge") == 0.5
     assert _one(s, "dlora_worker_mode", mode="mixed") == 1 and _one(s, "dlora_worker_mode", mode="merged") == 0
+    assert _one(s, "dlora_worker_mode", mode="idle") == 0
     assert s["dlora_merged_adapter"] == {(("adapter", "a"), ("worker", "w0")): 1}
     assert _one(s, "dlora_adapter_credit_seconds", adapter="a") == -1.5
     assert _one(s, "dlora_adapter_credit_seconds", adapter="llama") == 1.5
@@ -96,6 +97,22 @@ def test_every_family_with_the_view_s_values() -> None:
     assert _one(s, "vllm:max_gpu_lora_adapters") == 4
     info = dict(next(iter(s["vllm:lora_requests_info"])))
     assert (info["running_lora_adapters"], info["waiting_lora_adapters"], info["max_lora"]) == ("a", "b", "4")
+
+
+def test_a_worker_with_no_request_is_idle_whatever_its_last_step_was() -> None:
+    stats = WorkerStats(
+        worker="w0", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4, mode="mixed"
+    )
+    s = _scrape(_view(stats=stats))  # the engine's last step ran mixed
+    assert {dict(k)["mode"]: v for k, v in s["dlora_worker_mode"].items()} == {
+        "merged": 0,
+        "unmerged": 0,
+        "mixed": 0,
+        "idle": 1,
+    }
+    assert _one(s, "dlora_steps_total", mode="mixed") == 5 and "idle" not in {
+        dict(k)["mode"] for k in s["dlora_steps_total"]
+    }
 
 
 def test_a_policy_without_credits_or_a_bound_exports_neither() -> None:
