@@ -324,6 +324,8 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     draining: bool = False
     running: int
     waiting: int
+    # Of the waiting, those preempted (their KV freed) and not yet back in the running batch.
+    preempted: int = 0
     # Free KV blocks and their size, for placement.
     free_blocks: int
     total_blocks: int

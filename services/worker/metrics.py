@@ -90,6 +90,12 @@ def families(v: WorkerView) -> Iterator[Metric]:
     yield from _both(
         _gauge, "dlora_num_requests_waiting", "vllm:num_requests_waiting", "Requests waiting to run", v, st.waiting
     )
+    yield _gauge(
+        "dlora_num_requests_preempted",
+        "Waiting requests preempted (KV freed) and not yet back in the running batch",
+        ["worker"],
+        {(w,): st.preempted},
+    )
     yield from _both(
         _gauge, "dlora_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", v, st.kv_cache_usage
     )

@@ -11,6 +11,7 @@ import time
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.versions import name_of, version_of
 
@@ -45,6 +46,7 @@ def worker_stats(
         worker=worker,
         running=running,
         waiting=len(e.seqs) - running,
+        preempted=sum(1 for s in e.seqs.values() if s.status is Status.WAITING and s.num_preemptions),
         free_blocks=e.blocks.num_free,
         total_blocks=e.blocks.num_blocks,
         block_size=e.blocks.block_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.engine.scheduler import preempt
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.snapshot import worker_stats
 from tests.engine.helpers import make_engine
@@ -24,3 +25,17 @@ def test_stats_speak_of_adapter_names_and_add_up(tiny_llama: TinyOutput) -> None
     assert all(0 <= r.remaining_tokens <= 9 for r in st.requests)
     assert "lora-0" in st.adapter_seconds_per_token and not any("@" in k for k in st.adapter_seconds_per_token)
     assert st.kv_transfer_seconds_per_token == 0.25 and st.steps == 1
+
+
+def test_a_preempted_request_counts_until_it_is_back_in_the_batch(tiny_llama: TinyOutput) -> None:
+    engine = make_engine(tiny_llama)
+    for rid in ("a", "b"):
+        engine.add_request(rid, prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=9))
+    engine.step()
+    assert worker_stats("w0", engine, OutputLengths()).preempted == 0  # both running
+    preempt(engine.seqs["b"], engine.blocks)  # what the scheduler does when blocks run out
+    st = worker_stats("w0", engine, OutputLengths())
+    assert (st.running, st.waiting, st.preempted) == (1, 1, 1)
+    engine.step()  # b is recomputed: running again
+    st = worker_stats("w0", engine, OutputLengths())
+    assert (st.running, st.waiting, st.preempted) == (2, 0, 0)

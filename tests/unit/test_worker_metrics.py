@@ -16,6 +16,7 @@ def _view(**over: object) -> WorkerView:
         worker="w0",
         running=2,
         waiting=1,
+        preempted=1,
         free_blocks=25,
         total_blocks=100,
         block_size=16,
@@ -70,7 +71,9 @@ def _one(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str
 def test_every_family_with_the_view_s_values() -> None:
     s = _scrape(_view())
     assert _one(s, "vllm:num_requests_running", model_name="llama", worker="w0") == 2
-    assert _one(s, "dlora_num_requests_waiting", worker="w0") == 1
+    assert (
+        _one(s, "dlora_num_requests_waiting", worker="w0") == _one(s, "dlora_num_requests_preempted", worker="w0") == 1
+    )
     assert _one(s, "vllm:kv_cache_usage_perc") == _one(s, "dlora_kv_cache_usage_ratio") == 0.75
     assert _one(s, "vllm:generation_tokens_total") == 40 and _one(s, "vllm:prompt_tokens_total") == 30
     assert _one(s, "vllm:num_preemptions_total") == 1
