@@ -265,9 +265,12 @@ def test_three_hosts_lose_a_worker_host_a_nats_node_and_the_redis_primary_withou
         print(json.dumps(record))
         assert summary["sent"] == REQUESTS and summary["completed"] == REQUESTS, summary
         assert summary["failed"] == 0 and summary["lost"] == 0 and summary["short"] == 0, summary
-        # None went silent until the gateway's 60 s chunk timeout (then 503, retried: "completed").
-        # Shorter stalls of 30-40 s are still seen in about one run in three (issue 18's note).
-        assert summary["ttft_s"]["p99"] < 60, summary
+        # None went silent for long: not until the gateway's 60 s chunk timeout (then 503, retried:
+        # "completed"), as requests dropped in silence or left on a lost worker's records once
+        # did (30-60 s stalls in one run in three), nor until the gateway's check for a request
+        # whose record went (2 checks 2 x TTL apart) was needed more than once in a row. Measured
+        # after that fix: TTFT p99 2.6 s.
+        assert summary["ttft_s"]["p99"] < 10 * TTL_S and summary["e2e_s"]["p99"] < 10 * TTL_S, summary
         assert master[0] == net.hosts["w2"], master  # the Sentinels promoted the replica
         assert drained.popen.wait(timeout=30) == 0
         # Type=notify: each service said READY=1 once serving; the stopped worker said STOPPING=1
