@@ -210,7 +210,7 @@ class WorkerService:
         copy = Copy.of(stream.request, self.records.stalled())
         if await self.store.fenced(self.s.worker_id, {move.request_id: copy}):
             return  # given up here meanwhile (this worker stalled): a later attempt serves it
-        self.metrics.moved(len(data) if data is not None else None)
+        self.metrics.moved(len(data) if data is not None else None, move.trigger)
         # Recorded at the destination first: what it writes then is its own, not fenced.
         await self.store.put_inflight(resumed, move.to_worker)
         for chunk in chunks:

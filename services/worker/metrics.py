@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dlora.common import log
-from dlora.common.messages import WorkerStats
+from dlora.common.messages import PlanTrigger, WorkerStats
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.versions import name_of
 
@@ -301,19 +301,21 @@ class WorkerMetrics:
         self.worker = worker
         self._moves = Counter(
             "dlora_migrations_out",
-            "Requests moved away from this worker, by method: kv (cache shipped) or recompute",
-            ["worker", "method"],
+            "Requests moved away from this worker, by the plan's trigger and method: kv (cache shipped) or recompute",
+            ["worker", "trigger", "method"],
             registry=self.registry,
         )
         self._kv_bytes = Counter(
             "dlora_migration_kv_bytes", "Bytes of KV cache shipped by moves", ["worker"], registry=self.registry
         )
-        for method in ("kv", "recompute"):
-            self._moves.labels(worker, method)
+        for trigger in PlanTrigger:
+            for method in ("kv", "recompute"):
+                self._moves.labels(worker, trigger.value, method)
         self._kv_bytes.labels(worker)
         self.registry.register(_Live(view))
 
-    def moved(self, kv_bytes: int | None) -> None:
-        """A request moved away: with its cache (``kv_bytes``) or to be recomputed (None)."""
-        self._moves.labels(self.worker, "recompute" if kv_bytes is None else "kv").inc()
+    def moved(self, kv_bytes: int | None, trigger: str = "none") -> None:
+        """A request moved away by a plan that ``trigger`` set off (``PlanTrigger``'s value): with its
+        cache (``kv_bytes``) or to be recomputed (None)."""
+        self._moves.labels(self.worker, trigger, "recompute" if kv_bytes is None else "kv").inc()
         self._kv_bytes.labels(self.worker).inc(kv_bytes or 0)

@@ -25,6 +25,7 @@ class Move:
     request_id: str
     to_worker: str
     ship_kv: bool  # its KV cache goes along; else the destination recomputes it
+    trigger: str = "none"  # the bound that set its plan off (PlanTrigger's value; "none": the plan says not)
 
 
 def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -> list[Move] | None:
@@ -33,7 +34,8 @@ def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -
     migrator epoch below ``epoch_seen``, a leader since deposed."""
     if now - plan.created > PLAN_MAX_AGE_S or plan.epoch < epoch_seen:
         return None
-    return [Move(m.request_id, m.to_worker, m.ship_kv) for m in plan.moves if m.to_worker != worker_id]
+    trigger = plan.trigger.value if plan.trigger else "none"
+    return [Move(m.request_id, m.to_worker, m.ship_kv, trigger) for m in plan.moves if m.to_worker != worker_id]
 
 
 def handoff(

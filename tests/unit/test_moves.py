@@ -7,7 +7,7 @@ import asyncio
 
 import torch
 
-from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams
+from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, PlanTrigger, SamplingParams
 from dlora.services.worker import moves
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.kv_inbox import KVInbox
@@ -15,11 +15,12 @@ from dlora.services.worker.kv_inbox import KVInbox
 REQ = GenerateRequest(request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1, 2, 3], params=SamplingParams())
 
 
-def plan(epoch: int = 3, created: float = 100.0) -> MovePlan:
+def plan(epoch: int = 3, created: float = 100.0, trigger: PlanTrigger | None = None) -> MovePlan:
     return MovePlan(
         plan_id="p",
         epoch=epoch,
         created=created,
+        trigger=trigger,
         moves=[
             MoveRequest(request_id="a", adapter="x", to_worker="w1", ship_kv=True),
             MoveRequest(request_id="b", adapter=None, to_worker="w0", ship_kv=False),
@@ -29,6 +30,12 @@ def plan(epoch: int = 3, created: float = 100.0) -> MovePlan:
 
 def test_a_worker_takes_the_moves_away_from_it() -> None:
     assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True)]
+
+
+def test_a_move_carries_its_plan_s_trigger() -> None:
+    taken = moves.moves_to_take(plan(trigger=PlanTrigger.KV_PRESSURE), "w0", epoch_seen=3, now=101.0)
+    assert taken == [moves.Move("a", "w1", True, "kv-pressure")]
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True, "none")]
 
 
 def test_stale_plans_are_refused() -> None:

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.metrics import WorkerView, _copied, _Live
+from dlora.services.worker.metrics import WorkerMetrics, WorkerView, _copied, _Live
 
 
 def _view(**over: object) -> WorkerView:
@@ -52,17 +52,25 @@ def _view(**over: object) -> WorkerView:
     return WorkerView(**(fields | over))  # type: ignore[arg-type]
 
 
-def _scrape(view: WorkerView) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def _scrape(view: WorkerView) -> Samples:
     registry = CollectorRegistry()
     registry.register(_Live(lambda: view))
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    return _samples(registry)
+
+
+def _samples(registry: CollectorRegistry) -> Samples:
+    """Sample name -> its labels (sorted pairs) -> value."""
+    out: Samples = {}
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
         for sample in family.samples:
             out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return out
 
 
-def _one(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+def _one(samples: Samples, name: str, **labels: str) -> float:
     matching = [v for k, v in samples[name].items() if set(labels.items()) <= set(k)]
     assert len(matching) == 1, (name, labels, samples[name])
     return matching[0]
@@ -149,3 +157,18 @@ def test_the_engine_s_counters_copy_while_a_step_adds_to_them() -> None:
         sys.setswitchinterval(interval)
     assert all(len(c.loads_by_adapter) in (200, 201) for c in copies)
     assert copies[0].loads_by_adapter is not stats.loads_by_adapter  # a copy, not the live dict
+
+
+def test_moves_away_are_counted_by_trigger_and_method_with_the_bytes_shipped() -> None:
+    m = WorkerMetrics("w0", _view)
+    m.moved(1000, "queue-delay")  # its cache shipped
+    m.moved(500, "queue-delay")
+    m.moved(None, "kv-pressure")  # recomputed at the destination: no bytes
+    m.moved(None)  # a plan that named no trigger
+    s = _samples(m.registry)
+    moved = {(dict(k)["trigger"], dict(k)["method"]): v for k, v in s["dlora_migrations_out_total"].items()}
+    assert moved[("queue-delay", "kv")] == 2 and moved[("kv-pressure", "recompute")] == 1
+    assert moved[("none", "recompute")] == 1 and moved[("request-count", "kv")] == 0  # every trigger's, from 0
+    assert sum(moved.values()) == 4
+    assert s["dlora_migration_kv_bytes_total"] == {(("worker", "w0"),): 1500}
+    assert _one(s, "dlora_num_requests_running", worker="w0") == 2  # and the view's families beside them
