@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from dlora.common import subjects
+from dlora.common.messages import MovePlan, MoveRequest, PlanMethod, PlanTrigger
 from tests.integration.conftest import ADMIN_KEY, Stack
 from tests.integration.test_gateway import post
 
@@ -173,17 +176,25 @@ async def test_dashboard_asks_for_the_key_then_follows_the_cluster_under_load(
     wave = [{"model": "lora-1", "prompt": "kalo", "max_tokens": 128}] * 6 + [
         {"model": "lora-2", "prompt": "kalo remi", "max_tokens": 128}
     ] * 2
-    sent, busy = 0, 0  # waves sent; the most requests the page showed running or waiting at once
+    sent, busy = 0, None  # waves sent; the first snapshot that showed a request running or waiting
     deadline = time.monotonic() + 15
-    while busy == 0 and time.monotonic() < deadline:
+    while busy is None and time.monotonic() < deadline:
         load = asyncio.gather(*(post(stack, "/v1/completions", b) for b in wave))
         sent += 1
         while not load.done():
             snap = await snapshot(browser)
-            busy = max(busy, sum(count(w["running"]) + count(w["waiting"]) for w in snap["workers"]))
+            if busy is None and any(count(w["running"]) + count(w["waiting"]) for w in snap["workers"]):
+                busy = snap
+                # (e) The page under load, for a person to look at.
+                SCREENSHOT.parent.mkdir(exist_ok=True)
+                assert await asyncio.to_thread(browser.save_screenshot, str(SCREENSHOT))
             await asyncio.wait([load], timeout=0.1)
         assert all(code == 200 for code, _ in load.result()), load.result()
-    assert busy > 0, f"the page never showed a request running or waiting during {sent} waves of load"
+    assert busy is not None, f"the page never showed a request running or waiting during {sent} waves of load"
+    # A worker at work shows the mode its last step ran in, what is merged, and its KV cache in use.
+    working = [w for w in busy["workers"] if count(w["running"]) + count(w["waiting"])]
+    assert all(w["mode"].split()[0] in ("merged", "unmerged", "mixed") for w in working), working
+    assert all(w["merged"] in ("–", "lora-1", "lora-2") and w["kv"].endswith("%") for w in working), working
     snap = await until(
         browser,
         lambda s: (
@@ -198,9 +209,21 @@ async def test_dashboard_asks_for_the_key_then_follows_the_cluster_under_load(
     # The adapters that ran are loaded on a worker now, and the page says where.
     assert any(tier in after["lora-1"]["placement"] for tier in ("gpu", "cpu")), after["lora-1"]
 
-    # (e) The populated page, for a person to look at.
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    assert await asyncio.to_thread(browser.save_screenshot, str(SCREENSHOT))
+    # (f) A migration plan, as the migrator publishes it, appears as it happens.
+    plan = MovePlan(
+        plan_id="plan-under-test",
+        created=time.time(),
+        moves=[MoveRequest(request_id="req-moved", adapter="lora-1", to_worker="w1", ship_kv=True)],
+        method=PlanMethod.ILP,
+        trigger=PlanTrigger.QUEUE_DELAY,
+        solve_seconds=0.004,
+        makespan_before_s=3.0,
+        makespan_after_s=2.0,
+    )
+    await stack.nc.publish(subjects.MOVES, msgspec.json.encode(plan))
+    snap = await until(browser, lambda s: s["migrations"] == 1, "the migration plan")
+    shown = await asyncio.to_thread(browser.find_element(By.ID, "migrations").get_attribute, "textContent")
+    assert all(part in shown for part in ("queue-delay", "ilp", "req-moved", "w1", "kv", "3.00 s → 2.00 s")), shown
 
     # (d) Nothing went wrong in the page.
     snap = await snapshot(browser)
