@@ -2,16 +2,21 @@
 
 Each service exports what it knows (docs/metrics.md) from its own registry, then the process-wide
 one (bus messages it could not read, the process's CPU and memory). Collectors read live state
-at scrape time, so nothing is computed for metrics between scrapes.
+at scrape time, so nothing is computed for metrics between scrapes. The format is the one the
+scraper asks for (``Accept``): OpenMetrics (with each family's unit) to a Prometheus, which asks
+for it first, else Prometheus's text format.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from dlora.common import log
 from dlora.common.settings import Common
@@ -19,14 +24,28 @@ from dlora.common.settings import Common
 logger = log.get("metrics")
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    """``registry``'s metrics, then the process-wide ones, in Prometheus's text format."""
-    return generate_latest(registry) + generate_latest(REGISTRY)
+class _Together(Collector):
+    """``registry``'s families, then the process-wide ones: one exposition (OpenMetrics ends in one ``# EOF``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
+        yield from REGISTRY.collect()
 
 
-def metrics_response(registry: CollectorRegistry) -> web.Response:
-    """``GET /metrics``: ``render(registry)``."""
-    return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+    """``registry``'s metrics, then the process-wide ones, in the format ``accept`` (a request's
+    ``Accept`` header) asks for: OpenMetrics, or else Prometheus's text format; with its content type."""
+    encode, content_type = choose_encoder(accept)
+    return encode(_Together(registry)), content_type
+
+
+def metrics_response(registry: CollectorRegistry, accept: str = "") -> web.Response:
+    """``GET /metrics``: ``render(registry, accept)``."""
+    body, content_type = render(registry, accept)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 @contextlib.asynccontextmanager
@@ -37,8 +56,8 @@ async def metrics_endpoint(s: Common, registry: CollectorRegistry) -> AsyncItera
         yield
         return
 
-    async def metrics(_: web.Request) -> web.Response:
-        return metrics_response(registry)
+    async def metrics(request: web.Request) -> web.Response:
+        return metrics_response(registry, request.headers.get("Accept", ""))
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -361,7 +361,7 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
-        return metrics_response(self.metrics.registry)
+        return metrics_response(self.metrics.registry, request.headers.get("Accept", ""))
 
     async def _on_reply(self, msg: Msg) -> None:
         queue = self.replies.get(msg.subject.rsplit(".", 1)[-1])

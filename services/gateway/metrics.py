@@ -19,23 +19,35 @@ class Metrics:
             "dlora_requests", "Requests finished, by adapter and status", ["adapter", "status"], registry=r
         )
         self.ttft = Histogram(
-            "dlora_time_to_first_token_seconds", "Time to first token", ["adapter"], buckets=_LATENCY, registry=r
+            "dlora_time_to_first_token_seconds",
+            "Time to first token",
+            ["adapter"],
+            buckets=_LATENCY,
+            unit="seconds",
+            registry=r,
         )
         self.tpot = Histogram(
             "dlora_time_per_output_token_seconds",
             "Time per output token after the first",
             ["adapter"],
             buckets=_LATENCY,
+            unit="seconds",
             registry=r,
         )
         self.e2e = Histogram(
-            "dlora_e2e_request_latency_seconds", "End-to-end request latency", ["adapter"], buckets=_LATENCY, registry=r
+            "dlora_e2e_request_latency_seconds",
+            "End-to-end request latency",
+            ["adapter"],
+            buckets=_LATENCY,
+            unit="seconds",
+            registry=r,
         )
         self.queue = Histogram(
             "dlora_request_queue_time_seconds",
             "Time waiting at the worker before the first step",
             ["adapter"],
             buckets=_LATENCY,
+            unit="seconds",
             registry=r,
         )
         self.traffic = Traffic()  # the same, kept for the status page

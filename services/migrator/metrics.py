@@ -31,12 +31,17 @@ class MigratorMetrics:
             registry=r,
         )
         self.solve = Histogram(
-            "dlora_migration_plan_solve_seconds", "Seconds to find a plan", buckets=_SOLVE_BUCKETS, registry=r
+            "dlora_migration_plan_solve_seconds",
+            "Seconds to find a plan",
+            buckets=_SOLVE_BUCKETS,
+            unit="seconds",
+            registry=r,
         )
         self.makespan = Gauge(
             "dlora_migration_makespan_seconds",
             "The last plan's estimated longest completion time, before and after its moves",
             ["when"],
+            unit="seconds",
             registry=r,
         )
 

@@ -56,9 +56,14 @@ Labelled = dict[tuple[str, ...], float]
 
 
 def _family(
-    kind: type[GaugeMetricFamily | CounterMetricFamily], name: str, doc: str, labels: list[str], values: Labelled
+    kind: type[GaugeMetricFamily | CounterMetricFamily],
+    name: str,
+    doc: str,
+    labels: list[str],
+    values: Labelled,
+    unit: str = "",  # OpenMetrics's: the name's own suffix (seconds, bytes, ratio), never one added to it
 ) -> Metric:
-    family = kind(name, doc, labels=labels)
+    family = kind(name, doc, labels=labels, unit=unit)
     for key, value in values.items():
         family.add_metric(list(key), value)
     return family
@@ -69,10 +74,11 @@ _counter = functools.partial(_family, CounterMetricFamily)
 
 
 def _both(
-    make: Callable[..., Metric], dlora: str, vllm: str, doc: str, v: WorkerView, value: float
+    make: Callable[..., Metric], dlora: str, vllm: str, doc: str, v: WorkerView, value: float, unit: str = ""
 ) -> Iterator[Metric]:
-    """One figure under dlora's name (labelled by worker) and vLLM's (by model_name and worker)."""
-    yield make(dlora, doc, ["worker"], {(v.worker,): value})
+    """One figure under dlora's name (labelled by worker, with ``unit``) and vLLM's (by model_name
+    and worker; vLLM's names carry no unit suffix)."""
+    yield make(dlora, doc, ["worker"], {(v.worker,): value}, unit)
     yield make(vllm, doc, ["model_name", "worker"], {(v.model_name, v.worker): value})
 
 
@@ -97,7 +103,13 @@ def families(v: WorkerView) -> Iterator[Metric]:
         {(w,): st.preempted},
     )
     yield from _both(
-        _gauge, "dlora_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", v, st.kv_cache_usage
+        _gauge,
+        "dlora_kv_cache_usage_ratio",
+        "vllm:kv_cache_usage_perc",
+        "KV cache usage, 0 to 1",
+        v,
+        st.kv_cache_usage,
+        "ratio",
     )
     yield _gauge("dlora_kv_cache_blocks", "KV cache blocks in all", ["worker"], {(w,): st.total_blocks})
     labels = ["model_name", "worker"]
@@ -135,6 +147,7 @@ def families(v: WorkerView) -> Iterator[Metric]:
         "Seconds merges and unmerges took",
         ["worker", "kind"],
         {(w, k): s for k, (_, s) in kinds.items()},
+        "seconds",
     )
     mode = e.last_mode if st.running or st.waiting else IDLE
     yield _gauge(
@@ -158,16 +171,22 @@ def families(v: WorkerView) -> Iterator[Metric]:
             "Seconds of service the adapter is owed (+) or owes (-)",
             ["worker", "adapter"],
             {(w, a): c for a, c in credits.items()},
+            "seconds",
         )
     yield _gauge(
         "dlora_longest_wait_seconds",
         "How long the oldest request without a first token has waited",
         ["worker"],
         {(w,): v.longest_wait_s},
+        "seconds",
     )
     if v.wait_bound_s is not None:
         yield _gauge(
-            "dlora_wait_bound_seconds", "The policy's bound on a request's wait", ["worker"], {(w,): v.wait_bound_s}
+            "dlora_wait_bound_seconds",
+            "The policy's bound on a request's wait",
+            ["worker"],
+            {(w,): v.wait_bound_s},
+            "seconds",
         )
     yield from _requests(v)
     yield from _residency(v)
@@ -229,6 +248,7 @@ def _residency(v: WorkerView) -> Iterator[Metric]:
         "Seconds those loads took",
         ["worker", "adapter"],
         {(w, a): s for a, s in seconds.items()},
+        "seconds",
     )
     vllm: Labelled = {(v.model_name, w, a, t, "false", str(ranks.get(a, 0))): 1.0 for a, t in tier.items()}
     yield _gauge(
@@ -306,7 +326,11 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self._kv_bytes = Counter(
-            "dlora_migration_kv_bytes", "Bytes of KV cache shipped by moves", ["worker"], registry=self.registry
+            "dlora_migration_kv_bytes",
+            "Bytes of KV cache shipped by moves",
+            ["worker"],
+            unit="bytes",
+            registry=self.registry,
         )
         for trigger in PlanTrigger:
             for method in ("kv", "recompute"):

@@ -1,0 +1,75 @@
+"""What ``GET /metrics`` serves, in the format the scraper asks for (pure: no server): every
+service's registry, then the process-wide one; OpenMetrics with each family's unit to a scraper
+that asks for it (a Prometheus does), Prometheus's text format to one that does not."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
+
+from dlora.common.exporter import metrics_response, render
+from dlora.services.dispatcher.metrics import DispatcherMetrics
+from dlora.services.gateway.metrics import Metrics as GatewayMetrics
+from dlora.services.migrator.metrics import MigratorMetrics
+from dlora.services.worker.metrics import WorkerMetrics
+from tests.grafana import documented_by_section
+from tests.unit.test_worker_metrics import _view
+
+# What a Prometheus (2.x and 3.x) sends.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+UNITS = ("seconds", "bytes", "ratio")
+
+
+def registries() -> dict[str, CollectorRegistry]:
+    """Every service's registry, with a sample in each labelled family."""
+    gateway = GatewayMetrics()
+    for histogram in (gateway.ttft, gateway.tpot, gateway.e2e, gateway.queue):
+        histogram.labels("a").observe(0.1)
+    worker = WorkerMetrics("w0", _view)
+    worker.moved(100, "queue-delay")
+    dispatcher = DispatcherMetrics(lambda: 1)
+    dispatcher.decisions.labels("w0").inc()
+    migrator = MigratorMetrics()
+    migrator.makespan.labels("before").set(1.0)
+    return {
+        "Gateway": gateway.registry,
+        "Worker": worker.registry,
+        "Dispatcher": dispatcher.registry,
+        "Migrator": migrator.registry,
+    }
+
+
+@pytest.mark.parametrize("section", ["Gateway", "Worker", "Dispatcher", "Migrator"])
+def test_openmetrics_to_a_prometheus_with_every_unit_and_the_same_names(section: str) -> None:
+    registry = registries()[section]
+    assert metrics_response(registry, PROMETHEUS_ACCEPT).content_type == "application/openmetrics-text"
+    body, content_type = render(registry, PROMETHEUS_ACCEPT)
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n") and text.count("# EOF") == 1  # one exposition, process families in it
+    families = {f.name: f for f in openmetrics_families(text)}  # the strict parser: it is valid OpenMetrics
+    assert "process_cpu_seconds" in families or "python_info" in families
+    # Every documented family under its documented name (a counter's family drops `_total`), and
+    # each whose name ends in a unit says so.
+    for name in documented_by_section()[section]:
+        family = families[name.removesuffix("_total")]
+        unit = next((u for u in UNITS if family.name.endswith("_" + u)), "")
+        assert family.unit == unit, (family.name, family.unit)
+
+
+def test_prometheus_text_without_an_accept_header_with_the_same_samples() -> None:
+    registry = registries()["Migrator"]
+    text, content_type = render(registry)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert b"# UNIT" not in text and b"# EOF" not in text
+    plain = {s.name: s.value for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    opened, _ = render(registry, PROMETHEUS_ACCEPT)
+    strict = {s.name: s.value for f in openmetrics_families(opened.decode()) for s in f.samples}
+    assert {n: v for n, v in plain.items() if n.startswith("dlora_")} == {
+        n: v for n, v in strict.items() if n.startswith("dlora_")
+    }
