@@ -55,3 +55,18 @@ async def hand_over(w: WorkerService) -> None:
         logger.info("handed over at stop", requests=len(held))
     except Exception as e:  # noqa: BLE001 - see the docstring
         logger.warning("hand-over not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
+
+
+async def hand_back_late(w: WorkerService) -> None:
+    """Once the worker has stopped listening: hand back every record still naming it, requests a
+    dispatcher sent before it heard of the drain whose message came after ``hand_over`` (or never
+    came). Handed back as a drain's, not a death; otherwise they would wait for the heartbeat
+    TTL and count as one. Best effort: what is not sent is recovered after the TTL."""
+    try:
+        late, _ = await w.store.sweep_inflight(w.s.worker_id, w.incarnation, set(), 0.0)
+        if late:
+            await bus.publish(w.nc, subjects.LOST, LostRequests(worker=w.s.worker_id, requests=late, draining=True))
+            await w.nc.flush(timeout=2)
+            logger.info("handed back requests that came after the hand-over", requests=len(late))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logger.warning("late hand-back not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")

@@ -476,6 +476,8 @@ class WorkerService:
             warm.cancel()
             for sub in subs:
                 await sub.unsubscribe()
+            if self.draining:
+                await drain.hand_back_late(self)
             with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
                 await self.store.forget_worker(self.s.worker_id)
 

@@ -19,6 +19,7 @@ from dlora.common.messages import ClientAlive, ErrorCode, GenerateRequest, Sampl
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
+from dlora.services.worker import drain
 from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_fencing import PROMPT, Cluster, _read, _until, cluster  # noqa: F401 - a fixture
 
@@ -117,3 +118,33 @@ async def test_the_gateway_answers_a_request_whose_record_went_without_an_answer
         assert r.status == 503, await r.text()
         assert "lost on its way" in (await r.json())["error"]["message"]
     assert time.monotonic() - start < 10
+
+
+async def test_a_request_that_reaches_a_stopping_worker_after_its_hand_over_runs_elsewhere(
+    cluster,  # type: ignore[no-untyped-def]  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dispatcher that had not heard of a drain sends one more request: it comes after the
+    worker handed over what it held. The worker hands it back as it exits, not a death, and it
+    runs elsewhere at once (the TTL here is 30 s: neither a loss nor the sweep could be that soon)."""
+    c: Cluster = await cluster(ttl_s=30.0)
+    _, stop_a, task_a = await c.worker("w-a")
+    await c.worker("w-b")
+    handed = drain.hand_over
+    chunks: list[asyncio.Queue[TokenChunk]] = []
+
+    async def then_one_more(w) -> None:  # type: ignore[no-untyped-def]
+        await handed(w)
+        chunks.append(await _recorded(c, "late", "w-a"))
+        req = (await c.store.get_inflight("late")).request  # type: ignore[union-attr]
+        await c.nc.publish(subjects.worker_requests("w-a"), msgspec.json.encode(req))
+        await c.nc.flush()
+
+    monkeypatch.setattr(drain, "hand_over", then_one_more)
+    stop_a.set()
+    await asyncio.wait_for(task_a, 15)
+    stream = ReplyStream("late")
+    await asyncio.wait_for(_read(stream, chunks[0]), 10)
+    assert stream.error is None and stream.tokens == 8 and stream.worker == "w-b"
+    assert c.dispatcher is not None
+    assert c.dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == 0
