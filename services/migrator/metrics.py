@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dlora.common.messages import MovePlan
+from dlora.common.messages import MovePlan, PlanMethod, PlanTrigger
 
 # Solve times: a greedy pass takes milliseconds, the ILP up to its time bound (solve_time_s).
 _SOLVE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -30,6 +30,11 @@ class MigratorMetrics:
             ["trigger", "method"],
             registry=r,
         )
+        for trigger in PlanTrigger:  # served from 0: a rate over them is defined before the first plan
+            for method in PlanMethod:
+                self.plans.labels(trigger.value, method.value)
+            for moved in ("kv", "recompute"):
+                self.moves.labels(trigger.value, moved)
         self.solve = Histogram(
             "dlora_migration_plan_solve_seconds",
             "Seconds to find a plan",

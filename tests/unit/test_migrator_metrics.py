@@ -35,3 +35,12 @@ def test_solves_moves_and_a_lost_lease() -> None:
     m.leads(False)  # another migrator plans now: its makespan is the one to read
     text = _samples(m)
     assert "dlora_migration_makespan_seconds{" not in text and "dlora_migrator_leader 0.0" in text
+
+
+def test_every_trigger_s_plans_and_moves_are_served_from_zero() -> None:
+    text = _samples(MigratorMetrics())
+    for trigger in PlanTrigger:
+        for method in PlanMethod:
+            assert f'dlora_migration_plans_total{{method="{method.value}",trigger="{trigger.value}"}} 0.0' in text
+        for moved in ("kv", "recompute"):
+            assert f'dlora_migration_moves_total{{method="{moved}",trigger="{trigger.value}"}} 0.0' in text
