@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from dlora.common import log
@@ -57,6 +57,19 @@ class Notifier:
         """``READY=1`` with a one-line ``STATUS`` (``systemctl status`` shows it)."""
         self._send("READY")
         self._send("STATUS", status)
+
+    async def ready_when(self, reachable: Callable[[], Awaitable[object]], status: str, every_s: float = 1.0) -> None:
+        """``ready`` once ``reachable()`` returns (Redis answers a ping), trying every ``every_s``:
+        a service that rides out a Redis outage serves meanwhile, but is not yet what the unit
+        promises (connected to NATS and Redis), so systemd's start timeout still applies."""
+        while True:
+            try:
+                await reachable()
+                break
+            except Exception as e:  # noqa: BLE001 - down at start: tried again
+                logger.warning("not ready: the state store does not answer yet", error=type(e).__name__)
+            await asyncio.sleep(every_s)
+        self.ready(status)
 
     def stopping(self) -> None:
         self._send("STOPPING")

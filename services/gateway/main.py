@@ -469,10 +469,11 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
         await gw.start()
         listener = await listen(gw.app(), s)
         logger.info("gateway ready", url=f"http://{s.host}:{s.port}")
-        notifier.ready(f"serving on http://{s.host}:{s.port}")
+        ready = asyncio.create_task(notifier.ready_when(store.r.ping, f"serving on http://{s.host}:{s.port}"))
         try:
             await stop.wait()
         finally:
+            ready.cancel()
             await gw.shutdown()
             await listener.close()
 

@@ -83,7 +83,9 @@ class Migrator:
     async def run(self, stop: asyncio.Event) -> None:
         sub = await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         logger.info("migrator ready", migrator=self.s.migrator_id)
-        notifier.ready(f"migrator {self.s.migrator_id} watching load")
+        ready = asyncio.create_task(
+            notifier.ready_when(self.store.r.ping, f"migrator {self.s.migrator_id} watching load")
+        )
         try:
             redis = bus.Outage("redis (migrator)")
             while not stop.is_set():
@@ -96,6 +98,7 @@ class Migrator:
                     async with asyncio.timeout(self.s.interval_s):
                         await stop.wait()
         finally:
+            ready.cancel()
             await sub.unsubscribe()
             if self.leader:
                 with contextlib.suppress(*bus.STATE_OUTAGE):

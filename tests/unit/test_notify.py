@@ -76,3 +76,24 @@ def test_the_watchdog_is_fed_only_while_the_work_loop_beats(notify_socket: socke
     n.beat()
     asyncio.run(feed_for(0.05))
     assert "WATCHDOG=1" in _received(notify_socket)
+
+
+def test_ready_waits_until_the_state_store_answers(notify_socket: socket.socket) -> None:
+    """A service started while Redis is down serves meanwhile, but says READY=1 only once a ping
+    is answered (the unit promises a service connected to NATS and Redis)."""
+    n = Notifier(env={"NOTIFY_SOCKET": "set"})
+    answers = [ConnectionError("down"), ConnectionError("down"), None]
+
+    async def ping() -> None:
+        if (answer := answers.pop(0)) is not None:
+            raise answer
+
+    async def main() -> list[str]:
+        task = asyncio.create_task(n.ready_when(ping, "up", every_s=0.01))
+        await asyncio.sleep(0.005)
+        before = _received(notify_socket)
+        await task
+        return before
+
+    assert asyncio.run(main()) == []
+    assert _received(notify_socket) == ["READY=1", "STATUS=up"] and answers == []
