@@ -10,9 +10,18 @@ from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Work
 
 
 def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs: float) -> ClusterSnapshot:
-    # A worker that has not stepped yet has no measured speed: use the cluster's mean.
+    """The planner's view of ``stats``. Every worker is priced at the cluster's mean measured
+    seconds per token (per adapter where measured somewhere): the workers run one model, and a
+    batched engine's own figure falls as its batch grows (a step's time shared by more tokens),
+    so priced by it the busiest worker looked the least loaded — the fault dispatch had
+    (``choose.py``); here it made the planner move requests between workers equally placed."""
     measured = [s.seconds_per_token for s in stats if s.seconds_per_token > 0]
-    default = sum(measured) / len(measured) if measured else 0.01
+    mean = sum(measured) / len(measured) if measured else 0.01
+    per_adapter: dict[str, list[float]] = {}
+    for s in stats:
+        for adapter, spt in s.adapter_seconds_per_token.items():
+            per_adapter.setdefault(adapter, []).append(spt)
+    adapter_mean = {a: sum(v) / len(v) for a, v in per_adapter.items()}
     workers = [
         WorkerState(
             s.worker,
@@ -20,8 +29,8 @@ def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs
             s.block_size,
             s.max_loras,
             frozenset(a.name for a in s.adapters),
-            s.seconds_per_token or default,
-            s.adapter_seconds_per_token,
+            mean,
+            adapter_mean,
             s.max_model_len,
         )
         for s in stats
