@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
+from dlora.common.messages import RequestLoad, WorkerStats
 from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, completion_times, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
@@ -204,22 +206,12 @@ def test_the_planner_reads_worker_stats_in_the_engines_slots() -> None:
     """Workers as they report themselves: max_loras adapters of any rank. w1 holds one rank-64
     adapter in two slots, so it has room for the hot rank-8 adapter (read as rank-16 units, the
     rank-64 one filled four and w1 looked full)."""
-    from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
+    from dlora.common.messages import AdapterResidency
     from dlora.services.migrator.trigger import snapshot_from_stats
 
     def stats(name: str, adapters: dict[str, int], loads: list[RequestLoad]) -> WorkerStats:
-        return WorkerStats(
-            worker=name,
-            running=len(loads),
-            waiting=0,
-            free_blocks=900,
-            total_blocks=1000,
-            block_size=16,
-            max_loras=2,
-            seconds_per_token=0.01,
-            requests=loads,
-            adapters=[AdapterResidency(name=a, slot=i, merged=False) for i, a in enumerate(adapters)],
-        )
+        held = [AdapterResidency(name=a, slot=i, merged=False) for i, a in enumerate(adapters)]
+        return _worker_stats(name, loads, 0.01, adapters=held)
 
     hot = [RequestLoad(request_id=f"r{i}", adapter="small", context_tokens=50, remaining_tokens=100) for i in range(12)]
     snap = snapshot_from_stats(
@@ -234,7 +226,6 @@ def test_every_worker_is_priced_at_the_clusters_mean_speed() -> None:
     measures 5 ms a token, w1 runs 4 and measures 20 ms. Priced by their own figures w1 looked the
     more loaded (8 s against 6 s) and requests would move towards the busier w0; at the mean
     (12.5 ms, for the adapter too) w0 is, and moves go from it to w1."""
-    from dlora.common.messages import RequestLoad, WorkerStats
     from dlora.services.migrator.trigger import snapshot_from_stats
 
     def stats(name: str, n: int, spt: float) -> WorkerStats:
@@ -242,20 +233,25 @@ def test_every_worker_is_priced_at_the_clusters_mean_speed() -> None:
             RequestLoad(request_id=f"{name}-{i}", adapter="a", context_tokens=50, remaining_tokens=100)
             for i in range(n)
         ]
-        return WorkerStats(
-            worker=name,
-            running=n,
-            waiting=0,
-            free_blocks=900,
-            total_blocks=1000,
-            block_size=16,
-            max_loras=2,
-            seconds_per_token=spt,
-            adapter_seconds_per_token={"a": spt},
-            requests=loads,
-        )
+        return _worker_stats(name, loads, spt, adapter_seconds_per_token={"a": spt})
 
     snap = snapshot_from_stats([stats("w0", 12, 0.005), stats("w1", 4, 0.02)], {"a": 8})
     assert all(w.cost("a") == w.cost(None) == 0.0125 for w in snap.workers)
     p = plan(snap)
     assert p.moves and all(m.to_worker == "w1" for m in p.moves), p
+
+
+def _worker_stats(name: str, loads: list[RequestLoad], spt: float, **more: Any) -> WorkerStats:
+    """A worker's stats as it reports them: ``loads`` running, 1,000 blocks, two slots."""
+    return WorkerStats(
+        worker=name,
+        running=len(loads),
+        waiting=0,
+        free_blocks=900,
+        total_blocks=1000,
+        block_size=16,
+        max_loras=2,
+        seconds_per_token=spt,
+        requests=loads,
+        **more,
+    )
