@@ -9,6 +9,8 @@ with the real policies, dispatch and planner against a cost profile.
    each on every replica), stride 4, bursty
    arrivals whose popularity rotates: round-robin, proactive dispatch, and proactive with the
    migrator.
+3. **Regime map** (``bench_regime``): Zipf skew × unmerged overhead × load, dLoRA against the
+   static modes.
 
 Every run also reports its wall time: the simulator's speed is part of what is measured.
 """
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 TITLES = {
     "policy": "Cluster simulator: policy ablation over adapter skew (`dlora bench simulate --experiment policy`)",
     "cluster": "Cluster simulator: dispatch and migration at scale (`dlora bench simulate --experiment cluster`)",
+    "regime": "Cluster simulator: where dynamic merging pays (`dlora bench simulate --experiment regime`)",
 }
 RANKS = (8, 16, 32)  # given to the adapters in turn, as `bench policy` makes them
 # A run ends at this many times its arrivals' span: a policy that falls behind leaves a backlog
@@ -276,6 +279,7 @@ def plot_cluster(r: dict) -> Figure:
 
 SETTINGS = {
     "policy": ("profiles", "strides", "policies", "adapters", "duration", "load"),
+    "regime": ("overheads", "alphas", "loads", "adapters", "regime_duration"),
     "cluster": (
         "replicas",
         "cluster_adapters",
@@ -289,18 +293,27 @@ SETTINGS = {
 
 
 def run_bench_simulate(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_regime import markdown_regime, plot_regime, regime
+
     args.profiles = args.profiles.split(",")
     args.strides = [int(s) for s in args.strides.split(",")]
     args.policies = args.policies.split(",")
-    policy = args.experiment == "policy"
+    args.overheads, args.alphas, args.loads = (
+        [float(v) for v in a.split(",")] for a in (args.overheads, args.alphas, args.loads)
+    )
+    experiments = {
+        "policy": (ablation, markdown_policy, plot_policy),
+        "cluster": (cluster, markdown_cluster, plot_cluster),
+        "regime": (regime, markdown_regime, plot_regime),
+    }
+    run, markdown, plot = experiments[args.experiment]
     result = {
         "date": today(),
         "machine": machine(),
         "experiment": args.experiment,
         "settings": {k: getattr(args, k) for k in (*SETTINGS[args.experiment], "max_prompt", "max_output", "seed")},
-        "rows": ablation(args) if policy else cluster(args),
+        "rows": run(args),
     }
     key, title = f"simulate-{args.experiment}", TITLES[args.experiment]
-    body = (markdown_policy if policy else markdown_cluster)(result)
-    save(result, args.json, args.benchmarks, key, title, body, plot=plot_policy if policy else plot_cluster)
+    save(result, args.json, args.benchmarks, key, title, markdown(result), plot=plot)
     return 0

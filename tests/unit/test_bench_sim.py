@@ -20,7 +20,8 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     out, md, r = tmp_path / "r.json", tmp_path / "BENCHMARKS.md", {}
     argv = "bench simulate --profiles dlora-artifact --strides 1,16 --policies dlora,merged-only --adapters 8"
     argv += " --duration 4 --replicas 2 --cluster-adapters 8 --cluster-duration 3"
-    for experiment in ("policy", "cluster"):
+    argv += " --overheads 1.8 --alphas 2 --loads 1.4 --regime-duration 4"
+    for experiment in ("policy", "cluster", "regime"):
         args = build_parser().parse_args(
             [*argv.split(), "--experiment", experiment, "--json", str(out), "--benchmarks", str(md)]
         )
@@ -36,8 +37,12 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     assert all(x["merged_steps"] == 1.0 for x in r["policy"] if x["policy"] == "merged-only")
     assert [x["dispatch"] for x in r["cluster"]] == ["round-robin", "proactive", "proactive + migration"]
     assert len({x["requests"] for x in r["cluster"]}) == 1  # one workload for the three
+    (regime,) = r["regime"]  # dLoRA against both static modes, and its gain over the better
+    best_static = min(regime["merged-only_norm_latency_mean_s"], regime["unmerged-only_norm_latency_mean_s"])
+    assert regime["gain"] == pytest.approx(best_static / regime["dlora_norm_latency_mean_s"])
+    assert regime["top_adapter_share"] > 0.3  # Zipf 2 over 8 adapters: the first holds most
     text = md.read_text()
-    assert "--experiment policy" in text and "proactive + migration" in text
-    for key in ("simulate-policy", "simulate-cluster"):  # each section ends with its plot
+    assert "--experiment policy" in text and "proactive + migration" in text and "dlora gain" in text
+    for key in ("simulate-policy", "simulate-cluster", "simulate-regime"):  # each section ends with its plot
         assert f"![{key}](docs/bench-{key}.png)\n<!-- bench-{key}:end -->" in text
         assert (tmp_path / "docs" / f"bench-{key}.png").read_bytes()[:4] == b"\x89PNG"
