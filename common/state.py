@@ -340,6 +340,10 @@ class StateStore:
     async def inflight_on(self, worker: str) -> list[str]:
         return sorted(_text(m) for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))
 
+    async def server_id(self) -> str:
+        """The Redis server's run id: another one after a restart or a failover (data may be gone)."""
+        return str((await self.r.info("server"))["run_id"])
+
     async def indexed_workers(self) -> set[str]:
         """Every worker some request is recorded as in flight on (its index is not empty)."""
         prefix = f"{self.p}:inflight-of:"

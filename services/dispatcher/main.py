@@ -191,11 +191,16 @@ class Dispatcher:
         request_ids = await self.store.inflight_on(worker)
         stale = []
         for rid in request_ids:
-            rec = await self.store.get_inflight(rid)
-            if rec is not None and rec.worker == worker:
-                await self._recover(rec)
-            else:
-                stale.append(rid)
+            try:  # one record that cannot be read or re-sent must not stop the watch (and the rest)
+                rec = await self.store.get_inflight(rid)
+                if rec is not None and rec.worker == worker:
+                    await self._recover(rec)
+                else:
+                    stale.append(rid)
+            except bus.STATE_OUTAGE:
+                raise  # Redis down: the whole look is tried again
+            except Exception as e:  # logged, not raised: see above; a sweep tries it again
+                logger.exception("request not recovered", request=rid, error=type(e).__name__)
         await self.store.unindex(worker, stale)
         logger.warning("requests of a lost worker re-dispatched", worker=worker, requests=len(request_ids) - len(stale))
 

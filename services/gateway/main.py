@@ -6,6 +6,7 @@ does the I/O around it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -87,6 +88,7 @@ class Gateway:
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
         self.metrics = Metrics()
+        self._redis_id: str | None = None  # run id of the Redis server the records live in, as last seen
         self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status
         # One subscription for every reply to this gateway; chunks are routed to the waiting request.
         self.gateway_id = uuid.uuid4().hex[:12]
@@ -172,6 +174,7 @@ class Gateway:
         for rid in by_id:
             self.replies[rid] = replies
         timer = RequestTimer(self.metrics, job.adapter or self.base_name)
+        redis_id = self._redis_id  # the Redis server its records go to, as last seen
         response = ResponseWriter(request, job, choices, self._decode_token)
         try:
             try:
@@ -182,7 +185,8 @@ class Gateway:
             while (late := next((c for c in choices if c.out.finish_reason is None), None)) is not None:
                 # A choice with a gap in its chunks waits for it only so long (the re-sends)
                 gap = next((c for c in choices if c.replies and c.replies.gap_open), None)
-                chunk = await self._next_chunk(replies, gap or late, GAP_WAIT_S if gap else self.s.chunk_timeout_s)
+                timeout_s = GAP_WAIT_S if gap else self.s.chunk_timeout_s
+                chunk = await self._next_chunk(replies, gap or late, timeout_s, redis_id)
                 if chunk is None:
                     continue
                 if request.transport is None or request.transport.is_closing():
@@ -216,12 +220,14 @@ class Gateway:
                 del self.replies[rid]
 
     async def _next_chunk(
-        self, replies: asyncio.Queue[bytes], late: RunningChoice, timeout_s: float
+        self, replies: asyncio.Queue[bytes], late: RunningChoice, timeout_s: float, redis_id: str | None = None
     ) -> TokenChunk | None:
         """The next reply to this request, decoded; after ``timeout_s`` without one, an
         UNAVAILABLE error for ``late`` (a choice not over yet), or sooner once ``late``'s in-flight
         record is found gone at two checks in a row, ``2 × heartbeat_ttl_s`` apart, with nothing
-        heard: nobody holds it (it was dropped or lost on the way), so nothing more will come.
+        heard: nobody holds it (it was dropped or lost on the way), so nothing more will come —
+        only while Redis is the server it was recorded in (``redis_id``, its run id): after a
+        restart or a failover a record can be missing only because the data went.
         None: a reply that does not decode (logged and counted as a reject)."""
         check_s = 2 * self.s.heartbeat_ttl_s
         deadline = time.monotonic() + timeout_s
@@ -237,7 +243,7 @@ class Gateway:
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     return _unanswered(late, "no worker answered in time")
-            missing = missing + 1 if await self._unrecorded(late.request.request_id) else 0
+            missing = missing + 1 if await self._unrecorded(late.request.request_id, redis_id) else 0
             if missing >= 2:
                 return _unanswered(late, "the request was lost on its way to a worker; try again")
         try:
@@ -246,10 +252,12 @@ class Gateway:
             bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
             return None
 
-    async def _unrecorded(self, request_id: str) -> bool:
-        """Whether ``request_id`` has no in-flight record (False when Redis cannot say)."""
+    async def _unrecorded(self, request_id: str, redis_id: str | None) -> bool:
+        """Whether ``request_id`` has no in-flight record in the Redis server ``redis_id`` (False
+        when Redis cannot say, or is another server now)."""
         try:
-            return await self.store.get_inflight(request_id) is None
+            self._redis_id = await self.store.server_id()
+            return self._redis_id == redis_id and await self.store.get_inflight(request_id) is None
         except bus.STATE_OUTAGE:
             return False
 
@@ -431,6 +439,8 @@ class Gateway:
         await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_plan)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()
+        with contextlib.suppress(*bus.STATE_OUTAGE):  # down at start: learnt at the first check
+            self._redis_id = await self.store.server_id()
         # Workers drop this gateway's requests once these stop (it died without aborting them).
         self._announcer = asyncio.create_task(announce(self.nc, self.gateway_id, self._stopped))
 

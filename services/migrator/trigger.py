@@ -11,10 +11,13 @@ from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Work
 
 def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs: float) -> ClusterSnapshot:
     """The planner's view of ``stats``. Every worker is priced at the cluster's mean measured
-    seconds per token (per adapter where measured somewhere): the workers run one model, and a
-    batched engine's own figure falls as its batch grows (a step's time shared by more tokens),
-    so priced by it the busiest worker looked the least loaded — the fault dispatch had
-    (``choose.py``); here it made the planner move requests between workers equally placed."""
+    seconds per token (per adapter where measured somewhere, unweighted). A worker's own figure
+    is a running average of its steps' times shared among their tokens, so it says as much about
+    the batch sizes it ran at as about its speed: between workers of one model the differences
+    are load history, and priced by them the planner moved requests between equally placed
+    workers (simulated, BENCHMARKS.md: 1,561 moves for no gain, 291 at the mean), as dispatch did
+    (``choose.py``). Known limit: workers on different hardware are priced alike too (their
+    stats name device and dtype; a mean per device would keep that apart)."""
     measured = [s.seconds_per_token for s in stats if s.seconds_per_token > 0]
     mean = sum(measured) / len(measured) if measured else 0.01
     per_adapter: dict[str, list[float]] = {}

@@ -47,6 +47,7 @@ async def hand_over(w: WorkerService) -> None:
     try:
         if w.records.behind:  # the records must say what the clients have (and which ended)
             await w.records.write({})
+        w.handed_over = set(held)
         if not held:
             return
         handed = LostRequests(worker=w.s.worker_id, requests=held, draining=True)
@@ -63,7 +64,7 @@ async def hand_back_late(w: WorkerService) -> None:
     came). Handed back as a drain's, not a death; otherwise they would wait for the heartbeat
     TTL and count as one. Best effort: what is not sent is recovered after the TTL."""
     try:
-        late, _ = await w.store.sweep_inflight(w.s.worker_id, w.incarnation, set(), 0.0)
+        late, _ = await w.store.sweep_inflight(w.s.worker_id, w.incarnation, w.handed_over, 0.0)
         if late:
             await bus.publish(w.nc, subjects.LOST, LostRequests(worker=w.s.worker_id, requests=late, draining=True))
             await w.nc.flush(timeout=2)

@@ -95,6 +95,7 @@ class WorkerService:
         self.delivery = Delivery(nc, self.records.superseded)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self.draining = False  # told to stop: finishing what runs here, given nothing new
+        self.handed_over: set[str] = set()  # what the drain handed back (not handed back again as it exits)
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
         self.registered: dict[str, int] = {}  # adapter name -> rank, as the registry last listed them
@@ -250,13 +251,7 @@ class WorkerService:
             self.pending.discard(req.request_id)
 
     async def _admit(self, req: GenerateRequest) -> None:
-        if self._aborted(req) or (req.client and self.clients.gone(req.client, time.monotonic())):
-            if not self._aborted(req):  # told, not left to its chunk timeout: it may only have been cut off
-                logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
-                reason = "the request's client was not heard from when it arrived; try again"
-                await bus.publish(
-                    self.nc, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, reason, self.s.worker_id)
-                )
+        if self._aborted(req):
             await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
             return  # its client left before it came
         held = self.streams.get(req.request_id)
@@ -269,6 +264,15 @@ class WorkerService:
             await self._drop(req.request_id, record=False)
         if await self.records.fenced_on_arrival(req):
             logger.warning("request sent before a stall came after it was given up; dropped", request=req.request_id)
+            return
+        if req.client and self.clients.gone(req.client, time.monotonic()):
+            # Told, not left to its chunk timeout: the client may only have been cut off a while.
+            # From no worker (as the dispatcher fails a recovered request): its number comes from
+            # the in-flight record and may lag what the client has, which a worker's may not.
+            logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
+            reason = "the request's client was not heard from when it arrived; try again"
+            await bus.publish(self.nc, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, reason, worker=""))
+            await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
             return
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
         code, reason = ErrorCode.BAD_REQUEST, ""
