@@ -19,6 +19,7 @@
 - ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
 - ``{p}:lease-epoch:{role}``   str   the lease's epoch, raised at every takeover (plans carry it)
+- ``{p}:epoch``                str   a token of the data set (``data_epoch``): new after the data went
 - ``{p}:traffic``              hash  adapter -> decayed request count (placement's traffic shares)
 - ``{p}:api-keys``             hash  key digest (SHA-256, hex) -> ApiKey (JSON): inference API keys,
                                      revoked ones kept (``common/apikeys.py``)
@@ -28,6 +29,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -340,9 +342,14 @@ class StateStore:
     async def inflight_on(self, worker: str) -> list[str]:
         return sorted(_text(m) for m in await self.r.smembers(f"{self.p}:inflight-of:{worker}"))
 
-    async def server_id(self) -> str:
-        """The Redis server's run id: another one after a restart or a failover (data may be gone)."""
-        return str((await self.r.info("server"))["run_id"])
+    async def data_epoch(self) -> str:
+        """A token of the data Redis holds (``{p}:epoch``): made at the first ask, gone with the
+        data (a restart without persistence, a flush) and made anew then. A failover keeps it (the
+        replica has it) though it may lose the newest writes. Not the server's run id: INFO is
+        among the commands a service's Redis user may not run (``-@dangerous``)."""
+        token = secrets.token_hex(8)
+        old = await self.r.set(f"{self.p}:epoch", token, nx=True, get=True)
+        return token if old is None else _text(old)
 
     async def indexed_workers(self) -> set[str]:
         """Every worker some request is recorded as in flight on (its index is not empty)."""

@@ -88,7 +88,7 @@ class Gateway:
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
         self.metrics = Metrics()
-        self._redis_id: str | None = None  # run id of the Redis server the records live in, as last seen
+        self._redis_id: str | None = None  # data_epoch of the Redis the records live in, as last seen
         self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status
         # One subscription for every reply to this gateway; chunks are routed to the waiting request.
         self.gateway_id = uuid.uuid4().hex[:12]
@@ -174,7 +174,7 @@ class Gateway:
         for rid in by_id:
             self.replies[rid] = replies
         timer = RequestTimer(self.metrics, job.adapter or self.base_name)
-        redis_id = self._redis_id  # the Redis server its records go to, as last seen
+        redis_id = self._redis_id  # the Redis data its records go to, as last seen
         response = ResponseWriter(request, job, choices, self._decode_token)
         try:
             try:
@@ -226,8 +226,8 @@ class Gateway:
         UNAVAILABLE error for ``late`` (a choice not over yet), or sooner once ``late``'s in-flight
         record is found gone at two checks in a row, ``2 × heartbeat_ttl_s`` apart, with nothing
         heard: nobody holds it (it was dropped or lost on the way), so nothing more will come —
-        only while Redis is the server it was recorded in (``redis_id``, its run id): after a
-        restart or a failover a record can be missing only because the data went.
+        only while Redis holds the data it was recorded in (``redis_id``, its ``data_epoch``): after
+        a restart without persistence a record can be missing only because the data went.
         None: a reply that does not decode (logged and counted as a reject)."""
         check_s = 2 * self.s.heartbeat_ttl_s
         deadline = time.monotonic() + timeout_s
@@ -253,10 +253,10 @@ class Gateway:
             return None
 
     async def _unrecorded(self, request_id: str, redis_id: str | None) -> bool:
-        """Whether ``request_id`` has no in-flight record in the Redis server ``redis_id`` (False
-        when Redis cannot say, or is another server now)."""
+        """Whether ``request_id`` has no in-flight record in the Redis data ``redis_id`` (False
+        when Redis cannot say, or holds other data now)."""
         try:
-            self._redis_id = await self.store.server_id()
+            self._redis_id = await self.store.data_epoch()
             return self._redis_id == redis_id and await self.store.get_inflight(request_id) is None
         except bus.STATE_OUTAGE:
             return False
@@ -440,7 +440,7 @@ class Gateway:
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()
         with contextlib.suppress(*bus.STATE_OUTAGE):  # down at start: learnt at the first check
-            self._redis_id = await self.store.server_id()
+            self._redis_id = await self.store.data_epoch()
         # Workers drop this gateway's requests once these stop (it died without aborting them).
         self._announcer = asyncio.create_task(announce(self.nc, self.gateway_id, self._stopped))
 

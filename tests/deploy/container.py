@@ -83,7 +83,17 @@ mount --move "$W/dev" /dev
 mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+# A /tmp of its own, but the host's paths passed after the work directory (the checkout and its
+# virtualenv, where a clone under /tmp puts them) shown at the same place, read-only.
+mkdir /run/host-tmp
+mount --bind /tmp /run/host-tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+for p in "${@:2}"; do
+    mkdir -p "$p"
+    mount --bind -o ro "/run/host-tmp/${p#/tmp/}" "$p"
+done
+umount /run/host-tmp
+rmdir /run/host-tmp
 mount -o remount,bind,ro /sys
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount --bind /proc/sys /proc/sys
@@ -151,6 +161,7 @@ def _die_with_parent() -> None:
 @dataclass
 class Container:
     work: Path  # made by boot, removed by close
+    keep: tuple[Path, ...] = ()  # host paths under /tmp shown inside at the same place (read-only)
     pid: int = field(default=0, init=False)  # PID 1 of the namespaces, as this machine numbers it
     unshare: subprocess.Popen | None = field(default=None, init=False)
     cgroup: Path | None = field(default=None, init=False)
@@ -205,6 +216,7 @@ class Container:
                     "bash",
                     str(self.work / "boot.sh"),
                     str(self.work),
+                    *(str(p) for p in self.keep if p.is_relative_to("/tmp")),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -194,7 +194,7 @@ def test_units_under_a_real_systemd_start_serve_log_json_are_hardened_and_stop_c
     tmp_path: Path, tiny_llama: TinyOutput
 ) -> None:
     nats, redis = start_nats(), start_redis()
-    box = Container(tmp_path / "container")
+    box = Container(tmp_path / "container", keep=(ROOT, Path(sys.prefix)))  # a clone under /tmp (CI)
     try:
         box.boot()
         _venv(box)
