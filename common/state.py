@@ -32,7 +32,7 @@ import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -348,8 +348,8 @@ class StateStore:
         replica has it) though it may lose the newest writes. Not the server's run id: INFO is
         among the commands a service's Redis user may not run (``-@dangerous``)."""
         token = secrets.token_hex(8)
-        old = await self.r.set(f"{self.p}:epoch", token, nx=True, get=True)
-        return token if old is None else _text(old)
+        old = await self.r.set(f"{self.p}:epoch", token, nx=True, get=True)  # the value before, or None
+        return token if old is None else _text(cast("bytes | str", old))
 
     async def indexed_workers(self) -> set[str]:
         """Every worker some request is recorded as in flight on (its index is not empty)."""
