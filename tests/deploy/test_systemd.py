@@ -71,14 +71,21 @@ def _venv(box: Container) -> None:
     checkout's packages, as ``python3 -m venv /opt/dlora/venv`` and ``pip install`` make it on a
     host. This Python may live under ``/root`` (pyenv), which ``ProtectHome=yes`` hides from the
     units, as it should: so the Python is shown at ``/opt/dlora/python`` (its shared library found
-    through ``ld.so.cache``, as for a Python installed system-wide) and the site-packages of the
-    checkout's virtualenv inside the new one, both read-only."""
+    through ``ld.so.cache``, as for a Python installed system-wide). The new virtualenv reads the
+    checkout's third-party packages from ``/opt/dlora/site`` (a path line, so the editable
+    install's finder there, which names the checkout's own path, is not run) and holds ``dlora``
+    itself, the checkout shown read-only: a checkout under ``/tmp`` (a CI clone) would be hidden
+    from the units by ``PrivateTmp=yes``."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     base, site = Path(sys.base_prefix), Path(sysconfig.get_paths()["purelib"])
-    box.run(["mkdir", "-p", "/opt/dlora/python"])
+    venv_site = f"/opt/dlora/venv/lib/{version}/site-packages"
+    box.run(["mkdir", "-p", "/opt/dlora/python", "/opt/dlora/site"])
     box.run(["mount", "--bind", "-o", "ro", str(base), "/opt/dlora/python"])
+    box.run(["mount", "--bind", "-o", "ro", str(site), "/opt/dlora/site"])
     box.run([f"/opt/dlora/python/bin/{version}", "-m", "venv", "--without-pip", "/opt/dlora/venv"])
-    box.run(["mount", "--bind", "-o", "ro", str(site), f"/opt/dlora/venv/lib/{version}/site-packages"])
+    box.path(f"{venv_site}/dlora-site.pth").write_text("/opt/dlora/site\n")
+    box.run(["mkdir", f"{venv_site}/dlora"])
+    box.run(["mount", "--bind", "-o", "ro", str(ROOT), f"{venv_site}/dlora"])
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
         libdir = Path("/opt/dlora/python") / Path(sysconfig.get_config_var("LIBDIR")).relative_to(base)
         box.path("/etc/ld.so.conf.d/dlora-python.conf").write_text(f"{libdir}\n")
