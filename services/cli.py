@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=_lazy("dlora.loadgen.main:run_loadgen"))
 
     sim = sub.add_parser("simulate", help="a workload through a simulated cluster: the real cores, a cost model")
-    from dlora.sim.main import add_arguments as add_simulate_arguments
+    from dlora.sim.options import add_arguments as add_simulate_arguments
 
     add_simulate_arguments(sim)
     sim.set_defaults(func=_lazy("dlora.sim.main:run_simulate"))

@@ -20,32 +20,6 @@ from dlora.sim.cost import PROFILES, CostProfile, calibrated
 from dlora.sim.replica import LLAMA_7B
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dlora.loadgen.options import add_workload_arguments
-
-    p.add_argument(
-        "--profile",
-        default="dlora-artifact",
-        help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (`dlora bench engine` or "
-        "`bench cluster` JSON)",
-    )
-    p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--ranks", default="16", help="LoRA ranks, comma-separated, given to the adapters in turn")
-    p.add_argument("--max-loras", type=int, default=8, help="device slots per replica")
-    p.add_argument("--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value)
-    p.add_argument("--dispatch", choices=[m.value for m in DispatchMode], default=DispatchMode.PROACTIVE.value)
-    p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")
-    p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between a replica's stats")
-    p.add_argument("--migrate-interval", type=float, default=1.0, help="seconds between the migrator's looks")
-    p.add_argument(
-        "--exact",
-        action="store_true",
-        help="ask the policy at every step (no fast-forward of steps that repeat the last one); slower",
-    )
-    p.add_argument("--json", help="write the result here")
-    add_workload_arguments(p)
-
-
 def profile(name: str) -> CostProfile:
     """A named profile, or ``calibrated:PATH``. Raises ValueError naming the choices."""
     if name.startswith("calibrated:"):
