@@ -91,3 +91,12 @@ class Resend:
         and a re-send of this attempt's chunks after that attempt's first would be two copies
         streaming at once."""
         self._sent = deque(entry for entry in self._sent if entry[2].request_id != request_id)
+
+
+def silent_client_chunk(req: GenerateRequest) -> TokenChunk:
+    """The refusal of a request whose client was not heard from when it came: told, not left to
+    its chunk timeout (the client may only have been cut off a while). From no worker, as the
+    dispatcher fails a recovered request: its number comes from the in-flight record and may lag
+    what the client has, which a worker's may not."""
+    reason = "the request's client was not heard from when it arrived; try again"
+    return error_chunk(req, ErrorCode.UNAVAILABLE, reason, worker="")

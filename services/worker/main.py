@@ -37,7 +37,7 @@ from dlora.common.state import Copy, Sent, StateStore
 from dlora.services.notify import notifier
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
-from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream
+from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream, silent_client_chunk
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine, RequestError
@@ -266,12 +266,8 @@ class WorkerService:
             logger.warning("request sent before a stall came after it was given up; dropped", request=req.request_id)
             return
         if req.client and self.clients.gone(req.client, time.monotonic()):
-            # Told, not left to its chunk timeout: the client may only have been cut off a while.
-            # From no worker (as the dispatcher fails a recovered request): its number comes from
-            # the in-flight record and may lag what the client has, which a worker's may not.
             logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
-            reason = "the request's client was not heard from when it arrived; try again"
-            await bus.publish(self.nc, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, reason, worker=""))
+            await bus.publish(self.nc, req.reply_to, silent_client_chunk(req))
             await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
             return
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
