@@ -20,25 +20,31 @@ objective. A worker already over its blocks (waiting requests count) may stay th
 
 work_g,w is a request's remaining tokens times what w measured per token of g's adapter (its
 mean where the adapter has not run there). A group's destinations are only the workers where it
-could run (its adapter is there or a slot is free), which keeps big clusters small models. A move
-costs the cheaper of recomputing the context and shipping its KV. The moved requests of a group
-are its shortest contexts (cheapest first). The solver runs under a time bound and its
-incumbent is taken when the bound expires; if it finds nothing, a greedy pass moves single
-requests from the most to the least loaded worker while that shortens the longest completion.
+could run (its adapter is there or a slot is free), and only groups on workers busier than the
+mean (or over their KV pressure) may leave home, each to its few least loaded (or roomiest)
+destinations: what shortens the longest completion is work moved from busy workers to idle
+ones, and the pruning keeps 128 workers x 10,000 requests a model of a few thousand variables. A
+move costs the cheaper of recomputing the context and shipping its KV. The moved requests of a
+group are its shortest contexts (cheapest first).
+
+A greedy pass (single requests from the most to the least loaded worker while that shortens the
+longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
+CBC begins from an incumbent and improves on it within its bound, where alone it found none in
+time at that size. If the solver ends without a solution, the greedy plan is taken.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
 BASE = ""  # the base model needs no slot
 
@@ -46,11 +52,14 @@ BASE = ""  # the base model needs no slot
 @dataclass(frozen=True)
 class PlannerSettings:
     time_limit_s: float = 1.0  # solver time bound; the incumbent is taken when it expires
-    # Above this many request->worker variables, building the model (about 0.06 ms each here) and
-    # finding CBC a first incumbent do not fit a 1 s bound: the greedy pass plans instead. (Tried:
-    # pruning 128 x 1,024 x 10,000 to 5,700 variables still found no incumbent within the bound,
-    # and given 3 s its incumbent was worse than the greedy plan.)
+    # Above this many request->worker variables, building the model (about 0.06 ms each here) does
+    # not fit a 1 s bound: it is pruned (``max_destinations``), and if still larger the greedy pass
+    # plans instead.
     max_ilp_variables: int = 5_000
+    # Where the full model has more variables than ``max_ilp_variables``: the destinations a group
+    # on a busy worker keeps (its least loaded possible ones; as many roomiest again on a worker
+    # over its KV pressure). None: never pruned.
+    max_destinations: int | None = 4
     min_gain_s: float = 0.0  # a plan must shorten the longest completion time by at least this
     # (and always by more than the summed cost of its moves)
     kv_pressure: float = 1.0  # KV demand above this fraction of a worker's blocks is priced (see above)
@@ -89,9 +98,12 @@ class _Group:
 
 def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
     by: dict[tuple[str, str, frozenset[str]], list[RequestState]] = defaultdict(list)
+    # Which workers hold a request depends only on its length: one set per distinct length.
+    fits: dict[int, frozenset[str]] = {}
     for r in snapshot.requests:
-        fits = frozenset(w.worker for w in snapshot.workers if w.holds(r))
-        by[(r.worker, r.adapter or BASE, fits)].append(r)
+        if r.total_tokens not in fits:
+            fits[r.total_tokens] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
+        by[(r.worker, r.adapter or BASE, fits[r.total_tokens])].append(r)
     return [
         _Group(w, a, sorted(rs, key=lambda r: r.context_tokens), fits)
         for (w, a, fits), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], sorted(kv[0][2])))
@@ -140,10 +152,11 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     start = time.perf_counter()
     if len(snapshot.workers) < 2 or not snapshot.requests:
         return MovePlan(plan_id=uuid.uuid4().hex, method=PlanMethod.NONE, solve_seconds=0.0)
-    solved = _solve(snapshot, settings)
+    greedy = _greedy(snapshot, settings)
+    solved = _solve(snapshot, settings, greedy, start)
     fallback: IlpFallback | None = None
     if isinstance(solved, IlpFallback):
-        fallback, moves, method = solved, _greedy(snapshot, settings), PlanMethod.GREEDY
+        fallback, moves, method = solved, greedy, PlanMethod.GREEDY
     else:
         moves, method = solved
     moved = apply(snapshot, moves)
@@ -170,26 +183,47 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
 def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapshot:
     """The snapshot as it would be after the moves (for checking a plan)."""
     dest = {m.request_id: m.to_worker for m in moves}
-    reqs = [replace(r, worker=dest.get(r.request_id, r.worker)) for r in snapshot.requests]
+    reqs = [replace(r, worker=dest[r.request_id]) if r.request_id in dest else r for r in snapshot.requests]
     return replace(snapshot, requests=reqs)
 
 
-def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[str]]:
-    """Per group: where its requests could run at all: home, and workers whose context holds them
-    that hold its adapter or have a free slot for it. Pruning the impossible keeps big clusters
-    small models."""
-    out = []
-    for g in groups:
-        out.append(
-            [
-                w.worker
-                for w in snapshot.workers
-                if w.worker == g.worker
-                or w.worker in g.fits
-                and (g.adapter == BASE or g.adapter in w.adapters or len(w.adapters) < w.slots)
-            ]
-        )
-    return out
+def _destinations(
+    snapshot: ClusterSnapshot, groups: list[_Group], settings: PlannerSettings, start: dict[int, set[str]]
+) -> list[list[str]]:
+    """Per group: home first, then the workers it may move to: ones whose context holds its
+    requests that hold its adapter or have a free slot for it; where those make a model of more
+    than ``max_ilp_variables``, pruned by ``max_destinations`` (the module's docstring says how);
+    and wherever ``start`` (group -> workers) moves some of it."""
+    load, demand = completion_times(snapshot), kv_demand(snapshot)
+    by_load = sorted(snapshot.workers, key=lambda w: load[w.worker])
+
+    def possible(g: _Group) -> list[WorkerState]:
+        return [
+            w
+            for w in by_load
+            if w.worker != g.worker
+            and w.worker in g.fits
+            and (g.adapter == BASE or g.adapter in w.adapters or len(w.adapters) < w.slots)
+        ]
+
+    every = [possible(g) for g in groups]
+    most = settings.max_destinations
+    if most is not None and len(groups) + sum(map(len, every)) > settings.max_ilp_variables:
+        mean = sum(load.values()) / len(load)
+        pressed = {w.worker for w in snapshot.workers if demand[w.worker] > settings.kv_pressure * w.kv_blocks}
+        for i, g in enumerate(groups):
+            here = load[g.worker]
+            if here > mean:  # busy: to the least loaded
+                away = [w for w in every[i] if load[w.worker] < here][:most]
+            else:  # idle: only to trade places with a worker over its KV pressure (shorter contexts in)
+                away = [w for w in every[i] if w.worker in pressed][:most]
+            if g.worker in pressed:  # and to the roomiest
+                away += sorted(every[i], key=lambda w: demand[w.worker] - w.kv_blocks)[:most]
+            every[i] = away
+    return [
+        [g.worker, *dict.fromkeys([*(w.worker for w in every[i]), *sorted(start.get(i, ()))])]
+        for i, g in enumerate(groups)
+    ]
 
 
 # CBC runs as a subprocess: what writing the model, starting it and reading its solution back take
@@ -198,11 +232,19 @@ def _destinations(snapshot: ClusterSnapshot, groups: list[_Group]) -> list[list[
 _CBC_OVERHEAD_S = 0.3
 
 
-def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[MoveRequest], PlanMethod] | IlpFallback:
-    started = time.perf_counter()
+def _solve(
+    snapshot: ClusterSnapshot, settings: PlannerSettings, start: list[MoveRequest], started: float
+) -> tuple[list[MoveRequest], PlanMethod] | IlpFallback:
+    """The ILP's moves, begun from ``start``'s (a feasible plan, the greedy one), or why it gave
+    none; ``started``: when planning began (perf_counter), which the time bound counts from."""
     groups = _groups(snapshot)
     workers = {w.worker: w for w in snapshot.workers}
-    dests = _destinations(snapshot, groups)
+    group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
+    moved = Counter((group_of[m.request_id], m.to_worker) for m in start)
+    towards: dict[int, set[str]] = defaultdict(set)
+    for i, w in moved:
+        towards[i].add(w)
+    dests = _destinations(snapshot, groups, settings, towards)
     if sum(map(len, dests)) > settings.max_ilp_variables:
         return IlpFallback.TOO_LARGE
     prob = pulp.LpProblem("co_migration", pulp.LpMinimize)
@@ -214,7 +256,7 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
         for i, g in enumerate(groups)
         for w in dests[i]
     }
-    y: dict[tuple[str, str], object] = {}
+    y: dict[tuple[str, str], int | pulp.LpVariable] = {}
     for i, g in enumerate(groups):
         for w in dests[i]:
             if (g.adapter, w) not in y:
@@ -223,6 +265,9 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
     # Expressions are built from (variable, coefficient) pairs at once: PuLP's operators make an
     # intermediate expression per product, which was most of the build time.
     objective: list[tuple[pulp.LpVariable, float]] = [(T, 1.0)]
+    overs: dict[str, pulp.LpVariable] = {}
+    work_of: dict[str, list[tuple[pulp.LpVariable, float]]] = {}
+    kv_of: dict[str, list[tuple[pulp.LpVariable, int]]] = {}
     per_worker: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         prob += pulp.LpAffineExpression((n[i, w], 1) for w in dests[i]) == g.size
@@ -244,19 +289,23 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
         # moving always fits.
         home = sum(groups[i].size * c for (_, c), i in zip(kv, here) if groups[i].worker == w)
         prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks, home)
-        over = prob.add_variable(f"over_{index[w]}", lowBound=0)
+        over = overs[w] = prob.add_variable(f"over_{index[w]}", lowBound=0)
         prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks
         objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
         work = [(n[i, w], groups[i].mean_remaining * ws.cost(groups[i].adapter)) for i in here]
+        work_of[w], kv_of[w] = work, kv
         prob += pulp.LpAffineExpression([*work, (T, -1)]) <= 0
     prob += pulp.LpAffineExpression(objective)
+    _start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings, workers)
     if settings.max_nodes is not None:
-        solver = pulp.COIN_CMD(path=_cbc_path(), msg=False, maxNodes=settings.max_nodes, threads=1)
+        solver = pulp.COIN_CMD(path=_cbc_path(), msg=False, maxNodes=settings.max_nodes, threads=1, warmStart=True)
     else:
         remaining = settings.time_limit_s - (time.perf_counter() - started)
         if remaining <= _CBC_OVERHEAD_S:  # building took the bound: no time left to solve
             return IlpFallback.BUILD_TIMEOUT
-        solver = pulp.COIN_CMD(path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S))
+        solver = pulp.COIN_CMD(
+            path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S), warmStart=True
+        )
     prob.solve(solver)
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
@@ -274,6 +323,36 @@ def _solve(snapshot: ClusterSnapshot, settings: PlannerSettings) -> tuple[list[M
             taken += k
     optimal = prob.sol_status == pulp.LpSolutionOptimal
     return moves, PlanMethod.ILP if optimal else PlanMethod.ILP_INCUMBENT
+
+
+def _start_from(
+    moved: Counter[tuple[int, str]],
+    groups: list[_Group],
+    dests: list[list[str]],
+    n: dict[tuple[int, str], pulp.LpVariable],
+    y: dict[tuple[str, str], int | pulp.LpVariable],
+    T: pulp.LpVariable,
+    overs: dict[str, pulp.LpVariable],
+    work_of: dict[str, list[tuple[pulp.LpVariable, float]]],
+    kv_of: dict[str, list[tuple[pulp.LpVariable, int]]],
+    settings: PlannerSettings,
+    workers: dict[str, WorkerState],
+) -> None:
+    """Every variable's value in the plan ``moved`` ((group, destination) -> requests), as the
+    solver's start: T and the KV overflow by the model's own coefficients, so the start is
+    feasible wherever the plan is (CBC drops a start that is not, and searches alone)."""
+    for i, g in enumerate(groups):
+        away = sum(moved[i, w] for w in dests[i][1:])
+        for w in dests[i]:
+            n[i, w].setInitialValue(g.size - away if w == g.worker else moved[i, w])
+    arriving = {(groups[i].adapter, w) for (i, w), k in moved.items() if k}
+    for (a, w), v in y.items():
+        if not isinstance(v, int):
+            v.setInitialValue(int((a, w) in arriving))
+    T.setInitialValue(max((sum(c * (v.varValue or 0) for v, c in work_of[w]) for w in workers), default=0.0))
+    for w, over in overs.items():
+        used = sum(c * (v.varValue or 0) for v, c in kv_of[w])
+        over.setInitialValue(max(0.0, used - settings.kv_pressure * workers[w].kv_blocks))
 
 
 def _cbc_path() -> str:
@@ -294,13 +373,14 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
     on = defaultdict(list)
     for r in snapshot.requests:
         on[r.worker].append(r)
-    moves: list[MoveRequest] = []
+    to: dict[str, str] = {}
     for _ in range(len(snapshot.requests)):
         src = max(load, key=lambda w: load[w])
         best = None
+        order = sorted(load, key=lambda w: load[w])
         for r in sorted(on[src], key=lambda r: move_cost(snapshot, r)):
             a = r.adapter or BASE
-            for dst in sorted(load, key=lambda w: load[w]):
+            for dst in order:
                 if dst == src:
                     continue
                 slot = workers[dst].holds(r) and (a == BASE or a in held[dst] or len(held[dst]) < workers[dst].slots)
@@ -322,5 +402,10 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
         on[dst].append(r)
         if r.adapter:
             held[dst].add(r.adapter)
-        moves.append(MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=dst, ship_kv=_ship_kv(snapshot)))
-    return moves
+        to[r.request_id] = dst
+    # A request moved on again counts once, to where it ended (nowhere, if back home).
+    return [
+        MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=to[r.request_id], ship_kv=_ship_kv(snapshot))
+        for r in snapshot.requests
+        if to.get(r.request_id, r.worker) != r.worker
+    ]

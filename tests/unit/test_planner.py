@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from dlora.common.messages import RequestLoad, WorkerStats
+from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, completion_times, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
@@ -111,6 +112,30 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
     p = plan(snap, PlannerSettings(time_limit_s=1.0))
     assert p.solve_seconds < 5.0  # the bound plus model building
     assert p.makespan_after_s <= p.makespan_before_s
+    # The greedy pass (the ILP's start) moves each request once, never to where it is.
+    greedy = _greedy(snap, PlannerSettings())
+    home = {r.request_id: r.worker for r in rs}
+    assert len({m.request_id for m in greedy}) == len(greedy)
+    assert all(home[m.request_id] != m.to_worker for m in greedy)
+
+
+def test_a_large_cluster_is_planned_by_the_ilp_begun_from_the_greedy_plan() -> None:
+    """128 workers x 1,024 adapters x 10,000 requests: the full model (about 41,000 variables) is
+    pruned to the groups on busy workers and their least loaded destinations, and CBC starts from
+    the greedy plan: the ILP plans, not the greedy fallback (issue 21; `dlora bench migration`
+    times it). A node bound rather than a time bound, so a loaded machine plans the same."""
+    snap = bench_snapshot(128, 1024, 10_000)
+    p = plan(snap, PlannerSettings(max_nodes=20))
+    assert p.method in ("ilp", "ilp-incumbent") and p.moves and not p.no_gain
+    assert p.makespan_after_s < 0.5 * p.makespan_before_s
+    workers = {w.worker: w for w in snap.workers}
+    by_id = {r.request_id: r for r in snap.requests}
+    after = apply(snap, p.moves)
+    for name, w in workers.items():  # every adapter that arrives has a slot; KV holds what came
+        held = w.adapters | {by_id[m.request_id].adapter for m in p.moves if m.to_worker == name}
+        assert len(held) <= max(w.slots, len(w.adapters))
+    demand = kv_demand(after)
+    assert all(demand[m.to_worker] <= workers[m.to_worker].kv_blocks for m in p.moves)
 
 
 def test_a_node_bound_plans_the_same_whatever_the_time_bound() -> None:
