@@ -133,7 +133,10 @@ class LLMEngine:
             chunked_prefill=chunked,
         )
         self.slots = SlotTable(config.max_loras)
-        self.policy: Policy = policy or make_policy(config.policy, BatchLimits(config.max_num_seqs, config.max_loras))
+        self.policy: Policy = policy or make_policy(
+            config.policy,
+            BatchLimits(config.max_num_seqs, config.max_loras, self.limits.max_num_batched_tokens),
+        )
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()

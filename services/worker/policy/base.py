@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -87,6 +87,7 @@ class StepRecord:
 class BatchLimits:
     max_num_seqs: int  # requests per step
     max_adapters: int  # distinct unmerged adapters per step (device slots), a mixed step's merged one included
+    max_num_batched_tokens: int | None = None  # tokens fed per step (None: no limit)
 
 
 def free_slots(max_adapters: int, merged: str | None) -> int:
@@ -110,20 +111,27 @@ def lora_work(fed: list[tuple[str | None, int]], merged: str | None, ranks: Mapp
 
 def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | None = None) -> list[QueuedRequest]:
     """The batch plain FCFS would run: arrival order, at most ``max_adapters`` distinct adapters
-    (base requests need no slot) and ``max_num_seqs`` requests. ``queue`` is in arrival order.
-    ``merged``: the batch of a mixed step with that adapter merged, whose requests need no slot
-    while its correction holds one."""
+    (base requests need no slot), ``max_num_seqs`` requests and ``max_num_batched_tokens`` tokens,
+    the last request's prompt cut to the tokens left (as the scheduler chunks it). ``queue`` is in
+    arrival order. ``merged``: the batch of a mixed step with that adapter merged, whose requests
+    need no slot while its correction holds one; or, given only that adapter's requests, of a
+    merged step."""
     slots = free_slots(limits.max_adapters, merged)
+    budget = limits.max_num_batched_tokens
     adapters: set[str] = set()
     out: list[QueuedRequest] = []
+    tokens = 0
     for r in queue:
-        if len(out) == limits.max_num_seqs:
+        if len(out) == limits.max_num_seqs or (budget is not None and tokens >= budget):
             break
         if r.adapter is not None and r.adapter != merged and r.adapter not in adapters:
             if len(adapters) >= slots:
                 continue
             adapters.add(r.adapter)
+        if budget is not None and tokens + r.num_new > budget:
+            r = replace(r, num_new=budget - tokens)
         out.append(r)
+        tokens += r.num_new
     return out
 
 

@@ -2,7 +2,8 @@
 costs and their uncertainty, with credits against starvation.
 
 Every step, with F the batch plain FCFS would run (``fcfs_batch``) and n_a the queued requests
-of adapter a (capped at a batch):
+of adapter a that one step could run (``fcfs_batch`` over them: at most a batch, its prompts cut
+to the token budget as the scheduler cuts them):
 
 1. **Starvation first** (before the watchdog, too). If an adapter with queued requests is owed
    more than ``starvation_s`` seconds of credit, its requests in F run first: in a mixed step
@@ -198,7 +199,10 @@ class DLoraPolicy(Policy):
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first.
         best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        basis = _Basis(fcfs, best, eligible.get(best or "", []))
+        # What a merged step on an adapter would run: its requests within the step's limits (its
+        # queued prompts, all counted, would price a step the scheduler cuts to the token budget).
+        group = {a: fcfs_batch(eligible[a], self.limits, merged=a) for a in (best, merged_now) if a in eligible}
+        basis = _Basis(fcfs, best, group.get(best or "", []))
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs)
 
         starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
@@ -209,17 +213,17 @@ class DLoraPolicy(Policy):
 
         # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
         n_fcfs = len(fcfs)
-        stay = merged_now in eligible and len(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs
-        enter = best not in (None, merged_now) and len(eligible[best]) >= self._threshold(self.r, best) * n_fcfs
+        stay = merged_now in group and len(group[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs
+        enter = best not in (None, merged_now) and len(group[best]) >= self._threshold(self.r, best) * n_fcfs
         candidates = [unmerged]
         for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
             mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), fcfs)
             if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
                 candidates.append(mixed)
         if stay and merged_now is not None:
-            candidates.append(self._candidate(Mode.MERGED, merged_now, eligible[merged_now], fcfs))
-        if enter and best is not None and self._pays_off(fcfs, eligible[best]):
-            candidates.append(self._candidate(Mode.MERGED, best, eligible[best], fcfs))
+            candidates.append(self._candidate(Mode.MERGED, merged_now, group[merged_now], fcfs))
+        if enter and best is not None and self._pays_off(fcfs, group[best]):
+            candidates.append(self._candidate(Mode.MERGED, best, group[best], fcfs))
 
         priced = [self._price(c, merged_now) for c in candidates]
         if any(c.price is None for c in priced) or not self.costs.fitted:
