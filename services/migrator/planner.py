@@ -3,13 +3,13 @@
 ``plan(snapshot, settings) -> MovePlan`` is pure. Requests are grouped by (worker, adapter):
 requests of one group are interchangeable to the planner, so an integer variable n[g, w] (how
 many of group g go to worker w) stands for |g| binary request->worker choices, which keeps 2,000
-requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a is on
-worker w (fixed to 1 where it already is).
+requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a runs on
+worker w (fixed to 1 where it already does).
 
     minimise  T + sum over moves of their cost + sum over new adapter copies of the load cost
     s.t.      each group's requests all land somewhere           sum_w n[g, w] = |g|
               a request goes only where its adapter is           n[g, w] <= |g| * y[a_g, w]
-              adapter slots (one per adapter, any rank)          sum_a y[a, w] <= slots_w - held_w
+              adapter slots (one per adapter, any rank)          sum_a y[a, w] <= slots_w - running_w
               KV memory                                          sum_g n[g, w] kv_g <= blocks_w
               T bounds every worker's completion time            sum_g n[g, w] work_g,w <= T
 
@@ -19,8 +19,10 @@ s_w >= sum_g n[g, w] kv_g - fraction * blocks_w adds s_w * block_size * recomput
 objective. A worker already over its blocks (waiting requests count) may stay there, not grow.
 
 work_g,w is a request's remaining tokens times what w measured per token of g's adapter (its
-mean where the adapter has not run there). A group's destinations are only the workers where it
-could run (its adapter is there or a slot is free), and only groups on workers busier than the
+mean where the adapter has not run there). running_w counts the adapters w has requests of: one
+step runs at most slots_w adapters, so a new adapter may go only where fewer than that run (its
+load from host memory or disk is paid where w does not hold it). A group's destinations are only
+the workers where it could run (its adapter runs there or a slot is free), and only groups on workers busier than the
 mean (or over their KV pressure) may leave home, each to its few least loaded (or roomiest)
 destinations: what shortens the longest completion is work moved from busy workers to idle
 ones, and the pruning keeps 128 workers x 10,000 requests a model of a few thousand variables. A
@@ -118,6 +120,17 @@ def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
     return out
 
 
+def running_adapters(snapshot: ClusterSnapshot) -> dict[str, set[str]]:
+    """The adapters each worker has requests of (the base model not counted). What its slots must
+    hold at once for one step to run them all: a worker with more than ``slots`` of them runs its
+    requests a few adapters at a time, so a move may bring a new adapter only where fewer run."""
+    out: dict[str, set[str]] = {w.worker: set() for w in snapshot.workers}
+    for r in snapshot.requests:
+        if r.adapter:
+            out[r.worker].add(r.adapter)
+    return out
+
+
 def _blocks(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
@@ -194,7 +207,7 @@ def _destinations(
     requests that hold its adapter or have a free slot for it; where those make a model of more
     than ``max_ilp_variables``, pruned by ``max_destinations`` (the module's docstring says how);
     and wherever ``start`` (group -> workers) moves some of it."""
-    load, demand = completion_times(snapshot), kv_demand(snapshot)
+    load, demand, active = completion_times(snapshot), kv_demand(snapshot), running_adapters(snapshot)
     by_load = sorted(snapshot.workers, key=lambda w: load[w.worker])
 
     def possible(g: _Group) -> list[WorkerState]:
@@ -203,7 +216,7 @@ def _destinations(
             for w in by_load
             if w.worker != g.worker
             and w.worker in g.fits
-            and (g.adapter == BASE or g.adapter in w.adapters or len(w.adapters) < w.slots)
+            and (g.adapter == BASE or g.adapter in active[w.worker] or len(active[w.worker]) < w.slots)
         ]
 
     every = [possible(g) for g in groups]
@@ -256,12 +269,13 @@ def _solve(
         for i, g in enumerate(groups)
         for w in dests[i]
     }
+    active = running_adapters(snapshot)
     y: dict[tuple[str, str], int | pulp.LpVariable] = {}
     for i, g in enumerate(groups):
         for w in dests[i]:
             if (g.adapter, w) not in y:
-                held = g.adapter == BASE or g.adapter in workers[w].adapters
-                y[g.adapter, w] = 1 if held else prob.add_variable(f"y_{len(y)}", cat="Binary")
+                running = g.adapter == BASE or g.adapter in active[w]
+                y[g.adapter, w] = 1 if running else prob.add_variable(f"y_{len(y)}", cat="Binary")
     # Expressions are built from (variable, coefficient) pairs at once: PuLP's operators make an
     # intermediate expression per product, which was most of the build time.
     objective: list[tuple[pulp.LpVariable, float]] = [(T, 1.0)]
@@ -281,8 +295,8 @@ def _solve(
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
-            prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - len(ws.adapters))
-            objective += [(v, snapshot.adapter_load_seconds) for _, v in new]
+            prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - len(active[w]))
+            objective += [(v, snapshot.adapter_load_seconds) for a, v in new if a not in ws.adapters]
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
         # A worker already over its blocks (by the same count) may stay there, not grow: nobody
@@ -368,7 +382,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
     move costs."""
     workers = {w.worker: w for w in snapshot.workers}
     load = completion_times(snapshot)
-    held = {w: set(ws.adapters) for w, ws in workers.items()}
+    held = running_adapters(snapshot)
     demand = kv_demand(snapshot)
     on = defaultdict(list)
     for r in snapshot.requests:
@@ -402,6 +416,8 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
         on[dst].append(r)
         if r.adapter:
             held[dst].add(r.adapter)
+            if all(o.adapter != r.adapter for o in on[src]):
+                held[src].discard(r.adapter)
         to[r.request_id] = dst
     # A request moved on again counts once, to where it ended (nowhere, if back home).
     return [

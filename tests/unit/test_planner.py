@@ -280,3 +280,16 @@ def _worker_stats(name: str, loads: list[RequestLoad], spt: float, **more: Any) 
         requests=loads,
         **more,
     )
+
+
+def test_slots_count_the_adapters_a_worker_runs_not_those_it_keeps_in_memory() -> None:
+    """w1 keeps four idle adapters (its four slots' worth) and runs nothing: a's requests may go
+    there (it loads a in place of an idle one). w2 runs two adapters in its two slots: a third would
+    split its steps, so a may not join them."""
+    snap = ClusterSnapshot(
+        workers=[worker("w0", ["a"]), worker("w1", ["p", "q", "r", "s"]), worker("w2", ["b", "c"], slots=2)],
+        requests=reqs("w0", "a", 12) + reqs("w2", "b", 1) + reqs("w2", "c", 1),
+        ranks={"a": 16, "b": 16, "c": 16},
+    )
+    for moves in (plan(snap).moves, _greedy(snap, PlannerSettings())):
+        assert moves and {m.to_worker for m in moves} == {"w1"}
