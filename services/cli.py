@@ -266,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-output", type=int, default=512)
     bs.add_argument("--replicas", type=int, default=32, help="replicas in the cluster experiment")
     bs.add_argument("--cluster-adapters", type=int, default=128)
+    bs.add_argument(
+        "--cluster-slots", default="128,16", help="device slots per replica, comma-separated: a run of each"
+    )
     bs.add_argument("--cluster-duration", type=float, default=60.0)
     bs.add_argument("--cluster-profile", default="dlora-artifact")
-    bs.add_argument("--cluster-load", type=float, default=0.7, help="cluster arrivals as a fraction of capacity")
+    bs.add_argument("--cluster-load", type=float, default=0.4, help="cluster arrivals as a fraction of capacity")
     bs.add_argument("--cv", type=float, default=3.0, help="cluster arrivals' burstiness (Gamma CV)")
     bs.add_argument("--shift-every", type=float, default=30.0, help="cluster popularity rotates this often (s)")
     bs.add_argument("--overheads", default="1.2,1.8,2.5", help="regime: unmerged iteration / merged one")

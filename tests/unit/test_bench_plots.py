@@ -151,15 +151,19 @@ SIMULATE_CLUSTER = {
     "rows": [
         {
             "dispatch": d,
+            "slots": slots,
             "throughput_tok_s": t,
             "norm_latency_mean_s": m,
             "norm_latency_p90_s": 1.1 * m,
             "moved": moved,
         }
-        for d, t, m, moved in (
-            ("round-robin", 44591.7, 0.0273, 0),
-            ("proactive", 44339.9, 0.0273, 0),
-            ("proactive + migration", 44376.6, 0.0272, 1561),
+        for slots, d, t, m, moved in (
+            (128, "round-robin", 44591.7, 0.0273, 0),
+            (128, "proactive", 44339.9, 0.0273, 0),
+            (128, "proactive + migration", 44376.6, 0.0272, 1561),
+            (16, "round-robin", 20000.0, 1.014, 0),
+            (16, "proactive", 40000.0, 0.0588, 0),
+            (16, "proactive + migration", 41000.0, 0.0555, 103),
         )
     ],
 }

@@ -19,7 +19,7 @@ def test_a_replica_s_capacity_is_a_full_unmerged_batch_over_each_request_s_steps
 def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Path) -> None:
     out, md, r = tmp_path / "r.json", tmp_path / "BENCHMARKS.md", {}
     argv = "bench simulate --profiles dlora-artifact --strides 1,16 --policies dlora,merged-only --adapters 8"
-    argv += " --duration 4 --replicas 2 --cluster-adapters 8 --cluster-duration 3"
+    argv += " --duration 4 --replicas 2 --cluster-adapters 8 --cluster-slots 8,2 --cluster-duration 3"
     argv += " --overheads 1.8 --alphas 2 --loads 1.4 --regime-duration 4"
     for experiment in ("policy", "cluster", "regime"):
         args = build_parser().parse_args(
@@ -35,8 +35,9 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     ]
     assert all(x["completed"] > 0 and x["norm_latency_mean_s"] >= 15e-3 for x in r["policy"])
     assert all(x["merged_steps"] == 1.0 for x in r["policy"] if x["policy"] == "merged-only")
-    assert [x["dispatch"] for x in r["cluster"]] == ["round-robin", "proactive", "proactive + migration"]
-    assert len({x["requests"] for x in r["cluster"]}) == 1  # one workload for the three
+    dispatch = ["round-robin", "proactive", "proactive + migration"]
+    assert [(x["slots"], x["dispatch"]) for x in r["cluster"]] == [(n, d) for n in (8, 2) for d in dispatch]
+    assert len({x["requests"] for x in r["cluster"]}) == 1  # one workload for all
     (regime,) = r["regime"]  # dLoRA against both static modes, and its gain over the better
     best_static = min(regime["merged-only_norm_latency_mean_s"], regime["unmerged-only_norm_latency_mean_s"])
     assert regime["gain"] == pytest.approx(best_static / regime["dlora_norm_latency_mean_s"])

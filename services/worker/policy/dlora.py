@@ -44,9 +44,9 @@ and the base model of F, less the payer, each moving one t_max; settling never c
 once in F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt_floor_s +
 (max_adapters + 2) * t_max seconds of steps before it runs, t_max being the longest step: its
 adapter then starves, and the next step serves it. (It assumes the scheduler admits what the
-policy chose: a request it leaves out for memory or the token budget still counts as displaced
-and moves credit, which can take the payer below that floor and lengthen the bound of the
-payer's own requests.)
+policy chose, which it does within the token budget the policy sees: a request it leaves out for
+KV memory still counts as displaced and moves credit, which can take the payer below that floor
+and lengthen the bound of the payer's own requests.)
 
 **Band.** At each change of mode the epoch that ended is compared with what the other mode would
 have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
