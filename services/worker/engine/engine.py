@@ -46,6 +46,13 @@ from dlora.services.worker.policy import (
     make_policy,
 )
 
+# A request that resumes outputs produced elsewhere (moved in, or recovered from a lost worker) was
+# running there: it is ordered ahead of every request that arrived here, in the order such requests
+# come, as vLLM puts a preempted request back at the front of its queue. As a fresh arrival it
+# waited behind the queue of the very worker it was moved to relieve (simulated, issue 21: with
+# migration, 129.5 ms/token against 91.6 without).
+_AHEAD = 1 << 48
+
 
 @dataclass
 class _Prepared:
@@ -214,7 +221,7 @@ class LLMEngine:
             adapter=adapter,
             prompt_ids=ids,
             params=params,
-            arrival=self._arrivals,
+            arrival=self._arrivals - _AHEAD if resumed else self._arrivals,
             detok=IncrementalDetokenizer(
                 self.tokenizer, ids + resumed, params.skip_special_tokens, resume_text_pending
             ),
