@@ -290,7 +290,7 @@ def _solve(
         for w in dests[i]:
             per_worker[w].append(i)
             if w != g.worker:
-                if not isinstance(y[g.adapter, w], int):  # where it is held, n's bound says it all
+                if not isinstance(y[g.adapter, w], int):  # where it runs, n's bound says it all
                     prob += pulp.LpAffineExpression([(n[i, w], 1), (y[g.adapter, w], -g.size)]) <= 0
                 objective.append((n[i, w], unit))
     for w, ws in workers.items():
@@ -364,8 +364,10 @@ def _start_from(
     workers: dict[str, WorkerState],
 ) -> None:
     """Every variable's value in the plan ``moved`` ((group, destination) -> requests), as the
-    solver's start: T and the KV overflow by the model's own coefficients, so the start is
-    feasible wherever the plan is (CBC drops a start that is not, and searches alone)."""
+    solver's start: T and the KV overflow by the model's own coefficients. The greedy plan keeps
+    the model's slot rule, but it checks KV room request by request where the model counts a
+    group's mean blocks, so near a full destination the start can break a KV bound: CBC then
+    drops it and searches alone (and the greedy plan stands if it finds nothing)."""
     for i, g in enumerate(groups):
         away = sum(moved[i, w] for w in dests[i][1:])
         for w in dests[i]:
@@ -425,10 +427,8 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings) -> list[MoveRe
         demand[dst] += _blocks(r.context_tokens, workers[dst].block_size)
         on[src].remove(r)
         on[dst].append(r)
-        if r.adapter:
+        if r.adapter:  # (the source keeps counting it, as the ILP does: its plan is the ILP's start)
             held[dst].add(r.adapter)
-            if all(o.adapter != r.adapter for o in on[src]):
-                held[src].discard(r.adapter)
         to[r.request_id] = dst
     # A request moved on again counts once, to where it ended (nowhere, if back home).
     return [

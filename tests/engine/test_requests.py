@@ -91,17 +91,24 @@ def test_a_seeded_request_resumed_anywhere_draws_what_it_would_have(engine: LLME
 
 def test_a_request_resumed_here_goes_ahead_of_those_that_arrived_here(engine: LLMEngine) -> None:
     """A request moved in (or recovered from a lost worker) was running elsewhere: it goes ahead of
-    this engine's own queue, in the order such requests come, not behind it as a fresh arrival
-    (then migration delayed the very requests it moved: issue 21)."""
-    params = SamplingParams(max_tokens=4)
+    the requests waiting here, in the order such requests come, not behind them as a fresh arrival
+    (then migration delayed the very requests it moved: issue 21); but behind those running, whose
+    decodes its recompute would otherwise stall."""
+    params = SamplingParams(max_tokens=8)
+    engine.add_request("running", prompt_token_ids=PROMPT, params=params)
+    engine.step()  # prefilled: running
     for rid in ("q1", "q2"):
         engine.add_request(rid, prompt_token_ids=PROMPT, params=params)
     engine.add_request("moved-1", prompt_token_ids=PROMPT, params=params, resume_token_ids=[7, 8])
     engine.add_request("q3", prompt_token_ids=PROMPT, params=params)
     engine.add_request("moved-2", prompt_token_ids=PROMPT, params=params, resume_token_ids=[9])
-    assert [r.request_id for r in engine.queue()] == ["moved-1", "moved-2", "q1", "q2", "q3"]
+    order = ["running", "moved-1", "moved-2", "q1", "q2", "q3"]
+    assert [r.request_id for r in engine.queue()] == order
     while engine.has_unfinished():
         engine.step()
+    engine.add_request("alone", prompt_token_ids=PROMPT, params=params, resume_token_ids=[7])  # none waits
+    assert [r.request_id for r in engine.queue()] == ["alone"]
+    engine.abort("alone")
 
 
 def test_abort_frees_blocks_and_spares_others(engine: LLMEngine) -> None:

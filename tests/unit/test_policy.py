@@ -1,6 +1,7 @@
 import pytest
 
 from dlora.services.worker.policy import BatchLimits, PolicyConfig, QueuedRequest, fcfs_batch, make_policy
+from dlora.services.worker.policy.base import within_budget
 from dlora.services.worker.policy.fcfs import MergedOnly, MixedOnly, UnmergedOnly
 
 LIMITS = BatchLimits(max_num_seqs=8, max_adapters=2)
@@ -18,13 +19,16 @@ def test_fcfs_batch_respects_slots_and_size() -> None:
     assert [r.request_id for r in fcfs_batch(QUEUE, BatchLimits(3, 8))] == ["r0", "r1", "r2"]
 
 
-def test_fcfs_batch_stops_at_the_token_budget_and_cuts_the_last_prompt_as_the_scheduler_chunks_it() -> None:
+def test_within_budget_stops_at_the_token_budget_and_cuts_the_last_prompt_as_the_scheduler_chunks_it() -> None:
     budget = BatchLimits(max_num_seqs=8, max_adapters=8, max_num_batched_tokens=10)
-    batch = fcfs_batch(QUEUE, budget)  # 4 tokens each
+    batch = within_budget(fcfs_batch(QUEUE, budget), budget)  # 4 tokens each
     assert [(r.request_id, r.num_new) for r in batch] == [("r0", 4), ("r1", 4), ("r2", 2)]
     assert QUEUE[2].num_new == 4  # the queue itself is not changed
     exact = BatchLimits(max_num_seqs=8, max_adapters=8, max_num_batched_tokens=8)
-    assert [r.request_id for r in fcfs_batch(QUEUE, exact)] == ["r0", "r1"]
+    assert [r.request_id for r in within_budget(QUEUE, exact)] == ["r0", "r1"]
+    assert within_budget(QUEUE, LIMITS) == QUEUE  # no budget
+    # F itself is not cut: the scheduler applies the budget, knowing each prompt's cached prefix
+    assert len(fcfs_batch(QUEUE, budget)) == 6
 
 
 def test_a_mixed_batch_gives_the_merged_adapter_no_slot_and_its_correction_one() -> None:

@@ -23,7 +23,7 @@ class Sequence:
     adapter: str | None  # None: the base model
     prompt_ids: list[int]
     params: SamplingParams
-    arrival: int  # engine-wide admission counter: FCFS order
+    arrival: int  # FCFS order (LLMEngine._arrival: resumed requests go ahead of those waiting)
     detok: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING

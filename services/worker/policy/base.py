@@ -111,24 +111,38 @@ def lora_work(fed: list[tuple[str | None, int]], merged: str | None, ranks: Mapp
 
 def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | None = None) -> list[QueuedRequest]:
     """The batch plain FCFS would run: arrival order, at most ``max_adapters`` distinct adapters
-    (base requests need no slot), ``max_num_seqs`` requests and ``max_num_batched_tokens`` tokens,
-    the last request's prompt cut to the tokens left (as the scheduler chunks it). ``queue`` is in
-    arrival order. ``merged``: the batch of a mixed step with that adapter merged, whose requests
-    need no slot while its correction holds one; or, given only that adapter's requests, of a
-    merged step."""
+    (base requests need no slot) and ``max_num_seqs`` requests. ``queue`` is in arrival order.
+    ``merged``: the batch of a mixed step with that adapter merged, whose requests need no slot
+    while its correction holds one; or, given only that adapter's requests, of a merged step. The
+    token budget is the scheduler's to apply (it knows each prompt's cached prefix): see
+    ``within_budget``."""
     slots = free_slots(limits.max_adapters, merged)
-    budget = limits.max_num_batched_tokens
     adapters: set[str] = set()
     out: list[QueuedRequest] = []
-    tokens = 0
     for r in queue:
-        if len(out) == limits.max_num_seqs or (budget is not None and tokens >= budget):
+        if len(out) == limits.max_num_seqs:
             break
         if r.adapter is not None and r.adapter != merged and r.adapter not in adapters:
             if len(adapters) >= slots:
                 continue
             adapters.add(r.adapter)
-        if budget is not None and tokens + r.num_new > budget:
+        out.append(r)
+    return out
+
+
+def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[QueuedRequest]:
+    """What of ``batch`` one step can feed: its requests in order up to ``max_num_batched_tokens``,
+    the last one's prompt cut to the tokens left (as the scheduler chunks it). For pricing a step:
+    a prompt's cached prefix is not known here, so this may count fewer requests than will run."""
+    budget = limits.max_num_batched_tokens
+    if budget is None:
+        return batch
+    out: list[QueuedRequest] = []
+    tokens = 0
+    for r in batch:
+        if tokens >= budget:
+            break
+        if tokens + r.num_new > budget:
             r = replace(r, num_new=budget - tokens)
         out.append(r)
         tokens += r.num_new

@@ -2,8 +2,8 @@
 costs and their uncertainty, with credits against starvation.
 
 Every step, with F the batch plain FCFS would run (``fcfs_batch``) and n_a the queued requests
-of adapter a that one step could run (``fcfs_batch`` over them: at most a batch, its prompts cut
-to the token budget as the scheduler cuts them):
+of adapter a (capped at a batch). Counts, prices and waiting are of what one step of a batch can
+feed (``within_budget``: its prompts cut to the token budget as the scheduler cuts them):
 
 1. **Starvation first** (before the watchdog, too). If an adapter with queued requests is owed
    more than ``starvation_s`` seconds of credit, its requests in F run first: in a mixed step
@@ -44,9 +44,9 @@ and the base model of F, less the payer, each moving one t_max; settling never c
 once in F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt_floor_s +
 (max_adapters + 2) * t_max seconds of steps before it runs, t_max being the longest step: its
 adapter then starves, and the next step serves it. (It assumes the scheduler admits what the
-policy chose, which it does within the token budget the policy sees: a request it leaves out for
-KV memory still counts as displaced and moves credit, which can take the payer below that floor
-and lengthen the bound of the payer's own requests.)
+policy chose: a request it leaves out for memory or the token budget still counts as displaced
+and moves credit, which can take the payer below that floor and lengthen the bound of the
+payer's own requests.)
 
 **Band.** At each change of mode the epoch that ended is compared with what the other mode would
 have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
@@ -73,6 +73,7 @@ from dlora.services.worker.policy.base import (
     StepRecord,
     fcfs_batch,
     lora_work,
+    within_budget,
 )
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
@@ -199,10 +200,7 @@ class DLoraPolicy(Policy):
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first.
         best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        # What a merged step on an adapter would run: its requests within the step's limits (its
-        # queued prompts, all counted, would price a step the scheduler cuts to the token budget).
-        group = {a: fcfs_batch(eligible[a], self.limits, merged=a) for a in (best, merged_now) if a in eligible}
-        basis = _Basis(fcfs, best, group.get(best or "", []))
+        basis = _Basis(fcfs, best, eligible.get(best or "", []))
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs)
 
         starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
@@ -212,18 +210,20 @@ class DLoraPolicy(Policy):
             return unmerged.decision(basis)
 
         # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
-        n_fcfs = len(fcfs)
-        stay = merged_now in group and len(group[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs
-        enter = best not in (None, merged_now) and len(group[best]) >= self._threshold(self.r, best) * n_fcfs
+        n_fcfs = self._runs(fcfs)
+        stay = (
+            merged_now in eligible and self._runs(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs
+        )
+        enter = best not in (None, merged_now) and self._runs(eligible[best]) >= self._threshold(self.r, best) * n_fcfs
         candidates = [unmerged]
         for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
             mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), fcfs)
             if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
                 candidates.append(mixed)
         if stay and merged_now is not None:
-            candidates.append(self._candidate(Mode.MERGED, merged_now, group[merged_now], fcfs))
-        if enter and best is not None and self._pays_off(fcfs, group[best]):
-            candidates.append(self._candidate(Mode.MERGED, best, group[best], fcfs))
+            candidates.append(self._candidate(Mode.MERGED, merged_now, eligible[merged_now], fcfs))
+        if enter and best is not None and self._pays_off(fcfs, eligible[best]):
+            candidates.append(self._candidate(Mode.MERGED, best, eligible[best], fcfs))
 
         priced = [self._price(c, merged_now) for c in candidates]
         if any(c.price is None for c in priced) or not self.costs.fitted:
@@ -260,14 +260,24 @@ class DLoraPolicy(Policy):
                 return _Candidate(Mode.MIXED, merged_now, mixed)
         return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if _key(r.adapter) not in starving])
 
-    @staticmethod
-    def _candidate(mode: Mode, m: str | None, batch: list[QueuedRequest], fcfs: list[QueuedRequest]) -> _Candidate:
-        ids = {r.request_id for r in batch}
-        return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in fcfs))
+    def _runs(self, batch: list[QueuedRequest]) -> int:
+        """How many of ``batch`` one step can run (the token budget cuts a queue of prompts short)."""
+        return len(within_budget(batch, self.limits))
+
+    def _candidate(
+        self, mode: Mode, m: str | None, batch: list[QueuedRequest], fcfs: list[QueuedRequest]
+    ) -> _Candidate:
+        """Counted within the token budget: the step's queued prompts, all counted, priced a merged
+        step on ~35 requests and thousands of prompt tokens the scheduler would not admit, which
+        made one that left most of F idle look ten times cheaper per token (issue 21's regime map:
+        0.69 of unmerged-only at overhead 1.2, Zipf 1, load 1.4)."""
+        ids = {r.request_id for r in within_budget(batch, self.limits)}
+        return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in within_budget(fcfs, self.limits)))
 
     def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
-        """``c`` with its price; unpriced before a base step was measured."""
-        tokens, segments, rank_tokens = _work(c.batch, c.merged, self.ranks)
+        """``c`` with its price (of what one step of it feeds); unpriced before a base step was measured."""
+        run = within_budget(c.batch, self.limits)
+        tokens, segments, rank_tokens = _work(run, c.merged, self.ranks)
         base = self.costs.base_estimate(tokens)
         if base is None or tokens == 0:
             return c
@@ -282,7 +292,7 @@ class DLoraPolicy(Policy):
         # Per token served, with each request of F it leaves waiting costing as much as one it
         # serves: a step that advances half of F costs twice what its time alone says (a merged
         # step puts the others' work off; it does not save it).
-        scale = (1 + c.waiting / len(c.batch)) / tokens
+        scale = (1 + c.waiting / len(run)) / tokens
         price = _Price(self.costs.key(tokens), seconds, total * scale, base_var**0.5 * scale, other_var**0.5 * scale)
         return _Candidate(c.mode, c.merged, c.batch, c.waiting, price)
 
@@ -313,8 +323,8 @@ class DLoraPolicy(Policy):
         token) x its tokens; over ``merged_epoch_steps`` steps that must exceed the merge and
         unmerge it costs. Before both modes are measured, the count rule alone decides.
         """
-        f_tokens, seg, rank_tokens = _work(fcfs, None, self.ranks)
-        g_tokens = sum(r.num_new for r in group)
+        f_tokens, seg, rank_tokens = _work(within_budget(fcfs, self.limits), None, self.ranks)
+        g_tokens = sum(r.num_new for r in within_budget(group, self.limits))
         unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens)
         merged = self.costs.step_seconds(g_tokens)
         if unmerged is None or merged is None or not f_tokens or not g_tokens:
