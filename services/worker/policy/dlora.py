@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -118,6 +118,8 @@ class _Candidate:
     # F's requests it leaves waiting: its cost per token counts them (see _price).
     waiting: int = 0
     price: _Price | None = None
+    # What one step of ``batch`` feeds (``within_budget``): what ``waiting`` and the price count.
+    run: list[QueuedRequest] = field(default_factory=list)
 
     def decision(self, basis: _Basis) -> StepDecision:
         return StepDecision(self.merged, [r.request_id for r in self.batch], basis, mixed=self.mode is Mode.MIXED)
@@ -201,7 +203,8 @@ class DLoraPolicy(Policy):
         # Most queued first; among equals the one whose oldest request came first.
         best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
         basis = _Basis(fcfs, best, eligible.get(best or "", []))
-        unmerged = _Candidate(Mode.UNMERGED, None, fcfs)
+        f_run = within_budget(fcfs, self.limits)
+        unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)
 
         starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
         if starving:
@@ -210,20 +213,18 @@ class DLoraPolicy(Policy):
             return unmerged.decision(basis)
 
         # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
-        n_fcfs = self._runs(fcfs)
-        stay = (
-            merged_now in eligible and self._runs(eligible[merged_now]) >= self._threshold(self.l, merged_now) * n_fcfs
-        )
-        enter = best not in (None, merged_now) and self._runs(eligible[best]) >= self._threshold(self.r, best) * n_fcfs
+        merged = {a: self._candidate(Mode.MERGED, a, eligible[a], f_run) for a in (merged_now, best) if a in eligible}
+        stay = merged_now in merged and len(merged[merged_now].run) >= self._threshold(self.l, merged_now) * len(f_run)
+        enter = best not in (None, merged_now) and len(merged[best].run) >= self._threshold(self.r, best) * len(f_run)
         candidates = [unmerged]
         for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
-            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), fcfs)
+            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), f_run)
             if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
                 candidates.append(mixed)
         if stay and merged_now is not None:
-            candidates.append(self._candidate(Mode.MERGED, merged_now, eligible[merged_now], fcfs))
-        if enter and best is not None and self._pays_off(fcfs, eligible[best]):
-            candidates.append(self._candidate(Mode.MERGED, best, eligible[best], fcfs))
+            candidates.append(merged[merged_now])
+        if enter and best is not None and self._pays_off(f_run, merged[best].run):
+            candidates.append(merged[best])
 
         priced = [self._price(c, merged_now) for c in candidates]
         if any(c.price is None for c in priced) or not self.costs.fitted:
@@ -260,24 +261,21 @@ class DLoraPolicy(Policy):
                 return _Candidate(Mode.MIXED, merged_now, mixed)
         return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if _key(r.adapter) not in starving])
 
-    def _runs(self, batch: list[QueuedRequest]) -> int:
-        """How many of ``batch`` one step can run (the token budget cuts a queue of prompts short)."""
-        return len(within_budget(batch, self.limits))
-
     def _candidate(
-        self, mode: Mode, m: str | None, batch: list[QueuedRequest], fcfs: list[QueuedRequest]
+        self, mode: Mode, m: str | None, batch: list[QueuedRequest], f_run: list[QueuedRequest]
     ) -> _Candidate:
-        """Counted within the token budget: the step's queued prompts, all counted, priced a merged
-        step on ~35 requests and thousands of prompt tokens the scheduler would not admit, which
-        made one that left most of F idle look ten times cheaper per token (issue 21's regime map:
-        0.69 of unmerged-only at overhead 1.2, Zipf 1, load 1.4)."""
-        ids = {r.request_id for r in within_budget(batch, self.limits)}
-        return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in within_budget(fcfs, self.limits)))
+        """``batch`` as a candidate, counted within the token budget (``f_run``: what one step of F
+        feeds): a step's queued prompts, all counted, priced a merged step on ~35 requests and
+        thousands of prompt tokens the scheduler would not admit, which made one that left most of
+        F idle look ten times cheaper per token (issue 21's regime map: 0.69 of unmerged-only at
+        overhead 1.2, Zipf 1, load 1.4)."""
+        run = within_budget(batch, self.limits)
+        ids = {r.request_id for r in run}
+        return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in f_run), run=run)
 
     def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
         """``c`` with its price (of what one step of it feeds); unpriced before a base step was measured."""
-        run = within_budget(c.batch, self.limits)
-        tokens, segments, rank_tokens = _work(run, c.merged, self.ranks)
+        tokens, segments, rank_tokens = _work(c.run, c.merged, self.ranks)
         base = self.costs.base_estimate(tokens)
         if base is None or tokens == 0:
             return c
@@ -292,9 +290,9 @@ class DLoraPolicy(Policy):
         # Per token served, with each request of F it leaves waiting costing as much as one it
         # serves: a step that advances half of F costs twice what its time alone says (a merged
         # step puts the others' work off; it does not save it).
-        scale = (1 + c.waiting / len(run)) / tokens
+        scale = (1 + c.waiting / len(c.run)) / tokens
         price = _Price(self.costs.key(tokens), seconds, total * scale, base_var**0.5 * scale, other_var**0.5 * scale)
-        return _Candidate(c.mode, c.merged, c.batch, c.waiting, price)
+        return replace(c, price=price)
 
     def _incumbent(self, priced: list[_Candidate], merged_now: str | None) -> _Candidate | None:
         """The candidate that goes on as the last step ran (None: none does)."""
@@ -316,15 +314,16 @@ class DLoraPolicy(Policy):
         margin = self.config.kappa * math.hypot(base_std, a.other_std, b.other_std)
         return cheapest if a.cost + margin < b.cost else incumbent
 
-    def _pays_off(self, fcfs: list[QueuedRequest], group: list[QueuedRequest]) -> bool:
-        """Would merging ``group`` win back the switch within a typical merged epoch?
+    def _pays_off(self, f_run: list[QueuedRequest], group: list[QueuedRequest]) -> bool:
+        """Would merging ``group`` (what one step of it feeds) win back the switch within a typical
+        merged epoch, against F (``f_run``, likewise)?
 
         Per step, serving the group merged saves (unmerged seconds per token - merged seconds per
         token) x its tokens; over ``merged_epoch_steps`` steps that must exceed the merge and
         unmerge it costs. Before both modes are measured, the count rule alone decides.
         """
-        f_tokens, seg, rank_tokens = _work(within_budget(fcfs, self.limits), None, self.ranks)
-        g_tokens = sum(r.num_new for r in within_budget(group, self.limits))
+        f_tokens, seg, rank_tokens = _work(f_run, None, self.ranks)
+        g_tokens = sum(r.num_new for r in group)
         unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens)
         merged = self.costs.step_seconds(g_tokens)
         if unmerged is None or merged is None or not f_tokens or not g_tokens:
