@@ -31,7 +31,7 @@ from dlora.services.worker.engine.outputs import RequestError, RequestOutput, ad
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import SamplingError, constrain, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
-from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.structured import GrammarError, Grammars
@@ -214,7 +214,7 @@ class LLMEngine:
             adapter=adapter,
             prompt_ids=ids,
             params=params,
-            arrival=self._arrival(bool(resumed)),
+            arrival=fcfs_arrival(self._arrivals, bool(resumed), self.seqs.values()),
             detok=IncrementalDetokenizer(
                 self.tokenizer, ids + resumed, params.skip_special_tokens, resume_text_pending
             ),
@@ -231,21 +231,6 @@ class LLMEngine:
         self.seqs[request_id] = seq
         if not resumed:
             self.stats.prompt_tokens += len(ids)
-
-    def _arrival(self, resumed: bool) -> int:
-        """FCFS order for a request added now: after every other, as it arrives (even numbers);
-        one that resumes outputs produced elsewhere (moved in, or recovered from a lost worker) was
-        running there and goes just ahead of the requests that arrived here and wait, behind those
-        running, in the order such requests come (the odd number below the first of those; equal
-        keys keep the order they were added in). As a fresh
-        arrival it waited behind the queue of the very worker it was moved to relieve (simulated,
-        issue 21: with migration 129.5 ms/token against 91.6 without); ahead of the running ones,
-        its recompute would stall their decodes."""
-        arrival = 2 * self._arrivals
-        if resumed:
-            waiting = [s.arrival for s in self.seqs.values() if s.status is Status.WAITING and s.arrival % 2 == 0]
-            arrival = min([arrival, *(a - 1 for a in waiting)])
-        return arrival
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
         """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown)."""
