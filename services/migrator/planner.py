@@ -202,13 +202,17 @@ def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapsho
 
 
 def _destinations(
-    snapshot: ClusterSnapshot, groups: list[_Group], settings: PlannerSettings, start: dict[int, set[str]]
+    snapshot: ClusterSnapshot,
+    groups: list[_Group],
+    settings: PlannerSettings,
+    start: dict[int, set[str]],
+    active: dict[str, set[str]],
 ) -> list[list[str]]:
     """Per group: home first, then the workers it may move to: ones whose context holds its
-    requests that hold its adapter or have a free slot for it; where those make a model of more
-    than ``max_ilp_variables``, pruned by ``max_destinations`` (the module's docstring says how);
-    and wherever ``start`` (group -> workers) moves some of it."""
-    load, demand, active = completion_times(snapshot), kv_demand(snapshot), running_adapters(snapshot)
+    requests that run its adapter (``active``: worker -> adapters it runs) or have a free slot for
+    it; where those make a model of more than ``max_ilp_variables``, pruned by ``max_destinations``
+    (the module's docstring says how); and wherever ``start`` (group -> workers) moves some of it."""
+    load, demand = completion_times(snapshot), kv_demand(snapshot)
     by_load = sorted(snapshot.workers, key=lambda w: load[w.worker])
 
     def possible(g: _Group) -> list[WorkerState]:
@@ -258,7 +262,8 @@ def _solve(
     towards: dict[int, set[str]] = defaultdict(set)
     for i, w in moved:
         towards[i].add(w)
-    dests = _destinations(snapshot, groups, settings, towards)
+    active = running_adapters(snapshot)
+    dests = _destinations(snapshot, groups, settings, towards, active)
     if sum(map(len, dests)) > settings.max_ilp_variables:
         return IlpFallback.TOO_LARGE
     prob = pulp.LpProblem("co_migration", pulp.LpMinimize)
@@ -270,7 +275,6 @@ def _solve(
         for i, g in enumerate(groups)
         for w in dests[i]
     }
-    active = running_adapters(snapshot)
     y: dict[tuple[str, str], int | pulp.LpVariable] = {}
     for i, g in enumerate(groups):
         for w in dests[i]:
