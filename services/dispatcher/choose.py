@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import msgspec
@@ -70,12 +71,17 @@ class WorkerLoad:
 
 
 def estimated_finish(
-    w: WorkerLoad, adapter: str | None, extra_requests: int, placed: set[str], costs: DispatchCosts
+    w: WorkerLoad,
+    adapter: str | None,
+    extra_requests: int,
+    placed: set[str],
+    costs: DispatchCosts,
+    extra_adapters: Collection[str] = (),
 ) -> float:
     """Seconds until a request of ``adapter`` would finish on ``w``, with ``extra_requests`` sent
-    there since its stats and ``placed`` the adapters the placement means it to hold, its tokens
-    priced at ``costs.default_seconds_per_token`` (``choose_worker`` sets it to the live workers'
-    mean: see there). The formula is the module's docstring."""
+    there since its stats (of ``extra_adapters``) and ``placed`` the adapters the placement means
+    it to hold, its tokens priced at ``costs.default_seconds_per_token`` (``choose_worker`` sets it
+    to the live workers' mean: see there). The formula is the module's docstring."""
     spt = costs.default_seconds_per_token
     queued = w.queued_tokens + extra_requests * costs.expected_tokens
     dominant = w.dominant if w.busy else adapter
@@ -87,7 +93,7 @@ def estimated_finish(
     # ms/token against round-robin's 1,014; priced, 58.8. Issue 21).
     crowding = 1.0
     if adapter is not None and w.slots:
-        crowding = max(1.0, len(w.queued_adapters | {adapter}) / w.slots)
+        crowding = max(1.0, len(w.queued_adapters.union(extra_adapters, (adapter,))) / w.slots)
     return (queued + own) * spt * crowding + (0.0 if holds else costs.adapter_load_s)
 
 
@@ -104,13 +110,16 @@ def choose_worker(
     placement: dict[str, list[str]] | None = None,
     costs: DispatchCosts = DEFAULT_COSTS,
     loads: dict[str, WorkerLoad] | None = None,
+    sent_adapters: dict[str, set[str]] | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,
-    where the caller keeps them (else made here)."""
+    where the caller keeps them (else made here). ``sent_since_stats`` / ``sent_adapters``: the
+    requests sent to each worker since its stats, and their adapters (a burst of new adapters to
+    one worker crowds its slots before its stats say so)."""
     if not workers:
         return None
-    sent = sent_since_stats or {}
+    sent, sent_to = sent_since_stats or {}, sent_adapters or {}
     placement = placement or {}
     # Every worker is priced at the live workers' mean measured speed. A batched engine's seconds
     # per token fall as its batch grows (a step's time is shared by more tokens), so a worker's own
@@ -125,7 +134,9 @@ def choose_worker(
         load = (loads or {}).get(w.worker)
         if load is None or load.stats is not w:  # not kept, or kept of other stats
             load = WorkerLoad.of(w)
-        finish = estimated_finish(load, adapter, sent.get(w.worker, 0), set(placement.get(w.worker, ())), costs)
+        finish = estimated_finish(
+            load, adapter, sent.get(w.worker, 0), set(placement.get(w.worker, ())), costs, sent_to.get(w.worker, ())
+        )
         holds = adapter is None or adapter in load.adapters
         return (round(finish, 9), 0 if holds else 1, w.worker)
 

@@ -18,6 +18,7 @@ class DispatchState:
         # Requests sent to each worker since its last stats: a burst must not all go to the
         # worker that looked idlest a moment ago.
         self.sent_since_stats: dict[str, int] = {}
+        self.sent_adapters: dict[str, set[str]] = {}  # and their adapters (not the base)
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
         self._turn = 0
@@ -27,6 +28,7 @@ class DispatchState:
         self.workers[st.worker] = (st, now)
         self.loads[st.worker] = WorkerLoad.of(st)
         self.sent_since_stats[st.worker] = 0
+        self.sent_adapters[st.worker] = set()
 
     def forgive(self, now: float) -> None:
         """Every worker counts as heard from ``now``: the silence was the dispatcher's own (its
@@ -45,7 +47,11 @@ class DispatchState:
             worker = names[self._turn % len(names)] if names else None
             self._turn += 1
         else:
-            worker = choose_worker(live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads)
+            worker = choose_worker(
+                live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters
+            )
         if worker is not None:
             self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
+            if adapter is not None:
+                self.sent_adapters.setdefault(worker, set()).add(adapter)
         return worker

@@ -132,3 +132,21 @@ def test_a_worker_running_more_adapters_than_it_has_slots_is_priced_for_the_crow
     assert choose_worker([crowded, roomy], "g") == "y"  # a fifth adapter: where it has a slot
     assert choose_worker([crowded, roomy], "a") == "x"  # one of x's own: the shorter queue
     assert choose_worker([crowded, roomy], None) == "x"  # the base model needs no slot
+
+
+def test_adapters_sent_since_the_stats_count_in_the_crowding() -> None:
+    """A burst of new adapters to an idle worker crowds its slots before its stats say so: x (2
+    slots, idle) takes a1 and a2; a third adapter there would share 2 slots among 3 (1.5 x its
+    queue: 4.5 requests' worth) where y's queue of base-model requests is 4.1 requests' worth.
+    Counting only the stats' adapters, x looked uncrowded and took the whole burst."""
+    from dlora.services.dispatcher.choose import DispatchMode
+    from dlora.services.dispatcher.state import DispatchState
+
+    costs = DispatchCosts()
+    state = DispatchState(ttl_s=5.0, mode=DispatchMode.PROACTIVE, costs=costs)
+    state.heard(msgspec.structs.replace(w("x"), max_loras=2), now=0.0)
+    state.heard(msgspec.structs.replace(w("y", [(None, int(3 * costs.expected_tokens))]), max_loras=2), now=0.0)
+    assert [state.choose(state.live(0.0), a) for a in ("a1", "a2", "a3")] == ["x", "x", "y"]
+    assert state.sent_adapters == {"x": {"a1", "a2"}, "y": {"a3"}}
+    state.heard(msgspec.structs.replace(w("x"), max_loras=2), now=1.0)
+    assert state.sent_adapters["x"] == set()
