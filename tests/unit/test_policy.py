@@ -27,6 +27,12 @@ def test_within_budget_stops_at_the_token_budget_and_cuts_the_last_prompt_as_the
     exact = BatchLimits(max_num_seqs=8, max_adapters=8, max_num_batched_tokens=8)
     assert [r.request_id for r in within_budget(QUEUE, exact)] == ["r0", "r1"]
     assert within_budget(QUEUE, LIMITS) == QUEUE  # no budget
+    # Without chunked prefill a prompt that does not fit what is left waits; later ones may fit
+    whole = BatchLimits(max_num_seqs=8, max_adapters=8, max_num_batched_tokens=10, chunked_prefill=False)
+    short = QueuedRequest("r9", "d", 9, running=False, num_new=1)
+    assert [r.request_id for r in within_budget([*QUEUE[:3], short], whole)] == ["r0", "r1", "r9"]
+    big = QueuedRequest("r8", "d", 8, running=False, num_new=30)
+    assert [r.request_id for r in within_budget([big, *QUEUE], whole)] == ["r8"]  # the first runs whole
     # F itself is not cut: the scheduler applies the budget, knowing each prompt's cached prefix
     assert len(fcfs_batch(QUEUE, budget)) == 6
 

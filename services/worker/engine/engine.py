@@ -135,7 +135,7 @@ class LLMEngine:
         self.slots = SlotTable(config.max_loras)
         self.policy: Policy = policy or make_policy(
             config.policy,
-            BatchLimits(config.max_num_seqs, config.max_loras, self.limits.max_num_batched_tokens),
+            BatchLimits(config.max_num_seqs, config.max_loras, self.limits.max_num_batched_tokens, chunked),
         )
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}

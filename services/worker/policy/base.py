@@ -88,6 +88,7 @@ class BatchLimits:
     max_num_seqs: int  # requests per step
     max_adapters: int  # distinct unmerged adapters per step (device slots), a mixed step's merged one included
     max_num_batched_tokens: int | None = None  # tokens fed per step (None: no limit)
+    chunked_prefill: bool = True  # a prompt past the budget left runs in part (else it waits a step)
 
 
 def free_slots(max_adapters: int, merged: str | None) -> int:
@@ -131,9 +132,11 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | No
 
 
 def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[QueuedRequest]:
-    """What of ``batch`` one step can feed: its requests in order up to ``max_num_batched_tokens``,
-    the last one's prompt cut to the tokens left (as the scheduler chunks it). For pricing a step:
-    a prompt's cached prefix is not known here, so this may count fewer requests than will run."""
+    """What of ``batch`` one step can feed, as the scheduler feeds it: its requests in order up to
+    ``max_num_batched_tokens``, the last one's prompt cut to the tokens left (chunked prefill), or,
+    without chunked prefill, every prompt that does not fit what is left skipped (it waits for a
+    later step) unless it is the step's first. For pricing a step: a prompt's cached prefix is not
+    known here, so this may count fewer requests than will run."""
     budget = limits.max_num_batched_tokens
     if budget is None:
         return batch
@@ -143,7 +146,10 @@ def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[Queue
         if tokens >= budget:
             break
         if tokens + r.num_new > budget:
-            r = replace(r, num_new=budget - tokens)
+            if limits.chunked_prefill:
+                r = replace(r, num_new=budget - tokens)
+            elif out:
+                continue
         out.append(r)
         tokens += r.num_new
     return out
