@@ -231,6 +231,7 @@ class Cluster:
             name = self.state.choose(self.state.live(req.arrival_s), req.adapter)
             if name is None:
                 raise RuntimeError(f"no live replica for {req.request_id}")
+            self.state.sent(name, req.adapter)
             self.served[req.request_id] = Served(req, name)
             heapq.heappush(self._replica(name).incoming, req.arrival_s)
             self._push(req.arrival_s, "join", (req, name))

@@ -288,7 +288,6 @@ class Dispatcher:
             entry = await self.store.get_adapter(req.adapter)  # resume runs on the same weights
             if entry is not None and entry.version:
                 req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
-        self._count(req.adapter)
         live = self.live()
         # prompt and every token it may generate: a worker that cannot hold them would cut it short
         prompt = len(req.prompt_token_ids) if req.prompt_token_ids is not None else 1  # text: not known here
@@ -313,6 +312,10 @@ class Dispatcher:
         seen = self.workers.get(worker)
         incarnation = seen[0].incarnation if seen else ""
         if await self.store.put_inflight(req, worker, expect, new=expect is None, incarnation=incarnation, died=died):
+            # Counted only once recorded: two dispatchers walking a lost worker's records both
+            # choose, one records; the other must not skew its choices and placement with it.
+            self.state.sent(worker, req.adapter)
+            self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
             self.metrics.decisions.labels(worker).inc()
             if expect is not None:

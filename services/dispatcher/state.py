@@ -40,18 +40,20 @@ class DispatchState:
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
 
     def choose(self, live: list[WorkerStats], adapter: str | None) -> str | None:
-        """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
-        as sent to it: round-robin blind to load and adapters, or proactive (``choose_worker``)."""
+        """The worker among ``live`` for a request of ``adapter`` (None when there is none):
+        round-robin blind to load and adapters, or proactive (``choose_worker``). Not counted as
+        sent until ``sent``: a dispatcher that loses the request's record to another counts nothing."""
         if self.mode is DispatchMode.ROUND_ROBIN:
             names = sorted(w.worker for w in live)
             worker = names[self._turn % len(names)] if names else None
             self._turn += 1
-        else:
-            worker = choose_worker(
-                live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters
-            )
-        if worker is not None:
-            self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
-            if adapter is not None:
-                self.sent_adapters.setdefault(worker, set()).add(adapter)
-        return worker
+            return worker
+        return choose_worker(
+            live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters
+        )
+
+    def sent(self, worker: str, adapter: str | None) -> None:
+        """A request of ``adapter`` went to ``worker``: it counts there until the worker's next stats."""
+        self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
+        if adapter is not None:
+            self.sent_adapters.setdefault(worker, set()).add(adapter)

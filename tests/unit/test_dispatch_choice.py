@@ -2,6 +2,7 @@ import msgspec
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.dispatcher.choose import DispatchCosts, choose_worker
+from dlora.services.dispatcher.state import DispatchState
 
 
 def w(
@@ -23,6 +24,14 @@ def w(
         seconds_per_token=spt,
         requests=reqs,
     )
+
+
+def send(state: DispatchState, live: list[WorkerStats], adapter: str | None) -> str | None:
+    """Choose and send, as a dispatcher does once the request's record is made."""
+    worker = state.choose(live, adapter)
+    if worker is not None:
+        state.sent(worker, adapter)
+    return worker
 
 
 def test_no_workers_no_choice() -> None:
@@ -86,14 +95,14 @@ def test_a_worker_that_has_not_measured_is_priced_at_its_peers_speed() -> None:
 
 def test_dispatch_state_counts_sends_until_the_next_stats_and_drops_stale_or_draining_workers() -> None:
     from dlora.services.dispatcher.choose import DispatchMode
-    from dlora.services.dispatcher.state import DispatchState
 
     state = DispatchState(ttl_s=5.0, mode=DispatchMode.PROACTIVE, costs=DispatchCosts())
     state.heard(w("x"), now=0.0)
     state.heard(w("y"), now=0.0)
     state.heard(msgspec.structs.replace(w("z"), draining=True), now=0.0)
     assert [st.worker for st in state.live(now=1.0)] == ["x", "y"]
-    picks = [state.choose(state.live(1.0), None) for _ in range(4)]
+    assert [state.choose(state.live(1.0), None) for _ in range(2)] == ["x", "x"]  # chosen, not sent
+    picks = [send(state, state.live(1.0), None) for _ in range(4)]
     assert picks == ["x", "y", "x", "y"]  # each send counts against its worker until it reports
     state.heard(w("x"), now=2.0)
     assert state.sent_since_stats == {"x": 0, "y": 2, "z": 0}
@@ -140,13 +149,12 @@ def test_adapters_sent_since_the_stats_count_in_the_crowding() -> None:
     queue: 4.5 requests' worth) where y's queue of base-model requests is 4.1 requests' worth.
     Counting only the stats' adapters, x looked uncrowded and took the whole burst."""
     from dlora.services.dispatcher.choose import DispatchMode
-    from dlora.services.dispatcher.state import DispatchState
 
     costs = DispatchCosts()
     state = DispatchState(ttl_s=5.0, mode=DispatchMode.PROACTIVE, costs=costs)
     state.heard(msgspec.structs.replace(w("x"), max_loras=2), now=0.0)
     state.heard(msgspec.structs.replace(w("y", [(None, int(3 * costs.expected_tokens))]), max_loras=2), now=0.0)
-    assert [state.choose(state.live(0.0), a) for a in ("a1", "a2", "a3")] == ["x", "x", "y"]
+    assert [send(state, state.live(0.0), a) for a in ("a1", "a2", "a3")] == ["x", "x", "y"]
     assert state.sent_adapters == {"x": {"a1", "a2"}, "y": {"a3"}}
     state.heard(msgspec.structs.replace(w("x"), max_loras=2), now=1.0)
     assert state.sent_adapters["x"] == set()
