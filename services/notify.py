@@ -61,14 +61,19 @@ class Notifier:
     async def ready_when(self, reachable: Callable[[], Awaitable[object]], status: str, every_s: float = 1.0) -> None:
         """``ready`` once ``reachable()`` returns (Redis answers a ping), trying every ``every_s``:
         a service that rides out a Redis outage serves meanwhile, but is not yet what the unit
-        promises (connected to NATS and Redis), so systemd's start timeout still applies."""
+        promises (connected to NATS and Redis), so systemd's start timeout still applies. Logged
+        when it first fails and when it answers, not at every try."""
+        from dlora.common.bus import Outage  # the bus imports NATS: a notifier need not
+
+        store = Outage("the state store, before ready")
         while True:
             try:
                 await reachable()
                 break
             except Exception as e:  # noqa: BLE001 - down at start: tried again
-                logger.warning("not ready: the state store does not answer yet", error=type(e).__name__)
+                store.failed(e)
             await asyncio.sleep(every_s)
+        store.succeeded()
         self.ready(status)
 
     def stopping(self) -> None:

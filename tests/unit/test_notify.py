@@ -97,3 +97,17 @@ def test_ready_waits_until_the_state_store_answers(notify_socket: socket.socket)
 
     assert asyncio.run(main()) == []
     assert _received(notify_socket) == ["READY=1", "STATUS=up"] and answers == []
+
+
+def test_a_store_down_at_start_is_logged_once_then_once_when_back(capsys: pytest.CaptureFixture[str]) -> None:
+    n = Notifier(env={})
+    answers: list[Exception | None] = [ConnectionError("down")] * 20 + [None]
+
+    async def ping() -> None:
+        if (answer := answers.pop(0)) is not None:
+            raise answer
+
+    asyncio.run(n.ready_when(ping, "up", every_s=0.0))
+    err = capsys.readouterr()
+    lines = [ln for ln in (err.out + err.err).splitlines() if "state store" in ln]
+    assert len(lines) == 2 and "failed_attempts=20" in lines[1].replace(" ", "").replace('"', "")
