@@ -23,6 +23,7 @@ from dlora.loadgen.main import run as run_loadgen
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
+from dlora.sim.cost import pooled_cycles
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -98,6 +99,36 @@ def balancing_bound(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
+# The samples ``step_cycles`` reads, and where each goes in a bucket's entry.
+_CYCLE_SAMPLES = {
+    "dlora_step_cycle_seconds_count": 0,
+    "dlora_step_cycle_seconds_sum": 1,
+    "dlora_step_cycle_sequences_total": 2,
+}
+
+
+def step_cycles(metrics_urls: dict[str, str]) -> dict[str, list[float]]:
+    """The workers' ``dlora_step_cycle_seconds`` (and ``_sequences``) summed over workers: batch
+    bucket -> [decode steps, their cycles' seconds, their sequences], the loop's time per step
+    measured under the run's own load."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[float]] = {}
+    for name, url in metrics_urls.items():
+        if not name.startswith("worker-"):
+            continue
+        with urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                kind = _CYCLE_SAMPLES.get(sample.name)
+                if kind is not None:
+                    out.setdefault(sample.labels["batch"], [0.0, 0.0, 0.0])[kind] += sample.value
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 def run(args: argparse.Namespace) -> dict:
     root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=[8, 16, 32])
     loras = [f"lora-{i}={root / 'adapters' / f'lora-{i}'}" for i in range(args.adapters)]
@@ -128,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
                         Console(file=quiet),
                     )
                 )
+            cycles = step_cycles(stack.metrics_urls)
         finally:
             stack.stop()
         row = {
@@ -138,6 +170,7 @@ def run(args: argparse.Namespace) -> dict:
             "throughput_tok_s": summary["throughput_tok_s"],
             "norm_latency_mean_s": summary["normalized_latency_s"]["mean"],
             "norm_latency_p90_s": summary["normalized_latency_s"]["p90"],
+            "cycles": cycles,
         }
         rows.append(row)
         print(
@@ -192,6 +225,14 @@ def markdown(r: dict) -> str:
         f"**rebalancing reaches {b['balanced_mean_s'] / b['round_robin_mean_s']:.2f}x round-robin's mean "
         f"on these workers**.",
     ]
+    if cycles := pooled_cycles(r["rows"]):
+        inside = ", ".join(f"{k:.1f}: {v * 1000:.0f}" for k, v in cycles.items())
+        lines += [
+            "",
+            f"The workers' own loop time per decode step during the runs (`dlora_step_cycle_seconds`, ms by "
+            f"mean batch, pooled over the configurations; what `dlora simulate --profile calibrated:` reads): "
+            f"{inside}.",
+        ]
     return "\n".join(lines)
 
 

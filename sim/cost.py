@@ -68,7 +68,7 @@ class CostProfile:
     disk_load_s_per_rank: float  # disk -> host memory, per unit of rank
     kv_transfer_s_per_token: float  # a moved request's KV shipped between replicas, per token
     kv_capacity_tokens: int  # KV entries one replica holds
-    curve: tuple[tuple[int, float], ...] = ()  # measured (decode batch, step seconds), ascending
+    curve: tuple[tuple[float, float], ...] = ()  # measured (decode batch, step seconds), ascending
 
     def decode_seconds(self, batch: int) -> float:
         """The weights' part of a step that decodes ``batch`` sequences."""
@@ -205,7 +205,7 @@ def _fit_through_zero(rows: list[tuple[float, float, float]]) -> tuple[float, fl
     return (max(0.0, a_only), 0.0) if err_a <= err_b else (0.0, max(0.0, b_only))
 
 
-def measured(curve: dict[int, float], name: str, **over: float) -> CostProfile:
+def measured(curve: dict[float, float], name: str, **over: float) -> CostProfile:
     """A profile whose decode step takes ``curve`` (batch -> seconds, two sizes at least), prefill
     tokens the curve's slope each, and everything else as ``over`` sets it, the rest as the H100
     roofline's links (loads, moves; say so when comparing). Raises ValueError with fewer points."""
@@ -227,19 +227,40 @@ def measured(curve: dict[int, float], name: str, **over: float) -> CostProfile:
     return dataclasses.replace(H100, **(fields | over))
 
 
+def pooled_cycles(rows: list[dict[str, Any]], min_steps: int = 5) -> dict[float, float]:
+    """Mean batch -> mean loop seconds per decode step, per batch bucket over every row's ``cycles``
+    (``dlora bench cluster``: bucket -> [steps, seconds, sequences]) where ``min_steps`` were timed."""
+    pooled: dict[int, list[float]] = {}
+    for row in rows:
+        for bucket, counts in row.get("cycles", {}).items():
+            total = pooled.setdefault(int(bucket), [0.0, 0.0, 0.0])
+            for i, value in enumerate(counts):
+                total[i] += value
+    return {seqs / n: s / n for _, (n, s, seqs) in sorted(pooled.items()) if n >= min_steps}
+
+
 def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     """A profile from a benchmark's JSON. ``dlora bench engine``'s: its base decode step times by
     batch as the curve, merge and unmerge as measured, and the unmerged points' extra time over
     base fitted as a cost per distinct adapter and one per rank-token (least squares through zero;
     the bench's adapters are rank 16). ``dlora bench cluster``'s: the step times its workers
     measured with requests spread unmerged over their slots (LoRA inside the curve), merge and
-    unmerge at the roofline's unless ``bench`` gives ``merge_ms`` / ``unmerge_ms``. Prefill, KV,
-    loads and moves are not measured there (see ``measured``). Raises ValueError without step
-    times at two batch sizes, KeyError for JSON of neither kind."""
+    unmerge at the roofline's unless ``bench`` gives ``merge_ms`` / ``unmerge_ms``; where its rows
+    carry the workers' own loop time per decode step during the runs (``cycles``: the shell's work
+    and the host's other processes included, which a curve measured on an engine alone misses),
+    that curve at two batch sizes or more (``pooled_cycles``). Prefill, KV, loads and moves are not
+    measured there (see ``measured``). Raises ValueError without step times at two batch sizes,
+    KeyError for JSON of neither kind."""
     label = name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})"
     switches = {k: bench[f"{k[:-2]}_ms"] / 1e3 for k in ("merge_s", "unmerge_s") if f"{k[:-2]}_ms" in bench}
-    if "points" not in bench:  # bench cluster: its workers' step curve
-        return measured({int(b): s for b, s in bench["bound"]["step_seconds"].items()}, label, **switches)
+    if "points" not in bench:  # bench cluster: its workers' step curve, in the runs if measured there
+        inside = pooled_cycles(bench.get("rows", []))
+        alone = {float(b): s for b, s in bench["bound"]["step_seconds"].items()}
+        if len(inside) < 2:
+            return measured(alone, label, **switches)
+        # A prompt token costs what the engine alone measured: the runs' slope also holds the
+        # shell's work per sequence (a chunk out, a record), which a prompt token does not make.
+        return measured(inside, label, token_s=measured(alone, label).token_s, **switches)
     points = bench["points"]
     base = {p["batch"]: p["step_ms"] / 1e3 for p in points if p["mode"] == "base"}
     # Unmerged over base = segments x a + rank-tokens x b, least squares through zero.

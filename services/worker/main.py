@@ -39,6 +39,7 @@ from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream, silent_client_chunk
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
+from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
@@ -82,6 +83,7 @@ class WorkerService:
         self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
+        self.cycles = StepCycles()  # the loop's time per decode step, shell included (metrics)
         self.plan_epoch = 0  # the highest migrator epoch among the plans taken
         self.adapters = WorkerAdapters(engine, store)  # the adapter versions loaded, kept to the registry
         # Aborts seen lately, by request id and sender (Abort.sender), and when (an abort can
@@ -297,11 +299,17 @@ class WorkerService:
         await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
 
     async def _step(self) -> None:
+        started, steps = time.monotonic(), self.engine.stats.steps
         try:
             outputs = await asyncio.to_thread(self.engine.step)
+            if self.engine.stats.steps == steps:  # nothing could run: no step to time
+                self.cycles.idle()
+            else:
+                self.cycles.stepped(started, self.engine.stats.last_batch, self.engine.stats.last_prefill)
         except Exception as e:
             # engine cannot say whose it is, so its requests fail with the reason and the worker serves on
             logger.exception("step failed", error=str(e))
+            self.cycles.idle()
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
         now = time.monotonic()
         chunks = [  # of the requests not aborted while the step ran
@@ -400,6 +408,7 @@ class WorkerService:
             except Exception as e:  # noqa: BLE001 - a Redis outage: reconciled next time
                 logger.warning("in-flight reconciliation failed", error=f"{type(e).__name__}: {e}")
         if not self.engine.has_unfinished():
+            self.cycles.idle()
             try:  # idle: wait for work
                 async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
                     cmd = await self.commands.get()

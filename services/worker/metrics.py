@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from dlora.common import log
@@ -49,6 +49,8 @@ class WorkerView:
     wait_bound_s: float | None  # the policy's bound on a request's wait; None: it has none
     longest_wait_s: float  # the oldest request still without its first token: how long it has waited
     now: float  # Unix seconds
+    # The loop's decode steps timed (``StepCycles``): batch bucket -> (steps, seconds, sequences).
+    cycles: dict[int, tuple[int, float, int]] = dataclasses.field(default_factory=dict)
 
 
 # Label values (in the family's label order) -> the sample's value.
@@ -134,6 +136,22 @@ def families(v: WorkerView) -> Iterator[Metric]:
     )
     yield _counter(
         "dlora_steps", "Engine steps by mode", ["worker", "mode"], {(w, m): e.steps_by_mode.get(m, 0) for m in MODES}
+    )
+    cycles = SummaryMetricFamily(
+        "dlora_step_cycle_seconds",
+        "The worker loop's time per decode step, the shell's work included, by the step's sequences "
+        "(a power of two at or above)",
+        labels=["worker", "batch"],
+        unit="seconds",
+    )
+    for bucket, (n, seconds, _) in sorted(v.cycles.items()):
+        cycles.add_metric([w, str(bucket)], count_value=n, sum_value=seconds)
+    yield cycles
+    yield _counter(
+        "dlora_step_cycle_sequences",
+        "Sequences of the decode steps dlora_step_cycle_seconds timed, by the same buckets",
+        ["worker", "batch"],
+        {(w, str(b)): n for b, (_, _, n) in sorted(v.cycles.items())},
     )
     kinds = {"merge": (e.merges, e.merge_seconds), "unmerge": (e.unmerges, e.unmerge_seconds)}
     yield _counter(
@@ -296,6 +314,7 @@ def worker_view(svc: WorkerService) -> WorkerView:
         wait_bound_s=bound(engine.stats.max_step_seconds) if bound is not None else None,
         longest_wait_s=max((now - s.arrived for s in svc.streams.values() if not s.first_sent), default=0.0),
         now=time.time(),
+        cycles={b: (n, svc.cycles.seconds[b], svc.cycles.sequences[b]) for b, n in list(svc.cycles.counts.items())},
     )
 
 

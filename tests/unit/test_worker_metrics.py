@@ -48,6 +48,7 @@ def _view(**over: object) -> WorkerView:
         wait_bound_s=3.0,
         longest_wait_s=0.7,
         now=1000.0,
+        cycles={8: (4, 0.2, 26), 32: (2, 0.3, 50)},
     )
     return WorkerView(**(fields | over))  # type: ignore[arg-type]
 
@@ -87,6 +88,9 @@ def test_every_family_with_the_view_s_values() -> None:
     assert _one(s, "vllm:num_preemptions_total") == 1
     assert _one(s, "dlora_steps_total", mode="mixed") == 5 and _one(s, "dlora_steps_total", mode="merged") == 0
     assert _one(s, "dlora_adapter_switches_total", kind="merge") == 2
+    assert _one(s, "dlora_step_cycle_seconds_count", batch="8") == 4
+    assert _one(s, "dlora_step_cycle_seconds_sum", batch="32") == 0.3
+    assert _one(s, "dlora_step_cycle_sequences_total", batch="8") == 26
     assert _one(s, "dlora_adapter_switch_seconds_total", kind="merge") == 0.5
     assert _one(s, "dlora_worker_mode", mode="mixed") == 1 and _one(s, "dlora_worker_mode", mode="merged") == 0
     assert _one(s, "dlora_worker_mode", mode="idle") == 0

@@ -387,7 +387,7 @@ class LLMEngine:
             merge_seconds=step.merge_s,
             unmerge_seconds=step.unmerge_s,
         )
-        self.stats.record_step(seconds, generated, fed, step.num_prefill, record.mode)
+        self.stats.record_step(seconds, generated, fed, step.num_prefill, record.mode, len(batch))
         # A chunk short of its prompt's end made no token, nor did a sequence that failed.
         made = [s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch]
         self.stats.record_adapters(seconds, fed, [(a or "", n, m) for (a, n), m in zip(step.fed, made)])

@@ -14,6 +14,8 @@ class EngineStats:
     step_seconds: float = 0.0  # total
     max_step_seconds: float = 0.0  # the longest step (the dLoRA policy's wait bound grows with it)
     last_mode: str = ""  # the mode the last step ran in ("" before any)
+    last_batch: int = 0  # the last step's sequences
+    last_prefill: int = 0  # and its prompt (and recompute) tokens
     prompt_tokens: int = 0  # total, of requests admitted (a resumed request's once, where it began)
     tokens_generated: int = 0  # total, over all requests
     prefill_tokens: int = 0  # total prompt (and recompute) tokens fed
@@ -39,10 +41,13 @@ class EngineStats:
     adapter_seconds: dict[str, float] = field(default_factory=dict)
     adapter_tokens: dict[str, int] = field(default_factory=dict)
 
-    def record_step(self, seconds: float, tokens: int, fed: int, prefill: int, mode: str = "unmerged") -> None:
-        """One step: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of them prompt/recompute,
-        run in ``mode``."""
+    def record_step(
+        self, seconds: float, tokens: int, fed: int, prefill: int, mode: str = "unmerged", batch: int = 0
+    ) -> None:
+        """One step of ``batch`` sequences: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of
+        them prompt/recompute, run in ``mode``."""
         self.steps += 1
+        self.last_batch, self.last_prefill = batch, prefill
         self.steps_by_mode[mode] = self.steps_by_mode.get(mode, 0) + 1
         self.last_mode = mode
         self.step_seconds += seconds
