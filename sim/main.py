@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,13 +43,17 @@ def run_simulate(args: argparse.Namespace) -> int:
         cost = profile(args.profile)
         spec = WorkloadSpec.from_args(args)
         ranks = [int(r) for r in args.ranks.split(",")]
+        config = EngineConfig(
+            max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, policy=PolicyConfig(name=PolicyName(args.policy))
+        )
+        if bad := config.check():
+            raise ValueError("; ".join(f"--{f.replace('_', '-')} {v!r} {why}" for f, v, why in bad))
     except (OSError, ValueError, KeyError) as e:
         print(f"dlora simulate: {e}")
         return 2
     requests = requests_of(spec)
     names = sorted({r.adapter for r in requests if r.adapter is not None})
     adapters = {name: ranks[i % len(ranks)] for i, name in enumerate(names)}
-    config = EngineConfig(max_loras=args.max_loras, policy=PolicyConfig(name=PolicyName(args.policy)))
     cluster = Cluster(
         cost,
         args.replicas,
@@ -77,6 +82,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         "wall_s": wall,
         "plans": len(cluster.plans),
         "moved": sum(s.moves for s in served),
+        # the planner's wall time per solve (this machine's): every round that asked it
+        "solves": len(cluster.solve_seconds),
+        "solve_s_mean": statistics.fmean(cluster.solve_seconds) if cluster.solve_seconds else 0.0,
+        "solve_s_max": max(cluster.solve_seconds, default=0.0),
         "steps_by_mode": {
             str(mode): n
             for mode, n in sum((Counter(r.engine.stats.steps_by_mode) for r in cluster.replicas), Counter()).items()

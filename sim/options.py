@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--ranks", default="16", help="LoRA ranks, comma-separated, given to the adapters in turn")
     p.add_argument("--max-loras", type=int, default=8, help="device slots per replica")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step (the engine's max_num_seqs)")
     p.add_argument("--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value)
     p.add_argument("--dispatch", choices=[m.value for m in DispatchMode], default=DispatchMode.PROACTIVE.value)
     p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")

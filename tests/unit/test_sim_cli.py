@@ -22,10 +22,12 @@ def test_a_workload_through_the_simulated_cluster(tmp_path: Path, capsys: pytest
     out = tmp_path / "sim.json"
     argv = ["--requests", "120", "--rate", "30", "--replicas", "3", "--adapters", "6", "--popularity", "zipf"]
     argv += ["--dispatch", "round-robin", "--migrate", "--ranks", "8,16,32", "--json", str(out)]
+    argv += ["--max-num-seqs", "16"]
     assert run_simulate(_args(*argv)) == 0
     result = json.loads(out.read_text())
     assert result["completed"] == result["requests"] == 120 and result["replicas"] == 3
     assert result["profile"] == "dlora-artifact" and result["dispatch"] == "round-robin" and result["migrate"]
+    assert result["solves"] >= result["plans"] and result["solve_s_max"] >= result["solve_s_mean"] >= 0
     assert sum(result["steps_by_mode"].values()) > 0 and set(result["steps_by_mode"]) <= {"merged", "unmerged", "mixed"}
     assert result["norm_latency_mean_s"] >= 0.015  # no step is faster than the artifact's 15 ms
     assert "norm_latency_mean_s" in capsys.readouterr().out
@@ -34,6 +36,14 @@ def test_a_workload_through_the_simulated_cluster(tmp_path: Path, capsys: pytest
 def test_an_unknown_profile_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_simulate(_args("--profile", "a100")) == 2
     assert "dlora-artifact" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-num-seqs", "0"), ("--max-loras", "-1")])
+def test_engine_limits_out_of_range_are_refused_by_name(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_simulate(_args(option, value, "--requests", "5")) == 2
+    assert f"{option} {value}" in capsys.readouterr().out
 
 
 def test_the_command_line_parser_does_not_load_torch() -> None:
