@@ -42,7 +42,3 @@ class StepCycles:
     def idle(self) -> None:
         """The loop waited for work: the open cycle's end is not a step's start."""
         self._open = None
-
-    def means(self) -> dict[float, float]:
-        """Mean sequences of a bucket's steps -> their mean cycle seconds."""
-        return {self.sequences[b] / n: self.seconds[b] / n for b, n in sorted(self.counts.items())}

@@ -13,4 +13,4 @@ def test_a_cycle_runs_from_a_decode_step_s_start_to_the_next_step_s_while_busy()
     c.stepped(12.0, 8, prefill=0)  # nothing open to close
     c.idle()  # the loop waited: the open cycle is dropped
     c.stepped(20.0, 16, prefill=0)
-    assert c.counts == {4: 2} and c.sequences == {4: 7} and c.means() == {3.5: 0.625}
+    assert c.counts == {4: 2} and c.sequences == {4: 7} and c.seconds == {4: 1.25}
