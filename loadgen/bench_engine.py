@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from dlora.common.messages import SamplingParams
 from dlora.loadgen.bench_common import ensure_model, figure, machine, save, today
 from dlora.services.worker.engine import EngineConfig, LLMEngine
-from dlora.services.worker.policy import StepDecision
+from dlora.services.worker.policy import StepDecision, lora_work
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -27,12 +27,16 @@ PROMPT_LEN = 32
 
 @dataclass
 class Point:
-    mode: str  # base | merged | unmerged
+    mode: str  # base | merged | unmerged | mixed (three quarters of the batch on the merged adapter)
     adapters: int  # distinct adapters in the batch (0 for base)
     batch: int
     step_ms: float  # median decode step
     tokens_per_s: float
     lora_bytes: int  # adapter weight bytes the unmerged step reads
+    # The LoRA work the step ran (``policy.lora_work``): what the simulator's calibrated profile
+    # fits the LoRA cost to (``sim.cost.calibrated``).
+    lora_segments: int = 0
+    lora_rank_tokens: int = 0
 
 
 def weight_bytes(engine: LLMEngine) -> int:
@@ -54,7 +58,9 @@ def _start(
             params=SamplingParams(max_tokens=steps + 3, ignore_eos=True),
             adapter=name,
         )
-    decision = StepDecision(merged=merged, request_ids=ids)
+    # With others beside the merged adapter's requests, a mixed step (else they would not run).
+    mixed = merged is not None and any(a != merged for a in adapters)
+    decision = StepDecision(merged=merged, request_ids=ids, mixed=mixed)
     engine.step(decision)  # prefill
     engine.step(decision)  # first decode warms caches
     return decision
@@ -183,8 +189,11 @@ def run(
         engine.register_adapter(name, root / "adapters" / name)
     points: list[Point] = []
 
-    def add(mode: str, n: int, batch: int, seconds: float, lora_bytes: int = 0) -> None:
-        points.append(Point(mode, n, batch, seconds * 1e3, batch / seconds, lora_bytes))
+    def add(mode: str, n: int, in_batch: list[str | None], merged: str | None, seconds: float, lora_bytes: int) -> None:
+        batch = len(in_batch)
+        ranks = {a: engine.adapters[a].rank for a in {*in_batch, merged} if a is not None}
+        segments, rank_tokens = lora_work([(a, 1) for a in in_batch], merged, ranks)
+        points.append(Point(mode, n, batch, seconds * 1e3, batch / seconds, lora_bytes, segments, rank_tokens))
         print(
             f"{mode:>9} adapters={n:<3} batch={batch:<3} step={seconds * 1e3:8.2f} ms  {batch / seconds:9.1f} tok/s",
             flush=True,
@@ -197,16 +206,21 @@ def run(
             ("merged", 1, [names[0]] * batch, names[0]),
         ]
         configs += [("unmerged", n, [names[i % n] for i in range(batch)], None) for n in adapter_counts]
+        if batch >= 4 and max_adapters >= 2:  # a mixed step: the merged adapter's quarter of the batch is others'
+            others = min(8, max_adapters) - 1
+            hot = 3 * batch // 4
+            mix = [names[0]] * hot + [names[1 + i % others] for i in range(batch - hot)]
+            configs.append(("mixed", others + 1, mix, names[0]))
         # Rounds interleave the configurations, so a slow spell of the machine hits all of them.
         samples: dict[int, list[float]] = {i: [] for i in range(len(configs))}
         for _ in range(rounds):
             for i, (_, _, in_batch, merged) in enumerate(configs):
                 samples[i].append(measure(engine, in_batch, merged, steps))
-        for i, (mode, n, in_batch, _) in enumerate(configs):
+        for i, (mode, n, in_batch, merged) in enumerate(configs):
             lora_bytes = 0
             if mode == "unmerged":
                 lora_bytes = sum(engine.adapters[a].nbytes for a in set(in_batch)) * engine.dtype.itemsize // 4
-            add(mode, n, batch, statistics.median(samples[i]), lora_bytes)
+            add(mode, n, in_batch, merged, statistics.median(samples[i]), lora_bytes)
 
     # Switches as the engine pays them (A and B from a device slot where the adapter has one, as
     # the unmerged points above left these), after one untimed round that warms the allocator.
@@ -291,8 +305,10 @@ def markdown(r: dict) -> str:
     by = {(p["mode"], p["adapters"], p["batch"]): p for p in r["points"]}
     batches = sorted({p["batch"] for p in r["points"]})
     counts = sorted({p["adapters"] for p in r["points"] if p["mode"] == "unmerged"})
-    cols = [("base", 0), ("merged", 1)] + [("unmerged", n) for n in counts]
+    mixed = sorted({p["adapters"] for p in r["points"] if p["mode"] == "mixed"})
+    cols = [("base", 0), ("merged", 1)] + [("unmerged", n) for n in counts] + [("mixed", n) for n in mixed]
     head = ["batch", "base", "merged"] + [f"unmerged, {n} adapter{'s' if n > 1 else ''}" for n in counts]
+    head += [f"mixed, {n} adapters (¾ merged)" for n in mixed]
     lines = [
         f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}: prompts of "
         f"{r['prompt_len']} tokens prefilled untimed, then the median of {r['timed_decode_steps']} decode steps, "

@@ -263,11 +263,17 @@ def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
         return measured(inside, label, token_s=measured(alone, label).token_s, **switches)
     points = bench["points"]
     base = {p["batch"]: p["step_ms"] / 1e3 for p in points if p["mode"] == "base"}
-    # Unmerged over base = segments x a + rank-tokens x b, least squares through zero.
+    # LoRA-carrying steps over base = segments x a + rank-tokens x b, least squares through zero:
+    # unmerged ones and mixed ones (the merged adapter's correction is LoRA work too), each with
+    # the work it ran (older JSON without it: unmerged, rank 16).
     rows = [
-        (p["adapters"], p["batch"] * _BENCH_RANK, p["step_ms"] / 1e3 - base[p["batch"]])
+        (
+            p.get("lora_segments", p["adapters"]),
+            p.get("lora_rank_tokens", p["batch"] * _BENCH_RANK),
+            p["step_ms"] / 1e3 - base[p["batch"]],
+        )
         for p in points
-        if p["mode"] == "unmerged" and p["batch"] in base
+        if p["mode"] in ("unmerged", "mixed") and p["batch"] in base
     ]
     segment_s, rank_token_s = _fit_through_zero(rows)
     return measured(base, label, lora_segment_s=segment_s, lora_rank_token_s=rank_token_s, **switches)

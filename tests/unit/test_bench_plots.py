@@ -29,7 +29,13 @@ ENGINE = {
     "points": [
         {"mode": m, "adapters": n, "batch": b, "step_ms": 10.0 + b / f, "tokens_per_s": b / (0.01 + b / f / 1e3)}
         for b in (1, 8, 32)
-        for m, n, f in (("base", 0, 10.0), ("merged", 1, 9.8), ("unmerged", 1, 9.0), ("unmerged", 8, 7.0))
+        for m, n, f in (
+            ("base", 0, 10.0),
+            ("merged", 1, 9.8),
+            ("unmerged", 1, 9.0),
+            ("unmerged", 8, 7.0),
+            ("mixed", 8, 8.0),
+        )
     ],
 }
 

@@ -66,6 +66,25 @@ def test_calibrated_from_bench_engine_replays_its_points_and_fits_the_lora_cost(
         calibrated({"points": [{"mode": "base", "adapters": 0, "batch": 1, "step_ms": 3.0}]})
 
 
+def test_calibrated_fits_the_lora_cost_to_mixed_steps_too_by_the_work_each_point_ran() -> None:
+    """A mixed step's LoRA work (the others' deltas and the merged adapter's correction) is fitted
+    with the unmerged steps', by the segments and rank-tokens each point records."""
+    bench = _bench({(1, 8): 2.0 + 0.01 * 8 * 16, (4, 32): 8.0 + 0.01 * 32 * 16})
+    # batch 32, three quarters merged: 8 others on 7 adapters, their 8 corrected: 8 segments
+    bench["points"].append(
+        {
+            "mode": "mixed",
+            "adapters": 8,
+            "batch": 32,
+            "step_ms": 146.0 + 16.0 + 0.01 * 256,
+            "lora_segments": 8,
+            "lora_rank_tokens": 256,
+        }
+    )
+    p = calibrated(bench)
+    assert p.lora_segment_s == pytest.approx(2e-3) and p.lora_rank_token_s == pytest.approx(1e-5)
+
+
 def test_calibrated_from_bench_cluster_takes_its_workers_step_curve() -> None:
     bench = {"bound": {"step_seconds": {"1": 0.036, "8": 0.079, "64": 0.243}}, "machine": "m", "date": "d"}
     p = calibrated(bench)
