@@ -299,13 +299,15 @@ class WorkerService:
         await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
 
     async def _step(self) -> None:
-        started, steps = time.monotonic(), self.engine.stats.steps
+        st = self.engine.stats
+        started, steps, before = time.monotonic(), st.steps, (st.step_seconds, st.switch_and_load_seconds())
         try:
             outputs = await asyncio.to_thread(self.engine.step)
-            if self.engine.stats.steps == steps:  # nothing could run: no step to time
+            if st.steps == steps:  # nothing could run: no step to time
                 self.cycles.idle()
             else:
-                self.cycles.stepped(started, self.engine.stats.last_batch, self.engine.stats.last_prefill)
+                switched = st.switch_and_load_seconds() != before[1]
+                self.cycles.stepped(started, st.last_batch, st.last_prefill, st.step_seconds - before[0], switched)
         except Exception as e:
             # engine cannot say whose it is, so its requests fail with the reason and the worker serves on
             logger.exception("step failed", error=str(e))

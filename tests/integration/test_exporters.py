@@ -38,6 +38,8 @@ SOME_WORKER = {
     "dlora_adapter_load_seconds_total",
     "vllm:lora_adapter_loaded",
     "dlora_adapter_requests",  # while the load runs
+    "dlora_step_cycle_seconds",  # a worker that ran two decode steps in a row
+    "dlora_step_cycle_sequences_total",
 }
 
 

@@ -64,6 +64,11 @@ class EngineStats:
             self.adapter_seconds[adapter] = self.adapter_seconds.get(adapter, 0.0) + seconds * n / max(1, fed)
             self.adapter_tokens[adapter] = self.adapter_tokens.get(adapter, 0) + made
 
+    def switch_and_load_seconds(self) -> float:
+        """Merges', unmerges' and adapter loads' seconds, in all: what a step spent on anything but
+        its batch."""
+        return self.merge_seconds + self.unmerge_seconds + self.adapter_load_seconds
+
     def adapter_seconds_per_token(self) -> dict[str, float]:
         return {a: self.adapter_seconds[a] / n for a, n in self.adapter_tokens.items() if n}
 
