@@ -21,7 +21,7 @@ import heapq
 import statistics
 from dataclasses import dataclass, field, replace
 
-from dlora.common.messages import MovePlan, WorkerStats
+from dlora.common.messages import MovePlan, PlanMethod, WorkerStats
 from dlora.services.dispatcher.choose import DEFAULT_COSTS, DispatchCosts, DispatchMode
 from dlora.services.dispatcher.state import DispatchState
 from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
@@ -175,7 +175,8 @@ class Cluster:
             return
         p = plan(snap, replace(planner_settings(self.migrator), max_nodes=self.planner_nodes))
         self.looks.solved(now)
-        self.solve_seconds.append(p.solve_seconds)
+        if p.method is not PlanMethod.NONE:  # nothing to plan (one worker, no request) is no solve
+            self.solve_seconds.append(p.solve_seconds)
         if not p.moves:
             return
         self.plans.append(p)
@@ -231,7 +232,6 @@ class Cluster:
             name = self.state.choose(self.state.live(req.arrival_s), req.adapter)
             if name is None:
                 raise RuntimeError(f"no live replica for {req.request_id}")
-            self.state.sent(name, req.adapter)
             self.served[req.request_id] = Served(req, name)
             heapq.heappush(self._replica(name).incoming, req.arrival_s)
             self._push(req.arrival_s, "join", (req, name))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -110,7 +110,7 @@ def choose_worker(
     placement: dict[str, list[str]] | None = None,
     costs: DispatchCosts = DEFAULT_COSTS,
     loads: dict[str, WorkerLoad] | None = None,
-    sent_adapters: dict[str, set[str]] | None = None,
+    sent_adapters: Mapping[str, Collection[str]] | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,

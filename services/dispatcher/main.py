@@ -174,7 +174,7 @@ class Dispatcher:
                     continue  # its stats do not reach us, but its heartbeat does: not lost
                 if await self.store.claim_recovery(f"{worker}:{st.incarnation}:{st.sent}"):
                     await self.recover(worker)
-                del self.workers[worker]
+                self.state.forget(worker)
         if now - self._orphans_at > self.s.heartbeat_ttl_s:
             self._orphans_at = now
             await self._recover_orphans()
@@ -311,10 +311,17 @@ class Dispatcher:
             req, raw = msgspec.structs.replace(req, recorded=True), None
         seen = self.workers.get(worker)
         incarnation = seen[0].incarnation if seen else ""
-        if await self.store.put_inflight(req, worker, expect, new=expect is None, incarnation=incarnation, died=died):
-            # Counted only once recorded: two dispatchers walking a lost worker's records both
-            # choose, one records; the other must not skew its choices and placement with it.
-            self.state.sent(worker, req.adapter)
+        recorded = False
+        try:
+            recorded = await self.store.put_inflight(
+                req, worker, expect, new=expect is None, incarnation=incarnation, died=died
+            )
+        finally:
+            # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went
+            # (two dispatchers walking a lost worker's records both choose, one records).
+            if not recorded:
+                self.state.unsend(worker, req.adapter)
+        if recorded:
             self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
             self.metrics.decisions.labels(worker).inc()

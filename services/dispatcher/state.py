@@ -5,6 +5,8 @@ cluster simulator (``dlora.sim``) run the same code."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from dlora.common.messages import WorkerStats
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker
 
@@ -18,7 +20,7 @@ class DispatchState:
         # Requests sent to each worker since its last stats: a burst must not all go to the
         # worker that looked idlest a moment ago.
         self.sent_since_stats: dict[str, int] = {}
-        self.sent_adapters: dict[str, set[str]] = {}  # and their adapters (not the base)
+        self.sent_adapters: dict[str, Counter[str]] = {}  # and their adapters' (not the base's)
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
         self._turn = 0
@@ -28,7 +30,7 @@ class DispatchState:
         self.workers[st.worker] = (st, now)
         self.loads[st.worker] = WorkerLoad.of(st)
         self.sent_since_stats[st.worker] = 0
-        self.sent_adapters[st.worker] = set()
+        self.sent_adapters[st.worker] = Counter()
 
     def forgive(self, now: float) -> None:
         """Every worker counts as heard from ``now``: the silence was the dispatcher's own (its
@@ -40,20 +42,34 @@ class DispatchState:
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
 
     def choose(self, live: list[WorkerStats], adapter: str | None) -> str | None:
-        """The worker among ``live`` for a request of ``adapter`` (None when there is none):
-        round-robin blind to load and adapters, or proactive (``choose_worker``). Not counted as
-        sent until ``sent``: a dispatcher that loses the request's record to another counts nothing."""
+        """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
+        as sent to it (``unsend`` takes that back if it never went): round-robin blind to load and
+        adapters, or proactive (``choose_worker``)."""
         if self.mode is DispatchMode.ROUND_ROBIN:
             names = sorted(w.worker for w in live)
             worker = names[self._turn % len(names)] if names else None
             self._turn += 1
-            return worker
-        return choose_worker(
-            live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters
-        )
+        else:
+            worker = choose_worker(
+                live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters
+            )
+        if worker is not None:
+            self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
+            if adapter is not None:
+                self.sent_adapters.setdefault(worker, Counter())[adapter] += 1
+        return worker
 
-    def sent(self, worker: str, adapter: str | None) -> None:
-        """A request of ``adapter`` went to ``worker``: it counts there until the worker's next stats."""
-        self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
-        if adapter is not None:
-            self.sent_adapters.setdefault(worker, set()).add(adapter)
+    def unsend(self, worker: str, adapter: str | None) -> None:
+        """A request ``choose`` counted on ``worker`` did not go there (another dispatcher recorded
+        it first): no longer counted."""
+        if self.sent_since_stats.get(worker, 0) > 0:
+            self.sent_since_stats[worker] -= 1
+        if adapter is not None and (sent := self.sent_adapters.get(worker)) and adapter in sent:
+            sent[adapter] -= 1
+            if not sent[adapter]:  # its keys are the adapters crowding the worker's slots
+                del sent[adapter]
+
+    def forget(self, worker: str) -> None:
+        """A worker given up on: nothing of it is kept."""
+        for table in (self.workers, self.loads, self.sent_since_stats, self.sent_adapters):
+            table.pop(worker, None)

@@ -26,14 +26,6 @@ def w(
     )
 
 
-def send(state: DispatchState, live: list[WorkerStats], adapter: str | None) -> str | None:
-    """Choose and send, as a dispatcher does once the request's record is made."""
-    worker = state.choose(live, adapter)
-    if worker is not None:
-        state.sent(worker, adapter)
-    return worker
-
-
 def test_no_workers_no_choice() -> None:
     assert choose_worker([], "a") is None
 
@@ -101,8 +93,7 @@ def test_dispatch_state_counts_sends_until_the_next_stats_and_drops_stale_or_dra
     state.heard(w("y"), now=0.0)
     state.heard(msgspec.structs.replace(w("z"), draining=True), now=0.0)
     assert [st.worker for st in state.live(now=1.0)] == ["x", "y"]
-    assert [state.choose(state.live(1.0), None) for _ in range(2)] == ["x", "x"]  # chosen, not sent
-    picks = [send(state, state.live(1.0), None) for _ in range(4)]
+    picks = [state.choose(state.live(1.0), None) for _ in range(4)]
     assert picks == ["x", "y", "x", "y"]  # each send counts against its worker until it reports
     state.heard(w("x"), now=2.0)
     assert state.sent_since_stats == {"x": 0, "y": 2, "z": 0}
@@ -154,7 +145,13 @@ def test_adapters_sent_since_the_stats_count_in_the_crowding() -> None:
     state = DispatchState(ttl_s=5.0, mode=DispatchMode.PROACTIVE, costs=costs)
     state.heard(msgspec.structs.replace(w("x"), max_loras=2), now=0.0)
     state.heard(msgspec.structs.replace(w("y", [(None, int(3 * costs.expected_tokens))]), max_loras=2), now=0.0)
-    assert [send(state, state.live(0.0), a) for a in ("a1", "a2", "a3")] == ["x", "x", "y"]
-    assert state.sent_adapters == {"x": {"a1", "a2"}, "y": {"a3"}}
+    assert [state.choose(state.live(0.0), a) for a in ("a1", "a2", "a3")] == ["x", "x", "y"]
+    assert state.sent_adapters == {"x": {"a1": 1, "a2": 1}, "y": {"a3": 1}}
+    # one that another dispatcher recorded first is taken back: x is no longer crowded by it
+    state.unsend("x", "a2")
+    assert state.sent_adapters["x"] == {"a1": 1} and state.sent_since_stats["x"] == 1
+    assert state.choose(state.live(0.0), "a4") == "x"
     state.heard(msgspec.structs.replace(w("x"), max_loras=2), now=1.0)
-    assert state.sent_adapters["x"] == set()
+    assert not state.sent_adapters["x"]
+    state.forget("y")
+    assert "y" not in state.sent_adapters and "y" not in state.workers
