@@ -210,7 +210,7 @@ def run(
             others = min(8, max_adapters) - 1
             hot = 3 * batch // 4
             mix = [names[0]] * hot + [names[1 + i % others] for i in range(batch - hot)]
-            configs.append(("mixed", others + 1, mix, names[0]))
+            configs.append(("mixed", len(set(mix)), mix, names[0]))
         # Rounds interleave the configurations, so a slow spell of the machine hits all of them.
         samples: dict[int, list[float]] = {i: [] for i in range(len(configs))}
         for _ in range(rounds):
@@ -301,14 +301,20 @@ def run(
 TITLE = "Engine decode throughput (`dlora bench engine`)"
 
 
+def _cell(p: dict | None) -> str:
+    return f"{p['tokens_per_s']:.1f} ({p['step_ms']:.1f} ms)" if p else "-"
+
+
 def markdown(r: dict) -> str:
     by = {(p["mode"], p["adapters"], p["batch"]): p for p in r["points"]}
     batches = sorted({p["batch"] for p in r["points"]})
     counts = sorted({p["adapters"] for p in r["points"] if p["mode"] == "unmerged"})
-    mixed = sorted({p["adapters"] for p in r["points"] if p["mode"] == "mixed"})
-    cols = [("base", 0), ("merged", 1)] + [("unmerged", n) for n in counts] + [("mixed", n) for n in mixed]
+    cols = [("base", 0), ("merged", 1)] + [("unmerged", n) for n in counts]
     head = ["batch", "base", "merged"] + [f"unmerged, {n} adapter{'s' if n > 1 else ''}" for n in counts]
-    head += [f"mixed, {n} adapters (¾ merged)" for n in mixed]
+    # A mixed step's adapters grow with its batch (three quarters merged, the rest over up to 7 others).
+    mixed = {p["batch"]: p for p in r["points"] if p["mode"] == "mixed"}
+    if mixed:
+        head.append("mixed (¾ merged)")
     lines = [
         f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}: prompts of "
         f"{r['prompt_len']} tokens prefilled untimed, then the median of {r['timed_decode_steps']} decode steps, "
@@ -319,10 +325,7 @@ def markdown(r: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for b in batches:
-        cells = [
-            f"{by[(m, n, b)]['tokens_per_s']:.1f} ({by[(m, n, b)]['step_ms']:.1f} ms)" if (m, n, b) in by else "-"
-            for m, n in cols
-        ]
+        cells = [_cell(by.get((m, n, b))) for m, n in cols] + ([_cell(mixed.get(b))] if mixed else [])
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += [
         "",

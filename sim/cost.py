@@ -13,9 +13,9 @@ Profiles (``PROFILES``):
 - ``h100-llama7b`` / ``h200-llama7b``: a roofline of Llama-2-7B in bf16 on one GPU, every constant
   with its source below; the efficiency factors and the per-step overhead are assumptions, and
   say so.
-- ``calibrated(bench_engine_json)``: the decode step times ``dlora bench engine`` measured on a
-  machine (this CPU, or a GPU once measured there), with the LoRA cost fitted to its unmerged
-  points.
+- ``calibrated(bench_json)``: the decode step times ``dlora bench engine`` measured on a machine
+  (this CPU, or a GPU once measured there), with the LoRA cost fitted to its unmerged and mixed
+  points; or the loop time per decode step ``dlora bench cluster``'s workers measured in its runs.
 """
 
 from __future__ import annotations
@@ -236,21 +236,23 @@ def pooled_cycles(rows: list[dict[str, Any]], min_steps: int = 5) -> dict[float,
             total = pooled.setdefault(int(bucket), [0.0, 0.0, 0.0])
             for i, value in enumerate(counts):
                 total[i] += value
-    return {seqs / n: s / n for _, (n, s, seqs) in sorted(pooled.items()) if n >= min_steps}
+    return {seqs / n: s / n for _, (n, s, seqs) in sorted(pooled.items()) if n and n >= min_steps}
 
 
 def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     """A profile from a benchmark's JSON. ``dlora bench engine``'s: its base decode step times by
-    batch as the curve, merge and unmerge as measured, and the unmerged points' extra time over
-    base fitted as a cost per distinct adapter and one per rank-token (least squares through zero;
-    the bench's adapters are rank 16). ``dlora bench cluster``'s: the step times its workers
-    measured with requests spread unmerged over their slots (LoRA inside the curve), merge and
-    unmerge at the roofline's unless ``bench`` gives ``merge_ms`` / ``unmerge_ms``; where its rows
-    carry the workers' own loop time per decode step during the runs (``cycles``: the shell's work
-    and the host's other processes included, which a curve measured on an engine alone misses),
-    that curve at two batch sizes or more (``pooled_cycles``). Prefill, KV, loads and moves are not
-    measured there (see ``measured``). Raises ValueError without step times at two batch sizes,
-    KeyError for JSON of neither kind."""
+    batch as the curve, merge and unmerge as measured, and the extra time of its unmerged and mixed
+    points over base fitted as a cost per LoRA segment and one per rank-token (least squares
+    through zero, each point's ``lora_segments`` / ``lora_rank_tokens``; older JSON without them:
+    unmerged points of rank 16). ``dlora bench cluster``'s: the step times its workers measured
+    alone with requests spread unmerged over their slots (LoRA inside the curve), or, where its
+    rows carry the workers' own loop time per decode step during the runs (``cycles``, two batch
+    buckets at least: ``pooled_cycles``), that curve, with prompt tokens at the engine-alone slope;
+    merge and unmerge at the roofline's unless ``bench`` gives ``merge_ms`` / ``unmerge_ms``. The
+    loop-time curve holds the worker shell's work per step, so the simulated engine's own step
+    records (the policy's costs, its wait bound, ``seconds_per_token``) read that much longer than
+    a real engine's. Prefill, KV, loads and moves are not measured there (see ``measured``).
+    Raises ValueError without step times at two batch sizes, KeyError for JSON of neither kind."""
     label = name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})"
     switches = {k: bench[f"{k[:-2]}_ms"] / 1e3 for k in ("merge_s", "unmerge_s") if f"{k[:-2]}_ms" in bench}
     if "points" not in bench:  # bench cluster: its workers' step curve, in the runs if measured there
