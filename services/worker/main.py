@@ -47,7 +47,8 @@ from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.metrics import WorkerMetrics, worker_view
-from dlora.services.worker.moves import Move, handoff, moves_to_take
+from dlora.services.worker.move_out import move_out
+from dlora.services.worker.moves import Move, moves_to_take
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import worker_stats
@@ -160,7 +161,7 @@ class WorkerService:
 
     async def _apply(self, cmd: Command) -> None:
         if isinstance(cmd, Move):
-            await self._move(cmd)
+            await move_out(self, cmd)
         elif isinstance(cmd, Prefetch):
             await self.adapters.prefetch(cmd.adapters)
         elif isinstance(cmd, Abort):
@@ -193,39 +194,6 @@ class WorkerService:
         """Whether an abort for ``req`` came lately: a gateway's, or its own sender's (an
         application may stop only what it sent)."""
         return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
-
-    async def _move(self, move: Move) -> None:
-        """Hand a request to another worker at a step boundary (``moves.handoff``): its KV cache
-        goes ahead in chunks when the plan ships it, else the destination recomputes from the
-        tokens produced here; either way the client's chunks continue in sequence."""
-        stream = self.streams.get(move.request_id)
-        seq = self.engine.seqs.get(move.request_id)
-        if stream is None or seq is None:
-            return  # finished or gone meanwhile: nothing to move
-        start = time.monotonic()
-        kv = self.engine.export_kv(move.request_id) if move.ship_kv else None
-        data = kv.to_bytes() if kv is not None else None
-        resumed, chunks = handoff(
-            stream.request, seq.output_ids, seq.detok.pending, stream.seq, data, time.monotonic() - start
-        )
-        self.engine.abort(move.request_id)
-        del self.streams[move.request_id]
-        copy = Copy.of(stream.request, self.records.stalled())
-        if await self.store.fenced(self.s.worker_id, {move.request_id: copy}):
-            return  # given up here meanwhile (this worker stalled): a later attempt serves it
-        self.metrics.moved(len(data) if data is not None else None, move.trigger)
-        # Recorded at the destination first: what it writes then is its own, not fenced.
-        await self.store.put_inflight(resumed, move.to_worker)
-        for chunk in chunks:
-            await bus.publish(self.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
-        await bus.publish(self.nc, subjects.worker_requests(move.to_worker), resumed)
-        logger.info(
-            "request moved",
-            request=move.request_id,
-            to=move.to_worker,
-            tokens=len(seq.output_ids),
-            kv_bytes=len(data or b""),
-        )
 
     async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
         kv = await self.kv_inbox.take(req.request_id)

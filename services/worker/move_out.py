@@ -1,0 +1,50 @@
+"""The sending side of a move, the I/O the worker shell does for it (``moves`` is the pure part,
+``kv_inbox`` the receiving side). A function of the running ``WorkerService``, as ``drain`` is."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from dlora.common import bus, log, subjects
+from dlora.common.state import Copy
+from dlora.services.worker.moves import Move, handoff
+
+if TYPE_CHECKING:
+    from dlora.services.worker.main import WorkerService
+
+logger = log.get("worker")
+
+
+async def move_out(w: WorkerService, move: Move) -> None:
+    """Hand a request to another worker at a step boundary (``moves.handoff``): its KV cache
+    goes ahead in chunks when the plan ships it, else the destination recomputes from the
+    tokens produced here; either way the client's chunks continue in sequence."""
+    stream = w.streams.get(move.request_id)
+    seq = w.engine.seqs.get(move.request_id)
+    if stream is None or seq is None:
+        return  # finished or gone meanwhile: nothing to move
+    start = time.monotonic()
+    kv = w.engine.export_kv(move.request_id) if move.ship_kv else None
+    data = kv.to_bytes() if kv is not None else None
+    resumed, chunks = handoff(
+        stream.request, seq.output_ids, seq.detok.pending, stream.seq, data, time.monotonic() - start
+    )
+    w.engine.abort(move.request_id)
+    del w.streams[move.request_id]
+    copy = Copy.of(stream.request, w.records.stalled())
+    if await w.store.fenced(w.s.worker_id, {move.request_id: copy}):
+        return  # given up here meanwhile (this worker stalled): a later attempt serves it
+    w.metrics.moved(len(data) if data is not None else None, move.trigger)
+    # Recorded at the destination first: what it writes then is its own, not fenced.
+    await w.store.put_inflight(resumed, move.to_worker)
+    for chunk in chunks:
+        await bus.publish(w.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
+    await bus.publish(w.nc, subjects.worker_requests(move.to_worker), resumed)
+    logger.info(
+        "request moved",
+        request=move.request_id,
+        to=move.to_worker,
+        tokens=len(seq.output_ids),
+        kv_bytes=len(data or b""),
+    )
