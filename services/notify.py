@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from dlora.common import log
+from dlora.common.bus import Outage
 
 logger = log.get("notify")
 
@@ -63,8 +64,6 @@ class Notifier:
         a service that rides out a Redis outage serves meanwhile, but is not yet what the unit
         promises (connected to NATS and Redis), so systemd's start timeout still applies. Logged
         when it first fails and when it answers, not at every try."""
-        from dlora.common.bus import Outage  # the bus imports NATS: a notifier need not
-
         store = Outage("the state store, before ready")
         while True:
             try:
