@@ -122,8 +122,15 @@ class LoraProjection:
     )
 
     def refresh(self, device: torch.device) -> None:
-        """Rebuild the tables after slot weights changed."""
-        self.tables = LoraTables.build(self.slices, device)
+        """Rebuild the tables after slot weights changed, into the tensors already there: a CUDA
+        graph captured over them (``engine/graphs.py``) reads them at the addresses it was captured
+        with, so the next replay sees the slots as they are now."""
+        new = LoraTables.build(self.slices, device)
+        old = self.tables
+        if old is not None:
+            for name in ("a_ptrs", "b_ptrs", "ranks", "scales", "offsets", "sizes"):
+                setattr(new, name, getattr(old, name).copy_(getattr(new, name)))
+        self.tables = new
 
     def forget(self) -> None:
         """Drop the stacked weights after slot weights changed."""

@@ -43,22 +43,29 @@ class LoraBatch:
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device, sign: float = 1.0) -> LoraBatch | None:
         """Group the tokens by slot, groups in order of first appearance; None when no token uses LoRA."""
-        members: dict[int, list[int]] = {}
-        for t, slot in enumerate(token_slots):
-            if slot >= 0:
-                members.setdefault(slot, []).append(t)
-        if not members:
+        index, slots, starts, lens = group_by_slot(token_slots)
+        if not slots:
             return None
-        index, starts, lens = [], [], []
-        for tokens in members.values():
-            starts.append(len(index))
-            lens.append(len(tokens))
-            index += tokens
 
         def i32(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32, device=device)
 
-        return cls(i32(index), i32(list(members)), i32(starts), i32(lens), len(members), max(lens), sign)
+        return cls(i32(index), i32(slots), i32(starts), i32(lens), len(slots), max(lens), sign)
+
+
+def group_by_slot(token_slots: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """``LoraBatch``'s fields as lists: (token_index, group_slot, group_start, group_len); tokens
+    with slot -1 are in no group."""
+    members: dict[int, list[int]] = {}
+    for t, slot in enumerate(token_slots):
+        if slot >= 0:
+            members.setdefault(slot, []).append(t)
+    index, starts, lens = [], [], []
+    for tokens in members.values():
+        starts.append(len(index))
+        lens.append(len(tokens))
+        index += tokens
+    return index, list(members), starts, lens
 
 
 @dataclass

@@ -106,6 +106,10 @@ def lora_tax(engine: LLMEngine, adapter: str, batch: int, pairs: int) -> dict[st
     return {"batch": batch, "pairs": pairs, "base_ms": base_ms, "unmerged_ms": lora_ms, "ratio_of_pairs": pairwise}
 
 
+# CUDA runtime / driver calls that start GPU work, as the profiler names them.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchCooperativeKernel")
+
+
 def profile_step(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> dict:
     """Per decode step, under torch.profiler: GPU kernels launched and their summed time (CUDA),
     or on a CPU the operators dispatched (aten ops not inside another aten op), the launches a
@@ -121,10 +125,14 @@ def profile_step(engine: LLMEngine, adapters: list[str | None], merged: str | No
             engine.step(decision)
     _stop(engine, decision)
     if cuda:
-        kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        # What the host paid for: runtime and driver launch calls, a graph's replay counting one.
+        calls = [e for e in events if e.device_type == DeviceType.CPU and e.key.startswith(LAUNCH_CALLS)]
         return {
             "launches_per_step": sum(e.count for e in kernels) / steps,
             "kernel_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+            "host_launch_calls_per_step": sum(e.count for e in calls) / steps,
         }
 
     def nested(e: object) -> bool:
@@ -175,13 +183,19 @@ def run(
     device: str = "cpu",
     profile: bool = False,
     hf_baseline: bool = False,
+    enforce_eager: bool = False,
 ) -> dict:
     max_adapters = max(adapter_counts)
     root = ensure_model(workdir, preset, max_adapters, ranks=[16])  # one rank: simple byte accounting
     engine = LLMEngine(
         str(root / "model"),
         EngineConfig(
-            dtype=dtype, device=device, max_loras=max_adapters, max_num_seqs=max(batch_sizes), kv_cache_bytes=1 << 30
+            dtype=dtype,
+            device=device,
+            max_loras=max_adapters,
+            max_num_seqs=max(batch_sizes),
+            kv_cache_bytes=1 << 30,
+            enforce_eager=enforce_eager,
         ),
     )
     names = [f"lora-{i}" for i in range(max_adapters)]
@@ -284,6 +298,7 @@ def run(
         "preset": preset,
         "device": str(engine.device),
         "dtype": dtype,
+        "cuda_graphs": engine.graphs is not None,
         "prompt_len": PROMPT_LEN,
         "timed_decode_steps": steps,
         "rounds": rounds,
@@ -316,7 +331,9 @@ def markdown(r: dict) -> str:
     if mixed:
         head.append("mixed (¾ merged)")
     lines = [
-        f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}: prompts of "
+        f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}"
+        + (", decode steps replayed as CUDA graphs" if r.get("cuda_graphs") else "")
+        + ": prompts of "
         f"{r['prompt_len']} tokens prefilled untimed, then the median of {r['timed_decode_steps']} decode steps, "
         f"{r['rounds']} interleaved rounds, median reported. Output tokens/s (median step time); a batch holds at "
         "most `batch` distinct adapters.",
@@ -349,16 +366,17 @@ def markdown(r: dict) -> str:
             "Per decode step, profiled (torch.profiler): "
             + ("GPU kernels launched and their summed time." if gpu else "operators dispatched (no GPU here)."),
             "",
-            "| step | batch | wall ms | kernel ms | wall / kernel | launches |",
-            "|---|---|---|---|---|---|",
+            "| step | batch | wall ms | kernel ms | wall / kernel | launches | host launch calls |",
+            "|---|---|---|---|---|---|---|",
         ]
         for label, p in r["profile"].items():
             k = p["kernel_ms_per_step"]
             ratio = f"{p['wall_ms_per_step'] / k:.2f}" if k else "-"
             kernel = f"{k:.2f}" if k is not None else "-"
+            calls = p.get("host_launch_calls_per_step")
             lines.append(
                 f"| {label} | {p['batch']} | {p['wall_ms_per_step']:.2f} | {kernel} | {ratio} | "
-                f"{p['launches_per_step']:.0f} |"
+                f"{p['launches_per_step']:.0f} | {'-' if calls is None else f'{calls:.0f}'} |"
             )
     if r.get("hf_peft_step_ms"):
         lines += [
@@ -406,6 +424,7 @@ def run_bench_engine(args: argparse.Namespace) -> int:
         device=args.device,
         profile=args.profile,
         hf_baseline=args.hf_baseline,
+        enforce_eager=args.enforce_eager,
     )
     print(f"merge {result['merge_ms']:.2f} ms, unmerge {result['unmerge_ms']:.2f} ms")
     for name, value in result["ratios"].items():

@@ -10,7 +10,10 @@ lacks). In order, each with its own time bound so one slow part cannot starve th
 2. ``dlora bench kernels``;
 3. ``dlora bench engine --device cuda --preset 7b --dtype bfloat16 --profile``: decode steps at 7B
    widths (a few layers), wall vs GPU kernel time and launches per step, LoRA step ratios,
-   merge/unmerge, and HF transformers + peft on the same model.
+   merge/unmerge, and HF transformers + peft on the same model, with decode steps replayed as
+   CUDA graphs;
+4. the same at batch 32 with ``--enforce-eager`` (every kernel launched from the host), into its
+   own files, for the graphs' gain.
 
 Each benchmark rewrites its section of BENCHMARKS.md, naming the GPU; ``OUT/gpu-check.json``
 holds every part's exit status and seconds. Exit status: 0 when every part passed, 1 when one
@@ -45,6 +48,7 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
                 "no:cacheprovider",
                 "tests/engine/test_parity.py",
                 "tests/engine/test_adapters.py",
+                "tests/engine/test_graphs.py",
             ],
             {"DLORA_TEST_DEVICE": "cuda"},
             120.0,
@@ -78,6 +82,37 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
             ],
             {},
             180.0,
+        ),
+        (
+            # The same steps launched op by op, beside the graphed ones above (its own file: the
+            # section above stays the graphed run's).
+            "bench-eager",
+            [
+                *cli,
+                "engine",
+                "--device",
+                "cuda",
+                "--preset",
+                "7b",
+                "--dtype",
+                "bfloat16",
+                "--batch-sizes",
+                "32",
+                "--adapters",
+                "1,8",
+                "--steps",
+                "10",
+                "--rounds",
+                "2",
+                "--profile",
+                "--enforce-eager",
+                "--json",
+                str(out / "engine-eager.json"),
+                "--benchmarks",
+                str(out / "engine-eager.md"),
+            ],
+            {},
+            90.0,
         ),
     ]
 

@@ -48,6 +48,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_loras: int = 8  # device slots for unmerged adapters, one adapter of any rank each
+    # Decode steps on a GPU replay CUDA graphs (one per batch-size bucket up to max_num_seqs,
+    # recorded on first use); true runs every step eagerly (vLLM's flag).
+    enforce_eager: bool = False
     seed: int = 0  # for requests that sample without a seed of their own
     policy: PolicyConfig = PolicyConfig()
     # What an adapter may be (rank, file size, weight magnitude, scaling), checked when one is

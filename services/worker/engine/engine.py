@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer
 
+from dlora.common import log
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
@@ -45,6 +47,11 @@ from dlora.services.worker.policy import (
     lora_work,
     make_policy,
 )
+
+if TYPE_CHECKING:  # it imports Triton, which a CPU engine does without
+    from dlora.services.worker.engine.graphs import DecodeGraphs
+
+logger = log.get("engine")
 
 
 @dataclass
@@ -94,20 +101,21 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
         weights = load_weights(model, cfg, self.dtype, self.device)
-        num_blocks = config.num_blocks or max(
-            1,
-            config.kv_cache_bytes
-            // (
-                config.block_size * KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-            ),
-        )
-        kv = KVCache(
-            cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+        # The Triton path keeps a block past the block manager's for padded decode rows to write
+        # to (DecodeGraphs).
+        scratch = 1 if self.kernels.name == "triton" else 0
+        kv, num_blocks = KVCache.sized(
+            cfg, config.block_size, config.num_blocks, config.kv_cache_bytes, self.dtype, self.device, scratch
         )
         self._init_scheduling(config, cfg, num_blocks, policy)
         self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
         self.merger = Merger(weights, targets(cfg))
         self.model = LlamaModel(cfg, weights, kv, self.device_loras, self.kernels)
+        self.graphs: DecodeGraphs | None = None
+        if self.kernels.name == "triton" and self.device.type == "cuda" and not config.enforce_eager:
+            from dlora.services.worker.engine.graphs import decode_graphs
+
+            self.graphs = decode_graphs(self, capture=True)
         # Logits (vocab,) of the last step, per request id: for tests and future logprobs.
         self.last_logits: dict[str, torch.Tensor] = {}
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -400,6 +408,12 @@ class LLMEngine:
         not. When the batch's forward raises, each sequence runs alone, so a request that brings
         the model down fails by itself and its batch mates go on (their KV writes repeat the same
         values into the same slots, so a second pass is harmless)."""
+        if self.graphs is not None and self.graphs.runs(batch):
+            try:
+                return batch, self.graphs.forward(batch, slots, self.blocks), []
+            except Exception as e:  # noqa: BLE001 - a graph the driver refuses must not stop serving
+                logger.warning("cuda graphs off: this engine runs every step eagerly from now on", error=_describe(e))
+                self.graphs = None
         try:
             return batch, self.model.forward(self._inputs(batch, slots)), []
         except Exception as e:  # noqa: BLE001 - see the docstring

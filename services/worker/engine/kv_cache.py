@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from dlora.model.config import ModelConfig
+
 
 class KVCache:
     """Per-layer K and V pools of shape (num_blocks * block_size, num_kv_heads, head_dim)."""
@@ -28,6 +30,24 @@ class KVCache:
         """Store k, v (T, kv_heads, head_dim) at flat ``slots`` (T,)."""
         self.k[layer, slots] = k
         self.v[layer, slots] = v
+
+    @classmethod
+    def sized(
+        cls,
+        cfg: ModelConfig,
+        block_size: int,
+        num_blocks: int | None,
+        budget_bytes: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        scratch_blocks: int = 0,
+    ) -> tuple[KVCache, int]:
+        """A cache of ``num_blocks`` blocks, or (None) as many as ``budget_bytes`` holds, at least
+        one, and that number; ``scratch_blocks`` more follow them, for writes no sequence owns."""
+        per_block = block_size * cls.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        n = num_blocks or max(1, budget_bytes // per_block)
+        kv = cls(cfg.num_layers, n + scratch_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        return kv, n
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -128,3 +128,6 @@ class DeviceLoras:
                 proj.forget()
                 if self.tables:
                     proj.refresh(self.device)
+        # What a captured decode graph baked in from the tables (each projection's largest rank
+        # sets its LoRA grids, and a rank of 0 skips the launch): a change needs new graphs.
+        self.rank_signature = tuple(p.tables.max_rank if p.tables else 0 for f in self.layers for p in f.values())

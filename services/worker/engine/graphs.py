@@ -1,0 +1,212 @@
+"""Decode steps replayed as CUDA graphs, one per batch-size bucket (vLLM's CUDA graph capture).
+
+A decode step at batch 32 launches about fifty kernels per layer, each a few microseconds of GPU
+work: the host cannot launch them as fast as the GPU runs them (issue 15 measured the GPU idle
+71 % of a 7B-width step). A graph recorded once replays the step's launches in one call.
+
+A graph replays the addresses it was recorded with, so everything it reads lives in static
+buffers: the step's token ids, positions, KV slots, context lengths, block tables and LoRA groups
+are copied into buffers sized for the largest bucket (two host-to-device copies a step), the
+batch is padded to its bucket, and the LoRA address tables are updated in place when a slot
+changes (``LoraProjection.refresh``). Its grids are fixed too: decode attention runs one program
+per padded row, and each LoRA pass one group per device slot, the unused ones empty (their
+programs exit at once). A padding token is token 0 at position 0 with a context of one: its K/V
+go to a scratch block of the cache that no sequence owns, it joins no LoRA group, and its logits
+are dropped.
+
+A graph is recorded, lazily, per (bucket, which LoRA passes run, every projection's largest rank):
+the ranks set the LoRA grids and whether a projection launches at all, so a slot change that moves
+them drops the graphs. Only decode steps of the Triton path run this way (their shapes repeat;
+prefill shapes do not), and not with dynamic NTK rotary scaling, which picks frequencies on the
+host. ``capture=False`` runs the same static-buffer step eagerly, where CUDA graphs do not exist:
+the CPU tests check it token for token under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+
+from dlora.kernels.attention_triton import PagedMetadata
+from dlora.kernels.lora_triton import LoraBatch, LoraPasses, group_by_slot
+from dlora.services.worker.engine.block_manager import BlockManager
+from dlora.services.worker.engine.inputs import step_rows
+from dlora.services.worker.engine.model import LlamaModel, StepInputs
+from dlora.services.worker.engine.placement import StepSlots
+from dlora.services.worker.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from dlora.services.worker.engine.engine import LLMEngine
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """The batch-size buckets: 1, 2, 4, then every multiple of 8 up to ``max_num_seqs``, which is
+    always the last (vLLM's default capture sizes)."""
+    sizes = [s for s in (1, 2, 4, *range(8, max_num_seqs + 1, 8)) if s < max_num_seqs]
+    return [*sizes, max_num_seqs]
+
+
+def decode_graphs(engine: LLMEngine, capture: bool) -> DecodeGraphs:
+    """``engine``'s decode steps through static buffers (its kernels must be Triton's), replayed as
+    CUDA graphs when ``capture``: the engine makes its own on a GPU; CPU tests set one with
+    ``capture=False`` as ``engine.graphs``."""
+    c, scratch = engine.config, engine.blocks.num_blocks  # the block past the block manager's
+    return DecodeGraphs(engine.model, c.max_loras, c.max_num_seqs, engine.max_model_len, scratch, capture)
+
+
+class DecodeGraphs:
+    """Runs a decode batch of at most ``max_num_seqs`` sequences through static buffers, replaying
+    a CUDA graph per bucket when ``capture`` is set (``forward``)."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_slots: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        scratch_block: int,
+        capture: bool,
+    ) -> None:
+        """``num_slots``: the device's LoRA slots; ``scratch_block``: a KV cache block no sequence
+        is given, where padding tokens write."""
+        self.model, self.capture = model, capture
+        self.sizes = capture_sizes(max_num_seqs)
+        self.block_size = model.kv.block_size
+        self.scratch_block = scratch_block
+        self.num_groups = num_slots
+        rows = self.sizes[-1]
+        self.width = triton.cdiv(max_model_len, self.block_size)  # block table columns
+        dev = model.weights.embed.device
+        # int64 rows: token ids, positions, sequence lengths, KV slots.
+        self._host64 = torch.zeros(4, rows, dtype=torch.int64)
+        self._dev64 = torch.zeros(4, rows, dtype=torch.int64, device=dev)
+        # int32: context lengths, two LoRA passes (added, subtracted), then the block tables last,
+        # so a step copies only the rows it uses.
+        pass_len = rows + 3 * num_slots
+        self._tables_at = rows + 2 * pass_len
+        self._host32 = torch.zeros(self._tables_at + rows * self.width, dtype=torch.int32)
+        self._dev32 = torch.zeros_like(self._host32, device=dev)
+        self._ctx_len = self._dev32[:rows]
+        self._passes = [self._dev32[rows + i * pass_len : rows + (i + 1) * pass_len] for i in range(2)]
+        self._tables = self._dev32[self._tables_at :].view(rows, self.width)
+        self._rows32 = torch.arange(rows, dtype=torch.int32, device=dev)
+        self._rows64 = torch.arange(rows, dtype=torch.int64, device=dev)
+        self._ones = torch.ones(rows, dtype=torch.int32, device=dev)
+        self._none = torch.zeros(0, dtype=torch.int32, device=dev)
+        self._graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._signature: tuple[int, ...] = ()
+        # Steps run, by (bucket, whether a LoRA delta was added, whether one was subtracted).
+        self.steps: Counter[tuple[int, bool, bool]] = Counter()
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def runs(self, batch: list[Sequence]) -> bool:
+        """Whether ``forward`` takes this batch: decodes only (one new token each), no more than the
+        largest bucket, and a rotary scaling that does not depend on the sequence length."""
+        return (
+            len(batch) <= self.sizes[-1]
+            and not self.model.rope.dynamic
+            and all(s.num_scheduled == 1 and s.num_cached < self.width * self.block_size for s in batch)
+        )
+
+    def bucket(self, batch_size: int) -> int:
+        return next(s for s in self.sizes if s >= batch_size)
+
+    def forward(self, batch: list[Sequence], slots: StepSlots, blocks: BlockManager) -> torch.Tensor:
+        """Logits (B, vocab) in fp32 for a batch ``runs`` accepts, as ``LlamaModel.forward`` gives
+        them (a copy: the graph's output buffer is rewritten by the next replay)."""
+        r = step_rows(batch, slots, blocks)
+        n = self.bucket(len(batch))
+        groups = [group_by_slot(r.token_slots), group_by_slot(r.minus_slots if slots.minus >= 0 else [])]
+        present = (bool(groups[0][1]), bool(groups[1][1]))
+        inputs = self._inputs(n, present)
+        key = (n, *present)
+        self.steps[key] += 1
+        if not self.capture:
+            self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
+            return self.model.forward(inputs)[: len(batch)]
+        if self.model.loras.rank_signature != self._signature:
+            self._graphs.clear()
+            self._signature = self.model.loras.rank_signature
+        if key not in self._graphs:
+            self._fill(n, [], [], [], [], [], [], [([], [], [], [])] * 2)  # padding only: writes go to scratch
+            self._graphs[key] = self._record(inputs)
+        self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits[: len(batch)].clone()
+
+    def _record(self, inputs: StepInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # One eager run first: it compiles the Triton kernels (no compiling during a capture) and
+        # lets cuBLAS pick its kernels for these shapes.
+        self.model.forward(inputs)
+        torch.cuda.synchronize(self._dev32.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.model.forward(inputs)
+        return graph, logits
+
+    def _inputs(self, n: int, present: tuple[bool, bool]) -> StepInputs:
+        """The model's inputs for bucket ``n`` as views of the static buffers."""
+        ids, positions, seq_lens, kv_slots = self._dev64[:, :n]
+        attention = PagedMetadata(
+            slots=kv_slots,
+            q_start=self._rows32[:n],
+            q_len=self._ones[:n],
+            ctx_len=self._ctx_len[:n],
+            block_tables=self._tables[:n],
+            decode_seqs=self._rows32[:n],
+            tile_seq=self._none,
+            tile_q0=self._none,
+            block_m=16,
+        )
+        rows, g = self.sizes[-1], self.num_groups
+        passes = []
+        for buf, sign, on in zip(self._passes, (1.0, -1.0), present):
+            if on:
+                index, slot, start, length = buf[:n], *buf[rows:].view(3, g)
+                passes.append(LoraBatch(index, slot, start, length, num_groups=g, max_group_len=n, sign=sign))
+        return StepInputs(
+            input_ids=ids,
+            positions=positions,
+            seq_lens=seq_lens,
+            last_index=self._rows64[:n],
+            attention=attention,
+            lora=LoraPasses(passes) if passes else None,
+        )
+
+    def _fill(
+        self,
+        n: int,
+        ids: list[int],
+        positions: list[int],
+        seq_lens: list[int],
+        kv_slots: list[int],
+        ctx_lens: list[int],
+        tables: list[list[int]],
+        groups: list[tuple[list[int], list[int], list[int], list[int]]],
+    ) -> None:
+        """Copy a step's rows into the static buffers, padded to ``n`` rows."""
+        pad = n - len(ids)
+        scratch = self.scratch_block * self.block_size
+        self._host64[:, :n] = torch.tensor(
+            [ids + [0] * pad, positions + [0] * pad, seq_lens + [1] * pad, kv_slots + [scratch] * pad]
+        )
+        rows, g = self.sizes[-1], self.num_groups
+        small = ctx_lens + [1] * (rows - len(ctx_lens))
+        for index, slot, start, length in groups:
+            unused = g - len(slot)
+            small += index + [0] * (rows - len(index))
+            small += slot + [0] * unused
+            small += start + [0] * unused
+            small += length + [0] * unused  # an empty group: its programs exit at once
+        self._host32[: self._tables_at] = torch.tensor(small, dtype=torch.int32)
+        host_tables = self._host32[self._tables_at :].view(rows, self.width)
+        for i, table in enumerate(tables):
+            host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        host_tables[len(tables) : n, 0] = self.scratch_block  # a padding row reads the scratch block
+        self._dev64.copy_(self._host64)  # 2 KiB at most: whole, so the copy is contiguous
+        end = self._tables_at + n * self.width
+        self._dev32[:end].copy_(self._host32[:end])

@@ -1,0 +1,73 @@
+"""Decode steps through DecodeGraphs' static buffers equal transformers + peft token for token.
+
+On a GPU (make gpu-check: DLORA_TEST_DEVICE=cuda) the engine records and replays CUDA graphs; on
+the CPU the same padded static-buffer step runs eagerly under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+from dlora.common.messages import SamplingParams
+from dlora.kernels.lora import LoraProjection
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.engine.graphs import capture_sizes, decode_graphs
+from dlora.services.worker.policy import StepDecision
+from tests.engine.helpers import make_engine
+from tests.engine.oracle import Oracle
+from tests.engine.test_parity import _prompts
+
+
+def test_capture_sizes_are_vllms_buckets_up_to_max_num_seqs() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(6) == [1, 2, 4, 6]
+    assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_slot_tables_change_in_place(tiny_llama: TinyOutput) -> None:
+    """A captured graph reads the LoRA tables where it was captured: loading a slot must rewrite
+    those tensors, not replace them."""
+    engine = make_engine(tiny_llama, kernels="triton", max_loras=2)
+    proj: LoraProjection = engine.device_loras.layers[0]["qkv"]
+    assert proj.tables is not None
+    before = proj.tables.a_ptrs.data_ptr(), proj.tables.ranks.data_ptr()
+    name = sorted(tiny_llama.adapters)[0]
+    engine.device_loras.load(1, engine.adapters[name])
+    assert (proj.tables.a_ptrs.data_ptr(), proj.tables.ranks.data_ptr()) == before
+    assert int(proj.tables.ranks[0, 1]) == engine.adapters[name].rank and proj.tables.max_rank > 0
+    assert engine.device_loras.rank_signature != (0,) * len(engine.device_loras.rank_signature)
+
+
+def test_decode_steps_through_static_buffers_match_peft(tiny_llama: TinyOutput) -> None:
+    """Every adapter and the base, nine requests (bucket 8 with padding rows), two slots for three
+    adapters (slots change between steps), the engine unmerged, mixed (a delta added and one
+    subtracted), merged (no LoRA launch) and back: the oracle's tokens, every decode step graphed."""
+    engine = make_engine(tiny_llama, kernels="triton", max_loras=2)
+    if engine.graphs is None:  # no CUDA: the same buffers and padding, run eagerly
+        engine.graphs = decode_graphs(engine, capture=False)
+    oracle = Oracle(tiny_llama)
+    prompts = _prompts(tiny_llama)
+    adapters = [None, *sorted(tiny_llama.adapters)]
+    # Every other request the base model's, so a step with two adapters' requests holds 5-7.
+    requests = {
+        f"r{i}": (adapters[(i + 1) // 2 % len(adapters)] if i % 2 else None, prompts[i % len(prompts)])
+        for i in range(9)
+    }
+    max_tokens = 3
+    for rid, (adapter, ids) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
+    a = adapters[1]
+    plan = [(None, False), (a, True), (a, False), (None, False)]
+    got: dict[str, list[int]] = {rid: [] for rid in requests}
+    for i in range(100):
+        if not engine.has_unfinished():
+            break
+        merged, mixed = plan[i % len(plan)]
+        decision = StepDecision(merged, sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival), mixed=mixed)
+        for o in engine.step(decision):
+            got[o.request_id] += o.new_token_ids
+    assert got == {rid: oracle.generate(ad, ids, max_tokens) for rid, (ad, ids) in requests.items()}
+    buckets = {n for n, _, _ in engine.graphs.steps}
+    passes = {(plus, minus) for _, plus, minus in engine.graphs.steps}
+    assert 8 in buckets and buckets <= {1, 2, 4, 8}, engine.graphs.steps
+    assert {(True, False), (True, True), (False, False)} <= passes, engine.graphs.steps
+    scratch = engine.blocks.num_blocks * engine.config.block_size  # padding rows wrote there, nowhere else
+    assert bool(engine.model.kv.k[:, scratch].abs().sum() > 0)
