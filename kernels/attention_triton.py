@@ -125,7 +125,9 @@ def _attend(
     return acc / l_i[:, None]
 
 
-@triton.jit
+# The block table's width changes with the batch's longest context: not specialized on (Triton
+# would compile a variant for a width of 1 and another for multiples of 16).
+@triton.jit(do_not_specialize=["max_blocks"])
 def _decode_kernel(
     q_ptr,  # (T, H, D) queries
     k_ptr,  # (num_blocks * BLOCK_SIZE, KVH, D) one layer's key cache
@@ -196,7 +198,7 @@ def _decode_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])  # as _decode_kernel
 def _prefill_kernel(
     q_ptr,  # (T, H, D) queries
     k_ptr,  # (num_blocks * BLOCK_SIZE, KVH, D) one layer's key cache

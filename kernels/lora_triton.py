@@ -91,7 +91,9 @@ class LoraPasses:
         return cls(passes) if passes else None
 
 
-@triton.jit
+# Tiles per group follow the batch: not specialized on (Triton would compile a variant for 1 tile
+# and another for multiples of 16), so a new batch size never waits for a compile.
+@triton.jit(do_not_specialize=["m_tiles"])
 def _shrink_kernel(
     x_ptr,  # (T, K) the projection's input; rows at stride_x, columns contiguous
     y_ptr,  # (P, n_slices, R) float32 out: x·Aᵀ for each grouped position and slice
@@ -157,7 +159,7 @@ def _shrink_kernel(
         tl.atomic_add(y, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_tiles"])  # as _shrink_kernel
 def _expand_kernel(
     y_ptr,  # (P, n_slices, R) float32: the shrink's output
     out_ptr,  # (T, N) the fused projection's output, updated in place; rows at stride_out
