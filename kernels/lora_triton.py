@@ -14,6 +14,7 @@ The torch reference is ``lora.add_lora_torch``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -93,10 +94,10 @@ class LoraPasses:
 
 # Tiles per group follow the batch: not specialized on (Triton would compile a variant for 1 tile
 # and another for multiples of 16), so a new batch size never waits for a compile.
-@triton.jit(do_not_specialize=["m_tiles"])
+@triton.jit(do_not_specialize=["m_tiles", "stride_split"])
 def _shrink_kernel(
     x_ptr,  # (T, K) the projection's input; rows at stride_x, columns contiguous
-    y_ptr,  # (P, n_slices, R) float32 out: x·Aᵀ for each grouped position and slice
+    y_ptr,  # (SPLIT_K, P, n_slices, R) float32 out: per K share, x·Aᵀ for each grouped position and slice
     a_ptrs,  # (n_slices, num_slots) int64: address of each slot's A (rank, K), contiguous
     ranks_ptr,  # (n_slices, num_slots) int32: each slot's rank for the slice, 0 where it has none
     token_index_ptr,  # (P,) int32: the token at each grouped position
@@ -108,6 +109,7 @@ def _shrink_kernel(
     num_slots,  # columns of the tables
     n_slices,  # slices of the fused projection
     R,  # y's last dimension (at least every rank in the tables)
+    stride_split,  # elements between y's K shares (P * n_slices * R)
     m_tiles,  # BLOCK_M tiles per group: enough for the longest group
     r_tiles,  # BLOCK_R tiles per slice: enough for the largest rank
     ELEM: tl.constexpr,  # element type of A (and x)
@@ -115,7 +117,7 @@ def _shrink_kernel(
     BLOCK_M: tl.constexpr,  # tokens per program
     BLOCK_R: tl.constexpr,  # rank columns per program
     BLOCK_K: tl.constexpr,  # input features per loop step
-    SPLIT_K: tl.constexpr,  # programs sharing one K range (then y must start at zero)
+    SPLIT_K: tl.constexpr,  # programs sharing one K range, each writing its own share of y
 ):
     pid_gm = tl.program_id(0)
     pid_jr = tl.program_id(1)
@@ -151,17 +153,13 @@ def _shrink_kernel(
             acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(xt, at)
-    y = y_ptr + ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :]
-    mask = m_mask[:, None] & r_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, acc, mask=mask)
-    else:
-        tl.atomic_add(y, acc, mask=mask)
+    y = y_ptr + pid_k * stride_split + ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :]
+    tl.store(y, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["m_tiles"])  # as _shrink_kernel
+@triton.jit(do_not_specialize=["m_tiles", "stride_split"])  # as _shrink_kernel
 def _expand_kernel(
-    y_ptr,  # (P, n_slices, R) float32: the shrink's output
+    y_ptr,  # (SPLIT_K, P, n_slices, R) float32: the shrink's output, its K shares summed here
     out_ptr,  # (T, N) the fused projection's output, updated in place; rows at stride_out
     b_ptrs,  # (n_slices, num_slots) int64: address of each slot's B (size, rank), contiguous
     ranks_ptr,  # (n_slices, num_slots) int32: each slot's rank for the slice, 0 where it has none
@@ -177,6 +175,7 @@ def _expand_kernel(
     num_slots,  # columns of the tables
     n_slices,  # slices of the fused projection
     R,  # y's last dimension
+    stride_split,  # elements between y's K shares
     m_tiles,  # BLOCK_M tiles per group
     n_tiles,  # BLOCK_N tiles per slice: enough for the widest
     ELEM: tl.constexpr,  # element type of B (and out)
@@ -184,6 +183,7 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr,  # tokens per program
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_R: tl.constexpr,  # rank per loop step
+    SPLIT_K: tl.constexpr,  # K shares in y
 ):
     pid_gm = tl.program_id(0)
     pid_jn = tl.program_id(1)
@@ -211,11 +211,13 @@ def _expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        yt = tl.load(
-            y_ptr + ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :],
-            mask=m_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_R)
+        y_off = ((start + offs_m)[:, None] * n_slices + j) * R + offs_r[None, :]
+        y_mask = m_mask[:, None] & r_mask[None, :]
+        yt = tl.load(y_ptr + y_off, mask=y_mask, other=0.0)  # (BLOCK_M, BLOCK_R)
+        # The shrink's K shares, summed in one fixed order: the same bits on every run (float
+        # atomics in the shrink would add them in whatever order the programs finish).
+        for share in tl.static_range(1, SPLIT_K):
+            yt += tl.load(y_ptr + share * stride_split + y_off, mask=y_mask, other=0.0)
         bt = tl.load(
             b_ptr + offs_n[None, :] * rank + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0
         )  # (BLOCK_R, BLOCK_N) = Bᵀ tile
@@ -241,6 +243,7 @@ class LoraBlocks:
     k: int  # shrink: input features per loop step
     n: int  # expand: output columns per program
     expand_r: int  # expand: rank per loop step
+    split_k: int = 1  # shrink: programs sharing one K range, each writing its share (summed by the expand)
 
     @classmethod
     def choose(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
@@ -254,18 +257,38 @@ class LoraBlocks:
                 expand_r=rank,
             )
         m = 16 if batch.max_group_len <= 16 else 32 if batch.max_group_len <= 256 else 64
-        return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank))
+        # A decode batch of one adapter gives the shrink a handful of programs, each looping over
+        # all of K (issue 15 measured it at 1.0 ms a step at 7B widths on an H200). Split K until
+        # the programs fill every SM twice, keeping each share at least MIN_SHARE features wide.
+        programs = batch.num_groups * triton.cdiv(batch.max_group_len, m)
+        programs *= tables.ranks.shape[0] * triton.cdiv(tables.max_rank, 16)
+        split, fill = 1, 2 * _sm_count(tables.a_ptrs.device)
+        while programs * split * 2 <= fill and tables.in_features >= split * 2 * MIN_SHARE:
+            split *= 2
+        return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank), split_k=split)
+
+
+MIN_SHARE = 256  # input features per shrink program at least: 4 loop steps of BLOCK_K = 64
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 elsewhere (an H100/H200 SXM, NVIDIA's H100
+    architecture whitepaper), so a choice made off a GPU is the one an H100 would get."""
+    if device.type != "cuda":
+        return 132
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def lora_shrink(
-    x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None, split_k: int = 1
+    x: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None
 ) -> torch.Tensor:
-    """y[p, j, :rank] = x[token_index[p]] · A[j, slot(p)]ᵀ for every grouped position p and slice j.
+    """y[s, p, j, :rank] = the s-th K share of x[token_index[p]] · A[j, slot(p)]ᵀ for every grouped
+    position p and slice j; the shares sum (in ``lora_expand``) to the whole product.
 
-    x: (T, K), contiguous rows. Returns y (P, n_slices, R) float32 with R >= every rank; entries
-    past a slot's rank are unspecified. ``split_k`` splits each K range over that many programs
-    with float atomics (faster on a GPU when few programs share a long K, but the sum's order, and
-    so the last bits, then vary between runs: off unless asked); ``blocks`` None: ``LoraBlocks.choose``.
+    x: (T, K), contiguous rows. Returns y (split_k, P, n_slices, R) float32 with R >= every rank;
+    entries past a slot's rank are unspecified. ``blocks`` None: ``LoraBlocks.choose``, whose
+    ``split_k`` spreads K over more programs where the batch alone gives too few to fill the GPU.
     """
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (T, K) with contiguous rows"
     assert tables.max_rank > 0, "no adapter is loaded"
@@ -277,9 +300,8 @@ def lora_shrink(
     b = blocks or LoraBlocks.choose(batch, tables)
     r_tiles = triton.cdiv(tables.max_rank, b.r)
     m_tiles = triton.cdiv(batch.max_group_len, b.m)
-    alloc = torch.zeros if split_k > 1 else torch.empty
-    y = alloc(num_pos, n_slices, r_tiles * b.r, dtype=torch.float32, device=x.device)
-    grid = (batch.num_groups * m_tiles, n_slices * r_tiles, split_k)
+    y = torch.empty(b.split_k, num_pos, n_slices, r_tiles * b.r, dtype=torch.float32, device=x.device)
+    grid = (batch.num_groups * m_tiles, n_slices * r_tiles, b.split_k)
     _shrink_kernel[grid](
         x,
         y,
@@ -293,7 +315,8 @@ def lora_shrink(
         x.stride(0),
         num_slots,
         n_slices,
-        y.shape[2],
+        y.shape[3],
+        y.stride(0),
         m_tiles,
         r_tiles,
         ELEM=ELEM[x.dtype],
@@ -301,7 +324,7 @@ def lora_shrink(
         BLOCK_M=b.m,
         BLOCK_R=b.r,
         BLOCK_K=b.k,
-        SPLIT_K=split_k,
+        SPLIT_K=b.split_k,
     )
     return y
 
@@ -309,12 +332,13 @@ def lora_shrink(
 def lora_expand(
     out: torch.Tensor, y: torch.Tensor, tables: LoraTables, batch: LoraBatch, blocks: LoraBlocks | None = None
 ) -> None:
-    """In place: out[token_index[p], slice j] += sign · scale[j, slot] · y[p, j, :rank] · B[j, slot]ᵀ.
+    """In place: out[token_index[p], slice j] += sign · scale[j, slot] · (Σ_s y[s, p, j, :rank]) · B[j, slot]ᵀ.
 
-    out: (T, N) with contiguous rows, in the weights' dtype; y from ``lora_shrink``.
+    out: (T, N) with contiguous rows, in the weights' dtype; y from ``lora_shrink``, its K shares
+    summed in order s = 0, 1, ... (the same bits every run).
     """
     assert out.dim() == 2 and out.stride(1) == 1, "out must be (T, N) with contiguous rows"
-    assert y.dtype == torch.float32 and y.shape[:2] == (batch.token_index.numel(), tables.ranks.shape[0])
+    assert y.dtype == torch.float32 and y.shape[1:3] == (batch.token_index.numel(), tables.ranks.shape[0])
     assert out.dtype == tables.dtype, f"out is {out.dtype}, the weights {tables.dtype}"
     assert out.shape[1] >= tables.out_features, f"out has {out.shape[1]} columns, slices reach {tables.out_features}"
     assert out.device == y.device == tables.b_ptrs.device, "out, y and tables on one device"
@@ -339,7 +363,8 @@ def lora_expand(
         out.stride(0),
         num_slots,
         n_slices,
-        y.shape[2],
+        y.shape[3],
+        y.stride(0),
         m_tiles,
         n_tiles,
         ELEM=ELEM[out.dtype],
@@ -347,6 +372,7 @@ def lora_expand(
         BLOCK_M=b.m,
         BLOCK_N=b.n,
         BLOCK_R=b.expand_r,
+        SPLIT_K=y.shape[0],
     )
 
 

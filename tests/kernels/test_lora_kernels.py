@@ -5,12 +5,13 @@ on a GPU)."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
-from dlora.kernels.lora_triton import LoraBatch, LoraBlocks, LoraPasses, add_lora_passes, lora_shrink
+from dlora.kernels.lora_triton import MIN_SHARE, LoraBatch, LoraBlocks, LoraPasses, add_lora_passes, lora_shrink
 from tests.kernels.conftest import assert_close, cuda_only, device
 
 NUM_SLOTS = 8
@@ -170,17 +171,37 @@ def test_no_lora_and_untargeted_slices() -> None:
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_gpu_tiles_and_split_k(split_k: int) -> None:
     """The tile sizes a GPU uses (several rank tiles, a rank loop in expand, several column
-    tiles), and K split across programs, on the interpreter too."""
-    blocks = LoraBlocks(m=16, r=16, k=16, n=16, expand_r=16)
+    tiles), and K split across programs, on the interpreter too: the shares sum to the whole
+    product, and the expand's sum of them gives the same bits on every run."""
+    blocks = LoraBlocks(m=16, r=16, k=16, n=16, expand_r=16, split_k=split_k)
     proj = projection(72, [40, 24], [4, 128, 8, 16, 32, 64, 12, 100], torch.float32)
-    check(proj, popularity("uniform", 20, random.Random(2)), torch.float32, 72, blocks=blocks)
+    slots = popularity("uniform", 20, random.Random(2))
+    check(proj, slots, torch.float32, 72, blocks=blocks)
     batch = LoraBatch.from_token_slots([1, 7, 1], device())
     x = torch.randn(3, 72, device=device())
-    one, split = (lora_shrink(x, proj.tables, batch, blocks, split_k=s) for s in (1, split_k))
+    one, split = (lora_shrink(x, proj.tables, batch, replace(blocks, split_k=s)) for s in (1, split_k))
+    assert split.shape[0] == split_k
     for p, slot in enumerate([1, 1, 7]):  # grouped order: slot 1's tokens, then slot 7's
         for j, sl in enumerate(proj.slices):
             r = sl.a[slot].shape[0]
-            torch.testing.assert_close(split[p, j, :r], one[p, j, :r], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(split[:, p, j, :r].sum(0), one[0, p, j, :r], atol=1e-5, rtol=1e-5)
+    passes = LoraPasses.from_token_slots(slots, device())
+    x, base = torch.randn(20, 72, device=device()), torch.randn(20, 64, device=device())
+    runs = [base.clone() for _ in range(2)]
+    for out in runs:
+        add_lora_passes(out, x, proj, passes, blocks=blocks)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_split_k_fills_the_gpu_only_where_the_batch_does_not() -> None:
+    """One adapter at decode (6 programs unsplit at 7B widths): K split, each share at least
+    MIN_SHARE wide; eight adapters (24 programs) split less."""
+    if not torch.cuda.is_available():
+        pytest.skip("the interpreter's tiles never split")
+    proj = projection(4096, [4096, 1024, 1024], [16] * NUM_SLOTS, torch.bfloat16)
+    one = LoraBlocks.choose(LoraBatch.from_token_slots([0] * 32, device()), proj.tables)
+    many = LoraBlocks.choose(LoraBatch.from_token_slots(list(range(NUM_SLOTS)) * 8, device()), proj.tables)
+    assert one.split_k > 1 and 4096 // one.split_k >= MIN_SHARE and many.split_k < one.split_k
 
 
 @cuda_only
