@@ -14,6 +14,7 @@ import torch
 
 from dlora.kernels.attention import build_attention_metadata, paged_attention_torch
 from dlora.kernels.lora import LoraSegments, add_lora_torch
+from dlora.kernels.merge import merge_rows
 from dlora.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
 from dlora.kernels.rope import rope_and_cache
 
@@ -42,6 +43,9 @@ class Kernels:
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
     # (qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads) -> rotated q; k, v into the cache
     rope_and_cache: Callable[..., torch.Tensor] = rope_and_cache
+    # (weight rows (N, K), saved (N, K), A (rank, K), B (N, rank), scale): saved = rows, then
+    # rows = round(rows + scale·B·A) in fp32 (a merge; engine/merge.py)
+    merge_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None] = merge_rows
 
 
 TORCH = Kernels(
@@ -94,6 +98,7 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
         # are the torch references; tests/kernels checks each against its reference, and on a
         # GPU (make gpu-check) the engine runs them.
         return kernels
+    from dlora.kernels.merge_triton import merge_rows_triton
     from dlora.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton, silu_and_mul_triton
     from dlora.kernels.rope_triton import rope_and_cache_triton
 
@@ -103,4 +108,5 @@ def select_kernels(name: str, device: torch.device) -> Kernels:
         add_rms_norm=add_rms_norm_triton,
         silu_and_mul=silu_and_mul_triton,
         rope_and_cache=rope_and_cache_triton,
+        merge_rows=merge_rows_triton,
     )

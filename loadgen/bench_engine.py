@@ -87,6 +87,26 @@ def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, s
     return statistics.median(times)
 
 
+def copy_once_ms(engine: LLMEngine, adapter: str) -> float:
+    """Milliseconds to copy once, on the device, every weight row a merge of ``adapter`` rewrites:
+    the yardstick issue 15 sets a merge against (at most twice this)."""
+    import torch
+
+    def sync() -> None:
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+
+    views = engine.merger.touched(engine.adapters[adapter])
+    for v in views:  # untimed: the allocator's first request for these sizes
+        v.clone()
+    sync()
+    start = time.perf_counter()
+    copies = [v.clone() for v in views]
+    sync()
+    del copies
+    return (time.perf_counter() - start) * 1e3
+
+
 def lora_tax(engine: LLMEngine, adapter: str, batch: int, pairs: int) -> dict[str, float]:
     """One unmerged adapter against the base at ``batch``, step by step: a base batch and an
     adapter batch held at once, their steps alternating (the order flipped every pair) so a slow
@@ -242,12 +262,13 @@ def run(
     for name in cycled:
         engine.switch(name)
         engine.switch(None)
-    merge_ms, unmerge_ms = [], []
+    merge_ms, unmerge_ms, copy_ms = [], [], []
     for name in cycled:
         merge_s, _ = engine.switch(name)
         _, unmerge_s = engine.switch(None)
         merge_ms.append(merge_s * 1e3)
         unmerge_ms.append(unmerge_s * 1e3)
+        copy_ms.append(copy_once_ms(engine, name))
 
     profiled: dict[str, dict] = {}
     if profile:  # at batch 32 (or the largest below it): where a GPU step's time goes
@@ -284,6 +305,7 @@ def run(
             ratios[f"unmerged 1 adapter/base throughput @batch {batch} (target >= 0.90)"] = (
                 by[("unmerged", 1, batch)].tokens_per_s / base.tokens_per_s
             )
+    ratios["merge / one copy of the rows it rewrites (target <= 2.0 on CUDA)"] = sum(merge_ms) / sum(copy_ms)
     many = max(adapter_counts)
     for batch in batch_sizes:
         p = by.get(("unmerged", many, batch))
@@ -305,6 +327,7 @@ def run(
         "base_weight_bytes": base_bytes,
         "merge_ms": sum(merge_ms) / len(merge_ms),
         "unmerge_ms": sum(unmerge_ms) / len(unmerge_ms),
+        "copy_once_ms": sum(copy_ms) / len(copy_ms),
         "points": [asdict(p) for p in points],
         "lora_tax": tax,
         "ratios": ratios,
@@ -346,7 +369,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Switch cost: **merge {r['merge_ms']:.1f} ms, unmerge {r['unmerge_ms']:.1f} ms**.",
+        f"Switch cost: **merge {r['merge_ms']:.1f} ms, unmerge {r['unmerge_ms']:.1f} ms**"
+        + (f"; one copy of the rows a merge rewrites {r['copy_once_ms']:.1f} ms." if "copy_once_ms" in r else "."),
         "",
         "| ratio (measured in the same run) | value |",
         "|---|---|",

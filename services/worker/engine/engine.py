@@ -109,7 +109,7 @@ class LLMEngine:
         )
         self._init_scheduling(config, cfg, num_blocks, policy)
         self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
-        self.merger = Merger(weights, targets(cfg))
+        self.merger = Merger(weights, targets(cfg), self.kernels.merge_rows)
         self.model = LlamaModel(cfg, weights, kv, self.device_loras, self.kernels)
         self.graphs: DecodeGraphs | None = None
         if self.kernels.name == "triton" and self.device.type == "cuda" and not config.enforce_eager:

@@ -10,11 +10,12 @@ for one copy of the touched rows while an adapter is merged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from dlora.kernels.merge import merge_rows
 from dlora.model.config import Target
 from dlora.services.worker.engine.lora import LoraAdapter
 from dlora.services.worker.engine.weights import ModelWeights
@@ -30,9 +31,16 @@ class _Saved:
 class Merger:
     """Merges at most one adapter at a time into ``weights`` and restores them bit for bit."""
 
-    def __init__(self, weights: ModelWeights, targets: dict[str, Target]) -> None:
+    def __init__(
+        self,
+        weights: ModelWeights,
+        targets: dict[str, Target],
+        merge: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None] = merge_rows,
+    ) -> None:
+        """``merge``: the kernel path's ``merge_rows`` (weight rows, saved, A, B, scale)."""
         self.weights = weights
         self.targets = targets
+        self._merge_rows = merge
         self.merged: str | None = None
         self._saved: list[_Saved] = []
 
@@ -55,16 +63,25 @@ class Merger:
                 t = self.targets[target]
                 weight = getattr(self.weights.layers[layer], t.fused)
                 rows = slice(t.offset, t.offset + t.out_features)
-                self._saved.append(_Saved(weight, rows, weight[rows].clone()))
                 a, b = resident.get(key, (w.a, w.b))
                 if a.dtype != w.a.dtype:  # a slot in half precision: merge from the exact host values
                     a, b = w.a, w.b
-                delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
-                weight[rows] = (weight[rows].float() + delta * w.scale).to(weight.dtype)
+                a, b = (x.to(weight.device).contiguous() for x in (a, b))
+                saved = torch.empty_like(weight[rows])
+                self._merge_rows(weight[rows], saved, a, b, w.scale)
+                self._saved.append(_Saved(weight, rows, saved))
         except BaseException:
             self.unmerge()
             raise
         self.merged = adapter.name
+
+    def touched(self, adapter: LoraAdapter) -> list[torch.Tensor]:
+        """Views of the weight rows a merge of ``adapter`` rewrites, one per (layer, target)."""
+        views = []
+        for layer, target in adapter.weights:
+            t = self.targets[target]
+            views.append(getattr(self.weights.layers[layer], t.fused)[t.offset : t.offset + t.out_features])
+        return views
 
     def unmerge(self) -> None:
         """Put back the rows saved at merge (exactly the original bits); a no-op when none are."""
