@@ -15,13 +15,14 @@ The torch reference is ``lora.add_lora_torch``.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from dlora.kernels.lora import LoraProjection, LoraTables
+from dlora.kernels.lora_tuning import Shape, bucket, tuned_tiles
 from dlora.kernels.triton_common import ELEM, f32_dot, interpreting
 
 
@@ -265,7 +266,18 @@ class LoraBlocks:
         split, fill = 1, 2 * _sm_count(tables.a_ptrs.device)
         while programs * split * 2 <= fill and tables.in_features >= split * 2 * MIN_SHARE:
             split *= 2
-        return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank), split_k=split)
+        blocks = cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank), split_k=split)
+        # Tiles measured on this GPU for the nearest batch of this projection, where there are some.
+        shape = Shape(
+            tables.in_features,
+            tables.ranks.shape[0],
+            tables.max_size,
+            rank,
+            bucket(batch.max_group_len),
+            bucket(batch.num_groups),
+        )
+        tuned = tuned_tiles(tables.a_ptrs.device, shape)
+        return replace(blocks, **tuned) if tuned else blocks
 
 
 MIN_SHARE = 256  # input features per shrink program at least: 4 loop steps of BLOCK_K = 64

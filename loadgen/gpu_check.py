@@ -5,6 +5,8 @@ nothing of this project installed and no network (the Makefile puts the source o
 and installs the wheels of ``make gpu-wheels``, carried in ``.whl/``, for what such a machine
 lacks). In order, each with its own time bound so one slow part cannot starve the rest:
 
+0. ``dlora bench tune-lora``: the LoRA kernels' tiles timed on this GPU into ``kernels/tuned/``
+   (and a copy in OUT, to commit);
 1. the CUDA tests: ``tests/kernels`` natively (real-model sizes included) and the engine's parity
    and merge tests with ``DLORA_TEST_DEVICE=cuda`` (every engine the tests make runs on the GPU);
 2. ``dlora bench kernels``;
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +39,13 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
     py = [sys.executable]
     cli = [*py, "-m", "dlora.services.cli", "bench"]
     return [
+        # First, so every later part runs on the tiles it measures (kernels/tuned/, copied into OUT).
+        (
+            "tune-lora",
+            [*cli, "tune-lora", "--tokens", "1,16,32,64", "--groups", "1,8"],
+            {},
+            120.0,
+        ),
         ("kernel-tests", [*py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], {}, 120.0),
         (
             "engine-tests",
@@ -156,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["parts"][name] = {"rc": rc, "seconds": round(seconds, 1)}  # type: ignore[index]
         print(f"{name:<14} rc={rc:<4} {seconds:6.1f} s  (log: {log})", flush=True)
         failed |= rc != 0
+    from dlora.kernels.lora_tuning import TUNED
+
+    for table in TUNED.glob("*.json"):  # to commit: the run's files come back from OUT only
+        shutil.copy(table, out / table.name)
     (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 1 if failed else 0
 
