@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dlora.model.make_tiny import make_tokenizer
-from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, decoder
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,14 @@ def test_a_resumed_stream_loses_no_character_at_the_seam(tokenizer, cut: int) ->
     sent = "".join(before.push([t]) for t in ids[:cut])
     after = IncrementalDetokenizer(tokenizer, prompt + ids[:cut], pending=before.pending)
     assert sent + "".join(after.push([t]) for t in ids[cut:]) == tokenizer.decode(ids)
+
+
+def test_the_direct_decoder_equals_transformers_decode(tokenizer) -> None:
+    """The Rust tokenizer's decode, taken where transformers adds nothing: same text, special
+    tokens skipped or not."""
+    assert tokenizer.clean_up_tokenization_spaces is False  # else decoder() keeps transformers'
+    ids = tokenizer.encode("naïve café — 日本語 ok  two") + [tokenizer.eos_token_id or 0]
+    fast = decoder(tokenizer)
+    for skip in (True, False):
+        for i in range(len(ids)):
+            assert fast(ids[i:], skip) == tokenizer.decode(ids[i:], skip_special_tokens=skip)

@@ -7,7 +7,8 @@ of previous tokens and a delta is released only when it does not end in a partia
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 # Prompt tokens kept as left context for the first output token's spelling.
 _CONTEXT = 5
@@ -15,6 +16,16 @@ _CONTEXT = 5
 
 class Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def decoder(tokenizer: Tokenizer) -> Callable[[list[int], bool], str]:
+    """(ids, skip_special_tokens) -> text: the Rust tokenizer's own decode where transformers' would
+    add nothing to it (a fast tokenizer that does not clean up spaces), else transformers'. The
+    direct call is ~4x cheaper (1 against 4 us here), and a step decodes twice per sequence."""
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return lambda ids, skip: str(backend.decode(ids, skip_special_tokens=skip))
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 class IncrementalDetokenizer:
@@ -26,7 +37,7 @@ class IncrementalDetokenizer:
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True, pending: int = 0
     ) -> None:
-        self.tokenizer = tokenizer
+        self.decode = decoder(tokenizer)
         self.skip = skip_special_tokens
         pending = max(0, min(pending, len(prompt_ids)))
         self.ids = list(prompt_ids[-(_CONTEXT + pending) :])
@@ -42,8 +53,8 @@ class IncrementalDetokenizer:
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; return the newly completed text (possibly empty)."""
         self.ids.extend(token_ids)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
-        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+        before = self.decode(self.ids[self.prefix : self.read], self.skip)
+        after = self.decode(self.ids[self.prefix :], self.skip)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
