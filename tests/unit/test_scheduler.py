@@ -8,7 +8,7 @@ from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import StepDecision
 
-LIMITS = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2)
+LIMITS = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2, chunked_prefill=False)
 
 
 class _NoText:

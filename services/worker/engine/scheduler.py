@@ -24,7 +24,8 @@ class Limits:
     max_adapters: int  # distinct unmerged adapters per step (device slots), a mixed step's merged one included
     # A prefill longer than the step's token budget left runs a chunk of it beside the decodes
     # (vLLM's chunked prefill); off: it waits for a step with room, or runs alone when first.
-    chunked_prefill: bool = False
+    # On by default, as EngineConfig.enable_chunked_prefill and the policy's BatchLimits are.
+    chunked_prefill: bool = True
 
 
 @dataclass
