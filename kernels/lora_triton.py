@@ -41,6 +41,10 @@ class LoraBatch:
     num_groups: int
     max_group_len: int
     sign: float = 1.0  # -1.0: the deltas are subtracted (a mixed step's correction, see LoraPasses)
+    # Ranks the launches are sized for whatever the slots hold (a CUDA graph's, so a slot change
+    # needs no new graph; the kernels launch even where no slot targets the projection); 0: the
+    # tables' largest.
+    rank_bound: int = 0
 
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device, sign: float = 1.0) -> LoraBatch | None:
@@ -247,8 +251,10 @@ class LoraBlocks:
     split_k: int = 1  # shrink: programs sharing one K range, each writing its share (summed by the expand)
 
     @classmethod
-    def choose(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
-        rank = max(16, triton.next_power_of_2(tables.max_rank))
+    def rule(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
+        """The tiles by rule, without the tuned table."""
+        max_rank = batch.rank_bound or tables.max_rank
+        rank = max(16, triton.next_power_of_2(max_rank))
         if interpreting():
             return cls(
                 m=max(16, min(128, triton.next_power_of_2(batch.max_group_len))),
@@ -262,19 +268,23 @@ class LoraBlocks:
         # all of K (issue 15 measured it at 1.0 ms a step at 7B widths on an H200). Split K until
         # the programs fill every SM twice, keeping each share at least MIN_SHARE features wide.
         programs = batch.num_groups * triton.cdiv(batch.max_group_len, m)
-        programs *= tables.ranks.shape[0] * triton.cdiv(tables.max_rank, 16)
+        programs *= tables.ranks.shape[0] * triton.cdiv(max_rank, 16)
         split, fill = 1, 2 * _sm_count(tables.a_ptrs.device)
         while programs * split * 2 <= fill and tables.in_features >= split * 2 * MIN_SHARE:
             split *= 2
-        blocks = cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank), split_k=split)
-        # Tiles measured on this GPU for the nearest batch of this projection, where there are some.
+        return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank), split_k=split)
+
+    @classmethod
+    def choose(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
+        """``rule``'s tiles, with those measured on this GPU for this projection and a batch near
+        this one where the tuned table (``lora_tuning``) has some."""
+        blocks = cls.rule(batch, tables)
+        if interpreting() or tables.a_ptrs.device.type != "cuda":
+            return blocks
+        rank = max(16, triton.next_power_of_2(batch.rank_bound or tables.max_rank))
+        groups = bucket(batch.num_groups)
         shape = Shape(
-            tables.in_features,
-            tables.ranks.shape[0],
-            tables.max_size,
-            rank,
-            bucket(batch.max_group_len),
-            bucket(batch.num_groups),
+            tables.in_features, tables.ranks.shape[0], tables.max_size, rank, bucket(batch.max_group_len), groups
         )
         tuned = tuned_tiles(tables.a_ptrs.device, shape)
         return replace(blocks, **tuned) if tuned else blocks
@@ -303,14 +313,15 @@ def lora_shrink(
     ``split_k`` spreads K over more programs where the batch alone gives too few to fill the GPU.
     """
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (T, K) with contiguous rows"
-    assert tables.max_rank > 0, "no adapter is loaded"
-    assert x.dtype == tables.dtype and x.dtype in ELEM, f"x is {x.dtype}, the weights {tables.dtype}"
-    assert x.shape[1] == tables.in_features, f"x has {x.shape[1]} features, A takes {tables.in_features}"
+    max_rank = batch.rank_bound or tables.max_rank
+    assert max_rank > 0, "no adapter is loaded"
+    assert x.dtype in ELEM and tables.dtype in (None, x.dtype), f"x is {x.dtype}, the weights {tables.dtype}"
+    assert tables.in_features in (0, x.shape[1]), f"x has {x.shape[1]} features, A takes {tables.in_features}"
     assert x.device == tables.a_ptrs.device == batch.token_index.device, "x, tables and batch on one device"
     n_slices, num_slots = tables.ranks.shape
     num_pos, k = batch.token_index.numel(), x.shape[1]
     b = blocks or LoraBlocks.choose(batch, tables)
-    r_tiles = triton.cdiv(tables.max_rank, b.r)
+    r_tiles = triton.cdiv(max_rank, b.r)
     m_tiles = triton.cdiv(batch.max_group_len, b.m)
     y = torch.empty(b.split_k, num_pos, n_slices, r_tiles * b.r, dtype=torch.float32, device=x.device)
     grid = (batch.num_groups * m_tiles, n_slices * r_tiles, b.split_k)
@@ -351,7 +362,7 @@ def lora_expand(
     """
     assert out.dim() == 2 and out.stride(1) == 1, "out must be (T, N) with contiguous rows"
     assert y.dtype == torch.float32 and y.shape[1:3] == (batch.token_index.numel(), tables.ranks.shape[0])
-    assert out.dtype == tables.dtype, f"out is {out.dtype}, the weights {tables.dtype}"
+    assert tables.dtype in (None, out.dtype), f"out is {out.dtype}, the weights {tables.dtype}"
     assert out.shape[1] >= tables.out_features, f"out has {out.shape[1]} columns, slices reach {tables.out_features}"
     assert out.device == y.device == tables.b_ptrs.device, "out, y and tables on one device"
     n_slices, num_slots = tables.ranks.shape
@@ -394,7 +405,7 @@ def add_lora_triton(
     """The Triton twin of ``add_lora_torch``: out (T, N) += each LoRA token's delta, in place."""
     tables = proj.tables
     assert tables is not None, "LoraProjection.refresh() was not called after loading slots"
-    if tables.max_rank == 0:
+    if tables.max_rank == 0 and not batch.rank_bound:
         return
     blocks = blocks or LoraBlocks.choose(batch, tables)
     lora_expand(out, lora_shrink(x, tables, batch, blocks), tables, batch, blocks)

@@ -66,16 +66,23 @@ def load(path: Path) -> dict[str, dict[str, int]]:
     return entries
 
 
+# How far (powers of two of tokens plus of groups) a tuned batch may be from the one asked about:
+# a table tuned at decode says nothing about a 2,048-token prefill.
+NEAR = 1.0
+
+
 def lookup(shape: Shape, entries: dict[str, dict[str, int]]) -> dict[str, int] | None:
     """The tiles of the entry for ``shape``'s projection and rank whose batch is nearest (the sum of
-    the distances in powers of two of tokens and of groups; ties to the larger batch); None when the
-    table has none for that projection and rank."""
+    the distances in powers of two of tokens and of groups, at most NEAR; ties to the larger
+    batch); None when the table has none that near."""
     best: tuple[float, int, dict[str, int]] | None = None
     for key, tiles in entries.items():
         other = Shape.parse(key)
         if other.projection != shape.projection:
             continue
         distance = abs(math.log2(other.tokens / shape.tokens)) + abs(math.log2(other.groups / shape.groups))
+        if distance > NEAR:
+            continue
         rank = (distance, -other.tokens * other.groups, tiles)
         if best is None or rank[:2] < best[:2]:
             best = rank

@@ -21,8 +21,8 @@ from dlora.kernels.lora_tuning import TUNED, Shape, bucket, device_file
 from dlora.loadgen.bench_common import today
 
 # Shrink: input features per loop step x programs sharing K; expand: output columns per program.
-SHRINK = [{"k": k, "split_k": s} for k in (32, 64, 128) for s in (1, 2, 4, 8, 16, 32)]
-EXPAND = [{"n": n} for n in (32, 64, 128, 256)]
+SHRINK = [{"k": k, "split_k": s} for k in (64, 128) for s in (1, 2, 4, 8, 16)]
+EXPAND = [{"n": n} for n in (32, 64, 128)]
 PRESETS = {"7b": (4096, 32, 8, 128, 11008)}  # hidden, heads, KV heads, head_dim, intermediate
 
 
@@ -86,7 +86,7 @@ def tune_shape(
     x = torch.randn(tokens * groups, in_features, generator=g).to(device, dtype)
     out = torch.zeros(tokens * groups, offset, device=device, dtype=dtype)
     timed = _timer(device)
-    default = LoraBlocks.choose(batch, tables)  # what the engine runs without a table
+    default = LoraBlocks.rule(batch, tables)  # what the engine runs without a table
 
     def shrink_ms(b: LoraBlocks) -> float:
         return timed(lambda: lora_shrink(x, tables, batch, b))
@@ -120,7 +120,8 @@ def tune(
     **candidates: list[dict[str, int]],
 ) -> Path:
     """Tune every fused projection of ``preset`` (or ``tiny``: small shapes for tests) at each
-    (tokens, groups) and merge the results into the device's table; its path."""
+    (tokens, groups) and merge the results into the device's table, written after each shape (a
+    run cut short keeps what it measured); its path."""
     dims = PRESETS.get(preset, (64, 4, 2, 16, 96))
     rank = max(16, bucket(rank))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -133,9 +134,9 @@ def tune(
                 table["entries"][shape.key] = tiles
                 table["timings"][shape.key] = times
                 print(f"{proj:>8} {shape.key}: {tiles}  {times['default_ms']:.3f} -> {times['tuned_ms']:.3f} ms")
-    table.update(device=name, triton=_triton_version(), torch=torch.__version__, date=today(), dtype=str(dtype))
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+                table.update(device=name, triton=_triton_version(), torch=torch.__version__, date=today())
+                folder.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return path
 
 

@@ -199,8 +199,8 @@ def test_split_k_fills_the_gpu_only_where_the_batch_does_not() -> None:
     if not torch.cuda.is_available():
         pytest.skip("the interpreter's tiles never split")
     proj = projection(4096, [4096, 1024, 1024], [16] * NUM_SLOTS, torch.bfloat16)
-    one = LoraBlocks.choose(LoraBatch.from_token_slots([0] * 32, device()), proj.tables)
-    many = LoraBlocks.choose(LoraBatch.from_token_slots(list(range(NUM_SLOTS)) * 8, device()), proj.tables)
+    one = LoraBlocks.rule(LoraBatch.from_token_slots([0] * 32, device()), proj.tables)  # not a tuned table's
+    many = LoraBlocks.rule(LoraBatch.from_token_slots(list(range(NUM_SLOTS)) * 8, device()), proj.tables)
     assert one.split_k > 1 and 4096 // one.split_k >= MIN_SHARE and many.split_k < one.split_k
 
 

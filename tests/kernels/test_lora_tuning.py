@@ -32,9 +32,11 @@ def test_lookup_takes_the_nearest_batch_of_the_same_projection_and_rank() -> Non
     }
     assert lookup(Shape(4096, 3, 4096, 16, 2, 1), entries) == {"split_k": 16}
     assert lookup(Shape(4096, 3, 4096, 16, 16, 8), entries) == {"split_k": 2}
-    assert lookup(Shape(4096, 3, 4096, 64, 1, 1), entries) == {"split_k": 4}
-    assert lookup(Shape(4096, 3, 4096, 32, 1, 1), entries) is None
-    assert lookup(Shape(4096, 1, 4096, 16, 1, 1), entries) is None
+    assert lookup(Shape(4096, 3, 4096, 64, 16, 8), entries) == {"split_k": 4}
+    assert lookup(Shape(4096, 3, 4096, 32, 1, 1), entries) is None  # no entry of that rank
+    assert lookup(Shape(4096, 1, 4096, 16, 1, 1), entries) is None  # nor of that projection
+    assert lookup(Shape(4096, 3, 4096, 16, 2048, 1), entries) is None  # a prefill: far from any tuned batch
+    assert lookup(Shape(4096, 3, 4096, 16, 8, 8), entries) is None  # two powers of two away
 
 
 def test_a_tuning_run_writes_a_table_the_lookup_reads(tmp_path: Path) -> None:

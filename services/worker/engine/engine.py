@@ -101,8 +101,7 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
         weights = load_weights(model, cfg, self.dtype, self.device)
-        # The Triton path keeps a block past the block manager's for padded decode rows to write
-        # to (DecodeGraphs).
+        # The Triton path keeps a block past the block manager's for padded rows' writes (DecodeGraphs).
         scratch = 1 if self.kernels.name == "triton" else 0
         kv, num_blocks = KVCache.sized(
             cfg, config.block_size, config.num_blocks, config.kv_cache_bytes, self.dtype, self.device, scratch
@@ -292,7 +291,8 @@ class LLMEngine:
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
         generated = sum(len(o.new_token_ids) for o in outputs)
-        self._observe(decision, step, generated, self.clock() - step.started)
+        recording = self.graphs.take_recording_s() if self.graphs is not None else 0.0
+        self._observe(decision, step, generated, self.clock() - step.started - recording)
         return outputs
 
     def _prepare(self, decision: StepDecision) -> _Prepared | None:

@@ -25,6 +25,7 @@ the CPU tests check it token for token under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ import triton
 
 from dlora.kernels.attention_triton import PagedMetadata
 from dlora.kernels.lora_triton import LoraBatch, LoraPasses, group_by_slot
+from dlora.kernels.lora_tuning import bucket
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.inputs import step_rows
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
@@ -78,32 +80,36 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.block_size = model.kv.block_size
         self.scratch_block = scratch_block
-        self.num_groups = num_slots
+        self.num_slots = num_slots
         rows = self.sizes[-1]
         self.width = triton.cdiv(max_model_len, self.block_size)  # block table columns
         dev = model.weights.embed.device
+        # Host buffers pinned on a GPU, so their copies run asynchronously; each step's copies are
+        # done before the next step writes them again (its sampled tokens come back first).
+        pin = capture and dev.type == "cuda"
         # int64 rows: token ids, positions, sequence lengths, KV slots.
-        self._host64 = torch.zeros(4, rows, dtype=torch.int64)
+        self._host64 = torch.zeros(4, rows, dtype=torch.int64, pin_memory=pin)
         self._dev64 = torch.zeros(4, rows, dtype=torch.int64, device=dev)
-        # int32: context lengths, two LoRA passes (added, subtracted), then the block tables last,
-        # so a step copies only the rows it uses.
-        pass_len = rows + 3 * num_slots
-        self._tables_at = rows + 2 * pass_len
-        self._host32 = torch.zeros(self._tables_at + rows * self.width, dtype=torch.int32)
-        self._tables_np = self._host32[self._tables_at :].view(rows, self.width).numpy()  # shares its memory
+        # int32: context lengths, then two LoRA passes (added, subtracted): a pass's token index,
+        # then slot, start and length of each group.
+        self._pass_len = rows + 3 * num_slots
+        self._host32 = torch.zeros(rows + 2 * self._pass_len, dtype=torch.int32, pin_memory=pin)
         self._dev32 = torch.zeros_like(self._host32, device=dev)
-        self._ctx_len = self._dev32[:rows]
-        self._passes = [self._dev32[rows + i * pass_len : rows + (i + 1) * pass_len] for i in range(2)]
-        self._tables = self._dev32[self._tables_at :].view(rows, self.width)
+        self._host_tables = torch.zeros(rows, self.width, dtype=torch.int32, pin_memory=pin)
+        self._tables_np = self._host_tables.numpy()  # shares its memory
+        self._tables = torch.zeros(rows, self.width, dtype=torch.int32, device=dev)
         self._rows32 = torch.arange(rows, dtype=torch.int32, device=dev)
         self._rows64 = torch.arange(rows, dtype=torch.int64, device=dev)
         self._ones = torch.ones(rows, dtype=torch.int32, device=dev)
         self._none = torch.zeros(0, dtype=torch.int32, device=dev)
-        self._graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._signature: tuple[int, ...] = ()
+        # Per key: the graph and its output, the final hidden states (the LM head runs after the
+        # replay: a (bucket, vocab) fp32 buffer per graph would hold gigabytes at a 128k vocabulary).
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self._rank_bound = 0
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._recording_s = 0.0
         # Steps run, by (bucket, whether a LoRA delta was added, whether one was subtracted).
         self.steps: Counter[tuple[int, bool, bool]] = Counter()
-        self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def runs(self, batch: list[Sequence]) -> bool:
         """Whether ``forward`` takes this batch: decodes only (one new token each), no more than the
@@ -117,60 +123,86 @@ class DecodeGraphs:
     def bucket(self, batch_size: int) -> int:
         return next(s for s in self.sizes if s >= batch_size)
 
+    def take_recording_s(self) -> float:
+        """Seconds spent recording graphs since the last call: not a step's cost (the policy prices
+        steps by their time), and paid once per key."""
+        seconds, self._recording_s = self._recording_s, 0.0
+        return seconds
+
     def forward(self, batch: list[Sequence], slots: StepSlots, blocks: BlockManager) -> torch.Tensor:
         """Logits (B, vocab) in fp32 for a batch ``runs`` accepts, as ``LlamaModel.forward`` gives
-        them (a copy: the graph's output buffer is rewritten by the next replay)."""
+        them."""
         r = step_rows(batch, slots, blocks)
         n = self.bucket(len(batch))
         groups = [group_by_slot(r.token_slots), group_by_slot(r.minus_slots if slots.minus >= 0 else [])]
         present = (bool(groups[0][1]), bool(groups[1][1]))
-        inputs = self._inputs(n, present)
-        key = (n, *present)
-        self.steps[key] += 1
-        if not self.capture:
-            self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
-            return self.model.forward(inputs)[: len(batch)]
-        if self.model.loras.rank_signature != self._signature:
+        # Grids for the batch's adapters (a power of two of them), not every slot: one adapter's
+        # decode keeps the whole GPU for its split shrink.
+        g = min(self.num_slots, bucket(max(len(groups[0][1]), len(groups[1][1]), 1)))
+        rank_bound = self.model.loras.rank_bound
+        if rank_bound != self._rank_bound:  # a higher rank than any before: new launch sizes
             self._graphs.clear()
-            self._signature = self.model.loras.rank_signature
+            self._rank_bound = rank_bound
+            self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        key = (n, *present, g)
+        self.steps[(n, *present)] += 1
+        inputs = self._inputs(n, present, g)
         if key not in self._graphs:
+            start = time.perf_counter()
             self._fill(n, [], [], [], [], [], [], [([], [], [], [])] * 2)  # padding only: writes go to scratch
             self._graphs[key] = self._record(inputs)
+            self._recording_s += time.perf_counter() - start
         self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
-        graph, logits = self._graphs[key]
-        graph.replay()
-        return logits[: len(batch)].clone()
+        graph, hidden = self._graphs[key]
+        if graph is None:  # no CUDA graphs: the same buffers, run eagerly
+            hidden = self.model.last_hidden(inputs)
+        else:
+            graph.replay()
+        assert hidden is not None
+        return self.model.logits(hidden[: len(batch)])
 
-    def _record(self, inputs: StepInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # One eager run first: it compiles the Triton kernels (no compiling during a capture) and
-        # lets cuBLAS pick its kernels for these shapes.
-        self.model.forward(inputs)
-        torch.cuda.synchronize(self._dev32.device)
+    def _record(self, inputs: StepInputs) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]:
+        """One eager run of ``inputs`` first (it compiles the Triton kernels, which must not happen
+        during a capture, and lets cuBLAS pick its kernels for these shapes), on a side stream as
+        PyTorch's CUDA graph notes advise; then the capture. Without capture, the eager run alone,
+        so the CPU tests run the same sequence."""
+        if not self.capture:
+            self.model.last_hidden(inputs)
+            return None, None
+        side = torch.cuda.Stream(self._dev64.device)
+        side.wait_stream(torch.cuda.current_stream(self._dev64.device))
+        with torch.cuda.stream(side):
+            self.model.last_hidden(inputs)
+        torch.cuda.current_stream(self._dev64.device).wait_stream(side)
+        torch.cuda.synchronize(self._dev64.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.model.forward(inputs)
-        return graph, logits
+            hidden = self.model.last_hidden(inputs)
+        return graph, hidden
 
-    def _inputs(self, n: int, present: tuple[bool, bool]) -> StepInputs:
-        """The model's inputs for bucket ``n`` as views of the static buffers."""
+    def _inputs(self, n: int, present: tuple[bool, bool], g: int) -> StepInputs:
+        """The model's inputs for bucket ``n`` and ``g`` groups a LoRA pass, as views of the static
+        buffers."""
         ids, positions, seq_lens, kv_slots = self._dev64[:, :n]
+        rows = self.sizes[-1]
         attention = PagedMetadata(
             slots=kv_slots,
             q_start=self._rows32[:n],
             q_len=self._ones[:n],
-            ctx_len=self._ctx_len[:n],
+            ctx_len=self._dev32[:n],
             block_tables=self._tables[:n],
             decode_seqs=self._rows32[:n],
             tile_seq=self._none,
             tile_q0=self._none,
             block_m=16,
         )
-        rows, g = self.sizes[-1], self.num_groups
         passes = []
-        for buf, sign, on in zip(self._passes, (1.0, -1.0), present):
+        for i, (sign, on) in enumerate(zip((1.0, -1.0), present)):
             if on:
-                index, slot, start, length = buf[:n], *buf[rows:].view(3, g)
-                passes.append(LoraBatch(index, slot, start, length, num_groups=g, max_group_len=n, sign=sign))
+                buf = self._dev32[rows + i * self._pass_len : rows + (i + 1) * self._pass_len]
+                slot, start, length = buf[rows:].view(3, self.num_slots)[:, :g]
+                batch = LoraBatch(buf[:n], slot, start, length, g, n, sign, rank_bound=self._rank_bound)
+                passes.append(batch)
         return StepInputs(
             input_ids=ids,
             positions=positions,
@@ -197,7 +229,7 @@ class DecodeGraphs:
         self._host64[:, :n] = torch.tensor(
             [ids + [0] * pad, positions + [0] * pad, seq_lens + [1] * pad, kv_slots + [scratch] * pad]
         )
-        rows, g = self.sizes[-1], self.num_groups
+        rows, g = self.sizes[-1], self.num_slots
         small = ctx_lens + [1] * (rows - len(ctx_lens))
         for index, slot, start, length in groups:
             unused = g - len(slot)
@@ -205,14 +237,16 @@ class DecodeGraphs:
             small += slot + [0] * unused
             small += start + [0] * unused
             small += length + [0] * unused  # an empty group: its programs exit at once
-        self._host32[: self._tables_at] = torch.tensor(small, dtype=torch.int32)
+        self._host32[:] = torch.tensor(small, dtype=torch.int32)
         # Every table into its row at once (a tensor per row cost more than the rest of the step's
-        # host work at batch 64); columns past a row's table are never read.
+        # host work at batch 64); columns past a row's table are never read, so only the widest
+        # table's are copied.
         lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
         row = np.repeat(np.arange(len(tables)), lens)
         self._tables_np[row, np.arange(len(flat)) - np.repeat(lens.cumsum() - lens, lens)] = flat
         self._tables_np[len(tables) : n, 0] = self.scratch_block  # a padding row reads the scratch block
-        self._dev64.copy_(self._host64)  # 2 KiB at most: whole, so the copy is contiguous
-        end = self._tables_at + n * self.width
-        self._dev32[:end].copy_(self._host32[:end])
+        used = int(lens.max()) if len(tables) else 1
+        self._dev64.copy_(self._host64, non_blocking=True)  # 2 KiB at most: whole, so the copy is contiguous
+        self._dev32.copy_(self._host32, non_blocking=True)
+        self._tables[:n, :used].copy_(self._host_tables[:n, :used], non_blocking=True)

@@ -55,9 +55,19 @@ class LlamaModel:
             self.kernels.add_lora(out, x, self.loras.layers[layer][fused], inp.lora)
         return out
 
-    @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Logits (B, vocab) in fp32 at each sequence's last new token."""
+        return self.logits(self.last_hidden(inp))
+
+    @torch.inference_mode()
+    def logits(self, last: torch.Tensor) -> torch.Tensor:
+        """(B, hidden) normed hidden states -> (B, vocab) fp32 logits."""
+        return F.linear(last, self.weights.lm_head).float()
+
+    @torch.inference_mode()
+    def last_hidden(self, inp: StepInputs) -> torch.Tensor:
+        """The final norm's output (B, hidden) at each sequence's last new token: everything but the
+        LM head, whose (B, vocab) output a CUDA graph would otherwise keep a buffer of per bucket."""
         cfg, kv, ops = self.cfg, self.kv, self.kernels
         eps, layers = cfg.rms_norm_eps, self.weights.layers
         # The residual stream h; each sublayer's output is added to it in the same launch as the
@@ -79,5 +89,4 @@ class LlamaModel:
                 x, h = ops.add_rms_norm(down, h, layers[i + 1].input_norm, eps)
             else:
                 h = h + down
-        last = ops.rms_norm(h[inp.last_index], self.weights.norm, eps)
-        return F.linear(last, self.weights.lm_head).float()
+        return ops.rms_norm(h[inp.last_index], self.weights.norm, eps)

@@ -75,6 +75,7 @@ class DeviceLoras:
         self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device, tables: bool = False
     ) -> None:
         self.dtype, self.device, self.tables = dtype, device, tables
+        self.rank_bound = 0
         self.targets = targets(cfg)
         self.layers: list[dict[str, LoraProjection]] = []
         self._slice: list[dict[str, LoraSlice]] = []  # layer -> target name -> its slice
@@ -90,6 +91,9 @@ class DeviceLoras:
         self._refresh()
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
+        # The largest rank ever loaded, as a power of two of at least 16: what a CUDA graph's LoRA
+        # launches are sized for (engine/graphs.py), so it changes a few times at most.
+        self.rank_bound = max(self.rank_bound, 1 << (max(16, adapter.rank) - 1).bit_length())
         self._empty(slot)
         try:
             for (layer, target), w in adapter.weights.items():
@@ -128,6 +132,4 @@ class DeviceLoras:
                 proj.forget()
                 if self.tables:
                     proj.refresh(self.device)
-        # What a captured decode graph baked in from the tables (each projection's largest rank
-        # sets its LoRA grids, and a rank of 0 skips the launch): a change needs new graphs.
-        self.rank_signature = tuple(p.tables.max_rank if p.tables else 0 for f in self.layers for p in f.values())
+
