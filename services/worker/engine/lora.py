@@ -3,6 +3,7 @@ with their scaling. Module names, config fields and the checks follow PEFT (see 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,10 @@ class LoraAdapter:
     weights: dict[tuple[int, str], LoraWeight]
     digest: str = ""  # its version: AdapterSpec.digest
 
-    @property
+    @functools.cached_property
     def rank(self) -> int:
+        """The largest rank of its modules (asked for every queued request every step: cached,
+        as the weights never change after load)."""
         return max(w.a.shape[0] for w in self.weights.values())
 
     @property

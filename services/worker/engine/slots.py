@@ -132,4 +132,3 @@ class DeviceLoras:
                 proj.forget()
                 if self.tables:
                     proj.refresh(self.device)
-
