@@ -110,7 +110,6 @@ class LLMEngine:
         self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
         self.merger = Merger(weights, targets(cfg), self.kernels.merge_rows)
         self.model = LlamaModel(cfg, weights, kv, self.device_loras, self.kernels)
-        self.graphs: DecodeGraphs | None = None
         if self.kernels.name == "triton" and self.device.type == "cuda" and not config.enforce_eager:
             from dlora.services.worker.engine.graphs import decode_graphs
 
@@ -147,6 +146,7 @@ class LLMEngine:
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.graphs: DecodeGraphs | None = None  # the decode steps' CUDA graphs, made with the model on a GPU
         self._arrivals = 0
         self.clock = time.perf_counter  # seconds; a simulator's runs on simulated time
 
