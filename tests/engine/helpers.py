@@ -5,7 +5,7 @@ import os
 from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import EngineConfig, LLMEngine
-from dlora.services.worker.policy import PolicyConfig
+from dlora.services.worker.policy import Mode, PolicyConfig, StepDecision
 
 
 def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
@@ -33,3 +33,27 @@ def run_all(
         for o in engine.step():
             out[o.request_id] += o.new_token_ids
     return out
+
+
+def run_plan(
+    engine: LLMEngine,
+    requests: dict[str, tuple[str | None, list[int]]],
+    max_tokens: int,
+    plan: list[tuple[str | None, bool]],
+) -> tuple[dict[str, list[int]], set[Mode]]:
+    """Submit every request, then step with the decisions of ``plan`` in turn, (merged adapter,
+    mixed) each over every request by arrival, until all finish: tokens per request id, and the
+    modes the steps ran in."""
+    for rid, (adapter, ids) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
+    got: dict[str, list[int]] = {rid: [] for rid in requests}
+    modes = set()
+    for i in range(200):
+        if not engine.has_unfinished():
+            break
+        merged, mixed = plan[i % len(plan)]
+        decision = StepDecision(merged, sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival), mixed=mixed)
+        for o in engine.step(decision):
+            got[o.request_id] += o.new_token_ids
+        modes.add(decision.mode)
+    return got, modes

@@ -12,8 +12,7 @@ from dlora.common.messages import SamplingParams
 from dlora.kernels.lora import LoraProjection
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine.graphs import capture_sizes, decode_graphs
-from dlora.services.worker.policy import StepDecision
-from tests.engine.helpers import make_engine
+from tests.engine.helpers import make_engine, run_plan
 from tests.engine.oracle import Oracle
 from tests.engine.test_parity import _prompts
 
@@ -55,18 +54,8 @@ def test_decode_steps_through_static_buffers_match_peft(tiny_llama: TinyOutput) 
         for i in range(9)
     }
     max_tokens = 3
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
     a = adapters[1]
-    plan = [(None, False), (a, True), (a, False), (None, False)]
-    got: dict[str, list[int]] = {rid: [] for rid in requests}
-    for i in range(100):
-        if not engine.has_unfinished():
-            break
-        merged, mixed = plan[i % len(plan)]
-        decision = StepDecision(merged, sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival), mixed=mixed)
-        for o in engine.step(decision):
-            got[o.request_id] += o.new_token_ids
+    got, _ = run_plan(engine, requests, max_tokens, [(None, False), (a, True), (a, False), (None, False)])
     assert got == {rid: oracle.generate(ad, ids, max_tokens) for rid, (ad, ids) in requests.items()}
     buckets = {n for n, _, _ in engine.graphs.steps}
     passes = {(plus, minus) for _, plus, minus in engine.graphs.steps}

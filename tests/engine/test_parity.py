@@ -7,8 +7,8 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.worker.policy import Mode, StepDecision
-from tests.engine.helpers import make_engine, run_all
+from dlora.services.worker.policy import Mode
+from tests.engine.helpers import make_engine, run_all, run_plan
 from tests.engine.oracle import Oracle
 
 MAX_TOKENS = 12
@@ -102,20 +102,9 @@ def test_mixed_steps_across_switches_match_and_unmerge_exactly(arch) -> None:
     requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(len(adapters) + 2)}
     engine = make_engine(tiny)
     original = [lw.qkv.clone() for lw in engine.merger.weights.layers]
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter)
     a, b = adapters[1], adapters[2]
     plan = [(None, False), (a, True), (a, True), (b, True), (b, False), (a, True), (None, False), (b, True)]
-    got: dict[str, list[int]] = {rid: [] for rid in requests}
-    modes = set()
-    for i in range(200):
-        if not engine.has_unfinished():
-            break
-        merged, mixed = plan[i % len(plan)]
-        decision = StepDecision(merged, sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival), mixed=mixed)
-        for o in engine.step(decision):
-            got[o.request_id] += o.new_token_ids
-        modes.add(decision.mode)
+    got, modes = run_plan(engine, requests, MAX_TOKENS, plan)
     assert got == _expected(oracle, requests)
     assert modes == {Mode.UNMERGED, Mode.MERGED, Mode.MIXED}
     engine.switch(None)

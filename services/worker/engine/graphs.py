@@ -6,20 +6,22 @@ work: the host cannot launch them as fast as the GPU runs them (issue 15 measure
 
 A graph replays the addresses it was recorded with, so everything it reads lives in static
 buffers: the step's token ids, positions, KV slots, context lengths, block tables and LoRA groups
-are copied into buffers sized for the largest bucket (two host-to-device copies a step), the
+are copied into buffers sized for the largest bucket (three host-to-device copies a step), the
 batch is padded to its bucket, and the LoRA address tables are updated in place when a slot
 changes (``LoraProjection.refresh``). Its grids are fixed too: decode attention runs one program
-per padded row, and each LoRA pass one group per device slot, the unused ones empty (their
-programs exit at once). A padding token is token 0 at position 0 with a context of one: its K/V
-go to a scratch block of the cache that no sequence owns, it joins no LoRA group, and its logits
-are dropped.
+per padded row; each LoRA pass has as many groups as the batch's adapters rounded up to a power
+of two (empty ones exit at once), and is sized for the highest rank ever loaded
+(``DeviceLoras.rank_bound``), so it launches whatever the slots hold. A padding token is token 0
+at position 0 with a context of one: its K/V go to a scratch block of the cache that no sequence
+owns, it joins no LoRA group, and its row is dropped. The graph ends at the final norm; the LM
+head runs after it.
 
-A graph is recorded, lazily, per (bucket, which LoRA passes run, every projection's largest rank):
-the ranks set the LoRA grids and whether a projection launches at all, so a slot change that moves
-them drops the graphs. Only decode steps of the Triton path run this way (their shapes repeat;
-prefill shapes do not), and not with dynamic NTK rotary scaling, which picks frequencies on the
-host. ``capture=False`` runs the same static-buffer step eagerly, where CUDA graphs do not exist:
-the CPU tests check it token for token under TRITON_INTERPRET=1.
+A graph is recorded at a key's first use: (bucket, which LoRA passes run, adapters' power of two);
+a new highest rank drops them all. Recording time is not a step's. Only decode steps of the
+Triton path run this way (their shapes repeat; prefill shapes do not), and not with dynamic NTK
+rotary scaling, which picks frequencies on the host. ``capture=False`` runs the same sequence
+eagerly, where CUDA graphs do not exist: the CPU tests check it token for token under
+TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
