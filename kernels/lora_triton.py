@@ -251,15 +251,18 @@ class LoraBlocks:
     split_k: int = 1  # shrink: programs sharing one K range, each writing its share (summed by the expand)
 
     @classmethod
-    def rule(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
-        """The tiles by rule, without the tuned table."""
+    def rule(cls, batch: LoraBatch, tables: LoraTables, in_features: int = 0) -> LoraBlocks:
+        """The tiles by rule, without the tuned table. ``in_features``: the input's width (0: the
+        loaded adapters'; a CUDA graph may launch for a projection none of them targets yet, and
+        its tiles stay for the adapters that come later)."""
+        in_features = in_features or tables.in_features
         max_rank = batch.rank_bound or tables.max_rank
         rank = max(16, triton.next_power_of_2(max_rank))
         if interpreting():
             return cls(
                 m=max(16, min(128, triton.next_power_of_2(batch.max_group_len))),
                 r=rank,
-                k=max(16, min(512, triton.next_power_of_2(tables.in_features))),
+                k=max(16, min(512, triton.next_power_of_2(in_features))),
                 n=max(16, min(512, triton.next_power_of_2(tables.max_size))),
                 expand_r=rank,
             )
@@ -270,21 +273,26 @@ class LoraBlocks:
         programs = batch.num_groups * triton.cdiv(batch.max_group_len, m)
         programs *= tables.ranks.shape[0] * triton.cdiv(max_rank, 16)
         split, fill = 1, 2 * _sm_count(tables.a_ptrs.device)
-        while programs * split * 2 <= fill and tables.in_features >= split * 2 * MIN_SHARE:
+        while programs * split * 2 <= fill and in_features >= split * 2 * MIN_SHARE:
             split *= 2
         return cls(m=m, r=16, k=64, n=64, expand_r=min(64, rank), split_k=split)
 
     @classmethod
-    def choose(cls, batch: LoraBatch, tables: LoraTables) -> LoraBlocks:
+    def choose(cls, batch: LoraBatch, tables: LoraTables, in_features: int = 0) -> LoraBlocks:
         """``rule``'s tiles, with those measured on this GPU for this projection and a batch near
         this one where the tuned table (``lora_tuning``) has some."""
-        blocks = cls.rule(batch, tables)
+        blocks = cls.rule(batch, tables, in_features)
         if interpreting() or tables.a_ptrs.device.type != "cuda":
             return blocks
         rank = max(16, triton.next_power_of_2(batch.rank_bound or tables.max_rank))
         groups = bucket(batch.num_groups)
         shape = Shape(
-            tables.in_features, tables.ranks.shape[0], tables.max_size, rank, bucket(batch.max_group_len), groups
+            in_features or tables.in_features,
+            tables.ranks.shape[0],
+            tables.max_size,
+            rank,
+            bucket(batch.max_group_len),
+            groups,
         )
         tuned = tuned_tiles(tables.a_ptrs.device, shape)
         return replace(blocks, **tuned) if tuned else blocks
@@ -320,7 +328,7 @@ def lora_shrink(
     assert x.device == tables.a_ptrs.device == batch.token_index.device, "x, tables and batch on one device"
     n_slices, num_slots = tables.ranks.shape
     num_pos, k = batch.token_index.numel(), x.shape[1]
-    b = blocks or LoraBlocks.choose(batch, tables)
+    b = blocks or LoraBlocks.choose(batch, tables, x.shape[1])
     r_tiles = triton.cdiv(max_rank, b.r)
     m_tiles = triton.cdiv(batch.max_group_len, b.m)
     y = torch.empty(b.split_k, num_pos, n_slices, r_tiles * b.r, dtype=torch.float32, device=x.device)
@@ -407,7 +415,7 @@ def add_lora_triton(
     assert tables is not None, "LoraProjection.refresh() was not called after loading slots"
     if tables.max_rank == 0 and not batch.rank_bound:
         return
-    blocks = blocks or LoraBlocks.choose(batch, tables)
+    blocks = blocks or LoraBlocks.choose(batch, tables, x.shape[1])
     lora_expand(out, lora_shrink(x, tables, batch, blocks), tables, batch, blocks)
 
 

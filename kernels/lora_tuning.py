@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,17 @@ def device_file(device_name: str, folder: Path = TUNED) -> Path:
 
 @functools.cache
 def load(path: Path) -> dict[str, dict[str, int]]:
-    """Key -> tile fields (``LoraBlocks``' names) from a table file; empty when there is none."""
+    """Key -> tile fields (``LoraBlocks``' names) from a table file; empty when there is none, or
+    when it cannot be read (with a warning: the rule's tiles then serve, slower perhaps, never wrong)."""
     if not path.exists():
         return {}
-    entries: dict[str, dict[str, int]] = json.loads(path.read_text())["entries"]
+    try:
+        entries: dict[str, dict[str, int]] = json.loads(path.read_text())["entries"]
+        for key in entries:
+            Shape.parse(key)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path}: not a LoRA tile table ({e}); the rule's tiles serve", stacklevel=2)
+        return {}
     return entries
 
 

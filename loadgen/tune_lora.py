@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -95,10 +96,12 @@ def tune_shape(
         y = lora_shrink(x, tables, batch, b)
         return timed(lambda: lora_expand(out, y, tables, batch, b))
 
-    fits = [c for c in shrink if c["k"] * c["split_k"] <= in_features]
+    # The rule's own tiles compete too: a table must never make a step slower than no table.
+    own_shrink, own_expand = {"k": default.k, "split_k": default.split_k}, {"n": default.n}
+    fits = [c for c in [own_shrink, *shrink] if c["k"] * c["split_k"] <= in_features]
     best_shrink = min(fits, key=lambda c: shrink_ms(replace(default, **c)))
     chosen = replace(default, **best_shrink)
-    best_expand = min(expand, key=lambda c: expand_ms(replace(chosen, **c)))
+    best_expand = min([own_expand, *expand], key=lambda c: expand_ms(replace(chosen, **c)))
     chosen = replace(chosen, **best_expand)
     shape = Shape(in_features, len(sizes), max(sizes), rank, bucket(tokens), bucket(groups))
     times = {
@@ -135,8 +138,12 @@ def tune(
                 table["timings"][shape.key] = times
                 print(f"{proj:>8} {shape.key}: {tiles}  {times['default_ms']:.3f} -> {times['tuned_ms']:.3f} ms")
                 table.update(device=name, triton=_triton_version(), torch=torch.__version__, date=today())
+                table["dtype"] = str(dtype).removeprefix("torch.")
                 folder.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+                # Whole or not at all: gpu-check kills a run at its time bound, maybe mid-write.
+                partial = path.with_suffix(".json.partial")
+                partial.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+                os.replace(partial, path)
     return path
 
 

@@ -241,14 +241,13 @@ class DecodeGraphs:
             small += length + [0] * unused  # an empty group: its programs exit at once
         self._host32[:] = torch.tensor(small, dtype=torch.int32)
         # Every table into its row at once (a tensor per row cost more than the rest of the step's
-        # host work at batch 64); columns past a row's table are never read, so only the widest
-        # table's are copied.
+        # host work at batch 64); columns past a row's table are never read.
         lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
         row = np.repeat(np.arange(len(tables)), lens)
         self._tables_np[row, np.arange(len(flat)) - np.repeat(lens.cumsum() - lens, lens)] = flat
         self._tables_np[len(tables) : n, 0] = self.scratch_block  # a padding row reads the scratch block
-        used = int(lens.max()) if len(tables) else 1
-        self._dev64.copy_(self._host64, non_blocking=True)  # 2 KiB at most: whole, so the copy is contiguous
+        # Whole rows, so each copy is contiguous (a column slice goes through temporaries, not async).
+        self._dev64.copy_(self._host64, non_blocking=True)
         self._dev32.copy_(self._host32, non_blocking=True)
-        self._tables[:n, :used].copy_(self._host_tables[:n, :used], non_blocking=True)
+        self._tables[:n].copy_(self._host_tables[:n], non_blocking=True)
