@@ -115,11 +115,13 @@ def _lora_points(
     shape = f"K={hidden} r={rank} T={tokens} adapters={used}, fused qkv"
     points = []
     for impl in impls:
-        if impl == "triton":
+        if impl in ("triton", "triton-fused"):
+            from dlora.kernels.lora_fused_triton import add_lora_fused
             from dlora.kernels.lora_triton import LoraPasses, add_lora_passes
 
             batch = LoraPasses.from_token_slots(token_slots, device, minus_slots)
-            ms = measure(lambda: add_lora_passes(out, x, proj, batch))
+            apply = add_lora_passes if impl == "triton" else add_lora_fused
+            ms = measure(lambda: apply(out, x, proj, batch))
         else:
             segments = LoraSegments.from_token_slots(token_slots, None, minus_slots)
             ms = measure(lambda: add_lora_torch(out, x, proj, segments))
@@ -202,10 +204,12 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{p.kernel:>16} {p.impl:>10} {p.shape:<42} {p.ms:9.3f} ms {p.gb_s:8.1f} GB/s{frac}", flush=True)
         points.extend(new)
 
+    # Decode: the shrink and expand as one launch beside the pair (issue 15: "measure it").
+    decode = [*real, "triton-fused"] if cuda else real
     for tokens in (32, 64, 128, 256):
         for adapters in (1, 8, 64):
             if adapters <= tokens and (cuda or tokens in (32, 256)):
-                add(_lora_points(device, dtype, 4096, 16, tokens, adapters, False, real, measure, peak))
+                add(_lora_points(device, dtype, 4096, 16, tokens, adapters, False, decode, measure, peak))
     add(_lora_points(device, dtype, 4096, 16, 1024, 4, True, real, measure, peak))
     for tokens in (64, 256) if cuda else (32,):  # a mixed step beside its unmerged twin above
         add(_lora_points(device, dtype, 4096, 16, tokens, 8, False, real, measure, peak, mixed=True))
@@ -220,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
             add(_attention_points(device, dtype, batch, ctx, heads, kv_heads, 128, impls, measure, peak, prefill=True))
     if not cuda:  # the Triton path under the interpreter, at shapes it finishes quickly
         interp = _timer(device, 1)
-        add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None))
+        add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "triton-fused", "torch"], interp, None))
         add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None, mixed=True))
         add(_attention_points(device, dtype, 4, 64, 4, 2, 16, ["triton", "torch"], interp, None))
     return {

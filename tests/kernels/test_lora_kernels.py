@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from dlora.kernels.lora import LoraProjection, LoraSegments, LoraSlice, add_lora_torch
-from dlora.kernels.lora_triton import MIN_SHARE, LoraBatch, LoraBlocks, LoraPasses, add_lora_passes, lora_shrink
+from dlora.kernels.lora_fused_triton import add_lora_fused
+from dlora.kernels.lora_triton import (
+    MIN_SHARE,
+    LoraBatch,
+    LoraBlocks,
+    LoraPasses,
+    add_lora_passes,
+    add_lora_triton,
+    lora_shrink,
+)
+from dlora.kernels.triton_common import interpreting
 from tests.kernels.conftest import assert_close, cuda_only, device
 
 NUM_SLOTS = 8
@@ -213,3 +223,31 @@ def test_real_model_sizes(hidden: int, kv: int, batch: int, pattern: str, dtype:
     check(proj, popularity(pattern, batch, random.Random(batch)), dtype, hidden)
     token_slots, minus_slots = mixed(popularity(pattern, batch, random.Random(batch)), 3)
     check(proj, token_slots, dtype, hidden, minus_slots)
+
+
+@pytest.mark.parametrize("pattern", ["distinct", "skewed", "identical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_shrink_expand_equals_the_reference_and_the_pair(pattern: str, dtype: torch.dtype) -> None:
+    """One launch a pass (kernels/lora_fused_triton.py): the torch reference's result, and with the
+    pair's K step and no split, the pair's exact bits (under the interpreter); a mixed step's
+    subtracted pass too."""
+    proj = projection(72, [40, 24], [4, 16, 8, 16, 32, 64, 12, 0], dtype)
+    for token_slots, minus_slots in (
+        (popularity(pattern, 20, random.Random(3)), None),
+        mixed(popularity(pattern, 20, random.Random(3)), 0),
+    ):
+        passes = LoraPasses.from_token_slots(token_slots, device(), minus_slots)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(20, 72, generator=g).to(device(), dtype)
+        base = torch.randn(20, 64, generator=g).to(device(), dtype)
+        want, pair, fused = base.clone(), base.clone(), base.clone()
+        add_lora_torch(want, x, proj, LoraSegments.from_token_slots(token_slots, None, minus_slots))
+        k = LoraBlocks.rule(passes.passes[0], proj.tables).k
+        add_lora_fused(fused, x, proj, passes, block_k=k)
+        assert_close(fused, want)
+        for batch in passes.passes:
+            blocks = replace(LoraBlocks.rule(batch, proj.tables), split_k=1)
+            add_lora_triton(pair, x, proj, batch, blocks)
+        if interpreting():  # a GPU's MMA may order a tile's sums by its shape: close there
+            assert torch.equal(fused, pair)
+        assert_close(fused, pair)
