@@ -7,6 +7,8 @@
 - ``{p}:placement:{adapter}``  set   workers that hold the adapter in memory
 - ``{p}:placement-of:{worker}`` set  the same, indexed by worker
 - ``{p}:worker:{id}``          str   WorkerStats (JSON), expires: a live worker refreshes it
+- ``{p}:stopped:{id}:{incarnation}`` str  that start of the worker drained and stopped cleanly
+                                     (records left naming it were not lost in a death), expires
 - ``{p}:policy:{worker}``      str   the worker's batching-policy checkpoint (credits, band)
 - ``{p}:inflight:{request}``   hash  worker, incarnation (of the worker it was sent to, "" if
                                      unknown), request (the first GenerateRequest, JSON), next (the
@@ -64,6 +66,7 @@ class Inflight:
     recoveries: int = 0  # times it was re-dispatched (its worker lost, stalled, restarted): the attempt
     text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
     deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
+    incarnation: str = ""  # the start of ``worker`` it was sent to ("" where unknown)
 
 
 class Sent(NamedTuple):
@@ -202,6 +205,14 @@ class StateStore:
         """Whether ``worker``'s heartbeat key is there (it wrote one within the TTL)."""
         return bool(await self.r.exists(f"{self.p}:worker:{worker}"))
 
+    async def mark_stopped(self, worker: str, incarnation: str) -> None:
+        """That start of ``worker`` drained and stopped cleanly: a record still naming it was handed
+        back and the message lost (no dispatcher up), not lost in a death. Kept as long as a record."""
+        await self.r.set(f"{self.p}:stopped:{worker}:{incarnation}", b"1", px=int(INFLIGHT_TTL_S * 1000))
+
+    async def stopped_cleanly(self, worker: str, incarnation: str) -> bool:
+        return bool(incarnation) and bool(await self.r.exists(f"{self.p}:stopped:{worker}:{incarnation}"))
+
     async def forget_worker(self, worker: str) -> None:
         await self.r.delete(f"{self.p}:worker:{worker}")
         await self.set_placement(worker, [])
@@ -337,6 +348,7 @@ class StateStore:
             recoveries=int(raw.get(b"recoveries", 0)),
             text_pending=int(raw.get(b"held", 0)),
             deaths=int(raw.get(b"deaths", 0)),
+            incarnation=_text(raw.get(b"incarnation", b"")),
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

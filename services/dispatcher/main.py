@@ -194,7 +194,10 @@ class Dispatcher:
             try:  # one record that cannot be read or re-sent must not stop the watch (and the rest)
                 rec = await self.store.get_inflight(rid)
                 if rec is not None and rec.worker == worker:
-                    await self._recover(rec)
+                    # A start of the worker that drained and stopped handed this back; the message
+                    # went unheard (no dispatcher up): not a death.
+                    stopped = await self.store.stopped_cleanly(worker, rec.incarnation)
+                    await self._recover(rec, died=not stopped)
                 else:
                     stale.append(rid)
             except bus.STATE_OUTAGE:

@@ -457,6 +457,8 @@ class WorkerService:
                 await sub.unsubscribe()
             if self.draining:
                 await drain.hand_back_late(self)
+                with contextlib.suppress(*bus.STATE_OUTAGE):  # without it, what is left counts as a death
+                    await self.store.mark_stopped(self.s.worker_id, self.incarnation)
             with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
                 await self.store.forget_worker(self.s.worker_id)
 

@@ -90,6 +90,8 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
         expected = offline(tiny_llama, [{"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True}])
         assert "".join(texts) == expected[0]["text"]  # continuous: nothing repeated, nothing missing
         assert drain_stats and drain_stats[0].running == 1
+        # This start stopped cleanly: a record left naming it would not be counted as a death.
+        assert await store.stopped_cleanly("a-victim", victim.incarnation)
         if drain_timeout_s:  # finished where it ran; nothing handed back
             assert handed == [] and victim.engine.stats.steps > N - 10
         else:  # handed over at once, not as a death; the survivor generated the rest

@@ -15,7 +15,15 @@ import pytest
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import ClientAlive, ErrorCode, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import (
+    MAX_RECOVERIES,
+    ClientAlive,
+    ErrorCode,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+    WorkerStats,
+)
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
@@ -58,6 +66,30 @@ async def test_records_left_on_a_worker_nobody_recovered_are_re_dispatched(clust
     assert not await c.store.indexed_workers() - {"w-a"}  # the dead worker's index is gone
     assert c.dispatcher is not None
     assert (c.dispatcher.metrics.registry.get_sample_value("dlora_requests_recovered_total") or 0) >= 1
+
+
+async def test_records_of_a_worker_that_stopped_cleanly_are_not_counted_as_deaths(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A worker that drained and stopped handed back what it held; when no dispatcher heard that
+    (none was up), the records wait for the sweep, which must not count a death. Two requests that
+    had each lost one worker already (MAX_RECOVERIES deaths): the one whose last worker stopped
+    cleanly runs to its end; the one whose last worker (an earlier start) died is given up."""
+    c: Cluster = await cluster(ttl_s=1.0)
+    await c.worker("w-a")
+    # Beating while the records are set up, so the sweep cannot take one half made.
+    gone = WorkerStats(
+        worker="w-gone", draining=True, running=0, waiting=0, free_blocks=0, total_blocks=1, block_size=16, max_loras=1
+    )
+    await c.store.heartbeat(gone, ttl_s=60)
+    stopped = await _recorded(c, "stopped", "w-gone", incarnation="start-2")
+    died = await _recorded(c, "died", "w-gone", incarnation="start-1")
+    for rid in ("stopped", "died"):
+        await c.store.r.hset(f"{c.store.p}:inflight:{rid}", "deaths", MAX_RECOVERIES)
+    await c.store.mark_stopped("w-gone", "start-2")
+    await c.store.forget_worker("w-gone")  # its heartbeat gone: the sweep takes its records
+    ran, given_up = ReplyStream("stopped"), ReplyStream("died")
+    await asyncio.wait_for(asyncio.gather(_read(ran, stopped), _read(given_up, died)), 20)
+    assert ran.error is None and ran.tokens == 8
+    assert given_up.error is not None and "died" in given_up.error
 
 
 async def test_a_message_that_never_reached_its_worker_goes_to_another(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
