@@ -182,7 +182,7 @@ def test_no_lora_and_untargeted_slices() -> None:
 def test_gpu_tiles_and_split_k(split_k: int) -> None:
     """The tile sizes a GPU uses (several rank tiles, a rank loop in expand, several column
     tiles), and K split across programs, on the interpreter too: the shares sum to the whole
-    product, and the expand's sum of them gives the same bits on every run."""
+    product; on a GPU the expand's sum of them gives the same bits on every run."""
     blocks = LoraBlocks(m=16, r=16, k=16, n=16, expand_r=16, split_k=split_k)
     proj = projection(72, [40, 24], [4, 128, 8, 16, 32, 64, 12, 100], torch.float32)
     slots = popularity("uniform", 20, random.Random(2))
@@ -195,12 +195,13 @@ def test_gpu_tiles_and_split_k(split_k: int) -> None:
         for j, sl in enumerate(proj.slices):
             r = sl.a[slot].shape[0]
             torch.testing.assert_close(split[:, p, j, :r].sum(0), one[0, p, j, :r], atol=1e-5, rtol=1e-5)
-    passes = LoraPasses.from_token_slots(slots, device())
-    x, base = torch.randn(20, 72, device=device()), torch.randn(20, 64, device=device())
-    runs = [base.clone() for _ in range(2)]
-    for out in runs:
-        add_lora_passes(out, x, proj, passes, blocks=blocks)
-    assert torch.equal(runs[0], runs[1])
+    if not interpreting():  # the interpreter runs programs in order: the same bits prove nothing there
+        passes = LoraPasses.from_token_slots(slots, device())
+        x, base = torch.randn(20, 72, device=device()), torch.randn(20, 64, device=device())
+        runs = [base.clone() for _ in range(2)]
+        for out in runs:
+            add_lora_passes(out, x, proj, passes, blocks=blocks)
+        assert torch.equal(runs[0], runs[1])
 
 
 def test_split_k_fills_the_gpu_only_where_the_batch_does_not() -> None:
