@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from dlora.kernels.lora import LoraProjection
-from dlora.kernels.lora_triton import LoraPasses
+from dlora.kernels.lora_triton import LoraPasses, column_tile
 from dlora.kernels.triton_common import ELEM, f32_dot, interpreting
 
 MAX_RANK = 64  # the largest rank this kernel holds on chip
@@ -53,16 +53,9 @@ def _fused_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,  # at least every rank
 ):
-    pid_gm = tl.program_id(0)
-    pid_jn = tl.program_id(1)
-    g = pid_gm // m_tiles
-    m0 = (pid_gm % m_tiles) * BLOCK_M
-    j = pid_jn // n_tiles
-    n0 = (pid_jn % n_tiles) * BLOCK_N
-    n = tl.load(group_len_ptr + g)
-    slot = tl.load(group_slot_ptr + g)
-    rank = tl.load(ranks_ptr + j * num_slots + slot)
-    size = tl.load(sizes_ptr + j)
+    g, m0, j, n0, n, slot, rank, size = column_tile(
+        group_len_ptr, group_slot_ptr, ranks_ptr, sizes_ptr, num_slots, m_tiles, n_tiles, BLOCK_M, BLOCK_N
+    )
     if m0 >= n or n0 >= size or rank == 0:
         return
     a_ptr = tl.load(a_ptrs + j * num_slots + slot).to(tl.pointer_type(ELEM))

@@ -162,6 +162,34 @@ def _shrink_kernel(
     tl.store(y, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
+@triton.jit
+def column_tile(
+    group_len_ptr,
+    group_slot_ptr,
+    ranks_ptr,
+    sizes_ptr,
+    num_slots,
+    m_tiles,
+    n_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """This program's place in a grid of (groups x token tiles, slices x column tiles), as the
+    expand (and the fused kernel) lay it out: group g, its first token m0, slice j, its first column
+    n0; with the group's length, its slot, that slot's rank for the slice and the slice's width."""
+    pid_gm = tl.program_id(0)
+    pid_jn = tl.program_id(1)
+    g = pid_gm // m_tiles
+    m0 = (pid_gm % m_tiles) * BLOCK_M
+    j = pid_jn // n_tiles
+    n0 = (pid_jn % n_tiles) * BLOCK_N
+    n = tl.load(group_len_ptr + g)
+    slot = tl.load(group_slot_ptr + g)
+    rank = tl.load(ranks_ptr + j * num_slots + slot)
+    size = tl.load(sizes_ptr + j)
+    return g, m0, j, n0, n, slot, rank, size
+
+
 @triton.jit(do_not_specialize=["m_tiles", "stride_split"])  # as _shrink_kernel
 def _expand_kernel(
     y_ptr,  # (SPLIT_K, P, n_slices, R) float32: the shrink's output, its K shares summed here
@@ -190,19 +218,10 @@ def _expand_kernel(
     BLOCK_R: tl.constexpr,  # rank per loop step
     SPLIT_K: tl.constexpr,  # K shares in y
 ):
-    pid_gm = tl.program_id(0)
-    pid_jn = tl.program_id(1)
-    g = pid_gm // m_tiles
-    m0 = (pid_gm % m_tiles) * BLOCK_M
-    j = pid_jn // n_tiles
-    n0 = (pid_jn % n_tiles) * BLOCK_N
-    n = tl.load(group_len_ptr + g)
-    slot = tl.load(group_slot_ptr + g)
-    rank = tl.load(ranks_ptr + j * num_slots + slot)
-    size = tl.load(sizes_ptr + j)
-    if m0 >= n or n0 >= size:
-        return
-    if rank == 0:  # this slot's adapter does not target the slice
+    g, m0, j, n0, n, slot, rank, size = column_tile(
+        group_len_ptr, group_slot_ptr, ranks_ptr, sizes_ptr, num_slots, m_tiles, n_tiles, BLOCK_M, BLOCK_N
+    )
+    if m0 >= n or n0 >= size or rank == 0:  # past the group or slice; or the slot does not target it
         return
     b_ptr = tl.load(b_ptrs + j * num_slots + slot).to(tl.pointer_type(ELEM))
     scale = tl.load(scales_ptr + j * num_slots + slot) * sign
