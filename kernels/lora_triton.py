@@ -15,7 +15,7 @@ The torch reference is ``lora.add_lora_torch``.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -45,6 +45,8 @@ class LoraBatch:
     # needs no new graph; the kernels launch even where no slot targets the projection); 0: the
     # tables' largest.
     rank_bound: int = 0
+    # LoraBlocks.choose's answers for this step, by projection shape: every layer asks again.
+    tiles: dict[tuple[int, ...], LoraBlocks] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device, sign: float = 1.0) -> LoraBatch | None:
@@ -299,7 +301,15 @@ class LoraBlocks:
     @classmethod
     def choose(cls, batch: LoraBatch, tables: LoraTables, in_features: int = 0) -> LoraBlocks:
         """``rule``'s tiles, with those measured on this GPU for this projection and a batch near
-        this one where the tuned table (``lora_tuning``) has some."""
+        this one where the tuned table (``lora_tuning``) has some; kept in ``batch`` for the other
+        layers' projections of the same shape."""
+        key = (in_features or tables.in_features, tables.ranks.shape[0], tables.max_size, tables.max_rank)
+        if (blocks := batch.tiles.get(key)) is None:
+            blocks = batch.tiles[key] = cls._choose(batch, tables, in_features)
+        return blocks
+
+    @classmethod
+    def _choose(cls, batch: LoraBatch, tables: LoraTables, in_features: int) -> LoraBlocks:
         blocks = cls.rule(batch, tables, in_features)
         if interpreting() or tables.a_ptrs.device.type != "cuda":
             return blocks
