@@ -148,17 +148,16 @@ class DecodeGraphs:
             self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         key = (n, *present, g)
         self.steps[(n, *present)] += 1
-        inputs = self._inputs(n, present, g)
         if key not in self._graphs:
             start = time.perf_counter()
             self._fill(n, [], [], [], [], [], [], [([], [], [], [])] * 2)  # padding only: writes go to scratch
-            self._graphs[key] = self._record(inputs)
+            self._graphs[key] = self._record(self._inputs(n, present, g))
             self._recording_s += time.perf_counter() - start
         self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
         graph, hidden = self._graphs[key]
         if graph is None:  # no CUDA graphs: the same buffers, run eagerly
-            hidden = self.model.last_hidden(inputs)
-        else:
+            hidden = self.model.last_hidden(self._inputs(n, present, g))
+        else:  # the graph reads the buffers it was recorded on: no inputs to build
             graph.replay()
         assert hidden is not None
         return self.model.logits(hidden[: len(batch)])
