@@ -274,9 +274,8 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             if caching:  # a block begun and not filled: it fills no block, so no ids are read
                 self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, keys[s.adapter])
         repeat = dataclasses.replace(step, merge_s=0.0, unmerge_s=0.0)
-        for t in seconds:
-            self.now += t
-            super()._observe(decision, repeat, n, t)
+        self.now = clock  # the same sum, in the same order, as each step's
+        self._observe_runs(decision, repeat, n, seconds)
         self._last = (decision, repeat)
         self.fast_forwarded += k
         return [s.request_id for s in batch], k

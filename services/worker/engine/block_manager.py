@@ -90,6 +90,10 @@ class BlockManager:
     def holds(self, seq_id: str) -> bool:
         return bool(self.table(seq_id))
 
+    def capacity(self, seq_id: str) -> int:
+        """Tokens ``seq_id`` can hold in the blocks it has (0: none)."""
+        return len(self.table(seq_id)) * self.block_size
+
     def extra_blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """Blocks to add so ``seq_id`` can hold ``num_tokens`` tokens (0 if it already can)."""
         return max(0, self.blocks_for(num_tokens) - len(self.table(seq_id)))

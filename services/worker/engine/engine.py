@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer
 
 from dlora.common import log
 from dlora.common.messages import FinishReason, SamplingParams
@@ -95,6 +94,8 @@ class LLMEngine:
         self.kernels = select_kernels(config.kernels, self.device)
         self.model_config = cfg = ModelConfig.from_dir(model)
         self.model_name = Path(model).name
+        from transformers import AutoTokenizer  # here: the simulator's engine has no tokenizer (0.9 s to import)
+
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -148,6 +149,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.graphs: DecodeGraphs | None = None  # the decode steps' CUDA graphs, made with the model on a GPU
         self._arrivals = 0
+        self._queued: dict[str, QueuedRequest] = {}  # the last ``queue()``'s entries
         self.clock = time.perf_counter  # seconds; a simulator's runs on simulated time
 
     # ---- adapters -------------------------------------------------------------------------
@@ -208,7 +210,7 @@ class LLMEngine:
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids + resumed):
+        if min(ids + resumed) < 0 or max(ids + resumed) >= vocab:
             raise RequestError(f"token ids must be in [0, {vocab})")
         if len(ids) + len(resumed) >= self.max_model_len:
             raise RequestError(
@@ -262,17 +264,19 @@ class LLMEngine:
         return bool(self.seqs)
 
     def queue(self) -> list[QueuedRequest]:
-        return [
-            QueuedRequest(
-                s.request_id,
-                s.adapter,
-                s.arrival,
-                s.status is Status.RUNNING,
-                min(s.num_new, self.limits.max_num_batched_tokens),
-                self.adapters[s.adapter].rank if s.adapter is not None else 0,
-            )
-            for s in sorted(self.seqs.values(), key=lambda s: s.arrival)
-        ]
+        """What the policy sees, in arrival order. A request's entry is made again only when it
+        changed (a decode's stays the same step after step: made anew, it cost the step a few
+        microseconds per sequence, as much as the rest of the scheduling)."""
+        budget, last, queue = self.limits.max_num_batched_tokens, self._queued, []
+        for s in sorted(self.seqs.values(), key=_by_arrival):
+            q = last.get(s.request_id)
+            running, new = s.status is Status.RUNNING, min(s.num_new, budget)
+            rank = self.adapters[s.adapter].rank if s.adapter is not None else 0
+            if q is None or q.running is not running or q.num_new != new or q.arrival != s.arrival or q.rank != rank:
+                q = QueuedRequest(s.request_id, s.adapter, s.arrival, running, new, rank)
+            queue.append(q)
+        self._queued = {q.request_id: q for q in queue}
+        return queue
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, decision: StepDecision | None = None) -> list[RequestOutput]:
@@ -381,25 +385,34 @@ class LLMEngine:
     def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: float) -> None:
         """Record the step (``generated`` tokens) in the engine's stats and hand the policy its
         decision back with what the step ran and cost."""
+        self._observe_runs(decision, step, generated, [seconds])
+
+    def _observe_runs(self, decision: StepDecision, step: _Prepared, generated: int, seconds: list[float]) -> None:
+        """``_observe`` for the same step run ``len(seconds)`` times in a row, each run's seconds in
+        turn: what does not change between runs is worked out once (the simulator's fast-forward
+        repeats a step, and this was most of what a repeat cost)."""
         batch, fed, merged = step.batch, step.num_tokens, self.merger.merged
         ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
         segments, rank_tokens = lora_work(step.fed, merged, ranks)
-        record = StepRecord(
-            merged=merged,
-            request_ids=[s.request_id for s in batch],
-            adapters=[s.adapter for s in batch],
-            num_tokens=fed,
-            lora_segments=segments,
-            lora_rank_tokens=rank_tokens,
-            seconds=seconds,
-            merge_seconds=step.merge_s,
-            unmerge_seconds=step.unmerge_s,
-        )
-        self.stats.record_step(seconds, generated, fed, step.num_prefill, record.mode, len(batch))
+        request_ids, adapters = [s.request_id for s in batch], [s.adapter for s in batch]
         # A chunk short of its prompt's end made no token, nor did a sequence that failed.
         made = [s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch]
-        self.stats.record_adapters(seconds, fed, [(a or "", n, m) for (a, n), m in zip(step.fed, made)])
-        self.policy.observe(decision, record)
+        shares = [(a or "", n, m) for (a, n), m in zip(step.fed, made)]
+        for t in seconds:
+            record = StepRecord(
+                merged=merged,
+                request_ids=request_ids,
+                adapters=adapters,
+                num_tokens=fed,
+                lora_segments=segments,
+                lora_rank_tokens=rank_tokens,
+                seconds=t,
+                merge_seconds=step.merge_s,
+                unmerge_seconds=step.unmerge_s,
+            )
+            self.stats.record_step(t, generated, fed, step.num_prefill, record.mode, len(batch))
+            self.stats.record_adapters(t, fed, shares)
+            self.policy.observe(decision, record)
 
     def _forward(
         self, batch: list[Sequence], slots: StepSlots
@@ -494,6 +507,10 @@ class LLMEngine:
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
+
+
+def _by_arrival(seq: Sequence) -> int:
+    return seq.arrival
 
 
 def _describe(e: BaseException) -> str:

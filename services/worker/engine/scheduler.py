@@ -80,10 +80,12 @@ def schedule(
             elif out.seqs:
                 _release(seq, blocks, fresh)
                 continue
-        if not _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision):
-            _release(seq, blocks, fresh)
-            continue
-        blocks.grow(rid, seq.num_cached + n)
+        # Most decodes fit in the blocks they hold: nothing to check, take or preempt.
+        if seq.num_cached + n > blocks.capacity(rid):
+            if not _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision):
+                _release(seq, blocks, fresh)
+                continue
+            blocks.grow(rid, seq.num_cached + n)
         seq.num_scheduled = n
         out.seqs.append(seq)
         chosen.add(rid)

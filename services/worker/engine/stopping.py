@@ -6,13 +6,12 @@ Order, as vLLM checks it: a stop string in the new text (cut from the text), a s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from dlora.common.messages import FinishReason, SamplingParams
 
 
-@dataclass(frozen=True)
-class Stop:
+class Stop(NamedTuple):  # a tuple, not a frozen dataclass: made for every token of every request
     reason: FinishReason | None  # None: go on
     text: str  # the output text, cut before a stop string that ended it
 
@@ -42,7 +41,7 @@ def check_stop(
 def visible_end(text: str, emitted: int, params: SamplingParams, finished: bool) -> int:
     """How far the text may be shown: all of it once finished, else all but what could still turn
     out to start a stop string (held back until it is known not to)."""
-    hold = 0 if finished else max((len(s) for s in params.stop), default=1) - 1
+    hold = 0 if finished or not params.stop else max(len(s) for s in params.stop) - 1
     return max(emitted, len(text) - hold)
 
 

@@ -102,12 +102,17 @@ def lora_work(fed: list[tuple[str | None, int]], merged: str | None, ranks: Mapp
     with ``merged`` merged: each adapter's own delta (none for the base model's or the merged
     adapter's tokens) and, in a mixed step, the merged adapter's subtracted from every other token.
     Segments: distinct adapters whose deltas run; rank-tokens: each token's ranks, summed."""
-    own = {a for a, _ in fed if a is not None and a != merged}
-    rank_tokens = sum(ranks[a] * n for a, n in fed if a is not None and a != merged)
-    corrected = sum(n for a, n in fed if a != merged) if merged is not None else 0
-    if merged is not None:
-        rank_tokens += ranks[merged] * corrected
-    return len(own) + (corrected > 0), rank_tokens
+    own: set[str] = set()
+    rank_tokens = corrected = 0  # corrected: tokens not the merged adapter's (its delta subtracted)
+    for a, n in fed:  # one pass: the policy prices several candidate steps each step
+        if a != merged:
+            corrected += n
+            if a is not None:
+                own.add(a)
+                rank_tokens += ranks[a] * n
+    if merged is None:
+        return len(own), rank_tokens
+    return len(own) + (corrected > 0), rank_tokens + ranks[merged] * corrected
 
 
 def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | None = None) -> list[QueuedRequest]:

@@ -125,6 +125,7 @@ class CostModel:
     _fit: list[float] = field(default_factory=lambda: [0.0] * 6)  # n, Σss, Σsr, Σrr, Σsy, Σry
     _resid: Estimate | None = None  # of the fit's relative residual
     lora_steps: int = 0  # steps with LoRA observed
+    _coefficients: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- observations ---------------------------------------------------------------------
     def observe_step(self, tokens: int, seconds: float, segments: int = 0, rank_tokens: int = 0) -> None:
@@ -144,6 +145,7 @@ class CostModel:
             d, f = _DECAY, self._fit
             for i, v in enumerate((1.0, s * s, s * r, r * r, s * y, r * y)):
                 f[i] = d * f[i] + v
+            self._coefficients = None
         self.inferred[key] = _add(self.inferred.get(key), seconds / self.factor(tokens, segments, rank_tokens)[0])
 
     def observe_switch(self, merge: float | None = None, unmerge: float | None = None) -> None:
@@ -161,7 +163,13 @@ class CostModel:
         return self._fit[0] >= FIT_MIN or self.lora_steps >= EXPLORE_STEPS
 
     def coefficients(self) -> tuple[float, float]:
-        """(a, b) of the overhead fit: ridge towards (PRIOR_A, PRIOR_B)."""
+        """(a, b) of the overhead fit: ridge towards (PRIOR_A, PRIOR_B). Solved again only after
+        the fit changed: every candidate step the policy prices asks for them."""
+        if self._coefficients is None:
+            self._coefficients = self._solve()
+        return self._coefficients
+
+    def _solve(self) -> tuple[float, float]:
         _, ss, sr, rr, sy, ry = self._fit
         m11, m12, m22 = ss + _RIDGE, sr, rr + _RIDGE
         v1, v2 = sy + _RIDGE * PRIOR_A, ry + _RIDGE * PRIOR_B

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -143,9 +143,9 @@ def _work(batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int])
     """(tokens, LoRA segments, rank-tokens) of a step running ``batch`` with ``merged`` merged
     (``lora_work``)."""
     fed = [(r.adapter, r.num_new) for r in batch]
-    known = ranks | {r.adapter: r.rank for r in batch if r.adapter is not None}
-    if merged is not None:
-        known.setdefault(merged, 0)  # merged before a restart and not queued since
+    known = {r.adapter: r.rank for r in batch if r.adapter is not None}  # what lora_work reads: not all of ranks
+    if merged is not None and merged not in known:
+        known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
     return sum(n for _, n in fed), *lora_work(fed, merged, known)
 
 
@@ -292,7 +292,7 @@ class DLoraPolicy(Policy):
         # step puts the others' work off; it does not save it).
         scale = (1 + c.waiting / len(c.run)) / tokens
         price = _Price(self.costs.key(tokens), seconds, total * scale, base_var**0.5 * scale, other_var**0.5 * scale)
-        return replace(c, price=price)
+        return _Candidate(c.mode, c.merged, c.batch, c.waiting, price, c.run)
 
     def _incumbent(self, priced: list[_Candidate], merged_now: str | None) -> _Candidate | None:
         """The candidate that goes on as the last step ran (None: none does)."""
