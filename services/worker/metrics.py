@@ -167,6 +167,19 @@ def families(v: WorkerView) -> Iterator[Metric]:
         {(w, k): s for k, (_, s) in kinds.items()},
         "seconds",
     )
+    yield _counter(
+        "dlora_cuda_graphs",
+        "Decode-step CUDA graphs recorded (a failed recording counted too: its steps run eagerly)",
+        ["worker"],
+        {(w,): e.cuda_graphs},
+    )
+    yield _counter(
+        "dlora_cuda_graph_seconds",
+        "Seconds recording CUDA graphs took, left out of the step times",
+        ["worker"],
+        {(w,): e.cuda_graph_seconds},
+        "seconds",
+    )
     mode = e.last_mode if st.running or st.waiting else IDLE
     yield _gauge(
         "dlora_worker_mode",

@@ -12,6 +12,7 @@ from dlora.common.messages import SamplingParams
 from dlora.kernels.lora import LoraProjection
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine.graphs import capture_sizes, decode_graphs
+from dlora.services.worker.engine.model import StepInputs
 from tests.engine.helpers import make_engine, run_plan
 from tests.engine.oracle import Oracle
 from tests.engine.test_parity import _prompts
@@ -41,10 +42,22 @@ def test_slot_tables_change_in_place(tiny_llama: TinyOutput) -> None:
 def test_decode_steps_through_static_buffers_match_peft(tiny_llama: TinyOutput) -> None:
     """Every adapter and the base, nine requests (bucket 8 with padding rows), two slots for three
     adapters (slots change between steps), the engine unmerged, mixed (a delta added and one
-    subtracted), merged (no LoRA launch) and back: the oracle's tokens, every decode step graphed."""
+    subtracted), merged (no LoRA launch) and back: the oracle's tokens, every decode step graphed.
+    The first key's recording fails (as a capture out of memory would): its steps run eagerly on
+    the same buffers, the other keys still graph, and no key is recorded twice as slots change."""
     engine = make_engine(tiny_llama, kernels="triton", max_loras=2)
     if engine.graphs is None:  # no CUDA: the same buffers and padding, run eagerly
         engine.graphs = decode_graphs(engine, capture=False)
+    graphs, record = engine.graphs, engine.graphs._record
+    # The highest rank loaded first, so the launch sizes never grow (which drops every graph).
+    engine.device_loras.load(1, max(engine.adapters.values(), key=lambda a: a.rank))
+
+    def fail_first(inputs: StepInputs) -> tuple[object, object]:
+        if not graphs.failed and not graphs._graphs:
+            raise torch.OutOfMemoryError("out of memory while capturing")
+        return record(inputs)
+
+    graphs._record = fail_first
     oracle = Oracle(tiny_llama)
     prompts = _prompts(tiny_llama)
     adapters = [None, *sorted(tiny_llama.adapters)]
@@ -57,6 +70,8 @@ def test_decode_steps_through_static_buffers_match_peft(tiny_llama: TinyOutput) 
     a = adapters[1]
     got, _ = run_plan(engine, requests, max_tokens, [(None, False), (a, True), (a, False), (None, False)])
     assert got == {rid: oracle.generate(ad, ids, max_tokens) for rid, (ad, ids) in requests.items()}
+    assert engine.graphs is graphs and len(graphs.failed) == 1 and graphs.failed < graphs._graphs.keys()
+    assert engine.stats.cuda_graphs == len(graphs._graphs) and engine.stats.cuda_graph_seconds > 0
     buckets = {n for n, _, _ in engine.graphs.steps}
     passes = {(plus, minus) for _, plus, minus in engine.graphs.steps}
     assert 8 in buckets and buckets <= {1, 2, 4, 8}, engine.graphs.steps

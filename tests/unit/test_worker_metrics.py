@@ -32,7 +32,9 @@ def _view(**over: object) -> WorkerView:
             RequestLoad(request_id="3", adapter="b", context_tokens=9, remaining_tokens=5, running=False),
         ],
     )
-    engine = EngineStats(steps=7, tokens_generated=40, prompt_tokens=30, merges=2, merge_seconds=0.5, preemptions=1)
+    engine = EngineStats(
+        steps=7, tokens_generated=40, prompt_tokens=30, merges=2, merge_seconds=0.5, preemptions=1, cuda_graphs=3
+    )
     engine.steps_by_mode.update({"mixed": 5, "unmerged": 2})
     engine.last_mode = "mixed"
     engine.record_load("a@v1", evicted=False, seconds=0.25)
@@ -92,6 +94,7 @@ def test_every_family_with_the_view_s_values() -> None:
     assert _one(s, "dlora_step_cycle_seconds_sum", batch="32") == 0.3
     assert _one(s, "dlora_step_cycle_sequences_total", batch="8") == 26
     assert _one(s, "dlora_adapter_switch_seconds_total", kind="merge") == 0.5
+    assert _one(s, "dlora_cuda_graphs_total") == 3 and _one(s, "dlora_cuda_graph_seconds_total") == 0
     assert _one(s, "dlora_worker_mode", mode="mixed") == 1 and _one(s, "dlora_worker_mode", mode="merged") == 0
     assert _one(s, "dlora_worker_mode", mode="idle") == 0
     assert s["dlora_merged_adapter"] == {(("adapter", "a"), ("worker", "w0")): 1}

@@ -295,8 +295,9 @@ class LLMEngine:
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
         generated = sum(len(o.new_token_ids) for o in outputs)
-        recording = self.graphs.take_recording_s() if self.graphs is not None else 0.0
-        self._observe(decision, step, generated, self.clock() - step.started - recording)
+        recorded, recording_s = self.graphs.take_recorded() if self.graphs is not None else (0, 0.0)
+        self.stats.record_graphs(recorded, recording_s)
+        self._observe(decision, step, generated, self.clock() - step.started - recording_s)
         return outputs
 
     def _prepare(self, decision: StepDecision) -> _Prepared | None:

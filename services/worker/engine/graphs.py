@@ -17,7 +17,9 @@ owns, it joins no LoRA group, and its row is dropped. The graph ends at the fina
 head runs after it.
 
 A graph is recorded at a key's first use: (bucket, which LoRA passes run, adapters' power of two);
-a new highest rank drops them all. Recording time is not a step's. Only decode steps of the
+a new highest rank drops them all. Recording time is not a step's (the engine's stats count it).
+A key whose recording fails (out of memory while capturing, say) runs eagerly on the same buffers
+from then on, the others still replay; a replay that fails turns graphs off for the engine. Only decode steps of the
 Triton path run this way (their shapes repeat; prefill shapes do not), and not with dynamic NTK
 rotary scaling, which picks frequencies on the host. ``capture=False`` runs the same sequence
 eagerly, where CUDA graphs do not exist: the CPU tests check it token for token under
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 import triton
 
+from dlora.common import log
 from dlora.kernels.attention_triton import PagedMetadata
 from dlora.kernels.lora_triton import LoraBatch, LoraPasses, group_by_slot
 from dlora.kernels.lora_tuning import bucket
@@ -46,6 +49,9 @@ from dlora.services.worker.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from dlora.services.worker.engine.engine import LLMEngine
+
+
+logger = log.get("engine")
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -109,7 +115,8 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._rank_bound = 0
         self._pool = torch.cuda.graph_pool_handle() if capture else None
-        self._recording_s = 0.0
+        self._recorded = (0, 0.0)  # keys recorded since ``take_recorded``, and their seconds
+        self.failed: set[tuple[int, ...]] = set()  # keys whose recording failed: run eagerly on the buffers
         # Steps run, by (bucket, whether a LoRA delta was added, whether one was subtracted).
         self.steps: Counter[tuple[int, bool, bool]] = Counter()
 
@@ -125,11 +132,11 @@ class DecodeGraphs:
     def bucket(self, batch_size: int) -> int:
         return next(s for s in self.sizes if s >= batch_size)
 
-    def take_recording_s(self) -> float:
-        """Seconds spent recording graphs since the last call: not a step's cost (the policy prices
-        steps by their time), and paid once per key."""
-        seconds, self._recording_s = self._recording_s, 0.0
-        return seconds
+    def take_recorded(self) -> tuple[int, float]:
+        """Graphs recorded since the last call and the seconds it took: not a step's cost (the
+        policy prices steps by their time), paid once per key."""
+        recorded, self._recorded = self._recorded, (0, 0.0)
+        return recorded
 
     def forward(self, batch: list[Sequence], slots: StepSlots, blocks: BlockManager) -> torch.Tensor:
         """Logits (B, vocab) in fp32 for a batch ``runs`` accepts, as ``LlamaModel.forward`` gives
@@ -151,8 +158,14 @@ class DecodeGraphs:
         if key not in self._graphs:
             start = time.perf_counter()
             self._fill(n, [], [], [], [], [], [], [([], [], [], [])] * 2)  # padding only: writes go to scratch
-            self._graphs[key] = self._record(self._inputs(n, present, g))
-            self._recording_s += time.perf_counter() - start
+            try:
+                self._graphs[key] = self._record(self._inputs(n, present, g))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory while capturing: this key runs eagerly
+                logger.warning("cuda graph not recorded: these steps run eagerly", key=key, error=repr(e))
+                self._graphs[key] = None, None
+                self.failed.add(key)
+            count, seconds = self._recorded
+            self._recorded = count + 1, seconds + time.perf_counter() - start
         self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
         graph, hidden = self._graphs[key]
         if graph is None:  # no CUDA graphs: the same buffers, run eagerly

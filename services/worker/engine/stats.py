@@ -25,6 +25,8 @@ class EngineStats:
     unmerges: int = 0
     unmerge_seconds: float = 0.0  # total
     preemptions: int = 0
+    cuda_graphs: int = 0  # decode-step CUDA graphs recorded (or tried: a failed one runs eagerly)
+    cuda_graph_seconds: float = 0.0  # their recording's seconds, left out of the steps' times
     # Tokens of prefills looked up in the prefix cache, and of those found (vLLM's
     # prefix_cache_queries and prefix_cache_hits).
     prefix_cache_queries: int = 0
@@ -71,6 +73,10 @@ class EngineStats:
 
     def adapter_seconds_per_token(self) -> dict[str, float]:
         return {a: self.adapter_seconds[a] / n for a, n in self.adapter_tokens.items() if n}
+
+    def record_graphs(self, count: int, seconds: float) -> None:
+        self.cuda_graphs += count
+        self.cuda_graph_seconds += seconds
 
     def record_prefix_cache(self, queries: int, hits: int) -> None:
         self.prefix_cache_queries += queries
