@@ -7,8 +7,9 @@ lacks). In order, each with its own time bound so one slow part cannot starve th
 
 0. ``dlora bench tune-lora``: the LoRA kernels' tiles timed on this GPU into ``kernels/tuned/``
    (and a copy in OUT, to commit);
-1. the CUDA tests: ``tests/kernels`` natively (real-model sizes included) and the engine's parity
-   and merge tests with ``DLORA_TEST_DEVICE=cuda`` (every engine the tests make runs on the GPU);
+1. the CUDA tests: ``tests/kernels`` natively (real-model sizes included) and the engine's parity,
+   adapter (merge), graph and sampler tests with ``DLORA_TEST_DEVICE=cuda`` (every engine the tests
+   make runs on the GPU);
 2. ``dlora bench kernels``;
 3. ``dlora bench engine --device cuda --preset 7b --dtype bfloat16 --profile``: decode steps at 7B
    widths (a few layers), wall vs GPU kernel time and launches per step, LoRA step ratios,
@@ -73,6 +74,7 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
                 "tests/engine/test_parity.py",
                 "tests/engine/test_adapters.py",
                 "tests/engine/test_graphs.py",
+                "tests/engine/test_sampler_gpu.py",
             ],
             {"DLORA_TEST_DEVICE": "cuda"},
             100.0,
