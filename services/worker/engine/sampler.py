@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from dlora.common.messages import SamplingParams
@@ -199,15 +200,21 @@ def filtered_probs_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
 def constrain(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
     """``logits`` (B, vocab) with the tokens each row's structured-output matcher (llguidance; None:
     unconstrained) forbids set to -inf; a matcher that fails masks its whole row, so that row
-    alone fails to sample."""
+    alone fails to sample. The rows' masks reach the device in one asynchronous copy."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
-    masked = logits.clone()
-    for i in rows:
+    vocab = logits.shape[-1]
+    masks = np.zeros((len(rows), vocab), dtype=bool)
+    for j, i in enumerate(rows):
         try:
-            ok = torch.from_numpy(allowed(matchers[i], masked.shape[-1])).to(masked.device)
+            masks[j] = allowed(matchers[i], vocab)
         except Exception:  # noqa: BLE001 - its own row fails (every token masked), not the step
-            ok = torch.zeros(masked.shape[-1], dtype=torch.bool, device=masked.device)
-        masked[i].masked_fill_(~ok, float("-inf"))
+            pass
+    forbidden = ~torch.from_numpy(masks)
+    if logits.device.type != "cpu":
+        forbidden = forbidden.pin_memory().to(logits.device, non_blocking=True)
+    masked = logits.clone()
+    at = _host(rows, torch.int64, logits.device)
+    masked.index_copy_(0, at, masked.index_select(0, at).masked_fill_(forbidden, float("-inf")))
     return masked
