@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dlora.kernels.host import to_device
+
 # Keys (padded) attended in one SDPA call: 1,024 keys of 8 KV heads x 128 fp32 are 4 MiB of keys
 # and 4 of values, about what stays in this CPU's cache between the copy and SDPA's read
 # (measured with dlora bench kernels; more or fewer per group was slower).
@@ -89,7 +91,7 @@ def build_attention_metadata(
             else:
                 batches.append([i])
         groups += [_group(b, starts, q_lens, ctx_lens, block_tables, block_size, device) for b in batches]
-    return AttentionMetadata(slots=torch.tensor(slots, dtype=torch.int64, device=device), groups=groups)
+    return AttentionMetadata(slots=to_device(slots, torch.int64, device), groups=groups)
 
 
 def _group(
@@ -124,12 +126,12 @@ def _group(
     elif (n > 1).any() or (ctx < keys).any():
         mask = _causal_mask(n, ctx, keys)
     return AttentionGroup(
-        q_index=torch.from_numpy(q_index).to(device),
-        q_valid=torch.from_numpy(q_valid).to(device),
-        blocks=torch.from_numpy(blocks).flatten().to(device),
+        q_index=to_device(q_index, torch.int64, device),
+        q_valid=to_device(q_valid, torch.bool, device),
+        blocks=to_device(blocks.ravel(), torch.int64, device),
         num_seqs=len(members),
         keys=keys,
-        mask=torch.from_numpy(mask).to(device) if mask is not None else None,
+        mask=to_device(mask, torch.bool, device) if mask is not None else None,
         causal=causal,
     )
 

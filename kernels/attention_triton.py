@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlora.kernels.host import to_device
 from dlora.kernels.triton_common import f32_dot, interpreting
 
 
@@ -55,10 +56,10 @@ def build_paged_metadata(
     tiles = [(i, q0) for i, n in enumerate(q_lens) if n > 1 for q0 in range(0, n, block_m)]
 
     def i32(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
+        return to_device(values, torch.int32, device)
 
     return PagedMetadata(
-        slots=torch.tensor(slots, dtype=torch.int64, device=device),
+        slots=to_device(slots, torch.int64, device),
         q_start=i32(starts),
         q_len=i32(q_lens),
         ctx_len=i32(ctx_lens),

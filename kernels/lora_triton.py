@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlora.kernels.host import to_device
 from dlora.kernels.lora import LoraProjection, LoraTables
 from dlora.kernels.lora_tuning import Shape, bucket, tuned_tiles
 from dlora.kernels.triton_common import ELEM, f32_dot, interpreting
@@ -56,7 +57,7 @@ class LoraBatch:
             return None
 
         def i32(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=device)
+            return to_device(values, torch.int32, device)
 
         return cls(i32(index), i32(slots), i32(starts), i32(lens), len(slots), max(lens), sign)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dlora.kernels.backend import Kernels
+from dlora.kernels.host import to_device
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.model import StepInputs
 from dlora.services.worker.engine.placement import StepSlots
@@ -61,12 +63,11 @@ def build_inputs(
     """The tensors of ``step_rows`` on ``device``, with the kernel path's metadata."""
     r = step_rows(batch, lora, blocks)
     dev = device
-    last = torch.tensor(r.q_lens).cumsum(0) - 1
     return StepInputs(
-        input_ids=torch.tensor(r.ids, dtype=torch.int64, device=dev),
-        positions=torch.tensor(r.positions, dtype=torch.int64, device=dev),
-        seq_lens=torch.tensor(r.seq_lens, dtype=torch.int64, device=dev),
-        last_index=last.to(dev),
+        input_ids=to_device(r.ids, torch.int64, dev),
+        positions=to_device(r.positions, torch.int64, dev),
+        seq_lens=to_device(r.seq_lens, torch.int64, dev),
+        last_index=to_device(np.cumsum(r.q_lens) - 1, torch.int64, dev),
         attention=kernels.attention_metadata(r.q_lens, r.ctx_lens, r.tables, r.slots, blocks.block_size, dev),
         lora=kernels.lora_metadata(r.token_slots, dev, r.minus_slots if lora.minus >= 0 else None),
     )

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dlora.common.messages import SamplingParams
+from dlora.kernels.host import to_device
 from dlora.services.worker.engine.structured import allowed
 
 # Temperatures below this sample greedily (vLLM: vllm/sampling_params.py, _SAMPLING_EPS = 1e-5).
@@ -31,14 +32,6 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
 
-def _host(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on ``device`` without the step waiting for the device: pinned and copied
-    asynchronously where that is a GPU (a plain copy from a list synchronises)."""
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
 def apply_penalties(
     logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]
 ) -> torch.Tensor:
@@ -48,11 +41,11 @@ def apply_penalties(
     (platform.openai.com/docs/advanced-usage: mu[j] - c[j] * frequency - (c[j] > 0) * presence)."""
     logits = logits.float().clone()
     if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
-        seen = _host(sorted(set(prompt_ids) | set(output_ids)), torch.int64, logits.device)
+        seen = to_device(sorted(set(prompt_ids) | set(output_ids)), torch.int64, logits.device)
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and output_ids:
-        counts = torch.bincount(_host(output_ids, torch.int64, logits.device), minlength=logits.numel())
+        counts = torch.bincount(to_device(output_ids, torch.int64, logits.device), minlength=logits.numel())
         counts = counts[: logits.numel()].to(logits.dtype)
         logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
     return logits
@@ -96,7 +89,7 @@ def sample(
     usable = torch.ones_like(unusable)
     drawn = [i for i, p in enumerate(params) if not is_greedy(p) and i not in failed]
     if drawn:
-        rows = _host(drawn, torch.int64, logits.device)
+        rows = to_device(drawn, torch.int64, logits.device)
         probs = filtered_probs_rows(work.index_select(0, rows).float(), [params[i] for i in drawn])
         usable = usable.index_copy(0, rows, torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))
         race = probs.div_(_exponentials([generators[i] for i in drawn], probs.shape[-1], logits.device))
@@ -178,17 +171,17 @@ def filtered_probs_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
     that filter share one sort (the k-th largest value and the nucleus read off the same
     descending order); the others are a softmax (a sort of 64 x 32,000 takes 0.1 s on 2 cores)."""
     vocab, dev = logits.shape[-1], logits.device
-    temperature = _host([max(p.temperature, GREEDY_BELOW) for p in params], torch.float32, dev)
+    temperature = to_device([max(p.temperature, GREEDY_BELOW) for p in params], torch.float32, dev)
     scaled = logits.float() / temperature[:, None]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     rows = [i for i, (k, p) in enumerate(zip(ks, params)) if k < vocab or p.top_p < 1.0]
     if not rows:
         return scaled.softmax(-1)
-    at = _host(rows, torch.int64, dev)
+    at = to_device(rows, torch.int64, dev)
     ordered, order = scaled.index_select(0, at).sort(dim=-1, descending=True, stable=True)
-    kth = ordered.gather(1, _host([ks[i] - 1 for i in rows], torch.int64, dev)[:, None])
+    kth = ordered.gather(1, to_device([ks[i] - 1 for i in rows], torch.int64, dev)[:, None])
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    top_p = _host([params[i].top_p if params[i].top_p < 1.0 else float("inf") for i in rows], torch.float32, dev)
+    top_p = to_device([params[i].top_p if params[i].top_p < 1.0 else float("inf") for i in rows], torch.float32, dev)
     kept = ordered.softmax(-1)
     # Drop a token when the tokens before it already reach top_p; the first always stays.
     drop = (kept.cumsum(-1) - kept) >= top_p[:, None]
@@ -211,10 +204,8 @@ def constrain(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
             masks[j] = allowed(matchers[i], vocab)
         except Exception:  # noqa: BLE001 - its own row fails (every token masked), not the step
             pass
-    forbidden = ~torch.from_numpy(masks)
-    if logits.device.type != "cpu":
-        forbidden = forbidden.pin_memory().to(logits.device, non_blocking=True)
+    forbidden = to_device(~masks, torch.bool, logits.device)
     masked = logits.clone()
-    at = _host(rows, torch.int64, logits.device)
+    at = to_device(rows, torch.int64, logits.device)
     masked.index_copy_(0, at, masked.index_select(0, at).masked_fill_(forbidden, float("-inf")))
     return masked
