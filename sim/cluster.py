@@ -245,14 +245,9 @@ class Cluster:
         self._wake(replica, now)
 
     def _step(self, replica: Replica, now: float) -> int:
-        """One step of ``replica`` starting at ``now``, or the steps that only repeat its last (the
-        last ran to the horizon, which passed with nothing here changed: stats, a look elsewhere);
-        how many requests it finished."""
+        """One step of ``replica`` starting at ``now``; how many requests it finished."""
         engine = replica.engine
         engine.now = max(engine.now, now)
-        if self.fast_forward and self._repeat(replica):
-            self._push(engine.now, "step", replica)
-            return 0
         finished = 0
         for out in engine.step():
             s = self.served[out.request_id]
@@ -267,19 +262,14 @@ class Cluster:
         replica.stepping = engine.has_unfinished()
         if replica.stepping:
             if self.fast_forward:
-                self._repeat(replica)
+                # The steps that only repeat this one, up to the next thing that could change it: a
+                # request joining, the stats the dispatcher and migrator read, the migrator's look.
+                horizon = min([self._next_stats, *replica.incoming[:1], *([self._next_look] if self.migrator else [])])
+                advanced, k = engine.fast_forward(horizon)
+                for rid in advanced:
+                    self.served[rid].tokens += k
             self._push(engine.now, "step", replica)
         return finished
-
-    def _repeat(self, replica: Replica) -> bool:
-        """Run the steps that only repeat ``replica``'s last, up to the next thing that could change
-        them: a request joining, the stats the dispatcher and migrator read, the migrator's look
-        (``SimEngine.fast_forward``). Whether any ran."""
-        horizon = min([self._next_stats, *replica.incoming[:1], *([self._next_look] if self.migrator else [])])
-        advanced, k = replica.engine.fast_forward(horizon)
-        for rid in advanced:
-            self.served[rid].tokens += k
-        return k > 0
 
 
 def summary(served: list[Served], until: float | None = None) -> dict[str, float]:
