@@ -272,8 +272,9 @@ class LLMEngine:
             q = last.get(s.request_id)
             running, new = s.status is Status.RUNNING, min(s.num_new, budget)
             rank = self.adapters[s.adapter].rank if s.adapter is not None else 0
-            if q is None or q.running is not running or q.num_new != new or q.arrival != s.arrival or q.rank != rank:
-                q = QueuedRequest(s.request_id, s.adapter, s.arrival, running, new, rank)
+            fields = (s.adapter, s.arrival, running, new, rank)
+            if q is None or (q.adapter, q.arrival, q.running, q.num_new, q.rank) != fields:
+                q = QueuedRequest(s.request_id, *fields)
             queue.append(q)
         self._queued = {q.request_id: q for q in queue}
         return queue

@@ -151,6 +151,7 @@ class DecodeGraphs:
         rank_bound = self.model.loras.rank_bound
         if rank_bound != self._rank_bound:  # a higher rank than any before: new launch sizes
             self._graphs.clear()
+            self.failed.clear()  # new launch sizes: recorded afresh
             self._rank_bound = rank_bound
             self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         key = (n, *present, g)
@@ -160,7 +161,8 @@ class DecodeGraphs:
             self._fill(n, [], [], [], [], [], [], [([], [], [], [])] * 2)  # padding only: writes go to scratch
             try:
                 self._graphs[key] = self._record(self._inputs(n, present, g))
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory while capturing: this key runs eagerly
+            except torch.OutOfMemoryError as e:  # the memory left now was too little: this key runs eagerly
+                # (any other failure leaves the capture's state unknown: it turns graphs off, in the engine)
                 logger.warning("cuda graph not recorded: these steps run eagerly", key=key, error=repr(e))
                 self._graphs[key] = None, None
                 self.failed.add(key)
@@ -183,12 +185,14 @@ class DecodeGraphs:
         if not self.capture:
             self.model.last_hidden(inputs)
             return None, None
-        side = torch.cuda.Stream(self._dev64.device)
-        side.wait_stream(torch.cuda.current_stream(self._dev64.device))
-        with torch.cuda.stream(side):
-            self.model.last_hidden(inputs)
-        torch.cuda.current_stream(self._dev64.device).wait_stream(side)
-        torch.cuda.synchronize(self._dev64.device)
+        side, main = torch.cuda.Stream(self._dev64.device), torch.cuda.current_stream(self._dev64.device)
+        side.wait_stream(main)
+        try:
+            with torch.cuda.stream(side):
+                self.model.last_hidden(inputs)
+        finally:  # even when it fails: what it queued must not run under the real rows filled next
+            main.wait_stream(side)
+            torch.cuda.synchronize(self._dev64.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             hidden = self.model.last_hidden(inputs)

@@ -45,8 +45,10 @@ def apply_penalties(
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and output_ids:
-        counts = torch.bincount(to_device(output_ids, torch.int64, logits.device), minlength=logits.numel())
-        counts = counts[: logits.numel()].to(logits.dtype)
+        # index_add_, not bincount: bincount reads its input's range back to the host (on a GPU, a
+        # wait for the device per row).
+        ids = to_device(output_ids, torch.int64, logits.device)
+        counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
         logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
     return logits
 
