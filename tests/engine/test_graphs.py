@@ -110,3 +110,23 @@ def test_graphed_half_precision_steps_give_the_eager_steps_logits(tiny_llama: Ti
             assert (logits - eager[rid]).abs().max().item() <= 2e-2 * scale, rid
     assert got[0] == got[1]
     assert sum(engines[0].graphs.steps.values()) > 0
+
+
+def test_a_replay_that_fails_turns_graphs_off_and_its_recording_is_still_counted(tiny_llama: TinyOutput) -> None:
+    """The step goes on eagerly, with the oracle's tokens; the recording it paid before failing is
+    in the stats and left out of the step's time."""
+    engine = make_engine(tiny_llama, kernels="triton")
+    engine.graphs = graphs = decode_graphs(engine, capture=False)
+    fill = graphs._fill
+
+    def fail_on_real_rows(n: int, ids: list[int], *rest: object) -> None:
+        if ids:  # the padding-only fill before a recording passes; the step's own rows do not
+            raise RuntimeError("replay refused")
+        fill(n, ids, *rest)
+
+    graphs._fill = fail_on_real_rows
+    prompt = _prompts(tiny_llama)[0]
+    engine.add_request("r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=3))
+    tokens = [t for _ in range(3) for o in engine.step() for t in o.new_token_ids]
+    assert tokens == Oracle(tiny_llama).generate(None, prompt, 3)
+    assert engine.graphs is None and engine.stats.cuda_graphs == 1 and engine.stats.cuda_graph_seconds > 0

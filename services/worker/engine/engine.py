@@ -293,10 +293,11 @@ class LLMEngine:
         step = self._prepare(decision)
         if step is None:
             return []
+        graphs = self.graphs  # this step's, also if a replay that fails turns them off
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
         generated = sum(len(o.new_token_ids) for o in outputs)
-        recorded, recording_s = self.graphs.take_recorded() if self.graphs is not None else (0, 0.0)
+        recorded, recording_s = graphs.take_recorded() if graphs is not None else (0, 0.0)
         self.stats.record_graphs(recorded, recording_s)
         self._observe(decision, step, generated, self.clock() - step.started - recording_s)
         return outputs
