@@ -8,8 +8,10 @@ The three ratios the engine issue sets as targets are computed from points of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,20 +73,67 @@ def _stop(engine: LLMEngine, decision: StepDecision) -> None:
         engine.abort(rid)
 
 
-def measure(engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int) -> float:
+def measure(
+    engine: LLMEngine, adapters: list[str | None], merged: str | None, steps: int, phases: dict | None = None
+) -> float:
     """Median seconds of one decode step with one request per entry of ``adapters``.
 
     The median, not the mean: on a shared 2-core machine a single descheduled step would
     otherwise decide a ratio. Each step ends when its tokens are on the host, so on a GPU the
-    time is the step's wall time, kernels included."""
+    time is the step's wall time, kernels included. ``phases``: filled with the timed steps' mean
+    milliseconds per phase (``timed_phases``)."""
     decision = _start(engine, adapters, merged, steps)
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step(decision)
-        times.append(time.perf_counter() - start)
+    with timed_phases(engine) if phases is not None else contextlib.nullcontext({}) as spent:
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step(decision)
+            times.append(time.perf_counter() - start)
+    if phases is not None:
+        phases.update({k: v * 1e3 / steps for k, v in spent.items()})
     _stop(engine, decision)
     return statistics.median(times)
+
+
+# A step's phases, by the engine method each is spent in. ``_forward`` runs inside ``_run``: the
+# rest of ``_run`` is the KV bookkeeping and the sampling, whose transfer of the tokens to the
+# host is where a GPU step's host waits for its kernels.
+_PHASES = {
+    "_prepare": "prepare",
+    "_forward": "forward",
+    "_run": "sample",
+    "_postprocess": "postprocess",
+    "_observe": "observe",
+}
+
+
+@contextlib.contextmanager
+def timed_phases(engine: LLMEngine) -> Iterator[dict[str, float]]:
+    """Seconds the steps run inside spend in each phase, summed: prepare (switch, schedule, slots),
+    forward (the model; on a GPU only the host's part, launches or a graph's replay), sample (the
+    rest of the run: on a GPU, waiting for the kernels), postprocess (text, stops), observe (stats,
+    the policy's feedback). What a step spends outside them (its decision, given here) is not
+    counted. The host's share of a GPU step is all but ``sample``."""
+    spent = dict.fromkeys(_PHASES.values(), 0.0)
+
+    def timed(method: Callable[..., object], label: str) -> Callable[..., object]:
+        def run(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - start
+
+        return run
+
+    for name, label in _PHASES.items():
+        setattr(engine, name, timed(getattr(engine, name), label))
+    try:
+        yield spent
+    finally:
+        for name in _PHASES:
+            delattr(engine, name)  # the class's methods again
+        spent["sample"] -= spent["forward"]
 
 
 def copy_once_ms(engine: LLMEngine, adapter: str) -> float:
@@ -278,8 +327,10 @@ def run(
             ("unmerged, 1 adapter", [names[0]] * batch, None),
             (f"unmerged, {max_adapters} adapters", [names[i % max_adapters] for i in range(batch)], None),
         ):
+            phases: dict[str, float] = {}
             profiled[label] = {"batch": batch, **profile_step(engine, in_batch, merged, steps)}
-            profiled[label]["wall_ms_per_step"] = measure(engine, in_batch, merged, steps) * 1e3
+            profiled[label]["wall_ms_per_step"] = measure(engine, in_batch, merged, steps, phases) * 1e3
+            profiled[label]["host_phases_ms"] = phases
     hf: dict[str, float] = {}
     if hf_baseline:
         for batch in sorted({1, min(32, max(batch_sizes))}):
@@ -388,19 +439,23 @@ def markdown(r: dict) -> str:
         lines += [
             "",
             "Per decode step, profiled (torch.profiler): "
-            + ("GPU kernels launched and their summed time." if gpu else "operators dispatched (no GPU here)."),
+            + ("GPU kernels launched and their summed time." if gpu else "operators dispatched (no GPU here).")
+            + " The phases are the host's (`timed_phases`); on a GPU, sample holds the wait for the kernels.",
             "",
-            "| step | batch | wall ms | kernel ms | wall / kernel | launches | host launch calls |",
-            "|---|---|---|---|---|---|---|",
+            "| step | batch | wall ms | kernel ms | wall / kernel | launches | host launch calls "
+            "| ms in prepare · forward · sample · postprocess · observe |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for label, p in r["profile"].items():
             k = p["kernel_ms_per_step"]
             ratio = f"{p['wall_ms_per_step'] / k:.2f}" if k else "-"
             kernel = f"{k:.2f}" if k is not None else "-"
             calls = p.get("host_launch_calls_per_step")
+            phases = p.get("host_phases_ms")
+            spent = " · ".join(f"{phases[k]:.2f}" for k in _PHASES.values()) if phases else "-"
             lines.append(
                 f"| {label} | {p['batch']} | {p['wall_ms_per_step']:.2f} | {kernel} | {ratio} | "
-                f"{p['launches_per_step']:.0f} | {'-' if calls is None else f'{calls:.0f}'} |"
+                f"{p['launches_per_step']:.0f} | {'-' if calls is None else f'{calls:.0f}'} | {spent} |"
             )
     if r.get("hf_peft_step_ms"):
         lines += [

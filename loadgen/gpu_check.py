@@ -12,7 +12,8 @@ lacks). In order, each with its own time bound so one slow part cannot starve th
    make runs on the GPU);
 2. ``dlora bench kernels``;
 3. ``dlora bench engine --device cuda --preset 7b --dtype bfloat16 --profile``: decode steps at 7B
-   widths (a few layers), wall vs GPU kernel time and launches per step, LoRA step ratios,
+   widths (a few layers), wall vs GPU kernel time, launches and the host's phases per step (how
+   much of a step the host spends outside the wait for the kernels), LoRA step ratios,
    merge/unmerge, and HF transformers + peft on the same model, with decode steps replayed as
    CUDA graphs;
 4. the same at batch 32 with ``--enforce-eager`` (every kernel launched from the host), into its

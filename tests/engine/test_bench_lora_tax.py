@@ -1,9 +1,9 @@
-"""The engine benchmark's LoRA-tax measurement, on the tiny model: both batches held at once,
-their steps alternating, and nothing left in the engine after."""
+"""The engine benchmark's measurements on the tiny model: the LoRA tax (both batches held at once,
+their steps alternating, and nothing left in the engine after) and a step's phases."""
 
 from __future__ import annotations
 
-from dlora.loadgen.bench_engine import lora_tax
+from dlora.loadgen.bench_engine import lora_tax, measure
 from dlora.model.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine
 
@@ -15,3 +15,15 @@ def test_the_lora_tax_alternates_a_base_and_an_adapter_batch(tiny_llama: TinyOut
     assert tax["base_ms"] > 0 and tax["unmerged_ms"] > 0 and 0.1 < tax["ratio_of_pairs"] < 10
     assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
     assert engine.stats.steps_by_mode == {"unmerged": engine.stats.steps}  # no merge: the tax is unmerged
+
+
+def test_a_steps_phases_add_up_to_no_more_than_its_time_and_leave_the_engine_as_it_was(
+    tiny_llama: TinyOutput,
+) -> None:
+    engine = make_engine(tiny_llama, max_loras=2)
+    phases: dict[str, float] = {}
+    step_s = measure(engine, ["lora-0", None, "lora-1"], None, steps=4, phases=phases)
+    assert set(phases) == {"prepare", "forward", "sample", "postprocess", "observe"}
+    assert all(v >= 0 for v in phases.values()) and phases["forward"] > 0
+    assert sum(phases.values()) <= 1.5 * step_s * 1e3  # each a part of a step (medians against means)
+    assert "_forward" not in vars(engine)  # the class's methods again
