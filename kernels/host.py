@@ -16,4 +16,6 @@ def to_device(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Te
     t = torch.as_tensor(values, dtype=dtype)
     if device.type == "cpu":
         return t
+    if not t.numel():  # nothing to copy (and nothing to pin)
+        return torch.empty(t.shape, dtype=dtype, device=device)
     return t.pin_memory().to(device, non_blocking=True)
