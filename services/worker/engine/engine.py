@@ -28,7 +28,7 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, impo
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprob
+from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprobs
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import SamplingError, constrain, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, schedule
@@ -369,6 +369,12 @@ class LLMEngine:
         """Each sampled token taken into its request: text, stop conditions, logprobs. A request
         whose token cannot be taken fails alone."""
         outputs = []
+        wanted = {
+            i: (tok, seq.params.logprobs)
+            for i, (seq, tok) in enumerate(zip(ran, tokens))
+            if seq.params.logprobs is not None and isinstance(tok, int)
+        }
+        logprobs = token_logprobs(logits, wanted) if logits is not None else {}
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if isinstance(tok, SamplingError):
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))
@@ -378,8 +384,8 @@ class LLMEngine:
                     outputs.append(self._fail(seq, f"structured output: {seq.matcher.get_error()}"))
                     continue
                 out = self._advance(seq, tok)
-                if seq.params.logprobs is not None and logits is not None:
-                    out.logprobs = [token_logprob(logits[i], tok, seq.params.logprobs)]
+                if i in logprobs:
+                    out.logprobs = [logprobs[i]]
                 outputs.append(out)
             except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
                 outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from dlora.common.messages import FinishReason, TokenLogprob
+from dlora.kernels.host import to_device
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.stopping import check_stop, visible_end
 
@@ -31,13 +32,27 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
 
 
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The chosen token's log-probability under the model's distribution, logits (vocab,), and
-    the ``top`` most likely tokens'."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(lp, top) if top else None
-    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return TokenLogprob(token, float(lp[token]), alternatives)
+def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob]:
+    """For each row i of ``logits`` (B, vocab) in ``wanted`` (i -> (chosen token, top)): the chosen
+    token's log-probability under the model's distribution and the ``top`` most likely tokens'.
+    All the rows at once, brought to the host together (one wait for a GPU, not a few per row)."""
+    if not wanted:
+        return {}
+    rows = list(wanted)
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = lp.gather(1, to_device([[wanted[i][0]] for i in rows], torch.int64, lp.device)).flatten()
+    k = max(top for _, top in wanted.values())
+    best = torch.topk(lp, k) if k else None
+    values = chosen.tolist()
+    top_values, top_ids = (best.values.tolist(), best.indices.tolist()) if best is not None else ([], [])
+    return {
+        i: TokenLogprob(
+            wanted[i][0],
+            values[j],
+            list(zip(top_ids[j][: wanted[i][1]], top_values[j][: wanted[i][1]])) if best is not None else [],
+        )
+        for j, i in enumerate(rows)
+    }
 
 
 def advance(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int) -> RequestOutput:
