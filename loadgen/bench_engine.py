@@ -115,25 +115,36 @@ def timed_phases(engine: LLMEngine) -> Iterator[dict[str, float]]:
     the policy's feedback). What a step spends outside them (its decision, given here) is not
     counted. The host's share of a GPU step is all but ``sample``."""
     spent = dict.fromkeys(_PHASES.values(), 0.0)
+    forward_in_run = [0.0]  # what ``sample`` is short of: the forward timed inside a run
+    running = [0]
 
     def timed(method: Callable[..., object], label: str) -> Callable[..., object]:
         def run(*args: object, **kwargs: object) -> object:
             start = time.perf_counter()
+            running[0] += label == "sample"
             try:
                 return method(*args, **kwargs)
             finally:
+                running[0] -= label == "sample"
                 spent[label] += time.perf_counter() - start
+                if label == "forward" and running[0]:
+                    forward_in_run[0] += time.perf_counter() - start
 
         return run
 
-    for name, label in _PHASES.items():
-        setattr(engine, name, timed(getattr(engine, name), label))
+    missing = object()
+    before = {name: vars(engine).get(name, missing) for name in _PHASES}
     try:
+        for name, label in _PHASES.items():
+            setattr(engine, name, timed(getattr(engine, name), label))
         yield spent
     finally:
-        for name in _PHASES:
-            delattr(engine, name)  # the class's methods again
-        spent["sample"] -= spent["forward"]
+        for name, was in before.items():  # as they were: the class's methods, or an override
+            if was is missing:
+                vars(engine).pop(name, None)
+            else:
+                setattr(engine, name, was)
+        spent["sample"] -= forward_in_run[0]
 
 
 def copy_once_ms(engine: LLMEngine, adapter: str) -> float:

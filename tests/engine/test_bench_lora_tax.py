@@ -22,8 +22,8 @@ def test_a_steps_phases_add_up_to_no_more_than_its_time_and_leave_the_engine_as_
 ) -> None:
     engine = make_engine(tiny_llama, max_loras=2)
     phases: dict[str, float] = {}
-    step_s = measure(engine, ["lora-0", None, "lora-1"], None, steps=4, phases=phases)
+    step_s = measure(engine, ["lora-0", None, "lora-1"], None, steps=6, phases=phases)
     assert set(phases) == {"prepare", "forward", "sample", "postprocess", "observe"}
     assert all(v >= 0 for v in phases.values()) and phases["forward"] > 0
-    assert sum(phases.values()) <= 1.5 * step_s * 1e3  # each a part of a step (medians against means)
+    assert sum(phases.values()) <= 3 * step_s * 1e3  # parts of a step (their means against its median)
     assert "_forward" not in vars(engine)  # the class's methods again

@@ -374,7 +374,10 @@ class LLMEngine:
             for i, (seq, tok) in enumerate(zip(ran, tokens))
             if seq.params.logprobs is not None and isinstance(tok, int)
         }
-        logprobs = token_logprobs(logits, wanted) if logits is not None else {}
+        try:
+            logprobs = token_logprobs(logits, wanted) if logits is not None else {}
+        except Exception:  # noqa: BLE001 - then row by row below, where one that fails fails alone
+            logprobs = {}
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if isinstance(tok, SamplingError):
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))
@@ -384,8 +387,8 @@ class LLMEngine:
                     outputs.append(self._fail(seq, f"structured output: {seq.matcher.get_error()}"))
                     continue
                 out = self._advance(seq, tok)
-                if i in logprobs:
-                    out.logprobs = [logprobs[i]]
+                if i in wanted and logits is not None:
+                    out.logprobs = [logprobs[i] if i in logprobs else token_logprobs(logits, {i: wanted[i]})[i]]
                 outputs.append(out)
             except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
                 outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))

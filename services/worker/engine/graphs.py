@@ -166,8 +166,9 @@ class DecodeGraphs:
                 logger.warning("cuda graph not recorded: these steps run eagerly", key=key, error=repr(e))
                 self._graphs[key] = None, None
                 self.failed.add(key)
-            count, seconds = self._recorded
-            self._recorded = count + 1, seconds + time.perf_counter() - start
+            finally:  # counted, and kept out of the step's time, whatever became of it
+                count, seconds = self._recorded
+                self._recorded = count + 1, seconds + time.perf_counter() - start
         self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
         graph, hidden = self._graphs[key]
         if graph is None:  # no CUDA graphs: the same buffers, run eagerly
@@ -194,6 +195,8 @@ class DecodeGraphs:
             main.wait_stream(side)
             torch.cuda.synchronize(self._dev64.device)
         graph = torch.cuda.CUDAGraph()
+        # Nothing in the capture may copy from host memory: the graph would replay the copy from a
+        # host block long since reused (the inputs here are views of the static buffers).
         with torch.cuda.graph(graph, pool=self._pool):
             hidden = self.model.last_hidden(inputs)
         return graph, hidden

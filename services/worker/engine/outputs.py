@@ -35,24 +35,29 @@ class RequestOutput:
 def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob]:
     """For each row i of ``logits`` (B, vocab) in ``wanted`` (i -> (chosen token, top)): the chosen
     token's log-probability under the model's distribution and the ``top`` most likely tokens'.
-    All the rows at once, brought to the host together (one wait for a GPU, not a few per row)."""
+    The rows at once and brought to the host in one transfer (on a GPU one wait, not a few per
+    row); ``topk`` once per distinct ``top``, so which of tied tokens a row lists does not depend
+    on what else asked beside it."""
     if not wanted:
         return {}
     rows = list(wanted)
-    lp = torch.log_softmax(logits[rows].float(), dim=-1)
-    chosen = lp.gather(1, to_device([[wanted[i][0]] for i in rows], torch.int64, lp.device)).flatten()
-    k = max(top for _, top in wanted.values())
-    best = torch.topk(lp, k) if k else None
-    values = chosen.tolist()
-    top_values, top_ids = (best.values.tolist(), best.indices.tolist()) if best is not None else ([], [])
-    return {
-        i: TokenLogprob(
-            wanted[i][0],
-            values[j],
-            list(zip(top_ids[j][: wanted[i][1]], top_values[j][: wanted[i][1]])) if best is not None else [],
-        )
-        for j, i in enumerate(rows)
-    }
+    lp = torch.log_softmax(logits.index_select(0, to_device(rows, torch.int64, logits.device)).float(), dim=-1)
+    chosen = lp.gather(1, to_device([[wanted[i][0]] for i in rows], torch.int64, lp.device))
+    parts, tops = [chosen], sorted({top for _, top in wanted.values() if top})
+    for top in tops:  # token ids travel as floats: exact below 2^24
+        best = torch.topk(lp, top)
+        parts += [best.values, best.indices.to(lp.dtype)]
+    host = torch.cat(parts, dim=1).tolist()
+    out = {}
+    for j, i in enumerate(rows):
+        token, top = wanted[i]
+        alternatives: list[tuple[int, float]] = []
+        if top:
+            at = 1 + sum(2 * t for t in tops[: tops.index(top)])
+            values, ids = host[j][at : at + top], host[j][at + top : at + 2 * top]
+            alternatives = [(int(t), v) for t, v in zip(ids, values)]
+        out[i] = TokenLogprob(token, host[j][0], alternatives)
+    return out
 
 
 def advance(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int) -> RequestOutput:
