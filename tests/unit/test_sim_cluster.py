@@ -1,6 +1,8 @@
 """A simulated cluster: replicas behind the dispatcher's own choice, on simulated time."""
 
+import json
 import random
+from pathlib import Path
 
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.sim.cluster import Cluster, SimRequest, summary
@@ -59,9 +61,10 @@ def test_the_migrator_moves_requests_off_an_overloaded_replica_and_they_end_exac
 
 
 def test_fast_forward_serves_as_stepping_does() -> None:
-    """Skipping the steps that repeat the last one changes nothing a policy that does not weigh
-    costs decides (unmerged-only: every request's first token and end at the same instant); under
-    dLoRA's policy, which is not asked again within such a run, the figures move by under 1 %."""
+    """Skipping the steps that repeat the last one changes nothing here: every request's first
+    token and end come at the same instant, under unmerged-only and under dLoRA's policy (which is
+    not asked again within such a run, so this holds for a workload, not by construction; a
+    fast-forward that also skipped the step after a horizon moved these figures)."""
     from dlora.services.worker.engine.config import EngineConfig
     from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
@@ -75,8 +78,22 @@ def test_fast_forward_serves_as_stepping_does() -> None:
         steps = [sum(r.engine.stats.steps for r in run.replicas) for run in runs]
         skipped = sum(r.engine.fast_forwarded for r in runs[0].replicas)
         assert steps[0] == steps[1] and 0.3 * steps[0] < skipped  # each counted as a step
-        if config is unmerged:
-            assert [(s.first_token_s, s.finish_s) for s in fast] == [(s.first_token_s, s.finish_s) for s in exact]
-        else:
-            a, b = summary(fast), summary(exact)
-            assert abs(a["norm_latency_mean_s"] / b["norm_latency_mean_s"] - 1) < 0.01
+        assert [(s.first_token_s, s.finish_s) for s in fast] == [(s.first_token_s, s.finish_s) for s in exact]
+
+
+def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path: Path) -> None:
+    """The same through ``dlora simulate`` on a workload with merges, mixed steps and stats ticks
+    between the steps (a review's: a fast-forward that went on past a tick without asking the
+    policy moved its throughput from 516.38 to 518.21 tok/s and its merges from 82 to 73)."""
+    from dlora.services.cli import build_parser
+
+    argv = "simulate --replicas 4 --requests 300 --rate 6 --adapters 12 --ranks 8,16,32 --seed 3"
+    results = []
+    for exact in ([], ["--exact"]):
+        args = build_parser().parse_args([*argv.split(), *exact, "--json", str(tmp_path / "r.json")])
+        assert args.func(args) == 0
+        results.append(json.loads((tmp_path / "r.json").read_text()))
+    fast, stepped = results
+    assert fast["fast_forwarded_steps"] > 0
+    for key in ("completed", "throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s", "merges"):
+        assert fast[key] == stepped[key], key
