@@ -7,6 +7,7 @@ from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.sampler import (
     SamplingError,
     apply_penalties,
+    apply_penalties_rows,
     filtered_probs,
     filtered_probs_rows,
     sample,
@@ -191,3 +192,28 @@ def test_the_exponential_race_draws_from_the_filtered_distribution() -> None:
     freq = torch.bincount(torch.tensor(out), minlength=5).float() / 4000
     assert torch.allclose(freq, filtered_probs(logits[0], p), atol=0.03), freq
     assert freq[3:].sum() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    repetition=st.sampled_from([1.0, 0.5, 1.3]),
+    presence=st.sampled_from([0.0, -0.5, 1.5]),
+    frequency=st.sampled_from([0.0, 0.7]),
+    histories=st.lists(
+        st.tuples(st.lists(st.integers(0, 49), max_size=6), st.lists(st.integers(0, 49), max_size=6)),
+        min_size=3,
+        max_size=3,
+    ),
+)
+def test_rows_penalised_together_equal_each_row_alone(
+    repetition: float, presence: float, frequency: float, histories: list[tuple[list[int], list[int]]]
+) -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)) * 3
+    params = [
+        SamplingParams(repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency),
+        SamplingParams(repetition_penalty=1.2),
+        SamplingParams(frequency_penalty=0.4),
+    ]
+    together = apply_penalties_rows(logits, params, histories)
+    for row, p, history, got in zip(logits, params, histories, together):
+        assert torch.equal(got, apply_penalties(row, p, *history)), p  # bit for bit

@@ -53,6 +53,37 @@ def apply_penalties(
     return logits
 
 
+def apply_penalties_rows(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+) -> torch.Tensor:
+    """``apply_penalties`` of every row of ``logits`` (n, vocab) under its own parameters and (prompt
+    ids, output ids), in a fixed number of launches whatever n (a few per row before)."""
+    out = logits.float().clone()
+    n, vocab = out.shape
+    dev = out.device
+
+    def flat(rows: list[int], ids: list[list[int]]) -> torch.Tensor:  # (row, token) -> row * vocab + token
+        return to_device([j * vocab + t for j, row_ids in zip(rows, ids) for t in row_ids], torch.int64, dev)
+
+    rep = [j for j, (p, (pr, ou)) in enumerate(zip(params, histories)) if p.repetition_penalty != 1.0 and (pr or ou)]
+    if rep:
+        seen = torch.zeros(n * vocab, dtype=torch.bool, device=dev)
+        seen[flat(rep, [sorted(set(histories[j][0]) | set(histories[j][1])) for j in rep])] = True
+        penalty = to_device([p.repetition_penalty for p in params], torch.float32, dev)[:, None]
+        out = torch.where(seen.view(n, vocab), torch.where(out > 0, out / penalty, out * penalty), out)
+    counted = [j for j, p in enumerate(params) if (p.frequency_penalty or p.presence_penalty) and histories[j][1]]
+    if counted:
+        ids = flat(counted, [histories[j][1] for j in counted])
+        counts = torch.zeros(n * vocab, dtype=out.dtype, device=dev).index_add_(
+            0, ids, torch.ones_like(ids, dtype=out.dtype)
+        )
+        counts = counts.view(n, vocab)
+        frequency = to_device([p.frequency_penalty for p in params], torch.float32, dev)[:, None]
+        presence = to_device([p.presence_penalty for p in params], torch.float32, dev)[:, None]
+        out = out - (counts * frequency + (counts > 0).to(out.dtype) * presence)
+    return out
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -77,11 +108,16 @@ def sample(
     penalised = [i for i, p in enumerate(params) if has_penalties(p)]
     if penalised:
         work = logits.float().clone()
-        for i in penalised:
-            try:
-                work[i] = apply_penalties(logits[i], params[i], *histories[i])
-            except (RuntimeError, ValueError) as e:  # one row's numbers, never the batch's
-                failed[i] = _why(e, params[i])
+        at = to_device(penalised, torch.int64, logits.device)
+        try:
+            rows = [params[i] for i in penalised], [histories[i] for i in penalised]
+            work.index_copy_(0, at, apply_penalties_rows(logits.index_select(0, at), *rows))
+        except (RuntimeError, ValueError):  # then row by row: one row's numbers, never the batch's
+            for i in penalised:
+                try:
+                    work[i] = apply_penalties(logits[i], params[i], *histories[i])
+                except (RuntimeError, ValueError) as e:
+                    failed[i] = _why(e, params[i])
     peak, tokens = work.max(dim=-1)
     raw = logits.max(dim=-1).values if penalised else peak
     # -inf is a masked token (structured output), not a fault, unless every token is masked; max
