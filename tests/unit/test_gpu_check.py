@@ -21,3 +21,20 @@ def test_the_parts_time_bounds_sum_to_eight_minutes_at_most() -> None:
 def test_without_a_gpu_it_refuses_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu_check.main(["--out", "/nonexistent"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_every_part_is_a_command_this_tree_accepts() -> None:
+    """A GPU session is too short to find a misspelt option or a moved test file: each benchmark
+    part parses with the real command line, and each test part names files that exist."""
+    from dlora.services.cli import build_parser
+
+    root = Path(__file__).resolve().parents[2]
+    for name, command, _, _ in gpu_check.parts(Path("out"), "BENCHMARKS.md"):
+        module = command[command.index("-m") + 1]
+        args = command[command.index("-m") + 2 :]
+        if module == "dlora.services.cli":
+            assert build_parser().parse_args(args).func is not None, name
+        else:
+            assert module == "pytest", name
+            paths = [a for a in args if a.startswith("tests/")]
+            assert paths and all((root / p).exists() for p in paths), (name, paths)
