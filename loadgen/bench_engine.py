@@ -11,13 +11,13 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dlora.common.messages import SamplingParams
 from dlora.loadgen.bench_common import ensure_model, figure, machine, save, today
+from dlora.loadgen.step_phases import PHASES, timed_phases
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.policy import StepDecision, lora_work
 
@@ -93,58 +93,6 @@ def measure(
         phases.update({k: v * 1e3 / steps for k, v in spent.items()})
     _stop(engine, decision)
     return statistics.median(times)
-
-
-# A step's phases, by the engine method each is spent in. ``_forward`` runs inside ``_run``: the
-# rest of ``_run`` is the KV bookkeeping and the sampling, whose transfer of the tokens to the
-# host is where a GPU step's host waits for its kernels.
-_PHASES = {
-    "_prepare": "prepare",
-    "_forward": "forward",
-    "_run": "sample",
-    "_postprocess": "postprocess",
-    "_observe": "observe",
-}
-
-
-@contextlib.contextmanager
-def timed_phases(engine: LLMEngine) -> Iterator[dict[str, float]]:
-    """Seconds the steps run inside spend in each phase, summed: prepare (switch, schedule, slots),
-    forward (the model; on a GPU only the host's part, launches or a graph's replay), sample (the
-    rest of the run: on a GPU, waiting for the kernels), postprocess (text, stops), observe (stats,
-    the policy's feedback). What a step spends outside them (its decision, given here) is not
-    counted. The host's share of a GPU step is all but ``sample``."""
-    spent = dict.fromkeys(_PHASES.values(), 0.0)
-    forward_in_run = [0.0]  # what ``sample`` is short of: the forward timed inside a run
-    running = [0]
-
-    def timed(method: Callable[..., object], label: str) -> Callable[..., object]:
-        def run(*args: object, **kwargs: object) -> object:
-            start = time.perf_counter()
-            running[0] += label == "sample"
-            try:
-                return method(*args, **kwargs)
-            finally:
-                running[0] -= label == "sample"
-                spent[label] += time.perf_counter() - start
-                if label == "forward" and running[0]:
-                    forward_in_run[0] += time.perf_counter() - start
-
-        return run
-
-    missing = object()
-    before = {name: vars(engine).get(name, missing) for name in _PHASES}
-    try:
-        for name, label in _PHASES.items():
-            setattr(engine, name, timed(getattr(engine, name), label))
-        yield spent
-    finally:
-        for name, was in before.items():  # as they were: the class's methods, or an override
-            if was is missing:
-                vars(engine).pop(name, None)
-            else:
-                setattr(engine, name, was)
-        spent["sample"] -= forward_in_run[0]
 
 
 def copy_once_ms(engine: LLMEngine, adapter: str) -> float:
@@ -463,7 +411,7 @@ def markdown(r: dict) -> str:
             kernel = f"{k:.2f}" if k is not None else "-"
             calls = p.get("host_launch_calls_per_step")
             phases = p.get("host_phases_ms")
-            spent = " · ".join(f"{phases[k]:.2f}" for k in _PHASES.values()) if phases else "-"
+            spent = " · ".join(f"{phases[k]:.2f}" for k in PHASES.values()) if phases else "-"
             lines.append(
                 f"| {label} | {p['batch']} | {p['wall_ms_per_step']:.2f} | {kernel} | {ratio} | "
                 f"{p['launches_per_step']:.0f} | {'-' if calls is None else f'{calls:.0f}'} | {spent} |"
