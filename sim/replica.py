@@ -206,7 +206,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self._last = None  # set again by ``_observe`` if this step runs
         return cast("list[RequestOutput]", super().step(decision))
 
-    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: float) -> None:
+    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: list[float]) -> None:
         super()._observe(decision, step, generated, seconds)
         self._last = (decision, step)
 
@@ -275,8 +275,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
                 self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, keys[s.adapter])
         repeat = dataclasses.replace(step, merge_s=0.0, unmerge_s=0.0)
         self.now = clock  # the same sum, in the same order, as each step's
-        self._observe_runs(decision, repeat, n, seconds)
-        self._last = (decision, repeat)
+        self._observe(decision, repeat, n, seconds)  # the last step is now ``repeat``
         self.fast_forwarded += k
         return [s.request_id for s in batch], k
 

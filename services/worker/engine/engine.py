@@ -18,6 +18,7 @@ from dlora.common import log
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
+from dlora.services.worker.engine.admission import check_tokens
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
@@ -31,7 +32,7 @@ from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprobs
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import SamplingError, constrain, position_generator, sample
-from dlora.services.worker.engine.scheduler import Limits, schedule
+from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
@@ -207,17 +208,7 @@ class LLMEngine:
             raise RequestError("give exactly one of prompt and prompt_token_ids")
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         resumed = list(resume_token_ids or [])
-        if not ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(ids + resumed) < 0 or max(ids + resumed) >= vocab:
-            raise RequestError(f"token ids must be in [0, {vocab})")
-        if len(ids) + len(resumed) >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {self.max_model_len}"
-            )
-        if len(resumed) >= params.max_tokens:
-            raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
+        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
         seq = Sequence(
             request_id=request_id,
             adapter=adapter,
@@ -264,20 +255,9 @@ class LLMEngine:
         return bool(self.seqs)
 
     def queue(self) -> list[QueuedRequest]:
-        """What the policy sees, in arrival order. A request's entry is made again only when it
-        changed (a decode's stays the same step after step: made anew, it cost the step a few
-        microseconds per sequence, as much as the rest of the scheduling)."""
-        budget, last, queue = self.limits.max_num_batched_tokens, self._queued, []
-        for s in sorted(self.seqs.values(), key=_by_arrival):
-            q = last.get(s.request_id)
-            running, new = s.status is Status.RUNNING, min(s.num_new, budget)
-            rank = self.adapters[s.adapter].rank if s.adapter is not None else 0
-            fields = (s.adapter, s.arrival, running, new, rank)
-            if q is None or (q.adapter, q.arrival, q.running, q.num_new, q.rank) != fields:
-                q = QueuedRequest(s.request_id, *fields)
-            queue.append(q)
-        self._queued = {q.request_id: q for q in queue}
-        return queue
+        """What the policy sees, in arrival order (``scheduler.queued``)."""
+        self._queued = queued(self.seqs.values(), self.adapters, self.limits.max_num_batched_tokens, self._queued)
+        return list(self._queued.values())
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, decision: StepDecision | None = None) -> list[RequestOutput]:
@@ -299,7 +279,7 @@ class LLMEngine:
         generated = sum(len(o.new_token_ids) for o in outputs)
         recorded, recording_s = graphs.take_recorded() if graphs is not None else (0, 0.0)
         self.stats.record_graphs(recorded, recording_s)
-        self._observe(decision, step, generated, self.clock() - step.started - recording_s)
+        self._observe(decision, step, generated, [self.clock() - step.started - recording_s])
         return outputs
 
     def _prepare(self, decision: StepDecision) -> _Prepared | None:
@@ -374,10 +354,7 @@ class LLMEngine:
             for i, (seq, tok) in enumerate(zip(ran, tokens))
             if seq.params.logprobs is not None and isinstance(tok, int)
         }
-        try:
-            logprobs = token_logprobs(logits, wanted) if logits is not None else {}
-        except Exception:  # noqa: BLE001 - then row by row below, where one that fails fails alone
-            logprobs = {}
+        logprobs = token_logprobs(logits, wanted) if logits is not None else {}
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if isinstance(tok, SamplingError):
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))
@@ -387,29 +364,25 @@ class LLMEngine:
                     outputs.append(self._fail(seq, f"structured output: {seq.matcher.get_error()}"))
                     continue
                 out = self._advance(seq, tok)
-                if i in wanted and logits is not None:
-                    out.logprobs = [logprobs[i] if i in logprobs else token_logprobs(logits, {i: wanted[i]})[i]]
+                if isinstance(lp := logprobs.get(i), Exception):
+                    raise lp
+                out.logprobs = [lp] if lp is not None else None
                 outputs.append(out)
             except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
                 outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))
         return outputs
 
-    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: float) -> None:
-        """Record the step (``generated`` tokens) in the engine's stats and hand the policy its
-        decision back with what the step ran and cost."""
-        self._observe_runs(decision, step, generated, [seconds])
-
-    def _observe_runs(self, decision: StepDecision, step: _Prepared, generated: int, seconds: list[float]) -> None:
-        """``_observe`` for the same step run ``len(seconds)`` times in a row, each run's seconds in
-        turn: what does not change between runs is worked out once (the simulator's fast-forward
-        repeats a step, and this was most of what a repeat cost)."""
+    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: list[float]) -> None:
+        """Record the step (``generated`` tokens) in the stats and hand the policy its decision back
+        with what the step ran and cost, once per entry of ``seconds`` (the simulator's fast-forward
+        repeats a step; what does not change between runs is worked out once)."""
         batch, fed, merged = step.batch, step.num_tokens, self.merger.merged
         ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
         segments, rank_tokens = lora_work(step.fed, merged, ranks)
         request_ids, adapters = [s.request_id for s in batch], [s.adapter for s in batch]
         # A chunk short of its prompt's end made no token, nor did a sequence that failed.
         made = [s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch]
-        shares = [(a or "", n, m) for (a, n), m in zip(step.fed, made)]
+        shares, mode = [(a or "", n, m) for (a, n), m in zip(step.fed, made)], None
         for t in seconds:
             record = StepRecord(
                 merged=merged,
@@ -422,7 +395,8 @@ class LLMEngine:
                 merge_seconds=step.merge_s,
                 unmerge_seconds=step.unmerge_s,
             )
-            self.stats.record_step(t, generated, fed, step.num_prefill, record.mode, len(batch))
+            mode = mode or record.mode  # the same for every run
+            self.stats.record_step(t, generated, fed, step.num_prefill, mode, len(batch))
             self.stats.record_adapters(t, fed, shares)
             self.policy.observe(decision, record)
 
@@ -519,10 +493,6 @@ class LLMEngine:
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
-
-
-def _by_arrival(seq: Sequence) -> int:
-    return seq.arrival
 
 
 def _describe(e: BaseException) -> str:

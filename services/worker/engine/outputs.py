@@ -32,12 +32,26 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
 
 
-def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob]:
+def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob | Exception]:
     """For each row i of ``logits`` (B, vocab) in ``wanted`` (i -> (chosen token, top)): the chosen
     token's log-probability under the model's distribution and the ``top`` most likely tokens'.
     The rows at once and brought to the host in one transfer (on a GPU one wait, not a few per
     row); ``topk`` once per distinct ``top``, so which of tied tokens a row lists does not depend
-    on what else asked beside it."""
+    on what else asked beside it. If the rows fail together, each is tried alone, and one that
+    fails has its exception in its place (its request fails alone, as the sampler's rows do)."""
+    try:
+        return dict(_logprobs(logits, wanted))
+    except Exception:  # noqa: BLE001 - one row's fault must not fail the others
+        out: dict[int, TokenLogprob | Exception] = {}
+        for i, asked in wanted.items():
+            try:
+                out[i] = _logprobs(logits, {i: asked})[i]
+            except Exception as e:  # noqa: BLE001
+                out[i] = e
+        return out
+
+
+def _logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob]:
     if not wanted:
         return {}
     rows = list(wanted)

@@ -292,7 +292,7 @@ class DLoraPolicy(Policy):
         # step puts the others' work off; it does not save it).
         scale = (1 + c.waiting / len(c.run)) / tokens
         price = _Price(self.costs.key(tokens), seconds, total * scale, base_var**0.5 * scale, other_var**0.5 * scale)
-        return _Candidate(c.mode, c.merged, c.batch, c.waiting, price, c.run)
+        return _Candidate(mode=c.mode, merged=c.merged, batch=c.batch, waiting=c.waiting, price=price, run=c.run)
 
     def _incumbent(self, priced: list[_Candidate], merged_now: str | None) -> _Candidate | None:
         """The candidate that goes on as the last step ran (None: none does)."""

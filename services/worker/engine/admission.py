@@ -1,0 +1,21 @@
+"""What refuses a request's tokens at the door, before it holds anything. Pure."""
+
+from __future__ import annotations
+
+from dlora.services.worker.engine.outputs import RequestError
+
+
+def check_tokens(ids: list[int], resumed: list[int], vocab: int, max_model_len: int, max_tokens: int) -> None:
+    """RequestError (a 4xx for the caller) unless the prompt ``ids`` and the outputs ``resumed``
+    from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds, and
+    tokens left to generate under ``max_tokens``."""
+    if not ids:
+        raise RequestError("the prompt is empty")
+    if min(ids + resumed) < 0 or max(ids + resumed) >= vocab:  # min/max, not a Python loop per token
+        raise RequestError(f"token ids must be in [0, {vocab})")
+    if len(ids) + len(resumed) >= max_model_len:
+        raise RequestError(
+            f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {max_model_len}"
+        )
+    if len(resumed) >= max_tokens:
+        raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={max_tokens}")
