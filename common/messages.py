@@ -47,25 +47,30 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
 
     def problem(self) -> str | None:
         """A human-readable reason these parameters are invalid, or None if they are fine."""
+        bad = self.invalid()
+        return None if bad is None else bad[1]
+
+    def invalid(self) -> tuple[str, str] | None:
+        """(field, reason) for the first invalid parameter, or None if they are fine."""
         if self.max_tokens < 1:
-            return f"max_tokens must be >= 1, got {self.max_tokens}"
+            return "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"
         if not 0.0 <= self.temperature <= 100.0:
-            return f"temperature must be in [0, 100], got {self.temperature}"
+            return "temperature", f"temperature must be in [0, 100], got {self.temperature}"
         if not 0.0 <= self.top_p <= 1.0:
-            return f"top_p must be in [0, 1], got {self.top_p}"
+            return "top_p", f"top_p must be in [0, 1], got {self.top_p}"
         if self.top_k < -1:
-            return f"top_k must be -1, 0 or positive, got {self.top_k}"
+            return "top_k", f"top_k must be -1, 0 or positive, got {self.top_k}"
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                return f"{name} must be in [-2, 2], got {getattr(self, name)}"
+                return name, f"{name} must be in [-2, 2], got {getattr(self, name)}"
         if not 0.01 <= self.repetition_penalty <= 100.0:  # below, a positive logit overflows float32
-            return f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"
+            return "repetition_penalty", f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            return f"logprobs must be in [0, 20], got {self.logprobs}"
+            return "logprobs", f"logprobs must be in [0, 20], got {self.logprobs}"
         if any(not s for s in self.stop):
-            return "stop strings must not be empty"
+            return "stop", "stop strings must not be empty"
         if any(t < 0 for t in self.stop_token_ids):
-            return "stop_token_ids must be non-negative"
+            return "stop_token_ids", "stop_token_ids must be non-negative"
         return None
 
 

@@ -146,8 +146,12 @@ class Auth:
             return who
         if self.s.auth != "keys":
             if not self.s.admin_key:
-                raise APIError(401, "adapter admin is disabled: no admin_key is configured", headers=dict(_CHALLENGE))
-            raise APIError(401, "adapter admin needs 'Authorization: Bearer <admin key>'", headers=dict(_CHALLENGE))
+                raise APIError(
+                    401, "admin endpoints are disabled: no admin_key is configured", headers=dict(_CHALLENGE)
+                )
+            raise APIError(
+                401, "this admin endpoint needs 'Authorization: Bearer <admin key>'", headers=dict(_CHALLENGE)
+            )
         raise APIError(403, "this needs an API key with the admin scope", code="insufficient_scope")
 
     @contextlib.contextmanager

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
@@ -45,6 +47,7 @@ from dlora.services.gateway.errors import error_response, json_errors
 from dlora.services.gateway.health import readiness, retry_after_s
 from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.metrics import Metrics, RequestTimer
+from dlora.services.gateway.models import model_cards
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
@@ -87,6 +90,9 @@ class Gateway:
         self.context = self.cfg.context_length()
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
+        # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
+        # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
+        self._shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")
         self.metrics = Metrics()
         self._redis_id: str | None = None  # data_epoch of the Redis the records live in, as last seen
         self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status
@@ -129,7 +135,8 @@ class Gateway:
         entry = None if body.model == self.base_name else await self.registry.lookup(body.model)
         if entry is not None and not who.may_use(entry):
             entry = None
-        return shape_request(
+        shape = functools.partial(
+            shape_request,
             body,
             entry,
             self.served,
@@ -139,6 +146,7 @@ class Gateway:
             now=time.time(),
             tenant=who.tenant,
         )
+        return await asyncio.get_running_loop().run_in_executor(self._shaping, shape)
 
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -281,48 +289,31 @@ class Gateway:
             )
             queue.put_nowait(msgspec.json.encode(chunk))
 
+    def close(self) -> None:
+        """After the listener closed (no handler left to shape a request): the shaping thread ends."""
+        self._shaping.shutdown(wait=False)
+
     async def _abort(self, choices: list[RunningChoice]) -> None:
         for c in choices:
             if c.request is not None:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=c.request.request_id))
 
     async def models(self, request: web.Request) -> web.Response:
-        """The base model and every adapter the caller may use (with the base as parent); each
-        adapter is ``owned_by`` its tenant, or dlora when public. Where an adapter's files lie is
-        for admin callers only: others see its name as its root. The base model's entry names the
-        live workers serving it and the device and dtype each runs on (``served_by``)."""
+        """``GET /v1/models``: the base model and every adapter the caller may use (``model_cards``)."""
+        return web.json_response({"object": "list", "data": await self._model_cards(request)})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}``: one of those cards; 404 for a model the caller may not use."""
+        name = request.match_info["model"]
+        card = next((c for c in await self._model_cards(request) if c["id"] == name), None)
+        if card is None:
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return web.json_response(card)
+
+    async def _model_cards(self, request: web.Request) -> list[dict[str, Any]]:
         who = await self.auth.inference(request)
-        created = int(time.time())
-        served_by = [
-            {"worker": w.worker, "device": w.device, "dtype": w.dtype} for w in await self.store.live_workers()
-        ]
-        data = [
-            {
-                "id": self.base_name,
-                "object": "model",
-                "created": created,
-                "owned_by": "dlora",
-                "root": self.base_name,
-                "parent": None,
-                "served_by": served_by,
-            }
-        ]
-        for e in await self.store.list_adapters():
-            if not who.may_use(e):
-                continue
-            data.append(
-                {
-                    "id": e.name,
-                    "object": "model",
-                    "created": int(e.created),
-                    "owned_by": e.owner or "dlora",
-                    "root": e.path if who.admin else e.name,
-                    "parent": self.base_name,
-                    "rank": e.rank,
-                    "version": e.version,
-                }
-            )
-        return web.json_response({"object": "list", "data": data})
+        workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
+        return model_cards(self.base_name, workers, adapters, who, int(time.time()))
 
     async def add_adapter(self, request: web.Request) -> web.Response:
         await self.auth.admin(request)
@@ -415,6 +406,7 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_post("/v1/adapters", self.add_adapter)
         app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
         keys = KeyAdmin(self.auth, self._read_body)
@@ -486,6 +478,7 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
             ready.cancel()
             await gw.shutdown()
             await listener.close()
+            gw.close()
 
 
 def _unanswered(choice: RunningChoice, reason: str) -> TokenChunk:

@@ -139,6 +139,14 @@ def document() -> dict[str, Any]:
                 "responses": _responses("the base model and the adapters the caller may use", 401, 403),
             }
         },
+        "/v1/models/{model}": {
+            "get": {
+                "operationId": "retrieveModel",
+                "security": inference,
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": _responses("the model, if the caller may use it", 401, 403, 404),
+            }
+        },
         "/v1/adapters": {
             "post": {
                 "operationId": "registerAdapter",

@@ -136,7 +136,8 @@ def shape_request(
     choices: list[ChoicePlan] = []
     for p, (ids, text) in enumerate(prompts):
         generate = asked != 0  # max_tokens 0: nothing generated (with echo: the prompt back)
-        params = sampling_params(body, max_new_tokens(ids, asked, model.context) if generate else 1)
+        new = max_new_tokens(ids, asked, model.context, "messages" if chat else "prompt")
+        params = sampling_params(body, new if generate else 1)
         # echoed as the client wrote it; token ids as text, without special tokens
         prefix = "" if not echo else text if text is not None else model.tokenizer.decode(ids, skip_special_tokens=True)
         for i in range(n):
@@ -188,20 +189,29 @@ def prompt_ids(prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int) -
     return out
 
 
-def max_new_tokens(ids: list[int], asked: int | None, context: int) -> int:
-    """Tokens to generate after the prompt ``ids``: ``asked``, or (None) all the context leaves.
+def max_new_tokens(ids: list[int], asked: int | None, context: int, field: str = "prompt") -> int:
+    """Tokens to generate after the prompt ``ids`` (the request's ``field``: prompt or messages):
+    ``asked``, or (None) all the context leaves; 0 asks for none (a completion's echo).
 
     Raises:
-        APIError(400): the prompt is empty, or it leaves no room or less than ``asked``.
+        APIError(400): the prompt is empty or longer than the context (``param``: ``field``), or
+            leaves less room than ``asked`` (``param``: max_tokens).
     """
     if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
+        raise APIError(400, "the prompt is empty", param=field)
     room = context - len(ids)
-    if room <= 0 or (asked is not None and asked > room):
+    # With nothing to generate the prompt may fill the context; else it must leave a token's room.
+    # The messages are vLLM's, which names the same two cases.
+    limit = f"This model's maximum context length is {context} tokens. However, you requested"
+    if room < (0 if asked == 0 else 1):
+        raise APIError(
+            400, f"{limit} {len(ids)} tokens in the {field}. Please reduce the length of the {field}.", param=field
+        )
+    if asked is not None and asked > room:
         raise APIError(
             400,
-            f"this model's maximum context length is {context} tokens; the prompt has "
-            f"{len(ids)} and max_tokens asks for {asked}",
+            f"{limit} {len(ids) + asked} tokens ({len(ids)} in the {field}, {asked} in the completion). "
+            f"Please reduce the length of the {field} or completion.",
             param="max_tokens",
         )
     return room if asked is None else asked
@@ -214,8 +224,9 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[i
     template, a plain "role: content" transcript ending with "assistant:", tokenized as a prompt.
 
     Raises:
-        APIError(400): no messages, an unknown role, tool calls, audio or non-text content, or a
-            template that refuses the conversation (its reason).
+        APIError(400): no messages, an unknown role, a message other than an assistant's without
+            content, tool calls, audio or non-text content, or a template that refuses the
+            conversation (its reason).
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
@@ -226,6 +237,8 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[i
         if m.tool_calls or m.function_call or m.audio is not None:
             field = "tool_calls" if m.tool_calls else "function_call" if m.function_call else "audio"
             raise APIError(400, f"messages: {field} in a {m.role} message is not supported", param="messages")
+        if m.content is None and m.role != "assistant":  # only an assistant's turn may omit it (the spec)
+            raise APIError(400, f"messages: a {m.role} message needs content", param="messages")
         parts = [] if isinstance(m.content, str) or m.content is None else m.content
         other = sorted({p.type for p in parts if p.type != "text"})
         if other:  # never dropped silently: the model would answer as if it were not there
@@ -256,8 +269,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "frequency_penalty": (-2.0, 2.0),
     "best_of": (0, 20),
     "top_logprobs": (0, 20),
-    "max_tokens": (0, math.inf),
-    "max_completion_tokens": (0, math.inf),
+    "max_tokens": (0, math.inf),  # 0: a completion's echo alone
+    "max_completion_tokens": (1, math.inf),
 }
 # The completions endpoint's logprobs is a count in [0, 5]; the chat endpoint's is a flag.
 _COMPLETION_LOGPROBS = (0, 5)
@@ -267,6 +280,8 @@ def _check_ranges(body: Body) -> None:
     ranges = dict(RANGES)
     if isinstance(body, CompletionBody):
         ranges["logprobs"] = _COMPLETION_LOGPROBS
+    else:  # a chat completion generates a token at least (only a completion's echo asks for none)
+        ranges |= {"max_tokens": (1, math.inf), "max_completion_tokens": (1, math.inf)}
     for name, (low, high) in ranges.items():
         value = getattr(body, name, None)
         if value is not None and not low <= value <= high:
@@ -275,7 +290,8 @@ def _check_ranges(body: Body) -> None:
 
 
 def _unsupported(body: Body) -> list[tuple[str, bool]]:
-    """(field, set to something dlora cannot honour) for every field of the spec it does not serve."""
+    """(what, set to something dlora cannot honour) for every field of the spec it does not serve;
+    ``what`` begins with the field's name."""
     out = [("logit_bias", bool(body.logit_bias))]
     if isinstance(body, CompletionBody):
         out += [
@@ -339,9 +355,9 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
     """
     _check_ranges(body)
-    for name, bad in _unsupported(body):
-        if bad:
-            raise APIError(400, f"{name} is not supported (only its default)", param=name)
+    for what, unsupported in _unsupported(body):
+        if unsupported:
+            raise APIError(400, f"{what} is not supported (only its default)", param=what.split()[0])
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -361,6 +377,6 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
         else ((body.top_logprobs or 0) if body.logprobs else None),
         json_schema=None if isinstance(body, CompletionBody) else json_schema(body.response_format),
     )
-    if (problem := params.problem()) is not None:
-        raise APIError(400, problem)
+    if (bad := params.invalid()) is not None:
+        raise APIError(400, bad[1], param=bad[0])
     return params

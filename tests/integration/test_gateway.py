@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -127,6 +128,32 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
     ):
         admin = {d["id"]: d for d in (await r.json())["data"][1:]}
     assert all(admin[n]["root"] == str(Path(p).resolve()) for n, p in stack.tiny.adapters.items())
+    # each card alone, as the OpenAI client's models.retrieve asks for it
+    async with aiohttp.ClientSession() as http:
+        for card in data:
+            async with http.get(f"{stack.url}/v1/models/{card['id']}") as r:
+                assert (r.status, await r.json()) == (200, card | {"created": (await r.json())["created"]})
+        async with http.get(stack.url + "/v1/models/no-such-model") as r:
+            error = (await r.json())["error"]
+    assert (r.status, error["code"], error["param"]) == (404, "model_not_found", "model")
+
+
+async def test_prompts_are_tokenized_off_the_event_loop(stack: Stack, monkeypatch) -> None:
+    """A long prompt's tokenizing (a 1 MB one takes about a second) must not stall other requests'
+    streams: shaping runs on the gateway's own thread, for both endpoints."""
+    tokenizer, threads = stack.gateway.tokenizer, []
+    encode = tokenizer.encode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", recording)
+    body = {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 1}
+    assert (await post(stack, "/v1/completions", body))[0] == 200
+    chat = {"model": "lora-0", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 1}
+    assert (await post(stack, "/v1/chat/completions", chat))[0] == 200
+    assert len(threads) == 2 and not any(threads)
 
 
 async def test_served_model_name_names_the_base_model(stack: Stack) -> None:

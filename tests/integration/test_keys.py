@@ -106,6 +106,9 @@ async def test_a_tenant_sees_and_uses_only_its_own_and_public_adapters(keyed_sta
     status, models, _ = await call(stack, "GET", "/v1/models", headers=ADMIN)
     every = {m["id"]: m for m in models["data"][1:]}
     assert set(every) == public | {"acme-sql", "globex-sql"} and every["globex-sql"]["root"].startswith("/")
+    # another tenant's adapter is as unknown to retrieve as to the list
+    assert (await call(stack, "GET", "/v1/models/globex-sql", headers=bearer(acme)))[0] == 404
+    assert (await call(stack, "GET", "/v1/models/acme-sql", headers=bearer(acme)))[1]["owned_by"] == "acme"
 
     # the tenant's requests carry its tenant (not the body's user)
     seen: list[GenerateRequest] = []

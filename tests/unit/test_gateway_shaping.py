@@ -99,15 +99,33 @@ def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> No
     e = refused(served, {"prompt": long, "max_tokens": 5})
     assert (e.status, e.param) == (400, "max_tokens")
     assert e.message == (
-        f"this model's maximum context length is {CONTEXT} tokens; the prompt has {CONTEXT - 4} "
-        "and max_tokens asks for 5"
+        f"This model's maximum context length is {CONTEXT} tokens. However, you requested {CONTEXT + 1} tokens "
+        f"({CONTEXT - 4} in the prompt, 5 in the completion). Please reduce the length of the prompt or completion."
     )
-    assert refused(served, {"prompt": [5] * CONTEXT, "max_tokens": 1}).param == "max_tokens"
+
+    # A prompt that fills the context is the prompt's fault whatever max_tokens says: set, left to
+    # its default, or 0 (an echo alone may fill the context, not exceed it).
+    def too_long(n: int, field: str = "prompt") -> tuple[str, str]:
+        return field, (
+            f"This model's maximum context length is {CONTEXT} tokens. However, you requested {n} tokens in "
+            f"the {field}. Please reduce the length of the {field}."
+        )
+
+    full = [5] * CONTEXT
+    for body in ({"prompt": full, "max_tokens": 1}, {"prompt": full}, {"prompt": full + [5], "max_tokens": 0}):
+        e = refused(served, body)
+        assert (e.status, (e.param, e.message)) == (400, too_long(len(body["prompt"])))
+    assert shape(served, {"prompt": full, "max_tokens": 0, "echo": True}).choices[0].request is None
     assert refused(served, {"prompt": [], "max_tokens": 1}).message == "the prompt is empty"
-    # a chat request without max_tokens may fill the context
+    assert refused(served, {"prompt": [], "max_tokens": 0}).param == "prompt"
+    # a chat request without max_tokens may fill the context; its messages may not
     msgs = [{"role": "user", "content": "kalo"}]
     chat = shape(served, {"messages": msgs}, chat=True)
     assert chat.choices[0].request.params.max_tokens == CONTEXT - chat.prompt_tokens
+    e = refused(served, {"messages": [{"role": "user", "content": "kalo " * CONTEXT}]}, chat=True)
+    assert e.param == "messages" and e.message.endswith(
+        "tokens in the messages. Please reduce the length of the messages."
+    )
 
 
 def test_malformed_prompts_and_too_many_choices(served: ServedModel) -> None:
@@ -176,6 +194,55 @@ def test_sampling_params_map_and_refuse_unsupported() -> None:
     body = msgspec.convert({"model": "m", "prompt": "x", "temperature": 3}, CompletionBody)
     with pytest.raises(APIError, match=r"temperature must be in \[0.0, 2.0\], got 3"):
         shaping.sampling_params(body, 7)
+
+
+@pytest.mark.parametrize(
+    ("body", "chat", "param"),
+    [
+        ({"best_of": 2, "n": 1}, False, "best_of"),
+        ({"echo": True, "logprobs": 1}, False, "echo"),
+        ({"suffix": "x"}, False, "suffix"),
+        ({"top_logprobs": 2}, True, "top_logprobs"),
+        ({"tools": [{"type": "function"}]}, True, "tools"),
+        ({"repetition_penalty": 0}, False, "repetition_penalty"),
+        ({"stop": ""}, False, "stop"),
+        ({"stop": ["a", ""]}, True, "stop"),
+        ({"stop_token_ids": [-1]}, False, "stop_token_ids"),
+        ({"top_k": -2}, False, "top_k"),
+        ({"temperature": 2.5}, True, "temperature"),
+        ({"max_tokens": 0}, True, "max_tokens"),  # a chat completion generates a token at least
+        ({"max_completion_tokens": 0}, True, "max_completion_tokens"),
+    ],
+)
+def test_every_refused_value_names_its_field(served: ServedModel, body: dict[str, Any], chat: bool, param: str) -> None:
+    """The README's promise: a value out of range or unsupported is a 400 naming the field (the
+    error's ``param`` is the field itself, as OpenAI's is, never a phrase)."""
+    start = {"messages": [{"role": "user", "content": "kalo"}]} if chat else {"prompt": "kalo"}
+    e = refused(served, start | body, chat=chat)
+    assert (e.status, e.param) == (400, param), e.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "m", "prompt": "x", "max_tokens": "3"}', "max_tokens"),
+        (b'{"model": "m", "prompt": "x", "stream_options": {"q": 1}}', "stream_options"),
+        (b'{"model": "m", "prompt": "x", "frobnicate": 1}', "frobnicate"),
+        (b'{"prompt": "x"}', "model"),
+    ],
+)
+def test_a_body_of_the_wrong_shape_names_the_field(raw: bytes, param: str) -> None:
+    with pytest.raises(APIError) as e:
+        openai.decode_body(raw, CompletionBody)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_only_an_assistant_message_may_leave_out_its_content(served: ServedModel) -> None:
+    for role in ("user", "system", "tool", "developer"):
+        e = refused(served, {"messages": [{"role": role}]}, chat=True)
+        assert (e.param, e.message) == ("messages", f"messages: a {role} message needs content")
+    msgs = [{"role": "user", "content": "kalo"}, {"role": "assistant"}, {"role": "user", "content": "remi"}]
+    assert shape(served, {"messages": msgs}, chat=True).choices
 
 
 class _Chars:

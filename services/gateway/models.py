@@ -1,0 +1,45 @@
+"""The model cards of ``GET /v1/models`` and ``GET /v1/models/{model}``: the base model and every
+adapter a caller may use, in OpenAI's ``model`` object shape with vLLM's ``root`` and ``parent``.
+Pure: the handlers read the workers and the adapter registry and pass them in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dlora.common.messages import AdapterEntry, WorkerStats
+from dlora.services.gateway.auth import Principal
+
+
+def model_cards(
+    base_name: str, workers: list[WorkerStats], adapters: list[AdapterEntry], who: Principal, created: int
+) -> list[dict[str, Any]]:
+    """The base model (naming the live workers serving it, with the device and dtype of each:
+    ``served_by``), then each adapter ``who`` may use, with the base as its parent and ``owned_by``
+    its tenant (dlora when public). Where an adapter's files lie is for admin callers only: others
+    see its name as its root. ``created``: Unix seconds, the base model's."""
+    cards: list[dict[str, Any]] = [
+        {
+            "id": base_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "dlora",
+            "root": base_name,
+            "parent": None,
+            "served_by": [{"worker": w.worker, "device": w.device, "dtype": w.dtype} for w in workers],
+        }
+    ]
+    cards += [
+        {
+            "id": e.name,
+            "object": "model",
+            "created": int(e.created),
+            "owned_by": e.owner or "dlora",
+            "root": e.path if who.admin else e.name,
+            "parent": base_name,
+            "rank": e.rank,
+            "version": e.version,
+        }
+        for e in adapters
+        if who.may_use(e)
+    ]
+    return cards
