@@ -94,18 +94,14 @@ soak: setup
 # this project set up and no network: the CUDA tests and the kernel and engine benchmarks at 7B
 # widths, in one command (loadgen/gpu_check.py). What such a machine lacks travels as wheels in .whl/,
 # fetched here by `make gpu-wheels` for its Python (3.12).
-GPU_SRC := .cache/gpu-src
-GPU_SITE := .cache/gpu-site
 GPU_WHEELS := msgspec llguidance structlog pytest-asyncio
 
+# OUT=dir: also everything the run made or rewrote in dir/gpu-check.tgz (a device machine's $OUT).
 gpu-check:
-	mkdir -p $(GPU_SRC)/dlora
-	for d in common kernels loadgen model services sim; do ln -sfn ../../../$$d $(GPU_SRC)/dlora/$$d; done
-	if ls .whl/*.whl >/dev/null 2>&1; then \
-		$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
-	PYTHONPATH=$(CURDIR)/$(GPU_SRC):$(CURDIR)/$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) -m dlora.loadgen.gpu_check
+	$(PYTHON) loadgen/gpu_check.py $(if $(OUT),--bundle $(OUT)/gpu-check.tgz)
 
 gpu-wheels:
+	rm -rf .whl  # one version of each: two stop the install there
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl $(GPU_WHEELS)

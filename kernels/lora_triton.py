@@ -242,8 +242,10 @@ def _expand_kernel(
         y_mask = m_mask[:, None] & r_mask[None, :]
         yt = tl.load(y_ptr + y_off, mask=y_mask, other=0.0)  # (BLOCK_M, BLOCK_R)
         # The shrink's K shares, summed in one fixed order: the same bits on every run (float
-        # atomics in the shrink would add them in whatever order the programs finish).
-        for share in tl.static_range(1, SPLIT_K):
+        # atomics in the shrink would add them in whatever order the programs finish). A loop, not
+        # unrolled: unrolled, the pipeliner buffers every share's load (2 MB of shared memory at
+        # 64 shares, where an SM has 227 KB; tests/kernels/test_shared_memory.py).
+        for share in range(1, SPLIT_K):
             yt += tl.load(y_ptr + share * stride_split + y_off, mask=y_mask, other=0.0)
         bt = tl.load(
             b_ptr + offs_n[None, :] * rank + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0

@@ -59,11 +59,14 @@ def merge_rows_triton(
     block_n: int = 64,
     block_k: int = 64,
 ) -> None:
-    """As ``merge.merge_rows``; a and b must be contiguous, saved contiguous."""
+    """As ``merge.merge_rows``; a and b must be contiguous, saved contiguous. RuntimeError when A
+    (rank, K) and B (N, rank) do not fit the weight (N, K), as the torch path's matmul raises."""
     assert weight.dim() == 2 and weight.stride(1) == 1, "weight rows must be contiguous"
     assert saved.shape == weight.shape and saved.dtype == weight.dtype and saved.is_contiguous()
-    assert a.is_contiguous() and b.is_contiguous() and a.shape[0] == b.shape[1]
-    assert a.shape[1] == weight.shape[1] and b.shape[0] == weight.shape[0], "A (rank, K), B (N, K)"
+    assert a.is_contiguous() and b.is_contiguous()
+    if a.shape[0] != b.shape[1] or a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0]:
+        # The adapter's shapes, not a caller's slip: the merger rolls back on it, whichever path ran.
+        raise RuntimeError(f"A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight {tuple(weight.shape)}")
     assert weight.dtype in ELEM and a.device == b.device == weight.device == saved.device
     n, k = weight.shape
     rank = a.shape[0]

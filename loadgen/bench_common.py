@@ -38,9 +38,20 @@ def machine(device: torch.device | None = None) -> str:
 
 
 def ensure_model(workdir: Path, preset: str, num_adapters: int, ranks: list[int]) -> Path:
-    """A benchmark model with adapters, made once under ``workdir`` and reused."""
-    root = workdir / f"{preset}-{num_adapters}-r{'-'.join(map(str, ranks))}"
-    if not (root / "adapters" / f"lora-{num_adapters - 1}" / "adapter_config.json").exists():
+    """A benchmark model with adapters, made once under ``workdir`` and reused, also one made with
+    more adapters (``make_tiny`` draws each adapter from its own index's seed, so the first ones
+    are the same): at 7B widths making one takes a GPU check's seconds and gigabytes."""
+    ranked = f"-r{'-'.join(map(str, ranks))}"
+
+    def complete(root: Path, n: int) -> bool:
+        return (root / "adapters" / f"lora-{n - 1}" / "adapter_config.json").exists()
+
+    for root in workdir.glob(f"{preset}-*{ranked}") if workdir.is_dir() else ():
+        n = root.name[len(preset) + 1 : -len(ranked)]
+        if n.isdigit() and int(n) >= num_adapters and complete(root, int(n)):
+            return root
+    root = workdir / f"{preset}-{num_adapters}{ranked}"
+    if not complete(root, num_adapters):
         make_tiny(root, preset=preset, num_adapters=num_adapters, ranks=ranks, seed=0)
     return root
 

@@ -24,6 +24,8 @@ from dlora.services.worker.policy import StepDecision, lora_work
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from dlora.loadgen.baselines import HFPeftServer
+
 PROMPT_LEN = 32
 
 
@@ -175,16 +177,9 @@ def profile_step(engine: LLMEngine, adapters: list[str | None], merged: str | No
     return {"launches_per_step": len(ops) / steps, "kernel_ms_per_step": None}
 
 
-def hf_step_ms(root: Path, adapter: str, batch: int, device: str, dtype: str, steps: int) -> float:
-    """transformers + peft, the same model and adapter: milliseconds per decode step at ``batch``,
-    as (generate of steps + 1 tokens - generate of 1 token) / steps, so the prefill cancels."""
-    import torch
-
-    from dlora.loadgen.baselines import HFPeftServer
-
-    server = HFPeftServer(
-        root / "model", {adapter: root / "adapters" / adapter}, device=device, dtype=getattr(torch, dtype)
-    )
+def hf_step_ms(server: HFPeftServer, adapter: str, batch: int, steps: int) -> float:
+    """transformers + peft (``server``, the same model and adapter): milliseconds per decode step at
+    ``batch``, as (generate of steps + 1 tokens - generate of 1 token) / steps, so the prefill cancels."""
     prompts = [[(7 * i + 3) % 500 for i in range(PROMPT_LEN)]] * batch
     server.generate(adapter, prompts, 2)  # warm up
 
@@ -292,8 +287,15 @@ def run(
             profiled[label]["host_phases_ms"] = phases
     hf: dict[str, float] = {}
     if hf_baseline:
+        import torch
+
+        from dlora.loadgen.baselines import HFPeftServer
+
+        # One load for both batch sizes: at 7B widths a load is seconds of a GPU check's budget.
+        dt = getattr(torch, dtype)
+        server = HFPeftServer(root / "model", {names[0]: root / "adapters" / names[0]}, device=device, dtype=dt)
         for batch in sorted({1, min(32, max(batch_sizes))}):
-            hf[f"batch {batch}"] = hf_step_ms(root, names[0], batch, device, dtype, steps)
+            hf[f"batch {batch}"] = hf_step_ms(server, names[0], batch, steps)
 
     # The LoRA tax at batch 32 (or the largest below it), step by step: the per-point medians above
     # move by more than the tax on a shared machine.

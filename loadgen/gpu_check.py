@@ -1,9 +1,10 @@
 """``make gpu-check``: what a session lent a GPU measures first, in one command, within 8 minutes.
 
 It runs on a machine with an NVIDIA GPU and its own torch, Triton, transformers and peft, with
-nothing of this project installed and no network (the Makefile puts the source on ``PYTHONPATH``
-and installs the wheels of ``make gpu-wheels``, carried in ``.whl/``, for what such a machine
-lacks). In order, each with its own time bound so one slow part cannot starve the rest:
+nothing of this project installed, no network and perhaps no make: ``python3 loadgen/gpu_check.py``
+(``bootstrap``) puts the source on ``PYTHONPATH`` and installs the wheels of ``make gpu-wheels``,
+carried in ``.whl/``, for what such a machine lacks. In order, each with its own time bound so one
+slow part cannot starve the rest:
 
 0. ``dlora bench tune-lora``: the LoRA kernels' tiles timed on this GPU into ``kernels/tuned/``
    (and a copy in OUT, to commit);
@@ -27,11 +28,13 @@ failed, 2 when there is no CUDA device.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -41,6 +44,12 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
     sum to 480 s, the 8 minutes the whole may take (a device session has 15, start included)."""
     py = [sys.executable]
     cli = [*py, "-m", "dlora.services.cli", "bench"]
+    # pytest without pytest-asyncio (its wheel left behind) would stop at pyproject's asyncio
+    # options, warnings being errors; with pytest-xdist (the GPU image has it) the ~200 Triton
+    # compiles of a cold cache run four at a time.
+    pytest = [*py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestConfigWarning"]
+    if importlib.util.find_spec("xdist") is not None:
+        pytest += ["-n", "4"]
     engine_7b = [
         *cli,
         "engine",
@@ -62,16 +71,11 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
             {},
             75.0,
         ),
-        ("kernel-tests", [*py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], {}, 100.0),
+        ("kernel-tests", [*pytest, "tests/kernels"], {}, 100.0),
         (
             "engine-tests",
             [
-                *py,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
+                *pytest,
                 "tests/engine/test_parity.py",
                 "tests/engine/test_adapters.py",
                 "tests/engine/test_graphs.py",
@@ -110,7 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench-results/gpu", help="folder for the JSON results and logs")
     p.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose sections are regenerated")
+    p.add_argument("--bundle", help="also write everything the run made or rewrote into this .tgz (to bring back)")
     args = p.parse_args(argv)
+    try:
+        return _check(Path(args.out), args.benchmarks)
+    finally:
+        if args.bundle:
+            bundle(Path(args.bundle), Path(args.out), Path(args.benchmarks))
+
+
+def bundle(path: Path, out: Path, benchmarks: Path) -> None:
+    """One archive of what a run made or rewrote: OUT (results, logs, the tuned table), the
+    BENCHMARKS.md sections and their plots, the tuned tables (a device machine hands back a few
+    files, not folders of them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for p in [out, benchmarks, *sorted(Path("docs").glob("bench-*.png")), Path("kernels/tuned")]:
+            if p.exists():
+                tar.add(p)
+
+
+def _check(out: Path, benchmarks: str) -> int:
     try:
         import torch
     except ImportError:
@@ -122,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("make gpu-check: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {
         "gpu": torch.cuda.get_device_name(),
@@ -131,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "parts": {},
     }
     failed = False
-    for name, cmd, env, limit in parts(out, args.benchmarks):
+    for name, cmd, env, limit in parts(out, benchmarks):
         start = time.monotonic()
         log = out / f"{name}.log"
         with log.open("w") as f:
@@ -153,5 +176,27 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def bootstrap(argv: list[str]) -> int:
+    """Run as a file (``python3 loadgen/gpu_check.py``, what ``make gpu-check`` does; the GPU
+    machine may have no make): the source laid out as the ``dlora`` package under .cache, the
+    carried wheels installed beside it, then ``main`` with both on PYTHONPATH. Exit 2 without
+    wheels: the engine needs msgspec, which that machine lacks."""
+    root = Path(__file__).resolve().parents[1]
+    src, site = root / ".cache/gpu-src", root / ".cache/gpu-site"
+    (src / "dlora").mkdir(parents=True, exist_ok=True)
+    for pkg in sorted(p for p in root.iterdir() if (p / "__init__.py").exists() and p.name != "tests"):
+        link = src / "dlora" / pkg.name
+        if not link.is_symlink():
+            link.symlink_to(pkg)
+    wheels = sorted(str(w) for w in root.glob(".whl/*.whl"))
+    if not wheels:
+        print("gpu-check: no wheels in .whl/ (run `make gpu-wheels` on a machine with a network, carry .whl)")
+        return 2
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade"]
+    subprocess.run([*pip, "--target", str(site), *wheels], check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (src, site, root))), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "dlora.loadgen.gpu_check", *argv], cwd=root, env=env).returncode
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bootstrap(sys.argv[1:]) if not __package__ else main())

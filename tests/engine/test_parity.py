@@ -156,7 +156,8 @@ def test_prefill_logits_close_to_peft(arch, kernels: str, policy: str) -> None:
         for adapter in [None, *tiny.adapters]:
             engine.add_request("p", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1), adapter=adapter)
             engine.step()
-            torch.testing.assert_close(engine.last_logits["p"], oracle.last_logits(adapter, prompt), atol=1e-4, rtol=0)
+            got = engine.last_logits["p"].cpu()  # on the engine's device; the oracle's are on the CPU
+            torch.testing.assert_close(got, oracle.last_logits(adapter, prompt), atol=1e-4, rtol=0)
 
 
 def test_dlora_merges_a_skewed_queue_and_still_matches(arch) -> None:

@@ -55,7 +55,7 @@ def test_scaled_rope_matches_transformers(tiny_llama: TinyOutput, tmp_path: Path
     assert run_all(engine, {"r": (None, prompt)}, 8)["r"] == expected[0, len(prompt) :].tolist()
     engine.add_request("p", prompt_token_ids=prompt)
     engine.step()
-    torch.testing.assert_close(engine.last_logits["p"], expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(engine.last_logits["p"].cpu(), expected_logits, atol=1e-4, rtol=0)
 
 
 def test_mistral_config_is_served_up_to_its_window(tiny_llama: TinyOutput, tmp_path: Path) -> None:

@@ -46,3 +46,14 @@ def test_merge_into_the_middle_rows_of_a_fused_weight() -> None:
 @pytest.mark.parametrize("n,k,rank", [(4096, 4096, 16), (11008, 4096, 64), (4096, 11008, 8)])
 def test_real_model_sizes(n: int, k: int, rank: int, dtype: torch.dtype) -> None:
     check(slice(0, n), k, rank, dtype)
+
+
+def test_an_adapter_that_does_not_fit_the_weight_raises_what_the_reference_raises() -> None:
+    """The merger rolls a merge back on the error either path raises (a RuntimeError: torch's
+    matmul's on the reference path), so the kernel raises the same, never an assertion."""
+    w = torch.zeros(8, 16, device=device())
+    saved = torch.empty_like(w)
+    for a, b in ((torch.zeros(4, 3), torch.zeros(8, 4)), (torch.zeros(4, 16), torch.zeros(8, 5))):
+        for merge in (merge_rows, merge_rows_triton):
+            with pytest.raises(RuntimeError):
+                merge(w, saved, a.to(device()), b.to(device()), 1.0)

@@ -47,3 +47,14 @@ def test_section_is_added_then_replaced_in_place(tmp_path: Path) -> None:
     assert "**3.0x**" in second and "**2.0x**" not in second and "later text" in second
     assert (tmp_path / "docs" / "bench-e2e.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "r.json").exists()
+
+
+def test_a_benchmark_model_with_more_adapters_is_reused(tmp_path: Path) -> None:
+    """A GPU check asks for 64 adapters in one part and 8 in the next: the second reuses the first's
+    model (at 7B widths a model costs seconds and gigabytes), whose first adapters are the same."""
+    from dlora.loadgen.bench_common import ensure_model
+
+    made = ensure_model(tmp_path, "tiny", 3, [8])
+    assert ensure_model(tmp_path, "tiny", 2, [8]) == made
+    assert sorted(p.name for p in tmp_path.iterdir()) == [made.name]
+    assert ensure_model(tmp_path, "tiny", 2, [16]) != made  # another rank: its own

@@ -38,3 +38,30 @@ def test_every_part_is_a_command_this_tree_accepts() -> None:
             assert module == "pytest", name
             paths = [a for a in args if a.startswith("tests/")]
             assert paths and all((root / p).exists() for p in paths), (name, paths)
+
+
+def test_the_bundle_holds_what_a_run_made_or_rewrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device machine hands back a few files, not folders: one archive carries them all."""
+    import tarfile
+
+    monkeypatch.chdir(tmp_path)
+    for name in (
+        "out/engine.json",
+        "out/kernel-tests.log",
+        "BENCHMARKS.md",
+        "docs/bench-engine.png",
+        "kernels/tuned/x.json",
+    ):
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_text(name)
+    Path("docs/dashboard.png").write_text("not the run's")
+    gpu_check.bundle(tmp_path / "back/gpu-check.tgz", Path("out"), Path("BENCHMARKS.md"))
+    with tarfile.open(tmp_path / "back/gpu-check.tgz") as tar:
+        files = {m.name for m in tar.getmembers() if m.isfile()}
+    assert files == {
+        "out/engine.json",
+        "out/kernel-tests.log",
+        "BENCHMARKS.md",
+        "docs/bench-engine.png",
+        "kernels/tuned/x.json",
+    }

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import sampler
 from dlora.services.worker.engine.sampler import (
     SamplingError,
     apply_penalties,
@@ -217,3 +218,12 @@ def test_rows_penalised_together_equal_each_row_alone(
     together = apply_penalties_rows(logits, params, histories)
     for row, p, history, got in zip(logits, params, histories, together):
         assert torch.equal(got, apply_penalties(row, p, *history)), p  # bit for bit
+
+
+def test_a_generator_on_the_rows_device_is_used_as_it_is() -> None:
+    """A device given without an index (``torch.Generator("cuda").device``) is the row's device,
+    not a foreign one whose generator would be asked to draw there."""
+    assert sampler._same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert sampler._same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not sampler._same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert not sampler._same_device(torch.device("cpu"), torch.device("cuda:0"))

@@ -167,13 +167,18 @@ def _exponentials(generators: list[torch.Generator | None], vocab: int, device: 
     would be NaN for p = 0 and win the argmax."""
     q = torch.empty(len(generators), vocab, device=device)
     for i, g in enumerate(generators):
-        if g is not None and g.device != q.device:
+        if g is not None and not _same_device(g.device, q.device):
             g = torch.Generator(q.device).manual_seed(int(torch.randint(_MASK, (1,), generator=g)))
         q[i].exponential_(generator=g)
     return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
 
 _MASK = (1 << 63) - 1
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``torch.Generator("cuda").device`` may carry no index where a tensor's says cuda:0."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def position_generator(seed: int, position: int) -> torch.Generator:
