@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 
 from nats.aio.client import Client as NATS
 
@@ -15,6 +16,9 @@ from dlora.common.messages import ClientAlive
 
 # Seconds between two announcements: several fit in any heartbeat TTL worth setting.
 ANNOUNCE_S = 1.0
+# Clients known at once. Past it the longest silent is forgotten, as one never heard from is
+# (its requests are kept): anyone allowed to announce must not grow the map without bound.
+MAX_CLIENTS = 10_000
 
 
 class Clients:
@@ -22,7 +26,7 @@ class Clients:
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self._last: dict[str, float] = {}
+        self._last: OrderedDict[str, float] = OrderedDict()  # in the order last heard: longest silent first
         self._latest = float("-inf")  # when anyone (a client, or another party: ``noted``) was last heard from
         self._reconnects: dict[str, tuple[int, float]] = {}  # its count, and when it last grew
 
@@ -35,10 +39,16 @@ class Clients:
         missed = reconnects > before and now - grew_at >= ANNOUNCE_S  # first heard after one too
         self._reconnects[client] = (reconnects, now) if missed else (before, grew_at)
         self._last[client] = now
-        # Forget clients gone long ago: their requests were dropped then, and the maps stay small.
-        if len(self._last) > 64:
-            self._last = {c: t for c, t in self._last.items() if now - t < 100 * self.ttl_s}
-            self._reconnects = {c: n for c, n in self._reconnects.items() if c in self._last}
+        self._last.move_to_end(client)
+        # Forget clients gone long ago (their requests were dropped then) and any past the cap, from
+        # the longest silent: each announcement costs O(1), however many clients announce (a full
+        # sweep per announcement made a burst of 20,000 names stall a cluster for minutes).
+        while self._last:
+            oldest, t = next(iter(self._last.items()))
+            if now - t < 100 * self.ttl_s and len(self._last) <= MAX_CLIENTS:
+                break
+            del self._last[oldest]
+            self._reconnects.pop(oldest, None)
         return missed
 
     def noted(self, now: float) -> None:
@@ -52,7 +62,7 @@ class Clients:
     def forgive(self, now: float) -> None:
         """Count every known client as heard from ``now``: the observer's own connection was down,
         so their silence meanwhile says nothing about them."""
-        self._last = dict.fromkeys(self._last, now)
+        self._last = OrderedDict.fromkeys(self._last, now)
         self._latest = now
 
     def gone(self, client: str, now: float) -> bool:

@@ -43,3 +43,25 @@ def test_heard_says_when_a_client_s_connection_came_back() -> None:
     assert clients.heard("noisy", 10.0, reconnects=1)
     assert not clients.heard("noisy", 10.5, reconnects=2)
     assert clients.heard("noisy", 11.0, reconnects=3)
+
+
+def test_a_flood_of_names_forgets_the_longest_silent_and_keeps_the_map_bounded() -> None:
+    """Anyone allowed to publish announcements may send thousands of made-up names: the map keeps
+    at most MAX_CLIENTS, forgetting the longest silent first (as never heard from: requests kept),
+    and a real client that keeps announcing is never forgotten."""
+    from dlora.common import clients as module
+
+    clients = Clients(ttl_s=5.0)
+    clients.heard("gw", 0.0)
+    for i in range(2 * module.MAX_CLIENTS):
+        now = i * 1e-4
+        clients.heard(f"fake-{i}", now)
+        if i % 1000 == 0:
+            clients.heard("gw", now)
+    assert len(clients._last) == module.MAX_CLIENTS
+    assert "fake-0" not in clients._last and f"fake-{2 * module.MAX_CLIENTS - 1}" in clients._last
+    assert "gw" in clients._last  # it announced lately
+    for t in range(3, 1000, 4):  # others heard all along (workers' stats): no forgiveness
+        clients.noted(float(t))
+    clients.heard("gw", 1000.0)  # the names, silent 100 TTLs: forgotten at the next announcement
+    assert list(clients._last) == ["gw"]
