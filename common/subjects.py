@@ -92,5 +92,13 @@ def sender(subject: str) -> str:
 
 def replies_to(user: str, reply_to: str) -> bool:
     """Whether ``reply_to`` is a subject the application user may read (its replies or its inboxes):
-    the only kind its requests may name, or it could write into another user's stream."""
-    return reply_to.startswith((replies_prefix(user), f"_INBOX.{user}."))
+    the only kind its requests may name, or it could write into another user's stream. It must be
+    one a worker can publish to (no blank, wildcard or empty token): else every chunk to it fails."""
+    return reply_to.startswith((replies_prefix(user), f"_INBOX.{user}.")) and publishable(reply_to)
+
+
+def publishable(subject: str) -> bool:
+    """Whether NATS takes ``subject`` for a publish: tokens non-empty, no whitespace, no wildcard
+    (nats-server's subject rules; nats-py raises BadSubjectError for the first two)."""
+    tokens = subject.split(".")
+    return all(tokens) and not any(c in subject for c in " \t\r\n*>")

@@ -94,7 +94,7 @@ class Dispatcher:
         # be another user's stream or a JetStream subject the dispatcher may write.
         answer = msg.reply if not owner or subjects.replies_to(owner, msg.reply) else ""
         if owner and not subjects.replies_to(owner, req.reply_to):
-            reason = f"reply_to {req.reply_to!r} is not one of {owner!r}'s reply subjects or inboxes"
+            reason = f"reply_to {req.reply_to!r} is not a subject of {owner!r}'s replies or inboxes NATS can publish to"
             bus.reject(subjects.APP_REQUESTS, msg.subject, GenerateRequest, ValueError(reason))
             self.metrics.refusals.labels("bad-reply-to").inc()
             if answer:
@@ -312,6 +312,11 @@ class Dispatcher:
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         if not req.recorded:  # its worker then takes a missing record after a stall for its end
             req, raw = msgspec.structs.replace(req, recorded=True), None
+        raw = raw or _encode.encode(req)
+        if len(raw) > self.nc.max_payload:  # what it gained here (a seed, a version) can take it over
+            reason = f"the request is {len(raw)} bytes as forwarded; the message bus carries {self.nc.max_payload}"
+            await self._fail(req, req.next_seq, reason, "too-large", ErrorCode.BAD_REQUEST, expect)
+            return
         seen = self.workers.get(worker)
         incarnation = seen[0].incarnation if seen else ""
         recorded = False
@@ -326,7 +331,7 @@ class Dispatcher:
                 self.state.unsend(worker, req.adapter)
         if recorded:
             self._count(req.adapter)
-            await self.nc.publish(subjects.worker_requests(worker), raw or _encode.encode(req))
+            await self.nc.publish(subjects.worker_requests(worker), raw)
             self.metrics.decisions.labels(worker).inc()
             if expect is not None:
                 self.metrics.recovered.inc()

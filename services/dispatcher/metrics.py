@@ -9,7 +9,9 @@ from typing import Literal, get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 # Why a request was refused (``dlora_dispatch_refusals_total{reason}``).
-Refusal = Literal["too-long", "no-worker", "duplicate-id", "not-found", "bad-reply-to", "gave-up", "client-gone"]
+Refusal = Literal[
+    "too-long", "too-large", "no-worker", "duplicate-id", "not-found", "bad-reply-to", "gave-up", "client-gone"
+]
 REFUSALS: tuple[Refusal, ...] = get_args(Refusal)
 
 

@@ -157,11 +157,16 @@ class Gateway:
         and the client gets a 503 now, not after the chunk timeout.
 
         Raises:
+            APIError(413): the request, encoded, is over what the message bus carries (less what
+                the dispatcher adds to it).
             APIError(503): no dispatcher is subscribed, or none took the request within
                 ``dispatch_timeout_s``.
         """
+        data = _encode_request.encode(request)
+        if len(data) > (limit := self.nc.max_payload - _DISPATCH_ADDS):
+            raise APIError(413, f"the request is {len(data)} bytes as sent to the workers; at most {limit}")
         try:
-            await self.nc.request(subjects.REQUESTS, _encode_request.encode(request), timeout=self.s.dispatch_timeout_s)
+            await self.nc.request(subjects.REQUESTS, data, timeout=self.s.dispatch_timeout_s)
         except NoRespondersError:
             raise APIError(503, "no dispatcher is running; try again shortly") from None
         except NatsTimeoutError:
@@ -479,6 +484,11 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
             await gw.shutdown()
             await listener.close()
             gw.close()
+
+
+# Bytes a dispatcher may add to a request before forwarding it (a seed, the adapter's version, its
+# flags): a request within them of NATS's max_payload would be refused there, after the 200.
+_DISPATCH_ADDS = 1024
 
 
 def _unanswered(choice: RunningChoice, reason: str) -> TokenChunk:

@@ -139,8 +139,32 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     # a request of bob's whose chunks would go to alice's subject is refused, to bob alone
     forged = GenerateRequest(request_id="r-2", reply_to=subjects.reply_inbox("r-2", "alice"), prompt_token_ids=[5])
     answer = await bob.request(subjects.requests_of("bob"), msgspec.json.encode(forged), timeout=10)
-    assert "not one of 'bob'" in msgspec.json.decode(answer.data, type=TokenChunk).error
+    assert "not a subject of 'bob'" in msgspec.json.decode(answer.data, type=TokenChunk).error
     assert {mine.get_nowait().request_id for _ in range(mine.qsize())} <= {"r-1"}
+
+    # a reply subject of bob's own that NATS cannot publish to is refused at once (it was taken,
+    # and every chunk to it failed on the worker as if NATS were down: handed back and run again
+    # without end), and so is a request too large to forward once the dispatcher adds its seed
+    bad_subject = subjects.reply_inbox("r-3", "bob") + " x"
+    answer = await bob.request(
+        subjects.requests_of("bob"),
+        msgspec.json.encode(GenerateRequest(request_id="r-3", reply_to=bad_subject, prompt_token_ids=[5])),
+        timeout=10,
+    )
+    assert msgspec.json.decode(answer.data, type=TokenChunk).error_code == "bad_request"
+    big = GenerateRequest(
+        request_id="r-4",
+        reply_to=subjects.reply_inbox("r-4", "bob"),
+        prompt_token_ids=[5],
+        params=SamplingParams(temperature=1.0),  # sampled: the dispatcher gives it a seed
+    )
+    # a tenant that fills the message to the bus's limit: the seed the dispatcher adds overflows it
+    big = msgspec.structs.replace(big, tenant="t" * (bob.max_payload - len(msgspec.json.encode(big)) - 8))
+    bigs = await _chunks(bob, big.reply_to)
+    await bob.request(subjects.requests_of("bob"), msgspec.json.encode(big), timeout=10)
+    refused = await asyncio.wait_for(bigs.get(), 10)
+    assert refused.error_code == "bad_request" and "bytes as forwarded" in (refused.error or "")
+    assert worker.engine.seqs.keys() <= {"r-1"} and await _still_running(mine)
 
     # nor does the dispatcher answer it on a subject it names as the message's reply (the answer
     # would end alice's stream, or write into a JetStream bucket)

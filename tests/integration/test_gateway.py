@@ -259,6 +259,13 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
         assert resp["error"]["type"]
     status, resp = await post(stack, "/v1/chat/completions", {"model": "model", "messages": []})
     assert status == 400 and "messages" in resp["error"]["message"]
+    # Under the body limit, but over what the bus carries once the schema is re-encoded as a string
+    # (each quote escaped twice): a 413 naming the size, not a 503 that clients would retry for ever.
+    described = {"type": "string", "description": '"' * 300_000}  # 0.6 MB in the body, 1.2 MB sent on
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": described}}
+    chat = {"model": "model", "messages": [{"role": "user", "content": "kalo"}], "response_format": schema}
+    status, resp = await post(stack, "/v1/chat/completions", chat)
+    assert status == 413 and "bytes as sent to the workers" in resp["error"]["message"], resp
     # A form post (what a web page can send cross-site without a preflight) is refused.
     status, resp = await post(stack, "/v1/completions", json.dumps(ok), {"Content-Type": "text/plain"})
     assert status == 415 and "application/json" in resp["error"]["message"]
