@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from typing import Annotated
 
 import msgspec
 
@@ -69,9 +70,19 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return "logprobs", f"logprobs must be in [0, 20], got {self.logprobs}"
         if any(not s for s in self.stop):
             return "stop", "stop strings must not be empty"
+        # Each is looked for after every token: tens of thousands held a worker for seconds a request.
+        if len(self.stop) > MAX_STOPS or len(self.stop_token_ids) > MAX_STOPS:
+            field = "stop" if len(self.stop) > MAX_STOPS else "stop_token_ids"
+            return field, f"{field} holds {len(getattr(self, field))} entries; at most {MAX_STOPS}"
         if any(t < 0 for t in self.stop_token_ids):
             return "stop_token_ids", "stop_token_ids must be non-negative"
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # as vLLM: a 64-bit integer
+            return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
         return None
+
+
+# Stop strings (and stop token ids) a request may give: OpenAI takes 4, vLLM any number.
+MAX_STOPS = 256
 
 
 class FinishReason(enum.StrEnum):
@@ -122,7 +133,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # tokens is held back until complete): the resumed request sends their text with its first.
     resume_text_pending: int = 0
     # Sequence number the next chunk carries (resumes continue the numbering).
-    next_seq: int = 0
+    next_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Unix seconds the request entered the system (gateway or app), for queue time.
     created: float = 0.0
     # A move that ships the KV cache: this many KVChunks follow on subjects.kv_transfer; 0: none

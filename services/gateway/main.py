@@ -223,11 +223,14 @@ class Gateway:
             per_choice = [c.replies.tokens if c.replies else 0 for c in choices]
             timer.done(max(per_choice), sum(per_choice))
             return await response.finish(sum(per_choice))
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionResetError) as e:
             # The client went away: stop the work wherever it runs.
             await self._abort([c for c in choices if c.out.finish_reason is None])
             timer.aborted()
-            raise
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            # Nobody reads it; raised, aiohttp would log a traceback for a client that hung up.
+            return response.stream or web.Response(status=499)
         finally:
             for rid in by_id:
                 del self.replies[rid]

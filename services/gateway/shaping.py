@@ -126,6 +126,8 @@ def shape_request(
         prompts = prompt_ids(body.prompt, model.tokenizer, model.vocab_size)
         asked = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
     echo = isinstance(body, CompletionBody) and bool(body.echo)
+    if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM refuse it
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     n = body.n or 1
     if len(prompts) * n > MAX_CHOICES:
         raise APIError(

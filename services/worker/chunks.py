@@ -28,7 +28,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
     if out.error is not None:
         return error_chunk(
             stream.request,
-            ErrorCode.INTERNAL,
+            out.error_code,
             f"the request failed on worker {worker}: {out.error}",
             worker,
             seq=stream.seq,

@@ -241,6 +241,9 @@ class WorkerService:
             await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
             return
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
+        if req.prompt is not None and req.prompt_token_ids is None:  # off the event loop: 1 MB takes ~1 s
+            ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
+            req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=list(ids))
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
             req = await self.adapters.versioned(req)

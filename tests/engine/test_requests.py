@@ -133,6 +133,12 @@ def test_abort_frees_blocks_and_spares_others(engine: LLMEngine) -> None:
         (dict(prompt="a", prompt_token_ids=[1]), "exactly one"),
         (dict(prompt_token_ids=[1], params=SamplingParams(top_p=2.0)), "top_p"),
         (dict(prompt_token_ids=[1], params=SamplingParams(max_tokens=2), resume_token_ids=[3, 4]), "max_tokens"),
+        # found by a probe over NATS: the prompt's own text came out as output
+        (dict(prompt_token_ids=[1], resume_text_pending=3), "resume_text_pending"),
+        (dict(prompt_token_ids=[1], resume_token_ids=[3], resume_text_pending=2), "resume_text_pending"),
+        (dict(prompt_token_ids=[1], resume_token_ids=[3], resume_text_pending=-1), "resume_text_pending"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(seed=1 << 64)), "seed"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(stop=["x"] * 257)), "at most 256"),
     ],
 )
 def test_bad_requests_are_refused_and_nothing_else_is_lost(engine: LLMEngine, kwargs: dict, fragment: str) -> None:

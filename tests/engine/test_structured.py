@@ -76,3 +76,51 @@ def test_unusable_schemas_are_refused(tiny_llama: TinyOutput) -> None:
     ):
         with pytest.raises(RequestError, match=fragment):
             engine.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(json_schema=schema))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#"},  # itself and nothing else: no document
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    ],
+)
+def test_a_schema_that_accepts_no_document_is_refused_not_answered_empty(tiny_llama: TinyOutput, schema: dict) -> None:
+    """Such a schema passes llguidance's check and fails at the first token's mask, which then
+    allows only end-of-sequence: the request ended at once with "stop" and no text (a 200)."""
+    engine = make_engine(tiny_llama)
+    with pytest.raises(RequestError, match="cannot be used"):
+        engine.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(json_schema=json.dumps(schema)))
+    assert not engine.has_unfinished()
+
+
+class _GivesUp:
+    """A matcher that refuses the next token as llguidance does past its limits (its error: a line,
+    then its parser's state)."""
+
+    def __init__(self, matcher: object) -> None:
+        self.matcher = matcher
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.matcher, name)
+
+    def consume_token(self, token: int) -> bool:
+        return False
+
+    def get_error(self) -> str:
+        return "Too many items (limit 50000)\n<state>\n..."
+
+
+def test_a_schema_the_grammar_engine_gives_up_on_midway_fails_as_the_request_s_fault(tiny_llama: TinyOutput) -> None:
+    """A matcher that fails while the document grows (llguidance's item limits) ends its request as
+    bad_request (the schema's fault, a 400), with the first line of the reason, and the rest run on."""
+    engine = make_engine(tiny_llama)
+    engine.add_request(
+        "x", prompt_token_ids=PROMPT, params=SamplingParams(json_schema=json.dumps(SCHEMA), max_tokens=30)
+    )
+    engine.add_request("free", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.seqs["x"].matcher = _GivesUp(engine.seqs["x"].matcher)
+    outputs = {o.request_id: o for o in engine.step()}
+    assert outputs["x"].error_code == "bad_request"
+    assert outputs["x"].error == "response_format schema cannot be used: Too many items (limit 50000)"
+    assert engine.has_unfinished() and "x" not in engine.seqs

@@ -212,6 +212,9 @@ def test_sampling_params_map_and_refuse_unsupported() -> None:
         ({"temperature": 2.5}, True, "temperature"),
         ({"max_tokens": 0}, True, "max_tokens"),  # a chat completion generates a token at least
         ({"max_completion_tokens": 0}, True, "max_completion_tokens"),
+        ({"stream_options": {"include_usage": True}}, False, "stream_options"),  # without stream: true
+        ({"seed": 1 << 64}, False, "seed"),
+        ({"stop": [str(i) for i in range(300)]}, True, "stop"),
     ],
 )
 def test_every_refused_value_names_its_field(served: ServedModel, body: dict[str, Any], chat: bool, param: str) -> None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dlora.services.worker.engine.outputs import RequestError
 
 
-def check_tokens(ids: list[int], resumed: list[int], vocab: int, max_model_len: int, max_tokens: int) -> None:
+def check_tokens(
+    ids: list[int], resumed: list[int], vocab: int, max_model_len: int, max_tokens: int, text_pending: int = 0
+) -> None:
     """RequestError (a 4xx for the caller) unless the prompt ``ids`` and the outputs ``resumed``
-    from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds, and
-    tokens left to generate under ``max_tokens``."""
+    from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds,
+    tokens left to generate under ``max_tokens``, and the text not yet sent (``text_pending``
+    tokens) that of resumed tokens (more would send the prompt's text as output)."""
+    if not 0 <= text_pending <= len(resumed):
+        raise RequestError(f"resume_text_pending={text_pending} must be in [0, {len(resumed)}] (the resumed tokens)")
     if not ids:
         raise RequestError("the prompt is empty")
     if min(ids + resumed) < 0 or max(ids + resumed) >= vocab:  # min/max, not a Python loop per token

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dlora.common import log
-from dlora.common.messages import FinishReason, SamplingParams
+from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine.admission import check_tokens
@@ -36,7 +36,7 @@ from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.engine.structured import GrammarError, Grammars
+from dlora.services.worker.engine.structured import GrammarError, Grammars, refusal
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
     BatchLimits,
@@ -208,7 +208,9 @@ class LLMEngine:
             raise RequestError("give exactly one of prompt and prompt_token_ids")
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         resumed = list(resume_token_ids or [])
-        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
+        check_tokens(
+            ids, resumed, self.model_config.vocab_size, self.max_model_len, params.max_tokens, resume_text_pending
+        )
         seq = Sequence(
             request_id=request_id,
             adapter=adapter,
@@ -234,15 +236,13 @@ class LLMEngine:
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
         """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown)."""
-        seq = self.seqs.get(request_id)
-        if seq is None or seq.status is not Status.RUNNING or seq.num_cached == 0:
+        if (seq := self.seqs.get(request_id)) is None or seq.status is not Status.RUNNING or not seq.num_cached:
             return None
         return export_kv(seq, self.blocks, self.model.kv)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its memory; False if it was not in flight."""
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
+        if self.seqs.pop(request_id, None) is None:
             return False
         self.blocks.free(request_id)
         return True
@@ -360,8 +360,8 @@ class LLMEngine:
                 outputs.append(self._fail(seq, f"sampling failed: {tok}"))
                 continue
             try:
-                if seq.matcher is not None and not seq.matcher.consume_token(tok):
-                    outputs.append(self._fail(seq, f"structured output: {seq.matcher.get_error()}"))
+                if seq.matcher is not None and (why := refusal(seq.matcher, tok)) is not None:
+                    outputs.append(self._fail(seq, why, ErrorCode.BAD_REQUEST))  # the schema's fault
                     continue
                 out = self._advance(seq, tok)
                 if isinstance(lp := logprobs.get(i), Exception):
@@ -474,8 +474,8 @@ class LLMEngine:
             self._finish(seq, out.finish_reason)
         return out
 
-    def _fail(self, seq: Sequence, reason: str) -> RequestOutput:
-        """End a request whose step failed; its output carries the reason."""
+    def _fail(self, seq: Sequence, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> RequestOutput:
+        """End a request whose step failed; its output carries the reason and whose fault (``code``)."""
         self._finish(seq, FinishReason.ERROR)
         return RequestOutput(
             request_id=seq.request_id,
@@ -486,6 +486,7 @@ class LLMEngine:
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=len(seq.output_ids),
             error=reason,
+            error_code=code,
         )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlora.common.messages import FinishReason, TokenLogprob
+from dlora.common.messages import ErrorCode, FinishReason, TokenLogprob
 from dlora.kernels.host import to_device
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.stopping import check_stop, visible_end
@@ -29,6 +29,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None  # why the request failed (finish_reason ERROR)
+    error_code: ErrorCode = ErrorCode.INTERNAL  # whose fault: BAD_REQUEST where the request's own
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
 
 

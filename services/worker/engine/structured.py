@@ -62,10 +62,28 @@ class Grammars:
             raise GrammarError(f"response_format schema is not a JSON object: {e}") from None
         m = LLMatcher(self.tokenizer, grammar, log_level=0)
         if m.is_error():
-            raise GrammarError(f"response_format schema cannot be used: {m.get_error()}")
+            raise GrammarError(f"response_format schema cannot be used: {matcher_error(m)}")
         if consumed and not m.consume_tokens(consumed):
-            raise GrammarError(f"response_format: the output so far leaves the schema: {m.get_error()}")
+            raise GrammarError(f"response_format: the output so far leaves the schema: {matcher_error(m)}")
+        # Some schemas fail only at the first token's mask (one that is nothing but a reference to
+        # itself accepts no document, and only end-of-sequence would be allowed: an empty 200).
+        m.compute_bitmask()
+        if m.is_error():
+            raise GrammarError(f"response_format schema cannot be used: {matcher_error(m)}")
         return m
+
+
+def refusal(matcher: LLMatcher, token: int) -> str | None:
+    """``token`` taken into ``matcher``; None, or why it could not be: the schema's fault (past what
+    the grammar engine handles as the document grows, e.g. llguidance's item limits)."""
+    if matcher.consume_token(token) and not matcher.is_error():
+        return None
+    return f"response_format schema cannot be used: {matcher_error(matcher)}"
+
+
+def matcher_error(matcher: LLMatcher) -> str:
+    """Why ``matcher`` failed: the first line of its error (llguidance appends its parser's state)."""
+    return matcher.get_error().split("\n", 1)[0]
 
 
 def allowed(matcher: LLMatcher, vocab_size: int) -> np.ndarray:
