@@ -104,6 +104,10 @@ def gpu_of_worker(index: int, gpus: list[str]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else {}
 
 
+# A worker that ran less than this before it exited is not started again: it would only fail again.
+CRASH_LOOP_S = 10.0
+
+
 class LocalStack:
     """The stack as child processes: start() brings it up (raising on failure), stop() takes it
     down, services first. ``dlora up`` and the control-plane benchmark use it."""
@@ -128,6 +132,8 @@ class LocalStack:
         self.migrator = migrator
         self.servers: list[Server] = []
         self.procs: list[subprocess.Popen] = []
+        self.names: list[str] = []  # each process's service: dispatcher, migrator, worker-<i>, gateway
+        self._specs: list[tuple[list[str], dict[str, str], float]] = []  # its command, environment, start
         self.url = f"http://{self.base.host}:{self.base.port}"
         # Each service's Prometheus endpoint (docs/metrics.md), by dispatcher, migrator, worker id
         # and gateway.
@@ -151,8 +157,30 @@ class LocalStack:
             return []
         return visible_gpus(env) if device in ("auto", "cuda") else []
 
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
+        self.procs.append(subprocess.Popen(args, env=env, start_new_session=True))
+        self.names.append(name)
+        self._specs.append((args, env, time.monotonic()))
+
+    def exited(self) -> list[tuple[int, str, int]]:
+        """(index, service, exit code) of each process that has ended."""
+        return [(i, self.names[i], rc) for i, p in enumerate(self.procs) if (rc := p.poll()) is not None]
+
+    def restart(self, i: int) -> bool:
+        """Start process ``i`` again as it was started; False (and not restarted) when it ran less
+        than ``CRASH_LOOP_S`` (it will only fail again: its settings, its model)."""
+        args, env, started = self._specs[i]
+        if time.monotonic() - started < CRASH_LOOP_S:
+            return False
+        self.procs[i] = subprocess.Popen(args, env=env, start_new_session=True)
+        self._specs[i] = (args, env, time.monotonic())
+        return True
+
     def start(self) -> None:
         base = self.base
+        if not port_is_free(base.port, base.host):  # else another gateway answers the readiness check
+            raise RuntimeError(f"port {base.port} on {base.host} is in use (another dlora up?): choose one with --port")
         self.nats_url, self.redis_url = base.nats_url, base.redis_url
         # The servers it starts take only the credentials it makes for them: one NATS user per
         # service role and one for applications (common/permissions.py), one Redis ACL user.
@@ -205,40 +233,26 @@ class LocalStack:
         if self.config:
             env["DLORA_CONFIG"] = self.config
         cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
-        # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
         roles = self.role_env
-        self.procs.append(
-            subprocess.Popen(
-                [*cmd, "dispatcher"],
-                env={**env, **roles["dispatcher"], **self._metrics("dispatcher", "dispatcher")},
-                start_new_session=True,
-            )
+        self._spawn(
+            "dispatcher",
+            [*cmd, "dispatcher"],
+            {**env, **roles["dispatcher"], **self._metrics("dispatcher", "dispatcher")},
         )
         if self.migrator:
-            self.procs.append(
-                subprocess.Popen(
-                    [*cmd, "migrator"],
-                    env={**env, **roles["migrator"], **self._metrics("migrator", "migrator")},
-                    start_new_session=True,
-                )
+            self._spawn(
+                "migrator", [*cmd, "migrator"], {**env, **roles["migrator"], **self._metrics("migrator", "migrator")}
             )
         gpus = self._gpus({**env, **self.worker_env})
         for i in range(self.workers):
-            self.procs.append(
-                subprocess.Popen(
-                    [*cmd, "worker"],
-                    start_new_session=True,
-                    env={
-                        **env,
-                        **roles["worker"],
-                        **gpu_of_worker(i, gpus),
-                        **self.worker_env,
-                        **self._metrics(f"worker-{i}", "worker"),
-                        "DLORA_WORKER_ID": f"worker-{i}",
-                    },
-                )
-            )
-        self.procs.append(subprocess.Popen([*cmd, "gateway"], env={**env, **roles["gateway"]}, start_new_session=True))
+            worker = {
+                **roles["worker"],
+                **gpu_of_worker(i, gpus),
+                **self.worker_env,
+                **self._metrics(f"worker-{i}", "worker"),
+            }
+            self._spawn(f"worker-{i}", [*cmd, "worker"], {**env, **worker, "DLORA_WORKER_ID": f"worker-{i}"})
+        self._spawn("gateway", [*cmd, "gateway"], {**env, **roles["gateway"]})
         self.metrics_urls["gateway"] = f"{self.url}/metrics"
         try:
             _wait_ready(self.url, self.workers, self.procs)
@@ -287,7 +301,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         stack.start()
         first = next(iter(stack.loras), stack.model_dir.name)
         print(
-            f"\ndlora is up: {stack.url}  ({workers} workers, model {stack.model_dir.name}, "
+            f"\ndlora is up: {stack.url}  ({workers} worker{'s' * (workers != 1)}, model {stack.model_dir.name}, "
             f"adapters: {', '.join(stack.loras) or 'none'})"
         )
         print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
@@ -298,9 +312,17 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',
             flush=True,
         )
-        while not stop and stack.alive():
+        while not stop:
+            for i, name, code in stack.exited():
+                # A worker lost is what the cluster rides out (its requests go to the others): it
+                # is started again, as systemd's Restart= would. Any other service ends the stack.
+                if name.startswith("worker-") and stack.restart(i):
+                    print(f"dlora up: {name} exited (code {code}); started it again", file=sys.stderr, flush=True)
+                    continue
+                print(f"dlora up: {name} exited (code {code}); stopping everything", file=sys.stderr, flush=True)
+                return 1
             time.sleep(0.2)
-        return 0 if stop else 1
+        return 0
     except (RuntimeError, APIError, ValueError, OSError) as e:
         print(f"dlora up: {e}", file=sys.stderr)
         return 1

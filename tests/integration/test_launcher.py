@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -95,6 +97,26 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         run_readme_loadgen(f"http://127.0.0.1:{port}", nats_url, elsewhere)
+
+        # A worker killed: dlora up says which and starts it again (the rest stays up), and the
+        # cluster serves on. It used to stop everything without saying why.
+        children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+        worker = next(int(line.split()[0]) for line in children.stdout.splitlines() if "serve worker" in line)
+        os.kill(worker, signal.SIGKILL)
+        said = ""
+        while "started it again" not in said:
+            said = proc.stdout.readline()
+            assert said or proc.poll() is None, "dlora up ended"
+        assert "worker-0 exited (code -9)" in said
+        deadline = time.monotonic() + 120
+        while True:  # answered once the new worker is in (503s meanwhile: no live worker)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    assert json.load(r)["usage"]["completion_tokens"] == 5
+                    break
+            except urllib.error.HTTPError as e:
+                assert e.code == 503 and time.monotonic() < deadline, e
+                time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
@@ -102,6 +124,22 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
     assert code == 0
     with socket.socket() as s:  # the gateway is gone
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_gateway_port_in_use_is_refused_before_anything_starts(tiny_llama) -> None:
+    """Another gateway on the port would answer the readiness check: dlora up printed "dlora is up"
+    with an admin key that gateway does not know, while its own gateway had died."""
+    import pytest
+
+    from dlora.services.launcher import LocalStack
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        stack = LocalStack(1, str(tiny_llama.model), [], busy.getsockname()[1], None)
+        with pytest.raises(RuntimeError, match="is in use"):
+            stack.start()
+    assert not stack.procs and not stack.servers
 
 
 def test_a_failed_start_leaves_nothing_running(tiny_llama) -> None:
