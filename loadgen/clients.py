@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.parse
 import uuid
@@ -30,11 +31,20 @@ class HttpClient:
     a stream that broke after it started is not retried (it counts as failed)."""
 
     def __init__(
-        self, url: str, base_model: str, clock: Callable[[], float], timeout_s: float = 600, max_retries: int = 0
+        self,
+        url: str,
+        base_model: str,
+        clock: Callable[[], float],
+        timeout_s: float = 600,
+        max_retries: int = 0,
+        api_key: str | None = None,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout_s), connector=aiohttp.TCPConnector(limit=0)
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),
+            headers={"Authorization": f"Bearer {key}"} if key else None,
         )
 
     async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:

@@ -33,10 +33,12 @@ async def run(
     base_model: str = "model",
     slo: SLO = SLO(),
     max_retries: int = 0,
+    api_key: str | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
-    openai package does; or a ``nats://`` URL), judge it by ``slo`` and write result.json,
+    openai package does, with ``api_key`` (None: ``OPENAI_API_KEY``, as the openai package reads it;
+    a gateway with ``auth = "keys"`` wants one); or a ``nats://`` URL), judge it by ``slo`` and write result.json,
     report.png and report.html under ``out``. Ctrl-C stops sending; the report is still written.
 
     Returns:
@@ -53,7 +55,7 @@ async def run(
     client = (
         await NatsClient.connect(target, clock)
         if target.startswith("nats://")
-        else HttpClient(target, base_model, clock, max_retries=max_retries)
+        else HttpClient(target, base_model, clock, max_retries=max_retries, api_key=api_key)
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,6 +116,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 base_model=args.base_model,
                 slo=SLO(args.slo_ttft, args.slo_tpot),
                 max_retries=args.max_retries,
+                api_key=args.api_key,
             )
         )
     except (TraceError, ValueError, OSError) as e:

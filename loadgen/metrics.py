@@ -32,9 +32,10 @@ class RequestResult:
         return self.finish_s is not None and self.error is None
 
     def normalized_latency(self, end_s: float) -> float:
-        """End-to-end seconds per output token; for an unfinished request, a lower bound taken at
-        ``end_s`` over the tokens it asked for."""
-        if self.finish_s is not None:
+        """End-to-end seconds per output token; for an unfinished or failed request, a lower bound
+        taken at ``end_s`` over the tokens it asked for (a failure is no fast answer: counted by
+        its own time, a run whose requests all failed at once read as the fastest)."""
+        if self.completed:
             return (self.finish_s - self.arrival_s) / max(1, self.tokens)
         return (end_s - self.arrival_s) / max(1, self.output_len)
 

@@ -20,12 +20,32 @@ def _count(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a usage error, not a traceback, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def ranks(text: str) -> list[int]:
+    """An argparse type: LoRA ranks, comma-separated, each >= 1."""
+    values = [positive(r) for r in text.split(",") if r.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("no ranks given")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
         "--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)"
     )
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
+    p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
     add_workload_arguments(p)
     p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
     p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")

@@ -22,9 +22,8 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 def _model_make_tiny(args: argparse.Namespace) -> int:
     from dlora.model.make_tiny import make_tiny
 
-    ranks = [int(r) for r in args.ranks.split(",") if r]
     out = make_tiny(
-        args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=ranks, seed=args.seed
+        args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=args.ranks, seed=args.seed
     )
     print(f"wrote {out.model} and {len(out.adapters)} adapters under {out.adapters_dir}")
     return 0
@@ -32,6 +31,7 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dlora.loadgen.bundled import data_dir
+    from dlora.loadgen.options import ranks
 
     p = argparse.ArgumentParser(prog="dlora", description="Serve many LoRA adapters on one base model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--preset", choices=["tiny", "small", "7b"], default="tiny")
     tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     tiny.add_argument("--adapters", type=int, default=4, help="number of adapters")
-    tiny.add_argument("--ranks", default="8,16,32", help="ranks, cycled over the adapters")
+    tiny.add_argument("--ranks", type=ranks, default="8,16,32", help="ranks, cycled over the adapters")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_model_make_tiny)
 

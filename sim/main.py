@@ -42,7 +42,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         cost = profile(args.profile)
         spec = WorkloadSpec.from_args(args)
-        ranks = [int(r) for r in args.ranks.split(",")]
+        ranks = args.ranks
         config = EngineConfig(
             max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, policy=PolicyConfig(name=PolicyName(args.policy))
         )

@@ -12,7 +12,7 @@ from dlora.sim.cost import PROFILES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dlora.loadgen.options import add_workload_arguments
+    from dlora.loadgen.options import add_workload_arguments, positive, ranks
 
     p.add_argument(
         "--profile",
@@ -20,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (`dlora bench engine` or "
         "`bench cluster` JSON)",
     )
-    p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--ranks", default="16", help="LoRA ranks, comma-separated, given to the adapters in turn")
+    p.add_argument("--replicas", type=positive, default=4)
+    p.add_argument(
+        "--ranks", type=ranks, default="16", help="LoRA ranks, comma-separated, given to the adapters in turn"
+    )
     p.add_argument("--max-loras", type=int, default=8, help="device slots per replica")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step (the engine's max_num_seqs)")
     p.add_argument("--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value)

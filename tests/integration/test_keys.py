@@ -248,3 +248,26 @@ async def test_the_openai_client_authenticates_with_a_key_and_reads_the_refusals
     finally:
         await client.close()
         await wrong.close()
+
+
+async def test_the_load_generator_sends_the_key(keyed_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dlora loadgen` against a gateway with auth = "keys": --api-key, else OPENAI_API_KEY as the
+    openai package reads it (it had no way to send one: every request a 401)."""
+    from dlora.loadgen.clients import HttpClient
+    from dlora.loadgen.metrics import RequestResult
+    from dlora.loadgen.workload import RequestSpec
+
+    key, _ = await make_key(keyed_stack, "acme")
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    spec = RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=2)
+    for api_key, error in ((None, None), ("sk-dlora-wrong", "HTTP 401"), ("", "HTTP 401")):
+        client = HttpClient(keyed_stack.url, "model", clock=lambda: 0.0, api_key=api_key)
+        try:
+            result = RequestResult(0.0, None, 2, sent=True)
+            await client.send(0, spec, result)
+        finally:
+            await client.close()
+        if error is None:
+            assert result.completed and result.tokens == 2, result
+        else:
+            assert (result.error or "").startswith(error), (api_key, result)

@@ -70,3 +70,10 @@ def test_slowest_names_the_longest_waits_for_a_first_token_and_why() -> None:
     top = slowest([fast, retried, unanswered, never_sent], n=2)
     assert [(t["arrival_s"], t["ttft_s"]) for t in top] == [(2.0, None), (1.0, 7.0)]
     assert top[0]["error"] == "HTTP 400: bad" and top[1]["retried"] == ["3.000 s: HTTP 503: no dispatcher"]
+
+
+def test_a_request_that_failed_fast_is_no_fast_answer() -> None:
+    """A refused request answered in 10 ms counted as 2.5 ms a token: a run whose every request
+    failed at once read as the fastest. It counts as unfinished: a lower bound at the run's end."""
+    failed = RequestResult(1.0, "a", 4, sent=True, error="HTTP 503", finish_s=1.01)
+    assert failed.normalized_latency(end_s=5.0) == pytest.approx((5.0 - 1.0) / 4)

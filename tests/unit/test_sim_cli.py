@@ -46,6 +46,23 @@ def test_engine_limits_out_of_range_are_refused_by_name(
     assert f"{option} {value}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["simulate", "--replicas", "0"],
+        ["simulate", "--ranks", "8,x"],
+        ["model", "make-tiny", "--out", "x", "--ranks", "abc"],
+        ["model", "make-tiny", "--out", "x", "--ranks", "0"],
+    ],
+)
+def test_bad_numbers_are_a_usage_error_not_a_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from dlora.services.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
 def test_the_command_line_parser_does_not_load_torch() -> None:
     """Every ``dlora`` command builds the whole parser; a service (dispatcher, migrator, gateway)
     must not load torch for ``simulate``'s options (it took a dispatcher from 63 to 280 MB)."""
