@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +183,9 @@ def make_adapter(out: Path, model_dir: Path, rank: int, index: int, seed: int) -
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(model_dir),
+        # Relative (metadata only: nothing here loads it), so the same seed writes the same bytes
+        # wherever the output goes.
+        "base_model_name_or_path": os.path.relpath(model_dir, out),
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
@@ -218,4 +222,8 @@ def make_tiny(
         f"lora-{i}": make_adapter(adapters_dir / f"lora-{i}", model, ranks[i % len(ranks)], i, seed)
         for i in range(num_adapters)
     }
+    # Adapters an earlier run into the same folder made beyond these: the folder holds what was asked.
+    for stale in adapters_dir.glob("lora-*"):
+        if stale.name not in adapters and (stale / "adapter_config.json").exists():
+            shutil.rmtree(stale)
     return TinyOutput(model=model, adapters_dir=adapters_dir, adapters=adapters)

@@ -307,8 +307,10 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
         print(f"status page: {stack.url}/dashboard#key={stack.admin_key}")
         print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
+        # With auth = "keys" inference wants a key: the admin key serves until one is made.
+        key = f" -H 'Authorization: Bearer {stack.admin_key}'" if stack.base.auth == "keys" else ""
         print(
-            f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json' "
+            f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json'{key} "
             f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',
             flush=True,
         )

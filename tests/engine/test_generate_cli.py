@@ -67,7 +67,7 @@ def test_generate_refuses_a_bad_adapter_flag(tiny_llama: TinyOutput, tmp_path: P
 def _digest(root: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):
-        if f.is_file() and f.name != "adapter_config.json":  # it records the output path
+        if f.is_file():  # every file: adapter_config.json names the model by a relative path
             h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()
 
@@ -110,3 +110,6 @@ def test_make_tiny_is_deterministic_and_loads_offline(tmp_path: Path) -> None:
         for i in range(3)
     ]
     assert ranks == [4, 8, 4]
+    # again into the same folder with fewer adapters: the folder holds what was asked, no more
+    subprocess.run([*cmd[:5], "--adapters", "1", "--out", str(tmp_path / "one")], check=True, capture_output=True)
+    assert sorted(p.name for p in (tmp_path / "one" / "adapters").iterdir()) == ["lora-0"]
