@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
+from nats.errors import BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 
 from dlora.common import bus, log
@@ -59,6 +60,12 @@ class Delivery:
     async def _send(self, subject: str, chunk: TokenChunk) -> bool:
         try:
             await bus.publish(self.nc, subject, chunk)
+        except (BadSubjectError, MaxPayloadError) as e:
+            # No outage: this chunk can never go out. Taken as sent (no reader can have it), so its
+            # request still ends and its end is recorded; as a failure it was handed back and run
+            # again without end. (The dispatcher refuses such requests; this is for the rest.)
+            logger.warning("chunk cannot be published; dropped", subject=subject[:200], error=type(e).__name__)
+            return True
         except NatsError as e:
             self._outage.failed(e)
             return False

@@ -178,6 +178,22 @@ async def test_a_re_send_does_not_grow_what_a_worker_keeps(nats_server: Server) 
         await nc.close()
 
 
+async def test_a_chunk_that_can_never_go_out_is_dropped_not_taken_for_an_outage(nats_server: Server) -> None:
+    """A blank in the subject, or a chunk over max_payload: no reconnect will send it. Taken for an
+    outage, its request's end was never recorded, and it was handed back and run again for ever."""
+    from dlora.services.worker.delivery import Delivery
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        delivery = Delivery(nc)
+        assert await delivery.publish(subjects.reply_inbox("r", "gw") + " x", TokenChunk(request_id="r", seq=0))
+        huge = TokenChunk(request_id="r", seq=1, text="x" * nc.max_payload)
+        assert await delivery.publish(subjects.reply_inbox("r", "gw"), huge)
+        assert delivery._outage.failures == 0  # no outage was counted
+    finally:
+        await nc.close()
+
+
 async def test_a_re_send_leaves_out_what_another_attempt_serves(nats_server: Server) -> None:
     from dlora.services.worker.delivery import Delivery
 
