@@ -122,5 +122,5 @@ def run_loadgen(args: argparse.Namespace) -> int:
     except (TraceError, ValueError, OSError) as e:
         print(f"dlora loadgen: {e}", file=sys.stderr)
         return 2
-    console.print(f"lost requests: {summary['lost']}  ->  {args.out}/result.json, report.png, report.html")
+    console.print(f"lost requests: {summary['lost']}  ->  {Path(args.out) / 'result.json'}, report.png, report.html")
     return 0 if summary["lost"] == 0 and summary["failed"] == 0 else 1
