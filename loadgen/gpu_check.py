@@ -186,6 +186,8 @@ def bootstrap(argv: list[str]) -> int:
     (src / "dlora").mkdir(parents=True, exist_ok=True)
     for pkg in sorted(p for p in root.iterdir() if (p / "__init__.py").exists() and p.name != "tests"):
         link = src / "dlora" / pkg.name
+        if link.is_symlink() and link.resolve() != pkg:  # made from a checkout elsewhere
+            link.unlink()
         if not link.is_symlink():
             link.symlink_to(pkg)
     wheels = sorted(str(w) for w in root.glob(".whl/*.whl"))

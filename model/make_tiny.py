@@ -223,7 +223,7 @@ def make_tiny(
         for i in range(num_adapters)
     }
     # Adapters an earlier run into the same folder made beyond these: the folder holds what was asked.
-    for stale in adapters_dir.glob("lora-*"):
-        if stale.name not in adapters and (stale / "adapter_config.json").exists():
+    for stale in adapters_dir.glob("lora-*"):  # its own names only: lora-<number>
+        if stale.name[5:].isdigit() and stale.name not in adapters and (stale / "adapter_config.json").exists():
             shutil.rmtree(stale)
     return TinyOutput(model=model, adapters_dir=adapters_dir, adapters=adapters)

@@ -104,8 +104,10 @@ def gpu_of_worker(index: int, gpus: list[str]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else {}
 
 
-# A worker that ran less than this before it exited is not started again: it would only fail again.
+# A worker that ran less than this before it exited, or was started again this often lately, is
+# not started again: it would only fail again.
 CRASH_LOOP_S = 10.0
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
 
 
 class LocalStack:
@@ -134,6 +136,7 @@ class LocalStack:
         self.procs: list[subprocess.Popen] = []
         self.names: list[str] = []  # each process's service: dispatcher, migrator, worker-<i>, gateway
         self._specs: list[tuple[list[str], dict[str, str], float]] = []  # its command, environment, start
+        self._restarts: dict[int, list[float]] = {}  # when each process was started again
         self.url = f"http://{self.base.host}:{self.base.port}"
         # Each service's Prometheus endpoint (docs/metrics.md), by dispatcher, migrator, worker id
         # and gateway.
@@ -169,12 +172,16 @@ class LocalStack:
 
     def restart(self, i: int) -> bool:
         """Start process ``i`` again as it was started; False (and not restarted) when it ran less
-        than ``CRASH_LOOP_S`` (it will only fail again: its settings, its model)."""
+        than ``CRASH_LOOP_S`` or was restarted ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S``
+        (it will only fail again: its settings, its model, its memory)."""
         args, env, started = self._specs[i]
-        if time.monotonic() - started < CRASH_LOOP_S:
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(i, []) if now - t < RESTART_WINDOW_S]
+        if now - started < CRASH_LOOP_S or len(recent) >= MAX_RESTARTS:
             return False
         self.procs[i] = subprocess.Popen(args, env=env, start_new_session=True)
-        self._specs[i] = (args, env, time.monotonic())
+        self._specs[i] = (args, env, now)
+        self._restarts[i] = [*recent, now]
         return True
 
     def start(self) -> None:
@@ -267,9 +274,6 @@ class LocalStack:
         if APP_USER not in self.nats_passwords:
             return self.nats_url
         return self.nats_url.replace("nats://", f"nats://{APP_USER}:{self.nats_passwords[APP_USER]}@", 1)
-
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
 
     def stop(self) -> None:
         for p in reversed(self.procs):

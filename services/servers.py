@@ -46,7 +46,11 @@ def free_port() -> int:
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen on ``port`` of ``host`` now (as servers bind: SO_REUSEADDR, so
     a port a closed connection left in TIME_WAIT counts as free, one another server listens on not)."""
-    with socket.socket() as s:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::" is IPv6
+    except OSError:
+        return False
+    with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))

@@ -303,6 +303,15 @@ class Dispatcher:
             )
             await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return
+        if not req.recorded:  # its worker then takes a missing record after a stall for its end
+            req, raw = msgspec.structs.replace(req, recorded=True), None
+        raw = raw or _encode.encode(req)
+        if len(raw) > self.nc.max_payload:  # what it gained here (a seed, a version) can take it over
+            reason = f"the request is {len(raw)} bytes as forwarded; the message bus carries {self.nc.max_payload}"
+            # the client's fault when it came so; a recovery grown by its resumed tokens is not
+            code = ErrorCode.BAD_REQUEST if expect is None else ErrorCode.INTERNAL
+            await self._fail(req, req.next_seq, reason, "too-large", code, expect)
+            return
         others = [w for w in live if w.worker != avoid]
         worker = self.state.choose(others or live, req.adapter)
         if worker is None:
@@ -310,13 +319,6 @@ class Dispatcher:
             return
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
-        if not req.recorded:  # its worker then takes a missing record after a stall for its end
-            req, raw = msgspec.structs.replace(req, recorded=True), None
-        raw = raw or _encode.encode(req)
-        if len(raw) > self.nc.max_payload:  # what it gained here (a seed, a version) can take it over
-            reason = f"the request is {len(raw)} bytes as forwarded; the message bus carries {self.nc.max_payload}"
-            await self._fail(req, req.next_seq, reason, "too-large", ErrorCode.BAD_REQUEST, expect)
-            return
         seen = self.workers.get(worker)
         incarnation = seen[0].incarnation if seen else ""
         recorded = False

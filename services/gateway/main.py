@@ -414,7 +414,7 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/models/{model}", self.model)
+        app.router.add_get("/v1/models/{model:.+}", self.model)  # names may hold a slash (org/name)
         app.router.add_post("/v1/adapters", self.add_adapter)
         app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
         keys = KeyAdmin(self.auth, self._read_body)

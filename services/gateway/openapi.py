@@ -82,7 +82,7 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
         404: "unknown model, adapter or key",
         408: "the body did not arrive within body_timeout_s",
         409: "adapter name taken",
-        413: "body over the limit",
+        413: "body over the limit, or the request over what the message bus carries",
         415: "not application/json",
         429: "over the API key's rate or concurrency limit: try again after Retry-After",
     }

@@ -147,7 +147,9 @@ def shape_request(
             request: GenerateRequest | None = None
             if generate:
                 sub = f"{request_id}-{index}"
-                seeded = params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)
+                seeded = (
+                    params if params.seed is None else msgspec.structs.replace(params, seed=_nth_seed(params.seed, i))
+                )
                 request = GenerateRequest(
                     request_id=sub,
                     reply_to=subjects.reply_inbox(sub, gateway_id),
@@ -168,6 +170,11 @@ def shape_request(
         include_usage=body.stream_options is not None and bool(body.stream_options.include_usage),
         choices=choices,
     )
+
+
+def _nth_seed(seed: int, i: int) -> int:
+    """Sample ``i``'s seed: ``seed + i``, wrapped within the signed 64 bits a seed may take."""
+    return (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 def prompt_ids(prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int) -> list[tuple[list[int], str | None]]:

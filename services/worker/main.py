@@ -109,6 +109,12 @@ class WorkerService:
     async def _on_request(self, req: GenerateRequest) -> None:
         self.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
         self.pending.add(req.request_id)
+        if req.prompt is not None and req.prompt_token_ids is None:
+            # Here, on a thread beside the engine's steps: in the command loop a 1 MB prompt (~1 s)
+            # held every stream. A prompt the tokenizer refuses is left to the engine to refuse.
+            with contextlib.suppress(Exception):
+                ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
+                req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=list(ids))
         await self.commands.put(Add(req))
 
     async def _on_client(self, alive: ClientAlive) -> None:
@@ -241,9 +247,6 @@ class WorkerService:
             await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
             return
         req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
-        if req.prompt is not None and req.prompt_token_ids is None:  # off the event loop: 1 MB takes ~1 s
-            ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
-            req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=list(ids))
         code, reason = ErrorCode.BAD_REQUEST, ""
         try:
             req = await self.adapters.versioned(req)

@@ -153,3 +153,20 @@ def test_a_failed_start_leaves_nothing_running(tiny_llama) -> None:
         stack.start()
     assert stack.procs and all(p.poll() is not None for p in stack.procs)
     assert all(s.proc.poll() is not None for s in stack.servers)
+
+
+def test_a_worker_is_not_started_again_when_it_would_only_fail_again() -> None:
+    """dlora up starts a dead worker again, but not one that died within CRASH_LOOP_S of its start
+    (its settings or model), nor one started again MAX_RESTARTS times lately (a crash loop)."""
+    from dlora.services import launcher
+
+    stack = launcher.LocalStack(1, None, [], free_port(), None)
+    stack._spawn("worker-0", [sys.executable, "-c", "pass"], dict(os.environ))
+    stack.procs[0].wait(timeout=30)
+    assert stack.exited() == [(0, "worker-0", 0)]
+    assert not stack.restart(0)  # it ran well under CRASH_LOOP_S
+    args, env, _ = stack._specs[0]
+    for n in range(launcher.MAX_RESTARTS + 1):
+        stack._specs[0] = (args, env, time.monotonic() - launcher.CRASH_LOOP_S - 1)  # it ran long enough
+        assert stack.restart(0) == (n < launcher.MAX_RESTARTS), n
+        stack.procs[0].wait(timeout=30)

@@ -225,6 +225,15 @@ def test_every_refused_value_names_its_field(served: ServedModel, body: dict[str
     assert (e.status, e.param) == (400, param), e.message
 
 
+def test_the_samples_seeds_stay_within_64_bits(served: ServedModel) -> None:
+    """Sample i draws from seed + i; at the top of the range that wraps, or the second choice of
+    a valid seed failed on the worker mid-stream."""
+    top = (1 << 63) - 1
+    job = shape(served, {"prompt": "kalo", "seed": top, "n": 3, "temperature": 1.0})
+    assert [c.request.params.seed for c in job.choices] == [top, -(1 << 63), -(1 << 63) + 1]
+    assert all(c.request.params.invalid() is None for c in job.choices)
+
+
 @pytest.mark.parametrize(
     ("raw", "param"),
     [
