@@ -179,6 +179,8 @@ class LocalStack:
         recent = [t for t in self._restarts.get(i, []) if now - t < RESTART_WINDOW_S]
         if now - started < CRASH_LOOP_S or len(recent) >= MAX_RESTARTS:
             return False
+        if self.names[i].startswith("worker-"):  # its metrics port may have been taken meanwhile
+            env = {**env, **self._metrics(self.names[i], "worker")}
         self.procs[i] = subprocess.Popen(args, env=env, start_new_session=True)
         self._specs[i] = (args, env, now)
         self._restarts[i] = [*recent, now]

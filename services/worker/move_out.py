@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from dlora.common import bus, log, subjects
 from dlora.common.state import Copy
 from dlora.services.worker.moves import Move, handoff
@@ -30,6 +32,9 @@ async def move_out(w: WorkerService, move: Move) -> None:
     resumed, chunks = handoff(
         stream.request, seq.output_ids, seq.detok.pending, stream.seq, data, time.monotonic() - start
     )
+    if len(msgspec.json.encode(resumed)) > w.nc.max_payload:  # grown by its tokens past what NATS carries
+        logger.warning("request too large to move; it stays here", request=move.request_id)
+        return
     w.engine.abort(move.request_id)
     del w.streams[move.request_id]
     copy = Copy.of(stream.request, w.records.stalled())
