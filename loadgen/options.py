@@ -31,6 +31,16 @@ def positive(text: str) -> int:
     return value
 
 
+def _above_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not above zero")
+    return value
+
+
 def ranks(text: str) -> list[int]:
     """An argparse type: LoRA ranks, comma-separated, each >= 1."""
     values = [positive(r) for r in text.split(",") if r.strip()]
@@ -62,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     """The workload's options (``WorkloadSpec.from_args``), shared by ``dlora loadgen`` and
     ``dlora simulate``."""
-    p.add_argument("--requests", type=int, default=_SPEC.requests, help="cap on requests")
+    p.add_argument("--requests", type=_count, default=_SPEC.requests, help="cap on requests")
     p.add_argument("--duration", type=float, default=_SPEC.duration, help="cap on seconds of sending")
     p.add_argument("--seed", type=int, default=_SPEC.seed)
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
@@ -88,11 +98,11 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=_SPEC.prompt_len)
     p.add_argument("--output-len", type=int, default=_SPEC.output_len)
     p.add_argument(
-        "--length-divide", type=float, default=_SPEC.length_divide, help="trace lengths are divided by this ..."
+        "--length-divide", type=_above_zero, default=_SPEC.length_divide, help="trace lengths are divided by this ..."
     )
     p.add_argument("--max-prompt", type=int, default=_SPEC.max_prompt, help="... and capped")
     p.add_argument("--max-output", type=int, default=_SPEC.max_output)
-    p.add_argument("--adapters", type=int, default=_SPEC.adapters, help="adapters lora-0..N-1")
+    p.add_argument("--adapters", type=positive, default=_SPEC.adapters, help="adapters lora-0..N-1")
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
     p.add_argument("--alpha", type=float, default=_SPEC.alpha, help="zipf exponent / power-law alpha")

@@ -64,6 +64,17 @@ def test_generate_refuses_a_bad_adapter_flag(tiny_llama: TinyOutput, tmp_path: P
     assert "NAME=DIR" in capsys.readouterr().err
 
 
+def test_generate_refuses_an_output_it_cannot_write_before_it_generates(
+    tiny_llama: TinyOutput, tmp_path: Path, capsys
+) -> None:
+    """It wrote the output after the whole batch: a bad path lost the work to a traceback."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": "kalo", "max_tokens": 2}) + "\n")
+    for output in (tmp_path / "missing" / "out.jsonl", tmp_path):
+        argv = ["generate", "--model", str(tiny_llama.model), "--input", str(tmp_path / "in.jsonl")]
+        assert main([*argv, "--output", str(output)]) == 2
+        assert "dlora generate:" in capsys.readouterr().err
+
+
 def _digest(root: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):

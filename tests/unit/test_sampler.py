@@ -227,3 +227,11 @@ def test_a_generator_on_the_rows_device_is_used_as_it_is() -> None:
     assert sampler._same_device(torch.device("cpu"), torch.device("cpu"))
     assert not sampler._same_device(torch.device("cuda:1"), torch.device("cuda:0"))
     assert not sampler._same_device(torch.device("cpu"), torch.device("cuda:0"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_a_cuda_device_without_a_gpu_is_a_clear_error() -> None:
+    from dlora.services.worker.engine.device import resolve_device
+
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda:0", "auto")

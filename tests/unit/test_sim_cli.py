@@ -53,6 +53,9 @@ def test_engine_limits_out_of_range_are_refused_by_name(
         ["simulate", "--ranks", "8,x"],
         ["model", "make-tiny", "--out", "x", "--ranks", "abc"],
         ["model", "make-tiny", "--out", "x", "--ranks", "0"],
+        ["loadgen", "--adapters", "0"],  # these were ZeroDivisionErrors and a numpy message
+        ["loadgen", "--length-divide", "0"],
+        ["loadgen", "--requests", "-3"],
     ],
 )
 def test_bad_numbers_are_a_usage_error_not_a_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -198,3 +198,11 @@ def test_bench_policy_and_e2e_specs_are_their_papers_settings(monkeypatch: pytes
         lengths_in_order=True,
     )
     assert spec.requests == count and workload.build_specs(spec) == expected
+
+
+def test_the_results_never_hold_the_target_s_password() -> None:
+    """result.json and report.html get shared and committed: a NATS URL's password is masked."""
+    from dlora.loadgen.main import _redacted
+
+    assert _redacted("nats://app:s3cret@127.0.0.1:4222") == "nats://app:***@127.0.0.1:4222"
+    assert _redacted("http://127.0.0.1:8000") == "http://127.0.0.1:8000"

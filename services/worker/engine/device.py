@@ -17,6 +17,8 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():  # else an assertion deep in torch
+        raise ValueError(f"device {device!r}: torch sees no CUDA device here")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if dtype not in DTYPES:

@@ -90,13 +90,14 @@ def run_generate(args: argparse.Namespace) -> int:
         for name, path in loras.items():
             engine.register_adapter(name, path)
         lines = Path(args.input).read_text().splitlines()
+        out = open(args.output, "w")  # opened before the batch runs: a bad path must not cost the work
     except (ValueError, AdapterError, OSError) as e:
         print(f"dlora generate: {e}", file=sys.stderr)
         return 2
     results = generate_lines(engine, lines)
-    with open(args.output, "w") as f:
+    with out:
         for r in results:
-            f.write(json.dumps(r) + "\n")
+            out.write(json.dumps(r) + "\n")
     failed = sum("error" in r for r in results)
     for r in results:
         if "error" in r:
