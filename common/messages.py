@@ -90,7 +90,7 @@ class FinishReason(enum.StrEnum):
 
     STOP = "stop"  # EOS, a stop token or string, or a structured document complete
     LENGTH = "length"  # max_tokens, or the model's context is full
-    ABORT = "abort"  # its client went away
+    ABORT = "abort"  # its client went away, or its sender aborted it (the last chunk a worker sends it)
     ERROR = "error"  # it failed; the chunk's error says why
 
 

@@ -100,3 +100,16 @@ def silent_client_chunk(req: GenerateRequest) -> TokenChunk:
     what the client has, which a worker's may not."""
     reason = "the request's client was not heard from when it arrived; try again"
     return error_chunk(req, ErrorCode.UNAVAILABLE, reason, worker="")
+
+
+def aborted_chunk(req: GenerateRequest, seq: int, worker: str) -> TokenChunk:
+    """The last chunk of a request stopped by an abort (finish_reason "abort", numbered ``seq``):
+    its sender learns the abort took, and a request that comes after an abort of its id is
+    answered, not dropped without a word."""
+    return TokenChunk(
+        request_id=req.request_id,
+        seq=seq,
+        finish_reason=FinishReason.ABORT,
+        worker=worker,
+        recoveries=req.recoveries,
+    )

@@ -37,7 +37,14 @@ from dlora.common.state import Copy, Sent, StateStore
 from dlora.services.notify import notifier
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
-from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, open_stream, silent_client_chunk
+from dlora.services.worker.chunks import (
+    Stream,
+    aborted_chunk,
+    chunk_for,
+    error_chunk,
+    open_stream,
+    silent_client_chunk,
+)
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
@@ -177,6 +184,8 @@ class WorkerService:
             stream = self.streams.get(cmd.request_id)
             if stream is not None and self._aborted(stream.request):
                 await self._drop(cmd.request_id)
+                chunk = aborted_chunk(stream.request, stream.seq, self.s.worker_id)
+                await self.delivery.publish(stream.reply_to, chunk)
         elif isinstance(cmd, AdapterChanged):
             self.adapters.changed(cmd.name, cmd.version)
         else:
@@ -227,9 +236,10 @@ class WorkerService:
             self.pending.discard(req.request_id)
 
     async def _admit(self, req: GenerateRequest) -> None:
-        if self._aborted(req):
+        if self._aborted(req):  # its client left before it came, or aborted its id lately
             await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
-            return  # its client left before it came
+            await self.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, self.s.worker_id))
+            return
         held = self.streams.get(req.request_id)
         if held is not None:
             if req.recoveries <= held.request.recoveries:

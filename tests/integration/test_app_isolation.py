@@ -179,11 +179,15 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     # alice's own abort stops it
     await alice.publish(subjects.aborts_of("alice"), msgspec.json.encode(AbortRequest(request_id="r-1")))
     await alice.flush()
-    for _ in range(100):
-        if "r-1" not in worker.streams:
-            break
-        await asyncio.sleep(0.05)
+    last = await asyncio.wait_for(mine.get(), 10)
+    while last.finish_reason is None:  # what was under way, then a last chunk saying it stopped
+        last = await asyncio.wait_for(mine.get(), 10)
+    assert (last.finish_reason, last.error) == ("abort", None)
     assert "r-1" not in worker.streams and not await _still_running(mine)
+    # the same id again within the abort's memory: answered "abort", not dropped without a word
+    await _send(alice, "alice", "r-1", subjects.reply_inbox("r-1", "alice"))
+    again = await asyncio.wait_for(mine.get(), 10)
+    assert (again.seq, again.finish_reason) == (0, "abort")
 
 
 async def test_an_application_uses_only_public_adapters_and_its_own(bus, redis: Redis, tiny_llama: TinyOutput) -> None:  # type: ignore[no-untyped-def]
