@@ -40,6 +40,16 @@ from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
+
+
+class _Head(msgspec.Struct):
+    """What a request that does not decode may still say: who it is and where to answer."""
+
+    request_id: str
+    reply_to: str
+
+
+_decode_head = msgspec.json.Decoder(_Head)
 _encode = msgspec.json.Encoder()
 _DECAY = 0.9  # per placement interval: traffic shares follow the last minute or so
 
@@ -82,6 +92,7 @@ class Dispatcher:
                 GenerateRequest,
                 e,
             )
+            await self._refuse_undecodable(msg, e)
             return
         owner = subjects.sender(msg.subject)  # only its subject says who sent it
         # What an application may not set: the workers' own fields (a shipped cache that never
@@ -118,6 +129,25 @@ class Dispatcher:
                 await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
                 return
         await self._dispatch(req, raw)
+
+    async def _refuse_undecodable(self, msg: Msg, error: msgspec.DecodeError) -> None:
+        """Tell the sender of a request that does not decode why, where its reply subject can be read
+        (one of its own): it would wait for chunks that never come."""
+        try:
+            head = _decode_head.decode(msg.data)
+        except msgspec.DecodeError:
+            return  # no id or reply subject to answer on: counted as rejected, as before
+        owner = subjects.sender(msg.subject)
+        if owner and not subjects.replies_to(owner, head.reply_to) or not subjects.publishable(head.reply_to):
+            return
+        chunk = TokenChunk(
+            request_id=head.request_id,
+            seq=0,
+            error=f"the request does not decode: {error}",
+            error_code=ErrorCode.BAD_REQUEST,
+            finish_reason=FinishReason.ERROR,
+        )
+        await self.nc.publish(head.reply_to, _encode.encode(chunk))
 
     async def _on_ping(self, msg: Msg) -> None:
         await msg.respond(b"")

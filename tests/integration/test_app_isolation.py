@@ -5,6 +5,7 @@ item 10: "inject text into or abort another user's stream")."""
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -145,6 +146,14 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     # a reply subject of bob's own that NATS cannot publish to is refused at once (it was taken,
     # and every chunk to it failed on the worker as if NATS were down: handed back and run again
     # without end), and so is a request too large to forward once the dispatcher adds its seed
+    # a request that does not decode (a string where a number goes) is answered on its own reply
+    # subject with the reason: the app waited for chunks that never came
+    malformed = await _chunks(bob, subjects.reply_inbox("r-5", "bob"))
+    raw = {"request_id": "r-5", "reply_to": subjects.reply_inbox("r-5", "bob"), "prompt": "kalo"}
+    await bob.publish(subjects.requests_of("bob"), json.dumps(raw | {"params": {"max_tokens": "4"}}).encode())
+    told = await asyncio.wait_for(malformed.get(), 10)
+    assert told.error_code == "bad_request" and "max_tokens" in (told.error or "")
+
     bad_subject = subjects.reply_inbox("r-3", "bob") + " x"
     answer = await bob.request(
         subjects.requests_of("bob"),
