@@ -5,8 +5,8 @@ item 10: "inject text into or abort another user's stream")."""
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
