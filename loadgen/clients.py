@@ -121,7 +121,20 @@ class NatsClient:
 
     @classmethod
     async def connect(cls, url: str, clock: Callable[[], float]) -> NatsClient:
-        client = cls(await nats.connect(url), clock, urllib.parse.urlsplit(url).username or "app")
+        """Connected to ``url``, or OSError with the server's last word after two retries (a wrong
+        password or a server that is not there: nats-py's defaults retried for two minutes, printing
+        a traceback a second)."""
+        errors: list[Exception] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(e)
+
+        try:
+            nc = await nats.connect(url, error_cb=on_error, max_reconnect_attempts=2, reconnect_time_wait=0.5)
+        except (nats.errors.Error, OSError) as e:
+            where = url.rsplit("@", 1)[-1]  # no user or password in the message
+            raise OSError(f"cannot connect to NATS at {where}: {errors[-1] if errors else e}") from None
+        client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app")
         await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
         return client
 

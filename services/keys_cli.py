@@ -12,8 +12,10 @@ import logging
 import sys
 import time
 
+from redis.exceptions import RedisError
+
 from dlora.common import apikeys, log
-from dlora.common.bus import connections
+from dlora.common.bus import CredentialsRefused, connections
 from dlora.common.messages import ApiKey
 from dlora.common.registry import KeyRegistry
 from dlora.common.settings import Problems, SettingsError, load
@@ -45,13 +47,26 @@ def run_keys(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_run(args, settings))
-    except apikeys.KeySpecError as e:
+    except (apikeys.KeySpecError, CredentialsRefused) as e:
         print(f"dlora keys: {e}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print(
+            f"dlora keys: NATS at {settings.nats_url} or Redis at {settings.redis_url} did not answer", file=sys.stderr
+        )
+        return 2
+    except RedisError as e:
+        print(f"dlora keys: Redis at {settings.redis_url}: {e}", file=sys.stderr)
         return 2
 
 
+# A command gives up after this long (it takes well under a second), where a service waits out
+# any outage: an unreachable NATS kept `dlora keys` retrying for ever.
+_TIMEOUT_S = 15.0
+
+
 async def _run(args: argparse.Namespace, s: GatewaySettings) -> int:
-    async with connections(s) as (nc, store):
+    async with asyncio.timeout(_TIMEOUT_S), connections(s) as (nc, store):
         keys = await KeyRegistry.open(nc, store, s.nats_kv_replicas)
         if await keys.kv() is None:
             print("dlora keys: warning: NATS has no JetStream; keys are kept in Redis only", file=sys.stderr)

@@ -271,3 +271,16 @@ async def test_the_load_generator_sends_the_key(keyed_stack: Stack, monkeypatch:
             assert result.completed and result.tokens == 2, result
         else:
             assert (result.error or "").startswith(error), (api_key, result)
+
+
+def test_the_cli_gives_up_on_an_unreachable_nats_with_a_line_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command is not a service: it retried an unreachable NATS for ever."""
+    from dlora.services import keys_cli
+
+    monkeypatch.setattr(keys_cli, "_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("DLORA_NATS_URL", "nats://127.0.0.1:1")
+    monkeypatch.setenv("DLORA_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert main(["keys", "list"]) == 2
+    assert "did not answer" in capsys.readouterr().err
