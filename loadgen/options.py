@@ -41,6 +41,12 @@ def _above_zero(text: str) -> float:
     return value
 
 
+def _target(text: str) -> str:
+    if not text.startswith(("http://", "https://", "nats://", "tls://")):
+        raise argparse.ArgumentTypeError(f"{text!r}: a gateway URL (http://, https://) or a NATS URL (nats://)")
+    return text
+
+
 def ranks(text: str) -> list[int]:
     """An argparse type: LoRA ranks, comma-separated, each >= 1."""
     values = [positive(r) for r in text.split(",") if r.strip()]
@@ -52,13 +58,16 @@ def ranks(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
-        "--target", default="http://127.0.0.1:8000", help="gateway URL (http://...) or NATS URL (nats://...)"
+        "--target",
+        type=_target,
+        default="http://127.0.0.1:8000",
+        help="gateway URL (http://...) or NATS URL (nats://...)",
     )
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
     add_workload_arguments(p)
-    p.add_argument("--slo-ttft", type=float, help="SLO on time to first token (s)")
-    p.add_argument("--slo-tpot", type=float, help="SLO on time per output token (s)")
+    p.add_argument("--slo-ttft", type=_above_zero, help="SLO on time to first token (s)")
+    p.add_argument("--slo-tpot", type=_above_zero, help="SLO on time per output token (s)")
     p.add_argument(
         "--max-retries",
         type=_count,
@@ -73,7 +82,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     """The workload's options (``WorkloadSpec.from_args``), shared by ``dlora loadgen`` and
     ``dlora simulate``."""
     p.add_argument("--requests", type=_count, default=_SPEC.requests, help="cap on requests")
-    p.add_argument("--duration", type=float, default=_SPEC.duration, help="cap on seconds of sending")
+    p.add_argument("--duration", type=_above_zero, default=_SPEC.duration, help="cap on seconds of sending")
     p.add_argument("--seed", type=int, default=_SPEC.seed)
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
     p.add_argument("--rate", type=float, default=_SPEC.rate, help="mean requests/s (trace replay is rescaled to it)")

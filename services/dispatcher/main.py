@@ -368,6 +368,12 @@ class Dispatcher:
             if expect is not None:
                 self.metrics.recovered.inc()
         elif expect is None:  # a second request under the id of one in flight (anyone's)
+            held = await self.store.get_inflight(req.request_id)
+            if held is not None and held.request.reply_to == req.reply_to:
+                # The same request sent again (a retry) to the stream already under way: an error
+                # there would end that stream for its reader, which goes on reading it instead.
+                self.metrics.refusals.labels("duplicate-id").inc()
+                return
             reason = f"request id {req.request_id!r} is already in flight; give each request its own"
             await self._fail(req, req.next_seq, reason, "duplicate-id", ErrorCode.BAD_REQUEST)
 

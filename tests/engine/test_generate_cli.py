@@ -24,6 +24,9 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
         {"id": "d", "prompt": "x", "tempreature": 0.5},
         {"id": "e", "prompt": "x", "max_tokens": -1},
         {"id": "f", "adapter": "lora-0", "prompt_token_ids": [9, 10], "max_tokens": 5},
+        # past the context with its max_tokens: refused, as the gateway refuses it (it was served
+        # and cut short at the context, "length", without a word)
+        {"id": "g", "prompt_token_ids": [5] * 500, "max_tokens": 400},
     ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
@@ -34,12 +37,13 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert main(argv) == 1  # some lines failed
 
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in results] == ["a", "line-2", "b", "c", "d", "e", "f"]
+    assert [r["id"] for r in results] == ["a", "line-2", "b", "c", "d", "e", "f", "g"]
     errors = {r["id"]: r["error"] for r in results if "error" in r}
     assert errors["line-2"].startswith("line 2: not valid JSON")
     assert "line 3" in errors["b"] and "not registered" in errors["b"]
     assert "line 5" in errors["d"] and "tempreature" in errors["d"]
     assert "line 6" in errors["e"] and "max_tokens" in errors["e"]
+    assert "line 8" in errors["g"] and "exceed the context" in errors["g"]
     oracle = Oracle(tiny_llama)
     by_id = {r["id"]: r for r in results}
     assert by_id["a"]["token_ids"] == oracle.generate("lora-1", [5, 6, 7], 6)

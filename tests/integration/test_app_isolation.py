@@ -137,6 +137,14 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     assert refused.error_code == "bad_request" and "already in flight" in (refused.error or "")
     assert await _still_running(mine)
 
+    # alice sending r-1 again to its own stream (a retry): no error chunk there, which would end
+    # the stream for its reader while the request runs on
+    await _send(alice, "alice", "r-1", subjects.reply_inbox("r-1", "alice"))
+    await alice.flush()
+    await asyncio.sleep(0.5)
+    assert not [c.error for c in [mine.get_nowait() for _ in range(mine.qsize())] if c.error]
+    assert await _still_running(mine)
+
     # a request of bob's whose chunks would go to alice's subject is refused, to bob alone
     forged = GenerateRequest(request_id="r-2", reply_to=subjects.reply_inbox("r-2", "alice"), prompt_token_ids=[5])
     answer = await bob.request(subjects.requests_of("bob"), msgspec.json.encode(forged), timeout=10)

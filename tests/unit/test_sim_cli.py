@@ -56,6 +56,9 @@ def test_engine_limits_out_of_range_are_refused_by_name(
         ["loadgen", "--adapters", "0"],  # these were ZeroDivisionErrors and a numpy message
         ["loadgen", "--length-divide", "0"],
         ["loadgen", "--requests", "-3"],
+        ["loadgen", "--duration", "-1"],
+        ["loadgen", "--slo-ttft", "-1"],
+        ["loadgen", "--target", "ftp://x"],
     ],
 )
 def test_bad_numbers_are_a_usage_error_not_a_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

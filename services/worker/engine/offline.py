@@ -45,6 +45,12 @@ def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None]
         if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
             raise RequestError("prompt_token_ids must be a list of integers")
         engine.add_request(rid, prompt=prompt, prompt_token_ids=ids, params=params, adapter=obj.get("adapter"))
+        if (n := len(engine.seqs[rid].prompt_ids)) + params.max_tokens > engine.max_model_len:
+            engine.abort(rid)  # as the gateway refuses it: nothing is cut short without a word
+            raise RequestError(
+                f"the prompt's {n} tokens and max_tokens={params.max_tokens} exceed the context of "
+                f"{engine.max_model_len}"
+            )
     except (msgspec.ValidationError, RequestError) as e:
         return rid, f"line {lineno}: {e}"
     return rid, None
