@@ -110,6 +110,17 @@ CRASH_LOOP_S = 10.0
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
 
 
+def on_exit(service: str, code: int) -> str:
+    """What ``dlora up`` does when ``service`` exits with ``code``, as systemd's ``Restart=on-failure``
+    does for the units: "restart" after a failure (every service is built to be started again: the
+    cluster's state is in Redis, a worker's requests go to the others meanwhile); "leave" a worker
+    that stopped cleanly (drained on purpose: SIGTERM); "stop" the stack when any other service
+    exits cleanly (nothing asked it to)."""
+    if code != 0:
+        return "restart"
+    return "leave" if service.startswith("worker-") else "stop"
+
+
 class LocalStack:
     """The stack as child processes: start() brings it up (raising on failure), stop() takes it
     down, services first. ``dlora up`` and the control-plane benchmark use it."""
@@ -179,8 +190,9 @@ class LocalStack:
         recent = [t for t in self._restarts.get(i, []) if now - t < RESTART_WINDOW_S]
         if now - started < CRASH_LOOP_S or len(recent) >= MAX_RESTARTS:
             return False
-        if self.names[i].startswith("worker-"):  # its metrics port may have been taken meanwhile
-            env = {**env, **self._metrics(self.names[i], "worker")}
+        name = self.names[i]
+        if name in self.metrics_urls and name != "gateway":  # its metrics port may be taken meanwhile
+            env = {**env, **self._metrics(name, "worker" if name.startswith("worker-") else name)}
         self.procs[i] = subprocess.Popen(args, env=env, start_new_session=True)
         self._specs[i] = (args, env, now)
         self._restarts[i] = [*recent, now]
@@ -320,12 +332,21 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',
             flush=True,
         )
+        left: set[int] = set()  # workers that stopped cleanly, left out
         while not stop:
             for i, name, code in stack.exited():
-                # A worker lost is what the cluster rides out (its requests go to the others): it
-                # is started again, as systemd's Restart= would. Any other service ends the stack.
-                if name.startswith("worker-") and stack.restart(i):
-                    print(f"dlora up: {name} exited (code {code}); started it again", file=sys.stderr, flush=True)
+                if i in left:
+                    continue
+                action = on_exit(name, code)
+                if action == "leave":
+                    print(f"dlora up: {name} stopped cleanly (drained); not started again", file=sys.stderr, flush=True)
+                    left.add(i)
+                    continue
+                if action == "restart" and stack.restart(i):
+                    metrics = f" (metrics {stack.metrics_urls[name]})" if name in stack.metrics_urls else ""
+                    print(
+                        f"dlora up: {name} exited (code {code}); started it again{metrics}", file=sys.stderr, flush=True
+                    )
                     continue
                 print(f"dlora up: {name} exited (code {code}); stopping everything", file=sys.stderr, flush=True)
                 return 1

@@ -170,3 +170,15 @@ def test_a_worker_is_not_started_again_when_it_would_only_fail_again() -> None:
         stack._specs[0] = (args, env, time.monotonic() - launcher.CRASH_LOOP_S - 1)  # it ran long enough
         assert stack.restart(0) == (n < launcher.MAX_RESTARTS), n
         stack.procs[0].wait(timeout=30)
+
+
+def test_what_dlora_up_does_when_a_service_exits() -> None:
+    """As systemd's Restart=on-failure: any service that fails is started again (killing the
+    dispatcher or the migrator stopped the whole stack); a worker drained on purpose is left out
+    (it was started again); a service that ends cleanly unasked ends the stack."""
+    from dlora.services.launcher import on_exit
+
+    assert [on_exit(s, -9) for s in ("worker-1", "dispatcher", "migrator", "gateway")] == ["restart"] * 4
+    assert on_exit("worker-0", 1) == "restart"
+    assert on_exit("worker-0", 0) == "leave"
+    assert on_exit("dispatcher", 0) == "stop" and on_exit("gateway", 0) == "stop"
