@@ -203,15 +203,21 @@ class Dispatcher:
                 if await self.store.beating(worker):
                     continue  # its stats do not reach us, but its heartbeat does: not lost
                 if await self.store.claim_recovery(f"{worker}:{st.incarnation}:{st.sent}"):
-                    await self.recover(worker)
+                    await self.recover(worker, stopped=await self.store.stopped_cleanly(worker, st.incarnation))
                 self.state.forget(worker)
         if now - self._orphans_at > self.s.heartbeat_ttl_s:
             self._orphans_at = now
             await self._recover_orphans()
 
-    async def recover(self, worker: str) -> None:
-        logger.warning("worker lost", worker=worker)
-        self.metrics.losses.inc()
+    async def recover(self, worker: str, stopped: bool = False) -> None:
+        """Forget ``worker`` and re-dispatch what it held. ``stopped``: its last start drained and
+        stopped (SIGTERM), which is not a loss: neither logged nor counted as one (a rolling restart
+        fired every alert on dlora_worker_losses_total)."""
+        if stopped:
+            logger.info("worker stopped", worker=worker)
+        else:
+            logger.warning("worker lost", worker=worker)
+            self.metrics.losses.inc()
         await self.store.forget_worker(worker)
         await self._recover_on(worker)
 

@@ -5,6 +5,7 @@ once, not as a death, and each resumes on another worker with the stream continu
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import msgspec
@@ -54,7 +55,8 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
         victim_done = tasks[0]
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
-        tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), nc, store).run(stop)))
+        dispatcher = Dispatcher(DispatcherSettings(**common), nc, store)
+        tasks.append(asyncio.create_task(dispatcher.run(stop)))
         handed: list[LostRequests] = []
         drain_stats: list[WorkerStats] = []
 
@@ -92,6 +94,12 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
         assert drain_stats and drain_stats[0].running == 1
         # This start stopped cleanly: a record left naming it would not be counted as a death.
         assert await store.stopped_cleanly("a-victim", victim.incarnation)
+        # nor, once its heartbeat lapses, the worker as lost (a rolling restart set off every
+        # alert on the losses counter)
+        await redis.delete("dlora:worker:a-victim")
+        await dispatcher._look(time.monotonic() + 100)
+        assert "a-victim" not in dispatcher.workers
+        assert dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == 0
         if drain_timeout_s:  # finished where it ran; nothing handed back
             assert handed == [] and victim.engine.stats.steps > N - 10
         else:  # handed over at once, not as a death; the survivor generated the rest
