@@ -5,7 +5,8 @@ there once."""
 from __future__ import annotations
 
 import argparse
-from typing import get_args
+from collections.abc import Callable
+from typing import Any, get_args
 
 from dlora.loadgen.spec import Arrivals, Lengths, Popularity, WorkloadSpec
 from dlora.loadgen.traces import FORMATS
@@ -13,32 +14,27 @@ from dlora.loadgen.traces import FORMATS
 _SPEC = WorkloadSpec()
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)``, at least ``low`` (above it when ``strict``); a usage
+    error naming the option otherwise, not a traceback from deep inside."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if convert is int else 'a number'}"
+            ) from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{value} is {'not above' if strict else 'below'} {low:g}")
+        return value
+
+    return parse
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1 (a usage error, not a traceback, otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
-
-def _above_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not above zero")
-    return value
+_count = _at_least(int, 0)
+positive = _at_least(int, 1)  # also the simulator's and make-tiny's
+_above_zero = _at_least(float, 0, strict=True)
 
 
 def _target(text: str) -> str:
