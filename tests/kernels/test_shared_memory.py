@@ -50,7 +50,9 @@ print(json.dumps(compiled.metadata.shared))
 def test_the_expand_fits_at_its_largest_tiles_and_split() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
-    for dtype in ("bf16", "fp32"):
+    # bf16, the dtype served in (fp32 read 32 KB at the same tiles when this was written, the old
+    # unrolled loop 2.1 MB in both)
+    for dtype in ("bf16",):
         run = subprocess.run(
             [sys.executable, "-c", _COMPILE, dtype], env=env, cwd=root, capture_output=True, text=True, check=False
         )
