@@ -132,8 +132,7 @@ class NatsClient:
         try:
             nc = await nats.connect(url, error_cb=on_error, max_reconnect_attempts=2, reconnect_time_wait=0.5)
         except (nats.errors.Error, OSError) as e:
-            where = url.rsplit("@", 1)[-1]  # no user or password in the message
-            raise OSError(f"cannot connect to NATS at {where}: {errors[-1] if errors else e}") from None
+            raise OSError(f"cannot connect to NATS at {redacted(url)}: {errors[-1] if errors else e}") from None
         client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app")
         await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
         return client
@@ -181,3 +180,12 @@ class NatsClient:
 
     async def close(self) -> None:
         await self.nc.drain()
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (result.json and report.html get shared and committed)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -10,14 +10,13 @@ import argparse
 import asyncio
 import signal
 import sys
-import urllib.parse
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dlora.loadgen import report
-from dlora.loadgen.clients import HttpClient, NatsClient
+from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
 from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
@@ -93,7 +92,7 @@ async def run(
     }
     skipped = {"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {}
     config = (
-        {"target": _redacted(target), "base_model": base_model}
+        {"target": redacted(target), "base_model": base_model}
         | spec.options()
         | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "out": str(out), "interrupted": stop.is_set()}
         | formats
@@ -125,12 +124,3 @@ def run_loadgen(args: argparse.Namespace) -> int:
         return 2
     console.print(f"lost requests: {summary['lost']}  ->  {Path(args.out) / 'result.json'}, report.png, report.html")
     return 0 if summary["lost"] == 0 and summary["failed"] == 0 else 1
-
-
-def _redacted(url: str) -> str:
-    """``url`` without its password (result.json and report.html get shared and committed)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

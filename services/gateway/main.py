@@ -42,6 +42,7 @@ from dlora.model.config import ModelConfig
 from dlora.services.gateway import dashboard, openai, openapi
 from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
 from dlora.services.gateway.auth import Auth, Principal
+from dlora.services.gateway.body import read_body
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, json_errors
 from dlora.services.gateway.health import readiness, retry_after_s
@@ -443,33 +444,6 @@ class Gateway:
             self._redis_id = await self.store.data_epoch()
         # Workers drop this gateway's requests once these stop (it died without aborting them).
         self._announcer = asyncio.create_task(announce(self.nc, self.gateway_id, self._stopped))
-
-
-async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """The whole JSON body, up to ``limit`` bytes, within ``timeout_s`` seconds.
-
-    Raises:
-        APIError(415): the Content-Type is not application/json (a browser cannot send that
-            cross-site without a CORS preflight, which this server never grants).
-        APIError(413): the body is longer than ``limit``.
-        APIError(408): the body did not all come within ``timeout_s`` (a client trickling it
-            would hold a connection and a handler for as long as it liked).
-    """
-    if request.content_type != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}")
-    if request.content_length is not None and request.content_length > limit:
-        raise APIError(413, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            # Every chunk to the end: one read returns only what has arrived, and a large body comes in many.
-            async for chunk in request.content.iter_any():
-                raw += chunk
-                if len(raw) > limit:
-                    raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-    except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
-    return bytes(raw)
 
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:

@@ -202,7 +202,7 @@ def test_bench_policy_and_e2e_specs_are_their_papers_settings(monkeypatch: pytes
 
 def test_the_results_never_hold_the_target_s_password() -> None:
     """result.json and report.html get shared and committed: a NATS URL's password is masked."""
-    from dlora.loadgen.main import _redacted
+    from dlora.loadgen.clients import redacted as _redacted
 
     assert _redacted("nats://app:s3cret@127.0.0.1:4222") == "nats://app:***@127.0.0.1:4222"
     assert _redacted("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
@@ -215,6 +215,6 @@ async def test_an_unreachable_nats_target_is_an_error_not_a_retry_for_ever() -> 
     from dlora.loadgen.clients import NatsClient
     from dlora.services.servers import free_port
 
-    with pytest.raises(OSError, match=r"cannot connect to NATS at 127\.0\.0\.1:\d+") as e:
+    with pytest.raises(OSError, match=r"cannot connect to NATS at nats://app:\*\*\*@127\.0\.0\.1:\d+") as e:
         await NatsClient.connect(f"nats://app:secret@127.0.0.1:{free_port()}", clock=lambda: 0.0)
     assert "secret" not in str(e.value)

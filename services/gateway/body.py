@@ -1,0 +1,37 @@
+"""Reading a request's body: JSON only, bounded in size and in time. Apart from the handlers, so
+every endpoint that takes a body (generation, adapters, keys) reads it the same way."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from dlora.services.gateway.openai import APIError
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The whole JSON body, up to ``limit`` bytes, within ``timeout_s`` seconds.
+
+    Raises:
+        APIError(415): the Content-Type is not application/json (a browser cannot send that
+            cross-site without a CORS preflight, which this server never grants).
+        APIError(413): the body is longer than ``limit``.
+        APIError(408): the body did not all come within ``timeout_s`` (a client trickling it
+            would hold a connection and a handler for as long as it liked).
+    """
+    if request.content_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}")
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(413, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            # Every chunk to the end: one read returns only what has arrived, and a large body comes in many.
+            async for chunk in request.content.iter_any():
+                raw += chunk
+                if len(raw) > limit:
+                    raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    return bytes(raw)
