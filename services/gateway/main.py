@@ -29,6 +29,7 @@ from dlora.common.clients import announce
 from dlora.common.exporter import metrics_response
 from dlora.common.messages import (
     AbortRequest,
+    AdapterEntry,
     AdapterEvent,
     ErrorCode,
     GenerateRequest,
@@ -121,28 +122,31 @@ class Gateway:
             who = await self.auth.inference(request)
             with self.auth.admitted(who):
                 raw = await self._read_body(request)
-                job = await self._job(raw, chat, who)
-                adapter_label = job.adapter or self.base_name
+                body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
+                entry = await self._entry(body.model, who)
+                if entry is not None or body.model == self.base_name:  # a name never served stays "?"
+                    adapter_label = body.model
+                job = await self._job(body, entry, who)
                 return await self._relay(request, job)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status)
             return error_response(e)
 
-    async def _job(self, raw: bytes, chat: bool, who: Principal) -> Job:
-        """The request body shaped into its choices' requests (``shaping``); the I/O here is the
-        adapter registry lookup, skipped for the base model's name. An adapter ``who`` may not
-        use is looked up as none: the same 404 as a name never registered."""
-        body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
-        entry = None if body.model == self.base_name else await self.registry.lookup(body.model)
-        if entry is not None and not who.may_use(entry):
-            entry = None
+    async def _entry(self, model: str, who: Principal) -> AdapterEntry | None:
+        """The adapter registered as ``model``, or None for the base model's name (no lookup) and
+        for an adapter ``who`` may not use: the same 404 as a name never registered."""
+        entry = None if model == self.base_name else await self.registry.lookup(model)
+        return entry if entry is None or who.may_use(entry) else None
+
+    async def _job(self, body: CompletionBody | ChatBody, entry: AdapterEntry | None, who: Principal) -> Job:
+        """The request body shaped into its choices' requests (``shaping``), on the shaping thread."""
         shape = functools.partial(
             shape_request,
             body,
             entry,
             self.served,
             base_name=self.base_name,
-            request_id=new_request_id(chat),
+            request_id=new_request_id(isinstance(body, ChatBody)),
             gateway_id=self.gateway_id,
             now=time.time(),
             tenant=who.tenant,

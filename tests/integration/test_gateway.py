@@ -419,11 +419,17 @@ async def test_bus_messages_that_do_not_decode_are_counted_not_lost_silently(sta
 
 async def test_metrics_are_exposed(stack: Stack) -> None:
     await post(stack, "/v1/completions", {"model": "lora-1", "prompt": "kalo", "max_tokens": 3})
+    # A refusal is counted under the model it named where that is served, else under "?" (a name
+    # nobody serves must not make a label).
+    assert (await post(stack, "/v1/completions", {"model": "lora-2", "prompt": "k", "temperature": -1}))[0] == 400
+    assert (await post(stack, "/v1/completions", {"model": "nobody-x", "prompt": "k"}))[0] == 404
     await asyncio.sleep(0.3)  # a stats interval
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
         text = await r.text()
     for name in (
         'dlora_requests_total{adapter="lora-1",status="200"} 1.0',
+        'dlora_requests_total{adapter="lora-2",status="400"}',
+        'dlora_requests_total{adapter="?",status="404"}',
         "dlora_time_to_first_token_seconds",
         "dlora_time_per_output_token_seconds",
         "dlora_request_queue_time_seconds",
