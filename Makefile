@@ -59,7 +59,7 @@ lint: setup
 	cd $(MYPY_SRC) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml --cache-dir ../mypy $(TYPED)
 
 test: setup chromium lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: setup
 	mkdir -p bench-results
