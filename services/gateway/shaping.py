@@ -114,7 +114,10 @@ def shape_request(
         adapter = None
     elif adapter is None:
         raise APIError(
-            404, f"model {body.model!r} does not exist (neither the base model nor a registered adapter)", param="model"
+            404,
+            f"model {body.model!r} does not exist (neither the base model nor a registered adapter)",
+            param="model",
+            code="model_not_found",  # OpenAI's code, as GET /v1/models/{model} gives it
         )
     chat = isinstance(body, ChatBody)
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
