@@ -27,6 +27,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     stop: list[str] = []
     # Generation stops after one of these token ids (it stays in the output tokens).
     stop_token_ids: list[int] = []
+    # Keep what ended the request in its text: the stop string, or the stop token's or EOS's text
+    # (vLLM's extension; by default neither is in the text, as in vLLM).
+    include_stop_str_in_output: bool = False
     # Keep generating past the model's end-of-sequence token (for benchmarks of exact lengths).
     ignore_eos: bool = False
     # Drop special tokens (BOS/EOS) from the output text.

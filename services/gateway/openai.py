@@ -78,6 +78,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
     repetition_penalty: float | None = None  # (0, 100], default 1
 
 

@@ -381,6 +381,7 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=bool(body.ignore_eos),
         skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,

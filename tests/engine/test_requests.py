@@ -38,8 +38,25 @@ def test_max_tokens_gives_length(engine: LLMEngine) -> None:
 
 def test_stop_token_id_ends_and_stays_in_tokens(engine: LLMEngine) -> None:
     full, _, _ = collect(engine, "a", max_tokens=10)
-    tokens, _, reason = collect(engine, "b", max_tokens=10, stop_token_ids=[full[3]])
+    tokens, text, reason = collect(engine, "b", max_tokens=10, stop_token_ids=[full[3]])
     assert tokens == full[: full.index(full[3]) + 1] and reason is FinishReason.STOP
+    # Its text is left out (as vLLM leaves the ending token out of detokenization), unless asked for.
+    assert text == engine.tokenizer.decode(tokens[:-1], skip_special_tokens=True)
+    _, kept, _ = collect(engine, "c", max_tokens=10, stop_token_ids=[full[3]], include_stop_str_in_output=True)
+    assert kept == engine.tokenizer.decode(tokens, skip_special_tokens=True) != text
+
+
+def test_eos_text_is_not_output_when_special_tokens_are_shown(engine: LLMEngine) -> None:
+    eos = next(iter(engine.eos_ids))
+    full, _, _ = collect(engine, "a", max_tokens=10)
+    engine.eos_ids.add(full[2])  # the third generated token ends the request
+    try:
+        tokens, text, _ = collect(engine, "b", max_tokens=10, skip_special_tokens=False)
+        _, kept, _ = collect(engine, "c", max_tokens=10, skip_special_tokens=False, include_stop_str_in_output=True)
+    finally:
+        engine.eos_ids = {eos}
+    assert text == engine.tokenizer.decode(tokens[:-1], skip_special_tokens=False)
+    assert kept == engine.tokenizer.decode(tokens, skip_special_tokens=False)
 
 
 def test_eos_stops_unless_ignored(engine: LLMEngine) -> None:
@@ -62,6 +79,8 @@ def test_stop_string_is_cut_and_never_streamed(engine: LLMEngine) -> None:
     _, text, reason = collect(engine, "b", max_tokens=16, stop=[stop, "never-seen"])
     assert reason is FinishReason.STOP
     assert text == full_text[: full_text.index(stop)]
+    _, kept, _ = collect(engine, "c", max_tokens=16, stop=[stop], include_stop_str_in_output=True)
+    assert kept == full_text[: full_text.index(stop) + len(stop)]
 
 
 def test_seeded_sampling_repeats_whatever_else_runs(engine: LLMEngine) -> None:

@@ -155,7 +155,9 @@ def test_the_model_names_the_base_or_a_registered_adapter(served: ServedModel) -
 
 def test_stop_logprobs_and_response_format(served: ServedModel) -> None:
     p = shape(served, {"prompt": "kalo", "stop": "\n", "logprobs": 2}).choices[0].request.params
-    assert (p.stop, p.logprobs) == (["\n"], 2)
+    assert (p.stop, p.logprobs, p.include_stop_str_in_output) == (["\n"], 2, False)
+    p = shape(served, {"prompt": "kalo", "stop": "\n", "include_stop_str_in_output": True}).choices[0].request.params
+    assert p.include_stop_str_in_output
     msgs = [{"role": "user", "content": "kalo"}]
     p = (
         shape(

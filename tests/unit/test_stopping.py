@@ -19,10 +19,21 @@ def test_a_stop_string_cuts_the_text_where_it_begins() -> None:
 
 
 def test_stop_tokens_eos_and_documents() -> None:
-    assert stop("a", 0, token=9, stop_token_ids=[9])[0] is FinishReason.STOP
-    assert stop("a", 0, token=2)[0] is FinishReason.STOP
+    # The ending token's text is not in the output (vLLM: it is left out of detokenization), be it
+    # a stop token id or EOS shown because skip_special_tokens is off (vLLM #2538).
+    assert stop("ab<x>", 2, token=9, stop_token_ids=[9]) == (FinishReason.STOP, "ab")
+    assert stop("ab</s>", 2, token=2, skip_special_tokens=False) == (FinishReason.STOP, "ab")
     assert stop("a", 0, token=2, ignore_eos=True)[0] is None
-    assert check_stop("{}", 1, 7, SamplingParams(), EOS, 1, 5, 100, document_complete=True).reason is FinishReason.STOP
+    done = check_stop("{}", 1, 7, SamplingParams(), EOS, 1, 5, 100, document_complete=True)
+    assert done == (FinishReason.STOP, "{}")  # the document's last token is part of it
+
+
+def test_include_stop_str_in_output_keeps_what_ended_the_request() -> None:
+    keep = {"include_stop_str_in_output": True}
+    assert stop("hello wor", 8, stop=["wor"], **keep) == (FinishReason.STOP, "hello wor")
+    assert stop("abXYcd", 3, stop=["XY"], **keep) == (FinishReason.STOP, "abXY")
+    assert stop("ab<x>", 2, token=9, stop_token_ids=[9], **keep) == (FinishReason.STOP, "ab<x>")
+    assert stop("ab</s>", 2, token=2, **keep) == (FinishReason.STOP, "ab</s>")
 
 
 def test_length_limits() -> None:
@@ -37,4 +48,4 @@ def test_text_that_could_start_a_stop_string_is_held_back() -> None:
     assert visible_end("abcST", 4, p, finished=False) == 4  # never shows less than already shown
     assert visible_end("abcST", 0, p, finished=True) == 5
     assert visible_end("abc", 0, SamplingParams(), finished=False) == 3
-    assert find_stop("xxSTOP", ["STOP"], old_len=5) == 2
+    assert find_stop("xxSTOP", ["STOP"], old_len=5) == (2, 6)

@@ -28,10 +28,16 @@ def check_stop(
     document_complete: bool = False,
 ) -> Stop:
     """Whether the request stops after ``token``, its text now ``text`` (``old_len`` characters
-    before this step); ``num_output`` tokens generated, ``total_len`` in its context."""
-    if params.stop and (cut := find_stop(text, params.stop, old_len)) is not None:
-        return Stop(FinishReason.STOP, text[:cut])
-    if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos) or document_complete:
+    before this step); ``num_output`` tokens generated, ``total_len`` in its context. What ended
+    it, a stop string or a stop token's (or EOS's) text, is cut from the text unless
+    ``include_stop_str_in_output`` (vLLM's rule: the ending token is left out of detokenization);
+    the last token of a complete structured document is part of it."""
+    keep = params.include_stop_str_in_output
+    if params.stop and (found := find_stop(text, params.stop, old_len)) is not None:
+        return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]])
+    if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos):
+        return Stop(FinishReason.STOP, text if keep else text[:old_len])
+    if document_complete:
         return Stop(FinishReason.STOP, text)
     if num_output >= params.max_tokens or total_len >= max_model_len:
         return Stop(FinishReason.LENGTH, text)
@@ -45,9 +51,9 @@ def visible_end(text: str, emitted: int, params: SamplingParams, finished: bool)
     return max(emitted, len(text) - hold)
 
 
-def find_stop(text: str, stops: list[str], old_len: int) -> int | None:
-    """Index of the earliest stop string that ends in text's new part, or None."""
+def find_stop(text: str, stops: list[str], old_len: int) -> tuple[int, int] | None:
+    """(start, end) in ``text`` of the earliest stop string that ends in its new part, or None."""
     longest = max(len(s) for s in stops)
     window_start = max(0, old_len - longest + 1)
-    hits = [i for s in stops if (i := text.find(s, window_start)) != -1]
+    hits = [(i, i + len(s)) for s in stops if (i := text.find(s, window_start)) != -1]
     return min(hits) if hits else None
