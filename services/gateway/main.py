@@ -40,6 +40,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry, KeyRegistry
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
+from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import dashboard, openai, openapi
 from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
 from dlora.services.gateway.auth import Auth, Principal
@@ -89,6 +90,7 @@ class Gateway:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        self.token_text = TokenText.of(self.tokenizer, self.cfg.vocab_size)  # for logprobs
         self.context = self.cfg.context_length()
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
@@ -153,9 +155,6 @@ class Gateway:
         )
         return await asyncio.get_running_loop().run_in_executor(self._shaping, shape)
 
-    def _decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
     async def _submit(self, request: GenerateRequest) -> None:
         """Hand one request to a dispatcher and wait until one has taken it: a NATS request to the
         dispatchers' queue group, so with none running the server answers "no responders" at once
@@ -193,7 +192,7 @@ class Gateway:
             self.replies[rid] = replies
         timer = RequestTimer(self.metrics, job.adapter or self.base_name)
         redis_id = self._redis_id  # the Redis data its records go to, as last seen
-        response = ResponseWriter(request, job, choices, self._decode_token)
+        response = ResponseWriter(request, job, choices, self.token_text)
         try:
             try:
                 await asyncio.gather(*(self._submit(c.request) for c in by_id.values()))

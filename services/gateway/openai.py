@@ -5,15 +5,16 @@ requests is ``shaping``'s work.
 
 from __future__ import annotations
 
+import codecs
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from dlora.common.messages import TokenLogprob
+from dlora.model.token_bytes import TokenText
 
 
 class APIError(Exception):
@@ -183,30 +184,54 @@ class Choice:
     logprobs: dict[str, Any] | None = None
 
 
-def completion_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str], offset: int) -> dict[str, Any]:
-    """The completions endpoint's logprobs object for these tokens; ``offset``: characters of the
-    choice's text before them (``text_offset`` counts from there). The chosen token is always in
-    its position's ``top_logprobs``, so there may be one more than asked (as in vLLM)."""
-    tokens = [decode(e.token_id) for e in entries]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
+class TextOffset:
+    """Where a choice's next token begins in its text, in characters (completions' ``text_offset``):
+    what its tokens' bytes have made so far. A character split over tokens begins where its first
+    byte's token does; bytes left short of one by the next token's are one U+FFFD before it (the
+    text's own replacement: ``bytes.decode(errors="replace")`` and the tokenizers' agree)."""
+
+    def __init__(self, start: int) -> None:
+        self.at = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def advance(self, data: bytes) -> int:
+        """The offset where ``data`` (a token's bytes) begins; moves past it."""
+        at, pending = self.at, self._utf8.getstate()[0]
+        if pending and data and not _continues(pending, data[:1]):
+            at += len(pending.decode("utf-8", "replace"))
+        self.at += len(self._utf8.decode(data))
+        return at
+
+
+def _continues(pending: bytes, byte: bytes) -> bool:
+    """Whether ``byte`` goes on with the character ``pending`` (its first bytes) begins."""
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(pending + byte)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def completion_logprobs(entries: list[TokenLogprob], tokens: TokenText, offset: TextOffset) -> dict[str, Any]:
+    """The completions endpoint's logprobs object for these tokens, ``offset`` at the first. The
+    chosen token is always in its position's ``top_logprobs``, so there may be one more than asked
+    (as in vLLM)."""
+    texts = [tokens.text(e.token_id) for e in entries]
     return {
-        "tokens": tokens,
+        "tokens": texts,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{decode(t): lp for t, lp in e.top} | {tok: e.logprob} for e, tok in zip(entries, tokens)],
-        "text_offset": offsets,
+        "top_logprobs": [{tokens.text(t): lp for t, lp in e.top} | {tok: e.logprob} for e, tok in zip(entries, texts)],
+        "text_offset": [offset.advance(tokens.bytes(e.token_id)) for e in entries],
     }
 
 
-def chat_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict[str, Any]:
-    """The chat endpoint's logprobs object: per token its text, log-probability, UTF-8 bytes and
-    the ``top_logprobs`` alternatives."""
+def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText) -> dict[str, Any]:
+    """The chat endpoint's logprobs object: per token its text, log-probability, bytes (UTF-8 as
+    the vocabulary holds them: a character split over tokens is rebuilt by joining them) and the
+    ``top_logprobs`` alternatives."""
 
     def item(token_id: int, logprob: float) -> dict[str, Any]:
-        token = decode(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        return {"token": tokens.text(token_id), "logprob": logprob, "bytes": list(tokens.bytes(token_id))}
 
     return {
         "content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],

@@ -3,7 +3,6 @@ turns chunks into server-sent events or, not streamed, one JSON body (``Response
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +10,7 @@ import msgspec
 from aiohttp import web
 
 from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk
+from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.replies import ReplyStream
@@ -27,7 +27,7 @@ class RunningChoice:
     out: openai.Choice
     request: GenerateRequest | None  # None: nothing to generate (max_tokens 0)
     replies: ReplyStream | None  # its chunks, with the request
-    offset: int  # characters of text so far, for completions' text_offset
+    offset: openai.TextOffset  # where its next token begins in its text (completions' text_offset)
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
 
     @classmethod
@@ -37,7 +37,7 @@ class RunningChoice:
             openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
             r,
             ReplyStream(r.request_id) if r else None,
-            offset=len(plan.echo),
+            offset=openai.TextOffset(len(plan.echo)),
         )
 
 
@@ -45,10 +45,8 @@ class ResponseWriter:
     """One request's HTTP response as its chunks come: server-sent events (opened at the first
     chunk, so an error before it still gets a status) or, not streamed, one JSON body at the end."""
 
-    def __init__(
-        self, request: web.Request, job: Job, choices: list[RunningChoice], decode: Callable[[int], str]
-    ) -> None:
-        self.request, self.job, self.choices, self.decode = request, job, choices, decode
+    def __init__(self, request: web.Request, job: Job, choices: list[RunningChoice], tokens: TokenText) -> None:
+        self.request, self.job, self.choices, self.tokens = request, job, choices, tokens
         self.stream: web.StreamResponse | None = None
 
     async def add(self, choice: RunningChoice, chunk: TokenChunk) -> None:
@@ -104,10 +102,8 @@ class ResponseWriter:
         if not chunk.logprobs:
             return None
         if self.job.shape.chat:
-            return openai.chat_logprobs(chunk.logprobs, self.decode)
-        out = openai.completion_logprobs(chunk.logprobs, self.decode, choice.offset)
-        choice.offset += sum(len(t) for t in out["tokens"])  # the next chunk's text_offset starts here
-        return out
+            return openai.chat_logprobs(chunk.logprobs, self.tokens)
+        return openai.completion_logprobs(chunk.logprobs, self.tokens, choice.offset)
 
 
 async def opensse(request: web.Request) -> web.StreamResponse:

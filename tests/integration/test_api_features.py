@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import math
 
 from tests.integration.conftest import Stack
@@ -15,8 +16,7 @@ async def test_completion_logprobs(stack: Stack) -> None:
     assert status == 200, resp
     choice = resp["choices"][0]
     lp = choice["logprobs"]
-    assert "".join(lp["tokens"]) == choice["text"] and len(lp["token_logprobs"]) == 4
-    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(4)]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == 4
     for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert logprob <= 0 and top[token] == logprob and 2 <= len(top) <= 3
         assert max(top.values()) == logprob  # greedy: the chosen token is the most likely
@@ -38,13 +38,43 @@ async def test_chat_logprobs_and_top_logprobs(stack: Stack) -> None:
     status, resp = await post(stack, "/v1/chat/completions", body)
     assert status == 200, resp
     content = resp["choices"][0]["logprobs"]["content"]
-    assert "".join(c["token"] for c in content) == resp["choices"][0]["message"]["content"]
+    assert (
+        bytes(b for c in content for b in c["bytes"]).decode("utf-8", "replace")
+        == resp["choices"][0]["message"]["content"]
+    )
     for c in content:
-        assert c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 4
+        assert len(c["top_logprobs"]) == 4
         assert c["top_logprobs"][0]["logprob"] == c["logprob"]
         assert math.fsum(math.exp(t["logprob"]) for t in c["top_logprobs"]) <= 1 + 1e-6
     status, resp = await post(stack, "/v1/chat/completions", {**body, "logprobs": False})
     assert status == 400 and "top_logprobs" in resp["error"]["message"]
+
+
+async def test_logprobs_of_characters_split_over_tokens(stack: Stack) -> None:
+    """The tiny model's tokenizer is byte-level BPE: sampled hot, it writes characters over several
+    tokens. Their bytes rebuild the text (each alone decodes to U+FFFD: ollama #13497, vLLM #27300),
+    no two alternatives merge as top_logprobs keys, and text_offset counts characters of the text."""
+    split = 0
+    for seed in range(6):
+        body = {"model": "lora-0", "max_tokens": 12, "temperature": 2, "seed": seed}
+        chat = {**body, "messages": [{"role": "user", "content": "é"}], "logprobs": True, "top_logprobs": 5}
+        status, resp = await post(stack, "/v1/chat/completions", chat)
+        assert status == 200, resp
+        content = resp["choices"][0]["logprobs"]["content"]
+        special = {"<s>", "</s>", "<pad>"}  # in the logprobs, not in the text (skip_special_tokens)
+        data = bytes(b for c in content if c["token"] not in special for b in c["bytes"])
+        # the text as the bytes make it (bytes that end it short of a character are not shown)
+        text = codecs.getincrementaldecoder("utf-8")("replace").decode(data)
+        assert text.removesuffix("\ufffd") == resp["choices"][0]["message"]["content"].removesuffix("\ufffd")
+        split += sum(1 for c in content if "\\x" in c["token"])
+        assert all(len({t["token"] for t in c["top_logprobs"]}) == 5 for c in content)
+        status, resp = await post(stack, "/v1/completions", {**body, "prompt": "é", "logprobs": 5})
+        lp, text = resp["choices"][0]["logprobs"], resp["choices"][0]["text"]
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+        for token, at in zip(lp["tokens"], lp["text_offset"]):  # a whole token's text is where it says
+            assert "\\x" in token or at + len(token) > len(text) or text[at : at + len(token)] == token
+        assert all(len(top) >= 5 for top in lp["top_logprobs"])
+    assert split  # the case was met
 
 
 async def test_n_samples_and_several_prompts(stack: Stack) -> None:

@@ -40,17 +40,25 @@ def test_response_shapes() -> None:
 
 def test_logprob_objects() -> None:
     from dlora.common.messages import TokenLogprob
+    from dlora.model.token_bytes import TokenText
 
-    decode = {1: "a", 2: "bc", 3: "d"}.__getitem__
+    class Vocabulary:  # llguidance's LLTokenizer, as far as TokenText reads it
+        def decode_bytes(self, ids: list[int]) -> bytes:
+            return b"".join({1: b"a", 2: b"bc", 3: b"d"}[i] for i in ids)
+
+        def is_special_token(self, token: int) -> bool:
+            return False
+
+    tokens = TokenText(Vocabulary(), [])  # type: ignore[arg-type]
     entries = [TokenLogprob(1, -0.5, [(3, -0.2), (1, -0.5)]), TokenLogprob(2, -1.0, [])]
-    comp = openai.completion_logprobs(entries, decode, offset=4)
+    comp = openai.completion_logprobs(entries, tokens, openai.TextOffset(4))
     assert comp == {
         "tokens": ["a", "bc"],
         "token_logprobs": [-0.5, -1.0],
         "top_logprobs": [{"d": -0.2, "a": -0.5}, {"bc": -1.0}],
         "text_offset": [4, 5],
     }
-    chat = openai.chat_logprobs(entries, decode)
+    chat = openai.chat_logprobs(entries, tokens)
     assert chat["content"][0] == {
         "token": "a",
         "logprob": -0.5,
@@ -60,6 +68,6 @@ def test_logprob_objects() -> None:
             {"token": "a", "logprob": -0.5, "bytes": [97]},
         ],
     }
-    merged = openai.merge_logprobs(False, [comp, openai.completion_logprobs(entries[:1], decode, 7)])
+    merged = openai.merge_logprobs(False, [comp, openai.completion_logprobs(entries[:1], tokens, openai.TextOffset(7))])
     assert merged["tokens"] == ["a", "bc", "a"] and merged["text_offset"] == [4, 5, 7]
     assert openai.merge_logprobs(True, []) is None

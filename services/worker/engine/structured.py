@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
+from dlora.model.token_bytes import llg_tokenizer
+
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
 # Documents are laid out as json.dumps lays them out, with no other whitespace: a model free to
@@ -51,8 +53,7 @@ class Grammars:
 
     @cached_property
     def tokenizer(self) -> LLTokenizer:
-        backend = self.hf_tokenizer.backend_tokenizer
-        return LLTokenizer(backend.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.eos_ids))
+        return llg_tokenizer(self.hf_tokenizer, self.vocab_size, self.eos_ids)
 
     def matcher(self, schema: str, consumed: list[int]) -> LLMatcher:
         """A matcher for ``schema`` that has already taken ``consumed`` (a resumed request's output)."""

@@ -1,0 +1,93 @@
+"""A token's bytes and text in logprobs, read from the tokenizer's definition: characters split
+over byte-level BPE or byte-fallback tokens rebuilt from ``bytes``, SentencePiece's leading space
+kept, no two tokens alike, and completions' ``text_offset`` counting characters of the text."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from dlora.common.messages import TokenLogprob
+from dlora.model.token_bytes import TokenText
+from dlora.services.gateway import openai
+
+
+def _fast(tok: Tokenizer) -> Any:
+    tok.add_special_tokens([AddedToken("</s>", special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")  # type: ignore[no-untyped-call]
+
+
+def byte_level() -> Any:
+    """GPT-2 / Llama 3 style: every byte a token of its own (no merges)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return _fast(tok)
+
+
+def sentencepiece() -> Any:
+    """Llama 2 / Mistral style: pieces with ``▁`` for a space, bytes as ``<0xNN>`` pieces."""
+    vocab = {"<unk>": 0} | {f"<0x{i:02X}>": 1 + i for i in range(256)}
+    for piece in ["▁", "h", "e", "l", "o", "▁h", "▁he", "▁hel", "▁hell", "▁hello"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "h"), ("▁h", "e"), ("▁he", "l"), ("▁hel", "l"), ("▁hell", "o")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return _fast(tok)
+
+
+@pytest.mark.parametrize("make", [byte_level, sentencepiece])
+def test_bytes_rebuild_characters_split_over_tokens(make) -> None:  # type: ignore[no-untyped-def]
+    hf = make()
+    tokens = TokenText.of(hf, len(hf))
+    text = "hello Ñé 😀"
+    ids = hf.encode(text, add_special_tokens=False)
+    whole = b"".join(tokens.bytes(i) for i in ids)
+    assert whole.decode().strip() == text  # SentencePiece adds a space in front of the text
+    assert any(hf.decode([i]) == "\ufffd" for i in ids)  # what one token decoded alone gave
+    split = [i for i in ids if len(tokens.bytes(i)) == 1 and tokens.bytes(i)[0] >= 0x80]
+    assert [tokens.text(i) for i in split[:2]] == ["\\xc3", "\\x91"]  # Ñ, byte by byte, no two alike
+    assert tokens.bytes(hf.eos_token_id) == b"</s>"
+
+
+def test_sentencepiece_pieces_keep_their_leading_space() -> None:
+    hf = sentencepiece()
+    tokens = TokenText.of(hf, len(hf))
+    (hello,) = hf.encode("hello", add_special_tokens=False)
+    assert hf.decode([hello]) == "hello" and tokens.text(hello) == " hello"
+
+
+def test_text_offsets_count_a_split_character_once_where_it_begins() -> None:
+    hf = byte_level()
+    tokens = TokenText.of(hf, len(hf))
+    ids = hf.encode("aÑb", add_special_tokens=False)  # a, 0xC3, 0x91, b
+    entries = [TokenLogprob(i, -1.0, []) for i in ids]
+    offset = openai.TextOffset(3)  # after an echoed prompt of three characters
+    first = openai.completion_logprobs(entries[:2], tokens, offset)  # the character ends in the next chunk
+    second = openai.completion_logprobs(entries[2:], tokens, offset)
+    assert first["text_offset"] + second["text_offset"] == [3, 4, 4, 5]
+    # A character left unfinished by the next token: its U+FFFD comes before that token.
+    cut = [hf.encode("Ñ", add_special_tokens=False)[0], *hf.encode("zy", add_special_tokens=False)]
+    offsets = openai.completion_logprobs([TokenLogprob(i, -1.0, []) for i in cut], tokens, openai.TextOffset(0))
+    assert offsets["text_offset"] == [0, 1, 2] and hf.decode(cut) == "\ufffdzy"
+    assert first["tokens"] == ["a", "\\xc3"]
+    chat = openai.chat_logprobs(entries, tokens)
+    assert bytes(b for c in chat["content"] for b in c["bytes"]).decode() == "aÑb"
+
+
+def test_every_byte_is_its_own_token_and_sequences_decode_as_the_tokenizer_decodes() -> None:
+    hf = byte_level()
+    tokens = TokenText.of(hf, len(hf))
+    assert sorted(tokens.bytes(i) for i in range(256)) == [bytes([b]) for b in range(256)]  # 0xFF too
+    rng = random.Random(0)
+    for _ in range(200):  # invalid sequences are replaced as the tokenizer's own decode replaces them
+        ids = [rng.randrange(256) for _ in range(rng.randint(1, 12))]
+        assert b"".join(map(tokens.bytes, ids)).decode("utf-8", "replace") == hf.decode(ids)
