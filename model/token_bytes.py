@@ -11,10 +11,15 @@ token's bytes from the tokenizer's own definition (``tokenizer.json``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
+from functools import cached_property
 from typing import Any
 
 from llguidance import LLTokenizer
+
+from dlora.common import log
+
+logger = log.get("tokens")
 
 
 def llg_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], slices: bool = True) -> LLTokenizer:
@@ -31,29 +36,41 @@ def llg_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], sl
 
 
 class TokenText:
-    """One token's bytes and its text as a logprobs entry shows it. ``special_ids``: the tokens the
-    tokenizer holds special (its added tokens marked so)."""
+    """One token's bytes and its text as a logprobs entry shows it, for ``hf_tokenizer`` (a
+    transformers tokenizer) over the model's ``vocab_size`` ids. llguidance's reading is built on
+    first use; a tokenizer it cannot read (a slow one, a decoder it does not know) falls back to
+    ``decode([id])``, as before it (logged once)."""
 
-    def __init__(self, tokenizer: LLTokenizer, special_ids: Collection[int]) -> None:
-        self._tokenizer, self._special = tokenizer, frozenset(special_ids)
+    def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
+        self._hf, self._vocab_size = hf_tokenizer, vocab_size
+        added = getattr(hf_tokenizer, "added_tokens_decoder", {})
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
 
-    @classmethod
-    def of(cls, hf_tokenizer: Any, vocab_size: int) -> TokenText:
-        added = hf_tokenizer.backend_tokenizer.get_added_tokens_decoder()
-        return cls(
-            llg_tokenizer(hf_tokenizer, vocab_size, [], slices=False), [i for i, t in added.items() if t.special]
-        )
+    @cached_property
+    def _tokenizer(self) -> LLTokenizer | None:
+        try:  # ids past the tokenizer's own are the model's padding: no bytes
+            return llg_tokenizer(self._hf, max(self._vocab_size, len(self._hf)), [], slices=False)
+        except Exception as e:  # noqa: BLE001 - llguidance's errors are plain ValueErrors and more
+            logger.warning("logprobs show tokens as decode([id]) gives them", reason=str(e).splitlines()[0])
+            return None
 
-    def bytes(self, token_id: int) -> bytes:
-        """The token's bytes: UTF-8, possibly part of a character; a special token's is its text."""
-        data = self._tokenizer.decode_bytes([token_id])
+    def bytes_of(self, token_id: int) -> bytes:
+        """The token's bytes: UTF-8, possibly part of a character; a special or added token's are
+        its text; an id past the tokenizer's holds none."""
+        if (tokenizer := self._tokenizer) is None:
+            return str(self._hf.decode([token_id])).encode()
+        if token_id >= len(self._hf):
+            return b""
+        data = tokenizer.decode_bytes([token_id])
         # llguidance marks its special tokens by a first byte 0xFF (never in UTF-8) and leaves the
-        # mark out here, so a byte-level token of that byte came back empty.
-        if token_id not in self._special and self._tokenizer.is_special_token(token_id):
-            data = b"\xff" + data
-        return data
+        # mark out here, so a byte-level token of that byte alone came back empty.
+        return data or (b"\xff" if tokenizer.is_special_token(token_id) else b"")
 
-    def text(self, token_id: int) -> str:
+    def shown(self, token_id: int, skip_special_tokens: bool) -> bytes:
+        """The bytes the token adds to the output text (none for a special token the text skips)."""
+        return b"" if skip_special_tokens and token_id in self.special_ids else self.bytes_of(token_id)
+
+    def text_of(self, token_id: int) -> str:
         """The token's bytes as text, a byte that is not (part of) a whole character written as
         ``\\xNN`` (as DeepSeek's API shows one; vLLM's U+FFFD would make every such token alike)."""
-        return self.bytes(token_id).decode("utf-8", "backslashreplace")
+        return self.bytes_of(token_id).decode("utf-8", "backslashreplace")

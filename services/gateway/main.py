@@ -90,7 +90,7 @@ class Gateway:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
-        self.token_text = TokenText.of(self.tokenizer, self.cfg.vocab_size)  # for logprobs
+        self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)  # for logprobs
         self.context = self.cfg.context_length()
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)

@@ -186,9 +186,10 @@ class Choice:
 
 class TextOffset:
     """Where a choice's next token begins in its text, in characters (completions' ``text_offset``):
-    what its tokens' bytes have made so far. A character split over tokens begins where its first
-    byte's token does; bytes left short of one by the next token's are one U+FFFD before it (the
-    text's own replacement: ``bytes.decode(errors="replace")`` and the tokenizers' agree)."""
+    what the bytes its tokens add to the text have made so far. A character split over tokens
+    begins where its first byte's token does; bytes left short of one by the next token's are one
+    U+FFFD before it, as a byte-level BPE tokenizer's decode replaces them (a byte-fallback one,
+    Llama 2's, writes one per byte: there an offset after such bytes is short by the difference)."""
 
     def __init__(self, start: int) -> None:
         self.at = start
@@ -212,16 +213,19 @@ def _continues(pending: bytes, byte: bytes) -> bool:
     return True
 
 
-def completion_logprobs(entries: list[TokenLogprob], tokens: TokenText, offset: TextOffset) -> dict[str, Any]:
+def completion_logprobs(
+    entries: list[TokenLogprob], tokens: TokenText, offset: TextOffset, skip_special_tokens: bool
+) -> dict[str, Any]:
     """The completions endpoint's logprobs object for these tokens, ``offset`` at the first. The
     chosen token is always in its position's ``top_logprobs``, so there may be one more than asked
     (as in vLLM)."""
-    texts = [tokens.text(e.token_id) for e in entries]
+    texts = [tokens.text_of(e.token_id) for e in entries]
+    tops = [{tokens.text_of(t): lp for t, lp in e.top} | {text: e.logprob} for e, text in zip(entries, texts)]
     return {
         "tokens": texts,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tokens.text(t): lp for t, lp in e.top} | {tok: e.logprob} for e, tok in zip(entries, texts)],
-        "text_offset": [offset.advance(tokens.bytes(e.token_id)) for e in entries],
+        "top_logprobs": tops,
+        "text_offset": [offset.advance(tokens.shown(e.token_id, skip_special_tokens)) for e in entries],
     }
 
 
@@ -231,7 +235,7 @@ def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText) -> dict[str, A
     ``top_logprobs`` alternatives."""
 
     def item(token_id: int, logprob: float) -> dict[str, Any]:
-        return {"token": tokens.text(token_id), "logprob": logprob, "bytes": list(tokens.bytes(token_id))}
+        return {"token": tokens.text_of(token_id), "logprob": logprob, "bytes": list(tokens.bytes_of(token_id))}
 
     return {
         "content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import math
+import re
 
 from tests.integration.conftest import Stack
 from tests.integration.test_gateway import PROMPTS, offline, post, stream
@@ -71,6 +72,15 @@ async def test_logprobs_of_characters_split_over_tokens(stack: Stack) -> None:
         status, resp = await post(stack, "/v1/completions", {**body, "prompt": "é", "logprobs": 5})
         lp, text = resp["choices"][0]["logprobs"], resp["choices"][0]["text"]
         assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+        # the text the tokens' bytes make (\xNN written for a byte short of a character)
+        data = b"".join(
+            re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), t.encode())
+            for t in lp["tokens"]
+            if t not in special
+        )
+        made = data.decode("utf-8", "replace")
+        assert made.startswith(text) and set(made[len(text) :]) <= {"\ufffd"}  # bytes short of a character at the end
+        assert lp["text_offset"][-1] <= len(made)
         for token, at in zip(lp["tokens"], lp["text_offset"]):  # a whole token's text is where it says
             assert "\\x" in token or at + len(token) > len(text) or text[at : at + len(token)] == token
         assert all(len(top) >= 5 for top in lp["top_logprobs"])

@@ -41,21 +41,17 @@ def test_response_shapes() -> None:
 def test_logprob_objects() -> None:
     from dlora.common.messages import TokenLogprob
     from dlora.model.token_bytes import TokenText
+    from tests.unit.test_token_bytes import byte_level
 
-    class Vocabulary:  # llguidance's LLTokenizer, as far as TokenText reads it
-        def decode_bytes(self, ids: list[int]) -> bytes:
-            return b"".join({1: b"a", 2: b"bc", 3: b"d"}[i] for i in ids)
-
-        def is_special_token(self, token: int) -> bool:
-            return False
-
-    tokens = TokenText(Vocabulary(), [])  # type: ignore[arg-type]
-    entries = [TokenLogprob(1, -0.5, [(3, -0.2), (1, -0.5)]), TokenLogprob(2, -1.0, [])]
-    comp = openai.completion_logprobs(entries, tokens, openai.TextOffset(4))
+    hf = byte_level()  # one token per byte
+    tokens = TokenText(hf, len(hf))
+    a, b, d = (hf.convert_tokens_to_ids(c) for c in "abd")
+    entries = [TokenLogprob(a, -0.5, [(d, -0.2), (a, -0.5)]), TokenLogprob(b, -1.0, [])]
+    comp = openai.completion_logprobs(entries, tokens, openai.TextOffset(4), True)
     assert comp == {
-        "tokens": ["a", "bc"],
+        "tokens": ["a", "b"],
         "token_logprobs": [-0.5, -1.0],
-        "top_logprobs": [{"d": -0.2, "a": -0.5}, {"bc": -1.0}],
+        "top_logprobs": [{"d": -0.2, "a": -0.5}, {"b": -1.0}],
         "text_offset": [4, 5],
     }
     chat = openai.chat_logprobs(entries, tokens)
@@ -68,6 +64,16 @@ def test_logprob_objects() -> None:
             {"token": "a", "logprob": -0.5, "bytes": [97]},
         ],
     }
-    merged = openai.merge_logprobs(False, [comp, openai.completion_logprobs(entries[:1], tokens, openai.TextOffset(7))])
-    assert merged["tokens"] == ["a", "bc", "a"] and merged["text_offset"] == [4, 5, 7]
+    later = openai.completion_logprobs(entries[:1], tokens, openai.TextOffset(7), True)
+    merged = openai.merge_logprobs(False, [comp, later])
+    assert merged["tokens"] == ["a", "b", "a"] and merged["text_offset"] == [4, 5, 7]
     assert openai.merge_logprobs(True, []) is None
+
+
+def test_error_chunks_as_http_errors() -> None:
+    from dlora.common.messages import ErrorCode
+    from dlora.services.gateway.responses import refusal
+
+    gone = refusal(ErrorCode.NOT_FOUND, "adapter 'x' is not registered")
+    assert (gone.status, gone.body()["error"]["code"]) == (404, "model_not_found")
+    assert (refusal(None, "boom").status, refusal(ErrorCode.UNAVAILABLE, "").status) == (500, 503)

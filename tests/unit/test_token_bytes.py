@@ -47,36 +47,36 @@ def sentencepiece() -> Any:
 @pytest.mark.parametrize("make", [byte_level, sentencepiece])
 def test_bytes_rebuild_characters_split_over_tokens(make) -> None:  # type: ignore[no-untyped-def]
     hf = make()
-    tokens = TokenText.of(hf, len(hf))
+    tokens = TokenText(hf, len(hf))
     text = "hello Ñé 😀"
     ids = hf.encode(text, add_special_tokens=False)
-    whole = b"".join(tokens.bytes(i) for i in ids)
+    whole = b"".join(tokens.bytes_of(i) for i in ids)
     assert whole.decode().strip() == text  # SentencePiece adds a space in front of the text
     assert any(hf.decode([i]) == "\ufffd" for i in ids)  # what one token decoded alone gave
-    split = [i for i in ids if len(tokens.bytes(i)) == 1 and tokens.bytes(i)[0] >= 0x80]
-    assert [tokens.text(i) for i in split[:2]] == ["\\xc3", "\\x91"]  # Ñ, byte by byte, no two alike
-    assert tokens.bytes(hf.eos_token_id) == b"</s>"
+    split = [i for i in ids if len(tokens.bytes_of(i)) == 1 and tokens.bytes_of(i)[0] >= 0x80]
+    assert [tokens.text_of(i) for i in split[:2]] == ["\\xc3", "\\x91"]  # Ñ, byte by byte, no two alike
+    assert tokens.bytes_of(hf.eos_token_id) == b"</s>"
 
 
 def test_sentencepiece_pieces_keep_their_leading_space() -> None:
     hf = sentencepiece()
-    tokens = TokenText.of(hf, len(hf))
+    tokens = TokenText(hf, len(hf))
     (hello,) = hf.encode("hello", add_special_tokens=False)
-    assert hf.decode([hello]) == "hello" and tokens.text(hello) == " hello"
+    assert hf.decode([hello]) == "hello" and tokens.text_of(hello) == " hello"
 
 
 def test_text_offsets_count_a_split_character_once_where_it_begins() -> None:
     hf = byte_level()
-    tokens = TokenText.of(hf, len(hf))
+    tokens = TokenText(hf, len(hf))
     ids = hf.encode("aÑb", add_special_tokens=False)  # a, 0xC3, 0x91, b
     entries = [TokenLogprob(i, -1.0, []) for i in ids]
     offset = openai.TextOffset(3)  # after an echoed prompt of three characters
-    first = openai.completion_logprobs(entries[:2], tokens, offset)  # the character ends in the next chunk
-    second = openai.completion_logprobs(entries[2:], tokens, offset)
+    first = openai.completion_logprobs(entries[:2], tokens, offset, True)  # the character ends in the next chunk
+    second = openai.completion_logprobs(entries[2:], tokens, offset, True)
     assert first["text_offset"] + second["text_offset"] == [3, 4, 4, 5]
     # A character left unfinished by the next token: its U+FFFD comes before that token.
     cut = [hf.encode("Ñ", add_special_tokens=False)[0], *hf.encode("zy", add_special_tokens=False)]
-    offsets = openai.completion_logprobs([TokenLogprob(i, -1.0, []) for i in cut], tokens, openai.TextOffset(0))
+    offsets = openai.completion_logprobs([TokenLogprob(i, -1.0, []) for i in cut], tokens, openai.TextOffset(0), True)
     assert offsets["text_offset"] == [0, 1, 2] and hf.decode(cut) == "\ufffdzy"
     assert first["tokens"] == ["a", "\\xc3"]
     chat = openai.chat_logprobs(entries, tokens)
@@ -85,9 +85,33 @@ def test_text_offsets_count_a_split_character_once_where_it_begins() -> None:
 
 def test_every_byte_is_its_own_token_and_sequences_decode_as_the_tokenizer_decodes() -> None:
     hf = byte_level()
-    tokens = TokenText.of(hf, len(hf))
-    assert sorted(tokens.bytes(i) for i in range(256)) == [bytes([b]) for b in range(256)]  # 0xFF too
+    tokens = TokenText(hf, len(hf))
+    assert sorted(tokens.bytes_of(i) for i in range(256)) == [bytes([b]) for b in range(256)]  # 0xFF too
     rng = random.Random(0)
     for _ in range(200):  # invalid sequences are replaced as the tokenizer's own decode replaces them
         ids = [rng.randrange(256) for _ in range(rng.randint(1, 12))]
-        assert b"".join(map(tokens.bytes, ids)).decode("utf-8", "replace") == hf.decode(ids)
+        assert b"".join(map(tokens.bytes_of, ids)).decode("utf-8", "replace") == hf.decode(ids)
+
+
+def test_added_padding_and_special_tokens() -> None:
+    """Qwen2.5's <tool_call> is an added token that is not special; ids past the tokenizer's are
+    the model's padding; a special token the text skips adds nothing to text_offset."""
+    hf = byte_level()
+    hf.add_tokens(["<tool_call>"])
+    tokens = TokenText(hf, len(hf) + 10)
+    call = hf.convert_tokens_to_ids("<tool_call>")
+    assert tokens.bytes_of(call) == b"<tool_call>" and tokens.bytes_of(len(hf) + 3) == b""
+    eos, a = hf.eos_token_id, hf.convert_tokens_to_ids("a")
+    entries = [TokenLogprob(i, -1.0, []) for i in (a, eos, a)]
+    skipped = openai.completion_logprobs(entries, tokens, openai.TextOffset(0), True)
+    shown = openai.completion_logprobs(entries, tokens, openai.TextOffset(0), False)
+    assert (skipped["text_offset"], shown["text_offset"]) == ([0, 1, 1], [0, 1, 5])
+    assert hf.decode([a, eos, a], skip_special_tokens=True) == "aa"
+
+
+def test_a_tokenizer_llguidance_cannot_read_falls_back_to_decoding_each_token() -> None:
+    hf = byte_level()
+    hf.backend_tokenizer.decoder = decoders.WordPiece()  # a decoder llguidance does not know
+    tokens = TokenText(hf, len(hf))
+    a = hf.convert_tokens_to_ids("a")
+    assert tokens.bytes_of(a) == hf.decode([a]).encode()
