@@ -20,6 +20,13 @@ from dlora.services.gateway.shaping import ChoicePlan, Job
 STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
+def refusal(code: ErrorCode | None, message: str) -> APIError:
+    """A worker's or dispatcher's error chunk as the response's error; NOT_FOUND is an adapter gone
+    since the gateway looked it up (removed, or another tenant's): OpenAI's ``model_not_found``."""
+    code = code or ErrorCode.INTERNAL
+    return APIError(STATUS.get(code, 500), message, code="model_not_found" if code is ErrorCode.NOT_FOUND else None)
+
+
 @dataclass
 class RunningChoice:
     """One choice as its response is written: its request to the workers and what came back so far."""
@@ -71,7 +78,7 @@ class ResponseWriter:
             APIError: the error's status (503 for a timeout, ...) when no event went out yet.
         """
         if self.stream is None:
-            raise APIError(STATUS.get(replies.error_code or ErrorCode.INTERNAL, 500), replies.error or "")
+            raise refusal(replies.error_code, replies.error or "")
         await sse(self.stream, {"error": {"message": replies.error, "type": "server_error"}})
         return await end_stream(self.stream)
 
@@ -103,7 +110,8 @@ class ResponseWriter:
             return None
         if self.job.shape.chat:
             return openai.chat_logprobs(chunk.logprobs, self.tokens)
-        return openai.completion_logprobs(chunk.logprobs, self.tokens, choice.offset)
+        skip = choice.request is None or choice.request.params.skip_special_tokens
+        return openai.completion_logprobs(chunk.logprobs, self.tokens, choice.offset, skip)
 
 
 async def opensse(request: web.Request) -> web.StreamResponse:
