@@ -9,8 +9,10 @@ from typing import Annotated
 import msgspec
 
 
-class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How one request's tokens are chosen and when it stops (OpenAI / vLLM meanings)."""
+class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """How one request's tokens are chosen and when it stops (OpenAI / vLLM meanings). A field at
+    its default is not sent: a worker of an earlier version, which refuses fields it does not know,
+    still takes every request that leaves a newer field alone."""
 
     # Maximum new tokens to generate (counting tokens already produced before a resume).
     max_tokens: int = 16
@@ -23,7 +25,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     top_k: int = 0
     # Seed for this request's own random generator; None draws from the engine's.
     seed: int | None = None
-    # Generation stops when one of these strings appears; it is cut from the output text.
+    # Generation stops when one of these strings appears; it is cut from the output text (unless
+    # include_stop_str_in_output).
     stop: list[str] = []
     # Generation stops after one of these token ids (it stays in the output tokens).
     stop_token_ids: list[int] = []

@@ -48,4 +48,6 @@ def test_text_that_could_start_a_stop_string_is_held_back() -> None:
     assert visible_end("abcST", 4, p, finished=False) == 4  # never shows less than already shown
     assert visible_end("abcST", 0, p, finished=True) == 5
     assert visible_end("abc", 0, SamplingParams(), finished=False) == 3
+    kept = SamplingParams(stop=["STOP"], include_stop_str_in_output=True)
+    assert visible_end("abcST", 0, kept, finished=False) == 5  # nothing shown is ever cut
     assert find_stop("xxSTOP", ["STOP"], old_len=5) == (2, 6)

@@ -13,7 +13,7 @@ from dlora.common.messages import FinishReason, SamplingParams
 
 class Stop(NamedTuple):  # a tuple, not a frozen dataclass: made for every token of every request
     reason: FinishReason | None  # None: go on
-    text: str  # the output text, cut before a stop string that ended it
+    text: str  # the output text, less what ended it (a stop string, a stop token's or EOS's text)
 
 
 def check_stop(
@@ -46,8 +46,9 @@ def check_stop(
 
 def visible_end(text: str, emitted: int, params: SamplingParams, finished: bool) -> int:
     """How far the text may be shown: all of it once finished, else all but what could still turn
-    out to start a stop string (held back until it is known not to)."""
-    hold = 0 if finished or not params.stop else max(len(s) for s in params.stop) - 1
+    out to start a stop string (held back until it is known not to), unless a stop string stays in
+    the text anyway (``include_stop_str_in_output``: what is shown is never taken back, as vLLM)."""
+    hold = 0 if finished or not params.stop or params.include_stop_str_in_output else max(map(len, params.stop)) - 1
     return max(emitted, len(text) - hold)
 
 
