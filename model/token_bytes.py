@@ -25,11 +25,16 @@ logger = log.get("tokens")
 def llg_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], slices: bool = True) -> LLTokenizer:
     """llguidance's form of ``hf_tokenizer`` (a transformers fast tokenizer: its Rust
     ``backend_tokenizer``) over the model's ``vocab_size`` ids (ids past the tokenizer's own hold
-    no bytes). ``slices``: build the slicer that speeds up grammar masks (about a second for a
-    large vocabulary; not needed for bytes alone)."""
+    no bytes; a tokenizer with more tokens than the model has ids keeps them all, as llguidance
+    requires). ``slices``: build the slicer that speeds up grammar masks (about a second for a
+    large vocabulary; not needed for bytes alone).
+
+    Raises:
+        AttributeError: a slow tokenizer (no ``backend_tokenizer``).
+        ValueError: a tokenizer llguidance cannot read (e.g. a WordPiece decoder)."""
     return LLTokenizer(
         hf_tokenizer.backend_tokenizer.to_str(),
-        n_vocab=vocab_size,
+        n_vocab=max(vocab_size, len(hf_tokenizer)),
         eos_token=sorted(eos_ids) or None,
         slices=None if slices else [],
     )
@@ -48,8 +53,8 @@ class TokenText:
 
     @cached_property
     def _tokenizer(self) -> LLTokenizer | None:
-        try:  # ids past the tokenizer's own are the model's padding: no bytes
-            return llg_tokenizer(self._hf, max(self._vocab_size, len(self._hf)), [], slices=False)
+        try:
+            return llg_tokenizer(self._hf, self._vocab_size, [], slices=False)
         except Exception as e:  # noqa: BLE001 - llguidance's errors are plain ValueErrors and more
             logger.warning("logprobs show tokens as decode([id]) gives them", reason=str(e).splitlines()[0])
             return None

@@ -115,3 +115,14 @@ def test_a_tokenizer_llguidance_cannot_read_falls_back_to_decoding_each_token() 
     tokens = TokenText(hf, len(hf))
     a = hf.convert_tokens_to_ids("a")
     assert tokens.bytes_of(a) == hf.decode([a]).encode()
+
+
+def test_structured_output_with_a_tokenizer_llguidance_cannot_read_is_a_refusal() -> None:
+    from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars
+
+    hf = byte_level()
+    hf.backend_tokenizer.decoder = decoders.WordPiece()
+    with pytest.raises(GrammarError, match="not available with this model's tokenizer"):
+        Grammars(hf, len(hf), {hf.eos_token_id}).matcher(JSON_OBJECT_SCHEMA, [])
+    fewer = byte_level()  # a model with fewer ids than its tokenizer has tokens still gets a matcher
+    assert Grammars(fewer, len(fewer) - 5, {fewer.eos_token_id}).matcher(JSON_OBJECT_SCHEMA, []) is not None

@@ -58,10 +58,15 @@ class Grammars:
     def matcher(self, schema: str, consumed: list[int]) -> LLMatcher:
         """A matcher for ``schema`` that has already taken ``consumed`` (a resumed request's output)."""
         try:
+            tokenizer = self.tokenizer
+        except Exception as e:  # noqa: BLE001 - a tokenizer llguidance cannot read (a decoder it does not know)
+            reason = str(e).split("\n", 1)[0]
+            raise GrammarError(f"response_format is not available with this model's tokenizer: {reason}") from None
+        try:
             grammar = _grammar(schema)
         except ValueError as e:
             raise GrammarError(f"response_format schema is not a JSON object: {e}") from None
-        m = LLMatcher(self.tokenizer, grammar, log_level=0)
+        m = LLMatcher(tokenizer, grammar, log_level=0)
         if m.is_error():
             raise GrammarError(f"response_format schema cannot be used: {matcher_error(m)}")
         if consumed and not m.consume_tokens(consumed):
