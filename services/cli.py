@@ -311,6 +311,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dlora.services.gateway.settings import GatewaySettings
     from dlora.services.migrator.settings import MigratorSettings
     from dlora.services.run import run_until_signalled
+    from dlora.services.worker.engine.faults import DeviceLost
     from dlora.services.worker.settings import WorkerSettings
 
     kinds = {
@@ -342,6 +343,9 @@ def _serve(args: argparse.Namespace) -> int:
     except CredentialsRefused as e:
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
         return 2
+    except DeviceLost as e:  # its requests were handed over; a new process gets a new device context
+        print(f"dlora serve {args.service}: the device failed for good ({e}); exiting to be restarted", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -58,6 +58,16 @@ async def hand_over(w: WorkerService) -> None:
         logger.warning("hand-over not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
 
 
+async def device_lost(w: WorkerService, e: Exception) -> None:
+    """The device failed for good (``engine.faults``): nothing more runs here, so every request is
+    handed over at once, as at the end of a drain; the worker then exits with the error and its
+    supervisor (systemd, ``dlora up``) starts a new process, with a new device context."""
+    logger.error("the device failed for good: handing every request over", error=str(e))
+    if not w.draining:
+        await start(w)
+    await hand_over(w)
+
+
 async def hand_back_late(w: WorkerService) -> None:
     """Once the worker has stopped listening: hand back every record still naming it, requests a
     dispatcher sent before it heard of the drain whose message came after ``hand_over`` (or never

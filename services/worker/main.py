@@ -49,6 +49,7 @@ from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, 
 from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine, RequestError
+from dlora.services.worker.engine.faults import DeviceLost, raise_if_lost
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
@@ -293,6 +294,7 @@ class WorkerService:
                 switched = st.switch_and_load_seconds() != before[1]
                 self.cycles.stepped(started, st.last_batch, st.last_prefill, st.step_seconds - before[0], switched)
         except Exception as e:
+            raise_if_lost(e)  # the device is gone for good: out of the loop (``run_loop``)
             # engine cannot say whose it is, so its requests fail with the reason and the worker serves on
             logger.exception("step failed", error=str(e))
             self.cycles.idle()
@@ -382,6 +384,9 @@ class WorkerService:
                         await drain.hand_over(self)
                         return
                 await self._turn()
+        except DeviceLost as e:  # raised on once every request is handed over
+            await drain.device_lost(self, e)
+            raise
         finally:
             done.set()
 
@@ -461,7 +466,7 @@ class WorkerService:
         ]
         await self.nc.flush()
         # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.
-        warm = asyncio.create_task(asyncio.to_thread(lambda: self.engine.grammars.tokenizer))
+        warm = asyncio.create_task(asyncio.to_thread(self.engine.grammars.warm))
         logger.info("worker ready", worker=self.s.worker_id)
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:

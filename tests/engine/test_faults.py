@@ -11,6 +11,7 @@ import torch
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.engine.offline import generate_lines
 from tests.engine.helpers import make_engine, run_all
 
@@ -23,13 +24,13 @@ def engine(tiny_llama: TinyOutput) -> LLMEngine:
     return make_engine(tiny_llama)
 
 
-def poison_forward(engine: LLMEngine) -> None:
+def poison_forward(engine: LLMEngine, error: str = "injected fault") -> None:
     """Fault injection: the model raises on any batch holding POISON, as a kernel fault would."""
     forward = engine.model.forward
 
     def faulty(inputs):
         if (inputs.input_ids == POISON).any():
-            raise RuntimeError("injected fault")
+            raise RuntimeError(error)
         return forward(inputs)
 
     engine.model.forward = faulty
@@ -95,6 +96,16 @@ def test_a_failing_request_fails_alone_and_the_engine_serves_on(engine: LLMEngin
     assert out["a"]["tokens"] == expected["a"] and out["b"]["tokens"] == expected["b"]
     assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
     assert run(engine, {"c": (PROMPT, SamplingParams(max_tokens=6))})["c"]["tokens"] == expected["a"]
+
+
+def test_a_device_lost_for_good_is_raised_not_failed_request_by_request(engine: LLMEngine) -> None:
+    """After a sticky CUDA error every later call fails too: failing requests one by one would fail
+    every request given to this worker from then on, so the step raises DeviceLost."""
+    poison_forward(engine, "CUDA error: an illegal memory access was encountered")
+    engine.add_request("bad", prompt_token_ids=[7, POISON, 9], params=SamplingParams(max_tokens=4))
+    engine.add_request("mate", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=4))
+    with pytest.raises(DeviceLost, match="illegal memory access"):
+        engine.step()
 
 
 def test_non_finite_logits_fail_the_row_with_a_reason(engine: LLMEngine) -> None:

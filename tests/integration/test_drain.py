@@ -20,6 +20,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
+from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.conftest import sse_events, start_gateway
@@ -29,10 +30,26 @@ N = 160  # tokens: the stop comes after 10 of them
 PROMPT = [5, 40, 41, 300, 17]
 
 
-@pytest.mark.parametrize("drain_timeout_s", [0.0, 60.0], ids=["hand-over", "finish"])
+def lose_the_device(worker: WorkerService) -> None:
+    """Fault injection: every forward from now on raises a sticky CUDA error, as after a kernel's
+    illegal memory access (engine/faults.py)."""
+
+    def lost(inputs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    worker.engine.model.forward = lost
+
+
+@pytest.mark.parametrize(
+    ("trigger", "drain_timeout_s"),
+    [("stop", 0.0), ("stop", 60.0), ("device-lost", 60.0)],
+    ids=["hand-over", "finish", "device-lost"],
+)
 async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, drain_timeout_s: float
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, trigger: str, drain_timeout_s: float
 ) -> None:
+    """A worker whose device failed for good (a sticky CUDA error) hands every request over at
+    once, as a drain past its timeout does, and exits with the error (to be restarted)."""
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url="unused")
     conns: list[nats.NATS] = []
@@ -83,12 +100,19 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
                     texts.append(event["choices"][0]["text"])
                     if len(texts) == 10:
                         assert survivor.engine.stats.steps == 0  # the victim has the request
-                        stop_victim.set()  # what SIGTERM does (services/run.py)
+                        if trigger == "device-lost":
+                            lose_the_device(victim)
+                        else:
+                            stop_victim.set()  # what SIGTERM does (services/run.py)
                         await asyncio.sleep(0.3)  # its draining stats are out
                         # meanwhile a new request goes to the other worker, not the draining one
                         async with http.post(url, json={**body, "max_tokens": 4}) as other:
                             assert other.status == 200 and survivor.engine.stats.steps > 0
-            await asyncio.wait_for(victim_done, timeout=10)  # it stops once drained
+            if trigger == "device-lost":  # it exits with the error, its requests handed over
+                with pytest.raises(DeviceLost, match="illegal memory access"):
+                    await asyncio.wait_for(victim_done, timeout=10)
+            else:
+                await asyncio.wait_for(victim_done, timeout=10)  # it stops once drained
         expected = offline(tiny_llama, [{"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True}])
         assert "".join(texts) == expected[0]["text"]  # continuous: nothing repeated, nothing missing
         assert drain_stats and drain_stats[0].running == 1
@@ -100,7 +124,7 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
         await dispatcher._look(time.monotonic() + 100)
         assert "a-victim" not in dispatcher.workers
         assert dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == 0
-        if drain_timeout_s:  # finished where it ran; nothing handed back
+        if trigger == "stop" and drain_timeout_s:  # finished where it ran; nothing handed back
             assert handed == [] and victim.engine.stats.steps > N - 10
         else:  # handed over at once, not as a death; the survivor generated the rest
             assert [(h.worker, h.draining) for h in handed] == [("a-victim", True)]

@@ -1,8 +1,7 @@
 """The engine: requests in, one step at a time, new tokens and text out.
 
-``step()`` is: ask the policy, switch merged/unmerged if the decision says so, schedule, run the
-model, sample, and report. Everything is synchronous; the worker service drives it from its own
-task.
+``step()``: ask the policy, switch merged/unmerged as it decides, schedule, run the model, sample and
+report; synchronous, driven by the worker service from its own task.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 from dlora.services.worker.engine.device import resolve_device
+from dlora.services.worker.engine.faults import describe, raise_if_lost
 from dlora.services.worker.engine.inputs import build_inputs
 from dlora.services.worker.engine.kv_cache import KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, import_kv
@@ -266,7 +266,7 @@ class LLMEngine:
         model forward and sampling), postprocess (tokens to text and stop conditions, stats, and
         the decision handed back to the policy with what the step ran and cost). What each request
         produced, failures included (their ``error`` says why); ValueError for a decision that
-        merges an unknown adapter."""
+        merges an unknown adapter; ``DeviceLost`` after a sticky device error (``faults``)."""
         if not self.seqs:
             return []
         decision = decision or self.policy.decide(self.queue(), self.merger.merged)
@@ -369,7 +369,8 @@ class LLMEngine:
                 out.logprobs = [lp] if lp is not None else None
                 outputs.append(out)
             except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
-                outputs.append(self._fail(seq, f"could not take the sampled token: {_describe(e)}"))
+                raise_if_lost(e)
+                outputs.append(self._fail(seq, f"could not take the sampled token: {describe(e)}"))
         return outputs
 
     def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: list[float]) -> None:
@@ -411,20 +412,23 @@ class LLMEngine:
             try:
                 return batch, self.graphs.forward(batch, slots, self.blocks), []
             except Exception as e:  # noqa: BLE001 - a graph the driver refuses must not stop serving
-                logger.warning("cuda graphs off: this engine runs every step eagerly from now on", error=_describe(e))
+                raise_if_lost(e)
+                logger.warning("cuda graphs off: this engine runs every step eagerly from now on", error=describe(e))
                 self.graphs = None
         try:
             return batch, self.model.forward(self._inputs(batch, slots)), []
         except Exception as e:  # noqa: BLE001 - see the docstring
+            raise_if_lost(e)
             if len(batch) == 1:
-                return [], None, [self._fail(batch[0], f"the model step failed: {_describe(e)}")]
+                return [], None, [self._fail(batch[0], f"the model step failed: {describe(e)}")]
         ran, rows, failed = [], [], []
         for seq in batch:
             try:
                 rows.append(self.model.forward(self._inputs([seq], slots)))
                 ran.append(seq)
             except Exception as e:  # noqa: BLE001
-                failed.append(self._fail(seq, f"the model step failed: {_describe(e)}"))
+                raise_if_lost(e)
+                failed.append(self._fail(seq, f"the model step failed: {describe(e)}"))
         return ran, torch.cat(rows) if rows else None, failed
 
     def switch(self, merged: str | None) -> tuple[float, float]:
@@ -494,7 +498,3 @@ class LLMEngine:
         seq.finish_reason = reason
         self.blocks.free(seq.request_id)
         del self.seqs[seq.request_id]
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

@@ -14,6 +14,7 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.kernels.host import to_device
+from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.structured import allowed
 
 # Temperatures below this sample greedily (vLLM: vllm/sampling_params.py, _SAMPLING_EPS = 1e-5).
@@ -117,6 +118,7 @@ def sample(
                 try:
                     work[i] = apply_penalties(logits[i], params[i], *histories[i])
                 except (RuntimeError, ValueError) as e:
+                    raise_if_lost(e)
                     failed[i] = _why(e, params[i])
     peak, tokens = work.max(dim=-1)
     raw = logits.max(dim=-1).values if penalised else peak

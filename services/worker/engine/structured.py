@@ -8,6 +8,7 @@ and tells the engine when the document is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import cached_property
 from typing import Any
@@ -54,6 +55,12 @@ class Grammars:
     @cached_property
     def tokenizer(self) -> LLTokenizer:
         return llg_tokenizer(self.hf_tokenizer, self.vocab_size, self.eos_ids)
+
+    def warm(self) -> None:
+        """Build the tokenizer's grammar form now (off the event loop); one llguidance cannot read
+        is left for the first request with a schema, which is refused saying why."""
+        with contextlib.suppress(Exception):
+            self.tokenizer  # noqa: B018 - built for its cache
 
     def matcher(self, schema: str, consumed: list[int]) -> LLMatcher:
         """A matcher for ``schema`` that has already taken ``consumed`` (a resumed request's output)."""
