@@ -31,7 +31,7 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dlora.loadgen.bundled import data_dir
-    from dlora.loadgen.options import ranks
+    from dlora.loadgen.options import positive, ranks
 
     p = argparse.ArgumentParser(prog="dlora", description="Serve many LoRA adapters on one base model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     dep.set_defaults(func=_lazy("dlora.services.deploy:run"))
 
     upp = sub.add_parser("up", help="start the whole stack on this machine (NATS and Redis too, if not configured)")
-    upp.add_argument("--workers", type=int, default=2)
+    upp.add_argument("--workers", type=positive, default=2)
     upp.add_argument("--model", help="base model directory (default: the tiny demo model, made if missing)")
     upp.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
     upp.add_argument("--port", type=int, help="gateway port (default 8000)")

@@ -148,6 +148,7 @@ class LocalStack:
         self.names: list[str] = []  # each process's service: dispatcher, migrator, worker-<i>, gateway
         self._specs: list[tuple[list[str], dict[str, str], float]] = []  # its command, environment, start
         self._restarts: dict[int, list[float]] = {}  # when each process was started again
+        self.up = False  # start() returned: every service ready
         self.url = f"http://{self.base.host}:{self.base.port}"
         # Each service's Prometheus endpoint (docs/metrics.md), by dispatcher, migrator, worker id
         # and gateway.
@@ -280,6 +281,7 @@ class LocalStack:
         except BaseException:
             self.stop()  # the services that did start live in their own sessions: stop them here
             raise
+        self.up = True
 
     @property
     def app_nats_url(self) -> str:
@@ -304,14 +306,16 @@ class LocalStack:
 
 def up(workers: int, model: str | None, lora: list[str], port: int | None, config: str | None) -> int:
     stop = False
+    stack: LocalStack | None = None
 
     def on_signal(*_: object) -> None:
         nonlocal stop
         stop = True
+        if stack is None or not stack.up:  # still starting: break off the wait (start() cleans up)
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stack: LocalStack | None = None
     try:
         # NATS's usual port when it is free, so `dlora loadgen --target nats://127.0.0.1:4222` finds it
         nats_port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None
@@ -355,6 +359,9 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
     except (RuntimeError, APIError, ValueError, OSError) as e:
         print(f"dlora up: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("dlora up: interrupted while starting; stopped what had started", file=sys.stderr)
+        return 130
     finally:
         if stack is not None:
             stack.stop()

@@ -155,6 +155,32 @@ def test_a_failed_start_leaves_nothing_running(tiny_llama) -> None:
     assert all(s.proc.poll() is not None for s in stack.servers)
 
 
+def test_dlora_up_stops_at_ctrl_c_while_it_starts_and_refuses_no_workers(tiny_llama, tmp_path: Path) -> None:
+    """Ctrl-C while the stack comes up stops it then (it waited out its 180 s start limit), and
+    ``--workers 0`` is a usage error (it waited the same for a worker that never came)."""
+    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model)]
+    refused = subprocess.run([*cli, "--workers", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--workers: 0 is below 1" in refused.stderr
+    port = free_port()
+    proc = subprocess.Popen(
+        [*cli, "--workers", "1", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    while "dispatcher ready" not in seen and proc.poll() is None:  # its services are starting
+        seen += proc.stdout.readline()
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted while starting" in out, seen + out
+    assert time.monotonic() - started < 30
+    with socket.socket() as s:  # the gateway it started is gone
+        s.bind(("127.0.0.1", port))
+
+
 def test_a_worker_is_not_started_again_when_it_would_only_fail_again() -> None:
     """dlora up starts a dead worker again, but not one that died within CRASH_LOOP_S of its start
     (its settings or model), nor one started again MAX_RESTARTS times lately (a crash loop)."""
