@@ -111,13 +111,13 @@ class LLMEngine:
         self._init_scheduling(config, cfg, num_blocks, policy)
         self.device_loras = DeviceLoras(cfg, config.max_loras, self.dtype, self.device, tables=self.kernels.lora_tables)
         self.merger = Merger(weights, targets(cfg), self.kernels.merge_rows)
+        self.policy.unmergeable = self.merger.unmergeable  # the policy never merges these
         self.model = LlamaModel(cfg, weights, kv, self.device_loras, self.kernels)
         if self.kernels.name == "triton" and self.device.type == "cuda" and not config.enforce_eager:
             from dlora.services.worker.engine.graphs import decode_graphs
 
             self.graphs = decode_graphs(self, capture=True)
-        # Logits (vocab,) of the last step, per request id: for tests and future logprobs.
-        self.last_logits: dict[str, torch.Tensor] = {}
+        self.last_logits: dict[str, torch.Tensor] = {}  # (vocab,) of the last step by request id: for tests
         self._rng = torch.Generator().manual_seed(config.seed)
         self.grammars = Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
 
@@ -161,6 +161,7 @@ class LLMEngine:
         if name in self.adapters:
             raise AdapterError(f"adapter {name!r} is already registered")
         adapter = load_adapter(name, path, self.model_config, self.config.adapter_limits)
+        self.merger.admit(adapter)
         self.adapters[name] = adapter
         return adapter
 
@@ -176,10 +177,10 @@ class LLMEngine:
             raise AdapterError(f"adapter {name!r} has requests in flight")
         if self.merger.merged == name:
             self._unmerge()
-        slot = self.slots.drop(name)
-        if slot is not None:
+        if (slot := self.slots.drop(name)) is not None:
             self.device_loras.clear(slot)
         del self.adapters[name]
+        self.merger.unmergeable.discard(name)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -458,9 +459,7 @@ class LLMEngine:
         self.stats.record_unmerge(seconds)
         return seconds
 
-    def _synchronize(self) -> None:
-        # A switch's copies run asynchronously on a GPU: its time (the policy prices switches with
-        # it) is the time until they are done.
+    def _synchronize(self) -> None:  # a switch's copies run asynchronously on a GPU: its time is until they end
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

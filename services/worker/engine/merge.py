@@ -6,6 +6,13 @@ touches are copied aside on the weights' own device (a device-to-device copy: on
 round trip, which cost 600 ms per merge at 7B widths on an H200); unmerge copies them back, so
 after any number of cycles the weights equal the originals exactly. The price is device memory
 for one copy of the touched rows while an adapter is merged.
+
+Only an adapter whose change is small beside the weights is merged. A mixed step computes its
+other requests as x·(W + ΔW)ᵀ − x·ΔWᵀ: the rounding of the large sum stays in the difference, about
+the dtype's epsilon times ‖ΔW‖/‖W‖ of each output, so an adapter far larger than the weights (in
+the limits an adapter is refused by, a weight of 100 at scale 8 is ‖ΔW‖/‖W‖ ~ 10⁷) would spoil
+every other tenant's tokens in its steps. Such an adapter runs unmerged only (``unmergeable``,
+which the policies leave alone).
 """
 
 from __future__ import annotations
@@ -19,6 +26,12 @@ from dlora.kernels.merge import merge_rows
 from dlora.model.config import Target
 from dlora.services.worker.engine.lora import LoraAdapter
 from dlora.services.worker.engine.weights import ModelWeights
+
+# Largest ‖ΔW‖/‖W‖ an adapter may have to be merged (module docstring): at 1 a mixed step's other
+# requests carry a relative error of a few ε (fp32: ~1e-7); trained adapters are far below it (the
+# LoRA paper, Hu et al. 2021, §7.3: ‖ΔW_q‖ 6.91 against ‖W_q‖ 61.95 in GPT-3), so this leaves out
+# only adapters no training makes.
+MAX_MERGE_DELTA = 1.0
 
 
 @dataclass
@@ -43,6 +56,35 @@ class Merger:
         self._merge_rows = merge
         self.merged: str | None = None
         self._saved: list[_Saved] = []
+        self.unmergeable: set[str] = set()  # adapters too large beside the weights to merge (the policy's too)
+        self._norms: dict[tuple[int, str], float] = {}  # ‖W‖ of each (layer, target)'s rows, unmerged
+
+    def admit(self, adapter: LoraAdapter) -> None:
+        """Mark ``adapter`` unmergeable if its change to any weight it touches is larger than
+        ``MAX_MERGE_DELTA`` × that weight (Frobenius norms)."""
+        self.unmergeable.discard(adapter.name)
+        if self.delta_ratio(adapter) > MAX_MERGE_DELTA:
+            self.unmergeable.add(adapter.name)
+
+    def delta_ratio(self, adapter: LoraAdapter) -> float:
+        """The largest ‖scale·B·A‖ / ‖W‖ over the (layer, target)s ``adapter`` touches, Frobenius
+        norms; ‖BA‖² = Σ (BᵀB) ∘ (AAᵀ), two rank × rank products (no out × in product formed)."""
+        worst = 0.0
+        for key, w in adapter.weights.items():
+            a, b = w.a.double(), w.b.double()
+            delta = abs(w.scale) * float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+            worst = max(worst, delta / max(self._norm(key), 1e-30))
+        return worst
+
+    def _norm(self, key: tuple[int, str]) -> float:
+        """‖W‖ of the rows of (layer, target) ``key`` as the base model has them (the saved
+        original while a merged adapter holds them changed)."""
+        if key not in self._norms:
+            t = self.targets[key[1]]
+            weight, rows = getattr(self.weights.layers[key[0]], t.fused), slice(t.offset, t.offset + t.out_features)
+            saved = next((x.original for x in self._saved if x.weight is weight and x.rows == rows), weight[rows])
+            self._norms[key] = float(saved.double().norm())
+        return self._norms[key]
 
     def merge(
         self, adapter: LoraAdapter, resident: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -53,9 +95,12 @@ class Merger:
         target), used where they hold the same values as host memory (same dtype); the others
         are copied from host memory. RuntimeError if an adapter is merged already; if the merge
         fails part way (out of device memory for the saved rows, say), the rows changed so far
-        are restored before the error propagates, so the base weights are never left half merged."""
+        are restored before the error propagates, so the base weights are never left half merged.
+        ValueError for an ``unmergeable`` adapter."""
         if self.merged is not None:
             raise RuntimeError(f"{self.merged!r} is merged; unmerge it first")
+        if adapter.name in self.unmergeable:
+            raise ValueError(f"adapter {adapter.name!r} is too large beside the base weights to merge")
         resident = resident or {}
         try:
             for key, w in adapter.weights.items():

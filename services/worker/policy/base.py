@@ -165,6 +165,9 @@ class Policy:
 
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits
+        # Adapters never to merge (too large beside the base weights: ``engine/merge.py``); the
+        # engine shares its set here.
+        self.unmergeable: set[str] = set()
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
         """The next step, from every unfinished request (``queue``, in arrival order) and the

@@ -200,8 +200,10 @@ class DLoraPolicy(Policy):
                 by_adapter[r.adapter].append(r)
         floor = -self.config.debt_floor_s
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
-        # Most queued first; among equals the one whose oldest request came first.
-        best = max(eligible, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
+        # Most queued first; among equals the one whose oldest request came first; never one that
+        # must not be merged.
+        mergeable = [a for a in eligible if a not in self.unmergeable]
+        best = max(mergeable, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
         basis = _Basis(fcfs, best, eligible.get(best or "", []))
         f_run = within_budget(fcfs, self.limits)
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)

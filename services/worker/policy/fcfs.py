@@ -17,13 +17,14 @@ class UnmergedOnly(Policy):
 
 class MergedOnly(Policy):
     """Merge the head-of-line request's adapter and run only its requests (base requests run
-    on the plain base weights)."""
+    on the plain base weights; an ``unmergeable`` adapter's, unmerged on them)."""
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
         if not queue:
             return StepDecision(merged=merged_now, request_ids=[])
         head = queue[0].adapter
-        return StepDecision(merged=head, request_ids=[r.request_id for r in queue if r.adapter == head])
+        ids = [r.request_id for r in queue if r.adapter == head]
+        return StepDecision(merged=None if head in self.unmergeable else head, request_ids=ids)
 
 
 class MixedOnly(Policy):
@@ -35,7 +36,7 @@ class MixedOnly(Policy):
     wait until theirs is the busiest, without a bound (an ablation, not for serving)."""
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
-        counts = Counter(r.adapter for r in queue if r.adapter is not None)
+        counts = Counter(r.adapter for r in queue if r.adapter is not None and r.adapter not in self.unmergeable)
         busiest = max(counts, key=lambda a: (counts[a], a == merged_now), default=merged_now)
         batch = fcfs_batch(queue, self.limits, busiest)
         return StepDecision(merged=busiest, request_ids=[r.request_id for r in batch], mixed=busiest is not None)
