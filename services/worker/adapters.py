@@ -5,6 +5,7 @@ puts them. Names, keys and versions: ``versions``."""
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from typing import Protocol
 
 import msgspec
@@ -35,12 +36,16 @@ class WorkerAdapters:
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
+        self.used: OrderedDict[str, None] = OrderedDict()  # engine keys, the one used least lately first
 
     async def ensure(self, name: str, version: str) -> str:
         """The engine's key for that version of the adapter, loaded into host memory if it is not
-        there yet. Raises AdapterNotFound if the registry never had that version, AdapterError if
-        its files are bad or no longer what was registered."""
+        there yet (dropping the one used least lately past ``max_cpu_loras``). Raises
+        AdapterNotFound if the registry never had that version, AdapterError if its files are bad
+        or no longer what was registered."""
         key = engine_key(name, version)
+        self.used[key] = None
+        self.used.move_to_end(key)
         if key in self.engine.adapters:
             return key
         entry = await self.registry.get_adapter(name, version)
@@ -59,7 +64,26 @@ class WorkerAdapters:
         # ones whose replacement event never came) go once unused.
         if any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):
             self.retiring[name] = now
+        self.evict(keep=key)
         return key
+
+    def evict(self, keep: str) -> None:
+        """Past ``max_cpu_loras`` adapters in host memory, drop those used least lately that no
+        request runs on and that are not merged (never ``keep``, the one just asked for); all busy,
+        the worker holds more for a while. Without it every adapter ever used stayed, and a worker
+        that served thousands outgrew NATS's message size with its stats and dropped out."""
+        for gone in [k for k in self.used if k not in self.engine.adapters]:  # retired meanwhile
+            del self.used[gone]
+        over = len(self.engine.adapters) - self.engine.config.max_cpu_loras
+        order = [k for k in self.engine.adapters if k not in self.used] + list(self.used)  # unknown ones first
+        for key in order:
+            if over <= 0:
+                break
+            if key != keep and key != self.engine.merger.merged and not self.engine.in_use(key):
+                self.engine.unregister_adapter(key)
+                self.used.pop(key, None)
+                over -= 1
+                logger.info("adapter dropped from host memory", adapter=name_of(key), version=version_of(key))
 
     async def versioned(self, req: GenerateRequest) -> GenerateRequest:
         """``req`` with its adapter's version: the registered one if it came without (NATS clients),

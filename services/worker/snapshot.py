@@ -66,7 +66,9 @@ def worker_stats(
         prefix_cache_hits=st.prefix_cache_hits,
         seconds_per_token=st.step_seconds / max(1, st.tokens_generated),
         requests=loads,
-        adapter_seconds_per_token={name_of(k): v for k, v in st.adapter_seconds_per_token().items()},
+        adapter_seconds_per_token={  # of the adapters held (every one ever served would outgrow a message)
+            name_of(k): v for k, v in st.adapter_seconds_per_token().items() if k == "" or k in e.adapters
+        },
         prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
         kv_transfer_seconds_per_token=kv_seconds / kv_tokens if kv_tokens else 0.0,
         prefill_tokens=st.prefill_tokens,

@@ -50,3 +50,39 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
         (path / file).write_bytes(originals[file])
     key = await worker.ensure("x", entry.version)
     assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version
+
+
+class _Entries:
+    """The registry calls ``WorkerAdapters`` makes, over several entries."""
+
+    def __init__(self, entries: list[AdapterEntry]) -> None:
+        self.entries = {e.name: e for e in entries}
+
+    async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None:
+        e = self.entries.get(name)
+        return e if e is not None and version in (None, e.version) else None
+
+
+async def test_host_memory_holds_max_cpu_loras_dropping_the_idle_one_used_least_lately(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A worker kept every adapter it ever loaded: thousands, and its stats outgrew NATS's message
+    size, so the cluster counted it lost. Past ``max_cpu_loras`` the idle one used least lately goes."""
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    entries = []
+    for i in range(4):
+        path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / f"x{i}")
+        entries.append(check_adapter(f"x{i}", str(path), [str(tmp_path)], "model", cfg))
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=2)
+    worker = WorkerAdapters(engine, _Entries(entries))
+    held = lambda: sorted(k.split("@")[0] for k in engine.adapters)  # noqa: E731
+    await worker.ensure("x0", entries[0].version)
+    await worker.ensure("x1", entries[1].version)
+    assert held() == ["x0", "x1"]  # the adapters loaded before any was asked for went first
+    await worker.ensure("x0", entries[0].version)  # used again: now x1 is the least lately used
+    await worker.ensure("x2", entries[2].version)
+    assert held() == ["x0", "x2"]
+    engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=f"x0@{entries[0].version}")
+    await worker.ensure("x2", entries[2].version)  # x0 is now the least lately used, but busy
+    await worker.ensure("x3", entries[3].version)
+    assert held() == ["x0", "x3"]

@@ -48,6 +48,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_loras: int = 8  # device slots for unmerged adapters, one adapter of any rank each
+    # Adapters a worker keeps in host memory (vLLM's max_cpu_loras): past it, the one used least
+    # lately and idle is dropped (loaded again from its files when asked for). At least max_loras.
+    max_cpu_loras: int = 256
     # Decode steps on a GPU replay CUDA graphs (one per batch-size bucket up to max_num_seqs,
     # recorded on first use); true runs every step eagerly (vLLM's flag).
     enforce_eager: bool = False
@@ -63,6 +66,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         bad: list[tuple[str, object, str]] = [
             (f, getattr(self, f), "must be >= 1") for f in positive if getattr(self, f) < 1
         ]
+        if self.max_cpu_loras < self.max_loras:
+            bad.append(("max_cpu_loras", self.max_cpu_loras, f"must be >= max_loras ({self.max_loras})"))
         bad += [
             (f, getattr(self, f), "must be >= 1 or null")
             for f in ("num_blocks", "max_model_len")
