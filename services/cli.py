@@ -310,7 +310,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dlora.services.dispatcher.settings import DispatcherSettings
     from dlora.services.gateway.settings import GatewaySettings
     from dlora.services.migrator.settings import MigratorSettings
-    from dlora.services.run import run_until_signalled
+    from dlora.services.run import StartupError, run_until_signalled
     from dlora.services.worker.engine.faults import DeviceLost
     from dlora.services.worker.settings import WorkerSettings
 
@@ -341,6 +341,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         run_until_signalled(serve, settings)
     except CredentialsRefused as e:
+        print(f"dlora serve {args.service}: {e}", file=sys.stderr)
+        return 2
+    except StartupError as e:
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
         return 2
     except DeviceLost as e:  # its requests were handed over; a new process gets a new device context

@@ -11,6 +11,11 @@ from typing import Any
 from dlora.services.notify import notifier
 
 
+class StartupError(Exception):
+    """A service cannot start as configured (its model directory, device, kernels): the message
+    says why in one line, for ``dlora serve`` to print instead of a traceback."""
+
+
 def run_until_signalled(serve: Callable[[Any, asyncio.Event], Awaitable[None]], settings: Any) -> None:
     async def main() -> None:
         stop = asyncio.Event()

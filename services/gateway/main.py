@@ -65,6 +65,7 @@ from dlora.services.gateway.shaping import (
 )
 from dlora.services.gateway.status import ClusterView, cluster_status
 from dlora.services.notify import notifier
+from dlora.services.run import StartupError
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
@@ -452,7 +453,10 @@ class Gateway:
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     lograte.install()  # before the first connection: asyncio's and aiohttp's per-connection lines
     async with connections(s) as (nc, store):
-        gw = await asyncio.to_thread(Gateway, s, nc, store)
+        try:
+            gw = await asyncio.to_thread(Gateway, s, nc, store)
+        except (OSError, ValueError) as e:  # the model directory: its config or tokenizer
+            raise StartupError(f"the gateway cannot read the model in {s.model}: {e}") from e
         await gw.start()
         listener = await listen(gw.app(), s)
         logger.info("gateway ready", url=f"http://{s.host}:{s.port}")

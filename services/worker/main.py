@@ -35,6 +35,7 @@ from dlora.common.messages import (
 )
 from dlora.common.state import Copy, Sent, StateStore
 from dlora.services.notify import notifier
+from dlora.services.run import StartupError
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
 from dlora.services.worker.chunks import (
@@ -95,11 +96,9 @@ class WorkerService:
         self.cycles = StepCycles()  # the loop's time per decode step, shell included (metrics)
         self.plan_epoch = 0  # the highest migrator epoch among the plans taken
         self.adapters = WorkerAdapters(engine, store)  # the adapter versions loaded, kept to the registry
-        # Aborts seen lately, by request id and sender (Abort.sender), and when (an abort can
-        # overtake its request, which is then dropped).
+        # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted: dict[tuple[str, str | None], float] = {}
-        # One start of this process: stats carry it, so a restart under the same id is told apart.
-        self.incarnation = secrets.token_hex(6)
+        self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
@@ -305,10 +304,9 @@ class WorkerService:
             for out in outputs
             if (s := self.streams.get(out.request_id))
         ]
-        # Asked as late as can be: the chunks are handed to NATS right after, and its flusher writes
-        # them at the flush below with no other wait between. A stall (SIGSTOP) after the question
-        # puts out chunks of a copy given up on meanwhile (readers drop them by attempt). Asked for
-        # every request held, waiting ones too.
+        # Asked as late as can be (for every request held, waiting ones too): the chunks go to NATS
+        # right after, written at the flush below with no other wait between. A stall (SIGSTOP) after
+        # it puts out chunks of a copy given up on meanwhile (readers drop them by attempt).
         if self.records.stalled():
             await self._drop_fenced()
         sent: dict[str, Sent] = {}
@@ -465,8 +463,7 @@ class WorkerService:
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
         ]
         await self.nc.flush()
-        # The tokenizer's grammar form takes about a second to build: off the loop, before it is needed.
-        warm = asyncio.create_task(asyncio.to_thread(self.engine.grammars.warm))
+        warm = asyncio.create_task(asyncio.to_thread(self.engine.grammars.warm))  # ~1 s: off the loop
         logger.info("worker ready", worker=self.s.worker_id)
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
@@ -493,7 +490,10 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
 
 
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
-    engine = await asyncio.to_thread(build_engine, s)
+    try:
+        engine = await asyncio.to_thread(build_engine, s)
+    except (OSError, ValueError) as e:  # the model directory, device or kernels: LLMEngine says which
+        raise StartupError(f"the engine cannot start on {s.model}: {e}") from e
     async with connections(s) as (nc, store):
         service = WorkerService(s, nc, store, engine)
         async with metrics_endpoint(s, service.metrics.registry):

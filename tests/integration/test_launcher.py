@@ -181,6 +181,20 @@ def test_dlora_up_stops_at_ctrl_c_while_it_starts_and_refuses_no_workers(tiny_ll
         s.bind(("127.0.0.1", port))
 
 
+def test_a_model_directory_a_service_cannot_use_is_one_line_not_a_traceback(tiny_llama, tmp_path: Path) -> None:
+    """As a bad setting is: ``dlora serve`` (and so ``dlora up``'s log) names the problem in a line."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # no weights
+        (model / f).write_bytes((tiny_llama.model / f).read_bytes())
+    cli = [sys.executable, "-m", "dlora.services.cli", "serve", "worker", "--model", str(model)]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        r.stderr.startswith(f"dlora serve worker: the engine cannot start on {model}: ") and "safetensors" in r.stderr
+    )
+
+
 def test_a_worker_is_not_started_again_when_it_would_only_fail_again() -> None:
     """dlora up starts a dead worker again, but not one that died within CRASH_LOOP_S of its start
     (its settings or model), nor one started again MAX_RESTARTS times lately (a crash loop)."""
