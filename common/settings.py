@@ -136,12 +136,9 @@ def load(
             else:
                 put(prefix + k, v, source)
 
-    path = Path(toml_path) if toml_path else (Path(env["DLORA_CONFIG"]) if env.get("DLORA_CONFIG") else None)
+    path = config_path(toml_path, env)
     if path is not None:
-        try:
-            doc = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise SettingsError(f"{path}: {e}") from None
+        doc = _read(path)
         for k, v in doc.items():  # top-level keys are shared; tables are the services'
             if not isinstance(v, dict) and k in paths:
                 put(k, v, str(path))
@@ -164,6 +161,36 @@ def load(
         where = f" (from {sources[field]})" if field in sources else ""
         raise SettingsError(f"{service} setting {field}={value!r} {why}{where}")
     return settings
+
+
+def config_path(toml_path: str | Path | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """The toml file settings come from: ``toml_path``, else ``$DLORA_CONFIG``, else none."""
+    env = os.environ if env is None else env
+    return Path(toml_path) if toml_path else (Path(env["DLORA_CONFIG"]) if env.get("DLORA_CONFIG") else None)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SettingsError(f"{path}: {e}") from None
+
+
+def check_file(path: Path, services: Mapping[str, type[msgspec.Struct]]) -> None:
+    """SettingsError for what in the toml file at ``path`` no service reads: a top-level key that
+    is none of ``services``' fields, a table named after none of them. Each service reads only its
+    own table and the top-level keys it has, so such a typo (``heartbeat_tll_s``, ``[workerr]``)
+    would otherwise be ignored without a word; within a service's table ``load`` refuses it."""
+    fields = {f for cls in services.values() for f in cls.__struct_fields__}
+    for k, v in _read(path).items():
+        if isinstance(v, dict) and k not in services:
+            raise SettingsError(
+                f"{path}: [{k}] is no service's table (they are {', '.join(f'[{s}]' for s in services)})"
+            )
+        if not isinstance(v, dict) and k not in fields:
+            raise SettingsError(
+                f"{path}: {k} (top level) is no service's setting; deploy/dlora.example.toml lists every setting"
+            )
 
 
 def _refuse_unknown_env(env: Mapping[str, str], service: str, paths: set[str]) -> None:

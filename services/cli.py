@@ -307,22 +307,14 @@ def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
     from dlora.common.bus import CredentialsRefused
     from dlora.common.settings import SettingsError, load
-    from dlora.services.dispatcher.settings import DispatcherSettings
-    from dlora.services.gateway.settings import GatewaySettings
-    from dlora.services.migrator.settings import MigratorSettings
+    from dlora.services.config_file import SERVICES, check_config
     from dlora.services.run import StartupError, run_until_signalled
     from dlora.services.worker.engine.faults import DeviceLost
-    from dlora.services.worker.settings import WorkerSettings
 
-    kinds = {
-        "gateway": GatewaySettings,
-        "dispatcher": DispatcherSettings,
-        "worker": WorkerSettings,
-        "migrator": MigratorSettings,
-    }
     overrides = {"model": args.model, "port": args.port, "worker_id": args.worker_id}
-    cls = kinds[args.service]
+    cls = SERVICES[args.service]
     try:
+        check_config(args.config)
         settings = load(
             cls, args.service, args.config, overrides={k: v for k, v in overrides.items() if k in cls.__struct_fields__}
         )

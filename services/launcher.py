@@ -30,6 +30,7 @@ from dlora.common.settings import SettingsError, load
 from dlora.common.state import StateStore
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig
+from dlora.services.config_file import check_config
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
@@ -139,6 +140,7 @@ class LocalStack:
     ) -> None:
         self.workers, self.model, self.lora, self.config = workers, model, lora, config
         self.nats_port = nats_port  # for the nats-server it starts; None: any free port
+        check_config(config)  # what no service reads (a misspelt key or table) stops it here
         self.base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
         self.worker_env = worker_env or {}
         self.extra_env = env or {}

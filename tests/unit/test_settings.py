@@ -206,3 +206,22 @@ def test_adapter_limits_load_nested_and_are_checked(tmp_path: Path) -> None:
             env={"DLORA_WORKER_ENGINE__ADAPTER_LIMITS__MAX_LORA_RANK": "0"},
             overrides={"model": "/m"},
         )
+
+
+def test_a_key_or_table_no_service_reads_is_refused(tmp_path: Path) -> None:
+    """Each service reads only its own table and the top-level keys it has: a misspelt one was
+    ignored without a word (found by a probe: ``heartbeat_tll_s``, ``[workerr]``)."""
+    from dlora.services.config_file import check_config
+
+    check_config(str(EXAMPLE))  # every setting, where it belongs
+    for text, fragment in [
+        ("heartbeat_tll_s = 30\n", "heartbeat_tll_s \\(top level\\) is no service's setting"),
+        ("max_loras = 1\n", "max_loras \\(top level\\)"),
+        ("[workerr]\nworker_id = 'w'\n", "\\[workerr\\] is no service's table"),
+    ]:
+        path = tmp_path / "dlora.toml"
+        path.write_text(text)
+        with pytest.raises(SettingsError, match=fragment):
+            check_config(str(path))
+    path.write_text("heartbeat_ttl_s = 30\nmodel = '/m'\n[gateway]\nport = 8001\n")
+    check_config(None, env={"DLORA_CONFIG": str(path)})

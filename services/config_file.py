@@ -1,0 +1,29 @@
+"""Every service's settings class by its name, and a whole ``dlora.toml`` checked against them
+(``common.settings.check_file``): ``dlora serve`` and ``dlora up`` refuse a key or table no
+service reads before any service starts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+from dlora.common.settings import check_file, config_path
+from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.worker.settings import WorkerSettings
+
+SERVICES: dict[str, type[msgspec.Struct]] = {
+    "gateway": GatewaySettings,
+    "dispatcher": DispatcherSettings,
+    "worker": WorkerSettings,
+    "migrator": MigratorSettings,
+}
+
+
+def check_config(toml_path: str | None, env: Mapping[str, str] | None = None) -> None:
+    """SettingsError for a key or table in the settings file (``toml_path``, else ``$DLORA_CONFIG``)
+    that no service reads; nothing to check without a file."""
+    if (path := config_path(toml_path, env)) is not None:
+        check_file(path, SERVICES)
