@@ -165,6 +165,11 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # is fenced. False for a request published straight to a worker, which has no record to lose.
     recorded: bool = False
 
+    @property
+    def resumed(self) -> bool:
+        """It ran somewhere before (recovered, moved or handed over with tokens): it goes on."""
+        return self.recoveries > 0 or bool(self.resume_token_ids) or self.kv_chunks > 0
+
 
 # A request in flight on a worker that died (or hung, or restarted) is retried elsewhere this many
 # times, then failed: a poison request must not take down one worker after another. A request

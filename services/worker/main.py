@@ -261,7 +261,7 @@ class WorkerService:
         try:
             req = await self.adapters.versioned(req)
             if req.adapter is not None:
-                await self.adapters.ensure(req.adapter, req.adapter_version or "")
+                await self.adapters.ensure(req.adapter, req.adapter_version or "", new=not req.resumed)
             start = time.monotonic()
             kv = await self._take_kv(req) if req.kv_chunks else None
             try:

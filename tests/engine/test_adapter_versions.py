@@ -15,7 +15,7 @@ from dlora.model.adapters import AdapterError
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
-from dlora.services.worker.adapters import WorkerAdapters
+from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
 from tests.engine.helpers import make_engine
 
 
@@ -86,3 +86,32 @@ async def test_host_memory_holds_max_cpu_loras_dropping_the_idle_one_used_least_
     await worker.ensure("x2", entries[2].version)  # x0 is now the least lately used, but busy
     await worker.ensure("x3", entries[3].version)
     assert held() == ["x0", "x3"]
+
+
+class _History(_Entries):
+    """A registry whose adapters were removed: their versions are kept (requests in flight on them
+    may be recovered elsewhere), the names are gone."""
+
+    async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None:
+        return None if version is None else await super().get_adapter(name, version)
+
+
+async def test_a_removed_adapter_takes_no_new_request_even_by_its_version(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """An application could name the version of an adapter deleted since and have its weights
+    loaded and served again; only requests that began on it go on with it."""
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "gone")
+    entry = check_adapter("gone", str(path), [str(tmp_path)], "model", cfg)
+    engine = make_engine(tiny_llama)
+    worker = WorkerAdapters(engine, _History([entry]))
+    with pytest.raises(AdapterNotFound, match="removed"):
+        await worker.ensure("gone", entry.version, new=True)
+    assert not any(k.startswith("gone@") for k in engine.adapters)  # not loaded
+    key = await worker.ensure("gone", entry.version)  # a recovered or moved request goes on
+    engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=key)
+    worker.changed("gone", None)  # the removal's event: kept while "r" runs on it
+    assert key in engine.adapters
+    with pytest.raises(AdapterNotFound, match="removed"):
+        await worker.ensure("gone", entry.version, new=True)
