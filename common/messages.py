@@ -164,11 +164,16 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # moved it): once that record is gone, the request ended or was given up here, and this copy
     # is fenced. False for a request published straight to a worker, which has no record to lose.
     recorded: bool = False
+    # It was on another worker before (moved, recovered, handed over at a drain): set by the worker
+    # that moves it and the dispatcher that re-dispatches it, cleared on an application's. Such a
+    # request finishes on its adapter's version even once the adapter is removed; a new one does not.
+    continued: bool = False
 
     @property
-    def resumed(self) -> bool:
-        """It ran somewhere before (recovered, moved or handed over with tokens): it goes on."""
-        return self.recoveries > 0 or bool(self.resume_token_ids) or self.kv_chunks > 0
+    def fresh_from_app(self) -> bool:
+        """An application's request that has not run anywhere yet: its adapter must be registered
+        now, whatever version it names (a gateway's was checked when the gateway took it)."""
+        return bool(self.owner) and not self.continued
 
 
 # A request in flight on a worker that died (or hung, or restarted) is retried elsewhere this many

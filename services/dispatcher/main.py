@@ -97,7 +97,7 @@ class Dispatcher:
         owner = subjects.sender(msg.subject)  # only its subject says who sent it
         # What an application may not set: the workers' own fields (a shipped cache that never
         # comes would hold a worker 5 s), and the owner. Gateways never set them.
-        clean = dict(owner=owner, kv_chunks=0, kv_export_s=0.0, recoveries=0, recorded=False)
+        clean = dict(owner=owner, kv_chunks=0, kv_export_s=0.0, recoveries=0, recorded=False, continued=False)
         raw: bytes | None = msg.data
         if any(getattr(req, k) != v for k, v in clean.items()):
             req, raw = msgspec.structs.replace(req, **clean), None
@@ -288,6 +288,7 @@ class Dispatcher:
             kv_chunks=0,
             kv_export_s=0.0,
             recoveries=rec.recoveries + 1,
+            continued=True,
         )
         await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid)
 

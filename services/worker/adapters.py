@@ -38,22 +38,25 @@ class WorkerAdapters:
         self.retiring: dict[str, str | None] = {}
         self.used: OrderedDict[str, None] = OrderedDict()  # engine keys, the one used least lately first
 
-    async def ensure(self, name: str, version: str, new: bool = False) -> str:
+    async def ensure(self, name: str, version: str, registered: bool = False) -> str:
         """The engine's key for that version of the adapter, loaded into host memory if it is not
-        there yet (dropping the one used least lately past ``max_cpu_loras``). ``new``: for a
-        request that has not run yet, which a removed adapter no longer takes (a version stays only
-        for the requests that began on it: without this, an application could name the version of
-        an adapter deleted since and have its weights loaded again). Raises AdapterNotFound if the
-        registry never had that version (or the adapter is removed and ``new``), AdapterError if its
-        files are bad or no longer what was registered."""
+        there yet (dropping the one used least lately past ``max_cpu_loras``). ``registered``: the
+        adapter must be registered now, for an application's new request (without it, one could
+        name the version of an adapter deleted since and have its weights loaded again; a gateway
+        checked its request's when it took it, and a request that ran elsewhere goes on, as a
+        running one does). Raises AdapterNotFound if the registry never had that version (or, with
+        ``registered``, the adapter is removed), AdapterError if its files are bad or no longer
+        what was registered."""
         gone = AdapterNotFound(f"adapter {name!r} is not registered (removed)")
-        if new and name in self.retiring and self.retiring[name] is None:
+        if registered and name in self.retiring and self.retiring[name] is None:
             raise gone
         key = engine_key(name, version)
         self.used[key] = None
         self.used.move_to_end(key)
         if key in self.engine.adapters:
             return key
+        if registered and await self.registry.get_adapter(name) is None:  # asked before any file is read
+            raise gone
         entry = await self.registry.get_adapter(name, version)
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} version {version} is not registered")
@@ -66,9 +69,6 @@ class WorkerAdapters:
             )
         current = await self.registry.get_adapter(name)
         now = current.version if current else None
-        if new and current is None:
-            self.engine.unregister_adapter(key)
-            raise gone
         # Versions other than the registered one (this one, for a request that began on it, or
         # ones whose replacement event never came) go once unused.
         if any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):

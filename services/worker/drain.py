@@ -29,11 +29,12 @@ async def start(w: WorkerService) -> float:
     return time.monotonic() + w.s.drain_timeout_s
 
 
-async def hand_over(w: WorkerService) -> None:
+async def hand_over(w: WorkerService, died: bool = False) -> None:
     """Give what still runs here after the drain back to a dispatcher, which runs each on
     another worker from the tokens its client has (its in-flight record says which); not a
-    death (``LostRequests.draining``). Unsent (NATS down), they are recovered anyway once
-    this worker's heartbeat is gone."""
+    death (``LostRequests.draining``) unless the worker ``died`` (its device failed: a request
+    that breaks every GPU it runs on must not go round them all). Unsent (NATS down), they are
+    recovered anyway once this worker's heartbeat is gone."""
     held: dict[str, int] = {}
     while not w.commands.empty():  # requests that came during the drain go back unrun
         if isinstance(cmd := w.commands.get_nowait(), Add):
@@ -50,7 +51,7 @@ async def hand_over(w: WorkerService) -> None:
         w.handed_over = set(held)
         if not held:
             return
-        handed = LostRequests(worker=w.s.worker_id, requests=held, draining=True)
+        handed = LostRequests(worker=w.s.worker_id, requests=held, draining=not died)
         await bus.publish(w.nc, subjects.LOST, handed)
         await w.nc.flush(timeout=2)
         logger.info("handed over at stop", requests=len(held))
@@ -60,12 +61,13 @@ async def hand_over(w: WorkerService) -> None:
 
 async def device_lost(w: WorkerService, e: Exception) -> None:
     """The device failed for good (``engine.faults``): nothing more runs here, so every request is
-    handed over at once, as at the end of a drain; the worker then exits with the error and its
-    supervisor (systemd, ``dlora up``) starts a new process, with a new device context."""
+    handed over at once, as at the end of a drain but as a death (each one's ``recoveries`` count
+    it); the worker then exits with the error and its supervisor (systemd, ``dlora up``) starts
+    a new process, with a new device context."""
     logger.error("the device failed for good: handing every request over", error=str(e))
-    if not w.draining:
+    if not w.draining:  # stats saying so go out at once: dispatchers send nothing more here
         await start(w)
-    await hand_over(w)
+    await hand_over(w, died=True)
 
 
 async def hand_back_late(w: WorkerService) -> None:

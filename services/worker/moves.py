@@ -69,5 +69,6 @@ def handoff(
         kv_chunks=len(chunks),
         kv_export_s=kv_export_s if kv is not None else 0.0,
         recorded=True,  # the source records it at the destination before sending it
+        continued=True,
     )
     return resumed, chunks

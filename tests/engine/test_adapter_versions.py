@@ -100,18 +100,18 @@ async def test_a_removed_adapter_takes_no_new_request_even_by_its_version(
     tiny_llama: TinyOutput, tmp_path: Path
 ) -> None:
     """An application could name the version of an adapter deleted since and have its weights
-    loaded and served again; only requests that began on it go on with it."""
+    loaded and served again; requests that began on it (or a gateway took before) go on with it."""
     cfg = ModelConfig.from_dir(tiny_llama.model)
     path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "gone")
     entry = check_adapter("gone", str(path), [str(tmp_path)], "model", cfg)
     engine = make_engine(tiny_llama)
     worker = WorkerAdapters(engine, _History([entry]))
     with pytest.raises(AdapterNotFound, match="removed"):
-        await worker.ensure("gone", entry.version, new=True)
+        await worker.ensure("gone", entry.version, registered=True)
     assert not any(k.startswith("gone@") for k in engine.adapters)  # not loaded
     key = await worker.ensure("gone", entry.version)  # a recovered or moved request goes on
     engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=key)
     worker.changed("gone", None)  # the removal's event: kept while "r" runs on it
     assert key in engine.adapters
     with pytest.raises(AdapterNotFound, match="removed"):
-        await worker.ensure("gone", entry.version, new=True)
+        await worker.ensure("gone", entry.version, registered=True)

@@ -126,8 +126,10 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
         assert dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == 0
         if trigger == "stop" and drain_timeout_s:  # finished where it ran; nothing handed back
             assert handed == [] and victim.engine.stats.steps > N - 10
-        else:  # handed over at once, not as a death; the survivor generated the rest
-            assert [(h.worker, h.draining) for h in handed] == [("a-victim", True)]
+        else:  # handed over at once; the survivor generated the rest
+            # not as a death at a stop; as one when the device failed (a request that breaks every
+            # GPU it runs on fails after MAX_RECOVERIES instead of taking the workers down in turn)
+            assert [(h.worker, h.draining) for h in handed] == [("a-victim", trigger == "stop")]
             assert len(handed[0].requests) == 1
         await runner.cleanup()
     finally:

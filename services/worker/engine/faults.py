@@ -21,6 +21,7 @@ STICKY_CUDA_ERRORS = (
     "operation not supported on global/shared address space",  # cudaErrorInvalidAddressSpace (717)
     "invalid program counter",  # cudaErrorInvalidPc (718)
     "unspecified launch failure",  # cudaErrorLaunchFailure (719)
+    "the launch timed out and was terminated",  # cudaErrorLaunchTimeout (702)
     "uncorrectable ECC error encountered",  # cudaErrorECCUncorrectable (214)
 )
 
@@ -31,10 +32,12 @@ class DeviceLost(RuntimeError):
 
 
 def device_lost(e: BaseException) -> bool:
-    """Whether ``e``, or an exception it was raised from, is a sticky device error."""
+    """Whether ``e``, or an exception it was raised from, is a sticky device error (its message
+    names CUDA and one of ``STICKY_CUDA_ERRORS``)."""
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, DeviceLost) or any(m in str(seen) for m in STICKY_CUDA_ERRORS):
+        text = str(seen)
+        if isinstance(seen, DeviceLost) or "CUDA" in text and any(m in text for m in STICKY_CUDA_ERRORS):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
