@@ -57,33 +57,41 @@ class Merger:
         self.merged: str | None = None
         self._saved: list[_Saved] = []
         self.unmergeable: set[str] = set()  # adapters too large beside the weights to merge (the policy's too)
-        self._norms: dict[tuple[int, str], float] = {}  # ‖W‖ of each (layer, target)'s rows, unmerged
+        self._norms: dict[tuple[int, str], torch.Tensor] = {}  # ‖Wᵢ‖ per row of each (layer, target)
 
     def admit(self, adapter: LoraAdapter) -> None:
-        """Mark ``adapter`` unmergeable if its change to any weight it touches is larger than
-        ``MAX_MERGE_DELTA`` × that weight (Frobenius norms)."""
+        """Mark ``adapter`` unmergeable if its change to any output row of a weight it touches is
+        larger than ``MAX_MERGE_DELTA`` × that row."""
         self.unmergeable.discard(adapter.name)
         if self.delta_ratio(adapter) > MAX_MERGE_DELTA:
             self.unmergeable.add(adapter.name)
 
     def delta_ratio(self, adapter: LoraAdapter) -> float:
-        """The largest ‖scale·B·A‖ / ‖W‖ over the (layer, target)s ``adapter`` touches, Frobenius
-        norms; ‖BA‖² = Σ (BᵀB) ∘ (AAᵀ), two rank × rank products (no out × in product formed)."""
+        """The largest ‖scale·(B·A)ᵢ‖ / ‖Wᵢ‖ over the output rows i of the (layer, target)s
+        ``adapter`` touches: a batch mate's error in output i scales with its row's ratio, so a
+        change in a few rows is not averaged away over the others. Row norms of B·A from
+        ((B·AAᵀ) ∘ B) summed over the rank, no out × in product formed; a row of W near zero is
+        counted at a thousandth of the weight's mean row norm."""
         worst = 0.0
         for key, w in adapter.weights.items():
             a, b = w.a.double(), w.b.double()
-            delta = abs(w.scale) * float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
-            worst = max(worst, delta / max(self._norm(key), 1e-30))
+            delta = abs(w.scale) * ((b @ (a @ a.T)) * b).sum(dim=1).clamp(min=0).sqrt()
+            rows = self._row_norms(key)
+            floor = 1e-3 * float(rows.square().mean().sqrt())
+            worst = max(worst, float((delta / rows.clamp(min=max(floor, 1e-30))).max()))
         return worst
 
-    def _norm(self, key: tuple[int, str]) -> float:
-        """‖W‖ of the rows of (layer, target) ``key`` as the base model has them (the saved
-        original while a merged adapter holds them changed)."""
+    def _row_norms(self, key: tuple[int, str]) -> torch.Tensor:
+        """‖Wᵢ‖ of each output row of (layer, target) ``key`` as the base model has them (the saved
+        original while a merged adapter holds them changed): (out_features,) float64 on the host,
+        computed once, a block of rows at a time in fp32 (no copy of the whole weight)."""
         if key not in self._norms:
             t = self.targets[key[1]]
             weight, rows = getattr(self.weights.layers[key[0]], t.fused), slice(t.offset, t.offset + t.out_features)
-            saved = next((x.original for x in self._saved if x.weight is weight and x.rows == rows), weight[rows])
-            self._norms[key] = float(saved.double().norm())
+            w = next((x.original for x in self._saved if x.weight is weight and x.rows == rows), weight[rows])
+            self._norms[key] = torch.cat(
+                [w[i : i + 1024].float().norm(dim=1).cpu() for i in range(0, len(w), 1024)]
+            ).double()
         return self._norms[key]
 
     def merge(
