@@ -307,14 +307,14 @@ class LocalStack:
 
 
 def up(workers: int, model: str | None, lora: list[str], port: int | None, config: str | None) -> int:
-    stop = False
+    stop = 0  # the signal that asked to stop
     stack: LocalStack | None = None
 
-    def on_signal(*_: object) -> None:
+    def on_signal(signum: int, _: object) -> None:
         nonlocal stop
-        stop = True
-        if stack is None or not stack.up:  # still starting: break off the wait (start() cleans up)
-            raise KeyboardInterrupt
+        first, stop = not stop, stop or signum
+        if first and (stack is None or not stack.up):  # still starting: break off the wait, once
+            raise KeyboardInterrupt  # (start() stops what started; a second signal must not cut that)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -363,7 +363,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         return 1
     except KeyboardInterrupt:
         print("dlora up: interrupted while starting; stopped what had started", file=sys.stderr)
-        return 130
+        return 128 + (stop or signal.SIGINT)
     finally:
         if stack is not None:
             stack.stop()
