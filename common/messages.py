@@ -397,8 +397,12 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # The tokens behind those two measurements (the migrator weighs workers' figures by them).
     prefill_tokens: int = 0
     kv_transfer_tokens: int = 0
-    # Every unfinished request here (the migrator's view of the load).
+    # Every unfinished request here (the migrator's view of the load), up to ``MAX_LISTED``: past
+    # it the rest (the latest to arrive) are only counted, with their remaining tokens, so the
+    # stats fit one NATS message whatever the queue (~65 bytes a request).
     requests: list[RequestLoad] = []
+    unlisted_requests: int = 0
+    unlisted_remaining_tokens: int = 0
     # Unix seconds when sent.
     sent: float = 0.0
 
@@ -411,6 +415,11 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     def merged_adapter(self) -> str | None:
         """The adapter merged into its weights now (None: none)."""
         return next((a.name for a in self.adapters if a.merged), None)
+
+
+# Requests a worker's stats list one by one: 4,096 x ~65 bytes is ~270 KB, a quarter of NATS's
+# default max_payload (1 MB), which the adapters (at most max_cpu_loras) share.
+MAX_LISTED = 4096
 
 
 class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):

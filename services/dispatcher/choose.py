@@ -60,7 +60,7 @@ class WorkerLoad:
         counts = Counter(r.adapter for r in w.requests)
         return cls(
             worker=w.worker,
-            queued_tokens=sum(r.remaining_tokens for r in w.requests),
+            queued_tokens=sum(r.remaining_tokens for r in w.requests) + w.unlisted_remaining_tokens,
             dominant=max(counts, key=counts.__getitem__) if counts else None,
             busy=bool(counts),
             adapters=frozenset(a.name for a in w.adapters),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
+from dlora.common.messages import MAX_LISTED, AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.lengths import OutputLengths
@@ -42,6 +42,7 @@ def worker_stats(
         for q in queue
         if (seq := e.seqs.get(q.request_id)) is not None
     ]
+    loads, unlisted = loads[:MAX_LISTED], loads[MAX_LISTED:]  # in arrival order: running ones first
     return WorkerStats(
         worker=worker,
         running=running,
@@ -66,6 +67,8 @@ def worker_stats(
         prefix_cache_hits=st.prefix_cache_hits,
         seconds_per_token=st.step_seconds / max(1, st.tokens_generated),
         requests=loads,
+        unlisted_requests=len(unlisted),
+        unlisted_remaining_tokens=sum(r.remaining_tokens for r in unlisted),
         adapter_seconds_per_token={  # of the adapters held (every one ever served would outgrow a message)
             name_of(k): v for k, v in st.adapter_seconds_per_token().items() if k == "" or k in e.adapters
         },

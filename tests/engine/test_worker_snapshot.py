@@ -39,3 +39,21 @@ def test_a_preempted_request_counts_until_it_is_back_in_the_batch(tiny_llama: Ti
     engine.step()  # b is recomputed: running again
     st = worker_stats("w0", engine, OutputLengths())
     assert (st.running, st.waiting, st.preempted) == (2, 0, 0)
+
+
+def test_a_long_queue_is_counted_past_what_one_message_lists(tiny_llama: TinyOutput) -> None:
+    """Every request listed, ~65 bytes each: ~15,000 waiting would outgrow NATS's max_payload and the
+    cluster would count the worker lost; past MAX_LISTED the latest are counted, with their tokens."""
+    import msgspec
+
+    from dlora.common.messages import MAX_LISTED
+    from dlora.services.dispatcher.choose import WorkerLoad
+
+    engine = make_engine(tiny_llama)
+    for i in range(MAX_LISTED + 40):
+        engine.add_request(f"r{i:05d}", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=9))
+    st = worker_stats("w0", engine, OutputLengths())
+    assert (len(st.requests), st.unlisted_requests) == (MAX_LISTED, 40)
+    assert st.requests[-1].request_id == f"r{MAX_LISTED - 1:05d}"  # the first to arrive are listed
+    assert st.unlisted_remaining_tokens == 40 * 9 and len(msgspec.json.encode(st)) < 512 * 1024
+    assert WorkerLoad.of(st).queued_tokens == sum(r.remaining_tokens for r in st.requests) + 40 * 9

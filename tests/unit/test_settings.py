@@ -65,7 +65,7 @@ def test_lists_come_from_json_in_env() -> None:
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__DEVICE": "gpu"}, "engine.device='gpu'.*from DLORA_ENGINE__DEVICE"),
         (
             {"DLORA_MODEL": "/m", "DLORA_ENGINE__MAX_CPU_LORAS": "4"},
-            r"engine.max_cpu_loras=4 must be >= max_loras \(8\)",
+            r"engine.max_cpu_loras=4 must be in \[max_loras \(8\), 4096\]",
         ),
         # An outdated flat name is refused, not ignored.
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "4"}, "DLORA_WORKER_MAX_LORAS names no setting"),

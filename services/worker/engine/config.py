@@ -66,8 +66,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         bad: list[tuple[str, object, str]] = [
             (f, getattr(self, f), "must be >= 1") for f in positive if getattr(self, f) < 1
         ]
-        if self.max_cpu_loras < self.max_loras:
-            bad.append(("max_cpu_loras", self.max_cpu_loras, f"must be >= max_loras ({self.max_loras})"))
+        if not self.max_loras <= self.max_cpu_loras <= 4096:  # each is listed in the worker's stats
+            bad.append(("max_cpu_loras", self.max_cpu_loras, f"must be in [max_loras ({self.max_loras}), 4096]"))
         bad += [
             (f, getattr(self, f), "must be >= 1 or null")
             for f in ("num_blocks", "max_model_len")
