@@ -207,8 +207,7 @@ class WorkerService:
             self.delivery.resend.forget(request_id)
 
     def _aborted(self, req: GenerateRequest) -> bool:
-        """Whether an abort for ``req`` came lately: a gateway's, or its own sender's (an
-        application may stop only what it sent)."""
+        """Whether an abort for ``req`` came lately: a gateway's, or its sender's (an app stops only its own)."""
         return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
 
     async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
@@ -334,8 +333,7 @@ class WorkerService:
             await self._drop(rid, record=False, attempt=running[rid].attempt)
 
     async def _drop_fenced(self) -> None:
-        """Drop the copies held here that are fenced, a missing record of a recorded one included:
-        asked after a stall, before anything more is sent for them."""
+        """Drop the copies held here that are fenced (a recorded one's record gone too), after a stall."""
         copies = {rid: Copy.of(s.request, stalled=True) for rid, s in self.streams.items()}
         for rid in await self.records.fenced_after_stall(copies):
             logger.warning("request fenced after a stall: a later attempt serves it", request=rid)
@@ -468,7 +466,9 @@ class WorkerService:
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
             done = asyncio.Event()  # stopped and drained: the stats and heartbeat go on until then
-            await asyncio.gather(self.run_loop(stop, done), self.publish_stats(done))
+            ended = await asyncio.gather(self.run_loop(stop, done), self.publish_stats(done), return_exceptions=True)
+            if errors := [e for e in ended if isinstance(e, BaseException)]:  # both over: no beat after a hand-over
+                raise errors[0]
         finally:
             warm.cancel()
             for sub in subs:
