@@ -57,6 +57,18 @@ def _demo() -> tuple[Path, dict[str, str]]:
     return DEMO / "model", {p.name: str(p) for p in adapters}
 
 
+def configured_model(config: str | None) -> str | None:
+    """The base model the settings (file and environment) name for the gateway, else for the
+    workers; None where they name none. ``dlora up`` passes one model to every service, so without
+    this a ``model`` in the file was overridden by the demo model, without a word."""
+    for cls, service in ((GatewaySettings, "gateway"), (WorkerSettings, "worker")):
+        try:
+            return load(cls, service, config).model  # type: ignore[attr-defined]
+        except SettingsError:  # none named (or a bad value, which the full load reports)
+            continue
+    return None
+
+
 async def _register(s: GatewaySettings, model: Path, loras: dict[str, str], roots: list[str], base_name: str) -> None:
     """Register the command line's adapters, as the gateway (its NATS and Redis credentials)."""
     cfg = ModelConfig.from_dir(model)
@@ -141,7 +153,8 @@ class LocalStack:
         self.workers, self.model, self.lora, self.config = workers, model, lora, config
         self.nats_port = nats_port  # for the nats-server it starts; None: any free port
         check_config(config)  # what no service reads (a misspelt key or table) stops it here
-        self.base = load(GatewaySettings, "gateway", config, overrides={"model": model or "x", "port": port})
+        self.model = model or configured_model(config)  # None: the demo model
+        self.base = load(GatewaySettings, "gateway", config, overrides={"model": self.model or "x", "port": port})
         self.worker_env = worker_env or {}
         self.extra_env = env or {}
         self.migrator = migrator

@@ -76,7 +76,15 @@ class WorkerAdapters:
         self.evict(keep=key)
         return key
 
-    def evict(self, keep: str) -> None:
+    def tidy(self) -> None:
+        """Between commands and steps: unload retired versions no request uses any more, and drop
+        adapters past ``max_cpu_loras`` that a burst kept busy when they were loaded."""
+        if self.retiring:
+            self.retire()
+        if len(self.engine.adapters) > self.engine.config.max_cpu_loras:
+            self.evict(keep=None)
+
+    def evict(self, keep: str | None) -> None:
         """Past ``max_cpu_loras`` adapters in host memory, drop those used least lately that no
         request runs on and that are not merged (never ``keep``, the one just asked for); all busy,
         the worker holds more for a while. Without it every adapter ever used stayed, and a worker

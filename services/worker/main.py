@@ -170,8 +170,7 @@ class WorkerService:
                 # Its record goes too: left, it would be handed back (it never came, as the sweep
                 # sees it) and fail on the next worker, and the next, without counting a death.
                 self.records.unrecorded_ends[cmd.req.request_id] = cmd.req.recoveries
-        if self.adapters.retiring:
-            self.adapters.retire()
+        self.adapters.tidy()
 
     async def _apply(self, cmd: Command) -> None:
         if isinstance(cmd, Move):
@@ -406,8 +405,7 @@ class WorkerService:
             await self._safely(self.commands.get_nowait())
         if self.engine.has_unfinished():
             await self._step()
-            if self.adapters.retiring:
-                self.adapters.retire()
+            self.adapters.tidy()
         # The snapshot walks every request: take it as often as stats go out, not every step
         # (and at once when the engine falls idle, so the last stats say so).
         now = time.monotonic()

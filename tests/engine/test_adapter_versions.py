@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dlora.common.messages import AdapterEntry
+from dlora.common.messages import AdapterEntry, SamplingParams
 from dlora.model.adapters import AdapterError
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
@@ -115,3 +115,18 @@ async def test_a_removed_adapter_takes_no_new_request_even_by_its_version(
     assert key in engine.adapters
     with pytest.raises(AdapterNotFound, match="removed"):
         await worker.ensure("gone", entry.version, registered=True)
+
+
+async def test_adapters_kept_by_a_burst_go_once_idle(tiny_llama: TinyOutput) -> None:
+    """Busy when loaded, an adapter past max_cpu_loras stayed for good: a burst over many adapters
+    left the worker above its cap while idle (found by a new user's trial: 16 held, cap 4)."""
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=2)  # five adapters registered
+    worker = WorkerAdapters(engine, _Entries([]))
+    for i, name in enumerate(sorted(engine.adapters)):
+        engine.add_request(f"r{i}", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=2), adapter=name)
+    worker.tidy()
+    assert len(engine.adapters) == 5  # all busy
+    while engine.has_unfinished():
+        engine.step()
+    worker.tidy()
+    assert len(engine.adapters) == 2

@@ -222,3 +222,21 @@ def test_what_dlora_up_does_when_a_service_exits() -> None:
     assert on_exit("worker-0", 1) == "restart"
     assert on_exit("worker-0", 0) == "leave"
     assert on_exit("dispatcher", 0) == "stop" and on_exit("gateway", 0) == "stop"
+
+
+def test_dlora_up_serves_the_model_its_settings_file_names(tmp_path: Path) -> None:
+    """A ``model`` in the file was overridden by the demo model (dlora up passes one model to
+    every service), and the banner said only "model model"."""
+    from dlora.services.launcher import LocalStack
+
+    config = tmp_path / "dlora.toml"
+    for text in (
+        'model = "/models/base"\n',
+        '[gateway]\nmodel = "/models/base"\n',
+        '[worker]\nmodel = "/models/base"\n',
+    ):
+        config.write_text(text)
+        assert LocalStack(1, None, [], free_port(), str(config)).model == "/models/base", text
+    assert LocalStack(1, "/other", [], free_port(), str(config)).model == "/other"  # the command line wins
+    config.write_text("")
+    assert LocalStack(1, None, [], free_port(), str(config)).model is None  # the demo model
