@@ -125,10 +125,11 @@ class Gateway:
             who = await self.auth.inference(request)
             with self.auth.admitted(who):
                 raw = await self._read_body(request)
+                name = openai.model_named(raw)  # counted under it, also when the rest is refused
+                entry = await self._entry(name, who) if name else None
+                if entry is not None or name == self.base_name:  # a name never served stays "?"
+                    adapter_label = name
                 body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
-                entry = await self._entry(body.model, who)
-                if entry is not None or body.model == self.base_name:  # a name never served stays "?"
-                    adapter_label = body.model
                 job = await self._job(body, entry, who)
                 return await self._relay(request, job)
         except APIError as e:

@@ -145,6 +145,19 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
 Body = CompletionBody | ChatBody
 
 
+class _Named(msgspec.Struct):
+    model: str = ""
+
+
+def model_named(raw: bytes) -> str:
+    """The ``model`` a request body names, read whatever else in it is wrong ("" if none can be
+    read): what its refusal is counted under."""
+    try:
+        return msgspec.json.decode(raw, type=_Named).model
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return ""
+
+
 def decode_body(raw: bytes, kind: type[msgspec.Struct]) -> Any:
     """``raw`` JSON as a ``kind`` body.
 

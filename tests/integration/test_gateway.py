@@ -422,6 +422,7 @@ async def test_metrics_are_exposed(stack: Stack) -> None:
     # A refusal is counted under the model it named where that is served, else under "?" (a name
     # nobody serves must not make a label).
     assert (await post(stack, "/v1/completions", {"model": "lora-2", "prompt": "k", "temperature": -1}))[0] == 400
+    assert (await post(stack, "/v1/completions", {"model": "lora-3", "prompt": "k", "max_tokens": "five"}))[0] == 400
     assert (await post(stack, "/v1/completions", {"model": "nobody-x", "prompt": "k"}))[0] == 404
     await asyncio.sleep(0.3)  # a stats interval
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
@@ -429,6 +430,7 @@ async def test_metrics_are_exposed(stack: Stack) -> None:
     for name in (
         'dlora_requests_total{adapter="lora-1",status="200"} 1.0',
         'dlora_requests_total{adapter="lora-2",status="400"}',
+        'dlora_requests_total{adapter="lora-3",status="400"}',  # a body the schema refuses, too
         'dlora_requests_total{adapter="?",status="404"}',
         "dlora_time_to_first_token_seconds",
         "dlora_time_per_output_token_seconds",
