@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from dlora.common.settings import check_file, config_path
+from dlora.common.settings import check_file, config_path, load
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.migrator.settings import MigratorSettings
@@ -24,6 +24,10 @@ SERVICES: dict[str, type[msgspec.Struct]] = {
 
 def check_config(toml_path: str | None, env: Mapping[str, str] | None = None) -> None:
     """SettingsError for a key or table in the settings file (``toml_path``, else ``$DLORA_CONFIG``)
-    that no service reads; nothing to check without a file."""
-    if (path := config_path(toml_path, env)) is not None:
-        check_file(path, SERVICES)
+    that no service reads, or a value any service refuses (a misspelt ``[worker.engine]`` key
+    stopped only the worker, after the rest had started); nothing to check without a file."""
+    if (path := config_path(toml_path, env)) is None:
+        return
+    check_file(path, SERVICES)
+    for name, cls in SERVICES.items():  # the model may come later (dlora up's command line)
+        load(cls, name, path, env, overrides={"model": "-"} if "model" in cls.__struct_fields__ else None)

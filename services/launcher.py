@@ -53,7 +53,8 @@ def _demo() -> tuple[Path, dict[str, str]]:
 
     if not (DEMO / "model" / "config.json").exists():
         make_tiny(DEMO, num_adapters=4)
-    adapters = sorted((DEMO / "adapters").iterdir())
+    # The demo's own (lora-<n>): a folder of other adapters put beside them is not the demo's.
+    adapters = sorted(p for p in (DEMO / "adapters").glob("lora-*") if (p / "adapter_config.json").exists())
     return DEMO / "model", {p.name: str(p) for p in adapters}
 
 

@@ -218,6 +218,8 @@ def test_a_key_or_table_no_service_reads_is_refused(tmp_path: Path) -> None:
         ("heartbeat_tll_s = 30\n", "heartbeat_tll_s \\(top level\\) is no service's setting"),
         ("max_loras = 1\n", "max_loras \\(top level\\)"),
         ("[workerr]\nworker_id = 'w'\n", "\\[workerr\\] is no service's table"),
+        ("[worker.engine]\nmax_cpu_lora = 4\n", "worker setting engine.max_cpu_lora does not exist"),
+        ("[dispatcher]\nstats_interval_s = -1\n", "dispatcher setting"),
     ]:
         path = tmp_path / "dlora.toml"
         path.write_text(text)
