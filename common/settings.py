@@ -15,6 +15,7 @@ lists every setting with its default.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -155,7 +156,7 @@ def load(
     try:
         settings = msgspec.convert(data, cls, strict=False)
     except msgspec.ValidationError as e:
-        raise SettingsError(_explain(service, str(e), data, sources)) from None
+        raise SettingsError(_explain(service, str(e), data, sources, paths)) from None
     if problems := settings.check():  # type: ignore[attr-defined]
         field, value, why = problems[0]
         where = f" (from {sources[field]})" if field in sources else ""
@@ -210,16 +211,22 @@ def _refuse_unknown_env(env: Mapping[str, str], service: str, paths: set[str]) -
             )
 
 
-def _explain(service: str, error: str, data: dict[str, Any], sources: dict[str, str]) -> str:
-    """msgspec's message (``... - at `$.engine.dtype```) with the field's value and source."""
+def _explain(service: str, error: str, data: dict[str, Any], sources: dict[str, str], paths: set[str]) -> str:
+    """msgspec's message (``... - at `$.engine.dtype```) with the field's value and source; for an
+    unknown field, the setting of ``paths`` (the service's) it most looks like."""
     unknown = re.match(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?([^`]*)`)?", error)
-    if unknown:  # most often a setting of an earlier layout: name where it came from, and the map
+    if unknown:  # a misspelling, or a setting of an earlier layout: where it came from, and the map
         field = ".".join(p for p in (unknown[2] or "", unknown[1]) if p)
         where = f" (from {sources[field]})" if field in sources else ""
+        like = difflib.get_close_matches(field, sorted(paths), n=1) or difflib.get_close_matches(
+            unknown[1], sorted(paths), n=1, cutoff=0.8
+        )
         return (
-            f"{service} setting {field} does not exist{where}; the engine's, policy's, trigger's and "
-            "dispatch costs' settings are nested tables ([worker.engine], [worker.engine.policy], "
-            "[migrator.trigger], [dispatcher.costs]): deploy/dlora.example.toml lists every setting"
+            f"{service} setting {field} does not exist{where}"
+            + (f"; did you mean {like[0]}?" if like else "")
+            + " (nested tables hold the engine's, policy's, trigger's and dispatch costs' settings: "
+            "[worker.engine], [worker.engine.policy], [migrator.trigger], [dispatcher.costs]; "
+            "deploy/dlora.example.toml lists every setting)"
         )
     if "$." not in error:
         return f"{service} settings: {error}"

@@ -83,7 +83,10 @@ def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="prot"):
         load(GatewaySettings, "gateway", toml, env={})
     toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\nmax_lora = 4\n')
-    with pytest.raises(SettingsError, match=r"engine.max_lora does not exist \(from .*\[worker.engine\]\)"):
+    with pytest.raises(
+        SettingsError,
+        match=r"engine.max_lora does not exist \(from .*\[worker.engine\]\); did you mean engine.max_loras\?",
+    ):
         load(WorkerSettings, "worker", toml, env={})
     # A setting of the flat layout before the cores' configs were nested: refused with the map.
     toml.write_text('[worker]\nmodel = "/m"\nmax_loras = 4\n')
