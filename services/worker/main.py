@@ -225,6 +225,7 @@ class WorkerService:
             adapter=adapter,
             resume_token_ids=req.resume_token_ids,
             resume_text_pending=req.resume_text_pending,
+            resume_text_held=req.resume_text_held,
             kv=kv,
         )
 

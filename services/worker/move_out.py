@@ -30,7 +30,13 @@ async def move_out(w: WorkerService, move: Move) -> None:
     kv = w.engine.export_kv(move.request_id) if move.ship_kv else None
     data = kv.to_bytes() if kv is not None else None
     resumed, chunks = handoff(
-        stream.request, seq.output_ids, seq.detok.pending, stream.seq, data, time.monotonic() - start
+        stream.request,
+        seq.output_ids,
+        seq.detok.pending,
+        stream.seq,
+        data,
+        time.monotonic() - start,
+        text_held=seq.text[seq.emitted :],  # held back while it could begin a stop string
     )
     if len(msgspec.json.encode(resumed)) > w.nc.max_payload:  # grown by its tokens past what NATS carries
         logger.warning("request too large to move; it stays here", request=move.request_id)

@@ -45,10 +45,11 @@ def handoff(
     next_seq: int,
     kv: bytes | None,
     kv_export_s: float,
+    text_held: str = "",
 ) -> tuple[GenerateRequest, list[KVChunk]]:
     """What to send the destination: ``request`` resumed after ``output_ids`` (the tokens produced
     here, the text of the last ``text_pending`` not yet sent) with its client's next chunk number
-    ``next_seq``, and ``kv`` (a ``KVSnapshot``'s bytes,
+    ``next_seq`` and the text they made not sent yet (``text_held``), and ``kv`` (a ``KVSnapshot``'s bytes,
     None when recomputed) split into chunks of at most ``KV_CHUNK_BYTES``. ``kv_export_s``: what
     exporting the cache took, seconds, for the destination's measure of a shipped cache's cost."""
     data = kv or b""
@@ -65,6 +66,7 @@ def handoff(
         request,
         resume_token_ids=list(output_ids),
         resume_text_pending=text_pending,
+        resume_text_held=text_held,
         next_seq=next_seq,
         kv_chunks=len(chunks),
         kv_export_s=kv_export_s if kv is not None else 0.0,

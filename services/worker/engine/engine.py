@@ -193,10 +193,12 @@ class LLMEngine:
         resume_token_ids: list[int] | None = None,
         kv: KVSnapshot | None = None,
         resume_text_pending: int = 0,
+        resume_text_held: str = "",
     ) -> None:
         """Queue a request. ``resume_token_ids`` are outputs already produced (by a preempted,
         migrated or lost run): generation continues after them and they are not reported again
-        (the text of the last ``resume_text_pending``, not sent yet, comes with the first new). ``kv``:
+        (``resume_text_held``, their text not sent yet, and the text of the last
+        ``resume_text_pending`` come first, a stop string looked for across them). ``kv``:
         the moved request's cache from another engine (``export_kv``), so it is not recomputed."""
         params = params or SamplingParams()
         if request_id in self.seqs:
@@ -222,6 +224,7 @@ class LLMEngine:
                 self.tokenizer, ids + resumed, params.skip_special_tokens, resume_text_pending
             ),
             output_ids=resumed,
+            text=resume_text_held,
         )
         if params.json_schema is not None:
             try:
@@ -232,8 +235,7 @@ class LLMEngine:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
         self.seqs[request_id] = seq
-        if not resumed:
-            self.stats.prompt_tokens += len(ids)
+        self.stats.prompt_tokens += 0 if resumed else len(ids)
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
         """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown)."""
