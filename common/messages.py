@@ -139,8 +139,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # tokens is held back until complete): the resumed request sends their text with its first.
     resume_text_pending: int = 0
     # Text those tokens made that was not sent yet (held back while it could begin a stop string):
-    # sent first, and a stop string is looked for across it. Moves carry it; a recovery from the
-    # in-flight record does not (the record keeps tokens only: at most len(stop) - 1 characters).
+    # sent first, and a stop string is looked for across it (a move's, or the in-flight record's).
     resume_text_held: str = ""
     # Sequence number the next chunk carries (resumes continue the numbering).
     next_seq: Annotated[int, msgspec.Meta(ge=0)] = 0

@@ -65,6 +65,7 @@ class Inflight:
     tokens: list[int]  # tokens delivered so far: a resume continues after them
     recoveries: int = 0  # times it was re-dispatched (its worker lost, stalled, restarted): the attempt
     text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
+    text_held: str = ""  # text those tokens made that was not sent (it could have begun a stop string)
     deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
     incarnation: str = ""  # the start of ``worker`` it was sent to ("" where unknown)
 
@@ -76,6 +77,7 @@ class Sent(NamedTuple):
     seq: int  # its sequence number: a write retried after its reply was lost is not counted twice
     token_ids: list[int]
     held: int  # how many of all the request's tokens so far have had their text held back
+    held_text: str = ""  # the text they made that was held back unsent (it could begin a stop string)
 
 
 class Copy(NamedTuple):
@@ -300,8 +302,10 @@ class StateStore:
         if not running and not finished and not earlier:
             return set()
         chunks = [*earlier, *running.items()]
-        entries = [(rid, s.attempt, s.seq, "".join(f"{t}," for t in s.token_ids), s.held) for rid, s in chunks]
-        entries += [(rid, a, 0, "-", 0) for rid, a in finished.items()]
+        entries = [
+            (rid, s.attempt, s.seq, "".join(f"{t}," for t in s.token_ids), s.held, s.held_text) for rid, s in chunks
+        ]
+        entries += [(rid, a, 0, "-", 0, "") for rid, a in finished.items()]
         keys = [f"{self.p}:inflight:{rid}" for rid, *_ in entries]
         args: list[str | int] = [worker, f"{self.p}:inflight-of:", int(INFLIGHT_TTL_S * 1000)]
         args += [x for entry in entries for x in entry]
@@ -347,6 +351,7 @@ class StateStore:
             tokens=tokens,
             recoveries=int(raw.get(b"recoveries", 0)),
             text_pending=int(raw.get(b"held", 0)),
+            text_held=_text(raw.get(b"held_text", b"")),
             deaths=int(raw.get(b"deaths", 0)),
             incarnation=_text(raw.get(b"incarnation", b"")),
         )

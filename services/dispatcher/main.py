@@ -284,7 +284,7 @@ class Dispatcher:
             first,
             resume_token_ids=[*first.resume_token_ids, *rec.tokens],
             resume_text_pending=rec.text_pending,
-            resume_text_held="",  # the record keeps tokens only (a move's held text is not the record's)
+            resume_text_held=rec.text_held,
             next_seq=next_seq,
             kv_chunks=0,
             kv_export_s=0.0,

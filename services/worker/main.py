@@ -315,8 +315,9 @@ class WorkerService:
                 continue
             # Recorded only if handed to NATS: the record says what a resume need not send again.
             if await self.delivery.publish(stream.reply_to, chunk):
-                held = seq.detok.pending if (seq := self.engine.seqs.get(out.request_id)) else 0
-                sent[out.request_id] = Sent(stream.request.recoveries, chunk.seq, out.new_token_ids, held)
+                seq = self.engine.seqs.get(out.request_id)
+                held = (seq.detok.pending, seq.text[seq.emitted :]) if seq else (0, "")
+                sent[out.request_id] = Sent(stream.request.recoveries, chunk.seq, out.new_token_ids, *held)
             if out.finished:
                 del self.streams[out.request_id]
                 if out.error is None:

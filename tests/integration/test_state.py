@@ -48,10 +48,11 @@ async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     req = GenerateRequest(request_id="r1", reply_to="x", prompt_token_ids=[1, 2])
     await s.put_inflight(req, "w1")
     assert await s.record_progress("w1", {"r1": Sent(0, 0, [7, 8], 1), "unknown": Sent(0, 0, [9], 0)}, {}) == set()
-    await s.record_progress("w1", {"r1": Sent(0, 1, [10], 2)}, {})
-    await s.record_progress("w1", {"r1": Sent(0, 1, [10], 2)}, {})  # retried, its reply lost: not twice
+    await s.record_progress("w1", {"r1": Sent(0, 1, [10], 2, "ab")}, {})
+    await s.record_progress("w1", {"r1": Sent(0, 1, [10], 2, "ab")}, {})  # retried, its reply lost: not twice
     rec = await s.get_inflight("r1")
     assert (rec.worker, rec.request, rec.next_seq, rec.tokens, rec.text_pending) == ("w1", req, 2, [7, 8, 10], 2)
+    assert rec.text_held == "ab"  # held back (it could begin a stop string): a resume sends it first
     # a write that failed is written before the next step's, in order (here seq 1 was in fact
     # written before its reply was lost: not twice)
     await s.record_progress(
