@@ -76,6 +76,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return "logprobs", f"logprobs must be in [0, 20], got {self.logprobs}"
         if any(not s for s in self.stop):
             return "stop", "stop strings must not be empty"
+        # The text that could begin one is held back and goes into the in-flight record each step.
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            return "stop", f"a stop string holds at most {MAX_STOP_CHARS} characters"
         # Each is looked for after every token: tens of thousands held a worker for seconds a request.
         if len(self.stop) > MAX_STOPS or len(self.stop_token_ids) > MAX_STOPS:
             field = "stop" if len(self.stop) > MAX_STOPS else "stop_token_ids"
@@ -89,6 +92,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
 
 # Stop strings (and stop token ids) a request may give: OpenAI takes 4, vLLM any number.
 MAX_STOPS = 256
+MAX_STOP_CHARS = 1024  # one stop string's length (OpenAI and vLLM set none; 1 KB is far past any use)
 
 
 class FinishReason(enum.StrEnum):

@@ -351,7 +351,9 @@ class StateStore:
             tokens=tokens,
             recoveries=int(raw.get(b"recoveries", 0)),
             text_pending=int(raw.get(b"held", 0)),
-            text_held=_text(raw.get(b"held_text", b"")),
+            # as of the chunk it was written with: a later one appended by an earlier version's
+            # script (no held_text) leaves it stale
+            text_held=_text(raw.get(b"held_text", b"")) if raw.get(b"held_next") == raw.get(b"next") else "",
             deaths=int(raw.get(b"deaths", 0)),
             incarnation=_text(raw.get(b"incarnation", b"")),
         )

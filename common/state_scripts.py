@@ -87,7 +87,8 @@ end
 # KEYS: in-flight hashes. ARGV: worker, index key prefix, ttl ms, then per key its request id, its
 # attempt (recoveries), the chunk's sequence number, the step's token ids as "1,2,3," or "-" when it
 # finished (the record goes), how many of the tokens so far have had their text held back, and the
-# text they made that was held back unsent (while it could begin a stop string). A
+# text they made that was held back unsent (while it could begin a stop string), stamped with the
+# next it goes with (a record an earlier worker's script appended to since keeps a stale one). A
 # chunk below the record's next is not appended again: a write retried after its reply was lost. A
 # missing record is left alone and its copy not fenced: it was sent straight to the worker, or Redis
 # lost its data (a running request goes on; only a worker that stalled asks more strictly, with
@@ -107,7 +108,7 @@ for i, key in ipairs(KEYS) do
     if seq >= tonumber(redis.call('HGET', key, 'next') or 0) then
       local old = redis.call('HGET', key, 'tokens') or ''
       redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[6 * i + 2], 'held_text', ARGV[6 * i + 3],
-        'next', seq + 1)
+        'held_next', seq + 1, 'next', seq + 1)
     end
     redis.call('PEXPIRE', key, ARGV[3])
   end

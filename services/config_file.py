@@ -22,12 +22,13 @@ SERVICES: dict[str, type[msgspec.Struct]] = {
 }
 
 
-def check_config(toml_path: str | None, env: Mapping[str, str] | None = None) -> None:
+def check_config(toml_path: str | None, env: Mapping[str, str] | None = None, every_service: bool = False) -> None:
     """SettingsError for a key or table in the settings file (``toml_path``, else ``$DLORA_CONFIG``)
-    that no service reads, or a value any service refuses (a misspelt ``[worker.engine]`` key
-    stopped only the worker, after the rest had started); nothing to check without a file."""
+    that no service reads; with ``every_service`` (``dlora up``, which starts them all with one
+    environment), also for a value any service refuses (a misspelt ``[worker.engine]`` key stopped
+    only the worker, after the rest had started). Nothing to check without a file."""
     if (path := config_path(toml_path, env)) is None:
         return
     check_file(path, SERVICES)
-    for name, cls in SERVICES.items():  # the model may come later (dlora up's command line)
+    for name, cls in SERVICES.items() if every_service else ():  # the model may come later (the command line)
         load(cls, name, path, env, overrides={"model": "-"} if "model" in cls.__struct_fields__ else None)

@@ -153,7 +153,7 @@ class LocalStack:
     ) -> None:
         self.workers, self.model, self.lora, self.config = workers, model, lora, config
         self.nats_port = nats_port  # for the nats-server it starts; None: any free port
-        check_config(config)  # what no service reads (a misspelt key or table) stops it here
+        check_config(config, every_service=True)  # what no service reads or takes stops it here
         self.model = model or configured_model(config)  # None: the demo model
         self.base = load(GatewaySettings, "gateway", config, overrides={"model": self.model or "x", "port": port})
         self.worker_env = worker_env or {}

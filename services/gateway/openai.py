@@ -154,7 +154,7 @@ def model_named(raw: bytes) -> str:
     read): what its refusal is counted under."""
     try:
         return msgspec.json.decode(raw, type=_Named).model
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):  # decode_body says why
         return ""
 
 

@@ -93,10 +93,11 @@ class WorkerAdapters:
             del self.used[gone]
         over = len(self.engine.adapters) - self.engine.config.max_cpu_loras
         order = [k for k in self.engine.adapters if k not in self.used] + list(self.used)  # unknown ones first
+        busy = {s.adapter for s in self.engine.seqs.values()} | {keep, self.engine.merger.merged}
         for key in order:
             if over <= 0:
                 break
-            if key != keep and key != self.engine.merger.merged and not self.engine.in_use(key):
+            if key not in busy:
                 self.engine.unregister_adapter(key)
                 self.used.pop(key, None)
                 over -= 1

@@ -248,6 +248,8 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
         # Valid and under the limit, but sent in many pieces: read whole, then judged on its content.
         ({**ok, "prompt": list(range(5, 105)) * 1500}, 400, "maximum context length"),
         (b'{"model": "model", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        # deep in an unknown field, which the model's name is read past (for the metrics' label)
+        (b'{"model": "model", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", 400, "unknown field"),
         ({**ok, "prompt": "kalo", "extra": None}, 400, "unknown field"),
     ]
     for body, status, fragment in cases:

@@ -53,6 +53,10 @@ async def test_inflight_progress_and_recovery_index(redis: Redis) -> None:
     rec = await s.get_inflight("r1")
     assert (rec.worker, rec.request, rec.next_seq, rec.tokens, rec.text_pending) == ("w1", req, 2, [7, 8, 10], 2)
     assert rec.text_held == "ab"  # held back (it could begin a stop string): a resume sends it first
+    # A chunk appended since by an earlier version's script (no held text): the held text is stale.
+    await redis.hset("dlora:inflight:r1", mapping={"next": 3})
+    assert (await s.get_inflight("r1")).text_held == ""
+    await redis.hset("dlora:inflight:r1", mapping={"next": 2})
     # a write that failed is written before the next step's, in order (here seq 1 was in fact
     # written before its reply was lost: not twice)
     await s.record_progress(

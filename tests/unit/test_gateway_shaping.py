@@ -209,6 +209,7 @@ def test_sampling_params_map_and_refuse_unsupported() -> None:
         ({"repetition_penalty": 0}, False, "repetition_penalty"),
         ({"stop": ""}, False, "stop"),
         ({"stop": ["a", ""]}, True, "stop"),
+        ({"stop": ["x" * 1025]}, False, "stop"),  # its text is held back and recorded every step
         ({"stop_token_ids": [-1]}, False, "stop_token_ids"),
         ({"top_k": -2}, False, "top_k"),
         ({"temperature": 2.5}, True, "temperature"),

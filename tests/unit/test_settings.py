@@ -227,6 +227,6 @@ def test_a_key_or_table_no_service_reads_is_refused(tmp_path: Path) -> None:
         path = tmp_path / "dlora.toml"
         path.write_text(text)
         with pytest.raises(SettingsError, match=fragment):
-            check_config(str(path))
+            check_config(str(path), every_service=True)  # dlora up's; dlora serve checks its own
     path.write_text("heartbeat_ttl_s = 30\nmodel = '/m'\n[gateway]\nport = 8001\n")
     check_config(None, env={"DLORA_CONFIG": str(path)})
