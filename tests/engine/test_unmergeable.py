@@ -39,7 +39,7 @@ def test_the_delta_ratio_is_the_largest_row_s_change_over_the_row(tiny_llama: Ti
     engine = make_engine(tiny_llama)
     adapter = engine.adapters["lora-1"]
     ratios = [
-        float(((w.scale * w.b.double() @ w.a.double()).norm(dim=1) / rows.double().norm(dim=1)).max())
+        float(((w.scale * w.b.double() @ w.a.double()).norm(dim=1) / rows.cpu().double().norm(dim=1)).max())
         for w, rows in zip(adapter.weights.values(), engine.merger.touched(adapter))
     ]
     assert engine.merger.delta_ratio(adapter) == pytest.approx(max(ratios), rel=1e-6)
@@ -55,7 +55,7 @@ def test_a_change_in_one_row_is_not_averaged_away(tiny_llama: TinyOutput, tmp_pa
     weights = load_file(src / "adapter_model.safetensors")
     lora = engine.adapters["lora-0"]
     (layer, target), w = next(iter(lora.weights.items()))
-    row = engine.merger.touched(lora)[0][0].double()
+    row = engine.merger.touched(lora)[0][0].cpu().double()  # the weights may be on a GPU (make gpu-check)
     b_key = next(k for k in weights if k.endswith("lora_B.weight") and f"layers.{layer}." in k and target in k)
     b = torch.zeros_like(weights[b_key])
     b[0] = 1.0
@@ -63,7 +63,7 @@ def test_a_change_in_one_row_is_not_averaged_away(tiny_llama: TinyOutput, tmp_pa
     others = {k: torch.zeros_like(v) if k.endswith("lora_B.weight") else v for k, v in weights.items()}
     save_file({**others, b_key: b}, tmp_path / "row" / "adapter_model.safetensors")
     adapter = engine.register_adapter("row", tmp_path / "row")
-    whole = float((w.scale * b.double() @ w.a.double()).norm() / engine.merger.touched(lora)[0].double().norm())
+    whole = float((w.scale * b.double() @ w.a.double()).norm() / engine.merger.touched(lora)[0].cpu().double().norm())
     assert whole < MAX_MERGE_DELTA < engine.merger.delta_ratio(adapter) and "row" in engine.merger.unmergeable
 
 
