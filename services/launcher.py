@@ -9,6 +9,7 @@ the URL and a curl line, and stops everything on Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -59,15 +60,20 @@ def _demo() -> tuple[Path, dict[str, str]]:
 
 
 def configured_model(config: str | None) -> str | None:
-    """The base model the settings (file and environment) name for the gateway, else for the
-    workers; None where they name none. ``dlora up`` passes one model to every service, so without
-    this a ``model`` in the file was overridden by the demo model, without a word."""
+    """The base model the settings (file and environment) name for the gateway and the workers;
+    None where they name none. ``dlora up`` passes one model to every service, so without this a
+    ``model`` in the file was overridden by the demo model, without a word. SettingsError where
+    the two name different ones."""
+    named = set()
     for cls, service in ((GatewaySettings, "gateway"), (WorkerSettings, "worker")):
-        try:
-            return load(cls, service, config).model  # type: ignore[attr-defined]
-        except SettingsError:  # none named (or a bad value, which the full load reports)
-            continue
-    return None
+        with contextlib.suppress(SettingsError):  # none named (a bad value: the full load says)
+            named.add(load(cls, service, config).model)  # type: ignore[attr-defined]
+    if len(named) > 1:
+        raise SettingsError(
+            f"the gateway and the workers name different models ({', '.join(sorted(named))}); dlora up serves one: "
+            "name it once, or give --model"
+        )
+    return next(iter(named), None)
 
 
 async def _register(s: GatewaySettings, model: Path, loras: dict[str, str], roots: list[str], base_name: str) -> None:

@@ -227,6 +227,9 @@ def test_what_dlora_up_does_when_a_service_exits() -> None:
 def test_dlora_up_serves_the_model_its_settings_file_names(tmp_path: Path) -> None:
     """A ``model`` in the file was overridden by the demo model (dlora up passes one model to
     every service), and the banner said only "model model"."""
+    import pytest
+
+    from dlora.common.settings import SettingsError
     from dlora.services.launcher import LocalStack
 
     config = tmp_path / "dlora.toml"
@@ -240,3 +243,6 @@ def test_dlora_up_serves_the_model_its_settings_file_names(tmp_path: Path) -> No
     assert LocalStack(1, "/other", [], free_port(), str(config)).model == "/other"  # the command line wins
     config.write_text("")
     assert LocalStack(1, None, [], free_port(), str(config)).model is None  # the demo model
+    config.write_text('[gateway]\nmodel = "/models/a"\n[worker]\nmodel = "/models/b"\n')
+    with pytest.raises(SettingsError, match="different models"):  # one model for every service
+        LocalStack(1, None, [], free_port(), str(config))
