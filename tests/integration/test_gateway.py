@@ -174,27 +174,6 @@ async def test_served_model_name_names_the_base_model(stack: Stack) -> None:
         stack.gateway.base_name = "model"
 
 
-async def test_register_use_unregister(stack: Stack) -> None:
-    new = stack.tiny.adapters_dir / "fresh"
-    shutil.copytree(stack.tiny.adapters["lora-3"], new, dirs_exist_ok=True)
-    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    status, entry = await post(stack, "/v1/adapters", {"name": "fresh", "path": str(new)}, auth)
-    assert status == 201 and entry["name"] == "fresh" and entry["rank"] > 0
-    status, _ = await post(stack, "/v1/adapters", {"name": "fresh", "path": str(new)}, auth)
-    assert status == 409
-    body = {"model": "fresh", "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0}
-    status, resp = await post(stack, "/v1/completions", body)
-    _, same = await post(stack, "/v1/completions", {**body, "model": "lora-3"})
-    assert status == 200 and resp["choices"][0]["text"] == same["choices"][0]["text"]
-    async with aiohttp.ClientSession() as http:
-        async with http.delete(stack.url + "/v1/adapters/fresh", headers=auth) as r:
-            assert r.status == 200
-        async with http.delete(stack.url + "/v1/adapters/fresh", headers=auth) as r:
-            assert r.status == 404
-    status, err = await post(stack, "/v1/completions", body)
-    assert status == 404 and "fresh" in err["error"]["message"]
-
-
 def _narrow_q(path: Path) -> None:
     """Cut one column off every q_proj lora_A: the shapes no longer fit the base."""
     from safetensors.torch import load_file, save_file
@@ -298,62 +277,6 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
 
     status, resp = await in_flight
     assert status == 200 and resp["usage"]["completion_tokens"] == 40
-
-
-async def test_concurrent_registrations_of_one_name_give_one_201_and_one_409(stack: Stack) -> None:
-    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    paths = [str(stack.tiny.adapters["lora-0"]), str(stack.tiny.adapters["lora-1"])]
-    for attempt in range(6):
-        name = f"race-{attempt}"
-        results = await asyncio.gather(*(post(stack, "/v1/adapters", {"name": name, "path": p}, auth) for p in paths))
-        assert sorted(status for status, _ in results) == [201, 409], results
-        winner = next(resp for status, resp in results if status == 201)
-        entry = await stack.store.get_adapter(name)
-        assert entry.path == winner["path"] and entry.version == winner["version"] != ""
-
-
-async def test_a_replaced_adapter_serves_each_request_on_its_own_version(stack: Stack) -> None:
-    """Register NAME -> A, start long requests, delete NAME and register it -> B: the running ones
-    finish on A, new ones run on B, and A is unloaded everywhere once its last request ends."""
-    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    dirs = {}
-    for v, src in (("a", "lora-0"), ("b", "lora-1")):
-        dirs[v] = stack.tiny.adapters_dir / f"versioned-{v}"
-        shutil.rmtree(dirs[v], ignore_errors=True)
-        shutil.copytree(stack.tiny.adapters[src], dirs[v])
-    status, a = await post(stack, "/v1/adapters", {"name": "versioned", "path": str(dirs["a"])}, auth)
-    assert status == 201
-    long = {"model": "versioned", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
-    running = [asyncio.create_task(post(stack, "/v1/completions", {**long, "prompt": p})) for p in PROMPTS]
-    while not any(key.startswith("versioned@") for w in stack.workers for key in w.engine.adapters):
-        await asyncio.sleep(0.01)
-    async with aiohttp.ClientSession() as http:
-        async with http.delete(stack.url + "/v1/adapters/versioned", headers=auth) as r:
-            assert r.status == 200
-    status, b = await post(stack, "/v1/adapters", {"name": "versioned", "path": str(dirs["b"])}, auth)
-    assert status == 201 and b["version"] != a["version"]
-    assert any(w.engine.in_use(f"versioned@{a['version']}") for w in stack.workers)  # still running on A
-    short = {"model": "versioned", "max_tokens": 8, "temperature": 0, "prompt": PROMPTS[0]}
-    status, new = await post(stack, "/v1/completions", short)
-    old = await asyncio.gather(*running)
-    expected = offline(
-        stack.tiny,
-        [
-            {"id": str(i), "adapter": src, "prompt": p, "max_tokens": n, "ignore_eos": True}
-            for i, (src, p, n) in enumerate([("lora-0", q, 150) for q in PROMPTS] + [("lora-1", PROMPTS[0], 8)])
-        ],
-    )
-    assert [r["choices"][0]["text"] for _, r in old] == [e["text"] for e in expected[:3]]
-    assert status == 200 and new["choices"][0]["text"] == expected[3]["text"]
-    models = (await get(stack, "/v1/models"))["data"]
-    assert [m.get("version") for m in models if m["id"] == "versioned"] == [b["version"]]
-    for _ in range(100):  # A goes once its requests ended; B may stay loaded
-        if all(not k.startswith(f"versioned@{a['version']}") for w in stack.workers for k in w.engine.adapters):
-            break
-        await asyncio.sleep(0.05)
-    for w in stack.workers:
-        assert f"versioned@{a['version']}" not in w.engine.adapters
-        assert w.engine.merger.merged != f"versioned@{a['version']}"
 
 
 async def test_one_request_cannot_take_down_a_worker(stack: Stack) -> None:

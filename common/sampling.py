@@ -1,0 +1,92 @@
+"""What one request asks of its sampling and stopping (OpenAI / vLLM meanings), and the limits on
+it: part of the wire contract, re-exported by ``common.messages``."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """How one request's tokens are chosen and when it stops (OpenAI / vLLM meanings). A field at
+    its default is not sent: a worker of an earlier version, which refuses fields it does not know,
+    still takes every request that leaves a newer field alone."""
+
+    # Maximum new tokens to generate (counting tokens already produced before a resume).
+    max_tokens: int = 16
+    # 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+    temperature: float = 0.0
+    # Keep the smallest set of tokens whose probability sums to at least top_p (1.0 = all; 0 = the
+    # most likely one, i.e. greedy).
+    top_p: float = 1.0
+    # Keep only the k most likely tokens (0 or -1 = all).
+    top_k: int = 0
+    # Seed for this request's own random generator; None draws from the engine's.
+    seed: int | None = None
+    # Generation stops when one of these strings appears; it is cut from the output text (unless
+    # include_stop_str_in_output).
+    stop: list[str] = []
+    # Generation stops after one of these token ids (it stays in the output tokens).
+    stop_token_ids: list[int] = []
+    # Keep what ended the request in its text: the stop string, or the stop token's or EOS's text
+    # (vLLM's extension; by default neither is in the text, as in vLLM).
+    include_stop_str_in_output: bool = False
+    # Keep generating past the model's end-of-sequence token (for benchmarks of exact lengths).
+    ignore_eos: bool = False
+    # Drop special tokens (BOS/EOS) from the output text.
+    skip_special_tokens: bool = True
+    # OpenAI's penalties on the tokens generated so far: each logit minus frequency_penalty x the
+    # token's count and presence_penalty if it occurred at all ([-2, 2]; 0 = off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # CTRL's / transformers' repetition penalty over prompt and output tokens: a seen token's logit
+    # is divided by it when positive, multiplied when negative (1 = off; vLLM's meaning).
+    repetition_penalty: float = 1.0
+    # Report each new token's log-probability and this many most likely alternatives (None: none;
+    # 0: the chosen token's only). From the model's own distribution (log-softmax of its logits,
+    # before penalties and temperature), as vLLM reports them by default.
+    logprobs: int | None = None
+    # Constrain the output to documents of this JSON Schema (JSON text), OpenAI's response_format;
+    # the request stops when the document is complete. None: free text.
+    json_schema: str | None = None
+
+    def problem(self) -> str | None:
+        """A human-readable reason these parameters are invalid, or None if they are fine."""
+        bad = self.invalid()
+        return None if bad is None else bad[1]
+
+    def invalid(self) -> tuple[str, str] | None:
+        """(field, reason) for the first invalid parameter, or None if they are fine."""
+        if self.max_tokens < 1:
+            return "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"
+        if not 0.0 <= self.temperature <= 100.0:
+            return "temperature", f"temperature must be in [0, 100], got {self.temperature}"
+        if not 0.0 <= self.top_p <= 1.0:
+            return "top_p", f"top_p must be in [0, 1], got {self.top_p}"
+        if self.top_k < -1:
+            return "top_k", f"top_k must be -1, 0 or positive, got {self.top_k}"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                return name, f"{name} must be in [-2, 2], got {getattr(self, name)}"
+        if not 0.01 <= self.repetition_penalty <= 100.0:  # below, a positive logit overflows float32
+            return "repetition_penalty", f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            return "logprobs", f"logprobs must be in [0, 20], got {self.logprobs}"
+        if any(not s for s in self.stop):
+            return "stop", "stop strings must not be empty"
+        # The text that could begin one is held back and goes into the in-flight record each step.
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            return "stop", f"a stop string holds at most {MAX_STOP_CHARS} characters"
+        # Each is looked for after every token: tens of thousands held a worker for seconds a request.
+        if len(self.stop) > MAX_STOPS or len(self.stop_token_ids) > MAX_STOPS:
+            field = "stop" if len(self.stop) > MAX_STOPS else "stop_token_ids"
+            return field, f"{field} holds {len(getattr(self, field))} entries; at most {MAX_STOPS}"
+        if any(t < 0 for t in self.stop_token_ids):
+            return "stop_token_ids", "stop_token_ids must be non-negative"
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # as vLLM: a 64-bit integer
+            return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
+        return None
+
+
+# Stop strings (and stop token ids) a request may give: OpenAI takes 4, vLLM any number.
+MAX_STOPS = 256
+MAX_STOP_CHARS = 1024  # one stop string's length (OpenAI and vLLM set none; 1 KB is far past any use)
