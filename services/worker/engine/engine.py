@@ -457,8 +457,7 @@ class LLMEngine:
         start = self.clock()
         self.merger.unmerge()
         self._synchronize()
-        seconds = self.clock() - start
-        self.stats.record_unmerge(seconds)
+        self.stats.record_unmerge(seconds := self.clock() - start)
         return seconds
 
     def _synchronize(self) -> None:  # a switch's copies run asynchronously on a GPU: its time is until they end
