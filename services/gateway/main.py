@@ -125,11 +125,16 @@ class Gateway:
             who = await self.auth.inference(request)
             with self.auth.admitted(who):
                 raw = await self._read_body(request)
-                name = openai.model_named(raw)  # counted under it, also when the rest is refused
+                try:
+                    body, refused = openai.decode_body(raw, ChatBody if chat else CompletionBody), None
+                except APIError as e:  # still counted under the model it names, read past the rest
+                    body, refused = None, e
+                name = body.model if body is not None else openai.model_named(raw)
                 entry = await self._entry(name, who) if name else None
                 if entry is not None or name == self.base_name:  # a name never served stays "?"
                     adapter_label = name
-                body = openai.decode_body(raw, ChatBody if chat else CompletionBody)
+                if body is None:
+                    raise cast(APIError, refused)
                 job = await self._job(body, entry, who)
                 return await self._relay(request, job)
         except APIError as e:
