@@ -143,6 +143,9 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     text: str = ""
     # Set on the last chunk; None before.
     finish_reason: FinishReason | None = None
+    # With finish_reason "stop": the stop string or stop token id that ended it; None for EOS or a
+    # complete structured document (vLLM's stop_reason).
+    stop_reason: str | int | None = None
     usage: Usage | None = None
     # Set on a failed request's only chunk: a reason for the caller.
     error: str | None = None

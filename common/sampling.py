@@ -27,6 +27,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     stop: list[str] = []
     # Generation stops after one of these token ids (it stays in the output tokens).
     stop_token_ids: list[int] = []
+    # Stop strings, stop tokens and EOS are not honoured before this many tokens: the stop tokens
+    # and EOS are masked from sampling until then (vLLM's extension; 0 = off, at most max_tokens).
+    min_tokens: int = 0
     # Keep what ended the request in its text: the stop string, or the stop token's or EOS's text
     # (vLLM's extension; by default neither is in the text, as in vLLM).
     include_stop_str_in_output: bool = False
@@ -45,6 +48,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # 0: the chosen token's only). From the model's own distribution (log-softmax of its logits,
     # before penalties and temperature), as vLLM reports them by default.
     logprobs: int | None = None
+    # Added to the logits of these token ids before sampling, as OpenAI's logit_bias ([-100, 100]
+    # each; -100 in effect bans a token, 100 all but forces it). Log-probabilities are reported
+    # from the logits before it, as penalties and temperature.
+    logit_bias: dict[int, float] = {}
     # Constrain the output to documents of this JSON Schema (JSON text), OpenAI's response_format;
     # the request stops when the document is complete. None: free text.
     json_schema: str | None = None
@@ -58,6 +65,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         """(field, reason) for the first invalid parameter, or None if they are fine."""
         if self.max_tokens < 1:
             return "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            return "min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
         if not 0.0 <= self.temperature <= 100.0:
             return "temperature", f"temperature must be in [0, 100], got {self.temperature}"
         if not 0.0 <= self.top_p <= 1.0:
@@ -80,6 +89,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         if len(self.stop) > MAX_STOPS or len(self.stop_token_ids) > MAX_STOPS:
             field = "stop" if len(self.stop) > MAX_STOPS else "stop_token_ids"
             return field, f"{field} holds {len(getattr(self, field))} entries; at most {MAX_STOPS}"
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            return "logit_bias", f"logit_bias holds {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}"
+        if any(t < 0 for t in self.logit_bias):
+            return "logit_bias", "logit_bias keys must be non-negative token ids"
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):  # NaN fails too
+            return "logit_bias", "logit_bias values must be in [-100, 100]"
         if any(t < 0 for t in self.stop_token_ids):
             return "stop_token_ids", "stop_token_ids must be non-negative"
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # as vLLM: a 64-bit integer
@@ -89,4 +104,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
 
 # Stop strings (and stop token ids) a request may give: OpenAI takes 4, vLLM any number.
 MAX_STOPS = 256
+# logit_bias entries a request may give (OpenAI sets 300 in its docs' examples and no hard limit;
+# each is an element written into the logits every step).
+MAX_LOGIT_BIAS = 1024
 MAX_STOP_CHARS = 1024  # one stop string's length (OpenAI and vLLM set none; 1 KB is far past any use)

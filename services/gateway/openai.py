@@ -73,13 +73,14 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user: str | None = None
     presence_penalty: float | None = None  # [-2, 2], default 0
     frequency_penalty: float | None = None  # [-2, 2], default 0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> [-100, 100]
     # vLLM extensions
     top_k: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    min_tokens: int | None = None  # [0, max_tokens], default 0
     repetition_penalty: float | None = None  # (0, 100], default 1
 
 
@@ -195,6 +196,7 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or token id that ended it
 
 
 class TextOffset:
@@ -286,6 +288,7 @@ class Shape:
         out = []
         for c in sorted(choices, key=lambda c: c.index):
             choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            choice["stop_reason"] = c.stop_reason
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -300,8 +303,10 @@ class Shape:
         first: bool = False,
         index: int = 0,
         logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice["stop_reason"] = stop_reason
         if self.chat:
             choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -304,7 +305,7 @@ def _check_ranges(body: Body) -> None:
 def _unsupported(body: Body) -> list[tuple[str, bool]]:
     """(what, set to something dlora cannot honour) for every field of the spec it does not serve;
     ``what`` begins with the field's name."""
-    out = [("logit_bias", bool(body.logit_bias))]
+    out: list[tuple[str, bool]] = []
     if isinstance(body, CompletionBody):
         out += [
             ("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
@@ -360,6 +361,20 @@ def json_schema(response_format: Any) -> str | None:
     return text
 
 
+_TOKEN_ID = re.compile(r"-?[0-9]+")
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias, its keys (token ids written as JSON strings) as integers.
+
+    Raises:
+        APIError(400): a key that is not an integer.
+    """
+    if bad := [k for k in raw or {} if not _TOKEN_ID.fullmatch(k)]:
+        raise APIError(400, f"logit_bias keys must be token ids (integers), got {bad[0]!r}", param="logit_bias")
+    return {int(k): v for k, v in (raw or {}).items()}
+
+
 def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
     """The engine's parameters for a request body (null fields at their defaults).
 
@@ -382,6 +397,8 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
         ignore_eos=bool(body.ignore_eos),
         skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens,
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        min_tokens=body.min_tokens or 0,
+        logit_bias=_logit_bias(body.logit_bias),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,

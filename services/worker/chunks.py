@@ -43,6 +43,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         token_ids=out.new_token_ids,
         text=out.new_text,
         finish_reason=out.finish_reason,
+        stop_reason=out.stop_reason,
         usage=Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens)
         if out.finished
         else None,

@@ -35,7 +35,11 @@ def worker_stats(
             request_id=q.request_id,
             adapter=q.adapter and name_of(q.adapter),
             context_tokens=seq.total_len,
-            remaining_tokens=lengths.expected_remaining(len(seq.output_ids), seq.params.max_tokens),
+            # no fewer than min_tokens asks for
+            remaining_tokens=max(
+                lengths.expected_remaining(len(seq.output_ids), seq.params.max_tokens),
+                seq.params.min_tokens - len(seq.output_ids),
+            ),
             total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
             running=q.running,
         )

@@ -82,3 +82,30 @@ def test_logprobs_are_the_oracles_log_softmax(tiny_llama: TinyOutput, oracle: Or
         top = torch.topk(expected, 3)
         assert [t for t, _ in e.top] == top.indices.tolist()
         assert [lp for _, lp in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("adapter,policy", [("lora-1", "unmerged-only"), ("lora-1", "merged-only"), (None, "dlora")])
+def test_logit_bias_and_min_tokens_equal_transformers(tiny_llama: TinyOutput, oracle: Oracle, adapter, policy) -> None:
+    plain = oracle.generate(adapter, PROMPT, N, min_new_tokens=N)
+    first = oracle.last_logits(adapter, PROMPT)
+    banned, favoured = plain[0], int(first.argsort(descending=True)[2])  # the third most likely comes first
+    bias = {favoured: float(first[banned] - first[favoured]) + 0.5, banned: -100.0}
+    expected = oracle.generate(adapter, PROMPT, N, min_new_tokens=N, sequence_bias={(t,): b for t, b in bias.items()})
+    assert expected[0] == favoured and expected != plain  # the bias matters here
+    assert engine_tokens(tiny_llama, adapter, policy, logit_bias=bias) == expected
+    # A stop token the model emits second: only after min_tokens with it (HF: min_new_tokens, the
+    # stop token as one more end-of-sequence id).
+    stop = plain[1]
+    engine = make_engine(tiny_llama, policy=policy)
+    for rid, least in (("early", 0), ("late", 5)):
+        params = SamplingParams(max_tokens=N, min_tokens=least, stop_token_ids=[stop])
+        engine.add_request(rid, prompt_token_ids=PROMPT, params=params, adapter=adapter)
+    got: dict[str, list[int]] = {"early": [], "late": []}
+    reasons = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.new_token_ids
+            reasons[o.request_id] = o.stop_reason
+    assert got["early"] == plain[:2] and reasons["early"] == stop
+    late = oracle.generate(adapter, PROMPT, N, min_new_tokens=5, eos_token_id=[2, stop])
+    assert got["late"] == late and len(late) > 5 and stop not in late[:5]

@@ -57,3 +57,15 @@ def test_a_long_queue_is_counted_past_what_one_message_lists(tiny_llama: TinyOut
     assert st.requests[-1].request_id == f"r{MAX_LISTED - 1:05d}"  # the first to arrive are listed
     assert st.unlisted_remaining_tokens == 40 * 9 and len(msgspec.json.encode(st)) < 512 * 1024
     assert WorkerLoad.of(st).queued_tokens == sum(r.remaining_tokens for r in st.requests) + 40 * 9
+
+
+def test_remaining_tokens_count_at_least_what_min_tokens_asks(tiny_llama: TinyOutput) -> None:
+    lengths = OutputLengths()
+    for _ in range(lengths.min_samples):
+        lengths.observe(2, cut_off=False)  # requests here end after two tokens
+    engine = make_engine(tiny_llama)
+    engine.add_request("short", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=20))
+    engine.add_request("long", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=20, min_tokens=12))
+    engine.step()
+    remaining = {r.request_id: r.remaining_tokens for r in worker_stats("w0", engine, lengths, 1.0, 8).requests}
+    assert remaining == {"short": 1, "long": 11}

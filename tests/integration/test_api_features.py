@@ -249,3 +249,29 @@ async def test_an_abort_that_overtakes_its_request_still_stops_it(stack: Stack) 
     await stack.nc.flush()
     await asyncio.sleep(0.3)
     assert "overtaken" not in worker.engine.seqs and "overtaken" not in worker.streams
+
+
+async def test_logit_bias_min_tokens_and_stop_reason(stack: Stack) -> None:
+    """OpenAI's logit_bias and vLLM's min_tokens and stop_reason, equal to offline generation."""
+    base = {"model": "lora-2", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0}
+    status, plain = await post(stack, "/v1/completions", base)
+    assert status == 200 and plain["choices"][0]["stop_reason"] is None, plain
+    line = {"id": "0", "adapter": "lora-2", "prompt": PROMPTS[1], "max_tokens": 8}
+    [unbiased] = offline(stack.tiny, [line])
+    bias = {str(unbiased["token_ids"][0]): -100}  # the greedy first token, banned
+    status, biased = await post(stack, "/v1/completions", {**base, "logit_bias": bias, "min_tokens": 8})
+    assert status == 200, biased
+    [expected] = offline(stack.tiny, [{**line, "logit_bias": bias}])
+    assert biased["choices"][0]["text"] == expected["text"] != plain["choices"][0]["text"] == unbiased["text"]
+    # what ended it, named: the stop string, in the body and in the stream's last event
+    stop = plain["choices"][0]["text"][2:4]
+    status, stopped = await post(stack, "/v1/completions", {**base, "stop": [stop, "\u00a7"]})
+    assert stopped["choices"][0]["stop_reason"] == stop and stopped["choices"][0]["finish_reason"] == "stop"
+    chat = {"model": "lora-2", "max_tokens": 3, "messages": [{"role": "user", "content": "a"}], "stop_token_ids": [2]}
+    events = await stream(stack, "/v1/chat/completions", chat)
+    assert all("stop_reason" in e["choices"][0] for e in events[:-1] if e.get("choices"))
+    # refused by name: a token id past the vocabulary, min_tokens above max_tokens
+    status, resp = await post(stack, "/v1/completions", {**base, "logit_bias": {"1000000": 5}})
+    assert status == 400 and "logit_bias" in resp["error"]["message"], resp
+    status, resp = await post(stack, "/v1/completions", {**base, "min_tokens": 9})
+    assert (status, resp["error"]["param"]) == (400, "min_tokens"), resp

@@ -62,6 +62,12 @@ def test_seeded_rows_repeat_whatever_the_batch() -> None:
         (SamplingParams(top_k=-2), "top_k"),
         (SamplingParams(stop=[""]), "stop"),
         (SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+        (SamplingParams(min_tokens=17), "min_tokens"),
+        (SamplingParams(min_tokens=-1), "min_tokens"),
+        (SamplingParams(logit_bias={3: 100.5}), "logit_bias"),
+        (SamplingParams(logit_bias={3: float("nan")}), "logit_bias"),
+        (SamplingParams(logit_bias={-1: 1.0}), "logit_bias"),
+        (SamplingParams(logit_bias=dict.fromkeys(range(1025), 1.0)), "logit_bias"),
     ],
 )
 def test_bad_parameters_are_named(params: SamplingParams, fragment: str) -> None:
@@ -153,6 +159,28 @@ def test_frequency_and_presence_penalties_follow_openai() -> None:
     # mu[j] - c[j] * frequency - (c[j] > 0) * presence, over the output tokens only (the prompt's 3 untouched)
     assert got.tolist() == [0.0, 0.0, -3.0, 0.0, -2.0, 0.0]
     assert apply_penalties(logits, SamplingParams(presence_penalty=-1.0), [], output)[4] == 1.0  # negative: favoured
+
+
+def test_logit_bias_and_min_tokens_are_transformers_processors() -> None:
+    from transformers import MinNewTokensLengthLogitsProcessor, SequenceBiasLogitsProcessor
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
+    eos, prompt = {2, 39}, torch.zeros(1, 4, dtype=torch.long)
+    params = [
+        SamplingParams(logit_bias={3: 100.0, 7: -2.5}),
+        SamplingParams(min_tokens=2, stop_token_ids=[11], max_tokens=4),
+        SamplingParams(min_tokens=2, ignore_eos=True, stop_token_ids=[11], logit_bias={11: 3.0}),
+    ]
+    got = sampler.bias(logits, params, [0, 1, 1], eos)
+    expected = SequenceBiasLogitsProcessor({(3,): 100.0, (7,): -2.5})(prompt, logits[:1].clone())
+    assert torch.equal(got[0], expected[0])
+    banned = MinNewTokensLengthLogitsProcessor(4, 6, [2, 39, 11])(torch.zeros(1, 5, dtype=torch.long), logits[1:2])
+    assert torch.equal(got[1], banned[0])  # one of two new tokens made: EOS and the stop tokens are masked
+    assert got[2, 11] == float("-inf") and got[2, 2] == logits[2, 2]  # bias added to -inf; EOS ignored
+    reached = sampler.bias(logits, params, [0, 2, 2], eos)  # min_tokens reached: only the bias is left
+    assert reached[1].equal(logits[1]) and reached[2, 11] == logits[2, 11] + 3.0
+    assert sampler.bias(logits, [SamplingParams()] * 3, [0, 0, 0], eos) is logits  # nothing asked: no copy
+    assert sampler.bias(logits, [SamplingParams(logit_bias={40: 1.0})] * 3, [0] * 3, eos).equal(logits)  # past the row
 
 
 def test_penalties_change_the_greedy_choice() -> None:

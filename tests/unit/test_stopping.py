@@ -25,7 +25,28 @@ def test_stop_tokens_eos_and_documents() -> None:
     assert stop("ab</s>", 2, token=2, skip_special_tokens=False) == (FinishReason.STOP, "ab")
     assert stop("a", 0, token=2, ignore_eos=True)[0] is None
     done = check_stop("{}", 1, 7, SamplingParams(), EOS, 1, 5, 100, document_complete=True)
-    assert done == (FinishReason.STOP, "{}")  # the document's last token is part of it
+    assert done == (FinishReason.STOP, "{}", None)  # the document's last token is part of it
+
+
+def test_stop_reason_names_the_stop_string_or_token_not_eos() -> None:
+    def matched(text: str, old_len: int, token: int = 7, **params) -> str | int | None:
+        return check_stop(text, old_len, token, SamplingParams(**params), EOS, 1, 10, 100).matched
+
+    assert matched("hello wor", 8, stop=["wor", "xyz"]) == "wor"
+    assert matched("ab<x>", 2, token=9, stop_token_ids=[9, 2]) == 9
+    assert matched("ab", 2, token=2, stop_token_ids=[2]) == 2  # a stop token that is also EOS: named
+    assert matched("ab", 2, token=2) is None  # EOS (vLLM: stop_reason None)
+    assert matched("ab", 2, max_tokens=1) is None  # length
+
+
+def test_min_tokens_defers_stop_strings_stop_tokens_and_eos() -> None:
+    # vLLM: before the min_tokens-th output token no stop counts; from it on they all do.
+    assert stop("ab", 1, token=2, n=2, min_tokens=3) == (None, "ab")
+    assert stop("ab<x>", 2, token=9, n=2, stop_token_ids=[9], min_tokens=3) == (None, "ab<x>")
+    assert stop("hello wor", 8, n=2, stop=["wor"], min_tokens=3) == (None, "hello wor")
+    assert stop("hello wor", 8, n=3, stop=["wor"], min_tokens=3) == (FinishReason.STOP, "hello ")
+    assert stop("ab", 1, token=2, n=3, min_tokens=3) == (FinishReason.STOP, "a")
+    assert stop("a", 0, n=3, max_tokens=3, min_tokens=3)[0] is FinishReason.LENGTH
 
 
 def test_include_stop_str_in_output_keeps_what_ended_the_request() -> None:

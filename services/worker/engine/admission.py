@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.outputs import RequestError
 
 
 def check_tokens(
-    ids: list[int], resumed: list[int], vocab: int, max_model_len: int, max_tokens: int, text_pending: int = 0
+    ids: list[int], resumed: list[int], vocab: int, max_model_len: int, params: SamplingParams, text_pending: int = 0
 ) -> None:
     """RequestError (a 4xx for the caller) unless the prompt ``ids`` and the outputs ``resumed``
     from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds,
-    tokens left to generate under ``max_tokens``, and the text not yet sent (``text_pending``
-    tokens) that of resumed tokens (more would send the prompt's text as output)."""
+    tokens left to generate under ``params.max_tokens``, the text not yet sent (``text_pending``
+    tokens) that of resumed tokens (more would send the prompt's text as output), and every
+    ``logit_bias`` id in the vocabulary (vLLM refuses the others alike: they index past the logits)."""
     if not 0 <= text_pending <= len(resumed):
         raise RequestError(f"resume_text_pending={text_pending} must be in [0, {len(resumed)}] (the resumed tokens)")
     if not ids:
@@ -22,5 +24,8 @@ def check_tokens(
         raise RequestError(
             f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {max_model_len}"
         )
-    if len(resumed) >= max_tokens:
-        raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={max_tokens}")
+    if len(resumed) >= params.max_tokens:
+        raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        outside = sorted(t for t in params.logit_bias if t >= vocab)
+        raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): {outside[:8]}")

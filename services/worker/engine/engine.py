@@ -31,7 +31,7 @@ from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprobs
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
-from dlora.services.worker.engine.sampler import SamplingError, constrain, position_generator, sample
+from dlora.services.worker.engine.sampler import SamplingError, bias, constrain, position_generator, sample
 from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
@@ -211,9 +211,7 @@ class LLMEngine:
             raise RequestError("give exactly one of prompt and prompt_token_ids")
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         resumed = list(resume_token_ids or [])
-        check_tokens(
-            ids, resumed, self.model_config.vocab_size, self.max_model_len, params.max_tokens, resume_text_pending
-        )
+        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, resume_text_pending)
         seq = Sequence(
             request_id=request_id,
             adapter=adapter,
@@ -316,8 +314,9 @@ class LLMEngine:
             position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
             for s in ran
         ]
-        histories = [(s.prompt_ids, s.output_ids) for s in ran]
-        tokens = sample(constrain(logits, [s.matcher for s in ran]), [s.params for s in ran], generators, histories)
+        params, histories = [s.params for s in ran], [(s.prompt_ids, s.output_ids) for s in ran]
+        biased = bias(logits, params, [len(out) for _, out in histories], self.eos_ids)
+        tokens = sample(constrain(biased, [s.matcher for s in ran]), params, generators, histories)
         return ran, logits, tokens, failed
 
     def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:

@@ -2,7 +2,7 @@
 
 Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids", "max_tokens",
 "temperature", ...}`` (any SamplingParams field). Output line, in input order:
-``{"id", "token_ids", "text", "finish_reason"}``, or ``{"id", "error"}`` for a line that could not
+``{"id", "token_ids", "text", "finish_reason", "stop_reason"}``, or ``{"id", "error"}`` for a line that could not
 be served; the other lines are served all the same.
 """
 
@@ -37,7 +37,9 @@ def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None]
         return f"line-{lineno}", f"line {lineno}: expected a JSON object"
     rid = str(obj.get("id", f"line-{lineno}"))
     try:
-        params = msgspec.convert({k: v for k, v in obj.items() if k not in _REQUEST_KEYS}, SamplingParams)
+        fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
+        # Through JSON, not convert: logit_bias's keys are token ids written as JSON's strings.
+        params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
         prompt = obj.get("prompt")
         ids = obj.get("prompt_token_ids")
         if prompt is not None and not isinstance(prompt, str):
@@ -78,6 +80,7 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
             r["text"] += out.new_text
             if out.finished:
                 r["finish_reason"] = out.finish_reason.value if out.finish_reason else None
+                r["stop_reason"] = out.stop_reason
     return [results[rid] for rid in order]
 
 

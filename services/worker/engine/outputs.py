@@ -31,6 +31,7 @@ class RequestOutput:
     error: str | None = None  # why the request failed (finish_reason ERROR)
     error_code: ErrorCode = ErrorCode.INTERNAL  # whose fault: BAD_REQUEST where the request's own
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
 
 
 def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob | Exception]:
@@ -105,4 +106,5 @@ def advance(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int) ->
         finish_reason=reason,
         num_prompt_tokens=len(seq.prompt_ids),
         num_output_tokens=len(seq.output_ids),
+        stop_reason=stop.matched,
     )

@@ -254,3 +254,28 @@ def constrain(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
     at = to_device(rows, torch.int64, logits.device)
     masked.index_copy_(0, at, masked.index_select(0, at).masked_fill_(forbidden, float("-inf")))
     return masked
+
+
+def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int], eos_ids: set[int]) -> torch.Tensor:
+    """``logits`` (B, vocab) with each row's ``logit_bias`` added and, while the row has generated
+    fewer than its ``min_tokens`` (``num_outputs``), its stop tokens and EOS (unless ``ignore_eos``)
+    set to -inf: vLLM's logit-bias and min-tokens processors, applied as vLLM does, before the
+    penalties. The same tensor when no row asks for either, else one sparse add on the device.
+    Token ids past the logits' width are skipped (the engine refuses them in a logit_bias)."""
+    vocab = logits.shape[-1]
+    at: list[int] = []
+    values: list[float] = []
+    for i, (p, n) in enumerate(zip(params, num_outputs)):
+        changes = list(p.logit_bias.items())
+        if n < p.min_tokens:
+            changes += [(t, float("-inf")) for t in set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)]
+        for token, value in changes:
+            if token < vocab:
+                at.append(i * vocab + token)
+                values.append(value)
+    if not at:
+        return logits
+    out = logits.clone(memory_format=torch.contiguous_format)  # viewed flat below
+    index = to_device(at, torch.int64, logits.device)
+    out.view(-1).index_put_((index,), to_device(values, logits.dtype, logits.device), accumulate=True)
+    return out

@@ -1,7 +1,8 @@
 """When a request stops, and how much of its text may be shown yet. Pure.
 
 Order, as vLLM checks it: a stop string in the new text (cut from the text), a stop token or EOS
-(kept in the tokens), a structured document complete, then the length limits.
+(kept in the tokens), a structured document complete, then the length limits. Stop strings and
+tokens count only from the request's ``min_tokens``-th output token on (vLLM's rule).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dlora.common.messages import FinishReason, SamplingParams
 class Stop(NamedTuple):  # a tuple, not a frozen dataclass: made for every token of every request
     reason: FinishReason | None  # None: go on
     text: str  # the output text, less what ended it (a stop string, a stop token's or EOS's text)
+    # vLLM's stop_reason: the stop string or stop token id that ended it; None for EOS and the rest
+    matched: str | int | None = None
 
 
 def check_stop(
@@ -33,10 +36,13 @@ def check_stop(
     ``include_stop_str_in_output`` (vLLM's rule: the ending token is left out of detokenization);
     the last token of a complete structured document is part of it."""
     keep = params.include_stop_str_in_output
-    if params.stop and (found := find_stop(text, params.stop, old_len)) is not None:
-        return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]])
-    if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos):
-        return Stop(FinishReason.STOP, text if keep else text[:old_len])
+    if num_output >= params.min_tokens:
+        if params.stop and (found := find_stop(text, params.stop, old_len)) is not None:
+            return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]], text[found[0] : found[1]])
+        if token in params.stop_token_ids:
+            return Stop(FinishReason.STOP, text if keep else text[:old_len], token)
+        if token in eos_ids and not params.ignore_eos:
+            return Stop(FinishReason.STOP, text if keep else text[:old_len])
     if document_complete:
         return Stop(FinishReason.STOP, text)
     if num_output >= params.max_tokens or total_len >= max_model_len:
