@@ -38,7 +38,7 @@ from dlora.common.messages import (
     WorkerStats,
 )
 from dlora.common.registry import AdapterRegistry, KeyRegistry
-from dlora.common.state import StateStore
+from dlora.common.state import Inflight, StateStore
 from dlora.model.config import ModelConfig
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import dashboard, openai, openapi
@@ -210,7 +210,7 @@ class Gateway:
                 # A choice with a gap in its chunks waits for it only so long (the re-sends)
                 gap = next((c for c in choices if c.replies and c.replies.gap_open), None)
                 timeout_s = GAP_WAIT_S if gap else self.s.chunk_timeout_s
-                chunk = await self._next_chunk(replies, gap or late, timeout_s, redis_id)
+                chunk = await self._next_chunk(replies, gap or late, timeout_s, redis_id, patient=gap is None)
                 if chunk is None:
                     continue
                 if request.transport is None or request.transport.is_closing():
@@ -247,7 +247,12 @@ class Gateway:
                 del self.replies[rid]
 
     async def _next_chunk(
-        self, replies: asyncio.Queue[bytes], late: RunningChoice, timeout_s: float, redis_id: str | None = None
+        self,
+        replies: asyncio.Queue[bytes],
+        late: RunningChoice,
+        timeout_s: float,
+        redis_id: str | None = None,
+        patient: bool = False,
     ) -> TokenChunk | None:
         """The next reply to this request, decoded; after ``timeout_s`` without one, an
         UNAVAILABLE error for ``late`` (a choice not over yet), or sooner once ``late``'s in-flight
@@ -255,10 +260,13 @@ class Gateway:
         heard: nobody holds it (it was dropped or lost on the way), so nothing more will come —
         only while Redis holds the data it was recorded in (``redis_id``, its ``data_epoch``): after
         a restart without persistence a record can be missing only because the data went.
+        ``patient``: the wait starts again at a check that finds the worker its record names live
+        and stepping since the last (the request waits its turn in a busy worker's queue: vLLM
+        has no queue timeout either); a worker that stops stepping, or goes, still times it out.
         None: a reply that does not decode (logged and counted as a reject)."""
         check_s = 2 * self.s.heartbeat_ttl_s
         deadline = time.monotonic() + timeout_s
-        missing = 0
+        missing, last = 0, None  # (the record's worker, its step count) at the last check
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
             # cancellation when get() completes at the same moment (CPython #86296), and the
@@ -270,21 +278,31 @@ class Gateway:
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     return _unanswered(late, "no worker answered in time")
-            missing = missing + 1 if await self._unrecorded(late.request.request_id, redis_id) else 0
+            record = await self._record(late.request.request_id, redis_id)
+            missing = missing + 1 if record is None else 0
             if missing >= 2:
                 return _unanswered(late, "the request was lost on its way to a worker; try again")
+            at = time.monotonic()
+            holder = (
+                self.cluster.progress(record.worker, at, self.s.heartbeat_ttl_s)
+                if isinstance(record, Inflight)
+                else None
+            )
+            if patient and holder and last and holder[0] == last[0] and holder[1] > last[1]:
+                deadline = time.monotonic() + timeout_s
+            last = holder
         try:
             return _decode_chunk.decode(data)
         except msgspec.DecodeError as e:
             bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
             return None
 
-    async def _unrecorded(self, request_id: str, redis_id: str | None) -> bool:
-        """Whether ``request_id`` has no in-flight record in the Redis data ``redis_id`` (False
-        when Redis cannot say, or holds other data now)."""
+    async def _record(self, request_id: str, redis_id: str | None) -> Inflight | None | bool:
+        """``request_id``'s in-flight record in the Redis data ``redis_id``; None: it has none;
+        False: Redis cannot say, or holds other data now."""
         try:
             self._redis_id = await self.store.data_epoch()
-            return self._redis_id == redis_id and await self.store.get_inflight(request_id) is None
+            return await self.store.get_inflight(request_id) if self._redis_id == redis_id else False
         except bus.STATE_OUTAGE:
             return False
 

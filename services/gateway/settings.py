@@ -44,7 +44,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Largest request body accepted, in bytes (413 above it).
     max_body_bytes: int = 1 << 20
     # Seconds without a chunk from the worker (before the first, or between two) after which the
-    # request fails with 503 (or an error event on a stream): a worker that died does not hang it.
+    # request fails with 503 (or an error event on a stream): a worker that died or stopped stepping
+    # does not hang it. It starts again whenever the worker holding the request is seen stepping
+    # (checked every 2 x heartbeat_ttl_s): a request queued behind others waits its turn.
     chunk_timeout_s: float = 60.0
     # Seconds to wait for a dispatcher to take a request before answering 503 (with no dispatcher
     # running the answer is immediate).

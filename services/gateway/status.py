@@ -91,6 +91,11 @@ class ClusterView:
     def planned(self, plan: MovePlan) -> None:
         self.plans.appendleft(plan)
 
+    def progress(self, worker: str, now: float, ttl_s: float) -> tuple[str, int] | None:
+        """(``worker``, the steps it has run) if heard from within ``ttl_s``, else None."""
+        st, at = self.workers.get(worker, (None, 0.0))
+        return (worker, st.steps) if st is not None and now - at <= ttl_s else None
+
     def live(self, now: float, ttl_s: float) -> list[tuple[WorkerStats, float]]:
         """(stats, age in seconds) of the workers heard from within ``ttl_s``."""
         return [(st, now - at) for st, at in self.workers.values() if now - at <= ttl_s]

@@ -93,10 +93,16 @@ async def keyed_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput)
 
 @contextlib.asynccontextmanager
 async def run_stack(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, gateway_nats_url: str = "", **gateway: Any
+    nats_server: Server,
+    redis: Redis,
+    tiny_llama: TinyOutput,
+    gateway_nats_url: str = "",
+    engine: dict[str, Any] | None = None,
+    **gateway: Any,
 ) -> AsyncIterator[Stack]:
-    """The stack, with ``gateway`` settings over the tests' own; the gateway's NATS connection
-    goes to ``gateway_nats_url`` if given (a proxy the test can cut), reconnecting for ever."""
+    """The stack, with ``gateway`` settings over the tests' own and ``engine`` over the workers'
+    EngineConfig; the gateway's NATS connection goes to ``gateway_nats_url`` if given (a proxy
+    the test can cut), reconnecting for ever."""
     common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
     store = StateStore(redis)
     gw_settings = GatewaySettings(
@@ -123,7 +129,10 @@ async def run_stack(
             **common,
             worker_id=f"w{i}",
             model=str(tiny_llama.model),
-            engine=EngineConfig(max_loras=2, device=os.environ.get("DLORA_TEST_DEVICE", "cpu"), dtype="float32"),
+            engine=EngineConfig(
+                **{"max_loras": 2, "device": os.environ.get("DLORA_TEST_DEVICE", "cpu"), "dtype": "float32"}
+                | (engine or {})
+            ),
             stats_interval_s=0.1,
             drain_timeout_s=0.0,  # the whole stack stops at once: no one to drain to, nothing to wait for
         )

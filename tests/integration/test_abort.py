@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import aiohttp
 import msgspec
 import pytest
+from redis.asyncio import Redis
 
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.main import serve
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, run_stack
 
 
 def _slow_steps(stack: Stack, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -94,3 +97,31 @@ async def test_a_stopping_gateway_aborts_its_requests_and_tells_their_clients(
         assert "shutting down" in (await r.json())["error"]["message"]
     assert await _nothing_left(stack, within_s=2.0)
     assert sum(w.engine.stats.steps for w in stack.workers) - steps < 50  # not the 400 each asked for
+
+
+async def test_a_request_queued_behind_others_waits_its_turn_past_the_chunk_timeout(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp #9215's kind: a request the cluster holds is not failed for waiting its turn.
+    One sequence per step on each worker and ~2 s per request: the third and fourth wait ~2 s
+    for a first chunk, twice the 1 s chunk timeout (they were answered 503); the timeout still
+    ends a request whose worker stops stepping, though its heartbeat goes on."""
+    settings = {"chunk_timeout_s": 1.0, "heartbeat_ttl_s": 0.2}
+    async with run_stack(nats_server, redis, tiny_llama, engine={"max_num_seqs": 1}, **settings) as stack:
+        _slow_steps(stack, monkeypatch, 0.03)
+        body = {"model": "model", "prompt": "kalo", "max_tokens": 60, "ignore_eos": True}
+        async with aiohttp.ClientSession() as http:
+
+            async def complete() -> int:
+                async with http.post(stack.url + "/v1/completions", json=body) as r:
+                    return r.status
+
+            assert await asyncio.gather(*(complete() for _ in range(4))) == [200] * 4
+            released = threading.Event()
+            for w in stack.workers:  # wedged: no step ends (the loop, and its heartbeat, go on)
+                monkeypatch.setattr(w.engine, "step", lambda step=w.engine.step: (released.wait(30), step())[1])
+            started = time.monotonic()
+            try:
+                assert await complete() == 503 and time.monotonic() - started < 5
+            finally:
+                released.set()
