@@ -94,7 +94,7 @@ class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
 
 class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: str
-    text: str = ""
+    text: str | None = None  # required of a text part (checked by the gateway)
     # other part types (image_url, input_audio, file, refusal) carry one more field: named in the refusal
     image_url: Any = None
     input_audio: Any = None

@@ -260,7 +260,12 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[i
                 f"messages: content parts of type {', '.join(other)} are not supported (this model reads text only)",
                 param="messages",
             )
-        content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in parts)
+        if any(p.text is None for p in parts):
+            raise APIError(400, "messages: a content part of type text needs its text", param="messages")
+        # Text parts joined by newlines, as vLLM and llama.cpp join them (the "string" content format)
+        content = (
+            m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text or "" for p in parts)
+        )
         plain.append({"role": m.role, "content": content or ""} | ({"name": m.name} if m.name else {}))
     if getattr(tokenizer, "chat_template", None):
         try:

@@ -283,9 +283,9 @@ class _Chars:
 def test_chat_prompt_without_a_template_is_a_transcript(served: ServedModel) -> None:
     msgs = [
         ChatMessage(role="system", content="be brief"),
-        ChatMessage(role="user", content=[openai.ContentPart(type="text", text="hi")]),
+        ChatMessage(role="user", content=[openai.ContentPart(type="text", text=t) for t in ("hi", "there")]),
     ]
-    transcript = "system: be brief\nuser: hi\nassistant:"
+    transcript = "system: be brief\nuser: hi\nthere\nassistant:"  # parts joined by newlines, as vLLM joins them
     assert shaping.chat_prompt_ids(msgs, tokenizer=_Chars()) == [ord(c) for c in transcript]
     with pytest.raises(APIError, match="role"):
         shaping.chat_prompt_ids([ChatMessage(role="robot", content="x")], tokenizer=_Chars())
@@ -294,6 +294,8 @@ def test_chat_prompt_without_a_template_is_a_transcript(served: ServedModel) -> 
     ids = served.tokenizer.encode("user: kalo\nassistant:")
     assert job.shape.chat and job.prompt_tokens == len(ids)
     assert [c.request.prompt_token_ids for c in job.choices] == [ids, ids] and [c.echo for c in job.choices] == ["", ""]
+    e = refused(served, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, chat=True)
+    assert (e.status, e.param) == (400, "messages") and "needs its text" in e.message
     image = [{"type": "image_url", "image_url": {}}]
     e = refused(served, {"messages": [{"role": "user", "content": image}]}, chat=True)
     assert (e.status, e.param) == (400, "messages") and "image_url" in e.message
