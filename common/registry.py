@@ -151,11 +151,21 @@ class AdapterRegistry(_Durable):
 
     async def register(self, entry: AdapterEntry, replace: bool = False) -> bool:
         """Register ``entry`` (``StateStore.put_adapter``: False if the name is taken, unless
-        ``replace``), then record it durably."""
+        ``replace``), then record it durably. A durable write that fails is undone in Redis (the
+        entry it replaced put back) before its error goes on: the caller's error is the whole
+        story, not a name that serves but is not kept (and answers 409 to the retry)."""
+        before = await self.store.get_adapter(entry.name) if replace else None
         if not await self.store.put_adapter(entry, replace):
             return False
         if (kv := await self.kv()) is not None:
-            await _put_entry(kv, entry)
+            try:
+                await _put_entry(kv, entry)
+            except BaseException:
+                if before is None:
+                    await self.store.delete_adapter(entry.name)
+                else:
+                    await self.store.put_adapter(before, replace=True)
+                raise
         return True
 
     async def lookup(self, name: str) -> AdapterEntry | None:

@@ -16,7 +16,9 @@ from dlora.model.adapters import AdapterError, AdapterLimits, inspect_adapter
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Letters, digits, '.', '_', '-'; a dot only between two other characters: the name is a token of
+# the durable copy's keys (NATS key-value), where an empty token ("a..b", "a.") is refused.
+_NAME = re.compile(r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-]){0,127}")
 
 
 class AdapterBody(msgspec.Struct, kw_only=True):
@@ -31,7 +33,7 @@ class AdapterBody(msgspec.Struct, kw_only=True):
 def valid_name(name: str) -> bool:
     """Whether ``name`` could be registered: a name that could not is in no registry (and the
     durable copy's keys take no other characters)."""
-    return bool(_NAME.match(name))
+    return len(name) <= 128 and _NAME.fullmatch(name) is not None
 
 
 def check_adapter(
@@ -49,8 +51,10 @@ def check_adapter(
         APIError(400): a bad name or owner, or a path that is not a readable adapter directory
             inside the roots.
     """
-    if not _NAME.match(name or ""):
-        raise APIError(400, "adapter name must be 1-128 letters, digits, '.', '_' or '-'", param="name")
+    if not valid_name(name or ""):
+        raise APIError(
+            400, "adapter name must be 1-128 letters, digits, '.', '_' or '-', a '.' between two others", param="name"
+        )
     if owner and (problem := tenant_problem(owner)) is not None:
         raise APIError(400, problem.replace("tenant", "owner", 1), param="owner")
     if name == base_name:

@@ -9,6 +9,8 @@ import asyncio
 
 import msgspec
 import nats
+import pytest
+from nats.errors import Error as NatsError
 from redis.asyncio import Redis
 
 from dlora.common import apikeys
@@ -107,3 +109,24 @@ async def test_a_bucket_made_with_other_settings_is_used_as_it_is() -> None:
     finally:
         await nc.close()
         server.stop()
+
+
+async def test_a_registration_the_bucket_refuses_is_undone_in_redis(nats_server: Server, redis: Redis) -> None:
+    """A durable write that fails (here a key the key-value store refuses) left the adapter
+    serving from Redis but not kept, and a retry got 409; now it is undone, the replaced entry
+    put back."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
+    try:
+        with pytest.raises(NatsError):
+            await registry.register(AdapterEntry(name="bad\n", path="/a", rank=8, created=0.0, version="v1"))
+        assert await store.get_adapter("bad\n") is None
+        assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
+        with pytest.raises(NatsError):
+            await registry.register(
+                AdapterEntry(name="a", path="/b", rank=8, created=0.0, version="v2\n"), replace=True
+            )
+        assert (await store.get_adapter("a")).version == "v1"
+    finally:
+        await nc.close()

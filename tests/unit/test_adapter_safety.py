@@ -269,3 +269,17 @@ def test_limits_settings_are_checked() -> None:
     bad = AdapterLimits(max_lora_rank=0, max_file_bytes=0, max_abs_weight=float("nan"), max_scale=-1).check()
     assert [f for f, _, _ in bad] == ["max_lora_rank", "max_file_bytes", "max_abs_weight", "max_scale"]
     assert AdapterLimits(max_abs_weight=float("inf")).check() == []
+
+
+@pytest.mark.parametrize("name", ["a..", "z.", "x..y", "newl\n", ".a", "", "a" * 129, "a/b", "lo ra"])
+def test_names_the_durable_registry_cannot_key_are_refused(adapter: Path, root: Path, engine_cfg, name: str) -> None:
+    """SGLang #28864's kind: a name that passed the check but not the NATS key-value store's keys
+    (an empty token, a trailing newline `$` let through) was half registered behind a 503."""
+    with pytest.raises(APIError, match="adapter name") as e:
+        check_adapter(name, str(adapter), [str(root)], "model", engine_cfg)
+    assert (e.value.status, e.value.param) == (400, "name")
+
+
+@pytest.mark.parametrize("name", ["a", "lora-0", "a.b.c", "A_1-x.y", "a" * 128])
+def test_names_with_dots_between_characters_are_taken(adapter: Path, root: Path, engine_cfg, name: str) -> None:
+    assert check_adapter(name, str(adapter), [str(root)], "model", engine_cfg).name == name
