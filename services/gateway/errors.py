@@ -46,7 +46,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return web.json_response(APIError(e.status, e.reason).body(), status=e.status)
+        # Its headers kept: a 405's Allow (RFC 9110 15.5.6 requires it), a 413's and the like.
+        headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return web.json_response(APIError(e.status, e.reason).body(), status=e.status, headers=headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except RedisError as e:  # a restart or outage: the client may try again, it is not a fault of ours

@@ -137,7 +137,7 @@ def shape_request(
         raise APIError(
             400,
             f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} per request",
-            param="n",
+            param="n" if n > 1 else "prompt",  # the field that made too many
         )
     choices: list[ChoicePlan] = []
     for p, (ids, text) in enumerate(prompts):

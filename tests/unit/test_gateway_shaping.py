@@ -46,6 +46,11 @@ def refused(served: ServedModel, body: dict[str, Any], chat: bool = False, **kw:
     return e.value
 
 
+def test_too_many_choices_name_the_field_that_made_them(served: ServedModel) -> None:
+    assert refused(served, {"prompt": ["kalo"] * 300, "max_tokens": 1}).param == "prompt"
+    assert refused(served, {"prompt": ["kalo"] * 3, "n": 100, "max_tokens": 1}).param == "n"
+
+
 def test_n_samples_of_one_prompt_take_consecutive_seeds(served: ServedModel) -> None:
     job = shape(served, {"prompt": "kalo remi", "n": 3, "seed": 7, "max_tokens": 5, "user": "ana"})
     ids = served.tokenizer.encode("kalo remi")

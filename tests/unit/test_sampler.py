@@ -161,6 +161,18 @@ def test_frequency_and_presence_penalties_follow_openai() -> None:
     assert apply_penalties(logits, SamplingParams(presence_penalty=-1.0), [], output)[4] == 1.0  # negative: favoured
 
 
+def test_seeds_apart_by_powers_of_two_draw_differently() -> None:
+    """torch's CPU generator keeps 32 bits of its seed: s and s + 2**32, or -1 and 2**63 - 1, drew
+    the same tokens when the seed was mixed arithmetically."""
+
+    def draws(seed: int, position: int = 0) -> list[float]:
+        return torch.rand(4, generator=sampler.position_generator(seed, position)).tolist()
+
+    assert draws(7) == draws(7) and draws(7, 1) != draws(7, 0)
+    for a, b in ((1, 1 + 2**32), (-1, 2**63 - 1), (0, 2**62), (-(2**63), 0)):
+        assert draws(a) != draws(b)
+
+
 def test_logit_bias_and_min_tokens_are_transformers_processors() -> None:
     from transformers import MinNewTokensLengthLogitsProcessor, SequenceBiasLogitsProcessor
 

@@ -7,6 +7,7 @@ Safe for every parameter value the API accepts: temperatures below ``GREEDY_BELO
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -187,8 +188,14 @@ def position_generator(seed: int, position: int) -> torch.Generator:
     """The generator for a seeded request's draw at output ``position``. Keyed by position rather
     than carried along, so a request resumed elsewhere (moved, or after its worker died) draws
     what it would have drawn had it stayed: a token regenerated after a crash is the one the
-    client already has."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position) & _MASK)
+    client already has.
+
+    The pair is hashed (BLAKE2b, 64 bits) into the generator's seed: torch's CPU generator
+    (mt19937) keeps only the low 32 bits of what it is seeded with, so a seed mixed arithmetically
+    made whole families of request seeds draw alike (s and s + 2**32; -1 and 2**63 - 1). Hashed,
+    two pairs meet only by chance."""
+    digest = hashlib.blake2b(b"%d:%d" % (seed, position), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
