@@ -24,7 +24,7 @@ INFERENCE, ADMIN = "inference", "admin"
 SCOPES = (INFERENCE, ADMIN)
 # A tenant name travels in requests (GenerateRequest.tenant) and listings: kept to what any log or
 # metric label takes without quoting.
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The most random characters a key has; a longer bearer token is no key of ours (not hashed).
 _MAX_LEN = len(PREFIX) + 64
 
@@ -49,7 +49,7 @@ def plausible(secret: str) -> bool:
 
 def tenant_problem(tenant: str) -> str | None:
     """Why ``tenant`` is not a valid tenant name, or None."""
-    if not _TENANT.match(tenant):
+    if not _TENANT.fullmatch(tenant):  # not match: its $ lets a trailing newline through
         return f"tenant must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit, got {tenant!r}"
     return None
 

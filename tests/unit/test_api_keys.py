@@ -45,6 +45,7 @@ def test_scopes_are_deduplicated_in_a_fixed_order() -> None:
         ({"tenant": "has space"}, "tenant"),
         ({"tenant": "-dash-first"}, "tenant"),
         ({"tenant": "x" * 65}, "tenant"),
+        ({"tenant": "acme\n"}, "tenant"),  # re.match's $ let a trailing newline through
         ({"scopes": []}, "scopes"),
         ({"scopes": ["root"]}, "scopes"),
         ({"rate_per_s": -1.0}, "rate_per_s"),
