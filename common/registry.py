@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from dlora.common import log
 from dlora.common.messages import AdapterEntry, ApiKey
-from dlora.common.state import StateStore
+from dlora.common.state import INFLIGHT_TTL_S, StateStore
 
 logger = log.get("registry")
 _encode = msgspec.json.Encoder()
@@ -166,6 +166,8 @@ class AdapterRegistry(_Durable):
                 else:
                     await self.store.put_adapter(before, replace=True)
                 raise
+        if before is not None and before.version != entry.version:
+            await self.store.retire_version(before.name, before.version, time.time())
         return True
 
     async def lookup(self, name: str) -> AdapterEntry | None:
@@ -178,12 +180,33 @@ class AdapterRegistry(_Durable):
         return entry
 
     async def remove(self, name: str) -> bool:
-        """Unregister ``name``; False if it was not registered. Its versions stay findable."""
+        """Unregister ``name``; False if it was not registered. Its versions stay findable until
+        ``purge_retired`` forgets them."""
+        entry = await self.store.get_adapter(name)
         removed = await self.store.delete_adapter(name)
         if (kv := await self.kv()) is not None:
             with contextlib.suppress(KeyNotFoundError):
                 await kv.delete(f"current.{name}")
+        if removed and entry is not None:
+            await self.store.retire_version(name, entry.version, time.time())
         return removed
+
+    async def purge_retired(self, now: float) -> int:
+        """Forget the versions retired (replaced or removed) more than ``INFLIGHT_TTL_S`` before
+        ``now`` (Unix seconds), in the bucket and in Redis: by then no in-flight record, and so
+        no move or recovery, names them; an application's fresh request for one is refused as for
+        a removed adapter. Returns how many were forgotten (300 re-registrations of a name left
+        300 versions for good)."""
+        forgotten = 0
+        for name, version in await self.store.retired(now - INFLIGHT_TTL_S):
+            current = await self.store.get_adapter(name)
+            registered = current is not None and current.version == version
+            if not registered and (kv := await self.kv()) is not None:  # the bucket first: it outlives Redis
+                with contextlib.suppress(KeyNotFoundError):
+                    await kv.purge(f"version.{name}.{version or 'none'}")
+            await self.store.forget_version(name, version, registered)
+            forgotten += not registered
+        return forgotten
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
         # Registered or replaced meanwhile. A name removed meanwhile stays in the bucket: Redis
@@ -210,8 +233,11 @@ class AdapterRegistry(_Durable):
         current, versions = await self.durable_entries()
         if not current:
             return 0
+        registered = {(e.name, e.version) for e in current}
         for entry in versions:
             await self.store.put_version(entry)
+            if (entry.name, entry.version) not in registered:  # when it was retired went with Redis
+                await self.store.retire_version(entry.name, entry.version, time.time())
         for entry in current:
             await self.store.put_adapter(entry, replace=True)
         logger.warning("adapter registry restored from the durable copy", adapters=len(current))

@@ -146,6 +146,23 @@ class StateStore:
     async def delete_adapter(self, name: str) -> bool:
         return bool(await self.r.hdel(f"{self.p}:adapters", name))
 
+    async def retire_version(self, name: str, version: str, at: float) -> None:
+        """A version of ``name`` stopped being the registered one at ``at`` (Unix seconds): it is
+        purged once no in-flight record can still name it (``purge_retired``)."""
+        await self.r.zadd(f"{self.p}:adapter-versions-retired", {f"{name}@{version}": at})
+
+    async def retired(self, before: float) -> list[tuple[str, str]]:
+        """(name, version) of the versions retired before ``before`` (Unix seconds)."""
+        keys = await self.r.zrangebyscore(f"{self.p}:adapter-versions-retired", "-inf", before)
+        return [(name, version) for name, _, version in (_text(k).rpartition("@") for k in keys)]  # type: ignore[arg-type]  # no scores asked: names only
+
+    async def forget_version(self, name: str, version: str, registered: bool) -> None:
+        """A retired version is done with: no lookup finds it any more, unless it is
+        ``registered`` again (then it is only no longer retired)."""
+        if not registered:
+            await self.r.hdel(f"{self.p}:adapter-versions", f"{name}@{version}")
+        await self.r.zrem(f"{self.p}:adapter-versions-retired", f"{name}@{version}")
+
     # ---- API keys ------------------------------------------------------------------------
     async def put_api_key(self, key: ApiKey, replace: bool = True) -> bool:
         """Store ``key`` under its digest and id, atomically. Without ``replace`` a key whose digest

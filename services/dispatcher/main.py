@@ -12,6 +12,7 @@ import time
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
@@ -52,6 +53,8 @@ class _Head(msgspec.Struct):
 _decode_head = msgspec.json.Decoder(_Head)
 _encode = msgspec.json.Encoder()
 _DECAY = 0.9  # per placement interval: traffic shares follow the last minute or so
+# Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
+PURGE_INTERVAL_S = 60.0
 
 
 class Dispatcher:
@@ -62,6 +65,7 @@ class Dispatcher:
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._placed_at = 0.0
         self._orphans_at = 0.0
+        self._purged_at = 0.0
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
         self._reconnects = nc.stats["reconnects"]
@@ -198,6 +202,11 @@ class Dispatcher:
         if now - self._placed_at > self.s.placement_interval_s:
             self._placed_at = now
             await self.replan_placement()
+        if now - self._purged_at > PURGE_INTERVAL_S:
+            self._purged_at = now
+            with contextlib.suppress(NatsError, TimeoutError):  # JetStream down: purged next time
+                if purged := await self.registry.purge_retired(time.time()):
+                    logger.info("retired adapter versions purged", versions=purged)
         for worker, (st, at) in list(self.workers.items()):
             if now - at > self.s.heartbeat_ttl_s:
                 if await self.store.beating(worker):

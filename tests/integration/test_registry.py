@@ -6,6 +6,7 @@ restarts empty gets it all back."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import nats
@@ -24,7 +25,7 @@ from dlora.common.registry import (
     bucket_name,
     keys_bucket_name,
 )
-from dlora.common.state import StateStore
+from dlora.common.state import INFLIGHT_TTL_S, StateStore
 from dlora.services.servers import Server, free_port, start_nats
 
 
@@ -128,5 +129,41 @@ async def test_a_registration_the_bucket_refuses_is_undone_in_redis(nats_server:
                 AdapterEntry(name="a", path="/b", rank=8, created=0.0, version="v2\n"), replace=True
             )
         assert (await store.get_adapter("a")).version == "v1"
+    finally:
+        await nc.close()
+
+
+async def test_retired_versions_are_forgotten_once_no_record_can_name_them(nats_server: Server, redis: Redis) -> None:
+    """Every version of a re-registered name was kept for good, in Redis and the bucket (300
+    re-registrations left 300); a version replaced or removed is forgotten INFLIGHT_TTL_S later,
+    unless it is registered again, and one restored from the bucket is retired as it comes back."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
+
+    def entry(version: str) -> AdapterEntry:
+        return AdapterEntry(name="a", path="/a", rank=8, created=0.0, version=version)
+
+    async def kept() -> set[str]:
+        redis_side = {v for v in ("v1", "v2", "v3") if await store.get_adapter("a", v) is not None}
+        bucket_side = {e.version for e in (await registry.durable_entries())[1]}
+        assert redis_side == bucket_side
+        return redis_side
+
+    try:
+        for version in ("v1", "v2", "v3"):
+            assert await registry.register(entry(version), replace=True)
+        now = time.time()
+        assert await registry.purge_retired(now) == 0 and await kept() == {"v1", "v2", "v3"}  # records may name them
+        assert await registry.register(entry("v2"), replace=True)  # v2 registered again: kept; v3 retired
+        assert await registry.purge_retired(now + INFLIGHT_TTL_S + 1) == 2 and await kept() == {"v2"}
+        assert await registry.remove("a")
+        assert await registry.purge_retired(time.time() + INFLIGHT_TTL_S + 1) == 1 and await kept() == set()
+        # Redis lost with a retired version only in the bucket: restored, then retired anew
+        assert await registry.register(entry("v1"))
+        assert await registry.register(entry("v3"), replace=True)
+        await redis.flushdb()
+        assert await registry.restore() == 1 and await kept() == {"v1", "v3"}
+        assert await registry.purge_retired(time.time() + INFLIGHT_TTL_S + 1) == 1 and await kept() == {"v3"}
     finally:
         await nc.close()
