@@ -300,6 +300,7 @@ class Shape:
         self,
         text: str,
         finish_reason: str | None,
+        *,  # by name: an index given in first's place was taken for it
         first: bool = False,
         index: int = 0,
         logprobs: dict[str, Any] | None = None,

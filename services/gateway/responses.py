@@ -64,9 +64,12 @@ class ResponseWriter:
         choice.out.finish_reason, choice.out.stop_reason = chunk.finish_reason, chunk.stop_reason
         if self.stream is not None:
             # One event per worker chunk (a step's token), text or not, so clients can time tokens.
-            index, stop_reason = choice.out.index, chunk.stop_reason
             event = self.job.shape.chunk(
-                chunk.text, chunk.finish_reason, index, logprobs=logprobs, stop_reason=stop_reason
+                chunk.text,
+                chunk.finish_reason,
+                index=choice.out.index,
+                logprobs=logprobs,
+                stop_reason=chunk.stop_reason,
             )
             await sse(self.stream, event)
         elif logprobs is not None:  # the text is the reply stream's, taken at the end

@@ -108,8 +108,14 @@ async def test_n_samples_and_several_prompts(stack: Stack) -> None:
         "/v1/chat/completions",
         {"model": "lora-0", "max_tokens": 3, "n": 2, "messages": [{"role": "user", "content": "kalo"}]},
     )
-    assert {e["choices"][0]["index"] for e in events[:-1]} == {0, 1}
-    assert sum(e["choices"][0]["finish_reason"] is not None for e in events[:-1]) == 2
+    finishes = [e["choices"][0]["index"] for e in events[:-1] if e["choices"][0]["finish_reason"] is not None]
+    assert sorted(finishes) == [0, 1]  # one finish per choice, under its own index (vLLM #4220)
+    # streamed, every event under its own choice: the texts put together are the body's
+    events = await stream(stack, "/v1/completions", greedy)
+    texts = ["", "", "", ""]
+    for e in events[:-1]:
+        texts[e["choices"][0]["index"]] += e["choices"][0]["text"]
+    assert texts == [c["text"] for c in resp["choices"]]
 
 
 async def test_echo(stack: Stack) -> None:
