@@ -144,6 +144,14 @@ def shape_request(
         generate = asked != 0  # max_tokens 0: nothing generated (with echo: the prompt back)
         new = max_new_tokens(ids, asked, model.context, "messages" if chat else "prompt")
         params = sampling_params(body, new if generate else 1)
+        if not generate and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
+            raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
+        if params.logit_bias and (outside := sorted(t for t in params.logit_bias if t >= model.vocab_size)):
+            raise APIError(
+                400,
+                f"logit_bias names token ids outside the vocabulary [0, {model.vocab_size}): {outside[:8]}",
+                param="logit_bias",
+            )
         # echoed as the client wrote it; token ids as text, without special tokens
         prefix = "" if not echo else text if text is not None else model.tokenizer.decode(ids, skip_special_tokens=True)
         for i in range(n):

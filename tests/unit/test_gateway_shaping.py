@@ -46,6 +46,13 @@ def refused(served: ServedModel, body: dict[str, Any], chat: bool = False, **kw:
     return e.value
 
 
+def test_logit_bias_past_the_vocabulary_and_min_tokens_past_an_echo_are_refused_by_name(served: ServedModel) -> None:
+    e = refused(served, {"prompt": "kalo", "logit_bias": {"100000": 1}})
+    assert (e.status, e.param) == (400, "logit_bias") and "outside the vocabulary" in e.message
+    e = refused(served, {"prompt": "kalo", "max_tokens": 0, "echo": True, "min_tokens": 1})
+    assert (e.status, e.param) == (400, "min_tokens")
+
+
 def test_too_many_choices_name_the_field_that_made_them(served: ServedModel) -> None:
     assert refused(served, {"prompt": ["kalo"] * 300, "max_tokens": 1}).param == "prompt"
     assert refused(served, {"prompt": ["kalo"] * 3, "n": 100, "max_tokens": 1}).param == "n"

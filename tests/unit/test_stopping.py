@@ -34,19 +34,29 @@ def test_stop_reason_names_the_stop_string_or_token_not_eos() -> None:
 
     assert matched("hello wor", 8, stop=["wor", "xyz"]) == "wor"
     assert matched("ab<x>", 2, token=9, stop_token_ids=[9, 2]) == 9
-    assert matched("ab", 2, token=2, stop_token_ids=[2]) == 2  # a stop token that is also EOS: named
+    assert matched("ab", 2, token=2, stop_token_ids=[2]) is None  # a stop token that is also EOS: EOS (vLLM)
     assert matched("ab", 2, token=2) is None  # EOS (vLLM: stop_reason None)
     assert matched("ab", 2, max_tokens=1) is None  # length
 
 
 def test_min_tokens_defers_stop_strings_stop_tokens_and_eos() -> None:
-    # vLLM: before the min_tokens-th output token no stop counts; from it on they all do.
+    # vLLM: stop strings from the token after the min_tokens-th, stop tokens and EOS from it
     assert stop("ab", 1, token=2, n=2, min_tokens=3) == (None, "ab")
     assert stop("ab<x>", 2, token=9, n=2, stop_token_ids=[9], min_tokens=3) == (None, "ab<x>")
-    assert stop("hello wor", 8, n=2, stop=["wor"], min_tokens=3) == (None, "hello wor")
-    assert stop("hello wor", 8, n=3, stop=["wor"], min_tokens=3) == (FinishReason.STOP, "hello ")
     assert stop("ab", 1, token=2, n=3, min_tokens=3) == (FinishReason.STOP, "a")
+    assert stop("hello wor", 8, n=3, stop=["wor"], min_tokens=3) == (None, "hello wor")
+    assert stop("hello wor", 8, n=4, stop=["wor"], min_tokens=3) == (FinishReason.STOP, "hello ")
     assert stop("a", 0, n=3, max_tokens=3, min_tokens=3)[0] is FinishReason.LENGTH
+
+
+def test_a_stop_string_passed_under_min_tokens_is_not_found_later() -> None:
+    """vLLM #21987's kind: "vo" ended in the text while min_tokens held the checks back; one
+    window for all stop strings (the longest's) found it again a token later, and the verdict
+    hung on an unrelated longer stop string."""
+    for stops in (["vo"], ["vo", "zzzzzzzz"]):
+        assert stop("suvo ri", 5, n=9, stop=stops, min_tokens=8) == (None, "suvo ri")
+    assert find_stop("suvo ri", ["vo", "zzzzzzzz"], old_len=5) is None
+    assert find_stop("suvo rizz", ["zz", "o rizz"], old_len=7) == (3, 9)  # each from where it could end new
 
 
 def test_include_stop_str_in_output_keeps_what_ended_the_request() -> None:

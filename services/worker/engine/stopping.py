@@ -1,8 +1,9 @@
 """When a request stops, and how much of its text may be shown yet. Pure.
 
 Order, as vLLM checks it: a stop string in the new text (cut from the text), a stop token or EOS
-(kept in the tokens), a structured document complete, then the length limits. Stop strings and
-tokens count only from the request's ``min_tokens``-th output token on (vLLM's rule).
+(kept in the tokens), a structured document complete, then the length limits. Under
+``min_tokens``, stop strings count from the output token after the ``min_tokens``-th, stop tokens
+and EOS from that token itself (vLLM's rules).
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ def check_stop(
     ``include_stop_str_in_output`` (vLLM's rule: the ending token is left out of detokenization);
     the last token of a complete structured document is part of it."""
     keep = params.include_stop_str_in_output
+    # vLLM's bounds: stop strings from the token after the min_tokens-th, stop tokens and EOS from
+    # that token itself (masked before it, so the same in effect); EOS first (no stop_reason).
+    if params.stop and num_output > params.min_tokens and (found := find_stop(text, params.stop, old_len)):
+        return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]], text[found[0] : found[1]])
     if num_output >= params.min_tokens:
-        if params.stop and (found := find_stop(text, params.stop, old_len)) is not None:
-            return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]], text[found[0] : found[1]])
-        if token in params.stop_token_ids:
-            return Stop(FinishReason.STOP, text if keep else text[:old_len], token)
         if token in eos_ids and not params.ignore_eos:
             return Stop(FinishReason.STOP, text if keep else text[:old_len])
+        if token in params.stop_token_ids:
+            return Stop(FinishReason.STOP, text if keep else text[:old_len], token)
     if document_complete:
         return Stop(FinishReason.STOP, text)
     if num_output >= params.max_tokens or total_len >= max_model_len:
@@ -59,8 +62,9 @@ def visible_end(text: str, emitted: int, params: SamplingParams, finished: bool)
 
 
 def find_stop(text: str, stops: list[str], old_len: int) -> tuple[int, int] | None:
-    """(start, end) in ``text`` of the earliest stop string that ends in its new part, or None."""
-    longest = max(len(s) for s in stops)
-    window_start = max(0, old_len - longest + 1)
-    hits = [(i, i + len(s)) for s in stops if (i := text.find(s, window_start)) != -1]
+    """(start, end) in ``text`` of the earliest stop string that ends in its new part (after
+    ``old_len`` characters), or None. Each is looked for from where it could end there, as vLLM
+    looks: one window for all let a short one lying wholly in text already checked (past while
+    ``min_tokens`` held the checks back) be found late."""
+    hits = [(i, i + len(s)) for s in stops if (i := text.find(s, max(0, old_len - len(s) + 1))) != -1]
     return min(hits) if hits else None
