@@ -7,7 +7,7 @@ in q/k/v bias, tied embeddings, head sizes and RoPE scaling, which are all field
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,13 @@ class ModelConfig:
             raise ModelConfigError(f"{path}: not found (is {model_dir} a Hugging Face model directory?)") from None
         except json.JSONDecodeError as e:
             raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(path))
+        cfg = cls.from_dict(raw, source=str(path))
+        # generation_config.json may name more end-of-sequence ids than config.json (Llama 3
+        # Instruct: <|eot_id|> beside <|end_of_text|>); transformers' generate and vLLM stop at
+        # every one of them (vLLM #4180).
+        extra = _as_ids(_generation_config(Path(model_dir)).get("eos_token_id"))
+        eos = cfg.eos_token_ids + tuple(t for t in extra if t not in cfg.eos_token_ids)
+        return replace(cfg, eos_token_ids=eos)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
@@ -121,6 +127,24 @@ def _sliding_window(raw: dict[str, Any]) -> int | None:
         return None
     window = raw.get("sliding_window")
     return int(window) if window else None
+
+
+def _generation_config(model_dir: Path) -> dict[str, Any]:
+    """The model's generation_config.json ({} without one).
+
+    Raises:
+        ModelConfigError: it is not a JSON object.
+    """
+    path = model_dir / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object")
+    return raw
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:

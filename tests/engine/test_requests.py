@@ -71,6 +71,29 @@ def test_eos_stops_unless_ignored(engine: LLMEngine) -> None:
     assert ignored == full
 
 
+def test_the_generation_configs_end_of_sequence_ids_stop_as_transformers_stops(
+    tiny_llama: TinyOutput, tmp_path
+) -> None:
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    full, _, _ = collect(make_engine(tiny_llama), "a", max_tokens=10)
+    model = shutil.copytree(tiny_llama.model, tmp_path / "model")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, full[2]], "bos_token_id": 1}))
+    engine = LLMEngine(str(model))
+    engine.add_request("b", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=10))
+    outs = [o for _ in range(12) for o in engine.step()]
+    stopped = [t for o in outs for t in o.new_token_ids]
+    assert stopped == full[: full.index(full[2]) + 1] and outs[-1].finish_reason is FinishReason.STOP
+    reference = AutoModelForCausalLM.from_pretrained(model).generate(
+        torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT)), max_new_tokens=10, do_sample=False
+    )
+    assert reference[0, len(PROMPT) :].tolist() == stopped
+
+
 def test_stop_string_is_cut_and_never_streamed(engine: LLMEngine) -> None:
     full_tokens, full_text, _ = collect(engine, "a", max_tokens=16)
     stop = full_text[5:8]

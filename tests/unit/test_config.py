@@ -47,3 +47,13 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
         ModelConfig.from_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(RAW))
     assert ModelConfig.from_dir(tmp_path).vocab_size == 100
+
+
+def test_generation_config_names_more_end_of_sequence_ids(tmp_path: Path) -> None:
+    """vLLM #4180's kind: Llama 3 Instruct's <|eot_id|> is in generation_config.json only."""
+    (tmp_path / "config.json").write_text(json.dumps(RAW | {"eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 74]}))
+    assert ModelConfig.from_dir(tmp_path).eos_token_ids == (2, 74)
+    (tmp_path / "generation_config.json").write_text("[2]")
+    with pytest.raises(ModelConfigError, match="generation_config.json: expected a JSON object"):
+        ModelConfig.from_dir(tmp_path)
