@@ -32,10 +32,11 @@ T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
-async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
+async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIterator[tuple[NATS, StateStore]]:
     """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
-    Redis closed."""
-    nc = await _connect_nats(s)
+    Redis closed. ``stop`` set while NATS does not answer yet: ``StoppedConnecting`` (a service
+    told to stop then stops, not retries for ever)."""
+    nc = await _connect_nats(s, stop)
     redis = redis_client(
         s.redis_url, s.redis_max_connections, s.redis_pool_timeout_s, s.redis_username, s.redis_password
     )
@@ -57,14 +58,18 @@ async def connections(s: Common) -> AsyncIterator[tuple[NATS, StateStore]]:
         await redis.aclose()
 
 
+class StoppedConnecting(Exception):
+    """Told to stop (SIGTERM, Ctrl-C) before NATS ever answered."""
+
+
 class CredentialsRefused(Exception):
     """NATS or Redis refused this service's credentials at start: a setting to fix, not an outage
     to wait out (a NATS client retries a refused login for ever, and says so only in its log)."""
 
 
-async def _connect_nats(s: Common) -> NATS:
+async def _connect_nats(s: Common, stop: asyncio.Event | None = None) -> NATS:
     """Connected to NATS (any of ``s.nats_url``'s seeds), or ``CredentialsRefused`` as soon as the
-    server refuses the login.
+    server refuses the login, or ``StoppedConnecting`` once ``stop`` is set.
 
     It reconnects for ever once connected (nats-py gives up after 60 tries, 2 minutes, by default,
     leaving a service that runs but hears nothing): a NATS outage of any length ends when the
@@ -92,13 +97,17 @@ async def _connect_nats(s: Common) -> NATS:
             max_outstanding_pings=2,
         )
     )
-    either: list[asyncio.Future[Any]] = [connecting, refused]
+    stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
+    either: list[asyncio.Future[Any]] = [connecting, refused, stopping]
     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     if connecting.done():
         return connecting.result()
     connecting.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await connecting
+    if not refused.done():
+        raise StoppedConnecting(f"stopped before NATS at {s.nats_url} answered")
     user = f"user {s.nats_user!r}" if s.nats_user else "no user"
     raise CredentialsRefused(
         f"NATS at {s.nats_url} refused the login ({user}): {refused.result()} (check nats_user and nats_password)"

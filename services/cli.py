@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Callable
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
-    from dlora.common.bus import CredentialsRefused
+    from dlora.common.bus import CredentialsRefused, StoppedConnecting
     from dlora.common.settings import SettingsError, load
     from dlora.services.config_file import SERVICES, check_config
     from dlora.services.run import StartupError, run_until_signalled
@@ -321,6 +322,14 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as e:
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
         return 2
+    for name in ("nats_url", "redis_url"):  # left empty in the file `dlora deploy install` writes
+        if not getattr(settings, name).strip():
+            print(
+                f"dlora serve {args.service}: {name} is not set (the settings file's top level, or "
+                f"DLORA_{name.upper()}); only `dlora up` starts NATS and Redis itself",
+                file=sys.stderr,
+            )
+            return 2
     log.configure(json=settings.log_json)
     if args.service == "gateway":
         from dlora.services.gateway.main import serve
@@ -334,6 +343,14 @@ def _serve(args: argparse.Namespace) -> int:
         run_until_signalled(serve, settings)
     except CredentialsRefused as e:
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
+        return 2
+    except StoppedConnecting as e:  # told to stop while waiting for NATS: a clean stop
+        print(f"dlora serve {args.service}: {e}", file=sys.stderr)
+        return 0
+    except OSError as e:
+        if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES) or "bind" not in str(e):
+            raise
+        print(f"dlora serve {args.service}: cannot listen: {e} (set another port or metrics_port)", file=sys.stderr)
         return 2
     except StartupError as e:
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)

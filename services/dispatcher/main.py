@@ -444,7 +444,7 @@ class Dispatcher:
 
 
 async def serve(s: DispatcherSettings, stop: asyncio.Event) -> None:
-    async with connections(s) as (nc, store):
+    async with connections(s, stop) as (nc, store):
         dispatcher = Dispatcher(s, nc, store)
         async with metrics_endpoint(s, dispatcher.metrics.registry):
             await dispatcher.run(stop)

@@ -476,7 +476,7 @@ class Gateway:
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     lograte.install()  # before the first connection: asyncio's and aiohttp's per-connection lines
-    async with connections(s) as (nc, store):
+    async with connections(s, stop) as (nc, store):
         try:
             gw = await asyncio.to_thread(Gateway, s, nc, store)
         except (OSError, ValueError) as e:  # the model directory: its config or tokenizer

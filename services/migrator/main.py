@@ -106,7 +106,7 @@ class Migrator:
 
 
 async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
-    async with connections(s) as (nc, store):
+    async with connections(s, stop) as (nc, store):
         migrator = Migrator(s, nc, store)
         async with metrics_endpoint(s, migrator.metrics.registry):
             await migrator.run(stop)

@@ -494,7 +494,7 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
         engine = await asyncio.to_thread(build_engine, s)
     except (OSError, ValueError) as e:  # the model directory, device or kernels: LLMEngine says which
         raise StartupError(f"the engine cannot start on {s.model}: {e}") from e
-    async with connections(s) as (nc, store):
+    async with connections(s, stop) as (nc, store):
         service = WorkerService(s, nc, store, engine)
         async with metrics_endpoint(s, service.metrics.registry):
             await service.run(stop)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,36 @@ async def test_the_services_keep_their_durable_copies_with_only_their_own_permis
             await anyone.close()
         await dispatcher.close()
         await gateway.close()
+
+
+def test_a_service_stops_when_told_while_nats_does_not_answer_and_names_unset_urls() -> None:
+    """It retried an unreachable NATS for ever and took no SIGTERM or Ctrl-C (systemctl stop
+    waited out TimeoutStopSec); an empty nats_url (the file `dlora deploy install` writes leaves
+    it to be filled in) was a traceback."""
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+        "DLORA_REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    service = subprocess.Popen(
+        [sys.executable, "-m", "dlora.services.cli", "serve", "dispatcher"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert service.stderr is not None
+        while "nats error" not in service.stderr.readline():  # trying to connect
+            pass
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=10) == 0
+    finally:
+        service.kill()
+    env["DLORA_NATS_URL"] = ""
+    done = subprocess.run(
+        [sys.executable, "-m", "dlora.services.cli", "serve", "dispatcher"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "dlora serve dispatcher: nats_url is not set (the settings file's top level, or DLORA_NATS_URL); "
+        "only `dlora up` starts NATS and Redis itself"
+    )

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -173,3 +174,22 @@ async def test_more_connections_than_file_descriptors_keep_the_gateway_up_and_it
             w.close()
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_serve_on_a_port_in_use_says_so_in_a_line(
+    nats_server: Server, redis_server: Server, tiny_llama: TinyOutput
+) -> None:
+    """`dlora serve gateway` (what systemd runs) on a taken port printed a traceback; `dlora up`
+    already refused it in a line."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    env = {**os.environ, "DLORA_NATS_URL": nats_server.url, "DLORA_REDIS_URL": redis_server.url}
+    cmd = [sys.executable, "-m", "dlora.services.cli", "serve", "gateway", "--model", str(tiny_llama.model)]
+    try:
+        done = subprocess.run([*cmd, "--port", str(taken.getsockname()[1])], env=env, capture_output=True, text=True)
+    finally:
+        taken.close()
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith("dlora serve gateway: cannot listen:") and "address already in use" in last
