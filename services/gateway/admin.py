@@ -21,7 +21,7 @@ from dlora.services.gateway.openai import APIError
 _NAME = re.compile(r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-]){0,127}")
 
 
-class AdapterBody(msgspec.Struct, kw_only=True):
+class AdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/adapters``: the name to register, the adapter's directory, and the tenant that
     owns it (only that tenant's API keys list and use it; unset or empty: public)."""
 
@@ -65,7 +65,12 @@ def check_adapter(
         # resolve(): a directory reached through a symlink is judged where it really is
         resolved = Path(path).resolve()
         if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
-            raise APIError(400, f"adapter path {path!r} is outside the configured adapter roots", param="path")
+            raise APIError(
+                400,
+                f"adapter path {path!r} is outside the adapter roots {roots} (the gateway's adapter_roots "
+                "setting; `dlora up --lora DIR` adds one)",
+                param="path",
+            )
         if not resolved.is_dir():
             raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
     except OSError as e:  # a name too long, a loop of links, no permission: the path is the client's

@@ -65,7 +65,7 @@ class WorkerAdapters:
             self.engine.unregister_adapter(key)
             raise AdapterError(
                 f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
-                f"registered (they are now {adapter.digest}); register it again"
+                f"registered (they are now {adapter.digest}); delete it and register it again"
             )
         current = await self.registry.get_adapter(name)
         now = current.version if current else None

@@ -258,7 +258,7 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     outside = tmp_path / "outside"
     shutil.copytree(stack.tiny.adapters["lora-0"], outside)
     bad_dirs = {
-        "outside the configured adapter roots": outside,
+        "outside the adapter roots [": outside,
         "not a directory": stack.tiny.adapters_dir / "missing",
         # found by the fuzzer (test_fuzz.py): these were a 500
         "NUL character": "lora\x00",
@@ -273,6 +273,10 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     for fragment, path in bad_dirs.items():
         status, resp = await post(stack, "/v1/adapters", {"name": "bad", "path": str(path)}, auth)
         assert status == 400 and fragment in resp["error"]["message"], resp
+    # a misspelt field is refused, not dropped: "ownr" made a private adapter public
+    body = {"name": "bad", "path": str(stack.tiny.adapters["lora-0"]), "ownr": "acme"}
+    status, resp = await post(stack, "/v1/adapters", body, auth)
+    assert (status, resp["error"]["param"]) == (400, "ownr"), resp
     assert [e.name for e in await stack.store.list_adapters()] == before
 
     status, resp = await in_flight

@@ -107,11 +107,11 @@ def test_a_directory_reached_through_a_link_out_of_the_roots_is_refused(
 ) -> None:
     outside = Path(shutil.move(adapter, tmp_path / "outside"))
     (root / "a").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(APIError, match="outside the configured adapter roots") as e:
+    with pytest.raises(APIError, match="outside the adapter roots .*adapter_roots") as e:
         _register(root / "a", root, engine_cfg)
     assert e.value.status == 400
     (root / "b").symlink_to(root / "a")  # a chain of links ends where the last one points
-    with pytest.raises(APIError, match="outside the configured adapter roots"):
+    with pytest.raises(APIError, match="outside the adapter roots"):
         _register(root / "b", root, engine_cfg)
 
 
