@@ -1,9 +1,11 @@
 """Talk to dlora over NATS directly, with no gateway: publish a GenerateRequest, read TokenChunks.
 
-    python examples/nats_client.py nats://127.0.0.1:4222 lora-0 "kalo remi"
+    python examples/nats_client.py 'nats://app:PASSWORD@127.0.0.1:4222' lora-0 "kalo remi"
 
-(`dlora up` prints its NATS URL in the DLORA_NATS_URL of its services; set `nats_url` in
-dlora.toml to run against your own server.)
+with the URL `dlora up` prints as "NATS (applications)": its NATS server has users, and an
+application connects as `app` (an unnamed connection is refused: "Authorization Violation").
+Against your own NATS server (`nats_url` in dlora.toml), the URL and user your deployment gives
+applications (deploy/README.md).
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 
 
+async def _quiet(e: Exception) -> None:
+    pass
+
+
 async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: int = 16) -> str:
-    nc = await nats.connect(nats_url)
+    # A refused login or no server is raised from connect() (nats-py would retry and print each)
+    nc = await nats.connect(nats_url, max_reconnect_attempts=1, error_cb=_quiet)
     # Requests go on your NATS user's own subject, and their replies to one under its name: where
     # the server has users (`dlora up`'s is `app`), those are the only ones you may use.
     user = urllib.parse.urlsplit(nats_url).username or "app"
@@ -52,4 +59,7 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
 
 if __name__ == "__main__":
     url, adapter, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
-    print(asyncio.run(generate(url, None if adapter == "-" else adapter, prompt)))
+    try:
+        print(asyncio.run(generate(url, None if adapter == "-" else adapter, prompt)))
+    except (nats.errors.Error, OSError, RuntimeError) as e:  # a refused login, no server, a refused request
+        sys.exit(f"nats_client: {e}")

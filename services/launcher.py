@@ -313,6 +313,15 @@ class LocalStack:
             return self.nats_url
         return self.nats_url.replace("nats://", f"nats://{APP_USER}:{self.nats_passwords[APP_USER]}@", 1)
 
+    @property
+    def redis_login_url(self) -> str:
+        """Redis with the credentials this stack made for it (``redis-cli -u`` takes it as it is)."""
+        env = self.role_env["gateway"]
+        if "DLORA_REDIS_PASSWORD" not in env:
+            return self.redis_url
+        login = f"{env['DLORA_REDIS_USERNAME']}:{env['DLORA_REDIS_PASSWORD']}@"
+        return self.redis_url.replace("redis://", f"redis://{login}", 1)
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -343,12 +352,15 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         nats_port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None
         stack = LocalStack(workers, model, lora, port, config, nats_port=nats_port)
         stack.start()
-        first = next(iter(stack.loras), stack.model_dir.name)
+        served = stack.base.served_model_name or stack.model_dir.name  # what requests name as their model
+        first = next(iter(stack.loras), served)
         print(
-            f"\ndlora is up: {stack.url}  ({workers} worker{'s' * (workers != 1)}, model {stack.model_dir.name}, "
+            f"\ndlora is up: {stack.url}  ({workers} worker{'s' * (workers != 1)}, model {served}, "
             f"adapters: {', '.join(stack.loras) or 'none'})"
         )
-        print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_url}  admin key: {stack.admin_key}")
+        print(
+            f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_login_url}  admin key: {stack.admin_key}"
+        )
         print(f"status page: {stack.url}/dashboard#key={stack.admin_key}")
         print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
         # With auth = "keys" inference wants a key: the admin key serves until one is made.

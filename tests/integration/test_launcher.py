@@ -94,6 +94,9 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
         assert resp["usage"]["completion_tokens"] == 5
         assert (tmp_path / ".cache" / "demo" / "model" / "config.json").exists()
         nats_url = re.search(r"NATS \(applications\): (nats://\S+)", out).group(1)
+        import redis  # the Redis URL it prints logs in as it is (it lacked the credentials: NOAUTH)
+
+        assert redis.Redis.from_url(re.search(r"Redis: (redis://\S+)", out).group(1)).ping()
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         run_readme_loadgen(f"http://127.0.0.1:{port}", nats_url, elsewhere)
