@@ -30,7 +30,6 @@ from dlora.common.exporter import metrics_response
 from dlora.common.messages import (
     AbortRequest,
     AdapterEntry,
-    AdapterEvent,
     ErrorCode,
     GenerateRequest,
     MovePlan,
@@ -42,7 +41,7 @@ from dlora.common.state import Inflight, StateStore
 from dlora.model.config import ModelConfig
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import dashboard, openai, openapi
-from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
+from dlora.services.gateway.adapter_routes import AdapterAdmin
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
 from dlora.services.gateway.connections import listen
@@ -124,7 +123,7 @@ class Gateway:
             # costs one Redis lookup.
             who = await self.auth.inference(request)
             with self.auth.admitted(who):
-                raw = await self._read_body(request)
+                raw = await self.read_body(request)
                 try:
                     body, refused = openai.decode_body(raw, ChatBody if chat else CompletionBody), None
                 except APIError as e:  # still counted under the model it names, read past the rest
@@ -352,39 +351,6 @@ class Gateway:
         workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
         return model_cards(self.base_name, workers, adapters, who, int(time.time()))
 
-    async def add_adapter(self, request: web.Request) -> web.Response:
-        await self.auth.admin(request)
-        raw = await self._read_body(request)
-        body = openai.decode_body(raw, AdapterBody)
-        taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
-        if await self.store.get_adapter(body.name) is not None:  # cheap refusal before loading the files
-            raise taken
-        entry = await asyncio.to_thread(
-            check_adapter,
-            body.name,
-            body.path,
-            self.s.adapter_roots,
-            self.base_name,
-            self.cfg,
-            self.s.adapter_limits,
-            body.owner or "",
-        )
-        if not await self.registry.register(entry):  # atomic: of two racing registrations one wins
-            raise taken
-        await bus.publish(
-            self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=entry.name, removed=False, version=entry.version)
-        )
-        return web.json_response(msgspec.to_builtins(entry), status=201)
-
-    async def delete_adapter(self, request: web.Request) -> web.Response:
-        await self.auth.admin(request)
-        name = request.match_info["name"]
-        # A name no adapter can have is not registered; the durable copy would refuse it as a key.
-        if not valid_name(name) or not await self.registry.remove(name):
-            raise APIError(404, f"adapter {name!r} is not registered", param="name")
-        await bus.publish(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
-        return web.json_response({"id": name, "object": "model", "deleted": True})
-
     async def healthz(self, request: web.Request) -> web.Response:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
         NATS connected, a dispatcher answering, a worker live: ``health.readiness``); else 503
@@ -432,7 +398,7 @@ class Gateway:
         if context != self.served.context:
             self.served = dataclasses.replace(self.served, context=context)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
         return await read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
 
     def app(self) -> web.Application:
@@ -444,14 +410,18 @@ class Gateway:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)  # names may hold a slash (org/name)
-        app.router.add_post("/v1/adapters", self.add_adapter)
-        app.router.add_delete("/v1/adapters/{name}", self.delete_adapter)
-        keys = KeyAdmin(self.auth, self._read_body)
+        adapters = AdapterAdmin(self)
+        app.router.add_post("/v1/adapters", adapters.add)
+        app.router.add_delete("/v1/adapters/{name}", adapters.delete)
+        app.router.add_post("/v1/load_lora_adapter", adapters.vllm_load)  # vLLM's names, for its scripts
+        app.router.add_post("/v1/unload_lora_adapter", adapters.vllm_unload)
+        keys = KeyAdmin(self.auth, self.read_body)
         app.router.add_post("/v1/keys", keys.create)
         app.router.add_get("/v1/keys", keys.listing)
         app.router.add_delete("/v1/keys/{id}", keys.revoke)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.healthz)
+        app.router.add_get("/health", self.healthz)  # vLLM's name
         app.router.add_get("/livez", self.livez)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/v1/status", self.status)

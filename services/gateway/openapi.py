@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from dlora.services.gateway.adapter_routes import LoadLoraAdapterBody, UnloadLoraAdapterBody
 from dlora.services.gateway.admin import AdapterBody
 from dlora.services.gateway.keys import KeyBody
 from dlora.services.gateway.openai import ChatBody, CompletionBody
@@ -68,6 +69,13 @@ def _json_body(ref: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": ref}}}
 
 
+def _text_responses(ok: str, *errors: int) -> dict[str, Any]:
+    """``_responses`` with a success answered as a line of text (vLLM's adapter endpoints)."""
+    out = _responses("", *errors, 408, 413, 415)
+    out["200"] = {"description": ok, "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return out
+
+
 def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
     error = {"application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}}
     out: dict[str, Any] = {}
@@ -100,10 +108,13 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
 
 @functools.cache
 def document() -> dict[str, Any]:
-    """The OpenAPI document of every route a client uses (``/metrics``, ``/readyz``, an alias of
-    ``/healthz``, and the ``/dashboard`` page's HTML are left out)."""
-    bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody, ClusterStatus]
-    (completion, chat, adapter, key, _, status), schemas = msgspec.json.schema_components(bodies, ref_template=_REF)
+    """The OpenAPI document of every route a client uses (``/metrics``, ``/readyz`` and ``/health``,
+    aliases of ``/healthz``, and the ``/dashboard`` page's HTML are left out)."""
+    bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody, ClusterStatus, LoadLoraAdapterBody]
+    bodies.append(UnloadLoraAdapterBody)
+    (completion, chat, adapter, key, _, status, load, unload), schemas = msgspec.json.schema_components(
+        bodies, ref_template=_REF
+    )
     for name in _closed_structs(bodies):
         schemas[name]["additionalProperties"] = False
     admin: list[dict[str, list[str]]] = [{"admin": []}]
@@ -164,6 +175,24 @@ def document() -> dict[str, Any]:
                 "security": admin,
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": _responses("unregistered", 401, 403, 404),
+            }
+        },
+        "/v1/load_lora_adapter": {
+            "post": {
+                "operationId": "loadLoraAdapter",
+                "description": "vLLM's: registers lora_name from lora_path (load_inplace: replaces it)",
+                "security": admin,
+                "requestBody": _json_body(load),
+                "responses": _text_responses("Success: LoRA adapter '...' added successfully.", 400, 401, 403, 409),
+            }
+        },
+        "/v1/unload_lora_adapter": {
+            "post": {
+                "operationId": "unloadLoraAdapter",
+                "description": "vLLM's: unregisters lora_name",
+                "security": admin,
+                "requestBody": _json_body(unload),
+                "responses": _text_responses("Success: LoRA adapter '...' removed successfully.", 400, 401, 403, 404),
             }
         },
         "/v1/keys": {

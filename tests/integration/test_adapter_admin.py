@@ -88,3 +88,34 @@ async def test_a_replaced_adapter_serves_each_request_on_its_own_version(stack: 
     for w in stack.workers:
         assert f"versioned@{a['version']}" not in w.engine.adapters
         assert w.engine.merger.merged != f"versioned@{a['version']}"
+
+
+async def test_vllms_runtime_lora_endpoints_work_as_vllm_answers_them(stack: Stack) -> None:
+    """A script written for vLLM (VLLM_ALLOW_RUNTIME_LORA_UPDATING) loads, replaces in place and
+    unloads adapters here too (it got 404s); they take the admin key, as /v1/adapters does."""
+    new = stack.tiny.adapters_dir / "vllm-style"
+    shutil.copytree(stack.tiny.adapters["lora-2"], new, dirs_exist_ok=True)
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"model": "sql", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}
+
+    async def call(path: str, payload: dict, headers: dict | None = auth) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http, http.post(stack.url + path, json=payload, headers=headers) as r:
+            return r.status, await r.text()
+
+    assert (await call("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(new)}, None))[0] == 401
+    load = {"lora_name": "sql", "lora_path": str(new)}
+    assert await call("/v1/load_lora_adapter", load) == (200, "Success: LoRA adapter 'sql' added successfully.")
+    _, as_2 = await post(stack, "/v1/completions", {**body, "model": "lora-2"})
+    assert (await post(stack, "/v1/completions", body))[1]["choices"] == as_2["choices"]
+    assert (await call("/v1/load_lora_adapter", load))[0] == 409  # the name is taken (vLLM: 400)
+    shutil.rmtree(new)
+    shutil.copytree(stack.tiny.adapters["lora-0"], new)
+    assert (await call("/v1/load_lora_adapter", {**load, "load_inplace": True}))[0] == 200
+    _, as_0 = await post(stack, "/v1/completions", {**body, "model": "lora-0"})
+    assert (await post(stack, "/v1/completions", body))[1]["choices"] == as_0["choices"]
+    unload = {"lora_name": "sql", "lora_int_id": 7}
+    assert await call("/v1/unload_lora_adapter", unload) == (200, "Success: LoRA adapter 'sql' removed successfully.")
+    assert (await call("/v1/unload_lora_adapter", unload))[0] == 404
+    assert (await post(stack, "/v1/completions", body))[0] == 404
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/health") as r:
+        assert r.status == 200  # vLLM's health route, an alias of /healthz

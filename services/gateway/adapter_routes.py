@@ -1,0 +1,101 @@
+"""Adapter administration over HTTP, for admins: dlora's ``POST /v1/adapters`` (201 with the
+registry entry) and ``DELETE /v1/adapters/{name}``, and vLLM's runtime LoRA endpoints,
+``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``, so scripts written for vLLM
+work unchanged (answered as vLLM answers them: 200 and a line of text)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from dlora.common import bus, subjects
+from dlora.common.messages import AdapterEntry, AdapterEvent
+from dlora.services.gateway import openai
+from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
+from dlora.services.gateway.openai import APIError
+
+if TYPE_CHECKING:
+    from dlora.services.gateway.main import Gateway
+
+
+class LoadLoraAdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's ``POST /v1/load_lora_adapter``; ``load_inplace`` replaces an adapter of that name
+    (requests running on the old weights finish on them)."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoraAdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's ``POST /v1/unload_lora_adapter`` (``lora_int_id``, vLLM's internal number, is taken
+    and not used: names identify adapters here)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+class AdapterAdmin:
+    """The handlers, over the gateway's auth, registry and bus (read at each request: the gateway
+    opens its durable registry when it starts)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    async def add(self, request: web.Request) -> web.Response:
+        """201 with the entry. Raises (answered): APIError 401/403, 400 (a bad name, path or
+        adapter, named), 409 (the name is taken)."""
+        await self.gw.auth.admin(request)
+        body = openai.decode_body(await self.gw.read_body(request), AdapterBody)
+        entry = await self._register(body, replace=False)
+        return web.json_response(msgspec.to_builtins(entry), status=201)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """200 naming the adapter removed. Raises (answered): APIError 401/403, 404."""
+        await self.gw.auth.admin(request)
+        name = request.match_info["name"]
+        await self._remove(name)
+        return web.json_response({"id": name, "object": "model", "deleted": True})
+
+    async def vllm_load(self, request: web.Request) -> web.Response:
+        await self.gw.auth.admin(request)
+        body = openai.decode_body(await self.gw.read_body(request), LoadLoraAdapterBody)
+        adapter = AdapterBody(name=body.lora_name, path=body.lora_path)
+        entry = await self._register(adapter, replace=body.load_inplace)
+        return web.Response(text=f"Success: LoRA adapter '{entry.name}' added successfully.")
+
+    async def vllm_unload(self, request: web.Request) -> web.Response:
+        await self.gw.auth.admin(request)
+        body = openai.decode_body(await self.gw.read_body(request), UnloadLoraAdapterBody)
+        await self._remove(body.lora_name)
+        return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def _register(self, body: AdapterBody, replace: bool) -> AdapterEntry:
+        gw = self.gw
+        taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
+        if not replace and await gw.store.get_adapter(body.name) is not None:  # before loading the files
+            raise taken
+        entry = await asyncio.to_thread(
+            check_adapter,
+            body.name,
+            body.path,
+            gw.s.adapter_roots,
+            gw.base_name,
+            gw.cfg,
+            gw.s.adapter_limits,
+            body.owner or "",
+        )
+        if not await gw.registry.register(entry, replace=replace):  # atomic: of two racing ones one wins
+            raise taken
+        event = AdapterEvent(name=entry.name, removed=False, version=entry.version)
+        await bus.publish(gw.nc, subjects.ADAPTER_EVENTS, event)
+        return entry
+
+    async def _remove(self, name: str) -> None:
+        # A name no adapter can have is not registered; the durable copy would refuse it as a key.
+        if not valid_name(name) or not await self.gw.registry.remove(name):
+            raise APIError(404, f"adapter {name!r} is not registered", param="name")
+        await bus.publish(self.gw.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
