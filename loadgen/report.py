@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -116,4 +117,11 @@ def write(
         f"<th>tok/s</th><th>norm. latency mean (s/token)</th></tr>{rows}</table>"
         f'<img alt="report" src="data:image/png;base64,{png}">\n'
     )
-    (console or Console()).print(table(summary, by_adapter))
+    console = console or Console()
+    console.print(table(summary, by_adapter))
+    # Why requests failed, most common first: the table counts them, result.json keeps ten reasons.
+    reasons = Counter(r.error for r in results if r.sent and r.error is not None)
+    for reason, count in reasons.most_common(5):
+        console.print(f"failed ({count}): {reason}", markup=False, highlight=False)
+    if len(reasons) > 5:
+        console.print(f"... and {len(reasons) - 5} other reasons (result.json)")

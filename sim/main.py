@@ -24,7 +24,16 @@ from dlora.sim.replica import LLAMA_7B
 def profile(name: str) -> CostProfile:
     """A named profile, or ``calibrated:PATH``. Raises ValueError naming the choices."""
     if name.startswith("calibrated:"):
-        return calibrated(json.loads(Path(name.removeprefix("calibrated:")).read_text()))
+        path = Path(name.removeprefix("calibrated:"))
+        try:
+            bench = json.loads(path.read_text())
+            return calibrated(bench)
+        except (KeyError, TypeError, AttributeError) as e:  # JSON of another kind (a loadgen result, ...)
+            raise ValueError(
+                f"{path} is not the JSON of `dlora bench engine` or `dlora bench cluster` (no {e} where those have it)"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: {', '.join(PROFILES)} or calibrated:PATH")
     return PROFILES[name]

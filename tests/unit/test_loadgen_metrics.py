@@ -77,3 +77,20 @@ def test_a_request_that_failed_fast_is_no_fast_answer() -> None:
     failed at once read as the fastest. It counts as unfinished: a lower bound at the run's end."""
     failed = RequestResult(1.0, "a", 4, sent=True, error="HTTP 503", finish_s=1.01)
     assert failed.normalized_latency(end_s=5.0) == pytest.approx((5.0 - 1.0) / 4)
+
+
+def test_the_terminal_report_says_why_requests_failed(tmp_path) -> None:
+    """The table counted failures and the reasons were only in result.json."""
+    from rich.console import Console
+
+    from dlora.loadgen import report
+
+    results = [
+        RequestResult(0.0, "a", 4, sent=True, finish_s=0.1, error="HTTP 404: model 'a' does not exist"),
+        RequestResult(0.1, "a", 4, sent=True, finish_s=0.2, error="HTTP 404: model 'a' does not exist"),
+        RequestResult(0.2, None, 4, sent=True, finish_s=0.3, error="ClientConnectorError: refused"),
+    ]
+    console = Console(record=True, width=200)
+    report.write(tmp_path, {}, summarize(results, 1.0), summarize_by_adapter(results, 1.0), results, 1.0, console)
+    text = console.export_text()
+    assert "failed (2): HTTP 404: model 'a' does not exist" in text and "failed (1): ClientConnectorError" in text

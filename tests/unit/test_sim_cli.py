@@ -38,6 +38,20 @@ def test_an_unknown_profile_is_refused_with_the_choices(capsys: pytest.CaptureFi
     assert "dlora-artifact" in capsys.readouterr().out
 
 
+def test_a_calibration_file_of_another_kind_says_which_kinds_it_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loadgen result.json printed only "dlora simulate: 'bound'"."""
+    (tmp_path / "result.json").write_text(json.dumps({"rows": [], "spec": {}}))
+    (tmp_path / "broken.json").write_text("{")
+    for name, why in (
+        ("result.json", "is not the JSON of `dlora bench engine` or `dlora bench cluster`"),
+        ("broken.json", "is not JSON"),
+    ):
+        assert run_simulate(_args("--profile", f"calibrated:{tmp_path / name}")) == 2
+        assert why in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("option", "value"), [("--max-num-seqs", "0"), ("--max-loras", "-1")])
 def test_engine_limits_out_of_range_are_refused_by_name(
     option: str, value: str, capsys: pytest.CaptureFixture[str]
