@@ -20,6 +20,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     top_p: float = 1.0
     # Keep only the k most likely tokens (0 or -1 = all).
     top_k: int = 0
+    # Drop the tokens less likely than min_p times the most likely one (vLLM's; 0 = off).
+    min_p: float = 0.0
     # Seed for this request's own random generator; None draws from the engine's.
     seed: int | None = None
     # Generation stops when one of these strings appears; it is cut from the output text (unless
@@ -71,6 +73,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return "temperature", f"temperature must be in [0, 100], got {self.temperature}"
         if not 0.0 <= self.top_p <= 1.0:
             return "top_p", f"top_p must be in [0, 1], got {self.top_p}"
+        if not 0.0 <= self.min_p <= 1.0:
+            return "min_p", f"min_p must be in [0, 1], got {self.min_p}"
         if self.top_k < -1:
             return "top_k", f"top_k must be -1, 0 or positive, got {self.top_k}"
         for name in ("presence_penalty", "frequency_penalty"):

@@ -76,6 +76,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> [-100, 100]
     # vLLM extensions
     top_k: int | None = None
+    min_p: float | None = None  # [0, 1], default 0
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
@@ -119,6 +120,10 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     logprobs: bool | None = None
     top_logprobs: int | None = None  # [0, 20]
     response_format: Any = None
+    # vLLM extensions: how the conversation is rendered (see shaping.ChatTemplate)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     # Metadata with no effect on the tokens: accepted and ignored.
     metadata: dict[str, str] | None = None
     store: bool | None = None

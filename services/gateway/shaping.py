@@ -15,7 +15,7 @@ import math
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
@@ -124,7 +124,7 @@ def shape_request(
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
     asked: int | None  # max_tokens; None: what the context leaves
     if isinstance(body, ChatBody):
-        prompts = [(chat_prompt_ids(body.messages, model.tokenizer), None)]
+        prompts = [(chat_prompt_ids(body.messages, model.tokenizer, ChatTemplate.of(body)), None)]
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     else:
         prompts = prompt_ids(body.prompt, model.tokenizer, model.vocab_size)
@@ -238,16 +238,64 @@ def max_new_tokens(ids: list[int], asked: int | None, context: int, field: str =
     return room if asked is None else asked
 
 
-def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]:
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation is rendered (vLLM's chat request extensions): with the assistant's turn
+    opened after it (``add_generation_prompt``), or with its last message, the assistant's, left
+    open for the model to go on (``continue_final_message``); ``kwargs`` go to the template."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: ChatBody) -> ChatTemplate:
+        """Raises APIError(400): both options on (vLLM refuses it too), or a keyword the renderer sets itself."""
+        add = True if body.add_generation_prompt is None else body.add_generation_prompt
+        cont = bool(body.continue_final_message)
+        if add and cont:
+            raise APIError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true",
+                param="continue_final_message",
+            )
+        kwargs = body.chat_template_kwargs or {}
+        if reserved := sorted(set(kwargs) & _RENDERER_KWARGS):
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        return cls(add, cont, kwargs)
+
+
+# What apply_chat_template takes from the renderer itself, not from a request's chat_template_kwargs.
+_RENDERER_KWARGS = {
+    "conversation",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_dict",
+    "return_tensors",
+    "padding",
+    "truncation",
+    "max_length",
+    "tools",
+    "documents",
+    "chat_template",
+    "tokenizer_kwargs",
+}
+
+
+def chat_prompt_ids(
+    messages: list[ChatMessage], tokenizer: Tokenizer, template: ChatTemplate = ChatTemplate()
+) -> list[int]:
     """The prompt token ids for a conversation: the tokenizer's chat template rendered and
-    tokenized as ``apply_chat_template(..., tokenize=True, add_generation_prompt=True)`` does, so a
-    template that writes ``{{ bos_token }}`` is not given a second BOS by the tokenizer; without a
-    template, a plain "role: content" transcript ending with "assistant:", tokenized as a prompt.
+    tokenized as ``apply_chat_template(..., tokenize=True, add_generation_prompt=True)`` does (or
+    as ``template`` says), so a template that writes ``{{ bos_token }}`` is not given a second BOS
+    by the tokenizer; without a template, a plain "role: content" transcript ending with
+    "assistant:" (or, continuing the final message, with it unterminated), tokenized as a prompt.
 
     Raises:
         APIError(400): no messages, an unknown role, a message other than an assistant's without
-            content, tool calls, audio or non-text content, or a template that refuses the
-            conversation (its reason).
+            content, tool calls, audio or non-text content, a final message not the assistant's
+            to continue, or a template that refuses the conversation (its reason).
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
@@ -275,15 +323,27 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[i
             m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text or "" for p in parts)
         )
         plain.append({"role": m.role, "content": content or ""} | ({"name": m.name} if m.name else {}))
+    if template.continue_final_message and plain[-1]["role"] != "assistant":
+        raise APIError(400, "continue_final_message needs the last message to be the assistant's", param="messages")
     if getattr(tokenizer, "chat_template", None):
         try:
-            template = tokenizer.apply_chat_template  # type: ignore[attr-defined]  # not in the Protocol: optional
-            out = template(plain, tokenize=True, add_generation_prompt=True)
+            render = tokenizer.apply_chat_template  # type: ignore[attr-defined]  # not in the Protocol: optional
+            out = render(
+                plain,
+                tokenize=True,
+                add_generation_prompt=template.add_generation_prompt,
+                continue_final_message=template.continue_final_message,
+                **template.kwargs,
+            )
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
             raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
         # a list of ids, or (transformers 5) an encoding holding them
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
-    return list(tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"))
+    lines = [f"{m['role']}: {m['content']}\n" for m in plain]
+    if template.continue_final_message:
+        lines[-1] = lines[-1].removesuffix("\n")
+    opened = "assistant:" if template.add_generation_prompt else ""
+    return list(tokenizer.encode("".join(lines) + opened))
 
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
@@ -404,6 +464,7 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
         seed=body.seed,
         stop=stop,
         stop_token_ids=body.stop_token_ids or [],

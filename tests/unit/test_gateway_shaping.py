@@ -349,3 +349,43 @@ def test_a_template_that_writes_bos_gets_one_bos(tiny_llama, tmp_path: Path) -> 
     # and a chat request through shaping is given those ids
     served = ServedModel(tok, 1 << 16, CONTEXT)
     assert shape(served, {"messages": plain}, chat=True).choices[0].request.prompt_token_ids == list(expected)
+
+
+def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: Path) -> None:
+    """add_generation_prompt, continue_final_message and chat_template_kwargs, vLLM's chat
+    extensions (refused as unknown fields before), rendered as transformers renders them."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    conf = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    tok.chat_template = conf["chat_template"].replace("[assistant] ", "[assistant{{ suffix | default('') }}] ")
+    served = ServedModel(tok, 1 << 16, CONTEXT)
+    plain = [{"role": "user", "content": "kalo"}, {"role": "assistant", "content": "remi"}]
+
+    def ids(**options: Any) -> list[int]:
+        return shape(served, {"messages": plain, **options}, chat=True).choices[0].request.prompt_token_ids
+
+    for options in (
+        {"add_generation_prompt": False},
+        {"add_generation_prompt": False, "continue_final_message": True},
+        {"chat_template_kwargs": {"suffix": "-x"}},
+    ):
+        rendering = {"add_generation_prompt": True} | options
+        rendering |= rendering.pop("chat_template_kwargs", {})  # vLLM passes them as the template's own
+        expected = tok.apply_chat_template(plain, tokenize=True, **rendering)["input_ids"]
+        assert ids(**options) == list(expected), options
+    assert ids(add_generation_prompt=False) != ids() != ids(chat_template_kwargs={"suffix": "-x"})
+    continued = tok.decode(ids(add_generation_prompt=False, continue_final_message=True))
+    assert continued.endswith("remi")  # left open for the model to go on
+    for body, param in (
+        ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt (default true)
+        ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
+    ):
+        assert refused(served, {"messages": plain, **body}, chat=True).param == param
+    last_user = {"messages": plain[:1], "add_generation_prompt": False, "continue_final_message": True}
+    assert "assistant's" in refused(served, last_user, chat=True).message
+    # without a template: the transcript, left open or not opened
+    transcript = shaping.chat_prompt_ids(
+        [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="yo")],
+        _Chars(),
+        shaping.ChatTemplate(add_generation_prompt=False, continue_final_message=True),
+    )
+    assert transcript == [ord(c) for c in "user: hi\nassistant: yo"]

@@ -63,6 +63,7 @@ def test_seeded_rows_repeat_whatever_the_batch() -> None:
         (SamplingParams(stop=[""]), "stop"),
         (SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
         (SamplingParams(min_tokens=17), "min_tokens"),
+        (SamplingParams(min_p=1.5), "min_p"),
         (SamplingParams(min_tokens=-1), "min_tokens"),
         (SamplingParams(logit_bias={3: 100.5}), "logit_bias"),
         (SamplingParams(logit_bias={3: float("nan")}), "logit_bias"),
@@ -207,14 +208,17 @@ def test_penalties_change_the_greedy_choice() -> None:
     temperature=st.floats(1e-3, 10.0),
     top_p=st.sampled_from([0.0, 1e-6, 0.3, 0.9, 1.0]),
     top_k=st.integers(-1, 60),
+    min_p=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
     ties=st.booleans(),
 )
-def test_rows_filtered_together_equal_each_row_alone(temperature: float, top_p: float, top_k: int, ties: bool) -> None:
+def test_rows_filtered_together_equal_each_row_alone(
+    temperature: float, top_p: float, top_k: int, min_p: float, ties: bool
+) -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
     if ties:  # equal values at the top-k and nucleus bounds: kept or dropped as the row version does
         logits = logits.round()
     params = [
-        SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k),
+        SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p),
         SamplingParams(temperature=1.0),
         SamplingParams(temperature=0.5, top_k=3),
         SamplingParams(temperature=2.0, top_p=0.5),
@@ -222,6 +226,18 @@ def test_rows_filtered_together_equal_each_row_alone(temperature: float, top_p: 
     together = filtered_probs_rows(logits, params)
     for row, p, got in zip(logits, params, together):
         assert torch.allclose(got, filtered_probs(row, p), atol=1e-6), p
+
+
+def test_min_p_is_transformers_min_p_warper() -> None:
+    from transformers import MinPLogitsWarper
+
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(9)) * 3
+    for min_p, temperature in ((0.05, 1.0), (0.3, 0.7), (1.0, 1.3)):
+        p = SamplingParams(temperature=temperature, min_p=min_p)
+        expected = MinPLogitsWarper(min_p)(torch.zeros(1, 1, dtype=torch.long), logits / temperature).softmax(-1)
+        assert torch.allclose(filtered_probs(logits[0], p), expected[0], atol=1e-6)
+        assert torch.allclose(filtered_probs_rows(logits, [p])[0], expected[0], atol=1e-6)
+    assert (filtered_probs(logits[0], SamplingParams(temperature=1.0, min_p=0.3)) > 0).sum() < 40  # it filters
 
 
 def test_the_exponential_race_draws_from_the_filtered_distribution() -> None:

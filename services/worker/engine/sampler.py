@@ -8,6 +8,7 @@ Safe for every parameter value the API accepts: temperatures below ``GREEDY_BELO
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -199,11 +200,14 @@ def position_generator(seed: int, position: int) -> torch.Generator:
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Probabilities (vocab,) after temperature, then top-k, then top-p (nucleus). The most likely
+    """Probabilities (vocab,) after temperature, then min-p (a token less likely than ``min_p``
+    times the most likely goes), then top-k, then top-p (nucleus): vLLM's order. The most likely
     token always keeps its place, so the result is a distribution for any accepted parameters.
     One row at a time: the reference ``filtered_probs_rows``, which ``sample`` uses, is tested
     against."""
     scaled = logits.float() / max(p.temperature, GREEDY_BELOW)
+    if p.min_p > 0.0:
+        scaled = scaled.masked_fill(scaled < scaled.max() + math.log(p.min_p), float("-inf"))
     if 0 < p.top_k < scaled.numel():
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -225,6 +229,9 @@ def filtered_probs_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
     vocab, dev = logits.shape[-1], logits.device
     temperature = to_device([max(p.temperature, GREEDY_BELOW) for p in params], torch.float32, dev)
     scaled = logits.float() / temperature[:, None]
+    if any(p.min_p > 0.0 for p in params):  # log(min_p) below the row's top logit; min_p 0: -inf, no-op
+        floor = to_device([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], torch.float32, dev)
+        scaled = scaled.masked_fill(scaled < scaled.amax(-1, keepdim=True) + floor[:, None], float("-inf"))
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     rows = [i for i, (k, p) in enumerate(zip(ks, params)) if k < vocab or p.top_p < 1.0]
     if not rows:
