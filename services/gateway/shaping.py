@@ -322,7 +322,8 @@ def chat_prompt_ids(
         content = (
             m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text or "" for p in parts)
         )
-        plain.append({"role": m.role, "content": content or ""} | ({"name": m.name} if m.name else {}))
+        named = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}  # as vLLM passes them
+        plain.append({"role": m.role, "content": content or ""} | named)
     if template.continue_final_message and plain[-1]["role"] != "assistant":
         raise APIError(400, "continue_final_message needs the last message to be the assistant's", param="messages")
     if getattr(tokenizer, "chat_template", None):

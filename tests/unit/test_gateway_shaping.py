@@ -383,6 +383,12 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
     last_user = {"messages": plain[:1], "add_generation_prompt": False, "continue_final_message": True}
     assert "assistant's" in refused(served, last_user, chat=True).message
     # without a template: the transcript, left open or not opened
+    # a tool message's tool_call_id reaches the template, as its name does
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m.get('tool_call_id', '-') }};{% endfor %}"
+    tool = [{"role": "user", "content": "a"}, {"role": "tool", "content": "b", "tool_call_id": "call-7"}]
+    assert tok.decode(shape(served, {"messages": tool}, chat=True).choices[0].request.prompt_token_ids).endswith(
+        "user:-;tool:call-7;"
+    )
     transcript = shaping.chat_prompt_ids(
         [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="yo")],
         _Chars(),
