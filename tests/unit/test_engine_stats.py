@@ -24,3 +24,16 @@ def test_a_prefill_chunk_that_made_no_token_is_paid_by_the_tokens_after_it() -> 
     st.record_adapters(1.0, 10, [("a", 10, False)])  # the first chunk of a's prompt
     st.record_adapters(1.0, 10, [("a", 10, True)])  # the rest, and its first token
     assert st.adapter_seconds_per_token()["a"] == pytest.approx(2.0)
+
+
+def test_a_forgotten_adapter_leaves_one_entry_per_name_and_its_counts() -> None:
+    """Every version a worker ever served kept its entries (thousands over a worker's life)."""
+    st = EngineStats()
+    for version, loads in (("v1", 2), ("v2", 3)):
+        key = f"a@{version}"
+        st.loads_by_adapter[key], st.load_seconds_by_adapter[key] = loads, 0.5 * loads
+        st.record_adapters(1.0, 1, [(key, 1, True)])
+        st.forget_adapter(key)
+    assert st.loads_by_adapter == {"a": 5} and st.load_seconds_by_adapter == {"a": 2.5}  # by name, monotonic
+    assert st.adapter_seconds == {} and st.adapter_tokens == {}
+    st.forget_adapter("never-held")  # nothing to forget: nothing happens

@@ -181,6 +181,7 @@ class LLMEngine:
             self.device_loras.clear(slot)
         del self.adapters[name]
         self.merger.unmergeable.discard(name)
+        self.stats.forget_adapter(name)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(

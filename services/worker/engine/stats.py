@@ -71,6 +71,18 @@ class EngineStats:
         its batch."""
         return self.merge_seconds + self.unmerge_seconds + self.adapter_load_seconds
 
+    def forget_adapter(self, key: str) -> None:
+        """An adapter (engine key ``name@version``) is gone from the engine: its step-time shares go,
+        its load counts fold into its name's (counters stay monotonic by name, and a worker that
+        serves thousands of versions over its life keeps one entry per name, not per version)."""
+        self.adapter_seconds.pop(key, None)
+        self.adapter_tokens.pop(key, None)
+        name = key.partition("@")[0]
+        if name != key:
+            for by_key in (self.loads_by_adapter, self.load_seconds_by_adapter):
+                if key in by_key:
+                    by_key[name] = by_key.get(name, 0) + by_key.pop(key)
+
     def adapter_seconds_per_token(self) -> dict[str, float]:
         return {a: self.adapter_seconds[a] / n for a, n in self.adapter_tokens.items() if n}
 
