@@ -31,4 +31,10 @@ async def page(_: web.Request) -> web.FileResponse:
 def add_static(app: web.Application) -> None:
     """The page's script and style, under ``/dashboard/``."""
     app.router.add_get("/dashboard", page)
+    app.router.add_get("/dashboard/", _to_page)  # before the static route, which would answer 403
     app.router.add_static("/dashboard/", STATIC, show_index=False)
+
+
+async def _to_page(request: web.Request) -> web.Response:
+    """``/dashboard/`` is the page too (the browser keeps the ``#key=`` fragment over a redirect)."""
+    raise web.HTTPPermanentRedirect("/dashboard")

@@ -207,6 +207,8 @@ async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:
         # a wrong method is a 405 that says which are allowed (RFC 9110 requires Allow)
         async with http.get(stack.url + "/v1/chat/completions") as r:
             assert r.status == 405 and "POST" in r.headers["Allow"] and (await r.json())["error"]["message"]
+        async with http.get(stack.url + "/dashboard/", allow_redirects=False) as r:  # was a 403
+            assert (r.status, r.headers["Location"]) == (308, "/dashboard")
     # echo gives the prompt as written
     status, resp = await post(stack, "/v1/completions", {**base, "prompt": "kalo  remi", "echo": True, "max_tokens": 0})
     assert resp["choices"][0]["text"] == "kalo  remi"
