@@ -74,10 +74,14 @@ class AdapterAdmin:
         return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def _register(self, body: AdapterBody, replace: bool) -> AdapterEntry:
+        """Raises APIError: 409 when the name is taken (and not ``replace``), check_adapter's 400s."""
         gw = self.gw
         taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
-        if not replace and await gw.store.get_adapter(body.name) is not None:  # before loading the files
+        current = await gw.store.get_adapter(body.name)
+        if current is not None and not replace:  # before loading the files
             raise taken
+        if current is not None and body.owner is None:  # replaced in place: still its tenant's, not public
+            body = msgspec.structs.replace(body, owner=current.owner)
         entry = await asyncio.to_thread(
             check_adapter,
             body.name,

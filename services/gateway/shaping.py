@@ -435,7 +435,7 @@ def json_schema(response_format: Any) -> str | None:
     return text
 
 
-_TOKEN_ID = re.compile(r"-?[0-9]+")
+_TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # int() refuses a string of over 4,300 digits (a 500)
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:

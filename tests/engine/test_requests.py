@@ -88,6 +88,7 @@ def test_the_generation_configs_end_of_sequence_ids_stop_as_transformers_stops(
     outs = [o for _ in range(12) for o in engine.step()]
     stopped = [t for o in outs for t in o.new_token_ids]
     assert stopped == full[: full.index(full[2]) + 1] and outs[-1].finish_reason is FinishReason.STOP
+    assert outs[-1].stop_reason == full[2]  # named, as vLLM makes these ids stop_token_ids
     reference = AutoModelForCausalLM.from_pretrained(model).generate(
         torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT)), max_new_tokens=10, do_sample=False
     )

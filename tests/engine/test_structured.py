@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dlora.common.messages import FinishReason, SamplingParams
+from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA
@@ -124,3 +124,14 @@ def test_a_schema_the_grammar_engine_gives_up_on_midway_fails_as_the_request_s_f
     assert outputs["x"].error_code == "bad_request"
     assert outputs["x"].error == "response_format schema cannot be used: Too many items (limit 50000)"
     assert engine.has_unfinished() and "x" not in engine.seqs
+
+
+def test_min_tokens_that_hold_back_the_token_a_schema_needs_fail_as_the_requests_fault(tiny_llama: TinyOutput) -> None:
+    """The schema allows only "{" first, and min_tokens masks it as a stop token: nothing is left.
+    It failed as an internal error blaming the model's logits (a 500)."""
+    engine = make_engine(tiny_llama)
+    brace = engine.tokenizer.encode("{", add_special_tokens=False)[0]
+    params = SamplingParams(max_tokens=20, json_schema=json.dumps(SCHEMA), stop_token_ids=[brace], min_tokens=5)
+    engine.add_request("r", prompt_token_ids=PROMPT, params=params, adapter="lora-0")
+    [out] = [o for _ in range(3) for o in engine.step()]
+    assert out.error_code is ErrorCode.BAD_REQUEST and "constraints mask every one" in out.error

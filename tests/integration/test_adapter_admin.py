@@ -119,3 +119,10 @@ async def test_vllms_runtime_lora_endpoints_work_as_vllm_answers_them(stack: Sta
     assert (await post(stack, "/v1/completions", body))[0] == 404
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/health") as r:
         assert r.status == 200  # vLLM's health route, an alias of /healthz
+    # replaced in place, a tenant's adapter stays the tenant's (it was made public)
+    status, _ = await post(stack, "/v1/adapters", {"name": "owned", "path": str(new), "owner": "acme"}, auth)
+    assert status == 201
+    assert (await call("/v1/load_lora_adapter", {"lora_name": "owned", "lora_path": str(new), "load_inplace": True}))[
+        0
+    ] == 200
+    assert (await stack.store.get_adapter("owned")).owner == "acme"

@@ -189,7 +189,9 @@ def test_logit_bias_and_min_tokens_are_transformers_processors() -> None:
     assert torch.equal(got[0], expected[0])
     banned = MinNewTokensLengthLogitsProcessor(4, 6, [2, 39, 11])(torch.zeros(1, 5, dtype=torch.long), logits[1:2])
     assert torch.equal(got[1], banned[0])  # one of two new tokens made: EOS and the stop tokens are masked
-    assert got[2, 11] == float("-inf") and got[2, 2] == logits[2, 2]  # bias added to -inf; EOS ignored
+    assert got[2, 11] == float("-inf") and got[2, 2] == float(
+        "-inf"
+    )  # bias added to -inf; EOS masked with ignore_eos too (vLLM)
     reached = sampler.bias(logits, params, [0, 2, 2], eos)  # min_tokens reached: only the bias is left
     assert reached[1].equal(logits[1]) and reached[2, 11] == logits[2, 11] + 3.0
     assert sampler.bias(logits, [SamplingParams()] * 3, [0, 0, 0], eos) is logits  # nothing asked: no copy

@@ -36,6 +36,12 @@ def test_stop_reason_names_the_stop_string_or_token_not_eos() -> None:
     assert matched("ab<x>", 2, token=9, stop_token_ids=[9, 2]) == 9
     assert matched("ab", 2, token=2, stop_token_ids=[2]) is None  # a stop token that is also EOS: EOS (vLLM)
     assert matched("ab", 2, token=2) is None  # EOS (vLLM: stop_reason None)
+    # the model's other end-of-sequence ids (generation_config.json's) are vLLM's stop_token_ids: named
+    extra = check_stop("ab", 2, 74, SamplingParams(), {2, 74}, 1, 10, 100, primary_eos=2)
+    assert (
+        extra.matched == 74
+        and check_stop("ab", 2, 2, SamplingParams(), {2, 74}, 1, 10, 100, primary_eos=2).matched is None
+    )
     assert matched("ab", 2, max_tokens=1) is None  # length
 
 
@@ -56,7 +62,8 @@ def test_a_stop_string_passed_under_min_tokens_is_not_found_later() -> None:
     for stops in (["vo"], ["vo", "zzzzzzzz"]):
         assert stop("suvo ri", 5, n=9, stop=stops, min_tokens=8) == (None, "suvo ri")
     assert find_stop("suvo ri", ["vo", "zzzzzzzz"], old_len=5) is None
-    assert find_stop("suvo rizz", ["zz", "o rizz"], old_len=7) == (3, 9)  # each from where it could end new
+    assert find_stop("suvo rizz", ["o rizz", "zz"], old_len=7) == (3, 9)  # each from where it could end new
+    assert find_stop("suvo rizz", ["zz", "o rizz"], old_len=7) == (3, 9)  # the earliest, not the first listed
 
 
 def test_include_stop_str_in_output_keeps_what_ended_the_request() -> None:

@@ -31,7 +31,7 @@ from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprobs
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
-from dlora.services.worker.engine.sampler import SamplingError, bias, constrain, position_generator, sample
+from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError, sample_sequences
 from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
@@ -99,8 +99,9 @@ class LLMEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.eos_ids = set(cfg.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.primary_eos = self.tokenizer.eos_token_id  # the others stop with their id as stop_reason
+        if self.primary_eos is not None:
+            self.eos_ids.add(self.primary_eos)
 
         weights = load_weights(model, cfg, self.dtype, self.device)
         # The Triton path keeps a block past the block manager's for padded rows' writes (DecodeGraphs).
@@ -311,14 +312,7 @@ class LLMEngine:
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         if logits is None:
             return ran, None, [], failed
-        generators = [
-            position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else self._rng
-            for s in ran
-        ]
-        params, histories = [s.params for s in ran], [(s.prompt_ids, s.output_ids) for s in ran]
-        biased = bias(logits, params, [len(out) for _, out in histories], self.eos_ids)
-        tokens = sample(constrain(biased, [s.matcher for s in ran]), params, generators, histories)
-        return ran, logits, tokens, failed
+        return ran, logits, sample_sequences(logits, ran, self._rng, self.eos_ids), failed
 
     def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:
         """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what
@@ -360,7 +354,8 @@ class LLMEngine:
         logprobs = token_logprobs(logits, wanted) if logits is not None else {}
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if isinstance(tok, SamplingError):
-                outputs.append(self._fail(seq, f"sampling failed: {tok}"))
+                code = ErrorCode.BAD_REQUEST if isinstance(tok, NothingAllowed) else ErrorCode.INTERNAL
+                outputs.append(self._fail(seq, f"sampling failed: {tok}", code))
                 continue
             try:
                 if seq.matcher is not None and (why := refusal(seq.matcher, tok)) is not None:
@@ -473,7 +468,7 @@ class LLMEngine:
         return build_inputs(batch, slots, self.blocks, self.kernels, self.device)
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:
-        out = advance(seq, token, self.eos_ids, self.max_model_len)
+        out = advance(seq, token, self.eos_ids, self.max_model_len, self.primary_eos)
         if out.finish_reason is not None:
             self._finish(seq, out.finish_reason)
         return out

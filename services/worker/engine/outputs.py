@@ -76,7 +76,9 @@ def _logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[
     return out
 
 
-def advance(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int) -> RequestOutput:
+def advance(
+    seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, primary_eos: int | None = None
+) -> RequestOutput:
     """Record the sampled token on ``seq``, update its text and stop conditions, and report the
     delta; a finished output's sequence is for the caller to free."""
     seq.num_cached = seq.total_len
@@ -93,6 +95,7 @@ def advance(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int) ->
         seq.total_len,
         max_model_len,
         document_complete=seq.matcher is not None and seq.matcher.is_stopped(),
+        primary_eos=primary_eos,
     )
     seq.text, reason = stop.text, stop.reason
     visible = visible_end(seq.text, seq.emitted, seq.params, finished=reason is not None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,12 +19,20 @@ from dlora.kernels.host import to_device
 from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.structured import allowed
 
+if TYPE_CHECKING:
+    from dlora.services.worker.engine.sequence import Sequence
+
 # Temperatures below this sample greedily (vLLM: vllm/sampling_params.py, _SAMPLING_EPS = 1e-5).
 GREEDY_BELOW = 1e-5
 
 
 class SamplingError(ValueError):
     """One row could not be sampled; the message says why (the other rows are unaffected)."""
+
+
+class NothingAllowed(SamplingError):
+    """Every token of the row is masked: the request's own constraints leave none (its JSON
+    schema, with min_tokens holding back a stop token the schema needs); its fault, a 4xx."""
 
 
 def is_greedy(p: SamplingParams) -> bool:
@@ -136,10 +144,20 @@ def sample(
         usable = usable.index_copy(0, rows, torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))
         race = probs.div_(_exponentials([generators[i] for i in drawn], probs.shape[-1], logits.device))
         tokens = tokens.index_copy(0, rows, race.argmax(dim=-1))
-    ids, bad, pushed_, usable_ = torch.stack((tokens, unusable.long(), pushed.long(), usable.long())).tolist()
+    masked = raw == float("-inf")
+    ids, bad, pushed_, usable_, masked_ = torch.stack(
+        (tokens, unusable.long(), pushed.long(), usable.long(), masked.long())
+    ).tolist()
     out: list[int | SamplingError] = []
     for i, p in enumerate(params):
-        if bad[i]:
+        if masked_[i]:
+            out.append(
+                NothingAllowed(
+                    "no token is allowed: the request's constraints mask every one (its JSON schema, "
+                    "and min_tokens holding back its stop tokens and EOS)"
+                )
+            )
+        elif bad[i]:
             out.append(
                 SamplingError(
                     "the model's logits for this request are not finite (NaN or infinity, or "
@@ -272,17 +290,18 @@ def constrain(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
 
 def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int], eos_ids: set[int]) -> torch.Tensor:
     """``logits`` (B, vocab) with each row's ``logit_bias`` added and, while the row has generated
-    fewer than its ``min_tokens`` (``num_outputs``), its stop tokens and EOS (unless ``ignore_eos``)
-    set to -inf: vLLM's logit-bias and min-tokens processors, applied as vLLM does, before the
-    penalties. The same tensor when no row asks for either, else one sparse add on the device.
-    Token ids past the logits' width are skipped (the engine refuses them in a logit_bias)."""
+    fewer than its ``min_tokens`` (``num_outputs``), its stop tokens and every EOS id (with
+    ``ignore_eos`` too, as vLLM's all_stop_token_ids) set to -inf: vLLM's logit-bias and min-tokens
+    processors, applied as vLLM does, before the penalties. The same tensor when no row asks for
+    either, else one sparse add on the device. Token ids past the logits' width are skipped (the
+    engine refuses them in a logit_bias)."""
     vocab = logits.shape[-1]
     at: list[int] = []
     values: list[float] = []
     for i, (p, n) in enumerate(zip(params, num_outputs)):
         changes = list(p.logit_bias.items())
         if n < p.min_tokens:
-            changes += [(t, float("-inf")) for t in set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)]
+            changes += [(t, float("-inf")) for t in set(p.stop_token_ids) | eos_ids]  # EOS even with ignore_eos
         for token, value in changes:
             if token < vocab:
                 at.append(i * vocab + token)
@@ -293,3 +312,17 @@ def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[i
     index = to_device(at, torch.int64, logits.device)
     out.view(-1).index_put_((index,), to_device(values, logits.dtype, logits.device), accumulate=True)
     return out
+
+
+def sample_sequences(
+    logits: torch.Tensor, seqs: list[Sequence], rng: torch.Generator | None, eos_ids: set[int]
+) -> list[int | SamplingError]:
+    """``sample`` for the sequences whose logits (B, vocab) these are: each row biased
+    (``logit_bias``, ``min_tokens``), constrained by its structured-output matcher, penalised by
+    its history, and drawn from its seed's generator at its position (``rng`` without a seed)."""
+    generators = [
+        position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else rng for s in seqs
+    ]
+    params, histories = [s.params for s in seqs], [(s.prompt_ids, s.output_ids) for s in seqs]
+    biased = bias(logits, params, [len(out) for _, out in histories], eos_ids)
+    return sample(constrain(biased, [s.matcher for s in seqs]), params, generators, histories)

@@ -30,12 +30,16 @@ def check_stop(
     total_len: int,
     max_model_len: int,
     document_complete: bool = False,
+    primary_eos: int | None = None,
 ) -> Stop:
     """Whether the request stops after ``token``, its text now ``text`` (``old_len`` characters
     before this step); ``num_output`` tokens generated, ``total_len`` in its context. What ended
     it, a stop string or a stop token's (or EOS's) text, is cut from the text unless
     ``include_stop_str_in_output`` (vLLM's rule: the ending token is left out of detokenization);
-    the last token of a complete structured document is part of it."""
+    the last token of a complete structured document is part of it. ``stop_reason`` (``matched``)
+    is None for ``primary_eos``, the tokenizer's EOS; the model's other end-of-sequence ids
+    (generation_config.json's) are named, as vLLM makes them stop_token_ids (None: every EOS
+    unnamed)."""
     keep = params.include_stop_str_in_output
     # vLLM's bounds: stop strings from the token after the min_tokens-th, stop tokens and EOS from
     # that token itself (masked before it, so the same in effect); EOS first (no stop_reason).
@@ -43,7 +47,8 @@ def check_stop(
         return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]], text[found[0] : found[1]])
     if num_output >= params.min_tokens:
         if token in eos_ids and not params.ignore_eos:
-            return Stop(FinishReason.STOP, text if keep else text[:old_len])
+            named = None if primary_eos in (None, token) else token  # the tokenizer's own EOS: no stop_reason
+            return Stop(FinishReason.STOP, text if keep else text[:old_len], named)
         if token in params.stop_token_ids:
             return Stop(FinishReason.STOP, text if keep else text[:old_len], token)
     if document_complete:
@@ -64,7 +69,8 @@ def visible_end(text: str, emitted: int, params: SamplingParams, finished: bool)
 def find_stop(text: str, stops: list[str], old_len: int) -> tuple[int, int] | None:
     """(start, end) in ``text`` of the earliest stop string that ends in its new part (after
     ``old_len`` characters), or None. Each is looked for from where it could end there, as vLLM
-    looks: one window for all let a short one lying wholly in text already checked (past while
-    ``min_tokens`` held the checks back) be found late."""
+    looks (one window for all, the longest's, found a short one lying wholly in text already
+    checked, passed while ``min_tokens`` held the checks back). Of two that end there the earliest
+    wins, not the first listed as in vLLM: the text returned holds no stop string (OpenAI's promise)."""
     hits = [(i, i + len(s)) for s in stops if (i := text.find(s, max(0, old_len - len(s) + 1))) != -1]
     return min(hits) if hits else None
