@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -191,21 +191,21 @@ class AdapterRegistry(_Durable):
             await self.store.retire_version(name, entry.version, time.time())
         return removed
 
-    async def purge_retired(self, now: float) -> int:
+    async def purge_retired(self, now: float, held: Set[tuple[str, str]] = frozenset()) -> int:
         """Forget the versions retired (replaced or removed) more than ``INFLIGHT_TTL_S`` before
-        ``now`` (Unix seconds), in the bucket and in Redis: by then no in-flight record, and so
-        no move or recovery, names them; an application's fresh request for one is refused as for
-        a removed adapter. Returns how many were forgotten (300 re-registrations of a name left
-        300 versions for good)."""
+        ``now`` (Unix seconds) and not ``held`` ((name, version) a live worker holds: a request
+        may still run on it, and be moved or recovered), in the bucket and then in Redis; an
+        application's fresh request for one is refused as for a removed adapter. Returns how many
+        were forgotten (300 re-registrations of a name left 300 versions for good)."""
         forgotten = 0
         for name, version in await self.store.retired(now - INFLIGHT_TTL_S):
+            if (name, version) in held:
+                continue  # looked at again next time
             current = await self.store.get_adapter(name)
-            registered = current is not None and current.version == version
-            if not registered and (kv := await self.kv()) is not None:  # the bucket first: it outlives Redis
-                with contextlib.suppress(KeyNotFoundError):
+            if (current is None or current.version != version) and (kv := await self.kv()) is not None:
+                with contextlib.suppress(KeyNotFoundError):  # the bucket first: it outlives Redis
                     await kv.purge(f"version.{name}.{version or 'none'}")
-            await self.store.forget_version(name, version, registered)
-            forgotten += not registered
+            forgotten += await self.store.forget_version(name, version)
         return forgotten
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:

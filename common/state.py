@@ -2,8 +2,10 @@
 
 - ``{p}:adapters``             hash  name -> AdapterEntry (JSON): the adapter registry (each name's
                                      current version)
-- ``{p}:adapter-versions``     hash  name@version -> AdapterEntry: every version ever registered, for
-                                     requests still running on one
+- ``{p}:adapter-versions``     hash  name@version -> AdapterEntry: every version registered, for
+                                     requests still running on one, until purged
+- ``{p}:adapter-versions-retired`` zset  name@version -> when it stopped being registered (Unix
+                                     seconds): purged some time later (``purge_retired``)
 - ``{p}:placement:{adapter}``  set   workers that hold the adapter in memory
 - ``{p}:placement-of:{worker}`` set  the same, indexed by worker
 - ``{p}:worker:{id}``          str   WorkerStats (JSON), expires: a live worker refreshes it
@@ -43,6 +45,7 @@ from dlora.common.messages import AdapterEntry, ApiKey, GenerateRequest, WorkerS
 from dlora.common.state_scripts import (
     _DELETE_INFLIGHT_LUA,
     _FENCED_LUA,
+    _FORGET_VERSION_LUA,
     _LEASE_LUA,
     _PROGRESS_LUA,
     _PUT_BOTH_LUA,
@@ -106,11 +109,13 @@ class StateStore:
         self._sweep = redis.register_script(_SWEEP_LUA)
         self._delete_inflight = redis.register_script(_DELETE_INFLIGHT_LUA)
         self._put_both = redis.register_script(_PUT_BOTH_LUA)
+        self._forget_version = redis.register_script(_FORGET_VERSION_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
         """Register ``entry`` atomically: False if its name is taken (unless ``replace``). Every
-        version stays findable by name and version, for requests still running on it."""
+        version stays findable by name and version, for requests still running on it, until
+        ``forget_version``."""
         return bool(
             await self._put_both(
                 keys=[f"{self.p}:adapters", f"{self.p}:adapter-versions"],
@@ -156,12 +161,12 @@ class StateStore:
         keys = await self.r.zrangebyscore(f"{self.p}:adapter-versions-retired", "-inf", before)
         return [(name, version) for name, _, version in (_text(k).rpartition("@") for k in keys)]  # type: ignore[arg-type]  # no scores asked: names only
 
-    async def forget_version(self, name: str, version: str, registered: bool) -> None:
-        """A retired version is done with: no lookup finds it any more, unless it is
-        ``registered`` again (then it is only no longer retired)."""
-        if not registered:
-            await self.r.hdel(f"{self.p}:adapter-versions", f"{name}@{version}")
-        await self.r.zrem(f"{self.p}:adapter-versions-retired", f"{name}@{version}")
+    async def forget_version(self, name: str, version: str) -> bool:
+        """A retired version is done with: no lookup finds it any more, unless it is registered
+        again (then it is only no longer retired), checked in the same script. True if it was
+        forgotten."""
+        keys = [f"{self.p}:adapters", f"{self.p}:adapter-versions", f"{self.p}:adapter-versions-retired"]
+        return bool(await self._forget_version(keys=keys, args=[name, version]))
 
     # ---- API keys ------------------------------------------------------------------------
     async def put_api_key(self, key: ApiKey, replace: bool = True) -> bool:

@@ -34,6 +34,20 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
+# Forget a retired adapter version unless it is the registered one again (a re-registration of
+# the same files between the caller's look and this). KEYS: the registry hash, the versions hash,
+# the retired set. ARGV: name, version. Returns 1 if forgotten.
+_FORGET_VERSION_LUA = """
+local key = ARGV[1] .. '@' .. ARGV[2]
+redis.call('ZREM', KEYS[3], key)
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and cjson.decode(current).version == ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[2], key)
+return 1
+"""
+
 # An in-flight record's fields: worker, request (the first GenerateRequest, JSON), next (the
 # sequence number the next chunk carries) and tokens delivered, recoveries (the attempt now running:
 # the fencing token), at (Redis clock, ms, when it last changed hands). A record expires unless its

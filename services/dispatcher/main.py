@@ -205,7 +205,9 @@ class Dispatcher:
         if now - self._purged_at > PURGE_INTERVAL_S:
             self._purged_at = now
             with contextlib.suppress(NatsError, TimeoutError):  # JetStream down: purged next time
-                if purged := await self.registry.purge_retired(time.time()):
+                # Every worker heard from, lost ones too until recovered: their requests may resume.
+                held = {(a.name, a.version) for st, _ in self.workers.values() for a in st.adapters}
+                if purged := await self.registry.purge_retired(time.time(), held):
                     logger.info("retired adapter versions purged", versions=purged)
         for worker, (st, at) in list(self.workers.items()):
             if now - at > self.s.heartbeat_ttl_s:

@@ -136,7 +136,8 @@ async def test_a_registration_the_bucket_refuses_is_undone_in_redis(nats_server:
 async def test_retired_versions_are_forgotten_once_no_record_can_name_them(nats_server: Server, redis: Redis) -> None:
     """Every version of a re-registered name was kept for good, in Redis and the bucket (300
     re-registrations left 300); a version replaced or removed is forgotten INFLIGHT_TTL_S later,
-    unless it is registered again, and one restored from the bucket is retired as it comes back."""
+    unless it is registered again or a live worker holds it, and one restored from the bucket is
+    retired as it comes back."""
     nc = await nats.connect(nats_server.url)
     store = StateStore(redis)
     registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
@@ -156,7 +157,10 @@ async def test_retired_versions_are_forgotten_once_no_record_can_name_them(nats_
         now = time.time()
         assert await registry.purge_retired(now) == 0 and await kept() == {"v1", "v2", "v3"}  # records may name them
         assert await registry.register(entry("v2"), replace=True)  # v2 registered again: kept; v3 retired
-        assert await registry.purge_retired(now + INFLIGHT_TTL_S + 1) == 2 and await kept() == {"v2"}
+        later = now + INFLIGHT_TTL_S + 1
+        assert await registry.purge_retired(later, held={("a", "v3")}) == 1  # a live worker holds v3: kept
+        assert await kept() == {"v2", "v3"}
+        assert await registry.purge_retired(later) == 1 and await kept() == {"v2"}
         assert await registry.remove("a")
         assert await registry.purge_retired(time.time() + INFLIGHT_TTL_S + 1) == 1 and await kept() == set()
         # Redis lost with a retired version only in the bucket: restored, then retired anew
@@ -167,3 +171,16 @@ async def test_retired_versions_are_forgotten_once_no_record_can_name_them(nats_
         assert await registry.purge_retired(time.time() + INFLIGHT_TTL_S + 1) == 1 and await kept() == {"v3"}
     finally:
         await nc.close()
+
+
+async def test_a_version_registered_again_as_it_is_forgotten_stays(redis: Redis) -> None:
+    """The look and the forgetting are not one step: a re-registration of the same files between
+    them (the same version) must not lose its entry; the script checks again."""
+    store = StateStore(redis)
+    assert await store.put_adapter(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
+    await store.retire_version("a", "v1", 0.0)
+    assert not await store.forget_version("a", "v1")  # registered: kept, no longer retired
+    assert (await store.get_adapter("a", "v1")) is not None and await store.retired(1.0) == []
+    assert await store.put_adapter(AdapterEntry(name="a", path="/b", rank=8, created=0.0, version="v2"), replace=True)
+    await store.retire_version("a", "v1", 0.0)
+    assert await store.forget_version("a", "v1") and await store.get_adapter("a", "v1") is None
