@@ -74,7 +74,13 @@ class ModelConfig:
         # generation_config.json may name more end-of-sequence ids than config.json (Llama 3
         # Instruct: <|eot_id|> beside <|end_of_text|>); transformers' generate and vLLM stop at
         # every one of them (vLLM #4180).
-        extra = _as_ids(_generation_config(Path(model_dir)).get("eos_token_id"))
+        generation = _generation_config(Path(model_dir))
+        try:
+            extra = _as_ids(generation.get("eos_token_id"))
+        except (TypeError, ValueError):
+            raise ModelConfigError(
+                f"{Path(model_dir) / 'generation_config.json'}: eos_token_id must be a token id or a list of them"
+            ) from None
         eos = cfg.eos_token_ids + tuple(t for t in extra if t not in cfg.eos_token_ids)
         return replace(cfg, eos_token_ids=eos)
 

@@ -99,7 +99,9 @@ class AdapterAdmin:
         return entry
 
     async def _remove(self, name: str) -> None:
-        # A name no adapter can have is not registered; the durable copy would refuse it as a key.
-        if not valid_name(name) or not await self.gw.registry.remove(name):
+        # A name the durable copy cannot key is in Redis only, if anywhere (registered before names
+        # were checked as they are now): removed there.
+        removed = await (self.gw.registry.remove(name) if valid_name(name) else self.gw.store.delete_adapter(name))
+        if not removed:
             raise APIError(404, f"adapter {name!r} is not registered", param="name")
         await bus.publish(self.gw.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))

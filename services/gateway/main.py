@@ -266,6 +266,8 @@ class Gateway:
         check_s = 2 * self.s.heartbeat_ttl_s
         deadline = time.monotonic() + timeout_s
         missing, last = 0, None  # (the record's worker, its step count) at the last check
+        # each worker's steps as the wait begins: the first check can already see the holder step
+        steps_at_start = {worker: st.steps for worker, (st, _) in self.cluster.workers.items()}
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
             # cancellation when get() completes at the same moment (CPython #86296), and the
@@ -287,8 +289,12 @@ class Gateway:
                 if isinstance(record, Inflight)
                 else None
             )
-            if patient and holder and last and holder[0] == last[0] and holder[1] > last[1]:
-                deadline = time.monotonic() + timeout_s
+            if patient and holder:
+                # stepped since the last check, or since the wait began (a worker not heard from
+                # yet then counts from 0: at most one more timeout for one that never steps again)
+                before = last[1] if last and last[0] == holder[0] else steps_at_start.get(holder[0], 0)
+                if holder[1] > before:
+                    deadline = time.monotonic() + timeout_s
             last = holder
         try:
             return _decode_chunk.decode(data)

@@ -106,7 +106,9 @@ async def test_a_request_queued_behind_others_waits_its_turn_past_the_chunk_time
     One sequence per step on each worker and ~2 s per request: the third and fourth wait ~2 s
     for a first chunk, twice the 1 s chunk timeout (they were answered 503); the timeout still
     ends a request whose worker stops stepping, though its heartbeat goes on."""
-    settings = {"chunk_timeout_s": 1.0, "heartbeat_ttl_s": 0.2}
+    # checks every 0.6 s: the 1 s timeout leaves one check before it (the first compares against
+    # the steps seen as the wait began; it used to only take a baseline)
+    settings = {"chunk_timeout_s": 1.0, "heartbeat_ttl_s": 0.3}
     async with run_stack(nats_server, redis, tiny_llama, engine={"max_num_seqs": 1}, **settings) as stack:
         _slow_steps(stack, monkeypatch, 0.03)
         body = {"model": "model", "prompt": "kalo", "max_tokens": 60, "ignore_eos": True}

@@ -126,3 +126,18 @@ async def test_vllms_runtime_lora_endpoints_work_as_vllm_answers_them(stack: Sta
         0
     ] == 200
     assert (await stack.store.get_adapter("owned")).owner == "acme"
+
+
+async def test_a_name_registered_before_names_were_checked_can_still_be_deleted(stack: Stack) -> None:
+    """'z.' got into Redis (not the bucket) before names were checked as the durable keys need;
+    DELETE answered 404 for it and it stayed."""
+    from dlora.common.messages import AdapterEntry
+
+    await stack.store.put_adapter(AdapterEntry(name="z.", path="/x", rank=8, created=0.0, version="v1"))
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(stack.url + "/v1/adapters/z.", headers=auth) as r:
+            assert r.status == 200, await r.text()
+        async with http.delete(stack.url + "/v1/adapters/z.", headers=auth) as r:
+            assert r.status == 404
+    assert await stack.store.get_adapter("z.") is None

@@ -270,17 +270,27 @@ async def test_logit_bias_min_tokens_and_stop_reason(stack: Stack) -> None:
     line = {"id": "0", "adapter": "lora-2", "prompt": PROMPTS[1], "max_tokens": 8}
     [unbiased] = offline(stack.tiny, [line])
     bias = {str(unbiased["token_ids"][0]): -100}  # the greedy first token, banned
-    status, biased = await post(stack, "/v1/completions", {**base, "logit_bias": bias, "min_tokens": 8})
+    status, biased = await post(stack, "/v1/completions", {**base, "logit_bias": bias})
     assert status == 200, biased
     [expected] = offline(stack.tiny, [{**line, "logit_bias": bias}])
     assert biased["choices"][0]["text"] == expected["text"] != plain["choices"][0]["text"] == unbiased["text"]
-    # what ended it, named: the stop string, in the body and in the stream's last event
+    # the second greedy token as a stop token: it ends the request at once, or after min_tokens
+    second = unbiased["token_ids"][1]
+    for extra, stops_at in (({}, 2), ({"min_tokens": 4}, None)):
+        body = {**base, "stop_token_ids": [second], **extra}
+        [want] = offline(stack.tiny, [{**line, "stop_token_ids": [second], **extra}])
+        status, got = await post(stack, "/v1/completions", body)
+        assert got["choices"][0]["text"] == want["text"] and got["choices"][0]["stop_reason"] == want["stop_reason"]
+        assert got["usage"]["completion_tokens"] == len(want["token_ids"]) and (stops_at is None) == (
+            len(want["token_ids"]) > 2
+        )
+        # streamed: the last event names it too
+        events = await stream(stack, "/v1/completions", body)
+        assert events[-2]["choices"][0]["stop_reason"] == want["stop_reason"]
+    # what ended it, named: the stop string
     stop = plain["choices"][0]["text"][2:4]
     status, stopped = await post(stack, "/v1/completions", {**base, "stop": [stop, "\u00a7"]})
     assert stopped["choices"][0]["stop_reason"] == stop and stopped["choices"][0]["finish_reason"] == "stop"
-    chat = {"model": "lora-2", "max_tokens": 3, "messages": [{"role": "user", "content": "a"}], "stop_token_ids": [2]}
-    events = await stream(stack, "/v1/chat/completions", chat)
-    assert all("stop_reason" in e["choices"][0] for e in events[:-1] if e.get("choices"))
     # refused by name: a token id past the vocabulary, min_tokens above max_tokens
     status, resp = await post(stack, "/v1/completions", {**base, "logit_bias": {"1000000": 5}})
     assert (status, resp["error"]["param"]) == (400, "logit_bias"), resp

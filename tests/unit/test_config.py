@@ -54,6 +54,9 @@ def test_generation_config_names_more_end_of_sequence_ids(tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text(json.dumps(RAW | {"eos_token_id": 2}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 74]}))
     assert ModelConfig.from_dir(tmp_path).eos_token_ids == (2, 74)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    with pytest.raises(ModelConfigError, match="eos_token_id must be a token id"):
+        ModelConfig.from_dir(tmp_path)
     (tmp_path / "generation_config.json").write_text("[2]")
     with pytest.raises(ModelConfigError, match="generation_config.json: expected a JSON object"):
         ModelConfig.from_dir(tmp_path)
