@@ -63,6 +63,7 @@ from dlora.services.gateway.shaping import (
     shape_request,
 )
 from dlora.services.gateway.status import ClusterView, cluster_status
+from dlora.services.gateway.tokenize_routes import TokenizeRoutes
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 
@@ -129,7 +130,7 @@ class Gateway:
                 except APIError as e:  # still counted under the model it names, read past the rest
                     body, refused = None, e
                 name = body.model if body is not None else openai.model_named(raw)
-                entry = await self._entry(name, who) if name else None
+                entry = await self.entry(name, who) if name else None
                 if entry is not None or name == self.base_name:  # a name never served stays "?"
                     adapter_label = name
                 if body is None:
@@ -140,7 +141,7 @@ class Gateway:
             self.metrics.failed(adapter_label, e.status)
             return error_response(e)
 
-    async def _entry(self, model: str, who: Principal) -> AdapterEntry | None:
+    async def entry(self, model: str, who: Principal) -> AdapterEntry | None:
         """The adapter registered as ``model``, or None for the base model's name (no lookup) and
         for an adapter ``who`` may not use: the same 404 as a name never registered."""
         entry = None if model == self.base_name else await self.registry.lookup(model)
@@ -425,6 +426,9 @@ class Gateway:
         app.router.add_post("/v1/keys", keys.create)
         app.router.add_get("/v1/keys", keys.listing)
         app.router.add_delete("/v1/keys/{id}", keys.revoke)
+        tokens = TokenizeRoutes(self)
+        app.router.add_post("/tokenize", tokens.tokenize)  # vLLM's
+        app.router.add_post("/detokenize", tokens.detokenize)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.healthz)
         app.router.add_get("/health", self.healthz)  # vLLM's name

@@ -20,6 +20,7 @@ from dlora.services.gateway.admin import AdapterBody
 from dlora.services.gateway.keys import KeyBody
 from dlora.services.gateway.openai import ChatBody, CompletionBody
 from dlora.services.gateway.status import ClusterStatus
+from dlora.services.gateway.tokenize_routes import DetokenizeBody, TokenizeBody
 
 _REF = "#/components/schemas/{name}"
 
@@ -111,9 +112,9 @@ def document() -> dict[str, Any]:
     """The OpenAPI document of every route a client uses (``/metrics``, ``/readyz`` and ``/health``,
     aliases of ``/healthz``, and the ``/dashboard`` page's HTML are left out)."""
     bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody, ClusterStatus, LoadLoraAdapterBody]
-    bodies.append(UnloadLoraAdapterBody)
-    (completion, chat, adapter, key, _, status, load, unload), schemas = msgspec.json.schema_components(
-        bodies, ref_template=_REF
+    bodies += [UnloadLoraAdapterBody, TokenizeBody, DetokenizeBody]
+    (completion, chat, adapter, key, _, status, load, unload, tokenize, detokenize), schemas = (
+        msgspec.json.schema_components(bodies, ref_template=_REF)
     )
     for name in _closed_structs(bodies):
         schemas[name]["additionalProperties"] = False
@@ -233,6 +234,24 @@ def document() -> dict[str, Any]:
                     **_responses("", 401, 403),
                     "200": {"description": "the status", "content": {"application/json": {"schema": status}}},
                 },
+            }
+        },
+        "/tokenize": {
+            "post": {
+                "operationId": "tokenize",
+                "description": "vLLM's: a prompt, or a conversation rendered as chat renders it, as token ids",
+                "security": inference,
+                "requestBody": _json_body(tokenize),
+                "responses": _responses("count, max_model_len and the token ids", 400, 401, 403, 404, 408, 413, 415),
+            }
+        },
+        "/detokenize": {
+            "post": {
+                "operationId": "detokenize",
+                "description": "vLLM's: token ids as text",
+                "security": inference,
+                "requestBody": _json_body(detokenize),
+                "responses": _responses("the text, as prompt", 400, 401, 403, 404, 408, 413, 415),
             }
         },
         "/healthz": {"get": {"operationId": "readiness", "responses": {"200": health, "503": not_ready}}},

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import json
 import math
 import re
 
+from dlora.services.gateway import openai, shaping
 from tests.integration.conftest import Stack
 from tests.integration.test_gateway import PROMPTS, offline, post, stream
 
@@ -296,3 +298,32 @@ async def test_logit_bias_min_tokens_and_stop_reason(stack: Stack) -> None:
     assert (status, resp["error"]["param"]) == (400, "logit_bias"), resp
     status, resp = await post(stack, "/v1/completions", {**base, "min_tokens": 9})
     assert (status, resp["error"]["param"]) == (400, "min_tokens"), resp
+
+
+async def test_tokenize_and_detokenize_as_vllm_answers_them(stack: Stack) -> None:
+    """vLLM's /tokenize and /detokenize: the ids a completion's prompt, or a chat's rendered
+    conversation, is given, and back."""
+    status, got = await post(stack, "/tokenize", {"model": "lora-1", "prompt": PROMPTS[0], "return_token_strs": True})
+    ids = stack.gateway.tokenizer.encode(PROMPTS[0])
+    assert status == 200 and got["tokens"] == ids and got["count"] == len(ids) and len(got["token_strs"]) == len(ids)
+    assert got["max_model_len"] == stack.gateway.served.context
+    messages = [{"role": "user", "content": "kalo"}]
+    status, chat = await post(stack, "/tokenize", {"model": "model", "messages": messages})
+    job = shaping.shape_request(
+        openai.decode_body(json.dumps({"model": "model", "messages": messages}).encode(), openai.ChatBody),
+        None,
+        stack.gateway.served,
+        base_name="model",
+        request_id="x",
+        gateway_id="g",
+        now=0.0,
+    )
+    assert status == 200 and chat["tokens"] == job.choices[0].request.prompt_token_ids
+    status, text = await post(stack, "/detokenize", {"model": "model", "tokens": ids})
+    assert (status, text) == (200, {"prompt": stack.gateway.tokenizer.decode(ids)})
+    for path, body, code in (
+        ("/tokenize", {"model": "nope", "prompt": "a"}, 404),
+        ("/tokenize", {"model": "model"}, 400),
+        ("/detokenize", {"model": "model", "tokens": [10**9]}, 400),
+    ):
+        assert (await post(stack, path, body))[0] == code, (path, body)
