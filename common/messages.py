@@ -51,9 +51,11 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     params: SamplingParams = SamplingParams()
     # Who is asking (accounting, fairness); free text.
     tenant: str = ""
-    # Higher runs first where a policy cares; 0 is normal.
+    # Higher runs first where a policy cares; 0 is normal. Carried, not acted on: no shipped
+    # policy orders by it yet (every request is served first come, first served within its adapter).
     priority: int = 0
-    # Unix seconds after which the result is useless; None: no deadline.
+    # Unix seconds after which the result is useless; None: no deadline. Carried, not acted on yet:
+    # a request past it still runs (an application aborts what it no longer wants).
     deadline: float | None = None
     # Tokens already produced (resume after migration, preemption or a lost worker): generation
     # continues after them and they are not sent again.
