@@ -131,7 +131,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.model_config, self.model_name = model, "base"
         self.tokenizer = _Silent()
         self.device, self.dtype = f"sim:{cost.name}", "bfloat16"  # what its stats say it serves on
-        self.eos_ids = set(model.eos_token_ids)
+        self.eos_ids, self.primary_eos = set(model.eos_token_ids), None
         self._token = next(t for t in range(model.vocab_size) if t not in self.eos_ids)  # any other token
         num_blocks = config.num_blocks or max(1, cost.kv_capacity_tokens // config.block_size)
         self._init_scheduling(config, model, num_blocks, policy)

@@ -191,7 +191,8 @@ def test_a_model_directory_a_service_cannot_use_is_one_line_not_a_traceback(tiny
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # no weights
         (model / f).write_bytes((tiny_llama.model / f).read_bytes())
     cli = [sys.executable, "-m", "dlora.services.cli", "serve", "worker", "--model", str(model)]
-    r = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    env = {**os.environ, "DLORA_NATS_URL": "nats://127.0.0.1:1", "DLORA_REDIS_URL": "redis://127.0.0.1:1/0"}
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)  # the engine first
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert (
         r.stderr.startswith(f"dlora serve worker: the engine cannot start on {model}: ") and "safetensors" in r.stderr
