@@ -23,6 +23,7 @@ of the dispatcher's loop doing it.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Set
 
@@ -129,6 +130,10 @@ class _Durable:
         was down: a key revoked meanwhile must not come back unrevoked after a later Redis loss."""
 
 
+# A name the bucket can key: NATS key-value tokens, dot-separated, none empty.
+_KEYABLE = re.compile(r"[-/_=A-Za-z0-9]+(?:\.[-/_=A-Za-z0-9]+)*")
+
+
 def bucket_name(prefix: str) -> str:
     return f"{prefix}-adapters"
 
@@ -202,7 +207,9 @@ class AdapterRegistry(_Durable):
             if (name, version) in held:
                 continue  # looked at again next time
             current = await self.store.get_adapter(name)
-            if (current is None or current.version != version) and (kv := await self.kv()) is not None:
+            gone = current is None or current.version != version
+            # a name the bucket could never key (registered before names were checked) is in Redis only
+            if gone and _KEYABLE.fullmatch(name) and (kv := await self.kv()) is not None:
                 with contextlib.suppress(KeyNotFoundError):  # the bucket first: it outlives Redis
                     await kv.purge(f"version.{name}.{version or 'none'}")
             forgotten += await self.store.forget_version(name, version)

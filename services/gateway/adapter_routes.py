@@ -6,6 +6,7 @@ work unchanged (answered as vLLM answers them: 200 and a line of text)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -100,8 +101,15 @@ class AdapterAdmin:
 
     async def _remove(self, name: str) -> None:
         # A name the durable copy cannot key is in Redis only, if anywhere (registered before names
-        # were checked as they are now): removed there.
-        removed = await (self.gw.registry.remove(name) if valid_name(name) else self.gw.store.delete_adapter(name))
+        # were checked as they are now): removed there, its version retired as any other's.
+        removed = await (self.gw.registry.remove(name) if valid_name(name) else self._remove_from_redis(name))
         if not removed:
             raise APIError(404, f"adapter {name!r} is not registered", param="name")
         await bus.publish(self.gw.nc, subjects.ADAPTER_EVENTS, AdapterEvent(name=name, removed=True))
+
+    async def _remove_from_redis(self, name: str) -> bool:
+        entry = await self.gw.store.get_adapter(name)
+        if entry is None or not await self.gw.store.delete_adapter(name):
+            return False
+        await self.gw.store.retire_version(name, entry.version, time.time())
+        return True

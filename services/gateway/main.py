@@ -97,7 +97,7 @@ class Gateway:
         self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
-        self._shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")
+        self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")
         self.metrics = Metrics()
         self._redis_id: str | None = None  # data_epoch of the Redis the records live in, as last seen
         self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status
@@ -160,7 +160,7 @@ class Gateway:
             now=time.time(),
             tenant=who.tenant,
         )
-        return await asyncio.get_running_loop().run_in_executor(self._shaping, shape)
+        return await asyncio.get_running_loop().run_in_executor(self.shaping, shape)
 
     async def _submit(self, request: GenerateRequest) -> None:
         """Hand one request to a dispatcher and wait until one has taken it: a NATS request to the
@@ -268,7 +268,7 @@ class Gateway:
         deadline = time.monotonic() + timeout_s
         missing, last = 0, None  # (the record's worker, its step count) at the last check
         # each worker's steps as the wait begins: the first check can already see the holder step
-        steps_at_start = {worker: st.steps for worker, (st, _) in self.cluster.workers.items()}
+        steps_at_start = {worker: st.steps for worker, (st, _) in self.cluster.workers.items()} if patient else {}
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
             # cancellation when get() completes at the same moment (CPython #86296), and the
@@ -334,7 +334,7 @@ class Gateway:
 
     def close(self) -> None:
         """After the listener closed (no handler left to shape a request): the shaping thread ends."""
-        self._shaping.shutdown(wait=False)
+        self.shaping.shutdown(wait=False)
 
     async def _abort(self, choices: list[RunningChoice]) -> None:
         for c in choices:

@@ -238,18 +238,27 @@ def max_new_tokens(ids: list[int], asked: int | None, context: int, field: str =
     return room if asked is None else asked
 
 
+class RenderingOptions(Protocol):
+    """A body's chat rendering options (a chat request's, a /tokenize request's)."""
+
+    add_generation_prompt: bool | None
+    continue_final_message: bool | None
+    chat_template_kwargs: dict[str, Any] | None
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """How a conversation is rendered (vLLM's chat request extensions): with the assistant's turn
-    opened after it (``add_generation_prompt``), or with its last message, the assistant's, left
-    open for the model to go on (``continue_final_message``); ``kwargs`` go to the template."""
+    opened after it (``add_generation_prompt``), or with its last message left open for the
+    model to go on (``continue_final_message``, whoever wrote it, as vLLM lets it); ``kwargs`` go
+    to the template."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, body: ChatBody) -> ChatTemplate:
+    def of(cls, body: RenderingOptions) -> ChatTemplate:
         """Raises APIError(400): both options on (vLLM refuses it too), or a keyword the renderer sets itself."""
         add = True if body.add_generation_prompt is None else body.add_generation_prompt
         cont = bool(body.continue_final_message)
@@ -294,8 +303,8 @@ def chat_prompt_ids(
 
     Raises:
         APIError(400): no messages, an unknown role, a message other than an assistant's without
-            content, tool calls, audio or non-text content, a final message not the assistant's
-            to continue, or a template that refuses the conversation (its reason).
+            content, tool calls, audio or non-text content, or a template that refuses the
+            conversation (its reason).
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
@@ -324,8 +333,6 @@ def chat_prompt_ids(
         )
         named = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}  # as vLLM passes them
         plain.append({"role": m.role, "content": content or ""} | named)
-    if template.continue_final_message and plain[-1]["role"] != "assistant":
-        raise APIError(400, "continue_final_message needs the last message to be the assistant's", param="messages")
     if getattr(tokenizer, "chat_template", None):
         try:
             render = tokenizer.apply_chat_template  # type: ignore[attr-defined]  # not in the Protocol: optional

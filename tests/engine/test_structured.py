@@ -135,3 +135,26 @@ def test_min_tokens_that_hold_back_the_token_a_schema_needs_fail_as_the_requests
     engine.add_request("r", prompt_token_ids=PROMPT, params=params, adapter="lora-0")
     [out] = [o for _ in range(3) for o in engine.step()]
     assert out.error_code is ErrorCode.BAD_REQUEST and "constraints mask every one" in out.error
+
+
+def test_a_grammar_engine_that_fails_to_mask_is_an_internal_error_not_the_requests_fault(
+    tiny_llama: TinyOutput,
+) -> None:
+    """Its row is masked whole, as a row the request's constraints empty is; only the latter is the
+    client's fault (review: both came back as a 400 naming the request's constraints)."""
+
+    class _Broken:
+        def __init__(self, matcher) -> None:  # type: ignore[no-untyped-def]
+            self.matcher = matcher
+
+        def compute_bitmask(self) -> bytes:
+            raise RuntimeError("the grammar engine failed")
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self.matcher, name)
+
+    engine = make_engine(tiny_llama)
+    engine.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(json_schema=json.dumps(SCHEMA)))
+    engine.seqs["x"].matcher = _Broken(engine.seqs["x"].matcher)
+    [out] = engine.step()
+    assert out.error_code is ErrorCode.INTERNAL and "grammar failed" in out.error

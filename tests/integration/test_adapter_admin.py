@@ -141,3 +141,5 @@ async def test_a_name_registered_before_names_were_checked_can_still_be_deleted(
         async with http.delete(stack.url + "/v1/adapters/z.", headers=auth) as r:
             assert r.status == 404
     assert await stack.store.get_adapter("z.") is None
+    assert await stack.store.retired(float("inf")) == [("z.", "v1")]  # its version purged in time, as others'
+    assert await stack.gateway.registry.purge_retired(1e12) == 1 and await stack.store.get_adapter("z.", "v1") is None

@@ -289,6 +289,14 @@ async def test_logit_bias_min_tokens_and_stop_reason(stack: Stack) -> None:
         # streamed: the last event names it too
         events = await stream(stack, "/v1/completions", body)
         assert events[-2]["choices"][0]["stop_reason"] == want["stop_reason"]
+    chat = {
+        "model": "lora-2",
+        "max_tokens": 3,
+        "messages": [{"role": "user", "content": "a"}],
+        "stop_token_ids": [second],
+    }
+    events = await stream(stack, "/v1/chat/completions", chat)
+    assert all("stop_reason" in e["choices"][0] for e in events[:-1] if e.get("choices"))  # chat streams name it too
     # what ended it, named: the stop string
     stop = plain["choices"][0]["text"][2:4]
     status, stopped = await post(stack, "/v1/completions", {**base, "stop": [stop, "\u00a7"]})
@@ -305,7 +313,10 @@ async def test_tokenize_and_detokenize_as_vllm_answers_them(stack: Stack) -> Non
     conversation, is given, and back."""
     status, got = await post(stack, "/tokenize", {"model": "lora-1", "prompt": PROMPTS[0], "return_token_strs": True})
     ids = stack.gateway.tokenizer.encode(PROMPTS[0])
-    assert status == 200 and got["tokens"] == ids and got["count"] == len(ids) and len(got["token_strs"]) == len(ids)
+    assert status == 200 and got["tokens"] == ids and got["count"] == len(ids)
+    assert got["token_strs"] == stack.gateway.tokenizer.convert_ids_to_tokens(
+        ids
+    )  # vLLM's: as the vocabulary spells them
     assert got["max_model_len"] == stack.gateway.served.context
     messages = [{"role": "user", "content": "kalo"}]
     status, chat = await post(stack, "/tokenize", {"model": "model", "messages": messages})
@@ -318,12 +329,13 @@ async def test_tokenize_and_detokenize_as_vllm_answers_them(stack: Stack) -> Non
         gateway_id="g",
         now=0.0,
     )
-    assert status == 200 and chat["tokens"] == job.choices[0].request.prompt_token_ids
+    assert status == 200 and chat["tokens"] == job.choices[0].request.prompt_token_ids and chat["token_strs"] is None
     status, text = await post(stack, "/detokenize", {"model": "model", "tokens": ids})
     assert (status, text) == (200, {"prompt": stack.gateway.tokenizer.decode(ids)})
     for path, body, code in (
         ("/tokenize", {"model": "nope", "prompt": "a"}, 404),
         ("/tokenize", {"model": "model"}, 400),
         ("/detokenize", {"model": "model", "tokens": [10**9]}, 400),
+        ("/tokenize", {"model": "model", "messages": messages, "add_special_tokens": True}, 400),
     ):
         assert (await post(stack, path, body))[0] == code, (path, body)

@@ -386,8 +386,9 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
         ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
     ):
         assert refused(served, {"messages": plain, **body}, chat=True).param == param
+    # any last message may be continued, as vLLM lets it
     last_user = {"messages": plain[:1], "add_generation_prompt": False, "continue_final_message": True}
-    assert "assistant's" in refused(served, last_user, chat=True).message
+    assert tok.decode(shape(served, last_user, chat=True).choices[0].request.prompt_token_ids).endswith("kalo")
     # without a template: the transcript, left open or not opened
     # a tool message's tool_call_id reaches the template, as its name does
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m.get('tool_call_id', '-') }};{% endfor %}"

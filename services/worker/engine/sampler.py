@@ -113,6 +113,8 @@ def sample(
     (``filtered_probs_rows``) and drawn by the exponential race (the argmax of p / E, E ~ Exp(1)
     from the row's generator, is a draw from p), and what the host needs comes back in one
     transfer: on a GPU the step waits for nothing else (it waited for several per sampled row).
+    A row whose every token is masked (-inf) gets ``NothingAllowed`` (the request's constraints
+    leave none: its fault).
     """
     histories = histories or [([], [])] * len(params)
     work, failed = logits, {}
@@ -160,8 +162,8 @@ def sample(
         elif bad[i]:
             out.append(
                 SamplingError(
-                    "the model's logits for this request are not finite (NaN or infinity, or "
-                    "every token masked); nothing can be sampled from them"
+                    "the model's logits for this request are not finite (NaN or infinity); nothing "
+                    "can be sampled from them"
                 )
             )
         elif i in failed:
@@ -267,25 +269,27 @@ def filtered_probs_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
     return scaled.softmax(-1).index_copy_(0, at, filtered)
 
 
-def constrain(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
+def constrain(logits: torch.Tensor, matchers: list[Any]) -> tuple[torch.Tensor, set[int]]:
     """``logits`` (B, vocab) with the tokens each row's structured-output matcher (llguidance; None:
-    unconstrained) forbids set to -inf; a matcher that fails masks its whole row, so that row
-    alone fails to sample. The rows' masks reach the device in one asynchronous copy."""
+    unconstrained) forbids set to -inf, and the rows whose matcher failed (masked whole, so that
+    row alone fails to sample; the caller says why). The rows' masks reach the device in one
+    asynchronous copy."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
-        return logits
+        return logits, set()
     vocab = logits.shape[-1]
     masks = np.zeros((len(rows), vocab), dtype=bool)
+    failed = set()
     for j, i in enumerate(rows):
         try:
             masks[j] = allowed(matchers[i], vocab)
         except Exception:  # noqa: BLE001 - its own row fails (every token masked), not the step
-            pass
+            failed.add(i)
     forbidden = to_device(~masks, torch.bool, logits.device)
     masked = logits.clone()
     at = to_device(rows, torch.int64, logits.device)
     masked.index_copy_(0, at, masked.index_select(0, at).masked_fill_(forbidden, float("-inf")))
-    return masked
+    return masked, failed
 
 
 def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int], eos_ids: set[int]) -> torch.Tensor:
@@ -324,5 +328,10 @@ def sample_sequences(
         position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else rng for s in seqs
     ]
     params, histories = [s.params for s in seqs], [(s.prompt_ids, s.output_ids) for s in seqs]
-    biased = bias(logits, params, [len(out) for _, out in histories], eos_ids)
-    return sample(constrain(biased, [s.matcher for s in seqs]), params, generators, histories)
+    constrained, broken = constrain(
+        bias(logits, params, [len(out) for _, out in histories], eos_ids), [s.matcher for s in seqs]
+    )
+    tokens = sample(constrained, params, generators, histories)
+    for i in broken:  # the grammar engine's failure, not the request's constraints
+        tokens[i] = SamplingError("the structured-output grammar failed on this request")
+    return tokens
