@@ -158,6 +158,9 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     queue_seconds: float | None = None
     # One per token in token_ids when the request asked for logprobs.
     logprobs: list[TokenLogprob] = []
+    # On the first chunk of a request that asked for prompt_logprobs: entry i is prompt token
+    # i + 1's log-probability after the ones before it (the first prompt token has none).
+    prompt_logprobs: list[TokenLogprob] = []
     # The request's ``recoveries`` where this chunk was made: once a later attempt has spoken, a
     # reader drops an earlier one's chunks (a worker that hung, was given up and resumed).
     recoveries: int = 0

@@ -50,6 +50,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # 0: the chosen token's only). From the model's own distribution (log-softmax of its logits,
     # before penalties and temperature), as vLLM reports them by default.
     logprobs: int | None = None
+    # Report each prompt token's log-probability after the tokens before it, with this many most
+    # likely alternatives (vLLM's prompt_logprobs; the completions API's echo with logprobs; None:
+    # none). From the model's own distribution; the first token has none. Such a request takes
+    # nothing from the prefix cache (a cached block's positions have no logits to give).
+    prompt_logprobs: int | None = None
     # Added to the logits of these token ids before sampling, as OpenAI's logit_bias ([-100, 100]
     # each; -100 in effect bans a token, 100 all but forces it). Log-probabilities are reported
     # from the logits before it, as penalties and temperature.
@@ -82,8 +87,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
                 return name, f"{name} must be in [-2, 2], got {getattr(self, name)}"
         if not 0.01 <= self.repetition_penalty <= 100.0:  # below, a positive logit overflows float32
             return "repetition_penalty", f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            return "logprobs", f"logprobs must be in [0, 20], got {self.logprobs}"
+        for name in ("logprobs", "prompt_logprobs"):
+            if (n := getattr(self, name)) is not None and not 0 <= n <= 20:
+                return name, f"{name} must be in [0, 20], got {n}"
         if any(not s for s in self.stop):
             return "stop", "stop strings must not be empty"
         # The text that could begin one is held back and goes into the in-flight record each step.

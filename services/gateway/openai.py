@@ -249,6 +249,22 @@ def completion_logprobs(
     }
 
 
+def prompt_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob], tokens: TokenText, skip_special_tokens: bool
+) -> dict[str, Any]:
+    """The completions endpoint's logprobs object for an echoed prompt (``prompt_ids``, entry i
+    the log-probability of token i + 1): its first token has none (null), as vLLM answers."""
+    texts = [tokens.text_of(t) for t in prompt_ids]
+    offset = TextOffset(0)
+    tops = [{tokens.text_of(t): lp for t, lp in e.top} | {texts[i + 1]: e.logprob} for i, e in enumerate(entries)]
+    return {
+        "tokens": texts,
+        "token_logprobs": [None] + [e.logprob for e in entries],
+        "top_logprobs": [None, *tops],
+        "text_offset": [offset.advance(tokens.shown(t, skip_special_tokens)) for t in prompt_ids],
+    }
+
+
 def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText) -> dict[str, Any]:
     """The chat endpoint's logprobs object: per token its text, log-probability, bytes (UTF-8 as
     the vocabulary holds them: a character split over tokens is rebuilt by joining them) and the

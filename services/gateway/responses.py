@@ -60,6 +60,14 @@ class ResponseWriter:
         """A new chunk of ``choice`` (not an error): an event, or its text and logprobs kept."""
         if self.job.stream and self.stream is None:
             self.stream = await self._open()
+        if chunk.prompt_logprobs and choice.request is not None:  # an echoed prompt's, first (never streamed)
+            part = openai.prompt_logprobs(
+                choice.request.prompt_token_ids or [],
+                chunk.prompt_logprobs,
+                self.tokens,
+                choice.request.params.skip_special_tokens,
+            )
+            choice.parts.append(part)
         logprobs = self._logprobs(choice, chunk)
         choice.out.finish_reason, choice.out.stop_reason = chunk.finish_reason, chunk.stop_reason
         if self.stream is not None:

@@ -388,10 +388,13 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     ``what`` begins with the field's name."""
     out: list[tuple[str, bool]] = []
     if isinstance(body, CompletionBody):
+        prompt_logprobs = bool(body.echo) and body.logprobs is not None
         out += [
             ("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
             ("suffix", body.suffix is not None),
-            ("echo with logprobs (prompt logprobs)", bool(body.echo) and body.logprobs is not None),
+            # prompt logprobs are served with a generated token at least, not streamed (lm-eval's way)
+            ("echo with logprobs and max_tokens 0", prompt_logprobs and body.max_tokens == 0),
+            ("echo with logprobs streamed", prompt_logprobs and bool(body.stream)),
         ]
     else:
         out += [
@@ -484,6 +487,7 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
         logprobs=body.logprobs
         if isinstance(body, CompletionBody)
         else ((body.top_logprobs or 0) if body.logprobs else None),

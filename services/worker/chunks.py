@@ -50,6 +50,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         worker=worker,
         queue_seconds=queue_seconds,
         logprobs=out.logprobs or [],
+        prompt_logprobs=out.prompt_logprobs or [],
         recoveries=stream.request.recoveries,
     )
     stream.seq += 1

@@ -52,3 +52,9 @@ class Oracle:
     def last_logits(self, adapter: str | None, prompt_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([prompt_ids])
         return self._run(adapter, lambda: self.model(input_ids=ids).logits[0, -1].float())
+
+    @torch.inference_mode()
+    def all_logits(self, adapter: str | None, prompt_ids: list[int]) -> torch.Tensor:
+        """(n, vocab) logits at every position of ``prompt_ids``."""
+        ids = torch.tensor([prompt_ids])
+        return self._run(adapter, lambda: self.model(input_ids=ids).logits[0].float())

@@ -109,3 +109,28 @@ def test_logit_bias_and_min_tokens_equal_transformers(tiny_llama: TinyOutput, or
     assert got["early"] == plain[:2] and reasons["early"] == stop
     late = oracle.generate(adapter, PROMPT, N, min_new_tokens=5, eos_token_id=[2, stop])
     assert got["late"] == late and len(late) > 5 and stop not in late[:5]
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_prompt_logprobs_are_the_oracles_over_the_prompt(tiny_llama: TinyOutput, oracle: Oracle, chunk) -> None:
+    """vLLM's prompt_logprobs (the completions API's echo with logprobs): each prompt token's
+    log-probability after the ones before it, with its top alternatives; the same whole, in
+    prefill chunks that split blocks, and with the prompt's blocks cached by an earlier request."""
+    prompt = PROMPT * 3  # 21 tokens: blocks of 16 are cached after the first request
+    engine = make_engine(tiny_llama, **({"max_num_batched_tokens": chunk} if chunk else {}))
+    expected = torch.log_softmax(oracle.all_logits("lora-2", prompt), -1)  # (n, vocab): position p predicts p + 1
+    for rid in ("cold", "warm"):
+        engine.add_request(
+            rid, prompt_token_ids=prompt, params=SamplingParams(max_tokens=2, prompt_logprobs=3), adapter="lora-2"
+        )
+        entries = None
+        while engine.has_unfinished():
+            for o in engine.step():
+                assert o.prompt_logprobs is None or entries is None  # once, with the first token
+                entries = entries if o.prompt_logprobs is None else o.prompt_logprobs
+        assert [e.token_id for e in entries] == prompt[1:]
+        for p, e in enumerate(entries):
+            assert e.logprob == pytest.approx(float(expected[p, prompt[p + 1]]), abs=1e-4)
+            top = expected[p].topk(3)
+            assert [t for t, _ in e.top] == top.indices.tolist()
+            assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)

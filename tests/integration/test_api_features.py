@@ -8,6 +8,8 @@ import json
 import math
 import re
 
+import pytest
+
 from dlora.services.gateway import openai, shaping
 from tests.integration.conftest import Stack
 from tests.integration.test_gateway import PROMPTS, offline, post, stream
@@ -135,8 +137,28 @@ async def test_echo(stack: Stack) -> None:
         stack, "/v1/completions", {"model": "model", "prompt": PROMPTS[2], "max_tokens": 3, "temperature": 0}
     )
     assert resp["choices"][0]["text"] == PROMPTS[2] + plain[1]["choices"][0]["text"]
-    status, resp = await post(stack, "/v1/completions", {"model": "model", "prompt": "x", "echo": True, "logprobs": 1})
-    assert status == 400 and "echo with logprobs" in resp["error"]["message"]
+    # with logprobs: the prompt's too, its first token's null (lm-eval-harness's loglikelihood
+    # requests: echo, logprobs 1, max_tokens 1); a prompt that goes on from another shares its entries
+    body = {"model": "lora-1", "prompt": PROMPTS[0], "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
+    status, resp = await post(stack, "/v1/completions", body)
+    assert status == 200, resp
+    lp, n = resp["choices"][0]["logprobs"], len(stack.gateway.tokenizer.encode(PROMPTS[0]))
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(
+        v <= 0 and lp["top_logprobs"][i + 1][lp["tokens"][i + 1]] == v for i, v in enumerate(lp["token_logprobs"][1:])
+    )
+    assert (
+        lp["text_offset"][0] == 0
+        and lp["text_offset"][n] == len(PROMPTS[0])
+        and resp["usage"]["completion_tokens"] == 1
+    )
+    status, longer = await post(stack, "/v1/completions", {**body, "prompt": PROMPTS[0] + " nevo rida"})
+    shared = longer["choices"][0]["logprobs"]["token_logprobs"][1:n]
+    assert shared == pytest.approx(lp["token_logprobs"][1:n], abs=1e-5)
+    for refused in ({**body, "max_tokens": 0}, {**body, "stream": True}):
+        status, resp = await post(stack, "/v1/completions", refused)
+        assert status == 400 and "echo with logprobs" in resp["error"]["message"]
 
 
 async def test_response_format(stack: Stack) -> None:

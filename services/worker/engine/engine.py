@@ -17,6 +17,7 @@ from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
+from dlora.services.worker.engine import prompt_logprobs
 from dlora.services.worker.engine.admission import check_tokens
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
@@ -406,7 +407,7 @@ class LLMEngine:
         not. When the batch's forward raises, each sequence runs alone, so a request that brings
         the model down fails by itself and its batch mates go on (their KV writes repeat the same
         values into the same slots, so a second pass is harmless)."""
-        if self.graphs is not None and self.graphs.runs(batch):
+        if self.graphs is not None and self.graphs.runs(batch) and not any(s.collects_prompt_logprobs for s in batch):
             try:
                 return batch, self.graphs.forward(batch, slots, self.blocks), []
             except Exception as e:  # noqa: BLE001 - a graph the driver refuses must not stop serving
@@ -414,7 +415,7 @@ class LLMEngine:
                 logger.warning("cuda graphs off: this engine runs every step eagerly from now on", error=describe(e))
                 self.graphs = None
         try:
-            return batch, self.model.forward(self._inputs(batch, slots)), []
+            return batch, prompt_logprobs.forward(self.model, self._inputs(batch, slots), batch), []
         except Exception as e:  # noqa: BLE001 - see the docstring
             raise_if_lost(e)
             if len(batch) == 1:
@@ -422,7 +423,7 @@ class LLMEngine:
         ran, rows, failed = [], [], []
         for seq in batch:
             try:
-                rows.append(self.model.forward(self._inputs([seq], slots)))
+                rows.append(prompt_logprobs.forward(self.model, self._inputs([seq], slots), [seq]))
                 ran.append(seq)
             except Exception as e:  # noqa: BLE001
                 raise_if_lost(e)

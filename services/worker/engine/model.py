@@ -31,6 +31,8 @@ class StepInputs:
     last_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
     attention: Any  # the kernel path's attention metadata
     lora: Any  # the kernel path's LoRA metadata; None: no token adds or subtracts a LoRA delta
+    # (E,) int64: more flat indices whose normed hidden states follow the B rows (prompt logprobs)
+    extra_index: torch.Tensor | None = None
 
 
 class LlamaModel:
@@ -66,7 +68,8 @@ class LlamaModel:
 
     @torch.inference_mode()
     def last_hidden(self, inp: StepInputs) -> torch.Tensor:
-        """The final norm's output (B, hidden) at each sequence's last new token: everything but the
+        """The final norm's output (B, hidden) at each sequence's last new token (then at each of
+        ``extra_index``, (B + E, hidden)): everything but the
         LM head, whose (B, vocab) output a CUDA graph would otherwise keep a buffer of per bucket."""
         cfg, kv, ops = self.cfg, self.kv, self.kernels
         eps, layers = cfg.rms_norm_eps, self.weights.layers
@@ -89,4 +92,5 @@ class LlamaModel:
                 x, h = ops.add_rms_norm(down, h, layers[i + 1].input_norm, eps)
             else:
                 h = h + down
-        return ops.rms_norm(h[inp.last_index], self.weights.norm, eps)
+        rows = inp.last_index if inp.extra_index is None else torch.cat((inp.last_index, inp.extra_index))
+        return ops.rms_norm(h[rows], self.weights.norm, eps)

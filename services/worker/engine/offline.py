@@ -2,7 +2,8 @@
 
 Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids", "max_tokens",
 "temperature", ...}`` (any SamplingParams field). Output line, in input order:
-``{"id", "token_ids", "text", "finish_reason", "stop_reason"}``, or ``{"id", "error"}`` for a line that could not
+``{"id", "token_ids", "text", "finish_reason", "stop_reason"}`` (and ``"prompt_logprobs"`` when
+asked), or ``{"id", "error"}`` for a line that could not
 be served; the other lines are served all the same.
 """
 
@@ -78,6 +79,10 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
             r = results[out.request_id]
             r["token_ids"] += out.new_token_ids
             r["text"] += out.new_text
+            if (
+                out.prompt_logprobs
+            ):  # [token id, logprob, [[alternative, logprob], ...]] per prompt token after the first
+                r["prompt_logprobs"] = msgspec.to_builtins(out.prompt_logprobs)
             if out.finished:
                 r["finish_reason"] = out.finish_reason.value if out.finish_reason else None
                 r["stop_reason"] = out.stop_reason

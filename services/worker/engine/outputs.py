@@ -32,6 +32,7 @@ class RequestOutput:
     error_code: ErrorCode = ErrorCode.INTERNAL  # whose fault: BAD_REQUEST where the request's own
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first output token, when asked
 
 
 def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob | Exception]:
@@ -84,6 +85,7 @@ def advance(
     seq.num_cached = seq.total_len
     seq.status = Status.RUNNING
     seq.output_ids.append(token)
+    first = len(seq.output_ids) == 1
     old_len = len(seq.text)
     stop = check_stop(
         seq.text + seq.detok.push([token]),
@@ -110,4 +112,6 @@ def advance(
         num_prompt_tokens=len(seq.prompt_ids),
         num_output_tokens=len(seq.output_ids),
         stop_reason=stop.matched,
+        # the first output token ever (not a resumed request's): its prompt's entries go with it
+        prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
     )

@@ -17,6 +17,10 @@ from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import QueuedRequest, StepDecision, free_slots
 
+# A prefix-cache key no block is computed under: a prefill that looks under it finds nothing (one
+# collecting prompt logprobs: a cached block's positions have no hidden states to give them).
+NO_REUSE = b"\0prompt logprobs: computed, never reused"
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -95,7 +99,8 @@ def schedule(
             continue
         fresh = not blocks.holds(rid)
         if fresh:
-            seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), cache_key(seq.adapter))
+            key = NO_REUSE if seq.collects_prompt_logprobs else cache_key(seq.adapter)
+            seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), key)
         n = seq.num_new
         if tokens + n > limits.max_num_batched_tokens:
             if limits.chunked_prefill and seq.status is Status.WAITING:

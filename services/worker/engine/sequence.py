@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlora.common.messages import FinishReason, SamplingParams
+from dlora.common.messages import FinishReason, SamplingParams, TokenLogprob
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -38,6 +38,13 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
+    # Entry i: prompt token i + 1's log-probability after the ones before it (prompt_logprobs.py)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def collects_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and has no output yet (they go with its first token)."""
+        return self.params.prompt_logprobs is not None and not self.output_ids
 
     def scheduled_ids(self) -> list[int]:
         """This step's input: the ``num_scheduled`` tokens after the cached ones (sliced, not built
