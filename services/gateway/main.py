@@ -176,6 +176,16 @@ class Gateway:
         data = _encode_request.encode(request)
         if len(data) > (limit := self.nc.max_payload - _DISPATCH_ADDS):
             raise APIError(413, f"the request is {len(data)} bytes as sent to the workers; at most {limit}")
+        if (k := request.params.prompt_logprobs) is not None:  # its first reply carries an entry a prompt token
+            size = len(request.prompt_token_ids or []) * (_ENTRY_BYTES + _ALTERNATIVE_BYTES * k)
+            if size > self.nc.max_payload - _DISPATCH_ADDS:
+                raise APIError(
+                    413,
+                    f"the logprobs of {len(request.prompt_token_ids or [])} prompt tokens with {k} alternatives "
+                    f"each come to about {size} bytes, over what the message bus carries ({self.nc.max_payload}); "
+                    "ask for fewer alternatives or send a shorter prompt",
+                    param="logprobs",
+                )
         try:
             await self.nc.request(subjects.REQUESTS, data, timeout=self.s.dispatch_timeout_s)
         except NoRespondersError:
@@ -477,6 +487,8 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
 # Bytes a dispatcher may add to a request before forwarding it (a seed, the adapter's version, its
 # flags): a request within them of NATS's max_payload would be refused there, after the 200.
 _DISPATCH_ADDS = 1024
+# A prompt logprob entry's JSON, at most (a 128k vocabulary's ids): the entry, and each alternative.
+_ENTRY_BYTES, _ALTERNATIVE_BYTES = 40, 30
 
 
 def _unanswered(choice: RunningChoice, reason: str) -> TokenChunk:

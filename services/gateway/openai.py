@@ -250,18 +250,23 @@ def completion_logprobs(
 
 
 def prompt_logprobs(
-    prompt_ids: list[int], entries: list[TokenLogprob], tokens: TokenText, skip_special_tokens: bool
+    prompt_ids: list[int], entries: list[TokenLogprob], tokens: TokenText, skip_special_tokens: bool, echoed: int
 ) -> dict[str, Any]:
     """The completions endpoint's logprobs object for an echoed prompt (``prompt_ids``, entry i
-    the log-probability of token i + 1): its first token has none (null), as vLLM answers."""
+    the log-probability of token i + 1): its first token has none (null), as vLLM answers. The
+    offsets end where the echoed text (``echoed`` characters) does: a tokenizer that spells a word's
+    leading space into its token (SentencePiece's "▁") writes one more character than the text
+    shows, so counted from 0 every offset after the first word was one too far."""
     texts = [tokens.text_of(t) for t in prompt_ids]
     offset = TextOffset(0)
+    raw = [offset.advance(tokens.shown(t, skip_special_tokens)) for t in prompt_ids]
+    shift = echoed - offset.at
     tops = [{tokens.text_of(t): lp for t, lp in e.top} | {texts[i + 1]: e.logprob} for i, e in enumerate(entries)]
     return {
         "tokens": texts,
         "token_logprobs": [None] + [e.logprob for e in entries],
         "top_logprobs": [None, *tops],
-        "text_offset": [offset.advance(tokens.shown(t, skip_special_tokens)) for t in prompt_ids],
+        "text_offset": [max(0, o + shift) for o in raw],
     }
 
 

@@ -60,12 +60,14 @@ class ResponseWriter:
         """A new chunk of ``choice`` (not an error): an event, or its text and logprobs kept."""
         if self.job.stream and self.stream is None:
             self.stream = await self._open()
-        if chunk.prompt_logprobs and choice.request is not None:  # an echoed prompt's, first (never streamed)
+        r = choice.request
+        if r is not None and r.params.prompt_logprobs is not None and chunk.seq == 0:  # an echoed prompt's, first
             part = openai.prompt_logprobs(
-                choice.request.prompt_token_ids or [],
+                r.prompt_token_ids or [],
                 chunk.prompt_logprobs,
                 self.tokens,
-                choice.request.params.skip_special_tokens,
+                r.params.skip_special_tokens,
+                len(choice.out.text),
             )
             choice.parts.append(part)
         logprobs = self._logprobs(choice, chunk)

@@ -24,7 +24,7 @@ from nats.errors import BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 
 from dlora.common import bus, log
-from dlora.common.messages import TokenChunk
+from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
 from dlora.services.worker.chunks import Resend
 
 RESEND_WINDOW_S = 15.0  # a server restart takes a few seconds; what went out before it may be lost too
@@ -65,6 +65,20 @@ class Delivery:
             # request still ends and its end is recorded; as a failure it was handed back and run
             # again without end. (The dispatcher refuses such requests; this is for the rest.)
             logger.warning("chunk cannot be published; dropped", subject=subject[:200], error=type(e).__name__)
+            if isinstance(e, MaxPayloadError) and chunk.error is None:  # its reader is told, not left waiting
+                why = f"a reply of this request is over what the message bus carries ({self.nc.max_payload} bytes)"
+                if chunk.prompt_logprobs:
+                    why += f": the logprobs of its {len(chunk.prompt_logprobs) + 1} prompt tokens; ask for fewer"
+                failed = TokenChunk(
+                    request_id=chunk.request_id,
+                    seq=chunk.seq,
+                    error=why,
+                    error_code=ErrorCode.BAD_REQUEST,
+                    finish_reason=FinishReason.ERROR,
+                    worker=chunk.worker,
+                    recoveries=chunk.recoveries,
+                )
+                return await self._send(subject, failed)
             return True
         except NatsError as e:
             self._outage.failed(e)

@@ -187,9 +187,14 @@ async def test_a_chunk_that_can_never_go_out_is_dropped_not_taken_for_an_outage(
     try:
         delivery = Delivery(nc)
         assert await delivery.publish(subjects.reply_inbox("r", "gw") + " x", TokenChunk(request_id="r", seq=0))
+        inbox = subjects.reply_inbox("r", "gw")
+        heard = await nc.subscribe(inbox)
         huge = TokenChunk(request_id="r", seq=1, text="x" * nc.max_payload)
-        assert await delivery.publish(subjects.reply_inbox("r", "gw"), huge)
+        assert await delivery.publish(inbox, huge)
         assert delivery._outage.failures == 0  # no outage was counted
+        # its reader is told why, in its place (a request whose prompt logprobs outgrew the bus hung)
+        told = msgspec.json.decode((await heard.next_msg(timeout=2)).data, type=TokenChunk)
+        assert (told.seq, told.error_code) == (1, "bad_request") and "over what the message bus carries" in told.error
     finally:
         await nc.close()
 

@@ -77,3 +77,23 @@ def test_error_chunks_as_http_errors() -> None:
     gone = refusal(ErrorCode.NOT_FOUND, "adapter 'x' is not registered")
     assert (gone.status, gone.body()["error"]["code"]) == (404, "model_not_found")
     assert (refusal(None, "boom").status, refusal(ErrorCode.UNAVAILABLE, "").status) == (500, 503)
+
+
+def test_an_echoed_prompts_offsets_end_where_its_text_does() -> None:
+    """A SentencePiece vocabulary spells a word's leading space into its token ("▁re"): counted
+    from 0, every offset after the first word was one too far from the echoed "kalo remi"."""
+    from dlora.common.messages import TokenLogprob
+
+    class Pieces:  # the bytes a SentencePiece vocabulary holds: BOS, "▁kalo", "▁re", "mi"
+        spelled = {1: b"", 2: b" kalo", 3: b" re", 4: b"mi"}
+
+        def text_of(self, t: int) -> str:
+            return ["", "<s>", "\u2581kalo", "\u2581re", "mi"][t]
+
+        def shown(self, t: int, skip: bool) -> bytes:
+            return self.spelled[t]
+
+    entries = [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in (2, 3, 4)]
+    lp = openai.prompt_logprobs([1, 2, 3, 4], entries, Pieces(), True, echoed=len("kalo remi"))  # type: ignore[arg-type]
+    assert lp["text_offset"] == [0, 0, 4, 7] and "kalo remi"[4:].startswith(" re")
+    assert lp["token_logprobs"] == [None, -1.0, -1.0, -1.0] and lp["top_logprobs"][0] is None

@@ -100,6 +100,9 @@ def advance(
         primary_eos=primary_eos,
     )
     seq.text, reason = stop.text, stop.reason
+    entries = None
+    if first and seq.params.prompt_logprobs is not None:  # sent now; not read again
+        entries, seq.prompt_logprobs = seq.prompt_logprobs, []
     visible = visible_end(seq.text, seq.emitted, seq.params, finished=reason is not None)
     new_text = seq.text[seq.emitted : visible]
     seq.emitted = visible
@@ -113,5 +116,5 @@ def advance(
         num_output_tokens=len(seq.output_ids),
         stop_reason=stop.matched,
         # the first output token ever (not a resumed request's): its prompt's entries go with it
-        prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
+        prompt_logprobs=entries,
     )

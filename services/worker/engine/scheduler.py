@@ -118,7 +118,7 @@ def schedule(
         out.seqs.append(seq)
         chosen.add(rid)
         tokens += n
-        if fresh:
+        if fresh and not seq.collects_prompt_logprobs:  # one that may not reuse asks the cache nothing
             out.prefix_queries += seq.total_len
             out.prefix_hits += seq.num_cached
         if seq.adapter not in (None, merged):
