@@ -24,7 +24,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``add_special_tokens`` is false) and ``messages`` (rendered as a chat request's, with its
     options; the template places special tokens itself)."""
 
-    model: str
+    model: str | None = None  # None: the base model (vLLM makes it optional here; lm-eval sends none)
     prompt: str | None = None
     add_special_tokens: bool | None = None
     messages: list[ChatMessage] | None = None
@@ -35,7 +35,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class DetokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    model: str
+    model: str | None = None  # None: the base model
     tokens: list[int]
 
 
@@ -87,7 +87,7 @@ class TokenizeRoutes:
         who = await self.gw.auth.inference(request)
         with self.gw.auth.admitted(who):
             body = openai.decode_body(await self.gw.read_body(request), kind)
-            if body.model != self.gw.base_name and await self.gw.entry(body.model, who) is None:
+            if body.model not in (None, self.gw.base_name) and await self.gw.entry(body.model, who) is None:
                 raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
             encoded = await asyncio.get_running_loop().run_in_executor(
                 self.gw.shaping, lambda: msgspec.json.encode(work(body))

@@ -361,6 +361,10 @@ async def test_tokenize_and_detokenize_as_vllm_answers_them(stack: Stack) -> Non
     assert status == 200 and chat["tokens"] == job.choices[0].request.prompt_token_ids and chat["token_strs"] is None
     status, text = await post(stack, "/detokenize", {"model": "model", "tokens": ids})
     assert (status, text) == (200, {"prompt": stack.gateway.tokenizer.decode(ids)})
+    # no model: the base model's tokenizer, as vLLM answers lm-eval's remote tokenizer (it sends none)
+    assert (await post(stack, "/detokenize", {"tokens": ids}))[1] == text
+    status, bare = await post(stack, "/tokenize", {"prompt": PROMPTS[0], "add_special_tokens": False})
+    assert bare["tokens"] == stack.gateway.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     for path, body, code in (
         ("/tokenize", {"model": "nope", "prompt": "a"}, 404),
         ("/tokenize", {"model": "model"}, 400),
