@@ -134,3 +134,31 @@ def test_prompt_logprobs_are_the_oracles_over_the_prompt(tiny_llama: TinyOutput,
             top = expected[p].topk(3)
             assert [t for t, _ in e.top] == top.indices.tolist()
             assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_survive_a_preemption_before_the_first_token(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+    """Two long decodes hold the KV cache while prompts wanting their logprobs prefill in chunks of
+    6: the decodes' growth preempts them midway through their prompts, and they are recomputed;
+    each still gets every entry once, as the oracle's."""
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=14, max_num_batched_tokens=6)
+    for rid in ("d0", "d1"):
+        engine.add_request(rid, prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=40, ignore_eos=True))
+    prompts = {f"r{i}": (PROMPT * 3)[i:] + PROMPT[:i] for i in range(3)}
+    for rid, prompt in prompts.items():
+        params = SamplingParams(max_tokens=2, prompt_logprobs=0, ignore_eos=True)
+        engine.add_request(rid, prompt_token_ids=prompt, params=params, adapter="lora-0")
+    got: dict[str, list] = {}
+    early: set[str] = set()  # preempted before their first token, entries collected already
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.prompt_logprobs is not None:
+                assert o.request_id not in got  # once
+                got[o.request_id] = o.prompt_logprobs
+        early |= {r for r in prompts if (s := engine.seqs.get(r)) and s.num_preemptions and s.prompt_logprobs}
+    assert early and got.keys() == prompts.keys()
+    for rid, prompt in prompts.items():
+        expected = torch.log_softmax(oracle.all_logits("lora-0", prompt), -1)
+        assert [e.token_id for e in got[rid]] == prompt[1:]
+        assert [e.logprob for e in got[rid]] == pytest.approx(
+            [float(expected[p, t]) for p, t in enumerate(prompt[1:])], abs=1e-4
+        )
