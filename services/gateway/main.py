@@ -276,9 +276,7 @@ class Gateway:
         None: a reply that does not decode (logged and counted as a reject)."""
         check_s = 2 * self.s.heartbeat_ttl_s
         deadline = time.monotonic() + timeout_s
-        missing, last = 0, None  # (the record's worker, its step count) at the last check
-        # each worker's steps as the wait begins: the first check can already see the holder step
-        steps_at_start = {worker: st.steps for worker, (st, _) in self.cluster.workers.items()} if patient else {}
+        missing, since = 0, time.monotonic()  # the holder must have stepped since (the last check)
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
             # cancellation when get() completes at the same moment (CPython #86296), and the
@@ -294,19 +292,11 @@ class Gateway:
             missing = missing + 1 if record is None else 0
             if missing >= 2:
                 return _unanswered(late, "the request was lost on its way to a worker; try again")
-            at = time.monotonic()
-            holder = (
-                self.cluster.progress(record.worker, at, self.s.heartbeat_ttl_s)
-                if isinstance(record, Inflight)
-                else None
-            )
-            if patient and holder:
-                # stepped since the last check, or since the wait began (a worker not heard from
-                # yet then counts from 0: at most one more timeout for one that never steps again)
-                before = last[1] if last and last[0] == holder[0] else steps_at_start.get(holder[0], 0)
-                if holder[1] > before:
-                    deadline = time.monotonic() + timeout_s
-            last = holder
+            now = time.monotonic()
+            if patient and isinstance(record, Inflight):
+                if self.cluster.stepped_since(record.worker, since, now, self.s.heartbeat_ttl_s):
+                    deadline = now + timeout_s
+            since = now
         try:
             return _decode_chunk.decode(data)
         except msgspec.DecodeError as e:

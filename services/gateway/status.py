@@ -9,6 +9,7 @@ turns them into the document (``ClusterStatus``, described in the gateway's Open
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -84,17 +85,22 @@ class ClusterView:
     def __init__(self) -> None:
         self.workers: dict[str, tuple[WorkerStats, float]] = {}  # worker -> (stats, monotonic when)
         self.plans: deque[MovePlan] = deque(maxlen=RECENT_PLANS)
+        self._stepped: dict[str, float] = {}  # worker -> when its step count was last seen to move
 
     def heard(self, st: WorkerStats, now: float) -> None:
+        before = self.workers.get(st.worker)
+        if before is None or before[0].steps != st.steps:  # first heard counts as a step
+            self._stepped[st.worker] = now
         self.workers[st.worker] = (st, now)
 
     def planned(self, plan: MovePlan) -> None:
         self.plans.appendleft(plan)
 
-    def progress(self, worker: str, now: float, ttl_s: float) -> tuple[str, int] | None:
-        """(``worker``, the steps it has run) if heard from within ``ttl_s``, else None."""
-        st, at = self.workers.get(worker, (None, 0.0))
-        return (worker, st.steps) if st is not None and now - at <= ttl_s else None
+    def stepped_since(self, worker: str, since: float, now: float, ttl_s: float) -> bool:
+        """Whether ``worker``, heard from within ``ttl_s``, was seen to step after ``since``
+        (monotonic seconds)."""
+        at = self.workers.get(worker, (None, -math.inf))[1]
+        return now - at <= ttl_s and self._stepped.get(worker, -math.inf) > since
 
     def live(self, now: float, ttl_s: float) -> list[tuple[WorkerStats, float]]:
         """(stats, age in seconds) of the workers heard from within ``ttl_s``."""
