@@ -50,6 +50,7 @@ class APIError(Exception):
 
 class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: every event carries the usage so far
     include_obfuscation: bool | None = None  # no effect here: nothing is obfuscated
 
 

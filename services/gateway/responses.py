@@ -81,7 +81,7 @@ class ResponseWriter:
                 logprobs=logprobs,
                 stop_reason=chunk.stop_reason,
             )
-            await sse(self.stream, event)
+            await sse(self.stream, self._with_usage(event, choice))
         elif logprobs is not None:  # the text is the reply stream's, taken at the end
             choice.parts.append(logprobs)
 
@@ -116,8 +116,16 @@ class ResponseWriter:
         stream = await opensse(self.request)
         for c in self.choices:
             if self.job.shape.chat or c.out.text or c.out.finish_reason:
-                await sse(stream, self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index))
+                event = self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index)
+                await sse(stream, self._with_usage(event, c))
         return stream
+
+    def _with_usage(self, event: dict[str, Any], choice: RunningChoice) -> dict[str, Any]:
+        """``event`` with its choice's usage so far, when the client asked for it in every event
+        (vLLM's ``continuous_usage_stats``)."""
+        if self.job.continuous_usage:
+            event["usage"] = openai.usage(self.job.prompt_tokens, choice.replies.tokens if choice.replies else 0)
+        return event
 
     def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:
         if not chunk.logprobs:

@@ -76,6 +76,7 @@ class Job:
     stream: bool  # server-sent events; else one JSON body
     include_usage: bool  # a streamed response ends with a usage chunk
     choices: list[ChoicePlan]
+    continuous_usage: bool = False  # every event carries its choice's usage so far (vLLM's)
 
 
 def new_request_id(chat: bool) -> str:
@@ -180,6 +181,7 @@ def shape_request(
         prompt_tokens=sum(len(ids) for ids, _ in prompts),
         stream=bool(body.stream),
         include_usage=body.stream_options is not None and bool(body.stream_options.include_usage),
+        continuous_usage=body.stream_options is not None and bool(body.stream_options.continuous_usage_stats),
         choices=choices,
     )
 

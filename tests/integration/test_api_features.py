@@ -372,3 +372,16 @@ async def test_tokenize_and_detokenize_as_vllm_answers_them(stack: Stack) -> Non
         ("/tokenize", {"model": "model", "messages": messages, "add_special_tokens": True}, 400),
     ):
         assert (await post(stack, path, body))[0] == code, (path, body)
+
+
+async def test_continuous_usage_stats_put_the_usage_so_far_in_every_event(stack: Stack) -> None:
+    """vLLM's stream_options.continuous_usage_stats (a 400 as an unknown field before: clients
+    that send it got nothing)."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 5, "ignore_eos": True, "stream": True}
+    events = await stream(stack, "/v1/completions", {**body, "stream_options": options})
+    counted = [e["usage"]["completion_tokens"] for e in events[:-1] if e["choices"]]
+    assert counted == sorted(counted) and counted[-1] == 5 and events[-2]["usage"]["completion_tokens"] == 5
+    assert all(e["usage"]["prompt_tokens"] == events[-2]["usage"]["prompt_tokens"] for e in events[:-1])
+    plain = await stream(stack, "/v1/completions", body)
+    assert all("usage" not in e for e in plain[:-1])  # only when asked
