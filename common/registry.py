@@ -130,8 +130,15 @@ class _Durable:
         was down: a key revoked meanwhile must not come back unrevoked after a later Redis loss."""
 
 
-# A name the bucket can key: NATS key-value tokens, dot-separated, none empty.
-_KEYABLE = re.compile(r"[-/_=A-Za-z0-9]+(?:\.[-/_=A-Za-z0-9]+)*")
+# An adapter's name: letters, digits, '.', '_', '-', a dot only between two others. It is a token
+# of the bucket's keys (NATS key-value), where an empty token ("a..b", "a.") is refused.
+_NAME = re.compile(r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-]){0,127}")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can be registered (the gateway's rule, and the bucket's keys take no other
+    characters): a name that cannot is in Redis alone, if anywhere (registered before the rule)."""
+    return len(name) <= 128 and _NAME.fullmatch(name) is not None
 
 
 def bucket_name(prefix: str) -> str:
@@ -209,7 +216,7 @@ class AdapterRegistry(_Durable):
             current = await self.store.get_adapter(name)
             gone = current is None or current.version != version
             # a name the bucket could never key (registered before names were checked) is in Redis only
-            if gone and _KEYABLE.fullmatch(name) and (kv := await self.kv()) is not None:
+            if gone and valid_name(name) and (kv := await self.kv()) is not None:
                 with contextlib.suppress(KeyNotFoundError):  # the bucket first: it outlives Redis
                     await kv.purge(f"version.{name}.{version or 'none'}")
             forgotten += await self.store.forget_version(name, version)

@@ -14,8 +14,9 @@ from aiohttp import web
 
 from dlora.common import bus, subjects
 from dlora.common.messages import AdapterEntry, AdapterEvent
+from dlora.common.registry import valid_name
 from dlora.services.gateway import openai
-from dlora.services.gateway.admin import AdapterBody, check_adapter, valid_name
+from dlora.services.gateway.admin import AdapterBody, check_adapter
 from dlora.services.gateway.openai import APIError
 
 if TYPE_CHECKING:

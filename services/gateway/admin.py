@@ -4,7 +4,6 @@ configured root, and the files must make a valid adapter for the base model with
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -12,13 +11,10 @@ import msgspec
 
 from dlora.common.apikeys import tenant_problem
 from dlora.common.messages import AdapterEntry
+from dlora.common.registry import valid_name
 from dlora.model.adapters import AdapterError, AdapterLimits, inspect_adapter
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError
-
-# Letters, digits, '.', '_', '-'; a dot only between two other characters: the name is a token of
-# the durable copy's keys (NATS key-value), where an empty token ("a..b", "a.") is refused.
-_NAME = re.compile(r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-]){0,127}")
 
 
 class AdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -28,12 +24,6 @@ class AdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     path: str
     owner: str | None = None
-
-
-def valid_name(name: str) -> bool:
-    """Whether ``name`` could be registered: a name that could not is in no registry (and the
-    durable copy's keys take no other characters)."""
-    return len(name) <= 128 and _NAME.fullmatch(name) is not None
 
 
 def check_adapter(

@@ -303,6 +303,8 @@ def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[i
     at: list[int] = []
     values: list[float] = []
     for i, (p, n) in enumerate(zip(params, num_outputs)):
+        if not p.logit_bias and n >= p.min_tokens:  # most rows, every step: nothing to build
+            continue
         changes = list(p.logit_bias.items())
         if n < p.min_tokens:
             changes += [(t, float("-inf")) for t in set(p.stop_token_ids) | eos_ids]  # EOS even with ignore_eos
