@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
@@ -158,3 +160,34 @@ def test_a_grammar_engine_that_fails_to_mask_is_an_internal_error_not_the_reques
     engine.seqs["x"].matcher = _Broken(engine.seqs["x"].matcher)
     [out] = engine.step()
     assert out.error_code is ErrorCode.INTERNAL and "grammar failed" in out.error
+
+
+@pytest.mark.parametrize("par", [True, False], ids=["llguidance-threads", "row-by-row"])
+def test_the_device_unpacked_bitmask_masks_what_llguidance_s_own_apply_masks(tiny_llama: TinyOutput, par: bool) -> None:
+    """Each row's bitmask goes to the device packed (a bit per token) and is unpacked there; the
+    logits it leaves are llguidance's ``apply_token_bitmask_inplace`` of the matcher's own
+    bitmask, for matchers at different places in their documents, beside an unconstrained row,
+    with logits wider than the tokenizer (those ids never allowed); row by row (after the
+    threaded fill refuses a matcher it cannot take) the same."""
+    from llguidance.numpy import apply_token_bitmask_inplace
+
+    from dlora.services.worker.engine.sampler import constrain
+
+    engine = make_engine(tiny_llama)
+    schema = json.dumps(SCHEMA)
+    ids = engine.tokenizer.encode('{"size": 2, "ok": true', add_special_tokens=False)
+    matchers = [engine.grammars.matcher(schema, ids[:k]) for k in (0, 1, 3, len(ids))]
+    if not par:
+        matchers[0] = _GivesUp(matchers[0])  # no LLMatcher: the threaded fill raises for the batch
+    rows: list = [matchers[0], None, *matchers[1:]]
+    vocab = engine.model_config.vocab_size + 40
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(0))
+    masked, failed = constrain(logits, rows, engine.grammars)
+    assert not failed
+    for i, m in enumerate(rows):
+        expected = logits[i].numpy().copy()[None]
+        if m is not None:
+            apply_token_bitmask_inplace(expected, np.frombuffer(m.compute_bitmask(), dtype=np.int32)[None])
+            expected[0, engine.grammars.tokenizer.vocab_size :] = -np.inf
+        assert np.array_equal(masked[i].numpy(), expected[0]), i
+    assert all(0 < torch.isinf(masked[i]).sum() < vocab for i in (0, 2, 3, 4))  # some allowed, some not

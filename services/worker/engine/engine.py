@@ -313,7 +313,7 @@ class LLMEngine:
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         if logits is None:
             return ran, None, [], failed
-        return ran, logits, sample_sequences(logits, ran, self._rng, self.eos_ids), failed
+        return ran, logits, sample_sequences(logits, ran, self._rng, self.eos_ids, self.grammars), failed
 
     def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:
         """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what

@@ -11,16 +11,15 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.kernels.host import to_device
 from dlora.services.worker.engine.faults import raise_if_lost
-from dlora.services.worker.engine.structured import allowed
 
 if TYPE_CHECKING:
     from dlora.services.worker.engine.sequence import Sequence
+    from dlora.services.worker.engine.structured import Grammars
 
 # Temperatures below this sample greedily (vLLM: vllm/sampling_params.py, _SAMPLING_EPS = 1e-5).
 GREEDY_BELOW = 1e-5
@@ -269,27 +268,28 @@ def filtered_probs_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
     return scaled.softmax(-1).index_copy_(0, at, filtered)
 
 
-def constrain(logits: torch.Tensor, matchers: list[Any]) -> tuple[torch.Tensor, set[int]]:
+def constrain(logits: torch.Tensor, matchers: list[Any], grammars: Grammars | None) -> tuple[torch.Tensor, set[int]]:
     """``logits`` (B, vocab) with the tokens each row's structured-output matcher (llguidance; None:
     unconstrained) forbids set to -inf, and the rows whose matcher failed (masked whole, so that
-    row alone fails to sample; the caller says why). The rows' masks reach the device in one
-    asynchronous copy."""
+    row alone fails to sample; the caller says why). ``grammars``: the matchers' maker (None only
+    when no row has one). The rows' bitmasks (a bit per token, ``Grammars.bitmasks``) reach the
+    device in one asynchronous copy and are unpacked there: a GPU step moves vocab / 8 bytes a
+    row, and the host builds no per-token mask."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits, set()
-    vocab = logits.shape[-1]
-    masks = np.zeros((len(rows), vocab), dtype=bool)
-    failed = set()
-    for j, i in enumerate(rows):
-        try:
-            masks[j] = allowed(matchers[i], vocab)
-        except Exception:  # noqa: BLE001 - its own row fails (every token masked), not the step
-            failed.add(i)
-    forbidden = to_device(~masks, torch.bool, logits.device)
+    assert grammars is not None
+    words, failed = grammars.bitmasks([matchers[i] for i in rows])
+    vocab, device = logits.shape[-1], logits.device
+    packed = to_device(words, torch.int32, device)
+    bits = (packed.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=device)) & 1  # (rows, words, 32)
+    allowed = bits.view(len(rows), -1)[:, :vocab].bool()
+    if allowed.shape[-1] < vocab:  # ids past the tokenizer's: never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[-1]), value=False)
     masked = logits.clone()
-    at = to_device(rows, torch.int64, logits.device)
-    masked.index_copy_(0, at, masked.index_select(0, at).masked_fill_(forbidden, float("-inf")))
-    return masked, failed
+    at = to_device(rows, torch.int64, device)
+    masked.index_copy_(0, at, masked.index_select(0, at).masked_fill_(~allowed, float("-inf")))
+    return masked, {rows[j] for j in failed}
 
 
 def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int], eos_ids: set[int]) -> torch.Tensor:
@@ -321,17 +321,22 @@ def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[i
 
 
 def sample_sequences(
-    logits: torch.Tensor, seqs: list[Sequence], rng: torch.Generator | None, eos_ids: set[int]
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    rng: torch.Generator | None,
+    eos_ids: set[int],
+    grammars: Grammars | None = None,
 ) -> list[int | SamplingError]:
     """``sample`` for the sequences whose logits (B, vocab) these are: each row biased
-    (``logit_bias``, ``min_tokens``), constrained by its structured-output matcher, penalised by
-    its history, and drawn from its seed's generator at its position (``rng`` without a seed)."""
+    (``logit_bias``, ``min_tokens``), constrained by its structured-output matcher (made by
+    ``grammars``), penalised by its history, and drawn from its seed's generator at its position
+    (``rng`` without a seed)."""
     generators = [
         position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else rng for s in seqs
     ]
     params, histories = [s.params for s in seqs], [(s.prompt_ids, s.output_ids) for s in seqs]
     constrained, broken = constrain(
-        bias(logits, params, [len(out) for _, out in histories], eos_ids), [s.matcher for s in seqs]
+        bias(logits, params, [len(out) for _, out in histories], eos_ids), [s.matcher for s in seqs], grammars
     )
     tokens = sample(constrained, params, generators, histories)
     for i in broken:  # the grammar engine's failure, not the request's constraints

@@ -14,7 +14,8 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-from llguidance import LLMatcher, LLTokenizer
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.model.token_bytes import llg_tokenizer
 
@@ -62,6 +63,32 @@ class Grammars:
         with contextlib.suppress(Exception):
             self.tokenizer  # noqa: B018 - built for its cache
 
+    @cached_property
+    def _executor(self) -> LLExecutor:
+        return LLExecutor()  # llguidance's threads: 80 % of the host's cores, up to 32
+
+    def bitmasks(self, matchers: list[LLMatcher]) -> tuple[np.ndarray, set[int]]:
+        """The tokens each matcher allows next, as llguidance's bitmask: int32 (len(matchers),
+        words), bit j of word w set when token 32 w + j is allowed (words: the tokenizer's ids over
+        32, rounded up); and the rows whose grammar engine failed (all zero: nothing allowed).
+        Every row at once on llguidance's threads with the GIL released, as vLLM and SGLang fill
+        theirs; if that raises, row by row, so that a failure stays in its own row."""
+        words = (self.tokenizer.vocab_size + 31) // 32
+        out = np.zeros((len(matchers), words), dtype=np.int32)
+        try:
+            fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], out)
+            return out, set()
+        except Exception:  # noqa: BLE001 - found again below, row by row
+            out[:] = 0
+        failed = set()
+        for i, m in enumerate(matchers):
+            try:
+                row = np.frombuffer(m.compute_bitmask(), dtype=np.int32)[:words]  # one word more, some sizes
+                out[i, : row.size] = row
+            except Exception:  # noqa: BLE001 - its own row fails (nothing allowed), not the step
+                failed.add(i)
+        return out, failed
+
     def matcher(self, schema: str, consumed: list[int]) -> LLMatcher:
         """A matcher for ``schema`` that has already taken ``consumed`` (a resumed request's output)."""
         try:
@@ -97,13 +124,3 @@ def refusal(matcher: LLMatcher, token: int) -> str | None:
 def matcher_error(matcher: LLMatcher) -> str:
     """Why ``matcher`` failed: the first line of its error (llguidance appends its parser's state)."""
     return matcher.get_error().split("\n", 1)[0]
-
-
-def allowed(matcher: LLMatcher, vocab_size: int) -> np.ndarray:
-    """Tokens the schema allows next: bool (vocab,), from the matcher's bitmask (bit i of word
-    i // 32 set: token i allowed). No torch here, so the gateway can check schemas without it."""
-    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-    mask = np.zeros(vocab_size, dtype=bool)
-    n = min(vocab_size, bits.size)
-    mask[:n] = bits[:n].astype(bool)
-    return mask
