@@ -11,6 +11,7 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from dlora.common.messages import SamplingParams
@@ -274,22 +275,24 @@ def constrain(logits: torch.Tensor, matchers: list[Any], grammars: Grammars | No
     row alone fails to sample; the caller says why). ``grammars``: the matchers' maker (None only
     when no row has one). The rows' bitmasks (a bit per token, ``Grammars.bitmasks``) reach the
     device in one asynchronous copy and are unpacked there: a GPU step moves vocab / 8 bytes a
-    row, and the host builds no per-token mask."""
+    row, the host builds no per-token mask, and the logits are written once."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits, set()
     assert grammars is not None
     words, failed = grammars.bitmasks([matchers[i] for i in rows])
     vocab, device = logits.shape[-1], logits.device
-    packed = to_device(words, torch.int32, device)
-    bits = (packed.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=device)) & 1  # (rows, words, 32)
-    allowed = bits.view(len(rows), -1)[:, :vocab].bool()
-    if allowed.shape[-1] < vocab:  # ids past the tokenizer's: never allowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[-1]), value=False)
-    masked = logits.clone()
-    at = to_device(rows, torch.int64, device)
-    masked.index_copy_(0, at, masked.index_select(0, at).masked_fill_(~allowed, float("-inf")))
-    return masked, {rows[j] for j in failed}
+    # A word's bytes in memory order, least significant first (x86, ARM and every GPU): bit j of
+    # byte k is token 32 w + 8 k + j. Inverted first, so the bits unpacked are the forbidden ones.
+    packed = to_device(np.invert(words).view(np.uint8), torch.uint8, device)
+    bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1  # (rows, bytes, 8)
+    forbidden = bits.view(len(rows), -1).view(torch.bool)[:, :vocab]
+    if forbidden.shape[-1] < vocab:  # ids past the tokenizer's: never allowed
+        forbidden = torch.nn.functional.pad(forbidden, (0, vocab - forbidden.shape[-1]), value=True)
+    if len(rows) < len(matchers):
+        at = to_device(rows, torch.int64, device)
+        forbidden = torch.zeros(logits.shape, dtype=torch.bool, device=device).index_copy_(0, at, forbidden)
+    return logits.masked_fill(forbidden, float("-inf")), {rows[j] for j in failed}
 
 
 def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int], eos_ids: set[int]) -> torch.Tensor:
