@@ -80,6 +80,7 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
                 "tests/engine/test_adapters.py",
                 "tests/engine/test_graphs.py",
                 "tests/engine/test_sampler_gpu.py",
+                "tests/engine/test_structured.py",
             ],
             {"DLORA_TEST_DEVICE": "cuda"},
             100.0,

@@ -182,7 +182,8 @@ def test_the_device_unpacked_bitmask_masks_what_llguidance_s_own_apply_masks(tin
     rows: list = [matchers[0], None, *matchers[1:]]
     vocab = engine.model_config.vocab_size + 40
     logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(0))
-    masked, failed = constrain(logits, rows, engine.grammars)
+    masked, failed = constrain(logits.to(engine.device), rows, engine.grammars)
+    masked = masked.cpu()
     assert not failed
     for i, m in enumerate(rows):
         expected = logits[i].numpy().copy()[None]
