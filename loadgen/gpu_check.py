@@ -9,7 +9,7 @@ slow part cannot starve the rest:
 0. ``dlora bench tune-lora``: the LoRA kernels' tiles timed on this GPU into ``kernels/tuned/``
    (and a copy in OUT, to commit);
 1. the CUDA tests: ``tests/kernels`` natively (real-model sizes included) and the engine's parity,
-   adapter (merge), graph and sampler tests with ``DLORA_TEST_DEVICE=cuda`` (every engine the tests
+   adapter (merge), graph, sampler and structured-output tests with ``DLORA_TEST_DEVICE=cuda`` (every engine the tests
    make runs on the GPU);
 2. ``dlora bench kernels``;
 3. ``dlora bench engine --device cuda --preset 7b --dtype bfloat16 --profile``: decode steps at 7B
