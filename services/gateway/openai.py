@@ -62,7 +62,7 @@ class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    model: str
+    model: str | None = None  # None: the base model (vLLM's default; OpenAI requires it)
     max_tokens: int | None = None
     temperature: float | None = None  # [0, 2], default 1
     top_p: float | None = None  # [0, 1], default 1
@@ -153,12 +153,12 @@ Body = CompletionBody | ChatBody
 
 
 class _Named(msgspec.Struct):
-    model: str = ""
+    model: str | None = None
 
 
-def model_named(raw: bytes) -> str:
-    """The ``model`` a request body names, read whatever else in it is wrong ("" if none can be
-    read): what its refusal is counted under."""
+def model_named(raw: bytes) -> str | None:
+    """The ``model`` a request body names, read whatever else in it is wrong (None: it names none;
+    "" if it cannot be read): what its refusal is counted under."""
     try:
         return msgspec.json.decode(raw, type=_Named).model
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):  # decode_body says why

@@ -101,7 +101,7 @@ def shape_request(
 
     Args:
         adapter: the registry's entry for ``body.model``; None where it has none. Ignored when
-            ``body.model`` is ``base_name`` (the base model: no adapter).
+            ``body.model`` is ``base_name`` or None (the base model: no adapter).
         now: Unix seconds, the response's ``created`` and the requests' entry time.
         tenant: the caller's API key's tenant, which the requests carry; None (no key): the
             body's ``user``.
@@ -112,12 +112,13 @@ def shape_request(
             long for the context with ``max_tokens``, a bad sampling parameter (see
             ``sampling_params``); the message names what and the param field where.
     """
-    if body.model == base_name:
+    model_name = base_name if body.model is None else body.model  # none named: the base model (vLLM's way)
+    if model_name == base_name:
         adapter = None
     elif adapter is None:
         raise APIError(
             404,
-            f"model {body.model!r} does not exist (neither the base model nor a registered adapter)",
+            f"model {model_name!r} does not exist (neither the base model nor a registered adapter)",
             param="model",
             code="model_not_found",  # OpenAI's code, as GET /v1/models/{model} gives it
         )
@@ -176,7 +177,7 @@ def shape_request(
                 )
             choices.append(ChoicePlan(index, prefix, request))
     return Job(
-        Shape(chat, request_id, body.model, int(now)),
+        Shape(chat, request_id, model_name, int(now)),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),
         stream=bool(body.stream),

@@ -385,3 +385,18 @@ async def test_continuous_usage_stats_put_the_usage_so_far_in_every_event(stack:
     assert all(e["usage"]["prompt_tokens"] == events[-2]["usage"]["prompt_tokens"] for e in events[:-1])
     plain = await stream(stack, "/v1/completions", body)
     assert all("usage" not in e for e in plain[:-1])  # only when asked
+
+
+async def test_a_request_that_names_no_model_is_served_by_the_base_model(stack: Stack) -> None:
+    """vLLM serves a body without ``model`` with its base model (OpenAI requires it; curl examples
+    and some clients leave it out); it was a 400."""
+    greedy = {"max_tokens": 4, "temperature": 0}
+    for path, body in (
+        ("/v1/completions", {"prompt": PROMPTS[0], **greedy}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "kalo"}], **greedy}),
+    ):
+        status, bare = await post(stack, path, body)
+        named = (await post(stack, path, {**body, "model": "model"}))[1]
+        assert status == 200 and bare["model"] == "model", bare
+        assert bare["choices"] == named["choices"] and bare["usage"] == named["usage"]
+    assert (await post(stack, "/v1/completions", {"model": None, "prompt": "a", "max_tokens": 1}))[0] == 200
