@@ -243,7 +243,7 @@ class Gateway:
                 for taken in ready:
                     timer.chunk(taken.queue_seconds)
                     await response.add(choice, taken)
-            per_choice = [c.replies.tokens if c.replies else 0 for c in choices]
+            per_choice = [c.completion_tokens for c in choices]
             timer.done(max(per_choice), sum(per_choice))
             return await response.finish(sum(per_choice))
         except (asyncio.CancelledError, ConnectionResetError) as e:

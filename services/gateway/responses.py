@@ -36,6 +36,7 @@ class RunningChoice:
     replies: ReplyStream | None  # its chunks, with the request
     offset: openai.TextOffset  # where its next token begins in its text (completions' text_offset)
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
+    prompt_only: bool = False  # its request runs for the prompt's logprobs: its token is not shown
 
     @classmethod
     def of(cls, plan: ChoicePlan) -> RunningChoice:
@@ -45,7 +46,17 @@ class RunningChoice:
             r,
             ReplyStream(r.request_id) if r else None,
             offset=openai.TextOffset(len(plan.echo)),
+            prompt_only=plan.prompt_only,
         )
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.replies.tokens if self.replies and not self.prompt_only else 0
+
+    @property
+    def echoes_logprobs(self) -> bool:
+        """Its echoed prompt has logprobs, which come with its first chunk."""
+        return self.request is not None and self.request.params.prompt_logprobs is not None
 
 
 class ResponseWriter:
@@ -61,7 +72,7 @@ class ResponseWriter:
         if self.job.stream and self.stream is None:
             self.stream = await self._open()
         r = choice.request
-        if r is not None and r.params.prompt_logprobs is not None and chunk.seq == 0:  # an echoed prompt's, first
+        if r is not None and choice.echoes_logprobs and chunk.seq == 0:  # an echoed prompt's, first
             part = openai.prompt_logprobs(
                 r.prompt_token_ids or [],
                 chunk.prompt_logprobs,
@@ -69,7 +80,17 @@ class ResponseWriter:
                 r.params.skip_special_tokens,
                 len(choice.out.text),
             )
-            choice.parts.append(part)
+            if choice.prompt_only:  # over with its prompt: the token it ran for is not the client's
+                choice.out.finish_reason, choice.out.stop_reason = "length", None
+            if self.stream is None:
+                choice.parts.append(part)
+            else:  # the echoed prompt's event (held back at the stream's opening), its logprobs in it
+                event = self.job.shape.chunk(
+                    choice.out.text, choice.out.finish_reason, first=True, index=choice.out.index, logprobs=part
+                )
+                await sse(self.stream, self._with_usage(event, choice))
+        if choice.prompt_only:
+            return
         logprobs = self._logprobs(choice, chunk)
         choice.out.finish_reason, choice.out.stop_reason = chunk.finish_reason, chunk.stop_reason
         if self.stream is not None:
@@ -101,7 +122,7 @@ class ResponseWriter:
         job = self.job
         if not job.stream:
             for c in self.choices:
-                c.out.text += c.replies.text if c.replies else ""  # after the echoed prompt, if any
+                c.out.text += c.replies.text if c.replies and not c.prompt_only else ""  # after the echo, if any
                 c.out.logprobs = openai.merge_logprobs(job.shape.chat, c.parts)
             return web.json_response(
                 job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens)
@@ -115,7 +136,7 @@ class ResponseWriter:
         """The SSE response, opening with each choice's role (chat) or echoed prompt (completions)."""
         stream = await opensse(self.request)
         for c in self.choices:
-            if self.job.shape.chat or c.out.text or c.out.finish_reason:
+            if (self.job.shape.chat or c.out.text or c.out.finish_reason) and not c.echoes_logprobs:
                 event = self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index)
                 await sse(stream, self._with_usage(event, c))
         return stream
@@ -124,7 +145,7 @@ class ResponseWriter:
         """``event`` with its choice's usage so far, when the client asked for it in every event
         (vLLM's ``continuous_usage_stats``)."""
         if self.job.continuous_usage:
-            event["usage"] = openai.usage(self.job.prompt_tokens, choice.replies.tokens if choice.replies else 0)
+            event["usage"] = openai.usage(self.job.prompt_tokens, choice.completion_tokens)
         return event
 
     def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:

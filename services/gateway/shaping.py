@@ -64,6 +64,9 @@ class ChoicePlan:
     echo: str  # the choice's text starts with this: the prompt (completions with echo), else ""
     # What the workers generate; None: nothing (max_tokens 0), the choice is over at once ("length").
     request: GenerateRequest | None
+    # The request is there for its prompt's logprobs alone (echo with logprobs and max_tokens 0):
+    # the one token it generates is not the client's.
+    prompt_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,11 +145,14 @@ def shape_request(
             param="n" if n > 1 else "prompt",  # the field that made too many
         )
     choices: list[ChoicePlan] = []
+    # max_tokens 0 generates nothing (with echo: the prompt back), unless the prompt's logprobs are
+    # asked for (OpenAI's original loglikelihood request): those come with one token, not shown.
+    prompt_only = asked == 0 and echo and isinstance(body, CompletionBody) and body.logprobs is not None
     for p, (ids, text) in enumerate(prompts):
-        generate = asked != 0  # max_tokens 0: nothing generated (with echo: the prompt back)
-        new = max_new_tokens(ids, asked, model.context, "messages" if chat else "prompt")
+        generate = asked != 0 or prompt_only
+        new = max_new_tokens(ids, 1 if prompt_only else asked, model.context, "messages" if chat else "prompt")
         params = sampling_params(body, new if generate else 1)
-        if not generate and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
+        if asked == 0 and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
         if params.logit_bias and (outside := sorted(t for t in params.logit_bias if t >= model.vocab_size)):
             raise APIError(
@@ -175,7 +181,7 @@ def shape_request(
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )
-            choices.append(ChoicePlan(index, prefix, request))
+            choices.append(ChoicePlan(index, prefix, request, prompt_only))
     return Job(
         Shape(chat, request_id, model_name, int(now)),
         adapter.name if adapter else None,
@@ -391,13 +397,9 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     ``what`` begins with the field's name."""
     out: list[tuple[str, bool]] = []
     if isinstance(body, CompletionBody):
-        prompt_logprobs = bool(body.echo) and body.logprobs is not None
         out += [
             ("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
             ("suffix", body.suffix is not None),
-            # prompt logprobs are served with a generated token at least, not streamed (lm-eval's way)
-            ("echo with logprobs and max_tokens 0", prompt_logprobs and body.max_tokens == 0),
-            ("echo with logprobs streamed", prompt_logprobs and bool(body.stream)),
         ]
     else:
         out += [

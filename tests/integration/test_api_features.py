@@ -155,9 +155,25 @@ async def test_echo(stack: Stack) -> None:
     status, longer = await post(stack, "/v1/completions", {**body, "prompt": PROMPTS[0] + " nevo rida"})
     shared = longer["choices"][0]["logprobs"]["token_logprobs"][1:n]
     assert shared == pytest.approx(lp["token_logprobs"][1:n], abs=1e-5)
-    for refused in ({**body, "max_tokens": 0}, {**body, "stream": True}):
-        status, resp = await post(stack, "/v1/completions", refused)
-        assert status == 400 and "echo with logprobs" in resp["error"]["message"]
+    # max_tokens 0 (OpenAI's own loglikelihood request; a 400 before): the prompt and its logprobs
+    # alone, nothing generated; the entries those of the request above
+    status, zero = await post(stack, "/v1/completions", {**body, "max_tokens": 0})
+    assert status == 200, zero
+    [choice] = zero["choices"]
+    assert choice["text"] == PROMPTS[0] and choice["finish_reason"] == "length"
+    assert zero["usage"]["completion_tokens"] == 0 and len(choice["logprobs"]["tokens"]) == n
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][:n], abs=1e-5, nan_ok=True)
+    # streamed (a 400 before): the echoed prompt's event carries its logprobs; the events put
+    # together are the response above, for each of two prompts
+    for extra, whole in (({}, resp), ({"max_tokens": 0}, zero)):
+        two = {**body, **extra, "prompt": [PROMPTS[0], PROMPTS[1]]}
+        events = [e for e in await stream(stack, "/v1/completions", two) if isinstance(e, dict)]
+        assert {e["choices"][0]["index"] for e in events} == {0, 1}
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == 0]
+        assert "".join(c["text"] for c in mine) == whole["choices"][0]["text"]
+        assert mine[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
+        joined = {k: [v for c in mine if c["logprobs"] for v in c["logprobs"][k]] for k in ("tokens", "text_offset")}
+        assert joined == {k: whole["choices"][0]["logprobs"][k] for k in joined}
     # entries that would not fit the bus in one reply are refused up front (the reply was dropped
     # and the client waited out the chunk timeout); here the bus is made to carry 20 kB
     carried, stack.gateway.nc._max_payload = stack.gateway.nc._max_payload, 20_000
