@@ -175,7 +175,23 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
     params["rope_type"] = rope_type
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelConfigError(f"{source}: partial_rotary_factor is not served")
+    if rope_type in ("llama3", "yarn", "longrope"):  # transformers' standardisation of the pretraining length
+        if "original_max_position_embeddings" in raw:  # beside the rope settings (Phi-3's): it wins, as there
+            params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+        else:
+            params.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 2048))
+    if missing := [k for k in _ROPE_NEEDS.get(rope_type, ()) if params.get(k) is None]:
+        raise ModelConfigError(f"{source}: rope_type {rope_type!r} needs {', '.join(missing)} in rope_scaling")
     return params
+
+
+# What each scaling cannot do without (transformers reads them unguarded; a worker crashed on a bare
+# KeyError at start-up instead).
+_ROPE_NEEDS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ SCALINGS = {
         "original_max_position_embeddings": 64,
     },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    # without the pretraining length: max_position_embeddings, as transformers fills it in (a
+    # worker crashed on a KeyError at start-up)
+    "yarn-no-original": {"rope_type": "yarn", "factor": 4.0},
+    "llama3-no-original": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
     "yarn-mscale": {
         "rope_type": "yarn",
         "factor": 4.0,
@@ -103,3 +107,26 @@ def test_rotation_preserves_norm_and_position_zero_is_identity() -> None:
     y = apply_rope(x, cos, sin)
     torch.testing.assert_close(y[0], x[0])
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_the_pretraining_length_beside_the_rope_settings_wins_and_a_missing_factor_is_named() -> None:
+    """Phi-3 keeps original_max_position_embeddings beside rope_scaling; transformers takes it over
+    the one inside. A scaling without the field it needs is refused at load, naming it."""
+    raw = dict(
+        model_type="llama",
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        vocab_size=32,
+        max_position_embeddings=256,
+    )
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = ModelConfig.from_dict({**raw, "original_max_position_embeddings": 128, "rope_scaling": yarn})
+    assert cfg.rope["original_max_position_embeddings"] == 128
+    for scaling, field in (
+        ({"rope_type": "linear"}, "factor"),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "high_freq_factor"),
+    ):
+        with pytest.raises(ModelConfigError, match=field):
+            ModelConfig.from_dict({**raw, "rope_scaling": scaling})
