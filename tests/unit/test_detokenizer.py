@@ -56,3 +56,29 @@ def test_the_direct_decoder_equals_transformers_decode(tokenizer) -> None:
     for skip in (True, False):
         for i in range(len(ids)):
             assert fast(ids[i:], skip) == tokenizer.decode(ids[i:], skip_special_tokens=skip)
+
+
+def test_a_request_that_ends_inside_a_character_keeps_its_bytes_as_u_fffd(tokenizer) -> None:
+    """Text held back for a character never finished (the request ended, or bytes that can never
+    make one: a lead byte twice) comes out at the end as decode writes it; it was lost, so the text
+    was shorter than its tokens' decode (SGLang #34740's kind). Ended by a stop token or EOS, that
+    token stays out of the text, the bytes before it do not (a stop token that decodes whole
+    released them with itself, and they were cut with it)."""
+    from dlora.common.messages import FinishReason, SamplingParams
+    from dlora.services.worker.engine.outputs import advance
+    from dlora.services.worker.engine.sequence import Sequence
+
+    ids = tokenizer.encode("ok 日")[:-1]  # the last character's last byte never comes
+    lead = tokenizer.encode("é")[0]
+    assert tokenizer.decode([lead]) == "\ufffd"  # a lead byte alone
+    eos = tokenizer.eos_token_id
+    for outputs, params, text, reason in (
+        (ids, SamplingParams(max_tokens=len(ids)), tokenizer.decode(ids), FinishReason.LENGTH),
+        ([lead] * 3, SamplingParams(max_tokens=3), "\ufffd" * 3, FinishReason.LENGTH),
+        ([*ids, eos], SamplingParams(max_tokens=99), tokenizer.decode(ids), FinishReason.STOP),
+        ([lead, lead, 5], SamplingParams(max_tokens=99, stop_token_ids=[5]), "\ufffd" * 2, FinishReason.STOP),
+    ):
+        s = Sequence("r", None, tokenizer.encode("p"), params, 0, IncrementalDetokenizer(tokenizer, []))
+        got = [advance(s, t, {eos}, 1000) for t in outputs]
+        assert "".join(o.new_text for o in got) == text and got[-1].finish_reason is reason, outputs
+        assert s.text == text and got[-1].finished and not any(o.finished for o in got[:-1])

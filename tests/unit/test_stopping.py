@@ -22,10 +22,11 @@ def test_stop_tokens_eos_and_documents() -> None:
     # The ending token's text is not in the output (vLLM: it is left out of detokenization), be it
     # a stop token id or EOS shown because skip_special_tokens is off (vLLM #2538).
     assert stop("ab<x>", 2, token=9, stop_token_ids=[9]) == (FinishReason.STOP, "ab")
+    assert check_stop("ab<x>", 2, 9, SamplingParams(stop_token_ids=[9]), EOS, 1, 5, 100).dropped
     assert stop("ab</s>", 2, token=2, skip_special_tokens=False) == (FinishReason.STOP, "ab")
     assert stop("a", 0, token=2, ignore_eos=True)[0] is None
     done = check_stop("{}", 1, 7, SamplingParams(), EOS, 1, 5, 100, document_complete=True)
-    assert done == (FinishReason.STOP, "{}", None)  # the document's last token is part of it
+    assert done[:3] == (FinishReason.STOP, "{}", None) and not done.dropped  # the document's last token is part of it
 
 
 def test_stop_reason_names_the_stop_string_or_token_not_eos() -> None:

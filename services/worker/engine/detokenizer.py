@@ -50,6 +50,22 @@ class IncrementalDetokenizer:
         """Tokens pushed whose text is held back (they end in part of a character)."""
         return len(self.ids) - self.read
 
+    def held(self) -> str:
+        """What the tokens held back spell now, an unfinished character's bytes as U+FFFD (as
+        decode writes them)."""
+        if self.read == len(self.ids):
+            return ""
+        before = self.decode(self.ids[self.prefix : self.read], self.skip)
+        return self.decode(self.ids[self.prefix :], self.skip)[len(before) :]
+
+    def flush(self) -> str:
+        """``held()``, taken as emitted: at a request's end, where nothing can finish the character
+        any more (TGI's and transformers' TextStreamer's end; kept back, the text was shorter than
+        its tokens' decode, and a stream lost its ending)."""
+        text = self.held()
+        self.prefix, self.read = self.read, len(self.ids)
+        return text
+
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; return the newly completed text (possibly empty)."""
         self.ids.extend(token_ids)

@@ -87,6 +87,9 @@ def advance(
     seq.output_ids.append(token)
     first = len(seq.output_ids) == 1
     old_len = len(seq.text)
+    # What the tokens held back before this one spell: the text, if this token ends it unshown
+    ending = seq.detok.pending and (token in eos_ids or token in seq.params.stop_token_ids)
+    held = seq.detok.held() if ending else ""
     stop = check_stop(
         seq.text + seq.detok.push([token]),
         old_len,
@@ -100,6 +103,8 @@ def advance(
         primary_eos=primary_eos,
     )
     seq.text, reason = stop.text, stop.reason
+    if reason is not None and not isinstance(stop.matched, str):  # text after a stop string is cut anyway
+        seq.text += held if stop.dropped else seq.detok.flush()  # a character its last tokens left unfinished
     entries = None
     if first and seq.params.prompt_logprobs is not None:  # sent now; not read again
         entries, seq.prompt_logprobs = seq.prompt_logprobs, []

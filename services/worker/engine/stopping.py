@@ -18,6 +18,7 @@ class Stop(NamedTuple):  # a tuple, not a frozen dataclass: made for every token
     text: str  # the output text, less what ended it (a stop string, a stop token's or EOS's text)
     # vLLM's stop_reason: the stop string or stop token id that ended it; None for EOS and the rest
     matched: str | int | None = None
+    dropped: bool = False  # the token that ended it is left out of the text (a stop token, EOS)
 
 
 def check_stop(
@@ -48,9 +49,9 @@ def check_stop(
     if num_output >= params.min_tokens:
         if token in eos_ids and not params.ignore_eos:
             named = None if primary_eos in (None, token) else token  # the tokenizer's own EOS: no stop_reason
-            return Stop(FinishReason.STOP, text if keep else text[:old_len], named)
+            return Stop(FinishReason.STOP, text if keep else text[:old_len], named, not keep)
         if token in params.stop_token_ids:
-            return Stop(FinishReason.STOP, text if keep else text[:old_len], token)
+            return Stop(FinishReason.STOP, text if keep else text[:old_len], token, not keep)
     if document_complete:
         return Stop(FinishReason.STOP, text)
     if num_output >= params.max_tokens or total_len >= max_model_len:
