@@ -8,10 +8,12 @@ PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/
 ``get_pattern_key``), or the adapter is refused with the field named:
 - scaling ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with ``rank_pattern`` /
   ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$`` on the module name, first match in order;
-- which modules carry LoRA: ``target_modules`` (a list: the name or a dotted suffix; a string: a
-  regex the whole name must match; ``all-linear``), ``exclude_modules`` (the same two forms),
-  ``layers_to_transform`` with ``layers_pattern``. Weights in the file for modules PEFT would not
-  adapt are ignored, as PEFT ignores them;
+- which modules carry LoRA: ``target_modules`` (a list: the name or a dotted suffix, a name in
+  full kept whatever ``layers_to_transform`` says; a string: a regex the whole name must match;
+  ``all-linear``), ``exclude_modules`` (the same two forms), ``layers_to_transform`` with
+  ``layers_pattern``. Weights in the file for modules PEFT would not adapt are ignored, as PEFT
+  ignores them; tensors of another part of a model (a vision tower's layers), or two for one
+  weight, are refused;
 - ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
 - DoRA, ``lora_bias``, ``bias``, ``modules_to_save``, layer replication, trainable tokens,
   parameter targets, aLoRA, QALoRA, Megatron and the other LoRA variants are refused, and so is any
@@ -53,7 +55,12 @@ __all__ = [
     "validate",
 ]
 
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# A LoRA weight of the language model's layers, named as PEFT saves it for a causal LM
+# (base_model.model.model.layers...) or as the base names the module; any other prefix is another
+# part's (a vision tower's), which PEFT does not load into this model.
+_KEY = re.compile(
+    r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight"
+)
 
 
 @dataclass(frozen=True)
@@ -136,15 +143,21 @@ def validate(
 
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
-        m = _KEY.search(key)
+        m = _KEY.fullmatch(key)
         if not m or m.group(2) not in TARGET_NAMES:
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)}")
+            raise AdapterError(
+                f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)} "
+                "in the language model's layers (base_model.model.model.layers.N...)"
+            )
         if header[key].dtype not in FLOAT_DTYPES:
             raise AdapterError(
                 f"adapter {name!r}: {weights_file}: tensor {key!r} has dtype {header[key].dtype}; "
                 f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
             )
-        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
+        pair = pairs.setdefault((int(m.group(1)), m.group(2)), {})
+        if (other := pair.get(m.group(3))) is not None:  # one module's weight twice: which is meant?
+            raise AdapterError(f"adapter {name!r}: tensors {other!r} and {key!r} are the same LoRA weight")
+        pair[m.group(3)] = key
     if not pairs:
         raise AdapterError(f"adapter {name!r}: {weights_file} holds no LoRA weights")
 
@@ -237,6 +250,8 @@ def targeted(conf: dict[str, Any], module: str) -> bool:
         return module.rsplit(".", 1)[-1] in TARGET_NAMES
     if isinstance(spec, str):
         return _in_modules(spec, module)
+    if module in spec:  # named in full: PEFT applies no layer filter to it
+        return True
     if not _in_modules(spec, module):
         return False
     layers = conf.get("layers_to_transform")

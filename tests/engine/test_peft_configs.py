@@ -44,6 +44,11 @@ CONFIGS = {
     "exclude_modules as a regex": dict(
         r=8, lora_alpha=16, target_modules=ALL, exclude_modules=r".*layers\.0\.self_attn\..*"
     ),
+    # a module named in full escapes layers_to_transform (peft's check_target_module_exists; the
+    # layer-0 q_proj weights were dropped, vLLM #10798's kind)
+    "a full name beside layers_to_transform": dict(
+        r=8, lora_alpha=16, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1]
+    ),
     "use_rslora": dict(r=16, lora_alpha=8, target_modules=ALL, use_rslora=True),
     "fan_in_fan_out on Linear (PEFT drops it)": dict(r=8, lora_alpha=16, target_modules=ALL, fan_in_fan_out=True),
 }

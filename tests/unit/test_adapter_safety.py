@@ -222,6 +222,27 @@ def test_tensors_that_do_not_fit_the_base_or_are_unexpected_or_missing_are_refus
     _refused_everywhere(root / "c", root, engine_cfg, "has lora_A but not both")
 
 
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        # another part's layers (a multimodal model's vision tower): peft loads none of them into
+        # this model; they overwrote the language model's layer-0 q_proj (vLLM #34186's kind)
+        ("base_model.model.model.vision_tower.layers.0.self_attn.q_proj", "not a LoRA weight .* language model"),
+        # the same module under the two namings: which one is meant cannot be told
+        ("model.layers.0.self_attn.q_proj", "are the same LoRA weight"),
+    ],
+)
+def test_tensors_of_another_part_or_twice_for_one_module_are_refused(
+    adapter: Path, root: Path, engine_cfg, extra: str, fragment: str
+) -> None:
+    def add(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        own = "base_model.model.model.layers.0.self_attn.q_proj"
+        return {**t, **{f"{extra}.lora_{x}.weight": torch.zeros_like(t[f"{own}.lora_{x}.weight"]) for x in "AB"}}
+
+    _edit_tensors(adapter, add)
+    _refused_everywhere(adapter, root, engine_cfg, fragment)
+
+
 # ---- the scaling --------------------------------------------------------------------------------
 BAD_CONFIG = {
     "alpha NaN": ("lora_alpha", "NaN", "positive finite 'lora_alpha', not nan"),
