@@ -62,6 +62,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # Constrain the output to documents of this JSON Schema (JSON text), OpenAI's response_format;
     # the request stops when the document is complete. None: free text.
     json_schema: str | None = None
+    # Only these token ids may be sampled (vLLM's allowed_token_ids; empty: every one). EOS is not
+    # added: a request that may end must list it.
+    allowed_token_ids: list[int] = []
+    # Words never generated (vLLM's bad_words): each tokenized as vLLM does, alone and after a
+    # space; a sequence's last token is masked where the output's last tokens are the others.
+    bad_words: list[str] = []
 
     def problem(self) -> str | None:
         """A human-readable reason these parameters are invalid, or None if they are fine."""
@@ -107,6 +113,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return "logit_bias", "logit_bias values must be in [-100, 100]"
         if any(t < 0 for t in self.stop_token_ids):
             return "stop_token_ids", "stop_token_ids must be non-negative"
+        if len(self.allowed_token_ids) > MAX_ALLOWED_TOKENS or any(t < 0 for t in self.allowed_token_ids):
+            return "allowed_token_ids", f"allowed_token_ids must be at most {MAX_ALLOWED_TOKENS} non-negative ids"
+        if len(self.bad_words) > MAX_STOPS or any(not w.strip() or len(w) > MAX_STOP_CHARS for w in self.bad_words):
+            return "bad_words", f"bad_words must be at most {MAX_STOPS} words of 1 to {MAX_STOP_CHARS} characters"
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # as vLLM: a 64-bit integer
             return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
         return None
@@ -117,4 +127,6 @@ MAX_STOPS = 256
 # logit_bias entries a request may give (OpenAI sets 300 in its docs' examples and no hard limit;
 # each is an element written into the logits every step).
 MAX_LOGIT_BIAS = 1024
+# allowed_token_ids entries (a vocabulary's worth: Llama 3 has 128,256 ids; vLLM sets no bound).
+MAX_ALLOWED_TOKENS = 1 << 18
 MAX_STOP_CHARS = 1024  # one stop string's length (OpenAI and vLLM set none; 1 KB is far past any use)

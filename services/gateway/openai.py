@@ -57,7 +57,7 @@ class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 # Request bodies follow the OpenAI OpenAPI document field by field: a field the spec marks
 # nullable is ``T | None`` here and null means its default; a field the spec does not have is
 # refused by name ("unknown field"), as the OpenAI API refuses it. Ranges are checked in
-# ``shaping.sampling_params`` (the spec's minimum and maximum). Fields of the spec that dlora
+# ``sampling.sampling_params`` (the spec's minimum and maximum). Fields of the spec that dlora
 # cannot honour are declared ``Any`` so a value other than null or the default gets a 400 naming them.
 
 
@@ -84,6 +84,9 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_stop_str_in_output: bool | None = None
     min_tokens: int | None = None  # [0, max_tokens], default 0
     repetition_penalty: float | None = None  # (0, 100], default 1
+    allowed_token_ids: list[int] | None = None  # only these may be sampled; not empty
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None  # >= 1: the prompt's last this many tokens are kept
 
 
 class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):

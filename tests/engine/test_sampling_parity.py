@@ -162,3 +162,32 @@ def test_prompt_logprobs_survive_a_preemption_before_the_first_token(tiny_llama:
         assert [e.logprob for e in got[rid]] == pytest.approx(
             [float(expected[p, t]) for p, t in enumerate(prompt[1:])], abs=1e-4
         )
+
+
+def test_allowed_token_ids_equal_transformers_restricted_to_them(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+    """vLLM's allowed_token_ids: transformers' generate with those tokens allowed at every step."""
+    allowed = list(range(100, 140))
+    expected = oracle.generate("lora-2", PROMPT, N, prefix_allowed_tokens_fn=lambda _b, _ids: allowed)
+    assert expected != oracle.generate("lora-2", PROMPT, N)  # the restriction matters
+    assert engine_tokens(tiny_llama, "lora-2", "unmerged-only", allowed_token_ids=allowed) == expected
+
+
+def test_bad_words_mask_each_word_s_last_token_after_the_rest_over_the_oracle(
+    tiny_llama: TinyOutput, oracle: Oracle
+) -> None:
+    """vLLM's bad_words: a word's last token is masked where the output ends with its others (a
+    one-token word always); the words as the engine tokenizes them, the oracle's logits masked
+    step by step."""
+    from dlora.services.worker.engine.bad_words import bad_words_token_ids, banned_now
+
+    engine = make_engine(tiny_llama)
+    plain = oracle.generate("lora-0", PROMPT, N, min_new_tokens=N)
+    words = [engine.tokenizer.decode(plain[2:4]), engine.tokenizer.decode(plain[6:7])]
+    sequences = bad_words_token_ids(engine.tokenizer, words)
+    out: list[int] = []
+    for _ in range(N):
+        logits = oracle.last_logits("lora-0", PROMPT + out).clone()
+        logits[banned_now(sequences, out)] = float("-inf")
+        out.append(int(logits.argmax()))
+    assert out != plain
+    assert engine_tokens(tiny_llama, "lora-0", "unmerged-only", bad_words=words) == out

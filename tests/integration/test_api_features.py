@@ -416,3 +416,32 @@ async def test_a_request_that_names_no_model_is_served_by_the_base_model(stack: 
         assert status == 200 and bare["model"] == "model", bare
         assert bare["choices"] == named["choices"] and bare["usage"] == named["usage"]
     assert (await post(stack, "/v1/completions", {"model": None, "prompt": "a", "max_tokens": 1}))[0] == 200
+
+
+async def test_vllm_s_allowed_token_ids_bad_words_and_truncate_prompt_tokens(stack: Stack) -> None:
+    """vLLM's sampling extras (unknown fields, a 400, before): only allowed tokens come out, a
+    bad word never does, and a truncated prompt is its last tokens (as if sent alone)."""
+    base = {"model": "lora-1", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    tokenizer = stack.gateway.tokenizer
+    allowed = tokenizer.encode(" kalo remi suta", add_special_tokens=False)  # whole characters: as shown
+    status, resp = await post(stack, "/v1/completions", {**base, "logprobs": 0, "allowed_token_ids": allowed})
+    assert status == 200, resp
+    tokens = resp["choices"][0]["logprobs"]["tokens"]
+    assert len(tokens) == 6 and set(tokens) <= {tokenizer.decode([t]) for t in allowed}
+    plain = (await post(stack, "/v1/completions", base))[1]["choices"][0]["text"]
+    word = plain.split()[0]
+    status, resp = await post(stack, "/v1/completions", {**base, "bad_words": [word]})
+    assert status == 200 and word not in resp["choices"][0]["text"].split()
+    ids = tokenizer.encode(PROMPTS[1])
+    status, cut = await post(stack, "/v1/completions", {**base, "truncate_prompt_tokens": 3, "echo": True})
+    alone = (await post(stack, "/v1/completions", {**base, "prompt": ids[-3:], "echo": True}))[1]
+    assert status == 200 and cut["usage"] == alone["usage"] and cut["usage"]["prompt_tokens"] == 3
+    assert cut["choices"][0]["text"] == alone["choices"][0]["text"]  # the kept tokens echoed
+    for bad, param in (
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ):
+        status, resp = await post(stack, "/v1/completions", {**base, **bad})
+        assert (status, resp["error"]["param"]) == (400, param), (bad, resp)

@@ -13,7 +13,7 @@ import pytest
 
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry
-from dlora.services.gateway import openai, shaping
+from dlora.services.gateway import openai, sampling, shaping
 from dlora.services.gateway.openai import APIError, ChatBody, ChatMessage, CompletionBody
 from dlora.services.gateway.shaping import Job, ServedModel
 
@@ -199,19 +199,19 @@ def test_sampling_params_map_and_refuse_unsupported() -> None:
     body = msgspec.convert(
         {"model": "m", "prompt": "x", "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 4}, CompletionBody
     )
-    p = shaping.sampling_params(body, 7)
+    p = sampling.sampling_params(body, 7)
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (7, 0.5, 0.9, ["\n"], 4)
     body = msgspec.convert(
         {"model": "m", "prompt": "x", "logit_bias": {"5": -100, "7": 2.5}, "min_tokens": 7}, CompletionBody
     )
-    assert (shaping.sampling_params(body, 7).logit_bias, shaping.sampling_params(body, 7).min_tokens) == (
+    assert (sampling.sampling_params(body, 7).logit_bias, sampling.sampling_params(body, 7).min_tokens) == (
         {5: -100.0, 7: 2.5},
         7,
     )
     for field, value in (("min_tokens", 8), ("min_tokens", -1), ("logit_bias", {"-3": 1.0})):
         body = msgspec.convert({"model": "m", "prompt": "x", field: value}, CompletionBody)
         with pytest.raises(APIError, match=field) as refused:
-            shaping.sampling_params(body, 7)
+            sampling.sampling_params(body, 7)
         assert refused.value.param == field
     for field, value in (
         ("best_of", 2),
@@ -222,11 +222,11 @@ def test_sampling_params_map_and_refuse_unsupported() -> None:
     ):
         body = msgspec.convert({"model": "m", "prompt": "x", field: value}, CompletionBody)
         with pytest.raises(APIError, match=field) as refused:
-            shaping.sampling_params(body, 7)
+            sampling.sampling_params(body, 7)
         assert refused.value.param == field
     body = msgspec.convert({"model": "m", "prompt": "x", "temperature": 3}, CompletionBody)
     with pytest.raises(APIError, match=r"temperature must be in \[0.0, 2.0\], got 3"):
-        shaping.sampling_params(body, 7)
+        sampling.sampling_params(body, 7)
 
 
 @pytest.mark.parametrize(

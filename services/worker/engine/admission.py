@@ -13,7 +13,8 @@ def check_tokens(
     from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds,
     tokens left to generate under ``params.max_tokens``, the text not yet sent (``text_pending``
     tokens) that of resumed tokens (more would send the prompt's text as output), and every
-    ``logit_bias`` id in the vocabulary (vLLM refuses the others alike: they index past the logits)."""
+    ``logit_bias`` and ``allowed_token_ids`` id in the vocabulary (vLLM refuses the others alike:
+    they index past the logits)."""
     if not 0 <= text_pending <= len(resumed):
         raise RequestError(f"resume_text_pending={text_pending} must be in [0, {len(resumed)}] (the resumed tokens)")
     if not ids:
@@ -26,6 +27,7 @@ def check_tokens(
         )
     if len(resumed) >= params.max_tokens:
         raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
-    if params.logit_bias and max(params.logit_bias) >= vocab:
-        outside = sorted(t for t in params.logit_bias if t >= vocab)
-        raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): {outside[:8]}")
+    for name, named in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+        if named and max(named) >= vocab:
+            outside = sorted(t for t in named if t >= vocab)
+            raise RequestError(f"{name} names token ids outside the vocabulary [0, {vocab}): {outside[:8]}")

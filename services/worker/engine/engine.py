@@ -19,6 +19,7 @@ from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine import prompt_logprobs
 from dlora.services.worker.engine.admission import check_tokens
+from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
@@ -227,6 +228,7 @@ class LLMEngine:
             output_ids=resumed,
             text=resume_text_held,
         )
+        seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         if params.json_schema is not None:
             try:
                 seq.matcher = self.grammars.matcher(params.json_schema, resumed)

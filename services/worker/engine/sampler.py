@@ -16,6 +16,7 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.kernels.host import to_device
+from dlora.services.worker.engine.bad_words import banned_now
 from dlora.services.worker.engine.faults import raise_if_lost
 
 if TYPE_CHECKING:
@@ -295,31 +296,49 @@ def constrain(logits: torch.Tensor, matchers: list[Any], grammars: Grammars | No
     return logits.masked_fill(forbidden, float("-inf")), {rows[j] for j in failed}
 
 
-def bias(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int], eos_ids: set[int]) -> torch.Tensor:
-    """``logits`` (B, vocab) with each row's ``logit_bias`` added and, while the row has generated
-    fewer than its ``min_tokens`` (``num_outputs``), its stop tokens and every EOS id (with
-    ``ignore_eos`` too, as vLLM's all_stop_token_ids) set to -inf: vLLM's logit-bias and min-tokens
-    processors, applied as vLLM does, before the penalties. The same tensor when no row asks for
-    either, else one sparse add on the device. Token ids past the logits' width are skipped (the
-    engine refuses them in a logit_bias)."""
+def bias(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    num_outputs: list[int],
+    eos_ids: set[int],
+    banned: list[list[int]] | None = None,
+) -> torch.Tensor:
+    """``logits`` (B, vocab) with each row's ``logit_bias`` added; while the row has generated fewer
+    than its ``min_tokens`` (``num_outputs``), its stop tokens and every EOS id (with
+    ``ignore_eos`` too, as vLLM's all_stop_token_ids) set to -inf, and so are the row's
+    ``banned`` tokens (its bad words', ``bad_words.banned_now``) and, where it gives
+    ``allowed_token_ids``, every token but those: vLLM's allowed-token, bad-words, logit-bias and
+    min-tokens processors, before the penalties as there. The same tensor when no row asks for any,
+    else a sparse add and a mask on the rows that restrict. Token ids past the logits' width are
+    skipped (the engine refuses them)."""
     vocab = logits.shape[-1]
+    banned = banned or [[]] * len(params)
     at: list[int] = []
     values: list[float] = []
-    for i, (p, n) in enumerate(zip(params, num_outputs)):
-        if not p.logit_bias and n >= p.min_tokens:  # most rows, every step: nothing to build
+    for i, (p, n, ban) in enumerate(zip(params, num_outputs, banned)):
+        if not p.logit_bias and n >= p.min_tokens and not ban:  # most rows, every step: nothing to build
             continue
-        changes = list(p.logit_bias.items())
+        changes = list(p.logit_bias.items()) + [(t, float("-inf")) for t in ban]
         if n < p.min_tokens:
             changes += [(t, float("-inf")) for t in set(p.stop_token_ids) | eos_ids]  # EOS even with ignore_eos
         for token, value in changes:
             if token < vocab:
                 at.append(i * vocab + token)
                 values.append(value)
-    if not at:
+    restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if not at and not restricted:
         return logits
     out = logits.clone(memory_format=torch.contiguous_format)  # viewed flat below
-    index = to_device(at, torch.int64, logits.device)
-    out.view(-1).index_put_((index,), to_device(values, logits.dtype, logits.device), accumulate=True)
+    device = logits.device
+    if at:
+        index = to_device(at, torch.int64, device)
+        out.view(-1).index_put_((index,), to_device(values, logits.dtype, device), accumulate=True)
+    if restricted:
+        keep = [j * vocab + t for j, i in enumerate(restricted) for t in params[i].allowed_token_ids if t < vocab]
+        allowed = torch.zeros(len(restricted) * vocab, dtype=torch.bool, device=device)
+        allowed[to_device(keep, torch.int64, device)] = True
+        rows = to_device(restricted, torch.int64, device)
+        out.index_copy_(0, rows, out.index_select(0, rows).masked_fill_(~allowed.view(-1, vocab), float("-inf")))
     return out
 
 
@@ -330,17 +349,17 @@ def sample_sequences(
     eos_ids: set[int],
     grammars: Grammars | None = None,
 ) -> list[int | SamplingError]:
-    """``sample`` for the sequences whose logits (B, vocab) these are: each row biased
-    (``logit_bias``, ``min_tokens``), constrained by its structured-output matcher (made by
-    ``grammars``), penalised by its history, and drawn from its seed's generator at its position
-    (``rng`` without a seed)."""
+    """``sample`` for the sequences whose logits (B, vocab) these are: each row biased and
+    restricted (``logit_bias``, ``min_tokens``, ``bad_words``, ``allowed_token_ids``), constrained
+    by its structured-output matcher (made by ``grammars``), penalised by its history, and drawn
+    from its seed's generator at its position (``rng`` without a seed)."""
     generators = [
         position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else rng for s in seqs
     ]
     params, histories = [s.params for s in seqs], [(s.prompt_ids, s.output_ids) for s in seqs]
-    constrained, broken = constrain(
-        bias(logits, params, [len(out) for _, out in histories], eos_ids), [s.matcher for s in seqs], grammars
-    )
+    banned = [banned_now(s.bad_words_ids, s.output_ids) if s.bad_words_ids else [] for s in seqs]
+    biased = bias(logits, params, [len(out) for _, out in histories], eos_ids, banned)
+    constrained, broken = constrain(biased, [s.matcher for s in seqs], grammars)
     tokens = sample(constrained, params, generators, histories)
     for i in broken:  # the grammar engine's failure, not the request's constraints
         tokens[i] = SamplingError("the structured-output grammar failed on this request")
