@@ -180,7 +180,10 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
             params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
         else:
             params.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 2048))
-    if missing := [k for k in _ROPE_NEEDS.get(rope_type, ()) if params.get(k) is None]:
+    missing = [k for k in _ROPE_NEEDS.get(rope_type, ()) if params.get(k) is None]
+    if rope_type == "yarn" and "factor" not in params:  # null: from the two lengths (DeepSeek's), as transformers
+        missing.append("factor")
+    if missing:
         raise ModelConfigError(f"{source}: rope_type {rope_type!r} needs {', '.join(missing)} in rope_scaling")
     return params
 

@@ -130,7 +130,7 @@ class Gateway:
                 except APIError as e:  # still counted under the model it names, read past the rest
                     body, refused = None, e
                 name = body.model if body is not None else openai.model_named(raw)
-                if name is None:  # none named: the base model, as vLLM serves it (shaping does the same)
+                if body is not None and not name:  # none named, or "": the base model, as vLLM (and shaping)
                     name = self.base_name
                 entry = await self.entry(name, who) if name else None
                 if entry is not None or name == self.base_name:  # a name never served stays "?"

@@ -101,7 +101,7 @@ def shape_request(
 
     Args:
         adapter: the registry's entry for ``body.model``; None where it has none. Ignored when
-            ``body.model`` is ``base_name`` or None (the base model: no adapter).
+            ``body.model`` is ``base_name``, None or "" (the base model: no adapter).
         now: Unix seconds, the response's ``created`` and the requests' entry time.
         tenant: the caller's API key's tenant, which the requests carry; None (no key): the
             body's ``user``.
@@ -112,7 +112,7 @@ def shape_request(
             long for the context with ``max_tokens``, a bad sampling parameter (see
             ``sampling_params``); the message names what and the param field where.
     """
-    model_name = base_name if body.model is None else body.model  # none named: the base model (vLLM's way)
+    model_name = body.model or base_name  # none named, or "": the base model (vLLM's way)
     if model_name == base_name:
         adapter = None
     elif adapter is None:
@@ -153,6 +153,13 @@ def shape_request(
     # asked for (OpenAI's original loglikelihood request): those come with one token, not shown.
     prompt_only = asked == 0 and echo and isinstance(body, CompletionBody) and body.logprobs is not None
     for p, (ids, text) in enumerate(prompts):
+        if prompt_only and len(ids) >= model.context:  # max_new_tokens would say "you requested the prompt"
+            raise APIError(
+                400,
+                f"This model's maximum context length is {model.context} tokens; the logprobs of a prompt of "
+                f"{len(ids)} tokens need one position after it. Please reduce the length of the prompt.",
+                param="prompt",
+            )
         generate = asked != 0 or prompt_only
         new = max_new_tokens(ids, 1 if prompt_only else asked, model.context, "messages" if chat else "prompt")
         params = sampling_params(body, new if generate else 1)

@@ -87,7 +87,7 @@ class TokenizeRoutes:
         who = await self.gw.auth.inference(request)
         with self.gw.auth.admitted(who):
             body = openai.decode_body(await self.gw.read_body(request), kind)
-            if body.model not in (None, self.gw.base_name) and await self.gw.entry(body.model, who) is None:
+            if body.model not in (None, "", self.gw.base_name) and await self.gw.entry(body.model, who) is None:
                 raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
             encoded = await asyncio.get_running_loop().run_in_executor(
                 self.gw.shaping, lambda: msgspec.json.encode(work(body))

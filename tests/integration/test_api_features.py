@@ -159,6 +159,10 @@ async def test_echo(stack: Stack) -> None:
     # alone, nothing generated; the entries those of the request above
     status, zero = await post(stack, "/v1/completions", {**body, "max_tokens": 0})
     assert status == 200, zero
+    full = [3 + i % 97 for i in range(stack.gateway.served.context)]  # echoed alone it fits; its logprobs: no
+    assert (await post(stack, "/v1/completions", {**body, "prompt": full, "max_tokens": 0, "logprobs": None}))[0] == 200
+    status, refused = await post(stack, "/v1/completions", {**body, "prompt": full, "max_tokens": 0})
+    assert (status, refused["error"]["param"]) == (400, "prompt") and "need one position" in refused["error"]["message"]
     [choice] = zero["choices"]
     assert choice["text"] == PROMPTS[0] and choice["finish_reason"] == "length"
     assert zero["usage"]["completion_tokens"] == 0 and len(choice["logprobs"]["tokens"]) == n
@@ -415,7 +419,9 @@ async def test_a_request_that_names_no_model_is_served_by_the_base_model(stack: 
         named = (await post(stack, path, {**body, "model": "model"}))[1]
         assert status == 200 and bare["model"] == "model", bare
         assert bare["choices"] == named["choices"] and bare["usage"] == named["usage"]
-    assert (await post(stack, "/v1/completions", {"model": None, "prompt": "a", "max_tokens": 1}))[0] == 200
+    for model in (None, ""):  # vLLM takes an empty name for the base model too
+        status, resp = await post(stack, "/v1/completions", {"model": model, "prompt": "a", "max_tokens": 1})
+        assert (status, resp["model"]) == (200, "model"), resp
 
 
 async def test_vllm_s_allowed_token_ids_bad_words_and_truncate_prompt_tokens(stack: Stack) -> None:

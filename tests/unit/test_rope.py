@@ -124,8 +124,14 @@ def test_the_pretraining_length_beside_the_rope_settings_wins_and_a_missing_fact
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     cfg = ModelConfig.from_dict({**raw, "original_max_position_embeddings": 128, "rope_scaling": yarn})
     assert cfg.rope["original_max_position_embeddings"] == 128
+    deepseek = {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 64}  # from the lengths
+    torch.testing.assert_close(
+        inv_freq_and_scale(ModelConfig.from_dict({**raw, "rope_scaling": deepseek}))[0],
+        inv_freq_and_scale(ModelConfig.from_dict({**raw, "rope_scaling": {**deepseek, "factor": 4.0}}))[0],
+    )
     for scaling, field in (
         ({"rope_type": "linear"}, "factor"),
+        ({"rope_type": "yarn"}, "factor"),  # transformers refuses it too (it was served unscaled)
         ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "high_freq_factor"),
     ):
         with pytest.raises(ModelConfigError, match=field):
