@@ -69,15 +69,14 @@ def test_inverse_frequencies_match_transformers(name: str) -> None:
         assert got_scale == pytest.approx(scale)
 
 
+# A small llama config without RoPE settings.
+SMALL = dict(
+    model_type="llama", hidden_size=64, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1, vocab_size=32
+)
+
+
 def test_old_and_new_config_spellings_agree() -> None:
-    raw = dict(
-        model_type="llama",
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        vocab_size=32,
-    )
+    raw = SMALL
     old = ModelConfig.from_dict({**raw, "rope_theta": 500.0, "rope_scaling": {"type": "linear", "factor": 2.0}})
     new = ModelConfig.from_dict({**raw, "rope_parameters": {"rope_theta": 500.0, "rope_type": "linear", "factor": 2.0}})
     assert old.rope == new.rope
@@ -112,15 +111,7 @@ def test_rotation_preserves_norm_and_position_zero_is_identity() -> None:
 def test_the_pretraining_length_beside_the_rope_settings_wins_and_a_missing_factor_is_named() -> None:
     """Phi-3 keeps original_max_position_embeddings beside rope_scaling; transformers takes it over
     the one inside. A scaling without the field it needs is refused at load, naming it."""
-    raw = dict(
-        model_type="llama",
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        vocab_size=32,
-        max_position_embeddings=256,
-    )
+    raw = {**SMALL, "max_position_embeddings": 256}
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     cfg = ModelConfig.from_dict({**raw, "original_max_position_embeddings": 128, "rope_scaling": yarn})
     assert cfg.rope["original_max_position_embeddings"] == 128
