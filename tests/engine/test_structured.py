@@ -192,3 +192,13 @@ def test_the_device_unpacked_bitmask_masks_what_llguidance_s_own_apply_masks(tin
             expected[0, engine.grammars.tokenizer.vocab_size :] = -np.inf
         assert np.array_equal(masked[i].numpy(), expected[0]), i
     assert all(0 < torch.isinf(masked[i]).sum() < vocab for i in (0, 2, 3, 4))  # some allowed, some not
+
+
+def test_the_device_unpack_is_numpy_s_unpackbits() -> None:
+    """What a GPU step runs (``unpack_bits``), run here on the CPU against numpy's, which the CPU
+    path uses."""
+    from dlora.services.worker.engine.sampler import unpack_bits
+
+    packed = np.random.default_rng(0).integers(0, 256, size=(3, 37), dtype=np.uint8)
+    expected = np.unpackbits(packed, axis=1, bitorder="little").astype(bool)
+    assert np.array_equal(unpack_bits(torch.from_numpy(packed)).numpy(), expected)
