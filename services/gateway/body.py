@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from dlora.services.gateway.openai import APIError
+
+# The codings a body may come in (aiohttp decodes these itself).
+CODINGS = ("identity", "gzip", "deflate")
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -19,9 +23,14 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
         APIError(413): the body is longer than ``limit``.
         APIError(408): the body did not all come within ``timeout_s`` (a client trickling it
             would hold a connection and a handler for as long as it liked).
+        APIError(415): a Content-Encoding other than ``CODINGS``.
+        APIError(400): a body its Content-Encoding does not decode (with ``Connection: close``).
     """
     if request.content_type != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}")
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in CODINGS:  # aiohttp would read an unknown one as plain bytes (RFC 9110 15.5.16: a 415)
+        raise APIError(415, f"Content-Encoding {coding!r} is not supported; send {', '.join(CODINGS)}")
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"request body of {request.content_length} bytes exceeds the limit of {limit}")
     raw = bytearray()
@@ -34,4 +43,7 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
                     raise APIError(413, f"request body exceeds the limit of {limit} bytes")
     except TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    except RequestPayloadError as e:  # a body its Content-Encoding does not decode (it was a 500)
+        # the rest of such a body cannot be told from a next request: the connection ends here
+        raise APIError(400, f"the request body cannot be read: {e}", headers={"Connection": "close"}) from None
     return bytes(raw)

@@ -68,5 +68,15 @@ def _unavailable(message: str) -> web.Response:
 
 def error_response(e: APIError) -> web.Response:
     """A refusal as the client gets it: OpenAI's error body and the error's headers
-    (``Retry-After``, ``WWW-Authenticate``)."""
-    return web.json_response(e.body(), status=e.status, headers=e.headers or None)
+    (``Retry-After``, ``WWW-Authenticate``; ``Connection: close`` also closes it here)."""
+    response = web.json_response(e.body(), status=e.status, headers=e.headers or None)
+    if e.headers.get("Connection", "").lower() == "close":
+        response.force_close()
+    return response
+
+
+def failure_status(e: Exception) -> int:
+    """The status ``json_errors`` answers ``e`` with, raised by a handler."""
+    if isinstance(e, APIError | web.HTTPException):
+        return e.status
+    return 503 if isinstance(e, RedisError | NatsError) else 500

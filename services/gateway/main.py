@@ -45,7 +45,7 @@ from dlora.services.gateway.adapter_routes import AdapterAdmin
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
 from dlora.services.gateway.connections import listen
-from dlora.services.gateway.errors import error_response, json_errors
+from dlora.services.gateway.errors import error_response, failure_status, json_errors
 from dlora.services.gateway.health import readiness, retry_after_s
 from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.metrics import Metrics, RequestTimer
@@ -142,6 +142,11 @@ class Gateway:
         except APIError as e:
             self.metrics.failed(adapter_label, e.status)
             return error_response(e)
+        except ConnectionResetError:
+            raise
+        except Exception as e:  # answered by json_errors (a 503 for Redis or NATS, else a 500): counted here
+            self.metrics.failed(adapter_label, failure_status(e))
+            raise
 
     async def entry(self, model: str, who: Principal) -> AdapterEntry | None:
         """The adapter registered as ``model``, or None for the base model's name (no lookup) and

@@ -112,9 +112,10 @@ class ResponseWriter:
         Raises:
             APIError: the error's status (503 for a timeout, ...) when no event went out yet.
         """
+        error = refusal(replies.error_code, replies.error or "")
         if self.stream is None:
-            raise refusal(replies.error_code, replies.error or "")
-        await sse(self.stream, {"error": {"message": replies.error, "type": "server_error"}})
+            raise error
+        await sse(self.stream, error.body())  # the same object, type and code as a status would carry
         return await end_stream(self.stream)
 
     async def finish(self, completion_tokens: int) -> web.StreamResponse:

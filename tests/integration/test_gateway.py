@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import importlib.util
 import io
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
@@ -433,3 +435,38 @@ async def test_workers_checkpoint_their_policy(stack: Stack) -> None:
     await asyncio.sleep(0.3)
     state = await stack.store.load_policy("w0")
     assert state is not None and "credits" in state and "r" in state
+
+
+async def test_a_body_its_content_encoding_cannot_decode_is_a_400_and_a_dependency_down_is_counted(
+    stack: Stack,
+) -> None:
+    """A body that is not what its Content-Encoding says was a 500 (aiohttp's payload error), and
+    the connection was dropped without a word; an unknown coding was read as plain bytes. A
+    failure the error middleware answers (Redis down: a 503) was counted nowhere
+    (dlora_requests_total only saw refusals raised as such)."""
+    body = json.dumps({"model": "model", "prompt": "kalo", "max_tokens": 2}).encode()
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for coding, status in (("gzip", 400), ("deflate", 400), ("br2", 415)):
+            headers = {**json_type, "Content-Encoding": coding}
+            async with http.post(stack.url + "/v1/completions", data=body, headers=headers) as r:
+                error = (await r.json())["error"]
+                assert (r.status, error["type"]) == (status, "invalid_request_error"), error
+                assert status == 415 or r.headers["Connection"] == "close"  # what follows cannot be read
+        async with http.post(
+            stack.url + "/v1/completions", data=gzip.compress(body), headers={**json_type, "Content-Encoding": "gzip"}
+        ) as r:
+            assert r.status == 200
+    lookup = stack.gateway.registry.lookup
+
+    async def down(name: str) -> None:
+        raise RedisConnectionError("injected: Redis is down")
+
+    stack.gateway.registry.lookup = down  # type: ignore[method-assign]
+    try:
+        status, resp = await post(stack, "/v1/completions", {"model": "lora-1", "prompt": "kalo", "max_tokens": 2})
+    finally:
+        stack.gateway.registry.lookup = lookup  # type: ignore[method-assign]
+    assert status == 503 and "Redis" in resp["error"]["message"]
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
+        assert 'dlora_requests_total{adapter="?",status="503"}' in await r.text()
