@@ -69,7 +69,7 @@ def _run(
     start = time.perf_counter()
     served = cluster.run(requests, until)
     out = summary(served, until)
-    stats = [r.engine.stats for r in cluster.replicas]
+    stats = [r.stats for r in cluster.replica_summaries]
     steps = sum(s.steps for s in stats)
     out |= {
         "wall_s": time.perf_counter() - start,

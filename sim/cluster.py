@@ -13,13 +13,18 @@ them at once (``SimEngine.fast_forward``; ``fast_forward=False`` steps one by on
 and joins the destination with the tokens it produced, after its KV's transfer time when the plan
 ships it (it then decodes on) or at once to be recomputed there. Not yet here (issue 21, later):
 the placement's prefetches and the disk tier.
+
+Replicas meet only there, at the stats and the looks (the barriers): between two, each runs on its
+own, so the replicas are split into ``jobs`` shards (``shard.py``) that run each stretch in
+parallel, each in a process of its own (``pool.py``); the results do not depend on the split.
 """
 
 from __future__ import annotations
 
-import heapq
+import functools
+import math
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from dlora.common.messages import MovePlan, PlanMethod, WorkerStats
 from dlora.services.dispatcher.choose import DEFAULT_COSTS, DispatchCosts, DispatchMode
@@ -28,63 +33,16 @@ from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_setti
 from dlora.services.migrator.planner import plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.worker.engine.config import EngineConfig
-from dlora.services.worker.lengths import OutputLengths
-from dlora.services.worker.snapshot import worker_stats
 from dlora.sim.cost import CostProfile
-from dlora.sim.replica import SimEngine
+from dlora.sim.pool import ShardPool
+from dlora.sim.shard import Moving, ReplicaSummary, Served, Shard, SimRequest
 
-
-@dataclass(frozen=True)
-class SimRequest:
-    request_id: str
-    arrival_s: float
-    adapter: str | None
-    prompt_token_ids: list[int]
-    output_len: int
-    max_tokens: int = 0  # 0: the output length
-
-
-@dataclass
-class Served:
-    """What became of one request."""
-
-    request: SimRequest
-    replica: str
-    first_token_s: float | None = None
-    finish_s: float | None = None
-    tokens: int = 0
-    finish_reason: str | None = None
-    moves: int = 0  # times the migrator moved it
-
-    @property
-    def normalized_latency_s(self) -> float:
-        """End-to-end latency over output tokens (the dLoRA paper's metric), seconds per token."""
-        assert self.finish_s is not None
-        return (self.finish_s - self.request.arrival_s) / max(1, self.tokens)
-
-
-@dataclass(frozen=True)
-class _Moving:
-    """A request on its way to another replica, with the tokens it produced."""
-
-    request_id: str
-    to: str
-    produced: list[int]
-    ship_kv: bool
-
-
-@dataclass
-class Replica:
-    name: str
-    engine: SimEngine
-    lengths: OutputLengths = field(default_factory=OutputLengths)
-    stepping: bool = False  # a step event is pending
-    incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
+__all__ = ["Cluster", "ReplicaSummary", "Served", "SimRequest", "summary"]
 
 
 class Cluster:
     """``replicas`` replicas of ``cost``'s engine, every adapter (name -> rank) in each one's host
-    memory, dispatched by ``mode``."""
+    memory, dispatched by ``mode``; run in ``jobs`` processes (1: this one)."""
 
     def __init__(
         self,
@@ -99,12 +57,17 @@ class Cluster:
         migrator: MigratorSettings | None = None,
         fast_forward: bool = True,
         planner_nodes: int = 20,
+        jobs: int = 1,
     ) -> None:
-        self.replicas = [Replica(f"r{i:03d}", SimEngine(cost, config)) for i in range(replicas)]
-        self._by_name = {r.name: r for r in self.replicas}
-        for r in self.replicas:
-            for name, rank in adapters.items():
-                r.engine.add_adapter(name, rank)
+        self.names = [f"r{i:03d}" for i in range(replicas)]
+        self._order = {name: i for i, name in enumerate(self.names)}
+        jobs = max(1, min(jobs, replicas))
+        groups = [self.names[j::jobs] for j in range(jobs)]
+        self._shard_of = {name: j for j, group in enumerate(groups) for name in group}
+        self._pool = ShardPool(
+            [functools.partial(Shard, cost, group, adapters, config, fast_forward) for group in groups], jobs
+        )
+        self.cost = cost
         self.state = DispatchState(heartbeat_ttl_s, mode, dispatch_costs)
         self.ranks = dict(adapters)
         self.migrator = migrator
@@ -117,16 +80,11 @@ class Cluster:
         self.planner_nodes = planner_nodes
         self.solve_seconds: list[float] = []  # wall time of every solve (this machine's)
         self.stats_interval_s = stats_interval_s
-        self.fast_forward = fast_forward
-        self.served: dict[str, Served] = {}
-        self._events: list[tuple[float, int, str, object]] = []
-        self._seq = 0
+        self.replica_summaries: list[ReplicaSummary] = []  # each replica's, in order, once a run is over
+        self._where: dict[str, str] = {}  # request id -> the replica it was dispatched or moved to
+        self._joins: list[list[Served]] = [[] for _ in groups]  # per shard: for the next stretch
+        self._moved: list[list[Moving]] = [[] for _ in groups]
         self._arrivals: list[SimRequest] = []  # not yet dispatched, the next one last
-        self._next_stats = self._next_look = 0.0
-
-    def _push(self, at: float, kind: str, what: object) -> None:
-        heapq.heappush(self._events, (at, self._seq, kind, what))
-        self._seq += 1
 
     def run(self, requests: list[SimRequest], until: float | None = None) -> list[Served]:
         """Serve ``requests`` (by arrival) to the end, or until simulated time ``until`` (what is
@@ -134,142 +92,84 @@ class Cluster:
         simulated); what became of each, in arrival order. Raises RuntimeError when one cannot be
         placed (no replica holds it)."""
         self._arrivals = sorted(requests, key=lambda r: r.arrival_s)[::-1]  # next last
-        self._push(0.0, "stats", None)
-        if self.migrator is not None:
-            self._push(self.migrator.interval_s, "look", None)
         pending = len(requests)
-        while self._events and pending and (until is None or self._events[0][0] <= until):
-            now, _, kind, what = heapq.heappop(self._events)
-            if kind == "stats":
-                self._report(now)
-                self._next_stats = now + self.stats_interval_s
-                self._push(self._next_stats, "stats", None)
-                self._dispatch_until(self._next_stats)
-            elif kind == "join":
-                assert isinstance(what, tuple)
-                req, name = what
-                self._join(req, name, now)
-            elif kind == "look":
-                self._look(now)
-                self._next_look = now + self.migrator.interval_s  # type: ignore[union-attr]
-                self._push(self._next_look, "look", None)
-            elif kind == "moved":
-                assert isinstance(what, _Moving)
-                self._arrive_moved(what, now)
-            else:
-                assert isinstance(what, Replica)
-                pending -= self._step(what, now)
-        return [self.served.get(r.request_id) or Served(r, "") for r in requests]
+        t, next_stats = 0.0, 0.0
+        next_look = self.migrator.interval_s if self.migrator is not None else math.inf
+        stats = self._stretch(0.0, report=True)[1]  # each replica's before anything
+        try:
+            while pending and (until is None or t < until):
+                # A barrier: the look first where both fall at once (it was due first, as in the services)
+                looked = t == next_look and self._look(t)
+                if t == next_look:
+                    next_look = t + self.migrator.interval_s  # type: ignore[union-attr]
+                if t == next_stats:
+                    if looked:  # what the moves left
+                        stats = [st for shard in self._pool.call("stats", [()] * len(self._pool)) for st in shard]
+                    self._report(stats, t)
+                    next_stats = t + self.stats_interval_s
+                    self._dispatch_until(next_stats)
+                end = min(next_stats, next_look, math.inf if until is None else until)
+                finished, stats = self._stretch(end, report=end == next_stats)
+                pending -= finished
+                t = end
+            served, summaries = zip(*self._pool.call("results", [()] * len(self._pool)), strict=True)
+        finally:
+            self._pool.close()
+        by_id = {s.request.request_id: s for part in served for s in part}
+        by_id |= {m.served.request.request_id: m.served for part in self._moved for m in part}  # still on the way
+        self.replica_summaries = sorted((r for part in summaries for r in part), key=lambda r: self._order[r.name])
+        return [by_id.get(r.request_id) or Served(r, "") for r in requests]
 
-    def _report(self, now: float) -> None:
-        for r in self.replicas:
-            st = worker_stats(r.name, r.engine, r.lengths)
+    def _stretch(self, end: float, report: bool) -> tuple[int, list[WorkerStats]]:
+        """Every shard runs to ``end`` with what was dispatched and moved to it; the requests
+        finished, and (``report``) every replica's stats at ``end``."""
+        args = [(j, m, end, report) for j, m in zip(self._joins, self._moved)]
+        self._joins, self._moved = [[] for _ in args], [[] for _ in args]
+        answers = self._pool.call("advance", args)
+        return sum(n for n, _ in answers), [st for _, part in answers for st in part]
+
+    def _report(self, stats: list[WorkerStats], now: float) -> None:
+        for st in sorted(stats, key=lambda st: self._order[st.worker]):  # in replica order, however split
             self.state.heard(st, now)
-            self.heard[r.name] = st
+            self.heard[st.worker] = st
 
-    def _look(self, now: float) -> None:
-        """The migrator's look: plan if its own decisions say so, and move what the plan moves."""
+    def _look(self, now: float) -> bool:
+        """The migrator's look: plan if its own decisions say so, and move what the plan moves;
+        whether something moved."""
         assert self.migrator is not None and self.looks is not None
         snap = cluster_snapshot(list(self.heard.values()), self.ranks, self.migrator)
         if self.looks.look(snap, now) is None:
-            return
+            return False
         p = plan(snap, replace(planner_settings(self.migrator), max_nodes=self.planner_nodes))
         self.looks.solved(now)
         if p.method is not PlanMethod.NONE:  # nothing to plan (one worker, no request) is no solve
             self.solve_seconds.append(p.solve_seconds)
         if not p.moves:
-            return
+            return False
         self.plans.append(p)
         self.heard.clear()  # as the migrator does: its view is stale until the moved requests report
+        moves: list[list[tuple[str, str, bool]]] = [[] for _ in self._joins]
         for m in p.moves:
-            self._move(m.request_id, m.to_worker, m.ship_kv, now)
-
-    def _move(self, request_id: str, to: str, ship_kv: bool, now: float) -> None:
-        served = self.served[request_id]
-        source = self._replica(served.replica)
-        seq = source.engine.seqs.get(request_id)
-        if seq is None or to == source.name:
-            return  # finished meanwhile
-        produced, context = list(seq.output_ids), seq.total_len
-        source.engine.abort(request_id)
-        delay = source.engine.cost.kv_transfer_s_per_token * context if ship_kv else 0.0
-        at = max(now, source.engine.now) + delay
-        heapq.heappush(self._replica(to).incoming, at)
-        self._push(at, "moved", _Moving(request_id, to, produced, ship_kv))
-
-    def _arrive_moved(self, m: _Moving, now: float) -> None:
-        served = self.served[m.request_id]
-        req, replica = served.request, self._replica(m.to)
-        replica.engine.add(
-            m.request_id,
-            req.prompt_token_ids,
-            req.output_len,
-            req.adapter,
-            req.max_tokens or req.output_len,
-            resumed=m.produced,
-            shipped=m.ship_kv,
-        )
-        served.replica = m.to
-        served.moves += 1
-        heapq.heappop(replica.incoming)
-        self._wake(replica, now)
-
-    def _replica(self, name: str) -> Replica:
-        return self._by_name[name]
-
-    def _wake(self, replica: Replica, now: float) -> None:
-        if not replica.stepping:
-            replica.stepping = True
-            self._push(max(now, replica.engine.now), "step", replica)
+            moves[self._shard_of[self._where[m.request_id]]].append((m.request_id, m.to_worker, m.ship_kv))
+        kv_s = self.cost.kv_transfer_s_per_token
+        for taken in self._pool.call("take", [(part, now, kv_s) for part in moves]):
+            for moving in taken:
+                self._moved[self._shard_of[moving.to]].append(moving)
+                self._where[moving.served.request.request_id] = moving.to
+        return True
 
     def _dispatch_until(self, end: float) -> None:
         """Choose the replica of every request arriving before ``end`` (the next stats): the
         dispatcher's state changes only with stats and its own choices, so each is what it would
         choose at the request's arrival; the request joins its replica then. Known ahead, the
-        joins bound how far each replica may run on alone (``_step``)."""
+        joins bound how far each replica may run on alone (``Shard._step``)."""
         while self._arrivals and self._arrivals[-1].arrival_s < end:
             req = self._arrivals.pop()
             name = self.state.choose(self.state.live(req.arrival_s), req.adapter)
             if name is None:
                 raise RuntimeError(f"no live replica for {req.request_id}")
-            self.served[req.request_id] = Served(req, name)
-            heapq.heappush(self._replica(name).incoming, req.arrival_s)
-            self._push(req.arrival_s, "join", (req, name))
-
-    def _join(self, req: SimRequest, name: str, now: float) -> None:
-        replica = self._replica(name)
-        heapq.heappop(replica.incoming)
-        replica.engine.add(
-            req.request_id, req.prompt_token_ids, req.output_len, req.adapter, req.max_tokens or req.output_len
-        )
-        self._wake(replica, now)
-
-    def _step(self, replica: Replica, now: float) -> int:
-        """One step of ``replica`` starting at ``now``; how many requests it finished."""
-        engine = replica.engine
-        engine.now = max(engine.now, now)
-        finished = 0
-        for out in engine.step():
-            s = self.served[out.request_id]
-            if out.new_token_ids and s.first_token_s is None:
-                s.first_token_s = engine.now
-            s.tokens += len(out.new_token_ids)
-            if out.finished:
-                s.finish_s, s.finish_reason = engine.now, out.finish_reason
-                if out.error is None:  # as the worker does: what the lengths estimate learns from
-                    replica.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == "length")
-                finished += 1
-        replica.stepping = engine.has_unfinished()
-        if replica.stepping:
-            if self.fast_forward:
-                # The steps that only repeat this one, up to the next thing that could change it: a
-                # request joining, the stats the dispatcher and migrator read, the migrator's look.
-                horizon = min([self._next_stats, *replica.incoming[:1], *([self._next_look] if self.migrator else [])])
-                advanced, k = engine.fast_forward(horizon)
-                for rid in advanced:
-                    self.served[rid].tokens += k
-            self._push(engine.now, "step", replica)
-        return finished
+            self._where[req.request_id] = name
+            self._joins[self._shard_of[name]].append(Served(req, name))
 
 
 def summary(served: list[Served], until: float | None = None) -> dict[str, float]:

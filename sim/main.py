@@ -72,6 +72,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         stats_interval_s=args.stats_interval,
         migrator=MigratorSettings(interval_s=args.migrate_interval) if args.migrate else None,
         fast_forward=not args.exact,
+        jobs=args.jobs,
     )
     start = time.perf_counter()
     served = cluster.run(requests)
@@ -97,11 +98,12 @@ def run_simulate(args: argparse.Namespace) -> int:
         "solve_s_max": max(cluster.solve_seconds, default=0.0),
         "steps_by_mode": {
             str(mode): n
-            for mode, n in sum((Counter(r.engine.stats.steps_by_mode) for r in cluster.replicas), Counter()).items()
+            for mode, n in sum((Counter(r.stats.steps_by_mode) for r in cluster.replica_summaries), Counter()).items()
         },
-        "fast_forwarded_steps": sum(r.engine.fast_forwarded for r in cluster.replicas),
-        "merges": sum(r.engine.stats.merges for r in cluster.replicas),
-        "preemptions": sum(r.engine.stats.preemptions for r in cluster.replicas),
+        "fast_forwarded_steps": sum(r.fast_forwarded for r in cluster.replica_summaries),
+        "merges": sum(r.stats.merges for r in cluster.replica_summaries),
+        "preemptions": sum(r.stats.preemptions for r in cluster.replica_summaries),
+        "jobs": args.jobs,
     }
     for key, value in result.items():
         if key != "workload":

@@ -36,5 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ask the policy at every step (no fast-forward of steps that repeat the last one); slower",
     )
+    p.add_argument(
+        "--jobs",
+        type=positive,
+        default=1,
+        help="processes the replicas are split over (they run apart between two stats or looks; "
+        "the results are the same for any number)",
+    )
     p.add_argument("--json", help="write the result here")
     add_workload_arguments(p)

@@ -75,8 +75,8 @@ def test_fast_forward_serves_as_stepping_does() -> None:
         runs = [Cluster(H200, 4, adapters, config=config, fast_forward=ff) for ff in (True, False)]
         fast, exact = (r.run(requests) for r in runs)
         assert [s.tokens for s in fast] == [s.tokens for s in exact]
-        steps = [sum(r.engine.stats.steps for r in run.replicas) for run in runs]
-        skipped = sum(r.engine.fast_forwarded for r in runs[0].replicas)
+        steps = [sum(r.stats.steps for r in run.replica_summaries) for run in runs]
+        skipped = sum(r.fast_forwarded for r in runs[0].replica_summaries)
         assert steps[0] == steps[1] and 0.3 * steps[0] < skipped  # each counted as a step
         assert [(s.first_token_s, s.finish_s) for s in fast] == [(s.first_token_s, s.finish_s) for s in exact]
 
@@ -97,3 +97,25 @@ def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path
     assert fast["fast_forwarded_steps"] > 0
     for key in ("completed", "throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s", "merges"):
         assert fast[key] == stepped[key], key
+
+
+def test_the_replicas_split_over_processes_serve_exactly_as_in_one() -> None:
+    """Replicas meet only at the stats and the migrator's looks, so shards in forked processes run
+    the stretches between in parallel: every request's figures are the same to the last digit,
+    moves included (the migrator test's workload, which moves requests)."""
+    from dlora.services.migrator.settings import MigratorSettings
+
+    requests = [SimRequest(f"q{i}", 0.01 * i, None, [7 + i % 50] * 32, 1500 if i % 2 == 0 else 4) for i in range(24)]
+    adapters = {f"a{i}": 8 * (1 + i % 3) for i in range(6)}
+    mixed = _workload(150, rate=40.0, adapters=[*adapters, None])  # type: ignore[list-item]
+    for workload, mode, replicas in ((requests, DispatchMode.ROUND_ROBIN, 2), (mixed, DispatchMode.PROACTIVE, 3)):
+        runs = [
+            Cluster(H200, replicas, adapters, mode=mode, migrator=MigratorSettings(interval_s=0.5), jobs=jobs)
+            for jobs in (1, replicas)
+        ]
+        served = [run.run(workload) for run in runs]
+        assert served[0] == served[1]
+        assert [r.stats for r in runs[0].replica_summaries] == [r.stats for r in runs[1].replica_summaries]
+        assert [r.name for r in runs[1].replica_summaries] == [f"r{i:03d}" for i in range(replicas)]
+        if workload is requests:
+            assert any(s.moves for s in served[1])

@@ -1,0 +1,219 @@
+"""Some of a simulated cluster's replicas and their events between two of the cluster's barriers
+(the stats the dispatcher and migrator read, the migrator's looks): requests joining, steps,
+moved requests arriving. Replicas meet only at barriers (the dispatcher chose every request's
+replica from the stats of the last one, the migrator moves requests at its looks), so shards run
+the time between two barriers apart, in this process or in others (``pool.py``), and a run is
+the same whatever the split.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from dlora.common.messages import WorkerStats
+from dlora.services.worker.engine.config import EngineConfig
+from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.lengths import OutputLengths
+from dlora.services.worker.snapshot import worker_stats
+from dlora.sim.cost import CostProfile
+from dlora.sim.replica import SimEngine
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    request_id: str
+    arrival_s: float
+    adapter: str | None
+    prompt_token_ids: list[int]
+    output_len: int
+    max_tokens: int = 0  # 0: the output length
+
+
+@dataclass
+class Served:
+    """What became of one request."""
+
+    request: SimRequest
+    replica: str
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    tokens: int = 0
+    finish_reason: str | None = None
+    moves: int = 0  # times the migrator moved it
+
+    @property
+    def normalized_latency_s(self) -> float:
+        """End-to-end latency over output tokens (the dLoRA paper's metric), seconds per token."""
+        assert self.finish_s is not None
+        return (self.finish_s - self.request.arrival_s) / max(1, self.tokens)
+
+
+@dataclass(frozen=True)
+class Moving:
+    """A request on its way to another replica (``at``: when it arrives), with the tokens it
+    produced and what became of it so far."""
+
+    served: Served
+    to: str
+    at: float
+    produced: list[int]
+    ship_kv: bool
+
+
+@dataclass(frozen=True)
+class ReplicaSummary:
+    """What a run's reports read of one replica once it is over."""
+
+    name: str
+    stats: EngineStats
+    fast_forwarded: int  # steps run by ``SimEngine.fast_forward`` (also in ``stats.steps``)
+
+
+@dataclass
+class Replica:
+    name: str
+    engine: SimEngine
+    lengths: OutputLengths = field(default_factory=OutputLengths)
+    stepping: bool = False  # a step event is pending
+    incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
+
+
+class Shard:
+    """Replicas ``names`` of ``cost``'s engine, every adapter (name -> rank) in each one's host
+    memory, and their events (a heap on simulated time)."""
+
+    def __init__(
+        self,
+        cost: CostProfile,
+        names: list[str],
+        adapters: dict[str, int],
+        config: EngineConfig | None,
+        fast_forward: bool,
+    ) -> None:
+        self.replicas = {name: Replica(name, SimEngine(cost, config)) for name in names}
+        for r in self.replicas.values():
+            for adapter, rank in adapters.items():
+                r.engine.add_adapter(adapter, rank)
+        self.fast_forward = fast_forward
+        self.served: dict[str, Served] = {}  # the requests dispatched or moved here
+        self._events: list[tuple[float, int, str, object]] = []
+        self._seq = 0
+
+    def _push(self, at: float, kind: str, what: object) -> None:
+        heapq.heappush(self._events, (at, self._seq, kind, what))
+        self._seq += 1
+
+    def advance(
+        self, joins: list[Served], moved: list[Moving], end: float, report: bool
+    ) -> tuple[int, list[WorkerStats]]:
+        """Take the requests dispatched here (each ``Served`` names its replica; it joins at its
+        arrival) and those moved here, then run every event before ``end`` (the next barrier).
+        The requests finished, and (``report``) each replica's stats at ``end``, as a worker
+        publishes them."""
+        for s in joins:
+            self.served[s.request.request_id] = s
+            heapq.heappush(self.replicas[s.replica].incoming, s.request.arrival_s)
+            self._push(s.request.arrival_s, "join", s)
+        for m in moved:
+            self.served[m.served.request.request_id] = m.served
+            heapq.heappush(self.replicas[m.to].incoming, m.at)
+            self._push(m.at, "moved", m)
+        finished = 0
+        while self._events and self._events[0][0] < end:
+            now, _, kind, what = heapq.heappop(self._events)
+            if kind == "join":
+                assert isinstance(what, Served)
+                self._join(what, now)
+            elif kind == "moved":
+                assert isinstance(what, Moving)
+                self._arrive_moved(what, now)
+            else:
+                assert isinstance(what, Replica)
+                finished += self._step(what, now, end)
+        return finished, self.stats() if report else []
+
+    def stats(self) -> list[WorkerStats]:
+        """Each replica's stats now, as a worker publishes them."""
+        return [worker_stats(r.name, r.engine, r.lengths) for r in self.replicas.values()]
+
+    def take(self, moves: list[tuple[str, str, bool]], now: float, kv_s_per_token: float) -> list[Moving]:
+        """The requests of ``moves`` (request id, destination, whether its KV cache is shipped)
+        taken off their replicas here at ``now``, each on its way: it arrives after its cache's
+        transfer (``kv_s_per_token`` seconds a token) when shipped, else at once to be
+        recomputed. One finished meanwhile, or moved to where it is, stays."""
+        out = []
+        for request_id, to, ship_kv in moves:
+            served = self.served.get(request_id)
+            source = self.replicas.get(served.replica) if served is not None else None
+            seq = source.engine.seqs.get(request_id) if source is not None else None
+            if served is None or source is None or seq is None or to == source.name:  # on its way, or over
+                continue
+            produced, context = list(seq.output_ids), seq.total_len
+            source.engine.abort(request_id)
+            del self.served[request_id]  # it goes with the move
+            at = max(now, source.engine.now) + (kv_s_per_token * context if ship_kv else 0.0)
+            out.append(Moving(served, to, at, produced, ship_kv))
+        return out
+
+    def results(self) -> tuple[list[Served], list[ReplicaSummary]]:
+        """What became of the requests here, and each replica's summary."""
+        summaries = [ReplicaSummary(r.name, r.engine.stats, r.engine.fast_forwarded) for r in self.replicas.values()]
+        return list(self.served.values()), summaries
+
+    def _arrive_moved(self, m: Moving, now: float) -> None:
+        served, replica = m.served, self.replicas[m.to]
+        req = served.request
+        replica.engine.add(
+            req.request_id,
+            req.prompt_token_ids,
+            req.output_len,
+            req.adapter,
+            req.max_tokens or req.output_len,
+            resumed=m.produced,
+            shipped=m.ship_kv,
+        )
+        served.replica = m.to
+        served.moves += 1
+        heapq.heappop(replica.incoming)
+        self._wake(replica, now)
+
+    def _join(self, served: Served, now: float) -> None:
+        replica, req = self.replicas[served.replica], served.request
+        heapq.heappop(replica.incoming)
+        replica.engine.add(
+            req.request_id, req.prompt_token_ids, req.output_len, req.adapter, req.max_tokens or req.output_len
+        )
+        self._wake(replica, now)
+
+    def _wake(self, replica: Replica, now: float) -> None:
+        if not replica.stepping:
+            replica.stepping = True
+            self._push(max(now, replica.engine.now), "step", replica)
+
+    def _step(self, replica: Replica, now: float, end: float) -> int:
+        """One step of ``replica`` starting at ``now``; how many requests it finished."""
+        engine = replica.engine
+        engine.now = max(engine.now, now)
+        finished = 0
+        for out in engine.step():
+            s = self.served[out.request_id]
+            if out.new_token_ids and s.first_token_s is None:
+                s.first_token_s = engine.now
+            s.tokens += len(out.new_token_ids)
+            if out.finished:
+                s.finish_s, s.finish_reason = engine.now, out.finish_reason
+                if out.error is None:  # as the worker does: what the lengths estimate learns from
+                    replica.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == "length")
+                finished += 1
+        replica.stepping = engine.has_unfinished()
+        if replica.stepping:
+            if self.fast_forward:
+                # The steps that only repeat this one, up to the next thing that could change it: a
+                # request joining, the next barrier (the stats the dispatcher and migrator read,
+                # the migrator's look).
+                advanced, k = engine.fast_forward(min([end, *replica.incoming[:1]]))
+                for rid in advanced:
+                    self.served[rid].tokens += k
+            self._push(engine.now, "step", replica)
+        return finished
