@@ -270,7 +270,10 @@ class LocalStack:
             "DLORA_REDIS_URL": self.redis_url,
             "DLORA_MODEL": str(self.model_dir.resolve()),
             "DLORA_ADMIN_KEY": self.admin_key,
+            # Both spellings: the gateway's own (a user's DLORA_GATEWAY_ADAPTER_ROOTS, read into
+            # ``roots`` already) would otherwise win over the merged list and drop the rest.
             "DLORA_ADAPTER_ROOTS": json.dumps(roots),
+            "DLORA_GATEWAY_ADAPTER_ROOTS": json.dumps(roots),
             "DLORA_GATEWAY_PORT": str(base.port),
             **self.extra_env,
         }

@@ -6,7 +6,9 @@ work unchanged (answered as vLLM answers them: 200 and a line of text)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -66,13 +68,15 @@ class AdapterAdmin:
         await self.gw.auth.admin(request)
         body = openai.decode_body(await self.gw.read_body(request), LoadLoraAdapterBody)
         adapter = AdapterBody(name=body.lora_name, path=body.lora_path)
-        entry = await self._register(adapter, replace=body.load_inplace)
+        with _vllm_params():
+            entry = await self._register(adapter, replace=body.load_inplace)
         return web.Response(text=f"Success: LoRA adapter '{entry.name}' added successfully.")
 
     async def vllm_unload(self, request: web.Request) -> web.Response:
         await self.gw.auth.admin(request)
         body = openai.decode_body(await self.gw.read_body(request), UnloadLoraAdapterBody)
-        await self._remove(body.lora_name)
+        with _vllm_params():
+            await self._remove(body.lora_name)
         return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def _register(self, body: AdapterBody, replace: bool) -> AdapterEntry:
@@ -114,3 +118,14 @@ class AdapterAdmin:
             return False
         await self.gw.store.retire_version(name, entry.version, time.time())
         return True
+
+
+@contextlib.contextmanager
+def _vllm_params() -> Iterator[None]:
+    """A refusal names the field of vLLM's body it is about (lora_name, lora_path), not ours."""
+    try:
+        yield
+    except APIError as e:
+        if e.param in ("name", "path"):
+            e.param = f"lora_{e.param}"
+        raise

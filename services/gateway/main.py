@@ -363,7 +363,7 @@ class Gateway:
     async def _model_cards(self, request: web.Request) -> list[dict[str, Any]]:
         who = await self.auth.inference(request)
         workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
-        return model_cards(self.base_name, workers, adapters, who, int(time.time()))
+        return model_cards(self.base_name, workers, adapters, who, int(time.time()), self.served.context)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,

@@ -11,12 +11,18 @@ from dlora.services.gateway.auth import Principal
 
 
 def model_cards(
-    base_name: str, workers: list[WorkerStats], adapters: list[AdapterEntry], who: Principal, created: int
+    base_name: str,
+    workers: list[WorkerStats],
+    adapters: list[AdapterEntry],
+    who: Principal,
+    created: int,
+    max_model_len: int,
 ) -> list[dict[str, Any]]:
     """The base model (naming the live workers serving it, with the device and dtype of each:
     ``served_by``), then each adapter ``who`` may use, with the base as its parent and ``owned_by``
     its tenant (dlora when public). Where an adapter's files lie is for admin callers only: others
-    see its name as its root. ``created``: Unix seconds, the base model's."""
+    see its name as its root. ``created``: Unix seconds, the base model's; ``max_model_len``: the
+    context a request may fill, on every card (vLLM's)."""
     cards: list[dict[str, Any]] = [
         {
             "id": base_name,
@@ -25,6 +31,7 @@ def model_cards(
             "owned_by": "dlora",
             "root": base_name,
             "parent": None,
+            "max_model_len": max_model_len,
             "served_by": [{"worker": w.worker, "device": w.device, "dtype": w.dtype} for w in workers],
         }
     ]
@@ -36,6 +43,7 @@ def model_cards(
             "owned_by": e.owner or "dlora",
             "root": e.path if who.admin else e.name,
             "parent": base_name,
+            "max_model_len": max_model_len,
             "rank": e.rank,
             "version": e.version,
         }

@@ -134,8 +134,8 @@ def shape_request(
     if (keep := body.truncate_prompt_tokens) is not None:  # vLLM's: the prompt's last tokens (echoed as such)
         if keep == -1:  # vLLM's: as many as the context holds
             keep = model.context
-        if keep < 1:
-            why = f"truncate_prompt_tokens must be -1 or >= 1, got {keep}"
+        if not 1 <= keep <= model.context:  # vLLM refuses more than the context, too
+            why = f"truncate_prompt_tokens must be -1 or in [1, {model.context}] (the context), got {keep}"
             raise APIError(400, why, param="truncate_prompt_tokens")
         prompts = [(ids[-keep:], text if len(ids) <= keep else None) for ids, text in prompts]
     echo = isinstance(body, CompletionBody) and bool(body.echo)

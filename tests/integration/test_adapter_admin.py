@@ -5,6 +5,7 @@ run (each finishes on its own version)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import aiohttp
@@ -115,7 +116,10 @@ async def test_vllms_runtime_lora_endpoints_work_as_vllm_answers_them(stack: Sta
     assert (await post(stack, "/v1/completions", body))[1]["choices"] == as_0["choices"]
     unload = {"lora_name": "sql", "lora_int_id": 7}
     assert await call("/v1/unload_lora_adapter", unload) == (200, "Success: LoRA adapter 'sql' removed successfully.")
-    assert (await call("/v1/unload_lora_adapter", unload))[0] == 404
+    status, text = await call("/v1/unload_lora_adapter", unload)
+    assert status == 404 and json.loads(text)["error"]["param"] == "lora_name"  # vLLM's field, not ours ("name")
+    status, text = await call("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere"})
+    assert status == 400 and json.loads(text)["error"]["param"] == "lora_path"
     assert (await post(stack, "/v1/completions", body))[0] == 404
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/health") as r:
         assert r.status == 200  # vLLM's health route, an alias of /healthz

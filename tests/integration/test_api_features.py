@@ -448,6 +448,7 @@ async def test_vllm_s_allowed_token_ids_bad_words_and_truncate_prompt_tokens(sta
         ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
         ({"bad_words": [" "]}, "bad_words"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens"),  # past the context: vLLM refuses it
     ):
         status, resp = await post(stack, "/v1/completions", {**base, **bad})
         assert (status, resp["error"]["param"]) == (400, param), (bad, resp)

@@ -122,6 +122,8 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
     adapters = {d["id"]: d for d in data[1:]}
     assert set(adapters) == set(stack.tiny.adapters)
     assert all(d["parent"] == "model" and d["object"] == "model" for d in adapters.values())
+    # vLLM's max_model_len on every card (clients size prompts by it)
+    assert {d["max_model_len"] for d in data} == {stack.gateway.served.context}
     # where the files lie is for admin callers only
     assert all(d["root"] == d["id"] for d in adapters.values())
     async with (

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,12 +65,15 @@ def run_readme_loadgen(gateway: str, nats_url: str, cwd: Path) -> None:
 
 def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
+    extra = tmp_path / "extra-adapters"  # a root of the user's own, by the environment
+    extra.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dlora.services.cli", "up", "--workers", "1", "--port", str(port)],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "DLORA_GATEWAY_ADAPTER_ROOTS": json.dumps([str(extra)])},
     )
     lines = []
     try:
@@ -93,6 +97,17 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
             resp = json.load(r)
         assert resp["usage"]["completion_tokens"] == 5
         assert (tmp_path / ".cache" / "demo" / "model" / "config.json").exists()
+        # The demo's folder stays a root beside the user's (their DLORA_GATEWAY_ADAPTER_ROOTS won over
+        # the merged list and dropped it): an adapter registers from either.
+        key = re.search(r"admin key: (\S+)", out)[1]
+        admin = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        demo = tmp_path / ".cache" / "demo" / "adapters"
+        shutil.copytree(demo / "lora-0", extra / "mine")
+        for name, path in (("again", demo / "lora-1"), ("mine", extra / "mine")):
+            add = json.dumps({"name": name, "path": str(path)}).encode()
+            register = urllib.request.Request(f"http://127.0.0.1:{port}/v1/adapters", add, admin)
+            with urllib.request.urlopen(register) as r:
+                assert r.status == 201, name
         nats_url = re.search(r"NATS \(applications\): (nats://\S+)", out).group(1)
         import redis  # the Redis URL it prints logs in as it is (it lacked the credentials: NOAUTH)
 

@@ -71,6 +71,8 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
             rid, error = f"{rid}@line-{lineno}", error or f"line {lineno}: duplicate id {rid!r}"
         order.append(rid)
         results[rid] = {"id": rid, "error": error} if error else {"id": rid, "token_ids": [], "text": ""}
+        if not error and engine.seqs[rid].params.prompt_logprobs is not None:  # a one-token prompt's: []
+            results[rid]["prompt_logprobs"] = []
     while engine.has_unfinished():
         for out in engine.step():
             if out.error is not None:
