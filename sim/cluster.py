@@ -95,8 +95,8 @@ class Cluster:
         pending = len(requests)
         t, next_stats = 0.0, 0.0
         next_look = self.migrator.interval_s if self.migrator is not None else math.inf
-        stats = self._stretch(0.0, report=True)[1]  # each replica's before anything
         try:
+            stats = self._stretch(0.0, report=True)[1]  # each replica's before anything
             while pending and (until is None or t < until):
                 # A barrier: the look first where both fall at once (it was due first, as in the services)
                 looked = t == next_look and self._look(t)
@@ -152,10 +152,12 @@ class Cluster:
         for m in p.moves:
             moves[self._shard_of[self._where[m.request_id]]].append((m.request_id, m.to_worker, m.ship_kv))
         kv_s = self.cost.kv_transfer_s_per_token
-        for taken in self._pool.call("take", [(part, now, kv_s) for part in moves]):
-            for moving in taken:
-                self._moved[self._shard_of[moving.to]].append(moving)
-                self._where[moving.served.request.request_id] = moving.to
+        taken = [m for part in self._pool.call("take", [(part, now, kv_s) for part in moves]) for m in part]
+        order = {m.request_id: i for i, m in enumerate(p.moves)}
+        # In the plan's order, however split: two arriving at once join their replica in it
+        for moving in sorted(taken, key=lambda m: order[m.served.request.request_id]):
+            self._moved[self._shard_of[moving.to]].append(moving)
+            self._where[moving.served.request.request_id] = moving.to
         return True
 
     def _dispatch_until(self, end: float) -> None:

@@ -9,6 +9,7 @@ plain dataclasses and msgspec structs, pickled). An exception in a shard is rais
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -54,20 +55,38 @@ class ShardPool:
 
         Raises:
             Exception: what a shard's method raised (the first one's).
+            RuntimeError: a shard's process ended (killed, or out of memory).
         """
         if self._local:
             return [getattr(shard, method)(*a) for shard, a in zip(self._local, args)]
-        for conn, a in zip(self._conns, args):
-            conn.send((method, a))
-        answers = [conn.recv() for conn in self._conns]
+        for i, (conn, a) in enumerate(zip(self._conns, args)):
+            try:
+                conn.send((method, a))
+            except OSError:
+                raise self._lost(i) from None
+        answers = []
+        for i, conn in enumerate(self._conns):
+            try:
+                answers.append(conn.recv())
+            except (EOFError, OSError):
+                raise self._lost(i) from None
         if failed := next((value for ok, value in answers if not ok), None):
             raise failed
         return [value for _, value in answers]
 
+    def _lost(self, i: int) -> RuntimeError:
+        self._procs[i].join(timeout=1)
+        return RuntimeError(f"simulator shard {i} ended (exit code {self._procs[i].exitcode}) in the middle of a run")
+
     def close(self) -> None:
+        """Every process stopped: told to end, else terminated."""
         for conn in self._conns:
-            conn.send(None)
+            with contextlib.suppress(OSError):
+                conn.send(None)
             conn.close()
         for proc in self._procs:
             proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
         self._conns, self._procs = [], []

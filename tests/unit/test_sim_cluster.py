@@ -4,6 +4,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.sim.cluster import Cluster, SimRequest, summary
 from dlora.sim.cost import ARTIFACT, H200
@@ -119,3 +121,44 @@ def test_the_replicas_split_over_processes_serve_exactly_as_in_one() -> None:
         assert [r.name for r in runs[1].replica_summaries] == [f"r{i:03d}" for i in range(replicas)]
         if workload is requests:
             assert any(s.moves for s in served[1])
+
+
+def test_moves_that_arrive_at_once_join_in_the_plan_s_order_however_split() -> None:
+    """Two replicas in lockstep (identical long requests) both move requests to a third: those
+    arriving at the same instant joined it in the order their shards answered, so two processes
+    gave other figures than one (review)."""
+    from dlora.services.migrator.settings import MigratorSettings
+
+    requests = [
+        SimRequest(f"q{3 * k + r}", 0.001 * k, None, [7 + 3 * k + r] * 64, 1500 if r else 4)
+        for k in range(12)
+        for r in range(3)
+    ]
+    runs = [
+        Cluster(H200, 3, {}, mode=DispatchMode.ROUND_ROBIN, migrator=MigratorSettings(interval_s=0.5), jobs=jobs)
+        for jobs in (1, 2)
+    ]
+    one, two = (run.run(requests) for run in runs)
+    assert runs[0].plans and one == two
+
+
+def test_a_shard_process_that_dies_is_named_and_nothing_is_left_running() -> None:
+    import multiprocessing
+    import os
+
+    from dlora.sim import shard
+
+    advance = shard.Shard.advance
+
+    def dies(self, *args):  # type: ignore[no-untyped-def]
+        if "r001" in self.replicas:
+            os._exit(3)
+        return advance(self, *args)
+
+    shard.Shard.advance = dies  # type: ignore[method-assign]  # in the forked children too
+    try:
+        with pytest.raises(RuntimeError, match="shard 1 ended \\(exit code 3\\)"):
+            Cluster(H200, 2, {}, jobs=2).run(_workload(20, rate=40.0, adapters=[None]))  # type: ignore[list-item]
+    finally:
+        shard.Shard.advance = advance  # type: ignore[method-assign]
+    assert not multiprocessing.active_children()
