@@ -33,7 +33,7 @@ from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprobs
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
-from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError, sample_sequences
+from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError, allowed_mask, sample_sequences
 from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
@@ -229,6 +229,8 @@ class LLMEngine:
             text=resume_text_held,
         )
         seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
+        if params.allowed_token_ids:
+            seq.allowed_mask = allowed_mask(params.allowed_token_ids, self.model_config.vocab_size, self.device)
         if params.json_schema is not None:
             try:
                 seq.matcher = self.grammars.matcher(params.json_schema, resumed)

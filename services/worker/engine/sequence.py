@@ -39,6 +39,7 @@ class Sequence:
     num_preemptions: int = 0
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # its bad_words, tokenized (bad_words.py)
+    allowed_mask: Any = None  # (vocab,) bool on the engine's device: its allowed_token_ids (sampler.allowed_mask)
     # Entry i: prompt token i + 1's log-probability after the ones before it (prompt_logprobs.py)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
