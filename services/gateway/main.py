@@ -129,9 +129,8 @@ class Gateway:
                     body, refused = openai.decode_body(raw, ChatBody if chat else CompletionBody), None
                 except APIError as e:  # still counted under the model it names, read past the rest
                     body, refused = None, e
-                name = body.model if body is not None else openai.model_named(raw)
-                if body is not None and not name:  # none named, or "": the base model, as vLLM (and shaping)
-                    name = self.base_name
+                # none named, or "": the base model, as vLLM serves it (and shaping)
+                name = (body.model or self.base_name) if body is not None else openai.model_named(raw, self.base_name)
                 entry = await self.entry(name, who) if name else None
                 if entry is not None or name == self.base_name:  # a name never served stays "?"
                     adapter_label = name

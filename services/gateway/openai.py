@@ -159,11 +159,11 @@ class _Named(msgspec.Struct):
     model: str | None = None
 
 
-def model_named(raw: bytes) -> str | None:
-    """The ``model`` a request body names, read whatever else in it is wrong (None: it names none;
-    "" if it cannot be read): what its refusal is counted under."""
+def model_named(raw: bytes, default: str) -> str:
+    """The ``model`` a request body names, read whatever else in it is wrong (``default``, the base
+    model, when it names none or ""; "" when it cannot be read): what its refusal is counted under."""
     try:
-        return msgspec.json.decode(raw, type=_Named).model
+        return msgspec.json.decode(raw, type=_Named).model or default
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):  # decode_body says why
         return ""
 

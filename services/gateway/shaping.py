@@ -32,7 +32,7 @@ class Tokenizer(Protocol):
     """What shaping asks of a tokenizer (a Hugging Face one in the gateway). A chat template, if
     it has one, is used through ``apply_chat_template``."""
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
@@ -137,7 +137,9 @@ def shape_request(
         if not 1 <= keep <= model.context:  # vLLM refuses more than the context, too
             why = f"truncate_prompt_tokens must be -1 or in [1, {model.context}] (the context), got {keep}"
             raise APIError(400, why, param="truncate_prompt_tokens")
-        prompts = [(ids[-keep:], text if len(ids) <= keep else None) for ids, text in prompts]
+        prompts = [
+            (truncated(ids, text, model.tokenizer, keep), None if len(ids) > keep else text) for ids, text in prompts
+        ]
     echo = isinstance(body, CompletionBody) and bool(body.echo)
     if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM refuse it
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
@@ -203,6 +205,20 @@ def shape_request(
         continuous_usage=body.stream_options is not None and bool(body.stream_options.continuous_usage_stats),
         choices=choices,
     )
+
+
+def truncated(ids: list[int], text: str | None, tokenizer: Tokenizer, keep: int) -> list[int]:
+    """A prompt's last ``keep`` tokens (vLLM's truncate_prompt_tokens); one given as ``text`` keeps
+    the special tokens its tokenizer puts around it (a Llama tokenizer's BOS), as vLLM's
+    tokenizer truncating from the left does (the text's ids kept are ``keep`` less those)."""
+    if len(ids) <= keep:
+        return ids
+    body = tokenizer.encode(text, add_special_tokens=False) if text is not None else ids
+    head = next((p for p in range(len(ids) - len(body) + 1) if ids[p : p + len(body)] == body), None)
+    if head is None or keep - (len(ids) - len(body)) < 1:  # none to keep apart, or no room beside them
+        return ids[-keep:]
+    tail = len(ids) - head - len(body)
+    return ids[:head] + body[len(body) - (keep - head - tail) :] + ids[len(ids) - tail :]
 
 
 def _nth_seed(seed: int, i: int) -> int:

@@ -8,6 +8,7 @@ import gzip
 import importlib.util
 import io
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -357,6 +358,15 @@ async def test_metrics_are_exposed(stack: Stack) -> None:
     assert (await post(stack, "/v1/completions", {"model": "lora-2", "prompt": "k", "temperature": -1}))[0] == 400
     assert (await post(stack, "/v1/completions", {"model": "lora-3", "prompt": "k", "max_tokens": "five"}))[0] == 400
     assert (await post(stack, "/v1/completions", {"model": "nobody-x", "prompt": "k"}))[0] == 404
+
+    async def base_400s() -> float:
+        async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
+            found = re.search(r'dlora_requests_total\{adapter="model",status="400"\} (\S+)', await r.text())
+        return float(found[1]) if found else 0.0
+
+    before = await base_400s()  # a body naming no model is the base model's, refused or not (it was "?")
+    assert (await post(stack, "/v1/completions", {"prompt": "k", "max_tokens": "five"}))[0] == 400
+    assert await base_400s() == before + 1
     await asyncio.sleep(0.3)  # a stats interval
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
         text = await r.text()

@@ -401,3 +401,25 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
         shaping.ChatTemplate(add_generation_prompt=False, continue_final_message=True),
     )
     assert transcript == [ord(c) for c in "user: hi\nassistant: yo"]
+
+
+def test_a_truncated_text_prompt_keeps_the_bos_its_tokenizer_adds_as_vllm_does(tiny_llama) -> None:
+    """vLLM's tokenizer truncates a text prompt from the left and then adds its special tokens:
+    BOS and the last N - 1 tokens (the ids were sliced, BOS lost). Token ids are sliced as given."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama.model)
+    bos = tok.convert_ids_to_tokens(tok.bos_token_id)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    text = "the quick brown fox jumps over the lazy dog"
+    tok.truncation_side = "left"  # as vLLM's get_tokenizer makes it
+    expected = tok.encode(text, truncation=True, max_length=4)
+    assert expected[0] == tok.bos_token_id
+    job = shape(ServedModel(tok, len(tok), CONTEXT), {"prompt": text, "max_tokens": 1, "truncate_prompt_tokens": 4})
+    assert job.choices[0].request.prompt_token_ids == expected
+    ids = tok.encode(text)
+    job = shape(ServedModel(tok, len(tok), CONTEXT), {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": 4})
+    assert job.choices[0].request.prompt_token_ids == ids[-4:]
