@@ -89,8 +89,10 @@ class Cluster:
     def run(self, requests: list[SimRequest], until: float | None = None) -> list[Served]:
         """Serve ``requests`` (by arrival) to the end, or until simulated time ``until`` (what is
         unfinished then has no ``finish_s``: a backlog that would take hours to drain need not be
-        simulated); what became of each, in arrival order. Raises RuntimeError when one cannot be
-        placed (no replica holds it)."""
+        simulated); what became of each, in arrival order. Once: the shards' processes end with it.
+        Raises RuntimeError when one cannot be placed (no replica holds it), or run again."""
+        if self.replica_summaries or not len(self._pool):
+            raise RuntimeError("a Cluster runs once; make another")
         self._arrivals = sorted(requests, key=lambda r: r.arrival_s)[::-1]  # next last
         pending = len(requests)
         t, next_stats = 0.0, 0.0
