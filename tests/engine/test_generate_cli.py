@@ -29,6 +29,8 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
         {"id": "g", "prompt_token_ids": [5] * 500, "max_tokens": 400},
         # a one-token prompt's prompt_logprobs are there, empty (the key was left out)
         {"id": "h", "prompt_token_ids": [5], "max_tokens": 1, "prompt_logprobs": 1},
+        # the prompt's logprobs alone, as the gateway's echo with max_tokens 0 (refused before)
+        {"id": "i", "prompt_token_ids": [5, 6, 7], "max_tokens": 0, "prompt_logprobs": 0},
     ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
@@ -39,7 +41,7 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert main(argv) == 1  # some lines failed
 
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in results] == ["a", "line-2", "b", "c", "d", "e", "f", "g", "h"]
+    assert [r["id"] for r in results] == ["a", "line-2", "b", "c", "d", "e", "f", "g", "h", "i"]
     errors = {r["id"]: r["error"] for r in results if "error" in r}
     assert errors["line-2"].startswith("line 2: not valid JSON")
     assert "line 3" in errors["b"] and "not registered" in errors["b"]
@@ -52,6 +54,9 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert by_id["f"]["token_ids"] == oracle.generate("lora-0", [9, 10], 5)
     assert by_id["a"]["finish_reason"] == "length" and len(by_id["c"]["token_ids"]) == 4
     assert by_id["h"]["prompt_logprobs"] == [] and "prompt_logprobs" not in by_id["a"]
+    alone = by_id["i"]
+    assert (alone["token_ids"], alone["text"], alone["finish_reason"]) == ([], "", "length")
+    assert [entry[0] for entry in alone["prompt_logprobs"]] == [6, 7]
 
 
 def test_generate_refuses_a_bad_adapter_flag(tiny_llama: TinyOutput, tmp_path: Path, capsys) -> None:

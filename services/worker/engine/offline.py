@@ -3,8 +3,8 @@
 Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids", "max_tokens",
 "temperature", ...}`` (any SamplingParams field). Output line, in input order:
 ``{"id", "token_ids", "text", "finish_reason", "stop_reason"}`` (and ``"prompt_logprobs"`` when
-asked), or ``{"id", "error"}`` for a line that could not
-be served; the other lines are served all the same.
+asked; with ``max_tokens`` 0 those alone, as the completions API's echo gives them), or
+``{"id", "error"}`` for a line that could not be served; the other lines are served all the same.
 """
 
 from __future__ import annotations
@@ -28,17 +28,21 @@ _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
 
 
-def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None]:
-    """Queue one line; returns (id, error or None)."""
+def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None, bool]:
+    """Queue one line; returns (id, error or None, whether it asks for its prompt's logprobs alone:
+    ``max_tokens`` 0, run for one token that is not shown, as the gateway's echo runs it)."""
     try:
         obj: Any = json.loads(line)
     except json.JSONDecodeError as e:
-        return f"line-{lineno}", f"line {lineno}: not valid JSON ({e.msg})"
+        return f"line-{lineno}", f"line {lineno}: not valid JSON ({e.msg})", False
     if not isinstance(obj, dict):
-        return f"line-{lineno}", f"line {lineno}: expected a JSON object"
+        return f"line-{lineno}", f"line {lineno}: expected a JSON object", False
     rid = str(obj.get("id", f"line-{lineno}"))
     try:
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
+        prompt_only = fields.get("max_tokens") == 0 and fields.get("prompt_logprobs") is not None
+        if prompt_only:
+            fields["max_tokens"] = 1
         # Through JSON, not convert: logit_bias's keys are token ids written as JSON's strings.
         params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
         prompt = obj.get("prompt")
@@ -55,18 +59,21 @@ def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None]
                 f"{engine.max_model_len}"
             )
     except (msgspec.ValidationError, RequestError) as e:
-        return rid, f"line {lineno}: {e}"
-    return rid, None
+        return rid, f"line {lineno}: {e}", False
+    return rid, None, prompt_only
 
 
 def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
     """Serve every non-blank line; results in input order."""
     order: list[str] = []
     results: dict[str, dict[str, Any]] = {}
+    prompt_only: set[str] = set()
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        rid, error = _submit(engine, lineno, line)
+        rid, error, alone = _submit(engine, lineno, line)
+        if alone:
+            prompt_only.add(rid)
         if rid in results:
             rid, error = f"{rid}@line-{lineno}", error or f"line {lineno}: duplicate id {rid!r}"
         order.append(rid)
@@ -79,13 +86,16 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
                 results[out.request_id] = {"id": out.request_id, "error": out.error}
                 continue
             r = results[out.request_id]
-            r["token_ids"] += out.new_token_ids
-            r["text"] += out.new_text
+            if out.request_id not in prompt_only:
+                r["token_ids"] += out.new_token_ids
+                r["text"] += out.new_text
             if (
                 out.prompt_logprobs
             ):  # [token id, logprob, [[alternative, logprob], ...]] per prompt token after the first
                 r["prompt_logprobs"] = msgspec.to_builtins(out.prompt_logprobs)
-            if out.finished:
+            if out.finished and out.request_id in prompt_only:
+                r["finish_reason"], r["stop_reason"] = "length", None
+            elif out.finished:
                 r["finish_reason"] = out.finish_reason.value if out.finish_reason else None
                 r["stop_reason"] = out.stop_reason
     return [results[rid] for rid in order]
