@@ -66,6 +66,7 @@ from dlora.services.gateway.status import ClusterView, cluster_status
 from dlora.services.gateway.tokenize_routes import TokenizeRoutes
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
+from dlora.services.worker.engine.structured import Grammars
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
@@ -94,7 +95,8 @@ class Gateway:
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)  # for logprobs
         self.context = self.cfg.context_length()
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
-        self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context)
+        grammars = Grammars(self.tokenizer, self.cfg.vocab_size, set(self.cfg.eos_token_ids))
+        self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context, grammars)
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
         self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")

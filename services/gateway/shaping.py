@@ -21,6 +21,7 @@ from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
 from dlora.services.gateway.sampling import sampling_params
+from dlora.services.worker.engine.structured import GrammarError, Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
 # A completion request without max_tokens gets this many (the OpenAI default); a chat request
@@ -44,6 +45,9 @@ class ServedModel:
     tokenizer: Tokenizer
     vocab_size: int  # token ids in a prompt lie in [0, vocab_size)
     context: int  # tokens of prompt plus generated ones at most (max_model_len)
+    # Structured output's matchers for this tokenizer: a schema that fails only at its first mask
+    # is refused before it is sent (None: the workers find it)
+    grammars: Grammars | None = None
 
 
 def served_context(model_context: int, worker_contexts: list[int]) -> int:
@@ -165,6 +169,11 @@ def shape_request(
         generate = asked != 0 or prompt_only
         new = max_new_tokens(ids, 1 if prompt_only else asked, model.context, "messages" if chat else "prompt")
         params = sampling_params(body, new if generate else 1)
+        if p == 0 and params.json_schema is not None and model.grammars is not None:
+            try:  # one of nothing but a reference to itself passes check_schema, and no document fits it
+                model.grammars.matcher(params.json_schema, [])
+            except GrammarError as e:
+                raise APIError(400, str(e), param="response_format") from None
         if asked == 0 and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
         for name, named in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
@@ -202,7 +211,9 @@ def shape_request(
         prompt_tokens=sum(len(ids) for ids, _ in prompts),
         stream=bool(body.stream),
         include_usage=body.stream_options is not None and bool(body.stream_options.include_usage),
-        continuous_usage=body.stream_options is not None and bool(body.stream_options.continuous_usage_stats),
+        # vLLM's: only with include_usage (without it, no usage anywhere)
+        continuous_usage=body.stream_options is not None
+        and bool(body.stream_options.include_usage and body.stream_options.continuous_usage_stats),
         choices=choices,
     )
 

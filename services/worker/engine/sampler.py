@@ -157,7 +157,7 @@ def sample(
             out.append(
                 NothingAllowed(
                     "no token is allowed: the request's constraints mask every one (its JSON schema, "
-                    "and min_tokens holding back its stop tokens and EOS)"
+                    "allowed_token_ids, bad_words, logit_bias, min_tokens holding back its stop tokens and EOS)"
                 )
             )
         elif bad[i]:
