@@ -88,7 +88,7 @@ class ResponseWriter:
                 event = self.job.shape.chunk(
                     choice.out.text, choice.out.finish_reason, first=True, index=choice.out.index, logprobs=part
                 )
-                await sse(self.stream, self._with_usage(event, choice))
+                await sse(self.stream, self._with_usage(event, choice, before=True))
         if choice.prompt_only:
             return
         logprobs = self._logprobs(choice, chunk)
@@ -139,14 +139,15 @@ class ResponseWriter:
         for c in self.choices:
             if (self.job.shape.chat or c.out.text or c.out.finish_reason) and not c.echoes_logprobs:
                 event = self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index)
-                await sse(stream, self._with_usage(event, c))
+                await sse(stream, self._with_usage(event, c, before=True))
         return stream
 
-    def _with_usage(self, event: dict[str, Any], choice: RunningChoice) -> dict[str, Any]:
+    def _with_usage(self, event: dict[str, Any], choice: RunningChoice, before: bool = False) -> dict[str, Any]:
         """``event`` with its choice's usage so far, when the client asked for it in every event
-        (vLLM's ``continuous_usage_stats``)."""
+        (vLLM's ``continuous_usage_stats``); ``before``: an opening event (the role, the echoed
+        prompt), which precedes every token (the chunk that opened the stream is counted already)."""
         if self.job.continuous_usage:
-            event["usage"] = openai.usage(self.job.prompt_tokens, choice.completion_tokens)
+            event["usage"] = openai.usage(self.job.prompt_tokens, 0 if before else choice.completion_tokens)
         return event
 
     def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:

@@ -412,6 +412,14 @@ async def test_continuous_usage_stats_put_the_usage_so_far_in_every_event(stack:
     # and only with include_usage, as vLLM (every event carried it, and no usage chunk came)
     alone = await stream(stack, "/v1/completions", {**body, "stream_options": {"continuous_usage_stats": True}})
     assert all("usage" not in e for e in alone[:-1])
+    # chat, n = 2: each choice's role event precedes its tokens (the first one's counted the token
+    # whose arrival opened the stream), then each token event counts one more
+    chat = {"model": "lora-0", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 3, "n": 2}
+    events = await stream(stack, "/v1/chat/completions", {**chat, "ignore_eos": True, "stream_options": options})
+    for index in (0, 1):
+        mine = [e for e in events[:-1] if e["choices"] and e["choices"][0]["index"] == index]
+        assert "role" in mine[0]["choices"][0]["delta"] and mine[0]["usage"]["completion_tokens"] == 0
+        assert [e["usage"]["completion_tokens"] for e in mine[1:]] == [1, 2, 3]
 
 
 async def test_a_request_that_names_no_model_is_served_by_the_base_model(stack: Stack) -> None:
