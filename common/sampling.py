@@ -69,6 +69,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # space; a sequence's last token is masked where the output's last tokens are the others.
     bad_words: list[str] = []
 
+    def outside_vocab(self, vocab: int) -> tuple[str, str] | None:
+        """(field, reason) where ``logit_bias`` or ``allowed_token_ids`` names a token id past a
+        vocabulary of ``vocab`` ids (they would index past the logits; vLLM refuses them alike)."""
+        for name, named in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids)):
+            if named and max(named) >= vocab:
+                outside = sorted(t for t in named if t >= vocab)
+                return name, f"{name} names token ids outside the vocabulary [0, {vocab}): {outside[:8]}"
+        return None
+
     def problem(self) -> str | None:
         """A human-readable reason these parameters are invalid, or None if they are fine."""
         bad = self.invalid()

@@ -176,13 +176,8 @@ def shape_request(
                 raise APIError(400, str(e), param="response_format") from None
         if asked == 0 and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
-        for name, named in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
-            if outside := sorted(t for t in named if t >= model.vocab_size):
-                raise APIError(
-                    400,
-                    f"{name} names token ids outside the vocabulary [0, {model.vocab_size}): {outside[:8]}",
-                    param=name,
-                )
+        if (outside := params.outside_vocab(model.vocab_size)) is not None:
+            raise APIError(400, outside[1], param=outside[0])
         # echoed as the client wrote it; token ids as text, without special tokens
         prefix = "" if not echo else text if text is not None else model.tokenizer.decode(ids, skip_special_tokens=True)
         for i in range(n):

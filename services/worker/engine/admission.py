@@ -27,7 +27,5 @@ def check_tokens(
         )
     if len(resumed) >= params.max_tokens:
         raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
-    for name, named in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
-        if named and max(named) >= vocab:
-            outside = sorted(t for t in named if t >= vocab)
-            raise RequestError(f"{name} names token ids outside the vocabulary [0, {vocab}): {outside[:8]}")
+    if (outside := params.outside_vocab(vocab)) is not None:
+        raise RequestError(outside[1])
