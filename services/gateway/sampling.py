@@ -11,7 +11,7 @@ from typing import Any
 
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.openai import APIError, Body, CompletionBody
-from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, check_schema
+from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check_schema
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
 RANGES: dict[str, tuple[float, float]] = {
@@ -70,9 +70,10 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     return out
 
 
-def json_schema(response_format: Any) -> str | None:
+def json_schema(response_format: Any, grammars: Grammars | None = None) -> str | None:
     """The JSON Schema (JSON text) a chat ``response_format`` asks for: None for text, any object
-    for ``json_object``, the given ``json_schema.schema`` otherwise.
+    for ``json_object``, the given ``json_schema.schema`` otherwise; checked by llguidance, and
+    with ``grammars`` (the model's tokenizer's) as far as a worker's first mask.
 
     Raises:
         APIError(400): an unknown type, a missing or unusable schema (llguidance's reason).
@@ -94,7 +95,10 @@ def json_schema(response_format: Any) -> str | None:
         raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
     text = json.dumps(schema)
     try:
-        check_schema(text)
+        if grammars is None:
+            check_schema(text)
+        else:  # tried as a worker will: one of nothing but a reference to itself passes the
+            grammars.matcher(text, [])  # grammar's check and fails at its first mask
     except GrammarError as e:
         raise APIError(400, str(e), param="response_format") from None
     return text
@@ -114,8 +118,9 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     return {int(k): v for k, v in (raw or {}).items()}
 
 
-def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
-    """The engine's parameters for a request body (null fields at their defaults).
+def sampling_params(body: Body, max_tokens: int, grammars: Grammars | None = None) -> SamplingParams:
+    """The engine's parameters for a request body (null fields at their defaults); ``grammars``:
+    the model's structured-output matchers, which try a response_format schema as a worker will.
 
     Raises:
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
@@ -148,7 +153,7 @@ def sampling_params(body: Body, max_tokens: int) -> SamplingParams:
         logprobs=body.logprobs
         if isinstance(body, CompletionBody)
         else ((body.top_logprobs or 0) if body.logprobs else None),
-        json_schema=None if isinstance(body, CompletionBody) else json_schema(body.response_format),
+        json_schema=None if isinstance(body, CompletionBody) else json_schema(body.response_format, grammars),
         allowed_token_ids=body.allowed_token_ids or [],
         bad_words=body.bad_words or [],
     )

@@ -21,7 +21,7 @@ from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
 from dlora.services.gateway.sampling import sampling_params
-from dlora.services.worker.engine.structured import GrammarError, Grammars
+from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
 # A completion request without max_tokens gets this many (the OpenAI default); a chat request
@@ -168,12 +168,7 @@ def shape_request(
             )
         generate = asked != 0 or prompt_only
         new = max_new_tokens(ids, 1 if prompt_only else asked, model.context, "messages" if chat else "prompt")
-        params = sampling_params(body, new if generate else 1)
-        if p == 0 and params.json_schema is not None and model.grammars is not None:
-            try:  # one of nothing but a reference to itself passes check_schema, and no document fits it
-                model.grammars.matcher(params.json_schema, [])
-            except GrammarError as e:
-                raise APIError(400, str(e), param="response_format") from None
+        params = sampling_params(body, new if generate else 1, model.grammars)
         if asked == 0 and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
         if (outside := params.outside_vocab(model.vocab_size)) is not None:
