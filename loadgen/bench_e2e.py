@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from dlora.loadgen import bundled, workload
 from dlora.loadgen.baselines import HFPeftServer
 from dlora.loadgen.bench_common import ensure_model, figure, machine, save
-from dlora.loadgen.bench_policy import make_engine, replay
+from dlora.loadgen.bench_policy import StepLog, make_engine, replay, switch_ms
 from dlora.loadgen.metrics import summarize
 from dlora.loadgen.spec import WorkloadSpec
 
@@ -84,16 +84,21 @@ def run(args: argparse.Namespace) -> dict:
         f"({gain['gain']:.1f}x)",
         flush=True,
     )
-    rows = []
+    rows, stats = [], []
     for rate in args.rates:
         spec = workload_spec(args, rate)
         count = spec.requests
         requests = workload.build_specs(spec, traces)
         for system in args.systems:
+            steps: list[list[float]] = []  # what the simulator's calibrated profile is fitted to
             if system == "hf-peft":
                 results, end = hf.serve(requests, spec.duration)
             else:
-                results, end = replay(make_engine(root, system, n, "float32"), requests, spec.duration)
+                engine = make_engine(root, system, n, "float32")
+                stats.append(engine.stats)
+                log = StepLog(engine)
+                results, end = replay(engine, requests, spec.duration, log)
+                steps = log.rows
             s = summarize(results, end)
             row = {
                 "rate": rate,
@@ -103,6 +108,8 @@ def run(args: argparse.Namespace) -> dict:
                 "throughput_tok_s": s["throughput_tok_s"],
                 "norm_latency_mean_s": s["normalized_latency_s"]["mean"],
                 "norm_latency_p90_s": s["normalized_latency_s"]["p90"],
+                "workload": spec.options(),  # what `bench simulate --experiment validate` replays
+                **({"steps": steps} if steps else {}),
             }
             rows.append(row)
             print(
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace) -> dict:
         "latency_bound_s_per_token": args.latency_bound,
         "hf_batching": gain,
         "rows": rows,
+        **switch_ms(stats),
         "sustained_rate_req_s": sustained,
         "dlora_over_hf": (sustained.get("dlora", 0) / sustained["hf-peft"]) if sustained.get("hf-peft") else None,
     }

@@ -35,17 +35,16 @@ if TYPE_CHECKING:
 METRICS = ("throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s", "finished", "merges", "mixed_steps")
 
 
-def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEngine:
-    engine = LLMEngine(
-        str(root / "model"),
-        EngineConfig(
-            dtype=dtype,
-            policy=PolicyConfig(name=policy),
-            max_loras=num_adapters,
-            max_num_seqs=32,
-            kv_cache_bytes=1 << 30,
-        ),
+def engine_config(policy: str, num_adapters: int, dtype: str = "float32") -> EngineConfig:
+    """The engine ``bench policy`` and ``bench e2e`` run (and ``bench simulate --experiment
+    validate`` simulates): a device slot for every adapter."""
+    return EngineConfig(
+        dtype=dtype, policy=PolicyConfig(name=policy), max_loras=num_adapters, max_num_seqs=32, kv_cache_bytes=1 << 30
     )
+
+
+def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEngine:
+    engine = LLMEngine(str(root / "model"), engine_config(policy, num_adapters, dtype))
     for i in range(num_adapters):
         engine.register_adapter(f"lora-{i}", root / "adapters" / f"lora-{i}")
     # A long-running worker has merged before: the first merge of a process costs several times
@@ -57,10 +56,51 @@ def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEn
     return engine
 
 
+class StepLog:
+    """The steps a loop ran, a row each (``STEP_FIELDS``): its shape and its cycle, the loop's
+    seconds from its start to the next step's (what the loop did between, admissions included), or
+    to its own end where the loop idles after it; its switches and adapter loads left out, as the
+    simulator prices those apart. What ``dlora.sim.cost.from_steps`` fits a profile to."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.rows: list[list[float]] = []
+        self._open: list[float] | None = None  # the last step's row, its cycle's start in the last field
+        self._began = (0.0, 0, 0.0)  # the running step's start: (seconds, steps and switch seconds before)
+
+    def starting(self, now: float) -> None:
+        """A step begins at ``now`` (seconds): the open cycle ends."""
+        self._close(now)
+        self._began = (now, self.engine.stats.steps, self.engine.stats.switch_and_load_seconds())
+
+    def ran(self, now: float) -> None:
+        """The step has run and its outputs were handled, at ``now``."""
+        st, (began, steps, switched) = self.engine.stats, self._began
+        if st.steps == steps:  # nothing could run
+            return
+        decode = st.last_fed - st.last_prefill
+        # Its cycle begins once its switches and loads are done.
+        start = began + st.switch_and_load_seconds() - switched
+        self._open = [decode, st.last_prefill, st.last_batch - decode, *st.last_lora, start]
+        if not self.engine.has_unfinished():  # the loop idles next
+            self._close(now)
+
+    def _close(self, now: float) -> None:
+        if self._open is not None:
+            self._open[-1] = now - self._open[-1]
+            self.rows.append(self._open)
+            self._open = None
+
+
+# What each row of a ``StepLog`` holds.
+STEP_FIELDS = ("decode_seqs", "prefill_tokens", "prefill_seqs", "lora_segments", "lora_rank_tokens", "seconds")
+
+
 def replay(
-    engine: LLMEngine, specs: list[workload.RequestSpec], max_seconds: float
+    engine: LLMEngine, specs: list[workload.RequestSpec], max_seconds: float, log: StepLog | None = None
 ) -> tuple[list[RequestResult], float]:
-    """Open loop: each request is added when its arrival time has passed, whatever is running."""
+    """Open loop: each request is added when its arrival time has passed, whatever is running;
+    ``log`` records the steps."""
     results = [RequestResult(s.arrival_s, s.adapter, s.output_len, sent=True) for s in specs]
     start = time.perf_counter()
     nxt = 0
@@ -81,6 +121,8 @@ def replay(
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(specs[nxt].arrival_s - now, 0.05)))
             continue
+        if log is not None:
+            log.starting(time.perf_counter() - start)
         outputs = engine.step()
         t = time.perf_counter() - start
         for out in outputs:
@@ -89,6 +131,19 @@ def replay(
             r.first_token_s = r.first_token_s if r.first_token_s is not None else t
             if out.finished:
                 r.finish_s = t
+        if log is not None:
+            log.ran(time.perf_counter() - start)
+
+
+def switch_ms(stats: list[EngineStats]) -> dict[str, float]:
+    """Mean milliseconds of a merge and of an unmerge over the runs' engines (``merge_ms`` /
+    ``unmerge_ms``, the keys the simulator's calibrated profile reads), those that ran."""
+    out = {}
+    for kind in ("merge", "unmerge"):
+        count = sum(getattr(st, f"{kind}s") for st in stats)
+        if count:
+            out[f"{kind}_ms"] = 1e3 * sum(getattr(st, f"{kind}_seconds") for st in stats) / count
+    return out
 
 
 def saturation_rate(root: Path, num_adapters: int, dtype: str, mean_prompt: float, mean_output: float) -> float:
@@ -156,11 +211,14 @@ def run(args: argparse.Namespace) -> dict:
     for s in args.strides:
         spec = replace(base, rate=rate, stride=s)
         specs[s] = (max(workload.adapter_weights(spec, traces[1])), workload.build_specs(spec, traces), spec.duration)
+    stats: list[EngineStats] = []
     for round_ in range(args.repeats):
         for s, policy in cases:
             share, requests, duration = specs[s]
             engine = make_engine(root, policy, args.adapters, args.dtype)
-            results, end = replay(engine, requests, duration)
+            stats.append(engine.stats)
+            log = StepLog(engine)
+            results, end = replay(engine, requests, duration, log)
             full = summarize(results, end)
             m = {
                 "throughput_tok_s": full["throughput_tok_s"],
@@ -169,6 +227,7 @@ def run(args: argparse.Namespace) -> dict:
                 "finished": full["completed"],
                 "merges": engine.stats.merges,
                 "mixed_steps": engine.stats.steps_by_mode.get("mixed", 0) / max(1, engine.stats.steps),
+                "steps": log.rows,  # what the simulator's calibrated profile is fitted to
             }
             runs[s, policy].append(m)
             print(
@@ -183,6 +242,9 @@ def run(args: argparse.Namespace) -> dict:
             "policy": policy,
             "top_adapter_share": specs[s][0],
             "requests": len(specs[s][1]),
+            "workload": replace(
+                base, rate=rate, stride=s
+            ).options(),  # what `bench simulate --experiment validate` replays
             "runs": runs[s, policy],
             **{k: _summary([r[k] for r in runs[s, policy]]) for k in METRICS},
         }
@@ -198,6 +260,7 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "length_scaling": vars(scaling),
         "rows": rows,
+        **switch_ms(stats),
     }
 
 

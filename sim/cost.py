@@ -25,6 +25,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 MIB = 1 << 20
 
 
@@ -37,6 +39,7 @@ class StepShape:
     context_tokens: int  # KV entries the step's sequences attend, summed over them
     lora_segments: int = 0  # distinct adapter deltas run (policy.base.lora_work)
     lora_rank_tokens: int = 0  # each token's LoRA ranks, summed over the tokens
+    prefill_seqs: int = 0  # sequences the prefill tokens belong to
 
     @property
     def decode_seqs(self) -> int:
@@ -47,13 +50,14 @@ class StepShape:
 class CostProfile:
     """Seconds for each kind of work on one replica. A step costs
 
-        step_s + curve(decode sequences) or token_s per token fed
+        step_s + curve(decode sequences) or token_s per decoding sequence
+        + prefill_token_s (or token_s) per prompt token + prefill_seq_s per sequence prefilled
         + context_token_s per KV entry read
         + (unmerged_step_s if any LoRA work) + lora_segment_s per segment + lora_rank_token_s per rank-token
 
     where ``curve`` (batch -> seconds, measured) replaces ``step_s + token_s * batch`` for decode
-    batches when a profile has one, and prefill tokens always cost ``token_s`` each. Attention is
-    priced by the KV it reads; its FLOPs (quadratic in a long prefill) are left out."""
+    batches when a profile has one. Attention is priced by the KV it reads; its FLOPs (quadratic
+    in a long prefill) are left out, or in ``prefill_seq_s`` where a profile is fitted to steps."""
 
     name: str
     step_s: float  # per step whatever its size: the weights read once, launches, sampling
@@ -69,6 +73,13 @@ class CostProfile:
     kv_transfer_s_per_token: float  # a moved request's KV shipped between replicas, per token
     kv_capacity_tokens: int  # KV entries one replica holds
     curve: tuple[tuple[float, float], ...] = ()  # measured (decode batch, step seconds), ascending
+    prefill_token_s: float | None = None  # per prompt (or recompute) token; None: token_s
+    prefill_seq_s: float = 0.0  # per sequence a step prefills, beyond its tokens
+
+    @property
+    def prompt_token_s(self) -> float:
+        """Seconds per prompt token fed."""
+        return self.token_s if self.prefill_token_s is None else self.prefill_token_s
 
     def decode_seconds(self, batch: int) -> float:
         """The weights' part of a step that decodes ``batch`` sequences."""
@@ -82,7 +93,8 @@ class CostProfile:
     def step_seconds(self, s: StepShape) -> float:
         """Seconds one step of shape ``s`` takes (switches and loads not included: the engine pays
         them before the step, as ``switch_seconds`` and ``load_seconds``)."""
-        seconds = self.decode_seconds(s.decode_seqs) + self.token_s * s.prefill_tokens
+        seconds = self.decode_seconds(s.decode_seqs) + self.prompt_token_s * s.prefill_tokens
+        seconds += self.prefill_seq_s * s.prefill_seqs
         seconds += self.context_token_s * s.context_tokens
         if s.lora_segments:
             seconds += self.unmerged_step_s + self.lora_segment_s * s.lora_segments
@@ -110,7 +122,7 @@ class CostProfile:
         again at the destination)."""
         if ship_kv:
             return self.kv_transfer_s_per_token * context_tokens
-        return self.token_s * context_tokens + self.step_s
+        return self.prompt_token_s * context_tokens + self.prefill_seq_s + self.step_s
 
 
 # ---- Llama-2-7B on one GPU, by roofline --------------------------------------------------------
@@ -239,6 +251,52 @@ def pooled_cycles(rows: list[dict[str, Any]], min_steps: int = 5) -> dict[float,
     return {seqs / n: s / n for _, (n, s, seqs) in sorted(pooled.items()) if n and n >= min_steps}
 
 
+# A step log's columns (``dlora.loadgen.bench_policy.STEP_FIELDS``, the seconds last), each with
+# the profile field that prices one of it; the intercept is ``step_s``.
+_STEP_COSTS = ("token_s", "prefill_token_s", "prefill_seq_s", "lora_segment_s", "lora_rank_token_s")
+
+
+def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The coefficients c >= 0 minimising |x c - y|: the best unconstrained fit over every subset of
+    ``x``'s columns (the others at 0) whose coefficients are all >= 0 (the optimum is one of them:
+    its free coefficients solve their least squares). For the few columns of a cost fit: 2^k fits."""
+    k = x.shape[1]
+    best, best_err = np.zeros(k), float(y @ y)
+    for mask in range(1, 1 << k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        c, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+        if (c >= 0).all() and (err := float(np.sum((x[:, cols] @ c - y) ** 2))) < best_err:
+            best, best_err = np.zeros(k), err
+            best[cols] = c
+    return best
+
+
+def from_steps(steps: list[list[float]], name: str, **over: float) -> CostProfile:
+    """A profile fitted to a run's own steps (``replay``'s log in ``dlora bench policy`` and ``bench
+    e2e``: per step its decoding sequences, prompt tokens, sequences prefilled, LoRA segments and
+    rank-tokens, and the loop's seconds around it, switches out): seconds = step_s + token_s per
+    decode + prefill_token_s per prompt token + prefill_seq_s per sequence prefilled +
+    lora_segment_s per segment + lora_rank_token_s per rank-token, least squares with every
+    coefficient >= 0. Priced so, a step costs what the run's loop spent on one of its shape: the
+    engine's host work to admit and finish requests included, which a curve of decode steps alone
+    leaves out (issue 21's validation). ``over`` as in ``measured``. Raises ValueError with fewer
+    steps than coefficients."""
+    rows = np.asarray(steps, dtype=float)
+    if rows.ndim != 2 or rows.shape[0] <= len(_STEP_COSTS) or rows.shape[1] != len(_STEP_COSTS) + 1:
+        raise ValueError(f"a profile fitted to steps needs more than {len(_STEP_COSTS) + 1} rows of {_STEP_COSTS}")
+    x = np.column_stack([np.ones(len(rows)), rows[:, :-1]])
+    c = nonnegative_least_squares(x, rows[:, -1])
+    fields: dict[str, Any] = dict(name=name, step_s=float(c[0]), context_token_s=0.0, unmerged_step_s=0.0)
+    fields |= {f: float(v) for f, v in zip(_STEP_COSTS, c[1:])}
+    return dataclasses.replace(H100, **(fields | over))
+
+
+def step_log(bench: dict[str, Any]) -> list[list[float]]:
+    """Every step logged in a ``dlora bench policy`` / ``bench e2e`` JSON (its rows', or their runs')."""
+    rows = bench.get("rows", [])
+    return [step for row in rows for run in row.get("runs", [row]) for step in run.get("steps", [])]
+
+
 def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     """A profile from a benchmark's JSON. ``dlora bench engine``'s: its base decode step times by
     batch as the curve, merge and unmerge as measured, and the extra time of its unmerged and mixed
@@ -255,6 +313,8 @@ def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     Raises ValueError without step times at two batch sizes, KeyError for JSON of neither kind."""
     label = name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})"
     switches = {k: bench[f"{k[:-2]}_ms"] / 1e3 for k in ("merge_s", "unmerge_s") if f"{k[:-2]}_ms" in bench}
+    if steps := step_log(bench):  # bench policy / e2e: the runs' own steps
+        return from_steps(steps, label, **switches)
     if "points" not in bench:  # bench cluster: its workers' step curve, in the runs if measured there
         inside = pooled_cycles(bench.get("rows", []))
         alone = {float(b): s for b, s in bench["bound"]["step_seconds"].items()}

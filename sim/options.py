@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         default="dlora-artifact",
-        help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (`dlora bench engine` or "
-        "`bench cluster` JSON)",
+        help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (`dlora bench engine`, "
+        "`bench cluster`, or `bench policy` / `bench e2e` JSON: fitted to their runs' own steps)",
     )
     p.add_argument("--replicas", type=positive, default=4)
     p.add_argument(

@@ -193,6 +193,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             context_tokens=sum(s.num_cached + s.num_scheduled for s in step.batch),
             lora_segments=segments,
             lora_rank_tokens=rank_tokens,
+            prefill_seqs=sum(s.status is Status.WAITING for s in step.batch),
         )
         self.now += self.cost.step_seconds(shape)
         ran, _ = self._written(step.batch, None)

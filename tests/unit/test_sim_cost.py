@@ -111,3 +111,34 @@ def test_calibrated_from_bench_cluster_prefers_the_loop_time_its_workers_measure
     assert p.token_s == pytest.approx((0.243 - 0.036) / 63)
     few = calibrated({"bound": {"step_seconds": alone}, "rows": rows[:1]})  # bucket 16 has 3 steps only
     assert few.decode_seconds(8) == pytest.approx(0.079)
+
+
+def test_a_profile_fitted_to_a_runs_own_steps_prices_each_term_as_they_ran() -> None:
+    """``dlora bench policy`` / ``bench e2e`` log their steps (decodes, prompt tokens, sequences
+    prefilled, LoRA segments, rank-tokens, seconds); the profile fitted to them prices a step of any
+    mix as those steps cost, every coefficient >= 0."""
+    truth = {"step_s": 0.03, "token_s": 0.002, "prefill_token_s": 0.001, "prefill_seq_s": 0.004}
+    truth |= {"lora_segment_s": 0.0015, "lora_rank_token_s": 2e-5}
+    steps = []
+    for decode in (0, 1, 5, 12, 30):
+        for prompt, seqs in ((0, 0), (20, 1), (64, 2), (90, 3)):
+            for segments, rank_tokens in ((0, 0), (3, 16 * decode + 8 * prompt), (7, 32 * (decode + prompt))):
+                if decode + seqs:
+                    x = (decode, prompt, seqs, segments, rank_tokens)
+                    seconds = truth["step_s"] + sum(v * t for v, t in zip(x, list(truth.values())[1:]))
+                    steps.append([*x, seconds])
+    bench = {"rows": [{"runs": [{"steps": steps[::2]}, {"steps": steps[1::2]}]}], "merge_ms": 200.0}
+    p = calibrated(bench, name="fitted")
+    for field, value in truth.items():
+        assert getattr(p, field) == pytest.approx(value), field
+    assert p.prefill_token_s != p.token_s and p.merge_s == 0.2 and p.name == "fitted"
+    shape = StepShape(
+        tokens=40, prefill_tokens=30, context_tokens=0, lora_segments=2, lora_rank_tokens=100, prefill_seqs=2
+    )
+    assert p.step_seconds(shape) == pytest.approx(0.03 + 0.02 + 0.03 + 0.008 + 0.003 + 0.002)
+    # e2e's rows hold their steps themselves; a cost the steps would fit below 0 is held at 0
+    cheaper = [[*s[:-1], s[-1] - 0.003 * s[3]] for s in steps]  # segments now pay back time
+    q = calibrated({"rows": [{"steps": cheaper}]})
+    assert q.lora_segment_s == 0.0 and min(q.token_s, q.prefill_token_s, q.step_s) >= 0
+    with pytest.raises(ValueError, match="rows"):
+        calibrated({"rows": [{"steps": steps[:3]}]})

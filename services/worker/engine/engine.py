@@ -400,7 +400,7 @@ class LLMEngine:
                 unmerge_seconds=step.unmerge_s,
             )
             mode = mode or record.mode  # the same for every run
-            self.stats.record_step(t, generated, fed, step.num_prefill, mode, len(batch))
+            self.stats.record_step(t, generated, fed, step.num_prefill, mode, len(batch), (segments, rank_tokens))
             self.stats.record_adapters(t, fed, shares)
             self.policy.observe(decision, record)
 

@@ -16,6 +16,8 @@ class EngineStats:
     last_mode: str = ""  # the mode the last step ran in ("" before any)
     last_batch: int = 0  # the last step's sequences
     last_prefill: int = 0  # and its prompt (and recompute) tokens
+    last_fed: int = 0  # and every token it fed (a decode feeds one)
+    last_lora: tuple[int, int] = (0, 0)  # and its LoRA work: (segments, rank-tokens), ``policy.lora_work``
     prompt_tokens: int = 0  # total, of requests admitted (a resumed request's once, where it began)
     tokens_generated: int = 0  # total, over all requests
     prefill_tokens: int = 0  # total prompt (and recompute) tokens fed
@@ -44,12 +46,19 @@ class EngineStats:
     adapter_tokens: dict[str, int] = field(default_factory=dict)
 
     def record_step(
-        self, seconds: float, tokens: int, fed: int, prefill: int, mode: str = "unmerged", batch: int = 0
+        self,
+        seconds: float,
+        tokens: int,
+        fed: int,
+        prefill: int,
+        mode: str = "unmerged",
+        batch: int = 0,
+        lora: tuple[int, int] = (0, 0),
     ) -> None:
         """One step of ``batch`` sequences: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of
-        them prompt/recompute, run in ``mode``."""
+        them prompt/recompute, run in ``mode`` with ``lora`` (segments, rank-tokens) of LoRA work."""
         self.steps += 1
-        self.last_batch, self.last_prefill = batch, prefill
+        self.last_batch, self.last_prefill, self.last_fed, self.last_lora = batch, prefill, fed, lora
         self.steps_by_mode[mode] = self.steps_by_mode.get(mode, 0) + 1
         self.last_mode = mode
         self.step_seconds += seconds
