@@ -74,6 +74,7 @@ bench: setup
 	$(VENV)/bin/dlora bench simulate --experiment policy --json bench-results/simulate-policy.json
 	$(VENV)/bin/dlora bench simulate --experiment cluster --json bench-results/simulate-cluster.json
 	$(VENV)/bin/dlora bench simulate --experiment regime --json bench-results/simulate-regime.json
+	$(VENV)/bin/dlora bench simulate --experiment validate --json bench-results/simulate-validate.json
 
 # Every server and service fault in turn under streaming load through the gateway (loadgen/chaos):
 # per fault sent/completed/failed, probes against the offline oracle, nothing generated twice,

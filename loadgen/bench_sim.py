@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from dlora.loadgen import bench_validate
 from dlora.loadgen.bench_common import figure, grouped_bars, machine, save, today
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.dispatcher.choose import DispatchMode
@@ -43,6 +44,7 @@ TITLES = {
     "policy": "Cluster simulator: policy ablation over adapter skew (`dlora bench simulate --experiment policy`)",
     "cluster": "Cluster simulator: dispatch and migration at scale (`dlora bench simulate --experiment cluster`)",
     "regime": "Cluster simulator: where dynamic merging pays (`dlora bench simulate --experiment regime`)",
+    "validate": bench_validate.TITLE,
 }
 RANKS = (8, 16, 32)  # given to the adapters in turn, as `bench policy` makes them
 # A run ends at this many times its arrivals' span: a policy that falls behind leaves a backlog
@@ -56,7 +58,9 @@ def capacity_rps(cost: CostProfile, config: EngineConfig, mean_prompt: float, me
     batch = config.max_num_seqs
     segments = min(batch, config.max_loras)
     shape = StepShape(batch, 0, int(batch * (mean_prompt + mean_output / 2)), segments, batch * RANKS[1])
-    per_request = mean_output * cost.step_seconds(shape) / batch + cost.token_s * mean_prompt
+    per_request = mean_output * cost.step_seconds(shape) / batch + (
+        cost.prompt_token_s * mean_prompt + cost.prefill_seq_s
+    )
     return 1.0 / per_request
 
 
@@ -285,6 +289,7 @@ def plot_cluster(r: dict) -> Figure:
 SETTINGS = {
     "policy": ("profiles", "strides", "policies", "adapters", "duration", "load"),
     "regime": ("overheads", "alphas", "loads", "adapters", "regime_duration"),
+    "validate": ("measured",),
     "cluster": (
         "replicas",
         "cluster_adapters",
@@ -305,6 +310,7 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
     args.strides = [int(s) for s in args.strides.split(",")]
     args.cluster_slots = [int(s) for s in args.cluster_slots.split(",")]
     args.policies = args.policies.split(",")
+    args.measured = args.measured.split(",")
     args.overheads, args.alphas, args.loads = (
         [float(v) for v in a.split(",")] for a in (args.overheads, args.alphas, args.loads)
     )
@@ -312,6 +318,7 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
         "policy": (ablation, markdown_policy, plot_policy),
         "cluster": (cluster, markdown_cluster, plot_cluster),
         "regime": (regime, markdown_regime, plot_regime),
+        "validate": (bench_validate.validate, bench_validate.markdown_validate, None),
     }
     run, markdown, plot = experiments[args.experiment]
     result = {

@@ -266,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     bk.set_defaults(func=_lazy("dlora.loadgen.bench_cluster:run_bench_cluster"))
 
     bs = bench.add_parser("simulate", help="the simulator's experiments: policy ablation and cluster dispatch")
-    bs.add_argument("--experiment", choices=["policy", "cluster", "regime"], default="policy")
+    bs.add_argument("--experiment", choices=["policy", "cluster", "regime", "validate"], default="policy")
+    bs.add_argument(
+        "--measured",
+        default="bench-results/policy.json,bench-results/e2e.json",
+        help="validate: `dlora bench policy` / `bench e2e` JSON whose runs are simulated, comma-separated",
+    )
     bs.add_argument("--profiles", default="dlora-artifact,h200-llama7b", help="cost profiles of the ablation")
     bs.add_argument("--strides", default="1,2,4,8,16,32")
     bs.add_argument("--policies", default="dlora,mixed-only,merged-only,unmerged-only")
