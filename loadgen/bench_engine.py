@@ -330,6 +330,7 @@ def run(
         "machine": machine(engine.device),
         "date": today(),
         "preset": preset,
+        "num_layers": engine.model_config.num_layers,
         "device": str(engine.device),
         "dtype": dtype,
         "cuda_graphs": engine.graphs is not None,
@@ -349,6 +350,16 @@ def run(
 
 
 TITLE = "Engine decode throughput (`dlora bench engine`)"
+FULL_DEPTH = 32  # Llama-2-7B's layers: the 7b preset runs a few of them
+
+
+def projected_ratio(wall_ms: float, kernel_ms: float, layers: int, to: int = FULL_DEPTH) -> float:
+    """Wall over kernel time of a graphed decode step at ``to`` layers, from one measured at
+    ``layers``: each layer adds its kernels' time and nothing on the host (the step's scheduling,
+    its one graph replay and its sampling do not grow with depth), so wall grows by the kernels of
+    the layers added."""
+    scale = to / layers
+    return (wall_ms + (scale - 1) * kernel_ms) / (scale * kernel_ms)
 
 
 def _cell(p: dict | None) -> str:
@@ -397,19 +408,29 @@ def markdown(r: dict) -> str:
         ]
     if r.get("profile"):
         gpu = any(p["kernel_ms_per_step"] is not None for p in r["profile"].values())
+        layers = r.get("num_layers")
+        deep = gpu and r.get("cuda_graphs") and layers is not None and layers < FULL_DEPTH
         lines += [
             "",
             "Per decode step, profiled (torch.profiler): "
             + ("GPU kernels launched and their summed time." if gpu else "operators dispatched (no GPU here).")
-            + " The phases are the host's (`timed_phases`); on a GPU, sample holds the wait for the kernels.",
+            + " The phases are the host's (`timed_phases`); on a GPU, sample holds the wait for the kernels."
+            + (
+                f" At {FULL_DEPTH} layers (projected from these {layers}: each layer adds its kernels' time, "
+                "not the host's, `projected_ratio`)."
+                if deep
+                else ""
+            ),
             "",
-            "| step | batch | wall ms | kernel ms | wall / kernel | launches | host launch calls "
-            "| ms in prepare · forward · sample · postprocess · observe |",
+            f"| step | batch | wall ms | kernel ms | wall / kernel{f' ({FULL_DEPTH} layers)' if deep else ''} "
+            "| launches | host launch calls | ms in prepare · forward · sample · postprocess · observe |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for label, p in r["profile"].items():
             k = p["kernel_ms_per_step"]
             ratio = f"{p['wall_ms_per_step'] / k:.2f}" if k else "-"
+            if k and deep:
+                ratio += f" ({projected_ratio(p['wall_ms_per_step'], k, layers):.2f})"
             kernel = f"{k:.2f}" if k is not None else "-"
             calls = p.get("host_launch_calls_per_step")
             phases = p.get("host_phases_ms")

@@ -279,3 +279,25 @@ def test_chaos_from_json_writes_its_section_with_the_plot(tmp_path: Path) -> Non
     section = text[: text.index("<!-- bench-chaos:end -->")].rstrip()
     assert section.endswith("![chaos](docs/bench-chaos.png)") and text.count("![chaos]") == 1
     assert "| redis-restart-empty | 26 | 24 | 2 |" in text
+
+
+def test_a_graphed_gpu_profile_is_projected_to_full_depth() -> None:
+    """The 7b preset runs 4 of Llama-2-7B's 32 layers: its wall/kernel ratio is read at 32 too, each
+    layer adding kernel time and no host time."""
+    # 4 layers: 1.5 ms of kernels, 1.0 ms of host around them -> 8 x 1.5 = 12 ms of kernels, 13 ms wall
+    assert bench_engine.projected_ratio(2.5, 1.5, 4) == pytest.approx(13.0 / 12.0)
+    assert bench_engine.projected_ratio(2.5, 1.5, 32) == pytest.approx(2.5 / 1.5)
+    profile = {"batch": 32, "wall_ms_per_step": 2.5, "kernel_ms_per_step": 1.5, "launches_per_step": 300}
+    r = {
+        **ENGINE,
+        "machine": "GPU",
+        "preset": "7b",
+        "dtype": "bfloat16",
+        "prompt_len": 16,
+        "profile": {"base": profile},
+    }
+    r |= {"timed_decode_steps": 8, "rounds": 1, "ratios": {}}
+    graphed = bench_engine.markdown({**r, "cuda_graphs": True, "num_layers": 4})
+    assert "| base | 32 | 2.50 | 1.50 | 1.67 (1.08) |" in graphed and "At 32 layers" in graphed
+    eager = bench_engine.markdown({**r, "cuda_graphs": False, "num_layers": 4})  # launches grow with depth
+    assert "| base | 32 | 2.50 | 1.50 | 1.67 |" in eager and "At 32 layers" not in eager
