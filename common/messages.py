@@ -51,8 +51,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     params: SamplingParams = SamplingParams()
     # Who is asking (accounting, fairness); free text.
     tenant: str = ""
-    # Higher runs first where a policy cares; 0 is normal. Carried, not acted on: no shipped
-    # policy orders by it yet (every request is served first come, first served within its adapter).
+    # Lower is served first (vLLM's priority scheduling); 0 is normal. The worker's engine orders
+    # its requests by priority, then arrival: the policy batches and the scheduler admits them in
+    # that order, and preempts the last of it first (``engine.sequence.fcfs_arrival``).
     priority: int = 0
     # Unix seconds after which the result is useless; None: no deadline. Carried, not acted on yet:
     # a request past it still runs (an application aborts what it no longer wants).

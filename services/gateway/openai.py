@@ -87,6 +87,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_token_ids: list[int] | None = None  # only these may be sampled; not empty
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # >= 1: the prompt's last this many tokens are kept
+    priority: int | None = None  # lower is served first; default 0
 
 
 class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):

@@ -191,6 +191,7 @@ def shape_request(
                     prompt_token_ids=ids,
                     params=seeded,
                     tenant=(body.user or "") if tenant is None else tenant,
+                    priority=body.priority or 0,
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )

@@ -81,8 +81,7 @@ class WorkerService:
 
     Bus handlers only decode (``bus.subscribe``) and enqueue commands; one task (``run_loop``)
     applies them between steps and owns the engine, whose step runs in a thread. Every command
-    and every step is applied under a guard: what fails, fails its request, never the worker.
-    """
+    and every step is applied under a guard: what fails, fails its request, never the worker."""
 
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
@@ -227,6 +226,7 @@ class WorkerService:
             resume_text_pending=req.resume_text_pending,
             resume_text_held=req.resume_text_held,
             kv=kv,
+            priority=req.priority,
         )
 
     async def _add(self, req: GenerateRequest) -> None:

@@ -153,6 +153,42 @@ def test_a_request_resumed_here_goes_ahead_of_those_that_arrived_here(engine: LL
     engine.abort("alone")
 
 
+def test_priority_orders_the_queue_before_arrival_and_resumed_requests_within_theirs(engine: LLMEngine) -> None:
+    """vLLM's priority scheduling: lower first, then arrival; a resumed request goes ahead of the
+    waiting requests of its own priority only."""
+    params = SamplingParams(max_tokens=4)
+    for rid, priority in (("normal-1", 0), ("late-urgent", -1), ("low", 3), ("normal-2", 0)):
+        engine.add_request(rid, prompt_token_ids=PROMPT, params=params, priority=priority)
+    engine.add_request("moved-low", prompt_token_ids=PROMPT, params=params, resume_token_ids=[7], priority=3)
+    order = ["late-urgent", "normal-1", "normal-2", "moved-low", "low"]
+    assert [r.request_id for r in engine.queue()] == order
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_the_most_urgent_request_runs_first_and_the_least_is_preempted_first(tiny_llama: TinyOutput) -> None:
+    """One sequence a step: the request with the lowest priority value runs first though it came
+    last. Short of KV blocks, the lowest priority gives its blocks back first, whatever its arrival."""
+    engine = make_engine(tiny_llama, max_num_seqs=1)
+    finished = []
+    for rid, priority in (("first", 0), ("urgent", -5)):
+        engine.add_request(rid, prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=3), priority=priority)
+    while engine.has_unfinished():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["urgent", "first"]
+    # Two requests that together outgrow a cache of 4 blocks of 16: the low-priority one, though
+    # first to arrive and running, is preempted for the urgent one.
+    engine = make_engine(tiny_llama, num_blocks=4, block_size=16)
+    long = [3 + i % 200 for i in range(20)]
+    engine.add_request("low", prompt_token_ids=long, params=SamplingParams(max_tokens=20, ignore_eos=True), priority=1)
+    engine.step()
+    engine.add_request("urgent", prompt_token_ids=long, params=SamplingParams(max_tokens=20, ignore_eos=True))
+    while engine.has_unfinished() and not engine.stats.preemptions:
+        engine.step()
+    assert engine.stats.preemptions and engine.seqs["low"].num_preemptions == 1
+    assert "urgent" not in engine.seqs or engine.seqs["urgent"].num_preemptions == 0
+
+
 def test_abort_frees_blocks_and_spares_others(engine: LLMEngine) -> None:
     free = engine.blocks.num_free
     engine.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=50))

@@ -73,7 +73,9 @@ def test_n_samples_of_one_prompt_take_consecutive_seeds(served: ServedModel) -> 
         and r.created == 1000.5
         for r in reqs
     )
-    assert reqs[1].reply_to == subjects.reply_inbox("cmpl-1-1", "gw")
+    assert reqs[1].reply_to == subjects.reply_inbox("cmpl-1-1", "gw") and reqs[0].priority == 0
+    urgent = shape(served, {"prompt": "kalo", "n": 2, "max_tokens": 1, "priority": -3}, chat=False)
+    assert [c.request.priority for c in urgent.choices] == [-3, -3]  # vLLM's priority, for every choice
     assert (job.shape.chat, job.shape.request_id, job.shape.model, job.shape.created) == (False, "cmpl-1", BASE, 1000)
     assert (job.adapter, job.stream, job.include_usage) == (None, False, False)
 
@@ -273,6 +275,7 @@ def test_the_samples_seeds_stay_within_64_bits(served: ServedModel) -> None:
         (b'{"model": "m", "prompt": "x", "max_tokens": "3"}', "max_tokens"),
         (b'{"model": "m", "prompt": "x", "stream_options": {"q": 1}}', "stream_options"),
         (b'{"model": "m", "prompt": "x", "frobnicate": 1}', "frobnicate"),
+        (b'{"model": "m", "prompt": "x", "priority": 1.5}', "priority"),
         (b'{"model": "m"}', "prompt"),  # a field missing (model may be: the base model)
     ],
 )

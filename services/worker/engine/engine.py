@@ -100,10 +100,8 @@ class LLMEngine:
         from transformers import AutoTokenizer  # here: the simulator's engine has no tokenizer (0.9 s to import)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.eos_ids = set(cfg.eos_token_ids)
         self.primary_eos = self.tokenizer.eos_token_id  # the others stop with their id as stop_reason
-        if self.primary_eos is not None:
-            self.eos_ids.add(self.primary_eos)
+        self.eos_ids = set(cfg.eos_token_ids) | ({self.primary_eos} - {None})
 
         weights = load_weights(model, cfg, self.dtype, self.device)
         # The Triton path keeps a block past the block manager's for padded rows' writes (DecodeGraphs).
@@ -198,12 +196,13 @@ class LLMEngine:
         kv: KVSnapshot | None = None,
         resume_text_pending: int = 0,
         resume_text_held: str = "",
+        priority: int = 0,
     ) -> None:
-        """Queue a request. ``resume_token_ids`` are outputs already produced (by a preempted,
-        migrated or lost run): generation continues after them and they are not reported again
-        (``resume_text_held``, their text not sent yet, and the text of the last
-        ``resume_text_pending`` come first, a stop string looked for across them). ``kv``:
-        the moved request's cache from another engine (``export_kv``), so it is not recomputed."""
+        """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated
+        or lost run); generation continues after them and they are not reported again
+        (``resume_text_held``, their text not sent yet, and that of the last ``resume_text_pending``
+        come first, a stop string looked for across them). ``kv``: the moved request's cache from
+        another engine (``export_kv``), not recomputed. ``priority``: lower first (``fcfs_arrival``)."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
@@ -221,7 +220,7 @@ class LLMEngine:
             adapter=adapter,
             prompt_ids=ids,
             params=params,
-            arrival=fcfs_arrival(self._arrivals, bool(resumed), self.seqs.values()),
+            arrival=fcfs_arrival(self._arrivals, bool(resumed), self.seqs.values(), priority),
             detok=IncrementalDetokenizer(
                 self.tokenizer, ids + resumed, params.skip_special_tokens, resume_text_pending
             ),
@@ -263,7 +262,7 @@ class LLMEngine:
         return bool(self.seqs)
 
     def queue(self) -> list[QueuedRequest]:
-        """What the policy sees, in arrival order (``scheduler.queued``)."""
+        """What the policy sees, in scheduling order: priority, then arrival (``scheduler.queued``)."""
         self._queued = queued(self.seqs.values(), self.adapters, self.limits.max_num_batched_tokens, self._queued)
         return list(self._queued.values())
 

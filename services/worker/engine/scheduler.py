@@ -45,9 +45,10 @@ def queued(
     seqs: Iterable[Sequence], adapters: Mapping[str, Any], budget: int, last: dict[str, QueuedRequest]
 ) -> dict[str, QueuedRequest]:
     """What the policy sees of ``seqs`` (adapters by name, for their ranks), by request id in
-    arrival order, a prompt counted up to the step's token ``budget``. A request's entry in ``last``
-    (the previous call's) is kept while it is unchanged: a decode's stays the same step after step,
-    and made anew it cost the step a few microseconds per sequence, as much as scheduling it."""
+    scheduling order (priority, then arrival), a prompt counted up to the step's token ``budget``.
+    A request's entry in ``last`` (the previous call's) is kept while it is unchanged: a decode's
+    stays the same step after step, and made anew it cost the step a few microseconds per
+    sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
     for s in sorted(seqs, key=_by_arrival):
         q = last.get(s.request_id)
@@ -172,8 +173,8 @@ def _release(seq: Sequence, blocks: BlockManager, fresh: bool) -> None:
 def _make_room(
     seq: Sequence, num_tokens: int, seqs: dict[str, Sequence], blocks: BlockManager, exclude: set[str]
 ) -> list[Sequence]:
-    """Preempt sequences holding blocks outside ``exclude``, latest arrival first, until ``seq``
-    can hold ``num_tokens``."""
+    """Preempt sequences holding blocks outside ``exclude``, the last in scheduling order first
+    (the lowest priority's latest arrival: ``fcfs_arrival``), until ``seq`` can hold ``num_tokens``."""
     victims = []
     while not blocks.can_grow(seq.request_id, num_tokens):
         victim = _latest_holding(seqs, blocks, exclude)

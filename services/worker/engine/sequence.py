@@ -24,7 +24,7 @@ class Sequence:
     adapter: str | None  # None: the base model
     prompt_ids: list[int]
     params: SamplingParams
-    arrival: int  # FCFS order (``fcfs_arrival``)
+    arrival: int  # scheduling order: priority, then arrival (``fcfs_arrival``)
     detok: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
@@ -71,18 +71,31 @@ class Sequence:
         return self.total_len - self.num_cached
 
 
-def fcfs_arrival(count: int, resumed: bool, seqs: Iterable[Sequence]) -> int:
-    """The FCFS key of the engine's ``count``-th request, added now beside ``seqs``: after every
-    other (even keys, 2 * count); or, for one that resumes outputs produced elsewhere (moved in, or
-    recovered from a lost worker), just ahead of the requests that arrived here and wait (the odd
-    key below the first of them), behind those running, resumed ones in the order they come (equal
-    keys keep the order they were added in). It was running where it came from: as vLLM puts a
-    preempted request back at the front of its waiting queue, not behind newcomers; ahead of the
-    running ones its recompute would take their decodes' token budget and, as a step's first
-    request where KV is short, evict them. (In the simulator this order did not stop migration
-    hurting at 8 x 64 x 0.5 load, issue 21; ahead of everything, it did.)"""
-    arrival = 2 * count
+# Keys of one priority lie within this span of its base: more requests than an engine sees in its
+# life, so every key of a priority sorts before every key of the next.
+PRIORITY_SPAN = 1 << 42
+
+
+def fcfs_arrival(count: int, resumed: bool, seqs: Iterable[Sequence], priority: int = 0) -> int:
+    """The scheduling key of the engine's ``count``-th request, added now beside ``seqs``: lower
+    runs first. ``priority`` first (vLLM's priority scheduling: lower is served earlier, 0 is
+    normal), then arrival: after every other of its priority (even keys, 2 * count above the
+    priority's base); or, for one that resumes outputs produced elsewhere (moved in, or recovered
+    from a lost worker), just ahead of the requests of its priority that arrived here and wait
+    (the odd key below the first of them), behind those running, resumed ones in the order they
+    come (equal keys keep the order they were added in). It was running where it came from: as
+    vLLM puts a preempted request back at the front of its waiting queue, not behind newcomers;
+    ahead of the running ones its recompute would take their decodes' token budget and, as a
+    step's first request where KV is short, evict them. (In the simulator this order did not stop
+    migration hurting at 8 x 64 x 0.5 load, issue 21; ahead of everything, it did.) The policy
+    batches, and the scheduler admits and preempts (the highest key first), by this key."""
+    base = priority * PRIORITY_SPAN
+    arrival = base + 2 * count
     if resumed:
-        waiting = [s.arrival for s in seqs if s.status is Status.WAITING and s.arrival % 2 == 0]
+        waiting = [
+            s.arrival
+            for s in seqs
+            if s.status is Status.WAITING and s.arrival % 2 == 0 and base <= s.arrival < base + PRIORITY_SPAN
+        ]
         arrival = min([arrival, *(a - 1 for a in waiting)])
     return arrival

@@ -29,7 +29,7 @@ class QueuedRequest:
 
     request_id: str
     adapter: str | None  # None: the base model
-    arrival: int  # FCFS order
+    arrival: int  # FCFS order: the engine's scheduling key (priority, then arrival)
     running: bool  # its KV is cached (decode) rather than waiting for a prefill
     num_new: int  # tokens it would feed this step
     rank: int = 0  # LoRA rank of its adapter (0 for the base model)
@@ -116,8 +116,8 @@ def lora_work(fed: list[tuple[str | None, int]], merged: str | None, ranks: Mapp
 
 
 def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | None = None) -> list[QueuedRequest]:
-    """The batch plain FCFS would run: arrival order, at most ``max_adapters`` distinct adapters
-    (base requests need no slot) and ``max_num_seqs`` requests. ``queue`` is in arrival order.
+    """The batch plain FCFS would run: queue order (the engine's: priority, then arrival), at most
+    ``max_adapters`` distinct adapters (base requests need no slot) and ``max_num_seqs`` requests.
     ``merged``: the batch of a mixed step with that adapter merged, whose requests need no slot
     while its correction holds one; or, given only that adapter's requests, of a merged step. The
     token budget is the scheduler's to apply (it knows each prompt's cached prefix): see
