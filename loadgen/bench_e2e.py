@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from dlora.loadgen import bundled, workload
 from dlora.loadgen.baselines import HFPeftServer
 from dlora.loadgen.bench_common import ensure_model, figure, machine, save
-from dlora.loadgen.bench_policy import StepLog, make_engine, replay, switch_ms
+from dlora.loadgen.bench_policy import ADAPTER_RANKS, StepLog, make_engine, replay, switch_ms
 from dlora.loadgen.metrics import summarize
 from dlora.loadgen.spec import WorkloadSpec
 
@@ -72,7 +72,7 @@ def workload_spec(args: argparse.Namespace, rate: float) -> WorkloadSpec:
 
 def run(args: argparse.Namespace) -> dict:
     n = args.adapters
-    root = ensure_model(Path(args.workdir), args.preset, n, ranks=[8, 16, 32])
+    root = ensure_model(Path(args.workdir), args.preset, n, ranks=list(ADAPTER_RANKS))
     first = workload_spec(args, args.rates[0])
     traces = workload.load_traces(first)  # read once: every rate replays the same two traces
     weights = workload.adapter_weights(first, traces[1])  # the same at every rate

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 METRICS = ("throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s", "finished", "merges", "mixed_steps")
 
 
+# lora-<i> is made at ADAPTER_RANKS[i % 3] for bench policy and bench e2e (``ensure_model``).
+ADAPTER_RANKS = (8, 16, 32)
+
+
 def engine_config(policy: str, num_adapters: int, dtype: str = "float32") -> EngineConfig:
     """The engine ``bench policy`` and ``bench e2e`` run (and ``bench simulate --experiment
     validate`` simulates): a device slot for every adapter."""
@@ -57,43 +61,43 @@ def make_engine(root: Path, policy: str, num_adapters: int, dtype: str) -> LLMEn
 
 
 class StepLog:
-    """The steps a loop ran, a row each (``STEP_FIELDS``): its shape and its cycle, the loop's
-    seconds from its start to the next step's (what the loop did between, admissions included), or
-    to its own end where the loop idles after it; its switches and adapter loads left out, as the
-    simulator prices those apart. What ``dlora.sim.cost.from_steps`` fits a profile to."""
+    """The steps a loop ran, a row each (``dlora.sim.cost.STEP_FIELDS``): its shape and its cycle,
+    the loop's seconds from its start to the next step's (what the loop did between, admissions
+    included), or to its own end where the loop idles after it; its switches and adapter loads
+    left out, as the simulator prices those apart, and CUDA graph recording, as the engine leaves
+    it out of its steps. What ``dlora.sim.cost.from_steps`` fits a profile to."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.rows: list[list[float]] = []
         self._open: list[float] | None = None  # the last step's row, its cycle's start in the last field
-        self._began = (0.0, 0, 0.0)  # the running step's start: (seconds, steps and switch seconds before)
+        self._began = (0.0, 0, 0.0)  # the running step's start: (seconds, steps and ``_aside`` before)
 
     def starting(self, now: float) -> None:
         """A step begins at ``now`` (seconds): the open cycle ends."""
         self._close(now)
-        self._began = (now, self.engine.stats.steps, self.engine.stats.switch_and_load_seconds())
+        self._began = (now, self.engine.stats.steps, self._aside())
 
     def ran(self, now: float) -> None:
         """The step has run and its outputs were handled, at ``now``."""
-        st, (began, steps, switched) = self.engine.stats, self._began
+        st, (began, steps, aside) = self.engine.stats, self._began
         if st.steps == steps:  # nothing could run
             return
         decode = st.last_fed - st.last_prefill
-        # Its cycle begins once its switches and loads are done.
-        start = began + st.switch_and_load_seconds() - switched
-        self._open = [decode, st.last_prefill, st.last_batch - decode, *st.last_lora, start]
+        # Its cycle begins once its switches, loads and graph recordings are done.
+        self._open = [decode, st.last_prefill, st.last_batch - decode, *st.last_lora, began + self._aside() - aside]
         if not self.engine.has_unfinished():  # the loop idles next
             self._close(now)
+
+    def _aside(self) -> float:
+        """Seconds the engine spent so far on what a step's cycle leaves out."""
+        return self.engine.stats.switch_and_load_seconds() + self.engine.stats.cuda_graph_seconds
 
     def _close(self, now: float) -> None:
         if self._open is not None:
             self._open[-1] = now - self._open[-1]
             self.rows.append(self._open)
             self._open = None
-
-
-# What each row of a ``StepLog`` holds.
-STEP_FIELDS = ("decode_seqs", "prefill_tokens", "prefill_seqs", "lora_segments", "lora_rank_tokens", "seconds")
 
 
 def replay(
@@ -193,7 +197,7 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
 
 
 def run(args: argparse.Namespace) -> dict:
-    root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=[8, 16, 32])
+    root = ensure_model(Path(args.workdir), args.preset, args.adapters, ranks=list(ADAPTER_RANKS))
     base = workload_spec(args)
     traces = workload.load_traces(base)  # read once: every stride replays the same two traces
     lengths = traces[0].rows
@@ -207,14 +211,13 @@ def run(args: argparse.Namespace) -> dict:
     )
     cases = [(s, policy) for s in args.strides for policy in args.policies]
     runs: dict[tuple[int, str], list[dict]] = {case: [] for case in cases}
-    specs = {}
-    for s in args.strides:
-        spec = replace(base, rate=rate, stride=s)
-        specs[s] = (max(workload.adapter_weights(spec, traces[1])), workload.build_specs(spec, traces), spec.duration)
+    specs = {s: replace(base, rate=rate, stride=s) for s in args.strides}
+    shares = {s: max(workload.adapter_weights(spec, traces[1])) for s, spec in specs.items()}
+    built = {s: workload.build_specs(spec, traces) for s, spec in specs.items()}
     stats: list[EngineStats] = []
     for round_ in range(args.repeats):
         for s, policy in cases:
-            share, requests, duration = specs[s]
+            requests, duration = built[s], specs[s].duration
             engine = make_engine(root, policy, args.adapters, args.dtype)
             stats.append(engine.stats)
             log = StepLog(engine)
@@ -240,11 +243,9 @@ def run(args: argparse.Namespace) -> dict:
         {
             "stride": s,
             "policy": policy,
-            "top_adapter_share": specs[s][0],
-            "requests": len(specs[s][1]),
-            "workload": replace(
-                base, rate=rate, stride=s
-            ).options(),  # what `bench simulate --experiment validate` replays
+            "top_adapter_share": shares[s],
+            "requests": len(built[s]),
+            "workload": specs[s].options(),  # what `bench simulate --experiment validate` replays
             "runs": runs[s, policy],
             **{k: _summary([r[k] for r in runs[s, policy]]) for k in METRICS},
         }

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from dlora.loadgen import bench_validate
 from dlora.loadgen.bench_common import figure, grouped_bars, machine, save, today
+from dlora.loadgen.bench_policy import ADAPTER_RANKS
+from dlora.loadgen.bench_validate import TITLE as VALIDATE_TITLE
+from dlora.loadgen.bench_validate import markdown_validate, validate
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.migrator.settings import MigratorSettings
@@ -44,9 +46,9 @@ TITLES = {
     "policy": "Cluster simulator: policy ablation over adapter skew (`dlora bench simulate --experiment policy`)",
     "cluster": "Cluster simulator: dispatch and migration at scale (`dlora bench simulate --experiment cluster`)",
     "regime": "Cluster simulator: where dynamic merging pays (`dlora bench simulate --experiment regime`)",
-    "validate": bench_validate.TITLE,
+    "validate": VALIDATE_TITLE,
 }
-RANKS = (8, 16, 32)  # given to the adapters in turn, as `bench policy` makes them
+RANKS = ADAPTER_RANKS  # given to the adapters in turn, as `bench policy` makes them
 # A run ends at this many times its arrivals' span: a policy that falls behind leaves a backlog
 # (counted at its latency so far, ``summary``) rather than hours of it to simulate.
 CUT = 2.0
@@ -318,14 +320,18 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
         "policy": (ablation, markdown_policy, plot_policy),
         "cluster": (cluster, markdown_cluster, plot_cluster),
         "regime": (regime, markdown_regime, plot_regime),
-        "validate": (bench_validate.validate, bench_validate.markdown_validate, None),
+        "validate": (validate, markdown_validate, None),
     }
     run, markdown, plot = experiments[args.experiment]
     result = {
         "date": today(),
         "machine": machine(),
         "experiment": args.experiment,
-        "settings": {k: getattr(args, k) for k in (*SETTINGS[args.experiment], "max_prompt", "max_output", "seed")},
+        # validate's workloads are the measured runs' own
+        "settings": {
+            k: getattr(args, k)
+            for k in (*SETTINGS[args.experiment], *(() if run is validate else ("max_prompt", "max_output", "seed")))
+        },
         "rows": run(args),
     }
     key, title = f"simulate-{args.experiment}", TITLES[args.experiment]

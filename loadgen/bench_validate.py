@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from dlora.loadgen.bench_policy import engine_config
+from dlora.loadgen.bench_policy import ADAPTER_RANKS, engine_config
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.sim.cluster import Cluster, summary
-from dlora.sim.cost import CostProfile, StepShape, calibrated
+from dlora.sim.cost import CostProfile, StepShape, calibrated, from_steps
 from dlora.sim.main import requests_of
 
 TITLE = "Cluster simulator: validation against the real engine (`dlora bench simulate --experiment validate`)"
 METRICS = ("throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s")
-RANKS = (8, 16, 32)  # `bench policy` and `bench e2e` make lora-<i> at RANKS[i % 3]
 
 
 def _runs(bench: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, float], list[list[float]]]]:
@@ -54,14 +52,16 @@ def simulate(cost: CostProfile, policy: str, workload: dict[str, Any]) -> dict[s
     engine would, priced by ``cost``."""
     spec = WorkloadSpec.from_args(argparse.Namespace(**workload))
     requests = requests_of(spec)
-    names = {r.adapter for r in requests if r.adapter is not None}
-    adapters = {a: RANKS[int(m[1]) % len(RANKS)] if (m := re.fullmatch(r"lora-(\d+)", a)) else RANKS[1] for a in names}
+    # The names the benchmarks' adapters have, lora-<i>, each at its rank; the measured run was cut
+    # at the workload's duration (``replay``): so is this one, the unfinished counted as there.
+    ranks = {f"lora-{i}": ADAPTER_RANKS[i % len(ADAPTER_RANKS)] for i in range(spec.adapters)}
+    adapters = {r.adapter: ranks[r.adapter] for r in requests if r.adapter is not None}
     cluster = Cluster(cost, 1, adapters, config=engine_config(policy, spec.adapters))
-    return summary(cluster.run(requests))
+    return summary(cluster.run(requests, until=spec.duration), until=spec.duration)
 
 
 def priced(cost: CostProfile, steps: list[list[float]]) -> float:
-    """Seconds ``cost`` gives the logged ``steps`` (``bench_policy.STEP_FIELDS``), in all."""
+    """Seconds ``cost`` gives the logged ``steps`` (``sim.cost.STEP_FIELDS``), in all."""
     return sum(
         cost.step_seconds(StepShape(d + p, p, 0, segments, rank_tokens, seqs))
         for d, p, seqs, segments, rank_tokens, _ in steps
@@ -72,10 +72,10 @@ def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for path in args.measured:
         bench = json.loads(Path(path).read_text())
-        switches = {k: bench[k] for k in ("merge_ms", "unmerge_ms") if k in bench}
+        switches = {f"{k}_s": bench[f"{k}_ms"] / 1e3 for k in ("merge", "unmerge") if f"{k}_ms" in bench}
         pooled = calibrated(bench, name="pooled")
         for label, policy, workload, measured, steps in _runs(bench):
-            own = calibrated({"rows": [{"steps": steps}], **switches}, name="own")
+            own = from_steps(steps, "own", **switches)
             # How much slower than the pooled profile the machine ran during this run's steps.
             drift = sum(step[-1] for step in steps) / priced(pooled, steps)
             row = {"config": label, "measured": {k: measured[k] for k in METRICS}, "steps_over_pooled": drift}

@@ -251,9 +251,17 @@ def pooled_cycles(rows: list[dict[str, Any]], min_steps: int = 5) -> dict[float,
     return {seqs / n: s / n for _, (n, s, seqs) in sorted(pooled.items()) if n and n >= min_steps}
 
 
-# A step log's columns (``dlora.loadgen.bench_policy.STEP_FIELDS``, the seconds last), each with
-# the profile field that prices one of it; the intercept is ``step_s``.
-_STEP_COSTS = ("token_s", "prefill_token_s", "prefill_seq_s", "lora_segment_s", "lora_rank_token_s")
+# A step log's columns (``dlora.loadgen.bench_policy.StepLog``), each but the seconds with the
+# profile field that prices one of it; the intercept is ``step_s``. ``prefill_seqs`` counts the
+# sequences a step prefills: each chunk of a chunked prompt and each recompute counts again.
+STEP_COSTS = {
+    "decode_seqs": "token_s",
+    "prefill_tokens": "prefill_token_s",
+    "prefill_seqs": "prefill_seq_s",
+    "lora_segments": "lora_segment_s",
+    "lora_rank_tokens": "lora_rank_token_s",
+}
+STEP_FIELDS = (*STEP_COSTS, "seconds")
 
 
 def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -272,22 +280,23 @@ def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def from_steps(steps: list[list[float]], name: str, **over: float) -> CostProfile:
-    """A profile fitted to a run's own steps (``replay``'s log in ``dlora bench policy`` and ``bench
-    e2e``: per step its decoding sequences, prompt tokens, sequences prefilled, LoRA segments and
-    rank-tokens, and the loop's seconds around it, switches out): seconds = step_s + token_s per
-    decode + prefill_token_s per prompt token + prefill_seq_s per sequence prefilled +
-    lora_segment_s per segment + lora_rank_token_s per rank-token, least squares with every
-    coefficient >= 0. Priced so, a step costs what the run's loop spent on one of its shape: the
-    engine's host work to admit and finish requests included, which a curve of decode steps alone
-    leaves out (issue 21's validation). ``over`` as in ``measured``. Raises ValueError with fewer
-    steps than coefficients."""
+    """A profile fitted to a run's own steps (``StepLog`` rows in ``dlora bench policy`` and ``bench
+    e2e``, ``STEP_FIELDS``: per step its decoding sequences, prompt tokens, sequences prefilling,
+    LoRA segments and rank-tokens, and the loop's seconds around it, switches, loads and CUDA graph
+    recording out): seconds = step_s + each column times its cost (``STEP_COSTS``), least squares
+    with every cost >= 0. Priced so, a step costs what the run's loop spent on one of its shape:
+    the engine's host work to admit and finish requests included, which a curve of decode steps
+    alone leaves out (issue 21's validation); the simulated engine's own step records (what its
+    policy learns from) read that much longer than a real engine's. Adapter loads, moves and KV
+    capacity are not in a step log: the H100 roofline's, as in ``measured``; ``over`` sets any
+    field. Raises ValueError with fewer steps than columns, or rows of another width."""
     rows = np.asarray(steps, dtype=float)
-    if rows.ndim != 2 or rows.shape[0] <= len(_STEP_COSTS) or rows.shape[1] != len(_STEP_COSTS) + 1:
-        raise ValueError(f"a profile fitted to steps needs more than {len(_STEP_COSTS) + 1} rows of {_STEP_COSTS}")
+    if rows.ndim != 2 or rows.shape[0] < len(STEP_FIELDS) or rows.shape[1] != len(STEP_FIELDS):
+        raise ValueError(f"a profile fitted to steps needs at least {len(STEP_FIELDS)} rows of {STEP_FIELDS}")
     x = np.column_stack([np.ones(len(rows)), rows[:, :-1]])
     c = nonnegative_least_squares(x, rows[:, -1])
     fields: dict[str, Any] = dict(name=name, step_s=float(c[0]), context_token_s=0.0, unmerged_step_s=0.0)
-    fields |= {f: float(v) for f, v in zip(_STEP_COSTS, c[1:])}
+    fields |= {f: float(v) for f, v in zip(STEP_COSTS.values(), c[1:])}
     return dataclasses.replace(H100, **(fields | over))
 
 
@@ -298,7 +307,9 @@ def step_log(bench: dict[str, Any]) -> list[list[float]]:
 
 
 def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
-    """A profile from a benchmark's JSON. ``dlora bench engine``'s: its base decode step times by
+    """A profile from a benchmark's JSON. ``dlora bench policy``'s or ``bench e2e``'s: fitted to
+    every step their runs logged (``from_steps``), merge and unmerge as they measured them.
+    ``dlora bench engine``'s: its base decode step times by
     batch as the curve, merge and unmerge as measured, and the extra time of its unmerged and mixed
     points over base fitted as a cost per LoRA segment and one per rank-token (least squares
     through zero, each point's ``lora_segments`` / ``lora_rank_tokens``; older JSON without them:
@@ -310,11 +321,14 @@ def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     loop-time curve holds the worker shell's work per step, so the simulated engine's own step
     records (the policy's costs, its wait bound, ``seconds_per_token``) read that much longer than
     a real engine's. Prefill, KV, loads and moves are not measured there (see ``measured``).
-    Raises ValueError without step times at two batch sizes, KeyError for JSON of neither kind."""
+    Raises ValueError without step times at two batch sizes (or too few steps logged), KeyError
+    for JSON of none of these kinds."""
     label = name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})"
     switches = {k: bench[f"{k[:-2]}_ms"] / 1e3 for k in ("merge_s", "unmerge_s") if f"{k[:-2]}_ms" in bench}
     if steps := step_log(bench):  # bench policy / e2e: the runs' own steps
         return from_steps(steps, label, **switches)
+    if "points" not in bench and "bound" not in bench and bench.get("rows"):
+        raise ValueError("its runs logged no steps (measured before dlora bench logged them): run it again")
     if "points" not in bench:  # bench cluster: its workers' step curve, in the runs if measured there
         inside = pooled_cycles(bench.get("rows", []))
         alone = {float(b): s for b, s in bench["bound"]["step_seconds"].items()}

@@ -30,10 +30,13 @@ def profile(name: str) -> CostProfile:
             return calibrated(bench)
         except (KeyError, TypeError, AttributeError) as e:  # JSON of another kind (a loadgen result, ...)
             raise ValueError(
-                f"{path} is not the JSON of `dlora bench engine` or `dlora bench cluster` (no {e} where those have it)"
+                f"{path} is not the JSON of `dlora bench engine`, `bench cluster`, `bench policy` or `bench e2e` "
+                f"(no {e} where those have it)"
             ) from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not JSON ({e})") from None
+        except ValueError as e:  # a benchmark's JSON that cannot calibrate (too few points, no steps)
+            raise ValueError(f"{path}: {e}") from None
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: {', '.join(PROFILES)} or calibrated:PATH")
     return PROFILES[name]

@@ -3,10 +3,13 @@ simulator's calibrated profile is fitted to (``dlora.sim.cost.from_steps``)."""
 
 from __future__ import annotations
 
-from dlora.loadgen.bench_policy import STEP_FIELDS, StepLog, replay
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.loadgen.bench_policy import StepLog, replay
 from dlora.loadgen.workload import RequestSpec
 from dlora.model.make_tiny import TinyOutput
-from dlora.sim.cost import from_steps
+from dlora.sim.cost import STEP_FIELDS, from_steps
 from tests.engine.helpers import make_engine
 
 
@@ -38,3 +41,25 @@ def test_unmerged_steps_log_their_lora_work_and_fit_a_profile(tiny_llama: TinyOu
     assert all(row[3] >= 1 and row[4] > 0 for row in log.rows)  # each step ran some adapter's delta
     profile = from_steps(log.rows, "this run")
     assert profile.step_s >= 0 and profile.name == "this run"
+
+
+def test_a_cycle_runs_from_its_start_to_the_next_less_what_the_engine_spent_aside(tiny_llama: TinyOutput) -> None:
+    """On a clock of its own: each cycle is the time to the next step's start less the step's
+    switches and loads; one after which the loop idles ends with its outputs; a call that ran no
+    step logs nothing and ends the cycle before it."""
+    engine = make_engine(tiny_llama, policy="merged-only")
+    for i, adapter in enumerate(("lora-0", "lora-1")):  # two adapters: merges and unmerges between
+        engine.add_request(str(i), prompt_token_ids=[5 + i] * 6, params=SamplingParams(max_tokens=2), adapter=adapter)
+    log, aside, now = StepLog(engine), [], 0.0
+    while engine.has_unfinished():
+        before = engine.stats.switch_and_load_seconds()
+        log.starting(now)
+        engine.step()
+        aside.append(engine.stats.switch_and_load_seconds() - before)
+        log.ran(now + 0.25)
+        now += 1.0
+    log.starting(now)  # a call in which nothing could run: no row
+    log.ran(now + 0.25)
+    assert len(log.rows) == len(aside) == engine.stats.steps and sum(aside) > 0
+    expected = [1.0 - a for a in aside[:-1]] + [0.25 - aside[-1]]
+    assert [row[-1] for row in log.rows] == pytest.approx(expected)

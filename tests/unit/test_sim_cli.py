@@ -44,9 +44,11 @@ def test_a_calibration_file_of_another_kind_says_which_kinds_it_takes(
     """A loadgen result.json printed only "dlora simulate: 'bound'"."""
     (tmp_path / "result.json").write_text(json.dumps({"rows": [], "spec": {}}))
     (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "policy.json").write_text(json.dumps({"rows": [{"stride": 8, "runs": [{"finished": 1}]}]}))
     for name, why in (
-        ("result.json", "is not the JSON of `dlora bench engine` or `dlora bench cluster`"),
+        ("result.json", "is not the JSON of `dlora bench engine`, `bench cluster`, `bench policy` or `bench e2e`"),
         ("broken.json", "is not JSON"),
+        ("policy.json", "policy.json: its runs logged no steps"),  # a bench policy run from before they were
     ):
         assert run_simulate(_args("--profile", f"calibrated:{tmp_path / name}")) == 2
         assert why in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """One simulated replica: the engine's own scheduling path on simulated time (no weights)."""
 
+import dataclasses
+
 import pytest
 
 from dlora.services.worker.engine.config import EngineConfig
@@ -33,6 +35,18 @@ def test_requests_end_at_their_target_length_and_time_follows_the_cost_model() -
     # loading a into its device slot (the engine counts loads in the step's time)
     assert e.stats.steps == 5 and e.now == pytest.approx(5 * 27e-3 + ARTIFACT.load_seconds(16, "cpu"))
     assert e.stats.step_seconds == pytest.approx(e.now)
+
+
+def test_a_sequence_prefilling_costs_its_own_time_in_each_step_it_prefills() -> None:
+    """A profile fitted to steps (``prefill_seq_s``) charges each sequence a step prefills: each
+    chunk of a chunked prompt again, a decode nothing."""
+    cost = dataclasses.replace(ARTIFACT, step_s=0.0, unmerged_step_s=0.0, token_s=0.0, prefill_seq_s=1.0)
+    config = EngineConfig(max_num_batched_tokens=16, policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY))
+    e = SimEngine(cost, config)
+    e.add("long", list(range(10, 50)), output_len=3)  # 40 prompt tokens: chunks of 16, 16 and 8
+    e.add("short", [7, 8], output_len=2)  # waits for room in the budget: beside the last chunk
+    assert _drain(e) == {"long": (3, "stop"), "short": (2, "stop")}
+    assert e.now == pytest.approx(1 + 1 + 2) and e.stats.steps == 5  # the two decode steps cost nothing
 
 
 def test_the_dlora_policy_merges_a_lone_adapter_and_pays_the_switch() -> None:
