@@ -120,7 +120,7 @@ class Gateway:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        adapter_label = "?"
+        adapter_label, public = "?", True  # the metrics' label; whether it may be shown (``metrics``)
         try:
             # Who asks, and within their key's limits, before the body is even read: a refusal
             # costs one Redis lookup.
@@ -135,18 +135,18 @@ class Gateway:
                 name = (body.model or self.base_name) if body is not None else openai.model_named(raw, self.base_name)
                 entry = await self.entry(name, who) if name else None
                 if entry is not None or name == self.base_name:  # a name never served stays "?"
-                    adapter_label = name
+                    adapter_label, public = name, entry is None or not entry.owner
                 if body is None:
                     raise cast(APIError, refused)
                 job = await self._job(body, entry, who)
-                return await self._relay(request, job)
+                return await self._relay(request, job, public)
         except APIError as e:
-            self.metrics.failed(adapter_label, e.status)
+            self.metrics.failed(adapter_label, e.status, public)
             return error_response(e)
         except ConnectionResetError:
             raise
         except Exception as e:  # answered by json_errors (a 503 for Redis or NATS, else a 500): counted here
-            self.metrics.failed(adapter_label, failure_status(e))
+            self.metrics.failed(adapter_label, failure_status(e), public)
             raise
 
     async def entry(self, model: str, who: Principal) -> AdapterEntry | None:
@@ -201,7 +201,7 @@ class Gateway:
         except NatsTimeoutError:
             raise APIError(503, f"no dispatcher took the request within {self.s.dispatch_timeout_s} s") from None
 
-    async def _relay(self, request: web.Request, job: Job) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, job: Job, public: bool = True) -> web.StreamResponse:
         """Publishes the job's requests and writes their chunks back until every choice is over,
         one fails (the others are aborted), or the client goes away (all are aborted).
 
@@ -215,7 +215,7 @@ class Gateway:
         replies: asyncio.Queue[bytes] = asyncio.Queue()
         for rid in by_id:
             self.replies[rid] = replies
-        timer = RequestTimer(self.metrics, job.adapter or self.base_name)
+        timer = RequestTimer(self.metrics, job.adapter or self.base_name, public)
         redis_id = self._redis_id  # the Redis data its records go to, as last seen
         response = ResponseWriter(request, job, choices, self.token_text)
         try:

@@ -1,5 +1,10 @@
 """Prometheus metrics of the gateway: requests and their latencies by adapter, as its clients saw
-them (docs/metrics.md). Each worker, the dispatcher and the migrator export their own."""
+them (docs/metrics.md). Each worker, the dispatcher and the migrator export their own.
+
+The gateway serves ``/metrics`` on its API port, to anyone who reaches it (as vLLM does), so an
+adapter a tenant owns counts there under ``PRIVATE``, not its name: no caller learns another
+tenant's adapter names (README, API keys). The status page (admin) and the workers' metrics
+(``metrics_port``, for operators) keep the names."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from dlora.services.gateway.status import Traffic
 
+PRIVATE = "private"  # the adapter label of every adapter a tenant owns, on the public /metrics
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -52,19 +58,22 @@ class Metrics:
         )
         self.traffic = Traffic()  # the same, kept for the status page
 
-    def failed(self, label: str, status: int) -> None:
-        """A request refused or failed with HTTP ``status``."""
-        self.requests.labels(label, str(status)).inc()
-        self.traffic.failed(label)
+    def failed(self, name: str, status: int, public: bool = True) -> None:
+        """A request for adapter (or model) ``name`` refused or failed with HTTP ``status``;
+        ``public``: not an adapter a tenant owns (else counted under ``PRIVATE``)."""
+        self.requests.labels(name if public else PRIVATE, str(status)).inc()
+        self.traffic.failed(name)
 
 
 class RequestTimer:
-    """One request's latency metrics, under its adapter's label: time to first token and the
-    worker's queue time at its first chunk; the 200, end-to-end latency and time per output token
-    when it is done. Started when the request is published."""
+    """One request's latency metrics, under its adapter's label (``PRIVATE`` unless ``public``;
+    the status page's traffic under its ``name``): time to first token and the worker's queue
+    time at its first chunk; the 200, end-to-end latency and time per output token when it is
+    done. Started when the request is published."""
 
-    def __init__(self, metrics: Metrics, label: str) -> None:
-        self.metrics, self.label = metrics, label
+    def __init__(self, metrics: Metrics, name: str, public: bool = True) -> None:
+        self.metrics, self.name, self.public = metrics, name, public
+        self.label = name if public else PRIVATE
         self.start = time.monotonic()
         self.first_at: float | None = None  # monotonic seconds of the first chunk
 
@@ -74,7 +83,7 @@ class RequestTimer:
             return
         self.first_at = time.monotonic()
         self.metrics.ttft.labels(self.label).observe(self.first_at - self.start)
-        self.metrics.traffic.first_token(self.label, self.first_at - self.start)
+        self.metrics.traffic.first_token(self.name, self.first_at - self.start)
         if queue_seconds is not None:
             self.metrics.queue.labels(self.label).observe(queue_seconds)
 
@@ -84,13 +93,13 @@ class RequestTimer:
         end = time.monotonic()
         self.metrics.requests.labels(self.label, "200").inc()
         self.metrics.e2e.labels(self.label).observe(end - self.start)
-        self.metrics.traffic.done(self.label, end - self.start, total_tokens)
+        self.metrics.traffic.done(self.name, end - self.start, total_tokens)
         if self.first_at is not None and n_tokens > 1:
             self.metrics.tpot.labels(self.label).observe((end - self.first_at) / (n_tokens - 1))
 
     def failed(self, status: int) -> None:
         """It failed after its stream opened (an error event ended it)."""
-        self.metrics.failed(self.label, status)
+        self.metrics.failed(self.name, status, self.public)
 
     def aborted(self) -> None:
         """The client went away before the end."""
