@@ -46,6 +46,25 @@ def test_stop_reason_names_the_stop_string_or_token_not_eos() -> None:
     assert matched("ab", 2, max_tokens=1) is None  # length
 
 
+def test_a_stop_token_whose_text_would_complete_a_stop_string_ends_by_itself() -> None:
+    """vLLM v1: the engine core stops on a stop token or EOS, and the detokenizer leaves its text
+    out before looking for stop strings, so the token is the stop_reason (the helpers' replay: a
+    stop token spelling "si" beside stop=["si"] was reported as "si"). Kept in the output
+    (include_stop_str_in_output), its text is looked in, and a stop string it completes wins."""
+
+    def ended(text: str, token: int, **params) -> tuple:
+        s = check_stop(text, 4, token, SamplingParams(**params), EOS, 2, 10, 100)
+        return s.reason, s.text, s.matched
+
+    assert ended("almisi", 9, stop_token_ids=[9], stop=["si"]) == (FinishReason.STOP, "almi", 9)
+    assert ended("almi</s>", 2, stop=["</s>"], skip_special_tokens=False) == (FinishReason.STOP, "almi", None)
+    kept = {"include_stop_str_in_output": True}
+    assert ended("almisi", 9, stop_token_ids=[9], stop=["si"], **kept) == (FinishReason.STOP, "almisi", "si")
+    assert ended("almisi", 9, stop_token_ids=[9], stop=["zz"], **kept) == (FinishReason.STOP, "almisi", 9)
+    # an ordinary token completing a stop string: the string, as before
+    assert ended("almisi", 7, stop_token_ids=[9], stop=["si"]) == (FinishReason.STOP, "almi", "si")
+
+
 def test_min_tokens_defers_stop_strings_stop_tokens_and_eos() -> None:
     # vLLM: stop strings from the token after the min_tokens-th, stop tokens and EOS from it
     assert stop("ab", 1, token=2, n=2, min_tokens=3) == (None, "ab")

@@ -1,9 +1,13 @@
 """When a request stops, and how much of its text may be shown yet. Pure.
 
-Order, as vLLM checks it: a stop string in the new text (cut from the text), a stop token or EOS
-(kept in the tokens), a structured document complete, then the length limits. Under
-``min_tokens``, stop strings count from the output token after the ``min_tokens``-th, stop tokens
-and EOS from that token itself (vLLM's rules).
+Order: a stop token or EOS whose text stays out of the output ends the request by itself, its
+text never completing a stop string (vLLM v1: the engine core stops on the token, and the
+detokenizer leaves the token out before it looks for stop strings); else a stop string in the new
+text (cut from the text), a stop token or EOS (kept in the tokens), a structured document
+complete, then the length limits (a model that ends on its last allowed token stops, as vLLM v0
+and OpenAI say; v1 would call it "length"). Under ``min_tokens``, stop strings count from the
+output token after the ``min_tokens``-th, stop tokens and EOS from that token itself (vLLM's
+rules).
 """
 
 from __future__ import annotations
@@ -44,14 +48,19 @@ def check_stop(
     keep = params.include_stop_str_in_output
     # vLLM's bounds: stop strings from the token after the min_tokens-th, stop tokens and EOS from
     # that token itself (masked before it, so the same in effect); EOS first (no stop_reason).
-    if params.stop and num_output > params.min_tokens and (found := find_stop(text, params.stop, old_len)):
-        return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]], text[found[0] : found[1]])
+    by_token: Stop | None = None
     if num_output >= params.min_tokens:
         if token in eos_ids and not params.ignore_eos:
             named = None if primary_eos in (None, token) else token  # the tokenizer's own EOS: no stop_reason
-            return Stop(FinishReason.STOP, text if keep else text[:old_len], named, not keep)
-        if token in params.stop_token_ids:
-            return Stop(FinishReason.STOP, text if keep else text[:old_len], token, not keep)
+            by_token = Stop(FinishReason.STOP, text if keep else text[:old_len], named, not keep)
+        elif token in params.stop_token_ids:
+            by_token = Stop(FinishReason.STOP, text if keep else text[:old_len], token, not keep)
+    if by_token is not None and not keep:  # its text is not the output's: it completes no stop string
+        return by_token
+    if params.stop and num_output > params.min_tokens and (found := find_stop(text, params.stop, old_len)):
+        return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]], text[found[0] : found[1]])
+    if by_token is not None:
+        return by_token
     if document_complete:
         return Stop(FinishReason.STOP, text)
     if num_output >= params.max_tokens or total_len >= max_model_len:
