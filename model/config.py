@@ -135,6 +135,44 @@ def _sliding_window(raw: dict[str, Any]) -> int | None:
     return int(window) if window else None
 
 
+# What vLLM's --generation-config auto (its default) takes from generation_config.json as the
+# defaults of requests that leave them out (vLLM's ModelConfig.get_diff_sampling_param): each
+# where it differs from transformers' GenerationConfig default (vLLM reads the file's diff from
+# those: a top_k of 50 there is no top-k), max_new_tokens as max_tokens. Per name: transformers'
+# default, and the range a request may give it (low, high, integer).
+_SAMPLING: dict[str, tuple[float | None, float, float, bool]] = {
+    "temperature": (1.0, 0.0, 2.0, False),
+    "top_p": (1.0, 1e-9, 1.0, False),
+    "top_k": (50, -1, 1 << 31, True),
+    "min_p": (None, 0.0, 1.0, False),
+    "repetition_penalty": (1.0, 1e-9, 100.0, False),
+    "max_new_tokens": (None, 1, 1 << 31, True),
+}
+
+
+def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
+    """The model's own sampling defaults (``_SAMPLING``): temperature, top_p, top_k, min_p,
+    repetition_penalty and max_tokens, those its generation_config.json sets ({} without it).
+
+    Raises:
+        ModelConfigError: the file is not a JSON object, or one of those is not a number in the
+            range a request may give it.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    generation = _generation_config(Path(model_dir))
+    out: dict[str, float] = {}
+    for key, (hf_default, low, high, integer) in _SAMPLING.items():
+        value = generation.get(key)
+        if value is None or value == hf_default:
+            continue
+        kind = int if integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+            what = "an integer" if integer else "a number"
+            raise ModelConfigError(f"{path}: {key} must be {what} in [{low:g}, {high:g}], got {value!r}")
+        out["max_tokens" if key == "max_new_tokens" else key] = value
+    return out
+
+
 def _generation_config(model_dir: Path) -> dict[str, Any]:
     """The model's generation_config.json ({} without one).
 

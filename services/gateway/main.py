@@ -38,7 +38,7 @@ from dlora.common.messages import (
 )
 from dlora.common.registry import AdapterRegistry, KeyRegistry
 from dlora.common.state import Inflight, StateStore
-from dlora.model.config import ModelConfig
+from dlora.model.config import ModelConfig, sampling_defaults
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import dashboard, openai, openapi
 from dlora.services.gateway.adapter_routes import AdapterAdmin
@@ -66,7 +66,6 @@ from dlora.services.gateway.status import ClusterView, cluster_status
 from dlora.services.gateway.tokenize_routes import TokenizeRoutes
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
-from dlora.services.worker.engine.structured import Grammars
 
 logger = log.get("gateway")
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
@@ -94,9 +93,11 @@ class Gateway:
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)  # for logprobs
         self.context = self.cfg.context_length()
+        given = sampling_defaults(settings.model) if settings.generation_config == "auto" else {}
+        if given:  # as vLLM says it
+            logger.info("default sampling parameters from the model's generation_config.json", **given)
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
-        grammars = Grammars(self.tokenizer, self.cfg.vocab_size, set(self.cfg.eos_token_ids))
-        self.served = ServedModel(cast(Tokenizer, self.tokenizer), self.cfg.vocab_size, self.context, grammars)
+        self.served = ServedModel.of(cast(Tokenizer, self.tokenizer), self.cfg, self.context, given)
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
         self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")

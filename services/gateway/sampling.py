@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from dlora.common.messages import SamplingParams
@@ -118,9 +119,12 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     return {int(k): v for k, v in (raw or {}).items()}
 
 
-def sampling_params(body: Body, max_tokens: int, grammars: Grammars | None = None) -> SamplingParams:
-    """The engine's parameters for a request body (null fields at their defaults); ``grammars``:
-    the model's structured-output matchers, which try a response_format schema as a worker will.
+def sampling_params(
+    body: Body, max_tokens: int, grammars: Grammars | None = None, defaults: Mapping[str, float] | None = None
+) -> SamplingParams:
+    """The engine's parameters for a request body (null fields at their defaults: the model's,
+    ``defaults`` from its generation_config.json, where it has them); ``grammars``: the model's
+    structured-output matchers, which try a response_format schema as a worker will.
 
     Raises:
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
@@ -132,12 +136,17 @@ def sampling_params(body: Body, max_tokens: int, grammars: Grammars | None = Non
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if body.allowed_token_ids == []:  # as vLLM refuses it: nothing could be sampled
         raise APIError(400, "allowed_token_ids must not be empty", param="allowed_token_ids")
+    model = defaults or {}
+
+    def given(value: float | None, name: str, default: float) -> float:
+        return value if value is not None else model.get(name, default)
+
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
+        temperature=given(body.temperature, "temperature", 1.0),
+        top_p=given(body.top_p, "top_p", 1.0),
+        top_k=int(given(body.top_k, "top_k", 0)),
+        min_p=given(body.min_p, "min_p", 0.0),
         seed=body.seed,
         stop=stop,
         stop_token_ids=body.stop_token_ids or [],
@@ -148,7 +157,7 @@ def sampling_params(body: Body, max_tokens: int, grammars: Grammars | None = Non
         logit_bias=_logit_bias(body.logit_bias),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        repetition_penalty=given(body.repetition_penalty, "repetition_penalty", 1.0),
         prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
         logprobs=body.logprobs
         if isinstance(body, CompletionBody)

@@ -9,6 +9,8 @@ from dlora.model.adapter_files import AdapterLimits
 
 # The gateway's ``auth`` modes (see the setting).
 AUTH_MODES = ("none", "keys")
+# Where requests' sampling defaults come from (see the setting).
+GENERATION_CONFIGS = ("auto", "vllm")
 
 
 class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
@@ -18,6 +20,10 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     model: str = ""
     # The name clients use for the base model (vLLM's --served-model-name); empty: the directory's name.
     served_model_name: str = ""
+    # vLLM's --generation-config: "auto", the model's generation_config.json gives the defaults of
+    # temperature, top_p, top_k, min_p, repetition_penalty and max_tokens (a cap, as vLLM's) to
+    # requests that leave them out; "vllm", the API's own defaults.
+    generation_config: str = "auto"
     # Bearer key with every right: adapter and API key administration, every adapter, file paths
     # in /v1/models; the credential that makes the first API keys. Empty: none (with auth "none"
     # adapter admin is then refused; with "keys" only keys with the admin scope administer).
@@ -78,6 +84,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         for field in (*positive, "max_connections"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
+        if self.generation_config not in GENERATION_CONFIGS:
+            bad.append(("generation_config", self.generation_config, f"must be one of {', '.join(GENERATION_CONFIGS)}"))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
         if not (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= 0):

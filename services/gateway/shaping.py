@@ -19,6 +19,7 @@ import msgspec
 
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
+from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
 from dlora.services.gateway.sampling import sampling_params
 from dlora.services.worker.engine.structured import Grammars
@@ -48,6 +49,16 @@ class ServedModel:
     # Structured output's matchers for this tokenizer: a schema that fails only at its first mask
     # is refused before it is sent (None: the workers find it)
     grammars: Grammars | None = None
+    # The model's sampling defaults for what a request leaves out (``model.config.sampling_defaults``):
+    # temperature, top_p, top_k, min_p, repetition_penalty; max_tokens caps every request (vLLM's).
+    defaults: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, cfg: ModelConfig, context: int, defaults: Mapping[str, float]) -> ServedModel:
+        """The model of ``cfg`` read through ``tokenizer``, with its structured-output matchers."""
+        return cls(
+            tokenizer, cfg.vocab_size, context, Grammars(tokenizer, cfg.vocab_size, set(cfg.eos_token_ids)), defaults
+        )
 
 
 def served_context(model_context: int, worker_contexts: list[int]) -> int:
@@ -168,7 +179,9 @@ def shape_request(
             )
         generate = asked != 0 or prompt_only
         new = max_new_tokens(ids, 1 if prompt_only else asked, model.context, "messages" if chat else "prompt")
-        params = sampling_params(body, new if generate else 1, model.grammars)
+        if not prompt_only and (cap := model.defaults.get("max_tokens")):  # vLLM's: the least of them
+            new = min(new, int(cap))
+        params = sampling_params(body, new if generate else 1, model.grammars, model.defaults)
         if asked == 0 and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
         if (outside := params.outside_vocab(model.vocab_size)) is not None:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dlora.model.config import ModelConfig, ModelConfigError
+from dlora.model.config import ModelConfig, ModelConfigError, sampling_defaults
 
 RAW = dict(
     model_type="qwen2",
@@ -60,3 +60,20 @@ def test_generation_config_names_more_end_of_sequence_ids(tmp_path: Path) -> Non
     (tmp_path / "generation_config.json").write_text("[2]")
     with pytest.raises(ModelConfigError, match="generation_config.json: expected a JSON object"):
         ModelConfig.from_dir(tmp_path)
+
+
+def test_generation_config_gives_the_sampling_defaults_vllm_takes_from_it(tmp_path: Path) -> None:
+    """vLLM's --generation-config auto: temperature, top_p, top_k, min_p, repetition_penalty and
+    max_new_tokens (as max_tokens), each where it differs from transformers' own default."""
+    assert sampling_defaults(tmp_path) == {}  # no generation_config.json
+    qwen = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "do_sample": True}
+    (tmp_path / "generation_config.json").write_text(json.dumps(qwen | {"bos_token_id": 1, "max_new_tokens": 64}))
+    expected = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 64}
+    assert sampling_defaults(tmp_path) == expected
+    # transformers' defaults are not read as the model's (vLLM reads the file's diff from them)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": 50, "temperature": 1.0, "min_p": 0.05}))
+    assert sampling_defaults(tmp_path) == {"min_p": 0.05}
+    for bad in ({"temperature": "hot"}, {"top_p": 0}, {"top_k": 2.5}, {"max_new_tokens": 0}, {"min_p": True}):
+        (tmp_path / "generation_config.json").write_text(json.dumps(bad))
+        with pytest.raises(ModelConfigError, match=f"generation_config.json: {next(iter(bad))} must be"):
+            sampling_defaults(tmp_path)

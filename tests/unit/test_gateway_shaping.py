@@ -3,6 +3,7 @@ it), with the tiny model's real tokenizer and no servers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import msgspec
 import pytest
 
 from dlora.common import subjects
-from dlora.common.messages import AdapterEntry
+from dlora.common.messages import AdapterEntry, SamplingParams
 from dlora.services.gateway import openai, sampling, shaping
 from dlora.services.gateway.openai import APIError, ChatBody, ChatMessage, CompletionBody
 from dlora.services.gateway.shaping import Job, ServedModel
@@ -78,6 +79,27 @@ def test_n_samples_of_one_prompt_take_consecutive_seeds(served: ServedModel) -> 
     assert [c.request.priority for c in urgent.choices] == [-3, -3]  # vLLM's priority, for every choice
     assert (job.shape.chat, job.shape.request_id, job.shape.model, job.shape.created) == (False, "cmpl-1", BASE, 1000)
     assert (job.adapter, job.stream, job.include_usage) == (None, False, False)
+
+
+def test_the_models_generation_config_fills_what_a_request_leaves_out(served: ServedModel) -> None:
+    """vLLM's --generation-config auto: the model's sampling values are the defaults; what the
+    request gives wins; its max_new_tokens caps every request (vLLM's get_max_tokens: the least)."""
+    model = dataclasses.replace(
+        served, defaults={"temperature": 0.6, "top_k": 20, "repetition_penalty": 1.1, "max_tokens": 7}
+    )
+
+    def params(body: dict[str, Any], chat: bool = False) -> SamplingParams:
+        request = shape(model, body, chat).choices[0].request
+        assert request is not None
+        return request.params
+
+    p = params({"messages": [{"role": "user", "content": "kalo"}]}, chat=True)
+    assert (p.temperature, p.top_k, p.repetition_penalty, p.top_p, p.max_tokens) == (0.6, 20, 1.1, 1.0, 7)
+    p = params({"prompt": "kalo", "temperature": 0.0, "top_k": 0, "max_tokens": 3})
+    assert (p.temperature, p.top_k, p.repetition_penalty, p.max_tokens) == (0.0, 0, 1.1, 3)
+    assert params({"prompt": "kalo", "max_tokens": 12}).max_tokens == 7
+    plain = shape(served, {"prompt": "kalo"}).choices[0].request  # a model without any: the API's own
+    assert plain is not None and (plain.params.temperature, plain.params.top_k, plain.params.max_tokens) == (1.0, 0, 16)
 
 
 def test_several_prompts_are_prompt_x_n_choices(served: ServedModel) -> None:

@@ -98,6 +98,9 @@ def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
     toml.write_text("[gateway\n")
     with pytest.raises(SettingsError, match=str(toml)):
         load(GatewaySettings, "gateway", toml, env={})
+    toml.write_text('[gateway]\nmodel = "/m"\ngeneration_config = "hf"\n')
+    with pytest.raises(SettingsError, match=r"generation_config='hf' must be one of auto, vllm"):
+        load(GatewaySettings, "gateway", toml, env={})
 
 
 @pytest.mark.parametrize(
