@@ -92,6 +92,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     prompt: str | list[Any]  # a string, token ids, or a list of either (checked by the gateway)
+    add_special_tokens: bool | None = None  # vLLM's: a text prompt's BOS (and the like); default true
     echo: bool | None = None
     best_of: int | None = None  # [0, 20], default 1
     logprobs: int | None = None  # [0, 5]

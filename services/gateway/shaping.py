@@ -144,7 +144,7 @@ def shape_request(
         prompts = [(chat_prompt_ids(body.messages, model.tokenizer, ChatTemplate.of(body)), None)]
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     else:
-        prompts = prompt_ids(body.prompt, model.tokenizer, model.vocab_size)
+        prompts = prompt_ids(body.prompt, model.tokenizer, model.vocab_size, body.add_special_tokens is not False)
         asked = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
     if (keep := body.truncate_prompt_tokens) is not None:  # vLLM's: the prompt's last tokens (echoed as such)
         if keep == -1:  # vLLM's: as many as the context holds
@@ -241,9 +241,13 @@ def _nth_seed(seed: int, i: int) -> int:
     return (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
-def prompt_ids(prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int) -> list[tuple[list[int], str | None]]:
-    """Each prompt's token ids, and its text where it came as a string. A completions ``prompt``
-    is a string, a list of token ids, or a list of either (several prompts).
+def prompt_ids(
+    prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int, add_special_tokens: bool = True
+) -> list[tuple[list[int], str | None]]:
+    """Each prompt's token ids, and its text where it came as a string (tokenized with the special
+    tokens the tokenizer puts around a text, a Llama tokenizer's BOS, unless
+    ``add_special_tokens`` is false). A completions ``prompt`` is a string, a list of token ids,
+    or a list of either (several prompts).
 
     Raises:
         APIError(400): another form, or a token id outside [0, ``vocab_size``).
@@ -252,7 +256,7 @@ def prompt_ids(prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int) -
     out: list[tuple[list[int], str | None]] = []
     for p in prompt if many else [prompt]:
         if isinstance(p, str):
-            out.append((list(tokenizer.encode(p)), p))
+            out.append((list(tokenizer.encode(p, add_special_tokens=add_special_tokens)), p))
             continue
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             raise APIError(400, "prompt must be a string, a list of token ids, or a list of either", param="prompt")

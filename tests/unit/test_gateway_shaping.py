@@ -448,3 +448,6 @@ def test_a_truncated_text_prompt_keeps_the_bos_its_tokenizer_adds_as_vllm_does(t
     ids = tok.encode(text)
     job = shape(ServedModel(tok, len(tok), CONTEXT), {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": 4})
     assert job.choices[0].request.prompt_token_ids == ids[-4:]
+    # vLLM's add_special_tokens: false tokenizes a text prompt without them (no BOS)
+    job = shape(ServedModel(tok, len(tok), CONTEXT), {"prompt": text, "max_tokens": 1, "add_special_tokens": False})
+    assert job.choices[0].request.prompt_token_ids == tok.encode(text, add_special_tokens=False) == ids[1:]
