@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from dlora.loadgen import report
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
+from dlora.loadgen.options import NATS_SCHEMES
 from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
@@ -54,7 +55,7 @@ async def run(
     clock = Clock()
     client = (
         await NatsClient.connect(target, clock)
-        if target.startswith("nats://")
+        if target.startswith(NATS_SCHEMES)
         else HttpClient(target, base_model, clock, max_retries=max_retries, api_key=api_key)
     )
     stop = asyncio.Event()

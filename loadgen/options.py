@@ -37,9 +37,13 @@ positive = _at_least(int, 1)  # also the simulator's and make-tiny's
 _above_zero = _at_least(float, 0, strict=True)
 
 
+# A target with one of these schemes is a NATS server (nats-py's: tls:// is NATS over TLS).
+NATS_SCHEMES = ("nats://", "tls://")
+
+
 def _target(text: str) -> str:
-    if not text.startswith(("http://", "https://", "nats://", "tls://")):
-        raise argparse.ArgumentTypeError(f"{text!r}: a gateway URL (http://, https://) or a NATS URL (nats://)")
+    if not text.startswith(("http://", "https://", *NATS_SCHEMES)):
+        raise argparse.ArgumentTypeError(f"{text!r}: a gateway URL (http://, https://) or a NATS URL (nats://, tls://)")
     return text
 
 
@@ -57,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--target",
         type=_target,
         default="http://127.0.0.1:8000",
-        help="gateway URL (http://...) or NATS URL (nats://...)",
+        help="gateway URL (http://...) or NATS URL (nats://..., tls://...)",
     )
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
@@ -100,13 +104,13 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         help="format of every --trace (auto: sniffed from each file's first row)",
     )
     p.add_argument("--lengths", choices=get_args(Lengths), default=_SPEC.lengths)
-    p.add_argument("--prompt-len", type=int, default=_SPEC.prompt_len)
-    p.add_argument("--output-len", type=int, default=_SPEC.output_len)
+    p.add_argument("--prompt-len", type=positive, default=_SPEC.prompt_len)
+    p.add_argument("--output-len", type=positive, default=_SPEC.output_len)
     p.add_argument(
         "--length-divide", type=_above_zero, default=_SPEC.length_divide, help="trace lengths are divided by this ..."
     )
-    p.add_argument("--max-prompt", type=int, default=_SPEC.max_prompt, help="... and capped")
-    p.add_argument("--max-output", type=int, default=_SPEC.max_output)
+    p.add_argument("--max-prompt", type=positive, default=_SPEC.max_prompt, help="... and capped")
+    p.add_argument("--max-output", type=positive, default=_SPEC.max_output)
     p.add_argument("--adapters", type=positive, default=_SPEC.adapters, help="adapters lora-0..N-1")
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import msgspec
@@ -43,14 +44,28 @@ logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
 
 
-class _Head(msgspec.Struct):
-    """What a request that does not decode may still say: who it is and where to answer."""
+def request_head(data: bytes) -> tuple[str, str, bool] | None:
+    """What a request that does not decode may still say: its id, where to answer, and whether it
+    holds a lone UTF-16 surrogate (valid JSON, as Python's json.dumps writes one, but not text:
+    msgspec calls it truncated input). Read by the standard library's JSON, which takes what msgspec
+    refuses; an id written as a number is read as text. None where it says neither."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser
+        return None
+    if not isinstance(obj, dict):
+        return None
+    rid, reply = obj.get("request_id"), obj.get("reply_to")
+    rid = str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
+    if not (isinstance(rid, str) and isinstance(reply, str)) or not (rid + reply).isprintable():
+        return None  # a lone surrogate is not printable: such an id or subject cannot be written back
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return rid, reply, True
+    return rid, reply, False
 
-    request_id: str
-    reply_to: str
 
-
-_decode_head = msgspec.json.Decoder(_Head)
 _encode = msgspec.json.Encoder()
 _DECAY = 0.9  # per placement interval: traffic shares follow the last minute or so
 # Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
@@ -100,8 +115,13 @@ class Dispatcher:
             return
         owner = subjects.sender(msg.subject)  # only its subject says who sent it
         # What an application may not set: the workers' own fields (a shipped cache that never
-        # comes would hold a worker 5 s), and the owner. Gateways never set them.
+        # comes would hold a worker 5 s; outputs to resume from, which would never be sent), and
+        # the owner. Gateways never set them. An adapter named "" is the base model, as the gateway
+        # reads a model named "".
         clean = dict(owner=owner, kv_chunks=0, kv_export_s=0.0, recoveries=0, recorded=False, continued=False)
+        clean |= dict(resume_token_ids=[], resume_text_pending=0, resume_text_held="", next_seq=0)
+        if req.adapter == "":
+            clean["adapter"] = None
         raw: bytes | None = msg.data
         if any(getattr(req, k) != v for k, v in clean.items()):
             req, raw = msgspec.structs.replace(req, **clean), None
@@ -137,21 +157,23 @@ class Dispatcher:
     async def _refuse_undecodable(self, msg: Msg, error: msgspec.DecodeError) -> None:
         """Tell the sender of a request that does not decode why, where its reply subject can be read
         (one of its own): it would wait for chunks that never come."""
-        try:
-            head = _decode_head.decode(msg.data)
-        except msgspec.DecodeError:
+        if (head := request_head(msg.data)) is None:
             return  # no id or reply subject to answer on: counted as rejected, as before
+        request_id, reply_to, surrogate = head
         owner = subjects.sender(msg.subject)
-        if owner and not subjects.replies_to(owner, head.reply_to) or not subjects.publishable(head.reply_to):
+        if owner and not subjects.replies_to(owner, reply_to) or not subjects.publishable(reply_to):
             return
+        why = (
+            "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text" if surrogate else error
+        )
         chunk = TokenChunk(
-            request_id=head.request_id,
+            request_id=request_id,
             seq=0,
-            error=f"the request does not decode: {error}",
+            error=f"the request does not decode: {why}",
             error_code=ErrorCode.BAD_REQUEST,
             finish_reason=FinishReason.ERROR,
         )
-        await self.nc.publish(head.reply_to, _encode.encode(chunk))
+        await self.nc.publish(reply_to, _encode.encode(chunk))
 
     async def _on_ping(self, msg: Msg) -> None:
         await msg.respond(b"")

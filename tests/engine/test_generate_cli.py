@@ -31,6 +31,13 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
         {"id": "h", "prompt_token_ids": [5], "max_tokens": 1, "prompt_logprobs": 1},
         # the prompt's logprobs alone, as the gateway's echo with max_tokens 0 (refused before)
         {"id": "i", "prompt_token_ids": [5, 6, 7], "max_tokens": 0, "prompt_logprobs": 0},
+        # a new user's trial: each of these took the whole run down (a traceback, the output empty)
+        {"id": "e", "prompt": "kalo", "max_tokens": 2},  # an id a failed line gave
+        {"id": "line-2", "prompt": "kalo", "max_tokens": 2},  # an id a bad line was given
+        {"id": "j", "prompt": "x", "adapter": ["lora-0"]},
+        '{"id": "k", "prompt": "hi \\ud800"}',  # JSON's lone surrogate: valid JSON, not text
+        # logprobs are written out (they were computed and dropped)
+        {"id": "l", "prompt_token_ids": [5, 6], "max_tokens": 2, "logprobs": 1},
     ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
@@ -41,7 +48,8 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert main(argv) == 1  # some lines failed
 
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in results] == ["a", "line-2", "b", "c", "d", "e", "f", "g", "h", "i"]
+    ids = ["a", "line-2", "b", "c", "d", "e", "f", "g", "h", "i", "e@line-11", "line-2@line-12", "j", "k", "l"]
+    assert [r["id"] for r in results] == ids
     errors = {r["id"]: r["error"] for r in results if "error" in r}
     assert errors["line-2"].startswith("line 2: not valid JSON")
     assert "line 3" in errors["b"] and "not registered" in errors["b"]
@@ -57,6 +65,10 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     alone = by_id["i"]
     assert (alone["token_ids"], alone["text"], alone["finish_reason"]) == ([], "", "length")
     assert [entry[0] for entry in alone["prompt_logprobs"]] == [6, 7]
+    assert "duplicate id 'e'" in errors["e@line-11"] and "duplicate id 'line-2'" in errors["line-2@line-12"]
+    assert "adapter must be a string" in errors["j"] and "lone UTF-16 surrogate" in errors["k"]
+    logprobs = by_id["l"]["logprobs"]
+    assert [entry[0] for entry in logprobs] == by_id["l"]["token_ids"] and all(len(e[2]) == 1 for e in logprobs)
 
 
 def test_generate_refuses_a_bad_adapter_flag(tiny_llama: TinyOutput, tmp_path: Path, capsys) -> None:

@@ -161,6 +161,11 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     await bob.publish(subjects.requests_of("bob"), json.dumps(raw | {"params": {"max_tokens": "4"}}).encode())
     told = await asyncio.wait_for(malformed.get(), 10)
     assert told.error_code == "bad_request" and "max_tokens" in (told.error or "")
+    # valid JSON that msgspec refuses whole (a lone surrogate's escape in the prompt, as Python's
+    # json.dumps writes it): answered too (the head was read by msgspec as well, and failed)
+    await bob.publish(subjects.requests_of("bob"), json.dumps(raw | {"prompt": "hi \ud800"}).encode())
+    told = await asyncio.wait_for(malformed.get(), 10)
+    assert told.request_id == "r-5" and told.error_code == "bad_request" and "surrogate" in (told.error or "")
 
     bad_subject = subjects.reply_inbox("r-3", "bob") + " x"
     answer = await bob.request(
@@ -205,6 +210,27 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     await _send(alice, "alice", "r-1", subjects.reply_inbox("r-1", "alice"))
     again = await asyncio.wait_for(mine.get(), 10)
     assert (again.seq, again.finish_reason) == (0, "abort")
+
+    # the fields only workers set are cleared from an application's request, outputs to resume
+    # from among them (sent, they were never streamed: a new user's trial got 1 chunk of 4
+    # counted tokens for 3 resumed), and an adapter named "" is the base model, as at the gateway
+    resumed = GenerateRequest(
+        request_id="r-7",
+        reply_to=subjects.reply_inbox("r-7", "bob"),
+        adapter="",
+        prompt_token_ids=[5, 40, 41],
+        params=SamplingParams(max_tokens=3, ignore_eos=True),
+        resume_token_ids=[7, 8, 9],
+        resume_text_held="HELLO",
+        next_seq=5,
+    )
+    streamed = await _chunks(bob, resumed.reply_to)
+    await bob.publish(subjects.requests_of("bob"), msgspec.json.encode(resumed))
+    got = [await asyncio.wait_for(streamed.get(), 30)]
+    while got[-1].finish_reason is None:
+        got.append(await asyncio.wait_for(streamed.get(), 30))
+    assert [c.seq for c in got] == list(range(len(got))) and got[-1].error is None
+    assert sum(len(c.token_ids) for c in got) == 3 and "HELLO" not in "".join(c.text for c in got)
 
 
 async def test_an_application_uses_only_public_adapters_and_its_own(bus, redis: Redis, tiny_llama: TinyOutput) -> None:  # type: ignore[no-untyped-def]

@@ -218,3 +218,27 @@ async def test_an_unreachable_nats_target_is_an_error_not_a_retry_for_ever() -> 
     with pytest.raises(OSError, match=r"cannot connect to NATS at nats://app:\*\*\*@127\.0\.0\.1:\d+") as e:
         await NatsClient.connect(f"nats://app:secret@127.0.0.1:{free_port()}", clock=lambda: 0.0)
     assert "secret" not in str(e.value)
+
+
+@pytest.mark.parametrize("option", ["--prompt-len", "--output-len", "--max-prompt", "--max-output"])
+def test_a_length_option_below_one_token_is_a_usage_error_naming_it(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new user's trial: -5 became 1 token silently, 0 failed every request at the server."""
+    for value in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["loadgen", option, value])
+        assert option in capsys.readouterr().err
+
+
+async def test_a_tls_target_is_a_nats_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """tls:// was accepted as a NATS URL and then handed to the HTTP client ("NonHttpUrlClientError")."""
+    from rich.console import Console
+
+    from dlora.loadgen import main
+    from dlora.services.servers import free_port
+
+    url = f"tls://127.0.0.1:{free_port()}"
+    args = build_parser().parse_args(["loadgen", "--target", url, "--requests", "1"])
+    with pytest.raises(OSError, match=f"cannot connect to NATS at {url}"):
+        await main.run(WorkloadSpec.from_args(args), args.target, tmp_path, Console(quiet=True))

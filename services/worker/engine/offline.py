@@ -2,8 +2,9 @@
 
 Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids", "max_tokens",
 "temperature", ...}`` (any SamplingParams field). Output line, in input order:
-``{"id", "token_ids", "text", "finish_reason", "stop_reason"}`` (and ``"prompt_logprobs"`` when
-asked; with ``max_tokens`` 0 those alone, as the completions API's echo gives them), or
+``{"id", "token_ids", "text", "finish_reason", "stop_reason"}`` (and ``"logprobs"`` /
+``"prompt_logprobs"`` when asked; with ``max_tokens`` 0 the prompt's alone, as the completions
+API's echo gives them), or
 ``{"id", "error"}`` for a line that could not be served; the other lines are served all the same.
 """
 
@@ -28,16 +29,26 @@ _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
 
 
-def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None, bool]:
-    """Queue one line; returns (id, error or None, whether it asks for its prompt's logprobs alone:
-    ``max_tokens`` 0, run for one token that is not shown, as the gateway's echo runs it)."""
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, str | None, bool]:
+    """Queue one line under ``key`` (the engine's id for it: its line's, so that no id a line
+    gives can meet another's); returns (the line's id, error or None, whether it asks for its
+    prompt's logprobs alone: ``max_tokens`` 0, run for one token that is not shown, as the
+    gateway's echo runs it)."""
     try:
         obj: Any = json.loads(line)
     except json.JSONDecodeError as e:
-        return f"line-{lineno}", f"line {lineno}: not valid JSON ({e.msg})", False
+        return key, f"line {lineno}: not valid JSON ({e.msg})", False
     if not isinstance(obj, dict):
-        return f"line-{lineno}", f"line {lineno}: expected a JSON object", False
-    rid = str(obj.get("id", f"line-{lineno}"))
+        return key, f"line {lineno}: expected a JSON object", False
+    rid = str(obj.get("id", key))
     try:
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
         prompt_only = fields.get("max_tokens") == 0 and fields.get("prompt_logprobs") is not None
@@ -45,15 +56,18 @@ def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None,
             fields["max_tokens"] = 1
         # Through JSON, not convert: logit_bias's keys are token ids written as JSON's strings.
         params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
-        prompt = obj.get("prompt")
-        ids = obj.get("prompt_token_ids")
+        prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
         if prompt is not None and not isinstance(prompt, str):
             raise RequestError("prompt must be a string")
+        if prompt is not None and not _is_text(prompt):  # JSON's "\ud800": no tokenizer takes it
+            raise RequestError("prompt is not valid text (it holds a lone UTF-16 surrogate)")
         if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
             raise RequestError("prompt_token_ids must be a list of integers")
-        engine.add_request(rid, prompt=prompt, prompt_token_ids=ids, params=params, adapter=obj.get("adapter"))
-        if (n := len(engine.seqs[rid].prompt_ids)) + params.max_tokens > engine.max_model_len:
-            engine.abort(rid)  # as the gateway refuses it: nothing is cut short without a word
+        if adapter is not None and not isinstance(adapter, str):
+            raise RequestError("adapter must be a string or null")
+        engine.add_request(key, prompt=prompt, prompt_token_ids=ids, params=params, adapter=adapter)
+        if (n := len(engine.seqs[key].prompt_ids)) + params.max_tokens > engine.max_model_len:
+            engine.abort(key)  # as the gateway refuses it: nothing is cut short without a word
             raise RequestError(
                 f"the prompt's {n} tokens and max_tokens={params.max_tokens} exceed the context of "
                 f"{engine.max_model_len}"
@@ -64,41 +78,47 @@ def _submit(engine: LLMEngine, lineno: int, line: str) -> tuple[str, str | None,
 
 
 def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
-    """Serve every non-blank line; results in input order."""
-    order: list[str] = []
-    results: dict[str, dict[str, Any]] = {}
+    """Serve every non-blank line; results in input order, each under its line's id (a second line
+    of an id already given is an error: ids name lines)."""
+    results: dict[str, dict[str, Any]] = {}  # by engine key: each line's own
     prompt_only: set[str] = set()
+    given: set[str] = set()
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        rid, error, alone = _submit(engine, lineno, line)
-        if alone:
-            prompt_only.add(rid)
-        if rid in results:
+        key = f"line-{lineno}"
+        rid, error, alone = _submit(engine, key, lineno, line)
+        if rid in given:
+            if error is None:
+                engine.abort(key)
             rid, error = f"{rid}@line-{lineno}", error or f"line {lineno}: duplicate id {rid!r}"
-        order.append(rid)
-        results[rid] = {"id": rid, "error": error} if error else {"id": rid, "token_ids": [], "text": ""}
-        if not error and engine.seqs[rid].params.prompt_logprobs is not None:  # a one-token prompt's: []
-            results[rid]["prompt_logprobs"] = []
+        given.add(rid)
+        if alone:
+            prompt_only.add(key)
+        results[key] = {"id": rid, "error": error} if error else {"id": rid, "token_ids": [], "text": ""}
+        if not error and (params := engine.seqs[key].params).prompt_logprobs is not None:  # a one-token prompt's: []
+            results[key]["prompt_logprobs"] = []
+        if not error and params.logprobs is not None:
+            results[key]["logprobs"] = []
     while engine.has_unfinished():
         for out in engine.step():
-            if out.error is not None:
-                results[out.request_id] = {"id": out.request_id, "error": out.error}
-                continue
             r = results[out.request_id]
+            if out.error is not None:
+                results[out.request_id] = {"id": r["id"], "error": out.error}
+                continue
             if out.request_id not in prompt_only:
                 r["token_ids"] += out.new_token_ids
                 r["text"] += out.new_text
-            if (
-                out.prompt_logprobs
-            ):  # [token id, logprob, [[alternative, logprob], ...]] per prompt token after the first
+                if out.logprobs:  # [token id, logprob, [[alternative, logprob], ...]] per token
+                    r["logprobs"] += msgspec.to_builtins(out.logprobs)
+            if out.prompt_logprobs:  # the same per prompt token after the first
                 r["prompt_logprobs"] = msgspec.to_builtins(out.prompt_logprobs)
             if out.finished and out.request_id in prompt_only:
                 r["finish_reason"], r["stop_reason"] = "length", None
             elif out.finished:
                 r["finish_reason"] = out.finish_reason.value if out.finish_reason else None
                 r["stop_reason"] = out.stop_reason
-    return [results[rid] for rid in order]
+    return list(results.values())
 
 
 def run_generate(args: argparse.Namespace) -> int:
