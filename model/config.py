@@ -145,7 +145,7 @@ _SAMPLING: dict[str, tuple[float | None, float, float, bool]] = {
     "top_p": (1.0, 1e-9, 1.0, False),
     "top_k": (50, -1, 1 << 31, True),
     "min_p": (None, 0.0, 1.0, False),
-    "repetition_penalty": (1.0, 1e-9, 100.0, False),
+    "repetition_penalty": (1.0, 0.01, 100.0, False),  # SamplingParams.invalid's: below, float32 overflows
     "max_new_tokens": (None, 1, 1 << 31, True),
 }
 

@@ -48,7 +48,11 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
         return key, f"line {lineno}: not valid JSON ({e.msg})", False
     if not isinstance(obj, dict):
         return key, f"line {lineno}: expected a JSON object", False
-    rid = str(obj.get("id", key))
+    rid = key if obj.get("id") is None else str(obj["id"])
+    if not _is_text(
+        json.dumps(obj, ensure_ascii=False)
+    ):  # JSON's "\ud800": valid, but no tokenizer or encoder takes it
+        return rid, f"line {lineno}: a string holds a lone UTF-16 surrogate escape (not text)", False
     try:
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
         prompt_only = fields.get("max_tokens") == 0 and fields.get("prompt_logprobs") is not None
@@ -59,9 +63,7 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
         prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
         if prompt is not None and not isinstance(prompt, str):
             raise RequestError("prompt must be a string")
-        if prompt is not None and not _is_text(prompt):  # JSON's "\ud800": no tokenizer takes it
-            raise RequestError("prompt is not valid text (it holds a lone UTF-16 surrogate)")
-        if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+        if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):  # no bools
             raise RequestError("prompt_token_ids must be a list of integers")
         if adapter is not None and not isinstance(adapter, str):
             raise RequestError("adapter must be a string or null")
