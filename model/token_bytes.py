@@ -79,3 +79,22 @@ class TokenText:
         """The token's bytes as text, a byte that is not (part of) a whole character written as
         ``\\xNN`` (as DeepSeek's API shows one; vLLM's U+FFFD would make every such token alike)."""
         return self.bytes_of(token_id).decode("utf-8", "backslashreplace")
+
+
+class TokenIdText:
+    """``tokens`` with each token written as vLLM's ``return_tokens_as_token_ids`` writes it in a
+    logprobs entry, ``token_id:N`` (clients that read ids back need no tokenizer, and two tokens
+    that spell the same never look alike); its bytes and what it shows in the text stay the token's."""
+
+    def __init__(self, tokens: TokenText) -> None:
+        self._tokens = tokens
+        self.special_ids = tokens.special_ids
+
+    def bytes_of(self, token_id: int) -> bytes:
+        return self._tokens.bytes_of(token_id)
+
+    def shown(self, token_id: int, skip_special_tokens: bool) -> bytes:
+        return self._tokens.shown(token_id, skip_special_tokens)
+
+    def text_of(self, token_id: int) -> str:
+        return f"token_id:{token_id}"

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from dlora.common.messages import TokenLogprob
-from dlora.model.token_bytes import TokenText
+from dlora.model.token_bytes import TokenIdText, TokenText
 
 
 class APIError(Exception):
@@ -87,6 +87,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_token_ids: list[int] | None = None  # only these may be sampled; not empty
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # >= 1: the prompt's last this many tokens are kept
+    return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:N"
     priority: int | None = None  # lower is served first; default 0
 
 
@@ -240,7 +241,7 @@ def _continues(pending: bytes, byte: bytes) -> bool:
 
 
 def completion_logprobs(
-    entries: list[TokenLogprob], tokens: TokenText, offset: TextOffset, skip_special_tokens: bool
+    entries: list[TokenLogprob], tokens: TokenText | TokenIdText, offset: TextOffset, skip_special_tokens: bool
 ) -> dict[str, Any]:
     """The completions endpoint's logprobs object for these tokens, ``offset`` at the first. The
     chosen token is always in its position's ``top_logprobs``, so there may be one more than asked
@@ -256,7 +257,11 @@ def completion_logprobs(
 
 
 def prompt_logprobs(
-    prompt_ids: list[int], entries: list[TokenLogprob], tokens: TokenText, skip_special_tokens: bool, echoed: int
+    prompt_ids: list[int],
+    entries: list[TokenLogprob],
+    tokens: TokenText | TokenIdText,
+    skip_special_tokens: bool,
+    echoed: int,
 ) -> dict[str, Any]:
     """The completions endpoint's logprobs object for an echoed prompt (``prompt_ids``, entry i
     the log-probability of token i + 1): its first token has none (null), as vLLM answers. The
@@ -276,7 +281,7 @@ def prompt_logprobs(
     }
 
 
-def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText) -> dict[str, Any]:
+def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText | TokenIdText) -> dict[str, Any]:
     """The chat endpoint's logprobs object: per token its text, log-probability, bytes (UTF-8 as
     the vocabulary holds them: a character split over tokens is rebuilt by joining them) and the
     ``top_logprobs`` alternatives."""

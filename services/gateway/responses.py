@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk
-from dlora.model.token_bytes import TokenText
+from dlora.model.token_bytes import TokenIdText, TokenText
 from dlora.services.gateway import openai
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.replies import ReplyStream
@@ -63,8 +63,11 @@ class ResponseWriter:
     """One request's HTTP response as its chunks come: server-sent events (opened at the first
     chunk, so an error before it still gets a status) or, not streamed, one JSON body at the end."""
 
-    def __init__(self, request: web.Request, job: Job, choices: list[RunningChoice], tokens: TokenText) -> None:
-        self.request, self.job, self.choices, self.tokens = request, job, choices, tokens
+    def __init__(
+        self, request: web.Request, job: Job, choices: list[RunningChoice], tokens: TokenText | TokenIdText
+    ) -> None:
+        self.request, self.job, self.choices = request, job, choices
+        self.tokens = TokenIdText(tokens) if job.token_ids_in_logprobs else tokens
         self.stream: web.StreamResponse | None = None
 
     async def add(self, choice: RunningChoice, chunk: TokenChunk) -> None:

@@ -92,6 +92,7 @@ class Job:
     include_usage: bool  # a streamed response ends with a usage chunk
     choices: list[ChoicePlan]
     continuous_usage: bool = False  # every event carries its choice's usage so far (vLLM's)
+    token_ids_in_logprobs: bool = False  # logprobs name tokens "token_id:N" (vLLM's return_tokens_as_token_ids)
 
 
 def new_request_id(chat: bool) -> str:
@@ -219,6 +220,7 @@ def shape_request(
         continuous_usage=body.stream_options is not None
         and bool(body.stream_options.include_usage and body.stream_options.continuous_usage_stats),
         choices=choices,
+        token_ids_in_logprobs=bool(body.return_tokens_as_token_ids),
     )
 
 

@@ -29,6 +29,14 @@ async def test_completion_logprobs(stack: Stack) -> None:
     events = await stream(stack, "/v1/completions", body)
     streamed = [lp for e in events[:-1] for lp in (e["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
     assert streamed == lp["token_logprobs"]
+    # vLLM's return_tokens_as_token_ids: the same tokens, each named by its id, streamed too
+    status, by_id = await post(stack, "/v1/completions", {**body, "return_tokens_as_token_ids": True})
+    assert status == 200 and by_id["choices"][0]["text"] == choice["text"]
+    named = by_id["choices"][0]["logprobs"]
+    assert all(t.startswith("token_id:") and t[9:].isdigit() for t in named["tokens"])
+    assert named["token_logprobs"] == lp["token_logprobs"] and named["text_offset"] == lp["text_offset"]
+    events = await stream(stack, "/v1/completions", {**body, "return_tokens_as_token_ids": True})
+    assert [t for e in events[:-1] for t in (e["choices"][0]["logprobs"] or {}).get("tokens", [])] == named["tokens"]
 
 
 async def test_chat_logprobs_and_top_logprobs(stack: Stack) -> None:

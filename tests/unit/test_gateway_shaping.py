@@ -78,7 +78,8 @@ def test_n_samples_of_one_prompt_take_consecutive_seeds(served: ServedModel) -> 
     urgent = shape(served, {"prompt": "kalo", "n": 2, "max_tokens": 1, "priority": -3}, chat=False)
     assert [c.request.priority for c in urgent.choices] == [-3, -3]  # vLLM's priority, for every choice
     assert (job.shape.chat, job.shape.request_id, job.shape.model, job.shape.created) == (False, "cmpl-1", BASE, 1000)
-    assert (job.adapter, job.stream, job.include_usage) == (None, False, False)
+    assert (job.adapter, job.stream, job.include_usage, job.token_ids_in_logprobs) == (None, False, False, False)
+    assert shape(served, {"prompt": "kalo", "max_tokens": 1, "return_tokens_as_token_ids": True}).token_ids_in_logprobs
 
 
 def test_the_models_generation_config_fills_what_a_request_leaves_out(served: ServedModel) -> None:

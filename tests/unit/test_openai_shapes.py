@@ -40,7 +40,7 @@ def test_response_shapes() -> None:
 
 def test_logprob_objects() -> None:
     from dlora.common.messages import TokenLogprob
-    from dlora.model.token_bytes import TokenText
+    from dlora.model.token_bytes import TokenIdText, TokenText
     from tests.unit.test_token_bytes import byte_level
 
     hf = byte_level()  # one token per byte
@@ -68,6 +68,17 @@ def test_logprob_objects() -> None:
     merged = openai.merge_logprobs(False, [comp, later])
     assert merged["tokens"] == ["a", "b", "a"] and merged["text_offset"] == [4, 5, 7]
     assert openai.merge_logprobs(True, []) is None
+    # vLLM's return_tokens_as_token_ids: every token named "token_id:N"; offsets and bytes the token's
+    ids = TokenIdText(tokens)
+    named = openai.completion_logprobs(entries, ids, openai.TextOffset(4), True)
+    assert named["tokens"] == [f"token_id:{a}", f"token_id:{b}"] and named["text_offset"] == [4, 5]
+    assert named["top_logprobs"][0] == {f"token_id:{d}": -0.2, f"token_id:{a}": -0.5}
+    assert openai.chat_logprobs(entries, ids)["content"][1] == {
+        "token": f"token_id:{b}",
+        "logprob": -1.0,
+        "bytes": [98],
+        "top_logprobs": [],
+    }
 
 
 def test_error_chunks_as_http_errors() -> None:
