@@ -128,6 +128,7 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     top_logprobs: int | None = None  # [0, 20]
     response_format: Any = None
     # vLLM extensions: how the conversation is rendered (see shaping.ChatTemplate)
+    add_special_tokens: bool | None = None  # false (vLLM's default for chat): the template places them
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None

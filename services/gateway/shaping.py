@@ -299,6 +299,7 @@ def max_new_tokens(ids: list[int], asked: int | None, context: int, field: str =
 class RenderingOptions(Protocol):
     """A body's chat rendering options (a chat request's, a /tokenize request's)."""
 
+    add_special_tokens: bool | None
     add_generation_prompt: bool | None
     continue_final_message: bool | None
     chat_template_kwargs: dict[str, Any] | None
@@ -317,7 +318,13 @@ class ChatTemplate:
 
     @classmethod
     def of(cls, body: RenderingOptions) -> ChatTemplate:
-        """Raises APIError(400): both options on (vLLM refuses it too), or a keyword the renderer sets itself."""
+        """Raises APIError(400): both options on (vLLM refuses it too), special tokens asked for on top
+        of the template's (it places its own: vLLM would give a Llama template a second BOS), or
+        a keyword the renderer sets itself."""
+        if body.add_special_tokens:
+            raise APIError(
+                400, "add_special_tokens is for a prompt; a chat template places its own", param="add_special_tokens"
+            )
         add = True if body.add_generation_prompt is None else body.add_generation_prompt
         cont = bool(body.continue_final_message)
         if add and cont:

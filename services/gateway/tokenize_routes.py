@@ -64,12 +64,6 @@ class TokenizeRoutes:
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         tokenizer: Any = self.gw.served.tokenizer
         if body.messages is not None:
-            if body.add_special_tokens:
-                raise APIError(
-                    400,
-                    "add_special_tokens is for a prompt; a chat template places its own",
-                    param="add_special_tokens",
-                )
             ids = chat_prompt_ids(body.messages, tokenizer, ChatTemplate.of(body))
         else:
             ids = list(tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))

@@ -404,11 +404,13 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
         expected = tok.apply_chat_template(plain, tokenize=True, **rendering)["input_ids"]
         assert ids(**options) == list(expected), options
     assert ids(add_generation_prompt=False) != ids() != ids(chat_template_kwargs={"suffix": "-x"})
+    assert ids(add_special_tokens=False) == ids()  # vLLM's chat default, accepted when sent
     continued = tok.decode(ids(add_generation_prompt=False, continue_final_message=True))
     assert continued.endswith("remi")  # left open for the model to go on
     for body, param in (
         ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt (default true)
         ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
+        ({"add_special_tokens": True}, "add_special_tokens"),  # on top of the template's: as /tokenize says
     ):
         assert refused(served, {"messages": plain, **body}, chat=True).param == param
     # any last message may be continued, as vLLM lets it
