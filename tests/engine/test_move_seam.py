@@ -4,6 +4,8 @@ still stops it (found by a probe: ~19 characters lost per move, and 2 of 20 seam
 
 from __future__ import annotations
 
+import pytest
+
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine
@@ -22,15 +24,19 @@ def run(engine: LLMEngine, steps: int | None = None) -> tuple[str, list[int], Fi
     return text, ids, reason
 
 
-def test_a_move_at_any_step_keeps_the_text_and_the_stop(tiny_llama: TinyOutput) -> None:
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_move_at_any_step_keeps_the_text_and_the_stop(tiny_llama: TinyOutput, keep: bool) -> None:
+    """With include_stop_str_in_output (``keep``) nothing is held back for a stop string, so its
+    beginning was sent before the move, and the destination must still look in it (a helper's
+    probe: moved after 4-7 tokens the request ran on to its length; so did a recovered one)."""
     whole = make_engine(tiny_llama)
     whole.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=30, ignore_eos=True))
     text, _, _ = run(whole)
     stop = text[12:22]  # ten characters the output holds: the request stops there
-    params = SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop])
+    params = SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop], include_stop_str_in_output=keep)
     whole.add_request("s", prompt_token_ids=PROMPT, params=params)
     expected = run(whole)
-    assert expected[2] is FinishReason.STOP and expected[0] == text[:12]
+    assert expected[2] is FinishReason.STOP and expected[0] == text[: 22 if keep else 12]
     for k in range(1, len(expected[1])):
         source, destination = make_engine(tiny_llama), make_engine(tiny_llama)
         source.add_request("s", prompt_token_ids=PROMPT, params=params)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from dlora.common.messages import SamplingParams
+
 # Prompt tokens kept as left context for the first output token's spelling.
 _CONTEXT = 5
 
@@ -75,3 +77,26 @@ class IncrementalDetokenizer:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before) :]
+
+
+def sent_tail(
+    tokenizer: Tokenizer, prompt_ids: list[int], resumed: list[int], params: SamplingParams, pending: int, held: str
+) -> str:
+    """The text a resumed request's client was already sent, as much of its end as a stop string
+    (``params.stop``) can span less a character (none without stop strings): what
+    its ``resumed`` outputs spell, the last ``pending`` left out (they spelled nothing yet) and the
+    text ``held`` back from the client taken off the end, decoded as ``IncrementalDetokenizer``
+    decodes (a few tokens before as left context). A stop string begun before a move, a recovery
+    or a preemption is looked for across the seam in it: with ``include_stop_str_in_output``
+    nothing is held back for one, so the held text alone does not hold its beginning."""
+    done, chars = resumed[: len(resumed) - pending], max(map(len, params.stop), default=1) - 1
+    if chars <= 0 or not done:
+        return ""
+    n = min(len(done), 2 * chars + _CONTEXT)  # a token spells a character at least, but for special ones
+    before = (prompt_ids + done)[-(n + _CONTEXT) : -n]
+    decode = decoder(tokenizer)
+    skip = params.skip_special_tokens
+    text = decode(before + done[-n:], skip)[len(decode(before, skip)) :]
+    if held and text.endswith(held):
+        text = text[: -len(held)]
+    return text[-chars:]

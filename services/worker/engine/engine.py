@@ -22,7 +22,7 @@ from dlora.services.worker.engine.admission import check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
-from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, sent_tail
 from dlora.services.worker.engine.device import resolve_device
 from dlora.services.worker.engine.faults import describe, raise_if_lost
 from dlora.services.worker.engine.inputs import build_inputs
@@ -214,18 +214,19 @@ class LLMEngine:
             raise RequestError("give exactly one of prompt and prompt_token_ids")
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         resumed = list(resume_token_ids or [])
-        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, resume_text_pending)
+        pending, held = resume_text_pending, resume_text_held
+        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, pending)
+        tail = sent_tail(self.tokenizer, ids, resumed, params, pending, held)  # sent already: looked in, not again
         seq = Sequence(
             request_id=request_id,
             adapter=adapter,
             prompt_ids=ids,
             params=params,
             arrival=fcfs_arrival(self._arrivals, bool(resumed), self.seqs.values(), priority),
-            detok=IncrementalDetokenizer(
-                self.tokenizer, ids + resumed, params.skip_special_tokens, resume_text_pending
-            ),
+            detok=IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens, pending),
             output_ids=resumed,
-            text=resume_text_held,
+            text=tail + held,
+            emitted=len(tail),
         )
         seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         if params.allowed_token_ids:
