@@ -38,6 +38,8 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
         '{"id": "k", "prompt": "hi \\ud800"}',  # JSON's lone surrogate: valid JSON, not text
         '{"id": "m", "prompt": "hi", "stop": ["\\udc00"]}',  # in any string of the line
         {"id": None, "prompt_token_ids": [True, False]},  # no id: its line's; bools are not token ids
+        {"id": "n", "prompt_token_ids": [5, 6], "max_tokens": 0.0, "prompt_logprobs": 0},  # as 1.0 is refused
+        {"id": "o", "prompt_token_ids": [5, 6], "max_tokens": 0, "prompt_logprobs": 0, "min_tokens": 1},
         # logprobs are written out (they were computed and dropped)
         {"id": "l", "prompt_token_ids": [5, 6], "max_tokens": 2, "logprobs": 1},
     ]
@@ -51,7 +53,7 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
 
     results = [json.loads(line) for line in out.read_text().splitlines()]
     ids = ["a", "line-2", "b", "c", "d", "e", "f", "g", "h", "i", "e@line-11", "line-2@line-12", "j", "k"]
-    ids += ["m", "line-16", "l"]
+    ids += ["m", "line-16", "n", "o", "l"]
     assert [r["id"] for r in results] == ids
     errors = {r["id"]: r["error"] for r in results if "error" in r}
     assert errors["line-2"].startswith("line 2: not valid JSON")
@@ -71,6 +73,7 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert "duplicate id 'e'" in errors["e@line-11"] and "duplicate id 'line-2'" in errors["line-2@line-12"]
     assert "adapter must be a string" in errors["j"] and "lone UTF-16 surrogate" in errors["k"]
     assert "lone UTF-16 surrogate" in errors["m"] and "list of integers" in errors["line-16"]
+    assert all("max_tokens 0 asks for the prompt's logprobs alone" in errors[i] for i in "no")
     logprobs = by_id["l"]["logprobs"]
     assert [entry[0] for entry in logprobs] == by_id["l"]["token_ids"] and all(len(e[2]) == 1 for e in logprobs)
 

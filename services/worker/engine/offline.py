@@ -57,6 +57,8 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
         prompt_only = fields.get("max_tokens") == 0 and fields.get("prompt_logprobs") is not None
         if prompt_only:
+            if type(fields["max_tokens"]) is not int or fields.get("min_tokens"):  # as the gateway refuses them
+                raise RequestError("max_tokens 0 asks for the prompt's logprobs alone: an integer, with no min_tokens")
             fields["max_tokens"] = 1
         # Through JSON, not convert: logit_bias's keys are token ids written as JSON's strings.
         params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
