@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dlora.services.launcher import CRASH_LOOP_S
 from dlora.services.servers import free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -120,6 +121,10 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
         # cluster serves on. It used to stop everything without saying why.
         children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True, text=True)
         worker = next(int(line.split()[0]) for line in children.stdout.splitlines() if "serve worker" in line)
+        # Killed within CRASH_LOOP_S of its start it would read as a crash loop, not started again
+        # (a fast run of the steps above got there in under 10 s, and dlora up stopped).
+        ran = int(subprocess.run(["ps", "-o", "etimes=", "-p", str(worker)], capture_output=True, text=True).stdout)
+        time.sleep(max(0.0, CRASH_LOOP_S + 1 - ran))
         os.kill(worker, signal.SIGKILL)
         said = ""
         while "started it again" not in said:
