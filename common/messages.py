@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 from typing import Annotated
 
@@ -109,6 +110,17 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
 # times, then failed: a poison request must not take down one worker after another. A request
 # whose message never reached its worker is re-dispatched without counting.
 MAX_RECOVERIES = 1
+
+
+def holds_lone_surrogate(decoded: object) -> bool:
+    """Whether JSON decoded by the standard library (``json.loads``) holds a lone UTF-16 surrogate
+    in a string: valid JSON (Python's json.dumps writes one as ``\\ud800``), but not text, so no
+    tokenizer takes it and msgspec refuses the message whole."""
+    try:
+        json.dumps(decoded, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def with_seed(req: GenerateRequest) -> GenerateRequest:

@@ -29,6 +29,7 @@ from dlora.common.messages import (
     Placement,
     TokenChunk,
     WorkerStats,
+    holds_lone_surrogate,
     with_seed,
 )
 from dlora.common.registry import AdapterRegistry
@@ -59,11 +60,7 @@ def request_head(data: bytes) -> tuple[str, str, bool] | None:
     rid = str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
     if not (isinstance(rid, str) and isinstance(reply, str)) or not (rid + reply).isprintable():
         return None  # a lone surrogate is not printable: such an id or subject cannot be written back
-    try:
-        json.dumps(obj, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return rid, reply, True
-    return rid, reply, False
+    return rid, reply, holds_lone_surrogate(obj)
 
 
 _encode = msgspec.json.Encoder()

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import SamplingParams, holds_lone_surrogate
 from dlora.model.adapters import AdapterError, parse_lora_args
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.engine import LLMEngine, RequestError
@@ -27,14 +27,6 @@ from dlora.services.worker.policy import PolicyConfig
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
-
-
-def _is_text(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, str | None, bool]:
@@ -49,9 +41,7 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
     if not isinstance(obj, dict):
         return key, f"line {lineno}: expected a JSON object", False
     rid = key if obj.get("id") is None else str(obj["id"])
-    if not _is_text(
-        json.dumps(obj, ensure_ascii=False)
-    ):  # JSON's "\ud800": valid, but no tokenizer or encoder takes it
+    if holds_lone_surrogate(obj):
         return rid, f"line {lineno}: a string holds a lone UTF-16 surrogate escape (not text)", False
     try:
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
