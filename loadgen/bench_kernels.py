@@ -41,23 +41,40 @@ class Point:
     gb_s: float  # bytes the op must move / time
     gflop_s: float
     bandwidth_fraction: float | None  # of the device's peak (GPU only)
+    # Attention: median over rounds of this impl's time / the dense SDPA's in the same round (the
+    # two alternate, so a machine whose speed drifts between runs moves both alike).
+    vs_dense: float | None = None
 
 
-def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
-    def measure(fn: Callable[[], object]) -> float:
-        fn()  # warm-up (and compile)
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+class _Timer:
+    """Median wall time of a callable over ``reps`` runs after a warm-up (and compile), in ms."""
+
+    def __init__(self, device: torch.device, reps: int) -> None:
+        self.device, self.reps = device, reps
+
+    def _once(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        fn()
+        return statistics.median(self._once(fn) for _ in range(self.reps))
+
+    def interleaved(self, fns: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+        """Each callable's times (ms), one run of each per round, the order turned every round."""
+        for fn in fns.values():
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
-    return measure
+        names = list(fns)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(self.reps):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                times[name].append(self._once(fns[name]))
+        return times
 
 
 def _lora_points(
@@ -139,7 +156,7 @@ def _attention_points(
     kv_heads: int,
     head_dim: int,
     impls: list[str],
-    measure,
+    measure: _Timer,
     peak: float | None,
     block_size: int = 16,
     prefill: bool = False,
@@ -163,26 +180,32 @@ def _attention_points(
     flops = 4 * batch * heads * ctx * head_dim * (q_len + 1) // (2 if prefill else 1)  # causal: half the pairs
     shape = f"B={batch} ctx={ctx} heads={heads}/{kv_heads} D={head_dim}"
     kernel = "attention prefill" if prefill else "attention decode"
-    points = []
+    fns: dict[str, Callable[[], object]] = {}
     for impl in impls:
         if impl == "triton":
             from dlora.kernels.attention_triton import build_paged_metadata, paged_attention_triton
 
-            meta = build_paged_metadata(*args)
-            ms = measure(lambda: paged_attention_triton(q, k, v, meta, block_size, scale))
+            paged = build_paged_metadata(*args)
+            fns[impl] = lambda: paged_attention_triton(q, k, v, paged, block_size, scale)
         elif impl == "torch":
             meta = build_attention_metadata(*args)
-            ms = measure(lambda: paged_attention_torch(q, k, v, meta, block_size, scale))
+            fns[impl] = lambda: paged_attention_torch(q, k, v, meta, block_size, scale)
         else:  # the same keys and values laid out densely per sequence, gathered untimed
             idx = torch.tensor(tables, device=device)
             kd = k.unflatten(0, (-1, block_size))[idx].flatten(1, 2).transpose(1, 2).contiguous()
             vd = v.unflatten(0, (-1, block_size))[idx].flatten(1, 2).transpose(1, 2).contiguous()
             qd = q.unflatten(0, (batch, q_len)).transpose(1, 2)
-            ms = measure(
-                lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale, is_causal=prefill, enable_gqa=True)
+            fns[impl] = lambda: F.scaled_dot_product_attention(
+                qd, kd, vd, scale=scale, is_causal=prefill, enable_gqa=True
             )
+    times = measure.interleaved(fns)
+    dense = times.get("sdpa-dense")
+    points = []
+    for impl, ts in times.items():
+        ms = statistics.median(ts)
+        ratio = statistics.median(a / b for a, b in zip(ts, dense)) if dense and impl != "sdpa-dense" else None
         gbs = moved / ms / 1e6
-        points.append(Point(kernel, impl, shape, ms, gbs, flops / ms / 1e6, gbs / peak if peak else None))
+        points.append(Point(kernel, impl, shape, ms, gbs, flops / ms / 1e6, gbs / peak if peak else None, ratio))
     return points
 
 
@@ -194,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name() if cuda else machine()
     peak = args.peak_gbs or (next((v for k, v in PEAK_GBS.items() if k in name), None) if cuda else None)
     dtype = torch.float16 if cuda else torch.float32
-    measure = _timer(device, args.reps)
+    measure = _Timer(device, args.reps)
     real = ["triton", "torch"] if cuda else ["torch"]
     points: list[Point] = []
 
@@ -223,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
             impls = real + ["sdpa-dense"]
             add(_attention_points(device, dtype, batch, ctx, heads, kv_heads, 128, impls, measure, peak, prefill=True))
     if not cuda:  # the Triton path under the interpreter, at shapes it finishes quickly
-        interp = _timer(device, 1)
+        interp = _Timer(device, 1)
         add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "triton-fused", "torch"], interp, None))
         add(_lora_points(device, dtype, 256, 16, 32, 8, False, ["triton", "torch"], interp, None, mixed=True))
         add(_attention_points(device, dtype, 4, 64, 4, 2, 16, ["triton", "torch"], interp, None))
@@ -249,16 +272,19 @@ def markdown(r: dict) -> str:
     )
     lines = [
         f"Measured {r['date']} {where}. Median of {r['reps']} runs. GB/s counts the bytes the op must move "
-        "(weights of the adapters in the batch, activations in and out; for attention the keys and values).",
+        "(weights of the adapters in the batch, activations in and out; for attention the keys and values). "
+        "An attention shape's implementations run in turn, one call each per round; × dense is the median "
+        "over rounds of its time over the dense SDPA's in the same round.",
         "",
-        "| kernel | impl | shape | ms | GB/s | GFLOP/s | of peak bandwidth |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | impl | shape | ms | GB/s | GFLOP/s | of peak bandwidth | × dense SDPA |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in r["points"]:
         frac = f"{p['bandwidth_fraction']:.0%}" if p["bandwidth_fraction"] else "-"
+        ratio = f"{p['vs_dense']:.2f}" if p.get("vs_dense") else "-"
         lines.append(
             f"| {p['kernel']} | {p['impl']} | {p['shape']} | {p['ms']:.3f} | {p['gb_s']:.1f} | "
-            f"{p['gflop_s']:.1f} | {frac} |"
+            f"{p['gflop_s']:.1f} | {frac} | {ratio} |"
         )
     return "\n".join(lines)
 
