@@ -75,6 +75,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # A move that ships the KV cache: this many KVChunks follow on subjects.kv_transfer; 0: none
     # (the receiving worker recomputes from the tokens).
     kv_chunks: int = 0
+    # Which shipment those chunks are (``KVChunk.transfer``): a request moved here, given up on its
+    # cache, moved away and back could otherwise be given the first move's chunks, come late.
+    kv_transfer: str = ""
     # Seconds the source spent exporting that cache (part of what the move cost).
     kv_export_s: float = 0.0
     # Times this request was re-dispatched because the worker running it died, hung or restarted.
@@ -387,6 +390,7 @@ class KVChunk(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     index: int
     total: int
     data: bytes
+    transfer: str = ""  # one move's shipment (``GenerateRequest.kv_transfer``)
 
 
 class Placement(msgspec.Struct, kw_only=True, frozen=True):

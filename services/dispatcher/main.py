@@ -115,7 +115,9 @@ class Dispatcher:
         # comes would hold a worker 5 s; outputs to resume from, which would never be sent), and
         # the owner. Gateways never set them. An adapter named "" is the base model, as the gateway
         # reads a model named "".
-        clean = dict(owner=owner, kv_chunks=0, kv_export_s=0.0, recoveries=0, recorded=False, continued=False)
+        clean = dict(
+            owner=owner, kv_chunks=0, kv_transfer="", kv_export_s=0.0, recoveries=0, recorded=False, continued=False
+        )
         clean |= dict(resume_token_ids=[], resume_text_pending=0, resume_text_held="", next_seq=0)
         if req.adapter == "":
             clean["adapter"] = None
@@ -317,6 +319,7 @@ class Dispatcher:
             resume_text_held=rec.text_held,
             next_seq=next_seq,
             kv_chunks=0,
+            kv_transfer="",
             kv_export_s=0.0,
             recoveries=rec.recoveries + 1,
             continued=True,

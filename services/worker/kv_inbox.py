@@ -8,8 +8,14 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from dlora.common import log
 from dlora.common.messages import KVChunk
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
+
+logger = log.get("worker")
+
+# One shipment: the request it belongs to and the move's transfer id (``KVChunk.transfer``).
+_Key = tuple[str, str]
 
 
 @dataclass
@@ -19,43 +25,52 @@ class _Box:
 
 
 class KVInbox:
-    """Moved caches by request id. A request waits ``wait_s`` for the rest of its cache, then
-    recomputes instead; caches nobody claims for ``stale_s`` (their request never came, was refused,
-    or came too late) go when the next cache starts to arrive."""
+    """Moved caches by request id and shipment. A request waits ``wait_s`` for the rest of its
+    cache, then recomputes instead; caches nobody claims for ``stale_s`` (their request never came,
+    was refused, came too late, or gave up on them and their chunks kept coming) go when the next
+    cache starts to arrive. A request takes only its own move's shipment: the chunks of an earlier
+    move of the same request, come late, are never read as its cache."""
 
     def __init__(self, wait_s: float = 5.0, stale_s: float = 20.0) -> None:
         self.wait_s, self.stale_s = wait_s, stale_s
-        self._boxes: dict[str, _Box] = {}
-        self._ready: dict[str, asyncio.Event] = {}
+        self._boxes: dict[_Key, _Box] = {}
+        self._ready: dict[_Key, asyncio.Event] = {}
 
     def __len__(self) -> int:
         return len(self._boxes)
 
     def put(self, chunk: KVChunk) -> None:
-        box = self._boxes.get(chunk.request_id)
+        key = (chunk.request_id, chunk.transfer)
+        box = self._boxes.get(key)
         if box is None:
             now = time.monotonic()
-            for rid in [rid for rid, b in self._boxes.items() if now - b.opened > self.stale_s]:
-                self._drop(rid)
-            box = self._boxes[chunk.request_id] = _Box(now)
+            for old in [k for k, b in self._boxes.items() if now - b.opened > self.stale_s]:
+                self._drop(old)
+            box = self._boxes[key] = _Box(now)
         box.parts[chunk.index] = chunk.data
         if len(box.parts) == chunk.total:
-            self._ready.setdefault(chunk.request_id, asyncio.Event()).set()
+            self._ready.setdefault(key, asyncio.Event()).set()
 
-    async def take(self, request_id: str) -> KVSnapshot | None:
-        """The request's cache once all its chunks are here; None if they do not come in time."""
-        ready = self._ready.setdefault(request_id, asyncio.Event())
+    async def take(self, request_id: str, transfer: str = "") -> KVSnapshot | None:
+        """The cache of ``request_id``'s shipment ``transfer`` once all its chunks are here; None
+        if they do not come in time, or their bytes are not a cache (then it is recomputed)."""
+        key = (request_id, transfer)
+        ready = self._ready.setdefault(key, asyncio.Event())
         try:
             async with asyncio.timeout(self.wait_s):
                 await ready.wait()
         except TimeoutError:
             return None
         finally:
-            box = self._drop(request_id)
+            box = self._drop(key)
         if box is None:  # swept as stale between its last chunk and this take
             return None
-        return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
+        try:
+            return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
+        except Exception as e:  # noqa: BLE001 - the sender's bytes, whatever they hold
+            logger.warning("moved KV unreadable; recomputing", request=request_id, error=f"{type(e).__name__}: {e}")
+            return None
 
-    def _drop(self, request_id: str) -> _Box | None:
-        self._ready.pop(request_id, None)
-        return self._boxes.pop(request_id, None)
+    def _drop(self, key: _Key) -> _Box | None:
+        self._ready.pop(key, None)
+        return self._boxes.pop(key, None)

@@ -209,7 +209,7 @@ class WorkerService:
         return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
 
     async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
-        kv = await self.kv_inbox.take(req.request_id)
+        kv = await self.kv_inbox.take(req.request_id, req.kv_transfer)
         if kv is None:
             logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
         return kv

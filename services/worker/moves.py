@@ -5,6 +5,7 @@ in chunks when the plan ships it). The worker shell does the I/O; ``kv_inbox`` i
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import msgspec
@@ -53,12 +54,14 @@ def handoff(
     None when recomputed) split into chunks of at most ``KV_CHUNK_BYTES``. ``kv_export_s``: what
     exporting the cache took, seconds, for the destination's measure of a shipped cache's cost."""
     data = kv or b""
+    transfer = uuid.uuid4().hex if data else ""
     chunks = [
         KVChunk(
             request_id=request.request_id,
             index=i // KV_CHUNK_BYTES,
             total=-(-len(data) // KV_CHUNK_BYTES),
             data=data[i : i + KV_CHUNK_BYTES],
+            transfer=transfer,
         )
         for i in range(0, len(data), KV_CHUNK_BYTES)
     ]
@@ -69,6 +72,7 @@ def handoff(
         resume_text_held=text_held,
         next_seq=next_seq,
         kv_chunks=len(chunks),
+        kv_transfer=transfer,
         kv_export_s=kv_export_s if kv is not None else 0.0,
         recorded=True,  # the source records it at the destination before sending it
         continued=True,

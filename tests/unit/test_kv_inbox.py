@@ -47,3 +47,36 @@ async def test_unclaimed_caches_are_swept_when_the_next_arrives() -> None:
     await asyncio.sleep(0.01)
     inbox.put(new[0])
     assert len(inbox) == 1
+
+
+def shipment(request_id: str, transfer: str, tokens: int, n: int = 3) -> tuple[KVSnapshot, list[KVChunk]]:
+    kv = KVSnapshot(tokens=tokens, k=torch.randn(2, tokens, 1, 8), v=torch.randn(2, tokens, 1, 8))
+    data = kv.to_bytes()
+    size = -(-len(data) // n)
+    parts = [data[i * size : (i + 1) * size] for i in range(n)]
+    return kv, [
+        KVChunk(request_id=request_id, index=i, total=n, data=d, transfer=transfer) for i, d in enumerate(parts)
+    ]
+
+
+async def test_a_request_moved_back_takes_its_own_shipment_not_an_earlier_one_come_late() -> None:
+    """Moved here, given up on its cache (it came too late), moved away and back: the first move's
+    chunks, arriving meanwhile, are neither its cache nor mixed into the second's."""
+    inbox = KVInbox(wait_s=0.05)
+    _, first = shipment("r", "move-1", tokens=4)
+    assert await inbox.take("r", "move-1") is None  # the first move's request gave up waiting
+    for c in first[:2]:
+        inbox.put(c)
+    kv, second = shipment("r", "move-2", tokens=9)
+    waiting = asyncio.create_task(inbox.take("r", "move-2"))
+    inbox.put(first[2])  # the first shipment's last chunk: complete now, and not asked for
+    for c in second:
+        inbox.put(c)
+    got = await waiting
+    assert got is not None and got.tokens == 9 and torch.equal(got.k, kv.k)
+
+
+async def test_bytes_that_are_not_a_cache_are_recomputed_not_raised() -> None:
+    inbox = KVInbox(wait_s=2.0)
+    inbox.put(KVChunk(request_id="r", index=0, total=1, data=b"not safetensors", transfer="t"))
+    assert await inbox.take("r", "t") is None and len(inbox) == 0

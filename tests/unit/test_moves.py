@@ -61,8 +61,9 @@ async def test_a_shipped_cache_arrives_whole(monkeypatch) -> None:
     resumed, chunks = moves.handoff(REQ, [7], 0, next_seq=1, kv=data, kv_export_s=0.01)
     assert len(chunks) == resumed.kv_chunks == -(-len(data) // 1000) > 1
     assert all(c.total == len(chunks) and len(c.data) <= 1000 for c in chunks)
+    assert resumed.kv_transfer and {c.transfer for c in chunks} == {resumed.kv_transfer}  # this move's shipment
     inbox = KVInbox(wait_s=2.0)
-    waiting = asyncio.create_task(inbox.take("r"))
+    waiting = asyncio.create_task(inbox.take("r", resumed.kv_transfer))
     for c in reversed(chunks):
         inbox.put(c)
     got = await waiting
