@@ -162,7 +162,12 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         context is recomputed here). Raises what ``add_request`` raises."""
         params = SamplingParams(max_tokens=max_tokens or output_len, temperature=0.0)
         self.add_request(
-            request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=adapter, resume_token_ids=resumed
+            request_id,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            adapter=adapter,
+            resume_token_ids=resumed,
+            continued=resumed is not None,  # a move: its prompt was counted where it began
         )
         self.targets[request_id] = output_len
         self._last = None

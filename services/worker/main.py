@@ -227,6 +227,7 @@ class WorkerService:
             resume_text_held=req.resume_text_held,
             kv=kv,
             priority=req.priority,
+            continued=req.continued,
         )
 
     async def _add(self, req: GenerateRequest) -> None:

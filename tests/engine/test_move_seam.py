@@ -52,3 +52,15 @@ def test_a_move_at_any_step_keeps_the_text_and_the_stop(tiny_llama: TinyOutput, 
         )
         after, more, reason = run(destination)
         assert (before + after, ids + more, reason) == expected, k
+
+
+def test_a_request_moved_before_its_first_token_counts_its_prompt_once(tiny_llama: TinyOutput) -> None:
+    """Prompt tokens (vLLM's prompt_tokens_total) count where a request began: one moved, recovered
+    or handed over before it produced anything is no new prompt where it continues."""
+    source, destination = make_engine(tiny_llama), make_engine(tiny_llama)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    source.add_request("r", prompt_token_ids=PROMPT, params=params)
+    destination.add_request("r", prompt_token_ids=PROMPT, params=params, continued=True)
+    destination.add_request("new", prompt_token_ids=PROMPT[:3], params=params)
+    assert (source.stats.prompt_tokens, destination.stats.prompt_tokens) == (len(PROMPT), 3)
+    assert run(destination)[2] is FinishReason.LENGTH  # and it runs as any other

@@ -197,12 +197,15 @@ class LLMEngine:
         resume_text_pending: int = 0,
         resume_text_held: str = "",
         priority: int = 0,
+        continued: bool = False,
     ) -> None:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated
         or lost run); generation continues after them and they are not reported again
         (``resume_text_held``, their text not sent yet, and that of the last ``resume_text_pending``
         come first, a stop string looked for across them). ``kv``: the moved request's cache from
-        another engine (``export_kv``), not recomputed. ``priority``: lower first (``fcfs_arrival``)."""
+        another engine (``export_kv``), not recomputed. ``priority``: lower first (``fcfs_arrival``).
+        ``continued``: it was on another engine before (moved, recovered, handed over), which counted
+        its prompt tokens, even where it had produced nothing yet."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
@@ -240,7 +243,7 @@ class LLMEngine:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
         self.seqs[request_id] = seq
-        self.stats.prompt_tokens += 0 if resumed else len(ids)
+        self.stats.prompt_tokens += 0 if resumed or continued else len(ids)
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
         """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown)."""
