@@ -211,7 +211,7 @@ class WorkerService:
     async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
         kv = await self.kv_inbox.take(req.request_id, req.kv_transfer)
         if kv is None:
-            logger.warning("moved KV did not arrive; recomputing", request=req.request_id)
+            logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
         return kv
 
     def _add_to_engine(self, req: GenerateRequest, kv: KVSnapshot | None) -> None:
