@@ -8,6 +8,8 @@ own causal one when its whole prompt is new), several with queries and keys padd
 that is causal inside the new tokens and hides keys past each context. Small groups keep the
 copy in cache for SDPA's read and spare the allocation (page faults) per layer that made the
 first version of this path 5-10x slower than SDPA over dense keys (BENCHMARKS.md, kernels).
+On a CPU, decodes of ``LONE_DECODE_KEYS`` keys or more are attended together instead, chunk by
+chunk of their keys (``LongDecodes``), the chunks merged by their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ from dlora.kernels.host import to_device
 # and 4 of values, about what stays in this CPU's cache between the copy and SDPA's read
 # (measured with dlora bench kernels; more or fewer per group was slower).
 GROUP_KEYS = 1024
-# A lone decode whose keys pass this many bytes is attended in chunks of about this size, each
-# copy still in cache when it is read, the chunks' outputs merged by their log-sum-exp (as
-# flash-decoding splits the keys): 2 MiB measured best for 32 heads x 128 fp32 (128 keys).
-DECODE_CHUNK_BYTES = 2 << 20
-# A decode with at least this many keys is grouped alone (so its keys can be chunked).
+# Long decodes are attended together in chunks of their keys of about this many bytes (keys and
+# values of every sequence in the chunk), each copy still in cache when it is read, the chunks'
+# outputs merged by their log-sum-exp (as flash-decoding splits the keys). One call per chunk for
+# all of them, not one per sequence and chunk: at 8 sequences of 512 keys, 32/8 heads x 128 fp32,
+# 1.1-1.25x dense SDPA against 1.45-1.9x chunked per sequence (2 MiB each), interleaved on a
+# 2-core EPYC VM; 4 MiB measured best of 2-16 (BENCHMARKS.md, kernels).
+DECODE_CHUNK_BYTES = 4 << 20
+# Keys of one sequence in a chunk at least (fewer cost more per key in the flash call).
+DECODE_CHUNK_KEYS = 128
+# A decode with at least this many keys is attended with the other long ones, in chunks (on a
+# CPU); shorter ones are grouped as prefills are.
 LONE_DECODE_KEYS = 256
 
 
@@ -49,11 +57,69 @@ class AttentionGroup:
 
 
 @dataclass
+class LongDecodes:
+    """The step's decodes of at least ``LONE_DECODE_KEYS`` keys, longest first, attended together
+    chunk by chunk (CPU only: aten's flash attention that returns the log-sum-exp is the CPU's)."""
+
+    q_index: torch.Tensor  # (M,) int64: flat index of each one's query token
+    tables: torch.Tensor  # (M, max_blocks) int64: block tables, padded with block 0
+    ctx: list[int]  # keys of each, descending
+    # Per block size in bytes: the chunks (``split``), made at the first layer, reused by the others.
+    chunks: dict[int, list[Chunk]] = field(default_factory=dict)
+
+    def split(self, block_size: int, block_bytes: int) -> list[Chunk]:
+        """The chunks of the long decodes' keys: runs of consecutive sequences (longest first) and
+        of their blocks, each chunk's keys and values within ``DECODE_CHUNK_BYTES``; at least
+        ``DECODE_CHUNK_KEYS`` keys of each sequence a chunk (fewer per sequence, more sequences,
+        cost more per key in the flash call: one long decode of 32 KV heads takes a chunk alone)."""
+        if block_bytes not in self.chunks:
+            blocks = self.tables.shape[1]
+            width = max(1, DECODE_CHUNK_BYTES // (2 * len(self.ctx) * block_bytes), DECODE_CHUNK_KEYS // block_size)
+            width = min(width, blocks)  # no wider than the longest's table: the rest is padding
+            rows = max(1, DECODE_CHUNK_BYTES // (2 * width * block_bytes))  # sequences a chunk
+            out = []
+            for lo in range(0, len(self.ctx), rows):
+                ctx = self.ctx[lo : lo + rows]
+                for j, start in enumerate(range(0, blocks, width)):
+                    if (m := sum(c > start * block_size for c in ctx)) == 0:
+                        break  # the run's longest ends before this chunk: so does every other
+                    out.append(self._chunk(lo, m, j, start, width, block_size))
+            self.chunks[block_bytes] = out
+        return self.chunks[block_bytes]
+
+    def _chunk(self, lo: int, m: int, j: int, start: int, width: int, block_size: int) -> Chunk:
+        ids = self.tables[lo : lo + m, start : start + width]
+        if ids.shape[1] < width:  # the last chunk of the longest: padded with block 0, masked
+            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
+        keys = width * block_size
+        valid = [min(c - start * block_size, keys) for c in self.ctx[lo : lo + m]]
+        mask = None
+        if min(valid) < keys:
+            past = torch.arange(keys) >= torch.tensor(valid)[:, None]
+            mask = torch.zeros(m, 1, 1, keys).masked_fill_(past.view(m, 1, 1, keys), float("-inf"))
+            mask = mask.to(self.tables.device)
+        return Chunk(lo, m, j, ids.reshape(-1).contiguous(), mask)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Keys of long decodes attended in one call: sequences lo .. lo + m - 1 (each with at least
+    one key in it), the j-th chunk of their run."""
+
+    lo: int
+    m: int
+    j: int
+    blocks: torch.Tensor  # (m * width,) int64: each sequence's blocks of the chunk, padded with block 0
+    mask: torch.Tensor | None  # (m, 1, 1, width * block_size) fp32: -inf past a context, else 0; None: none past
+
+
+@dataclass
 class AttentionMetadata:
     """Built once per step, shared by every layer."""
 
     slots: torch.Tensor  # (T,) int64: flat cache slot where each new token's K/V is written
     groups: list[AttentionGroup]
+    long_decodes: LongDecodes | None = None
     # Copies of a group's keys and values, per (shape, dtype): allocated at the first layer, reused
     # by every group and layer after it.
     workspace: dict[tuple[tuple[int, ...], torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
@@ -77,9 +143,12 @@ def build_attention_metadata(
     for n in q_lens:
         starts.append(t)
         t += n
+    long = [i for i, n in enumerate(q_lens) if n == 1 and ctx_lens[i] >= LONE_DECODE_KEYS]
+    if device.type != "cpu":  # attended one by one, each alone in its group
+        long = []
     groups = []
     for decode in (True, False):
-        members = [i for i, n in enumerate(q_lens) if (n == 1) == decode]
+        members = [i for i, n in enumerate(q_lens) if (n == 1) == decode and i not in long]
         batches: list[list[int]] = []
         for i in members:
             lone = decode and ctx_lens[i] >= LONE_DECODE_KEYS
@@ -91,7 +160,26 @@ def build_attention_metadata(
             else:
                 batches.append([i])
         groups += [_group(b, starts, q_lens, ctx_lens, block_tables, block_size, device) for b in batches]
-    return AttentionMetadata(slots=to_device(slots, torch.int64, device), groups=groups)
+    return AttentionMetadata(
+        slots=to_device(slots, torch.int64, device),
+        groups=groups,
+        long_decodes=_long_decodes(long, starts, ctx_lens, block_tables, device) if long else None,
+    )
+
+
+def _long_decodes(
+    members: list[int], starts: list[int], ctx_lens: list[int], block_tables: list[list[int]], device: torch.device
+) -> LongDecodes:
+    members = sorted(members, key=lambda i: -ctx_lens[i])
+    width = max(len(block_tables[i]) for i in members)
+    tables = np.zeros((len(members), width), dtype=np.int64)
+    for row, i in enumerate(members):
+        tables[row, : len(block_tables[i])] = block_tables[i]
+    return LongDecodes(
+        q_index=to_device([starts[i] for i in members], torch.int64, device),
+        tables=to_device(tables, torch.int64, device),
+        ctx=[ctx_lens[i] for i in members],
+    )
 
 
 def _group(
@@ -162,14 +250,10 @@ def paged_attention_torch(
     _, kv_heads, head_dim = k_cache.shape
     k_blocks = k_cache.view(-1, block_size * kv_heads * head_dim)  # one row per block
     v_blocks = v_cache.view(-1, block_size * kv_heads * head_dim)
-    chunk = max(1, DECODE_CHUNK_BYTES // k_blocks[0].nbytes)  # blocks per chunk of a long decode
+    if meta.long_decodes is not None:
+        long = meta.long_decodes
+        out[long.q_index] = _long_decodes_attended(q[long.q_index], k_blocks, v_blocks, meta, block_size, scale)
     for g in meta.groups:
-        # aten's flash attention that returns the log-sum-exp runs on CPUs only (on CUDA the
-        # Triton path attends; this one is its reference there).
-        if q.device.type == "cpu" and g.num_seqs == 1 and g.mask is None and not g.causal and g.blocks.numel() > chunk:
-            t = g.q_index[0, 0]
-            out[t] = _chunked_decode(q[t], k_blocks, v_blocks, meta, g, chunk, block_size, scale)
-            continue
         k_rows, v_rows = _workspace(meta, (g.blocks.numel(), k_blocks.shape[1]), k_blocks)
         torch.index_select(k_blocks, 0, g.blocks, out=k_rows)
         torch.index_select(v_blocks, 0, g.blocks, out=v_rows)
@@ -185,38 +269,40 @@ def paged_attention_torch(
     return out
 
 
-def _chunked_decode(
+def _long_decodes_attended(
     q: torch.Tensor,
     k_blocks: torch.Tensor,
     v_blocks: torch.Tensor,
     meta: AttentionMetadata,
-    g: AttentionGroup,
-    chunk: int,
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """One decode query q (heads, D) over a long context, ``chunk`` blocks at a time. Each chunk
-    runs aten's CPU flash attention, which also returns the log-sum-exp of its scores; the
-    chunks' outputs weighted by softmax over those are the attention over all keys. The query
-    heads of one KV head are that call's query rows (GQA without repeating keys)."""
-    heads, head_dim = q.shape
+    """The long decodes' queries q (M, heads, D) over their contexts, chunk by chunk of every one's
+    keys at once (``LongDecodes.split``). Each chunk runs aten's CPU flash attention, which also
+    returns the log-sum-exp of its scores; the chunks' outputs weighted by softmax over those are
+    the attention over all keys (a sequence without keys in a chunk weighs nothing there). The
+    query heads of one KV head are that call's query rows (GQA without repeating keys)."""
+    long = meta.long_decodes
+    assert long is not None
+    members, heads, head_dim = q.shape
     kv_heads = k_blocks.shape[1] // (block_size * head_dim)
-    qg = q.view(1, kv_heads, heads // kv_heads, head_dim)
-    outs, lses = [], []
-    for start in range(0, g.blocks.numel(), chunk):
-        blocks = g.blocks[start : start + chunk]
-        keys = min(g.keys - start * block_size, blocks.numel() * block_size)
-        k_rows, v_rows = _workspace(meta, (blocks.numel(), k_blocks.shape[1]), k_blocks)
-        torch.index_select(k_blocks, 0, blocks, out=k_rows)
-        torch.index_select(v_blocks, 0, blocks, out=v_rows)
-        k = k_rows.view(1, -1, kv_heads, head_dim)[:, :keys].transpose(1, 2)
-        v = v_rows.view(1, -1, kv_heads, head_dim)[:, :keys].transpose(1, 2)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, scale=scale)
-        outs.append(o)
-        lses.append(lse)
-    weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # (chunks, 1, kv_heads, group, 1)
-    merged = (weights * torch.stack(outs).float()).sum(0)
-    return merged.to(q.dtype).view(heads, head_dim)
+    chunks = long.split(block_size, k_blocks[0].nbytes)
+    depth = 1 + max(c.j for c in chunks)  # chunks of the longest run
+    qg = q.view(members, kv_heads, heads // kv_heads, head_dim)
+    lses = q.new_full((depth, members, kv_heads, heads // kv_heads), float("-inf"), dtype=torch.float32)
+    outs = q.new_zeros((depth, members, kv_heads, heads // kv_heads, head_dim), dtype=torch.float32)
+    for c in chunks:
+        k_rows, v_rows = _workspace(meta, (c.blocks.numel(), k_blocks.shape[1]), k_blocks)
+        torch.index_select(k_blocks, 0, c.blocks, out=k_rows)
+        torch.index_select(v_blocks, 0, c.blocks, out=v_rows)
+        k = k_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
+        v = v_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg[c.lo : c.lo + c.m], k, v, attn_mask=c.mask if c.mask is None else c.mask.to(q.dtype), scale=scale
+        )
+        outs[c.j, c.lo : c.lo + c.m], lses[c.j, c.lo : c.lo + c.m] = o, lse
+    weights = torch.softmax(lses, dim=0).unsqueeze(-1)  # (chunks, M, kv_heads, group, 1)
+    return (weights * outs).sum(0).to(q.dtype).view(members, heads, head_dim)
 
 
 def _workspace(

@@ -141,6 +141,7 @@ def _dense_reference(q, k, v, q_lens, ctx_lens, tables, block_size, scale) -> to
     [
         ([1] * 40, [random.Random(i).randint(1, 200) for i in range(40)]),  # many decodes, several groups
         ([1, 1], [1500, 7]),  # a decode longer than a group alone, and a lone short one
+        ([1, 1, 1, 4, 1], [300, 1000, 257, 40, 611]),  # long decodes of ragged lengths, chunked together
         ([30, 5, 1, 12], [30, 70, 900, 1200]),  # prompts, cached prefixes and chunks, padded and alone
         ([1100], [1100]),  # a whole prompt alone: SDPA's causal mask
     ],
@@ -173,4 +174,4 @@ def test_the_torch_path_equals_attention_written_out(
     meta = build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size, torch.device("cpu"))
     got = paged_attention_torch(q, k, v, meta, block_size, head_dim**-0.5)
     torch.testing.assert_close(got, _dense_reference(q, k, v, q_lens, ctx_lens, tables, block_size, head_dim**-0.5))
-    assert len(meta.groups) > 1 or len(q_lens) == 1
+    assert len(meta.groups) + (meta.long_decodes is not None) > 1 or len(q_lens) == 1
