@@ -438,10 +438,11 @@ class Gateway:
         tokens = TokenizeRoutes(self)
         app.router.add_post("/tokenize", tokens.tokenize)  # vLLM's
         app.router.add_post("/detokenize", tokens.detokenize)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.healthz)
-        app.router.add_get("/health", self.healthz)  # vLLM's name
+        for path in ("/healthz", "/readyz", "/health", "/ping"):  # /health and /ping (SageMaker's): vLLM's
+            app.router.add_get(path, self.healthz)
+        app.router.add_post("/ping", self.healthz)
         app.router.add_get("/livez", self.livez)
+        app.router.add_get("/version", openapi.version)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/v1/status", self.status)
         dashboard.add_static(app)

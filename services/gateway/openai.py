@@ -347,7 +347,11 @@ class Shape:
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         choice["stop_reason"] = stop_reason
         if self.chat:
-            choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
+            # Content always, "" too, but in the last event when it adds nothing (OpenAI's "delta":
+            # {}): a token whose text is held back (a character split across tokens) still has an
+            # event, and code that appends delta.content mid-stream must not meet None (vLLM sends "").
+            content = {"content": text} if text or first or finish_reason is None else {}
+            choice["delta"] = ({"role": "assistant"} if first else {}) | content
         else:
             choice["text"] = text
         return {**self._head(True), "choices": [choice]}

@@ -10,6 +10,7 @@ Responses are described by status; only the error body has a schema. Two bearer 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from typing import Any
 
 import msgspec
@@ -109,8 +110,8 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
 
 @functools.cache
 def document() -> dict[str, Any]:
-    """The OpenAPI document of every route a client uses (``/metrics``, ``/readyz`` and ``/health``,
-    aliases of ``/healthz``, and the ``/dashboard`` page's HTML are left out)."""
+    """The OpenAPI document of every route a client uses (``/metrics``, ``/readyz``, ``/health`` and
+    ``/ping``, aliases of ``/healthz``, and the ``/dashboard`` page's HTML are left out)."""
     bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody, ClusterStatus, LoadLoraAdapterBody]
     bodies += [UnloadLoraAdapterBody, TokenizeBody, DetokenizeBody]
     (completion, chat, adapter, key, _, status, load, unload, tokenize, detokenize), schemas = (
@@ -256,6 +257,7 @@ def document() -> dict[str, Any]:
         },
         "/healthz": {"get": {"operationId": "readiness", "responses": {"200": health, "503": not_ready}}},
         "/livez": {"get": {"operationId": "liveness", "responses": {"200": health}}},
+        "/version": {"get": {"operationId": "version", "responses": {"200": health}}},
     }
     return {
         "openapi": "3.1.0",
@@ -278,3 +280,8 @@ def document() -> dict[str, Any]:
 async def handler(request: web.Request) -> web.Response:
     """``GET /openapi.json``."""
     return web.json_response(document())
+
+
+async def version(request: web.Request) -> web.Response:
+    """``GET /version``: the installed dlora's version, as vLLM's ``/version`` gives its own."""
+    return web.json_response({"version": importlib.metadata.version("dlora")})

@@ -5,6 +5,7 @@ run (each finishes on its own version)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import shutil
 
@@ -121,8 +122,12 @@ async def test_vllms_runtime_lora_endpoints_work_as_vllm_answers_them(stack: Sta
     status, text = await call("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere"})
     assert status == 400 and json.loads(text)["error"]["param"] == "lora_path"
     assert (await post(stack, "/v1/completions", body))[0] == 404
-    async with aiohttp.ClientSession() as http, http.get(stack.url + "/health") as r:
-        assert r.status == 200  # vLLM's health route, an alias of /healthz
+    async with aiohttp.ClientSession() as http:
+        for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")):  # vLLM's, aliases of /healthz
+            async with http.request(method, stack.url + path) as r:
+                assert r.status == 200, path
+        async with http.get(stack.url + "/version") as r:  # vLLM's: {"version": ...}, here dlora's
+            assert r.status == 200 and (await r.json())["version"] == importlib.metadata.version("dlora")
     # replaced in place, a tenant's adapter stays the tenant's (it was made public)
     status, _ = await post(stack, "/v1/adapters", {"name": "owned", "path": str(new), "owner": "acme"}, auth)
     assert status == 201

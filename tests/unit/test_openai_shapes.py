@@ -32,6 +32,7 @@ def test_response_shapes() -> None:
         "content": "",
     }
     assert chat.chunk("", "stop")["choices"][0]["delta"] == {}
+    assert chat.chunk("", None)["choices"][0]["delta"] == {"content": ""}  # a held-back character's token
     assert text.usage_chunk(1, 2)["choices"] == []
     assert APIError(404, "no").body() == {
         "error": {"message": "no", "type": "not_found_error", "param": None, "code": None}
