@@ -62,6 +62,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # Constrain the output to documents of this JSON Schema (JSON text), OpenAI's response_format;
     # the request stops when the document is complete. None: free text.
     json_schema: str | None = None
+    # vLLM's other structured outputs (its structured_outputs' regex, choice and grammar): the output
+    # must match this regular expression (Rust's regex syntax, as llguidance reads it), be one of
+    # these strings, or be a string of this grammar (Lark as llguidance writes it, or GBNF as
+    # llama.cpp does). At most one of these and json_schema; the request stops when it is complete.
+    regex: str | None = None
+    choice: list[str] = []
+    grammar: str | None = None
     # Only these token ids may be sampled (vLLM's allowed_token_ids; empty: every one). EOS is not
     # added: a request that may end must list it.
     allowed_token_ids: list[int] = []
@@ -77,6 +84,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
                 outside = sorted(t for t in named if t >= vocab)
                 return name, f"{name} names token ids outside the vocabulary [0, {vocab}): {outside[:8]}"
         return None
+
+    def structured_outputs(self) -> list[str]:
+        """The structured-output fields these parameters set (valid ones set at most one)."""
+        return [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) not in (None, [])]
 
     def problem(self) -> str | None:
         """A human-readable reason these parameters are invalid, or None if they are fine."""
@@ -126,6 +137,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return "allowed_token_ids", f"allowed_token_ids must be at most {MAX_ALLOWED_TOKENS} non-negative ids"
         if len(self.bad_words) > MAX_STOPS or any(not w.strip() or len(w) > MAX_STOP_CHARS for w in self.bad_words):
             return "bad_words", f"bad_words must be at most {MAX_STOPS} words of 1 to {MAX_STOP_CHARS} characters"
+        if len(asked := self.structured_outputs()) > 1:
+            return asked[1], f"at most one structured output may be asked for, got {' and '.join(asked)}"
+        if len(self.choice) > MAX_STOPS or any(not c for c in self.choice):
+            return "choice", f"choice must be at most {MAX_STOPS} non-empty strings"
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # as vLLM: a 64-bit integer
             return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
         return None

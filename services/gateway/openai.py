@@ -61,6 +61,17 @@ class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 # cannot honour are declared ``Any`` so a value other than null or the default gets a 400 naming them.
 
 
+class StructuredOutputs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's ``structured_outputs`` (its StructuredOutputsParams): one of a JSON Schema, a regular
+    expression, a choice of strings, a grammar (Lark or GBNF), or any JSON object."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None  # None: the base model (vLLM's default; OpenAI requires it)
     max_tokens: int | None = None
@@ -89,6 +100,14 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     truncate_prompt_tokens: int | None = None  # >= 1: the prompt's last this many tokens are kept
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:N"
     priority: int | None = None  # lower is served first; default 0
+    # Structured output, at most one of: OpenAI's response_format (vLLM takes it on completions
+    # too), vLLM's structured_outputs and its older guided_* fields (sampling.structured).
+    response_format: Any = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
@@ -126,7 +145,6 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None  # [0, 20]
-    response_format: Any = None
     # vLLM extensions: how the conversation is rendered (see shaping.ChatTemplate)
     add_special_tokens: bool | None = None  # false (vLLM's default for chat): the template places them
     add_generation_prompt: bool | None = None

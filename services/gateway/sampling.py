@@ -1,5 +1,6 @@
 """A request body's sampling fields as the engine's ``SamplingParams``: the spec's ranges, the
-fields dlora cannot honour (refused by name), logit_bias keys, response_format as a JSON Schema.
+fields dlora cannot honour (refused by name), logit_bias keys, structured outputs (response_format,
+vLLM's structured_outputs and guided_*) as llguidance constraints.
 Pure: no I/O."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.openai import APIError, Body, CompletionBody
-from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check_schema
+from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
 RANGES: dict[str, tuple[float, float]] = {
@@ -71,38 +72,72 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     return out
 
 
-def json_schema(response_format: Any, grammars: Grammars | None = None) -> str | None:
-    """The JSON Schema (JSON text) a chat ``response_format`` asks for: None for text, any object
-    for ``json_object``, the given ``json_schema.schema`` otherwise; checked by llguidance, and
-    with ``grammars`` (the model's tokenizer's) as far as a worker's first mask.
+def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
+    """The ``SamplingParams`` fields of the structured output ``body`` asks for (none: free text):
+    OpenAI's ``response_format`` (json_object: any object; json_schema: its ``schema``), vLLM's
+    ``structured_outputs`` (json, regex, choice, grammar, json_object) or its older ``guided_json``,
+    ``guided_regex``, ``guided_choice`` and ``guided_grammar``. Checked by llguidance, and with
+    ``grammars`` (the model's tokenizer's) as far as a worker's first mask.
 
     Raises:
-        APIError(400): an unknown type, a missing or unusable schema (llguidance's reason).
+        APIError(400): more than one asked for, an unknown response_format type, a missing or
+        unusable schema, regex or grammar (llguidance's reason), naming the field.
     """
-    if response_format is None:
-        return None
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return JSON_OBJECT_SCHEMA
-    if kind != "json_schema":
-        raise APIError(
-            400, f"response_format type {kind!r} is not one of text, json_object, json_schema", param="response_format"
-        )
-    spec = response_format.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(schema, dict):
-        raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
-    text = json.dumps(schema)
+    asked: list[tuple[str, dict[str, Any]]] = []  # (the body's field, SamplingParams fields)
+
+    def schema(field: str, value: str | dict[str, Any]) -> None:
+        asked.append((field, {"json_schema": value if isinstance(value, str) else json.dumps(value)}))
+
+    fmt = body.response_format
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            asked.append(("response_format", {"json_schema": JSON_OBJECT_SCHEMA}))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
+            schema("response_format", spec["schema"])
+        elif kind != "text":
+            raise APIError(
+                400,
+                f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                param="response_format",
+            )
+    so = body.structured_outputs
+    for field, value, key in (
+        ("guided_regex", body.guided_regex, "regex"),
+        ("guided_choice", body.guided_choice, "choice"),
+        ("guided_grammar", body.guided_grammar, "grammar"),
+        ("structured_outputs", so and so.regex, "regex"),
+        ("structured_outputs", so and so.choice, "choice"),
+        ("structured_outputs", so and so.grammar, "grammar"),
+    ):
+        if value is not None:
+            asked.append((field, {key: value}))
+    if body.guided_json is not None:
+        schema("guided_json", body.guided_json)
+    if so is not None and so.json is not None:
+        schema("structured_outputs", so.json)
+    if so is not None and so.json_object:
+        asked.append(("structured_outputs", {"json_schema": JSON_OBJECT_SCHEMA}))
+    if not asked:
+        return {}
+    if len(asked) > 1:
+        names = " and ".join(dict.fromkeys(f for f, _ in asked))
+        raise APIError(400, f"at most one structured output may be asked for, got {names}", param=asked[1][0])
+    field, fields = asked[0]
+    params = SamplingParams(**fields)
+    if (bad := params.invalid()) is not None:
+        raise APIError(400, bad[1].replace(bad[0], field, 1), param=field)
     try:
         if grammars is None:
-            check_schema(text)
-        else:  # tried as a worker will: one of nothing but a reference to itself passes the
-            grammars.matcher(text, [])  # grammar's check and fails at its first mask
+            check(params)
+        else:  # tried as a worker will: a schema of nothing but a reference to itself passes the
+            grammars.matcher(params, [])  # grammar's check and fails at its first mask
     except GrammarError as e:
-        raise APIError(400, str(e), param="response_format") from None
-    return text
+        raise APIError(400, str(e), param=field) from None
+    return fields
 
 
 _TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # int() refuses a string of over 4,300 digits (a 500)
@@ -124,7 +159,7 @@ def sampling_params(
 ) -> SamplingParams:
     """The engine's parameters for a request body (null fields at their defaults: the model's,
     ``defaults`` from its generation_config.json, where it has them); ``grammars``: the model's
-    structured-output matchers, which try a response_format schema as a worker will.
+    structured-output matchers, which try a structured output as a worker will.
 
     Raises:
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
@@ -162,7 +197,7 @@ def sampling_params(
         logprobs=body.logprobs
         if isinstance(body, CompletionBody)
         else ((body.top_logprobs or 0) if body.logprobs else None),
-        json_schema=None if isinstance(body, CompletionBody) else json_schema(body.response_format, grammars),
+        **structured(body, grammars),
         allowed_token_ids=body.allowed_token_ids or [],
         bad_words=body.bad_words or [],
     )

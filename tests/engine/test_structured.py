@@ -4,7 +4,9 @@ every mode and beside free-text requests; bad schemas are refused with llguidanc
 from __future__ import annotations
 
 import json
+import re
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -174,9 +176,9 @@ def test_the_device_unpacked_bitmask_masks_what_llguidance_s_own_apply_masks(tin
     from dlora.services.worker.engine.sampler import constrain
 
     engine = make_engine(tiny_llama)
-    schema = json.dumps(SCHEMA)
+    params = SamplingParams(json_schema=json.dumps(SCHEMA))
     ids = engine.tokenizer.encode('{"size": 2, "ok": true', add_special_tokens=False)
-    matchers = [engine.grammars.matcher(schema, ids[:k]) for k in (0, 1, 3, len(ids))]
+    matchers = [engine.grammars.matcher(params, ids[:k]) for k in (0, 1, 3, len(ids))]
     if not par:
         matchers[0] = _GivesUp(matchers[0])  # no LLMatcher: the threaded fill raises for the batch
     rows: list = [matchers[0], None, *matchers[1:]]
@@ -202,3 +204,42 @@ def test_the_device_unpack_is_numpy_s_unpackbits() -> None:
     packed = np.random.default_rng(0).integers(0, 256, size=(3, 37), dtype=np.uint8)
     expected = np.unpackbits(packed, axis=1, bitorder="little").astype(bool)
     assert np.array_equal(unpack_bits(torch.from_numpy(packed)).numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("params", "matches"),
+    [
+        (SamplingParams(max_tokens=40, regex=r"[0-9]{3}-[a-z]{2}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t)),
+        (SamplingParams(max_tokens=40, choice=["kalo remi", "yes", "no"]), lambda t: t in ("kalo remi", "yes", "no")),
+        (
+            SamplingParams(max_tokens=40, grammar='start: "ab" DIGIT\nDIGIT: /[0-9]/'),
+            lambda t: re.fullmatch("ab[0-9]", t),
+        ),
+        (
+            SamplingParams(max_tokens=40, grammar='root ::= "x" [a-c] [a-c] "!"'),  # GBNF
+            lambda t: re.fullmatch("x[a-c]{2}!", t),
+        ),
+    ],
+    ids=["regex", "choice", "lark", "gbnf"],
+)
+def test_vllms_other_structured_outputs_are_followed(tiny_llama: TinyOutput, params: SamplingParams, matches) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's structured_outputs regex, choice and grammar (Lark or GBNF): the output is a whole
+    match, and the request stops there, in a batch with free text (at temperature 1 too)."""
+    engine = make_engine(tiny_llama)
+    sampled = msgspec.structs.replace(params, temperature=1.0, seed=3)
+    out = run(engine, {"greedy": params, "sampled": sampled, "free": SamplingParams(max_tokens=6)})
+    for rid in ("greedy", "sampled"):
+        _, text, reason = out[rid]
+        assert reason is FinishReason.STOP and matches(text), (rid, text)
+
+
+def test_structured_outputs_are_one_at_a_time_and_bad_ones_say_why(tiny_llama: TinyOutput) -> None:
+    engine = make_engine(tiny_llama)
+    for params, fragment in (
+        (SamplingParams(regex="a+", choice=["a"]), "at most one structured output"),
+        (SamplingParams(regex="(unclosed"), "regex cannot be"),
+        (SamplingParams(grammar="start: missing_rule"), "grammar cannot be"),
+        (SamplingParams(choice=["", "x"]), "non-empty strings"),
+    ):
+        with pytest.raises(RequestError, match=fragment):
+            engine.add_request("x", prompt_token_ids=PROMPT, params=params)

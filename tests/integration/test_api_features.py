@@ -242,6 +242,14 @@ async def test_response_format(stack: Stack) -> None:
         status, resp = await post(stack, "/v1/chat/completions", {**chat, "response_format": bad})
         assert status == 400 and fragment in resp["error"]["message"], resp
         assert resp["error"]["param"] == "response_format", resp
+    # vLLM's fields, on completions too: a choice, a regular expression (and its refusal, named)
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 20}
+    status, resp = await post(stack, "/v1/completions", {**body, "guided_choice": ["yes", "no", "kalo remi"]})
+    assert status == 200 and resp["choices"][0]["text"] in ("yes", "no", "kalo remi"), resp
+    status, resp = await post(stack, "/v1/chat/completions", {**chat, "structured_outputs": {"regex": "[0-9]{4}"}})
+    assert status == 200 and re.fullmatch("[0-9]{4}", resp["choices"][0]["message"]["content"]), resp
+    status, resp = await post(stack, "/v1/completions", {**body, "guided_regex": "(unclosed"})
+    assert (status, resp["error"]["param"]) == (400, "guided_regex"), resp
 
 
 async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:

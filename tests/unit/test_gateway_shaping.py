@@ -220,6 +220,45 @@ def test_stop_logprobs_and_response_format(served: ServedModel) -> None:
     assert e.message == "response_format type 'yaml' is not one of text, json_object, json_schema"
 
 
+def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) -> None:
+    """vLLM's structured_outputs and its older guided_* fields, on completions and chat alike, and
+    response_format on completions (vLLM's CompletionRequest has it): one at a time, each named
+    when refused."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    msgs = [{"role": "user", "content": "kalo"}]
+    for extra, field, value in (
+        ({"guided_json": schema}, "json_schema", json.dumps(schema)),
+        ({"guided_json": json.dumps(schema)}, "json_schema", json.dumps(schema)),
+        ({"structured_outputs": {"json": schema}}, "json_schema", json.dumps(schema)),
+        ({"structured_outputs": {"json_object": True}}, "json_schema", '{"type": "object"}'),
+        ({"response_format": {"type": "json_object"}}, "json_schema", '{"type": "object"}'),
+        ({"guided_regex": "[0-9]+"}, "regex", "[0-9]+"),
+        ({"structured_outputs": {"regex": "a|b"}}, "regex", "a|b"),
+        ({"guided_choice": ["yes", "no"]}, "choice", ["yes", "no"]),
+        ({"structured_outputs": {"choice": ["x"]}}, "choice", ["x"]),
+        ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
+        ({"structured_outputs": {"grammar": 'start: "a"'}}, "grammar", 'start: "a"'),
+    ):
+        for body, chat in (({"prompt": "kalo", **extra}, False), ({"messages": msgs, **extra}, True)):
+            params = shape(served, body, chat=chat).choices[0].request.params
+            assert getattr(params, field) == value, (extra, chat)
+    for extra, param, fragment in (
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "at most one structured output"),
+        ({"response_format": {"type": "json_object"}, "guided_json": schema}, "guided_json", "at most one"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "at most one"),
+        ({"guided_regex": "(unclosed"}, "guided_regex", "regex cannot be"),
+        ({"guided_grammar": "start: nowhere"}, "guided_grammar", "grammar cannot be"),
+        ({"guided_choice": []}, None, None),  # empty: nothing asked, as vLLM's falsy check reads it
+        ({"guided_choice": ["", "x"]}, "guided_choice", "guided_choice must be at most"),
+        ({"structured_outputs": {"json": "not json"}}, "structured_outputs", "not a JSON object"),
+    ):
+        if param is None:
+            assert shape(served, {"prompt": "kalo", **extra}).choices[0].request.params.choice == []
+            continue
+        e = refused(served, {"prompt": "kalo", **extra})
+        assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
+
+
 def test_sampling_params_map_and_refuse_unsupported() -> None:
     body = msgspec.convert(
         {"model": "m", "prompt": "x", "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 4}, CompletionBody

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dlora.common.messages import TokenLogprob
+from dlora.common.messages import SamplingParams, TokenLogprob
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
 
@@ -123,6 +123,11 @@ def test_structured_output_with_a_tokenizer_llguidance_cannot_read_is_a_refusal(
     hf = byte_level()
     hf.backend_tokenizer.decoder = decoders.WordPiece()
     with pytest.raises(GrammarError, match="not available with this model's tokenizer"):
-        Grammars(hf, len(hf), {hf.eos_token_id}).matcher(JSON_OBJECT_SCHEMA, [])
+        Grammars(hf, len(hf), {hf.eos_token_id}).matcher(SamplingParams(json_schema=JSON_OBJECT_SCHEMA), [])
     fewer = byte_level()  # a model with fewer ids than its tokenizer has tokens still gets a matcher
-    assert Grammars(fewer, len(fewer) - 5, {fewer.eos_token_id}).matcher(JSON_OBJECT_SCHEMA, []) is not None
+    assert (
+        Grammars(fewer, len(fewer) - 5, {fewer.eos_token_id}).matcher(
+            SamplingParams(json_schema=JSON_OBJECT_SCHEMA), []
+        )
+        is not None
+    )

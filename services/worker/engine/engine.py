@@ -38,7 +38,7 @@ from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.engine.structured import GrammarError, Grammars, refusal
+from dlora.services.worker.engine.structured import GrammarError, Grammars, label, refusal
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
     BatchLimits,
@@ -234,9 +234,9 @@ class LLMEngine:
         seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         if params.allowed_token_ids:
             seq.allowed_mask = allowed_mask(params.allowed_token_ids, self.model_config.vocab_size, self.device)
-        if params.json_schema is not None:
+        if params.structured_outputs():
             try:
-                seq.matcher = self.grammars.matcher(params.json_schema, resumed)
+                seq.matcher = self.grammars.matcher(params, resumed)
             except GrammarError as e:
                 raise RequestError(str(e)) from None
         if kv is not None:
@@ -366,8 +366,8 @@ class LLMEngine:
                 outputs.append(self._fail(seq, f"sampling failed: {tok}", code))
                 continue
             try:
-                if seq.matcher is not None and (why := refusal(seq.matcher, tok)) is not None:
-                    outputs.append(self._fail(seq, why, ErrorCode.BAD_REQUEST))  # the schema's fault
+                if seq.matcher is not None and (why := refusal(seq.matcher, tok, label(seq.params))) is not None:
+                    outputs.append(self._fail(seq, why, ErrorCode.BAD_REQUEST))  # the constraint's fault
                     continue
                 out = self._advance(seq, tok)
                 if isinstance(lp := logprobs.get(i), Exception):

@@ -156,7 +156,7 @@ def sample(
         if masked_[i]:
             out.append(
                 NothingAllowed(
-                    "no token is allowed: the request's constraints mask every one (its JSON schema, "
+                    "no token is allowed: the request's constraints mask every one (its structured output, "
                     "allowed_token_ids, bad_words, logit_bias, min_tokens holding back its stop tokens and EOS)"
                 )
             )

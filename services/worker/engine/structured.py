@@ -1,4 +1,5 @@
-"""Structured output: a request's tokens constrained to a JSON Schema (OpenAI ``response_format``).
+"""Structured output: a request's tokens constrained to a JSON Schema (OpenAI ``response_format``),
+a regular expression, a choice of strings or a grammar (vLLM's ``structured_outputs``).
 
 The grammar work is llguidance's (guidance-ai/llguidance, also a vLLM and SGLang backend): a
 dependency-free wheel whose matcher gives, per step, the set of tokens that keep the output a
@@ -14,9 +15,10 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from
 from llguidance.numpy import fill_next_token_bitmask_par
 
+from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer
 
 # OpenAI's json_object mode: any JSON object.
@@ -26,24 +28,46 @@ JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
 _LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def _grammar(schema: str) -> str:
-    return LLMatcher.grammar_from_json_schema(schema, defaults=_LAYOUT)
-
-
 class GrammarError(ValueError):
-    """The schema cannot be used, or the output left it; the message says why."""
+    """The constraint cannot be used, or the output left it; the message says why."""
 
 
-def check_schema(schema: str) -> None:
-    """Raise GrammarError (with llguidance's reason) if ``schema`` (a JSON Schema as JSON text)
-    cannot constrain generation. Needs no tokenizer: the gateway calls it too."""
+def label(params: SamplingParams) -> str:
+    """How errors name the structured output ``params`` asks for."""
+    if params.json_schema is not None:
+        return "response_format schema"
+    return "regex" if params.regex is not None else "choice" if params.choice else "grammar"
+
+
+def constraint(params: SamplingParams) -> str | None:
+    """The llguidance grammar of the structured output ``params`` asks for; None: free text.
+
+    Raises:
+        GrammarError: one that is not a JSON object (a schema) or a grammar llguidance reads.
+    """
     try:
-        grammar = _grammar(schema)
+        if params.json_schema is not None:
+            return LLMatcher.grammar_from_json_schema(params.json_schema, defaults=_LAYOUT)
+        if params.regex is not None:
+            return LLMatcher.grammar_from_regex(params.regex)
+        if params.choice:  # each string as a Lark literal, alternatives of one rule
+            return grammar_from("choice", params.choice)  # type: ignore[arg-type]  # a list is taken as is
+        if params.grammar is not None:  # Lark, or GBNF converted to it
+            return grammar_from("grammar", params.grammar)
     except ValueError as e:
-        raise GrammarError(f"response_format schema is not a JSON object: {e}") from None
+        what = "is not a JSON object" if params.json_schema is not None else "cannot be read"
+        raise GrammarError(f"{label(params)} {what}: {e}") from None
+    return None
+
+
+def check(params: SamplingParams) -> None:
+    """Raise GrammarError (with llguidance's reason) if the structured output ``params`` asks for
+    cannot constrain generation. Needs no tokenizer: the gateway calls it too."""
+    if (grammar := constraint(params)) is None:
+        return
     error = LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
-        raise GrammarError(f"response_format schema cannot be used: {error}")
+        raise GrammarError(f"{label(params)} cannot be used: {error.split(chr(10), 1)[0]}")
 
 
 class Grammars:
@@ -89,36 +113,37 @@ class Grammars:
                 failed.add(i)
         return out, failed
 
-    def matcher(self, schema: str, consumed: list[int]) -> LLMatcher:
-        """A matcher for ``schema`` that has already taken ``consumed`` (a resumed request's output)."""
+    def matcher(self, params: SamplingParams, consumed: list[int]) -> LLMatcher | None:
+        """A matcher for the structured output ``params`` asks for (None: none) that has already
+        taken ``consumed`` (a resumed request's output). Raises GrammarError, saying why."""
+        if (grammar := constraint(params)) is None:
+            return None
+        what = label(params)
         try:
             tokenizer = self.tokenizer
         except Exception as e:  # noqa: BLE001 - a tokenizer llguidance cannot read (a decoder it does not know)
             reason = str(e).split("\n", 1)[0]
-            raise GrammarError(f"response_format is not available with this model's tokenizer: {reason}") from None
-        try:
-            grammar = _grammar(schema)
-        except ValueError as e:
-            raise GrammarError(f"response_format schema is not a JSON object: {e}") from None
+            raise GrammarError(f"{what} is not available with this model's tokenizer: {reason}") from None
         m = LLMatcher(tokenizer, grammar, log_level=0)
         if m.is_error():
-            raise GrammarError(f"response_format schema cannot be used: {matcher_error(m)}")
+            raise GrammarError(f"{what} cannot be used: {matcher_error(m)}")
         if consumed and not m.consume_tokens(consumed):
-            raise GrammarError(f"response_format: the output so far leaves the schema: {matcher_error(m)}")
+            raise GrammarError(f"{what}: the output so far leaves it: {matcher_error(m)}")
         # Some schemas fail only at the first token's mask (one that is nothing but a reference to
         # itself accepts no document, and only end-of-sequence would be allowed: an empty 200).
         m.compute_bitmask()
         if m.is_error():
-            raise GrammarError(f"response_format schema cannot be used: {matcher_error(m)}")
+            raise GrammarError(f"{what} cannot be used: {matcher_error(m)}")
         return m
 
 
-def refusal(matcher: LLMatcher, token: int) -> str | None:
-    """``token`` taken into ``matcher``; None, or why it could not be: the schema's fault (past what
-    the grammar engine handles as the document grows, e.g. llguidance's item limits)."""
+def refusal(matcher: LLMatcher, token: int, what: str = "response_format schema") -> str | None:
+    """``token`` taken into ``matcher``; None, or why it could not be: the constraint's fault (past
+    what the grammar engine handles as the output grows, e.g. llguidance's item limits). ``what``:
+    the constraint's name (``label``)."""
     if matcher.consume_token(token) and not matcher.is_error():
         return None
-    return f"response_format schema cannot be used: {matcher_error(matcher)}"
+    return f"{what} cannot be used: {matcher_error(matcher)}"
 
 
 def matcher_error(matcher: LLMatcher) -> str:
