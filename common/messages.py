@@ -33,6 +33,10 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"  # 500: a bug; never expected
 
 
+# Characters a cache_salt may hold: 256 bits base64-encoded (vLLM's advice) are 43.
+MAX_CACHE_SALT = 1024
+
+
 class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     """One generation request, published on ``subjects.REQUESTS`` by a gateway, or on
     ``subjects.requests_of(user)`` by an application connected as that NATS user."""
@@ -56,6 +60,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # its requests by priority, then arrival: the policy batches and the scheduler admits them in
     # that order, and preempts the last of it first (``engine.sequence.fcfs_arrival``).
     priority: int = 0
+    # vLLM's cache_salt: this request's prefix-cache blocks are found only by requests with the same
+    # salt (a tenant's secret, against another timing its prompts' cache hits); "": shared by all.
+    # At most MAX_CACHE_SALT characters (it is hashed into every block's key).
+    cache_salt: str = ""
     # Unix seconds after which the result is useless; None: no deadline. Carried, not acted on yet:
     # a request past it still runs (an application aborts what it no longer wants).
     deadline: float | None = None

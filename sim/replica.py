@@ -273,12 +273,12 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
                 self.blocks.grow(s.request_id, start[s.request_id] + j)
             for s in fills.get(-j % bs, ()) if caching else ():
                 end = start[s.request_id] + j
-                self.blocks.computed(s.request_id, s.all_ids(), written[s.request_id], end, keys[s.adapter])
+                self.blocks.computed(s.request_id, s.all_ids(), written[s.request_id], end, s.salted(keys[s.adapter]))
                 written[s.request_id] = end
         for s in batch:
             s.num_cached = start[s.request_id] + k
             if caching:  # a block begun and not filled: it fills no block, so no ids are read
-                self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, keys[s.adapter])
+                self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, s.salted(keys[s.adapter]))
         repeat = dataclasses.replace(step, merge_s=0.0, unmerge_s=0.0)
         self.now = clock  # the same sum, in the same order, as each step's
         self._observe(decision, repeat, n, seconds)  # the last step is now ``repeat``

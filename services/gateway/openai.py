@@ -100,6 +100,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     truncate_prompt_tokens: int | None = None  # >= 1: the prompt's last this many tokens are kept
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:N"
     priority: int | None = None  # lower is served first; default 0
+    cache_salt: str | None = None  # prefix-cache blocks shared only with the same salt; not empty
     # Structured output, at most one of: OpenAI's response_format (vLLM takes it on completions
     # too), vLLM's structured_outputs and its older guided_* fields (sampling.structured).
     response_format: Any = None

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.gateway.openai import APIError, Body, CompletionBody
 from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check
 
@@ -165,6 +165,9 @@ def sampling_params(
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
     """
     _check_ranges(body)
+    if body.cache_salt is not None and not 0 < len(body.cache_salt) <= MAX_CACHE_SALT:  # vLLM refuses ""
+        why = f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"
+        raise APIError(400, why, param="cache_salt")
     for what, unsupported in _unsupported(body):
         if unsupported:
             raise APIError(400, f"{what} is not supported (only its default)", param=what.split()[0])

@@ -206,6 +206,7 @@ def shape_request(
                     params=seeded,
                     tenant=(body.user or "") if tenant is None else tenant,
                     priority=body.priority or 0,
+                    cache_salt=body.cache_salt or "",
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )

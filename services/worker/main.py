@@ -228,6 +228,7 @@ class WorkerService:
             kv=kv,
             priority=req.priority,
             continued=req.continued,
+            cache_salt=req.cache_salt,
         )
 
     async def _add(self, req: GenerateRequest) -> None:

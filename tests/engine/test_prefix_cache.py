@@ -76,6 +76,30 @@ def test_an_adapter_registered_again_with_other_weights_never_reads_the_old_kv(
     assert _hits(engine) > hits
 
 
+def test_a_salted_request_shares_blocks_only_with_its_salt(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+    """vLLM's cache_salt: a prompt cached under one salt (or none) is no hit under another, and
+    is one under the same; the output is the oracle's every time."""
+    engine = make_engine(tiny_llama, block_size=4)
+    prompt, want = SYSTEM + TURNS[0], oracle.generate("lora-1", SYSTEM + TURNS[0], MAX_TOKENS)
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    def served(rid: str, salt: str) -> tuple[list[int], int]:
+        hits = _hits(engine)
+        engine.add_request(rid, prompt_token_ids=prompt, params=params, adapter="lora-1", cache_salt=salt)
+        out: list[int] = []
+        while engine.has_unfinished():
+            out += [t for o in engine.step() for t in o.new_token_ids]
+        return out, _hits(engine) - hits
+
+    assert served("plain", "") == (want, 0)
+    assert served("tenant-a", "salt-a") == (want, 0)  # not the unsalted blocks
+    assert served("tenant-b", "salt-b") == (want, 0)  # nor another salt's
+    got, hits = served("tenant-a-again", "salt-a")
+    assert got == want and hits >= len(prompt) // 4 * 4 - 4  # its own salt's blocks
+    got, hits = served("plain-again", "")
+    assert got == want and hits > 0
+
+
 def test_merged_and_unmerged_kv_differ_so_a_merged_step_does_not_reuse_unmerged_blocks(
     tiny_llama: TinyOutput,
 ) -> None:

@@ -259,6 +259,14 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
 
 
+def test_cache_salt_goes_with_the_request_and_must_not_be_empty(served: ServedModel) -> None:
+    assert shape(served, {"prompt": "kalo", "cache_salt": "s3cret"}).choices[0].request.cache_salt == "s3cret"
+    assert shape(served, {"prompt": "kalo"}).choices[0].request.cache_salt == ""
+    for salt in ("", "x" * 1025):  # vLLM refuses an empty one; a long one is hashed into every block's key
+        e = refused(served, {"prompt": "kalo", "cache_salt": salt})
+        assert (e.status, e.param) == (400, "cache_salt") and "non-empty" in e.message
+
+
 def test_sampling_params_map_and_refuse_unsupported() -> None:
     body = msgspec.convert(
         {"model": "m", "prompt": "x", "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 4}, CompletionBody

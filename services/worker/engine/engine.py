@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dlora.common import log
-from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
+from dlora.common.messages import MAX_CACHE_SALT, ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine import prompt_logprobs
@@ -198,6 +198,7 @@ class LLMEngine:
         resume_text_held: str = "",
         priority: int = 0,
         continued: bool = False,
+        cache_salt: str = "",
     ) -> None:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated
         or lost run); generation continues after them and they are not reported again
@@ -205,12 +206,15 @@ class LLMEngine:
         come first, a stop string looked for across them). ``kv``: the moved request's cache from
         another engine (``export_kv``), not recomputed. ``priority``: lower first (``fcfs_arrival``).
         ``continued``: it was on another engine before (moved, recovered, handed over), which counted
-        its prompt tokens, even where it had produced nothing yet."""
+        its prompt tokens, even where it had produced nothing yet. ``cache_salt``: its prefix-cache
+        blocks are shared only with requests of the same salt (``Sequence.salted``)."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
         if (problem := params.problem()) is not None:
             raise RequestError(problem)
+        if len(cache_salt) > MAX_CACHE_SALT:
+            raise RequestError(f"cache_salt holds at most {MAX_CACHE_SALT} characters")
         if adapter is not None and adapter not in self.adapters:
             raise RequestError(f"adapter {adapter!r} is not registered")
         if (prompt is None) == (prompt_token_ids is None):
@@ -230,6 +234,7 @@ class LLMEngine:
             output_ids=resumed,
             text=tail + held,
             emitted=len(tail),
+            cache_salt=cache_salt,
         )
         seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
         if params.allowed_token_ids:
@@ -332,7 +337,7 @@ class LLMEngine:
                 if s.adapter not in keys:
                     keys[s.adapter] = self._cache_key(s.adapter)
                 ids = s.all_ids() if self.blocks.fills_block(start, end) else []  # a decode mostly fills none
-                self.blocks.computed(s.request_id, ids, start, end, keys[s.adapter])
+                self.blocks.computed(s.request_id, ids, start, end, s.salted(keys[s.adapter]))
             if end < s.total_len:
                 s.num_cached = end
             else:

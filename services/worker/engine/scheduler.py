@@ -100,7 +100,7 @@ def schedule(
             continue
         fresh = not blocks.holds(rid)
         if fresh:
-            key = NO_REUSE if seq.collects_prompt_logprobs else cache_key(seq.adapter)
+            key = NO_REUSE if seq.collects_prompt_logprobs else seq.salted(cache_key(seq.adapter))
             seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), key)
         n = seq.num_new
         if tokens + n > limits.max_num_batched_tokens:

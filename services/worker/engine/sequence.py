@@ -42,6 +42,12 @@ class Sequence:
     allowed_mask: Any = None  # (vocab,) bool on the engine's device: its allowed_token_ids (sampler.allowed_mask)
     # Entry i: prompt token i + 1's log-probability after the ones before it (prompt_logprobs.py)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    cache_salt: str = ""  # vLLM's: its prefix-cache blocks are shared only with requests of the same salt
+
+    def salted(self, key: bytes) -> bytes:
+        """A prefix-cache key (which weights compute its KV) made this request's: with its salt, if
+        it has one, so that only requests that know the salt find its blocks (and time their hits)."""
+        return key + b"\x00salt=" + self.cache_salt.encode() if self.cache_salt else key
 
     @property
     def collects_prompt_logprobs(self) -> bool:
