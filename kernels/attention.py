@@ -64,30 +64,34 @@ class LongDecodes:
     q_index: torch.Tensor  # (M,) int64: flat index of each one's query token
     tables: torch.Tensor  # (M, max_blocks) int64: block tables, padded with block 0
     ctx: list[int]  # keys of each, descending
-    # Per block size in bytes: the chunks (``split``), made at the first layer, reused by the others.
-    chunks: dict[int, list[Chunk]] = field(default_factory=dict)
+    # Per block size in bytes: the runs (``split``), made at the first layer, reused by the others.
+    runs: dict[int, list[Run]] = field(default_factory=dict)
 
-    def split(self, block_size: int, block_bytes: int) -> list[Chunk]:
-        """The chunks of the long decodes' keys: runs of consecutive sequences (longest first) and
-        of their blocks, each chunk's keys and values within ``DECODE_CHUNK_BYTES``; at least
+    def split(self, block_size: int, block_bytes: int) -> list[Run]:
+        """The long decodes in runs of consecutive sequences (longest first), each run's keys in
+        chunks of their blocks, a chunk's keys and values within ``DECODE_CHUNK_BYTES``; at least
         ``DECODE_CHUNK_KEYS`` keys of each sequence a chunk (fewer per sequence, more sequences,
-        cost more per key in the flash call: one long decode of 32 KV heads takes a chunk alone)."""
-        if block_bytes not in self.chunks:
+        cost more per key in the flash call: one long decode of 32 KV heads takes a chunk alone).
+        A run is as deep as its own longest: one very long decode beside short ones merges its
+        chunks in a run of its own size, not the whole batch's."""
+        if block_bytes not in self.runs:
             blocks = self.tables.shape[1]
             width = max(1, DECODE_CHUNK_BYTES // (2 * len(self.ctx) * block_bytes), DECODE_CHUNK_KEYS // block_size)
             width = min(width, blocks)  # no wider than the longest's table: the rest is padding
             rows = max(1, DECODE_CHUNK_BYTES // (2 * width * block_bytes))  # sequences a chunk
-            out = []
+            runs = []
             for lo in range(0, len(self.ctx), rows):
                 ctx = self.ctx[lo : lo + rows]
-                for j, start in enumerate(range(0, blocks, width)):
+                chunks = []
+                for start in range(0, blocks, width):
                     if (m := sum(c > start * block_size for c in ctx)) == 0:
                         break  # the run's longest ends before this chunk: so does every other
-                    out.append(self._chunk(lo, m, j, start, width, block_size))
-            self.chunks[block_bytes] = out
-        return self.chunks[block_bytes]
+                    chunks.append(self._chunk(lo, m, start, width, block_size))
+                runs.append(Run(lo, len(ctx), chunks))
+            self.runs[block_bytes] = runs
+        return self.runs[block_bytes]
 
-    def _chunk(self, lo: int, m: int, j: int, start: int, width: int, block_size: int) -> Chunk:
+    def _chunk(self, lo: int, m: int, start: int, width: int, block_size: int) -> Chunk:
         ids = self.tables[lo : lo + m, start : start + width]
         if ids.shape[1] < width:  # the last chunk of the longest: padded with block 0, masked
             ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
@@ -98,19 +102,26 @@ class LongDecodes:
             past = torch.arange(keys) >= torch.tensor(valid)[:, None]
             mask = torch.zeros(m, 1, 1, keys).masked_fill_(past.view(m, 1, 1, keys), float("-inf"))
             mask = mask.to(self.tables.device)
-        return Chunk(lo, m, j, ids.reshape(-1).contiguous(), mask)
+        return Chunk(m, ids.reshape(-1).contiguous(), mask)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Keys of long decodes attended in one call: sequences lo .. lo + m - 1 (each with at least
-    one key in it), the j-th chunk of their run."""
+    """Keys of long decodes attended in one call: its run's first m sequences (each with at least
+    one key in it)."""
 
-    lo: int
     m: int
-    j: int
     blocks: torch.Tensor  # (m * width,) int64: each sequence's blocks of the chunk, padded with block 0
     mask: torch.Tensor | None  # (m, 1, 1, width * block_size) fp32: -inf past a context, else 0; None: none past
+
+
+@dataclass(frozen=True)
+class Run:
+    """Long decodes lo .. lo + rows - 1 and their chunks, in order of their keys."""
+
+    lo: int
+    rows: int
+    chunks: list[Chunk]
 
 
 @dataclass
@@ -286,23 +297,28 @@ def _long_decodes_attended(
     assert long is not None
     members, heads, head_dim = q.shape
     kv_heads = k_blocks.shape[1] // (block_size * head_dim)
-    chunks = long.split(block_size, k_blocks[0].nbytes)
-    depth = 1 + max(c.j for c in chunks)  # chunks of the longest run
-    qg = q.view(members, kv_heads, heads // kv_heads, head_dim)
-    lses = q.new_full((depth, members, kv_heads, heads // kv_heads), float("-inf"), dtype=torch.float32)
-    outs = q.new_zeros((depth, members, kv_heads, heads // kv_heads, head_dim), dtype=torch.float32)
-    for c in chunks:
-        k_rows, v_rows = _workspace(meta, (c.blocks.numel(), k_blocks.shape[1]), k_blocks)
-        torch.index_select(k_blocks, 0, c.blocks, out=k_rows)
-        torch.index_select(v_blocks, 0, c.blocks, out=v_rows)
-        k = k_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
-        v = v_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qg[c.lo : c.lo + c.m], k, v, attn_mask=c.mask if c.mask is None else c.mask.to(q.dtype), scale=scale
-        )
-        outs[c.j, c.lo : c.lo + c.m], lses[c.j, c.lo : c.lo + c.m] = o, lse
-    weights = torch.softmax(lses, dim=0).unsqueeze(-1)  # (chunks, M, kv_heads, group, 1)
-    return (weights * outs).sum(0).to(q.dtype).view(members, heads, head_dim)
+    group = heads // kv_heads
+    qg = q.view(members, kv_heads, group, head_dim)
+    out = torch.empty_like(q)
+    for run in long.split(block_size, k_blocks[0].nbytes):
+        depth, rows = len(run.chunks), run.rows
+        lses = q.new_full((depth, rows, kv_heads, group), float("-inf"), dtype=torch.float32)
+        outs = q.new_zeros((depth, rows, kv_heads, group, head_dim), dtype=torch.float32)
+        for j, c in enumerate(run.chunks):
+            k_rows, v_rows = _workspace(meta, (c.blocks.numel(), k_blocks.shape[1]), k_blocks)
+            torch.index_select(k_blocks, 0, c.blocks, out=k_rows)
+            torch.index_select(v_blocks, 0, c.blocks, out=v_rows)
+            k = k_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
+            v = v_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
+            mask = c.mask if c.mask is None else c.mask.to(q.dtype)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qg[run.lo : run.lo + c.m], k, v, attn_mask=mask, scale=scale
+            )
+            outs[j, : c.m], lses[j, : c.m] = o, lse
+        weights = torch.softmax(lses, dim=0).unsqueeze(-1)  # (chunks, rows, kv_heads, group, 1)
+        merged = (weights * outs).sum(0).to(q.dtype)
+        out[run.lo : run.lo + rows] = merged.view(rows, heads, head_dim)
+    return out
 
 
 def _workspace(

@@ -70,6 +70,13 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # Options of vLLM's backends: the layout is always compact and nothing falls back, so these
+    # change nothing here; the others change the output and are refused when set.
+    disable_fallback: bool | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: Any = None
+    whitespace_pattern: Any = None
+    structural_tag: Any = None
 
 
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -109,6 +116,8 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # vLLM's choice of grammar engine: here always llguidance
+    guided_whitespace_pattern: Any = None  # refused when set
 
 
 class CompletionBody(_Sampling, kw_only=True, forbid_unknown_fields=True):

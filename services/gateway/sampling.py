@@ -47,7 +47,15 @@ def _check_ranges(body: Body) -> None:
 def _unsupported(body: Body) -> list[tuple[str, bool]]:
     """(what, set to something dlora cannot honour) for every field of the spec it does not serve;
     ``what`` begins with the field's name."""
-    out: list[tuple[str, bool]] = []
+    so = body.structured_outputs
+    out: list[tuple[str, bool]] = [
+        ("guided_whitespace_pattern", body.guided_whitespace_pattern is not None),
+        ("structured_outputs.whitespace_pattern", so is not None and so.whitespace_pattern is not None),
+        ("structured_outputs.structural_tag", so is not None and so.structural_tag is not None),
+        # vLLM's False lets a JSON Schema's objects hold properties it does not name (llguidance's
+        # default here, as the schema says); True is not served.
+        ("structured_outputs.disable_additional_properties", so is not None and bool(so.disable_additional_properties)),
+    ]
     if isinstance(body, CompletionBody):
         out += [
             ("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
@@ -113,7 +121,7 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
         ("structured_outputs", so and so.choice, "choice"),
         ("structured_outputs", so and so.grammar, "grammar"),
     ):
-        if value is not None:
+        if value not in (None, []):  # an empty choice asks for nothing, as vLLM reads it
             asked.append((field, {key: value}))
     if body.guided_json is not None:
         schema("guided_json", body.guided_json)
@@ -135,8 +143,8 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
             check(params)
         else:  # tried as a worker will: a schema of nothing but a reference to itself passes the
             grammars.matcher(params, [])  # grammar's check and fails at its first mask
-    except GrammarError as e:
-        raise APIError(400, str(e), param=field) from None
+    except GrammarError as e:  # a schema is named by the field that gave it
+        raise APIError(400, str(e).replace("response_format", field, 1), param=field) from None
     return fields
 
 

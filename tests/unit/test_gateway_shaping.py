@@ -236,6 +236,12 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         ({"structured_outputs": {"regex": "a|b"}}, "regex", "a|b"),
         ({"guided_choice": ["yes", "no"]}, "choice", ["yes", "no"]),
         ({"structured_outputs": {"choice": ["x"]}}, "choice", ["x"]),
+        ({"guided_regex": "a", "guided_decoding_backend": "xgrammar"}, "regex", "a"),  # the backend: llguidance
+        (
+            {"structured_outputs": {"regex": "a", "disable_any_whitespace": True, "disable_fallback": True}},
+            "regex",
+            "a",
+        ),
         ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
         ({"structured_outputs": {"grammar": 'start: "a"'}}, "grammar", 'start: "a"'),
     ):
@@ -249,11 +255,16 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         ({"guided_regex": "(unclosed"}, "guided_regex", "regex cannot be"),
         ({"guided_grammar": "start: nowhere"}, "guided_grammar", "grammar cannot be"),
         ({"guided_choice": []}, None, None),  # empty: nothing asked, as vLLM's falsy check reads it
+        ({"guided_choice": [], "guided_regex": "a"}, None, None),  # so beside another, one is asked
+        ({"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}}, "guided_json", "guided_json schema cannot"),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+        ({"structured_outputs": {"regex": "a", "structural_tag": {}}}, "structured_outputs.structural_tag", "not"),
         ({"guided_choice": ["", "x"]}, "guided_choice", "guided_choice must be at most"),
         ({"structured_outputs": {"json": "not json"}}, "structured_outputs", "not a JSON object"),
     ):
         if param is None:
-            assert shape(served, {"prompt": "kalo", **extra}).choices[0].request.params.choice == []
+            params = shape(served, {"prompt": "kalo", **extra}).choices[0].request.params
+            assert params.choice == [] and params.regex == extra.get("guided_regex")
             continue
         e = refused(served, {"prompt": "kalo", **extra})
         assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
