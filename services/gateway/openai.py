@@ -139,6 +139,18 @@ class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     refusal: Any = None
 
 
+class ToolFunction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of its arguments; none: any object
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: str  # "function" (the only kind served)
+    function: ToolFunction
+
+
 class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
@@ -168,9 +180,12 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     parallel_tool_calls: bool | None = None
+    # Tools: rendered by the chat template; a named tool_choice constrains the output to that
+    # function's arguments and answers it as a tool call (sampling.tool_call). "auto" and
+    # "required" (which need a parser of free text, or of a list of calls) are refused.
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     # In the spec, not served here: refused when set.
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -341,6 +356,7 @@ class Shape:
     request_id: str
     model: str
     created: int
+    tool: str | None = None  # a chat's forced function (tool_choice): each choice answers as a call of it
 
     @classmethod
     def new(cls, chat: bool, request_id: str, model: str) -> Shape:
@@ -355,7 +371,9 @@ class Shape:
         for c in sorted(choices, key=lambda c: c.index):
             choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             choice["stop_reason"] = c.stop_reason
-            if self.chat:
+            if self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [self._call(c.index, c.text)]}
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
                 choice["text"] = c.text
@@ -374,7 +392,13 @@ class Shape:
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         choice["stop_reason"] = stop_reason
-        if self.chat:
+        if self.tool is not None:  # the call opens with its id and name, then its arguments as they come
+            call = self._call(index, text) if first else {"index": 0, "function": {"arguments": text}}
+            last = finish_reason is not None and not text
+            choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | (
+                {} if last else {"tool_calls": [call]}
+            )
+        elif self.chat:
             # Content always, "" too, but in the last event when it adds nothing (OpenAI's "delta":
             # {}): a token whose text is held back (a character split across tokens) still has an
             # event, and code that appends delta.content mid-stream must not meet None (vLLM sends "").
@@ -383,6 +407,11 @@ class Shape:
         else:
             choice["text"] = text
         return {**self._head(True), "choices": [choice]}
+
+    def _call(self, index: int, arguments: str) -> dict[str, Any]:
+        """Choice ``index``'s call of the forced function, with ``arguments`` (JSON text)."""
+        call_id = f"chatcmpl-tool-{self.request_id.rsplit('-', 1)[-1]}{index}"
+        return {"index": 0, "id": call_id, "type": "function", "function": {"name": self.tool, "arguments": arguments}}
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
-from dlora.services.gateway.openai import APIError, Body, CompletionBody
+from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
 from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
@@ -64,8 +64,6 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     else:
         out += [
             ("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
-            ("tools", bool(body.tools)),
-            ("tool_choice", body.tool_choice not in (None, "none", "auto")),
             ("functions", bool(body.functions)),
             ("function_call", body.function_call not in (None, "none", "auto")),
             ("audio", body.audio is not None),
@@ -78,6 +76,40 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
             ("prompt_cache_options", body.prompt_cache_options is not None),
         ]
     return out
+
+
+def forced_tool(body: Body) -> ToolFunction | None:
+    """The function a chat's ``tool_choice`` names, whose call answers each choice; None: the
+    choices are text ("none", or no tools: the tools, if any, are only rendered by the template).
+
+    Raises:
+        APIError(400): a tool of another type than function; tool_choice "auto" (or left out with
+            tools given, which means "auto") or "required", which need the model's free text (or
+            list of calls) parsed into calls, as vLLM refuses "auto" without a parser; a
+            tool_choice without tools; a named function that is not among them.
+    """
+    if not isinstance(body, ChatBody):
+        return None
+    tools, choice = body.tools or [], body.tool_choice
+    if bad := [t.type for t in tools if t.type != "function"]:
+        raise APIError(400, f"tools of type {bad[0]!r} are not supported (only function)", param="tools")
+    if choice in (None, "auto") and tools:
+        why = 'tool_choice "auto" (the default with tools) is not supported: dlora does not parse tool calls '
+        raise APIError(400, why + 'from free text; give "none" or a named function', param="tool_choice")
+    if choice == "required":
+        why = 'tool_choice "required" is not supported: name a function (tool_choice {"type": "function", ...})'
+        raise APIError(400, why, param="tool_choice")
+    if choice in (None, "none", "auto"):
+        return None
+    if not tools:  # vLLM's words
+        raise APIError(400, "When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        why = 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+        raise APIError(400, why, param="tool_choice")
+    if (tool := next((t.function for t in tools if t.function.name == name), None)) is None:
+        raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return tool
 
 
 def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
@@ -96,6 +128,8 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
     def schema(field: str, value: str | dict[str, Any]) -> None:
         asked.append((field, {"json_schema": value if isinstance(value, str) else json.dumps(value)}))
 
+    if (tool := forced_tool(body)) is not None:  # its arguments: a document of its parameters' schema
+        schema("tool_choice", tool.parameters if tool.parameters is not None else {"type": "object"})
     fmt = body.response_format
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None

@@ -10,6 +10,7 @@ context and the sampling parameters.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
-from dlora.services.gateway.sampling import sampling_params
+from dlora.services.gateway.sampling import forced_tool, sampling_params
 from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
@@ -212,7 +213,7 @@ def shape_request(
                 )
             choices.append(ChoicePlan(index, prefix, request, prompt_only))
     return Job(
-        Shape(chat, request_id, model_name, int(now)),
+        Shape(chat, request_id, model_name, int(now), tool=tool.name if (tool := forced_tool(body)) else None),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),
         stream=bool(body.stream),
@@ -316,6 +317,7 @@ class ChatTemplate:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # the request's tools, for the template to render (as vLLM)
 
     @classmethod
     def of(cls, body: RenderingOptions) -> ChatTemplate:
@@ -337,7 +339,8 @@ class ChatTemplate:
         kwargs = body.chat_template_kwargs or {}
         if reserved := sorted(set(kwargs) & _RENDERER_KWARGS):
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
-        return cls(add, cont, kwargs)
+        tools = getattr(body, "tools", None)  # a chat request's (a /tokenize request has none)
+        return cls(add, cont, kwargs, msgspec.to_builtins(tools) if tools else None)
 
 
 # What apply_chat_template takes from the renderer itself, not from a request's chat_template_kwargs.
@@ -378,7 +381,7 @@ def chat_prompt_ids(
     for m in messages:
         if m.role not in ("system", "user", "assistant", "tool", "developer"):
             raise APIError(400, f"unknown message role {m.role!r}", param="messages")
-        if m.tool_calls or m.function_call or m.audio is not None:
+        if (m.tool_calls and m.role != "assistant") or m.function_call or m.audio is not None:
             field = "tool_calls" if m.tool_calls else "function_call" if m.function_call else "audio"
             raise APIError(400, f"messages: {field} in a {m.role} message is not supported", param="messages")
         if m.content is None and m.role != "assistant":  # only an assistant's turn may omit it (the spec)
@@ -398,6 +401,8 @@ def chat_prompt_ids(
             m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text or "" for p in parts)
         )
         named = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}  # as vLLM passes them
+        if m.tool_calls:  # an assistant's earlier calls, for the template to render
+            named["tool_calls"] = m.tool_calls
         plain.append({"role": m.role, "content": content or ""} | named)
     if getattr(tokenizer, "chat_template", None):
         try:
@@ -407,13 +412,17 @@ def chat_prompt_ids(
                 tokenize=True,
                 add_generation_prompt=template.add_generation_prompt,
                 continue_final_message=template.continue_final_message,
+                tools=template.tools,
                 **template.kwargs,
             )
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
             raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
         # a list of ids, or (transformers 5) an encoding holding them
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
-    lines = [f"{m['role']}: {m['content']}\n" for m in plain]
+    # Without a template, tools are not rendered (a forced call's arguments are constrained all the
+    # same), and an assistant's earlier calls are written as their JSON.
+    said = [m["content"] or (json.dumps(m["tool_calls"]) if "tool_calls" in m else "") for m in plain]
+    lines = [f"{m['role']}: {text}\n" for m, text in zip(plain, said)]
     if template.continue_final_message:
         lines[-1] = lines[-1].removesuffix("\n")
     opened = "assistant:" if template.add_generation_prompt else ""

@@ -250,6 +250,35 @@ async def test_response_format(stack: Stack) -> None:
     assert status == 200 and re.fullmatch("[0-9]{4}", resp["choices"][0]["message"]["content"]), resp
     status, resp = await post(stack, "/v1/completions", {**body, "guided_regex": "(unclosed"})
     assert (status, resp["error"]["param"]) == (400, "guided_regex"), resp
+    # a named tool_choice: the arguments are a document of the function's parameters, answered as
+    # its call, whole and streamed
+    params = {
+        "type": "object",
+        "properties": {"city": {"enum": ["kalo", "remi"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": params}}]
+    forced = {**chat, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "weather"}}}
+    status, resp = await post(stack, "/v1/chat/completions", forced)
+    assert status == 200, resp
+    message, finish = resp["choices"][0]["message"], resp["choices"][0]["finish_reason"]
+    [call] = message["tool_calls"]
+    assert message["content"] is None and finish == "stop" and call["function"]["name"] == "weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("kalo", "remi")
+    events = await stream(stack, "/v1/chat/completions", {**forced, "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e.get("choices")]
+    assert deltas[0]["tool_calls"][0]["function"]["name"] == "weather"  # the call opens once, with its name
+    assert not any("id" in d["tool_calls"][0] for d in deltas[1:] if "tool_calls" in d)
+    assert [e for e in events if isinstance(e, dict) and e.get("choices")][-1]["choices"][0]["finish_reason"] == "stop"
+    arguments = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas if "tool_calls" in d)
+    assert arguments == call["function"]["arguments"]  # greedy: the same call
+    status, resp = await post(
+        stack, "/v1/chat/completions", {**chat, "max_tokens": 4, "tools": tools, "tool_choice": "none"}
+    )
+    assert status == 200 and "tool_calls" not in resp["choices"][0]["message"], resp
+    status, resp = await post(stack, "/v1/chat/completions", {**chat, "tools": tools})  # "auto": needs a parser
+    assert (status, resp["error"]["param"]) == (400, "tool_choice"), resp
 
 
 async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:

@@ -270,6 +270,50 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
 
 
+def test_tools_a_named_tool_choice_constrains_the_arguments_others_are_refused(served: ServedModel) -> None:
+    schema = {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}
+    tools = [
+        {"type": "function", "function": {"name": "lookup", "parameters": schema}},
+        {"type": "function", "function": {"name": "ping"}},
+    ]
+    msgs = [{"role": "user", "content": "kalo"}]
+    named = {"messages": msgs, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "lookup"}}}
+    job = shape(served, named, chat=True)
+    assert job.shape.tool == "lookup" and json.loads(job.choices[0].request.params.json_schema) == schema
+    job = shape(served, {**named, "tool_choice": {"type": "function", "function": {"name": "ping"}}}, chat=True)
+    assert json.loads(job.choices[0].request.params.json_schema) == {"type": "object"}  # no parameters: any object
+    job = shape(served, {"messages": msgs, "tools": tools, "tool_choice": "none"}, chat=True)
+    assert job.shape.tool is None and job.choices[0].request.params.json_schema is None
+    # an assistant's earlier call and the tool's answer are part of the conversation
+    call = {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}
+    history = [
+        *msgs,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    ids = shaping.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), served.tokenizer)
+    assert '"name": "ping"' in served.tokenizer.decode(ids)  # without a template: the call as its JSON
+    for body, fragment in (
+        ({"messages": msgs, "tools": tools}, '"auto"'),  # the default with tools
+        ({"messages": msgs, "tools": tools, "tool_choice": "auto"}, '"auto"'),
+        ({"messages": msgs, "tools": tools, "tool_choice": "required"}, '"required"'),
+        ({"messages": msgs, "tool_choice": named["tool_choice"]}, "`tools` must be set"),
+        ({**named, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+        ({**named, "tool_choice": "sometimes"}, "tool_choice must be"),
+        ({**named, "response_format": {"type": "json_object"}}, "at most one structured output"),
+    ):
+        e = refused(served, body, chat=True)
+        assert e.status == 400 and fragment in e.message, (body, e.message)
+    e = refused(
+        served,
+        {"messages": msgs, "tools": [{"type": "retrieval", "function": {"name": "x"}}], "tool_choice": "none"},
+        chat=True,
+    )
+    assert (e.param, e.message) == ("tools", "tools of type 'retrieval' are not supported (only function)")
+    e = refused(served, {"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]}, chat=True)
+    assert e.message == "messages: tool_calls in a user message is not supported"
+
+
 def test_cache_salt_goes_with_the_request_and_must_not_be_empty(served: ServedModel) -> None:
     assert shape(served, {"prompt": "kalo", "cache_salt": "s3cret"}).choices[0].request.cache_salt == "s3cret"
     assert shape(served, {"prompt": "kalo"}).choices[0].request.cache_salt == ""
@@ -480,6 +524,21 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
     tool = [{"role": "user", "content": "a"}, {"role": "tool", "content": "b", "tool_call_id": "call-7"}]
     assert tok.decode(shape(served, {"messages": tool}, chat=True).choices[0].request.prompt_token_ids).endswith(
         "user:-;tool:call-7;"
+    )
+    # and so do the request's tools and an assistant's earlier calls (vLLM passes both)
+    tok.chat_template = (
+        "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}{{ m['role'] }}:"
+        "{% for c in m.get('tool_calls') or [] %}{{ c.function.name }}{% endfor %};{% endfor %}"
+    )
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    body = {
+        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [call]}],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "none",
+    }
+    assert tok.decode(shape(served, body, chat=True).choices[0].request.prompt_token_ids).endswith(
+        "[f]user:;assistant:f;"
     )
     transcript = shaping.chat_prompt_ids(
         [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="yo")],

@@ -109,3 +109,31 @@ def test_an_echoed_prompts_offsets_end_where_its_text_does() -> None:
     lp = openai.prompt_logprobs([1, 2, 3, 4], entries, Pieces(), True, echoed=len("kalo remi"))  # type: ignore[arg-type]
     assert lp["text_offset"] == [0, 0, 4, 7] and "kalo remi"[4:].startswith(" re")
     assert lp["token_logprobs"] == [None, -1.0, -1.0, -1.0] and lp["top_logprobs"][0] is None
+
+
+def test_a_forced_tool_call_answers_as_openai_s() -> None:
+    """A named tool_choice: the message holds no content and one call whose arguments are the
+    text; streamed, the call opens with its id and name, its arguments follow, the last event's
+    delta is empty (OpenAI's forced call, finish_reason "stop")."""
+    call = Shape(True, "chatcmpl-abc", "m", 0, tool="lookup")
+    [choice] = call.full([openai.Choice(0, '{"q": 1}', "stop")], 3, 4)["choices"]
+    assert choice["finish_reason"] == "stop" and choice["message"] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "chatcmpl-tool-abc0",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": '{"q": 1}'},
+            }
+        ],
+    }
+    first = call.chunk("", None, first=True)["choices"][0]["delta"]
+    assert first["role"] == "assistant" and first["tool_calls"][0]["function"] == {"name": "lookup", "arguments": ""}
+    assert first["tool_calls"][0]["id"] == choice["message"]["tool_calls"][0]["id"]
+    assert call.chunk('{"q"', None)["choices"][0]["delta"] == {
+        "tool_calls": [{"index": 0, "function": {"arguments": '{"q"'}}]
+    }
+    assert call.chunk("", "stop")["choices"][0]["delta"] == {}
+    assert call.chunk("}", "stop")["choices"][0]["delta"]["tool_calls"][0]["function"] == {"arguments": "}"}
