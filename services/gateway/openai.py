@@ -372,7 +372,8 @@ class Shape:
             choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             choice["stop_reason"] = c.stop_reason
             if self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
-                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [self._call(c.index, c.text)]}
+                call = {k: v for k, v in self._call(c.index, c.text).items() if k != "index"}  # a delta's field
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
             elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:

@@ -103,7 +103,8 @@ def forced_tool(body: Body) -> ToolFunction | None:
         return None
     if not tools:  # vLLM's words
         raise APIError(400, "When using `tool_choice`, `tools` must be set.", param="tool_choice")
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         why = 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
         raise APIError(400, why, param="tool_choice")

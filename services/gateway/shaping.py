@@ -10,6 +10,7 @@ context and the sampling parameters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Mapping
@@ -361,6 +362,22 @@ _RENDERER_KWARGS = {
 }
 
 
+def _calls_for_template(calls: Any) -> Any:
+    """An assistant's earlier tool calls as templates read them: each call's ``arguments`` parsed
+    from its JSON text into an object, as vLLM passes them (a template writing ``arguments |
+    tojson`` would otherwise quote the text a second time); arguments that are not JSON stay text."""
+    if not isinstance(calls, list):
+        return calls
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            with contextlib.suppress(ValueError):
+                call = {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+        out.append(call)
+    return out
+
+
 def chat_prompt_ids(
     messages: list[ChatMessage], tokenizer: Tokenizer, template: ChatTemplate = ChatTemplate()
 ) -> list[int]:
@@ -402,7 +419,7 @@ def chat_prompt_ids(
         )
         named = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}  # as vLLM passes them
         if m.tool_calls:  # an assistant's earlier calls, for the template to render
-            named["tool_calls"] = m.tool_calls
+            named["tool_calls"] = _calls_for_template(m.tool_calls)
         plain.append({"role": m.role, "content": content or ""} | named)
     if getattr(tokenizer, "chat_template", None):
         try:

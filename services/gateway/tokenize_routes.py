@@ -12,7 +12,7 @@ import msgspec
 from aiohttp import web
 
 from dlora.services.gateway import openai
-from dlora.services.gateway.openai import APIError, ChatMessage
+from dlora.services.gateway.openai import APIError, ChatMessage, Tool
 from dlora.services.gateway.shaping import ChatTemplate, chat_prompt_ids
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # rendered by the template, as a chat request's
     return_token_strs: bool = False
 
 

@@ -428,6 +428,9 @@ async def test_tokenize_and_detokenize_as_vllm_answers_them(stack: Stack) -> Non
         now=0.0,
     )
     assert status == 200 and chat["tokens"] == job.choices[0].request.prompt_token_ids and chat["token_strs"] is None
+    tools = [{"type": "function", "function": {"name": "f"}}]  # a chat request's tools are taken too (vLLM's)
+    status, with_tools = await post(stack, "/tokenize", {"model": "model", "messages": messages, "tools": tools})
+    assert status == 200 and with_tools["tokens"] == chat["tokens"]  # this model has no template to render them
     status, text = await post(stack, "/detokenize", {"model": "model", "tokens": ids})
     assert (status, text) == (200, {"prompt": stack.gateway.tokenizer.decode(ids)})
     # no model: the base model's tokenizer, as vLLM answers lm-eval's remote tokenizer (it sends none)

@@ -300,6 +300,8 @@ def test_tools_a_named_tool_choice_constrains_the_arguments_others_are_refused(s
         ({"messages": msgs, "tool_choice": named["tool_choice"]}, "`tools` must be set"),
         ({**named, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
         ({**named, "tool_choice": "sometimes"}, "tool_choice must be"),
+        ({**named, "tool_choice": {"type": "function", "function": "lookup"}}, "tool_choice must be"),  # was a 500
+        ({**named, "tool_choice": {"type": "function", "function": None}}, "tool_choice must be"),
         ({**named, "response_format": {"type": "json_object"}}, "at most one structured output"),
     ):
         e = refused(served, body, chat=True)
@@ -525,20 +527,22 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
     assert tok.decode(shape(served, {"messages": tool}, chat=True).choices[0].request.prompt_token_ids).endswith(
         "user:-;tool:call-7;"
     )
-    # and so do the request's tools and an assistant's earlier calls (vLLM passes both)
+    # and so do the request's tools and an assistant's earlier calls (vLLM passes both, each call's
+    # arguments parsed from their JSON text, so a template's tojson does not quote them twice)
     tok.chat_template = (
         "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
         "{% for m in messages %}{{ m['role'] }}:"
-        "{% for c in m.get('tool_calls') or [] %}{{ c.function.name }}{% endfor %};{% endfor %}"
+        "{% for c in m.get('tool_calls') or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %};"
+        "{% endfor %}"
     )
-    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"q": 1}'}}
     body = {
         "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [call]}],
         "tools": [{"type": "function", "function": {"name": "f"}}],
         "tool_choice": "none",
     }
     assert tok.decode(shape(served, body, chat=True).choices[0].request.prompt_token_ids).endswith(
-        "[f]user:;assistant:f;"
+        '[f]user:;assistant:f{"q": 1};'
     )
     transcript = shaping.chat_prompt_ids(
         [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="yo")],

@@ -122,7 +122,6 @@ def test_a_forced_tool_call_answers_as_openai_s() -> None:
         "content": None,
         "tool_calls": [
             {
-                "index": 0,
                 "id": "chatcmpl-tool-abc0",
                 "type": "function",
                 "function": {"name": "lookup", "arguments": '{"q": 1}'},
