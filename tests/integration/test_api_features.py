@@ -259,7 +259,12 @@ async def test_response_format(stack: Stack) -> None:
         "additionalProperties": False,
     }
     tools = [{"type": "function", "function": {"name": "weather", "parameters": params}}]
-    forced = {**chat, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "weather"}}}
+    forced = {
+        **chat,
+        "temperature": 0,
+        "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "weather"}},
+    }
     status, resp = await post(stack, "/v1/chat/completions", forced)
     assert status == 200, resp
     message, finish = resp["choices"][0]["message"], resp["choices"][0]["finish_reason"]

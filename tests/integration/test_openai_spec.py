@@ -138,20 +138,6 @@ async def test_input_that_cannot_be_honoured_is_refused_by_name(stack: Stack) ->
         ),
         ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/v1/chat/completions", {**chat, "modalities": ["text", "audio"]}, "modalities"),
-        (
-            "/v1/chat/completions",
-            {
-                **chat,
-                "messages": [
-                    {
-                        "role": "assistant",
-                        "content": None,
-                        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
-                    }
-                ],
-            },
-            "tool_calls",
-        ),
         ("/v1/completions", {**ENDPOINTS["/v1/completions"][1], "suffix": "end"}, "suffix"),
         ("/v1/completions", {**ENDPOINTS["/v1/completions"][1], "bogus_option": 1}, "bogus_option"),
         ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x", "weird": 1}]}, "weird"),
@@ -159,6 +145,14 @@ async def test_input_that_cannot_be_honoured_is_refused_by_name(stack: Stack) ->
     for path, body, name in cases:
         status, resp = await post(stack, path, body)
         assert 400 <= status < 500 and name in resp["error"]["message"], (name, status, resp)
+    # an assistant's earlier tool call, and the tool's answer, are part of a conversation
+    call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "1", "content": "y"},
+    ]
+    assert (await post(stack, "/v1/chat/completions", {**chat, "messages": history}))[0] == 200
     # metadata that changes no token is accepted
     status, _ = await post(
         stack,
