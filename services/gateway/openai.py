@@ -105,6 +105,10 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_token_ids: list[int] | None = None  # only these may be sampled; not empty
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # >= 1: the prompt's last this many tokens are kept
+    # vLLM's, taken at their defaults only (clients send them spelled out): refused otherwise
+    spaces_between_special_tokens: Any = None  # true
+    use_beam_search: Any = None  # false
+    length_penalty: Any = None  # 1.0
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:N"
     priority: int | None = None  # lower is served first; default 0
     cache_salt: str | None = None  # prefix-cache blocks shared only with the same salt; not empty

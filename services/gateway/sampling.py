@@ -49,6 +49,9 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     ``what`` begins with the field's name."""
     so = body.structured_outputs
     out: list[tuple[str, bool]] = [
+        ("spaces_between_special_tokens", body.spaces_between_special_tokens not in (None, True)),
+        ("use_beam_search", body.use_beam_search not in (None, False)),
+        ("length_penalty", body.length_penalty not in (None, 1, 1.0) or isinstance(body.length_penalty, bool)),
         ("guided_whitespace_pattern", body.guided_whitespace_pattern is not None),
         ("structured_outputs.whitespace_pattern", so is not None and so.whitespace_pattern is not None),
         ("structured_outputs.structural_tag", so is not None and so.structural_tag is not None),

@@ -316,6 +316,14 @@ def test_tools_a_named_tool_choice_constrains_the_arguments_others_are_refused(s
     assert e.message == "messages: tool_calls in a user message is not supported"
 
 
+def test_vllms_fields_at_their_defaults_are_taken_others_refused_by_name(served: ServedModel) -> None:
+    defaults = {"spaces_between_special_tokens": True, "use_beam_search": False, "length_penalty": 1.0}
+    assert shape(served, {"prompt": "kalo", **defaults}).choices[0].request is not None
+    for field, value in (("spaces_between_special_tokens", False), ("use_beam_search", True), ("length_penalty", 2)):
+        e = refused(served, {"prompt": "kalo", field: value})
+        assert (e.status, e.param) == (400, field) and "only its default" in e.message
+
+
 def test_cache_salt_goes_with_the_request_and_must_not_be_empty(served: ServedModel) -> None:
     assert shape(served, {"prompt": "kalo", "cache_salt": "s3cret"}).choices[0].request.cache_salt == "s3cret"
     assert shape(served, {"prompt": "kalo"}).choices[0].request.cache_salt == ""
