@@ -1,0 +1,126 @@
+"""The vLLM request fields a chat or completion body may carry beyond OpenAI's: structured outputs
+(structured_outputs, guided_*), tools with a named tool_choice, cache_salt, and vLLM's fields taken
+at their defaults. The shaping itself is tested in test_gateway_shaping."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+
+from dlora.services.gateway import shaping
+from dlora.services.gateway.openai import ChatMessage
+from dlora.services.gateway.shaping import ServedModel
+from tests.unit.test_gateway_shaping import refused, served, shape  # noqa: F401 - served: a fixture
+
+
+def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """vLLM's structured_outputs and its older guided_* fields, on completions and chat alike, and
+    response_format on completions (vLLM's CompletionRequest has it): one at a time, each named
+    when refused."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    msgs = [{"role": "user", "content": "kalo"}]
+    for extra, field, value in (
+        ({"guided_json": schema}, "json_schema", json.dumps(schema)),
+        ({"guided_json": json.dumps(schema)}, "json_schema", json.dumps(schema)),
+        ({"structured_outputs": {"json": schema}}, "json_schema", json.dumps(schema)),
+        ({"structured_outputs": {"json_object": True}}, "json_schema", '{"type": "object"}'),
+        ({"response_format": {"type": "json_object"}}, "json_schema", '{"type": "object"}'),
+        ({"guided_regex": "[0-9]+"}, "regex", "[0-9]+"),
+        ({"structured_outputs": {"regex": "a|b"}}, "regex", "a|b"),
+        ({"guided_choice": ["yes", "no"]}, "choice", ["yes", "no"]),
+        ({"structured_outputs": {"choice": ["x"]}}, "choice", ["x"]),
+        ({"guided_regex": "a", "guided_decoding_backend": "xgrammar"}, "regex", "a"),  # the backend: llguidance
+        (
+            {"structured_outputs": {"regex": "a", "disable_any_whitespace": True, "disable_fallback": True}},
+            "regex",
+            "a",
+        ),
+        ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
+        ({"structured_outputs": {"grammar": 'start: "a"'}}, "grammar", 'start: "a"'),
+    ):
+        for body, chat in (({"prompt": "kalo", **extra}, False), ({"messages": msgs, **extra}, True)):
+            params = shape(served, body, chat=chat).choices[0].request.params
+            assert getattr(params, field) == value, (extra, chat)
+    for extra, param, fragment in (
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "at most one structured output"),
+        ({"response_format": {"type": "json_object"}, "guided_json": schema}, "guided_json", "at most one"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "at most one"),
+        ({"guided_regex": "(unclosed"}, "guided_regex", "regex cannot be"),
+        ({"guided_grammar": "start: nowhere"}, "guided_grammar", "grammar cannot be"),
+        ({"guided_choice": []}, None, None),  # empty: nothing asked, as vLLM's falsy check reads it
+        ({"guided_choice": [], "guided_regex": "a"}, None, None),  # so beside another, one is asked
+        ({"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}}, "guided_json", "guided_json schema cannot"),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+        ({"structured_outputs": {"regex": "a", "structural_tag": {}}}, "structured_outputs.structural_tag", "not"),
+        ({"guided_choice": ["", "x"]}, "guided_choice", "guided_choice must be at most"),
+        ({"structured_outputs": {"json": "not json"}}, "structured_outputs", "not a JSON object"),
+    ):
+        if param is None:
+            params = shape(served, {"prompt": "kalo", **extra}).choices[0].request.params
+            assert params.choice == [] and params.regex == extra.get("guided_regex")
+            continue
+        e = refused(served, {"prompt": "kalo", **extra})
+        assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
+
+
+def test_tools_a_named_tool_choice_constrains_the_arguments_others_are_refused(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    schema = {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}
+    tools = [
+        {"type": "function", "function": {"name": "lookup", "parameters": schema}},
+        {"type": "function", "function": {"name": "ping"}},
+    ]
+    msgs = [{"role": "user", "content": "kalo"}]
+    named = {"messages": msgs, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "lookup"}}}
+    job = shape(served, named, chat=True)
+    assert job.shape.tool == "lookup" and json.loads(job.choices[0].request.params.json_schema) == schema
+    job = shape(served, {**named, "tool_choice": {"type": "function", "function": {"name": "ping"}}}, chat=True)
+    assert json.loads(job.choices[0].request.params.json_schema) == {"type": "object"}  # no parameters: any object
+    job = shape(served, {"messages": msgs, "tools": tools, "tool_choice": "none"}, chat=True)
+    assert job.shape.tool is None and job.choices[0].request.params.json_schema is None
+    # an assistant's earlier call and the tool's answer are part of the conversation
+    call = {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}
+    history = [
+        *msgs,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    ids = shaping.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), served.tokenizer)
+    assert '"name": "ping"' in served.tokenizer.decode(ids)  # without a template: the call as its JSON
+    for body, fragment in (
+        ({"messages": msgs, "tools": tools}, '"auto"'),  # the default with tools
+        ({"messages": msgs, "tools": tools, "tool_choice": "auto"}, '"auto"'),
+        ({"messages": msgs, "tools": tools, "tool_choice": "required"}, '"required"'),
+        ({"messages": msgs, "tool_choice": named["tool_choice"]}, "`tools` must be set"),
+        ({**named, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+        ({**named, "tool_choice": "sometimes"}, "tool_choice must be"),
+        ({**named, "tool_choice": {"type": "function", "function": "lookup"}}, "tool_choice must be"),  # was a 500
+        ({**named, "tool_choice": {"type": "function", "function": None}}, "tool_choice must be"),
+        ({**named, "response_format": {"type": "json_object"}}, "at most one structured output"),
+    ):
+        e = refused(served, body, chat=True)
+        assert e.status == 400 and fragment in e.message, (body, e.message)
+    e = refused(
+        served,
+        {"messages": msgs, "tools": [{"type": "retrieval", "function": {"name": "x"}}], "tool_choice": "none"},
+        chat=True,
+    )
+    assert (e.param, e.message) == ("tools", "tools of type 'retrieval' are not supported (only function)")
+    e = refused(served, {"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]}, chat=True)
+    assert e.message == "messages: tool_calls in a user message is not supported"
+
+
+def test_vllms_fields_at_their_defaults_are_taken_others_refused_by_name(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    defaults = {"spaces_between_special_tokens": True, "use_beam_search": False, "length_penalty": 1.0}
+    assert shape(served, {"prompt": "kalo", **defaults}).choices[0].request is not None
+    for field, value in (("spaces_between_special_tokens", False), ("use_beam_search", True), ("length_penalty", 2)):
+        e = refused(served, {"prompt": "kalo", field: value})
+        assert (e.status, e.param) == (400, field) and "only its default" in e.message
+
+
+def test_cache_salt_goes_with_the_request_and_must_not_be_empty(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    assert shape(served, {"prompt": "kalo", "cache_salt": "s3cret"}).choices[0].request.cache_salt == "s3cret"
+    assert shape(served, {"prompt": "kalo"}).choices[0].request.cache_salt == ""
+    for salt in ("", "x" * 1025):  # vLLM refuses an empty one; a long one is hashed into every block's key
+        e = refused(served, {"prompt": "kalo", "cache_salt": salt})
+        assert (e.status, e.param) == (400, "cache_salt") and "non-empty" in e.message
