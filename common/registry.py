@@ -29,7 +29,7 @@ from collections.abc import Callable, Set
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js.errors import BadRequestError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BadRequestError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from redis.exceptions import RedisError
 
@@ -121,7 +121,7 @@ class _Durable:
     async def kv(self) -> KeyValue | None:
         kv = await self.bucket.get() if self.bucket is not None else None
         if kv is not None and self.bucket is not None and self.bucket.missed and not self._caught_up:
-            await self._catch_up(kv, await _bucket_values(kv))
+            await self._catch_up(kv, await _bucket_values(self.bucket, kv))
             self._caught_up = True  # only once it all went in: a failed catch-up is tried again
         return kv
 
@@ -234,7 +234,7 @@ class AdapterRegistry(_Durable):
         """The bucket's registered entries and every version's, as stored."""
         current: list[AdapterEntry] = []
         versions: list[AdapterEntry] = []
-        for key, value in (await _bucket_values(await self.kv())).items():
+        for key, value in (await _bucket_values(self.bucket, await self.kv())).items():
             (current if key.startswith("current.") else versions).append(_decode.decode(value))
         return current, versions
 
@@ -332,7 +332,7 @@ class KeyRegistry(_Durable):
 
     async def durable_keys(self) -> list[ApiKey]:
         """Every key in the bucket, as stored."""
-        return [_decode_key.decode(value) for value in (await _bucket_values(await self.kv())).values()]
+        return [_decode_key.decode(value) for value in (await _bucket_values(self.bucket, await self.kv())).values()]
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
         for key in await self.store.list_api_keys():  # keys are revoked, never deleted
@@ -359,17 +359,21 @@ async def purge_keys(nc: NATS, prefix: str) -> None:
         await nc.jetstream().delete_key_value(keys_bucket_name(prefix))
 
 
-async def _bucket_values(kv: KeyValue | None) -> dict[str, bytes]:
-    """Every key of a bucket with its value (none without a bucket; a key removed meanwhile skipped)."""
-    if kv is None:
+async def _bucket_values(bucket: Bucket | None, kv: KeyValue | None) -> dict[str, bytes]:
+    """Every key of ``bucket`` (opened as ``kv``) with its value: none without one; a key deleted,
+    purged or removed meanwhile skipped.
+
+    The keys are the subjects of the bucket's stream, from one answer of the server, not
+    ``KeyValue.keys()``: its watcher can end before the keys the server already sent are read
+    (nats-py #842, open in 2.16), and an empty answer skipped a restore into an empty Redis."""
+    if bucket is None or kv is None:
         return {}
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return {}
+    info = await bucket.nc.jetstream(timeout=2.0).stream_info(f"KV_{bucket.name}", subjects_filter=">")
+    prefix = f"$KV.{bucket.name}."
     values: dict[str, bytes] = {}
-    for key in keys:
-        with contextlib.suppress(KeyNotFoundError):  # removed since listed
+    for subject in info.state.subjects or {}:
+        key = subject.removeprefix(prefix)
+        with contextlib.suppress(KeyNotFoundError, KeyDeletedError):  # deleted or purged: a marker's subject
             if value := (await kv.get(key)).value:
                 values[key] = value
     return values

@@ -12,6 +12,7 @@ import msgspec
 import nats
 import pytest
 from nats.errors import Error as NatsError
+from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from dlora.common import apikeys
@@ -184,3 +185,40 @@ async def test_a_version_registered_again_as_it_is_forgotten_stays(redis: Redis)
     assert await store.put_adapter(AdapterEntry(name="a", path="/b", rank=8, created=0.0, version="v2"), replace=True)
     await store.retire_version("a", "v1", 0.0)
     assert await store.forget_version("a", "v1") and await store.get_adapter("a", "v1") is None
+
+
+async def test_a_restore_reads_every_key_though_the_librarys_watcher_ends_early(
+    nats_server: Server, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py's key listing (a watcher) can end before the keys the server already sent are read
+    (nats-py #842): under load the suite saw a restore into an emptied Redis find the bucket empty
+    and bring nothing back. Here the watcher always ends at once, as that race makes it; the
+    bucket's keys must come from elsewhere, deleted and purged ones skipped."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
+
+    class Unsubscribed:
+        async def unsubscribe(self) -> None:
+            pass
+
+    async def ended_at_once(self: KeyValue, **_: object) -> KeyValue.KeyWatcher:
+        watcher = KeyValue.KeyWatcher(self)
+        watcher._sub = Unsubscribed()
+        await watcher._updates.put(None)
+        return watcher
+
+    try:
+        for name in ("a", "b", "c"):
+            assert await registry.register(AdapterEntry(name=name, path=f"/{name}", rank=8, created=0.0, version="v1"))
+        assert await registry.remove("c")
+        keys = KeyRegistry(store, Bucket(nc, keys_bucket_name(store.p)))
+        _, key = apikeys.new_key("acme", [apikeys.INFERENCE], now=0.0)
+        await keys.add(key)
+        monkeypatch.setattr(KeyValue, "watchall", ended_at_once)
+        await redis.flushdb()
+        assert await registry.restore() == 2
+        assert [e.name for e in await store.list_adapters()] == ["a", "b"]
+        assert [k.id for k in await keys.durable_keys()] == [key.id]
+    finally:
+        await nc.close()
