@@ -230,12 +230,15 @@ async def subscribe(
     *,
     queue: str = "",
     msgpack: bool = False,
+    refused: Callable[[Msg, msgspec.DecodeError], Awaitable[None]] | None = None,
 ) -> Subscription:
     """Subscribe ``handler`` to ``subject`` with messages decoded as ``kind`` (JSON, or msgpack for
     binary payloads). A message that does not decode is logged and counted in ``REJECTED`` by
-    subject pattern and type, then dropped; the handler never sees it."""
+    subject pattern and type, handed to ``refused`` (to answer its sender), then dropped; the
+    handler never sees it."""
     decoder = (msgspec.msgpack.Decoder if msgpack else msgspec.json.Decoder)(kind)
-    return await nc.subscribe(subject, queue=queue, cb=_decoding(subject, kind, decoder, lambda v, _: handler(v)))
+    deliver = _decoding(subject, kind, decoder, lambda v, _: handler(v), refused)
+    return await nc.subscribe(subject, queue=queue, cb=deliver)
 
 
 async def subscribe_senders(
@@ -253,12 +256,15 @@ def _decoding(
     kind: type[T],
     decoder: msgspec.json.Decoder[T] | msgspec.msgpack.Decoder[T],
     deliver: Callable[[T, Msg], Awaitable[None]],
+    refused: Callable[[Msg, msgspec.DecodeError], Awaitable[None]] | None = None,
 ) -> Callable[[Msg], Awaitable[None]]:
     async def on_message(msg: Msg) -> None:
         try:
             value = decoder.decode(msg.data)
         except msgspec.DecodeError as e:
             reject(pattern, msg.subject, kind, e)
+            if refused is not None:
+                await refused(msg, e)
             return
         await deliver(value, msg)
 

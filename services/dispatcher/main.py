@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 
 import msgspec
@@ -29,7 +28,7 @@ from dlora.common.messages import (
     Placement,
     TokenChunk,
     WorkerStats,
-    holds_lone_surrogate,
+    request_head,
     with_seed,
 )
 from dlora.common.registry import AdapterRegistry
@@ -43,26 +42,6 @@ from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
-
-
-def request_head(data: bytes) -> tuple[str, str, bool] | None:
-    """What a request that does not decode may still say: its id, where to answer, and whether it
-    holds a lone UTF-16 surrogate (valid JSON, as Python's json.dumps writes one, but not text:
-    msgspec calls it truncated input). Read by the standard library's JSON, which takes what msgspec
-    refuses; an id written as a number is read as text. None where it says neither."""
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser
-        return None
-    if not isinstance(obj, dict):
-        return None
-    rid, reply = obj.get("request_id"), obj.get("reply_to")
-    rid = str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
-    if not (isinstance(rid, str) and isinstance(reply, str)) or not (rid + reply).isprintable():
-        return None  # a lone surrogate is not printable: such an id or subject cannot be written back
-    return rid, reply, holds_lone_surrogate(obj)
-
-
 _encode = msgspec.json.Encoder()
 _DECAY = 0.9  # per placement interval: traffic shares follow the last minute or so
 # Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
@@ -158,7 +137,7 @@ class Dispatcher:
         (one of its own): it would wait for chunks that never come."""
         if (head := request_head(msg.data)) is None:
             return  # no id or reply subject to answer on: counted as rejected, as before
-        request_id, reply_to, surrogate = head
+        request_id, reply_to, surrogate = head.request_id, head.reply_to, head.lone_surrogate
         owner = subjects.sender(msg.subject)
         if owner and not subjects.replies_to(owner, reply_to) or not subjects.publishable(reply_to):
             return

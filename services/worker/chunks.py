@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, TokenChunk, Usage
+from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, RequestHead, TokenChunk, Usage
 from dlora.services.worker.engine import RequestOutput
 
 
@@ -67,6 +67,22 @@ def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str,
         worker=worker,
         finish_reason=FinishReason.ERROR,
         recoveries=req.recoveries,
+    )
+
+
+def unreadable_chunk(head: RequestHead, error: str, worker: str) -> TokenChunk:
+    """The answer to a request this worker cannot read though it came through a dispatcher: in a
+    rolling upgrade a newer dispatcher or gateway sends fields an older worker lacks. 503: the
+    request may be fine, and another worker (or this one, upgraded) may take it."""
+    return TokenChunk(
+        request_id=head.request_id,
+        seq=head.next_seq,
+        error=f"worker {worker} cannot read this request ({error}); it may run an older dlora than the "
+        "service that sent it (a rolling upgrade): try again",
+        error_code=ErrorCode.UNAVAILABLE,
+        worker=worker,
+        finish_reason=FinishReason.ERROR,
+        recoveries=head.recoveries,
     )
 
 

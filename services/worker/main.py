@@ -14,6 +14,7 @@ import time
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
@@ -31,6 +32,7 @@ from dlora.common.messages import (
     MovePlan,
     Placement,
     WorkerStats,
+    request_head,
     with_seed,
 )
 from dlora.common.state import Copy, Sent, StateStore
@@ -45,6 +47,7 @@ from dlora.services.worker.chunks import (
     error_chunk,
     open_stream,
     silent_client_chunk,
+    unreadable_chunk,
 )
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.cycles import StepCycles
@@ -122,6 +125,14 @@ class WorkerService:
                 ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
                 req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=list(ids))
         await self.commands.put(Add(req))
+
+    async def _on_unreadable(self, msg: Msg, error: msgspec.DecodeError) -> None:
+        """A request that does not decode here: its sender is told why, not left waiting, and its
+        record (if it names this worker) ended."""
+        if (head := request_head(msg.data)) is None or not subjects.publishable(head.reply_to):
+            return
+        await self.delivery.publish(head.reply_to, unreadable_chunk(head, str(error), self.s.worker_id))
+        await self.store.record_progress(self.s.worker_id, {}, {head.request_id: head.recoveries})
 
     async def _on_client(self, alive: ClientAlive) -> None:
         if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
@@ -453,7 +464,13 @@ class WorkerService:
         if state:
             self.engine.policy.restore(state)
         subs = [
-            await bus.subscribe(self.nc, subjects.worker_requests(self.s.worker_id), GenerateRequest, self._on_request),
+            await bus.subscribe(
+                self.nc,
+                subjects.worker_requests(self.s.worker_id),
+                GenerateRequest,
+                self._on_request,
+                refused=self._on_unreadable,
+            ),
             await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
             await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),
             await bus.subscribe(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent, self._on_adapter_event),
