@@ -44,7 +44,7 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
             await w._safely(cmd)
     for rid, stream in list(w.streams.items()):
         held[rid] = stream.request.recoveries
-        await w._drop(rid, record=False, attempt=stream.request.recoveries)
+        await w.drop(rid, record=False, attempt=stream.request.recoveries)
     try:
         if w.records.behind:  # the records must say what the clients have (and which ended)
             await w.records.write({})

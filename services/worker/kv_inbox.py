@@ -45,7 +45,7 @@ class KVInbox:
         if box is None:
             now = time.monotonic()
             for old in [k for k, b in self._boxes.items() if now - b.opened > self.stale_s]:
-                self._drop(old)
+                self.drop(old)
             box = self._boxes[key] = _Box(now)
         box.parts[chunk.index] = chunk.data
         if len(box.parts) == chunk.total:
@@ -62,7 +62,7 @@ class KVInbox:
         except TimeoutError:
             return None
         finally:
-            box = self._drop(key)
+            box = self.drop(key)
         if box is None:  # swept as stale between its last chunk and this take
             return None
         try:
@@ -71,6 +71,6 @@ class KVInbox:
             logger.warning("moved KV unreadable; recomputing", request=request_id, error=f"{type(e).__name__}: {e}")
             return None
 
-    def _drop(self, key: _Key) -> _Box | None:
+    def drop(self, key: _Key) -> _Box | None:
         self._ready.pop(key, None)
         return self._boxes.pop(key, None)

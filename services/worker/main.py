@@ -14,7 +14,6 @@ import time
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
@@ -32,30 +31,24 @@ from dlora.common.messages import (
     MovePlan,
     Placement,
     WorkerStats,
-    request_head,
-    with_seed,
 )
 from dlora.common.state import Copy, Sent, StateStore
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 from dlora.services.worker import drain
-from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
+from dlora.services.worker.adapters import WorkerAdapters
+from dlora.services.worker.admit import admit, refuse_unreadable
 from dlora.services.worker.chunks import (
     Stream,
     aborted_chunk,
     chunk_for,
     error_chunk,
-    open_stream,
-    silent_client_chunk,
-    unreadable_chunk,
 )
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
-from dlora.services.worker.engine import LLMEngine, RequestError
+from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.faults import device_lost, raise_if_lost
-from dlora.services.worker.engine.kv_transfer import KVSnapshot
-from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.metrics import WorkerMetrics, worker_view
@@ -64,7 +57,6 @@ from dlora.services.worker.moves import Move, moves_to_take
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import worker_stats
-from dlora.services.worker.versions import engine_key
 
 logger = log.get("worker")
 
@@ -126,14 +118,6 @@ class WorkerService:
                 req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=list(ids))
         await self.commands.put(Add(req))
 
-    async def _on_unreadable(self, msg: Msg, error: msgspec.DecodeError) -> None:
-        """A request that does not decode here: its sender is told why, not left waiting, and its
-        record (if it names this worker) ended."""
-        if (head := request_head(msg.data)) is None or not subjects.publishable(head.reply_to):
-            return
-        await self.delivery.publish(head.reply_to, unreadable_chunk(head, str(error), self.s.worker_id))
-        await self.store.record_progress(self.s.worker_id, {}, {head.request_id: head.recoveries})
-
     async def _on_client(self, alive: ClientAlive) -> None:
         if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
             self.delivery.resend_to(subjects.replies_prefix(alive.client))  # what it may have missed
@@ -192,8 +176,8 @@ class WorkerService:
             self.aborted = {k: t for k, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
             self.aborted[cmd.request_id, cmd.sender] = now
             stream = self.streams.get(cmd.request_id)
-            if stream is not None and self._aborted(stream.request):
-                await self._drop(cmd.request_id)
+            if stream is not None and self.aborted_lately(stream.request):
+                await self.drop(cmd.request_id)
                 chunk = aborted_chunk(stream.request, stream.seq, self.s.worker_id)
                 await self.delivery.publish(stream.reply_to, chunk)
         elif isinstance(cmd, AdapterChanged):
@@ -201,7 +185,7 @@ class WorkerService:
         else:
             await self._add(cmd.req)
 
-    async def _drop(self, request_id: str, record: bool = True, attempt: int | None = None) -> None:
+    async def drop(self, request_id: str, record: bool = True, attempt: int | None = None) -> None:
         """Stop a request held here without a word to its client (it went away, or another attempt
         serves it now: then only if the copy here is ``attempt``), and drop its in-flight record if
         ``record`` and the record is still this copy's."""
@@ -215,85 +199,15 @@ class WorkerService:
         else:  # another attempt serves it: what this copy sent is not sent again
             self.delivery.resend.forget(request_id)
 
-    def _aborted(self, req: GenerateRequest) -> bool:
+    def aborted_lately(self, req: GenerateRequest) -> bool:
         """Whether an abort for ``req`` came lately: a gateway's, or its sender's (an app stops only its own)."""
         return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
 
-    async def _take_kv(self, req: GenerateRequest) -> KVSnapshot | None:
-        kv = await self.kv_inbox.take(req.request_id, req.kv_transfer)
-        if kv is None:
-            logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
-        return kv
-
-    def _add_to_engine(self, req: GenerateRequest, kv: KVSnapshot | None) -> None:
-        adapter = engine_key(req.adapter, req.adapter_version or "") if req.adapter is not None else None
-        self.engine.add_request(
-            req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            params=req.params,
-            adapter=adapter,
-            resume_token_ids=req.resume_token_ids,
-            resume_text_pending=req.resume_text_pending,
-            resume_text_held=req.resume_text_held,
-            kv=kv,
-            priority=req.priority,
-            continued=req.continued,
-            cache_salt=req.cache_salt,
-        )
-
     async def _add(self, req: GenerateRequest) -> None:
         try:
-            await self._admit(req)
+            await admit(self, req)
         finally:
             self.pending.discard(req.request_id)
-
-    async def _admit(self, req: GenerateRequest) -> None:
-        if self._aborted(req):  # its client left before it came, or aborted its id lately
-            await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
-            await self.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, self.s.worker_id))
-            return
-        held = self.streams.get(req.request_id)
-        if held is not None:
-            if req.recoveries <= held.request.recoveries:
-                logger.warning("request delivered twice; the copy is ignored", request=req.request_id)
-                return
-            # A later attempt of a request this worker still runs: it was given up here while the
-            # worker stalled, and re-dispatched back to it. The later attempt replaces the copy.
-            await self._drop(req.request_id, record=False)
-        if await self.records.fenced_on_arrival(req):
-            logger.warning("request sent before a stall came after it was given up; dropped", request=req.request_id)
-            return
-        if req.client and self.clients.gone(req.client, time.monotonic()):
-            logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
-            await bus.publish(self.nc, req.reply_to, silent_client_chunk(req))
-            await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
-            return
-        req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
-        code, reason = ErrorCode.BAD_REQUEST, ""
-        try:
-            req = await self.adapters.versioned(req)
-            if req.adapter is not None:
-                await self.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
-            start = time.monotonic()
-            kv = await self._take_kv(req) if req.kv_chunks else None
-            try:
-                self._add_to_engine(req, kv)
-                if kv is not None:  # what shipping this cache cost: the source's export, then our stall
-                    self.kv_seconds += req.kv_export_s + time.monotonic() - start
-                    self.kv_tokens += kv.tokens
-            except RequestError:
-                if kv is None:
-                    raise
-                self._add_to_engine(req, None)  # the cache does not fit here: recompute instead
-            self.streams[req.request_id] = open_stream(req, time.monotonic())
-            return
-        except AdapterNotFound as e:
-            code, reason = ErrorCode.NOT_FOUND, str(e)
-        except (RequestError, AdapterError) as e:
-            reason = str(e)
-        await bus.publish(self.nc, req.reply_to, error_chunk(req, code, reason, self.s.worker_id))
-        await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
 
     async def _step(self) -> None:
         st = self.engine.stats
@@ -344,14 +258,14 @@ class WorkerService:
         # Fenced: given up here and re-dispatched, another attempt serves it.
         for rid in await self.records.write_step(running) & running.keys():
             logger.warning("request fenced: a later attempt serves it", request=rid)
-            await self._drop(rid, record=False, attempt=running[rid].attempt)
+            await self.drop(rid, record=False, attempt=running[rid].attempt)
 
     async def _drop_fenced(self) -> None:
         """Drop the copies held here that are fenced (a recorded one's record gone too), after a stall."""
         copies = {rid: Copy.of(s.request, stalled=True) for rid, s in self.streams.items()}
         for rid in await self.records.fenced_after_stall(copies):
             logger.warning("request fenced after a stall: a later attempt serves it", request=rid)
-            await self._drop(rid, record=False, attempt=copies[rid].attempt)
+            await self.drop(rid, record=False, attempt=copies[rid].attempt)
 
     async def _reconcile(self) -> None:
         """Between steps, every few seconds: drop requests whose client has gone, and hand back
@@ -361,7 +275,7 @@ class WorkerService:
         for rid, stream in list(self.streams.items()):
             if stream.request.client and self.clients.gone(stream.request.client, now):
                 logger.info("request abandoned: its client is gone", request=rid, client=stream.request.client)
-                await self._drop(rid)
+                await self.drop(rid)
         if self.records.behind:
             await self.records.write({})
         lost, never_arrived = await self.store.sweep_inflight(
@@ -469,7 +383,7 @@ class WorkerService:
                 subjects.worker_requests(self.s.worker_id),
                 GenerateRequest,
                 self._on_request,
-                refused=self._on_unreadable,
+                refused=lambda msg, error: refuse_unreadable(self, msg, error),
             ),
             await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
             await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),

@@ -1,0 +1,108 @@
+"""A request arriving at the worker, the I/O the shell does for it: refused (aborted, fenced, its
+client silent, its adapter missing, or unreadable here) with an answer, or added to the engine
+with the cache a move shipped. A function of the running ``WorkerService``, as ``drain`` is."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+from nats.aio.msg import Msg
+
+from dlora.common import bus, log, subjects
+from dlora.common.messages import ErrorCode, GenerateRequest, request_head, with_seed
+from dlora.services.worker.adapters import AdapterNotFound
+from dlora.services.worker.chunks import aborted_chunk, error_chunk, open_stream, silent_client_chunk, unreadable_chunk
+from dlora.services.worker.engine import RequestError
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.versions import engine_key
+
+if TYPE_CHECKING:
+    from dlora.services.worker.main import WorkerService
+
+logger = log.get("worker")
+
+
+async def admit(w: WorkerService, req: GenerateRequest) -> None:
+    """Take ``req`` into the engine, or answer why not (each answer ends its record)."""
+    if w.aborted_lately(req):  # its client left before it came, or aborted its id lately
+        await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+        await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id))
+        return
+    held = w.streams.get(req.request_id)
+    if held is not None:
+        if req.recoveries <= held.request.recoveries:
+            logger.warning("request delivered twice; the copy is ignored", request=req.request_id)
+            return
+        # A later attempt of a request this worker still runs: it was given up here while the
+        # worker stalled, and re-dispatched back to it. The later attempt replaces the copy.
+        await w.drop(req.request_id, record=False)
+    if await w.records.fenced_on_arrival(req):
+        logger.warning("request sent before a stall came after it was given up; dropped", request=req.request_id)
+        return
+    if req.client and w.clients.gone(req.client, time.monotonic()):
+        logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
+        await bus.publish(w.nc, req.reply_to, silent_client_chunk(req))
+        await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+        return
+    req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
+    code, reason = ErrorCode.BAD_REQUEST, ""
+    try:
+        req = await w.adapters.versioned(req)
+        if req.adapter is not None:
+            await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
+        start = time.monotonic()
+        kv = await _take_kv(w, req) if req.kv_chunks else None
+        try:
+            _add_to_engine(w, req, kv)
+            if kv is not None:  # what shipping this cache cost: the source's export, then our stall
+                w.kv_seconds += req.kv_export_s + time.monotonic() - start
+                w.kv_tokens += kv.tokens
+        except RequestError:
+            if kv is None:
+                raise
+            _add_to_engine(w, req, None)  # the cache does not fit here: recompute instead
+        w.streams[req.request_id] = open_stream(req, time.monotonic())
+        return
+    except AdapterNotFound as e:
+        code, reason = ErrorCode.NOT_FOUND, str(e)
+    except (RequestError, AdapterError) as e:
+        reason = str(e)
+    await bus.publish(w.nc, req.reply_to, error_chunk(req, code, reason, w.s.worker_id))
+    await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+
+
+async def _take_kv(w: WorkerService, req: GenerateRequest) -> KVSnapshot | None:
+    kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)
+    if kv is None:
+        logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
+    return kv
+
+
+def _add_to_engine(w: WorkerService, req: GenerateRequest, kv: KVSnapshot | None) -> None:
+    adapter = engine_key(req.adapter, req.adapter_version or "") if req.adapter is not None else None
+    w.engine.add_request(
+        req.request_id,
+        prompt=req.prompt,
+        prompt_token_ids=req.prompt_token_ids,
+        params=req.params,
+        adapter=adapter,
+        resume_token_ids=req.resume_token_ids,
+        resume_text_pending=req.resume_text_pending,
+        resume_text_held=req.resume_text_held,
+        kv=kv,
+        priority=req.priority,
+        continued=req.continued,
+        cache_salt=req.cache_salt,
+    )
+
+
+async def refuse_unreadable(w: WorkerService, msg: Msg, error: msgspec.DecodeError) -> None:
+    """A request that does not decode here: its sender is told why, not left waiting, and its
+    record (if it names this worker) ended."""
+    if (head := request_head(msg.data)) is None or not subjects.publishable(head.reply_to):
+        return
+    await w.delivery.publish(head.reply_to, unreadable_chunk(head, str(error), w.s.worker_id))
+    await w.store.record_progress(w.s.worker_id, {}, {head.request_id: head.recoveries})
