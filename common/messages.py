@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
-import json
 import secrets
-from typing import Annotated, NamedTuple
+from typing import Annotated
 
 import msgspec
 
@@ -121,51 +120,6 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
 # times, then failed: a poison request must not take down one worker after another. A request
 # whose message never reached its worker is re-dispatched without counting.
 MAX_RECOVERIES = 1
-
-
-def holds_lone_surrogate(decoded: object) -> bool:
-    """Whether JSON decoded by the standard library (``json.loads``) holds a lone UTF-16 surrogate
-    in a string: valid JSON (Python's json.dumps writes one as ``\\ud800``), but not text, so no
-    tokenizer takes it and msgspec refuses the message whole."""
-    try:
-        json.dumps(decoded, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-class RequestHead(NamedTuple):
-    """What a ``GenerateRequest`` that does not decode may still say, to answer its sender."""
-
-    request_id: str
-    reply_to: str
-    lone_surrogate: bool  # a string holds a lone UTF-16 surrogate (``holds_lone_surrogate``)
-    next_seq: int  # the seq its answer carries (0 where it says none)
-    recoveries: int  # its attempt (0 where it says none)
-
-
-def request_head(data: bytes) -> RequestHead | None:
-    """The head of a request msgspec refuses, read by the standard library's JSON (which takes a
-    lone surrogate, valid JSON as Python's json.dumps writes one, that msgspec calls truncated
-    input); an id written as a number is read as text. None where it names no id or reply
-    subject that can be written back."""
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser
-        return None
-    if not isinstance(obj, dict):
-        return None
-    rid, reply = obj.get("request_id"), obj.get("reply_to")
-    rid = str(rid) if _count(rid) is not None else rid
-    if not (isinstance(rid, str) and isinstance(reply, str)) or not (rid + reply).isprintable():
-        return None  # a lone surrogate is not printable: such an id or subject cannot be written back
-    return RequestHead(
-        rid, reply, holds_lone_surrogate(obj), _count(obj.get("next_seq")) or 0, _count(obj.get("recoveries")) or 0
-    )
-
-
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def with_seed(req: GenerateRequest) -> GenerateRequest:

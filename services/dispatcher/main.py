@@ -28,11 +28,11 @@ from dlora.common.messages import (
     Placement,
     TokenChunk,
     WorkerStats,
-    request_head,
     with_seed,
 )
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
+from dlora.common.undecodable import request_head
 from dlora.services.dispatcher.choose import holds_request
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.placement import WorkerCapacity, place

@@ -296,11 +296,11 @@ class Gateway:
                 break
             except TimeoutError:
                 if time.monotonic() >= deadline:
-                    return _unanswered(late, "no worker answered in time")
+                    return late.unanswered("no worker answered in time")
             record = await self._record(late.request.request_id, redis_id)
             missing = missing + 1 if record is None else 0
             if missing >= 2:
-                return _unanswered(late, "the request was lost on its way to a worker; try again")
+                return late.unanswered("the request was lost on its way to a worker; try again")
             now = time.monotonic()
             if patient and isinstance(record, Inflight):
                 if self.cluster.stepped_since(record.worker, since, now, self.s.heartbeat_ttl_s):
@@ -489,13 +489,3 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
 _DISPATCH_ADDS = 1024
 # A prompt logprob entry's JSON, at most (a 128k vocabulary's ids): the entry, and each alternative.
 _ENTRY_BYTES, _ALTERNATIVE_BYTES = 40, 30
-
-
-def _unanswered(choice: RunningChoice, reason: str) -> TokenChunk:
-    """The UNAVAILABLE error the gateway makes for ``choice`` when no worker will answer it."""
-    return TokenChunk(
-        request_id=choice.request.request_id,
-        seq=choice.replies.next_seq,
-        error=reason,
-        error_code=ErrorCode.UNAVAILABLE,
-    )

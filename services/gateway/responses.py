@@ -49,6 +49,16 @@ class RunningChoice:
             prompt_only=plan.prompt_only,
         )
 
+    def unanswered(self, reason: str) -> TokenChunk:
+        """The UNAVAILABLE error the gateway makes for this choice when no worker will answer it."""
+        assert self.request is not None and self.replies is not None
+        return TokenChunk(
+            request_id=self.request.request_id,
+            seq=self.replies.next_seq,
+            error=reason,
+            error_code=ErrorCode.UNAVAILABLE,
+        )
+
     @property
     def completion_tokens(self) -> int:
         return self.replies.tokens if self.replies and not self.prompt_only else 0

@@ -11,7 +11,8 @@ import msgspec
 from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
-from dlora.common.messages import ErrorCode, GenerateRequest, request_head, with_seed
+from dlora.common.messages import ErrorCode, GenerateRequest, with_seed
+from dlora.common.undecodable import request_head
 from dlora.services.worker.adapters import AdapterNotFound
 from dlora.services.worker.chunks import aborted_chunk, error_chunk, open_stream, silent_client_chunk, unreadable_chunk
 from dlora.services.worker.engine import RequestError

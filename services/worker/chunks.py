@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, RequestHead, TokenChunk, Usage
+from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, TokenChunk, Usage
+from dlora.common.undecodable import RequestHead
 from dlora.services.worker.engine import RequestOutput
 
 

@@ -36,6 +36,10 @@ async def test_a_request_a_worker_cannot_read_is_answered_503_and_its_record_end
     told = await asyncio.wait_for(chunks.get(), 10)
     assert (told.request_id, told.seq, told.error_code, told.finish_reason) == ("newer", 3, "unavailable", "error")
     assert worker in (told.error or "") and "a_field_of_a_newer_version" in (told.error or "")
+    for _ in range(100):  # ended just after the answer went out
+        if await stack.store.get_inflight("newer") is None:
+            break
+        await asyncio.sleep(0.05)
     assert await stack.store.get_inflight("newer") is None
 
     # the worker serves on: the same request without the field runs to its end

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dlora.common.messages import RequestHead, request_head
+from dlora.common.undecodable import RequestHead, request_head
 
 
 def test_the_head_of_a_request_msgspec_refuses_is_read_to_answer_it() -> None:

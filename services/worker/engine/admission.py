@@ -1,8 +1,8 @@
-"""What refuses a request's tokens at the door, before it holds anything. Pure."""
+"""What refuses a request at the door, before it holds anything. Pure."""
 
 from __future__ import annotations
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.worker.engine.outputs import RequestError
 
 
@@ -29,3 +29,17 @@ def check_tokens(
         raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
     if (outside := params.outside_vocab(vocab)) is not None:
         raise RequestError(outside[1])
+
+
+def check_request(
+    params: SamplingParams, prompt: str | None, prompt_token_ids: list[int] | None, cache_salt: str
+) -> None:
+    """RequestError unless the request's own fields agree: ``params`` consistent
+    (``SamplingParams.problem``), exactly one of ``prompt`` and ``prompt_token_ids``, and a
+    ``cache_salt`` of at most ``MAX_CACHE_SALT`` characters."""
+    if (problem := params.problem()) is not None:
+        raise RequestError(problem)
+    if len(cache_salt) > MAX_CACHE_SALT:
+        raise RequestError(f"cache_salt holds at most {MAX_CACHE_SALT} characters")
+    if (prompt is None) == (prompt_token_ids is None):
+        raise RequestError("give exactly one of prompt and prompt_token_ids")

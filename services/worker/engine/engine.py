@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from dlora.common import log
-from dlora.common.messages import MAX_CACHE_SALT, ErrorCode, FinishReason, SamplingParams
+from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
 from dlora.services.worker.engine import prompt_logprobs
-from dlora.services.worker.engine.admission import check_tokens
+from dlora.services.worker.engine.admission import check_request, check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
@@ -31,7 +31,7 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, impo
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, token_logprobs
+from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, failed_output, token_logprobs
 from dlora.services.worker.engine.placement import StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError, allowed_mask, sample_sequences
 from dlora.services.worker.engine.scheduler import Limits, queued, schedule
@@ -211,14 +211,9 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
-        if (problem := params.problem()) is not None:
-            raise RequestError(problem)
-        if len(cache_salt) > MAX_CACHE_SALT:
-            raise RequestError(f"cache_salt holds at most {MAX_CACHE_SALT} characters")
         if adapter is not None and adapter not in self.adapters:
             raise RequestError(f"adapter {adapter!r} is not registered")
-        if (prompt is None) == (prompt_token_ids is None):
-            raise RequestError("give exactly one of prompt and prompt_token_ids")
+        check_request(params, prompt, prompt_token_ids, cache_salt)
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         resumed = list(resume_token_ids or [])
         pending, held = resume_text_pending, resume_text_held
@@ -489,17 +484,7 @@ class LLMEngine:
     def _fail(self, seq: Sequence, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> RequestOutput:
         """End a request whose step failed; its output carries the reason and whose fault (``code``)."""
         self._finish(seq, FinishReason.ERROR)
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=[],
-            new_text="",
-            finished=True,
-            finish_reason=FinishReason.ERROR,
-            num_prompt_tokens=len(seq.prompt_ids),
-            num_output_tokens=len(seq.output_ids),
-            error=reason,
-            error_code=code,
-        )
+        return failed_output(seq, reason, code)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = Status.FINISHED

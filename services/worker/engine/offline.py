@@ -18,7 +18,8 @@ from typing import Any
 
 import msgspec
 
-from dlora.common.messages import SamplingParams, holds_lone_surrogate
+from dlora.common.messages import SamplingParams
+from dlora.common.undecodable import holds_lone_surrogate
 from dlora.model.adapters import AdapterError, parse_lora_args
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.engine import LLMEngine, RequestError

@@ -35,6 +35,21 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first output token, when asked
 
 
+def failed_output(seq: Sequence, reason: str, code: ErrorCode) -> RequestOutput:
+    """The last output of a request that failed: no tokens, the reason and whose fault (``code``)."""
+    return RequestOutput(
+        request_id=seq.request_id,
+        new_token_ids=[],
+        new_text="",
+        finished=True,
+        finish_reason=FinishReason.ERROR,
+        num_prompt_tokens=len(seq.prompt_ids),
+        num_output_tokens=len(seq.output_ids),
+        error=reason,
+        error_code=code,
+    )
+
+
 def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob | Exception]:
     """For each row i of ``logits`` (B, vocab) in ``wanted`` (i -> (chosen token, top)): the chosen
     token's log-probability under the model's distribution and the ``top`` most likely tokens'.
