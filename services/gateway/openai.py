@@ -8,13 +8,14 @@ from __future__ import annotations
 import codecs
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from dlora.common.messages import TokenLogprob
 from dlora.model.token_bytes import TokenIdText, TokenText
+from dlora.services.gateway.tool_calls import CallStream, parse_calls
 
 
 class APIError(Exception):
@@ -185,8 +186,9 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     prompt_cache_retention: str | None = None
     parallel_tool_calls: bool | None = None
     # Tools: rendered by the chat template; a named tool_choice constrains the output to that
-    # function's arguments and answers it as a tool call (sampling.tool_call). "auto" and
-    # "required" (which need a parser of free text, or of a list of calls) are refused.
+    # function's arguments and answers it as a tool call (sampling.forced_tool), "required" to a
+    # list of calls (tool_calls.py; parallel_tool_calls false: one). "auto" (which needs a parser of
+    # free text) is refused.
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # In the spec, not served here: refused when set.
@@ -361,6 +363,10 @@ class Shape:
     model: str
     created: int
     tool: str | None = None  # a chat's forced function (tool_choice): each choice answers as a call of it
+    # tool_choice "required": each choice's output is a list of calls (tool_calls.calls_schema),
+    # answered as OpenAI's tool_calls with finish_reason "tool_calls"; streamed, a call per item.
+    tools_required: bool = False
+    _call_streams: dict[int, CallStream] = field(default_factory=dict)
 
     @classmethod
     def new(cls, chat: bool, request_id: str, model: str) -> Shape:
@@ -375,8 +381,12 @@ class Shape:
         for c in sorted(choices, key=lambda c: c.index):
             choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             choice["stop_reason"] = c.stop_reason
-            if self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
-                call = {k: v for k, v in self._call(c.index, c.text).items() if k != "index"}  # a delta's field
+            if self.tools_required and (calls := parse_calls(c.text)) is not None:
+                listed = [self._call(c.index, args, name, k) for k, (name, args) in enumerate(calls)]
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": listed}
+                choice["finish_reason"] = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+            elif self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
+                call = self._call(c.index, c.text)
                 choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
             elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
@@ -397,8 +407,16 @@ class Shape:
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         choice["stop_reason"] = stop_reason
-        if self.tool is not None:  # the call opens with its id and name, then its arguments as they come
-            call = self._call(index, text) if first else {"index": 0, "function": {"arguments": text}}
+        if self.tools_required:  # each call whole, id, name and arguments, as its item of the list ends
+            calls = self._call_streams.setdefault(index, CallStream())
+            listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls.feed(text)]
+            choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | (
+                {"tool_calls": listed} if listed else {}
+            )
+            if finish_reason == "stop" and calls.calls:
+                choice["finish_reason"] = "tool_calls"
+        elif self.tool is not None:  # the call opens with its id and name, then its arguments as they come
+            call = self._call(index, text) | {"index": 0} if first else {"index": 0, "function": {"arguments": text}}
             last = finish_reason is not None and not text
             choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | (
                 {} if last else {"tool_calls": [call]}
@@ -413,10 +431,11 @@ class Shape:
             choice["text"] = text
         return {**self._head(True), "choices": [choice]}
 
-    def _call(self, index: int, arguments: str) -> dict[str, Any]:
-        """Choice ``index``'s call of the forced function, with ``arguments`` (JSON text)."""
-        call_id = f"chatcmpl-tool-{self.request_id.rsplit('-', 1)[-1]}{index}"
-        return {"index": 0, "id": call_id, "type": "function", "function": {"name": self.tool, "arguments": arguments}}
+    def _call(self, index: int, arguments: str, name: str | None = None, k: int = 0) -> dict[str, Any]:
+        """Choice ``index``'s ``k``-th call, of ``name`` (default: the forced function), with
+        ``arguments`` (JSON text); a delta adds the call's ``index``."""
+        call_id = f"chatcmpl-tool-{self.request_id.rsplit('-', 1)[-1]}{index}" + (f"-{k}" if k else "")
+        return {"id": call_id, "type": "function", "function": {"name": name or self.tool, "arguments": arguments}}
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

@@ -13,6 +13,7 @@ from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
+from dlora.services.gateway.tool_calls import ANY_OBJECT, ConflictingDefs, calls_schema
 from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
@@ -83,13 +84,14 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
 
 def forced_tool(body: Body) -> ToolFunction | None:
     """The function a chat's ``tool_choice`` names, whose call answers each choice; None: the
-    choices are text ("none", or no tools: the tools, if any, are only rendered by the template).
+    choices are text ("none", or no tools: the tools, if any, are only rendered by the template),
+    or lists of calls ("required", ``tools_required``).
 
     Raises:
         APIError(400): a tool of another type than function; tool_choice "auto" (or left out with
-            tools given, which means "auto") or "required", which need the model's free text (or
-            list of calls) parsed into calls, as vLLM refuses "auto" without a parser; a
-            tool_choice without tools; a named function that is not among them.
+            tools given, which means "auto"), which needs the model's free text parsed into calls,
+            as vLLM refuses "auto" without a parser; a tool_choice without tools; a named function
+            that is not among them.
     """
     if not isinstance(body, ChatBody):
         return None
@@ -98,14 +100,13 @@ def forced_tool(body: Body) -> ToolFunction | None:
         raise APIError(400, f"tools of type {bad[0]!r} are not supported (only function)", param="tools")
     if choice in (None, "auto") and tools:
         why = 'tool_choice "auto" (the default with tools) is not supported: dlora does not parse tool calls '
-        raise APIError(400, why + 'from free text; give "none" or a named function', param="tool_choice")
-    if choice == "required":
-        why = 'tool_choice "required" is not supported: name a function (tool_choice {"type": "function", ...})'
-        raise APIError(400, why, param="tool_choice")
+        raise APIError(400, why + 'from free text; give "none", "required" or a named function', param="tool_choice")
     if choice in (None, "none", "auto"):
         return None
     if not tools:  # vLLM's words
         raise APIError(400, "When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if choice == "required":
+        return None
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
@@ -114,6 +115,11 @@ def forced_tool(body: Body) -> ToolFunction | None:
     if (tool := next((t.function for t in tools if t.function.name == name), None)) is None:
         raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     return tool
+
+
+def tools_required(body: Body) -> bool:
+    """Whether each choice answers with a list of calls of the tools (tool_choice "required")."""
+    return isinstance(body, ChatBody) and body.tool_choice == "required" and forced_tool(body) is None
 
 
 def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
@@ -133,7 +139,14 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
         asked.append((field, {"json_schema": value if isinstance(value, str) else json.dumps(value)}))
 
     if (tool := forced_tool(body)) is not None:  # its arguments: a document of its parameters' schema
-        schema("tool_choice", tool.parameters if tool.parameters is not None else {"type": "object"})
+        schema("tool_choice", tool.parameters if tool.parameters is not None else ANY_OBJECT)
+    elif tools_required(body):
+        assert isinstance(body, ChatBody) and body.tools
+        listed = [(t.function.name, t.function.parameters) for t in body.tools]
+        try:
+            schema("tool_choice", calls_schema(listed, parallel=body.parallel_tool_calls is not False))
+        except ConflictingDefs as e:
+            raise APIError(400, str(e), param="tools") from None
     fmt = body.response_format
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None

@@ -23,7 +23,7 @@ from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
-from dlora.services.gateway.sampling import forced_tool, sampling_params
+from dlora.services.gateway.sampling import forced_tool, sampling_params, tools_required
 from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
@@ -214,7 +214,14 @@ def shape_request(
                 )
             choices.append(ChoicePlan(index, prefix, request, prompt_only))
     return Job(
-        Shape(chat, request_id, model_name, int(now), tool=tool.name if (tool := forced_tool(body)) else None),
+        Shape(
+            chat,
+            request_id,
+            model_name,
+            int(now),
+            tool=tool.name if (tool := forced_tool(body)) else None,
+            tools_required=tools_required(body),
+        ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),
         stream=bool(body.stream),

@@ -1,5 +1,5 @@
 """Structured output through the REST API against the real stack: OpenAI's response_format, vLLM's
-structured_outputs and guided_* fields, and a named tool_choice answered as a forced call."""
+structured_outputs and guided_* fields, and a named or "required" tool_choice answered as tool calls."""
 
 from __future__ import annotations
 
@@ -97,3 +97,25 @@ async def test_response_format(stack: Stack) -> None:
     assert status == 200 and "tool_calls" not in resp["choices"][0]["message"], resp
     status, resp = await post(stack, "/v1/chat/completions", {**chat, "tools": tools})  # "auto": needs a parser
     assert (status, resp["error"]["param"]) == (400, "tool_choice"), resp
+    # "required": a list of calls, here of one at most (parallel_tool_calls false), whole and streamed
+    ping = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "maxProperties": 0}}}
+    required = {
+        **chat,
+        "temperature": 0,
+        "tools": [*tools, ping],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+    }
+    status, resp = await post(stack, "/v1/chat/completions", required)
+    assert status == 200, resp
+    message, finish = resp["choices"][0]["message"], resp["choices"][0]["finish_reason"]
+    [call] = message["tool_calls"]
+    assert message["content"] is None and finish == "tool_calls", resp
+    assert call["function"]["name"] in ("weather", "ping") and isinstance(
+        json.loads(call["function"]["arguments"]), dict
+    )
+    events = await stream(stack, "/v1/chat/completions", {**required, "stream": True})
+    choices = [e["choices"][0] for e in events if isinstance(e, dict) and e.get("choices")]
+    streamed = [c for e in choices for c in e["delta"].get("tool_calls", [])]
+    assert [c["function"] for c in streamed] == [call["function"]]  # greedy: the same call
+    assert streamed[0]["index"] == 0 and streamed[0]["id"] and choices[-1]["finish_reason"] == "tool_calls"

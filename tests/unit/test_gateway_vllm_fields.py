@@ -64,7 +64,7 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
 
 
-def test_tools_a_named_tool_choice_constrains_the_arguments_others_are_refused(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+def test_tools_a_named_or_required_tool_choice_constrains_the_output_auto_is_refused(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
     schema = {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}
     tools = [
         {"type": "function", "function": {"name": "lookup", "parameters": schema}},
@@ -78,6 +78,17 @@ def test_tools_a_named_tool_choice_constrains_the_arguments_others_are_refused(s
     assert json.loads(job.choices[0].request.params.json_schema) == {"type": "object"}  # no parameters: any object
     job = shape(served, {"messages": msgs, "tools": tools, "tool_choice": "none"}, chat=True)
     assert job.shape.tool is None and job.choices[0].request.params.json_schema is None
+    # "required": a list of calls of any of the tools, one at most without parallel calls
+    required = {"messages": msgs, "tools": tools, "tool_choice": "required"}
+    job = shape(served, required, chat=True)
+    assert job.shape.tools_required and job.shape.tool is None
+    listed = json.loads(job.choices[0].request.params.json_schema)
+    assert listed["type"] == "array" and listed["minItems"] == 1 and "maxItems" not in listed
+    assert [item["properties"]["name"]["enum"] for item in listed["items"]["anyOf"]] == [["lookup"], ["ping"]]
+    job = shape(served, {**required, "parallel_tool_calls": False}, chat=True)
+    assert json.loads(job.choices[0].request.params.json_schema)["maxItems"] == 1
+    odd = [{"type": "function", "function": {"name": "odd", "parameters": {"$defs": [1]}}}]  # not lifted: was a 500
+    assert shape(served, {**required, "tools": [*tools, *odd]}, chat=True).shape.tools_required
     # an assistant's earlier call and the tool's answer are part of the conversation
     call = {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}
     history = [
@@ -90,7 +101,8 @@ def test_tools_a_named_tool_choice_constrains_the_arguments_others_are_refused(s
     for body, fragment in (
         ({"messages": msgs, "tools": tools}, '"auto"'),  # the default with tools
         ({"messages": msgs, "tools": tools, "tool_choice": "auto"}, '"auto"'),
-        ({"messages": msgs, "tools": tools, "tool_choice": "required"}, '"required"'),
+        ({"messages": msgs, "tool_choice": "required"}, "`tools` must be set"),
+        ({**named, "tool_choice": "required", "response_format": {"type": "json_object"}}, "at most one structured"),
         ({"messages": msgs, "tool_choice": named["tool_choice"]}, "`tools` must be set"),
         ({**named, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
         ({**named, "tool_choice": "sometimes"}, "tool_choice must be"),

@@ -1,0 +1,105 @@
+"""A chat's ``tool_choice: "required"``: the output constrained to a JSON list of calls of the given
+tools, and that list read back into OpenAI's ``tool_calls``, whole or as it streams. Pure.
+
+The list's schema is vLLM's (``_get_json_schema_from_tools``): an array of at least one object
+``{"name": <one of the tools>, "parameters": <that tool's arguments>}``, every tool's ``$defs``
+lifted to the top, where its ``#/$defs/...`` references point. ``parallel_tool_calls: false``
+(OpenAI's: at most one call) makes it at most one item.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+class ConflictingDefs(ValueError):
+    """Two tools define the same ``$defs`` name differently: one list schema cannot hold both."""
+
+
+def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool = True) -> dict[str, Any]:
+    """The JSON Schema of a list of calls of ``tools`` ((name, parameters schema; None: any
+    object)); at most one call unless ``parallel``. The tools' schemas are copied, not changed.
+
+    Raises:
+        ConflictingDefs: a ``$defs`` name two tools define differently.
+    """
+    defs: dict[str, Any] = {}
+    items = []
+    for name, parameters in tools:
+        params = copy.deepcopy(parameters) if parameters is not None else dict(ANY_OBJECT)
+        lifted = params.pop("$defs") if isinstance(params.get("$defs"), dict) else {}  # else llguidance refuses it
+        for key, definition in lifted.items():
+            if defs.setdefault(key, definition) != definition:
+                raise ConflictingDefs(f"tools define $defs {key!r} differently; one list of calls cannot hold both")
+        items.append(
+            {
+                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
+                "required": ["name", "parameters"],
+            }
+        )
+    listed: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
+    if not parallel:
+        listed["maxItems"] = 1
+    if defs:
+        listed["$defs"] = defs
+    return listed
+
+
+def _call(item: object) -> tuple[str, str] | None:
+    """One list item as (function name, arguments as JSON text), as vLLM writes them."""
+    if not isinstance(item, dict) or not isinstance(name := item.get("name"), str) or "parameters" not in item:
+        return None
+    return name, json.dumps(item["parameters"], ensure_ascii=False)
+
+
+def parse_calls(text: str) -> list[tuple[str, str]] | None:
+    """The calls a whole output lists; None where it is not such a list (cut short by max_tokens
+    or a stop string: the output then goes back as text)."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return None
+    calls = [_call(item) for item in items] if isinstance(items, list) else [None]
+    return None if not calls or None in calls else [c for c in calls if c is not None]
+
+
+@dataclass
+class CallStream:
+    """A streamed output read into calls as each item of the list completes: its name and its
+    whole arguments go out in one delta (a call's arguments are not split across events)."""
+
+    text: str = ""
+    pos: int = 0  # where the next item (or the list's opening) may begin
+    opened: bool = False
+    calls: int = 0  # items read so far
+    _decoder: json.JSONDecoder = field(default_factory=json.JSONDecoder)
+
+    def feed(self, text: str) -> list[tuple[int, str, str]]:
+        """The calls ``text`` completes, added to what came before: (its place in the list, name,
+        arguments)."""
+        self.text += text
+        out: list[tuple[int, str, str]] = []
+        while True:
+            rest = self.text[self.pos :]
+            stripped = rest.lstrip(" \t\r\n," if self.opened else " \t\r\n")
+            if not self.opened:
+                if not stripped.startswith("["):
+                    return out
+                self.opened, self.pos = True, self.pos + len(rest) - len(stripped) + 1
+                continue
+            start = self.pos + len(rest) - len(stripped)
+            if not stripped or stripped[0] == "]":
+                return out
+            try:
+                item, end = self._decoder.raw_decode(self.text, start)
+            except ValueError:  # not complete yet
+                return out
+            self.pos = end
+            if (call := _call(item)) is not None:
+                out.append((self.calls, *call))
+                self.calls += 1

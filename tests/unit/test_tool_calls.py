@@ -1,0 +1,70 @@
+"""tool_choice "required": the list-of-calls schema, and the output read back into OpenAI's
+tool_calls, whole and as it streams."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, calls_schema, parse_calls
+from dlora.services.worker.engine.structured import check
+
+CITY = {"$defs": {"city": {"enum": ["kalo", "remi"]}}, "type": "object", "properties": {"at": {"$ref": "#/$defs/city"}}}
+
+
+def test_the_schema_lists_calls_of_the_tools_with_their_defs_lifted_and_compiles() -> None:
+    tools = [("weather", copy.deepcopy(CITY)), ("ping", None)]
+    schema = calls_schema(tools)
+    assert tools[0][1] == CITY  # the request's own schema is not changed
+    assert schema["$defs"] == CITY["$defs"] and "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}
+    check(SamplingParams(json_schema=json.dumps(schema)))  # llguidance takes it, $ref included
+    one = calls_schema(tools, parallel=False)
+    assert one["maxItems"] == 1
+    assert calls_schema([("odd", {"$defs": [1]})])["items"]["anyOf"][0]["properties"]["parameters"] == {"$defs": [1]}
+    with pytest.raises(ConflictingDefs, match="city"):
+        calls_schema([("a", CITY), ("b", {"$defs": {"city": {"type": "string"}}})])
+
+
+def test_a_whole_output_is_read_into_calls_or_left_as_text() -> None:
+    text = '[{"name": "weather", "parameters": {"at": "ümlaut"}}, {"name": "ping", "parameters": {}}]'
+    assert parse_calls(text) == [("weather", '{"at": "ümlaut"}'), ("ping", "{}")]
+    for cut in (text[:-5], "[]", '{"name": "ping", "parameters": {}}', '[{"name": "ping"}]', "not json"):
+        assert parse_calls(cut) is None, cut
+
+
+def test_a_streamed_output_gives_each_call_as_its_item_ends() -> None:
+    text = ' [ {"name": "weather", "parameters": {"at": "[remi]"}} ,\n{"name": "ping", "parameters": {}}]'
+    stream, seen = CallStream(), []
+    for i, char in enumerate(text):
+        for call in stream.feed(char):
+            seen.append((i, call))
+    end_of_first = text.index("}}") + 1
+    assert seen == [(end_of_first, (0, "weather", '{"at": "[remi]"}')), (len(text) - 2, (1, "ping", "{}"))]
+    cut = CallStream()
+    assert cut.feed(text[:40]) == [] and cut.calls == 0
+
+
+def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None:
+    text = '[{"name": "weather", "parameters": {"at": "kalo"}}, {"name": "ping", "parameters": {}}]'
+    shape = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tools_required=True)
+    [whole] = shape.full([Choice(0, text=text, finish_reason="stop")], 3, 9)["choices"]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]] == [
+        ("chatcmpl-tool-abc0", "weather", '{"at": "kalo"}'),
+        ("chatcmpl-tool-abc0-1", "ping", "{}"),
+    ]
+    [cut] = shape.full([Choice(0, text=text[:30], finish_reason="length")], 3, 9)["choices"]
+    assert cut["finish_reason"] == "length" and cut["message"] == {"role": "assistant", "content": text[:30]}
+
+    opening = shape.chunk("", None, first=True)["choices"][0]
+    assert opening["delta"] == {"role": "assistant", "content": None}
+    half = len(text) // 2
+    events = [shape.chunk(text[:half], None)["choices"][0], shape.chunk(text[half:], "stop")["choices"][0]]
+    calls = [c for e in events for c in e["delta"].get("tool_calls", [])]
+    assert [c["index"] for c in calls] == [0, 1] and events[-1]["finish_reason"] == "tool_calls"
+    assert [{k: v for k, v in c.items() if k != "index"} for c in calls] == whole["message"]["tool_calls"]
