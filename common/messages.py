@@ -63,8 +63,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # salt (a tenant's secret, against another timing its prompts' cache hits); "": shared by all.
     # At most MAX_CACHE_SALT characters (it is hashed into every block's key).
     cache_salt: str = ""
-    # Unix seconds after which the result is useless; None: no deadline. Carried, not acted on yet:
-    # a request past it still runs (an application aborts what it no longer wants).
+    # Unix seconds after which the result is useless; None: no deadline. A worker does not start a
+    # request past it, and stops one it holds (waiting or running) once it passes: the reader gets
+    # the tokens sent so far, then an error chunk (UNAVAILABLE) saying so.
     deadline: float | None = None
     # Tokens already produced (resume after migration, preemption or a lost worker): generation
     # continues after them and they are not sent again.

@@ -14,7 +14,14 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import ErrorCode, GenerateRequest, with_seed
 from dlora.common.undecodable import request_head
 from dlora.services.worker.adapters import AdapterNotFound
-from dlora.services.worker.chunks import aborted_chunk, error_chunk, open_stream, silent_client_chunk, unreadable_chunk
+from dlora.services.worker.chunks import (
+    aborted_chunk,
+    error_chunk,
+    open_stream,
+    past_deadline,
+    silent_client_chunk,
+    unreadable_chunk,
+)
 from dlora.services.worker.engine import RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
@@ -46,6 +53,10 @@ async def admit(w: WorkerService, req: GenerateRequest) -> None:
     if req.client and w.clients.gone(req.client, time.monotonic()):
         logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
         await bus.publish(w.nc, req.reply_to, silent_client_chunk(req))
+        await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+        return
+    if (late := past_deadline(req, time.time())) is not None:
+        await w.delivery.publish(req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
         await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
         return
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same

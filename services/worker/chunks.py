@@ -121,6 +121,13 @@ def silent_client_chunk(req: GenerateRequest) -> TokenChunk:
     return error_chunk(req, ErrorCode.UNAVAILABLE, reason, worker="")
 
 
+def past_deadline(req: GenerateRequest, now: float) -> str | None:
+    """Why ``req`` is not run on (its ``deadline``, Unix seconds, is ``now`` or earlier), or None."""
+    if req.deadline is None or req.deadline > now:
+        return None
+    return f"the request's deadline passed {now - req.deadline:.3f} s ago; stopped"
+
+
 def aborted_chunk(req: GenerateRequest, seq: int, worker: str) -> TokenChunk:
     """The last chunk of a request stopped by an abort (finish_reason "abort", numbered ``seq``):
     its sender learns the abort took, and a request that comes after an abort of its id is

@@ -43,6 +43,7 @@ from dlora.services.worker.chunks import (
     aborted_chunk,
     chunk_for,
     error_chunk,
+    past_deadline,
 )
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
 from dlora.services.worker.cycles import StepCycles
@@ -209,6 +210,16 @@ class WorkerService:
         finally:
             self.pending.discard(req.request_id)
 
+    async def _expire(self) -> None:
+        """Stop each request held here whose deadline passed (``GenerateRequest.deadline``), waiting
+        or running: its reader gets the tokens sent so far, then an error saying why."""
+        now = time.time()
+        for rid, stream in list(self.streams.items()):
+            if (late := past_deadline(stream.request, now)) is not None:
+                await self.drop(rid)
+                chunk = error_chunk(stream.request, ErrorCode.UNAVAILABLE, late, self.s.worker_id, seq=stream.seq)
+                await self.delivery.publish(stream.reply_to, chunk)
+
     async def _step(self) -> None:
         st = self.engine.stats
         started, steps, before = time.monotonic(), st.steps, (st.step_seconds, st.switch_and_load_seconds())
@@ -332,6 +343,7 @@ class WorkerService:
             await self._safely(cmd)
         while not self.commands.empty():
             await self._safely(self.commands.get_nowait())
+        await self._expire()
         if self.engine.has_unfinished():
             await self._step()
             self.adapters.tidy()
