@@ -23,13 +23,14 @@ of the dispatcher's loop doing it.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Callable, Set
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js.errors import BadRequestError, KeyDeletedError, KeyNotFoundError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from redis.exceptions import RedisError
 
@@ -368,12 +369,28 @@ async def _bucket_values(bucket: Bucket | None, kv: KeyValue | None) -> dict[str
     (nats-py #842, open in 2.16), and an empty answer skipped a restore into an empty Redis."""
     if bucket is None or kv is None:
         return {}
-    info = await bucket.nc.jetstream(timeout=2.0).stream_info(f"KV_{bucket.name}", subjects_filter=">")
     prefix = f"$KV.{bucket.name}."
     values: dict[str, bytes] = {}
-    for subject in info.state.subjects or {}:
+    for subject in await stream_subjects(bucket.nc, f"KV_{bucket.name}"):
         key = subject.removeprefix(prefix)
         with contextlib.suppress(KeyNotFoundError, KeyDeletedError):  # deleted or purged: a marker's subject
             if value := (await kv.get(key)).value:
                 values[key] = value
     return values
+
+
+async def stream_subjects(nc: NATS, stream: str) -> list[str]:
+    """Every subject holding a message in ``stream``, page by page: the server answers at most
+    100,000 a time (nats-server's JSMaxSubjectDetails) and nats-py's ``stream_info`` asks for the
+    first page only, which would skip the rest of a bucket holding more keys (API keys are
+    never deleted)."""
+    subjects: list[str] = []
+    while True:
+        request = json.dumps({"subjects_filter": ">", "offset": len(subjects)}).encode()
+        answer = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", request, timeout=2.0)).data)
+        if "error" in answer:
+            APIError.from_error(answer["error"])  # raises nats-py's error for it, as stream_info would
+        page = (answer.get("state") or {}).get("subjects") or {}
+        subjects += page
+        if not page or len(subjects) >= answer.get("total", 0):
+            return subjects

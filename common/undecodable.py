@@ -40,7 +40,7 @@ def request_head(data: bytes) -> RequestHead | None:
     if not isinstance(obj, dict):
         return None
     rid, reply = obj.get("request_id"), obj.get("reply_to")
-    rid = str(rid) if _count(rid) is not None else rid
+    rid = str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
     if not (isinstance(rid, str) and isinstance(reply, str)) or not (rid + reply).isprintable():
         return None  # a lone surrogate is not printable: such an id or subject cannot be written back
     return RequestHead(

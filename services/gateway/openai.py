@@ -15,7 +15,7 @@ import msgspec
 
 from dlora.common.messages import TokenLogprob
 from dlora.model.token_bytes import TokenIdText, TokenText
-from dlora.services.gateway.tool_calls import CallStream, parse_calls
+from dlora.services.gateway.tool_calls import CallStream
 
 
 class APIError(Exception):
@@ -381,10 +381,12 @@ class Shape:
         for c in sorted(choices, key=lambda c: c.index):
             choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             choice["stop_reason"] = c.stop_reason
-            if self.tools_required and (calls := parse_calls(c.text)) is not None:
-                listed = [self._call(c.index, args, name, k) for k, (name, args) in enumerate(calls)]
-                choice["message"] = {"role": "assistant", "content": None, "tool_calls": listed}
-                choice["finish_reason"] = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+            if self.tools_required:
+                (calls := CallStream()).feed(c.text)
+                listed = [self._call(c.index, args, name, k) for k, (name, args) in enumerate(calls.calls)]
+                choice["message"] = {"role": "assistant", "content": None} | ({"tool_calls": listed} if listed else {})
+                if c.finish_reason == "stop" and calls.closed:
+                    choice["finish_reason"] = "tool_calls"
             elif self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
                 call = self._call(c.index, c.text)
                 choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
@@ -413,7 +415,7 @@ class Shape:
             choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | (
                 {"tool_calls": listed} if listed else {}
             )
-            if finish_reason == "stop" and calls.calls:
+            if finish_reason == "stop" and calls.closed:
                 choice["finish_reason"] = "tool_calls"
         elif self.tool is not None:  # the call opens with its id and name, then its arguments as they come
             call = self._call(index, text) | {"index": 0} if first else {"index": 0, "function": {"arguments": text}}
@@ -435,7 +437,8 @@ class Shape:
         """Choice ``index``'s ``k``-th call, of ``name`` (default: the forced function), with
         ``arguments`` (JSON text); a delta adds the call's ``index``."""
         call_id = f"chatcmpl-tool-{self.request_id.rsplit('-', 1)[-1]}{index}" + (f"-{k}" if k else "")
-        return {"id": call_id, "type": "function", "function": {"name": name or self.tool, "arguments": arguments}}
+        function = {"name": self.tool if name is None else name, "arguments": arguments}
+        return {"id": call_id, "type": "function", "function": function}
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,5 +1,6 @@
 """A chat's ``tool_choice: "required"``: the output constrained to a JSON list of calls of the given
-tools, and that list read back into OpenAI's ``tool_calls``, whole or as it streams. Pure.
+tools, and that list read back into OpenAI's ``tool_calls``, whole or as it streams (the same
+reading: the items that completed; an output cut short keeps the calls it finished). Pure.
 
 The list's schema is vLLM's (``_get_json_schema_from_tools``): an array of at least one object
 ``{"name": <one of the tools>, "parameters": <that tool's arguments>}``, every tool's ``$defs``
@@ -9,7 +10,6 @@ lifted to the top, where its ``#/$defs/...`` references point. ``parallel_tool_c
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +31,7 @@ def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool 
     defs: dict[str, Any] = {}
     items = []
     for name, parameters in tools:
-        params = copy.deepcopy(parameters) if parameters is not None else dict(ANY_OBJECT)
+        params = dict(parameters) if parameters is not None else dict(ANY_OBJECT)  # only its top level changes
         lifted = params.pop("$defs") if isinstance(params.get("$defs"), dict) else {}  # else llguidance refuses it
         for key, definition in lifted.items():
             if defs.setdefault(key, definition) != definition:
@@ -57,17 +57,6 @@ def _call(item: object) -> tuple[str, str] | None:
     return name, json.dumps(item["parameters"], ensure_ascii=False)
 
 
-def parse_calls(text: str) -> list[tuple[str, str]] | None:
-    """The calls a whole output lists; None where it is not such a list (cut short by max_tokens
-    or a stop string: the output then goes back as text)."""
-    try:
-        items = json.loads(text)
-    except ValueError:
-        return None
-    calls = [_call(item) for item in items] if isinstance(items, list) else [None]
-    return None if not calls or None in calls else [c for c in calls if c is not None]
-
-
 @dataclass
 class CallStream:
     """A streamed output read into calls as each item of the list completes: its name and its
@@ -76,7 +65,8 @@ class CallStream:
     text: str = ""
     pos: int = 0  # where the next item (or the list's opening) may begin
     opened: bool = False
-    calls: int = 0  # items read so far
+    closed: bool = False  # the list's end was read: a whole list of calls
+    calls: list[tuple[str, str]] = field(default_factory=list)  # read so far: (name, arguments)
     _decoder: json.JSONDecoder = field(default_factory=json.JSONDecoder)
 
     def feed(self, text: str) -> list[tuple[int, str, str]]:
@@ -93,7 +83,10 @@ class CallStream:
                 self.opened, self.pos = True, self.pos + len(rest) - len(stripped) + 1
                 continue
             start = self.pos + len(rest) - len(stripped)
-            if not stripped or stripped[0] == "]":
+            if not stripped or self.closed:
+                return out
+            if stripped[0] == "]":
+                self.closed = True
                 return out
             try:
                 item, end = self._decoder.raw_decode(self.text, start)
@@ -101,5 +94,5 @@ class CallStream:
                 return out
             self.pos = end
             if (call := _call(item)) is not None:
-                out.append((self.calls, *call))
-                self.calls += 1
+                out.append((len(self.calls), *call))
+                self.calls.append(call)

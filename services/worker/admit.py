@@ -11,7 +11,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
-from dlora.common.messages import ErrorCode, GenerateRequest, with_seed
+from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, with_seed
 from dlora.common.undecodable import request_head
 from dlora.services.worker.adapters import AdapterNotFound
 from dlora.services.worker.chunks import (
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
 
 logger = log.get("worker")
+# Seconds a request this worker could not read is remembered: back within it, it is answered.
+UNREADABLE_MEMORY_S = 60.0
 
 
 async def admit(w: WorkerService, req: GenerateRequest) -> None:
@@ -112,9 +114,20 @@ def _add_to_engine(w: WorkerService, req: GenerateRequest, kv: KVSnapshot | None
 
 
 async def refuse_unreadable(w: WorkerService, msg: Msg, error: msgspec.DecodeError) -> None:
-    """A request that does not decode here: its sender is told why, not left waiting, and its
-    record (if it names this worker) ended."""
+    """A request that does not decode here (in a rolling upgrade, a newer dispatcher's request
+    with a field this worker lacks). The first time it is handed back at once, for a dispatcher
+    to send to another worker, which may read it (waiting for the sweep cost 2 s); back again
+    within ``UNREADABLE_MEMORY_S`` (no other worker took it), its sender is told why (503) and its
+    record ended, instead of being left to wait for its timeout."""
     if (head := request_head(msg.data)) is None or not subjects.publishable(head.reply_to):
+        return
+    now = time.monotonic()
+    w.unreadable = {rid: t for rid, t in w.unreadable.items() if now - t < UNREADABLE_MEMORY_S}
+    if head.request_id not in w.unreadable:
+        w.unreadable[head.request_id] = now
+        handed = {head.request_id: head.recoveries}
+        lost = LostRequests(worker=w.s.worker_id, requests=handed, never_arrived=[head.request_id])
+        await bus.publish(w.nc, subjects.LOST, lost)
         return
     await w.delivery.publish(head.reply_to, unreadable_chunk(head, str(error), w.s.worker_id))
     await w.store.record_progress(w.s.worker_id, {}, {head.request_id: head.recoveries})

@@ -72,9 +72,9 @@ def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str,
 
 
 def unreadable_chunk(head: RequestHead, error: str, worker: str) -> TokenChunk:
-    """The answer to a request this worker cannot read though it came through a dispatcher: in a
-    rolling upgrade a newer dispatcher or gateway sends fields an older worker lacks. 503: the
-    request may be fine, and another worker (or this one, upgraded) may take it."""
+    """The answer to a request this worker cannot read though it came through a dispatcher, and
+    that came back after it was handed back: in a rolling upgrade a newer dispatcher or gateway
+    sends fields older workers lack. 503: the request may be fine, and a worker upgraded may take it."""
     return TokenChunk(
         request_id=head.request_id,
         seq=head.next_seq,

@@ -93,6 +93,7 @@ class WorkerService:
         self.adapters = WorkerAdapters(engine, store)  # the adapter versions loaded, kept to the registry
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted: dict[tuple[str, str | None], float] = {}
+        self.unreadable: dict[str, float] = {}  # requests that did not decode here, handed back once (admit.py)
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests

@@ -25,6 +25,7 @@ from dlora.common.registry import (
     KeyRegistry,
     bucket_name,
     keys_bucket_name,
+    stream_subjects,
 )
 from dlora.common.state import INFLIGHT_TTL_S, StateStore
 from dlora.services.servers import Server, free_port, start_nats
@@ -221,4 +222,24 @@ async def test_a_restore_reads_every_key_though_the_librarys_watcher_ends_early(
         assert [e.name for e in await store.list_adapters()] == ["a", "b"]
         assert [k.id for k in await keys.durable_keys()] == [key.id]
     finally:
+        await nc.close()
+
+
+async def test_a_bucket_of_more_keys_than_one_answer_holds_is_read_whole(nats_server: Server) -> None:
+    """nats-server lists at most 100,000 subjects in one stream-info answer; the API-key bucket
+    only grows (keys are never deleted). The rest come page by page."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=10.0)
+    try:
+        await js.create_key_value(bucket="many-keys", history=1)
+        n = 100_010
+        for i in range(n):  # stored without waiting for each acknowledgement
+            await nc.publish(f"$KV.many-keys.k{i}", b"x")
+        await nc.flush()
+        while (await js.stream_info("KV_many-keys")).state.messages < n:
+            await asyncio.sleep(0.1)
+        listed = await stream_subjects(nc, "KV_many-keys")
+        assert len(listed) == len(set(listed)) == n
+    finally:
+        await js.delete_key_value("many-keys")
         await nc.close()

@@ -14,6 +14,7 @@ def test_the_head_of_a_request_msgspec_refuses_is_read_to_answer_it() -> None:
     # Python's json.dumps writes a lone surrogate as a valid escape; msgspec calls it truncated
     assert request_head(json.dumps(head | {"prompt": "hi \ud800"}).encode()) == plain._replace(lone_surrogate=True)
     assert request_head(json.dumps(head | {"request_id": 12345}).encode()) == plain._replace(request_id="12345")
+    assert request_head(json.dumps(head | {"request_id": -1}).encode()) == plain._replace(request_id="-1")
     # a resumed request's answer continues its numbering, in its attempt
     resumed = head | {"next_seq": 7, "recoveries": 1, "params": {"newer_field": 1}}
     assert request_head(json.dumps(resumed).encode()) == plain._replace(next_seq=7, recoveries=1)

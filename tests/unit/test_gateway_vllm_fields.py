@@ -98,7 +98,12 @@ def test_tools_a_named_or_required_tool_choice_constrains_the_output_auto_is_ref
     ]
     ids = shaping.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), served.tokenizer)
     assert '"name": "ping"' in served.tokenizer.decode(ids)  # without a template: the call as its JSON
+    deep: dict[str, object] = {"type": "object"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"a": deep}}
+    deep_tools = [{"type": "function", "function": {"name": "deep", "parameters": deep}}]
     for body, fragment in (
+        ({"messages": msgs, "tools": deep_tools, "tool_choice": "required"}, "recursion"),  # was a 500
         ({"messages": msgs, "tools": tools}, '"auto"'),  # the default with tools
         ({"messages": msgs, "tools": tools, "tool_choice": "auto"}, '"auto"'),
         ({"messages": msgs, "tool_choice": "required"}, "`tools` must be set"),

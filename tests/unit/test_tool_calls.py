@@ -10,7 +10,7 @@ import pytest
 
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.openai import Choice, Shape
-from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, calls_schema, parse_calls
+from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, calls_schema
 from dlora.services.worker.engine.structured import check
 
 CITY = {"$defs": {"city": {"enum": ["kalo", "remi"]}}, "type": "object", "properties": {"at": {"$ref": "#/$defs/city"}}}
@@ -25,16 +25,13 @@ def test_the_schema_lists_calls_of_the_tools_with_their_defs_lifted_and_compiles
     check(SamplingParams(json_schema=json.dumps(schema)))  # llguidance takes it, $ref included
     one = calls_schema(tools, parallel=False)
     assert one["maxItems"] == 1
+    deep: dict[str, object] = {"type": "object"}
+    for _ in range(2000):  # deeper than copy.deepcopy goes: was a 500 (RecursionError)
+        deep = {"type": "object", "properties": {"a": deep}}
+    assert calls_schema([("deep", deep)])["items"]["anyOf"][0]["properties"]["parameters"] is not deep
     assert calls_schema([("odd", {"$defs": [1]})])["items"]["anyOf"][0]["properties"]["parameters"] == {"$defs": [1]}
     with pytest.raises(ConflictingDefs, match="city"):
         calls_schema([("a", CITY), ("b", {"$defs": {"city": {"type": "string"}}})])
-
-
-def test_a_whole_output_is_read_into_calls_or_left_as_text() -> None:
-    text = '[{"name": "weather", "parameters": {"at": "ümlaut"}}, {"name": "ping", "parameters": {}}]'
-    assert parse_calls(text) == [("weather", '{"at": "ümlaut"}'), ("ping", "{}")]
-    for cut in (text[:-5], "[]", '{"name": "ping", "parameters": {}}', '[{"name": "ping"}]', "not json"):
-        assert parse_calls(cut) is None, cut
 
 
 def test_a_streamed_output_gives_each_call_as_its_item_ends() -> None:
@@ -45,8 +42,10 @@ def test_a_streamed_output_gives_each_call_as_its_item_ends() -> None:
             seen.append((i, call))
     end_of_first = text.index("}}") + 1
     assert seen == [(end_of_first, (0, "weather", '{"at": "[remi]"}')), (len(text) - 2, (1, "ping", "{}"))]
+    assert stream.closed and stream.calls == [("weather", '{"at": "[remi]"}'), ("ping", "{}")]
     cut = CallStream()
-    assert cut.feed(text[:40]) == [] and cut.calls == 0
+    assert cut.feed(text[:40]) == [] and cut.calls == [] and not cut.closed
+    assert CallStream().feed('[{"name": "x", "parameters": {"k": "ü"}}]') == [(0, "x", '{"k": "ü"}')]  # as written
 
 
 def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None:
@@ -58,8 +57,15 @@ def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None
         ("chatcmpl-tool-abc0", "weather", '{"at": "kalo"}'),
         ("chatcmpl-tool-abc0-1", "ping", "{}"),
     ]
-    [cut] = shape.full([Choice(0, text=text[:30], finish_reason="length")], 3, 9)["choices"]
-    assert cut["finish_reason"] == "length" and cut["message"] == {"role": "assistant", "content": text[:30]}
+    # cut short (max_tokens, or a stop string that took the list's end): the calls it finished
+    cut_at = text.index("}}") + 2
+    for cut, finish in ((text[:cut_at] + ', {"name": "pi', "length"), (text[:-1], "stop"), (text[:5], "length")):
+        [answer] = shape.full([Choice(0, text=cut, finish_reason=finish)], 3, 9)["choices"]
+        assert answer["finish_reason"] == finish and answer["message"]["content"] is None
+        assert answer["message"].get("tool_calls", []) == whole["message"]["tool_calls"][: cut.count("}}")]
+    odd = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tools_required=True)
+    [named] = odd.full([Choice(0, text='[{"name": "", "parameters": {}}]', finish_reason="stop")], 3, 9)["choices"]
+    assert named["message"]["tool_calls"][0]["function"]["name"] == ""  # was null
 
     opening = shape.chunk("", None, first=True)["choices"][0]
     assert opening["delta"] == {"role": "assistant", "content": None}
