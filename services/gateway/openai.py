@@ -16,6 +16,7 @@ import msgspec
 from dlora.common.messages import TokenLogprob
 from dlora.model.token_bytes import TokenIdText, TokenText
 from dlora.services.gateway.tool_calls import CallStream
+from dlora.services.gateway.tool_parsers import Call, ToolParser
 
 
 class APIError(Exception):
@@ -187,8 +188,8 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     parallel_tool_calls: bool | None = None
     # Tools: rendered by the chat template; a named tool_choice constrains the output to that
     # function's arguments and answers it as a tool call (sampling.forced_tool), "required" to a
-    # list of calls (tool_calls.py; parallel_tool_calls false: one). "auto" (which needs a parser of
-    # free text) is refused.
+    # list of calls (tool_calls.py; parallel_tool_calls false: one); "auto" (the default with
+    # tools) reads the calls the model wrote, by the gateway's tool_call_parser (tool_parsers.py).
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # In the spec, not served here: refused when set.
@@ -367,6 +368,10 @@ class Shape:
     # answered as OpenAI's tool_calls with finish_reason "tool_calls"; streamed, a call per item.
     tools_required: bool = False
     _call_streams: dict[int, CallStream] = field(default_factory=dict)
+    # tool_choice "auto": each choice's text read for calls by this parser (tool_parsers.PARSERS;
+    # "": not read), answered as content and tool_calls alike whole and streamed.
+    tool_parser: str = ""
+    _parsers: dict[int, ToolParser] = field(default_factory=dict)
 
     @classmethod
     def new(cls, chat: bool, request_id: str, model: str) -> Shape:
@@ -390,6 +395,15 @@ class Shape:
             elif self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
                 call = self._call(c.index, c.text)
                 choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+            elif self.tool_parser:
+                parser = ToolParser(self.tool_parser)
+                content, calls = _joined(parser.feed(c.text), parser.finish())
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    listed = [self._call(c.index, args, name, k) for k, name, args in calls]
+                    choice["message"] = {"role": "assistant", "content": content or None, "tool_calls": listed}
+                    if c.finish_reason == "stop":
+                        choice["finish_reason"] = "tool_calls"
             elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -423,6 +437,18 @@ class Shape:
             choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | (
                 {} if last else {"tool_calls": [call]}
             )
+        elif self.tool_parser:  # text as it comes, held back only where a call may begin; each call whole
+            parser = self._parsers.setdefault(index, ToolParser(self.tool_parser))
+            content, calls = parser.feed(text)
+            if finish_reason is not None:
+                content, calls = _joined((content, calls), parser.finish())
+            listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls]
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if content or first or (finish_reason is None and not listed):
+                delta["content"] = content
+            choice["delta"] = delta | ({"tool_calls": listed} if listed else {})
+            if finish_reason == "stop" and parser.calls:
+                choice["finish_reason"] = "tool_calls"
         elif self.chat:
             # Content always, "" too, but in the last event when it adds nothing (OpenAI's "delta":
             # {}): a token whose text is held back (a character split across tokens) still has an
@@ -442,6 +468,10 @@ class Shape:
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _joined(*parts: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
+    return "".join(text for text, _ in parts), [call for _, calls in parts for call in calls]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -85,22 +85,17 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
 def forced_tool(body: Body) -> ToolFunction | None:
     """The function a chat's ``tool_choice`` names, whose call answers each choice; None: the
     choices are text ("none", or no tools: the tools, if any, are only rendered by the template),
-    or lists of calls ("required", ``tools_required``).
+    lists of calls ("required", ``tools_required``), or text read for calls ("auto", ``auto_tools``).
 
     Raises:
-        APIError(400): a tool of another type than function; tool_choice "auto" (or left out with
-            tools given, which means "auto"), which needs the model's free text parsed into calls,
-            as vLLM refuses "auto" without a parser; a tool_choice without tools; a named function
-            that is not among them.
+        APIError(400): a tool of another type than function; a tool_choice without tools; a named
+            function that is not among them.
     """
     if not isinstance(body, ChatBody):
         return None
     tools, choice = body.tools or [], body.tool_choice
     if bad := [t.type for t in tools if t.type != "function"]:
         raise APIError(400, f"tools of type {bad[0]!r} are not supported (only function)", param="tools")
-    if choice in (None, "auto") and tools:
-        why = 'tool_choice "auto" (the default with tools) is not supported: dlora does not parse tool calls '
-        raise APIError(400, why + 'from free text; give "none", "required" or a named function', param="tool_choice")
     if choice in (None, "none", "auto"):
         return None
     if not tools:  # vLLM's words
@@ -115,6 +110,24 @@ def forced_tool(body: Body) -> ToolFunction | None:
     if (tool := next((t.function for t in tools if t.function.name == name), None)) is None:
         raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     return tool
+
+
+def auto_tools(body: Body, parser: str) -> bool:
+    """Whether a chat's output is read for the calls the model chose to make (tool_choice "auto",
+    the default with tools), by the gateway's ``tool_call_parser``.
+
+    Raises:
+        APIError(400): "auto" without a parser configured, as vLLM refuses it without
+            ``--enable-auto-tool-choice``.
+    """
+    if not (isinstance(body, ChatBody) and body.tools and body.tool_choice in (None, "auto")):
+        return False
+    forced_tool(body)  # the tools' own checks
+    if not parser:
+        why = "tool_choice \"auto\" (the default with tools) needs the gateway's tool_call_parser (vLLM's "
+        why += '--tool-call-parser), which is not set: give "none", "required" or a named function'
+        raise APIError(400, why, param="tool_choice")
+    return True
 
 
 def tools_required(body: Body) -> bool:

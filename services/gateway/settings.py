@@ -6,6 +6,7 @@ import math
 
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.model.adapter_files import AdapterLimits
+from dlora.services.gateway.tool_parsers import PARSERS
 
 # The gateway's ``auth`` modes (see the setting).
 AUTH_MODES = ("none", "keys")
@@ -24,6 +25,11 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # temperature, top_p, top_k, min_p, repetition_penalty and max_tokens (a cap, as vLLM's) to
     # requests that leave them out; "vllm", the API's own defaults.
     generation_config: str = "auto"
+    # vLLM's --tool-call-parser (with --enable-auto-tool-choice): how the model writes tool calls
+    # in its text, "hermes" (Hermes 2 Pro, Qwen2.5) or "llama3_json" (Llama 3.1/3.2); set, a chat's
+    # tool_choice "auto" (the default with tools) is served, its calls read from the output
+    # (gateway/tool_parsers.py). Empty: "auto" is refused (400).
+    tool_call_parser: str = ""
     # Bearer key with every right: adapter and API key administration, every adapter, file paths
     # in /v1/models; the credential that makes the first API keys. Empty: none (with auth "none"
     # adapter admin is then refused; with "keys" only keys with the admin scope administer).
@@ -86,6 +92,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
                 bad.append((field, getattr(self, field), "must be > 0"))
         if self.generation_config not in GENERATION_CONFIGS:
             bad.append(("generation_config", self.generation_config, f"must be one of {', '.join(GENERATION_CONFIGS)}"))
+        if self.tool_call_parser and self.tool_call_parser not in PARSERS:
+            bad.append(("tool_call_parser", self.tool_call_parser, f"must be empty or one of {', '.join(PARSERS)}"))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
         if not (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= 0):

@@ -23,7 +23,7 @@ from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
-from dlora.services.gateway.sampling import forced_tool, sampling_params, tools_required
+from dlora.services.gateway.sampling import auto_tools, forced_tool, sampling_params, tools_required
 from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
@@ -54,6 +54,8 @@ class ServedModel:
     # The model's sampling defaults for what a request leaves out (``model.config.sampling_defaults``):
     # temperature, top_p, top_k, min_p, repetition_penalty; max_tokens caps every request (vLLM's).
     defaults: Mapping[str, float] = field(default_factory=dict)
+    # How the model writes tool calls in its text (the gateway's tool_call_parser; "": not read).
+    tool_call_parser: str = ""
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, cfg: ModelConfig, context: int, defaults: Mapping[str, float]) -> ServedModel:
@@ -141,6 +143,7 @@ def shape_request(
             code="model_not_found",  # OpenAI's code, as GET /v1/models/{model} gives it
         )
     chat = isinstance(body, ChatBody)
+    auto = auto_tools(body, model.tool_call_parser)
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
     asked: int | None  # max_tokens; None: what the context leaves
     if isinstance(body, ChatBody):
@@ -221,6 +224,7 @@ def shape_request(
             int(now),
             tool=tool.name if (tool := forced_tool(body)) else None,
             tools_required=tools_required(body),
+            tool_parser=model.tool_call_parser if auto else "",
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),

@@ -1,12 +1,17 @@
 """Structured output through the REST API against the real stack: OpenAI's response_format, vLLM's
-structured_outputs and guided_* fields, and a named or "required" tool_choice answered as tool calls."""
+structured_outputs and guided_* fields, and tool calls: a named or "required" tool_choice, and
+"auto" read by the gateway's tool_call_parser."""
 
 from __future__ import annotations
 
 import json
 import re
 
-from tests.integration.conftest import Stack
+from redis.asyncio import Redis
+
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_gateway import post, stream
 
 
@@ -119,3 +124,40 @@ async def test_response_format(stack: Stack) -> None:
     streamed = [c for e in choices for c in e["delta"].get("tool_calls", [])]
     assert [c["function"] for c in streamed] == [call["function"]]  # greedy: the same call
     assert streamed[0]["index"] == 0 and streamed[0]["id"] and choices[-1]["finish_reason"] == "tool_calls"
+
+
+async def test_auto_tool_choice_reads_the_calls_the_model_wrote(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """With tool_call_parser "hermes", tool_choice "auto" (the default with tools) is served: the
+    output's <tool_call> blocks are its calls, the text before them its content, whole and
+    streamed alike. The random model is led to write a call by a regex (a model trained on the
+    format writes it of itself)."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    written = r'Sure\. <tool_call>\{"name": "weather", "arguments": \{"city": "(kalo|remi)"\}\}</tool_call>'
+    body = {
+        "model": "lora-2",
+        "messages": [{"role": "user", "content": "kalo?"}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "tools": tools,
+        "structured_outputs": {"regex": written},
+    }
+    async with run_stack(nats_server, redis, tiny_llama, tool_call_parser="hermes") as stack:
+        status, resp = await post(stack, "/v1/chat/completions", body)
+        assert status == 200, resp
+        choice = resp["choices"][0]
+        [call] = choice["message"]["tool_calls"]
+        assert choice["message"]["content"] == "Sure. " and choice["finish_reason"] == "tool_calls", resp
+        assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"])["city"] in (
+            "kalo",
+            "remi",
+        )
+        events = await stream(stack, "/v1/chat/completions", {**body, "stream": True})
+        choices = [e["choices"][0] for e in events if isinstance(e, dict) and e.get("choices")]
+        assert "".join(c["delta"].get("content") or "" for c in choices) == "Sure. "
+        streamed = [t for c in choices for t in c["delta"].get("tool_calls", [])]
+        assert [t["function"] for t in streamed] == [call["function"]] and choices[-1]["finish_reason"] == "tool_calls"
+        # free text (no call written): content, as without tools
+        status, resp = await post(stack, "/v1/chat/completions", {**body, "structured_outputs": {"regex": "kalo remi"}})
+        assert status == 200 and resp["choices"][0]["message"] == {"role": "assistant", "content": "kalo remi"}, resp

@@ -4,6 +4,7 @@ at their defaults. The shaping itself is tested in test_gateway_shaping."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import msgspec
@@ -64,7 +65,7 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
 
 
-def test_tools_a_named_or_required_tool_choice_constrains_the_output_auto_is_refused(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
     schema = {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}
     tools = [
         {"type": "function", "function": {"name": "lookup", "parameters": schema}},
@@ -85,6 +86,12 @@ def test_tools_a_named_or_required_tool_choice_constrains_the_output_auto_is_ref
     listed = json.loads(job.choices[0].request.params.json_schema)
     assert listed["type"] == "array" and listed["minItems"] == 1 and "maxItems" not in listed
     assert [item["properties"]["name"]["enum"] for item in listed["items"]["anyOf"]] == [["lookup"], ["ping"]]
+    # "auto" (the default with tools): served where the gateway has a tool_call_parser, unconstrained
+    hermes = dataclasses.replace(served, tool_call_parser="hermes")
+    for auto in ({"messages": msgs, "tools": tools}, {"messages": msgs, "tools": tools, "tool_choice": "auto"}):
+        job = shape(hermes, auto, chat=True)
+        assert job.shape.tool_parser == "hermes" and job.choices[0].request.params.json_schema is None
+    assert shape(hermes, required, chat=True).shape.tool_parser == ""  # the others as they are
     job = shape(served, {**required, "parallel_tool_calls": False}, chat=True)
     assert json.loads(job.choices[0].request.params.json_schema)["maxItems"] == 1
     odd = [{"type": "function", "function": {"name": "odd", "parameters": {"$defs": [1]}}}]  # not lifted: was a 500

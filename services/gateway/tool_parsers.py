@@ -1,0 +1,124 @@
+"""A chat's ``tool_choice: "auto"``: the model's own text read for tool calls in the format its chat
+template taught it, as vLLM's ``--tool-call-parser`` does (the gateway's ``tool_call_parser``).
+Pure. One reading serves both a whole output and a stream (``feed`` its pieces, then ``finish``),
+so the two answer alike: text outside the calls is content, each call goes out whole as it ends,
+and a call that does not parse (cut short, or not JSON) goes back as text.
+
+- ``hermes`` (Hermes 2 Pro, Qwen2.5): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
+  any number, text around them.
+- ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): the whole output is one or more objects
+  ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;``, optionally after
+  ``<|python_tag|>``; an output that does not begin so is text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+PARSERS = ("hermes", "llama3_json")
+
+Call = tuple[int, str, str]  # (its place among the choice's calls, function name, arguments as JSON text)
+
+
+def _call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, arguments JSON) of a decoded call, or None where it is not one."""
+    if not isinstance(obj, dict) or not isinstance(name := obj.get("name"), str):
+        return None
+    args: object = next((obj[k] for k in arguments_keys if k in obj), {})
+    if not isinstance(args, dict):
+        return None
+    return name, json.dumps(args, ensure_ascii=False)
+
+
+@dataclass
+class ToolParser:
+    """Reads one choice's output (``feed`` each piece as it comes, then ``finish``): each returns
+    the content to send now and the calls that completed."""
+
+    kind: str
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    _held: str = ""  # text not yet given out: a possible start of a call, or a call not yet whole
+    _inside: bool = False  # hermes: within <tool_call> ... ; llama3_json: the output is calls
+    _decided: bool = False  # llama3_json: whether the output's start was seen
+    _decoder: json.JSONDecoder = field(default_factory=json.JSONDecoder)
+
+    def feed(self, text: str) -> tuple[str, list[Call]]:
+        self._held += text
+        return self._hermes() if self.kind == "hermes" else self._llama3_json()
+
+    def finish(self) -> tuple[str, list[Call]]:
+        """The end of the output: what was held back goes out as text (an unfinished call too)."""
+        content, calls = self.feed("")
+        rest, self._held = self._held, ""
+        if self._inside and self.kind == "hermes":
+            rest = _OPEN + rest
+        return content + rest, calls
+
+    def _add(self, call: tuple[str, str] | None, out: list[Call]) -> bool:
+        if call is None:
+            return False
+        out.append((len(self.calls), *call))
+        self.calls.append(call)
+        return True
+
+    def _hermes(self) -> tuple[str, list[Call]]:
+        content, out = "", list[Call]()
+        while True:
+            if not self._inside:
+                at = self._held.find(_OPEN)
+                if at < 0:  # all of it is text, but an end that may begin the tag
+                    keep = _partial_tag(self._held, _OPEN)
+                    content += self._held[: len(self._held) - keep]
+                    self._held = self._held[len(self._held) - keep :]
+                    return content, out
+                content += self._held[:at]
+                self._held, self._inside = self._held[at + len(_OPEN) :], True
+            end = self._held.find(_CLOSE)
+            if end < 0:
+                return content, out
+            body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if not self._add(_call(parsed, ("arguments", "parameters")), out):
+                content += _OPEN + body + _CLOSE  # not a call: the text as written
+
+    def _llama3_json(self) -> tuple[str, list[Call]]:
+        if not self._decided:
+            start = self._held.lstrip()
+            if not start or _PYTHON_TAG.startswith(start) and start != _PYTHON_TAG:
+                return "", []  # not decided yet
+            self._decided = True
+            self._inside = start.startswith("{") or start.startswith(_PYTHON_TAG)
+        if not self._inside:
+            content, self._held = self._held, ""
+            return content, []
+        out: list[Call] = []
+        while True:
+            rest = self._held.lstrip()
+            rest = rest.removeprefix(_PYTHON_TAG).lstrip(" \t\r\n;")
+            if not rest:
+                return "", out
+            try:
+                obj, end = self._decoder.raw_decode(rest)
+            except ValueError:  # not whole yet (or not JSON: given out as text at the finish)
+                self._held = rest
+                return "", out
+            if not self._add(_call(obj, ("parameters", "arguments")), out):
+                self._held = rest  # not a call: held, and given out as text at the finish
+                return "", out
+            self._held = rest[end:]
+
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_PYTHON_TAG = "<|python_tag|>"
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """How many characters at the end of ``text`` could begin ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0

@@ -1,0 +1,91 @@
+"""tool_choice "auto": the model's text read for calls (vLLM's hermes and llama3_json formats), one
+reading for a whole output and a stream, answered as OpenAI's content and tool_calls."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.gateway.tool_parsers import ToolParser
+
+WEATHER = ("weather", '{"city": "kalo"}')
+PING = ("ping", "{}")
+
+
+def read(kind: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]], list[str]]:
+    """Content, calls, and the content given out at each piece (then at the finish)."""
+    parser = ToolParser(kind)
+    content, calls, said = "", [], []
+    for piece in pieces:
+        text, new = parser.feed(piece)
+        content, calls, said = content + text, calls + new, [*said, text]
+    text, new = parser.finish()
+    assert [k for k, _, _ in calls + new] == list(range(len(calls + new)))
+    return content + text, [(n, a) for _, n, a in calls + new], [*said, text]
+
+
+HERMES_TWO = (
+    'Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "kalo"}}\n</tool_call>\n'
+    '<tool_call>{"name": "ping", "arguments": {}}</tool_call>'
+)
+NOT_A_TAG = "No tools needed: a < b and <tool_ca is not a tag."
+HERMES_CUT = '<tool_call>{"name": "weather", "arguments": {"city": "ka'
+LLAMA_ONE = '{"name": "weather", "parameters": {"city": "kalo"}}'
+LLAMA_TWO = '<|python_tag|>{"name": "weather", "parameters": {"city": "kalo"}}; {"name": "ping", "arguments": {}}'
+LLAMA_CUT = '{"name": "weather", "parameters": {"city"'
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "content", "calls"),
+    [
+        ("hermes", HERMES_TWO, "Let me look.\n\n", [WEATHER, PING]),
+        ("hermes", NOT_A_TAG, NOT_A_TAG, []),
+        ("hermes", HERMES_CUT, HERMES_CUT, []),  # cut short: the text as written
+        ("hermes", "<tool_call>not json</tool_call> after", "<tool_call>not json</tool_call> after", []),
+        ("llama3_json", LLAMA_ONE, "", [WEATHER]),
+        ("llama3_json", LLAMA_TWO, "", [WEATHER, PING]),
+        ("llama3_json", "The weather is {fine}.", "The weather is {fine}.", []),
+        ("llama3_json", LLAMA_CUT, LLAMA_CUT, []),
+        ("llama3_json", '{"temperature": 3}', '{"temperature": 3}', []),  # an object, not a call
+    ],
+)
+def test_a_whole_output_and_its_stream_read_alike(
+    kind: str, text: str, content: str, calls: list[tuple[str, str]]
+) -> None:
+    assert read(kind, [text])[:2] == (content, calls)
+    assert read(kind, list(text))[:2] == (content, calls)  # a character at a time
+
+
+def test_text_goes_out_as_it_comes_and_only_a_possible_tag_is_held_back() -> None:
+    _, _, said = read(
+        "hermes", ["Hello", " world <tool", "_call>", '{"name": "ping", "arguments": {}}', "</tool_call>"]
+    )
+    assert said == ["Hello", " world ", "", "", "", ""]
+    _, _, said = read("llama3_json", ["Sun", "ny"])
+    assert said == ["Sun", "ny", ""]
+
+
+def test_auto_calls_answer_as_content_and_tool_calls_whole_and_streamed() -> None:
+    shape = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tool_parser="hermes")
+    [whole] = shape.full([Choice(0, text=HERMES_TWO, finish_reason="stop")], 3, 9)["choices"]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Let me look.\n\n"
+    assert [c["function"]["name"] for c in whole["message"]["tool_calls"]] == ["weather", "ping"]
+    [plain] = shape.full([Choice(0, text=NOT_A_TAG, finish_reason="stop")], 3, 9)["choices"]
+    assert plain["finish_reason"] == "stop" and plain["message"] == {"role": "assistant", "content": NOT_A_TAG}
+
+    events = [shape.chunk("", None, first=True)["choices"][0]]
+    events += [shape.chunk(HERMES_TWO[i : i + 7], None)["choices"][0] for i in range(0, len(HERMES_TWO), 7)]
+    events.append(shape.chunk("", "stop")["choices"][0])
+    assert events[0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("content" in e["delta"] or "tool_calls" in e["delta"] for e in events[1:-1])  # "" while held
+    assert "".join(e["delta"].get("content", "") for e in events) == whole["message"]["content"]
+    calls = [c for e in events for c in e["delta"].get("tool_calls", [])]
+    assert [{k: v for k, v in c.items() if k != "index"} for c in calls] == whole["message"]["tool_calls"]
+    assert [c["index"] for c in calls] == [0, 1] and events[-1]["finish_reason"] == "tool_calls"
+
+
+def test_a_parser_must_be_one_dlora_has() -> None:
+    problems = GatewaySettings(model="m", tool_call_parser="mistral").check()
+    assert [p[0] for p in problems] == ["tool_call_parser"] and "hermes" in problems[0][2]
+    assert GatewaySettings(model="m", tool_call_parser="llama3_json").check() == []
