@@ -114,6 +114,9 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:N"
     priority: int | None = None  # lower is served first; default 0
     cache_salt: str | None = None  # prefix-cache blocks shared only with the same salt; not empty
+    # vLLM's: the response's id is "chatcmpl-" / "cmpl-" and this (tracing a request through a
+    # client's own logs); the requests inside stay dlora's own, unique ids. At most 256 printable.
+    request_id: str | None = None
     # Structured output, at most one of: OpenAI's response_format (vLLM takes it on completions
     # too), vLLM's structured_outputs and its older guided_* fields (sampling.structured).
     response_format: Any = None

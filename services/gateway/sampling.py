@@ -240,6 +240,8 @@ def sampling_params(
     if body.cache_salt is not None and not 0 < len(body.cache_salt) <= MAX_CACHE_SALT:  # vLLM refuses ""
         why = f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"
         raise APIError(400, why, param="cache_salt")
+    if body.request_id is not None and not (0 < len(body.request_id) <= 256 and body.request_id.isprintable()):
+        raise APIError(400, "request_id must be 1 to 256 printable characters", param="request_id")
     for what, unsupported in _unsupported(body):
         if unsupported:
             raise APIError(400, f"{what} is not supported (only its default)", param=what.split()[0])

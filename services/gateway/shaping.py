@@ -216,10 +216,11 @@ def shape_request(
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )
             choices.append(ChoicePlan(index, prefix, request, prompt_only))
+    shown = request_id if body.request_id is None else f"{'chatcmpl' if chat else 'cmpl'}-{body.request_id}"
     return Job(
         Shape(
             chat,
-            request_id,
+            shown,
             model_name,
             int(now),
             tool=tool.name if (tool := forced_tool(body)) else None,

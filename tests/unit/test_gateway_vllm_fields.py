@@ -148,3 +148,15 @@ def test_cache_salt_goes_with_the_request_and_must_not_be_empty(served: ServedMo
     for salt in ("", "x" * 1025):  # vLLM refuses an empty one; a long one is hashed into every block's key
         e = refused(served, {"prompt": "kalo", "cache_salt": salt})
         assert (e.status, e.param) == (400, "cache_salt") and "non-empty" in e.message
+
+
+def test_a_request_id_names_the_response_not_the_requests_inside(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """vLLM's request_id: the response's id carries it; the requests to the workers keep their
+    own unique ids (two clients choosing the same one must not meet in the workers' records)."""
+    job = shape(served, {"messages": [{"role": "user", "content": "kalo"}], "request_id": "trace-7", "n": 2}, chat=True)
+    assert job.shape.request_id == "chatcmpl-trace-7"
+    assert len({c.request.request_id for c in job.choices}) == 2 and "trace-7" not in job.choices[0].request.request_id
+    assert shape(served, {"prompt": "kalo", "request_id": "t"}).shape.request_id == "cmpl-t"
+    for bad in ("", "x" * 257, "a\nb"):
+        e = refused(served, {"prompt": "kalo", "request_id": bad})
+        assert (e.status, e.param) == (400, "request_id"), bad
