@@ -140,6 +140,8 @@ class Gateway:
                     adapter_label, public = name, entry is None or not entry.owner
                 if body is None:
                     raise cast(APIError, refused)
+                if (traced := request.headers.get("X-Request-Id")) is not None:  # vLLM reads it first
+                    body = msgspec.structs.replace(body, request_id=traced)
                 job = await self._job(body, entry, who)
                 return await self._relay(request, job, public)
         except APIError as e:

@@ -111,8 +111,11 @@ async def test_n_samples_and_several_prompts(stack: Stack) -> None:
     assert [c["text"] for c in resp["choices"]] == [expected[0]["text"]] * 2 + [expected[1]["text"]] * 2
     assert resp["usage"]["completion_tokens"] == 20
     sampled = {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 7}
-    first = await post(stack, "/v1/completions", sampled)
-    again = await post(stack, "/v1/completions", sampled)
+    # vLLM's request_id, or its X-Request-Id header first, names the response; the samples are
+    # as without it (the requests inside keep their own ids)
+    first = await post(stack, "/v1/completions", {**sampled, "request_id": "trace-1"})
+    again = await post(stack, "/v1/completions", {**sampled, "request_id": "x"}, headers={"X-Request-Id": "trace-2"})
+    assert (first[1]["id"], again[1]["id"]) == ("cmpl-trace-1", "cmpl-trace-2")
     texts = [c["text"] for c in first[1]["choices"]]
     assert len(set(texts)) == 3 and texts == [c["text"] for c in again[1]["choices"]]  # distinct, reproducible
     events = await stream(
