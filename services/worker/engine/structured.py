@@ -33,10 +33,9 @@ class GrammarError(ValueError):
 
 
 def label(params: SamplingParams) -> str:
-    """How errors name the structured output ``params`` asks for."""
-    if params.json_schema is not None:
-        return "response_format schema"
-    return "regex" if params.regex is not None else "choice" if params.choice else "grammar"
+    """How errors name the structured output ``params`` asks for (its field; a schema as the API's)."""
+    asked = params.structured_outputs()
+    return "response_format schema" if asked == ["json_schema"] else asked[0] if asked else "grammar"
 
 
 def constraint(params: SamplingParams) -> str | None:
