@@ -112,6 +112,9 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     use_beam_search: Any = None  # false
     length_penalty: Any = None  # 1.0
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:N"
+    # vLLM's: each prompt token's log-probability and this many alternatives ([0, 20]), answered
+    # as vLLM does (a choice's on completions, the response's on chat); not with stream (k > 0)
+    prompt_logprobs: int | None = None
     priority: int | None = None  # lower is served first; default 0
     cache_salt: str | None = None  # prefix-cache blocks shared only with the same salt; not empty
     # vLLM's: the response's id is "chatcmpl-" / "cmpl-" and this (tracing a request through a
@@ -263,6 +266,7 @@ class Choice:
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or token id that ended it
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's field (``vllm_prompt_logprobs``)
 
 
 class TextOffset:
@@ -333,6 +337,28 @@ def prompt_logprobs(
         "top_logprobs": [None, *tops],
         "text_offset": [max(0, o + shift) for o in raw],
     }
+
+
+def vllm_prompt_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob], top: int, tokens: TokenText | TokenIdText
+) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, null for the first, then {token id: {logprob,
+    rank, decoded_token}} of the token and its ``top`` most likely alternatives (ranks 1..top). The
+    token's rank is its place among those, null where it is not one of them (the workers send no
+    more; vLLM counts it over the vocabulary)."""
+
+    def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": tokens.text_of(token_id)}
+
+    out: list[dict[str, Any] | None] = [None]
+    for token, e in zip(prompt_ids[1:], entries):
+        alternatives = e.top[:top]
+        rank = next((r for r, (t, _) in enumerate(alternatives, 1) if t == token), None)
+        out.append(
+            {str(token): entry(token, e.logprob, rank)}
+            | {str(t): entry(t, lp, r) for r, (t, lp) in enumerate(alternatives, 1)}
+        )
+    return out
 
 
 def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText | TokenIdText) -> dict[str, Any]:
@@ -411,8 +437,13 @@ class Shape:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
                 choice["text"] = c.text
+            if c.prompt_logprobs is not None and not self.chat:
+                choice["prompt_logprobs"] = c.prompt_logprobs
             out.append(choice)
-        return {**self._head(False), "choices": out, "usage": usage(prompt_tokens, completion_tokens)}
+        response = {**self._head(False), "choices": out, "usage": usage(prompt_tokens, completion_tokens)}
+        if self.chat and (asked := [c.prompt_logprobs for c in choices if c.prompt_logprobs is not None]):
+            response["prompt_logprobs"] = asked[0]  # one prompt, whatever n: the response's (vLLM's)
+        return response
 
     def chunk(
         self,

@@ -84,24 +84,26 @@ class ResponseWriter:
         """A new chunk of ``choice`` (not an error): an event, or its text and logprobs kept."""
         if self.job.stream and self.stream is None:
             self.stream = await self._open()
-        r = choice.request
-        if r is not None and choice.echoes_logprobs and chunk.seq == 0:  # an echoed prompt's, first
-            part = openai.prompt_logprobs(
-                r.prompt_token_ids or [],
-                chunk.prompt_logprobs,
-                self.tokens,
-                r.params.skip_special_tokens,
-                len(choice.out.text),
-            )
+        r, job = choice.request, self.job
+        if r is not None and choice.echoes_logprobs and chunk.seq == 0:  # the prompt's, with the first
+            ids = r.prompt_token_ids or []
             if choice.prompt_only:  # over with its prompt: the token it ran for is not the client's
                 choice.out.finish_reason, choice.out.stop_reason = "length", None
-            if self.stream is None:
-                choice.parts.append(part)
-            else:  # the echoed prompt's event (held back at the stream's opening), its logprobs in it
-                event = self.job.shape.chunk(
-                    choice.out.text, choice.out.finish_reason, first=True, index=choice.out.index, logprobs=part
+            if job.prompt_logprobs is not None:  # vLLM's field
+                choice.out.prompt_logprobs = openai.vllm_prompt_logprobs(
+                    ids, chunk.prompt_logprobs, job.prompt_logprobs, self.tokens
                 )
-                await sse(self.stream, self._with_usage(event, choice, before=True))
+            if job.echo_logprobs is not None:  # the echoed prompt's, its alternatives as many as asked there
+                entries = [msgspec.structs.replace(e, top=e.top[: job.echo_logprobs]) for e in chunk.prompt_logprobs]
+                skip = r.params.skip_special_tokens
+                part = openai.prompt_logprobs(ids, entries, self.tokens, skip, len(choice.out.text))
+                if self.stream is None:
+                    choice.parts.append(part)
+                else:  # the echoed prompt's event (held back at the stream's opening), its logprobs in it
+                    event = self.job.shape.chunk(
+                        choice.out.text, choice.out.finish_reason, first=True, index=choice.out.index, logprobs=part
+                    )
+                    await sse(self.stream, self._with_usage(event, choice, before=True))
         if choice.prompt_only:
             return
         logprobs = self._logprobs(choice, chunk)

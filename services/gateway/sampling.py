@@ -25,6 +25,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "frequency_penalty": (-2.0, 2.0),
     "best_of": (0, 20),
     "top_logprobs": (0, 20),
+    "prompt_logprobs": (0, 20),  # vLLM's -1 (the whole vocabulary) would overflow the message bus
     "max_tokens": (0, math.inf),  # 0: a completion's echo alone
     "max_completion_tokens": (1, math.inf),
 }
@@ -226,6 +227,23 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     return {int(k): v for k, v in (raw or {}).items()}
 
 
+def prompt_logprobs_asked(body: Body) -> int | None:
+    """How many alternatives of each prompt token the workers send (None: no prompt logprobs):
+    a completion's echo with logprobs, and vLLM's prompt_logprobs (not streamed), the larger.
+
+    Raises:
+        APIError(400): prompt_logprobs > 0 with stream (vLLM's words).
+    """
+    echo = body.logprobs if isinstance(body, CompletionBody) and body.echo else None
+    field = body.prompt_logprobs
+    if field is not None and body.stream:
+        if field > 0:
+            raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+        field = None  # 0 with stream: taken and not answered, as vLLM does
+    asked = [k for k in (echo, field) if k is not None]
+    return max(asked) if asked else None
+
+
 def sampling_params(
     body: Body, max_tokens: int, grammars: Grammars | None = None, defaults: Mapping[str, float] | None = None
 ) -> SamplingParams:
@@ -270,7 +288,7 @@ def sampling_params(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=given(body.repetition_penalty, "repetition_penalty", 1.0),
-        prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
+        prompt_logprobs=prompt_logprobs_asked(body),
         logprobs=body.logprobs
         if isinstance(body, CompletionBody)
         else ((body.top_logprobs or 0) if body.logprobs else None),

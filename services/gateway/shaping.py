@@ -97,6 +97,10 @@ class Job:
     choices: list[ChoicePlan]
     continuous_usage: bool = False  # every event carries its choice's usage so far (vLLM's)
     token_ids_in_logprobs: bool = False  # logprobs name tokens "token_id:N" (vLLM's return_tokens_as_token_ids)
+    # The prompt's logprobs asked for, with how many alternatives: in the echo (a completion's
+    # echo with logprobs), and as vLLM's prompt_logprobs field (not streamed). None: not.
+    echo_logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 def new_request_id(chat: bool) -> str:
@@ -173,8 +177,11 @@ def shape_request(
         )
     choices: list[ChoicePlan] = []
     # max_tokens 0 generates nothing (with echo: the prompt back), unless the prompt's logprobs are
-    # asked for (OpenAI's original loglikelihood request): those come with one token, not shown.
-    prompt_only = asked == 0 and echo and isinstance(body, CompletionBody) and body.logprobs is not None
+    # asked for (OpenAI's original loglikelihood request, or vLLM's prompt_logprobs): those come
+    # with one token, not shown.
+    echo_logprobs = body.logprobs if echo and isinstance(body, CompletionBody) else None
+    field_logprobs = body.prompt_logprobs if not body.stream else None
+    prompt_only = asked == 0 and (echo_logprobs is not None or field_logprobs is not None)
     for p, (ids, text) in enumerate(prompts):
         if prompt_only and len(ids) >= model.context:  # max_new_tokens would say "you requested the prompt"
             raise APIError(
@@ -236,6 +243,8 @@ def shape_request(
         and bool(body.stream_options.include_usage and body.stream_options.continuous_usage_stats),
         choices=choices,
         token_ids_in_logprobs=bool(body.return_tokens_as_token_ids),
+        echo_logprobs=echo_logprobs,
+        prompt_logprobs=field_logprobs,
     )
 
 

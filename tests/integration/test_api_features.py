@@ -189,6 +189,27 @@ async def test_echo(stack: Stack) -> None:
         assert mine[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
         joined = {k: [v for c in mine if c["logprobs"] for v in c["logprobs"][k]] for k in ("tokens", "text_offset")}
         assert joined == {k: whole["choices"][0]["logprobs"][k] for k in joined}
+    # vLLM's prompt_logprobs field: the same entries, as vLLM answers them (a choice's on
+    # completions, the response's on chat), beside an echo that asks for fewer alternatives
+    plain_body = {**body, "echo": False, "logprobs": None, "prompt_logprobs": 3}
+    for asked in (plain_body, {**body, "prompt_logprobs": 3}, {**plain_body, "max_tokens": 0}):
+        status, field = await post(stack, "/v1/completions", asked)
+        assert status == 200, field
+        entries = field["choices"][0]["prompt_logprobs"]
+        ids = stack.gateway.tokenizer.encode(PROMPTS[0])
+        assert entries[0] is None and len(entries) == n
+        got = [e[str(t)]["logprob"] for e, t in zip(entries[1:], ids[1:])]
+        assert got == pytest.approx(lp["token_logprobs"][1:n], abs=1e-5)
+        # the token and its 3 alternatives (ranked 1..3): 3 entries where it is one of them
+        assert all(len(e) in (3, 4) and {1, 2, 3} <= {v["rank"] for v in e.values()} for e in entries[1:])
+        if asked.get("echo"):  # the echo keeps its own 2 alternatives (the chosen token may add one)
+            assert all(len(t) <= 3 for t in field["choices"][0]["logprobs"]["top_logprobs"][1:n])
+    chat = {"model": "lora-1", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 2, "prompt_logprobs": 1}
+    status, chatted = await post(stack, "/v1/chat/completions", {**chat, "n": 2})
+    assert status == 200 and chatted["prompt_logprobs"][0] is None and len(chatted["prompt_logprobs"]) > 2, chatted
+    assert "prompt_logprobs" not in chatted["choices"][0]
+    status, refused = await post(stack, "/v1/chat/completions", {**chat, "stream": True})
+    assert (status, refused["error"]["param"]) == (400, "prompt_logprobs"), refused
     # entries that would not fit the bus in one reply are refused up front (the reply was dropped
     # and the client waited out the chunk timeout); here the bus is made to carry 20 kB
     carried, stack.gateway.nc._max_payload = stack.gateway.nc._max_payload, 20_000
