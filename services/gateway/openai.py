@@ -172,6 +172,12 @@ class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     function_call: Any = None
     audio: Any = None
     refusal: str | None = None
+    # What replies carry and clients send back in the history unchanged (the openai package's
+    # message.model_dump()): OpenAI's annotations (not rendered), and a reasoning parser's
+    # reasoning_content / reasoning (vLLM's), given to the template as reasoning_content.
+    annotations: Any = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
@@ -492,6 +498,17 @@ class Shape:
         else:
             choice["text"] = text
         return {**self._head(True), "choices": [choice]}
+
+    def silent(self, event: dict[str, Any]) -> bool:
+        """Whether a mid-stream event of a tool-call answer says nothing (its text held back, a
+        call not whole yet): not sent, as vLLM sends none. A text answer keeps an event per token."""
+        if not (self.tool or self.tools_required or self.tool_parser):
+            return False
+        [choice] = event["choices"]
+        if choice["finish_reason"] is not None or choice["logprobs"] is not None or "role" in choice["delta"]:
+            return False
+        calls = choice["delta"].get("tool_calls", [])
+        return not choice["delta"].get("content") and not any("id" in c or c["function"]["arguments"] for c in calls)
 
     def _call(self, index: int, arguments: str, name: str | None = None, k: int = 0) -> dict[str, Any]:
         """Choice ``index``'s ``k``-th call, of ``name`` (default: the forced function), with

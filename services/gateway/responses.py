@@ -117,7 +117,8 @@ class ResponseWriter:
                 logprobs=logprobs,
                 stop_reason=chunk.stop_reason,
             )
-            await sse(self.stream, self._with_usage(event, choice))
+            if not self.job.shape.silent(event):
+                await sse(self.stream, self._with_usage(event, choice))
         elif logprobs is not None:  # the text is the reply stream's, taken at the end
             choice.parts.append(logprobs)
 
@@ -175,7 +176,10 @@ class ResponseWriter:
 
 
 async def opensse(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    # The charset said, as vLLM and OpenAI say it: a client reading the stream as text (requests)
+    # otherwise takes ISO-8859-1 and "Café" comes out "CafÃ©".
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
     return resp
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
-from dlora.services.gateway.tool_calls import ANY_OBJECT, ConflictingDefs, calls_schema
+from dlora.services.gateway.tool_calls import ConflictingDefs, arguments_schema, calls_schema
 from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
@@ -153,7 +153,7 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
         asked.append((field, {"json_schema": value if isinstance(value, str) else json.dumps(value)}))
 
     if (tool := forced_tool(body)) is not None:  # its arguments: a document of its parameters' schema
-        schema("tool_choice", tool.parameters if tool.parameters is not None else ANY_OBJECT)
+        schema("tool_choice", arguments_schema(tool.parameters))
     elif tools_required(body):
         assert isinstance(body, ChatBody) and body.tools
         listed = [(t.function.name, t.function.parameters) for t in body.tools]

@@ -441,6 +441,8 @@ def chat_prompt_ids(
         named = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}  # as vLLM passes them
         if m.tool_calls:  # an assistant's earlier calls, for the template to render
             named["tool_calls"] = _calls_for_template(m.tool_calls)
+        if thought := m.reasoning_content or m.reasoning:  # templates that render thinking read this key
+            named["reasoning_content"] = thought
         plain.append({"role": m.role, "content": content or ""} | named)
     if getattr(tokenizer, "chat_template", None):
         try:

@@ -21,6 +21,15 @@ class ConflictingDefs(ValueError):
     """Two tools define the same ``$defs`` name differently: one list schema cannot hold both."""
 
 
+def arguments_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The schema a function's arguments follow: its ``parameters``, an object where they say no
+    type (OpenAI's parameters describe an object; ``{}`` as a schema would take any JSON value,
+    and a model led by it wrote a bare number)."""
+    if not parameters:
+        return dict(ANY_OBJECT)
+    return parameters if "type" in parameters else {"type": "object", **parameters}
+
+
 def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool = True) -> dict[str, Any]:
     """The JSON Schema of a list of calls of ``tools`` ((name, parameters schema; None: any
     object)); at most one call unless ``parallel``. The tools' schemas are copied, not changed.
@@ -31,7 +40,7 @@ def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool 
     defs: dict[str, Any] = {}
     items = []
     for name, parameters in tools:
-        params = dict(parameters) if parameters is not None else dict(ANY_OBJECT)  # only its top level changes
+        params = dict(arguments_schema(parameters))  # only its top level changes
         lifted = params.pop("$defs") if isinstance(params.get("$defs"), dict) else {}  # else llguidance refuses it
         for key, definition in lifted.items():
             if defs.setdefault(key, definition) != definition:

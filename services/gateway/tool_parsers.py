@@ -5,7 +5,7 @@ so the two answer alike: text outside the calls is content, each call goes out w
 and a call that does not parse (cut short, or not JSON) goes back as text.
 
 - ``hermes`` (Hermes 2 Pro, Qwen2.5): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
-  any number, text around them.
+  any number; the text before the first is content, what comes after it is not (vLLM's).
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): the whole output is one or more objects
   ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;``, optionally after
   ``<|python_tag|>``; an output that does not begin so is text.
@@ -48,12 +48,13 @@ class ToolParser:
         return self._hermes() if self.kind == "hermes" else self._llama3_json()
 
     def finish(self) -> tuple[str, list[Call]]:
-        """The end of the output: what was held back goes out as text (an unfinished call too)."""
+        """The end of the output: what was held back goes out as text (an unfinished call too),
+        unless hermes calls came before it."""
         content, calls = self.feed("")
         rest, self._held = self._held, ""
         if self._inside and self.kind == "hermes":
             rest = _OPEN + rest
-        return content + rest, calls
+        return content + (rest if self.kind != "hermes" or not self.calls else ""), calls
 
     def _add(self, call: tuple[str, str] | None, out: list[Call]) -> bool:
         if call is None:
@@ -63,16 +64,17 @@ class ToolParser:
         return True
 
     def _hermes(self) -> tuple[str, list[Call]]:
+        # Text after the first call is not content (vLLM's hermes keeps what comes before it).
         content, out = "", list[Call]()
         while True:
             if not self._inside:
                 at = self._held.find(_OPEN)
                 if at < 0:  # all of it is text, but an end that may begin the tag
                     keep = _partial_tag(self._held, _OPEN)
-                    content += self._held[: len(self._held) - keep]
+                    content += self._held[: len(self._held) - keep] if not self.calls else ""
                     self._held = self._held[len(self._held) - keep :]
                     return content, out
-                content += self._held[:at]
+                content += self._held[:at] if not self.calls else ""
                 self._held, self._inside = self._held[at + len(_OPEN) :], True
             end = self._held.find(_CLOSE)
             if end < 0:
@@ -82,7 +84,7 @@ class ToolParser:
                 parsed = json.loads(body)
             except ValueError:
                 parsed = None
-            if not self._add(_call(parsed, ("arguments", "parameters")), out):
+            if not self._add(_call(parsed, ("arguments", "parameters")), out) and not self.calls:
                 content += _OPEN + body + _CLOSE  # not a call: the text as written
 
     def _llama3_json(self) -> tuple[str, list[Call]]:

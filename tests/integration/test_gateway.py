@@ -42,7 +42,7 @@ async def get(stack: Stack, path: str) -> dict:
 async def stream(stack: Stack, path: str, body: dict) -> list:
     async with aiohttp.ClientSession() as http:
         async with http.post(stack.url + path, json={**body, "stream": True}) as r:
-            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
             return [event async for event in sse_events(r)]
 
 

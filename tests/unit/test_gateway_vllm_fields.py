@@ -4,6 +4,7 @@ at their defaults. The shaping itself is tested in test_gateway_shaping."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -77,6 +78,16 @@ def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served
     assert job.shape.tool == "lookup" and json.loads(job.choices[0].request.params.json_schema) == schema
     job = shape(served, {**named, "tool_choice": {"type": "function", "function": {"name": "ping"}}}, chat=True)
     assert json.loads(job.choices[0].request.params.json_schema) == {"type": "object"}  # no parameters: any object
+    untyped = [  # {} or no type: an object still (as a schema {} took any value: the model wrote a number)
+        {"type": "function", "function": {"name": "empty", "parameters": {}}},
+        {"type": "function", "function": {"name": "props", "parameters": {"properties": {"q": {"type": "integer"}}}}},
+    ]
+    for name, expected in (
+        ("empty", {"type": "object"}),
+        ("props", {"type": "object", "properties": {"q": {"type": "integer"}}}),
+    ):
+        body = {"messages": msgs, "tools": untyped, "tool_choice": {"type": "function", "function": {"name": name}}}
+        assert json.loads(shape(served, body, chat=True).choices[0].request.params.json_schema) == expected
     job = shape(served, {"messages": msgs, "tools": tools, "tool_choice": "none"}, chat=True)
     assert job.shape.tool is None and job.choices[0].request.params.json_schema is None
     # "required": a list of calls of any of the tools, one at most without parallel calls
@@ -160,3 +171,18 @@ def test_a_request_id_names_the_response_not_the_requests_inside(served: ServedM
     for bad in ("", "x" * 257, "a\nb"):
         e = refused(served, {"prompt": "kalo", "request_id": bad})
         assert (e.status, e.param) == (400, "request_id"), bad
+
+
+def test_a_reply_sent_back_as_the_client_dumped_it_is_history(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """The openai package's message.model_dump() of a reply carries annotations (OpenAI's) and a
+    reasoning parser's reasoning_content (vLLM's): sent back, they were 400s (unknown fields).
+    The thinking goes to the template as reasoning_content; annotations are not rendered."""
+    tokenizer = copy.copy(served.tokenizer)
+    tokenizer.chat_template = (  # type: ignore[attr-defined]
+        "{% for m in messages %}{{ m.role }}[{{ m.get('reasoning_content', '') }}]{{ m.content }}\n{% endfor %}"
+    )
+    dumped = {"role": "assistant", "content": "remi", "annotations": None, "refusal": None, "tool_calls": None}
+    for thought in ({"reasoning_content": "hmm"}, {"reasoning": "hmm"}):
+        history = [{"role": "user", "content": "kalo"}, dumped | thought | {"annotations": []}]
+        ids = shaping.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), tokenizer)
+        assert "assistant[hmm]remi" in tokenizer.decode(ids)

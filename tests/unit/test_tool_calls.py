@@ -29,7 +29,8 @@ def test_the_schema_lists_calls_of_the_tools_with_their_defs_lifted_and_compiles
     for _ in range(2000):  # deeper than copy.deepcopy goes: was a 500 (RecursionError)
         deep = {"type": "object", "properties": {"a": deep}}
     assert calls_schema([("deep", deep)])["items"]["anyOf"][0]["properties"]["parameters"] is not deep
-    assert calls_schema([("odd", {"$defs": [1]})])["items"]["anyOf"][0]["properties"]["parameters"] == {"$defs": [1]}
+    odd = calls_schema([("odd", {"$defs": [1]})])["items"]["anyOf"][0]["properties"]["parameters"]
+    assert odd == {"type": "object", "$defs": [1]}  # left in place (not an object to lift)
     with pytest.raises(ConflictingDefs, match="city"):
         calls_schema([("a", CITY), ("b", {"$defs": {"city": {"type": "string"}}})])
 
@@ -73,4 +74,12 @@ def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None
     events = [shape.chunk(text[:half], None)["choices"][0], shape.chunk(text[half:], "stop")["choices"][0]]
     calls = [c for e in events for c in e["delta"].get("tool_calls", [])]
     assert [c["index"] for c in calls] == [0, 1] and events[-1]["finish_reason"] == "tool_calls"
+    # an event that says nothing (a call not whole yet) is not sent, as vLLM sends none
+    quiet = Shape(chat=True, request_id="chatcmpl-q", model="m", created=0, tools_required=True)
+    pieces = [quiet.chunk("", None, first=True), *(quiet.chunk(ch, None) for ch in text), quiet.chunk("", "stop")]
+    sent = [e for e in pieces if not quiet.silent(e)]
+    assert len(sent) == 4  # the role, a call each, the finish
+    named = Shape(chat=True, request_id="chatcmpl-n", model="m", created=0, tool="f")
+    assert named.silent(named.chunk("", None)) and not named.silent(named.chunk("{", None))
+    assert not Shape(chat=True, request_id="c", model="m", created=0).silent(Shape.new(True, "c", "m").chunk("", None))
     assert [{k: v for k, v in c.items() if k != "index"} for c in calls] == whole["message"]["tool_calls"]

@@ -39,7 +39,8 @@ LLAMA_CUT = '{"name": "weather", "parameters": {"city"'
 @pytest.mark.parametrize(
     ("kind", "text", "content", "calls"),
     [
-        ("hermes", HERMES_TWO, "Let me look.\n\n", [WEATHER, PING]),
+        ("hermes", HERMES_TWO, "Let me look.\n", [WEATHER, PING]),
+        ("hermes", HERMES_TWO + " Done. <tool_call>{", "Let me look.\n", [WEATHER, PING]),  # after a call: not content
         ("hermes", NOT_A_TAG, NOT_A_TAG, []),
         ("hermes", HERMES_CUT, HERMES_CUT, []),  # cut short: the text as written
         ("hermes", "<tool_call>not json</tool_call> after", "<tool_call>not json</tool_call> after", []),
@@ -69,7 +70,7 @@ def test_text_goes_out_as_it_comes_and_only_a_possible_tag_is_held_back() -> Non
 def test_auto_calls_answer_as_content_and_tool_calls_whole_and_streamed() -> None:
     shape = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tool_parser="hermes")
     [whole] = shape.full([Choice(0, text=HERMES_TWO, finish_reason="stop")], 3, 9)["choices"]
-    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Let me look.\n\n"
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Let me look.\n"
     assert [c["function"]["name"] for c in whole["message"]["tool_calls"]] == ["weather", "ping"]
     [plain] = shape.full([Choice(0, text=NOT_A_TAG, finish_reason="stop")], 3, 9)["choices"]
     assert plain["finish_reason"] == "stop" and plain["message"] == {"role": "assistant", "content": NOT_A_TAG}
