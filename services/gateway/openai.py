@@ -406,6 +406,7 @@ class Shape:
     # tool_choice "auto": each choice's text read for calls by this parser (tool_parsers.PARSERS;
     # "": not read), answered as content and tool_calls alike whole and streamed.
     tool_parser: str = ""
+    parallel_calls: bool = True  # parallel_tool_calls; false: at most one call (OpenAI's), the first
     _parsers: dict[int, ToolParser] = field(default_factory=dict)
 
     @classmethod
@@ -432,7 +433,7 @@ class Shape:
                 choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser)
-                content, calls = _joined(parser.feed(c.text), parser.finish())
+                content, calls = self._allowed(_joined(parser.feed(c.text), parser.finish()))
                 choice["message"] = {"role": "assistant", "content": content}
                 if calls:
                     listed = [self._call(c.index, args, name, k) for k, name, args in calls]
@@ -482,6 +483,7 @@ class Shape:
             content, calls = parser.feed(text)
             if finish_reason is not None:
                 content, calls = _joined((content, calls), parser.finish())
+            content, calls = self._allowed((content, calls))
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls]
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if content or first or (finish_reason is None and not listed):
@@ -498,6 +500,10 @@ class Shape:
         else:
             choice["text"] = text
         return {**self._head(True), "choices": [choice]}
+
+    def _allowed(self, read: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
+        content, calls = read
+        return content, calls if self.parallel_calls else [c for c in calls if c[0] == 0]
 
     def silent(self, event: dict[str, Any]) -> bool:
         """Whether a mid-stream event of a tool-call answer says nothing (its text held back, a

@@ -233,6 +233,7 @@ def shape_request(
             tool=tool.name if (tool := forced_tool(body)) else None,
             tools_required=tools_required(body),
             tool_parser=model.tool_call_parser if auto else "",
+            parallel_calls=not (isinstance(body, ChatBody) and body.parallel_tool_calls is False),
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),

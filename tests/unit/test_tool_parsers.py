@@ -90,3 +90,14 @@ def test_a_parser_must_be_one_dlora_has() -> None:
     problems = GatewaySettings(model="m", tool_call_parser="mistral").check()
     assert [p[0] for p in problems] == ["tool_call_parser"] and "hermes" in problems[0][2]
     assert GatewaySettings(model="m", tool_call_parser="llama3_json").check() == []
+
+
+def test_without_parallel_calls_only_the_first_is_answered() -> None:
+    """parallel_tool_calls false: OpenAI answers one call at most; a model that wrote two gives its first."""
+    one = Shape(chat=True, request_id="chatcmpl-1", model="m", created=0, tool_parser="hermes", parallel_calls=False)
+    [whole] = one.full([Choice(0, text=HERMES_TWO, finish_reason="stop")], 3, 9)["choices"]
+    assert [c["function"]["name"] for c in whole["message"]["tool_calls"]] == ["weather"]
+    events = [one.chunk(HERMES_TWO, None), one.chunk("", "stop")]
+    assert [c["function"]["name"] for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])] == [
+        "weather"
+    ]
