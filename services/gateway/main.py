@@ -53,6 +53,7 @@ from dlora.services.gateway.models import model_cards
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
+from dlora.services.gateway.sampling import valid_request_id
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import (
     Job,
@@ -140,7 +141,8 @@ class Gateway:
                     adapter_label, public = name, entry is None or not entry.owner
                 if body is None:
                     raise cast(APIError, refused)
-                if (traced := request.headers.get("X-Request-Id")) is not None:  # vLLM reads it first
+                traced = request.headers.get("X-Request-Id", "")  # vLLM reads it first; a proxy's odd one is ignored
+                if valid_request_id(traced):
                     body = msgspec.structs.replace(body, request_id=traced)
                 job = await self._job(body, entry, who)
                 return await self._relay(request, job, public)

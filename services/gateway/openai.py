@@ -407,6 +407,9 @@ class Shape:
     # "": not read), answered as content and tool_calls alike whole and streamed.
     tool_parser: str = ""
     parallel_calls: bool = True  # parallel_tool_calls; false: at most one call (OpenAI's), the first
+    # What the calls' ids are made of: random per response (dlora's own request id), never the
+    # client's request_id (a session id reused per turn gave every turn the same call ids).
+    call_ids: str = ""
     _parsers: dict[int, ToolParser] = field(default_factory=dict)
 
     @classmethod
@@ -519,7 +522,8 @@ class Shape:
     def _call(self, index: int, arguments: str, name: str | None = None, k: int = 0) -> dict[str, Any]:
         """Choice ``index``'s ``k``-th call, of ``name`` (default: the forced function), with
         ``arguments`` (JSON text); a delta adds the call's ``index``."""
-        call_id = f"chatcmpl-tool-{self.request_id.rsplit('-', 1)[-1]}{index}" + (f"-{k}" if k else "")
+        base = self.call_ids or self.request_id.rsplit("-", 1)[-1]
+        call_id = f"chatcmpl-tool-{base}{index}" + (f"-{k}" if k else "")
         function = {"name": self.tool if name is None else name, "arguments": arguments}
         return {"id": call_id, "type": "function", "function": function}
 

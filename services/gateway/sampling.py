@@ -227,6 +227,11 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     return {int(k): v for k, v in (raw or {}).items()}
 
 
+def valid_request_id(request_id: str) -> bool:
+    """Whether a client's request id (vLLM's field, or its X-Request-Id header) can name a response."""
+    return 0 < len(request_id) <= 256 and request_id.isprintable()
+
+
 def prompt_logprobs_asked(body: Body) -> int | None:
     """How many alternatives of each prompt token the workers send (None: no prompt logprobs):
     a completion's echo with logprobs, and vLLM's prompt_logprobs (not streamed), the larger.
@@ -258,7 +263,7 @@ def sampling_params(
     if body.cache_salt is not None and not 0 < len(body.cache_salt) <= MAX_CACHE_SALT:  # vLLM refuses ""
         why = f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"
         raise APIError(400, why, param="cache_salt")
-    if body.request_id is not None and not (0 < len(body.request_id) <= 256 and body.request_id.isprintable()):
+    if body.request_id is not None and not valid_request_id(body.request_id):
         raise APIError(400, "request_id must be 1 to 256 printable characters", param="request_id")
     for what, unsupported in _unsupported(body):
         if unsupported:

@@ -195,6 +195,10 @@ def shape_request(
         if not prompt_only and (cap := model.defaults.get("max_tokens")):  # vLLM's: the least of them
             new = min(new, int(cap))
         params = sampling_params(body, new if generate else 1, model.grammars, model.defaults)
+        if auto and model.tool_call_parser == "hermes" and body.skip_special_tokens is None:
+            # Some models' <tool_call> tags are special tokens: skipped, the parser would never see
+            # a call (vLLM's hermes parser turns the skipping off alike).
+            params = msgspec.structs.replace(params, skip_special_tokens=False)
         if asked == 0 and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
         if (outside := params.outside_vocab(model.vocab_size)) is not None:
@@ -234,6 +238,7 @@ def shape_request(
             tools_required=tools_required(body),
             tool_parser=model.tool_call_parser if auto else "",
             parallel_calls=not (isinstance(body, ChatBody) and body.parallel_tool_calls is False),
+            call_ids=request_id.rsplit("-", 1)[-1],
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dlora.services.gateway.tool_parsers import arguments_json
+
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -63,7 +65,7 @@ def _call(item: object) -> tuple[str, str] | None:
     """One list item as (function name, arguments as JSON text), as vLLM writes them."""
     if not isinstance(item, dict) or not isinstance(name := item.get("name"), str) or "parameters" not in item:
         return None
-    return name, json.dumps(item["parameters"], ensure_ascii=False)
+    return name, arguments_json(item["parameters"])
 
 
 @dataclass

@@ -28,7 +28,18 @@ def _call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | Non
     args: object = next((obj[k] for k in arguments_keys if k in obj), {})
     if not isinstance(args, dict):
         return None
-    return name, json.dumps(args, ensure_ascii=False)
+    return name, arguments_json(args)
+
+
+def arguments_json(args: object) -> str:
+    """A call's arguments as JSON text, non-ASCII as written; escaped where a string holds a lone
+    surrogate (a model may write "\\ud83d"), which no UTF-8 stream can carry."""
+    text = json.dumps(args, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(args)
+    return text
 
 
 @dataclass
@@ -41,7 +52,15 @@ class ToolParser:
     _held: str = ""  # text not yet given out: a possible start of a call, or a call not yet whole
     _inside: bool = False  # hermes: within <tool_call> ... ; llama3_json: the output is calls
     _decided: bool = False  # llama3_json: whether the output's start was seen
-    _decoder: json.JSONDecoder = field(default_factory=json.JSONDecoder)
+    _stuck: bool = False  # llama3_json: held text that is not a call (given out at the finish)
+    # Where the held text was read to, so a token costs its own characters, not the whole call's
+    # again (a 140 kB call re-read per token took a minute of the gateway's loop): hermes looks
+    # for the closing tag from here; llama3_json scans the object's braces (depth, in a string,
+    # after a backslash).
+    _read: int = 0
+    _depth: int = 0
+    _in_string: bool = False
+    _escaped: bool = False
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         self._held += text
@@ -76,10 +95,12 @@ class ToolParser:
                     return content, out
                 content += self._held[:at] if not self.calls else ""
                 self._held, self._inside = self._held[at + len(_OPEN) :], True
-            end = self._held.find(_CLOSE)
+            end = self._held.find(_CLOSE, max(0, self._read - len(_CLOSE) + 1))
             if end < 0:
+                self._read = len(self._held)
                 return content, out
             body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
+            self._read = 0
             try:
                 parsed = json.loads(body)
             except ValueError:
@@ -98,20 +119,42 @@ class ToolParser:
             content, self._held = self._held, ""
             return content, []
         out: list[Call] = []
-        while True:
-            rest = self._held.lstrip()
-            rest = rest.removeprefix(_PYTHON_TAG).lstrip(" \t\r\n;")
-            if not rest:
-                return "", out
+        while not self._stuck:
+            if self._read == 0:  # between objects: the separators go
+                self._held = self._held.lstrip().removeprefix(_PYTHON_TAG).lstrip(" \t\r\n;")
+                if not self._held or self._held[0] != "{":
+                    self._stuck = bool(self._held)
+                    break
+            if (end := self._object_end()) is None:
+                break  # not whole yet
             try:
-                obj, end = self._decoder.raw_decode(rest)
-            except ValueError:  # not whole yet (or not JSON: given out as text at the finish)
-                self._held = rest
-                return "", out
+                obj = json.loads(self._held[:end])
+            except ValueError:
+                obj = None
             if not self._add(_call(obj, ("parameters", "arguments")), out):
-                self._held = rest  # not a call: held, and given out as text at the finish
-                return "", out
-            self._held = rest[end:]
+                self._stuck = True  # not a call (or not JSON): held, and given out as text at the finish
+                break
+            self._held, self._read = self._held[end:], 0
+        return "", out
+
+    def _object_end(self) -> int | None:
+        """Where the object the held text begins with ends (the index after its closing brace),
+        scanning only what came since the last look; None: not yet."""
+        for i in range(self._read, len(self._held)):
+            char = self._held[i]
+            if self._in_string:
+                self._escaped, self._in_string = not self._escaped and char == "\\", self._escaped or char != '"'
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self._read = i + 1
+                    return i + 1
+        self._read = len(self._held)
+        return None
 
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"

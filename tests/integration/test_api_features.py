@@ -116,6 +116,8 @@ async def test_n_samples_and_several_prompts(stack: Stack) -> None:
     first = await post(stack, "/v1/completions", {**sampled, "request_id": "trace-1"})
     again = await post(stack, "/v1/completions", {**sampled, "request_id": "x"}, headers={"X-Request-Id": "trace-2"})
     assert (first[1]["id"], again[1]["id"]) == ("cmpl-trace-1", "cmpl-trace-2")
+    status, odd = await post(stack, "/v1/completions", {**sampled, "n": 1}, headers={"X-Request-Id": "x" * 300})
+    assert status == 200 and len(odd["id"]) == len("cmpl-") + 32  # a proxy's odd header is ignored, not a 400
     texts = [c["text"] for c in first[1]["choices"]]
     assert len(set(texts)) == 3 and texts == [c["text"] for c in again[1]["choices"]]  # distinct, reproducible
     events = await stream(

@@ -103,6 +103,12 @@ def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served
         job = shape(hermes, auto, chat=True)
         assert job.shape.tool_parser == "hermes" and job.choices[0].request.params.json_schema is None
     assert shape(hermes, required, chat=True).shape.tool_parser == ""  # the others as they are
+    # hermes: special tokens kept (some models' <tool_call> tags are special), unless the client says
+    auto = {"messages": msgs, "tools": tools}
+    assert not shape(hermes, auto, chat=True).choices[0].request.params.skip_special_tokens
+    assert shape(hermes, {**auto, "skip_special_tokens": True}, chat=True).choices[0].request.params.skip_special_tokens
+    llama = dataclasses.replace(served, tool_call_parser="llama3_json")
+    assert shape(llama, auto, chat=True).choices[0].request.params.skip_special_tokens
     job = shape(served, {**required, "parallel_tool_calls": False}, chat=True)
     assert json.loads(job.choices[0].request.params.json_schema)["maxItems"] == 1
     odd = [{"type": "function", "function": {"name": "odd", "parameters": {"$defs": [1]}}}]  # not lifted: was a 500
@@ -166,6 +172,7 @@ def test_a_request_id_names_the_response_not_the_requests_inside(served: ServedM
     own unique ids (two clients choosing the same one must not meet in the workers' records)."""
     job = shape(served, {"messages": [{"role": "user", "content": "kalo"}], "request_id": "trace-7", "n": 2}, chat=True)
     assert job.shape.request_id == "chatcmpl-trace-7"
+    assert job.shape.call_ids == "1"  # tool calls' ids from dlora's own id (the helper's "cmpl-1"), not the client's
     assert len({c.request.request_id for c in job.choices}) == 2 and "trace-7" not in job.choices[0].request.request_id
     assert shape(served, {"prompt": "kalo", "request_id": "t"}).shape.request_id == "cmpl-t"
     for bad in ("", "x" * 257, "a\nb"):

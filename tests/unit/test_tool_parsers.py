@@ -3,6 +3,7 @@ reading for a whole output and a stream, answered as OpenAI's content and tool_c
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from dlora.services.gateway.openai import Choice, Shape
@@ -101,3 +102,17 @@ def test_without_parallel_calls_only_the_first_is_answered() -> None:
     assert [c["function"]["name"] for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])] == [
         "weather"
     ]
+
+
+def test_a_lone_surrogate_in_the_arguments_is_escaped_not_a_broken_stream() -> None:
+    """A model may write "\\ud83d" in a string: decoded, it is no text, and the stream's encoder
+    stopped the response without [DONE]; escaped, it goes out (non-ASCII stays as written)."""
+    shape = Shape(chat=True, request_id="chatcmpl-s", model="m", created=0, tool_parser="hermes")
+    event = shape.chunk('<tool_call>{"name": "a", "arguments": {"k": "\\ud83d", "c": "é"}}</tool_call>', "stop")
+    [call] = event["choices"][0]["delta"]["tool_calls"]
+    assert call["function"]["arguments"] == '{"k": "\\ud83d", "c": "\\u00e9"}'
+    msgspec.json.encode(event)  # raised UnicodeEncodeError
+    assert (
+        ToolParser("hermes").feed('<tool_call>{"name": "a", "arguments": {"c": "é"}}</tool_call>')[1][0][2]
+        == '{"c": "é"}'
+    )
