@@ -5,7 +5,6 @@ requests is ``shaping``'s work.
 
 from __future__ import annotations
 
-import codecs
 import re
 import time
 from dataclasses import dataclass, field
@@ -13,8 +12,6 @@ from typing import Any
 
 import msgspec
 
-from dlora.common.messages import TokenLogprob
-from dlora.model.token_bytes import TokenIdText, TokenText
 from dlora.services.gateway.tool_calls import CallStream
 from dlora.services.gateway.tool_parsers import Call, ToolParser
 
@@ -273,121 +270,6 @@ class Choice:
     logprobs: dict[str, Any] | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or token id that ended it
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's field (``vllm_prompt_logprobs``)
-
-
-class TextOffset:
-    """Where a choice's next token begins in its text, in characters (completions' ``text_offset``):
-    what the bytes its tokens add to the text have made so far. A character split over tokens
-    begins where its first byte's token does; bytes left short of one by the next token's are one
-    U+FFFD before it, as a byte-level BPE tokenizer's decode replaces them (a byte-fallback one,
-    Llama 2's, writes one per byte: there an offset after such bytes is short by the difference)."""
-
-    def __init__(self, start: int) -> None:
-        self.at = start
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def advance(self, data: bytes) -> int:
-        """The offset where ``data`` (a token's bytes) begins; moves past it."""
-        at, pending = self.at, self._utf8.getstate()[0]
-        if pending and data and not _continues(pending, data[:1]):
-            at += len(pending.decode("utf-8", "replace"))
-        self.at += len(self._utf8.decode(data))
-        return at
-
-
-def _continues(pending: bytes, byte: bytes) -> bool:
-    """Whether ``byte`` goes on with the character ``pending`` (its first bytes) begins."""
-    try:
-        codecs.getincrementaldecoder("utf-8")("strict").decode(pending + byte)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def completion_logprobs(
-    entries: list[TokenLogprob], tokens: TokenText | TokenIdText, offset: TextOffset, skip_special_tokens: bool
-) -> dict[str, Any]:
-    """The completions endpoint's logprobs object for these tokens, ``offset`` at the first. The
-    chosen token is always in its position's ``top_logprobs``, so there may be one more than asked
-    (as in vLLM)."""
-    texts = [tokens.text_of(e.token_id) for e in entries]
-    tops = [{tokens.text_of(t): lp for t, lp in e.top} | {text: e.logprob} for e, text in zip(entries, texts)]
-    return {
-        "tokens": texts,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": tops,
-        "text_offset": [offset.advance(tokens.shown(e.token_id, skip_special_tokens)) for e in entries],
-    }
-
-
-def prompt_logprobs(
-    prompt_ids: list[int],
-    entries: list[TokenLogprob],
-    tokens: TokenText | TokenIdText,
-    skip_special_tokens: bool,
-    echoed: int,
-) -> dict[str, Any]:
-    """The completions endpoint's logprobs object for an echoed prompt (``prompt_ids``, entry i
-    the log-probability of token i + 1): its first token has none (null), as vLLM answers. The
-    offsets end where the echoed text (``echoed`` characters) does: a tokenizer that spells a word's
-    leading space into its token (SentencePiece's "▁") writes one more character than the text
-    shows, so counted from 0 every offset after the first word was one too far."""
-    texts = [tokens.text_of(t) for t in prompt_ids]
-    offset = TextOffset(0)
-    raw = [offset.advance(tokens.shown(t, skip_special_tokens)) for t in prompt_ids]
-    shift = echoed - offset.at
-    tops = [{tokens.text_of(t): lp for t, lp in e.top} | {texts[i + 1]: e.logprob} for i, e in enumerate(entries)]
-    return {
-        "tokens": texts,
-        "token_logprobs": [None] + [e.logprob for e in entries],
-        "top_logprobs": [None, *tops],
-        "text_offset": [max(0, o + shift) for o in raw],
-    }
-
-
-def vllm_prompt_logprobs(
-    prompt_ids: list[int], entries: list[TokenLogprob], top: int, tokens: TokenText | TokenIdText
-) -> list[dict[str, Any] | None]:
-    """vLLM's ``prompt_logprobs``: per prompt token, null for the first, then {token id: {logprob,
-    rank, decoded_token}} of the token and its ``top`` most likely alternatives (ranks 1..top). The
-    token's rank is its place among those, null where it is not one of them (the workers send no
-    more; vLLM counts it over the vocabulary)."""
-
-    def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
-        return {"logprob": logprob, "rank": rank, "decoded_token": tokens.text_of(token_id)}
-
-    out: list[dict[str, Any] | None] = [None]
-    for token, e in zip(prompt_ids[1:], entries):
-        alternatives = e.top[:top]
-        rank = next((r for r, (t, _) in enumerate(alternatives, 1) if t == token), None)
-        out.append(
-            {str(token): entry(token, e.logprob, rank)}
-            | {str(t): entry(t, lp, r) for r, (t, lp) in enumerate(alternatives, 1)}
-        )
-    return out
-
-
-def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText | TokenIdText) -> dict[str, Any]:
-    """The chat endpoint's logprobs object: per token its text, log-probability, bytes (UTF-8 as
-    the vocabulary holds them: a character split over tokens is rebuilt by joining them) and the
-    ``top_logprobs`` alternatives."""
-
-    def item(token_id: int, logprob: float) -> dict[str, Any]:
-        return {"token": tokens.text_of(token_id), "logprob": logprob, "bytes": list(tokens.bytes_of(token_id))}
-
-    return {
-        "content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],
-        "refusal": None,
-    }
-
-
-def merge_logprobs(chat: bool, parts: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The logprobs objects of a choice's chunks as one (non-streamed responses)."""
-    if not parts:
-        return None
-    if chat:
-        return {"content": [c for p in parts for c in p["content"]], "refusal": None}
-    return {k: [v for p in parts for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 @dataclass

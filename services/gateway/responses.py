@@ -11,7 +11,7 @@ from aiohttp import web
 
 from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk
 from dlora.model.token_bytes import TokenIdText, TokenText
-from dlora.services.gateway import openai
+from dlora.services.gateway import logprobs, openai
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.gateway.shaping import ChoicePlan, Job
@@ -34,7 +34,7 @@ class RunningChoice:
     out: openai.Choice
     request: GenerateRequest | None  # None: nothing to generate (max_tokens 0)
     replies: ReplyStream | None  # its chunks, with the request
-    offset: openai.TextOffset  # where its next token begins in its text (completions' text_offset)
+    offset: logprobs.TextOffset  # where its next token begins in its text (completions' text_offset)
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
     prompt_only: bool = False  # its request runs for the prompt's logprobs: its token is not shown
 
@@ -45,7 +45,7 @@ class RunningChoice:
             openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
             r,
             ReplyStream(r.request_id) if r else None,
-            offset=openai.TextOffset(len(plan.echo)),
+            offset=logprobs.TextOffset(len(plan.echo)),
             prompt_only=plan.prompt_only,
         )
 
@@ -90,13 +90,13 @@ class ResponseWriter:
             if choice.prompt_only:  # over with its prompt: the token it ran for is not the client's
                 choice.out.finish_reason, choice.out.stop_reason = "length", None
             if job.prompt_logprobs is not None:  # vLLM's field
-                choice.out.prompt_logprobs = openai.vllm_prompt_logprobs(
+                choice.out.prompt_logprobs = logprobs.vllm_prompt_logprobs(
                     ids, chunk.prompt_logprobs, job.prompt_logprobs, self.tokens
                 )
             if job.echo_logprobs is not None:  # the echoed prompt's, its alternatives as many as asked there
                 entries = [msgspec.structs.replace(e, top=e.top[: job.echo_logprobs]) for e in chunk.prompt_logprobs]
                 skip = r.params.skip_special_tokens
-                part = openai.prompt_logprobs(ids, entries, self.tokens, skip, len(choice.out.text))
+                part = logprobs.prompt_logprobs(ids, entries, self.tokens, skip, len(choice.out.text))
                 if self.stream is None:
                     choice.parts.append(part)
                 else:  # the echoed prompt's event (held back at the stream's opening), its logprobs in it
@@ -106,7 +106,7 @@ class ResponseWriter:
                     await sse(self.stream, self._with_usage(event, choice, before=True))
         if choice.prompt_only:
             return
-        logprobs = self._logprobs(choice, chunk)
+        token_logprobs = self._logprobs(choice, chunk)
         choice.out.finish_reason, choice.out.stop_reason = chunk.finish_reason, chunk.stop_reason
         if self.stream is not None:
             # One event per worker chunk (a step's token), text or not, so clients can time tokens.
@@ -114,13 +114,13 @@ class ResponseWriter:
                 chunk.text,
                 chunk.finish_reason,
                 index=choice.out.index,
-                logprobs=logprobs,
+                logprobs=token_logprobs,
                 stop_reason=chunk.stop_reason,
             )
             if not self.job.shape.silent(event):
                 await sse(self.stream, self._with_usage(event, choice))
-        elif logprobs is not None:  # the text is the reply stream's, taken at the end
-            choice.parts.append(logprobs)
+        elif token_logprobs is not None:  # the text is the reply stream's, taken at the end
+            choice.parts.append(token_logprobs)
 
     async def fail(self, replies: ReplyStream) -> web.StreamResponse:
         """A choice failed: its error as the status, or (the stream is open) as an event ending it.
@@ -140,7 +140,7 @@ class ResponseWriter:
         if not job.stream:
             for c in self.choices:
                 c.out.text += c.replies.text if c.replies and not c.prompt_only else ""  # after the echo, if any
-                c.out.logprobs = openai.merge_logprobs(job.shape.chat, c.parts)
+                c.out.logprobs = logprobs.merge_logprobs(job.shape.chat, c.parts)
             return web.json_response(
                 job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens)
             )
@@ -170,9 +170,9 @@ class ResponseWriter:
         if not chunk.logprobs:
             return None
         if self.job.shape.chat:
-            return openai.chat_logprobs(chunk.logprobs, self.tokens)
+            return logprobs.chat_logprobs(chunk.logprobs, self.tokens)
         skip = choice.request is None or choice.request.params.skip_special_tokens
-        return openai.completion_logprobs(chunk.logprobs, self.tokens, choice.offset, skip)
+        return logprobs.completion_logprobs(chunk.logprobs, self.tokens, choice.offset, skip)
 
 
 async def opensse(request: web.Request) -> web.StreamResponse:

@@ -3,7 +3,7 @@ Turning a body into requests is tested in test_gateway_shaping."""
 
 import pytest
 
-from dlora.services.gateway import openai
+from dlora.services.gateway import logprobs, openai
 from dlora.services.gateway.openai import APIError, CompletionBody, Shape
 
 
@@ -48,14 +48,14 @@ def test_logprob_objects() -> None:
     tokens = TokenText(hf, len(hf))
     a, b, d = (hf.convert_tokens_to_ids(c) for c in "abd")
     entries = [TokenLogprob(a, -0.5, [(d, -0.2), (a, -0.5)]), TokenLogprob(b, -1.0, [])]
-    comp = openai.completion_logprobs(entries, tokens, openai.TextOffset(4), True)
+    comp = logprobs.completion_logprobs(entries, tokens, logprobs.TextOffset(4), True)
     assert comp == {
         "tokens": ["a", "b"],
         "token_logprobs": [-0.5, -1.0],
         "top_logprobs": [{"d": -0.2, "a": -0.5}, {"b": -1.0}],
         "text_offset": [4, 5],
     }
-    chat = openai.chat_logprobs(entries, tokens)
+    chat = logprobs.chat_logprobs(entries, tokens)
     assert chat["content"][0] == {
         "token": "a",
         "logprob": -0.5,
@@ -65,16 +65,16 @@ def test_logprob_objects() -> None:
             {"token": "a", "logprob": -0.5, "bytes": [97]},
         ],
     }
-    later = openai.completion_logprobs(entries[:1], tokens, openai.TextOffset(7), True)
-    merged = openai.merge_logprobs(False, [comp, later])
+    later = logprobs.completion_logprobs(entries[:1], tokens, logprobs.TextOffset(7), True)
+    merged = logprobs.merge_logprobs(False, [comp, later])
     assert merged["tokens"] == ["a", "b", "a"] and merged["text_offset"] == [4, 5, 7]
-    assert openai.merge_logprobs(True, []) is None
+    assert logprobs.merge_logprobs(True, []) is None
     # vLLM's return_tokens_as_token_ids: every token named "token_id:N"; offsets and bytes the token's
     ids = TokenIdText(tokens)
-    named = openai.completion_logprobs(entries, ids, openai.TextOffset(4), True)
+    named = logprobs.completion_logprobs(entries, ids, logprobs.TextOffset(4), True)
     assert named["tokens"] == [f"token_id:{a}", f"token_id:{b}"] and named["text_offset"] == [4, 5]
     assert named["top_logprobs"][0] == {f"token_id:{d}": -0.2, f"token_id:{a}": -0.5}
-    assert openai.chat_logprobs(entries, ids)["content"][1] == {
+    assert logprobs.chat_logprobs(entries, ids)["content"][1] == {
         "token": f"token_id:{b}",
         "logprob": -1.0,
         "bytes": [98],
@@ -106,7 +106,7 @@ def test_an_echoed_prompts_offsets_end_where_its_text_does() -> None:
             return self.spelled[t]
 
     entries = [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in (2, 3, 4)]
-    lp = openai.prompt_logprobs([1, 2, 3, 4], entries, Pieces(), True, echoed=len("kalo remi"))  # type: ignore[arg-type]
+    lp = logprobs.prompt_logprobs([1, 2, 3, 4], entries, Pieces(), True, echoed=len("kalo remi"))  # type: ignore[arg-type]
     assert lp["text_offset"] == [0, 0, 4, 7] and "kalo remi"[4:].startswith(" re")
     assert lp["token_logprobs"] == [None, -1.0, -1.0, -1.0] and lp["top_logprobs"][0] is None
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dlora.common.messages import SamplingParams, TokenLogprob
 from dlora.model.token_bytes import TokenText
-from dlora.services.gateway import openai
+from dlora.services.gateway import logprobs
 
 
 def _fast(tok: Tokenizer) -> Any:
@@ -70,16 +70,18 @@ def test_text_offsets_count_a_split_character_once_where_it_begins() -> None:
     tokens = TokenText(hf, len(hf))
     ids = hf.encode("aÑb", add_special_tokens=False)  # a, 0xC3, 0x91, b
     entries = [TokenLogprob(i, -1.0, []) for i in ids]
-    offset = openai.TextOffset(3)  # after an echoed prompt of three characters
-    first = openai.completion_logprobs(entries[:2], tokens, offset, True)  # the character ends in the next chunk
-    second = openai.completion_logprobs(entries[2:], tokens, offset, True)
+    offset = logprobs.TextOffset(3)  # after an echoed prompt of three characters
+    first = logprobs.completion_logprobs(entries[:2], tokens, offset, True)  # the character ends in the next chunk
+    second = logprobs.completion_logprobs(entries[2:], tokens, offset, True)
     assert first["text_offset"] + second["text_offset"] == [3, 4, 4, 5]
     # A character left unfinished by the next token: its U+FFFD comes before that token.
     cut = [hf.encode("Ñ", add_special_tokens=False)[0], *hf.encode("zy", add_special_tokens=False)]
-    offsets = openai.completion_logprobs([TokenLogprob(i, -1.0, []) for i in cut], tokens, openai.TextOffset(0), True)
+    offsets = logprobs.completion_logprobs(
+        [TokenLogprob(i, -1.0, []) for i in cut], tokens, logprobs.TextOffset(0), True
+    )
     assert offsets["text_offset"] == [0, 1, 2] and hf.decode(cut) == "\ufffdzy"
     assert first["tokens"] == ["a", "\\xc3"]
-    chat = openai.chat_logprobs(entries, tokens)
+    chat = logprobs.chat_logprobs(entries, tokens)
     assert bytes(b for c in chat["content"] for b in c["bytes"]).decode() == "aÑb"
 
 
@@ -103,8 +105,8 @@ def test_added_padding_and_special_tokens() -> None:
     assert tokens.bytes_of(call) == b"<tool_call>" and tokens.bytes_of(len(hf) + 3) == b""
     eos, a = hf.eos_token_id, hf.convert_tokens_to_ids("a")
     entries = [TokenLogprob(i, -1.0, []) for i in (a, eos, a)]
-    skipped = openai.completion_logprobs(entries, tokens, openai.TextOffset(0), True)
-    shown = openai.completion_logprobs(entries, tokens, openai.TextOffset(0), False)
+    skipped = logprobs.completion_logprobs(entries, tokens, logprobs.TextOffset(0), True)
+    shown = logprobs.completion_logprobs(entries, tokens, logprobs.TextOffset(0), False)
     assert (skipped["text_offset"], shown["text_offset"]) == ([0, 1, 1], [0, 1, 5])
     assert hf.decode([a, eos, a], skip_special_tokens=True) == "aa"
 
