@@ -144,6 +144,10 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = []  # (token id, log-probability), most likely first
+    # A prompt token's rank in the vocabulary: how many tokens are at least as likely (vLLM's, so
+    # 1 is the most likely); 0: not counted (generated tokens). Last, so a reader of the three
+    # fields before it takes the array as it did (msgspec skips trailing elements it lacks).
+    rank: int = 0
 
 
 class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):

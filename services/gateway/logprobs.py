@@ -84,9 +84,9 @@ def vllm_prompt_logprobs(
     prompt_ids: list[int], entries: list[TokenLogprob], top: int, tokens: TokenText | TokenIdText
 ) -> list[dict[str, Any] | None]:
     """vLLM's ``prompt_logprobs``: per prompt token, null for the first, then {token id: {logprob,
-    rank, decoded_token}} of the token and its ``top`` most likely alternatives (ranks 1..top). The
-    token's rank is its place among those, null where it is not one of them (the workers send no
-    more; vLLM counts it over the vocabulary)."""
+    rank, decoded_token}} of the token (its rank in the vocabulary, as the worker counted it) and
+    its ``top`` most likely alternatives (ranks 1..top). A worker that counted no rank (an older
+    one) leaves the token's place among the alternatives, null where it is not one of them."""
 
     def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
         return {"logprob": logprob, "rank": rank, "decoded_token": tokens.text_of(token_id)}
@@ -94,7 +94,7 @@ def vllm_prompt_logprobs(
     out: list[dict[str, Any] | None] = [None]
     for token, e in zip(prompt_ids[1:], entries):
         alternatives = e.top[:top]
-        rank = next((r for r, (t, _) in enumerate(alternatives, 1) if t == token), None)
+        rank = e.rank or next((r for r, (t, _) in enumerate(alternatives, 1) if t == token), None)
         out.append(
             {str(token): entry(token, e.logprob, rank)}
             | {str(t): entry(t, lp, r) for r, (t, lp) in enumerate(alternatives, 1)}

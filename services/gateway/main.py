@@ -492,5 +492,5 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
 # Bytes a dispatcher may add to a request before forwarding it (a seed, the adapter's version, its
 # flags): a request within them of NATS's max_payload would be refused there, after the 200.
 _DISPATCH_ADDS = 1024
-# A prompt logprob entry's JSON, at most (a 128k vocabulary's ids): the entry, and each alternative.
-_ENTRY_BYTES, _ALTERNATIVE_BYTES = 40, 30
+# A prompt logprob entry's JSON, at most (a 128k vocabulary's ids): the entry (its rank too), and each alternative.
+_ENTRY_BYTES, _ALTERNATIVE_BYTES = 48, 30

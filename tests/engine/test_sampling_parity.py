@@ -131,6 +131,9 @@ def test_prompt_logprobs_are_the_oracles_over_the_prompt(tiny_llama: TinyOutput,
         assert [e.token_id for e in entries] == prompt[1:]
         for p, e in enumerate(entries):
             assert e.logprob == pytest.approx(float(expected[p, prompt[p + 1]]), abs=1e-4)
+            # its rank, vLLM's count (the tokens at least as likely), up to ties within the tolerance
+            own = expected[p, prompt[p + 1]]
+            assert int((expected[p] > own + 1e-4).sum()) + 1 <= e.rank <= int((expected[p] >= own - 1e-4).sum())
             top = expected[p].topk(3)
             assert [t for t, _ in e.top] == top.indices.tolist()
             assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)

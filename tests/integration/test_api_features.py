@@ -202,8 +202,10 @@ async def test_echo(stack: Stack) -> None:
         assert entries[0] is None and len(entries) == n
         got = [e[str(t)]["logprob"] for e, t in zip(entries[1:], ids[1:])]
         assert got == pytest.approx(lp["token_logprobs"][1:n], abs=1e-5)
-        # the token and its 3 alternatives (ranked 1..3): 3 entries where it is one of them
+        # the token and its 3 alternatives (ranked 1..3): 3 entries where it is one of them, else
+        # its rank in the vocabulary is past them
         assert all(len(e) in (3, 4) and {1, 2, 3} <= {v["rank"] for v in e.values()} for e in entries[1:])
+        assert all((e[str(t)]["rank"] > 3) == (len(e) == 4) for e, t in zip(entries[1:], ids[1:]))
         if asked.get("echo"):  # the echo keeps its own 2 alternatives (the chosen token may add one)
             assert all(len(t) <= 3 for t in field["choices"][0]["logprobs"]["top_logprobs"][1:n])
     chat = {"model": "lora-1", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 2, "prompt_logprobs": 1}

@@ -60,17 +60,18 @@ def forward(model: LlamaModel, inputs: StepInputs, batch: list[Sequence]) -> tor
 
 def collect(seq: Sequence, hidden: torch.Tensor, start: int, logits_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Append the entries of positions ``start`` .. ``start + len(hidden)`` (their normed hidden
-    states (n, hidden)) to ``seq.prompt_logprobs``: the next prompt token's log-probability and
-    the ``prompt_logprobs`` most likely alternatives, most likely first."""
+    states (n, hidden)) to ``seq.prompt_logprobs``: the next prompt token's log-probability, its
+    rank in the vocabulary, and the ``prompt_logprobs`` most likely alternatives, most likely first."""
     top = seq.params.prompt_logprobs or 0
     for i in range(0, hidden.shape[0], _SLICE):
         lp = torch.log_softmax(logits_of(hidden[i : i + _SLICE]), dim=-1)
         first = start + i + 1
         targets = torch.tensor(seq.prompt_ids[first : first + lp.shape[0]], device=lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-        alternatives: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        chosen = lp.gather(1, targets[:, None])
+        ranks = (lp >= chosen).sum(dim=-1).tolist()  # vLLM's count: the tokens at least as likely
+        alternatives: list[list[tuple[int, float]]] = [[] for _ in ranks]
         if top:
             values, ids = lp.topk(top, dim=-1)
             alternatives = [list(zip(r_ids, r_values)) for r_ids, r_values in zip(ids.tolist(), values.tolist())]
-        for token, logprob, alt in zip(targets.tolist(), chosen, alternatives):
-            seq.prompt_logprobs.append(TokenLogprob(token, logprob, alt))
+        for token, logprob, alt, rank in zip(targets.tolist(), chosen[:, 0].tolist(), alternatives, ranks):
+            seq.prompt_logprobs.append(TokenLogprob(token, logprob, alt, rank))
