@@ -232,9 +232,10 @@ def valid_request_id(request_id: str) -> bool:
     return 0 < len(request_id) <= 256 and request_id.isprintable()
 
 
-def prompt_logprobs_asked(body: Body) -> int | None:
-    """How many alternatives of each prompt token the workers send (None: no prompt logprobs):
-    a completion's echo with logprobs, and vLLM's prompt_logprobs (not streamed), the larger.
+def prompt_logprobs_wanted(body: Body) -> tuple[int | None, int | None]:
+    """How many alternatives of each prompt token a body asks for (None: none): in the echo (a
+    completion's echo with logprobs), and as vLLM's prompt_logprobs field (not streamed); the
+    workers send the larger.
 
     Raises:
         APIError(400): prompt_logprobs > 0 with stream (vLLM's words).
@@ -245,8 +246,7 @@ def prompt_logprobs_asked(body: Body) -> int | None:
         if field > 0:
             raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
         field = None  # 0 with stream: taken and not answered, as vLLM does
-    asked = [k for k in (echo, field) if k is not None]
-    return max(asked) if asked else None
+    return echo, field
 
 
 def sampling_params(
@@ -293,7 +293,7 @@ def sampling_params(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=given(body.repetition_penalty, "repetition_penalty", 1.0),
-        prompt_logprobs=prompt_logprobs_asked(body),
+        prompt_logprobs=max((k for k in prompt_logprobs_wanted(body) if k is not None), default=None),
         logprobs=body.logprobs
         if isinstance(body, CompletionBody)
         else ((body.top_logprobs or 0) if body.logprobs else None),

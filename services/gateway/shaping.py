@@ -23,7 +23,13 @@ from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
-from dlora.services.gateway.sampling import auto_tools, forced_tool, sampling_params, tools_required
+from dlora.services.gateway.sampling import (
+    auto_tools,
+    forced_tool,
+    prompt_logprobs_wanted,
+    sampling_params,
+    tools_required,
+)
 from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
@@ -179,8 +185,7 @@ def shape_request(
     # max_tokens 0 generates nothing (with echo: the prompt back), unless the prompt's logprobs are
     # asked for (OpenAI's original loglikelihood request, or vLLM's prompt_logprobs): those come
     # with one token, not shown.
-    echo_logprobs = body.logprobs if echo and isinstance(body, CompletionBody) else None
-    field_logprobs = body.prompt_logprobs if not body.stream else None
+    echo_logprobs, field_logprobs = prompt_logprobs_wanted(body)
     prompt_only = asked == 0 and (echo_logprobs is not None or field_logprobs is not None)
     for p, (ids, text) in enumerate(prompts):
         if prompt_only and len(ids) >= model.context:  # max_new_tokens would say "you requested the prompt"
