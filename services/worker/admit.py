@@ -11,7 +11,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
-from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, with_seed
+from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk, with_seed
 from dlora.common.undecodable import request_head
 from dlora.services.worker.adapters import AdapterNotFound
 from dlora.services.worker.chunks import (
@@ -54,12 +54,10 @@ async def admit(w: WorkerService, req: GenerateRequest) -> None:
         return
     if req.client and w.clients.gone(req.client, time.monotonic()):
         logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
-        await bus.publish(w.nc, req.reply_to, silent_client_chunk(req))
-        await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+        await _answer(w, req.reply_to, silent_client_chunk(req))
         return
     if (late := past_deadline(req, time.time())) is not None:
-        await w.delivery.publish(req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
-        await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
         return
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
     code, reason = ErrorCode.BAD_REQUEST, ""
@@ -84,8 +82,13 @@ async def admit(w: WorkerService, req: GenerateRequest) -> None:
         code, reason = ErrorCode.NOT_FOUND, str(e)
     except (RequestError, AdapterError) as e:
         reason = str(e)
-    await bus.publish(w.nc, req.reply_to, error_chunk(req, code, reason, w.s.worker_id))
-    await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+    await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id))
+
+
+async def _answer(w: WorkerService, reply_to: str, last: TokenChunk) -> None:
+    """Refuse a request with its ``last`` chunk, and end its record (if it names this attempt)."""
+    await w.delivery.publish(reply_to, last)
+    await w.store.record_progress(w.s.worker_id, {}, {last.request_id: last.recoveries})
 
 
 async def _take_kv(w: WorkerService, req: GenerateRequest) -> KVSnapshot | None:
@@ -129,5 +132,4 @@ async def refuse_unreadable(w: WorkerService, msg: Msg, error: msgspec.DecodeErr
         lost = LostRequests(worker=w.s.worker_id, requests=handed, never_arrived=[head.request_id])
         await bus.publish(w.nc, subjects.LOST, lost)
         return
-    await w.delivery.publish(head.reply_to, unreadable_chunk(head, str(error), w.s.worker_id))
-    await w.store.record_progress(w.s.worker_id, {}, {head.request_id: head.recoveries})
+    await _answer(w, head.reply_to, unreadable_chunk(head, str(error), w.s.worker_id))
