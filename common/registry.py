@@ -122,7 +122,7 @@ class _Durable:
     async def kv(self) -> KeyValue | None:
         kv = await self.bucket.get() if self.bucket is not None else None
         if kv is not None and self.bucket is not None and self.bucket.missed and not self._caught_up:
-            await self._catch_up(kv, await _bucket_values(self.bucket, kv))
+            await self._catch_up(kv, await _bucket_values(self.bucket))
             self._caught_up = True  # only once it all went in: a failed catch-up is tried again
         return kv
 
@@ -235,7 +235,8 @@ class AdapterRegistry(_Durable):
         """The bucket's registered entries and every version's, as stored."""
         current: list[AdapterEntry] = []
         versions: list[AdapterEntry] = []
-        for key, value in (await _bucket_values(self.bucket, await self.kv())).items():
+        await self.kv()  # opened (and caught up) if it can be
+        for key, value in (await _bucket_values(self.bucket)).items():
             (current if key.startswith("current.") else versions).append(_decode.decode(value))
         return current, versions
 
@@ -333,7 +334,8 @@ class KeyRegistry(_Durable):
 
     async def durable_keys(self) -> list[ApiKey]:
         """Every key in the bucket, as stored."""
-        return [_decode_key.decode(value) for value in (await _bucket_values(self.bucket, await self.kv())).values()]
+        await self.kv()  # opened (and caught up) if it can be
+        return [_decode_key.decode(value) for value in (await _bucket_values(self.bucket)).values()]
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
         for key in await self.store.list_api_keys():  # keys are revoked, never deleted
@@ -360,14 +362,14 @@ async def purge_keys(nc: NATS, prefix: str) -> None:
         await nc.jetstream().delete_key_value(keys_bucket_name(prefix))
 
 
-async def _bucket_values(bucket: Bucket | None, kv: KeyValue | None) -> dict[str, bytes]:
-    """Every key of ``bucket`` (opened as ``kv``) with its value: none without one; a key deleted,
-    purged or removed meanwhile skipped.
+async def _bucket_values(bucket: Bucket | None) -> dict[str, bytes]:
+    """Every key of ``bucket`` with its value: none without one or while it is not open; a key
+    deleted, purged or removed meanwhile skipped.
 
     The keys are the subjects of the bucket's stream, from one answer of the server, not
     ``KeyValue.keys()``: its watcher can end before the keys the server already sent are read
     (nats-py #842, open in 2.16), and an empty answer skipped a restore into an empty Redis."""
-    if bucket is None or kv is None:
+    if bucket is None or (kv := bucket.kv) is None:
         return {}
     prefix = f"$KV.{bucket.name}."
     values: dict[str, bytes] = {}
