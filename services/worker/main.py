@@ -67,6 +67,7 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 # back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
 _LIST_EVERY_S = 10.0  # how often the registry's adapters are listed (their ranks, for the metrics)
+_EXPIRE_EVERY_S = 0.05  # how late past its deadline a request may still be stopped, at most
 _ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 
 
@@ -93,6 +94,7 @@ class WorkerService:
         self.adapters = WorkerAdapters(engine, store)  # the adapter versions loaded, kept to the registry
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted: dict[tuple[str, str | None], float] = {}
+        self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
         self.unreadable: dict[str, float] = {}  # requests that did not decode here, handed back once (admit.py)
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
@@ -213,8 +215,12 @@ class WorkerService:
 
     async def _expire(self) -> None:
         """Stop each request held here whose deadline passed (``GenerateRequest.deadline``), waiting
-        or running: its reader gets the tokens sent so far, then an error saying why."""
+        or running: its reader gets the tokens sent so far, then an error saying why. Looked at
+        every ``_EXPIRE_EVERY_S``, not every step: a walk over every request held, on the loop."""
         now = time.time()
+        if now - self._expired_at < _EXPIRE_EVERY_S:
+            return
+        self._expired_at = now
         for rid, stream in list(self.streams.items()):
             if (late := past_deadline(stream.request, now)) is not None:
                 await self.drop(rid)
