@@ -73,9 +73,7 @@ def _do_not_specialize(kernel: object) -> set[int | str]:
 
 def specialization(kernel: object, args: tuple, kwargs: dict) -> tuple:
     """The key Triton compiles ``kernel`` under for a launch with ``args`` and ``kwargs``."""
-    spec = getattr(pytest.importorskip("triton._C.libtriton"), "native_specialize_impl", None)
-    if spec is None:  # before Triton 3.5 the rule was Python, under other names
-        pytest.skip("this Triton has no native_specialize_impl")
+    spec = pytest.importorskip("triton._C.libtriton").native_specialize_impl  # Triton >= 3.5 (pyproject)
     from triton.backends.compiler import BaseBackend
 
     params = inspect.signature(kernel.fn).parameters  # type: ignore[attr-defined]
