@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlora.services.gateway.tool_parsers import arguments_json
+from dlora.services.gateway.tool_parsers import ObjectEnd, arguments_json
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -78,7 +78,7 @@ class CallStream:
     opened: bool = False
     closed: bool = False  # the list's end was read: a whole list of calls
     calls: list[tuple[str, str]] = field(default_factory=list)  # read so far: (name, arguments)
-    _decoder: json.JSONDecoder = field(default_factory=json.JSONDecoder)
+    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # the item being read
 
     def feed(self, text: str) -> list[tuple[int, str, str]]:
         """The calls ``text`` completes, added to what came before: (its place in the list, name,
@@ -99,10 +99,12 @@ class CallStream:
             if stripped[0] == "]":
                 self.closed = True
                 return out
+            if (end := self._scan.find(self.text, start)) is None:
+                return out  # not whole yet
             try:
-                item, end = self._decoder.raw_decode(self.text, start)
-            except ValueError:  # not complete yet
-                return out
+                item = json.loads(self.text[start:end])
+            except ValueError:
+                item = None  # constrained output is JSON; not a call, skipped
             self.pos = end
             if (call := _call(item)) is not None:
                 out.append((len(self.calls), *call))

@@ -43,6 +43,38 @@ def arguments_json(args: object) -> str:
 
 
 @dataclass
+class ObjectEnd:
+    """Where the JSON object (or array) a growing text begins with closes, each character read
+    once across looks: a call decoded again at every token took a minute of the gateway's loop for
+    a 140 kB call. Braces and brackets are counted outside strings (a backslash escapes one
+    character); what is between is left to the decoder."""
+
+    read: int = 0  # characters of the object read so far (0: between objects)
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+
+    def find(self, text: str, start: int = 0) -> int | None:
+        """The index after the close of the object at ``text[start]``, or None (not yet). Found,
+        the next look starts a new object."""
+        for i in range(start + self.read, len(text)):
+            char = text[i]
+            if self.in_string:
+                self.escaped, self.in_string = not self.escaped and char == "\\", self.escaped or char != '"'
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.read = 0
+                    return i + 1
+        self.read = len(text) - start
+        return None
+
+
+@dataclass
 class ToolParser:
     """Reads one choice's output (``feed`` each piece as it comes, then ``finish``): each returns
     the content to send now and the calls that completed."""
@@ -53,14 +85,8 @@ class ToolParser:
     _inside: bool = False  # hermes: within <tool_call> ... ; llama3_json: the output is calls
     _decided: bool = False  # llama3_json: whether the output's start was seen
     _stuck: bool = False  # llama3_json: held text that is not a call (given out at the finish)
-    # Where the held text was read to, so a token costs its own characters, not the whole call's
-    # again (a 140 kB call re-read per token took a minute of the gateway's loop): hermes looks
-    # for the closing tag from here; llama3_json scans the object's braces (depth, in a string,
-    # after a backslash).
-    _read: int = 0
-    _depth: int = 0
-    _in_string: bool = False
-    _escaped: bool = False
+    _read: int = 0  # hermes: where the closing tag was looked for to (a token costs its own characters)
+    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json: the call's braces
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         self._held += text
@@ -120,12 +146,12 @@ class ToolParser:
             return content, []
         out: list[Call] = []
         while not self._stuck:
-            if self._read == 0:  # between objects: the separators go
+            if self._scan.read == 0:  # between objects: the separators go
                 self._held = self._held.lstrip().removeprefix(_PYTHON_TAG).lstrip(" \t\r\n;")
                 if not self._held or self._held[0] != "{":
                     self._stuck = bool(self._held)
                     break
-            if (end := self._object_end()) is None:
+            if (end := self._scan.find(self._held)) is None:
                 break  # not whole yet
             try:
                 obj = json.loads(self._held[:end])
@@ -134,27 +160,8 @@ class ToolParser:
             if not self._add(_call(obj, ("parameters", "arguments")), out):
                 self._stuck = True  # not a call (or not JSON): held, and given out as text at the finish
                 break
-            self._held, self._read = self._held[end:], 0
+            self._held = self._held[end:]
         return "", out
-
-    def _object_end(self) -> int | None:
-        """Where the object the held text begins with ends (the index after its closing brace),
-        scanning only what came since the last look; None: not yet."""
-        for i in range(self._read, len(self._held)):
-            char = self._held[i]
-            if self._in_string:
-                self._escaped, self._in_string = not self._escaped and char == "\\", self._escaped or char != '"'
-            elif char == '"':
-                self._in_string = True
-            elif char in "{[":
-                self._depth += 1
-            elif char in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    self._read = i + 1
-                    return i + 1
-        self._read = len(self._held)
-        return None
 
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
