@@ -29,9 +29,9 @@ from dlora.services.worker.policy import Policy, lora_work
 from dlora.sim.cost import CostProfile, StepShape
 
 if TYPE_CHECKING:
-    from dlora.services.worker.engine.engine import _Prepared
     from dlora.services.worker.engine.lora import LoraAdapter
     from dlora.services.worker.engine.outputs import RequestOutput
+    from dlora.services.worker.engine.placement import PreparedStep
     from dlora.services.worker.engine.sequence import Sequence
     from dlora.services.worker.policy import StepDecision
 
@@ -127,6 +127,8 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.config = config = config or EngineConfig()
         if bad := config.check():
             raise ValueError("; ".join(f"{f}={v!r} {why}" for f, v, why in bad))
+        if config.async_scheduling:  # its cost model prices a step whole: host and device in turn
+            raise ValueError("async_scheduling: the simulator runs steps synchronously")
         self.cost, self.now = cost, now
         self.model_config, self.model_name = model, "base"
         self.tokenizer = _Silent()
@@ -139,7 +141,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.merger = _Merger(self)  # type: ignore[assignment]
         self.device_loras = _DeviceSlots(self)  # type: ignore[assignment]
         self.targets: dict[str, int] = {}  # request id -> the output length it ends at
-        self._last: tuple[StepDecision, _Prepared] | None = None  # the last step, while nothing else changed
+        self._last: tuple[StepDecision, PreparedStep] | None = None  # the last step, while nothing else changed
         self.fast_forwarded = 0  # steps run by ``fast_forward`` (also in ``stats.steps``)
 
     def add_adapter(self, name: str, rank: int) -> None:
@@ -184,13 +186,13 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
     def _synchronize(self) -> None:
         pass
 
-    def _lora_work(self, step: _Prepared) -> tuple[int, int]:
+    def _lora_work(self, step: PreparedStep) -> tuple[int, int]:
         """(LoRA segments, rank-tokens) of ``step`` under the adapter merged now (``lora_work``)."""
         merged = self.merger.merged
         ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
         return lora_work(step.fed, merged, ranks)
 
-    def _run(self, step: _Prepared) -> tuple[list[Sequence], None, list[int | SamplingError], list[RequestOutput]]:
+    def _run(self, step: PreparedStep) -> tuple[list[Sequence], None, list[int | SamplingError], list[RequestOutput]]:
         segments, rank_tokens = self._lora_work(step)
         shape = StepShape(
             tokens=step.num_tokens,
@@ -212,7 +214,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self._last = None  # set again by ``_observe`` if this step runs
         return cast("list[RequestOutput]", super().step(decision))
 
-    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: list[float]) -> None:
+    def _observe(self, decision: StepDecision, step: PreparedStep, generated: int, seconds: list[float]) -> None:
         super()._observe(decision, step, generated, seconds)
         self._last = (decision, step)
 

@@ -93,7 +93,7 @@ class WorkerAdapters:
             del self.used[gone]
         over = len(self.engine.adapters) - self.engine.config.max_cpu_loras
         order = [k for k in self.engine.adapters if k not in self.used] + list(self.used)  # unknown ones first
-        busy = {s.adapter for s in self.engine.seqs.values()} | {keep, self.engine.merger.merged}
+        busy = self.engine.adapters_in_use() | {keep, self.engine.merger.merged}
         for key in order:
             if over <= 0:
                 break

@@ -54,6 +54,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     # Decode steps on a GPU replay CUDA graphs (one per batch-size bucket up to max_num_seqs,
     # recorded on first use); true runs every step eagerly (vLLM's flag).
     enforce_eager: bool = False
+    # The host schedules and launches each step while the device still runs the last one, taking
+    # its sampled tokens on the device; outputs come one step later (vLLM's async scheduling).
+    # Off by default until measured on a GPU (``make gpu-check`` times both); the host gains
+    # nothing from it on a CPU, whose steps run as they are launched.
+    async_scheduling: bool = False
     seed: int = 0  # for requests that sample without a seed of their own
     policy: PolicyConfig = PolicyConfig()
     # What an adapter may be (rank, file size, weight magnitude, scaling), checked when one is

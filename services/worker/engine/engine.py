@@ -7,7 +7,6 @@ report; synchronous, driven by the worker service from its own task.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
-from dlora.services.worker.engine import prompt_logprobs
+from dlora.services.worker.engine import async_scheduling, forward
 from dlora.services.worker.engine.admission import check_request, check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
@@ -25,14 +24,21 @@ from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, sent_tail
 from dlora.services.worker.engine.device import resolve_device
 from dlora.services.worker.engine.faults import describe, raise_if_lost
-from dlora.services.worker.engine.inputs import build_inputs
+from dlora.services.worker.engine.inputs import Carry, build_inputs
 from dlora.services.worker.engine.kv_cache import KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, import_kv
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.outputs import RequestError, RequestOutput, advance, failed_output, token_logprobs
-from dlora.services.worker.engine.placement import StepSlots, place_adapters
+from dlora.services.worker.engine.outputs import (
+    RESERVED,
+    RequestError,
+    RequestOutput,
+    advance,
+    failed_output,
+    token_logprobs,
+)
+from dlora.services.worker.engine.placement import PreparedStep, StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError, allowed_mask, sample_sequences
 from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
@@ -51,28 +57,10 @@ from dlora.services.worker.policy import (
 )
 
 if TYPE_CHECKING:  # it imports Triton, which a CPU engine does without
+    from dlora.services.worker.engine.async_scheduling import InFlight
     from dlora.services.worker.engine.graphs import DecodeGraphs
 
 logger = log.get("engine")
-
-
-@dataclass
-class _Prepared:
-    """A step ready to run: its batch grouped by adapter slot, where its adapters run, the switch
-    paid before it (seconds), when its own time began (the clock), and the tokens it feeds,
-    counted before the step advances its sequences."""
-
-    batch: list[Sequence]
-    slots: StepSlots
-    merge_s: float
-    unmerge_s: float
-    started: float
-    fed: list[tuple[str | None, int]]  # (adapter, tokens fed) per sequence, in batch order
-    num_prefill: int  # of those, prompt (and recompute) tokens: all but the decodes' one each
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.fed)
 
 
 class LLMEngine:
@@ -148,6 +136,8 @@ class LLMEngine:
         )
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
+        self._in_flight: InFlight | None = None  # async scheduling's step whose tokens are on their way
+        self._taken_at = 0.0  # when the last step's tokens were taken in (the clock)
         self.stats = EngineStats()
         self.graphs: DecodeGraphs | None = None  # the decode steps' CUDA graphs, made with the model on a GPU
         self._arrivals = 0
@@ -168,7 +158,13 @@ class LLMEngine:
 
     def in_use(self, name: str) -> bool:
         """Whether a request in flight runs on the adapter."""
-        return any(s.adapter == name for s in self.seqs.values())
+        return name in self.adapters_in_use()
+
+    def adapters_in_use(self) -> set[str | None]:
+        """The adapters requests in flight run on, and those of a step still in flight (async
+        scheduling: its record names them when it is taken in, whether or not they were aborted)."""
+        held = {s.adapter for s in self.seqs.values()}
+        return held | {a for a, _ in self._in_flight.step.fed} if self._in_flight is not None else held
 
     def unregister_adapter(self, name: str) -> None:
         """Drop an adapter: unmerged if merged, its device slot freed (AdapterError if unknown or in use)."""
@@ -246,9 +242,12 @@ class LLMEngine:
         self.stats.prompt_tokens += 0 if resumed or continued else len(ids)
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
-        """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown)."""
+        """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown).
+        RuntimeError while its last token is in flight (async scheduling): ``drain`` first."""
         if (seq := self.seqs.get(request_id)) is None or seq.status is not Status.RUNNING or not seq.num_cached:
             return None
+        if seq.output_ids and seq.output_ids[-1] == RESERVED:
+            raise RuntimeError(f"request {request_id!r} has a token in flight: drain() the engine first")
         return export_kv(seq, self.blocks, self.model.kv)
 
     def abort(self, request_id: str) -> bool:
@@ -260,10 +259,17 @@ class LLMEngine:
 
     def fail_all(self, reason: str) -> list[RequestOutput]:
         """End every request in flight with ``reason`` (after a step failed outside any one of them)."""
+        self._in_flight = None  # its tokens are theirs: they fail instead
         return [self._fail(seq, reason) for seq in list(self.seqs.values())]
 
+    def drain(self) -> list[RequestOutput]:
+        """The outputs of the step left in flight by async scheduling (none otherwise), taken in
+        now. Call it before reading a running sequence's tokens from outside (``export_kv``, a
+        move): until then its last one is ``RESERVED``."""
+        return async_scheduling.drain(self)
+
     def has_unfinished(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.seqs) or self._in_flight is not None
 
     def queue(self) -> list[QueuedRequest]:
         """What the policy sees, in scheduling order: priority, then arrival (``scheduler.queued``)."""
@@ -278,6 +284,8 @@ class LLMEngine:
         the decision handed back to the policy with what the step ran and cost). What each request
         produced, failures included (their ``error`` says why); ValueError for a decision that
         merges an unknown adapter; ``DeviceLost`` after a sticky device error (``faults``)."""
+        if self.config.async_scheduling:
+            return async_scheduling.step(self, decision)
         if not self.seqs:
             return []
         decision = decision or self.policy.decide(self.queue(), self.merger.merged)
@@ -293,7 +301,7 @@ class LLMEngine:
         self._observe(decision, step, generated, [self.clock() - step.started - recording_s])
         return outputs
 
-    def _prepare(self, decision: StepDecision) -> _Prepared | None:
+    def _prepare(self, decision: StepDecision) -> PreparedStep | None:
         """Switch to the decision's merged adapter, schedule, and place the batch's unmerged
         adapters; None when nothing can run (every candidate waits for memory)."""
         if decision.merged is not None and decision.merged not in self.adapters:
@@ -308,10 +316,10 @@ class LLMEngine:
         batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
         fed = [(s.adapter, s.num_scheduled) for s in batch]
         prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)
-        return _Prepared(batch, slots, merge_s, unmerge_s, started, fed, prefill)
+        return PreparedStep(batch, slots, merge_s, unmerge_s, started, fed, prefill, self.merger.merged)
 
     def _run(
-        self, step: _Prepared
+        self, step: PreparedStep
     ) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError], list[RequestOutput]]:
         """The forward and sampling: the sequences that ran to a new token, their logits (B, vocab),
         one token (or the sampler's error) each, and failure outputs of those that could not run."""
@@ -320,7 +328,7 @@ class LLMEngine:
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         if logits is None:
             return ran, None, [], failed
-        return ran, logits, sample_sequences(logits, ran, self._rng, self.eos_ids, self.grammars), failed
+        return ran, logits, sample_sequences(logits, ran, self._rng, self.eos_ids, self.grammars).result(), failed
 
     def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:
         """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what
@@ -349,18 +357,26 @@ class LLMEngine:
         return f"{own}|{self.adapters[merged].digest if merged is not None else ''}".encode()
 
     def _postprocess(
-        self, ran: list[Sequence], logits: torch.Tensor | None, tokens: list[int | SamplingError]
+        self,
+        ran: list[Sequence],
+        logits: torch.Tensor | None,
+        tokens: list[int | SamplingError],
+        reserved: bool = False,
     ) -> list[RequestOutput]:
         """Each sampled token taken into its request: text, stop conditions, logprobs. A request
-        whose token cannot be taken fails alone."""
+        whose token cannot be taken fails alone. ``reserved``: the tokens' places were reserved
+        when they were drawn (async scheduling); a request ended or dropped since is passed over."""
         outputs = []
+        gone = {i for i, s in enumerate(ran) if reserved and self.seqs.get(s.request_id) is not s}
         wanted = {
             i: (tok, seq.params.logprobs)
             for i, (seq, tok) in enumerate(zip(ran, tokens))
-            if seq.params.logprobs is not None and isinstance(tok, int)
+            if seq.params.logprobs is not None and isinstance(tok, int) and i not in gone
         }
         logprobs = token_logprobs(logits, wanted) if logits is not None else {}
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
+            if i in gone:
+                continue
             if isinstance(tok, SamplingError):
                 code = ErrorCode.BAD_REQUEST if isinstance(tok, NothingAllowed) else ErrorCode.INTERNAL
                 outputs.append(self._fail(seq, f"sampling failed: {tok}", code))
@@ -369,7 +385,7 @@ class LLMEngine:
                 if seq.matcher is not None and (why := refusal(seq.matcher, tok, label(seq.params))) is not None:
                     outputs.append(self._fail(seq, why, ErrorCode.BAD_REQUEST))  # the constraint's fault
                     continue
-                out = self._advance(seq, tok)
+                out = self._advance(seq, tok, reserved)
                 if isinstance(lp := logprobs.get(i), Exception):
                     raise lp
                 out.logprobs = [lp] if lp is not None else None
@@ -379,16 +395,18 @@ class LLMEngine:
                 outputs.append(self._fail(seq, f"could not take the sampled token: {describe(e)}"))
         return outputs
 
-    def _observe(self, decision: StepDecision, step: _Prepared, generated: int, seconds: list[float]) -> None:
+    def _observe(self, decision: StepDecision, step: PreparedStep, generated: int, seconds: list[float]) -> None:
         """Record the step (``generated`` tokens) in the stats and hand the policy its decision back
         with what the step ran and cost, once per entry of ``seconds`` (the simulator's fast-forward
         repeats a step; what does not change between runs is worked out once)."""
-        batch, fed, merged = step.batch, step.num_tokens, self.merger.merged
+        batch, fed, merged = step.batch, step.num_tokens, step.merged
         ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
         segments, rank_tokens = lora_work(step.fed, merged, ranks)
         request_ids, adapters = [s.request_id for s in batch], [s.adapter for s in batch]
         # A chunk short of its prompt's end made no token, nor did a sequence that failed.
-        made = [s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch]
+        made = step.made or [
+            s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch
+        ]
         shares, mode = [(a or "", n, m) for (a, n), m in zip(step.fed, made)], None
         for t in seconds:
             record = StepRecord(
@@ -408,34 +426,9 @@ class LLMEngine:
             self.policy.observe(decision, record)
 
     def _forward(
-        self, batch: list[Sequence], slots: StepSlots
+        self, batch: list[Sequence], slots: StepSlots, carry: Carry | None = None
     ) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
-        """Logits (B, vocab) of the sequences that ran, and failure outputs for those that could
-        not. When the batch's forward raises, each sequence runs alone, so a request that brings
-        the model down fails by itself and its batch mates go on (their KV writes repeat the same
-        values into the same slots, so a second pass is harmless)."""
-        if self.graphs is not None and self.graphs.runs(batch) and not any(s.collects_prompt_logprobs for s in batch):
-            try:
-                return batch, self.graphs.forward(batch, slots, self.blocks), []
-            except Exception as e:  # noqa: BLE001 - a graph the driver refuses must not stop serving
-                raise_if_lost(e)
-                logger.warning("cuda graphs off: this engine runs every step eagerly from now on", error=describe(e))
-                self.graphs = None
-        try:
-            return batch, prompt_logprobs.forward(self.model, self._inputs(batch, slots), batch), []
-        except Exception as e:  # noqa: BLE001 - see the docstring
-            raise_if_lost(e)
-            if len(batch) == 1:
-                return [], None, [self._fail(batch[0], f"the model step failed: {describe(e)}")]
-        ran, rows, failed = [], [], []
-        for seq in batch:
-            try:
-                rows.append(prompt_logprobs.forward(self.model, self._inputs([seq], slots), [seq]))
-                ran.append(seq)
-            except Exception as e:  # noqa: BLE001
-                raise_if_lost(e)
-                failed.append(self._fail(seq, f"the model step failed: {describe(e)}"))
-        return ran, torch.cat(rows) if rows else None, failed
+        return forward.run(self, batch, slots, carry)
 
     def switch(self, merged: str | None) -> tuple[float, float]:
         """Merge/unmerge so that ``merged`` (an adapter's name, None: base weights) is the merged
@@ -472,17 +465,19 @@ class LLMEngine:
         self.device_loras.load(change.slot, self.adapters[change.loaded])
         self.stats.record_load(change.loaded, evicted=change.evicted is not None, seconds=self.clock() - start)
 
-    def _inputs(self, batch: list[Sequence], slots: StepSlots) -> StepInputs:
-        return build_inputs(batch, slots, self.blocks, self.kernels, self.device)
+    def _inputs(self, batch: list[Sequence], slots: StepSlots, carry: Carry | None = None) -> StepInputs:
+        return build_inputs(batch, slots, self.blocks, self.kernels, self.device, carry)
 
-    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
-        out = advance(seq, token, self.eos_ids, self.max_model_len, self.primary_eos)
+    def _advance(self, seq: Sequence, token: int, reserved: bool = False) -> RequestOutput:
+        out = advance(seq, token, self.eos_ids, self.max_model_len, self.primary_eos, reserved)
         if out.finish_reason is not None:
             self._finish(seq, out.finish_reason)
         return out
 
     def _fail(self, seq: Sequence, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> RequestOutput:
         """End a request whose step failed; its output carries the reason and whose fault (``code``)."""
+        if seq.output_ids and seq.output_ids[-1] == RESERVED:  # a token in flight: never made
+            seq.output_ids.pop()
         self._finish(seq, FinishReason.ERROR)
         return failed_output(seq, reason, code)
 

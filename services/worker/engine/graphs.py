@@ -42,7 +42,7 @@ from dlora.kernels.attention_triton import PagedMetadata
 from dlora.kernels.lora_triton import LoraBatch, LoraPasses, group_by_slot
 from dlora.kernels.lora_tuning import bucket
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.inputs import step_rows
+from dlora.services.worker.engine.inputs import Carry, carry_into, step_rows
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.placement import StepSlots
 from dlora.services.worker.engine.sequence import Sequence
@@ -92,9 +92,11 @@ class DecodeGraphs:
         rows = self.sizes[-1]
         self.width = triton.cdiv(max_model_len, self.block_size)  # block table columns
         dev = model.weights.embed.device
-        # Host buffers pinned on a GPU, so their copies run asynchronously; each step's copies are
-        # done before the next step writes them again (its sampled tokens come back first).
+        # Host buffers pinned on a GPU, so their copies run asynchronously; a step waits for the
+        # last step's copies before it writes them again (``_copied``: with async scheduling the
+        # host runs a step ahead of the device).
         pin = capture and dev.type == "cuda"
+        self._copied = torch.cuda.Event() if pin else None
         # int64 rows: token ids, positions, sequence lengths, KV slots.
         self._host64 = torch.zeros(4, rows, dtype=torch.int64, pin_memory=pin)
         self._dev64 = torch.zeros(4, rows, dtype=torch.int64, device=dev)
@@ -138,9 +140,11 @@ class DecodeGraphs:
         recorded, self._recorded = self._recorded, (0, 0.0)
         return recorded
 
-    def forward(self, batch: list[Sequence], slots: StepSlots, blocks: BlockManager) -> torch.Tensor:
+    def forward(
+        self, batch: list[Sequence], slots: StepSlots, blocks: BlockManager, carry: Carry | None = None
+    ) -> torch.Tensor:
         """Logits (B, vocab) in fp32 for a batch ``runs`` accepts, as ``LlamaModel.forward`` gives
-        them."""
+        them; the tokens reserved by the step before taken from ``carry`` on the device."""
         r = step_rows(batch, slots, blocks)
         n = self.bucket(len(batch))
         groups = [group_by_slot(r.token_slots), group_by_slot(r.minus_slots if slots.minus >= 0 else [])]
@@ -170,6 +174,7 @@ class DecodeGraphs:
                 count, seconds = self._recorded
                 self._recorded = count + 1, seconds + time.perf_counter() - start
         self._fill(n, r.ids, r.positions, r.seq_lens, r.slots, r.ctx_lens, r.tables, groups)
+        carry_into(self._dev64[0, :n], batch, carry)
         graph, hidden = self._graphs[key]
         if graph is None:  # no CUDA graphs: the same buffers, run eagerly
             hidden = self.model.last_hidden(self._inputs(n, present, g))
@@ -245,6 +250,8 @@ class DecodeGraphs:
         groups: list[tuple[list[int], list[int], list[int], list[int]]],
     ) -> None:
         """Copy a step's rows into the static buffers, padded to ``n`` rows."""
+        if self._copied is not None:  # the last step's copies out of these buffers are done
+            self._copied.synchronize()
         pad = n - len(ids)
         scratch = self.scratch_block * self.block_size
         self._host64[:, :n] = torch.tensor(
@@ -270,3 +277,5 @@ class DecodeGraphs:
         self._dev64.copy_(self._host64, non_blocking=True)
         self._dev32.copy_(self._host32, non_blocking=True)
         self._tables[:n].copy_(self._host_tables[:n], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()

@@ -12,6 +12,7 @@ from dlora.kernels.backend import Kernels
 from dlora.kernels.host import to_device
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.model import StepInputs
+from dlora.services.worker.engine.outputs import RESERVED
 from dlora.services.worker.engine.placement import StepSlots
 from dlora.services.worker.engine.sequence import Sequence
 
@@ -53,18 +54,52 @@ def step_rows(batch: list[Sequence], lora: StepSlots, blocks: BlockManager) -> S
     return r
 
 
+@dataclass(frozen=True)
+class Carry:
+    """The last step's sampled tokens, still on the device (async scheduling): ``tokens`` (B,)
+    int64, and by request id the sequence and the row of ``tokens`` each drew. Until that step's
+    result is taken in, each of those sequences ends in a ``RESERVED`` token on the host."""
+
+    tokens: torch.Tensor
+    rows: dict[str, tuple[Sequence, int]]
+
+
+def carry_into(ids: torch.Tensor, batch: list[Sequence], carry: Carry | None) -> None:
+    """Write into ``ids`` (the step's flat token ids, as ``step_rows`` lays them out, on the
+    carried tokens' device) each reserved token the step feeds, from ``carry``: a decode's one
+    token, or the last of a prefill recomputed after a preemption. Device to device: the host
+    does not wait for the step that drew them."""
+    if carry is None:
+        return
+    dst, src, offset = [], [], 0
+    for s in batch:
+        hit = carry.rows.get(s.request_id)
+        last = s.total_len - 1
+        if hit is not None and hit[0] is s and s.output_ids[-1] == RESERVED and last < s.num_cached + s.num_scheduled:
+            dst.append(offset + last - s.num_cached)
+            src.append(hit[1])
+        offset += s.num_scheduled
+    if dst:
+        at = to_device(dst, torch.int64, ids.device)
+        ids.index_copy_(0, at, carry.tokens.index_select(0, to_device(src, torch.int64, ids.device)))
+
+
 def build_inputs(
     batch: list[Sequence],
     lora: StepSlots,
     blocks: BlockManager,
     kernels: Kernels,
     device: torch.device,
+    carry: Carry | None = None,
 ) -> StepInputs:
-    """The tensors of ``step_rows`` on ``device``, with the kernel path's metadata."""
+    """The tensors of ``step_rows`` on ``device``, with the kernel path's metadata; the tokens
+    reserved by the step before taken from ``carry`` (``carry_into``)."""
     r = step_rows(batch, lora, blocks)
     dev = device
+    ids = to_device(r.ids, torch.int64, dev)
+    carry_into(ids, batch, carry)
     return StepInputs(
-        input_ids=to_device(r.ids, torch.int64, dev),
+        input_ids=ids,
         positions=to_device(r.positions, torch.int64, dev),
         seq_lens=to_device(r.seq_lens, torch.int64, dev),
         last_index=to_device(np.cumsum(r.q_lens) - 1, torch.int64, dev),

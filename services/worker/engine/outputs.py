@@ -92,14 +92,36 @@ def _logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[
     return out
 
 
-def advance(
-    seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, primary_eos: int | None = None
-) -> RequestOutput:
-    """Record the sampled token on ``seq``, update its text and stop conditions, and report the
-    delta; a finished output's sequence is for the caller to free."""
+# The value of a token sampled but not yet on the host (async scheduling): never a vocabulary id.
+RESERVED = -1
+
+
+def reserve(seq: Sequence) -> None:
+    """Take the place of the token ``seq`` is sampling now, before its value reaches the host
+    (async scheduling): its length, cache count and status are what ``advance`` will leave, so
+    the next step can be scheduled meanwhile; ``advance(..., reserved=True)`` writes the value."""
     seq.num_cached = seq.total_len
     seq.status = Status.RUNNING
-    seq.output_ids.append(token)
+    seq.output_ids.append(RESERVED)
+
+
+def advance(
+    seq: Sequence,
+    token: int,
+    eos_ids: set[int],
+    max_model_len: int,
+    primary_eos: int | None = None,
+    reserved: bool = False,
+) -> RequestOutput:
+    """Record the sampled token on ``seq``, update its text and stop conditions, and report the
+    delta; a finished output's sequence is for the caller to free. ``reserved``: the step that
+    sampled it already took its place (``reserve``: async scheduling), so only its value is new."""
+    if reserved:
+        seq.output_ids[-1] = token
+    else:
+        seq.num_cached = seq.total_len
+        seq.status = Status.RUNNING
+        seq.output_ids.append(token)
     first = len(seq.output_ids) == 1
     old_len = len(seq.text)
     # What the tokens held back before this one spell: the text, if this token ends it unshown

@@ -1,6 +1,7 @@
 """Where a step's adapters run: each unmerged adapter in a device slot, and in a mixed step the
 merged adapter's slot too, for the correction every other token subtracts. Pure bookkeeping
-over the slot table; copying an adapter's weights into its slot is the caller's (``load``)."""
+over the slot table; copying an adapter's weights into its slot is the caller's (``load``).
+``PreparedStep``: a step scheduled and placed, ready to run."""
 
 from __future__ import annotations
 
@@ -52,3 +53,26 @@ def place_adapters(
         own[merged] = -1
     batch = sorted(seqs, key=lambda s: (s.adapter != merged, own[s.adapter]))
     return batch, StepSlots(own, merged, minus)
+
+
+@dataclass
+class PreparedStep:
+    """A step ready to run: its batch grouped by adapter slot, where its adapters run, the switch
+    paid before it (seconds), when its own time began (the clock), and the tokens it feeds,
+    counted before the step advances its sequences."""
+
+    batch: list[Sequence]
+    slots: StepSlots
+    merge_s: float
+    unmerge_s: float
+    started: float
+    fed: list[tuple[str | None, int]]  # (adapter, tokens fed) per sequence, in batch order
+    num_prefill: int  # of those, prompt (and recompute) tokens: all but the decodes' one each
+    merged: str | None  # the adapter merged while it runs
+    # Which of ``batch`` made a token, when known before ``_observe`` reads the sequences (async
+    # scheduling: by then the next step may have preempted some); None: read from their state.
+    made: list[bool] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.fed)

@@ -102,7 +102,78 @@ def sample(
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[int | SamplingError]:
-    """Next token id per row of logits (B, vocab), fp32. Greedy rows take the argmax.
+    """Next token id per row of logits (B, vocab), fp32: ``launch_sample``'s, waited for."""
+    return launch_sample(logits, params, generators, histories).result()
+
+
+class Sampled:
+    """A batch's draws, on their way to the host: ``tokens`` (B,) int64 stays on the logits'
+    device, where the next step's inputs can take it without the host (async scheduling);
+    ``result()`` waits for the copy to the host (on a GPU started at once, ``non_blocking``
+    into pinned memory, so the host waits for this step's sampling and nothing queued after it)
+    and gives each row's token or its ``SamplingError``."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        flags: torch.Tensor,
+        params: list[SamplingParams],
+        failed: dict[int, str],
+        penalised: list[int],
+    ) -> None:
+        self.tokens = tokens
+        self._params, self._failed, self._penalised = params, failed, set(penalised)
+        self.broken: set[int] = set()  # rows whose grammar engine failed (``sample_sequences``)
+        self._ready: torch.cuda.Event | None = None
+        if flags.device.type == "cuda":
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(flags.device))
+        else:
+            self._host = flags
+
+    def result(self) -> list[int | SamplingError]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        ids, bad, pushed, usable, masked = self._host.tolist()
+        out: list[int | SamplingError] = []
+        for i, p in enumerate(self._params):
+            if i in self.broken:  # the grammar engine's failure, not the request's constraints
+                out.append(SamplingError("the structured-output grammar failed on this request"))
+            elif masked[i]:
+                out.append(
+                    NothingAllowed(
+                        "no token is allowed: the request's constraints mask every one (its structured output, "
+                        "allowed_token_ids, bad_words, logit_bias, min_tokens holding back its stop tokens and EOS)"
+                    )
+                )
+            elif bad[i]:
+                out.append(
+                    SamplingError(
+                        "the model's logits for this request are not finite (NaN or infinity); nothing "
+                        "can be sampled from them"
+                    )
+                )
+            elif i in self._failed:
+                out.append(SamplingError(self._failed[i]))
+            elif pushed[i] and i in self._penalised:
+                out.append(SamplingError(_why("the penalties pushed the logits out of the float range", p)))
+            elif not usable[i]:
+                out.append(SamplingError(_why("no finite distribution is left to sample from", p)))
+            else:
+                out.append(ids[i])
+        return out
+
+
+def launch_sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None,
+) -> Sampled:
+    """Next token id per row of logits (B, vocab), fp32, queued on the logits' device. Greedy
+    rows take the argmax.
 
     Rows that sample draw from their own generator when they have one, so a seeded request gives
     the same tokens whatever else shares its batch. Rows with penalties are penalised first by
@@ -148,34 +219,8 @@ def sample(
         race = probs.div_(_exponentials([generators[i] for i in drawn], probs.shape[-1], logits.device))
         tokens = tokens.index_copy(0, rows, race.argmax(dim=-1))
     masked = raw == float("-inf")
-    ids, bad, pushed_, usable_, masked_ = torch.stack(
-        (tokens, unusable.long(), pushed.long(), usable.long(), masked.long())
-    ).tolist()
-    out: list[int | SamplingError] = []
-    for i, p in enumerate(params):
-        if masked_[i]:
-            out.append(
-                NothingAllowed(
-                    "no token is allowed: the request's constraints mask every one (its structured output, "
-                    "allowed_token_ids, bad_words, logit_bias, min_tokens holding back its stop tokens and EOS)"
-                )
-            )
-        elif bad[i]:
-            out.append(
-                SamplingError(
-                    "the model's logits for this request are not finite (NaN or infinity); nothing "
-                    "can be sampled from them"
-                )
-            )
-        elif i in failed:
-            out.append(SamplingError(failed[i]))
-        elif pushed_[i] and i in penalised:
-            out.append(SamplingError(_why("the penalties pushed the logits out of the float range", p)))
-        elif not usable_[i]:
-            out.append(SamplingError(_why("no finite distribution is left to sample from", p)))
-        else:
-            out.append(ids[i])
-    return out
+    flags = torch.stack((tokens, unusable.long(), pushed.long(), usable.long(), masked.long()))
+    return Sampled(tokens, flags, params, failed, penalised)
 
 
 def _why(e: object, p: SamplingParams) -> str:
@@ -365,8 +410,8 @@ def sample_sequences(
     rng: torch.Generator | None,
     eos_ids: set[int],
     grammars: Grammars | None = None,
-) -> list[int | SamplingError]:
-    """``sample`` for the sequences whose logits (B, vocab) these are: each row biased and
+) -> Sampled:
+    """``launch_sample`` for the sequences whose logits (B, vocab) these are: each row biased and
     restricted (``logit_bias``, ``min_tokens``, ``bad_words``, ``allowed_token_ids``), constrained
     by its structured-output matcher (made by ``grammars``), penalised by its history, and drawn
     from its seed's generator at its position (``rng`` without a seed)."""
@@ -378,7 +423,6 @@ def sample_sequences(
     allowed = [s.allowed_mask for s in seqs]
     biased = bias(logits, params, [len(out) for _, out in histories], eos_ids, banned, allowed)
     constrained, broken = constrain(biased, [s.matcher for s in seqs], grammars)
-    tokens = sample(constrained, params, generators, histories)
-    for i in broken:  # the grammar engine's failure, not the request's constraints
-        tokens[i] = SamplingError("the structured-output grammar failed on this request")
-    return tokens
+    sampled = launch_sample(constrained, params, generators, histories)
+    sampled.broken = broken
+    return sampled

@@ -1,0 +1,111 @@
+"""Async scheduling (vLLM's ``--async-scheduling``): the host works on step N+1 while the device
+runs step N.
+
+Synchronous, a step waits for its sampled tokens on the host before it takes them in (text, stop
+conditions, the outputs) and before the next step is decided, scheduled and launched: on a GPU
+the device idles through all of that host work (issue 15 measured it idle 71 % of a 7B-width
+step). Here the next step needs only the tokens' places, not their values: each sampled token
+is ``reserve``d on the host (a ``RESERVED`` placeholder that gives the sequence its new length),
+so the next step is scheduled and launched at once, its inputs taking the tokens on the device
+(``inputs.Carry``); only then does the host wait for the last step's tokens (a copy started as
+soon as they were drawn) and take them in, while the device runs the new step.
+
+What it costs: a step's outputs come one call of ``step`` later, and a request that the last
+step ended (a stop string, EOS) runs once more, its row dropped. ``LLMEngine.drain`` takes the
+step in flight at once: call it before reading a running sequence's tokens from outside (a
+move). Tokens are those of the synchronous engine: greedy, seeded and penalised draws read the
+same history (sampling for step N+1 is queued after step N's tokens are taken in); unseeded
+draws may differ where the batches do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dlora.services.worker.engine.inputs import Carry
+from dlora.services.worker.engine.outputs import RequestOutput, reserve
+from dlora.services.worker.engine.placement import PreparedStep
+from dlora.services.worker.engine.sampler import Sampled, sample_sequences
+from dlora.services.worker.engine.sequence import Sequence
+from dlora.services.worker.policy import StepDecision
+
+if TYPE_CHECKING:
+    from dlora.services.worker.engine.engine import LLMEngine, PreparedStep
+
+
+@dataclass
+class InFlight:
+    """A step launched whose tokens are not on the host yet: what sampled (row i of ``sampled``),
+    with its logits (B, vocab) for the logprobs, and the seconds of CUDA graph recording its
+    launch took (not the step's own)."""
+
+    decision: StepDecision
+    step: PreparedStep
+    ran: list[Sequence]
+    logits: torch.Tensor
+    sampled: Sampled
+    recording_s: float
+
+
+def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput]:
+    """``LLMEngine.step`` under async scheduling: decide, prepare and launch this step (the
+    reserved tokens of the one in flight taken on the device), take in the one in flight (its
+    outputs are what this returns, with this step's failures), then queue this step's sampling
+    and leave it in flight."""
+    e = engine
+    last = e._in_flight  # left in flight should deciding or preparing raise
+    if e.seqs:
+        decision = decision or e.policy.decide(e.queue(), e.merger.merged)
+    prepared = e._prepare(decision) if decision is not None else None
+    e._in_flight = None
+    outputs: list[RequestOutput] = []
+    recording_s = 0.0
+    if prepared is not None:
+        graphs = e.graphs
+        rows = {s.request_id: (s, i) for i, s in enumerate(last.ran)} if last is not None else {}
+        carry = Carry(last.sampled.tokens, rows) if last is not None else None
+        ran, logits, outputs = e._forward(prepared.batch, prepared.slots, carry)
+        recorded, recording_s = graphs.take_recorded() if graphs is not None else (0, 0.0)
+        e.stats.record_graphs(recorded, recording_s)
+    if last is not None:  # its time runs until now, less what this step's switch took
+        later_s = prepared.merge_s + prepared.unmerge_s + recording_s if prepared is not None else 0.0
+        outputs = take(e, last, later_s) + outputs
+    if prepared is None or decision is None:
+        return outputs
+    live = [i for i, s in enumerate(ran) if e.seqs.get(s.request_id) is s]  # not ended by the last step
+    if len(live) < len(ran):
+        ran, logits = [ran[i] for i in live], logits[live] if logits is not None else None
+    ran, logits = e._written(ran, logits)
+    e.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
+    if logits is None or not ran:  # prefill chunks only: nothing to take in later
+        e._observe(decision, prepared, 0, [e.clock() - prepared.started - recording_s])
+        return outputs
+    sampled = sample_sequences(logits, ran, e._rng, e.eos_ids, e.grammars)
+    for s in ran:
+        reserve(s)
+    e._in_flight = InFlight(decision, prepared, ran, logits, sampled, recording_s)
+    return outputs
+
+
+def take(engine: LLMEngine, f: InFlight, later_s: float) -> list[RequestOutput]:
+    """Take in a step left in flight: its tokens into their sequences (those still here), its
+    record to the stats and the policy. Its seconds: since the step before it was taken in (or
+    since it began, if later), less ``later_s`` spent meanwhile on the next step's switch."""
+    e = engine
+    outputs = e._postprocess(f.ran, f.logits, f.sampled.result(), reserved=True)
+    now = e.clock()
+    produced = {o.request_id for o in outputs if o.new_token_ids}
+    f.step.made = [s.request_id in produced for s in f.step.batch]  # read now: the next step may preempt them
+    seconds = now - max(f.step.started, e._taken_at) - f.recording_s - later_s
+    e._observe(f.decision, f.step, len(produced), [seconds])
+    e._taken_at = now
+    return outputs
+
+
+def drain(engine: LLMEngine) -> list[RequestOutput]:
+    """``LLMEngine.drain``: the step in flight taken in now; none: nothing."""
+    f, engine._in_flight = engine._in_flight, None
+    return take(engine, f, 0.0) if f is not None else []
