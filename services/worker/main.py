@@ -50,6 +50,7 @@ from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.faults import device_lost, raise_if_lost
+from dlora.services.worker.engine.outputs import RequestOutput
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.metrics import WorkerMetrics, worker_view
@@ -243,6 +244,10 @@ class WorkerService:
             logger.exception("step failed", error=str(e))
             self.cycles.idle()
             outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
+        await self.deliver(outputs)
+
+    async def deliver(self, outputs: list[RequestOutput]) -> None:
+        """Send what the engine produced to the clients (each request's chunk), then record it."""
         now = time.monotonic()
         chunks = [  # of the requests not aborted while the step ran
             (out, s, chunk_for(out, s, self.s.worker_id, now))

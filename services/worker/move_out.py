@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,10 @@ async def move_out(w: WorkerService, move: Move) -> None:
     """Hand a request to another worker at a step boundary (``moves.handoff``): its KV cache
     goes ahead in chunks when the plan ships it, else the destination recomputes from the
     tokens produced here; either way the client's chunks continue in sequence."""
+    # A step in flight (async scheduling) holds its last token: it reaches the client first, so
+    # the request moves with every token its client has and nothing else.
+    if outputs := await asyncio.to_thread(w.engine.drain):
+        await w.deliver(outputs)
     stream = w.streams.get(move.request_id)
     seq = w.engine.seqs.get(move.request_id)
     if stream is None or seq is None:

@@ -20,6 +20,7 @@ from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import TriggerBounds
 from dlora.services.servers import Server
+from dlora.services.worker.engine import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.test_gateway import offline
@@ -51,17 +52,20 @@ async def start_workers(
     return workers
 
 
-@pytest.mark.parametrize("ship_kv", [False, True], ids=["recompute", "kv"])
+# Async scheduling with the recompute moves: a move takes in the step in flight first, so the
+# token it holds reaches the client before the request leaves (else it was lost, or sent twice).
+@pytest.mark.parametrize(("ship_kv", "overlap"), [(False, True), (True, False)], ids=["recompute-async", "kv"])
 async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, ship_kv: bool
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, ship_kv: bool, overlap: bool
 ) -> None:
     store = StateStore(redis)
     common = dict(nats_url=nats_server.url, redis_url="unused")
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
+        engine = EngineConfig(async_scheduling=overlap)
         workers = await start_workers(
-            ("w0", "w1", "w2"), nats_server, store, tiny_llama, stop, conns, tasks, stats_interval_s=0.05
+            ("w0", "w1", "w2"), nats_server, store, tiny_llama, stop, conns, tasks, stats_interval_s=0.05, engine=engine
         )
         mnc = await nats.connect(nats_server.url)
         conns.append(mnc)
