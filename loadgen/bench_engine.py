@@ -207,6 +207,7 @@ def run(
     profile: bool = False,
     hf_baseline: bool = False,
     enforce_eager: bool = False,
+    async_scheduling: bool = False,
 ) -> dict:
     max_adapters = max(adapter_counts)
     root = ensure_model(workdir, preset, max_adapters, ranks=[16])  # one rank: simple byte accounting
@@ -219,6 +220,7 @@ def run(
             max_num_seqs=max(batch_sizes),
             kv_cache_bytes=1 << 30,
             enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         ),
     )
     names = [f"lora-{i}" for i in range(max_adapters)]
@@ -486,6 +488,7 @@ def run_bench_engine(args: argparse.Namespace) -> int:
         profile=args.profile,
         hf_baseline=args.hf_baseline,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
     print(f"merge {result['merge_ms']:.2f} ms, unmerge {result['unmerge_ms']:.2f} ms")
     for name, value in result["ratios"].items():

@@ -9,8 +9,8 @@ slow part cannot starve the rest:
 0. ``dlora bench tune-lora``: the LoRA kernels' tiles timed on this GPU into ``kernels/tuned/``
    (and a copy in OUT, to commit);
 1. the CUDA tests: ``tests/kernels`` natively (real-model sizes included) and the engine's parity,
-   adapter (merge), graph, sampler and structured-output tests with ``DLORA_TEST_DEVICE=cuda`` (every engine the tests
-   make runs on the GPU);
+   adapter (merge), graph, sampler, structured-output and async-scheduling tests with
+   ``DLORA_TEST_DEVICE=cuda`` (every engine the tests make runs on the GPU);
 2. ``dlora bench kernels``;
 3. ``dlora bench engine --device cuda --preset 7b --dtype bfloat16 --profile``: decode steps at 7B
    widths (a few layers), wall vs GPU kernel time, launches and the host's phases per step (how
@@ -18,7 +18,9 @@ slow part cannot starve the rest:
    merge/unmerge, and HF transformers + peft on the same model, with decode steps replayed as
    CUDA graphs;
 4. the same at batch 32 with ``--enforce-eager`` (every kernel launched from the host), into its
-   own files, for the graphs' gain.
+   own files, for the graphs' gain;
+5. the same at batch 32 with ``--async-scheduling`` (each step launched while the GPU runs the
+   last), into its own files, for what overlapping the host's work gains.
 
 Each benchmark rewrites its section of BENCHMARKS.md, naming the GPU; ``OUT/gpu-check.json``
 holds every part's exit status and seconds. Exit status: 0 when every part passed, 1 when one
@@ -81,6 +83,7 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
                 "tests/engine/test_graphs.py",
                 "tests/engine/test_sampler_gpu.py",
                 "tests/engine/test_structured.py",
+                "tests/engine/test_async_scheduling.py",
             ],
             {"DLORA_TEST_DEVICE": "cuda"},
             100.0,
@@ -102,11 +105,23 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
             "bench-eager",
             [
                 *engine_7b,
-                *("--batch-sizes", "32", "--adapters", "1,8", "--rounds", "2", "--enforce-eager"),
+                *("--batch-sizes", "32", "--adapters", "1", "--rounds", "2", "--enforce-eager"),
                 *("--json", str(out / "engine-eager.json"), "--benchmarks", str(out / "engine-eager.md")),
             ],
             {},
-            50.0,
+            25.0,
+        ),
+        (
+            # The graphed steps again, each launched while the GPU runs the last (async scheduling):
+            # its wall against kernel time beside the synchronous run's above.
+            "bench-async",
+            [
+                *engine_7b,
+                *("--batch-sizes", "32", "--adapters", "1", "--rounds", "2", "--async-scheduling"),
+                *("--json", str(out / "engine-async.json"), "--benchmarks", str(out / "engine-async.md")),
+            ],
+            {},
+            25.0,
         ),
     ]
 

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-baseline", action="store_true", help="transformers + peft per decode step, same model, batch 1 and 32"
     )
     be.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every decode step launched op by op")
+    be.add_argument(
+        "--async-scheduling", action="store_true", help="each step launched while the device runs the last one"
+    )
     be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     be.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     be.set_defaults(func=_lazy("dlora.loadgen.bench_engine:run_bench_engine"))
