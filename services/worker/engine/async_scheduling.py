@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dlora.services.worker.engine.inputs import Carry
+from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import RequestOutput, reserve
 from dlora.services.worker.engine.placement import PreparedStep
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
@@ -77,7 +77,7 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
         return outputs
     live = [i for i, s in enumerate(ran) if e.seqs.get(s.request_id) is s]  # not ended by the last step
     if len(live) < len(ran):
-        ran, logits = [ran[i] for i in live], logits[live] if logits is not None else None
+        ran, logits = [ran[i] for i in live], rows_of(logits, live)
     ran, logits = e._written(ran, logits)
     e.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
     if logits is None or not ran:  # prefill chunks only: nothing to take in later

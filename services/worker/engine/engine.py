@@ -24,7 +24,7 @@ from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, sent_tail
 from dlora.services.worker.engine.device import resolve_device
 from dlora.services.worker.engine.faults import describe, raise_if_lost
-from dlora.services.worker.engine.inputs import Carry, build_inputs
+from dlora.services.worker.engine.inputs import Carry, build_inputs, rows_of
 from dlora.services.worker.engine.kv_cache import KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, import_kv
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
@@ -347,7 +347,7 @@ class LLMEngine:
                 done.append(i)
         if len(done) == len(ran):
             return ran, logits
-        return [ran[i] for i in done], (logits[done] if logits is not None else None)
+        return [ran[i] for i in done], rows_of(logits, done)
 
     def _cache_key(self, adapter: str | None) -> bytes:
         """Which weights compute ``adapter``'s KV now: its content digest and the merged adapter's

@@ -84,6 +84,13 @@ def carry_into(ids: torch.Tensor, batch: list[Sequence], carry: Carry | None) ->
         ids.index_copy_(0, at, carry.tokens.index_select(0, to_device(src, torch.int64, ids.device)))
 
 
+def rows_of(logits: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    """``logits[rows]`` with the index copied asynchronously: a list index goes from pageable
+    memory, which makes the host wait for everything queued on the device (with async
+    scheduling, the step just launched)."""
+    return logits.index_select(0, to_device(rows, torch.int64, logits.device)) if logits is not None else None
+
+
 def build_inputs(
     batch: list[Sequence],
     lora: StepSlots,
