@@ -94,8 +94,10 @@ def test_every_request_gets_the_synchronous_engines_outputs(tiny_llama: TinyOutp
 
 def test_outputs_come_a_call_later_and_drain_takes_them_at_once(tiny_llama: TinyOutput) -> None:
     engine = make_engine(tiny_llama, async_scheduling=True)
-    engine.add_request("r", prompt_token_ids=[5, 40, 41, 300, 17], params=SamplingParams(max_tokens=6, ignore_eos=True))
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    engine.add_request("r", prompt_token_ids=[5, 40, 41, 300, 17], params=params)
     assert engine.step() == []  # the prefill is launched; its token is on its way
+    assert engine._in_flight is not None and engine._in_flight.logprobs is not None  # its logprobs with it
     seq = engine.seqs["r"]
     assert seq.output_ids == [RESERVED] and seq.num_cached == 5 and engine.has_unfinished()
     with pytest.raises(RuntimeError, match="drain"):
@@ -104,6 +106,7 @@ def test_outputs_come_a_call_later_and_drain_takes_them_at_once(tiny_llama: Tiny
     assert [o.new_token_ids for o in first] == [seq.output_ids[:1]] and seq.output_ids[-1] == RESERVED
     second = engine.drain()
     assert len(second) == 1 and seq.output_ids == first[0].new_token_ids + second[0].new_token_ids
+    assert [lp.token_id for o in first + second for lp in o.logprobs] == seq.output_ids
     assert engine.export_kv("r") is not None and engine.drain() == []
 
 

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dlora.kernels.host import to_device
+from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, rows_of
-from dlora.services.worker.engine.outputs import RequestOutput, reserve
+from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
 from dlora.services.worker.engine.placement import PreparedStep
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
 from dlora.services.worker.engine.sequence import Sequence
@@ -48,6 +50,7 @@ class InFlight:
     logits: torch.Tensor
     sampled: Sampled
     recording_s: float
+    logprobs: LaunchedLogprobs | None  # of the rows that ask, computed with the draw
 
 
 def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput]:
@@ -86,8 +89,23 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
     sampled = sample_sequences(logits, ran, e._rng, e.eos_ids, e.grammars)
     for s in ran:
         reserve(s)
-    e._in_flight = InFlight(decision, prepared, ran, logits, sampled, recording_s)
+    e._in_flight = InFlight(decision, prepared, ran, logits, sampled, recording_s, _logprobs(logits, ran, sampled))
     return outputs
+
+
+def _logprobs(logits: torch.Tensor, ran: list[Sequence], sampled: Sampled) -> LaunchedLogprobs | None:
+    """The drawn tokens' logprobs for the sequences that ask, queued with the draw (taken in
+    from the logits later, they would wait for the step launched since); None: none asks, or it
+    failed here (``token_logprobs`` then computes them from the logits)."""
+    tops = {i: s.params.logprobs for i, s in enumerate(ran) if s.params.logprobs is not None}
+    if not tops:
+        return None
+    try:
+        chosen = sampled.tokens.index_select(0, to_device(list(tops), torch.int64, logits.device))
+        return launch_logprobs(logits, chosen, tops)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise_if_lost(e)
+        return None
 
 
 def take(engine: LLMEngine, f: InFlight, later_s: float) -> list[RequestOutput]:
@@ -95,7 +113,7 @@ def take(engine: LLMEngine, f: InFlight, later_s: float) -> list[RequestOutput]:
     record to the stats and the policy. Its seconds: since the step before it was taken in (or
     since it began, if later), less ``later_s`` spent meanwhile on the next step's switch."""
     e = engine
-    outputs = e._postprocess(f.ran, f.logits, f.sampled.result(), reserved=True)
+    outputs = e._postprocess(f.ran, f.logits, f.sampled.result(), reserved=True, launched=f.logprobs)
     now = e.clock()
     produced = {o.request_id for o in outputs if o.new_token_ids}
     f.step.made = [s.request_id in produced for s in f.step.batch]  # read now: the next step may preempt them

@@ -32,6 +32,7 @@ from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import (
     RESERVED,
+    LaunchedLogprobs,
     RequestError,
     RequestOutput,
     advance,
@@ -362,10 +363,12 @@ class LLMEngine:
         logits: torch.Tensor | None,
         tokens: list[int | SamplingError],
         reserved: bool = False,
+        launched: LaunchedLogprobs | None = None,
     ) -> list[RequestOutput]:
-        """Each sampled token taken into its request: text, stop conditions, logprobs. A request
-        whose token cannot be taken fails alone. ``reserved``: the tokens' places were reserved
-        when they were drawn (async scheduling); a request ended or dropped since is passed over."""
+        """Each sampled token taken into its request: text, stop conditions, logprobs (``launched``:
+        computed with the draw). A request whose token cannot be taken fails alone. ``reserved``: the
+        tokens' places were reserved when drawn (async scheduling); one ended or dropped since is
+        passed over."""
         outputs = []
         gone = {i for i, s in enumerate(ran) if reserved and self.seqs.get(s.request_id) is not s}
         wanted = {
@@ -373,7 +376,7 @@ class LLMEngine:
             for i, (seq, tok) in enumerate(zip(ran, tokens))
             if seq.params.logprobs is not None and isinstance(tok, int) and i not in gone
         }
-        logprobs = token_logprobs(logits, wanted) if logits is not None else {}
+        logprobs = token_logprobs(logits, wanted, launched) if logits is not None else {}
         for i, (seq, tok) in enumerate(zip(ran, tokens)):
             if i in gone:
                 continue

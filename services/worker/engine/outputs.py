@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from dlora.common.messages import ErrorCode, FinishReason, TokenLogprob
-from dlora.kernels.host import to_device
+from dlora.kernels.host import HostCopy, to_device
+from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.stopping import check_stop, visible_end
 
@@ -50,13 +51,24 @@ def failed_output(seq: Sequence, reason: str, code: ErrorCode) -> RequestOutput:
     )
 
 
-def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob | Exception]:
+def token_logprobs(
+    logits: torch.Tensor, wanted: dict[int, tuple[int, int]], launched: LaunchedLogprobs | None = None
+) -> dict[int, TokenLogprob | Exception]:
     """For each row i of ``logits`` (B, vocab) in ``wanted`` (i -> (chosen token, top)): the chosen
     token's log-probability under the model's distribution and the ``top`` most likely tokens'.
     The rows at once and brought to the host in one transfer (on a GPU one wait, not a few per
     row); ``topk`` once per distinct ``top``, so which of tied tokens a row lists does not depend
     on what else asked beside it. If the rows fail together, each is tried alone, and one that
-    fails has its exception in its place (its request fails alone, as the sampler's rows do)."""
+    fails has its exception in its place (its request fails alone, as the sampler's rows do).
+    ``launched``: the same computed when the tokens were drawn (``launch_logprobs``; rows not
+    wanted now are left out), unless it fails."""
+    if not wanted:
+        return {}
+    try:
+        if launched is not None:
+            return {i: lp for i, lp in launched.result().items() if i in wanted}
+    except Exception as e:  # noqa: BLE001 - computed again below, row by row if need be
+        raise_if_lost(e)
     try:
         return dict(_logprobs(logits, wanted))
     except Exception:  # noqa: BLE001 - one row's fault must not fail the others
@@ -72,24 +84,46 @@ def token_logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> 
 def _logprobs(logits: torch.Tensor, wanted: dict[int, tuple[int, int]]) -> dict[int, TokenLogprob]:
     if not wanted:
         return {}
-    rows = list(wanted)
+    chosen = to_device([token for token, _ in wanted.values()], torch.int64, logits.device)
+    return launch_logprobs(logits, chosen, {i: top for i, (_, top) in wanted.items()}).result()
+
+
+class LaunchedLogprobs:
+    """``token_logprobs``' values, computed on the logits' device and on their way to the host
+    (``HostCopy``): async scheduling queues them with the step's sampling, so taking them in
+    waits for that step only (``token_logprobs`` then would wait for the step launched since)."""
+
+    def __init__(self, rows: list[int], tops: dict[int, int], sizes: list[int], values: torch.Tensor) -> None:
+        self._rows, self._tops, self._sizes, self._values = rows, tops, sizes, HostCopy(values)
+
+    def result(self) -> dict[int, TokenLogprob]:
+        host = self._values.wait().tolist()
+        out = {}
+        for j, i in enumerate(self._rows):
+            top = self._tops[i]
+            alternatives: list[tuple[int, float]] = []
+            if top:
+                at = 2 + sum(2 * t for t in self._sizes[: self._sizes.index(top)])
+                values, ids = host[j][at : at + top], host[j][at + top : at + 2 * top]
+                alternatives = [(int(t), v) for t, v in zip(ids, values)]
+            out[i] = TokenLogprob(int(host[j][0]), host[j][1], alternatives)
+        return out
+
+
+def launch_logprobs(logits: torch.Tensor, chosen: torch.Tensor, tops: dict[int, int]) -> LaunchedLogprobs:
+    """For each row i of ``logits`` (B, vocab) in ``tops`` (i -> how many alternatives), in that
+    order, with ``chosen`` (len(tops),) int64 on the logits' device the tokens taken: what
+    ``token_logprobs`` gives, queued on the device. Token ids travel as floats (exact below 2^24)."""
+    rows = list(tops)
     lp = torch.log_softmax(logits.index_select(0, to_device(rows, torch.int64, logits.device)).float(), dim=-1)
-    chosen = lp.gather(1, to_device([[wanted[i][0]] for i in rows], torch.int64, lp.device))
-    parts, tops = [chosen], sorted({top for _, top in wanted.values() if top})
-    for top in tops:  # token ids travel as floats: exact below 2^24
+    parts, sizes = (
+        [chosen.to(lp.dtype).unsqueeze(1), lp.gather(1, chosen.unsqueeze(1))],
+        sorted(set(tops.values()) - {0}),
+    )
+    for top in sizes:  # topk once per distinct size: which of tied tokens a row lists is its own
         best = torch.topk(lp, top)
         parts += [best.values, best.indices.to(lp.dtype)]
-    host = torch.cat(parts, dim=1).tolist()
-    out = {}
-    for j, i in enumerate(rows):
-        token, top = wanted[i]
-        alternatives: list[tuple[int, float]] = []
-        if top:
-            at = 1 + sum(2 * t for t in tops[: tops.index(top)])
-            values, ids = host[j][at : at + top], host[j][at + top : at + 2 * top]
-            alternatives = [(int(t), v) for t, v in zip(ids, values)]
-        out[i] = TokenLogprob(token, host[j][0], alternatives)
-    return out
+    return LaunchedLogprobs(rows, tops, sizes, torch.cat(parts, dim=1))
 
 
 # The value of a token sampled but not yet on the host (async scheduling): never a vocabulary id.

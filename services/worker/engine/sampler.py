@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dlora.common.messages import SamplingParams
-from dlora.kernels.host import to_device
+from dlora.kernels.host import HostCopy, to_device
 from dlora.services.worker.engine.bad_words import banned_now
 from dlora.services.worker.engine.faults import raise_if_lost
 
@@ -109,9 +109,8 @@ def sample(
 class Sampled:
     """A batch's draws, on their way to the host: ``tokens`` (B,) int64 stays on the logits'
     device, where the next step's inputs can take it without the host (async scheduling);
-    ``result()`` waits for the copy to the host (on a GPU started at once, ``non_blocking``
-    into pinned memory, so the host waits for this step's sampling and nothing queued after it)
-    and gives each row's token or its ``SamplingError``."""
+    ``result()`` waits for the copy to the host (``HostCopy``: for this step's sampling and
+    nothing queued after it) and gives each row's token or its ``SamplingError``."""
 
     def __init__(
         self,
@@ -124,19 +123,10 @@ class Sampled:
         self.tokens = tokens
         self._params, self._failed, self._penalised = params, failed, set(penalised)
         self.broken: set[int] = set()  # rows whose grammar engine failed (``sample_sequences``)
-        self._ready: torch.cuda.Event | None = None
-        if flags.device.type == "cuda":
-            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            self._host.copy_(flags, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(flags.device))
-        else:
-            self._host = flags
+        self._flags = HostCopy(flags)
 
     def result(self) -> list[int | SamplingError]:
-        if self._ready is not None:
-            self._ready.synchronize()
-        ids, bad, pushed, usable, masked = self._host.tolist()
+        ids, bad, pushed, usable, masked = self._flags.wait().tolist()
         out: list[int | SamplingError] = []
         for i, p in enumerate(self._params):
             if i in self.broken:  # the grammar engine's failure, not the request's constraints
