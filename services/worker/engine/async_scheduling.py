@@ -29,13 +29,13 @@ from dlora.kernels.host import to_device
 from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
-from dlora.services.worker.engine.placement import PreparedStep
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
 from dlora.services.worker.engine.sequence import Sequence
 from dlora.services.worker.policy import StepDecision
 
 if TYPE_CHECKING:
-    from dlora.services.worker.engine.engine import LLMEngine, PreparedStep
+    from dlora.services.worker.engine.engine import LLMEngine
+    from dlora.services.worker.engine.placement import PreparedStep
 
 
 @dataclass

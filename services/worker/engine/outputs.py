@@ -116,10 +116,8 @@ def launch_logprobs(logits: torch.Tensor, chosen: torch.Tensor, tops: dict[int, 
     ``token_logprobs`` gives, queued on the device. Token ids travel as floats (exact below 2^24)."""
     rows = list(tops)
     lp = torch.log_softmax(logits.index_select(0, to_device(rows, torch.int64, logits.device)).float(), dim=-1)
-    parts, sizes = (
-        [chosen.to(lp.dtype).unsqueeze(1), lp.gather(1, chosen.unsqueeze(1))],
-        sorted(set(tops.values()) - {0}),
-    )
+    parts = [chosen.to(lp.dtype).unsqueeze(1), lp.gather(1, chosen.unsqueeze(1))]
+    sizes = sorted(set(tops.values()) - {0})
     for top in sizes:  # topk once per distinct size: which of tied tokens a row lists is its own
         best = torch.topk(lp, top)
         parts += [best.values, best.indices.to(lp.dtype)]
