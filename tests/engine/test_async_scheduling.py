@@ -5,6 +5,7 @@ the synchronous engine's, whatever ends, preempts, aborts or moves a request mea
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dlora.services.worker.engine.inputs import Carry, carry_into
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.engine.outputs import RESERVED
 from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.policy import StepDecision
 from tests.engine.helpers import make_engine
 from tests.engine.test_structured import SCHEMA
 
@@ -187,3 +189,109 @@ def test_async_steps_through_the_decode_graphs_buffers(tiny_llama: TinyOutput) -
     if engine.graphs is None:
         engine.graphs = decode_graphs(engine, capture=False)
     assert run(engine, reqs) == expected and sum(engine.graphs.steps.values()) > 0
+
+
+def test_a_request_whose_next_forward_fails_keeps_its_token_and_one_that_ended_is_not_failed(
+    tiny_llama: TinyOutput,
+) -> None:
+    """The step after a request's third token fails on that token: it fails with three tokens as
+    a synchronous engine fails it (the token in flight is taken in first), and with max_tokens 3
+    it ends by its length (the step it failed in ran it once more, after it ended)."""
+    prompt, other = [5, 40, 41, 300, 17], [9, 8, 7, 6]
+    third = run(make_engine(tiny_llama), [("x", None, prompt, SamplingParams(max_tokens=3, ignore_eos=True))])["x"][0][
+        2
+    ]
+    for max_tokens in (8, 3):
+        reqs = [
+            ("x", None, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
+            ("y", None, other, SamplingParams(max_tokens=8, ignore_eos=True)),
+        ]
+        got = []
+        for overlap in (False, True):
+            engine = make_engine(tiny_llama, async_scheduling=overlap)
+            forward = engine.model.forward
+
+            def faulty(inputs, forward=forward):  # a kernel fault on that token
+                if (inputs.input_ids == third).any():
+                    raise RuntimeError("injected fault")
+                return forward(inputs)
+
+            engine.model.forward = faulty
+            got.append(run(engine, reqs))
+        assert got[0] == got[1] and len(got[0]["x"][0]) == 3
+        assert got[0]["x"][2] is (FinishReason.ERROR if max_tokens == 8 else FinishReason.LENGTH)
+
+
+def test_a_step_that_raises_after_taking_tokens_in_loses_none_of_them(tiny_llama: TinyOutput, monkeypatch) -> None:
+    """The worker answers a step that raises with ``fail_all``: what that call had taken in (here
+    a request's last token, which ended it) comes back with the failures."""
+    from dlora.services.worker.engine import async_scheduling
+
+    engine = make_engine(tiny_llama, async_scheduling=True)
+    engine.add_request("short", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.add_request("long", prompt_token_ids=[8, 9, 7], params=SamplingParams(max_tokens=9, ignore_eos=True))
+    sample, calls = async_scheduling.sample_sequences, []
+
+    def out_of_memory(*args, **kwargs):  # the third draw, after "short"'s last token was taken in
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(async_scheduling, "sample_sequences", out_of_memory)
+    tokens, ends = {"short": 0, "long": 0}, {}
+    while engine.has_unfinished():
+        try:
+            outputs = engine.step()
+        except RuntimeError as e:
+            outputs = engine.fail_all(str(e))
+        for o in outputs:
+            tokens[o.request_id] += len(o.new_token_ids)
+            ends.update({o.request_id: o.finish_reason} if o.finished else {})
+    assert ends == {"short": FinishReason.LENGTH, "long": FinishReason.ERROR} and tokens == {"short": 2, "long": 2}
+
+
+def test_the_merged_adapter_of_a_step_in_flight_stays_in_use(tiny_llama: TinyOutput) -> None:
+    engine = make_engine(tiny_llama, async_scheduling=True)
+    engine.add_request("b", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.step(StepDecision("lora-1", ["b"], mixed=True))  # a base request beside lora-1 merged
+    engine.switch(None)
+    with pytest.raises(AdapterError, match="in flight"):
+        engine.unregister_adapter("lora-1")  # the step's record names it when taken in
+    engine.drain()
+    engine.unregister_adapter("lora-1")
+
+
+def test_step_times_and_adapter_tokens_are_the_synchronous_engines(tiny_llama: TinyOutput) -> None:
+    """A step's seconds never go below 0 (a CUDA graph recorded while launching the next step
+    is not the last one's time), and a step whose every row had ended counts no tokens."""
+
+    class Recording:  # graphs that record one graph, taking 0.1 s, at the fourth launch
+        steps: dict = {}
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def runs(self, batch: list) -> bool:
+            return False
+
+        def take_recorded(self) -> tuple[int, float]:
+            self.calls += 1
+            if self.calls == 4:
+                time.sleep(0.1)
+                return 1, 0.1
+            return 0, 0.0
+
+    engines = make_engine(tiny_llama), make_engine(tiny_llama, async_scheduling=True)
+    seconds: list[float] = []
+    for engine in engines:
+        engine.graphs = Recording()  # type: ignore[assignment]
+        observe = engine.policy.observe
+        engine.policy.observe = lambda d, r, observe=observe: (seconds.append(r.seconds), observe(d, r))[1]
+        engine.add_request("r", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=6, ignore_eos=True))
+        engine.add_request("s", prompt_token_ids=[8, 6], params=SamplingParams(max_tokens=4), adapter="lora-0")
+        while engine.has_unfinished():
+            engine.step()
+    assert min(seconds) >= 0
+    assert engines[0].stats.adapter_tokens == engines[1].stats.adapter_tokens
+    assert engines[0].stats.tokens_generated == engines[1].stats.tokens_generated

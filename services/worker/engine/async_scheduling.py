@@ -41,55 +41,73 @@ if TYPE_CHECKING:
 @dataclass
 class InFlight:
     """A step launched whose tokens are not on the host yet: what sampled (row i of ``sampled``),
-    with its logits (B, vocab) for the logprobs, and the seconds of CUDA graph recording its
-    launch took (not the step's own)."""
+    with its logits (B, vocab), its logprobs where asked (computed with the draw), and the seconds
+    of its own host work in the call that launched it (``step``'s accounting)."""
 
     decision: StepDecision
     step: PreparedStep
     ran: list[Sequence]
     logits: torch.Tensor
     sampled: Sampled
-    recording_s: float
-    logprobs: LaunchedLogprobs | None  # of the rows that ask, computed with the draw
+    logprobs: LaunchedLogprobs | None
+    launched_s: float
 
 
 def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput]:
     """``LLMEngine.step`` under async scheduling: decide, prepare and launch this step (the
     reserved tokens of the one in flight taken on the device), take in the one in flight (its
-    outputs are what this returns, with this step's failures), then queue this step's sampling
-    and leave it in flight."""
+    outputs are what this returns, then this step's failures), then queue this step's sampling
+    and leave it in flight.
+
+    A step's seconds for the stats and the policy are host time within the calls, split where
+    the last step was taken in: its own call from then (or from its start, with nothing taken),
+    and the next call up to its being taken in, less that call's switch and graph recording. The
+    worker's work between calls is left out, as the synchronous step leaves it out."""
     e = engine
+    call_start = e.clock()
     last = e._in_flight  # left in flight should deciding or preparing raise
     if e.seqs:
         decision = decision or e.policy.decide(e.queue(), e.merger.merged)
-    prepared = e._prepare(decision) if decision is not None else None
+    prepared = e._prepare(decision) if e.seqs and decision is not None else None
     e._in_flight = None
-    outputs: list[RequestOutput] = []
+    failures: list[tuple[Sequence, str]] = []
     recording_s = 0.0
     if prepared is not None:
         graphs = e.graphs
         rows = {s.request_id: (s, i) for i, s in enumerate(last.ran)} if last is not None else {}
         carry = Carry(last.sampled.tokens, rows) if last is not None else None
-        ran, logits, outputs = e._forward(prepared.batch, prepared.slots, carry)
+        ran, logits, failures = e._forward(prepared.batch, prepared.slots, carry)
         recorded, recording_s = graphs.take_recorded() if graphs is not None else (0, 0.0)
         e.stats.record_graphs(recorded, recording_s)
-    if last is not None:  # its time runs until now, less what this step's switch took
-        later_s = prepared.merge_s + prepared.unmerge_s + recording_s if prepared is not None else 0.0
-        outputs = take(e, last, later_s) + outputs
+    if last is not None:  # kept on the engine until returned: a raise below must not lose them
+        switch_s = prepared.merge_s + prepared.unmerge_s if prepared is not None else 0.0
+        e._taken += take(e, last, call_start, switch_s + recording_s)
+    # Failed after the last step's token came in, and only where its request goes on.
+    e._taken += [e._fail(seq, why) for seq, why in failures if e.seqs.get(seq.request_id) is seq]
     if prepared is None or decision is None:
-        return outputs
+        return _hand_out(e)
+    begun = e.clock() if last is not None else prepared.started + recording_s
     live = [i for i, s in enumerate(ran) if e.seqs.get(s.request_id) is s]  # not ended by the last step
     if len(live) < len(ran):
         ran, logits = [ran[i] for i in live], rows_of(logits, live)
     ran, logits = e._written(ran, logits)
     e.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
-    if logits is None or not ran:  # prefill chunks only: nothing to take in later
-        e._observe(decision, prepared, 0, [e.clock() - prepared.started - recording_s])
-        return outputs
+    if logits is None or not ran:  # prefill chunks, or requests the last step ended: no token
+        prepared.made = [False] * len(prepared.batch)
+        e._observe(decision, prepared, 0, [e.clock() - begun])
+        return _hand_out(e)
     sampled = sample_sequences(logits, ran, e._rng, e.eos_ids, e.grammars)
     for s in ran:
         reserve(s)
-    e._in_flight = InFlight(decision, prepared, ran, logits, sampled, recording_s, _logprobs(logits, ran, sampled))
+    logprobs = _logprobs(logits, ran, sampled)
+    e._in_flight = InFlight(decision, prepared, ran, logits, sampled, logprobs, e.clock() - begun)
+    return _hand_out(e)
+
+
+def _hand_out(engine: LLMEngine) -> list[RequestOutput]:
+    """What this call took in, returned now (until then ``fail_all`` returns it, should the call
+    raise after taking in a step that ended some requests)."""
+    outputs, engine._taken = engine._taken, []
     return outputs
 
 
@@ -108,22 +126,19 @@ def _logprobs(logits: torch.Tensor, ran: list[Sequence], sampled: Sampled) -> La
         return None
 
 
-def take(engine: LLMEngine, f: InFlight, later_s: float) -> list[RequestOutput]:
+def take(engine: LLMEngine, f: InFlight, since: float, later_s: float = 0.0) -> list[RequestOutput]:
     """Take in a step left in flight: its tokens into their sequences (those still here), its
-    record to the stats and the policy. Its seconds: since the step before it was taken in (or
-    since it began, if later), less ``later_s`` spent meanwhile on the next step's switch."""
+    record to the stats and the policy. Its seconds: those of its launch, and these since
+    ``since`` (this call's start) less ``later_s`` spent meanwhile on the next step."""
     e = engine
     outputs = e._postprocess(f.ran, f.logits, f.sampled.result(), reserved=True, launched=f.logprobs)
-    now = e.clock()
     produced = {o.request_id for o in outputs if o.new_token_ids}
     f.step.made = [s.request_id in produced for s in f.step.batch]  # read now: the next step may preempt them
-    seconds = now - max(f.step.started, e._taken_at) - f.recording_s - later_s
-    e._observe(f.decision, f.step, len(produced), [seconds])
-    e._taken_at = now
+    e._observe(f.decision, f.step, len(produced), [f.launched_s + e.clock() - since - later_s])
     return outputs
 
 
 def drain(engine: LLMEngine) -> list[RequestOutput]:
     """``LLMEngine.drain``: the step in flight taken in now; none: nothing."""
     f, engine._in_flight = engine._in_flight, None
-    return take(engine, f, 0.0) if f is not None else []
+    return take(engine, f, engine.clock()) if f is not None else []

@@ -138,7 +138,7 @@ class LLMEngine:
         self.adapters: dict[str, LoraAdapter] = {}
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: InFlight | None = None  # async scheduling's step whose tokens are on their way
-        self._taken_at = 0.0  # when the last step's tokens were taken in (the clock)
+        self._taken: list[RequestOutput] = []  # its outputs once taken in, until ``step`` returns them
         self.stats = EngineStats()
         self.graphs: DecodeGraphs | None = None  # the decode steps' CUDA graphs, made with the model on a GPU
         self._arrivals = 0
@@ -165,7 +165,9 @@ class LLMEngine:
         """The adapters requests in flight run on, and those of a step still in flight (async
         scheduling: its record names them when it is taken in, whether or not they were aborted)."""
         held = {s.adapter for s in self.seqs.values()}
-        return held | {a for a, _ in self._in_flight.step.fed} if self._in_flight is not None else held
+        if (f := self._in_flight) is not None:
+            held |= {a for a, _ in f.step.fed} | {f.step.merged}
+        return held
 
     def unregister_adapter(self, name: str) -> None:
         """Drop an adapter: unmerged if merged, its device slot freed (AdapterError if unknown or in use)."""
@@ -261,7 +263,8 @@ class LLMEngine:
     def fail_all(self, reason: str) -> list[RequestOutput]:
         """End every request in flight with ``reason`` (after a step failed outside any one of them)."""
         self._in_flight = None  # its tokens are theirs: they fail instead
-        return [self._fail(seq, reason) for seq in list(self.seqs.values())]
+        taken, self._taken = self._taken, []  # ended ones among them too (async scheduling)
+        return taken + [self._fail(seq, reason) for seq in list(self.seqs.values())]
 
     def drain(self) -> list[RequestOutput]:
         """The outputs of the step left in flight by async scheduling (none otherwise), taken in
@@ -324,7 +327,8 @@ class LLMEngine:
     ) -> tuple[list[Sequence], torch.Tensor | None, list[int | SamplingError], list[RequestOutput]]:
         """The forward and sampling: the sequences that ran to a new token, their logits (B, vocab),
         one token (or the sampler's error) each, and failure outputs of those that could not run."""
-        ran, logits, failed = self._forward(step.batch, step.slots)
+        ran, logits, failures = self._forward(step.batch, step.slots)
+        failed = [self._fail(seq, why) for seq, why in failures]
         ran, logits = self._written(ran, logits)
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         if logits is None:
@@ -430,7 +434,7 @@ class LLMEngine:
 
     def _forward(
         self, batch: list[Sequence], slots: StepSlots, carry: Carry | None = None
-    ) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
+    ) -> tuple[list[Sequence], torch.Tensor | None, list[tuple[Sequence, str]]]:
         return forward.run(self, batch, slots, carry)
 
     def switch(self, merged: str | None) -> tuple[float, float]:

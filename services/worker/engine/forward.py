@@ -1,5 +1,5 @@
 """The model's forward over a step's batch, through the decode CUDA graphs where they take it,
-eagerly otherwise; a request whose forward fails fails alone (``run``)."""
+eagerly otherwise; a request whose forward fails fails alone (``run``: the caller ends it)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dlora.common import log
 from dlora.services.worker.engine import prompt_logprobs
 from dlora.services.worker.engine.faults import describe, raise_if_lost
 from dlora.services.worker.engine.inputs import Carry
-from dlora.services.worker.engine.outputs import RequestOutput
 from dlora.services.worker.engine.placement import StepSlots
 from dlora.services.worker.engine.sequence import Sequence
 
@@ -23,9 +22,10 @@ logger = log.get("engine")
 
 def run(
     engine: LLMEngine, batch: list[Sequence], slots: StepSlots, carry: Carry | None = None
-) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
-    """Logits (B, vocab) of the sequences that ran, and failure outputs for those that could
-    not; the tokens the last step reserved taken from ``carry``. When the batch's forward
+) -> tuple[list[Sequence], torch.Tensor | None, list[tuple[Sequence, str]]]:
+    """Logits (B, vocab) of the sequences that ran, and those that could not with the reason
+    (for the caller to fail: with async scheduling, after the last step's token is taken in);
+    the tokens the last step reserved taken from ``carry``. When the batch's forward
     raises, each sequence runs alone, so a request that brings the model down fails by itself
     and its batch mates go on (their KV writes repeat the same values into the same slots, so
     a second pass is harmless)."""
@@ -41,7 +41,7 @@ def run(
     except Exception as e:  # noqa: BLE001 - see the docstring
         raise_if_lost(e)
         if len(batch) == 1:
-            return [], None, [engine._fail(batch[0], f"the model step failed: {describe(e)}")]
+            return [], None, [(batch[0], f"the model step failed: {describe(e)}")]
     ran, rows, failed = [], [], []
     for seq in batch:
         try:
@@ -49,5 +49,5 @@ def run(
             ran.append(seq)
         except Exception as e:  # noqa: BLE001
             raise_if_lost(e)
-            failed.append(engine._fail(seq, f"the model step failed: {describe(e)}"))
+            failed.append((seq, f"the model step failed: {describe(e)}"))
     return ran, torch.cat(rows) if rows else None, failed
