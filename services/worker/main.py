@@ -419,7 +419,17 @@ class WorkerService:
         ]
         await self.nc.flush()
         warm = asyncio.create_task(asyncio.to_thread(self.engine.grammars.warm))  # ~1 s: off the loop
-        logger.info("worker ready", worker=self.s.worker_id)
+        e = self.engine
+        cuda_graphs = e.graphs is not None  # what a vLLM user looks for in the start-up line
+        logger.info(
+            "worker ready",
+            worker=self.s.worker_id,
+            device=str(e.device),
+            dtype=str(e.dtype).removeprefix("torch."),
+            kernels=e.kernels.name,
+            cuda_graphs=cuda_graphs,
+            async_scheduling=e.config.async_scheduling,
+        )
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
             done = asyncio.Event()  # stopped and drained: the stats and heartbeat go on until then
