@@ -12,6 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under xdist (make test: two workers on two cores) one thread per process, here and in the
+# services the tests start: each process's OpenMP pool of one thread a core oversubscribed the
+# cores, and its threads spin while they wait (the engine tests ran twice as long).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 from dlora.model.make_tiny import TinyOutput, make_tiny
 
 
