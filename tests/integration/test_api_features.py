@@ -28,13 +28,16 @@ async def test_completion_logprobs(stack: Stack) -> None:
     # the streamed events carry the same numbers
     events = await stream(stack, "/v1/completions", body)
     streamed = [lp for e in events[:-1] for lp in (e["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
-    assert streamed == lp["token_logprobs"]
+    # The same to float rounding: a later request's prefill starts from the prompt's cached
+    # blocks, and a shorter matmul may round the 7th digit otherwise.
+    assert streamed == pytest.approx(lp["token_logprobs"], abs=1e-5)
     # vLLM's return_tokens_as_token_ids: the same tokens, each named by its id, streamed too
     status, by_id = await post(stack, "/v1/completions", {**body, "return_tokens_as_token_ids": True})
     assert status == 200 and by_id["choices"][0]["text"] == choice["text"]
     named = by_id["choices"][0]["logprobs"]
     assert all(t.startswith("token_id:") and t[9:].isdigit() for t in named["tokens"])
-    assert named["token_logprobs"] == lp["token_logprobs"] and named["text_offset"] == lp["text_offset"]
+    assert named["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert named["text_offset"] == lp["text_offset"]
     events = await stream(stack, "/v1/completions", {**body, "return_tokens_as_token_ids": True})
     assert [t for e in events[:-1] for t in (e["choices"][0]["logprobs"] or {}).get("tokens", [])] == named["tokens"]
 
