@@ -16,8 +16,7 @@ from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.graphs import decode_graphs
 from dlora.services.worker.engine.inputs import Carry, carry_into
 from dlora.services.worker.engine.lora import AdapterError
-from dlora.services.worker.engine.outputs import RESERVED
-from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.engine.sequence import RESERVED, Sequence, Status
 from dlora.services.worker.policy import StepDecision
 from tests.engine.helpers import make_engine
 from tests.engine.test_structured import SCHEMA

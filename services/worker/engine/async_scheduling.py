@@ -83,11 +83,11 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
         switch_s = prepared.merge_s + prepared.unmerge_s if prepared is not None else 0.0
         e._taken += take(e, last, call_start, switch_s + recording_s)
     # Failed after the last step's token came in, and only where its request goes on.
-    e._taken += [e._fail(seq, why) for seq, why in failures if e.seqs.get(seq.request_id) is seq]
+    e._taken += [e._fail(seq, why) for seq, why in failures if e.holds(seq)]
     if prepared is None or decision is None:
         return _hand_out(e)
     begun = e.clock() if last is not None else prepared.started + recording_s
-    live = [i for i, s in enumerate(ran) if e.seqs.get(s.request_id) is s]  # not ended by the last step
+    live = [i for i, s in enumerate(ran) if e.holds(s)]  # not ended by the last step
     if len(live) < len(ran):
         ran, logits = [ran[i] for i in live], rows_of(logits, live)
     ran, logits = e._written(ran, logits)

@@ -31,7 +31,6 @@ from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_ad
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import (
-    RESERVED,
     LaunchedLogprobs,
     RequestError,
     RequestOutput,
@@ -249,7 +248,7 @@ class LLMEngine:
         RuntimeError while its last token is in flight (async scheduling): ``drain`` first."""
         if (seq := self.seqs.get(request_id)) is None or seq.status is not Status.RUNNING or not seq.num_cached:
             return None
-        if seq.output_ids and seq.output_ids[-1] == RESERVED:
+        if seq.in_flight:
             raise RuntimeError(f"request {request_id!r} has a token in flight: drain() the engine first")
         return export_kv(seq, self.blocks, self.model.kv)
 
@@ -271,6 +270,11 @@ class LLMEngine:
         now. Call it before reading a running sequence's tokens from outside (``export_kv``, a
         move): until then its last one is ``RESERVED``."""
         return async_scheduling.drain(self)
+
+    def holds(self, seq: Sequence) -> bool:
+        """Whether ``seq`` is still in flight here: not ended, aborted or replaced under its id
+        since a step ran it (async scheduling takes a step in a call later)."""
+        return self.seqs.get(seq.request_id) is seq
 
     def has_unfinished(self) -> bool:
         return bool(self.seqs) or self._in_flight is not None
@@ -374,7 +378,7 @@ class LLMEngine:
         tokens' places were reserved when drawn (async scheduling); one ended or dropped since is
         passed over."""
         outputs = []
-        gone = {i for i, s in enumerate(ran) if reserved and self.seqs.get(s.request_id) is not s}
+        gone = {i for i, s in enumerate(ran) if not self.holds(s)} if reserved else set()
         wanted = {
             i: (tok, seq.params.logprobs)
             for i, (seq, tok) in enumerate(zip(ran, tokens))
@@ -483,7 +487,7 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> RequestOutput:
         """End a request whose step failed; its output carries the reason and whose fault (``code``)."""
-        if seq.output_ids and seq.output_ids[-1] == RESERVED:  # a token in flight: never made
+        if seq.in_flight:  # a token never made
             seq.output_ids.pop()
         self._finish(seq, FinishReason.ERROR)
         return failed_output(seq, reason, code)

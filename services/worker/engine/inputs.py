@@ -12,7 +12,6 @@ from dlora.kernels.backend import Kernels
 from dlora.kernels.host import to_device
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.model import StepInputs
-from dlora.services.worker.engine.outputs import RESERVED
 from dlora.services.worker.engine.placement import StepSlots
 from dlora.services.worker.engine.sequence import Sequence
 
@@ -75,7 +74,7 @@ def carry_into(ids: torch.Tensor, batch: list[Sequence], carry: Carry | None) ->
     for s in batch:
         hit = carry.rows.get(s.request_id)
         last = s.total_len - 1
-        if hit is not None and hit[0] is s and s.output_ids[-1] == RESERVED and last < s.num_cached + s.num_scheduled:
+        if hit is not None and hit[0] is s and s.in_flight and last < s.num_cached + s.num_scheduled:
             dst.append(offset + last - s.num_cached)
             src.append(hit[1])
         offset += s.num_scheduled

@@ -10,7 +10,7 @@ import torch
 from dlora.common.messages import ErrorCode, FinishReason, TokenLogprob
 from dlora.kernels.host import HostCopy, to_device
 from dlora.services.worker.engine.faults import raise_if_lost
-from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.engine.sequence import RESERVED, Sequence, Status
 from dlora.services.worker.engine.stopping import check_stop, visible_end
 
 
@@ -122,10 +122,6 @@ def launch_logprobs(logits: torch.Tensor, chosen: torch.Tensor, tops: dict[int, 
         best = torch.topk(lp, top)
         parts += [best.values, best.indices.to(lp.dtype)]
     return LaunchedLogprobs(rows, tops, sizes, torch.cat(parts, dim=1))
-
-
-# The value of a token sampled but not yet on the host (async scheduling): never a vocabulary id.
-RESERVED = -1
 
 
 def reserve(seq: Sequence) -> None:

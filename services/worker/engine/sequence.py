@@ -10,6 +10,9 @@ from typing import Any
 from dlora.common.messages import FinishReason, SamplingParams, TokenLogprob
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
 
+# The value of a token sampled but not yet on the host (async scheduling): never a vocabulary id.
+RESERVED = -1
+
 
 class Status(enum.Enum):
     # Needs a prefill (new, or preempted); holds blocks once a chunk of it or a cached prefix is in
@@ -48,6 +51,11 @@ class Sequence:
         """A prefix-cache key (which weights compute its KV) made this request's: with its salt, if
         it has one, so that only requests that know the salt find its blocks (and time their hits)."""
         return key + b"\x00salt=" + self.cache_salt.encode() if self.cache_salt else key
+
+    @property
+    def in_flight(self) -> bool:
+        """Its last token is reserved, its value not yet on the host (async scheduling)."""
+        return bool(self.output_ids) and self.output_ids[-1] == RESERVED
 
     @property
     def collects_prompt_logprobs(self) -> bool:
