@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from dlora.kernels import attention_triton, lora_fused_triton, lora_triton, norm_triton, rope_triton
+from dlora.kernels import attention_triton, exponential_triton, lora_fused_triton, lora_triton, norm_triton, rope_triton
 from dlora.kernels.attention_triton import build_paged_metadata
 from dlora.kernels.lora_triton import LoraBatch, LoraBlocks, LoraPasses
 from tests.kernels import test_attention_kernels, test_lora_kernels
@@ -189,3 +189,13 @@ def test_norm_and_rope_kernels_specialize_once_whatever_the_batch() -> None:
         "_silu_and_mul_kernel": 1,
         "_rope_and_cache_kernel": 1,
     }
+
+
+def test_the_samplers_draws_specialize_once_whatever_the_rows() -> None:
+    """One key per vocabulary and output (draws or uniforms), for any number of sampled rows."""
+    keys: set[tuple] = set()
+    for rows in (1, 2, 7, 16, 33, 64, 257):
+        with recorded(exponential_triton._exponential_kernel) as launched:
+            exponential_triton.exponentials_triton(torch.arange(rows, device=device()), 32000)
+        keys.update(launched["_exponential_kernel"])
+    assert len(keys) == 1, keys

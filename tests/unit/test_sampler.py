@@ -293,3 +293,18 @@ def test_a_cuda_device_without_a_gpu_is_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="no CUDA device"):
         resolve_device("cuda:0", "auto")
+
+
+def test_keys_for_the_gpus_draws_keep_every_rows_source() -> None:
+    """A GPU draws every sampled row from one Philox key each (``sampler._keys``): a key stays
+    itself (as the int64 with its bits), the rows of one host generator take its next draws in
+    row order (one call), rows without a generator draw theirs on the device."""
+    g, h = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    want_g = torch.randint(sampler._MASK, (2,), generator=torch.Generator().manual_seed(3)).tolist()
+    want_h = torch.randint(sampler._MASK, (1,), generator=torch.Generator().manual_seed(4)).tolist()
+    torch.manual_seed(11)
+    keys = sampler._keys([5, 2**64 - 1, g, None, h, g, None], torch.device("cpu")).tolist()
+    torch.manual_seed(11)
+    fresh = torch.randint(sampler._MASK, (2,)).tolist()
+    assert keys == [5, -1, want_g[0], fresh[0], want_h[0], want_g[1], fresh[1]]
+    assert sampler.position_generator(7, 2).initial_seed() == sampler.position_key(7, 2)  # a CPU row's seed

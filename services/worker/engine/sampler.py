@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from dlora.services.worker.engine.sequence import Sequence
     from dlora.services.worker.engine.structured import Grammars
 
+# What a sampled row draws from: a 64-bit key (``position_key``), a generator, or None (the
+# engine's default generator on the row's device).
+RowRandom = int | torch.Generator | None
+
 # Temperatures below this sample greedily (vLLM: vllm/sampling_params.py, _SAMPLING_EPS = 1e-5).
 GREEDY_BELOW = 1e-5
 
@@ -99,7 +103,7 @@ def apply_penalties_rows(
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    generators: list[RowRandom],
     histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[int | SamplingError]:
     """Next token id per row of logits (B, vocab), fp32: ``launch_sample``'s, waited for."""
@@ -159,21 +163,22 @@ class Sampled:
 def launch_sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    generators: list[RowRandom],
     histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> Sampled:
     """Next token id per row of logits (B, vocab), fp32, queued on the logits' device. Greedy
     rows take the argmax.
 
-    Rows that sample draw from their own generator when they have one, so a seeded request gives
-    the same tokens whatever else shares its batch. Rows with penalties are penalised first by
-    their (prompt ids, output ids) in ``histories``. A row that cannot be sampled (its logits hold
-    NaN or infinity) gets a ``SamplingError`` in its place instead of a token.
+    Rows that sample draw from their own key or generator (``generators``, ``RowRandom``) when they
+    have one, so a seeded request gives the same tokens whatever else shares its batch. Rows with
+    penalties are penalised first by their (prompt ids, output ids) in ``histories``. A row that
+    cannot be sampled (its logits hold NaN or infinity) gets a ``SamplingError`` in its place
+    instead of a token.
 
     Every row at once, as vLLM's sampler works: one pass gives each row's maximum and argmax (the
     maximum says whether the row can be used), the rows that sample are filtered together
     (``filtered_probs_rows``) and drawn by the exponential race (the argmax of p / E, E ~ Exp(1)
-    from the row's generator, is a draw from p), and what the host needs comes back in one
+    from the row's key or generator, is a draw from p; ``_exponentials``), and what the host needs comes back in one
     transfer: on a GPU the step waits for nothing else (it waited for several per sampled row).
     A row whose every token is masked (-inf) gets ``NothingAllowed`` (the request's constraints
     leave none: its fault).
@@ -220,20 +225,58 @@ def _why(e: object, p: SamplingParams) -> str:
     )
 
 
-def _exponentials(generators: list[torch.Generator | None], vocab: int, device: torch.device) -> torch.Tensor:
-    """(len(generators), vocab) draws of Exp(1), row i from ``generators[i]`` (None: the device's
-    default). A CPU generator given for a GPU row seeds a generator there from one draw of its own
-    (no host copy of the row; the draw stays fixed by the CPU generator's state). Never 0: p / 0
-    would be NaN for p = 0 and win the argmax."""
-    q = torch.empty(len(generators), vocab, device=device)
-    for i, g in enumerate(generators):
+def _exponentials(sources: list[RowRandom], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(sources), vocab) draws of Exp(1), row i from ``sources[i]``: a key (``position_key``),
+    a generator, or None (the engine's default generator on the device). Never 0: p / 0 would be
+    NaN for p = 0 and win the argmax.
+
+    On a GPU every row in one launch (``kernels/exponential_triton.py``: Philox keyed per row): a
+    key is the row's own stream, a generator gives the row a key of one draw of its own, None rows
+    draw theirs on the device. A generator and a launch per row cost ~30 µs of host time each.
+    On a CPU torch's generators, one per row (a key seeds one): the Philox reference costs some
+    120 elementwise passes there, torch's CPU generator one."""
+    if device.type == "cuda":
+        from dlora.kernels.exponential_triton import exponentials_triton
+
+        return exponentials_triton(_keys(sources, device), vocab)
+    q = torch.empty(len(sources), vocab, device=device)
+    for i, s in enumerate(sources):
+        g = torch.Generator().manual_seed(s) if isinstance(s, int) else s
         if g is not None and not _same_device(g.device, q.device):
             g = torch.Generator(q.device).manual_seed(int(torch.randint(_MASK, (1,), generator=g)))
         q[i].exponential_(generator=g)
     return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
 
+def _keys(sources: list[RowRandom], device: torch.device) -> torch.Tensor:
+    """One int64 Philox key per row on ``device``, copied or drawn without waiting for the device:
+    a key as it is (as a signed 64-bit word), a host generator's rows one draw of it each (one
+    call per generator), None rows one draw on the device, a device generator's rows a draw there."""
+    host = [_signed64(s) if isinstance(s, int) else 0 for s in sources]
+    by_generator: dict[int, list[int]] = {}
+    for i, s in enumerate(sources):
+        if isinstance(s, torch.Generator) and s.device.type == "cpu":
+            by_generator.setdefault(id(s), []).append(i)
+    for rows in by_generator.values():
+        g = cast(torch.Generator, sources[rows[0]])
+        for i, key in zip(rows, torch.randint(_MASK, (len(rows),), generator=g).tolist()):
+            host[i] = key
+    keys = to_device(host, torch.int64, device)
+    fresh = [i for i, s in enumerate(sources) if s is None]
+    if fresh:
+        keys.index_copy_(0, to_device(fresh, torch.int64, device), torch.randint(_MASK, (len(fresh),), device=device))
+    for i, s in enumerate(sources):
+        if isinstance(s, torch.Generator) and s.device.type != "cpu":
+            keys[i] = torch.randint(_MASK, (1,), generator=s, device=s.device)[0].to(device)
+    return keys
+
+
 _MASK = (1 << 63) - 1
+
+
+def _signed64(key: int) -> int:
+    """A 64-bit key in [0, 2**64) as the int64 with the same bits."""
+    return key - (1 << 64) if key >= 1 << 63 else key
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -241,18 +284,21 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
-def position_generator(seed: int, position: int) -> torch.Generator:
-    """The generator for a seeded request's draw at output ``position``. Keyed by position rather
-    than carried along, so a request resumed elsewhere (moved, or after its worker died) draws
-    what it would have drawn had it stayed: a token regenerated after a crash is the one the
-    client already has.
+def position_key(seed: int, position: int) -> int:
+    """The 64-bit key of a seeded request's draw at output ``position``: its generator's seed on a
+    CPU (``position_generator``), its Philox key on a GPU. Keyed by position rather than carried
+    along, so a request resumed elsewhere (moved, or after its worker died) draws what it would
+    have drawn had it stayed: a token regenerated after a crash is the one the client already has.
 
-    The pair is hashed (BLAKE2b, 64 bits) into the generator's seed: torch's CPU generator
-    (mt19937) keeps only the low 32 bits of what it is seeded with, so a seed mixed arithmetically
-    made whole families of request seeds draw alike (s and s + 2**32; -1 and 2**63 - 1). Hashed,
-    two pairs meet only by chance."""
-    digest = hashlib.blake2b(b"%d:%d" % (seed, position), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    The pair is hashed (BLAKE2b, 64 bits): torch's CPU generator (mt19937) keeps only the low 32
+    bits of what it is seeded with, so a seed mixed arithmetically made whole families of request
+    seeds draw alike (s and s + 2**32; -1 and 2**63 - 1). Hashed, two pairs meet only by chance."""
+    return int.from_bytes(hashlib.blake2b(b"%d:%d" % (seed, position), digest_size=8).digest(), "little")
+
+
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """A CPU generator seeded with ``position_key(seed, position)``: what a CPU row draws from."""
+    return torch.Generator().manual_seed(position_key(seed, position))
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -405,8 +451,8 @@ def sample_sequences(
     restricted (``logit_bias``, ``min_tokens``, ``bad_words``, ``allowed_token_ids``), constrained
     by its structured-output matcher (made by ``grammars``), penalised by its history, and drawn
     from its seed's generator at its position (``rng`` without a seed)."""
-    generators = [
-        position_generator(s.params.seed, len(s.output_ids)) if s.params.seed is not None else rng for s in seqs
+    generators: list[RowRandom] = [
+        position_key(s.params.seed, len(s.output_ids)) if s.params.seed is not None else rng for s in seqs
     ]
     params, histories = [s.params for s in seqs], [(s.prompt_ids, s.output_ids) for s in seqs]
     banned = [banned_now(s.bad_words_ids, s.output_ids) if s.bad_words_ids else [] for s in seqs]
