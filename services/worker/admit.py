@@ -35,8 +35,9 @@ logger = log.get("worker")
 UNREADABLE_MEMORY_S = 60.0
 
 
-async def admit(w: WorkerService, req: GenerateRequest) -> None:
-    """Take ``req`` into the engine, or answer why not (each answer ends its record)."""
+async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
+    """Take ``req`` into the engine, or answer why not (each answer ends its record).
+    ``bad_words_ids``: its ``bad_words`` tokenized on arrival (None: by the engine)."""
     if w.aborted_lately(req):  # its client left before it came, or aborted its id lately
         await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
         await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id))
@@ -68,14 +69,14 @@ async def admit(w: WorkerService, req: GenerateRequest) -> None:
         start = time.monotonic()
         kv = await _take_kv(w, req) if req.kv_chunks else None
         try:
-            _add_to_engine(w, req, kv)
+            _add_to_engine(w, req, kv, bad_words_ids)
             if kv is not None:  # what shipping this cache cost: the source's export, then our stall
                 w.kv_seconds += req.kv_export_s + time.monotonic() - start
                 w.kv_tokens += kv.tokens
         except RequestError:
             if kv is None:
                 raise
-            _add_to_engine(w, req, None)  # the cache does not fit here: recompute instead
+            _add_to_engine(w, req, None, bad_words_ids)  # the cache does not fit here: recompute instead
         w.streams[req.request_id] = open_stream(req, time.monotonic())
         return
     except AdapterNotFound as e:
@@ -98,7 +99,9 @@ async def _take_kv(w: WorkerService, req: GenerateRequest) -> KVSnapshot | None:
     return kv
 
 
-def _add_to_engine(w: WorkerService, req: GenerateRequest, kv: KVSnapshot | None) -> None:
+def _add_to_engine(
+    w: WorkerService, req: GenerateRequest, kv: KVSnapshot | None, bad_words_ids: list[list[int]] | None
+) -> None:
     adapter = engine_key(req.adapter, req.adapter_version or "") if req.adapter is not None else None
     w.engine.add_request(
         req.request_id,
@@ -113,6 +116,7 @@ def _add_to_engine(w: WorkerService, req: GenerateRequest, kv: KVSnapshot | None
         priority=req.priority,
         continued=req.continued,
         cache_salt=req.cache_salt,
+        bad_words_ids=bad_words_ids,
     )
 
 

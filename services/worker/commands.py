@@ -11,6 +11,8 @@ from dlora.services.worker.moves import Move
 @dataclass(frozen=True)
 class Add:
     req: GenerateRequest
+    # The token sequences of its ``bad_words``, tokenized on arrival (None: the engine tokenizes them).
+    bad_words_ids: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from dlora.services.worker.moves import Move, moves_to_take
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import worker_stats
+from dlora.services.worker.tokenized import Tokenized
 
 logger = log.get("worker")
 
@@ -110,18 +111,24 @@ class WorkerService:
         self.registered: dict[str, int] = {}  # adapter name -> rank, as the registry last listed them
         self._listed_at = -_LIST_EVERY_S
         self.metrics = WorkerMetrics(settings.worker_id, lambda: worker_view(self))
+        self.tokenized = Tokenized(engine.tokenizer)  # arriving requests' prompts and bad_words
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
         self.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
         self.pending.add(req.request_id)
+        # Here, on threads beside the engine's steps (``Tokenized``): in the command loop a 1 MB
+        # prompt (~1 s) held every stream. An input the tokenizer refuses is left to the engine to refuse.
         if req.prompt is not None and req.prompt_token_ids is None:
-            # Here, on a thread beside the engine's steps: in the command loop a 1 MB prompt (~1 s)
-            # held every stream. A prompt the tokenizer refuses is left to the engine to refuse.
             with contextlib.suppress(Exception):
-                ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
-                req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=list(ids))
-        await self.commands.put(Add(req))
+                req = msgspec.structs.replace(
+                    req, prompt=None, prompt_token_ids=await self.tokenized.prompt(req.prompt)
+                )
+        bad_words_ids = None
+        if req.params.bad_words:
+            with contextlib.suppress(Exception):
+                bad_words_ids = await self.tokenized.bad_words(req.params.bad_words)
+        await self.commands.put(Add(req, bad_words_ids))
 
     async def _on_client(self, alive: ClientAlive) -> None:
         if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
@@ -188,7 +195,7 @@ class WorkerService:
         elif isinstance(cmd, AdapterChanged):
             self.adapters.changed(cmd.name, cmd.version)
         else:
-            await self._add(cmd.req)
+            await self._add(cmd.req, cmd.bad_words_ids)
 
     async def drop(self, request_id: str, record: bool = True, attempt: int | None = None) -> None:
         """Stop a request held here without a word to its client (it went away, or another attempt
@@ -208,9 +215,9 @@ class WorkerService:
         """Whether an abort for ``req`` came lately: a gateway's, or its sender's (an app stops only its own)."""
         return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
 
-    async def _add(self, req: GenerateRequest) -> None:
+    async def _add(self, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
         try:
-            await admit(self, req)
+            await admit(self, req, bad_words_ids)
         finally:
             self.pending.discard(req.request_id)
 

@@ -197,6 +197,7 @@ class LLMEngine:
         priority: int = 0,
         continued: bool = False,
         cache_salt: str = "",
+        bad_words_ids: list[list[int]] | None = None,
     ) -> None:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated
         or lost run); generation continues after them and they are not reported again
@@ -205,7 +206,9 @@ class LLMEngine:
         another engine (``export_kv``), not recomputed. ``priority``: lower first (``fcfs_arrival``).
         ``continued``: it was on another engine before (moved, recovered, handed over), which counted
         its prompt tokens, even where it had produced nothing yet. ``cache_salt``: its prefix-cache
-        blocks are shared only with requests of the same salt (``Sequence.salted``)."""
+        blocks are shared only with requests of the same salt (``Sequence.salted``). ``bad_words_ids``:
+        the token sequences of ``params.bad_words`` (``bad_words_token_ids``), tokenized already
+        (the worker does it on arrival, off its loop); None: tokenized here."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
@@ -229,7 +232,10 @@ class LLMEngine:
             emitted=len(tail),
             cache_salt=cache_salt,
         )
-        seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words) if params.bad_words else []
+        if params.bad_words:
+            seq.bad_words_ids = (
+                bad_words_token_ids(self.tokenizer, params.bad_words) if bad_words_ids is None else bad_words_ids
+            )
         if params.allowed_token_ids:
             seq.allowed_mask = allowed_mask(params.allowed_token_ids, self.model_config.vocab_size, self.device)
         if params.structured_outputs():
