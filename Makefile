@@ -95,7 +95,9 @@ soak: setup
 # this project set up and no network: the CUDA tests and the kernel and engine benchmarks at 7B
 # widths, in one command (loadgen/gpu_check.py). What such a machine lacks travels as wheels in .whl/,
 # fetched here by `make gpu-wheels` for its Python (3.12).
-GPU_WHEELS := msgspec llguidance structlog pytest-asyncio
+# Pinned to the versions this project's venv tests with: a newer release fetched on the day could
+# need another pytest than the image's (pytest-asyncio 1.x needs pytest >= 8.2).
+GPU_WHEELS := msgspec==0.23.0 llguidance==1.9.1 structlog==26.1.0 pytest-asyncio==1.5.0
 
 # OUT=dir: also everything the run made or rewrote in dir/gpu-check.tgz (a device machine's $OUT).
 gpu-check:

@@ -44,11 +44,11 @@ CHILD = textwrap.dedent(
         for _ in range(3):
             engine.step()
     except DeviceLost as e:
-        print("lost:", e)
+        print("lost:", e, flush=True)  # flushed: the poisoned context may abort the exit
     except Exception as e:  # the worker's step turns it into DeviceLost (raise_if_lost)
-        print("lost:" if device_lost(e) else "not lost:", repr(e))
+        print("lost:" if device_lost(e) else "not lost:", repr(e), flush=True)
     else:
-        print("no error")
+        print("no error", flush=True)
     """
 )
 
