@@ -29,7 +29,7 @@ class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"  # 400
     NOT_FOUND = "not_found"  # 404: unknown adapter
     UNAVAILABLE = "unavailable"  # 503: no worker can take it
-    INTERNAL = "internal"  # 500: a bug; never expected
+    INTERNAL = "internal"  # 500: the server's fault (a bug, or an adapter's files it cannot load)
 
 
 # Characters a cache_salt may hold: 256 bits base64-encoded (vLLM's advice) are 43.

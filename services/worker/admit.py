@@ -16,6 +16,7 @@ from dlora.common.undecodable import request_head
 from dlora.services.worker.adapters import AdapterNotFound
 from dlora.services.worker.chunks import (
     aborted_chunk,
+    adapter_failure_chunk,
     error_chunk,
     open_stream,
     past_deadline,
@@ -81,8 +82,12 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         return
     except AdapterNotFound as e:
         code, reason = ErrorCode.NOT_FOUND, str(e)
-    except (RequestError, AdapterError) as e:
+    except RequestError as e:
         reason = str(e)
+    except AdapterError as e:
+        logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
+        await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
+        return
     await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -69,6 +70,20 @@ def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str,
         finish_reason=FinishReason.ERROR,
         recoveries=req.recoveries,
     )
+
+
+# An absolute path in an error's text: from a slash not inside a word up to a quote, space,
+# bracket or comma (file names with spaces are cut there: what is left still names no directory).
+_PATH = re.compile(r"(?<![\w.~])/[^\s'\"(),]+")
+
+
+def adapter_failure_chunk(req: GenerateRequest, error: str, worker: str) -> TokenChunk:
+    """The answer to a request whose adapter could not be loaded here (its files unreadable, not
+    what was registered, or invalid): the server's fault, not the request's (500, as OpenAI's
+    ``server_error``), and the files' paths left out (the worker logs them): a tenant may not see
+    where adapters live, as ``/v1/models`` shows paths to admin callers only."""
+    reason = f"adapter {req.adapter!r} could not be loaded on worker {worker}: {_PATH.sub('<path>', error)}"
+    return error_chunk(req, ErrorCode.INTERNAL, reason, worker)
 
 
 def unreadable_chunk(head: RequestHead, error: str, worker: str) -> TokenChunk:

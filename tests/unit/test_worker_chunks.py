@@ -1,0 +1,25 @@
+"""The worker's answers for requests it cannot run."""
+
+from __future__ import annotations
+
+from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams
+from dlora.services.worker.chunks import adapter_failure_chunk
+
+
+def test_an_adapter_that_cannot_be_loaded_is_the_servers_fault_and_its_paths_stay_in_the_log() -> None:
+    """A user's trial: a truncated adapter file answered a tenant's valid request with a 400
+    naming the server's directory. A 500, the reason kept, the paths left out."""
+    req = GenerateRequest(
+        request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1], params=SamplingParams(), adapter="sec2"
+    )
+    errors = [
+        "adapter 'sec2@25e1': cannot read /srv/adapters/x5/adapter_model.safetensors (data_offsets 1/2 past the end)",
+        "adapter 'sec2': the files in /srv/adapters/x7 changed since version 3f was registered",
+        "/srv/adapters/x5/adapter_config.json,is not a JSON object",
+    ]
+    for error in errors:
+        chunk = adapter_failure_chunk(req, error, "worker-0")
+        assert chunk.error_code is ErrorCode.INTERNAL and chunk.error is not None
+        assert "/srv" not in chunk.error and "<path>" in chunk.error, chunk.error
+        assert chunk.error.startswith("adapter 'sec2' could not be loaded on worker worker-0: ")
+    assert "1/2 past the end" in adapter_failure_chunk(req, errors[0], "w").error  # not a path
