@@ -83,20 +83,31 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     return out
 
 
+# OpenAI's function names (the API reference, FunctionDefinition.name).
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
 def forced_tool(body: Body) -> ToolFunction | None:
     """The function a chat's ``tool_choice`` names, whose call answers each choice; None: the
     choices are text ("none", or no tools: the tools, if any, are only rendered by the template),
     lists of calls ("required", ``tools_required``), or text read for calls ("auto", ``auto_tools``).
 
     Raises:
-        APIError(400): a tool of another type than function; a tool_choice without tools; a named
-            function that is not among them.
+        APIError(400): a tool of another type than function; a function name OpenAI refuses (not
+            1-64 of a-z, A-Z, 0-9, _ and -) or given twice (a call could not say which it means);
+            a tool_choice without tools; a named function that is not among them.
     """
     if not isinstance(body, ChatBody):
         return None
     tools, choice = body.tools or [], body.tool_choice
     if bad := [t.type for t in tools if t.type != "function"]:
         raise APIError(400, f"tools of type {bad[0]!r} are not supported (only function)", param="tools")
+    names = [t.function.name for t in tools]
+    if bad := [n for n in names if not _FUNCTION_NAME.fullmatch(n)]:
+        why = f"tools: function name {bad[0]!r} must be 1 to 64 of a-z, A-Z, 0-9, underscores and dashes"
+        raise APIError(400, why, param="tools")
+    if twice := [n for n in dict.fromkeys(names) if names.count(n) > 1]:
+        raise APIError(400, f"tools: function name {twice[0]!r} is given more than once", param="tools")
     if choice in (None, "none", "auto"):
         return None
     if not tools:  # vLLM's words

@@ -421,8 +421,8 @@ def chat_prompt_ids(
 
     Raises:
         APIError(400): no messages, an unknown role, a message other than an assistant's without
-            content, tool calls, audio or non-text content, or a template that refuses the
-            conversation (its reason).
+            content, a tool message without tool_call_id, tool calls, audio or non-text content, or
+            a template that refuses the conversation (its reason).
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
@@ -435,6 +435,10 @@ def chat_prompt_ids(
             raise APIError(400, f"messages: {field} in a {m.role} message is not supported", param="messages")
         if m.content is None and m.role != "assistant":  # only an assistant's turn may omit it (the spec)
             raise APIError(400, f"messages: a {m.role} message needs content", param="messages")
+        if m.role == "tool" and not m.tool_call_id:  # the spec requires it: which call this answers
+            raise APIError(
+                400, "messages: a tool message needs the tool_call_id of the call it answers", param="messages"
+            )
         parts = [] if isinstance(m.content, str) or m.content is None else m.content
         other = sorted({p.type for p in parts if p.type != "text"})
         if other:  # never dropped silently: the model would answer as if it were not there

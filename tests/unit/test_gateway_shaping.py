@@ -423,6 +423,17 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
     assert tok.decode(shape(served, {"messages": tool}, chat=True).choices[0].request.prompt_token_ids).endswith(
         "user:-;tool:call-7;"
     )
+    # one without it answers no call the spec can name (OpenAI requires it): refused, not rendered
+    untied = [tool[0], {"role": "tool", "content": "b"}]
+    assert "tool_call_id" in refused(served, {"messages": untied}, chat=True).message
+    # function names as OpenAI takes them, each once (a call must say which it means)
+    fn = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    assert shape(served, {"messages": plain, "tools": [fn], "tool_choice": "required"}, chat=True).choices
+    for name in ("", "a b", "x" * 65, "naïve"):
+        bad = {"type": "function", "function": {"name": name}}
+        assert refused(served, {"messages": plain, "tools": [bad]}, chat=True).param == "tools", name
+    twice = {"messages": plain, "tools": [fn, fn], "tool_choice": "required"}
+    assert "more than once" in refused(served, twice, chat=True).message
     # and so do the request's tools and an assistant's earlier calls (vLLM passes both, each call's
     # arguments parsed from their JSON text, so a template's tojson does not quote them twice)
     tok.chat_template = (
