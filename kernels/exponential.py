@@ -22,6 +22,9 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 ROUNDS = 10
 # Triton's uint_to_uniform_float for 32 bits: the largest scale with (2**31 - 1) * scale < 1.
 _SCALE = 4.6566127342e-10
+# The least uniform a draw takes (u is 0 for two words of 2**32): E = -log(u) at most 22.2, never
+# inf, which would make p / E 0 for the one token a row allows and hand the argmax token 0.
+U_MIN = 2.0**-32
 
 
 def philox(keys: torch.Tensor, n: int) -> torch.Tensor:
@@ -53,6 +56,6 @@ def philox_uniform(keys: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def exponentials_torch(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """Exp(1) draws (rows, n) float32, ``-log(u)`` of ``philox_uniform``: in (0, inf] (u < 1; an
-    infinity, at u = 0, only ever loses the race), so p / E is never NaN."""
-    return philox_uniform(keys, n).log_().neg_()
+    """Exp(1) draws (rows, n) float32, ``-log(max(u, U_MIN))`` of ``philox_uniform``: in (0, 22.2]
+    (u < 1), so p / E is finite, and 0 only where p is."""
+    return philox_uniform(keys, n).clamp_min_(U_MIN).log_().neg_()

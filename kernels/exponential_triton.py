@@ -20,7 +20,7 @@ def _exponential_kernel(keys_ptr, out_ptr, n_cols, stride_out, LOG: tl.constexpr
     key = tl.load(keys_ptr + row)
     u = tl.rand(key, cols)
     if LOG:
-        u = -tl.log(u)
+        u = -tl.log(tl.maximum(u, 2.3283064365386963e-10))  # exponential.U_MIN, 2**-32: u = 0 gives inf
     tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, u, mask=cols < n_cols)
 
 

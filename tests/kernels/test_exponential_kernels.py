@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from dlora.kernels.exponential import exponentials_torch, philox, philox_uniform
+from dlora.kernels import exponential
+from dlora.kernels.exponential import U_MIN, exponentials_torch, philox, philox_uniform
 from dlora.kernels.exponential_triton import exponentials_triton, philox_uniform_triton
 from tests.kernels.conftest import cuda_only, device
 
@@ -55,6 +56,15 @@ def test_the_draws_are_exponential() -> None:
     assert abs(e.mean().item() - 1) < 4 / math.sqrt(n)
     assert abs(e.var().item() - 1) < 4 * math.sqrt(8 / n)  # Var of the sample variance of Exp(1): 8/n
     assert abs((e < math.log(2)).double().mean().item() - 0.5) < 4 * 0.5 / math.sqrt(n)
+
+
+def test_a_zero_uniform_draws_no_infinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """u is 0 for two words in 2**32: E = inf there made p / E 0 for the one token a row allows
+    (a grammar's, top_k 1), and the argmax took token 0. Clamped, E is finite and that token wins."""
+    assert U_MIN == 2.3283064365386963e-10  # the kernel's literal
+    monkeypatch.setattr(exponential, "philox_uniform", lambda keys, n: torch.zeros(len(keys), n))
+    e = exponentials_torch(torch.tensor([1]), 4)
+    assert torch.isfinite(e).all() and (torch.tensor([[0.0, 0.0, 1.0, 0.0]]) / e).argmax().item() == 2
 
 
 def test_the_race_draws_from_the_probabilities() -> None:
