@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,8 +84,10 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     return out
 
 
-# OpenAI's function names (the API reference, FunctionDefinition.name).
-_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# OpenAI's function names (the API reference, FunctionDefinition.name: a-z, A-Z, 0-9, _ and -, at
+# most 64), and the dots and colons of namespaced tools (an MCP server's ``server.tool``), which
+# vLLM serves and templates render.
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_.:-]{1,64}")
 
 
 def forced_tool(body: Body) -> ToolFunction | None:
@@ -93,9 +96,9 @@ def forced_tool(body: Body) -> ToolFunction | None:
     lists of calls ("required", ``tools_required``), or text read for calls ("auto", ``auto_tools``).
 
     Raises:
-        APIError(400): a tool of another type than function; a function name OpenAI refuses (not
-            1-64 of a-z, A-Z, 0-9, _ and -) or given twice (a call could not say which it means);
-            a tool_choice without tools; a named function that is not among them.
+        APIError(400): a tool of another type than function; a function name not 1-64 of a-z,
+            A-Z, 0-9, _, -, . and : (OpenAI's, with namespaces' dots and colons) or given twice (a
+            call could not say which it means); a tool_choice without tools; a named function that is not among them.
     """
     if not isinstance(body, ChatBody):
         return None
@@ -104,9 +107,9 @@ def forced_tool(body: Body) -> ToolFunction | None:
         raise APIError(400, f"tools of type {bad[0]!r} are not supported (only function)", param="tools")
     names = [t.function.name for t in tools]
     if bad := [n for n in names if not _FUNCTION_NAME.fullmatch(n)]:
-        why = f"tools: function name {bad[0]!r} must be 1 to 64 of a-z, A-Z, 0-9, underscores and dashes"
+        why = f"tools: function name {bad[0]!r} must be 1 to 64 of a-z, A-Z, 0-9, _, -, . and :"
         raise APIError(400, why, param="tools")
-    if twice := [n for n in dict.fromkeys(names) if names.count(n) > 1]:
+    if twice := [n for n, count in Counter(names).items() if count > 1]:  # linear: a body may list ~20,000
         raise APIError(400, f"tools: function name {twice[0]!r} is given more than once", param="tools")
     if choice in (None, "none", "auto"):
         return None

@@ -73,7 +73,8 @@ def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str,
 
 
 # An absolute path in an error's text: from a slash not inside a word up to a quote, space,
-# bracket or comma (file names with spaces are cut there: what is left still names no directory).
+# bracket or comma. Adapter paths are stored resolved and absolute, so a usual one goes whole; one
+# with a space, quote or comma in a directory's name leaves its tail.
 _PATH = re.compile(r"(?<![\w.~])/[^\s'\"(),]+")
 
 

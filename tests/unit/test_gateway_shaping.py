@@ -429,6 +429,8 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
     # function names as OpenAI takes them, each once (a call must say which it means)
     fn = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     assert shape(served, {"messages": plain, "tools": [fn], "tool_choice": "required"}, chat=True).choices
+    mcp = {"type": "function", "function": {"name": "weather.get:v2"}}  # a namespaced tool, as vLLM serves it
+    assert shape(served, {"messages": plain, "tools": [mcp], "tool_choice": "required"}, chat=True).choices
     for name in ("", "a b", "x" * 65, "naïve"):
         bad = {"type": "function", "function": {"name": name}}
         assert refused(served, {"messages": plain, "tools": [bad]}, chat=True).param == "tools", name
