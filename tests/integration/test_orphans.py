@@ -154,7 +154,7 @@ async def test_the_gateway_answers_a_request_whose_record_went_without_an_answer
     Redis holds the data the request was recorded in."""
     stack = quick_stack
 
-    async def drop(self, req: GenerateRequest) -> None:  # type: ignore[no-untyped-def]
+    async def drop(self, req: GenerateRequest, bad_words_ids: object = None) -> None:  # type: ignore[no-untyped-def]
         await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
         self.pending.discard(req.request_id)
 
