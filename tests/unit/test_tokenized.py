@@ -57,6 +57,10 @@ def test_the_newest_inputs_are_kept_and_a_client_leaving_stops_nobody_elses(toke
         for text in ("a", "b", "c", "c", "a"):  # "a" was the oldest of three: tokenized again
             await tokenized.prompt(text)
         assert counting.calls == 4
+        by_chars = Tokenized(counting, keep_chars=10)
+        for text in ("kalo remi", "x", "kalo remi", "nevo rida", "x"):  # 9 + 1 fit; 9 more does not
+            await by_chars.prompt(text)
+        assert counting.calls == 4 + 4  # "x" went with the 19th character
         left = asyncio.ensure_future(tokenized.prompt("remi kalo"))
         stays = asyncio.ensure_future(tokenized.prompt("remi kalo"))
         await asyncio.sleep(0)
