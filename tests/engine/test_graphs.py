@@ -11,6 +11,7 @@ import torch
 from dlora.common.messages import SamplingParams
 from dlora.kernels.lora import LoraProjection
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.graphs import capture_sizes, decode_graphs
 from dlora.services.worker.engine.model import StepInputs
 from tests.engine.helpers import make_engine, run_plan
@@ -85,31 +86,45 @@ def test_decode_steps_through_static_buffers_match_peft(tiny_llama: TinyOutput) 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (make gpu-check)")
 def test_graphed_half_precision_steps_give_the_eager_steps_logits(tiny_llama: TinyOutput) -> None:
     """bf16 on CUDA, graphs against enforce_eager, the same requests and decisions: logits within
-    bf16 rounding at every step (the graphs' LoRA tiles may differ from eager ones), same tokens."""
+    bf16 rounding at every step (the graphs' LoRA tiles and padded batch may round otherwise),
+    same tokens but where the two best were within that rounding of each other (``same_steps``)."""
     engines = [make_engine(tiny_llama, device="cuda", dtype="bfloat16", enforce_eager=e) for e in (False, True)]
     assert engines[0].graphs is not None and engines[1].graphs is None
-    prompts = _prompts(tiny_llama)
-    adapters = [None, *sorted(tiny_llama.adapters)]
-    got: list[dict[str, list[int]]] = [{}, {}]
-    for engine, out in zip(engines, got):
+    same_steps(engines, tiny_llama, tolerance=2e-2)
+    assert sum(engines[0].graphs.steps.values()) > 0
+
+
+def same_steps(engines: list[LLMEngine], tiny: TinyOutput, tolerance: float) -> set[str]:
+    """Six requests over the base and three adapters on both ``engines``, stepped together: each
+    step's logits within ``tolerance`` of the largest (relative), and the same token, unless the
+    two engines' tokens were a near-tie in the second's logits (within the same tolerance): such a
+    request is followed no further. At most one may part so. Returns the ones that parted."""
+    prompts = _prompts(tiny)
+    adapters = [None, *sorted(tiny.adapters)]
+    for engine in engines:
         for i in range(6):
             params = SamplingParams(max_tokens=6)
             engine.add_request(
                 f"r{i}", prompt_token_ids=prompts[i % len(prompts)], params=params, adapter=adapters[i % 4]
             )
-            out[f"r{i}"] = []
-    while engines[0].has_unfinished():
-        steps = [engine.step() for engine in engines]
-        for outputs, out in zip(steps, got):
-            for o in outputs:
-                out[o.request_id] += o.new_token_ids
-        graphed, eager = (engine.last_logits for engine in engines)
-        assert graphed.keys() == eager.keys()
-        for rid, logits in graphed.items():
-            scale = eager[rid].abs().max().item()
-            assert (logits - eager[rid]).abs().max().item() <= 2e-2 * scale, rid
-    assert got[0] == got[1]
-    assert sum(engines[0].graphs.steps.values()) > 0
+    parted: set[str] = set()
+    while any(engine.has_unfinished() for engine in engines):
+        tokens = [{o.request_id: o.new_token_ids for o in engine.step()} for engine in engines]
+        first, second = (engine.last_logits for engine in engines)
+        assert first.keys() - parted == second.keys() - parted
+        for rid in first.keys() - parted:
+            scale = second[rid].abs().max().item()
+            assert (first[rid] - second[rid]).abs().max().item() <= tolerance * scale, rid
+            if tokens[0].get(rid) != tokens[1].get(rid):
+                assert tokens[0].get(rid) and tokens[1].get(rid), (rid, tokens)  # both drew one
+                a, b = tokens[0][rid][-1], tokens[1][rid][-1]
+                assert abs(second[rid][a] - second[rid][b]).item() <= tolerance * scale, (rid, a, b)
+                parted.add(rid)
+        for rid in parted:  # one may still run where the other ended: followed no further
+            for engine in engines:
+                engine.abort(rid)
+    assert len(parted) <= 1, parted
+    return parted
 
 
 def test_a_replay_that_fails_turns_graphs_off_and_its_recording_is_still_counted(tiny_llama: TinyOutput) -> None:
