@@ -157,3 +157,24 @@ def test_make_tiny_is_deterministic_and_loads_offline(tmp_path: Path) -> None:
         main(["model", "make-tiny", "--adapters", "1", "--out", str(tmp_path / "one")]) == 0
     )  # in-process: a torch import less
     assert sorted(p.name for p in (tmp_path / "one" / "adapters").iterdir()) == ["lora-0"]
+
+
+def test_generate_refuses_only_the_lines_it_cannot_read(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """A user's trial: one line nested 200,000 deep (a RecursionError) or holding a byte that is
+    not UTF-8 lost the whole batch (a traceback; the file refused). Each is now its own line's
+    error, and a prompt holding U+2028 (valid in a JSON string) is one line, not two."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(
+        b'{"id": "a", "prompt_token_ids": [5, 6], "max_tokens": 2}\n'
+        + b"[" * 200_000
+        + b'\n{"id": "b", "prompt": "\xff\xfe"}\r\n'
+        + '{"id": "c", "prompt": "kalo\u2028remi", "max_tokens": 2}\n'.encode()
+        + b'{"id": "d", "prompt_token_ids": [7], "max_tokens": 2}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out)]) == 1
+    results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(results) == ["a", "line-2", "line-3", "c", "d"]
+    assert results["line-2"]["error"] == "line 2: not valid JSON (nested too deeply)"
+    assert results["line-3"]["error"].startswith("line 3: not UTF-8 text (byte 0xff at column ")
+    assert all(len(results[i]["token_ids"]) == 2 for i in "acd")

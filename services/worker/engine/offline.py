@@ -36,9 +36,19 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
     prompt's logprobs alone: ``max_tokens`` 0, run for one token that is not shown, as the
     gateway's echo runs it)."""
     try:
+        line.encode()
+    except UnicodeEncodeError as e:  # a byte that is not UTF-8, kept by ``read_lines`` as a surrogate
+        return (
+            key,
+            f"line {lineno}: not UTF-8 text (byte 0x{ord(line[e.start]) - 0xDC00:02x} at column {e.start + 1})",
+            False,
+        )
+    try:
         obj: Any = json.loads(line)
     except json.JSONDecodeError as e:
         return key, f"line {lineno}: not valid JSON ({e.msg})", False
+    except RecursionError:
+        return key, f"line {lineno}: not valid JSON (nested too deeply)", False
     if not isinstance(obj, dict):
         return key, f"line {lineno}: expected a JSON object", False
     rid = key if obj.get("id") is None else str(obj["id"])
@@ -69,7 +79,19 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
             )
     except (msgspec.ValidationError, RequestError) as e:
         return rid, f"line {lineno}: {e}", False
+    except RecursionError:  # JSON deep enough for json.loads, not for what reads it after
+        return rid, f"line {lineno}: nested too deeply", False
     return rid, None, prompt_only
+
+
+def read_lines(path: str) -> list[str]:
+    """``path``'s JSONL lines: split at newlines alone (a JSON string may hold U+2028, which
+    ``str.splitlines`` splits at), a CR before one dropped; a byte that is not UTF-8 kept as a
+    lone surrogate (``surrogateescape``), so that its line alone is refused (``_submit``).
+    Raises OSError."""
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return lines[:-1] if lines and not lines[-1] else lines
 
 
 def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
@@ -130,7 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
         for name, path in loras.items():
             engine.register_adapter(name, path)
-        lines = Path(args.input).read_text().splitlines()
+        lines = read_lines(args.input)
         out = open(args.output, "w")  # opened before the batch runs: a bad path must not cost the work
     except (ValueError, AdapterError, OSError) as e:
         print(f"dlora generate: {e}", file=sys.stderr)
