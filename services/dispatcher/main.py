@@ -137,25 +137,30 @@ class Dispatcher:
         await self._dispatch(req, raw)
 
     async def _refuse_undecodable(self, msg: Msg, error: msgspec.DecodeError) -> None:
-        """Tell the sender of a request that does not decode why, where its reply subject can be read
-        (one of its own): it would wait for chunks that never come."""
-        if (head := request_head(msg.data)) is None:
-            return  # no id or reply subject to answer on: counted as rejected, as before
-        request_id, reply_to, surrogate = head.request_id, head.reply_to, head.lone_surrogate
+        """Tell the sender of a request that does not decode why, where it reads: its reply
+        subject where that is one of its own, and the NATS reply subject of a request/reply
+        (``nc.request``), which a decodable request is answered on too; the sender would wait for
+        chunks, or an answer, that never come. Neither: counted as rejected, as before."""
         owner = subjects.sender(msg.subject)
-        if owner and not subjects.replies_to(owner, reply_to) or not subjects.publishable(reply_to):
+        head = request_head(msg.data)
+        targets = []
+        if head is not None and (not owner or subjects.replies_to(owner, head.reply_to)):
+            targets.append(head.reply_to)
+        if msg.reply and (not owner or subjects.replies_to(owner, msg.reply)):
+            targets.append(msg.reply)
+        targets = [t for t in dict.fromkeys(targets) if subjects.publishable(t)]
+        if not targets:
             return
-        why = (
-            "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text" if surrogate else error
-        )
+        why = "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
         chunk = TokenChunk(
-            request_id=request_id,
+            request_id=head.request_id if head is not None else "",
             seq=0,
-            error=f"the request does not decode: {why}",
+            error=f"the request does not decode: {why if head is not None and head.lone_surrogate else error}",
             error_code=ErrorCode.BAD_REQUEST,
             finish_reason=FinishReason.ERROR,
         )
-        await self.nc.publish(reply_to, _encode.encode(chunk))
+        for subject in targets:
+            await self.nc.publish(subject, _encode.encode(chunk))
 
     async def _on_ping(self, msg: Msg) -> None:
         await msg.respond(b"")
