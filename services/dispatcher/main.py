@@ -42,6 +42,15 @@ from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
+
+
+class _AppRequest(GenerateRequest, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """An application's request, checked for fields a request lacks: a typo (``adaptor``, or
+    ``max_tokens`` beside ``params``) was served as if it were not there. A gateway's is not: in
+    a rolling upgrade a newer gateway's new field reaches an older dispatcher, which goes on."""
+
+
+_decode_app_request = msgspec.json.Decoder(_AppRequest)
 _encode = msgspec.json.Encoder()
 # How long after a request whose id and reply subject are in flight it is looked at again: the
 # worker deletes a record just after it sends the last chunk (milliseconds).
@@ -84,6 +93,8 @@ class Dispatcher:
     async def _on_request(self, msg: Msg) -> None:
         try:  # decoded here, not by bus.subscribe: an unchanged request is forwarded as it came
             req = _decode_request.decode(msg.data)
+            if msg.subject != subjects.REQUESTS:
+                _decode_app_request.decode(msg.data)
         except msgspec.DecodeError as e:
             bus.reject(
                 subjects.REQUESTS if msg.subject == subjects.REQUESTS else subjects.APP_REQUESTS,

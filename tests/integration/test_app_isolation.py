@@ -293,3 +293,16 @@ async def test_a_request_that_does_not_decode_is_answered_on_its_nats_reply_subj
         answer = await bob.request(subjects.requests_of("bob"), body, timeout=10)
         told = msgspec.json.decode(answer.data, type=TokenChunk)
         assert told.error_code == "bad_request" and "does not decode" in (told.error or ""), body
+
+
+async def test_an_applications_request_with_a_field_requests_lack_is_refused_by_name(bus) -> None:  # type: ignore[no-untyped-def]
+    """A user's trial: ``adaptor`` (a typo) was served by the base model, and ``max_tokens``
+    beside ``params`` ran with the default 16, without a word; inside ``params`` it was refused."""
+    _, bob, _ = bus
+    inbox = subjects.reply_inbox("r-7", "bob")
+    chunks = await _chunks(bob, inbox)
+    for typo in ({"adaptor": "lora-0"}, {"max_tokens": 40}):
+        raw = {"request_id": "r-7", "reply_to": inbox, "prompt_token_ids": [5]} | typo
+        await bob.publish(subjects.requests_of("bob"), json.dumps(raw).encode())
+        told = await asyncio.wait_for(chunks.get(), 10)
+        assert told.error_code == "bad_request" and f"unknown field `{next(iter(typo))}`" in (told.error or "")
