@@ -5,6 +5,7 @@ there once."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any, get_args
 
@@ -15,8 +16,9 @@ _SPEC = WorkloadSpec()
 
 
 def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
-    """An argparse type: ``convert(text)``, at least ``low`` (above it when ``strict``); a usage
-    error naming the option otherwise, not a traceback from deep inside."""
+    """An argparse type: ``convert(text)``, finite and at least ``low`` (above it when
+    ``strict``); a usage error naming the option otherwise, not a traceback from deep inside (or a
+    NaN that every comparison lets through, into the results as JSON's invalid ``NaN``)."""
 
     def parse(text: str) -> Any:
         try:
@@ -25,6 +27,8 @@ def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not {'an integer' if convert is int else 'a number'}"
             ) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"{value} is {'not above' if strict else 'below'} {low:g}")
         return value
@@ -35,6 +39,7 @@ def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -
 _count = _at_least(int, 0)
 positive = _at_least(int, 1)  # also the simulator's and make-tiny's
 _above_zero = _at_least(float, 0, strict=True)
+_finite = _at_least(float, -math.inf)
 
 
 # A target with one of these schemes is a NATS server (nats-py's: tls:// is NATS over TLS).
@@ -85,8 +90,10 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=_above_zero, default=_SPEC.duration, help="cap on seconds of sending")
     p.add_argument("--seed", type=int, default=_SPEC.seed)
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
-    p.add_argument("--rate", type=float, default=_SPEC.rate, help="mean requests/s (trace replay is rescaled to it)")
-    p.add_argument("--cv", type=float, default=_SPEC.cv, help="gamma: coefficient of variation of inter-arrivals")
+    p.add_argument(
+        "--rate", type=_above_zero, default=_SPEC.rate, help="mean requests/s (trace replay is rescaled to it)"
+    )
+    p.add_argument("--cv", type=_above_zero, default=_SPEC.cv, help="gamma: coefficient of variation of inter-arrivals")
     p.add_argument(
         "--trace",
         action="append",
@@ -114,18 +121,18 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", type=positive, default=_SPEC.adapters, help="adapters lora-0..N-1")
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
-    p.add_argument("--alpha", type=float, default=_SPEC.alpha, help="zipf exponent / power-law alpha")
+    p.add_argument("--alpha", type=_finite, default=_SPEC.alpha, help="zipf exponent / power-law alpha")
     p.add_argument(
         "--stride",
-        type=int,
+        type=positive,
         default=_SPEC.stride,
         help="dLoRA's stride mapping of the popularity source's tenants (functions, clients) onto adapters",
     )
     p.add_argument(
         "--tenant-window",
-        type=float,
+        type=_above_zero,
         metavar="SECONDS",
         help="stride: replay the source's time windows (ServeGen 10 min, Azure Functions 1 min), each "
         "lasting this many seconds of the run (default: the whole trace's shares)",
     )
-    p.add_argument("--shift-every", type=float, help="rotate adapter popularity every this many seconds")
+    p.add_argument("--shift-every", type=_above_zero, help="rotate adapter popularity every this many seconds")

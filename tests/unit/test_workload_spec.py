@@ -231,6 +231,21 @@ def test_a_length_option_below_one_token_is_a_usage_error_naming_it(
         assert option in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option", ["--rate", "--cv", "--duration", "--length-divide", "--alpha", "--tenant-window", "--shift-every"]
+)
+def test_a_number_option_refuses_nan_and_infinity_by_name(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's trial: --rate nan, --cv nan and --duration nan ran and wrote NaN into result.json
+    (not JSON); --alpha nan failed deep inside, naming no option; --shift-every -5 was taken."""
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["loadgen", option, value])
+        assert option in capsys.readouterr().err
+    if option != "--alpha":  # a rate, a spread or a span: above 0
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["loadgen", option, "-5"])
+
+
 async def test_a_tls_target_is_a_nats_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """tls:// was accepted as a NATS URL and then handed to the HTTP client ("NonHttpUrlClientError")."""
     from rich.console import Console
