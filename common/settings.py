@@ -172,9 +172,11 @@ def config_path(toml_path: str | Path | None, env: Mapping[str, str] | None = No
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise SettingsError(f"{path}: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 (its spec): say which file and where
+        raise SettingsError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
 def check_file(path: Path, services: Mapping[str, type[msgspec.Struct]]) -> None:

@@ -77,6 +77,14 @@ def test_bad_values_name_the_setting(env: dict, fragment: str) -> None:
         load(WorkerSettings, "worker", env=env)
 
 
+def test_a_toml_file_that_is_not_utf8_is_named_in_the_error(tmp_path: Path) -> None:
+    """A user's trial: "'utf-8' codec can't decode byte 0xff in position 0", naming no file."""
+    toml = tmp_path / "dlora.toml"
+    toml.write_bytes(b'\xff[gateway]\nmodel = "/m"\n')
+    with pytest.raises(SettingsError, match=re.escape(f"{toml}: not UTF-8 text (byte 0xff at offset 0)")):
+        load(GatewaySettings, "gateway", toml, env={})
+
+
 def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
     toml = tmp_path / "dlora.toml"
     toml.write_text('[gateway]\nmodel = "/m"\nprot = 80\n')
