@@ -37,6 +37,9 @@ class WorkerAdapters:
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
         self.used: OrderedDict[str, None] = OrderedDict()  # engine keys, the one used least lately first
+        # Versions a prefetch could not load (files changed or broken): not tried again every
+        # placement (a warning each time, and the files read again); a request still tries.
+        self.unprefetchable: set[tuple[str, str]] = set()
 
     async def ensure(self, name: str, version: str, registered: bool = False) -> str:
         """The engine's key for that version of the adapter, loaded into host memory if it is not
@@ -133,9 +136,12 @@ class WorkerAdapters:
         """Load adapters the placement gives this worker into host memory before requests need them."""
         held = {name_of(key) for key in self.engine.adapters}
         for name in (n for n in names if n not in held):
+            entry = None
             try:
                 entry = await self.registry.get_adapter(name)
-                if entry is not None:
+                if entry is not None and (name, entry.version) not in self.unprefetchable:
                     await self.ensure(name, entry.version)
             except (AdapterError, AdapterNotFound) as e:
-                logger.warning("prefetch failed", adapter=name, reason=str(e))
+                logger.warning("prefetch failed; not tried again for this version", adapter=name, reason=str(e))
+                if entry is not None:
+                    self.unprefetchable.add((name, entry.version))

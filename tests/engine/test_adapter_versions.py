@@ -52,6 +52,28 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
     assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version
 
 
+async def test_a_version_a_prefetch_could_not_load_is_not_read_again_each_placement(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A user's trial: after an adapter's files changed, each worker logged "prefetch failed" at
+    every placement (34 lines in 85 s), reading the files again each time. Once is enough; a
+    request for it still tries (and is told why)."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    (path / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes()[:-4] + b"\0" * 4)
+    engine = make_engine(tiny_llama)
+    worker = WorkerAdapters(engine, _Registry(entry))
+    reads = []
+    register = engine.register_adapter
+    engine.register_adapter = lambda *a, **k: reads.append(a) or register(*a, **k)  # type: ignore[method-assign]
+    for _ in range(3):
+        await worker.prefetch(["x"])
+    assert len(reads) == 1 and not any(k.startswith("x@") for k in engine.adapters)
+    with pytest.raises(AdapterError, match="changed since version"):
+        await worker.ensure("x", entry.version)
+    assert len(reads) == 2
+
+
 class _Entries:
     """The registry calls ``WorkerAdapters`` makes, over several entries."""
 
