@@ -309,7 +309,49 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--json", help="write results here")
     bc.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bc.set_defaults(func=_lazy("dlora.loadgen.bench_control_plane:run_bench_control_plane"))
+    for parser in bench.choices.values():
+        _check_bench_numbers(parser)
     return p
+
+
+# Bench options that may be 0 (or any finite number): the rest of the numbers, and every item of
+# the comma-separated lists below, must be above 0.
+_MAY_BE_ZERO = {"seed", "think_s", "adapters@features"}
+_LISTS = {
+    "batch_sizes": int, "adapters@engine": int, "tokens": int, "groups": int, "strides": int,
+    "rates": float, "overheads": float, "alphas": float, "loads": float,
+}  # fmt: skip
+
+
+def _check_bench_numbers(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser``'s numbers and comma-separated number lists a type that refuses, as a
+    usage error naming the option, what a benchmark cannot run with: 0 or fewer steps, rounds,
+    requests or workers, a NaN rate, a list item that is not a number (each failed deep inside
+    with a traceback, or ran and wrote nonsense: a user's trial). Lists stay text."""
+    from dlora.loadgen.options import _above_zero, _at_least, positive
+
+    name = parser.prog.split()[-1]
+    for action in parser._actions:  # argparse's own list of the options it parses
+        dest = action.dest
+        if dest in _MAY_BE_ZERO or f"{dest}@{name}" in _MAY_BE_ZERO:
+            if action.type in (int, float):
+                action.type = _at_least(action.type, 0)
+            continue
+        if action.type is int:
+            action.type = positive
+        elif action.type is float:
+            action.type = _above_zero
+        elif (kind := _LISTS.get(f"{dest}@{name}", _LISTS.get(dest))) is not None:
+            action.type = _number_list(_at_least(kind, 0, strict=True))
+
+
+def _number_list(item: Callable[[str], object]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        for part in text.split(","):
+            item(part.strip())  # raises argparse.ArgumentTypeError, naming the value
+        return text
+
+    return parse
 
 
 def _serve(args: argparse.Namespace) -> int:

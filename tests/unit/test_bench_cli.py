@@ -1,0 +1,41 @@
+"""`dlora bench` refuses the numbers a benchmark cannot run with as usage errors naming the option."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlora.services.cli import build_parser
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["engine", "--batch-sizes", "abc"],
+        ["engine", "--batch-sizes", "1,0"],
+        ["engine", "--steps", "0"],
+        ["engine", "--rounds", "0"],
+        ["kernels", "--reps", "0"],
+        ["simulate", "--strides", "x"],
+        ["simulate", "--loads", "nan"],
+        ["policy", "--strides", "0"],
+        ["cluster", "--workers", "0"],
+        ["control-plane", "--requests", "-5"],
+        ["e2e", "--rates", "-1"],
+        ["e2e", "--window", "nan"],
+    ],
+)
+def test_a_number_no_benchmark_runs_with_is_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's trial: each of these ended in a traceback (or, for e2e --rates -1, ran, reported
+    every rate sustained at 0 and rewrote its BENCHMARKS section)."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["bench", *argv])
+    assert e.value.code == 2 and argv[1] in capsys.readouterr().err
+
+
+def test_the_defaults_and_what_may_be_zero_still_parse() -> None:
+    p = build_parser()
+    assert p.parse_args(["bench", "features", "--adapters", "0", "--think-s", "0"]).adapters == 0  # 0: the base
+    args = p.parse_args(["bench", "engine", "--batch-sizes", "1, 32", "--steps", "3"])
+    assert (args.batch_sizes, args.steps) == ("1, 32", 3)  # lists stay text for the benchmark to split
+    for name in ("engine", "kernels", "policy", "e2e", "cluster", "simulate", "migration", "control-plane"):
+        assert p.parse_args(["bench", name]).func is not None
