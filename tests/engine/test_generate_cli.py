@@ -170,11 +170,13 @@ def test_generate_refuses_only_the_lines_it_cannot_read(tiny_llama: TinyOutput, 
         + b'\n{"id": "b", "prompt": "\xff\xfe"}\r\n'
         + '{"id": "c", "prompt": "kalo\u2028remi", "max_tokens": 2}\n'.encode()
         + b'{"id": "d", "prompt_token_ids": [7], "max_tokens": 2}\n'
+        + b'{"id": "e", "prompt": "x", "temperature": NaN}\n'
     )
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out)]) == 1
     results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert list(results) == ["a", "line-2", "line-3", "c", "d"]
+    assert list(results) == ["a", "line-2", "line-3", "c", "d", "e"]
+    assert results["e"]["error"] == "line 6: temperature must be a finite number, got nan"  # was: got null
     assert results["line-2"]["error"] == "line 2: not valid JSON (nested too deeply)"
     assert results["line-3"]["error"].startswith("line 3: not UTF-8 text (byte 0xff at column ")
     assert all(len(results[i]["token_ids"]) == 2 for i in "acd")

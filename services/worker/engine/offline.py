@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
             if type(fields["max_tokens"]) is not int or fields.get("min_tokens"):  # as the gateway refuses them
                 raise RequestError("max_tokens 0 asks for the prompt's logprobs alone: an integer, with no min_tokens")
             fields["max_tokens"] = 1
+        # json.loads reads NaN and Infinity, which msgspec would write as null ("expected float, got null")
+        if bad := next(((k, v) for k, v in fields.items() if isinstance(v, float) and not math.isfinite(v)), None):
+            raise RequestError(f"{bad[0]} must be a finite number, got {bad[1]}")
         # Through JSON, not convert: logit_bias's keys are token ids written as JSON's strings.
         params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
         prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
