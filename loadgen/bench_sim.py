@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -323,6 +325,12 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
         "validate": (validate, markdown_validate, None),
     }
     run, markdown, plot = experiments[args.experiment]
+    if run is validate and (missing := [m for m in args.measured if not Path(m).is_file()]):
+        print(
+            f"dlora bench simulate: --measured {missing[0]}: no such file (run bench policy / e2e first)",
+            file=sys.stderr,
+        )
+        return 2
     result = {
         "date": today(),
         "machine": machine(),

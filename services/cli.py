@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     bkr.set_defaults(func=_lazy("dlora.loadgen.bench_kernels:run_bench_kernels"))
 
     bf = bench.add_parser("features", help="prefix caching on vs off (multi-turn), chunked prefill vs whole")
-    bf.add_argument("--preset", default="small", help="benchmark model preset (make-tiny)")
-    bf.add_argument("--dtype", default="float32")
+    bf.add_argument("--preset", choices=["tiny", "small", "7b"], default="small", help="benchmark model preset")
+    bf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     bf.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     bf.add_argument("--seed", type=int, default=0)
     bf.add_argument("--adapters", type=int, default=2, help="conversations cycle over this many adapters (0: base)")
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bench.add_parser("migration", help="co-migration ILP solve time as the cluster grows")
     bm.add_argument(
         "--sizes",
+        type=_sizes,
         default="4x16x100,8x64x500,32x128x2000,128x1024x10000",
         help="WORKERSxADAPTERSxREQUESTS, comma-separated",
     )
@@ -343,6 +344,15 @@ def _check_bench_numbers(parser: argparse.ArgumentParser) -> None:
             action.type = _above_zero
         elif (kind := _LISTS.get(f"{dest}@{name}", _LISTS.get(dest))) is not None:
             action.type = _number_list(_at_least(kind, 0, strict=True))
+
+
+def _sizes(text: str) -> str:
+    """``bench migration --sizes``: WORKERSxADAPTERSxREQUESTS, comma-separated, each at least 1."""
+    for size in text.split(","):
+        parts = size.strip().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{size!r} is not WORKERSxADAPTERSxREQUESTS (three counts above 0)")
+    return text
 
 
 def _number_list(item: Callable[[str], object]) -> Callable[[str], str]:

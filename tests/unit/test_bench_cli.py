@@ -22,6 +22,9 @@ from dlora.services.cli import build_parser
         ["control-plane", "--requests", "-5"],
         ["e2e", "--rates", "-1"],
         ["e2e", "--window", "nan"],
+        ["migration", "--sizes", "4x16"],
+        ["migration", "--sizes", "4x0x100"],
+        ["features", "--preset", "huge"],
     ],
 )
 def test_a_number_no_benchmark_runs_with_is_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,3 +42,10 @@ def test_the_defaults_and_what_may_be_zero_still_parse() -> None:
     assert (args.batch_sizes, args.steps) == ("1, 32", 3)  # lists stay text for the benchmark to split
     for name in ("engine", "kernels", "policy", "e2e", "cluster", "simulate", "migration", "control-plane"):
         assert p.parse_args(["bench", name]).func is not None
+
+
+def test_validate_without_its_measured_file_says_which(capsys: pytest.CaptureFixture[str]) -> None:
+    from dlora.services.cli import main
+
+    assert main(["bench", "simulate", "--experiment", "validate", "--measured", "/nonexistent.json"]) == 2
+    assert "--measured /nonexistent.json: no such file" in capsys.readouterr().err
