@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -476,6 +477,13 @@ def plot(r: dict) -> Figure:
 
 
 def run_bench_engine(args: argparse.Namespace) -> int:
+    from dlora.services.worker.engine.device import resolve_device
+
+    try:  # before a model is made: a device or dtype this machine cannot run on is a usage error
+        resolve_device(args.device, args.dtype)
+    except ValueError as e:
+        print(f"dlora bench engine: {e}", file=sys.stderr)
+        return 2
     result = run(
         preset=args.preset,
         batch_sizes=[int(b) for b in args.batch_sizes.split(",")],

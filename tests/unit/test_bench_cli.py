@@ -49,3 +49,14 @@ def test_validate_without_its_measured_file_says_which(capsys: pytest.CaptureFix
 
     assert main(["bench", "simulate", "--experiment", "validate", "--measured", "/nonexistent.json"]) == 2
     assert "--measured /nonexistent.json: no such file" in capsys.readouterr().err
+
+
+def test_an_engine_bench_on_a_device_this_machine_lacks_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's trial: --device cuda:3 ended in a traceback after the model was made."""
+    import torch
+
+    from dlora.services.cli import main
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last (none here: cuda:0)
+    assert main(["bench", "engine", "--device", missing, "--preset", "tiny"]) == 2
+    assert f"device '{missing}'" in capsys.readouterr().err

@@ -19,6 +19,8 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():  # else an assertion deep in torch
         raise ValueError(f"device {device!r}: torch sees no CUDA device here")
+    if dev.type == "cuda" and (dev.index or 0) >= (count := torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: torch sees {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if dtype not in DTYPES:
