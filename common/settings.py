@@ -157,6 +157,8 @@ def load(
         settings = msgspec.convert(data, cls, strict=False)
     except msgspec.ValidationError as e:
         raise SettingsError(_explain(service, str(e), data, sources, paths)) from None
+    if path is not None:
+        _refuse_quoted_numbers(service, settings, data, sources, str(path))
     if problems := settings.check():  # type: ignore[attr-defined]
         field, value, why = problems[0]
         where = f" (from {sources[field]})" if field in sources else ""
@@ -177,6 +179,24 @@ def _read(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: {e}") from None
     except UnicodeDecodeError as e:  # TOML is UTF-8 (its spec): say which file and where
         raise SettingsError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
+def _refuse_quoted_numbers(
+    service: str, settings: msgspec.Struct, data: dict[str, Any], sources: dict[str, str], toml: str
+) -> None:
+    """SettingsError for a number or boolean the toml file gives as a string (``max_loras = "8"``):
+    TOML has types, so the file means text there; only the environment's values come as text and
+    are converted (``strict=False`` is for them)."""
+    for dotted, source in sources.items():
+        if not source.startswith(toml):
+            continue
+        raw: Any = data
+        value: Any = settings
+        for part in dotted.split("."):
+            raw, value = raw[part], getattr(value, part)
+        if isinstance(raw, str) and isinstance(value, int | float) and not isinstance(value, str):
+            kind = "a boolean" if isinstance(value, bool) else "a number"
+            raise SettingsError(f"{service} setting {dotted}={raw!r} must be {kind}, not a string (from {source})")
 
 
 def check_file(path: Path, services: Mapping[str, type[msgspec.Struct]]) -> None:

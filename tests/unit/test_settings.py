@@ -85,6 +85,20 @@ def test_a_toml_file_that_is_not_utf8_is_named_in_the_error(tmp_path: Path) -> N
         load(GatewaySettings, "gateway", toml, env={})
 
 
+def test_a_number_the_toml_file_quotes_is_refused_and_the_environments_text_is_not(tmp_path: Path) -> None:
+    """A user's trial: max_loras = "8" was taken as 8. TOML has types; the environment has text."""
+    toml = tmp_path / "dlora.toml"
+    toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\nmax_loras = "8"\n')
+    with pytest.raises(SettingsError, match=r"engine.max_loras='8' must be a number, not a string \(from .*dlora.toml"):
+        load(WorkerSettings, "worker", toml, env={})
+    toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\nenforce_eager = "true"\n')
+    with pytest.raises(SettingsError, match="must be a boolean"):
+        load(WorkerSettings, "worker", toml, env={})
+    toml.write_text('[worker]\nmodel = "/m"\n[worker.engine]\ndtype = "bfloat16"\nmax_loras = 8\n')
+    loaded = load(WorkerSettings, "worker", toml, env={"DLORA_WORKER_ENGINE__MAX_NUM_SEQS": "32"})
+    assert (loaded.engine.max_loras, loaded.engine.max_num_seqs) == (8, 32)
+
+
 def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
     toml = tmp_path / "dlora.toml"
     toml.write_text('[gateway]\nmodel = "/m"\nprot = 80\n')
