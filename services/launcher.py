@@ -221,6 +221,28 @@ class LocalStack:
         self._restarts[i] = [*recent, now]
         return True
 
+    def after_exit(self, i: int, name: str, code: int) -> tuple[str, str]:
+        """Handle process ``i`` (``name``) having exited with ``code`` as systemd would its unit:
+        start it again after a failure (``restart``), leave out a drained worker, and leave out a
+        worker that fails again too soon (a unit at its start limit fails alone: the other workers
+        keep serving). Returns what was done ("restarted", "left" or "stop": a service the stack cannot
+        do without, the dispatcher, the migrator or the gateway, ended for good) and the line saying
+        so."""
+        action = on_exit(name, code)
+        if action == "leave":
+            return "left", f"{name} stopped cleanly (drained); not started again"
+        if action == "restart" and self.restart(i):
+            metrics = f" (metrics {self.metrics_urls[name]})" if name in self.metrics_urls else ""
+            return "restarted", f"{name} exited (code {code}); started it again{metrics}"
+        if action == "restart" and name.startswith("worker-"):
+            alive = sum(n.startswith("worker-") and p.poll() is None for n, p in zip(self.names, self.procs))
+            return "left", (
+                f"{name} exited (code {code}) and would only fail again (it ran under {CRASH_LOOP_S:.0f} s, or "
+                f"was started again {MAX_RESTARTS} times in {RESTART_WINDOW_S:.0f} s): left out, "
+                f"{alive} worker{'s' * (alive != 1)} still serving"
+            )
+        return "stop", f"{name} exited (code {code}); stopping everything"
+
     def start(self) -> None:
         base = self.base
         if not port_is_free(base.port, base.host):  # else another gateway answers the readiness check
@@ -373,24 +395,17 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',
             flush=True,
         )
-        left: set[int] = set()  # workers that stopped cleanly, left out
+        left: set[int] = set()  # workers that stopped cleanly or failed for good, left out
         while not stop:
             for i, name, code in stack.exited():
                 if i in left:
                     continue
-                action = on_exit(name, code)
-                if action == "leave":
-                    print(f"dlora up: {name} stopped cleanly (drained); not started again", file=sys.stderr, flush=True)
+                done, said = stack.after_exit(i, name, code)
+                print(f"dlora up: {said}", file=sys.stderr, flush=True)
+                if done == "stop":
+                    return 1
+                if done == "left":
                     left.add(i)
-                    continue
-                if action == "restart" and stack.restart(i):
-                    metrics = f" (metrics {stack.metrics_urls[name]})" if name in stack.metrics_urls else ""
-                    print(
-                        f"dlora up: {name} exited (code {code}); started it again{metrics}", file=sys.stderr, flush=True
-                    )
-                    continue
-                print(f"dlora up: {name} exited (code {code}); stopping everything", file=sys.stderr, flush=True)
-                return 1
             time.sleep(0.2)
         return 0
     except (RuntimeError, APIError, ValueError, OSError) as e:

@@ -270,3 +270,25 @@ def test_dlora_up_serves_the_model_its_settings_file_names(tmp_path: Path) -> No
     config.write_text('[gateway]\nmodel = "/models/a"\n[worker]\nmodel = "/models/b"\n')
     with pytest.raises(SettingsError, match="different models"):  # one model for every service
         LocalStack(1, None, [], free_port(), str(config))
+
+
+def test_a_worker_that_would_only_fail_again_is_left_out_and_the_others_serve_on() -> None:
+    """systemd fails a unit at its start limit alone: dlora up stopped the whole stack (healthy
+    workers and their streams too) when one worker died within CRASH_LOOP_S of its start. It now
+    leaves that worker out; a dispatcher that cannot be started again still stops everything."""
+    from dlora.services import launcher
+
+    stack = launcher.LocalStack(2, None, [], free_port(), None)
+    stack._spawn("worker-0", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+    stack._spawn("worker-1", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+    stack._spawn("dispatcher", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+    try:
+        for p in stack.procs[1:]:
+            p.wait(timeout=30)
+        done, said = stack.after_exit(1, "worker-1", 3)
+        assert done == "left" and "worker-1 exited (code 3)" in said and "1 worker still serving" in said, said
+        assert stack.procs[0].poll() is None  # the healthy worker runs on
+        assert stack.after_exit(2, "dispatcher", 3) == ("stop", "dispatcher exited (code 3); stopping everything")
+        assert stack.after_exit(1, "worker-1", 0)[0] == "left"  # drained on purpose
+    finally:
+        stack.stop()
