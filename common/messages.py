@@ -169,6 +169,9 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     # Set on a failed request's only chunk: a reason for the caller.
     error: str | None = None
     error_code: ErrorCode | None = None
+    # With a BAD_REQUEST error: the request's field at fault as SamplingParams names it (a
+    # structured output that fails as the output grows: "regex", "json_schema", ...), or None.
+    param: str | None = None
     # Worker that produced it.
     worker: str = ""
     # Seconds from arrival at the worker to the first step that ran it (first chunk only).

@@ -30,6 +30,7 @@ class ReplyStream:
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_code: ErrorCode | None = None
+    error_param: str | None = None  # the SamplingParams field at fault (``TokenChunk.param``)
     worker: str = ""  # the worker of the last chunk taken: the one serving the request now
     attempt: int = 0  # the latest attempt (``recoveries``) heard from: earlier ones are fenced
     _ahead: dict[int, TokenChunk] = field(default_factory=dict)  # chunks after a gap, by seq
@@ -67,6 +68,7 @@ class ReplyStream:
             if chunk.seq < self.next_seq and chunk.worker not in ("", self.worker):
                 return []
             self._end(chunk.error, chunk.error_code)
+            self.error_param = chunk.param
             return [chunk]
         if chunk.seq < self.next_seq:
             return []

@@ -16,15 +16,19 @@ from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.gateway.shaping import ChoicePlan, Job
 
+# The SamplingParams fields of a structured output (``TokenChunk.param`` names one at fault).
+STRUCTURED_PARAMS = frozenset({"json_schema", "regex", "choice", "grammar"})
 # An error chunk's code as the HTTP status of a response not yet begun.
 STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
-def refusal(code: ErrorCode | None, message: str) -> APIError:
-    """A worker's or dispatcher's error chunk as the response's error; NOT_FOUND is an adapter gone
-    since the gateway looked it up (removed, or another tenant's): OpenAI's ``model_not_found``."""
+def refusal(code: ErrorCode | None, message: str, param: str | None = None) -> APIError:
+    """A worker's or dispatcher's error chunk as the response's error, ``param`` the body's field
+    at fault; NOT_FOUND is an adapter gone since the gateway looked it up (removed, or another
+    tenant's): OpenAI's ``model_not_found``."""
     code = code or ErrorCode.INTERNAL
-    return APIError(STATUS.get(code, 500), message, code="model_not_found" if code is ErrorCode.NOT_FOUND else None)
+    not_found = code is ErrorCode.NOT_FOUND
+    return APIError(STATUS.get(code, 500), message, param=param, code="model_not_found" if not_found else None)
 
 
 @dataclass
@@ -128,7 +132,10 @@ class ResponseWriter:
         Raises:
             APIError: the error's status (503 for a timeout, ...) when no event went out yet.
         """
-        error = refusal(replies.error_code, replies.error or "")
+        # A structured output that fails as the output grows (past what the grammar engine
+        # handles) is named by the body's field that asked for it, as the gateway's own check does.
+        param = self.job.structured_field if replies.error_param in STRUCTURED_PARAMS else None
+        error = refusal(replies.error_code, replies.error or "", param)
         if self.stream is None:
             raise error
         await sse(self.stream, error.body())  # the same object, type and code as a status would carry

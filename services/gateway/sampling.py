@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
@@ -150,41 +150,45 @@ def tools_required(body: Body) -> bool:
     return isinstance(body, ChatBody) and body.tool_choice == "required" and forced_tool(body) is None
 
 
-def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
-    """The ``SamplingParams`` fields of the structured output ``body`` asks for (none: free text):
-    OpenAI's ``response_format`` (json_object: any object; json_schema: its ``schema``), vLLM's
-    ``structured_outputs`` (json, regex, choice, grammar, json_object) or its older ``guided_json``,
-    ``guided_regex``, ``guided_choice`` and ``guided_grammar``. Checked by llguidance, and with
-    ``grammars`` (the model's tokenizer's) as far as a worker's first mask.
+def _asked(body: Body) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The structured outputs ``body`` asks for, in the order ``structured`` reads them: each the
+    body's field and what makes its ``SamplingParams`` fields (a tool's schema is built only then).
 
     Raises:
-        APIError(400): more than one asked for, an unknown response_format type, a missing or
-        unusable schema, regex or grammar (llguidance's reason), naming the field.
+        APIError(400): an unknown response_format type.
     """
-    asked: list[tuple[str, dict[str, Any]]] = []  # (the body's field, SamplingParams fields)
+    asked: list[tuple[str, Callable[[], dict[str, Any]]]] = []
 
-    def schema(field: str, value: str | dict[str, Any]) -> None:
-        asked.append((field, {"json_schema": value if isinstance(value, str) else json.dumps(value)}))
+    def schema(value: str | dict[str, Any]) -> dict[str, Any]:
+        return {"json_schema": value if isinstance(value, str) else json.dumps(value)}
 
     if (tool := forced_tool(body)) is not None:  # its arguments: a document of its parameters' schema
-        schema("tool_choice", arguments_schema(tool.parameters))
+        asked.append(("tool_choice", lambda: schema(arguments_schema(tool.parameters))))
     elif tools_required(body):
         assert isinstance(body, ChatBody) and body.tools
         listed = [(t.function.name, t.function.parameters) for t in body.tools]
-        try:
-            schema("tool_choice", calls_schema(listed, parallel=body.parallel_tool_calls is not False))
-        except ConflictingDefs as e:
-            raise APIError(400, str(e), param="tools") from None
+
+        def calls() -> dict[str, Any]:
+            try:
+                return schema(calls_schema(listed, parallel=body.parallel_tool_calls is not False))
+            except ConflictingDefs as e:
+                raise APIError(400, str(e), param="tools") from None
+
+        asked.append(("tool_choice", calls))
     fmt = body.response_format
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_object":
-            asked.append(("response_format", {"json_schema": JSON_OBJECT_SCHEMA}))
+            asked.append(("response_format", lambda: {"json_schema": JSON_OBJECT_SCHEMA}))
         elif kind == "json_schema":
             spec = fmt.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
-            schema("response_format", spec["schema"])
+
+            def given() -> dict[str, Any]:
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
+                return schema(spec["schema"])
+
+            asked.append(("response_format", given))
         elif kind != "text":
             raise APIError(
                 400,
@@ -201,19 +205,41 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
         ("structured_outputs", so and so.grammar, "grammar"),
     ):
         if value not in (None, []):  # an empty choice asks for nothing, as vLLM reads it
-            asked.append((field, {key: value}))
-    if body.guided_json is not None:
-        schema("guided_json", body.guided_json)
-    if so is not None and so.json is not None:
-        schema("structured_outputs", so.json)
+            asked.append((field, lambda key=key, value=value: {key: value}))
+    if (guided := body.guided_json) is not None:
+        asked.append(("guided_json", lambda: schema(guided)))
+    if so is not None and (so_json := so.json) is not None:
+        asked.append(("structured_outputs", lambda: schema(so_json)))
     if so is not None and so.json_object:
-        asked.append(("structured_outputs", {"json_schema": JSON_OBJECT_SCHEMA}))
+        asked.append(("structured_outputs", lambda: {"json_schema": JSON_OBJECT_SCHEMA}))
+    return asked
+
+
+def structured_field(body: Body) -> str | None:
+    """The body's field that asks for a structured output (None: free text), for errors found as
+    the output grows (``param``). Call after ``structured`` accepted ``body``."""
+    return next((field for field, _ in _asked(body)), None)
+
+
+def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
+    """The ``SamplingParams`` fields of the structured output ``body`` asks for (none: free text):
+    OpenAI's ``response_format`` (json_object: any object; json_schema: its ``schema``), vLLM's
+    ``structured_outputs`` (json, regex, choice, grammar, json_object) or its older ``guided_json``,
+    ``guided_regex``, ``guided_choice`` and ``guided_grammar``. Checked by llguidance, and with
+    ``grammars`` (the model's tokenizer's) as far as a worker's first mask.
+
+    Raises:
+        APIError(400): more than one asked for, an unknown response_format type, a missing or
+        unusable schema, regex or grammar (llguidance's reason), naming the field.
+    """
+    asked = _asked(body)
     if not asked:
         return {}
     if len(asked) > 1:
         names = " and ".join(dict.fromkeys(f for f, _ in asked))
         raise APIError(400, f"at most one structured output may be asked for, got {names}", param=asked[1][0])
-    field, fields = asked[0]
+    field, make = asked[0]
+    fields = make()
     params = SamplingParams(**fields)
     if (bad := params.invalid()) is not None:
         raise APIError(400, bad[1].replace(bad[0], field, 1), param=field)

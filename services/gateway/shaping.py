@@ -28,6 +28,7 @@ from dlora.services.gateway.sampling import (
     forced_tool,
     prompt_logprobs_wanted,
     sampling_params,
+    structured_field,
     tools_required,
 )
 from dlora.services.worker.engine.structured import Grammars
@@ -107,6 +108,7 @@ class Job:
     # echo with logprobs), and as vLLM's prompt_logprobs field (not streamed). None: not.
     echo_logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_field: str | None = None  # the body's field asking for a structured output (errors' param)
 
 
 def new_request_id(chat: bool) -> str:
@@ -256,6 +258,7 @@ def shape_request(
         token_ids_in_logprobs=bool(body.return_tokens_as_token_ids),
         echo_logprobs=echo_logprobs,
         prompt_logprobs=field_logprobs,
+        structured_field=structured_field(body),
     )
 
 

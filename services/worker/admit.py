@@ -62,7 +62,7 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         await _answer(w, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
         return
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
-    code, reason = ErrorCode.BAD_REQUEST, ""
+    code, reason, param = ErrorCode.BAD_REQUEST, "", None
     try:
         req = await w.adapters.versioned(req)
         if req.adapter is not None:
@@ -83,12 +83,12 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     except AdapterNotFound as e:
         code, reason = ErrorCode.NOT_FOUND, str(e)
     except RequestError as e:
-        reason = str(e)
+        reason, param = str(e), e.param
     except AdapterError as e:
         logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
         await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
         return
-    await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id))
+    await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id, param=param))
 
 
 async def _answer(w: WorkerService, reply_to: str, last: TokenChunk) -> None:

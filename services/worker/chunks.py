@@ -26,15 +26,12 @@ def open_stream(req: GenerateRequest, now: float) -> Stream:
 
 def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> TokenChunk:
     """The chunk for one step's output; advances the stream's sequence number. A failed request's
-    output becomes its error chunk, with the reason."""
+    output becomes its error chunk, with the reason: the request's own fault (BAD_REQUEST) as it
+    is, with the field at fault, as a refusal at admission reads; the server's naming the worker."""
     if out.error is not None:
-        return error_chunk(
-            stream.request,
-            out.error_code,
-            f"the request failed on worker {worker}: {out.error}",
-            worker,
-            seq=stream.seq,
-        )
+        own = out.error_code is ErrorCode.BAD_REQUEST
+        reason = out.error if own else f"the request failed on worker {worker}: {out.error}"
+        return error_chunk(stream.request, out.error_code, reason, worker, seq=stream.seq, param=out.error_param)
     queue_seconds = None
     if not stream.first_sent:
         stream.first_sent = True
@@ -59,13 +56,17 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
     return chunk
 
 
-def error_chunk(req: GenerateRequest, code: ErrorCode, reason: str, worker: str, seq: int | None = None) -> TokenChunk:
-    """A failed request's last chunk: numbered ``seq`` (default: the request's next)."""
+def error_chunk(
+    req: GenerateRequest, code: ErrorCode, reason: str, worker: str, seq: int | None = None, param: str | None = None
+) -> TokenChunk:
+    """A failed request's last chunk: numbered ``seq`` (default: the request's next), ``param`` the
+    request's field at fault (a BAD_REQUEST's, where it is one)."""
     return TokenChunk(
         request_id=req.request_id,
         seq=req.next_seq if seq is None else seq,
         error=reason,
         error_code=code,
+        param=param,
         worker=worker,
         finish_reason=FinishReason.ERROR,
         recoveries=req.recoveries,

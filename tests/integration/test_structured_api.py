@@ -68,6 +68,12 @@ async def test_response_format(stack: Stack) -> None:
     assert status == 200 and re.fullmatch("[0-9]{4}", resp["choices"][0]["message"]["content"]), resp
     status, resp = await post(stack, "/v1/completions", {**body, "guided_regex": "(unclosed"})
     assert (status, resp["error"]["param"]) == (400, "guided_regex"), resp
+    # passes every check and the first mask, and fails as the first token is taken (llguidance's
+    # lexer limit): answered 400 with param null and the worker's id in the message; now named as
+    # the gateway's own check names it
+    status, resp = await post(stack, "/v1/chat/completions", {**chat, "structured_outputs": {"regex": "a{1000000}"}})
+    assert (status, resp["error"]["param"]) == (400, "structured_outputs"), resp
+    assert resp["error"]["message"].startswith("regex cannot be used: ") and "worker" not in resp["error"]["message"]
     # a named tool_choice: the arguments are a document of the function's parameters, answered as
     # its call, whole and streamed
     params = {

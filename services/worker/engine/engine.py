@@ -242,7 +242,7 @@ class LLMEngine:
             try:
                 seq.matcher = self.grammars.matcher(params, resumed)
             except GrammarError as e:
-                raise RequestError(str(e)) from None
+                raise RequestError(str(e), param=params.structured_outputs()[0]) from None
         if kv is not None:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
@@ -400,7 +400,8 @@ class LLMEngine:
                 continue
             try:
                 if seq.matcher is not None and (why := refusal(seq.matcher, tok, label(seq.params))) is not None:
-                    outputs.append(self._fail(seq, why, ErrorCode.BAD_REQUEST))  # the constraint's fault
+                    field = seq.params.structured_outputs()[0]  # the constraint's fault
+                    outputs.append(self._fail(seq, why, ErrorCode.BAD_REQUEST, param=field))
                     continue
                 out = self._advance(seq, tok, reserved)
                 if isinstance(lp := logprobs.get(i), Exception):
@@ -491,12 +492,15 @@ class LLMEngine:
             self._finish(seq, out.finish_reason)
         return out
 
-    def _fail(self, seq: Sequence, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> RequestOutput:
-        """End a request whose step failed; its output carries the reason and whose fault (``code``)."""
+    def _fail(
+        self, seq: Sequence, reason: str, code: ErrorCode = ErrorCode.INTERNAL, param: str | None = None
+    ) -> RequestOutput:
+        """End a request whose step failed; its output carries the reason, whose fault (``code``) and
+        the field at fault (``param``, the request's)."""
         if seq.in_flight:  # a token never made
             seq.output_ids.pop()
         self._finish(seq, FinishReason.ERROR)
-        return failed_output(seq, reason, code)
+        return failed_output(seq, reason, code, param)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = Status.FINISHED

@@ -15,7 +15,12 @@ from dlora.services.worker.engine.stopping import check_stop, visible_end
 
 
 class RequestError(ValueError):
-    """The request cannot be served as given; the message says why (a 4xx for the caller)."""
+    """The request cannot be served as given; the message says why (a 4xx for the caller), and
+    ``param`` the SamplingParams field at fault where it is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -31,13 +36,15 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None  # why the request failed (finish_reason ERROR)
     error_code: ErrorCode = ErrorCode.INTERNAL  # whose fault: BAD_REQUEST where the request's own
+    error_param: str | None = None  # with BAD_REQUEST: the SamplingParams field at fault, if one
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first output token, when asked
 
 
-def failed_output(seq: Sequence, reason: str, code: ErrorCode) -> RequestOutput:
-    """The last output of a request that failed: no tokens, the reason and whose fault (``code``)."""
+def failed_output(seq: Sequence, reason: str, code: ErrorCode, param: str | None = None) -> RequestOutput:
+    """The last output of a request that failed: no tokens, the reason, whose fault (``code``) and
+    the field at fault (``param``, a request's)."""
     return RequestOutput(
         request_id=seq.request_id,
         new_token_ids=[],
@@ -48,6 +55,7 @@ def failed_output(seq: Sequence, reason: str, code: ErrorCode) -> RequestOutput:
         num_output_tokens=len(seq.output_ids),
         error=reason,
         error_code=code,
+        error_param=param,
     )
 
 
