@@ -5,6 +5,7 @@ Pure: no I/O."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -205,7 +206,7 @@ def _asked(body: Body) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
         ("structured_outputs", so and so.grammar, "grammar"),
     ):
         if value not in (None, []):  # an empty choice asks for nothing, as vLLM reads it
-            asked.append((field, lambda key=key, value=value: {key: value}))
+            asked.append((field, functools.partial(dict, [(key, value)])))
     if (guided := body.guided_json) is not None:
         asked.append(("guided_json", lambda: schema(guided)))
     if so is not None and (so_json := so.json) is not None:
