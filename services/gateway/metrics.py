@@ -19,8 +19,13 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The gateway's families; the latency histograms also under vLLM's names, labelled by the
+    served base model's name ``model_name`` alone (as vLLM labels a LoRA request's: no adapter
+    named, so no tenant's shows), so that vLLM dashboards' latency panels read a dlora gateway."""
+
+    def __init__(self, model_name: str = "") -> None:
         self.registry = r = CollectorRegistry()
+        self.model_name = model_name
         self.requests = Counter(
             "dlora_requests", "Requests finished, by adapter and status", ["adapter", "status"], registry=r
         )
@@ -56,7 +61,23 @@ class Metrics:
             unit="seconds",
             registry=r,
         )
+        # vLLM's (v1) names for the same figures: its request_time_per_output_token is, as ours, one
+        # observation per request (its inter_token_latency, one per token, has no counterpart here).
+        self.vllm = {
+            name: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=_LATENCY, registry=r)
+            for name, doc in (
+                ("time_to_first_token_seconds", "Time to first token"),
+                ("request_time_per_output_token_seconds", "Time per output token after the first, per request"),
+                ("e2e_request_latency_seconds", "End-to-end request latency"),
+                ("request_queue_time_seconds", "Time waiting at the worker before the first step"),
+            )
+        }
         self.traffic = Traffic()  # the same, kept for the status page
+
+    def observe(self, ours: Histogram, vllm: str, label: str, seconds: float) -> None:
+        """``seconds`` into our histogram under ``label`` and into vLLM's ``vllm`` one."""
+        ours.labels(label).observe(seconds)
+        self.vllm[vllm].labels(self.model_name).observe(seconds)
 
     def failed(self, name: str, status: int, public: bool = True) -> None:
         """A request for adapter (or model) ``name`` refused or failed with HTTP ``status``;
@@ -82,20 +103,22 @@ class RequestTimer:
         if self.first_at is not None:
             return
         self.first_at = time.monotonic()
-        self.metrics.ttft.labels(self.label).observe(self.first_at - self.start)
+        m = self.metrics
+        m.observe(m.ttft, "time_to_first_token_seconds", self.label, self.first_at - self.start)
         self.metrics.traffic.first_token(self.name, self.first_at - self.start)
         if queue_seconds is not None:
-            self.metrics.queue.labels(self.label).observe(queue_seconds)
+            m.observe(m.queue, "request_queue_time_seconds", self.label, queue_seconds)
 
     def done(self, n_tokens: int, total_tokens: int) -> None:
         """Every choice is over; ``n_tokens``: the longest choice's, which bound the time per token;
         ``total_tokens``: every choice's."""
-        end = time.monotonic()
-        self.metrics.requests.labels(self.label, "200").inc()
-        self.metrics.e2e.labels(self.label).observe(end - self.start)
-        self.metrics.traffic.done(self.name, end - self.start, total_tokens)
+        end, m = time.monotonic(), self.metrics
+        m.requests.labels(self.label, "200").inc()
+        m.observe(m.e2e, "e2e_request_latency_seconds", self.label, end - self.start)
+        m.traffic.done(self.name, end - self.start, total_tokens)
         if self.first_at is not None and n_tokens > 1:
-            self.metrics.tpot.labels(self.label).observe((end - self.first_at) / (n_tokens - 1))
+            tpot = (end - self.first_at) / (n_tokens - 1)
+            m.observe(m.tpot, "request_time_per_output_token_seconds", self.label, tpot)
 
     def failed(self, status: int) -> None:
         """It failed after its stream opened (an error event ended it)."""

@@ -381,7 +381,18 @@ async def test_metrics_are_exposed(stack: Stack) -> None:
     ):
         assert name in text, name
     # The workers export their own (tests/integration/test_exporters.py), not the gateway from the bus.
-    assert "dlora_num_requests_running" not in text and "vllm:" not in text
+    assert "dlora_num_requests_running" not in text and "vllm:num_requests_running" not in text
+    # The latencies under vLLM's names too, for its dashboards: by the served model alone, no
+    # adapter named (the lora-1 request counts there), and the same counts as ours
+    for ours, theirs in (
+        ("time_to_first_token_seconds", "time_to_first_token_seconds"),
+        ("time_per_output_token_seconds", "request_time_per_output_token_seconds"),
+        ("e2e_request_latency_seconds", "e2e_request_latency_seconds"),
+        ("request_queue_time_seconds", "request_queue_time_seconds"),
+    ):
+        mine = sum(float(n) for n in re.findall(rf"dlora_{ours}_count\{{adapter=\S+\}} (\S+)", text))
+        [vllm] = re.findall(rf'vllm:{theirs}_count\{{model_name="model"\}} (\S+)', text)
+        assert float(vllm) == mine >= 1, (ours, text)
 
 
 async def test_client_disconnect_aborts_the_request(stack: Stack) -> None:
