@@ -216,6 +216,9 @@ class LostRequests(msgspec.Struct, kw_only=True, frozen=True):
     # Handed over by a worker that is stopping (``WorkerSettings.drain_timeout_s``): none of them
     # counts as a death either.
     draining: bool = False
+    # Those of ``never_arrived`` whose adapter version this worker cannot load (its files were
+    # rewritten since registration): sent only to a worker that holds that version, else failed.
+    elsewhere: list[str] = []
 
 
 class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):

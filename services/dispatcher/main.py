@@ -192,7 +192,8 @@ class Dispatcher:
             try:  # one record Redis failed on must not hold up the rest: the worker hands it back again
                 rec = await self.store.get_inflight(rid)
                 if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
-                    await self._recover(rec, died=died, avoid=None if died else lost.worker)
+                    holding = rid in lost.elsewhere  # only a worker holding its adapter's version
+                    await self._recover(rec, died=died, avoid=None if died else lost.worker, holding=holding)
             except bus.STATE_OUTAGE as e:
                 logger.warning("handed-back request not re-dispatched yet", request=rid, error=type(e).__name__)
 
@@ -285,13 +286,14 @@ class Dispatcher:
             if await self.store.claim_recovery(f"{worker}:orphans", ttl_s=self.s.heartbeat_ttl_s):
                 await self._recover_on(worker)
 
-    async def _recover(self, rec: Inflight, died: bool = True, avoid: str | None = None) -> None:
+    async def _recover(self, rec: Inflight, died: bool = True, avoid: str | None = None, holding: bool = False) -> None:
         """Re-dispatch a request given up on ``rec.worker`` as its next attempt, resuming after the
         tokens its client has; or fail it (``died``, and too many workers died with it before; or
         its client is judged gone: said, not dropped in silence, for a client that was only cut
         off for a while would otherwise wait out its chunk timeout). Each record is re-dispatched
         once, however many dispatchers try. Not ``died``: its message never reached the worker,
-        or the worker is stopping; ``avoid``: a worker to send it elsewhere than, if any other."""
+        or the worker is stopping; ``avoid``: a worker to send it elsewhere than, if any other;
+        ``holding``: only to a worker that holds its adapter's version (``_dispatch``)."""
         first = rec.request
         next_seq = rec.next_seq
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
@@ -323,7 +325,7 @@ class Dispatcher:
             recoveries=rec.recoveries + 1,
             continued=True,
         )
-        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid)
+        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid, holding=holding)
 
     def _count(self, adapter: str | None) -> None:
         if adapter is not None:
@@ -351,12 +353,16 @@ class Dispatcher:
         died: bool = False,
         avoid: str | None = None,
         again: bool = False,
+        holding: bool = False,
     ) -> None:
         """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a
         re-dispatch, sent only if the record still names that worker and attempt (recorded first);
         ``died``: one after the worker running it died, counted in the record; ``avoid``: a worker
         not to choose while another can take it (one its message never reached); ``again``: the
-        second look at a request whose id and reply subject were in flight (see below)."""
+        second look at a request whose id and reply subject were in flight (see below);
+        ``holding``: only to a worker other than ``avoid`` whose stats list the request's adapter
+        version (its files were rewritten since registration, so no other can load it), else
+        failed saying so."""
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
@@ -375,6 +381,22 @@ class Dispatcher:
             )
             await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return
+        if holding:
+            version = req.adapter_version or ""
+            holders = [
+                w
+                for w in live
+                if w.worker != avoid and any(a.name == req.adapter and a.version == version for a in w.adapters)
+            ]
+            if not holders:
+                reason = (
+                    f"adapter {req.adapter!r}: its files changed since version {version} was registered and no "
+                    "worker holds that version in memory; an admin must load it again (vLLM's "
+                    "/v1/load_lora_adapter with load_inplace, or delete it and register it again)"
+                )
+                await self._fail(req, req.next_seq, reason, "adapter-changed", ErrorCode.INTERNAL, expect)
+                return
+            live = holders
         if not req.recorded:  # its worker then takes a missing record after a stall for its end
             req, raw = msgspec.structs.replace(req, recorded=True), None
         raw = raw or _encode.encode(req)

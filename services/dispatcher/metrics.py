@@ -10,7 +10,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 # Why a request was refused (``dlora_dispatch_refusals_total{reason}``).
 Refusal = Literal[
-    "too-long", "too-large", "no-worker", "duplicate-id", "not-found", "bad-reply-to", "gave-up", "client-gone"
+    "too-long",
+    "too-large",
+    "no-worker",
+    "duplicate-id",
+    "not-found",
+    "bad-reply-to",
+    "gave-up",
+    "client-gone",
+    "adapter-changed",
 ]
 REFUSALS: tuple[Refusal, ...] = get_args(Refusal)
 

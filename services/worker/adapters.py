@@ -5,7 +5,9 @@ puts them. Names, keys and versions: ``versions``."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -13,14 +15,26 @@ import msgspec
 from dlora.common import log
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.worker.engine import LLMEngine
-from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.engine.lora import AdapterError, LoraAdapter
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
 
 
+# A version that could not be loaded is not read again for this long: each request for it would
+# read and hash its files again (hundreds of MB for a real adapter), and files a trainer is
+# rewriting may be whole again soon after.
+FAILED_MEMORY_S = 10.0
+
+
 class AdapterNotFound(Exception):
     """The registry has no such adapter (or no such version of it)."""
+
+
+class AdapterChanged(AdapterError):
+    """The adapter's files no longer hold the version registered (rewritten in place since, as an
+    RL trainer does before vLLM's ``load_inplace``): a worker that holds that version in memory
+    may still serve it."""
 
 
 class Registry(Protocol):
@@ -31,15 +45,19 @@ class WorkerAdapters:
     """The engine's adapters, kept to the registry: each version under its own key, so requests
     running on a version finish on it while new ones take the version registered now."""
 
-    def __init__(self, engine: LLMEngine, registry: Registry) -> None:
-        self.engine, self.registry = engine, registry
+    def __init__(self, engine: LLMEngine, registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine, self.registry, self.clock = engine, registry, clock
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
         self.used: OrderedDict[str, None] = OrderedDict()  # engine keys, the one used least lately first
         # Versions a prefetch could not load (files changed or broken): not tried again every
-        # placement (a warning each time, and the files read again); a request still tries.
+        # placement (a warning each time, and the files read again); a request tries once
+        # FAILED_MEMORY_S has passed.
         self.unprefetchable: set[tuple[str, str]] = set()
+        # Versions that failed to load, with when and why: refused again for FAILED_MEMORY_S
+        # without reading their files.
+        self.failed: dict[tuple[str, str], tuple[float, AdapterError]] = {}
 
     async def ensure(self, name: str, version: str, registered: bool = False) -> str:
         """The engine's key for that version of the adapter, loaded into host memory if it is not
@@ -49,7 +67,8 @@ class WorkerAdapters:
         checked its request's when it took it, and a request that ran elsewhere goes on, as a
         running one does). Raises AdapterNotFound if the registry never had that version (or, with
         ``registered``, the adapter is removed), AdapterError if its files are bad or no longer
-        what was registered."""
+        what was registered (AdapterChanged: files rewritten since); a version that failed is
+        refused again for ``FAILED_MEMORY_S`` without reading its files."""
         gone = AdapterNotFound(f"adapter {name!r} is not registered (removed)")
         if registered and name in self.retiring and self.retiring[name] is None:
             raise gone
@@ -60,16 +79,19 @@ class WorkerAdapters:
             return key
         if registered and await self.registry.get_adapter(name) is None:  # asked before any file is read
             raise gone
+        now_s = self.clock()
+        if (failed := self.failed.get((name, version))) is not None and now_s - failed[0] < FAILED_MEMORY_S:
+            raise failed[1].with_traceback(None)  # not a traceback grown by every refusal
         entry = await self.registry.get_adapter(name, version)
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} version {version} is not registered")
-        adapter = await asyncio.to_thread(self.engine.register_adapter, key, entry.path)
-        if version and adapter.digest != version:
-            self.engine.unregister_adapter(key)
-            raise AdapterError(
-                f"adapter {name!r}: the files in {entry.path} changed since version {version} was "
-                f"registered (they are now {adapter.digest}); delete it and register it again"
-            )
+        try:
+            await self._load(name, key, entry)
+        except AdapterError as e:
+            self.failed = {k: v for k, v in self.failed.items() if now_s - v[0] < FAILED_MEMORY_S}
+            self.failed[(name, version)] = (now_s, e)
+            raise
+        self.failed.pop((name, version), None)
         current = await self.registry.get_adapter(name)
         now = current.version if current else None
         # Versions other than the registered one (this one, for a request that began on it, or
@@ -78,6 +100,22 @@ class WorkerAdapters:
             self.retiring[name] = now
         self.evict(keep=key)
         return key
+
+    async def _load(self, name: str, key: str, entry: AdapterEntry) -> LoraAdapter:
+        """Load ``entry``'s files under the engine's ``key``. Raises AdapterError naming the adapter
+        by ``name``, not its engine key; AdapterChanged when they are not the version registered."""
+        try:
+            adapter = await asyncio.to_thread(self.engine.register_adapter, key, entry.path)
+        except AdapterError as e:
+            raise AdapterError(str(e).replace(repr(key), repr(name))) from None
+        if entry.version and adapter.digest != entry.version:
+            self.engine.unregister_adapter(key)
+            raise AdapterChanged(
+                f"adapter {name!r}: the files in {entry.path} changed since version {entry.version} was "
+                f"registered (they are now {adapter.digest}); an admin must load it again (vLLM's "
+                "/v1/load_lora_adapter with load_inplace, or delete it and register it again)"
+            )
+        return adapter
 
     def tidy(self) -> None:
         """Between commands and steps: unload retired versions no request uses any more, and drop

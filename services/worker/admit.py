@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from dlora.common import bus, log, subjects
 from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk, with_seed
 from dlora.common.undecodable import request_head
-from dlora.services.worker.adapters import AdapterNotFound
+from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound
 from dlora.services.worker.chunks import (
     aborted_chunk,
     adapter_failure_chunk,
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
 
 logger = log.get("worker")
-# Seconds a request this worker could not read is remembered: back within it, it is answered.
-UNREADABLE_MEMORY_S = 60.0
+# Seconds a request handed back is remembered: back within it, it is answered.
+HANDED_BACK_MEMORY_S = 60.0
 
 
 async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
@@ -84,6 +84,15 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         code, reason = ErrorCode.NOT_FOUND, str(e)
     except RequestError as e:
         reason, param = str(e), e.param
+    except AdapterChanged as e:
+        # Its files were rewritten since (a trainer's, before it loads them again): a worker that
+        # holds the version in memory serves it, as vLLM's one engine goes on with the old weights.
+        if req.recorded and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=True):
+            logger.info("adapter version not loadable here; handed back", request=req.request_id, adapter=req.adapter)
+            return
+        logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
+        await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
+        return
     except AdapterError as e:
         logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
         await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
@@ -129,16 +138,28 @@ async def refuse_unreadable(w: WorkerService, msg: Msg, error: msgspec.DecodeErr
     """A request that does not decode here (in a rolling upgrade, a newer dispatcher's request
     with a field this worker lacks). The first time it is handed back at once, for a dispatcher
     to send to another worker, which may read it (waiting for the sweep cost 2 s); back again
-    within ``UNREADABLE_MEMORY_S`` (no other worker took it), its sender is told why (503) and its
+    within ``HANDED_BACK_MEMORY_S`` (no other worker took it), its sender is told why (503) and its
     record ended, instead of being left to wait for its timeout."""
     if (head := request_head(msg.data)) is None or not subjects.publishable(head.reply_to):
         return
+    if not await _hand_back_once(w, head.request_id, head.recoveries):
+        await _answer(w, head.reply_to, unreadable_chunk(head, str(error), w.s.worker_id))
+
+
+async def _hand_back_once(w: WorkerService, request_id: str, recoveries: int, elsewhere: bool = False) -> bool:
+    """Hand a request recorded as sent here back to the dispatchers, for another worker (only one
+    holding its adapter's version, ``elsewhere``); False, doing nothing, when it was handed back
+    within ``HANDED_BACK_MEMORY_S`` and came back anyway (it is to be answered)."""
     now = time.monotonic()
-    w.unreadable = {rid: t for rid, t in w.unreadable.items() if now - t < UNREADABLE_MEMORY_S}
-    if head.request_id not in w.unreadable:
-        w.unreadable[head.request_id] = now
-        handed = {head.request_id: head.recoveries}
-        lost = LostRequests(worker=w.s.worker_id, requests=handed, never_arrived=[head.request_id])
-        await bus.publish(w.nc, subjects.LOST, lost)
-        return
-    await _answer(w, head.reply_to, unreadable_chunk(head, str(error), w.s.worker_id))
+    w.handed_back = {rid: t for rid, t in w.handed_back.items() if now - t < HANDED_BACK_MEMORY_S}
+    if request_id in w.handed_back:
+        return False
+    w.handed_back[request_id] = now
+    lost = LostRequests(
+        worker=w.s.worker_id,
+        requests={request_id: recoveries},
+        never_arrived=[request_id],
+        elsewhere=[request_id] if elsewhere else [],
+    )
+    await bus.publish(w.nc, subjects.LOST, lost)
+    return True

@@ -97,7 +97,9 @@ class WorkerService:
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted: dict[tuple[str, str | None], float] = {}
         self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
-        self.unreadable: dict[str, float] = {}  # requests that did not decode here, handed back once (admit.py)
+        # Requests handed back once for another worker to take, and when (admit.py): they did not
+        # decode here, or their adapter's version cannot be loaded here.
+        self.handed_back: dict[str, float] = {}
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests

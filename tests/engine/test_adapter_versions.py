@@ -15,7 +15,7 @@ from dlora.model.adapters import AdapterError
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
-from dlora.services.worker.adapters import AdapterNotFound, WorkerAdapters
+from dlora.services.worker.adapters import FAILED_MEMORY_S, AdapterChanged, AdapterNotFound, WorkerAdapters
 from tests.engine.helpers import make_engine
 
 
@@ -33,7 +33,8 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
     path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
     entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
     engine = make_engine(tiny_llama)
-    worker = WorkerAdapters(engine, _Registry(entry))
+    now = [0.0]
+    worker = WorkerAdapters(engine, _Registry(entry), clock=lambda: now[0])
     originals = {f: (path / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
 
     conf = json.loads(originals["adapter_config.json"])
@@ -44,12 +45,39 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
     }
     for file, changed in changes.items():
         (path / file).write_bytes(changed)
-        with pytest.raises(AdapterError, match=f"files in {path} changed since version {entry.version}"):
+        with pytest.raises(AdapterChanged, match=f"files in {path} changed since version {entry.version}"):
             await worker.ensure("x", entry.version)
         assert not any(k.startswith("x@") for k in engine.adapters), file
         (path / file).write_bytes(originals[file])
+        now[0] += FAILED_MEMORY_S  # a failure is not tried again before
     key = await worker.ensure("x", entry.version)
     assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version
+
+
+async def test_a_version_that_failed_is_not_read_again_for_each_request(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """A user's trial: every request for an adapter whose files broke after registration read and
+    hashed them again (20 requests, 20 reads; a real adapter is hundreds of MB). The failure is
+    kept FAILED_MEMORY_S, the same reason given; after it the files are read again (they may be
+    whole again), and the reason names the adapter, not the engine's key for its version."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    (path / "adapter_config.json").unlink()
+    engine = make_engine(tiny_llama)
+    now = [0.0]
+    worker = WorkerAdapters(engine, _Registry(entry), clock=lambda: now[0])
+    reads = []
+    register = engine.register_adapter
+    engine.register_adapter = lambda *a, **k: reads.append(a) or register(*a, **k)  # type: ignore[method-assign]
+    for t in (0.0, 1.0, FAILED_MEMORY_S - 0.1):
+        now[0] = t
+        with pytest.raises(AdapterError, match="adapter_config.json") as e:
+            await worker.ensure("x", entry.version)
+        assert "x@" not in str(e.value) and not isinstance(e.value, AdapterChanged)
+    assert len(reads) == 1
+    shutil.copyfile(tiny_llama.adapters["lora-0"] / "adapter_config.json", path / "adapter_config.json")
+    now[0] = FAILED_MEMORY_S + 0.1
+    assert await worker.ensure("x", entry.version) == f"x@{entry.version}" and len(reads) == 2
+    assert not worker.failed
 
 
 async def test_a_version_a_prefetch_could_not_load_is_not_read_again_each_placement(
@@ -57,7 +85,7 @@ async def test_a_version_a_prefetch_could_not_load_is_not_read_again_each_placem
 ) -> None:
     """A user's trial: after an adapter's files changed, each worker logged "prefetch failed" at
     every placement (34 lines in 85 s), reading the files again each time. Once is enough; a
-    request for it still tries (and is told why)."""
+    request for it is told why."""
     path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
     entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
     (path / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes()[:-4] + b"\0" * 4)
@@ -69,9 +97,9 @@ async def test_a_version_a_prefetch_could_not_load_is_not_read_again_each_placem
     for _ in range(3):
         await worker.prefetch(["x"])
     assert len(reads) == 1 and not any(k.startswith("x@") for k in engine.adapters)
-    with pytest.raises(AdapterError, match="changed since version"):
-        await worker.ensure("x", entry.version)
-    assert len(reads) == 2
+    with pytest.raises(AdapterChanged, match="changed since version"):  # told why, without a read
+        await worker.ensure("x", entry.version)  # within FAILED_MEMORY_S of the prefetch's
+    assert len(reads) == 1
 
 
 class _Entries:

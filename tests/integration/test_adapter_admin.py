@@ -152,3 +152,37 @@ async def test_a_name_registered_before_names_were_checked_can_still_be_deleted(
     assert await stack.store.get_adapter("z.") is None
     assert await stack.store.retired(float("inf")) == [("z.", "v1")]  # its version purged in time, as others'
     assert await stack.gateway.registry.purge_retired(1e12) == 1 and await stack.store.get_adapter("z.", "v1") is None
+
+
+async def test_files_rewritten_before_load_inplace_are_served_from_a_worker_holding_the_version(stack: Stack) -> None:
+    """An RL trainer writes new weights over an adapter's files, then calls load_inplace (as verl
+    and OpenRLHF drive vLLM). Requests in between were pinned to the version registered; a worker
+    that did not hold it read the rewritten files, failed their digest and answered 500 (10 of 20
+    in a user's trial). It now hands them back, and they run where that version is in memory; with
+    no worker holding it the answer says so (500: an admin must load it again)."""
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    path = stack.tiny.adapters_dir / "rl-rewritten"
+    shutil.copytree(stack.tiny.adapters["lora-1"], path)
+    assert (await post(stack, "/v1/adapters", {"name": "rl", "path": str(path)}, auth))[0] == 201
+    body = {"model": "rl", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    status, first = await post(stack, "/v1/completions", body)
+    assert status == 200, first
+    [holder] = [w for w in stack.workers if any(k.startswith("rl@") for k in w.engine.adapters)]
+    for _ in range(100):  # its stats say so (what the dispatchers read)
+        if any(a.name == "rl" for st in await stack.store.live_workers() for a in st.adapters):
+            break
+        await asyncio.sleep(0.05)
+    for file in ("adapter_config.json", "adapter_model.safetensors"):  # the trainer's new weights
+        shutil.copyfile(stack.tiny.adapters["lora-2"] / file, path / file)
+    replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(12)))  # both workers
+    assert [s for s, _ in replies] == [200] * 12, replies
+    assert all(r["choices"][0]["text"] == first["choices"][0]["text"] for _, r in replies)  # the version pinned
+    assert any("rl" in {name for name, _ in w.adapters.failed} for w in stack.workers if w is not holder)
+    # No worker holds a version whose files changed before any loaded it: said so, not left to time out.
+    other = shutil.copytree(stack.tiny.adapters["lora-1"], path.with_name("rl-2"))
+    assert (await post(stack, "/v1/adapters", {"name": "rl2", "path": str(other)}, auth))[0] == 201
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(stack.tiny.adapters["lora-2"] / file, other / file)
+    status, resp = await post(stack, "/v1/completions", {**body, "model": "rl2"})
+    assert status == 500 and "no worker holds that version in memory" in resp["error"]["message"], resp
+    assert "load_inplace" in resp["error"]["message"] and str(path.parent) not in resp["error"]["message"]
