@@ -131,9 +131,11 @@ class _Durable:
         was down: a key revoked meanwhile must not come back unrevoked after a later Redis loss."""
 
 
-# An adapter's name: letters, digits, '.', '_', '-', a dot only between two others. It is a token
-# of the bucket's keys (NATS key-value), where an empty token ("a..b", "a.") is refused.
-_NAME = re.compile(r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-]){0,127}")
+# An adapter's name: letters, digits, '.', '_', '-' and '/', beginning with a letter or digit, a
+# '.' or '/' only between two others (vLLM users name adapters by their Hugging Face repo id,
+# "org/name"). It is part of the bucket's keys (NATS key-value: [-/_=.a-zA-Z0-9]), where an empty
+# token ("a..b", "a.") is refused.
+_NAME = re.compile(r"[A-Za-z0-9](?:[./]?[A-Za-z0-9_-]){0,127}")
 
 
 def valid_name(name: str) -> bool:

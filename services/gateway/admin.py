@@ -43,7 +43,10 @@ def check_adapter(
     """
     if not valid_name(name or ""):
         raise APIError(
-            400, "adapter name must be 1-128 letters, digits, '.', '_' or '-', a '.' between two others", param="name"
+            400,
+            "adapter name must be 1-128 letters, digits, '.', '_', '-' or '/', beginning with a letter or digit, "
+            "a '.' or '/' only between two others",
+            param="name",
         )
     if owner and (problem := tenant_problem(owner)) is not None:
         raise APIError(400, problem.replace("tenant", "owner", 1), param="owner")

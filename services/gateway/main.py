@@ -433,7 +433,7 @@ class Gateway:
         app.router.add_get("/v1/models/{model:.+}", self.model)  # names may hold a slash (org/name)
         adapters = AdapterAdmin(self)
         app.router.add_post("/v1/adapters", adapters.add)
-        app.router.add_delete("/v1/adapters/{name}", adapters.delete)
+        app.router.add_delete("/v1/adapters/{name:.+}", adapters.delete)  # org/name too
         app.router.add_post("/v1/load_lora_adapter", adapters.vllm_load)  # vLLM's names, for its scripts
         app.router.add_post("/v1/unload_lora_adapter", adapters.vllm_unload)
         keys = KeyAdmin(self.auth, self.read_body)

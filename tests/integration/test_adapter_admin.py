@@ -186,3 +186,31 @@ async def test_files_rewritten_before_load_inplace_are_served_from_a_worker_hold
     status, resp = await post(stack, "/v1/completions", {**body, "model": "rl2"})
     assert status == 500 and "no worker holds that version in memory" in resp["error"]["message"], resp
     assert "load_inplace" in resp["error"]["message"] and str(path.parent) not in resp["error"]["message"]
+
+
+async def test_an_adapter_named_by_its_hub_repo_id_is_served(stack: Stack) -> None:
+    """vLLM users name adapters after their Hugging Face repo id ("org/name"); the gateway refused
+    the slash (400) though its routes were written for it. Registered (ours and vLLM's), listed,
+    looked up, used and removed by that name."""
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    path = stack.tiny.adapters_dir / "hub-named"
+    shutil.copytree(stack.tiny.adapters["lora-3"], path)
+
+    async def vllm(path: str, payload: dict) -> int:  # vLLM's endpoints answer plain text
+        async with aiohttp.ClientSession() as http, http.post(stack.url + path, json=payload, headers=auth) as r:
+            return r.status
+
+    assert await vllm("/v1/load_lora_adapter", {"lora_name": "org/sql-lora", "lora_path": str(path)}) == 200
+    assert (await post(stack, "/v1/adapters", {"name": "Qwen/Qwen2.5-lora", "path": str(path)}, auth))[0] == 201
+    body = {"prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0}
+    _, same = await post(stack, "/v1/completions", {**body, "model": "lora-3"})
+    for name in ("org/sql-lora", "Qwen/Qwen2.5-lora"):
+        status, resp = await post(stack, "/v1/completions", {**body, "model": name})
+        assert status == 200 and resp["choices"] == same["choices"] and resp["model"] == name, resp
+        assert (await get(stack, f"/v1/models/{name}"))["id"] == name
+    assert {"org/sql-lora", "Qwen/Qwen2.5-lora"} <= {m["id"] for m in (await get(stack, "/v1/models"))["data"]}
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(stack.url + "/v1/adapters/Qwen/Qwen2.5-lora", headers=auth) as r:
+            assert r.status == 200, await r.text()
+    assert await vllm("/v1/unload_lora_adapter", {"lora_name": "org/sql-lora"}) == 200
+    assert (await post(stack, "/v1/completions", {**body, "model": "org/sql-lora"}))[0] == 404

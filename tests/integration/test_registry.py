@@ -85,8 +85,11 @@ async def test_a_lookup_that_misses_after_redis_came_back_empty_restores_the_reg
     registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: now[0])
     try:
         assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
+        hub = AdapterEntry(name="org/a.b", path="/h", rank=8, created=0.0, version="v1")  # a repo id's name
+        assert await registry.register(hub)
         await redis.flushdb()
         assert (await registry.lookup("a")).version == "v1"
+        assert await registry.lookup("org/a.b") == hub  # restored from the bucket with the rest
         assert await registry.lookup("never-registered") is None
         await redis.flushdb()
         now[0] = RESTORE_ON_MISS_INTERVAL_S / 2

@@ -292,7 +292,9 @@ def test_limits_settings_are_checked() -> None:
     assert AdapterLimits(max_abs_weight=float("inf")).check() == []
 
 
-@pytest.mark.parametrize("name", ["a..", "z.", "x..y", "newl\n", ".a", "", "a" * 129, "a/b", "lo ra"])
+@pytest.mark.parametrize(
+    "name", ["a..", "z.", "x..y", "newl\n", ".a", "", "a" * 129, "a//b", "/a", "a/", "a/.b", "_x", "-x", "lo ra"]
+)
 def test_names_the_durable_registry_cannot_key_are_refused(adapter: Path, root: Path, engine_cfg, name: str) -> None:
     """SGLang #28864's kind: a name that passed the check but not the NATS key-value store's keys
     (an empty token, a trailing newline `$` let through) was half registered behind a 503."""
@@ -301,6 +303,8 @@ def test_names_the_durable_registry_cannot_key_are_refused(adapter: Path, root: 
     assert (e.value.status, e.value.param) == (400, "name")
 
 
-@pytest.mark.parametrize("name", ["a", "lora-0", "a.b.c", "A_1-x.y", "a" * 128])
-def test_names_with_dots_between_characters_are_taken(adapter: Path, root: Path, engine_cfg, name: str) -> None:
+@pytest.mark.parametrize("name", ["a", "lora-0", "a.b.c", "A_1-x.y", "a" * 128, "org/sql-lora", "Qwen/Qwen2.5-7B-lora"])
+def test_names_with_dots_or_slashes_between_characters_are_taken(
+    adapter: Path, root: Path, engine_cfg, name: str
+) -> None:
     assert check_adapter(name, str(adapter), [str(root)], "model", engine_cfg).name == name
