@@ -116,6 +116,17 @@ def embed_plot(body: str, result: dict, plot: Plot, benchmarks: Path, key: str, 
     return body if body.endswith(image) else f"{body}\n\n{image}"
 
 
+def writable(path: str | Path, option: str) -> None:
+    """Raises OSError now, not after a run of minutes, when ``path`` (given as ``option``) cannot
+    be written: a directory, or a parent that cannot be made."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("a"):  # made if missing, left as it is if there
+        pass
+
+
 def save(
     result: dict,
     json_path: str | None,

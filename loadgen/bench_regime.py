@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from dlora.loadgen.bench_common import figure
-from dlora.loadgen.bench_sim import CUT, _at, _header, _means, _run, _spec, capacity_rps
-from dlora.services.worker.engine.config import EngineConfig
+from dlora.loadgen.bench_sim import CUT, _at, _header, _means, _run, _spec, capacity_rps, with_slots
 from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 from dlora.sim.cost import ARTIFACT, CostProfile
 from dlora.sim.main import requests_of
@@ -51,7 +50,7 @@ def regime(args: argparse.Namespace) -> list[dict]:
         cost = with_overhead(overhead)
         for alpha in args.alphas:
             spec = replace(_spec(args, args.adapters, args.regime_duration), popularity="zipf", alpha=alpha)
-            slots = EngineConfig(max_loras=args.adapters)
+            slots = with_slots(args.adapters)
             capacity = capacity_rps(cost, slots, *_means(requests_of(spec)))
             for load in args.loads:
                 requests = _at(spec, load * capacity)

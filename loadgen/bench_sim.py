@@ -28,18 +28,18 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from dlora.loadgen.bench_common import figure, grouped_bars, machine, save, today
+from dlora.loadgen.bench_common import figure, grouped_bars, machine, save, today, writable
 from dlora.loadgen.bench_policy import ADAPTER_RANKS
 from dlora.loadgen.bench_validate import TITLE as VALIDATE_TITLE
-from dlora.loadgen.bench_validate import markdown_validate, validate
+from dlora.loadgen.bench_validate import check_measured, markdown_validate, validate
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 from dlora.sim.cluster import Cluster, SimRequest, summary
-from dlora.sim.cost import PROFILES, CostProfile, StepShape
-from dlora.sim.main import requests_of
+from dlora.sim.cost import CostProfile, StepShape
+from dlora.sim.main import profile, requests_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,6 +66,11 @@ def capacity_rps(cost: CostProfile, config: EngineConfig, mean_prompt: float, me
         cost.prompt_token_s * mean_prompt + cost.prefill_seq_s
     )
     return 1.0 / per_request
+
+
+def with_slots(slots: int) -> EngineConfig:
+    """The engine with ``slots`` device slots, host memory holding at least as many adapters."""
+    return EngineConfig(max_loras=slots, max_cpu_loras=max(EngineConfig().max_cpu_loras, slots))
 
 
 def _run(
@@ -109,13 +114,12 @@ def _means(requests: list[SimRequest]) -> tuple[float, float]:
 
 def ablation(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for name in args.profiles:
-        cost = PROFILES[name]
+    for name, cost in args.costs.items():
         for stride in args.strides:
             spec = replace(_spec(args, args.adapters, args.duration), stride=stride)
             probe = requests_of(spec)
             # Every adapter has a device slot, as in dLoRA's unmerged mode: only the policy differs.
-            slots = EngineConfig(max_loras=args.adapters)
+            slots = with_slots(args.adapters)
             rate = args.load * capacity_rps(cost, slots, *_means(probe))
             requests = _at(spec, rate)
             for policy in args.policies:
@@ -134,7 +138,7 @@ def ablation(args: argparse.Namespace) -> list[dict]:
 
 
 def cluster(args: argparse.Namespace) -> list[dict]:
-    cost = PROFILES[args.cluster_profile]
+    cost = args.cluster_cost
     spec = replace(
         _spec(args, args.cluster_adapters, args.cluster_duration),
         stride=4,
@@ -144,7 +148,7 @@ def cluster(args: argparse.Namespace) -> list[dict]:
     )
     # Capacity with a slot for every adapter, as in the ablation (with fewer, an unmerged step runs
     # only as many adapters as slots): the rate is the same for every slot count.
-    full = EngineConfig(max_loras=args.cluster_adapters)
+    full = with_slots(args.cluster_adapters)
     per_replica = capacity_rps(cost, full, *_means(requests_of(spec)))
     rate = args.cluster_load * args.replicas * per_replica
     requests = _at(spec, rate)
@@ -155,7 +159,7 @@ def cluster(args: argparse.Namespace) -> list[dict]:
     }
     rows = []
     for slots in args.cluster_slots:
-        config = EngineConfig(max_loras=slots)
+        config = with_slots(slots)
         for label, kw in configs.items():
             m = _run(cost, requests, args.replicas, config, CUT * args.cluster_duration, **kw)
             rows.append({"dispatch": label, "slots": slots, "rate": rate} | m)
@@ -310,14 +314,34 @@ SETTINGS = {
 def run_bench_simulate(args: argparse.Namespace) -> int:
     from dlora.loadgen.bench_regime import markdown_regime, plot_regime, regime
 
-    args.profiles = args.profiles.split(",")
-    args.strides = [int(s) for s in args.strides.split(",")]
-    args.cluster_slots = [int(s) for s in args.cluster_slots.split(",")]
-    args.policies = args.policies.split(",")
-    args.measured = args.measured.split(",")
+    def items(text: str) -> list[str]:
+        return [v.strip() for v in text.split(",") if v.strip()]
+
+    args.profiles = items(args.profiles)
+    args.strides = [int(s) for s in items(args.strides)]
+    args.cluster_slots = [int(s) for s in items(args.cluster_slots)]
+    args.policies = items(args.policies)
+    args.measured = items(args.measured)
     args.overheads, args.alphas, args.loads = (
-        [float(v) for v in a.split(",")] for a in (args.overheads, args.alphas, args.loads)
+        [float(v) for v in items(a)] for a in (args.overheads, args.alphas, args.loads)
     )
+    # Every name and file it will need, checked before the first run: a typo in the last profile
+    # lost every run before it (no JSON is written until the end).
+    try:
+        args.costs = {name: profile(name) for name in args.profiles}
+        args.cluster_cost = profile(args.cluster_profile)
+        for policy in args.policies:
+            if policy not in {p.value for p in PolicyName}:
+                raise ValueError(f"--policies: unknown policy {policy!r} ({', '.join(p.value for p in PolicyName)})")
+        if below := [o for o in args.overheads if o < 1]:
+            raise ValueError(f"--overheads {below[0]:g}: an unmerged iteration costs at least a merged one (>= 1)")
+        if bad := with_slots(max(args.adapters, args.cluster_adapters, *args.cluster_slots)).check():
+            raise ValueError(f"--adapters / --cluster-adapters / --cluster-slots: {bad[0][0]} {bad[0][1]} {bad[0][2]}")
+        for path in filter(None, (args.json, args.benchmarks)):
+            writable(path, "--json" if path == args.json else "--benchmarks")
+    except (OSError, ValueError) as e:
+        print(f"dlora bench simulate: {e}", file=sys.stderr)
+        return 2
     experiments = {
         "policy": (ablation, markdown_policy, plot_policy),
         "cluster": (cluster, markdown_cluster, plot_cluster),
@@ -330,6 +354,12 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
             f"dlora bench simulate: --measured {missing[0]}: no such file (run bench policy / e2e first)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        for path in args.measured if run is validate else ():
+            check_measured(path)
+    except ValueError as e:
+        print(f"dlora bench simulate: {e}", file=sys.stderr)
         return 2
     result = {
         "date": today(),

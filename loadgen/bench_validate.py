@@ -24,7 +24,7 @@ from typing import Any
 from dlora.loadgen.bench_policy import ADAPTER_RANKS, engine_config
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.sim.cluster import Cluster, summary
-from dlora.sim.cost import CostProfile, StepShape, calibrated, from_steps
+from dlora.sim.cost import CostProfile, StepShape, calibrated, checked, from_steps
 from dlora.sim.main import requests_of
 
 TITLE = "Cluster simulator: validation against the real engine (`dlora bench simulate --experiment validate`)"
@@ -45,6 +45,31 @@ def _runs(bench: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[st
             )
             out.append((label, row["policy"], row["workload"], run, run["steps"]))
     return out
+
+
+def check_measured(path: str) -> None:
+    """Raises ValueError, saying why, unless ``path`` is a ``dlora bench policy`` / ``bench e2e``
+    JSON whose runs can be simulated: readable JSON, a profile its steps calibrate, each run with
+    its figures, workload and steps (a user's trial got a traceback for each of these)."""
+    try:
+        bench = json.loads(Path(path).read_text())
+        calibrated(bench, name="pooled")
+        runs = _runs(bench)
+        for label, _, workload, measured, steps in runs:
+            if not all(measured[k] > 0 for k in METRICS):
+                raise ValueError(f"its run {label!r} measured {', '.join(f'{k} {measured[k]}' for k in METRICS)}")
+            WorkloadSpec.from_args(argparse.Namespace(**workload))
+            checked(from_steps(steps, f"its run {label!r}"))  # too few steps, or of no time
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--measured {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--measured {path} is not JSON ({e})") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--measured {path} is not the JSON of `dlora bench policy` or `bench e2e` (no {e})") from None
+    except ValueError as e:
+        raise ValueError(f"--measured {path}: {e}") from None
+    if not runs:
+        raise ValueError(f"--measured {path} holds no runs")
 
 
 def simulate(cost: CostProfile, policy: str, workload: dict[str, Any]) -> dict[str, float]:

@@ -108,6 +108,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a log or a pipe: room for the whole table
         console = Console(stderr=True, width=160)
     try:
+        if (problem := WorkloadSpec.length_options_problem(args)) is not None:
+            raise ValueError(problem)
         summary = asyncio.run(
             run(
                 WorkloadSpec.from_args(args),

@@ -38,7 +38,7 @@ def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -
 
 _count = _at_least(int, 0)
 positive = _at_least(int, 1)  # also the simulator's and make-tiny's
-_above_zero = _at_least(float, 0, strict=True)
+above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
 
 
@@ -71,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
     add_workload_arguments(p)
-    p.add_argument("--slo-ttft", type=_above_zero, help="SLO on time to first token (s)")
-    p.add_argument("--slo-tpot", type=_above_zero, help="SLO on time per output token (s)")
+    p.add_argument("--slo-ttft", type=above_zero, help="SLO on time to first token (s)")
+    p.add_argument("--slo-tpot", type=above_zero, help="SLO on time per output token (s)")
     p.add_argument(
         "--max-retries",
         type=_count,
@@ -87,13 +87,13 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     """The workload's options (``WorkloadSpec.from_args``), shared by ``dlora loadgen`` and
     ``dlora simulate``."""
     p.add_argument("--requests", type=_count, default=_SPEC.requests, help="cap on requests")
-    p.add_argument("--duration", type=_above_zero, default=_SPEC.duration, help="cap on seconds of sending")
-    p.add_argument("--seed", type=int, default=_SPEC.seed)
+    p.add_argument("--duration", type=above_zero, default=_SPEC.duration, help="cap on seconds of sending")
+    p.add_argument("--seed", type=_count, default=_SPEC.seed)
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
     p.add_argument(
-        "--rate", type=_above_zero, default=_SPEC.rate, help="mean requests/s (trace replay is rescaled to it)"
+        "--rate", type=above_zero, default=_SPEC.rate, help="mean requests/s (trace replay is rescaled to it)"
     )
-    p.add_argument("--cv", type=_above_zero, default=_SPEC.cv, help="gamma: coefficient of variation of inter-arrivals")
+    p.add_argument("--cv", type=above_zero, default=_SPEC.cv, help="gamma: coefficient of variation of inter-arrivals")
     p.add_argument(
         "--trace",
         action="append",
@@ -111,13 +111,21 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         help="format of every --trace (auto: sniffed from each file's first row)",
     )
     p.add_argument("--lengths", choices=get_args(Lengths), default=_SPEC.lengths)
-    p.add_argument("--prompt-len", type=positive, default=_SPEC.prompt_len)
-    p.add_argument("--output-len", type=positive, default=_SPEC.output_len)
+    # Each of these applies to some --lengths only (LENGTH_OPTIONS): None, not given, so that one
+    # given where it does nothing is refused (WorkloadSpec.from_args fills in the defaults).
     p.add_argument(
-        "--length-divide", type=_above_zero, default=_SPEC.length_divide, help="trace lengths are divided by this ..."
+        "--prompt-len",
+        type=positive,
+        help=f"fixed: the prompt's tokens; uniform: the most (default {_SPEC.prompt_len})",
     )
-    p.add_argument("--max-prompt", type=positive, default=_SPEC.max_prompt, help="... and capped")
-    p.add_argument("--max-output", type=positive, default=_SPEC.max_output)
+    p.add_argument("--output-len", type=positive, help=f"the same for outputs (default {_SPEC.output_len})")
+    p.add_argument(
+        "--length-divide",
+        type=above_zero,
+        help=f"trace lengths are divided by this ... (default {_SPEC.length_divide:g})",
+    )
+    p.add_argument("--max-prompt", type=positive, help=f"... and capped (default {_SPEC.max_prompt})")
+    p.add_argument("--max-output", type=positive, help=f"(default {_SPEC.max_output})")
     p.add_argument("--adapters", type=positive, default=_SPEC.adapters, help="adapters lora-0..N-1")
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
@@ -130,9 +138,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tenant-window",
-        type=_above_zero,
+        type=above_zero,
         metavar="SECONDS",
         help="stride: replay the source's time windows (ServeGen 10 min, Azure Functions 1 min), each "
         "lasting this many seconds of the run (default: the whole trace's shares)",
     )
-    p.add_argument("--shift-every", type=_above_zero, help="rotate adapter popularity every this many seconds")
+    p.add_argument("--shift-every", type=above_zero, help="rotate adapter popularity every this many seconds")

@@ -95,10 +95,25 @@ class WorkloadSpec:
         """The spec ``dlora loadgen``'s options describe (``options.add_arguments``); options that
         are not about the workload (target, output folder, SLOs) are left to the caller."""
         values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        for name in LENGTH_OPTIONS:  # not given: the default
+            if values[name] is None:
+                values[name] = getattr(_DEFAULTS, name)
         values["trace"] = tuple(args.trace or ())
         if args.adapter_names:
             values["adapter_names"] = tuple(None if a == "-" else a for a in args.adapter_names.split(","))
         return cls(**values)
+
+    @staticmethod
+    def length_options_problem(args: argparse.Namespace) -> str | None:
+        """Why the length options given (not None) do nothing with ``args.lengths``, or None: a
+        user's trial ran `--lengths uniform --max-prompt 256`, took the lengths for 1-256 tokens,
+        and had 1-32 (``--prompt-len``'s default)."""
+        given = [name for name in LENGTH_OPTIONS if getattr(args, name) is not None]
+        if bad := [name for name in given if args.lengths not in LENGTH_OPTIONS[name]]:
+            option = "--" + bad[0].replace("_", "-")
+            where = " or ".join(LENGTH_OPTIONS[bad[0]])
+            return f"{option} applies to --lengths {where} only, not {args.lengths}"
+        return None
 
     def options(self) -> dict[str, object]:
         """The spec under the CLI's option names and spellings (``adapter_names`` comma-joined, ``-``
@@ -110,3 +125,14 @@ class WorkloadSpec:
             None if self.adapter_names is None else ",".join("-" if a is None else a for a in self.adapter_names)
         )
         return out
+
+
+_DEFAULTS = WorkloadSpec()
+# The length options, and the --lengths each applies to.
+LENGTH_OPTIONS: dict[str, tuple[str, ...]] = {
+    "prompt_len": ("fixed", "uniform"),
+    "output_len": ("fixed", "uniform"),
+    "length_divide": ("trace",),
+    "max_prompt": ("trace",),
+    "max_output": ("trace",),
+}

@@ -269,14 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bk.set_defaults(func=_lazy("dlora.loadgen.bench_cluster:run_bench_cluster"))
 
-    bs = bench.add_parser("simulate", help="the simulator's experiments: policy ablation and cluster dispatch")
+    bs = bench.add_parser(
+        "simulate", help="the simulator's experiments: policy ablation, cluster dispatch, the regime map, validation"
+    )
     bs.add_argument("--experiment", choices=["policy", "cluster", "regime", "validate"], default="policy")
     bs.add_argument(
         "--measured",
         default="bench-results/policy.json,bench-results/e2e.json",
         help="validate: `dlora bench policy` / `bench e2e` JSON whose runs are simulated, comma-separated",
     )
-    bs.add_argument("--profiles", default="dlora-artifact,h200-llama7b", help="cost profiles of the ablation")
+    bs.add_argument(
+        "--profiles", default="dlora-artifact,h200-llama7b", help="cost profiles of the ablation (or calibrated:PATH)"
+    )
     bs.add_argument("--strides", default="1,2,4,8,16,32")
     bs.add_argument("--policies", default="dlora,mixed-only,merged-only,unmerged-only")
     bs.add_argument("--adapters", type=int, default=64, help="adapters in the ablation")
@@ -290,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster-slots", default="128,16", help="device slots per replica, comma-separated: a run of each"
     )
     bs.add_argument("--cluster-duration", type=float, default=60.0)
-    bs.add_argument("--cluster-profile", default="dlora-artifact")
+    bs.add_argument("--cluster-profile", default="dlora-artifact", help="its cost profile (or calibrated:PATH)")
     bs.add_argument("--cluster-load", type=float, default=0.4, help="cluster arrivals as a fraction of capacity")
     bs.add_argument("--cv", type=float, default=3.0, help="cluster arrivals' burstiness (Gamma CV)")
     bs.add_argument("--shift-every", type=float, default=30.0, help="cluster popularity rotates this often (s)")
@@ -320,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 _MAY_BE_ZERO = {"seed", "think_s", "adapters@features"}
 _LISTS = {
     "batch_sizes": int, "adapters@engine": int, "tokens": int, "groups": int, "strides": int,
-    "rates": float, "overheads": float, "alphas": float, "loads": float,
+    "rates": float, "overheads": float, "alphas": float, "loads": float, "cluster_slots": int,
 }  # fmt: skip
 
 
@@ -329,7 +333,7 @@ def _check_bench_numbers(parser: argparse.ArgumentParser) -> None:
     usage error naming the option, what a benchmark cannot run with: 0 or fewer steps, rounds,
     requests or workers, a NaN rate, a list item that is not a number (each failed deep inside
     with a traceback, or ran and wrote nonsense: a user's trial). Lists stay text."""
-    from dlora.loadgen.options import _above_zero, _at_least, positive
+    from dlora.loadgen.options import _at_least, above_zero, positive
 
     name = parser.prog.split()[-1]
     for action in parser._actions:  # argparse's own list of the options it parses
@@ -341,7 +345,7 @@ def _check_bench_numbers(parser: argparse.ArgumentParser) -> None:
         if action.type is int:
             action.type = positive
         elif action.type is float:
-            action.type = _above_zero
+            action.type = above_zero
         elif (kind := _LISTS.get(f"{dest}@{name}", _LISTS.get(dest))) is not None:
             action.type = _number_list(_at_least(kind, 0, strict=True))
 

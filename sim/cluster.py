@@ -40,6 +40,10 @@ from dlora.sim.shard import Moving, ReplicaSummary, Served, Shard, SimRequest
 __all__ = ["Cluster", "ReplicaSummary", "Served", "SimRequest", "summary"]
 
 
+# The dispatcher's (``Common.heartbeat_ttl_s``'s default): a replica whose stats are older is lost.
+HEARTBEAT_TTL_S = 5.0
+
+
 class Cluster:
     """``replicas`` replicas of ``cost``'s engine, every adapter (name -> rank) in each one's host
     memory, dispatched by ``mode``; run in ``jobs`` processes (1: this one)."""
@@ -53,7 +57,7 @@ class Cluster:
         config: EngineConfig | None = None,
         dispatch_costs: DispatchCosts = DEFAULT_COSTS,
         stats_interval_s: float = 0.5,
-        heartbeat_ttl_s: float = 5.0,
+        heartbeat_ttl_s: float = HEARTBEAT_TTL_S,
         migrator: MigratorSettings | None = None,
         fast_forward: bool = True,
         planner_nodes: int = 20,
@@ -178,16 +182,24 @@ class Cluster:
 
 def summary(served: list[Served], until: float | None = None) -> dict[str, float]:
     """Throughput (output tokens per second over the run) and normalized latency, mean and P90.
-    A run cut at ``until`` counts the tokens made by then, and each unfinished request at its
-    latency so far (a lower bound: an overloaded policy is not flattered by leaving out the
-    requests it kept waiting)."""
+    A run cut at ``until`` counts the tokens made by then, and each request that arrived by then
+    unfinished at a lower bound of its normalized latency: its wait so far over every token it
+    asked for (it ends later, with at most those), so an overloaded policy is not flattered by
+    leaving out the requests it kept waiting. A request arriving after the cut is not counted.
+    (Its wait over the tokens made so far, as this once read, is no bound: a request queued with
+    none read its whole wait as seconds per token, 10-40x its real figure in a user's trial, and
+    one arriving after the cut read negative.)"""
     done = [s for s in served if s.finish_s is not None]
     start = min(s.request.arrival_s for s in served)
     cut = until is not None and len(done) < len(served)
     end = until if cut else max(s.finish_s for s in done if s.finish_s is not None)
     assert end is not None
-    late = [(end - s.request.arrival_s) / max(1, s.tokens) for s in served if s.finish_s is None] if cut else []
-    norm = sorted([s.normalized_latency_s for s in done] + late)
+    late = [
+        (end - s.request.arrival_s) / max(1, s.request.output_len, s.tokens)
+        for s in served
+        if s.finish_s is None and s.request.arrival_s < end
+    ]
+    norm = sorted([s.normalized_latency_s for s in done] + (late if cut else []))
     return {
         "completed": len(done),
         "throughput_tok_s": sum(s.tokens for s in (served if cut else done)) / max(end - start, 1e-9),

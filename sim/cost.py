@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,6 +307,32 @@ def step_log(bench: dict[str, Any]) -> list[list[float]]:
     return [step for row in rows for run in row.get("runs", [row]) for step in run.get("steps", [])]
 
 
+# No cost of one replica's work is near an hour; one far past it stalls the simulated clock.
+MAX_COST_S = 3600.0
+
+
+def checked(p: CostProfile) -> CostProfile:
+    """``p``, if its costs are possible. Raises ValueError naming the first that is not: a cost
+    not a finite number >= 0 (a benchmark's JSON with NaN, Infinity or negative times: a user's
+    trial simulated -5 ms/token from one) or over ``MAX_COST_S``, a measured step of no time, a
+    prompt token priced below nothing (step times that fall as the batch grows), or steps that
+    cost nothing at all."""
+    if bad := [(b, sec) for b, sec in p.curve if not (math.isfinite(b) and 0 < sec <= MAX_COST_S)]:
+        batch, seconds = bad[0]
+        raise ValueError(f"its step at batch {batch:g} takes {seconds:g} s: a step takes some time, under an hour")
+    for f in dataclasses.fields(p):
+        value = getattr(p, f.name)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ValueError(f"its {f.name} is {value}, not a finite number")
+        if isinstance(value, (int, float)) and value < 0 and f.name != "step_s":  # step_s: the curve's intercept
+            raise ValueError(f"its {f.name} is {value:g}, below zero (a cost is never)")
+        if isinstance(value, float) and value > MAX_COST_S:  # the clock would stall: t + a step == t
+            raise ValueError(f"its {f.name} is {value:g} s, over {MAX_COST_S:g}")
+    if p.step_seconds(StepShape(1, 0, 0)) <= 0:
+        raise ValueError("its decode step costs nothing: the times it was made from are all zero")
+    return p
+
+
 def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     """A profile from a benchmark's JSON. ``dlora bench policy``'s or ``bench e2e``'s: fitted to
     every step their runs logged (``from_steps``), merge and unmerge as they measured them.
@@ -322,7 +349,11 @@ def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     records (the policy's costs, its wait bound, ``seconds_per_token``) read that much longer than
     a real engine's. Prefill, KV, loads and moves are not measured there (see ``measured``).
     Raises ValueError without step times at two batch sizes (or too few steps logged), KeyError
-    for JSON of none of these kinds."""
+    for JSON of none of these kinds; ValueError for costs no engine has (``checked``)."""
+    return checked(_calibrated(bench, name))
+
+
+def _calibrated(bench: dict[str, Any], name: str) -> CostProfile:
     label = name or f"calibrated ({bench.get('machine', 'unknown machine')}, {bench.get('date', '')})"
     switches = {k: bench[f"{k[:-2]}_ms"] / 1e3 for k in ("merge_s", "unmerge_s") if f"{k[:-2]}_ms" in bench}
     if steps := step_log(bench):  # bench policy / e2e: the runs' own steps

@@ -6,17 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+from dlora.loadgen.bench_common import writable
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.workload import build_specs, prompt_ids
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.policy.config import PolicyConfig, PolicyName
-from dlora.sim.cluster import Cluster, SimRequest, summary
+from dlora.sim.cluster import HEARTBEAT_TTL_S, Cluster, SimRequest, summary
 from dlora.sim.cost import PROFILES, CostProfile, calibrated
 from dlora.sim.replica import LLAMA_7B
 
@@ -43,27 +45,61 @@ def profile(name: str) -> CostProfile:
 
 
 def requests_of(spec: WorkloadSpec) -> list[SimRequest]:
-    """The workload's requests, with prompts of real token ids (shared prefixes stay shared)."""
+    """The workload's requests arriving within its ``duration`` of the first (as ``dlora loadgen``
+    stops sending then), with prompts of real token ids (shared prefixes stay shared)."""
+    built = build_specs(spec)
+    first = min((r.arrival_s for r in built), default=0.0)
     return [
         SimRequest(f"q{i}", r.arrival_s, r.adapter, prompt_ids(i, r, LLAMA_7B.vocab_size), max(1, r.output_len))
-        for i, r in enumerate(build_specs(spec))
+        for i, r in enumerate(built)
+        if r.arrival_s - first <= spec.duration
     ]
+
+
+def _checked_workload(requests: list[SimRequest]) -> None:
+    """Raises ValueError when ``requests`` cannot run here: none at all, or a prompt the simulated
+    model's context cannot hold (the engine would refuse it midway)."""
+    if not requests:
+        raise ValueError("the workload holds no request (--requests 0, or none arrives within --duration)")
+    context = LLAMA_7B.max_position_embeddings
+    if (longest := max(len(r.prompt_token_ids) for r in requests)) >= context:
+        raise ValueError(
+            f"a prompt has {longest} tokens; the simulated model's context holds {context}: lower --max-prompt "
+            "(trace lengths) or --prompt-len"
+        )
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     try:
         cost = profile(args.profile)
+        if (problem := WorkloadSpec.length_options_problem(args)) is not None:
+            raise ValueError(problem)
+        if args.stats_interval >= HEARTBEAT_TTL_S:  # every replica would read as lost between two
+            raise ValueError(f"--stats-interval must be under the dispatcher's heartbeat, {HEARTBEAT_TTL_S:g} s")
         spec = WorkloadSpec.from_args(args)
         ranks = args.ranks
         config = EngineConfig(
-            max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, policy=PolicyConfig(name=PolicyName(args.policy))
+            max_loras=args.max_loras,
+            max_cpu_loras=max(EngineConfig().max_cpu_loras, args.max_loras),  # no option of its own here
+            max_num_seqs=args.max_num_seqs,
+            policy=PolicyConfig(name=PolicyName(args.policy)),
         )
-        if bad := config.check():
-            raise ValueError("; ".join(f"--{f.replace('_', '-')} {v!r} {why}" for f, v, why in bad))
+        if bad := config.check():  # host memory's bound is --max-loras's here (it holds as many)
+            bad = [("max_loras", v, "must be at most 4096") if f == "max_cpu_loras" else (f, v, w) for f, v, w in bad]
+            raise ValueError("; ".join(f"--{f.replace('_', '-')} {v!r}: {why}" for f, v, why in bad))
+        requests = requests_of(spec)
+        _checked_workload(requests)
+        if args.json:
+            writable(args.json, "--json")
     except (OSError, ValueError, KeyError) as e:
-        print(f"dlora simulate: {e}")
+        print(f"dlora simulate: {e}", file=sys.stderr)
         return 2
-    requests = requests_of(spec)
+    if cut := sum(len(r.prompt_token_ids) + r.output_len > LLAMA_7B.max_position_embeddings for r in requests):
+        print(
+            f"dlora simulate: {cut} requests' prompt and output pass the model's context "
+            f"({LLAMA_7B.max_position_embeddings}); their outputs end there (finish_reason length)",
+            file=sys.stderr,
+        )
     names = sorted({r.adapter for r in requests if r.adapter is not None})
     adapters = {name: ranks[i % len(ranks)] for i, name in enumerate(names)}
     cluster = Cluster(
@@ -106,10 +142,19 @@ def run_simulate(args: argparse.Namespace) -> int:
         "fast_forwarded_steps": sum(r.fast_forwarded for r in cluster.replica_summaries),
         "merges": sum(r.stats.merges for r in cluster.replica_summaries),
         "preemptions": sum(r.stats.preemptions for r in cluster.replica_summaries),
-        "jobs": args.jobs,
+        "jobs": min(args.jobs, args.replicas),  # the processes used
+        # the rest of the command, so that the record can run again
+        "options": {
+            "profile": args.profile,
+            "ranks": args.ranks,
+            "max_loras": args.max_loras,
+            "max_num_seqs": args.max_num_seqs,
+            "stats_interval": args.stats_interval,
+            "migrate_interval": args.migrate_interval,
+        },
     }
     for key, value in result.items():
-        if key != "workload":
+        if key not in ("workload", "options"):
             print(f"{key:>20}: {value}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from dlora.sim.cost import PROFILES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dlora.loadgen.options import add_workload_arguments, positive, ranks
+    from dlora.loadgen.options import above_zero, add_workload_arguments, positive, ranks
 
     p.add_argument(
         "--profile",
@@ -24,13 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ranks", type=ranks, default="16", help="LoRA ranks, comma-separated, given to the adapters in turn"
     )
-    p.add_argument("--max-loras", type=int, default=8, help="device slots per replica")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step (the engine's max_num_seqs)")
+    p.add_argument("--max-loras", type=positive, default=8, help="device slots per replica")
+    p.add_argument("--max-num-seqs", type=positive, default=64, help="requests in one step (the engine's max_num_seqs)")
     p.add_argument("--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value)
     p.add_argument("--dispatch", choices=[m.value for m in DispatchMode], default=DispatchMode.PROACTIVE.value)
     p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")
-    p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between a replica's stats")
-    p.add_argument("--migrate-interval", type=float, default=1.0, help="seconds between the migrator's looks")
+    p.add_argument("--stats-interval", type=above_zero, default=0.5, help="seconds between a replica's stats (under 5)")
+    p.add_argument("--migrate-interval", type=above_zero, default=1.0, help="seconds between the migrator's looks")
     p.add_argument(
         "--exact",
         action="store_true",

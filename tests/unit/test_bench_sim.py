@@ -47,3 +47,34 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     for key in ("simulate-policy", "simulate-cluster", "simulate-regime"):  # each section ends with its plot
         assert f"![{key}](docs/bench-{key}.png)\n<!-- bench-{key}:end -->" in text
         assert (tmp_path / "docs" / f"bench-{key}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        (["--profiles", "dlora-artifact,h200-llama7bb"], "unknown profile 'h200-llama7bb'"),
+        (["--policies", "dlora,foo"], "--policies: unknown policy 'foo'"),
+        (["--overheads", "0.5"], "--overheads 0.5: an unmerged iteration costs at least a merged one"),
+        (["--cluster-profile", "calibrated:/nowhere.json"], "/nowhere.json"),
+    ],
+)
+def test_bench_simulate_refuses_what_it_would_fail_on_before_the_first_run(
+    extra: list[str], why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in the last profile crashed it after every run of the first, and no JSON was kept."""
+    argv = ["bench", "simulate", "--strides", "1", "--duration", "2", "--benchmarks", str(tmp_path / "B.md"), *extra]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 2
+    assert why in capsys.readouterr().err
+
+
+def test_bench_simulate_validate_names_a_measured_file_it_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.json").write_text("{")
+    (tmp_path / "b.json").write_text(json.dumps({"x": 1}))
+    for name, why in (("a.json", "is not JSON"), ("b.json", "is not the JSON of `dlora bench policy`")):
+        argv = ["bench", "simulate", "--experiment", "validate", "--measured", str(tmp_path / name)]
+        args = build_parser().parse_args([*argv, "--benchmarks", str(tmp_path / "B.md")])
+        assert args.func(args) == 2
+        assert why in capsys.readouterr().err

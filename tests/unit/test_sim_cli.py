@@ -35,7 +35,7 @@ def test_a_workload_through_the_simulated_cluster(tmp_path: Path, capsys: pytest
 
 def test_an_unknown_profile_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_simulate(_args("--profile", "a100")) == 2
-    assert "dlora-artifact" in capsys.readouterr().out
+    assert "dlora-artifact" in capsys.readouterr().err
 
 
 def test_a_calibration_file_of_another_kind_says_which_kinds_it_takes(
@@ -51,15 +51,51 @@ def test_a_calibration_file_of_another_kind_says_which_kinds_it_takes(
         ("policy.json", "policy.json: its runs logged no steps"),  # a bench policy run from before they were
     ):
         assert run_simulate(_args("--profile", f"calibrated:{tmp_path / name}")) == 2
-        assert why in capsys.readouterr().out
+        assert why in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("option", "value"), [("--max-num-seqs", "0"), ("--max-loras", "-1")])
-def test_engine_limits_out_of_range_are_refused_by_name(
-    option: str, value: str, capsys: pytest.CaptureFixture[str]
+def test_more_device_slots_than_host_memory_takes_are_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-loras 257 was refused as "--max-cpu-loras 256 must be in [max_loras (257), 4096]", an
+    option simulate does not have: host memory now holds as many as the slots, up to its bound."""
+    assert run_simulate(_args("--max-loras", "5000", "--requests", "5")) == 2
+    assert "--max-loras 5000" in capsys.readouterr().err
+    assert run_simulate(_args("--max-loras", "300", "--requests", "5", "--adapters", "300")) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--stats-interval", "6"], "--stats-interval must be under the dispatcher's heartbeat, 5 s"),
+        (["--requests", "0"], "the workload holds no request"),
+        (["--lengths", "uniform", "--max-prompt", "256"], "--max-prompt applies to --lengths trace only, not uniform"),
+        (["--lengths", "trace", "--prompt-len", "64"], "--prompt-len applies to --lengths fixed or uniform only"),
+        (["--lengths", "fixed", "--prompt-len", "5000"], "a prompt has 5000 tokens; the simulated model's context"),
+        (["--popularity", "power", "--alpha", "0"], "alpha must be > 0"),
+        (["--trace", "/nowhere.csv"], "/nowhere.csv"),
+    ],
+)
+def test_a_workload_that_cannot_run_is_refused_before_it_starts(
+    argv: list[str], why: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_simulate(_args(option, value, "--requests", "5")) == 2
-    assert f"{option} {value}" in capsys.readouterr().out
+    """A user's trial: each of these was a traceback (exit 1), some after minutes of running (the
+    JSON lost), or did nothing silently (--max-prompt with uniform lengths)."""
+    assert run_simulate(_args(*argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dlora simulate: ") and why in err, err
+
+
+def test_an_unwritable_json_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_simulate(_args("--requests", "5", "--json", str(tmp_path))) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_requests_arriving_after_the_duration_are_not_sent(tmp_path: Path) -> None:
+    """--duration was ignored: 100 requests over 60 s simulated with --duration 0.001, the JSON
+    saying 0.001. As `dlora loadgen`, sending stops at the duration from the first arrival."""
+    out = tmp_path / "sim.json"
+    assert run_simulate(_args("--requests", "100", "--rate", "10", "--duration", "2", "--json", str(out))) == 0
+    result = json.loads(out.read_text())
+    assert 5 <= result["requests"] <= 40 and result["options"]["max_loras"] == 8, result
 
 
 @pytest.mark.parametrize(
@@ -67,6 +103,13 @@ def test_engine_limits_out_of_range_are_refused_by_name(
     [
         ["simulate", "--replicas", "0"],
         ["simulate", "--ranks", "8,x"],
+        ["simulate", "--max-num-seqs", "0"],
+        ["simulate", "--max-loras", "-1"],
+        ["simulate", "--stats-interval", "0"],  # these three hung for good
+        ["simulate", "--stats-interval", "nan"],
+        ["simulate", "--migrate-interval", "-1"],
+        ["simulate", "--migrate-interval", "inf"],  # turned migration off silently
+        ["simulate", "--seed", "-1"],
         ["model", "make-tiny", "--out", "x", "--ranks", "abc"],
         ["model", "make-tiny", "--out", "x", "--ranks", "0"],
         ["loadgen", "--adapters", "0"],  # these were ZeroDivisionErrors and a numpy message

@@ -162,3 +162,23 @@ def test_a_shard_process_that_dies_is_named_and_nothing_is_left_running() -> Non
     finally:
         shard.Shard.advance = advance  # type: ignore[method-assign]
     assert not multiprocessing.active_children()
+
+
+def test_a_cut_run_counts_each_waiting_request_at_a_lower_bound_and_none_arriving_after() -> None:
+    """A user's trial: cut at its time limit, a run read 5 ms/token where no step is under 27: a
+    request arriving after the cut counted negative, and one queued with no token its whole wait
+    as seconds per token (not the lower bound the docs promised, 38x its real figure)."""
+    from dlora.sim.shard import Served
+
+    def req(i: int, arrival: float, output: int) -> SimRequest:
+        return SimRequest(f"q{i}", arrival, None, [5, 6, 7], output)
+
+    served = [
+        Served(req(0, 0.0, 10), "r", finish_s=2.0, tokens=10),  # 0.2 s/token
+        Served(req(1, 1.0, 100), "r", tokens=0),  # waiting at the cut (5 s): at least 4 s / 100 tokens
+        Served(req(2, 4.0, 10), "r", tokens=2),  # at least 1 s / 10 tokens
+        Served(req(3, 6.0, 10), "r"),  # arrived after the cut: not counted
+    ]
+    out = summary(served, until=5.0)
+    assert out["completed"] == 1 and out["norm_latency_mean_s"] == pytest.approx((0.2 + 0.04 + 0.1) / 3)
+    assert out["throughput_tok_s"] == pytest.approx(12 / 5.0)

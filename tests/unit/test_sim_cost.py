@@ -1,8 +1,10 @@
 """The simulator's cost profiles (pure)."""
 
+import re
+
 import pytest
 
-from dlora.sim.cost import ARTIFACT, H100, H200, PROFILES, StepShape, calibrated
+from dlora.sim.cost import ARTIFACT, H100, H200, PROFILES, StepShape, calibrated, checked, from_steps
 
 DECODE_32 = StepShape(tokens=32, prefill_tokens=0, context_tokens=32 * 512)
 
@@ -142,3 +144,29 @@ def test_a_profile_fitted_to_a_runs_own_steps_prices_each_term_as_they_ran() -> 
     assert q.lora_segment_s == 0.0 and min(q.token_s, q.prefill_token_s, q.step_s) >= 0
     with pytest.raises(ValueError, match="rows"):
         calibrated({"rows": [{"steps": steps[:3]}]})
+
+
+@pytest.mark.parametrize(
+    ("points", "merge_ms", "why"),
+    [
+        ({(0, 1): float("nan"), (0, 8): 40.0}, 40.0, "step at batch 1 takes nan s"),  # json.loads takes NaN
+        ({(0, 1): -30.0, (0, 8): -50.0}, 40.0, "step at batch 1 takes -0.03 s"),
+        ({(0, 1): 30.0, (0, 8): 10.0}, 40.0, "token_s is -0.00285714, below zero"),  # a falling curve
+        ({(0, 1): 30.0, (0, 8): 40.0}, -1000.0, "merge_s is -1, below zero"),
+        ({(0, 1): 30.0, (0, 8): 40.0}, 1e300, "merge_s is 1e+297 s, over 3600"),  # the clock would stall
+    ],
+)
+def test_a_calibration_with_costs_no_engine_has_is_refused(points: dict, merge_ms: float, why: str) -> None:
+    """A user's trial: negative step times simulated -5 ms/token; NaN, Infinity or 1e300 ms hung."""
+    bench = {
+        "points": [{"mode": "base", "adapters": 0, "batch": b, "step_ms": ms} for (_, b), ms in points.items()],
+        "merge_ms": merge_ms,
+    }
+    with pytest.raises(ValueError, match=re.escape(why)):
+        calibrated(bench)
+
+
+def test_steps_that_cost_nothing_are_refused() -> None:
+    steps = [[b, 0, 0, 0, 0, 0.0] for b in range(1, 13)]  # a bench policy log, every step of no time
+    with pytest.raises(ValueError, match="costs nothing"):
+        checked(from_steps(steps, "zero"))

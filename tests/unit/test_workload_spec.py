@@ -257,3 +257,22 @@ async def test_a_tls_target_is_a_nats_server(tmp_path) -> None:  # type: ignore[
     args = build_parser().parse_args(["loadgen", "--target", url, "--requests", "1"])
     with pytest.raises(OSError, match=f"cannot connect to NATS at {url}"):
         await main.run(WorkloadSpec.from_args(args), args.target, tmp_path, Console(quiet=True))
+
+
+def test_a_length_option_given_where_it_does_nothing_is_named() -> None:
+    """`--lengths uniform --max-prompt 256` (a BENCHMARKS command) ran with prompts of 1-32 tokens,
+    --prompt-len's default: --max-prompt caps trace lengths only. Not given, each takes its default."""
+    from dlora.services.cli import build_parser
+
+    def problem(*argv: str) -> str | None:
+        return WorkloadSpec.length_options_problem(build_parser().parse_args(["loadgen", *argv]))
+
+    assert problem("--lengths", "uniform", "--max-prompt", "256") == (
+        "--max-prompt applies to --lengths trace only, not uniform"
+    )
+    assert problem("--lengths", "trace", "--output-len", "8") == (
+        "--output-len applies to --lengths fixed or uniform only, not trace"
+    )
+    assert problem("--lengths", "uniform", "--prompt-len", "256") is None and problem("--max-output", "9") is None
+    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--lengths", "fixed", "--prompt-len", "7"]))
+    assert (spec.prompt_len, spec.max_prompt, spec.length_divide) == (7, WorkloadSpec().max_prompt, 1.0)
