@@ -91,12 +91,15 @@ class AdapterSpec:
 
 
 def parse_lora_args(specs: list[str]) -> dict[str, str]:
-    """``--lora NAME=DIR`` values as name -> directory (ValueError naming a malformed one)."""
-    out = {}
+    """``--lora NAME=DIR`` values as name -> directory (ValueError naming a malformed one, or a
+    name given twice: the last silently won)."""
+    out: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
+        if name in out:
+            raise ValueError(f"--lora {spec!r}: the name {name!r} is given twice (first as {name}={out[name]})")
         out[name] = path
     return out
 

@@ -165,9 +165,12 @@ def document() -> dict[str, Any]:
                 "operationId": "registerAdapter",
                 "security": admin,
                 "requestBody": _json_body(adapter),
-                "responses": {
-                    **_responses("registered", 400, 401, 403, 408, 409, 413, 415),
-                    "201": {"description": "registered"},
+                "responses": {  # 201, never 200 (it listed a 200 it never answers)
+                    "201": {
+                        "description": "registered: its registry entry",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_responses("", 400, 401, 403, 408, 409, 413, 415),
                 },
             }
         },

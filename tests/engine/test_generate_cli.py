@@ -93,6 +93,10 @@ def test_generate_refuses_a_bad_adapter_flag(tiny_llama: TinyOutput, tmp_path: P
     ]
     assert main(argv) == 2
     assert "NAME=DIR" in capsys.readouterr().err
+    # a name given twice: the last silently won (dlora up took it too)
+    twice = [*argv[:-1], f"x={tiny_llama.adapters['lora-1']}", "--lora", f"x={tiny_llama.adapters['lora-2']}"]
+    assert main(twice) == 2
+    assert "the name 'x' is given twice" in capsys.readouterr().err
 
 
 def test_generate_refuses_an_output_it_cannot_write_before_it_generates(
