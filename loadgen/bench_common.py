@@ -122,9 +122,9 @@ def writable(path: str | Path, option: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{option} {path} is a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("a"):  # made if missing, left as it is if there
-        pass
+    target.parent.mkdir(parents=True, exist_ok=True)  # as the run would (nothing written yet)
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        raise PermissionError(f"{option} {path} cannot be written")
 
 
 def save(

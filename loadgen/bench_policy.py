@@ -105,7 +105,7 @@ def replay(
 ) -> tuple[list[RequestResult], float]:
     """Open loop: each request is added when its arrival time has passed, whatever is running;
     ``log`` records the steps."""
-    results = [RequestResult(s.arrival_s, s.adapter, s.output_len, sent=True) for s in specs]
+    results = [RequestResult(s.arrival_s, s.adapter, s.output_len) for s in specs]  # sent once added
     start = time.perf_counter()
     nxt = 0
     vocab = engine.model_config.vocab_size
@@ -121,6 +121,7 @@ def replay(
                 params=SamplingParams(max_tokens=s.output_len, ignore_eos=True),
                 adapter=s.adapter,
             )
+            results[nxt].sent = True
             nxt += 1
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(specs[nxt].arrival_s - now, 0.05)))

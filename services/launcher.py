@@ -236,6 +236,8 @@ class LocalStack:
             return "restarted", f"{name} exited (code {code}); started it again{metrics}"
         if action == "restart" and name.startswith("worker-"):
             alive = sum(n.startswith("worker-") and p.poll() is None for n, p in zip(self.names, self.procs))
+            if not alive:  # nothing would serve: the stack stops, saying why, as before
+                return "stop", f"{name} exited (code {code}) and would only fail again, the last worker; stopping"
             return "left", (
                 f"{name} exited (code {code}) and would only fail again (it ran under {CRASH_LOOP_S:.0f} s, or "
                 f"was started again {MAX_RESTARTS} times in {RESTART_WINDOW_S:.0f} s): left out, "

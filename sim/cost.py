@@ -226,7 +226,9 @@ def measured(curve: dict[float, float], name: str, **over: float) -> CostProfile
         raise ValueError("a measured profile needs step times at two batch sizes at least")
     points = tuple(sorted(curve.items()))
     (b0, s0), (b1, s1) = points[0], points[-1]
-    per_token = (s1 - s0) / (b1 - b0)
+    # The curve prices decodes itself; this slope prices prompt tokens, which a flat GPU curve's
+    # noise must not make negative.
+    per_token = max(0.0, (s1 - s0) / (b1 - b0))
     fields: dict[str, Any] = dict(
         name=name,
         step_s=s0 - per_token * b0,

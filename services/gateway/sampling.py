@@ -5,12 +5,11 @@ Pure: no I/O."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
@@ -151,45 +150,38 @@ def tools_required(body: Body) -> bool:
     return isinstance(body, ChatBody) and body.tool_choice == "required" and forced_tool(body) is None
 
 
-def _asked(body: Body) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+def _asked(body: Body) -> list[tuple[str, dict[str, Any]]]:
     """The structured outputs ``body`` asks for, in the order ``structured`` reads them: each the
-    body's field and what makes its ``SamplingParams`` fields (a tool's schema is built only then).
+    body's field and its ``SamplingParams`` fields.
 
     Raises:
-        APIError(400): an unknown response_format type.
+        APIError(400): an unknown response_format type, a json_schema without a schema, tools whose
+        definitions conflict (in that reading order, before any other check).
     """
-    asked: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    asked: list[tuple[str, dict[str, Any]]] = []
 
-    def schema(value: str | dict[str, Any]) -> dict[str, Any]:
-        return {"json_schema": value if isinstance(value, str) else json.dumps(value)}
+    def schema(field: str, value: str | dict[str, Any]) -> None:
+        asked.append((field, {"json_schema": value if isinstance(value, str) else json.dumps(value)}))
 
     if (tool := forced_tool(body)) is not None:  # its arguments: a document of its parameters' schema
-        asked.append(("tool_choice", lambda: schema(arguments_schema(tool.parameters))))
+        schema("tool_choice", arguments_schema(tool.parameters))
     elif tools_required(body):
         assert isinstance(body, ChatBody) and body.tools
         listed = [(t.function.name, t.function.parameters) for t in body.tools]
-
-        def calls() -> dict[str, Any]:
-            try:
-                return schema(calls_schema(listed, parallel=body.parallel_tool_calls is not False))
-            except ConflictingDefs as e:
-                raise APIError(400, str(e), param="tools") from None
-
-        asked.append(("tool_choice", calls))
+        try:
+            schema("tool_choice", calls_schema(listed, parallel=body.parallel_tool_calls is not False))
+        except ConflictingDefs as e:
+            raise APIError(400, str(e), param="tools") from None
     fmt = body.response_format
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_object":
-            asked.append(("response_format", lambda: {"json_schema": JSON_OBJECT_SCHEMA}))
+            asked.append(("response_format", {"json_schema": JSON_OBJECT_SCHEMA}))
         elif kind == "json_schema":
             spec = fmt.get("json_schema")
-
-            def given() -> dict[str, Any]:
-                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                    raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
-                return schema(spec["schema"])
-
-            asked.append(("response_format", given))
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
+            schema("response_format", spec["schema"])
         elif kind != "text":
             raise APIError(
                 400,
@@ -206,19 +198,20 @@ def _asked(body: Body) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
         ("structured_outputs", so and so.grammar, "grammar"),
     ):
         if value not in (None, []):  # an empty choice asks for nothing, as vLLM reads it
-            asked.append((field, functools.partial(dict, [(key, value)])))
-    if (guided := body.guided_json) is not None:
-        asked.append(("guided_json", lambda: schema(guided)))
-    if so is not None and (so_json := so.json) is not None:
-        asked.append(("structured_outputs", lambda: schema(so_json)))
+            asked.append((field, {key: value}))
+    if body.guided_json is not None:
+        schema("guided_json", body.guided_json)
+    if so is not None and so.json is not None:
+        schema("structured_outputs", so.json)
     if so is not None and so.json_object:
-        asked.append(("structured_outputs", lambda: {"json_schema": JSON_OBJECT_SCHEMA}))
+        asked.append(("structured_outputs", {"json_schema": JSON_OBJECT_SCHEMA}))
     return asked
 
 
 def structured_field(body: Body) -> str | None:
     """The body's field that asks for a structured output (None: free text), for errors found as
-    the output grows (``param``). Call after ``structured`` accepted ``body``."""
+    the output grows (``param``). Call after ``structured`` accepted ``body`` (it reads it again:
+    ~0.1 s for a tool_choice "required" over 20,000 tools)."""
     return next((field for field, _ in _asked(body)), None)
 
 
@@ -239,8 +232,7 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
     if len(asked) > 1:
         names = " and ".join(dict.fromkeys(f for f, _ in asked))
         raise APIError(400, f"at most one structured output may be asked for, got {names}", param=asked[1][0])
-    field, make = asked[0]
-    fields = make()
+    field, fields = asked[0]
     params = SamplingParams(**fields)
     if (bad := params.invalid()) is not None:
         raise APIError(400, bad[1].replace(bad[0], field, 1), param=field)

@@ -15,7 +15,7 @@ import msgspec
 from dlora.common import log
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.worker.engine import LLMEngine
-from dlora.services.worker.engine.lora import AdapterError, LoraAdapter
+from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
@@ -55,9 +55,10 @@ class WorkerAdapters:
         # placement (a warning each time, and the files read again); a request tries once
         # FAILED_MEMORY_S has passed.
         self.unprefetchable: set[tuple[str, str]] = set()
-        # Versions that failed to load, with when and why: refused again for FAILED_MEMORY_S
-        # without reading their files.
-        self.failed: dict[tuple[str, str], tuple[float, AdapterError]] = {}
+        # Versions that failed to load, with when, the error's class and its reason: refused again
+        # for FAILED_MEMORY_S without reading their files. Not the error itself: its traceback
+        # holds the frames, and so the weights, of the load that failed.
+        self.failed: dict[tuple[str, str], tuple[float, type[AdapterError], str]] = {}
 
     async def ensure(self, name: str, version: str, registered: bool = False) -> str:
         """The engine's key for that version of the adapter, loaded into host memory if it is not
@@ -80,18 +81,18 @@ class WorkerAdapters:
         if registered and await self.registry.get_adapter(name) is None:  # asked before any file is read
             raise gone
         now_s = self.clock()
-        if (failed := self.failed.get((name, version))) is not None and now_s - failed[0] < FAILED_MEMORY_S:
-            raise failed[1].with_traceback(None)  # not a traceback grown by every refusal
+        if self.failed:
+            self.failed = {k: v for k, v in self.failed.items() if now_s - v[0] < FAILED_MEMORY_S}
+        if (failed := self.failed.get((name, version))) is not None:
+            raise failed[1](failed[2])
         entry = await self.registry.get_adapter(name, version)
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} version {version} is not registered")
         try:
             await self._load(name, key, entry)
         except AdapterError as e:
-            self.failed = {k: v for k, v in self.failed.items() if now_s - v[0] < FAILED_MEMORY_S}
-            self.failed[(name, version)] = (now_s, e)
+            self.failed[(name, version)] = (now_s, type(e), str(e))
             raise
-        self.failed.pop((name, version), None)
         current = await self.registry.get_adapter(name)
         now = current.version if current else None
         # Versions other than the registered one (this one, for a request that began on it, or
@@ -101,21 +102,23 @@ class WorkerAdapters:
         self.evict(keep=key)
         return key
 
-    async def _load(self, name: str, key: str, entry: AdapterEntry) -> LoraAdapter:
+    async def _load(self, name: str, key: str, entry: AdapterEntry) -> None:
         """Load ``entry``'s files under the engine's ``key``. Raises AdapterError naming the adapter
-        by ``name``, not its engine key; AdapterChanged when they are not the version registered."""
+        by ``name``, not its engine key; AdapterChanged when a version's files no longer load as
+        registered (their digest differs, or they do not load at all: they loaded whole at its
+        registration, so a trainer is rewriting them or they went)."""
         try:
-            adapter = await asyncio.to_thread(self.engine.register_adapter, key, entry.path)
+            digest = (await asyncio.to_thread(self.engine.register_adapter, key, entry.path)).digest
         except AdapterError as e:
-            raise AdapterError(str(e).replace(repr(key), repr(name))) from None
-        if entry.version and adapter.digest != entry.version:
+            reason = str(e).replace(repr(key), repr(name))
+            raise (AdapterChanged if entry.version else AdapterError)(reason) from None
+        if entry.version and digest != entry.version:
             self.engine.unregister_adapter(key)
             raise AdapterChanged(
                 f"adapter {name!r}: the files in {entry.path} changed since version {entry.version} was "
-                f"registered (they are now {adapter.digest}); an admin must load it again (vLLM's "
+                f"registered (they are now {digest}); an admin must load it again (vLLM's "
                 "/v1/load_lora_adapter with load_inplace, or delete it and register it again)"
             )
-        return adapter
 
     def tidy(self) -> None:
         """Between commands and steps: unload retired versions no request uses any more, and drop
@@ -157,6 +160,8 @@ class WorkerAdapters:
     def changed(self, name: str, version: str | None) -> None:
         """The registry replaced (``version``) or removed (None) adapter ``name``."""
         self.retiring[name] = version
+        # An unversioned entry registered again keeps its key "": its old failure is not its own.
+        self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
         self.retire()
 
     def retire(self) -> None:

@@ -72,11 +72,31 @@ async def test_a_version_that_failed_is_not_read_again_for_each_request(tiny_lla
         now[0] = t
         with pytest.raises(AdapterError, match="adapter_config.json") as e:
             await worker.ensure("x", entry.version)
-        assert "x@" not in str(e.value) and not isinstance(e.value, AdapterChanged)
+        assert "x@" not in str(e.value) and isinstance(e.value, AdapterChanged)  # its files went
     assert len(reads) == 1
     shutil.copyfile(tiny_llama.adapters["lora-0"] / "adapter_config.json", path / "adapter_config.json")
     now[0] = FAILED_MEMORY_S + 0.1
     assert await worker.ensure("x", entry.version) == f"x@{entry.version}" and len(reads) == 2
+    assert not worker.failed
+
+
+async def test_a_version_whose_files_are_half_rewritten_is_changed_and_its_failure_holds_no_weights(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A review: files a trainer is still writing fail to parse (not a digest mismatch), which
+    answered 500 where another worker held the version; and the failure memory kept the error, whose
+    traceback held the loaded weights. A version's files loaded whole at registration, so any
+    failure to load them now is AdapterChanged (handed on); the memory keeps its class and reason."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    (path / "adapter_model.safetensors").write_bytes(b"half")
+    worker = WorkerAdapters(make_engine(tiny_llama), _Registry(entry))
+    for _ in range(2):
+        with pytest.raises(AdapterChanged, match="'x'"):
+            await worker.ensure("x", entry.version)
+    [(when, kind, reason)] = worker.failed.values()
+    assert kind is AdapterChanged and isinstance(reason, str)
+    worker.changed("x", "another")  # registered again: its old failure is not the new one's
     assert not worker.failed
 
 

@@ -290,5 +290,8 @@ def test_a_worker_that_would_only_fail_again_is_left_out_and_the_others_serve_on
         assert stack.procs[0].poll() is None  # the healthy worker runs on
         assert stack.after_exit(2, "dispatcher", 3) == ("stop", "dispatcher exited (code 3); stopping everything")
         assert stack.after_exit(1, "worker-1", 0)[0] == "left"  # drained on purpose
+        stack.procs[0].terminate()
+        stack.procs[0].wait(timeout=30)
+        assert stack.after_exit(1, "worker-1", 3)[0] == "stop"  # the last: nothing would serve
     finally:
         stack.stop()

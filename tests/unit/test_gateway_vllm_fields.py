@@ -57,6 +57,9 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         ({"structured_outputs": {"regex": "a", "structural_tag": {}}}, "structured_outputs.structural_tag", "not"),
         ({"guided_choice": ["", "x"]}, "guided_choice", "guided_choice must be at most"),
         ({"structured_outputs": {"json": "not json"}}, "structured_outputs", "not a JSON object"),
+        # read in order: a schema-less json_schema is named before there are two (a review caught a
+        # refactor that counted first)
+        ({"response_format": {"type": "json_schema"}, "guided_regex": "a"}, "response_format", "needs a 'schema'"),
     ):
         if param is None:
             params = shape(served, {"prompt": "kalo", **extra}).choices[0].request.params
