@@ -193,7 +193,8 @@ def _header(r: dict) -> str:
         f"{r['date']}, **{r['machine']}** (simulated time; the wall time is this machine's). "
         f"Azure conversation lengths (prompts ≤ {s['max_prompt']}, outputs ≤ {s['max_output']} tokens), adapters "
         f"of ranks {'/'.join(map(str, RANKS))} by the stride mapping over Azure Functions popularity. A run ends "
-        f"at {CUT:.0f}× its arrivals' span; what is unfinished then counts at its latency so far (a lower bound)."
+        f"at {CUT:.0f}× its arrivals' span; a request unfinished then counts at its wait so far over the tokens it "
+        "asked for (a lower bound)."
     )
 
 
