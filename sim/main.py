@@ -113,7 +113,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
     )
     start = time.perf_counter()
-    served = cluster.run(requests)
+    try:
+        served = cluster.run(requests)
+    except KeyboardInterrupt:
+        print("dlora simulate: interrupted; nothing written", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - start
     result = {
         "profile": cost.name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -19,6 +20,9 @@ from dlora.sim.shard import Shard
 
 
 def _serve(conn: Connection, make: Callable[[], Shard]) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the run (and these, daemons, with
+    # it); each shard printing its own KeyboardInterrupt traceback said nothing more.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shard = make()
     while (message := conn.recv()) is not None:
         method, args = message
