@@ -308,6 +308,10 @@ _NO_EFFECT = {
     "ensure_weight_tying",
     "qalora_group_size",
 }
+# init_lora_weights values whose initialisation rewrites the base layer's weight (PEFT's
+# LoraLayer.update_layer: pissa_init, corda_init, olora_init, mica_init, loftq_init; LoRA-GA in
+# older versions). Saved unconverted, such an adapter is trained against that residual base.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "mica", "loftq", "lora_ga")
 # Fields read above, as PEFT reads them.
 _HONOURED = {
     "r",
@@ -351,6 +355,12 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
     for key, reason in _REFUSED.items():
         if conf.get(key):
             refuse(reason)
+    if isinstance(init := conf.get("init_lora_weights"), str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        refuse(
+            f"init_lora_weights {init!r}: this initialisation changes the base model's weights (PEFT changes them "
+            "again as it loads the adapter), so the adapter needs a base of its own; convert it to a plain LoRA "
+            "first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
     unknown = sorted(
         k
         for k, v in conf.items()

@@ -78,7 +78,34 @@ BAD = {
         "has 2 layers",
     ),
     "garbage file": (lambda p: (p / "adapter_model.safetensors").write_bytes(b"not a safetensors file"), "cannot read"),
+    # saved unconverted: trained against the residual base its initialisation made (a user's trial)
+    "pissa": (lambda p: _edit_config(p, init_lora_weights="pissa_niter_4"), "changes the base model's weights"),
+    "olora": (lambda p: _edit_config(p, init_lora_weights="olora"), "path_initial_model_for_weight_conversion"),
 }
+
+
+@pytest.mark.parametrize("init", ["gaussian", "eva", "orthogonal", False])
+def test_initialisations_that_leave_the_base_alone_are_served(
+    tiny_llama: TinyOutput, engine_cfg, tmp_path: Path, init
+) -> None:
+    path = _copy(tiny_llama, tmp_path)
+    _edit_config(path, init_lora_weights=init)
+    assert load_adapter("ok", path, engine_cfg).rank > 0
+
+
+def test_peft_changes_the_base_as_it_loads_an_unconverted_pissa_adapter(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """Why dlora refuses one: the oracle, transformers + peft, rewrites the base layer's weight as
+    it loads it (PiSSA's residual), which one base shared by many adapters cannot do."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = _copy(tiny_llama, tmp_path)
+    _edit_config(path, init_lora_weights="pissa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.model, torch_dtype=torch.float32)
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    peft = PeftModel.from_pretrained(model, path)
+    after = peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(before, after)
 
 
 @pytest.mark.parametrize("case", BAD)
