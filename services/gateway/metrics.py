@@ -64,7 +64,7 @@ class Metrics:
         # vLLM's (v1) names for the same figures: its request_time_per_output_token is, as ours, one
         # observation per request (its inter_token_latency, one per token, has no counterpart here).
         self.vllm = {
-            name: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=_LATENCY, registry=r)
+            name: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=_LATENCY, unit="seconds", registry=r)
             for name, doc in (
                 ("time_to_first_token_seconds", "Time to first token"),
                 ("request_time_per_output_token_seconds", "Time per output token after the first, per request"),
