@@ -84,16 +84,13 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         code, reason = ErrorCode.NOT_FOUND, str(e)
     except RequestError as e:
         reason, param = str(e), e.param
-    except AdapterChanged as e:
-        # Its files were rewritten since (a trainer's, before it loads them again): a worker that
+    except AdapterError as e:
+        # A version's files rewritten since (a trainer's, before it loads them again): a worker that
         # holds the version in memory serves it, as vLLM's one engine goes on with the old weights.
-        if req.recorded and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=True):
+        changed = isinstance(e, AdapterChanged) and req.recorded
+        if changed and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=True):
             logger.info("adapter version not loadable here; handed back", request=req.request_id, adapter=req.adapter)
             return
-        logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
-        await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
-        return
-    except AdapterError as e:
         logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
         await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
         return
