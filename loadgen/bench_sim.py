@@ -326,6 +326,13 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
     args.overheads, args.alphas, args.loads = (
         [float(v) for v in items(a)] for a in (args.overheads, args.alphas, args.loads)
     )
+    experiments = {
+        "policy": (ablation, markdown_policy, plot_policy),
+        "cluster": (cluster, markdown_cluster, plot_cluster),
+        "regime": (regime, markdown_regime, plot_regime),
+        "validate": (validate, markdown_validate, None),
+    }
+    run, markdown, plot = experiments[args.experiment]
     # Every name and file it will need, checked before the first run: a typo in the last profile
     # lost every run before it (no JSON is written until the end).
     try:
@@ -338,28 +345,13 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
             raise ValueError(f"--overheads {below[0]:g}: an unmerged iteration costs at least a merged one (>= 1)")
         if bad := with_slots(max(args.adapters, args.cluster_adapters, *args.cluster_slots)).check():
             raise ValueError(f"--adapters / --cluster-adapters / --cluster-slots: {bad[0][0]} {bad[0][1]} {bad[0][2]}")
+        for path in args.measured if run is validate else ():
+            if not Path(path).is_file():
+                raise ValueError(f"--measured {path}: no such file (run bench policy / e2e first)")
+            check_measured(path)
         for path in filter(None, (args.json, args.benchmarks)):
             writable(path, "--json" if path == args.json else "--benchmarks")
     except (OSError, ValueError) as e:
-        print(f"dlora bench simulate: {e}", file=sys.stderr)
-        return 2
-    experiments = {
-        "policy": (ablation, markdown_policy, plot_policy),
-        "cluster": (cluster, markdown_cluster, plot_cluster),
-        "regime": (regime, markdown_regime, plot_regime),
-        "validate": (validate, markdown_validate, None),
-    }
-    run, markdown, plot = experiments[args.experiment]
-    if run is validate and (missing := [m for m in args.measured if not Path(m).is_file()]):
-        print(
-            f"dlora bench simulate: --measured {missing[0]}: no such file (run bench policy / e2e first)",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        for path in args.measured if run is validate else ():
-            check_measured(path)
-    except ValueError as e:
         print(f"dlora bench simulate: {e}", file=sys.stderr)
         return 2
     result = {
