@@ -4,6 +4,7 @@ token is timed) or straight to the NATS request subject."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -87,8 +88,9 @@ class HttpClient:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if "error" in event:
-                r.error = event["error"].get("message", "error")
+            if "error" in event:  # OpenAI's {"error": {"message": ...}}, or a server's own string
+                error = event["error"]
+                r.error = str(error.get("message", error) if isinstance(error, dict) else error)
                 return
             now = self.clock()
             if event.get("usage"):
@@ -97,9 +99,9 @@ class HttpClient:
             if r.first_token_s is None:
                 r.first_token_s = now
             r.token_times.append(now)
+            r.tokens = len(r.token_times)  # so far: a stream cut off keeps what it got (NATS's does)
             if event["choices"][0]["finish_reason"] is not None:
                 r.finish_s = now
-        r.tokens = r.tokens or len(r.token_times)
 
     async def close(self) -> None:
         await self.session.close()
@@ -129,11 +131,22 @@ class NatsClient:
         async def on_error(e: Exception) -> None:
             errors.append(e)
 
+        made: list[NatsClient] = []
+
+        async def on_closed() -> None:  # gave up reconnecting: what waits will get no answer
+            for client in made:
+                client.fail_waiting("the NATS connection closed (the server went away)")
+
         try:
-            nc = await nats.connect(url, error_cb=on_error, max_reconnect_attempts=2, reconnect_time_wait=0.5)
+            nc = await nats.connect(
+                url, error_cb=on_error, closed_cb=on_closed, max_reconnect_attempts=2, reconnect_time_wait=0.5
+            )
         except (nats.errors.Error, OSError) as e:
-            raise OSError(f"cannot connect to NATS at {redacted(url)}: {errors[-1] if errors else e}") from None
+            last = errors[-1] if errors else e
+            reason = str(last) or type(last).__name__  # some of nats-py's errors say nothing
+            raise OSError(f"cannot connect to NATS at {redacted(url)}: {reason}") from None
         client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app")
+        made.append(client)
         await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
         return client
 
@@ -178,8 +191,15 @@ class NatsClient:
             del self.waiting[rid]
             self.next_seq.pop(rid, None)
 
+    def fail_waiting(self, reason: str) -> None:
+        for r, done in self.waiting.values():
+            r.error = r.error or reason
+            done.set()
+
     async def close(self) -> None:
-        await self.nc.drain()
+        if not self.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, OSError):  # it closed as it drained: nothing left
+                await self.nc.drain()
 
 
 def redacted(url: str) -> str:

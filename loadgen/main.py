@@ -52,6 +52,10 @@ async def run(
     if traces[0] is not None and traces[0].skipped:
         console.print(f"trace: skipped {traces[0].skipped} failed requests (no response tokens)")
     requests = build_specs(spec, traces)
+    out = Path(out)
+    if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # OSError now, not after the run
     clock = Clock()
     client = (
         await NatsClient.connect(target, clock)
@@ -85,7 +89,9 @@ async def run(
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         await client.close()
-    summary = summarize(results, end, slo)
+    summary = summarize(results, end, slo) | {"planned": len(requests)}
+    if (unsent := len(requests) - summary["sent"]) and not stop.is_set():
+        console.print(f"--duration {spec.duration:g} s ended sending: {unsent} of {len(requests)} requests not sent")
     by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
     # Keys in the CLI's option order and names, so records from the CLI and from benchmarks compare.
     formats = {
@@ -99,7 +105,7 @@ async def run(
         | formats
         | skipped
     )
-    report.write(Path(out), config, summary, by_adapter, results, end, console)
+    report.write(out, config, summary, by_adapter, results, end, console)
     return summary
 
 
@@ -108,7 +114,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a log or a pipe: room for the whole table
         console = Console(stderr=True, width=160)
     try:
-        if (problem := WorkloadSpec.length_options_problem(args)) is not None:
+        if (problem := WorkloadSpec.unused_option(args)) is not None:
             raise ValueError(problem)
         summary = asyncio.run(
             run(
@@ -125,5 +131,11 @@ def run_loadgen(args: argparse.Namespace) -> int:
     except (TraceError, ValueError, OSError) as e:
         print(f"dlora loadgen: {e}", file=sys.stderr)
         return 2
-    console.print(f"lost requests: {summary['lost']}  ->  {Path(args.out) / 'result.json'}, report.png, report.html")
-    return 0 if summary["lost"] == 0 and summary["failed"] == 0 else 1
+    console.print(
+        f"failed {summary['failed']}, cut {summary['cut']}, lost {summary['lost']} of {summary['sent']} sent  ->  "
+        f"{Path(args.out) / 'result.json'}, report.png, report.html"
+    )
+    # A run where nothing completed failed, though its requests were only cut (a server that
+    # answers nothing, or too slowly for the run: it exited 0).
+    nothing = summary["sent"] > 0 and summary["completed"] == 0
+    return 0 if summary["lost"] == 0 and summary["failed"] == 0 and not nothing else 1

@@ -72,12 +72,14 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> dict:
+def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO(), start_s: float | None = None) -> dict:
+    """The run's figures over ``results``; rates over ``start_s`` (default: the first arrival
+    among them) to ``end_s``."""
     sent = [r for r in results if r.sent]
     done = [r for r in sent if r.completed]
     failed = [r for r in sent if r.error is not None]
     cut = [r for r in sent if r.cut]
-    start = min((r.arrival_s for r in sent), default=0.0)
+    start = min((r.arrival_s for r in sent), default=0.0) if start_s is None else start_s
     span = max(end_s - start, 1e-9)
     itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
     met = [r for r in done if slo.met(r)]
@@ -128,5 +130,11 @@ def slowest(results: list[RequestResult], n: int = 5) -> list[dict]:
 
 
 def summarize_by_adapter(results: list[RequestResult], end_s: float, slo: SLO = SLO()) -> dict[str, dict]:
+    """``summarize`` per adapter, each over the whole run's span (from its first arrival): over
+    its own, an adapter with one request read as the fastest, and the rows summed past "all"."""
     names = sorted({r.adapter or "" for r in results})
-    return {n or "(base)": summarize([r for r in results if (r.adapter or "") == n], end_s, slo) for n in names}
+    start = min((r.arrival_s for r in results if r.sent), default=0.0)
+    return {
+        n or "(base)": summarize([r for r in results if (r.adapter or "") == n], end_s, slo, start_s=start)
+        for n in names
+    }

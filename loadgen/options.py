@@ -86,14 +86,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     """The workload's options (``WorkloadSpec.from_args``), shared by ``dlora loadgen`` and
     ``dlora simulate``."""
-    p.add_argument("--requests", type=_count, default=_SPEC.requests, help="cap on requests")
-    p.add_argument("--duration", type=above_zero, default=_SPEC.duration, help="cap on seconds of sending")
-    p.add_argument("--seed", type=_count, default=_SPEC.seed)
+    # Options that apply to some choices of another only (spec.SCOPED_OPTIONS) default to None, not
+    # given, so that one given where it does nothing is refused (WorkloadSpec.from_args fills in
+    # the defaults).
+    p.add_argument(
+        "--requests", type=positive, default=_SPEC.requests, help=f"cap on requests (default {_SPEC.requests})"
+    )
+    p.add_argument(
+        "--duration",
+        type=above_zero,
+        default=_SPEC.duration,
+        help=f"cap on seconds of sending: requests arriving later are not sent (default {_SPEC.duration:g})",
+    )
+    p.add_argument("--seed", type=_count, default=_SPEC.seed, help=f"(default {_SPEC.seed})")
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
     p.add_argument(
-        "--rate", type=above_zero, default=_SPEC.rate, help="mean requests/s (trace replay is rescaled to it)"
+        "--rate",
+        type=above_zero,
+        default=_SPEC.rate,
+        help=f"mean requests/s (trace replay is rescaled to it; default {_SPEC.rate:g})",
     )
-    p.add_argument("--cv", type=above_zero, default=_SPEC.cv, help="gamma: coefficient of variation of inter-arrivals")
+    p.add_argument(
+        "--cv", type=above_zero, help=f"gamma: coefficient of variation of inter-arrivals (default {_SPEC.cv:g})"
+    )
     p.add_argument(
         "--trace",
         action="append",
@@ -111,8 +126,6 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         help="format of every --trace (auto: sniffed from each file's first row)",
     )
     p.add_argument("--lengths", choices=get_args(Lengths), default=_SPEC.lengths)
-    # Each of these applies to some --lengths only (LENGTH_OPTIONS): None, not given, so that one
-    # given where it does nothing is refused (WorkloadSpec.from_args fills in the defaults).
     p.add_argument(
         "--prompt-len",
         type=positive,
@@ -126,15 +139,15 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-prompt", type=positive, help=f"... and capped (default {_SPEC.max_prompt})")
     p.add_argument("--max-output", type=positive, help=f"(default {_SPEC.max_output})")
-    p.add_argument("--adapters", type=positive, default=_SPEC.adapters, help="adapters lora-0..N-1")
+    p.add_argument("--adapters", type=positive, help=f"adapters lora-0..N-1 (default {_SPEC.adapters})")
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
-    p.add_argument("--alpha", type=_finite, default=_SPEC.alpha, help="zipf exponent / power-law alpha")
+    p.add_argument("--alpha", type=_finite, help=f"zipf exponent / power-law alpha (default {_SPEC.alpha:g})")
     p.add_argument(
         "--stride",
         type=positive,
-        default=_SPEC.stride,
-        help="dLoRA's stride mapping of the popularity source's tenants (functions, clients) onto adapters",
+        help="dLoRA's stride mapping of the popularity source's tenants (functions, clients) onto adapters "
+        f"(default {_SPEC.stride})",
     )
     p.add_argument(
         "--tenant-window",

@@ -43,7 +43,10 @@ async def replay(
     tasks: set[asyncio.Task] = set()
 
     async def one(i: int) -> None:
-        await client.send(i, specs[i], results[i])
+        try:
+            await client.send(i, specs[i], results[i])
+        except Exception as e:  # noqa: BLE001 - its own failure (a stream not in the expected form, a
+            results[i].error = f"{type(e).__name__}: {e}"  # connection closed), not the run's
         if results[i].finish_s is None and results[i].error is None:
             results[i].error = "the stream ended without a finish"
         if on_update:

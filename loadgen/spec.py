@@ -95,24 +95,27 @@ class WorkloadSpec:
         """The spec ``dlora loadgen``'s options describe (``options.add_arguments``); options that
         are not about the workload (target, output folder, SLOs) are left to the caller."""
         values = {f.name: getattr(args, f.name) for f in fields(cls)}
-        for name in LENGTH_OPTIONS:  # not given: the default
+        for name in (*SCOPED_OPTIONS, "adapters"):  # not given: the default
             if values[name] is None:
                 values[name] = getattr(_DEFAULTS, name)
         values["trace"] = tuple(args.trace or ())
         if args.adapter_names:
-            values["adapter_names"] = tuple(None if a == "-" else a for a in args.adapter_names.split(","))
+            values["adapter_names"] = adapter_names(args.adapter_names)
+            values["adapters"] = len(values["adapter_names"])  # as result.json records it
         return cls(**values)
 
     @staticmethod
-    def length_options_problem(args: argparse.Namespace) -> str | None:
-        """Why the length options given (not None) do nothing with ``args.lengths``, or None: a
-        user's trial ran `--lengths uniform --max-prompt 256`, took the lengths for 1-256 tokens,
-        and had 1-32 (``--prompt-len``'s default)."""
-        given = [name for name in LENGTH_OPTIONS if getattr(args, name) is not None]
-        if bad := [name for name in given if args.lengths not in LENGTH_OPTIONS[name]]:
-            option = "--" + bad[0].replace("_", "-")
-            where = " or ".join(LENGTH_OPTIONS[bad[0]])
-            return f"{option} applies to --lengths {where} only, not {args.lengths}"
+    def unused_option(args: argparse.Namespace) -> str | None:
+        """Why an option given (not None) does nothing with the rest of ``args``, or None: a user's
+        trial ran `--lengths uniform --max-prompt 256`, took the lengths for 1-256 tokens and had
+        1-32 (``--prompt-len``'s default); `--cv 3` with Poisson arrivals and `--alpha` with uniform
+        popularity were recorded as if used."""
+        for name, (selector, where) in SCOPED_OPTIONS.items():
+            if getattr(args, name) is not None and (value := getattr(args, selector)) not in where:
+                option, chosen = "--" + name.replace("_", "-"), "--" + selector.replace("_", "-")
+                return f"{option} applies to {chosen} {' or '.join(where)} only, not {value}"
+        if args.adapter_names and args.adapters is not None:
+            return "give --adapters or --adapter-names, not both (the names say how many)"
         return None
 
     def options(self) -> dict[str, object]:
@@ -128,11 +131,24 @@ class WorkloadSpec:
 
 
 _DEFAULTS = WorkloadSpec()
-# The length options, and the --lengths each applies to.
-LENGTH_OPTIONS: dict[str, tuple[str, ...]] = {
-    "prompt_len": ("fixed", "uniform"),
-    "output_len": ("fixed", "uniform"),
-    "length_divide": ("trace",),
-    "max_prompt": ("trace",),
-    "max_output": ("trace",),
+# The options that apply to some choices of another only: name -> (that option, its choices).
+SCOPED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "prompt_len": ("lengths", ("fixed", "uniform")),
+    "output_len": ("lengths", ("fixed", "uniform")),
+    "length_divide": ("lengths", ("trace",)),
+    "max_prompt": ("lengths", ("trace",)),
+    "max_output": ("lengths", ("trace",)),
+    "cv": ("arrivals", ("gamma",)),
+    "alpha": ("popularity", ("zipf", "power")),
+    "stride": ("popularity", ("stride",)),
+    "tenant_window": ("popularity", ("stride",)),
 }
+
+
+def adapter_names(text: str) -> tuple[str | None, ...]:
+    """``--adapter-names``: comma-separated names, ``-`` the base model, spaces around a name
+    dropped. Raises ValueError for an empty one (it silently meant the base model)."""
+    names = [n.strip() for n in text.split(",")]
+    if "" in names:
+        raise ValueError(f"--adapter-names {text!r} has an empty name: write - for the base model")
+    return tuple(None if n == "-" else n for n in names)

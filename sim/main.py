@@ -71,7 +71,7 @@ def _checked_workload(requests: list[SimRequest]) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     try:
         cost = profile(args.profile)
-        if (problem := WorkloadSpec.length_options_problem(args)) is not None:
+        if (problem := WorkloadSpec.unused_option(args)) is not None:
             raise ValueError(problem)
         if args.stats_interval >= HEARTBEAT_TTL_S:  # every replica would read as lost between two
             raise ValueError(f"--stats-interval must be under the dispatcher's heartbeat, {HEARTBEAT_TTL_S:g} s")

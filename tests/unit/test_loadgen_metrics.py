@@ -36,6 +36,9 @@ def test_summary_of_a_hand_made_timeline() -> None:
     assert s["errors"] == ["HTTP 400"]
     by = summarize_by_adapter([r for r in results if r.sent], 4.0)
     assert by["a"]["sent"] == 2 and by["b"]["lost"] == 1
+    # each over the run's span (b's first arrival is at 1.0: over its own, b read faster than all)
+    assert by["a"]["duration_s"] == by["b"]["duration_s"] == 4.0
+    assert by["a"]["throughput_tok_s"] + by["b"]["throughput_tok_s"] == pytest.approx(s["throughput_tok_s"])
 
 
 def test_empty_run_is_well_formed() -> None:

@@ -66,7 +66,7 @@ def test_more_device_slots_than_host_memory_takes_are_refused_by_name(capsys: py
     ("argv", "why"),
     [
         (["--stats-interval", "6"], "--stats-interval must be under the dispatcher's heartbeat, 5 s"),
-        (["--requests", "0"], "the workload holds no request"),
+        (["--rate", "0.001", "--duration", "1"], "the workload holds no request"),
         (["--lengths", "uniform", "--max-prompt", "256"], "--max-prompt applies to --lengths trace only, not uniform"),
         (["--lengths", "trace", "--prompt-len", "64"], "--prompt-len applies to --lengths fixed or uniform only"),
         (["--lengths", "fixed", "--prompt-len", "5000"], "a prompt has 5000 tokens; the simulated model's context"),

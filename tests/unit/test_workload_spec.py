@@ -77,7 +77,8 @@ def test_from_args_parses_the_cli_spellings_and_options_gives_them_back() -> Non
     assert spec.trace == ("bundled:azure-conv", "bundled:servegen") and spec.adapter_names == ("a", None, "b")
     assert workload.adapter_names(spec) == ["a", None, "b"]
     # result.json records the spec as the options that made it
-    assert spec.options() == {k: v for k, v in vars(args).items() if k not in NOT_WORKLOAD}
+    given = {k: v for k, v in vars(args).items() if k not in NOT_WORKLOAD}
+    assert spec.options() == given | {"adapters": 3}  # as many as the names (--adapters is not given with them)
     assert WorkloadSpec().options()["trace"] is None and WorkloadSpec().options()["adapter_names"] is None
 
 
@@ -265,7 +266,7 @@ def test_a_length_option_given_where_it_does_nothing_is_named() -> None:
     from dlora.services.cli import build_parser
 
     def problem(*argv: str) -> str | None:
-        return WorkloadSpec.length_options_problem(build_parser().parse_args(["loadgen", *argv]))
+        return WorkloadSpec.unused_option(build_parser().parse_args(["loadgen", *argv]))
 
     assert problem("--lengths", "uniform", "--max-prompt", "256") == (
         "--max-prompt applies to --lengths trace only, not uniform"
@@ -274,5 +275,15 @@ def test_a_length_option_given_where_it_does_nothing_is_named() -> None:
         "--output-len applies to --lengths fixed or uniform only, not trace"
     )
     assert problem("--lengths", "uniform", "--prompt-len", "256") is None and problem("--max-output", "9") is None
+    # the same kind beyond lengths (a user's trial: recorded in result.json as if used)
+    assert problem("--cv", "3") == "--cv applies to --arrivals gamma only, not poisson"
+    assert problem("--alpha", "2") == "--alpha applies to --popularity zipf or power only, not uniform"
+    assert problem("--popularity", "zipf", "--stride", "4") == "--stride applies to --popularity stride only, not zipf"
+    assert problem("--adapters", "3", "--adapter-names", "a,b") is not None
+    assert problem("--arrivals", "gamma", "--cv", "3", "--popularity", "power", "--alpha", "2") is None
+    with pytest.raises(ValueError, match="empty name: write - for the base model"):
+        WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--adapter-names", "a,,b"]))
+    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--adapter-names", "a, -,b "]))
+    assert spec.adapter_names == ("a", None, "b") and spec.adapters == 3
     spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--lengths", "fixed", "--prompt-len", "7"]))
     assert (spec.prompt_len, spec.max_prompt, spec.length_divide) == (7, WorkloadSpec().max_prompt, 1.0)

@@ -1,0 +1,100 @@
+"""`dlora loadgen` when the other side misbehaves (a user's trial): a stream not in OpenAI's form,
+an error given as a string, a NATS server that goes away mid-run. Each request is failed with a
+reason, no task's exception goes unretrieved, and the run ends with its report."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from rich.console import Console
+
+from dlora.loadgen.clients import HttpClient, NatsClient
+from dlora.loadgen.main import run
+from dlora.loadgen.runner import Clock, replay
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.workload import RequestSpec
+from dlora.services.servers import free_port, start_nats
+
+BODIES = ['data: {"foo": 1}\n\n', 'data: {"error": "boom"}\n\n', "data: hello\n\n"]
+
+
+async def test_a_stream_not_in_openai_form_fails_its_request_with_a_reason() -> None:
+    """It raised KeyError, AttributeError or JSONDecodeError inside a task nobody awaited: the
+    requests were counted cut, and the run exited 0."""
+    served = iter(BODIES)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(next(served).encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    unretrieved: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unretrieved.append(context))
+    clock = Clock()
+    client = HttpClient(f"http://127.0.0.1:{port}", "model", clock)
+    specs = [RequestSpec(arrival_s=0.01 * i, adapter=None, prompt_len=4, output_len=4) for i in range(3)]
+    try:
+        results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
+    finally:
+        await client.close()
+        await runner.cleanup()
+    errors = [r.error or "" for r in results]
+    assert errors[0].startswith("KeyError") and errors[1] == "boom" and errors[2].startswith("JSONDecodeError")
+    assert not any(r.cut for r in results) and not unretrieved
+
+
+async def test_a_nats_server_that_goes_away_fails_what_waits_and_the_report_is_written(tmp_path: Path) -> None:
+    """It hung until the grace ran out, printed a traceback per request, then lost the report to
+    one more from closing the closed connection (exit 1, no result.json)."""
+    server = start_nats(jetstream=False)
+    spec = WorkloadSpec(requests=6, rate=20.0, duration=30.0, lengths="fixed", prompt_len=4, output_len=4)
+
+    async def stop_soon() -> None:
+        await asyncio.sleep(1.0)  # requests sent, none answered (no worker)
+        server.stop()
+
+    stopper = asyncio.create_task(stop_soon())
+    with open(tmp_path / "console.txt", "w") as log:
+        summary = await asyncio.wait_for(run(spec, server.url, tmp_path, Console(file=log)), timeout=20)
+    await stopper
+    assert summary["sent"] == 6 and summary["failed"] == 6, summary
+    assert "NATS connection closed" in summary["errors"][0]
+    assert (tmp_path / "result.json").is_file()
+
+
+async def test_a_port_that_is_not_nats_says_why_in_words() -> None:
+    """'cannot connect to NATS at nats://127.0.0.1:8137: ' (the gateway's port) ended with an empty
+    reason: nats-py's timeout there says nothing."""
+    runner = web.AppRunner(web.Application())  # an HTTP server, as a gateway's port is
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        with pytest.raises(OSError, match=r"cannot connect to NATS at nats://127\.0\.0\.1:\d+: \S"):
+            await NatsClient.connect(f"nats://127.0.0.1:{port}", Clock())
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path: Path) -> None:
+    """It ran the whole schedule, then lost the results: `[Errno 20] Not a directory`."""
+    (tmp_path / "afile").write_text("")
+    spec = WorkloadSpec(requests=2, rate=1.0, lengths="fixed", prompt_len=4, output_len=4)
+    clock = Clock()
+    start = clock()
+    with pytest.raises(NotADirectoryError, match="--out .*afile is a file"):
+        await run(spec, f"http://127.0.0.1:{free_port()}", tmp_path / "afile", Console(file=io.StringIO()))
+    assert clock() - start < 1.0  # nothing was sent (the first request would wait a second)
