@@ -43,7 +43,8 @@ async def run(
     report.png and report.html under ``out``. Ctrl-C stops sending; the report is still written.
 
     Returns:
-        The overall summary (``metrics.summarize``).
+        The overall summary (``metrics.summarize``), with the requests ``planned`` and whether
+        Ctrl-C ``interrupted`` it.
     Raises:
         TraceError, ValueError, OSError: a trace cannot be read or the workload cannot be built,
             the target cannot be reached (NATS), the report cannot be written.
@@ -106,7 +107,7 @@ async def run(
         | skipped
     )
     report.write(out, config, summary, by_adapter, results, end, console)
-    return summary
+    return summary | {"interrupted": stop.is_set()}
 
 
 def run_loadgen(args: argparse.Namespace) -> int:
@@ -131,6 +132,11 @@ def run_loadgen(args: argparse.Namespace) -> int:
     except (TraceError, ValueError, OSError) as e:
         print(f"dlora loadgen: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before it began sending (a big trace loading, NATS connecting)
+        print("dlora loadgen: interrupted before sending; nothing written", file=sys.stderr)
+        return 130
+    if summary["interrupted"]:
+        console.print(f"interrupted (Ctrl-C): sending stopped after {summary['sent']} of {summary['planned']}")
     console.print(
         f"failed {summary['failed']}, cut {summary['cut']}, lost {summary['lost']} of {summary['sent']} sent  ->  "
         f"{Path(args.out) / 'result.json'}, report.png, report.html"
@@ -138,4 +144,6 @@ def run_loadgen(args: argparse.Namespace) -> int:
     # A run where nothing completed failed, though its requests were only cut (a server that
     # answers nothing, or too slowly for the run: it exited 0).
     nothing = summary["sent"] > 0 and summary["completed"] == 0
+    if summary["interrupted"]:
+        return 130
     return 0 if summary["lost"] == 0 and summary["failed"] == 0 and not nothing else 1

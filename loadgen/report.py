@@ -106,14 +106,14 @@ def write(
     png = base64.b64encode((out / "report.png").read_bytes()).decode()
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['sent']}</td><td>{s['completed']}</td><td>{s['failed']}</td>"
-        f"<td>{s['lost']}</td><td>{_fmt(s['throughput_tok_s'], digits=1)}</td>"
+        f"<td>{s['cut']}</td><td>{s['lost']}</td><td>{_fmt(s['throughput_tok_s'], digits=1)}</td>"
         f"<td>{_fmt(s['normalized_latency_s']['mean'])}</td></tr>"
         for n, s in [("all", summary), *by_adapter.items()]
     )
     (out / "report.html").write_text(
         "<!doctype html><meta charset=utf-8><title>dlora loadgen</title>"
         f"<h1>dlora loadgen</h1><pre>{html.escape(json.dumps(config, indent=1))}</pre>"
-        "<table border=1><tr><th>adapter</th><th>sent</th><th>done</th><th>failed</th><th>lost</th>"
+        "<table border=1><tr><th>adapter</th><th>sent</th><th>done</th><th>failed</th><th>cut</th><th>lost</th>"
         f"<th>tok/s</th><th>norm. latency mean (s/token)</th></tr>{rows}</table>"
         f'<img alt="report" src="data:image/png;base64,{png}">\n'
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,23 @@ async def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path: Path) -
     with pytest.raises(NotADirectoryError, match="--out .*afile is a file"):
         await run(spec, f"http://127.0.0.1:{free_port()}", tmp_path / "afile", Console(file=io.StringIO()))
     assert clock() - start < 1.0  # nothing was sent (the first request would wait a second)
+
+
+def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An interrupted run said nothing on the terminal and exited 0 (`interrupted: true` only in
+    result.json); Ctrl-C before sending began was a traceback."""
+    import os
+    import signal
+    import threading
+
+    from dlora.loadgen.main import run_loadgen
+    from dlora.services.cli import build_parser
+
+    argv = ["loadgen", "--target", f"http://127.0.0.1:{free_port()}", "--requests", "20", "--rate", "1"]
+    args = build_parser().parse_args([*argv, "--out", str(tmp_path / "out")])
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    assert run_loadgen(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted" in err
+    if "before sending" not in err:  # it had begun: the report is written and says so
+        assert json.loads((tmp_path / "out" / "result.json").read_text())["config"]["interrupted"]
