@@ -48,6 +48,27 @@ class HttpClient:
             headers={"Authorization": f"Bearer {key}"} if key else None,
         )
 
+    async def served_models(self) -> set[str]:
+        """The model ids the target serves (``GET /v1/models``), asked once before the run, as
+        vLLM's benchmark sends a first request: a wrong URL, a server that is not OpenAI-compatible
+        or a refused key ran the whole schedule of failures.
+
+        Raises:
+            OSError: it cannot be reached, or does not answer as an OpenAI-compatible server.
+        """
+        url = f"{self.url}/v1/models"
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise OSError(f"{url} answered HTTP {resp.status}: {text[:200]}")
+                data = json.loads(text)["data"]
+                return {m["id"] for m in data}
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise OSError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
+        except (ValueError, KeyError, TypeError):
+            raise OSError(f"{url} is not an OpenAI-compatible model list: {text[:200]!r}") from None
+
     async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
         body = {
             "model": spec.adapter or self.base_model,

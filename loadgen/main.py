@@ -63,6 +63,15 @@ async def run(
         if target.startswith(NATS_SCHEMES)
         else HttpClient(target, base_model, clock, max_retries=max_retries, api_key=api_key)
     )
+    if isinstance(client, HttpClient):
+        try:
+            served = await client.served_models()
+        except OSError:
+            await client.close()
+            raise
+        wanted = {s.adapter or base_model for s in requests}
+        if missing := sorted(wanted - served):
+            console.print(f"not served by the target (their requests will fail): {', '.join(missing)}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -5,8 +5,10 @@ reason, no task's exception goes unretrieved, and the run ends with its report."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -101,21 +103,55 @@ async def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path: Path) -
     assert clock() - start < 1.0  # nothing was sent (the first request would wait a second)
 
 
+# An OpenAI-compatible server whose completions never answer, in a process of its own.
+SLOW_SERVER = """
+import asyncio, sys
+from aiohttp import web
+async def models(_): return web.json_response({"object": "list", "data": [{"id": "model", "object": "model"}]})
+async def completions(_): await asyncio.sleep(3600)
+app = web.Application(); app.router.add_get("/v1/models", models); app.router.add_post("/v1/completions", completions)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
 def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An interrupted run said nothing on the terminal and exited 0 (`interrupted: true` only in
     result.json); Ctrl-C before sending began was a traceback."""
     import os
     import signal
+    import subprocess
+    import sys
     import threading
+    import time
 
     from dlora.loadgen.main import run_loadgen
     from dlora.services.cli import build_parser
 
-    argv = ["loadgen", "--target", f"http://127.0.0.1:{free_port()}", "--requests", "20", "--rate", "1"]
-    args = build_parser().parse_args([*argv, "--out", str(tmp_path / "out")])
-    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
-    assert run_loadgen(args) == 130
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)])
+    try:
+        for _ in range(100):  # up
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                break
+            time.sleep(0.1)
+        argv = ["loadgen", "--target", f"http://127.0.0.1:{port}", "--requests", "20", "--rate", "2"]
+        args = build_parser().parse_args([*argv, "--adapter-names", "-", "--out", str(tmp_path / "out")])
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        assert run_loadgen(args) == 130
+    finally:
+        server.kill()
+        server.wait()
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted" in err
     if "before sending" not in err:  # it had begun: the report is written and says so
         assert json.loads((tmp_path / "out" / "result.json").read_text())["config"]["interrupted"]
+
+
+async def test_a_target_that_is_not_an_openai_server_is_refused_before_the_run() -> None:
+    """A refused port, a NATS port or `python -m http.server` ran the whole schedule of failures."""
+    client = HttpClient(f"http://127.0.0.1:{free_port()}", "model", Clock())
+    try:
+        with pytest.raises(OSError, match="cannot reach http://127.0.0.1:.*/v1/models"):
+            await client.served_models()
+    finally:
+        await client.close()
