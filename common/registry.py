@@ -278,6 +278,11 @@ async def _put_entry(kv: KeyValue, entry: AdapterEntry) -> None:
     await kv.put(f"current.{entry.name}", data)
 
 
+# Seconds between the gateway's reconciles of the keys (``KeyRegistry.restore``): at most this long
+# does a revocation Redis lost to an older snapshot go unseen.
+KEYS_RECONCILE_S = 5.0
+
+
 class KeyRegistry(_Durable):
     """Inference API keys, written to the durable bucket (``kv``; None: Redis only) and then to
     Redis (``store``), which every lookup reads. Durable first: a write that fails half way leaves
@@ -290,9 +295,9 @@ class KeyRegistry(_Durable):
 
     @classmethod
     async def open(cls, nc: NATS, store: StateStore, replicas: int = 1) -> KeyRegistry:
-        """The keys of ``store``'s deployment, their bucket created if missing and restored into an
-        empty Redis (when Redis is unreachable now, by the first lookup that misses). Without
-        JetStream they live in Redis alone meanwhile (see ``Bucket``)."""
+        """The keys of ``store``'s deployment, their bucket created if missing and reconciled with
+        Redis (``restore``; when Redis is unreachable now, by the first lookup that misses).
+        Without JetStream they live in Redis alone meanwhile (see ``Bucket``)."""
         registry = cls(store, Bucket(nc, keys_bucket_name(store.p), replicas=replicas))
         try:
             await registry.restore()
@@ -301,8 +306,7 @@ class KeyRegistry(_Durable):
         return registry
 
     async def add(self, key: ApiKey) -> None:
-        """Store a new key. An empty Redis is restored first, or the keys made before it emptied
-        would never come back (``restore`` only fills a Redis with none)."""
+        """Store a new key, Redis and the durable copy reconciled first (``restore``)."""
         await self.restore()
         if (kv := await self.kv()) is not None:
             await kv.put(f"key.{key.id}", _encode.encode(key))
@@ -327,8 +331,10 @@ class KeyRegistry(_Durable):
         return await self.store.list_api_keys()
 
     async def lookup(self, digest: str) -> ApiKey | None:
-        """The key with that digest, revoked or not; None if there is none. A miss restores an
-        empty Redis from the durable copy (see ``_restored_after_miss``) and looks again."""
+        """The key with that digest, revoked or not; None if there is none. A miss reconciles Redis
+        with the durable copy (see ``_restored_after_miss``) and looks again; a revocation Redis
+        lost (an older snapshot) is written back by ``restore``, which the gateway runs every
+        ``KEYS_RECONCILE_S`` too."""
         key = await self.store.api_key_by_digest(digest)
         if key is None and await self._restored_after_miss():
             key = await self.store.api_key_by_digest(digest)
@@ -340,22 +346,38 @@ class KeyRegistry(_Durable):
         return [_decode_key.decode(value) for value in (await _bucket_values(self.bucket)).values()]
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
-        for key in await self.store.list_api_keys():  # keys are revoked, never deleted
-            if stored.get(f"key.{key.id}") != (data := _encode.encode(key)):
-                await kv.put(f"key.{key.id}", data)
+        await self._merge(kv, stored)
 
     async def restore(self) -> int:
-        """Put the durable keys back into Redis when it has none (it restarted empty); returns how
-        many were put back. A key already in Redis is left alone: a revocation written there
-        since the bucket was read stands."""
-        if await self.kv() is None or await self.store.has_api_keys():
+        """Make Redis and the durable copy agree, a revocation winning wherever it was written:
+        a key either lacks is copied to it, and one revoked in either is revoked in both. Returns
+        how many writes that took. A user's trial: Redis brought back from an older snapshot made a
+        revoked key work again (and lost keys made since, for good), since this filled only a Redis
+        with no keys at all; a bucket that started empty (`dlora up`'s own NATS) never learnt the
+        keys a persisted Redis held, so an emptied Redis then lost them all."""
+        if (kv := await self.kv()) is None:
             return 0
-        keys = await self.durable_keys()
-        for key in keys:
-            await self.store.put_api_key(key, replace=False)
-        if keys:
-            logger.warning("API keys restored from the durable copy", keys=len(keys))
-        return len(keys)
+        return await self._merge(kv, await _bucket_values(self.bucket))
+
+    async def _merge(self, kv: KeyValue, stored: dict[str, bytes]) -> int:
+        durable = {k.id: k for k in map(_decode_key.decode, stored.values())}
+        held = {k.id: k for k in await self.store.list_api_keys()}
+        writes = 0
+        for key_id in durable.keys() | held.keys():
+            mine, theirs = held.get(key_id), durable.get(key_id)
+            merged = mine or theirs
+            assert merged is not None
+            if (mine is not None and mine.revoked) or (theirs is not None and theirs.revoked):
+                merged = msgspec.structs.replace(merged, revoked=True)
+            if mine != merged:  # revoked there, or missing here
+                await self.store.put_api_key(merged, replace=mine is not None)
+                writes += 1
+            if theirs != merged:
+                await kv.put(f"key.{key_id}", _encode.encode(merged))
+                writes += 1
+        if writes:
+            logger.warning("API keys reconciled between Redis and the durable copy", writes=writes)
+        return writes
 
 
 async def purge_keys(nc: NATS, prefix: str) -> None:

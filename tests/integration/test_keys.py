@@ -15,8 +15,9 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from dlora.common import subjects
+from dlora.common import apikeys, subjects
 from dlora.common.messages import GenerateRequest
+from dlora.common.registry import KEYS_RECONCILE_S
 from dlora.services.cli import main
 from dlora.services.servers import Server
 from tests.integration.conftest import ADMIN_KEY, Stack
@@ -191,6 +192,30 @@ async def test_keys_and_revocations_survive_redis_losing_everything(keyed_stack:
     assert status == 401 and "revoked" in err["error"]["message"]
     status, listing, _ = await call(stack, "GET", "/v1/keys", headers=ADMIN)
     assert [k["revoked"] for k in listing["data"]] == [False, True]
+
+
+async def test_a_redis_brought_back_from_an_older_snapshot_neither_revives_a_key_nor_loses_one(
+    keyed_stack: Stack,
+) -> None:
+    """A user's trial: Redis restarted from a snapshot taken before a revocation made the revoked
+    key work again (the durable copy said revoked; only an empty Redis was restored from it), and a
+    key made after the snapshot was refused for good. The gateway reconciles the two, a revocation
+    winning: on a miss at once, and every KEYS_RECONCILE_S."""
+    stack = keyed_stack
+    old, old_made = await make_key(stack, "acme")
+    snapshot = await stack.store.api_key(old_made["id"])  # as the snapshot holds it: not revoked
+    assert (await call(stack, "DELETE", f"/v1/keys/{old_made['id']}", headers=ADMIN))[0] == 200
+    late, late_made = await make_key(stack, "acme")
+    # Redis rolled back to the snapshot: the revocation and the late key gone from it
+    assert snapshot is not None and await stack.store.put_api_key(snapshot)
+    await stack.store.r.hdel(f"{stack.store.p}:api-keys", apikeys.digest(late))
+    await stack.store.r.hdel(f"{stack.store.p}:api-key-ids", late_made["id"])
+    async with asyncio.timeout(KEYS_RECONCILE_S + 5):  # its revocation comes back within a round
+        while (await call(stack, "POST", "/v1/completions", ONE, bearer(old)))[0] != 401:
+            await asyncio.sleep(0.2)
+    status, resp, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(late))
+    assert status == 200, resp  # a miss reconciles at once
+    assert (await stack.store.api_key(old_made["id"])).revoked
 
 
 async def test_the_cli_creates_lists_and_revokes_keys(
