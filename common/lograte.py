@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 # Errors of a process out of descriptors or memory: their traceback (asyncio's accept loop, the
 # same frames every time) is ~2 KB of nothing the one-line message does not say.
 _EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -78,6 +80,11 @@ class RateLimitFilter(logging.Filter):
         if not allowed:
             return False
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):  # a request aiohttp could not parse
+            # Its message quotes the offending line, an Authorization header's key whole (a user's
+            # trial: a valid key with 9 KB appended landed in the log with a traceback).
+            record.msg, record.args = f"a malformed HTTP request was refused: {type(exc).__name__}", None
+            record.exc_info = record.exc_text = None
         if isinstance(exc, OSError) and exc.errno in _EXHAUSTION_ERRNOS:
             record.msg, record.args = f"{record.getMessage().split(chr(10), 1)[0]}: {exc}", None
             record.exc_info = record.exc_text = None

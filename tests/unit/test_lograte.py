@@ -85,3 +85,25 @@ def test_a_flood_of_bad_bus_messages_logs_a_few_lines_and_counts_them_all(capsys
     lines = [line for line in capsys.readouterr().err.splitlines() if "bus message rejected" in line]
     assert len(lines) == 10
     assert bus.REJECTED.labels("flood.>", "GenerateRequest")._value.get() - before == 100
+
+
+def test_a_request_aiohttp_cannot_parse_is_logged_without_its_header_line() -> None:
+    """aiohttp's "Error handling request" quoted the header it could not read: a valid API key
+    with 9 KB appended, whole, with a traceback."""
+    import logging
+
+    from aiohttp.http_exceptions import LineTooLong
+
+    from dlora.common.lograte import RateLimiter, RateLimitFilter
+
+    try:
+        raise LineTooLong(b"Bearer sk-dlora-secret" + b"A" * 9000, 8190)
+    except LineTooLong:
+        import sys
+
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", None, sys.exc_info()
+        )
+    assert RateLimitFilter(RateLimiter(10, 10.0)).filter(record)
+    assert "secret" not in record.getMessage() and record.exc_info is None
+    assert record.getMessage() == "a malformed HTTP request was refused: LineTooLong"
