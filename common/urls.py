@@ -1,4 +1,5 @@
-"""The server addresses a service is given (pure): NATS seed URLs and Redis Sentinel URLs."""
+"""The server addresses a service is given (pure): NATS seed URLs and Redis Sentinel URLs, and
+any URL as it may be shown (without its password)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,12 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     return SentinelAddress(
         sentinels, service, int(db or 0), urllib.parse.unquote(username), urllib.parse.unquote(password)
     )
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (logs, messages, result.json and report.html get shared)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

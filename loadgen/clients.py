@@ -18,6 +18,7 @@ import nats
 
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.urls import redacted
 from dlora.loadgen.metrics import RequestResult
 from dlora.loadgen.workload import RequestSpec, prompt_ids
 
@@ -221,12 +222,3 @@ class NatsClient:
         if not self.nc.is_closed:
             with contextlib.suppress(nats.errors.Error, OSError):  # it closed as it drained: nothing left
                 await self.nc.drain()
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password (result.json and report.html get shared and committed)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -19,6 +19,7 @@ from dlora.common.bus import CredentialsRefused, connections
 from dlora.common.messages import ApiKey
 from dlora.common.registry import KeyRegistry
 from dlora.common.settings import Problems, SettingsError, load
+from dlora.common.urls import redacted
 from dlora.services.gateway.settings import GatewaySettings
 
 
@@ -52,11 +53,13 @@ def run_keys(args: argparse.Namespace) -> int:
         return 2
     except TimeoutError:
         print(
-            f"dlora keys: NATS at {settings.nats_url} or Redis at {settings.redis_url} did not answer", file=sys.stderr
+            f"dlora keys: NATS at {redacted(settings.nats_url)} or Redis at {redacted(settings.redis_url)} did not "
+            "answer",
+            file=sys.stderr,
         )
         return 2
     except RedisError as e:
-        print(f"dlora keys: Redis at {settings.redis_url}: {e}", file=sys.stderr)
+        print(f"dlora keys: Redis at {redacted(settings.redis_url)}: {e}", file=sys.stderr)
         return 2
 
 

@@ -261,6 +261,19 @@ async def test_the_cli_creates_lists_and_revokes_keys(
     assert code == 2 and "tenant" in err
 
 
+def test_the_cli_names_a_redis_it_cannot_reach_without_its_password(
+    nats_server: Server, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A user's trial: `dlora keys: Redis at redis://user:hunter2@127.0.0.1:1/0: Error 111...`."""
+    from dlora.services.servers import free_port
+
+    monkeypatch.setenv("DLORA_NATS_URL", nats_server.url)
+    monkeypatch.setenv("DLORA_REDIS_URL", f"redis://user:hunter2@127.0.0.1:{free_port()}/0")
+    assert main(["keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "redis://user:***@127.0.0.1:" in err, err
+
+
 async def test_the_openai_client_authenticates_with_a_key_and_reads_the_refusals(keyed_stack: Stack) -> None:
     import openai
 
