@@ -276,6 +276,9 @@ class LocalStack:
             self.model_dir = Path(self.model)
         roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in self.loras.values()})
         self.admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
+        # Made here: printed, the only way to learn it. Given (dlora.toml, the environment): never
+        # printed, as vLLM never prints --api-key (the output goes to logs).
+        self.admin_key_given = bool(base.admin_key or os.environ.get("DLORA_ADMIN_KEY"))
         as_gateway = self.role_env["gateway"]
         creds = msgspec.structs.replace(
             base,
@@ -385,13 +388,13 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f"\ndlora is up: {stack.url}  ({workers} worker{'s' * (workers != 1)}, model {served}, "
             f"adapters: {', '.join(stack.loras) or 'none'})"
         )
-        print(
-            f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_login_url}  admin key: {stack.admin_key}"
-        )
-        print(f"status page: {stack.url}/dashboard#key={stack.admin_key}")
+        shown = "dlora.toml's admin_key (or DLORA_ADMIN_KEY)" if stack.admin_key_given else stack.admin_key
+        print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_login_url}  admin key: {shown}")
+        print(f"status page: {stack.url}/dashboard" + ("" if stack.admin_key_given else f"#key={stack.admin_key}"))
         print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
         # With auth = "keys" inference wants a key: the admin key serves until one is made.
-        key = f" -H 'Authorization: Bearer {stack.admin_key}'" if stack.base.auth == "keys" else ""
+        bearer = "$DLORA_ADMIN_KEY" if stack.admin_key_given else stack.admin_key
+        key = f' -H "Authorization: Bearer {bearer}"' if stack.base.auth == "keys" else ""
         print(
             f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json'{key} "
             f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',
