@@ -299,4 +299,3 @@ def test_a_worker_that_would_only_fail_again_is_left_out_and_the_others_serve_on
         assert stack.after_exit(1, "worker-1", 3)[0] == "stop"  # the last: nothing would serve
     finally:
         stack.stop()
-
