@@ -54,6 +54,11 @@ def tenant_problem(tenant: str) -> str | None:
     return None
 
 
+# The largest rate, burst or concurrency a key may be given: past it a limit means nothing (a
+# user's trial stored a concurrency of 1e23).
+MAX_LIMIT = 1_000_000
+
+
 def check_spec(
     tenant: str, scopes: list[str], rate_per_s: float | None, burst: int | None, concurrency: int | None
 ) -> None:
@@ -63,11 +68,15 @@ def check_spec(
         raise KeySpecError("tenant", problem)
     if not scopes or any(s not in SCOPES for s in scopes):
         raise KeySpecError("scopes", f"scopes must be one or more of {', '.join(SCOPES)}, got {scopes!r}")
-    if rate_per_s is not None and not (math.isfinite(rate_per_s) and rate_per_s >= 0):
-        raise KeySpecError("rate_per_s", f"rate_per_s must be >= 0 (0: no limit), got {rate_per_s!r}")
+    if rate_per_s is not None and not (math.isfinite(rate_per_s) and 0 <= rate_per_s <= MAX_LIMIT):
+        raise KeySpecError(
+            "rate_per_s", f"rate_per_s must be a number in [0, {MAX_LIMIT:g}] (0: no limit), got {rate_per_s!r}"
+        )
     for name, value in (("burst", burst), ("concurrency", concurrency)):
-        if value is not None and value < 0:
-            raise KeySpecError(name, f"{name} must be >= 0 (0: the default or no limit), got {value!r}")
+        if value is not None and not 0 <= value <= MAX_LIMIT:
+            raise KeySpecError(
+                name, f"{name} must be in [0, {MAX_LIMIT:g}] (0: the default or no limit), got {value!r}"
+            )
 
 
 def new_key(

@@ -83,6 +83,8 @@ class AdapterAdmin:
         """Raises APIError: 409 when the name is taken (and not ``replace``), check_adapter's 400s."""
         gw = self.gw
         taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
+        if body.owner == "":  # it silently made the adapter public (no owner): say so with null
+            raise APIError(400, "owner must name a tenant; leave it out (or null) for a public adapter", param="owner")
         current = await gw.store.get_adapter(body.name)
         if current is not None and not replace:  # before loading the files
             raise taken

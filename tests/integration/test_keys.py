@@ -96,6 +96,10 @@ async def test_a_tenant_sees_and_uses_only_its_own_and_public_adapters(keyed_sta
         body = {"name": name, "path": str(stack.tiny.adapters[src]), "owner": owner}
         status, entry, _ = await call(stack, "POST", "/v1/adapters", body, ADMIN)
         assert status == 201 and entry["owner"] == owner
+    # an empty owner silently made the adapter public (a user's trial): said, naming the field
+    body = {"name": "nobodys", "path": str(stack.tiny.adapters["lora-2"]), "owner": ""}
+    status, err, _ = await call(stack, "POST", "/v1/adapters", body, ADMIN)
+    assert (status, err["error"]["param"]) == (400, "owner"), err
     acme, _ = await make_key(stack, "acme")
     public = set(stack.tiny.adapters)
 

@@ -53,6 +53,9 @@ def test_scopes_are_deduplicated_in_a_fixed_order() -> None:
         ({"rate_per_s": float("inf")}, "rate_per_s"),
         ({"burst": -1}, "burst"),
         ({"concurrency": -2}, "concurrency"),
+        ({"concurrency": 10**23}, "concurrency"),  # a user's trial: stored, listed as 1e+23
+        ({"burst": 2**63}, "burst"),
+        ({"rate_per_s": 1e12}, "rate_per_s"),
     ],
 )
 def test_an_invalid_field_is_refused_by_name(fields: dict, param: str) -> None:
