@@ -92,14 +92,18 @@ class Auth:
         if self.s.auth != "keys":
             return ANONYMOUS
         if token is None:
+            given = request.headers.get("Authorization", "").strip().split(None, 1)
+            scheme = f"It came with the {given[0][:16]!r} scheme: use Bearer. " if given else ""
             raise _unauthorized(
-                "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
+                f"You didn't provide an API key. {scheme}Send it in an Authorization header using Bearer auth "
                 "(Authorization: Bearer YOUR_KEY); `dlora keys create` or POST /v1/keys makes one.",
                 None,
             )
         key = await self.keys.lookup(apikeys.digest(token)) if apikeys.plausible(token) else None
         if key is None:
             shown = token if len(token) <= 12 else f"{token[:9]}***{token[-4:]}"
+            # as text JSON can carry: undecodable header bytes were lone surrogates strict parsers refuse
+            shown = shown.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
             raise _unauthorized(f"Incorrect API key provided: {shown}.", "invalid_api_key")
         if key.revoked:
             raise _unauthorized(f"The API key {key.hint} ({key.id}) has been revoked.", "invalid_api_key")

@@ -63,6 +63,11 @@ async def test_inference_takes_only_a_valid_unrevoked_key(keyed_stack: Stack) ->
         assert status == 401 and err["error"]["code"] == "invalid_api_key", (path, err)
         status, _, _ = await call(stack, method, path, body, bearer(key))
         assert status == 200, path
+    # another scheme is named (it read as no key at all), and a key shown back is plain text
+    status, err, _ = await call(stack, "GET", "/v1/models", headers={"Authorization": f"Basic {key}"})
+    assert status == 401 and "It came with the 'Basic' scheme: use Bearer." in err["error"]["message"], err
+    status, err, _ = await call(stack, "GET", "/v1/models", headers=bearer("é" + "x" * 20))
+    assert status == 401 and err["error"]["message"].isascii(), err
 
     # the admin endpoints list keys without their secret, and revoke them
     status, listing, _ = await call(stack, "GET", "/v1/keys", headers=ADMIN)
