@@ -157,6 +157,12 @@ async def test_dashboard_asks_for_the_key_then_follows_the_cluster_under_load(
     refused = await browser_log(browser)  # only the 401 itself may be logged for it
     assert all("401" in e["message"] for e in refused if e["level"] == "SEVERE"), refused
 
+    # A key no header can carry (a user's trial: "Connection lost", retried for ever): said so.
+    await asyncio.to_thread(browser.get, "about:blank")
+    await asyncio.to_thread(browser.get, f"{page}#key=%E2%82%AC-key")
+    snap = await until(browser, lambda s: s["login"] and "cannot carry" in s["message"], "the unsendable key")
+    assert not snap["content"]
+
     # (b) The key in the fragment: every live worker and registered adapter, and the key gone from the URL.
     await asyncio.to_thread(browser.get, "about:blank")  # a fresh load, not a same-document jump
     await asyncio.to_thread(browser.get, f"{page}#key={ADMIN_KEY}")

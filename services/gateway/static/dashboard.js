@@ -64,6 +64,7 @@
     } catch (e) {
       /* keep it as typed */
     }
+    key = key.trim(); // as the form trims what is typed
     sessionStorage.setItem(KEY, key);
     // Out of the address bar and the history: a copied or bookmarked URL will not carry it.
     window.history.replaceState(null, "", location.pathname + location.search);
@@ -91,6 +92,13 @@
     const key = sessionStorage.getItem(KEY);
     if (!key) {
       showLogin("");
+      return;
+    }
+    // A header carries visible ASCII only: fetch refused any other key, which read as the
+    // gateway not answering ("Connection lost", retried for ever).
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      sessionStorage.removeItem(KEY);
+      showLogin("That key holds characters an HTTP header cannot carry. Enter the admin key.");
       return;
     }
     $("login").hidden = true;
