@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Set
@@ -148,6 +149,11 @@ def bucket_name(prefix: str) -> str:
     return f"{prefix}-adapters"
 
 
+# Seconds between two of ``AdapterRegistry.restore``'s comparisons of a non-empty Redis with the
+# bucket (the dispatcher asks every look).
+MERGE_INTERVAL_S = 5.0
+
+
 class AdapterRegistry(_Durable):
     """Registration and removal, written to Redis (``store``) and the durable bucket (None: Redis
     only)."""
@@ -155,6 +161,7 @@ class AdapterRegistry(_Durable):
     def __init__(self, store: StateStore, bucket: Bucket | None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(bucket, clock)
         self.store = store
+        self._merged_at = -math.inf  # when ``restore`` last compared a non-empty Redis with the bucket
 
     @classmethod
     async def open(cls, nc: NATS, store: StateStore, replicas: int = 1) -> AdapterRegistry:
@@ -243,23 +250,38 @@ class AdapterRegistry(_Durable):
         return current, versions
 
     async def restore(self) -> int:
-        """Put the durable registry back into Redis when Redis has no registry at all (it restarted
-        empty); returns the number of adapters restored. Versions go first, so a request running
-        on an older one finds it too."""
-        if await self.kv() is None or await self.store.has_adapters():
+        """Put the durable registry's registrations back into Redis where Redis lacks them, or holds
+        an older one of the name (``created``): all of it when Redis restarted empty, and the ones
+        a Redis brought back from an older snapshot lost (a user's trial: registered since, they
+        answered 404 until registered again; at most every ``MERGE_INTERVAL_S`` while Redis is not
+        empty). Returns the number of adapters put back. Versions go first, so a request running
+        on an older one finds it too. A name removed since the snapshot stays registered: the
+        bucket cannot tell it from one registered while JetStream was down (``_catch_up``)."""
+        if await self.kv() is None:
             return 0
+        empty = not await self.store.has_adapters()
+        if not empty and self.clock() - self._merged_at < MERGE_INTERVAL_S:
+            return 0
+        self._merged_at = self.clock()
         current, versions = await self.durable_entries()
-        if not current:
+        held = {e.name: e for e in await self.store.list_adapters()}
+        back = [
+            e for e in current if (h := held.get(e.name)) is None or (h.version != e.version and h.created < e.created)
+        ]
+        if not back:
             return 0
+        wanted = {e.name for e in back}
         registered = {(e.name, e.version) for e in current}
         for entry in versions:
+            if entry.name not in wanted:
+                continue
             await self.store.put_version(entry)
             if (entry.name, entry.version) not in registered:  # when it was retired went with Redis
                 await self.store.retire_version(entry.name, entry.version, time.time())
-        for entry in current:
+        for entry in back:
             await self.store.put_adapter(entry, replace=True)
-        logger.warning("adapter registry restored from the durable copy", adapters=len(current))
-        return len(current)
+        logger.warning("adapter registrations restored from the durable copy", adapters=len(back))
+        return len(back)
 
 
 async def purge(nc: NATS, prefix: str) -> None:

@@ -100,6 +100,33 @@ async def test_a_lookup_that_misses_after_redis_came_back_empty_restores_the_reg
         await nc.close()
 
 
+async def test_a_redis_brought_back_from_an_older_snapshot_gets_the_registrations_made_since(
+    nats_server: Server, redis: Redis
+) -> None:
+    """The keys' trial found it, the registry has the same kind: Redis restarted from an older
+    snapshot lacked an adapter registered since (404 until registered again) and held the older
+    version of one replaced since; only an empty Redis was restored. Now a lookup that misses (and
+    the dispatcher's looks) put them back; the newer registration (``created``) wins."""
+    nc = await nats.connect(nats_server.url)
+    now = [0.0]
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: now[0])
+    try:
+        old = AdapterEntry(name="kept", path="/k1", rank=8, created=1.0, version="v1")
+        assert await registry.register(old)
+        snapshot = await redis.dump(f"{store.p}:adapters")  # Redis's registrations as the snapshot saved them
+        assert await registry.register(AdapterEntry(name="kept", path="/k2", rank=8, created=2.0, version="v2"), True)
+        assert await registry.register(AdapterEntry(name="since", path="/s", rank=8, created=3.0, version="v1"))
+        await redis.restore(f"{store.p}:adapters", 0, snapshot, replace=True)  # rolled back
+        assert await store.get_adapter("since") is None and (await store.get_adapter("kept")).version == "v1"
+        now[0] = RESTORE_ON_MISS_INTERVAL_S
+        assert (await registry.lookup("since")).version == "v1"  # the miss put both back
+        assert (await store.get_adapter("kept")).version == "v2"
+        assert await registry.restore() == 0  # agreed: nothing more, and not compared again so soon
+    finally:
+        await nc.close()
+
+
 async def test_a_bucket_made_with_other_settings_is_used_as_it_is() -> None:
     """``nats_kv_replicas`` changed after the bucket was made: JetStream refuses to make it again
     with the new settings; the bucket that is there is used (it was taken for "no JetStream" and
