@@ -31,8 +31,19 @@ async def page(_: web.Request) -> web.FileResponse:
 def add_static(app: web.Application) -> None:
     """The page's script and style, under ``/dashboard/``."""
     app.router.add_get("/dashboard", page)
-    app.router.add_get("/dashboard/", _to_page)  # before the static route, which would answer 403
-    app.router.add_static("/dashboard/", STATIC, show_index=False)
+    app.router.add_get("/dashboard/", _to_page)
+    app.router.add_get("/dashboard/{name}", _static)
+
+
+# What ``/dashboard/`` serves, by name: nothing else (aiohttp's static route answered a missing
+# file with an empty application/octet-stream 404, not the API's error body).
+_FILES = {f.name: f for f in STATIC.iterdir() if f.is_file()}
+
+
+async def _static(request: web.Request) -> web.FileResponse:
+    if (path := _FILES.get(request.match_info["name"])) is None:
+        raise web.HTTPNotFound(reason=f"no such file of the status page: {request.match_info['name'][:100]!r}")
+    return web.FileResponse(path)
 
 
 async def _to_page(request: web.Request) -> web.Response:

@@ -255,6 +255,10 @@ async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:
             assert r.status == 405 and "POST" in r.headers["Allow"] and (await r.json())["error"]["message"]
         async with http.get(stack.url + "/dashboard/", allow_redirects=False) as r:  # was a 403
             assert (r.status, r.headers["Location"]) == (308, "/dashboard")
+        async with http.get(stack.url + "/dashboard/nope.js") as r:  # was an empty octet-stream
+            assert r.status == 404 and "nope.js" in (await r.json())["error"]["message"]
+        async with http.get(stack.url + "/dashboard/dashboard.js") as r:
+            assert r.status == 200 and "javascript" in r.content_type
     # echo gives the prompt as written
     status, resp = await post(stack, "/v1/completions", {**base, "prompt": "kalo  remi", "echo": True, "max_tokens": 0})
     assert resp["choices"][0]["text"] == "kalo  remi"
