@@ -16,7 +16,7 @@ from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
-from dlora.services.worker.engine import async_scheduling, forward
+from dlora.services.worker.engine import async_scheduling, forward, switching
 from dlora.services.worker.engine.admission import check_request, check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
@@ -175,7 +175,7 @@ class LLMEngine:
         if self.in_use(name):
             raise AdapterError(f"adapter {name!r} has requests in flight")
         if self.merger.merged == name:
-            self._unmerge()
+            switching.unmerge(self)
         if (slot := self.slots.drop(name)) is not None:
             self.device_loras.clear(slot)
         del self.adapters[name]
@@ -450,29 +450,10 @@ class LLMEngine:
 
     def switch(self, merged: str | None) -> tuple[float, float]:
         """Merge/unmerge so that ``merged`` (an adapter's name, None: base weights) is the merged
-        adapter; seconds spent merging and unmerging. The step does this for its decision; the
-        benchmarks call it to time a switch as the engine pays it. KeyError for an unknown adapter."""
-        if merged == self.merger.merged:
-            return 0.0, 0.0
-        unmerge_s = self._unmerge() if self.merger.merged is not None else 0.0
-        merge_s = 0.0
-        if merged is not None:
-            start = self.clock()
-            # A and B from the adapter's device slot when it has one (no host copy); a merge takes no
-            # slot of its own, so it evicts nothing the next unmerged step needs.
-            slot = self.slots.slot_of(merged)
-            self.merger.merge(self.adapters[merged], self.device_loras.weights_of(slot) if slot is not None else None)
-            self._synchronize()
-            merge_s = self.clock() - start
-            self.stats.record_merge(merge_s)
-        return merge_s, unmerge_s
-
-    def _unmerge(self) -> float:
-        start = self.clock()
-        self.merger.unmerge()
-        self._synchronize()
-        self.stats.record_unmerge(seconds := self.clock() - start)
-        return seconds
+        adapter; seconds spent merging and unmerging (``switching.switch``). The step does this for
+        its decision; the benchmarks call it to time a switch as the engine pays it. KeyError for
+        an unknown adapter."""
+        return switching.switch(self, merged)
 
     def _synchronize(self) -> None:  # a switch's copies run asynchronously on a GPU: its time is until they end
         if self.device.type == "cuda":
