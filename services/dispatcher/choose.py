@@ -141,3 +141,22 @@ def choose_worker(
         return (round(finish, 9), 0 if holds else 1, w.worker)
 
     return min(workers, key=key).worker
+
+
+def holding_version(
+    workers: list[WorkerStats], adapter: str | None, version: str, avoid: str | None
+) -> list[WorkerStats]:
+    """The ``workers`` other than ``avoid`` whose stats list ``version`` of ``adapter``: the only
+    ones that can serve a request of it once its files were rewritten since registration."""
+    return [
+        w for w in workers if w.worker != avoid and any(a.name == adapter and a.version == version for a in w.adapters)
+    ]
+
+
+def version_gone(adapter: str | None, version: str) -> str:
+    """Why a request of an adapter version no worker holds is refused (500: an admin must act)."""
+    return (
+        f"adapter {adapter!r}: its files changed since version {version} was registered and no worker "
+        "holds that version in memory; an admin must load it again (vLLM's /v1/load_lora_adapter with "
+        "load_inplace, or delete it and register it again)"
+    )

@@ -33,7 +33,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
 from dlora.common.undecodable import request_head
-from dlora.services.dispatcher.choose import holds_request
+from dlora.services.dispatcher.choose import holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -381,22 +381,10 @@ class Dispatcher:
             )
             await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return
-        if holding:
-            version = req.adapter_version or ""
-            holders = [
-                w
-                for w in live
-                if w.worker != avoid and any(a.name == req.adapter and a.version == version for a in w.adapters)
-            ]
-            if not holders:
-                reason = (
-                    f"adapter {req.adapter!r}: its files changed since version {version} was registered and no "
-                    "worker holds that version in memory; an admin must load it again (vLLM's "
-                    "/v1/load_lora_adapter with load_inplace, or delete it and register it again)"
-                )
-                await self._fail(req, req.next_seq, reason, "adapter-changed", ErrorCode.INTERNAL, expect)
-                return
-            live = holders
+        if holding and not (live := holding_version(live, req.adapter, req.adapter_version or "", avoid)):
+            reason = version_gone(req.adapter, req.adapter_version or "")
+            await self._fail(req, req.next_seq, reason, "adapter-changed", ErrorCode.INTERNAL, expect)
+            return
         if not req.recorded:  # its worker then takes a missing record after a stall for its end
             req, raw = msgspec.structs.replace(req, recorded=True), None
         raw = raw or _encode.encode(req)

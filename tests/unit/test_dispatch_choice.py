@@ -1,7 +1,7 @@
 import msgspec
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.dispatcher.choose import DispatchCosts, choose_worker
+from dlora.services.dispatcher.choose import DispatchCosts, choose_worker, holding_version, version_gone
 from dlora.services.dispatcher.state import DispatchState
 
 
@@ -155,3 +155,12 @@ def test_adapters_sent_since_the_stats_count_in_the_crowding() -> None:
     assert not state.sent_adapters["x"]
     state.forget("y")
     assert "y" not in state.sent_adapters and "y" not in state.workers
+
+
+def test_a_rewritten_adapter_goes_only_to_a_worker_holding_its_version() -> None:
+    old = msgspec.structs.replace(w("w0"), adapters=[AdapterResidency(name="rl", slot=0, merged=False, version="v1")])
+    new = msgspec.structs.replace(w("w1"), adapters=[AdapterResidency(name="rl", slot=0, merged=False, version="v2")])
+    lacks = w("w2")
+    assert [x.worker for x in holding_version([old, new, lacks], "rl", "v1", avoid=None)] == ["w0"]
+    assert holding_version([old, new, lacks], "rl", "v1", avoid="w0") == []  # the worker that handed it back
+    assert "load_inplace" in version_gone("rl", "v1")
