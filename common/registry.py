@@ -22,6 +22,7 @@ of the dispatcher's loop doing it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -369,6 +370,19 @@ class KeyRegistry(_Durable):
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
         await self._merge(kv, stored)
+
+    async def keep_reconciled(self, stop: asyncio.Event, interval_s: float = KEYS_RECONCILE_S) -> None:
+        """``restore`` every ``interval_s`` until ``stop`` (a gateway's task): a Redis brought back
+        from an older snapshot made a revoked key work again."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            if stop.is_set():
+                return
+            try:
+                await self.restore()
+            except Exception as e:  # noqa: BLE001 - Redis or JetStream away: the next round tries again
+                logger.warning("API keys not reconciled", error=f"{type(e).__name__}: {e}")
 
     async def restore(self) -> int:
         """Make Redis and the durable copy agree, a revocation winning wherever it was written:

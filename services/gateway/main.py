@@ -36,7 +36,7 @@ from dlora.common.messages import (
     TokenChunk,
     WorkerStats,
 )
-from dlora.common.registry import KEYS_RECONCILE_S, AdapterRegistry, KeyRegistry
+from dlora.common.registry import AdapterRegistry, KeyRegistry
 from dlora.common.state import Inflight, StateStore
 from dlora.model.config import ModelConfig, sampling_defaults
 from dlora.model.token_bytes import TokenText
@@ -467,20 +467,7 @@ class Gateway:
             self._redis_id = await self.store.data_epoch()
         # Workers drop this gateway's requests once these stop (it died without aborting them).
         self._announcer = asyncio.create_task(announce(self.nc, self.gateway_id, self._stopped))
-        self._reconciler = asyncio.create_task(self._reconcile_keys())
-
-    async def _reconcile_keys(self) -> None:
-        """Every ``KEYS_RECONCILE_S``, Redis's keys and the durable copy made to agree (a revocation
-        winning): a Redis brought back from an older snapshot made a revoked key work again."""
-        while not self._stopped.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), KEYS_RECONCILE_S)
-            if self._stopped.is_set():
-                return
-            try:
-                await self.auth.keys.restore()
-            except Exception as e:  # noqa: BLE001 - Redis or JetStream away: the next round tries again
-                logger.warning("API keys not reconciled", error=f"{type(e).__name__}: {e}")
+        self._reconciler = asyncio.create_task(self.auth.keys.keep_reconciled(self._stopped))
 
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
