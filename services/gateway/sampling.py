@@ -150,9 +150,10 @@ def tools_required(body: Body) -> bool:
     return isinstance(body, ChatBody) and body.tool_choice == "required" and forced_tool(body) is None
 
 
-def _asked(body: Body) -> list[tuple[str, dict[str, Any]]]:
+def _asked(body: Body, build: bool = True) -> list[tuple[str, dict[str, Any]]]:
     """The structured outputs ``body`` asks for, in the order ``structured`` reads them: each the
-    body's field and its ``SamplingParams`` fields.
+    body's field and its ``SamplingParams`` fields (not ``build``: the fields alone, the schemas
+    not made, for a body ``structured`` accepted).
 
     Raises:
         APIError(400): an unknown response_format type, a json_schema without a schema, tools whose
@@ -161,10 +162,13 @@ def _asked(body: Body) -> list[tuple[str, dict[str, Any]]]:
     asked: list[tuple[str, dict[str, Any]]] = []
 
     def schema(field: str, value: str | dict[str, Any]) -> None:
-        asked.append((field, {"json_schema": value if isinstance(value, str) else json.dumps(value)}))
+        made = value if isinstance(value, str) or not build else json.dumps(value)
+        asked.append((field, {"json_schema": made}))
 
     if (tool := forced_tool(body)) is not None:  # its arguments: a document of its parameters' schema
-        schema("tool_choice", arguments_schema(tool.parameters))
+        schema("tool_choice", arguments_schema(tool.parameters) if build else "")
+    elif tools_required(body) and not build:
+        asked.append(("tool_choice", {}))
     elif tools_required(body):
         assert isinstance(body, ChatBody) and body.tools
         listed = [(t.function.name, t.function.parameters) for t in body.tools]
@@ -210,9 +214,9 @@ def _asked(body: Body) -> list[tuple[str, dict[str, Any]]]:
 
 def structured_field(body: Body) -> str | None:
     """The body's field that asks for a structured output (None: free text), for errors found as
-    the output grows (``param``). Call after ``structured`` accepted ``body`` (it reads it again:
-    ~0.1 s for a tool_choice "required" over 20,000 tools)."""
-    return next((field for field, _ in _asked(body)), None)
+    the output grows (``param``). Call after ``structured`` accepted ``body``: no schema is made
+    again (a tool_choice "required" over 20,000 tools took ~0.1 s to)."""
+    return next((field for field, _ in _asked(body, build=False)), None)
 
 
 def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
