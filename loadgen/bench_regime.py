@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from dlora.loadgen.bench_common import figure
-from dlora.loadgen.bench_sim import CUT, _at, _header, _means, _run, _spec, capacity_rps, with_slots
+from dlora.loadgen.bench_sim import CUT, _at, _header, _means, _run, _spec, capacity_rps
 from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 from dlora.sim.cost import ARTIFACT, CostProfile
-from dlora.sim.main import requests_of
+from dlora.sim.main import requests_of, with_slots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -39,7 +39,7 @@ from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 from dlora.sim.cluster import Cluster, SimRequest, summary
 from dlora.sim.cost import CostProfile, StepShape
-from dlora.sim.main import profile, requests_of
+from dlora.sim.main import profile, requests_of, with_slots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,11 +66,6 @@ def capacity_rps(cost: CostProfile, config: EngineConfig, mean_prompt: float, me
         cost.prompt_token_s * mean_prompt + cost.prefill_seq_s
     )
     return 1.0 / per_request
-
-
-def with_slots(slots: int) -> EngineConfig:
-    """The engine with ``slots`` device slots, host memory holding at least as many adapters."""
-    return EngineConfig(max_loras=slots, max_cpu_loras=max(EngineConfig().max_cpu_loras, slots))
 
 
 def _run(

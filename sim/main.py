@@ -44,6 +44,12 @@ def profile(name: str) -> CostProfile:
     return PROFILES[name]
 
 
+def with_slots(slots: int, **config: object) -> EngineConfig:
+    """The engine with ``slots`` device slots, host memory holding at least as many adapters (the
+    simulator has no option for it: 257 slots were refused for a bound the user could not set)."""
+    return EngineConfig(max_loras=slots, max_cpu_loras=max(EngineConfig().max_cpu_loras, slots), **config)  # type: ignore[arg-type]
+
+
 def requests_of(spec: WorkloadSpec) -> list[SimRequest]:
     """The workload's requests arriving by its ``duration`` (the clock of ``dlora loadgen``'s
     sender and of the benchmarks' replays, which stop sending then), with prompts of real token
@@ -77,11 +83,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             raise ValueError(f"--stats-interval must be under the dispatcher's heartbeat, {HEARTBEAT_TTL_S:g} s")
         spec = WorkloadSpec.from_args(args)
         ranks = args.ranks
-        config = EngineConfig(
-            max_loras=args.max_loras,
-            max_cpu_loras=max(EngineConfig().max_cpu_loras, args.max_loras),  # no option of its own here
-            max_num_seqs=args.max_num_seqs,
-            policy=PolicyConfig(name=PolicyName(args.policy)),
+        config = with_slots(
+            args.max_loras, max_num_seqs=args.max_num_seqs, policy=PolicyConfig(name=PolicyName(args.policy))
         )
         if bad := config.check():  # host memory's bound is --max-loras's here (it holds as many)
             bad = [("max_loras", v, "must be at most 4096") if f == "max_cpu_loras" else (f, v, w) for f, v, w in bad]
