@@ -237,6 +237,15 @@ class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
     owner: str = ""
 
 
+class AdapterRemoval(msgspec.Struct, kw_only=True, frozen=True):
+    """An adapter name's removal, kept in the registry's durable copy: a Redis brought back from a
+    snapshot older than it must not serve the name again."""
+
+    name: str
+    # Unix seconds it was removed: a registration ``created`` before it is gone, one after it stands.
+    removed: float
+
+
 class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
     """An inference API key as stored (Redis, and its durable copy): never the key itself, only its
     SHA-256 digest (``common/apikeys.py`` says why that hash)."""

@@ -11,7 +11,9 @@ registry works from Redis alone, says so once in the log, and tries the bucket a
 ``REOPEN_INTERVAL_S``: opened late, it first takes what was registered meanwhile.
 
 Keys in the bucket: ``current.<name>`` holds the name's registered version's AdapterEntry (JSON),
-``version.<name>.<version>`` every version ever registered (requests may still run on one).
+``version.<name>.<version>`` every version ever registered (requests may still run on one),
+``removed.<name>`` the name's last removal (AdapterRemoval), which a Redis restored from an older
+snapshot must not undo.
 
 Inference API keys (``KeyRegistry``) are kept the same way, in their own bucket ``{prefix}-keys``
 (``key.<id>`` -> ApiKey, its digest and never the key): an empty Redis must not lock every client
@@ -37,12 +39,13 @@ from nats.js.kv import KeyValue
 from redis.exceptions import RedisError
 
 from dlora.common import log
-from dlora.common.messages import AdapterEntry, ApiKey
+from dlora.common.messages import AdapterEntry, AdapterRemoval, ApiKey
 from dlora.common.state import INFLIGHT_TTL_S, StateStore
 
 logger = log.get("registry")
 _encode = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder(AdapterEntry)
+_decode_removal = msgspec.json.Decoder(AdapterRemoval)
 _decode_key = msgspec.json.Decoder(ApiKey)
 # Seconds between two restores a lookup that misses may set off: a client sending wrong keys or
 # adapter names costs one Redis lookup each, not a listing of the bucket each.
@@ -204,10 +207,13 @@ class AdapterRegistry(_Durable):
 
     async def remove(self, name: str) -> bool:
         """Unregister ``name``; False if it was not registered. Its versions stay findable until
-        ``purge_retired`` forgets them."""
+        ``purge_retired`` forgets them. The bucket keeps when (``removed.<name>``), written before
+        the registration goes from it: a Redis brought back from an older snapshot served the name
+        again (``restore``)."""
         entry = await self.store.get_adapter(name)
         removed = await self.store.delete_adapter(name)
         if (kv := await self.kv()) is not None:
+            await kv.put(f"removed.{name}", _encode.encode(AdapterRemoval(name=name, removed=time.time())))
             with contextlib.suppress(KeyNotFoundError):
                 await kv.delete(f"current.{name}")
         if removed and entry is not None:
@@ -241,36 +247,55 @@ class AdapterRegistry(_Durable):
             if stored.get(f"current.{entry.name}") != _encode.encode(entry):
                 await _put_entry(kv, entry)
 
-    async def durable_entries(self) -> tuple[list[AdapterEntry], list[AdapterEntry]]:
-        """The bucket's registered entries and every version's, as stored."""
+    async def durable_entries(self) -> tuple[list[AdapterEntry], list[AdapterEntry], dict[str, AdapterRemoval]]:
+        """The bucket's registered entries, every version's, and the last removal of each name
+        ever removed, as stored."""
         current: list[AdapterEntry] = []
         versions: list[AdapterEntry] = []
+        removals: dict[str, AdapterRemoval] = {}
         await self.kv()  # opened (and caught up) if it can be
         for key, value in (await _bucket_values(self.bucket)).items():
-            (current if key.startswith("current.") else versions).append(_decode.decode(value))
-        return current, versions
+            if key.startswith("removed."):
+                removal = _decode_removal.decode(value)
+                removals[removal.name] = removal
+            else:
+                (current if key.startswith("current.") else versions).append(_decode.decode(value))
+        return current, versions, removals
 
     async def restore(self) -> int:
-        """Put the durable registry's registrations back into Redis where Redis lacks them, or holds
-        an older one of the name (``created``): all of it when Redis restarted empty, and the ones
-        a Redis brought back from an older snapshot lost (a user's trial: registered since, they
-        answered 404 until registered again; at most every ``MERGE_INTERVAL_S`` while Redis is not
-        empty). Returns the number of adapters put back. Versions go first, so a request running
-        on an older one finds it too. A name removed since the snapshot stays registered: the
-        bucket cannot tell it from one registered while JetStream was down (``_catch_up``)."""
+        """Make Redis's registrations the durable registry's, the newer one winning: put back the
+        ones Redis lacks or holds an older one of (``created``), and drop the ones removed since
+        they were made (``removed.<name>``; one made after, while JetStream was down, stays for
+        ``_catch_up``). All of it when Redis restarted empty; a Redis brought back from an older
+        snapshot answered 404 for adapters registered since and served ones removed since (users'
+        trials), so a non-empty one is compared too, at most every ``MERGE_INTERVAL_S``. Returns the
+        number of adapters put back or dropped. Versions go first, so a request running on an
+        older one finds it too."""
         if await self.kv() is None:
             return 0
         empty = not await self.store.has_adapters()
         if not empty and self.clock() - self._merged_at < MERGE_INTERVAL_S:
             return 0
         self._merged_at = self.clock()
-        current, versions = await self.durable_entries()
+        current, versions, removals = await self.durable_entries()
         held = {e.name: e for e in await self.store.list_adapters()}
+        registered_names = {e.name for e in current}
+        dropped = 0
+        for entry in held.values():
+            removal = removals.get(entry.name)
+            if entry.name in registered_names or removal is None or entry.created >= removal.removed:
+                continue
+            # only while Redis still holds what was read: a registration made since stands
+            if await self.store.delete_adapter(entry.name, only=entry):
+                await self.store.retire_version(entry.name, entry.version, time.time())
+                dropped += 1
+        if dropped:
+            logger.warning("adapter registrations removed since Redis's snapshot dropped", adapters=dropped)
         back = [
             e for e in current if (h := held.get(e.name)) is None or (h.version != e.version and h.created < e.created)
         ]
         if not back:
-            return 0
+            return dropped
         wanted = {e.name for e in back}
         registered = {(e.name, e.version) for e in current}
         for entry in versions:
@@ -282,7 +307,7 @@ class AdapterRegistry(_Durable):
         for entry in back:
             await self.store.put_adapter(entry, replace=True)
         logger.warning("adapter registrations restored from the durable copy", adapters=len(back))
-        return len(back)
+        return len(back) + dropped
 
 
 async def purge(nc: NATS, prefix: str) -> None:

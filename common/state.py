@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 
 from dlora.common.messages import AdapterEntry, ApiKey, GenerateRequest, WorkerStats
 from dlora.common.state_scripts import (
+    _DELETE_IF_LUA,
     _DELETE_INFLIGHT_LUA,
     _FENCED_LUA,
     _FORGET_VERSION_LUA,
@@ -110,6 +111,7 @@ class StateStore:
         self._delete_inflight = redis.register_script(_DELETE_INFLIGHT_LUA)
         self._put_both = redis.register_script(_PUT_BOTH_LUA)
         self._forget_version = redis.register_script(_FORGET_VERSION_LUA)
+        self._delete_if = redis.register_script(_DELETE_IF_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
@@ -148,8 +150,12 @@ class StateStore:
         raw = await self.r.hgetall(f"{self.p}:adapters")
         return sorted((msgspec.json.decode(v, type=AdapterEntry) for v in raw.values()), key=lambda e: e.name)
 
-    async def delete_adapter(self, name: str) -> bool:
-        return bool(await self.r.hdel(f"{self.p}:adapters", name))
+    async def delete_adapter(self, name: str, only: AdapterEntry | None = None) -> bool:
+        """Unregister ``name``; with ``only``, only while that entry is the one registered (checked
+        in the same script). True if it was deleted."""
+        if only is None:
+            return bool(await self.r.hdel(f"{self.p}:adapters", name))
+        return bool(await self._delete_if(keys=[f"{self.p}:adapters"], args=[name, msgspec.json.encode(only)]))
 
     async def retire_version(self, name: str, version: str, at: float) -> None:
         """A version of ``name`` stopped being the registered one at ``at`` (Unix seconds): it is

@@ -34,6 +34,16 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
+# KEYS: a hash. ARGV: field, value. Deletes the field only while it holds that value (a restore
+# dropping a registration removed since its snapshot must not drop one registered again meanwhile).
+# Returns 1 if deleted.
+_DELETE_IF_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 # Forget a retired adapter version unless it is the registered one again (a re-registration of
 # the same files between the caller's look and this). KEYS: the registry hash, the versions hash,
 # the retired set. ARGV: name, version. Returns 1 if forgotten.

@@ -127,6 +127,40 @@ async def test_a_redis_brought_back_from_an_older_snapshot_gets_the_registration
         await nc.close()
 
 
+async def test_a_redis_brought_back_from_an_older_snapshot_drops_the_registrations_removed_since(
+    nats_server: Server, redis: Redis
+) -> None:
+    """The other half of the rollback: an adapter removed after the snapshot came back registered
+    and served (the bucket kept no trace of the removal). The bucket now keeps when a name was
+    removed; a registration older than that is dropped, one made since stands."""
+    nc = await nats.connect(nats_server.url)
+    now = [0.0]
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: now[0])
+    try:
+        for name in ("gone", "again", "kept"):
+            assert await registry.register(AdapterEntry(name=name, path=f"/{name}", rank=8, created=1.0, version="v1"))
+        snapshot = await redis.dump(f"{store.p}:adapters")
+        assert await registry.remove("gone") and await registry.remove("again")
+        again = AdapterEntry(name="again", path="/again", rank=8, created=time.time(), version="v1")
+        assert await registry.register(again)
+        await redis.restore(f"{store.p}:adapters", 0, snapshot, replace=True)  # rolled back
+        # registered in Redis alone after its removal (JetStream down then): the catch-up's to write
+        while_down = AdapterEntry(name="new", path="/n", rank=8, created=time.time() + 1, version="v1")
+        assert await registry.remove("new") is False and await store.put_adapter(while_down)
+
+        assert await registry.restore() == 1
+        assert await registry.lookup("gone") is None
+        assert {e.name for e in await store.list_adapters()} == {"again", "kept", "new"}
+        assert ("gone", "v1") in await store.retired(time.time() + 1)  # purged in its time, as removed ones are
+        # a registration made between the restore's reading and its deleting is not dropped
+        other = AdapterEntry(name="kept", path="/k2", rank=8, created=2.0, version="v2")
+        assert not await store.delete_adapter("kept", only=other)
+        assert await store.delete_adapter("kept", only=await store.get_adapter("kept"))
+    finally:
+        await nc.close()
+
+
 async def test_a_bucket_made_with_other_settings_is_used_as_it_is() -> None:
     """``nats_kv_replicas`` changed after the bucket was made: JetStream refuses to make it again
     with the new settings; the bucket that is there is used (it was taken for "no JetStream" and
