@@ -136,6 +136,19 @@ class Auth:
             raise APIError(403, "this API key has no inference scope", code="insufficient_scope")
         return who
 
+    async def lister(self, request: web.Request) -> Principal:
+        """The caller of a listing (``GET /v1/models``), who must hold the inference or the admin
+        scope: an admin-only key registers adapters and must see them listed (a user's trial: 403).
+
+        Raises:
+            APIError(401): as ``principal``.
+            APIError(403): a key with neither scope.
+        """
+        who = await self.principal(request)
+        if not (who.inference or who.admin):
+            raise APIError(403, "this API key has neither the inference nor the admin scope", code="insufficient_scope")
+        return who
+
     async def admin(self, request: web.Request) -> Principal:
         """The caller, who must be an admin: the ``admin_key``, or with ``auth = "keys"`` a key with
         the admin scope.

@@ -368,7 +368,7 @@ class Gateway:
         return web.json_response(card)
 
     async def _model_cards(self, request: web.Request) -> list[dict[str, Any]]:
-        who = await self.auth.inference(request)
+        who = await self.auth.lister(request)
         workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
         return model_cards(self.base_name, workers, adapters, who, int(time.time()), self.served.context)
 

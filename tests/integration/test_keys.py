@@ -91,6 +91,12 @@ async def test_inference_takes_only_a_valid_unrevoked_key(keyed_stack: Stack) ->
     boss, _ = await make_key(stack, "ops", scopes=["inference", "admin"])
     status, _, _ = await call(stack, "POST", "/v1/adapters", adapter, bearer(boss))
     assert status == 201
+    # an admin-only key lists the models it registers (it was refused with 403), and uses none
+    admin_only, _ = await make_key(stack, "ops", scopes=["admin"])
+    status, models, _ = await call(stack, "GET", "/v1/models", headers=bearer(admin_only))
+    assert status == 200 and "mine" in {m["id"] for m in models["data"]}, models
+    status, err, _ = await call(stack, "POST", "/v1/completions", ONE, bearer(admin_only))
+    assert status == 403 and err["error"]["code"] == "insufficient_scope", err
     status, err, _ = await call(stack, "POST", "/v1/keys", {"tenant": "bad tenant"}, bearer(boss))
     assert status == 400 and err["error"]["param"] == "tenant"
 
