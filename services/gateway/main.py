@@ -50,7 +50,7 @@ from dlora.services.gateway.health import readiness, retry_after_s
 from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.models import model_cards
-from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
+from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, model_not_found
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
 from dlora.services.gateway.sampling import valid_request_id
@@ -364,7 +364,7 @@ class Gateway:
         name = request.match_info["model"]
         card = next((c for c in await self._model_cards(request) if c["id"] == name), None)
         if card is None:
-            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+            raise model_not_found(name)
         return web.json_response(card)
 
     async def _model_cards(self, request: web.Request) -> list[dict[str, Any]]:

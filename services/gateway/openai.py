@@ -47,6 +47,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def model_not_found(name: str) -> APIError:
+    """404 for a model the caller may not use, in OpenAI's words and code (one wording for
+    completions, chat, tokenize and ``GET /v1/models/{model}``)."""
+    return APIError(
+        404,
+        f"The model '{name}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
 class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None  # vLLM's: every event carries the usage so far

@@ -22,7 +22,15 @@ import msgspec
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
-from dlora.services.gateway.openai import APIError, Body, ChatBody, ChatMessage, CompletionBody, Shape
+from dlora.services.gateway.openai import (
+    APIError,
+    Body,
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    Shape,
+    model_not_found,
+)
 from dlora.services.gateway.sampling import (
     auto_tools,
     forced_tool,
@@ -148,12 +156,7 @@ def shape_request(
     if model_name == base_name:
         adapter = None
     elif adapter is None:
-        raise APIError(
-            404,
-            f"model {model_name!r} does not exist (neither the base model nor a registered adapter)",
-            param="model",
-            code="model_not_found",  # OpenAI's code, as GET /v1/models/{model} gives it
-        )
+        raise model_not_found(model_name)
     chat = isinstance(body, ChatBody)
     auto = auto_tools(body, model.tool_call_parser)
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one

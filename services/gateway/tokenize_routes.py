@@ -12,7 +12,7 @@ import msgspec
 from aiohttp import web
 
 from dlora.services.gateway import openai
-from dlora.services.gateway.openai import APIError, ChatMessage, Tool
+from dlora.services.gateway.openai import APIError, ChatMessage, Tool, model_not_found
 from dlora.services.gateway.shaping import ChatTemplate, chat_prompt_ids
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class TokenizeRoutes:
         with self.gw.auth.admitted(who):
             body = openai.decode_body(await self.gw.read_body(request), kind)
             if body.model not in (None, "", self.gw.base_name) and await self.gw.entry(body.model, who) is None:
-                raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
+                raise model_not_found(body.model)
             encoded = await asyncio.get_running_loop().run_in_executor(
                 self.gw.shaping, lambda: msgspec.json.encode(work(body))
             )

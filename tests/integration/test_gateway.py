@@ -140,7 +140,15 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
                 assert (r.status, await r.json()) == (200, card | {"created": (await r.json())["created"]})
         async with http.get(stack.url + "/v1/models/no-such-model") as r:
             error = (await r.json())["error"]
-    assert (r.status, error["code"], error["param"]) == (404, "model_not_found", "model")
+        assert (r.status, error["code"], error["param"]) == (404, "model_not_found", "model")
+        # completions and tokenize say it in the same (OpenAI's) words: there were three wordings
+        for path, body in (
+            ("/v1/completions", {"model": "no-such-model", "prompt": "a", "max_tokens": 1}),
+            ("/tokenize", {"model": "no-such-model", "prompt": "a"}),
+        ):
+            async with http.post(stack.url + path, json=body) as r:
+                assert (r.status, (await r.json())["error"]) == (404, error), path
+    assert error["message"] == "The model 'no-such-model' does not exist or you do not have access to it."
 
 
 async def test_prompts_are_tokenized_off_the_event_loop(stack: Stack, monkeypatch) -> None:
