@@ -23,7 +23,9 @@ def worker_stats(
     what the moved caches it took cost, in all."""
     e, st = engine, engine.stats
     queue = e.queue()
-    running = sum(1 for q in queue if q.running)
+    # vLLM's "running": scheduled once, a prompt part-way through its chunked prefill too (counted
+    # waiting while its KV grew, it hid a worker busy with long prompts from queue-depth readers)
+    running = sum(1 for s in e.seqs.values() if s.status is Status.RUNNING or e.blocks.holds(s.request_id))
     residency = [
         AdapterResidency(
             name=name_of(key), version=version_of(key), slot=e.slots.slot_of(key), merged=key == e.merger.merged

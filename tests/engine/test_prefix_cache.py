@@ -179,3 +179,20 @@ def test_chunked_prefill_with_chunks_that_split_blocks_matches_and_bounds_every_
     got = run_all(engine, requests, max_tokens)
     assert got == {rid: oracle.generate(a, ids, max_tokens) for rid, (a, ids) in requests.items()}
     assert max(fed) == budget and engine.stats.prefill_tokens == sum(len(ids) for _, ids in requests.values())
+
+
+def test_a_running_stream_keeps_decoding_while_a_prompt_of_higher_priority_prefills(tiny_llama: TinyOutput) -> None:
+    """A user's trial: with a budget of 16 tokens a 120-token prompt sent with priority -1 took every
+    step's whole budget, and the running stream made no token for its whole prefill."""
+    engine = make_engine(tiny_llama, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine.add_request("stream", prompt_token_ids=SYSTEM[:20], params=params)
+    for _ in range(2):
+        engine.step()
+    engine.add_request("urgent", prompt_token_ids=(SYSTEM * 8)[:120], params=params, priority=-1)
+    made, steps = {"stream": 0, "urgent": 0}, 0
+    while not made["urgent"]:
+        steps += 1
+        for out in engine.step():
+            made[out.request_id] += len(out.new_token_ids)
+    assert steps > 1 and made["stream"] == steps  # a token at every step, beside each 15-token chunk

@@ -41,6 +41,19 @@ def test_a_preempted_request_counts_until_it_is_back_in_the_batch(tiny_llama: Ti
     assert (st.running, st.waiting, st.preempted) == (2, 0, 0)
 
 
+def test_a_prompt_part_way_through_its_chunked_prefill_counts_as_running(tiny_llama: TinyOutput) -> None:
+    """vLLM's num_requests_running: a request runs from its first scheduled chunk (a user's trial saw
+    (running, waiting) = (0, 1) through a 500-token prefill while its KV grew)."""
+    engine = make_engine(tiny_llama, max_num_batched_tokens=4)
+    engine.add_request("long", prompt_token_ids=list(range(5, 25)), params=SamplingParams(max_tokens=2))
+    st = worker_stats("w0", engine, OutputLengths())
+    assert (st.running, st.waiting) == (0, 1)  # not scheduled yet
+    engine.step()
+    assert not engine.seqs["long"].output_ids  # a chunk in, no token yet
+    st = worker_stats("w0", engine, OutputLengths())
+    assert (st.running, st.waiting) == (1, 0)
+
+
 def test_a_long_queue_is_counted_past_what_one_message_lists(tiny_llama: TinyOutput) -> None:
     """Every request listed, ~65 bytes each: ~15,000 waiting would outgrow NATS's max_payload and the
     cluster would count the worker lost; past MAX_LISTED the latest are counted, with their tokens."""

@@ -4,7 +4,7 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.scheduler import Limits, schedule
+from dlora.services.worker.engine.scheduler import Limits, preempt, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import StepDecision
 
@@ -131,6 +131,26 @@ def test_a_long_prefill_runs_in_chunks_beside_the_decodes() -> None:
     assert [s.request_id for s in plan.seqs] == ["d1"]
 
 
+def test_decodes_keep_their_place_in_the_budget_behind_a_prefill_decided_first() -> None:
+    """A prompt of a higher priority comes first in the decision: its chunk took the whole budget
+    and every running stream stalled for its prefill (a user's trial). The decodes go first in
+    the budget, as in vLLM; the chunk takes what they leave."""
+    bm = BlockManager(num_blocks=64, block_size=4)
+    d1, d2 = running(seq("d1", 1, 5, outputs=1), bm), running(seq("d2", 2, 3, outputs=2), bm)
+    urgent = seq("urgent", 0, 40)
+    seqs = {s.request_id: s for s in (d1, d2, urgent)}
+    plan = schedule(StepDecision(None, ["urgent", "d1", "d2"]), seqs, bm, CHUNKED)
+    assert [(s.request_id, s.num_scheduled) for s in plan.seqs] == [("urgent", 14), ("d1", 1), ("d2", 1)]
+    # a prompt that fits whole leaves them their room too, and one with none left waits
+    short = seq("short", 0, 15)
+    plan = schedule(StepDecision(None, ["short", "d1", "d2"]), {"short": short, "d1": d1, "d2": d2}, bm, CHUNKED)
+    assert [(s.request_id, s.num_scheduled) for s in plan.seqs] == [("short", 14), ("d1", 1), ("d2", 1)]
+    tight = replace(CHUNKED, max_num_batched_tokens=2)
+    late = seq("late", 0, 40)
+    plan = schedule(StepDecision(None, ["late", "d1", "d2"]), {"late": late, "d1": d1, "d2": d2}, bm, tight)
+    assert [s.request_id for s in plan.seqs] == ["d1", "d2"] and bm.table("late") == []
+
+
 def test_a_prompt_longer_than_the_budget_is_chunked_even_when_it_runs_first() -> None:
     bm = BlockManager(num_blocks=64, block_size=4)
     s = seq("p", 0, 40)
@@ -151,6 +171,21 @@ def test_a_fresh_prefill_starts_after_its_cached_prefix_and_the_lookup_is_counte
     plan = schedule(StepDecision(None, ["b"]), {"b": again}, bm, CHUNKED, cache_key=lambda _: b"k")
     assert again.num_cached == 8 and again.num_scheduled == 4
     assert (plan.prefix_queries, plan.prefix_hits) == (12, 8)
+
+
+def test_only_lookups_a_cache_could_answer_are_counted() -> None:
+    """vLLM's prefix-cache queries: none with the cache off (the hit ratio read 0 % instead of no
+    data), none by a preempted request looking up its own blocks again (they inflated the hits)."""
+    off = BlockManager(num_blocks=64, block_size=4)
+    plan = schedule(StepDecision(None, ["a"]), {"a": seq("a", 0, 10)}, off, CHUNKED)
+    assert (plan.prefix_queries, plan.prefix_hits) == (0, 0)
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    again = seq("b", 0, 10)
+    schedule(StepDecision(None, ["b"]), {"b": again}, bm, CHUNKED)
+    bm.computed("b", again.all_ids(), 0, 10, b"")
+    preempt(again, bm)
+    plan = schedule(StepDecision(None, ["b"]), {"b": again}, bm, CHUNKED)
+    assert again.num_cached == 8 and (plan.prefix_queries, plan.prefix_hits) == (0, 0)
 
 
 def test_a_prefill_that_cannot_run_gives_its_cached_blocks_back() -> None:

@@ -81,13 +81,18 @@ def schedule(
     """The decision's requests that run this step, each with ``num_scheduled`` set: every token it
     has new, or a chunk of a prefill. A prefill that holds no blocks yet first takes the cached
     blocks its prompt begins with under ``cache_key(adapter)`` (which weights compute this step's
-    KV for that adapter; ``block_manager.py``)."""
+    KV for that adapter; ``block_manager.py``). With chunked prefill the decodes come first in the
+    token budget wherever they stand in the decision, as in vLLM: a prompt of a higher priority
+    (first in the decision) took the whole budget and stalled every running stream for its
+    prefill (a user's trial)."""
     out = Schedule()
     chosen: set[str] = set()
     adapters: set[str] = set()
     tokens = 0
     merged = decision.merged
     slots = free_slots(limits.max_adapters, merged)
+    # Tokens of the decision's decodes not yet considered: held back from the prefills before them.
+    decodes = _decode_tokens(decision, seqs) if limits.chunked_prefill else 0
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -96,6 +101,8 @@ def schedule(
             break
         if merged is not None and seq.adapter != merged and not decision.mixed:
             continue  # a merged step runs only the merged adapter's requests
+        if seq.status is Status.RUNNING:
+            decodes = max(0, decodes - seq.num_new)
         if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
             continue
         fresh = not blocks.holds(rid)
@@ -103,10 +110,11 @@ def schedule(
             key = NO_REUSE if seq.collects_prompt_logprobs else seq.salted(cache_key(seq.adapter))
             seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), key)
         n = seq.num_new
-        if tokens + n > limits.max_num_batched_tokens:
-            if limits.chunked_prefill and seq.status is Status.WAITING:
-                n = limits.max_num_batched_tokens - tokens
-            elif out.seqs:
+        room = limits.max_num_batched_tokens - tokens - (decodes if seq.status is Status.WAITING else 0)
+        if n > room:
+            if limits.chunked_prefill and seq.status is Status.WAITING and room > 0:
+                n = room
+            elif out.seqs or decodes:
                 _release(seq, blocks, fresh)
                 continue
         # Most decodes fit in the blocks they hold: nothing to check, take or preempt.
@@ -119,12 +127,26 @@ def schedule(
         out.seqs.append(seq)
         chosen.add(rid)
         tokens += n
-        if fresh and not seq.collects_prompt_logprobs:  # one that may not reuse asks the cache nothing
+        # Counted as vLLM counts them: a lookup with the cache on, of a request not preempted
+        # (its own blocks found again are no hit), and none by one that may not reuse.
+        if fresh and blocks.enable_prefix_caching and not seq.num_preemptions and not seq.collects_prompt_logprobs:
             out.prefix_queries += seq.total_len
             out.prefix_hits += seq.num_cached
         if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out
+
+
+def _decode_tokens(decision: StepDecision, seqs: dict[str, Sequence]) -> int:
+    """Tokens the decision's running sequences would feed this step (one each, as a rule)."""
+    merged, mixed = decision.merged, decision.mixed
+    return sum(
+        s.num_new
+        for rid in dict.fromkeys(decision.request_ids)
+        if (s := seqs.get(rid)) is not None
+        and s.status is Status.RUNNING
+        and (merged is None or mixed or s.adapter == merged)
+    )
 
 
 def _fits(
