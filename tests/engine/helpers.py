@@ -16,6 +16,8 @@ def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
     # make gpu-check runs the engine tests with every engine on the GPU.
     overrides.setdefault("device", os.environ.get("DLORA_TEST_DEVICE", "cpu"))
     overrides.setdefault("dtype", "float32")  # the parity tests compare fp32 token for token
+    if "max_num_batched_tokens" in overrides:  # a budget of a few tokens: as few sequences (vLLM's rule)
+        overrides.setdefault("max_num_seqs", min(EngineConfig().max_num_seqs, overrides["max_num_batched_tokens"]))
     engine = LLMEngine(str(tiny.model), EngineConfig(**overrides))
     for name, path in tiny.adapters.items():
         engine.register_adapter(name, path)

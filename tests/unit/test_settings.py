@@ -67,6 +67,11 @@ def test_lists_come_from_json_in_env() -> None:
             {"DLORA_MODEL": "/m", "DLORA_ENGINE__MAX_CPU_LORAS": "4"},
             r"engine.max_cpu_loras=4 must be in \[max_loras \(8\), 4096\]",
         ),
+        # a budget under the batch's sequences: each feeds a token a step (vLLM refuses it too)
+        (
+            {"DLORA_MODEL": "/m", "DLORA_ENGINE__MAX_NUM_BATCHED_TOKENS": "2"},
+            r"engine.max_num_batched_tokens=2 must be >= max_num_seqs \(64\)",
+        ),
         # An outdated flat name is refused, not ignored.
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "4"}, "DLORA_WORKER_MAX_LORAS names no setting"),
         ({}, "model"),

@@ -41,7 +41,9 @@ def test_a_sequence_prefilling_costs_its_own_time_in_each_step_it_prefills() -> 
     """A profile fitted to steps (``prefill_seq_s``) charges each sequence a step prefills: each
     chunk of a chunked prompt again, a decode nothing."""
     cost = dataclasses.replace(ARTIFACT, step_s=0.0, unmerged_step_s=0.0, token_s=0.0, prefill_seq_s=1.0)
-    config = EngineConfig(max_num_batched_tokens=16, policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY))
+    config = EngineConfig(
+        max_num_batched_tokens=16, max_num_seqs=16, policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY)
+    )
     e = SimEngine(cost, config)
     e.add("long", list(range(10, 50)), output_len=3)  # 40 prompt tokens: chunks of 16, 16 and 8
     e.add("short", [7, 8], output_len=2)  # waits for room in the budget: beside the last chunk

@@ -71,6 +71,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         bad: list[tuple[str, object, str]] = [
             (f, getattr(self, f), "must be >= 1") for f in positive if getattr(self, f) < 1
         ]
+        if 1 <= self.max_num_batched_tokens < self.max_num_seqs:  # vLLM refuses it too
+            bad.append(
+                (
+                    "max_num_batched_tokens",
+                    self.max_num_batched_tokens,
+                    f"must be >= max_num_seqs ({self.max_num_seqs}): each running sequence feeds a token a step",
+                )
+            )
         if not self.max_loras <= self.max_cpu_loras <= 4096:  # each is listed in the worker's stats
             bad.append(("max_cpu_loras", self.max_cpu_loras, f"must be in [max_loras ({self.max_loras}), 4096]"))
         bad += [
