@@ -4,14 +4,20 @@ every endpoint that takes a body (generation, adapters, keys) reads it the same 
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from dlora.services.gateway.openai import APIError
 
-# The codings a body may come in (aiohttp decodes these itself).
+# The codings a body may come in, decoded here by zlib. Not by aiohttp: its parser answers any
+# other coding it knows (br, zstd without their packages) with a plain-text 400 before a handler
+# runs, which the OpenAI client cannot read (a user's trial); the server runs with
+# ``auto_decompress=False`` (``connections.listen``).
 CODINGS = ("identity", "gzip", "deflate")
+# zlib's window bits per coding: gzip's header, and deflate as RFC 9110 8.4.1.2 defines it (zlib's).
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -24,7 +30,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
         APIError(408): the body did not all come within ``timeout_s`` (a client trickling it
             would hold a connection and a handler for as long as it liked).
         APIError(415): a Content-Encoding other than ``CODINGS``.
-        APIError(400): a body its Content-Encoding does not decode (with ``Connection: close``).
+        APIError(400): a body its Content-Encoding does not decode, or cut short.
+        APIError(413): a body decoded longer than ``limit`` (a gzip bomb is cut at the limit).
     """
     if request.content_type != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}")
@@ -43,7 +50,26 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
                     raise APIError(413, f"request body exceeds the limit of {limit} bytes")
     except TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
-    except RequestPayloadError as e:  # a body its Content-Encoding does not decode (it was a 500)
+    except RequestPayloadError as e:  # a body its framing does not hold (it was a 500)
         # the rest of such a body cannot be told from a next request: the connection ends here
         raise APIError(400, f"the request body cannot be read: {e}", headers={"Connection": "close"}) from None
-    return bytes(raw)
+    return _decoded(bytes(raw), coding, limit)
+
+
+def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
+    """``raw`` decoded from ``coding``, at most ``limit`` bytes of it (APIError 413 beyond, 400 for
+    bytes that are not that coding or end early)."""
+    if coding not in _WBITS:
+        return raw
+    decoder = zlib.decompressobj(_WBITS[coding])
+    try:
+        out = decoder.decompress(raw, limit + 1)  # a bomb stops here, a byte past the limit
+        if len(out) <= limit:
+            out += decoder.flush()
+    except zlib.error as e:
+        raise APIError(400, f"the request body cannot be read: it is not {coding} ({e})") from None
+    if len(out) > limit:
+        raise APIError(413, f"request body exceeds the limit of {limit} bytes once decoded ({coding})")
+    if not decoder.eof:
+        raise APIError(400, f"the request body cannot be read: its {coding} data ends early")
+    return out

@@ -267,6 +267,7 @@ async def listen(app: web.Application, s: GatewaySettings) -> Listener:
         handler_cancellation=True,  # a client that goes away cancels its handler, which aborts its work
         access_log=None,
         keepalive_timeout=s.idle_timeout_s,
+        auto_decompress=False,  # bodies are decoded by read_body (body.py says why)
         # The gateway aborts its requests itself before closing (Gateway.shutdown); what is left
         # is only the writing of those answers.
         shutdown_timeout=5.0,

@@ -54,6 +54,7 @@ def model_not_found(name: str) -> APIError:
         404,
         f"The model '{name}' does not exist or you do not have access to it.",
         param="model",
+        kind="invalid_request_error",  # OpenAI's type for it, not a 404's usual one
         code="model_not_found",
     )
 

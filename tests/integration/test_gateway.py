@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import threading
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -140,7 +141,12 @@ async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:
                 assert (r.status, await r.json()) == (200, card | {"created": (await r.json())["created"]})
         async with http.get(stack.url + "/v1/models/no-such-model") as r:
             error = (await r.json())["error"]
-        assert (r.status, error["code"], error["param"]) == (404, "model_not_found", "model")
+        assert (r.status, error["type"], error["code"], error["param"]) == (
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
         # completions and tokenize say it in the same (OpenAI's) words: there were three wordings
         for path, body in (
             ("/v1/completions", {"model": "no-such-model", "prompt": "a", "max_tokens": 1}),
@@ -478,16 +484,27 @@ async def test_a_body_its_content_encoding_cannot_decode_is_a_400_and_a_dependen
     body = json.dumps({"model": "model", "prompt": "kalo", "max_tokens": 2}).encode()
     json_type = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession() as http:
-        for coding, status in (("gzip", 400), ("deflate", 400), ("br2", 415)):
+        # br and zstd were aiohttp's own plain-text 400 (a user's trial): its parser knows them
+        bomb = gzip.compress(b" " * (stack.gateway.s.max_body_bytes + 1))
+        for coding, data, status in (
+            ("gzip", body, 400),
+            ("deflate", body, 400),
+            ("gzip", gzip.compress(body)[:-9], 400),  # cut short
+            ("gzip", bomb, 413),
+            ("br2", body, 415),
+            ("br", body, 415),
+            ("zstd", body, 415),
+        ):
             headers = {**json_type, "Content-Encoding": coding}
-            async with http.post(stack.url + "/v1/completions", data=body, headers=headers) as r:
+            async with http.post(stack.url + "/v1/completions", data=data, headers=headers) as r:
+                assert r.content_type == "application/json", (coding, await r.text())
                 error = (await r.json())["error"]
-                assert (r.status, error["type"]) == (status, "invalid_request_error"), error
-                assert status == 415 or r.headers["Connection"] == "close"  # what follows cannot be read
-        async with http.post(
-            stack.url + "/v1/completions", data=gzip.compress(body), headers={**json_type, "Content-Encoding": "gzip"}
-        ) as r:
-            assert r.status == 200
+                assert (r.status, error["type"]) == (status, "invalid_request_error"), (coding, error)
+        for coding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+            async with http.post(
+                stack.url + "/v1/completions", data=data, headers={**json_type, "Content-Encoding": coding}
+            ) as r:
+                assert r.status == 200, coding
     lookup = stack.gateway.registry.lookup
 
     async def down(name: str) -> None:
