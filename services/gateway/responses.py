@@ -41,6 +41,7 @@ class RunningChoice:
     offset: logprobs.TextOffset  # where its next token begins in its text (completions' text_offset)
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
     prompt_only: bool = False  # its request runs for the prompt's logprobs: its token is not shown
+    prompt_tokens: int = 0  # its own prompt's
 
     @classmethod
     def of(cls, plan: ChoicePlan) -> RunningChoice:
@@ -51,6 +52,7 @@ class RunningChoice:
             ReplyStream(r.request_id) if r else None,
             offset=logprobs.TextOffset(len(plan.echo)),
             prompt_only=plan.prompt_only,
+            prompt_tokens=plan.prompt_tokens,
         )
 
     def unanswered(self, reason: str) -> TokenChunk:
@@ -167,10 +169,11 @@ class ResponseWriter:
 
     def _with_usage(self, event: dict[str, Any], choice: RunningChoice, before: bool = False) -> dict[str, Any]:
         """``event`` with its choice's usage so far, when the client asked for it in every event
-        (vLLM's ``continuous_usage_stats``); ``before``: an opening event (the role, the echoed
-        prompt), which precedes every token (the chunk that opened the stream is counted already)."""
+        (vLLM's ``continuous_usage_stats``): its own prompt's tokens, not the request's every prompt
+        (a user's trial); ``before``: an opening event (the role, the echoed prompt), which precedes
+        every token (the chunk that opened the stream is counted already)."""
         if self.job.continuous_usage:
-            event["usage"] = openai.usage(self.job.prompt_tokens, 0 if before else choice.completion_tokens)
+            event["usage"] = openai.usage(choice.prompt_tokens, 0 if before else choice.completion_tokens)
         return event
 
     def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:

@@ -98,6 +98,7 @@ class ChoicePlan:
     # The request is there for its prompt's logprobs alone (echo with logprobs and max_tokens 0):
     # the one token it generates is not the client's.
     prompt_only: bool = False
+    prompt_tokens: int = 0  # its own prompt's: what its usage says in every event (vLLM's continuous_usage_stats)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def shape_request(
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )
-            choices.append(ChoicePlan(index, prefix, request, prompt_only))
+            choices.append(ChoicePlan(index, prefix, request, prompt_only, prompt_tokens=len(ids)))
     shown = request_id if body.request_id is None else f"{'chatcmpl' if chat else 'cmpl'}-{body.request_id}"
     return Job(
         Shape(

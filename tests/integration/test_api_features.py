@@ -418,6 +418,16 @@ async def test_continuous_usage_stats_put_the_usage_so_far_in_every_event(stack:
         mine = [e for e in events[:-1] if e["choices"] and e["choices"][0]["index"] == index]
         assert "role" in mine[0]["choices"][0]["delta"] and mine[0]["usage"]["completion_tokens"] == 0
         assert [e["usage"]["completion_tokens"] for e in mine[1:]] == [1, 2, 3]
+    # two prompts: each choice's events count its own prompt (they said both prompts' tokens)
+    both = {**body, "prompt": ["kalo remi", "a"], "max_tokens": 2}
+    events = await stream(stack, "/v1/completions", {**both, "stream_options": options})
+    sizes = [
+        len((await post(stack, "/tokenize", {"model": "lora-0", "prompt": p}))[1]["tokens"]) for p in both["prompt"]
+    ]
+    for index in (0, 1):
+        mine = [e for e in events[:-1] if e["choices"] and e["choices"][0]["index"] == index]
+        assert {e["usage"]["prompt_tokens"] for e in mine} == {sizes[index]}, (index, sizes)
+    assert events[-2]["usage"]["prompt_tokens"] == sum(sizes)  # the request's usage: every prompt
 
 
 async def test_a_request_that_names_no_model_is_served_by_the_base_model(stack: Stack) -> None:
