@@ -55,6 +55,26 @@ def bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+# Schemes a client may send in Authorization's place of Bearer (IANA's HTTP authentication scheme
+# registry and common API-key habits): named back to it. Any other first word may be the key itself
+# sent without a scheme, and is never echoed.
+_SCHEMES = {"basic", "digest", "negotiate", "ntlm", "token", "apikey", "api-key", "key", "hoba", "mutual", "dpop"}
+
+
+def _scheme_hint(header: str) -> str:
+    """What to say of an Authorization header that carries no bearer token (a user's trial: a bare
+    "Bearer" read "It came with the 'Bearer' scheme: use Bearer.", and a key sent without a scheme
+    was echoed as its scheme)."""
+    parts = header.strip().split(None, 1)
+    if not parts:
+        return ""
+    if parts[0].lower() == "bearer":
+        return "The Bearer scheme came with no key after it. "
+    if parts[0].lower() in _SCHEMES:
+        return f"It came with the {parts[0]!r} scheme: use Bearer. "
+    return "It came without the Bearer scheme: write 'Bearer ' before the key. "
+
+
 def _unauthorized(message: str, code: str | None) -> APIError:
     # OpenAI's own 401 body: type invalid_request_error, code invalid_api_key for a wrong key.
     return APIError(401, message, kind="invalid_request_error", code=code, headers=dict(_CHALLENGE))
@@ -92,8 +112,7 @@ class Auth:
         if self.s.auth != "keys":
             return ANONYMOUS
         if token is None:
-            given = request.headers.get("Authorization", "").strip().split(None, 1)
-            scheme = f"It came with the {given[0][:16]!r} scheme: use Bearer. " if given else ""
+            scheme = _scheme_hint(request.headers.get("Authorization", ""))
             raise _unauthorized(
                 f"You didn't provide an API key. {scheme}Send it in an Authorization header using Bearer auth "
                 "(Authorization: Bearer YOUR_KEY); `dlora keys create` or POST /v1/keys makes one.",

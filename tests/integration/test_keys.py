@@ -66,6 +66,12 @@ async def test_inference_takes_only_a_valid_unrevoked_key(keyed_stack: Stack) ->
     # another scheme is named (it read as no key at all), and a key shown back is plain text
     status, err, _ = await call(stack, "GET", "/v1/models", headers={"Authorization": f"Basic {key}"})
     assert status == 401 and "It came with the 'Basic' scheme: use Bearer." in err["error"]["message"], err
+    # a bare "Bearer" is said so, and a key sent without a scheme is never echoed (a user's trial)
+    status, err, _ = await call(stack, "GET", "/v1/models", headers={"Authorization": "Bearer"})
+    assert status == 401 and "The Bearer scheme came with no key" in err["error"]["message"], err
+    status, err, _ = await call(stack, "GET", "/v1/models", headers={"Authorization": key})
+    assert status == 401 and "write 'Bearer ' before the key" in err["error"]["message"], err
+    assert key[:12] not in err["error"]["message"]
     status, err, _ = await call(stack, "GET", "/v1/models", headers=bearer("é" + "x" * 20))
     assert status == 401 and err["error"]["message"].isascii(), err
 
