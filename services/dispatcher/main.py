@@ -31,7 +31,7 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.registry import AdapterRegistry
-from dlora.common.state import Inflight, StateStore
+from dlora.common.state import INFLIGHT_TTL_S, Inflight, StateStore
 from dlora.common.undecodable import request_head
 from dlora.services.dispatcher.choose import holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
@@ -69,6 +69,8 @@ class Dispatcher:
         self._rechecks: set[asyncio.Task[None]] = set()  # ids reused at once, looked at again (_dispatch)
         self._placed_at = 0.0
         self._orphans_at = 0.0
+        # Re-dispatches that found no live worker, by request id: when each first did (monotonic).
+        self._orphaned: dict[str, float] = {}
         self._purged_at = 0.0
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
@@ -280,6 +282,10 @@ class Dispatcher:
         re-dispatched: one whose recovery broke off (Redis failed over mid-way, the dispatcher
         restarted), or on a worker that died before this dispatcher heard of it. Without this
         sweep such a request would wait for its client's chunk timeout."""
+        # A waiting request that ended otherwise (aborted) is forgotten once its record would have
+        # expired (its worker is not there to refresh it): not sooner, or its wait would begin again.
+        now = time.monotonic()
+        self._orphaned = {rid: at for rid, at in self._orphaned.items() if now - at < INFLIGHT_TTL_S}
         for worker in await self.store.indexed_workers():
             if worker in self.workers or await self.store.beating(worker):
                 continue
@@ -397,8 +403,11 @@ class Dispatcher:
         others = [w for w in live if w.worker != avoid]
         worker = self.state.choose(others or live, req.adapter)
         if worker is None:
+            if expect is not None and self._waits_for_a_worker(req.request_id):
+                return
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
+        self._orphaned.pop(req.request_id, None)
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         seen = self.workers.get(worker)
@@ -436,6 +445,23 @@ class Dispatcher:
                 return
             reason = f"request id {req.request_id!r} is already in flight; give each request its own"
             await self._fail(req, req.next_seq, reason, "duplicate-id", ErrorCode.BAD_REQUEST)
+
+    def _waits_for_a_worker(self, request_id: str) -> bool:
+        """Whether a re-dispatch that found no live worker waits for one, for ``orphan_wait_s`` from
+        the first time it found none, rather than fail: its record stays on the lost worker, so the
+        orphan sweep sends it on once a worker is live, and that worker started again hands it
+        back. With one worker on a host, every request in flight on it was failed when it crashed,
+        though systemd or ``dlora up`` had it back a few seconds later (a user's trial)."""
+        now = time.monotonic()
+        first = self._orphaned.setdefault(request_id, now)
+        if now - first < self.s.orphan_wait_s:
+            if first == now:
+                logger.warning(
+                    "no live worker: the request waits for one", request=request_id, wait_s=self.s.orphan_wait_s
+                )
+            return True
+        del self._orphaned[request_id]
+        return False
 
     async def _recheck(self, req: GenerateRequest, raw: bytes | None) -> None:
         await asyncio.sleep(_RECHECK_S)

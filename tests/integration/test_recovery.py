@@ -153,3 +153,48 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
         assert forwarded.empty() and await store.get_inflight("poison") is None
     finally:
         await nc.drain()
+
+
+async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_server: Server, redis: Redis) -> None:
+    """A user's trial: with one worker, a crash failed every request in flight on it ("no worker is
+    available") though the worker was back a second after its loss was noticed. Such a request
+    now waits (``orphan_wait_s``) with its record on the lost worker; the orphan sweep sends it on
+    once a worker is live, and one that still finds none after the wait is failed."""
+    import time
+
+    import msgspec
+
+    from dlora.common import subjects
+    from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
+
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    s = DispatcherSettings(nats_url=nats_server.url, redis_url="unused", heartbeat_ttl_s=1.0, orphan_wait_s=30.0)
+    dispatcher = Dispatcher(s, nc, store)
+    forwarded: asyncio.Queue = asyncio.Queue()
+    replies: asyncio.Queue = asyncio.Queue()
+    await nc.subscribe(subjects.worker_requests("w-new"), cb=forwarded.put)
+    await nc.subscribe("test.wait.>", cb=replies.put)
+    try:
+        for rid in ("waits", "gives-up"):
+            await store.put_inflight(GenerateRequest(request_id=rid, reply_to=f"test.wait.{rid}", prompt="kalo"), "w-a")
+            await store.record_progress("w-a", {rid: Sent(0, 0, [5, 6], 0)}, {})
+        await dispatcher.recover("w-a")  # no live worker anywhere
+        await asyncio.sleep(0.3)
+        assert replies.empty() and (await store.get_inflight("waits")).worker == "w-a"
+        dispatcher._orphaned["gives-up"] -= s.orphan_wait_s  # its wait is over
+        live = WorkerStats(
+            worker="w-new", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
+        )
+        await dispatcher._recover_orphans()  # still none: the one whose wait is over is failed
+        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        assert chunk.request_id == "gives-up" and chunk.error == "no worker is available"
+        await asyncio.sleep(s.heartbeat_ttl_s)  # one sweep of a worker's orphans a heartbeat TTL
+        dispatcher.workers["w-new"] = (live, time.monotonic())  # a worker came up
+        await dispatcher._recover_orphans()
+        moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
+        assert (moved.request_id, moved.resume_token_ids, moved.recoveries) == ("waits", [5, 6], 1)
+        assert (await store.get_inflight("waits")).worker == "w-new" and not dispatcher._orphaned
+        assert replies.empty()
+    finally:
+        await nc.drain()
