@@ -37,6 +37,11 @@ class AdapterError(ValueError):
     """The adapter directory cannot be served; the message says why."""
 
 
+class AdapterRefused(AdapterError):
+    """The adapter's files read whole, but this process's limits refuse them (its adapter roots, a
+    file size, max_lora_rank, max_scale): a fault of the settings, not of the files."""
+
+
 class AdapterLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """What an adapter may be, beyond fitting the base model. The gateway checks these when an
     adapter is registered (``[gateway.adapter_limits]``) and each worker when it loads one
@@ -93,13 +98,13 @@ def read_file(name: str, file: Path, max_bytes: int, roots: Sequence[Path] | Non
     except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
         raise AdapterError(f"{where} cannot be resolved ({e})") from None
     if roots is not None and not any(real.is_relative_to(root) for root in roots):
-        raise AdapterError(f"{where} resolves to {real}, outside the configured adapter roots")
+        raise AdapterRefused(f"{where} resolves to {real}, outside the configured adapter roots")
     try:
         st = os.stat(real)
         if not stat.S_ISREG(st.st_mode):
             raise AdapterError(f"{where} is not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')})")
         if st.st_size > max_bytes:
-            raise AdapterError(f"{where} is {st.st_size} bytes, above the limit of {max_bytes}")
+            raise AdapterRefused(f"{where} is {st.st_size} bytes, above the limit of {max_bytes}")
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
         with os.fdopen(os.open(real, flags), "rb") as f:
             now = os.fstat(f.fileno())
@@ -109,7 +114,7 @@ def read_file(name: str, file: Path, max_bytes: int, roots: Sequence[Path] | Non
     except OSError as e:
         raise AdapterError(f"{where} cannot be read ({e.strerror})") from None
     if len(data) > max_bytes:
-        raise AdapterError(f"{where} is over {max_bytes} bytes, the limit")
+        raise AdapterRefused(f"{where} is over {max_bytes} bytes, the limit")
     return data
 
 

@@ -36,6 +36,7 @@ from dlora.model.adapter_files import (
     WEIGHTS_FILE,
     AdapterError,
     AdapterLimits,
+    AdapterRefused,
     read_adapter_files,
     safetensors_header,
     value_problem,
@@ -45,6 +46,7 @@ from dlora.model.config import TARGET_NAMES, ModelConfig, targets
 __all__ = [
     "AdapterError",
     "AdapterLimits",
+    "AdapterRefused",
     "AdapterSpec",
     "ModuleSpec",
     "content_digest",
@@ -185,13 +187,13 @@ def validate(
         if r != rank:
             raise AdapterError(f"{where}: tensors have rank {rank}, adapter_config.json says r={r}")
         if rank > limits.max_lora_rank:
-            raise AdapterError(f"{where}: rank {rank} is above max_lora_rank={limits.max_lora_rank}")
+            raise AdapterRefused(f"{where}: rank {rank} is above max_lora_rank={limits.max_lora_rank}")
         alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
         scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
         # alpha is checked finite and positive, but a tiny or huge one still makes a scale of 0 or
         # one that swamps the base's output
         if not (math.isfinite(scale) and 0 < scale <= limits.max_scale):
-            raise AdapterError(
+            raise AdapterRefused(
                 f"{where}: scaling lora_alpha {'/ sqrt(r)' if conf.get('use_rslora') else '/ r'} = "
                 f"{alpha:g} / {r} = {scale:g} is not in (0, max_scale={limits.max_scale:g}]"
             )

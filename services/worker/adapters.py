@@ -15,7 +15,7 @@ import msgspec
 from dlora.common import log
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.worker.engine import LLMEngine
-from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.engine.lora import AdapterError, AdapterRefused
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
@@ -106,12 +106,16 @@ class WorkerAdapters:
         """Load ``entry``'s files under the engine's ``key``. Raises AdapterError naming the adapter
         by ``name``, not its engine key; AdapterChanged when a version's files no longer load as
         registered (their digest differs, or they do not load at all: they loaded whole at its
-        registration, so a trainer is rewriting them or they went)."""
+        registration, so a trainer is rewriting them or they went); not when only this worker's
+        limits refuse them (AdapterRefused: its adapter roots, size or rank limits differ)."""
         try:
             digest = (await asyncio.to_thread(self.engine.register_adapter, key, entry.path)).digest
         except AdapterError as e:
             reason = str(e).replace(repr(key), repr(name))
-            raise (AdapterChanged if entry.version else AdapterError)(reason) from None
+            # this worker's limits refusing files that loaded at registration: said as such, not
+            # as files changed (a review: the client was told an admin must load it again)
+            changed = entry.version and not isinstance(e, AdapterRefused)
+            raise (AdapterChanged if changed else AdapterError)(reason) from None
         if entry.version and digest != entry.version:
             self.engine.unregister_adapter(key)
             raise AdapterChanged(

@@ -89,7 +89,12 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         # holds the version in memory serves it, as vLLM's one engine goes on with the old weights.
         changed = isinstance(e, AdapterChanged) and req.recorded
         if changed and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=True):
-            logger.info("adapter version not loadable here; handed back", request=req.request_id, adapter=req.adapter)
+            logger.warning(
+                "adapter version not loadable here; handed back",
+                request=req.request_id,
+                adapter=req.adapter,
+                error=str(e),
+            )
             return
         logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
         await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))

@@ -8,10 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from dlora.common.messages import AdapterEntry, SamplingParams
-from dlora.model.adapters import AdapterError
+from dlora.model.adapters import AdapterError, AdapterLimits
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
@@ -52,6 +53,23 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
         now[0] += FAILED_MEMORY_S  # a failure is not tried again before
     key = await worker.ensure("x", entry.version)
     assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version
+
+
+async def test_files_only_this_workers_limits_refuse_are_no_change_of_version(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A review: a worker whose max_lora_rank (or roots, or size limit) refuses a registered
+    version called it files changed since, and the client was told an admin must load it again.
+    It is the worker's limit, said as such (a plain AdapterError, not handed on)."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    rank = json.loads((path / "adapter_config.json").read_text())["r"]
+    engine = make_engine(tiny_llama)
+    engine.config = msgspec.structs.replace(engine.config, adapter_limits=AdapterLimits(max_lora_rank=rank - 1))
+    worker = WorkerAdapters(engine, _Registry(entry))
+    with pytest.raises(AdapterError, match=f"above max_lora_rank={rank - 1}") as e:
+        await worker.ensure("x", entry.version)
+    assert not isinstance(e.value, AdapterChanged)
 
 
 async def test_a_version_that_failed_is_not_read_again_for_each_request(tiny_llama: TinyOutput, tmp_path: Path) -> None:

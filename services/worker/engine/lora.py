@@ -11,10 +11,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from dlora.model.adapters import AdapterError, AdapterLimits, read_adapter_files, validate
+from dlora.model.adapters import AdapterError, AdapterLimits, AdapterRefused, read_adapter_files, validate
 from dlora.model.config import ModelConfig
 
-__all__ = ["AdapterError", "AdapterLimits", "LoraAdapter", "LoraWeight", "load_adapter"]
+__all__ = ["AdapterError", "AdapterLimits", "AdapterRefused", "LoraAdapter", "LoraWeight", "load_adapter"]
 
 
 @dataclass
