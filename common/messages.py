@@ -237,13 +237,14 @@ class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
     owner: str = ""
 
 
-class AdapterRemoval(msgspec.Struct, kw_only=True, frozen=True):
-    """An adapter name's removal, kept in the registry's durable copy: a Redis brought back from a
-    snapshot older than it must not serve the name again."""
+class AdapterRemoval(AdapterEntry, kw_only=True, frozen=True):
+    """The registration an admin removed, as it was, kept until its name is registered again (in
+    Redis and in the registry's durable copy): a Redis brought back from an older snapshot must not
+    serve it, nor any registration ``created`` before it. An AdapterEntry with one more field, so a
+    reader that knows only entries takes it for one (a rolling upgrade)."""
 
-    name: str
-    # Unix seconds it was removed: a registration ``created`` before it is gone, one after it stands.
-    removed: float
+    # Unix seconds it was removed (for people: the registry orders by ``created`` alone).
+    removed: float = 0.0
 
 
 class ApiKey(msgspec.Struct, kw_only=True, frozen=True):

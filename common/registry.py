@@ -12,8 +12,9 @@ registry works from Redis alone, says so once in the log, and tries the bucket a
 
 Keys in the bucket: ``current.<name>`` holds the name's registered version's AdapterEntry (JSON),
 ``version.<name>.<version>`` every version ever registered (requests may still run on one),
-``removed.<name>`` the name's last removal (AdapterRemoval), which a Redis restored from an older
-snapshot must not undo.
+``removed.<name>`` the registration removed (AdapterRemoval) until the name is registered again,
+which a Redis restored from an older snapshot must not undo (Redis keeps the same record, so a
+removal by a process whose bucket is not open reaches the bucket at the next merge).
 
 Inference API keys (``KeyRegistry``) are kept the same way, in their own bucket ``{prefix}-keys``
 (``key.<id>`` -> ApiKey, its digest and never the key): an empty Redis must not lock every client
@@ -192,6 +193,11 @@ class AdapterRegistry(_Durable):
                 else:
                     await self.store.put_adapter(before, replace=True)
                 raise
+        # Registered again: an earlier removal of the name is over (it stays only as long as the
+        # name is removed, so no host's clock is compared with another's but in a rollback).
+        await self.store.forget_removal(entry.name)
+        if kv is not None:
+            await kv.delete(f"removed.{entry.name}")
         if before is not None and before.version != entry.version:
             await self.store.retire_version(before.name, before.version, time.time())
         return True
@@ -206,19 +212,27 @@ class AdapterRegistry(_Durable):
         return entry
 
     async def remove(self, name: str) -> bool:
-        """Unregister ``name``; False if it was not registered. Its versions stay findable until
-        ``purge_retired`` forgets them. The bucket keeps when (``removed.<name>``), written before
-        the registration goes from it: a Redis brought back from an older snapshot served the name
-        again (``restore``)."""
-        entry = await self.store.get_adapter(name)
-        removed = await self.store.delete_adapter(name)
-        if (kv := await self.kv()) is not None:
-            await kv.put(f"removed.{name}", _encode.encode(AdapterRemoval(name=name, removed=time.time())))
+        """Unregister ``name``; False if it was not registered (in Redis or the bucket). Its
+        versions stay findable until ``purge_retired`` forgets them.
+
+        The removal is recorded (``AdapterRemoval``) before the registration goes, in Redis and then
+        the bucket, the registration last from Redis: a Redis brought back from an older snapshot
+        served the name again, and so did a removal that failed part way or was made by a process
+        whose bucket was not open (a review); each merge (``restore``) now finishes it."""
+        kv = await self.kv()
+        held = [e for e in (await self.store.get_adapter(name), await _durable_entry(kv, name)) if e is not None]
+        if not held:
+            return False
+        entry = max(held, key=lambda e: e.created)
+        removal = AdapterRemoval(**msgspec.structs.asdict(entry), removed=time.time())
+        await self.store.put_removal(removal)
+        if kv is not None:
+            await kv.put(f"removed.{name}", _encode.encode(removal))
             with contextlib.suppress(KeyNotFoundError):
                 await kv.delete(f"current.{name}")
-        if removed and entry is not None:
-            await self.store.retire_version(name, entry.version, time.time())
-        return removed
+        await self.store.delete_adapter(name)
+        await self.store.retire_version(name, entry.version, time.time())
+        return True
 
     async def purge_retired(self, now: float, held: Set[tuple[str, str]] = frozenset()) -> int:
         """Forget the versions retired (replaced or removed) more than ``INFLIGHT_TTL_S`` before
@@ -240,9 +254,9 @@ class AdapterRegistry(_Durable):
         return forgotten
 
     async def _catch_up(self, kv: KeyValue, stored: dict[str, bytes]) -> None:
-        # Registered or replaced meanwhile. A name removed meanwhile stays in the bucket: Redis
-        # may lack a name because it lost it (emptied, then written to before a restore ran), and
-        # dropping a registered adapter would be worse than keeping a removed one.
+        # Registered or replaced meanwhile. A name removed meanwhile is not taken from Redis's
+        # lack of it (Redis may have lost it: emptied, then written to before a restore ran) but
+        # from Redis's record of the removal, which the next merge carries over (``restore``).
         for entry in await self.store.list_adapters():
             if stored.get(f"current.{entry.name}") != _encode.encode(entry):
                 await _put_entry(kv, entry)
@@ -258,32 +272,32 @@ class AdapterRegistry(_Durable):
             if key.startswith("removed."):
                 removal = _decode_removal.decode(value)
                 removals[removal.name] = removal
-            else:
+            else:  # an entry (a removal record too, to an older dlora: it reads as one)
                 (current if key.startswith("current.") else versions).append(_decode.decode(value))
         return current, versions, removals
 
     async def restore(self) -> int:
         """Make Redis's registrations the durable registry's, the newer one winning: put back the
-        ones Redis lacks or holds an older one of (``created``), and drop the ones removed since
-        they were made (``removed.<name>``; one made after, while JetStream was down, stays for
-        ``_catch_up``). All of it when Redis restarted empty; a Redis brought back from an older
-        snapshot answered 404 for adapters registered since and served ones removed since (users'
-        trials), so a non-empty one is compared too, at most every ``MERGE_INTERVAL_S``. Returns the
-        number of adapters put back or dropped. Versions go first, so a request running on an
-        older one finds it too."""
-        if await self.kv() is None:
+        ones Redis lacks or holds an older one of (``created``), and drop the ones removed (an
+        ``AdapterRemoval`` of that registration or a later one; one made after it, while JetStream
+        was down, stays for ``_catch_up``). All of it when Redis restarted empty; a Redis brought
+        back from an older snapshot answered 404 for adapters registered since and served ones
+        removed since (users' trials), so a non-empty one is compared too, at most every
+        ``MERGE_INTERVAL_S``. Returns the number of adapters put back or dropped. Versions go
+        first, so a request running on an older one finds it too."""
+        if (kv := await self.kv()) is None:
             return 0
         empty = not await self.store.has_adapters()
         if not empty and self.clock() - self._merged_at < MERGE_INTERVAL_S:
             return 0
         self._merged_at = self.clock()
         current, versions, removals = await self.durable_entries()
+        live = await self._finish_removals(kv, current, removals)
         held = {e.name: e for e in await self.store.list_adapters()}
-        registered_names = {e.name for e in current}
         dropped = 0
         for entry in held.values():
             removal = removals.get(entry.name)
-            if entry.name in registered_names or removal is None or entry.created >= removal.removed:
+            if entry.name in live or removal is None or entry.created > removal.created:
                 continue
             # only while Redis still holds what was read: a registration made since stands
             if await self.store.delete_adapter(entry.name, only=entry):
@@ -291,13 +305,11 @@ class AdapterRegistry(_Durable):
                 dropped += 1
         if dropped:
             logger.warning("adapter registrations removed since Redis's snapshot dropped", adapters=dropped)
-        back = [
-            e for e in current if (h := held.get(e.name)) is None or (h.version != e.version and h.created < e.created)
-        ]
+        back = [e for e in live.values() if (h := held.get(e.name)) is None or (h != e and h.created < e.created)]
         if not back:
             return dropped
         wanted = {e.name for e in back}
-        registered = {(e.name, e.version) for e in current}
+        registered = {(e.name, e.version) for e in live.values()}
         for entry in versions:
             if entry.name not in wanted:
                 continue
@@ -309,6 +321,25 @@ class AdapterRegistry(_Durable):
         logger.warning("adapter registrations restored from the durable copy", adapters=len(back))
         return len(back) + dropped
 
+    async def _finish_removals(
+        self, kv: KeyValue, current: list[AdapterEntry], removals: dict[str, AdapterRemoval]
+    ) -> dict[str, AdapterEntry]:
+        """The bucket's registrations no removal covers, by name, after making the bucket hold
+        every removal Redis recorded (one made while the remover's bucket was not open) and none
+        of the registrations they cover (one that failed part way). ``removals`` gains Redis's."""
+        for name, recorded in (await self.store.removals()).items():
+            if (known := removals.get(name)) is None or known.created < recorded.created:
+                await kv.put(f"removed.{name}", _encode.encode(recorded))
+                removals[name] = recorded
+        live = {}
+        for entry in current:
+            if (removal := removals.get(entry.name)) is not None and entry.created <= removal.created:
+                with contextlib.suppress(KeyNotFoundError):
+                    await kv.delete(f"current.{entry.name}")
+            else:
+                live[entry.name] = entry
+        return live
+
 
 async def purge(nc: NATS, prefix: str) -> None:
     """Delete the deployment's durable registry (tests start each case from nothing)."""
@@ -318,6 +349,16 @@ async def purge(nc: NATS, prefix: str) -> None:
 
 def keys_bucket_name(prefix: str) -> str:
     return f"{prefix}-keys"
+
+
+async def _durable_entry(kv: KeyValue | None, name: str) -> AdapterEntry | None:
+    """The bucket's registration of ``name`` (None: none, or no bucket)."""
+    if kv is None:
+        return None
+    with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
+        if value := (await kv.get(f"current.{name}")).value:
+            return _decode.decode(value)
+    return None
 
 
 async def _put_entry(kv: KeyValue, entry: AdapterEntry) -> None:

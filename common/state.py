@@ -4,6 +4,8 @@
                                      current version)
 - ``{p}:adapter-versions``     hash  name@version -> AdapterEntry: every version registered, for
                                      requests still running on one, until purged
+- ``{p}:adapter-removals``     hash  name -> AdapterRemoval (JSON): the registration removed, until
+                                     the name is registered again (``registry.py``)
 - ``{p}:adapter-versions-retired`` zset  name@version -> when it stopped being registered (Unix
                                      seconds): purged some time later (``purge_retired``)
 - ``{p}:placement:{adapter}``  set   workers that hold the adapter in memory
@@ -41,7 +43,7 @@ from typing import Any, NamedTuple, cast
 import msgspec
 from redis.asyncio import Redis
 
-from dlora.common.messages import AdapterEntry, ApiKey, GenerateRequest, WorkerStats
+from dlora.common.messages import AdapterEntry, AdapterRemoval, ApiKey, GenerateRequest, WorkerStats
 from dlora.common.state_scripts import (
     _DELETE_IF_LUA,
     _DELETE_INFLIGHT_LUA,
@@ -151,11 +153,23 @@ class StateStore:
         return sorted((msgspec.json.decode(v, type=AdapterEntry) for v in raw.values()), key=lambda e: e.name)
 
     async def delete_adapter(self, name: str, only: AdapterEntry | None = None) -> bool:
-        """Unregister ``name``; with ``only``, only while that entry is the one registered (checked
-        in the same script). True if it was deleted."""
+        """Unregister ``name``; with ``only``, only while the registration is that one (its
+        ``created`` and version, checked in the same script: an entry an older dlora wrote lacks
+        later fields, so its bytes are not ours). True if it was deleted."""
         if only is None:
             return bool(await self.r.hdel(f"{self.p}:adapters", name))
-        return bool(await self._delete_if(keys=[f"{self.p}:adapters"], args=[name, msgspec.json.encode(only)]))
+        args = [name, repr(only.created), only.version]
+        return bool(await self._delete_if(keys=[f"{self.p}:adapters"], args=args))
+
+    async def put_removal(self, removal: AdapterRemoval) -> None:
+        await self.r.hset(f"{self.p}:adapter-removals", removal.name, msgspec.json.encode(removal))
+
+    async def removals(self) -> dict[str, AdapterRemoval]:
+        raw = await self.r.hgetall(f"{self.p}:adapter-removals")
+        return {_text(k): msgspec.json.decode(v, type=AdapterRemoval) for k, v in raw.items()}
+
+    async def forget_removal(self, name: str) -> None:
+        await self.r.hdel(f"{self.p}:adapter-removals", name)
 
     async def retire_version(self, name: str, version: str, at: float) -> None:
         """A version of ``name`` stopped being the registered one at ``at`` (Unix seconds): it is

@@ -34,11 +34,20 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: a hash. ARGV: field, value. Deletes the field only while it holds that value (a restore
-# dropping a registration removed since its snapshot must not drop one registered again meanwhile).
-# Returns 1 if deleted.
+# KEYS: the registry hash. ARGV: name, created (a float's repr), version. Deletes the name's
+# registration only while it is that one (a restore dropping a registration removed since its
+# snapshot must not drop one registered again meanwhile). Returns 1 if deleted.
 _DELETE_IF_LUA = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then
+  return 0
+end
+local entry = cjson.decode(current)
+local version = entry.version
+if type(version) ~= 'string' then
+  version = ''
+end
+if entry.created == tonumber(ARGV[2]) and version == ARGV[3] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0

@@ -131,32 +131,82 @@ async def test_a_redis_brought_back_from_an_older_snapshot_drops_the_registratio
     nats_server: Server, redis: Redis
 ) -> None:
     """The other half of the rollback: an adapter removed after the snapshot came back registered
-    and served (the bucket kept no trace of the removal). The bucket now keeps when a name was
-    removed; a registration older than that is dropped, one made since stands."""
+    and served (the bucket kept no trace of the removal). The removed registration is now kept
+    until its name is registered again; Redis's copy of it, or of anything older, is dropped, a
+    registration made since stands, and one the snapshot holds for another owner is put right."""
     nc = await nats.connect(nats_server.url)
     now = [0.0]
     store = StateStore(redis)
     registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: now[0])
     try:
-        for name in ("gone", "again", "kept"):
-            assert await registry.register(AdapterEntry(name=name, path=f"/{name}", rank=8, created=1.0, version="v1"))
+        skewed = time.time() + 60  # registered by a host whose clock runs a minute ahead
+        for name, created in (("gone", 1.0), ("fast", skewed), ("again", 1.0), ("kept", 1.0)):
+            entry = AdapterEntry(name=name, path=f"/{name}", rank=8, created=created, version="v1", owner="acme")
+            assert await registry.register(entry)
         snapshot = await redis.dump(f"{store.p}:adapters")
-        assert await registry.remove("gone") and await registry.remove("again")
-        again = AdapterEntry(name="again", path="/again", rank=8, created=time.time(), version="v1")
+        assert await registry.remove("gone") and await registry.remove("fast") and await registry.remove("again")
+        # the same files registered again for another tenant: the same version
+        again = AdapterEntry(name="again", path="/again", rank=8, created=time.time(), version="v1", owner="globex")
         assert await registry.register(again)
         await redis.restore(f"{store.p}:adapters", 0, snapshot, replace=True)  # rolled back
-        # registered in Redis alone after its removal (JetStream down then): the catch-up's to write
+        # registered in Redis alone (JetStream down then) after the removals: the catch-up's to write
         while_down = AdapterEntry(name="new", path="/n", rank=8, created=time.time() + 1, version="v1")
         assert await registry.remove("new") is False and await store.put_adapter(while_down)
 
-        assert await registry.restore() == 1
-        assert await registry.lookup("gone") is None
+        assert await registry.restore() == 3  # two dropped, one put right
+        assert await registry.lookup("gone") is None and await registry.lookup("fast") is None
         assert {e.name for e in await store.list_adapters()} == {"again", "kept", "new"}
+        assert (await store.get_adapter("again")).owner == "globex"  # not the snapshot's acme
         assert ("gone", "v1") in await store.retired(time.time() + 1)  # purged in its time, as removed ones are
         # a registration made between the restore's reading and its deleting is not dropped
         other = AdapterEntry(name="kept", path="/k2", rank=8, created=2.0, version="v2")
         assert not await store.delete_adapter("kept", only=other)
-        assert await store.delete_adapter("kept", only=await store.get_adapter("kept"))
+        # an entry an older dlora wrote, without the fields added since, is matched all the same
+        old = b'{"name":"kept","path":"/kept","rank":8,"created":1.0}'
+        await redis.hset(f"{store.p}:adapters", "kept", old)
+        assert await store.delete_adapter("kept", only=AdapterEntry(name="kept", path="/kept", rank=8, created=1.0))
+    finally:
+        await nc.close()
+
+
+async def test_a_removal_that_did_not_reach_the_bucket_is_finished_by_the_next_merge(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A review: a gateway whose bucket was not open (JetStream electing a leader) removed from Redis
+    alone, and the dispatcher's merge put the adapter back from the bucket; so did a removal whose
+    bucket write failed part way. Redis keeps the removal too now, and the merge carries it into
+    the bucket."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    dispatcher = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
+    try:
+        for name in ("a", "b", "c"):
+            assert await dispatcher.register(AdapterEntry(name=name, path=f"/{name}", rank=8, created=1.0))
+        assert await AdapterRegistry(store, None).remove("a")  # a gateway without its bucket
+        kv = await dispatcher.kv()
+        assert kv is not None
+        put = kv.put
+
+        async def failing(key: str, value: bytes) -> int:
+            if key.startswith("removed."):
+                raise TimeoutError("injected: JetStream did not answer")
+            return await put(key, value)
+
+        kv.put = failing  # type: ignore[method-assign]
+        with pytest.raises(TimeoutError):
+            await dispatcher.remove("b")
+        kv.put = put  # type: ignore[method-assign]
+
+        assert await store.get_adapter("b") is not None  # Redis goes last: b still served
+        assert await dispatcher.restore() == 1  # b dropped from Redis; neither put back from the bucket
+        assert {e.name for e in await store.list_adapters()} == {"c"}
+        current, _, removals = await dispatcher.durable_entries()
+        assert [e.name for e in current] == ["c"] and removals.keys() == {"a", "b"}
+        await redis.flushdb()  # and a Redis that comes back empty gets only what is registered
+        assert await dispatcher.restore() == 1 and {e.name for e in await store.list_adapters()} == {"c"}
+        # registered again: the removal is over, in both
+        assert await dispatcher.register(AdapterEntry(name="a", path="/a2", rank=8, created=2.0))
+        assert "a" not in (await dispatcher.durable_entries())[2] and "a" not in await store.removals()
     finally:
         await nc.close()
 
