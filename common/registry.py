@@ -35,7 +35,14 @@ from collections.abc import Callable, Set
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js.errors import APIError, BadRequestError, KeyDeletedError, KeyNotFoundError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 from redis.exceptions import RedisError
 
@@ -471,15 +478,39 @@ class KeyRegistry(_Durable):
             assert merged is not None
             if (mine is not None and mine.revoked) or (theirs is not None and theirs.revoked):
                 merged = msgspec.structs.replace(merged, revoked=True)
+            if theirs != merged:  # first: a revocation written there since it was read wins
+                merged = await _put_key_unless_revoked(kv, merged)
+                writes += 1
             if mine != merged:  # revoked there, or missing here
                 await self.store.put_api_key(merged, replace=mine is not None)
-                writes += 1
-            if theirs != merged:
-                await kv.put(f"key.{key_id}", _encode.encode(merged))
                 writes += 1
         if writes:
             logger.warning("API keys reconciled between Redis and the durable copy", writes=writes)
         return writes
+
+
+async def _put_key_unless_revoked(kv: KeyValue, key: ApiKey) -> ApiKey:
+    """Write ``key`` into the bucket, compared and set on its revision: a revocation another
+    gateway wrote there after this one read the bucket must not be overwritten by the unrevoked
+    copy it read (a review: a reconcile could bring a revoked key back that way). Returns the key
+    as the bucket now holds it (revoked, when it was there)."""
+    name = f"key.{key.id}"
+    while True:
+        try:
+            entry = await kv.get(name)
+        except (KeyNotFoundError, KeyDeletedError):
+            with contextlib.suppress(KeyWrongLastSequenceError):  # made meanwhile: looked at again
+                await kv.create(name, _encode.encode(key))
+                return key
+            continue
+        theirs = _decode_key.decode(entry.value or b"")
+        if theirs.revoked and not key.revoked:
+            key = msgspec.structs.replace(key, revoked=True)
+        if theirs == key:
+            return key
+        with contextlib.suppress(KeyWrongLastSequenceError):  # written meanwhile: looked at again
+            await kv.update(name, _encode.encode(key), last=entry.revision)
+            return key
 
 
 async def purge_keys(nc: NATS, prefix: str) -> None:

@@ -16,7 +16,7 @@ from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from dlora.common import apikeys
-from dlora.common.messages import AdapterEntry
+from dlora.common.messages import AdapterEntry, ApiKey
 from dlora.common.registry import (
     REOPEN_INTERVAL_S,
     RESTORE_ON_MISS_INTERVAL_S,
@@ -356,4 +356,28 @@ async def test_a_bucket_of_more_keys_than_one_answer_holds_is_read_whole(nats_se
         assert len(listed) == len(set(listed)) == n
     finally:
         await js.delete_key_value("many-keys")
+        await nc.close()
+
+
+async def test_a_reconcile_that_read_the_bucket_before_a_revocation_does_not_undo_it(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A review: gateway A read the bucket (the key not there yet, made while JetStream was down),
+    gateway B revoked the key (bucket, then Redis), and A wrote its unrevoked copy over B's. A's
+    write is now compared and set on the bucket's revision: B's revocation stands, and reaches
+    A's Redis too."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    keys = KeyRegistry(store, Bucket(nc, keys_bucket_name(store.p)))
+    try:
+        kv = await keys.kv()
+        assert kv is not None
+        _, key = apikeys.new_key("acme", [apikeys.INFERENCE], now=0.0)
+        await store.put_api_key(key)  # in Redis alone, as made while JetStream was down
+        stale: dict[str, bytes] = {}  # A's read of the bucket
+        await kv.put(f"key.{key.id}", msgspec.json.encode(msgspec.structs.replace(key, revoked=True)))  # B
+        await keys._merge(kv, stale)
+        assert msgspec.json.decode((await kv.get(f"key.{key.id}")).value, type=ApiKey).revoked
+        assert (await store.api_key(key.id)).revoked
+    finally:
         await nc.close()
