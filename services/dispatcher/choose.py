@@ -5,7 +5,10 @@ A request goes to the worker where it would finish soonest, estimated as the wor
 tokens cost more if they will run unmerged (the worker is busy with other adapters), all of it
 slower where the worker would run requests of more adapters than it has device slots (one step
 runs at most that many, so each adapter runs a fraction of the steps), and a worker that lacks the
-adapter (and is not meant to hold it by the placement) first pays for loading it.
+adapter (and is not meant to hold it by the placement) first pays for loading it. A worker that
+took the request's longest known prompt prefix (``affinity.py``) takes it while its estimate is
+within ``prefix_affinity`` times the soonest, or within ``AFFINITY_REQUESTS`` requests' work of it:
+its prefix cache saves the prompt's prefill.
 """
 
 from __future__ import annotations
@@ -32,13 +35,25 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     unmerged_overhead: float = 0.1  # extra cost per token (fraction) when not the worker's dominant adapter
     adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks
     default_seconds_per_token: float = 0.01  # every worker's price when no worker has measured yet
+    # The worker that took the request's prompt prefix last takes it while its estimated finish is
+    # within this factor of the soonest (SGLang's router is cache-aware below a load-imbalance
+    # ratio alike); 1: off.
+    prefix_affinity: float = 1.25
 
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
-        return [(f, getattr(self, f), "must be >= 0") for f in self.__struct_fields__ if getattr(self, f) < 0]
+        bad = [(f, getattr(self, f), "must be >= 0") for f in self.__struct_fields__ if not getattr(self, f) >= 0]
+        if self.prefix_affinity < 1:
+            bad.append(("prefix_affinity", self.prefix_affinity, "must be >= 1 (1: off)"))
+        return bad
 
 
 DEFAULT_COSTS = DispatchCosts()
+# Requests' work (``expected_tokens`` each) a worker holding the prompt's prefix may be behind the
+# soonest whatever the ratio: an idle cluster's estimates differ by the requests sent since the
+# last stats, and a chat's turns or a prompt's samples come together (SGLang's router is likewise
+# cache-aware unless the load differs by an absolute and a relative threshold both).
+AFFINITY_REQUESTS = 2
 
 
 @dataclass(frozen=True)
@@ -111,12 +126,14 @@ def choose_worker(
     costs: DispatchCosts = DEFAULT_COSTS,
     loads: dict[str, WorkerLoad] | None = None,
     sent_adapters: Mapping[str, Collection[str]] | None = None,
+    affine: str | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,
     where the caller keeps them (else made here). ``sent_since_stats`` / ``sent_adapters``: the
     requests sent to each worker since its stats, and their adapters (a burst of new adapters to
-    one worker crowds its slots before its stats say so)."""
+    one worker crowds its slots before its stats say so). ``affine``: the worker that took the
+    request's prompt prefix last, which takes it within ``costs.prefix_affinity`` of the soonest."""
     if not workers:
         return None
     sent, sent_to = sent_since_stats or {}, sent_adapters or {}
@@ -140,7 +157,14 @@ def choose_worker(
         holds = adapter is None or adapter in load.adapters
         return (round(finish, 9), 0 if holds else 1, w.worker)
 
-    return min(workers, key=key).worker
+    best = min(workers, key=key)
+    if affine is not None and affine != best.worker and costs.prefix_affinity > 1:
+        cached = next((w for w in workers if w.worker == affine), None)
+        soonest = key(best)[0]
+        slack = AFFINITY_REQUESTS * costs.expected_tokens * costs.default_seconds_per_token
+        if cached is not None and key(cached)[0] <= max(soonest * costs.prefix_affinity, soonest + slack):
+            return affine
+    return best.worker
 
 
 def holding_version(

@@ -33,6 +33,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import INFLIGHT_TTL_S, Inflight, StateStore
 from dlora.common.undecodable import request_head
+from dlora.services.dispatcher.affinity import prefix_keys
 from dlora.services.dispatcher.choose import holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.placement import WorkerCapacity, place
@@ -401,7 +402,8 @@ class Dispatcher:
             await self._fail(req, req.next_seq, reason, "too-large", code, expect)
             return
         others = [w for w in live if w.worker != avoid]
-        worker = self.state.choose(others or live, req.adapter)
+        prefixes = prefix_keys(req.adapter, req.cache_salt, req.prompt_token_ids) if req.prompt_token_ids else None
+        worker = self.state.choose(others or live, req.adapter, prefixes)
         if worker is None:
             if expect is not None and self._waits_for_a_worker(req.request_id):
                 return

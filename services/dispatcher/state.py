@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from dlora.common.messages import WorkerStats
+from dlora.services.dispatcher.affinity import PrefixAffinity
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker
 
 
@@ -23,6 +24,7 @@ class DispatchState:
         self.sent_adapters: dict[str, Counter[str]] = {}  # and their adapters' (not the base's)
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
+        self.affinity = PrefixAffinity()  # which worker took each prompt prefix last
         self._turn = 0
 
     def heard(self, st: WorkerStats, now: float) -> None:
@@ -41,18 +43,22 @@ class DispatchState:
         """Workers heard from within the TTL that take new requests (not draining)."""
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
 
-    def choose(self, live: list[WorkerStats], adapter: str | None) -> str | None:
+    def choose(self, live: list[WorkerStats], adapter: str | None, prefixes: list[bytes] | None = None) -> str | None:
         """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
         as sent to it (``unsend`` takes that back if it never went): round-robin blind to load and
-        adapters, or proactive (``choose_worker``)."""
+        adapters, or proactive (``choose_worker``), near a worker that took the request's prompt
+        prefix before (``prefixes``: its ``affinity.prefix_keys``)."""
         if self.mode is DispatchMode.ROUND_ROBIN:
             names = sorted(w.worker for w in live)
             worker = names[self._turn % len(names)] if names else None
             self._turn += 1
         else:
+            affine = self.affinity.worker_for(prefixes, {w.worker for w in live}) if prefixes else None
             worker = choose_worker(
-                live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters
+                live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters, affine
             )
+            if worker is not None and prefixes:
+                self.affinity.sent(prefixes, worker)
         if worker is not None:
             self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
             if adapter is not None:
@@ -73,3 +79,4 @@ class DispatchState:
         """A worker given up on: nothing of it is kept."""
         for table in (self.workers, self.loads, self.sent_since_stats, self.sent_adapters):
             table.pop(worker, None)
+        self.affinity.forget(worker)

@@ -1,7 +1,8 @@
 import msgspec
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.dispatcher.choose import DispatchCosts, choose_worker, holding_version, version_gone
+from dlora.services.dispatcher.affinity import prefix_keys
+from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker, holding_version, version_gone
 from dlora.services.dispatcher.state import DispatchState
 
 
@@ -164,3 +165,44 @@ def test_a_rewritten_adapter_goes_only_to_a_worker_holding_its_version() -> None
     assert [x.worker for x in holding_version([old, new, lacks], "rl", "v1", avoid=None)] == ["w0"]
     assert holding_version([old, new, lacks], "rl", "v1", avoid="w0") == []  # the worker that handed it back
     assert "load_inplace" in version_gone("rl", "v1")
+
+
+def test_prefix_keys_double_and_a_longer_prompt_shares_a_shorter_ones() -> None:
+    system = list(range(100, 140))  # 40 tokens: keys at 16 and 32
+    assert len(prefix_keys("a", "", system)) == 2 and prefix_keys("a", "", system[:15]) == []
+    turn2 = prefix_keys("a", "", [*system, *range(7, 60)])  # 93 tokens: 16, 32, 64
+    assert turn2[:2] == prefix_keys("a", "", system) and len(turn2) == 3
+    # other weights or another salt compute other KV: no shared key
+    assert not set(prefix_keys("b", "", system)) & set(turn2)
+    assert not set(prefix_keys("a", "tenant-x", system)) & set(turn2)
+    assert not set(prefix_keys(None, "", system)) & set(turn2)
+
+
+def test_a_chats_next_turn_goes_where_its_history_went_unless_that_worker_is_far_behind() -> None:
+    """A user's trial: a conversation's turns landed on either of two workers, and its prefix cache
+    hit 35 % of prompt tokens where one worker hit 80 %."""
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+    history = list(range(100, 200))
+    x, y = w("x"), w("y")
+    state.heard(x, 0.0)
+    state.heard(y, 0.0)
+    first = state.choose([x, y], "a", prefix_keys("a", "", history))
+    # the next turn (history and more) follows it, though the other is as free (sent counts cleared)
+    other = {"x": y, "y": x}[first]
+    state.heard(x, 1.0)
+    state.heard(y, 1.0)
+    assert state.choose([x, y], "a", prefix_keys("a", "", [*history, 5, 6, 7])) == first
+    # far behind the soonest (here 3x its queued work): load wins over the cache
+    busy = w(first, [("a", 200)])
+    state.heard(busy, 2.0)
+    state.heard(other, 2.0)
+    assert state.choose([busy, other], "a", prefix_keys("a", "", history)) == other.worker
+    # within the factor: the cache wins; with prefix_affinity 1 it is off
+    slightly = w(first, [("a", 10)])
+    assert choose_worker([slightly, other], "a", affine=first) == first
+    assert choose_worker([slightly, other], "a", affine=first, costs=DispatchCosts(prefix_affinity=1.0)) == other.worker
+    # the keys follow where the prompt went last; a worker lost takes them with it
+    keys, names = prefix_keys("a", "", history), {first, other.worker}
+    assert state.affinity.worker_for(keys, names) == other.worker
+    state.forget(other.worker)
+    assert state.affinity.worker_for(keys, names) is None
