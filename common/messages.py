@@ -136,6 +136,9 @@ def with_seed(req: GenerateRequest) -> GenerateRequest:
 class Usage(msgspec.Struct, kw_only=True, frozen=True):
     prompt_tokens: int
     completion_tokens: int
+    # Of the prompt's tokens, how many its prefill found in the worker's prefix cache (OpenAI's
+    # prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):

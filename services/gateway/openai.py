@@ -314,7 +314,9 @@ class Shape:
         obj = ("chat.completion.chunk" if streaming else "chat.completion") if self.chat else "text_completion"
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, choices: list[Choice], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def full(
+        self, choices: list[Choice], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
         out = []
         for c in sorted(choices, key=lambda c: c.index):
             choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
@@ -344,7 +346,11 @@ class Shape:
             if c.prompt_logprobs is not None and not self.chat:
                 choice["prompt_logprobs"] = c.prompt_logprobs
             out.append(choice)
-        response = {**self._head(False), "choices": out, "usage": usage(prompt_tokens, completion_tokens)}
+        response = {
+            **self._head(False),
+            "choices": out,
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+        }
         if self.chat and (asked := [c.prompt_logprobs for c in choices if c.prompt_logprobs is not None]):
             response["prompt_logprobs"] = asked[0]  # one prompt, whatever n: the response's (vLLM's)
         return response
@@ -421,17 +427,24 @@ class Shape:
         function = {"name": self.tool if name is None else name, "arguments": arguments}
         return {"id": call_id, "type": "function", "function": function}
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def _joined(*parts: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
     return "".join(text for text, _ in parts), [call for _, calls in parts for call in calls]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; with ``cached_tokens`` (a response's final usage) its
+    ``prompt_tokens_details``: how many prompt tokens came from the prefix cache, as OpenAI always
+    says (vLLM with --enable-prompt-tokens-details). Not in the per-event usage of vLLM's
+    continuous_usage_stats, whose shape is vLLM's."""
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out

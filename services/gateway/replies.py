@@ -26,6 +26,7 @@ class ReplyStream:
     request_id: str
     next_seq: int = 0  # the number the next new chunk carries
     tokens: int = 0  # completion tokens so far
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (its last chunk's usage says)
     text: str = ""  # completion text so far
     finish_reason: FinishReason | None = None
     error: str | None = None
@@ -77,6 +78,8 @@ class ReplyStream:
         while (nxt := self._ahead.pop(self.next_seq, None)) is not None and not self.done:
             self.next_seq, self.worker = nxt.seq + 1, nxt.worker
             self.tokens += len(nxt.token_ids)
+            if nxt.usage is not None:
+                self.cached_tokens = nxt.usage.cached_tokens
             self.text += nxt.text
             self.finish_reason = nxt.finish_reason
             ready.append(nxt)

@@ -42,6 +42,7 @@ class RunningChoice:
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
     prompt_only: bool = False  # its request runs for the prompt's logprobs: its token is not shown
     prompt_tokens: int = 0  # its own prompt's
+    prompt: int = 0  # which of the request's prompts
 
     @classmethod
     def of(cls, plan: ChoicePlan) -> RunningChoice:
@@ -53,6 +54,7 @@ class RunningChoice:
             offset=logprobs.TextOffset(len(plan.echo)),
             prompt_only=plan.prompt_only,
             prompt_tokens=plan.prompt_tokens,
+            prompt=plan.prompt,
         )
 
     def unanswered(self, reason: str) -> TokenChunk:
@@ -151,12 +153,21 @@ class ResponseWriter:
                 c.out.text += c.replies.text if c.replies and not c.prompt_only else ""  # after the echo, if any
                 c.out.logprobs = logprobs.merge_logprobs(job.shape.chat, c.parts)
             return web.json_response(
-                job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens)
+                job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens, self._cached())
             )
         stream = self.stream or await self._open()  # echo with max_tokens 0: no chunk came
         if job.include_usage:
-            await sse(stream, job.shape.usage_chunk(job.prompt_tokens, completion_tokens))
+            await sse(stream, job.shape.usage_chunk(job.prompt_tokens, completion_tokens, self._cached()))
         return await end_stream(stream)
+
+    def _cached(self) -> int:
+        """The prompt tokens the workers found in their prefix caches, each prompt counted once as
+        its tokens are (by the choice of it that found the most: its n samples run apart)."""
+        found: dict[int, int] = {}
+        for c in self.choices:
+            if c.replies is not None:
+                found[c.prompt] = max(found.get(c.prompt, 0), c.replies.cached_tokens)
+        return sum(found.values())
 
     async def _open(self) -> web.StreamResponse:
         """The SSE response, opening with each choice's role (chat) or echoed prompt (completions)."""

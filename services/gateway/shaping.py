@@ -99,6 +99,7 @@ class ChoicePlan:
     # the one token it generates is not the client's.
     prompt_only: bool = False
     prompt_tokens: int = 0  # its own prompt's: what its usage says in every event (vLLM's continuous_usage_stats)
+    prompt: int = 0  # which of the request's prompts (its n choices share it)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ def shape_request(
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )
-            choices.append(ChoicePlan(index, prefix, request, prompt_only, prompt_tokens=len(ids)))
+            choices.append(ChoicePlan(index, prefix, request, prompt_only, prompt_tokens=len(ids), prompt=p))
     shown = request_id if body.request_id is None else f"{'chatcmpl' if chat else 'cmpl'}-{body.request_id}"
     return Job(
         Shape(

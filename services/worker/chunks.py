@@ -43,7 +43,11 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         text=out.new_text,
         finish_reason=out.finish_reason,
         stop_reason=out.stop_reason,
-        usage=Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens)
+        usage=Usage(
+            prompt_tokens=out.num_prompt_tokens,
+            completion_tokens=out.num_output_tokens,
+            cached_tokens=out.num_cached_tokens,
+        )
         if out.finished
         else None,
         worker=worker,

@@ -475,3 +475,25 @@ async def test_vllm_s_allowed_token_ids_bad_words_and_truncate_prompt_tokens(sta
     ):
         status, resp = await post(stack, "/v1/completions", {**base, **bad})
         assert (status, resp["error"]["param"]) == (400, param), (bad, resp)
+
+
+async def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(stack: Stack) -> None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens (a user's trial: the worker counted the
+    hits, the response said nothing): 0 the first time, the cached blocks' tokens the next time,
+    in a JSON body and in a stream's usage chunk, each prompt once."""
+    prompt = " ".join(["kalo remi sona"] * 12)
+    body = {"model": "lora-1", "prompt": prompt, "max_tokens": 2}
+    status, first = await post(stack, "/v1/completions", body)
+    assert status == 200 and first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}, first["usage"]
+    # as a chat's user reads between turns, the workers' stats say the first is over; the dispatcher
+    # then sends the same prefix where it went (two workers here: it went to either before)
+    await asyncio.sleep(1.0)
+    status, again = await post(stack, "/v1/completions", body)
+    cached, size = again["usage"]["prompt_tokens_details"]["cached_tokens"], again["usage"]["prompt_tokens"]
+    assert status == 200 and 0 < cached < size and cached % 16 == 0, again["usage"]  # whole blocks, not the last token
+    options = {"include_usage": True}
+    await asyncio.sleep(1.0)
+    events = await stream(stack, "/v1/completions", {**body, "prompt": [prompt, prompt], "stream_options": options})
+    assert events[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * cached}
+    status, other = await post(stack, "/v1/completions", {**body, "model": "lora-2"})  # other weights: no hit
+    assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}

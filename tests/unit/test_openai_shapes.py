@@ -17,12 +17,17 @@ def test_decode_errors_are_400_with_the_reason() -> None:
 
 def test_response_shapes() -> None:
     chat, text = Shape.new(True, "chatcmpl-1", "m"), Shape.new(False, "cmpl-1", "m")
-    full = chat.full([openai.Choice(0, "hello", "stop")], 3, 2)
+    full = chat.full([openai.Choice(0, "hello", "stop")], 3, 2, cached_tokens=2)
     assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {
         "role": "assistant",
         "content": "hello",
     }
-    assert full["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert full["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 2},  # OpenAI's, always in a response's usage
+    }
     assert text.full([openai.Choice(0, "hi", "length")], 1, 1)["choices"][0]["text"] == "hi"
     two = text.full([openai.Choice(1, "b", "stop"), openai.Choice(0, "a", "stop")], 1, 2)["choices"]
     assert [(c["index"], c["text"]) for c in two] == [(0, "a"), (1, "b")]

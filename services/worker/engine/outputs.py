@@ -40,6 +40,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first output token, when asked
+    num_cached_tokens: int = 0  # prompt tokens its prefill found in the prefix cache (vLLM's)
 
 
 def failed_output(seq: Sequence, reason: str, code: ErrorCode, param: str | None = None) -> RequestOutput:
@@ -192,6 +193,7 @@ def advance(
         finish_reason=reason,
         num_prompt_tokens=len(seq.prompt_ids),
         num_output_tokens=len(seq.output_ids),
+        num_cached_tokens=seq.num_cached_prompt,
         stop_reason=stop.matched,
         # the first output token ever (not a resumed request's): its prompt's entries go with it
         prompt_logprobs=entries,

@@ -132,6 +132,7 @@ def schedule(
         if fresh and blocks.enable_prefix_caching and not seq.num_preemptions and not seq.collects_prompt_logprobs:
             out.prefix_queries += seq.total_len
             out.prefix_hits += seq.num_cached
+            seq.num_cached_prompt = min(seq.num_cached, len(seq.prompt_ids))
         if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out

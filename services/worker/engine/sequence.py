@@ -40,6 +40,9 @@ class Sequence:
     emitted: int = 0  # characters of text already returned to the caller
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Prompt tokens its first prefill found in the prefix cache (vLLM's num_cached_tokens: the
+    # usage's prompt_tokens_details.cached_tokens); a preempted request's second look is not counted.
+    num_cached_prompt: int = 0
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # its bad_words, tokenized (bad_words.py)
     allowed_mask: Any = None  # (vocab,) bool on the engine's device: its allowed_token_ids (sampler.allowed_mask)
