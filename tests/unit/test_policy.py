@@ -37,6 +37,23 @@ def test_within_budget_stops_at_the_token_budget_and_cuts_the_last_prompt_as_the
     assert len(fcfs_batch(QUEUE, budget)) == 6
 
 
+def test_within_budget_leaves_the_decodes_after_a_prompt_their_room_as_the_scheduler_does() -> None:
+    """A review: the scheduler holds back room for the decodes after a prompt decided first (a
+    higher priority's); priced as the whole budget to the prompt, dLoRA's band and prices saw one
+    request run where three do."""
+    budget = BatchLimits(max_num_seqs=8, max_adapters=8, max_num_batched_tokens=16)
+    urgent = QueuedRequest("p", "a", 0, running=False, num_new=40)
+    decodes = [QueuedRequest(f"d{i}", "a", i + 1, running=True, num_new=1) for i in range(2)]
+    assert [(r.request_id, r.num_new) for r in within_budget([urgent, *decodes], budget)] == [
+        ("p", 14),
+        ("d0", 1),
+        ("d1", 1),
+    ]
+    # no more room held than the step has sequences left for
+    two = BatchLimits(max_num_seqs=2, max_adapters=8, max_num_batched_tokens=16)
+    assert [(r.request_id, r.num_new) for r in within_budget([urgent, *decodes], two)][0] == ("p", 15)
+
+
 def test_a_mixed_batch_gives_the_merged_adapter_no_slot_and_its_correction_one() -> None:
     # a merged: its requests and base ones need no slot; one of the two slots holds a's correction
     assert [r.request_id for r in fcfs_batch(QUEUE, LIMITS, merged="a")] == ["r0", "r1", "r2", "r3", "r5"]

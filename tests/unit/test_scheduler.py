@@ -145,6 +145,11 @@ def test_decodes_keep_their_place_in_the_budget_behind_a_prefill_decided_first()
     short = seq("short", 0, 15)
     plan = schedule(StepDecision(None, ["short", "d1", "d2"]), {"short": short, "d1": d1, "d2": d2}, bm, CHUNKED)
     assert [(s.request_id, s.num_scheduled) for s in plan.seqs] == [("short", 14), ("d1", 1), ("d2", 1)]
+    # no more room held than the step has sequences left for (a merged-only decision is uncapped)
+    many = {f"m{i}": running(seq(f"m{i}", 10 + i, 3, outputs=1), bm) for i in range(10)}
+    first = seq("first", 0, 40)
+    plan = schedule(StepDecision(None, ["first", *many]), {"first": first, **many}, bm, CHUNKED)
+    assert [(s.request_id, s.num_scheduled) for s in plan.seqs][0] == ("first", 16 - 7)  # 8 seqs: 7 decodes
     tight = replace(CHUNKED, max_num_batched_tokens=2)
     late = seq("late", 0, 40)
     plan = schedule(StepDecision(None, ["late", "d1", "d2"]), {"late": late, "d1": d1, "d2": d2}, bm, tight)

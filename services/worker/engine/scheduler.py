@@ -91,8 +91,9 @@ def schedule(
     tokens = 0
     merged = decision.merged
     slots = free_slots(limits.max_adapters, merged)
-    # Tokens of the decision's decodes not yet considered: held back from the prefills before them.
-    decodes = _decode_tokens(decision, seqs) if limits.chunked_prefill else 0
+    # The decision's decodes not yet considered (request id -> tokens): their room is held back
+    # from the prefills before them, as much as the step's sequences left can take.
+    decodes = _decode_tokens(decision, seqs) if limits.chunked_prefill else {}
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -101,8 +102,8 @@ def schedule(
             break
         if merged is not None and seq.adapter != merged and not decision.mixed:
             continue  # a merged step runs only the merged adapter's requests
-        if seq.status is Status.RUNNING:
-            decodes = max(0, decodes - seq.num_new)
+        decodes.pop(rid, None)
+        reserved = min(sum(decodes.values()), limits.max_num_seqs - len(out.seqs) - 1)
         if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
             continue
         fresh = not blocks.holds(rid)
@@ -110,16 +111,20 @@ def schedule(
             key = NO_REUSE if seq.collects_prompt_logprobs else seq.salted(cache_key(seq.adapter))
             seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), key)
         n = seq.num_new
-        room = limits.max_num_batched_tokens - tokens - (decodes if seq.status is Status.WAITING else 0)
+        room = limits.max_num_batched_tokens - tokens - (reserved if seq.status is Status.WAITING else 0)
         if n > room:
             if limits.chunked_prefill and seq.status is Status.WAITING and room > 0:
                 n = room
-            elif out.seqs or decodes:
+            elif out.seqs or reserved:
                 _release(seq, blocks, fresh)
                 continue
         # Most decodes fit in the blocks they hold: nothing to check, take or preempt.
         if seq.num_cached + n > blocks.capacity(rid):
-            if not _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision):
+            before = len(out.preempted)
+            fits = _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision)
+            for victim in out.preempted[before:]:  # a decode preempted is no longer one to hold room for
+                decodes.pop(victim.request_id, None)
+            if not fits:
                 _release(seq, blocks, fresh)
                 continue
             blocks.grow(rid, seq.num_cached + n)
@@ -138,16 +143,16 @@ def schedule(
     return out
 
 
-def _decode_tokens(decision: StepDecision, seqs: dict[str, Sequence]) -> int:
-    """Tokens the decision's running sequences would feed this step (one each, as a rule)."""
+def _decode_tokens(decision: StepDecision, seqs: dict[str, Sequence]) -> dict[str, int]:
+    """The tokens each of the decision's running sequences would feed this step (one, as a rule)."""
     merged, mixed = decision.merged, decision.mixed
-    return sum(
-        s.num_new
-        for rid in dict.fromkeys(decision.request_ids)
+    return {
+        rid: s.num_new
+        for rid in decision.request_ids
         if (s := seqs.get(rid)) is not None
         and s.status is Status.RUNNING
         and (merged is None or mixed or s.adapter == merged)
-    )
+    }
 
 
 def _fits(

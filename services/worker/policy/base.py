@@ -138,22 +138,28 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | No
 
 def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[QueuedRequest]:
     """What of ``batch`` one step can feed, as the scheduler feeds it: its requests in order up to
-    ``max_num_batched_tokens``, the last one's prompt cut to the tokens left (chunked prefill), or,
-    without chunked prefill, every prompt that does not fit what is left skipped (it waits for a
-    later step) unless it is the step's first. For pricing a step: a prompt's cached prefix is not
-    known here, so this may count fewer requests than will run."""
+    ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it have
+    their room (chunked prefill: ``scheduler.schedule``), or, without chunked prefill, every prompt
+    that does not fit what is left skipped (it waits for a later step) unless it is the step's
+    first. For pricing a step: a prompt's cached prefix is not known here, so this may count fewer
+    requests than will run."""
     budget = limits.max_num_batched_tokens
     if budget is None:
         return batch
     out: list[QueuedRequest] = []
     tokens = 0
+    decodes = sum(r.num_new for r in batch if r.running) if limits.chunked_prefill else 0
     for r in batch:
         if tokens >= budget:
             break
-        if tokens + r.num_new > budget:
-            if limits.chunked_prefill:
-                r = replace(r, num_new=budget - tokens)
-            elif out:
+        if r.running:
+            decodes -= r.num_new
+        reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
+        room = budget - tokens - reserved
+        if r.num_new > room:
+            if limits.chunked_prefill and not r.running and room > 0:
+                r = replace(r, num_new=room)
+            elif out or reserved:
                 continue
         out.append(r)
         tokens += r.num_new
