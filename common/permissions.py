@@ -64,6 +64,8 @@ def service_permissions(role: str) -> dict[str, list[str]]:
                 subjects.LOST,
                 subjects.CLIENTS,
                 subjects.STATS_ALL,
+                subjects.ABORT,  # and the applications': a request waiting for a worker (orphan_wait_s)
+                subjects.APP_ABORTS,
                 _INBOX,
             ],
         ),

@@ -20,6 +20,7 @@ from dlora.common.clients import Clients
 from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import (
     MAX_RECOVERIES,
+    AbortRequest,
     ClientAlive,
     ErrorCode,
     FinishReason,
@@ -181,6 +182,27 @@ class Dispatcher:
 
     async def _on_client(self, alive: ClientAlive) -> None:
         self.clients.heard(alive.client, time.monotonic())
+
+    async def _on_abort(self, abort: AbortRequest) -> None:
+        await self._drop_orphan(abort.request_id, None)
+
+    async def _on_app_abort(self, abort: AbortRequest, sender: str) -> None:
+        await self._drop_orphan(abort.request_id, sender)
+
+    async def _drop_orphan(self, request_id: str, sender: str | None) -> None:
+        """An abort of a request waiting here for a worker (``_waits_for_a_worker``): its record goes,
+        so no worker runs it later. Only workers heard aborts, and none was live: a gateway whose
+        chunk timeout ran out answered its client and aborted, and the request was still run, for
+        nobody, once a worker came (a review). ``sender``: an application's abort, which stops only
+        its own requests."""
+        if request_id not in self._orphaned:
+            return
+        rec = await self.store.get_inflight(request_id)
+        if rec is None or (sender is not None and rec.request.owner != sender):
+            return
+        if rec.worker not in {w.worker for w in self.live()}:  # still waiting
+            await self.store.delete_inflight(request_id, (rec.worker, rec.recoveries))
+            del self._orphaned[request_id]
 
     async def _on_lost(self, lost: LostRequests) -> None:
         """A worker's in-flight records of requests it does not hold (it restarted, or their
@@ -377,6 +399,8 @@ class Dispatcher:
             if entry is not None and entry.version:
                 req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
         live = self.live()
+        if not live and expect is not None and self._waits_for_a_worker(req.request_id):
+            return  # before it is encoded or priced: the sweep tries it every heartbeat TTL
         # prompt and every token it may generate: a worker that cannot hold them would cut it short
         prompt = len(req.prompt_token_ids) if req.prompt_token_ids is not None else 1  # text: not known here
         need = prompt + req.params.max_tokens
@@ -404,9 +428,7 @@ class Dispatcher:
         others = [w for w in live if w.worker != avoid]
         prefixes = prefix_keys(req.adapter, req.cache_salt, req.prompt_token_ids) if req.prompt_token_ids else None
         worker = self.state.choose(others or live, req.adapter, prefixes)
-        if worker is None:
-            if expect is not None and self._waits_for_a_worker(req.request_id):
-                return
+        if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
         self._orphaned.pop(req.request_id, None)
@@ -508,6 +530,8 @@ class Dispatcher:
             await self.nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=self._on_ping),
             await bus.subscribe(self.nc, subjects.LOST, LostRequests, self._on_lost, queue=subjects.DISPATCHERS),
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
+            await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
+            await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),
         ]
         await self.nc.flush()
         logger.info("dispatcher ready")

@@ -13,7 +13,8 @@ class DispatcherSettings(Common, kw_only=True, forbid_unknown_fields=True):
     # proactive (dLoRA: soonest estimated finish, placement-aware) or round-robin (the baseline).
     dispatch: DispatchMode = DispatchMode.PROACTIVE
     # Seconds a request whose worker was lost waits for a live worker when there is none (a
-    # one-GPU host whose worker restarts), before it is failed; 0: failed at once.
+    # one-GPU host whose worker restarts), before it is failed; 0: failed at once. One whose client
+    # gives up first (the gateway's chunk_timeout_s, 60 s by default) is aborted and dropped.
     orphan_wait_s: float = 60.0
     # [dispatcher.costs]: what proactive dispatch prices a worker with.
     costs: DispatchCosts = DispatchCosts()

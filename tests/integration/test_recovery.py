@@ -159,13 +159,14 @@ async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_
     """A user's trial: with one worker, a crash failed every request in flight on it ("no worker is
     available") though the worker was back a second after its loss was noticed. Such a request
     now waits (``orphan_wait_s``) with its record on the lost worker; the orphan sweep sends it on
-    once a worker is live, and one that still finds none after the wait is failed."""
+    once a worker is live, and one that still finds none after the wait is failed. One its client's
+    gateway gave up on (its chunk timeout: an abort) is dropped, not run later for nobody."""
     import time
 
     import msgspec
 
     from dlora.common import subjects
-    from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
+    from dlora.common.messages import AbortRequest, GenerateRequest, TokenChunk, WorkerStats
 
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)
@@ -176,12 +177,16 @@ async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_
     await nc.subscribe(subjects.worker_requests("w-new"), cb=forwarded.put)
     await nc.subscribe("test.wait.>", cb=replies.put)
     try:
-        for rid in ("waits", "gives-up"):
+        for rid in ("waits", "gives-up", "aborted"):
             await store.put_inflight(GenerateRequest(request_id=rid, reply_to=f"test.wait.{rid}", prompt="kalo"), "w-a")
             await store.record_progress("w-a", {rid: Sent(0, 0, [5, 6], 0)}, {})
         await dispatcher.recover("w-a")  # no live worker anywhere
         await asyncio.sleep(0.3)
         assert replies.empty() and (await store.get_inflight("waits")).worker == "w-a"
+        await dispatcher._on_app_abort(AbortRequest(request_id="aborted"), "someone-else")  # not theirs
+        assert await store.get_inflight("aborted") is not None
+        await dispatcher._on_abort(AbortRequest(request_id="aborted"))  # its gateway's chunk timeout
+        assert await store.get_inflight("aborted") is None and "aborted" not in dispatcher._orphaned
         dispatcher._orphaned["gives-up"] -= s.orphan_wait_s  # its wait is over
         live = WorkerStats(
             worker="w-new", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
