@@ -1,7 +1,7 @@
 import msgspec
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.dispatcher.affinity import prefix_keys
+from dlora.services.dispatcher.affinity import PrefixAffinity, prefix_keys
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker, holding_version, version_gone
 from dlora.services.dispatcher.state import DispatchState
 
@@ -167,15 +167,28 @@ def test_a_rewritten_adapter_goes_only_to_a_worker_holding_its_version() -> None
     assert "load_inplace" in version_gone("rl", "v1")
 
 
-def test_prefix_keys_double_and_a_longer_prompt_shares_a_shorter_ones() -> None:
+def test_prefix_keys_a_granule_each_and_a_longer_prompt_shares_a_shorter_ones() -> None:
     system = list(range(100, 140))  # 40 tokens: keys at 16 and 32
     assert len(prefix_keys("a", "", system)) == 2 and prefix_keys("a", "", system[:15]) == []
-    turn2 = prefix_keys("a", "", [*system, *range(7, 60)])  # 93 tokens: 16, 32, 64
-    assert turn2[:2] == prefix_keys("a", "", system) and len(turn2) == 3
+    turn2 = prefix_keys("a", "", [*system, *range(7, 60)])  # 93 tokens: 5 keys
+    assert turn2[:2] == prefix_keys("a", "", system) and len(turn2) == 5
     # other weights or another salt compute other KV: no shared key
     assert not set(prefix_keys("b", "", system)) & set(turn2)
     assert not set(prefix_keys("a", "tenant-x", system)) & set(turn2)
     assert not set(prefix_keys(None, "", system)) & set(turn2)
+
+
+def test_a_prefix_counts_where_it_covers_half_the_prompt() -> None:
+    """A review: every prompt beginning with the same chat-template header (or a short system
+    prompt) matched the worker of the last one, drawing every new conversation there."""
+    affinity = PrefixAffinity()
+    turn1 = list(range(100, 200))  # 100 tokens: kept at 16, 32, 64 and 96
+    affinity.sent(prefix_keys("a", "", turn1), "x")
+    turn2 = [*turn1, *range(7, 70)]  # 163 tokens: 96 of them shared, over half
+    assert affinity.worker_for(prefix_keys("a", "", turn2), {"x", "y"}) == "x"
+    assert affinity.worker_for(prefix_keys("a", "", turn2), {"y"}) is None  # x is not live
+    other = [*turn1[:40], *range(300, 400)]  # 140 tokens, 32 shared: a header, not a conversation
+    assert affinity.worker_for(prefix_keys("a", "", other), {"x", "y"}) is None
 
 
 def test_a_chats_next_turn_goes_where_its_history_went_unless_that_worker_is_far_behind() -> None:
@@ -183,26 +196,26 @@ def test_a_chats_next_turn_goes_where_its_history_went_unless_that_worker_is_far
     hit 35 % of prompt tokens where one worker hit 80 %."""
     state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
     history = list(range(100, 200))
-    x, y = w("x"), w("y")
+    x, y = w("x", [("a", 5)]), w("y")  # the first turn goes to y, not to x by name
     state.heard(x, 0.0)
     state.heard(y, 0.0)
-    first = state.choose([x, y], "a", prefix_keys("a", "", history))
-    # the next turn (history and more) follows it, though the other is as free (sent counts cleared)
-    other = {"x": y, "y": x}[first]
+    assert state.choose([x, y], "a", prefix_keys("a", "", history)) == "y"
+    # the next turn (history and more) follows it, though x is now the soonest
+    y_busier = w("y", [("a", 20)])
     state.heard(x, 1.0)
-    state.heard(y, 1.0)
-    assert state.choose([x, y], "a", prefix_keys("a", "", [*history, 5, 6, 7])) == first
+    state.heard(y_busier, 1.0)
+    assert state.choose([x, y_busier], "a", prefix_keys("a", "", [*history, 5, 6, 7])) == "y"
+    # without the history, x: the test would pass by name otherwise
+    assert choose_worker([x, y_busier], "a") == "x"
     # far behind the soonest (here 3x its queued work): load wins over the cache
-    busy = w(first, [("a", 200)])
+    busy = w("y", [("a", 200)])
     state.heard(busy, 2.0)
-    state.heard(other, 2.0)
-    assert state.choose([busy, other], "a", prefix_keys("a", "", history)) == other.worker
-    # within the factor: the cache wins; with prefix_affinity 1 it is off
-    slightly = w(first, [("a", 10)])
-    assert choose_worker([slightly, other], "a", affine=first) == first
-    assert choose_worker([slightly, other], "a", affine=first, costs=DispatchCosts(prefix_affinity=1.0)) == other.worker
+    state.heard(x, 2.0)
+    assert state.choose([busy, x], "a", prefix_keys("a", "", history)) == "x"
+    # with prefix_affinity 1 it is off
+    assert choose_worker([y_busier, x], "a", affine="y", costs=DispatchCosts(prefix_affinity=1.0)) == "x"
     # the keys follow where the prompt went last; a worker lost takes them with it
-    keys, names = prefix_keys("a", "", history), {first, other.worker}
-    assert state.affinity.worker_for(keys, names) == other.worker
-    state.forget(other.worker)
-    assert state.affinity.worker_for(keys, names) is None
+    keys = prefix_keys("a", "", history)
+    assert state.affinity.worker_for(keys, {"x", "y"}) == "x"
+    state.forget("x")
+    assert state.affinity.worker_for(keys, {"x", "y"}) is None
