@@ -16,8 +16,11 @@ from dlora.services.gateway.openai import APIError
 # runs, which the OpenAI client cannot read (a user's trial); the server runs with
 # ``auto_decompress=False`` (``connections.listen``).
 CODINGS = ("identity", "gzip", "deflate")
-# zlib's window bits per coding: gzip's header, and deflate as RFC 9110 8.4.1.2 defines it (zlib's).
+# zlib's window bits per coding: gzip's header, and deflate as RFC 9110 8.4.1.2 defines it (zlib's);
+# a "deflate" body without zlib's header is read raw, as aiohttp and browsers do (.NET's
+# DeflateStream sends such).
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_ZLIB_METHOD = 8  # a zlib stream's first byte names this method in its low four bits
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -61,15 +64,24 @@ def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
     bytes that are not that coding or end early)."""
     if coding not in _WBITS:
         return raw
-    decoder = zlib.decompressobj(_WBITS[coding])
-    try:
-        out = decoder.decompress(raw, limit + 1)  # a bomb stops here, a byte past the limit
-        if len(out) <= limit:
-            out += decoder.flush()
-    except zlib.error as e:
-        raise APIError(400, f"the request body cannot be read: it is not {coding} ({e})") from None
-    if len(out) > limit:
-        raise APIError(413, f"request body exceeds the limit of {limit} bytes once decoded ({coding})")
-    if not decoder.eof:
-        raise APIError(400, f"the request body cannot be read: its {coding} data ends early")
-    return out
+    wbits = _WBITS[coding]
+    if coding == "deflate" and raw and raw[0] & 0x0F != _ZLIB_METHOD:
+        wbits = -zlib.MAX_WBITS
+    out = b""
+    while True:  # gzip members one after another make one body (RFC 1952 2.2)
+        decoder = zlib.decompressobj(wbits)
+        try:
+            out += decoder.decompress(raw, limit + 1 - len(out))  # a bomb stops a byte past the limit
+            if len(out) <= limit:
+                out += decoder.flush()
+        except zlib.error as e:
+            raise APIError(400, f"the request body cannot be read: it is not {coding} ({e})") from None
+        if len(out) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes once decoded ({coding})")
+        if not decoder.eof:
+            raise APIError(400, f"the request body cannot be read: its {coding} data ends early")
+        raw = decoder.unused_data
+        if not raw or coding != "gzip":
+            if raw:
+                raise APIError(400, f"the request body cannot be read: bytes after its {coding} data")
+            return out

@@ -500,7 +500,14 @@ async def test_a_body_its_content_encoding_cannot_decode_is_a_400_and_a_dependen
                 assert r.content_type == "application/json", (coding, await r.text())
                 error = (await r.json())["error"]
                 assert (r.status, error["type"]) == (status, "invalid_request_error"), (coding, error)
-        for coding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # deflate without zlib's header (.NET's)
+        halves = gzip.compress(body[:10]) + gzip.compress(body[10:])  # two gzip members: one body
+        for coding, data in (
+            ("gzip", gzip.compress(body)),
+            ("deflate", zlib.compress(body)),
+            ("deflate", raw.compress(body) + raw.flush()),
+            ("gzip", halves),
+        ):
             async with http.post(
                 stack.url + "/v1/completions", data=data, headers={**json_type, "Content-Encoding": coding}
             ) as r:
