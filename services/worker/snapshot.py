@@ -24,8 +24,10 @@ def worker_stats(
     e, st = engine, engine.stats
     queue = e.queue()
     # vLLM's "running": scheduled once, a prompt part-way through its chunked prefill too (counted
-    # waiting while its KV grew, it hid a worker busy with long prompts from queue-depth readers)
-    running = sum(1 for s in e.seqs.values() if s.status is Status.RUNNING or e.blocks.holds(s.request_id))
+    # waiting while its KV grew, it hid a worker busy with long prompts from queue-depth readers);
+    # the same rule for each request listed, so the per-adapter figures add up to it
+    in_batch = {rid for rid, s in e.seqs.items() if s.status is Status.RUNNING or e.blocks.holds(rid)}
+    running = len(in_batch)
     residency = [
         AdapterResidency(
             name=name_of(key), version=version_of(key), slot=e.slots.slot_of(key), merged=key == e.merger.merged
@@ -43,7 +45,7 @@ def worker_stats(
                 seq.params.min_tokens - len(seq.output_ids),
             ),
             total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
-            running=q.running,
+            running=q.request_id in in_batch,
         )
         for q in queue
         if (seq := e.seqs.get(q.request_id)) is not None
@@ -53,7 +55,7 @@ def worker_stats(
         worker=worker,
         running=running,
         waiting=len(e.seqs) - running,
-        preempted=sum(1 for s in e.seqs.values() if s.status is Status.WAITING and s.num_preemptions),
+        preempted=sum(1 for rid, s in e.seqs.items() if s.num_preemptions and rid not in in_batch),
         free_blocks=e.blocks.num_free,
         total_blocks=e.blocks.num_blocks,
         block_size=e.blocks.block_size,

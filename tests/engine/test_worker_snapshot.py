@@ -52,6 +52,7 @@ def test_a_prompt_part_way_through_its_chunked_prefill_counts_as_running(tiny_ll
     assert not engine.seqs["long"].output_ids  # a chunk in, no token yet
     st = worker_stats("w0", engine, OutputLengths())
     assert (st.running, st.waiting) == (1, 0)
+    assert [r.running for r in st.requests] == [True]  # per request the same (per-adapter gauges add up)
 
 
 def test_a_long_queue_is_counted_past_what_one_message_lists(tiny_llama: TinyOutput) -> None:
