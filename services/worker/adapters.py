@@ -115,7 +115,7 @@ class WorkerAdapters:
             # this worker's limits refusing files that loaded at registration: said as such, not
             # as files changed (a review: the client was told an admin must load it again)
             changed = entry.version and not isinstance(e, AdapterRefused)
-            raise (AdapterChanged if changed else AdapterError)(reason) from None
+            raise (AdapterChanged if changed else type(e))(reason) from None
         if entry.version and digest != entry.version:
             self.engine.unregister_adapter(key)
             raise AdapterChanged(

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from dlora.common import bus, log, subjects
 from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk, with_seed
 from dlora.common.undecodable import request_head
-from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound
+from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRefused
 from dlora.services.worker.chunks import (
     aborted_chunk,
     adapter_failure_chunk,
@@ -87,8 +87,13 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     except AdapterError as e:
         # A version's files rewritten since (a trainer's, before it loads them again): a worker that
         # holds the version in memory serves it, as vLLM's one engine goes on with the old weights.
-        changed = isinstance(e, AdapterChanged) and req.recorded
-        if changed and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=True):
+        # Files only this worker's limits refuse (a fleet of mixed settings): another may take them.
+        changed = isinstance(e, AdapterChanged)
+        if (
+            (changed or isinstance(e, AdapterRefused))
+            and req.recorded
+            and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=changed)
+        ):
             logger.warning(
                 "adapter version not loadable here; handed back",
                 request=req.request_id,

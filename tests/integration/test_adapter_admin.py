@@ -10,7 +10,9 @@ import json
 import shutil
 
 import aiohttp
+import msgspec
 
+from dlora.model.adapters import AdapterLimits
 from tests.integration.conftest import ADMIN_KEY, Stack
 from tests.integration.test_gateway import PROMPTS, get, offline, post
 
@@ -214,3 +216,27 @@ async def test_an_adapter_named_by_its_hub_repo_id_is_served(stack: Stack) -> No
             assert r.status == 200, await r.text()
     assert await vllm("/v1/unload_lora_adapter", {"lora_name": "org/sql-lora"}) == 200
     assert (await post(stack, "/v1/completions", {**body, "model": "org/sql-lora"}))[0] == 404
+
+
+async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(stack: Stack) -> None:
+    """A review: in a fleet of mixed settings (a worker with a lower max_lora_rank), requests that
+    landed on the worker whose limits refuse the adapter failed, and were told its files changed
+    and an admin must load it again. They go on to another worker now; with none, the answer names
+    the limit."""
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    path = stack.tiny.adapters_dir / "ranked"
+    shutil.copytree(stack.tiny.adapters["lora-1"], path)
+    rank = json.loads((path / "adapter_config.json").read_text())["r"]
+    limited, other = stack.workers
+    strict = AdapterLimits(max_lora_rank=rank - 1)
+    limited.engine.config = msgspec.structs.replace(limited.engine.config, adapter_limits=strict)
+    assert (await post(stack, "/v1/adapters", {"name": "ranked", "path": str(path)}, auth))[0] == 201
+    body = {"model": "ranked", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}
+    replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(8)))  # both workers
+    assert [s for s, _ in replies] == [200] * 8, replies
+    assert "ranked" in {name for name, _ in limited.adapters.failed}  # some landed there first
+    other.engine.config = msgspec.structs.replace(other.engine.config, adapter_limits=strict)
+    await post(stack, "/v1/adapters", {"name": "ranked2", "path": str(path)}, auth)
+    status, resp = await post(stack, "/v1/completions", {**body, "model": "ranked2"})
+    assert status == 500 and f"above max_lora_rank={rank - 1}" in resp["error"]["message"], resp
+    assert "changed since" not in resp["error"]["message"]
