@@ -164,6 +164,10 @@ def bucket_name(prefix: str) -> str:
 # Seconds between two of ``AdapterRegistry.restore``'s comparisons of a non-empty Redis with the
 # bucket (the dispatcher asks every look).
 MERGE_INTERVAL_S = 5.0
+# Seconds a removal is kept (``AdapterRemoval``) while its name is not registered again: a Redis
+# brought back from a snapshot older than this may serve a name removed before it. Kept for ever,
+# names of short-lived adapters grew the bucket and every merge's reading of it (a review).
+REMOVAL_MEMORY_S = 7 * 86400.0
 
 
 class AdapterRegistry(_Durable):
@@ -204,7 +208,10 @@ class AdapterRegistry(_Durable):
         # name is removed, so no host's clock is compared with another's but in a rollback).
         await self.store.forget_removal(entry.name)
         if kv is not None:
-            await kv.delete(f"removed.{entry.name}")
+            try:
+                await kv.delete(f"removed.{entry.name}")
+            except Exception as e:  # noqa: BLE001 - registered already: the record is older than it
+                logger.warning("an old removal record stays in the bucket", adapter=entry.name, error=str(e))
         if before is not None and before.version != entry.version:
             await self.store.retire_version(before.name, before.version, time.time())
         return True
@@ -333,11 +340,23 @@ class AdapterRegistry(_Durable):
     ) -> dict[str, AdapterEntry]:
         """The bucket's registrations no removal covers, by name, after making the bucket hold
         every removal Redis recorded (one made while the remover's bucket was not open) and none
-        of the registrations they cover (one that failed part way). ``removals`` gains Redis's."""
+        of the registrations they cover (one that failed part way). ``removals`` gains Redis's and
+        loses those past ``REMOVAL_MEMORY_S``, forgotten in both; Redis's of a name registered
+        since (a rollback brought it back) is forgotten, not carried over."""
+        now = time.time()
+        newest = {e.name: e.created for e in current}
         for name, recorded in (await self.store.removals()).items():
-            if (known := removals.get(name)) is None or known.created < recorded.created:
+            if newest.get(name, -math.inf) > recorded.created or now - recorded.removed > REMOVAL_MEMORY_S:
+                await self.store.forget_removal(name)
+            elif (known := removals.get(name)) is None or known.created < recorded.created:
                 await kv.put(f"removed.{name}", _encode.encode(recorded))
                 removals[name] = recorded
+        for name, old in list(removals.items()):
+            if now - old.removed > REMOVAL_MEMORY_S:
+                with contextlib.suppress(KeyNotFoundError):
+                    await kv.purge(f"removed.{name}")
+                await self.store.forget_removal(name)
+                del removals[name]
         live = {}
         for entry in current:
             if (removal := removals.get(entry.name)) is not None and entry.created <= removal.created:

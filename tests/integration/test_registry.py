@@ -16,8 +16,9 @@ from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from dlora.common import apikeys
-from dlora.common.messages import AdapterEntry, ApiKey
+from dlora.common.messages import AdapterEntry, AdapterRemoval, ApiKey
 from dlora.common.registry import (
+    REMOVAL_MEMORY_S,
     REOPEN_INTERVAL_S,
     RESTORE_ON_MISS_INTERVAL_S,
     AdapterRegistry,
@@ -379,5 +380,34 @@ async def test_a_reconcile_that_read_the_bucket_before_a_revocation_does_not_und
         await keys._merge(kv, stale)
         assert msgspec.json.decode((await kv.get(f"key.{key.id}")).value, type=ApiKey).revoked
         assert (await store.api_key(key.id)).revoked
+    finally:
+        await nc.close()
+
+
+async def test_removal_records_are_forgotten_when_stale_or_old(nats_server: Server, redis: Redis) -> None:
+    """A review: a removal was kept until its name was registered again (for ever, for a short-lived
+    adapter's), growing the bucket every merge reads; and a removal a rollback brought back into
+    Redis, for a name registered since, was carried into the bucket."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
+    try:
+        for name in ("old", "back"):
+            assert await registry.register(AdapterEntry(name=name, path=f"/{name}", rank=8, created=1.0))
+        snapshot = await redis.dump(f"{store.p}:adapter-removals")  # none yet
+        assert await registry.remove("old") and await registry.remove("back")
+        removals = await redis.dump(f"{store.p}:adapter-removals")
+        assert await registry.register(AdapterEntry(name="back", path="/back2", rank=8, created=2.0))
+        await redis.restore(f"{store.p}:adapter-removals", 0, removals, replace=True)  # rolled back: back's again
+        kv = await registry.kv()
+        assert kv is not None and snapshot is None
+        aged = AdapterRemoval(name="old", path="/old", rank=8, created=1.0, removed=time.time() - REMOVAL_MEMORY_S - 1)
+        await store.put_removal(aged)
+        await kv.put("removed.old", msgspec.json.encode(aged))
+
+        await registry.restore()
+        _, _, kept = await registry.durable_entries()
+        assert kept == {} and await store.removals() == {}
+        assert (await store.get_adapter("back")).path == "/back2"
     finally:
         await nc.close()
