@@ -63,6 +63,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # salt (a tenant's secret, against another timing its prompts' cache hits); "": shared by all.
     # At most MAX_CACHE_SALT characters (it is hashed into every block's key).
     cache_salt: str = ""
+    # OpenAI's prompt_cache_key: requests that share it (a conversation's) go to the worker that
+    # took the last of them, as their shared prefixes do (``dispatcher/affinity.py``); at most
+    # MAX_CACHE_SALT characters. "": none.
+    prompt_cache_key: str = ""
     # Unix seconds after which the result is useless; None: no deadline. A worker does not start a
     # request past it, and stops one it holds (waiting or running) once it passes: the reader gets
     # the tokens sent so far, then an error chunk (UNAVAILABLE) saying so.

@@ -46,6 +46,12 @@ def prefix_keys(adapter: str | None, salt: str, token_ids: Sequence[int]) -> lis
     return keys
 
 
+def cache_key(adapter: str | None, salt: str, prompt_cache_key: str) -> bytes:
+    """The key of OpenAI's ``prompt_cache_key``, put after a request's prefix keys: the longest, so
+    requests sharing it find one another's worker whatever their prompts share."""
+    return hashlib.blake2b(f"{adapter or ''}\0{salt}\0key\0{prompt_cache_key}".encode(), digest_size=16).digest()
+
+
 class PrefixAffinity:
     """The worker each stored prefix key was last sent to, at most ``capacity`` keys."""
 

@@ -300,6 +300,8 @@ def sampling_params(
     if body.cache_salt is not None and not 0 < len(body.cache_salt) <= MAX_CACHE_SALT:  # vLLM refuses ""
         why = f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"
         raise APIError(400, why, param="cache_salt")
+    if (key := getattr(body, "prompt_cache_key", None)) is not None and len(key) > MAX_CACHE_SALT:
+        raise APIError(400, f"prompt_cache_key must be at most {MAX_CACHE_SALT} characters", param="prompt_cache_key")
     if body.request_id is not None and not valid_request_id(body.request_id):
         raise APIError(400, "request_id must be 1 to 256 printable characters", param="request_id")
     for what, unsupported in _unsupported(body):

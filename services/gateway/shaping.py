@@ -235,6 +235,7 @@ def shape_request(
                     tenant=(body.user or "") if tenant is None else tenant,
                     priority=body.priority or 0,
                     cache_salt=body.cache_salt or "",
+                    prompt_cache_key=(body.prompt_cache_key or "") if isinstance(body, ChatBody) else "",
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )

@@ -1,7 +1,7 @@
 import msgspec
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.dispatcher.affinity import PrefixAffinity, prefix_keys
+from dlora.services.dispatcher.affinity import PrefixAffinity, cache_key, prefix_keys
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker, holding_version, version_gone
 from dlora.services.dispatcher.state import DispatchState
 
@@ -219,3 +219,23 @@ def test_a_chats_next_turn_goes_where_its_history_went_unless_that_worker_is_far
     assert state.affinity.worker_for(keys, {"x", "y"}) == "x"
     state.forget("x")
     assert state.affinity.worker_for(keys, {"x", "y"}) is None
+
+
+def test_requests_sharing_a_prompt_cache_key_go_together_whatever_their_prompts_share() -> None:
+    """OpenAI's prompt_cache_key, put after the prefix keys: a conversation whose client names it
+    finds its worker even where its prompts share little (a summarised history)."""
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+    x, y = w("x", [("a", 5)]), w("y")
+    state.heard(x, 0.0)
+    state.heard(y, 0.0)
+
+    def keys(prompt: list[int], key: str) -> list[bytes]:
+        return [*prefix_keys("a", "", prompt), cache_key("a", "", key)]
+
+    assert state.choose([x, y], "a", keys(list(range(100, 140)), "c1")) == "y"
+    y_busier = w("y", [("a", 20)])
+    state.heard(x, 1.0)
+    state.heard(y_busier, 1.0)
+    assert state.choose([x, y_busier], "a", keys(list(range(500, 600)), "c1")) == "y"  # nothing shared but the key
+    assert state.choose([x, y_busier], "a", keys(list(range(700, 800)), "c2")) == "x"  # another conversation
+    assert state.choose([x, y_busier], "a", keys([1, 2, 3], "c1")) == "y"  # a prompt too short for a key

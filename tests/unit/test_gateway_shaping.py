@@ -485,3 +485,14 @@ def test_a_truncated_text_prompt_keeps_the_bos_its_tokenizer_adds_as_vllm_does(t
     # vLLM's add_special_tokens: false tokenizes a text prompt without them (no BOS)
     job = shape(ServedModel(tok, len(tok), CONTEXT), {"prompt": text, "max_tokens": 1, "add_special_tokens": False})
     assert job.choices[0].request.prompt_token_ids == tok.encode(text, add_special_tokens=False) == ids[1:]
+
+
+def test_a_chats_prompt_cache_key_goes_with_its_requests(served: ServedModel) -> None:
+    """OpenAI's prompt_cache_key (accepted and ignored before): the dispatcher routes requests that
+    share it together (dispatcher/affinity.py)."""
+    chat = {"messages": [{"role": "user", "content": "kalo"}], "max_tokens": 1, "n": 2}
+    job = shape(served, {**chat, "prompt_cache_key": "conversation-7"}, chat=True)
+    assert {c.request.prompt_cache_key for c in job.choices} == {"conversation-7"}
+    assert shape(served, chat, chat=True).choices[0].request.prompt_cache_key == ""
+    e = refused(served, {**chat, "prompt_cache_key": "k" * 1025}, chat=True)
+    assert (e.status, e.param) == (400, "prompt_cache_key")
