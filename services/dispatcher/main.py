@@ -32,11 +32,12 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.registry import AdapterRegistry
-from dlora.common.state import INFLIGHT_TTL_S, Inflight, StateStore
+from dlora.common.state import Inflight, StateStore
 from dlora.common.undecodable import request_head
 from dlora.services.dispatcher.affinity import cache_key, prefix_keys
 from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
+from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.placement import WorkerCapacity, place
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
@@ -71,8 +72,7 @@ class Dispatcher:
         self._rechecks: set[asyncio.Task[None]] = set()  # ids reused at once, looked at again (_dispatch)
         self._placed_at = 0.0
         self._orphans_at = 0.0
-        # Re-dispatches that found no live worker, by request id: when each first did (monotonic).
-        self._orphaned: dict[str, float] = {}
+        self.orphans = OrphanWait(settings.orphan_wait_s)  # re-dispatches waiting for a live worker
         self._purged_at = 0.0
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
@@ -190,19 +190,19 @@ class Dispatcher:
         await self._drop_orphan(abort.request_id, sender)
 
     async def _drop_orphan(self, request_id: str, sender: str | None) -> None:
-        """An abort of a request waiting here for a worker (``_waits_for_a_worker``): its record goes,
-        so no worker runs it later. Only workers heard aborts, and none was live: a gateway whose
+        """An abort of a request waiting here for a worker (``orphans.py``): its record goes, so no
+        worker runs it later. Only workers heard aborts, and none was live: a gateway whose
         chunk timeout ran out answered its client and aborted, and the request was still run, for
         nobody, once a worker came (a review). ``sender``: an application's abort, which stops only
         its own requests."""
-        if request_id not in self._orphaned:
+        if request_id not in self.orphans:
             return
         rec = await self.store.get_inflight(request_id)
         if rec is None or (sender is not None and rec.request.owner != sender):
             return
         if rec.worker not in {w.worker for w in self.live()}:  # still waiting
             await self.store.delete_inflight(request_id, (rec.worker, rec.recoveries))
-            del self._orphaned[request_id]
+            self.orphans.over(request_id)
 
     async def _on_lost(self, lost: LostRequests) -> None:
         """A worker's in-flight records of requests it does not hold (it restarted, or their
@@ -305,10 +305,7 @@ class Dispatcher:
         re-dispatched: one whose recovery broke off (Redis failed over mid-way, the dispatcher
         restarted), or on a worker that died before this dispatcher heard of it. Without this
         sweep such a request would wait for its client's chunk timeout."""
-        # A waiting request that ended otherwise (aborted) is forgotten once its record would have
-        # expired (its worker is not there to refresh it): not sooner, or its wait would begin again.
-        now = time.monotonic()
-        self._orphaned = {rid: at for rid, at in self._orphaned.items() if now - at < INFLIGHT_TTL_S}
+        self.orphans.prune(time.monotonic())
         for worker in await self.store.indexed_workers():
             if worker in self.workers or await self.store.beating(worker):
                 continue
@@ -399,7 +396,9 @@ class Dispatcher:
             if entry is not None and entry.version:
                 req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
         live = self.live()
-        if not live and expect is not None and self._waits_for_a_worker(req.request_id):
+        if not live and expect is not None and self.orphans.waits(req.request_id, now := time.monotonic()):
+            if self.orphans.first_wait(req.request_id, now):
+                logger.warning("no live worker: the request waits for one", request=req.request_id)
             return  # before it is encoded or priced: the sweep tries it every heartbeat TTL
         # prompt and every token it may generate: a worker that cannot hold them would cut it short
         prompt = len(req.prompt_token_ids) if req.prompt_token_ids is not None else 1  # text: not known here
@@ -434,7 +433,7 @@ class Dispatcher:
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
-        self._orphaned.pop(req.request_id, None)
+        self.orphans.over(req.request_id)
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         seen = self.workers.get(worker)
@@ -472,23 +471,6 @@ class Dispatcher:
                 return
             reason = f"request id {req.request_id!r} is already in flight; give each request its own"
             await self._fail(req, req.next_seq, reason, "duplicate-id", ErrorCode.BAD_REQUEST)
-
-    def _waits_for_a_worker(self, request_id: str) -> bool:
-        """Whether a re-dispatch that found no live worker waits for one, for ``orphan_wait_s`` from
-        the first time it found none, rather than fail: its record stays on the lost worker, so the
-        orphan sweep sends it on once a worker is live, and that worker started again hands it
-        back. With one worker on a host, every request in flight on it was failed when it crashed,
-        though systemd or ``dlora up`` had it back a few seconds later (a user's trial)."""
-        now = time.monotonic()
-        first = self._orphaned.setdefault(request_id, now)
-        if now - first < self.s.orphan_wait_s:
-            if first == now:
-                logger.warning(
-                    "no live worker: the request waits for one", request=request_id, wait_s=self.s.orphan_wait_s
-                )
-            return True
-        del self._orphaned[request_id]
-        return False
 
     async def _recheck(self, req: GenerateRequest, raw: bytes | None) -> None:
         await asyncio.sleep(_RECHECK_S)

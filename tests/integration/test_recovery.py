@@ -186,8 +186,8 @@ async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_
         await dispatcher._on_app_abort(AbortRequest(request_id="aborted"), "someone-else")  # not theirs
         assert await store.get_inflight("aborted") is not None
         await dispatcher._on_abort(AbortRequest(request_id="aborted"))  # its gateway's chunk timeout
-        assert await store.get_inflight("aborted") is None and "aborted" not in dispatcher._orphaned
-        dispatcher._orphaned["gives-up"] -= s.orphan_wait_s  # its wait is over
+        assert await store.get_inflight("aborted") is None and "aborted" not in dispatcher.orphans
+        dispatcher.orphans._since["gives-up"] -= s.orphan_wait_s  # its wait is over
         live = WorkerStats(
             worker="w-new", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
         )
@@ -199,7 +199,7 @@ async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_
         await dispatcher._recover_orphans()
         moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
         assert (moved.request_id, moved.resume_token_ids, moved.recoveries) == ("waits", [5, 6], 1)
-        assert (await store.get_inflight("waits")).worker == "w-new" and not dispatcher._orphaned
+        assert (await store.get_inflight("waits")).worker == "w-new" and "waits" not in dispatcher.orphans
         assert replies.empty()
     finally:
         await nc.drain()
