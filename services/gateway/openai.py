@@ -121,6 +121,10 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     use_beam_search: Any = None  # false
     length_penalty: Any = None  # 1.0
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:N"
+    # vLLM's: each choice says its token ids (token_ids) and its prompt's (prompt_token_ids; a
+    # chat response's at its top), streamed with the first event and each event's delta (RL
+    # trainers read them instead of tokenizing the text again)
+    return_token_ids: bool | None = None
     # vLLM's: each prompt token's log-probability and this many alternatives ([0, 20]), answered
     # as vLLM does (a choice's on completions, the response's on chat); not with stream (k > 0)
     prompt_logprobs: int | None = None
@@ -282,6 +286,8 @@ class Choice:
     logprobs: dict[str, Any] | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or token id that ended it
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's field (``vllm_prompt_logprobs``)
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: the choice's generated tokens
+    prompt_token_ids: list[int] | None = None  # and its prompt's
 
 
 @dataclass
@@ -345,6 +351,10 @@ class Shape:
                 choice["text"] = c.text
             if c.prompt_logprobs is not None and not self.chat:
                 choice["prompt_logprobs"] = c.prompt_logprobs
+            if c.token_ids is not None:
+                choice["token_ids"] = c.token_ids
+                if not self.chat:
+                    choice["prompt_token_ids"] = c.prompt_token_ids
             out.append(choice)
         response = {
             **self._head(False),
@@ -353,6 +363,8 @@ class Shape:
         }
         if self.chat and (asked := [c.prompt_logprobs for c in choices if c.prompt_logprobs is not None]):
             response["prompt_logprobs"] = asked[0]  # one prompt, whatever n: the response's (vLLM's)
+        if self.chat and (ids := [c.prompt_token_ids for c in choices if c.token_ids is not None]):
+            response["prompt_token_ids"] = ids[0]  # likewise
         return response
 
     def chunk(
@@ -364,9 +376,15 @@ class Shape:
         index: int = 0,
         logprobs: dict[str, Any] | None = None,
         stop_reason: str | int | None = None,
+        token_ids: list[int] | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> dict[str, Any]:
+        """One event of a streamed response; ``token_ids`` / ``prompt_token_ids``: vLLM's
+        return_token_ids (the event's tokens; the prompt's, with a choice's first event)."""
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         choice["stop_reason"] = stop_reason
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
         if self.tools_required:  # each call whole, id, name and arguments, as its item of the list ends
             calls = self._call_streams.setdefault(index, CallStream())
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls.feed(text)]
@@ -402,7 +420,12 @@ class Shape:
             choice["delta"] = ({"role": "assistant"} if first else {}) | content
         else:
             choice["text"] = text
-        return {**self._head(True), "choices": [choice]}
+            if prompt_token_ids is not None:
+                choice["prompt_token_ids"] = prompt_token_ids
+        head = self._head(True)
+        if self.chat and prompt_token_ids is not None:
+            head["prompt_token_ids"] = prompt_token_ids
+        return {**head, "choices": [choice]}
 
     def _allowed(self, read: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
         content, calls = read

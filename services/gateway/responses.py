@@ -41,8 +41,9 @@ class RunningChoice:
     offset: logprobs.TextOffset  # where its next token begins in its text (completions' text_offset)
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
     prompt_only: bool = False  # its request runs for the prompt's logprobs: its token is not shown
-    prompt_tokens: int = 0  # its own prompt's
+    prompt_ids: list[int] = field(default_factory=list)  # its own prompt's
     prompt: int = 0  # which of the request's prompts
+    prompt_ids_sent: bool = False  # its prompt's token ids went out with an event (return_token_ids)
 
     @classmethod
     def of(cls, plan: ChoicePlan) -> RunningChoice:
@@ -53,7 +54,7 @@ class RunningChoice:
             ReplyStream(r.request_id) if r else None,
             offset=logprobs.TextOffset(len(plan.echo)),
             prompt_only=plan.prompt_only,
-            prompt_tokens=plan.prompt_tokens,
+            prompt_ids=plan.prompt_ids,
             prompt=plan.prompt,
         )
 
@@ -124,6 +125,8 @@ class ResponseWriter:
                 index=choice.out.index,
                 logprobs=token_logprobs,
                 stop_reason=chunk.stop_reason,
+                token_ids=list(chunk.token_ids) if self.job.return_token_ids else None,
+                prompt_token_ids=self._prompt_ids_once(choice),
             )
             if not self.job.shape.silent(event):
                 await sse(self.stream, self._with_usage(event, choice))
@@ -152,6 +155,9 @@ class ResponseWriter:
             for c in self.choices:
                 c.out.text += c.replies.text if c.replies and not c.prompt_only else ""  # after the echo, if any
                 c.out.logprobs = logprobs.merge_logprobs(job.shape.chat, c.parts)
+                if job.return_token_ids:
+                    c.out.token_ids = c.replies.token_ids if c.replies and not c.prompt_only else []
+                    c.out.prompt_token_ids = c.prompt_ids
             return web.json_response(
                 job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens, self._cached())
             )
@@ -174,9 +180,23 @@ class ResponseWriter:
         stream = await opensse(self.request)
         for c in self.choices:
             if (self.job.shape.chat or c.out.text or c.out.finish_reason) and not c.echoes_logprobs:
-                event = self.job.shape.chunk(c.out.text, c.out.finish_reason, first=True, index=c.out.index)
+                event = self.job.shape.chunk(
+                    c.out.text,
+                    c.out.finish_reason,
+                    first=True,
+                    index=c.out.index,
+                    token_ids=[] if self.job.return_token_ids else None,
+                    prompt_token_ids=self._prompt_ids_once(c),
+                )
                 await sse(stream, self._with_usage(event, c, before=True))
         return stream
+
+    def _prompt_ids_once(self, choice: RunningChoice) -> list[int] | None:
+        """The choice's prompt token ids for its first event, with return_token_ids (vLLM's)."""
+        if not self.job.return_token_ids or choice.prompt_ids_sent:
+            return None
+        choice.prompt_ids_sent = True
+        return choice.prompt_ids
 
     def _with_usage(self, event: dict[str, Any], choice: RunningChoice, before: bool = False) -> dict[str, Any]:
         """``event`` with its choice's usage so far, when the client asked for it in every event
@@ -184,7 +204,7 @@ class ResponseWriter:
         (a user's trial); ``before``: an opening event (the role, the echoed prompt), which precedes
         every token (the chunk that opened the stream is counted already)."""
         if self.job.continuous_usage:
-            event["usage"] = openai.usage(choice.prompt_tokens, 0 if before else choice.completion_tokens)
+            event["usage"] = openai.usage(len(choice.prompt_ids), 0 if before else choice.completion_tokens)
         return event
 
     def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:

@@ -98,7 +98,9 @@ class ChoicePlan:
     # The request is there for its prompt's logprobs alone (echo with logprobs and max_tokens 0):
     # the one token it generates is not the client's.
     prompt_only: bool = False
-    prompt_tokens: int = 0  # its own prompt's: what its usage says in every event (vLLM's continuous_usage_stats)
+    # Its own prompt's token ids: what its usage says in every event (vLLM's continuous_usage_stats),
+    # and its prompt_token_ids (return_token_ids).
+    prompt_ids: list[int] = field(default_factory=list)
     prompt: int = 0  # which of the request's prompts (its n choices share it)
 
 
@@ -114,6 +116,7 @@ class Job:
     choices: list[ChoicePlan]
     continuous_usage: bool = False  # every event carries its choice's usage so far (vLLM's)
     token_ids_in_logprobs: bool = False  # logprobs name tokens "token_id:N" (vLLM's return_tokens_as_token_ids)
+    return_token_ids: bool = False  # each choice says its token ids and its prompt's (vLLM's)
     # The prompt's logprobs asked for, with how many alternatives: in the echo (a completion's
     # echo with logprobs), and as vLLM's prompt_logprobs field (not streamed). None: not.
     echo_logprobs: int | None = None
@@ -239,7 +242,7 @@ def shape_request(
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )
-            choices.append(ChoicePlan(index, prefix, request, prompt_only, prompt_tokens=len(ids), prompt=p))
+            choices.append(ChoicePlan(index, prefix, request, prompt_only, prompt_ids=ids, prompt=p))
     shown = request_id if body.request_id is None else f"{'chatcmpl' if chat else 'cmpl'}-{body.request_id}"
     return Job(
         Shape(
@@ -262,6 +265,7 @@ def shape_request(
         and bool(body.stream_options.include_usage and body.stream_options.continuous_usage_stats),
         choices=choices,
         token_ids_in_logprobs=bool(body.return_tokens_as_token_ids),
+        return_token_ids=bool(body.return_token_ids),
         echo_logprobs=echo_logprobs,
         prompt_logprobs=field_logprobs,
         structured_field=structured_field(body),

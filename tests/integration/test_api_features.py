@@ -497,3 +497,30 @@ async def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(stac
     assert events[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * cached}
     status, other = await post(stack, "/v1/completions", {**body, "model": "lora-2"})  # other weights: no hit
     assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+async def test_return_token_ids_gives_each_choices_tokens_and_its_prompts(stack: Stack) -> None:
+    """vLLM's return_token_ids (a 400 as an unknown field before): RL trainers read the token ids
+    instead of tokenizing the text again. The same ids whole and streamed (the prompt's with each
+    choice's first event, a chat response's at its top), the stream's deltas adding up to them."""
+    body = {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 4, "ignore_eos": True, "n": 2, "seed": 3}
+    prompt = (await post(stack, "/tokenize", {"model": "lora-0", "prompt": "kalo remi"}))[1]["tokens"]
+    status, whole = await post(stack, "/v1/completions", {**body, "return_token_ids": True})
+    assert status == 200, whole
+    for c in whole["choices"]:
+        assert c["prompt_token_ids"] == prompt and len(c["token_ids"]) == 4, c
+    events = await stream(stack, "/v1/completions", {**body, "return_token_ids": True})
+    for c in whole["choices"]:
+        mine = [e["choices"][0] for e in events[:-1] if e["choices"] and e["choices"][0]["index"] == c["index"]]
+        assert [e.get("prompt_token_ids") for e in mine if "prompt_token_ids" in e] == [prompt]
+        assert [t for e in mine for t in e["token_ids"]] == c["token_ids"]  # seeded: the same draws
+    status, plain = await post(stack, "/v1/completions", body)
+    assert "token_ids" not in plain["choices"][0]  # only when asked
+    chat = {"model": "lora-0", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 3, "seed": 5}
+    status, answer = await post(stack, "/v1/chat/completions", {**chat, "return_token_ids": True})
+    assert status == 200 and answer["prompt_token_ids"] and len(answer["choices"][0]["token_ids"]) <= 3, answer
+    events = await stream(stack, "/v1/chat/completions", {**chat, "return_token_ids": True})
+    assert events[0]["prompt_token_ids"] == answer["prompt_token_ids"]
+    assert [t for e in events[:-1] if e["choices"] for t in e["choices"][0]["token_ids"]] == answer["choices"][0][
+        "token_ids"
+    ]
