@@ -193,15 +193,23 @@ class Dispatcher:
         """An abort of a request waiting here for a worker (``orphans.py``): its record goes, so no
         worker runs it later. Only workers heard aborts, and none was live: a gateway whose
         chunk timeout ran out answered its client and aborted, and the request was still run, for
-        nobody, once a worker came (a review). ``sender``: an application's abort, which stops only
-        its own requests."""
+        nobody, once a worker came (a review). Its reader gets the abort's last chunk, as a worker
+        answers one (a trial: the stream stayed open). ``sender``: an application's abort, which
+        stops only its own requests."""
         if request_id not in self.orphans:
             return
         rec = await self.store.get_inflight(request_id)
         if rec is None or (sender is not None and rec.request.owner != sender):
             return
         if rec.worker not in {w.worker for w in self.live()}:  # still waiting
-            await self.store.delete_inflight(request_id, (rec.worker, rec.recoveries))
+            if await self.store.delete_inflight(request_id, (rec.worker, rec.recoveries)):
+                last = TokenChunk(
+                    request_id=request_id,
+                    seq=rec.next_seq,
+                    finish_reason=FinishReason.ABORT,
+                    recoveries=rec.recoveries,
+                )
+                await bus.publish(self.nc, rec.request.reply_to, last)
             self.orphans.over(request_id)
 
     async def _on_lost(self, lost: LostRequests) -> None:

@@ -308,6 +308,11 @@ class WorkerService:
             if stream.request.client and self.clients.gone(stream.request.client, now):
                 logger.info("request abandoned: its client is gone", request=rid, client=stream.request.client)
                 await self.drop(rid)
+                # said, for a reader that comes back (it is sent again with the chunks it missed):
+                # without it, one that was away longer than the heartbeat TTL waited for ever (a trial)
+                why = "the request was stopped: its client was not heard from for heartbeat_ttl_s"
+                chunk = error_chunk(stream.request, ErrorCode.UNAVAILABLE, why, self.s.worker_id, seq=stream.seq)
+                await self.delivery.publish(stream.reply_to, chunk)
         if self.records.behind:
             await self.records.write({})
         lost, never_arrived = await self.store.sweep_inflight(

@@ -231,3 +231,28 @@ async def test_a_re_send_leaves_out_what_another_attempt_serves(nats_server: Ser
         assert [c.request_id for _, c in delivery.resend.recent(time.monotonic())] == ["new"]
     finally:
         await nc.close()
+
+
+async def test_announcements_of_readers_with_nothing_here_cost_no_lookups(nats_server: Server) -> None:
+    """A trial: 500 made-up client names announced at once stalled every worker ~10 s, each name a
+    scan, a Redis lookup of the recent chunks' records and a log line. A reader with no recent
+    chunk here costs the scan only."""
+    from dlora.services.worker.delivery import Delivery
+
+    asked: list[dict[str, int]] = []
+
+    async def superseded(attempts: dict[str, int]) -> set[str]:
+        asked.append(attempts)
+        return set()
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        delivery = Delivery(nc, superseded)
+        await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=0))
+        for i in range(500):
+            delivery.resend_to(subjects.replies_prefix(f"made-up-{i}"))
+        delivery.resend_to(subjects.replies_prefix("gw"))
+        await asyncio.sleep(0.2)
+        assert asked == [{"r": 0}]  # the one reader that has a chunk here
+    finally:
+        await nc.close()

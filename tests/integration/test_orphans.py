@@ -129,6 +129,41 @@ async def test_a_request_of_a_client_judged_gone_is_answered_not_dropped(cluster
     assert await c.store.get_inflight("from-quiet") is None
 
 
+async def test_a_request_stopped_because_its_client_went_quiet_ends_with_a_last_chunk(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A trial: a reader away longer than the heartbeat TTL came back to its replayed chunks and
+    then nothing (the worker dropped the request without a word): it waited for its own timeout.
+    The worker now says why the request stopped."""
+    c: Cluster = await cluster(ttl_s=1.0)
+    worker, _, _ = await c.worker("w-a")
+    step = worker.engine.step
+
+    def slow_step(*args, **kwargs):  # type: ignore[no-untyped-def]  # 400 tokens take 8 s or more
+        time.sleep(0.02)
+        return step(*args, **kwargs)
+
+    worker.engine.step = slow_step  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    loud = asyncio.create_task(_announce_until(c, "gw-loud", stop))  # the worker hears someone
+    quiet = asyncio.Event()
+    announcing = asyncio.create_task(_announce_until(c, "gw-away", quiet))
+    try:
+        await _until(lambda: _heard(worker, "gw-away"), timeout=10)
+        chunks = await c.send("left", client="gw-away", max_tokens=400, to_worker="w-a")
+        assert (await asyncio.wait_for(chunks.get(), 10)).finish_reason is None  # running
+        quiet.set()  # the reader goes away
+        await announcing
+        while (chunk := await asyncio.wait_for(chunks.get(), 15)).finish_reason is None:
+            pass
+    finally:
+        stop.set()
+        await loud
+    assert chunk.error_code == ErrorCode.UNAVAILABLE and "not heard from" in (chunk.error or ""), chunk
+
+
+async def _heard(worker, client: str) -> bool:  # type: ignore[no-untyped-def]
+    return client in worker.clients._last
+
+
 async def _announce_until(c: Cluster, client: str, stop: asyncio.Event) -> None:
     while not stop.is_set():
         await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client=client)))

@@ -187,6 +187,8 @@ async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_
         assert await store.get_inflight("aborted") is not None
         await dispatcher._on_abort(AbortRequest(request_id="aborted"))  # its gateway's chunk timeout
         assert await store.get_inflight("aborted") is None and "aborted" not in dispatcher.orphans
+        last = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        assert (last.request_id, last.finish_reason, last.seq) == ("aborted", "abort", 1)  # as a worker answers
         dispatcher.orphans._since["gives-up"] -= s.orphan_wait_s  # its wait is over
         live = WorkerStats(
             worker="w-new", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
