@@ -201,6 +201,21 @@ def test_abort_frees_blocks_and_spares_others(engine: LLMEngine) -> None:
     assert {o.request_id for o in outs} == {"y"} and engine.blocks.num_free == free
 
 
+def test_a_bad_sampling_parameter_is_named_as_the_gateway_names_it(engine: LLMEngine) -> None:
+    """A trial over NATS: an application's error chunk said param null where the gateway names the
+    field (RequestError.param is TokenChunk.param)."""
+    for params, field in (
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(temperature=-0.1), "temperature"),
+    ):
+        with pytest.raises(RequestError) as e:
+            engine.add_request("bad", prompt_token_ids=[1], params=params)
+        assert e.value.param == field
+    with pytest.raises(RequestError) as e:
+        engine.add_request("bad", prompt="a", prompt_token_ids=[1])
+    assert e.value.param == "prompt"
+
+
 @pytest.mark.parametrize(
     "kwargs,fragment",
     [

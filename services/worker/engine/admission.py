@@ -37,9 +37,10 @@ def check_request(
     """RequestError unless the request's own fields agree: ``params`` consistent
     (``SamplingParams.problem``), exactly one of ``prompt`` and ``prompt_token_ids``, and a
     ``cache_salt`` of at most ``MAX_CACHE_SALT`` characters."""
-    if (problem := params.problem()) is not None:
-        raise RequestError(problem)
+    # each names its field (``param``): an application over NATS read null where the gateway names it
+    if (bad := params.invalid()) is not None:
+        raise RequestError(bad[1], param=bad[0])
     if len(cache_salt) > MAX_CACHE_SALT:
-        raise RequestError(f"cache_salt holds at most {MAX_CACHE_SALT} characters")
+        raise RequestError(f"cache_salt holds at most {MAX_CACHE_SALT} characters", param="cache_salt")
     if (prompt is None) == (prompt_token_ids is None):
-        raise RequestError("give exactly one of prompt and prompt_token_ids")
+        raise RequestError("give exactly one of prompt and prompt_token_ids", param="prompt")
