@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "dlora"
 
 # GenerateRequest from gateways; dispatchers consume it as one queue group (with APP_REQUESTS).
@@ -45,8 +47,10 @@ def worker_requests(worker: str) -> str:
 
 
 def kv_transfer(worker: str, request_id: str) -> str:
-    """KVChunks of a request moving to ``worker``."""
-    return f"{PREFIX}.worker.{worker}.kv.{request_id}"
+    """KVChunks of a request moving to ``worker``, under a token made of its id (the chunks name the
+    request themselves): an application's id may hold what a subject token may not (".", "*",
+    ">", spaces), and its move's chunks were unsendable or went nowhere (a trial)."""
+    return f"{PREFIX}.worker.{worker}.kv.{hashlib.blake2b(request_id.encode(), digest_size=8).hexdigest()}"
 
 
 def kv_inbox(worker: str) -> str:
