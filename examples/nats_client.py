@@ -22,13 +22,19 @@ from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 
 
-async def _quiet(e: Exception) -> None:
-    pass
-
-
 async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: int = 16) -> str:
-    # A refused login or no server is raised from connect() (nats-py would retry and print each)
-    nc = await nats.connect(nats_url, max_reconnect_attempts=1, error_cb=_quiet)
+    # A refused login or no server is raised from connect(), with the server's own word for it
+    # (nats-py would retry and print each, then say only "no servers available")
+    errors: list[Exception] = []
+
+    async def kept(e: Exception) -> None:
+        errors.append(e)
+
+    try:
+        nc = await nats.connect(nats_url, max_reconnect_attempts=1, error_cb=kept)
+    except nats.errors.NoServersError:
+        why = errors[-1] if errors else "no server"
+        raise RuntimeError(f"cannot connect to {nats_url.rpartition('@')[2]}: {why}") from None
     # Requests go on your NATS user's own subject, and their replies to one under its name: where
     # the server has users (`dlora up`'s is `app`), those are the only ones you may use.
     user = urllib.parse.urlsplit(nats_url).username or "app"
@@ -42,6 +48,8 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
             adapter=adapter,
             prompt=prompt,
             params=SamplingParams(max_tokens=max_tokens),
+            # a long-running app sets `client` and announces ClientAlive on subjects.CLIENTS every
+            # second, so its requests stop if it goes away (README, NATS-native API)
         )
         await nc.publish(subjects.requests_of(user), msgspec.json.encode(request))
         text = []

@@ -58,6 +58,22 @@ async def test_only_known_users_connect(secured_nats: Server) -> None:
             )
 
 
+async def test_the_nats_example_says_why_its_login_was_refused(secured_nats: Server) -> None:
+    """A trial: the example's docstring promises "Authorization Violation" for a refused login,
+    but its error callback swallowed it and it said only "no servers available"."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "nats_client", Path(__file__).parents[2] / "examples" / "nats_client.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    host = secured_nats.url.removeprefix("nats://")
+    with pytest.raises(RuntimeError, match="(?i)authorization violation"):
+        await example.generate(f"nats://app:wrong@{host}", None, "kalo")
+
+
 async def test_an_application_reaches_only_its_own_subjects(secured_nats: Server) -> None:
     errors: list[str] = []
     app = await _connect(secured_nats.url, APP_USER, errors)
