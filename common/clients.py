@@ -77,13 +77,14 @@ class Clients:
         return last is not None and now - last > self.ttl_s and now - self._latest <= self.ttl_s
 
 
-async def announce(nc: NATS, client: str, stop: asyncio.Event) -> None:
+async def announce(nc: NATS, client: str, stop: asyncio.Event, subject: str = subjects.CLIENTS) -> None:
     """Say ``client`` is there every ``ANNOUNCE_S`` until ``stop``, with how often its connection
-    came back; a NATS outage is ridden out."""
+    came back, on ``subject`` (an application's: ``subjects.clients_of(user)``); a NATS outage is
+    ridden out."""
     outage = bus.Outage("client announcements (nats)")
     while not stop.is_set():
         try:
-            await bus.publish(nc, subjects.CLIENTS, ClientAlive(client=client, reconnects=nc.stats["reconnects"]))
+            await bus.publish(nc, subject, ClientAlive(client=client, reconnects=nc.stats["reconnects"]))
             outage.succeeded()
         except Exception as e:  # noqa: BLE001 - a missed announcement is repeated next second
             outage.failed(e)

@@ -98,8 +98,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # it, and a copy with a lower count (on a worker that hung and resumed) is refused.
     recoveries: int = 0
     # Who reads the replies: a process that announces itself with ``ClientAlive`` on
-    # ``subjects.CLIENTS``. When it has been silent for ``heartbeat_ttl_s`` its requests are aborted
-    # wherever they run or wait; empty: never (an app that does not announce itself).
+    # ``subjects.CLIENTS`` (a gateway) or ``subjects.clients_of(user)`` (an application, for a name
+    # of its own: ``subjects.owns_client``; another's is cleared). When it has been silent for
+    # ``heartbeat_ttl_s`` its requests are aborted wherever they run or wait; empty: never.
     client: str = ""
     # The NATS user of the application that sent it, from the subject it came on
     # (``subjects.requests_of``), set by the dispatcher; "" for a gateway's. Only that user's
@@ -201,8 +202,8 @@ class AbortRequest(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
-    """A reply reader saying it is there, every second or so on ``subjects.CLIENTS`` (see
-    ``GenerateRequest.client``)."""
+    """A reply reader saying it is there, every second or so on ``subjects.CLIENTS`` (gateways) or
+    ``subjects.clients_of(user)`` (applications; see ``GenerateRequest.client``)."""
 
     client: str
     # Times its NATS connection came back: when it grows, the reader may have missed replies sent

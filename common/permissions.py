@@ -66,6 +66,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
                 subjects.STATS_ALL,
                 subjects.ABORT,  # and the applications': a request waiting for a worker (orphan_wait_s)
                 subjects.APP_ABORTS,
+                subjects.APP_CLIENTS,
                 _INBOX,
             ],
         ),
@@ -75,6 +76,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
                 f"{P}.worker.>",
                 subjects.ABORT,
                 subjects.APP_ABORTS,
+                subjects.APP_CLIENTS,
                 subjects.ADAPTER_EVENTS,
                 subjects.MOVES,
                 subjects.PLACEMENT,
@@ -94,7 +96,7 @@ def app_permissions(user: str) -> dict[str, list[str]]:
     (or to its own request inboxes: connect with ``inbox_prefix="_INBOX.<user>"``); a dispatcher
     refuses a request whose ``reply_to`` is anything else."""
     return {
-        "publish": [subjects.requests_of(user), subjects.aborts_of(user), subjects.CLIENTS],
+        "publish": [subjects.requests_of(user), subjects.aborts_of(user), subjects.clients_of(user)],
         "subscribe": [f"{P}.reply.{user}.>", f"_INBOX.{user}.>"],
     }
 

@@ -24,6 +24,8 @@ APP_ABORTS = f"{PREFIX}.abort.*"
 
 # ClientAlive from every reply reader that wants its requests aborted when it goes (gateways).
 CLIENTS = f"{PREFIX}.clients"
+# ClientAlive from applications (clients_of): only names of the same user count (``owns_client``).
+APP_CLIENTS = f"{PREFIX}.clients.*"
 
 # LostRequests from a worker; dispatchers consume it as one queue group.
 LOST = f"{PREFIX}.lost"
@@ -85,6 +87,18 @@ def requests_of(user: str) -> str:
 def aborts_of(user: str) -> str:
     """Where the application connected as NATS ``user`` publishes its AbortRequests."""
     return f"{PREFIX}.abort.{user}"
+
+
+def clients_of(user: str) -> str:
+    """Where the application connected as NATS ``user`` announces its readers (ClientAlive)."""
+    return f"{PREFIX}.clients.{user}"
+
+
+def owns_client(user: str, client: str) -> bool:
+    """Whether the application ``user`` may speak for reader ``client`` (its requests' ``client``,
+    its announcements): its own name, or ``<user>.<anything>``. On one shared subject any user
+    kept another's abandoned requests running, or turned off their replays (a trial)."""
+    return client == user or client.startswith(f"{user}.")
 
 
 def sender(subject: str) -> str:

@@ -48,8 +48,9 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
             adapter=adapter,
             prompt=prompt,
             params=SamplingParams(max_tokens=max_tokens),
-            # a long-running app sets `client` and announces ClientAlive on subjects.CLIENTS every
-            # second, so its requests stop if it goes away (README, NATS-native API)
+            # a long-running app sets `client` (f"{user}.<name>") and announces it every second
+            # (common.clients.announce on subjects.clients_of(user)), so its requests stop if it
+            # goes away (README, NATS-native API)
         )
         await nc.publish(subjects.requests_of(user), msgspec.json.encode(request))
         text = []

@@ -119,6 +119,8 @@ class Dispatcher:
         clean |= dict(resume_token_ids=[], resume_text_pending=0, resume_text_held="", next_seq=0)
         if req.adapter == "":
             clean["adapter"] = None
+        if owner and not subjects.owns_client(owner, req.client):  # another's reader: not its to name
+            clean["client"] = ""
         raw: bytes | None = msg.data
         if any(getattr(req, k) != v for k, v in clean.items()):
             req, raw = msgspec.structs.replace(req, **clean), None
@@ -182,6 +184,10 @@ class Dispatcher:
 
     async def _on_client(self, alive: ClientAlive) -> None:
         self.clients.heard(alive.client, time.monotonic())
+
+    async def _on_app_client(self, alive: ClientAlive, sender: str) -> None:
+        if subjects.owns_client(sender, alive.client):
+            await self._on_client(alive)
 
     async def _on_abort(self, abort: AbortRequest) -> None:
         await self._drop_orphan(abort.request_id, None)
@@ -523,6 +529,7 @@ class Dispatcher:
             await self.nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=self._on_ping),
             await bus.subscribe(self.nc, subjects.LOST, LostRequests, self._on_lost, queue=subjects.DISPATCHERS),
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
+            await bus.subscribe_senders(self.nc, subjects.APP_CLIENTS, ClientAlive, self._on_app_client),
             await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
             await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),
         ]

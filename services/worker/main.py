@@ -136,6 +136,10 @@ class WorkerService:
         if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
             self.delivery.resend_to(subjects.replies_prefix(alive.client))  # what it may have missed
 
+    async def _on_app_client(self, alive: ClientAlive, sender: str) -> None:
+        if subjects.owns_client(sender, alive.client):
+            await self._on_client(alive)
+
     async def _on_abort(self, abort: AbortRequest) -> None:
         await self.commands.put(Abort(abort.request_id))
 
@@ -430,6 +434,7 @@ class WorkerService:
             await bus.subscribe(self.nc, subjects.kv_inbox(self.s.worker_id), KVChunk, self._on_kv_chunk, msgpack=True),
             await bus.subscribe(self.nc, subjects.PLACEMENT, Placement, self._on_placement),
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
+            await bus.subscribe_senders(self.nc, subjects.APP_CLIENTS, ClientAlive, self._on_app_client),
         ]
         await self.nc.flush()
         warm = asyncio.create_task(asyncio.to_thread(self.engine.grammars.warm))  # ~1 s: off the loop

@@ -17,7 +17,14 @@ from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import AbortRequest, AdapterEntry, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import (
+    AbortRequest,
+    AdapterEntry,
+    ClientAlive,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+)
 from dlora.common.permissions import ROLES
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
@@ -306,3 +313,41 @@ async def test_an_applications_request_with_a_field_requests_lack_is_refused_by_
         await bob.publish(subjects.requests_of("bob"), json.dumps(raw).encode())
         told = await asyncio.wait_for(chunks.get(), 10)
         assert told.error_code == "bad_request" and f"unknown field `{next(iter(typo))}`" in (told.error or "")
+
+
+async def test_an_application_speaks_only_for_readers_of_its_own(bus, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A trial: on the one shared announcement subject any user kept another's abandoned requests
+    running (announcing its reader's name) or turned off its replays (announcing it reconnected a
+    trillion times). Applications announce on their own subject now, only names of their own count,
+    and a request naming another's reader is sent with no reader (it runs to its end)."""
+    alice, bob, worker = bus
+    step = worker.engine.step
+
+    def slow():  # type: ignore[no-untyped-def]
+        time.sleep(0.02)  # bob's request is still held when it is looked at
+        return step()
+
+    monkeypatch.setattr(worker.engine, "step", slow)
+    await alice.publish(subjects.clients_of("alice"), msgspec.json.encode(ClientAlive(client="alice.p1")))
+    await bob.publish(subjects.clients_of("bob"), msgspec.json.encode(ClientAlive(client="alice.p2")))
+    await bob.publish(subjects.clients_of("bob"), msgspec.json.encode(ClientAlive(client="bob")))
+    await alice.flush()
+    await bob.flush()
+    for _ in range(100):
+        if "bob" in worker.clients._last:
+            break
+        await asyncio.sleep(0.05)
+    assert {"alice.p1", "bob"} <= worker.clients._last.keys() and "alice.p2" not in worker.clients._last
+    # bob's request naming alice's reader: taken without it
+    mine = await _chunks(bob, subjects.reply_inbox("r-b", "bob"))
+    req = GenerateRequest(
+        request_id="r-b",
+        reply_to=subjects.reply_inbox("r-b", "bob"),
+        prompt_token_ids=[5, 40, 41],
+        params=SamplingParams(max_tokens=200, ignore_eos=True),
+        client="alice.p1",
+    )
+    await bob.publish(subjects.requests_of("bob"), msgspec.json.encode(req))
+    first = await asyncio.wait_for(mine.get(), 30)
+    assert first.error is None
+    assert worker.streams["r-b"].request.client == ""

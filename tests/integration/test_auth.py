@@ -92,17 +92,27 @@ async def test_an_application_reaches_only_its_own_subjects(secured_nats: Server
         await app.publish(subjects.stats("w0"), b"{}")
         await app.publish(subjects.reply_inbox("r1", "gw1"), b"injected")
         # the gateways' request and abort subjects, and another application's
-        for subject in (subjects.REQUESTS, subjects.ABORT, subjects.requests_of("b"), subjects.aborts_of("b")):
+        # and the gateways' announcements and another application's (a trial: any user spoke for
+        # any reader on the one shared subject)
+        for subject in (
+            subjects.REQUESTS,
+            subjects.ABORT,
+            subjects.requests_of("b"),
+            subjects.aborts_of("b"),
+            subjects.CLIENTS,
+            subjects.clients_of("b"),
+        ):
             await app.publish(subject, b"{}")
-        for subject in (subjects.requests_of(APP_USER), subjects.aborts_of(APP_USER)):  # allowed: its own
+        own = (subjects.requests_of(APP_USER), subjects.aborts_of(APP_USER), subjects.clients_of(APP_USER))
+        for subject in own:  # allowed: its own
             await app.publish(subject, b"{}")
         await app.flush()
         await asyncio.sleep(0.3)
         violations = [e for e in errors if "permissions violation" in e.lower()]
-        assert len(violations) == 10, errors
+        assert len(violations) == 12, errors
         for what in ("dlora.reply.gw1", "dlora.worker.w0.requests", "dlora.moves", "dlora.stats.w0", "dlora.abort.b"):
             assert any(what in e for e in violations), (what, violations)
-        assert not any(f'"dlora.requests.{APP_USER}"' in e or f'"dlora.abort.{APP_USER}"' in e for e in violations)
+        assert not any(any(f'"{subject}"' in e for subject in own) for e in violations)
     finally:
         await app.close()
         await worker.close()

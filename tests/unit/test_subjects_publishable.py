@@ -21,3 +21,10 @@ def test_a_moved_requests_kv_goes_on_a_subject_its_worker_reads_whatever_its_id(
         assert subjects.publishable(subject), subject
         head, _, token = subject.rpartition(".")
         assert head + ".*" == subjects.kv_inbox("w-0") and token.isalnum()
+
+
+def test_an_application_owns_its_name_and_the_names_under_it() -> None:
+    assert subjects.owns_client("app", "app") and subjects.owns_client("app", "app.worker-3")
+    for other in ("apple", "bob", "bob.app", "", "app2.x"):
+        assert not subjects.owns_client("app", other), other
+    assert subjects.sender(subjects.clients_of("app")) == "app" and subjects.sender(subjects.CLIENTS) == ""
