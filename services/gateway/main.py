@@ -216,7 +216,7 @@ class Gateway:
         """
         if self.closing:  # checked here, with no wait before the request is registered: shutdown() sees it
             raise APIError(503, "the gateway is shutting down; try again")
-        choices = [RunningChoice.of(p) for p in job.choices]
+        choices = [RunningChoice.of(p, keep_ids=job.return_token_ids) for p in job.choices]
         by_id = {c.request.request_id: c for c in choices if c.request is not None}
         replies: asyncio.Queue[bytes] = asyncio.Queue()
         for rid in by_id:

@@ -439,6 +439,8 @@ class Shape:
         [choice] = event["choices"]
         if choice["finish_reason"] is not None or choice["logprobs"] is not None or "role" in choice["delta"]:
             return False
+        if choice.get("token_ids"):  # return_token_ids: the ids must all reach the client (a review)
+            return False
         calls = choice["delta"].get("tool_calls", [])
         return not choice["delta"].get("content") and not any("id" in c or c["function"]["arguments"] for c in calls)
 

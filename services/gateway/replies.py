@@ -26,7 +26,9 @@ class ReplyStream:
     request_id: str
     next_seq: int = 0  # the number the next new chunk carries
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (its last chunk's usage says)
-    token_ids: list[int] = field(default_factory=list)  # completion tokens so far
+    keep_ids: bool = False  # keep the tokens' ids (return_token_ids), not only their count
+    token_ids: list[int] = field(default_factory=list)  # completion tokens so far, when kept
+    tokens: int = 0  # completion tokens so far
     text: str = ""  # completion text so far
     finish_reason: FinishReason | None = None
     error: str | None = None
@@ -36,11 +38,6 @@ class ReplyStream:
     attempt: int = 0  # the latest attempt (``recoveries``) heard from: earlier ones are fenced
     _ahead: dict[int, TokenChunk] = field(default_factory=dict)  # chunks after a gap, by seq
     _gap_since: float | None = None  # when the open gap opened (monotonic seconds)
-
-    @property
-    def tokens(self) -> int:
-        """Completion tokens so far."""
-        return len(self.token_ids)
 
     @property
     def done(self) -> bool:
@@ -82,7 +79,9 @@ class ReplyStream:
         ready = []
         while (nxt := self._ahead.pop(self.next_seq, None)) is not None and not self.done:
             self.next_seq, self.worker = nxt.seq + 1, nxt.worker
-            self.token_ids += nxt.token_ids
+            self.tokens += len(nxt.token_ids)
+            if self.keep_ids:
+                self.token_ids += nxt.token_ids
             if nxt.usage is not None:
                 self.cached_tokens = nxt.usage.cached_tokens
             self.text += nxt.text

@@ -46,12 +46,13 @@ class RunningChoice:
     prompt_ids_sent: bool = False  # its prompt's token ids went out with an event (return_token_ids)
 
     @classmethod
-    def of(cls, plan: ChoicePlan) -> RunningChoice:
+    def of(cls, plan: ChoicePlan, keep_ids: bool = False) -> RunningChoice:
+        """``keep_ids``: its reply stream keeps the tokens' ids (return_token_ids)."""
         r = plan.request
         return cls(
             openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
             r,
-            ReplyStream(r.request_id) if r else None,
+            ReplyStream(r.request_id, keep_ids=keep_ids) if r else None,
             offset=logprobs.TextOffset(len(plan.echo)),
             prompt_only=plan.prompt_only,
             prompt_ids=plan.prompt_ids,

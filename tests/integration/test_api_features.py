@@ -524,3 +524,24 @@ async def test_return_token_ids_gives_each_choices_tokens_and_its_prompts(stack:
     assert [t for e in events[:-1] if e["choices"] for t in e["choices"][0]["token_ids"]] == answer["choices"][0][
         "token_ids"
     ]
+
+
+async def test_return_token_ids_keeps_every_id_of_a_tool_call_stream(stack: Stack) -> None:
+    """A review: a tool-call answer's events whose text is held back are not sent, and their token
+    ids went with them; with return_token_ids such an event goes out for its ids."""
+    params = {"type": "object", "properties": {"city": {"enum": ["kalo", "remi"]}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": params}}]
+    chat = {
+        "model": "lora-0",
+        "messages": [{"role": "user", "content": "kalo"}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "tools": tools,
+        "tool_choice": "required",
+        "return_token_ids": True,
+    }
+    status, whole = await post(stack, "/v1/chat/completions", chat)
+    assert status == 200 and "content" in whole["choices"][0]["message"], whole  # calls, whole or cut off
+    events = await stream(stack, "/v1/chat/completions", chat)
+    streamed = [t for e in events[:-1] if e["choices"] for t in e["choices"][0].get("token_ids", [])]
+    assert streamed == whole["choices"][0]["token_ids"] and len(streamed) > 3

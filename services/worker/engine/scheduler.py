@@ -94,6 +94,7 @@ def schedule(
     # The decision's decodes not yet considered (request id -> tokens): their room is held back
     # from the prefills before them, as much as the step's sequences left can take.
     decodes = _decode_tokens(decision, seqs) if limits.chunked_prefill else {}
+    pending = sum(decodes.values())
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -102,8 +103,8 @@ def schedule(
             break
         if merged is not None and seq.adapter != merged and not decision.mixed:
             continue  # a merged step runs only the merged adapter's requests
-        decodes.pop(rid, None)
-        reserved = min(sum(decodes.values()), limits.max_num_seqs - len(out.seqs) - 1)
+        pending -= decodes.pop(rid, 0)
+        reserved = min(pending, limits.max_num_seqs - len(out.seqs) - 1)
         if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
             continue
         fresh = not blocks.holds(rid)
@@ -123,7 +124,7 @@ def schedule(
             before = len(out.preempted)
             fits = _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision)
             for victim in out.preempted[before:]:  # a decode preempted is no longer one to hold room for
-                decodes.pop(victim.request_id, None)
+                pending -= decodes.pop(victim.request_id, 0)
             if not fits:
                 _release(seq, blocks, fresh)
                 continue
