@@ -4,9 +4,10 @@ history's KV blocks are cached. Pure: prompt token ids in, a worker's name out.
 A user's trial: with two workers, a conversation's turns landed on either, and the prefix cache
 hit 35 % of its prompt tokens where one worker hit 80 %. A prompt's keys are taken at every
 ``GRANULE`` tokens (up to ``MAX_HASHED``), each over the adapter, the cache salt and the tokens
-before it; a request sent to a worker leaves its keys at 16, 32, 64, ... tokens and at its whole
-length there, so a longer prompt that begins with an earlier one finds the worker that took it and
-how much of it is shared. Only a match of at least ``MIN_SHARE`` of the prompt counts, as in
+before it; a request sent to a worker leaves its keys at lengths growing by ``KEEP_RATIO`` and at
+its whole length there, so a longer prompt that begins with an earlier one finds the worker that
+took it and about how much of it is shared. Only a match of at least ``MIN_SHARE`` of the new
+prompt counts (within the keys' spacing), as in
 SGLang's router (``cache_threshold``, 0.5): a chat template's header or a short system prompt every
 request begins with would otherwise draw every new conversation to the worker of the last one.
 ``choose.choose_worker`` decides whether the worker found is near enough to the soonest.
@@ -27,9 +28,13 @@ GRANULE = 16
 MAX_HASHED = 8192
 # The share of a prompt a match must cover (SGLang's router's cache_threshold).
 MIN_SHARE = 0.5
+# Each key kept covers at most this many times the granules of the one before: a shared prefix is
+# found to within this factor (doubling, a 500-token match of a 540-token prompt read as 256 and
+# was refused; a review).
+KEEP_RATIO = 1.25
 # Keys remembered, least recently used dropped first: ~140 bytes each with the dict's own, so
-# ~18 MB, about 16,000 requests' worth at ~8 keys a request.
-CAPACITY = 131_072
+# ~36 MB, about 10,000 requests' worth at up to ~30 keys a request.
+CAPACITY = 262_144
 
 
 def prefix_keys(adapter: str | None, salt: str, token_ids: Sequence[int]) -> list[bytes]:
@@ -62,16 +67,21 @@ class PrefixAffinity:
     def worker_for(self, keys: list[bytes], live: Collection[str]) -> str | None:
         """The live worker sent the longest prefix of the prompt of ``keys`` (``prefix_keys``), if
         it covers ``MIN_SHARE`` of it; else None."""
-        least = max(1, math.ceil(MIN_SHARE * len(keys)))
+        least = max(1, math.ceil(MIN_SHARE * len(keys) / KEEP_RATIO))
         for i in range(len(keys) - 1, least - 2, -1):
             if (worker := self._workers.get(keys[i])) is not None and worker in live:
                 return worker
         return None
 
     def sent(self, keys: list[bytes], worker: str) -> None:
-        """A request of ``keys`` went to ``worker``: its prefixes are cached there now. Kept at 16,
-        32, 64, ... tokens and at its whole length: what a later, longer prompt looks up."""
-        kept = [keys[i] for i in range(len(keys)) if (i + 1) & i == 0 or i == len(keys) - 1]
+        """A request of ``keys`` went to ``worker``: its prefixes are cached there now. Kept at
+        lengths growing by ``KEEP_RATIO`` and at its whole length: what a later, longer prompt looks
+        up."""
+        kept, n = [], 1
+        while n < len(keys):
+            kept.append(keys[n - 1])
+            n = max(n + 1, math.ceil(n * KEEP_RATIO))
+        kept += keys[-1:]
         for key in kept:
             self._workers[key] = worker
             self._workers.move_to_end(key)

@@ -239,3 +239,13 @@ def test_requests_sharing_a_prompt_cache_key_go_together_whatever_their_prompts_
     assert state.choose([x, y_busier], "a", keys(list(range(500, 600)), "c1")) == "y"  # nothing shared but the key
     assert state.choose([x, y_busier], "a", keys(list(range(700, 800)), "c2")) == "x"  # another conversation
     assert state.choose([x, y_busier], "a", keys([1, 2, 3], "c1")) == "y"  # a prompt too short for a key
+
+
+def test_a_shared_prefix_is_found_wherever_its_length_falls() -> None:
+    """A review: kept at doubling lengths, a 500-token prefix shared with a 540-token prompt (or
+    1,000 of 1,040) read as 256 (512) tokens, under half, and was refused."""
+    for shared in (300, 500, 520, 700, 1000, 1100, 2000):
+        affinity = PrefixAffinity()
+        base = list(range(1000, 1000 + shared))
+        affinity.sent(prefix_keys("a", "", [*base, *range(5, 45)]), "x")
+        assert affinity.worker_for(prefix_keys("a", "", [*base, *range(50, 90)]), {"x"}) == "x", shared
