@@ -1,5 +1,6 @@
-"""Which reply readers are still there: a gateway (or any app that opts in) announces itself with
-``ClientAlive`` every ``ANNOUNCE_S`` on ``subjects.CLIENTS``; a request whose client (its
+"""Which reply readers are still there: a gateway announces itself with ``ClientAlive`` every
+``ANNOUNCE_S`` on ``subjects.CLIENTS`` (an application that opts in, on
+``subjects.clients_of(user)``, for names of its own); a request whose client (its
 ``GenerateRequest.client``) was heard from and has since been silent for the heartbeat TTL is
 abandoned, and whoever holds it drops it. A client never heard from is never taken for gone."""
 
