@@ -441,8 +441,9 @@ class Dispatcher:
         others = [w for w in live if w.worker != avoid]
         proactive = self.s.dispatch is DispatchMode.PROACTIVE  # round-robin reads no prefixes
         prefixes = prefix_keys(req.adapter, req.cache_salt, req.prompt_token_ids or []) if proactive else None
-        if prefixes is not None and req.prompt_cache_key:
-            prefixes.append(cache_key(req.adapter, req.cache_salt, req.prompt_cache_key))
+        if prefixes is not None and req.prompt_cache_key:  # one tenant's key, not another's alike
+            scope = f"{req.owner}\0{req.tenant}\0{req.prompt_cache_key}"
+            prefixes.append(cache_key(req.adapter, req.cache_salt, scope))
         worker = self.state.choose(others or live, req.adapter, prefixes)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
