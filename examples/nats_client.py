@@ -31,9 +31,10 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
         errors.append(e)
 
     try:
-        nc = await nats.connect(nats_url, max_reconnect_attempts=1, error_cb=kept)
+        nc = await nats.connect(nats_url, max_reconnect_attempts=2, error_cb=kept)
     except nats.errors.NoServersError:
-        why = errors[-1] if errors else "no server"
+        # every distinct reason, the server's word first (a reset can follow its refusal)
+        why = "; ".join(dict.fromkeys(str(e) for e in errors)) or "no server"
         raise RuntimeError(f"cannot connect to {nats_url.rpartition('@')[2]}: {why}") from None
     # Requests go on your NATS user's own subject, and their replies to one under its name: where
     # the server has users (`dlora up`'s is `app`), those are the only ones you may use.
