@@ -485,14 +485,14 @@ async def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(stac
     body = {"model": "lora-1", "prompt": prompt, "max_tokens": 2}
     status, first = await post(stack, "/v1/completions", body)
     assert status == 200 and first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}, first["usage"]
-    # as a chat's user reads between turns, the workers' stats say the first is over; the dispatcher
-    # then sends the same prefix where it went (two workers here: it went to either before)
-    await asyncio.sleep(1.0)
+    # as a chat's user reads between turns, the workers' stats (every 0.1 s here) say the first is
+    # over; the dispatcher then sends the same prefix where it went (two workers: either before)
+    await asyncio.sleep(0.4)
     status, again = await post(stack, "/v1/completions", body)
     cached, size = again["usage"]["prompt_tokens_details"]["cached_tokens"], again["usage"]["prompt_tokens"]
     assert status == 200 and 0 < cached < size and cached % 16 == 0, again["usage"]  # whole blocks, not the last token
     options = {"include_usage": True}
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.4)
     events = await stream(stack, "/v1/completions", {**body, "prompt": [prompt, prompt], "stream_options": options})
     assert events[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * cached}
     status, other = await post(stack, "/v1/completions", {**body, "model": "lora-2"})  # other weights: no hit
