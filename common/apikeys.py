@@ -1,5 +1,5 @@
 """Inference API keys: made, hashed and checked. Pure: storing them is ``state.py``'s and
-``registry.py``'s work, presenting them the gateway's.
+``key_registry.py``'s work, presenting them the gateway's.
 
 A key is ``sk-dlora-`` and 43 URL-safe characters (``secrets.token_urlsafe(32)``: 256 random
 bits), shown once when it is made. Only its SHA-256 digest is kept. A fast unsalted hash is the

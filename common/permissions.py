@@ -40,7 +40,7 @@ def _bucket(name: str) -> list[str]:
 # buckets (a restore's key listing), and the adapter registry's bucket (common/registry.py): only
 # that bucket's API, so a service cannot reach other streams on the server.
 _JETSTREAM = ["$JS.API.INFO", "$JS.FC.>", "$JS.ACK.>", *_bucket(f"{P}-adapters")]
-# The inference API keys' bucket (common/registry.py KeyRegistry): the gateway's alone, and the
+# The inference API keys' bucket (common/key_registry.py): the gateway's alone, and the
 # `dlora keys` command's, which connects as the gateway.
 _KEYS_BUCKET = _bucket(f"{P}-keys")
 # nats-py's replies to its own requests (nc.request) come to _INBOX.<random>.

@@ -16,8 +16,8 @@ from redis.exceptions import RedisError
 
 from dlora.common import apikeys, log
 from dlora.common.bus import CredentialsRefused, connections
+from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import ApiKey
-from dlora.common.registry import KeyRegistry
 from dlora.common.settings import Problems, SettingsError, load
 from dlora.common.urls import redacted
 from dlora.services.gateway.settings import GatewaySettings

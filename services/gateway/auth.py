@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from dlora.common import apikeys
+from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import AdapterEntry, ApiKey
-from dlora.common.registry import KeyRegistry
 from dlora.services.gateway.limits import KeyLimiter, Limits
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings

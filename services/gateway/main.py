@@ -27,6 +27,7 @@ from dlora.common import bus, log, lograte, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import announce
 from dlora.common.exporter import metrics_response
+from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import (
     AbortRequest,
     AdapterEntry,
@@ -36,7 +37,7 @@ from dlora.common.messages import (
     TokenChunk,
     WorkerStats,
 )
-from dlora.common.registry import AdapterRegistry, KeyRegistry
+from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
 from dlora.model.config import ModelConfig, sampling_defaults
 from dlora.model.token_bytes import TokenText

@@ -19,7 +19,8 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dlora.common.registry import purge, purge_keys
+from dlora.common.key_registry import purge_keys
+from dlora.common.registry import purge
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher

@@ -187,8 +187,9 @@ async def test_the_services_keep_their_durable_copies_with_only_their_own_permis
     """The dispatcher writes and restores the adapter registry's bucket, the gateway the API keys'
     too, each connected as its own user: JetStream's API is open to them only for those buckets."""
     from dlora.common import apikeys
+    from dlora.common.key_registry import KeyRegistry, purge_keys
     from dlora.common.messages import AdapterEntry
-    from dlora.common.registry import AdapterRegistry, KeyRegistry, purge, purge_keys
+    from dlora.common.registry import AdapterRegistry, purge
     from dlora.common.state import StateStore
 
     store = StateStore(redis)

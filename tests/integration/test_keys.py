@@ -16,8 +16,8 @@ import pytest
 from nats.aio.msg import Msg
 
 from dlora.common import apikeys, subjects
+from dlora.common.key_registry import KEYS_RECONCILE_S
 from dlora.common.messages import GenerateRequest
-from dlora.common.registry import KEYS_RECONCILE_S
 from dlora.services.cli import main
 from dlora.services.servers import Server
 from tests.integration.conftest import ADMIN_KEY, Stack

@@ -16,18 +16,10 @@ from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from dlora.common import apikeys
+from dlora.common.durable import REOPEN_INTERVAL_S, RESTORE_ON_MISS_INTERVAL_S, Bucket, stream_subjects
+from dlora.common.key_registry import KeyRegistry, keys_bucket_name
 from dlora.common.messages import AdapterEntry, AdapterRemoval, ApiKey
-from dlora.common.registry import (
-    REMOVAL_MEMORY_S,
-    REOPEN_INTERVAL_S,
-    RESTORE_ON_MISS_INTERVAL_S,
-    AdapterRegistry,
-    Bucket,
-    KeyRegistry,
-    bucket_name,
-    keys_bucket_name,
-    stream_subjects,
-)
+from dlora.common.registry import REMOVAL_MEMORY_S, AdapterRegistry, bucket_name
 from dlora.common.state import INFLIGHT_TTL_S, StateStore
 from dlora.services.servers import Server, free_port, start_nats
 
