@@ -1,7 +1,7 @@
 """The dispatcher service: takes requests off the shared subject, picks a worker, records the
 in-flight entry, forwards. Several dispatchers share the load as one NATS queue group. It also
 watches worker stats: a worker gone silent loses its requests to live workers, which resume
-them from the tokens already delivered, so each client's stream continues."""
+them from the tokens already delivered, so each client's stream continues (``recovery.py``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from dlora.common.bus import connections
 from dlora.common.clients import Clients
 from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import (
-    MAX_RECOVERIES,
     AbortRequest,
     ClientAlive,
     ErrorCode,
@@ -32,13 +31,14 @@ from dlora.common.messages import (
     with_seed,
 )
 from dlora.common.registry import AdapterRegistry
-from dlora.common.state import Inflight, StateStore
+from dlora.common.state import StateStore
 from dlora.common.undecodable import request_head
 from dlora.services.dispatcher.affinity import cache_key, prefix_keys
 from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.placement import WorkerCapacity, place
+from dlora.services.dispatcher.recovery import Recovery
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
 from dlora.services.notify import notifier
@@ -63,7 +63,7 @@ _DECAY = 0.9  # per placement interval: traffic shares follow the last minute or
 PURGE_INTERVAL_S = 60.0
 
 
-class Dispatcher:
+class Dispatcher(Recovery):
     def __init__(self, settings: DispatcherSettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
         # The workers' stats (monotonic clock), the sends since, the placement: the choice's inputs.
@@ -189,53 +189,6 @@ class Dispatcher:
         if subjects.owns_client(sender, alive.client):
             await self._on_client(alive)
 
-    async def _on_abort(self, abort: AbortRequest) -> None:
-        await self._drop_orphan(abort.request_id, None)
-
-    async def _on_app_abort(self, abort: AbortRequest, sender: str) -> None:
-        await self._drop_orphan(abort.request_id, sender)
-
-    async def _drop_orphan(self, request_id: str, sender: str | None) -> None:
-        """An abort of a request waiting here for a worker (``orphans.py``): its record goes, so no
-        worker runs it later. Only workers heard aborts, and none was live: a gateway whose
-        chunk timeout ran out answered its client and aborted, and the request was still run, for
-        nobody, once a worker came (a review). Its reader gets the abort's last chunk, as a worker
-        answers one (a trial: the stream stayed open). ``sender``: an application's abort, which
-        stops only its own requests."""
-        if request_id not in self.orphans:
-            return
-        rec = await self.store.get_inflight(request_id)
-        if rec is None or (sender is not None and rec.request.owner != sender):
-            return
-        if rec.worker not in {w.worker for w in self.live()}:  # still waiting
-            if await self.store.delete_inflight(request_id, (rec.worker, rec.recoveries)):
-                last = TokenChunk(
-                    request_id=request_id,
-                    seq=rec.next_seq,
-                    finish_reason=FinishReason.ABORT,
-                    recoveries=rec.recoveries,
-                )
-                await bus.publish(self.nc, rec.request.reply_to, last)
-            self.orphans.over(request_id)
-
-    async def _on_lost(self, lost: LostRequests) -> None:
-        """A worker's in-flight records of requests it does not hold (it restarted, or their
-        message never came) or will not finish (it is stopping): re-dispatch each whose record
-        is still that worker's."""
-        logger.warning("worker handed back requests", worker=lost.worker, requests=len(lost.requests))
-        if lost.draining and not self.live():  # nowhere to go now: left to the usual recovery
-            logger.warning("no other worker to take a stopping worker's requests", worker=lost.worker)
-            return
-        for rid, attempt in lost.requests.items():
-            died = not lost.draining and rid not in lost.never_arrived
-            try:  # one record Redis failed on must not hold up the rest: the worker hands it back again
-                rec = await self.store.get_inflight(rid)
-                if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
-                    holding = rid in lost.elsewhere  # only a worker holding its adapter's version
-                    await self._recover(rec, died=died, avoid=None if died else lost.worker, holding=holding)
-            except bus.STATE_OUTAGE as e:
-                logger.warning("handed-back request not re-dispatched yet", request=rid, error=type(e).__name__)
-
     async def watch_workers(self, stop: asyncio.Event) -> None:
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
         Redis) re-dispatches its in-flight requests, each resuming after the tokens its client has."""
@@ -279,93 +232,6 @@ class Dispatcher:
         if now - self._orphans_at > self.s.heartbeat_ttl_s:
             self._orphans_at = now
             await self._recover_orphans()
-
-    async def recover(self, worker: str, stopped: bool = False) -> None:
-        """Forget ``worker`` and re-dispatch what it held. ``stopped``: its last start drained and
-        stopped (SIGTERM), which is not a loss: neither logged nor counted as one (a rolling restart
-        fired every alert on dlora_worker_losses_total)."""
-        if stopped:
-            logger.info("worker stopped", worker=worker)
-        else:
-            logger.warning("worker lost", worker=worker)
-            self.metrics.losses.inc()
-        await self.store.forget_worker(worker)
-        await self._recover_on(worker)
-
-    async def _recover_on(self, worker: str) -> None:
-        """Re-dispatch every request recorded as in flight on ``worker`` (lost), and drop its index
-        entries that name no record of it any more."""
-        request_ids = await self.store.inflight_on(worker)
-        stale = []
-        for rid in request_ids:
-            try:  # one record that cannot be read or re-sent must not stop the watch (and the rest)
-                rec = await self.store.get_inflight(rid)
-                if rec is not None and rec.worker == worker:
-                    # A start of the worker that drained and stopped handed this back; the message
-                    # went unheard (no dispatcher up): not a death.
-                    stopped = await self.store.stopped_cleanly(worker, rec.incarnation)
-                    await self._recover(rec, died=not stopped)
-                else:
-                    stale.append(rid)
-            except bus.STATE_OUTAGE:
-                raise  # Redis down: the whole look is tried again
-            except Exception as e:  # logged, not raised: see above; a sweep tries it again
-                logger.exception("request not recovered", request=rid, error=type(e).__name__)
-        await self.store.unindex(worker, stale)
-        logger.warning("requests of a lost worker re-dispatched", worker=worker, requests=len(request_ids) - len(stale))
-
-    async def _recover_orphans(self) -> None:
-        """Requests recorded on a worker that is neither heard from nor beating, which no loss
-        re-dispatched: one whose recovery broke off (Redis failed over mid-way, the dispatcher
-        restarted), or on a worker that died before this dispatcher heard of it. Without this
-        sweep such a request would wait for its client's chunk timeout."""
-        self.orphans.prune(time.monotonic())
-        for worker in await self.store.indexed_workers():
-            if worker in self.workers or await self.store.beating(worker):
-                continue
-            if await self.store.claim_recovery(f"{worker}:orphans", ttl_s=self.s.heartbeat_ttl_s):
-                await self._recover_on(worker)
-
-    async def _recover(self, rec: Inflight, died: bool = True, avoid: str | None = None, holding: bool = False) -> None:
-        """Re-dispatch a request given up on ``rec.worker`` as its next attempt, resuming after the
-        tokens its client has; or fail it (``died``, and too many workers died with it before; or
-        its client is judged gone: said, not dropped in silence, for a client that was only cut
-        off for a while would otherwise wait out its chunk timeout). Each record is re-dispatched
-        once, however many dispatchers try. Not ``died``: its message never reached the worker,
-        or the worker is stopping; ``avoid``: a worker to send it elsewhere than, if any other;
-        ``holding``: only to a worker that holds its adapter's version (``_dispatch``)."""
-        first = rec.request
-        next_seq = rec.next_seq
-        mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
-        if first.client and self.clients.gone(first.client, time.monotonic()):
-            logger.warning("client silent; its request is answered, not re-dispatched", request=first.request_id)
-            reason = "the request's worker was lost while its client was not heard from; try again"
-            await self._fail(first, next_seq, reason, "client-gone", ErrorCode.UNAVAILABLE, expect=mine)
-            return
-        if died and rec.deaths >= MAX_RECOVERIES:
-            await self._fail(
-                first,
-                next_seq,
-                f"the request was in flight on {rec.deaths + 1} workers that "
-                f"died, the last {rec.worker}; it is not retried again, since it may be what stops them",
-                "gave-up",
-                expect=mine,
-            )
-            return
-        # Recomputed from its tokens: a cache once shipped to the lost worker is gone with it.
-        resumed = msgspec.structs.replace(
-            first,
-            resume_token_ids=[*first.resume_token_ids, *rec.tokens],
-            resume_text_pending=rec.text_pending,
-            resume_text_held=rec.text_held,
-            next_seq=next_seq,
-            kv_chunks=0,
-            kv_transfer="",
-            kv_export_s=0.0,
-            recoveries=rec.recoveries + 1,
-            continued=True,
-        )
-        await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid, holding=holding)
 
     def _count(self, adapter: str | None) -> None:
         if adapter is not None:
