@@ -363,7 +363,7 @@ async def test_bus_messages_that_do_not_decode_are_counted_not_lost_silently(sta
 
 
 async def test_metrics_are_exposed(stack: Stack) -> None:
-    await post(stack, "/v1/completions", {"model": "lora-1", "prompt": "kalo", "max_tokens": 3})
+    await post(stack, "/v1/completions", {"model": "lora-1", "prompt": "kalo", "max_tokens": 3, "ignore_eos": True})
     # A refusal is counted under the model it named where that is served, else under "?" (a name
     # nobody serves must not make a label).
     assert (await post(stack, "/v1/completions", {"model": "lora-2", "prompt": "k", "temperature": -1}))[0] == 400
