@@ -196,3 +196,13 @@ def test_a_running_stream_keeps_decoding_while_a_prompt_of_higher_priority_prefi
         for out in engine.step():
             made[out.request_id] += len(out.new_token_ids)
     assert steps > 1 and made["stream"] == steps  # a token at every step, beside each 15-token chunk
+
+
+def test_choices_of_one_prompt_compute_it_once_and_match_the_oracle(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+    """n > 1 reaches the engine as n requests of one prompt at once: the first computes the prompt,
+    the others wait a step and take its blocks (they computed all of it beside it before)."""
+    adapter, prompt = sorted(tiny_llama.adapters)[0], SYSTEM + TURNS[1]  # 26 tokens: 6 full blocks of 4
+    engine = make_engine(tiny_llama, block_size=4)
+    got = run_all(engine, {f"c{i}": (adapter, prompt) for i in range(4)}, MAX_TOKENS)
+    assert got == {f"c{i}": oracle.generate(adapter, prompt, MAX_TOKENS) for i in range(4)}
+    assert _hits(engine) == 3 * 24 and engine.stats.prefill_tokens == 26 + 3 * 2

@@ -96,3 +96,19 @@ def test_off_it_reuses_nothing_and_caches_nothing() -> None:
     assert _run(bm, "a", [1, 2, 3, 4, 5]) == 0 and bm.num_cached == 0
     bm.free("a")
     assert _run(bm, "b", [1, 2, 3, 4, 5]) == 0
+
+
+def test_upcoming_names_what_computing_will_cache_and_a_miss_names_what_it_wanted() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    ids = list(range(14))
+    bm.reuse_prefix("a", ids, KEY)
+    bm.grow("a", 14)
+    first = bm.upcoming("a", ids, 0, 6, KEY)  # changes nothing: asked twice, the same
+    assert len(first) == 1 and bm.upcoming("a", ids, 0, 6, KEY) == first and bm.num_cached == 0
+    bm.computed("a", ids, 0, 6, KEY)
+    assert bm.upcoming("a", ids, 6, 14, OTHER) == []  # block 1 was begun under KEY
+    rest = bm.upcoming("a", ids, 6, 14, KEY)
+    assert len(rest) == 2
+    assert bm.reuse_prefix("b", ids, KEY) == 4 and bm.wanted("b") == rest[0]
+    bm.computed("a", ids, 6, 14, KEY)
+    assert bm.num_cached == 3 and bm.reuse_prefix("c", ids, KEY) == 12 and bm.wanted("c") is None

@@ -219,3 +219,39 @@ def test_two_half_prefilled_prompts_that_fill_the_cache_do_not_stall_it() -> Non
     assert bm.num_free == 0
     plan = schedule(StepDecision(None, ["p2", "p1"]), seqs, bm, CHUNKED)
     assert plan.seqs == [p1] and plan.preempted == [p2] and p2.num_cached == 0
+
+
+def test_a_prompt_whose_next_block_a_prefill_computes_this_step_waits_and_then_finds_it_cached() -> None:
+    """Identical prompts admitted together (n > 1 choices): the first computes the prompt, the
+    others wait one step and reuse its blocks instead of computing the same KV beside it; a prompt
+    under another key, or sharing nothing, runs at once."""
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    a, b, other, salted = seq("a", 0, 10), seq("b", 1, 10), seq("c", 2, 10), seq("d", 3, 10)
+    other.prompt_ids = [t + 100 for t in other.prompt_ids]
+    salted.cache_salt = "s"
+    seqs = {s.request_id: s for s in (a, b, other, salted)}
+    roomy = replace(CHUNKED, max_num_batched_tokens=64)
+    plan = schedule(StepDecision(None, list(seqs)), seqs, bm, roomy)
+    assert [s.request_id for s in plan.seqs] == ["a", "c", "d"]
+    assert b.num_cached == 0 and not bm.holds("b") and plan.prefix_queries == 30
+    for s in plan.seqs:
+        bm.computed(s.request_id, s.all_ids(), 0, 10, s.salted(b""))
+        s.status, s.num_cached = Status.RUNNING, 10
+    plan = schedule(StepDecision(None, ["b"]), seqs, bm, roomy)
+    assert b.num_cached == 8 and b.num_scheduled == 2 and (plan.prefix_queries, plan.prefix_hits) == (10, 8)
+
+
+def test_a_sibling_waits_for_the_chunk_that_computes_its_next_block_then_reuses_all_of_it() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    a, b = seq("a", 0, 30), seq("b", 1, 30)
+    seqs = {"a": a, "b": b}
+    ran = []
+    for _ in range(2):  # a's chunks: tokens [0, 16) alone, then [16, 30) with room left that b waits out
+        plan = schedule(StepDecision(None, ["a", "b"]), seqs, bm, CHUNKED)
+        ran.append([(s.request_id, s.num_cached, s.num_scheduled) for s in plan.seqs])
+        bm.computed("a", a.all_ids(), a.num_cached, a.num_cached + a.num_scheduled, b"")
+        a.num_cached += a.num_scheduled
+    assert ran == [[("a", 0, 16)], [("a", 16, 14)]] and not bm.holds("b")
+    a.status = Status.RUNNING
+    plan = schedule(StepDecision(None, ["b"]), seqs, bm, CHUNKED)
+    assert (b.num_cached, b.num_scheduled) == (28, 2)  # every block but the last token's

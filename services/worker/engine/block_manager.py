@@ -51,6 +51,7 @@ class _Held:
     # The cache key of the tokens computed so far in the block after the chain: None before any,
     # or False once two keys have been seen there (then nothing more of this sequence is cached).
     open_key: bytes | None | bool = None
+    wanted: bytes | None = None  # the first block ``reuse_prefix`` looked up and did not find
 
 
 class BlockManager:
@@ -142,6 +143,7 @@ class BlockManager:
             name = block_hash(parent, token_ids[start : start + bs], cache_key)
             block = self._cached.get(name)
             if block is None:
+                held.wanted = name
                 break
             if self._ref[block] == 0:
                 del self._evictable[block]
@@ -155,31 +157,60 @@ class BlockManager:
         """Whether computing tokens [start, end) completes a block (``computed`` then reads ids)."""
         return end // self.block_size > start // self.block_size
 
+    def wanted(self, seq_id: str) -> bytes | None:
+        """The name of the first block ``seq_id``'s last ``reuse_prefix`` missed (None: it found
+        every block it may take, or looked up nothing)."""
+        held = self._held.get(seq_id)
+        return held.wanted if held is not None else None
+
+    def upcoming(self, seq_id: str, token_ids: list[int], start: int, end: int, cache_key: bytes) -> list[bytes]:
+        """The names ``computed`` would give the blocks that computing tokens [start, end) of
+        ``seq_id`` completes, changing nothing (the scheduler's view of what a step will cache)."""
+        held = self._held.get(seq_id)
+        if held is None or not self._extends_chain(held, start, end) or held.open_key not in (None, cache_key):
+            return []
+        return self._chain(held, token_ids, end, cache_key)
+
     def computed(self, seq_id: str, token_ids: list[int], start: int, end: int, cache_key: bytes) -> None:
         """Tokens [start, end) of ``seq_id`` (``token_ids`` are all its tokens so far; may be empty
         when ``fills_block(start, end)`` is false) had their KV written by weights named
         ``cache_key``: cache each block this completes, unless its tokens were computed under two
         keys (then nothing more of the sequence is cached)."""
         held = self._held.get(seq_id)
-        if not self.enable_prefix_caching or held is None or held.open_key is False or end <= start:
+        if held is None or not self._extends_chain(held, start, end):
             return
-        bs = self.block_size
-        if len(held.chain) * bs > start:
-            return  # recomputing what its chain already names: nothing new to cache
         if held.open_key is not None and held.open_key != cache_key:
             held.open_key = False
             return
         held.open_key = cache_key
-        while (len(held.chain) + 1) * bs <= end:
-            b = len(held.chain)
-            name = block_hash(held.chain[-1] if held.chain else _ROOT, token_ids[b * bs : (b + 1) * bs], cache_key)
+        for name in self._chain(held, token_ids, end, cache_key):
+            block = held.table[len(held.chain)]
             held.chain.append(name)
-            block = held.table[b]
             if name not in self._cached:  # else another sequence cached the same KV first
                 self._cached[name] = block
                 self._name_of[block] = name
-        if end % bs == 0:
+        if end % self.block_size == 0:
             held.open_key = None
+
+    def _extends_chain(self, held: _Held, start: int, end: int) -> bool:
+        """Whether computing tokens [start, end) may name more of ``held``'s blocks: caching is on,
+        its chain is not broken, and this is not a recomputation of what the chain names."""
+        return (
+            self.enable_prefix_caching
+            and held.open_key is not False
+            and start < end
+            and len(held.chain) * self.block_size <= start
+        )
+
+    def _chain(self, held: _Held, token_ids: list[int], end: int, cache_key: bytes) -> list[bytes]:
+        """The names of the blocks after ``held``'s chain up to token ``end``'s block, exclusive
+        of a block ``end`` leaves unfilled."""
+        bs, names = self.block_size, []
+        parent = held.chain[-1] if held.chain else _ROOT
+        for b in range(len(held.chain), end // bs):
+            parent = block_hash(parent, token_ids[b * bs : (b + 1) * bs], cache_key)
+            names.append(parent)
+        return names
 
     def stop_caching(self, seq_id: str) -> None:
         """Cache nothing more of ``seq_id``: its KV came from elsewhere (a moved request)."""

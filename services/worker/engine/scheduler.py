@@ -95,6 +95,12 @@ def schedule(
     # from the prefills before them, as much as the step's sequences left can take.
     decodes = _decode_tokens(decision, seqs) if limits.chunked_prefill else {}
     pending = sum(decodes.values())
+    # The blocks this step's prefills complete, by name: a prompt that begins with one of them
+    # waits a step and then finds it cached, rather than computing the same KV beside it (n > 1
+    # choices, a shared system prompt sent twice at once). vLLM names blocks as it allocates them
+    # so a sibling reads them in the same step; here they are named after the forward that wrote
+    # them, so a failed step never leaves a name on KV that was not written.
+    upcoming: set[bytes] = set()
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -108,9 +114,15 @@ def schedule(
         if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
             continue
         fresh = not blocks.holds(rid)
+        # Which weights compute its KV this step (a decode needs none: it seldom fills a block)
+        caches = blocks.enable_prefix_caching and seq.status is Status.WAITING
+        own_key = seq.salted(cache_key(seq.adapter)) if caches or fresh else b""
         if fresh:
-            key = NO_REUSE if seq.collects_prompt_logprobs else seq.salted(cache_key(seq.adapter))
-            seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), key)
+            lookup = NO_REUSE if seq.collects_prompt_logprobs else own_key
+            seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), lookup)
+            if blocks.wanted(rid) in upcoming:
+                _release(seq, blocks, fresh)  # a prefill chosen before it computes that block now
+                continue
         n = seq.num_new
         room = limits.max_num_batched_tokens - tokens - (reserved if seq.status is Status.WAITING else 0)
         if n > room:
@@ -133,6 +145,8 @@ def schedule(
         out.seqs.append(seq)
         chosen.add(rid)
         tokens += n
+        if caches:
+            upcoming.update(blocks.upcoming(rid, seq.all_ids(), seq.num_cached, seq.num_cached + n, own_key))
         # Counted as vLLM counts them: a lookup with the cache on, of a request not preempted
         # (its own blocks found again are no hit), and none by one that may not reuse.
         if fresh and blocks.enable_prefix_caching and not seq.num_preemptions and not seq.collects_prompt_logprobs:
