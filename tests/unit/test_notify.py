@@ -67,7 +67,9 @@ def test_the_watchdog_is_fed_only_while_the_work_loop_beats(notify_socket: socke
         stop.set()
         await task
 
-    asyncio.run(feed_for(0.05))  # no beats kept: the event loop turning is enough
+    # no beats kept: the event loop turning is enough (0.2 s: two feeds 0.02 s apart, with room for
+    # a loaded machine to be late)
+    asyncio.run(feed_for(0.2))
     assert _received(notify_socket).count("WATCHDOG=1") >= 2
     n.beat()
     now[0] += 1.0  # the work loop has not turned for 1 s, 25 intervals
