@@ -27,6 +27,9 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dlora.
 REQUESTS = [("lora-1", 12), ("lora-2", 9), ("lora-1", 7), (None, 10), ("lora-2", 300), ("lora-1", 5)]
 # Documented families a scrape may show without a sample: each has one only once its event happened.
 EVENT_ONLY = {
+    # an adapter loaded into a device slot: none where every adapter ran merged (checked below)
+    "dlora_adapter_loads_total",
+    "dlora_adapter_load_seconds_total",
     "dlora_bus_rejected_messages_total",  # a message that did not decode
     "dlora_migration_makespan_seconds",  # a plan solved by the leader
     "dlora_merged_adapter",  # an adapter merged now
@@ -34,8 +37,6 @@ EVENT_ONLY = {
 # Worker families by adapter that a worker has a sample of only where an adapter is (loaded here, or
 # with a request here): some worker has one.
 SOME_WORKER = {
-    "dlora_adapter_loads_total",
-    "dlora_adapter_load_seconds_total",
     "vllm:lora_adapter_loaded",
     "dlora_adapter_requests",  # while the load runs
     "dlora_step_cycle_seconds",  # a worker that ran two decode steps in a row
@@ -174,6 +175,8 @@ def test_every_exporter_serves_its_families_with_values_that_agree_with_the_load
     merges = sum(s.value for w in workers for s in w.of("dlora_adapter_switches_total") if s.labels["kind"] == "merge")
     # each went into some worker's device slot, but for one that ran merged only (no slot needed)
     assert loaded <= {"lora-1", "lora-2"} and len(loaded) + min(merges, 2) >= 2, (loaded, merges)
+    seconds = {s.labels["adapter"] for w in workers for s in w.of("dlora_adapter_load_seconds_total")}
+    assert seconds == {s.labels["adapter"] for w in workers for s in w.of("dlora_adapter_loads_total")}
     # The dispatcher sent every request somewhere, to live workers; nothing was refused or lost.
     dispatcher = scrapes["dispatcher"]
     assert dispatcher.total("dlora_dispatch_decisions_total") == len(REQUESTS)
