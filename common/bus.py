@@ -251,6 +251,20 @@ async def subscribe_senders(
     return await nc.subscribe(pattern, queue=queue, cb=deliver)
 
 
+async def subscribe_requests(
+    nc: NATS, subject: str, kind: type[T], handler: Callable[[T, str], Awaitable[None]]
+) -> Subscription:
+    """``subscribe`` to requests: ``handler`` also gets the subject to answer on (a message with none
+    is dropped, as nobody waits for its answer)."""
+    decoder = msgspec.json.Decoder(kind)
+
+    async def deliver(value: T, msg: Msg) -> None:
+        if msg.reply:
+            await handler(value, msg.reply)
+
+    return await nc.subscribe(subject, cb=_decoding(subject, kind, decoder, deliver))
+
+
 def _decoding(
     pattern: str,
     kind: type[T],

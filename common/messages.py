@@ -291,6 +291,16 @@ class AdapterEvent(msgspec.Struct, kw_only=True, frozen=True, tag=True):
     version: str | None = None
 
 
+class PrefixCacheReset(msgspec.Struct, kw_only=True, frozen=True):
+    """Forget the prefix cache (an admin's ``POST /reset_prefix_cache``), broadcast on
+    ``subjects.PREFIX_CACHE_RESET``; each worker answers on the message's reply subject."""
+
+
+class PrefixCacheResetDone(msgspec.Struct, kw_only=True, frozen=True):
+    worker: str
+    blocks: int  # the cached blocks it forgot
+
+
 class AdapterResidency(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     slot: int | None  # device slot, None: host memory only

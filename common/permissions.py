@@ -52,7 +52,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
     perms = {
         "gateway": (
             [subjects.REQUESTS, subjects.ABORT, subjects.ADAPTER_EVENTS, subjects.CLIENTS, subjects.DISPATCHER_PING]
-            + [*_JETSTREAM, *_KEYS_BUCKET],
+            + [subjects.PREFIX_CACHE_RESET, *_JETSTREAM, *_KEYS_BUCKET],
             [f"{P}.reply.>", subjects.STATS_ALL, subjects.MOVES, _INBOX],  # stats and plans: /v1/status
         ),
         "dispatcher": (
@@ -81,6 +81,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
                 subjects.MOVES,
                 subjects.PLACEMENT,
                 subjects.CLIENTS,
+                subjects.PREFIX_CACHE_RESET,
                 _INBOX,
             ],
         ),

@@ -33,6 +33,10 @@ LOST = f"{PREFIX}.lost"
 # AdapterEvent, broadcast.
 ADAPTER_EVENTS = f"{PREFIX}.adapters.events"
 
+# PrefixCacheReset from the gateway (admin), broadcast; each worker answers the message's reply
+# subject with a PrefixCacheResetDone.
+PREFIX_CACHE_RESET = f"{PREFIX}.prefix-cache.reset"
+
 # Placement from the dispatcher.
 PLACEMENT = f"{PREFIX}.placement"
 

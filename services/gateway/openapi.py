@@ -240,6 +240,19 @@ def document() -> dict[str, Any]:
                 },
             }
         },
+        "/reset_prefix_cache": {
+            "post": {
+                "operationId": "resetPrefixCache",
+                "description": "vLLM's (SGLang's /flush_cache): every worker forgets its prefix cache, as before "
+                "a cold-cache benchmark; requests running keep their blocks.",
+                "security": admin,
+                "responses": _responses(
+                    "`workers`: the cached blocks each worker forgot; `missing`: live workers that did not answer",
+                    401,
+                    403,
+                ),
+            }
+        },
         "/tokenize": {
             "post": {
                 "operationId": "tokenize",

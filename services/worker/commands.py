@@ -34,4 +34,9 @@ class Prefetch:
     adapters: list[str]  # the placement's adapters for this worker
 
 
-Command = Add | Abort | AdapterChanged | Prefetch | Move
+@dataclass(frozen=True)
+class ResetPrefixCache:
+    reply: str  # the subject to answer on with a PrefixCacheResetDone
+
+
+Command = Add | Abort | AdapterChanged | Prefetch | Move | ResetPrefixCache

@@ -30,6 +30,8 @@ from dlora.common.messages import (
     LostRequests,
     MovePlan,
     Placement,
+    PrefixCacheReset,
+    PrefixCacheResetDone,
     WorkerStats,
 )
 from dlora.common.state import Copy, Sent, StateStore
@@ -45,7 +47,7 @@ from dlora.services.worker.chunks import (
     error_chunk,
     past_deadline,
 )
-from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch
+from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch, ResetPrefixCache
 from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine
@@ -149,6 +151,9 @@ class WorkerService:
     async def _on_adapter_event(self, event: AdapterEvent) -> None:
         await self.commands.put(AdapterChanged(event.name, None if event.removed else event.version))
 
+    async def _on_prefix_cache_reset(self, _: PrefixCacheReset, reply: str) -> None:
+        await self.commands.put(ResetPrefixCache(reply))
+
     async def _on_moves(self, plan: MovePlan) -> None:
         moves = moves_to_take(plan, self.s.worker_id, self.plan_epoch, time.time())
         if moves is None:
@@ -200,6 +205,10 @@ class WorkerService:
                 await self.delivery.publish(stream.reply_to, chunk)
         elif isinstance(cmd, AdapterChanged):
             self.adapters.changed(cmd.name, cmd.version)
+        elif isinstance(cmd, ResetPrefixCache):
+            blocks = self.engine.reset_prefix_cache()
+            logger.info("prefix cache reset", blocks=blocks)
+            await bus.publish(self.nc, cmd.reply, PrefixCacheResetDone(worker=self.s.worker_id, blocks=blocks))
         else:
             await self._add(cmd.req, cmd.bad_words_ids)
 
@@ -430,6 +439,9 @@ class WorkerService:
             await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
             await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),
             await bus.subscribe(self.nc, subjects.ADAPTER_EVENTS, AdapterEvent, self._on_adapter_event),
+            await bus.subscribe_requests(
+                self.nc, subjects.PREFIX_CACHE_RESET, PrefixCacheReset, self._on_prefix_cache_reset
+            ),
             await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_moves),
             await bus.subscribe(self.nc, subjects.kv_inbox(self.s.worker_id), KVChunk, self._on_kv_chunk, msgpack=True),
             await bus.subscribe(self.nc, subjects.PLACEMENT, Placement, self._on_placement),

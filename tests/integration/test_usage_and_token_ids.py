@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.integration.conftest import Stack
+from tests.integration.conftest import ADMIN_KEY, Stack
 from tests.integration.test_gateway import PROMPTS, post, stream
 
 
@@ -64,6 +64,21 @@ async def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(stac
     assert events[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * cached}
     status, other = await post(stack, "/v1/completions", {**body, "model": "lora-2"})  # other weights: no hit
     assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+async def test_an_admin_resets_every_workers_prefix_cache(stack: Stack) -> None:
+    """vLLM's POST /reset_prefix_cache (SGLang's /flush_cache), admin only: the next request for a
+    prompt cached before computes all of it, on any worker."""
+    body = {"model": "lora-2", "prompt": " ".join(["sona kalo"] * 16), "max_tokens": 2}
+    await post(stack, "/v1/completions", body)
+    await asyncio.sleep(0.4)  # the stats say it is over: the next goes where it went
+    assert (await post(stack, "/v1/completions", body))[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert (await post(stack, "/reset_prefix_cache", {}))[0] == 401
+    status, done = await post(stack, "/reset_prefix_cache", {}, {"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert status == 200 and set(done["workers"]) == {"w0", "w1"} and done["missing"] == [], done
+    assert sum(done["workers"].values()) > 0
+    await asyncio.sleep(0.4)
+    assert (await post(stack, "/v1/completions", body))[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
 async def test_return_token_ids_gives_each_choices_tokens_and_its_prompts(stack: Stack) -> None:

@@ -112,3 +112,20 @@ def test_upcoming_names_what_computing_will_cache_and_a_miss_names_what_it_wante
     assert bm.reuse_prefix("b", ids, KEY) == 4 and bm.wanted("b") == rest[0]
     bm.computed("a", ids, 6, 14, KEY)
     assert bm.num_cached == 3 and bm.reuse_prefix("c", ids, KEY) == 12 and bm.wanted("c") is None
+
+
+def test_a_reset_forgets_every_cached_block_and_frees_those_nobody_holds() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    ids = list(range(13))
+    _run(bm, "done", ids)
+    bm.free("done")  # its three full blocks stay cached, held by none
+    _run(bm, "running", ids)  # reuses them
+    bm.free("running")
+    _run(bm, "running", ids + [99, 98, 97])
+    assert bm.num_cached == 4 and bm.num_free == 4
+    assert bm.reset_prefix_cache() == 4
+    assert bm.num_cached == 0 and bm.num_free == 4 and len(bm.table("running")) == 4  # it keeps its blocks
+    assert bm.reuse_prefix("later", ids, KEY) == 0
+    bm.free("later")
+    bm.free("running")
+    assert bm.num_free == 8 and bm.num_cached == 0

@@ -212,6 +212,17 @@ class BlockManager:
             names.append(parent)
         return names
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (vLLM's ``reset_prefix_cache``, SGLang's ``flush_cache``): no
+        later lookup finds what was computed before; blocks nobody holds are free again and the
+        sequences running keep theirs. The number of blocks that were cached."""
+        forgotten = len(self._cached)
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._name_of.clear()
+        return forgotten
+
     def stop_caching(self, seq_id: str) -> None:
         """Cache nothing more of ``seq_id``: its KV came from elsewhere (a moved request)."""
         if seq_id in self._held:

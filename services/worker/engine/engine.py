@@ -277,6 +277,10 @@ class LLMEngine:
         move): until then its last one is ``RESERVED``."""
         return async_scheduling.drain(self)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache (``BlockManager.reset_prefix_cache``); the blocks it held."""
+        return self.blocks.reset_prefix_cache()
+
     def holds(self, seq: Sequence) -> bool:
         """Whether ``seq`` is still in flight here: not ended, aborted or replaced under its id
         since a step ran it (async scheduling takes a step in a call later)."""
