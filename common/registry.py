@@ -28,6 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
+    KeyWrongLastSequenceError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -87,21 +88,23 @@ class AdapterRegistry(Durable):
         return registry
 
     async def register(self, entry: AdapterEntry, replace: bool = False) -> bool:
-        """Register ``entry`` (``StateStore.put_adapter``: False if the name is taken, unless
-        ``replace``), then record it durably. A durable write that fails is undone in Redis (the
-        entry it replaced put back) before its error goes on: the caller's error is the whole
-        story, not a name that serves but is not kept (and answers 409 to the retry)."""
-        before = await self.store.get_adapter(entry.name) if replace else None
-        if not await self.store.put_adapter(entry, replace):
+        """Register ``entry`` (``StateStore.swap_adapter``: False if the name is taken, unless
+        ``replace``), then record it durably: the bucket's registration of the name is made the one
+        Redis holds (``_sync_current``), so of replacements racing the bucket ends with the one
+        Redis ends with. A durable write that fails is undone in Redis, where Redis still holds
+        ``entry`` (the entry it replaced put back), before its error goes on: the caller's error is
+        the whole story, not a name that serves but is not kept (and answers 409 to the retry).
+        The version it replaced is retired."""
+        done, before = await self.store.swap_adapter(entry, replace)
+        if not done:
             return False
         if (kv := await self.kv()) is not None:
             try:
-                await _put_entry(kv, entry)
+                await kv.put(f"version.{entry.name}.{entry.version or 'none'}", _encode.encode(entry))
+                await _sync_current(kv, self.store, entry.name)
             except BaseException:
-                if before is None:
-                    await self.store.delete_adapter(entry.name)
-                else:
-                    await self.store.put_adapter(before, replace=True)
+                if await self.store.delete_adapter(entry.name, only=entry) and before is not None:
+                    await self.store.put_adapter(before)  # unless registered again meanwhile
                 raise
         # Registered again: an earlier removal of the name is over (it stays only as long as the
         # name is removed, so no host's clock is compared with another's but in a rollback).
@@ -125,27 +128,33 @@ class AdapterRegistry(Durable):
         return entry
 
     async def remove(self, name: str) -> bool:
-        """Unregister ``name``; False if it was not registered (in Redis or the bucket). Its
-        versions stay findable until ``purge_retired`` forgets them.
+        """Unregister ``name``; False if it was not registered (in Redis or the bucket), or another
+        removal or a registration of the name came first (concurrent removals all answered 200,
+        and one could delete a registration made since: a user's trial). Its versions stay
+        findable until ``purge_retired`` forgets them.
 
         The removal is recorded (``AdapterRemoval``) before the registration goes, in Redis and then
         the bucket, the registration last from Redis: a Redis brought back from an older snapshot
         served the name again, and so did a removal that failed part way or was made by a process
-        whose bucket was not open (a review); each merge (``restore``) now finishes it."""
+        whose bucket was not open (a review); each merge (``restore``) now finishes it. Each copy
+        of the registration is deleted only while it is the one read."""
         kv = await self.kv()
-        held = [e for e in (await self.store.get_adapter(name), await _durable_entry(kv, name)) if e is not None]
+        cached, durable = await self.store.get_adapter(name), await _durable_entry(kv, name)
+        held = [e for e in (cached, durable) if e is not None]
         if not held:
             return False
         entry = max(held, key=lambda e: e.created)
         removal = AdapterRemoval(**msgspec.structs.asdict(entry), removed=time.time())
         await self.store.put_removal(removal)
+        removed = False
         if kv is not None:
             await kv.put(f"removed.{name}", _encode.encode(removal))
-            with contextlib.suppress(KeyNotFoundError):
-                await kv.delete(f"current.{name}")
-        await self.store.delete_adapter(name)
-        await self.store.retire_version(name, entry.version, time.time())
-        return True
+            removed = durable is not None and await _delete_current(kv, name, durable)
+        if cached is not None:  # Redis's answer decides, where it held one
+            removed = await self.store.delete_adapter(name, only=cached)
+        if removed:
+            await self.store.retire_version(name, entry.version, time.time())
+        return removed
 
     async def purge_retired(self, now: float, held: Set[tuple[str, str]] = frozenset()) -> int:
         """Forget the versions retired (replaced or removed) more than ``INFLIGHT_TTL_S`` before
@@ -280,6 +289,42 @@ async def _durable_entry(kv: KeyValue | None, name: str) -> AdapterEntry | None:
         if value := (await kv.get(f"current.{name}")).value:
             return _decode.decode(value)
     return None
+
+
+async def _sync_current(kv: KeyValue, store: StateStore, name: str) -> None:
+    """Make the bucket's registration of ``name`` the one Redis holds now, compared and set on
+    the bucket's revision (a user's trial: two replacements racing reached Redis in one order and
+    the bucket in the other, and the next merge put the loser back over the winner seconds after
+    both had answered 200). The bucket is read before Redis: a writer whose write loses the race
+    reads both again, so the last one writes what Redis holds last. Nothing when Redis holds none
+    (a removal came between: its own writes see to the bucket)."""
+    key = f"current.{name}"
+    while True:
+        try:
+            held = await kv.get(key)
+            revision, value = held.revision, held.value
+        except (KeyNotFoundError, KeyDeletedError):
+            revision, value = None, None
+        if (now := await store.get_adapter(name)) is None or (data := _encode.encode(now)) == value:
+            return
+        with contextlib.suppress(KeyWrongLastSequenceError):  # written meanwhile: looked at again
+            await (kv.create(key, data) if revision is None else kv.update(key, data, last=revision))
+            return
+
+
+async def _delete_current(kv: KeyValue, name: str, entry: AdapterEntry) -> bool:
+    """Delete the bucket's registration of ``name`` while it is ``entry``; whether it was deleted."""
+    key = f"current.{name}"
+    try:
+        held = await kv.get(key)
+    except (KeyNotFoundError, KeyDeletedError):
+        return False
+    if not held.value or _decode.decode(held.value) != entry:
+        return False
+    try:
+        return await kv.delete(key, last=held.revision)
+    except KeyWrongLastSequenceError:
+        return False
 
 
 async def _put_entry(kv: KeyValue, entry: AdapterEntry) -> None:

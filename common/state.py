@@ -53,6 +53,7 @@ from dlora.common.state_scripts import (
     _PROGRESS_LUA,
     _PUT_BOTH_LUA,
     _PUT_INFLIGHT_LUA,
+    _SWAP_ADAPTER_LUA,
     _SWEEP_LUA,
 )
 
@@ -112,6 +113,7 @@ class StateStore:
         self._sweep = redis.register_script(_SWEEP_LUA)
         self._delete_inflight = redis.register_script(_DELETE_INFLIGHT_LUA)
         self._put_both = redis.register_script(_PUT_BOTH_LUA)
+        self._swap_adapter = redis.register_script(_SWAP_ADAPTER_LUA)
         self._forget_version = redis.register_script(_FORGET_VERSION_LUA)
         self._delete_if = redis.register_script(_DELETE_IF_LUA)
 
@@ -132,6 +134,17 @@ class StateStore:
                 ],
             )
         )
+
+    async def swap_adapter(self, entry: AdapterEntry, replace: bool = False) -> tuple[bool, AdapterEntry | None]:
+        """``put_adapter``, atomically returning the registration it replaced too (None: none)."""
+        args: list[bytes | str | int] = [
+            entry.name,
+            msgspec.json.encode(entry),
+            f"{entry.name}@{entry.version}",
+            int(replace),
+        ]
+        done, old = await self._swap_adapter(keys=[f"{self.p}:adapters", f"{self.p}:adapter-versions"], args=args)
+        return bool(done), msgspec.json.decode(old, type=AdapterEntry) if old else None
 
     async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None:
         """The registered adapter of that name, or a given version of it (registered now or before)."""

@@ -34,6 +34,20 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
+# KEYS: the registry hash, the versions hash. ARGV: name, entry, its version's field, replace (0/1).
+# An adapter's registration, as _PUT_BOTH_LUA, returning {1, the entry it replaced or ''}, or {0, ''}
+# when the name is taken and not ``replace``: of two replacements racing, each learns which one it
+# replaced, so every version replaced is retired (one read before the write missed the other's).
+_SWAP_ADAPTER_LUA = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and ARGV[4] ~= '1' then
+  return {0, ''}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+return {1, old or ''}
+"""
+
 # KEYS: the registry hash. ARGV: name, created (a float's repr), version. Deletes the name's
 # registration only while it is that one (a restore dropping a registration removed since its
 # snapshot must not drop one registered again meanwhile). Returns 1 if deleted.

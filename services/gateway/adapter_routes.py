@@ -100,6 +100,9 @@ class AdapterAdmin:
             gw.s.adapter_limits,
             body.owner or "",
         )
+        # Stamped as it is written, not when its files were checked: racing replacements are then
+        # ordered by ``created`` as Redis takes them (what the registry's merge compares).
+        entry = msgspec.structs.replace(entry, created=time.time())
         if not await gw.registry.register(entry, replace=replace):  # atomic: of two racing ones one wins
             raise taken
         event = AdapterEvent(name=entry.name, removed=False, version=entry.version)
@@ -116,7 +119,7 @@ class AdapterAdmin:
 
     async def _remove_from_redis(self, name: str) -> bool:
         entry = await self.gw.store.get_adapter(name)
-        if entry is None or not await self.gw.store.delete_adapter(name):
+        if entry is None or not await self.gw.store.delete_adapter(name, only=entry):
             return False
         await self.gw.store.retire_version(name, entry.version, time.time())
         return True

@@ -403,3 +403,64 @@ async def test_removal_records_are_forgotten_when_stale_or_old(nats_server: Serv
         assert (await store.get_adapter("back")).path == "/back2"
     finally:
         await nc.close()
+
+
+class _SlowWrites:
+    """A bucket whose writes of values holding ``slow`` wait ``delay_s`` first (everything else as the
+    bucket it wraps): a registration's durable write overtaken by another's."""
+
+    def __init__(self, kv: KeyValue, slow: bytes, delay_s: float) -> None:
+        self.kv, self.slow, self.delay_s = kv, slow, delay_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.kv, name)
+
+    async def _later(self, value: bytes) -> None:
+        if self.slow in value:
+            await asyncio.sleep(self.delay_s)
+
+    async def put(self, key: str, value: bytes, **kw: object) -> int:
+        await self._later(value)
+        return await self.kv.put(key, value, **kw)
+
+    async def update(self, key: str, value: bytes, **kw: object) -> int:
+        await self._later(value)
+        return await self.kv.update(key, value, **kw)
+
+    async def create(self, key: str, value: bytes, **kw: object) -> int:
+        await self._later(value)
+        return await self.kv.create(key, value, **kw)
+
+
+async def test_replacements_racing_leave_redis_and_the_bucket_on_the_same_one(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A user's trial: load_inplace calls of one name at once all answered 200, then seconds later
+    the name served another of them: Redis and the bucket took two replacements in opposite orders
+    and the next merge put the bucket's over Redis's (its ``created`` was later). The bucket now
+    follows Redis, a merge changes nothing, and each version replaced is retired."""
+    nc = await nats.connect(nats_server.url)
+    now = [0.0]
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: now[0])
+    try:
+        assert await registry.register(AdapterEntry(name="x", path="/x", rank=8, created=0.0, version="v0"))
+        kv = await registry.kv()
+        assert kv is not None
+        registry.bucket.kv = _SlowWrites(kv, b'"/x1"', 0.3)  # type: ignore[assignment]
+        first = AdapterEntry(name="x", path="/x1", rank=8, created=2.0, version="v1")
+        slow = asyncio.create_task(registry.register(first, replace=True))
+        await asyncio.sleep(0.1)  # in Redis, its bucket write waiting
+        assert await registry.register(AdapterEntry(name="x", path="/x2", rank=8, created=1.0, version="v2"), True)
+        assert await slow
+        registry.bucket.kv = kv
+        (cached,) = await store.list_adapters()
+        assert cached.version == "v2" and (await registry.durable_entries())[0] == [cached]
+        now[0] = 10.0
+        assert await registry.restore() == 0 and await store.get_adapter("x") == cached
+        assert {v for n, v in await store.retired(time.time() + 1) if n == "x"} == {"v0", "v1"}
+        # removals at once: one removes it, the others find it gone (all five answered 200)
+        assert sorted(await asyncio.gather(*(registry.remove("x") for _ in range(5)))) == [False] * 4 + [True]
+        assert await store.get_adapter("x") is None and (await registry.durable_entries())[0] == []
+    finally:
+        await nc.close()
