@@ -310,7 +310,7 @@ class Dispatcher(Recovery):
         if prefixes is not None and req.prompt_cache_key:  # one tenant's key, not another's alike
             scope = f"{req.owner}\0{req.tenant}\0{req.prompt_cache_key}"
             prefixes.append(cache_key(req.adapter, req.cache_salt, scope))
-        worker = self.state.choose(others or live, req.adapter, prefixes)
+        worker = self.state.choose(others or live, req.adapter, prefixes, req.group)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return

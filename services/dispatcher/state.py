@@ -5,11 +5,15 @@ cluster simulator (``dlora.sim``) run the same code."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from dlora.common.messages import WorkerStats
 from dlora.services.dispatcher.affinity import PrefixAffinity
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker
+
+# Request groups remembered (``GenerateRequest.group``), the least recently sent to forgotten first:
+# a group's requests come together, so this holds many times the requests dispatched at once.
+MAX_GROUPS = 4096
 
 
 class DispatchState:
@@ -25,6 +29,7 @@ class DispatchState:
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
         self.affinity = PrefixAffinity()  # which worker took each prompt prefix last
+        self.groups: OrderedDict[str, str] = OrderedDict()  # request group -> its worker, latest last
         self._turn = 0
 
     def heard(self, st: WorkerStats, now: float) -> None:
@@ -43,12 +48,17 @@ class DispatchState:
         """Workers heard from within the TTL that take new requests (not draining)."""
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
 
-    def choose(self, live: list[WorkerStats], adapter: str | None, prefixes: list[bytes] | None = None) -> str | None:
+    def choose(
+        self, live: list[WorkerStats], adapter: str | None, prefixes: list[bytes] | None = None, group: str = ""
+    ) -> str | None:
         """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
-        as sent to it (``unsend`` takes that back if it never went): round-robin blind to load and
-        adapters, or proactive (``choose_worker``), near a worker that took the request's prompt
-        prefix before (``prefixes``: its ``affinity.prefix_keys``)."""
-        if self.mode is DispatchMode.ROUND_ROBIN:
+        as sent to it (``unsend`` takes that back if it never went): the one its ``group``'s
+        requests went to while it is among ``live``, else round-robin blind to load and adapters,
+        or proactive (``choose_worker``), near a worker that took the request's prompt prefix
+        before (``prefixes``: its ``affinity.prefix_keys``)."""
+        if group and (worker := self.groups.get(group)) in {w.worker for w in live}:
+            self.groups.move_to_end(group)
+        elif self.mode is DispatchMode.ROUND_ROBIN:
             names = sorted(w.worker for w in live)
             worker = names[self._turn % len(names)] if names else None
             self._turn += 1
@@ -59,6 +69,10 @@ class DispatchState:
             )
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
+        if worker is not None and group:
+            self.groups[group] = worker
+            if len(self.groups) > MAX_GROUPS:
+                self.groups.popitem(last=False)
         if worker is not None:
             self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
             if adapter is not None:

@@ -239,6 +239,7 @@ def shape_request(
                     priority=body.priority or 0,
                     cache_salt=body.cache_salt or "",
                     prompt_cache_key=(body.prompt_cache_key or "") if isinstance(body, ChatBody) else "",
+                    group=f"{request_id}/{p}" if n > 1 else "",
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )

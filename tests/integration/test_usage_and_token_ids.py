@@ -66,6 +66,21 @@ async def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(stac
     assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
+async def test_a_requests_choices_run_on_one_worker_and_compute_their_prompt_once(stack: Stack) -> None:
+    """A user's trial: n = 8 choices spread over both workers, each computing the prompt, and a cold
+    prompt's usage said nearly all of it came from the cache (the choice that found the most)."""
+    queried = [w.engine.stats.prefix_cache_queries for w in stack.workers]
+    hits = [w.engine.stats.prefix_cache_hits for w in stack.workers]
+    body = {"model": "lora-0", "prompt": " ".join(["remi sona kalo"] * 14), "max_tokens": 2, "n": 8}
+    status, done = await post(stack, "/v1/completions", body)
+    assert status == 200 and done["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}, done["usage"]
+    grew = [w.engine.stats.prefix_cache_queries - q for w, q in zip(stack.workers, queried)]
+    assert sorted(grew) == [0, 8 * done["usage"]["prompt_tokens"]], grew
+    there = grew.index(max(grew))  # the prompt computed there once: 7 of 8 found its full blocks cached
+    full = (done["usage"]["prompt_tokens"] - 1) // 16 * 16
+    assert stack.workers[there].engine.stats.prefix_cache_hits - hits[there] == 7 * full > 0
+
+
 async def test_an_admin_resets_every_workers_prefix_cache(stack: Stack) -> None:
     """vLLM's POST /reset_prefix_cache (SGLang's /flush_cache), admin only: the next request for a
     prompt cached before computes all of it, on any worker."""

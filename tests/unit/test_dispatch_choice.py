@@ -249,3 +249,19 @@ def test_a_shared_prefix_is_found_wherever_its_length_falls() -> None:
         base = list(range(1000, 1000 + shared))
         affinity.sent(prefix_keys("a", "", [*base, *range(5, 45)]), "x")
         assert affinity.worker_for(prefix_keys("a", "", [*base, *range(50, 90)]), {"x"}) == "x", shared
+
+
+def test_a_requests_choices_go_to_one_worker_while_it_is_live_whatever_the_load() -> None:
+    """A user's trial: a request's n = 8 choices spread over both workers by load (the prefix's
+    affinity holds only within two requests' work), and each worker computed the prompt. Choices
+    of a group go where the first went, round-robin too; a lost worker's group goes elsewhere."""
+    for mode in DispatchMode:
+        state = DispatchState(5.0, mode, DispatchCosts())
+        x, y = w("x"), w("y")
+        state.heard(x, 0.0)
+        state.heard(y, 0.0)
+        first = state.choose([x, y], "a", group="r1/0")
+        assert all(state.choose([x, y], "a", group="r1/0") == first for _ in range(7)), mode
+        other = next(s for s in (x, y) if s.worker != first)
+        assert state.choose([other], "a", group="r1/0") == other.worker  # its worker gone: elsewhere, then there
+        assert state.choose([x, y], "a", group="r1/0") == other.worker
