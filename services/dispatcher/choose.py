@@ -180,7 +180,7 @@ def holding_version(
 def version_gone(adapter: str | None, version: str) -> str:
     """Why a request of an adapter version no worker holds is refused (500: an admin must act)."""
     return (
-        f"adapter {adapter!r}: its files changed since version {version} was registered and no worker "
+        f"adapter {adapter!r}: its files changed or went since version {version} was registered and no worker "
         "holds that version in memory; an admin must load it again (vLLM's /v1/load_lora_adapter with "
         "load_inplace, or delete it and register it again)"
     )
