@@ -21,6 +21,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
+from dlora.common.messages import GenerateRequest
+
 # Tokens per step of a prefix key: a KV block's (``EngineConfig.block_size``'s default), since the
 # prefix cache holds whole blocks only.
 GRANULE = 16
@@ -55,6 +57,19 @@ def cache_key(adapter: str | None, salt: str, prompt_cache_key: str) -> bytes:
     """The key of OpenAI's ``prompt_cache_key``, put after a request's prefix keys: the longest, so
     requests sharing it find one another's worker whatever their prompts share."""
     return hashlib.blake2b(f"{adapter or ''}\0{salt}\0key\0{prompt_cache_key}".encode(), digest_size=16).digest()
+
+
+def request_keys(req: GenerateRequest) -> list[bytes]:
+    """A request's keys: its prompt's (``prefix_keys``), then its ``prompt_cache_key``'s, scoped to
+    its owner and tenant (one tenant's key is not another's alike). Keyed by the adapter's version,
+    its files' digest, as the workers' caches are (a user's trial: keyed by name, a second name of
+    the same files went anywhere, and a name loaded again onto other files drew its requests to
+    KV they cannot use)."""
+    weights = req.adapter_version or req.adapter
+    keys = prefix_keys(weights, req.cache_salt, req.prompt_token_ids or [])
+    if req.prompt_cache_key:
+        keys.append(cache_key(weights, req.cache_salt, f"{req.owner}\0{req.tenant}\0{req.prompt_cache_key}"))
+    return keys
 
 
 class PrefixAffinity:

@@ -33,7 +33,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
 from dlora.common.undecodable import request_head
-from dlora.services.dispatcher.affinity import cache_key, prefix_keys
+from dlora.services.dispatcher.affinity import request_keys
 from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
@@ -306,10 +306,7 @@ class Dispatcher(Recovery):
             return
         others = [w for w in live if w.worker != avoid]
         proactive = self.s.dispatch is DispatchMode.PROACTIVE  # round-robin reads no prefixes
-        prefixes = prefix_keys(req.adapter, req.cache_salt, req.prompt_token_ids or []) if proactive else None
-        if prefixes is not None and req.prompt_cache_key:  # one tenant's key, not another's alike
-            scope = f"{req.owner}\0{req.tenant}\0{req.prompt_cache_key}"
-            prefixes.append(cache_key(req.adapter, req.cache_salt, scope))
+        prefixes = request_keys(req) if proactive else None
         worker = self.state.choose(others or live, req.adapter, prefixes, req.group)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)

@@ -1,7 +1,7 @@
 import msgspec
 
-from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.dispatcher.affinity import PrefixAffinity, cache_key, prefix_keys
+from dlora.common.messages import AdapterResidency, GenerateRequest, RequestLoad, SamplingParams, WorkerStats
+from dlora.services.dispatcher.affinity import PrefixAffinity, cache_key, prefix_keys, request_keys
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker, holding_version, version_gone
 from dlora.services.dispatcher.state import DispatchState
 
@@ -265,3 +265,24 @@ def test_a_requests_choices_go_to_one_worker_while_it_is_live_whatever_the_load(
         other = next(s for s in (x, y) if s.worker != first)
         assert state.choose([other], "a", group="r1/0") == other.worker  # its worker gone: elsewhere, then there
         assert state.choose([x, y], "a", group="r1/0") == other.worker
+
+
+def test_a_requests_keys_follow_its_adapters_files_not_its_name() -> None:
+    """A user's trial: the workers' caches key KV by the adapter's files (its version), the
+    affinity keyed it by name: a second name of the same files went anywhere."""
+
+    def req(adapter: str, version: str, key: str = "", tenant: str = "") -> GenerateRequest:
+        return GenerateRequest(
+            request_id="r",
+            reply_to="x",
+            adapter=adapter,
+            adapter_version=version,
+            prompt_token_ids=list(range(40)),
+            params=SamplingParams(),
+            prompt_cache_key=key,
+            tenant=tenant,
+        )
+
+    assert request_keys(req("a", "d1")) == request_keys(req("a-twin", "d1"))
+    assert request_keys(req("a", "d1")) != request_keys(req("a", "d2"))  # loaded again onto other files
+    assert request_keys(req("a", "d1", "c"))[-1] != request_keys(req("a", "d1", "c", tenant="t2"))[-1]
