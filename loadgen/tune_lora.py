@@ -40,14 +40,13 @@ def projections(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: in
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """Milliseconds per call: Triton's do_bench (median) on a GPU; one timed call elsewhere (the
-    interpreter: tests only)."""
+    interpreter: tests only, its times meaningless, so no warm-up call either)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return lambda fn: float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
     def once(fn: Callable[[], object]) -> float:
-        fn()
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3

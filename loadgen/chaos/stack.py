@@ -336,19 +336,22 @@ class ChaosStack:
 
     async def stop(self) -> None:
         """Services first (SIGTERM, as an orchestrator stops them), then the servers."""
-        order = [n for n in self.procs if n not in ("nats", "redis")] + ["redis", "nats"]
-        for name in order:
-            proc = self.procs[name]
-            if proc.popen is not None and proc.popen.poll() is None:
-                proc.signal(signal.SIGCONT)  # a stalled process cannot act on SIGTERM
-                proc.signal(signal.SIGTERM)
-        for name in order:
-            proc = self.procs[name]
-            if proc.popen is None:
-                continue
-            try:
-                await proc.wait_exit(15)
-            except StackError:
-                proc.popen.kill()
-            proc.popen.wait()
+        services = [n for n in self.procs if n not in ("nats", "redis")]
+        # The servers only once the services are gone: a service whose NATS went first could wait
+        # out its own shutdown (aborts and hand-backs it cannot send) and then the 15 s below.
+        for order in (services, [n for n in ("redis", "nats") if n in self.procs]):
+            for name in order:
+                proc = self.procs[name]
+                if proc.popen is not None and proc.popen.poll() is None:
+                    proc.signal(signal.SIGCONT)  # a stalled process cannot act on SIGTERM
+                    proc.signal(signal.SIGTERM)
+            for name in order:
+                proc = self.procs[name]
+                if proc.popen is None:
+                    continue
+                try:
+                    await proc.wait_exit(15)
+                except StackError:
+                    proc.popen.kill()
+                proc.popen.wait()
         await self.redis.aclose()

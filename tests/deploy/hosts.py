@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+SERVERS = ("nats", "sentinel", "redis")  # what the services use: stopped after them
+
 
 def available() -> str | None:
     """Why namespaces cannot be made here, or None."""
@@ -118,14 +120,18 @@ class Network:
         raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.kill(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            try:
-                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.popen.wait()
+        # The services first, then the servers they use (as systemd orders the stop): a gateway
+        # whose NATS went first waited out the 10 s below before its SIGKILL.
+        servers = [p for p in self.procs if p.name.split("/")[-1] in SERVERS]
+        for group in ([p for p in self.procs if p not in servers], servers):
+            for proc in group:
+                proc.kill(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            for proc in group:
+                try:
+                    proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.popen.wait()
         for ns in [self.ns(h) for h in self.hosts] + [self.switch]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
