@@ -69,7 +69,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     prompt_cache_key: str = ""
     # Requests of one group go to one worker while it is live, as one vLLM engine runs a request's
     # n samples: the gateway groups the choices of each prompt, so the prompt is computed once
-    # (spread by load, each worker computed it: a user's trial). "": none. Kept per dispatcher.
+    # (spread by load, each worker computed it: a user's trial). "": none. Kept per dispatcher
+    # (several may each pick a worker), scoped to the sender, at most 128 requests a group.
     group: str = ""
     # Unix seconds after which the result is useless; None: no deadline. A worker does not start a
     # request past it, and stops one it holds (waiting or running) once it passes: the reader gets

@@ -26,6 +26,7 @@ from collections.abc import Callable, Set
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.errors import (
+    BadRequestError,
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
@@ -61,6 +62,8 @@ def bucket_name(prefix: str) -> str:
     return f"{prefix}-adapters"
 
 
+# JetStream's error code for a write whose expected last sequence (revision) is not the subject's.
+_WRONG_LAST_SEQUENCE = 10071
 # Seconds between two of ``AdapterRegistry.restore``'s comparisons of a non-empty Redis with the
 # bucket (the dispatcher asks every look).
 MERGE_INTERVAL_S = 5.0
@@ -105,6 +108,11 @@ class AdapterRegistry(Durable):
             except BaseException:
                 if await self.store.delete_adapter(entry.name, only=entry) and before is not None:
                     await self.store.put_adapter(before)  # unless registered again meanwhile
+                # A racing registration may have copied this entry into the bucket meanwhile: the
+                # bucket follows Redis again, else the next merge would bring this one back.
+                with contextlib.suppress(Exception):
+                    await _sync_current(kv, self.store, entry.name)
+                    await _delete_current(kv, entry.name, entry)  # where Redis holds none now
                 raise
         # Registered again: an earlier removal of the name is over (it stays only as long as the
         # name is removed, so no host's clock is compared with another's but in a rollback).
@@ -325,6 +333,10 @@ async def _delete_current(kv: KeyValue, name: str, entry: AdapterEntry) -> bool:
         return await kv.delete(key, last=held.revision)
     except KeyWrongLastSequenceError:
         return False
+    except BadRequestError as e:  # nats-py's delete passes the server's "wrong last sequence" on as is
+        if e.err_code == _WRONG_LAST_SEQUENCE:
+            return False
+        raise
 
 
 async def _put_entry(kv: KeyValue, entry: AdapterEntry) -> None:

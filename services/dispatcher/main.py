@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 
 import msgspec
@@ -307,7 +308,9 @@ class Dispatcher(Recovery):
         others = [w for w in live if w.worker != avoid]
         proactive = self.s.dispatch is DispatchMode.PROACTIVE  # round-robin reads no prefixes
         prefixes = request_keys(req) if proactive else None
-        worker = self.state.choose(others or live, req.adapter, prefixes, req.group)
+        # an application's groups are its own, and a name is kept as a digest (its size is the sender's)
+        group = hashlib.blake2b(f"{req.owner}\0{req.group}".encode(), digest_size=16).hexdigest() if req.group else ""
+        worker = self.state.choose(others or live, req.adapter, prefixes, group)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return

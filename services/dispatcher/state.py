@@ -14,6 +14,9 @@ from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, Worker
 # Request groups remembered (``GenerateRequest.group``), the least recently sent to forgotten first:
 # a group's requests come together, so this holds many times the requests dispatched at once.
 MAX_GROUPS = 4096
+# Requests a group takes to its worker, at most: a request's choices (the gateway's largest n is
+# 128); more of one group, sent by an application, are dispatched by load as any others.
+MAX_GROUP_REQUESTS = 128
 
 
 class DispatchState:
@@ -29,7 +32,8 @@ class DispatchState:
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
         self.affinity = PrefixAffinity()  # which worker took each prompt prefix last
-        self.groups: OrderedDict[str, str] = OrderedDict()  # request group -> its worker, latest last
+        # request group -> its worker and the requests sent there, the latest sent to last
+        self.groups: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._turn = 0
 
     def heard(self, st: WorkerStats, now: float) -> None:
@@ -53,10 +57,13 @@ class DispatchState:
     ) -> str | None:
         """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
         as sent to it (``unsend`` takes that back if it never went): the one its ``group``'s
-        requests went to while it is among ``live``, else round-robin blind to load and adapters,
-        or proactive (``choose_worker``), near a worker that took the request's prompt prefix
-        before (``prefixes``: its ``affinity.prefix_keys``)."""
-        if group and (worker := self.groups.get(group)) in {w.worker for w in live}:
+        requests went to while it is among ``live`` (up to ``MAX_GROUP_REQUESTS`` of them), else
+        round-robin blind to load and adapters, or proactive (``choose_worker``), near a worker
+        that took the request's prompt prefix before (``prefixes``: its ``affinity.prefix_keys``)."""
+        worker: str | None
+        pinned = self.groups.get(group) if group else None
+        if pinned is not None and pinned[1] < MAX_GROUP_REQUESTS and pinned[0] in {w.worker for w in live}:
+            worker = pinned[0]
             self.groups.move_to_end(group)
         elif self.mode is DispatchMode.ROUND_ROBIN:
             names = sorted(w.worker for w in live)
@@ -70,7 +77,7 @@ class DispatchState:
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
         if worker is not None and group:
-            self.groups[group] = worker
+            self.groups[group] = (worker, pinned[1] + 1 if pinned is not None and pinned[0] == worker else 1)
             if len(self.groups) > MAX_GROUPS:
                 self.groups.popitem(last=False)
         if worker is not None:

@@ -75,6 +75,7 @@ logger = log.get("gateway")
 # How long POST /reset_prefix_cache waits for the live workers' answers (each answers between steps).
 RESET_WAIT_S = 5.0
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
+_decode_reset_done = msgspec.json.Decoder(PrefixCacheResetDone)
 _encode_request = msgspec.json.Encoder()
 
 
@@ -421,13 +422,20 @@ class Gateway:
         answers: dict[str, int] = {}
         all_in = asyncio.Event()
 
-        async def answered(done: PrefixCacheResetDone) -> None:
+        async def answered(msg: Msg) -> None:
+            if msg.headers and "Status" in msg.headers:  # NATS's "no responders": no worker subscribes
+                return
+            try:
+                done = _decode_reset_done.decode(msg.data)
+            except msgspec.DecodeError as e:
+                bus.reject("prefix-cache reset answers", msg.subject, PrefixCacheResetDone, e)
+                return
             answers[done.worker] = done.blocks
-            if expected <= answers.keys():
+            if expected and expected <= answers.keys():  # none known (no stats yet): all the wait
                 all_in.set()
 
         inbox = self.nc.new_inbox()
-        sub = await bus.subscribe(self.nc, inbox, PrefixCacheResetDone, answered)
+        sub = await self.nc.subscribe(inbox, cb=answered)
         try:
             await self.nc.publish(subjects.PREFIX_CACHE_RESET, msgspec.json.encode(PrefixCacheReset()), reply=inbox)
             with contextlib.suppress(TimeoutError):

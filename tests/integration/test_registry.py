@@ -464,3 +464,43 @@ async def test_replacements_racing_leave_redis_and_the_bucket_on_the_same_one(
         assert await store.get_adapter("x") is None and (await registry.durable_entries())[0] == []
     finally:
         await nc.close()
+
+
+class _CopiedThenRefused(_SlowWrites):
+    """A bucket that, on the version write of ``entry``, first takes a racing registration's copy of
+    it as the name's registration, then refuses the write (a JetStream timeout)."""
+
+    def __init__(self, kv: KeyValue, entry: AdapterEntry) -> None:
+        super().__init__(kv, b"", 0.0)
+        self.entry = entry
+
+    async def put(self, key: str, value: bytes, **kw: object) -> int:
+        if key.startswith("version.") and value == msgspec.json.encode(self.entry):
+            await self.kv.put(f"current.{self.entry.name}", value)
+            raise NatsError("timed out")
+        return await self.kv.put(key, value, **kw)
+
+
+async def test_a_failed_registration_copied_by_a_racing_one_is_not_brought_back(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A review: a registration whose durable write failed was undone in Redis, but a racing one had
+    copied it into the bucket meanwhile, and the next merge put it back. The bucket follows Redis
+    after the undo."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: 10.0)
+    try:
+        kept = AdapterEntry(name="x", path="/x1", rank=8, created=1.0, version="v1")
+        assert await registry.register(kept)
+        kv = await registry.kv()
+        assert kv is not None
+        failed = AdapterEntry(name="x", path="/x2", rank=8, created=2.0, version="v2")
+        registry.bucket.kv = _CopiedThenRefused(kv, failed)  # type: ignore[assignment]
+        with pytest.raises(NatsError):
+            await registry.register(failed, replace=True)
+        registry.bucket.kv = kv
+        assert await store.get_adapter("x") == kept and (await registry.durable_entries())[0] == [kept]
+        assert await registry.restore() == 0 and await store.get_adapter("x") == kept
+    finally:
+        await nc.close()

@@ -3,7 +3,7 @@ import msgspec
 from dlora.common.messages import AdapterResidency, GenerateRequest, RequestLoad, SamplingParams, WorkerStats
 from dlora.services.dispatcher.affinity import PrefixAffinity, cache_key, prefix_keys, request_keys
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker, holding_version, version_gone
-from dlora.services.dispatcher.state import DispatchState
+from dlora.services.dispatcher.state import MAX_GROUP_REQUESTS, DispatchState
 
 
 def w(
@@ -265,6 +265,10 @@ def test_a_requests_choices_go_to_one_worker_while_it_is_live_whatever_the_load(
         other = next(s for s in (x, y) if s.worker != first)
         assert state.choose([other], "a", group="r1/0") == other.worker  # its worker gone: elsewhere, then there
         assert state.choose([x, y], "a", group="r1/0") == other.worker
+    # an application's one group for everything pins at most a request's worth to a worker
+    rr = DispatchState(5.0, DispatchMode.ROUND_ROBIN, DispatchCosts())
+    pinned = {rr.choose([x, y], "a", group="all") for _ in range(MAX_GROUP_REQUESTS)}
+    assert len(pinned) == 1 and rr.choose([x, y], "a", group="all") not in pinned
 
 
 def test_a_requests_keys_follow_its_adapters_files_not_its_name() -> None:

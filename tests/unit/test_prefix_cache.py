@@ -98,7 +98,7 @@ def test_off_it_reuses_nothing_and_caches_nothing() -> None:
     assert _run(bm, "b", [1, 2, 3, 4, 5]) == 0
 
 
-def test_upcoming_names_what_computing_will_cache_and_a_miss_names_what_it_wanted() -> None:
+def test_upcoming_names_what_computing_will_cache_and_a_prompt_how_much_of_it_it_shares() -> None:
     bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
     ids = list(range(14))
     bm.reuse_prefix("a", ids, KEY)
@@ -109,9 +109,11 @@ def test_upcoming_names_what_computing_will_cache_and_a_miss_names_what_it_wante
     assert bm.upcoming("a", ids, 6, 14, OTHER) == []  # block 1 was begun under KEY
     rest = bm.upcoming("a", ids, 6, 14, KEY)
     assert len(rest) == 2
-    assert bm.reuse_prefix("b", ids, KEY) == 4 and bm.wanted("b") == rest[0]
+    assert bm.reuse_prefix("b", ids, KEY) == 4 and bm.upcoming_share("b", ids, KEY, set(rest)) == 8
+    assert bm.upcoming_share("b", ids, KEY, set(rest[1:])) == 0  # a run from its first block not found
+    assert bm.upcoming_share("b", ids[:12], KEY, set(rest)) == 4  # never the last token's block
     bm.computed("a", ids, 6, 14, KEY)
-    assert bm.num_cached == 3 and bm.reuse_prefix("c", ids, KEY) == 12 and bm.wanted("c") is None
+    assert bm.num_cached == 3 and bm.reuse_prefix("c", ids, KEY) == 12
 
 
 def test_a_reset_forgets_every_cached_block_and_frees_those_nobody_holds() -> None:

@@ -241,6 +241,16 @@ def test_a_prompt_whose_next_block_a_prefill_computes_this_step_waits_and_then_f
     assert b.num_cached == 8 and b.num_scheduled == 2 and (plan.prefix_queries, plan.prefix_hits) == (10, 8)
 
 
+def test_a_prompt_sharing_only_a_short_header_with_one_prefilling_does_not_wait() -> None:
+    """A shared block ahead of a long prompt of its own: waiting a step would save less than half
+    of what it computes now, so it runs (and computes the header again)."""
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    a, b = seq("a", 0, 10), seq("b", 1, 40)
+    b.prompt_ids = a.prompt_ids[:4] + [t + 100 for t in b.prompt_ids[4:]]
+    plan = schedule(StepDecision(None, ["a", "b"]), {"a": a, "b": b}, bm, replace(CHUNKED, max_num_batched_tokens=64))
+    assert [s.request_id for s in plan.seqs] == ["a", "b"] and b.num_cached == 0
+
+
 def test_a_sibling_waits_for_the_chunk_that_computes_its_next_block_then_reuses_all_of_it() -> None:
     bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
     a, b = seq("a", 0, 30), seq("b", 1, 30)

@@ -51,7 +51,6 @@ class _Held:
     # The cache key of the tokens computed so far in the block after the chain: None before any,
     # or False once two keys have been seen there (then nothing more of this sequence is cached).
     open_key: bytes | None | bool = None
-    wanted: bytes | None = None  # the first block ``reuse_prefix`` looked up and did not find
 
 
 class BlockManager:
@@ -143,7 +142,6 @@ class BlockManager:
             name = block_hash(parent, token_ids[start : start + bs], cache_key)
             block = self._cached.get(name)
             if block is None:
-                held.wanted = name
                 break
             if self._ref[block] == 0:
                 del self._evictable[block]
@@ -157,11 +155,21 @@ class BlockManager:
         """Whether computing tokens [start, end) completes a block (``computed`` then reads ids)."""
         return end // self.block_size > start // self.block_size
 
-    def wanted(self, seq_id: str) -> bytes | None:
-        """The name of the first block ``seq_id``'s last ``reuse_prefix`` missed (None: it found
-        every block it may take, or looked up nothing)."""
+    def upcoming_share(self, seq_id: str, token_ids: list[int], cache_key: bytes, upcoming: set[bytes]) -> int:
+        """Tokens after the blocks ``seq_id`` holds from the cache whose blocks are named in
+        ``upcoming`` (what other prefills of this step will cache: ``upcoming``), in a run from its
+        first block not found; never its last token's block, which ``reuse_prefix`` never takes."""
         held = self._held.get(seq_id)
-        return held.wanted if held is not None else None
+        if held is None or not upcoming:
+            return 0
+        bs, run = self.block_size, 0
+        parent = held.chain[-1] if held.chain else _ROOT
+        for start in range(len(held.chain) * bs, len(token_ids) - bs, bs):
+            parent = block_hash(parent, token_ids[start : start + bs], cache_key)
+            if parent not in upcoming:
+                break
+            run += bs
+        return run
 
     def upcoming(self, seq_id: str, token_ids: list[int], start: int, end: int, cache_key: bytes) -> list[bytes]:
         """The names ``computed`` would give the blocks that computing tokens [start, end) of

@@ -95,11 +95,12 @@ def schedule(
     # from the prefills before them, as much as the step's sequences left can take.
     decodes = _decode_tokens(decision, seqs) if limits.chunked_prefill else {}
     pending = sum(decodes.values())
-    # The blocks this step's prefills complete, by name: a prompt that begins with one of them
-    # waits a step and then finds it cached, rather than computing the same KV beside it (n > 1
-    # choices, a shared system prompt sent twice at once). vLLM names blocks as it allocates them
-    # so a sibling reads them in the same step; here they are named after the forward that wrote
-    # them, so a failed step never leaves a name on KV that was not written.
+    # The blocks this step's prefills complete, by name: a prompt whose next blocks they are waits
+    # a step and then finds them cached, rather than computing the same KV beside them (n > 1
+    # choices, a prompt sent twice at once; one following a chunked prefill of the same prompt
+    # waits chunk by chunk, as computing it beside would take as many steps). vLLM names blocks as
+    # it allocates them so a sibling reads them in the same step; here they are named after the
+    # forward that wrote them, so a failed step never leaves a name on KV that was not written.
     upcoming: set[bytes] = set()
     for rid in decision.request_ids:
         seq = seqs.get(rid)
@@ -117,14 +118,17 @@ def schedule(
         # Which weights compute its KV this step (a decode needs none: it seldom fills a block)
         caches = blocks.enable_prefix_caching and seq.status is Status.WAITING
         own_key = seq.salted(cache_key(seq.adapter)) if caches or fresh else b""
+        room = limits.max_num_batched_tokens - tokens - (reserved if seq.status is Status.WAITING else 0)
         if fresh:
             lookup = NO_REUSE if seq.collects_prompt_logprobs else own_key
             seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), lookup)
-            if blocks.wanted(rid) in upcoming:
-                _release(seq, blocks, fresh)  # a prefill chosen before it computes that block now
+            # Waits where the blocks a prefill before it computes now make half what it would
+            # compute (a shared 16-token header ahead of a long prompt of its own is computed again)
+            shared = blocks.upcoming_share(rid, seq.all_ids(), lookup, upcoming) if upcoming else 0
+            if shared and 2 * shared >= min(seq.num_new, room):
+                _release(seq, blocks, fresh)
                 continue
         n = seq.num_new
-        room = limits.max_num_batched_tokens - tokens - (reserved if seq.status is Status.WAITING else 0)
         if n > room:
             if limits.chunked_prefill and seq.status is Status.WAITING and room > 0:
                 n = room
