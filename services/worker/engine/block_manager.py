@@ -222,8 +222,9 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached block (vLLM's ``reset_prefix_cache``, SGLang's ``flush_cache``): no
-        later lookup finds what was computed before; blocks nobody holds are free again and the
-        sequences running keep theirs. The number of blocks that were cached."""
+        block cached before is found by a later lookup; blocks nobody holds are free again, and
+        the sequences running keep theirs and go on caching the blocks they complete. The number
+        of blocks that were cached."""
         forgotten = len(self._cached)
         self._free.extend(self._evictable)
         self._evictable.clear()
