@@ -66,6 +66,7 @@ def service_permissions(role: str) -> dict[str, list[str]]:
                 subjects.STATS_ALL,
                 subjects.ABORT,  # and the applications': a request waiting for a worker (orphan_wait_s)
                 subjects.APP_ABORTS,
+                subjects.PREFIX_CACHE_RESET,  # where prefixes are cached is forgotten with the caches
                 subjects.APP_CLIENTS,
                 _INBOX,
             ],

@@ -34,7 +34,7 @@ LOST = f"{PREFIX}.lost"
 ADAPTER_EVENTS = f"{PREFIX}.adapters.events"
 
 # PrefixCacheReset from the gateway (admin), broadcast; each worker answers the message's reply
-# subject with a PrefixCacheResetDone.
+# subject with a PrefixCacheResetDone, and dispatchers forget where prefixes went.
 PREFIX_CACHE_RESET = f"{PREFIX}.prefix-cache.reset"
 
 # Placement from the dispatcher.

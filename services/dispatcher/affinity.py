@@ -103,6 +103,10 @@ class PrefixAffinity:
         while len(self._workers) > self.capacity:
             self._workers.popitem(last=False)
 
+    def clear(self) -> None:
+        """Every worker's cache was reset (``POST /reset_prefix_cache``): nothing is where it went."""
+        self._workers.clear()
+
     def forget(self, worker: str) -> None:
         """A worker given up on: its cache went with it."""
         for key in [k for k, w in self._workers.items() if w == worker]:

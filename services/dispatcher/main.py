@@ -27,6 +27,7 @@ from dlora.common.messages import (
     GenerateRequest,
     LostRequests,
     Placement,
+    PrefixCacheReset,
     TokenChunk,
     WorkerStats,
     with_seed,
@@ -179,6 +180,9 @@ class Dispatcher(Recovery):
         )
         for subject in targets:
             await self.nc.publish(subject, _encode.encode(chunk))
+
+    async def _on_prefix_cache_reset(self, _: PrefixCacheReset) -> None:
+        self.state.affinity.clear()  # the workers forget their caches: a prefix is cached nowhere
 
     async def _on_ping(self, msg: Msg) -> None:
         await msg.respond(b"")
@@ -398,6 +402,7 @@ class Dispatcher(Recovery):
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
             await bus.subscribe_senders(self.nc, subjects.APP_CLIENTS, ClientAlive, self._on_app_client),
             await bus.subscribe(self.nc, subjects.ABORT, AbortRequest, self._on_abort),
+            await bus.subscribe(self.nc, subjects.PREFIX_CACHE_RESET, PrefixCacheReset, self._on_prefix_cache_reset),
             await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),
         ]
         await self.nc.flush()

@@ -76,6 +76,7 @@ class Stack:
     tiny: TinyOutput
     dispatcher_nc: nats.NATS  # the dispatcher's own connection: closing it stops the dispatcher
     services: list[asyncio.Task[None]]  # the dispatcher's and the workers' run(): done means dead
+    dispatcher: Dispatcher
 
 
 @pytest.fixture
@@ -124,7 +125,8 @@ async def run_stack(
     tasks, conns, workers = [], [gw_nc], []
     disp_nc = await nats.connect(nats_server.url)
     conns.append(disp_nc)
-    tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), disp_nc, store).run(stop)))
+    dispatcher = Dispatcher(DispatcherSettings(**common), disp_nc, store)
+    tasks.append(asyncio.create_task(dispatcher.run(stop)))
     for i in range(2):
         ws = WorkerSettings(
             **common,
@@ -152,7 +154,7 @@ async def run_stack(
                     break
             await asyncio.sleep(0.05)
     try:
-        yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc, tasks)
+        yield Stack(url, gateway, workers, store, gw_nc, tiny_llama, disp_nc, tasks, dispatcher)
     finally:
         stop.set()
         await gateway.shutdown()  # as `dlora serve gateway` stops

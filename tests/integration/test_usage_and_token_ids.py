@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+from dlora.common.messages import GenerateRequest, SamplingParams
+from dlora.services.dispatcher.affinity import request_keys
 from tests.integration.conftest import ADMIN_KEY, Stack
 from tests.integration.test_gateway import PROMPTS, post, stream
 
@@ -86,12 +88,24 @@ async def test_an_admin_resets_every_workers_prefix_cache(stack: Stack) -> None:
     prompt cached before computes all of it, on any worker."""
     body = {"model": "lora-2", "prompt": " ".join(["sona kalo"] * 16), "max_tokens": 2}
     await post(stack, "/v1/completions", body)
+    ids = (await post(stack, "/tokenize", {"model": "lora-2", "prompt": body["prompt"]}))[1]["tokens"]
+    version = (await stack.store.get_adapter("lora-2")).version
+    sent = GenerateRequest(
+        request_id="r",
+        reply_to="x",
+        adapter="lora-2",
+        adapter_version=version,
+        prompt_token_ids=ids,
+        params=SamplingParams(),
+    )
+    assert stack.dispatcher.state.affinity.worker_for(request_keys(sent), {"w0", "w1"}) is not None
     await asyncio.sleep(0.4)  # the stats say it is over: the next goes where it went
     assert (await post(stack, "/v1/completions", body))[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert (await post(stack, "/reset_prefix_cache", {}))[0] == 401
     status, done = await post(stack, "/reset_prefix_cache", {}, {"Authorization": f"Bearer {ADMIN_KEY}"})
     assert status == 200 and set(done["workers"]) == {"w0", "w1"} and done["missing"] == [], done
     assert sum(done["workers"].values()) > 0
+    assert stack.dispatcher.state.affinity.worker_for(request_keys(sent), {"w0", "w1"}) is None  # cached nowhere
     await asyncio.sleep(0.4)
     assert (await post(stack, "/v1/completions", body))[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
