@@ -67,6 +67,10 @@ _WRONG_LAST_SEQUENCE = 10071
 # Seconds between two of ``AdapterRegistry.restore``'s comparisons of a non-empty Redis with the
 # bucket (the dispatcher asks every look).
 MERGE_INTERVAL_S = 5.0
+# Seconds between two purges of the bucket's old delete markers (``AdapterRegistry.tidy``), and the
+# age a marker is purged at: long past any merge that could still need to see the deletion.
+TIDY_INTERVAL_S = 3600.0
+MARKER_AGE_S = 1800.0
 # Seconds a removal is kept (``AdapterRemoval``) while its name is not registered again: a Redis
 # brought back from a snapshot older than this may serve a name removed before it. Kept for ever,
 # names of short-lived adapters grew the bucket and every merge's reading of it (a review).
@@ -81,6 +85,7 @@ class AdapterRegistry(Durable):
         super().__init__(bucket, clock)
         self.store = store
         self._merged_at = -math.inf  # when ``restore`` last compared a non-empty Redis with the bucket
+        self._tidied_at = -math.inf  # when ``restore`` last purged the bucket's old delete markers
 
     @classmethod
     async def open(cls, nc: NATS, store: StateStore, replicas: int = 1) -> AdapterRegistry:
@@ -221,6 +226,9 @@ class AdapterRegistry(Durable):
         if not empty and self.clock() - self._merged_at < MERGE_INTERVAL_S:
             return 0
         self._merged_at = self.clock()
+        if self.clock() - self._tidied_at >= TIDY_INTERVAL_S:
+            self._tidied_at = self.clock()
+            await self.tidy()
         current, versions, removals = await self.durable_entries()
         live = await self._finish_removals(kv, current, removals)
         held = {e.name: e for e in await self.store.list_adapters()}
@@ -250,6 +258,13 @@ class AdapterRegistry(Durable):
             await self.store.put_adapter(entry, replace=True)
         logger.warning("adapter registrations restored from the durable copy", adapters=len(back))
         return len(back) + dropped
+
+    async def tidy(self, older_than_s: float = MARKER_AGE_S) -> None:
+        """Drop the bucket's delete and purge markers older than ``older_than_s``: each removal,
+        purge and registration after a removal leaves one, and every merge read each of them
+        (a round trip a marker, every ``MERGE_INTERVAL_S``, growing with every adapter removed)."""
+        if (kv := await self.kv()) is not None:
+            await kv.purge_deletes(olderthan=int(older_than_s))
 
     async def _finish_removals(
         self, kv: KeyValue, current: list[AdapterEntry], removals: dict[str, AdapterRemoval]

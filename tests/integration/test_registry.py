@@ -504,3 +504,26 @@ async def test_a_failed_registration_copied_by_a_racing_one_is_not_brought_back(
         assert await registry.restore() == 0 and await store.get_adapter("x") == kept
     finally:
         await nc.close()
+
+
+async def test_a_merge_purges_old_delete_markers_now_and_then(nats_server: Server, redis: Redis) -> None:
+    """Every removal and purge leaves a marker in the bucket's stream, and each merge read every
+    one of them (a previous note's open item); the registry purges old ones once an interval."""
+    nc = await nats.connect(nats_server.url)
+    now = [0.0]
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: now[0])
+    try:
+        for i in range(3):
+            assert await registry.register(AdapterEntry(name=f"a{i}", path="/a", rank=8, created=1.0, version="v1"))
+            assert await registry.remove(f"a{i}")
+        stream = f"KV_{bucket_name(store.p)}"
+        deleted = {f"$KV.{bucket_name(store.p)}.current.a{i}" for i in range(3)}
+        assert deleted <= set(await stream_subjects(nc, stream))
+        await registry.restore()  # the first merge tidies too, but the markers are younger than MARKER_AGE_S
+        assert deleted <= set(await stream_subjects(nc, stream)) and registry._tidied_at == 0.0
+        await registry.tidy(older_than_s=0)
+        assert not deleted & set(await stream_subjects(nc, stream))
+        assert (await registry.durable_entries())[2].keys() == {"a0", "a1", "a2"}  # the removals kept
+    finally:
+        await nc.close()
