@@ -30,7 +30,10 @@ def power(n: int, alpha: float) -> list[float]:
 
 
 def zipf(n: int, s: float) -> list[float]:
-    """Zipf: weight of the k-th most popular adapter proportional to 1 / k^s."""
+    """Zipf: weight of the k-th most popular adapter proportional to 1 / k^s (s >= 0; 0 is uniform).
+    ValueError for s < 0, which would make the least popular the most (a user's trial: accepted)."""
+    if s < 0:
+        raise ValueError(f"alpha must be >= 0, got {s}")
     return _normalise([1.0 / (k + 1) ** s for k in range(n)])
 
 

@@ -460,7 +460,24 @@ class WorkerService:
             kernels=e.kernels.name,
             cuda_graphs=cuda_graphs,
             async_scheduling=e.config.async_scheduling,
+            # the settings that took effect (vLLM logs its whole engine config at start)
+            max_model_len=e.max_model_len,
+            max_num_seqs=e.limits.max_num_seqs,
+            max_num_batched_tokens=e.limits.max_num_batched_tokens,
+            block_size=e.blocks.block_size,
+            num_blocks=e.blocks.num_blocks,
+            prefix_caching=e.blocks.enable_prefix_caching,
+            chunked_prefill=e.limits.chunked_prefill,
+            max_loras=e.config.max_loras,
+            policy=e.config.policy.name,
         )
+        if e.max_model_len < e.model_config.context_length():
+            logger.warning(
+                "max_model_len below the model's context",
+                max_model_len=e.max_model_len,
+                context=e.model_config.context_length(),
+                why="max_model_len set lower, or the KV cache holds no more (kv_cache_bytes, num_blocks)",
+            )
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
             done = asyncio.Event()  # stopped and drained: the stats and heartbeat go on until then

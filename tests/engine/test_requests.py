@@ -288,3 +288,12 @@ def test_a_step_reports_what_it_fed_before_it_advanced(tiny_llama: TinyOutput) -
         engine.step()
     assert seen == [(len(PROMPT), ["a"]), (1, ["a"]), (1, ["a"])]
     assert (engine.stats.prefill_tokens, engine.stats.tokens_generated) == (len(PROMPT), 3)
+
+
+def test_a_max_model_len_over_the_models_context_is_refused(tiny_llama: TinyOutput) -> None:
+    """A user's trial: max_model_len 100,000 on a 512-position model started, and a 600-token prompt
+    was served past the positions the model knows (vLLM refuses it)."""
+    context = make_engine(tiny_llama).model_config.context_length()
+    with pytest.raises(ValueError, match=f"max_model_len {context + 1} is over the model's context length {context}"):
+        make_engine(tiny_llama, max_model_len=context + 1)
+    assert make_engine(tiny_llama, max_model_len=context).max_model_len == context

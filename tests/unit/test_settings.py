@@ -72,6 +72,12 @@ def test_lists_come_from_json_in_env() -> None:
             {"DLORA_MODEL": "/m", "DLORA_ENGINE__MAX_NUM_BATCHED_TOKENS": "2"},
             r"engine.max_num_batched_tokens=2 must be >= max_num_seqs \(64\)",
         ),
+        # the Triton attention kernel tiles blocks by powers of two: 7 failed every request there
+        (
+            {"DLORA_MODEL": "/m", "DLORA_ENGINE__BLOCK_SIZE": "7"},
+            r"engine.block_size=7 must be a power of two up to 256",
+        ),
+        ({"DLORA_MODEL": "/m", "DLORA_ENGINE__BLOCK_SIZE": "512"}, r"engine.block_size=512 must be a power of two"),
         # An outdated flat name is refused, not ignored.
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "4"}, "DLORA_WORKER_MAX_LORAS names no setting"),
         ({}, "model"),

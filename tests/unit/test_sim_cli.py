@@ -71,6 +71,7 @@ def test_more_device_slots_than_host_memory_takes_are_refused_by_name(capsys: py
         (["--lengths", "trace", "--prompt-len", "64"], "--prompt-len applies to --lengths fixed or uniform only"),
         (["--lengths", "fixed", "--prompt-len", "5000"], "a prompt has 5000 tokens; the simulated model's context"),
         (["--popularity", "power", "--alpha", "0"], "alpha must be > 0"),
+        (["--popularity", "zipf", "--alpha", "-1"], "alpha must be >= 0"),
         (["--trace", "/nowhere.csv"], "/nowhere.csv"),
     ],
 )

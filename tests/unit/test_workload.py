@@ -26,6 +26,9 @@ def test_popularity_shapes() -> None:
     assert p[0] > p[1] > p[2] > p[3] and sum(p) == pytest.approx(1)
     z = popularity.zipf(3, 1.0)
     assert z == pytest.approx([6 / 11, 3 / 11, 2 / 11])
+    assert popularity.zipf(3, 0.0) == pytest.approx([1 / 3] * 3)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):  # inverted popularity, accepted before
+        popularity.zipf(3, -1.0)
 
 
 def test_stride_mapping_skews_with_stride() -> None:

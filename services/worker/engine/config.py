@@ -13,6 +13,8 @@ from dlora.services.worker.policy.config import PolicyConfig
 
 # What the device setting accepts, checked at load (torch is not imported there).
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# The largest KV block, in tokens (vLLM's choices are 1 to 128, powers of two; ours alike, up to 256).
+MAX_BLOCK_SIZE = 256
 
 
 class DType(enum.StrEnum):
@@ -71,6 +73,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         bad: list[tuple[str, object, str]] = [
             (f, getattr(self, f), "must be >= 1") for f in positive if getattr(self, f) < 1
         ]
+        if self.block_size >= 1 and (self.block_size & (self.block_size - 1) or self.block_size > MAX_BLOCK_SIZE):
+            # the Triton attention kernel tiles a block by powers of two (it failed every request)
+            bad.append(("block_size", self.block_size, f"must be a power of two up to {MAX_BLOCK_SIZE}"))
         if 1 <= self.max_num_batched_tokens < self.max_num_seqs:  # vLLM refuses it too
             bad.append(
                 (
