@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("--json", action="store_true")
     kr = keys_sub.add_parser("revoke", help="revoke a key by its id (refused from then on, still listed)")
     kr.add_argument("id")
+    for each in (kc, kl, kr):  # after the command too (`dlora keys list --config X`), as `dlora up --config X`
+        each.add_argument("--config", default=argparse.SUPPRESS, help="dlora.toml (as before the command)")
     keys.set_defaults(func=_lazy("dlora.services.keys_cli:run_keys"))
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)

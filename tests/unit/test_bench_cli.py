@@ -60,3 +60,13 @@ def test_an_engine_bench_on_a_device_this_machine_lacks_is_a_usage_error(capsys:
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last (none here: cuda:0)
     assert main(["bench", "engine", "--device", missing, "--preset", "tiny"]) == 2
     assert f"device '{missing}'" in capsys.readouterr().err
+
+
+def test_keys_takes_its_config_before_or_after_the_command() -> None:
+    """An operator's trial: `dlora keys list --config dlora.toml` was an argparse error, though
+    `dlora up --config` takes it there."""
+    p = build_parser()
+    assert p.parse_args(["keys", "--config", "a.toml", "list"]).config == "a.toml"
+    assert p.parse_args(["keys", "list", "--config", "b.toml"]).config == "b.toml"
+    assert p.parse_args(["keys", "revoke", "k1", "--config", "c.toml"]).config == "c.toml"
+    assert p.parse_args(["keys", "list"]).config is None
