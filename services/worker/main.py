@@ -116,6 +116,7 @@ class WorkerService:
         self._listed_at = -_LIST_EVERY_S
         self.metrics = WorkerMetrics(settings.worker_id, lambda: worker_view(self))
         self.tokenized = Tokenized(engine.tokenizer)  # arriving requests' prompts and bad_words
+        self.settings = engine.settings_in_effect()  # for the metrics (read once: they do not change)
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
@@ -455,21 +456,9 @@ class WorkerService:
         logger.info(
             "worker ready",
             worker=self.s.worker_id,
-            device=str(e.device),
-            dtype=str(e.dtype).removeprefix("torch."),
-            kernels=e.kernels.name,
             cuda_graphs=cuda_graphs,
             async_scheduling=e.config.async_scheduling,
-            # the settings that took effect (vLLM logs its whole engine config at start)
-            max_model_len=e.max_model_len,
-            max_num_seqs=e.limits.max_num_seqs,
-            max_num_batched_tokens=e.limits.max_num_batched_tokens,
-            block_size=e.blocks.block_size,
-            num_blocks=e.blocks.num_blocks,
-            prefix_caching=e.blocks.enable_prefix_caching,
-            chunked_prefill=e.limits.chunked_prefill,
-            max_loras=e.config.max_loras,
-            policy=e.config.policy.name,
+            **e.settings_in_effect(),  # what took effect (vLLM logs its engine config at start)
         )
         if e.max_model_len < e.model_config.context_length():
             logger.warning(

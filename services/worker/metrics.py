@@ -51,6 +51,7 @@ class WorkerView:
     now: float  # Unix seconds
     # The loop's decode steps timed (``StepCycles``): batch bucket -> (steps, seconds, sequences).
     cycles: dict[int, tuple[int, float, int]] = dataclasses.field(default_factory=dict)
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)  # ``LLMEngine.settings_in_effect``
 
 
 # Label values (in the family's label order) -> the sample's value.
@@ -221,6 +222,14 @@ def families(v: WorkerView) -> Iterator[Metric]:
         )
     yield from _requests(v)
     yield from _residency(v)
+    if v.settings:  # vLLM's cache_config_info alike: the engine settings in effect, as labels
+        names = sorted(v.settings)
+        yield _gauge(
+            "dlora_engine_config_info",
+            "The engine settings this worker runs with",
+            ["worker", *names],
+            {(w, *(v.settings[n] for n in names)): 1.0},
+        )
 
 
 def _by_name(by_key: Mapping[str, float], base: str = "") -> dict[str, float]:
@@ -328,6 +337,7 @@ def worker_view(svc: WorkerService) -> WorkerView:
         longest_wait_s=max((now - s.arrived for s in svc.streams.values() if not s.first_sent), default=0.0),
         now=time.time(),
         cycles={b: (n, svc.cycles.seconds[b], svc.cycles.sequences[b]) for b, n in list(svc.cycles.counts.items())},
+        settings=svc.settings,
     )
 
 

@@ -171,6 +171,8 @@ def test_every_exporter_serves_its_families_with_values_that_agree_with_the_load
         assert {a for a, _ in tiers} == {"lora-1", "lora-2"} and len(tiers) == 2
         assert {s.labels["rank"] for s in w.of("dlora_adapter_resident")} <= {"4", "8", "16", "32", "64"}
         assert w.of("dlora_adapter_credit_seconds") and w.total("dlora_wait_bound_seconds") > 0  # the dlora policy
+        (config,) = w.of("dlora_engine_config_info")  # the settings in effect
+        assert config.labels["policy"] == "dlora" and config.labels["device"] == "cpu", config.labels
     loaded = {s.labels["adapter"] for w in workers for s in w.of("dlora_adapter_loads_total") if s.value > 0}
     merges = sum(s.value for w in workers for s in w.of("dlora_adapter_switches_total") if s.labels["kind"] == "merge")
     # each went into some worker's device slot, but for one that ran merged only (no slot needed)
