@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -19,7 +18,7 @@ from dlora.services.worker.policy import (
     make_policy,
 )
 from dlora.services.worker.policy.config import PolicyConfig
-from dlora.services.worker.policy.dlora import HIT_RATE_WINDOW_S, DLoraPolicy
+from dlora.services.worker.policy.dlora import DLoraPolicy
 from tests.unit.policy_sim import CPU_LIKE, GPU_LIKE, Arrival, Noise, Profile, simulate
 
 LIMITS = BatchLimits(max_num_seqs=8, max_adapters=4)
@@ -345,26 +344,3 @@ def test_a_merged_step_is_priced_on_what_the_token_budget_admits_not_on_every_qu
     d = p.decide(running + prompts, None)
     assert d.merged is None or d.mixed  # nobody of F left idle for a's prompts
     assert set(r.request_id for r in running) <= set(d.request_ids)
-
-
-def test_a_switch_is_charged_the_prefix_cache_hits_it_throws_away() -> None:
-    """The prefix cache keys KV by the merged state that computed it: a multi-turn replay under
-    this policy computed 48 % more prompt tokens than unmerged-only for one merge. Where the cache
-    serves many prompt tokens a second, merging the same skewed queue no longer pays; with no hits,
-    the decision is unchanged."""
-    q = queue("a", "a", "a", "a", "a", "a", "b", "c")
-    cold, warm = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.3)), DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.3))
-    for p in (cold, warm):
-        _fit(p)
-        p.costs.observe_step(6, 0.001)  # a's six merged: far faster than the 8 unmerged
-        p.costs.observe_switch(merge=0.001, unmerge=0.001)
-    assert cold.decide(q, None).merged == "a" and cold.hit_rate == 0.0
-    # a merged step's tokens cost ~0.17 ms each: served from the cache at 100,000 a second, they
-    # would take more than all of its time to compute again (the rate weighs the last 30 s)
-    watcher = DLoraPolicy(LIMITS)  # (its steps of 1 s would teach the others' cost model too)
-    for _ in range(60):
-        watcher.observe(StepDecision(None, ["r0"]), StepRecord(None, ["r0"], [None], 8, 1.0, prefix_hits=100_000))
-    assert watcher.hit_rate == pytest.approx(100_000 * (1 - math.exp(-60 / HIT_RATE_WINDOW_S)))
-    warm.hit_rate = watcher.hit_rate
-    assert warm.decide(q, None).merged is None and not warm._pays_off(q, q[:6])
-    assert cold._pays_off(q, q[:6])

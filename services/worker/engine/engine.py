@@ -359,8 +359,7 @@ class LLMEngine:
         batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
         fed = [(s.adapter, s.num_scheduled) for s in batch]
         prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)
-        merged = self.merger.merged
-        return PreparedStep(batch, slots, merge_s, unmerge_s, started, fed, prefill, merged, plan.prefix_hits)
+        return PreparedStep(batch, slots, merge_s, unmerge_s, started, fed, prefill, self.merger.merged)
 
     def _run(
         self, step: PreparedStep
@@ -456,7 +455,7 @@ class LLMEngine:
             s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch
         ]
         shares, mode = [(a or "", n, m) for (a, n), m in zip(step.fed, made)], None
-        for i, t in enumerate(seconds):
+        for t in seconds:
             record = StepRecord(
                 merged=merged,
                 request_ids=request_ids,
@@ -467,7 +466,6 @@ class LLMEngine:
                 seconds=t,
                 merge_seconds=step.merge_s,
                 unmerge_seconds=step.unmerge_s,
-                prefix_hits=step.prefix_hits if i == 0 else 0,  # a repeat (fast-forward) admits no prompt
             )
             mode = mode or record.mode  # the same for every run
             self.stats.record_step(t, generated, fed, step.num_prefill, mode, len(batch), (segments, rank_tokens))

@@ -69,7 +69,6 @@ class PreparedStep:
     fed: list[tuple[str | None, int]]  # (adapter, tokens fed) per sequence, in batch order
     num_prefill: int  # of those, prompt (and recompute) tokens: all but the decodes' one each
     merged: str | None  # the adapter merged while it runs
-    prefix_hits: int = 0  # prompt tokens its prefills found in the prefix cache
     # Which of ``batch`` made a token, when known before ``_observe`` reads the sequences (async
     # scheduling: by then the next step may have preempted some); None: read from their state.
     made: list[bool] | None = None

@@ -70,7 +70,6 @@ class StepRecord:
     unmerge_seconds: float = 0.0  # unmerge paid before the step (0 if none)
     lora_segments: int = 0  # distinct adapters whose deltas ran (``lora_work``)
     lora_rank_tokens: int = 0  # the ranks each token's deltas ran at, summed over the tokens
-    prefix_hits: int = 0  # prompt tokens this step's prefills found in the prefix cache, not computed
 
     @property
     def mode(self) -> Mode:

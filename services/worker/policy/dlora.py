@@ -79,10 +79,6 @@ from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
 from dlora.services.worker.policy.credits import BASE, CreditLedger
 
-# Seconds over which ``DLoraPolicy.hit_rate`` weighs the prefix cache's hits: a chat's turns come
-# seconds apart, and the hits a switch throws away are those of the turns in the epoch it begins.
-HIT_RATE_WINDOW_S = 30.0
-
 
 @dataclass
 class _Epoch:
@@ -176,9 +172,6 @@ class DLoraPolicy(Policy):
         self.merged_epoch_steps = 8.0
         self.fallback_steps = 0  # steps the watchdog still holds the policy unmerged
         self.watchdog_trips = 0
-        # Prompt tokens a second the prefix cache serves, lately (``HIT_RATE_WINDOW_S``): what a
-        # switch throws away while it lasts (``_cache_loss``).
-        self.hit_rate = 0.0
 
     # ---- thresholds -----------------------------------------------------------------------
     @property
@@ -294,7 +287,7 @@ class DLoraPolicy(Policy):
         if c.merged != merged_now:
             switch, switch_std = self.costs.switch_seconds(merge=c.merged is not None, unmerge=merged_now is not None)
             epoch = max(1.0, self.merged_epoch_steps)
-            total += switch / epoch + self._cache_loss(seconds, tokens)
+            total += switch / epoch
             other_var += (switch_std / epoch) ** 2
         # Per token served, with each request of F it leaves waiting costing as much as one it
         # serves: a step that advances half of F costs twice what its time alone says (a merged
@@ -338,24 +331,11 @@ class DLoraPolicy(Policy):
         if unmerged is None or merged is None or not f_tokens or not g_tokens:
             return True
         saving = g_tokens * (unmerged / f_tokens - merged / g_tokens)
-        loss = self.merged_epoch_steps * self._cache_loss(merged, g_tokens)
-        return self.merged_epoch_steps * saving > self.costs.switch_seconds()[0] + loss
-
-    def _cache_loss(self, step_s: float, tokens: int) -> float:
-        """Seconds a step of ``step_s`` for ``tokens`` tokens costs more for running under another
-        merged state than the one before: the prefix cache holds KV under the state that computed
-        it (``block_manager.py``: merged and unmerged steps write different bits), so the prompt
-        tokens it would have served meanwhile (``hit_rate``) are computed again, at this step's
-        seconds a token. A multi-turn replay under this policy computed 48 % more prompt tokens
-        than unmerged-only for one merge (BENCHMARKS, engine features)."""
-        return self.hit_rate * step_s * step_s / tokens if tokens else 0.0
+        return self.merged_epoch_steps * saving > self.costs.switch_seconds()[0]
 
     # ---- learning from what ran -----------------------------------------------------------
     def observe(self, decision: StepDecision, record: StepRecord) -> None:
         self.costs.observe_step(record.num_tokens, record.seconds, record.lora_segments, record.lora_rank_tokens)
-        # an exponentially weighted rate: h tokens every t seconds reads h / t
-        decay = math.exp(-record.seconds / HIT_RATE_WINDOW_S)
-        self.hit_rate = self.hit_rate * decay + record.prefix_hits * (1 - decay) / max(record.seconds, 1e-9)
         self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
         if self.fallback_steps > 0:
             self.fallback_steps -= 1
