@@ -17,6 +17,7 @@ removal by a process whose bucket is not open reaches the bucket at the next mer
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import re
@@ -35,7 +36,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from dlora.common import log
-from dlora.common.durable import Bucket, Durable, bucket_values
+from dlora.common.durable import Bucket, Durable, bucket_values, stream_subjects
 from dlora.common.messages import AdapterEntry, AdapterRemoval
 from dlora.common.state import INFLIGHT_TTL_S, StateStore
 
@@ -62,15 +63,16 @@ def bucket_name(prefix: str) -> str:
     return f"{prefix}-adapters"
 
 
-# JetStream's error code for a write whose expected last sequence (revision) is not the subject's.
-_WRONG_LAST_SEQUENCE = 10071
+# JetStream's error codes for a write whose expected last sequence (revision) is not the subject's:
+# a stream of one replica, and a replicated one (nats-py's own update checks both).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 # Seconds between two of ``AdapterRegistry.restore``'s comparisons of a non-empty Redis with the
 # bucket (the dispatcher asks every look).
 MERGE_INTERVAL_S = 5.0
-# Seconds between two purges of the bucket's old delete markers (``AdapterRegistry.tidy``), and the
-# age a marker is purged at: long past any merge that could still need to see the deletion.
+# Seconds between two purges of the bucket's delete markers (``AdapterRegistry.tidy``), and the
+# most one may take.
 TIDY_INTERVAL_S = 3600.0
-MARKER_AGE_S = 1800.0
+TIDY_TIMEOUT_S = 10.0
 # Seconds a removal is kept (``AdapterRemoval``) while its name is not registered again: a Redis
 # brought back from a snapshot older than this may serve a name removed before it. Kept for ever,
 # names of short-lived adapters grew the bucket and every merge's reading of it (a review).
@@ -228,7 +230,10 @@ class AdapterRegistry(Durable):
         self._merged_at = self.clock()
         if self.clock() - self._tidied_at >= TIDY_INTERVAL_S:
             self._tidied_at = self.clock()
-            await self.tidy()
+            try:
+                await self.tidy()
+            except Exception as e:  # noqa: BLE001 - tidied next time; the merge goes on
+                logger.warning("the bucket's delete markers were not purged", error=f"{type(e).__name__}: {e}")
         current, versions, removals = await self.durable_entries()
         live = await self._finish_removals(kv, current, removals)
         held = {e.name: e for e in await self.store.list_adapters()}
@@ -259,12 +264,28 @@ class AdapterRegistry(Durable):
         logger.warning("adapter registrations restored from the durable copy", adapters=len(back))
         return len(back) + dropped
 
-    async def tidy(self, older_than_s: float = MARKER_AGE_S) -> None:
-        """Drop the bucket's delete and purge markers older than ``older_than_s``: each removal,
-        purge and registration after a removal leaves one, and every merge read each of them
-        (a round trip a marker, every ``MERGE_INTERVAL_S``, growing with every adapter removed)."""
-        if (kv := await self.kv()) is not None:
-            await kv.purge_deletes(olderthan=int(older_than_s))
+    async def tidy(self) -> int:
+        """Purge the bucket's delete and purge markers: each removal, purge and registration after
+        a removal leaves one, and every merge read each of them (a round trip a marker, every
+        ``MERGE_INTERVAL_S``, growing with every adapter removed). A subject is purged only up to
+        its marker, so a value written to it since stays (nats-py's ``purge_deletes`` purged the
+        whole subject, a registration made meanwhile too, and left a watcher running each time:
+        a review). The number of markers purged; none without a bucket."""
+        if (kv := await self.kv()) is None or self.bucket is None:
+            return 0
+        stream, prefix = f"KV_{self.bucket.name}", f"$KV.{self.bucket.name}."
+        js, purged = self.bucket.nc.jetstream(), 0
+        async with asyncio.timeout(TIDY_TIMEOUT_S):  # a merge must not wait on it for long
+            for subject in await stream_subjects(self.bucket.nc, stream):
+                try:
+                    await kv.get(subject.removeprefix(prefix))
+                    continue  # a value: nothing to purge
+                except (KeyDeletedError, KeyNotFoundError) as e:  # nats-py's get says deleted as not found
+                    marker = getattr(e, "entry", None)  # the marker, where there is one
+                if marker is not None and marker.revision is not None:
+                    await js.purge_stream(stream, subject=subject, seq=marker.revision + 1)
+                    purged += 1
+        return purged
 
     async def _finish_removals(
         self, kv: KeyValue, current: list[AdapterEntry], removals: dict[str, AdapterRemoval]
@@ -349,7 +370,7 @@ async def _delete_current(kv: KeyValue, name: str, entry: AdapterEntry) -> bool:
     except KeyWrongLastSequenceError:
         return False
     except BadRequestError as e:  # nats-py's delete passes the server's "wrong last sequence" on as is
-        if e.err_code == _WRONG_LAST_SEQUENCE:
+        if e.err_code in _WRONG_LAST_SEQUENCE:
             return False
         raise
 

@@ -61,6 +61,20 @@ class ModelConfig:
             length = min(length, self.sliding_window)
         return length
 
+    def longest_supported(self) -> int:
+        """The longest ``max_model_len`` one may set: ``context_length``, or where longer, a linear
+        or YaRN scaling's factor times the positions it scales (YaRN's original ones), as vLLM
+        derives it (Qwen2.5 given its YaRN block keeps max_position_embeddings 32,768 and serves
+        131,072; a review)."""
+        length = self.context_length()
+        if self.rope["rope_type"] in ("linear", "yarn") and self.rope.get("factor"):
+            positions = self.max_position_embeddings
+            if self.rope["rope_type"] == "yarn":
+                positions = int(self.rope.get("original_max_position_embeddings") or positions)
+            scaled = int(positions * float(self.rope["factor"]))
+            length = max(length, scaled if self.sliding_window is None else min(scaled, self.sliding_window))
+        return length
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"

@@ -77,7 +77,8 @@ class DispatchState:
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
         if worker is not None and group:
-            self.groups[group] = (worker, pinned[1] + 1 if pinned is not None and pinned[0] == worker else 1)
+            # counted on past a change of worker: a group over its cap goes by load from then on
+            self.groups[group] = (worker, pinned[1] + 1 if pinned is not None else 1)
             if len(self.groups) > MAX_GROUPS:
                 self.groups.popitem(last=False)
         if worker is not None:

@@ -506,9 +506,11 @@ async def test_a_failed_registration_copied_by_a_racing_one_is_not_brought_back(
         await nc.close()
 
 
-async def test_a_merge_purges_old_delete_markers_now_and_then(nats_server: Server, redis: Redis) -> None:
+async def test_a_merge_purges_delete_markers_now_and_then_and_never_a_value(nats_server: Server, redis: Redis) -> None:
     """Every removal and purge leaves a marker in the bucket's stream, and each merge read every
-    one of them (a previous note's open item); the registry purges old ones once an interval."""
+    one of them (a previous note's open item); the registry purges them once an interval, each
+    subject only up to its marker: a registration written since stays (nats-py's purge_deletes
+    took it too, a review)."""
     nc = await nats.connect(nats_server.url)
     now = [0.0]
     store = StateStore(redis)
@@ -520,10 +522,21 @@ async def test_a_merge_purges_old_delete_markers_now_and_then(nats_server: Serve
         stream = f"KV_{bucket_name(store.p)}"
         deleted = {f"$KV.{bucket_name(store.p)}.current.a{i}" for i in range(3)}
         assert deleted <= set(await stream_subjects(nc, stream))
-        await registry.restore()  # the first merge tidies too, but the markers are younger than MARKER_AGE_S
-        assert deleted <= set(await stream_subjects(nc, stream)) and registry._tidied_at == 0.0
-        await registry.tidy(older_than_s=0)
-        assert not deleted & set(await stream_subjects(nc, stream))
+        await registry.restore()  # the first merge tidies
+        assert registry._tidied_at == 0.0 and not deleted & set(await stream_subjects(nc, stream))
         assert (await registry.durable_entries())[2].keys() == {"a0", "a1", "a2"}  # the removals kept
+        # a marker, then a value on the same subject before the purge reaches it: the value stays
+        kv = await registry.kv()
+        assert kv is not None
+        await kv.put("current.b", b"{}")
+        await kv.delete("current.b")
+        revision = (await nc.jetstream().get_last_msg(stream, f"$KV.{bucket_name(store.p)}.current.b")).seq
+        await kv.put("current.b", b'{"name": "b"}')
+        await nc.jetstream().purge_stream(stream, subject=f"$KV.{bucket_name(store.p)}.current.b", seq=revision + 1)
+        assert (await kv.get("current.b")).value == b'{"name": "b"}'
+        subscriptions = len(nc._subs)
+        assert await registry.tidy() == 0  # no marker is the last of its subject now
+        assert (await kv.get("current.b")).value == b'{"name": "b"}'
+        assert len(nc._subs) == subscriptions  # no watcher left running
     finally:
         await nc.close()

@@ -269,6 +269,7 @@ def test_a_requests_choices_go_to_one_worker_while_it_is_live_whatever_the_load(
     rr = DispatchState(5.0, DispatchMode.ROUND_ROBIN, DispatchCosts())
     pinned = {rr.choose([x, y], "a", group="all") for _ in range(MAX_GROUP_REQUESTS)}
     assert len(pinned) == 1 and rr.choose([x, y], "a", group="all") not in pinned
+    assert {rr.choose([x, y], "a", group="all") for _ in range(4)} == {"x", "y"}  # by load (here, turns) from then on
 
 
 def test_a_requests_keys_follow_its_adapters_files_not_its_name() -> None:

@@ -127,3 +127,16 @@ def test_the_pretraining_length_beside_the_rope_settings_wins_and_a_missing_fact
     ):
         with pytest.raises(ModelConfigError, match=field):
             ModelConfig.from_dict({**raw, "rope_scaling": scaling})
+
+
+def test_the_longest_max_model_len_follows_a_linear_or_yarn_scaling_as_vllm_derives_it() -> None:
+    """A review: refusing max_model_len above context_length refused Qwen2.5 with its YaRN block
+    (max_position_embeddings 32,768, factor 4), which vLLM serves at 131,072."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    qwen = ModelConfig.from_dict({**SMALL, "max_position_embeddings": 32768, "rope_scaling": yarn})
+    assert qwen.context_length() == 32768 and qwen.longest_supported() == 131072
+    linear = ModelConfig.from_dict(
+        {**SMALL, "max_position_embeddings": 2048, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    )
+    assert linear.longest_supported() == 4096
+    assert ModelConfig.from_dict({**SMALL, "max_position_embeddings": 2048}).longest_supported() == 2048

@@ -114,10 +114,10 @@ class LLMEngine:
         """The state every step's scheduling runs on (no weights, no tensors): the block manager,
         the scheduler's limits, the slot table, the policy, the requests and the counters. Apart so
         the cluster simulator (``dlora.sim``) runs these very parts against a cost model."""
-        if config.max_model_len is not None and config.max_model_len > cfg.context_length():
+        if config.max_model_len is not None and config.max_model_len > (longest := cfg.longest_supported()):
             # vLLM refuses it too: RoPE past the positions the model was trained on degrades silently
             raise ValueError(
-                f"max_model_len {config.max_model_len} is over the model's context length {cfg.context_length()} "
+                f"max_model_len {config.max_model_len} is over the model's context length {longest} "
                 "(max_position_embeddings, its RoPE scaling and sliding window); leave it out or lower it"
             )
         self.max_model_len = min(config.max_model_len or cfg.context_length(), num_blocks * config.block_size)
