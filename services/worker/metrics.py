@@ -222,14 +222,13 @@ def families(v: WorkerView) -> Iterator[Metric]:
         )
     yield from _requests(v)
     yield from _residency(v)
-    if v.settings:  # vLLM's cache_config_info alike: the engine settings in effect, as labels
-        names = sorted(v.settings)
-        yield _gauge(
-            "dlora_engine_config_info",
-            "The engine settings this worker runs with",
-            ["worker", *names],
-            {(w, *(v.settings[n] for n in names)): 1.0},
-        )
+    names = sorted(v.settings)  # vLLM's cache_config_info alike: the engine settings in effect, as labels
+    yield _gauge(
+        "dlora_engine_config_info",
+        "The engine settings this worker runs with",
+        ["worker", *names],
+        {(w, *(v.settings[n] for n in names)): 1.0} if v.settings else {},
+    )
 
 
 def _by_name(by_key: Mapping[str, float], base: str = "") -> dict[str, float]:

@@ -116,7 +116,7 @@ def test_every_family_with_the_view_s_values() -> None:
     info = dict(next(iter(s["vllm:lora_requests_info"])))
     assert (info["running_lora_adapters"], info["waiting_lora_adapters"], info["max_lora"]) == ("a", "b", "4")
     # the settings in effect, as labels (an operator's trial found none exposed but max_loras)
-    assert "dlora_engine_config_info" not in s
+    assert "dlora_engine_config_info" not in s  # no settings known: the family, no sample
     settings = {"max_num_seqs": "12", "block_size": "32", "policy": "dlora"}
     config = dict(next(iter(_scrape(_view(settings=settings))["dlora_engine_config_info"])))
     assert config == {**settings, "worker": "w0"}
