@@ -34,8 +34,6 @@ from dlora.common.messages import (
     ErrorCode,
     GenerateRequest,
     MovePlan,
-    PrefixCacheReset,
-    PrefixCacheResetDone,
     TokenChunk,
     WorkerStats,
 )
@@ -47,6 +45,7 @@ from dlora.services.gateway import dashboard, openai, openapi
 from dlora.services.gateway.adapter_routes import AdapterAdmin
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
+from dlora.services.gateway.cache_reset import reset_prefix_cache
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, failure_status, json_errors
 from dlora.services.gateway.health import readiness, retry_after_s
@@ -72,10 +71,7 @@ from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 
 logger = log.get("gateway")
-# How long POST /reset_prefix_cache waits for the live workers' answers (each answers between steps).
-RESET_WAIT_S = 5.0
 _decode_chunk = msgspec.json.Decoder(TokenChunk)
-_decode_reset_done = msgspec.json.Decoder(PrefixCacheResetDone)
 _encode_request = msgspec.json.Encoder()
 
 
@@ -412,41 +408,6 @@ class Gateway:
         )
         return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 
-    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
-        """``POST /reset_prefix_cache`` (admin; vLLM's path, SGLang's ``/flush_cache``): every worker
-        forgets its prefix cache, as before a cold-cache benchmark. 200 with the blocks each worker
-        forgot (``workers``) and the live workers that did not answer within ``RESET_WAIT_S``
-        (``missing``); 503 when none answered."""
-        await self.auth.admin(request)
-        expected = {st.worker for st, _ in self.cluster.live(time.monotonic(), self.s.heartbeat_ttl_s)}
-        answers: dict[str, int] = {}
-        all_in = asyncio.Event()
-
-        async def answered(msg: Msg) -> None:
-            if msg.headers and "Status" in msg.headers:  # NATS's "no responders": no worker subscribes
-                return
-            try:
-                done = _decode_reset_done.decode(msg.data)
-            except msgspec.DecodeError as e:
-                bus.reject("prefix-cache reset answers", msg.subject, PrefixCacheResetDone, e)
-                return
-            answers[done.worker] = done.blocks
-            if expected and expected <= answers.keys():  # none known (no stats yet): all the wait
-                all_in.set()
-
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=answered)
-        try:
-            await self.nc.publish(subjects.PREFIX_CACHE_RESET, msgspec.json.encode(PrefixCacheReset()), reply=inbox)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RESET_WAIT_S):
-                    await all_in.wait()
-        finally:
-            await sub.unsubscribe()
-        if not answers:
-            raise APIError(503, f"no worker answered within {RESET_WAIT_S} s; try again shortly")
-        return web.json_response({"workers": answers, "missing": sorted(expected - answers.keys())})
-
     async def _on_plan(self, plan: MovePlan) -> None:
         self.cluster.planned(plan)
 
@@ -491,7 +452,7 @@ class Gateway:
         app.router.add_get("/version", openapi.version)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/v1/status", self.status)
-        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        app.router.add_post("/reset_prefix_cache", functools.partial(reset_prefix_cache, self))
         dashboard.add_static(app)
         app.router.add_get("/openapi.json", openapi.handler)
         return app
