@@ -16,7 +16,7 @@ from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
-from dlora.services.worker.engine import async_scheduling, forward, switching
+from dlora.services.worker.engine import async_scheduling, forward, observing, switching
 from dlora.services.worker.engine.admission import check_request, check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
@@ -51,8 +51,6 @@ from dlora.services.worker.policy import (
     Policy,
     QueuedRequest,
     StepDecision,
-    StepRecord,
-    lora_work,
     make_policy,
 )
 
@@ -444,33 +442,8 @@ class LLMEngine:
 
     def _observe(self, decision: StepDecision, step: PreparedStep, generated: int, seconds: list[float]) -> None:
         """Record the step (``generated`` tokens) in the stats and hand the policy its decision back
-        with what the step ran and cost, once per entry of ``seconds`` (the simulator's fast-forward
-        repeats a step; what does not change between runs is worked out once)."""
-        batch, fed, merged = step.batch, step.num_tokens, step.merged
-        ranks = {a: self.adapters[a].rank for a in {a for a, _ in step.fed} | {merged} if a is not None}
-        segments, rank_tokens = lora_work(step.fed, merged, ranks)
-        request_ids, adapters = [s.request_id for s in batch], [s.adapter for s in batch]
-        # A chunk short of its prompt's end made no token, nor did a sequence that failed.
-        made = step.made or [
-            s.status is Status.RUNNING or s.finish_reason not in (None, FinishReason.ERROR) for s in batch
-        ]
-        shares, mode = [(a or "", n, m) for (a, n), m in zip(step.fed, made)], None
-        for t in seconds:
-            record = StepRecord(
-                merged=merged,
-                request_ids=request_ids,
-                adapters=adapters,
-                num_tokens=fed,
-                lora_segments=segments,
-                lora_rank_tokens=rank_tokens,
-                seconds=t,
-                merge_seconds=step.merge_s,
-                unmerge_seconds=step.unmerge_s,
-            )
-            mode = mode or record.mode  # the same for every run
-            self.stats.record_step(t, generated, fed, step.num_prefill, mode, len(batch), (segments, rank_tokens))
-            self.stats.record_adapters(t, fed, shares)
-            self.policy.observe(decision, record)
+        with what the step ran and cost, once per entry of ``seconds`` (``observing.observe``)."""
+        observing.observe(self, decision, step, generated, seconds)
 
     def _forward(
         self, batch: list[Sequence], slots: StepSlots, carry: Carry | None = None
