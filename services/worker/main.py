@@ -458,15 +458,8 @@ class WorkerService:
             worker=self.s.worker_id,
             cuda_graphs=cuda_graphs,
             async_scheduling=e.config.async_scheduling,
-            **e.settings_in_effect(),  # what took effect (vLLM logs its engine config at start)
+            **self.settings,  # what took effect (vLLM logs its engine config at start)
         )
-        if e.max_model_len < e.model_config.context_length():
-            logger.warning(
-                "max_model_len below the model's context",
-                max_model_len=e.max_model_len,
-                context=e.model_config.context_length(),
-                why="max_model_len set lower, or the KV cache holds no more (kv_cache_bytes, num_blocks)",
-            )
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
             done = asyncio.Event()  # stopped and drained: the stats and heartbeat go on until then

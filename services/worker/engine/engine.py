@@ -107,6 +107,13 @@ class LLMEngine:
         self.last_logits: dict[str, torch.Tensor] = {}  # (vocab,) of the last step by request id: for tests
         self._rng = torch.Generator().manual_seed(config.seed)
         self.grammars = Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
+        if self.max_model_len < cfg.context_length():
+            logger.warning(
+                "max_model_len below the model's context",
+                max_model_len=self.max_model_len,
+                context=cfg.context_length(),
+                why="max_model_len set lower, or the KV cache holds no more (kv_cache_bytes, num_blocks)",
+            )
 
     def _init_scheduling(self, config: EngineConfig, cfg: ModelConfig, num_blocks: int, policy: Policy | None) -> None:
         """The state every step's scheduling runs on (no weights, no tensors): the block manager,
