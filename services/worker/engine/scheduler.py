@@ -102,6 +102,10 @@ def schedule(
     # it allocates them so a sibling reads them in the same step; here they are named after the
     # forward that wrote them, so a failed step never leaves a name on KV that was not written.
     upcoming: set[bytes] = set()
+    # Prefills chosen whose blocks are not yet in ``upcoming`` (their chunk's start and end, the key
+    # it is computed under): hashed only if a fresh prompt comes after them, else ``computed`` names
+    # them once, after the forward.
+    providers: list[tuple[Sequence, int, int, bytes]] = []
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -120,11 +124,14 @@ def schedule(
         own_key = seq.salted(cache_key(seq.adapter)) if caches or fresh else b""
         room = limits.max_num_batched_tokens - tokens - (reserved if seq.status is Status.WAITING else 0)
         if fresh:
-            lookup = NO_REUSE if seq.collects_prompt_logprobs else own_key
-            seq.num_cached = blocks.reuse_prefix(rid, seq.all_ids(), lookup)
+            ids, lookup = seq.all_ids(), NO_REUSE if seq.collects_prompt_logprobs else own_key
+            seq.num_cached = blocks.reuse_prefix(rid, ids, lookup)
+            for provider, start, end, key in providers:  # named only when a later prompt may share them
+                upcoming.update(blocks.upcoming(provider.request_id, provider.all_ids(), start, end, key))
+            providers.clear()
             # Waits where the blocks a prefill before it computes now make half what it would
             # compute (a shared 16-token header ahead of a long prompt of its own is computed again)
-            shared = blocks.upcoming_share(rid, seq.all_ids(), lookup, upcoming) if upcoming else 0
+            shared = blocks.upcoming_share(rid, ids, lookup, upcoming) if upcoming else 0
             if shared and 2 * shared >= min(seq.num_new, room):
                 _release(seq, blocks, fresh)
                 continue
@@ -150,7 +157,7 @@ def schedule(
         chosen.add(rid)
         tokens += n
         if caches:
-            upcoming.update(blocks.upcoming(rid, seq.all_ids(), seq.num_cached, seq.num_cached + n, own_key))
+            providers.append((seq, seq.num_cached, seq.num_cached + n, own_key))
         # Counted as vLLM counts them: a lookup with the cache on, of a request not preempted
         # (its own blocks found again are no hit), and none by one that may not reuse.
         if fresh and blocks.enable_prefix_caching and not seq.num_preemptions and not seq.collects_prompt_logprobs:
