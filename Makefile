@@ -64,7 +64,7 @@ test: setup chromium
 	@mkdir -p .cache
 	@$(MAKE) --no-print-directory lint > .cache/lint.log 2>&1 & lint=$$!; \
 	trap 'kill $$lint 2>/dev/null' INT TERM HUP; \
-	$(PY) -m pytest -q -n 2 --dist worksteal; tests=$$?; \
+	$(PY) -m pytest -q -n 3 --dist worksteal; tests=$$?; \
 	wait $$lint; linted=$$?; cat .cache/lint.log; \
 	[ $$linted -eq 0 ] || echo "make lint failed (above)"; \
 	[ $$tests -eq 0 ] && [ $$linted -eq 0 ]
