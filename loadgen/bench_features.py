@@ -31,10 +31,10 @@ if TYPE_CHECKING:
 TITLE = "Engine features: prefix caching and chunked prefill (`dlora bench features`)"
 
 
-def _engine(root: Path, dtype: str, adapters: int, **config: object) -> LLMEngine:
+def _engine(root: Path, dtype: str, adapters: int, policy: str = "unmerged-only", **config: object) -> LLMEngine:
     engine = LLMEngine(
         str(root / "model"),
-        EngineConfig(dtype=dtype, policy=PolicyConfig(name="unmerged-only"), kv_cache_bytes=1 << 30, **config),  # type: ignore[arg-type]
+        EngineConfig(dtype=dtype, policy=PolicyConfig(name=policy), kv_cache_bytes=1 << 30, **config),  # type: ignore[arg-type]
     )
     for i in range(adapters):
         engine.register_adapter(f"lora-{i}", root / "adapters" / f"lora-{i}")
@@ -165,10 +165,10 @@ def run(args: argparse.Namespace) -> dict:
             k: getattr(args, k)
             for k in ("conversations", "turns", "conversation_rate", "system_tokens", "user_tokens", "output_tokens")
         }
-        | {"think_s": args.think_s},
+        | {"think_s": args.think_s, "policy": args.policy, "adapters": args.adapters},
     }
     for on in (True, False):
-        engine = _engine(root, args.dtype, args.adapters, enable_prefix_caching=on)
+        engine = _engine(root, args.dtype, args.adapters, args.policy, enable_prefix_caching=on)
         result["multi_turn"]["cache_on" if on else "cache_off"] = point = multi_turn(engine, args)
         print(f"multi-turn cache {'on ' if on else 'off'}: {point}", flush=True)
     on, off = result["multi_turn"]["cache_on"], result["multi_turn"]["cache_off"]
@@ -205,8 +205,8 @@ def markdown(r: dict) -> str:
         "",
         f"**Multi-turn** ({s['conversations']} conversations × {s['turns']} turns starting at "
         f"{s['conversation_rate']}/s, a {s['system_tokens']}-token shared system prompt, {s['user_tokens']}-token "
-        f"user messages, {s['output_tokens']}-token answers, {s['think_s']} s think time; each turn resends the "
-        "history):",
+        f"user messages, {s['output_tokens']}-token answers, {s['think_s']} s think time, "
+        f"{s.get('adapters', 0)} adapters, policy {s.get('policy', 'unmerged-only')}; each turn resends the history):",
         "",
         "| prefix cache | mean TTFT (s) | P90 TTFT (s) | later turns' mean TTFT (s) | output tok/s "
         "| prefill tokens | hit rate |",

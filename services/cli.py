@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     bf.add_argument("--seed", type=int, default=0)
     bf.add_argument("--adapters", type=int, default=2, help="conversations cycle over this many adapters (0: base)")
+    bf.add_argument(
+        "--policy",
+        choices=["unmerged-only", "dlora"],
+        default="unmerged-only",
+        help="the multi-turn replay's batching policy (dlora: merges change the cache's key)",
+    )
     bf.add_argument("--conversations", type=int, default=12)
     bf.add_argument("--turns", type=int, default=5)
     bf.add_argument("--conversation-rate", type=float, default=0.5, help="conversations started per second")

@@ -206,3 +206,22 @@ def test_choices_of_one_prompt_compute_it_once_and_match_the_oracle(tiny_llama: 
     got = run_all(engine, {f"c{i}": (adapter, prompt) for i in range(4)}, MAX_TOKENS)
     assert got == {f"c{i}": oracle.generate(adapter, prompt, MAX_TOKENS) for i in range(4)}
     assert _hits(engine) == 3 * 24 and engine.stats.prefill_tokens == 26 + 3 * 2
+
+
+def test_the_policy_sees_what_a_waiting_prompt_would_find_cached_under_each_merged_state(
+    tiny_llama: TinyOutput,
+) -> None:
+    """The queue the policy decides on: a prompt whose prefix was computed unmerged feeds only the
+    rest with nothing merged, all of it with an adapter merged (another key), and is told what it
+    would feed if the replica unmerged; what the dlora policy prices a switch by."""
+    engine = make_engine(tiny_llama, block_size=4)
+    adapter = sorted(tiny_llama.adapters)[0]
+    prompt = SYSTEM + TURNS[1]
+    full = (len(prompt) - 1) // 4 * 4  # never the last token's block
+    run_all(engine, {"first": (adapter, prompt)}, 1)
+    engine.add_request("again", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1), adapter=adapter)
+    (q,) = engine.queue()
+    assert (q.num_new, q.num_new_unmerged, q.num_new_uncached) == (len(prompt) - full, len(prompt) - full, len(prompt))
+    engine.switch(adapter)
+    (q,) = engine.queue()
+    assert (q.num_new, q.num_new_unmerged, q.work) == (len(prompt), len(prompt) - full, len(prompt) - full)

@@ -131,3 +131,21 @@ def test_a_reset_forgets_every_cached_block_and_frees_those_nobody_holds() -> No
     bm.free("later")
     bm.free("running")
     assert bm.num_free == 8 and bm.num_cached == 0
+
+
+def test_a_look_at_what_a_prompt_would_find_cached_agrees_with_reusing_and_takes_nothing() -> None:
+    """What the policy is told of a waiting prompt (``cached_tokens``): the tokens ``reuse_prefix``
+    would take, under each key, no block held for the look, and the names hashed once."""
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    prompt = list(range(10))
+    _run(bm, "a", prompt)
+    bm.free("a")
+    free = bm.num_free
+    for ids, key in ((prompt + [77, 78], KEY), (prompt[:8], KEY), (prompt, OTHER), ([99, *prompt[1:]], KEY)):
+        names: list[bytes] = []
+        looked = bm.cached_tokens(ids, key, names)
+        assert bm.num_free == free and bm.cached_tokens(ids, key, names) == looked
+        assert len(names) == min(looked // 4 + 1, (len(ids) - 1) // 4)  # up to the first miss
+        assert looked == bm.reuse_prefix("b", ids, key), (ids, key)
+        bm.free("b")
+    assert BlockManager(16, 4).cached_tokens(prompt, KEY, []) == 0  # the cache off

@@ -1,10 +1,11 @@
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.scheduler import Limits, preempt, schedule
+from dlora.services.worker.engine.scheduler import Limits, preempt, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import StepDecision
 
@@ -265,3 +266,27 @@ def test_a_sibling_waits_for_the_chunk_that_computes_its_next_block_then_reuses_
     a.status = Status.RUNNING
     plan = schedule(StepDecision(None, ["b"]), seqs, bm, CHUNKED)
     assert (b.num_cached, b.num_scheduled) == (28, 2)  # every block but the last token's
+
+
+def test_the_policy_sees_a_waiting_prompt_without_what_it_would_find_cached_under_each_merged_state() -> None:
+    """A prompt whose first eight tokens were computed with nothing merged: with nothing merged it
+    feeds 4 of 12; with b merged now, 12 (its blocks are under another key), 4 were b unmerged,
+    and 12 under any other merge. Its blocks' names are hashed once per key."""
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    first = seq("a", 0, 10, adapter="x")
+    schedule(StepDecision(None, ["a"]), {"a": first}, bm, CHUNKED)
+    bm.computed("a", first.all_ids(), 0, 10, b"x|")
+    again = seq("b", 1, 12, adapter="x")
+    adapters = {"x": SimpleNamespace(rank=8), "b": SimpleNamespace(rank=8)}
+
+    def key(adapter: str | None, merged: str | None) -> bytes:
+        return f"{adapter}|{merged or ''}".encode()
+
+    q = queued([again], adapters, 64, {}, bm, key, None)["b"]
+    assert (q.num_new, q.num_new_unmerged, q.num_new_uncached, q.work) == (4, 4, 12, 4)
+    assert (q.fed(None, None), q.fed("b", None)) == (4, 12)
+    q = queued([again], adapters, 64, {}, bm, key, "b")["b"]
+    assert (q.num_new, q.fed(None, "b"), q.fed("x", "b"), q.work) == (12, 4, 12, 4)
+    assert {k for k, _ in again.block_names} == {b"x|", b"x|b"}
+    assert queued([again], adapters, 8, {}, bm, key, "b")["b"].num_new_unmerged == 4  # within the budget
+    assert queued([again], adapters, 64, {})["b"].num_new == 12  # no cache given: the whole prompt

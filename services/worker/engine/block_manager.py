@@ -151,6 +151,23 @@ class BlockManager:
             parent = name
         return len(held.table) * bs
 
+    def cached_tokens(self, token_ids: list[int], cache_key: bytes, names: list[bytes]) -> int:
+        """Tokens of ``token_ids`` that cached blocks hold under ``cache_key``: what ``reuse_prefix``
+        would take now. Looks only; takes nothing. ``names``: the blocks' names hashed so far for
+        these ids and key (empty at first), extended as far as this look needs: a caller that
+        looks again step after step hashes each block once."""
+        if not self.enable_prefix_caching:
+            return 0
+        bs, parent, run = self.block_size, _ROOT, 0
+        for start in range(0, len(token_ids) - bs, bs):
+            if run == len(names):
+                names.append(block_hash(parent, token_ids[start : start + bs], cache_key))
+            if names[run] not in self._cached:
+                break
+            parent = names[run]
+            run += 1
+        return run * bs
+
     def fills_block(self, start: int, end: int) -> bool:
         """Whether computing tokens [start, end) completes a block (``computed`` then reads ids)."""
         return end // self.block_size > start // self.block_size

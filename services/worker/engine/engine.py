@@ -321,7 +321,8 @@ class LLMEngine:
 
     def queue(self) -> list[QueuedRequest]:
         """What the policy sees, in scheduling order: priority, then arrival (``scheduler.queued``)."""
-        self._queued = queued(self.seqs.values(), self.adapters, self.limits.max_num_batched_tokens, self._queued)
+        seqs, budget, merged = self.seqs.values(), self.limits.max_num_batched_tokens, self.merger.merged
+        self._queued = queued(seqs, self.adapters, budget, self._queued, self.blocks, self._cache_key, merged)
         return list(self._queued.values())
 
     # ---- the step -------------------------------------------------------------------------
@@ -398,10 +399,10 @@ class LLMEngine:
             return ran, logits
         return [ran[i] for i in done], rows_of(logits, done)
 
-    def _cache_key(self, adapter: str | None) -> bytes:
-        """Which weights compute ``adapter``'s KV now: its content digest and the merged adapter's
-        (the prefix cache's key; ``block_manager.py`` says why the mode is in it)."""
-        merged = self.merger.merged
+    def _cache_key(self, adapter: str | None, merged: str | None | bool = True) -> bytes:
+        """Which weights compute ``adapter``'s KV with ``merged`` merged (True: as now): its content
+        digest and the merged adapter's (the prefix cache's key; ``block_manager.py`` says why)."""
+        merged = self.merger.merged if merged is True else merged or None
         own = self.adapters[adapter].digest if adapter is not None else ""
         return f"{own}|{self.adapters[merged].digest if merged is not None else ''}".encode()
 

@@ -42,22 +42,57 @@ class Schedule:
 
 
 def queued(
-    seqs: Iterable[Sequence], adapters: Mapping[str, Any], budget: int, last: dict[str, QueuedRequest]
+    seqs: Iterable[Sequence],
+    adapters: Mapping[str, Any],
+    budget: int,
+    last: dict[str, QueuedRequest],
+    blocks: BlockManager | None = None,
+    cache_key: Callable[[str | None, str | None], bytes] | None = None,
+    merged: str | None = None,
 ) -> dict[str, QueuedRequest]:
     """What the policy sees of ``seqs`` (adapters by name, for their ranks), by request id in
-    scheduling order (priority, then arrival), a prompt counted up to the step's token ``budget``.
-    A request's entry in ``last`` (the previous call's) is kept while it is unchanged: a decode's
-    stays the same step after step, and made anew it cost the step a few microseconds per
-    sequence, as much as scheduling it."""
+    scheduling order (priority, then arrival), a prompt counted up to the step's token ``budget``
+    and, with a prefix cache (``blocks``; ``cache_key(adapter, merged)`` the key its KV is computed
+    under), without the blocks it would find cached: with ``merged`` merged as now, with none, and
+    with another adapter merged (none found). A request's entry in ``last`` (the previous call's)
+    is kept while it is unchanged: a decode's stays the same step after step, and made anew it cost
+    the step a few microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
     for s in sorted(seqs, key=_by_arrival):
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
-        fields = (s.adapter, s.arrival, s.status is Status.RUNNING, min(s.num_new, budget), rank)
-        if q is None or (q.adapter, q.arrival, q.running, q.num_new, q.rank) != fields:
+        new, unmerged, uncached = min(s.num_new, budget), None, None
+        if blocks is not None and cache_key is not None and _looks_up(s, blocks):
+            now = _cached(s, blocks, cache_key(s.adapter, merged))
+            cached = now if merged is None else _cached(s, blocks, cache_key(s.adapter, None))
+            if now or cached:
+                new, unmerged, uncached = min(s.num_new - now, budget), min(s.num_new - cached, budget), new
+        fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, unmerged, uncached)
+        if (
+            q is None
+            or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.num_new_unmerged, q.num_new_uncached) != fields
+        ):
             q = QueuedRequest(s.request_id, *fields)
         out[s.request_id] = q
     return out
+
+
+def _looks_up(seq: Sequence, blocks: BlockManager) -> bool:
+    """Whether ``schedule`` would look ``seq`` up in the prefix cache: a prefill holding no blocks
+    that may reuse (``NO_REUSE``)."""
+    return (
+        blocks.enable_prefix_caching
+        and seq.status is Status.WAITING
+        and not seq.collects_prompt_logprobs
+        and not blocks.holds(seq.request_id)
+    )
+
+
+def _cached(seq: Sequence, blocks: BlockManager, key: bytes) -> int:
+    """Tokens of ``seq`` the prefix cache holds under ``key`` (salted as ``schedule`` salts it), its
+    blocks' names hashed once per key and length (``Sequence.block_names``)."""
+    key = seq.salted(key)
+    return blocks.cached_tokens(seq.all_ids(), key, seq.block_names.setdefault((key, seq.total_len), []))
 
 
 def _by_arrival(seq: Sequence) -> int:

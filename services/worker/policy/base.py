@@ -31,8 +31,41 @@ class QueuedRequest:
     adapter: str | None  # None: the base model
     arrival: int  # FCFS order: the engine's scheduling key (priority, then arrival)
     running: bool  # its KV is cached (decode) rather than waiting for a prefill
-    num_new: int  # tokens it would feed this step
+    num_new: int  # tokens it would feed this step, the merged adapter as it is (cached prompt blocks skipped)
     rank: int = 0  # LoRA rank of its adapter (0 for the base model)
+    # A prompt's tokens fed were the merged state to change (the prefix cache's key holds it:
+    # ``engine/block_manager.py``): with no adapter merged, and with another one merged (taken to
+    # have none of it cached). None: as ``num_new`` (nothing of it cached, or a decode).
+    num_new_unmerged: int | None = None
+    num_new_uncached: int | None = None
+
+    def fed(self, merged: str | None, merged_now: str | None) -> int:
+        """Tokens it would feed in a step with ``merged`` merged, ``merged_now`` being merged now."""
+        if merged == merged_now:
+            return self.num_new
+        if merged is None and self.num_new_unmerged is not None:
+            return self.num_new_unmerged
+        return self.num_new if self.num_new_uncached is None else self.num_new_uncached
+
+    @property
+    def work(self) -> int:
+        """Tokens it must feed however the step runs: under the merged state whose cached blocks
+        hold the most of it. A candidate's price is per token of work; what it computes again is
+        cost, not work served."""
+        return self.num_new if self.num_new_unmerged is None else min(self.num_new, self.num_new_unmerged)
+
+    def cut(self, room: int) -> QueuedRequest:
+        """The request with at most ``room`` tokens fed (a chunk of its prompt), whatever is merged."""
+
+        def at_most(n: int | None) -> int | None:
+            return None if n is None else min(n, room)
+
+        return replace(
+            self,
+            num_new=min(self.num_new, room),
+            num_new_unmerged=at_most(self.num_new_unmerged),
+            num_new_uncached=at_most(self.num_new_uncached),
+        )
 
 
 @dataclass(frozen=True)
@@ -141,8 +174,8 @@ def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[Queue
     ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it have
     their room (chunked prefill: ``scheduler.schedule``), or, without chunked prefill, every prompt
     that does not fit what is left skipped (it waits for a later step) unless it is the step's
-    first. For pricing a step: a prompt's cached prefix is not known here, so this may count fewer
-    requests than will run."""
+    first. For pricing a step, with the merged state as it is (``num_new``: a prompt's cached
+    prefix skipped); where a candidate changes it, a prompt may feed more than counted here."""
     budget = limits.max_num_batched_tokens
     if budget is None:
         return batch
@@ -158,7 +191,7 @@ def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[Queue
         room = budget - tokens - reserved
         if r.num_new > room:
             if limits.chunked_prefill and not r.running and room > 0:
-                r = replace(r, num_new=room)
+                r = r.cut(room)
             elif out or reserved:
                 continue
         out.append(r)

@@ -12,7 +12,10 @@ feed (``within_budget``: its prompts cut to the token budget as the scheduler cu
 2. **Watchdog.** For ``watchdog_steps`` steps after a merged or mixed epoch's predicted steps
    (three at least) took ``watchdog_ratio`` times their predicted time, run F unmerged.
 3. **The cheapest candidate per token** by the cost model (``CostModel``), the switch it needs
-   spread over a typical merged epoch:
+   spread over a typical merged epoch. A prompt's tokens are what it would feed under the
+   candidate's merged state: the prefix cache's key holds that state (``engine/block_manager.py``),
+   so a switch makes a prompt compute again what the cache holds for it now, at the candidate's
+   cost and to no one's gain (priced per token of work, ``QueuedRequest.work``):
    - unmerged: F;
    - mixed on m, for m the most-queued eligible adapter and the one merged now (eligible, or its
      mixed batch leaves none of F waiting, so it owes nothing more): the FCFS batch in which m's
@@ -139,10 +142,13 @@ def _key(adapter: str | None) -> str:
     return BASE if adapter is None else adapter
 
 
-def _work(batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int]) -> tuple[int, int, int]:
+def _work(
+    batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int], merged_now: str | None
+) -> tuple[int, int, int]:
     """(tokens, LoRA segments, rank-tokens) of a step running ``batch`` with ``merged`` merged
-    (``lora_work``)."""
-    fed = [(r.adapter, r.num_new) for r in batch]
+    (``lora_work``), ``merged_now`` being merged now: a prompt feeds what the prefix cache does not
+    hold under the key of the step's merged state (``QueuedRequest.fed``)."""
+    fed = [(r.adapter, r.fed(merged, merged_now)) for r in batch]
     known = {r.adapter: r.rank for r in batch if r.adapter is not None}  # what lora_work reads: not all of ranks
     if merged is not None and merged not in known:
         known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
@@ -225,7 +231,7 @@ class DLoraPolicy(Policy):
                 candidates.append(mixed)
         if stay and merged_now is not None:
             candidates.append(merged[merged_now])
-        if enter and best is not None and self._pays_off(f_run, merged[best].run):
+        if enter and best is not None and self._pays_off(f_run, merged[best].run, merged_now):
             candidates.append(merged[best])
 
         priced = [self._price(c, merged_now) for c in candidates]
@@ -277,7 +283,7 @@ class DLoraPolicy(Policy):
 
     def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
         """``c`` with its price (of what one step of it feeds); unpriced before a base step was measured."""
-        tokens, segments, rank_tokens = _work(c.run, c.merged, self.ranks)
+        tokens, segments, rank_tokens = _work(c.run, c.merged, self.ranks, merged_now)
         base = self.costs.base_estimate(tokens)
         if base is None or tokens == 0:
             return c
@@ -292,7 +298,7 @@ class DLoraPolicy(Policy):
         # Per token served, with each request of F it leaves waiting costing as much as one it
         # serves: a step that advances half of F costs twice what its time alone says (a merged
         # step puts the others' work off; it does not save it).
-        scale = (1 + c.waiting / len(c.run)) / tokens
+        scale = (1 + c.waiting / len(c.run)) / max(1, sum(r.work for r in c.run))
         price = _Price(self.costs.key(tokens), seconds, total * scale, base_var**0.5 * scale, other_var**0.5 * scale)
         return _Candidate(mode=c.mode, merged=c.merged, batch=c.batch, waiting=c.waiting, price=price, run=c.run)
 
@@ -316,21 +322,24 @@ class DLoraPolicy(Policy):
         margin = self.config.kappa * math.hypot(base_std, a.other_std, b.other_std)
         return cheapest if a.cost + margin < b.cost else incumbent
 
-    def _pays_off(self, f_run: list[QueuedRequest], group: list[QueuedRequest]) -> bool:
+    def _pays_off(self, f_run: list[QueuedRequest], group: list[QueuedRequest], merged_now: str | None = None) -> bool:
         """Would merging ``group`` (what one step of it feeds) win back the switch within a typical
         merged epoch, against F (``f_run``, likewise)?
 
         Per step, serving the group merged saves (unmerged seconds per token - merged seconds per
         token) x its tokens; over ``merged_epoch_steps`` steps that must exceed the merge and
-        unmerge it costs. Before both modes are measured, the count rule alone decides.
+        unmerge it costs. Tokens of work (``QueuedRequest.work``): a prompt whose cached blocks
+        the merge would make it compute again takes longer merged, and serves no more. Before both
+        modes are measured, the count rule alone decides.
         """
-        f_tokens, seg, rank_tokens = _work(f_run, None, self.ranks)
-        g_tokens = sum(r.num_new for r in group)
+        f_tokens, seg, rank_tokens = _work(f_run, None, self.ranks, merged_now)
+        g_tokens = sum(r.fed(r.adapter, merged_now) for r in group)
         unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens)
         merged = self.costs.step_seconds(g_tokens)
-        if unmerged is None or merged is None or not f_tokens or not g_tokens:
+        f_work, g_work = sum(r.work for r in f_run), sum(r.work for r in group)
+        if unmerged is None or merged is None or not f_work or not g_work:
             return True
-        saving = g_tokens * (unmerged / f_tokens - merged / g_tokens)
+        saving = g_work * (unmerged / f_work - merged / g_work)
         return self.merged_epoch_steps * saving > self.costs.switch_seconds()[0]
 
     # ---- learning from what ran -----------------------------------------------------------
@@ -383,7 +392,7 @@ class DLoraPolicy(Policy):
             epoch.predicted_steps += 1
             self._watch(epoch)
         if record.merged is not None:  # counterfactual: the FCFS batch, unmerged
-            tokens, segments, rank_tokens = _work(basis.fcfs, None, self.ranks)
+            tokens, segments, rank_tokens = _work(basis.fcfs, None, self.ranks, record.merged)
             cf = self.costs.step_seconds(tokens, segments, rank_tokens)
             if cf is not None:
                 epoch.cf_tokens += tokens
