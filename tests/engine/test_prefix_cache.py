@@ -11,7 +11,7 @@ from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
-from dlora.services.worker.policy import StepDecision
+from dlora.services.worker.policy import StepDecision, SwitchedFeeds
 from tests.engine.helpers import make_engine, run_all
 from tests.engine.oracle import Oracle
 
@@ -212,16 +212,23 @@ def test_the_policy_sees_what_a_waiting_prompt_would_find_cached_under_each_merg
     tiny_llama: TinyOutput,
 ) -> None:
     """The queue the policy decides on: a prompt whose prefix was computed unmerged feeds only the
-    rest with nothing merged, all of it with an adapter merged (another key), and is told what it
-    would feed if the replica unmerged; what the dlora policy prices a switch by."""
+    rest with nothing merged and all of it with its adapter merged (another key), and is told what
+    it would feed under each; once computed merged too, it finds it under both. What the dlora
+    policy prices a switch by."""
     engine = make_engine(tiny_llama, block_size=4)
     adapter = sorted(tiny_llama.adapters)[0]
     prompt = SYSTEM + TURNS[1]
-    full = (len(prompt) - 1) // 4 * 4  # never the last token's block
+    rest = len(prompt) - (len(prompt) - 1) // 4 * 4  # never the last token's block from the cache
     run_all(engine, {"first": (adapter, prompt)}, 1)
-    engine.add_request("again", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1), adapter=adapter)
+    params = SamplingParams(max_tokens=1)
+    engine.add_request("again", prompt_token_ids=prompt, params=params, adapter=adapter)
     (q,) = engine.queue()
-    assert (q.num_new, q.num_new_unmerged, q.num_new_uncached) == (len(prompt) - full, len(prompt) - full, len(prompt))
+    assert (q.num_new, q.switched) == (rest, SwitchedFeeds(rest, len(prompt), len(prompt)))
     engine.switch(adapter)
     (q,) = engine.queue()
-    assert (q.num_new, q.num_new_unmerged, q.work) == (len(prompt), len(prompt) - full, len(prompt) - full)
+    assert (q.num_new, q.fed(None, adapter), q.work) == (len(prompt), rest, rest)
+    engine.step(StepDecision(adapter, ["again"]))  # computed merged: cached under that key too
+    engine.add_request("third", prompt_token_ids=prompt, params=params, adapter=adapter)
+    engine.switch(None)
+    (q,) = (q for q in engine.queue() if q.request_id == "third")
+    assert (q.num_new, q.switched) == (rest, SwitchedFeeds(rest, rest, len(prompt)))

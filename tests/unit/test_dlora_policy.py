@@ -14,6 +14,7 @@ from dlora.services.worker.policy import (
     QueuedRequest,
     StepDecision,
     StepRecord,
+    SwitchedFeeds,
     fcfs_batch,
     lora_work,
     make_policy,
@@ -357,26 +358,49 @@ def _linear_costs(p: DLoraPolicy) -> DLoraPolicy:
     return p
 
 
-def _prompt(rid: str, adapter: str, arrival: int, num_new: int, unmerged: int | None, uncached: int | None):
-    return QueuedRequest(rid, adapter, arrival, False, num_new, 16, unmerged, uncached)
+def _prompt(rid: str, adapter: str, num_new: int, unmerged: int, own: int) -> QueuedRequest:
+    """A waiting 400-token prompt (arrival 7) and what it feeds under each merged state."""
+    return QueuedRequest(rid, adapter, 7, False, num_new, 16, SwitchedFeeds(unmerged, own, 400))
 
 
 def test_a_switch_is_priced_with_the_prompt_tokens_it_would_compute_again() -> None:
     """A conversation's next turn: 400 prompt tokens, 384 of them cached under the merged state of
     now (the cache's key holds it). Merging a would compute them again: the replica stays
-    unmerged, where told nothing of the cache it merges a for its 7 decodes and the prompt. And
-    with a merged, another adapter's turn whose history was cached unmerged takes the replica back
-    to unmerged, where told nothing it merges b for it."""
+    unmerged, where told nothing of the cache it merges a for its 7 decodes and the prompt. With
+    a merged, another adapter's turn whose history was cached unmerged takes the replica back to
+    unmerged, where told nothing it merges b for it. And a turn cached while its own adapter was
+    merged is priced at what it feeds merged again."""
     decodes = [QueuedRequest(f"d{i}", "a", i, True, 1, 16) for i in range(7)]
-    turn = _prompt("t", "a", 7, 16, None, 400)
-    blind = dataclasses.replace(turn, num_new=400, num_new_uncached=None)
+    turn = _prompt("t", "a", 16, 16, 400)
+    blind = dataclasses.replace(turn, num_new=400, switched=None)
     assert _linear_costs(DLoraPolicy(LIMITS)).decide([*decodes, blind], None).merged == "a"
     assert _linear_costs(DLoraPolicy(LIMITS)).decide([*decodes, turn], None).merged is None
 
     others = [QueuedRequest(f"d{i}", "b", i, True, 1, 16) for i in range(7)]
-    back = _prompt("t", "b", 7, 400, 16, 400)
-    blind = dataclasses.replace(back, num_new_unmerged=None, num_new_uncached=None)
+    back = _prompt("t", "b", 400, 16, 400)
+    blind = dataclasses.replace(back, switched=None)
     for q, unmerges in (([*others, blind], False), ([*others, back], True)):
         p = _linear_costs(DLoraPolicy(LIMITS))
         p.decide([QueuedRequest("x", "a", 0, True, 1, 16)], None)  # a's rank is known
         assert (p.decide(q, "a").merged is None) == unmerges
+
+    p = _linear_costs(DLoraPolicy(LIMITS))
+    d = p.decide([*decodes, _prompt("t", "a", 400, 400, 16)], None)
+    assert d.merged == "a" and d.basis.predicted < p.costs.step_seconds(64)  # 23 tokens, not 407
+
+
+def test_the_band_prices_merging_with_the_prompt_tokens_it_would_compute_again() -> None:
+    """An unmerged step ran four turns of b, 384 of each 400 tokens cached with nothing merged:
+    merged, they would have computed 1,600 tokens for the 64 served, and the band holds; told
+    nothing of the cache, merging them looks cheaper (no LoRA) and R falls."""
+    for cached, r_after in ((True, 1.0), (False, 0.8)):
+        p = _linear_costs(DLoraPolicy(LIMITS, PolicyConfig(r_initial=1.0, band_down=0.8)))
+        q = [
+            QueuedRequest(f"t{i}", "b", i, False, 16, 16, SwitchedFeeds(16, 400, 400) if cached else None)
+            for i in range(4)
+        ]
+        d = dataclasses.replace(p.decide(q, None), merged=None, mixed=False)  # an unmerged step
+        seconds = 1.3 * (p.costs.step_seconds(64) or 0)  # as measured: LoRA 30 % dearer here
+        p.observe(d, StepRecord(None, d.request_ids, ["b"] * 4, 64, seconds, lora_segments=1, lora_rank_tokens=64 * 16))
+        p.observe(p.decide(q, None), StepRecord("b", ["t0"], ["b"], 1, 0.005, merge_seconds=0.001))
+        assert p.r == pytest.approx(r_after), cached

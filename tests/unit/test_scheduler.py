@@ -7,7 +7,7 @@ from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import Limits, preempt, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status
-from dlora.services.worker.policy import StepDecision
+from dlora.services.worker.policy import StepDecision, SwitchedFeeds
 
 LIMITS = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2, chunked_prefill=False)
 
@@ -269,24 +269,31 @@ def test_a_sibling_waits_for_the_chunk_that_computes_its_next_block_then_reuses_
 
 
 def test_the_policy_sees_a_waiting_prompt_without_what_it_would_find_cached_under_each_merged_state() -> None:
-    """A prompt whose first eight tokens were computed with nothing merged: with nothing merged it
-    feeds 4 of 12; with b merged now, 12 (its blocks are under another key), 4 were b unmerged,
-    and 12 under any other merge. Its blocks' names are hashed once per key."""
+    """A prompt of adapter x whose first 8 tokens were computed with nothing merged and first 12
+    with x merged: with nothing merged now it feeds 8 of 16, 4 were x merged, all 16 under another
+    merge; with y merged now, 16. Each key's names are hashed once; only as many prompts of an
+    adapter as one step can run are looked up."""
     bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
-    first = seq("a", 0, 10, adapter="x")
-    schedule(StepDecision(None, ["a"]), {"a": first}, bm, CHUNKED)
-    bm.computed("a", first.all_ids(), 0, 10, b"x|")
-    again = seq("b", 1, 12, adapter="x")
-    adapters = {"x": SimpleNamespace(rank=8), "b": SimpleNamespace(rank=8)}
+    for rid, n, key in (("a", 10, b"x|"), ("c", 17, b"x|x")):
+        done = seq(rid, 0, n, adapter="x")
+        schedule(StepDecision(None, [rid]), {rid: done}, bm, CHUNKED)
+        bm.grow(rid, n)
+        bm.computed(rid, done.all_ids(), 0, n, key)
+    again, later = seq("b", 1, 16, adapter="x"), seq("d", 2, 16, adapter="x")
+    adapters = {a: SimpleNamespace(rank=8) for a in "xy"}
+    wide = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2)
 
     def key(adapter: str | None, merged: str | None) -> bytes:
         return f"{adapter}|{merged or ''}".encode()
 
-    q = queued([again], adapters, 64, {}, bm, key, None)["b"]
-    assert (q.num_new, q.num_new_unmerged, q.num_new_uncached, q.work) == (4, 4, 12, 4)
-    assert (q.fed(None, None), q.fed("b", None)) == (4, 12)
-    q = queued([again], adapters, 64, {}, bm, key, "b")["b"]
-    assert (q.num_new, q.fed(None, "b"), q.fed("x", "b"), q.work) == (12, 4, 12, 4)
-    assert {k for k, _ in again.block_names} == {b"x|", b"x|b"}
-    assert queued([again], adapters, 8, {}, bm, key, "b")["b"].num_new_unmerged == 4  # within the budget
-    assert queued([again], adapters, 64, {})["b"].num_new == 12  # no cache given: the whole prompt
+    q = queued([again], adapters, wide, {}, bm, key, None)["b"]
+    assert (q.num_new, q.switched, q.work) == (8, SwitchedFeeds(8, 4, 16), 4)
+    assert (q.fed(None, None), q.fed("x", None), q.fed("y", None)) == (8, 4, 16)
+    q = queued([again], adapters, wide, {}, bm, key, "y")["b"]
+    assert (q.num_new, q.fed(None, "y"), q.fed("x", "y"), q.fed("z", "y"), q.work) == (16, 8, 4, 16, 4)
+    assert set(again.block_names) == {b"x|", b"x|x", b"x|y"}
+    tight = Limits(max_num_seqs=1, max_num_batched_tokens=6, max_adapters=2)
+    both = queued([again, later], adapters, tight, {}, bm, key, None)
+    assert (both["b"].num_new, both["b"].switched) == (6, SwitchedFeeds(6, 4, 6))  # within the budget
+    assert both["d"].switched is None  # one step runs one of x's prompts: d is not looked up
+    assert queued([again], adapters, wide, {})["b"].num_new == 16  # no cache given: the whole prompt

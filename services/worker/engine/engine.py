@@ -321,8 +321,8 @@ class LLMEngine:
 
     def queue(self) -> list[QueuedRequest]:
         """What the policy sees, in scheduling order: priority, then arrival (``scheduler.queued``)."""
-        seqs, budget, merged = self.seqs.values(), self.limits.max_num_batched_tokens, self.merger.merged
-        self._queued = queued(seqs, self.adapters, budget, self._queued, self.blocks, self._cache_key, merged)
+        seqs, merged = self.seqs.values(), self.merger.merged
+        self._queued = queued(seqs, self.adapters, self.limits, self._queued, self.blocks, self._cache_key, merged)
         return list(self._queued.values())
 
     # ---- the step -------------------------------------------------------------------------

@@ -9,13 +9,14 @@ blocks the prefix cache may still hold).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.sequence import Sequence, Status
-from dlora.services.worker.policy import QueuedRequest, StepDecision, free_slots
+from dlora.services.worker.policy import QueuedRequest, StepDecision, SwitchedFeeds, free_slots
 
 # A prefix-cache key no block is computed under: a prefill that looks under it finds nothing (one
 # collecting prompt logprobs: a cached block's positions have no hidden states to give them).
@@ -44,34 +45,39 @@ class Schedule:
 def queued(
     seqs: Iterable[Sequence],
     adapters: Mapping[str, Any],
-    budget: int,
+    limits: Limits,
     last: dict[str, QueuedRequest],
     blocks: BlockManager | None = None,
     cache_key: Callable[[str | None, str | None], bytes] | None = None,
     merged: str | None = None,
 ) -> dict[str, QueuedRequest]:
     """What the policy sees of ``seqs`` (adapters by name, for their ranks), by request id in
-    scheduling order (priority, then arrival), a prompt counted up to the step's token ``budget``
+    scheduling order (priority, then arrival), a prompt counted up to the step's token budget
     and, with a prefix cache (``blocks``; ``cache_key(adapter, merged)`` the key its KV is computed
-    under), without the blocks it would find cached: with ``merged`` merged as now, with none, and
-    with another adapter merged (none found). A request's entry in ``last`` (the previous call's)
-    is kept while it is unchanged: a decode's stays the same step after step, and made anew it cost
-    the step a few microseconds per sequence, as much as scheduling it."""
+    under), without the blocks it would find cached with ``merged`` merged as now, and under the
+    other states (``SwitchedFeeds``): looked up only for each adapter's first ``max_num_seqs``
+    waiting prompts, all that one step of any candidate can run. A request's entry in ``last``
+    (the previous call's) is kept while it is unchanged: a decode's stays the same step after
+    step, and made anew it cost the step a few microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
+    budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
     for s in sorted(seqs, key=_by_arrival):
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
-        new, unmerged, uncached = min(s.num_new, budget), None, None
-        if blocks is not None and cache_key is not None and _looks_up(s, blocks):
-            now = _cached(s, blocks, cache_key(s.adapter, merged))
-            cached = now if merged is None else _cached(s, blocks, cache_key(s.adapter, None))
-            if now or cached:
-                new, unmerged, uncached = min(s.num_new - now, budget), min(s.num_new - cached, budget), new
-        fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, unmerged, uncached)
+        new, switched = min(s.num_new, budget), None
         if (
-            q is None
-            or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.num_new_unmerged, q.num_new_uncached) != fields
+            blocks is not None
+            and cache_key is not None
+            and _looks_up(s, blocks)
+            and looked[s.adapter] < limits.max_num_seqs
         ):
+            looked[s.adapter] += 1
+            fed = {m: s.num_new - _cached(s, blocks, cache_key(s.adapter, m)) for m in {None, s.adapter, merged}}
+            if min(fed.values()) < s.num_new:
+                new = min(fed[merged], budget)
+                switched = SwitchedFeeds(min(fed[None], budget), min(fed[s.adapter], budget), min(s.num_new, budget))
+        fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
+        if q is None or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields:
             q = QueuedRequest(s.request_id, *fields)
         out[s.request_id] = q
     return out
@@ -90,9 +96,11 @@ def _looks_up(seq: Sequence, blocks: BlockManager) -> bool:
 
 def _cached(seq: Sequence, blocks: BlockManager, key: bytes) -> int:
     """Tokens of ``seq`` the prefix cache holds under ``key`` (salted as ``schedule`` salts it), its
-    blocks' names hashed once per key and length (``Sequence.block_names``)."""
+    blocks' names hashed once (``Sequence.block_names``: a block's name depends only on the tokens
+    up to its end, and ids are only ever appended)."""
     key = seq.salted(key)
-    return blocks.cached_tokens(seq.all_ids(), key, seq.block_names.setdefault((key, seq.total_len), []))
+    ids = seq.all_ids() if seq.output_ids else seq.prompt_ids
+    return blocks.cached_tokens(ids, key, seq.block_names.setdefault(key, []))
 
 
 def _by_arrival(seq: Sequence) -> int:
@@ -188,6 +196,7 @@ def schedule(
                 continue
             blocks.grow(rid, seq.num_cached + n)
         seq.num_scheduled = n
+        seq.block_names.clear()  # looked up for the policy while it waited; admitted, it needs them no more
         out.seqs.append(seq)
         chosen.add(rid)
         tokens += n

@@ -49,9 +49,9 @@ class Sequence:
     # Entry i: prompt token i + 1's log-probability after the ones before it (prompt_logprobs.py)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     cache_salt: str = ""  # vLLM's: its prefix-cache blocks are shared only with requests of the same salt
-    # Its full blocks' names in the prefix cache, per (cache key, length), as far as looked: for the
-    # policy's look at what a waiting prompt would find cached (``scheduler.queued``), hashed once.
-    block_names: dict[tuple[bytes, int], list[bytes]] = field(default_factory=dict)
+    # Its full blocks' names in the prefix cache, per cache key, as far as looked: for the policy's
+    # look at what a waiting prompt would find cached (``scheduler.queued``), hashed once.
+    block_names: dict[bytes, list[bytes]] = field(default_factory=dict)
 
     def salted(self, key: bytes) -> bytes:
         """A prefix-cache key (which weights compute its KV) made this request's: with its salt, if

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Mode(enum.StrEnum):
@@ -23,6 +23,15 @@ class Mode(enum.StrEnum):
     MIXED = "mixed"
 
 
+class SwitchedFeeds(NamedTuple):
+    """A waiting prompt's tokens fed were the merged state to change: the prefix cache's key holds
+    that state (``engine/block_manager.py``), so each finds its own cached blocks, or none."""
+
+    unmerged: int  # with no adapter merged
+    own: int  # with its own adapter merged
+    other: int  # with another adapter merged (taken to have none of it cached)
+
+
 @dataclass(frozen=True)
 class QueuedRequest:
     """What a policy sees of one unfinished request."""
@@ -33,38 +42,30 @@ class QueuedRequest:
     running: bool  # its KV is cached (decode) rather than waiting for a prefill
     num_new: int  # tokens it would feed this step, the merged adapter as it is (cached prompt blocks skipped)
     rank: int = 0  # LoRA rank of its adapter (0 for the base model)
-    # A prompt's tokens fed were the merged state to change (the prefix cache's key holds it:
-    # ``engine/block_manager.py``): with no adapter merged, and with another one merged (taken to
-    # have none of it cached). None: as ``num_new`` (nothing of it cached, or a decode).
-    num_new_unmerged: int | None = None
-    num_new_uncached: int | None = None
+    switched: SwitchedFeeds | None = None  # None: ``num_new`` under any merged state (none of it cached, a decode)
 
     def fed(self, merged: str | None, merged_now: str | None) -> int:
         """Tokens it would feed in a step with ``merged`` merged, ``merged_now`` being merged now."""
-        if merged == merged_now:
+        s = self.switched
+        if merged == merged_now or s is None:
             return self.num_new
-        if merged is None and self.num_new_unmerged is not None:
-            return self.num_new_unmerged
-        return self.num_new if self.num_new_uncached is None else self.num_new_uncached
+        return s.unmerged if merged is None else s.own if merged == self.adapter else s.other
 
     @property
     def work(self) -> int:
         """Tokens it must feed however the step runs: under the merged state whose cached blocks
         hold the most of it. A candidate's price is per token of work; what it computes again is
         cost, not work served."""
-        return self.num_new if self.num_new_unmerged is None else min(self.num_new, self.num_new_unmerged)
+        s = self.switched
+        return self.num_new if s is None else min(self.num_new, s.unmerged, s.own)
 
     def cut(self, room: int) -> QueuedRequest:
         """The request with at most ``room`` tokens fed (a chunk of its prompt), whatever is merged."""
-
-        def at_most(n: int | None) -> int | None:
-            return None if n is None else min(n, room)
-
+        s = self.switched
         return replace(
             self,
             num_new=min(self.num_new, room),
-            num_new_unmerged=at_most(self.num_new_unmerged),
-            num_new_uncached=at_most(self.num_new_uncached),
+            switched=None if s is None else SwitchedFeeds(*(min(n, room) for n in s)),
         )
 
 
@@ -169,13 +170,15 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | No
     return out
 
 
-def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[QueuedRequest]:
-    """What of ``batch`` one step can feed, as the scheduler feeds it: its requests in order up to
+def within_budget(
+    batch: list[QueuedRequest], limits: BatchLimits, merged: str | None = None, merged_now: str | None = None
+) -> list[QueuedRequest]:
+    """What of ``batch`` one step with ``merged`` merged can feed (``merged_now`` being merged now:
+    ``QueuedRequest.fed``), as the scheduler feeds it: its requests in order up to
     ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it have
     their room (chunked prefill: ``scheduler.schedule``), or, without chunked prefill, every prompt
     that does not fit what is left skipped (it waits for a later step) unless it is the step's
-    first. For pricing a step, with the merged state as it is (``num_new``: a prompt's cached
-    prefix skipped); where a candidate changes it, a prompt may feed more than counted here."""
+    first. For pricing a step."""
     budget = limits.max_num_batched_tokens
     if budget is None:
         return batch
@@ -189,13 +192,13 @@ def within_budget(batch: list[QueuedRequest], limits: BatchLimits) -> list[Queue
             decodes -= r.num_new
         reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
         room = budget - tokens - reserved
-        if r.num_new > room:
+        if (n := r.fed(merged, merged_now)) > room:
             if limits.chunked_prefill and not r.running and room > 0:
-                r = r.cut(room)
+                r, n = r.cut(room), room
             elif out or reserved:
                 continue
         out.append(r)
-        tokens += r.num_new
+        tokens += n
     return out
 
 

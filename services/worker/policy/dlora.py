@@ -125,6 +125,8 @@ class _Candidate:
     run: list[QueuedRequest] = field(default_factory=list)
 
     def decision(self, basis: _Basis) -> StepDecision:
+        # Prompt tokens its merged state makes a request feed beyond its work: computed again, not served.
+        basis.excess = {r.request_id: x for r in self.batch if (x := r.fed(self.merged, basis.merged_now) - r.work) > 0}
         return StepDecision(self.merged, [r.request_id for r in self.batch], basis, mixed=self.mode is Mode.MIXED)
 
 
@@ -135,7 +137,9 @@ class _Basis:
     fcfs: list[QueuedRequest]
     best: str | None  # most-queued eligible adapter
     best_group: list[QueuedRequest]  # its queued requests: what a merged step on it would run
+    merged_now: str | None = None  # the adapter merged as it decided
     predicted: float | None = None  # seconds the cost model expects of the chosen step
+    excess: dict[str, int] = field(default_factory=dict)  # by request: tokens fed beyond its work
 
 
 def _key(adapter: str | None) -> str:
@@ -210,8 +214,8 @@ class DLoraPolicy(Policy):
         # must not be merged.
         mergeable = [a for a in eligible if a not in self.unmergeable]
         best = max(mergeable, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        basis = _Basis(fcfs, best, eligible.get(best or "", []))
-        f_run = within_budget(fcfs, self.limits)
+        basis = _Basis(fcfs, best, eligible.get(best or "", []), merged_now)
+        f_run = within_budget(fcfs, self.limits, None, merged_now)
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)
 
         starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
@@ -221,12 +225,16 @@ class DLoraPolicy(Policy):
             return unmerged.decision(basis)
 
         # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
-        merged = {a: self._candidate(Mode.MERGED, a, eligible[a], f_run) for a in (merged_now, best) if a in eligible}
+        merged = {
+            a: self._candidate(Mode.MERGED, a, eligible[a], f_run, merged_now)
+            for a in (merged_now, best)
+            if a in eligible
+        }
         stay = merged_now in merged and len(merged[merged_now].run) >= self._threshold(self.l, merged_now) * len(f_run)
         enter = best not in (None, merged_now) and len(merged[best].run) >= self._threshold(self.r, best) * len(f_run)
         candidates = [unmerged]
         for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
-            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), f_run)
+            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), f_run, merged_now)
             if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
                 candidates.append(mixed)
         if stay and merged_now is not None:
@@ -270,14 +278,14 @@ class DLoraPolicy(Policy):
         return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if _key(r.adapter) not in starving])
 
     def _candidate(
-        self, mode: Mode, m: str | None, batch: list[QueuedRequest], f_run: list[QueuedRequest]
+        self, mode: Mode, m: str | None, batch: list[QueuedRequest], f_run: list[QueuedRequest], merged_now: str | None
     ) -> _Candidate:
         """``batch`` as a candidate, counted within the token budget (``f_run``: what one step of F
         feeds): a step's queued prompts, all counted, priced a merged step on ~35 requests and
         thousands of prompt tokens the scheduler would not admit, which made one that left most of
         F idle look ten times cheaper per token (issue 21's regime map: 0.69 of unmerged-only at
         overhead 1.2, Zipf 1, load 1.4)."""
-        run = within_budget(batch, self.limits)
+        run = within_budget(batch, self.limits, m, merged_now)
         ids = {r.request_id for r in run}
         return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in f_run), run=run)
 
@@ -379,7 +387,11 @@ class DLoraPolicy(Policy):
             epoch.mode = record.mode
         epoch.mixed_steps += record.mode is Mode.MIXED
         epoch.steps += 1
-        epoch.tokens += record.num_tokens
+        # Tokens of work served (``QueuedRequest.work``): what a switch made prompts compute again
+        # took the step's time and served no one.
+        epoch.tokens += record.num_tokens - min(
+            record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)
+        )
         # A step that leaves requests of F waiting has put their work off, not saved it: it counts
         # as long as it would take to serve them too (as ``_price`` counts a candidate's waiting),
         # or a merged epoch's throughput, and the counterfactual merged one, flatter merging.
@@ -392,24 +404,25 @@ class DLoraPolicy(Policy):
             epoch.predicted_steps += 1
             self._watch(epoch)
         if record.merged is not None:  # counterfactual: the FCFS batch, unmerged
-            tokens, segments, rank_tokens = _work(basis.fcfs, None, self.ranks, record.merged)
+            tokens, segments, rank_tokens = _work(basis.fcfs, None, self.ranks, basis.merged_now)
             cf = self.costs.step_seconds(tokens, segments, rank_tokens)
             if cf is not None:
-                epoch.cf_tokens += tokens
+                epoch.cf_tokens += sum(r.work for r in basis.fcfs)
                 epoch.cf_seconds += cf
         elif basis.best is not None:  # counterfactual: the most-queued adapter, merged
             # Each request's prompt counts once in an epoch: one that waits for room through many
             # steps would be prefilled by the first merged step, not by every one (counted at each,
             # a long prompt queued a while made merging look many times better than it was).
-            tokens = sum(1 if r.request_id in epoch.cf_prefilled else r.num_new for r in basis.best_group)
-            epoch.cf_prefilled.update(r.request_id for r in basis.best_group)
+            fresh = [r for r in basis.best_group if r.request_id not in epoch.cf_prefilled]
+            tokens = len(basis.best_group) - len(fresh) + sum(r.fed(basis.best, basis.merged_now) for r in fresh)
+            epoch.cf_prefilled.update(r.request_id for r in fresh)
             cf = self.costs.step_seconds(tokens)
             if cf is not None:
                 cf *= 1 + sum(r.adapter != basis.best for r in basis.fcfs) / max(1, len(basis.best_group))
                 if basis.best != epoch.cf_adapter:
                     cf += self.costs.switch_seconds()[0]
                     epoch.cf_adapter = basis.best
-                epoch.cf_tokens += tokens
+                epoch.cf_tokens += len(basis.best_group) - len(fresh) + sum(r.work for r in fresh)
                 epoch.cf_seconds += cf
 
     def _watch(self, epoch: _Epoch) -> None:
