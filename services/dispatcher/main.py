@@ -314,7 +314,8 @@ class Dispatcher(Recovery):
         prefixes = request_keys(req) if proactive else None
         # an application's groups are its own, and a name is kept as a digest (its size is the sender's)
         group = hashlib.blake2b(f"{req.owner}\0{req.group}".encode(), digest_size=16).hexdigest() if req.group else ""
-        worker = self.state.choose(others or live, req.adapter, prefixes, group)
+        prompt_keys = len(prefixes) - bool(req.prompt_cache_key) if prefixes else None
+        worker = self.state.choose(others or live, req.adapter, prefixes, group, prompt_keys)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return

@@ -17,6 +17,9 @@ MAX_GROUPS = 4096
 # Requests a group takes to its worker, at most: a request's choices (the gateway's largest n is
 # 128); more of one group, sent by an application, are dispatched by load as any others.
 MAX_GROUP_REQUESTS = 128
+# Requests' whole-prompt keys remembered while their workers' stats may not yet show them ended
+# (``DispatchState.ends``), the least recently sent forgotten first.
+MAX_ENDS = 4096
 
 
 class DispatchState:
@@ -34,6 +37,13 @@ class DispatchState:
         self.affinity = PrefixAffinity()  # which worker took each prompt prefix last
         # request group -> its worker and the requests sent there, the latest sent to last
         self.groups: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        # A request's whole-prompt key -> its worker, that worker's stats count when it was sent,
+        # and its adapter. A later prompt that extends it holds its answer (a chat's next turn),
+        # so it has ended: counted among the requests sent since those stats, it made a chat
+        # sending its turns back to back (a user's trial, one turn in five) look two requests'
+        # work busier on its own worker by the third turn, and go to the other, cache cold.
+        self.ends: OrderedDict[bytes, tuple[str, int, str | None]] = OrderedDict()
+        self.stats_heard: Counter[str] = Counter()
         self._turn = 0
 
     def heard(self, st: WorkerStats, now: float) -> None:
@@ -42,6 +52,7 @@ class DispatchState:
         self.loads[st.worker] = WorkerLoad.of(st)
         self.sent_since_stats[st.worker] = 0
         self.sent_adapters[st.worker] = Counter()
+        self.stats_heard[st.worker] += 1
 
     def forgive(self, now: float) -> None:
         """Every worker counts as heard from ``now``: the silence was the dispatcher's own (its
@@ -53,14 +64,22 @@ class DispatchState:
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
 
     def choose(
-        self, live: list[WorkerStats], adapter: str | None, prefixes: list[bytes] | None = None, group: str = ""
+        self,
+        live: list[WorkerStats],
+        adapter: str | None,
+        prefixes: list[bytes] | None = None,
+        group: str = "",
+        prompt_keys: int | None = None,
     ) -> str | None:
         """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
         as sent to it (``unsend`` takes that back if it never went): the one its ``group``'s
         requests went to while it is among ``live`` (up to ``MAX_GROUP_REQUESTS`` of them), else
         round-robin blind to load and adapters, or proactive (``choose_worker``), near a worker
-        that took the request's prompt prefix before (``prefixes``: its ``affinity.prefix_keys``)."""
+        that took the request's prompt prefix before (``prefixes``: its ``affinity.request_keys``,
+        of which the first ``prompt_keys`` are its prompt's; None: all)."""
         worker: str | None
+        prompt = (prefixes or [])[:prompt_keys]
+        self._ended(prompt[:-1])
         pinned = self.groups.get(group) if group else None
         if pinned is not None and pinned[1] < MAX_GROUP_REQUESTS and pinned[0] in {w.worker for w in live}:
             worker = pinned[0]
@@ -76,6 +95,11 @@ class DispatchState:
             )
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
+            if worker is not None and prompt:
+                self.ends[prompt[-1]] = (worker, self.stats_heard[worker], adapter)
+                self.ends.move_to_end(prompt[-1])
+                if len(self.ends) > MAX_ENDS:
+                    self.ends.popitem(last=False)
         if worker is not None and group:
             # counted on past a change of worker: a group over its cap goes by load from then on
             self.groups[group] = (worker, pinned[1] + 1 if pinned is not None else 1)
@@ -86,6 +110,17 @@ class DispatchState:
             if adapter is not None:
                 self.sent_adapters.setdefault(worker, Counter())[adapter] += 1
         return worker
+
+    def _ended(self, keys: list[bytes]) -> None:
+        """The request whose whole prompt the longest of ``keys`` is (an earlier turn of the chat
+        now sent) has ended: no longer counted among those sent to its worker since its stats, if
+        those are the stats it was counted against."""
+        for key in reversed(keys):
+            if (end := self.ends.pop(key, None)) is not None:
+                worker, heard, adapter = end
+                if self.stats_heard[worker] == heard:
+                    self.unsend(worker, adapter)
+                return
 
     def unsend(self, worker: str, adapter: str | None) -> None:
         """A request ``choose`` counted on ``worker`` did not go there (another dispatcher recorded

@@ -291,3 +291,29 @@ def test_a_requests_keys_follow_its_adapters_files_not_its_name() -> None:
     assert request_keys(req("a", "d1")) == request_keys(req("a-twin", "d1"))
     assert request_keys(req("a", "d1")) != request_keys(req("a", "d2"))  # loaded again onto other files
     assert request_keys(req("a", "d1", "c"))[-1] != request_keys(req("a", "d1", "c", tenant="t2"))[-1]
+
+
+def test_a_chats_turns_sent_back_to_back_stay_with_its_worker_between_stats() -> None:
+    """A user's trial: turns of one chat sent as soon as each answer came (faster than the
+    workers' stats) went to the other, idle worker one time in five, cache cold: each turn sent
+    counted as two requests' work still to do there until the next stats, though the turn before
+    had ended (its answer is in the next prompt). A turn that extends an earlier prompt takes that
+    request off its worker's count; a prompt sent again whole, or concurrently, does not."""
+    for keyed in (False, True):
+        state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+        x, y = w("x", [("a", 5)]), w("y")
+        state.heard(x, 0.0)
+        state.heard(y, 0.0)
+        history = list(range(100, 380))
+        for turn in range(8):
+            history += [7] * 8 + list(range(400 + 20 * turn, 420 + 20 * turn))  # an answer, a question
+            keys = [*prefix_keys("a", "", history), *([cache_key("a", "", "c")] if keyed else [])]
+            assert state.choose([x, y], "a", keys, prompt_keys=len(keys) - keyed) == "y", (keyed, turn)
+        assert state.sent_since_stats["y"] == 1  # the last turn, still running
+    # the same prompt three times at once: all three still count
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+    state.heard(x, 0.0)
+    state.heard(y, 0.0)
+    for _ in range(3):
+        state.choose([x, y], "a", prefix_keys("a", "", history))
+    assert sum(state.sent_since_stats.values()) == 3
