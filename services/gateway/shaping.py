@@ -169,9 +169,11 @@ def shape_request(
     if isinstance(body, ChatBody):
         prompts = [(chat_prompt_ids(body.messages, model.tokenizer, ChatTemplate.of(body)), None)]
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        asked_in = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     else:
         prompts = prompt_ids(body.prompt, model.tokenizer, model.vocab_size, body.add_special_tokens is not False)
         asked = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+        asked_in = "max_tokens"
     if (keep := body.truncate_prompt_tokens) is not None:  # vLLM's: the prompt's last tokens (echoed as such)
         if keep == -1:  # vLLM's: as many as the context holds
             keep = model.context
@@ -206,7 +208,9 @@ def shape_request(
                 param="prompt",
             )
         generate = asked != 0 or prompt_only
-        new = max_new_tokens(ids, 1 if prompt_only else asked, model.context, "messages" if chat else "prompt")
+        new = max_new_tokens(
+            ids, 1 if prompt_only else asked, model.context, "messages" if chat else "prompt", asked_in
+        )
         if not prompt_only and (cap := model.defaults.get("max_tokens")):  # vLLM's: the least of them
             new = min(new, int(cap))
         params = sampling_params(body, new if generate else 1, model.grammars, model.defaults)
@@ -317,13 +321,16 @@ def prompt_ids(
     return out
 
 
-def max_new_tokens(ids: list[int], asked: int | None, context: int, field: str = "prompt") -> int:
+def max_new_tokens(
+    ids: list[int], asked: int | None, context: int, field: str = "prompt", asked_in: str = "max_tokens"
+) -> int:
     """Tokens to generate after the prompt ``ids`` (the request's ``field``: prompt or messages):
-    ``asked``, or (None) all the context leaves; 0 asks for none (a completion's echo).
+    ``asked`` (the request's ``asked_in`` field: max_tokens or max_completion_tokens), or (None) all the
+    context leaves; 0 asks for none (a completion's echo).
 
     Raises:
         APIError(400): the prompt is empty or longer than the context (``param``: ``field``), or
-            leaves less room than ``asked`` (``param``: max_tokens).
+            leaves less room than ``asked`` (``param``: ``asked_in``).
     """
     if not ids:
         raise APIError(400, "the prompt is empty", param=field)
@@ -340,7 +347,7 @@ def max_new_tokens(ids: list[int], asked: int | None, context: int, field: str =
             400,
             f"{limit} {len(ids) + asked} tokens ({len(ids)} in the {field}, {asked} in the completion). "
             f"Please reduce the length of the {field} or completion.",
-            param="max_tokens",
+            param=asked_in,
         )
     return room if asked is None else asked
 

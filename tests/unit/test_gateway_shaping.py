@@ -159,6 +159,9 @@ def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> No
     msgs = [{"role": "user", "content": "kalo"}]
     chat = shape(served, {"messages": msgs}, chat=True)
     assert chat.choices[0].request.params.max_tokens == CONTEXT - chat.prompt_tokens
+    # the field the client sent is the one named (a user's trial: max_tokens, never sent)
+    for field in ("max_completion_tokens", "max_tokens"):
+        assert refused(served, {"messages": msgs, field: CONTEXT}, chat=True).param == field
     e = refused(served, {"messages": [{"role": "user", "content": "kalo " * CONTEXT}]}, chat=True)
     assert e.param == "messages" and e.message.endswith(
         "tokens in the messages. Please reduce the length of the messages."
