@@ -198,7 +198,7 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None  # [0, 20]
-    # vLLM extensions: how the conversation is rendered (see shaping.ChatTemplate)
+    # vLLM extensions: how the conversation is rendered (see chat_template.ChatTemplate)
     add_special_tokens: bool | None = None  # false (vLLM's default for chat): the template places them
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None

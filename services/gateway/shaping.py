@@ -10,8 +10,6 @@ context and the sampling parameters.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,11 +20,11 @@ import msgspec
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
+from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
 from dlora.services.gateway.openai import (
     APIError,
     Body,
     ChatBody,
-    ChatMessage,
     CompletionBody,
     Shape,
     model_not_found,
@@ -350,156 +348,3 @@ def max_new_tokens(
             param=asked_in,
         )
     return room if asked is None else asked
-
-
-class RenderingOptions(Protocol):
-    """A body's chat rendering options (a chat request's, a /tokenize request's)."""
-
-    add_special_tokens: bool | None
-    add_generation_prompt: bool | None
-    continue_final_message: bool | None
-    chat_template_kwargs: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How a conversation is rendered (vLLM's chat request extensions): with the assistant's turn
-    opened after it (``add_generation_prompt``), or with its last message left open for the
-    model to go on (``continue_final_message``, whoever wrote it, as vLLM lets it); ``kwargs`` go
-    to the template."""
-
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    tools: list[dict[str, Any]] | None = None  # the request's tools, for the template to render (as vLLM)
-
-    @classmethod
-    def of(cls, body: RenderingOptions) -> ChatTemplate:
-        """Raises APIError(400): both options on (vLLM refuses it too), special tokens asked for on top
-        of the template's (it places its own: vLLM would give a Llama template a second BOS), or
-        a keyword the renderer sets itself."""
-        if body.add_special_tokens:
-            raise APIError(
-                400, "add_special_tokens is for a prompt; a chat template places its own", param="add_special_tokens"
-            )
-        add = True if body.add_generation_prompt is None else body.add_generation_prompt
-        cont = bool(body.continue_final_message)
-        if add and cont:
-            raise APIError(
-                400,
-                "continue_final_message and add_generation_prompt cannot both be true",
-                param="continue_final_message",
-            )
-        kwargs = body.chat_template_kwargs or {}
-        if reserved := sorted(set(kwargs) & _RENDERER_KWARGS):
-            raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
-        tools = getattr(body, "tools", None)  # a chat request's (a /tokenize request has none)
-        return cls(add, cont, kwargs, msgspec.to_builtins(tools) if tools else None)
-
-
-# What apply_chat_template takes from the renderer itself, not from a request's chat_template_kwargs.
-_RENDERER_KWARGS = {
-    "conversation",
-    "tokenize",
-    "add_generation_prompt",
-    "continue_final_message",
-    "return_dict",
-    "return_tensors",
-    "padding",
-    "truncation",
-    "max_length",
-    "tools",
-    "documents",
-    "chat_template",
-    "tokenizer_kwargs",
-}
-
-
-def _calls_for_template(calls: Any) -> Any:
-    """An assistant's earlier tool calls as templates read them: each call's ``arguments`` parsed
-    from its JSON text into an object, as vLLM passes them (a template writing ``arguments |
-    tojson`` would otherwise quote the text a second time); arguments that are not JSON stay text."""
-    if not isinstance(calls, list):
-        return calls
-    out = []
-    for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            with contextlib.suppress(ValueError):
-                call = {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
-        out.append(call)
-    return out
-
-
-def chat_prompt_ids(
-    messages: list[ChatMessage], tokenizer: Tokenizer, template: ChatTemplate = ChatTemplate()
-) -> list[int]:
-    """The prompt token ids for a conversation: the tokenizer's chat template rendered and
-    tokenized as ``apply_chat_template(..., tokenize=True, add_generation_prompt=True)`` does (or
-    as ``template`` says), so a template that writes ``{{ bos_token }}`` is not given a second BOS
-    by the tokenizer; without a template, a plain "role: content" transcript ending with
-    "assistant:" (or, continuing the final message, with it unterminated), tokenized as a prompt.
-
-    Raises:
-        APIError(400): no messages, an unknown role, a message other than an assistant's without
-            content, a tool message without tool_call_id, tool calls, audio or non-text content, or
-            a template that refuses the conversation (its reason).
-    """
-    if not messages:
-        raise APIError(400, "messages must not be empty", param="messages")
-    plain = []
-    for m in messages:
-        if m.role not in ("system", "user", "assistant", "tool", "developer"):
-            raise APIError(400, f"unknown message role {m.role!r}", param="messages")
-        if (m.tool_calls and m.role != "assistant") or m.function_call or m.audio is not None:
-            field = "tool_calls" if m.tool_calls else "function_call" if m.function_call else "audio"
-            raise APIError(400, f"messages: {field} in a {m.role} message is not supported", param="messages")
-        if m.content is None and m.role != "assistant":  # only an assistant's turn may omit it (the spec)
-            raise APIError(400, f"messages: a {m.role} message needs content", param="messages")
-        if m.role == "tool" and not m.tool_call_id:  # the spec requires it: which call this answers
-            raise APIError(
-                400, "messages: a tool message needs the tool_call_id of the call it answers", param="messages"
-            )
-        parts = [] if isinstance(m.content, str) or m.content is None else m.content
-        other = sorted({p.type for p in parts if p.type != "text"})
-        if other:  # never dropped silently: the model would answer as if it were not there
-            raise APIError(
-                400,
-                f"messages: content parts of type {', '.join(other)} are not supported (this model reads text only)",
-                param="messages",
-            )
-        if any(p.text is None for p in parts):
-            raise APIError(400, "messages: a content part of type text needs its text", param="messages")
-        # Text parts joined by newlines, as vLLM and llama.cpp join them (the "string" content format)
-        content = (
-            m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text or "" for p in parts)
-        )
-        named = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}  # as vLLM passes them
-        if m.tool_calls:  # an assistant's earlier calls, for the template to render
-            named["tool_calls"] = _calls_for_template(m.tool_calls)
-        if thought := m.reasoning_content or m.reasoning:  # templates that render thinking read this key
-            named["reasoning_content"] = thought
-        plain.append({"role": m.role, "content": content or ""} | named)
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            render = tokenizer.apply_chat_template  # type: ignore[attr-defined]  # not in the Protocol: optional
-            out = render(
-                plain,
-                tokenize=True,
-                add_generation_prompt=template.add_generation_prompt,
-                continue_final_message=template.continue_final_message,
-                tools=template.tools,
-                **template.kwargs,
-            )
-        except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
-            raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
-        # a list of ids, or (transformers 5) an encoding holding them
-        return list(out["input_ids"] if isinstance(out, Mapping) else out)
-    # Without a template, tools are not rendered (a forced call's arguments are constrained all the
-    # same), and an assistant's earlier calls are written as their JSON.
-    said = [m["content"] or (json.dumps(m["tool_calls"]) if "tool_calls" in m else "") for m in plain]
-    lines = [f"{m['role']}: {text}\n" for m, text in zip(plain, said)]
-    if template.continue_final_message:
-        lines[-1] = lines[-1].removesuffix("\n")
-    opened = "assistant:" if template.add_generation_prompt else ""
-    return list(tokenizer.encode("".join(lines) + opened))

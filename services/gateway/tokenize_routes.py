@@ -12,8 +12,8 @@ import msgspec
 from aiohttp import web
 
 from dlora.services.gateway import openai
+from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
 from dlora.services.gateway.openai import APIError, ChatMessage, Tool, model_not_found
-from dlora.services.gateway.shaping import ChatTemplate, chat_prompt_ids
 
 if TYPE_CHECKING:
     from dlora.services.gateway.main import Gateway

@@ -14,7 +14,7 @@ import pytest
 
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, SamplingParams
-from dlora.services.gateway import openai, sampling, shaping
+from dlora.services.gateway import chat_template, openai, sampling, shaping
 from dlora.services.gateway.openai import APIError, ChatBody, ChatMessage, CompletionBody
 from dlora.services.gateway.shaping import Job, ServedModel
 
@@ -333,9 +333,9 @@ def test_chat_prompt_without_a_template_is_a_transcript(served: ServedModel) -> 
         ChatMessage(role="user", content=[openai.ContentPart(type="text", text=t) for t in ("hi", "there")]),
     ]
     transcript = "system: be brief\nuser: hi\nthere\nassistant:"  # parts joined by newlines, as vLLM joins them
-    assert shaping.chat_prompt_ids(msgs, tokenizer=_Chars()) == [ord(c) for c in transcript]
+    assert chat_template.chat_prompt_ids(msgs, tokenizer=_Chars()) == [ord(c) for c in transcript]
     with pytest.raises(APIError, match="role"):
-        shaping.chat_prompt_ids([ChatMessage(role="robot", content="x")], tokenizer=_Chars())
+        chat_template.chat_prompt_ids([ChatMessage(role="robot", content="x")], tokenizer=_Chars())
     # the tiny model has no template either: the transcript, through its own tokenizer
     job = shape(served, {"messages": [{"role": "user", "content": "kalo"}], "n": 2}, chat=True)
     ids = served.tokenizer.encode("user: kalo\nassistant:")
@@ -377,7 +377,7 @@ def test_a_template_that_writes_bos_gets_one_bos(tiny_llama, tmp_path: Path) -> 
     tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
     assert tok.encode("kalo")[0] == tok.bos_token_id  # the tokenizer adds one by itself
     msgs = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="kalo remi")]
-    ids = shaping.chat_prompt_ids(msgs, tok)
+    ids = chat_template.chat_prompt_ids(msgs, tok)
     plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "kalo remi"}]
     expected = tok.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)["input_ids"]
     assert ids == list(expected) and ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
@@ -457,10 +457,10 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
     assert tok.decode(shape(served, body, chat=True).choices[0].request.prompt_token_ids).endswith(
         '[f]user:;assistant:f{"q": 1};'
     )
-    transcript = shaping.chat_prompt_ids(
+    transcript = chat_template.chat_prompt_ids(
         [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="yo")],
         _Chars(),
-        shaping.ChatTemplate(add_generation_prompt=False, continue_final_message=True),
+        chat_template.ChatTemplate(add_generation_prompt=False, continue_final_message=True),
     )
     assert transcript == [ord(c) for c in "user: hi\nassistant: yo"]
 

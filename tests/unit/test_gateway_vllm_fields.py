@@ -10,7 +10,7 @@ import json
 
 import msgspec
 
-from dlora.services.gateway import shaping
+from dlora.services.gateway import chat_template
 from dlora.services.gateway.openai import ChatMessage
 from dlora.services.gateway.shaping import ServedModel
 from tests.unit.test_gateway_shaping import refused, served, shape  # noqa: F401 - served: a fixture
@@ -123,7 +123,7 @@ def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served
         {"role": "assistant", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": "ok"},
     ]
-    ids = shaping.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), served.tokenizer)
+    ids = chat_template.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), served.tokenizer)
     assert '"name": "ping"' in served.tokenizer.decode(ids)  # without a template: the call as its JSON
     deep: dict[str, object] = {"type": "object"}
     for _ in range(300):
@@ -194,5 +194,5 @@ def test_a_reply_sent_back_as_the_client_dumped_it_is_history(served: ServedMode
     dumped = {"role": "assistant", "content": "remi", "annotations": None, "refusal": None, "tool_calls": None}
     for thought in ({"reasoning_content": "hmm"}, {"reasoning": "hmm"}):
         history = [{"role": "user", "content": "kalo"}, dumped | thought | {"annotations": []}]
-        ids = shaping.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), tokenizer)
+        ids = chat_template.chat_prompt_ids(msgspec.convert(history, list[ChatMessage]), tokenizer)
         assert "assistant[hmm]remi" in tokenizer.decode(ids)
