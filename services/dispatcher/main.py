@@ -314,8 +314,8 @@ class Dispatcher(Recovery):
         prefixes = request_keys(req) if proactive else None
         # an application's groups are its own, and a name is kept as a digest (its size is the sender's)
         group = hashlib.blake2b(f"{req.owner}\0{req.group}".encode(), digest_size=16).hexdigest() if req.group else ""
-        prompt_keys = len(prefixes) - bool(req.prompt_cache_key) if prefixes else None
-        worker = self.state.choose(others or live, req.adapter, prefixes, group, prompt_keys)
+        ids = req.prompt_token_ids or []
+        worker = self.state.choose(others or live, req.adapter, prefixes, group, ids)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
@@ -333,7 +333,7 @@ class Dispatcher(Recovery):
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went
             # (two dispatchers walking a lost worker's records both choose, one records).
             if not recorded:
-                self.state.unsend(worker, req.adapter)
+                self.state.unsend(worker, req.adapter, prefixes, ids)
         if recorded:
             self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw)

@@ -5,10 +5,14 @@ cluster simulator (``dlora.sim``) run the same code."""
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from dlora.common.messages import WorkerStats
-from dlora.services.dispatcher.affinity import PrefixAffinity
+from dlora.services.dispatcher.affinity import GRANULE, MAX_HASHED, PrefixAffinity
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker
 
 # Request groups remembered (``GenerateRequest.group``), the least recently sent to forgotten first:
@@ -20,6 +24,26 @@ MAX_GROUP_REQUESTS = 128
 # Requests' whole-prompt keys remembered while their workers' stats may not yet show them ended
 # (``DispatchState.ends``), the least recently sent forgotten first.
 MAX_ENDS = 4096
+
+
+class _Sent(NamedTuple):
+    """A request sent, for ``DispatchState.ends``."""
+
+    worker: str
+    heard: int  # the worker's stats count when it was sent (``DispatchState.stats_heard``)
+    adapter: str | None
+    length: int  # its prompt's tokens
+    digest: bytes  # and their ``_digest``
+
+
+def _digest(prompt: Sequence[int]) -> bytes:
+    return hashlib.blake2b(array("q", prompt).tobytes(), digest_size=16).digest()
+
+
+def _prompt_keys(prefixes: list[bytes] | None, prompt: Sequence[int]) -> list[bytes]:
+    """The prompt's own of a request's keys (``affinity.request_keys`` puts its
+    ``prompt_cache_key``'s after them)."""
+    return (prefixes or [])[: min(len(prompt), MAX_HASHED) // GRANULE]
 
 
 class DispatchState:
@@ -37,12 +61,13 @@ class DispatchState:
         self.affinity = PrefixAffinity()  # which worker took each prompt prefix last
         # request group -> its worker and the requests sent there, the latest sent to last
         self.groups: OrderedDict[str, tuple[str, int]] = OrderedDict()
-        # A request's whole-prompt key -> its worker, that worker's stats count when it was sent,
-        # and its adapter. A later prompt that extends it holds its answer (a chat's next turn),
-        # so it has ended: counted among the requests sent since those stats, it made a chat
-        # sending its turns back to back (a user's trial, one turn in five) look two requests'
-        # work busier on its own worker by the third turn, and go to the other, cache cold.
-        self.ends: OrderedDict[bytes, tuple[str, int, str | None]] = OrderedDict()
+        # A request's prompt's last prefix key -> the request: its worker, that worker's stats
+        # count when it was sent, its adapter, and its prompt's length and digest. A later prompt
+        # that extends that prompt exactly holds its answer (a chat's next turn), so it has ended:
+        # counted among the requests sent since those stats, it made a chat sending its turns back
+        # to back (a user's trial, one turn in five) look two requests' work busier on its own
+        # worker by the third turn, and go to the other, cache cold.
+        self.ends: OrderedDict[bytes, _Sent] = OrderedDict()
         self.stats_heard: Counter[str] = Counter()
         self._turn = 0
 
@@ -69,17 +94,17 @@ class DispatchState:
         adapter: str | None,
         prefixes: list[bytes] | None = None,
         group: str = "",
-        prompt_keys: int | None = None,
+        prompt: Sequence[int] = (),
     ) -> str | None:
         """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
         as sent to it (``unsend`` takes that back if it never went): the one its ``group``'s
         requests went to while it is among ``live`` (up to ``MAX_GROUP_REQUESTS`` of them), else
         round-robin blind to load and adapters, or proactive (``choose_worker``), near a worker
-        that took the request's prompt prefix before (``prefixes``: its ``affinity.request_keys``,
-        of which the first ``prompt_keys`` are its prompt's; None: all)."""
+        that took the request's prompt prefix before (``prefixes``: its ``affinity.request_keys``;
+        ``prompt``: its prompt's token ids, which those begin with)."""
         worker: str | None
-        prompt = (prefixes or [])[:prompt_keys]
-        self._ended(prompt[:-1])
+        keys = _prompt_keys(prefixes, prompt)
+        self._ended(keys, prompt)
         pinned = self.groups.get(group) if group else None
         if pinned is not None and pinned[1] < MAX_GROUP_REQUESTS and pinned[0] in {w.worker for w in live}:
             worker = pinned[0]
@@ -95,9 +120,9 @@ class DispatchState:
             )
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
-            if worker is not None and prompt:
-                self.ends[prompt[-1]] = (worker, self.stats_heard[worker], adapter)
-                self.ends.move_to_end(prompt[-1])
+            if worker is not None and keys:
+                self.ends[keys[-1]] = _Sent(worker, self.stats_heard[worker], adapter, len(prompt), _digest(prompt))
+                self.ends.move_to_end(keys[-1])
                 if len(self.ends) > MAX_ENDS:
                     self.ends.popitem(last=False)
         if worker is not None and group:
@@ -111,20 +136,28 @@ class DispatchState:
                 self.sent_adapters.setdefault(worker, Counter())[adapter] += 1
         return worker
 
-    def _ended(self, keys: list[bytes]) -> None:
-        """The request whose whole prompt the longest of ``keys`` is (an earlier turn of the chat
-        now sent) has ended: no longer counted among those sent to its worker since its stats, if
-        those are the stats it was counted against."""
+    def _ended(self, keys: list[bytes], prompt: Sequence[int]) -> None:
+        """The latest request sent whose prompt ``prompt`` extends (``keys``: its prefix keys; an
+        earlier turn of the chat now sent) has ended: no longer counted among those sent to its
+        worker since its stats, if those are the stats it was counted against. Only an exact
+        prefix: a prompt sharing a block with another (a few-shot header, then an item) is not."""
         for key in reversed(keys):
-            if (end := self.ends.pop(key, None)) is not None:
-                worker, heard, adapter = end
-                if self.stats_heard[worker] == heard:
-                    self.unsend(worker, adapter)
+            sent = self.ends.get(key)
+            if sent is not None and sent.length < len(prompt) and _digest(prompt[: sent.length]) == sent.digest:
+                del self.ends[key]
+                if self.stats_heard[sent.worker] == sent.heard:
+                    self.unsend(sent.worker, sent.adapter)
                 return
 
-    def unsend(self, worker: str, adapter: str | None) -> None:
+    def unsend(
+        self, worker: str, adapter: str | None, prefixes: list[bytes] | None = None, prompt: Sequence[int] = ()
+    ) -> None:
         """A request ``choose`` counted on ``worker`` did not go there (another dispatcher recorded
-        it first): no longer counted."""
+        it first): no longer counted, nor taken off again when a later prompt extends its prompt
+        (``prefixes`` and ``prompt`` as ``choose`` was given them)."""
+        keys = _prompt_keys(prefixes, prompt)
+        if keys and (end := self.ends.get(keys[-1])) is not None and end.worker == worker:
+            del self.ends[keys[-1]]
         if self.sent_since_stats.get(worker, 0) > 0:
             self.sent_since_stats[worker] -= 1
         if adapter is not None and (sent := self.sent_adapters.get(worker)) and adapter in sent:

@@ -297,23 +297,45 @@ def test_a_chats_turns_sent_back_to_back_stay_with_its_worker_between_stats() ->
     """A user's trial: turns of one chat sent as soon as each answer came (faster than the
     workers' stats) went to the other, idle worker one time in five, cache cold: each turn sent
     counted as two requests' work still to do there until the next stats, though the turn before
-    had ended (its answer is in the next prompt). A turn that extends an earlier prompt takes that
-    request off its worker's count; a prompt sent again whole, or concurrently, does not."""
-    for keyed in (False, True):
+    had ended (its answer is in the next prompt). A prompt that extends an earlier one exactly
+    takes that request off its worker's count: with a prompt_cache_key too, and past the tokens
+    the keys cover."""
+    for keyed, start in ((False, 280), (True, 280), (False, 9000)):
         state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
         x, y = w("x", [("a", 5)]), w("y")
         state.heard(x, 0.0)
         state.heard(y, 0.0)
-        history = list(range(100, 380))
+        history = list(range(100, 100 + start))
         for turn in range(8):
             history += [7] * 8 + list(range(400 + 20 * turn, 420 + 20 * turn))  # an answer, a question
             keys = [*prefix_keys("a", "", history), *([cache_key("a", "", "c")] if keyed else [])]
-            assert state.choose([x, y], "a", keys, prompt_keys=len(keys) - keyed) == "y", (keyed, turn)
+            assert state.choose([x, y], "a", keys, prompt=history) == "y", (keyed, start, turn)
         assert state.sent_since_stats["y"] == 1  # the last turn, still running
-    # the same prompt three times at once: all three still count
+
+
+def test_only_a_prompt_that_extends_an_earlier_one_exactly_takes_it_off() -> None:
+    """A review: prompts sharing a long header and ending in an item of a token or two share the
+    header's last block key, and each took the one before off its worker's count; sent at once,
+    they all still run. The same prompt sent again whole is not an extension either. And a request
+    that never went (``unsend``) is not taken off a second time by a prompt extending it."""
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+    x, y = w("x"), w("y")
+    state.heard(x, 0.0)
+    state.heard(y, 0.0)
+    header = list(range(1000, 1158))  # 9 blocks and 14 tokens: an item of 2 completes the 10th
+    for item in range(6):
+        prompt = [*header, *range(5000 + 10 * item, 5001 + 10 * item + item % 2)]
+        state.choose([x, y], "a", prefix_keys("a", "", prompt), prompt=prompt)
+    for _ in range(2):
+        state.choose([x, y], "a", prefix_keys("a", "", header), prompt=header)
+    assert sum(state.sent_since_stats.values()) == 8
     state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
     state.heard(x, 0.0)
     state.heard(y, 0.0)
-    for _ in range(3):
-        state.choose([x, y], "a", prefix_keys("a", "", history))
-    assert sum(state.sent_since_stats.values()) == 3
+    first, after = list(range(100, 300)), list(range(100, 340))
+    keys = prefix_keys("a", "", first)
+    assert state.choose([x], "a", keys, prompt=first) == "x"
+    state.choose([x], "b", prefix_keys("b", "", first), prompt=first)  # another request there
+    state.unsend("x", "a", keys, first)
+    state.choose([x], "a", prefix_keys("a", "", after), prompt=after)
+    assert state.sent_since_stats["x"] == 2  # b's and the last
