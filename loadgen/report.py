@@ -73,7 +73,8 @@ def plot(results: list[RequestResult], by_adapter: dict[str, dict], end_s: float
             v = np.sort(values)
             ax[0, 1].plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
     ax[0, 1].set(title="CDF", xlabel="seconds (TTFT) / seconds per token", xscale="log")
-    ax[0, 1].legend()
+    if ax[0, 1].lines:  # a run stopped before its first request was sent has nothing to label
+        ax[0, 1].legend()
     names = list(by_adapter)
     ax[1, 0].bar(names, [by_adapter[n]["throughput_tok_s"] for n in names])
     ax[1, 0].set(title="throughput per adapter", ylabel="tokens/s")

@@ -41,9 +41,16 @@ def test_summary_of_a_hand_made_timeline() -> None:
     assert by["a"]["throughput_tok_s"] + by["b"]["throughput_tok_s"] == pytest.approx(s["throughput_tok_s"])
 
 
-def test_empty_run_is_well_formed() -> None:
+def test_empty_run_is_well_formed(tmp_path) -> None:
+    """Its report too: a run stopped (Ctrl-C) before its first request was sent drew a legend with
+    nothing to label, a warning (an error under the tests; CI failed on it once)."""
+    from dlora.loadgen import report
+
     s = summarize([], end_s=1.0)
     assert s["sent"] == 0 and s["ttft_s"]["mean"] is None and s["slo"]["attainment"] is None
+    unsent = [RequestResult(0.5, "a", 4)]
+    report.plot(unsent, summarize_by_adapter(unsent, 1.0), 1.0, tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 0
 
 
 def test_popularity_shifts_over_time() -> None:
