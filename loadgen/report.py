@@ -73,7 +73,7 @@ def plot(results: list[RequestResult], by_adapter: dict[str, dict], end_s: float
             v = np.sort(values)
             ax[0, 1].plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
     ax[0, 1].set(title="CDF", xlabel="seconds (TTFT) / seconds per token", xscale="log")
-    if ax[0, 1].lines:  # a run stopped before its first request was sent has nothing to label
+    if ax[0, 1].get_legend_handles_labels()[0]:  # a run stopped before its first request was sent has none
         ax[0, 1].legend()
     names = list(by_adapter)
     ax[1, 0].bar(names, [by_adapter[n]["throughput_tok_s"] for n in names])

@@ -279,7 +279,8 @@ def plot(result: dict[str, Any]) -> Figure:
         # The last sample is taken after the load stops, once the last requests' records expire.
         a.axvline(result["duration_s"] / 60, color="grey", linestyle=":")
         a.set_xlabel("time (min)")
-        a.legend(fontsize=6)
+        if a.get_legend_handles_labels()[0]:  # a soak stopped before its first sample has no series
+            a.legend(fontsize=6)
     return fig
 
 
