@@ -22,19 +22,25 @@ from dlora.sim.cluster import HEARTBEAT_TTL_S, Cluster, SimRequest, summary
 from dlora.sim.cost import PROFILES, CostProfile, calibrated
 from dlora.sim.replica import LLAMA_7B
 
+DEFAULT_MIGRATE_INTERVAL_S = 1.0  # ``--migrate-interval``
+
 
 def profile(name: str) -> CostProfile:
     """A named profile, or ``calibrated:PATH``. Raises ValueError naming the choices."""
     if name.startswith("calibrated:"):
-        path = Path(name.removeprefix("calibrated:"))
+        if not (given := name.removeprefix("calibrated:")):
+            raise ValueError("calibrated: needs the path of a benchmark's JSON (calibrated:PATH)")
+        path = Path(given)
+        kind = "`dlora bench engine`, `bench cluster`, `bench policy` or `bench e2e`"
         try:
             bench = json.loads(path.read_text())
             return calibrated(bench)
-        except (KeyError, TypeError, AttributeError) as e:  # JSON of another kind (a loadgen result, ...)
-            raise ValueError(
-                f"{path} is not the JSON of `dlora bench engine`, `bench cluster`, `bench policy` or `bench e2e` "
-                f"(no {e} where those have it)"
-            ) from None
+        except OSError as e:
+            raise ValueError(f"cannot read {path} ({e.strerror})") from None
+        except KeyError as e:  # JSON of another kind (a loadgen result, ...)
+            raise ValueError(f"{path} is not the JSON of {kind} (no {e} where those have it)") from None
+        except (TypeError, AttributeError):  # the same, its values of other types
+            raise ValueError(f"{path} is not the JSON of {kind} (its fields are not of the types those have)") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not JSON ({e})") from None
         except ValueError as e:  # a benchmark's JSON that cannot calibrate (too few points, no steps)
@@ -79,6 +85,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         cost = profile(args.profile)
         if (problem := WorkloadSpec.unused_option(args)) is not None:
             raise ValueError(problem)
+        if args.migrate_interval is not None and not args.migrate:  # as the workload's options: none ignored
+            raise ValueError("--migrate-interval applies with --migrate only")
+        args.migrate_interval = args.migrate_interval or DEFAULT_MIGRATE_INTERVAL_S
         if args.stats_interval >= HEARTBEAT_TTL_S:  # every replica would read as lost between two
             raise ValueError(f"--stats-interval must be under the dispatcher's heartbeat, {HEARTBEAT_TTL_S:g} s")
         spec = WorkloadSpec.from_args(args)

@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dispatch", choices=[m.value for m in DispatchMode], default=DispatchMode.PROACTIVE.value)
     p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")
     p.add_argument("--stats-interval", type=above_zero, default=0.5, help="seconds between a replica's stats (under 5)")
-    p.add_argument("--migrate-interval", type=above_zero, default=1.0, help="seconds between the migrator's looks")
+    p.add_argument(
+        "--migrate-interval", type=above_zero, help="seconds between the migrator's looks (with --migrate; default 1)"
+    )
     p.add_argument(
         "--exact",
         action="store_true",

@@ -45,13 +45,22 @@ def test_a_calibration_file_of_another_kind_says_which_kinds_it_takes(
     (tmp_path / "result.json").write_text(json.dumps({"rows": [], "spec": {}}))
     (tmp_path / "broken.json").write_text("{")
     (tmp_path / "policy.json").write_text(json.dumps({"rows": [{"stride": 8, "runs": [{"finished": 1}]}]}))
+    # a user's trial: these printed Python's own words inside "(no ... where those have it)"
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "typed.json").write_text(json.dumps({"bound": "x"}))
+    kinds = "is not the JSON of `dlora bench engine`, `bench cluster`, `bench policy` or `bench e2e`"
     for name, why in (
-        ("result.json", "is not the JSON of `dlora bench engine`, `bench cluster`, `bench policy` or `bench e2e`"),
+        ("result.json", kinds),
         ("broken.json", "is not JSON"),
         ("policy.json", "policy.json: its runs logged no steps"),  # a bench policy run from before they were
+        ("list.json", f"{kinds} (its fields are not of the types those have)"),
+        ("typed.json", f"{kinds} (its fields are not of the types those have)"),
+        ("missing.json", "missing.json (No such file or directory)"),
+        ("", "calibrated: needs the path of a benchmark's JSON"),
     ):
-        assert run_simulate(_args("--profile", f"calibrated:{tmp_path / name}")) == 2
-        assert why in capsys.readouterr().err
+        assert run_simulate(_args("--profile", f"calibrated:{tmp_path / name if name else ''}")) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Errno" not in err, (name, err)
 
 
 def test_more_device_slots_than_host_memory_takes_are_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +77,7 @@ def test_more_device_slots_than_host_memory_takes_are_refused_by_name(capsys: py
         (["--stats-interval", "6"], "--stats-interval must be under the dispatcher's heartbeat, 5 s"),
         (["--rate", "0.001", "--duration", "1"], "the workload holds no request"),
         (["--lengths", "uniform", "--max-prompt", "256"], "--max-prompt applies to --lengths trace only, not uniform"),
+        (["--migrate-interval", "2"], "--migrate-interval applies with --migrate only"),  # a user's trial: ignored
         (["--lengths", "trace", "--prompt-len", "64"], "--prompt-len applies to --lengths fixed or uniform only"),
         (["--lengths", "fixed", "--prompt-len", "5000"], "a prompt has 5000 tokens; the simulated model's context"),
         (["--popularity", "power", "--alpha", "0"], "alpha must be > 0"),
