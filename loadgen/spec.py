@@ -99,7 +99,7 @@ class WorkloadSpec:
             if values[name] is None:
                 values[name] = getattr(_DEFAULTS, name)
         values["trace"] = tuple(args.trace or ())
-        if args.adapter_names:
+        if args.adapter_names is not None:  # "" too: refused, not the default count
             values["adapter_names"] = adapter_names(args.adapter_names)
             values["adapters"] = len(values["adapter_names"])  # as result.json records it
         return cls(**values)
@@ -147,8 +147,11 @@ SCOPED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def adapter_names(text: str) -> tuple[str | None, ...]:
     """``--adapter-names``: comma-separated names, ``-`` the base model, spaces around a name
-    dropped. Raises ValueError for an empty one (it silently meant the base model)."""
+    dropped. Raises ValueError for an empty one (it silently meant the base model) or one named
+    twice (it was dropped silently; a user's trial)."""
     names = [n.strip() for n in text.split(",")]
     if "" in names:
         raise ValueError(f"--adapter-names {text!r} has an empty name: write - for the base model")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"--adapter-names {text!r} names {', '.join(twice)} more than once")
     return tuple(None if n == "-" else n for n in names)

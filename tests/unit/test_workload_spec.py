@@ -281,8 +281,10 @@ def test_a_length_option_given_where_it_does_nothing_is_named() -> None:
     assert problem("--popularity", "zipf", "--stride", "4") == "--stride applies to --popularity stride only, not zipf"
     assert problem("--adapters", "3", "--adapter-names", "a,b") is not None
     assert problem("--arrivals", "gamma", "--cv", "3", "--popularity", "power", "--alpha", "2") is None
-    with pytest.raises(ValueError, match="empty name: write - for the base model"):
-        WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--adapter-names", "a,,b"]))
+    # a user's trial: "" meant the default count, and a,a one adapter
+    for names, why in (("a,,b", "empty name: write - for the base model"), ("", "empty name"), ("a,b, a", "a more")):
+        with pytest.raises(ValueError, match=why):
+            WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--adapter-names", names]))
     spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--adapter-names", "a, -,b "]))
     assert spec.adapter_names == ("a", None, "b") and spec.adapters == 3
     spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--lengths", "fixed", "--prompt-len", "7"]))
