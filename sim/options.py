@@ -18,18 +18,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--profile",
         default="dlora-artifact",
         help=f"engine cost profile: {', '.join(PROFILES)}, or calibrated:PATH (`dlora bench engine`, "
-        "`bench cluster`, or `bench policy` / `bench e2e` JSON: fitted to their runs' own steps)",
+        "`bench cluster`, or `bench policy` / `bench e2e` JSON: fitted to their runs' own steps; "
+        "default %(default)s)",
     )
-    p.add_argument("--replicas", type=positive, default=4)
     p.add_argument(
-        "--ranks", type=ranks, default="16", help="LoRA ranks, comma-separated, given to the adapters in turn"
+        "--replicas", type=positive, default=4, help="engines simulated, one worker each (default %(default)s)"
     )
-    p.add_argument("--max-loras", type=positive, default=8, help="device slots per replica")
-    p.add_argument("--max-num-seqs", type=positive, default=64, help="requests in one step (the engine's max_num_seqs)")
-    p.add_argument("--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value)
-    p.add_argument("--dispatch", choices=[m.value for m in DispatchMode], default=DispatchMode.PROACTIVE.value)
+    p.add_argument(
+        "--ranks",
+        type=ranks,
+        default="16",
+        help="LoRA ranks, comma-separated, given to the adapters in turn (default %(default)s)",
+    )
+    p.add_argument("--max-loras", type=positive, default=8, help="device slots per replica (default %(default)s)")
+    p.add_argument(
+        "--max-num-seqs", type=positive, default=64, help="requests in one step (max_num_seqs; default %(default)s)"
+    )
+    p.add_argument(
+        "--policy", choices=[n.value for n in PolicyName], default=PolicyName.DLORA.value, help="default %(default)s"
+    )
+    p.add_argument(
+        "--dispatch",
+        choices=[m.value for m in DispatchMode],
+        default=DispatchMode.PROACTIVE.value,
+        help="default %(default)s",
+    )
     p.add_argument("--migrate", action="store_true", help="run the migrator (its trigger, planner and moves)")
-    p.add_argument("--stats-interval", type=above_zero, default=0.5, help="seconds between a replica's stats (under 5)")
+    p.add_argument(
+        "--stats-interval",
+        type=above_zero,
+        default=0.5,
+        help="seconds between a replica's stats (under 5; default 0.5)",
+    )
     p.add_argument(
         "--migrate-interval", type=above_zero, help="seconds between the migrator's looks (with --migrate; default 1)"
     )
@@ -43,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=positive,
         default=1,
         help="processes the replicas are split over (they run apart between two stats or looks; "
-        "the results are the same for any number)",
+        "the results are the same for any number; default %(default)s)",
     )
     p.add_argument("--json", help="write the result here")
     add_workload_arguments(p)
