@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -14,8 +12,8 @@ import pytest
 
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, SamplingParams
-from dlora.services.gateway import chat_template, openai, sampling, shaping
-from dlora.services.gateway.openai import APIError, ChatBody, ChatMessage, CompletionBody
+from dlora.services.gateway import openai, sampling, shaping
+from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.shaping import Job, ServedModel
 
 BASE = "model"
@@ -310,159 +308,6 @@ def test_a_body_of_the_wrong_shape_names_the_field(raw: bytes, param: str) -> No
     with pytest.raises(APIError) as e:
         openai.decode_body(raw, CompletionBody)
     assert (e.value.status, e.value.param) == (400, param)
-
-
-def test_only_an_assistant_message_may_leave_out_its_content(served: ServedModel) -> None:
-    for role in ("user", "system", "tool", "developer"):
-        e = refused(served, {"messages": [{"role": role}]}, chat=True)
-        assert (e.param, e.message) == ("messages", f"messages: a {role} message needs content")
-    msgs = [{"role": "user", "content": "kalo"}, {"role": "assistant"}, {"role": "user", "content": "remi"}]
-    assert shape(served, {"messages": msgs}, chat=True).choices
-
-
-class _Chars:
-    """A tokenizer without a chat template: one id per character."""
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-
-def test_chat_prompt_without_a_template_is_a_transcript(served: ServedModel) -> None:
-    msgs = [
-        ChatMessage(role="system", content="be brief"),
-        ChatMessage(role="user", content=[openai.ContentPart(type="text", text=t) for t in ("hi", "there")]),
-    ]
-    transcript = "system: be brief\nuser: hi\nthere\nassistant:"  # parts joined by newlines, as vLLM joins them
-    assert chat_template.chat_prompt_ids(msgs, tokenizer=_Chars()) == [ord(c) for c in transcript]
-    with pytest.raises(APIError, match="role"):
-        chat_template.chat_prompt_ids([ChatMessage(role="robot", content="x")], tokenizer=_Chars())
-    # the tiny model has no template either: the transcript, through its own tokenizer
-    job = shape(served, {"messages": [{"role": "user", "content": "kalo"}], "n": 2}, chat=True)
-    ids = served.tokenizer.encode("user: kalo\nassistant:")
-    assert job.shape.chat and job.prompt_tokens == len(ids)
-    assert [c.request.prompt_token_ids for c in job.choices] == [ids, ids] and [c.echo for c in job.choices] == ["", ""]
-    e = refused(served, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, chat=True)
-    assert (e.status, e.param) == (400, "messages") and "needs its text" in e.message
-    image = [{"type": "image_url", "image_url": {}}]
-    e = refused(served, {"messages": [{"role": "user", "content": image}]}, chat=True)
-    assert (e.status, e.param) == (400, "messages") and "image_url" in e.message
-
-
-def llama_style_tokenizer(model_dir: Path, out: Path):
-    """The tiny model's tokenizer made Llama-like: it adds BOS itself, and its chat template writes
-    {{ bos_token }} too (Llama-2/3 and Mistral checkpoints do both)."""
-    from transformers import AutoTokenizer
-
-    shutil.copytree(model_dir, out)
-    tj = json.loads((out / "tokenizer.json").read_text())
-    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
-    a, b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
-    tj["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [bos, a],
-        "pair": [bos, a, b],
-        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
-    }
-    (out / "tokenizer.json").write_text(json.dumps(tj))
-    conf = json.loads((out / "tokenizer_config.json").read_text())
-    conf["chat_template"] = (
-        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}[assistant] {% endif %}"
-    )
-    (out / "tokenizer_config.json").write_text(json.dumps(conf))
-    return AutoTokenizer.from_pretrained(out)
-
-
-def test_a_template_that_writes_bos_gets_one_bos(tiny_llama, tmp_path: Path) -> None:
-    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
-    assert tok.encode("kalo")[0] == tok.bos_token_id  # the tokenizer adds one by itself
-    msgs = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="kalo remi")]
-    ids = chat_template.chat_prompt_ids(msgs, tok)
-    plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "kalo remi"}]
-    expected = tok.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)["input_ids"]
-    assert ids == list(expected) and ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
-    # and a chat request through shaping is given those ids
-    served = ServedModel(tok, 1 << 16, CONTEXT)
-    assert shape(served, {"messages": plain}, chat=True).choices[0].request.prompt_token_ids == list(expected)
-
-
-def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: Path) -> None:
-    """add_generation_prompt, continue_final_message and chat_template_kwargs, vLLM's chat
-    extensions (refused as unknown fields before), rendered as transformers renders them."""
-    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
-    conf = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
-    tok.chat_template = conf["chat_template"].replace("[assistant] ", "[assistant{{ suffix | default('') }}] ")
-    served = ServedModel(tok, 1 << 16, CONTEXT)
-    plain = [{"role": "user", "content": "kalo"}, {"role": "assistant", "content": "remi"}]
-
-    def ids(**options: Any) -> list[int]:
-        return shape(served, {"messages": plain, **options}, chat=True).choices[0].request.prompt_token_ids
-
-    for options in (
-        {"add_generation_prompt": False},
-        {"add_generation_prompt": False, "continue_final_message": True},
-        {"chat_template_kwargs": {"suffix": "-x"}},
-    ):
-        rendering = {"add_generation_prompt": True} | options
-        rendering |= rendering.pop("chat_template_kwargs", {})  # vLLM passes them as the template's own
-        expected = tok.apply_chat_template(plain, tokenize=True, **rendering)["input_ids"]
-        assert ids(**options) == list(expected), options
-    assert ids(add_generation_prompt=False) != ids() != ids(chat_template_kwargs={"suffix": "-x"})
-    assert ids(add_special_tokens=False) == ids()  # vLLM's chat default, accepted when sent
-    continued = tok.decode(ids(add_generation_prompt=False, continue_final_message=True))
-    assert continued.endswith("remi")  # left open for the model to go on
-    for body, param in (
-        ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt (default true)
-        ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
-        ({"add_special_tokens": True}, "add_special_tokens"),  # on top of the template's: as /tokenize says
-    ):
-        assert refused(served, {"messages": plain, **body}, chat=True).param == param
-    # any last message may be continued, as vLLM lets it
-    last_user = {"messages": plain[:1], "add_generation_prompt": False, "continue_final_message": True}
-    assert tok.decode(shape(served, last_user, chat=True).choices[0].request.prompt_token_ids).endswith("kalo")
-    # without a template: the transcript, left open or not opened
-    # a tool message's tool_call_id reaches the template, as its name does
-    tok.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m.get('tool_call_id', '-') }};{% endfor %}"
-    tool = [{"role": "user", "content": "a"}, {"role": "tool", "content": "b", "tool_call_id": "call-7"}]
-    assert tok.decode(shape(served, {"messages": tool}, chat=True).choices[0].request.prompt_token_ids).endswith(
-        "user:-;tool:call-7;"
-    )
-    # one without it answers no call the spec can name (OpenAI requires it): refused, not rendered
-    untied = [tool[0], {"role": "tool", "content": "b"}]
-    assert "tool_call_id" in refused(served, {"messages": untied}, chat=True).message
-    # function names as OpenAI takes them, each once (a call must say which it means)
-    fn = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-    assert shape(served, {"messages": plain, "tools": [fn], "tool_choice": "required"}, chat=True).choices
-    mcp = {"type": "function", "function": {"name": "weather.get:v2"}}  # a namespaced tool, as vLLM serves it
-    assert shape(served, {"messages": plain, "tools": [mcp], "tool_choice": "required"}, chat=True).choices
-    for name in ("", "a b", "x" * 65, "naïve"):
-        bad = {"type": "function", "function": {"name": name}}
-        assert refused(served, {"messages": plain, "tools": [bad]}, chat=True).param == "tools", name
-    twice = {"messages": plain, "tools": [fn, fn], "tool_choice": "required"}
-    assert "more than once" in refused(served, twice, chat=True).message
-    # and so do the request's tools and an assistant's earlier calls (vLLM passes both, each call's
-    # arguments parsed from their JSON text, so a template's tojson does not quote them twice)
-    tok.chat_template = (
-        "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
-        "{% for m in messages %}{{ m['role'] }}:"
-        "{% for c in m.get('tool_calls') or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %};"
-        "{% endfor %}"
-    )
-    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"q": 1}'}}
-    body = {
-        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [call]}],
-        "tools": [{"type": "function", "function": {"name": "f"}}],
-        "tool_choice": "none",
-    }
-    assert tok.decode(shape(served, body, chat=True).choices[0].request.prompt_token_ids).endswith(
-        '[f]user:;assistant:f{"q": 1};'
-    )
-    transcript = chat_template.chat_prompt_ids(
-        [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="yo")],
-        _Chars(),
-        chat_template.ChatTemplate(add_generation_prompt=False, continue_final_message=True),
-    )
-    assert transcript == [ord(c) for c in "user: hi\nassistant: yo"]
 
 
 def test_a_truncated_text_prompt_keeps_the_bos_its_tokenizer_adds_as_vllm_does(tiny_llama) -> None:
