@@ -100,10 +100,11 @@ async def run_stack(
     tiny_llama: TinyOutput,
     gateway_nats_url: str = "",
     engine: dict[str, Any] | None = None,
+    dispatcher: dict[str, Any] | None = None,
     **gateway: Any,
 ) -> AsyncIterator[Stack]:
-    """The stack, with ``gateway`` settings over the tests' own and ``engine`` over the workers'
-    EngineConfig; the gateway's NATS connection goes to ``gateway_nats_url`` if given (a proxy
+    """The stack, with ``gateway`` settings over the tests' own, ``engine`` over the workers'
+    EngineConfig and ``dispatcher`` over the dispatcher's settings; the gateway's NATS connection goes to ``gateway_nats_url`` if given (a proxy
     the test can cut), reconnecting for ever."""
     common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
     store = StateStore(redis)
@@ -125,7 +126,7 @@ async def run_stack(
     tasks, conns, workers = [], [gw_nc], []
     disp_nc = await nats.connect(nats_server.url)
     conns.append(disp_nc)
-    dispatcher = Dispatcher(DispatcherSettings(**common), disp_nc, store)
+    dispatcher = Dispatcher(DispatcherSettings(**common | (dispatcher or {})), disp_nc, store)
     tasks.append(asyncio.create_task(dispatcher.run(stop)))
     for i in range(2):
         ws = WorkerSettings(

@@ -11,9 +11,12 @@ import shutil
 
 import aiohttp
 import msgspec
+from redis.asyncio import Redis
 
 from dlora.model.adapters import AdapterLimits
-from tests.integration.conftest import ADMIN_KEY, Stack
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from tests.integration.conftest import ADMIN_KEY, Stack, run_stack
 from tests.integration.test_gateway import PROMPTS, get, offline, post
 
 
@@ -156,12 +159,23 @@ async def test_a_name_registered_before_names_were_checked_can_still_be_deleted(
     assert await stack.gateway.registry.purge_retired(1e12) == 1 and await stack.store.get_adapter("z.", "v1") is None
 
 
-async def test_files_rewritten_before_load_inplace_are_served_from_a_worker_holding_the_version(stack: Stack) -> None:
+async def test_files_rewritten_before_load_inplace_are_served_from_a_worker_holding_the_version(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
     """An RL trainer writes new weights over an adapter's files, then calls load_inplace (as verl
     and OpenRLHF drive vLLM). Requests in between were pinned to the version registered; a worker
     that did not hold it read the rewritten files, failed their digest and answered 500 (10 of 20
     in a user's trial). It now hands them back, and they run where that version is in memory; with
-    no worker holding it the answer says so (500: an admin must load it again)."""
+    no worker holding it the answer says so (500: an admin must load it again).
+
+    The dispatcher's placement does not replan here: every 5 s it fills free adapter slots, and
+    one replan between the first request and the rewrite (a loaded machine) put the version on
+    both workers, leaving none to fail."""
+    async with run_stack(nats_server, redis, tiny_llama, dispatcher={"placement_interval_s": 1e9}) as stack:
+        await _rewritten_files_served_where_held(stack)
+
+
+async def _rewritten_files_served_where_held(stack: Stack) -> None:
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     path = stack.tiny.adapters_dir / "rl-rewritten"
     shutil.copytree(stack.tiny.adapters["lora-1"], path)
