@@ -60,11 +60,19 @@ def requests_of(spec: WorkloadSpec) -> list[SimRequest]:
     """The workload's requests arriving by its ``duration`` (the clock of ``dlora loadgen``'s
     sender and of the benchmarks' replays, which stop sending then), with prompts of real token
     ids (shared prefixes stay shared)."""
+    return _sent_by(planned_requests(spec), spec.duration)
+
+
+def planned_requests(spec: WorkloadSpec) -> list[SimRequest]:
+    """Every request the workload plans (``spec.requests`` of them, or the trace's), however late."""
     return [
         SimRequest(f"q{i}", r.arrival_s, r.adapter, prompt_ids(i, r, LLAMA_7B.vocab_size), max(1, r.output_len))
         for i, r in enumerate(build_specs(spec))
-        if r.arrival_s <= spec.duration
     ]
+
+
+def _sent_by(requests: list[SimRequest], duration: float) -> list[SimRequest]:
+    return [r for r in requests if r.arrival_s <= duration]
 
 
 def _checked_workload(requests: list[SimRequest]) -> None:
@@ -98,13 +106,20 @@ def run_simulate(args: argparse.Namespace) -> int:
         if bad := config.check():  # host memory's bound is --max-loras's here (it holds as many)
             bad = [("max_loras", v, "must be at most 4096") if f == "max_cpu_loras" else (f, v, w) for f, v, w in bad]
             raise ValueError("; ".join(f"--{f.replace('_', '-')} {v!r}: {why}" for f, v, why in bad))
-        requests = requests_of(spec)
+        planned = planned_requests(spec)
+        requests = _sent_by(planned, spec.duration)
         _checked_workload(requests)
         if args.json:
             writable(args.json, "--json")
     except (OSError, ValueError, KeyError) as e:
         print(f"dlora simulate: {e}", file=sys.stderr)
         return 2
+    if len(requests) < len(planned):  # as `dlora loadgen` says it: a trace replay cut short is no surprise
+        print(
+            f"dlora simulate: --duration {spec.duration:g} s ended sending: "
+            f"{len(planned) - len(requests)} of {len(planned)} requests not sent",
+            file=sys.stderr,
+        )
     if cut := sum(len(r.prompt_token_ids) + r.output_len > LLAMA_7B.max_position_embeddings for r in requests):
         print(
             f"dlora simulate: {cut} requests' prompt and output pass the model's context "

@@ -100,13 +100,20 @@ def test_an_unwritable_json_is_refused_before_the_run(tmp_path: Path, capsys: py
     assert "is a directory" in capsys.readouterr().err
 
 
-def test_requests_arriving_after_the_duration_are_not_sent(tmp_path: Path) -> None:
+def test_requests_arriving_after_the_duration_are_not_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--duration was ignored: 100 requests over 60 s simulated with --duration 0.001, the JSON
-    saying 0.001. As `dlora loadgen`, sending stops at the duration from the first arrival."""
+    saying 0.001. As `dlora loadgen`, sending stops at the duration from the first arrival, and
+    says so (a trace replay cut by the default 60 s did not)."""
     out = tmp_path / "sim.json"
     assert run_simulate(_args("--requests", "100", "--rate", "10", "--duration", "2", "--json", str(out))) == 0
     result = json.loads(out.read_text())
     assert 5 <= result["requests"] <= 40 and result["options"]["max_loras"] == 8, result
+    unsent = 100 - result["requests"]
+    assert f"--duration 2 s ended sending: {unsent} of 100 requests not sent" in capsys.readouterr().err
+    assert run_simulate(_args("--requests", "10", "--rate", "10")) == 0
+    assert "ended sending" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
