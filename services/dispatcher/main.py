@@ -292,7 +292,8 @@ class Dispatcher(Recovery):
             largest = max(w.max_model_len for w in self.live())
             reason = (
                 f"the request needs {need} tokens (prompt and max_tokens); the largest worker's context "
-                f"and KV cache hold {largest}: lower max_tokens or shorten the prompt"
+                f"and KV cache hold {largest}: lower max_tokens (max_completion_tokens, where the request "
+                "gave that) or shorten the prompt"
             )
             await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return

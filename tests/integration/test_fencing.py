@@ -402,6 +402,7 @@ async def test_a_request_no_worker_can_hold_is_refused_not_cut_short(cluster) ->
     stream = ReplyStream("too-long")
     await _read(stream, chunks)
     assert stream.error_code == "bad_request" and "largest worker" in (stream.error or "") and stream.tokens == 0
+    assert "max_completion_tokens" in (stream.error or "")  # a chat request through the gateway names that
     chunks = await c.send("fits", max_tokens=100)
     stream = ReplyStream("fits")
     await _read(stream, chunks)
