@@ -104,8 +104,8 @@ async def run_stack(
     **gateway: Any,
 ) -> AsyncIterator[Stack]:
     """The stack, with ``gateway`` settings over the tests' own, ``engine`` over the workers'
-    EngineConfig and ``dispatcher`` over the dispatcher's settings; the gateway's NATS connection goes to ``gateway_nats_url`` if given (a proxy
-    the test can cut), reconnecting for ever."""
+    EngineConfig and ``dispatcher`` over the dispatcher's settings; the gateway's NATS connection
+    goes to ``gateway_nats_url`` if given (a proxy the test can cut), reconnecting for ever."""
     common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
     store = StateStore(redis)
     gw_settings = GatewaySettings(

@@ -100,9 +100,7 @@ def test_an_unwritable_json_is_refused_before_the_run(tmp_path: Path, capsys: py
     assert "is a directory" in capsys.readouterr().err
 
 
-def test_requests_arriving_after_the_duration_are_not_sent(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_requests_arriving_after_the_duration_are_not_sent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--duration was ignored: 100 requests over 60 s simulated with --duration 0.001, the JSON
     saying 0.001. As `dlora loadgen`, sending stops at the duration from the first arrival, and
     says so (a trace replay cut by the default 60 s did not)."""
