@@ -78,9 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_count,
         default=0,
         help="retry a 429 or 503 answer or a refused connection, after Retry-After (the openai "
-        "package retries these, and 408, 409, 5xx and timeouts, twice by default)",
+        "package retries these, and 408, 409, 5xx and timeouts, twice by default; default here 0: none)",
     )
-    p.add_argument("--out", default="loadgen-results", help="folder for result.json, report.png, report.html")
+    p.add_argument(
+        "--out", default="loadgen-results", help="folder for result.json, report.png, report.html (default %(default)s)"
+    )
 
 
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""vLLM's ``POST /reset_prefix_cache`` (SGLang's ``/flush_cache``), admin only: every worker forgets
+"""vLLM's ``POST /reset_prefix_cache`` (SGLang's ``/flush_cache``, also served), admin only: every worker forgets
 its prefix cache, and every dispatcher where prefixes went, as before a cold-cache benchmark. The
 gateway broadcasts a ``PrefixCacheReset`` with a reply inbox and gathers the workers' answers."""
 
@@ -26,10 +26,10 @@ _decode_done = msgspec.json.Decoder(PrefixCacheResetDone)
 
 
 async def reset_prefix_cache(gw: Gateway, request: web.Request) -> web.Response:
-    """``POST /reset_prefix_cache`` (admin; vLLM's path, SGLang's ``/flush_cache``): every worker
-    forgets its prefix cache, as before a cold-cache benchmark. 200 with the blocks each worker
-    forgot (``workers``) and the live workers that did not answer within ``RESET_WAIT_S``
-    (``missing``); 503 when none answered."""
+    """``POST /reset_prefix_cache`` (admin; vLLM's path) and ``POST``/``GET /flush_cache``
+    (SGLang's): every worker forgets its prefix cache, as before a cold-cache benchmark. 200 with
+    the blocks each worker forgot (``workers``) and the live workers that did not answer within
+    ``RESET_WAIT_S`` (``missing``); 503 when none answered."""
     await gw.auth.admin(request)
     expected = {st.worker for st, _ in gw.cluster.live(time.monotonic(), gw.s.heartbeat_ttl_s)}
     answers: dict[str, int] = {}

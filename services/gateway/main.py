@@ -452,7 +452,10 @@ class Gateway:
         app.router.add_get("/version", openapi.version)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/v1/status", self.status)
-        app.router.add_post("/reset_prefix_cache", functools.partial(reset_prefix_cache, self))
+        reset = functools.partial(reset_prefix_cache, self)
+        app.router.add_post("/reset_prefix_cache", reset)  # vLLM's
+        app.router.add_post("/flush_cache", reset)  # SGLang's (its older clients GET it)
+        app.router.add_get("/flush_cache", reset, allow_head=False)
         dashboard.add_static(app)
         app.router.add_get("/openapi.json", openapi.handler)
         return app

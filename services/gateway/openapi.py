@@ -253,6 +253,15 @@ def document() -> dict[str, Any]:
                 ),
             }
         },
+        "/flush_cache": {
+            method: {
+                "operationId": f"flushCache{method.capitalize()}",
+                "description": "SGLang's name for /reset_prefix_cache (POST; GET as its older clients send).",
+                "security": admin,
+                "responses": _responses("as /reset_prefix_cache", 401, 403),
+            }
+            for method in ("post", "get")
+        },
         "/tokenize": {
             "post": {
                 "operationId": "tokenize",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+
 from dlora.common.messages import GenerateRequest, SamplingParams
 from dlora.services.dispatcher.affinity import request_keys
 from tests.integration.conftest import ADMIN_KEY, Stack
@@ -108,6 +110,14 @@ async def test_an_admin_resets_every_workers_prefix_cache(stack: Stack) -> None:
     assert stack.dispatcher.state.affinity.worker_for(request_keys(sent), {"w0", "w1"}) is None  # cached nowhere
     await asyncio.sleep(0.4)
     assert (await post(stack, "/v1/completions", body))[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # SGLang's name for it, POST and (its older clients') GET: a 404 before
+    async with aiohttp.ClientSession() as http:
+        for method in ("POST", "GET"):
+            async with http.request(method, stack.url + "/flush_cache") as r:
+                assert r.status == 401, await r.text()
+            auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            async with http.request(method, stack.url + "/flush_cache", headers=auth) as r:
+                assert r.status == 200 and set((await r.json())["workers"]) == {"w0", "w1"}, await r.text()
 
 
 async def test_return_token_ids_gives_each_choices_tokens_and_its_prompts(stack: Stack) -> None:
