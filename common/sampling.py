@@ -77,9 +77,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     bad_words: list[str] = []
 
     def outside_vocab(self, vocab: int) -> tuple[str, str] | None:
-        """(field, reason) where ``logit_bias`` or ``allowed_token_ids`` names a token id past a
-        vocabulary of ``vocab`` ids (they would index past the logits; vLLM refuses them alike)."""
-        for name, named in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids)):
+        """(field, reason) where ``logit_bias``, ``allowed_token_ids`` or ``stop_token_ids`` names a
+        token id past a vocabulary of ``vocab`` ids: the first two would index past the logits, a
+        stop id there can never be sampled, so the request would run on past what its client asked
+        for (vLLM refuses all three alike: vllm-project/vllm #54195)."""
+        for name, named in (
+            ("logit_bias", self.logit_bias),
+            ("allowed_token_ids", self.allowed_token_ids),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
             if named and max(named) >= vocab:
                 outside = sorted(t for t in named if t >= vocab)
                 return name, f"{name} names token ids outside the vocabulary [0, {vocab}): {outside[:8]}"

@@ -48,6 +48,10 @@ def refused(served: ServedModel, body: dict[str, Any], chat: bool = False, **kw:
 def test_logit_bias_past_the_vocabulary_and_min_tokens_past_an_echo_are_refused_by_name(served: ServedModel) -> None:
     e = refused(served, {"prompt": "kalo", "logit_bias": {"100000": 1}})
     assert (e.status, e.param) == (400, "logit_bias") and "outside the vocabulary" in e.message
+    # a stop id no sample can be ran the request on past it without a word (vLLM #54195 refuses it)
+    for chat, start in ((False, {"prompt": "kalo"}), (True, {"messages": [{"role": "user", "content": "kalo"}]})):
+        e = refused(served, start | {"stop_token_ids": [3, 99999], "min_tokens": 1}, chat=chat)
+        assert (e.status, e.param) == (400, "stop_token_ids") and "[99999]" in e.message, e.message
     e = refused(served, {"prompt": "kalo", "max_tokens": 0, "echo": True, "min_tokens": 1})
     assert (e.status, e.param) == (400, "min_tokens")
 

@@ -52,6 +52,12 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         ({"guided_grammar": "start: nowhere"}, "guided_grammar", "grammar cannot be"),
         ({"guided_choice": []}, None, None),  # empty: nothing asked, as vLLM's falsy check reads it
         ({"guided_choice": [], "guided_regex": "a"}, None, None),  # so beside another, one is asked
+        # a structured_outputs naming no constraint ran free and answered 200 (a replayed vLLM
+        # report); vLLM refuses it ("none are specified")
+        ({"structured_outputs": {}}, "structured_outputs", "names no constraint"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs", "names no constraint"),
+        ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs", "names no constraint"),
+        ({"structured_outputs": {"json_object": False}}, "structured_outputs", "names no constraint"),
         ({"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}}, "guided_json", "guided_json schema cannot"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
         ({"structured_outputs": {"regex": "a", "structural_tag": {}}}, "structured_outputs.structural_tag", "not"),
