@@ -182,3 +182,25 @@ def test_a_cut_run_counts_each_waiting_request_at_a_lower_bound_and_none_arrivin
     out = summary(served, until=5.0)
     assert out["completed"] == 1 and out["norm_latency_mean_s"] == pytest.approx((0.2 + 0.04 + 0.1) / 3)
     assert out["throughput_tok_s"] == pytest.approx(12 / 5.0)
+
+
+def test_a_replica_s_stats_are_built_again_only_after_something_happened_there() -> None:
+    """An idle replica's stats are the message it sent last (building one lists every adapter it
+    holds, half an idle cluster's run); a join, a step or a move makes them again, and they say so."""
+    from dlora.services.worker.snapshot import worker_stats
+    from dlora.sim.shard import Served, Shard
+
+    shard = Shard(ARTIFACT, ["r0", "r1"], {"a0": 16, "a1": 8}, None, fast_forward=True)
+    first = {st.worker: st for st in shard.advance([], [], 1.0, report=True)[1]}
+    again = {st.worker: st for st in shard.advance([], [], 2.0, report=True)[1]}
+    assert all(again[w] is first[w] for w in first)  # nothing happened: the same messages
+    request = SimRequest("q0", 2.5, "a0", list(range(3, 40)), 500)
+    stats = {st.worker: st for st in shard.advance([Served(request, "r0")], [], 3.0, report=True)[1]}
+    assert stats["r1"] is first["r1"] and stats["r0"] is not first["r0"]
+    assert (stats["r0"].running, stats["r0"].requests[0].request_id) == (1, "q0")
+    built = worker_stats("r0", shard.replicas["r0"].engine, shard.replicas["r0"].lengths)
+    assert [a.name for a in stats["r0"].adapters] == [a.name for a in built.adapters] == ["a0", "a1"]
+    assert stats["r0"].steps == built.steps > 0 and stats["r0"].requests == built.requests
+    (moving,) = shard.take([("q0", "r1", False)], 3.0, 0.0)
+    after = {st.worker: st for st in shard.advance([], [moving], 4.0, report=True)[1]}
+    assert after["r0"].running == 0 and after["r1"].requests[0].request_id == "q0"
