@@ -404,3 +404,29 @@ def test_the_band_prices_merging_with_the_prompt_tokens_it_would_compute_again()
         p.observe(d, StepRecord(None, d.request_ids, ["b"] * 4, 64, seconds, lora_segments=1, lora_rank_tokens=64 * 16))
         p.observe(p.decide(q, None), StepRecord("b", ["t0"], ["b"], 1, 0.005, merge_seconds=0.001))
         assert p.r == pytest.approx(r_after), cached
+
+
+def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> None:
+    """The simulator hands the policy a fast-forwarded step once with every run's seconds
+    (``observe_repeated``), what it works out once for all runs must leave the policy as one
+    ``observe`` per run would: the same costs, credits, epoch and band, to the last bit."""
+    rng = random.Random(7)
+    each, repeated = DLoraPolicy(LIMITS), DLoraPolicy(LIMITS)
+    merged_now, merges, credited = None, 0, 0
+    for i in range(150):
+        q = queue(*(rng.choice(["a", "a", "a", "a", "b", "c", None]) for _ in range(rng.randint(4, 14))))
+        d1, d2 = each.decide(q, merged_now), repeated.decide(q, merged_now)
+        assert (d1.request_ids, d1.merged, d1.mixed) == (d2.request_ids, d2.merged, d2.mixed), i
+        runs = [rng.uniform(0.005, 0.05) for _ in range(rng.randint(1, 6))]
+        switch = 0.02 if d1.merged != merged_now else 0.0
+        for t in runs:
+            each.observe(d1, _record(d1, q, t, merge=switch))
+        repeated.observe_repeated(d2, _record(d2, q, runs[0], merge=switch), runs)
+        assert repeated.credits.balances == each.credits.balances, i  # credit settles: checked each step
+        merges += d1.merged is not None and d1.merged != merged_now
+        credited += any(each.credits.balances.values())
+        merged_now = d1.merged
+    assert merges >= 2 and credited >= 5  # it merged, switched back and moved credit along the way
+    assert repeated.checkpoint() == each.checkpoint() and repeated.credits.balances == each.credits.balances
+    assert repeated._epoch == each._epoch and repeated.fallback_steps == each.fallback_steps
+    assert (repeated.r, repeated.merged_epoch_steps) == (each.r, each.merged_epoch_steps)

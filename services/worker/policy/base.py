@@ -220,6 +220,13 @@ class Policy:
         """Learn from a step: the ``decision`` it ran (this policy's own, or one made outside it)
         and what it ran and cost (``record``)."""
 
+    def observe_repeated(self, decision: StepDecision, record: StepRecord, seconds: list[float]) -> None:
+        """``observe`` of the same step run once per entry of ``seconds``, each taking that long
+        (the simulator's fast-forward repeats a step): the same as one call per entry; a policy
+        may work out once what does not change between them."""
+        for t in seconds:
+            self.observe(decision, replace(record, seconds=t))
+
     def checkpoint(self) -> dict[str, Any]:
         """State worth keeping across a restart (credits, thresholds), JSON-serialisable."""
         return {}

@@ -126,12 +126,18 @@ class CostModel:
     _resid: Estimate | None = None  # of the fit's relative residual
     lora_steps: int = 0  # steps with LoRA observed
     _coefficients: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
+    # ``inferred | base``, made again only after ``observe_step`` added a bucket to either (none is
+    # taken out; the estimates in it are the same objects, updated in place): every candidate
+    # the policy prices, and every step it observes, looks a step up in it.
+    _table: dict[int, Estimate] | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- observations ---------------------------------------------------------------------
     def observe_step(self, tokens: int, seconds: float, segments: int = 0, rank_tokens: int = 0) -> None:
         """One step's measured seconds, its ``tokens`` and the LoRA it ran (see the module doc)."""
         key = _bucket(tokens)
         if segments == 0:
+            if key not in self.base:
+                self._table = None
             self.base[key] = _add(self.base.get(key), seconds)
             return
         if tokens <= 0:
@@ -146,7 +152,9 @@ class CostModel:
             for i, v in enumerate((1.0, s * s, s * r, r * r, s * y, r * y)):
                 f[i] = d * f[i] + v
             self._coefficients = None
-        self.inferred[key] = _add(self.inferred.get(key), seconds / self.factor(tokens, segments, rank_tokens)[0])
+        if key not in self.inferred:
+            self._table = None
+        self.inferred[key] = _add(self.inferred.get(key), seconds / self._mean_factor(tokens, segments, rank_tokens))
 
     def observe_switch(self, merge: float | None = None, unmerge: float | None = None) -> None:
         if merge is not None:
@@ -192,7 +200,9 @@ class CostModel:
     def base_estimate(self, tokens: int) -> Estimate | None:
         """Seconds of a base step of ``tokens`` tokens; None before any measurement. Measured
         steps without LoRA first, inferred ones where none ran at that size."""
-        return _lookup(self.inferred | self.base, tokens, extrapolate=True)
+        if self._table is None:
+            self._table = self.inferred | self.base
+        return _lookup(self._table, tokens, extrapolate=True)
 
     def base_seconds(self, tokens: int) -> float | None:
         e = self.base_estimate(tokens)
@@ -206,11 +216,15 @@ class CostModel:
         overhead = self.overhead(segments, rank_tokens / tokens)
         return 1.0 + overhead, self._resid.sem if self._resid is not None else 0.5 * overhead
 
+    def _mean_factor(self, tokens: int, segments: int, rank_tokens: int) -> float:
+        """``factor``'s mean alone (its error is a square root and more, on every step priced)."""
+        return 1.0 if segments == 0 or tokens <= 0 else 1.0 + self.overhead(segments, rank_tokens / tokens)
+
     def step_seconds(self, tokens: int, segments: int = 0, rank_tokens: int = 0) -> float | None:
         """Estimated seconds of a step of ``tokens`` tokens running that LoRA; None before any
         base step was measured."""
         base = self.base_seconds(tokens)
-        return None if base is None else base * self.factor(tokens, segments, rank_tokens)[0]
+        return None if base is None else base * self._mean_factor(tokens, segments, rank_tokens)
 
     @property
     def merge_seconds(self) -> float | None:

@@ -103,6 +103,19 @@ class _Epoch:
 
 
 @dataclass(frozen=True)
+class _Facts:
+    """What a step tells ``observe`` beside its seconds: the same however often it repeats."""
+
+    mode: Mode
+    displaced: set[str]  # keys of the FCFS requests it left waiting: they gain credit
+    payers: dict[str, float]  # who pays it, by share
+    served: int  # tokens of work it served (``QueuedRequest.work``)
+    slowdown: float  # 1 + its FCFS requests left waiting over those it ran
+    cf: tuple[int, int, int] | None  # a merged step's counterfactual: the FCFS batch unmerged (``_work``)
+    cf_work: int  # that batch's tokens of work
+
+
+@dataclass(frozen=True)
 class _Price:
     """A candidate's estimated cost per token served, split by where its uncertainty comes from."""
 
@@ -352,62 +365,73 @@ class DLoraPolicy(Policy):
 
     # ---- learning from what ran -----------------------------------------------------------
     def observe(self, decision: StepDecision, record: StepRecord) -> None:
-        self.costs.observe_step(record.num_tokens, record.seconds, record.lora_segments, record.lora_rank_tokens)
-        self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
-        if self.fallback_steps > 0:
-            self.fallback_steps -= 1
-        basis = decision.basis
-        if not isinstance(basis, _Basis):  # decided elsewhere: its times teach, its batch moves no credit
-            return
-        self._move_credits(basis, record)
-        self._account(basis, record)
+        self.observe_repeated(decision, record, [record.seconds])
 
-    def _move_credits(self, basis: _Basis, record: StepRecord) -> None:
+    def observe_repeated(self, decision: StepDecision, record: StepRecord, seconds: list[float]) -> None:
+        basis = decision.basis
+        # decided elsewhere: its times teach, its batch moves no credit
+        facts = self._facts(basis, record) if isinstance(basis, _Basis) else None
+        for t in seconds:
+            self.costs.observe_step(record.num_tokens, t, record.lora_segments, record.lora_rank_tokens)
+            self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
+            if self.fallback_steps > 0:
+                self.fallback_steps -= 1
+            if facts is not None:
+                assert isinstance(basis, _Basis)
+                self._move_credits(facts, t)
+                self._account(basis, record, facts, t)
+
+    def _facts(self, basis: _Basis, record: StepRecord) -> _Facts:
         ran = set(record.request_ids)
         fcfs_ids = {r.request_id for r in basis.fcfs}
-        displaced = {_key(r.adapter) for r in basis.fcfs if r.request_id not in ran}
         if record.merged is not None:
             payers: dict[str, float] = {record.merged: 1.0}
         else:  # whoever jumped in ahead of FCFS pays (nobody, for a batch this policy chose)
             jumped = (_key(a) for rid, a in zip(record.request_ids, record.adapters) if rid not in fcfs_ids)
             payers = dict(Counter(jumped))
-        self.credits.transfer(displaced, payers, record.seconds)
-        for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in displaced]:
+        waiting = sum(r.request_id not in ran for r in basis.fcfs)
+        return _Facts(
+            mode=record.mode,
+            displaced={_key(r.adapter) for r in basis.fcfs if r.request_id not in ran},
+            payers=payers,
+            # what a switch made prompts compute again took the step's time and served no one
+            served=record.num_tokens - min(record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)),
+            slowdown=1 + waiting / max(1, len(ran)),
+            cf=_work(basis.fcfs, None, self.ranks, basis.merged_now) if record.merged is not None else None,
+            cf_work=sum(r.work for r in basis.fcfs),
+        )
+
+    def _move_credits(self, facts: _Facts, seconds: float) -> None:
+        self.credits.transfer(facts.displaced, facts.payers, seconds)
+        for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in facts.displaced]:
             self.credits.settle(key)
 
-    def _account(self, basis: _Basis, record: StepRecord) -> None:
+    def _account(self, basis: _Basis, record: StepRecord, facts: _Facts, seconds: float) -> None:
         # An epoch lasts while the same adapter stays merged (or none): mixed and merged steps of one
         # merge are one epoch, its mode the last step's.
         epoch = self._epoch
         if epoch is None or epoch.merged != record.merged:
             if epoch is not None:
                 self._adapt(epoch)
-            epoch = self._epoch = _Epoch(mode=record.mode, merged=record.merged)
+            epoch = self._epoch = _Epoch(mode=facts.mode, merged=record.merged)
         else:
-            epoch.mode = record.mode
-        epoch.mixed_steps += record.mode is Mode.MIXED
+            epoch.mode = facts.mode
+        epoch.mixed_steps += facts.mode is Mode.MIXED
         epoch.steps += 1
-        # Tokens of work served (``QueuedRequest.work``): what a switch made prompts compute again
-        # took the step's time and served no one.
-        epoch.tokens += record.num_tokens - min(
-            record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)
-        )
+        epoch.tokens += facts.served  # tokens of work (``QueuedRequest.work``)
         # A step that leaves requests of F waiting has put their work off, not saved it: it counts
         # as long as it would take to serve them too (as ``_price`` counts a candidate's waiting),
         # or a merged epoch's throughput, and the counterfactual merged one, flatter merging.
-        ran = set(record.request_ids)
-        waiting = sum(r.request_id not in ran for r in basis.fcfs)
-        epoch.seconds += record.seconds * (1 + waiting / max(1, len(ran))) + record.switch_seconds
+        epoch.seconds += seconds * facts.slowdown + record.switch_seconds
         if basis.predicted is not None:
             epoch.predicted += basis.predicted
-            epoch.predicted_actual += record.seconds
+            epoch.predicted_actual += seconds
             epoch.predicted_steps += 1
             self._watch(epoch)
-        if record.merged is not None:  # counterfactual: the FCFS batch, unmerged
-            tokens, segments, rank_tokens = _work(basis.fcfs, None, self.ranks, basis.merged_now)
-            cf = self.costs.step_seconds(tokens, segments, rank_tokens)
+        if facts.cf is not None:  # counterfactual: the FCFS batch, unmerged
+            cf = self.costs.step_seconds(*facts.cf)
             if cf is not None:
-                epoch.cf_tokens += sum(r.work for r in basis.fcfs)
+                epoch.cf_tokens += facts.cf_work
                 epoch.cf_seconds += cf
         elif basis.best is not None:  # counterfactual: the most-queued adapter, merged
             # Each request's prompt counts once in an epoch: one that waits for room through many
