@@ -143,7 +143,11 @@ class Cluster:
         """The migrator's look: plan if its own decisions say so, and move what the plan moves;
         whether something moved."""
         assert self.migrator is not None and self.looks is not None
-        snap = cluster_snapshot(list(self.heard.values()), self.ranks, self.migrator)
+        loads = self.state.loads  # the dispatcher's sums of the same messages: each one's adapters listed once
+        held = {
+            w: load.adapters for w, load in loads.items() if (st := self.heard.get(w)) is not None and load.stats is st
+        }
+        snap = cluster_snapshot(list(self.heard.values()), self.ranks, self.migrator, held)
         if self.looks.look(snap, now) is None:
             return False
         p = plan(snap, replace(planner_settings(self.migrator), max_nodes=self.planner_nodes))

@@ -74,7 +74,8 @@ class DispatchState:
     def heard(self, st: WorkerStats, now: float) -> None:
         """A worker's stats came at ``now``."""
         self.workers[st.worker] = (st, now)
-        self.loads[st.worker] = WorkerLoad.of(st)
+        last = self.loads.get(st.worker)  # the simulator hands an idle replica's message again
+        self.loads[st.worker] = last if last is not None and last.stats is st else WorkerLoad.of(st)
         self.sent_since_stats[st.worker] = 0
         self.sent_adapters[st.worker] = Counter()
         self.stats_heard[st.worker] += 1

@@ -8,6 +8,8 @@ stats into the planner's view with the move costs the settings fix or the worker
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dlora.common.messages import PlanTrigger, WorkerStats
 from dlora.services.migrator.planner import PlannerSettings
 from dlora.services.migrator.settings import MigratorSettings
@@ -60,11 +62,18 @@ def _cost(stats: list[WorkerStats], measure: str, setting: float | None, prior: 
     return sum(v * n for v, n in seen) / tokens if tokens else prior
 
 
-def cluster_snapshot(live: list[WorkerStats], ranks: dict[str, int], s: MigratorSettings) -> ClusterSnapshot:
-    """The planner's view of ``live`` workers (``ranks``: adapter -> rank, of the registry)."""
+def cluster_snapshot(
+    live: list[WorkerStats],
+    ranks: dict[str, int],
+    s: MigratorSettings,
+    held: Mapping[str, frozenset[str]] | None = None,
+) -> ClusterSnapshot:
+    """The planner's view of ``live`` workers (``ranks``: adapter -> rank, of the registry;
+    ``held``: as ``snapshot_from_stats`` takes it)."""
     return snapshot_from_stats(
         live,
         ranks,
+        held,
         recompute_seconds_per_token=_cost(live, "prefill", s.recompute_seconds_per_token, PRIOR_RECOMPUTE_S),
         kv_transfer_seconds_per_token=_cost(live, "kv_transfer", s.kv_transfer_seconds_per_token, PRIOR_KV_TRANSFER_S),
         adapter_load_seconds=s.adapter_load_seconds,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import msgspec
 
 from dlora.common.messages import PlanTrigger, WorkerStats
@@ -9,8 +11,15 @@ from dlora.services.migrator.planner import completion_times, kv_demand
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
 
-def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs: float) -> ClusterSnapshot:
-    """The planner's view of ``stats``. Every worker is priced at the cluster's mean measured
+def snapshot_from_stats(
+    stats: list[WorkerStats],
+    ranks: dict[str, int],
+    held: Mapping[str, frozenset[str]] | None = None,
+    **costs: float,
+) -> ClusterSnapshot:
+    """The planner's view of ``stats``; ``held``: the adapter names some of them hold, where the
+    caller has them (a simulated cluster's dispatcher, from the same messages: 1,000 adapters on
+    each of 256 workers took most of a look to list again). Every worker is priced at the cluster's mean measured
     seconds per token (per adapter where measured somewhere, unweighted). A worker's own figure
     is a running average of its steps' times shared among their tokens, so it says as much about
     the batch sizes it ran at as about its speed: between workers of one model the differences
@@ -31,7 +40,9 @@ def snapshot_from_stats(stats: list[WorkerStats], ranks: dict[str, int], **costs
             s.total_blocks,
             s.block_size,
             s.max_loras,
-            frozenset(a.name for a in s.adapters),
+            names
+            if held is not None and (names := held.get(s.worker)) is not None
+            else frozenset(a.name for a in s.adapters),
             mean,
             adapter_mean,
             s.max_model_len,

@@ -98,6 +98,14 @@ def test_dispatch_state_counts_sends_until_the_next_stats_and_drops_stale_or_dra
     assert picks == ["x", "y", "x", "y"]  # each send counts against its worker until it reports
     state.heard(w("x"), now=2.0)
     assert state.sent_since_stats == {"x": 0, "y": 2, "z": 0}
+    # The same message heard again (a simulated idle replica's) is not summed again; a new one is.
+    st = w("x", [("a", 3)])
+    state.heard(st, now=3.0)
+    load = state.loads["x"]
+    state.heard(st, now=3.5)
+    assert state.loads["x"] is load and state.workers["x"] == (st, 3.5) and state.sent_since_stats["x"] == 0
+    state.heard(w("x"), now=4.0)
+    assert state.loads["x"] is not load and not state.loads["x"].busy
     assert [st.worker for st in state.live(now=6.0)] == ["x"]  # y's stats are 6 s old
     rr = DispatchState(ttl_s=5.0, mode=DispatchMode.ROUND_ROBIN, costs=DispatchCosts())
     for name in ("b", "a"):

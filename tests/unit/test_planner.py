@@ -244,6 +244,12 @@ def test_the_planner_reads_worker_stats_in_the_engines_slots() -> None:
     )
     p = plan(snap)
     assert p.moves and all(m.to_worker == "w1" and m.adapter == "small" for m in p.moves)
+    # The names a caller already has (a simulated cluster's dispatcher, of the same messages) are
+    # the ones it would list.
+    workers = [stats("w0", {"small": 8, "other": 8}, hot), stats("w1", {"big": 64}, [])]
+    held = {"w0": frozenset({"small", "other"})}
+    ranks = {"small": 8, "other": 8, "big": 64}
+    assert snapshot_from_stats(workers, ranks, held) == snapshot_from_stats(workers, ranks)
 
 
 def test_every_worker_is_priced_at_the_clusters_mean_speed() -> None:
