@@ -158,7 +158,7 @@ def _asked(body: Body, build: bool = True) -> list[tuple[str, dict[str, Any]]]:
     Raises:
         APIError(400): an unknown response_format type, a json_schema without a schema, tools whose
         definitions conflict (in that reading order, before any other check), a structured_outputs
-        that names no constraint.
+        that names no constraint where nothing else asks for one.
     """
     asked: list[tuple[str, dict[str, Any]]] = []
 
@@ -210,8 +210,9 @@ def _asked(body: Body, build: bool = True) -> list[tuple[str, dict[str, Any]]]:
         schema("structured_outputs", so.json)
     if so is not None and so.json_object:
         asked.append(("structured_outputs", {"json_schema": JSON_OBJECT_SCHEMA}))
-    if so is not None and all(field != "structured_outputs" for field, _ in asked):
-        # vLLM refuses it too ("none are specified"); run free, it answered as if constrained
+    if so is not None and not asked:
+        # run free, it answered as if constrained (vLLM refuses it beside another constraint too:
+        # "none are specified"; clients send its backend options beside response_format, served)
         why = "structured_outputs names no constraint: give json, regex, choice (not empty), grammar or json_object"
         raise APIError(400, why, param="structured_outputs")
     return asked

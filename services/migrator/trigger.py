@@ -99,11 +99,20 @@ def triggered(snapshot: ClusterSnapshot, bounds: TriggerBounds) -> PlanTrigger |
         times = list(completion_times(snapshot).values())
         mean, worst = sum(times) / len(times), max(times)
         # No plan brings the longest completion below the mean, nor below the longest request's
-        # own: moved, a request takes as long elsewhere (every worker is priced alike). Spread that
-        # only one long request makes (a replica running one 2,000-token answer beside idle ones)
-        # was solved for every cool-down, 0.5 s of CBC each, for a plan that could not gain.
+        # own: moved, a request takes as long elsewhere (every worker is priced alike; a price per
+        # device would undo this bound). Spread that only one long request makes (a replica running
+        # one 2,000-token answer beside idle ones) was solved for every cool-down, 0.5 s of CBC
+        # each, for a plan that could not gain. Where a worker's KV is past what the planner prices
+        # (its bound, or all of it), a move also relieves that: the mean alone bounds it then.
         workers = {w.worker: w for w in snapshot.workers}
-        longest = max((r.remaining_tokens * workers[r.worker].cost(r.adapter) for r in snapshot.requests), default=0.0)
+        limit = bounds.kv_pressure if bounds.kv_pressure is not None else 1.0
+        demand = kv_demand(snapshot)
+        if any(demand[w.worker] > limit * w.kv_blocks for w in snapshot.workers):
+            longest = 0.0
+        else:
+            longest = max(
+                (r.remaining_tokens * workers[r.worker].cost(r.adapter) for r in snapshot.requests), default=0.0
+            )
         if worst > mean * (1 + bounds.imbalance) and worst - max(mean, longest) > bounds.min_gain_s:
             return PlanTrigger.QUEUE_DELAY
     if bounds.request_excess is not None:

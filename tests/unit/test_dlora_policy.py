@@ -422,7 +422,8 @@ def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> N
         for t in runs:
             each.observe(d1, _record(d1, q, t, merge=switch))
         repeated.observe_repeated(d2, _record(d2, q, runs[0], merge=switch), runs)
-        assert repeated.credits.balances == each.credits.balances, i  # credit settles: checked each step
+        # checked at each step: credit settles, and an epoch's sums are read only when it ends
+        assert repeated.credits.balances == each.credits.balances and repeated._epoch == each._epoch, i
         merges += d1.merged is not None and d1.merged != merged_now
         credited += any(each.credits.balances.values())
         merged_now = d1.merged

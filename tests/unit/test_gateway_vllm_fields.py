@@ -58,6 +58,8 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         ({"structured_outputs": {"choice": []}}, "structured_outputs", "names no constraint"),
         ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs", "names no constraint"),
         ({"structured_outputs": {"json_object": False}}, "structured_outputs", "names no constraint"),
+        # beside another constraint its backend options are served, as before (clients send them so)
+        ({"guided_regex": "a", "structured_outputs": {"disable_fallback": True}}, None, None),
         ({"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}}, "guided_json", "guided_json schema cannot"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
         ({"structured_outputs": {"regex": "a", "structural_tag": {}}}, "structured_outputs.structural_tag", "not"),

@@ -32,6 +32,10 @@ def test_queue_delay_spread() -> None:
     assert triggered(snap((1, 3000, 16), (0, 0, 0), (0, 0, 0)), bounds) is None
     assert triggered(snap((2, 3000, 16), (0, 0, 0), (0, 0, 0)), bounds) == "queue-delay"  # one can go
     assert triggered(snap((1, 3000, 16), (3, 100, 16), (0, 0, 0)), bounds) is None  # the long one sets it
+    # ... unless a worker's KV is past what the planner prices: a move relieves that too (a review's
+    # case, the KV bound off: the planner still prices demand past all of the blocks).
+    assert triggered(snap((2, 3000, 1600), (0, 0, 0), kv_blocks=100), bounds) == "queue-delay"
+    assert triggered(snap((1, 3000, 1700), (0, 0, 0), kv_blocks=100), bounds) == "queue-delay"
 
 
 def test_request_count_excess_counts_requests_not_their_work() -> None:

@@ -202,5 +202,7 @@ def test_a_replica_s_stats_are_built_again_only_after_something_happened_there()
     assert [a.name for a in stats["r0"].adapters] == [a.name for a in built.adapters] == ["a0", "a1"]
     assert stats["r0"].steps == built.steps > 0 and stats["r0"].requests == built.requests
     (moving,) = shard.take([("q0", "r1", False)], 3.0, 0.0)
+    gone = {st.worker: st for st in shard.stats()}  # taken off r0, not yet on r1
+    assert gone["r0"].running == 0 and gone["r1"] is first["r1"]
     after = {st.worker: st for st in shard.advance([], [moving], 4.0, report=True)[1]}
     assert after["r0"].running == 0 and after["r1"].requests[0].request_id == "q0"

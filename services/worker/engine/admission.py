@@ -13,8 +13,8 @@ def check_tokens(
     from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds,
     tokens left to generate under ``params.max_tokens``, the text not yet sent (``text_pending``
     tokens) that of resumed tokens (more would send the prompt's text as output), and every
-    ``logit_bias`` and ``allowed_token_ids`` id in the vocabulary (vLLM refuses the others alike:
-    they index past the logits)."""
+    ``logit_bias``, ``allowed_token_ids`` and ``stop_token_ids`` id in the vocabulary
+    (``SamplingParams.outside_vocab``; vLLM refuses the others alike)."""
     if not 0 <= text_pending <= len(resumed):
         raise RequestError(f"resume_text_pending={text_pending} must be in [0, {len(resumed)}] (the resumed tokens)")
     if not ids:

@@ -370,16 +370,16 @@ class DLoraPolicy(Policy):
     def observe_repeated(self, decision: StepDecision, record: StepRecord, seconds: list[float]) -> None:
         basis = decision.basis
         # decided elsewhere: its times teach, its batch moves no credit
-        facts = self._facts(basis, record) if isinstance(basis, _Basis) else None
+        own = basis if isinstance(basis, _Basis) else None
+        facts = self._facts(own, record) if own is not None else None
         for t in seconds:
             self.costs.observe_step(record.num_tokens, t, record.lora_segments, record.lora_rank_tokens)
             self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
             if self.fallback_steps > 0:
                 self.fallback_steps -= 1
-            if facts is not None:
-                assert isinstance(basis, _Basis)
+            if own is not None and facts is not None:
                 self._move_credits(facts, t)
-                self._account(basis, record, facts, t)
+                self._account(own, record, facts, t)
 
     def _facts(self, basis: _Basis, record: StepRecord) -> _Facts:
         ran = set(record.request_ids)
