@@ -41,20 +41,18 @@ from dlora.common.registry import AdapterRegistry
 from dlora.common.state import Inflight, StateStore
 from dlora.model.config import ModelConfig, sampling_defaults
 from dlora.model.token_bytes import TokenText
-from dlora.services.gateway import dashboard, openai, openapi
-from dlora.services.gateway.adapter_routes import AdapterAdmin
+from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
-from dlora.services.gateway.cache_reset import reset_prefix_cache
 from dlora.services.gateway.connections import listen
-from dlora.services.gateway.errors import error_response, failure_status, json_errors
-from dlora.services.gateway.health import readiness, retry_after_s
-from dlora.services.gateway.keys import KeyAdmin
+from dlora.services.gateway.errors import error_response, failure_status
+from dlora.services.gateway.health import readiness
 from dlora.services.gateway.metrics import Metrics, RequestTimer
 from dlora.services.gateway.models import model_cards
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, model_not_found
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
+from dlora.services.gateway.routes import make_app
 from dlora.services.gateway.sampling import valid_request_id
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import (
@@ -66,7 +64,6 @@ from dlora.services.gateway.shaping import (
     shape_request,
 )
 from dlora.services.gateway.status import ClusterView, cluster_status
-from dlora.services.gateway.tokenize_routes import TokenizeRoutes
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 
@@ -425,40 +422,8 @@ class Gateway:
         return await read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
 
     def app(self) -> web.Application:
-        app = web.Application(
-            client_max_size=self.s.max_body_bytes + 1024,
-            middlewares=[json_errors(retry_after_s(self.s.heartbeat_ttl_s))],
-        )
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/models/{model:.+}", self.model)  # names may hold a slash (org/name)
-        adapters = AdapterAdmin(self)
-        app.router.add_post("/v1/adapters", adapters.add)
-        app.router.add_delete("/v1/adapters/{name:.+}", adapters.delete)  # org/name too
-        app.router.add_post("/v1/load_lora_adapter", adapters.vllm_load)  # vLLM's names, for its scripts
-        app.router.add_post("/v1/unload_lora_adapter", adapters.vllm_unload)
-        keys = KeyAdmin(self.auth, self.read_body)
-        app.router.add_post("/v1/keys", keys.create)
-        app.router.add_get("/v1/keys", keys.listing)
-        app.router.add_delete("/v1/keys/{id}", keys.revoke)
-        tokens = TokenizeRoutes(self)
-        app.router.add_post("/tokenize", tokens.tokenize)  # vLLM's
-        app.router.add_post("/detokenize", tokens.detokenize)
-        for path in ("/healthz", "/readyz", "/health", "/ping"):  # /health and /ping (SageMaker's): vLLM's
-            app.router.add_get(path, self.healthz)
-        app.router.add_post("/ping", self.healthz)
-        app.router.add_get("/livez", self.livez)
-        app.router.add_get("/version", openapi.version)
-        app.router.add_get("/metrics", self.metrics_handler)
-        app.router.add_get("/v1/status", self.status)
-        reset = functools.partial(reset_prefix_cache, self)
-        app.router.add_post("/reset_prefix_cache", reset)  # vLLM's
-        app.router.add_post("/flush_cache", reset)  # SGLang's (its older clients GET it)
-        app.router.add_get("/flush_cache", reset, allow_head=False)
-        dashboard.add_static(app)
-        app.router.add_get("/openapi.json", openapi.handler)
-        return app
+        """The HTTP application: every route (``routes.make_app``)."""
+        return make_app(self)
 
     async def start(self) -> None:
         self.registry = await AdapterRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
