@@ -40,9 +40,7 @@ def snapshot_from_stats(
             s.total_blocks,
             s.block_size,
             s.max_loras,
-            names
-            if held is not None and (names := held.get(s.worker)) is not None
-            else frozenset(a.name for a in s.adapters),
+            (held or {}).get(s.worker) or frozenset(a.name for a in s.adapters),
             mean,
             adapter_mean,
             s.max_model_len,
@@ -95,6 +93,7 @@ def triggered(snapshot: ClusterSnapshot, bounds: TriggerBounds) -> PlanTrigger |
     """Which bound the cluster passes, or None."""
     if len(snapshot.workers) < 2:
         return None
+    demand = kv_demand(snapshot)
     if bounds.imbalance is not None:
         times = list(completion_times(snapshot).values())
         mean, worst = sum(times) / len(times), max(times)
@@ -106,7 +105,6 @@ def triggered(snapshot: ClusterSnapshot, bounds: TriggerBounds) -> PlanTrigger |
         # (its bound, or all of it), a move also relieves that: the mean alone bounds it then.
         workers = {w.worker: w for w in snapshot.workers}
         limit = bounds.kv_pressure if bounds.kv_pressure is not None else 1.0
-        demand = kv_demand(snapshot)
         if any(demand[w.worker] > limit * w.kv_blocks for w in snapshot.workers):
             longest = 0.0
         else:
@@ -122,7 +120,6 @@ def triggered(snapshot: ClusterSnapshot, bounds: TriggerBounds) -> PlanTrigger |
         if max(counts.values()) - sum(counts.values()) / len(counts) > bounds.request_excess:
             return PlanTrigger.REQUEST_COUNT
     if bounds.kv_pressure is not None:
-        demand = kv_demand(snapshot)
         pressure = [demand[w.worker] / max(1, w.kv_blocks) for w in snapshot.workers]
         if max(pressure) > bounds.kv_pressure and min(pressure) < bounds.kv_pressure:
             return PlanTrigger.KV_PRESSURE

@@ -369,17 +369,21 @@ class DLoraPolicy(Policy):
 
     def observe_repeated(self, decision: StepDecision, record: StepRecord, seconds: list[float]) -> None:
         basis = decision.basis
-        # decided elsewhere: its times teach, its batch moves no credit
-        own = basis if isinstance(basis, _Basis) else None
-        facts = self._facts(own, record) if own is not None else None
+        if not isinstance(basis, _Basis):  # decided elsewhere: its times teach, its batch moves no credit
+            for t in seconds:
+                self._learn(record, t)
+            return
+        facts = self._facts(basis, record)
         for t in seconds:
-            self.costs.observe_step(record.num_tokens, t, record.lora_segments, record.lora_rank_tokens)
-            self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
-            if self.fallback_steps > 0:
-                self.fallback_steps -= 1
-            if own is not None and facts is not None:
-                self._move_credits(facts, t)
-                self._account(own, record, facts, t)
+            self._learn(record, t)
+            self._move_credits(facts, t)
+            self._account(basis, record, facts, t)
+
+    def _learn(self, record: StepRecord, seconds: float) -> None:
+        self.costs.observe_step(record.num_tokens, seconds, record.lora_segments, record.lora_rank_tokens)
+        self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
+        if self.fallback_steps > 0:
+            self.fallback_steps -= 1
 
     def _facts(self, basis: _Basis, record: StepRecord) -> _Facts:
         ran = set(record.request_ids)
@@ -390,6 +394,7 @@ class DLoraPolicy(Policy):
             jumped = (_key(a) for rid, a in zip(record.request_ids, record.adapters) if rid not in fcfs_ids)
             payers = dict(Counter(jumped))
         waiting = sum(r.request_id not in ran for r in basis.fcfs)
+        merged = record.merged is not None
         return _Facts(
             mode=record.mode,
             displaced={_key(r.adapter) for r in basis.fcfs if r.request_id not in ran},
@@ -397,8 +402,8 @@ class DLoraPolicy(Policy):
             # what a switch made prompts compute again took the step's time and served no one
             served=record.num_tokens - min(record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)),
             slowdown=1 + waiting / max(1, len(ran)),
-            cf=_work(basis.fcfs, None, self.ranks, basis.merged_now) if record.merged is not None else None,
-            cf_work=sum(r.work for r in basis.fcfs),
+            cf=_work(basis.fcfs, None, self.ranks, basis.merged_now) if merged else None,
+            cf_work=sum(r.work for r in basis.fcfs) if merged else 0,
         )
 
     def _move_credits(self, facts: _Facts, seconds: float) -> None:
