@@ -55,7 +55,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	mkdir -p $(MYPY_SRC)/dlora
-	for d in common kernels loadgen model services sim; do ln -sfn ../../../$$d $(MYPY_SRC)/dlora/$$d; done
+	for d in common loadgen model services sim; do ln -sfn ../../../$$d $(MYPY_SRC)/dlora/$$d; done
+	rm -rf $(MYPY_SRC)/dlora/kernels && ln -sfn ../../../dlora_kernels $(MYPY_SRC)/dlora/kernels
 	cd $(MYPY_SRC) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml --cache-dir ../mypy $(TYPED)
 
 # Lint runs beside the tests (mypy from a cold cache is ~50 s of one core, which the tests' two

@@ -6,7 +6,7 @@ nothing of this project installed, no network and perhaps no make: ``python3 loa
 carried in ``.whl/``, for what such a machine lacks. In order, each with its own time bound so one
 slow part cannot starve the rest:
 
-0. ``dlora bench tune-lora``: the LoRA kernels' tiles timed on this GPU into ``kernels/tuned/``
+0. ``dlora bench tune-lora``: the LoRA kernels' tiles timed on this GPU into ``dlora_kernels/tuned/``
    (and a copy in OUT, to commit);
 1. the CUDA tests: ``tests/kernels`` natively (real-model sizes included) and the engine's parity,
    adapter (merge), graph, sampler, structured-output and async-scheduling tests with
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 
 
@@ -67,7 +68,7 @@ def parts(out: Path, benchmarks: str) -> list[tuple[str, list[str], dict[str, st
         "--profile",
     ]
     return [
-        # First, so every later part runs on the tiles it measures (kernels/tuned/, copied into OUT).
+        # First, so every later part runs on the tiles it measures (dlora_kernels/tuned/, copied into OUT).
         (
             "tune-lora",
             [*cli, "tune-lora", "--tokens", "1,32,64", "--groups", "1,8"],
@@ -147,7 +148,7 @@ def bundle(path: Path, out: Path, benchmarks: Path) -> None:
     files, not folders of them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
-        for p in [out, benchmarks, *sorted(Path("docs").glob("bench-*.png")), Path("kernels/tuned")]:
+        for p in [out, benchmarks, *sorted(Path("docs").glob("bench-*.png")), Path("dlora_kernels/tuned")]:
             if p.exists():
                 tar.add(p)
 
@@ -194,6 +195,19 @@ def _check(out: Path, benchmarks: str) -> int:
     return 1 if failed else 0
 
 
+def lay_out(root: Path, src: Path) -> None:
+    """``src/dlora/<name>`` a link to each source folder, named as installed: pyproject's
+    ``package-dir`` (``dlora.kernels`` is the folder ``dlora_kernels``)."""
+    (src / "dlora").mkdir(parents=True, exist_ok=True)
+    package_dir = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for name, folder in package_dir.items():
+        pkg, link = root / folder, src / "dlora" / name.removeprefix("dlora.")
+        if link.is_symlink() and link.resolve() != pkg:  # made from a checkout elsewhere
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(pkg)
+
+
 def bootstrap(argv: list[str]) -> int:
     """Run as a file (``python3 loadgen/gpu_check.py``, what ``make gpu-check`` does; the GPU
     machine may have no make): the source laid out as the ``dlora`` package under .cache, the
@@ -201,13 +215,7 @@ def bootstrap(argv: list[str]) -> int:
     wheels: the engine needs msgspec, which that machine lacks."""
     root = Path(__file__).resolve().parents[1]
     src, site = root / ".cache/gpu-src", root / ".cache/gpu-site"
-    (src / "dlora").mkdir(parents=True, exist_ok=True)
-    for pkg in sorted(p for p in root.iterdir() if (p / "__init__.py").exists() and p.name != "tests"):
-        link = src / "dlora" / pkg.name
-        if link.is_symlink() and link.resolve() != pkg:  # made from a checkout elsewhere
-            link.unlink()
-        if not link.is_symlink():
-            link.symlink_to(pkg)
+    lay_out(root, src)
     wheels = sorted(str(w) for w in root.glob(".whl/*.whl"))
     if not wheels:
         print("gpu-check: no wheels in .whl/ (run `make gpu-wheels` on a machine with a network, carry .whl)")

@@ -1,6 +1,6 @@
 """``dlora bench tune-lora``: the LoRA shrink and expand timed over candidate tiles on this GPU, at a
-model's fused projections and decode batches, the fastest written to ``kernels/tuned/<device>.json``
-(``kernels/lora_tuning.py``), which the engine then reads. Commit the file: it is the table for
+model's fused projections and decode batches, the fastest written to ``dlora_kernels/tuned/<device>.json``
+(``dlora_kernels/lora_tuning.py``), which the engine then reads. Commit the file: it is the table for
 every later run on that device. ``make gpu-check`` runs it first.
 """
 

@@ -154,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     be.set_defaults(func=_lazy("dlora.loadgen.bench_engine:run_bench_engine"))
 
-    btl = bench.add_parser("tune-lora", help="time the LoRA kernels' tiles on this GPU into kernels/tuned/")
+    btl = bench.add_parser("tune-lora", help="time the LoRA kernels' tiles on this GPU into dlora_kernels/tuned/")
     btl.add_argument("--preset", choices=["7b"], default="7b", help="the model whose fused projections are tuned")
     btl.add_argument("--tokens", default="1,4,16,32,64", help="decode tokens per adapter")
     btl.add_argument("--groups", default="1,8", help="distinct adapters in the batch")
     btl.add_argument("--rank", type=int, default=16)
     btl.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    btl.add_argument("--out", help="table folder (default: kernels/tuned of this source tree)")
+    btl.add_argument("--out", help="table folder (default: dlora_kernels/tuned of this source tree)")
     btl.set_defaults(func=_lazy("dlora.loadgen.tune_lora:run_tune_lora"))
 
     bkr = bench.add_parser("kernels", help="Triton LoRA and paged-attention kernels beside their torch references")

@@ -37,7 +37,7 @@ def test_sampling_on_a_gpu_waits_for_the_device_as_often_at_any_batch() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the keyed draws are a GPU's (make gpu-check)")
 def test_a_gpu_draws_each_seeded_row_from_its_philox_key() -> None:
     """A seeded row on a GPU is the race of its probabilities against the reference's draws for its
-    key (kernels/exponential.py), whatever shares its batch; an unseeded row draws too."""
+    key (dlora_kernels/exponential.py), whatever shares its batch; an unseeded row draws too."""
     n, vocab = 16, 32000
     logits = torch.randn(n, vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2
     params = [SamplingParams(temperature=0.9, top_k=0 if i % 2 else 40, seed=i) for i in range(n)]

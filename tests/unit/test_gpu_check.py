@@ -50,7 +50,7 @@ def test_the_bundle_holds_what_a_run_made_or_rewrote(tmp_path: Path, monkeypatch
         "out/kernel-tests.log",
         "BENCHMARKS.md",
         "docs/bench-engine.png",
-        "kernels/tuned/x.json",
+        "dlora_kernels/tuned/x.json",
     ):
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         Path(name).write_text(name)
@@ -63,5 +63,5 @@ def test_the_bundle_holds_what_a_run_made_or_rewrote(tmp_path: Path, monkeypatch
         "out/kernel-tests.log",
         "BENCHMARKS.md",
         "docs/bench-engine.png",
-        "kernels/tuned/x.json",
+        "dlora_kernels/tuned/x.json",
     }

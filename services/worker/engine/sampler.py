@@ -230,7 +230,7 @@ def _exponentials(sources: list[RowRandom], vocab: int, device: torch.device) ->
     a generator, or None (the engine's default generator on the device). Never 0: p / 0 would be
     NaN for p = 0 and win the argmax.
 
-    On a GPU every row in one launch (``kernels/exponential_triton.py``: Philox keyed per row): a
+    On a GPU every row in one launch (``dlora_kernels/exponential_triton.py``: Philox keyed per row): a
     key is the row's own stream, a generator gives the row a key of one draw of its own, None rows
     draw theirs on the device. A generator and a launch per row cost ~30 µs of host time each.
     On a CPU torch's generators, one per row (a key seeds one): the Philox reference costs some

@@ -1,5 +1,5 @@
 """LoRA kernel tiles measured on a GPU and kept under version control, one JSON file per device in
-``kernels/tuned/`` (as vLLM keeps its fused-MoE kernel configs per device name).
+``dlora_kernels/tuned/`` (as vLLM keeps its fused-MoE kernel configs per device name).
 
 ``dlora bench tune-lora`` times the shrink and the expand over candidate tiles at the shapes the
 engine runs (a fused projection's input width, slices and rank; a decode batch's tokens per group
