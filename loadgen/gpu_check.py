@@ -195,13 +195,18 @@ def _check(out: Path, benchmarks: str) -> int:
     return 1 if failed else 0
 
 
+def package_dirs(root: Path) -> dict[str, Path]:
+    """Each top-level package's name under ``dlora`` (``kernels``) to its folder in the source tree
+    ``root`` (``root/dlora_kernels``): pyproject's ``package-dir``, what pip installs from."""
+    table = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {name.removeprefix("dlora."): root / folder for name, folder in table.items()}
+
+
 def lay_out(root: Path, src: Path) -> None:
-    """``src/dlora/<name>`` a link to each source folder, named as installed: pyproject's
-    ``package-dir`` (``dlora.kernels`` is the folder ``dlora_kernels``)."""
+    """``src/dlora/<name>`` a link to each package's folder, as installed (``package_dirs``)."""
     (src / "dlora").mkdir(parents=True, exist_ok=True)
-    package_dir = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for name, folder in package_dir.items():
-        pkg, link = root / folder, src / "dlora" / name.removeprefix("dlora.")
+    for name, pkg in package_dirs(root).items():
+        link = src / "dlora" / name
         if link.is_symlink() and link.resolve() != pkg:  # made from a checkout elsewhere
             link.unlink()
         if not link.is_symlink():

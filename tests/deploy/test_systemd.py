@@ -57,6 +57,7 @@ from pathlib import Path
 
 import pytest
 
+from dlora.loadgen.gpu_check import package_dirs
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server, free_port, start_nats, start_redis
 from tests.deploy.container import Container, unavailable
@@ -74,7 +75,7 @@ def _venv(box: Container) -> None:
     through ``ld.so.cache``, as for a Python installed system-wide). The new virtualenv reads the
     checkout's third-party packages from ``/opt/dlora/site`` (a path line, so the editable
     install's finder there, which names the checkout's own path, is not run) and holds ``dlora``
-    itself, the checkout shown read-only: a checkout under ``/tmp`` (a CI clone) would be hidden
+    itself, each package's folder of the checkout shown read-only under its installed name: a checkout under ``/tmp`` (a CI clone) would be hidden
     from the units by ``PrivateTmp=yes``."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     base, site = Path(sys.base_prefix), Path(sysconfig.get_paths()["purelib"])
@@ -84,8 +85,9 @@ def _venv(box: Container) -> None:
     box.run(["mount", "--bind", "-o", "ro", str(site), "/opt/dlora/site"])
     box.run([f"/opt/dlora/python/bin/{version}", "-m", "venv", "--without-pip", "/opt/dlora/venv"])
     box.path(f"{venv_site}/dlora-site.pth").write_text("/opt/dlora/site\n")
-    box.run(["mkdir", f"{venv_site}/dlora"])
-    box.run(["mount", "--bind", "-o", "ro", str(ROOT), f"{venv_site}/dlora"])
+    for name, folder in package_dirs(ROOT).items():
+        box.run(["mkdir", "-p", f"{venv_site}/dlora/{name}"])
+        box.run(["mount", "--bind", "-o", "ro", str(folder), f"{venv_site}/dlora/{name}"])
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
         libdir = Path("/opt/dlora/python") / Path(sysconfig.get_config_var("LIBDIR")).relative_to(base)
         box.path("/etc/ld.so.conf.d/dlora-python.conf").write_text(f"{libdir}\n")

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from dlora.loadgen.gpu_check import package_dirs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +48,8 @@ def test_a_wheel_carries_the_traces_and_finds_them_installed(tmp_path: Path) -> 
     # every package of the tree (dlora.loadgen.chaos was left out, and with it `make soak`'s imports)
     tracked = subprocess.run(["git", "ls-files", "*__init__.py"], cwd=ROOT, capture_output=True, text=True, check=True)
     packages = {Path(f).parent for f in tracked.stdout.split() if not f.startswith("tests/")}
-    assert {f"dlora/{package}/__init__.py" for package in packages} <= names
+    installed_as = {folder.name: name for name, folder in package_dirs(ROOT).items()}  # dlora_kernels: kernels
+    assert {"/".join(["dlora", installed_as[p.parts[0]], *p.parts[1:], "__init__.py"]) for p in packages} <= names
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
