@@ -75,8 +75,8 @@ def _venv(box: Container) -> None:
     through ``ld.so.cache``, as for a Python installed system-wide). The new virtualenv reads the
     checkout's third-party packages from ``/opt/dlora/site`` (a path line, so the editable
     install's finder there, which names the checkout's own path, is not run) and holds ``dlora``
-    itself, each package's folder of the checkout shown read-only under its installed name: a checkout under ``/tmp`` (a CI clone) would be hidden
-    from the units by ``PrivateTmp=yes``."""
+    itself, each package's folder of the checkout shown read-only under its installed name: a
+    checkout under ``/tmp`` (a CI clone) would be hidden from the units by ``PrivateTmp=yes``."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     base, site = Path(sys.base_prefix), Path(sysconfig.get_paths()["purelib"])
     venv_site = f"/opt/dlora/venv/lib/{version}/site-packages"
