@@ -307,7 +307,7 @@ class Gateway:
                 return late.unanswered("the request was lost on its way to a worker; try again")
             now = time.monotonic()
             if patient and isinstance(record, Inflight):
-                if self.cluster.stepped_since(record.worker, since, now, self.s.heartbeat_ttl_s):
+                if self.cluster.stepped_since(record.worker, since):
                     deadline = now + timeout_s
             since = now
         try:
