@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -71,7 +74,8 @@ class Dispatcher(Recovery):
         # The workers' stats (monotonic clock), the sends since, the placement: the choice's inputs.
         self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs)
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
-        self._rechecks: set[asyncio.Task[None]] = set()  # ids reused at once, looked at again (_dispatch)
+        self._rechecks: set[asyncio.Task[None]] = set()  # requests looked at again (_look_again)
+        self._heard = asyncio.Event()  # set by the next worker stats heard
         self._placed_at = 0.0
         self._orphans_at = 0.0
         self.orphans = OrphanWait(settings.orphan_wait_s)  # re-dispatches waiting for a live worker
@@ -94,6 +98,8 @@ class Dispatcher(Recovery):
 
     async def _on_stats(self, st: WorkerStats) -> None:
         self.state.heard(st, time.monotonic())
+        self._heard.set()  # wakes the waits of _heard_from_all; the next wait takes a new one
+        self._heard = asyncio.Event()
         self.clients.noted(time.monotonic())  # not cut off: a client's silence means something
 
     async def _on_request(self, msg: Msg) -> None:
@@ -272,8 +278,9 @@ class Dispatcher(Recovery):
         not to choose while another can take it (one its message never reached); ``again``: the
         second look at a request whose id and reply subject were in flight (see below);
         ``holding``: only to a worker other than ``avoid`` whose stats list the request's adapter
-        version (its files were rewritten since registration, so no other can load it), else
-        failed saying so."""
+        version (its files were rewritten since registration, so no other can load it), else,
+        once every live worker was heard from again (a holder's stats may not list it yet: a
+        trial's rewrite right after the first request got 500 for half the next 20), failed saying so."""
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
@@ -298,6 +305,10 @@ class Dispatcher(Recovery):
             await self._fail(req, req.next_seq, reason, "too-long", ErrorCode.BAD_REQUEST, expect)
             return
         if holding and not (live := holding_version(live, req.adapter, req.adapter_version or "", avoid)):
+            if not again:  # a worker may have loaded it since its last stats (sent every 0.5 s)
+                after = functools.partial(self._heard_from_all, time.monotonic(), avoid)
+                self._look_again(req, raw, after, expect=expect, died=died, avoid=avoid, holding=True)
+                return
             reason = version_gone(req.adapter, req.adapter_version or "")
             await self._fail(req, req.next_seq, reason, "adapter-changed", ErrorCode.INTERNAL, expect)
             return
@@ -350,21 +361,37 @@ class Dispatcher(Recovery):
                 # record (it sends the chunk first): looked at once more a moment later, it runs
                 # if the record went meanwhile (a user's trial lost 1 in 10 such requests).
                 if not again:
-                    task = asyncio.create_task(self._recheck(req, raw))
-                    self._rechecks.add(task)
-                    task.add_done_callback(self._rechecks.discard)
+                    self._look_again(req, raw, functools.partial(asyncio.sleep, _RECHECK_S))
                     return
                 self.metrics.refusals.labels("duplicate-id").inc()
                 return
             reason = f"request id {req.request_id!r} is already in flight; give each request its own"
             await self._fail(req, req.next_seq, reason, "duplicate-id", ErrorCode.BAD_REQUEST)
 
-    async def _recheck(self, req: GenerateRequest, raw: bytes | None) -> None:
-        await asyncio.sleep(_RECHECK_S)
-        try:
-            await self._dispatch(req, raw, again=True)
-        except Exception as e:  # as the bus handler's own guard: logged, never raised
-            logger.exception("request dispatch failed", request=req.request_id, error=str(e))
+    def _look_again(
+        self, req: GenerateRequest, raw: bytes | None, after: Callable[[], Awaitable[None]], **how: Any
+    ) -> None:
+        """``_dispatch`` ``req`` once more (``again``, with ``how``) when ``after()`` is done, in a
+        task of its own: the handler that asked goes on meanwhile."""
+
+        async def recheck() -> None:
+            await after()
+            try:
+                await self._dispatch(req, raw, again=True, **how)
+            except Exception as e:  # as the bus handler's own guard: logged, never raised
+                logger.exception("request dispatch failed", request=req.request_id, error=str(e))
+
+        task = asyncio.create_task(recheck())
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _heard_from_all(self, since: float, avoid: str | None) -> None:
+        """Until every live worker other than ``avoid`` was heard from after ``since`` (monotonic
+        seconds), for one heartbeat TTL at most."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.s.heartbeat_ttl_s):
+                while any(self.workers[w.worker][1] <= since for w in self.live() if w.worker != avoid):
+                    await self._heard.wait()
 
     async def _fail(
         self,

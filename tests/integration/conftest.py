@@ -101,11 +101,13 @@ async def run_stack(
     gateway_nats_url: str = "",
     engine: dict[str, Any] | None = None,
     dispatcher: dict[str, Any] | None = None,
+    worker: dict[str, Any] | None = None,
     **gateway: Any,
 ) -> AsyncIterator[Stack]:
     """The stack, with ``gateway`` settings over the tests' own, ``engine`` over the workers'
-    EngineConfig and ``dispatcher`` over the dispatcher's settings; the gateway's NATS connection
-    goes to ``gateway_nats_url`` if given (a proxy the test can cut), reconnecting for ever."""
+    EngineConfig, ``worker`` over their other settings and ``dispatcher`` over the dispatcher's;
+    the gateway's NATS connection goes to ``gateway_nats_url`` if given (a proxy the test can
+    cut), reconnecting for ever."""
     common = dict(nats_url=nats_server.url, redis_url="unused", log_json=True)
     store = StateStore(redis)
     gw_settings = GatewaySettings(
@@ -137,14 +139,14 @@ async def run_stack(
                 **{"max_loras": 2, "device": os.environ.get("DLORA_TEST_DEVICE", "cpu"), "dtype": "float32"}
                 | (engine or {})
             ),
-            stats_interval_s=0.1,
             drain_timeout_s=0.0,  # the whole stack stops at once: no one to drain to, nothing to wait for
+            **{"stats_interval_s": 0.1} | (worker or {}),
         )
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
-        worker = WorkerService(ws, nc, store, build_engine(ws))
-        workers.append(worker)
-        tasks.append(asyncio.create_task(worker.run(stop)))
+        service = WorkerService(ws, nc, store, build_engine(ws))
+        workers.append(service)
+        tasks.append(asyncio.create_task(service.run(stop)))
     await gateway.start()
     listener = await listen(gateway.app(), gw_settings)  # as `dlora serve gateway` listens
     url = f"http://127.0.0.1:{gw_settings.port}"
