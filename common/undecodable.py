@@ -31,8 +31,9 @@ class RequestHead(NamedTuple):
 def request_head(data: bytes) -> RequestHead | None:
     """The head of a request msgspec refuses, read by the standard library's JSON (which takes a
     lone surrogate, valid JSON as Python's json.dumps writes one, that msgspec calls truncated
-    input); an id written as a number is read as text. None where it names no id or reply
-    subject that can be written back."""
+    input); an id written as a number is read as text, and a reply subject not given as text is
+    "" (a request sent with NATS request/reply needs none). None where it names no id that can
+    be written back."""
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser
@@ -41,7 +42,8 @@ def request_head(data: bytes) -> RequestHead | None:
         return None
     rid, reply = obj.get("request_id"), obj.get("reply_to")
     rid = str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
-    if not (isinstance(rid, str) and isinstance(reply, str)) or not (rid + reply).isprintable():
+    reply = reply if isinstance(reply, str) else ""
+    if not isinstance(rid, str) or not (rid + reply).isprintable():
         return None  # a lone surrogate is not printable: such an id or subject cannot be written back
     return RequestHead(
         rid, reply, holds_lone_surrogate(obj), _count(obj.get("next_seq")) or 0, _count(obj.get("recoveries")) or 0

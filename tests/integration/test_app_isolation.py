@@ -294,12 +294,18 @@ async def test_an_id_reused_as_soon_as_its_last_chunk_came_runs(bus, monkeypatch
 async def test_a_request_that_does_not_decode_is_answered_on_its_nats_reply_subject(bus) -> None:  # type: ignore[no-untyped-def]
     """A user's trial: sent with NATS request/reply (``nc.request``), a request without a reply_to,
     with one of the wrong type, or not JSON at all timed out with no answer, where a decodable one
-    is answered there."""
+    is answered there, under its id where it gives one (a later trial: the id came back "")."""
     _, bob, _ = bus
-    for body in (b'{"request_id": "r-6", "prompt": "x"}', b'{"request_id": "r-6", "reply_to": 5}', b"not json"):
+    for body, rid in (
+        (b'{"request_id": "r-6", "prompt": "x"}', "r-6"),
+        (b'{"request_id": "r-6", "reply_to": 5}', "r-6"),
+        (b'{"request_id": "r-7", "prompt": 7}', "r-7"),
+        (b"not json", ""),
+    ):
         answer = await bob.request(subjects.requests_of("bob"), body, timeout=10)
         told = msgspec.json.decode(answer.data, type=TokenChunk)
         assert told.error_code == "bad_request" and "does not decode" in (told.error or ""), body
+        assert told.request_id == rid, body
 
 
 async def test_an_applications_request_with_a_field_requests_lack_is_refused_by_name(bus) -> None:  # type: ignore[no-untyped-def]

@@ -19,6 +19,11 @@ def test_the_head_of_a_request_msgspec_refuses_is_read_to_answer_it() -> None:
     resumed = head | {"next_seq": 7, "recoveries": 1, "params": {"newer_field": 1}}
     assert request_head(json.dumps(resumed).encode()) == plain._replace(next_seq=7, recoveries=1)
     assert request_head(json.dumps(head | {"next_seq": -1, "recoveries": True}).encode()) == plain
-    for unreadable in (b"{nope", b"[1]", json.dumps({"request_id": "r"}).encode(), b"\xff\xfe"):
+    # sent with NATS request/reply, it may name no reply subject: its id still goes back (a trial)
+    for reply in ({}, {"reply_to": 7}):
+        assert request_head(json.dumps({"request_id": "r", "prompt": 7} | reply).encode()) == RequestHead(
+            "r", "", False, 0, 0
+        )
+    for unreadable in (b"{nope", b"[1]", json.dumps({"reply_to": "x"}).encode(), b"\xff\xfe"):
         assert request_head(unreadable) is None
     assert request_head(json.dumps(head | {"request_id": "r\ud800"}).encode()) is None  # cannot be written back
