@@ -4,7 +4,26 @@ waiting for chunks that never come (a dispatcher's 400, a worker's 503 in a roll
 from __future__ import annotations
 
 import json
+import re
 from typing import NamedTuple
+
+# msgspec names where validation failed as a path ("... - at `$.params.max_tokens`") or, at the
+# top level, the field itself ("Object missing required field `model`").
+_PATH = re.compile(r"at `\$\.([\w.]+)")
+_FIELD = re.compile(r"(?:unknown|required) field `(\w+)`")
+
+
+def field_of(reason: str, within: str | None = None) -> str | None:
+    """The field a msgspec validation error's ``reason`` is about (an error's ``param``): the
+    path's first name, or its second where the first is ``within`` (a GenerateRequest's
+    ``params``: the SamplingParams field, as a worker's refusal names it); a field missing or
+    unknown where the path ends. None where it names none."""
+    path = m.group(1).split(".") if (m := _PATH.search(reason)) else []
+    if (named := _FIELD.search(reason)) is not None and (not path or path == [within]):
+        return named.group(1)
+    if len(path) > 1 and path[0] == within:
+        return path[1]
+    return path[0] if path else None
 
 
 def holds_lone_surrogate(decoded: object) -> bool:

@@ -37,7 +37,7 @@ from dlora.common.messages import (
 )
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
-from dlora.common.undecodable import request_head
+from dlora.common.undecodable import field_of, request_head
 from dlora.services.dispatcher.affinity import request_keys
 from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
@@ -182,6 +182,7 @@ class Dispatcher(Recovery):
             seq=0,
             error=f"the request does not decode: {why if head is not None and head.lone_surrogate else error}",
             error_code=ErrorCode.BAD_REQUEST,
+            param=field_of(str(error), "params"),
             finish_reason=FinishReason.ERROR,
         )
         for subject in targets:

@@ -5,13 +5,13 @@ requests is ``shaping``'s work.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from dlora.common.undecodable import field_of
 from dlora.services.gateway.tool_calls import CallStream
 from dlora.services.gateway.tool_parsers import Call, ToolParser
 
@@ -257,23 +257,11 @@ def decode_body(raw: bytes, kind: type[msgspec.Struct]) -> Any:
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as e:
-        raise APIError(400, f"invalid request: {e}", param=_field_of(str(e))) from None
+        raise APIError(400, f"invalid request: {e}", param=field_of(str(e))) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"malformed JSON: {e}") from None
     except RecursionError:  # msgspec's own bound on nesting
         raise APIError(400, "malformed JSON: nested too deeply") from None
-
-
-# msgspec names where validation failed as a path ("... - at `$.messages[0].role`") or, at the top
-# level, the field itself ("Object missing required field `model`").
-_PATH = re.compile(r"at `\$\.(\w+)")
-_FIELD = re.compile(r"(?:unknown|required) field `(\w+)`")
-
-
-def _field_of(reason: str) -> str | None:
-    """The request's top-level field a msgspec validation ``reason`` is about (the error's param)."""
-    m = _PATH.search(reason) or _FIELD.search(reason)
-    return m.group(1) if m else None
 
 
 @dataclass

@@ -296,16 +296,17 @@ async def test_a_request_that_does_not_decode_is_answered_on_its_nats_reply_subj
     with one of the wrong type, or not JSON at all timed out with no answer, where a decodable one
     is answered there, under its id where it gives one (a later trial: the id came back "")."""
     _, bob, _ = bus
-    for body, rid in (
-        (b'{"request_id": "r-6", "prompt": "x"}', "r-6"),
-        (b'{"request_id": "r-6", "reply_to": 5}', "r-6"),
-        (b'{"request_id": "r-7", "prompt": 7}', "r-7"),
-        (b"not json", ""),
+    for body, rid, param in (
+        (b'{"request_id": "r-6", "prompt": "x"}', "r-6", "reply_to"),
+        (b'{"request_id": "r-6", "reply_to": 5}', "r-6", "reply_to"),
+        (b'{"request_id": "r-7", "prompt": 7}', "r-7", "prompt"),
+        (b'{"request_id": "r-8", "params": {"max_tokens": "ten"}}', "r-8", "max_tokens"),
+        (b"not json", "", None),
     ):
         answer = await bob.request(subjects.requests_of("bob"), body, timeout=10)
         told = msgspec.json.decode(answer.data, type=TokenChunk)
         assert told.error_code == "bad_request" and "does not decode" in (told.error or ""), body
-        assert told.request_id == rid, body
+        assert (told.request_id, told.param) == (rid, param), body
 
 
 async def test_an_applications_request_with_a_field_requests_lack_is_refused_by_name(bus) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
-from dlora.common.undecodable import RequestHead, request_head
+import msgspec
+import pytest
+
+from dlora.common.messages import GenerateRequest
+from dlora.common.undecodable import RequestHead, field_of, request_head
 
 
 def test_the_head_of_a_request_msgspec_refuses_is_read_to_answer_it() -> None:
@@ -27,3 +31,25 @@ def test_the_head_of_a_request_msgspec_refuses_is_read_to_answer_it() -> None:
     for unreadable in (b"{nope", b"[1]", json.dumps({"reply_to": "x"}).encode(), b"\xff\xfe"):
         assert request_head(unreadable) is None
     assert request_head(json.dumps(head | {"request_id": "r\ud800"}).encode()) is None  # cannot be written back
+
+
+def test_a_decode_error_names_the_field_at_fault() -> None:
+    """An application over NATS read param null for a wrong type inside ``params`` (a trial), where
+    a worker names the SamplingParams field for a wrong value: the same name for both."""
+    head = {"request_id": "r", "reply_to": "x"}
+    for fields, param in (
+        ({"params": {"max_tokens": "ten"}}, "max_tokens"),
+        ({"params": {"stop": [1]}}, "stop"),
+        ({"params": {"temprature": 1}}, "temprature"),
+        ({"params": 7}, "params"),
+        ({"prompt": 7}, "prompt"),
+        ({"prompt_token_ids": ["a"]}, "prompt_token_ids"),
+    ):
+        with pytest.raises(msgspec.ValidationError) as e:
+            msgspec.json.decode(json.dumps(head | fields), type=GenerateRequest)
+        assert field_of(str(e.value), "params") == param, (fields, str(e.value))
+    assert field_of("Object missing required field `request_id`", "params") == "request_id"
+    # the gateway's OpenAI bodies: the top-level field, a nested path named by its first
+    assert field_of("Expected `str`, got `int` - at `$.messages[0].role`") == "messages"
+    assert field_of("Object contains unknown field `x` - at `$.response_format`") == "response_format"
+    assert field_of("not a validation message") is None

@@ -7,28 +7,37 @@ from dlora.services.worker.engine.outputs import RequestError
 
 
 def check_tokens(
-    ids: list[int], resumed: list[int], vocab: int, max_model_len: int, params: SamplingParams, text_pending: int = 0
+    ids: list[int],
+    resumed: list[int],
+    vocab: int,
+    max_model_len: int,
+    params: SamplingParams,
+    text_pending: int = 0,
+    field: str = "prompt_token_ids",
 ) -> None:
     """RequestError (a 4xx for the caller) unless the prompt ``ids`` and the outputs ``resumed``
     from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds,
     tokens left to generate under ``params.max_tokens``, the text not yet sent (``text_pending``
     tokens) that of resumed tokens (more would send the prompt's text as output), and every
     ``logit_bias``, ``allowed_token_ids`` and ``stop_token_ids`` id in the vocabulary
-    (``SamplingParams.outside_vocab``; vLLM refuses the others alike)."""
+    (``SamplingParams.outside_vocab``; vLLM refuses the others alike). ``field``: the request's
+    field the prompt came in (``prompt`` or ``prompt_token_ids``), the error's ``param``."""
     if not 0 <= text_pending <= len(resumed):
         raise RequestError(f"resume_text_pending={text_pending} must be in [0, {len(resumed)}] (the resumed tokens)")
     if not ids:
-        raise RequestError("the prompt is empty")
+        raise RequestError("the prompt is empty", param=field)
     if min(ids + resumed) < 0 or max(ids + resumed) >= vocab:  # min/max, not a Python loop per token
-        raise RequestError(f"token ids must be in [0, {vocab})")
+        raise RequestError(f"token ids must be in [0, {vocab})", param=field)
     if len(ids) + len(resumed) >= max_model_len:
         raise RequestError(
-            f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {max_model_len}"
+            f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {max_model_len}", param=field
         )
     if len(resumed) >= params.max_tokens:
-        raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
+        raise RequestError(
+            f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}", param="max_tokens"
+        )
     if (outside := params.outside_vocab(vocab)) is not None:
-        raise RequestError(outside[1])
+        raise RequestError(outside[1], param=outside[0])
 
 
 def check_request(

@@ -229,7 +229,8 @@ class LLMEngine:
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         resumed = list(resume_token_ids or [])
         pending, held = resume_text_pending, resume_text_held
-        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, pending)
+        field = "prompt" if prompt is not None else "prompt_token_ids"
+        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, pending, field)
         tail = sent_tail(self.tokenizer, ids, resumed, params, pending, held)  # sent already: looked in, not again
         seq = Sequence(
             request_id=request_id,

@@ -1,0 +1,35 @@
+"""What refuses a request at a worker's door names the field at fault (``param``): an application
+over NATS read null where the gateway names it (a trial: an empty prompt, ids past the vocabulary)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.admission import check_tokens
+from dlora.services.worker.engine.outputs import RequestError
+
+
+@pytest.mark.parametrize(
+    "ids,resumed,params,field,param,says",
+    [
+        ([], [], SamplingParams(), "prompt_token_ids", "prompt_token_ids", "empty"),
+        ([], [], SamplingParams(), "prompt", "prompt", "empty"),
+        ([5, 1_000_000_000], [], SamplingParams(), "prompt_token_ids", "prompt_token_ids", "must be in [0, 512)"),
+        ([-1], [], SamplingParams(), "prompt_token_ids", "prompt_token_ids", "must be in [0, 512)"),
+        ([5] * 64, [], SamplingParams(), "prompt", "prompt", "context holds 64"),
+        ([5], [6, 7], SamplingParams(max_tokens=2), "prompt", "max_tokens", "already reach max_tokens=2"),
+        ([5], [], SamplingParams(stop_token_ids=[600]), "prompt", "stop_token_ids", "outside the vocabulary"),
+        ([5], [], SamplingParams(logit_bias={900: 1.0}), "prompt", "logit_bias", "outside the vocabulary"),
+    ],
+)
+def test_a_refused_prompt_names_its_field(
+    ids: list[int], resumed: list[int], params: SamplingParams, field: str, param: str, says: str
+) -> None:
+    with pytest.raises(RequestError) as e:
+        check_tokens(ids, resumed, vocab=512, max_model_len=64, params=params, field=field)
+    assert e.value.param == param and says in str(e.value)
+
+
+def test_a_prompt_that_fits_passes() -> None:
+    check_tokens([5, 511], [7], vocab=512, max_model_len=64, params=SamplingParams(max_tokens=4))
