@@ -118,13 +118,23 @@ def embed_plot(body: str, result: dict, plot: Plot, benchmarks: Path, key: str, 
 
 def writable(path: str | Path, option: str) -> None:
     """Raises OSError now, not after a run of minutes, when ``path`` (given as ``option``) cannot
-    be written: a directory, or a parent that cannot be made."""
+    be written: a directory, a parent that is a file or cannot be made, a place that takes no new
+    file. Tried for real (permissions say nothing of /proc, or of a read-only mount to root): the
+    folders made as the run would, the file opened for appending and removed again if it was new."""
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{option} {path} is a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)  # as the run would (nothing written yet)
-    if not os.access(target if target.exists() else target.parent, os.W_OK):
-        raise PermissionError(f"{option} {path} cannot be written")
+    if (file := next((p for p in target.parents if p.exists() and not p.is_dir()), None)) is not None:
+        raise NotADirectoryError(f"{option} {path}: {file} is a file, not a folder")
+    existed = target.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a"):
+            pass
+    except OSError as e:
+        raise OSError(f"{option} {path} cannot be written ({e.strerror or e})") from None
+    if not existed:
+        target.unlink()
 
 
 def save(

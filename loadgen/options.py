@@ -36,7 +36,7 @@ def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -
     return parse
 
 
-_count = _at_least(int, 0)
+count = _at_least(int, 0)  # also make-tiny's
 positive = _at_least(int, 1)  # also the simulator's and make-tiny's
 above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
@@ -53,11 +53,14 @@ def _target(text: str) -> str:
 
 
 def ranks(text: str) -> list[int]:
-    """An argparse type: LoRA ranks, comma-separated, each >= 1."""
-    values = [positive(r) for r in text.split(",") if r.strip()]
-    if not values:
+    """An argparse type: LoRA ranks, comma-separated, each >= 1 (an empty item is refused, not
+    dropped: "8,,16" would cycle other ranks over the adapters than the user wrote)."""
+    items = [r.strip() for r in text.split(",")]
+    if not any(items):
         raise argparse.ArgumentTypeError("no ranks given")
-    return values
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item")
+    return [positive(r) for r in items]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot", type=above_zero, help="SLO on time per output token (s)")
     p.add_argument(
         "--max-retries",
-        type=_count,
+        type=count,
         default=0,
         help="retry a 429 or 503 answer or a refused connection, after Retry-After (the openai "
         "package retries these, and 408, 409, 5xx and timeouts, twice by default; default here 0: none)",
@@ -100,7 +103,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         default=_SPEC.duration,
         help=f"cap on seconds of sending: requests arriving later are not sent (default {_SPEC.duration:g})",
     )
-    p.add_argument("--seed", type=_count, default=_SPEC.seed, help=f"(default {_SPEC.seed})")
+    p.add_argument("--seed", type=count, default=_SPEC.seed, help=f"(default {_SPEC.seed})")
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
     p.add_argument(
         "--rate",

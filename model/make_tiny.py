@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dlora.model.adapter_files import AdapterLimits
+
 PRESETS = {
     # For tests: builds and runs in well under a second.
     "tiny": dict(
@@ -207,7 +209,12 @@ def make_tiny(
     ranks: list[int] | None = None,
     seed: int = 0,
 ) -> TinyOutput:
-    """Write OUT/model and OUT/adapters/lora-<i>; the same arguments always give the same files."""
+    """Write OUT/model and OUT/adapters/lora-<i>; the same arguments always give the same files.
+
+    Raises:
+        ValueError: an unknown preset or arch, a rank below 1 or above ``max_lora_rank`` (512),
+            a negative ``num_adapters``.
+        OSError: ``out`` cannot be written (a file, a read-only place)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
     if arch not in ("llama", "qwen2"):
@@ -215,6 +222,11 @@ def make_tiny(
     ranks = ranks or [8, 16, 32]
     if any(r < 1 for r in ranks):
         raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if num_adapters and (too_high := [r for r in ranks if r > (limit := AdapterLimits().max_lora_rank)]):
+        # written, every engine at its default would refuse them (and rank 100,000 is a GB of file)
+        raise ValueError(f"ranks {too_high} are above max_lora_rank={limit}, the most an engine loads by default")
+    if num_adapters < 0:
+        raise ValueError(f"num_adapters must be >= 0, got {num_adapters}")
     out = Path(out)
     model = make_model(out / "model", preset, arch, seed)
     adapters_dir = out / "adapters"

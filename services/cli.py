@@ -23,16 +23,20 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 def _model_make_tiny(args: argparse.Namespace) -> int:
     from dlora.model.make_tiny import make_tiny
 
-    out = make_tiny(
-        args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=args.ranks, seed=args.seed
-    )
+    try:
+        out = make_tiny(
+            args.out, preset=args.preset, arch=args.arch, num_adapters=args.adapters, ranks=args.ranks, seed=args.seed
+        )
+    except (ValueError, OSError) as e:  # a rank past what serving loads, an --out that cannot be written
+        print(f"dlora model make-tiny: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out.model} and {len(out.adapters)} adapters under {out.adapters_dir}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dlora.loadgen.bundled import data_dir
-    from dlora.loadgen.options import positive, ranks
+    from dlora.loadgen.options import count, positive, ranks
 
     p = argparse.ArgumentParser(prog="dlora", description="Serve many LoRA adapters on one base model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="directory to write (model/ and adapters/ inside)")
     tiny.add_argument("--preset", choices=["tiny", "small", "7b"], default="tiny")
     tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
-    tiny.add_argument("--adapters", type=int, default=4, help="number of adapters")
-    tiny.add_argument("--ranks", type=ranks, default="8,16,32", help="ranks, cycled over the adapters")
+    tiny.add_argument("--adapters", type=count, default=4, help="number of adapters")
+    tiny.add_argument(
+        "--ranks", type=ranks, default="8,16,32", help="ranks, cycled over the adapters (at most 512: max_lora_rank)"
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_model_make_tiny)
 

@@ -65,5 +65,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="processes the replicas are split over (they run apart between two stats or looks; "
         "the results are the same for any number; default %(default)s)",
     )
-    p.add_argument("--json", help="write the result here")
+    p.add_argument("--json", help="write the result here (its folders made as needed)")
     add_workload_arguments(p)

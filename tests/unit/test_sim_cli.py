@@ -95,9 +95,21 @@ def test_a_workload_that_cannot_run_is_refused_before_it_starts(
     assert err.startswith("dlora simulate: ") and why in err, err
 
 
-def test_an_unwritable_json_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_simulate(_args("--requests", "5", "--json", str(tmp_path))) == 2
-    assert "is a directory" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "where,says",
+    [
+        ("", "is a directory"),
+        ("file/x.json", "file is a file, not a folder"),  # was "[Errno 17] File exists: 'file'"
+        ("/proc/x.json", "cannot be written"),  # passed os.access as root; a traceback after the run
+    ],
+)
+def test_an_unwritable_json_is_refused_before_the_run(
+    where: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    assert run_simulate(_args("--requests", "5", "--json", str(tmp_path / where))) == 2
+    assert says in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == ""
 
 
 def test_requests_arriving_after_the_duration_are_not_sent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,6 +140,8 @@ def test_requests_arriving_after_the_duration_are_not_sent(tmp_path: Path, capsy
         ["simulate", "--seed", "-1"],
         ["model", "make-tiny", "--out", "x", "--ranks", "abc"],
         ["model", "make-tiny", "--out", "x", "--ranks", "0"],
+        ["model", "make-tiny", "--out", "x", "--ranks", "8,,16"],  # the empty item was dropped
+        ["model", "make-tiny", "--out", "x", "--adapters", "-1"],  # wrote "0 adapters"
         ["loadgen", "--adapters", "0"],  # these were ZeroDivisionErrors and a numpy message
         ["loadgen", "--length-divide", "0"],
         ["loadgen", "--requests", "-3"],
@@ -150,3 +164,23 @@ def test_the_command_line_parser_does_not_load_torch() -> None:
     code = "import sys; from dlora.services.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["--ranks", "1024"], "above max_lora_rank=512"),  # written, then refused by every engine
+        (["--out", "{file}/x"], "Not a directory"),  # these two were tracebacks
+        (["--out", "{file}"], "Not a directory"),
+    ],
+)
+def test_make_tiny_refuses_what_it_cannot_write_in_a_line(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dlora.services.cli import main
+
+    (tmp_path / "file").write_text("")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "m")]
+    assert main(["model", "make-tiny", *out, *argv]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "m").exists()
