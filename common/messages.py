@@ -40,8 +40,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     """One generation request, published on ``subjects.REQUESTS`` by a gateway, or on
     ``subjects.requests_of(user)`` by an application connected as that NATS user."""
 
-    # Unique per request; chunks and aborts refer to it.
-    request_id: str
+    # Unique per request; chunks and aborts refer to it. Not empty: "" ran, and a second one at
+    # once was refused as already in flight (a trial).
+    request_id: Annotated[str, msgspec.Meta(min_length=1)]
     # Subject the token chunks go to (a NATS inbox the sender subscribed to first).
     reply_to: str
     # Adapter name; None: the base model.

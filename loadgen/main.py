@@ -126,6 +126,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
     try:
         if (problem := WorkloadSpec.unused_option(args)) is not None:
             raise ValueError(problem)
+        if args.max_retries and args.target.startswith(NATS_SCHEMES):  # NATS answers no 429 or 503
+            raise ValueError("--max-retries: retries are of HTTP answers (429, 503); a NATS target has none")
         summary = asyncio.run(
             run(
                 WorkloadSpec.from_args(args),

@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--target",
         type=_target,
         default="http://127.0.0.1:8000",
-        help="gateway URL (http://...) or NATS URL (nats://..., tls://...)",
+        help="gateway URL (http://...) or NATS URL (nats://..., tls://...) (default %(default)s)",
     )
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
@@ -81,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=count,
         default=0,
         help="retry a 429 or 503 answer or a refused connection, after Retry-After (the openai "
-        "package retries these, and 408, 409, 5xx and timeouts, twice by default; default here 0: none)",
+        "package retries these, and 408, 409, 5xx and timeouts, twice by default; default here 0: none); "
+        "HTTP targets only",
     )
     p.add_argument(
         "--out", default="loadgen-results", help="folder for result.json, report.png, report.html (default %(default)s)"

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=["merged", "unmerged", "mixed", "dlora"],
         default="unmerged",
-        help="merged / unmerged / mixed: that mode only (FCFS); dlora: chosen per step",
+        help="merged / unmerged / mixed: that mode only (FCFS); dlora: chosen per step (default %(default)s)",
     )
     gen.add_argument(
         "--dtype",

@@ -44,6 +44,7 @@ def test_a_decode_error_names_the_field_at_fault() -> None:
         ({"params": 7}, "params"),
         ({"prompt": 7}, "prompt"),
         ({"prompt_token_ids": ["a"]}, "prompt_token_ids"),
+        ({"request_id": ""}, "request_id"),  # "" ran, and a second at once was "already in flight"
     ):
         with pytest.raises(msgspec.ValidationError) as e:
             msgspec.json.decode(json.dumps(head | fields), type=GenerateRequest)

@@ -184,3 +184,16 @@ def test_make_tiny_refuses_what_it_cannot_write_in_a_line(
     out = [] if "--out" in argv else ["--out", str(tmp_path / "m")]
     assert main(["model", "make-tiny", *out, *argv]) == 2
     assert says in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_loadgen_refuses_retries_a_nats_target_never_asks_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trial: --max-retries 2 with a NATS target was taken without a word (its retries are of
+    HTTP 429 and 503 answers); refused before anything connects."""
+    from dlora.loadgen.main import run_loadgen
+    from dlora.services.cli import build_parser
+
+    argv = ["loadgen", "--target", "nats://127.0.0.1:1", "--max-retries", "2", "--out", str(tmp_path / "out")]
+    assert run_loadgen(build_parser().parse_args(argv)) == 2
+    assert "--max-retries" in capsys.readouterr().err and not (tmp_path / "out").exists()
