@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +95,21 @@ class CostProfile:
     def step_seconds(self, s: StepShape) -> float:
         """Seconds one step of shape ``s`` takes (switches and loads not included: the engine pays
         them before the step, as ``switch_seconds`` and ``load_seconds``)."""
-        seconds = self.decode_seconds(s.decode_seqs) + self.prompt_token_s * s.prefill_tokens
-        seconds += self.prefill_seq_s * s.prefill_seqs
-        seconds += self.context_token_s * s.context_tokens
-        if s.lora_segments:
-            seconds += self.unmerged_step_s + self.lora_segment_s * s.lora_segments
-            seconds += self.lora_rank_token_s * s.lora_rank_tokens
-        return seconds
+        return self.by_context(s)(s.context_tokens)
+
+    def by_context(self, s: StepShape) -> Callable[[int], float]:
+        """``step_seconds`` of steps shaped as ``s`` but for their context (KV entries read), which
+        the function is given: the same sum in the same order, what does not depend on the context
+        worked out once (the simulator's fast-forward prices a million decode steps an hour,
+        each one context token per sequence longer than the last)."""
+        head = self.decode_seconds(s.decode_seqs) + self.prompt_token_s * s.prefill_tokens
+        head += self.prefill_seq_s * s.prefill_seqs
+        per_context = self.context_token_s
+        if not s.lora_segments:
+            return lambda context: head + per_context * context
+        lora = self.unmerged_step_s + self.lora_segment_s * s.lora_segments
+        rank_tokens = self.lora_rank_token_s * s.lora_rank_tokens
+        return lambda context: head + per_context * context + lora + rank_tokens
 
     def switch_seconds(self, unmerge: bool, merge: bool) -> float:
         """A change of the merged adapter: the old one out (``unmerge``), the new one in (``merge``)."""

@@ -245,6 +245,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         free = self.blocks.num_free
         segments, rank_tokens = self._lora_work(step)
         context = sum(s.num_cached for s in batch)
+        priced = self.cost.by_context(StepShape(n, 0, 0, segments, rank_tokens))
         seconds: list[float] = []
         clock = self.now
         while len(seconds) < k_max and clock < until:
@@ -252,7 +253,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             free -= crossing[(1 - j) % bs]
             if free < 0:
                 break
-            t = self.cost.step_seconds(StepShape(n, 0, context + n * j, segments, rank_tokens))
+            t = priced(context + n * j)
             seconds.append(t)
             clock += t
         k = len(seconds)
@@ -270,7 +271,9 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         for s in batch:
             s.output_ids.extend([self._token] * k)
             s.detok.push([self._token] * k)
-        for j in range(1, k + 1):
+        # Only the steps where some request crosses a bound do anything (every block_size-th).
+        crossings = {*((-c % bs) + 1 for c in grows), *((-f - 1) % bs + 1 for f in (fills if caching else ()))}
+        for j in sorted({j for first in crossings for j in range(first, k + 1, bs)}):
             for s in grows.get((1 - j) % bs, ()):
                 self.blocks.grow(s.request_id, start[s.request_id] + j)
             for s in fills.get(-j % bs, ()) if caching else ():

@@ -7,6 +7,7 @@ estimates from the lengths of requests that finished here.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
 
@@ -24,6 +25,12 @@ def _residency(key: str, slot: int | None, merged: bool) -> AdapterResidency:
     return AdapterResidency(name=name_of(key), version=version_of(key), slot=slot, merged=merged)
 
 
+@functools.lru_cache(maxsize=64)
+def _unplaced(held: tuple[str, ...]) -> tuple[AdapterResidency, ...]:
+    """The residency of adapters ``held`` (engine keys, sorted) in no slot and not merged."""
+    return tuple(_residency(key, None, False) for key in held)
+
+
 def worker_stats(
     worker: str, engine: LLMEngine, lengths: OutputLengths, kv_seconds: float = 0.0, kv_tokens: int = 0
 ) -> WorkerStats:
@@ -37,7 +44,10 @@ def worker_stats(
     in_batch = {rid for rid, s in e.seqs.items() if s.status is Status.RUNNING or e.blocks.holds(rid)}
     running = len(in_batch)
     merged = e.merger.merged
-    residency = [_residency(key, e.slots.slot_of(key), key == merged) for key in sorted(e.adapters)]
+    held = tuple(sorted(e.adapters))
+    residency = list(_unplaced(held))  # then the few in a slot or merged, in their places
+    for key in {*e.slots.resident, merged} & e.adapters.keys():
+        residency[bisect.bisect_left(held, key)] = _residency(key, e.slots.slot_of(key), key == merged)
     loads = [
         RequestLoad(
             request_id=q.request_id,

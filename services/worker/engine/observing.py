@@ -39,7 +39,6 @@ def observe(
         unmerge_seconds=step.unmerge_s,
     )
     mode = record.mode
-    for t in seconds:
-        engine.stats.record_step(t, generated, fed, step.num_prefill, mode, len(batch), (segments, rank_tokens))
-        engine.stats.record_adapters(t, fed, shares)
+    engine.stats.record_steps(seconds, generated, fed, step.num_prefill, mode, len(batch), (segments, rank_tokens))
+    engine.stats.record_adapters(seconds, fed, shares)
     engine.policy.observe_repeated(decision, record, seconds)  # the stats and the policy read nothing of each other

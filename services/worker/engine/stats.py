@@ -45,9 +45,9 @@ class EngineStats:
     adapter_seconds: dict[str, float] = field(default_factory=dict)
     adapter_tokens: dict[str, int] = field(default_factory=dict)
 
-    def record_step(
+    def record_steps(
         self,
-        seconds: float,
+        seconds: list[float],
         tokens: int,
         fed: int,
         prefill: int,
@@ -55,25 +55,39 @@ class EngineStats:
         batch: int = 0,
         lora: tuple[int, int] = (0, 0),
     ) -> None:
-        """One step of ``batch`` sequences: ``tokens`` generated, ``fed`` tokens in, ``prefill`` of
-        them prompt/recompute, run in ``mode`` with ``lora`` (segments, rank-tokens) of LoRA work."""
-        self.steps += 1
+        """Runs of one step of ``batch`` sequences, one per entry of ``seconds`` (the simulator's
+        fast-forward repeats a step; the engine runs each once): each generated ``tokens``, fed
+        ``fed`` tokens, ``prefill`` of them prompt/recompute, in ``mode`` with ``lora`` (segments,
+        rank-tokens) of LoRA work. The sums are taken in the order of one call per run."""
+        runs, share = len(seconds), max(1, fed)
+        self.steps += runs
         self.last_batch, self.last_prefill, self.last_fed, self.last_lora = batch, prefill, fed, lora
-        self.steps_by_mode[mode] = self.steps_by_mode.get(mode, 0) + 1
+        self.steps_by_mode[mode] = self.steps_by_mode.get(mode, 0) + runs
         self.last_mode = mode
-        self.step_seconds += seconds
-        self.max_step_seconds = max(self.max_step_seconds, seconds)
-        self.tokens_generated += tokens
-        self.prefill_tokens += prefill
-        self.prefill_seconds += seconds * prefill / max(1, fed)
+        total, prefill_total = self.step_seconds, self.prefill_seconds
+        for t in seconds:
+            total += t
+            prefill_total += t * prefill / share
+        self.step_seconds, self.prefill_seconds = total, prefill_total
+        self.max_step_seconds = max(self.max_step_seconds, max(seconds))
+        self.tokens_generated += tokens * runs
+        self.prefill_tokens += prefill * runs
 
-    def record_adapters(self, seconds: float, fed: int, sequences: list[tuple[str, int, bool]]) -> None:
-        """Share one step's time among its sequences, given as (adapter, tokens fed, whether it made
-        a token: a prefill chunk short of its prompt's end makes none, its share is paid by the
-        tokens that follow)."""
+    def record_adapters(self, seconds: list[float], fed: int, sequences: list[tuple[str, int, bool]]) -> None:
+        """Share each run's time (``seconds``, as ``record_steps``) among its sequences, given as
+        (adapter, tokens fed, whether it made a token: a prefill chunk short of its prompt's end
+        makes none, its share is paid by the tokens that follow)."""
+        share = max(1, fed)
+        fed_by: dict[str, list[int]] = {}
         for adapter, n, made in sequences:
-            self.adapter_seconds[adapter] = self.adapter_seconds.get(adapter, 0.0) + seconds * n / max(1, fed)
-            self.adapter_tokens[adapter] = self.adapter_tokens.get(adapter, 0) + made
+            fed_by.setdefault(adapter, []).append(n)
+            self.adapter_tokens[adapter] = self.adapter_tokens.get(adapter, 0) + made * len(seconds)
+        for adapter, ns in fed_by.items():
+            total = self.adapter_seconds.get(adapter, 0.0)
+            for t in seconds:  # in the order of one call per run
+                for n in ns:
+                    total += t * n / share
+            self.adapter_seconds[adapter] = total
 
     def switch_and_load_seconds(self) -> float:
         """Merges', unmerges' and adapter loads' seconds, in all: what a step spent on anything but

@@ -37,8 +37,9 @@ EXACT_TOKENS = 64
 
 
 def _bucket(tokens: int) -> int:
-    tokens = max(tokens, 1)
-    return tokens if tokens <= EXACT_TOKENS else 1 << math.ceil(math.log2(tokens))
+    if tokens <= EXACT_TOKENS:
+        return tokens if tokens > 1 else 1
+    return 1 << math.ceil(math.log2(tokens))
 
 
 @dataclass
@@ -55,9 +56,14 @@ class Estimate:
     n: int = 1
 
     def add(self, x: float) -> None:
-        if self.n >= _CLIP_AFTER:
-            limit = max(_CLIP * self.std, _CLIP_FLOOR * abs(self.mean))
-            x = min(max(x, self.mean - limit), self.mean + limit)
+        if self.n >= _CLIP_AFTER:  # std is sqrt(var) past the first sample
+            # max and min written out: a simulated hour adds a million samples
+            spread, floor = _CLIP * math.sqrt(self.var), _CLIP_FLOOR * abs(self.mean)
+            limit = spread if spread >= floor else floor
+            if x < self.mean - limit:
+                x = self.mean - limit
+            elif x > self.mean + limit:
+                x = self.mean + limit
         d = x - self.mean
         self.mean += _ALPHA * d
         self.var = (1 - _ALPHA) * (self.var + _ALPHA * d * d)
@@ -222,9 +228,12 @@ class CostModel:
 
     def step_seconds(self, tokens: int, segments: int = 0, rank_tokens: int = 0) -> float | None:
         """Estimated seconds of a step of ``tokens`` tokens running that LoRA; None before any
-        base step was measured."""
-        base = self.base_seconds(tokens)
-        return None if base is None else base * self._mean_factor(tokens, segments, rank_tokens)
+        base step was measured. (``base_estimate`` inlined: the policy asks at every step it
+        observes, a million times in a simulated hour.)"""
+        if self._table is None:
+            self._table = self.inferred | self.base
+        base = _lookup(self._table, tokens, extrapolate=True)
+        return None if base is None else base.mean * self._mean_factor(tokens, segments, rank_tokens)
 
     @property
     def merge_seconds(self) -> float | None:

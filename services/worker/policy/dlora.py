@@ -113,6 +113,8 @@ class _Facts:
     slowdown: float  # 1 + its FCFS requests left waiting over those it ran
     cf: tuple[int, int, int] | None  # a merged step's counterfactual: the FCFS batch unmerged (``_work``)
     cf_work: int  # that batch's tokens of work
+    transfers: bool  # whether ``CreditLedger.transfer`` moves credit for it (someone displaced, someone pays)
+    cf_others: int  # an unmerged step's counterfactual: FCFS requests not of the adapter it would merge
 
 
 @dataclass(frozen=True)
@@ -381,7 +383,8 @@ class DLoraPolicy(Policy):
 
     def _learn(self, record: StepRecord, seconds: float) -> None:
         self.costs.observe_step(record.num_tokens, seconds, record.lora_segments, record.lora_rank_tokens)
-        self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
+        if record.merge_seconds or record.unmerge_seconds:  # a repeated step's are 0
+            self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
         if self.fallback_steps > 0:
             self.fallback_steps -= 1
 
@@ -395,19 +398,23 @@ class DLoraPolicy(Policy):
             payers = dict(Counter(jumped))
         waiting = sum(r.request_id not in ran for r in basis.fcfs)
         merged = record.merged is not None
+        displaced = {_key(r.adapter) for r in basis.fcfs if r.request_id not in ran}
         return _Facts(
             mode=record.mode,
-            displaced={_key(r.adapter) for r in basis.fcfs if r.request_id not in ran},
+            displaced=displaced,
             payers=payers,
+            transfers=bool(displaced - payers.keys()) and sum(payers.values()) > 0,
             # what a switch made prompts compute again took the step's time and served no one
             served=record.num_tokens - min(record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)),
             slowdown=1 + waiting / max(1, len(ran)),
             cf=_work(basis.fcfs, None, self.ranks, basis.merged_now) if merged else None,
             cf_work=sum(r.work for r in basis.fcfs) if merged else 0,
+            cf_others=sum(r.adapter != basis.best for r in basis.fcfs) if basis.best is not None else 0,
         )
 
     def _move_credits(self, facts: _Facts, seconds: float) -> None:
-        self.credits.transfer(facts.displaced, facts.payers, seconds)
+        if facts.transfers:
+            self.credits.transfer(facts.displaced, facts.payers, seconds)
         for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in facts.displaced]:
             self.credits.settle(key)
 
@@ -447,7 +454,7 @@ class DLoraPolicy(Policy):
             epoch.cf_prefilled.update(r.request_id for r in fresh)
             cf = self.costs.step_seconds(tokens)
             if cf is not None:
-                cf *= 1 + sum(r.adapter != basis.best for r in basis.fcfs) / max(1, len(basis.best_group))
+                cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
                 if basis.best != epoch.cf_adapter:
                     cf += self.costs.switch_seconds()[0]
                     epoch.cf_adapter = basis.best
