@@ -119,22 +119,25 @@ def embed_plot(body: str, result: dict, plot: Plot, benchmarks: Path, key: str, 
 def writable(path: str | Path, option: str) -> None:
     """Raises OSError now, not after a run of minutes, when ``path`` (given as ``option``) cannot
     be written: a directory, a parent that is a file or cannot be made, a place that takes no new
-    file. Tried for real (permissions say nothing of /proc, or of a read-only mount to root): the
-    folders made as the run would, the file opened for appending and removed again if it was new."""
-    target = Path(path)
+    file. A new file is tried for real (permissions say nothing of /proc, or of a read-only mount
+    to root): the folders made as the run would, the file made and removed again; one that exists
+    (a FIFO too, which an open would wait on) is asked of its permissions. A link is followed: its
+    target is what the run writes."""
+    target = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{option} {path} is a directory")
     if (file := next((p for p in target.parents if p.exists() and not p.is_dir()), None)) is not None:
         raise NotADirectoryError(f"{option} {path}: {file} is a file, not a folder")
-    existed = target.exists()
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            raise PermissionError(f"{option} {path} cannot be written")
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("a"):
-            pass
+        target.open("x").close()
     except OSError as e:
         raise OSError(f"{option} {path} cannot be written ({e.strerror or e})") from None
-    if not existed:
-        target.unlink()
+    target.unlink()
 
 
 def save(

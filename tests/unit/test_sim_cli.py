@@ -112,6 +112,18 @@ def test_an_unwritable_json_is_refused_before_the_run(
     assert (tmp_path / "file").read_text() == ""
 
 
+def test_the_write_check_leaves_a_link_and_an_existing_file_as_they_were(tmp_path: Path) -> None:
+    """A review: the check made a link's missing target, then removed the link."""
+    from dlora.loadgen.bench_common import writable
+
+    (tmp_path / "link.json").symlink_to(tmp_path / "real" / "target.json")
+    writable(tmp_path / "link.json", "--json")
+    assert (tmp_path / "link.json").is_symlink() and not (tmp_path / "real" / "target.json").exists()
+    (tmp_path / "kept.md").write_text("kept")
+    writable(tmp_path / "kept.md", "--benchmarks")
+    assert (tmp_path / "kept.md").read_text() == "kept"
+
+
 def test_requests_arriving_after_the_duration_are_not_sent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--duration was ignored: 100 requests over 60 s simulated with --duration 0.001, the JSON
     saying 0.001. As `dlora loadgen`, sending stops at the duration from the first arrival, and
