@@ -396,6 +396,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     unlisted_remaining_tokens: int = 0
     # Unix seconds when sent.
     sent: float = 0.0
+    # Unix seconds when this state was read: between two steps, and a worker publishes the last
+    # reading, so while a step runs it may be older than ``sent``. 0: a worker from before it.
+    taken: float = 0.0
 
     @property
     def kv_cache_usage(self) -> float:

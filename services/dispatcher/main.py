@@ -277,11 +277,12 @@ class Dispatcher(Recovery):
         re-dispatch, sent only if the record still names that worker and attempt (recorded first);
         ``died``: one after the worker running it died, counted in the record; ``avoid``: a worker
         not to choose while another can take it (one its message never reached); ``again``: the
-        second look at a request whose id and reply subject were in flight (see below);
-        ``holding``: only to a worker other than ``avoid`` whose stats list the request's adapter
-        version (its files were rewritten since registration, so no other can load it), else,
-        once every live worker was heard from again (a holder's stats may not list it yet: a
-        trial's rewrite right after the first request got 500 for half the next 20), failed saying so."""
+        second look (``_look_again``) at a request whose id and reply subject were in flight (see
+        below), or at one ``holding`` found no holder for; ``holding``: only to a worker other than
+        ``avoid`` whose stats list the request's adapter version (its files were rewritten since
+        registration, so no other can load it), else, once every live worker's stats were read
+        again (a holder's may not list it yet: a trial's rewrite right after the first request got
+        500 for half the next 20), failed saying so."""
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
@@ -307,7 +308,7 @@ class Dispatcher(Recovery):
             return
         if holding and not (live := holding_version(live, req.adapter, req.adapter_version or "", avoid)):
             if not again:  # a worker may have loaded it since its last stats (sent every 0.5 s)
-                after = functools.partial(self._heard_from_all, time.monotonic(), avoid)
+                after = functools.partial(self._heard_from_all, time.time(), time.monotonic(), avoid)
                 self._look_again(req, raw, after, expect=expect, died=died, avoid=avoid, holding=True)
                 return
             reason = version_gone(req.adapter, req.adapter_version or "")
@@ -386,12 +387,19 @@ class Dispatcher(Recovery):
         self._rechecks.add(task)
         task.add_done_callback(self._rechecks.discard)
 
-    async def _heard_from_all(self, since: float, avoid: str | None) -> None:
-        """Until every live worker other than ``avoid`` was heard from after ``since`` (monotonic
-        seconds), for one heartbeat TTL at most."""
+    async def _heard_from_all(self, since: float, since_monotonic: float, avoid: str | None) -> None:
+        """Until every live worker other than ``avoid`` sent stats read after ``since`` (Unix
+        seconds: a busy worker publishes its last reading, taken between steps, and one from
+        before a load made while a step ran would not list it; a review) or, from a worker that
+        does not say when (``taken`` 0: older), heard after ``since_monotonic``; one heartbeat
+        TTL at most. Hosts' clocks apart by more than NTP keeps them would end it early or late."""
+
+        def fresh(st: WorkerStats) -> bool:
+            return st.taken >= since if st.taken else self.workers[st.worker][1] > since_monotonic
+
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.s.heartbeat_ttl_s):
-                while any(self.workers[w.worker][1] <= since for w in self.live() if w.worker != avoid):
+                while not all(fresh(w) for w in self.live() if w.worker != avoid):
                     await self._heard.wait()
 
     async def _fail(
@@ -445,6 +453,8 @@ class Dispatcher(Recovery):
         finally:
             for sub in subs:
                 await sub.unsubscribe()
+            for task in self._rechecks:  # their records stay: the workers hand them back to another dispatcher
+                task.cancel()
 
 
 async def serve(s: DispatcherSettings, stop: asyncio.Event) -> None:

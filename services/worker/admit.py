@@ -158,10 +158,10 @@ async def _hand_back_once(w: WorkerService, request_id: str, recoveries: int, el
     holding its adapter's version, ``elsewhere``); False, doing nothing, when it was handed back
     within ``HANDED_BACK_MEMORY_S`` and came back anyway (it is to be answered)."""
     now = time.monotonic()
-    w.handed_back = {rid: t for rid, t in w.handed_back.items() if now - t < HANDED_BACK_MEMORY_S}
+    w.handed_back = {rid: v for rid, v in w.handed_back.items() if now - v[0] < HANDED_BACK_MEMORY_S}
     if request_id in w.handed_back:
         return False
-    w.handed_back[request_id] = now
+    w.handed_back[request_id] = (now, elsewhere)
     lost = LostRequests(
         worker=w.s.worker_id,
         requests={request_id: recoveries},

@@ -99,9 +99,10 @@ class WorkerService:
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted: dict[tuple[str, str | None], float] = {}
         self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
-        # Requests handed back once for another worker to take, and when (admit.py): they did not
-        # decode here, or their adapter's version cannot be loaded here.
-        self.handed_back: dict[str, float] = {}
+        # Requests handed back once for another worker to take: when (monotonic), and whether only
+        # one holding their adapter's version can (admit.py): they did not decode here, or that
+        # version cannot be loaded here.
+        self.handed_back: dict[str, tuple[float, bool]] = {}
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
@@ -341,8 +342,14 @@ class WorkerService:
             await self.store.record_progress(self.s.worker_id, {}, aborted)  # its record outlived it
         if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
             logger.warning("in-flight records not held here; handed back", requests=len(lost))
+            # One handed back for a worker holding its version, and not taken yet (the dispatcher
+            # waits for the workers' next stats before it says none holds it), still needs one.
+            elsewhere = sorted(rid for rid in lost if self.handed_back.get(rid, (0.0, False))[1])
             handed = LostRequests(
-                worker=self.s.worker_id, requests=lost, never_arrived=sorted(never_arrived & set(lost))
+                worker=self.s.worker_id,
+                requests=lost,
+                never_arrived=sorted(never_arrived & set(lost)),
+                elsewhere=elsewhere,
             )
             await bus.publish(self.nc, subjects.LOST, handed)
 

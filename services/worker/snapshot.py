@@ -98,5 +98,6 @@ def worker_stats(
         kv_transfer_seconds_per_token=kv_seconds / kv_tokens if kv_tokens else 0.0,
         prefill_tokens=st.prefill_tokens,
         kv_transfer_tokens=kv_tokens,
-        sent=time.time(),
+        sent=(now := time.time()),
+        taken=now,
     )

@@ -186,12 +186,20 @@ async def _rewritten_files_served_where_held(stack: Stack) -> None:
     shutil.copytree(stack.tiny.adapters["lora-1"], path)
     assert (await post(stack, "/v1/adapters", {"name": "rl", "path": str(path)}, auth))[0] == 201
     body = {"model": "rl", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    # Both workers busy meanwhile: a worker publishes the state it read between steps, and the
+    # holder's, read before it loaded the version, did not list it (a review: all handed back 500).
+    long = {"model": "model", "prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True}
+    busy = [asyncio.create_task(post(stack, "/v1/completions", long)) for _ in range(4)]
+    await asyncio.sleep(0.8)
     status, first = await post(stack, "/v1/completions", body)
     assert status == 200, first
     [holder] = [w for w in stack.workers if any(k.startswith("rl@") for k in w.engine.adapters)]
     for file in ("adapter_config.json", "adapter_model.safetensors"):  # the trainer's new weights
         shutil.copyfile(stack.tiny.adapters["lora-2"] / file, path / file)
     replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(12)))  # both workers
+    for task in busy:
+        task.cancel()
+    await asyncio.gather(*busy, return_exceptions=True)
     assert [s for s, _ in replies] == [200] * 12, replies
     assert all(r["choices"][0]["text"] == first["choices"][0]["text"] for _, r in replies)  # the version pinned
     assert any("rl" in {name for name, _ in w.adapters.failed} for w in stack.workers if w is not holder)
