@@ -5,11 +5,14 @@ transcript for a tokenizer without one. Pure: the tokenizer is passed in."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import jinja2
+import jinja2.nodes
 import msgspec
 
 from dlora.services.gateway.openai import APIError, ChatMessage
@@ -60,12 +63,13 @@ class ChatTemplate:
         if reserved := sorted(set(kwargs) & _RENDERER_KWARGS):
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         tools = getattr(body, "tools", None)  # a chat request's (a /tokenize request has none)
-        return cls(add, cont, kwargs, msgspec.to_builtins(tools) if tools else None)
+        return cls(add, cont, kwargs, [_given(t) for t in msgspec.to_builtins(tools)] if tools else None)
 
 
 # What apply_chat_template takes from the renderer itself, not from a request's chat_template_kwargs.
 _RENDERER_KWARGS = {
     "conversation",
+    "messages",
     "tokenize",
     "add_generation_prompt",
     "continue_final_message",
@@ -81,20 +85,72 @@ _RENDERER_KWARGS = {
 }
 
 
-def _calls_for_template(calls: Any) -> Any:
-    """An assistant's earlier tool calls as templates read them: each call's ``arguments`` parsed
-    from its JSON text into an object, as vLLM passes them (a template writing ``arguments |
-    tojson`` would otherwise quote the text a second time); arguments that are not JSON stay text."""
+def _given(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as its client wrote it: fields it left out (null here) are not rendered, as vLLM
+    renders none (every tool showed ``"strict": null`` in the prompt; a trial). A null inside
+    ``parameters`` is the schema's own and stays."""
+    given = {k: v for k, v in tool.items() if v is not None}
+    if isinstance(given.get("function"), dict):
+        given["function"] = {k: v for k, v in given["function"].items() if v is not None}
+    return given
+
+
+def _calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier tool calls (``where``: the message's place) as templates read them:
+    each call's ``arguments`` parsed from its JSON text into an object, as vLLM passes them (a
+    template writing ``arguments | tojson`` would otherwise quote the text a second time);
+    arguments that are not JSON stay text, none or "" are ``{}`` (as vLLM).
+
+    Raises:
+        APIError(400): not a list of calls each with a function of a name (the field is free in
+            the request's type: a template met ints and missing keys, and said so in Python's words)."""
     if not isinstance(calls, list):
-        return calls
+        raise APIError(400, f"{where}.tool_calls must be a list of tool calls", param="messages")
     out = []
-    for call in calls:
+    for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        if not isinstance(function, dict):
+            raise APIError(400, f"{where}.tool_calls[{j}] needs a function object", param="messages")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or not name:
+            raise APIError(400, f"{where}.tool_calls[{j}].function.name must name the function", param="messages")
+        if arguments is not None and not isinstance(arguments, (str, dict)):
+            raise APIError(
+                400, f"{where}.tool_calls[{j}].function.arguments must be a JSON object's text", param="messages"
+            )
+        parsed: Any = {} if not arguments else arguments
+        if isinstance(parsed, str):
             with contextlib.suppress(ValueError):
-                call = {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
-        out.append(call)
+                parsed = json.loads(parsed)
+        out.append({**call, "function": {**function, "arguments": parsed}})
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _template_reads(source: str) -> tuple[bool, bool]:
+    """(whether the chat template ``source`` loops over a message's content, whether it names a
+    developer role). The first: it takes content as OpenAI's list of parts, and a string joined
+    from them would lose the text (Idefics3-style templates render nothing of it; vLLM detects the
+    same: its "openai" content format). A template that does not parse reads neither (rendering
+    it says why)."""
+    try:
+        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+    except jinja2.TemplateError:
+        return False, False
+
+    def content(node: jinja2.nodes.Node) -> bool:
+        while isinstance(node, jinja2.nodes.Filter) and node.node is not None:  # content | select(...)
+            node = node.node
+        if isinstance(node, jinja2.nodes.Getattr):
+            return node.attr == "content"
+        return isinstance(node, jinja2.nodes.Getitem) and getattr(node.arg, "value", None) == "content"
+
+    loops = any(content(loop.iter) for loop in tree.find_all(jinja2.nodes.For))
+    return loops, "developer" in source
+
+
+def _parts(text: str | None) -> list[dict[str, str]]:
+    return [{"type": "text", "text": text}] if text else []
 
 
 def chat_prompt_ids(
@@ -108,13 +164,16 @@ def chat_prompt_ids(
 
     Raises:
         APIError(400): no messages, an unknown role, a message other than an assistant's without
-            content, a tool message without tool_call_id, tool calls, audio or non-text content, or
-            a template that refuses the conversation (its reason).
+            content, a tool message without tool_call_id, tool calls outside an assistant's
+            message or not a list of named functions, audio or non-text content, or a template
+            that refuses the conversation (its reason).
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
+    source = getattr(tokenizer, "chat_template", None)
+    as_parts, developer = _template_reads(source) if isinstance(source, str) else (False, False)
     plain = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if m.role not in ("system", "user", "assistant", "tool", "developer"):
             raise APIError(400, f"unknown message role {m.role!r}", param="messages")
         if (m.tool_calls and m.role != "assistant") or m.function_call or m.audio is not None:
@@ -140,13 +199,20 @@ def chat_prompt_ids(
         content = (
             m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text or "" for p in parts)
         )
-        named = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}  # as vLLM passes them
-        if m.tool_calls:  # an assistant's earlier calls, for the template to render
-            named["tool_calls"] = _calls_for_template(m.tool_calls)
+        named: dict[str, Any] = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}
+        if m.tool_calls is not None and (calls := _calls_for_template(m.tool_calls, f"messages[{i}]")):
+            named["tool_calls"] = calls  # an assistant's earlier calls, for the template to render (as vLLM)
         if thought := m.reasoning_content or m.reasoning:  # templates that render thinking read this key
             named["reasoning_content"] = thought
-        plain.append({"role": m.role, "content": content or ""} | named)
-    if getattr(tokenizer, "chat_template", None):
+        # OpenAI's developer role is the system role of models trained before it (vLLM maps it
+        # likewise): a template without one dropped the message, or refused the roles' order.
+        role = "system" if m.role == "developer" and source and not developer else m.role
+        if as_parts:  # each part as sent, a string as one
+            said: Any = [{"type": "text", "text": p.text} for p in parts] if parts else _parts(content)
+        else:
+            said = content or ""
+        plain.append({"role": role, "content": said} | named)
+    if source:
         try:
             render = tokenizer.apply_chat_template  # type: ignore[attr-defined]  # not in the Protocol: optional
             out = render(
@@ -163,8 +229,8 @@ def chat_prompt_ids(
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
     # Without a template, tools are not rendered (a forced call's arguments are constrained all the
     # same), and an assistant's earlier calls are written as their JSON.
-    said = [m["content"] or (json.dumps(m["tool_calls"]) if "tool_calls" in m else "") for m in plain]
-    lines = [f"{m['role']}: {text}\n" for m, text in zip(plain, said)]
+    texts = [m["content"] or (json.dumps(m["tool_calls"]) if "tool_calls" in m else "") for m in plain]
+    lines = [f"{m['role']}: {text}\n" for m, text in zip(plain, texts)]
     if template.continue_final_message:
         lines[-1] = lines[-1].removesuffix("\n")
     opened = "assistant:" if template.add_generation_prompt else ""

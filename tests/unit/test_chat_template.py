@@ -168,3 +168,54 @@ def test_vllms_chat_rendering_options_reach_the_template(tiny_llama, tmp_path: P
         chat_template.ChatTemplate(add_generation_prompt=False, continue_final_message=True),
     )
     assert transcript == [ord(c) for c in "user: hi\nassistant: yo"]
+
+
+def test_what_a_real_template_reads_is_what_the_client_sent(tiny_llama, tmp_path: Path) -> None:
+    """A trial with real templates: one that loops over each message's content parts (Idefics3,
+    SmolVLM) got the parts joined into a string and rendered nothing of them; a developer message
+    vanished under Qwen2.5's template (no such role) and broke Mistral's alternation; tool calls
+    without a name or with arguments of another type reached the template and came back in
+    Python's words; every tool showed ``"strict": null``; ``messages`` could be set as a kwarg."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    model = ServedModel(tok, 1 << 16, 1024)  # room for a tool's JSON
+
+    def rendered(body: dict[str, Any]) -> str:
+        return tok.decode(shape(model, body, chat=True).choices[0].request.prompt_token_ids)
+
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{% if p['type'] == 'text' %}"
+        "{{ p['text'] }}|{% endif %}{% endfor %}{% endfor %}"
+    )
+    parts = [{"type": "text", "text": "list"}, {"type": "text", "text": "content"}]
+    said = [{"role": "system", "content": "plain"}, {"role": "user", "content": parts}]
+    assert rendered({"messages": said}).endswith("<system>plain|<user>list|content|")
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"  # a string reader
+    assert rendered({"messages": said}).endswith("<system>plain<user>list\ncontent")
+    developer = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert rendered({"messages": developer}).endswith("<system>be brief<user>hi")
+    tok.chat_template += "{# this one knows a developer role #}"
+    assert rendered({"messages": developer}).endswith("<developer>be brief<user>hi")
+    tok.chat_template = (
+        "{% for t in tools or [] %}{{ t | tojson }}{% endfor %}{% for m in messages %}"
+        "{% for c in m.get('tool_calls') or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}"
+        "{% endfor %}"
+    )
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "default": None}}}
+    text = rendered({"messages": developer, "tools": [tool], "tool_choice": "none"})
+    assert "strict" not in text and '"default": null' in text  # the schema's own null stays
+    for function, says in (
+        ({"arguments": "{}"}, ".function.name must name the function"),
+        ({"name": "f", "arguments": 5}, ".function.arguments must be a JSON object's text"),
+        (None, " needs a function object"),
+    ):
+        call = {"id": "c", "type": "function", "function": function}
+        history = [developer[1], {"role": "assistant", "tool_calls": [call]}]
+        e = refused(model, {"messages": history}, chat=True)
+        assert (e.param, e.message) == ("messages", f"messages[1].tool_calls[0]{says}")
+    e = refused(model, {"messages": [developer[1], {"role": "assistant", "tool_calls": 5}]}, chat=True)
+    assert e.message == "messages[1].tool_calls must be a list of tool calls"
+    for arguments in (None, ""):  # none given: {} (as vLLM)
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        assert rendered({"messages": [developer[1], {"role": "assistant", "tool_calls": [call]}]}).endswith("f{}")
+    kwargs = {"messages": developer, "chat_template_kwargs": {"messages": []}}
+    assert refused(model, kwargs, chat=True).param == "chat_template_kwargs"
