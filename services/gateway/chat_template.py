@@ -9,7 +9,7 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import jinja2
 import jinja2.nodes
@@ -126,17 +126,42 @@ def _calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
+def template_problem(source: object) -> str | None:
+    """Why the chat template ``source`` does not compile, as transformers compiles it (its own
+    extensions: loop controls, ``{% generation %}``); None when it does, or is not one string.
+    The gateway says so when it starts: every chat request would be refused with it (a trial saw
+    only the 400s)."""
+    if not isinstance(source, str):
+        return None
+    try:
+        _compiled(source)
+    except jinja2.TemplateError as e:
+        return str(e)
+    return None
+
+
+def _compiled(source: str) -> jinja2.Template:
+    """``source`` compiled by transformers (a private helper: plain jinja2 with loop controls where
+    a release lacks it). Raises jinja2.TemplateError."""
+    from transformers.utils import chat_template_utils
+
+    compile_ = getattr(chat_template_utils, "_compile_jinja_template", None)
+    if compile_ is not None:
+        return cast(jinja2.Template, compile_(source))
+    return jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).from_string(source)
+
+
 @functools.lru_cache(maxsize=16)
 def _template_reads(source: str) -> tuple[bool, bool]:
     """(whether the chat template ``source`` loops over a message's content, whether it names a
     developer role). The first: it takes content as OpenAI's list of parts, and a string joined
     from them would lose the text (Idefics3-style templates render nothing of it; vLLM detects the
-    same: its "openai" content format). A template that does not parse reads neither (rendering
-    it says why)."""
+    same: its "openai" content format). A template that does not compile loops over nothing
+    (rendering it says why)."""
     try:
-        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+        tree = _compiled(source).environment.parse(source)
     except jinja2.TemplateError:
-        return False, False
+        return False, "developer" in source
 
     def content(node: jinja2.nodes.Node) -> bool:
         while isinstance(node, jinja2.nodes.Filter) and node.node is not None:  # content | select(...)

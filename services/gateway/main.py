@@ -44,6 +44,7 @@ from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
+from dlora.services.gateway.chat_template import template_problem
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.health import readiness
@@ -91,6 +92,8 @@ class Gateway:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        if (problem := template_problem(getattr(self.tokenizer, "chat_template", None))) is not None:
+            logger.warning("the model's chat template does not compile: chat requests will be refused", error=problem)
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)  # for logprobs
         self.context = self.cfg.context_length()
         given = sampling_defaults(settings.model) if settings.generation_config == "auto" else {}

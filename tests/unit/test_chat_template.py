@@ -219,3 +219,16 @@ def test_what_a_real_template_reads_is_what_the_client_sent(tiny_llama, tmp_path
         assert rendered({"messages": [developer[1], {"role": "assistant", "tool_calls": [call]}]}).endswith("f{}")
     kwargs = {"messages": developer, "chat_template_kwargs": {"messages": []}}
     assert refused(model, kwargs, chat=True).param == "chat_template_kwargs"
+
+
+def test_a_template_that_does_not_compile_is_named_once_and_refuses_each_chat(tiny_llama, tmp_path: Path) -> None:
+    """A trial: the gateway started quietly on a template with a syntax error and answered every
+    chat 400; now its start says why (template_problem), and the requests still say it."""
+    broken = "{% for m in messages %}{{ m.content }{% endfor %}"
+    assert "unexpected '}'" in (chat_template.template_problem(broken) or "")
+    for fine in ("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", None):
+        assert chat_template.template_problem(fine) is None  # transformers' own tags compile
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = broken
+    e = refused(ServedModel(tok, 1 << 16, CONTEXT), {"messages": [{"role": "user", "content": "hi"}]}, chat=True)
+    assert (e.status, e.param) == (400, "messages") and "unexpected '}'" in e.message
