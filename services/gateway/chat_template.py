@@ -41,6 +41,7 @@ class ChatTemplate:
     continue_final_message: bool = False
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None  # the request's tools, for the template to render (as vLLM)
+    documents: list[dict[str, str]] | None = None  # the request's documents, likewise
 
     @classmethod
     def of(cls, body: RenderingOptions) -> ChatTemplate:
@@ -62,8 +63,9 @@ class ChatTemplate:
         kwargs = body.chat_template_kwargs or {}
         if reserved := sorted(set(kwargs) & _RENDERER_KWARGS):
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
-        tools = getattr(body, "tools", None)  # a chat request's (a /tokenize request has none)
-        return cls(add, cont, kwargs, [_given(t) for t in msgspec.to_builtins(tools)] if tools else None)
+        tools = getattr(body, "tools", None)
+        tools = [_given(t) for t in msgspec.to_builtins(tools)] if tools else None
+        return cls(add, cont, kwargs, tools, getattr(body, "documents", None))
 
 
 # What apply_chat_template takes from the renderer itself, not from a request's chat_template_kwargs.
@@ -246,6 +248,7 @@ def chat_prompt_ids(
                 add_generation_prompt=template.add_generation_prompt,
                 continue_final_message=template.continue_final_message,
                 tools=template.tools,
+                documents=template.documents,
                 **template.kwargs,
             )
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like

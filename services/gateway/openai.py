@@ -217,6 +217,9 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     # tools) reads the calls the model wrote, by the gateway's tool_call_parser (tool_parsers.py).
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # vLLM's: documents for a RAG template (each a mapping of strings, e.g. title and text),
+    # rendered by the chat template as transformers' apply_chat_template(documents=...) does.
+    documents: list[dict[str, str]] | None = None
     # In the spec, not served here: refused when set.
     functions: Any = None
     function_call: Any = None

@@ -232,3 +232,15 @@ def test_a_template_that_does_not_compile_is_named_once_and_refuses_each_chat(ti
     tok.chat_template = broken
     e = refused(ServedModel(tok, 1 << 16, CONTEXT), {"messages": [{"role": "user", "content": "hi"}]}, chat=True)
     assert (e.status, e.param) == (400, "messages") and "unexpected '}'" in e.message
+
+
+def test_documents_reach_a_rag_template(tiny_llama, tmp_path: Path) -> None:
+    """vLLM's chat field for RAG templates (a trial: refused as unknown, and reserved in the kwargs)."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for d in documents or [] %}[{{ d.title }}:{{ d.text }}]{% endfor %}{{ messages[0].content }}"
+    )
+
+    body = {"messages": [{"role": "user", "content": "q"}], "documents": [{"title": "t", "text": "x"}]}
+    ids = shape(ServedModel(tok, 1 << 16, CONTEXT), body, chat=True).choices[0].request.prompt_token_ids
+    assert tok.decode(ids).endswith("[t:x]q")
