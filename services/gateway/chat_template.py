@@ -190,10 +190,11 @@ def chat_prompt_ids(
     "assistant:" (or, continuing the final message, with it unterminated), tokenized as a prompt.
 
     Raises:
-        APIError(400): no messages, an unknown role, a message other than an assistant's without
-            content, a tool message without tool_call_id, tool calls outside an assistant's
-            message or not a list of named functions, audio or non-text content, or a template
-            that refuses the conversation (its reason).
+        APIError(400): no messages, a role other than OpenAI's without a template (or a blank
+            one), a message other than an assistant's without content, a tool message without
+            tool_call_id, tool calls outside an assistant's message or not a list of named
+            functions, audio or non-text content, or a template that refuses the conversation
+            (its reason).
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
@@ -201,7 +202,9 @@ def chat_prompt_ids(
     as_parts, developer = _template_reads(source) if isinstance(source, str) else (False, False)
     plain = []
     for i, m in enumerate(messages):
-        if m.role not in ("system", "user", "assistant", "tool", "developer"):
+        # Other roles are the template's to take or refuse (Llama 3.1's ipython: vLLM passes any);
+        # the transcript knows OpenAI's.
+        if m.role not in ("system", "user", "assistant", "tool", "developer") and not (source and m.role.strip()):
             raise APIError(400, f"unknown message role {m.role!r}", param="messages")
         if (m.tool_calls and m.role != "assistant") or m.function_call or m.audio is not None:
             field = "tool_calls" if m.tool_calls else "function_call" if m.function_call else "audio"

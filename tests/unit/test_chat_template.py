@@ -195,6 +195,9 @@ def test_what_a_real_template_reads_is_what_the_client_sent(tiny_llama, tmp_path
     assert rendered({"messages": developer}).endswith("<system>be brief<user>hi")
     tok.chat_template += "{# this one knows a developer role #}"
     assert rendered({"messages": developer}).endswith("<developer>be brief<user>hi")
+    ipython = [developer[1], {"role": "ipython", "content": "42"}]  # Llama 3.1's tool-output role
+    assert rendered({"messages": ipython}).endswith("hi<ipython>42")
+    assert "unknown message role" in refused(model, {"messages": [{"role": " ", "content": "x"}]}, chat=True).message
     tok.chat_template = (
         "{% for t in tools or [] %}{{ t | tojson }}{% endfor %}{% for m in messages %}"
         "{% for c in m.get('tool_calls') or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}"
