@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -176,6 +176,14 @@ def _template_reads(source: str) -> tuple[bool, bool]:
     return loops, "developer" in source
 
 
+def _renders(render: Callable[[], object]) -> bool:
+    try:
+        render()
+    except Exception:  # noqa: BLE001 - whatever the template raises: it does not render
+        return False
+    return True
+
+
 def _parts(text: str | None) -> list[dict[str, str]]:
     return [{"type": "text", "text": text}] if text else []
 
@@ -243,19 +251,22 @@ def chat_prompt_ids(
             said = content or ""
         plain.append({"role": role, "content": said} | named)
     if source:
+        render = functools.partial(
+            tokenizer.apply_chat_template,  # type: ignore[attr-defined]  # not in the Protocol: optional
+            plain,
+            tokenize=True,
+            add_generation_prompt=template.add_generation_prompt,
+            continue_final_message=template.continue_final_message,
+            tools=template.tools,
+            documents=template.documents,
+        )
         try:
-            render = tokenizer.apply_chat_template  # type: ignore[attr-defined]  # not in the Protocol: optional
-            out = render(
-                plain,
-                tokenize=True,
-                add_generation_prompt=template.add_generation_prompt,
-                continue_final_message=template.continue_final_message,
-                tools=template.tools,
-                documents=template.documents,
-                **template.kwargs,
-            )
+            out = render(**template.kwargs)
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
-            raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
+            # The kwargs' fault where the messages render without them (a trial: a date_string of 5
+            # was blamed on messages, in Python's words)
+            field = "chat_template_kwargs" if template.kwargs and _renders(render) else "messages"
+            raise APIError(400, f"{field}: the model's chat template refused them: {e}", param=field) from None
         # a list of ids, or (transformers 5) an encoding holding them
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
     # Without a template, tools are not rendered (a forced call's arguments are constrained all the

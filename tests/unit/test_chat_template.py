@@ -222,6 +222,13 @@ def test_what_a_real_template_reads_is_what_the_client_sent(tiny_llama, tmp_path
         assert rendered({"messages": [developer[1], {"role": "assistant", "tool_calls": [call]}]}).endswith("f{}")
     kwargs = {"messages": developer, "chat_template_kwargs": {"messages": []}}
     assert refused(model, kwargs, chat=True).param == "chat_template_kwargs"
+    tok.chat_template = "{{ 'Today is ' + (date_string | default('26 Jul 2024')) }}{{ messages[0].content }}"
+    assert rendered({"messages": developer[1:]}).endswith("Today is 26 Jul 2024hi")
+    typed = refused(model, {"messages": developer[1:], "chat_template_kwargs": {"date_string": 5}}, chat=True)
+    assert typed.param == "chat_template_kwargs" and typed.message.startswith("chat_template_kwargs: ")
+    tok.chat_template += "{{ raise_exception('no') if messages | length > 1 }}"  # the messages' fault, kwargs or not
+    both = {"messages": developer, "chat_template_kwargs": {"date_string": "x"}}
+    assert refused(model, both, chat=True).param == "messages"
 
 
 def test_a_template_that_does_not_compile_is_named_once_and_refuses_each_chat(tiny_llama, tmp_path: Path) -> None:
