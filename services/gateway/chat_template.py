@@ -224,19 +224,21 @@ def chat_prompt_ids(
                 400, "messages: a tool message needs the tool_call_id of the call it answers", param="messages"
             )
         parts = [] if isinstance(m.content, str) or m.content is None else m.content
-        other = sorted({p.type for p in parts if p.type != "text"})
+        # An assistant's refusal part (OpenAI's, in a reply sent back as history) is its text, as
+        # vLLM reads it (a trial: refused)
+        other = sorted({p.type for p in parts if p.type not in ("text", "refusal")})
         if other:  # never dropped silently: the model would answer as if it were not there
             raise APIError(
                 400,
                 f"messages: content parts of type {', '.join(other)} are not supported (this model reads text only)",
                 param="messages",
             )
-        if any(p.text is None for p in parts):
-            raise APIError(400, "messages: a content part of type text needs its text", param="messages")
+        said_in = [p.text if p.type == "text" else p.refusal for p in parts]
+        if bad := next((p.type for p, t in zip(parts, said_in) if not isinstance(t, str)), None):
+            raise APIError(400, f"messages: a content part of type {bad} needs its {bad}", param="messages")
+        texts = [t for t in said_in if isinstance(t, str)]  # all of them, checked above
         # Text parts joined by newlines, as vLLM and llama.cpp join them (the "string" content format)
-        content = (
-            m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text or "" for p in parts)
-        )
+        content = m.content if isinstance(m.content, str) or m.content is None else "\n".join(texts)
         named: dict[str, Any] = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}
         if m.tool_calls is not None and (calls := _calls_for_template(m.tool_calls, f"messages[{i}]")):
             named["tool_calls"] = calls  # an assistant's earlier calls, for the template to render (as vLLM)
@@ -246,7 +248,7 @@ def chat_prompt_ids(
         # likewise): a template without one dropped the message, or refused the roles' order.
         role = "system" if m.role == "developer" and source and not developer else m.role
         if as_parts:  # each part as sent, a string as one
-            said: Any = [{"type": "text", "text": p.text} for p in parts] if parts else _parts(content)
+            said: Any = [{"type": "text", "text": t} for t in texts] if parts else _parts(content)
         else:
             said = content or ""
         plain.append({"role": role, "content": said} | named)

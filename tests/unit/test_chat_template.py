@@ -254,3 +254,18 @@ def test_documents_reach_a_rag_template(tiny_llama, tmp_path: Path) -> None:
     body = {"messages": [{"role": "user", "content": "q"}], "documents": [{"title": "t", "text": "x"}]}
     ids = shape(ServedModel(tok, 1 << 16, CONTEXT), body, chat=True).choices[0].request.prompt_token_ids
     assert tok.decode(ids).endswith("[t:x]q")
+
+
+def test_an_assistants_refusal_part_is_its_text(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """OpenAI's refusal content part, in a reply sent back as history: vLLM reads it as text
+    (a trial: refused as non-text content)."""
+    refusal = [{"type": "refusal", "refusal": "I can't"}]
+    msgs = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": refusal},
+        {"role": "user", "content": "y"},
+    ]
+    ids = shape(served, {"messages": msgs}, chat=True).choices[0].request.prompt_token_ids
+    assert ids == served.tokenizer.encode("user: x\nassistant: I can't\nuser: y\nassistant:")
+    e = refused(served, {"messages": [msgs[0], {"role": "assistant", "content": [{"type": "refusal"}]}]}, chat=True)
+    assert "a content part of type refusal needs its refusal" in e.message
