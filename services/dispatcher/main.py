@@ -308,7 +308,7 @@ class Dispatcher(Recovery):
             return
         if holding and not (live := holding_version(live, req.adapter, req.adapter_version or "", avoid)):
             if not again:  # a worker may have loaded it since its last stats (sent every 0.5 s)
-                after = functools.partial(self._heard_from_all, time.time(), time.monotonic(), avoid)
+                after = functools.partial(self._heard_from_all, time.monotonic(), avoid)
                 self._look_again(req, raw, after, expect=expect, died=died, avoid=avoid, holding=True)
                 return
             reason = version_gone(req.adapter, req.adapter_version or "")
@@ -387,15 +387,17 @@ class Dispatcher(Recovery):
         self._rechecks.add(task)
         task.add_done_callback(self._rechecks.discard)
 
-    async def _heard_from_all(self, since: float, since_monotonic: float, avoid: str | None) -> None:
-        """Until every live worker other than ``avoid`` sent stats read after ``since`` (Unix
-        seconds: a busy worker publishes its last reading, taken between steps, and one from
-        before a load made while a step ran would not list it; a review) or, from a worker that
-        does not say when (``taken`` 0: older), heard after ``since_monotonic``; one heartbeat
-        TTL at most. Hosts' clocks apart by more than NTP keeps them would end it early or late."""
+    async def _heard_from_all(self, since: float, avoid: str | None) -> None:
+        """Until every live worker other than ``avoid`` sent stats read after ``since`` (monotonic
+        seconds here), for one heartbeat TTL at most. A busy worker publishes its last reading,
+        taken between steps, and one from before a load made while a step ran would not list it (a
+        review): a reading's time here is when it was heard less its age when sent (``sent -
+        taken``, both the worker's clock), so no two hosts' clocks are compared. A worker that
+        does not say when it read (``taken`` 0: older) counts when heard after ``since``."""
 
         def fresh(st: WorkerStats) -> bool:
-            return st.taken >= since if st.taken else self.workers[st.worker][1] > since_monotonic
+            age = st.sent - st.taken if st.taken else 0.0
+            return self.workers[st.worker][1] - age > since
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.s.heartbeat_ttl_s):

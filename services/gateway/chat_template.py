@@ -88,13 +88,14 @@ _RENDERER_KWARGS = {
 
 
 def _given(tool: dict[str, Any]) -> dict[str, Any]:
-    """A tool as its client wrote it: fields it left out (null here) are not rendered, as vLLM
-    renders none (every tool showed ``"strict": null`` in the prompt; a trial). A null inside
-    ``parameters`` is the schema's own and stays."""
-    given = {k: v for k, v in tool.items() if v is not None}
-    if isinstance(given.get("function"), dict):
-        given["function"] = {k: v for k, v in given["function"].items() if v is not None}
-    return given
+    """A tool as vLLM gives it to a template: ``strict`` only where the client set it (every tool
+    showed ``"strict": null`` in the prompt; a trial); ``description`` and ``parameters`` null
+    where left out, as vLLM's model_dump() writes them (templates test ``is not none`` and write
+    ``parameters | tojson``)."""
+    function = tool.get("function")
+    if isinstance(function, dict) and function.get("strict") is None:
+        return {**tool, "function": {k: v for k, v in function.items() if k != "strict"}}
+    return tool
 
 
 def _calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
@@ -185,11 +186,20 @@ def _renders(render: Callable[[], object]) -> bool:
 
 
 def _parts(text: str | None) -> list[dict[str, str]]:
-    return [{"type": "text", "text": text}] if text else []
+    """A message's string content as OpenAI's parts: one text part ("" too, as vLLM: templates read
+    ``content[0]['text']``); none for no content."""
+    return [] if text is None else [{"type": "text", "text": text}]
+
+
+# How a message's content reaches a template (vLLM's --chat-template-content-format).
+CONTENT_FORMATS = ("auto", "string", "openai")
 
 
 def chat_prompt_ids(
-    messages: list[ChatMessage], tokenizer: Tokenizer, template: ChatTemplate = ChatTemplate()
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    template: ChatTemplate = ChatTemplate(),
+    content_format: str = "auto",
 ) -> list[int]:
     """The prompt token ids for a conversation: the tokenizer's chat template rendered and
     tokenized as ``apply_chat_template(..., tokenize=True, add_generation_prompt=True)`` does (or
@@ -207,7 +217,7 @@ def chat_prompt_ids(
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     source = getattr(tokenizer, "chat_template", None)
-    as_parts, developer = _template_reads(source) if isinstance(source, str) else (False, False)
+    loops, developer = _template_reads(source) if isinstance(source, str) else (False, False)
     plain = []
     for i, m in enumerate(messages):
         # Other roles are the template's to take or refuse (Llama 3.1's ipython: vLLM passes any);
@@ -247,7 +257,9 @@ def chat_prompt_ids(
         # OpenAI's developer role is the system role of models trained before it (vLLM maps it
         # likewise): a template without one dropped the message, or refused the roles' order.
         role = "system" if m.role == "developer" and source and not developer else m.role
-        if as_parts:  # each part as sent, a string as one
+        # "auto": a tool result stays a string (templates write it with |string; SGLang does the same)
+        if content_format == "openai" or (content_format == "auto" and loops and m.role != "tool"):
+            # each part as sent, a string as one
             said: Any = [{"type": "text", "text": t} for t in texts] if parts else _parts(content)
         else:
             said = content or ""

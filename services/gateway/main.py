@@ -101,7 +101,9 @@ class Gateway:
             logger.info("default sampling parameters from the model's generation_config.json", **given)
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         served = ServedModel.of(cast(Tokenizer, self.tokenizer), self.cfg, self.context, given)
-        self.served = dataclasses.replace(served, tool_call_parser=settings.tool_call_parser)
+        self.served = dataclasses.replace(
+            served, tool_call_parser=settings.tool_call_parser, content_format=settings.chat_template_content_format
+        )
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
         self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")

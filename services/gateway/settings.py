@@ -6,6 +6,7 @@ import math
 
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.model.adapter_files import AdapterLimits
+from dlora.services.gateway.chat_template import CONTENT_FORMATS
 from dlora.services.gateway.tool_parsers import PARSERS
 
 # The gateway's ``auth`` modes (see the setting).
@@ -30,6 +31,11 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # tool_choice "auto" (the default with tools) is served, its calls read from the output
     # (gateway/tool_parsers.py). Empty: "auto" is refused (400).
     tool_call_parser: str = ""
+    # vLLM's --chat-template-content-format: how a chat message's content reaches the model's
+    # template, "string" (text parts joined by newlines), "openai" (a list of parts), or "auto":
+    # parts where the template loops over a message's content (its source read once), a tool
+    # message's as a string all the same (templates write tool results with |string).
+    chat_template_content_format: str = "auto"
     # Bearer key with every right: adapter and API key administration, every adapter, file paths
     # in /v1/models; the credential that makes the first API keys. Empty: none (with auth "none"
     # adapter admin is then refused; with "keys" only keys with the admin scope administer).
@@ -92,6 +98,14 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
                 bad.append((field, getattr(self, field), "must be > 0"))
         if self.generation_config not in GENERATION_CONFIGS:
             bad.append(("generation_config", self.generation_config, f"must be one of {', '.join(GENERATION_CONFIGS)}"))
+        if self.chat_template_content_format not in CONTENT_FORMATS:
+            bad.append(
+                (
+                    "chat_template_content_format",
+                    self.chat_template_content_format,
+                    f"must be one of {', '.join(CONTENT_FORMATS)}",
+                )
+            )
         if self.tool_call_parser and self.tool_call_parser not in PARSERS:
             bad.append(("tool_call_parser", self.tool_call_parser, f"must be empty or one of {', '.join(PARSERS)}"))
         if self.auth not in AUTH_MODES:

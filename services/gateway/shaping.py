@@ -69,6 +69,8 @@ class ServedModel:
     defaults: Mapping[str, float] = field(default_factory=dict)
     # How the model writes tool calls in its text (the gateway's tool_call_parser; "": not read).
     tool_call_parser: str = ""
+    # How a chat message's content reaches the template (the gateway's chat_template_content_format).
+    content_format: str = "auto"
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, cfg: ModelConfig, context: int, defaults: Mapping[str, float]) -> ServedModel:
@@ -165,7 +167,7 @@ def shape_request(
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
     asked: int | None  # max_tokens; None: what the context leaves
     if isinstance(body, ChatBody):
-        prompts = [(chat_prompt_ids(body.messages, model.tokenizer, ChatTemplate.of(body)), None)]
+        prompts = [(chat_prompt_ids(body.messages, model.tokenizer, ChatTemplate.of(body), model.content_format), None)]
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         asked_in = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     else:

@@ -66,7 +66,7 @@ class TokenizeRoutes:
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         tokenizer: Any = self.gw.served.tokenizer
         if body.messages is not None:
-            ids = chat_prompt_ids(body.messages, tokenizer, ChatTemplate.of(body))
+            ids = chat_prompt_ids(body.messages, tokenizer, ChatTemplate.of(body), self.gw.served.content_format)
         else:
             ids = list(tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None

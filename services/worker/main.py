@@ -386,6 +386,7 @@ class WorkerService:
                 async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
                     cmd = await self.commands.get()
             except TimeoutError:
+                self._refresh_stats()  # idle, read again all the same: a dispatcher waits for a fresh reading
                 return
             await self._safely(cmd)
         while not self.commands.empty():
@@ -394,8 +395,11 @@ class WorkerService:
         if self.engine.has_unfinished():
             await self._step()
             self.adapters.tidy()
-        # The snapshot walks every request: take it as often as stats go out, not every step
-        # (and at once when the engine falls idle, so the last stats say so).
+        self._refresh_stats()
+
+    def _refresh_stats(self) -> None:
+        """The snapshot walks every request: taken as often as stats go out, not every step (and
+        at once when the engine falls idle, so the last stats say so)."""
         now = time.monotonic()
         if now - self._snapshot_at >= self.s.stats_interval_s / 2 or not self.engine.has_unfinished():
             self.stats, self._snapshot_at = self._snapshot(), now

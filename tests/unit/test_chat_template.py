@@ -269,3 +269,31 @@ def test_an_assistants_refusal_part_is_its_text(served: ServedModel) -> None:  #
     assert ids == served.tokenizer.encode("user: x\nassistant: I can't\nuser: y\nassistant:")
     e = refused(served, {"messages": [msgs[0], {"role": "assistant", "content": [{"type": "refusal"}]}]}, chat=True)
     assert "a content part of type refusal needs its refusal" in e.message
+
+
+def test_content_format_auto_string_openai(tiny_llama, tmp_path: Path) -> None:
+    """A review of the parts reading: "" must be one empty part (templates read content[0]['text']),
+    a tool result stays a string under "auto" (templates write it with |string), and the gateway's
+    chat_template_content_format overrides the reading (vLLM's --chat-template-content-format)."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{% if m['content'] is string %}{{ m['content'] }}"
+        "{% elif m['content'] %}{{ m['content'][0]['text'] }}{% for p in m['content'] %}|{% endfor %}{% endif %}"
+        "{% endfor %}"
+    )
+    msgs = [
+        ChatMessage(role="system", content=""),
+        ChatMessage(role="assistant", tool_calls=[{"id": "c", "type": "function", "function": {"name": "f"}}]),
+        ChatMessage(role="tool", content="42", tool_call_id="c"),
+    ]
+
+    def text(content_format: str) -> str:
+        return tok.decode(chat_template.chat_prompt_ids(msgs, tok, content_format=content_format))
+
+    assert text("auto").endswith("<system>|<assistant><tool>42")  # no content: no part
+    assert text("openai").endswith("<system>|<assistant><tool>42|")
+    assert text("string").endswith("<system><assistant><tool>42")
+    tool = openai.Tool(type="function", function=openai.ToolFunction(name="f"))
+    given = chat_template.ChatTemplate.of(openai.ChatBody(model="m", messages=msgs, tools=[tool]))
+    # as vLLM's model_dump(): description and parameters null where left out, strict only if set
+    assert given.tools == [{"type": "function", "function": {"name": "f", "description": None, "parameters": None}}]
