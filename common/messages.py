@@ -190,6 +190,10 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     worker: str = ""
     # Seconds from arrival at the worker to the first step that ran it (first chunk only).
     queue_seconds: float | None = None
+    # On the first chunk of a request's first run: of its prompt, the tokens its prefill found in
+    # the prefix cache. ``usage.cached_tokens`` says the same at the end, unless the request was
+    # moved or recovered meanwhile: then it is the recompute's (a reader keeps this one).
+    prompt_cached_tokens: int | None = None
     # One per token in token_ids when the request asked for logprobs.
     logprobs: list[TokenLogprob] = []
     # On the first chunk of a request that asked for prompt_logprobs: entry i is prompt token

@@ -25,7 +25,11 @@ class ReplyStream:
 
     request_id: str
     next_seq: int = 0  # the number the next new chunk carries
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache (its last chunk's usage says)
+    # Prompt tokens its prefill found in the prefix cache: its first run's (the first chunk's
+    # prompt_cached_tokens) where that was heard, else its last chunk's usage (a trial: after a
+    # move or recovery the usage reported the recompute's hit, up to the whole prompt).
+    cached_tokens: int = 0
+    _first_cached: int | None = None
     keep_ids: bool = False  # keep the tokens' ids (return_token_ids), not only their count
     token_ids: list[int] = field(default_factory=list)  # completion tokens so far, when kept
     tokens: int = 0  # completion tokens so far
@@ -82,8 +86,10 @@ class ReplyStream:
             self.tokens += len(nxt.token_ids)
             if self.keep_ids:
                 self.token_ids += nxt.token_ids
+            if nxt.prompt_cached_tokens is not None and self._first_cached is None:
+                self._first_cached = nxt.prompt_cached_tokens
             if nxt.usage is not None:
-                self.cached_tokens = nxt.usage.cached_tokens
+                self.cached_tokens = nxt.usage.cached_tokens if self._first_cached is None else self._first_cached
             self.text += nxt.text
             self.finish_reason = nxt.finish_reason
             ready.append(nxt)

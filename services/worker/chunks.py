@@ -32,10 +32,12 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         own = out.error_code is ErrorCode.BAD_REQUEST
         reason = out.error if own else f"the request failed on worker {worker}: {out.error}"
         return error_chunk(stream.request, out.error_code, reason, worker, seq=stream.seq, param=out.error_param)
-    queue_seconds = None
+    queue_seconds = prompt_cached = None
     if not stream.first_sent:
         stream.first_sent = True
         queue_seconds = now - stream.arrived
+        if not stream.request.continued:  # a moved or recovered request's prompt was prefilled before
+            prompt_cached = out.num_cached_tokens
     chunk = TokenChunk(
         request_id=out.request_id,
         seq=stream.seq,
@@ -52,6 +54,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         else None,
         worker=worker,
         queue_seconds=queue_seconds,
+        prompt_cached_tokens=prompt_cached,
         logprobs=out.logprobs or [],
         prompt_logprobs=out.prompt_logprobs or [],
         recoveries=stream.request.recoveries,

@@ -98,3 +98,29 @@ def test_held_chunks_of_an_earlier_attempt_are_dropped_when_a_later_one_speaks()
     assert [c.text for c in r.take(chunk(1, text="b", worker="w-new", recoveries=1))] == ["b"]
     assert not r.gap_open  # the stale attempt's chunk 2 went with its attempt
     assert [c.text for c in r.take(chunk(2, text="c", worker="w-new", recoveries=1))] == ["c"]
+
+
+def test_cached_tokens_are_the_first_runs_after_a_move_or_recovery() -> None:
+    """A trial: after a move or a recovery the usage said the recompute's prefix-cache hit (0 for a
+    first run's 32; 40 of a 40-token prompt after a recovery), not the prompt's own prefill's."""
+    from dlora.common.messages import Usage
+
+    moved = ReplyStream("r")
+    moved.accept(chunk(0, prompt_cached_tokens=32))
+    moved.accept(chunk(1, recoveries=1))  # the destination's first chunk says none: continued
+    moved.accept(
+        chunk(
+            2,
+            recoveries=1,
+            finish_reason=FinishReason.LENGTH,
+            usage=Usage(prompt_tokens=40, completion_tokens=3, cached_tokens=40),
+        )
+    )
+    assert moved.cached_tokens == 32
+    alone = ReplyStream("r")  # never moved, or moved before its first chunk came: the usage's
+    alone.accept(
+        chunk(
+            0, finish_reason=FinishReason.LENGTH, usage=Usage(prompt_tokens=40, completion_tokens=1, cached_tokens=16)
+        )
+    )
+    assert alone.cached_tokens == 16

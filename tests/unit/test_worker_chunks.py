@@ -23,3 +23,19 @@ def test_an_adapter_that_cannot_be_loaded_is_the_servers_fault_and_its_paths_sta
         assert "/srv" not in chunk.error and "<path>" in chunk.error, chunk.error
         assert chunk.error.startswith("adapter 'sec2' could not be loaded on worker worker-0: ")
     assert "1/2 past the end" in adapter_failure_chunk(req, errors[0], "w").error  # not a path
+
+
+def test_the_first_chunk_of_a_first_run_says_its_prefix_cache_hit() -> None:
+    """A moved or recovered request's usage said the recompute's hit; a reader keeps this one."""
+    import msgspec
+
+    from dlora.services.worker.chunks import chunk_for, open_stream
+    from dlora.services.worker.engine import RequestOutput
+
+    req = GenerateRequest(request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1] * 40, params=SamplingParams())
+    out = RequestOutput("r", [5], "x", False, None, num_prompt_tokens=40, num_output_tokens=1, num_cached_tokens=32)
+    fresh = open_stream(req, 0.0)
+    assert chunk_for(out, fresh, "w", 0.0).prompt_cached_tokens == 32
+    assert chunk_for(out, fresh, "w", 0.0).prompt_cached_tokens is None  # the first chunk only
+    moved = open_stream(msgspec.structs.replace(req, continued=True), 0.0)
+    assert chunk_for(out, moved, "w", 0.0).prompt_cached_tokens is None  # its prompt was prefilled before
