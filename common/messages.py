@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import secrets
 from typing import Annotated
 
 import msgspec
@@ -132,16 +131,6 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
 # times, then failed: a poison request must not take down one worker after another. A request
 # whose message never reached its worker is re-dispatched without counting.
 MAX_RECOVERIES = 1
-
-
-def with_seed(req: GenerateRequest) -> GenerateRequest:
-    """``req``, with a seed drawn for it if it samples without one. A seeded request's draws are
-    keyed by output position (the worker's sampler), so wherever it resumes (moved, or after its
-    worker died) it continues as it would have, and a token regenerated after a crash is the one
-    the client already has."""
-    if req.params.temperature == 0.0 or req.params.seed is not None:
-        return req
-    return msgspec.structs.replace(req, params=msgspec.structs.replace(req.params, seed=secrets.randbits(63)))
 
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):

@@ -33,9 +33,9 @@ from dlora.common.messages import (
     PrefixCacheReset,
     TokenChunk,
     WorkerStats,
-    with_seed,
 )
 from dlora.common.registry import AdapterRegistry
+from dlora.common.seeds import with_seed
 from dlora.common.state import StateStore
 from dlora.common.undecodable import field_of, request_head
 from dlora.services.dispatcher.affinity import request_keys

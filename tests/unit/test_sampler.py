@@ -80,7 +80,8 @@ def test_good_parameters_pass() -> None:
 
 
 def test_with_seed_draws_one_only_for_unseeded_sampling() -> None:
-    from dlora.common.messages import GenerateRequest, with_seed
+    from dlora.common.messages import GenerateRequest
+    from dlora.common.seeds import with_seed
 
     def req(**params) -> GenerateRequest:
         return GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1], params=SamplingParams(**params))
