@@ -51,7 +51,7 @@ class WorkerView:
     now: float  # Unix seconds
     # The loop's decode steps timed (``StepCycles``): batch bucket -> (steps, seconds, sequences).
     cycles: dict[int, tuple[int, float, int]] = dataclasses.field(default_factory=dict)
-    settings: dict[str, str] = dataclasses.field(default_factory=dict)  # ``LLMEngine.settings_in_effect``
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)  # ``snapshot.settings_in_effect``
 
 
 # Label values (in the family's label order) -> the sample's value.

@@ -101,3 +101,23 @@ def worker_stats(
         sent=(now := time.time()),
         taken=now,
     )
+
+
+def settings_in_effect(e: LLMEngine) -> dict[str, str]:
+    """The engine settings ``e`` runs with, as text (the worker's metrics): where it differs from
+    the config's, what took effect (a KV cache too small for ``max_model_len``; chunks and the
+    cache off for dynamic RoPE past the native context). vLLM logs its engine config at start."""
+    return {
+        "device": str(e.device),
+        "dtype": str(e.dtype).removeprefix("torch."),
+        "kernels": e.kernels.name,
+        "max_model_len": str(e.max_model_len),
+        "max_num_seqs": str(e.limits.max_num_seqs),
+        "max_num_batched_tokens": str(e.limits.max_num_batched_tokens),
+        "block_size": str(e.blocks.block_size),
+        "num_blocks": str(e.blocks.num_blocks),
+        "enable_prefix_caching": str(e.blocks.enable_prefix_caching).lower(),
+        "enable_chunked_prefill": str(e.limits.chunked_prefill).lower(),
+        "max_loras": str(e.config.max_loras),
+        "policy": e.config.policy.name,
+    }

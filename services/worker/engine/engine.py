@@ -289,25 +289,6 @@ class LLMEngine:
         move): until then its last one is ``RESERVED``."""
         return async_scheduling.drain(self)
 
-    def settings_in_effect(self) -> dict[str, str]:
-        """The engine settings this engine runs with, as text: where it differs from the config's,
-        what took effect (a KV cache too small for ``max_model_len``; chunks and the cache off for
-        dynamic RoPE past the native context). vLLM logs its engine config at start."""
-        return {
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "kernels": self.kernels.name,
-            "max_model_len": str(self.max_model_len),
-            "max_num_seqs": str(self.limits.max_num_seqs),
-            "max_num_batched_tokens": str(self.limits.max_num_batched_tokens),
-            "block_size": str(self.blocks.block_size),
-            "num_blocks": str(self.blocks.num_blocks),
-            "enable_prefix_caching": str(self.blocks.enable_prefix_caching).lower(),
-            "enable_chunked_prefill": str(self.limits.chunked_prefill).lower(),
-            "max_loras": str(self.config.max_loras),
-            "policy": self.config.policy.name,
-        }
-
     def reset_prefix_cache(self) -> int:
         """Forget the prefix cache (``BlockManager.reset_prefix_cache``); the blocks it held."""
         return self.blocks.reset_prefix_cache()
