@@ -1,6 +1,7 @@
 """A request arriving at the worker, the I/O the shell does for it: refused (aborted, fenced, its
-client silent, its adapter missing, or unreadable here) with an answer, or added to the engine
-with the cache a move shipped. A function of the running ``WorkerService``, as ``drain`` is."""
+client silent, its adapter missing, or unreadable here) with an answer, added to the engine with
+the cache a move shipped, or handed back for another worker (and, at the reconcile, the records
+of requests not held here). Functions of the running ``WorkerService``, as ``drain``'s are."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import msgspec
 from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
-from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk, with_seed
+from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk
+from dlora.common.seeds import with_seed
 from dlora.common.undecodable import request_head
 from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRefused
 from dlora.services.worker.chunks import (
@@ -170,3 +172,28 @@ async def _hand_back_once(w: WorkerService, request_id: str, recoveries: int, el
     )
     await bus.publish(w.nc, subjects.LOST, lost)
     return True
+
+
+async def hand_back_unheld(w: WorkerService, grace_s: float) -> None:
+    """Hand back what the in-flight records say is here but is not (a previous incarnation's
+    requests, or ones whose message never came, recorded ``grace_s`` ago at least) for a
+    dispatcher to re-dispatch; a gateway's aborted one's record is ended instead."""
+    lost, never_arrived = await w.store.sweep_inflight(
+        w.s.worker_id, w.incarnation, set(w.streams) | w.pending, grace_s
+    )
+    # A gateway's abort only: the record does not say whose request it is, and an application
+    # must not stop another's recovery.
+    if aborted := {rid: a for rid, a in lost.items() if (rid, None) in w.aborted}:
+        await w.store.record_progress(w.s.worker_id, {}, aborted)  # its record outlived it
+    if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
+        logger.warning("in-flight records not held here; handed back", requests=len(lost))
+        # One handed back lately for a worker holding its version, and not taken yet (the
+        # dispatcher waits for the workers' next stats before it says none holds it), still needs one.
+        now = time.monotonic()
+        elsewhere = [
+            rid for rid in lost if (v := w.handed_back.get(rid)) and v[1] and now - v[0] < HANDED_BACK_MEMORY_S
+        ]
+        handed = LostRequests(
+            worker=w.s.worker_id, requests=lost, never_arrived=sorted(never_arrived & set(lost)), elsewhere=elsewhere
+        )
+        await bus.publish(w.nc, subjects.LOST, handed)

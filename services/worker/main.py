@@ -27,7 +27,6 @@ from dlora.common.messages import (
     FinishReason,
     GenerateRequest,
     KVChunk,
-    LostRequests,
     MovePlan,
     Placement,
     PrefixCacheReset,
@@ -39,7 +38,7 @@ from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import WorkerAdapters
-from dlora.services.worker.admit import admit, refuse_unreadable
+from dlora.services.worker.admit import admit, hand_back_unheld, refuse_unreadable
 from dlora.services.worker.chunks import (
     Stream,
     aborted_chunk,
@@ -60,7 +59,7 @@ from dlora.services.worker.move_out import move_out
 from dlora.services.worker.moves import Move, moves_to_take
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.settings import WorkerSettings
-from dlora.services.worker.snapshot import worker_stats
+from dlora.services.worker.snapshot import settings_in_effect, worker_stats
 from dlora.services.worker.tokenized import Tokenized
 
 logger = log.get("worker")
@@ -117,7 +116,7 @@ class WorkerService:
         self._listed_at = -_LIST_EVERY_S
         self.metrics = WorkerMetrics(settings.worker_id, lambda: worker_view(self))
         self.tokenized = Tokenized(engine.tokenizer)  # arriving requests' prompts and bad_words
-        self.settings = engine.settings_in_effect()  # for the metrics (read once: they do not change)
+        self.settings = settings_in_effect(engine)  # for the metrics (read once: they do not change)
 
     # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
@@ -330,28 +329,7 @@ class WorkerService:
                 await self.delivery.publish(stream.reply_to, chunk)
         if self.records.behind:
             await self.records.write({})
-        lost, never_arrived = await self.store.sweep_inflight(
-            self.s.worker_id,
-            self.incarnation,
-            set(self.streams) | self.pending,
-            min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s),
-        )
-        # A gateway's abort only: the record does not say whose request it is, and an application
-        # must not stop another's recovery.
-        if aborted := {rid: a for rid, a in lost.items() if (rid, None) in self.aborted}:
-            await self.store.record_progress(self.s.worker_id, {}, aborted)  # its record outlived it
-        if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
-            logger.warning("in-flight records not held here; handed back", requests=len(lost))
-            # One handed back for a worker holding its version, and not taken yet (the dispatcher
-            # waits for the workers' next stats before it says none holds it), still needs one.
-            elsewhere = sorted(rid for rid in lost if self.handed_back.get(rid, (0.0, False))[1])
-            handed = LostRequests(
-                worker=self.s.worker_id,
-                requests=lost,
-                never_arrived=sorted(never_arrived & set(lost)),
-                elsewhere=elsewhere,
-            )
-            await bus.publish(self.nc, subjects.LOST, handed)
+        await hand_back_unheld(self, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s))
 
     async def run_loop(self, stop: asyncio.Event, done: asyncio.Event) -> None:
         """Steps until ``stop``, drains (``drain_timeout_s``), hands over the rest; then ``done``."""
