@@ -61,7 +61,6 @@ the switches), using measured step and switch times. Merged epochs that lost rai
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,46 +74,12 @@ from dlora.services.worker.policy.base import (
     StepDecision,
     StepRecord,
     fcfs_batch,
-    lora_work,
     within_budget,
 )
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
-from dlora.services.worker.policy.credits import BASE, CreditLedger
-
-
-@dataclass
-class _Epoch:
-    """Actual and counterfactual work since the last change of mode."""
-
-    mode: Mode
-    merged: str | None
-    steps: int = 0
-    mixed_steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    predicted: float = 0.0  # what the cost model expected of the steps it predicted
-    predicted_actual: float = 0.0  # what those steps took
-    predicted_steps: int = 0  # how many
-    cf_tokens: int = 0
-    cf_seconds: float = 0.0
-    cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
-    cf_prefilled: set[str] = field(default_factory=set)  # requests whose prompt the counterfactual served
-
-
-@dataclass(frozen=True)
-class _Facts:
-    """What a step tells ``observe`` beside its seconds: the same however often it repeats."""
-
-    mode: Mode
-    displaced: set[str]  # keys of the FCFS requests it left waiting: they gain credit
-    payers: dict[str, float]  # who pays it, by share
-    served: int  # tokens of work it served (``QueuedRequest.work``)
-    slowdown: float  # 1 + its FCFS requests left waiting over those it ran
-    cf: tuple[int, int, int] | None  # a merged step's counterfactual: the FCFS batch unmerged (``_work``)
-    cf_work: int  # that batch's tokens of work
-    transfers: bool  # whether ``CreditLedger.transfer`` moves credit for it (someone displaced, someone pays)
-    cf_others: int  # an unmerged step's counterfactual: FCFS requests not of the adapter it would merge
+from dlora.services.worker.policy.credits import CreditLedger
+from dlora.services.worker.policy.dlora_steps import Basis, Epoch, Facts, facts_of, key_of, step_work
 
 
 @dataclass(frozen=True)
@@ -139,39 +104,10 @@ class _Candidate:
     # What one step of ``batch`` feeds (``within_budget``): what ``waiting`` and the price count.
     run: list[QueuedRequest] = field(default_factory=list)
 
-    def decision(self, basis: _Basis) -> StepDecision:
+    def decision(self, basis: Basis) -> StepDecision:
         # Prompt tokens its merged state makes a request feed beyond its work: computed again, not served.
         basis.excess = {r.request_id: x for r in self.batch if (x := r.fed(self.merged, basis.merged_now) - r.work) > 0}
         return StepDecision(self.merged, [r.request_id for r in self.batch], basis, mixed=self.mode is Mode.MIXED)
-
-
-@dataclass
-class _Basis:
-    """What decide() saw, handed back to observe() in the decision (``StepDecision.basis``)."""
-
-    fcfs: list[QueuedRequest]
-    best: str | None  # most-queued eligible adapter
-    best_group: list[QueuedRequest]  # its queued requests: what a merged step on it would run
-    merged_now: str | None = None  # the adapter merged as it decided
-    predicted: float | None = None  # seconds the cost model expects of the chosen step
-    excess: dict[str, int] = field(default_factory=dict)  # by request: tokens fed beyond its work
-
-
-def _key(adapter: str | None) -> str:
-    return BASE if adapter is None else adapter
-
-
-def _work(
-    batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int], merged_now: str | None
-) -> tuple[int, int, int]:
-    """(tokens, LoRA segments, rank-tokens) of a step running ``batch`` with ``merged`` merged
-    (``lora_work``), ``merged_now`` being merged now: a prompt feeds what the prefix cache does not
-    hold under the key of the step's merged state (``QueuedRequest.fed``)."""
-    fed = [(r.adapter, r.fed(merged, merged_now)) for r in batch]
-    known = {r.adapter: r.rank for r in batch if r.adapter is not None}  # what lora_work reads: not all of ranks
-    if merged is not None and merged not in known:
-        known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
-    return sum(n for _, n in fed), *lora_work(fed, merged, known)
 
 
 class DLoraPolicy(Policy):
@@ -192,7 +128,7 @@ class DLoraPolicy(Policy):
         self.credits = CreditLedger()
         self.costs = CostModel()
         self.ranks: dict[str, int] = {}
-        self._epoch: _Epoch | None = None
+        self._epoch: Epoch | None = None
         # Running estimate of how many steps a merged (or mixed) epoch lasts, for amortising a switch.
         self.merged_epoch_steps = 8.0
         self.fallback_steps = 0  # steps the watchdog still holds the policy unmerged
@@ -229,11 +165,11 @@ class DLoraPolicy(Policy):
         # must not be merged.
         mergeable = [a for a in eligible if a not in self.unmergeable]
         best = max(mergeable, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        basis = _Basis(fcfs, best, eligible.get(best or "", []), merged_now)
+        basis = Basis(fcfs, best, eligible.get(best or "", []), merged_now)
         f_run = within_budget(fcfs, self.limits, None, merged_now)
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)
 
-        starving = {k for k in {_key(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
+        starving = {k for k in {key_of(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
         if starving:
             return self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible).decision(basis)
         if self.fallback_steps > 0:
@@ -282,15 +218,15 @@ class DLoraPolicy(Policy):
         """The starving adapters' requests in F first: beside the adapter merged now if they all
         fit there (no switch; and all of F, if it may not displace anyone: ``eligible``), else F
         unmerged."""
-        first = [r for r in fcfs if _key(r.adapter) in starving]
+        first = [r for r in fcfs if key_of(r.adapter) in starving]
         if merged_now is not None:
-            ordered = [r for r in queue if _key(r.adapter) in starving]
-            ordered += [r for r in queue if _key(r.adapter) not in starving]
+            ordered = [r for r in queue if key_of(r.adapter) in starving]
+            ordered += [r for r in queue if key_of(r.adapter) not in starving]
             mixed = fcfs_batch(ordered, self.limits, merged=merged_now)
             must = first if eligible else fcfs
             if {r.request_id for r in must} <= {r.request_id for r in mixed}:
                 return _Candidate(Mode.MIXED, merged_now, mixed)
-        return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if _key(r.adapter) not in starving])
+        return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if key_of(r.adapter) not in starving])
 
     def _candidate(
         self, mode: Mode, m: str | None, batch: list[QueuedRequest], f_run: list[QueuedRequest], merged_now: str | None
@@ -306,7 +242,7 @@ class DLoraPolicy(Policy):
 
     def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
         """``c`` with its price (of what one step of it feeds); unpriced before a base step was measured."""
-        tokens, segments, rank_tokens = _work(c.run, c.merged, self.ranks, merged_now)
+        tokens, segments, rank_tokens = step_work(c.run, c.merged, self.ranks, merged_now)
         base = self.costs.base_estimate(tokens)
         if base is None or tokens == 0:
             return c
@@ -355,7 +291,7 @@ class DLoraPolicy(Policy):
         the merge would make it compute again takes longer merged, and serves no more. Before both
         modes are measured, the count rule alone decides.
         """
-        f_tokens, seg, rank_tokens = _work(f_run, None, self.ranks, merged_now)
+        f_tokens, seg, rank_tokens = step_work(f_run, None, self.ranks, merged_now)
         g_tokens = sum(r.fed(r.adapter, merged_now) for r in group)
         unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens)
         merged = self.costs.step_seconds(g_tokens)
@@ -371,11 +307,11 @@ class DLoraPolicy(Policy):
 
     def observe_repeated(self, decision: StepDecision, record: StepRecord, seconds: list[float]) -> None:
         basis = decision.basis
-        if not isinstance(basis, _Basis):  # decided elsewhere: its times teach, its batch moves no credit
+        if not isinstance(basis, Basis):  # decided elsewhere: its times teach, its batch moves no credit
             for t in seconds:
                 self._learn(record, t)
             return
-        facts = self._facts(basis, record)
+        facts = facts_of(basis, record, self.ranks)
         for t in seconds:
             self._learn(record, t)
             self._move_credits(facts, t)
@@ -388,44 +324,20 @@ class DLoraPolicy(Policy):
         if self.fallback_steps > 0:
             self.fallback_steps -= 1
 
-    def _facts(self, basis: _Basis, record: StepRecord) -> _Facts:
-        ran = set(record.request_ids)
-        fcfs_ids = {r.request_id for r in basis.fcfs}
-        if record.merged is not None:
-            payers: dict[str, float] = {record.merged: 1.0}
-        else:  # whoever jumped in ahead of FCFS pays (nobody, for a batch this policy chose)
-            jumped = (_key(a) for rid, a in zip(record.request_ids, record.adapters) if rid not in fcfs_ids)
-            payers = dict(Counter(jumped))
-        waiting = sum(r.request_id not in ran for r in basis.fcfs)
-        merged = record.merged is not None
-        displaced = {_key(r.adapter) for r in basis.fcfs if r.request_id not in ran}
-        return _Facts(
-            mode=record.mode,
-            displaced=displaced,
-            payers=payers,
-            transfers=bool(displaced - payers.keys()) and sum(payers.values()) > 0,
-            # what a switch made prompts compute again took the step's time and served no one
-            served=record.num_tokens - min(record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)),
-            slowdown=1 + waiting / max(1, len(ran)),
-            cf=_work(basis.fcfs, None, self.ranks, basis.merged_now) if merged else None,
-            cf_work=sum(r.work for r in basis.fcfs) if merged else 0,
-            cf_others=sum(r.adapter != basis.best for r in basis.fcfs) if basis.best is not None else 0,
-        )
-
-    def _move_credits(self, facts: _Facts, seconds: float) -> None:
+    def _move_credits(self, facts: Facts, seconds: float) -> None:
         if facts.transfers:
             self.credits.transfer(facts.displaced, facts.payers, seconds)
         for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in facts.displaced]:
             self.credits.settle(key)
 
-    def _account(self, basis: _Basis, record: StepRecord, facts: _Facts, seconds: float) -> None:
+    def _account(self, basis: Basis, record: StepRecord, facts: Facts, seconds: float) -> None:
         # An epoch lasts while the same adapter stays merged (or none): mixed and merged steps of one
         # merge are one epoch, its mode the last step's.
         epoch = self._epoch
         if epoch is None or epoch.merged != record.merged:
             if epoch is not None:
                 self._adapt(epoch)
-            epoch = self._epoch = _Epoch(mode=facts.mode, merged=record.merged)
+            epoch = self._epoch = Epoch(mode=facts.mode, merged=record.merged)
         else:
             epoch.mode = facts.mode
         epoch.mixed_steps += facts.mode is Mode.MIXED
@@ -461,7 +373,7 @@ class DLoraPolicy(Policy):
                 epoch.cf_tokens += len(basis.best_group) - len(fresh) + sum(r.work for r in fresh)
                 epoch.cf_seconds += cf
 
-    def _watch(self, epoch: _Epoch) -> None:
+    def _watch(self, epoch: Epoch) -> None:
         """The watchdog: a merged or mixed epoch whose steps took ``watchdog_ratio`` times what was
         predicted of them falls back to unmerged for ``watchdog_steps`` steps."""
         c = self.config
@@ -474,7 +386,7 @@ class DLoraPolicy(Policy):
         epoch.predicted = epoch.predicted_actual = 0.0
         epoch.predicted_steps = 0
 
-    def _adapt(self, epoch: _Epoch) -> None:
+    def _adapt(self, epoch: Epoch) -> None:
         if epoch.merged is not None:
             self.merged_epoch_steps = 0.8 * self.merged_epoch_steps + 0.2 * epoch.steps
         if epoch.seconds <= 0 or epoch.cf_seconds <= 0 or epoch.cf_tokens == 0 or 2 * epoch.mixed_steps > epoch.steps:

@@ -1,0 +1,100 @@
+"""What the dLoRA policy keeps of a step between ``decide`` and ``observe``: what it saw
+(``Basis``), what the step tells beside its seconds (``Facts``, however often it repeats), and
+the epoch it accounts it to (``Epoch``). Pure."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dlora.services.worker.policy.base import Mode, QueuedRequest, StepRecord, lora_work
+from dlora.services.worker.policy.credits import BASE
+
+
+@dataclass
+class Epoch:
+    """Actual and counterfactual work since the last change of mode."""
+
+    mode: Mode
+    merged: str | None
+    steps: int = 0
+    mixed_steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    predicted: float = 0.0  # what the cost model expected of the steps it predicted
+    predicted_actual: float = 0.0  # what those steps took
+    predicted_steps: int = 0  # how many
+    cf_tokens: int = 0
+    cf_seconds: float = 0.0
+    cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
+    cf_prefilled: set[str] = field(default_factory=set)  # requests whose prompt the counterfactual served
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a step tells ``observe`` beside its seconds: the same however often it repeats."""
+
+    mode: Mode
+    displaced: set[str]  # keys of the FCFS requests it left waiting: they gain credit
+    payers: dict[str, float]  # who pays it, by share
+    served: int  # tokens of work it served (``QueuedRequest.work``)
+    slowdown: float  # 1 + its FCFS requests left waiting over those it ran
+    cf: tuple[int, int, int] | None  # a merged step's counterfactual: the FCFS batch unmerged (``step_work``)
+    cf_work: int  # that batch's tokens of work
+    transfers: bool  # whether ``CreditLedger.transfer`` moves credit for it (someone displaced, someone pays)
+    cf_others: int  # an unmerged step's counterfactual: FCFS requests not of the adapter it would merge
+
+
+@dataclass
+class Basis:
+    """What decide() saw, handed back to observe() in the decision (``StepDecision.basis``)."""
+
+    fcfs: list[QueuedRequest]
+    best: str | None  # most-queued eligible adapter
+    best_group: list[QueuedRequest]  # its queued requests: what a merged step on it would run
+    merged_now: str | None = None  # the adapter merged as it decided
+    predicted: float | None = None  # seconds the cost model expects of the chosen step
+    excess: dict[str, int] = field(default_factory=dict)  # by request: tokens fed beyond its work
+
+
+def key_of(adapter: str | None) -> str:
+    return BASE if adapter is None else adapter
+
+
+def step_work(
+    batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int], merged_now: str | None
+) -> tuple[int, int, int]:
+    """(tokens, LoRA segments, rank-tokens) of a step running ``batch`` with ``merged`` merged
+    (``lora_work``), ``merged_now`` being merged now: a prompt feeds what the prefix cache does not
+    hold under the key of the step's merged state (``QueuedRequest.fed``)."""
+    fed = [(r.adapter, r.fed(merged, merged_now)) for r in batch]
+    known = {r.adapter: r.rank for r in batch if r.adapter is not None}  # what lora_work reads: not all of ranks
+    if merged is not None and merged not in known:
+        known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
+    return sum(n for _, n in fed), *lora_work(fed, merged, known)
+
+
+def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
+    """What ``record``'s step, decided on ``basis``, tells ``observe`` beside its seconds."""
+    ran = set(record.request_ids)
+    fcfs_ids = {r.request_id for r in basis.fcfs}
+    if record.merged is not None:
+        payers: dict[str, float] = {record.merged: 1.0}
+    else:  # whoever jumped in ahead of FCFS pays (nobody, for a batch this policy chose)
+        jumped = (key_of(a) for rid, a in zip(record.request_ids, record.adapters) if rid not in fcfs_ids)
+        payers = dict(Counter(jumped))
+    waiting = sum(r.request_id not in ran for r in basis.fcfs)
+    merged = record.merged is not None
+    displaced = {key_of(r.adapter) for r in basis.fcfs if r.request_id not in ran}
+    return Facts(
+        mode=record.mode,
+        displaced=displaced,
+        payers=payers,
+        transfers=bool(displaced - payers.keys()) and sum(payers.values()) > 0,
+        # what a switch made prompts compute again took the step's time and served no one
+        served=record.num_tokens - min(record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)),
+        slowdown=1 + waiting / max(1, len(ran)),
+        cf=step_work(basis.fcfs, None, ranks, basis.merged_now) if merged else None,
+        cf_work=sum(r.work for r in basis.fcfs) if merged else 0,
+        cf_others=sum(r.adapter != basis.best for r in basis.fcfs) if basis.best is not None else 0,
+    )
