@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -37,10 +38,44 @@ class ServerError(RuntimeError):
 NATS_DEFAULT_PORT = 4222
 
 
-def free_port() -> int:
+# Ports free_port draws from start here: below are the usual fixed ports (8000, 6379, 9090, ...).
+_LOWEST_DRAWN_PORT = 10_000
+_handed_out: set[int] = set()
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections' local ends: Linux's
+    ``net.ipv4.ip_local_port_range``, else IANA's dynamic range (RFC 6335: 49152-65535)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing is bound to now, drawn at random outside the ephemeral range
+    and never the same twice in this process.
+
+    Not ``bind(0)``: that hands out an ephemeral port, which any outgoing connection on the machine
+    may take as its local end before the server meant to listen there binds (CI: a systemd gateway
+    binding 13 s after the draw found its port taken by a neighbouring test's connection).
+    portpicker 1.6 tries ``bind(0)`` first too. Falls back to ``bind(0)`` when no draw binds."""
+    ephemeral, draw = ephemeral_ports(), random.SystemRandom()  # not the module's seeded generator
+    for _ in range(256):
+        port = draw.randrange(_LOWEST_DRAWN_PORT, 65536)
+        if port in ephemeral or port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
