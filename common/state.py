@@ -19,7 +19,8 @@
                                      next chunk's seq), tokens delivered ("1,2,3," appended per
                                      step), held (of those, how many await their text), recoveries
                                      (the attempt running: the fencing token), deaths (workers that
-                                     died with it), at (ms, Redis clock); expires unless its worker
+                                     died with it), quiet (1: its worker was not heard from lately
+                                     when it was sent), at (ms, Redis clock); expires unless its worker
                                      refreshes it
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
@@ -75,6 +76,10 @@ class Inflight:
     text_held: str = ""  # text those tokens made that was not sent (it could have begun a stop string)
     deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
     incarnation: str = ""  # the start of ``worker`` it was sent to ("" where unknown)
+    # ``worker`` had not been heard from for half the heartbeat TTL when it was sent there: likely
+    # dead already, so its loss is not counted among the request's deaths (two workers killed
+    # together: the first's requests went to the second, and then failed as poison).
+    sent_quiet: bool = False
 
 
 class Sent(NamedTuple):
@@ -318,6 +323,7 @@ class StateStore:
         new: bool = False,
         incarnation: str = "",
         died: bool = False,
+        quiet: bool = False,
     ) -> bool:
         """Record a request as running on ``worker`` as attempt ``request.recoveries``. On a resume
         elsewhere only the worker, the attempt and the time change: the first request and the
@@ -327,7 +333,8 @@ class StateStore:
         dispatch) False, and nothing written, when a record under its id exists: another request
         in flight has that id. ``incarnation``: the start of ``worker`` it is sent to, where known
         (a hand-back then tells a message that never came from a death); ``died``: a re-dispatch
-        after the worker running it died (or hung), counted in the record's ``deaths``."""
+        after the worker running it died (or hung), counted in the record's ``deaths``; ``quiet``:
+        ``worker`` had not been heard from lately (``Inflight.sent_quiet``)."""
         args: list[str | int] = [
             worker,
             msgspec.json.encode(request).decode(),
@@ -338,6 +345,7 @@ class StateStore:
             request.next_seq,
             incarnation,
             int(died),
+            int(quiet),
         ]
         if expect is not None:
             args += [expect[0], expect[1]]
@@ -411,6 +419,7 @@ class StateStore:
             text_held=_text(raw.get(b"held_text", b"")) if raw.get(b"held_next") == raw.get(b"next") else "",
             deaths=int(raw.get(b"deaths", 0)),
             incarnation=_text(raw.get(b"incarnation", b"")),
+            sent_quiet=raw.get(b"quiet") == b"1",
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

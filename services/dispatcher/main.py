@@ -323,7 +323,10 @@ class Dispatcher(Recovery):
             code = ErrorCode.BAD_REQUEST if expect is None else ErrorCode.INTERNAL
             await self._fail(req, req.next_seq, reason, "too-large", code, expect)
             return
+        # Not a worker gone quiet while another can take it: it is likely dead (its loss not declared yet).
+        quiet = self.state.quiet(time.monotonic())
         others = [w for w in live if w.worker != avoid]
+        others = [w for w in others if w.worker not in quiet] or others
         proactive = self.s.dispatch is DispatchMode.PROACTIVE  # round-robin reads no prefixes
         prefixes = request_keys(req) if proactive else None
         # an application's groups are its own, and a name is kept as a digest (its size is the sender's)
@@ -341,7 +344,7 @@ class Dispatcher(Recovery):
         recorded = False
         try:
             recorded = await self.store.put_inflight(
-                req, worker, expect, new=expect is None, incarnation=incarnation, died=died
+                req, worker, expect, new=expect is None, incarnation=incarnation, died=died, quiet=worker in quiet
             )
         finally:
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went

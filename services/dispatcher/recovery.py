@@ -176,6 +176,7 @@ class Recovery:
         ``holding``: only to a worker that holds its adapter's version (``_dispatch``)."""
         first = rec.request
         next_seq = rec.next_seq
+        died = died and not rec.sent_quiet  # sent to a worker likely dead already: not its death
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         if first.client and self.clients.gone(first.client, time.monotonic()):
             logger.warning("client silent; its request is answered, not re-dispatched", request=first.request_id)

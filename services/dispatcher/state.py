@@ -89,6 +89,12 @@ class DispatchState:
         """Workers heard from within the TTL that take new requests (not draining)."""
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
 
+    def quiet(self, now: float) -> set[str]:
+        """Live workers not heard from for over half the TTL: each has missed a stats interval at
+        least (a worker's is under half the TTL, ``WorkerSettings.check``), so is likely dead but not
+        yet declared lost (two killed together: the first's loss re-dispatched to the second)."""
+        return {w for w, (_, at) in self.workers.items() if self.ttl_s / 2 < now - at <= self.ttl_s}
+
     def choose(
         self,
         live: list[WorkerStats],

@@ -155,6 +155,81 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
         await nc.drain()
 
 
+async def test_a_worker_gone_quiet_is_not_sent_recovered_requests_nor_counted_as_their_death(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A trial: two workers SIGKILLed together. The first declared lost had its request re-dispatched
+    to the second (dead too, its heartbeat not lapsed yet); declared lost 0.5 s later, that counted
+    as the request's second death, and it failed as poison though it never ran there. A worker not
+    heard from for half the TTL is now passed over while another can take the request, and one sent
+    it anyway (no other) does not count its loss as a death."""
+    import time
+
+    import msgspec
+
+    from dlora.common import subjects
+    from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
+
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    dispatcher = Dispatcher(DispatcherSettings(nats_url=nats_server.url, redis_url="unused"), nc, store)
+    ttl = dispatcher.s.heartbeat_ttl_s
+    forwarded: dict[str, asyncio.Queue] = {w: asyncio.Queue() for w in ("w-quiet", "w-live")}
+    replies: asyncio.Queue = asyncio.Queue()
+    for w, q in forwarded.items():
+        await nc.subscribe(subjects.worker_requests(w), cb=q.put)
+    await nc.subscribe("test.quiet.reply", cb=replies.put)
+
+    def stats(worker: str) -> WorkerStats:  # "w-live" is the busier: only quiet would keep it from w-quiet
+        busy = 5000 if worker == "w-live" else 0
+        return WorkerStats(
+            worker=worker,
+            running=1,
+            waiting=0,
+            free_blocks=100,
+            total_blocks=100,
+            block_size=16,
+            max_loras=4,
+            unlisted_requests=1,
+            unlisted_remaining_tokens=busy,
+        )
+
+    async def taken(worker: str) -> GenerateRequest:
+        return msgspec.json.decode((await asyncio.wait_for(forwarded[worker].get(), 5)).data, type=GenerateRequest)
+
+    try:
+        for rid in ("routed", "counted"):
+            req = GenerateRequest(request_id=rid, reply_to="test.quiet.reply", prompt_token_ids=[5, 6, 7])
+            await store.put_inflight(req, "w-dead", new=True)
+        now = time.monotonic()
+        dispatcher.workers["w-quiet"] = (stats("w-quiet"), now - 0.6 * ttl)
+        dispatcher.workers["w-live"] = (stats("w-live"), now)
+        await store.delete_inflight("counted")
+        await dispatcher.recover("w-dead")  # a live worker heard lately takes it, though busier
+        assert (await taken("w-live")).request_id == "routed" and forwarded["w-quiet"].empty()
+
+        # With no other live worker, the quiet one is sent it: its loss then is not a death.
+        del dispatcher.workers["w-live"]
+        req = GenerateRequest(request_id="counted", reply_to="test.quiet.reply", prompt_token_ids=[5, 6, 7])
+        await store.put_inflight(req, "w-dead", new=True)
+        await dispatcher.recover("w-dead")
+        assert (await taken("w-quiet")).recoveries == 1
+        rec = await store.get_inflight("counted")
+        assert rec is not None and rec.sent_quiet and rec.deaths == 1
+        dispatcher.workers["w-live"] = (stats("w-live"), time.monotonic())
+        del dispatcher.workers["w-quiet"]
+        await dispatcher.recover("w-quiet")
+        assert (await taken("w-live")).recoveries == 2
+        rec = await store.get_inflight("counted")
+        assert rec is not None and not rec.sent_quiet and rec.deaths == 1
+        # A worker heard lately that dies with it is its second death: given up, as before.
+        await dispatcher.recover("w-live")
+        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        assert chunk.request_id == "counted" and chunk.error is not None and "not retried again" in chunk.error
+    finally:
+        await nc.drain()
+
+
 async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_server: Server, redis: Redis) -> None:
     """A user's trial: with one worker, a crash failed every request in flight on it ("no worker is
     available") though the worker was back a second after its loss was noticed. Such a request
