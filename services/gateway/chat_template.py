@@ -159,12 +159,13 @@ def _template_reads(source: str) -> tuple[bool, bool]:
     """(whether the chat template ``source`` loops over a message's content, whether it names a
     developer role). The first: it takes content as OpenAI's list of parts, and a string joined
     from them would lose the text (Idefics3-style templates render nothing of it; vLLM detects the
-    same: its "openai" content format). A template that does not compile loops over nothing
-    (rendering it says why)."""
+    same: its "openai" content format). The second: the string "developer" in an expression (a
+    role compared with it), not in the text the template writes ("You help developers"). A
+    template that does not compile loops over nothing and names no role (rendering it says why)."""
     try:
         tree = _compiled(source).environment.parse(source)
     except jinja2.TemplateError:
-        return False, "developer" in source
+        return False, False
 
     def content(node: jinja2.nodes.Node) -> bool:
         while isinstance(node, jinja2.nodes.Filter) and node.node is not None:  # content | select(...)
@@ -174,7 +175,7 @@ def _template_reads(source: str) -> tuple[bool, bool]:
         return isinstance(node, jinja2.nodes.Getitem) and getattr(node.arg, "value", None) == "content"
 
     loops = any(content(loop.iter) for loop in tree.find_all(jinja2.nodes.For))
-    return loops, "developer" in source
+    return loops, any(c.value == "developer" for c in tree.find_all(jinja2.nodes.Const))
 
 
 def _renders(render: Callable[[], object]) -> bool:
@@ -190,6 +191,10 @@ def _parts(text: str | None) -> list[dict[str, str]]:
     ``content[0]['text']``); none for no content."""
     return [] if text is None else [{"type": "text", "text": text}]
 
+
+# Content parts that are text: Chat Completions' own and the Responses API's input/output text,
+# which clients moving between the two APIs send (vLLM reads all three as text).
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 
 # How a message's content reaches a template (vLLM's --chat-template-content-format).
 CONTENT_FORMATS = ("auto", "string", "openai")
@@ -235,17 +240,18 @@ def chat_prompt_ids(
             )
         parts = [] if isinstance(m.content, str) or m.content is None else m.content
         # An assistant's refusal part (OpenAI's, in a reply sent back as history) is its text, as
-        # vLLM reads it (a trial: refused)
-        other = sorted({p.type for p in parts if p.type not in ("text", "refusal")})
+        # vLLM reads it (a trial: refused); so are the Responses API's text parts
+        other = sorted({p.type for p in parts if p.type not in _TEXT_PARTS and p.type != "refusal"})
         if other:  # never dropped silently: the model would answer as if it were not there
             raise APIError(
                 400,
                 f"messages: content parts of type {', '.join(other)} are not supported (this model reads text only)",
                 param="messages",
             )
-        said_in = [p.text if p.type == "text" else p.refusal for p in parts]
+        said_in = [p.refusal if p.type == "refusal" else p.text for p in parts]
         if bad := next((p.type for p, t in zip(parts, said_in) if not isinstance(t, str)), None):
-            raise APIError(400, f"messages: a content part of type {bad} needs its {bad}", param="messages")
+            field = "refusal" if bad == "refusal" else "text"
+            raise APIError(400, f"messages: a content part of type {bad} needs its {field}", param="messages")
         texts = [t for t in said_in if isinstance(t, str)]  # all of them, checked above
         # Text parts joined by newlines, as vLLM and llama.cpp join them (the "string" content format)
         content = m.content if isinstance(m.content, str) or m.content is None else "\n".join(texts)

@@ -193,7 +193,9 @@ def test_what_a_real_template_reads_is_what_the_client_sent(tiny_llama, tmp_path
     assert rendered({"messages": said}).endswith("<system>plain<user>list\ncontent")
     developer = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert rendered({"messages": developer}).endswith("<system>be brief<user>hi")
-    tok.chat_template += "{# this one knows a developer role #}"
+    tok.chat_template = "You help developers. " + tok.chat_template  # the word in its text names no role
+    assert rendered({"messages": developer}).endswith("<system>be brief<user>hi")
+    tok.chat_template += "{% if messages[0]['role'] == 'developer' %}{% endif %}"  # one that knows the role
     assert rendered({"messages": developer}).endswith("<developer>be brief<user>hi")
     ipython = [developer[1], {"role": "ipython", "content": "42"}]  # Llama 3.1's tool-output role
     assert rendered({"messages": ipython}).endswith("hi<ipython>42")
@@ -269,6 +271,20 @@ def test_an_assistants_refusal_part_is_its_text(served: ServedModel) -> None:  #
     assert ids == served.tokenizer.encode("user: x\nassistant: I can't\nuser: y\nassistant:")
     e = refused(served, {"messages": [msgs[0], {"role": "assistant", "content": [{"type": "refusal"}]}]}, chat=True)
     assert "a content part of type refusal needs its refusal" in e.message
+
+
+def test_the_responses_apis_text_parts_are_text(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """input_text / output_text, the Responses API's text parts, which clients moving between the
+    two APIs send in chat messages: vLLM reads them as text (refused here before)."""
+    msgs = [
+        {"role": "user", "content": [{"type": "input_text", "text": "x"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "z"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "y"}, {"type": "text", "text": "w"}]},
+    ]
+    ids = shape(served, {"messages": msgs}, chat=True).choices[0].request.prompt_token_ids
+    assert ids == served.tokenizer.encode("user: x\nassistant: z\nuser: y\nw\nassistant:")
+    e = refused(served, {"messages": [{"role": "user", "content": [{"type": "input_text"}]}]}, chat=True)
+    assert "a content part of type input_text needs its text" in e.message
 
 
 def test_content_format_auto_string_openai(tiny_llama, tmp_path: Path) -> None:
