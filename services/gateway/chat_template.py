@@ -167,14 +167,34 @@ def _template_reads(source: str) -> tuple[bool, bool]:
     except jinja2.TemplateError:
         return False, False
 
-    def content(node: jinja2.nodes.Node) -> bool:
-        while isinstance(node, jinja2.nodes.Filter) and node.node is not None:  # content | select(...)
-            node = node.node
-        if isinstance(node, jinja2.nodes.Getattr):
-            return node.attr == "content"
-        return isinstance(node, jinja2.nodes.Getitem) and getattr(node.arg, "value", None) == "content"
+    nodes = jinja2.nodes
+    held: set[str] = set()  # variables holding a message's content (below)
 
-    loops = any(content(loop.iter) for loop in tree.find_all(jinja2.nodes.For))
+    def content(node: jinja2.nodes.Node) -> bool:
+        while isinstance(node, nodes.Filter) and node.node is not None:  # content | select(...)
+            node = node.node
+        if isinstance(node, nodes.Name):
+            return node.name in held
+        if isinstance(node, nodes.Getattr):
+            return node.attr == "content"
+        return isinstance(node, nodes.Getitem) and getattr(node.arg, "value", None) == "content"
+
+    # Content reached through a variable: ``set c = message.content``, or a macro's parameter given
+    # it (Qwen3-VL's ``render_content(message.content)``), followed to a fixed point. vLLM's
+    # detection follows neither, and such a template got one string and rendered nothing of it.
+    macros = {m.name: [a.name for a in m.args] for m in tree.find_all(nodes.Macro)}
+    while True:
+        found = {
+            a.target.name for a in tree.find_all(nodes.Assign) if isinstance(a.target, nodes.Name) and content(a.node)
+        }
+        for call in tree.find_all(nodes.Call):
+            params = macros.get(call.node.name, []) if isinstance(call.node, nodes.Name) else []
+            found |= {name for name, arg in zip(params, call.args) if content(arg)}
+            found |= {kw.key for kw in call.kwargs if kw.key in params and content(kw.value)}
+        if found <= held:
+            break
+        held |= found
+    loops = any(content(loop.iter) for loop in tree.find_all(nodes.For))
     return loops, any(c.value == "developer" for c in tree.find_all(jinja2.nodes.Const))
 
 

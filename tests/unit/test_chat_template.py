@@ -313,3 +313,27 @@ def test_content_format_auto_string_openai(tiny_llama, tmp_path: Path) -> None:
     given = chat_template.ChatTemplate.of(openai.ChatBody(model="m", messages=msgs, tools=[tool]))
     # as vLLM's model_dump(): description and parameters null where left out, strict only if set
     assert given.tools == [{"type": "function", "function": {"name": "f", "description": None, "parameters": None}}]
+
+
+def test_content_reached_through_a_variable_or_a_macro_is_read_as_parts(tiny_llama, tmp_path: Path) -> None:
+    """The content-format reading followed only ``for p in message.content``: a template that sets a
+    variable from the content first, or hands it to a macro (Qwen3-VL's ``render_content``), got a
+    string and rendered nothing of the message."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    loop = "{% for p in c %}{% if p['type'] == 'text' %}{{ p['text'] }}|{% endif %}{% endfor %}"
+    through_set = "{% for m in messages %}{% set c = m['content'] | default([]) %}<{{ m.role }}>" + loop
+    through_set += "{% endfor %}"
+    through_macro = (
+        "{% macro render(c, vision=false) %}" + loop + "{% endmacro %}"
+        "{% for m in messages %}<{{ m.role }}>{{ render(m.content, vision=true) }}{% endfor %}"
+    )
+    by_keyword = through_macro.replace("render(m.content, vision=true)", "render(vision=true, c=m.content)")
+    msgs = [ChatMessage(role="user", content="hi")]
+    for source in (through_set, through_macro, by_keyword):
+        assert chat_template._template_reads(source) == (True, False)
+        tok.chat_template = source
+        assert tok.decode(chat_template.chat_prompt_ids(msgs, tok)).endswith("<user>hi|")
+    # a variable set from something else, looped over, is not content
+    other = "{% for m in messages %}{% set c = m['tool_calls'] %}{% for p in c %}{% endfor %}{{ m.content }}"
+    other += "{% endfor %}"
+    assert chat_template._template_reads(other) == (False, False)
