@@ -216,6 +216,63 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
             await c.drain()
 
 
+async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A trial: after a move the usage's cached_tokens was the destination's recompute hit (0 for a
+    first run's 32). A 40-token prompt, its two full blocks cached on w0 by an earlier request, runs
+    there and is moved to w1 (which has nothing cached) by a plan: the reader reports 32."""
+    from dlora.common.messages import MovePlan, MoveRequest
+    from dlora.services.gateway.replies import ReplyStream
+
+    store = StateStore(redis)
+    stop = asyncio.Event()
+    conns, tasks = [], []
+    try:
+        await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner = uuid.uuid4().hex[:8]
+        streams = {rid: ReplyStream(rid) for rid in ("warm", "r")}
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+            streams[chunk.request_id].accept(chunk)
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(0.3)
+        prompt = [5 + i for i in range(40)]
+        for rid, max_tokens in (("warm", 2), ("r", 400)):
+            req = GenerateRequest(
+                request_id=rid,
+                reply_to=subjects.reply_inbox(rid, owner),
+                prompt_token_ids=prompt,
+                params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            )
+            await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
+            async with asyncio.timeout(30):
+                while not (streams[rid].done if rid == "warm" else streams[rid].tokens):
+                    await asyncio.sleep(0.01)
+        plan = MovePlan(
+            plan_id="p1",
+            epoch=1,
+            created=time.time(),
+            moves=[MoveRequest(request_id="r", adapter=None, to_worker="w1")],
+        )
+        await client.publish(subjects.MOVES, msgspec.json.encode(plan))
+        async with asyncio.timeout(60):
+            while not streams["r"].done:
+                await asyncio.sleep(0.02)
+        r = streams["r"]
+        assert r.error is None and r.tokens == 400 and r.worker == "w1"  # it moved, and finished there
+        assert streams["warm"].cached_tokens == 0 and r.cached_tokens == 32
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
 async def test_dispatcher_places_replicas_of_hot_adapters(nats_server: Server, redis: Redis) -> None:
     """Decayed traffic shares persist in Redis and drive the placement."""
     from dlora.common.messages import AdapterEntry, AdapterResidency, WorkerStats
