@@ -150,10 +150,12 @@ async def run_stack(
     await gateway.start()
     listener = await listen(gateway.app(), gw_settings)  # as `dlora serve gateway` listens
     url = f"http://127.0.0.1:{gw_settings.port}"
-    async with aiohttp.ClientSession() as http:  # ready (a dispatcher answering) with both workers seen
-        for _ in range(100):
+    # Ready: the gateway answering with both workers seen, and the dispatcher heard from both (a CI
+    # run under load gave up waiting after 5 s and sent every request to the one it had heard).
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+        while True:
             async with http.get(f"{url}/healthz") as r:
-                if r.status == 200 and (await r.json())["workers"] == 2:
+                if r.status == 200 and (await r.json())["workers"] == 2 and len(dispatcher.workers) == 2:
                     break
             await asyncio.sleep(0.05)
     try:
