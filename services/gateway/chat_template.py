@@ -42,9 +42,12 @@ class ChatTemplate:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None  # the request's tools, for the template to render (as vLLM)
     documents: list[dict[str, str]] | None = None  # the request's documents, likewise
+    # The history's call ids cut to their last this many characters (0: as sent): Mistral's
+    # templates refuse any but 9 (``tool_parsers.CALL_ID_LENGTHS``), so a client's own did (vLLM cuts them).
+    call_id_length: int = 0
 
     @classmethod
-    def of(cls, body: RenderingOptions) -> ChatTemplate:
+    def of(cls, body: RenderingOptions, call_id_length: int = 0) -> ChatTemplate:
         """Raises APIError(400): both options on (vLLM refuses it too), special tokens asked for on top
         of the template's (it places its own: vLLM would give a Llama template a second BOS), or
         a keyword the renderer sets itself."""
@@ -65,7 +68,7 @@ class ChatTemplate:
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         tools = getattr(body, "tools", None)
         tools = [_given(t) for t in msgspec.to_builtins(tools)] if tools else None
-        return cls(add, cont, kwargs, tools, getattr(body, "documents", None))
+        return cls(add, cont, kwargs, tools, getattr(body, "documents", None), call_id_length)
 
 
 # What apply_chat_template takes from the renderer itself, not from a request's chat_template_kwargs.
@@ -98,7 +101,7 @@ def _given(tool: dict[str, Any]) -> dict[str, Any]:
     return tool
 
 
-def _calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
+def _calls_for_template(calls: Any, where: str, id_length: int = 0) -> list[dict[str, Any]]:
     """An assistant's earlier tool calls (``where``: the message's place) as templates read them:
     each call's ``arguments`` parsed from its JSON text into an object, as vLLM passes them (a
     template writing ``arguments | tojson`` would otherwise quote the text a second time);
@@ -125,7 +128,8 @@ def _calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
         if isinstance(parsed, str):
             with contextlib.suppress(ValueError):
                 parsed = json.loads(parsed)
-        out.append({**call, "function": {**function, "arguments": parsed}})
+        cut = {"id": call["id"][-id_length:]} if id_length and isinstance(call.get("id"), str) else {}
+        out.append({**call, "function": {**function, "arguments": parsed}} | cut)
     return out
 
 
@@ -275,8 +279,10 @@ def chat_prompt_ids(
         texts = [t for t in said_in if isinstance(t, str)]  # all of them, checked above
         # Text parts joined by newlines, as vLLM and llama.cpp join them (the "string" content format)
         content = m.content if isinstance(m.content, str) or m.content is None else "\n".join(texts)
-        named: dict[str, Any] = {k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v}
-        if m.tool_calls is not None and (calls := _calls_for_template(m.tool_calls, f"messages[{i}]")):
+        cut = template.call_id_length
+        answers = m.tool_call_id[-cut:] if cut and m.tool_call_id else m.tool_call_id
+        named: dict[str, Any] = {k: v for k, v in (("name", m.name), ("tool_call_id", answers)) if v}
+        if m.tool_calls is not None and (calls := _calls_for_template(m.tool_calls, f"messages[{i}]", cut)):
             named["tool_calls"] = calls  # an assistant's earlier calls, for the template to render (as vLLM)
         if thought := m.reasoning_content or m.reasoning:  # templates that render thinking read this key
             named["reasoning_content"] = thought

@@ -13,7 +13,7 @@ import msgspec
 
 from dlora.common.undecodable import field_of
 from dlora.services.gateway.tool_calls import CallStream
-from dlora.services.gateway.tool_parsers import Call, ToolParser
+from dlora.services.gateway.tool_parsers import Call, ToolParser, short_call_id
 
 
 class APIError(Exception):
@@ -301,6 +301,7 @@ class Shape:
     # What the calls' ids are made of: random per response (dlora's own request id), never the
     # client's request_id (a session id reused per turn gave every turn the same call ids).
     call_ids: str = ""
+    call_id_length: int = 0  # calls' ids of this many alphanumeric characters (tool_parsers.CALL_ID_LENGTHS); 0: ours
     _parsers: dict[int, ToolParser] = field(default_factory=dict)
 
     @classmethod
@@ -440,6 +441,8 @@ class Shape:
         ``arguments`` (JSON text); a delta adds the call's ``index``."""
         base = self.call_ids or self.request_id.rsplit("-", 1)[-1]
         call_id = f"chatcmpl-tool-{base}{index}" + (f"-{k}" if k else "")
+        if self.call_id_length:
+            call_id = short_call_id(call_id, self.call_id_length)
         function = {"name": self.tool if name is None else name, "arguments": arguments}
         return {"id": call_id, "type": "function", "function": function}
 

@@ -37,6 +37,7 @@ from dlora.services.gateway.sampling import (
     structured_field,
     tools_required,
 )
+from dlora.services.gateway.tool_parsers import CALL_ID_LENGTHS
 from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
@@ -167,7 +168,8 @@ def shape_request(
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
     asked: int | None  # max_tokens; None: what the context leaves
     if isinstance(body, ChatBody):
-        prompts = [(chat_prompt_ids(body.messages, model.tokenizer, ChatTemplate.of(body), model.content_format), None)]
+        template = ChatTemplate.of(body, CALL_ID_LENGTHS.get(model.tool_call_parser, 0))
+        prompts = [(chat_prompt_ids(body.messages, model.tokenizer, template, model.content_format), None)]
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         asked_in = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     else:
@@ -214,9 +216,9 @@ def shape_request(
         if not prompt_only and (cap := model.defaults.get("max_tokens")):  # vLLM's: the least of them
             new = min(new, int(cap))
         params = sampling_params(body, new if generate else 1, model.grammars, model.defaults)
-        if auto and model.tool_call_parser == "hermes" and body.skip_special_tokens is None:
-            # Some models' <tool_call> tags are special tokens: skipped, the parser would never see
-            # a call (vLLM's hermes parser turns the skipping off alike).
+        if auto and model.tool_call_parser in ("hermes", "mistral") and body.skip_special_tokens is None:
+            # Some models' <tool_call> tags and Mistral's [TOOL_CALLS] are special tokens: skipped,
+            # the parser would never see a call (vLLM's parsers turn the skipping off alike).
             params = msgspec.structs.replace(params, skip_special_tokens=False)
         if asked == 0 and params.min_tokens:  # as the engine refuses min_tokens > max_tokens
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
@@ -260,6 +262,7 @@ def shape_request(
             tool_parser=model.tool_call_parser if auto else "",
             parallel_calls=not (isinstance(body, ChatBody) and body.parallel_tool_calls is False),
             call_ids=request_id.rsplit("-", 1)[-1],
+            call_id_length=CALL_ID_LENGTHS.get(model.tool_call_parser, 0),
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),

@@ -14,6 +14,7 @@ from aiohttp import web
 from dlora.services.gateway import openai
 from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
 from dlora.services.gateway.openai import APIError, ChatMessage, Tool, model_not_found
+from dlora.services.gateway.tool_parsers import CALL_ID_LENGTHS
 
 if TYPE_CHECKING:
     from dlora.services.gateway.main import Gateway
@@ -66,7 +67,8 @@ class TokenizeRoutes:
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         tokenizer: Any = self.gw.served.tokenizer
         if body.messages is not None:
-            ids = chat_prompt_ids(body.messages, tokenizer, ChatTemplate.of(body), self.gw.served.content_format)
+            template = ChatTemplate.of(body, CALL_ID_LENGTHS.get(self.gw.served.tool_call_parser, 0))
+            ids = chat_prompt_ids(body.messages, tokenizer, template, self.gw.served.content_format)
         else:
             ids = list(tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None

@@ -9,14 +9,36 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): the whole output is one or more objects
   ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;``, optionally after
   ``<|python_tag|>``; an output that does not begin so is text.
+- ``mistral`` (Mistral 7B Instruct v0.3, Nemo, Small 3.x): ``[TOOL_CALLS]`` then a JSON array of
+  ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
+  per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
+  vLLM's. Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import string
 from dataclasses import dataclass, field
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "mistral")
+
+# The call ids a parser's model family takes: Mistral's templates refuse any but 9 alphanumeric
+# characters (vLLM makes its ids so for Mistral models, and cuts a history's to their last 9).
+CALL_ID_LENGTHS = {"mistral": 9}
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def short_call_id(seed: str, length: int) -> str:
+    """``length`` alphanumeric characters drawn from ``seed``: the same seed, the same id (a
+    stream and the whole answer agree)."""
+    n, chars = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=16).digest(), "big"), []
+    for _ in range(length):
+        n, r = divmod(n, len(_ALPHANUMERIC))
+        chars.append(_ALPHANUMERIC[r])
+    return "".join(chars)
+
 
 Call = tuple[int, str, str]  # (its place among the choice's calls, function name, arguments as JSON text)
 
@@ -82,24 +104,29 @@ class ToolParser:
     kind: str
     calls: list[tuple[str, str]] = field(default_factory=list)
     _held: str = ""  # text not yet given out: a possible start of a call, or a call not yet whole
-    _inside: bool = False  # hermes: within <tool_call> ... ; llama3_json: the output is calls
+    _inside: bool = (
+        False  # hermes: within <tool_call> ...; mistral: after [TOOL_CALLS]; llama3_json: the output is calls
+    )
     _decided: bool = False  # llama3_json: whether the output's start was seen
     _stuck: bool = False  # llama3_json: held text that is not a call (given out at the finish)
     _read: int = 0  # hermes: where the closing tag was looked for to (a token costs its own characters)
-    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json: the call's braces
+    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         self._held += text
-        return self._hermes() if self.kind == "hermes" else self._llama3_json()
+        if self.kind == "hermes":
+            return self._hermes()
+        return self._mistral() if self.kind == "mistral" else self._llama3_json()
 
     def finish(self) -> tuple[str, list[Call]]:
         """The end of the output: what was held back goes out as text (an unfinished call too),
-        unless hermes calls came before it."""
+        unless hermes or mistral calls came before it."""
         content, calls = self.feed("")
         rest, self._held = self._held, ""
-        if self._inside and self.kind == "hermes":
-            rest = _OPEN + rest
-        return content + (rest if self.kind != "hermes" or not self.calls else ""), calls
+        tag = _TAGS.get(self.kind)
+        if self._inside and tag:
+            rest = tag + rest
+        return content + (rest if tag is None or not self.calls else ""), calls
 
     def _add(self, call: tuple[str, str] | None, out: list[Call]) -> bool:
         if call is None:
@@ -134,6 +161,46 @@ class ToolParser:
             if not self._add(_call(parsed, ("arguments", "parameters")), out) and not self.calls:
                 content += _OPEN + body + _CLOSE  # not a call: the text as written
 
+    def _mistral(self) -> tuple[str, list[Call]]:
+        content, out = "", list[Call]()
+        while True:
+            if not self._inside:  # text, as hermes's outside its tags
+                at = self._held.find(_TOOL_CALLS)
+                if at < 0:
+                    keep = _partial_tag(self._held, _TOOL_CALLS)
+                    content += self._held[: len(self._held) - keep] if not self.calls else ""
+                    self._held = self._held[len(self._held) - keep :]
+                    return content, out
+                content += self._held[:at] if not self.calls else ""
+                self._held, self._inside = self._held[at + len(_TOOL_CALLS) :], True
+            # the calls: a JSON array (before v11), or a name and its arguments' object
+            # (no copy of the text at each token: a 140 kB call took a minute so in hermes)
+            first = next((i for i, c in enumerate(self._held) if not c.isspace()), len(self._held))
+            array = self._held.startswith("[", first) and not self._held.startswith(_ARGS, first)
+            start = first if array else self._held.find("{", first, first + _NAME_ROOM)
+            if start < 0 and len(self._held) >= first + _NAME_ROOM:  # no name and object: text
+                content += _TOOL_CALLS + self._held[: first + _NAME_ROOM] if not self.calls else ""
+                self._held, self._inside = self._held[first + _NAME_ROOM :], False
+                continue
+            if start < 0 or (end := self._scan.find(self._held, start)) is None:
+                return content, out  # not whole yet
+            body, self._held, self._inside = self._held[:end], self._held[end:], False
+            try:
+                parsed = json.loads(body[start:])
+            except ValueError:
+                parsed = None
+            calls: list[tuple[str, str] | None]
+            if array:
+                calls = [_call(c, ("arguments",)) for c in parsed] if isinstance(parsed, list) else [None]
+            else:
+                name = body[:start].removesuffix(_ARGS).strip()
+                named = 0 < len(name) <= 64 and not any(c.isspace() for c in name)  # OpenAI's names: no prose
+                calls = [(name, arguments_json(parsed))] if named and isinstance(parsed, dict) else [None]
+            for call in calls:
+                self._add(call, out)
+            if not self.calls:
+                content += _TOOL_CALLS + body  # not calls: the text as written
+
     def _llama3_json(self) -> tuple[str, list[Call]]:
         if not self._decided:
             start = self._held.lstrip()
@@ -166,6 +233,9 @@ class ToolParser:
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
+_TOOL_CALLS, _ARGS = "[TOOL_CALLS]", "[ARGS]"
+_NAME_ROOM = 64 + len(_ARGS) + 1  # where a mistral call's "{" must come by: a name is at most 64 characters
+_TAGS = {"hermes": _OPEN, "mistral": _TOOL_CALLS}  # what a parser's calls begin with, given back as text
 
 
 def _partial_tag(text: str, tag: str) -> int:

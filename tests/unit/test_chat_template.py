@@ -337,3 +337,35 @@ def test_content_reached_through_a_variable_or_a_macro_is_read_as_parts(tiny_lla
     other = "{% for m in messages %}{% set c = m['tool_calls'] %}{% for p in c %}{% endfor %}{{ m.content }}"
     other += "{% endfor %}"
     assert chat_template._template_reads(other) == (False, False)
+
+
+def test_a_historys_call_ids_are_cut_to_what_a_mistral_template_takes(tiny_llama, tmp_path: Path) -> None:
+    """Mistral's templates raise unless each call id is 9 alphanumeric characters; a client's own
+    ids (OpenAI's "call_..." or another server's) are cut to their last 9 with the mistral parser,
+    as vLLM cuts them; without it they reach the template as sent."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+        "{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric, length 9!') }}"
+        "{% endif %}[{{ c.id }}]{% endfor %}{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}{% endfor %}"
+    )
+    call = {"id": "call_0123456789abc", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msgs = [
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="assistant", tool_calls=[call]),
+        ChatMessage(role="tool", content="42", tool_call_id="call_0123456789abc"),
+    ]
+    ids = chat_template.chat_prompt_ids(msgs, tok, chat_template.ChatTemplate(call_id_length=9))
+    assert tok.decode(ids).endswith("[456789abc](456789abc)")
+    with pytest.raises(APIError, match="length 9"):
+        chat_template.chat_prompt_ids(msgs, tok)
+    # the gateway's mistral parser cuts them on the way in, and its answers' ids are 9 characters
+    model = ServedModel(tok, 1 << 16, 1024, tool_call_parser="mistral")
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]
+    body = {"messages": history, "tools": [TOOL]}
+    job = shape(model, body, chat=True)
+    assert tok.decode(job.choices[0].request.prompt_token_ids).endswith("[456789abc]")
+    assert job.shape.call_id_length == 9
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}

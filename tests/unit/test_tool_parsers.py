@@ -1,4 +1,4 @@
-"""tool_choice "auto": the model's text read for calls (vLLM's hermes and llama3_json formats), one
+"""tool_choice "auto": the model's text read for calls (vLLM's hermes, llama3_json and mistral formats), one
 reading for a whole output and a stream, answered as OpenAI's content and tool_calls."""
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ HERMES_CUT = '<tool_call>{"name": "weather", "arguments": {"city": "ka'
 LLAMA_ONE = '{"name": "weather", "parameters": {"city": "kalo"}}'
 LLAMA_TWO = '<|python_tag|>{"name": "weather", "parameters": {"city": "kalo"}}; {"name": "ping", "arguments": {}}'
 LLAMA_CUT = '{"name": "weather", "parameters": {"city"'
+# Mistral: a JSON array after [TOOL_CALLS] (tokenizers before v11), or name{...} per call (v11 on)
+MISTRAL_ARRAY = (
+    'Let me look.[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "kalo"}}, {"name": "ping", "arguments": {}}]'
+)
+MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[ARGS]{}'
 
 
 @pytest.mark.parametrize(
@@ -50,6 +55,16 @@ LLAMA_CUT = '{"name": "weather", "parameters": {"city"'
         ("llama3_json", "The weather is {fine}.", "The weather is {fine}.", []),
         ("llama3_json", LLAMA_CUT, LLAMA_CUT, []),
         ("llama3_json", '{"temperature": 3}', '{"temperature": 3}', []),  # an object, not a call
+        ("mistral", MISTRAL_ARRAY, "Let me look.", [WEATHER, PING]),
+        ("mistral", MISTRAL_ARRAY + "\nextra trailing data", "Let me look.", [WEATHER, PING]),  # not content
+        ("mistral", MISTRAL_V11, "Let me look.", [WEATHER, PING]),
+        ("mistral", "a [TOOL_CALL] is not [TOOL_CALLS", "a [TOOL_CALL] is not [TOOL_CALLS", []),
+        ("mistral", '[TOOL_CALLS]weather{"city": "ka', '[TOOL_CALLS]weather{"city": "ka', []),  # cut short
+        ("mistral", "[TOOL_CALLS] not json at all", "[TOOL_CALLS] not json at all", []),
+        ("mistral", "[TOOL_CALLS] []", "[TOOL_CALLS] []", []),
+        ("mistral", "[TOOL_CALLS]" + "x" * 80 + "{}", "[TOOL_CALLS]" + "x" * 80 + "{}", []),  # no name that long
+        ("mistral", "[TOOL_CALLS]I think {so}", "[TOOL_CALLS]I think {so}", []),  # prose is no name
+        ("mistral", '[TOOL_CALLS] [{"temperature": 3}]', '[TOOL_CALLS] [{"temperature": 3}]', []),
     ],
 )
 def test_a_whole_output_and_its_stream_read_alike(
@@ -88,9 +103,21 @@ def test_auto_calls_answer_as_content_and_tool_calls_whole_and_streamed() -> Non
 
 
 def test_a_parser_must_be_one_dlora_has() -> None:
-    problems = GatewaySettings(model="m", tool_call_parser="mistral").check()
+    problems = GatewaySettings(model="m", tool_call_parser="pythonic").check()
     assert [p[0] for p in problems] == ["tool_call_parser"] and "hermes" in problems[0][2]
     assert GatewaySettings(model="m", tool_call_parser="llama3_json").check() == []
+    assert GatewaySettings(model="m", tool_call_parser="mistral").check() == []
+
+
+def test_mistral_calls_have_the_nine_character_ids_its_templates_take() -> None:
+    """Mistral's chat templates raise on a call id that is not 9 alphanumeric characters: a client
+    sending an answer's calls back in its history got a 400 (a trial). vLLM makes them so."""
+    shape = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tool_parser="mistral", call_id_length=9)
+    [whole] = shape.full([Choice(0, text=MISTRAL_V11, finish_reason="stop")], 3, 9)["choices"]
+    ids = [c["id"] for c in whole["message"]["tool_calls"]]
+    assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids) and len(set(ids)) == 2
+    events = [shape.chunk(MISTRAL_V11, None), shape.chunk("", "stop")]
+    assert [c["id"] for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])] == ids  # streamed alike
 
 
 def test_without_parallel_calls_only_the_first_is_answered() -> None:
