@@ -10,10 +10,13 @@ PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/
   ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$`` on the module name, first match in order;
 - which modules carry LoRA: ``target_modules`` (a list: the name or a dotted suffix, a name in
   full kept whatever ``layers_to_transform`` says; a string: a regex the whole name must match;
-  ``all-linear``), ``exclude_modules`` (the same two forms), ``layers_to_transform`` with
-  ``layers_pattern``. Weights in the file for modules PEFT would not adapt are ignored, as PEFT
-  ignores them; tensors of another part of a model (a vision tower's layers), or two for one
-  weight, are refused;
+  ``all-linear`` in any case; left out: PEFT's default for these models, q_proj and v_proj),
+  ``exclude_modules`` (the same two forms), ``layers_to_transform`` with ``layers_pattern``.
+  Weights in the file for modules PEFT would not adapt are ignored, as PEFT ignores them; tensors
+  of another part of a model (a vision tower's layers), under a name PEFT does not load (another
+  adapter's name, a projection under the wrong block), on the embeddings or the output head, or
+  two for one weight, are refused; so is a selected module without weights under
+  ``init_lora_weights: false`` (PEFT leaves it random; otherwise its delta is zero, as PEFT's);
 - ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
 - DoRA, ``lora_bias``, ``bias``, ``modules_to_save``, layer replication, trainable tokens,
   parameter targets, aLoRA, QALoRA, Megatron and the other LoRA variants are refused, and so is any
@@ -58,11 +61,20 @@ __all__ = [
 ]
 
 # A LoRA weight of the language model's layers, named as PEFT saves it for a causal LM
-# (base_model.model.model.layers...) or as the base names the module; any other prefix is another
-# part's (a vision tower's), which PEFT does not load into this model.
+# (base_model.model.model.layers...) or as the base names the module (transformers' load_adapter
+# reads those); any other prefix is another part's (a vision tower's), which PEFT does not load
+# into this model. Groups: layer, parent, target, A or B, the adapter name a key may carry.
 _KEY = re.compile(
-    r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight"
+    r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.([\w-]+))?\.weight"
 )
+# The adapter name a key may carry: PEFT's default, which PeftModel.from_pretrained loads under; a
+# key of another name, PEFT leaves unloaded (its lora_B stays zero: the base model's output).
+_KEY_NAMES = (None, "default")
+# What PEFT adapts when target_modules is left out: its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+# (peft/utils/constants.py) says q_proj and v_proj for llama, mistral and qwen2 alike.
+_DEFAULT_TARGETS = ["q_proj", "v_proj"]
+# The model's modules outside its layers' projections that a config may select (no LoRA served on them).
+_OTHER_MODULES = ("model.embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,8 @@ def validate(
     if not isinstance(conf, dict):
         raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not a JSON object")
     _check_config(name, conf)
+    if conf.get("target_modules") is None:  # PEFT fills in the model type's defaults
+        conf = {**conf, "target_modules": _DEFAULT_TARGETS}
     try:
         header = safetensors_header(weight_bytes)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -149,20 +163,29 @@ def validate(
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
         m = _KEY.fullmatch(key)
-        if not m or m.group(2) not in TARGET_NAMES:
+        if not m and any(f"{other.rsplit('.', 1)[-1]}." in key for other in _OTHER_MODULES):
+            raise AdapterError(f"adapter {name!r}: tensor {key!r}: LoRA on embed_tokens or lm_head is not served")
+        if not m or m.group(3) not in TARGET_NAMES:
             raise AdapterError(
                 f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)} "
                 "in the language model's layers (base_model.model.model.layers.N...)"
+            )
+        if m.group(2) != _parent(m.group(3)):  # PEFT finds no such module, and loads nothing from it
+            raise AdapterError(f"adapter {name!r}: tensor {key!r}: {m.group(3)} is under {_parent(m.group(3))}")
+        if m.group(5) not in _KEY_NAMES:
+            raise AdapterError(
+                f"adapter {name!r}: tensor {key!r} carries the adapter name {m.group(5)!r}, which PEFT does not "
+                "load (it loads lora_A.weight, or lora_A.default.weight)"
             )
         if header[key].dtype not in FLOAT_DTYPES:
             raise AdapterError(
                 f"adapter {name!r}: {weights_file}: tensor {key!r} has dtype {header[key].dtype}; "
                 f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
             )
-        pair = pairs.setdefault((int(m.group(1)), m.group(2)), {})
-        if (other := pair.get(m.group(3))) is not None:  # one module's weight twice: which is meant?
+        pair = pairs.setdefault((int(m.group(1)), m.group(3)), {})
+        if (other := pair.get(m.group(4))) is not None:  # one module's weight twice: which is meant?
             raise AdapterError(f"adapter {name!r}: tensors {other!r} and {key!r} are the same LoRA weight")
-        pair[m.group(3)] = key
+        pair[m.group(4)] = key
     if not pairs:
         raise AdapterError(f"adapter {name!r}: {weights_file} holds no LoRA weights")
 
@@ -170,7 +193,7 @@ def validate(
     modules: dict[tuple[int, str], ModuleSpec] = {}
     for (layer, target), ab in sorted(pairs.items()):
         where = f"adapter {name!r}: layer {layer} {target}"
-        module = f"model.layers.{layer}.{'self_attn' if target in TARGET_NAMES[:4] else 'mlp'}.{target}"
+        module = f"model.layers.{layer}.{_parent(target)}.{target}"
         if not targeted(conf, module):
             continue  # PEFT makes no LoRA layer here, so it never reads these weights
         if set(ab) != {"A", "B"}:
@@ -203,11 +226,31 @@ def validate(
             f"adapter {name!r}: none of its weights is on a module its target_modules, "
             "exclude_modules and layers_to_transform select"
         )
+    if conf.get("init_lora_weights") is False and (bare := _unweighted(conf, cfg, pairs)):
+        raise AdapterError(
+            f"adapter {name!r}: its config selects {bare} but the file holds no weights for it, and with "
+            "init_lora_weights false PEFT leaves such a module's LoRA at random values (not a zero delta)"
+        )
     # Every tensor, used or not: a file carrying NaN anywhere is not one to trust.
     for key, info in header.items():
         if (problem := value_problem(weight_bytes, info, limits)) is not None:
             raise AdapterError(f"adapter {name!r}: {weights_file}: tensor {key!r} {problem}")
     return AdapterSpec(name, path, modules, content_digest(conf_bytes, weight_bytes))
+
+
+def _parent(target: str) -> str:
+    """The block a projection is under in a Llama-family layer."""
+    return "self_attn" if target in TARGET_NAMES[:4] else "mlp"
+
+
+def _unweighted(conf: dict[str, Any], cfg: ModelConfig, pairs: dict[tuple[int, str], dict[str, str]]) -> str | None:
+    """A module the config selects that the file has no weights for (None: there is none)."""
+    layers = (f"model.layers.{i}.{_parent(t)}.{t}" for i in range(cfg.num_layers) for t in TARGET_NAMES)
+    for module in (*layers, *_OTHER_MODULES):
+        target = module.rsplit(".", 1)[-1]
+        if targeted(conf, module) and (module in _OTHER_MODULES or (int(module.split(".")[2]), target) not in pairs):
+            return module
+    return None
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -251,7 +294,8 @@ def targeted(conf: dict[str, Any], module: str) -> bool:
     spec = conf.get("target_modules")
     if spec is None:
         return False
-    if spec == "all-linear":  # every linear layer but the output head: all of TARGET_NAMES here
+    if isinstance(spec, str) and spec.lower() == "all-linear":  # every linear layer but the output head:
+        # all of TARGET_NAMES here (PEFT reads the shorthand in any case)
         return module.rsplit(".", 1)[-1] in TARGET_NAMES
     if isinstance(spec, str):
         return _in_modules(spec, module)

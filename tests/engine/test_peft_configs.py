@@ -65,7 +65,9 @@ def write_peft_adapter(tiny: TinyOutput, out: Path, seed: int = 0, **config) -> 
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(out)
+    with warnings.catch_warnings():  # embedding layers targeted: peft says it saves them whole
+        warnings.simplefilter("ignore")
+        model.save_pretrained(out)
     return out
 
 
@@ -104,6 +106,7 @@ NARROWED = {
     "exclude_modules": {"exclude_modules": ["o_proj", "up_proj"]},
     "target_modules regex": {"target_modules": r".*\.(q_proj|down_proj)"},
     "layers_to_transform as an int": {"layers_to_transform": 0},
+    "target_modules left out (PEFT's default: q_proj, v_proj)": {"target_modules": None},
 }
 
 
@@ -161,3 +164,69 @@ def test_fields_that_change_the_math_and_are_not_served_are_refused(
     (path / "adapter_config.json").write_text(json.dumps({**conf, **changes}))
     with pytest.raises(AdapterError, match=fragment):
         load_adapter("x", path, engine_cfg)
+
+
+def _rewrite_weights(path: Path, rename=lambda k: k, drop=lambda k: False) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items() if not drop(k)}, path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("rename", "fragment"),
+    [
+        (lambda k: k.replace(".lora_A.weight", ".lora_A.other.weight"), "carries the adapter name 'other'"),
+        (lambda k: k.replace("self_attn.q_proj", "mlp.q_proj"), "q_proj is under self_attn"),
+    ],
+    ids=["another adapter's name", "another parent"],
+)
+def test_weights_under_names_peft_does_not_load_are_refused(
+    tiny_llama: TinyOutput,
+    engine_cfg,
+    tmp_path: Path,
+    rename,
+    fragment: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """A trial: tensors renamed lora_A.foo.weight, or with self_attn and mlp swapped, are not loaded
+    by any of PEFT's paths (the base model's output), and dlora served the adapter's."""
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
+    _rewrite_weights(path, rename=rename)
+    with pytest.raises(AdapterError, match=fragment):
+        load_adapter("x", path, engine_cfg)
+    default = write_peft_adapter(tiny_llama, tmp_path / "b", r=8, lora_alpha=16, target_modules=ALL)
+    _rewrite_weights(default, rename=lambda k: k.replace(".weight", ".default.weight"))  # PEFT loads these
+    assert torch.allclose(
+        engine_logits(tiny_llama, default, "unmerged-only"), peft_logits(tiny_llama, default), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_selected_modules_without_weights_are_refused_when_peft_would_leave_them_random(
+    tiny_llama: TinyOutput, engine_cfg, tmp_path: Path
+) -> None:
+    """A trial: the config selects v_proj, the file has no v_proj weights and init_lora_weights is
+    false: PEFT leaves those at nn.Linear's random start, dlora served a zero delta. With PEFT's
+    other initialisations lora_B starts at zero, so the missing module adds nothing: served."""
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
+    _rewrite_weights(path, drop=lambda k: "v_proj" in k)
+    load_adapter("x", path, engine_cfg)  # init_lora_weights true: a zero delta, as PEFT's
+    conf = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**conf, "init_lora_weights": False}))
+    with pytest.raises(AdapterError, match=r"selects model\.layers\.0\.self_attn\.v_proj .*init_lora_weights false"):
+        load_adapter("x", path, engine_cfg)
+
+
+def test_lora_on_the_embeddings_is_refused_saying_so(tiny_llama: TinyOutput, engine_cfg, tmp_path: Path) -> None:
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(AdapterError, match="LoRA on embed_tokens or lm_head is not served"):
+        load_adapter("x", path, engine_cfg)
+
+
+def test_the_all_linear_shorthand_is_read_in_any_case(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """PEFT saves all-linear expanded; a config written by hand as "ALL-LINEAR" PEFT still reads as
+    the shorthand, and dlora refused it as selecting nothing (a trial)."""
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
+    conf = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**conf, "target_modules": "ALL-LINEAR"}))
+    got = engine_logits(tiny_llama, path, "unmerged-only")
+    assert torch.allclose(got, peft_logits(tiny_llama, path), atol=1e-4, rtol=1e-4)
