@@ -19,9 +19,9 @@
                                      next chunk's seq), tokens delivered ("1,2,3," appended per
                                      step), held (of those, how many await their text), recoveries
                                      (the attempt running: the fencing token), deaths (workers that
-                                     died with it), quiet (1: its worker was not heard from lately
-                                     when it was sent), at (ms, Redis clock); expires unless its worker
-                                     refreshes it
+                                     died with it), quiet (the attempt sent to a worker gone quiet,
+                                     until that worker records progress), at (ms, Redis clock);
+                                     expires unless its worker refreshes it
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
@@ -76,9 +76,10 @@ class Inflight:
     text_held: str = ""  # text those tokens made that was not sent (it could have begun a stop string)
     deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
     incarnation: str = ""  # the start of ``worker`` it was sent to ("" where unknown)
-    # ``worker`` had not been heard from for half the heartbeat TTL when it was sent there: likely
-    # dead already, so its loss is not counted among the request's deaths (two workers killed
-    # together: the first's requests went to the second, and then failed as poison).
+    # ``worker`` had gone quiet (``DispatchState.quiet``) when this attempt was sent there, and has
+    # recorded no progress of it since: likely dead already, so its loss is not counted among the
+    # request's deaths (two workers killed together: the first's requests went to the second, and
+    # then failed as poison though they never ran there).
     sent_quiet: bool = False
 
 
@@ -419,7 +420,7 @@ class StateStore:
             text_held=_text(raw.get(b"held_text", b"")) if raw.get(b"held_next") == raw.get(b"next") else "",
             deaths=int(raw.get(b"deaths", 0)),
             incarnation=_text(raw.get(b"incarnation", b"")),
-            sent_quiet=raw.get(b"quiet") == b"1",
+            sent_quiet=raw.get(b"quiet") is not None and raw.get(b"quiet") == raw.get(b"recoveries"),
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

@@ -107,7 +107,12 @@ if old and old ~= ARGV[1] then
 end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000),
-  'incarnation', ARGV[8], 'quiet', ARGV[10])
+  'incarnation', ARGV[8])
+if ARGV[10] == '1' then  -- the attempt it marks: a later one, by a script without this field, is not quiet
+  redis.call('HSET', KEYS[1], 'quiet', ARGV[5])
+else
+  redis.call('HDEL', KEYS[1], 'quiet')
+end
 redis.call('HINCRBY', KEYS[1], 'deaths', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'next', ARGV[7])
@@ -158,6 +163,7 @@ for i, key in ipairs(KEYS) do
       redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[6 * i + 2], 'held_text', ARGV[6 * i + 3],
         'held_next', seq + 1, 'next', seq + 1)
     end
+    redis.call('HDEL', key, 'quiet')  -- it runs on its worker: a loss of that worker now counts
     redis.call('PEXPIRE', key, ARGV[3])
   end
 end

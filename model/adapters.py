@@ -164,7 +164,10 @@ def validate(
     for key in shapes:
         m = _KEY.fullmatch(key)
         if not m and any(f"{other.rsplit('.', 1)[-1]}." in key for other in _OTHER_MODULES):
-            raise AdapterError(f"adapter {name!r}: tensor {key!r}: LoRA on embed_tokens or lm_head is not served")
+            raise AdapterError(
+                f"adapter {name!r}: tensor {key!r} is for embed_tokens or lm_head (LoRA on them, or their whole "
+                "weights saved beside a resized vocabulary), which is not served"
+            )
         if not m or m.group(3) not in TARGET_NAMES:
             raise AdapterError(
                 f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)} "

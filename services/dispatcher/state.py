@@ -69,10 +69,13 @@ class DispatchState:
         # worker by the third turn, and go to the other, cache cold.
         self.ends: OrderedDict[bytes, _Sent] = OrderedDict()
         self.stats_heard: Counter[str] = Counter()
+        self.gaps: dict[str, float] = {}  # seconds between each worker's last two stats (``quiet``)
         self._turn = 0
 
     def heard(self, st: WorkerStats, now: float) -> None:
         """A worker's stats came at ``now``."""
+        if (before := self.workers.get(st.worker)) is not None:
+            self.gaps[st.worker] = now - before[1]
         self.workers[st.worker] = (st, now)
         last = self.loads.get(st.worker)  # the simulator hands an idle replica's message again
         self.loads[st.worker] = last if last is not None and last.stats is st else WorkerLoad.of(st)
@@ -90,10 +93,15 @@ class DispatchState:
         return [st for st, at in self.workers.values() if now - at <= self.ttl_s and not st.draining]
 
     def quiet(self, now: float) -> set[str]:
-        """Live workers not heard from for over half the TTL: each has missed a stats interval at
-        least (a worker's is under half the TTL, ``WorkerSettings.check``), so is likely dead but not
-        yet declared lost (two killed together: the first's loss re-dispatched to the second)."""
-        return {w for w, (_, at) in self.workers.items() if self.ttl_s / 2 < now - at <= self.ttl_s}
+        """Live workers silent for over half the TTL and three of their last gaps between stats:
+        likely dead, not yet declared lost (two killed together: the first's loss re-dispatched to
+        the second). A worker's interval is under half the TTL (``WorkerSettings.check``), but its
+        gaps are that plus its Redis writes: hence its own gap too, so a slow one is not quiet."""
+        return {
+            w
+            for w, (_, at) in self.workers.items()
+            if max(self.ttl_s / 2, 3 * self.gaps.get(w, 0.0)) < now - at <= self.ttl_s
+        }
 
     def choose(
         self,

@@ -43,7 +43,8 @@ class ChatTemplate:
     tools: list[dict[str, Any]] | None = None  # the request's tools, for the template to render (as vLLM)
     documents: list[dict[str, str]] | None = None  # the request's documents, likewise
     # The history's call ids cut to their last this many characters (0: as sent): Mistral's
-    # templates refuse any but 9 (``tool_parsers.CALL_ID_LENGTHS``), so a client's own did (vLLM cuts them).
+    # templates refuse any but 9 (``tool_parsers.CALL_ID_LENGTHS``), so a client's own did (vLLM
+    # cuts them in its mistral tokenizer mode).
     call_id_length: int = 0
 
     @classmethod

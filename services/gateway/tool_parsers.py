@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 PARSERS = ("hermes", "llama3_json", "mistral")
 
 # The call ids a parser's model family takes: Mistral's templates refuse any but 9 alphanumeric
-# characters (vLLM makes its ids so for Mistral models, and cuts a history's to their last 9).
+# characters (vLLM makes its ids so, and cuts a history's to their last 9, in its mistral
+# tokenizer mode).
 CALL_ID_LENGTHS = {"mistral": 9}
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -109,7 +110,9 @@ class ToolParser:
     )
     _decided: bool = False  # llama3_json: whether the output's start was seen
     _stuck: bool = False  # llama3_json: held text that is not a call (given out at the finish)
-    _read: int = 0  # hermes: where the closing tag was looked for to (a token costs its own characters)
+    # hermes: where the closing tag was looked for to (a token costs its own characters); mistral:
+    # where the whitespace after [TOOL_CALLS] was read to
+    _read: int = 0
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
@@ -172,19 +175,26 @@ class ToolParser:
                     self._held = self._held[len(self._held) - keep :]
                     return content, out
                 content += self._held[:at] if not self.calls else ""
-                self._held, self._inside = self._held[at + len(_TOOL_CALLS) :], True
-            # the calls: a JSON array (before v11), or a name and its arguments' object
-            # (no copy of the text at each token: a 140 kB call took a minute so in hermes)
-            first = next((i for i, c in enumerate(self._held) if not c.isspace()), len(self._held))
-            array = self._held.startswith("[", first) and not self._held.startswith(_ARGS, first)
+                self._held, self._inside, self._read = self._held[at + len(_TOOL_CALLS) :], True, 0
+            # The calls: a JSON array (before v11), or a name and its arguments' object. Each
+            # character is looked at once across tokens (a 140 kB call took a minute so in hermes;
+            # whitespace after the tag, rescanned per token, took 9 s for 16k: a review).
+            first = self._read
+            while first < len(self._held) and self._held[first].isspace():
+                first += 1
+            self._read = first
+            head = self._held[first : first + len(_ARGS)]
+            if len(head) < len(_ARGS) and _ARGS.startswith(head):  # nothing yet, or "[AR": which is it?
+                return content, out
+            array = head[0] == "[" and head != _ARGS
             start = first if array else self._held.find("{", first, first + _NAME_ROOM)
             if start < 0 and len(self._held) >= first + _NAME_ROOM:  # no name and object: text
                 content += _TOOL_CALLS + self._held[: first + _NAME_ROOM] if not self.calls else ""
-                self._held, self._inside = self._held[first + _NAME_ROOM :], False
+                self._held, self._inside, self._read = self._held[first + _NAME_ROOM :], False, 0
                 continue
             if start < 0 or (end := self._scan.find(self._held, start)) is None:
                 return content, out  # not whole yet
-            body, self._held, self._inside = self._held[:end], self._held[end:], False
+            body, self._held, self._inside, self._read = self._held[:end], self._held[end:], False, 0
             try:
                 parsed = json.loads(body[start:])
             except ValueError:

@@ -216,6 +216,18 @@ async def test_a_worker_gone_quiet_is_not_sent_recovered_requests_nor_counted_as
         assert (await taken("w-quiet")).recoveries == 1
         rec = await store.get_inflight("counted")
         assert rec is not None and rec.sent_quiet and rec.deaths == 1
+        # The mark holds only while it never ran there: once that worker records progress of it
+        # (a review: it ran to its end on a worker only slow with its stats), or once another
+        # attempt is recorded by a script that knows no mark (an older dispatcher's), it is gone.
+        ran = GenerateRequest(request_id="ran", reply_to="test.quiet.reply", prompt_token_ids=[5])
+        assert await store.put_inflight(ran, "w-quiet", new=True, quiet=True)
+        assert (rec := await store.get_inflight("ran")) is not None and rec.sent_quiet
+        await store.record_progress("w-quiet", {"ran": Sent(0, 0, [9], 0)}, {})
+        assert (rec := await store.get_inflight("ran")) is not None and not rec.sent_quiet
+        assert await store.put_inflight(ran, "w-quiet", expect=("w-quiet", 0), quiet=True)
+        await store.r.hset(f"{store.p}:inflight:ran", "recoveries", 1)  # as an older script's re-dispatch
+        assert (rec := await store.get_inflight("ran")) is not None and not rec.sent_quiet
+        await store.delete_inflight("ran")
         dispatcher.workers["w-live"] = (stats("w-live"), time.monotonic())
         del dispatcher.workers["w-quiet"]
         await dispatcher.recover("w-quiet")

@@ -347,3 +347,16 @@ def test_only_a_prompt_that_extends_an_earlier_one_exactly_takes_it_off() -> Non
     state.unsend("x", "a", keys, first)
     state.choose([x], "a", prefix_keys("a", "", after), prompt=after)
     assert state.sent_since_stats["x"] == 2  # b's and the last
+
+
+def test_a_worker_is_quiet_past_half_the_ttl_and_three_of_its_own_gaps() -> None:
+    """Quiet (likely dead, not yet lost): silent past half the TTL, unless its own stats come that
+    far apart (a review: a worker's gaps are its interval plus its Redis writes); lost past the TTL."""
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+    for at in (0.0, 0.5, 1.0):
+        state.heard(w("fast"), at)
+    for at in (0.0, 1.0, 2.0):
+        state.heard(w("slow"), at)  # 1 s apart: quiet only past 3 s
+    assert state.quiet(4.0) == {"fast"}  # 3 s silent: past 2.5 (half the TTL) and 1.5 (its gaps)
+    assert state.quiet(5.5) == {"fast", "slow"}
+    assert state.quiet(6.5) == {"slow"}  # "fast" past the TTL: lost, not quiet
