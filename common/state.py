@@ -19,9 +19,9 @@
                                      next chunk's seq), tokens delivered ("1,2,3," appended per
                                      step), held (of those, how many await their text), recoveries
                                      (the attempt running: the fencing token), deaths (workers that
-                                     died with it), quiet (the attempt sent to a worker gone quiet,
-                                     until that worker records progress), at (ms, Redis clock);
-                                     expires unless its worker refreshes it
+                                     died with it), taken (the attempt its worker took up: only then
+                                     is that worker's loss the request's death), at (ms, Redis
+                                     clock); expires unless its worker refreshes it
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
 - ``{p}:lease:{role}``         str   holder of a leader lease (the migrator), expires unless renewed
@@ -56,6 +56,7 @@ from dlora.common.state_scripts import (
     _PUT_INFLIGHT_LUA,
     _SWAP_ADAPTER_LUA,
     _SWEEP_LUA,
+    _TAKEN_LUA,
 )
 
 PREFIX = "dlora"
@@ -76,11 +77,11 @@ class Inflight:
     text_held: str = ""  # text those tokens made that was not sent (it could have begun a stop string)
     deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
     incarnation: str = ""  # the start of ``worker`` it was sent to ("" where unknown)
-    # ``worker`` had gone quiet (``DispatchState.quiet``) when this attempt was sent there, and has
-    # recorded no progress of it since: likely dead already, so its loss is not counted among the
-    # request's deaths (two workers killed together: the first's requests went to the second, and
-    # then failed as poison though they never ran there).
-    sent_quiet: bool = False
+    # ``worker`` took this attempt up (``StateStore.mark_taken``, or a progress write): only then
+    # is its loss a death of the request. A dispatcher re-dispatched to a worker already dead, not
+    # yet declared lost, and the poison guard failed requests that never ran there (a trial: two
+    # workers killed together, or 2 s apart, or a dispatcher restarted meanwhile, or a move).
+    taken: bool = False
 
 
 class Sent(NamedTuple):
@@ -115,6 +116,7 @@ class StateStore:
         self._progress = redis.register_script(_PROGRESS_LUA)
         self._lease = redis.register_script(_LEASE_LUA)
         self._put_inflight = redis.register_script(_PUT_INFLIGHT_LUA)
+        self._taken = redis.register_script(_TAKEN_LUA)
         self._fenced = redis.register_script(_FENCED_LUA)
         self._sweep = redis.register_script(_SWEEP_LUA)
         self._delete_inflight = redis.register_script(_DELETE_INFLIGHT_LUA)
@@ -324,7 +326,6 @@ class StateStore:
         new: bool = False,
         incarnation: str = "",
         died: bool = False,
-        quiet: bool = False,
     ) -> bool:
         """Record a request as running on ``worker`` as attempt ``request.recoveries``. On a resume
         elsewhere only the worker, the attempt and the time change: the first request and the
@@ -334,8 +335,7 @@ class StateStore:
         dispatch) False, and nothing written, when a record under its id exists: another request
         in flight has that id. ``incarnation``: the start of ``worker`` it is sent to, where known
         (a hand-back then tells a message that never came from a death); ``died``: a re-dispatch
-        after the worker running it died (or hung), counted in the record's ``deaths``; ``quiet``:
-        ``worker`` had not been heard from lately (``Inflight.sent_quiet``)."""
+        after the worker running it died (or hung), counted in the record's ``deaths``."""
         args: list[str | int] = [
             worker,
             msgspec.json.encode(request).decode(),
@@ -346,7 +346,6 @@ class StateStore:
             request.next_seq,
             incarnation,
             int(died),
-            int(quiet),
         ]
         if expect is not None:
             args += [expect[0], expect[1]]
@@ -374,6 +373,14 @@ class StateStore:
         args: list[str | int] = [worker, f"{self.p}:inflight-of:", int(INFLIGHT_TTL_S * 1000)]
         args += [x for entry in entries for x in entry]
         return {_text(rid) for rid in await self._progress(keys=keys, args=args)}
+
+    async def mark_taken(self, worker: str, attempts: dict[str, int]) -> None:
+        """Mark the records of requests ``worker`` takes up (id -> attempt) as taken by it, before
+        it works on them: only a taken attempt's loss counts as a death (``Inflight.taken``). A
+        record that names another worker or attempt, or none, is left alone. One round trip."""
+        if attempts:
+            keys = [f"{self.p}:inflight:{rid}" for rid in attempts]
+            await self._taken(keys=keys, args=[worker, *attempts.values()])
 
     async def fenced(self, worker: str, copies: dict[str, Copy]) -> set[str]:
         """The ids (of ``copies``) whose copy here is fenced: the record names another worker or
@@ -420,7 +427,7 @@ class StateStore:
             text_held=_text(raw.get(b"held_text", b"")) if raw.get(b"held_next") == raw.get(b"next") else "",
             deaths=int(raw.get(b"deaths", 0)),
             incarnation=_text(raw.get(b"incarnation", b"")),
-            sent_quiet=raw.get(b"quiet") is not None and raw.get(b"quiet") == raw.get(b"recoveries"),
+            taken=raw.get(b"taken") is not None and raw.get(b"taken") == raw.get(b"recoveries"),
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

@@ -87,19 +87,18 @@ return 1
 # worker refreshes it (sweep, progress).
 
 # KEYS: the in-flight hash. ARGV: worker, request JSON, index key prefix, request id, recoveries,
-# ttl ms, the request's next_seq, the worker's incarnation, deaths to add, quiet (1: the worker was not
-# heard from lately when sent), then optionally the worker and recoveries the record must still
+# ttl ms, the request's next_seq, then optionally the worker and recoveries the record must still
 # have (compare-and-set for a re-dispatch; 0 returned and nothing written if another got there
 # first), or two empty strings: the record must not exist yet (a first dispatch; 0 if another
 # request has the id). A resume or move changes only the worker, attempt and time: the first request
 # and the progress since it stay, so a second resume counts right.
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
-if ARGV[11] == '' then
+if ARGV[10] == '' then
   if old then  -- another request's, unless this is our write run again after its reply was lost
     return (old == ARGV[1] and redis.call('HGET', KEYS[1], 'request') == ARGV[2]) and 1 or 0
   end
-elseif ARGV[11] and (old ~= ARGV[11] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[12]) then
+elseif ARGV[10] and (old ~= ARGV[10] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[11]) then
   return 0
 end
 if old and old ~= ARGV[1] then
@@ -108,11 +107,6 @@ end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000),
   'incarnation', ARGV[8])
-if ARGV[10] == '1' then  -- the attempt it marks: a later one, by a script without this field, is not quiet
-  redis.call('HSET', KEYS[1], 'quiet', ARGV[5])
-else
-  redis.call('HDEL', KEYS[1], 'quiet')
-end
 redis.call('HINCRBY', KEYS[1], 'deaths', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'next', ARGV[7])
@@ -163,11 +157,26 @@ for i, key in ipairs(KEYS) do
       redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[6 * i + 2], 'held_text', ARGV[6 * i + 3],
         'held_next', seq + 1, 'next', seq + 1)
     end
-    redis.call('HDEL', key, 'quiet')  -- it runs on its worker: a loss of that worker now counts
+    redis.call('HSET', key, 'taken', ARGV[6 * i - 1])  -- it runs there (had its admission's mark failed)
     redis.call('PEXPIRE', key, ARGV[3])
   end
 end
 return fenced
+"""
+)
+
+# KEYS: in-flight hashes. ARGV: worker, then per key the attempt it took up. Marks each record that
+# exists and names that worker and attempt as taken up by it ('taken' = the attempt): only then does
+# that worker's loss count as a death of the request. Others are left alone.
+_TAKEN_LUA = (
+    _MINE_LUA
+    + """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 and mine(key, ARGV[1], ARGV[i + 1], '0') then
+    redis.call('HSET', key, 'taken', ARGV[i + 1])
+  end
+end
+return 0
 """
 )
 

@@ -344,7 +344,7 @@ class Dispatcher(Recovery):
         recorded = False
         try:
             recorded = await self.store.put_inflight(
-                req, worker, expect, new=expect is None, incarnation=incarnation, died=died, quiet=worker in quiet
+                req, worker, expect, new=expect is None, incarnation=incarnation, died=died
             )
         finally:
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went

@@ -176,7 +176,7 @@ class Recovery:
         ``holding``: only to a worker that holds its adapter's version (``_dispatch``)."""
         first = rec.request
         next_seq = rec.next_seq
-        died = died and not rec.sent_quiet  # sent to a worker likely dead already: not its death
+        died = died and rec.taken  # a worker dead before it took the request up: not its death
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         if first.client and self.clients.gone(first.client, time.monotonic()):
             logger.warning("client silent; its request is answered, not re-dispatched", request=first.request_id)
@@ -184,6 +184,8 @@ class Recovery:
             await self._fail(first, next_seq, reason, "client-gone", ErrorCode.UNAVAILABLE, expect=mine)
             return
         if died and rec.deaths >= MAX_RECOVERIES:
+            # said in the log too (a trial: a give-up showed only in the client's error and a metric)
+            logger.warning("request given up: its workers died with it", request=first.request_id, worker=rec.worker)
             await self._fail(
                 first,
                 next_seq,

@@ -122,6 +122,8 @@ class WorkerService:
     async def _on_request(self, req: GenerateRequest) -> None:
         self.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
         self.pending.add(req.request_id)
+        if req.recorded:  # marked before the command loop works on it (``_take``)
+            self.records.taken[req.request_id] = req.recoveries
         # Here, on threads beside the engine's steps (``Tokenized``): in the command loop a 1 MB
         # prompt (~1 s) held every stream. An input the tokenizer refuses is left to the engine to refuse.
         if req.prompt is not None and req.prompt_token_ids is None:
@@ -172,6 +174,12 @@ class WorkerService:
         self.kv_inbox.put(chunk)
 
     # ---- the owner of the engine ----------------------------------------------------------
+    async def _take(self, cmd: Command) -> None:
+        """``_safely``, the requests received so far marked taken up first: a death while this
+        worker loads their adapters or runs them counts against them (poison), none before."""
+        await self.records.mark_taken()
+        await self._safely(cmd)
+
     async def _safely(self, cmd: Command) -> None:
         """Apply one command; whatever goes wrong fails that command only (a request's with an
         error chunk naming the cause), never the worker; a device lost for good raises."""
@@ -366,9 +374,9 @@ class WorkerService:
             except TimeoutError:
                 self._refresh_stats()  # idle, read again all the same: a dispatcher waits for a fresh reading
                 return
-            await self._safely(cmd)
+            await self._take(cmd)
         while not self.commands.empty():
-            await self._safely(self.commands.get_nowait())
+            await self._take(self.commands.get_nowait())
         await self._expire()
         if self.engine.has_unfinished():
             await self._step()

@@ -29,6 +29,7 @@ class ProgressRecords:
         self.store, self.worker_id, self.ttl_s = store, worker_id, heartbeat_ttl_s
         self.unrecorded_ends: dict[str, int] = {}  # finished requests whose records are not yet deleted
         self.unwritten: list[tuple[str, Sent]] = []  # chunks sent whose progress write failed, in order
+        self.taken: dict[str, int] = {}  # requests received whose records are not yet marked taken (id -> attempt)
         self.stalls = 0  # stalls seen, and how many of them a strict fencing check has followed
         self._stalls_checked = 0
         self._beat_at = time.monotonic()  # when a heartbeat last got out
@@ -111,6 +112,21 @@ class ProgressRecords:
             return set()
         self._outage.succeeded()
         return fenced
+
+    async def mark_taken(self) -> None:
+        """Mark the records of the requests received since the last call as taken up here, before
+        any work on them (``Inflight.taken``: only then is this worker's loss their death). A
+        failure keeps them for the next call and the work goes on (a running request's progress
+        write marks it too)."""
+        if not self.taken:
+            return
+        try:
+            await self.store.mark_taken(self.worker_id, self.taken)
+        except Exception as e:  # noqa: BLE001 - Redis down: serve all the same
+            self._outage.failed(e)
+            self.taken = dict(list(self.taken.items())[-_MAX_UNWRITTEN:])
+            return
+        self.taken = {}
 
     @property
     def behind(self) -> bool:

@@ -84,6 +84,7 @@ async def test_records_of_a_worker_that_stopped_cleanly_are_not_counted_as_death
     died = await _recorded(c, "died", "w-gone", incarnation="start-1")
     for rid in ("stopped", "died"):
         await c.store.r.hset(f"{c.store.p}:inflight:{rid}", "deaths", MAX_RECOVERIES)
+    await c.store.mark_taken("w-gone", {"stopped": 0, "died": 0})  # both taken up there
     await c.store.mark_stopped("w-gone", "start-2")
     await c.store.forget_worker("w-gone")  # its heartbeat gone: the sweep takes its records
     ran, given_up = ReplyStream("stopped"), ReplyStream("died")

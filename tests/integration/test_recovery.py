@@ -141,10 +141,12 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
         moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
         assert moved.recoveries == 1 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1
         await store.put_inflight(moved, "w-a", expect=("w-live", 1))  # (sent back to w-a, say)
+        await store.mark_taken("w-a", {"poison": 1})  # it took it up
         await dispatcher.recover("w-a")  # first death: retried on the live worker, once
         moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
         assert moved.recoveries == 2 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1
         # the live worker took it, then died in turn
+        await store.mark_taken("w-live", {"poison": 2})
         rec = await store.get_inflight("poison")
         assert rec is not None and rec.worker == "w-live" and (rec.recoveries, rec.deaths) == (2, 1)
         await dispatcher.recover("w-live")
@@ -155,14 +157,15 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
         await nc.drain()
 
 
-async def test_a_worker_gone_quiet_is_not_sent_recovered_requests_nor_counted_as_their_death(
+async def test_only_a_worker_that_took_a_request_up_counts_its_loss_as_a_death(
     nats_server: Server, redis: Redis
 ) -> None:
-    """A trial: two workers SIGKILLed together. The first declared lost had its request re-dispatched
-    to the second (dead too, its heartbeat not lapsed yet); declared lost 0.5 s later, that counted
-    as the request's second death, and it failed as poison though it never ran there. A worker not
-    heard from for half the TTL is now passed over while another can take the request, and one sent
-    it anyway (no other) does not count its loss as a death."""
+    """Trials: two workers SIGKILLed together, or 2 s apart, or with the dispatcher restarted, or a
+    move onto a worker just killed: a request re-dispatched (or moved) to a worker already dead but
+    not yet declared lost had that loss counted as its second death, and failed as poison though
+    it never ran there. A death counts only once the worker marked the attempt taken up (at its
+    arrival, or by a progress write); and dispatch passes over a worker gone quiet (silent past
+    half the TTL) while another can take the request."""
     import time
 
     import msgspec
@@ -178,7 +181,7 @@ async def test_a_worker_gone_quiet_is_not_sent_recovered_requests_nor_counted_as
     replies: asyncio.Queue = asyncio.Queue()
     for w, q in forwarded.items():
         await nc.subscribe(subjects.worker_requests(w), cb=q.put)
-    await nc.subscribe("test.quiet.reply", cb=replies.put)
+    await nc.subscribe("test.taken.reply", cb=replies.put)
 
     def stats(worker: str) -> WorkerStats:  # "w-live" is the busier: only quiet would keep it from w-quiet
         busy = 5000 if worker == "w-live" else 0
@@ -197,47 +200,58 @@ async def test_a_worker_gone_quiet_is_not_sent_recovered_requests_nor_counted_as
     async def taken(worker: str) -> GenerateRequest:
         return msgspec.json.decode((await asyncio.wait_for(forwarded[worker].get(), 5)).data, type=GenerateRequest)
 
+    def request(rid: str) -> GenerateRequest:
+        return GenerateRequest(request_id=rid, reply_to="test.taken.reply", prompt_token_ids=[5, 6, 7])
+
     try:
-        for rid in ("routed", "counted"):
-            req = GenerateRequest(request_id=rid, reply_to="test.quiet.reply", prompt_token_ids=[5, 6, 7])
-            await store.put_inflight(req, "w-dead", new=True)
         now = time.monotonic()
         dispatcher.workers["w-quiet"] = (stats("w-quiet"), now - 0.6 * ttl)
         dispatcher.workers["w-live"] = (stats("w-live"), now)
-        await store.delete_inflight("counted")
+        await store.put_inflight(request("routed"), "w-dead", new=True)
         await dispatcher.recover("w-dead")  # a live worker heard lately takes it, though busier
         assert (await taken("w-live")).request_id == "routed" and forwarded["w-quiet"].empty()
 
-        # With no other live worker, the quiet one is sent it: its loss then is not a death.
+        # A worker that took a request up and died: a death; one sent it that never took it up: none.
         del dispatcher.workers["w-live"]
-        req = GenerateRequest(request_id="counted", reply_to="test.quiet.reply", prompt_token_ids=[5, 6, 7])
-        await store.put_inflight(req, "w-dead", new=True)
-        await dispatcher.recover("w-dead")
-        assert (await taken("w-quiet")).recoveries == 1
+        await store.put_inflight(request("counted"), "w-first", new=True)
+        await store.mark_taken("w-first", {"counted": 0})
+        await dispatcher.recover("w-first")
+        assert (await taken("w-quiet")).recoveries == 1  # the only live worker, quiet or not
         rec = await store.get_inflight("counted")
-        assert rec is not None and rec.sent_quiet and rec.deaths == 1
-        # The mark holds only while it never ran there: once that worker records progress of it
-        # (a review: it ran to its end on a worker only slow with its stats), or once another
-        # attempt is recorded by a script that knows no mark (an older dispatcher's), it is gone.
-        ran = GenerateRequest(request_id="ran", reply_to="test.quiet.reply", prompt_token_ids=[5])
-        assert await store.put_inflight(ran, "w-quiet", new=True, quiet=True)
-        assert (rec := await store.get_inflight("ran")) is not None and rec.sent_quiet
-        await store.record_progress("w-quiet", {"ran": Sent(0, 0, [9], 0)}, {})
-        assert (rec := await store.get_inflight("ran")) is not None and not rec.sent_quiet
-        assert await store.put_inflight(ran, "w-quiet", expect=("w-quiet", 0), quiet=True)
-        await store.r.hset(f"{store.p}:inflight:ran", "recoveries", 1)  # as an older script's re-dispatch
-        assert (rec := await store.get_inflight("ran")) is not None and not rec.sent_quiet
-        await store.delete_inflight("ran")
+        assert rec is not None and rec.deaths == 1 and not rec.taken
         dispatcher.workers["w-live"] = (stats("w-live"), time.monotonic())
         del dispatcher.workers["w-quiet"]
-        await dispatcher.recover("w-quiet")
+        await dispatcher.recover("w-quiet")  # dead before it took it up
         assert (await taken("w-live")).recoveries == 2
         rec = await store.get_inflight("counted")
-        assert rec is not None and not rec.sent_quiet and rec.deaths == 1
-        # A worker heard lately that dies with it is its second death: given up, as before.
+        assert rec is not None and rec.deaths == 1
+        # Taken up where it runs, then that worker dies too: its second death, given up as before.
+        await store.mark_taken("w-live", {"counted": 2})
         await dispatcher.recover("w-live")
         chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
         assert chunk.request_id == "counted" and chunk.error is not None and "not retried again" in chunk.error
+    finally:
+        await nc.drain()
+
+
+async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """The mark precedes the work: a request that kills its worker while its adapter loads or its
+    first step runs (a poison request) has its death counted."""
+    from dlora.common.messages import GenerateRequest
+
+    store = StateStore(redis)
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    nc = await nats.connect(nats_server.url)
+    try:
+        service = WorkerService(ws, nc, store, build_engine(ws))  # its loop not running: driven by hand
+        req = GenerateRequest(request_id="t", reply_to="test.t", prompt_token_ids=[5, 6, 7], recorded=True)
+        assert await store.put_inflight(req, "w-a", new=True)
+        await service._on_request(req)
+        await service._take(service.commands.get_nowait())
+        assert (rec := await store.get_inflight("t")) is not None and rec.taken
+        assert "t" in service.streams and service.engine.stats.steps == 0  # admitted, not yet run
     finally:
         await nc.drain()
 

@@ -164,6 +164,26 @@ async def test_a_record_counts_the_deaths_its_request_met_not_its_hand_backs(red
     assert rec is not None and (rec.recoveries, rec.deaths) == (2, 1)
 
 
+async def test_a_record_is_taken_only_by_the_worker_and_attempt_it_names(redis: Redis) -> None:
+    """Only a worker's loss after it took the attempt up is the request's death (Inflight.taken):
+    marked at its arrival there, or by a progress write; another worker's or attempt's mark, or one
+    for a record that is gone, does nothing."""
+    s = StateStore(redis)
+    req = GenerateRequest(request_id="t", reply_to="x", prompt_token_ids=[1])
+    await s.put_inflight(req, "w1", new=True)
+    assert (rec := await s.get_inflight("t")) is not None and not rec.taken
+    await s.mark_taken("w2", {"t": 0})  # not its worker
+    await s.mark_taken("w1", {"t": 1, "gone": 0})  # not its attempt; no record
+    assert (rec := await s.get_inflight("t")) is not None and not rec.taken and await s.get_inflight("gone") is None
+    await s.mark_taken("w1", {"t": 0})
+    assert (rec := await s.get_inflight("t")) is not None and rec.taken
+    again = msgspec.structs.replace(req, recoveries=1)
+    assert await s.put_inflight(again, "w2", expect=("w1", 0), died=True)
+    assert (rec := await s.get_inflight("t")) is not None and not rec.taken  # the next attempt: not yet
+    await s.record_progress("w2", {"t": Sent(1, 0, [7], 0)}, {})  # running there: taken
+    assert (rec := await s.get_inflight("t")) is not None and rec.taken
+
+
 async def test_traffic_and_lease(redis: Redis) -> None:
     s = StateStore(redis)
     await s.save_traffic({"a": 3.5, "b": 0.25})
