@@ -266,6 +266,17 @@ class StateStore:
             (msgspec.json.decode(v, type=WorkerStats) for v in values if v is not None), key=lambda s: s.worker
         )
 
+    async def beat_ages(self, ttl_s: float) -> dict[str, float]:
+        """Seconds since each live worker's last heartbeat, for workers beating with ``ttl_s``: read
+        from its key's time to live, on Redis's clock (no two hosts' clocks compared)."""
+        prefix = f"{self.p}:worker:"
+        keys = [k async for k in self.r.scan_iter(match=prefix + "*")]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pttl(key)
+            left = await pipe.execute()
+        return {_text(k)[len(prefix) :]: max(0.0, ttl_s - ms / 1000) for k, ms in zip(keys, left) if ms >= 0}
+
     async def beating(self, worker: str) -> bool:
         """Whether ``worker``'s heartbeat key is there (it wrote one within the TTL)."""
         return bool(await self.r.exists(f"{self.p}:worker:{worker}"))

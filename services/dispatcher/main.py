@@ -429,9 +429,12 @@ class Dispatcher(Recovery):
         await bus.publish(self.nc, req.reply_to, chunk)
 
     async def _seed_from_redis(self) -> None:
-        # Workers and traffic seen before this dispatcher started.
+        # Workers and traffic seen before this dispatcher started, each heard when it last beat: as
+        # heard now, a worker dead for most of a TTL looked fresh for another whole TTL, and took
+        # a lost worker's requests (a trial: a dispatcher restarted after two workers died).
+        ages, now = await self.store.beat_ages(self.s.heartbeat_ttl_s), time.monotonic()
         for st in await self.store.live_workers():
-            self.workers.setdefault(st.worker, (st, time.monotonic()))
+            self.workers.setdefault(st.worker, (st, now - ages.get(st.worker, 0.0)))
         self.traffic = await self.store.load_traffic()
 
     async def run(self, stop: asyncio.Event) -> None:

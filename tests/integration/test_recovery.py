@@ -256,6 +256,32 @@ async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
         await nc.drain()
 
 
+async def test_a_restarted_dispatcher_hears_each_worker_when_it_last_beat(nats_server: Server, redis: Redis) -> None:
+    """A dispatcher seeding its workers from Redis took each as heard at its start, so a worker
+    dead for most of a TTL looked fresh for another (a trial: it took a lost worker's requests).
+    Its heartbeat key's time to live tells how long ago it beat."""
+    import time
+
+    from dlora.common.messages import WorkerStats
+
+    s = StateStore(redis)
+    for worker in ("w-fresh", "w-old"):
+        stats = WorkerStats(
+            worker=worker, running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16, max_loras=1
+        )
+        await s.heartbeat(stats, ttl_s=5.0)
+    await redis.pexpire("dlora:worker:w-old", 1500)  # as if it beat 3.5 s ago
+    ages = await s.beat_ages(5.0)
+    assert ages["w-fresh"] < 0.5 and 3.4 < ages["w-old"] < 3.6
+    nc = await nats.connect(nats_server.url)
+    try:
+        dispatcher = Dispatcher(DispatcherSettings(nats_url=nats_server.url, redis_url="unused"), nc, s)
+        await dispatcher._seed_from_redis()
+        assert dispatcher.state.quiet(time.monotonic()) == {"w-old"}
+    finally:
+        await nc.drain()
+
+
 async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_server: Server, redis: Redis) -> None:
     """A user's trial: with one worker, a crash failed every request in flight on it ("no worker is
     available") though the worker was back a second after its loss was noticed. Such a request
