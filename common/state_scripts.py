@@ -107,6 +107,7 @@ end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000),
   'incarnation', ARGV[8])
+redis.call('HDEL', KEYS[1], 'taken')  -- a new holder (a move keeps the attempt) has not taken it up yet
 redis.call('HINCRBY', KEYS[1], 'deaths', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'next', ARGV[7])

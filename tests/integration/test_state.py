@@ -182,6 +182,8 @@ async def test_a_record_is_taken_only_by_the_worker_and_attempt_it_names(redis: 
     assert (rec := await s.get_inflight("t")) is not None and not rec.taken  # the next attempt: not yet
     await s.record_progress("w2", {"t": Sent(1, 0, [7], 0)}, {})  # running there: taken
     assert (rec := await s.get_inflight("t")) is not None and rec.taken
+    assert await s.put_inflight(again, "w3")  # moved on (a move keeps the attempt): w3 has not taken it
+    assert (rec := await s.get_inflight("t")) is not None and rec.recoveries == 1 and not rec.taken
 
 
 async def test_traffic_and_lease(redis: Redis) -> None:
