@@ -120,13 +120,12 @@ class ProgressRecords:
         write marks it too)."""
         if not self.taken:
             return
+        batch, self.taken = self.taken, {}  # what arrives during the write waits for the next (a review)
         try:
-            await self.store.mark_taken(self.worker_id, self.taken)
+            await self.store.mark_taken(self.worker_id, batch)
         except Exception as e:  # noqa: BLE001 - Redis down: serve all the same
             self._outage.failed(e)
-            self.taken = dict(list(self.taken.items())[-_MAX_UNWRITTEN:])
-            return
-        self.taken = {}
+            self.taken = dict(list({**batch, **self.taken}.items())[-_MAX_UNWRITTEN:])
 
     @property
     def behind(self) -> bool:
