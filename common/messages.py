@@ -350,6 +350,8 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # Tokens one request may hold here, prompt and output: the model's context or the KV cache,
     # whichever is smaller (0: an older worker that does not say).
     max_model_len: int = 0
+    # The highest adapter rank it loads (its adapter_limits.max_lora_rank; 0: an older worker that does not say).
+    max_lora_rank: int = 0
     # What it serves on: a torch device ("cuda:0", "cpu") and dtype ("bfloat16"); empty from an older worker.
     device: str = ""
     dtype: str = ""

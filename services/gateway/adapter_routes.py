@@ -100,6 +100,16 @@ class AdapterAdmin:
             gw.s.adapter_limits,
             body.owner or "",
         )
+        # Workers with lower limits than the gateway's: registered, every request of it failed with a
+        # 500 as the workers loaded it (a trial). Refused while no live worker can load it.
+        limits = [st.max_lora_rank for st, _ in gw.cluster.live(time.monotonic(), gw.s.heartbeat_ttl_s)]
+        if limits and 0 not in limits and entry.rank > max(limits):
+            raise APIError(
+                400,
+                f"adapter {body.name!r}: rank {entry.rank} is above every live worker's max_lora_rank "
+                f"(at most {max(limits)}): they could not load it",
+                param="path",
+            )
         # Stamped as it is written, not when its files were checked: racing replacements are then
         # ordered by ``created`` as Redis takes them (what the registry's merge compares).
         entry = msgspec.structs.replace(entry, created=time.time())
