@@ -242,33 +242,35 @@ async def test_an_adapter_named_by_its_hub_repo_id_is_served(stack: Stack) -> No
     assert (await post(stack, "/v1/completions", {**body, "model": "org/sql-lora"}))[0] == 404
 
 
-async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(stack: Stack) -> None:
+async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
     """A review: in a fleet of mixed settings (a worker with a lower max_lora_rank), requests that
     landed on the worker whose limits refuse the adapter failed, and were told its files changed
     and an admin must load it again. They go on to another worker now. With no live worker that
     can load it, its registration is refused (400 naming the limit; a trial: registered, then 500
     for every request)."""
-    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    path = stack.tiny.adapters_dir / "ranked"
-    shutil.copytree(stack.tiny.adapters["lora-1"], path)
-    rank = json.loads((path / "adapter_config.json").read_text())["r"]
-    limited, other = stack.workers
-    strict = AdapterLimits(max_lora_rank=rank - 1)
-    limited.engine.config = msgspec.structs.replace(limited.engine.config, adapter_limits=strict)
-    assert (await post(stack, "/v1/adapters", {"name": "ranked", "path": str(path)}, auth))[0] == 201
-    body = {"model": "ranked", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}
-    # Until some landed on the limited worker first (a CI run under load sent a whole batch of one
-    # prompt to the other: prefix affinity), each answered 200 all the same.
-    for _ in range(5):
-        replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(8)))
+    # Round-robin: requests land on the limited worker whatever dispatch would price (a CI run under
+    # load sent all of one prompt to the other: prefix affinity).
+    async with run_stack(nats_server, redis, tiny_llama, dispatcher={"dispatch": "round-robin"}) as stack:
+        auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        path = stack.tiny.adapters_dir / "ranked"
+        shutil.copytree(stack.tiny.adapters["lora-1"], path)
+        rank = json.loads((path / "adapter_config.json").read_text())["r"]
+        limited, other = stack.workers
+        strict = AdapterLimits(max_lora_rank=rank - 1)
+        limited.engine.config = msgspec.structs.replace(limited.engine.config, adapter_limits=strict)
+        assert (await post(stack, "/v1/adapters", {"name": "ranked", "path": str(path)}, auth))[0] == 201
+        body = {"model": "ranked", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}
+        replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(8)))  # both workers
         assert [s for s, _ in replies] == [200] * 8, replies
-        if "ranked" in {name for name, _ in limited.adapters.failed}:
-            break
-    assert "ranked" in {name for name, _ in limited.adapters.failed}
-    other.engine.config = msgspec.structs.replace(other.engine.config, adapter_limits=strict)
-    async with asyncio.timeout(30):  # the gateway has both workers' stats since
-        while {st.max_lora_rank for st, _ in stack.gateway.cluster.live(time.monotonic(), 5.0)} != {rank - 1}:
-            await asyncio.sleep(0.05)
-    status, resp = await post(stack, "/v1/adapters", {"name": "ranked2", "path": str(path)}, auth)
-    assert status == 400 and resp["error"]["param"] == "path", resp
-    assert f"rank {rank} is above every live worker's max_lora_rank (at most {rank - 1})" in resp["error"]["message"]
+        assert "ranked" in {name for name, _ in limited.adapters.failed}  # some landed there first
+        other.engine.config = msgspec.structs.replace(other.engine.config, adapter_limits=strict)
+        async with asyncio.timeout(30):  # the gateway has both workers' stats since
+            while {st.max_lora_rank for st, _ in stack.gateway.cluster.live(time.monotonic(), 5.0)} != {rank - 1}:
+                await asyncio.sleep(0.05)
+        status, resp = await post(stack, "/v1/adapters", {"name": "ranked2", "path": str(path)}, auth)
+        assert status == 400 and resp["error"]["param"] == "path", resp
+        assert (
+            f"rank {rank} is above every live worker's max_lora_rank (at most {rank - 1})" in resp["error"]["message"]
+        )
