@@ -36,12 +36,17 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
     that breaks every GPU it runs on must not go round them all). Unsent (NATS down), they are
     recovered anyway once this worker's heartbeat is gone."""
     held: dict[str, int] = {}
+    unrun: list[str] = []  # after a device loss: queued requests, not its death even if marked taken
     while not w.commands.empty():  # requests that came during the drain go back unrun
         if isinstance(cmd := w.commands.get_nowait(), Add):
             held[cmd.req.request_id] = cmd.req.recoveries
             w.pending.discard(cmd.req.request_id)
-        else:
+            if died:
+                unrun.append(cmd.req.request_id)
+        elif not died:  # a dead device runs nothing more: a move's KV export raised there (a review)
             await w._safely(cmd)
+    if died and (culprit := w.admitting) is not None:  # the device failed while it took this one up
+        held.setdefault(culprit.request_id, culprit.recoveries)
     for rid, stream in list(w.streams.items()):
         held[rid] = stream.request.recoveries
         await w.drop(rid, record=False, attempt=stream.request.recoveries)
@@ -51,7 +56,7 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
         w.handed_over = set(held)
         if not held:
             return
-        handed = LostRequests(worker=w.s.worker_id, requests=held, draining=not died)
+        handed = LostRequests(worker=w.s.worker_id, requests=held, draining=not died, never_arrived=unrun)
         await bus.publish(w.nc, subjects.LOST, handed)
         await w.nc.flush(timeout=2)
         logger.info("handed over at stop", requests=len(held))
@@ -65,6 +70,7 @@ async def device_lost(w: WorkerService, e: Exception) -> None:
     it); the worker then exits with the error and its supervisor (systemd, ``dlora up``) starts
     a new process, with a new device context."""
     logger.error("the device failed for good: handing every request over", error=str(e))
+    w.device_failed = True
     if not w.draining:  # stats saying so go out at once: dispatchers send nothing more here
         await start(w)
     await hand_over(w, died=True)
@@ -77,8 +83,9 @@ async def hand_back_late(w: WorkerService) -> None:
     TTL and count as one. Best effort: what is not sent is recovered after the TTL."""
     try:
         late, _ = await w.store.sweep_inflight(w.s.worker_id, w.incarnation, w.handed_over, 0.0)
-        if late:
-            await bus.publish(w.nc, subjects.LOST, LostRequests(worker=w.s.worker_id, requests=late, draining=True))
+        if late:  # after a device loss, as deaths (of those it took up: ``Inflight.taken``)
+            lost = LostRequests(worker=w.s.worker_id, requests=late, draining=not w.device_failed)
+            await bus.publish(w.nc, subjects.LOST, lost)
             await w.nc.flush(timeout=2)
             logger.info("handed back requests that came after the hand-over", requests=len(late))
     except Exception as e:  # noqa: BLE001 - see the docstring

@@ -110,6 +110,8 @@ class WorkerService:
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self.draining = False  # told to stop: finishing what runs here, given nothing new
         self.handed_over: set[str] = set()  # what the drain handed back (not handed back again as it exits)
+        self.device_failed = False  # the device failed for good: what is left here is handed back as deaths
+        self.admitting: GenerateRequest | None = None  # the request being taken up, until it is
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
         self.registered: dict[str, int] = {}  # adapter name -> rank, as the registry last listed them
@@ -178,7 +180,9 @@ class WorkerService:
         """``_safely``, the requests received so far marked taken up first: a death while this
         worker loads their adapters or runs them counts against them (poison), none before."""
         await self.records.mark_taken()
+        self.admitting = cmd.req if isinstance(cmd, Add) else None
         await self._safely(cmd)
+        self.admitting = None  # left set when the device failed in it: its hand-over names it
 
     async def _safely(self, cmd: Command) -> None:
         """Apply one command; whatever goes wrong fails that command only (a request's with an
@@ -469,8 +473,9 @@ class WorkerService:
                 await sub.unsubscribe()
             if self.draining:
                 await drain.hand_back_late(self)
-                with contextlib.suppress(*bus.STATE_OUTAGE):  # without it, what is left counts as a death
-                    await self.store.mark_stopped(self.s.worker_id, self.incarnation)
+                if not self.device_failed:  # a stop, not a death: without it, what is left counts as one
+                    with contextlib.suppress(*bus.STATE_OUTAGE):
+                        await self.store.mark_stopped(self.s.worker_id, self.incarnation)
             with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
                 await self.store.forget_worker(self.s.worker_id)
 

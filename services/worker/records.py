@@ -15,6 +15,8 @@ logger = log.get("worker")
 # Chunks kept for the in-flight records while Redis refuses writes: a long outage keeps the latest
 # (a record then lacks the oldest, and a resume from it may send those tokens again).
 _MAX_UNWRITTEN = 10_000
+# Seconds between tries to mark records taken while Redis refuses them.
+_MARK_AGAIN_S = 2.0
 
 
 class ProgressRecords:
@@ -30,6 +32,7 @@ class ProgressRecords:
         self.unrecorded_ends: dict[str, int] = {}  # finished requests whose records are not yet deleted
         self.unwritten: list[tuple[str, Sent]] = []  # chunks sent whose progress write failed, in order
         self.taken: dict[str, int] = {}  # requests received whose records are not yet marked taken (id -> attempt)
+        self._mark_again_at = 0.0  # after a failed mark, when to try again
         self.stalls = 0  # stalls seen, and how many of them a strict fencing check has followed
         self._stalls_checked = 0
         self._beat_at = time.monotonic()  # when a heartbeat last got out
@@ -118,7 +121,7 @@ class ProgressRecords:
         any work on them (``Inflight.taken``: only then is this worker's loss their death). A
         failure keeps them for the next call and the work goes on (a running request's progress
         write marks it too)."""
-        if not self.taken:
+        if not self.taken or time.monotonic() < self._mark_again_at:
             return
         batch, self.taken = self.taken, {}  # what arrives during the write waits for the next (a review)
         try:
@@ -126,6 +129,9 @@ class ProgressRecords:
         except Exception as e:  # noqa: BLE001 - Redis down: serve all the same
             self._outage.failed(e)
             self.taken = dict(list({**batch, **self.taken}.items())[-_MAX_UNWRITTEN:])
+            # Not again before every command: a hung Redis cost each 20 s, and the loop's watchdog
+            # (a review). Meanwhile a death goes uncounted unless a progress write marks it.
+            self._mark_again_at = time.monotonic() + _MARK_AGAIN_S
 
     @property
     def behind(self) -> bool:

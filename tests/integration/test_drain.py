@@ -119,14 +119,16 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
         expected = offline(tiny_llama, [{"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True}])
         assert "".join(texts) == expected[0]["text"]  # continuous: nothing repeated, nothing missing
         assert drain_stats and drain_stats[0].running == 1
-        # This start stopped cleanly: a record left naming it would not be counted as a death.
-        assert await store.stopped_cleanly("a-victim", victim.incarnation)
-        # nor, once its heartbeat lapses, the worker as lost (a rolling restart set off every
-        # alert on the losses counter)
+        # A stop is clean: a record left naming it would not be counted as a death, nor, once its
+        # heartbeat lapses, the worker as lost (a rolling restart set off every alert on the
+        # losses counter). A failed device is a loss (a review: it was marked stopped, and a
+        # request it took up that broke it was handed back late as no death).
+        lost = trigger == "device-lost"
+        assert await store.stopped_cleanly("a-victim", victim.incarnation) is not lost
         await redis.delete("dlora:worker:a-victim")
         await dispatcher._look(time.monotonic() + 100)
         assert "a-victim" not in dispatcher.workers
-        assert dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == 0
+        assert dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == int(lost)
         if trigger == "stop" and drain_timeout_s:  # finished where it ran; nothing handed back
             assert handed == [] and victim.engine.stats.steps > N - 10
         else:  # handed over at once; the survivor generated the rest
@@ -139,5 +141,42 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
         stop.set()
         stop_victim.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
+async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A review: after a device loss the request being taken up (its adapter loading, its KV
+    imported) was in no list and went back late as a drain's, no death; requests queued behind it,
+    marked taken in the same batch, went back as deaths; queued moves ran on the dead device."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker import drain
+
+    store = StateStore(redis)
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    try:
+        service = WorkerService(ws, conns[0], store, build_engine(ws))  # its loop not running: driven by hand
+        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
+
+        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
+            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
+
+        await conns[1].subscribe(subjects.LOST, cb=on_lost)
+        await conns[1].flush()
+        culprit, queued = (
+            GenerateRequest(request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
+            for rid in ("culprit", "queued")
+        )
+        service.admitting = culprit  # the device failed while it took this one up
+        await service._on_request(queued)
+        service.device_failed = True
+        await drain.hand_over(service, died=True)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"culprit": 0, "queued": 0} and not lost.draining
+        assert lost.never_arrived == ["queued"]  # waited, never ran: not a death
+    finally:
         for c in conns:
             await c.drain()
