@@ -102,7 +102,8 @@ class AdapterAdmin:
         )
         # Workers with lower limits than the gateway's: registered, every request of it failed with a
         # 500 as the workers loaded it (a trial). Refused while no live worker can load it.
-        limits = [st.max_lora_rank for st, _ in gw.cluster.live(time.monotonic(), gw.s.heartbeat_ttl_s)]
+        live = gw.cluster.live(time.monotonic(), gw.s.heartbeat_ttl_s)
+        limits = [st.max_lora_rank for st, _ in live if not st.draining]  # a stopping one will not serve it
         if limits and 0 not in limits and entry.rank > max(limits):
             raise APIError(
                 400,
