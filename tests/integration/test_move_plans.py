@@ -1,0 +1,123 @@
+"""Workers carrying out move plans sent by hand (as the migrator publishes them): a deposed
+leader's plans are dropped, and a moved request's stream and usage stay its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import msgspec
+import nats
+from redis.asyncio import Redis
+
+from dlora.common import subjects
+from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams, TokenChunk
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.replies import ReplyStream
+from dlora.services.servers import Server
+from tests.integration.test_migration import start_workers
+
+
+async def _send(client: nats.NATS, owner: str, rid: str, prompt: list[int], max_tokens: int) -> None:
+    """A greedy request straight to w0, its chunks to ``owner``'s replies."""
+    req = GenerateRequest(
+        request_id=rid,
+        reply_to=subjects.reply_inbox(rid, owner),
+        prompt_token_ids=prompt,
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+    )
+    await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
+
+
+async def _plan(client: nats.NATS, epoch: int, request_id: str) -> None:
+    """A plan of ``epoch`` moving ``request_id`` to w1."""
+    moves = [MoveRequest(request_id=request_id, adapter=None, to_worker="w1")]
+    plan = MovePlan(plan_id=f"p{epoch}", epoch=epoch, created=time.time(), moves=moves)
+    await client.publish(subjects.MOVES, msgspec.json.encode(plan))
+    await client.flush()
+
+
+async def test_workers_drop_plans_from_a_deposed_migrator(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    store = StateStore(redis)
+    stop = asyncio.Event()
+    conns, tasks = [], []
+    try:
+        workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner = uuid.uuid4().hex[:8]
+        seen: list[TokenChunk] = []
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            seen.append(msgspec.json.decode(msg.data, type=TokenChunk))
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(0.3)
+        await _send(client, owner, "r", [5, 6, 7], 400)
+        while not seen:
+            await asyncio.sleep(0.01)
+
+        async def send_plan(epoch: int, request_id: str = "r") -> None:
+            await _plan(client, epoch, request_id)
+            await asyncio.sleep(0.3)
+
+        await send_plan(2, "not-here")  # w0 takes a plan of epoch 2 (for a request it does not have)
+        assert workers["w0"].plan_epoch == 2
+        await send_plan(1)  # the leader before it, still sending
+        assert "r" in workers["w0"].streams and not seen[-1].finish_reason  # stayed
+        await send_plan(2)
+        async with asyncio.timeout(30):
+            while not seen[-1].finish_reason:
+                await asyncio.sleep(0.02)
+        assert seen[-1].worker == "w1" and [c.seq for c in seen] == list(range(len(seen)))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
+async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A trial: after a move the usage's cached_tokens was the destination's recompute hit (0 for a
+    first run's 32). A 40-token prompt, its two full blocks cached on w0 by an earlier request, runs
+    there and is moved to w1 (which has nothing cached) by a plan: the reader reports 32."""
+    store = StateStore(redis)
+    stop = asyncio.Event()
+    conns, tasks = [], []
+    try:
+        await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner = uuid.uuid4().hex[:8]
+        streams = {rid: ReplyStream(rid) for rid in ("warm", "r")}
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+            streams[chunk.request_id].accept(chunk)
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(0.3)
+        prompt = [5 + i for i in range(40)]
+        for rid, max_tokens in (("warm", 2), ("r", 400)):
+            await _send(client, owner, rid, prompt, max_tokens)
+            async with asyncio.timeout(30):
+                while not (streams[rid].done if rid == "warm" else streams[rid].tokens):
+                    await asyncio.sleep(0.01)
+        await _plan(client, 1, "r")
+        async with asyncio.timeout(60):
+            while not streams["r"].done:
+                await asyncio.sleep(0.02)
+        r = streams["r"]
+        assert r.error is None and r.tokens == 400 and r.worker == "w1"  # it moved, and finished there
+        assert streams["warm"].cached_tokens == 0 and r.cached_tokens == 32
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
