@@ -438,7 +438,7 @@ class StateStore:
             text_held=_text(raw.get(b"held_text", b"")) if raw.get(b"held_next") == raw.get(b"next") else "",
             deaths=int(raw.get(b"deaths", 0)),
             incarnation=_text(raw.get(b"incarnation", b"")),
-            taken=raw.get(b"taken") is not None and raw.get(b"taken") == raw.get(b"recoveries"),
+            taken=raw.get(b"taken") == raw.get(b"recoveries", b"0"),
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

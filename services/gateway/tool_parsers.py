@@ -138,19 +138,25 @@ class ToolParser:
         self.calls.append(call)
         return True
 
+    def _text_to(self, tag: str) -> tuple[str, bool]:
+        """The held text before ``tag`` (content only before the first call), and whether the tag
+        came: then what follows it is held; else all of it goes but an end that may begin the tag."""
+        at = self._held.find(tag)
+        found = at >= 0
+        if not found:
+            at = len(self._held) - _partial_tag(self._held, tag)
+        text, self._held = self._held[:at], self._held[at + len(tag) if found else at :]
+        return text if not self.calls else "", found
+
     def _hermes(self) -> tuple[str, list[Call]]:
         # Text after the first call is not content (vLLM's hermes keeps what comes before it).
         content, out = "", list[Call]()
         while True:
             if not self._inside:
-                at = self._held.find(_OPEN)
-                if at < 0:  # all of it is text, but an end that may begin the tag
-                    keep = _partial_tag(self._held, _OPEN)
-                    content += self._held[: len(self._held) - keep] if not self.calls else ""
-                    self._held = self._held[len(self._held) - keep :]
+                text, self._inside = self._text_to(_OPEN)
+                content += text
+                if not self._inside:
                     return content, out
-                content += self._held[:at] if not self.calls else ""
-                self._held, self._inside = self._held[at + len(_OPEN) :], True
             end = self._held.find(_CLOSE, max(0, self._read - len(_CLOSE) + 1))
             if end < 0:
                 self._read = len(self._held)
@@ -167,15 +173,12 @@ class ToolParser:
     def _mistral(self) -> tuple[str, list[Call]]:
         content, out = "", list[Call]()
         while True:
-            if not self._inside:  # text, as hermes's outside its tags
-                at = self._held.find(_TOOL_CALLS)
-                if at < 0:
-                    keep = _partial_tag(self._held, _TOOL_CALLS)
-                    content += self._held[: len(self._held) - keep] if not self.calls else ""
-                    self._held = self._held[len(self._held) - keep :]
+            if not self._inside:
+                text, self._inside = self._text_to(_TOOL_CALLS)
+                content += text
+                if not self._inside:
                     return content, out
-                content += self._held[:at] if not self.calls else ""
-                self._held, self._inside, self._read = self._held[at + len(_TOOL_CALLS) :], True, 0
+                self._read = 0
             # The calls: a JSON array (before v11), or a name and its arguments' object. Each
             # character is looked at once across tokens (a 140 kB call took a minute so in hermes;
             # whitespace after the tag, rescanned per token, took 9 s for 16k: a review).
