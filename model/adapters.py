@@ -196,7 +196,7 @@ def validate(
     modules: dict[tuple[int, str], ModuleSpec] = {}
     for (layer, target), ab in sorted(pairs.items()):
         where = f"adapter {name!r}: layer {layer} {target}"
-        module = f"model.layers.{layer}.{_parent(target)}.{target}"
+        module = _module(layer, target)
         if not targeted(conf, module):
             continue  # PEFT makes no LoRA layer here, so it never reads these weights
         if set(ab) != {"A", "B"}:
@@ -241,19 +241,22 @@ def validate(
     return AdapterSpec(name, path, modules, content_digest(conf_bytes, weight_bytes))
 
 
+def _module(layer: int, target: str) -> str:
+    """The base model's name of a projection (a Llama-family layer's ``self_attn`` or ``mlp``)."""
+    return f"model.layers.{layer}.{_parent(target)}.{target}"
+
+
 def _parent(target: str) -> str:
-    """The block a projection is under in a Llama-family layer."""
     return "self_attn" if target in TARGET_NAMES[:4] else "mlp"
 
 
 def _unweighted(conf: dict[str, Any], cfg: ModelConfig, pairs: dict[tuple[int, str], dict[str, str]]) -> str | None:
     """A module the config selects that the file has no weights for (None: there is none)."""
-    layers = (f"model.layers.{i}.{_parent(t)}.{t}" for i in range(cfg.num_layers) for t in TARGET_NAMES)
-    for module in (*layers, *_OTHER_MODULES):
-        target = module.rsplit(".", 1)[-1]
-        if targeted(conf, module) and (module in _OTHER_MODULES or (int(module.split(".")[2]), target) not in pairs):
-            return module
-    return None
+    for layer in range(cfg.num_layers):
+        for target in TARGET_NAMES:
+            if (layer, target) not in pairs and targeted(conf, module := _module(layer, target)):
+                return module
+    return next((m for m in _OTHER_MODULES if targeted(conf, m)), None)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

@@ -200,7 +200,7 @@ def _template_reads(source: str) -> tuple[bool, bool]:
             break
         held |= found
     loops = any(content(loop.iter) for loop in tree.find_all(nodes.For))
-    return loops, any(c.value == "developer" for c in tree.find_all(jinja2.nodes.Const))
+    return loops, any(c.value == "developer" for c in tree.find_all(nodes.Const))
 
 
 def _renders(render: Callable[[], object]) -> bool:

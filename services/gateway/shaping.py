@@ -73,6 +73,11 @@ class ServedModel:
     # How a chat message's content reaches the template (the gateway's chat_template_content_format).
     content_format: str = "auto"
 
+    @property
+    def call_id_length(self) -> int:
+        """The call ids its tool-call format takes (``tool_parsers.CALL_ID_LENGTHS``; 0: ours)."""
+        return CALL_ID_LENGTHS.get(self.tool_call_parser, 0)
+
     @classmethod
     def of(cls, tokenizer: Tokenizer, cfg: ModelConfig, context: int, defaults: Mapping[str, float]) -> ServedModel:
         """The model of ``cfg`` read through ``tokenizer``, with its structured-output matchers."""
@@ -168,7 +173,7 @@ def shape_request(
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one
     asked: int | None  # max_tokens; None: what the context leaves
     if isinstance(body, ChatBody):
-        template = ChatTemplate.of(body, CALL_ID_LENGTHS.get(model.tool_call_parser, 0))
+        template = ChatTemplate.of(body, model.call_id_length)
         prompts = [(chat_prompt_ids(body.messages, model.tokenizer, template, model.content_format), None)]
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         asked_in = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -262,7 +267,7 @@ def shape_request(
             tool_parser=model.tool_call_parser if auto else "",
             parallel_calls=not (isinstance(body, ChatBody) and body.parallel_tool_calls is False),
             call_ids=request_id.rsplit("-", 1)[-1],
-            call_id_length=CALL_ID_LENGTHS.get(model.tool_call_parser, 0),
+            call_id_length=model.call_id_length,
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),

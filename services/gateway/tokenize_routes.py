@@ -14,7 +14,6 @@ from aiohttp import web
 from dlora.services.gateway import openai
 from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
 from dlora.services.gateway.openai import APIError, ChatMessage, Tool, model_not_found
-from dlora.services.gateway.tool_parsers import CALL_ID_LENGTHS
 
 if TYPE_CHECKING:
     from dlora.services.gateway.main import Gateway
@@ -67,7 +66,7 @@ class TokenizeRoutes:
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         tokenizer: Any = self.gw.served.tokenizer
         if body.messages is not None:
-            template = ChatTemplate.of(body, CALL_ID_LENGTHS.get(self.gw.served.tool_call_parser, 0))
+            template = ChatTemplate.of(body, self.gw.served.call_id_length)
             ids = chat_prompt_ids(body.messages, tokenizer, template, self.gw.served.content_format)
         else:
             ids = list(tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
