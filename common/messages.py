@@ -352,6 +352,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     max_model_len: int = 0
     # The highest adapter rank it loads (its adapter_limits.max_lora_rank; 0: an older worker that does not say).
     max_lora_rank: int = 0
+    # It marks each request's record as taken up before working on it (``StateStore.mark_taken``):
+    # only then may its loss go uncounted as a death of a request it never took. False from an
+    # older worker, whose loss counts as every recorded request's death (a rolling upgrade).
+    marks_taken: bool = False
     # What it serves on: a torch device ("cuda:0", "cpu") and dtype ("bfloat16"); empty from an older worker.
     device: str = ""
     dtype: str = ""
@@ -419,6 +423,8 @@ class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):
     to_worker: str
     # Ship the KV cache (cheaper than recomputing this context) rather than recompute.
     ship_kv: bool = False
+    # The destination marks what it takes up (its stats' ``marks_taken``), recorded with the move.
+    to_marks_taken: bool = False
 
 
 class KVChunk(msgspec.Struct, kw_only=True, frozen=True, array_like=True):

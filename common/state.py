@@ -20,7 +20,8 @@
                                      step), held (of those, how many await their text), recoveries
                                      (the attempt running: the fencing token), deaths (workers that
                                      died with it), taken (the attempt its worker took up: only then
-                                     is that worker's loss the request's death), at (ms, Redis
+                                     is that worker's loss the request's death), marks (the worker,
+                                     when it marks what it takes up), at (ms, Redis
                                      clock); expires unless its worker refreshes it
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
@@ -82,6 +83,9 @@ class Inflight:
     # yet declared lost, and the poison guard failed requests that never ran there (a trial: two
     # workers killed together, or 2 s apart, or a dispatcher restarted meanwhile, or a move).
     taken: bool = False
+    # ``worker`` marks what it takes up (``WorkerStats.marks_taken``, recorded by the put naming it):
+    # an older worker never does, and its loss counts as a death as before (a rolling upgrade).
+    marks_taken: bool = True
 
 
 class Sent(NamedTuple):
@@ -337,6 +341,7 @@ class StateStore:
         new: bool = False,
         incarnation: str = "",
         died: bool = False,
+        marks_taken: bool = True,
     ) -> bool:
         """Record a request as running on ``worker`` as attempt ``request.recoveries``. On a resume
         elsewhere only the worker, the attempt and the time change: the first request and the
@@ -346,7 +351,9 @@ class StateStore:
         dispatch) False, and nothing written, when a record under its id exists: another request
         in flight has that id. ``incarnation``: the start of ``worker`` it is sent to, where known
         (a hand-back then tells a message that never came from a death); ``died``: a re-dispatch
-        after the worker running it died (or hung), counted in the record's ``deaths``."""
+        after the worker running it died (or hung), counted in the record's ``deaths``;
+        ``marks_taken``: ``worker`` marks what it takes up (``WorkerStats.marks_taken``; False for an
+        older worker, whose loss then counts as the request's death whether it took it or not)."""
         args: list[str | int] = [
             worker,
             msgspec.json.encode(request).decode(),
@@ -357,6 +364,7 @@ class StateStore:
             request.next_seq,
             incarnation,
             int(died),
+            int(marks_taken),
         ]
         if expect is not None:
             args += [expect[0], expect[1]]
@@ -439,6 +447,7 @@ class StateStore:
             deaths=int(raw.get(b"deaths", 0)),
             incarnation=_text(raw.get(b"incarnation", b"")),
             taken=raw.get(b"taken") == raw.get(b"recoveries", b"0"),
+            marks_taken=raw.get(b"marks") == raw[b"worker"],
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

@@ -87,18 +87,21 @@ return 1
 # worker refreshes it (sweep, progress).
 
 # KEYS: the in-flight hash. ARGV: worker, request JSON, index key prefix, request id, recoveries,
-# ttl ms, the request's next_seq, then optionally the worker and recoveries the record must still
-# have (compare-and-set for a re-dispatch; 0 returned and nothing written if another got there
-# first), or two empty strings: the record must not exist yet (a first dispatch; 0 if another
-# request has the id). A resume or move changes only the worker, attempt and time: the first request
-# and the progress since it stay, so a second resume counts right.
+# ttl ms, the request's next_seq, the worker's incarnation, 1 if the worker running it before died
+# (counted in deaths), 1 if the worker marks what it takes up (recorded as ``marks``, naming it: a
+# put by an older version, which leaves the field, then names another worker), then optionally the
+# worker and recoveries the record must still have (compare-and-set for a re-dispatch; 0 returned
+# and nothing written if another got there first), or two empty strings: the record must not exist
+# yet (a first dispatch; 0 if another request has the id). A resume or move changes only the
+# worker, attempt and time: the first request and the progress since it stay, so a second resume
+# counts right.
 _PUT_INFLIGHT_LUA = """
 local old = redis.call('HGET', KEYS[1], 'worker')
-if ARGV[10] == '' then
+if ARGV[11] == '' then
   if old then  -- another request's, unless this is our write run again after its reply was lost
     return (old == ARGV[1] and redis.call('HGET', KEYS[1], 'request') == ARGV[2]) and 1 or 0
   end
-elseif ARGV[10] and (old ~= ARGV[10] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[11]) then
+elseif ARGV[11] and (old ~= ARGV[11] or redis.call('HGET', KEYS[1], 'recoveries') ~= ARGV[12]) then
   return 0
 end
 if old and old ~= ARGV[1] then
@@ -108,6 +111,11 @@ local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'recoveries', ARGV[5], 'at', now[1] * 1000 + math.floor(now[2] / 1000),
   'incarnation', ARGV[8])
 redis.call('HDEL', KEYS[1], 'taken')  -- a new holder (a move keeps the attempt) has not taken it up yet
+if ARGV[10] == '1' then
+  redis.call('HSET', KEYS[1], 'marks', ARGV[1])
+else
+  redis.call('HDEL', KEYS[1], 'marks')
+end
 redis.call('HINCRBY', KEYS[1], 'deaths', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'request', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'next', ARGV[7])

@@ -340,11 +340,11 @@ class Dispatcher(Recovery):
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         seen = self.workers.get(worker)
-        incarnation = seen[0].incarnation if seen else ""
+        incarnation, marks = (seen[0].incarnation, seen[0].marks_taken) if seen else ("", False)
         recorded = False
         try:
             recorded = await self.store.put_inflight(
-                req, worker, expect, new=expect is None, incarnation=incarnation, died=died
+                req, worker, expect, new=expect is None, incarnation=incarnation, died=died, marks_taken=marks
             )
         finally:
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went

@@ -176,7 +176,9 @@ class Recovery:
         ``holding``: only to a worker that holds its adapter's version (``_dispatch``)."""
         first = rec.request
         next_seq = rec.next_seq
-        died = died and rec.taken  # a worker dead before it took the request up: not its death
+        # A worker dead before it took the request up: not its death. One that does not mark (an
+        # older version, in a rolling upgrade) is counted as before: unmarked is no proof there.
+        died = died and (rec.taken or not rec.marks_taken)
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         if first.client and self.clients.gone(first.client, time.monotonic()):
             logger.warning("client silent; its request is answered, not re-dispatched", request=first.request_id)

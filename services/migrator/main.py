@@ -58,7 +58,9 @@ class Migrator:
         self.looks.solved(now)
         published = bool(p.moves) and await self._still_leader()
         if published:
-            p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time())
+            marks = {st.worker for st in live if st.marks_taken}  # recorded with each move (the poison guard)
+            moves = [msgspec.structs.replace(m, to_marks_taken=m.to_worker in marks) for m in p.moves]
+            p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time(), moves=moves)
             await bus.publish(self.nc, subjects.MOVES, p)
             self.plans += 1
             # The moved requests are counted where they go from the next stats on; until then

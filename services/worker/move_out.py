@@ -53,7 +53,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
         return  # given up here meanwhile (this worker stalled): a later attempt serves it
     w.metrics.moved(len(data) if data is not None else None, move.trigger)
     # Recorded at the destination first: what it writes then is its own, not fenced.
-    await w.store.put_inflight(resumed, move.to_worker)
+    await w.store.put_inflight(resumed, move.to_worker, marks_taken=move.to_marks_taken)
     for chunk in chunks:
         await bus.publish(w.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
     await bus.publish(w.nc, subjects.worker_requests(move.to_worker), resumed)

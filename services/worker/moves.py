@@ -27,6 +27,7 @@ class Move:
     to_worker: str
     ship_kv: bool  # its KV cache goes along; else the destination recomputes it
     trigger: str = "none"  # the bound that set its plan off (PlanTrigger's value; "none": the plan says not)
+    to_marks_taken: bool = False  # the destination marks what it takes up (WorkerStats.marks_taken)
 
 
 def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -> list[Move] | None:
@@ -36,7 +37,11 @@ def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -
     if now - plan.created > PLAN_MAX_AGE_S or plan.epoch < epoch_seen:
         return None
     trigger = plan.trigger.value if plan.trigger else "none"
-    return [Move(m.request_id, m.to_worker, m.ship_kv, trigger) for m in plan.moves if m.to_worker != worker_id]
+    return [
+        Move(m.request_id, m.to_worker, m.ship_kv, trigger, m.to_marks_taken)
+        for m in plan.moves
+        if m.to_worker != worker_id
+    ]
 
 
 def handoff(

@@ -76,6 +76,7 @@ def worker_stats(
         max_loras=e.config.max_loras,
         max_model_len=e.max_model_len,
         max_lora_rank=e.config.adapter_limits.max_lora_rank,
+        marks_taken=True,
         device=str(e.device),
         dtype=str(e.dtype).removeprefix("torch."),
         adapters=residency,

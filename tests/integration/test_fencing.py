@@ -187,7 +187,7 @@ async def test_a_later_attempt_sent_back_to_a_stalled_worker_replaces_its_copy(c
     stream = ReplyStream("twice")
     await _read(stream, chunks, until_tokens=5)
     rec = await c.store.get_inflight("twice")
-    assert rec is not None
+    assert rec is not None and rec.taken and rec.marks_taken  # the worker says it marks; the dispatcher recorded that
     again = msgspec.structs.replace(
         rec.request,
         resume_token_ids=rec.tokens,

@@ -299,7 +299,10 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
         await nc.drain()
 
 
-async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, redis: Redis) -> None:
+@pytest.mark.parametrize("marks", [True, False])
+async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, redis: Redis, marks: bool) -> None:
+    """And each move says whether its destination marks what it takes up (its stats' word), for the
+    record the move writes (the poison guard during a rolling upgrade)."""
     from dlora.common.messages import MovePlan, RequestLoad, WorkerStats
 
     store = StateStore(redis)
@@ -335,6 +338,7 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
                 max_loras=4,
                 seconds_per_token=0.01,
                 requests=reqs,
+                marks_taken=marks,
             )
             m.stats[name] = (st, time.monotonic())
         await m.tick()
@@ -345,6 +349,7 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
             await asyncio.sleep(0.02)
         assert m.plans == 1 and plans[0].trigger == "kv-pressure"
         assert any(mv.request_id.startswith("w0") and mv.to_worker == "w1" and mv.ship_kv for mv in plans[0].moves)
+        assert all(mv.to_marks_taken == marks for mv in plans[0].moves)
     finally:
         await nc.drain()
 

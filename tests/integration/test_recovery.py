@@ -195,6 +195,7 @@ async def test_only_a_worker_that_took_a_request_up_counts_its_loss_as_a_death(
             max_loras=4,
             unlisted_requests=1,
             unlisted_remaining_tokens=busy,
+            marks_taken=True,
         )
 
     async def taken(worker: str) -> GenerateRequest:
@@ -230,6 +231,42 @@ async def test_only_a_worker_that_took_a_request_up_counts_its_loss_as_a_death(
         await dispatcher.recover("w-live")
         chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
         assert chunk.request_id == "counted" and chunk.error is not None and "not retried again" in chunk.error
+    finally:
+        await nc.drain()
+
+
+async def test_an_older_worker_that_does_not_mark_has_its_loss_counted_as_a_death(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A rolling upgrade: a worker of a version before marks never marks what it takes up, so its
+    loss went uncounted and a poison request could kill every old worker in turn. The put records
+    whether its worker marks (``WorkerStats.marks_taken``); where it does not, a loss counts as
+    before, taken or not, and the second is given up."""
+    import time
+
+    import msgspec
+
+    from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
+
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    dispatcher = Dispatcher(DispatcherSettings(nats_url=nats_server.url, redis_url="unused"), nc, store)
+    replies: asyncio.Queue = asyncio.Queue()
+    await nc.subscribe("test.old.reply", cb=replies.put)
+    try:
+        old = WorkerStats(
+            worker="w-old", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
+        )
+        dispatcher.workers["w-old"] = (old, time.monotonic())
+        req = GenerateRequest(request_id="p", reply_to="test.old.reply", prompt_token_ids=[5, 6, 7])
+        assert await store.put_inflight(req, "w-gone", new=True, marks_taken=False)
+        await dispatcher.recover("w-gone")  # never marked, but its worker does not mark: a death
+        rec = await store.get_inflight("p")
+        assert rec is not None and rec.worker == "w-old" and rec.deaths == 1 and not rec.marks_taken
+        del dispatcher.workers["w-old"]
+        await dispatcher.recover("w-old")
+        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        assert chunk.request_id == "p" and chunk.error is not None and "not retried again" in chunk.error
     finally:
         await nc.drain()
 

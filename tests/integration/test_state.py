@@ -186,6 +186,20 @@ async def test_a_record_is_taken_only_by_the_worker_and_attempt_it_names(redis: 
     assert (rec := await s.get_inflight("t")) is not None and rec.recoveries == 1 and not rec.taken
 
 
+async def test_a_record_says_whether_its_worker_marks_what_it_takes_up(redis: Redis) -> None:
+    """``Inflight.marks_taken`` is the put's word for the worker it names: a put for an older
+    worker says not, and one by an older version (which leaves the field) names another worker."""
+    s = StateStore(redis)
+    req = GenerateRequest(request_id="m", reply_to="x", prompt_token_ids=[1])
+    assert await s.put_inflight(req, "w1", new=True)
+    assert (rec := await s.get_inflight("m")) is not None and rec.marks_taken
+    assert await s.put_inflight(req, "w2", marks_taken=False)
+    assert (rec := await s.get_inflight("m")) is not None and not rec.marks_taken
+    assert await s.put_inflight(req, "w1")
+    await redis.hset("dlora:inflight:m", "worker", "w3")  # an older version's put: worker changed, marks left
+    assert (rec := await s.get_inflight("m")) is not None and not rec.marks_taken
+
+
 async def test_traffic_and_lease(redis: Redis) -> None:
     s = StateStore(redis)
     await s.save_traffic({"a": 3.5, "b": 0.25})

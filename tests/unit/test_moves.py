@@ -38,6 +38,19 @@ def test_a_move_carries_its_plan_s_trigger() -> None:
     assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True, "none")]
 
 
+def test_a_move_carries_whether_its_destination_marks_what_it_takes_up() -> None:
+    """Recorded with the move (``put_inflight``'s ``marks_taken``): an older destination's loss is
+    counted as a death whether it took the request up or not."""
+    marking = MovePlan(
+        plan_id="p",
+        epoch=3,
+        created=100.0,
+        moves=[MoveRequest(request_id="a", adapter=None, to_worker="w1", to_marks_taken=True)],
+    )
+    assert moves.moves_to_take(marking, "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", False, "none", True)]
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True, "none", False)]
+
+
 def test_stale_plans_are_refused() -> None:
     assert moves.moves_to_take(plan(epoch=2), "w0", epoch_seen=3, now=101.0) is None  # a deposed leader's
     assert moves.moves_to_take(plan(), "w0", epoch_seen=0, now=100.0 + moves.PLAN_MAX_AGE_S + 1) is None
