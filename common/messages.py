@@ -352,6 +352,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     max_model_len: int = 0
     # The highest adapter rank it loads (its adapter_limits.max_lora_rank; 0: an older worker that does not say).
     max_lora_rank: int = 0
+    # The time to live of its heartbeat key, seconds (set as it is written to Redis; 0 on NATS, and
+    # from an older worker): how long ago it beat is that less the key's time left.
+    heartbeat_ttl_s: float = 0.0
     # It marks each request's record as taken up before working on it (``StateStore.mark_taken``):
     # only then may its loss go uncounted as a death of a request it never took. False from an
     # older worker, whose loss counts as every recorded request's death (a rolling upgrade).

@@ -261,25 +261,29 @@ class StateStore:
 
     # ---- worker heartbeats --------------------------------------------------------------
     async def heartbeat(self, stats: WorkerStats, ttl_s: float) -> None:
+        stats = msgspec.structs.replace(stats, heartbeat_ttl_s=ttl_s)
         await self.r.set(f"{self.p}:worker:{stats.worker}", msgspec.json.encode(stats), px=int(ttl_s * 1000))
 
     async def live_workers(self) -> list[WorkerStats]:
-        keys = [k async for k in self.r.scan_iter(match=f"{self.p}:worker:*")]
-        values = await self.r.mget(keys) if keys else []
-        return sorted(
-            (msgspec.json.decode(v, type=WorkerStats) for v in values if v is not None), key=lambda s: s.worker
-        )
+        return [st for st, _ in await self.beats(0.0)]
 
-    async def beat_ages(self, ttl_s: float) -> dict[str, float]:
-        """Seconds since each live worker's last heartbeat, for workers beating with ``ttl_s``: read
-        from its key's time to live, on Redis's clock (no two hosts' clocks compared)."""
-        prefix = f"{self.p}:worker:"
-        keys = [k async for k in self.r.scan_iter(match=prefix + "*")]
+    async def beats(self, ttl_s: float) -> list[tuple[WorkerStats, float]]:
+        """Every live worker's last heartbeat, with the seconds since it beat: the TTL it wrote its
+        key with (``WorkerStats.heartbeat_ttl_s``; ``ttl_s`` for an older worker that does not say)
+        less the key's time left, on Redis's clock (no two hosts' clocks compared). By worker."""
+        keys = [k async for k in self.r.scan_iter(match=f"{self.p}:worker:*")]
         async with self.r.pipeline(transaction=False) as pipe:
             for key in keys:
+                pipe.get(key)
                 pipe.pttl(key)
-            left = await pipe.execute()
-        return {_text(k)[len(prefix) :]: max(0.0, ttl_s - ms / 1000) for k, ms in zip(keys, left) if ms >= 0}
+            raw = await pipe.execute()
+        found: list[tuple[WorkerStats, float]] = []
+        for value, left_ms in zip(raw[::2], raw[1::2]):
+            if value is not None:  # (expired since the scan)
+                st = msgspec.json.decode(value, type=WorkerStats)
+                age = (st.heartbeat_ttl_s or ttl_s) - left_ms / 1000 if left_ms >= 0 else 0.0
+                found.append((st, max(0.0, age)))
+        return sorted(found, key=lambda sa: sa[0].worker)
 
     async def beating(self, worker: str) -> bool:
         """Whether ``worker``'s heartbeat key is there (it wrote one within the TTL)."""

@@ -432,9 +432,9 @@ class Dispatcher(Recovery):
         # Workers and traffic seen before this dispatcher started, each heard when it last beat: as
         # heard now, a worker dead for most of a TTL looked fresh for another whole TTL, and took
         # a lost worker's requests (a trial: a dispatcher restarted after two workers died).
-        ages, now = await self.store.beat_ages(self.s.heartbeat_ttl_s), time.monotonic()
-        for st in await self.store.live_workers():
-            self.workers.setdefault(st.worker, (st, now - ages.get(st.worker, 0.0)))
+        beats, now = await self.store.beats(self.s.heartbeat_ttl_s), time.monotonic()
+        for st, age in beats:
+            self.workers.setdefault(st.worker, (st, now - age))
         self.traffic = await self.store.load_traffic()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -296,25 +296,33 @@ async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
 async def test_a_restarted_dispatcher_hears_each_worker_when_it_last_beat(nats_server: Server, redis: Redis) -> None:
     """A dispatcher seeding its workers from Redis took each as heard at its start, so a worker
     dead for most of a TTL looked fresh for another (a trial: it took a lost worker's requests).
-    Its heartbeat key's time to live tells how long ago it beat."""
+    Its heartbeat key's time to live tells how long ago it beat, against the TTL that worker writes
+    it with (a worker set to a shorter TTL than the dispatcher's read as silent for longer)."""
     import time
+
+    import msgspec
 
     from dlora.common.messages import WorkerStats
 
     s = StateStore(redis)
-    for worker in ("w-fresh", "w-old"):
+    for worker, ttl in (("w-fresh", 5.0), ("w-old", 5.0), ("w-short", 2.0)):
         stats = WorkerStats(
             worker=worker, running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16, max_loras=1
         )
-        await s.heartbeat(stats, ttl_s=5.0)
-    await redis.pexpire("dlora:worker:w-old", 1500)  # as if it beat 3.5 s ago
-    ages = await s.beat_ages(5.0)
-    assert ages["w-fresh"] < 0.5 and 3.4 < ages["w-old"] < 3.6
+        await s.heartbeat(stats, ttl_s=ttl)
+    older = WorkerStats(
+        worker="w-older", running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16, max_loras=1
+    )
+    await redis.set("dlora:worker:w-older", msgspec.json.encode(older), px=5000)  # an older worker's: no TTL said
+    for worker in ("w-old", "w-short", "w-older"):
+        await redis.pexpire(f"dlora:worker:{worker}", 1500)  # beat 3.5 s ago, 0.5 s ago (TTL 2), 3.5 s ago
+    ages = {st.worker: age for st, age in await s.beats(5.0)}
+    assert ages["w-fresh"] < 0.5 and ages["w-short"] < 0.6 and 3.4 < ages["w-old"] < 3.6 and 3.4 < ages["w-older"] < 3.6
     nc = await nats.connect(nats_server.url)
     try:
         dispatcher = Dispatcher(DispatcherSettings(nats_url=nats_server.url, redis_url="unused"), nc, s)
         await dispatcher._seed_from_redis()
-        assert dispatcher.state.quiet(time.monotonic()) == {"w-old"}
+        assert dispatcher.state.quiet(time.monotonic()) == {"w-old", "w-older"}
     finally:
         await nc.drain()
 
