@@ -129,6 +129,7 @@ class WorkerService:
         # Here, on threads beside the engine's steps (``Tokenized``): in the command loop a 1 MB
         # prompt (~1 s) held every stream. An input the tokenizer refuses is left to the engine to refuse.
         if req.prompt is not None and req.prompt_token_ids is None:
+            await self.records.mark_taken()  # a prompt that kills the process as it is tokenized: its death
             with contextlib.suppress(Exception):
                 req = msgspec.structs.replace(
                     req, prompt=None, prompt_token_ids=await self.tokenized.prompt(req.prompt)

@@ -289,6 +289,12 @@ async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
         await service._take(service.commands.get_nowait())
         assert (rec := await store.get_inflight("t")) is not None and rec.taken
         assert "t" in service.streams and service.engine.stats.steps == 0  # admitted, not yet run
+        # A text prompt is tokenized here, on arrival: marked before that (one that kills the
+        # process as it is tokenized is its death).
+        text = GenerateRequest(request_id="text", reply_to="test.t", prompt="kalo kalo", recorded=True)
+        assert await store.put_inflight(text, "w-a", new=True)
+        await service._on_request(text)
+        assert (rec := await store.get_inflight("text")) is not None and rec.taken and "text" not in service.streams
     finally:
         await nc.drain()
 
