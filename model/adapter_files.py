@@ -41,6 +41,10 @@ class AdapterRefused(AdapterError):
     """The adapter's files read whole, but this process's limits refuse them (its adapter roots, a
     file size, max_lora_rank, max_scale): a fault of the settings, not of the files."""
 
+    # The files' content digest (``content_digest``) where they were read before the refusal (a
+    # rank or scaling over the limits): a reader then tells files changed since from limits alone.
+    digest: str | None = None
+
 
 class AdapterLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """What an adapter may be, beyond fitting the base model. The gateway checks these when an

@@ -141,8 +141,18 @@ def validate(
 ) -> AdapterSpec:
     """The adapter these files hold, checked against the base and ``limits``: config fields as
     PEFT reads them, tensor names, dtypes, pairs, layers, shapes, ranks, scalings and every
-    weight's value (AdapterError with the reason otherwise)."""
-    limits = limits or AdapterLimits()
+    weight's value (AdapterError with the reason otherwise; AdapterRefused, carrying the files'
+    digest, where only ``limits`` refuse them)."""
+    try:
+        return _validate(name, path, conf_bytes, weight_bytes, cfg, limits or AdapterLimits())
+    except AdapterRefused as e:
+        e.digest = content_digest(conf_bytes, weight_bytes)
+        raise
+
+
+def _validate(
+    name: str, path: str | Path, conf_bytes: bytes, weight_bytes: bytes, cfg: ModelConfig, limits: AdapterLimits
+) -> AdapterSpec:
     path = Path(path)
     weights_file = path / WEIGHTS_FILE
     try:

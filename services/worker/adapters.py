@@ -110,14 +110,19 @@ class WorkerAdapters:
         limits refuse them (AdapterRefused: its adapter roots, size or rank limits differ)."""
         try:
             digest = (await asyncio.to_thread(self.engine.register_adapter, key, entry.path)).digest
+        except AdapterRefused as e:
+            # this worker's limits refusing files that loaded at registration: said as such, not
+            # as files changed (a review: the client was told an admin must load it again) —
+            # unless the files changed too, which an admin must see to first
+            if not entry.version or e.digest in (None, entry.version):
+                raise AdapterRefused(str(e).replace(repr(key), repr(name))) from None
+            digest = e.digest
         except AdapterError as e:
             reason = str(e).replace(repr(key), repr(name))
-            # this worker's limits refusing files that loaded at registration: said as such, not
-            # as files changed (a review: the client was told an admin must load it again)
-            changed = entry.version and not isinstance(e, AdapterRefused)
-            raise (AdapterChanged if changed else type(e))(reason) from None
+            raise (AdapterChanged if entry.version else type(e))(reason) from None
         if entry.version and digest != entry.version:
-            self.engine.unregister_adapter(key)
+            if key in self.engine.adapters:
+                self.engine.unregister_adapter(key)
             raise AdapterChanged(
                 f"adapter {name!r}: the files in {entry.path} changed since version {entry.version} was "
                 f"registered (they are now {digest}); an admin must load it again (vLLM's "

@@ -70,6 +70,13 @@ async def test_files_only_this_workers_limits_refuse_are_no_change_of_version(
     with pytest.raises(AdapterError, match=f"above max_lora_rank={rank - 1}") as e:
         await worker.ensure("x", entry.version)
     assert not isinstance(e.value, AdapterChanged)
+    # Files rewritten since as well: that is said first (an admin must load them again), and the
+    # request goes on only to a worker holding the version.
+    conf = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**conf, "lora_alpha": conf["lora_alpha"] + 1}))
+    worker = WorkerAdapters(engine, _Registry(entry))
+    with pytest.raises(AdapterChanged, match=f"files in {path} changed since version {entry.version}"):
+        await worker.ensure("x", entry.version)
 
 
 async def test_a_version_that_failed_is_not_read_again_for_each_request(tiny_llama: TinyOutput, tmp_path: Path) -> None:
