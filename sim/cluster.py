@@ -11,8 +11,13 @@ them at once (``SimEngine.fast_forward``; ``fast_forward=False`` steps one by on
 ``migrator`` settings the migrator's own decisions (``looks``) and planner run every
 ``interval_s`` on the stats it heard, and a plan's moves go ahead: the request leaves its replica
 and joins the destination with the tokens it produced, after its KV's transfer time when the plan
-ships it (it then decodes on) or at once to be recomputed there. Not yet here (issue 21, later):
-the placement's prefetches and the disk tier.
+ships it (it then decodes on) or at once to be recomputed there. Adapters live on each replica's
+disk, and in its host memory from the start where ``max_cpu_loras`` holds them all; else a replica
+reads one in when a request of it joins (its clock pays the load), and the dispatcher's placement
+(``placement.replan``, every ``placement_interval_s`` on the stats heard, from the requests it
+dispatched) has each replica prefetch its adapters at that barrier. With every adapter held the
+placement changes no choice (dispatch prices a load only where a worker lacks the adapter), so it
+is not computed.
 
 Replicas meet only there, at the stats and the looks (the barriers): between two, each runs on its
 own, so the replicas are split into ``jobs`` shards (``shard.py``) that run each stretch in
@@ -26,8 +31,12 @@ import math
 import statistics
 from dataclasses import replace
 
+import msgspec
+
 from dlora.common.messages import MovePlan, PlanMethod, WorkerStats
 from dlora.services.dispatcher.choose import DEFAULT_COSTS, DispatchCosts, DispatchMode
+from dlora.services.dispatcher.placement import replan
+from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
 from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
 from dlora.services.migrator.planner import plan
@@ -42,6 +51,10 @@ __all__ = ["Cluster", "ReplicaSummary", "Served", "SimRequest", "summary"]
 
 # The dispatcher's (``Common.heartbeat_ttl_s``'s default): a replica whose stats are older is lost.
 HEARTBEAT_TTL_S = 5.0
+# The dispatcher's (``DispatcherSettings.placement_interval_s``'s default).
+PLACEMENT_INTERVAL_S: float = next(
+    f.default for f in msgspec.structs.fields(DispatcherSettings) if f.name == "placement_interval_s"
+)
 
 
 class Cluster:
@@ -62,6 +75,7 @@ class Cluster:
         fast_forward: bool = True,
         planner_nodes: int = 20,
         jobs: int = 1,
+        placement_interval_s: float = PLACEMENT_INTERVAL_S,
     ) -> None:
         self.names = [f"r{i:03d}" for i in range(replicas)]
         self._order = {name: i for i, name in enumerate(self.names)}
@@ -77,6 +91,11 @@ class Cluster:
         self.migrator = migrator
         self.looks = Looks(migrator.trigger) if migrator is not None else None
         self.heard: dict[str, WorkerStats] = {}  # the migrator's view: stats since its last plan
+        # The dispatcher's placement, where replicas cannot hold every adapter (see the module's doc)
+        self.placing = len(adapters) > (config or EngineConfig()).max_cpu_loras
+        self.placement_interval_s = placement_interval_s
+        self.traffic: dict[str, float] = {}  # adapter -> requests dispatched, decayed (``replan``)
+        self._prefetch: list[tuple[float, dict[str, list[str]]] | None] = [None for _ in groups]
         self.plans: list[MovePlan] = []  # every solve that moved something
         # The planner is bounded by CBC nodes, not by time: the same run on any machine. Few: it
         # starts from the greedy plan, and 20 nodes gave the plans 1,000 did (bench snapshots, 32 x
@@ -99,7 +118,7 @@ class Cluster:
             raise RuntimeError("a Cluster runs once; make another")
         self._arrivals = sorted(requests, key=lambda r: r.arrival_s)[::-1]  # next last
         pending = len(requests)
-        t, next_stats = 0.0, 0.0
+        t, next_stats, next_place = 0.0, 0.0, self.placement_interval_s
         next_look = self.migrator.interval_s if self.migrator is not None else math.inf
         try:
             stats = self._stretch(0.0, report=True)[1]  # each replica's before anything
@@ -113,6 +132,9 @@ class Cluster:
                         stats = [st for shard in self._pool.call("stats", [()] * len(self._pool)) for st in shard]
                     self._report(stats, t)
                     next_stats = t + self.stats_interval_s
+                    if self.placing and t >= next_place:
+                        self._place(t)
+                        next_place = t + self.placement_interval_s
                     self._dispatch_until(next_stats)
                 end = min(next_stats, next_look, math.inf if until is None else until)
                 finished, stats = self._stretch(end, report=end == next_stats)
@@ -127,10 +149,10 @@ class Cluster:
         return [by_id.get(r.request_id) or Served(r, "") for r in requests]
 
     def _stretch(self, end: float, report: bool) -> tuple[int, list[WorkerStats]]:
-        """Every shard runs to ``end`` with what was dispatched and moved to it; the requests
-        finished, and (``report``) every replica's stats at ``end``."""
-        args = [(j, m, end, report) for j, m in zip(self._joins, self._moved)]
-        self._joins, self._moved = [[] for _ in args], [[] for _ in args]
+        """Every shard runs to ``end`` with what was dispatched and moved to it (and the placement's
+        prefetches); the requests finished, and (``report``) every replica's stats at ``end``."""
+        args = [(j, m, end, report, p) for j, m, p in zip(self._joins, self._moved, self._prefetch)]
+        self._joins, self._moved, self._prefetch = [[] for _ in args], [[] for _ in args], [None for _ in args]
         answers = self._pool.call("advance", args)
         return sum(n for n, _ in answers), [st for _, part in answers for st in part]
 
@@ -138,6 +160,18 @@ class Cluster:
         for st in sorted(stats, key=lambda st: self._order[st.worker]):  # in replica order, however split
             self.state.heard(st, now)
             self.heard[st.worker] = st
+
+    def _place(self, now: float) -> None:
+        """The dispatcher's placement from the stats heard (``replan``): each replica prefetches its
+        adapters from ``now`` on."""
+        self.traffic, placement = replan(self.traffic, self.state.live(now), self.ranks)
+        if placement is None:
+            return
+        self.state.placement = placement
+        parts: list[dict[str, list[str]]] = [{} for _ in self._prefetch]
+        for name, adapters in placement.items():
+            parts[self._shard_of[name]][name] = adapters
+        self._prefetch = [(now, part) if part else None for part in parts]
 
     def _look(self, now: float) -> bool:
         """The migrator's look: plan if its own decisions say so, and move what the plan moves;
@@ -182,6 +216,8 @@ class Cluster:
                 raise RuntimeError(f"no live replica for {req.request_id}")
             self._where[req.request_id] = name
             self._joins[self._shard_of[name]].append(Served(req, name))
+            if req.adapter is not None:  # counted as the dispatcher counts them (placement's traffic)
+                self.traffic[req.adapter] = self.traffic.get(req.adapter, 0.0) + 1.0
 
 
 def summary(served: list[Served], until: float | None = None) -> dict[str, float]:

@@ -122,10 +122,15 @@ class CostProfile:
             return 0.0
         seconds = self.slot_load_s_per_rank * rank
         if tier == "disk":
-            seconds += self.disk_load_s_per_rank * rank
+            seconds += self.host_load_seconds(rank)
         elif tier != "cpu":
             raise ValueError(f"unknown tier {tier!r}: gpu, cpu or disk")
         return seconds
+
+    def host_load_seconds(self, rank: int) -> float:
+        """Reading an adapter of ``rank`` from disk into host memory (a worker's load before the
+        request that asks for it joins, or a placement's prefetch)."""
+        return self.disk_load_s_per_rank * rank
 
     def move_seconds(self, context_tokens: int, ship_kv: bool) -> float:
         """What moving a running request costs: its KV shipped, or its context recomputed (prefilled

@@ -50,10 +50,16 @@ def profile(name: str) -> CostProfile:
     return PROFILES[name]
 
 
-def with_slots(slots: int, **config: object) -> EngineConfig:
-    """The engine with ``slots`` device slots, host memory holding at least as many adapters (the
-    simulator has no option for it: 257 slots were refused for a bound the user could not set)."""
-    return EngineConfig(max_loras=slots, max_cpu_loras=max(EngineConfig().max_cpu_loras, slots), **config)  # type: ignore[arg-type]
+# Host memory's bound unless one is given: every adapter held (the most a worker's stats list).
+_ALL_IN_HOST = 4096
+
+
+def with_slots(slots: int, max_cpu_loras: int | None = None, **config: object) -> EngineConfig:
+    """The engine with ``slots`` device slots and host memory for ``max_cpu_loras`` adapters; by
+    default as many as a worker may hold, so that every adapter stays in host memory from the
+    start and the disk tier is not simulated (``--max-cpu-loras`` turns it on)."""
+    host = _ALL_IN_HOST if max_cpu_loras is None else max_cpu_loras
+    return EngineConfig(max_loras=slots, max_cpu_loras=host, **config)  # type: ignore[arg-type]
 
 
 def requests_of(spec: WorkloadSpec) -> list[SimRequest]:
@@ -101,10 +107,16 @@ def run_simulate(args: argparse.Namespace) -> int:
         spec = WorkloadSpec.from_args(args)
         ranks = args.ranks
         config = with_slots(
-            args.max_loras, max_num_seqs=args.max_num_seqs, policy=PolicyConfig(name=PolicyName(args.policy))
+            args.max_loras,
+            args.max_cpu_loras,
+            max_num_seqs=args.max_num_seqs,
+            policy=PolicyConfig(name=PolicyName(args.policy)),
         )
-        if bad := config.check():  # host memory's bound is --max-loras's here (it holds as many)
-            bad = [("max_loras", v, "must be at most 4096") if f == "max_cpu_loras" else (f, v, w) for f, v, w in bad]
+        if bad := config.check():
+            if args.max_cpu_loras is None:  # host memory's bound is the most there is: --max-loras is past it
+                bad = [
+                    ("max_loras", args.max_loras, "must be at most 4096") if b[0] == "max_cpu_loras" else b for b in bad
+                ]
             raise ValueError("; ".join(f"--{f.replace('_', '-')} {v!r}: {why}" for f, v, why in bad))
         planned = planned_requests(spec)
         requests = _sent_by(planned, spec.duration)
@@ -172,12 +184,16 @@ def run_simulate(args: argparse.Namespace) -> int:
         "fast_forwarded_steps": sum(r.fast_forwarded for r in cluster.replica_summaries),
         "merges": sum(r.stats.merges for r in cluster.replica_summaries),
         "preemptions": sum(r.stats.preemptions for r in cluster.replica_summaries),
+        # adapters read from disk into host memory (with --max-cpu-loras), and loads into device slots
+        "disk_loads": sum(r.disk_loads for r in cluster.replica_summaries),
+        "slot_loads": sum(r.stats.adapter_loads for r in cluster.replica_summaries),
         "jobs": min(args.jobs, args.replicas),  # the processes used
         # the rest of the command, so that the record can run again
         "options": {
             "profile": args.profile,
             "ranks": args.ranks,
             "max_loras": args.max_loras,
+            "max_cpu_loras": args.max_cpu_loras,
             "max_num_seqs": args.max_num_seqs,
             "stats_interval": args.stats_interval,
             "migrate_interval": args.migrate_interval,

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from dlora.common.messages import SamplingParams
 from dlora.model.config import ModelConfig
+from dlora.services.worker.adapters import evictions
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.kv_transfer import adopt
@@ -78,6 +79,7 @@ class _Merger:
     def __init__(self, engine: SimEngine) -> None:
         self.engine = engine
         self.merged: str | None = None
+        self.unmergeable: set[str] = set()  # none: every simulated adapter merges
 
     def merge(self, adapter: SimAdapter, _weights: object) -> None:
         self.engine.now += self.engine.cost.merge_s
@@ -143,10 +145,32 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.targets: dict[str, int] = {}  # request id -> the output length it ends at
         self._last: tuple[StepDecision, PreparedStep] | None = None  # the last step, while nothing else changed
         self.fast_forwarded = 0  # steps run by ``fast_forward`` (also in ``stats.steps``)
+        self.used: OrderedDict[str, None] = OrderedDict()  # adapters asked for, least lately first (``hold``)
+        self.disk_loads = 0  # adapters read from disk into host memory (``hold``)
 
     def add_adapter(self, name: str, rank: int) -> None:
         """An adapter in host memory (its content digest: its name)."""
         self.adapters[name] = cast("LoraAdapter", SimAdapter(name, rank, name))
+
+    def hold(self, adapter: str, rank: int) -> None:
+        """``adapter`` in host memory, as a worker's ``WorkerAdapters.ensure`` has it before the
+        request that asks for it joins (or a placement's prefetch): read from disk if it is not
+        there (its cost on the clock: a worker's load holds up its command loop, and so its
+        steps), then past ``max_cpu_loras`` the idle ones used least lately dropped
+        (``evictions``, the worker's own choice)."""
+        self.used[adapter] = None
+        self.used.move_to_end(adapter)
+        if adapter not in self.adapters:
+            self.now += self.cost.host_load_seconds(rank)
+            self.disk_loads += 1
+            self.add_adapter(adapter, rank)
+            self.evict(keep=adapter)
+
+    def evict(self, keep: str | None = None) -> None:
+        """Drop what ``evictions`` chooses past ``max_cpu_loras`` (a worker does between commands too)."""
+        if len(self.adapters) > self.config.max_cpu_loras:
+            for key in evictions(self, self.used, self.adapters_in_use() | {keep, self.merger.merged}):
+                self.unregister_adapter(key)
 
     def add(
         self,

@@ -68,6 +68,7 @@ class ReplicaSummary:
     name: str
     stats: EngineStats
     fast_forwarded: int  # steps run by ``SimEngine.fast_forward`` (also in ``stats.steps``)
+    disk_loads: int = 0  # adapters read from disk into host memory (``SimEngine.hold``)
 
 
 @dataclass
@@ -83,9 +84,19 @@ class Replica:
     last_stats: WorkerStats | None = None
 
 
+@dataclass(frozen=True)
+class _Prefetch:
+    """The placement's adapters for one replica to read into host memory."""
+
+    replica: Replica
+    adapters: list[str]
+
+
 class Shard:
-    """Replicas ``names`` of ``cost``'s engine, every adapter (name -> rank) in each one's host
-    memory, and their events (a heap on simulated time)."""
+    """Replicas ``names`` of ``cost``'s engine and their events (a heap on simulated time). The
+    adapters (name -> rank) are on each one's disk, and in its host memory from the start where
+    ``max_cpu_loras`` holds them all (a warm cluster); else each is read into host memory when a
+    request or the placement's prefetch asks for it (``SimEngine.hold``)."""
 
     def __init__(
         self,
@@ -96,9 +107,11 @@ class Shard:
         fast_forward: bool,
     ) -> None:
         self.replicas = {name: Replica(name, SimEngine(cost, config)) for name in names}
+        self.ranks = adapters
         for r in self.replicas.values():
-            for adapter, rank in adapters.items():
-                r.engine.add_adapter(adapter, rank)
+            if len(adapters) <= r.engine.config.max_cpu_loras:
+                for adapter, rank in adapters.items():
+                    r.engine.add_adapter(adapter, rank)
         self.fast_forward = fast_forward
         self.served: dict[str, Served] = {}  # the requests dispatched or moved here
         self._events: list[tuple[float, int, str, object]] = []
@@ -109,12 +122,24 @@ class Shard:
         self._seq += 1
 
     def advance(
-        self, joins: list[Served], moved: list[Moving], end: float, report: bool
+        self,
+        joins: list[Served],
+        moved: list[Moving],
+        end: float,
+        report: bool,
+        prefetch: tuple[float, dict[str, list[str]]] | None = None,
     ) -> tuple[int, list[WorkerStats]]:
         """Take the requests dispatched here (each ``Served`` names its replica; it joins at its
-        arrival) and those moved here, then run every event before ``end`` (the next barrier).
+        arrival) and those moved here, and the placement's adapters for each replica here to
+        prefetch at a time (``prefetch``), then run every event before ``end`` (the next barrier).
         The requests finished, and (``report``) each replica's stats at ``end``, as a worker
         publishes them."""
+        if prefetch is not None:
+            at, placed = prefetch
+            for name, adapters in placed.items():
+                if (r := self.replicas.get(name)) is not None and any(a not in r.engine.adapters for a in adapters):
+                    heapq.heappush(r.incoming, at)  # (a change to what it runs: fast-forwards stop there)
+                    self._push(at, "prefetch", _Prefetch(r, adapters))
         for s in joins:
             self.served[s.request.request_id] = s
             heapq.heappush(self.replicas[s.replica].incoming, s.request.arrival_s)
@@ -132,6 +157,9 @@ class Shard:
             elif kind == "moved":
                 assert isinstance(what, Moving)
                 self._arrive_moved(what, now)
+            elif kind == "prefetch":
+                assert isinstance(what, _Prefetch)
+                self._prefetch(what.replica, what.adapters, now)
             else:
                 assert isinstance(what, Replica)
                 finished += self._step(what, now, end)
@@ -167,12 +195,33 @@ class Shard:
 
     def results(self) -> tuple[list[Served], list[ReplicaSummary]]:
         """What became of the requests here, and each replica's summary."""
-        summaries = [ReplicaSummary(r.name, r.engine.stats, r.engine.fast_forwarded) for r in self.replicas.values()]
+        summaries = [
+            ReplicaSummary(r.name, r.engine.stats, r.engine.fast_forwarded, r.engine.disk_loads)
+            for r in self.replicas.values()
+        ]
         return list(self.served.values()), summaries
+
+    def _hold(self, replica: Replica, adapter: str | None, now: float) -> None:
+        """``adapter`` in ``replica``'s host memory before a request of it joins there at ``now``
+        (a load from disk after the step running then, as a worker's command loop takes it)."""
+        if adapter is not None and adapter not in replica.engine.adapters:
+            replica.engine.now = max(replica.engine.now, now)
+            replica.last_stats = None
+        if adapter is not None:
+            replica.engine.hold(adapter, self.ranks[adapter])
+
+    def _prefetch(self, replica: Replica, adapters: list[str], now: float) -> None:
+        """The placement's adapters for ``replica`` read into its host memory (``WorkerAdapters.prefetch``)."""
+        heapq.heappop(replica.incoming)
+        engine = replica.engine
+        held = set(engine.adapters)
+        for adapter in (a for a in adapters if a not in held):
+            self._hold(replica, adapter, now)
 
     def _arrive_moved(self, m: Moving, now: float) -> None:
         served, replica = m.served, self.replicas[m.to]
         req = served.request
+        self._hold(replica, req.adapter, now)
         replica.engine.add(
             req.request_id,
             req.prompt_token_ids,
@@ -191,6 +240,7 @@ class Shard:
     def _join(self, served: Served, now: float) -> None:
         replica, req = self.replicas[served.replica], served.request
         heapq.heappop(replica.incoming)
+        self._hold(replica, req.adapter, now)
         replica.engine.add(
             req.request_id, req.prompt_token_ids, req.output_len, req.adapter, req.max_tokens or req.output_len
         )
@@ -218,6 +268,7 @@ class Shard:
                 if out.error is None:  # as the worker does: what the lengths estimate learns from
                     replica.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == "length")
                 finished += 1
+        engine.evict()  # past max_cpu_loras while every adapter was busy: those done since go
         replica.stepping = engine.has_unfinished()
         if replica.stepping:
             if self.fast_forward:

@@ -42,7 +42,7 @@ from dlora.services.dispatcher.affinity import request_keys
 from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
-from dlora.services.dispatcher.placement import WorkerCapacity, place
+from dlora.services.dispatcher.placement import replan
 from dlora.services.dispatcher.recovery import Recovery
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
@@ -63,7 +63,6 @@ _encode = msgspec.json.Encoder()
 # How long after a request whose id and reply subject are in flight it is looked at again: the
 # worker deletes a record just after it sends the last chunk (milliseconds).
 _RECHECK_S = 0.5
-_DECAY = 0.9  # per placement interval: traffic shares follow the last minute or so
 # Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
 PURGE_INTERVAL_S = 60.0
 
@@ -251,17 +250,12 @@ class Dispatcher(Recovery):
 
     async def replan_placement(self) -> None:
         """Decay the traffic counts (into Redis too) and place adapter replicas for burst tolerance."""
-        self.traffic = {a: c * _DECAY for a, c in self.traffic.items() if c * _DECAY > 1e-3}
-        await self.store.save_traffic(self.traffic)
-        live = self.live()
-        total = sum(self.traffic.values())
-        if not live or total <= 0:
-            return
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
-        capacity = [WorkerCapacity(w.worker, w.free_blocks, w.max_loras) for w in live]
-        shares = {a: c / total for a, c in self.traffic.items() if a in ranks}
-        self.state.placement = place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
-        await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))
+        self.traffic, placement = replan(self.traffic, self.live(), ranks)
+        await self.store.save_traffic(self.traffic)
+        if placement is not None:
+            self.state.placement = placement
+            await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))
 
     async def _dispatch(
         self,

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dlora.common.messages import WorkerStats
+
+# Per placement interval: traffic shares follow the last minute or so (at the dispatcher's 5 s).
+DECAY = 0.9
+
 
 @dataclass(frozen=True)
 class WorkerCapacity:
@@ -81,6 +86,22 @@ def place(
                 break
         else:
             return placed
+
+
+def replan(
+    traffic: dict[str, float], live: list[WorkerStats], ranks: dict[str, int]
+) -> tuple[dict[str, float], dict[str, list[str]] | None]:
+    """One placement interval: ``traffic`` (adapter -> requests dispatched, decayed) decayed once
+    more, and the placement for the ``live`` workers by the shares of the registered adapters
+    (``ranks``), each worker's current adapters (its stats') kept; None when there is no live
+    worker or no traffic (the placement stays as it was)."""
+    traffic = {a: c * DECAY for a, c in traffic.items() if c * DECAY > 1e-3}
+    total = sum(traffic.values())
+    if not live or total <= 0:
+        return traffic, None
+    capacity = [WorkerCapacity(w.worker, w.free_blocks, w.max_loras) for w in live]
+    shares = {a: c / total for a, c in traffic.items() if a in ranks}
+    return traffic, place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
 
 
 def min_tolerance(

@@ -37,6 +37,21 @@ class AdapterChanged(AdapterError):
     may still serve it."""
 
 
+def evictions(engine: LLMEngine, used: OrderedDict[str, None], busy: set[str | None]) -> list[str]:
+    """The adapters (engine keys) to drop from host memory so that ``engine`` holds at most
+    ``max_cpu_loras``: those used least lately first (``used``, least lately first, is kept to what
+    the engine holds, the dropped ones out too; one it never noted goes before them), never one
+    ``busy`` (requests on it, merged, just asked for): fewer, or none, when too many are busy."""
+    for gone in [k for k in used if k not in engine.adapters]:  # retired meanwhile
+        del used[gone]
+    over = len(engine.adapters) - engine.config.max_cpu_loras
+    order = [k for k in engine.adapters if k not in used] + list(used)
+    dropped = [k for k in order if k not in busy][: max(0, over)]
+    for key in dropped:
+        used.pop(key, None)
+    return dropped
+
+
 class Registry(Protocol):
     async def get_adapter(self, name: str, version: str | None = None) -> AdapterEntry | None: ...
 
@@ -142,19 +157,10 @@ class WorkerAdapters:
         request runs on and that are not merged (never ``keep``, the one just asked for); all busy,
         the worker holds more for a while. Without it every adapter ever used stayed, and a worker
         that served thousands outgrew NATS's message size with its stats and dropped out."""
-        for gone in [k for k in self.used if k not in self.engine.adapters]:  # retired meanwhile
-            del self.used[gone]
-        over = len(self.engine.adapters) - self.engine.config.max_cpu_loras
-        order = [k for k in self.engine.adapters if k not in self.used] + list(self.used)  # unknown ones first
         busy = self.engine.adapters_in_use() | {keep, self.engine.merger.merged}
-        for key in order:
-            if over <= 0:
-                break
-            if key not in busy:
-                self.engine.unregister_adapter(key)
-                self.used.pop(key, None)
-                over -= 1
-                logger.info("adapter dropped from host memory", adapter=name_of(key), version=version_of(key))
+        for key in evictions(self.engine, self.used, busy):
+            self.engine.unregister_adapter(key)
+            logger.info("adapter dropped from host memory", adapter=name_of(key), version=version_of(key))
 
     async def versioned(self, req: GenerateRequest) -> GenerateRequest:
         """``req`` with its adapter's version: the registered one if it came without (NATS clients),

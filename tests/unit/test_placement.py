@@ -29,3 +29,24 @@ def test_current_placement_is_kept_and_extended() -> None:
     shares = {"a": 0.5, "b": 0.5}
     p = place(shares, WORKERS[:2], dict.fromkeys(shares, 16), current={"w0": ["b"]})
     assert "b" in p["w0"] and any("a" in ads for ads in p.values())
+
+
+def test_a_replan_decays_the_traffic_and_places_by_the_registered_adapters_shares() -> None:
+    """The dispatcher's interval (``replan``), pure so the simulator runs it too: counts decay by
+    ``DECAY`` (ones worn down to nothing go), an adapter no longer registered gets no share, each
+    worker keeps what its stats list; no live worker or no traffic: no placement."""
+    from dlora.common.messages import AdapterResidency, WorkerStats
+    from dlora.services.dispatcher.placement import DECAY, replan
+
+    def stats(name: str, *held: str) -> WorkerStats:
+        adapters = [AdapterResidency(name=a, version="v", slot=None, merged=False) for a in held]
+        return WorkerStats(
+            worker=name, running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=2,
+            adapters=adapters,
+        )  # fmt: skip
+
+    traffic, placement = replan({"hot": 10.0, "gone": 5.0, "faint": 1e-3}, [stats("w0", "x"), stats("w1")], {"hot": 16})
+    assert traffic == {"hot": 10.0 * DECAY, "gone": 5.0 * DECAY}
+    assert placement == {"w0": ["x", "hot"], "w1": ["hot"]}
+    assert replan({"hot": 1.0}, [], {"hot": 16}) == ({"hot": DECAY}, None)
+    assert replan({}, [stats("w0")], {"hot": 16}) == ({}, None)

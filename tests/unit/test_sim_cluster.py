@@ -123,6 +123,47 @@ def test_the_replicas_split_over_processes_serve_exactly_as_in_one() -> None:
             assert any(s.moves for s in served[1])
 
 
+def test_with_a_disk_tier_the_dispatcher_s_placement_has_replicas_prefetch_adapters() -> None:
+    """``max_cpu_loras`` below the adapters: replicas start holding none, read each in as requests
+    ask (their clocks pay it), and the dispatcher's own placement (``replan``, every placement
+    interval) has a replica prefetch an adapter with traffic that no request of it ran on there."""
+    from dlora.services.worker.engine.config import EngineConfig
+
+    adapters = {f"a{i}": 16 for i in range(4)}
+    requests = [SimRequest(f"q{i}", 0.5 * i, "a0", [7 + i] * 16, 8) for i in range(20)]
+    config = EngineConfig(max_loras=2, max_cpu_loras=2)
+    cluster = Cluster(H200, replicas=2, adapters=adapters, config=config)
+    served = cluster.run(requests)
+    assert all(s.tokens == 8 for s in served)
+    ran = {s.replica for s in served}
+    assert ran == {"r000"}  # proactive: the replica holding a0, light as the load is
+    loads = {r.name: r.disk_loads for r in cluster.replica_summaries}
+    assert loads == {"r000": 1, "r001": 1}  # r001 prefetched a0, placed there for burst tolerance
+    assert cluster.state.placement == {"r000": ["a0"], "r001": ["a0"]}
+    warm = Cluster(H200, replicas=2, adapters=adapters, config=EngineConfig(max_loras=2, max_cpu_loras=4))
+    held = warm.run(requests)  # every adapter held from the start: nothing read, nothing placed
+    assert {r.disk_loads for r in warm.replica_summaries} == {0} and not warm.state.placement
+    waited = [s.first_token_s - s.request.arrival_s for s in (served[0], held[0])]  # type: ignore[operator]
+    assert waited[0] == pytest.approx(waited[1] + H200.host_load_seconds(16))  # the first waited for the read
+
+
+def test_with_a_disk_tier_fast_forward_and_processes_serve_as_stepping_in_one() -> None:
+    """Reads from disk and prefetches change what a replica runs: a fast-forward stops at them,
+    and the placement's prefetches reach each shard alike."""
+    from dlora.services.worker.engine.config import EngineConfig
+
+    adapters = {f"a{i}": 16 for i in range(12)}
+    requests = _workload(300, rate=20.0, adapters=[*adapters, None], seed=1)  # type: ignore[list-item]
+    config = EngineConfig(max_loras=2, max_cpu_loras=3)
+    runs = [
+        Cluster(H200, 3, adapters, config=config, fast_forward=ff, jobs=jobs)
+        for ff, jobs in ((True, 1), (False, 1), (True, 3))
+    ]
+    served = [run.run(requests) for run in runs]
+    assert served[0] == served[1] == served[2]
+    assert sum(r.disk_loads for r in runs[0].replica_summaries) > len(adapters)  # evicted and read again
+
+
 def test_moves_that_arrive_at_once_join_in_the_plan_s_order_however_split() -> None:
     """Two replicas in lockstep (identical long requests) both move requests to a third: those
     arriving at the same instant joined it in the order their shards answered, so two processes

@@ -84,6 +84,26 @@ def test_a_load_into_a_device_slot_costs_the_profile_s_time() -> None:
     assert e.stats.adapter_load_seconds == pytest.approx(2 * H200.load_seconds(32, "cpu"))
 
 
+def test_an_adapter_not_in_host_memory_is_read_from_disk_and_the_idle_one_used_least_lately_goes() -> None:
+    """The disk tier (``--max-cpu-loras``): ``hold`` reads an adapter in at the profile's cost on
+    the clock, and past ``max_cpu_loras`` drops as a worker does (``evictions``): never one a
+    request runs on or the one just asked for; the least lately asked for first."""
+    e = SimEngine(H200, EngineConfig(max_loras=1, max_cpu_loras=2, policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY)))
+    e.hold("a", 16)
+    assert e.now == pytest.approx(H200.host_load_seconds(16)) and e.disk_loads == 1
+    e.hold("b", 32)
+    e.hold("a", 16)  # held: no cost, but now the one asked for last
+    assert e.now == pytest.approx(H200.host_load_seconds(16) + H200.host_load_seconds(32)) and e.disk_loads == 2
+    e.add("x", [7] * 8, output_len=50, adapter="b")  # b busy
+    e.hold("c", 16)  # over by one: b is busy, so a goes though asked for later
+    assert set(e.adapters) == {"b", "c"}
+    e.hold("d", 16)  # b still busy: c, just asked for before, goes (d is kept)
+    assert set(e.adapters) == {"b", "d"} and e.disk_loads == 4
+    e.abort("x")
+    e.hold("a", 16)
+    assert set(e.adapters) == {"d", "a"}  # b, idle now and the least lately asked for, goes
+
+
 def test_a_moved_request_decodes_on_with_its_cache_or_is_recomputed_when_it_does_not_fit() -> None:
     roomy = SimEngine(H200, EngineConfig(num_blocks=16, block_size=16))
     roomy.add("m", list(range(3, 40)), output_len=12, resumed=[9] * 5, shipped=True)
