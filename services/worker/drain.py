@@ -83,8 +83,9 @@ async def hand_back_late(w: WorkerService) -> None:
     TTL and count as one. Best effort: what is not sent is recovered after the TTL."""
     try:
         late, _ = await w.store.sweep_inflight(w.s.worker_id, w.incarnation, w.handed_over, 0.0)
-        if late:  # after a device loss, as deaths (of those it took up: ``Inflight.taken``)
-            lost = LostRequests(worker=w.s.worker_id, requests=late, draining=not w.device_failed)
+        if late:  # after a device loss none of them ran: they came after the hand-over (a trial)
+            unrun = list(late) if w.device_failed else []
+            lost = LostRequests(worker=w.s.worker_id, requests=late, draining=not w.device_failed, never_arrived=unrun)
             await bus.publish(w.nc, subjects.LOST, lost)
             await w.nc.flush(timeout=2)
             logger.info("handed back requests that came after the hand-over", requests=len(late))

@@ -124,12 +124,13 @@ class WorkerService:
     async def _on_request(self, req: GenerateRequest) -> None:
         self.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
         self.pending.add(req.request_id)
-        if req.recorded:  # marked before the command loop works on it (``_take``)
-            self.records.taken[req.request_id] = req.recoveries
+        if taking := req.recorded and not self.device_failed:  # after a device loss none is taken up (a trial)
+            self.records.taken[req.request_id] = req.recoveries  # marked before the loop works on it (``_take``)
         # Here, on threads beside the engine's steps (``Tokenized``): in the command loop a 1 MB
         # prompt (~1 s) held every stream. An input the tokenizer refuses is left to the engine to refuse.
         if req.prompt is not None and req.prompt_token_ids is None:
-            await self.records.mark_taken()  # a prompt that kills the process as it is tokenized: its death
+            if taking:
+                await self.records.mark_taken()  # a prompt that kills the process as it is tokenized: its death
             with contextlib.suppress(Exception):
                 req = msgspec.structs.replace(
                     req, prompt=None, prompt_token_ids=await self.tokenized.prompt(req.prompt)
@@ -428,8 +429,7 @@ class WorkerService:
                     await stop.wait()
 
     async def run(self, stop: asyncio.Event) -> None:
-        state = await self.store.load_policy(self.s.worker_id)
-        if state:
+        if state := await self.store.load_policy(self.s.worker_id):
             self.engine.policy.restore(state)
         subs = [
             await bus.subscribe(

@@ -150,7 +150,8 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
 ) -> None:
     """A review: after a device loss the request being taken up (its adapter loading, its KV
     imported) was in no list and went back late as a drain's, no death; requests queued behind it,
-    marked taken in the same batch, went back as deaths; queued moves ran on the dead device."""
+    marked taken in the same batch, went back as deaths; queued moves ran on the dead device. And
+    requests that arrive during the hand-over never ran there either."""
     from dlora.common.messages import GenerateRequest
     from dlora.services.worker import drain
 
@@ -177,6 +178,22 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
         lost = await asyncio.wait_for(handed.get(), 5)
         assert lost.requests == {"culprit": 0, "queued": 0} and not lost.draining
         assert lost.never_arrived == ["queued"]  # waited, never ran: not a death
+        # A trial: requests a dispatcher sent before it heard of the loss arrive during the hand-over
+        # (one a text prompt, tokenized here): not marked taken, and handed back late as never run.
+        late = [
+            GenerateRequest(request_id="late-ids", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True),
+            GenerateRequest(request_id="late-text", reply_to="test.x", prompt="kalo remi", recorded=True),
+        ]
+        for req in late:
+            assert await store.put_inflight(req, "w-a", new=True, incarnation=service.incarnation)
+            await service._on_request(req)
+        await drain.hand_back_late(service)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"late-ids": 0, "late-text": 0} and sorted(lost.never_arrived) == [
+            "late-ids",
+            "late-text",
+        ]
+        assert not any([(await store.get_inflight(r.request_id)).taken for r in late])  # type: ignore[union-attr]
     finally:
         for c in conns:
             await c.drain()
