@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from dlora.common import bus, log, subjects
 from dlora.common.messages import LostRequests
 from dlora.services.worker.commands import Add
+from dlora.services.worker.engine.sequence import Status
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
@@ -36,7 +37,7 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
     that breaks every GPU it runs on must not go round them all). Unsent (NATS down), they are
     recovered anyway once this worker's heartbeat is gone."""
     held: dict[str, int] = {}
-    unrun: list[str] = []  # after a device loss: queued requests, not its death even if marked taken
+    unrun: list[str] = []  # after a device loss: requests in no step, not its death even if marked taken
     while not w.commands.empty():  # requests that came during the drain go back unrun
         if isinstance(cmd := w.commands.get_nowait(), Add):
             held[cmd.req.request_id] = cmd.req.recoveries
@@ -49,6 +50,8 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
         held.setdefault(culprit.request_id, culprit.recoveries)
     for rid, stream in list(w.streams.items()):
         held[rid] = stream.request.recoveries
+        if died and _never_scheduled(w, rid):  # admitted, then waited: the device failed in others' steps
+            unrun.append(rid)
         await w.drop(rid, record=False, attempt=stream.request.recoveries)
     try:
         if w.records.behind:  # the records must say what the clients have (and which ended)
@@ -62,6 +65,19 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
         logger.info("handed over at stop", requests=len(held))
     except Exception as e:  # noqa: BLE001 - see the docstring
         logger.warning("hand-over not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
+
+
+def _never_scheduled(w: WorkerService, request_id: str) -> bool:
+    """Whether the request waited here and was in no step: nothing of it computed or cached (a
+    step's batch holds its blocks), never preempted (which would have freed them after it ran)."""
+    seq = w.engine.seqs.get(request_id)
+    return (
+        seq is not None
+        and seq.status is Status.WAITING
+        and not seq.num_cached
+        and not seq.num_preemptions
+        and not w.engine.blocks.holds(request_id)
+    )
 
 
 async def device_lost(w: WorkerService, e: Exception) -> None:

@@ -197,3 +197,46 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
     finally:
         for c in conns:
             await c.drain()
+
+
+async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_run(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A trial (max_num_seqs 2, four waiting): every request admitted counted a death at a device
+    loss, though those waiting in no step could not have failed it. Those go back as never run;
+    one in a step (its blocks held) counts."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker import drain
+    from dlora.services.worker.engine.config import EngineConfig
+
+    store = StateStore(redis)
+    ws = WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-a",
+        model=str(tiny_llama.model),
+        engine=EngineConfig(max_num_seqs=1),
+    )
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    try:
+        service = WorkerService(ws, conns[0], store, build_engine(ws))  # its loop not running: driven by hand
+        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
+
+        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
+            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
+
+        await conns[1].subscribe(subjects.LOST, cb=on_lost)
+        await conns[1].flush()
+        for rid in ("ran", "waited"):
+            await service._on_request(
+                GenerateRequest(request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
+            )
+            await service._take(service.commands.get_nowait())
+        service.engine.step()  # one sequence a step: "ran" only
+        service.device_failed = True
+        await drain.hand_over(service, died=True)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"ran": 0, "waited": 0} and lost.never_arrived == ["waited"]
+    finally:
+        for c in conns:
+            await c.drain()
