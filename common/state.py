@@ -85,7 +85,7 @@ class Inflight:
     taken: bool = False
     # ``worker`` marks what it takes up (``WorkerStats.marks_taken``, recorded by the put naming it):
     # an older worker never does, and its loss counts as a death as before (a rolling upgrade).
-    marks_taken: bool = True
+    marks_taken: bool = False
 
 
 class Sent(NamedTuple):
@@ -265,7 +265,11 @@ class StateStore:
         await self.r.set(f"{self.p}:worker:{stats.worker}", msgspec.json.encode(stats), px=int(ttl_s * 1000))
 
     async def live_workers(self) -> list[WorkerStats]:
-        return [st for st, _ in await self.beats(0.0)]
+        keys = [k async for k in self.r.scan_iter(match=f"{self.p}:worker:*")]
+        values = await self.r.mget(keys) if keys else []
+        return sorted(
+            (msgspec.json.decode(v, type=WorkerStats) for v in values if v is not None), key=lambda s: s.worker
+        )
 
     async def beats(self, ttl_s: float) -> list[tuple[WorkerStats, float]]:
         """Every live worker's last heartbeat, with the seconds since it beat: the TTL it wrote its
@@ -279,7 +283,7 @@ class StateStore:
             raw = await pipe.execute()
         found: list[tuple[WorkerStats, float]] = []
         for value, left_ms in zip(raw[::2], raw[1::2]):
-            if value is not None:  # (expired since the scan)
+            if value is not None and left_ms != -2:  # -2, or none: expired since the scan
                 st = msgspec.json.decode(value, type=WorkerStats)
                 age = (st.heartbeat_ttl_s or ttl_s) - left_ms / 1000 if left_ms >= 0 else 0.0
                 found.append((st, max(0.0, age)))
@@ -345,7 +349,7 @@ class StateStore:
         new: bool = False,
         incarnation: str = "",
         died: bool = False,
-        marks_taken: bool = True,
+        marks_taken: bool = False,
     ) -> bool:
         """Record a request as running on ``worker`` as attempt ``request.recoveries``. On a resume
         elsewhere only the worker, the attempt and the time change: the first request and the
@@ -356,8 +360,8 @@ class StateStore:
         in flight has that id. ``incarnation``: the start of ``worker`` it is sent to, where known
         (a hand-back then tells a message that never came from a death); ``died``: a re-dispatch
         after the worker running it died (or hung), counted in the record's ``deaths``;
-        ``marks_taken``: ``worker`` marks what it takes up (``WorkerStats.marks_taken``; False for an
-        older worker, whose loss then counts as the request's death whether it took it or not)."""
+        ``marks_taken``: ``worker`` marks what it takes up (``WorkerStats.marks_taken``; not said:
+        an older worker, whose loss then counts as the request's death whether it took it or not)."""
         args: list[str | int] = [
             worker,
             msgspec.json.encode(request).decode(),

@@ -89,7 +89,8 @@ return 1
 # KEYS: the in-flight hash. ARGV: worker, request JSON, index key prefix, request id, recoveries,
 # ttl ms, the request's next_seq, the worker's incarnation, 1 if the worker running it before died
 # (counted in deaths), 1 if the worker marks what it takes up (recorded as ``marks``, naming it: a
-# put by an older version, which leaves the field, then names another worker), then optionally the
+# put by an older version leaves the field, which then names another worker unless that put named
+# the same one again), then optionally the
 # worker and recoveries the record must still have (compare-and-set for a re-dispatch; 0 returned
 # and nothing written if another got there first), or two empty strings: the record must not exist
 # yet (a first dispatch; 0 if another request has the id). A resume or move changes only the

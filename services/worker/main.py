@@ -72,6 +72,7 @@ _HANDBACK_GRACE_S = 2.0
 _LIST_EVERY_S = 10.0  # how often the registry's adapters are listed (their ranks, for the metrics)
 _EXPIRE_EVERY_S = 0.05  # how late past its deadline a request may still be stopped, at most
 _ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
+_LONG_PROMPT = 65_536  # characters: a text prompt this long is marked taken before it is tokenized (~10 ms+)
 
 
 class WorkerService:
@@ -79,7 +80,8 @@ class WorkerService:
     loaded, KV of a moved request awaited), the engine loop, the move protocol of the migrator's
     plans, and the stats, heartbeat and checkpoints it publishes.
 
-    Bus handlers only decode (``bus.subscribe``) and enqueue commands; one task (``run_loop``)
+    Bus handlers decode (``bus.subscribe``) and enqueue commands (a text prompt tokenized on a
+    thread first, a long one's record marked taken before that); one task (``run_loop``)
     applies them between steps and owns the engine, whose step runs in a thread. Every command
     and every step is applied under a guard: what fails, fails its request, never the worker."""
 
@@ -120,7 +122,7 @@ class WorkerService:
         self.tokenized = Tokenized(engine.tokenizer)  # arriving requests' prompts and bad_words
         self.settings = settings_in_effect(engine)  # for the metrics (read once: they do not change)
 
-    # ---- bus handlers: decode and enqueue, nothing else -----------------------------------
+    # ---- bus handlers: decode and enqueue ---------------------------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
         self.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
         self.pending.add(req.request_id)
@@ -129,8 +131,8 @@ class WorkerService:
         # Here, on threads beside the engine's steps (``Tokenized``): in the command loop a 1 MB
         # prompt (~1 s) held every stream. An input the tokenizer refuses is left to the engine to refuse.
         if req.prompt is not None and req.prompt_token_ids is None:
-            if taking:
-                await self.records.mark_taken()  # a prompt that kills the process as it is tokenized: its death
+            if taking and len(req.prompt) >= _LONG_PROMPT:  # one that kills the process as it is tokenized:
+                await self.records.mark_taken()  # its death (a mark waits on Redis: long prompts only, a review)
             with contextlib.suppress(Exception):
                 req = msgspec.structs.replace(
                     req, prompt=None, prompt_token_ids=await self.tokenized.prompt(req.prompt)
@@ -453,13 +455,11 @@ class WorkerService:
         ]
         await self.nc.flush()
         warm = asyncio.create_task(asyncio.to_thread(self.engine.grammars.warm))  # ~1 s: off the loop
-        e = self.engine
-        cuda_graphs = e.graphs is not None  # what a vLLM user looks for in the start-up line
         logger.info(
             "worker ready",
             worker=self.s.worker_id,
-            cuda_graphs=cuda_graphs,
-            async_scheduling=e.config.async_scheduling,
+            cuda_graphs=self.engine.graphs is not None,  # what a vLLM user looks for in the start-up line
+            async_scheduling=self.engine.config.async_scheduling,
             **self.settings,  # what took effect (vLLM logs its engine config at start)
         )
         notifier.ready(f"worker {self.s.worker_id} taking requests")

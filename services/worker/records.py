@@ -4,6 +4,7 @@ against their records before anything more is sent for them (fencing)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from dlora.common import bus, log
@@ -33,6 +34,7 @@ class ProgressRecords:
         self.unwritten: list[tuple[str, Sent]] = []  # chunks sent whose progress write failed, in order
         self.taken: dict[str, int] = {}  # requests received whose records are not yet marked taken (id -> attempt)
         self._mark_again_at = 0.0  # after a failed mark, when to try again
+        self._marking = asyncio.Lock()  # one mark at a time: a second waits for the one in flight (a review)
         self.stalls = 0  # stalls seen, and how many of them a strict fencing check has followed
         self._stalls_checked = 0
         self._beat_at = time.monotonic()  # when a heartbeat last got out
@@ -117,21 +119,23 @@ class ProgressRecords:
         return fenced
 
     async def mark_taken(self) -> None:
-        """Mark the records of the requests received since the last call as taken up here, before
-        any work on them (``Inflight.taken``: only then is this worker's loss their death). A
-        failure keeps them for the next call and the work goes on (a running request's progress
-        write marks it too)."""
-        if not self.taken or time.monotonic() < self._mark_again_at:
-            return
-        batch, self.taken = self.taken, {}  # what arrives during the write waits for the next (a review)
-        try:
-            await self.store.mark_taken(self.worker_id, batch)
-        except Exception as e:  # noqa: BLE001 - Redis down: serve all the same
-            self._outage.failed(e)
-            self.taken = dict(list({**batch, **self.taken}.items())[-_MAX_UNWRITTEN:])
-            # Not again before every command: a hung Redis cost each 20 s, and the loop's watchdog
-            # (a review). Meanwhile a death goes uncounted unless a progress write marks it.
-            self._mark_again_at = time.monotonic() + _MARK_AGAIN_S
+        """Mark the records of the requests received so far as taken up here, before any work on
+        them (``Inflight.taken``: only then is this worker's loss their death); a call while
+        another's write is in flight waits for it (it may carry the caller's requests). A failure
+        keeps them for the next call and the work goes on (a running request's progress write
+        marks it too)."""
+        async with self._marking:
+            if not self.taken or time.monotonic() < self._mark_again_at:
+                return
+            batch, self.taken = self.taken, {}  # what arrives during the write waits for the next (a review)
+            try:
+                await self.store.mark_taken(self.worker_id, batch)
+            except Exception as e:  # noqa: BLE001 - Redis down: serve all the same
+                self._outage.failed(e)
+                self.taken = dict(list({**batch, **self.taken}.items())[-_MAX_UNWRITTEN:])
+                # Not again before every command: a hung Redis cost each 20 s, and the loop's watchdog
+                # (a review). Meanwhile a death goes uncounted unless a progress write marks it.
+                self._mark_again_at = time.monotonic() + _MARK_AGAIN_S
 
     @property
     def behind(self) -> bool:

@@ -182,7 +182,7 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
         # (one a text prompt, tokenized here): not marked taken, and handed back late as never run.
         late = [
             GenerateRequest(request_id="late-ids", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True),
-            GenerateRequest(request_id="late-text", reply_to="test.x", prompt="kalo remi", recorded=True),
+            GenerateRequest(request_id="late-text", reply_to="test.x", prompt="kalo " * 14_000, recorded=True),
         ]
         for req in late:
             assert await store.put_inflight(req, "w-a", new=True, incarnation=service.incarnation)

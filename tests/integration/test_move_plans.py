@@ -31,9 +31,9 @@ async def _send(client: nats.NATS, owner: str, rid: str, prompt: list[int], max_
     await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
 
 
-async def _plan(client: nats.NATS, epoch: int, request_id: str) -> None:
-    """A plan of ``epoch`` moving ``request_id`` to w1."""
-    moves = [MoveRequest(request_id=request_id, adapter=None, to_worker="w1")]
+async def _plan(client: nats.NATS, epoch: int, request_id: str, marks: bool = False) -> None:
+    """A plan of ``epoch`` moving ``request_id`` to w1 (``marks``: the migrator read that w1 marks)."""
+    moves = [MoveRequest(request_id=request_id, adapter=None, to_worker="w1", to_marks_taken=marks)]
     plan = MovePlan(plan_id=f"p{epoch}", epoch=epoch, created=time.time(), moves=moves)
     await client.publish(subjects.MOVES, msgspec.json.encode(plan))
     await client.flush()
@@ -62,7 +62,7 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
             await asyncio.sleep(0.01)
 
         async def send_plan(epoch: int, request_id: str = "r") -> None:
-            await _plan(client, epoch, request_id)
+            await _plan(client, epoch, request_id, marks=True)
             await asyncio.sleep(0.3)
 
         await send_plan(2, "not-here")  # w0 takes a plan of epoch 2 (for a request it does not have)
@@ -70,6 +70,11 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
         await send_plan(1)  # the leader before it, still sending
         assert "r" in workers["w0"].streams and not seen[-1].finish_reason  # stayed
         await send_plan(2)
+        async with asyncio.timeout(30):
+            while seen[-1].worker != "w1":
+                await asyncio.sleep(0.01)
+        # recorded with the move: the plan said w1 marks what it takes up (the poison guard)
+        assert (rec := await store.get_inflight("r")) is not None and rec.worker == "w1" and rec.marks_taken
         async with asyncio.timeout(30):
             while not seen[-1].finish_reason:
                 await asyncio.sleep(0.02)
@@ -109,7 +114,11 @@ async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
             async with asyncio.timeout(30):
                 while not (streams[rid].done if rid == "warm" else streams[rid].tokens):
                     await asyncio.sleep(0.01)
-        await _plan(client, 1, "r")
+        await _plan(client, 1, "r")  # not saying w1 marks (an older migrator's): recorded as not
+        async with asyncio.timeout(60):
+            while streams["r"].worker != "w1":
+                await asyncio.sleep(0.01)
+        assert (rec := await store.get_inflight("r")) is not None and rec.worker == "w1" and not rec.marks_taken
         async with asyncio.timeout(60):
             while not streams["r"].done:
                 await asyncio.sleep(0.02)

@@ -289,14 +289,43 @@ async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
         await service._take(service.commands.get_nowait())
         assert (rec := await store.get_inflight("t")) is not None and rec.taken
         assert "t" in service.streams and service.engine.stats.steps == 0  # admitted, not yet run
-        # A text prompt is tokenized here, on arrival: marked before that (one that kills the
-        # process as it is tokenized is its death).
-        text = GenerateRequest(request_id="text", reply_to="test.t", prompt="kalo kalo", recorded=True)
-        assert await store.put_inflight(text, "w-a", new=True)
-        await service._on_request(text)
-        assert (rec := await store.get_inflight("text")) is not None and rec.taken and "text" not in service.streams
+        # A long text prompt is tokenized here, on arrival: marked before that (one that kills the
+        # process as it is tokenized is its death); a short one waits for the loop's mark (a mark
+        # waits on Redis, and would hold up the requests behind it).
+        for rid, words in (("long", 14_000), ("short", 2)):
+            text = GenerateRequest(request_id=rid, reply_to="test.t", prompt="kalo " * words, recorded=True)
+            assert await store.put_inflight(text, "w-a", new=True)
+            await service._on_request(text)
+        assert (rec := await store.get_inflight("long")) is not None and rec.taken and "long" not in service.streams
+        assert (rec := await store.get_inflight("short")) is not None and not rec.taken
     finally:
         await nc.drain()
+
+
+async def test_a_mark_waits_for_the_one_in_flight(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: a mark on a request's arrival (a long text prompt) took every record received so
+    far with it, and the loop's mark before its next command, finding none left, went on to work
+    on them while that write was still in flight (unmarked, had it failed). It waits for it now."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker.records import ProgressRecords
+
+    store = StateStore(redis)
+    assert await store.put_inflight(GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1]), "w-a")
+    records = ProgressRecords(store, "w-a", 5.0)
+    records.taken["r"] = 0
+    writing, real = asyncio.Event(), store.mark_taken
+
+    async def slow(worker: str, attempts: dict[str, int]) -> None:  # a Redis round trip, made long
+        writing.set()
+        await asyncio.sleep(0.3)
+        await real(worker, attempts)
+
+    monkeypatch.setattr(store, "mark_taken", slow)
+    first = asyncio.create_task(records.mark_taken())
+    await writing.wait()
+    await records.mark_taken()  # the loop's, before its next command
+    assert (rec := await store.get_inflight("r")) is not None and rec.taken
+    await first
 
 
 async def test_a_restarted_dispatcher_hears_each_worker_when_it_last_beat(nats_server: Server, redis: Redis) -> None:

@@ -191,11 +191,11 @@ async def test_a_record_says_whether_its_worker_marks_what_it_takes_up(redis: Re
     worker says not, and one by an older version (which leaves the field) names another worker."""
     s = StateStore(redis)
     req = GenerateRequest(request_id="m", reply_to="x", prompt_token_ids=[1])
-    assert await s.put_inflight(req, "w1", new=True)
+    assert await s.put_inflight(req, "w1", new=True, marks_taken=True)
     assert (rec := await s.get_inflight("m")) is not None and rec.marks_taken
-    assert await s.put_inflight(req, "w2", marks_taken=False)
+    assert await s.put_inflight(req, "w2")  # not said: an older worker
     assert (rec := await s.get_inflight("m")) is not None and not rec.marks_taken
-    assert await s.put_inflight(req, "w1")
+    assert await s.put_inflight(req, "w1", marks_taken=True)
     await redis.hset("dlora:inflight:m", "worker", "w3")  # an older version's put: worker changed, marks left
     assert (rec := await s.get_inflight("m")) is not None and not rec.marks_taken
 
