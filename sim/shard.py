@@ -204,17 +204,17 @@ class Shard:
     def _hold(self, replica: Replica, adapter: str | None, now: float) -> None:
         """``adapter`` in ``replica``'s host memory before a request of it joins there at ``now``
         (a load from disk after the step running then, as a worker's command loop takes it)."""
-        if adapter is not None and adapter not in replica.engine.adapters:
+        if adapter is None:
+            return
+        if adapter not in replica.engine.adapters:
             replica.engine.now = max(replica.engine.now, now)
             replica.last_stats = None
-        if adapter is not None:
-            replica.engine.hold(adapter, self.ranks[adapter])
+        replica.engine.hold(adapter, self.ranks[adapter])
 
     def _prefetch(self, replica: Replica, adapters: list[str], now: float) -> None:
         """The placement's adapters for ``replica`` read into its host memory (``WorkerAdapters.prefetch``)."""
         heapq.heappop(replica.incoming)
-        engine = replica.engine
-        held = set(engine.adapters)
+        held = set(replica.engine.adapters)
         for adapter in (a for a in adapters if a not in held):
             self._hold(replica, adapter, now)
 
