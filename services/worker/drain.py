@@ -53,10 +53,10 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
         if died and _never_scheduled(w, rid):  # admitted, then waited: the device failed in others' steps
             unrun.append(rid)
         await w.drop(rid, record=False, attempt=stream.request.recoveries)
+    w.handed_over = set(held)  # not handed back late, even if what follows fails (a review)
     try:
         if w.records.behind:  # the records must say what the clients have (and which ended)
             await w.records.write({})
-        w.handed_over = set(held)
         if not held:
             return
         handed = LostRequests(worker=w.s.worker_id, requests=held, draining=not died, never_arrived=unrun)
@@ -69,7 +69,9 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
 
 def _never_scheduled(w: WorkerService, request_id: str) -> bool:
     """Whether the request waited here and was in no step: nothing of it computed or cached (a
-    step's batch holds its blocks), never preempted (which would have freed them after it ran)."""
+    step's batch holds its blocks), never preempted (which would have freed them after it ran),
+    and its adapter not in a switch that raised (a merge comes before the step's scheduling: one
+    that lost the device is its requests' doing, a review)."""
     seq = w.engine.seqs.get(request_id)
     return (
         seq is not None
@@ -77,6 +79,7 @@ def _never_scheduled(w: WorkerService, request_id: str) -> bool:
         and not seq.num_cached
         and not seq.num_preemptions
         and not w.engine.blocks.holds(request_id)
+        and seq.adapter not in w.engine.switching
     )
 
 

@@ -240,3 +240,74 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
     finally:
         for c in conns:
             await c.drain()
+
+
+async def test_a_device_lost_in_a_merge_is_its_requests_death(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a step merges before it schedules, so the requests whose adapter's merge lost the
+    device were in no step yet, and went back as never run: a poison adapter went round every GPU.
+    They count a death. And a hand-over whose records write fails still keeps what it handed over
+    out of the late hand-back (which named them all never run)."""
+    from dlora.common.messages import AdapterEntry, GenerateRequest
+    from dlora.services.worker import drain
+    from dlora.services.worker.engine.config import EngineConfig
+    from dlora.services.worker.policy.config import PolicyConfig, PolicyName
+
+    store = StateStore(redis)
+    name, path = next(iter(tiny_llama.adapters.items()))
+    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
+    merged_only = EngineConfig(policy=PolicyConfig(name=PolicyName.MERGED_ONLY))
+    ws = WorkerSettings(
+        nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model), engine=merged_only
+    )
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    try:
+        service = WorkerService(ws, conns[0], store, build_engine(ws))  # its loop not running: driven by hand
+        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
+
+        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
+            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
+
+        await conns[1].subscribe(subjects.LOST, cb=on_lost)
+        await conns[1].flush()
+        for rid in ("p1", "p2"):
+            req = GenerateRequest(
+                request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, adapter=name, recorded=True
+            )
+            assert await store.put_inflight(req, "w-a", new=True, incarnation=service.incarnation, marks_taken=True)
+            await service._on_request(req)
+            await service._take(service.commands.get_nowait())
+
+        def poisoned(*args: object) -> None:  # the adapter's merge hits an illegal address
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(service.engine.merger, "merge", poisoned)
+        with pytest.raises(DeviceLost):
+            await service._step()
+        service.device_failed = True
+        await drain.hand_over(service, died=True)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"p1": 0, "p2": 0} and not lost.never_arrived
+
+        # Another worker, its hand-over's records write failing: nothing is sent (recovered after the
+        # TTL, as deaths), and the late hand-back does not name what it held never run.
+        other = WorkerService(msgspec.structs.replace(ws, worker_id="w-b"), conns[0], store, service.engine)
+        req = GenerateRequest(request_id="ran", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
+        assert await store.put_inflight(req, "w-b", new=True, incarnation=other.incarnation, marks_taken=True)
+        await other._on_request(req)
+        await other._take(other.commands.get_nowait())
+        other.device_failed = True
+
+        async def down(*args: object) -> None:
+            raise ConnectionError("redis hiccup")
+
+        monkeypatch.setattr(other.records, "write", down)
+        other.records.unrecorded_ends["gone"] = 0  # behind: the hand-over writes first, and fails
+        await drain.hand_over(other, died=True)
+        await drain.hand_back_late(other)
+        await asyncio.sleep(0.3)
+        assert handed.empty()  # "ran" is left to the TTL's recovery: a death, as it ran there
+    finally:
+        for c in conns:
+            await c.drain()

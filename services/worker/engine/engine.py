@@ -149,6 +149,9 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: InFlight | None = None  # async scheduling's step whose tokens are on their way
         self._taken: list[RequestOutput] = []  # its outputs once taken in, until ``step`` returns them
+        # The adapters a switch under way merges in or out; left set when it raised (a device lost
+        # there is their requests' death, though none was scheduled yet: the worker's hand-over)
+        self.switching: set[str] = set()
         self.stats = EngineStats()
         self.graphs: DecodeGraphs | None = None  # the decode steps' CUDA graphs, made with the model on a GPU
         self._arrivals = 0
@@ -337,7 +340,9 @@ class LLMEngine:
         adapters; None when nothing can run (every candidate waits for memory)."""
         if decision.merged is not None and decision.merged not in self.adapters:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
+        self.switching = {a for a in (self.merger.merged, decision.merged) if a is not None}
         merge_s, unmerge_s = self.switch(decision.merged)
+        self.switching = set()
         plan = schedule(decision, self.seqs, self.blocks, self.limits, self._cache_key)
         self.stats.preemptions += len(plan.preempted)
         self.stats.record_prefix_cache(plan.prefix_queries, plan.prefix_hits)
