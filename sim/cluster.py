@@ -14,7 +14,7 @@ and joins the destination with the tokens it produced, after its KV's transfer t
 ships it (it then decodes on) or at once to be recomputed there. Adapters live on each replica's
 disk, and in its host memory from the start where ``max_cpu_loras`` holds them all; else a replica
 reads one in when a request of it joins (its clock pays the load), and the dispatcher's placement
-(``placement.replan``, every ``placement_interval_s`` on the stats heard, from the requests it
+(``placement.decay`` and ``placement_of``, every ``placement_interval_s`` on the stats heard, from the requests it
 dispatched) has each replica prefetch its adapters at that barrier. With every adapter held the
 placement changes no choice (dispatch prices a load only where a worker lacks the adapter), so it
 is not computed.
@@ -35,7 +35,7 @@ import msgspec
 
 from dlora.common.messages import MovePlan, PlanMethod, WorkerStats
 from dlora.services.dispatcher.choose import DEFAULT_COSTS, DispatchCosts, DispatchMode
-from dlora.services.dispatcher.placement import replan
+from dlora.services.dispatcher.placement import decay, placement_of
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
 from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
@@ -58,8 +58,9 @@ PLACEMENT_INTERVAL_S: float = next(
 
 
 class Cluster:
-    """``replicas`` replicas of ``cost``'s engine, every adapter (name -> rank) in each one's host
-    memory, dispatched by ``mode``; run in ``jobs`` processes (1: this one)."""
+    """``replicas`` replicas of ``cost``'s engine with the adapters (name -> rank) on disk, in each
+    one's host memory from the start where ``config.max_cpu_loras`` holds them all (256 without a
+    config), dispatched by ``mode``; run in ``jobs`` processes (1: this one)."""
 
     def __init__(
         self,
@@ -94,7 +95,7 @@ class Cluster:
         # The dispatcher's placement, where replicas cannot hold every adapter (see the module's doc)
         self.placing = len(adapters) > (config or EngineConfig()).max_cpu_loras
         self.placement_interval_s = placement_interval_s
-        self.traffic: dict[str, float] = {}  # adapter -> requests dispatched, decayed (``replan``)
+        self.traffic: dict[str, float] = {}  # adapter -> requests dispatched, decayed (``decay``)
         self._prefetch: list[tuple[float, dict[str, list[str]]] | None] = [None for _ in groups]
         self.plans: list[MovePlan] = []  # every solve that moved something
         # The planner is bounded by CBC nodes, not by time: the same run on any machine. Few: it
@@ -162,9 +163,10 @@ class Cluster:
             self.heard[st.worker] = st
 
     def _place(self, now: float) -> None:
-        """The dispatcher's placement from the stats heard (``replan``): each replica prefetches its
+        """The dispatcher's placement from the stats heard (``placement_of``): each replica prefetches its
         adapters from ``now`` on."""
-        self.traffic, placement = replan(self.traffic, self.state.live(now), self.ranks)
+        self.traffic = decay(self.traffic)
+        placement = placement_of(self.traffic, self.state.live(now), self.ranks)
         if placement is None:
             return
         self.state.placement = placement

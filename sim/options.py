@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=positive,
         help="adapters each replica's host memory holds (vLLM's max_cpu_loras); the others are read "
         "from disk when a request or the dispatcher's placement asks for them (default: every adapter, "
-        "held from the start: no disk tier)",
+        "up to 4096, held from the start: no disk tier)",
     )
     p.add_argument(
         "--max-num-seqs", type=positive, default=64, help="requests in one step (max_num_seqs; default %(default)s)"

@@ -42,7 +42,7 @@ from dlora.services.dispatcher.affinity import request_keys
 from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
-from dlora.services.dispatcher.placement import replan
+from dlora.services.dispatcher.placement import decay, placement_of
 from dlora.services.dispatcher.recovery import Recovery
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
@@ -251,9 +251,11 @@ class Dispatcher(Recovery):
     async def replan_placement(self) -> None:
         """Decay the traffic counts (into Redis too) and place adapter replicas for burst tolerance."""
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
-        # On a thread: a placement from empty at 256 workers x 1,000 adapters takes a third of a second
-        self.traffic, placement = await asyncio.to_thread(replan, self.traffic, self.live(), ranks)
+        self.traffic = decay(self.traffic)
         await self.store.save_traffic(self.traffic)
+        # On a thread (a placement from empty at 256 workers x 1,000 adapters takes a third of a
+        # second), with a copy: the loop counts the requests it dispatches meanwhile (a review)
+        placement = await asyncio.to_thread(placement_of, dict(self.traffic), self.live(), ranks)
         if placement is not None:
             self.state.placement = placement
             await bus.publish(self.nc, subjects.PLACEMENT, Placement(workers=self.placement))

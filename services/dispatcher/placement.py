@@ -124,20 +124,24 @@ def min_tolerance(
     return min(p.tolerance(a, s) for a, s in shares.items())
 
 
-def replan(
+def decay(traffic: dict[str, float]) -> dict[str, float]:
+    """``traffic`` (adapter -> requests dispatched, decayed) one placement interval later: counts
+    worn down to nothing go."""
+    return {a: c * DECAY for a, c in traffic.items() if c * DECAY > 1e-3}
+
+
+def placement_of(
     traffic: dict[str, float], live: list[WorkerStats], ranks: dict[str, int]
-) -> tuple[dict[str, float], dict[str, list[str]] | None]:
-    """One placement interval: ``traffic`` (adapter -> requests dispatched, decayed) decayed once
-    more, and the placement for the ``live`` workers by the shares of the registered adapters
+) -> dict[str, list[str]] | None:
+    """The placement for the ``live`` workers by the traffic shares of the registered adapters
     (``ranks``), each worker's current adapters (its stats') kept; None when there is no live
     worker or no traffic (the placement stays as it was)."""
-    traffic = {a: c * DECAY for a, c in traffic.items() if c * DECAY > 1e-3}
     total = sum(traffic.values())
     if not live or total <= 0:
-        return traffic, None
+        return None
     capacity = [WorkerCapacity(w.worker, w.free_blocks, w.max_loras) for w in live]
     shares = {a: c / total for a, c in traffic.items() if a in ranks}
-    return traffic, place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
+    return place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
 
 
 def round_robin(adapters: list[str], workers: list[WorkerCapacity], ranks: dict[str, int]) -> dict[str, list[str]]:

@@ -31,12 +31,12 @@ def test_current_placement_is_kept_and_extended() -> None:
     assert "b" in p["w0"] and any("a" in ads for ads in p.values())
 
 
-def test_a_replan_decays_the_traffic_and_places_by_the_registered_adapters_shares() -> None:
-    """The dispatcher's interval (``replan``), pure so the simulator runs it too: counts decay by
-    ``DECAY`` (ones worn down to nothing go), an adapter no longer registered gets no share, each
-    worker keeps what its stats list; no live worker or no traffic: no placement."""
+def test_a_placement_interval_decays_the_traffic_and_places_by_the_registered_adapters_shares() -> None:
+    """The dispatcher's interval (``decay``, ``placement_of``), pure so the simulator runs it too:
+    counts decay by ``DECAY`` (ones worn down to nothing go), an adapter no longer registered gets
+    no share, each worker keeps what its stats list; no live worker or no traffic: no placement."""
     from dlora.common.messages import AdapterResidency, WorkerStats
-    from dlora.services.dispatcher.placement import DECAY, replan
+    from dlora.services.dispatcher.placement import DECAY, decay, placement_of
 
     def stats(name: str, *held: str) -> WorkerStats:
         adapters = [AdapterResidency(name=a, version="v", slot=None, merged=False) for a in held]
@@ -45,11 +45,11 @@ def test_a_replan_decays_the_traffic_and_places_by_the_registered_adapters_share
             adapters=adapters,
         )  # fmt: skip
 
-    traffic, placement = replan({"hot": 10.0, "gone": 5.0, "faint": 1e-3}, [stats("w0", "x"), stats("w1")], {"hot": 16})
+    traffic = decay({"hot": 10.0, "gone": 5.0, "faint": 1e-3})
     assert traffic == {"hot": 10.0 * DECAY, "gone": 5.0 * DECAY}
-    assert placement == {"w0": ["x", "hot"], "w1": ["hot"]}
-    assert replan({"hot": 1.0}, [], {"hot": 16}) == ({"hot": DECAY}, None)
-    assert replan({}, [stats("w0")], {"hot": 16}) == ({}, None)
+    assert placement_of(traffic, [stats("w0", "x"), stats("w1")], {"hot": 16}) == {"w0": ["x", "hot"], "w1": ["hot"]}
+    assert placement_of({"hot": 1.0}, [], {"hot": 16}) is None
+    assert placement_of({}, [stats("w0")], {"hot": 16}) is None
 
 
 def _reference_place(

@@ -125,7 +125,7 @@ def test_the_replicas_split_over_processes_serve_exactly_as_in_one() -> None:
 
 def test_with_a_disk_tier_the_dispatcher_s_placement_has_replicas_prefetch_adapters() -> None:
     """``max_cpu_loras`` below the adapters: replicas start holding none, read each in as requests
-    ask (their clocks pay it), and the dispatcher's own placement (``replan``, every placement
+    ask (their clocks pay it), and the dispatcher's own placement (``placement_of``, every placement
     interval) has a replica prefetch an adapter with traffic that no request of it ran on there."""
     from dlora.services.worker.engine.config import EngineConfig
 
