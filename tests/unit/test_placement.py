@@ -1,3 +1,5 @@
+import math
+
 from dlora.services.dispatcher.placement import WorkerCapacity, min_tolerance, place, round_robin
 
 WORKERS = [WorkerCapacity(f"w{i}", free_kv_blocks=1000, slots=4) for i in range(4)]
@@ -61,8 +63,8 @@ def _reference_place(
 ) -> dict[str, list[str]]:
     """``place`` as first written: every tolerance worked out again from scratch at each replica
     (at 256 workers x 1,000 adapters one placement took 34 s). The indexed one must choose alike.
-    A replica's gain is the holders' parts so far plus the new one's (first: the sum with it in
-    the workers' order, whose rounding broke ties between workers alike at random)."""
+    Its sums are exactly rounded (``math.fsum``; first: summed in the workers' order, whose
+    rounding broke ties between workers alike at random)."""
     capacity = {w.worker: w for w in workers}
     placed = {w.worker: list(current.get(w.worker, [])) for w in workers}
 
@@ -74,7 +76,7 @@ def _reference_place(
         return capacity[w].free_kv_blocks / max(1, len(placed[w])) * (1 - penalty if mixed else 1.0)
 
     def tolerance(a: str) -> float:
-        return sum(part(w, a) for w in holders(a)) / max(shares[a], 1e-9)
+        return math.fsum(part(w, a) for w in holders(a)) / max(shares[a], 1e-9)
 
     for a in sorted(shares, key=lambda a: -shares[a]):
         if not holders(a):
@@ -86,12 +88,11 @@ def _reference_place(
             options = [w for w in placed if a not in placed[w] and capacity[w].slots - len(placed[w]) > 0]
             if options:
 
-                def gain(w: str, a: str = a) -> float:  # its holders' parts so far, and the new one's
-                    before = sum(part(h, a) for h in holders(a))
+                def gain(w: str, a: str = a) -> float:
                     placed[w].append(a)
-                    added = part(w, a)
+                    value = tolerance(a)
                     placed[w].remove(a)
-                    return (before + added) / max(shares[a], 1e-9)
+                    return value
 
                 placed[max(options, key=lambda w: (gain(w), w))].append(a)
                 break
