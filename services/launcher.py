@@ -361,6 +361,7 @@ class LocalStack:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()  # reaped: stopped when stop() returns (a CI run found one still running)
         for s in self.servers:
             s.stop()
 
