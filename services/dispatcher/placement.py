@@ -82,11 +82,23 @@ class _Placing:
         mixed = len(self.placed[w]) - self.rank_counts[w][self.rank(adapter)] > 0
         return self.capacity[w].free_kv_blocks / max(1, held) * (1 - self.penalty if mixed else 1.0)
 
-    def tolerance(self, adapter: str, share: float, plus: str | None = None) -> float:
+    def tolerance(self, adapter: str, share: float, plus: float = 0.0) -> float:
         """Free KV blocks behind the adapter per unit of its traffic share (higher is safer), the
-        holders' parts summed exactly; ``plus``: with a replica of it added on that worker."""
-        total = self.sums.get(adapter, 0) + (_exact(self.part(plus, adapter, adding=True)) if plus else 0)
-        return total / _UNIT / max(share, 1e-9)
+        holders' parts summed exactly; ``plus``: with a new replica's part too."""
+        return (self.sums.get(adapter, 0) + _exact(plus)) / _UNIT / max(share, 1e-9)
+
+    def best_replica(self, adapter: str, share: float, options: list[str]) -> str:
+        """The worker of ``options`` where a replica raises the adapter's tolerance most (ties: the
+        last by name). That tolerance rises with the new replica's part, so only the options with
+        the largest parts are summed: those that round to the best."""
+        parts = sorted(((self.part(w, adapter, adding=True), w) for w in options), reverse=True)
+        top, chosen = parts[0]
+        best = self.tolerance(adapter, share, top)
+        for part, w in parts[1:]:
+            if part != top and self.tolerance(adapter, share, part) != best:
+                break  # and so is every one after it
+            chosen = max(chosen, w)
+        return chosen
 
 
 def place(
@@ -119,8 +131,7 @@ def place(
         options = [w for w in p.placed if w not in held and p.free_slots(w) > 0]
         if not options:
             continue
-        # the replica that raises its tolerance most
-        chosen = max(options, key=lambda w, a=a: (p.tolerance(a, shares[a], plus=w), w))  # type: ignore[misc]
+        chosen = p.best_replica(a, shares[a], options)
         p.add(chosen, a)
         for b in {*p.placed[chosen]} & shares.keys():  # their worker's memory is shared more ways now
             now[b] = p.tolerance(b, shares[b])
