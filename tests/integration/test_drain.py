@@ -5,7 +5,9 @@ once, not as a death, and each resumes on another worker with the stream continu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
@@ -145,6 +147,26 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
             await c.drain()
 
 
+@contextlib.asynccontextmanager
+async def _driven_by_hand(
+    nats_server: Server, store: StateStore, ws: WorkerSettings
+) -> AsyncIterator[tuple[WorkerService, asyncio.Queue[LostRequests]]]:
+    """A worker whose loop is not running (its commands taken by hand), and the hand-overs it sends."""
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    try:
+        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
+
+        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
+            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
+
+        await conns[1].subscribe(subjects.LOST, cb=on_lost)
+        await conns[1].flush()
+        yield WorkerService(ws, conns[0], store, build_engine(ws)), handed
+    finally:
+        for c in conns:
+            await c.drain()
+
+
 async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
@@ -157,16 +179,7 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
 
     store = StateStore(redis)
     ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
-    conns = [await nats.connect(nats_server.url) for _ in range(2)]
-    try:
-        service = WorkerService(ws, conns[0], store, build_engine(ws))  # its loop not running: driven by hand
-        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
-
-        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
-            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
-
-        await conns[1].subscribe(subjects.LOST, cb=on_lost)
-        await conns[1].flush()
+    async with _driven_by_hand(nats_server, store, ws) as (service, handed):
         culprit, queued = (
             GenerateRequest(request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
             for rid in ("culprit", "queued")
@@ -194,9 +207,6 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
             "late-text",
         ]
         assert not any([(await store.get_inflight(r.request_id)).taken for r in late])  # type: ignore[union-attr]
-    finally:
-        for c in conns:
-            await c.drain()
 
 
 async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_run(
@@ -217,16 +227,7 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
         model=str(tiny_llama.model),
         engine=EngineConfig(max_num_seqs=1),
     )
-    conns = [await nats.connect(nats_server.url) for _ in range(2)]
-    try:
-        service = WorkerService(ws, conns[0], store, build_engine(ws))  # its loop not running: driven by hand
-        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
-
-        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
-            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
-
-        await conns[1].subscribe(subjects.LOST, cb=on_lost)
-        await conns[1].flush()
+    async with _driven_by_hand(nats_server, store, ws) as (service, handed):
         for rid in ("ran", "waited"):
             await service._on_request(
                 GenerateRequest(request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
@@ -237,9 +238,6 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
         await drain.hand_over(service, died=True)
         lost = await asyncio.wait_for(handed.get(), 5)
         assert lost.requests == {"ran": 0, "waited": 0} and lost.never_arrived == ["waited"]
-    finally:
-        for c in conns:
-            await c.drain()
 
 
 async def test_a_device_lost_in_a_merge_is_its_requests_death(
@@ -261,16 +259,7 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
     ws = WorkerSettings(
         nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model), engine=merged_only
     )
-    conns = [await nats.connect(nats_server.url) for _ in range(2)]
-    try:
-        service = WorkerService(ws, conns[0], store, build_engine(ws))  # its loop not running: driven by hand
-        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
-
-        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
-            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
-
-        await conns[1].subscribe(subjects.LOST, cb=on_lost)
-        await conns[1].flush()
+    async with _driven_by_hand(nats_server, store, ws) as (service, handed):
         for rid in ("p1", "p2"):
             req = GenerateRequest(
                 request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, adapter=name, recorded=True
@@ -292,7 +281,7 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
 
         # Another worker, its hand-over's records write failing: nothing is sent (recovered after the
         # TTL, as deaths), and the late hand-back does not name what it held never run.
-        other = WorkerService(msgspec.structs.replace(ws, worker_id="w-b"), conns[0], store, service.engine)
+        other = WorkerService(msgspec.structs.replace(ws, worker_id="w-b"), service.nc, store, service.engine)
         req = GenerateRequest(request_id="ran", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
         assert await store.put_inflight(req, "w-b", new=True, incarnation=other.incarnation, marks_taken=True)
         await other._on_request(req)
@@ -308,6 +297,3 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
         await drain.hand_back_late(other)
         await asyncio.sleep(0.3)
         assert handed.empty()  # "ran" is left to the TTL's recovery: a death, as it ran there
-    finally:
-        for c in conns:
-            await c.drain()
