@@ -68,6 +68,20 @@ def test_more_device_slots_than_host_memory_takes_are_refused_by_name(capsys: py
     option simulate does not have: host memory now holds as many as the slots, up to its bound."""
     assert run_simulate(_args("--max-loras", "5000", "--requests", "5")) == 2
     assert "--max-loras 5000" in capsys.readouterr().err
+    assert run_simulate(_args("--max-loras", "8", "--max-cpu-loras", "4", "--requests", "5")) == 2
+    assert "--max-cpu-loras 4: must be in [max_loras (8), 4096]" in capsys.readouterr().err
+
+
+def test_a_bounded_host_memory_reads_adapters_from_disk(tmp_path: Path) -> None:
+    """``--max-cpu-loras``: the disk tier, its reads in the result and the option in its record;
+    without it nothing is read."""
+    out = tmp_path / "sim.json"
+    argv = ["--requests", "200", "--rate", "20", "--replicas", "2", "--adapters", "12", "--max-loras", "2"]
+    for host in ("2", None):
+        assert run_simulate(_args(*argv, *(("--max-cpu-loras", host) if host else ()), "--json", str(out))) == 0
+        result = json.loads(out.read_text())
+        assert result["completed"] == 200 and result["options"]["max_cpu_loras"] == (int(host) if host else None)
+        assert (result["disk_loads"] > 12) if host else result["disk_loads"] == 0  # read again after evictions
     assert run_simulate(_args("--max-loras", "300", "--requests", "5", "--adapters", "300")) == 0
 
 
