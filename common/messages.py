@@ -7,6 +7,14 @@ from typing import Annotated
 
 import msgspec
 
+# Re-exported: the migrator's plans and moves (``common/plans.py``).
+from dlora.common.plans import IlpFallback as IlpFallback
+from dlora.common.plans import KVChunk as KVChunk
+from dlora.common.plans import MovePlan as MovePlan
+from dlora.common.plans import MoveRequest as MoveRequest
+from dlora.common.plans import PlanMethod as PlanMethod
+from dlora.common.plans import PlanTrigger as PlanTrigger
+
 # Re-exported: the sampling parameters are part of this wire contract (``common/sampling.py``).
 from dlora.common.sampling import MAX_STOP_CHARS as MAX_STOP_CHARS
 from dlora.common.sampling import MAX_STOPS as MAX_STOPS
@@ -418,88 +426,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
 MAX_LISTED = 4096
 
 
-class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):
-    """One running request to move, with its adapter (migration issue)."""
-
-    request_id: str
-    adapter: str | None
-    to_worker: str
-    # Ship the KV cache (cheaper than recomputing this context) rather than recompute.
-    ship_kv: bool = False
-    # The destination marks what it takes up (its stats' ``marks_taken``), recorded with the move.
-    to_marks_taken: bool = False
-
-
-class KVChunk(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
-    """One piece of a moved request's KV cache (safetensors bytes), msgpack-encoded on
-    ``subjects.kv_transfer(worker, request_id)``."""
-
-    request_id: str
-    index: int
-    total: int
-    data: bytes
-    transfer: str = ""  # one move's shipment (``GenerateRequest.kv_transfer``)
-
-
 class Placement(msgspec.Struct, kw_only=True, frozen=True):
     """Where adapter replicas should live (dispatcher's burst-tolerant placement), published on
     ``subjects.PLACEMENT``: each worker loads its adapters ahead of the requests that need them."""
 
     # worker -> adapters it should hold
     workers: dict[str, list[str]] = {}
-
-
-class PlanMethod(enum.StrEnum):
-    """How the migration planner found a plan."""
-
-    NONE = "none"  # nothing to plan (fewer than two workers, or no requests)
-    ILP = "ilp"  # the ILP solved to optimality
-    ILP_INCUMBENT = "ilp-incumbent"  # the ILP's best solution when its time bound expired
-    GREEDY = "greedy"  # the greedy pass, when the ILP found nothing (``MovePlan.ilp_fallback`` says why)
-
-
-class IlpFallback(enum.StrEnum):
-    """Why the planner's ILP gave way to the greedy pass."""
-
-    TOO_LARGE = "ilp-too-large"  # more request->worker variables than fit the time bound
-    BUILD_TIMEOUT = "ilp-build-timeout"  # building the model used up the time bound
-    FAILED = "ilp-failed"  # the solver ended without a solution
-
-
-class PlanTrigger(enum.StrEnum):
-    """Which of the migrator's bounds the cluster passed."""
-
-    QUEUE_DELAY = "queue-delay"  # the most loaded worker's completion time exceeds the mean
-    REQUEST_COUNT = "request-count"  # the most loaded worker holds too many requests over the mean
-    KV_PRESSURE = "kv-pressure"  # a worker's KV demand is over the bound while another's is under
-
-
-class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
-    """The migrator's decision, published on ``subjects.MOVES``. A worker moves only requests it
-    still holds, and ignores plans older than a few stats intervals (``created``): a stale or
-    partly failed plan leaves the other requests where they are."""
-
-    plan_id: str
-    # The migrator lease's epoch when the plan was made: workers drop plans of an epoch below the
-    # highest they have seen (from a leader that has since been deposed).
-    epoch: int = 0
-    # Unix seconds the plan was made.
-    created: float = 0.0
-    moves: list[MoveRequest] = []
-    method: PlanMethod = PlanMethod.NONE
-    # Why the ILP gave way to the greedy pass (method GREEDY only).
-    ilp_fallback: IlpFallback | None = None
-    # The moves found were dropped for not shortening the longest completion by more than they cost.
-    no_gain: bool = False
-    # Which bound set it off (the migrator's [migrator.trigger] settings).
-    trigger: PlanTrigger | None = None
-    solve_seconds: float = 0.0
-    # Estimated longest worker completion time before and after the moves.
-    makespan_before_s: float = 0.0
-    makespan_after_s: float = 0.0
-
-    @property
-    def label(self) -> str:
-        """The method in one word for logs and benchmarks: ``greedy (ilp-too-large):no-gain``."""
-        fallback = f" ({self.ilp_fallback})" if self.ilp_fallback else ""
-        return f"{self.method}{fallback}{':no-gain' if self.no_gain else ''}"
