@@ -14,10 +14,10 @@ and joins the destination with the tokens it produced, after its KV's transfer t
 ships it (it then decodes on) or at once to be recomputed there. Adapters live on each replica's
 disk, and in its host memory from the start where ``max_cpu_loras`` holds them all; else a replica
 reads one in when a request of it joins (its clock pays the load), and the dispatcher's placement
-(``placement.decay`` and ``placement_of``, every ``placement_interval_s`` on the stats heard, from the requests it
-dispatched) has each replica prefetch its adapters at that barrier. With every adapter held the
-placement changes no choice (dispatch prices a load only where a worker lacks the adapter), so it
-is not computed.
+(``placement.decay`` and ``placement_of`` every ``placement_interval_s``, on the stats heard and
+the requests dispatched) has each replica prefetch its adapters at that barrier. With every
+adapter held the placement changes no choice (dispatch prices a load only where a worker lacks
+the adapter), so it is not computed.
 
 Replicas meet only there, at the stats and the looks (the barriers): between two, each runs on its
 own, so the replicas are split into ``jobs`` shards (``shard.py``) that run each stretch in
@@ -163,8 +163,8 @@ class Cluster:
             self.heard[st.worker] = st
 
     def _place(self, now: float) -> None:
-        """The dispatcher's placement from the stats heard (``placement_of``): each replica prefetches its
-        adapters from ``now`` on."""
+        """The dispatcher's placement from the stats heard (``placement_of``): each replica
+        prefetches its adapters from ``now`` on."""
         self.traffic = decay(self.traffic)
         placement = placement_of(self.traffic, self.state.live(now), self.ranks)
         if placement is None:

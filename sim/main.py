@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from dlora.common.messages import MAX_LISTED
 from dlora.loadgen.bench_common import writable
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.workload import build_specs, prompt_ids
@@ -50,15 +51,11 @@ def profile(name: str) -> CostProfile:
     return PROFILES[name]
 
 
-# Host memory's bound unless one is given: every adapter held (the most a worker's stats list).
-_ALL_IN_HOST = 4096
-
-
 def with_slots(slots: int, max_cpu_loras: int | None = None, **config: object) -> EngineConfig:
     """The engine with ``slots`` device slots and host memory for ``max_cpu_loras`` adapters; by
     default as many as a worker may hold, so that every adapter stays in host memory from the
     start and the disk tier is not simulated (``--max-cpu-loras`` turns it on)."""
-    host = _ALL_IN_HOST if max_cpu_loras is None else max_cpu_loras
+    host = MAX_LISTED if max_cpu_loras is None else max_cpu_loras  # the most a worker's stats list
     return EngineConfig(max_loras=slots, max_cpu_loras=host, **config)  # type: ignore[arg-type]
 
 
@@ -115,7 +112,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         if bad := config.check():
             if args.max_cpu_loras is None:  # host memory's bound is the most there is: --max-loras is past it
                 bad = [
-                    ("max_loras", args.max_loras, "must be at most 4096") if b[0] == "max_cpu_loras" else b for b in bad
+                    ("max_loras", args.max_loras, f"must be at most {MAX_LISTED}") if b[0] == "max_cpu_loras" else b
+                    for b in bad
                 ]
             raise ValueError("; ".join(f"--{f.replace('_', '-')} {v!r}: {why}" for f, v, why in bad))
         planned = planned_requests(spec)

@@ -340,9 +340,7 @@ class LLMEngine:
         adapters; None when nothing can run (every candidate waits for memory)."""
         if decision.merged is not None and decision.merged not in self.adapters:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
-        self.switching = {a for a in (self.merger.merged, decision.merged) if a is not None}
         merge_s, unmerge_s = self.switch(decision.merged)
-        self.switching = set()
         plan = schedule(decision, self.seqs, self.blocks, self.limits, self._cache_key)
         self.stats.preemptions += len(plan.preempted)
         self.stats.record_prefix_cache(plan.prefix_queries, plan.prefix_hits)

@@ -14,6 +14,9 @@ def switch(engine: LLMEngine, merged: str | None) -> tuple[float, float]:
     seconds spent merging and unmerging. KeyError for an unknown adapter."""
     if merged == engine.merger.merged:
         return 0.0, 0.0
+    # Named until the switch is done: left when it raised, a device lost in it is their requests'
+    # doing though none was scheduled yet (the worker's hand-over, ``LLMEngine.switching``)
+    engine.switching = {a for a in (engine.merger.merged, merged) if a is not None}
     unmerge_s = unmerge(engine) if engine.merger.merged is not None else 0.0
     merge_s = 0.0
     if merged is not None:
@@ -25,6 +28,7 @@ def switch(engine: LLMEngine, merged: str | None) -> tuple[float, float]:
         engine._synchronize()
         merge_s = engine.clock() - start
         engine.stats.record_merge(merge_s)
+    engine.switching = set()
     return merge_s, unmerge_s
 
 
