@@ -146,6 +146,8 @@ class LLMEngine:
             BatchLimits(config.max_num_seqs, config.max_loras, self.limits.max_num_batched_tokens, chunked),
         )
         self.adapters: dict[str, LoraAdapter] = {}
+        # Adapters being read beside the steps: their requests wait, unseen by the policy (as LoRAX's)
+        self.loading: set[str] = set()
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: InFlight | None = None  # async scheduling's step whose tokens are on their way
         self._taken: list[RequestOutput] = []  # its outputs once taken in, until ``step`` returns them
@@ -161,14 +163,27 @@ class LLMEngine:
     # ---- adapters -------------------------------------------------------------------------
     def register_adapter(self, name: str, path: str | Path) -> LoraAdapter:
         """Load a PEFT adapter into host memory (raises AdapterError with the reason)."""
+        return self.install_adapter(self.read_adapter(name, path))
+
+    def read_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """A PEFT adapter's files read and checked against this model and its limits, the engine not
+        changed (a worker reads on a thread while steps run). Raises AdapterError with the reason."""
         if not name or name == self.model_name:
             raise AdapterError(f"adapter name {name!r} is empty or the base model's name")
-        if name in self.adapters:
-            raise AdapterError(f"adapter {name!r} is already registered")
-        adapter = load_adapter(name, path, self.model_config, self.config.adapter_limits)
+        return load_adapter(name, path, self.model_config, self.config.adapter_limits)
+
+    def install_adapter(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Register what ``read_adapter`` read (AdapterError if its name is taken): its requests run."""
+        if adapter.name in self.adapters:
+            raise AdapterError(f"adapter {adapter.name!r} is already registered")
         self.merger.admit(adapter)
-        self.adapters[name] = adapter
+        self.adapters[adapter.name] = adapter
+        self.loading.discard(adapter.name)
         return adapter
+
+    def runnable(self) -> bool:
+        """Whether a step could run something: a request not waiting for its adapter, or one in flight."""
+        return self._in_flight is not None or any(s.adapter not in self.loading for s in self.seqs.values())
 
     def in_use(self, name: str) -> bool:
         """Whether a request in flight runs on the adapter."""
@@ -226,7 +241,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
-        if adapter is not None and adapter not in self.adapters:
+        if adapter is not None and adapter not in self.adapters and adapter not in self.loading:
             raise RequestError(f"adapter {adapter!r} is not registered")
         check_request(params, prompt, prompt_token_ids, cache_salt)
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
@@ -281,10 +296,10 @@ class LLMEngine:
         return True
 
     def fail_all(self, reason: str) -> list[RequestOutput]:
-        """End every request in flight with ``reason`` (after a step failed outside any one of them)."""
+        """End with ``reason`` every request a step could run (after one failed outside any of them)."""
         self._in_flight = None  # its tokens are theirs: they fail instead
         taken, self._taken = self._taken, []  # ended ones among them too (async scheduling)
-        return taken + [self._fail(seq, reason) for seq in list(self.seqs.values())]
+        return taken + [self._fail(s, reason) for s in list(self.seqs.values()) if s.adapter not in self.loading]
 
     def drain(self) -> list[RequestOutput]:
         """The outputs of the step left in flight by async scheduling (none otherwise), taken in
@@ -305,8 +320,8 @@ class LLMEngine:
         return bool(self.seqs) or self._in_flight is not None
 
     def queue(self) -> list[QueuedRequest]:
-        """What the policy sees, in scheduling order: priority, then arrival (``scheduler.queued``)."""
-        seqs, merged = self.seqs.values(), self.merger.merged
+        """What the policy may run, in scheduling order: priority, then arrival (``scheduler.queued``)."""
+        seqs, merged = [s for s in self.seqs.values() if s.adapter not in self.loading], self.merger.merged
         self._queued = queued(seqs, self.adapters, self.limits, self._queued, self.blocks, self._cache_key, merged)
         return list(self._queued.values())
 
