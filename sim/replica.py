@@ -145,26 +145,28 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         self.targets: dict[str, int] = {}  # request id -> the output length it ends at
         self._last: tuple[StepDecision, PreparedStep] | None = None  # the last step, while nothing else changed
         self.fast_forwarded = 0  # steps run by ``fast_forward`` (also in ``stats.steps``)
-        self.used: OrderedDict[str, None] = OrderedDict()  # adapters asked for, least lately first (``hold``)
-        self.disk_loads = 0  # adapters read from disk into host memory (``hold``)
+        self.used: OrderedDict[str, None] = OrderedDict()  # adapters asked for, least lately first (``ask``)
+        self.disk_loads = 0  # adapters read from disk into host memory (``install``)
 
     def add_adapter(self, name: str, rank: int) -> None:
         """An adapter in host memory (its content digest: its name)."""
         self.adapters[name] = cast("LoraAdapter", SimAdapter(name, rank, name))
+        self.loading.discard(name)
 
-    def hold(self, adapter: str, rank: int) -> None:
-        """``adapter`` in host memory, as a worker's ``WorkerAdapters.ensure`` has it before the
-        request that asks for it joins (or a placement's prefetch): read from disk if it is not
-        there (its cost on the clock: a worker's load holds up its command loop, and so its
-        steps), then past ``max_cpu_loras`` the idle ones used least lately dropped
-        (``evictions``, the worker's own choice)."""
+    def ask(self, adapter: str) -> bool:
+        """``adapter`` asked for (a request or a prefetch: least lately used last, as
+        ``WorkerAdapters.ensure`` notes it); whether host memory holds it."""
         self.used[adapter] = None
         self.used.move_to_end(adapter)
-        if adapter not in self.adapters:
-            self.now += self.cost.host_load_seconds(rank)
-            self.disk_loads += 1
-            self.add_adapter(adapter, rank)
-            self.evict(keep=adapter)
+        return adapter in self.adapters
+
+    def install(self, adapter: str, rank: int) -> None:
+        """``adapter`` read from disk (the requests waiting for it run from the next step), then past
+        ``max_cpu_loras`` the idle ones used least lately dropped (``evictions``, the worker's own
+        choice)."""
+        self.disk_loads += 1
+        self.add_adapter(adapter, rank)
+        self.evict(keep=adapter)
 
     def evict(self, keep: str | None = None) -> None:
         """Drop what ``evictions`` chooses past ``max_cpu_loras`` (a worker does between commands too)."""

@@ -68,7 +68,7 @@ class ReplicaSummary:
     name: str
     stats: EngineStats
     fast_forwarded: int  # steps run by ``SimEngine.fast_forward`` (also in ``stats.steps``)
-    disk_loads: int = 0  # adapters read from disk into host memory (``SimEngine.hold``)
+    disk_loads: int = 0  # adapters read from disk into host memory (``SimEngine.install``)
 
 
 @dataclass
@@ -78,6 +78,7 @@ class Replica:
     lengths: OutputLengths = field(default_factory=OutputLengths)
     stepping: bool = False  # a step event is pending
     incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
+    read_free_s: float = 0.0  # when the adapter reads asked for so far end (one at a time)
     # Its stats as last built, while nothing here has changed since (no step, join or move): an
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
     # at 128 adapters, every half second of every replica: half an idle cluster's run).
@@ -92,11 +93,19 @@ class _Prefetch:
     adapters: list[str]
 
 
+@dataclass(frozen=True)
+class _Read:
+    """An adapter read into one replica's host memory."""
+
+    replica: Replica
+    adapter: str
+
+
 class Shard:
     """Replicas ``names`` of ``cost``'s engine and their events (a heap on simulated time). The
     adapters (name -> rank) are on each one's disk, and in its host memory from the start where
     ``max_cpu_loras`` holds them all (a warm cluster); else each is read into host memory when a
-    request or the placement's prefetch asks for it (``SimEngine.hold``)."""
+    request or the placement's prefetch asks for it (``_hold``)."""
 
     def __init__(
         self,
@@ -160,6 +169,9 @@ class Shard:
             elif kind == "prefetch":
                 assert isinstance(what, _Prefetch)
                 self._prefetch(what.replica, what.adapters, now)
+            elif kind == "read":
+                assert isinstance(what, _Read)
+                self._read(what, now)
             else:
                 assert isinstance(what, Replica)
                 finished += self._step(what, now, end)
@@ -202,20 +214,29 @@ class Shard:
         return list(self.served.values()), summaries
 
     def _hold(self, replica: Replica, adapter: str | None, now: float) -> None:
-        """``adapter`` in ``replica``'s host memory before a request of it joins there at ``now``
-        (a load from disk after the step running then, as a worker's command loop takes it)."""
-        if adapter is None:
+        """``adapter`` asked for on ``replica`` at ``now``: read from disk if its host memory lacks it
+        and no read of it is under way, beside the steps and after the reads before it (a worker
+        reads one at a time on a thread while it steps): in at the read's end, a "read" event. Its
+        requests join at once and wait (``LLMEngine.loading``)."""
+        engine = replica.engine
+        if adapter is None or engine.ask(adapter) or adapter in engine.loading:
             return
-        if adapter not in replica.engine.adapters:
-            replica.engine.now = max(replica.engine.now, now)
-            replica.last_stats = None
-        replica.engine.hold(adapter, self.ranks[adapter])
+        replica.read_free_s = done = max(now, replica.read_free_s) + engine.cost.host_load_seconds(self.ranks[adapter])
+        engine.loading.add(adapter)
+        heapq.heappush(replica.incoming, done)  # a change to what it runs: fast-forwards stop there
+        self._push(done, "read", _Read(replica, adapter))
+
+    def _read(self, r: _Read, now: float) -> None:
+        """An adapter's read ended: in host memory, its waiting requests run."""
+        heapq.heappop(r.replica.incoming)
+        r.replica.engine.install(r.adapter, self.ranks[r.adapter])
+        r.replica.last_stats = None
+        self._wake(r.replica, now)
 
     def _prefetch(self, replica: Replica, adapters: list[str], now: float) -> None:
         """The placement's adapters for ``replica`` read into its host memory (``WorkerAdapters.prefetch``)."""
         heapq.heappop(replica.incoming)
-        held = set(replica.engine.adapters)
-        for adapter in (a for a in adapters if a not in held):
+        for adapter in (a for a in adapters if a not in replica.engine.adapters):
             self._hold(replica, adapter, now)
 
     def _arrive_moved(self, m: Moving, now: float) -> None:
@@ -248,7 +269,7 @@ class Shard:
         self._wake(replica, now)
 
     def _wake(self, replica: Replica, now: float) -> None:
-        if not replica.stepping:
+        if not replica.stepping and replica.engine.runnable():
             replica.stepping = True
             self._push(max(now, replica.engine.now), "step", replica)
 
@@ -269,7 +290,7 @@ class Shard:
                     replica.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == "length")
                 finished += 1
         engine.evict()  # past max_cpu_loras while every adapter was busy: those done since go
-        replica.stepping = engine.has_unfinished()
+        replica.stepping = engine.runnable()  # (requests waiting only for their adapter: a read wakes it)
         if replica.stepping:
             if self.fast_forward:
                 # The steps that only repeat this one, up to the next thing that could change it: a

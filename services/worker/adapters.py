@@ -1,13 +1,16 @@
 """The adapter versions a worker holds: loaded as registered (the files' digest must match the
 version), retired once no request uses a replaced or removed one, prefetched where the placement
-puts them. Names, keys and versions: ``versions``."""
+puts them. Files are read beside the steps, one adapter at a time, and installed between steps;
+the requests that wait meanwhile are the engine's (``LLMEngine.loading``), as LoRAX loads adapters
+(vLLM reads them inside its step, every stream waiting). Names, keys and versions: ``versions``."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -15,7 +18,7 @@ import msgspec
 from dlora.common import log
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.worker.engine import LLMEngine
-from dlora.services.worker.engine.lora import AdapterError, AdapterRefused
+from dlora.services.worker.engine.lora import AdapterError, AdapterRefused, LoraAdapter
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
@@ -42,7 +45,7 @@ def evictions(engine: LLMEngine, used: OrderedDict[str, None], busy: set[str | N
     ``max_cpu_loras``: those used least lately first (``used``, least lately first, is kept to what
     the engine holds, the dropped ones out too; one it never noted goes before them), never one
     ``busy`` (requests on it, merged, just asked for): fewer, or none, when too many are busy."""
-    for gone in [k for k in used if k not in engine.adapters]:  # retired meanwhile
+    for gone in [k for k in used if k not in engine.adapters and k not in engine.loading]:  # retired meanwhile
         del used[gone]
     over = len(engine.adapters) - engine.config.max_cpu_loras
     order = [k for k in engine.adapters if k not in used] + list(used)
@@ -50,6 +53,21 @@ def evictions(engine: LLMEngine, used: OrderedDict[str, None], busy: set[str | N
     for key in dropped:
         used.pop(key, None)
     return dropped
+
+
+@dataclass(frozen=True)
+class AdapterRead:
+    """An adapter version's read, over: its weights, or why not (the error's class and reason: not
+    the error itself, whose traceback holds the frames of the read, and so its weights)."""
+
+    key: str  # the engine's key
+    adapter: LoraAdapter | None
+    error: tuple[type[AdapterError], str] | None = None
+    at: float = 0.0  # when it began (``WorkerAdapters.clock``)
+    # The version registered under its name when it ended (None: removed); not known when the
+    # registry did not answer.
+    registered: str | None = None
+    checked: bool = False
 
 
 class Registry(Protocol):
@@ -60,7 +78,13 @@ class WorkerAdapters:
     """The engine's adapters, kept to the registry: each version under its own key, so requests
     running on a version finish on it while new ones take the version registered now."""
 
-    def __init__(self, engine: LLMEngine, registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        registry: Registry,
+        clock: Callable[[], float] = time.monotonic,
+        post: Callable[[AdapterRead], Awaitable[None]] | None = None,
+    ) -> None:
         self.engine, self.registry, self.clock = engine, registry, clock
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
@@ -74,24 +98,29 @@ class WorkerAdapters:
         # for FAILED_MEMORY_S without reading their files. Not the error itself: its traceback
         # holds the frames, and so the weights, of the load that failed.
         self.failed: dict[tuple[str, str], tuple[float, type[AdapterError], str]] = {}
+        # Reads under way, by engine key; one at a time (they share the disk and each is read whole).
+        self.reads: dict[str, asyncio.Task[None]] = {}
+        self._disk = asyncio.Lock()
+        # Where a read's outcome goes: a worker's command queue, settled between its steps; without
+        # one, settled at once (nothing steps meanwhile: tests, tools).
+        self.post = post or self._settle_now
 
     async def ensure(self, name: str, version: str, registered: bool = False) -> str:
-        """The engine's key for that version of the adapter, loaded into host memory if it is not
-        there yet (dropping the one used least lately past ``max_cpu_loras``). ``registered``: the
-        adapter must be registered now, for an application's new request (without it, one could
-        name the version of an adapter deleted since and have its weights loaded again; a gateway
-        checked its request's when it took it, and a request that ran elsewhere goes on, as a
-        running one does). Raises AdapterNotFound if the registry never had that version (or, with
-        ``registered``, the adapter is removed), AdapterError if its files are bad or no longer
-        what was registered (AdapterChanged: files rewritten since); a version that failed is
-        refused again for ``FAILED_MEMORY_S`` without reading its files."""
+        """The engine's key for that version of the adapter: in host memory, or being read into it
+        (``LLMEngine.loading``: its requests wait; the read's outcome goes to ``post``, and then to
+        ``settle``). ``registered``: the adapter must be registered now, for an application's new
+        request (without it, one could name the version of an adapter deleted since and have its
+        weights loaded again; a gateway checked its request's when it took it, and a request that
+        ran elsewhere goes on, as a running one does). Raises AdapterNotFound if the registry never
+        had that version (or, with ``registered``, the adapter is removed); a version that failed
+        is refused again for ``FAILED_MEMORY_S`` without reading its files (its AdapterError)."""
         gone = AdapterNotFound(f"adapter {name!r} is not registered (removed)")
         if registered and name in self.retiring and self.retiring[name] is None:
             raise gone
         key = engine_key(name, version)
         self.used[key] = None
         self.used.move_to_end(key)
-        if key in self.engine.adapters:
+        if key in self.engine.adapters or key in self.engine.loading:
             return key
         if registered and await self.registry.get_adapter(name) is None:  # asked before any file is read
             raise gone
@@ -103,28 +132,82 @@ class WorkerAdapters:
         entry = await self.registry.get_adapter(name, version)
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} version {version} is not registered")
-        try:
-            await self._load(name, key, entry)
-        except AdapterError as e:
-            self.failed[(name, version)] = (now_s, type(e), str(e))
-            raise
-        current = await self.registry.get_adapter(name)
-        now = current.version if current else None
-        # Versions other than the registered one (this one, for a request that began on it, or
-        # ones whose replacement event never came) go once unused.
-        if any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):
-            self.retiring[name] = now
-        self.evict(keep=key)
+        if key in self.engine.adapters or key in self.engine.loading:  # asked again while we asked
+            return key
+        self.engine.loading.add(key)
+        self.reads[key] = asyncio.create_task(self._read(name, key, entry, now_s))
         return key
 
-    async def _load(self, name: str, key: str, entry: AdapterEntry) -> None:
-        """Load ``entry``'s files under the engine's ``key``. Raises AdapterError naming the adapter
-        by ``name``, not its engine key; AdapterChanged when a version's files no longer load as
+    async def load(self, name: str, version: str, registered: bool = False) -> str:
+        """``ensure``, its read awaited: the key of the version in host memory. Only where nothing
+        steps meanwhile (``post`` settles at once). Raises as ``ensure`` does, and the read's
+        AdapterError."""
+        key = await self.ensure(name, version, registered)
+        if (task := self.reads.get(key)) is not None:
+            await task
+        if (failed := self.failed.get((name, version))) is not None:
+            raise failed[1](failed[2])
+        return key
+
+    async def _read(self, name: str, key: str, entry: AdapterEntry, at: float) -> None:
+        """Read ``entry``'s files on a thread, then ``post`` the outcome, whatever happens (the
+        requests waiting for it end with it)."""
+        registered, checked = None, False
+        try:
+            async with self._disk:
+                adapter = await self._load(name, key, entry)
+            try:
+                current = await self.registry.get_adapter(name)
+                registered, checked = (current.version if current else None), True
+            except Exception as e:  # noqa: BLE001 - the registry down: retired by its event instead
+                logger.warning("registry not reached after an adapter read", adapter=name, error=str(e))
+            read = AdapterRead(key, adapter, None, at, registered, checked)
+        except AdapterError as e:
+            read = AdapterRead(key, None, (type(e), str(e)), at)
+        except Exception as e:  # noqa: BLE001 - its requests are told why; the worker serves on
+            read = AdapterRead(key, None, (AdapterError, f"adapter {name!r}: {type(e).__name__}: {e}"), at)
+        await self.post(read)
+
+    async def _settle_now(self, read: AdapterRead) -> None:
+        self.settle(read)
+
+    def settle(self, read: AdapterRead) -> AdapterError | None:
+        """Between steps: install a read adapter (those past ``max_cpu_loras`` dropped), or note its
+        failure, remembered ``FAILED_MEMORY_S`` and not prefetched again; the failure, to end the
+        requests that waited for it with (None: installed)."""
+        self.reads.pop(read.key, None)
+        self.engine.loading.discard(read.key)
+        name, version = name_of(read.key), version_of(read.key)
+        if read.adapter is None:
+            assert read.error is not None
+            logger.warning("adapter read failed", adapter=name, version=version, reason=read.error[1])
+            self.failed[(name, version)] = (read.at, *read.error)
+            self.unprefetchable.add((name, version))
+            return read.error[0](read.error[1])
+        self.engine.install_adapter(read.adapter)
+        # Versions other than the registered one (this one, for a request that began on it, or
+        # ones whose replacement event never came) go once unused.
+        now = read.registered
+        if read.checked and any(name_of(k) == name and version_of(k) != now for k in self.engine.adapters):
+            self.retiring[name] = now
+        self.evict(keep=read.key)
+        return None
+
+    def close(self) -> None:
+        """Stop the reads under way (the worker stops)."""
+        for task in self.reads.values():
+            task.cancel()
+
+    async def _load(self, name: str, key: str, entry: AdapterEntry) -> LoraAdapter:
+        """``entry``'s files read as the engine's ``key``. Raises AdapterError naming the adapter by
+        ``name``, not its engine key; AdapterChanged when a version's files no longer load as
         registered (their digest differs, or they do not load at all: they loaded whole at its
         registration, so a trainer is rewriting them or they went); not when only this worker's
         limits refuse them (AdapterRefused: its adapter roots, size or rank limits differ)."""
+        adapter = None
         try:
-            digest = (await asyncio.to_thread(self.engine.register_adapter, key, entry.path)).digest
+            adapter = await asyncio.to_thread(self.engine.read_adapter, key, entry.path)
+            digest = adapter.digest
         except AdapterRefused as e:
             # this worker's limits refusing files that loaded at registration: said as such, not
             # as files changed (a review: the client was told an admin must load it again) —
@@ -135,14 +218,13 @@ class WorkerAdapters:
         except AdapterError as e:
             reason = str(e).replace(repr(key), repr(name))
             raise (AdapterChanged if entry.version else type(e))(reason) from None
-        if entry.version and digest != entry.version:
-            if key in self.engine.adapters:
-                self.engine.unregister_adapter(key)
+        if adapter is None or entry.version and digest != entry.version:
             raise AdapterChanged(
                 f"adapter {name!r}: the files in {entry.path} changed since version {entry.version} was "
                 f"registered (they are now {digest}); an admin must load it again (vLLM's "
                 "/v1/load_lora_adapter with load_inplace, or delete it and register it again)"
             )
+        return adapter
 
     def tidy(self) -> None:
         """Between commands and steps: unload retired versions no request uses any more, and drop
@@ -191,15 +273,13 @@ class WorkerAdapters:
                 del self.retiring[name]
 
     async def prefetch(self, names: list[str]) -> None:
-        """Load adapters the placement gives this worker into host memory before requests need them."""
-        held = {name_of(key) for key in self.engine.adapters}
+        """Have adapters the placement gives this worker read into host memory before requests need
+        them (beside the steps, after the reads asked for before)."""
+        held = {name_of(key) for key in (*self.engine.adapters, *self.engine.loading)}
         for name in (n for n in names if n not in held):
-            entry = None
             try:
                 entry = await self.registry.get_adapter(name)
                 if entry is not None and (name, entry.version) not in self.unprefetchable:
                     await self.ensure(name, entry.version)
             except (AdapterError, AdapterNotFound) as e:
                 logger.warning("prefetch failed; not tried again for this version", adapter=name, reason=str(e))
-                if entry is not None:
-                    self.unprefetchable.add((name, entry.version))

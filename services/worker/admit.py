@@ -15,7 +15,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk
 from dlora.common.seeds import with_seed
 from dlora.common.undecodable import request_head
-from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRefused
+from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRead, AdapterRefused
 from dlora.services.worker.chunks import (
     aborted_chunk,
     adapter_failure_chunk,
@@ -36,11 +36,13 @@ if TYPE_CHECKING:
 logger = log.get("worker")
 # Seconds a request handed back is remembered: back within it, it is answered.
 HANDED_BACK_MEMORY_S = 60.0
+ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 
 
 async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
-    """Take ``req`` into the engine, or answer why not (each answer ends its record).
-    ``bad_words_ids``: its ``bad_words`` tokenized on arrival (None: by the engine)."""
+    """Take ``req`` into the engine (waiting there while its adapter is read: ``adapter_read_failed``
+    ends it if the read fails), or answer why not (each answer ends its record). ``bad_words_ids``:
+    its ``bad_words`` tokenized on arrival (None: by the engine)."""
     if w.aborted_lately(req):  # its client left before it came, or aborted its id lately
         await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
         await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id))
@@ -87,26 +89,50 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     except RequestError as e:
         reason, param = str(e), e.param
     except AdapterError as e:
-        # A version's files rewritten since (a trainer's, before it loads them again): a worker that
-        # holds the version in memory serves it, as vLLM's one engine goes on with the old weights.
-        # Files only this worker's limits refuse (a fleet of mixed settings): another may take them.
-        changed = isinstance(e, AdapterChanged)
-        if (
-            (changed or isinstance(e, AdapterRefused))
-            and req.recorded
-            and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=changed)
-        ):
-            logger.warning(
-                "adapter version not loadable here; handed back",
-                request=req.request_id,
-                adapter=req.adapter,
-                error=str(e),
-            )
-            return
-        logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
-        await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
+        await _adapter_failed(w, req, e)
         return
     await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id, param=param))
+
+
+async def abort(w: WorkerService, request_id: str, sender: str | None) -> None:
+    """Stop a request held here, told so (``Abort``); remembered: an abort can overtake its request
+    (not via a dispatcher)."""
+    now = time.monotonic()
+    w.aborted = {k: t for k, t in w.aborted.items() if now - t < ABORT_MEMORY_S}
+    w.aborted[request_id, sender] = now
+    stream = w.streams.get(request_id)
+    if stream is not None and w.aborted_lately(stream.request):
+        await w.drop(request_id)
+        await w.delivery.publish(stream.reply_to, aborted_chunk(stream.request, stream.seq, w.s.worker_id))
+
+
+async def adapter_read(w: WorkerService, read: AdapterRead) -> None:
+    """An adapter's read ended (between steps): installed, or the requests that waited for it out
+    of the engine, each answered or handed back as a request refused for it on arrival."""
+    if (e := w.adapters.settle(read)) is None:
+        return
+    for rid in [rid for rid, seq in w.engine.seqs.items() if seq.adapter == read.key and rid in w.streams]:
+        req = w.streams.pop(rid).request
+        w.engine.abort(rid)
+        await _adapter_failed(w, req, e)
+
+
+async def _adapter_failed(w: WorkerService, req: GenerateRequest, e: AdapterError) -> None:
+    # A version's files rewritten since (a trainer's, before it loads them again): a worker that
+    # holds the version in memory serves it, as vLLM's one engine goes on with the old weights.
+    # Files only this worker's limits refuse (a fleet of mixed settings): another may take them.
+    changed = isinstance(e, AdapterChanged)
+    if (
+        (changed or isinstance(e, AdapterRefused))
+        and req.recorded
+        and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=changed)
+    ):
+        logger.warning(
+            "adapter version not loadable here; handed back", request=req.request_id, adapter=req.adapter, error=str(e)
+        )
+        return
+    logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
+    await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
 
 
 async def _answer(w: WorkerService, reply_to: str, last: TokenChunk) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dlora.common.messages import GenerateRequest
+from dlora.services.worker.adapters import AdapterRead
 from dlora.services.worker.moves import Move
 
 
@@ -39,4 +40,4 @@ class ResetPrefixCache:
     reply: str  # the subject to answer on with a PrefixCacheResetDone
 
 
-Command = Add | Abort | AdapterChanged | Prefetch | Move | ResetPrefixCache
+Command = Add | Abort | AdapterChanged | Prefetch | Move | ResetPrefixCache | AdapterRead  # a read's end

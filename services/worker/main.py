@@ -37,11 +37,10 @@ from dlora.common.state import Copy, Sent, StateStore
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 from dlora.services.worker import drain
-from dlora.services.worker.adapters import WorkerAdapters
-from dlora.services.worker.admit import admit, hand_back_unheld, refuse_unreadable
+from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
+from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
 from dlora.services.worker.chunks import (
     Stream,
-    aborted_chunk,
     chunk_for,
     error_chunk,
     past_deadline,
@@ -71,7 +70,6 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 _HANDBACK_GRACE_S = 2.0
 _LIST_EVERY_S = 10.0  # how often the registry's adapters are listed (their ranks, for the metrics)
 _EXPIRE_EVERY_S = 0.05  # how late past its deadline a request may still be stopped, at most
-_ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 _LONG_PROMPT = 65_536  # characters: a text prompt this long is marked taken before it is tokenized (~10 ms+)
 
 
@@ -89,14 +87,14 @@ class WorkerService:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
         self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
-        # KV caches of requests moving here as their chunks arrive, and who waits for them.
         self.kv_inbox = KVInbox(_KV_WAIT_S, _KV_STALE_S)  # caches of requests moving here, as they arrive
         self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.cycles = StepCycles()  # the loop's time per decode step, shell included (metrics)
         self.plan_epoch = 0  # the highest migrator epoch among the plans taken
-        self.adapters = WorkerAdapters(engine, store)  # the adapter versions loaded, kept to the registry
+        # the adapter versions loaded, kept to the registry; their reads end as commands, between steps
+        self.adapters = WorkerAdapters(engine, store, post=self.commands.put)
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted: dict[tuple[str, str | None], float] = {}
         self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
@@ -211,15 +209,10 @@ class WorkerService:
             await move_out(self, cmd)
         elif isinstance(cmd, Prefetch):
             await self.adapters.prefetch(cmd.adapters)
+        elif isinstance(cmd, AdapterRead):
+            await adapter_read(self, cmd)
         elif isinstance(cmd, Abort):
-            now = time.monotonic()  # remembered: an abort can overtake its request (not via a dispatcher)
-            self.aborted = {k: t for k, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
-            self.aborted[cmd.request_id, cmd.sender] = now
-            stream = self.streams.get(cmd.request_id)
-            if stream is not None and self.aborted_lately(stream.request):
-                await self.drop(cmd.request_id)
-                chunk = aborted_chunk(stream.request, stream.seq, self.s.worker_id)
-                await self.delivery.publish(stream.reply_to, chunk)
+            await abort(self, cmd.request_id, cmd.sender)
         elif isinstance(cmd, AdapterChanged):
             self.adapters.changed(cmd.name, cmd.version)
         elif isinstance(cmd, ResetPrefixCache):
@@ -374,7 +367,7 @@ class WorkerService:
                 await self._reconcile()
             except Exception as e:  # noqa: BLE001 - a Redis outage: reconciled next time
                 logger.warning("in-flight reconciliation failed", error=f"{type(e).__name__}: {e}")
-        if not self.engine.has_unfinished():
+        if not self.engine.runnable():  # (requests may wait for their adapter's read: its end wakes us)
             self.cycles.idle()
             try:  # idle: wait for work
                 async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
@@ -386,7 +379,7 @@ class WorkerService:
         while not self.commands.empty():
             await self._take(self.commands.get_nowait())
         await self._expire()
-        if self.engine.has_unfinished():
+        if self.engine.runnable():
             await self._step()
             self.adapters.tidy()
         self._refresh_stats()
@@ -470,6 +463,7 @@ class WorkerService:
                 raise errors[0]
         finally:
             warm.cancel()
+            self.adapters.close()
             for sub in subs:
                 await sub.unsubscribe()
             if self.draining:

@@ -4,6 +4,7 @@ with a reason instead of serving other weights under that version."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from tests.engine.helpers import make_engine
 
 
 class _Registry:
-    """The one registry call ``WorkerAdapters.ensure`` makes, over one entry."""
+    """The one registry call ``WorkerAdapters.load`` makes, over one entry."""
 
     def __init__(self, entry: AdapterEntry) -> None:
         self.entry = entry
@@ -47,11 +48,11 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
     for file, changed in changes.items():
         (path / file).write_bytes(changed)
         with pytest.raises(AdapterChanged, match=f"files in {path} changed since version {entry.version}"):
-            await worker.ensure("x", entry.version)
+            await worker.load("x", entry.version)
         assert not any(k.startswith("x@") for k in engine.adapters), file
         (path / file).write_bytes(originals[file])
         now[0] += FAILED_MEMORY_S  # a failure is not tried again before
-    key = await worker.ensure("x", entry.version)
+    key = await worker.load("x", entry.version)
     assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version
 
 
@@ -68,7 +69,7 @@ async def test_files_only_this_workers_limits_refuse_are_no_change_of_version(
     engine.config = msgspec.structs.replace(engine.config, adapter_limits=AdapterLimits(max_lora_rank=rank - 1))
     worker = WorkerAdapters(engine, _Registry(entry))
     with pytest.raises(AdapterError, match=f"above max_lora_rank={rank - 1}") as e:
-        await worker.ensure("x", entry.version)
+        await worker.load("x", entry.version)
     assert not isinstance(e.value, AdapterChanged)
     # Files rewritten since as well: that is said first (an admin must load them again), and the
     # request goes on only to a worker holding the version.
@@ -76,7 +77,7 @@ async def test_files_only_this_workers_limits_refuse_are_no_change_of_version(
     (path / "adapter_config.json").write_text(json.dumps({**conf, "lora_alpha": conf["lora_alpha"] + 1}))
     worker = WorkerAdapters(engine, _Registry(entry))
     with pytest.raises(AdapterChanged, match=f"files in {path} changed since version {entry.version}"):
-        await worker.ensure("x", entry.version)
+        await worker.load("x", entry.version)
 
 
 async def test_a_version_that_failed_is_not_read_again_for_each_request(tiny_llama: TinyOutput, tmp_path: Path) -> None:
@@ -91,17 +92,17 @@ async def test_a_version_that_failed_is_not_read_again_for_each_request(tiny_lla
     now = [0.0]
     worker = WorkerAdapters(engine, _Registry(entry), clock=lambda: now[0])
     reads = []
-    register = engine.register_adapter
-    engine.register_adapter = lambda *a, **k: reads.append(a) or register(*a, **k)  # type: ignore[method-assign]
+    read = engine.read_adapter
+    engine.read_adapter = lambda *a, **k: reads.append(a) or read(*a, **k)  # type: ignore[method-assign]
     for t in (0.0, 1.0, FAILED_MEMORY_S - 0.1):
         now[0] = t
         with pytest.raises(AdapterError, match="adapter_config.json") as e:
-            await worker.ensure("x", entry.version)
+            await worker.load("x", entry.version)
         assert "x@" not in str(e.value) and isinstance(e.value, AdapterChanged)  # its files went
     assert len(reads) == 1
     shutil.copyfile(tiny_llama.adapters["lora-0"] / "adapter_config.json", path / "adapter_config.json")
     now[0] = FAILED_MEMORY_S + 0.1
-    assert await worker.ensure("x", entry.version) == f"x@{entry.version}" and len(reads) == 2
+    assert await worker.load("x", entry.version) == f"x@{entry.version}" and len(reads) == 2
     assert not worker.failed
 
 
@@ -118,7 +119,7 @@ async def test_a_version_whose_files_are_half_rewritten_is_changed_and_its_failu
     worker = WorkerAdapters(make_engine(tiny_llama), _Registry(entry))
     for _ in range(2):
         with pytest.raises(AdapterChanged, match="'x'"):
-            await worker.ensure("x", entry.version)
+            await worker.load("x", entry.version)
     [(when, kind, reason)] = worker.failed.values()
     assert kind is AdapterChanged and isinstance(reason, str)
     worker.changed("x", "another")  # registered again: its old failure is not the new one's
@@ -137,13 +138,14 @@ async def test_a_version_a_prefetch_could_not_load_is_not_read_again_each_placem
     engine = make_engine(tiny_llama)
     worker = WorkerAdapters(engine, _Registry(entry))
     reads = []
-    register = engine.register_adapter
-    engine.register_adapter = lambda *a, **k: reads.append(a) or register(*a, **k)  # type: ignore[method-assign]
+    read = engine.read_adapter
+    engine.read_adapter = lambda *a, **k: reads.append(a) or read(*a, **k)  # type: ignore[method-assign]
     for _ in range(3):
         await worker.prefetch(["x"])
+        await asyncio.gather(*worker.reads.values())  # read beside the steps: its end awaited
     assert len(reads) == 1 and not any(k.startswith("x@") for k in engine.adapters)
     with pytest.raises(AdapterChanged, match="changed since version"):  # told why, without a read
-        await worker.ensure("x", entry.version)  # within FAILED_MEMORY_S of the prefetch's
+        await worker.load("x", entry.version)  # within FAILED_MEMORY_S of the prefetch's
     assert len(reads) == 1
 
 
@@ -171,15 +173,15 @@ async def test_host_memory_holds_max_cpu_loras_dropping_the_idle_one_used_least_
     engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=2)
     worker = WorkerAdapters(engine, _Entries(entries))
     held = lambda: sorted(k.split("@")[0] for k in engine.adapters)  # noqa: E731
-    await worker.ensure("x0", entries[0].version)
-    await worker.ensure("x1", entries[1].version)
+    await worker.load("x0", entries[0].version)
+    await worker.load("x1", entries[1].version)
     assert held() == ["x0", "x1"]  # the adapters loaded before any was asked for went first
-    await worker.ensure("x0", entries[0].version)  # used again: now x1 is the least lately used
-    await worker.ensure("x2", entries[2].version)
+    await worker.load("x0", entries[0].version)  # used again: now x1 is the least lately used
+    await worker.load("x2", entries[2].version)
     assert held() == ["x0", "x2"]
     engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=f"x0@{entries[0].version}")
-    await worker.ensure("x2", entries[2].version)  # x0 is now the least lately used, but busy
-    await worker.ensure("x3", entries[3].version)
+    await worker.load("x2", entries[2].version)  # x0 is now the least lately used, but busy
+    await worker.load("x3", entries[3].version)
     assert held() == ["x0", "x3"]
 
 
@@ -202,14 +204,14 @@ async def test_a_removed_adapter_takes_no_new_request_even_by_its_version(
     engine = make_engine(tiny_llama)
     worker = WorkerAdapters(engine, _History([entry]))
     with pytest.raises(AdapterNotFound, match="removed"):
-        await worker.ensure("gone", entry.version, registered=True)
+        await worker.load("gone", entry.version, registered=True)
     assert not any(k.startswith("gone@") for k in engine.adapters)  # not loaded
-    key = await worker.ensure("gone", entry.version)  # a recovered or moved request goes on
+    key = await worker.load("gone", entry.version)  # a recovered or moved request goes on
     engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=key)
     worker.changed("gone", None)  # the removal's event: kept while "r" runs on it
     assert key in engine.adapters
     with pytest.raises(AdapterNotFound, match="removed"):
-        await worker.ensure("gone", entry.version, registered=True)
+        await worker.load("gone", entry.version, registered=True)
 
 
 async def test_adapters_kept_by_a_burst_go_once_idle(tiny_llama: TinyOutput) -> None:

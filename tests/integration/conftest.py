@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
+from dlora.common import subjects
 from dlora.common.key_registry import purge_keys
+from dlora.common.messages import LostRequests
 from dlora.common.registry import purge
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
@@ -212,3 +215,23 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
         line = raw.decode().strip()
         if line.startswith("data: "):
             yield line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+
+
+@contextlib.asynccontextmanager
+async def worker_by_hand(
+    nats_server: Server, store: StateStore, ws: WorkerSettings
+) -> AsyncIterator[tuple[WorkerService, asyncio.Queue[LostRequests]]]:
+    """A worker whose loop is not running (its commands taken by hand), and the hand-overs it sends."""
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    try:
+        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
+
+        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
+            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
+
+        await conns[1].subscribe(subjects.LOST, cb=on_lost)
+        await conns[1].flush()
+        yield WorkerService(ws, conns[0], store, build_engine(ws)), handed
+    finally:
+        for c in conns:
+            await c.drain()

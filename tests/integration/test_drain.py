@@ -5,9 +5,7 @@ once, not as a death, and each resumes on another worker with the stream continu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
@@ -25,7 +23,7 @@ from dlora.services.servers import Server
 from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import sse_events, start_gateway
+from tests.integration.conftest import sse_events, start_gateway, worker_by_hand
 from tests.integration.test_gateway import offline
 
 N = 160  # tokens: the stop comes after 10 of them
@@ -147,26 +145,6 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
             await c.drain()
 
 
-@contextlib.asynccontextmanager
-async def _driven_by_hand(
-    nats_server: Server, store: StateStore, ws: WorkerSettings
-) -> AsyncIterator[tuple[WorkerService, asyncio.Queue[LostRequests]]]:
-    """A worker whose loop is not running (its commands taken by hand), and the hand-overs it sends."""
-    conns = [await nats.connect(nats_server.url) for _ in range(2)]
-    try:
-        handed: asyncio.Queue[LostRequests] = asyncio.Queue()
-
-        async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
-            handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
-
-        await conns[1].subscribe(subjects.LOST, cb=on_lost)
-        await conns[1].flush()
-        yield WorkerService(ws, conns[0], store, build_engine(ws)), handed
-    finally:
-        for c in conns:
-            await c.drain()
-
-
 async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
@@ -179,7 +157,7 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
 
     store = StateStore(redis)
     ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
-    async with _driven_by_hand(nats_server, store, ws) as (service, handed):
+    async with worker_by_hand(nats_server, store, ws) as (service, handed):
         culprit, queued = (
             GenerateRequest(request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
             for rid in ("culprit", "queued")
@@ -227,7 +205,7 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
         model=str(tiny_llama.model),
         engine=EngineConfig(max_num_seqs=1),
     )
-    async with _driven_by_hand(nats_server, store, ws) as (service, handed):
+    async with worker_by_hand(nats_server, store, ws) as (service, handed):
         for rid in ("ran", "waited"):
             await service._on_request(
                 GenerateRequest(request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
@@ -259,7 +237,7 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
     ws = WorkerSettings(
         nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model), engine=merged_only
     )
-    async with _driven_by_hand(nats_server, store, ws) as (service, handed):
+    async with worker_by_hand(nats_server, store, ws) as (service, handed):
         for rid in ("p1", "p2"):
             req = GenerateRequest(
                 request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, adapter=name, recorded=True
@@ -267,6 +245,8 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
             assert await store.put_inflight(req, "w-a", new=True, incarnation=service.incarnation, marks_taken=True)
             await service._on_request(req)
             await service._take(service.commands.get_nowait())
+        await asyncio.gather(*service.adapters.reads.values())  # read beside the steps; its end, a command:
+        await service._take(service.commands.get_nowait())
 
         def poisoned(*args: object) -> None:  # the adapter's merge hits an illegal address
             raise RuntimeError("CUDA error: an illegal memory access was encountered")

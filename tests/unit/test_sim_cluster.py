@@ -147,14 +147,36 @@ def test_with_a_disk_tier_the_dispatcher_s_placement_has_replicas_prefetch_adapt
     assert waited[0] == pytest.approx(waited[1] + H200.host_load_seconds(16))  # the first waited for the read
 
 
+def test_an_adapter_read_from_disk_holds_up_only_the_requests_that_wait_for_it() -> None:
+    """A worker reads an adapter beside its steps: a request of a held adapter decodes on through
+    another's 10 s read (it stalled for the whole read when the read held up the command loop)."""
+    import dataclasses
+
+    from dlora.services.worker.engine.config import EngineConfig
+
+    slow_disk = dataclasses.replace(H200, disk_load_s_per_rank=10.0 / 16)
+    adapters = {"a0": 16, "a1": 16}
+    requests = [SimRequest("q0", 0.0, "a0", [7] * 16, 200), SimRequest("q1", 0.1, "a1", [8] * 16, 8)]
+    config = EngineConfig(max_loras=1, max_cpu_loras=1)
+    first, second = sorted(
+        Cluster(slow_disk, 1, adapters, config=config).run(requests), key=lambda s: s.request.request_id
+    )
+    assert first.first_token_s == pytest.approx(10.0, abs=0.1)  # its own adapter's read
+    assert second.first_token_s >= 20.0  # a1's read, after a0's (one at a time)
+    assert first.finish_s < 15.0  # 200 tokens at ~15 ms a step, not stalled until 20 s  # type: ignore[operator]
+
+
 def test_with_a_disk_tier_fast_forward_and_processes_serve_as_stepping_in_one() -> None:
     """Reads from disk and prefetches change what a replica runs: a fast-forward stops at them,
-    and the placement's prefetches reach each shard alike."""
+    and the placement's prefetches reach each shard alike. (Under mixed-only: the dLoRA policy's
+    estimates can cross a margin within a fast-forward, which then repeats a decision that a
+    step of its own would have changed — ``SimEngine.fast_forward``.)"""
     from dlora.services.worker.engine.config import EngineConfig
+    from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
     adapters = {f"a{i}": 16 for i in range(12)}
     requests = _workload(300, rate=20.0, adapters=[*adapters, None], seed=1)  # type: ignore[list-item]
-    config = EngineConfig(max_loras=2, max_cpu_loras=3)
+    config = EngineConfig(max_loras=2, max_cpu_loras=3, policy=PolicyConfig(name=PolicyName.MIXED_ONLY))
     runs = [
         Cluster(H200, 3, adapters, config=config, fast_forward=ff, jobs=jobs)
         for ff, jobs in ((True, 1), (False, 1), (True, 3))

@@ -84,23 +84,31 @@ def test_a_load_into_a_device_slot_costs_the_profile_s_time() -> None:
     assert e.stats.adapter_load_seconds == pytest.approx(2 * H200.load_seconds(32, "cpu"))
 
 
-def test_an_adapter_not_in_host_memory_is_read_from_disk_and_the_idle_one_used_least_lately_goes() -> None:
-    """The disk tier (``--max-cpu-loras``): ``hold`` reads an adapter in at the profile's cost on
-    the clock, and past ``max_cpu_loras`` drops as a worker does (``evictions``): never one a
-    request runs on or the one just asked for; the least lately asked for first."""
+def test_an_adapter_read_from_disk_waits_its_requests_and_the_idle_one_used_least_lately_goes() -> None:
+    """The disk tier (``--max-cpu-loras``): a request of an adapter being read waits unseen by the
+    policy (``loading``) and runs once it is in (``install``, the shard times the read); past
+    ``max_cpu_loras`` one goes as a worker drops it (``evictions``): never one a request runs on
+    or the one just read; the least lately asked for first."""
     e = SimEngine(H200, EngineConfig(max_loras=1, max_cpu_loras=2, policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY)))
-    e.hold("a", 16)
-    assert e.now == pytest.approx(H200.host_load_seconds(16)) and e.disk_loads == 1
-    e.hold("b", 32)
-    e.hold("a", 16)  # held: no cost, but now the one asked for last
-    assert e.now == pytest.approx(H200.host_load_seconds(16) + H200.host_load_seconds(32)) and e.disk_loads == 2
+    assert not e.ask("a")
+    e.loading.add("a")
+    e.add("w", [7] * 8, output_len=2, adapter="a")
+    assert not e.runnable() and e.step() == [] and e.now == 0.0  # nothing ran: it waits for the read
+    e.install("a", 16)
+    assert e.runnable() and e.disk_loads == 1
+    _drain(e)
+    e.install("b", 32)
+    assert e.ask("a") and set(e.adapters) == {"a", "b"} and e.disk_loads == 2  # a: the one asked for last
     e.add("x", [7] * 8, output_len=50, adapter="b")  # b busy
-    e.hold("c", 16)  # over by one: b is busy, so a goes though asked for later
+    e.ask("c")
+    e.install("c", 16)  # over by one: b is busy, so a goes though asked for later
     assert set(e.adapters) == {"b", "c"}
-    e.hold("d", 16)  # b still busy: c, just asked for before, goes (d is kept)
+    e.ask("d")
+    e.install("d", 16)  # b still busy: c, asked for before, goes (d is kept)
     assert set(e.adapters) == {"b", "d"} and e.disk_loads == 4
     e.abort("x")
-    e.hold("a", 16)
+    e.ask("a")
+    e.install("a", 16)
     assert set(e.adapters) == {"d", "a"}  # b, idle now and the least lately asked for, goes
 
 

@@ -1,0 +1,135 @@
+"""A worker reads an adapter's files beside its steps: the requests of that adapter wait in the
+engine (``LLMEngine.loading``) while every other stream steps on, then run once it is installed
+between steps; a read that fails ends only the requests that waited for it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+
+import msgspec
+from redis.asyncio import Redis
+
+from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from dlora.services.worker.commands import Abort
+from dlora.services.worker.main import WorkerService
+from dlora.services.worker.settings import WorkerSettings
+from dlora.services.worker.versions import engine_key
+from tests.engine.helpers import make_engine
+from tests.integration.conftest import worker_by_hand
+
+PROMPT = [5, 40, 41, 300, 17]
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def _request(rid: str, adapter: str | None) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid, reply_to=f"test.reads.{rid}", prompt_token_ids=PROMPT, adapter=adapter, params=GREEDY
+    )
+
+
+async def _chunks(service: WorkerService) -> dict[str, list[TokenChunk]]:
+    """Every chunk the worker publishes to the test's requests, by request id, as they come."""
+    got: dict[str, list[TokenChunk]] = defaultdict(list)
+
+    async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+        chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+        got[chunk.request_id].append(chunk)
+
+    await service.nc.subscribe("test.reads.>", cb=on_chunk)
+    await service.nc.flush()
+    return got
+
+
+async def _delivered(got: dict[str, list[TokenChunk]], rid: str) -> TokenChunk:
+    """``rid``'s last chunk, once NATS has brought it."""
+    for _ in range(100):
+        if got[rid] and (got[rid][-1].finish_reason or got[rid][-1].error):
+            return got[rid][-1]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{rid}: no last chunk")
+
+
+async def _turns_until(service: WorkerService, done: object) -> None:
+    for _ in range(200):
+        if done():  # type: ignore[operator]
+            return
+        await asyncio.wait_for(service._turn(), 5)
+    raise AssertionError("never done")
+
+
+async def test_other_requests_step_on_while_one_waits_for_its_adapter_s_read(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """The read held up the command loop, and so every stream (a real adapter: hundreds of MB read
+    and hashed; 30x dearer reads doubled a simulated cluster's P90 latency). A base request runs to
+    its end while the read is held; the waiting request is counted waiting, aborts as any other,
+    and the one left runs on the adapter once read, its tokens those of an engine that held it."""
+    store = StateStore(redis)
+    name, path = next(iter(tiny_llama.adapters.items()))
+    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, store, ws) as (service, _):
+        got = await _chunks(service)
+        released, read = threading.Event(), service.engine.read_adapter
+
+        def held_read(*args: object) -> object:
+            assert released.wait(10)
+            return read(*args)
+
+        service.engine.read_adapter = held_read  # type: ignore[method-assign]
+        for req in (_request("base", None), _request("lora", name), _request("gone", name)):
+            await service._on_request(req)
+            await asyncio.wait_for(service._take(service.commands.get_nowait()), 5)  # not held up by the read
+        assert service.engine.loading == {engine_key(name, "")} and len(service.adapters.reads) == 1
+        assert service._snapshot().waiting == 3  # those waiting for the read too: load a dispatcher sees
+        await _turns_until(service, lambda: "base" not in service.streams)
+        assert (await _delivered(got, "base")).finish_reason == "length"
+        assert not got["lora"] and service.engine.seqs["lora"].output_ids == []  # it waited
+        await service.commands.put(Abort("gone"))
+        await service._take(service.commands.get_nowait())
+        assert (await _delivered(got, "gone")).finish_reason == "abort"
+        released.set()
+        await _turns_until(service, lambda: "lora" not in service.streams)
+        await _delivered(got, "lora")
+
+    tokens = [t for c in got["lora"] for t in c.token_ids]
+    engine = make_engine(tiny_llama)
+    engine.add_request("x", prompt_token_ids=PROMPT, params=GREEDY, adapter=name)
+    out: list[int] = []
+    while engine.has_unfinished():
+        out += [t for o in engine.step() for t in o.new_token_ids]
+    assert tokens == out and len(out) == GREEDY.max_tokens and got["lora"][-1].error is None
+
+
+async def test_a_failed_read_ends_only_the_requests_that_waited_for_it(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Files no longer what was registered (a version whose digest differs): both requests that
+    waited for the read are answered why (500, the server's fault, as on arrival); the base
+    request beside them runs to its end, and the worker serves on."""
+    store = StateStore(redis)
+    name, path = next(iter(tiny_llama.adapters.items()))
+    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0, version="0" * 16))
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, store, ws) as (service, _):
+        got = await _chunks(service)
+        for req in (_request("base", None), _request("l1", name), _request("l2", name)):
+            await service._on_request(req)
+            await service._take(service.commands.get_nowait())
+        await _turns_until(service, lambda: not service.streams)
+        assert not service.engine.loading and not service.adapters.reads
+        for rid in ("l1", "l2"):
+            chunk = await _delivered(got, rid)
+            assert (
+                len(got[rid]) == 1 and chunk.error_code == "internal" and "changed since version" in (chunk.error or "")
+            )
+        assert (await _delivered(got, "base")).finish_reason == "length"
+        await service._on_request(_request("after", None))  # the worker serves on
+        await service._take(service.commands.get_nowait())
+        await _turns_until(service, lambda: not service.streams)
+        assert (await _delivered(got, "after")).finish_reason == "length"
