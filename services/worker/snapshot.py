@@ -37,7 +37,10 @@ def worker_stats(
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
     what the moved caches it took cost, in all."""
     e, st = engine, engine.stats
-    queue = e.queue()
+    # what the policy sees, then the requests waiting for their adapter's read: load all the same
+    # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
+    queue = [seq for q in e.queue() if (seq := e.seqs.get(q.request_id)) is not None]
+    queue += [seq for seq in e.seqs.values() if seq.adapter in e.loading]
     # vLLM's "running": scheduled once, a prompt part-way through its chunked prefill too (counted
     # waiting while its KV grew, it hid a worker busy with long prompts from queue-depth readers);
     # the same rule for each request listed, so the per-adapter figures add up to it
@@ -50,8 +53,8 @@ def worker_stats(
         residency[bisect.bisect_left(held, key)] = _residency(key, e.slots.slot_of(key), key == merged)
     loads = [
         RequestLoad(
-            request_id=q.request_id,
-            adapter=q.adapter and name_of(q.adapter),
+            request_id=seq.request_id,
+            adapter=seq.adapter and name_of(seq.adapter),
             context_tokens=seq.total_len,
             # no fewer than min_tokens asks for
             remaining_tokens=max(
@@ -59,10 +62,9 @@ def worker_stats(
                 seq.params.min_tokens - len(seq.output_ids),
             ),
             total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
-            running=q.request_id in in_batch,
+            running=seq.request_id in in_batch,
         )
-        for q in queue
-        if (seq := e.seqs.get(q.request_id)) is not None
+        for seq in queue
     ]
     loads, unlisted = loads[:MAX_LISTED], loads[MAX_LISTED:]  # in arrival order: running ones first
     return WorkerStats(

@@ -86,7 +86,8 @@ async def test_other_requests_step_on_while_one_waits_for_its_adapter_s_read(
             await service._on_request(req)
             await asyncio.wait_for(service._take(service.commands.get_nowait()), 5)  # not held up by the read
         assert service.engine.loading == {engine_key(name, "")} and len(service.adapters.reads) == 1
-        assert service._snapshot().waiting == 3  # those waiting for the read too: load a dispatcher sees
+        stats = service._snapshot()  # those waiting for the read are load a dispatcher sees, listed too
+        assert stats.waiting == 3 and [r.request_id for r in stats.requests] == ["base", "lora", "gone"]
         await _turns_until(service, lambda: "base" not in service.streams)
         assert (await _delivered(got, "base")).finish_reason == "length"
         assert not got["lora"] and service.engine.seqs["lora"].output_ids == []  # it waited
