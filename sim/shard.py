@@ -9,6 +9,7 @@ the same whatever the split.
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass, field
 
 from dlora.common.messages import WorkerStats
@@ -78,7 +79,12 @@ class Replica:
     lengths: OutputLengths = field(default_factory=OutputLengths)
     stepping: bool = False  # a step event is pending
     incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
-    read_free_s: float = 0.0  # when the adapter reads asked for so far end (one at a time)
+    # Adapter reads asked for and not begun: a heap of (a prefetch's only, turn, adapter), stale
+    # entries skipped; one read at a time (``reading``), requests' before prefetches (the worker's order)
+    reads: list[tuple[bool, int, str]] = field(default_factory=list)
+    queued: set[str] = field(default_factory=set)  # asked for, not begun
+    prefetched: set[str] = field(default_factory=set)  # of those, asked for by a prefetch only
+    reading: bool = False
     # Its stats as last built, while nothing here has changed since (no step, join or move): an
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
     # at 128 adapters, every half second of every replica: half an idle cluster's run).
@@ -125,6 +131,7 @@ class Shard:
         self.served: dict[str, Served] = {}  # the requests dispatched or moved here
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = 0
+        self._turns = itertools.count()  # adapter reads' order of asking
 
     def _push(self, at: float, kind: str, what: object) -> None:
         heapq.heappush(self._events, (at, self._seq, kind, what))
@@ -213,31 +220,55 @@ class Shard:
         ]
         return list(self.served.values()), summaries
 
-    def _hold(self, replica: Replica, adapter: str | None, now: float) -> None:
+    def _hold(self, replica: Replica, adapter: str | None, now: float, prefetch: bool = False) -> None:
         """``adapter`` asked for on ``replica`` at ``now``: read from disk if its host memory lacks it
-        and no read of it is under way, beside the steps and after the reads before it (a worker
-        reads one at a time on a thread while it steps): in at the read's end, a "read" event. Its
-        requests join at once and wait (``LLMEngine.loading``)."""
+        and no read of it is under way, beside the steps, one read at a time, those requests wait
+        for before prefetches (``WorkerAdapters.ensure``): in at the read's end, a "read" event.
+        Its requests join at once and wait (``LLMEngine.loading``)."""
         engine = replica.engine
-        if adapter is None or engine.ask(adapter) or adapter in engine.loading:
+        if adapter is None or engine.ask(adapter):
             return
-        replica.read_free_s = done = max(now, replica.read_free_s) + engine.cost.host_load_seconds(self.ranks[adapter])
+        if adapter in engine.loading:
+            if adapter in replica.prefetched and not prefetch:  # a prefetch's, not begun: a request's now
+                replica.prefetched.discard(adapter)
+                heapq.heappush(replica.reads, (False, next(self._turns), adapter))
+            return
         engine.loading.add(adapter)
-        heapq.heappush(replica.incoming, done)  # a change to what it runs: fast-forwards stop there
-        self._push(done, "read", _Read(replica, adapter))
+        replica.queued.add(adapter)
+        if prefetch:
+            replica.prefetched.add(adapter)
+        heapq.heappush(replica.reads, (prefetch, next(self._turns), adapter))
+        if not replica.reading:
+            self._next_read(replica, now)
+
+    def _next_read(self, replica: Replica, now: float) -> None:
+        """Begin ``replica``'s next read asked for, if any (its end: an event, and a change to what
+        the replica runs, where fast-forwards stop)."""
+        while replica.reads:
+            _, _, adapter = heapq.heappop(replica.reads)
+            if adapter in replica.queued:  # else begun already (asked for twice)
+                replica.queued.discard(adapter)
+                replica.prefetched.discard(adapter)
+                done = now + replica.engine.cost.host_load_seconds(self.ranks[adapter])
+                heapq.heappush(replica.incoming, done)
+                self._push(done, "read", _Read(replica, adapter))
+                replica.reading = True
+                return
+        replica.reading = False
 
     def _read(self, r: _Read, now: float) -> None:
-        """An adapter's read ended: in host memory, its waiting requests run."""
+        """An adapter's read ended: in host memory, its waiting requests run; the next read begins."""
         heapq.heappop(r.replica.incoming)
         r.replica.engine.install(r.adapter, self.ranks[r.adapter])
         r.replica.last_stats = None
         self._wake(r.replica, now)
+        self._next_read(r.replica, now)
 
     def _prefetch(self, replica: Replica, adapters: list[str], now: float) -> None:
         """The placement's adapters for ``replica`` read into its host memory (``WorkerAdapters.prefetch``)."""
         heapq.heappop(replica.incoming)
         for adapter in (a for a in adapters if a not in replica.engine.adapters):
-            self._hold(replica, adapter, now)
+            self._hold(replica, adapter, now, prefetch=True)
 
     def _arrive_moved(self, m: Moving, now: float) -> None:
         served, replica = m.served, self.replicas[m.to]

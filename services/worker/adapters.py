@@ -7,6 +7,8 @@ the requests that wait meanwhile are the engine's (``LLMEngine.loading``), as Lo
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -43,12 +45,12 @@ class AdapterChanged(AdapterError):
 def evictions(engine: LLMEngine, used: OrderedDict[str, None], busy: set[str | None]) -> list[str]:
     """The adapters (engine keys) to drop from host memory so that ``engine`` holds at most
     ``max_cpu_loras``: those used least lately first (``used``, least lately first, is kept to what
-    the engine holds, the dropped ones out too; one it never noted goes before them), never one
-    ``busy`` (requests on it, merged, just asked for): fewer, or none, when too many are busy."""
+    the engine holds or is reading, the dropped ones out too; one it never noted goes before them),
+    never one ``busy`` (requests on it, merged, just asked for): fewer, or none, when too many are."""
     for gone in [k for k in used if k not in engine.adapters and k not in engine.loading]:  # retired meanwhile
         del used[gone]
     over = len(engine.adapters) - engine.config.max_cpu_loras
-    order = [k for k in engine.adapters if k not in used] + list(used)
+    order = [k for k in engine.adapters if k not in used] + [k for k in used if k in engine.adapters]
     dropped = [k for k in order if k not in busy][: max(0, over)]
     for key in dropped:
         used.pop(key, None)
@@ -98,22 +100,28 @@ class WorkerAdapters:
         # for FAILED_MEMORY_S without reading their files. Not the error itself: its traceback
         # holds the frames, and so the weights, of the load that failed.
         self.failed: dict[tuple[str, str], tuple[float, type[AdapterError], str]] = {}
-        # Reads under way, by engine key; one at a time (they share the disk and each is read whole).
-        self.reads: dict[str, asyncio.Task[None]] = {}
-        self._disk = asyncio.Lock()
+        # Reads asked for and not settled, by engine key: done once posted. One at a time (they share
+        # the disk and each is read whole), those requests wait for before prefetches, then in turn.
+        self.reads: dict[str, asyncio.Future[None]] = {}
+        self._queued: dict[str, tuple[str, AdapterEntry, float]] = {}  # key -> name, entry, when asked
+        self._order: list[tuple[bool, int, str]] = []  # heap: (a prefetch, turn, key); stale ones skipped
+        self._turns = itertools.count()
+        self._prefetched: set[str] = set()  # those queued for a prefetch only
+        self._reader: asyncio.Task[None] | None = None
         # Where a read's outcome goes: a worker's command queue, settled between its steps; without
         # one, settled at once (nothing steps meanwhile: tests, tools).
         self.post = post or self._settle_now
 
-    async def ensure(self, name: str, version: str, registered: bool = False) -> str:
+    async def ensure(self, name: str, version: str, registered: bool = False, prefetch: bool = False) -> str:
         """The engine's key for that version of the adapter: in host memory, or being read into it
         (``LLMEngine.loading``: its requests wait; the read's outcome goes to ``post``, and then to
         ``settle``). ``registered``: the adapter must be registered now, for an application's new
         request (without it, one could name the version of an adapter deleted since and have its
         weights loaded again; a gateway checked its request's when it took it, and a request that
-        ran elsewhere goes on, as a running one does). Raises AdapterNotFound if the registry never
-        had that version (or, with ``registered``, the adapter is removed); a version that failed
-        is refused again for ``FAILED_MEMORY_S`` without reading its files (its AdapterError)."""
+        ran elsewhere goes on, as a running one does). A ``prefetch``'s read goes after those that
+        requests wait for. Raises AdapterNotFound if the registry never had that version (or, with
+        ``registered``, the adapter is removed); a version that failed is refused again for
+        ``FAILED_MEMORY_S`` without reading its files (its AdapterError)."""
         gone = AdapterNotFound(f"adapter {name!r} is not registered (removed)")
         if registered and name in self.retiring and self.retiring[name] is None:
             raise gone
@@ -121,6 +129,9 @@ class WorkerAdapters:
         self.used[key] = None
         self.used.move_to_end(key)
         if key in self.engine.adapters or key in self.engine.loading:
+            if key in self._prefetched and not prefetch:  # a prefetch's, not begun: a request's now
+                self._prefetched.discard(key)
+                heapq.heappush(self._order, (False, next(self._turns), key))
             return key
         if registered and await self.registry.get_adapter(name) is None:  # asked before any file is read
             raise gone
@@ -133,9 +144,15 @@ class WorkerAdapters:
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} version {version} is not registered")
         if key in self.engine.adapters or key in self.engine.loading:  # asked again while we asked
-            return key
+            return await self.ensure(name, version, registered, prefetch)
         self.engine.loading.add(key)
-        self.reads[key] = asyncio.create_task(self._read(name, key, entry, now_s))
+        self.reads[key] = asyncio.get_running_loop().create_future()
+        self._queued[key] = (name, entry, now_s)
+        if prefetch:
+            self._prefetched.add(key)
+        heapq.heappush(self._order, (prefetch, next(self._turns), key))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_queued())
         return key
 
     async def load(self, name: str, version: str, registered: bool = False) -> str:
@@ -143,19 +160,33 @@ class WorkerAdapters:
         steps meanwhile (``post`` settles at once). Raises as ``ensure`` does, and the read's
         AdapterError."""
         key = await self.ensure(name, version, registered)
-        if (task := self.reads.get(key)) is not None:
-            await task
+        if (read := self.reads.get(key)) is not None:
+            await read
         if (failed := self.failed.get((name, version))) is not None:
             raise failed[1](failed[2])
         return key
 
-    async def _read(self, name: str, key: str, entry: AdapterEntry, at: float) -> None:
+    async def _read_queued(self) -> None:
+        """The reads asked for, one at a time, in their order, while there are any."""
+        while self._order:
+            _, _, key = heapq.heappop(self._order)
+            if (queued := self._queued.pop(key, None)) is not None:  # else read already (asked twice)
+                self._prefetched.discard(key)
+                done = self.reads[key]
+                try:
+                    await self._read(key, *queued)
+                except Exception as e:  # its outcome not taken in: the reads after it go on
+                    logger.exception("adapter read not settled", adapter=name_of(key), error=str(e))
+                finally:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _read(self, key: str, name: str, entry: AdapterEntry, at: float) -> None:
         """Read ``entry``'s files on a thread, then ``post`` the outcome, whatever happens (the
         requests waiting for it end with it)."""
         registered, checked = None, False
         try:
-            async with self._disk:
-                adapter = await self._load(name, key, entry)
+            adapter = await self._load(name, key, entry)
             try:
                 current = await self.registry.get_adapter(name)
                 registered, checked = (current.version if current else None), True
@@ -194,9 +225,11 @@ class WorkerAdapters:
         return None
 
     def close(self) -> None:
-        """Stop the reads under way (the worker stops)."""
-        for task in self.reads.values():
-            task.cancel()
+        """Stop the reads under way and asked for (the worker stops)."""
+        if self._reader is not None:
+            self._reader.cancel()
+        for read in self.reads.values():
+            read.cancel()
 
     async def _load(self, name: str, key: str, entry: AdapterEntry) -> LoraAdapter:
         """``entry``'s files read as the engine's ``key``. Raises AdapterError naming the adapter by
@@ -274,12 +307,12 @@ class WorkerAdapters:
 
     async def prefetch(self, names: list[str]) -> None:
         """Have adapters the placement gives this worker read into host memory before requests need
-        them (beside the steps, after the reads asked for before)."""
+        them (beside the steps, after the reads requests wait for)."""
         held = {name_of(key) for key in (*self.engine.adapters, *self.engine.loading)}
         for name in (n for n in names if n not in held):
             try:
                 entry = await self.registry.get_adapter(name)
                 if entry is not None and (name, entry.version) not in self.unprefetchable:
-                    await self.ensure(name, entry.version)
+                    await self.ensure(name, entry.version, prefetch=True)
             except (AdapterError, AdapterNotFound) as e:
                 logger.warning("prefetch failed; not tried again for this version", adapter=name, reason=str(e))

@@ -227,3 +227,40 @@ async def test_adapters_kept_by_a_burst_go_once_idle(tiny_llama: TinyOutput) -> 
         engine.step()
     worker.tidy()
     assert len(engine.adapters) == 2
+
+
+async def test_reads_requests_wait_for_go_ahead_of_prefetches(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """One read at a time: a prefetch queued behind the read under way waits for the reads that
+    requests asked for since (a prefetch's read queued ahead of it delayed a request by a read),
+    and a prefetch's read a request asks for while it waits goes ahead too."""
+    import threading
+
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    entries = []
+    for name in ("first", "pre", "asked", "hurried"):
+        path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / name)
+        entries.append(check_adapter(name, str(path), [str(tmp_path)], "model", cfg))
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=1)  # each read drops the one before
+    for name in list(engine.adapters):
+        engine.unregister_adapter(name)
+    worker = WorkerAdapters(engine, _Entries(entries))
+    order, first_held = [], threading.Event()
+    read = engine.read_adapter
+
+    def recorded(key: str, path: object) -> object:
+        order.append(key.split("@")[0])
+        if key.startswith("first@"):
+            assert first_held.wait(10)
+        return read(key, path)
+
+    engine.read_adapter = recorded  # type: ignore[method-assign]
+    await worker.prefetch(["first", "pre", "hurried"])
+    await asyncio.sleep(0.05)  # "first" is being read
+    await worker.ensure("asked", entries[2].version)
+    await worker.ensure("hurried", entries[3].version)  # queued for a prefetch, asked for now
+    first_held.set()
+    await asyncio.gather(*worker.reads.values())
+    assert order == ["first", "asked", "hurried", "pre"] and not worker.failed
+    # past max_cpu_loras the idle one used least lately went, never one queued for its read (not
+    # held yet: "pre", asked for before "asked" and "hurried", was dropped and failed the reads)
+    assert [k.split("@")[0] for k in engine.adapters] == ["pre"]

@@ -166,6 +166,26 @@ def test_an_adapter_read_from_disk_holds_up_only_the_requests_that_wait_for_it()
     assert first.finish_s < 15.0  # 200 tokens at ~15 ms a step, not stalled until 20 s  # type: ignore[operator]
 
 
+def test_a_replica_reads_what_requests_wait_for_before_what_the_placement_prefetches() -> None:
+    """One read at a time, as a worker reads: the reads requests ask for go ahead of the prefetches
+    queued, and a queued prefetch a request asks for goes ahead too."""
+    from dlora.services.worker.engine.config import EngineConfig
+    from dlora.sim.shard import Shard
+
+    adapters = {a: 16 for a in ("first", "pre", "hurried", "asked")}
+    shard = Shard(H200, ["r0"], adapters, EngineConfig(max_loras=1, max_cpu_loras=1), fast_forward=True)
+    replica = shard.replicas["r0"]
+    installed: list[str] = []
+    install = replica.engine.install
+    replica.engine.install = lambda a, rank: installed.append(a) or install(a, rank)  # type: ignore[method-assign]
+    for adapter in ("first", "pre", "hurried"):  # the placement's, in its order
+        shard._hold(replica, adapter, 0.0, prefetch=True)
+    shard._hold(replica, "asked", 0.001)
+    shard._hold(replica, "hurried", 0.002)
+    shard.advance([], [], end=10.0, report=False)
+    assert installed == ["first", "asked", "hurried", "pre"]
+
+
 def test_with_a_disk_tier_fast_forward_and_processes_serve_as_stepping_in_one() -> None:
     """Reads from disk and prefetches change what a replica runs: a fast-forward stops at them,
     and the placement's prefetches reach each shard alike. (Under mixed-only: the dLoRA policy's
