@@ -209,13 +209,17 @@ class WorkerAdapters:
         self.reads.pop(read.key, None)
         self.engine.loading.discard(read.key)
         name, version = name_of(read.key), version_of(read.key)
-        if read.adapter is None:
-            assert read.error is not None
-            logger.warning("adapter read failed", adapter=name, version=version, reason=read.error[1])
-            self.failed[(name, version)] = (read.at, *read.error)
+        error = read.error
+        if read.adapter is not None:
+            try:
+                self.engine.install_adapter(read.adapter)
+            except Exception as e:  # noqa: BLE001 - its requests would wait on a key never held
+                error = (AdapterError, f"adapter {name!r} could not be installed: {type(e).__name__}: {e}")
+        if error is not None:
+            logger.warning("adapter read failed", adapter=name, version=version, reason=error[1])
+            self.failed[(name, version)] = (self.clock(), *error)  # from its end: it may have queued long
             self.unprefetchable.add((name, version))
-            return read.error[0](read.error[1])
-        self.engine.install_adapter(read.adapter)
+            return error[0](error[1])
         # Versions other than the registered one (this one, for a request that began on it, or
         # ones whose replacement event never came) go once unused.
         now = read.registered
@@ -292,6 +296,7 @@ class WorkerAdapters:
         self.retiring[name] = version
         # An unversioned entry registered again keeps its key "": its old failure is not its own.
         self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
+        self.unprefetchable = {k for k in self.unprefetchable if k[0] != name}
         self.retire()
 
     def retire(self) -> None:
@@ -302,7 +307,9 @@ class WorkerAdapters:
                 if not self.engine.in_use(key):
                     self.engine.unregister_adapter(key)
                     logger.info("adapter version unloaded", adapter=name, version=version_of(key), current=current)
-            if all(not self.engine.in_use(key) for key in stale):
+            # (a version of it being read is retired once installed: until then, no new request takes it)
+            reading = any(name_of(key) == name for key in self.engine.loading)
+            if not reading and all(not self.engine.in_use(key) for key in stale):
                 del self.retiring[name]
 
     async def prefetch(self, names: list[str]) -> None:
@@ -310,9 +317,12 @@ class WorkerAdapters:
         them (beside the steps, after the reads requests wait for)."""
         held = {name_of(key) for key in (*self.engine.adapters, *self.engine.loading)}
         for name in (n for n in names if n not in held):
+            entry = None
             try:
                 entry = await self.registry.get_adapter(name)
                 if entry is not None and (name, entry.version) not in self.unprefetchable:
                     await self.ensure(name, entry.version, prefetch=True)
             except (AdapterError, AdapterNotFound) as e:
                 logger.warning("prefetch failed; not tried again for this version", adapter=name, reason=str(e))
+                if entry is not None:
+                    self.unprefetchable.add((name, entry.version))

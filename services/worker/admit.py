@@ -40,7 +40,7 @@ ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its r
 
 
 async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
-    """Take ``req`` into the engine (waiting there while its adapter is read: ``adapter_read_failed``
+    """Take ``req`` into the engine (waiting there while its adapter is read: ``adapter_read``
     ends it if the read fails), or answer why not (each answer ends its record). ``bad_words_ids``:
     its ``bad_words`` tokenized on arrival (None: by the engine)."""
     if w.aborted_lately(req):  # its client left before it came, or aborted its id lately

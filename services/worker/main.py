@@ -373,6 +373,7 @@ class WorkerService:
                 async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
                     cmd = await self.commands.get()
             except TimeoutError:
+                await self._expire()  # requests waiting for their adapter's read have deadlines too
                 self._refresh_stats()  # idle, read again all the same: a dispatcher waits for a fresh reading
                 return
             await self._take(cmd)

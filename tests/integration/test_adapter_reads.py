@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import defaultdict
 
 import msgspec
@@ -15,7 +16,7 @@ from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams,
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
-from dlora.services.worker.commands import Abort
+from dlora.services.worker.commands import Abort, AdapterChanged
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.versions import engine_key
@@ -134,3 +135,67 @@ async def test_a_failed_read_ends_only_the_requests_that_waited_for_it(
         await service._take(service.commands.get_nowait())
         await _turns_until(service, lambda: not service.streams)
         assert (await _delivered(got, "after")).finish_reason == "length"
+
+
+def _held_read(service: WorkerService) -> threading.Event:
+    """Hold ``service``'s adapter reads until the event is set."""
+    released, read = threading.Event(), service.engine.read_adapter
+
+    def held(*args: object) -> object:
+        assert released.wait(20)
+        return read(*args)
+
+    service.engine.read_adapter = held  # type: ignore[method-assign]
+    return released
+
+
+async def test_an_adapter_removed_while_it_is_read_takes_no_new_request(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A review: its removal's event came while the read was under way, found no version held to
+    retire and was forgotten, so an application's request naming the version was admitted and ran
+    on the removed adapter once read (refused, when the read held the loop)."""
+    store = StateStore(redis)
+    name, path = next(iter(tiny_llama.adapters.items()))
+    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, store, ws) as (service, _):
+        got = await _chunks(service)
+        released = _held_read(service)
+        first, second = (
+            msgspec.structs.replace(_request(rid, name), owner="app-1", adapter_version="")
+            for rid in ("first", "second")
+        )
+        await service._on_request(first)
+        await service._take(service.commands.get_nowait())
+        assert await store.delete_adapter(name)
+        await service._take(AdapterChanged(name, None))  # the removal's event
+        await service._on_request(second)
+        await service._take(service.commands.get_nowait())
+        assert "second" not in service.streams and (await _delivered(got, "second")).error_code == "not_found"
+        released.set()
+        await _turns_until(service, lambda: not service.streams)  # the first, taken before, runs on it
+        assert (await _delivered(got, "first")).finish_reason == "length"
+        service.adapters.tidy()
+        assert not service.engine.adapters  # unused now: unloaded
+
+
+async def test_a_request_waiting_for_its_adapter_is_stopped_at_its_deadline(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A review: with nothing else to step, the loop idled without looking at deadlines, so a
+    request past its deadline waited for its read to end."""
+    store = StateStore(redis)
+    name, path = next(iter(tiny_llama.adapters.items()))
+    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, store, ws) as (service, _):
+        got = await _chunks(service)
+        released = _held_read(service)
+        await service._on_request(msgspec.structs.replace(_request("late", name), deadline=time.time() + 0.3))
+        await service._take(service.commands.get_nowait())
+        try:
+            await _turns_until(service, lambda: "late" not in service.streams)  # 0.2 s idle turns
+        finally:
+            released.set()
+        assert (await _delivered(got, "late")).error_code == "unavailable"

@@ -170,7 +170,7 @@ class LLMEngine:
         changed (a worker reads on a thread while steps run). Raises AdapterError with the reason."""
         if not name or name == self.model_name:
             raise AdapterError(f"adapter name {name!r} is empty or the base model's name")
-        return load_adapter(name, path, self.model_config, self.config.adapter_limits)
+        return self.merger.assessed(load_adapter(name, path, self.model_config, self.config.adapter_limits))
 
     def install_adapter(self, adapter: LoraAdapter) -> LoraAdapter:
         """Register what ``read_adapter`` read (AdapterError if its name is taken): its requests run."""

@@ -31,6 +31,7 @@ class LoraAdapter:
     # (layer index, PEFT target name such as "q_proj") -> weights
     weights: dict[tuple[int, str], LoraWeight]
     digest: str = ""  # its version: AdapterSpec.digest
+    merge_delta: float | None = None  # its largest ‖ΔWᵢ‖/‖Wᵢ‖ (``Merger.assessed``), once read by an engine
 
     @functools.cached_property
     def rank(self) -> int:

@@ -57,13 +57,20 @@ class Merger:
         self.merged: str | None = None
         self._saved: list[_Saved] = []
         self.unmergeable: set[str] = set()  # adapters too large beside the weights to merge (the policy's too)
-        self._norms: dict[tuple[int, str], torch.Tensor] = {}  # ‖Wᵢ‖ per row of each (layer, target)
+        # ‖Wᵢ‖ per row of each (layer, target), taken here while nothing is merged and only read
+        # after: an adapter read on another thread is assessed while a step merges (``assessed``)
+        self._norms = {(i, t): self._norms_of(i, t) for i in range(len(weights.layers)) for t in targets}
+
+    def assessed(self, adapter: LoraAdapter) -> LoraAdapter:
+        """``adapter`` with its ``merge_delta`` (``delta_ratio``); safe beside a step on another thread."""
+        adapter.merge_delta = self.delta_ratio(adapter)
+        return adapter
 
     def admit(self, adapter: LoraAdapter) -> None:
         """Mark ``adapter`` unmergeable if its change to any output row of a weight it touches is
         larger than ``MAX_MERGE_DELTA`` × that row."""
         self.unmergeable.discard(adapter.name)
-        if self.delta_ratio(adapter) > MAX_MERGE_DELTA:
+        if (adapter.merge_delta if adapter.merge_delta is not None else self.delta_ratio(adapter)) > MAX_MERGE_DELTA:
             self.unmergeable.add(adapter.name)
 
     def delta_ratio(self, adapter: LoraAdapter) -> float:
@@ -76,23 +83,17 @@ class Merger:
         for key, w in adapter.weights.items():
             a, b = w.a.double(), w.b.double()
             delta = abs(w.scale) * ((b @ (a @ a.T)) * b).sum(dim=1).clamp(min=0).sqrt()
-            rows = self._row_norms(key)
+            rows = self._norms[key]
             floor = 1e-3 * float(rows.square().mean().sqrt())
             worst = max(worst, float((delta / rows.clamp(min=max(floor, 1e-30))).max()))
         return worst
 
-    def _row_norms(self, key: tuple[int, str]) -> torch.Tensor:
-        """‖Wᵢ‖ of each output row of (layer, target) ``key`` as the base model has them (the saved
-        original while a merged adapter holds them changed): (out_features,) float64 on the host,
-        computed once, a block of rows at a time in fp32 (no copy of the whole weight)."""
-        if key not in self._norms:
-            t = self.targets[key[1]]
-            weight, rows = getattr(self.weights.layers[key[0]], t.fused), slice(t.offset, t.offset + t.out_features)
-            w = next((x.original for x in self._saved if x.weight is weight and x.rows == rows), weight[rows])
-            self._norms[key] = torch.cat(
-                [w[i : i + 1024].float().norm(dim=1).cpu() for i in range(0, len(w), 1024)]
-            ).double()
-        return self._norms[key]
+    def _norms_of(self, layer: int, target: str) -> torch.Tensor:
+        """‖Wᵢ‖ of each output row of ``target`` in ``layer``: (out_features,) float64 on the host,
+        a block of rows at a time in fp32 (no copy of the whole weight), one copy to the host."""
+        t = self.targets[target]
+        w = getattr(self.weights.layers[layer], t.fused)[t.offset : t.offset + t.out_features]
+        return torch.cat([w[i : i + 1024].float().norm(dim=1) for i in range(0, len(w), 1024)]).cpu().double()
 
     def merge(
         self, adapter: LoraAdapter, resident: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
