@@ -5,9 +5,11 @@ between steps; a read that fails ends only the requests that waited for it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 import msgspec
 from redis.asyncio import Redis
@@ -63,6 +65,32 @@ async def _turns_until(service: WorkerService, done: object) -> None:
     raise AssertionError("never done")
 
 
+@contextlib.asynccontextmanager
+async def _worker(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, version: str = ""
+) -> AsyncIterator[tuple[WorkerService, dict[str, list[TokenChunk]], str]]:
+    """A worker driven by hand, one of the tiny model's adapters registered (at ``version``): it,
+    the chunks it publishes to ``_request``s, and the adapter's name."""
+    store = StateStore(redis)
+    name, path = next(iter(tiny_llama.adapters.items()))
+    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0, version=version))
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, store, ws) as (service, _):
+        yield service, await _chunks(service), name
+
+
+def _held_read(service: WorkerService) -> threading.Event:
+    """Hold ``service``'s adapter reads until the event is set."""
+    released, read = threading.Event(), service.engine.read_adapter
+
+    def held(*args: object) -> object:
+        assert released.wait(20)
+        return read(*args)
+
+    service.engine.read_adapter = held  # type: ignore[method-assign]
+    return released
+
+
 async def test_other_requests_step_on_while_one_waits_for_its_adapter_s_read(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
@@ -70,19 +98,8 @@ async def test_other_requests_step_on_while_one_waits_for_its_adapter_s_read(
     and hashed; 30x dearer reads doubled a simulated cluster's P90 latency). A base request runs to
     its end while the read is held; the waiting request is counted waiting, aborts as any other,
     and the one left runs on the adapter once read, its tokens those of an engine that held it."""
-    store = StateStore(redis)
-    name, path = next(iter(tiny_llama.adapters.items()))
-    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
-    async with worker_by_hand(nats_server, store, ws) as (service, _):
-        got = await _chunks(service)
-        released, read = threading.Event(), service.engine.read_adapter
-
-        def held_read(*args: object) -> object:
-            assert released.wait(10)
-            return read(*args)
-
-        service.engine.read_adapter = held_read  # type: ignore[method-assign]
+    async with _worker(nats_server, redis, tiny_llama) as (service, got, name):
+        released = _held_read(service)
         for req in (_request("base", None), _request("lora", name), _request("gone", name)):
             await service._on_request(req)
             await asyncio.wait_for(service._take(service.commands.get_nowait()), 5)  # not held up by the read
@@ -114,12 +131,7 @@ async def test_a_failed_read_ends_only_the_requests_that_waited_for_it(
     """Files no longer what was registered (a version whose digest differs): both requests that
     waited for the read are answered why (500, the server's fault, as on arrival); the base
     request beside them runs to its end, and the worker serves on."""
-    store = StateStore(redis)
-    name, path = next(iter(tiny_llama.adapters.items()))
-    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0, version="0" * 16))
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
-    async with worker_by_hand(nats_server, store, ws) as (service, _):
-        got = await _chunks(service)
+    async with _worker(nats_server, redis, tiny_llama, version="0" * 16) as (service, got, name):
         for req in (_request("base", None), _request("l1", name), _request("l2", name)):
             await service._on_request(req)
             await service._take(service.commands.get_nowait())
@@ -137,30 +149,13 @@ async def test_a_failed_read_ends_only_the_requests_that_waited_for_it(
         assert (await _delivered(got, "after")).finish_reason == "length"
 
 
-def _held_read(service: WorkerService) -> threading.Event:
-    """Hold ``service``'s adapter reads until the event is set."""
-    released, read = threading.Event(), service.engine.read_adapter
-
-    def held(*args: object) -> object:
-        assert released.wait(20)
-        return read(*args)
-
-    service.engine.read_adapter = held  # type: ignore[method-assign]
-    return released
-
-
 async def test_an_adapter_removed_while_it_is_read_takes_no_new_request(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
     """A review: its removal's event came while the read was under way, found no version held to
     retire and was forgotten, so an application's request naming the version was admitted and ran
     on the removed adapter once read (refused, when the read held the loop)."""
-    store = StateStore(redis)
-    name, path = next(iter(tiny_llama.adapters.items()))
-    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
-    async with worker_by_hand(nats_server, store, ws) as (service, _):
-        got = await _chunks(service)
+    async with _worker(nats_server, redis, tiny_llama) as (service, got, name):
         released = _held_read(service)
         first, second = (
             msgspec.structs.replace(_request(rid, name), owner="app-1", adapter_version="")
@@ -168,7 +163,7 @@ async def test_an_adapter_removed_while_it_is_read_takes_no_new_request(
         )
         await service._on_request(first)
         await service._take(service.commands.get_nowait())
-        assert await store.delete_adapter(name)
+        assert await service.store.delete_adapter(name)
         await service._take(AdapterChanged(name, None))  # the removal's event
         await service._on_request(second)
         await service._take(service.commands.get_nowait())
@@ -185,12 +180,7 @@ async def test_a_request_waiting_for_its_adapter_is_stopped_at_its_deadline(
 ) -> None:
     """A review: with nothing else to step, the loop idled without looking at deadlines, so a
     request past its deadline waited for its read to end."""
-    store = StateStore(redis)
-    name, path = next(iter(tiny_llama.adapters.items()))
-    await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
-    async with worker_by_hand(nats_server, store, ws) as (service, _):
-        got = await _chunks(service)
+    async with _worker(nats_server, redis, tiny_llama) as (service, got, name):
         released = _held_read(service)
         await service._on_request(msgspec.structs.replace(_request("late", name), deadline=time.time() + 0.3))
         await service._take(service.commands.get_nowait())
