@@ -68,11 +68,14 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
 
 
 def _never_scheduled(w: WorkerService, request_id: str) -> bool:
-    """Whether the request waited here and was in no step: nothing of it computed or cached (a
-    step's batch holds its blocks), never preempted (which would have freed them after it ran),
-    and its adapter not in a switch that raised (a merge comes before the step's scheduling: one
-    that lost the device is its requests' doing, a review)."""
+    """Whether the request waited here and was in no step: waiting for its adapter's read (a moved
+    one with its KV too), or nothing of it computed or cached (a step's batch holds its blocks),
+    never preempted (which would have freed them after it ran), and its adapter not in a switch
+    that raised (a merge comes before the step's scheduling: one that lost the device is its
+    requests' doing, a review)."""
     seq = w.engine.seqs.get(request_id)
+    if seq is not None and seq.adapter in w.engine.loading:
+        return True
     return (
         seq is not None
         and seq.status is Status.WAITING

@@ -20,6 +20,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
+from dlora.services.worker.chunks import open_stream
 from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
@@ -212,10 +213,22 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
             )
             await service._take(service.commands.get_nowait())
         service.engine.step()  # one sequence a step: "ran" only
+        # A request moved here with its KV cache, waiting for its adapter's read (a review: its
+        # blocks held, it read as run here; it was in no step)
+        moved = GenerateRequest(request_id="moved", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
+        service.engine.loading.add("x@")
+        kv = service.engine.export_kv("ran")
+        out = list(service.engine.seqs["ran"].output_ids)
+        service.engine.add_request("moved", prompt_token_ids=PROMPT, adapter="x@", kv=kv, resume_token_ids=out)
+        assert service.engine.blocks.holds("moved")
+        service.streams["moved"] = open_stream(moved, 0.0)
         service.device_failed = True
         await drain.hand_over(service, died=True)
         lost = await asyncio.wait_for(handed.get(), 5)
-        assert lost.requests == {"ran": 0, "waited": 0} and lost.never_arrived == ["waited"]
+        assert lost.requests == {"ran": 0, "waited": 0, "moved": 0} and sorted(lost.never_arrived) == [
+            "moved",
+            "waited",
+        ]
 
 
 async def test_a_device_lost_in_a_merge_is_its_requests_death(
