@@ -65,7 +65,7 @@ class AdapterRead:
     key: str  # the engine's key
     adapter: LoraAdapter | None
     error: tuple[type[AdapterError], str] | None = None
-    at: float = 0.0  # when it began (``WorkerAdapters.clock``)
+    seconds: float = 0.0  # from its turn to its end (``WorkerAdapters.clock``)
     # The version registered under its name when it ended (None: removed); not known when the
     # registry did not answer.
     registered: str | None = None
@@ -103,7 +103,7 @@ class WorkerAdapters:
         # Reads asked for and not settled, by engine key: done once posted. One at a time (they share
         # the disk and each is read whole), those requests wait for before prefetches, then in turn.
         self.reads: dict[str, asyncio.Future[None]] = {}
-        self._queued: dict[str, tuple[str, AdapterEntry, float]] = {}  # key -> name, entry, when asked
+        self._queued: dict[str, tuple[str, AdapterEntry]] = {}  # key -> name, registry entry
         self._order: list[tuple[bool, int, str]] = []  # heap: (a prefetch, turn, key); stale ones skipped
         self._turns = itertools.count()
         self._prefetched: set[str] = set()  # those queued for a prefetch only
@@ -147,7 +147,7 @@ class WorkerAdapters:
             return await self.ensure(name, version, registered, prefetch)
         self.engine.loading.add(key)
         self.reads[key] = asyncio.get_running_loop().create_future()
-        self._queued[key] = (name, entry, now_s)
+        self._queued[key] = (name, entry)
         if prefetch:
             self._prefetched.add(key)
         heapq.heappush(self._order, (prefetch, next(self._turns), key))
@@ -181,10 +181,10 @@ class WorkerAdapters:
                     if not done.done():
                         done.set_result(None)
 
-    async def _read(self, key: str, name: str, entry: AdapterEntry, at: float) -> None:
+    async def _read(self, key: str, name: str, entry: AdapterEntry) -> None:
         """Read ``entry``'s files on a thread, then ``post`` the outcome, whatever happens (the
         requests waiting for it end with it)."""
-        registered, checked = None, False
+        registered, checked, began = None, False, self.clock()
         try:
             adapter = await self._load(name, key, entry)
             try:
@@ -192,11 +192,12 @@ class WorkerAdapters:
                 registered, checked = (current.version if current else None), True
             except Exception as e:  # noqa: BLE001 - the registry down: retired by its event instead
                 logger.warning("registry not reached after an adapter read", adapter=name, error=str(e))
-            read = AdapterRead(key, adapter, None, at, registered, checked)
+            read = AdapterRead(key, adapter, None, self.clock() - began, registered, checked)
         except AdapterError as e:
-            read = AdapterRead(key, None, (type(e), str(e)), at)
+            read = AdapterRead(key, None, (type(e), str(e)), self.clock() - began)
         except Exception as e:  # noqa: BLE001 - its requests are told why; the worker serves on
-            read = AdapterRead(key, None, (AdapterError, f"adapter {name!r}: {type(e).__name__}: {e}"), at)
+            error = (AdapterError, f"adapter {name!r}: {type(e).__name__}: {e}")
+            read = AdapterRead(key, None, error, self.clock() - began)
         await self.post(read)
 
     async def _settle_now(self, read: AdapterRead) -> None:
@@ -213,6 +214,8 @@ class WorkerAdapters:
         if read.adapter is not None:
             try:
                 self.engine.install_adapter(read.adapter)
+                size = {"seconds": round(read.seconds, 3), "mb": round(read.adapter.nbytes / 1e6, 1)}
+                logger.info("adapter read into host memory", adapter=name, version=version, **size)
             except Exception as e:  # noqa: BLE001 - its requests would wait on a key never held
                 error = (AdapterError, f"adapter {name!r} could not be installed: {type(e).__name__}: {e}")
         if error is not None:
@@ -278,7 +281,11 @@ class WorkerAdapters:
         that served thousands outgrew NATS's message size with its stats and dropped out."""
         busy = self.engine.adapters_in_use() | {keep, self.engine.merger.merged}
         for key in evictions(self.engine, self.used, busy):
-            self.engine.unregister_adapter(key)
+            try:  # between commands and steps, outside their guard: a fault here must not end the worker
+                self.engine.unregister_adapter(key)
+            except AdapterError as e:
+                logger.error("adapter not dropped", adapter=name_of(key), version=version_of(key), error=str(e))
+                continue
             logger.info("adapter dropped from host memory", adapter=name_of(key), version=version_of(key))
 
     async def versioned(self, req: GenerateRequest) -> GenerateRequest:

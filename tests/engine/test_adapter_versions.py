@@ -264,3 +264,17 @@ async def test_reads_requests_wait_for_go_ahead_of_prefetches(tiny_llama: TinyOu
     # past max_cpu_loras the idle one used least lately went, never one queued for its read (not
     # held yet: "pre", asked for before "asked" and "hurried", was dropped and failed the reads)
     assert [k.split("@")[0] for k in engine.adapters] == ["pre"]
+
+
+def test_an_adapter_host_memory_cannot_drop_is_said_and_the_worker_serves_on(tiny_llama: TinyOutput) -> None:
+    """A trial: a drop that raised between steps (``tidy`` is outside the commands' guard) ended the
+    worker, and every request it held counted a death."""
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=2)  # five adapters registered
+    worker = WorkerAdapters(engine, _Entries([]))
+
+    def refused(name: str) -> None:
+        raise AdapterError(f"adapter {name!r} is not registered")
+
+    engine.unregister_adapter = refused  # type: ignore[method-assign]
+    worker.tidy()
+    assert len(engine.adapters) == 5
