@@ -13,6 +13,7 @@ import secrets
 import time
 
 import msgspec
+import structlog
 from nats.aio.client import Client as NATS
 
 from dlora.common import bus, log, subjects
@@ -485,6 +486,7 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
 
 
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
+    structlog.contextvars.bind_contextvars(worker=s.worker_id)  # every line says whose (several under dlora up)
     try:
         engine = await asyncio.to_thread(build_engine, s)
     except (OSError, ValueError) as e:  # the model directory, device or kernels: LLMEngine says which

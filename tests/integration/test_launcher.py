@@ -130,11 +130,15 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
         ran = int(subprocess.run(["ps", "-o", "etimes=", "-p", str(worker)], capture_output=True, text=True).stdout)
         time.sleep(max(0.0, CRASH_LOOP_S + 1 - ran))
         os.kill(worker, signal.SIGKILL)
-        said = ""
+        said, lines = "", []
         while "started it again" not in said:
             said = proc.stdout.readline()
+            lines.append(said)
             assert said or proc.poll() is None, "dlora up ended"
         assert "worker-0 exited (code -9)" in said
+        # every worker line says whose, those of its adapter reads too (several under dlora up)
+        read = [line for line in lines if "adapter read into host memory" in line]
+        assert read and all("worker-0" in line for line in read), read
         deadline = time.monotonic() + 120
         while True:  # answered once the new worker is in (503s meanwhile: no live worker)
             try:
