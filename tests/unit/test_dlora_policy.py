@@ -431,3 +431,20 @@ def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> N
     assert repeated.checkpoint() == each.checkpoint() and repeated.credits.balances == each.credits.balances
     assert repeated._epoch == each._epoch and repeated.fallback_steps == each.fallback_steps
     assert (repeated.r, repeated.merged_epoch_steps) == (each.r, each.merged_epoch_steps)
+
+
+def test_before_lora_is_measured_a_switch_that_cannot_pay_back_is_not_made() -> None:
+    """A trial: on a fresh worker (LoRA's overhead not fitted, so dLoRA's count rule decides) a
+    rank-512 adapter was merged for one short request: 1.6 s of switch against 47 ms steps, every
+    stream paused, and again for the next adapter though the first switch was measured. Once a
+    switch and F's base step are measured, one that could not win its time back in a merged epoch
+    even saving two base steps a step is not made; a cheap one still is."""
+    q = queue(*["a"] * 4, None, None, None, None)
+    for switch_s, merged in ((1.6, None), (0.002, "a")):
+        p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.5, band_ratio=0.7))
+        assert p.decide(q, None).merged == "a"  # nothing measured: the count rule
+        p.costs.observe_step(8, 0.047)
+        p.costs.observe_switch(merge=switch_s, unmerge=switch_s)
+        assert not p.costs.fitted
+        d = p.decide(q, None)
+        assert (d.merged, d.mode.value) == (merged, "mixed" if merged else "unmerged")

@@ -200,6 +200,8 @@ class DLoraPolicy(Policy):
             # rule, with a mixed step where it would merge. Mixed steps of the hot adapter alone
             # measure base steps; the others beside it, the overhead.
             target = merged_now if stay else best if enter else None
+            if target not in (None, merged_now) and not self._switch_can_pay(f_run, merged_now):
+                target = None
             return next((c for c in candidates if c.mode is Mode.MIXED and c.merged == target), unmerged).decision(
                 basis
             )
@@ -280,6 +282,17 @@ class DLoraPolicy(Policy):
             base_std = math.hypot(a.base_std, b.base_std)
         margin = self.config.kappa * math.hypot(base_std, a.other_std, b.other_std)
         return cheapest if a.cost + margin < b.cost else incumbent
+
+    def _switch_can_pay(self, f_run: list[QueuedRequest], merged_now: str | None) -> bool:
+        """Before LoRA's overhead is measured (the count rule decides): whether a switch could win
+        its time back within a merged epoch at all, were merging to save two base steps of F each
+        step (it saves the overhead: unmerged steps measured at 1.1x base on this CPU, 2.5x on an
+        H200 before its kernels were tuned). A trial here: a rank-512 merge of 1.6 s for one
+        8-token request, against 47 ms steps, paused every stream, and again for the next adapter.
+        Yes while the switch or F's base step was never measured."""
+        base = self.costs.base_seconds(step_work(f_run, None, self.ranks, merged_now)[0])
+        switch = self.costs.switch_seconds()[0]
+        return base is None or not switch or self.merged_epoch_steps * 2 * base > switch
 
     def _pays_off(self, f_run: list[QueuedRequest], group: list[QueuedRequest], merged_now: str | None = None) -> bool:
         """Would merging ``group`` (what one step of it feeds) win back the switch within a typical
