@@ -392,6 +392,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     adapter_seconds_per_token: dict[str, float] = {}
     # Measured seconds per prompt token fed (what recomputing a moved request costs); 0 before any.
     prefill_seconds_per_token: float = 0.0
+    # Measured seconds an adapter's read from its files into host memory takes here (recent reads,
+    # decayed): what sending a request of an adapter it lacks costs; 0 before any.
+    adapter_read_seconds: float = 0.0
     # Measured seconds per token of the moved KV caches taken here: the source's export plus this
     # worker's stall (chunks still missing when the request came, decoding, loading); 0 before any.
     kv_transfer_seconds_per_token: float = 0.0

@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from dlora.common.messages import WorkerStats
+from dlora.services.worker.adapters import read_mean
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
@@ -85,6 +86,7 @@ class Replica:
     queued: set[str] = field(default_factory=set)  # asked for, not begun
     prefetched: set[str] = field(default_factory=set)  # of those, asked for by a prefetch only
     reading: bool = False
+    read_seconds: float = 0.0  # its reads' seconds, decayed as a worker's stats give them (``read_mean``)
     # Its stats as last built, while nothing here has changed since (no step, join or move): an
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
     # at 128 adapters, every half second of every replica: half an idle cluster's run).
@@ -189,7 +191,7 @@ class Shard:
         when last built: nothing here reads it)."""
         for r in self.replicas.values():
             if r.last_stats is None:
-                r.last_stats = worker_stats(r.name, r.engine, r.lengths)
+                r.last_stats = worker_stats(r.name, r.engine, r.lengths, read_seconds=r.read_seconds)
         return [r.last_stats for r in self.replicas.values() if r.last_stats is not None]
 
     def take(self, moves: list[tuple[str, str, bool]], now: float, kv_s_per_token: float) -> list[Moving]:
@@ -258,11 +260,13 @@ class Shard:
 
     def _read(self, r: _Read, now: float) -> None:
         """An adapter's read ended: in host memory, its waiting requests run; the next read begins."""
-        heapq.heappop(r.replica.incoming)
-        r.replica.engine.install(r.adapter, self.ranks[r.adapter])
-        r.replica.last_stats = None
-        self._wake(r.replica, now)
-        self._next_read(r.replica, now)
+        replica, rank = r.replica, self.ranks[r.adapter]
+        heapq.heappop(replica.incoming)
+        replica.engine.install(r.adapter, rank)
+        replica.read_seconds = read_mean(replica.read_seconds, replica.engine.cost.host_load_seconds(rank))
+        replica.last_stats = None
+        self._wake(replica, now)
+        self._next_read(replica, now)
 
     def _prefetch(self, replica: Replica, adapters: list[str], now: float) -> None:
         """The placement's adapters for ``replica`` read into its host memory (``WorkerAdapters.prefetch``)."""

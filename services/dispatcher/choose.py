@@ -5,7 +5,8 @@ A request goes to the worker where it would finish soonest, estimated as the wor
 tokens cost more if they will run unmerged (the worker is busy with other adapters), all of it
 slower where the worker would run requests of more adapters than it has device slots (one step
 runs at most that many, so each adapter runs a fraction of the steps), and a worker that lacks the
-adapter (and is not meant to hold it by the placement) first pays for loading it. A worker that
+adapter (and is not meant to hold it by the placement) first pays for loading it: its own reads'
+measured seconds (``WorkerStats.adapter_read_seconds``), else ``adapter_load_s``. A worker that
 took the request's longest known prompt prefix (``affinity.py``) takes it while its estimate is
 within ``prefix_affinity`` times the soonest, or within ``AFFINITY_REQUESTS`` requests' work of it:
 its prefix cache saves the prompt's prefill.
@@ -33,7 +34,7 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
 
     expected_tokens: float = 64.0  # a new request's output length in tokens (unknown: an estimate)
     unmerged_overhead: float = 0.1  # extra cost per token (fraction) when not the worker's dominant adapter
-    adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks
+    adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks, until it measured its reads
     default_seconds_per_token: float = 0.01  # every worker's price when no worker has measured yet
     # The worker that took the request's prompt prefix last takes it while its estimated finish is
     # within this factor of the soonest (SGLang's router is cache-aware below a load-imbalance
@@ -109,7 +110,8 @@ def estimated_finish(
     crowding = 1.0
     if adapter is not None and w.slots:
         crowding = max(1.0, len(w.queued_adapters.union(extra_adapters, (adapter,))) / w.slots)
-    return (queued + own) * spt * crowding + (0.0 if holds else costs.adapter_load_s)
+    load_s = w.stats.adapter_read_seconds or costs.adapter_load_s  # (5-9 s for 400 MB adapters in a trial)
+    return (queued + own) * spt * crowding + (0.0 if holds else load_s)
 
 
 def holds_request(w: WorkerStats, tokens: int) -> bool:

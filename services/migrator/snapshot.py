@@ -27,6 +27,7 @@ class WorkerState:
     # Measured per adapter ("" for the base model) where it has run here; see WorkerStats.
     adapter_seconds_per_token: dict[str, float] = field(default_factory=dict)
     max_model_len: int = 0  # the most tokens one request may span here (0: not known)
+    adapter_read_seconds: float = 0.0  # measured: an adapter's read into host memory here (0: not yet)
 
     def holds(self, r: RequestState) -> bool:
         """Whether ``r`` fits here whole (elsewhere it would be refused, or cut short)."""

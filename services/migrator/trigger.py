@@ -44,6 +44,7 @@ def snapshot_from_stats(
             mean,
             adapter_mean,
             s.max_model_len,
+            s.adapter_read_seconds,
         )
         for s in stats
     ]

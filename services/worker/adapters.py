@@ -32,6 +32,16 @@ logger = log.get("worker")
 FAILED_MEMORY_S = 10.0
 
 
+# The weight of a read's seconds in the mean a worker's stats give (``read_mean``): the last ten
+# reads or so, as a disk's load changes.
+READ_WEIGHT = 0.2
+
+
+def read_mean(mean: float, seconds: float) -> float:
+    """The decayed mean of adapter reads' seconds after one of ``seconds`` (``mean`` 0: none yet)."""
+    return seconds if mean == 0.0 else (1.0 - READ_WEIGHT) * mean + READ_WEIGHT * seconds
+
+
 class AdapterNotFound(Exception):
     """The registry has no such adapter (or no such version of it)."""
 
@@ -108,6 +118,7 @@ class WorkerAdapters:
         self._turns = itertools.count()
         self._prefetched: set[str] = set()  # those queued for a prefetch only
         self._reader: asyncio.Task[None] | None = None
+        self.read_seconds = 0.0  # recent reads' seconds, decayed (``read_mean``): the stats say it
         # Where a read's outcome goes: a worker's command queue, settled between its steps; without
         # one, settled at once (nothing steps meanwhile: tests, tools).
         self.post = post or self._settle_now
@@ -214,6 +225,7 @@ class WorkerAdapters:
         if read.adapter is not None:
             try:
                 self.engine.install_adapter(read.adapter)
+                self.read_seconds = read_mean(self.read_seconds, read.seconds)
                 size = {"seconds": round(read.seconds, 3), "mb": round(read.adapter.nbytes / 1e6, 1)}
                 logger.info("adapter read into host memory", adapter=name, version=version, **size)
             except Exception as e:  # noqa: BLE001 - its requests would wait on a key never held

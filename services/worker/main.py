@@ -395,7 +395,8 @@ class WorkerService:
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
-        stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
+        read_s = self.adapters.read_seconds
+        stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, read_s)
         return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining)
 
     async def publish_stats(self, stop: asyncio.Event) -> None:

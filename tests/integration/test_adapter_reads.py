@@ -112,9 +112,11 @@ async def test_other_requests_step_on_while_one_waits_for_its_adapter_s_read(
         await service.commands.put(Abort("gone"))
         await service._take(service.commands.get_nowait())
         assert (await _delivered(got, "gone")).finish_reason == "abort"
+        assert service._snapshot().adapter_read_seconds == 0.0  # none measured yet
         released.set()
         await _turns_until(service, lambda: "lora" not in service.streams)
         await _delivered(got, "lora")
+        assert service._snapshot().adapter_read_seconds > 0.0  # what dispatch prices a load here with
 
     tokens = [t for c in got["lora"] for t in c.token_ids]
     engine = make_engine(tiny_llama)
