@@ -91,7 +91,27 @@ class _Placing:
         """The worker of ``options`` where a replica raises the adapter's tolerance most (ties: the
         last by name). That tolerance rises with the new replica's part, so only the options with
         the largest parts are summed: those that round to the best."""
-        parts = sorted(((self.part(w, adapter, adding=True), w) for w in options), reverse=True)
+        # ``part(w, adapter, adding=True)`` for each, inlined (the same sums in the same order): a
+        # million calls for one placement at 256 workers x 32 slots
+        rank, kept, capacity, placed, counts = (
+            self.rank(adapter),
+            1 - self.penalty,
+            self.capacity,
+            self.placed,
+            self.rank_counts,
+        )
+        parts = sorted(
+            (
+                (
+                    capacity[w].free_kv_blocks
+                    / max(1, len(placed[w]) + 1)
+                    * (kept if len(placed[w]) - counts[w][rank] > 0 else 1.0),
+                    w,
+                )
+                for w in options
+            ),
+            reverse=True,
+        )
         top, chosen = parts[0]
         best = self.tolerance(adapter, share, top)
         for part, w in parts[1:]:
@@ -118,22 +138,27 @@ def place(
                 p.add(max(fits, key=lambda w: (p.capacity[w].free_kv_blocks / (1 + len(p.placed[w])), w)), a)
     # The least tolerant first: a heap of (tolerance, order, adapter), an entry stale once the
     # adapter's tolerance changed (a replica added beside it). One that can take no replica now
-    # never can again (free slots only shrink, holders only grow), so it is dropped.
+    # never can again (free slots only shrink, holders only grow), so it is dropped for good
+    # (``done``: popped again at each change beside it, it cost a walk over the workers each time).
     order = {a: i for i, a in enumerate(shares)}
     now = {a: p.tolerance(a, share) for a, share in shares.items()}
     heap = [(t, order[a], a) for a, t in now.items()]
     heapq.heapify(heap)
-    while heap:
+    roomy = [w for w in p.placed if p.free_slots(w) > 0]  # in the workers' order
+    done: set[str] = set()
+    while heap and roomy:
         t, _, a = heapq.heappop(heap)
-        if t != now[a]:
+        if t != now[a] or a in done:
             continue
         held = p.holders.get(a, set())
-        options = [w for w in p.placed if w not in held and p.free_slots(w) > 0]
-        if not options:
+        if not (options := [w for w in roomy if w not in held]):
+            done.add(a)
             continue
         chosen = p.best_replica(a, shares[a], options)
         p.add(chosen, a)
-        for b in {*p.placed[chosen]} & shares.keys():  # their worker's memory is shared more ways now
+        if not p.free_slots(chosen):
+            roomy.remove(chosen)
+        for b in ({*p.placed[chosen]} & shares.keys()) - done:  # their worker's memory is shared more ways now
             now[b] = p.tolerance(b, shares[b])
             heapq.heappush(heap, (now[b], order[b], b))
     return p.placed
