@@ -6,7 +6,8 @@ tokens cost more if they will run unmerged (the worker is busy with other adapte
 slower where the worker would run requests of more adapters than it has device slots (one step
 runs at most that many, so each adapter runs a fraction of the steps), and a worker that lacks the
 adapter (and is not meant to hold it by the placement) first pays for loading it: its own reads'
-measured seconds (``WorkerStats.adapter_read_seconds``), else ``adapter_load_s``. A worker that
+measured seconds (``WorkerStats.adapter_read_seconds``), else the live workers' mean of those,
+else ``adapter_load_s``. A worker that
 took the request's longest known prompt prefix (``affinity.py``) takes it while its estimate is
 within ``prefix_affinity`` times the soonest, or within ``AFFINITY_REQUESTS`` requests' work of it:
 its prefix cache saves the prompt's prefill.
@@ -148,6 +149,11 @@ def choose_worker(
     # worker that has not measured yet runs the same model too, so it is priced the same.
     if measured := [w.seconds_per_token for w in workers if w.seconds_per_token]:
         costs = msgspec.structs.replace(costs, default_seconds_per_token=sum(measured) / len(measured))
+    # A worker that has read no adapter yet (just started, or of a version before the figure) is
+    # priced at the others' mean read: at the setting's 50 ms beside reads of seconds, every
+    # adapter nobody held went to it (a review)
+    if reads := [w.adapter_read_seconds for w in workers if w.adapter_read_seconds]:
+        costs = msgspec.structs.replace(costs, adapter_load_s=sum(reads) / len(reads))
 
     def key(w: WorkerStats) -> tuple[float, int, str]:
         load = (loads or {}).get(w.worker)

@@ -34,6 +34,8 @@ def snapshot_from_stats(
         for adapter, spt in s.adapter_seconds_per_token.items():
             per_adapter.setdefault(adapter, []).append(spt)
     adapter_mean = {a: sum(v) / len(v) for a, v in per_adapter.items()}
+    reads = [s.adapter_read_seconds for s in stats if s.adapter_read_seconds]  # one unmeasured: at their mean
+    read_mean = sum(reads) / len(reads) if reads else 0.0
     workers = [
         WorkerState(
             s.worker,
@@ -44,7 +46,7 @@ def snapshot_from_stats(
             mean,
             adapter_mean,
             s.max_model_len,
-            s.adapter_read_seconds,
+            s.adapter_read_seconds or read_mean,
         )
         for s in stats
     ]

@@ -172,7 +172,7 @@ class WorkerAdapters:
         AdapterError."""
         key = await self.ensure(name, version, registered)
         if (read := self.reads.get(key)) is not None:
-            await read
+            await asyncio.shield(read)  # shared: one caller cancelled must not cancel the others' wait
         if (failed := self.failed.get((name, version))) is not None:
             raise failed[1](failed[2])
         return key

@@ -111,10 +111,18 @@ async def adapter_read(w: WorkerService, read: AdapterRead) -> None:
     of the engine, each answered or handed back as a request refused for it on arrival."""
     if (e := w.adapters.settle(read)) is None:
         return
-    for rid in [rid for rid, seq in w.engine.seqs.items() if seq.adapter == read.key and rid in w.streams]:
-        req = w.streams.pop(rid).request
+    waited = []
+    for rid in [rid for rid, seq in w.engine.seqs.items() if seq.adapter == read.key]:
+        # every one out before any is answered: an answer that fails (Redis down) left the rest
+        # on an adapter neither held nor read, and the next step failed every request here (a review)
         w.engine.abort(rid)
-        await _adapter_failed(w, req, e)
+        if (stream := w.streams.pop(rid, None)) is not None:
+            waited.append(stream.request)
+    for req in waited:
+        try:
+            await _adapter_failed(w, req, e)
+        except Exception as x:  # noqa: BLE001 - its record outlives it: handed back at the next sweep
+            logger.warning("request of a failed adapter read not answered", request=req.request_id, error=str(x))
 
 
 async def _adapter_failed(w: WorkerService, req: GenerateRequest, e: AdapterError) -> None:

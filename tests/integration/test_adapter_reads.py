@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import msgspec
+import pytest
 from redis.asyncio import Redis
 
 from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, TokenChunk
@@ -191,3 +192,26 @@ async def test_a_request_waiting_for_its_adapter_is_stopped_at_its_deadline(
         finally:
             released.set()
         assert (await _delivered(got, "late")).error_code == "unavailable"
+
+
+async def test_a_failed_read_whose_answers_fail_leaves_no_request_on_its_adapter(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the waiting requests were ended one by one, each answer waiting on Redis; one that
+    raised left the rest in the engine on an adapter neither held nor read, and the next step
+    failed every request on the worker, the base request beside them too."""
+    async with _worker(nats_server, redis, tiny_llama, version="0" * 16) as (service, got, name):
+        for req in (_request("base", None), _request("l1", name), _request("l2", name)):
+            await service._on_request(req)
+            await service._take(service.commands.get_nowait())
+
+        async def down(*args: object, **kwargs: object) -> None:
+            raise ConnectionError("redis down")
+
+        monkeypatch.setattr(service.store, "record_progress", down)
+        await asyncio.gather(*service.adapters.reads.values())
+        await service._take(service.commands.get_nowait())  # the failed read's end, its answers failing
+        assert list(service.engine.seqs) == ["base"]
+        monkeypatch.undo()
+        await _turns_until(service, lambda: "base" not in service.streams)
+        assert (await _delivered(got, "base")).finish_reason == "length"

@@ -58,6 +58,9 @@ def test_a_worker_s_own_measured_adapter_reads_price_the_load_of_an_adapter_it_l
     for read_s, expected in ((0.0, "x"), (0.5, "x"), (5.0, "y")):
         lacks = msgspec.structs.replace(w("x"), adapter_read_seconds=read_s)
         assert choose_worker([lacks, holder], "a") == expected
+    # one that has read nothing yet (just started, or older) at the others' mean, not at 50 ms (a review)
+    measured = msgspec.structs.replace(w("z", [(None, 1000)]), adapter_read_seconds=5.0)
+    assert choose_worker([w("x"), holder, measured], "a") == "y"
 
 
 def test_holding_the_adapter_saves_its_load_and_same_adapter_batches_run_merged() -> None:

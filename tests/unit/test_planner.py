@@ -81,11 +81,16 @@ def test_does_not_move_when_the_gain_is_below_the_move_cost() -> None:
 
 
 def test_a_destination_s_own_measured_adapter_reads_price_loading_an_adapter_there() -> None:
-    """Loading an adapter was the setting's 50 ms wherever the destination's reads took seconds."""
+    """Loading an adapter was the setting's 50 ms wherever the destination's reads took seconds;
+    one that has read nothing yet is priced at the others' mean (a review: not at 50 ms)."""
+    from dlora.services.migrator.trigger import snapshot_from_stats
+
     for read_s, moves in ((0.0, True), (0.5, True), (60.0, False)):
         reader = WorkerState("w1", 1000, 16, 4, frozenset(), seconds_per_token=0.01, adapter_read_seconds=read_s)
         snap = ClusterSnapshot(workers=[worker("w0", ["a"]), reader], requests=reqs("w0", "a", 12), ranks={"a": 16})
         assert bool(plan(snap).moves) is moves, read_s
+    measured, fresh = (_worker_stats(n, [], 0.01, adapter_read_seconds=r) for n, r in (("w0", 6.0), ("w1", 0.0)))
+    assert [w.adapter_read_seconds for w in snapshot_from_stats([measured, fresh], {}).workers] == [6.0, 6.0]
 
 
 def test_base_model_requests_need_no_adapter() -> None:
