@@ -46,6 +46,7 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     total_blocks: int
     max_loras: int  # device slots for adapters
     seconds_per_token: float  # measured step time per generated token
+    adapter_read_seconds: float  # measured: an adapter's read into host memory (0: none yet)
     steps: int
     preemptions: int
     adapters: list[AdapterPlace]
@@ -163,6 +164,7 @@ def _worker(st: WorkerStats, age: float) -> WorkerStatus:
         total_blocks=st.total_blocks,
         max_loras=st.max_loras,
         seconds_per_token=st.seconds_per_token,
+        adapter_read_seconds=st.adapter_read_seconds,
         steps=st.steps,
         preemptions=st.preemptions,
         adapters=places,

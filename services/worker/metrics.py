@@ -289,6 +289,13 @@ def _residency(v: WorkerView) -> Iterator[Metric]:
         {(w, a): s for a, s in seconds.items()},
         "seconds",
     )
+    yield _gauge(
+        "dlora_adapter_read_seconds",
+        "Seconds an adapter's read into host memory takes here, recent reads decayed (dispatch prices loads so)",
+        ["worker"],
+        {(w,): v.stats.adapter_read_seconds},
+        "seconds",
+    )
     vllm: Labelled = {(v.model_name, w, a, t, "false", str(ranks.get(a, 0))): 1.0 for a, t in tier.items()}
     yield _gauge(
         "vllm:lora_adapter_loaded",

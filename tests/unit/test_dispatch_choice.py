@@ -63,6 +63,18 @@ def test_a_worker_s_own_measured_adapter_reads_price_the_load_of_an_adapter_it_l
     assert choose_worker([w("x"), holder, measured], "a") == "y"
 
 
+def test_a_worker_reading_an_adapter_takes_its_next_requests_without_a_second_read() -> None:
+    """A trial: a burst of a new adapter's requests split over two workers, and each read it (seconds
+    for a 400 MB adapter), the first reader priced as lacking it until its read ended. Requests of
+    it queued there (its stats list them while they wait for the read), or sent there since, join
+    that read."""
+    idle = msgspec.structs.replace(w("y"), adapter_read_seconds=5.0)
+    reading = msgspec.structs.replace(w("x", [("a", 64)]), adapter_read_seconds=5.0)
+    assert choose_worker([reading, idle], "a") == "x"
+    sent = msgspec.structs.replace(w("x"), adapter_read_seconds=5.0)
+    assert choose_worker([sent, idle], "a", sent_since_stats={"x": 1}, sent_adapters={"x": ["a"]}) == "x"
+
+
 def test_holding_the_adapter_saves_its_load_and_same_adapter_batches_run_merged() -> None:
     costs = DispatchCosts(adapter_load_s=1.0)
     assert choose_worker([w("x"), w("y", adapters=("a",))], "a", costs=costs) == "y"
@@ -218,19 +230,19 @@ def test_a_chats_next_turn_goes_where_its_history_went_unless_that_worker_is_far
     hit 35 % of prompt tokens where one worker hit 80 %."""
     state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
     history = list(range(100, 200))
-    x, y = w("x", [("a", 5)]), w("y")  # the first turn goes to y, not to x by name
+    x, y = w("x", [("a", 5)], ("a",)), w("y", adapters=("a",))  # the first turn goes to y, not to x by name
     state.heard(x, 0.0)
     state.heard(y, 0.0)
     assert state.choose([x, y], "a", prefix_keys("a", "", history)) == "y"
     # the next turn (history and more) follows it, though x is now the soonest
-    y_busier = w("y", [("a", 20)])
+    y_busier = w("y", [("a", 20)], ("a",))
     state.heard(x, 1.0)
     state.heard(y_busier, 1.0)
     assert state.choose([x, y_busier], "a", prefix_keys("a", "", [*history, 5, 6, 7])) == "y"
     # without the history, x: the test would pass by name otherwise
     assert choose_worker([x, y_busier], "a") == "x"
     # far behind the soonest (here 3x its queued work): load wins over the cache
-    busy = w("y", [("a", 200)])
+    busy = w("y", [("a", 200)], ("a",))
     state.heard(busy, 2.0)
     state.heard(x, 2.0)
     assert state.choose([busy, x], "a", prefix_keys("a", "", history)) == "x"
@@ -247,7 +259,7 @@ def test_requests_sharing_a_prompt_cache_key_go_together_whatever_their_prompts_
     """OpenAI's prompt_cache_key, put after the prefix keys: a conversation whose client names it
     finds its worker even where its prompts share little (a summarised history)."""
     state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
-    x, y = w("x", [("a", 5)]), w("y")
+    x, y = w("x", [("a", 5)], ("a",)), w("y", adapters=("a",))
     state.heard(x, 0.0)
     state.heard(y, 0.0)
 
@@ -255,7 +267,7 @@ def test_requests_sharing_a_prompt_cache_key_go_together_whatever_their_prompts_
         return [*prefix_keys("a", "", prompt), cache_key("a", "", key)]
 
     assert state.choose([x, y], "a", keys(list(range(100, 140)), "c1")) == "y"
-    y_busier = w("y", [("a", 20)])
+    y_busier = w("y", [("a", 20)], ("a",))
     state.heard(x, 1.0)
     state.heard(y_busier, 1.0)
     assert state.choose([x, y_busier], "a", keys(list(range(500, 600)), "c1")) == "y"  # nothing shared but the key
@@ -324,7 +336,7 @@ def test_a_chats_turns_sent_back_to_back_stay_with_its_worker_between_stats() ->
     the keys cover."""
     for keyed, start in ((False, 280), (True, 280), (False, 9000)):
         state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
-        x, y = w("x", [("a", 5)]), w("y")
+        x, y = w("x", [("a", 5)], ("a",)), w("y", adapters=("a",))
         state.heard(x, 0.0)
         state.heard(y, 0.0)
         history = list(range(100, 100 + start))
