@@ -7,13 +7,16 @@ the requests that wait meanwhile are the engine's (``LLMEngine.loading``), as Lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import heapq
 import itertools
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 import msgspec
 
@@ -24,6 +27,7 @@ from dlora.services.worker.engine.lora import AdapterError, AdapterRefused, Lora
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
+T = TypeVar("T")
 
 
 # A version that could not be loaded is not read again for this long: each request for it would
@@ -40,6 +44,30 @@ READ_WEIGHT = 0.2
 def read_mean(mean: float, seconds: float) -> float:
     """The decayed mean of adapter reads' seconds after one of ``seconds`` (``mean`` 0: none yet)."""
     return seconds if mean == 0.0 else (1.0 - READ_WEIGHT) * mean + READ_WEIGHT * seconds
+
+
+def on_daemon_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """``fn(*args)`` on a thread of its own that does not hold up the process's exit, as
+    ``asyncio.to_thread`` does (its pool's threads are joined at exit): a worker stopping during a
+    read of seconds (a 400 MB adapter, a trial: 5 s after its hand-over) exits at once."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()  # (as to_thread: the worker's log context)
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result, error = context.run(fn, *args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="adapter-read", daemon=True).start()
+    return done
 
 
 class AdapterNotFound(Exception):
@@ -258,7 +286,7 @@ class WorkerAdapters:
         limits refuse them (AdapterRefused: its adapter roots, size or rank limits differ)."""
         adapter = None
         try:
-            adapter = await asyncio.to_thread(self.engine.read_adapter, key, entry.path)
+            adapter = await on_daemon_thread(self.engine.read_adapter, key, entry.path)
             digest = adapter.digest
         except AdapterRefused as e:
             # this worker's limits refusing files that loaded at registration: said as such, not

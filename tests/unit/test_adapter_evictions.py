@@ -1,4 +1,5 @@
-"""Which adapters a worker drops from host memory past ``max_cpu_loras`` (``evictions``, pure)."""
+"""Which adapters a worker drops from host memory past ``max_cpu_loras`` (``evictions``, pure), and
+the thread its reads run on."""
 
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -23,3 +24,20 @@ def test_an_adapter_being_read_keeps_its_place_and_is_never_dropped() -> None:
     used = OrderedDict.fromkeys(["reading", "a", "b"])
     assert evictions(_engine(["a", "b"], {"reading"}, 1), used, {None}) == ["a"]
     assert list(used) == ["reading", "b"]
+
+
+def test_a_read_still_running_does_not_hold_up_the_process_s_exit() -> None:
+    """A trial: a worker stopped during a read of seconds exited only when the read's thread ended
+    (``asyncio.to_thread``'s pool is joined at exit), 5 s after its hand-over."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, time\n"
+        "from dlora.services.worker.adapters import on_daemon_thread\n"
+        "async def main():\n"
+        "    on_daemon_thread(time.sleep, 600)  # a read that outlasts the process\n"
+        "    assert await on_daemon_thread(sum, [1, 2]) == 3\n"
+        "asyncio.run(main())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # (not 600 s)
