@@ -395,6 +395,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # Measured seconds an adapter's read from its files into host memory takes here (recent reads,
     # decayed): what sending a request of an adapter it lacks costs; 0 before any.
     adapter_read_seconds: float = 0.0
+    # Adapters whose read failed here lately (names; refused here for a while, ``FAILED_MEMORY_S``):
+    # requests of them sent here do not join a read.
+    failed_adapters: list[str] = []
     # Measured seconds per token of the moved KV caches taken here: the source's export plus this
     # worker's stall (chunks still missing when the request came, decoding, loading); 0 before any.
     kv_transfer_seconds_per_token: float = 0.0

@@ -12,6 +12,8 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+import msgspec
+
 from dlora.common.messages import WorkerStats
 from dlora.services.worker.adapters import read_mean
 from dlora.services.worker.engine.config import EngineConfig
@@ -191,7 +193,8 @@ class Shard:
         when last built: nothing here reads it)."""
         for r in self.replicas.values():
             if r.last_stats is None:
-                r.last_stats = worker_stats(r.name, r.engine, r.lengths, read_seconds=r.read_seconds)
+                stats = worker_stats(r.name, r.engine, r.lengths)
+                r.last_stats = msgspec.structs.replace(stats, adapter_read_seconds=r.read_seconds)
         return [r.last_stats for r in self.replicas.values() if r.last_stats is not None]
 
     def take(self, moves: list[tuple[str, str, bool]], now: float, kv_s_per_token: float) -> list[Moving]:

@@ -104,9 +104,11 @@ def estimated_finish(
     dominant = w.dominant if w.busy else adapter
     own = costs.expected_tokens * (1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead)
     # (requests of it queued or sent there: it holds it, or is reading it and they join that read;
-    # priced as lacking it, a burst of a new adapter's requests spread and each worker read it, a trial)
+    # priced as lacking it, a burst of a new adapter's requests spread and each worker read it, a
+    # trial. Not where its read failed lately: they would all be refused there, a review)
     holds = adapter is None or adapter in placed or adapter in w.adapters
-    holds = holds or adapter in w.queued_adapters or adapter in extra_adapters
+    joins = adapter in w.queued_adapters or adapter in extra_adapters
+    holds = holds or joins and adapter not in w.stats.failed_adapters
     # Requests of more adapters than slots: a step runs at most ``slots`` of them, so the queue
     # drains ``adapters / slots`` times slower. Blind to this, dispatch spread every adapter over
     # every worker as round-robin does (simulated, 8 replicas x 64 adapters, 8 slots each: 994

@@ -62,7 +62,9 @@ def on_daemon_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         try:
             result, error = context.run(fn, *args), None
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            result, error = None, e
+            # (a StopIteration cannot be set on a future: it raised in the callback, and the read
+            # never ended, holding every read after it)
+            result, error = None, RuntimeError(repr(e)) if isinstance(e, StopIteration) else e
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(settle, result, error)
 
@@ -193,6 +195,11 @@ class WorkerAdapters:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_queued())
         return key
+
+    def failing(self) -> list[str]:
+        """The adapters (names) whose read failed within ``FAILED_MEMORY_S``: refused here meanwhile."""
+        now = self.clock()
+        return sorted({name for (name, _), (at, *_) in self.failed.items() if now - at < FAILED_MEMORY_S})
 
     async def load(self, name: str, version: str, registered: bool = False) -> str:
         """``ensure``, its read awaited: the key of the version in host memory. Only where nothing

@@ -395,9 +395,9 @@ class WorkerService:
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
-        read_s = self.adapters.read_seconds
-        stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, read_s)
-        return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining)
+        stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
+        reads = {"adapter_read_seconds": self.adapters.read_seconds, "failed_adapters": self.adapters.failing()}
+        return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining, **reads)
 
     async def publish_stats(self, stop: asyncio.Event) -> None:
         outage = bus.Outage("stats and heartbeat (nats, redis)")

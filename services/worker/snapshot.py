@@ -32,15 +32,10 @@ def _unplaced(held: tuple[str, ...]) -> tuple[AdapterResidency, ...]:
 
 
 def worker_stats(
-    worker: str,
-    engine: LLMEngine,
-    lengths: OutputLengths,
-    kv_seconds: float = 0.0,
-    kv_tokens: int = 0,
-    read_seconds: float = 0.0,
+    worker: str, engine: LLMEngine, lengths: OutputLengths, kv_seconds: float = 0.0, kv_tokens: int = 0
 ) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
-    what the moved caches it took cost, in all; ``read_seconds``: its adapter reads' (decayed mean)."""
+    what the moved caches it took cost, in all. (Its adapter reads' figures: the worker's own.)"""
     e, st = engine, engine.stats
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
@@ -104,7 +99,6 @@ def worker_stats(
             name_of(k): v for k, v in st.adapter_seconds_per_token().items() if k == "" or k in e.adapters
         },
         prefill_seconds_per_token=st.prefill_seconds / st.prefill_tokens if st.prefill_tokens else 0.0,
-        adapter_read_seconds=read_seconds,
         kv_transfer_seconds_per_token=kv_seconds / kv_tokens if kv_tokens else 0.0,
         prefill_tokens=st.prefill_tokens,
         kv_transfer_tokens=kv_tokens,

@@ -140,6 +140,7 @@ async def test_a_failed_read_ends_only_the_requests_that_waited_for_it(
             await service._take(service.commands.get_nowait())
         await _turns_until(service, lambda: not service.streams)
         assert not service.engine.loading and not service.adapters.reads
+        assert service._snapshot().failed_adapters == [name]  # dispatch sends no burst to join a read here
         for rid in ("l1", "l2"):
             chunk = await _delivered(got, rid)
             assert (

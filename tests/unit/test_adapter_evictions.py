@@ -41,3 +41,18 @@ def test_a_read_still_running_does_not_hold_up_the_process_s_exit() -> None:
         "asyncio.run(main())\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # (not 600 s)
+
+
+async def test_a_read_that_raises_stop_iteration_ends_all_the_same() -> None:
+    """A review: a future cannot take a StopIteration; the read never ended, holding every read after it."""
+    import asyncio
+
+    import pytest
+
+    from dlora.services.worker.adapters import on_daemon_thread
+
+    def stops() -> None:
+        raise StopIteration
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await asyncio.wait_for(on_daemon_thread(stops), 10)

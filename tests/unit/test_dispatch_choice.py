@@ -73,6 +73,9 @@ def test_a_worker_reading_an_adapter_takes_its_next_requests_without_a_second_re
     assert choose_worker([reading, idle], "a") == "x"
     sent = msgspec.structs.replace(w("x"), adapter_read_seconds=5.0)
     assert choose_worker([sent, idle], "a", sent_since_stats={"x": 1}, sent_adapters={"x": ["a"]}) == "x"
+    # not where its read failed lately: refused there meanwhile, every one sent after would be (a review)
+    failed = msgspec.structs.replace(sent, failed_adapters=["a"])
+    assert choose_worker([failed, idle], "a", sent_since_stats={"x": 1}, sent_adapters={"x": ["a"]}) == "y"
 
 
 def test_holding_the_adapter_saves_its_load_and_same_adapter_batches_run_merged() -> None:

@@ -110,9 +110,10 @@ def test_the_indexed_placement_chooses_as_the_first_one_did() -> None:
         adapters = [f"a{i}" for i in range(rng.randint(1, 20))]
         shares = {a: rng.choice([rng.random(), 0.5, 0.25]) for a in rng.sample(adapters, rng.randint(1, len(adapters)))}
         ranks = {a: rng.choice([8, 16, 32]) for a in adapters if rng.random() < 0.9}
-        slots = rng.randint(1, 5)
+        slots = rng.randint(1, 5)  # each worker's, or (a review) some of none and some of others
         workers = [
-            WorkerCapacity(f"w{i}", rng.choice([0, 100, rng.randint(0, 1000)]), slots) for i in range(rng.randint(1, 8))
+            WorkerCapacity(f"w{i}", rng.choice([0, 100, rng.randint(0, 1000)]), rng.choice([slots, slots, 0, 3]))
+            for i in range(rng.randint(1, 8))
         ]
         current = {
             w.worker: [rng.choice([*adapters, "unknown"]) for _ in range(rng.randint(0, slots + 2))]
