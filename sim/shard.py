@@ -9,13 +9,12 @@ the same whatever the split.
 from __future__ import annotations
 
 import heapq
-import itertools
 from dataclasses import dataclass, field
 
 import msgspec
 
 from dlora.common.messages import WorkerStats
-from dlora.services.worker.adapters import read_mean
+from dlora.services.worker.adapters import ReadOrder, read_mean
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
@@ -82,12 +81,8 @@ class Replica:
     lengths: OutputLengths = field(default_factory=OutputLengths)
     stepping: bool = False  # a step event is pending
     incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
-    # Adapter reads asked for and not begun: a heap of (a prefetch's only, turn, adapter), stale
-    # entries skipped; one read at a time (``reading``), requests' before prefetches (the worker's order)
-    reads: list[tuple[bool, int, str]] = field(default_factory=list)
-    queued: set[str] = field(default_factory=set)  # asked for, not begun
-    prefetched: set[str] = field(default_factory=set)  # of those, asked for by a prefetch only
-    reading: bool = False
+    reads: ReadOrder = field(default_factory=ReadOrder)  # asked for, not begun: the worker's order
+    reading: bool = False  # one at a time
     read_seconds: float = 0.0  # its reads' seconds, decayed as a worker's stats give them (``read_mean``)
     # Its stats as last built, while nothing here has changed since (no step, join or move): an
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
@@ -135,7 +130,6 @@ class Shard:
         self.served: dict[str, Served] = {}  # the requests dispatched or moved here
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = 0
-        self._turns = itertools.count()  # adapter reads' order of asking
 
     def _push(self, at: float, kind: str, what: object) -> None:
         heapq.heappush(self._events, (at, self._seq, kind, what))
@@ -234,32 +228,22 @@ class Shard:
         if adapter is None or engine.ask(adapter):
             return
         if adapter in engine.loading:
-            if adapter in replica.prefetched and not prefetch:  # a prefetch's, not begun: a request's now
-                replica.prefetched.discard(adapter)
-                heapq.heappush(replica.reads, (False, next(self._turns), adapter))
+            if adapter in replica.reads:  # not begun: a request's goes ahead of the prefetches
+                replica.reads.ask(adapter, prefetch)
             return
         engine.loading.add(adapter)
-        replica.queued.add(adapter)
-        if prefetch:
-            replica.prefetched.add(adapter)
-        heapq.heappush(replica.reads, (prefetch, next(self._turns), adapter))
+        replica.reads.ask(adapter, prefetch)
         if not replica.reading:
             self._next_read(replica, now)
 
     def _next_read(self, replica: Replica, now: float) -> None:
         """Begin ``replica``'s next read asked for, if any (its end: an event, and a change to what
         the replica runs, where fast-forwards stop)."""
-        while replica.reads:
-            _, _, adapter = heapq.heappop(replica.reads)
-            if adapter in replica.queued:  # else begun already (asked for twice)
-                replica.queued.discard(adapter)
-                replica.prefetched.discard(adapter)
-                done = now + replica.engine.cost.host_load_seconds(self.ranks[adapter])
-                heapq.heappush(replica.incoming, done)
-                self._push(done, "read", _Read(replica, adapter))
-                replica.reading = True
-                return
-        replica.reading = False
+        replica.reading = (adapter := replica.reads.next()) is not None
+        if adapter is not None:
+            done = now + replica.engine.cost.host_load_seconds(self.ranks[adapter])
+            heapq.heappush(replica.incoming, done)
+            self._push(done, "read", _Read(replica, adapter))
 
     def _read(self, r: _Read, now: float) -> None:
         """An adapter's read ended: in host memory, its waiting requests run; the next read begins."""

@@ -72,6 +72,34 @@ def on_daemon_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
     return done
 
 
+class ReadOrder:
+    """The adapter reads asked for and not begun, in the order they are read one at a time: those
+    requests wait for first, then prefetches, each in turn of asking; a prefetch's a request asks
+    for goes ahead with the requests'. Pure: the worker's reads and the simulator's follow it."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[bool, int, str]] = []  # (a prefetch's only, turn, key); stale entries skipped
+        self._queued: dict[str, bool] = {}  # key -> asked for by prefetches only
+        self._turns = itertools.count()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._queued
+
+    def ask(self, key: str, prefetch: bool) -> None:
+        """``key`` asked for (again: where only prefetches asked, a request's now)."""
+        if (only_prefetches := self._queued.get(key)) is None or only_prefetches and not prefetch:
+            self._queued[key] = prefetch
+            heapq.heappush(self._heap, (prefetch, next(self._turns), key))
+
+    def next(self) -> str | None:
+        """The key to read now, taken out; None when none is asked for."""
+        while self._heap:
+            key = heapq.heappop(self._heap)[2]
+            if self._queued.pop(key, None) is not None:  # else begun already (asked for twice)
+                return key
+        return None
+
+
 class AdapterNotFound(Exception):
     """The registry has no such adapter (or no such version of it)."""
 
@@ -144,9 +172,7 @@ class WorkerAdapters:
         # the disk and each is read whole), those requests wait for before prefetches, then in turn.
         self.reads: dict[str, asyncio.Future[None]] = {}
         self._queued: dict[str, tuple[str, AdapterEntry]] = {}  # key -> name, registry entry
-        self._order: list[tuple[bool, int, str]] = []  # heap: (a prefetch, turn, key); stale ones skipped
-        self._turns = itertools.count()
-        self._prefetched: set[str] = set()  # those queued for a prefetch only
+        self._order = ReadOrder()
         self._reader: asyncio.Task[None] | None = None
         self.read_seconds = 0.0  # recent reads' seconds, decayed (``read_mean``): the stats say it
         # Where a read's outcome goes: a worker's command queue, settled between its steps; without
@@ -170,9 +196,8 @@ class WorkerAdapters:
         self.used[key] = None
         self.used.move_to_end(key)
         if key in self.engine.adapters or key in self.engine.loading:
-            if key in self._prefetched and not prefetch:  # a prefetch's, not begun: a request's now
-                self._prefetched.discard(key)
-                heapq.heappush(self._order, (False, next(self._turns), key))
+            if key in self._order:  # not begun: a request's goes ahead of the prefetches
+                self._order.ask(key, prefetch)
             return key
         if registered and await self.registry.get_adapter(name) is None:  # asked before any file is read
             raise gone
@@ -189,9 +214,7 @@ class WorkerAdapters:
         self.engine.loading.add(key)
         self.reads[key] = asyncio.get_running_loop().create_future()
         self._queued[key] = (name, entry)
-        if prefetch:
-            self._prefetched.add(key)
-        heapq.heappush(self._order, (prefetch, next(self._turns), key))
+        self._order.ask(key, prefetch)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_queued())
         return key
@@ -214,18 +237,15 @@ class WorkerAdapters:
 
     async def _read_queued(self) -> None:
         """The reads asked for, one at a time, in their order, while there are any."""
-        while self._order:
-            _, _, key = heapq.heappop(self._order)
-            if (queued := self._queued.pop(key, None)) is not None:  # else read already (asked twice)
-                self._prefetched.discard(key)
-                done = self.reads[key]
-                try:
-                    await self._read(key, *queued)
-                except Exception as e:  # its outcome not taken in: the reads after it go on
-                    logger.exception("adapter read not settled", adapter=name_of(key), error=str(e))
-                finally:
-                    if not done.done():
-                        done.set_result(None)
+        while (key := self._order.next()) is not None:
+            done = self.reads[key]
+            try:
+                await self._read(key, *self._queued.pop(key))
+            except Exception as e:  # its outcome not taken in: the reads after it go on
+                logger.exception("adapter read not settled", adapter=name_of(key), error=str(e))
+            finally:
+                if not done.done():
+                    done.set_result(None)
 
     async def _read(self, key: str, name: str, entry: AdapterEntry) -> None:
         """Read ``entry``'s files on a thread, then ``post`` the outcome, whatever happens (the

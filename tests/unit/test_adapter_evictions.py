@@ -1,5 +1,5 @@
 """Which adapters a worker drops from host memory past ``max_cpu_loras`` (``evictions``, pure), and
-the thread its reads run on."""
+the order and the thread its reads run on."""
 
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -56,3 +56,15 @@ async def test_a_read_that_raises_stop_iteration_ends_all_the_same() -> None:
 
     with pytest.raises(RuntimeError, match="StopIteration"):
         await asyncio.wait_for(on_daemon_thread(stops), 10)
+
+
+def test_reads_requests_wait_for_come_before_prefetches_each_in_turn_of_asking() -> None:
+    """The order the worker's reads and the simulator's follow (``ReadOrder``, pure)."""
+    from dlora.services.worker.adapters import ReadOrder
+
+    order = ReadOrder()
+    for key, prefetch in (("p1", True), ("r1", False), ("p2", True), ("p1", True), ("r2", False), ("p2", False)):
+        order.ask(key, prefetch)
+    order.ask("r1", True)  # a prefetch of one a request asked for: no later
+    assert "p1" in order and "x" not in order
+    assert [order.next() for _ in range(5)] == ["r1", "r2", "p2", "p1", None]  # p2: a request asked for it too
