@@ -146,8 +146,7 @@ class LLMEngine:
             BatchLimits(config.max_num_seqs, config.max_loras, self.limits.max_num_batched_tokens, chunked),
         )
         self.adapters: dict[str, LoraAdapter] = {}
-        # Adapters being read beside the steps: their requests wait, unseen by the policy (as LoRAX's)
-        self.loading: set[str] = set()
+        self.loading: set[str] = set()  # adapters read beside the steps: their requests wait unseen by the policy
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: InFlight | None = None  # async scheduling's step whose tokens are on their way
         self._taken: list[RequestOutput] = []  # its outputs once taken in, until ``step`` returns them
@@ -166,8 +165,7 @@ class LLMEngine:
         return self.install_adapter(self.read_adapter(name, path))
 
     def read_adapter(self, name: str, path: str | Path) -> LoraAdapter:
-        """A PEFT adapter's files read and checked against this model and its limits, the engine not
-        changed (a worker reads on a thread while steps run). Raises AdapterError with the reason."""
+        """A PEFT adapter read and checked, the engine unchanged (safe beside a step). AdapterError."""
         if not name or name == self.model_name:
             raise AdapterError(f"adapter name {name!r} is empty or the base model's name")
         return self.merger.assessed(load_adapter(name, path, self.model_config, self.config.adapter_limits))
@@ -321,7 +319,9 @@ class LLMEngine:
 
     def queue(self) -> list[QueuedRequest]:
         """What the policy may run, in scheduling order: priority, then arrival (``scheduler.queued``)."""
-        seqs, merged = [s for s in self.seqs.values() if s.adapter not in self.loading], self.merger.merged
+        seqs, merged = self.seqs.values(), self.merger.merged
+        if self.loading:  # (a list made only then: the policy asks every step)
+            seqs = [s for s in seqs if s.adapter not in self.loading]
         self._queued = queued(seqs, self.adapters, self.limits, self._queued, self.blocks, self._cache_key, merged)
         return list(self._queued.values())
 
