@@ -91,27 +91,7 @@ class _Placing:
         """The worker of ``options`` where a replica raises the adapter's tolerance most (ties: the
         last by name). That tolerance rises with the new replica's part, so only the options with
         the largest parts are summed: those that round to the best."""
-        # ``part(w, adapter, adding=True)`` for each, inlined (the same sums in the same order): a
-        # million calls for one placement at 256 workers x 32 slots
-        rank, kept, capacity, placed, counts = (
-            self.rank(adapter),
-            1 - self.penalty,
-            self.capacity,
-            self.placed,
-            self.rank_counts,
-        )
-        parts = sorted(
-            (
-                (
-                    capacity[w].free_kv_blocks
-                    / max(1, len(placed[w]) + 1)
-                    * (kept if len(placed[w]) - counts[w][rank] > 0 else 1.0),
-                    w,
-                )
-                for w in options
-            ),
-            reverse=True,
-        )
+        parts = sorted(((self.part(w, adapter, adding=True), w) for w in options), reverse=True)
         top, chosen = parts[0]
         best = self.tolerance(adapter, share, top)
         for part, w in parts[1:]:
