@@ -40,7 +40,8 @@ def worker_stats(
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
     queue = [seq for q in e.queue() if (seq := e.seqs.get(q.request_id)) is not None]
-    queue += [seq for seq in e.seqs.values() if seq.adapter in e.loading]
+    if e.loading:
+        queue += [seq for seq in e.seqs.values() if seq.adapter in e.loading]
     # vLLM's "running": scheduled once, a prompt part-way through its chunked prefill too (counted
     # waiting while its KV grew, it hid a worker busy with long prompts from queue-depth readers);
     # the same rule for each request listed, so the per-adapter figures add up to it
