@@ -214,7 +214,8 @@ class Cluster:
         joins bound how far each replica may run on alone (``Shard._step``)."""
         while self._arrivals and self._arrivals[-1].arrival_s < end:
             req = self._arrivals.pop()
-            name = self.state.choose(self.state.live(req.arrival_s), req.adapter)
+            bound = req.max_tokens or req.output_len  # as the dispatcher reads a request's max_tokens
+            name = self.state.choose(self.state.live(req.arrival_s), req.adapter, max_tokens=bound)
             if name is None:
                 raise RuntimeError(f"no live replica for {req.request_id}")
             self._where[req.request_id] = name

@@ -1,8 +1,9 @@
 """Which worker takes a request: dLoRA's proactive dispatch. Pure: worker stats in, a worker out.
 
 A request goes to the worker where it would finish soonest, estimated as the work queued there
-(remaining tokens x the live workers' mean measured seconds per token) plus its own, where its own
-tokens cost more if they will run unmerged (the worker is busy with other adapters), all of it
+(remaining tokens x the live workers' mean measured seconds per token) plus its own
+(``request_tokens``: ``expected_tokens``, or its ``max_tokens`` where that is fewer), where its
+own tokens cost more if they will run unmerged (the worker is busy with other adapters), all of it
 slower where the worker would run requests of more adapters than it has device slots (one step
 runs at most that many, so each adapter runs a fraction of the steps), and a worker that lacks the
 adapter (and is not meant to hold it by the placement) first pays for loading it: its own reads'
@@ -33,7 +34,7 @@ class DispatchMode(enum.StrEnum):
 class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The estimates proactive dispatch prices a worker with (``[dispatcher.costs]`` in ``dlora.toml``)."""
 
-    expected_tokens: float = 64.0  # a new request's output length in tokens (unknown: an estimate)
+    expected_tokens: float = 64.0  # a new request's output length in tokens (unknown: an estimate; max_tokens if fewer)
     unmerged_overhead: float = 0.1  # extra cost per token (fraction) when not the worker's dominant adapter
     adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks, until it measured its reads
     default_seconds_per_token: float = 0.01  # every worker's price when no worker has measured yet
@@ -87,22 +88,33 @@ class WorkerLoad:
         )
 
 
+def request_tokens(costs: DispatchCosts, max_tokens: int = 0) -> float:
+    """The output tokens a new request is priced at: ``costs.expected_tokens``, or its ``max_tokens``
+    where that is fewer (0: not known). Priced at 64 whatever their bound, a trial's 16-token
+    requests cost 4x their work each on the worker holding their adapter, and went to another that
+    read it again."""
+    return min(costs.expected_tokens, max_tokens) if max_tokens > 0 else costs.expected_tokens
+
+
 def estimated_finish(
     w: WorkerLoad,
     adapter: str | None,
-    extra_requests: int,
+    extra_tokens: float,
     placed: set[str],
     costs: DispatchCosts,
     extra_adapters: Collection[str] = (),
+    tokens: float | None = None,
 ) -> float:
-    """Seconds until a request of ``adapter`` would finish on ``w``, with ``extra_requests`` sent
-    there since its stats (of ``extra_adapters``) and ``placed`` the adapters the placement means
-    it to hold, its tokens priced at ``costs.default_seconds_per_token`` (``choose_worker`` sets it
-    to the live workers' mean: see there). The formula is the module's docstring."""
+    """Seconds until a request of ``adapter`` and ``tokens`` output tokens (None:
+    ``costs.expected_tokens``) would finish on ``w``, with requests of ``extra_tokens`` sent there
+    since its stats (of ``extra_adapters``) and ``placed`` the adapters the placement means it to
+    hold, its tokens priced at ``costs.default_seconds_per_token`` (``choose_worker`` sets it to
+    the live workers' mean: see there). The formula is the module's docstring."""
     spt = costs.default_seconds_per_token
-    queued = w.queued_tokens + extra_requests * costs.expected_tokens
+    queued = w.queued_tokens + extra_tokens
     dominant = w.dominant if w.busy else adapter
-    own = costs.expected_tokens * (1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead)
+    own = costs.expected_tokens if tokens is None else tokens
+    own *= 1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead
     # (requests of it queued or sent there: it holds it, or is reading it and they join that read;
     # priced as lacking it, a burst of a new adapter's requests spread and each worker read it, a
     # trial. Not where its read failed lately: they would all be refused there, a review)
@@ -129,22 +141,25 @@ def holds_request(w: WorkerStats, tokens: int) -> bool:
 def choose_worker(
     workers: list[WorkerStats],
     adapter: str | None,
-    sent_since_stats: dict[str, int] | None = None,
+    sent_tokens: Mapping[str, float] | None = None,
     placement: dict[str, list[str]] | None = None,
     costs: DispatchCosts = DEFAULT_COSTS,
     loads: dict[str, WorkerLoad] | None = None,
     sent_adapters: Mapping[str, Collection[str]] | None = None,
     affine: str | None = None,
+    tokens: float | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,
-    where the caller keeps them (else made here). ``sent_since_stats`` / ``sent_adapters``: the
-    requests sent to each worker since its stats, and their adapters (a burst of new adapters to
-    one worker crowds its slots before its stats say so). ``affine``: the worker that took the
-    request's prompt prefix last, which takes it within ``costs.prefix_affinity`` of the soonest."""
+    where the caller keeps them (else made here). ``sent_tokens`` / ``sent_adapters``: the output
+    tokens of the requests sent to each worker since its stats (each as ``request_tokens`` priced
+    it), and their adapters (a burst of new adapters to one worker crowds its slots before its
+    stats say so). ``affine``: the worker that took the request's prompt prefix last, which takes
+    it within ``costs.prefix_affinity`` of the soonest. ``tokens``: the request's own output
+    tokens (``request_tokens``; None: ``costs.expected_tokens``)."""
     if not workers:
         return None
-    sent, sent_to = sent_since_stats or {}, sent_adapters or {}
+    sent, sent_to = sent_tokens or {}, sent_adapters or {}
     placement = placement or {}
     # Every worker is priced at the live workers' mean measured speed. A batched engine's seconds
     # per token fall as its batch grows (a step's time is shared by more tokens), so a worker's own
@@ -165,7 +180,13 @@ def choose_worker(
         if load is None or load.stats is not w:  # not kept, or kept of other stats
             load = WorkerLoad.of(w)
         finish = estimated_finish(
-            load, adapter, sent.get(w.worker, 0), set(placement.get(w.worker, ())), costs, sent_to.get(w.worker, ())
+            load,
+            adapter,
+            sent.get(w.worker, 0.0),
+            set(placement.get(w.worker, ())),
+            costs,
+            sent_to.get(w.worker, ()),
+            tokens,
         )
         holds = adapter is None or adapter in load.adapters
         return (round(finish, 9), 0 if holds else 1, w.worker)

@@ -329,7 +329,8 @@ class Dispatcher(Recovery):
         # an application's groups are its own, and a name is kept as a digest (its size is the sender's)
         group = hashlib.blake2b(f"{req.owner}\0{req.group}".encode(), digest_size=16).hexdigest() if req.group else ""
         ids = req.prompt_token_ids or []
-        worker = self.state.choose(others or live, req.adapter, prefixes, group, ids)
+        left = max(1, req.params.max_tokens - len(req.resume_token_ids))  # (resumed tokens count against it)
+        worker = self.state.choose(others or live, req.adapter, prefixes, group, ids, left)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
@@ -347,7 +348,7 @@ class Dispatcher(Recovery):
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went
             # (two dispatchers walking a lost worker's records both choose, one records).
             if not recorded:
-                self.state.unsend(worker, req.adapter, prefixes, ids)
+                self.state.unsend(worker, req.adapter, prefixes, ids, left)
         if recorded:
             self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from dlora.common.messages import WorkerStats
 from dlora.services.dispatcher.affinity import GRANULE, MAX_HASHED, PrefixAffinity
-from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker
+from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker, request_tokens
 
 # Request groups remembered (``GenerateRequest.group``), the least recently sent to forgotten first:
 # a group's requests come together, so this holds many times the requests dispatched at once.
@@ -34,6 +34,7 @@ class _Sent(NamedTuple):
     adapter: str | None
     length: int  # its prompt's tokens
     digest: bytes  # and their ``_digest``
+    tokens: float  # its output tokens as counted in ``DispatchState.sent_tokens``
 
 
 def _digest(prompt: Sequence[int]) -> bytes:
@@ -52,9 +53,9 @@ class DispatchState:
         # Latest stats per worker and when they arrived (the caller's clock); stale ones are ignored.
         self.workers: dict[str, tuple[WorkerStats, float]] = {}
         self.loads: dict[str, WorkerLoad] = {}  # of those stats, what choosing reads
-        # Requests sent to each worker since its last stats: a burst must not all go to the
-        # worker that looked idlest a moment ago.
-        self.sent_since_stats: dict[str, int] = {}
+        # Output tokens of the requests sent to each worker since its last stats (``request_tokens``
+        # each): a burst must not all go to the worker that looked idlest a moment ago.
+        self.sent_tokens: dict[str, float] = {}
         self.sent_adapters: dict[str, Counter[str]] = {}  # and their adapters' (not the base's)
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
@@ -79,7 +80,7 @@ class DispatchState:
         self.workers[st.worker] = (st, now)
         last = self.loads.get(st.worker)  # the simulator hands an idle replica's message again
         self.loads[st.worker] = last if last is not None and last.stats is st else WorkerLoad.of(st)
-        self.sent_since_stats[st.worker] = 0
+        self.sent_tokens[st.worker] = 0.0
         self.sent_adapters[st.worker] = Counter()
         self.stats_heard[st.worker] += 1
 
@@ -110,14 +111,17 @@ class DispatchState:
         prefixes: list[bytes] | None = None,
         group: str = "",
         prompt: Sequence[int] = (),
+        max_tokens: int = 0,
     ) -> str | None:
         """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
         as sent to it (``unsend`` takes that back if it never went): the one its ``group``'s
         requests went to while it is among ``live`` (up to ``MAX_GROUP_REQUESTS`` of them), else
         round-robin blind to load and adapters, or proactive (``choose_worker``), near a worker
         that took the request's prompt prefix before (``prefixes``: its ``affinity.request_keys``;
-        ``prompt``: its prompt's token ids, which those begin with)."""
+        ``prompt``: its prompt's token ids, which those begin with; ``max_tokens``: its bound on output
+        tokens, 0 unknown)."""
         worker: str | None
+        tokens = request_tokens(self.costs, max_tokens)
         keys = _prompt_keys(prefixes, prompt)
         self._ended(keys, prompt)
         pinned = self.groups.get(group) if group else None
@@ -131,12 +135,21 @@ class DispatchState:
         else:
             affine = self.affinity.worker_for(prefixes, {w.worker for w in live}) if prefixes else None
             worker = choose_worker(
-                live, adapter, self.sent_since_stats, self.placement, self.costs, self.loads, self.sent_adapters, affine
+                live,
+                adapter,
+                self.sent_tokens,
+                self.placement,
+                self.costs,
+                self.loads,
+                self.sent_adapters,
+                affine,
+                tokens,
             )
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
             if worker is not None and keys:
-                self.ends[keys[-1]] = _Sent(worker, self.stats_heard[worker], adapter, len(prompt), _digest(prompt))
+                sent = _Sent(worker, self.stats_heard[worker], adapter, len(prompt), _digest(prompt), tokens)
+                self.ends[keys[-1]] = sent
                 self.ends.move_to_end(keys[-1])
                 if len(self.ends) > MAX_ENDS:
                     self.ends.popitem(last=False)
@@ -146,7 +159,7 @@ class DispatchState:
             if len(self.groups) > MAX_GROUPS:
                 self.groups.popitem(last=False)
         if worker is not None:
-            self.sent_since_stats[worker] = self.sent_since_stats.get(worker, 0) + 1
+            self.sent_tokens[worker] = self.sent_tokens.get(worker, 0.0) + tokens
             if adapter is not None:
                 self.sent_adapters.setdefault(worker, Counter())[adapter] += 1
         return worker
@@ -161,20 +174,29 @@ class DispatchState:
             if sent is not None and sent.length < len(prompt) and _digest(prompt[: sent.length]) == sent.digest:
                 del self.ends[key]
                 if self.stats_heard[sent.worker] == sent.heard:
-                    self.unsend(sent.worker, sent.adapter)
+                    self._uncount(sent.worker, sent.adapter, sent.tokens)
                 return
 
     def unsend(
-        self, worker: str, adapter: str | None, prefixes: list[bytes] | None = None, prompt: Sequence[int] = ()
+        self,
+        worker: str,
+        adapter: str | None,
+        prefixes: list[bytes] | None = None,
+        prompt: Sequence[int] = (),
+        max_tokens: int = 0,
     ) -> None:
         """A request ``choose`` counted on ``worker`` did not go there (another dispatcher recorded
         it first): no longer counted, nor taken off again when a later prompt extends its prompt
-        (``prefixes`` and ``prompt`` as ``choose`` was given them)."""
+        (``prefixes``, ``prompt`` and ``max_tokens`` as ``choose`` was given them)."""
         keys = _prompt_keys(prefixes, prompt)
         if keys and (end := self.ends.get(keys[-1])) is not None and end.worker == worker:
             del self.ends[keys[-1]]
-        if self.sent_since_stats.get(worker, 0) > 0:
-            self.sent_since_stats[worker] -= 1
+        self._uncount(worker, adapter, request_tokens(self.costs, max_tokens))
+
+    def _uncount(self, worker: str, adapter: str | None, tokens: float) -> None:
+        """A request counted as sent to ``worker`` since its stats is not (any more)."""
+        if worker in self.sent_tokens:  # (not below 0: stats since reset it)
+            self.sent_tokens[worker] = max(0.0, self.sent_tokens[worker] - tokens)
         if adapter is not None and (sent := self.sent_adapters.get(worker)) and adapter in sent:
             sent[adapter] -= 1
             if not sent[adapter]:  # its keys are the adapters crowding the worker's slots
@@ -182,6 +204,6 @@ class DispatchState:
 
     def forget(self, worker: str) -> None:
         """A worker given up on: nothing of it is kept."""
-        for table in (self.workers, self.loads, self.sent_since_stats, self.sent_adapters):
+        for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters):
             table.pop(worker, None)
         self.affinity.forget(worker)

@@ -63,6 +63,23 @@ def test_a_worker_s_own_measured_adapter_reads_price_the_load_of_an_adapter_it_l
     assert choose_worker([w("x"), holder, measured], "a") == "y"
 
 
+def test_a_request_is_priced_at_its_max_tokens_where_that_is_below_the_expected_length() -> None:
+    """A trial: a burst of 16-token requests, each priced at ``expected_tokens`` (64) on the worker
+    holding their adapter, looked 4x their work; from the third on they went to a worker that read
+    the adapter again. Priced at their bound, seven go where the adapter is; a request whose bound is
+    not known, or above the expected length, is still priced at that."""
+    for max_tokens, on_holder in ((16, 7), (0, 2), (4096, 2)):
+        state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+        state.heard(w("x", adapters=("a",)), 0.0)
+        state.heard(msgspec.structs.replace(w("y"), adapter_read_seconds=1.0), 0.0)
+        picks = [state.choose(state.live(0.0), "a", max_tokens=max_tokens) for _ in range(8)]
+        assert picks[: on_holder + 1] == ["x"] * on_holder + ["y"], (max_tokens, picks)
+        priced = min(64, max_tokens or 64)
+        assert state.sent_tokens["x"] == picks.count("x") * priced
+        state.unsend("x", "a", max_tokens=max_tokens)  # taken back as counted
+        assert state.sent_tokens["x"] == (picks.count("x") - 1) * priced
+
+
 def test_a_worker_reading_an_adapter_takes_its_next_requests_without_a_second_read() -> None:
     """A trial: a burst of a new adapter's requests split over two workers, and each read it (seconds
     for a 400 MB adapter), the first reader priced as lacking it until its read ended. Requests of
@@ -72,10 +89,10 @@ def test_a_worker_reading_an_adapter_takes_its_next_requests_without_a_second_re
     reading = msgspec.structs.replace(w("x", [("a", 64)]), adapter_read_seconds=5.0)
     assert choose_worker([reading, idle], "a") == "x"
     sent = msgspec.structs.replace(w("x"), adapter_read_seconds=5.0)
-    assert choose_worker([sent, idle], "a", sent_since_stats={"x": 1}, sent_adapters={"x": ["a"]}) == "x"
+    assert choose_worker([sent, idle], "a", sent_tokens={"x": 64.0}, sent_adapters={"x": ["a"]}) == "x"
     # not where its read failed lately: refused there meanwhile, every one sent after would be (a review)
     failed = msgspec.structs.replace(sent, failed_adapters=["a"])
-    assert choose_worker([failed, idle], "a", sent_since_stats={"x": 1}, sent_adapters={"x": ["a"]}) == "y"
+    assert choose_worker([failed, idle], "a", sent_tokens={"x": 64.0}, sent_adapters={"x": ["a"]}) == "y"
 
 
 def test_holding_the_adapter_saves_its_load_and_same_adapter_batches_run_merged() -> None:
@@ -90,7 +107,7 @@ def test_holding_the_adapter_saves_its_load_and_same_adapter_batches_run_merged(
 def test_placement_and_recent_sends_count() -> None:
     costs = DispatchCosts(adapter_load_s=1.0)
     assert choose_worker([w("x"), w("y")], "a", placement={"y": ["a"]}, costs=costs) == "y"
-    assert choose_worker([w("x"), w("y")], None, sent_since_stats={"x": 3}) == "y"
+    assert choose_worker([w("x"), w("y")], None, sent_tokens={"x": 192.0}) == "y"
 
 
 def test_a_worker_holds_a_request_only_whole() -> None:
@@ -126,13 +143,13 @@ def test_dispatch_state_counts_sends_until_the_next_stats_and_drops_stale_or_dra
     picks = [state.choose(state.live(1.0), None) for _ in range(4)]
     assert picks == ["x", "y", "x", "y"]  # each send counts against its worker until it reports
     state.heard(w("x"), now=2.0)
-    assert state.sent_since_stats == {"x": 0, "y": 2, "z": 0}
+    assert state.sent_tokens == {"x": 0, "y": 2 * 64, "z": 0}
     # The same message heard again (a simulated idle replica's) is not summed again; a new one is.
     st = w("x", [("a", 3)])
     state.heard(st, now=3.0)
     load = state.loads["x"]
     state.heard(st, now=3.5)
-    assert state.loads["x"] is load and state.workers["x"] == (st, 3.5) and state.sent_since_stats["x"] == 0
+    assert state.loads["x"] is load and state.workers["x"] == (st, 3.5) and state.sent_tokens["x"] == 0
     state.heard(w("x"), now=4.0)
     assert state.loads["x"] is not load and not state.loads["x"].busy
     assert [st.worker for st in state.live(now=6.0)] == ["x"]  # y's stats are 6 s old
@@ -187,7 +204,7 @@ def test_adapters_sent_since_the_stats_count_in_the_crowding() -> None:
     assert state.sent_adapters == {"x": {"a1": 1, "a2": 1}, "y": {"a3": 1}}
     # one that another dispatcher recorded first is taken back: x is no longer crowded by it
     state.unsend("x", "a2")
-    assert state.sent_adapters["x"] == {"a1": 1} and state.sent_since_stats["x"] == 1
+    assert state.sent_adapters["x"] == {"a1": 1} and state.sent_tokens["x"] == costs.expected_tokens
     assert state.choose(state.live(0.0), "a4") == "x"
     state.heard(msgspec.structs.replace(w("x"), max_loras=2), now=1.0)
     assert not state.sent_adapters["x"]
@@ -347,7 +364,7 @@ def test_a_chats_turns_sent_back_to_back_stay_with_its_worker_between_stats() ->
             history += [7] * 8 + list(range(400 + 20 * turn, 420 + 20 * turn))  # an answer, a question
             keys = [*prefix_keys("a", "", history), *([cache_key("a", "", "c")] if keyed else [])]
             assert state.choose([x, y], "a", keys, prompt=history) == "y", (keyed, start, turn)
-        assert state.sent_since_stats["y"] == 1  # the last turn, still running
+        assert state.sent_tokens["y"] == 64  # the last turn, still running
 
 
 def test_only_a_prompt_that_extends_an_earlier_one_exactly_takes_it_off() -> None:
@@ -365,7 +382,7 @@ def test_only_a_prompt_that_extends_an_earlier_one_exactly_takes_it_off() -> Non
         state.choose([x, y], "a", prefix_keys("a", "", prompt), prompt=prompt)
     for _ in range(2):
         state.choose([x, y], "a", prefix_keys("a", "", header), prompt=header)
-    assert sum(state.sent_since_stats.values()) == 8
+    assert sum(state.sent_tokens.values()) == 8 * 64
     state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
     state.heard(x, 0.0)
     state.heard(y, 0.0)
@@ -375,7 +392,7 @@ def test_only_a_prompt_that_extends_an_earlier_one_exactly_takes_it_off() -> Non
     state.choose([x], "b", prefix_keys("b", "", first), prompt=first)  # another request there
     state.unsend("x", "a", keys, first)
     state.choose([x], "a", prefix_keys("a", "", after), prompt=after)
-    assert state.sent_since_stats["x"] == 2  # b's and the last
+    assert state.sent_tokens["x"] == 2 * 64  # b's and the last
 
 
 def test_a_worker_is_quiet_past_half_the_ttl_and_three_of_its_own_gaps() -> None:
