@@ -90,6 +90,7 @@ class Cluster:
         self.cost = cost
         self.state = DispatchState(heartbeat_ttl_s, mode, dispatch_costs)
         self.ranks = dict(adapters)
+        self.state.ranks = self.ranks  # (the dispatcher's, from the registry)
         self.migrator = migrator
         self.looks = Looks(migrator.trigger) if migrator is not None else None
         self.heard: dict[str, WorkerStats] = {}  # the migrator's view: stats since its last plan

@@ -84,6 +84,7 @@ class Replica:
     reads: ReadOrder = field(default_factory=ReadOrder)  # asked for, not begun: the worker's order
     reading: bool = False  # one at a time
     read_seconds: float = 0.0  # its reads' seconds, decayed as a worker's stats give them (``read_mean``)
+    read_rank: float = 0.0  # and their ranks, alike
     # Its stats as last built, while nothing here has changed since (no step, join or move): an
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
     # at 128 adapters, every half second of every replica: half an idle cluster's run).
@@ -188,7 +189,8 @@ class Shard:
         for r in self.replicas.values():
             if r.last_stats is None:
                 stats = worker_stats(r.name, r.engine, r.lengths)
-                r.last_stats = msgspec.structs.replace(stats, adapter_read_seconds=r.read_seconds)
+                reads = {"adapter_read_seconds": r.read_seconds, "adapter_read_rank": r.read_rank}
+                r.last_stats = msgspec.structs.replace(stats, **reads)
         return [r.last_stats for r in self.replicas.values() if r.last_stats is not None]
 
     def take(self, moves: list[tuple[str, str, bool]], now: float, kv_s_per_token: float) -> list[Moving]:
@@ -251,6 +253,7 @@ class Shard:
         heapq.heappop(replica.incoming)
         replica.engine.install(r.adapter, rank)
         replica.read_seconds = read_mean(replica.read_seconds, replica.engine.cost.host_load_seconds(rank))
+        replica.read_rank = read_mean(replica.read_rank, rank)
         replica.last_stats = None
         self._wake(replica, now)
         self._next_read(replica, now)

@@ -7,8 +7,8 @@ own tokens cost more if they will run unmerged (the worker is busy with other ad
 slower where the worker would run requests of more adapters than it has device slots (one step
 runs at most that many, so each adapter runs a fraction of the steps), and a worker that lacks the
 adapter (and is not meant to hold it by the placement) first pays for loading it: its own reads'
-measured seconds (``WorkerStats.adapter_read_seconds``), else the live workers' mean of those,
-else ``adapter_load_s``. A worker that
+measured seconds scaled to the adapter's rank (``WorkerStats.read_seconds``), else the live
+workers' mean of those, else ``adapter_load_s``. A worker that
 took the request's longest known prompt prefix (``affinity.py``) takes it while its estimate is
 within ``prefix_affinity`` times the soonest, or within ``AFFINITY_REQUESTS`` requests' work of it:
 its prefix cache saves the prompt's prefill.
@@ -104,12 +104,14 @@ def estimated_finish(
     costs: DispatchCosts,
     extra_adapters: Collection[str] = (),
     tokens: float | None = None,
+    load_s: float | None = None,
 ) -> float:
     """Seconds until a request of ``adapter`` and ``tokens`` output tokens (None:
     ``costs.expected_tokens``) would finish on ``w``, with requests of ``extra_tokens`` sent there
     since its stats (of ``extra_adapters``) and ``placed`` the adapters the placement means it to
     hold, its tokens priced at ``costs.default_seconds_per_token`` (``choose_worker`` sets it to
-    the live workers' mean: see there). The formula is the module's docstring."""
+    the live workers' mean: see there) and reading the adapter there at ``load_s`` (None: its
+    reads' mean, else ``costs.adapter_load_s``). The formula is the module's docstring."""
     spt = costs.default_seconds_per_token
     queued = w.queued_tokens + extra_tokens
     dominant = w.dominant if w.busy else adapter
@@ -128,7 +130,7 @@ def estimated_finish(
     crowding = 1.0
     if adapter is not None and w.slots:
         crowding = max(1.0, len(w.queued_adapters.union(extra_adapters, (adapter,))) / w.slots)
-    load_s = w.stats.adapter_read_seconds or costs.adapter_load_s  # (5-9 s for 400 MB adapters in a trial)
+    load_s = (w.stats.adapter_read_seconds or costs.adapter_load_s) if load_s is None else load_s
     return (queued + own) * spt * crowding + (0.0 if holds else load_s)
 
 
@@ -148,6 +150,7 @@ def choose_worker(
     sent_adapters: Mapping[str, Collection[str]] | None = None,
     affine: str | None = None,
     tokens: float | None = None,
+    rank: int = 0,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,
@@ -156,7 +159,8 @@ def choose_worker(
     it), and their adapters (a burst of new adapters to one worker crowds its slots before its
     stats say so). ``affine``: the worker that took the request's prompt prefix last, which takes
     it within ``costs.prefix_affinity`` of the soonest. ``tokens``: the request's own output
-    tokens (``request_tokens``; None: ``costs.expected_tokens``)."""
+    tokens (``request_tokens``; None: ``costs.expected_tokens``); ``rank``: its adapter's LoRA rank
+    (0: not known), which scales what reading it costs (``WorkerStats.read_seconds``)."""
     if not workers:
         return None
     sent, sent_to = sent_tokens or {}, sent_adapters or {}
@@ -170,9 +174,9 @@ def choose_worker(
     if measured := [w.seconds_per_token for w in workers if w.seconds_per_token]:
         costs = msgspec.structs.replace(costs, default_seconds_per_token=sum(measured) / len(measured))
     # A worker that has read no adapter yet (just started, or of a version before the figure) is
-    # priced at the others' mean read: at the setting's 50 ms beside reads of seconds, every
-    # adapter nobody held went to it (a review)
-    if reads := [w.adapter_read_seconds for w in workers if w.adapter_read_seconds]:
+    # priced at the others' mean read of its rank: at the setting's 50 ms beside reads of seconds,
+    # every adapter nobody held went to it (a review)
+    if reads := [w.read_seconds(rank) for w in workers if w.adapter_read_seconds]:
         costs = msgspec.structs.replace(costs, adapter_load_s=sum(reads) / len(reads))
 
     def key(w: WorkerStats) -> tuple[float, int, str]:
@@ -187,6 +191,7 @@ def choose_worker(
             costs,
             sent_to.get(w.worker, ()),
             tokens,
+            w.read_seconds(rank) or costs.adapter_load_s,
         )
         holds = adapter is None or adapter in load.adapters
         return (round(finish, 9), 0 if holds else 1, w.worker)

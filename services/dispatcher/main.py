@@ -251,6 +251,7 @@ class Dispatcher(Recovery):
     async def replan_placement(self) -> None:
         """Decay the traffic counts (into Redis too) and place adapter replicas for burst tolerance."""
         ranks = {e.name: e.rank for e in await self.store.list_adapters()}
+        self.state.ranks = ranks  # (what a read of each costs scales with it)
         self.traffic = decay(self.traffic)
         await self.store.save_traffic(self.traffic)
         # On a thread (a placement from empty at 256 workers x 1,000 adapters takes a third of a

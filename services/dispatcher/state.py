@@ -59,6 +59,7 @@ class DispatchState:
         self.sent_adapters: dict[str, Counter[str]] = {}  # and their adapters' (not the base's)
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
+        self.ranks: dict[str, int] = {}  # adapters' LoRA ranks, as the registry lists them (read prices)
         self.affinity = PrefixAffinity()  # which worker took each prompt prefix last
         # request group -> its worker and the requests sent there, the latest sent to last
         self.groups: OrderedDict[str, tuple[str, int]] = OrderedDict()
@@ -144,6 +145,7 @@ class DispatchState:
                 self.sent_adapters,
                 affine,
                 tokens,
+                self.ranks.get(adapter, 0) if adapter is not None else 0,
             )
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)

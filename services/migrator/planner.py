@@ -301,8 +301,9 @@ def _solve(
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
             prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - len(active[w]))
-            load_s = ws.adapter_read_seconds or snapshot.adapter_load_seconds  # as it measures its reads
-            objective += [(v, load_s) for a, v in new if a not in ws.adapters]
+            for a, v in new:
+                if a not in ws.adapters:  # as it measures its reads, scaled to the adapter's rank
+                    objective.append((v, ws.read_seconds(snapshot.ranks.get(a, 0)) or snapshot.adapter_load_seconds))
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
         # A worker already over its blocks (by the same count) may stay there, not grow: nobody

@@ -34,8 +34,10 @@ def snapshot_from_stats(
         for adapter, spt in s.adapter_seconds_per_token.items():
             per_adapter.setdefault(adapter, []).append(spt)
     adapter_mean = {a: sum(v) / len(v) for a, v in per_adapter.items()}
-    reads = [s.adapter_read_seconds for s in stats if s.adapter_read_seconds]  # one unmeasured: at their mean
-    read_mean = sum(reads) / len(reads) if reads else 0.0
+    reads = [s for s in stats if s.adapter_read_seconds]  # one unmeasured: at their mean
+    read_mean = sum(s.adapter_read_seconds for s in reads) / len(reads) if reads else 0.0
+    ranked = [s.adapter_read_rank for s in reads if s.adapter_read_rank]
+    rank_mean = sum(ranked) / len(ranked) if ranked else 0.0
     workers = [
         WorkerState(
             s.worker,
@@ -47,6 +49,7 @@ def snapshot_from_stats(
             adapter_mean,
             s.max_model_len,
             s.adapter_read_seconds or read_mean,
+            s.adapter_read_rank if s.adapter_read_seconds else rank_mean,
         )
         for s in stats
     ]

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -175,6 +175,7 @@ class WorkerAdapters:
         self._order = ReadOrder()
         self._reader: asyncio.Task[None] | None = None
         self.read_seconds = 0.0  # recent reads' seconds, decayed (``read_mean``): the stats say it
+        self.read_rank = 0.0  # and their adapters' ranks, alike (a read's bytes grow with its rank)
         # Where a read's outcome goes: a worker's command queue, settled between its steps; without
         # one, settled at once (nothing steps meanwhile: tests, tools).
         self.post = post or self._settle_now
@@ -218,6 +219,14 @@ class WorkerAdapters:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_queued())
         return key
+
+    def reads_stats(self) -> dict[str, Any]:
+        """What the worker's stats say of its reads (``WorkerStats``' fields of the same names)."""
+        return {
+            "adapter_read_seconds": self.read_seconds,
+            "adapter_read_rank": self.read_rank,
+            "failed_adapters": self.failing(),
+        }
 
     def failing(self) -> list[str]:
         """The adapters (names) whose read failed within ``FAILED_MEMORY_S``: refused here meanwhile."""
@@ -281,6 +290,7 @@ class WorkerAdapters:
             try:
                 self.engine.install_adapter(read.adapter)
                 self.read_seconds = read_mean(self.read_seconds, read.seconds)
+                self.read_rank = read_mean(self.read_rank, read.adapter.rank)
                 size = {"seconds": round(read.seconds, 3), "mb": round(read.adapter.nbytes / 1e6, 1)}
                 logger.info("adapter read into host memory", adapter=name, version=version, **size)
             except Exception as e:  # noqa: BLE001 - its requests would wait on a key never held

@@ -396,7 +396,7 @@ class WorkerService:
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
         stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
-        reads = {"adapter_read_seconds": self.adapters.read_seconds, "failed_adapters": self.adapters.failing()}
+        reads = self.adapters.reads_stats()
         return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining, **reads)
 
     async def publish_stats(self, stop: asyncio.Event) -> None:

@@ -117,7 +117,9 @@ async def test_other_requests_step_on_while_one_waits_for_its_adapter_s_read(
         released.set()
         await _turns_until(service, lambda: "lora" not in service.streams)
         await _delivered(got, "lora")
-        assert service._snapshot().adapter_read_seconds > 0.0  # what dispatch prices a load here with
+        stats = service._snapshot()  # what dispatch prices a load here with, scaled by rank
+        assert stats.adapter_read_seconds > 0.0
+        assert stats.adapter_read_rank == service.engine.adapters[engine_key(name, "")].rank
 
     tokens = [t for c in got["lora"] for t in c.token_ids]
     engine = make_engine(tiny_llama)

@@ -2,7 +2,13 @@ import msgspec
 
 from dlora.common.messages import AdapterResidency, GenerateRequest, RequestLoad, SamplingParams, WorkerStats
 from dlora.services.dispatcher.affinity import PrefixAffinity, cache_key, prefix_keys, request_keys
-from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, choose_worker, holding_version, version_gone
+from dlora.services.dispatcher.choose import (
+    DispatchCosts,
+    DispatchMode,
+    choose_worker,
+    holding_version,
+    version_gone,
+)
 from dlora.services.dispatcher.state import MAX_GROUP_REQUESTS, DispatchState
 
 
@@ -78,6 +84,25 @@ def test_a_request_is_priced_at_its_max_tokens_where_that_is_below_the_expected_
         assert state.sent_tokens["x"] == picks.count("x") * priced
         state.unsend("x", "a", max_tokens=max_tokens)  # taken back as counted
         assert state.sent_tokens["x"] == (picks.count("x") - 1) * priced
+
+
+def test_a_read_is_priced_by_the_adapter_s_rank_against_the_ranks_a_worker_read() -> None:
+    """One mean over every size priced a trial's 157 MB read and a 391 MB one alike (0.8 s; the
+    second took 7.9 s). A worker's reads of rank 16 took 1 s: a rank-64 adapter costs 4 s to read
+    there, a rank-8 one 0.5 s (simulated, ranks 8-64, reads 30x NVMe's: mean 28.8 -> 26.8 ms/token).
+    A worker that has read nothing yet: the mean of the others' reads at its rank."""
+    holder = w("y", [("a", 200)], ("a",))  # 2 s of queued work at 10 ms a token
+    lacks = msgspec.structs.replace(w("x"), adapter_read_seconds=1.0, adapter_read_rank=16.0)
+    for rank, expected in ((64, "y"), (8, "x"), (0, "x")):  # 0: not known, the mean read (1 s)
+        assert choose_worker([lacks, holder], "a", rank=rank) == expected, rank
+        state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+        state.ranks = {"a": rank} if rank else {}
+        state.heard(lacks, 0.0)
+        state.heard(holder, 0.0)
+        assert state.choose(state.live(0.0), "a") == expected, rank
+    assert (lacks.read_seconds(32), lacks.read_seconds(0), w("z").read_seconds(32)) == (2.0, 1.0, 0.0)
+    fresh = w("z", [(None, 50)])  # read nothing yet: at the others' read of rank 64 (4 s), not their 1 s mean
+    assert choose_worker([fresh, holder, lacks], "a", rank=64) == "y"
 
 
 def test_a_worker_reading_an_adapter_takes_its_next_requests_without_a_second_read() -> None:

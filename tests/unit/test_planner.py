@@ -85,12 +85,19 @@ def test_a_destination_s_own_measured_adapter_reads_price_loading_an_adapter_the
     one that has read nothing yet is priced at the others' mean (a review: not at 50 ms)."""
     from dlora.services.migrator.trigger import snapshot_from_stats
 
-    for read_s, moves in ((0.0, True), (0.5, True), (60.0, False)):
-        reader = WorkerState("w1", 1000, 16, 4, frozenset(), seconds_per_token=0.01, adapter_read_seconds=read_s)
+    # (60 s measured over reads of rank 1,920: 0.5 s for a's rank 16, as a read's bytes grow with it)
+    for read_s, read_rank, moves in ((0.0, 0.0, True), (0.5, 0.0, True), (60.0, 0.0, False), (60.0, 1920.0, True)):
+        reader = WorkerState(
+            "w1", 1000, 16, 4, frozenset(), 0.01, adapter_read_seconds=read_s, adapter_read_rank=read_rank
+        )
         snap = ClusterSnapshot(workers=[worker("w0", ["a"]), reader], requests=reqs("w0", "a", 12), ranks={"a": 16})
-        assert bool(plan(snap).moves) is moves, read_s
-    measured, fresh = (_worker_stats(n, [], 0.01, adapter_read_seconds=r) for n, r in (("w0", 6.0), ("w1", 0.0)))
-    assert [w.adapter_read_seconds for w in snapshot_from_stats([measured, fresh], {}).workers] == [6.0, 6.0]
+        assert bool(plan(snap).moves) is moves, (read_s, read_rank)
+    measured, fresh = (
+        _worker_stats(n, [], 0.01, adapter_read_seconds=r, adapter_read_rank=k)
+        for n, r, k in (("w0", 6.0, 32.0), ("w1", 0.0, 0.0))
+    )
+    workers = snapshot_from_stats([measured, fresh], {}).workers
+    assert [(w.adapter_read_seconds, w.adapter_read_rank) for w in workers] == [(6.0, 32.0), (6.0, 32.0)]
 
 
 def test_base_model_requests_need_no_adapter() -> None:
