@@ -91,6 +91,13 @@ class ReadOrder:
             self._queued[key] = prefetch
             heapq.heappush(self._heap, (prefetch, next(self._turns), key))
 
+    def drop(self, key: str) -> bool:
+        """``key`` no longer read, if only prefetches asked for it and it has not begun; whether it was."""
+        if self._queued.get(key) is True:
+            del self._queued[key]  # (its heap entry is skipped as stale)
+            return True
+        return False
+
     def next(self) -> str | None:
         """The key to read now, taken out; None when none is asked for."""
         while self._heap:
@@ -376,7 +383,13 @@ class WorkerAdapters:
         return msgspec.structs.replace(req, adapter_version=entry.version)
 
     def changed(self, name: str, version: str | None) -> None:
-        """The registry replaced (``version``) or removed (None) adapter ``name``."""
+        """The registry replaced (``version``) or removed (None) adapter ``name``: a version of it
+        other than ``version`` that only a prefetch asked for is not read (it was read, then retired)."""
+        for key in [k for k in self._queued if name_of(k) == name and version_of(k) != version]:
+            if self._order.drop(key):
+                del self._queued[key]
+                self.engine.loading.discard(key)
+                self.reads.pop(key).set_result(None)
         self.retiring[name] = version
         # An unversioned entry registered again keeps its key "": its old failure is not its own.
         self.failed = {k: v for k, v in self.failed.items() if k[0] != name}

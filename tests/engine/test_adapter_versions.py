@@ -278,3 +278,39 @@ def test_an_adapter_host_memory_cannot_drop_is_said_and_the_worker_serves_on(tin
     engine.unregister_adapter = refused  # type: ignore[method-assign]
     worker.tidy()
     assert len(engine.adapters) == 5
+
+
+async def test_a_prefetch_not_begun_of_an_adapter_removed_or_replaced_is_not_read(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A prefetch queued behind a read was read after its adapter was removed, then retired: a read
+    of hundreds of MB for nothing. One a request asked for too is still read (the request runs on
+    that version); one under way ends as it would."""
+    import threading
+
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    entries = []
+    for name in ("first", "removed", "replaced", "wanted"):
+        path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / name)
+        entries.append(check_adapter(name, str(path), [str(tmp_path)], "model", cfg))
+    engine = make_engine(tiny_llama, max_cpu_loras=8)
+    worker = WorkerAdapters(engine, _Entries(entries))
+    order, first_held = [], threading.Event()
+    read = engine.read_adapter
+
+    def recorded(key: str, path: object) -> object:
+        order.append(key.split("@")[0])
+        if key.startswith("first@"):
+            assert first_held.wait(10)
+        return read(key, path)
+
+    engine.read_adapter = recorded  # type: ignore[method-assign]
+    await worker.prefetch(["first", "removed", "replaced", "wanted"])
+    await asyncio.sleep(0.05)  # "first" is being read
+    await worker.ensure("wanted", entries[3].version)  # a request's too
+    for name, version in (("first", None), ("removed", None), ("replaced", "v2"), ("wanted", None)):
+        worker.changed(name, version)
+    assert sorted(k.split("@")[0] for k in engine.loading) == ["first", "wanted"]
+    first_held.set()
+    await asyncio.gather(*worker.reads.values())
+    assert order == ["first", "wanted"] and not worker.reads and not engine.loading
