@@ -306,7 +306,8 @@ async def test_a_prefetch_not_begun_of_an_adapter_removed_or_replaced_is_not_rea
 
     engine.read_adapter = recorded  # type: ignore[method-assign]
     await worker.prefetch(["first", "removed", "replaced", "wanted"])
-    await asyncio.sleep(0.05)  # "first" is being read
+    while not order:  # "first" is being read
+        await asyncio.sleep(0.01)
     await worker.ensure("wanted", entries[3].version)  # a request's too
     for name, version in (("first", None), ("removed", None), ("replaced", "v2"), ("wanted", None)):
         worker.changed(name, version)
