@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dlora.services.worker.policy.costs import FIT_MIN, PRIOR_A, PRIOR_B, CostModel, Estimate
+from dlora.services.worker.policy.costs import EXPLORE_STEPS, FIT_MIN, PRIOR_A, PRIOR_B, CostModel, Estimate
 
 
 def test_an_estimate_shrugs_off_a_stall_but_follows_a_lasting_change() -> None:
@@ -69,6 +69,10 @@ def test_checkpoint_round_trip_and_an_old_checkpoint_starts_afresh() -> None:
     m.observe_step(8, 0.012, 1, 128)
     m.observe_switch(0.02, 0.01)
     assert CostModel.from_dict(m.to_dict()).to_dict() == m.to_dict()
+    explored = CostModel()  # only steps with LoRA: fitted by exploring, and still after a restart
+    for _ in range(EXPLORE_STEPS):
+        explored.observe_step(16, 0.02, 1, 256)
+    assert explored.fitted and CostModel.from_dict(explored.to_dict()).fitted
     old = {"base": {"8": 0.01}, "merge_seconds": 0.02, "unmerge_seconds": 0.01, "fit": [0, 0, 0, 0, 0]}
     assert CostModel.from_dict(old).to_dict() == CostModel().to_dict()
     assert CostModel.from_dict({"base": "nonsense"}).to_dict() == CostModel().to_dict()

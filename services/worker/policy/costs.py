@@ -257,6 +257,7 @@ class CostModel:
             "unmerge": self.unmerge.to_list() if self.unmerge else None,
             "fit": list(self._fit),
             "resid": self._resid.to_list() if self._resid else None,
+            "lora_steps": self.lora_steps,
         }
 
     @classmethod
@@ -273,6 +274,8 @@ class CostModel:
                 unmerge=Estimate.from_list(d["unmerge"]) if d.get("unmerge") else None,
                 _fit=fit,
                 _resid=Estimate.from_list(d["resid"]) if d.get("resid") else None,
+                # (a restart explored again before pricing LoRA by the prior: ``fitted``)
+                lora_steps=int(d.get("lora_steps", 0)),
             )
         except (TypeError, ValueError, KeyError, IndexError, AttributeError):
             return cls()
