@@ -76,3 +76,16 @@ def test_checkpoint_round_trip_and_an_old_checkpoint_starts_afresh() -> None:
     old = {"base": {"8": 0.01}, "merge_seconds": 0.02, "unmerge_seconds": 0.01, "fit": [0, 0, 0, 0, 0]}
     assert CostModel.from_dict(old).to_dict() == CostModel().to_dict()
     assert CostModel.from_dict({"base": "nonsense"}).to_dict() == CostModel().to_dict()
+
+
+def test_switches_are_estimated_per_rank_and_at_the_mean_for_a_rank_not_measured() -> None:
+    m = CostModel()
+    m.observe_switch(merge=1.6, unmerge=0.4, merge_rank=512, unmerge_rank=512)
+    m.observe_switch(merge=0.02, unmerge=0.01, merge_rank=8, unmerge_rank=8)
+    m.observe_switch(merge=0.5)  # of a rank not known: the mean over all only
+    assert m.switch_seconds(merge_rank=512, unmerge_rank=8)[0] == pytest.approx(1.61)
+    assert m.switch_seconds(unmerge=False, merge_rank=8)[0] == pytest.approx(0.02)
+    assert m.switch_seconds(unmerge=False, merge_rank=64)[0] == pytest.approx(m.merge_seconds)
+    assert m.switch_seconds(merge=False, unmerge_rank=0)[0] == pytest.approx(m.unmerge_seconds)
+    assert CostModel.from_dict(m.to_dict()).to_dict() == m.to_dict()
+    assert CostModel().switch_seconds() == (0.0, 0.0)

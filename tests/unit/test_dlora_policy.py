@@ -162,7 +162,7 @@ def test_merging_a_small_group_must_win_back_its_switch() -> None:
         _fit(p)
         p.costs.observe_step(4, 0.004)
         p.costs.observe_switch(merge=switch, unmerge=switch)
-    assert cheap._pays_off(q, q[:4]) and not dear._pays_off(q, q[:4])
+    assert cheap._pays_off(q, q[:4], None, "a") and not dear._pays_off(q, q[:4], None, "a")
     assert dear.decide(q, None).merged is None
 
 
@@ -448,3 +448,18 @@ def test_before_lora_is_measured_a_switch_that_cannot_pay_back_is_not_made() -> 
         assert not p.costs.fitted
         d = p.decide(q, None)
         assert (d.merged, d.mode.value) == (merged, "mixed" if merged else "unmerged")
+
+
+def test_a_switch_is_priced_at_its_adapters_ranks_once_those_were_measured() -> None:
+    """A review: one mean over every rank, a measured rank-512 switch (1.6 s on this CPU) held back
+    cheap rank-8 merges too until LoRA was fitted. Each rank is priced as its own switches took; a
+    rank not measured yet at the mean over all."""
+    for rank, merged in ((512, None), (8, "a"), (64, None)):  # 64: unmeasured, the mean (~0.8 s)
+        p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.5, band_ratio=0.7))
+        q = queue(*["a"] * 4, None, None, None, None, rank=rank)
+        p.ranks = {"a": rank}
+        p.costs.observe_step(8, 0.047)
+        p.costs.observe_switch(merge=1.6, unmerge=1.6, merge_rank=512, unmerge_rank=512)
+        p.costs.observe_switch(merge=0.002, unmerge=0.002, merge_rank=8, unmerge_rank=8)
+        d = p.decide(q, None)
+        assert d.merged == merged, rank

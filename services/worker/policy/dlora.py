@@ -190,7 +190,7 @@ class DLoraPolicy(Policy):
                 candidates.append(mixed)
         if stay and merged_now is not None:
             candidates.append(merged[merged_now])
-        if enter and best is not None and self._pays_off(f_run, merged[best].run, merged_now):
+        if enter and best is not None and self._pays_off(f_run, merged[best].run, merged_now, best):
             candidates.append(merged[best])
 
         priced = [self._price(c, merged_now) for c in candidates]
@@ -200,7 +200,7 @@ class DLoraPolicy(Policy):
             # rule, with a mixed step where it would merge. Mixed steps of the hot adapter alone
             # measure base steps; the others beside it, the overhead.
             target = merged_now if stay else best if enter else None
-            if target not in (None, merged_now) and not self._switch_can_pay(f_run, merged_now):
+            if target not in (None, merged_now) and not self._switch_can_pay(f_run, merged_now, target):
                 target = None
             return next((c for c in candidates if c.mode is Mode.MIXED and c.merged == target), unmerged).decision(
                 basis
@@ -252,7 +252,7 @@ class DLoraPolicy(Policy):
         seconds = total = base.mean * factor
         base_var, other_var = (base.sem * factor) ** 2, (base.mean * factor_std) ** 2
         if c.merged != merged_now:
-            switch, switch_std = self.costs.switch_seconds(merge=c.merged is not None, unmerge=merged_now is not None)
+            switch, switch_std = self._switch(c.merged, merged_now)
             epoch = max(1.0, self.merged_epoch_steps)
             total += switch / epoch
             other_var += (switch_std / epoch) ** 2
@@ -283,7 +283,14 @@ class DLoraPolicy(Policy):
         margin = self.config.kappa * math.hypot(base_std, a.other_std, b.other_std)
         return cheapest if a.cost + margin < b.cost else incumbent
 
-    def _switch_can_pay(self, f_run: list[QueuedRequest], merged_now: str | None) -> bool:
+    def _switch(self, to: str | None, merged_now: str | None) -> tuple[float, float]:
+        """(mean, standard error) seconds of merging ``to`` in place of ``merged_now`` (either None:
+        none), each at its adapter's rank (``CostModel.switch_seconds``)."""
+        ranks = self.ranks
+        merge_rank, unmerge_rank = ranks.get(to or "", 0), ranks.get(merged_now or "", 0)
+        return self.costs.switch_seconds(to is not None, merged_now is not None, merge_rank, unmerge_rank)
+
+    def _switch_can_pay(self, f_run: list[QueuedRequest], merged_now: str | None, target: str) -> bool:
         """Before LoRA's overhead is measured (the count rule decides): whether a switch could win
         its time back within a merged epoch at all, were merging to save two base steps of F each
         step (it saves the overhead: unmerged steps measured at 1.1x base on this CPU, 2.5x on an
@@ -291,10 +298,12 @@ class DLoraPolicy(Policy):
         8-token request, against 47 ms steps, paused every stream, and again for the next adapter.
         Yes while the switch or F's base step was never measured."""
         base = self.costs.base_seconds(step_work(f_run, None, self.ranks, merged_now)[0])
-        switch = self.costs.switch_seconds()[0]
+        switch = self._switch(target, target)[0]  # (in, and out again)
         return base is None or not switch or self.merged_epoch_steps * 2 * base > switch
 
-    def _pays_off(self, f_run: list[QueuedRequest], group: list[QueuedRequest], merged_now: str | None = None) -> bool:
+    def _pays_off(
+        self, f_run: list[QueuedRequest], group: list[QueuedRequest], merged_now: str | None, adapter: str
+    ) -> bool:
         """Would merging ``group`` (what one step of it feeds) win back the switch within a typical
         merged epoch, against F (``f_run``, likewise)?
 
@@ -312,7 +321,7 @@ class DLoraPolicy(Policy):
         if unmerged is None or merged is None or not f_work or not g_work:
             return True
         saving = g_work * (unmerged / f_work - merged / g_work)
-        return self.merged_epoch_steps * saving > self.costs.switch_seconds()[0]
+        return self.merged_epoch_steps * saving > self._switch(adapter, adapter)[0]  # (in, and out again)
 
     # ---- learning from what ran -----------------------------------------------------------
     def observe(self, decision: StepDecision, record: StepRecord) -> None:
@@ -326,14 +335,16 @@ class DLoraPolicy(Policy):
             return
         facts = facts_of(basis, record, self.ranks)
         for t in seconds:
-            self._learn(record, t)
+            self._learn(record, t, basis.merged_now)
             self._move_credits(facts, t)
             self._account(basis, record, facts, t)
 
-    def _learn(self, record: StepRecord, seconds: float) -> None:
+    def _learn(self, record: StepRecord, seconds: float, merged_before: str | None = None) -> None:
+        """``merged_before``: the adapter merged before the step (what an unmerge took out; None: not known)."""
         self.costs.observe_step(record.num_tokens, seconds, record.lora_segments, record.lora_rank_tokens)
         if record.merge_seconds or record.unmerge_seconds:  # a repeated step's are 0
-            self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None)
+            ranks = (self.ranks.get(record.merged or "", 0), self.ranks.get(merged_before or "", 0))
+            self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None, *ranks)
         if self.fallback_steps > 0:
             self.fallback_steps -= 1
 
@@ -381,7 +392,7 @@ class DLoraPolicy(Policy):
             if cf is not None:
                 cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
                 if basis.best != epoch.cf_adapter:
-                    cf += self.costs.switch_seconds()[0]
+                    cf += self._switch(basis.best, basis.best)[0]
                     epoch.cf_adapter = basis.best
                 epoch.cf_tokens += len(basis.best_group) - len(fresh) + sum(r.work for r in fresh)
                 epoch.cf_seconds += cf
