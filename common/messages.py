@@ -384,6 +384,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # prefix_cache_queries and prefix_cache_hits).
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Output tokens of the requests that finished here lately, as 16 quantiles (a request its bound
+    # stopped counted at that bound): what a dispatcher prices a new request's output at. Empty
+    # before 8 finished.
+    output_tokens_quantiles: list[int] = []
     # Measured seconds of step time per generated token (prefill included); 0 before any step.
     seconds_per_token: float = 0.0
     # The same per adapter ("" for the base model): each step's time shared by the tokens fed, over

@@ -2,7 +2,7 @@
 
 A request goes to the worker where it would finish soonest, estimated as the work queued there
 (remaining tokens x the live workers' mean measured seconds per token) plus its own
-(``request_tokens``: ``expected_tokens``, or its ``max_tokens`` where that is fewer), where its
+(``request_tokens``: what requests of its bound took lately, pooled over the workers), where its
 own tokens cost more if they will run unmerged (the worker is busy with other adapters), all of it
 slower where the worker would run requests of more adapters than it has device slots (one step
 runs at most that many, so each adapter runs a fraction of the steps), and a worker that lacks the
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from dlora.common.messages import WorkerStats
+from dlora.services.dispatcher.lengths import PooledLengths
 
 
 class DispatchMode(enum.StrEnum):
@@ -34,7 +35,9 @@ class DispatchMode(enum.StrEnum):
 class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The estimates proactive dispatch prices a worker with (``[dispatcher.costs]`` in ``dlora.toml``)."""
 
-    expected_tokens: float = 64.0  # a new request's output length in tokens (unknown: an estimate; max_tokens if fewer)
+    # A new request's output tokens until the workers report what theirs took (then those, as
+    # ``lengths.py`` says); its max_tokens where that is fewer.
+    expected_tokens: float = 64.0
     unmerged_overhead: float = 0.1  # extra cost per token (fraction) when not the worker's dominant adapter
     adapter_load_s: float = 0.05  # seconds to load an adapter the worker lacks, until it measured its reads
     default_seconds_per_token: float = 0.01  # every worker's price when no worker has measured yet
@@ -88,11 +91,14 @@ class WorkerLoad:
         )
 
 
-def request_tokens(costs: DispatchCosts, max_tokens: int = 0) -> float:
-    """The output tokens a new request is priced at: ``costs.expected_tokens``, or its ``max_tokens``
-    where that is fewer (0: not known). Priced at 64 whatever their bound, a trial's 16-token
+def request_tokens(costs: DispatchCosts, max_tokens: int = 0, lengths: PooledLengths | None = None) -> float:
+    """The output tokens a new request of ``max_tokens`` (0: not known) is priced at: what requests
+    bounded alike took on the workers lately (``lengths``), else ``costs.expected_tokens`` or its
+    ``max_tokens`` where that is fewer. Priced at 64 whatever their bound, a trial's 16-token
     requests cost 4x their work each on the worker holding their adapter, and went to another that
     read it again."""
+    if lengths is not None and (learned := lengths.expected(max_tokens)) is not None:
+        return max(1.0, learned)
     return min(costs.expected_tokens, max_tokens) if max_tokens > 0 else costs.expected_tokens
 
 

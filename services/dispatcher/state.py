@@ -14,6 +14,7 @@ from typing import NamedTuple
 from dlora.common.messages import WorkerStats
 from dlora.services.dispatcher.affinity import GRANULE, MAX_HASHED, PrefixAffinity
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker, request_tokens
+from dlora.services.dispatcher.lengths import PooledLengths
 
 # Request groups remembered (``GenerateRequest.group``), the least recently sent to forgotten first:
 # a group's requests come together, so this holds many times the requests dispatched at once.
@@ -60,6 +61,7 @@ class DispatchState:
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
         self.ranks: dict[str, int] = {}  # adapters' LoRA ranks, as the registry lists them (read prices)
+        self.lengths = PooledLengths()  # what the workers' finished requests took (a new one's price)
         self.affinity = PrefixAffinity()  # which worker took each prompt prefix last
         # request group -> its worker and the requests sent there, the latest sent to last
         self.groups: OrderedDict[str, tuple[str, int]] = OrderedDict()
@@ -82,6 +84,7 @@ class DispatchState:
         last = self.loads.get(st.worker)  # the simulator hands an idle replica's message again
         self.loads[st.worker] = last if last is not None and last.stats is st else WorkerLoad.of(st)
         self.sent_tokens[st.worker] = 0.0
+        self.lengths.heard(st.worker, st.output_tokens_quantiles)
         self.sent_adapters[st.worker] = Counter()
         self.stats_heard[st.worker] += 1
 
@@ -122,7 +125,7 @@ class DispatchState:
         ``prompt``: its prompt's token ids, which those begin with; ``max_tokens``: its bound on output
         tokens, 0 unknown)."""
         worker: str | None
-        tokens = request_tokens(self.costs, max_tokens)
+        tokens = request_tokens(self.costs, max_tokens, self.lengths)
         keys = _prompt_keys(prefixes, prompt)
         self._ended(keys, prompt)
         pinned = self.groups.get(group) if group else None
@@ -193,7 +196,7 @@ class DispatchState:
         keys = _prompt_keys(prefixes, prompt)
         if keys and (end := self.ends.get(keys[-1])) is not None and end.worker == worker:
             del self.ends[keys[-1]]
-        self._uncount(worker, adapter, request_tokens(self.costs, max_tokens))
+        self._uncount(worker, adapter, request_tokens(self.costs, max_tokens, self.lengths))
 
     def _uncount(self, worker: str, adapter: str | None, tokens: float) -> None:
         """A request counted as sent to ``worker`` since its stats is not (any more)."""
@@ -209,3 +212,4 @@ class DispatchState:
         for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters):
             table.pop(worker, None)
         self.affinity.forget(worker)
+        self.lengths.forget(worker)

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
+from heapq import merge
 from itertools import accumulate
+
+# Quantiles of the recent lengths a worker's stats carry (``OutputLengths.quantiles``): what a
+# dispatcher prices a new request's output at, whatever its bound.
+QUANTILES = 16
 
 
 class OutputLengths:
@@ -46,6 +51,15 @@ class OutputLengths:
 
     def __len__(self) -> int:
         return len(self._recent)
+
+    def quantiles(self, n: int = QUANTILES) -> list[int]:
+        """``n`` quantiles (the midpoints of ``n`` equal shares) of the recent requests' output
+        tokens, one its bound stopped counted at that bound; empty with fewer than ``min_samples``."""
+        if len(self._recent) < self.min_samples:
+            return []
+        lengths = list(merge(self._ended, self._cut))
+        k = len(lengths)
+        return [lengths[(2 * i + 1) * k // (2 * n)] for i in range(n)]
 
     def expected_remaining(self, generated: int, max_tokens: int) -> int:
         """E[min(L, max_tokens) | L > generated] - generated over the samples that tell it, at most

@@ -78,6 +78,7 @@ def worker_stats(
         block_size=e.blocks.block_size,
         max_loras=e.config.max_loras,
         max_model_len=e.max_model_len,
+        output_tokens_quantiles=lengths.quantiles(),
         max_lora_rank=e.config.adapter_limits.max_lora_rank,
         marks_taken=True,
         device=str(e.device),

@@ -86,6 +86,26 @@ def test_a_request_is_priced_at_its_max_tokens_where_that_is_below_the_expected_
         assert state.sent_tokens["x"] == (picks.count("x") - 1) * priced
 
 
+def test_once_workers_report_finished_lengths_a_request_is_priced_at_what_those_took() -> None:
+    """A chat client that sets no max_tokens: priced at 64 while the answers were 1-32 tokens, a
+    read of its adapter elsewhere looked cheaper than a short queue on its holder (simulated, reads
+    30x NVMe's: 30.2/45.3 ms/token mean/P90 -> 24.7/34.5). Each request is priced at what requests
+    of its bound took on the workers lately (their quantiles pooled); before any did, as before."""
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+    x = msgspec.structs.replace(w("x", adapters=("a",)), output_tokens_quantiles=[8] * 8 + [24] * 8)
+    y = msgspec.structs.replace(w("y"), adapter_read_seconds=1.0)
+    state.heard(x, 0.0)
+    state.heard(y, 0.0)
+    picks = [state.choose(state.live(0.0), "a") for _ in range(8)]  # no bound: 16 tokens each
+    assert picks[:6] == ["x"] * 6 and state.sent_tokens["x"] == 16 * picks.count("x")
+    state.heard(x, 1.0)
+    state.choose(state.live(1.0), "a", max_tokens=8)  # bounded at 8: every one took 8 or more
+    assert state.sent_tokens["x"] == 8
+    state.forget("x")
+    state.choose(state.live(1.0), "a")  # nobody says: the setting
+    assert state.sent_tokens["y"] == 16 * picks.count("y") + 64
+
+
 def test_a_read_is_priced_by_the_adapter_s_rank_against_the_ranks_a_worker_read() -> None:
     """One mean over every size priced a trial's 157 MB read and a 391 MB one alike (0.8 s; the
     second took 7.9 s). A worker's reads of rank 16 took 1 s: a rank-64 adapter costs 4 s to read

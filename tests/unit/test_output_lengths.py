@@ -88,3 +88,32 @@ def test_matches_a_brute_force_over_random_histories() -> None:
 def test_window_must_hold_something() -> None:
     with pytest.raises(ValueError, match="window=0"):
         OutputLengths(window=0)
+
+
+def test_quantiles_of_recent_lengths_cut_offs_at_their_bound_none_before_enough() -> None:
+    lengths = OutputLengths(min_samples=8)
+    for n in range(1, 8):
+        lengths.observe(n)
+    assert lengths.quantiles() == []  # 7 finished: too few to say
+    lengths.observe(100, cut_off=True)  # stopped by its bound: counted at it
+    assert lengths.quantiles(4) == [2, 4, 6, 100]  # the midpoints of four equal shares of 8
+    assert len(lengths.quantiles()) == 16
+
+
+def test_pooled_lengths_price_a_request_at_what_requests_of_its_bound_took() -> None:
+    """E[min(L, bound)] over the workers' quantiles pooled; a worker's newer quantiles replace its
+    older ones, and a worker forgotten takes its own out."""
+    from dlora.services.dispatcher.lengths import PooledLengths
+
+    pool = PooledLengths()
+    assert pool.expected() is None
+    pool.heard("x", [10, 20, 30, 40])
+    pool.heard("y", [100, 200, 300, 400])
+    assert pool.expected() == 1100 / 8
+    assert pool.expected(25) == (10 + 20 + 6 * 25) / 8  # each length past the bound counts at it
+    pool.heard("y", [1, 2, 3, 4])
+    assert pool.expected() == 110 / 8
+    pool.forget("x")
+    assert pool.expected() == 10 / 4 and pool.expected(2) == (1 + 2 + 2 * 2) / 4
+    pool.forget("y")
+    assert pool.expected(16) is None

@@ -63,10 +63,13 @@ def test_the_migrator_moves_requests_off_an_overloaded_replica_and_they_end_exac
 
 
 def test_fast_forward_serves_as_stepping_does() -> None:
-    """Skipping the steps that repeat the last one changes nothing here: every request's first
-    token and end come at the same instant, under unmerged-only and under dLoRA's policy (which is
-    not asked again within such a run, so this holds for a workload, not by construction; a
-    fast-forward that also skipped the step after a horizon moved these figures)."""
+    """Skipping the steps that repeat the last one changes nothing under unmerged-only: every
+    request's first token and end come at the same instant (a fast-forward that also skipped the
+    step after a horizon moved these figures). Under dLoRA's policy, which learns from the steps
+    a fast-forward runs and is not asked within them, an estimate can cross a margin a step later
+    or earlier: the same tokens and steps and latencies within a thousandth here (exactly the same
+    until dispatch priced requests by the workers' finished lengths, which gave these replicas
+    other requests)."""
     from dlora.services.worker.engine.config import EngineConfig
     from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
@@ -79,14 +82,22 @@ def test_fast_forward_serves_as_stepping_does() -> None:
         assert [s.tokens for s in fast] == [s.tokens for s in exact]
         steps = [sum(r.stats.steps for r in run.replica_summaries) for run in runs]
         skipped = sum(r.fast_forwarded for r in runs[0].replica_summaries)
-        assert steps[0] == steps[1] and 0.3 * steps[0] < skipped  # each counted as a step
-        assert [(s.first_token_s, s.finish_s) for s in fast] == [(s.first_token_s, s.finish_s) for s in exact]
+        assert 0.3 * steps[0] < skipped  # each counted as a step
+        if config is unmerged:
+            assert steps[0] == steps[1]
+            assert [(s.first_token_s, s.finish_s) for s in fast] == [(s.first_token_s, s.finish_s) for s in exact]
+        else:
+            assert steps[0] == pytest.approx(steps[1], rel=0.005)
+            for key, value in summary(fast).items():
+                assert value == pytest.approx(summary(exact)[key], rel=0.002), key
 
 
 def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path: Path) -> None:
     """The same through ``dlora simulate`` on a workload with merges, mixed steps and stats ticks
     between the steps (a review's: a fast-forward that went on past a tick without asking the
-    policy moved its throughput from 516.38 to 518.21 tok/s and its merges from 82 to 73)."""
+    policy moved its throughput from 516.38 to 518.21 tok/s and its merges from 82 to 73). The
+    same completions, throughput and merges; latencies within a thousandth (see above: equal to
+    the last digit until dispatch priced requests by the workers' finished lengths)."""
     from dlora.services.cli import build_parser
 
     argv = "simulate --replicas 4 --requests 300 --rate 6 --adapters 12 --ranks 8,16,32 --seed 3"
@@ -97,8 +108,10 @@ def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path
         results.append(json.loads((tmp_path / "r.json").read_text()))
     fast, stepped = results
     assert fast["fast_forwarded_steps"] > 0
-    for key in ("completed", "throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s", "merges"):
+    for key in ("completed", "throughput_tok_s", "merges"):
         assert fast[key] == stepped[key], key
+    for key in ("norm_latency_mean_s", "norm_latency_p90_s"):
+        assert fast[key] == pytest.approx(stepped[key], rel=0.001), key
 
 
 def test_the_replicas_split_over_processes_serve_exactly_as_in_one() -> None:
