@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Annotated
 
 import msgspec
@@ -438,12 +439,26 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
         return scaled_read_seconds(self.adapter_read_seconds, self.adapter_read_rank, rank)
 
 
-def scaled_read_seconds(seconds: float, read_rank: float, rank: int) -> float:
+def scaled_read_seconds(seconds: float, read_rank: float, rank: float) -> float:
     """A read of an adapter of ``rank`` (0: not known) where reads took ``seconds`` at a mean rank of
     ``read_rank`` (0: not known): scaled by the ranks, as a read's bytes grow with its rank (one mean
     over every size priced a trial's 157 MB read and a 391 MB one alike at 0.8 s; the second took
     7.9 s); else ``seconds``."""
     return seconds * rank / read_rank if rank and read_rank else seconds
+
+
+def pooled_read(stats: Iterable[WorkerStats]) -> tuple[float, float]:
+    """(seconds, rank) of a read for a worker that measured none, as ``scaled_read_seconds`` takes
+    them: the workers' measured reads, each scaled to their mean rank (one that does not say its
+    ranks, an older one, taken at that mean), averaged, and that rank; (0, 0) when none measured.
+    So a read of rank r is priced at the mean of the workers' own prices of it."""
+    read = [s for s in stats if s.adapter_read_seconds]
+    ranks = [s.adapter_read_rank for s in read if s.adapter_read_rank]
+    mean_rank = sum(ranks) / len(ranks) if ranks else 0.0
+    if not read:
+        return 0.0, 0.0
+    seconds = [scaled_read_seconds(s.adapter_read_seconds, s.adapter_read_rank, mean_rank) for s in read]
+    return sum(seconds) / len(seconds), mean_rank
 
 
 # Requests a worker's stats list one by one: 4,096 x ~65 bytes is ~270 KB, a quarter of NATS's

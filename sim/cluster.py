@@ -215,8 +215,8 @@ class Cluster:
         joins bound how far each replica may run on alone (``Shard._step``)."""
         while self._arrivals and self._arrivals[-1].arrival_s < end:
             req = self._arrivals.pop()
-            bound = req.max_tokens or req.output_len  # as the dispatcher reads a request's max_tokens
-            name = self.state.choose(self.state.live(req.arrival_s), req.adapter, max_tokens=bound)
+            tokens = self.state.price(req.max_tokens or req.output_len)  # as the dispatcher prices a request
+            name = self.state.choose(self.state.live(req.arrival_s), req.adapter, tokens=tokens)
             if name is None:
                 raise RuntimeError(f"no live replica for {req.request_id}")
             self._where[req.request_id] = name

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from dlora.common.messages import WorkerStats
+from dlora.common.messages import WorkerStats, pooled_read, scaled_read_seconds
 from dlora.services.dispatcher.lengths import PooledLengths
 
 
@@ -108,21 +108,19 @@ def estimated_finish(
     extra_tokens: float,
     placed: set[str],
     costs: DispatchCosts,
-    extra_adapters: Collection[str] = (),
-    tokens: float | None = None,
-    load_s: float | None = None,
+    extra_adapters: Collection[str],
+    tokens: float,
+    load_s: float,
 ) -> float:
-    """Seconds until a request of ``adapter`` and ``tokens`` output tokens (None:
-    ``costs.expected_tokens``) would finish on ``w``, with requests of ``extra_tokens`` sent there
-    since its stats (of ``extra_adapters``) and ``placed`` the adapters the placement means it to
-    hold, its tokens priced at ``costs.default_seconds_per_token`` (``choose_worker`` sets it to
-    the live workers' mean: see there) and reading the adapter there at ``load_s`` (None: its
-    reads' mean, else ``costs.adapter_load_s``). The formula is the module's docstring."""
+    """Seconds until a request of ``adapter`` and ``tokens`` output tokens would finish on ``w``,
+    with requests of ``extra_tokens`` sent there since its stats (of ``extra_adapters``) and
+    ``placed`` the adapters the placement means it to hold, its tokens priced at
+    ``costs.default_seconds_per_token`` (``choose_worker`` sets it to the live workers' mean: see
+    there) and reading the adapter there at ``load_s``. The formula is the module's docstring."""
     spt = costs.default_seconds_per_token
     queued = w.queued_tokens + extra_tokens
     dominant = w.dominant if w.busy else adapter
-    own = costs.expected_tokens if tokens is None else tokens
-    own *= 1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead
+    own = tokens * (1.0 if adapter is None or adapter == dominant else 1.0 + costs.unmerged_overhead)
     # (requests of it queued or sent there: it holds it, or is reading it and they join that read;
     # priced as lacking it, a burst of a new adapter's requests spread and each worker read it, a
     # trial. Not where its read failed lately: they would all be refused there, a review)
@@ -136,7 +134,6 @@ def estimated_finish(
     crowding = 1.0
     if adapter is not None and w.slots:
         crowding = max(1.0, len(w.queued_adapters.union(extra_adapters, (adapter,))) / w.slots)
-    load_s = (w.stats.adapter_read_seconds or costs.adapter_load_s) if load_s is None else load_s
     return (queued + own) * spt * crowding + (0.0 if holds else load_s)
 
 
@@ -182,8 +179,8 @@ def choose_worker(
     # A worker that has read no adapter yet (just started, or of a version before the figure) is
     # priced at the others' mean read of its rank: at the setting's 50 ms beside reads of seconds,
     # every adapter nobody held went to it (a review)
-    if reads := [w.read_seconds(rank) for w in workers if w.adapter_read_seconds]:
-        costs = msgspec.structs.replace(costs, adapter_load_s=sum(reads) / len(reads))
+    if unread := scaled_read_seconds(*pooled_read(workers), rank):
+        costs = msgspec.structs.replace(costs, adapter_load_s=unread)
 
     def key(w: WorkerStats) -> tuple[float, int, str]:
         load = (loads or {}).get(w.worker)
@@ -196,7 +193,7 @@ def choose_worker(
             set(placement.get(w.worker, ())),
             costs,
             sent_to.get(w.worker, ()),
-            tokens,
+            costs.expected_tokens if tokens is None else tokens,
             w.read_seconds(rank) or costs.adapter_load_s,
         )
         holds = adapter is None or adapter in load.adapters

@@ -330,15 +330,16 @@ class Dispatcher(Recovery):
         # an application's groups are its own, and a name is kept as a digest (its size is the sender's)
         group = hashlib.blake2b(f"{req.owner}\0{req.group}".encode(), digest_size=16).hexdigest() if req.group else ""
         ids = req.prompt_token_ids or []
-        left = max(1, req.params.max_tokens - len(req.resume_token_ids))  # (resumed tokens count against it)
-        worker = self.state.choose(others or live, req.adapter, prefixes, group, ids, left)
+        p, done = req.params, len(req.resume_token_ids)  # (resumed tokens count against its bounds)
+        tokens = self.state.price(max(1, p.max_tokens - done), p.min_tokens - done, p.ignore_eos)
+        worker = self.state.choose(others or live, req.adapter, prefixes, group, ids, tokens)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return
         self.orphans.over(req.request_id)
         # Recorded first: a record made after its request ended (refused at once, or aborted) would
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
-        seen = self.workers.get(worker)
+        seen, heard = self.workers.get(worker), self.state.stats_heard[worker]
         incarnation, marks = (seen[0].incarnation, seen[0].marks_taken) if seen else ("", False)
         recorded = False
         try:
@@ -349,7 +350,7 @@ class Dispatcher(Recovery):
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went
             # (two dispatchers walking a lost worker's records both choose, one records).
             if not recorded:
-                self.state.unsend(worker, req.adapter, prefixes, ids, left)
+                self.state.unsend(worker, req.adapter, prefixes, ids, tokens, heard)
         if recorded:
             self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw)

@@ -115,17 +115,17 @@ class DispatchState:
         prefixes: list[bytes] | None = None,
         group: str = "",
         prompt: Sequence[int] = (),
-        max_tokens: int = 0,
+        tokens: float | None = None,
     ) -> str | None:
         """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
         as sent to it (``unsend`` takes that back if it never went): the one its ``group``'s
         requests went to while it is among ``live`` (up to ``MAX_GROUP_REQUESTS`` of them), else
         round-robin blind to load and adapters, or proactive (``choose_worker``), near a worker
         that took the request's prompt prefix before (``prefixes``: its ``affinity.request_keys``;
-        ``prompt``: its prompt's token ids, which those begin with; ``max_tokens``: its bound on output
-        tokens, 0 unknown)."""
+        ``prompt``: its prompt's token ids, which those begin with; ``tokens``: its output tokens as
+        ``price`` gives them, None: of a request with no bound)."""
         worker: str | None
-        tokens = request_tokens(self.costs, max_tokens, self.lengths)
+        tokens = self.price() if tokens is None else tokens
         keys = _prompt_keys(prefixes, prompt)
         self._ended(keys, prompt)
         pinned = self.groups.get(group) if group else None
@@ -188,15 +188,28 @@ class DispatchState:
         adapter: str | None,
         prefixes: list[bytes] | None = None,
         prompt: Sequence[int] = (),
-        max_tokens: int = 0,
+        tokens: float | None = None,
+        heard: int | None = None,
     ) -> None:
         """A request ``choose`` counted on ``worker`` did not go there (another dispatcher recorded
         it first): no longer counted, nor taken off again when a later prompt extends its prompt
-        (``prefixes``, ``prompt`` and ``max_tokens`` as ``choose`` was given them)."""
+        (``prefixes``, ``prompt`` and ``tokens`` as ``choose`` was given them; ``heard``: the
+        worker's ``stats_heard`` then: stats heard since counted it out already, and taking it off
+        again would take it off the requests sent since)."""
         keys = _prompt_keys(prefixes, prompt)
         if keys and (end := self.ends.get(keys[-1])) is not None and end.worker == worker:
             del self.ends[keys[-1]]
-        self._uncount(worker, adapter, request_tokens(self.costs, max_tokens, self.lengths))
+        if heard is None or heard == self.stats_heard[worker]:
+            self._uncount(worker, adapter, self.price() if tokens is None else tokens)
+
+    def price(self, max_tokens: int = 0, min_tokens: int = 0, ignore_eos: bool = False) -> float:
+        """The output tokens a new request with these sampling parameters is priced at: all of its
+        ``max_tokens`` where it ignores EOS (it runs to them: a benchmark's requests), else
+        ``request_tokens`` (what requests of its bound took on the workers lately), at least its
+        ``min_tokens``. ``max_tokens`` 0: not known."""
+        if ignore_eos and max_tokens > 0:
+            return float(max_tokens)
+        return max(float(min_tokens), request_tokens(self.costs, max_tokens, self.lengths))
 
     def _uncount(self, worker: str, adapter: str | None, tokens: float) -> None:
         """A request counted as sent to ``worker`` since its stats is not (any more)."""

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from dlora.common.messages import PlanTrigger, WorkerStats
+from dlora.common.messages import PlanTrigger, WorkerStats, pooled_read
 from dlora.services.migrator.planner import completion_times, kv_demand
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
@@ -34,10 +34,7 @@ def snapshot_from_stats(
         for adapter, spt in s.adapter_seconds_per_token.items():
             per_adapter.setdefault(adapter, []).append(spt)
     adapter_mean = {a: sum(v) / len(v) for a, v in per_adapter.items()}
-    reads = [s for s in stats if s.adapter_read_seconds]  # one unmeasured: at their mean
-    read_mean = sum(s.adapter_read_seconds for s in reads) / len(reads) if reads else 0.0
-    ranked = [s.adapter_read_rank for s in reads if s.adapter_read_rank]
-    rank_mean = sum(ranked) / len(ranked) if ranked else 0.0
+    read_mean, rank_mean = pooled_read(stats)  # one unmeasured: at their mean (as dispatch)
     workers = [
         WorkerState(
             s.worker,

@@ -140,7 +140,7 @@ class AdapterRead:
     key: str  # the engine's key
     adapter: LoraAdapter | None
     error: tuple[type[AdapterError], str] | None = None
-    seconds: float = 0.0  # from its turn to its end (``WorkerAdapters.clock``)
+    seconds: float = 0.0  # from its turn to its files read, or its failure (``WorkerAdapters.clock``)
     # The version registered under its name when it ended (None: removed); not known when the
     # registry did not answer.
     registered: str | None = None
@@ -269,12 +269,13 @@ class WorkerAdapters:
         registered, checked, began = None, False, self.clock()
         try:
             adapter = await self._load(name, key, entry)
+            seconds = self.clock() - began  # (the files' read: what dispatch prices, not the registry's answer)
             try:
                 current = await self.registry.get_adapter(name)
                 registered, checked = (current.version if current else None), True
             except Exception as e:  # noqa: BLE001 - the registry down: retired by its event instead
                 logger.warning("registry not reached after an adapter read", adapter=name, error=str(e))
-            read = AdapterRead(key, adapter, None, self.clock() - began, registered, checked)
+            read = AdapterRead(key, adapter, None, seconds, registered, checked)
         except AdapterError as e:
             read = AdapterRead(key, None, (type(e), str(e)), self.clock() - began)
         except Exception as e:  # noqa: BLE001 - its requests are told why; the worker serves on

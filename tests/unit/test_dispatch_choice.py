@@ -78,12 +78,18 @@ def test_a_request_is_priced_at_its_max_tokens_where_that_is_below_the_expected_
         state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
         state.heard(w("x", adapters=("a",)), 0.0)
         state.heard(msgspec.structs.replace(w("y"), adapter_read_seconds=1.0), 0.0)
-        picks = [state.choose(state.live(0.0), "a", max_tokens=max_tokens) for _ in range(8)]
+        picks = [state.choose(state.live(0.0), "a", tokens=state.price(max_tokens)) for _ in range(8)]
         assert picks[: on_holder + 1] == ["x"] * on_holder + ["y"], (max_tokens, picks)
         priced = min(64, max_tokens or 64)
         assert state.sent_tokens["x"] == picks.count("x") * priced
-        state.unsend("x", "a", max_tokens=max_tokens)  # taken back as counted
+        state.unsend("x", "a", tokens=state.price(max_tokens), heard=1)  # taken back as counted
         assert state.sent_tokens["x"] == (picks.count("x") - 1) * priced
+        state.heard(w("x", [("a", 32)], ("a",)), 1.0)
+        state.choose([state.workers["x"][0]], "a", tokens=16.0)
+        state.unsend("x", "a", tokens=16.0, heard=1)  # counted against the stats before: out already
+        assert state.sent_tokens["x"] == 16.0 and state.sent_adapters["x"] == {"a": 1}
+    # one that ignores EOS runs to its max_tokens; none is priced below its min_tokens
+    assert (state.price(200, ignore_eos=True), state.price(200, min_tokens=100), state.price(0)) == (200, 100, 64)
 
 
 def test_once_workers_report_finished_lengths_a_request_is_priced_at_what_those_took() -> None:
@@ -99,7 +105,7 @@ def test_once_workers_report_finished_lengths_a_request_is_priced_at_what_those_
     picks = [state.choose(state.live(0.0), "a") for _ in range(8)]  # no bound: 16 tokens each
     assert picks[:6] == ["x"] * 6 and state.sent_tokens["x"] == 16 * picks.count("x")
     state.heard(x, 1.0)
-    state.choose(state.live(1.0), "a", max_tokens=8)  # bounded at 8: every one took 8 or more
+    state.choose(state.live(1.0), "a", tokens=state.price(8))  # bounded at 8: every one took 8 or more
     assert state.sent_tokens["x"] == 8
     state.forget("x")
     state.choose(state.live(1.0), "a")  # nobody says: the setting
@@ -399,7 +405,7 @@ def test_a_chats_turns_sent_back_to_back_stay_with_its_worker_between_stats() ->
     had ended (its answer is in the next prompt). A prompt that extends an earlier one exactly
     takes that request off its worker's count: with a prompt_cache_key too, and past the tokens
     the keys cover."""
-    for keyed, start in ((False, 280), (True, 280), (False, 9000)):
+    for keyed, start, tokens in ((False, 280, None), (True, 280, None), (False, 9000, None), (False, 280, 16.0)):
         state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
         x, y = w("x", [("a", 5)], ("a",)), w("y", adapters=("a",))
         state.heard(x, 0.0)
@@ -408,8 +414,8 @@ def test_a_chats_turns_sent_back_to_back_stay_with_its_worker_between_stats() ->
         for turn in range(8):
             history += [7] * 8 + list(range(400 + 20 * turn, 420 + 20 * turn))  # an answer, a question
             keys = [*prefix_keys("a", "", history), *([cache_key("a", "", "c")] if keyed else [])]
-            assert state.choose([x, y], "a", keys, prompt=history) == "y", (keyed, start, turn)
-        assert state.sent_tokens["y"] == 64  # the last turn, still running
+            assert state.choose([x, y], "a", keys, prompt=history, tokens=tokens) == "y", (keyed, start, turn)
+        assert state.sent_tokens["y"] == (tokens or 64)  # the last turn, still running (at its own price)
 
 
 def test_only_a_prompt_that_extends_an_earlier_one_exactly_takes_it_off() -> None:

@@ -463,3 +463,21 @@ def test_a_switch_is_priced_at_its_adapters_ranks_once_those_were_measured() -> 
         p.costs.observe_switch(merge=0.002, unmerge=0.002, merge_rank=8, unmerge_rank=8)
         d = p.decide(q, None)
         assert d.merged == merged, rank
+
+
+def test_switches_are_learned_under_their_adapters_ranks_and_priced_so() -> None:
+    """What a step's merge and unmerge took are filed under the ranks of the adapter merged in and
+    of the one taken out (the one merged before the step); a candidate merging a rank-8 adapter is
+    priced at rank 8's switches, not at a rank-64 one's."""
+    from dlora.services.worker.policy.base import StepRecord
+
+    p = DLoraPolicy(LIMITS)
+    p.ranks = {"big": 64, "small": 8}
+    record = StepRecord("big", ["r0"], ["big"], 1, 0.01, merge_seconds=1.0, unmerge_seconds=0.25)
+    p._learn(record, 0.01, merged_before="small")
+    assert (set(p.costs.merges), set(p.costs.unmerges)) == ({64}, {8})
+    p.costs.observe_switch(merge=0.01, unmerge=0.01, merge_rank=8, unmerge_rank=8)
+    merges, unmerges = p.costs.merges, p.costs.unmerges
+    assert p._switch("small", "big")[0] == pytest.approx(merges[8].mean + p.costs.unmerge.mean)  # 64 out: not seen
+    assert p._round_trip("small") == pytest.approx(merges[8].mean + unmerges[8].mean)
+    assert p._round_trip("small") < 0.25 < p._round_trip("big")

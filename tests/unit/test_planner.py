@@ -98,6 +98,11 @@ def test_a_destination_s_own_measured_adapter_reads_price_loading_an_adapter_the
     )
     workers = snapshot_from_stats([measured, fresh], {}).workers
     assert [(w.adapter_read_seconds, w.adapter_read_rank) for w in workers] == [(6.0, 32.0), (6.0, 32.0)]
+    # of two that measured reads of different ranks, an unmeasured one prices a read of rank r at the
+    # mean of their own prices of it, as dispatch does (``pooled_read``): 6 s at 32 and 1 s at 8
+    other = _worker_stats("w2", [], 0.01, adapter_read_seconds=1.0, adapter_read_rank=8.0)
+    unread = snapshot_from_stats([measured, other, fresh], {}).workers[2]
+    assert unread.read_seconds(64) == pytest.approx((12.0 + 8.0) / 2)
 
 
 def test_base_model_requests_need_no_adapter() -> None:

@@ -290,6 +290,10 @@ class DLoraPolicy(Policy):
         merge_rank, unmerge_rank = ranks.get(to or "", 0), ranks.get(merged_now or "", 0)
         return self.costs.switch_seconds(to is not None, merged_now is not None, merge_rank, unmerge_rank)
 
+    def _round_trip(self, adapter: str) -> float:
+        """Seconds of merging ``adapter`` in, and out again (what a merged epoch must win back)."""
+        return self._switch(adapter, adapter)[0]
+
     def _switch_can_pay(self, f_run: list[QueuedRequest], merged_now: str | None, target: str) -> bool:
         """Before LoRA's overhead is measured (the count rule decides): whether a switch could win
         its time back within a merged epoch at all, were merging to save two base steps of F each
@@ -298,7 +302,7 @@ class DLoraPolicy(Policy):
         8-token request, against 47 ms steps, paused every stream, and again for the next adapter.
         Yes while the switch or F's base step was never measured."""
         base = self.costs.base_seconds(step_work(f_run, None, self.ranks, merged_now)[0])
-        switch = self._switch(target, target)[0]  # (in, and out again)
+        switch = self._round_trip(target)
         return base is None or not switch or self.merged_epoch_steps * 2 * base > switch
 
     def _pays_off(
@@ -321,7 +325,7 @@ class DLoraPolicy(Policy):
         if unmerged is None or merged is None or not f_work or not g_work:
             return True
         saving = g_work * (unmerged / f_work - merged / g_work)
-        return self.merged_epoch_steps * saving > self._switch(adapter, adapter)[0]  # (in, and out again)
+        return self.merged_epoch_steps * saving > self._round_trip(adapter)
 
     # ---- learning from what ran -----------------------------------------------------------
     def observe(self, decision: StepDecision, record: StepRecord) -> None:
@@ -392,7 +396,7 @@ class DLoraPolicy(Policy):
             if cf is not None:
                 cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
                 if basis.best != epoch.cf_adapter:
-                    cf += self._switch(basis.best, basis.best)[0]
+                    cf += self._round_trip(basis.best)
                     epoch.cf_adapter = basis.best
                 epoch.cf_tokens += len(basis.best_group) - len(fresh) + sum(r.work for r in fresh)
                 epoch.cf_seconds += cf
