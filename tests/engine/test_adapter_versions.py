@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import msgspec
@@ -18,6 +19,7 @@ from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.worker.adapters import FAILED_MEMORY_S, AdapterChanged, AdapterNotFound, WorkerAdapters
+from dlora.services.worker.engine import LLMEngine
 from tests.engine.helpers import make_engine
 
 
@@ -229,33 +231,41 @@ async def test_adapters_kept_by_a_burst_go_once_idle(tiny_llama: TinyOutput) -> 
     assert len(engine.adapters) == 2
 
 
-async def test_reads_requests_wait_for_go_ahead_of_prefetches(tiny_llama: TinyOutput, tmp_path: Path) -> None:
-    """One read at a time: a prefetch queued behind the read under way waits for the reads that
-    requests asked for since (a prefetch's read queued ahead of it delayed a request by a read),
-    and a prefetch's read a request asks for while it waits goes ahead too."""
-    import threading
-
+def _copies(tiny_llama: TinyOutput, tmp_path: Path, *names: str) -> list[AdapterEntry]:
+    """A registered copy of one tiny adapter under each of ``names``."""
     cfg = ModelConfig.from_dir(tiny_llama.model)
-    entries = []
-    for name in ("first", "pre", "asked", "hurried"):
-        path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / name)
-        entries.append(check_adapter(name, str(path), [str(tmp_path)], "model", cfg))
-    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=1)  # each read drops the one before
-    for name in list(engine.adapters):
-        engine.unregister_adapter(name)
-    worker = WorkerAdapters(engine, _Entries(entries))
-    order, first_held = [], threading.Event()
+    paths = [shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / name) for name in names]
+    return [check_adapter(name, str(path), [str(tmp_path)], "model", cfg) for name, path in zip(names, paths)]
+
+
+def _first_read_held(engine: LLMEngine) -> tuple[list[str], threading.Event]:
+    """The names ``engine`` reads, in order, the read of "first" held until the event is set."""
+    order, held = [], threading.Event()
     read = engine.read_adapter
 
     def recorded(key: str, path: object) -> object:
         order.append(key.split("@")[0])
         if key.startswith("first@"):
-            assert first_held.wait(10)
+            assert held.wait(10)
         return read(key, path)
 
     engine.read_adapter = recorded  # type: ignore[method-assign]
+    return order, held
+
+
+async def test_reads_requests_wait_for_go_ahead_of_prefetches(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """One read at a time: a prefetch queued behind the read under way waits for the reads that
+    requests asked for since (a prefetch's read queued ahead of it delayed a request by a read),
+    and a prefetch's read a request asks for while it waits goes ahead too."""
+    entries = _copies(tiny_llama, tmp_path, "first", "pre", "asked", "hurried")
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=1)  # each read drops the one before
+    for name in list(engine.adapters):
+        engine.unregister_adapter(name)
+    worker = WorkerAdapters(engine, _Entries(entries))
+    order, first_held = _first_read_held(engine)
     await worker.prefetch(["first", "pre", "hurried"])
-    await asyncio.sleep(0.05)  # "first" is being read
+    while not order:  # "first" is being read
+        await asyncio.sleep(0.01)
     await worker.ensure("asked", entries[2].version)
     await worker.ensure("hurried", entries[3].version)  # queued for a prefetch, asked for now
     first_held.set()
@@ -286,25 +296,10 @@ async def test_a_prefetch_not_begun_of_an_adapter_removed_or_replaced_is_not_rea
     """A prefetch queued behind a read was read after its adapter was removed, then retired: a read
     of hundreds of MB for nothing. One a request asked for too is still read (the request runs on
     that version); one under way ends as it would."""
-    import threading
-
-    cfg = ModelConfig.from_dir(tiny_llama.model)
-    entries = []
-    for name in ("first", "removed", "replaced", "wanted"):
-        path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / name)
-        entries.append(check_adapter(name, str(path), [str(tmp_path)], "model", cfg))
+    entries = _copies(tiny_llama, tmp_path, "first", "removed", "replaced", "wanted")
     engine = make_engine(tiny_llama, max_cpu_loras=8)
     worker = WorkerAdapters(engine, _Entries(entries))
-    order, first_held = [], threading.Event()
-    read = engine.read_adapter
-
-    def recorded(key: str, path: object) -> object:
-        order.append(key.split("@")[0])
-        if key.startswith("first@"):
-            assert first_held.wait(10)
-        return read(key, path)
-
-    engine.read_adapter = recorded  # type: ignore[method-assign]
+    order, first_held = _first_read_held(engine)
     await worker.prefetch(["first", "removed", "replaced", "wanted"])
     while not order:  # "first" is being read
         await asyncio.sleep(0.01)
