@@ -452,11 +452,10 @@ def pooled_read(stats: Iterable[WorkerStats]) -> tuple[float, float]:
     them: the workers' measured reads, each scaled to their mean rank (one that does not say its
     ranks, an older one, taken at that mean), averaged, and that rank; (0, 0) when none measured.
     So a read of rank r is priced at the mean of the workers' own prices of it."""
-    read = [s for s in stats if s.adapter_read_seconds]
+    if not (read := [s for s in stats if s.adapter_read_seconds]):
+        return 0.0, 0.0
     ranks = [s.adapter_read_rank for s in read if s.adapter_read_rank]
     mean_rank = sum(ranks) / len(ranks) if ranks else 0.0
-    if not read:
-        return 0.0, 0.0
     seconds = [scaled_read_seconds(s.adapter_read_seconds, s.adapter_read_rank, mean_rank) for s in read]
     return sum(seconds) / len(seconds), mean_rank
 
