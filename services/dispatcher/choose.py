@@ -55,8 +55,9 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
 
 
 DEFAULT_COSTS = DispatchCosts()
-# Requests' work (``expected_tokens`` each) a worker holding the prompt's prefix may be behind the
-# soonest whatever the ratio: an idle cluster's estimates differ by the requests sent since the
+# Requests' work (each as much as the request's own) a worker holding the prompt's prefix may be
+# behind the soonest whatever the ratio (at ``expected_tokens`` a request whatever its own, 60
+# one-token requests sharing a prefix all went to one worker, a trial): an idle cluster's estimates differ by the requests sent since the
 # last stats, and a chat's turns or a prompt's samples come together (SGLang's router is likewise
 # cache-aware unless the load differs by an absolute and a relative threshold both).
 AFFINITY_REQUESTS = 2
@@ -166,6 +167,7 @@ def choose_worker(
     (0: not known), which scales what reading it costs (``WorkerStats.read_seconds``)."""
     if not workers:
         return None
+    tokens = costs.expected_tokens if tokens is None else tokens
     sent, sent_to = sent_tokens or {}, sent_adapters or {}
     placement = placement or {}
     # Every worker is priced at the live workers' mean measured speed. A batched engine's seconds
@@ -193,7 +195,7 @@ def choose_worker(
             set(placement.get(w.worker, ())),
             costs,
             sent_to.get(w.worker, ()),
-            costs.expected_tokens if tokens is None else tokens,
+            tokens,
             w.read_seconds(rank) or costs.adapter_load_s,
         )
         holds = adapter is None or adapter in load.adapters
@@ -203,7 +205,7 @@ def choose_worker(
     if affine is not None and affine != best.worker and costs.prefix_affinity > 1:
         cached = next((w for w in workers if w.worker == affine), None)
         soonest = key(best)[0]
-        slack = AFFINITY_REQUESTS * costs.expected_tokens * costs.default_seconds_per_token
+        slack = AFFINITY_REQUESTS * tokens * costs.default_seconds_per_token
         if cached is not None and key(cached)[0] <= max(soonest * costs.prefix_affinity, soonest + slack):
             return affine
     return best.worker

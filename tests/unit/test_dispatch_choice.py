@@ -112,6 +112,15 @@ def test_once_workers_report_finished_lengths_a_request_is_priced_at_what_those_
     assert state.sent_tokens["y"] == 16 * picks.count("y") + 64
 
 
+def test_the_prefix_worker_s_slack_is_in_the_request_s_own_work() -> None:
+    """A trial: 60 one-token requests sharing a prompt prefix all went to one worker, its slack two
+    requests of 64 tokens whatever theirs. Two of the request's own now: a 64-token request still
+    goes where its prefix is cached behind a 64-token queue; a one-token one goes to the idle one."""
+    x, y = w("x", [("a", 64)], ("a",)), w("y", adapters=("a",))
+    assert choose_worker([x, y], "a", affine="x", tokens=64.0) == "x"
+    assert choose_worker([x, y], "a", affine="x", tokens=1.0) == "y"
+
+
 def test_a_read_is_priced_by_the_adapter_s_rank_against_the_ranks_a_worker_read() -> None:
     """One mean over every size priced a trial's 157 MB read and a 391 MB one alike (0.8 s; the
     second took 7.9 s). A worker's reads of rank 16 took 1 s: a rank-64 adapter costs 4 s to read
