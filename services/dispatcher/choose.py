@@ -56,10 +56,11 @@ class DispatchCosts(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
 
 DEFAULT_COSTS = DispatchCosts()
 # Requests' work (each as much as the request's own) a worker holding the prompt's prefix may be
-# behind the soonest whatever the ratio (at ``expected_tokens`` a request whatever its own, 60
-# one-token requests sharing a prefix all went to one worker, a trial): an idle cluster's estimates differ by the requests sent since the
-# last stats, and a chat's turns or a prompt's samples come together (SGLang's router is likewise
-# cache-aware unless the load differs by an absolute and a relative threshold both).
+# behind the soonest whatever the ratio: an idle cluster's estimates differ by the requests sent
+# since the last stats, and a chat's turns or a prompt's samples come together (SGLang's router is
+# likewise cache-aware unless the load differs by an absolute and a relative threshold both). At
+# ``expected_tokens`` a request whatever its own, 60 one-token requests sharing a prefix all went
+# to one worker (a trial).
 AFFINITY_REQUESTS = 2
 
 
