@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from dlora.common.messages import WorkerStats
-from dlora.services.worker.adapters import ReadOrder, read_mean
+from dlora.services.worker.adapters import ReadCosts, ReadOrder
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
@@ -83,8 +83,7 @@ class Replica:
     incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
     reads: ReadOrder = field(default_factory=ReadOrder)  # asked for, not begun: the worker's order
     reading: bool = False  # one at a time
-    read_seconds: float = 0.0  # its reads' seconds, decayed as a worker's stats give them (``read_mean``)
-    read_rank: float = 0.0  # and their ranks, alike
+    read_costs: ReadCosts = field(default_factory=ReadCosts)  # what its reads took, as a worker's stats say
     # Its stats as last built, while nothing here has changed since (no step, join or move): an
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
     # at 128 adapters, every half second of every replica: half an idle cluster's run).
@@ -189,8 +188,9 @@ class Shard:
         for r in self.replicas.values():
             if r.last_stats is None:
                 stats = worker_stats(r.name, r.engine, r.lengths)
-                reads = {"adapter_read_seconds": r.read_seconds, "adapter_read_rank": r.read_rank}
-                r.last_stats = msgspec.structs.replace(stats, **reads)
+                c = r.read_costs
+                reads = {"adapter_read_seconds": c.seconds, "adapter_read_rank": c.rank}
+                r.last_stats = msgspec.structs.replace(stats, **reads, adapter_read_seconds_per_rank=c.per_rank)
         return [r.last_stats for r in self.replicas.values() if r.last_stats is not None]
 
     def take(self, moves: list[tuple[str, str, bool]], now: float, kv_s_per_token: float) -> list[Moving]:
@@ -252,8 +252,7 @@ class Shard:
         replica, rank = r.replica, self.ranks[r.adapter]
         heapq.heappop(replica.incoming)
         replica.engine.install(r.adapter, rank)
-        replica.read_seconds = read_mean(replica.read_seconds, replica.engine.cost.host_load_seconds(rank))
-        replica.read_rank = read_mean(replica.read_rank, rank)
+        replica.read_costs.observe(replica.engine.cost.host_load_seconds(rank), rank)
         replica.last_stats = None
         self._wake(replica, now)
         self._next_read(replica, now)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from dlora.common.messages import WorkerStats, pooled_read, scaled_read_seconds
+from dlora.common.messages import WorkerStats, pooled_read, read_price
 from dlora.services.dispatcher.lengths import PooledLengths
 
 
@@ -182,7 +182,7 @@ def choose_worker(
     # A worker that has read no adapter yet (just started, or of a version before the figure) is
     # priced at the others' mean read of its rank: at the setting's 50 ms beside reads of seconds,
     # every adapter nobody held went to it (a review)
-    if unread := scaled_read_seconds(*pooled_read(workers), rank):
+    if unread := read_price(*pooled_read(workers), rank):
         costs = msgspec.structs.replace(costs, adapter_load_s=unread)
 
     def key(w: WorkerStats) -> tuple[float, int, str]:

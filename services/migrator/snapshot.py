@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora.common.messages import scaled_read_seconds
+from dlora.common.messages import read_price
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,15 @@ class WorkerState:
     max_model_len: int = 0  # the most tokens one request may span here (0: not known)
     adapter_read_seconds: float = 0.0  # measured: an adapter's read into host memory here (0: not yet)
     adapter_read_rank: float = 0.0  # the mean rank of those reads (0: not known)
+    adapter_read_seconds_per_rank: float | None = None  # the line fitted to them (None: in proportion)
 
     def holds(self, r: RequestState) -> bool:
         """Whether ``r`` fits here whole (elsewhere it would be refused, or cut short)."""
         return self.max_model_len == 0 or r.total_tokens <= self.max_model_len
 
     def read_seconds(self, rank: int) -> float:
-        """Seconds a read of an adapter of ``rank`` (0: not known) takes here (``scaled_read_seconds``)."""
-        return scaled_read_seconds(self.adapter_read_seconds, self.adapter_read_rank, rank)
+        """Seconds a read of an adapter of ``rank`` (0: not known) takes here (``read_price``)."""
+        return read_price(self.adapter_read_seconds, self.adapter_read_rank, self.adapter_read_seconds_per_rank, rank)
 
     def cost(self, adapter: str | None) -> float:
         """Seconds per token a request of ``adapter`` takes here: what it measured, else the mean."""

@@ -34,7 +34,7 @@ def snapshot_from_stats(
         for adapter, spt in s.adapter_seconds_per_token.items():
             per_adapter.setdefault(adapter, []).append(spt)
     adapter_mean = {a: sum(v) / len(v) for a, v in per_adapter.items()}
-    read_mean, rank_mean = pooled_read(stats)  # one unmeasured: at their mean (as dispatch)
+    unread = pooled_read(stats)  # one unmeasured: at their mean (as dispatch)
     workers = [
         WorkerState(
             s.worker,
@@ -45,8 +45,11 @@ def snapshot_from_stats(
             mean,
             adapter_mean,
             s.max_model_len,
-            s.adapter_read_seconds or read_mean,
-            s.adapter_read_rank if s.adapter_read_seconds else rank_mean,
+            *(
+                (s.adapter_read_seconds, s.adapter_read_rank, s.adapter_read_seconds_per_rank)
+                if s.adapter_read_seconds
+                else unread
+            ),
         )
         for s in stats
     ]

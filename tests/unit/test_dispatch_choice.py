@@ -1,6 +1,15 @@
 import msgspec
+import pytest
 
-from dlora.common.messages import AdapterResidency, GenerateRequest, RequestLoad, SamplingParams, WorkerStats
+from dlora.common.messages import (
+    AdapterResidency,
+    GenerateRequest,
+    RequestLoad,
+    SamplingParams,
+    WorkerStats,
+    pooled_read,
+    read_price,
+)
 from dlora.services.dispatcher.affinity import PrefixAffinity, cache_key, prefix_keys, request_keys
 from dlora.services.dispatcher.choose import (
     DispatchCosts,
@@ -138,6 +147,14 @@ def test_a_read_is_priced_by_the_adapter_s_rank_against_the_ranks_a_worker_read(
     assert (lacks.read_seconds(32), lacks.read_seconds(0), w("z").read_seconds(32)) == (2.0, 1.0, 0.0)
     fresh = w("z", [(None, 50)])  # read nothing yet: at the others' read of rank 64 (4 s), not their 1 s mean
     assert choose_worker([fresh, holder, lacks], "a", rank=64) == "y"
+    # a worker whose reads of several ranks fitted a line (a part the rank does not change) is
+    # priced on it; one that read nothing, at the mean of the others' prices, which is a line too
+    fitted = msgspec.structs.replace(lacks, adapter_read_seconds=0.02, adapter_read_rank=100.0)
+    fitted = msgspec.structs.replace(fitted, adapter_read_seconds_per_rank=1e-4)
+    assert fitted.read_seconds(8) == pytest.approx(0.02 + 1e-4 * (8 - 100))
+    for rank in (8, 64, 512):
+        pooled = read_price(*pooled_read([fitted, lacks, w("z")]), rank)
+        assert pooled == pytest.approx((fitted.read_seconds(rank) + lacks.read_seconds(rank)) / 2), rank
 
 
 def test_a_worker_reading_an_adapter_takes_its_next_requests_without_a_second_read() -> None:
