@@ -296,6 +296,12 @@ def _residency(v: WorkerView) -> Iterator[Metric]:
         {(w,): v.stats.adapter_read_seconds},
         "seconds",
     )
+    yield _gauge(
+        "dlora_adapter_read_rank",
+        "The mean LoRA rank of those reads (a read of another rank is priced on the line fitted to them)",
+        ["worker"],
+        {(w,): v.stats.adapter_read_rank},
+    )
     vllm: Labelled = {(v.model_name, w, a, t, "false", str(ranks.get(a, 0))): 1.0 for a, t in tier.items()}
     yield _gauge(
         "vllm:lora_adapter_loaded",
