@@ -1,8 +1,9 @@
 """The worker service: the engine behind NATS. One task owns the engine; handlers only enqueue.
 
 Requests arrive on ``subjects.worker_requests(id)``; every step's tokens go out as TokenChunks on
-each request's ``reply_to``; stats and a heartbeat go out every ``stats_interval_s``; the
-batching policy's state is checkpointed to Redis and restored at start.
+each request's ``reply_to``; stats and a heartbeat go out every ``stats_interval_s``, and the stats
+at once when the worker falls idle (``beats``); the batching policy's state is checkpointed to
+Redis and restored at start.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dlora.services.run import StartupError
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
+from dlora.services.worker.beats import LIST_EVERY_S, publish_stats
 from dlora.services.worker.chunks import (
     Stream,
     chunk_for,
@@ -69,7 +71,6 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 # A record this fresh may be for a request whose message is still on its way here: not handed
 # back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
-_LIST_EVERY_S = 10.0  # how often the registry's adapters are listed (their ranks, for the metrics)
 _EXPIRE_EVERY_S = 0.05  # how late past its deadline a request may still be stopped, at most
 _LONG_PROMPT = 65_536  # characters: a text prompt this long is marked taken before it is tokenized (~10 ms+)
 
@@ -116,7 +117,9 @@ class WorkerService:
         self.stats: WorkerStats = self._snapshot()
         self._snapshot_at = time.monotonic()
         self.registered: dict[str, int] = {}  # adapter name -> rank, as the registry last listed them
-        self._listed_at = -_LIST_EVERY_S
+        self.listed_at = -LIST_EVERY_S
+        self.fell_idle = asyncio.Event()  # its stats go out at once (``beats``)
+        self._busy = False  # it held requests at the last refresh of its stats
         self.metrics = WorkerMetrics(settings.worker_id, lambda: worker_view(self))
         self.tokenized = Tokenized(engine.tokenizer)  # arriving requests' prompts and bad_words
         self.settings = settings_in_effect(engine)  # for the metrics (read once: they do not change)
@@ -389,42 +392,18 @@ class WorkerService:
     def _refresh_stats(self) -> None:
         """The snapshot walks every request: taken as often as stats go out, not every step (and
         at once when the engine falls idle, so the last stats say so)."""
-        now = time.monotonic()
-        if now - self._snapshot_at >= self.s.stats_interval_s / 2 or not self.engine.has_unfinished():
+        now, idle = time.monotonic(), not self.engine.has_unfinished()
+        if now - self._snapshot_at >= self.s.stats_interval_s / 2 or idle:
             self.stats, self._snapshot_at = self._snapshot(), now
+        if idle and self._busy:  # (a request that came and went between two snapshots too)
+            self.fell_idle.set()
+        self._busy = not idle
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
         stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
         reads = self.adapters.reads_stats()
         return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining, **reads)
-
-    async def publish_stats(self, stop: asyncio.Event) -> None:
-        outage = bus.Outage("stats and heartbeat (nats, redis)")
-        while not stop.is_set():
-            if self.delivery.reconnected():  # what went out meanwhile may be lost: sent again
-                self.clients.forgive(time.monotonic())  # and the clients' silence was ours
-            stats = msgspec.structs.replace(self.stats, sent=time.time())
-            try:
-                await bus.publish(self.nc, subjects.stats(self.s.worker_id), stats)
-                self.records.beat()
-                # Bounded: a Redis that hangs must not hold up the next beat on NATS (that silence
-                # would count as a stall).
-                async with asyncio.timeout(self.s.stats_interval_s):
-                    await self.store.heartbeat(stats, self.s.heartbeat_ttl_s)
-                    self.records.beat()
-                    self.clients.noted(time.monotonic())  # Redis's host reached: not cut off
-                    await self.store.set_placement(self.s.worker_id, sorted({a.name for a in stats.adapters}))
-                    await self.store.save_policy(self.s.worker_id, self.engine.policy.checkpoint())
-                outage.succeeded()
-                if time.monotonic() - self._listed_at > _LIST_EVERY_S:  # for the residency metric's disk tier
-                    self._listed_at = time.monotonic()
-                    self.registered = {e.name: e.rank for e in await self.store.list_adapters()}
-            except Exception as e:  # noqa: BLE001 - a missed beat is retried next interval
-                outage.failed(e)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.s.stats_interval_s):
-                    await stop.wait()
 
     async def run(self, stop: asyncio.Event) -> None:
         if state := await self.store.load_policy(self.s.worker_id):
@@ -461,7 +440,7 @@ class WorkerService:
         notifier.ready(f"worker {self.s.worker_id} taking requests")
         try:
             done = asyncio.Event()  # stopped and drained: the stats and heartbeat go on until then
-            ended = await asyncio.gather(self.run_loop(stop, done), self.publish_stats(done), return_exceptions=True)
+            ended = await asyncio.gather(self.run_loop(stop, done), publish_stats(self, done), return_exceptions=True)
             if errors := [e for e in ended if isinstance(e, BaseException)]:  # both over: no beat after a hand-over
                 raise errors[0]
         finally:

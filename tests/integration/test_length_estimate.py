@@ -11,7 +11,7 @@ import nats
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
@@ -76,6 +76,47 @@ async def test_stats_carry_the_expected_remaining_tokens(
         # What the base model's tokens cost here is measured and published with the rest.
         assert set(worker.stats.adapter_seconds_per_token) == {""}
         assert 0 < worker.stats.adapter_seconds_per_token[""] < 10 * worker.stats.seconds_per_token
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        for c in (nc, client):
+            await c.drain()
+
+
+async def test_a_worker_falling_idle_says_so_at_once(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> None:
+    """A trial: right after a burst ended, the next went 0/40 to the other worker: the stats, taken
+    mid-burst, said this one was busy until the next interval. Its stats now go out as it falls idle
+    (not sooner than a quarter interval after the last): here within a second of a request sent just
+    after a regular message, against the 4 s interval."""
+    ws = WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-idle",
+        model=str(tiny_llama.model),
+        stats_interval_s=4.0,
+        heartbeat_ttl_s=10.0,
+    )
+    nc, client = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    worker = WorkerService(ws, nc, StateStore(redis), build_engine(ws))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        stats = await client.subscribe(subjects.stats("w-idle"))
+        await stats.next_msg(timeout=30)  # a regular message: the next is 4 s away
+        sent = asyncio.get_running_loop().time()
+        req = GenerateRequest(
+            request_id="r",
+            reply_to=subjects.reply_inbox("r", "t"),
+            prompt_token_ids=SHORT_PROMPT,
+            params=SamplingParams(max_tokens=4, ignore_eos=True),
+        )
+        await client.publish(subjects.worker_requests("w-idle"), msgspec.json.encode(req))
+        while True:
+            got = msgspec.json.decode((await stats.next_msg(timeout=10)).data, type=WorkerStats)
+            if got.steps and not got.running and not got.waiting:
+                break
+        assert asyncio.get_running_loop().time() - sent < 2.0  # not at the next interval (4 s)
+        await stats.unsubscribe()
     finally:
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
