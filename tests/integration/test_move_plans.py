@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams, TokenChunk
-from dlora.common.state import StateStore
+from dlora.common.state import Inflight, StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
@@ -51,9 +51,12 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
         conns.append(client)
         owner = uuid.uuid4().hex[:8]
         seen: list[TokenChunk] = []
+        moved: list[Inflight | None] = []  # the record as w1's first chunk came
 
         async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
             seen.append(msgspec.json.decode(msg.data, type=TokenChunk))
+            if seen[-1].worker == "w1" and not moved:  # read then: a CI run's checked after it had ended
+                moved.append(await store.get_inflight("r"))
 
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
         await asyncio.sleep(0.3)
@@ -71,10 +74,10 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
         assert "r" in workers["w0"].streams and not seen[-1].finish_reason  # stayed
         await send_plan(2)
         async with asyncio.timeout(30):
-            while seen[-1].worker != "w1":
+            while not moved:
                 await asyncio.sleep(0.01)
         # recorded with the move: the plan said w1 marks what it takes up (the poison guard)
-        assert (rec := await store.get_inflight("r")) is not None and rec.worker == "w1" and rec.marks_taken
+        assert (rec := moved[0]) is not None and rec.worker == "w1" and rec.marks_taken
         async with asyncio.timeout(30):
             while not seen[-1].finish_reason:
                 await asyncio.sleep(0.02)
