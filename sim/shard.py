@@ -188,9 +188,7 @@ class Shard:
         for r in self.replicas.values():
             if r.last_stats is None:
                 stats = worker_stats(r.name, r.engine, r.lengths)
-                c = r.read_costs
-                reads = {"adapter_read_seconds": c.seconds, "adapter_read_rank": c.rank}
-                r.last_stats = msgspec.structs.replace(stats, **reads, adapter_read_seconds_per_rank=c.per_rank)
+                r.last_stats = msgspec.structs.replace(stats, **r.read_costs.stats())
         return [r.last_stats for r in self.replicas.values() if r.last_stats is not None]
 
     def take(self, moves: list[tuple[str, str, bool]], now: float, kv_s_per_token: float) -> list[Moving]:

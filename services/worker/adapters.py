@@ -74,6 +74,14 @@ class ReadCosts:
             return None
         return min(max(0.0, self._cov / self._var), self.seconds / self.rank)
 
+    def stats(self) -> dict[str, Any]:
+        """``WorkerStats``' fields of the same names."""
+        return {
+            "adapter_read_seconds": self.seconds,
+            "adapter_read_rank": self.rank,
+            "adapter_read_seconds_per_rank": self.per_rank,
+        }
+
 
 def on_daemon_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
     """``fn(*args)`` on a thread of its own that does not hold up the process's exit, as
@@ -257,13 +265,7 @@ class WorkerAdapters:
 
     def reads_stats(self) -> dict[str, Any]:
         """What the worker's stats say of its reads (``WorkerStats``' fields of the same names)."""
-        costs = self.read_costs
-        return {
-            "adapter_read_seconds": costs.seconds,
-            "adapter_read_rank": costs.rank,
-            "adapter_read_seconds_per_rank": costs.per_rank,
-            "failed_adapters": self.failing(),
-        }
+        return {**self.read_costs.stats(), "failed_adapters": self.failing()}
 
     def failing(self) -> list[str]:
         """The adapters (names) whose read failed within ``FAILED_MEMORY_S``: refused here meanwhile."""
