@@ -93,15 +93,25 @@ class WorkerLoad:
         )
 
 
-def request_tokens(costs: DispatchCosts, max_tokens: int = 0, lengths: PooledLengths | None = None) -> float:
-    """The output tokens a new request of ``max_tokens`` (0: not known) is priced at: what requests
-    bounded alike took on the workers lately (``lengths``), else ``costs.expected_tokens`` or its
-    ``max_tokens`` where that is fewer. Priced at 64 whatever their bound, a trial's 16-token
-    requests cost 4x their work each on the worker holding their adapter, and went to another that
-    read it again."""
+def request_tokens(
+    costs: DispatchCosts,
+    max_tokens: int = 0,
+    lengths: PooledLengths | None = None,
+    min_tokens: int = 0,
+    ignore_eos: bool = False,
+) -> float:
+    """The output tokens a new request is priced at: all of its ``max_tokens`` (0: not known) where
+    it ignores EOS (it runs to them: a benchmark's requests); else what requests bounded alike took
+    on the workers lately (``lengths``), else ``costs.expected_tokens`` or its ``max_tokens`` where
+    that is fewer; at least its ``min_tokens``. Priced at 64 whatever their bound, a trial's
+    16-token requests cost 4x their work each on the worker holding their adapter, and went to
+    another that read it again."""
+    if ignore_eos and max_tokens > 0:
+        return float(max_tokens)
     if lengths is not None and (learned := lengths.expected(max_tokens)) is not None:
-        return max(1.0, learned)
-    return min(costs.expected_tokens, max_tokens) if max_tokens > 0 else costs.expected_tokens
+        return max(float(min_tokens), 1.0, learned)
+    expected = min(costs.expected_tokens, max_tokens) if max_tokens > 0 else costs.expected_tokens
+    return max(float(min_tokens), expected)
 
 
 def estimated_finish(

@@ -203,13 +203,9 @@ class DispatchState:
             self._uncount(worker, adapter, self.price() if tokens is None else tokens)
 
     def price(self, max_tokens: int = 0, min_tokens: int = 0, ignore_eos: bool = False) -> float:
-        """The output tokens a new request with these sampling parameters is priced at: all of its
-        ``max_tokens`` where it ignores EOS (it runs to them: a benchmark's requests), else
-        ``request_tokens`` (what requests of its bound took on the workers lately), at least its
-        ``min_tokens``. ``max_tokens`` 0: not known."""
-        if ignore_eos and max_tokens > 0:
-            return float(max_tokens)
-        return max(float(min_tokens), request_tokens(self.costs, max_tokens, self.lengths))
+        """The output tokens a new request with these sampling parameters is priced at, by the
+        workers' lengths heard here (``request_tokens``)."""
+        return request_tokens(self.costs, max_tokens, self.lengths, min_tokens, ignore_eos)
 
     def _uncount(self, worker: str, adapter: str | None, tokens: float) -> None:
         """A request counted as sent to ``worker`` since its stats is not (any more)."""
