@@ -166,6 +166,7 @@ def choose_worker(
     affine: str | None = None,
     tokens: float | None = None,
     rank: int = 0,
+    unread: tuple[float, float, float | None] | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,
@@ -175,7 +176,8 @@ def choose_worker(
     stats say so). ``affine``: the worker that took the request's prompt prefix last, which takes
     it within ``costs.prefix_affinity`` of the soonest. ``tokens``: the request's own output
     tokens (``request_tokens``; None: ``costs.expected_tokens``); ``rank``: its adapter's LoRA rank
-    (0: not known), which scales what reading it costs (``WorkerStats.read_seconds``)."""
+    (0: not known), which scales what reading it costs (``WorkerStats.read_seconds``); ``unread``:
+    ``pooled_read`` of these workers, where the caller keeps it (else made here)."""
     if not workers:
         return None
     tokens = costs.expected_tokens if tokens is None else tokens
@@ -192,8 +194,8 @@ def choose_worker(
     # A worker that has read no adapter yet (just started, or of a version before the figure) is
     # priced at the others' mean read of its rank: at the setting's 50 ms beside reads of seconds,
     # every adapter nobody held went to it (a review)
-    if unread := read_price(*pooled_read(workers), rank):
-        costs = msgspec.structs.replace(costs, adapter_load_s=unread)
+    if unread_s := read_price(*(unread or pooled_read(workers)), rank):
+        costs = msgspec.structs.replace(costs, adapter_load_s=unread_s)
 
     def key(w: WorkerStats) -> tuple[float, int, str]:
         load = (loads or {}).get(w.worker)
