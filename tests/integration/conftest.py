@@ -26,6 +26,7 @@ from dlora.common.messages import LostRequests
 from dlora.common.registry import purge
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.admin import check_adapter
@@ -86,6 +87,14 @@ class Stack:
 async def stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> AsyncIterator[Stack]:
     """The `dlora up` stack, in-process: dispatcher, two workers (dlora policy), gateway."""
     async with run_stack(nats_server, redis, tiny_llama) as running:
+        yield running
+
+
+@pytest.fixture
+async def round_robin_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> AsyncIterator[Stack]:
+    """The same stack dispatching round-robin: every worker takes some of a few requests (by load a
+    few short ones may rightly all stay where their adapter is held)."""
+    async with run_stack(nats_server, redis, tiny_llama, dispatcher={"dispatch": DispatchMode.ROUND_ROBIN}) as running:
         yield running
 
 

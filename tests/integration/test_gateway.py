@@ -14,14 +14,10 @@ from pathlib import Path
 
 import aiohttp
 import torch
-from redis.asyncio import Redis
 
-from dlora.model.make_tiny import TinyOutput
-from dlora.services.dispatcher.choose import DispatchMode
-from dlora.services.servers import Server
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
-from tests.integration.conftest import ADMIN_KEY, Stack, run_stack, sse_events
+from tests.integration.conftest import ADMIN_KEY, Stack, sse_events
 
 PROMPTS = ["kalo remi suta", "nevo rida pole", "sumu gano befi tuza"]
 
@@ -55,17 +51,11 @@ def offline(tiny, requests: list[dict]) -> list[dict]:
     return generate_lines(engine, [json.dumps(r) for r in requests])
 
 
-async def test_completions_for_several_adapters_at_once_equal_offline_generation(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
-) -> None:
+async def test_completions_for_several_adapters_at_once_equal_offline_generation(round_robin_stack: Stack) -> None:
     """Dispatched round-robin, so that both workers take part: proactive dispatch may rightly keep
     five 10-token requests on one worker of this tiny model, where their queue costs less than an
     adapter's read on the other (a CI run, once requests were priced at their max_tokens)."""
-    async with run_stack(nats_server, redis, tiny_llama, dispatcher={"dispatch": DispatchMode.ROUND_ROBIN}) as stack:
-        await _several_adapters_at_once(stack)
-
-
-async def _several_adapters_at_once(stack: Stack) -> None:
+    stack = round_robin_stack
     models = ["model", "lora-0", "lora-1", "lora-2", "lora-3"]
     bodies = [{"model": m, "prompt": PROMPTS[i % 3], "max_tokens": 10, "temperature": 0} for i, m in enumerate(models)]
     results = await asyncio.gather(*(post(stack, "/v1/completions", b) for b in bodies))
@@ -313,9 +303,12 @@ async def test_bad_input_gets_4xx_and_disturbs_nothing(stack: Stack, tmp_path: P
     assert status == 200 and resp["usage"]["completion_tokens"] == 40
 
 
-async def test_one_request_cannot_take_down_a_worker(stack: Stack) -> None:
+async def test_one_request_cannot_take_down_a_worker(round_robin_stack: Stack) -> None:
     """A temperature inside the API's range that overflows a naive sampler: served greedily, on
-    every worker, and everything after it still is."""
+    every worker, and everything after it still is. Dispatched round-robin so that every worker
+    takes some (by load, eight 4-token requests of one adapter may all stay where it is held: a CI
+    run)."""
+    stack = round_robin_stack
     body = {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 4}
     greedy = await post(stack, "/v1/completions", {**body, "temperature": 0})
     tiny = await asyncio.gather(
