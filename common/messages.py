@@ -248,6 +248,9 @@ class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):
     # Content digest of its config and weights at registration: requests run on this version, and
     # a name registered again with other files is a new version.
     version: str = ""
+    # Bytes of its files (adapter_config.json and the weights): what a read of it reads, which a
+    # worker's measured reads price (``read_price``). 0: registered before this was kept.
+    file_bytes: int = 0
     # The tenant it belongs to: only that tenant's API keys (and admins) list and use it. Empty:
     # public, every caller's.
     owner: str = ""
@@ -400,11 +403,11 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # Measured seconds an adapter's read from its files into host memory takes here (recent reads,
     # decayed): what sending a request of an adapter it lacks costs; 0 before any.
     adapter_read_seconds: float = 0.0
-    # The mean LoRA rank of those reads, weighted alike, and the seconds a rank more by the line
-    # fitted to them (None: their ranks hardly varied): an adapter of rank r is priced on that line,
-    # else in proportion to r (``read_seconds``). 0 / None before any.
-    adapter_read_rank: float = 0.0
-    adapter_read_seconds_per_rank: float | None = None
+    # The mean bytes of the files of those reads, weighted alike, and the seconds a byte more by
+    # the line fitted to them (None: their sizes hardly varied): an adapter of n bytes is priced on
+    # that line, else in proportion to n (``read_seconds``). 0 / None before any.
+    adapter_read_bytes: float = 0.0
+    adapter_read_seconds_per_byte: float | None = None
     # Adapters whose read failed here lately (names; refused here for a while, ``FAILED_MEMORY_S``):
     # requests of them sent here do not join a read.
     failed_adapters: list[str] = []
@@ -436,44 +439,46 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
         """The adapter merged into its weights now (None: none)."""
         return next((a.name for a in self.adapters if a.merged), None)
 
-    def read_seconds(self, rank: float) -> float:
-        """Seconds a read of an adapter of ``rank`` takes here (``read_price``); 0 before any read."""
-        return read_price(self.adapter_read_seconds, self.adapter_read_rank, self.adapter_read_seconds_per_rank, rank)
+    def read_seconds(self, nbytes: float) -> float:
+        """Seconds a read of an adapter of ``nbytes`` (its ``AdapterEntry.file_bytes``) takes here
+        (``read_price``); 0 before any read."""
+        line = self.adapter_read_seconds, self.adapter_read_bytes, self.adapter_read_seconds_per_byte
+        return read_price(*line, nbytes)
 
 
-def read_price(seconds: float, read_rank: float, per_rank: float | None, rank: float) -> float:
-    """A read of an adapter of ``rank`` (0: not known) where reads took ``seconds`` at a mean rank of
-    ``read_rank`` (0: not known): on the line through them rising ``per_rank`` seconds a rank, or
-    (None) in proportion to the rank, as a read's bytes grow with it (one mean over every size
-    priced a trial's 157 MB read and a 391 MB one alike at 0.8 s; the second took 7.9 s); else
-    ``seconds``. Never below 0 (the line is fitted with ``per_rank`` at most ``seconds / read_rank``)."""
-    if not rank or not read_rank:
+def read_price(seconds: float, read_bytes: float, per_byte: float | None, nbytes: float) -> float:
+    """A read of an adapter whose files hold ``nbytes`` (0: not known) where reads took ``seconds``
+    at a mean of ``read_bytes`` (0: not known): on the line through them rising ``per_byte`` seconds
+    a byte, or (None) in proportion to the bytes (one mean over every size priced a trial's 157 MB
+    read and a 391 MB one alike at 0.8 s; the second took 7.9 s); else ``seconds``. Never below 0
+    (the line is fitted with ``per_byte`` at most ``seconds / read_bytes``)."""
+    if not nbytes or not read_bytes:
         return seconds
-    if per_rank is None:
-        return seconds * rank / read_rank
-    return max(0.0, seconds + per_rank * (rank - read_rank))
+    if per_byte is None:
+        return seconds * nbytes / read_bytes
+    return max(0.0, seconds + per_byte * (nbytes - read_bytes))
 
 
 def pooled_read(stats: Iterable[WorkerStats]) -> tuple[float, float, float | None]:
-    """(seconds, rank, seconds a rank more) of a read for a worker that measured none, as
+    """(seconds, bytes, seconds a byte more) of a read for a worker that measured none, as
     ``read_price`` takes them: the mean of the workers' own prices, which is a line too (each
-    worker's line, or its proportion, averaged; one that does not say its ranks, an older one,
+    worker's line, or its proportion, averaged; one that does not say its sizes, an older one,
     as flat); (0, 0, None) when none measured."""
     if not (read := [s for s in stats if s.adapter_read_seconds]):
         return 0.0, 0.0, None
-    ranked = [s for s in read if s.adapter_read_rank]
-    if not ranked:
+    sized = [s for s in read if s.adapter_read_bytes]
+    if not sized:
         return sum(s.adapter_read_seconds for s in read) / len(read), 0.0, None
     slopes = [
-        s.adapter_read_seconds / s.adapter_read_rank
-        if s.adapter_read_seconds_per_rank is None
-        else s.adapter_read_seconds_per_rank
-        for s in ranked
+        s.adapter_read_seconds / s.adapter_read_bytes
+        if s.adapter_read_seconds_per_byte is None
+        else s.adapter_read_seconds_per_byte
+        for s in sized
     ]
-    rank = sum(s.adapter_read_rank for s in ranked) / len(ranked)
-    per_rank = sum(slopes) / len(read)  # (a flat one's slope: 0)
-    seconds = sum(s.read_seconds(rank) for s in read) / len(read)  # (a flat one's: its seconds)
-    return seconds, rank, per_rank
+    nbytes = sum(s.adapter_read_bytes for s in sized) / len(sized)
+    per_byte = sum(slopes) / len(read)  # (a flat one's slope: 0)
+    seconds = sum(s.read_seconds(nbytes) for s in read) / len(read)  # (a flat one's: its seconds)
+    return seconds, nbytes, per_byte
 
 
 # Requests a worker's stats list one by one: 4,096 x ~65 bytes is ~270 KB, a quarter of NATS's

@@ -33,7 +33,8 @@ def snapshot(workers: int, adapters: int, requests: int, seed: int = 0) -> Clust
         rs.append(
             RequestState(f"r{k}", w.worker, rng.choice(sorted(w.adapters)), rng.randint(16, 1024), rng.uniform(8, 256))
         )
-    return ClusterSnapshot(ws, rs, ranks={a: rng.choice([8, 16, 32]) for a in names})
+    # (adapters of ranks 8-32, their files ~1 MiB a rank: what a read of each is priced by)
+    return ClusterSnapshot(ws, rs, file_bytes={a: rng.choice([8, 16, 32]) << 20 for a in names})
 
 
 def run(sizes: list[tuple[int, int, int]], time_limit_s: float) -> dict:

@@ -98,6 +98,9 @@ class AdapterSpec:
     # What this adapter is, whatever its name: a digest of adapter_config.json and the weights
     # file (``content_digest``). A name registered again with other files is another version.
     digest: str
+    # Bytes of adapter_config.json and the weights file: what reading it reads (a worker's read
+    # takes seconds in proportion to them, ``ReadCosts``; its rank alone misses which modules it adapts).
+    file_bytes: int = 0
 
     @property
     def rank(self) -> int:
@@ -248,7 +251,8 @@ def _validate(
     for key, info in header.items():
         if (problem := value_problem(weight_bytes, info, limits)) is not None:
             raise AdapterError(f"adapter {name!r}: {weights_file}: tensor {key!r} {problem}")
-    return AdapterSpec(name, path, modules, content_digest(conf_bytes, weight_bytes))
+    digest = content_digest(conf_bytes, weight_bytes)
+    return AdapterSpec(name, path, modules, digest, len(conf_bytes) + len(weight_bytes))
 
 
 def _module(layer: int, target: str) -> str:

@@ -43,7 +43,7 @@ from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_setti
 from dlora.services.migrator.planner import plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.worker.engine.config import EngineConfig
-from dlora.sim.cost import CostProfile
+from dlora.sim.cost import CostProfile, adapter_file_bytes
 from dlora.sim.pool import ShardPool
 from dlora.sim.shard import Moving, ReplicaSummary, Served, Shard, SimRequest
 
@@ -90,7 +90,9 @@ class Cluster:
         self.cost = cost
         self.state = DispatchState(heartbeat_ttl_s, mode, dispatch_costs)
         self.ranks = dict(adapters)
-        self.state.ranks = self.ranks  # (the dispatcher's, from the registry)
+        # (the dispatcher's and the migrator's, from the registry)
+        self.file_bytes = {a: adapter_file_bytes(rank) for a, rank in adapters.items()}
+        self.state.file_bytes = self.file_bytes
         self.migrator = migrator
         self.looks = Looks(migrator.trigger) if migrator is not None else None
         self.heard: dict[str, WorkerStats] = {}  # the migrator's view: stats since its last plan
@@ -185,7 +187,7 @@ class Cluster:
         held = {
             w: load.adapters for w, load in loads.items() if (st := self.heard.get(w)) is not None and load.stats is st
         }
-        snap = cluster_snapshot(list(self.heard.values()), self.ranks, self.migrator, held)
+        snap = cluster_snapshot(list(self.heard.values()), self.file_bytes, self.migrator, held)
         if self.looks.look(snap, now) is None:
             return False
         p = plan(snap, replace(planner_settings(self.migrator), max_nodes=self.planner_nodes))

@@ -151,6 +151,7 @@ _KV_BYTES_PER_TOKEN = 2 * _LAYERS * _HIDDEN * 2  # K and V, every layer, bf16: 0
 # target, so per unit of rank sum(in + out) = 4 x (4096 + 4096) + 3 x (4096 + 11008) = 78,080
 # parameters per layer.
 _LORA_PARAMS_PER_RANK = _LAYERS * (4 * (_HIDDEN + _HIDDEN) + 3 * (_HIDDEN + _INTER))
+
 # Assumptions (no published source fits a serving engine's kernels): 80 % of HBM bandwidth on
 # weight reads, 60 % of dense bf16 peak on GEMMs, 1 ms per step for launches, sampling and the
 # scheduler (a CUDA-graph decode step's host side), 80 % of a link's rate.
@@ -161,6 +162,13 @@ _BW_EFF, _FLOP_EFF, _STEP_OVERHEAD_S, _LINK_EFF = 0.8, 0.6, 1e-3, 0.8
 _PCIE_BPS, _NVME_BPS, _NET_BPS = 63e9, 7e9, 100e9 / 8
 # vLLM's default gpu_memory_utilization (0.9) of the device's memory, less the weights, is KV cache.
 _GPU_MEM_UTIL = 0.9
+
+
+def adapter_file_bytes(rank: int) -> int:
+    """The bytes of a simulated adapter's files, as the registry keeps them (``AdapterEntry.file_bytes``):
+    a bf16 adapter of ``rank`` on all seven projections of the 7B model above. Every profile's
+    reads are in proportion to the rank, so dispatch prices them alike whatever the constant."""
+    return 2 * _LORA_PARAMS_PER_RANK * rank
 
 
 def roofline_llama7b(name: str, hbm_bps: float, bf16_flops: float, memory_bytes: float) -> CostProfile:

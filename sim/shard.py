@@ -19,7 +19,7 @@ from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.snapshot import worker_stats
-from dlora.sim.cost import CostProfile
+from dlora.sim.cost import CostProfile, adapter_file_bytes
 from dlora.sim.replica import SimEngine
 
 
@@ -250,7 +250,7 @@ class Shard:
         replica, rank = r.replica, self.ranks[r.adapter]
         heapq.heappop(replica.incoming)
         replica.engine.install(r.adapter, rank)
-        replica.read_costs.observe(replica.engine.cost.host_load_seconds(rank), rank)
+        replica.read_costs.observe(replica.engine.cost.host_load_seconds(rank), adapter_file_bytes(rank))
         replica.last_stats = None
         self._wake(replica, now)
         self._next_read(replica, now)

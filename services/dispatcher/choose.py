@@ -7,7 +7,7 @@ own tokens cost more if they will run unmerged (the worker is busy with other ad
 slower where the worker would run requests of more adapters than it has device slots (one step
 runs at most that many, so each adapter runs a fraction of the steps), and a worker that lacks the
 adapter (and is not meant to hold it by the placement) first pays for loading it: its own reads'
-measured seconds scaled to the adapter's rank (``WorkerStats.read_seconds``), else the live
+measured seconds scaled to the bytes of the adapter's files (``WorkerStats.read_seconds``), else the live
 workers' mean of those, else ``adapter_load_s``. A worker that
 took the request's longest known prompt prefix (``affinity.py``) takes it while its estimate is
 within ``prefix_affinity`` times the soonest, or within ``AFFINITY_REQUESTS`` requests' work of it:
@@ -165,7 +165,7 @@ def choose_worker(
     sent_adapters: Mapping[str, Collection[str]] | None = None,
     affine: str | None = None,
     tokens: float | None = None,
-    rank: int = 0,
+    file_bytes: int = 0,
     unread: tuple[float, float, float | None] | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
@@ -175,8 +175,8 @@ def choose_worker(
     it), and their adapters (a burst of new adapters to one worker crowds its slots before its
     stats say so). ``affine``: the worker that took the request's prompt prefix last, which takes
     it within ``costs.prefix_affinity`` of the soonest. ``tokens``: the request's own output
-    tokens (``request_tokens``; None: ``costs.expected_tokens``); ``rank``: its adapter's LoRA rank
-    (0: not known), which scales what reading it costs (``WorkerStats.read_seconds``); ``unread``:
+    tokens (``request_tokens``; None: ``costs.expected_tokens``); ``file_bytes``: its adapter's files'
+    (0: not known), which scale what reading it costs (``WorkerStats.read_seconds``); ``unread``:
     ``pooled_read`` of these workers, where the caller keeps it (else made here)."""
     if not workers:
         return None
@@ -192,9 +192,9 @@ def choose_worker(
     if measured := [w.seconds_per_token for w in workers if w.seconds_per_token]:
         costs = msgspec.structs.replace(costs, default_seconds_per_token=sum(measured) / len(measured))
     # A worker that has read no adapter yet (just started, or of a version before the figure) is
-    # priced at the others' mean read of its rank: at the setting's 50 ms beside reads of seconds,
+    # priced at the others' mean read of its size: at the setting's 50 ms beside reads of seconds,
     # every adapter nobody held went to it (a review)
-    if unread_s := read_price(*(unread or pooled_read(workers)), rank):
+    if unread_s := read_price(*(unread or pooled_read(workers)), file_bytes):
         costs = msgspec.structs.replace(costs, adapter_load_s=unread_s)
 
     def key(w: WorkerStats) -> tuple[float, int, str]:
@@ -209,7 +209,7 @@ def choose_worker(
             costs,
             sent_to.get(w.worker, ()),
             tokens,
-            w.read_seconds(rank) or costs.adapter_load_s,
+            w.read_seconds(file_bytes) or costs.adapter_load_s,
         )
         holds = adapter is None or adapter in load.adapters
         return (round(finish, 9), 0 if holds else 1, w.worker)

@@ -250,8 +250,9 @@ class Dispatcher(Recovery):
 
     async def replan_placement(self) -> None:
         """Decay the traffic counts (into Redis too) and place adapter replicas for burst tolerance."""
-        ranks = {e.name: e.rank for e in await self.store.list_adapters()}
-        self.state.ranks = ranks  # (what a read of each costs scales with it)
+        entries = await self.store.list_adapters()
+        ranks = {e.name: e.rank for e in entries}
+        self.state.file_bytes = {e.name: e.file_bytes for e in entries}  # (what a read of each costs)
         self.traffic = decay(self.traffic)
         await self.store.save_traffic(self.traffic)
         # On a thread (a placement from empty at 256 workers x 1,000 adapters takes a third of a

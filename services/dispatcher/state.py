@@ -60,7 +60,7 @@ class DispatchState:
         self.sent_adapters: dict[str, Counter[str]] = {}  # and their adapters' (not the base's)
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
-        self.ranks: dict[str, int] = {}  # adapters' LoRA ranks, as the registry lists them (read prices)
+        self.file_bytes: dict[str, int] = {}  # adapters' files' bytes, as the registry lists them (read prices)
         self.lengths = PooledLengths()  # what the workers' finished requests took (a new one's price)
         # ``pooled_read`` of the workers heard, made again after new stats (every request asked it:
         # 70 us at 256 workers)
@@ -154,7 +154,7 @@ class DispatchState:
                 self.sent_adapters,
                 affine,
                 tokens,
-                self.ranks.get(adapter, 0) if adapter is not None else 0,
+                self.file_bytes.get(adapter, 0) if adapter is not None else 0,
                 self._unread,
             )
             if worker is not None and prefixes:

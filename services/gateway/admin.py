@@ -73,5 +73,11 @@ def check_adapter(
     except AdapterError as e:
         raise APIError(400, str(e), param="path") from None
     return AdapterEntry(
-        name=name, path=str(resolved), rank=adapter.rank, created=time.time(), version=adapter.digest, owner=owner
+        name=name,
+        path=str(resolved),
+        rank=adapter.rank,
+        created=time.time(),
+        version=adapter.digest,
+        owner=owner,
+        file_bytes=adapter.file_bytes,
     )

@@ -47,9 +47,9 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     max_loras: int  # device slots for adapters
     seconds_per_token: float  # measured step time per generated token
     adapter_read_seconds: float  # measured: an adapter's read into host memory (0: none yet)
-    adapter_read_rank: float  # the mean rank of those reads (0: none yet)
-    # the seconds a rank more on the line fitted to them (None: priced in proportion to the rank)
-    adapter_read_seconds_per_rank: float | None
+    adapter_read_bytes: float  # the mean bytes of those reads' files (0: none yet)
+    # the seconds a byte more on the line fitted to them (None: priced in proportion to the bytes)
+    adapter_read_seconds_per_byte: float | None
     # output tokens its recent requests took, as 16 quantiles (empty before 8 finished): what
     # dispatch prices a new request's output at
     output_tokens_quantiles: list[int]
@@ -171,8 +171,8 @@ def _worker(st: WorkerStats, age: float) -> WorkerStatus:
         max_loras=st.max_loras,
         seconds_per_token=st.seconds_per_token,
         adapter_read_seconds=st.adapter_read_seconds,
-        adapter_read_rank=st.adapter_read_rank,
-        adapter_read_seconds_per_rank=st.adapter_read_seconds_per_rank,
+        adapter_read_bytes=st.adapter_read_bytes,
+        adapter_read_seconds_per_byte=st.adapter_read_seconds_per_byte,
         output_tokens_quantiles=st.output_tokens_quantiles,
         steps=st.steps,
         preemptions=st.preemptions,

@@ -64,15 +64,15 @@ def _cost(stats: list[WorkerStats], measure: str, setting: float | None, prior: 
 
 def cluster_snapshot(
     live: list[WorkerStats],
-    ranks: dict[str, int],
+    file_bytes: dict[str, int],
     s: MigratorSettings,
     held: Mapping[str, frozenset[str]] | None = None,
 ) -> ClusterSnapshot:
-    """The planner's view of ``live`` workers (``ranks``: adapter -> rank, of the registry;
-    ``held``: as ``snapshot_from_stats`` takes it)."""
+    """The planner's view of ``live`` workers (``file_bytes``: adapter -> its files' bytes, of the
+    registry; ``held``: as ``snapshot_from_stats`` takes it)."""
     return snapshot_from_stats(
         live,
-        ranks,
+        file_bytes,
         held,
         recompute_seconds_per_token=_cost(live, "prefill", s.recompute_seconds_per_token, PRIOR_RECOMPUTE_S),
         kv_transfer_seconds_per_token=_cost(live, "kv_transfer", s.kv_transfer_seconds_per_token, PRIOR_KV_TRANSFER_S),

@@ -47,8 +47,8 @@ class Migrator:
         now = time.monotonic()
         # A draining worker hands its requests back itself; moving them meanwhile would race that.
         live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]
-        ranks = {e.name: e.rank for e in await self.store.list_adapters()}
-        snap = cluster_snapshot(live, ranks, self.s)
+        file_bytes = {e.name: e.file_bytes for e in await self.store.list_adapters()}
+        snap = cluster_snapshot(live, file_bytes, self.s)
         reason = self.looks.look(snap, now)
         if reason is None:
             return

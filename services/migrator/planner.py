@@ -302,8 +302,9 @@ def _solve(
         if new:
             prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - len(active[w]))
             for a, v in new:
-                if a not in ws.adapters:  # as it measures its reads, scaled to the adapter's rank
-                    objective.append((v, ws.read_seconds(snapshot.ranks.get(a, 0)) or snapshot.adapter_load_seconds))
+                if a not in ws.adapters:  # as it measures its reads, scaled to the adapter's files
+                    price = ws.read_seconds(snapshot.file_bytes.get(a, 0)) or snapshot.adapter_load_seconds
+                    objective.append((v, price))
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
         # A worker already over its blocks (by the same count) may stay there, not grow: nobody

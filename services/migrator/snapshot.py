@@ -30,16 +30,17 @@ class WorkerState:
     adapter_seconds_per_token: dict[str, float] = field(default_factory=dict)
     max_model_len: int = 0  # the most tokens one request may span here (0: not known)
     adapter_read_seconds: float = 0.0  # measured: an adapter's read into host memory here (0: not yet)
-    adapter_read_rank: float = 0.0  # the mean rank of those reads (0: not known)
-    adapter_read_seconds_per_rank: float | None = None  # the line fitted to them (None: in proportion)
+    adapter_read_bytes: float = 0.0  # the mean bytes of those reads' files (0: not known)
+    adapter_read_seconds_per_byte: float | None = None  # the line fitted to them (None: in proportion)
 
     def holds(self, r: RequestState) -> bool:
         """Whether ``r`` fits here whole (elsewhere it would be refused, or cut short)."""
         return self.max_model_len == 0 or r.total_tokens <= self.max_model_len
 
-    def read_seconds(self, rank: int) -> float:
-        """Seconds a read of an adapter of ``rank`` (0: not known) takes here (``read_price``)."""
-        return read_price(self.adapter_read_seconds, self.adapter_read_rank, self.adapter_read_seconds_per_rank, rank)
+    def read_seconds(self, nbytes: int) -> float:
+        """Seconds a read of an adapter of ``nbytes`` (its files'; 0: not known) takes here (``read_price``)."""
+        line = self.adapter_read_seconds, self.adapter_read_bytes, self.adapter_read_seconds_per_byte
+        return read_price(*line, nbytes)
 
     def cost(self, adapter: str | None) -> float:
         """Seconds per token a request of ``adapter`` takes here: what it measured, else the mean."""
@@ -50,7 +51,7 @@ class WorkerState:
 class ClusterSnapshot:
     workers: list[WorkerState]
     requests: list[RequestState]
-    ranks: dict[str, int] = field(default_factory=dict)  # adapter -> rank
+    file_bytes: dict[str, int] = field(default_factory=dict)  # adapter -> its files' bytes (read prices)
     # Costs of a move, in seconds of the destination's time.
     recompute_seconds_per_token: float = 0.0005  # prefill of the moved context
     kv_transfer_seconds_per_token: float = 0.001  # shipping KV over the bus instead

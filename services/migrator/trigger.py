@@ -13,11 +13,12 @@ from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Work
 
 def snapshot_from_stats(
     stats: list[WorkerStats],
-    ranks: dict[str, int],
+    file_bytes: dict[str, int],
     held: Mapping[str, frozenset[str]] | None = None,
     **costs: float,
 ) -> ClusterSnapshot:
-    """The planner's view of ``stats``; ``held``: the adapter names some of them hold, where the
+    """The planner's view of ``stats`` (``file_bytes``: adapter -> its files' bytes, of the
+    registry: what reading it costs); ``held``: the adapter names some of them hold, where the
     caller has them (a simulated cluster's dispatcher, from the same messages: 1,000 adapters on
     each of 256 workers took most of a look to list again). Every worker is priced at the cluster's mean measured
     seconds per token (per adapter where measured somewhere, unweighted). A worker's own figure
@@ -46,7 +47,7 @@ def snapshot_from_stats(
             adapter_mean,
             s.max_model_len,
             *(
-                (s.adapter_read_seconds, s.adapter_read_rank, s.adapter_read_seconds_per_rank)
+                (s.adapter_read_seconds, s.adapter_read_bytes, s.adapter_read_seconds_per_byte)
                 if s.adapter_read_seconds
                 else unread
             ),
@@ -58,7 +59,7 @@ def snapshot_from_stats(
         for s in stats
         for r in s.requests
     ]
-    return ClusterSnapshot(workers, requests, ranks, **costs)
+    return ClusterSnapshot(workers, requests, file_bytes, **costs)
 
 
 class TriggerBounds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

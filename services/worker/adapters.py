@@ -44,42 +44,44 @@ READ_WEIGHT = 0.2
 @dataclass
 class ReadCosts:
     """What a worker's adapter reads take, as its stats say it (``WorkerStats.adapter_read_*``):
-    decayed means of their seconds and ranks, and the line through them fitted by decayed least
-    squares (seconds a rank more), once reads of more than one rank were seen. A read has a part its
-    rank does not change (opening, parsing, checking and hashing the files): a trial read rank 8 in
-    4-11 ms, ranks 16-64 in 7-18 ms and rank 512 in 45 ms, so a price in proportion to the rank from
-    zero made rank 8 six times too cheap. Pure: the worker's reads and the simulator's."""
+    decayed means of their seconds and of the bytes of the files read, and the line through them
+    fitted by decayed least squares (seconds a byte more), once reads of more than one size were
+    seen. A read has a part its size does not change (opening, parsing, checking the files): a
+    trial read rank 8 in 4-11 ms, ranks 16-64 in 7-18 ms and rank 512 in 45 ms, so a price in
+    proportion to the size from zero made rank 8 six times too cheap. Bytes, not ranks: an adapter
+    on two of the seven projections reads a third of one on all seven at its rank. Pure: the
+    worker's reads and the simulator's."""
 
     seconds: float = 0.0  # decayed mean (0: none read)
-    rank: float = 0.0
-    _var: float = 0.0  # decayed variance of the ranks
-    _cov: float = 0.0  # and covariance of ranks and seconds
+    nbytes: float = 0.0  # of the files read (0: not known)
+    _var: float = 0.0  # decayed variance of the sizes
+    _cov: float = 0.0  # and covariance of sizes and seconds
 
-    def observe(self, seconds: float, rank: int) -> None:
+    def observe(self, seconds: float, nbytes: int) -> None:
         if self.seconds == 0.0:
-            self.seconds, self.rank = seconds, float(rank)
+            self.seconds, self.nbytes = seconds, float(nbytes)
             return
         w = READ_WEIGHT
-        dr, ds = rank - self.rank, seconds - self.seconds
+        db, ds = nbytes - self.nbytes, seconds - self.seconds
         self.seconds += w * ds
-        self.rank += w * dr
-        self._var = (1 - w) * (self._var + w * dr * dr)
-        self._cov = (1 - w) * (self._cov + w * dr * ds)
+        self.nbytes += w * db
+        self._var = (1 - w) * (self._var + w * db * db)
+        self._cov = (1 - w) * (self._cov + w * db * ds)
 
     @property
-    def per_rank(self) -> float | None:
-        """The fitted seconds a rank more, between 0 and in proportion from zero (``seconds /
-        rank``); None while the reads' ranks hardly varied (then priced in proportion)."""
-        if self.rank <= 0 or self._var <= 1e-6 * self.rank * self.rank:
+    def per_byte(self) -> float | None:
+        """The fitted seconds a byte more, between 0 and in proportion from zero (``seconds /
+        nbytes``); None while the reads' sizes hardly varied (then priced in proportion)."""
+        if self.nbytes <= 0 or self._var <= 1e-6 * self.nbytes * self.nbytes:
             return None
-        return min(max(0.0, self._cov / self._var), self.seconds / self.rank)
+        return min(max(0.0, self._cov / self._var), self.seconds / self.nbytes)
 
     def stats(self) -> dict[str, Any]:
         """``WorkerStats``' fields of the same names."""
         return {
             "adapter_read_seconds": self.seconds,
-            "adapter_read_rank": self.rank,
-            "adapter_read_seconds_per_rank": self.per_rank,
+            "adapter_read_bytes": self.nbytes,
+            "adapter_read_seconds_per_byte": self.per_byte,
         }
 
 
@@ -329,7 +331,7 @@ class WorkerAdapters:
         if read.adapter is not None:
             try:
                 self.engine.install_adapter(read.adapter)
-                self.read_costs.observe(read.seconds, read.adapter.rank)
+                self.read_costs.observe(read.seconds, read.adapter.file_bytes)
                 size = {"seconds": round(read.seconds, 3), "mb": round(read.adapter.nbytes / 1e6, 1)}
                 logger.info("adapter read into host memory", adapter=name, version=version, **size)
             except Exception as e:  # noqa: BLE001 - its requests would wait on a key never held

@@ -297,10 +297,11 @@ def _residency(v: WorkerView) -> Iterator[Metric]:
         "seconds",
     )
     yield _gauge(
-        "dlora_adapter_read_rank",
-        "The mean LoRA rank of those reads (a read of another rank is priced on the line fitted to them)",
+        "dlora_adapter_read_bytes",
+        "The mean bytes of those reads' files (a read of another size is priced on the line fitted to them)",
         ["worker"],
-        {(w,): v.stats.adapter_read_rank},
+        {(w,): v.stats.adapter_read_bytes},
+        "bytes",
     )
     vllm: Labelled = {(v.model_name, w, a, t, "false", str(ranks.get(a, 0))): 1.0 for a, t in tier.items()}
     yield _gauge(

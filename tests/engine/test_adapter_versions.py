@@ -36,6 +36,8 @@ class _Registry:
 async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: TinyOutput, tmp_path: Path) -> None:
     path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
     entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    assert entry.file_bytes == sum((path / f).stat().st_size for f in files)  # what a read of it reads
     engine = make_engine(tiny_llama)
     now = [0.0]
     worker = WorkerAdapters(engine, _Registry(entry), clock=lambda: now[0])

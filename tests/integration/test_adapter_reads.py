@@ -117,9 +117,11 @@ async def test_other_requests_step_on_while_one_waits_for_its_adapter_s_read(
         released.set()
         await _turns_until(service, lambda: "lora" not in service.streams)
         await _delivered(got, "lora")
-        stats = service._snapshot()  # what dispatch prices a load here with, scaled by rank
+        stats = service._snapshot()  # what dispatch prices a load here with, scaled by its files' bytes
         assert stats.adapter_read_seconds > 0.0
-        assert stats.adapter_read_rank == service.engine.adapters[engine_key(name, "")].rank
+        path = service.engine.adapters[engine_key(name, "")].path
+        on_disk = sum((path / f).stat().st_size for f in ("adapter_config.json", "adapter_model.safetensors"))
+        assert stats.adapter_read_bytes == on_disk > 0
 
     tokens = [t for c in got["lora"] for t in c.token_ids]
     engine = make_engine(tiny_llama)

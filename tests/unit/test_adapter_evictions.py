@@ -72,21 +72,22 @@ def test_reads_requests_wait_for_come_before_prefetches_each_in_turn_of_asking()
     assert [order.next() for _ in range(5)] == ["r1", "r2", "p2", "p1", None]  # p2: a request asked for it too
 
 
-def test_read_costs_fit_a_line_with_a_fixed_part_once_reads_of_several_ranks_were_seen() -> None:
+def test_read_costs_fit_a_line_with_a_fixed_part_once_reads_of_several_sizes_were_seen() -> None:
     """A trial: rank 8 read in 4-11 ms, ranks 16-64 in 7-18 ms, rank 512 in 45 ms; priced in
     proportion from zero (0.017 s at a mean rank of 131), a rank-8 read cost 1 ms. The fitted line
-    prices it near what it took; reads of one rank only are priced in proportion, as before."""
+    prices it near what it took; reads of one size only are priced in proportion, as before. (Sizes
+    in MB here, as ranks of one adapter layout.)"""
     from dlora.common.messages import read_price
     from dlora.services.worker.adapters import ReadCosts
 
     costs = ReadCosts()
     for _ in range(3):
         costs.observe(0.010, 16)
-    assert costs.per_rank is None  # one rank: nothing to fit
-    assert read_price(costs.seconds, costs.rank, costs.per_rank, 32) == pytest.approx(0.020)
-    for seconds, rank in [(0.007, 8), (0.012, 64), (0.045, 512), (0.008, 8), (0.011, 32), (0.046, 512)] * 3:
-        costs.observe(seconds, rank)
-    assert costs.per_rank is not None and 0 < costs.per_rank < costs.seconds / costs.rank
-    price = lambda rank: read_price(costs.seconds, costs.rank, costs.per_rank, rank)  # noqa: E731
+    assert costs.per_byte is None  # one size: nothing to fit
+    assert read_price(costs.seconds, costs.nbytes, costs.per_byte, 32) == pytest.approx(0.020)
+    for seconds, size in [(0.007, 8), (0.012, 64), (0.045, 512), (0.008, 8), (0.011, 32), (0.046, 512)] * 3:
+        costs.observe(seconds, size)
+    assert costs.per_byte is not None and 0 < costs.per_byte < costs.seconds / costs.nbytes
+    price = lambda size: read_price(costs.seconds, costs.nbytes, costs.per_byte, size)  # noqa: E731
     assert 0.004 < price(8) < 0.011 and 0.035 < price(512) < 0.055
-    assert price(8) > 3 * costs.seconds * 8 / costs.rank  # the proportion's price of it: far too cheap
+    assert price(8) > 3 * costs.seconds * 8 / costs.nbytes  # the proportion's price of it: far too cheap

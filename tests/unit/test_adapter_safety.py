@@ -274,6 +274,8 @@ def test_the_scale_limit_is_a_setting(adapter: Path, root: Path, engine_cfg) -> 
 def test_the_digest_covers_both_files_and_nothing_else(adapter: Path, root: Path, engine_cfg) -> None:
     spec = inspect_adapter("a", adapter, engine_cfg)
     assert spec.digest == content_digest((adapter / CONFIG).read_bytes(), (adapter / WEIGHTS).read_bytes())
+    # and what reading it reads, which prices a read of it (``read_price``)
+    assert spec.file_bytes == (adapter / CONFIG).stat().st_size + (adapter / WEIGHTS).stat().st_size
     copy = Path(shutil.copytree(adapter, root / "copy"))
     (copy / "README.md").write_text("not read, not in the version")
     assert inspect_adapter("b", copy, engine_cfg).digest == spec.digest

@@ -43,7 +43,7 @@ def test_workers_adapters_and_plans_as_the_page_shows_them() -> None:
         10.0,
     )
     w0 = _stats("w0", [AdapterResidency(name="a", slot=1, merged=False)], [])
-    reads = {"adapter_read_seconds": 1.5, "adapter_read_rank": 24.0, "adapter_read_seconds_per_rank": 0.01}
+    reads = {"adapter_read_seconds": 1.5, "adapter_read_bytes": 24.0e6, "adapter_read_seconds_per_byte": 1e-8}
     view.heard(msgspec.structs.replace(w0, **reads, output_tokens_quantiles=[3] * 16), 11.0)
     view.heard(_stats("gone", [], []), 0.0)
     move = MoveRequest(request_id="1", adapter="a", to_worker="w0", ship_kv=True)
@@ -65,7 +65,7 @@ def test_workers_adapters_and_plans_as_the_page_shows_them() -> None:
     assert (w1.mode, w1.merged, w1.running, w1.kv_cache_usage, w1.stats_age_s) == ("merged", "a", 1, 0.25, 2.0)
     assert doc.workers[0].mode == "idle"  # no request held
     assert (doc.workers[0].adapter_read_seconds, w1.adapter_read_seconds) == (1.5, 0.0)  # what loads are priced at
-    assert (doc.workers[0].adapter_read_rank, doc.workers[0].adapter_read_seconds_per_rank) == (24.0, 0.01)
+    assert (doc.workers[0].adapter_read_bytes, doc.workers[0].adapter_read_seconds_per_byte) == (24.0e6, 1e-8)
     assert (doc.workers[0].output_tokens_quantiles, w1.output_tokens_quantiles) == ([3] * 16, [])  # a request's price
     # a merged adapter needs no slot: its weights are in the device's
     assert [p.tier for p in doc.workers[0].adapters + w1.adapters] == ["gpu", "gpu", "cpu"]

@@ -130,31 +130,34 @@ def test_the_prefix_worker_s_slack_is_in_the_request_s_own_work() -> None:
     assert choose_worker([x, y], "a", affine="x", tokens=1.0) == "y"
 
 
-def test_a_read_is_priced_by_the_adapter_s_rank_against_the_ranks_a_worker_read() -> None:
+def test_a_read_is_priced_by_the_adapter_s_bytes_against_the_bytes_a_worker_read() -> None:
     """One mean over every size priced a trial's 157 MB read and a 391 MB one alike (0.8 s; the
-    second took 7.9 s). A worker's reads of rank 16 took 1 s: a rank-64 adapter costs 4 s to read
-    there, a rank-8 one 0.5 s (simulated, ranks 8-64, reads 30x NVMe's: mean 28.8 -> 26.8 ms/token).
-    A worker that has read nothing yet: the mean of the others' reads at its rank."""
+    second took 7.9 s). A worker's reads of 16 MB took 1 s: a 64 MB adapter costs 4 s to read
+    there, an 8 MB one 0.5 s (simulated, ranks 8-64, reads 30x NVMe's: mean 28.8 -> 26.8 ms/token),
+    whatever their ranks: two rank-16 adapters, one on all seven projections and one on q and v
+    only, read 64 MB and 8 MB. A worker that has read nothing yet: the mean of the others' reads
+    at its size."""
+    mb = 1_000_000
     holder = w("y", [("a", 200)], ("a",))  # 2 s of queued work at 10 ms a token
-    lacks = msgspec.structs.replace(w("x"), adapter_read_seconds=1.0, adapter_read_rank=16.0)
-    for rank, expected in ((64, "y"), (8, "x"), (0, "x")):  # 0: not known, the mean read (1 s)
-        assert choose_worker([lacks, holder], "a", rank=rank) == expected, rank
+    lacks = msgspec.structs.replace(w("x"), adapter_read_seconds=1.0, adapter_read_bytes=16.0 * mb)
+    for nbytes, expected in ((64 * mb, "y"), (8 * mb, "x"), (0, "x")):  # 0: not known, the mean read (1 s)
+        assert choose_worker([lacks, holder], "a", file_bytes=nbytes) == expected, nbytes
         state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
-        state.ranks = {"a": rank} if rank else {}
+        state.file_bytes = {"a": nbytes} if nbytes else {}
         state.heard(lacks, 0.0)
         state.heard(holder, 0.0)
-        assert state.choose(state.live(0.0), "a") == expected, rank
-    assert (lacks.read_seconds(32), lacks.read_seconds(0), w("z").read_seconds(32)) == (2.0, 1.0, 0.0)
-    fresh = w("z", [(None, 50)])  # read nothing yet: at the others' read of rank 64 (4 s), not their 1 s mean
-    assert choose_worker([fresh, holder, lacks], "a", rank=64) == "y"
-    # a worker whose reads of several ranks fitted a line (a part the rank does not change) is
+        assert state.choose(state.live(0.0), "a") == expected, nbytes
+    assert (lacks.read_seconds(32 * mb), lacks.read_seconds(0), w("z").read_seconds(32 * mb)) == (2.0, 1.0, 0.0)
+    fresh = w("z", [(None, 50)])  # read nothing yet: at the others' read of 64 MB (4 s), not their 1 s mean
+    assert choose_worker([fresh, holder, lacks], "a", file_bytes=64 * mb) == "y"
+    # a worker whose reads of several sizes fitted a line (a part the size does not change) is
     # priced on it; one that read nothing, at the mean of the others' prices, which is a line too
-    fitted = msgspec.structs.replace(lacks, adapter_read_seconds=0.02, adapter_read_rank=100.0)
-    fitted = msgspec.structs.replace(fitted, adapter_read_seconds_per_rank=1e-4)
-    assert fitted.read_seconds(8) == pytest.approx(0.02 + 1e-4 * (8 - 100))
-    for rank in (8, 64, 512):
-        pooled = read_price(*pooled_read([fitted, lacks, w("z")]), rank)
-        assert pooled == pytest.approx((fitted.read_seconds(rank) + lacks.read_seconds(rank)) / 2), rank
+    fitted = msgspec.structs.replace(lacks, adapter_read_seconds=0.02, adapter_read_bytes=100.0 * mb)
+    fitted = msgspec.structs.replace(fitted, adapter_read_seconds_per_byte=1e-4 / mb)
+    assert fitted.read_seconds(8 * mb) == pytest.approx(0.02 + 1e-4 * (8 - 100))
+    for nbytes in (8 * mb, 64 * mb, 512 * mb):
+        pooled = read_price(*pooled_read([fitted, lacks, w("z")]), nbytes)
+        assert pooled == pytest.approx((fitted.read_seconds(nbytes) + lacks.read_seconds(nbytes)) / 2), nbytes
 
 
 def test_a_worker_reading_an_adapter_takes_its_next_requests_without_a_second_read() -> None:

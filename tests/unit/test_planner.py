@@ -25,7 +25,7 @@ def test_moves_work_off_the_hottest_worker_with_its_adapter() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["b"]), worker("w2", ["b"])],
         requests=reqs("w0", "a", 12) + reqs("w1", "b", 2) + reqs("w2", "b", 2),
-        ranks={"a": 16, "b": 16},
+        file_bytes={"a": 16, "b": 16},
     )
     p = plan(snap)
     assert p.method == "ilp" and p.moves
@@ -61,7 +61,7 @@ def test_respects_slots_and_memory() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["big"], slots=1), worker("w2", [], kv_blocks=3)],
         requests=reqs("w0", "a", 10) + reqs("w1", "big", 1),
-        ranks={"a": 16, "big": 64},
+        file_bytes={"a": 16, "big": 64},
     )
     p = plan(snap)
     assert all(m.to_worker != "w1" for m in p.moves)
@@ -73,7 +73,7 @@ def test_does_not_move_when_the_gain_is_below_the_move_cost() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["a"])],
         requests=reqs("w0", "a", 3, remaining=2, context=4000) + reqs("w1", "a", 2, remaining=2),
-        ranks={"a": 16},
+        file_bytes={"a": 16},
         recompute_seconds_per_token=0.01,
         kv_transfer_seconds_per_token=0.01,
     )
@@ -85,22 +85,23 @@ def test_a_destination_s_own_measured_adapter_reads_price_loading_an_adapter_the
     one that has read nothing yet is priced at the others' mean (a review: not at 50 ms)."""
     from dlora.services.migrator.trigger import snapshot_from_stats
 
-    # (60 s measured over reads of rank 1,920: 0.5 s for a's rank 16, as a read's bytes grow with it)
-    for read_s, read_rank, moves in ((0.0, 0.0, True), (0.5, 0.0, True), (60.0, 0.0, False), (60.0, 1920.0, True)):
+    # (60 s measured over reads of 1.92 GB: 0.5 s for a's 16 MB)
+    for read_s, read_bytes, moves in ((0.0, 0.0, True), (0.5, 0.0, True), (60.0, 0.0, False), (60.0, 1.92e9, True)):
         reader = WorkerState(
-            "w1", 1000, 16, 4, frozenset(), 0.01, adapter_read_seconds=read_s, adapter_read_rank=read_rank
+            "w1", 1000, 16, 4, frozenset(), 0.01, adapter_read_seconds=read_s, adapter_read_bytes=read_bytes
         )
-        snap = ClusterSnapshot(workers=[worker("w0", ["a"]), reader], requests=reqs("w0", "a", 12), ranks={"a": 16})
-        assert bool(plan(snap).moves) is moves, (read_s, read_rank)
+        files = {"a": 16_000_000}
+        snap = ClusterSnapshot(workers=[worker("w0", ["a"]), reader], requests=reqs("w0", "a", 12), file_bytes=files)
+        assert bool(plan(snap).moves) is moves, (read_s, read_bytes)
     measured, fresh = (
-        _worker_stats(n, [], 0.01, adapter_read_seconds=r, adapter_read_rank=k)
+        _worker_stats(n, [], 0.01, adapter_read_seconds=r, adapter_read_bytes=k)
         for n, r, k in (("w0", 6.0, 32.0), ("w1", 0.0, 0.0))
     )
     workers = snapshot_from_stats([measured, fresh], {}).workers
-    assert [(w.adapter_read_seconds, w.adapter_read_rank) for w in workers] == [(6.0, 32.0), (6.0, 32.0)]
-    # of two that measured reads of different ranks, an unmeasured one prices a read of rank r at the
-    # mean of their own prices of it, as dispatch does (``pooled_read``): 6 s at 32 and 1 s at 8
-    other = _worker_stats("w2", [], 0.01, adapter_read_seconds=1.0, adapter_read_rank=8.0)
+    assert [(w.adapter_read_seconds, w.adapter_read_bytes) for w in workers] == [(6.0, 32.0), (6.0, 32.0)]
+    # of two that measured reads of different sizes, an unmeasured one prices a read of n bytes at
+    # the mean of their own prices of it, as dispatch does (``pooled_read``): 6 s at 32 and 1 s at 8
+    other = _worker_stats("w2", [], 0.01, adapter_read_seconds=1.0, adapter_read_bytes=8.0)
     unread = snapshot_from_stats([measured, other, fresh], {}).workers[2]
     assert unread.read_seconds(64) == pytest.approx((12.0 + 8.0) / 2)
 
@@ -115,7 +116,7 @@ def test_greedy_fallback_balances_too() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["a"]), worker("w2")],
         requests=reqs("w0", "a", 9),
-        ranks={"a": 16},
+        file_bytes={"a": 16},
     )
     moves = _greedy(snap, PlannerSettings())
     after = completion_times(apply(snap, moves))
@@ -133,7 +134,7 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
         for k in range(rng.randint(10, 40) * hot):
             a = rng.choice(sorted(w.adapters))
             rs.append(RequestState(f"r{i}-{k}", w.worker, a, rng.randint(10, 500), rng.uniform(10, 200)))
-    snap = ClusterSnapshot(ws, rs, ranks={a: rng.choice([8, 16, 32]) for a in names})
+    snap = ClusterSnapshot(ws, rs, file_bytes={a: rng.choice([8, 16, 32]) for a in names})
     p = plan(snap, PlannerSettings(time_limit_s=1.0))
     assert p.solve_seconds < 5.0  # the bound plus model building
     assert p.makespan_after_s <= p.makespan_before_s
@@ -174,7 +175,7 @@ def test_a_node_bound_plans_the_same_whatever_the_time_bound() -> None:
         for i, w in enumerate(ws)
         for k in range(rng.randint(5, 30) * (3 if i == 0 else 1))
     ]
-    snap = ClusterSnapshot(ws, rs, ranks={a: 16 for a in names})
+    snap = ClusterSnapshot(ws, rs, file_bytes={a: 16 for a in names})
     plans = [plan(snap, PlannerSettings(time_limit_s=0.0, max_nodes=200)) for _ in range(2)]
     assert plans[0].method in ("ilp", "ilp-incumbent") and plans[0].moves
     assert [(m.request_id, m.to_worker) for m in plans[0].moves] == [
@@ -185,7 +186,7 @@ def test_a_node_bound_plans_the_same_whatever_the_time_bound() -> None:
 
 def test_a_model_too_large_for_the_bound_is_planned_greedily() -> None:
     snap = ClusterSnapshot(
-        workers=[worker("w0", ["a"]), worker("w1", ["a"])], requests=reqs("w0", "a", 10), ranks={"a": 16}
+        workers=[worker("w0", ["a"]), worker("w1", ["a"])], requests=reqs("w0", "a", 10), file_bytes={"a": 16}
     )
     p = plan(snap, PlannerSettings(max_ilp_variables=1))
     assert (p.method, p.ilp_fallback, p.label) == ("greedy", "ilp-too-large", "greedy (ilp-too-large)") and p.moves
@@ -200,7 +201,7 @@ def test_kv_pressure_is_relieved_even_when_completion_times_are_even() -> None:
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"], kv_blocks=100), worker("w1", ["a"], kv_blocks=100)],
         requests=reqs("w0", "a", 5, remaining=10, context=19 * 16) + reqs("w1", "a", 5, remaining=10, context=16),
-        ranks={"a": 16},
+        file_bytes={"a": 16},
         recompute_seconds_per_token=0.001,
         kv_transfer_seconds_per_token=0.0005,
     )
@@ -228,7 +229,7 @@ def test_measured_per_adapter_cost_weighs_the_work() -> None:
     # and is priced at its mean.
     slow = WorkerState("w0", 1000, 16, 4, frozenset({"a"}), 0.01, {"a": 0.03})
     snap = ClusterSnapshot(
-        workers=[slow, worker("w1", ["a"])], requests=reqs("w0", "a", 4) + reqs("w1", "a", 4), ranks={"a": 16}
+        workers=[slow, worker("w1", ["a"])], requests=reqs("w0", "a", 4) + reqs("w1", "a", 4), file_bytes={"a": 16}
     )
     assert completion_times(snap) == pytest.approx({"w0": 12.0, "w1": 4.0})
     p = plan(snap)
@@ -247,7 +248,7 @@ def test_staying_put_always_fits_and_worker_names_need_not_be_lp_safe() -> None:
             RequestState("r2", "w_1", "a", 16, 1),
             RequestState("r3", "w_1", "a", 18, 1),
         ],
-        ranks={"a": 16},
+        file_bytes={"a": 16},
     )
     assert plan(snap).method.startswith("ilp")
 
@@ -320,7 +321,7 @@ def test_slots_count_the_adapters_a_worker_runs_not_those_it_keeps_in_memory() -
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"]), worker("w1", ["p", "q", "r", "s"]), worker("w2", ["b", "c"], slots=2)],
         requests=reqs("w0", "a", 12) + reqs("w2", "b", 1) + reqs("w2", "c", 1),
-        ranks={"a": 16, "b": 16, "c": 16},
+        file_bytes={"a": 16, "b": 16, "c": 16},
     )
     for moves in (plan(snap).moves, _greedy(snap, PlannerSettings())):
         assert moves and {m.to_worker for m in moves} == {"w1"}

@@ -32,7 +32,7 @@ def _view(**over: object) -> WorkerView:
             RequestLoad(request_id="3", adapter="b", context_tokens=9, remaining_tokens=5, running=False),
         ],
         adapter_read_seconds=2.5,
-        adapter_read_rank=24.0,
+        adapter_read_bytes=24.0e6,
     )
     engine = EngineStats(
         steps=7, tokens_generated=40, prompt_tokens=30, merges=2, merge_seconds=0.5, preemptions=1, cuda_graphs=3
@@ -111,7 +111,7 @@ def test_every_family_with_the_view_s_values() -> None:
     assert _one(s, "dlora_adapter_resident", adapter="c", tier="disk", rank="4") == 1
     assert _one(s, "dlora_adapter_loads_total", adapter="a") == 2
     assert _one(s, "dlora_adapter_load_seconds_total", adapter="a") == 0.5
-    assert _one(s, "dlora_adapter_read_seconds") == 2.5 and _one(s, "dlora_adapter_read_rank") == 24.0
+    assert _one(s, "dlora_adapter_read_seconds") == 2.5 and _one(s, "dlora_adapter_read_bytes") == 24.0e6
     assert _one(s, "vllm:lora_adapter_loaded", adapter_name="a", level="gpu") == 1
     assert "c" not in {dict(k)["adapter_name"] for k in s["vllm:lora_adapter_loaded"]}
     assert _one(s, "vllm:num_gpu_loaded_lora_adapters") == 1 and _one(s, "vllm:num_cpu_loaded_lora_adapters") == 1

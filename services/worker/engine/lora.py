@@ -32,6 +32,7 @@ class LoraAdapter:
     weights: dict[tuple[int, str], LoraWeight]
     digest: str = ""  # its version: AdapterSpec.digest
     merge_delta: float | None = None  # its largest ‖ΔWᵢ‖/‖Wᵢ‖ (``Merger.assessed``), once read by an engine
+    file_bytes: int = 0  # its files' (AdapterSpec.file_bytes: what reading it read)
 
     @functools.cached_property
     def rank(self) -> int:
@@ -60,4 +61,4 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, limits: AdapterL
     except SafetensorError as e:
         raise AdapterError(f"adapter {name!r}: cannot read {Path(path) / 'adapter_model.safetensors'} ({e})") from None
     weights = {k: LoraWeight(a=tensors[m.a_key], b=tensors[m.b_key], scale=m.scale) for k, m in spec.modules.items()}
-    return LoraAdapter(name=name, path=Path(path), weights=weights, digest=spec.digest)
+    return LoraAdapter(name=name, path=Path(path), weights=weights, digest=spec.digest, file_bytes=spec.file_bytes)
