@@ -238,6 +238,8 @@ class Gateway:
                 # A choice with a gap in its chunks waits for it only so long (the re-sends)
                 gap = next((c for c in choices if c.replies and c.replies.gap_open), None)
                 timeout_s = GAP_WAIT_S if gap else self.s.chunk_timeout_s
+                if replies.empty():  # nothing more waiting to go out with the events held
+                    await response.flush()
                 chunk = await self._next_chunk(replies, gap or late, timeout_s, redis_id, patient=gap is None)
                 if chunk is None:
                     continue

@@ -348,3 +348,49 @@ def test_a_chats_prompt_cache_key_goes_with_its_requests(served: ServedModel) ->
     assert shape(served, chat, chat=True).choices[0].request.prompt_cache_key == ""
     e = refused(served, {**chat, "prompt_cache_key": "k" * 1025}, chat=True)
     assert (e.status, e.param) == (400, "prompt_cache_key")
+
+
+async def test_events_waiting_together_go_out_in_one_write_each_still_its_own_event(served: ServedModel) -> None:
+    """A trial at 200 streams: one socket write per token cost the gateway's loop most of its time,
+    and every endpoint answered hundreds of ms late. Events are held until the relay finds no more
+    of the request's chunks waiting (``flush``): three chunks that came together are one write, and
+    the client still reads one event per chunk, in order."""
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from dlora.common.messages import TokenChunk
+    from dlora.model.token_bytes import TokenText
+    from dlora.services.gateway.responses import ResponseWriter, RunningChoice
+
+    job = shape(served, {"prompt": "kalo", "max_tokens": 4, "stream": True})
+    writes: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        choice = RunningChoice.of(job.choices[0])
+        rid = choice.request.request_id if choice.request else ""
+        writer = ResponseWriter(request, job, [choice], TokenText(served.tokenizer, served.vocab_size))
+        chunks = [TokenChunk(request_id=rid, seq=i, token_ids=[5 + i], text=f"t{i}") for i in range(3)]
+        for chunk in chunks:
+            await writer.add(choice, chunk)
+        assert writer.stream is not None
+        real = writer.stream.write
+
+        async def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            await real(data)
+
+        writer.stream.write = counted  # type: ignore[method-assign]
+        await writer.flush()
+        await writer.add(choice, TokenChunk(request_id=rid, seq=3, token_ids=[9], text="!", finish_reason="length"))
+        return await writer.finish(4)
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/")) as resp:
+            body = (await resp.read()).decode()
+    assert len(writes) >= 2 and writes[0].count(b"data: ") == 3  # the three held: one write
+    texts = [json.loads(line[6:])["choices"][0]["text"] for line in body.splitlines() if line.startswith("data: {")]
+    assert texts == ["t0", "t1", "t2", "!"]
+    assert body.rstrip().endswith("data: [DONE]")
