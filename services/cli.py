@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate: `dlora bench policy` / `bench e2e` JSON whose runs are simulated, comma-separated",
     )
     bs.add_argument(
-        "--profiles", default="dlora-artifact,h200-llama7b", help="cost profiles of the ablation (or calibrated:PATH)"
+        "--profiles",
+        default="dlora-artifact,h100-llama7b,h200-llama7b",
+        help="cost profiles of the ablation (or calibrated:PATH)",
     )
     bs.add_argument("--strides", default="1,2,4,8,16,32")
     bs.add_argument("--policies", default="dlora,mixed-only,merged-only,unmerged-only")
