@@ -241,7 +241,25 @@ def markdown_cluster(r: dict) -> str:
             f"| {x.get('slots', s['cluster_adapters'])} | {x['dispatch']} | {_served(x)} | {x['solves']} / "
             f"{x['plans']} / {x['moved']} | {x['solve_s_max']:.2f} | {x['simulated_s']:.0f} | {x['wall_s']:.1f} |"
         )
+    lines += ["", *_against_targets(r["rows"])]
     return "\n".join(lines)
+
+
+def _against_targets(rows: list[dict]) -> list[str]:
+    """Issue 21's co-migration targets (the paper's Fig. 11): proactive + migration's mean
+    normalized latency at most 0.25 x round-robin's and 0.5 x proactive-only's, per slot count."""
+    out = []
+    for slots in dict.fromkeys(x.get("slots") for x in rows):
+        mean = {x["dispatch"]: x["norm_latency_mean_s"] for x in rows if x.get("slots") == slots}
+        if {"round-robin", "proactive", "proactive + migration"} <= mean.keys():
+            moved = mean["proactive + migration"]
+            rr, pro = moved / mean["round-robin"], moved / mean["proactive"]
+            out.append(
+                f"{slots} slots: proactive + migration reads {rr:.2f} × round-robin (target ≤ 0.25: "
+                f"{'met' if rr <= 0.25 else 'not met'}) and {pro:.2f} × proactive-only (target ≤ 0.5: "
+                f"{'met' if pro <= 0.5 else 'not met'})."
+            )
+    return out
 
 
 def plot_policy(r: dict) -> Figure:

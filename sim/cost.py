@@ -372,6 +372,10 @@ def calibrated(bench: dict[str, Any], name: str = "") -> CostProfile:
     loop-time curve holds the worker shell's work per step, so the simulated engine's own step
     records (the policy's costs, its wait bound, ``seconds_per_token``) read that much longer than
     a real engine's. Prefill, KV, loads and moves are not measured there (see ``measured``).
+    ``dlora bench kernels``' JSON is not one: it times each kernel alone, hot, at fixed shapes,
+    while a step's time is those kernels inside the model with everything between them (launches,
+    norms, sampling, the host), which ``bench engine`` measures whole (on a CPU the LoRA calls cost
+    two to three times more inside a step than alone in a loop: BENCHMARKS.md, LoRA tax).
     Raises ValueError without step times at two batch sizes (or too few steps logged), KeyError
     for JSON of none of these kinds; ValueError for costs no engine has (``checked``)."""
     return checked(_calibrated(bench, name))

@@ -78,3 +78,22 @@ def test_bench_simulate_validate_names_a_measured_file_it_cannot_use(
         args = build_parser().parse_args([*argv, "--benchmarks", str(tmp_path / "B.md")])
         assert args.func(args) == 2
         assert why in capsys.readouterr().err
+
+
+def test_the_cluster_section_says_each_slot_count_against_the_co_migration_targets() -> None:
+    """Issue 21's targets (the paper's Fig. 11): proactive + migration at most 0.25 x round-robin
+    and 0.5 x proactive-only, in the generated section rather than only in a reading by hand."""
+    from dlora.loadgen.bench_sim import _against_targets
+
+    def row(slots: int, dispatch: str, mean: float) -> dict:
+        return {"slots": slots, "dispatch": dispatch, "norm_latency_mean_s": mean}
+
+    rows = [row(16, "round-robin", 0.080), row(16, "proactive", 0.030), row(16, "proactive + migration", 0.012)]
+    rows += [row(128, "round-robin", 0.027), row(128, "proactive", 0.027), row(128, "proactive + migration", 0.027)]
+    lines = _against_targets(rows)
+    assert lines[0] == (
+        "16 slots: proactive + migration reads 0.15 × round-robin (target ≤ 0.25: met) and 0.40 × "
+        "proactive-only (target ≤ 0.5: met)."
+    )
+    assert "1.00 × round-robin (target ≤ 0.25: not met)" in lines[1] and "1.00 × proactive-only" in lines[1]
+    assert _against_targets(rows[:2]) == []  # no migration run: nothing to say
