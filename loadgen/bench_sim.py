@@ -11,6 +11,11 @@ with the real policies, dispatch and planner against a cost profile.
    migrator.
 3. **Regime map** (``bench_regime``): Zipf skew × unmerged overhead × load, dLoRA against the
    static modes.
+4. **Co-migration's regime map** (``bench_migration_regime``): device slots × Zipf skew × load on
+   a small cluster, proactive + migration against proactive-only and round-robin.
+5. **Scale** (``bench_scale``): the trace's hour at 32 and 256 replicas and a bursty run at 256
+   whose planner solves, each a ``dlora simulate`` command: the simulator's speed and the
+   planner's time per round.
 
 Every run also reports its wall time: the simulator's speed is part of what is measured.
 """
@@ -48,6 +53,8 @@ TITLES = {
     "policy": "Cluster simulator: policy ablation over adapter skew (`dlora bench simulate --experiment policy`)",
     "cluster": "Cluster simulator: dispatch and migration at scale (`dlora bench simulate --experiment cluster`)",
     "regime": "Cluster simulator: where dynamic merging pays (`dlora bench simulate --experiment regime`)",
+    "migration": "Cluster simulator: where co-migration pays (`dlora bench simulate --experiment migration`)",
+    "scale": "Cluster simulator: speed and the planner at scale (`dlora bench simulate --experiment scale`)",
     "validate": VALIDATE_TITLE,
 }
 RANKS = ADAPTER_RANKS  # given to the adapters in turn, as `bench policy` makes them
@@ -311,6 +318,16 @@ def plot_cluster(r: dict) -> Figure:
 SETTINGS = {
     "policy": ("profiles", "strides", "policies", "adapters", "duration", "load"),
     "regime": ("overheads", "alphas", "loads", "adapters", "regime_duration"),
+    "migration": (
+        "migration_replicas",
+        "migration_adapters",
+        "migration_slots",
+        "migration_alphas",
+        "migration_loads",
+        "migration_duration",
+        "cv",
+    ),
+    "scale": ("scale_bursty_requests",),
     "validate": ("measured",),
     "cluster": (
         "replicas",
@@ -326,7 +343,9 @@ SETTINGS = {
 
 
 def run_bench_simulate(args: argparse.Namespace) -> int:
+    from dlora.loadgen.bench_migration_regime import markdown_migration_regime, migration_regime, plot_migration_regime
     from dlora.loadgen.bench_regime import markdown_regime, plot_regime, regime
+    from dlora.loadgen.bench_scale import markdown_scale, plot_scale, scale
 
     def items(text: str) -> list[str]:
         return [v.strip() for v in text.split(",") if v.strip()]
@@ -334,15 +353,19 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
     args.profiles = items(args.profiles)
     args.strides = [int(s) for s in items(args.strides)]
     args.cluster_slots = [int(s) for s in items(args.cluster_slots)]
+    args.migration_slots = [int(s) for s in items(args.migration_slots)]
     args.policies = items(args.policies)
     args.measured = items(args.measured)
-    args.overheads, args.alphas, args.loads = (
-        [float(v) for v in items(a)] for a in (args.overheads, args.alphas, args.loads)
+    args.overheads, args.alphas, args.loads, args.migration_alphas, args.migration_loads = (
+        [float(v) for v in items(a)]
+        for a in (args.overheads, args.alphas, args.loads, args.migration_alphas, args.migration_loads)
     )
     experiments = {
         "policy": (ablation, markdown_policy, plot_policy),
         "cluster": (cluster, markdown_cluster, plot_cluster),
         "regime": (regime, markdown_regime, plot_regime),
+        "migration": (migration_regime, markdown_migration_regime, plot_migration_regime),
+        "scale": (scale, markdown_scale, plot_scale),
         "validate": (validate, markdown_validate, None),
     }
     run, markdown, plot = experiments[args.experiment]
@@ -356,8 +379,12 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
                 raise ValueError(f"--policies: unknown policy {policy!r} ({', '.join(p.value for p in PolicyName)})")
         if below := [o for o in args.overheads if o < 1]:
             raise ValueError(f"--overheads {below[0]:g}: an unmerged iteration costs at least a merged one (>= 1)")
-        if bad := with_slots(max(args.adapters, args.cluster_adapters, *args.cluster_slots)).check():
-            raise ValueError(f"--adapters / --cluster-adapters / --cluster-slots: {bad[0][0]} {bad[0][1]} {bad[0][2]}")
+        most = max(args.adapters, args.cluster_adapters, *args.cluster_slots, args.migration_adapters)
+        if bad := with_slots(max(most, *args.migration_slots)).check():
+            raise ValueError(
+                f"--adapters / --cluster-adapters / --cluster-slots / --migration-adapters / --migration-slots: "
+                f"{bad[0][0]} {bad[0][1]} {bad[0][2]}"
+            )
         for path in args.measured if run is validate else ():
             if not Path(path).is_file():
                 raise ValueError(f"--measured {path}: no such file (run bench policy / e2e first)")

@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bench.add_parser(
         "simulate", help="the simulator's experiments: policy ablation, cluster dispatch, the regime map, validation"
     )
-    bs.add_argument("--experiment", choices=["policy", "cluster", "regime", "validate"], default="policy")
+    bs.add_argument(
+        "--experiment", choices=["policy", "cluster", "regime", "migration", "scale", "validate"], default="policy"
+    )
     bs.add_argument(
         "--measured",
         default="bench-results/policy.json,bench-results/e2e.json",
@@ -318,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--alphas", default="0.5,1,1.5,2", help="regime: Zipf exponents of adapter popularity")
     bs.add_argument("--loads", default="0.6,1.0,1.4", help="regime: arrival rates as fractions of unmerged capacity")
     bs.add_argument("--regime-duration", type=float, default=30.0, help="regime: seconds of arrivals per run")
+    bs.add_argument("--migration-replicas", type=int, default=8, help="migration: replicas in its cluster")
+    bs.add_argument("--migration-adapters", type=int, default=64)
+    bs.add_argument("--migration-slots", default="8,64", help="migration: device slots per replica, a run of each")
+    bs.add_argument("--migration-alphas", default="0.5,1,1.5", help="migration: Zipf exponents of popularity")
+    bs.add_argument("--migration-loads", default="0.3,0.6", help="migration: arrival rates as fractions of capacity")
+    bs.add_argument("--migration-duration", type=float, default=30.0, help="migration: seconds of arrivals per run")
+    bs.add_argument(
+        "--scale-bursty-requests", type=int, default=40000, help="scale: requests of its bursty run at 256 replicas"
+    )
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--json", help="write results here")
     bs.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")

@@ -175,6 +175,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "solves": len(cluster.solve_seconds),
         "solve_s_mean": statistics.fmean(cluster.solve_seconds) if cluster.solve_seconds else 0.0,
         "solve_s_max": max(cluster.solve_seconds, default=0.0),
+        "solve_seconds": cluster.solve_seconds,
         "steps_by_mode": {
             str(mode): n
             for mode, n in sum((Counter(r.stats.steps_by_mode) for r in cluster.replica_summaries), Counter()).items()

@@ -21,7 +21,9 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     argv = "bench simulate --profiles dlora-artifact --strides 1,16 --policies dlora,merged-only --adapters 8"
     argv += " --duration 4 --replicas 2 --cluster-adapters 8 --cluster-slots 8,2 --cluster-duration 3"
     argv += " --overheads 1.8 --alphas 2 --loads 1.4 --regime-duration 4"
-    for experiment in ("policy", "cluster", "regime"):
+    argv += " --migration-replicas 2 --migration-adapters 8 --migration-slots 2 --migration-alphas 1.5"
+    argv += " --migration-loads 0.5 --migration-duration 3"
+    for experiment in ("policy", "cluster", "regime", "migration"):
         args = build_parser().parse_args(
             [*argv.split(), "--experiment", experiment, "--json", str(out), "--benchmarks", str(md)]
         )
@@ -42,9 +44,15 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     best_static = min(regime["merged-only_norm_latency_mean_s"], regime["unmerged-only_norm_latency_mean_s"])
     assert regime["gain"] == pytest.approx(best_static / regime["dlora_norm_latency_mean_s"])
     assert regime["top_adapter_share"] > 0.3  # Zipf 2 over 8 adapters: the first holds most
+    (cell,) = r["migration"]  # the three dispatches on one workload, and the two gains
+    mean = {d: cell[f"{d}_norm_latency_mean_s"] for d in dispatch}
+    assert cell["migration_gain"] == pytest.approx(mean["proactive"] / mean["proactive + migration"])
+    assert cell["proactive_gain"] == pytest.approx(mean["round-robin"] / mean["proactive"])
     text = md.read_text()
     assert "--experiment policy" in text and "proactive + migration" in text and "dlora gain" in text
-    for key in ("simulate-policy", "simulate-cluster", "simulate-regime"):  # each section ends with its plot
+    assert "migration gain" in text
+    # each section ends with its plot
+    for key in ("simulate-policy", "simulate-cluster", "simulate-regime", "simulate-migration"):
         assert f"![{key}](docs/bench-{key}.png)\n<!-- bench-{key}:end -->" in text
         assert (tmp_path / "docs" / f"bench-{key}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -97,3 +105,27 @@ def test_the_cluster_section_says_each_slot_count_against_the_co_migration_targe
     )
     assert "1.00 × round-robin (target ≤ 0.25: not met)" in lines[1] and "1.00 × proactive-only" in lines[1]
     assert _against_targets(rows[:2]) == []  # no migration run: nothing to say
+
+
+def test_bench_simulate_scale_runs_each_command_and_says_it_against_its_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scale experiment runs each of its `dlora simulate` commands as given (here small ones in
+    their place: the real ones take minutes) and records the planner's time per round."""
+    from dlora.loadgen import bench_scale
+
+    small = "--replicas 4 --adapters 16 --arrivals gamma --cv 3 --popularity zipf --alpha 1.0 --shift-every 2"
+    small += " --lengths uniform --requests {requests} --duration 6 --rate 40"
+    runs = {"fast": (small, 1e6), "slow": (small + " --migrate --migrate-interval 0.5", 1e-9)}
+    monkeypatch.setattr(bench_scale, "RUNS", runs)
+    out, md = tmp_path / "r.json", tmp_path / "BENCHMARKS.md"
+    argv = ["bench", "simulate", "--experiment", "scale", "--scale-bursty-requests", "200"]
+    args = build_parser().parse_args([*argv, "--json", str(out), "--benchmarks", str(md)])
+    assert args.func(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["run"] for x in rows] == ["fast", "slow"] and all(x["requests"] == 200 for x in rows)
+    assert len(rows[1]["solve_seconds"]) == rows[1]["solves"]
+    text = md.read_text()
+    assert "| fast |" in text and "(met)" in text and "(not met)" in text
+    assert "`dlora simulate " + small.format(requests=200) + "`" in text
+    assert (tmp_path / "docs" / "bench-simulate-scale.png").read_bytes()[:4] == b"\x89PNG"
