@@ -159,12 +159,13 @@ def cluster(args: argparse.Namespace) -> list[dict]:
         "proactive": dict(mode=DispatchMode.PROACTIVE),
         "proactive + migration": dict(mode=DispatchMode.PROACTIVE, migrator=MigratorSettings(interval_s=1.0)),
     }
+    reference = rebalancing_reference(cost, requests, args.replicas, full)
     rows = []
     for slots in args.cluster_slots:
         config = with_slots(slots)
         for label, kw in configs.items():
             m = _run(cost, requests, args.replicas, config, CUT * args.cluster_duration, **kw)
-            rows.append({"dispatch": label, "slots": slots, "rate": rate} | m)
+            rows.append({"dispatch": label, "slots": slots, "rate": rate} | m | reference)
             print(
                 f"{slots:>4} slots {label:>22}: {m['throughput_tok_s']:9.1f} tok/s  norm latency "
                 f"{m['norm_latency_mean_s'] * 1e3:7.1f} ms/token  P90 {m['norm_latency_p90_s'] * 1e3:7.1f}  "
@@ -172,6 +173,33 @@ def cluster(args: argparse.Namespace) -> list[dict]:
                 flush=True,
             )
     return rows
+
+
+def rebalancing_reference(
+    cost: CostProfile, requests: list[SimRequest], replicas: int, config: EngineConfig
+) -> dict[str, float]:
+    """``bench cluster``'s rebalancing reference (``cluster_bound``) on a simulated workload: every
+    request in flight evened out over the replicas at every step, for free, oldest first, each step
+    priced as the profile prices an unmerged decode of its requests (a slot each, rank 16) plus its
+    prompt tokens; adapters, slots and KV ignored. Mean and P90 normalized latency (s/token)."""
+    from dlora.loadgen.cluster_bound import simulate
+    from dlora.loadgen.workload import RequestSpec
+
+    specs = [RequestSpec(r.arrival_s, r.adapter, len(r.prompt_token_ids), r.output_len) for r in requests]
+    context = statistics.fmean(s.prompt_len + s.output_len / 2 for s in specs)
+
+    def step_seconds(batch: int) -> float:
+        slots = min(batch, config.max_loras)
+        return cost.step_seconds(StepShape(batch, 0, int(batch * context), slots, batch * RANKS[1]))
+
+    def prompt_seconds(tokens: int) -> float:
+        return cost.prompt_token_s * tokens
+
+    norm = sorted(simulate(specs, step_seconds, replicas, True, config.max_num_seqs, prompt_seconds))
+    return {
+        "reference_mean_s": statistics.fmean(norm),
+        "reference_p90_s": norm[min(len(norm) - 1, int(0.9 * len(norm)))],  # as ``summary`` takes it
+    }
 
 
 def _spec(args: argparse.Namespace, adapters: int, duration: float) -> WorkloadSpec:
@@ -248,6 +276,14 @@ def markdown_cluster(r: dict) -> str:
             f"| {x.get('slots', s['cluster_adapters'])} | {x['dispatch']} | {_served(x)} | {x['solves']} / "
             f"{x['plans']} / {x['moved']} | {x['solve_s_max']:.2f} | {x['simulated_s']:.0f} | {x['wall_s']:.1f} |"
         )
+    if "reference_mean_s" in (first := r["rows"][0]):
+        lines += [
+            "",
+            "Rebalancing reference (`bench cluster`'s, `cluster_bound`: every request in flight evened out over the "
+            "replicas at every step, free and oldest first, each step an unmerged decode of its requests plus its "
+            f"prompt tokens, slots and adapters ignored): {first['reference_mean_s'] * 1e3:.1f} / "
+            f"{first['reference_p90_s'] * 1e3:.1f} ms/token mean / P90.",
+        ]
     lines += ["", *_against_targets(r["rows"])]
     return "\n".join(lines)
 

@@ -40,6 +40,8 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     dispatch = ["round-robin", "proactive", "proactive + migration"]
     assert [(x["slots"], x["dispatch"]) for x in r["cluster"]] == [(n, d) for n in (8, 2) for d in dispatch]
     assert len({x["requests"] for x in r["cluster"]}) == 1  # one workload for all
+    assert len({(x["reference_mean_s"], x["reference_p90_s"]) for x in r["cluster"]}) == 1  # one reference
+    assert 0 < r["cluster"][0]["reference_mean_s"] <= r["cluster"][0]["reference_p90_s"]
     (regime,) = r["regime"]  # dLoRA against both static modes, and its gain over the better
     best_static = min(regime["merged-only_norm_latency_mean_s"], regime["unmerged-only_norm_latency_mean_s"])
     assert regime["gain"] == pytest.approx(best_static / regime["dlora_norm_latency_mean_s"])
@@ -51,6 +53,7 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     text = md.read_text()
     assert "--experiment policy" in text and "proactive + migration" in text and "dlora gain" in text
     assert "migration gain" in text
+    assert "Rebalancing reference" in text
     # each section ends with its plot
     for key in ("simulate-policy", "simulate-cluster", "simulate-regime", "simulate-migration"):
         assert f"![{key}](docs/bench-{key}.png)\n<!-- bench-{key}:end -->" in text
