@@ -83,7 +83,9 @@ def migration_regime(args: argparse.Namespace) -> list[dict]:
 def markdown_migration_regime(r: dict) -> str:
     s = r["settings"]
     lines = [
-        _header(r).replace("by the stride mapping over Azure Functions popularity", "by Zipf popularity (exponent alpha)"),
+        _header(r).replace(
+            "by the stride mapping over Azure Functions popularity", "by Zipf popularity (exponent alpha)"
+        ),
         "",
         f"`dlora bench simulate --experiment migration`: {s['migration_replicas']} replicas × "
         f"{s['migration_adapters']} adapters under `dlora-artifact`, Gamma arrivals (CV {s['cv']}) for "

@@ -84,7 +84,9 @@ def regime(args: argparse.Namespace) -> list[dict]:
 def markdown_regime(r: dict) -> str:
     s = r["settings"]
     lines = [
-        _header(r).replace("by the stride mapping over Azure Functions popularity", "by Zipf popularity (exponent alpha)"),
+        _header(r).replace(
+            "by the stride mapping over Azure Functions popularity", "by Zipf popularity (exponent alpha)"
+        ),
         "",
         f"`dlora bench simulate --experiment regime`: one replica, {s['adapters']} adapters (a slot each), Poisson "
         f"arrivals for {s['regime_duration']:.0f} s at `load` × its unmerged capacity; the artifact's engine (merged "
