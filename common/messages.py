@@ -459,6 +459,17 @@ def read_price(seconds: float, read_bytes: float, per_byte: float | None, nbytes
     return max(0.0, seconds + per_byte * (nbytes - read_bytes))
 
 
+def read_sizes(entries: Iterable[AdapterEntry]) -> dict[str, int]:
+    """Each registered adapter's bytes as reads are priced by them (``read_price``): its
+    ``file_bytes``, or for one registered before they were kept (0) its rank times the bytes a rank
+    of the entries that say both (a registry upgraded in place is priced as by rank until its
+    adapters are registered again); 0 (the flat mean read) where none says its bytes."""
+    entries = list(entries)
+    sized = [e for e in entries if e.file_bytes and e.rank]
+    per_rank = sum(e.file_bytes for e in sized) / sum(e.rank for e in sized) if sized else 0.0
+    return {e.name: e.file_bytes or round(e.rank * per_rank) for e in entries}
+
+
 def pooled_read(stats: Iterable[WorkerStats]) -> tuple[float, float, float | None]:
     """(seconds, bytes, seconds a byte more) of a read for a worker that measured none, as
     ``read_price`` takes them: the mean of the workers' own prices, which is a line too (each

@@ -19,20 +19,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from dlora.loadgen.bench_common import figure
-from dlora.loadgen.bench_sim import CUT, _at, _header, _means, _run, _spec, capacity_rps
-from dlora.services.dispatcher.choose import DispatchMode
-from dlora.services.migrator.settings import MigratorSettings
+from dlora.loadgen.bench_sim import CUT, DISPATCH, _at, _header, _means, _run, _spec, capacity_rps
 from dlora.sim.cost import ARTIFACT
 from dlora.sim.main import requests_of, with_slots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-DISPATCH = {
-    "round-robin": dict(mode=DispatchMode.ROUND_ROBIN),
-    "proactive": dict(mode=DispatchMode.PROACTIVE),
-    "proactive + migration": dict(mode=DispatchMode.PROACTIVE, migrator=MigratorSettings(interval_s=1.0)),
-}
 
 
 def migration_regime(args: argparse.Namespace) -> list[dict]:

@@ -61,6 +61,12 @@ RANKS = ADAPTER_RANKS  # given to the adapters in turn, as `bench policy` makes 
 # A run ends at this many times its arrivals' span: a policy that falls behind leaves a backlog
 # (counted at its latency so far, ``summary``) rather than hours of it to simulate.
 CUT = 2.0
+# The cluster experiments' dispatch configurations (dLoRA Fig. 11's): label -> ``Cluster`` options.
+DISPATCH: dict[str, dict[str, object]] = {
+    "round-robin": dict(mode=DispatchMode.ROUND_ROBIN),
+    "proactive": dict(mode=DispatchMode.PROACTIVE),
+    "proactive + migration": dict(mode=DispatchMode.PROACTIVE, migrator=MigratorSettings(interval_s=1.0)),
+}
 
 
 def capacity_rps(cost: CostProfile, config: EngineConfig, mean_prompt: float, mean_output: float) -> float:
@@ -154,16 +160,11 @@ def cluster(args: argparse.Namespace) -> list[dict]:
     per_replica = capacity_rps(cost, full, *_means(requests_of(spec)))
     rate = args.cluster_load * args.replicas * per_replica
     requests = _at(spec, rate)
-    configs = {
-        "round-robin": dict(mode=DispatchMode.ROUND_ROBIN),
-        "proactive": dict(mode=DispatchMode.PROACTIVE),
-        "proactive + migration": dict(mode=DispatchMode.PROACTIVE, migrator=MigratorSettings(interval_s=1.0)),
-    }
     reference = rebalancing_reference(cost, requests, args.replicas, full)
     rows = []
     for slots in args.cluster_slots:
         config = with_slots(slots)
-        for label, kw in configs.items():
+        for label, kw in DISPATCH.items():
             m = _run(cost, requests, args.replicas, config, CUT * args.cluster_duration, **kw)
             rows.append({"dispatch": label, "slots": slots, "rate": rate} | m | reference)
             print(
@@ -192,8 +193,8 @@ def rebalancing_reference(
         slots = min(batch, config.max_loras)
         return cost.step_seconds(StepShape(batch, 0, int(batch * context), slots, batch * RANKS[1]))
 
-    def prompt_seconds(tokens: int) -> float:
-        return cost.prompt_token_s * tokens
+    def prompt_seconds(prompts: list[int]) -> float:
+        return cost.prompt_token_s * sum(prompts) + cost.prefill_seq_s * len(prompts)
 
     norm = sorted(simulate(specs, step_seconds, replicas, True, config.max_num_seqs, prompt_seconds))
     return {

@@ -50,12 +50,12 @@ def simulate(
     workers: int,
     balanced: bool,
     max_batch: int = 64,
-    prompt_seconds: Callable[[int], float] | None = None,
+    prompt_seconds: Callable[[list[int]], float] | None = None,
 ) -> list[float]:
     """Normalized latency (seconds from arrival to last token, per output token) of every request.
     ``prompt_seconds``: where given, a step costs ``step_seconds(its requests)`` plus that of the
-    prompt tokens it feeds (a profile that prices prompt tokens apart, as the simulator's do);
-    else ``step_seconds(tokens fed)``."""
+    prompts it feeds, by their lengths (a profile that prices prompt tokens and sequences apart,
+    as the simulator's do); else ``step_seconds(tokens fed)``."""
     if any(s.output_len < 1 for s in specs):
         raise ValueError("every request must generate at least one token")
     order = sorted(range(len(specs)), key=lambda i: specs[i].arrival_s)
@@ -75,11 +75,10 @@ def simulate(
             w.batch = w.own[:max_batch]
         if w.batch:
             stepping.update(w.batch)
-            new = [i for i in w.batch if i not in started]
-            prompts = sum(specs[i].prompt_len for i in new)
+            prompts = [specs[i].prompt_len for i in w.batch if i not in started]
             started.update(w.batch)
             if prompt_seconds is None:  # a prompt's tokens along the step curve, one token for each other
-                seconds = step_seconds(prompts + len(w.batch) - len(new))
+                seconds = step_seconds(sum(prompts) + len(w.batch) - len(prompts))
             else:
                 seconds = step_seconds(len(w.batch)) + prompt_seconds(prompts)
             w.busy_until = t + seconds

@@ -33,6 +33,7 @@ from dlora.common.messages import (
     PrefixCacheReset,
     TokenChunk,
     WorkerStats,
+    read_sizes,
 )
 from dlora.common.registry import AdapterRegistry
 from dlora.common.seeds import with_seed
@@ -252,7 +253,7 @@ class Dispatcher(Recovery):
         """Decay the traffic counts (into Redis too) and place adapter replicas for burst tolerance."""
         entries = await self.store.list_adapters()
         ranks = {e.name: e.rank for e in entries}
-        self.state.file_bytes = {e.name: e.file_bytes for e in entries}  # (what a read of each costs)
+        self.state.file_bytes = read_sizes(entries)  # (what a read of each costs)
         self.traffic = decay(self.traffic)
         await self.store.save_traffic(self.traffic)
         # On a thread (a placement from empty at 256 workers x 1,000 adapters takes a third of a

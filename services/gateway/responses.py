@@ -159,8 +159,7 @@ class ResponseWriter:
         if self.stream is None:
             raise error
         self._hold(error.body())  # the same object, type and code as a status would carry
-        await self.flush()
-        return await end_stream(self.stream)
+        return await self._end()
 
     async def finish(self, completion_tokens: int) -> web.StreamResponse:
         """Every choice is over: the JSON body, or the stream's usage chunk (if asked) and its end."""
@@ -179,8 +178,7 @@ class ResponseWriter:
             self.stream = await self._open()
         if job.include_usage:
             self._hold(job.shape.usage_chunk(job.prompt_tokens, completion_tokens, self._cached()))
-        await self.flush()
-        return await end_stream(self.stream)
+        return await self._end()
 
     async def flush(self) -> None:
         """Write the events held, in one write."""
@@ -188,6 +186,14 @@ class ResponseWriter:
             data = b"".join(self._held)
             self._held.clear()
             await self.stream.write(data)
+
+    async def _end(self) -> web.StreamResponse:
+        """The events held and the stream's end, in one write."""
+        assert self.stream is not None
+        self._held.append(b"data: [DONE]\n\n")
+        await self.flush()
+        await self.stream.write_eof()
+        return self.stream
 
     def _hold(self, obj: dict[str, Any]) -> None:
         self._held.append(b"data: " + msgspec.json.encode(obj) + b"\n\n")
@@ -251,9 +257,3 @@ async def opensse(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
     return resp
-
-
-async def end_stream(stream: web.StreamResponse) -> web.StreamResponse:
-    await stream.write(b"data: [DONE]\n\n")
-    await stream.write_eof()
-    return stream

@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.exporter import metrics_endpoint
-from dlora.common.messages import WorkerStats
+from dlora.common.messages import WorkerStats, read_sizes
 from dlora.common.state import StateStore
 from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
 from dlora.services.migrator.metrics import MigratorMetrics
@@ -47,7 +47,7 @@ class Migrator:
         now = time.monotonic()
         # A draining worker hands its requests back itself; moving them meanwhile would race that.
         live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]
-        file_bytes = {e.name: e.file_bytes for e in await self.store.list_adapters()}
+        file_bytes = read_sizes(await self.store.list_adapters())
         snap = cluster_snapshot(live, file_bytes, self.s)
         reason = self.looks.look(snap, now)
         if reason is None:

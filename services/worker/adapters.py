@@ -49,7 +49,7 @@ class ReadCosts:
     seen. A read has a part its size does not change (opening, parsing, checking the files): a
     trial read rank 8 in 4-11 ms, ranks 16-64 in 7-18 ms and rank 512 in 45 ms, so a price in
     proportion to the size from zero made rank 8 six times too cheap. Bytes, not ranks: an adapter
-    on two of the seven projections reads a third of one on all seven at its rank. Pure: the
+    on q and v only reads a fifth of one on all seven projections at its rank (Llama-7B). Pure: the
     worker's reads and the simulator's."""
 
     seconds: float = 0.0  # decayed mean (0: none read)

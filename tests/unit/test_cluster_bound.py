@@ -63,9 +63,9 @@ def test_a_request_generating_nothing_is_refused() -> None:
 
 
 def test_a_profile_that_prices_prompt_tokens_apart_adds_them_to_the_step() -> None:
-    """The simulator's profiles price a step's requests and its prompt tokens apart
-    (``prompt_seconds``): a 10-token prompt at 0.1 s a token beside a 1 s step is a 2 s first
+    """The simulator's profiles price a step's requests and its prompts apart (``prompt_seconds``,
+    of the prompts' lengths): a 10-token prompt at 0.1 s a token beside a 1 s step is a 2 s first
     step, then 1 s for the second token: 3 s over 2 tokens."""
     one = [RequestSpec(0.0, None, 10, 2)]
-    assert simulate(one, lambda b: 1.0, 1, True, prompt_seconds=lambda p: 0.1 * p) == [1.5]
+    assert simulate(one, lambda b: 1.0, 1, True, prompt_seconds=lambda p: 0.1 * sum(p)) == [1.5]
     assert simulate(one, lambda fed: 1.0 + 0.1 * (fed - 1), 1, True) == [pytest.approx((1.9 + 1.0) / 2)]

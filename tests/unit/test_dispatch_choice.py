@@ -134,9 +134,9 @@ def test_a_read_is_priced_by_the_adapter_s_bytes_against_the_bytes_a_worker_read
     """One mean over every size priced a trial's 157 MB read and a 391 MB one alike (0.8 s; the
     second took 7.9 s). A worker's reads of 16 MB took 1 s: a 64 MB adapter costs 4 s to read
     there, an 8 MB one 0.5 s (simulated, ranks 8-64, reads 30x NVMe's: mean 28.8 -> 26.8 ms/token),
-    whatever their ranks: two rank-16 adapters, one on all seven projections and one on q and v
-    only, read 64 MB and 8 MB. A worker that has read nothing yet: the mean of the others' reads
-    at its size."""
+    whatever their ranks (at one rank, an adapter on q and v only reads a fifth of one on all
+    seven projections). A worker that has read nothing yet: the mean of the others' reads at its
+    size."""
     mb = 1_000_000
     holder = w("y", [("a", 200)], ("a",))  # 2 s of queued work at 10 ms a token
     lacks = msgspec.structs.replace(w("x"), adapter_read_seconds=1.0, adapter_read_bytes=16.0 * mb)
@@ -486,3 +486,17 @@ def test_a_worker_is_quiet_past_half_the_ttl_and_three_of_its_own_gaps() -> None
     assert state.quiet(4.0) == {"fast"}  # 3 s silent: past 2.5 (half the TTL) and 1.5 (its gaps)
     assert state.quiet(5.5) == {"fast", "slow"}
     assert state.quiet(6.5) == {"slow"}  # "fast" past the TTL: lost, not quiet
+
+
+def test_an_adapter_registered_before_its_bytes_were_kept_is_priced_by_its_rank() -> None:
+    """A registry upgraded in place holds entries without ``file_bytes`` (0): priced flat, a 391 MB
+    adapter's read would cost what a 157 MB one's does again (a review). Such an entry is priced at
+    its rank times the bytes a rank of the entries that say both; flat only where none does."""
+    from dlora.common.messages import AdapterEntry, read_sizes
+
+    def entry(name: str, rank: int, nbytes: int = 0) -> AdapterEntry:
+        return AdapterEntry(name=name, path=f"/{name}", rank=rank, created=0.0, file_bytes=nbytes)
+
+    sizes = read_sizes([entry("new8", 8, 10_000_000), entry("new32", 32, 30_000_000), entry("old64", 64)])
+    assert sizes == {"new8": 10_000_000, "new32": 30_000_000, "old64": 64 * 1_000_000}
+    assert read_sizes([entry("old8", 8), entry("old64", 64)]) == {"old8": 0, "old64": 0}

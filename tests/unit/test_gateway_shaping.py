@@ -390,7 +390,8 @@ async def test_events_waiting_together_go_out_in_one_write_each_still_its_own_ev
     async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
         async with session.post(server.make_url("/")) as resp:
             body = (await resp.read()).decode()
-    assert len(writes) >= 2 and writes[0].count(b"data: ") == 3  # the three held: one write
+    assert [w.count(b"data: ") for w in writes] == [3, 2]  # the three held: one write; the last and its end
+    assert writes[1].endswith(b"data: [DONE]\n\n")
     texts = [json.loads(line[6:])["choices"][0]["text"] for line in body.splitlines() if line.startswith("data: {")]
     assert texts == ["t0", "t1", "t2", "!"]
     assert body.rstrip().endswith("data: [DONE]")
