@@ -80,9 +80,12 @@ bench: setup
 	$(VENV)/bin/dlora bench e2e --preset small --json bench-results/e2e.json
 	$(VENV)/bin/dlora bench migration --json bench-results/migration.json
 	$(VENV)/bin/dlora bench cluster --json bench-results/cluster.json
-	$(VENV)/bin/dlora bench simulate --experiment policy --json bench-results/simulate-policy.json
+	$(VENV)/bin/dlora bench simulate --experiment policy --json bench-results/simulate-policy.json \
+		--profiles dlora-artifact,h100-llama7b,h200-llama7b,calibrated:bench-results/engine.json
 	$(VENV)/bin/dlora bench simulate --experiment cluster --json bench-results/simulate-cluster.json
 	$(VENV)/bin/dlora bench simulate --experiment regime --json bench-results/simulate-regime.json
+	$(VENV)/bin/dlora bench simulate --experiment migration --json bench-results/simulate-migration.json
+	$(VENV)/bin/dlora bench simulate --experiment scale --json bench-results/simulate-scale.json
 	$(VENV)/bin/dlora bench simulate --experiment validate --json bench-results/simulate-validate.json
 
 # Every server and service fault in turn under streaming load through the gateway (loadgen/chaos):
