@@ -18,7 +18,7 @@ import argparse
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from dlora.loadgen.bench_common import figure
+from dlora.loadgen.bench_regime import ZIPF, gain_panels
 from dlora.loadgen.bench_sim import CUT, DISPATCH, _at, _header, _means, _run, _spec, capacity_rps
 from dlora.sim.cost import ARTIFACT
 from dlora.sim.main import requests_of, with_slots
@@ -75,9 +75,7 @@ def migration_regime(args: argparse.Namespace) -> list[dict]:
 def markdown_migration_regime(r: dict) -> str:
     s = r["settings"]
     lines = [
-        _header(r).replace(
-            "by the stride mapping over Azure Functions popularity", "by Zipf popularity (exponent alpha)"
-        ),
+        _header(r, ZIPF),
         "",
         f"`dlora bench simulate --experiment migration`: {s['migration_replicas']} replicas × "
         f"{s['migration_adapters']} adapters under `dlora-artifact`, Gamma arrivals (CV {s['cv']}) for "
@@ -100,17 +98,4 @@ def markdown_migration_regime(r: dict) -> str:
 
 def plot_migration_regime(r: dict) -> Figure:
     """Co-migration's gain over proactive-only against skew, a line per slot count, a panel per load."""
-    rows = r["rows"]
-    loads = sorted({x["load"] for x in rows})
-    fig, axes = figure(len(loads))
-    for ax, load in zip(axes, loads):
-        for slots in sorted({x["slots"] for x in rows}):
-            xs = sorted((x for x in rows if x["load"] == load and x["slots"] == slots), key=lambda x: x["alpha"])
-            ax.plot([x["alpha"] for x in xs], [x["migration_gain"] for x in xs], "o-", label=f"{slots} slots")
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set(xlabel="Zipf exponent (adapter skew)")
-        ax.set_title(f"load {load:g} × unmerged capacity", fontsize=9)
-        ax.legend(fontsize=7)
-    axes[0].set(ylabel="proactive-only / proactive + migration")
-    fig.tight_layout()
-    return fig
+    return gain_panels(r["rows"], "slots", "{} slots", "migration_gain", "proactive-only / proactive + migration")

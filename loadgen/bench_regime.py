@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 POLICIES = ("dlora", "merged-only", "unmerged-only")
+ZIPF = "Zipf popularity (exponent alpha)"  # the maps' popularity, for their header
 
 
 def with_overhead(overhead: float) -> CostProfile:
@@ -84,9 +85,7 @@ def regime(args: argparse.Namespace) -> list[dict]:
 def markdown_regime(r: dict) -> str:
     s = r["settings"]
     lines = [
-        _header(r).replace(
-            "by the stride mapping over Azure Functions popularity", "by Zipf popularity (exponent alpha)"
-        ),
+        _header(r, ZIPF),
         "",
         f"`dlora bench simulate --experiment regime`: one replica, {s['adapters']} adapters (a slot each), Poisson "
         f"arrivals for {s['regime_duration']:.0f} s at `load` × its unmerged capacity; the artifact's engine (merged "
@@ -108,15 +107,20 @@ def markdown_regime(r: dict) -> str:
 
 def plot_regime(r: dict) -> Figure:
     """dLoRA's gain over the better static mode against skew, a line per unmerged overhead, a panel per load."""
-    rows = r["rows"]
+    return gain_panels(r["rows"], "overhead", "unmerged {:g}× merged", "gain", "dLoRA gain over the best static mode")
+
+
+def gain_panels(rows: list[dict], series: str, label: str, gain: str, ylabel: str) -> Figure:
+    """``gain`` against the Zipf exponent, a line per value of ``series`` (named by ``label``), a panel
+    per load."""
     loads = sorted({x["load"] for x in rows})
     fig, axes = figure(len(loads))
     for ax, load in zip(axes, loads):
-        for overhead in sorted({x["overhead"] for x in rows}):
-            xs = sorted((x for x in rows if x["load"] == load and x["overhead"] == overhead), key=lambda x: x["alpha"])
-            ax.plot([x["alpha"] for x in xs], [x["gain"] for x in xs], "o-", label=f"unmerged {overhead:g}× merged")
+        for value in sorted({x[series] for x in rows}):
+            xs = sorted((x for x in rows if x["load"] == load and x[series] == value), key=lambda x: x["alpha"])
+            ax.plot([x["alpha"] for x in xs], [x[gain] for x in xs], "o-", label=label.format(value))
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        gains = [x["gain"] for x in rows if x["load"] == load]
+        gains = [x[gain] for x in rows if x["load"] == load]
         if max(gains) / min(gains) > 3:  # a log scale only where gains span orders, with plain tick labels
             from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -126,6 +130,6 @@ def plot_regime(r: dict) -> Figure:
         ax.set(xlabel="Zipf exponent (adapter skew)")
         ax.set_title(f"load {load:g} × unmerged capacity", fontsize=9)
         ax.legend(fontsize=7)
-    axes[0].set(ylabel="dLoRA gain over the best static mode")
+    axes[0].set(ylabel=ylabel)
     fig.tight_layout()
     return fig

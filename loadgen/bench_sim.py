@@ -218,12 +218,12 @@ def _spec(args: argparse.Namespace, adapters: int, duration: float) -> WorkloadS
     )
 
 
-def _header(r: dict) -> str:
+def _header(r: dict, popularity: str = "the stride mapping over Azure Functions popularity") -> str:
     s = r["settings"]
     return (
         f"{r['date']}, **{r['machine']}** (simulated time; the wall time is this machine's). "
         f"Azure conversation lengths (prompts ≤ {s['max_prompt']}, outputs ≤ {s['max_output']} tokens), adapters "
-        f"of ranks {'/'.join(map(str, RANKS))} by the stride mapping over Azure Functions popularity. A run ends "
+        f"of ranks {'/'.join(map(str, RANKS))} by {popularity}. A run ends "
         f"at {CUT:.0f}× its arrivals' span; a request unfinished then counts at its wait so far over the tokens it "
         "asked for (a lower bound)."
     )
