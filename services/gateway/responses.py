@@ -18,10 +18,10 @@ from dlora.services.gateway.shaping import ChoicePlan, Job
 
 # The SamplingParams fields of a structured output (``TokenChunk.param`` names one at fault).
 STRUCTURED_PARAMS = frozenset({"json_schema", "regex", "choice", "grammar"})
-# An error chunk's code as the HTTP status of a response not yet begun.
 # Events a response holds at most before writing them while its request's chunks keep coming
 # faster than the gateway relays them (``ResponseWriter.flush``): ~30 KB, a few steps of a stream.
 MAX_HELD_EVENTS = 64
+# An error chunk's code as the HTTP status of a response not yet begun.
 STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
@@ -87,10 +87,10 @@ class ResponseWriter:
     chunk, so an error before it still gets a status) or, not streamed, one JSON body at the end.
 
     Events are held until ``flush``, which the relay calls when no more of the request's chunks
-    are waiting: one socket write per event cost the gateway's loop most of its time at 200
-    streams (a trial: 252 of 851 busy samples in the socket's write, every endpoint answering
-    hundreds of ms late while the loop was behind), and chunks that queued together while it was
-    behind go out in one write. Still one event per worker chunk."""
+    are waiting, so chunks that queued together while the gateway was behind go out in one write
+    (a trial at 200 streams: 252 of the loop's 851 busy samples in the socket's write). Still one
+    event per worker chunk. With CPU workers it changed nothing measurable (95 % of flushes held
+    one event: BENCHMARKS.md); it pays where the gateway falls more than a step behind."""
 
     def __init__(
         self, request: web.Request, job: Job, choices: list[RunningChoice], tokens: TokenText | TokenIdText
