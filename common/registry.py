@@ -154,7 +154,8 @@ class AdapterRegistry(Durable):
         whose bucket was not open (a review); each merge (``restore``) now finishes it. Each copy
         of the registration is deleted only while it is the one read."""
         kv = await self.kv()
-        cached, durable = await self.store.get_adapter(name), await _durable_entry(kv, name)
+        # (read together: each is a round trip, and a busy gateway's loop makes each wait its turn)
+        cached, durable = await asyncio.gather(self.store.get_adapter(name), _durable_entry(kv, name))
         held = [e for e in (cached, durable) if e is not None]
         if not held:
             return False
