@@ -270,8 +270,13 @@ async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(
         assert [s for s, _ in replies] == [200] * 8, replies
         assert "ranked" in {name for name, _ in limited.adapters.failed}  # some landed there first
         other.engine.config = msgspec.structs.replace(other.engine.config, adapter_limits=strict)
-        async with asyncio.timeout(30):  # the gateway has both workers' stats since
-            while {st.max_lora_rank for st, _ in stack.gateway.cluster.live(time.monotonic(), 5.0)} != {rank - 1}:
+        # the gateway has both workers' stats since (each of them: a CI run registered it while the
+        # gateway had heard the first alone, 0.25 s into the test, and the second's came meanwhile)
+        want = {(w.s.worker_id, rank - 1) for w in stack.workers}
+        async with asyncio.timeout(30):
+            while {
+                (st.worker, st.max_lora_rank) for st, _ in stack.gateway.cluster.live(time.monotonic(), 5.0)
+            } != want:
                 await asyncio.sleep(0.05)
         status, resp = await post(stack, "/v1/adapters", {"name": "ranked2", "path": str(path)}, auth)
         assert status == 400 and resp["error"]["param"] == "path", resp
