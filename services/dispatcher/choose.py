@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from dlora.common.messages import WorkerStats, pooled_read, read_price
+from dlora.common.messages import WorkerStats
+from dlora.common.reads import pooled_read, read_price
 from dlora.services.dispatcher.lengths import PooledLengths
 
 

@@ -33,8 +33,8 @@ from dlora.common.messages import (
     PrefixCacheReset,
     TokenChunk,
     WorkerStats,
-    read_sizes,
 )
+from dlora.common.reads import read_sizes
 from dlora.common.registry import AdapterRegistry
 from dlora.common.seeds import with_seed
 from dlora.common.state import StateStore

@@ -11,7 +11,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from dlora.common.messages import WorkerStats, pooled_read
+from dlora.common.messages import WorkerStats
+from dlora.common.reads import pooled_read
 from dlora.services.dispatcher.affinity import GRANULE, MAX_HASHED, PrefixAffinity
 from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker, request_tokens
 from dlora.services.dispatcher.lengths import PooledLengths

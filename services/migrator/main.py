@@ -13,7 +13,8 @@ from nats.aio.client import Client as NATS
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.exporter import metrics_endpoint
-from dlora.common.messages import WorkerStats, read_sizes
+from dlora.common.messages import WorkerStats
+from dlora.common.reads import read_sizes
 from dlora.common.state import StateStore
 from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
 from dlora.services.migrator.metrics import MigratorMetrics

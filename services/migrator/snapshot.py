@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora.common.messages import read_price
+from dlora.common.reads import read_price
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import msgspec
 
-from dlora.common.messages import PlanTrigger, WorkerStats, pooled_read
+from dlora.common.messages import PlanTrigger, WorkerStats
+from dlora.common.reads import pooled_read
 from dlora.services.migrator.planner import completion_times, kv_demand
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 

@@ -77,7 +77,7 @@ def test_read_costs_fit_a_line_with_a_fixed_part_once_reads_of_several_sizes_wer
     proportion from zero (0.017 s at a mean rank of 131), a rank-8 read cost 1 ms. The fitted line
     prices it near what it took; reads of one size only are priced in proportion, as before. (Sizes
     in MB here, as ranks of one adapter layout.)"""
-    from dlora.common.messages import read_price
+    from dlora.common.reads import read_price
     from dlora.services.worker.adapters import ReadCosts
 
     costs = ReadCosts()
