@@ -223,7 +223,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         shape = StepShape(
             tokens=step.num_tokens,
             prefill_tokens=step.num_prefill,
-            context_tokens=sum(s.num_cached + s.num_scheduled for s in step.batch),
+            context_tokens=step.context_tokens,
             lora_segments=segments,
             lora_rank_tokens=rank_tokens,
             prefill_seqs=sum(s.status is Status.WAITING for s in step.batch),
@@ -310,7 +310,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             s.num_cached = start[s.request_id] + k
             if caching:  # a block begun and not filled: it fills no block, so no ids are read
                 self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, s.salted(keys[s.adapter]))
-        repeat = dataclasses.replace(step, merge_s=0.0, unmerge_s=0.0)
+        repeat = dataclasses.replace(step, merge_s=0.0, unmerge_s=0.0, context_tokens=context + n)
         self.now = clock  # the same sum, in the same order, as each step's
         self._observe(decision, repeat, n, seconds)  # the last step is now ``repeat``
         self.fast_forwarded += k

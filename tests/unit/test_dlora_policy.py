@@ -72,8 +72,9 @@ def test_higher_rank_is_merged_at_a_smaller_share() -> None:
     assert p._threshold(p.r, "a") * 8 <= 3  # rank 128: enough
 
 
-def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.0) -> StepRecord:
-    """What the engine would report of ``decision`` run over ``q``."""
+def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.0, repeat: int = 0) -> StepRecord:
+    """What the engine would report of ``decision`` run over ``q`` (the ``repeat``-th time: its
+    requests' contexts grown by one a run)."""
     ran = [r for r in q if r.request_id in set(decision.request_ids)][: LIMITS.max_num_seqs]
     if decision.merged is not None and not decision.mixed:
         ran = [r for r in ran if r.adapter == decision.merged]
@@ -89,6 +90,7 @@ def _record(decision, q, seconds: float, merge: float = 0.0, unmerge: float = 0.
         unmerge,
         lora_segments=segments,
         lora_rank_tokens=rank_tokens,
+        context_tokens=sum(r.context for r in ran) + repeat * len(ran),
     )
 
 
@@ -415,12 +417,13 @@ def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> N
     merged_now, merges, credited = None, 0, 0
     for i in range(150):
         q = queue(*(rng.choice(["a", "a", "a", "a", "b", "c", None]) for _ in range(rng.randint(4, 14))))
+        q = [dataclasses.replace(r, context=rng.randint(1, 900)) for r in q]  # the context slope learns too
         d1, d2 = each.decide(q, merged_now), repeated.decide(q, merged_now)
         assert (d1.request_ids, d1.merged, d1.mixed) == (d2.request_ids, d2.merged, d2.mixed), i
         runs = [rng.uniform(0.005, 0.05) for _ in range(rng.randint(1, 6))]
         switch = 0.02 if d1.merged != merged_now else 0.0
-        for t in runs:
-            each.observe(d1, _record(d1, q, t, merge=switch))
+        for j, t in enumerate(runs):
+            each.observe(d1, _record(d1, q, t, merge=switch, repeat=j))
         repeated.observe_repeated(d2, _record(d2, q, runs[0], merge=switch), runs)
         # checked at each step: credit settles, and an epoch's sums are read only when it ends
         assert repeated.credits.balances == each.credits.balances and repeated._epoch == each._epoch, i
@@ -428,6 +431,7 @@ def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> N
         credited += any(each.credits.balances.values())
         merged_now = d1.merged
     assert merges >= 2 and credited >= 5  # it merged, switched back and moved credit along the way
+    assert each.costs._fit[8] > 0 and each.costs.to_dict() == repeated.costs.to_dict()  # contexts seen alike
     assert repeated.checkpoint() == each.checkpoint() and repeated.credits.balances == each.credits.balances
     assert repeated._epoch == each._epoch and repeated.fallback_steps == each.fallback_steps
     assert (repeated.r, repeated.merged_epoch_steps) == (each.r, each.merged_epoch_steps)

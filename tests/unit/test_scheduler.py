@@ -297,3 +297,22 @@ def test_the_policy_sees_a_waiting_prompt_without_what_it_would_find_cached_unde
     assert (both["b"].num_new, both["b"].switched) == (6, SwitchedFeeds(6, 4, 6))  # within the budget
     assert both["d"].switched is None  # one step runs one of x's prompts: d is not looked up
     assert queued([again], adapters, wide, {})["b"].num_new == 16  # no cache given: the whole prompt
+
+
+def test_the_policy_sees_each_request_s_context_refreshed_as_it_grows() -> None:
+    """A request's context is what it would attend fed this step: a prompt its whole length up to
+    the budget (cached blocks are attended too), a decode all its tokens. A decode's entry is kept
+    (not made anew each step) until its context grew by 16 tokens and a sixteenth."""
+    bm = BlockManager(num_blocks=256, block_size=4)
+    adapters = {"x": SimpleNamespace(rank=8)}
+    limits = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2)
+    prompt, decode = seq("p", 0, 100, adapter="x"), running(seq("d", 1, 300, adapter="x", outputs=20), bm)
+    last = queued([prompt, decode], adapters, limits, {})
+    assert (last["p"].context, last["d"].context) == (64, 320)
+    first = last["d"]
+    for grown in range(1, 40):
+        decode.output_ids.append(0)
+        decode.num_cached += 1
+        last = queued([prompt, decode], adapters, limits, last)
+        assert (last["d"] is first) == (grown < 16 + 320 // 16), grown
+    assert last["d"].context == 320 + 36

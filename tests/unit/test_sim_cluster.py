@@ -67,9 +67,10 @@ def test_fast_forward_serves_as_stepping_does() -> None:
     request's first token and end come at the same instant (a fast-forward that also skipped the
     step after a horizon moved these figures). Under dLoRA's policy, which learns from the steps
     a fast-forward runs and is not asked within them, an estimate can cross a margin a step later
-    or earlier: the same tokens and steps and latencies within a thousandth here (exactly the same
-    until dispatch priced requests by the workers' finished lengths, which gave these replicas
-    other requests)."""
+    or earlier: the same tokens and steps and latencies within half a percent here (exactly the
+    same until dispatch priced requests by the workers' finished lengths, which gave these
+    replicas other requests; within a thousandth until the cost model priced a step's context,
+    which grows at every step, so that a candidate's price crosses another's within a run)."""
     from dlora.services.worker.engine.config import EngineConfig
     from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
@@ -89,7 +90,7 @@ def test_fast_forward_serves_as_stepping_does() -> None:
         else:
             assert steps[0] == pytest.approx(steps[1], rel=0.005)
             for key, value in summary(fast).items():
-                assert value == pytest.approx(summary(exact)[key], rel=0.002), key
+                assert value == pytest.approx(summary(exact)[key], rel=0.005), key
 
 
 def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path: Path) -> None:

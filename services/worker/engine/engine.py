@@ -365,7 +365,8 @@ class LLMEngine:
         batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
         fed = [(s.adapter, s.num_scheduled) for s in batch]
         prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)
-        return PreparedStep(batch, slots, merge_s, unmerge_s, started, fed, prefill, self.merger.merged)
+        context = sum(s.num_cached + s.num_scheduled for s in batch)
+        return PreparedStep(batch, slots, merge_s, unmerge_s, started, fed, prefill, self.merger.merged, context)
 
     def _run(
         self, step: PreparedStep

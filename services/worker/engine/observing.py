@@ -34,6 +34,7 @@ def observe(
         num_tokens=fed,
         lora_segments=segments,
         lora_rank_tokens=rank_tokens,
+        context_tokens=step.context_tokens,
         seconds=seconds[0],
         merge_seconds=step.merge_s,
         unmerge_seconds=step.unmerge_s,

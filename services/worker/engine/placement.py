@@ -69,6 +69,7 @@ class PreparedStep:
     fed: list[tuple[str | None, int]]  # (adapter, tokens fed) per sequence, in batch order
     num_prefill: int  # of those, prompt (and recompute) tokens: all but the decodes' one each
     merged: str | None  # the adapter merged while it runs
+    context_tokens: int  # KV entries its sequences attend, summed: cached and fed
     # Which of ``batch`` made a token, when known before ``_observe`` reads the sequences (async
     # scheduling: by then the next step may have preempted some); None: read from their state.
     made: list[bool] | None = None

@@ -57,8 +57,9 @@ def queued(
     under), without the blocks it would find cached with ``merged`` merged as now, and under the
     other states (``SwitchedFeeds``): looked up only for each adapter's first ``max_num_seqs``
     waiting prompts, all that one step of any candidate can run. A request's entry in ``last``
-    (the previous call's) is kept while it is unchanged: a decode's stays the same step after
-    step, and made anew it cost the step a few microseconds per sequence, as much as scheduling it."""
+    (the previous call's) is kept while it is unchanged, its context grown by less than 16
+    tokens and a sixteenth: a decode's stays the same for many steps, and made anew it cost the
+    step a few microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
     budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
     for s in sorted(seqs, key=_by_arrival):
@@ -77,8 +78,13 @@ def queued(
                 new = min(fed[merged], budget)
                 switched = SwitchedFeeds(min(fed[None], budget), min(fed[s.adapter], budget), min(s.num_new, budget))
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
-        if q is None or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields:
-            q = QueuedRequest(s.request_id, *fields)
+        context = s.num_cached + min(s.num_new, budget)  # a prompt attends its cached blocks too
+        if (
+            q is None
+            or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
+            or not q.context <= context < q.context + 16 + q.context // 16
+        ):
+            q = QueuedRequest(s.request_id, *fields, context)
         out[s.request_id] = q
     return out
 

@@ -43,6 +43,10 @@ class QueuedRequest:
     num_new: int  # tokens it would feed this step, the merged adapter as it is (cached prompt blocks skipped)
     rank: int = 0  # LoRA rank of its adapter (0 for the base model)
     switched: SwitchedFeeds | None = None  # None: ``num_new`` under any merged state (none of it cached, a decode)
+    # KV entries it would attend were it fed ``num_new`` tokens: its tokens cached, computed or
+    # not, and those fed (a step's KV read grows with it: ``CostModel``). A running request's is
+    # refreshed as it grows by a sixteenth (``scheduler.queued``), so it may be a little short.
+    context: int = 0
 
     def fed(self, merged: str | None, merged_now: str | None) -> int:
         """Tokens it would feed in a step with ``merged`` merged, ``merged_now`` being merged now."""
@@ -66,6 +70,7 @@ class QueuedRequest:
             self,
             num_new=min(self.num_new, room),
             switched=None if s is None else SwitchedFeeds(*(min(n, room) for n in s)),
+            context=self.context - max(0, self.num_new - room),
         )
 
 
@@ -104,6 +109,9 @@ class StepRecord:
     unmerge_seconds: float = 0.0  # unmerge paid before the step (0 if none)
     lora_segments: int = 0  # distinct adapters whose deltas ran (``lora_work``)
     lora_rank_tokens: int = 0  # the ranks each token's deltas ran at, summed over the tokens
+    # KV entries its sequences attended, summed over them (cached and fed); a step that repeats
+    # (decodes only: ``Policy.observe_repeated``) attends one more a request each time.
+    context_tokens: int = 0
 
     @property
     def mode(self) -> Mode:

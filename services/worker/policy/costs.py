@@ -3,8 +3,18 @@
 - **Base step** seconds per batch size (tokens in the step), from steps that ran no LoRA delta
   (merged steps, or batches of base-model requests): a decayed mean and variance per token count
   up to ``EXACT_TOKENS`` (decode batches, where the policy compares candidates a few tokens
-  apart), per power-of-two bucket above it, interpolated linearly in tokens between them.
-- **LoRA overhead** as a fraction of the base step, ``a · segments + b · rank_tokens / tokens``:
+  apart), per power-of-two bucket above it, interpolated linearly in tokens between them; plus
+  seconds per **context token** (KV entries the step's sequences attend), fitted with the LoRA
+  overhead below. A step's KV read grows with its sequences' lengths whatever their number: on
+  an H200 at 7B widths half a MiB a token, a third of a decode step at 900-token contexts. Keyed
+  by tokens alone, the merged epochs' base steps (the hot adapter's few, short requests) were the
+  yardstick for unmerged steps of long ones, and the difference was fitted as LoRA's: 0.075 per
+  segment against a true 0.005 under the H200 roofline, and dLoRA 18 % slower than
+  unmerged-only (issue 21's ablation).
+- **LoRA overhead** as a fraction of the base step, ``a · segments + b · rank_tokens / tokens``
+  (and the context's, ``κ · Δcontext / base``: a step attending more than the base steps it is
+  compared with, κ seconds per million context tokens more; base steps themselves teach κ by how
+  far each lies from its size's mean as its context does):
   ``segments`` counts the distinct adapters whose deltas ran (a fixed cost per adapter and layer:
   launches, and reading its weights), ``rank_tokens`` sums over tokens the ranks their deltas ran
   at (the FLOPs). The same formula prices unmerged and mixed steps: a mixed step's merged
@@ -25,6 +35,8 @@ from typing import Any
 _ALPHA = 0.2  # weight of the newest sample in the running means and variances
 _CLIP, _CLIP_AFTER, _CLIP_FLOOR = 3.0, 4, 0.1  # samples clipped to mean ± 3 std once 4 are in (Estimate)
 _DECAY = 0.98  # per observation, for the overhead fit
+_MILLION = 1e-6  # κ is in seconds per million context tokens: of the order of a and b's scale
+_FIT_LEN = 10  # the fit's sums (``CostModel._fit``)
 # Until the fit has seen enough: a few percent per adapter, and per 16 of rank on every token.
 PRIOR_A, PRIOR_B = 0.05, 0.02 / 16
 # How strongly the fit is pulled to the prior (the ridge penalty on each coefficient's distance
@@ -56,8 +68,12 @@ class Estimate:
     mean: float
     var: float = 0.0
     n: int = 1
+    # Of a step estimate: the mean context tokens of its steps, under the same weights as ``mean``.
+    context: float = 0.0
 
-    def add(self, x: float) -> None:
+    def add(self, x: float, context: float = 0.0) -> float:
+        """Take in ``x`` (of a step attending ``context`` tokens); its deviation from the mean
+        before, as clipped."""
         if self.n >= _CLIP_AFTER:  # std is sqrt(var) past the first sample
             # max and min written out: a simulated hour adds a million samples
             spread, floor = _CLIP * math.sqrt(self.var), _CLIP_FLOOR * abs(self.mean)
@@ -69,7 +85,9 @@ class Estimate:
         d = x - self.mean
         self.mean += _ALPHA * d
         self.var = (1 - _ALPHA) * (self.var + _ALPHA * d * d)
+        self.context += _ALPHA * (context - self.context)
         self.n += 1
+        return d
 
     @property
     def std(self) -> float:
@@ -83,41 +101,42 @@ class Estimate:
         return self.std * math.sqrt(max(_ALPHA / (2 - _ALPHA), 1 / self.n))
 
     def to_list(self) -> list[float]:
-        return [self.mean, self.var, self.n]
+        return [self.mean, self.var, self.n, self.context]
 
     @classmethod
     def from_list(cls, v: list[float]) -> Estimate:
-        return cls(float(v[0]), float(v[1]), int(v[2]))
+        return cls(float(v[0]), float(v[1]), int(v[2]), float(v[3]))
 
 
-def _add(e: Estimate | None, x: float) -> Estimate:
+def _add(e: Estimate | None, x: float, context: float = 0.0) -> Estimate:
     if e is None:
-        return Estimate(x)
-    e.add(x)
+        return Estimate(x, context=context)
+    e.add(x, context)
     return e
 
 
-def _lookup(table: dict[int, Estimate], tokens: int, extrapolate: bool) -> Estimate | None:
+def _lookup(table: dict[int, Estimate], tokens: int, extrapolate: bool, span: float = math.inf) -> Estimate | None:
     """The estimate for ``tokens`` in ``table`` (bucket -> seconds): its bucket's, else
-    interpolated linearly in tokens between the nearest buckets, else (``extrapolate``) the
-    nearest scaled linearly in tokens, a safe upper bound above (steps grow at most linearly) and
-    a fair guess below, half as sure; None where there is none."""
+    interpolated linearly in tokens between the nearest buckets (at most ``span`` times apart),
+    else (``extrapolate``) the nearest scaled linearly in tokens, a safe upper bound above (steps
+    grow at most linearly) and a fair guess below, half as sure; None where there is none."""
     b = _bucket(tokens)
     if b in table:
         return table[b]
     lower = [k for k in table if k < b]
     upper = [k for k in table if k > b]
-    if lower and upper:
+    if lower and upper and min(upper) <= span * max(lower):
         lo_k, hi_k = max(lower), min(upper)
         lo, hi = table[lo_k], table[hi_k]
         w = (b - lo_k) / (hi_k - lo_k)
-        return Estimate(lo.mean * (1 - w) + hi.mean * w, max(lo.var, hi.var), min(lo.n, hi.n))
-    if not extrapolate or not table:
+        context = lo.context * (1 - w) + hi.context * w
+        return Estimate(lo.mean * (1 - w) + hi.mean * w, max(lo.var, hi.var), min(lo.n, hi.n), context)
+    if not extrapolate or not table or (lower and upper):
         return None
     k = max(lower) if lower else min(upper)
     f = b / k if lower else max(b / k, 0.5)
     near = table[k]
-    return Estimate(near.mean * f, 4 * near.var * f * f, max(2, near.n))
+    return Estimate(near.mean * f, 4 * near.var * f * f, max(2, near.n), near.context * f)
 
 
 @dataclass
@@ -131,40 +150,60 @@ class CostModel:
     unmerge: Estimate | None = None
     merges: dict[int, Estimate] = field(default_factory=dict)  # rank -> seconds of a merge of that rank
     unmerges: dict[int, Estimate] = field(default_factory=dict)  # and of an unmerge
-    # Decayed sums of the overhead fit y = a·s + b·r (s segments, r rank-tokens per token).
-    _fit: list[float] = field(default_factory=lambda: [0.0] * 6)  # n, Σss, Σsr, Σrr, Σsy, Σry
+    # Decayed sums of the overhead fit y = a·s + b·r + κ·z (s segments, r rank-tokens per token,
+    # z the context beyond the base step's in millions over its seconds), n counting steps with LoRA.
+    _fit: list[float] = field(default_factory=lambda: [0.0] * _FIT_LEN)  # n Σss Σsr Σrr Σsy Σry Σsz Σrz Σzz Σzy
     _resid: Estimate | None = None  # of the fit's relative residual
     lora_steps: int = 0  # steps with LoRA observed
-    _coefficients: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
+    _coefficients: tuple[float, float, float] | None = field(default=None, init=False, repr=False, compare=False)
     # ``inferred | base``, made again only after ``observe_step`` added a bucket to either (none is
     # taken out; the estimates in it are the same objects, updated in place): every candidate
     # the policy prices, and every step it observes, looks a step up in it.
     _table: dict[int, Estimate] | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- observations ---------------------------------------------------------------------
-    def observe_step(self, tokens: int, seconds: float, segments: int = 0, rank_tokens: int = 0) -> None:
-        """One step's measured seconds, its ``tokens`` and the LoRA it ran (see the module doc)."""
+    def observe_step(
+        self, tokens: int, seconds: float, segments: int = 0, rank_tokens: int = 0, context: int = 0
+    ) -> None:
+        """One step's measured seconds, its ``tokens``, the LoRA it ran and the ``context`` tokens
+        its sequences attended (see the module doc)."""
         key = _bucket(tokens)
         if segments == 0:
-            if key not in self.base:
+            e = self.base.get(key)
+            if e is None:
+                self.base[key] = Estimate(seconds, context=context)
                 self._table = None
-            self.base[key] = _add(self.base.get(key), seconds)
+                return
+            # How far it lies from its size's mean, as its context does: κ's alone (no LoRA ran),
+            # undecayed (a merged epoch's steps would wash out what the fit knows of LoRA).
+            mean, z = e.mean, (context - e.context) * _MILLION / e.mean
+            y = e.add(seconds, context) / mean
+            f = self._fit
+            f[8] += z * z
+            f[9] += z * y
+            self._coefficients = None
             return
         if tokens <= 0:
             return
         self.lora_steps += 1
-        direct = _lookup(self.base, tokens, extrapolate=False)
-        if direct is not None:  # the fit learns only against measured base steps: never circular
-            y, s, r = seconds / direct.mean - 1.0, float(segments), rank_tokens / tokens
-            a, b = self.coefficients()
-            self._resid = _add(self._resid, y - a * s - b * r)
+        direct = _lookup(self.base, tokens, extrapolate=False, span=2.0)
+        # The fit learns only against measured base steps (never circular), of about its size: a
+        # step's time is not linear in tokens from one decode to a 256-token prefill, and the 8 %
+        # an interpolation between them was off, against an overhead of 1 %, read as LoRA's
+        # (0.014 a segment against a true 0.002-0.004: the H200 roofline at stride 32).
+        if direct is not None:
+            y = seconds / direct.mean - 1.0
+            s, r, z = float(segments), rank_tokens / tokens, (context - direct.context) * _MILLION / direct.mean
+            a, b, k = self._solved()
+            self._resid = _add(self._resid, y - a * s - b * r - k * z)
             d, f = _DECAY, self._fit
-            for i, v in enumerate((1.0, s * s, s * r, r * r, s * y, r * y)):
+            for i, v in enumerate((1.0, s * s, s * r, r * r, s * y, r * y, s * z, r * z, z * z, z * y)):
                 f[i] = d * f[i] + v
             self._coefficients = None
         if key not in self.inferred:
             self._table = None
-        self.inferred[key] = _add(self.inferred.get(key), seconds / self._mean_factor(tokens, segments, rank_tokens))
+        base = seconds / self._mean_factor(tokens, segments, rank_tokens)
+        self.inferred[key] = _add(self.inferred.get(key), base, context)
 
     def observe_switch(
         self, merge: float | None = None, unmerge: float | None = None, merge_rank: int = 0, unmerge_rank: int = 0
@@ -188,19 +227,44 @@ class CostModel:
         return self._fit[0] >= FIT_MIN or self.lora_steps >= EXPLORE_STEPS
 
     def coefficients(self) -> tuple[float, float]:
-        """(a, b) of the overhead fit: ridge towards (PRIOR_A, PRIOR_B). Solved again only after
-        the fit changed: every candidate step the policy prices asks for them."""
+        """(a, b) of the overhead fit: ridge towards (PRIOR_A, PRIOR_B)."""
+        return self._solved()[:2]
+
+    @property
+    def context_slope(self) -> float:
+        """Seconds a step takes per context token beyond those of the base steps it rests on (>= 0)."""
+        return self._solved()[2] * _MILLION
+
+    def _solved(self) -> tuple[float, float, float]:
+        """(a, b, κ), solved again only after the fit changed: every candidate step the policy
+        prices asks for them."""
         if self._coefficients is None:
             self._coefficients = self._solve()
         return self._coefficients
 
-    def _solve(self) -> tuple[float, float]:
-        _, ss, sr, rr, sy, ry = self._fit
-        m11, m12, m22 = ss + _RIDGE, sr, rr + _RIDGE
+    def _solve(self) -> tuple[float, float, float]:
+        """Ridge least squares towards (PRIOR_A, PRIOR_B, 0); κ taken as 0 where it comes out
+        below (a step cannot get cheaper for attending more)."""
+        _, ss, sr, rr, sy, ry, sz, rz, zz, zy = self._fit
+        m11, m22, m33 = ss + _RIDGE, rr + _RIDGE, zz + _RIDGE
         v1, v2 = sy + _RIDGE * PRIOR_A, ry + _RIDGE * PRIOR_B
-        det = m11 * m22 - m12 * m12
-        a, b = (m22 * v1 - m12 * v2) / det, (m11 * v2 - m12 * v1) / det
-        return max(a, 0.0), max(b, 0.0)
+        # Cramer's rule on the 3x3 normal equations (symmetric: m12 = sr, m13 = sz, m23 = rz).
+        det = m11 * (m22 * m33 - rz * rz) - sr * (sr * m33 - rz * sz) + sz * (sr * rz - m22 * sz)
+        k = (m11 * (m22 * zy - rz * v2) - sr * (sr * zy - rz * v1) + sz * (sr * v2 - m22 * v1)) / det
+        if k < 0:
+            k = 0.0
+        v1, v2 = v1 - sz * k, v2 - rz * k  # a and b given κ
+        det2 = m11 * m22 - sr * sr
+        a, b = (m22 * v1 - sr * v2) / det2, (m11 * v2 - sr * v1) / det2
+        return max(a, 0.0), max(b, 0.0), k
+
+    def _at(self, e: Estimate, context: int | None) -> float:
+        """Seconds of ``e``'s step at ``context`` tokens (None: its steps' mean context), never
+        below a tenth of its mean (a slope read off long contexts, priced at a short one)."""
+        if context is None:
+            return e.mean
+        slope = self.context_slope
+        return e.mean if not slope else max(e.mean + slope * (context - e.context), 0.1 * e.mean)
 
     def overhead(self, segments: int, rank_tokens_per_token: float) -> float:
         """Step time with that LoRA over the base step's, minus one."""
@@ -214,15 +278,19 @@ class CostModel:
         """Which base estimate a step of ``tokens`` tokens rests on."""
         return _bucket(tokens)
 
-    def base_estimate(self, tokens: int) -> Estimate | None:
-        """Seconds of a base step of ``tokens`` tokens; None before any measurement. Measured
-        steps without LoRA first, inferred ones where none ran at that size."""
+    def base_estimate(self, tokens: int, context: int | None = None) -> Estimate | None:
+        """Seconds of a base step of ``tokens`` tokens attending ``context`` tokens (None: as many
+        as the steps measured at that size did); None before any measurement. Measured steps
+        without LoRA first, inferred ones where none ran at that size."""
         if self._table is None:
             self._table = self.inferred | self.base
-        return _lookup(self._table, tokens, extrapolate=True)
+        e = _lookup(self._table, tokens, extrapolate=True)
+        if e is None or context is None:
+            return e
+        return Estimate(self._at(e, context), e.var, e.n, context)
 
-    def base_seconds(self, tokens: int) -> float | None:
-        e = self.base_estimate(tokens)
+    def base_seconds(self, tokens: int, context: int | None = None) -> float | None:
+        e = self.base_estimate(tokens, context)
         return None if e is None else e.mean
 
     def factor(self, tokens: int, segments: int = 0, rank_tokens: int = 0) -> tuple[float, float]:
@@ -237,14 +305,17 @@ class CostModel:
         """``factor``'s mean alone (its error is a square root and more, on every step priced)."""
         return 1.0 if segments == 0 or tokens <= 0 else 1.0 + self.overhead(segments, rank_tokens / tokens)
 
-    def step_seconds(self, tokens: int, segments: int = 0, rank_tokens: int = 0) -> float | None:
-        """Estimated seconds of a step of ``tokens`` tokens running that LoRA; None before any
-        base step was measured. (``base_estimate`` inlined: the policy asks at every step it
-        observes, a million times in a simulated hour.)"""
+    def step_seconds(
+        self, tokens: int, segments: int = 0, rank_tokens: int = 0, context: int | None = None
+    ) -> float | None:
+        """Estimated seconds of a step of ``tokens`` tokens running that LoRA, attending ``context``
+        tokens (None: as many as measured steps of that size did); None before any base step was
+        measured. (``base_estimate`` inlined: the policy asks at every step it observes, a
+        million times in a simulated hour.)"""
         if self._table is None:
             self._table = self.inferred | self.base
         base = _lookup(self._table, tokens, extrapolate=True)
-        return None if base is None else base.mean * self._mean_factor(tokens, segments, rank_tokens)
+        return None if base is None else self._at(base, context) * self._mean_factor(tokens, segments, rank_tokens)
 
     @property
     def merge_seconds(self) -> float | None:
@@ -287,8 +358,8 @@ class CostModel:
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
         """From ``to_dict``; a checkpoint of another shape (an older release's) starts afresh."""
         try:
-            fit = [float(x) for x in d.get("fit", [0.0] * 6)]
-            if len(fit) != 6:
+            fit = [float(x) for x in d.get("fit", [0.0] * _FIT_LEN)]
+            if len(fit) != _FIT_LEN:  # (an older one's base steps know no context)
                 return cls()
             return cls(
                 base={int(k): Estimate.from_list(v) for k, v in d.get("base", {}).items()},

@@ -244,8 +244,8 @@ class DLoraPolicy(Policy):
 
     def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
         """``c`` with its price (of what one step of it feeds); unpriced before a base step was measured."""
-        tokens, segments, rank_tokens = step_work(c.run, c.merged, self.ranks, merged_now)
-        base = self.costs.base_estimate(tokens)
+        tokens, segments, rank_tokens, context = step_work(c.run, c.merged, self.ranks, merged_now)
+        base = self.costs.base_estimate(tokens, context)
         if base is None or tokens == 0:
             return c
         factor, factor_std = self.costs.factor(tokens, segments, rank_tokens)
@@ -301,7 +301,8 @@ class DLoraPolicy(Policy):
         H200 before its kernels were tuned). A trial here: a rank-512 merge of 1.6 s for one
         8-token request, against 47 ms steps, paused every stream, and again for the next adapter.
         Yes while the switch or F's base step was never measured."""
-        base = self.costs.base_seconds(step_work(f_run, None, self.ranks, merged_now)[0])
+        tokens, _, _, context = step_work(f_run, None, self.ranks, merged_now)
+        base = self.costs.base_seconds(tokens, context)
         switch = self._round_trip(target)
         return base is None or not switch or self.merged_epoch_steps * 2 * base > switch
 
@@ -317,10 +318,10 @@ class DLoraPolicy(Policy):
         the merge would make it compute again takes longer merged, and serves no more. Before both
         modes are measured, the count rule alone decides.
         """
-        f_tokens, seg, rank_tokens = step_work(f_run, None, self.ranks, merged_now)
+        f_tokens, seg, rank_tokens, f_context = step_work(f_run, None, self.ranks, merged_now)
         g_tokens = sum(r.fed(r.adapter, merged_now) for r in group)
-        unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens)
-        merged = self.costs.step_seconds(g_tokens)
+        unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens, f_context)
+        merged = self.costs.step_seconds(g_tokens, context=sum(r.context for r in group))
         f_work, g_work = sum(r.work for r in f_run), sum(r.work for r in group)
         if unmerged is None or merged is None or not f_work or not g_work:
             return True
@@ -334,18 +335,21 @@ class DLoraPolicy(Policy):
     def observe_repeated(self, decision: StepDecision, record: StepRecord, seconds: list[float]) -> None:
         basis = decision.basis
         if not isinstance(basis, Basis):  # decided elsewhere: its times teach, its batch moves no credit
-            for t in seconds:
-                self._learn(record, t)
+            for i, t in enumerate(seconds):
+                self._learn(record, t, i)
             return
         facts = facts_of(basis, record, self.ranks)
-        for t in seconds:
-            self._learn(record, t, basis.merged_now)
+        for i, t in enumerate(seconds):
+            self._learn(record, t, i, basis.merged_now)
             self._move_credits(facts, t)
             self._account(basis, record, facts, t)
 
-    def _learn(self, record: StepRecord, seconds: float, merged_before: str | None = None) -> None:
-        """``merged_before``: the adapter merged before the step (what an unmerge took out; None: not known)."""
-        self.costs.observe_step(record.num_tokens, seconds, record.lora_segments, record.lora_rank_tokens)
+    def _learn(self, record: StepRecord, seconds: float, repeat: int = 0, merged_before: str | None = None) -> None:
+        """The ``repeat``-th run of ``record``'s step (decodes: one more context token a request
+        each time); ``merged_before``: the adapter merged before the step (what an unmerge took
+        out; None: not known)."""
+        context = record.context_tokens + repeat * len(record.request_ids)
+        self.costs.observe_step(record.num_tokens, seconds, record.lora_segments, record.lora_rank_tokens, context)
         if record.merge_seconds or record.unmerge_seconds:  # a repeated step's are 0
             ranks = (self.ranks.get(record.merged or "", 0), self.ranks.get(merged_before or "", 0))
             self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None, *ranks)
@@ -392,7 +396,7 @@ class DLoraPolicy(Policy):
             fresh = [r for r in basis.best_group if r.request_id not in epoch.cf_prefilled]
             tokens = len(basis.best_group) - len(fresh) + sum(r.fed(basis.best, basis.merged_now) for r in fresh)
             epoch.cf_prefilled.update(r.request_id for r in fresh)
-            cf = self.costs.step_seconds(tokens)
+            cf = self.costs.step_seconds(tokens, context=sum(r.context for r in basis.best_group))
             if cf is not None:
                 cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
                 if basis.best != epoch.cf_adapter:

@@ -39,7 +39,7 @@ class Facts:
     payers: dict[str, float]  # who pays it, by share
     served: int  # tokens of work it served (``QueuedRequest.work``)
     slowdown: float  # 1 + its FCFS requests left waiting over those it ran
-    cf: tuple[int, int, int] | None  # a merged step's counterfactual: the FCFS batch unmerged (``step_work``)
+    cf: tuple[int, int, int, int] | None  # a merged step's counterfactual: the FCFS batch unmerged (``step_work``)
     cf_work: int  # that batch's tokens of work
     transfers: bool  # whether ``CreditLedger.transfer`` moves credit for it (someone displaced, someone pays)
     cf_others: int  # an unmerged step's counterfactual: FCFS requests not of the adapter it would merge
@@ -63,15 +63,16 @@ def key_of(adapter: str | None) -> str:
 
 def step_work(
     batch: list[QueuedRequest], merged: str | None, ranks: dict[str, int], merged_now: str | None
-) -> tuple[int, int, int]:
-    """(tokens, LoRA segments, rank-tokens) of a step running ``batch`` with ``merged`` merged
-    (``lora_work``), ``merged_now`` being merged now: a prompt feeds what the prefix cache does not
-    hold under the key of the step's merged state (``QueuedRequest.fed``)."""
+) -> tuple[int, int, int, int]:
+    """(tokens, LoRA segments, rank-tokens, context tokens) of a step running ``batch`` with
+    ``merged`` merged (``lora_work``), ``merged_now`` being merged now: a prompt feeds what the
+    prefix cache does not hold under the key of the step's merged state (``QueuedRequest.fed``),
+    and attends its whole length either way. The arguments of ``CostModel.step_seconds``."""
     fed = [(r.adapter, r.fed(merged, merged_now)) for r in batch]
     known = {r.adapter: r.rank for r in batch if r.adapter is not None}  # what lora_work reads: not all of ranks
     if merged is not None and merged not in known:
         known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
-    return sum(n for _, n in fed), *lora_work(fed, merged, known)
+    return sum(n for _, n in fed), *lora_work(fed, merged, known), sum(r.context for r in batch)
 
 
 def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
