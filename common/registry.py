@@ -22,7 +22,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Callable, Set
+from collections.abc import Awaitable, Callable, Set
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -154,20 +154,23 @@ class AdapterRegistry(Durable):
         whose bucket was not open (a review); each merge (``restore``) now finishes it. Each copy
         of the registration is deleted only while it is the one read."""
         kv = await self.kv()
-        # (read together: each is a round trip, and a busy gateway's loop makes each wait its turn)
-        cached, durable = await asyncio.gather(self.store.get_adapter(name), _durable_entry(kv, name))
+        # Four round trips in a row (a busy gateway's loop makes each wait its turn): the two
+        # registrations read together, the two removal records written together, the bucket's
+        # registration deleted at the revision read (a registration made since has another), and
+        # Redis's deleted and its version retired in one script.
+        cached, (durable, revision) = await asyncio.gather(self.store.get_adapter(name), _durable_entry(kv, name))
         held = [e for e in (cached, durable) if e is not None]
         if not held:
             return False
         entry = max(held, key=lambda e: e.created)
         removal = AdapterRemoval(**msgspec.structs.asdict(entry), removed=time.time())
-        await self.store.put_removal(removal)
-        removed = False
+        records: list[Awaitable[object]] = [self.store.put_removal(removal)]
         if kv is not None:
-            await kv.put(f"removed.{name}", _encode.encode(removal))
-            removed = durable is not None and await _delete_current(kv, name, durable)
+            records.append(kv.put(f"removed.{name}", _encode.encode(removal)))
+        await asyncio.gather(*records)
+        removed = kv is not None and durable is not None and await _delete_at(kv, f"current.{name}", revision)
         if cached is not None:  # Redis's answer decides, where it held one
-            removed = await self.store.delete_adapter(name, only=cached)
+            return await self.store.delete_adapter(name, only=cached, retire=(entry.version, time.time()))
         if removed:
             await self.store.retire_version(name, entry.version, time.time())
         return removed
@@ -326,14 +329,15 @@ async def purge(nc: NATS, prefix: str) -> None:
         await nc.jetstream().delete_key_value(bucket_name(prefix))
 
 
-async def _durable_entry(kv: KeyValue | None, name: str) -> AdapterEntry | None:
-    """The bucket's registration of ``name`` (None: none, or no bucket)."""
+async def _durable_entry(kv: KeyValue | None, name: str) -> tuple[AdapterEntry | None, int]:
+    """The bucket's registration of ``name`` and its revision ((None, 0): none, or no bucket)."""
     if kv is None:
-        return None
+        return None, 0
     with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
-        if value := (await kv.get(f"current.{name}")).value:
-            return _decode.decode(value)
-    return None
+        held = await kv.get(f"current.{name}")
+        if held.value:
+            return _decode.decode(held.value), held.revision or 0
+    return None, 0
 
 
 async def _sync_current(kv: KeyValue, store: StateStore, name: str) -> None:
@@ -366,8 +370,13 @@ async def _delete_current(kv: KeyValue, name: str, entry: AdapterEntry) -> bool:
         return False
     if not held.value or _decode.decode(held.value) != entry:
         return False
+    return await _delete_at(kv, key, held.revision or 0)
+
+
+async def _delete_at(kv: KeyValue, key: str, revision: int) -> bool:
+    """Delete ``key`` while its revision is ``revision``; whether it was deleted."""
     try:
-        return await kv.delete(key, last=held.revision)
+        return await kv.delete(key, last=revision)
     except KeyWrongLastSequenceError:
         return False
     except BadRequestError as e:  # nats-py's delete passes the server's "wrong last sequence" on as is

@@ -177,14 +177,21 @@ class StateStore:
         raw = await self.r.hgetall(f"{self.p}:adapters")
         return sorted((msgspec.json.decode(v, type=AdapterEntry) for v in raw.values()), key=lambda e: e.name)
 
-    async def delete_adapter(self, name: str, only: AdapterEntry | None = None) -> bool:
+    async def delete_adapter(
+        self, name: str, only: AdapterEntry | None = None, retire: tuple[str, float] | None = None
+    ) -> bool:
         """Unregister ``name``; with ``only``, only while the registration is that one (its
         ``created`` and version, checked in the same script: an entry an older dlora wrote lacks
-        later fields, so its bytes are not ours). True if it was deleted."""
+        later fields, so its bytes are not ours), and then, with ``retire`` (version, Unix
+        seconds), that version retired in the same script (``retire_version``). True if it was
+        deleted."""
         if only is None:
             return bool(await self.r.hdel(f"{self.p}:adapters", name))
-        args = [name, repr(only.created), only.version]
-        return bool(await self._delete_if(keys=[f"{self.p}:adapters"], args=args))
+        keys, args = [f"{self.p}:adapters"], [name, repr(only.created), only.version]
+        if retire is not None:
+            keys.append(f"{self.p}:adapter-versions-retired")
+            args += [repr(retire[1]), f"{name}@{retire[0]}"]
+        return bool(await self._delete_if(keys=keys, args=args))
 
     async def put_removal(self, removal: AdapterRemoval) -> None:
         await self.r.hset(f"{self.p}:adapter-removals", removal.name, msgspec.json.encode(removal))

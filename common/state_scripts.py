@@ -48,9 +48,10 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 return {1, old or ''}
 """
 
-# KEYS: the registry hash. ARGV: name, created (a float's repr), version. Deletes the name's
-# registration only while it is that one (a restore dropping a registration removed since its
-# snapshot must not drop one registered again meanwhile). Returns 1 if deleted.
+# KEYS: the registry hash [, the retired versions' set]. ARGV: name, created (a float's repr),
+# version [, retired at (Unix seconds), the retired member]. Deletes the name's registration only
+# while it is that one (a restore dropping a registration removed since its snapshot must not drop
+# one registered again meanwhile), and then retires the version given. Returns 1 if deleted.
 _DELETE_IF_LUA = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then
@@ -62,6 +63,9 @@ if type(version) ~= 'string' then
   version = ''
 end
 if entry.created == tonumber(ARGV[2]) and version == ARGV[3] then
+  if KEYS[2] then
+    redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+  end
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0

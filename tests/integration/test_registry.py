@@ -153,7 +153,8 @@ async def test_a_redis_brought_back_from_an_older_snapshot_drops_the_registratio
         assert ("gone", "v1") in await store.retired(time.time() + 1)  # purged in its time, as removed ones are
         # a registration made between the restore's reading and its deleting is not dropped
         other = AdapterEntry(name="kept", path="/k2", rank=8, created=2.0, version="v2")
-        assert not await store.delete_adapter("kept", only=other)
+        assert not await store.delete_adapter("kept", only=other, retire=("v2", 5.0))
+        assert ("kept", "v2") not in await store.retired(10.0)  # not deleted: nothing retired either
         # an entry an older dlora wrote, without the fields added since, is matched all the same
         old = b'{"name":"kept","path":"/kept","rank":8,"created":1.0}'
         await redis.hset(f"{store.p}:adapters", "kept", old)
