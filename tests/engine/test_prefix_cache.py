@@ -232,3 +232,23 @@ def test_the_policy_sees_what_a_waiting_prompt_would_find_cached_under_each_merg
     engine.switch(None)
     (q,) = (q for q in engine.queue() if q.request_id == "third")
     assert (q.num_new, q.switched) == (rest, SwitchedFeeds(rest, rest, len(prompt)))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_each_step_reports_the_context_its_sequences_attend(tiny_llama: TinyOutput, async_scheduling: bool) -> None:
+    """What the policy's cost model learns a step's KV read from (``StepRecord.context_tokens``):
+    a prompt in chunks attends what it computed before and its chunk, a decode its whole length,
+    a prompt that finds its prefix cached the cached blocks and what it feeds."""
+    engine = make_engine(tiny_llama, block_size=4, max_num_batched_tokens=8, async_scheduling=async_scheduling)
+    steps: list[tuple[int, int]] = []
+    observe = engine.policy.observe
+    engine.policy.observe = lambda d, r: (steps.append((r.num_tokens, r.context_tokens)), observe(d, r))[1]  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for rid in ("first", "again"):  # the same 21-token prompt twice, one after the other
+        engine.add_request(rid, prompt_token_ids=SYSTEM, params=params)
+        while engine.has_unfinished():
+            engine.step()
+    # first: chunks of 8, 8, 5, then two decodes (async scheduling launches a third before it
+    # knows the request ended); again: 20 tokens (five blocks) found cached, 1 fed
+    decodes = [(1, 22), (1, 23), (1, 24)] if async_scheduling else [(1, 22), (1, 23)]
+    assert steps == [(8, 8), (8, 16), (5, 21), *decodes, (1, 21), *decodes]

@@ -292,17 +292,21 @@ def test_the_policy_sees_a_waiting_prompt_without_what_it_would_find_cached_unde
     q = queued([again], adapters, wide, {}, bm, key, "y")["b"]
     assert (q.num_new, q.fed(None, "y"), q.fed("x", "y"), q.fed("z", "y"), q.work) == (16, 8, 4, 16, 4)
     assert set(again.block_names) == {b"x|", b"x|x", b"x|y"}
+    # it attends the tokens found cached as well as those it feeds: 8 + 8 of its 16, 12 + 4 with x merged
+    assert (queued([again], adapters, wide, {}, bm, key, None)["b"].context, q.context) == (16, 16)
+    assert queued([again], adapters, wide, {}, bm, key, "x")["b"].context == 16
     tight = Limits(max_num_seqs=1, max_num_batched_tokens=6, max_adapters=2)
     both = queued([again, later], adapters, tight, {}, bm, key, None)
     assert (both["b"].num_new, both["b"].switched) == (6, SwitchedFeeds(6, 4, 6))  # within the budget
+    assert both["b"].context == 8 + 6  # cached 8, fed 6 of the other 8
     assert both["d"].switched is None  # one step runs one of x's prompts: d is not looked up
     assert queued([again], adapters, wide, {})["b"].num_new == 16  # no cache given: the whole prompt
 
 
 def test_the_policy_sees_each_request_s_context_refreshed_as_it_grows() -> None:
     """A request's context is what it would attend fed this step: a prompt its whole length up to
-    the budget (cached blocks are attended too), a decode all its tokens. A decode's entry is kept
-    (not made anew each step) until its context grew by 16 tokens and a sixteenth."""
+    the budget, a decode all its tokens. A decode's entry is kept (not made anew each step) while
+    its context grew by at most a sixteenth."""
     bm = BlockManager(num_blocks=256, block_size=4)
     adapters = {"x": SimpleNamespace(rank=8)}
     limits = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2)
@@ -314,5 +318,6 @@ def test_the_policy_sees_each_request_s_context_refreshed_as_it_grows() -> None:
         decode.output_ids.append(0)
         decode.num_cached += 1
         last = queued([prompt, decode], adapters, limits, last)
-        assert (last["d"] is first) == (grown < 16 + 320 // 16), grown
-    assert last["d"].context == 320 + 36
+        assert (last["d"] is first) == (320 + grown <= first.context + first.context // 16), grown
+        first = last["d"]
+    assert last["d"].context == 341  # made anew at 341 (past 320 + 20), kept up to 362

@@ -57,15 +57,15 @@ def queued(
     under), without the blocks it would find cached with ``merged`` merged as now, and under the
     other states (``SwitchedFeeds``): looked up only for each adapter's first ``max_num_seqs``
     waiting prompts, all that one step of any candidate can run. A request's entry in ``last``
-    (the previous call's) is kept while it is unchanged, its context grown by less than 16
-    tokens and a sixteenth: a decode's stays the same for many steps, and made anew it cost the
-    step a few microseconds per sequence, as much as scheduling it."""
+    (the previous call's) is kept while it is unchanged, its context grown by at most a
+    sixteenth: a decode's stays the same for many steps, and made anew it cost the step a few
+    microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
     budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
     for s in sorted(seqs, key=_by_arrival):
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
-        new, switched = min(s.num_new, budget), None
+        new, switched, found = min(s.num_new, budget), None, 0  # found: its tokens cached now, not held
         if (
             blocks is not None
             and cache_key is not None
@@ -75,14 +75,14 @@ def queued(
             looked[s.adapter] += 1
             fed = {m: s.num_new - _cached(s, blocks, cache_key(s.adapter, m)) for m in {None, s.adapter, merged}}
             if min(fed.values()) < s.num_new:
-                new = min(fed[merged], budget)
+                new, found = min(fed[merged], budget), s.num_new - fed[merged]
                 switched = SwitchedFeeds(min(fed[None], budget), min(fed[s.adapter], budget), min(s.num_new, budget))
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
-        context = s.num_cached + min(s.num_new, budget)  # a prompt attends its cached blocks too
+        context = s.num_cached + found + new  # what it attends fed ``new``: its cached tokens too
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
-            or not q.context <= context < q.context + 16 + q.context // 16
+            or not q.context <= context <= q.context + q.context // 16
         ):
             q = QueuedRequest(s.request_id, *fields, context)
         out[s.request_id] = q

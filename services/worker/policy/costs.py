@@ -36,13 +36,20 @@ _ALPHA = 0.2  # weight of the newest sample in the running means and variances
 _CLIP, _CLIP_AFTER, _CLIP_FLOOR = 3.0, 4, 0.1  # samples clipped to mean ± 3 std once 4 are in (Estimate)
 _DECAY = 0.98  # per observation, for the overhead fit
 _MILLION = 1e-6  # κ is in seconds per million context tokens: of the order of a and b's scale
-_FIT_LEN = 10  # the fit's sums (``CostModel._fit``)
+# Per base step, for what base steps teach κ: kept apart from the LoRA steps' sums, which decay
+# per step with LoRA (on a replica that mostly runs LoRA they would keep ~50 steps of it, and κ
+# read 15-50x low in a review's cluster run).
+_BASE_DECAY = 0.998
+_FIT_LEN = 12  # the fit's sums (``CostModel._fit``)
 # Until the fit has seen enough: a few percent per adapter, and per 16 of rank on every token.
 PRIOR_A, PRIOR_B = 0.05, 0.02 / 16
 # How strongly the fit is pulled to the prior (the ridge penalty on each coefficient's distance
 # from it; rank-tokens per token run 8-64, so the prior on b yields after a few observations, the
 # one on a after a few more).
 _RIDGE = 1.0
+# And κ to 0, weakly: its regressor is small where contexts differ little (a decode batch grows a
+# few tokens a step: z ~ 0.01-0.05), and at _RIDGE it read a third of the truth there.
+_RIDGE_CONTEXT = 0.01
 FIT_MIN = 8.0  # observations the fit needs before the policy prices LoRA by it ...
 EXPLORE_STEPS = 96  # ... or steps with LoRA seen, after which the fit (and its prior) must do
 
@@ -73,7 +80,11 @@ class Estimate:
 
     def add(self, x: float, context: float = 0.0) -> float:
         """Take in ``x`` (of a step attending ``context`` tokens); its deviation from the mean
-        before, as clipped."""
+        before, as clipped. The mean context moves by the share of its own deviation that the
+        time's clipped deviation is of the time's: a bucket whose contexts jump keeps its mean
+        the time at its mean context (a review: the time held back by the clip, the context not,
+        and the pair priced a 16k-token step at 5.3 ms against a true 6.9)."""
+        raw = x - self.mean
         if self.n >= _CLIP_AFTER:  # std is sqrt(var) past the first sample
             # max and min written out: a simulated hour adds a million samples
             spread, floor = _CLIP * math.sqrt(self.var), _CLIP_FLOOR * abs(self.mean)
@@ -85,7 +96,7 @@ class Estimate:
         d = x - self.mean
         self.mean += _ALPHA * d
         self.var = (1 - _ALPHA) * (self.var + _ALPHA * d * d)
-        self.context += _ALPHA * (context - self.context)
+        self.context += _ALPHA * (context - self.context) * (d / raw if raw else 1.0)
         self.n += 1
         return d
 
@@ -151,8 +162,9 @@ class CostModel:
     merges: dict[int, Estimate] = field(default_factory=dict)  # rank -> seconds of a merge of that rank
     unmerges: dict[int, Estimate] = field(default_factory=dict)  # and of an unmerge
     # Decayed sums of the overhead fit y = a·s + b·r + κ·z (s segments, r rank-tokens per token,
-    # z the context beyond the base step's in millions over its seconds), n counting steps with LoRA.
-    _fit: list[float] = field(default_factory=lambda: [0.0] * _FIT_LEN)  # n Σss Σsr Σrr Σsy Σry Σsz Σrz Σzz Σzy
+    # z the context beyond the base step's in millions over its seconds), n counting steps with
+    # LoRA; then the base steps' Σzz and Σzy (with s = r = 0: κ's alone).
+    _fit: list[float] = field(default_factory=lambda: [0.0] * _FIT_LEN)  # n Σss Σsr Σrr Σsy Σry Σsz Σrz Σzz Σzy + 2
     _resid: Estimate | None = None  # of the fit's relative residual
     lora_steps: int = 0  # steps with LoRA observed
     _coefficients: tuple[float, float, float] | None = field(default=None, init=False, repr=False, compare=False)
@@ -174,14 +186,17 @@ class CostModel:
                 self.base[key] = Estimate(seconds, context=context)
                 self._table = None
                 return
-            # How far it lies from its size's mean, as its context does: κ's alone (no LoRA ran),
-            # undecayed (a merged epoch's steps would wash out what the fit knows of LoRA).
-            mean, z = e.mean, (context - e.context) * _MILLION / e.mean
-            y = e.add(seconds, context) / mean
-            f = self._fit
-            f[8] += z * z
-            f[9] += z * y
-            self._coefficients = None
+            # How far it lies from its size's mean, as its context does (as far as a clip let it).
+            # Only where the size is its exact token count: a power-of-two bucket holds steps up
+            # to twice as long, whose contexts grow with the tokens fed, and κ took in their cost.
+            mean, dx, raw = e.mean, context - e.context, seconds - e.mean
+            d = e.add(seconds, context)
+            if tokens <= EXACT_TOKENS:
+                z, y = dx * (d / raw if raw else 1.0) * _MILLION / mean, d / mean
+                f = self._fit
+                f[10] = _BASE_DECAY * f[10] + z * z
+                f[11] = _BASE_DECAY * f[11] + z * y
+                self._coefficients = None
             return
         if tokens <= 0:
             return
@@ -193,7 +208,8 @@ class CostModel:
         # (0.014 a segment against a true 0.002-0.004: the H200 roofline at stride 32).
         if direct is not None:
             y = seconds / direct.mean - 1.0
-            s, r, z = float(segments), rank_tokens / tokens, (context - direct.context) * _MILLION / direct.mean
+            s, r = float(segments), rank_tokens / tokens
+            z = (context - direct.context) * _MILLION / direct.mean if tokens <= EXACT_TOKENS else 0.0  # (as above)
             a, b, k = self._solved()
             self._resid = _add(self._resid, y - a * s - b * r - k * z)
             d, f = _DECAY, self._fit
@@ -245,8 +261,9 @@ class CostModel:
     def _solve(self) -> tuple[float, float, float]:
         """Ridge least squares towards (PRIOR_A, PRIOR_B, 0); κ taken as 0 where it comes out
         below (a step cannot get cheaper for attending more)."""
-        _, ss, sr, rr, sy, ry, sz, rz, zz, zy = self._fit
-        m11, m22, m33 = ss + _RIDGE, rr + _RIDGE, zz + _RIDGE
+        _, ss, sr, rr, sy, ry, sz, rz, zz, zy, base_zz, base_zy = self._fit
+        zz, zy = zz + base_zz, zy + base_zy
+        m11, m22, m33 = ss + _RIDGE, rr + _RIDGE, zz + _RIDGE_CONTEXT
         v1, v2 = sy + _RIDGE * PRIOR_A, ry + _RIDGE * PRIOR_B
         # Cramer's rule on the 3x3 normal equations (symmetric: m12 = sr, m13 = sz, m23 = rz).
         det = m11 * (m22 * m33 - rz * rz) - sr * (sr * m33 - rz * sz) + sz * (sr * rz - m22 * sz)
@@ -258,13 +275,16 @@ class CostModel:
         a, b = (m22 * v1 - sr * v2) / det2, (m11 * v2 - sr * v1) / det2
         return max(a, 0.0), max(b, 0.0), k
 
-    def _at(self, e: Estimate, context: int | None) -> float:
-        """Seconds of ``e``'s step at ``context`` tokens (None: its steps' mean context), never
-        below a tenth of its mean (a slope read off long contexts, priced at a short one)."""
+    def at_context(self, e: Estimate, context: int | None, factor: float = 1.0) -> float:
+        """Seconds of ``e``'s step times the LoRA ``factor``, at ``context`` tokens (None: its
+        steps' mean context): the context's seconds added, as fitted (y = o + κ·z, not (1 + o)
+        times them); never below a tenth of the step at its mean context (a slope read off long
+        contexts, priced at a short one)."""
+        seconds = e.mean * factor
         if context is None:
-            return e.mean
+            return seconds
         slope = self.context_slope
-        return e.mean if not slope else max(e.mean + slope * (context - e.context), 0.1 * e.mean)
+        return seconds if not slope else max(seconds + slope * (context - e.context), 0.1 * seconds)
 
     def overhead(self, segments: int, rank_tokens_per_token: float) -> float:
         """Step time with that LoRA over the base step's, minus one."""
@@ -287,7 +307,7 @@ class CostModel:
         e = _lookup(self._table, tokens, extrapolate=True)
         if e is None or context is None:
             return e
-        return Estimate(self._at(e, context), e.var, e.n, context)
+        return Estimate(self.at_context(e, context), e.var, e.n, context)
 
     def base_seconds(self, tokens: int, context: int | None = None) -> float | None:
         e = self.base_estimate(tokens, context)
@@ -315,7 +335,9 @@ class CostModel:
         if self._table is None:
             self._table = self.inferred | self.base
         base = _lookup(self._table, tokens, extrapolate=True)
-        return None if base is None else self._at(base, context) * self._mean_factor(tokens, segments, rank_tokens)
+        if base is None:
+            return None
+        return self.at_context(base, context, self._mean_factor(tokens, segments, rank_tokens))
 
     @property
     def merge_seconds(self) -> float | None:

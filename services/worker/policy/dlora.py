@@ -245,11 +245,11 @@ class DLoraPolicy(Policy):
     def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
         """``c`` with its price (of what one step of it feeds); unpriced before a base step was measured."""
         tokens, segments, rank_tokens, context = step_work(c.run, c.merged, self.ranks, merged_now)
-        base = self.costs.base_estimate(tokens, context)
+        base = self.costs.base_estimate(tokens)
         if base is None or tokens == 0:
             return c
         factor, factor_std = self.costs.factor(tokens, segments, rank_tokens)
-        seconds = total = base.mean * factor
+        seconds = total = self.costs.at_context(base, context, factor)
         base_var, other_var = (base.sem * factor) ** 2, (base.mean * factor_std) ** 2
         if c.merged != merged_now:
             switch, switch_std = self._switch(c.merged, merged_now)
