@@ -178,3 +178,22 @@ def test_the_fit_compares_a_step_only_with_base_steps_of_about_its_size() -> Non
     m.observe_step(32, 0.007)
     m.observe_step(24, 0.0075, 4, 24 * 16)
     assert m._fit[0] == 1
+
+
+def test_a_step_above_the_exact_sizes_pays_its_context_once() -> None:
+    """128-token steps: base ones attend ~15k tokens, unmerged ones ~120k; 8-token base steps
+    teach the context's slope. The unmerged step's extra KV read is the slope's, not LoRA's (a
+    review: it was fitted into a and b as well, and a 128-token step priced 29.5 ms against 18.8)."""
+    from dlora.sim.cost import H200, StepShape
+
+    def seconds(k: int, context: int, segments: int = 0) -> float:
+        return H200.step_seconds(StepShape(k, 0, context, segments, 16 * k if segments else 0))
+
+    rng = random.Random(0)
+    m = CostModel()
+    for _ in range(400):
+        for k, per_request in ((8, rng.randint(100, 1500)), (128, rng.randint(100, 140))):
+            m.observe_step(k, seconds(k, k * per_request), context=k * per_request)
+        long, segments = 128 * rng.randint(900, 1000), rng.randint(4, 16)
+        m.observe_step(128, seconds(128, long, segments), segments, 16 * 128, context=long)
+    assert m.step_seconds(128, 10, 16 * 128, 120_000) == pytest.approx(seconds(128, 120_000, 10), rel=0.02)

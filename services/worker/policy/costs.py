@@ -13,8 +13,10 @@
   unmerged-only (issue 21's ablation).
 - **LoRA overhead** as a fraction of the base step, ``a · segments + b · rank_tokens / tokens``
   (and the context's, ``κ · Δcontext / base``: a step attending more than the base steps it is
-  compared with, κ seconds per million context tokens more; base steps themselves teach κ by how
-  far each lies from its size's mean as its context does):
+  compared with, κ seconds per million context tokens more, added to the step's seconds, not
+  multiplied by its LoRA; base steps themselves teach κ by how far each lies from its size's
+  mean as its context does; only sizes of ``EXACT_TOKENS`` or fewer teach it, whose steps all
+  feed as many tokens):
   ``segments`` counts the distinct adapters whose deltas ran (a fixed cost per adapter and layer:
   launches, and reading its weights), ``rank_tokens`` sums over tokens the ranks their deltas ran
   at (the FLOPs). The same formula prices unmerged and mixed steps: a mixed step's merged
@@ -208,10 +210,11 @@ class CostModel:
         # (0.014 a segment against a true 0.002-0.004: the H200 roofline at stride 32).
         if direct is not None:
             y = seconds / direct.mean - 1.0
-            s, r = float(segments), rank_tokens / tokens
-            z = (context - direct.context) * _MILLION / direct.mean if tokens <= EXACT_TOKENS else 0.0  # (as above)
+            s, r, z = float(segments), rank_tokens / tokens, (context - direct.context) * _MILLION / direct.mean
             a, b, k = self._solved()
             self._resid = _add(self._resid, y - a * s - b * r - k * z)
+            if tokens > EXACT_TOKENS:  # (as above) κ as known: the context's share taken out, not taught
+                y, z = y - k * z, 0.0
             d, f = _DECAY, self._fit
             for i, v in enumerate((1.0, s * s, s * r, r * r, s * y, r * y, s * z, r * z, z * z, z * y)):
                 f[i] = d * f[i] + v
