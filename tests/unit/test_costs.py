@@ -103,30 +103,31 @@ def test_the_overhead_fit_is_not_fooled_by_longer_contexts() -> None:
     difference at 0.02 a segment against a true 0.004 (issue 21's ablation: dLoRA 18 % slower
     than unmerged-only); priced by context it must read within twice the truth, the context's
     slope within a fifth of the profile's, and price an unmerged step within 5 %."""
-    from dlora.sim.cost import H200, StepShape
-
-    def seconds(k: int, context: int, segments: int = 0) -> float:
-        return H200.step_seconds(StepShape(k, 0, context, segments, 16 * k if segments else 0))
-
     rng = random.Random(0)
     m = CostModel()
     for round_ in range(40):
         for k in range(4, 13):
             short = k * (100 + 5 * round_)  # a merged epoch's requests, decoding
-            m.observe_step(k, seconds(k, short), context=short)
+            m.observe_step(k, _h200(k, short), context=short)
             long, segments = k * rng.randint(600, 1200), rng.randint(1, k)
-            m.observe_step(k, seconds(k, long, segments), segments, 16 * k, context=long)
+            m.observe_step(k, _h200(k, long, segments), segments, 16 * k, context=long)
     a, _ = m.coefficients()
-    assert a <= 2 * max((seconds(k, k * 900, k) / seconds(k, k * 900) - 1) / k for k in range(4, 13))
+    assert a <= 2 * max((_h200(k, k * 900, k) / _h200(k, k * 900) - 1) / k for k in range(4, 13))
     assert m.context_slope == pytest.approx(_h200_slope(), rel=0.2)
-    assert m.step_seconds(8, 8, 16 * 8, 8 * 900) == pytest.approx(seconds(8, 8 * 900, 8), rel=0.01)
+    assert m.step_seconds(8, 8, 16 * 8, 8 * 900) == pytest.approx(_h200(8, 8 * 900, 8), rel=0.01)
+
+
+def _h200(k: int, context: int, segments: int = 0) -> float:
+    """Seconds of a decode step of ``k`` tokens attending ``context`` under the H200 roofline,
+    with ``segments`` rank-16 adapters unmerged."""
+    from dlora.sim.cost import H200, StepShape
+
+    return H200.step_seconds(StepShape(k, 0, context, segments, 16 * k if segments else 0))
 
 
 def _h200_slope() -> float:
     """The H200 roofline's seconds a context token (its KV read, 0.5 MiB at 7B)."""
-    from dlora.sim.cost import H200, StepShape
-
-    return (H200.step_seconds(StepShape(8, 0, 10_000, 0, 0)) - H200.step_seconds(StepShape(8, 0, 0, 0, 0))) / 10_000
+    return (_h200(8, 10_000) - _h200(8, 0)) / 10_000
 
 
 def test_the_context_slope_is_learned_where_contexts_hardly_differ_and_not_from_prefills() -> None:
@@ -134,29 +135,26 @@ def test_the_context_slope_is_learned_where_contexts_hardly_differ_and_not_from_
     contexts differ from the base steps' by a few tokens), and a bucket whose contexts jump keeps
     its mean the time at its mean context (a clipped time once moved less than its context). A
     power-of-two bucket's steps differ in tokens, not only context: they teach it nothing."""
-    from dlora.sim.cost import H200, StepShape
-
-    def seconds(k: int, context: int, segments: int = 0) -> float:
-        return H200.step_seconds(StepShape(k, 0, context, segments, 16 * k if segments else 0))
-
     rng = random.Random(1)
     m = CostModel()
     for round_ in range(40):
         for k in range(4, 13):
             short = k * (100 + 5 * round_)
-            m.observe_step(k, seconds(k, short), context=short)
+            m.observe_step(k, _h200(k, short), context=short)
             for _ in range(15):
                 near, segments = short + k * rng.randint(0, 40), rng.randint(1, k)
-                m.observe_step(k, seconds(k, near, segments), segments, 16 * k, context=near)
+                m.observe_step(k, _h200(k, near, segments), segments, 16 * k, context=near)
     assert m.context_slope == pytest.approx(_h200_slope(), rel=0.1)
 
     jumps = CostModel()
     for i in range(300):
         context = 800 if (i // 30) % 2 == 0 else 16_000
-        jumps.observe_step(8, seconds(8, context), context=context)
+        jumps.observe_step(8, _h200(8, context), context=context)
         e = jumps.base[8]
-        assert e.mean == pytest.approx(seconds(8, round(e.context)), rel=0.01), i
+        assert e.mean == pytest.approx(_h200(8, round(e.context)), rel=0.01), i
     assert jumps.context_slope == pytest.approx(_h200_slope(), rel=0.1)
+
+    from dlora.sim.cost import H200, StepShape
 
     prefills = CostModel()
     for _ in range(1000):
@@ -184,16 +182,11 @@ def test_a_step_above_the_exact_sizes_pays_its_context_once() -> None:
     """128-token steps: base ones attend ~15k tokens, unmerged ones ~120k; 8-token base steps
     teach the context's slope. The unmerged step's extra KV read is the slope's, not LoRA's (a
     review: it was fitted into a and b as well, and a 128-token step priced 29.5 ms against 18.8)."""
-    from dlora.sim.cost import H200, StepShape
-
-    def seconds(k: int, context: int, segments: int = 0) -> float:
-        return H200.step_seconds(StepShape(k, 0, context, segments, 16 * k if segments else 0))
-
     rng = random.Random(0)
     m = CostModel()
     for _ in range(400):
         for k, per_request in ((8, rng.randint(100, 1500)), (128, rng.randint(100, 140))):
-            m.observe_step(k, seconds(k, k * per_request), context=k * per_request)
+            m.observe_step(k, _h200(k, k * per_request), context=k * per_request)
         long, segments = 128 * rng.randint(900, 1000), rng.randint(4, 16)
-        m.observe_step(128, seconds(128, long, segments), segments, 16 * 128, context=long)
-    assert m.step_seconds(128, 10, 16 * 128, 120_000) == pytest.approx(seconds(128, 120_000, 10), rel=0.02)
+        m.observe_step(128, _h200(128, long, segments), segments, 16 * 128, context=long)
+    assert m.step_seconds(128, 10, 16 * 128, 120_000) == pytest.approx(_h200(128, 120_000, 10), rel=0.02)
