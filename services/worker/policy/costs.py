@@ -152,6 +152,30 @@ def _lookup(table: dict[int, Estimate], tokens: int, extrapolate: bool, span: fl
     return Estimate(near.mean * f, 4 * near.var * f * f, max(2, near.n), near.context * f)
 
 
+_SUBSETS = ((0, 1), (0, 2), (1, 2), (0,), (1,), (2,), ())
+
+
+def _solve_on(m: list[list[float]], v: list[float], free: tuple[int, ...]) -> list[float]:
+    """The solution of m·x = v over the coordinates in ``free`` (m symmetric, positive definite),
+    the others 0: Cramer's rule on the 1x1, 2x2 or 3x3 system."""
+    x = [0.0, 0.0, 0.0]
+    if len(free) == 1:
+        (i,) = free
+        x[i] = v[i] / m[i][i]
+    elif len(free) == 2:
+        i, j = free
+        det = m[i][i] * m[j][j] - m[i][j] * m[i][j]
+        x[i], x[j] = (m[j][j] * v[i] - m[i][j] * v[j]) / det, (m[i][i] * v[j] - m[i][j] * v[i]) / det
+    elif len(free) == 3:  # symmetric: [[a, b, c], [b, d, e], [c, e, f]]
+        (a, b, c), (_, d, e), (_, _, f) = m
+        v0, v1, v2 = v
+        det = a * (d * f - e * e) - b * (b * f - e * c) + c * (b * e - d * c)
+        x[0] = (v0 * (d * f - e * e) - b * (v1 * f - e * v2) + c * (v1 * e - d * v2)) / det
+        x[1] = (a * (v1 * f - e * v2) - v0 * (b * f - e * c) + c * (b * v2 - v1 * c)) / det
+        x[2] = (a * (d * v2 - v1 * e) - b * (b * v2 - v1 * c) + v0 * (b * e - d * c)) / det
+    return x
+
+
 @dataclass
 class CostModel:
     base: dict[int, Estimate] = field(default_factory=dict)  # bucket -> seconds, from steps without LoRA
@@ -262,21 +286,24 @@ class CostModel:
         return self._coefficients
 
     def _solve(self) -> tuple[float, float, float]:
-        """Ridge least squares towards (PRIOR_A, PRIOR_B, 0); κ taken as 0 where it comes out
-        below (a step cannot get cheaper for attending more)."""
+        """Ridge least squares towards (PRIOR_A, PRIOR_B, 0), none of a, b, κ below 0 (a step
+        cannot get cheaper for running LoRA or attending more). Where the free solution has one
+        below, the least squares over every subset held at 0 whose own solution is not (three
+        coefficients: eight subsets; the best of those is the constrained optimum, the problem
+        being convex). A review: b clamped alone left a at 0.048 where the truth was 0.008."""
         _, ss, sr, rr, sy, ry, sz, rz, zz, zy, base_zz, base_zy = self._fit
-        zz, zy = zz + base_zz, zy + base_zy
-        m11, m22, m33 = ss + _RIDGE, rr + _RIDGE, zz + _RIDGE_CONTEXT
-        v1, v2 = sy + _RIDGE * PRIOR_A, ry + _RIDGE * PRIOR_B
-        # Cramer's rule on the 3x3 normal equations (symmetric: m12 = sr, m13 = sz, m23 = rz).
-        det = m11 * (m22 * m33 - rz * rz) - sr * (sr * m33 - rz * sz) + sz * (sr * rz - m22 * sz)
-        k = (m11 * (m22 * zy - rz * v2) - sr * (sr * zy - rz * v1) + sz * (sr * v2 - m22 * v1)) / det
-        if k < 0:
-            k = 0.0
-        v1, v2 = v1 - sz * k, v2 - rz * k  # a and b given κ
-        det2 = m11 * m22 - sr * sr
-        a, b = (m22 * v1 - sr * v2) / det2, (m11 * v2 - sr * v1) / det2
-        return max(a, 0.0), max(b, 0.0), k
+        m = [[ss + _RIDGE, sr, sz], [sr, rr + _RIDGE, rz], [sz, rz, zz + base_zz + _RIDGE_CONTEXT]]
+        v = [sy + _RIDGE * PRIOR_A, ry + _RIDGE * PRIOR_B, zy + base_zy]
+        x = _solve_on(m, v, (0, 1, 2))
+        if min(x) >= 0:
+            return x[0], x[1], x[2]
+
+        def loss(x: list[float]) -> float:  # x'mx - 2v'x: the squares up to a constant
+            return sum(x[i] * m[i][j] * x[j] for i in range(3) for j in range(3)) - 2 * sum(map(float.__mul__, v, x))
+
+        feasible = [y for free in _SUBSETS if min(y := _solve_on(m, v, free)) >= 0]
+        a, b, k = min(feasible, key=loss)  # the empty subset (all 0) is always among them
+        return a, b, k
 
     def at_context(self, e: Estimate, context: int | None, factor: float = 1.0) -> float:
         """Seconds of ``e``'s step times the LoRA ``factor``, at ``context`` tokens (None: its
