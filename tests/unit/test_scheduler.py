@@ -299,6 +299,11 @@ def test_the_policy_sees_a_waiting_prompt_without_what_it_would_find_cached_unde
     both = queued([again, later], adapters, tight, {}, bm, key, None)
     assert (both["b"].num_new, both["b"].switched) == (6, SwitchedFeeds(6, 4, 6))  # within the budget
     assert both["b"].context == 8 + 6  # cached 8, fed 6 of the other 8
+    # under each merged state a candidate could run it: what that state's key holds, and its feed
+    b = both["b"]
+    assert (b.attends(None, None), b.attends("x", None), b.attends("y", None)) == (8 + 6, 12 + 4, 0 + 6)
+    chunk = b.cut(3)
+    assert (chunk.attends(None, None), chunk.attends("x", None), chunk.attends("y", None)) == (11, 15, 3)
     assert both["d"].switched is None  # one step runs one of x's prompts: d is not looked up
     assert queued([again], adapters, wide, {})["b"].num_new == 16  # no cache given: the whole prompt
 

@@ -65,7 +65,7 @@ def queued(
     for s in sorted(seqs, key=_by_arrival):
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
-        new, switched, found = min(s.num_new, budget), None, 0  # found: its tokens cached now, not held
+        new, switched, held, found = min(s.num_new, budget), None, None, 0  # found: cached now, not held
         if (
             blocks is not None
             and cache_key is not None
@@ -77,14 +77,17 @@ def queued(
             if min(fed.values()) < s.num_new:
                 new, found = min(fed[merged], budget), s.num_new - fed[merged]
                 switched = SwitchedFeeds(min(fed[None], budget), min(fed[s.adapter], budget), min(s.num_new, budget))
+                length = s.num_cached + s.num_new
+                held = SwitchedFeeds(length - fed[None], length - fed[s.adapter], s.num_cached)
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
         context = s.num_cached + found + new  # what it attends fed ``new``: its cached tokens too
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
+            or q.held != held
             or not q.context <= context <= q.context + q.context // 16
         ):
-            q = QueuedRequest(s.request_id, *fields, context)
+            q = QueuedRequest(s.request_id, *fields, context, held)
         out[s.request_id] = q
     return out
 

@@ -47,6 +47,9 @@ class QueuedRequest:
     # not, and those fed (a step's KV read grows with it: ``CostModel``). A running request's is
     # refreshed as it grows by a sixteenth (``scheduler.queued``), so it may be a little short.
     context: int = 0
+    # With ``switched``: the KV entries it attends besides those it feeds, under each merged
+    # state (what it holds and what it finds cached under that state's key).
+    held: SwitchedFeeds | None = None
 
     def fed(self, merged: str | None, merged_now: str | None) -> int:
         """Tokens it would feed in a step with ``merged`` merged, ``merged_now`` being merged now."""
@@ -54,6 +57,15 @@ class QueuedRequest:
         if merged == merged_now or s is None:
             return self.num_new
         return s.unmerged if merged is None else s.own if merged == self.adapter else s.other
+
+    def attends(self, merged: str | None, merged_now: str | None) -> int:
+        """KV entries it would attend in a step with ``merged`` merged (``fed``'s arguments): a
+        prompt attends what the cache holds for it under that state and what it feeds."""
+        h = self.held
+        if merged == merged_now or h is None:
+            return self.context - self.num_new + self.fed(merged, merged_now)
+        held = h.unmerged if merged is None else h.own if merged == self.adapter else h.other
+        return held + self.fed(merged, merged_now)
 
     @property
     def work(self) -> int:

@@ -321,7 +321,7 @@ class DLoraPolicy(Policy):
         f_tokens, seg, rank_tokens, f_context = step_work(f_run, None, self.ranks, merged_now)
         g_tokens = sum(r.fed(r.adapter, merged_now) for r in group)
         unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens, f_context)
-        merged = self.costs.step_seconds(g_tokens, context=sum(r.context for r in group))
+        merged = self.costs.step_seconds(g_tokens, context=sum(r.attends(r.adapter, merged_now) for r in group))
         f_work, g_work = sum(r.work for r in f_run), sum(r.work for r in group)
         if unmerged is None or merged is None or not f_work or not g_work:
             return True
@@ -396,7 +396,8 @@ class DLoraPolicy(Policy):
             fresh = [r for r in basis.best_group if r.request_id not in epoch.cf_prefilled]
             tokens = len(basis.best_group) - len(fresh) + sum(r.fed(basis.best, basis.merged_now) for r in fresh)
             epoch.cf_prefilled.update(r.request_id for r in fresh)
-            cf = self.costs.step_seconds(tokens, context=sum(r.context for r in basis.best_group))
+            context = sum(r.attends(basis.best, basis.merged_now) for r in basis.best_group)
+            cf = self.costs.step_seconds(tokens, context=context)
             if cf is not None:
                 cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
                 if basis.best != epoch.cf_adapter:

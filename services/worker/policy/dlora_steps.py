@@ -72,7 +72,7 @@ def step_work(
     known = {r.adapter: r.rank for r in batch if r.adapter is not None}  # what lora_work reads: not all of ranks
     if merged is not None and merged not in known:
         known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
-    return sum(n for _, n in fed), *lora_work(fed, merged, known), sum(r.context for r in batch)
+    return sum(n for _, n in fed), *lora_work(fed, merged, known), sum(r.attends(merged, merged_now) for r in batch)
 
 
 def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
