@@ -12,6 +12,7 @@ import msgspec
 
 from dlora.common import bus, log
 from dlora.common.clients import Clients
+from dlora.common.inflight import Inflight
 from dlora.common.messages import (
     MAX_RECOVERIES,
     AbortRequest,
@@ -22,7 +23,7 @@ from dlora.common.messages import (
     TokenChunk,
     WorkerStats,
 )
-from dlora.common.state import Inflight, StateStore
+from dlora.common.state import StateStore
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.settings import DispatcherSettings

@@ -27,6 +27,7 @@ from dlora.common import bus, log, lograte, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import announce
 from dlora.common.exporter import metrics_response
+from dlora.common.inflight import Inflight
 from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import (
     AbortRequest,
@@ -38,7 +39,7 @@ from dlora.common.messages import (
     WorkerStats,
 )
 from dlora.common.registry import AdapterRegistry
-from dlora.common.state import Inflight, StateStore
+from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig, sampling_defaults
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai

@@ -21,6 +21,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import Clients
 from dlora.common.exporter import metrics_endpoint
+from dlora.common.inflight import Copy, Sent
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
@@ -35,7 +36,7 @@ from dlora.common.messages import (
     PrefixCacheResetDone,
     WorkerStats,
 )
-from dlora.common.state import Copy, Sent, StateStore
+from dlora.common.state import StateStore
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 from dlora.services.worker import drain

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from dlora.common import bus, log, subjects
-from dlora.common.state import Copy
+from dlora.common.inflight import Copy
 from dlora.services.worker.moves import Move, handoff
 
 if TYPE_CHECKING:

@@ -8,8 +8,9 @@ import asyncio
 import time
 
 from dlora.common import bus, log
+from dlora.common.inflight import Copy, Sent
 from dlora.common.messages import GenerateRequest
-from dlora.common.state import Copy, Sent, StateStore
+from dlora.common.state import StateStore
 
 logger = log.get("worker")
 

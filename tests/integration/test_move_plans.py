@@ -12,8 +12,9 @@ import nats
 from redis.asyncio import Redis
 
 from dlora.common import subjects
+from dlora.common.inflight import Inflight
 from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams, TokenChunk
-from dlora.common.state import Inflight, StateStore
+from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server

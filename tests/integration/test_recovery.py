@@ -11,7 +11,8 @@ import nats
 import pytest
 from redis.asyncio import Redis
 
-from dlora.common.state import Sent, StateStore
+from dlora.common.inflight import Sent
+from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings

@@ -7,8 +7,9 @@ import asyncio
 import msgspec
 from redis.asyncio import Redis
 
+from dlora.common.inflight import Copy, Sent
 from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
-from dlora.common.state import Copy, Sent, StateStore
+from dlora.common.state import StateStore
 
 
 async def test_registry_placement_and_policy(redis: Redis) -> None:

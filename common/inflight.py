@@ -1,0 +1,56 @@
+"""What a request in flight is, as its Redis record holds it (``StateStore``'s in-flight
+operations, ``state.py``, read and write it): the record read back (``Inflight``), a chunk written
+to it (``Sent``), and which copy of the request a worker holds when fencing asks (``Copy``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from dlora.common.messages import GenerateRequest
+
+
+@dataclass(frozen=True)
+class Inflight:
+    worker: str
+    request: GenerateRequest
+    next_seq: int  # the sequence number of the next chunk: a resume continues the numbering here
+    tokens: list[int]  # tokens delivered so far: a resume continues after them
+    recoveries: int = 0  # times it was re-dispatched (its worker lost, stalled, restarted): the attempt
+    text_pending: int = 0  # of the tokens delivered, how many at the end have had no text sent
+    text_held: str = ""  # text those tokens made that was not sent (it could have begun a stop string)
+    deaths: int = 0  # times it was re-dispatched because the worker running it died or hung
+    incarnation: str = ""  # the start of ``worker`` it was sent to ("" where unknown)
+    # ``worker`` took this attempt up (``StateStore.mark_taken``, or a progress write): only then
+    # is its loss a death of the request. A dispatcher re-dispatched to a worker already dead, not
+    # yet declared lost, and the poison guard failed requests that never ran there (a trial: two
+    # workers killed together, or 2 s apart, or a dispatcher restarted meanwhile, or a move).
+    taken: bool = False
+    # ``worker`` marks what it takes up (``WorkerStats.marks_taken``, recorded by the put naming it):
+    # an older worker never does, and its loss counts as a death as before (a rolling upgrade).
+    marks_taken: bool = False
+
+
+class Sent(NamedTuple):
+    """One step's chunk of a running request, as its in-flight record takes it."""
+
+    attempt: int  # GenerateRequest.recoveries of the copy that sent it (the fencing token)
+    seq: int  # its sequence number: a write retried after its reply was lost is not counted twice
+    token_ids: list[int]
+    held: int  # how many of all the request's tokens so far have had their text held back
+    held_text: str = ""  # the text they made that was held back unsent (it could begin a stop string)
+
+
+class Copy(NamedTuple):
+    """Which copy of a request a worker holds, as fencing asks it: its attempt
+    (``GenerateRequest.recoveries``, the fencing token), and whether a missing record means the
+    request is over (it was recorded before it was sent, and the worker asks after a stall: a
+    record can also go missing because Redis lost its data, and a running request must not be
+    dropped for that)."""
+
+    attempt: int
+    recorded: bool
+
+    @staticmethod
+    def of(request: GenerateRequest, stalled: bool) -> Copy:
+        return Copy(request.recoveries, stalled and request.recorded)
