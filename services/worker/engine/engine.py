@@ -16,14 +16,13 @@ from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, targets
-from dlora.services.worker.engine import async_scheduling, forward, observing, switching
+from dlora.services.worker.engine import async_scheduling, forward, observing, switching, taking
 from dlora.services.worker.engine.admission import check_request, check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, sent_tail
 from dlora.services.worker.engine.device import resolve_device
-from dlora.services.worker.engine.faults import describe, raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, build_inputs, rows_of
 from dlora.services.worker.engine.kv_cache import KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, import_kv
@@ -36,15 +35,14 @@ from dlora.services.worker.engine.outputs import (
     RequestOutput,
     advance,
     failed_output,
-    token_logprobs,
 )
 from dlora.services.worker.engine.placement import PreparedStep, StepSlots, place_adapters
-from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError, allowed_mask, sample_sequences
+from dlora.services.worker.engine.sampler import SamplingError, allowed_mask, sample_sequences
 from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.engine.structured import GrammarError, Grammars, label, refusal
+from dlora.services.worker.engine.structured import GrammarError, Grammars
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
     BatchLimits,
@@ -415,39 +413,9 @@ class LLMEngine:
         reserved: bool = False,
         launched: LaunchedLogprobs | None = None,
     ) -> list[RequestOutput]:
-        """Each sampled token taken into its request: text, stop conditions, logprobs (``launched``:
-        computed with the draw). A request whose token cannot be taken fails alone. ``reserved``: the
-        tokens' places were reserved when drawn (async scheduling); one ended or dropped since is
-        passed over."""
-        outputs = []
-        gone = {i for i, s in enumerate(ran) if not self.holds(s)} if reserved else set()
-        wanted = {
-            i: (tok, seq.params.logprobs)
-            for i, (seq, tok) in enumerate(zip(ran, tokens))
-            if seq.params.logprobs is not None and isinstance(tok, int) and i not in gone
-        }
-        logprobs = token_logprobs(logits, wanted, launched) if logits is not None else {}
-        for i, (seq, tok) in enumerate(zip(ran, tokens)):
-            if i in gone:
-                continue
-            if isinstance(tok, SamplingError):
-                code = ErrorCode.BAD_REQUEST if isinstance(tok, NothingAllowed) else ErrorCode.INTERNAL
-                outputs.append(self._fail(seq, f"sampling failed: {tok}", code))
-                continue
-            try:
-                if seq.matcher is not None and (why := refusal(seq.matcher, tok, label(seq.params))) is not None:
-                    field = seq.params.structured_outputs()[0]  # the constraint's fault
-                    outputs.append(self._fail(seq, why, ErrorCode.BAD_REQUEST, param=field))
-                    continue
-                out = self._advance(seq, tok, reserved)
-                if isinstance(lp := logprobs.get(i), Exception):
-                    raise lp
-                out.logprobs = [lp] if lp is not None else None
-                outputs.append(out)
-            except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
-                raise_if_lost(e)
-                outputs.append(self._fail(seq, f"could not take the sampled token: {describe(e)}"))
-        return outputs
+        """Each sampled token taken into its request (``taking.take``; a phase of its own for
+        ``loadgen/step_phases.py``)."""
+        return taking.take(self, ran, logits, tokens, reserved, launched)
 
     def _observe(self, decision: StepDecision, step: PreparedStep, generated: int, seconds: list[float]) -> None:
         """Record the step (``generated`` tokens) in the stats and hand the policy its decision back

@@ -1,0 +1,61 @@
+"""A step's sampled tokens taken into their requests: text, stop conditions, logprobs, and a
+request whose token cannot be taken failed alone (the synchronous step's and async scheduling's)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dlora.common.messages import ErrorCode
+from dlora.services.worker.engine.faults import describe, raise_if_lost
+from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, token_logprobs
+from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError
+from dlora.services.worker.engine.sequence import Sequence
+from dlora.services.worker.engine.structured import label, refusal
+
+if TYPE_CHECKING:
+    from dlora.services.worker.engine.engine import LLMEngine
+
+
+def take(
+    engine: LLMEngine,
+    ran: list[Sequence],
+    logits: torch.Tensor | None,
+    tokens: list[int | SamplingError],
+    reserved: bool = False,
+    launched: LaunchedLogprobs | None = None,
+) -> list[RequestOutput]:
+    """Each sampled token taken into its request: text, stop conditions, logprobs (``launched``:
+    computed with the draw). A request whose token cannot be taken fails alone. ``reserved``: the
+    tokens' places were reserved when drawn (async scheduling); one ended or dropped since is
+    passed over."""
+    outputs = []
+    gone = {i for i, s in enumerate(ran) if not engine.holds(s)} if reserved else set()
+    wanted = {
+        i: (tok, seq.params.logprobs)
+        for i, (seq, tok) in enumerate(zip(ran, tokens))
+        if seq.params.logprobs is not None and isinstance(tok, int) and i not in gone
+    }
+    logprobs = token_logprobs(logits, wanted, launched) if logits is not None else {}
+    for i, (seq, tok) in enumerate(zip(ran, tokens)):
+        if i in gone:
+            continue
+        if isinstance(tok, SamplingError):
+            code = ErrorCode.BAD_REQUEST if isinstance(tok, NothingAllowed) else ErrorCode.INTERNAL
+            outputs.append(engine._fail(seq, f"sampling failed: {tok}", code))
+            continue
+        try:
+            if seq.matcher is not None and (why := refusal(seq.matcher, tok, label(seq.params))) is not None:
+                field = seq.params.structured_outputs()[0]  # the constraint's fault
+                outputs.append(engine._fail(seq, why, ErrorCode.BAD_REQUEST, param=field))
+                continue
+            out = engine._advance(seq, tok, reserved)
+            if isinstance(lp := logprobs.get(i), Exception):
+                raise lp
+            out.logprobs = [lp] if lp is not None else None
+            outputs.append(out)
+        except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
+            raise_if_lost(e)
+            outputs.append(engine._fail(seq, f"could not take the sampled token: {describe(e)}"))
+    return outputs
