@@ -61,11 +61,14 @@ class QueuedRequest:
     def attends(self, merged: str | None, merged_now: str | None) -> int:
         """KV entries it would attend in a step with ``merged`` merged (``fed``'s arguments): a
         prompt attends what the cache holds for it under that state and what it feeds."""
+        return self.held_under(merged, merged_now) + self.fed(merged, merged_now)
+
+    def held_under(self, merged: str | None, merged_now: str | None) -> int:
+        """KV entries it would attend besides those it feeds, with ``merged`` merged."""
         h = self.held
         if merged == merged_now or h is None:
-            return self.context - self.num_new + self.fed(merged, merged_now)
-        held = h.unmerged if merged is None else h.own if merged == self.adapter else h.other
-        return held + self.fed(merged, merged_now)
+            return self.context - self.num_new
+        return h.unmerged if merged is None else h.own if merged == self.adapter else h.other
 
     @property
     def work(self) -> int:

@@ -67,12 +67,14 @@ def step_work(
     """(tokens, LoRA segments, rank-tokens, context tokens) of a step running ``batch`` with
     ``merged`` merged (``lora_work``), ``merged_now`` being merged now: a prompt feeds what the
     prefix cache does not hold under the key of the step's merged state (``QueuedRequest.fed``),
-    and attends its whole length either way. The arguments of ``CostModel.step_seconds``."""
+    and attends that and what the key holds for it (``QueuedRequest.attends``). The arguments of
+    ``CostModel.step_seconds``."""
     fed = [(r.adapter, r.fed(merged, merged_now)) for r in batch]
     known = {r.adapter: r.rank for r in batch if r.adapter is not None}  # what lora_work reads: not all of ranks
     if merged is not None and merged not in known:
         known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
-    return sum(n for _, n in fed), *lora_work(fed, merged, known), sum(r.attends(merged, merged_now) for r in batch)
+    context = sum(r.held_under(merged, merged_now) + n for r, (_, n) in zip(batch, fed))
+    return sum(n for _, n in fed), *lora_work(fed, merged, known), context
 
 
 def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
