@@ -56,28 +56,61 @@ def completion_logprobs(
 
 
 def prompt_logprobs(
-    prompt_ids: list[int],
-    entries: list[TokenLogprob],
-    tokens: TokenText | TokenIdText,
-    skip_special_tokens: bool,
-    echoed: int,
+    prompt_ids: list[int], entries: list[TokenLogprob], tokens: TokenText | TokenIdText, echo: str
 ) -> dict[str, Any]:
     """The completions endpoint's logprobs object for an echoed prompt (``prompt_ids``, entry i
-    the log-probability of token i + 1): its first token has none (null), as vLLM answers. The
-    offsets end where the echoed text (``echoed`` characters) does: a tokenizer that spells a word's
-    leading space into its token (SentencePiece's "▁") writes one more character than the text
-    shows, so counted from 0 every offset after the first word was one too far."""
+    the log-probability of token i + 1, the prompt echoed as ``echo``): its first token has none
+    (null), as vLLM answers; offsets as ``echo_offsets`` finds them in the echo."""
     texts = [tokens.text_of(t) for t in prompt_ids]
-    offset = TextOffset(0)
-    raw = [offset.advance(tokens.shown(t, skip_special_tokens)) for t in prompt_ids]
-    shift = echoed - offset.at
     tops = [{tokens.text_of(t): lp for t, lp in e.top} | {texts[i + 1]: e.logprob} for i, e in enumerate(entries)]
     return {
         "tokens": texts,
         "token_logprobs": [None] + [e.logprob for e in entries],
         "top_logprobs": [None, *tops],
-        "text_offset": [max(0, o + shift) for o in raw],
+        "text_offset": echo_offsets(prompt_ids, tokens, echo),
     }
+
+
+_REPLACED = "\ufffd".encode()
+
+
+def echo_offsets(prompt_ids: list[int], tokens: TokenText | TokenIdText, echo: str) -> list[int]:
+    """Where each of ``prompt_ids`` begins in ``echo``, the prompt's text as echoed (characters;
+    a token inside a character begins where the character does, as ``TextOffset`` counts).
+
+    Each token's bytes are found in the echo's in turn, so an offset always indexes the text
+    returned, however it was written. The echo may differ from the tokens' bytes joined: a client's
+    text holds special tokens written out ("</s>", tokenized as one) where a decode skipping them
+    shows none; a tokenizer adds BOS the text does not hold; a SentencePiece token spells a leading
+    space ("▁re") that the start of a text or a special token's end leaves out; bytes that make no
+    character are one U+FFFD. (Counted from the tokens' shown bytes alone, a literal "</s>" moved
+    every offset of "kalo</s> remi" by its length: vLLM #5334's kind.)"""
+    text = echo.encode()
+    at, starts = 0, []
+    for i, t in enumerate(prompt_ids):
+        piece = tokens.bytes_of(t)
+        starts.append(at)
+        if t in tokens.special_ids:
+            # written out in the text, unless it is one more of a run than the text holds (BOS
+            # added before a text that begins with "<s>" itself: the added one comes first)
+            run = next((j for j, u in enumerate(prompt_ids[i:]) if u != t), len(prompt_ids) - i)
+            if piece and text.startswith(piece * run, at):
+                at += len(piece)
+        elif text.startswith(piece, at):
+            at += len(piece)
+        elif piece[:1] == b" " and text.startswith(piece[1:], at):
+            at += len(piece) - 1
+        elif text.startswith(_REPLACED, at):
+            at += len(_REPLACED)
+        else:  # spelled otherwise (a tokenizer's normalisation): as many bytes on
+            at = min(len(text), at + len(piece))
+    # A byte's character: the characters begun before it, less one where it continues one.
+    offsets, chars, last = [], 0, 0
+    for b in starts:
+        chars += sum(1 for c in text[last:b] if c & 0xC0 != 0x80)
+        last = b
+        offsets.append(chars - (b < len(text) and text[b] & 0xC0 == 0x80))
+    return offsets
 
 
 def vllm_prompt_logprobs(

@@ -115,8 +115,7 @@ class ResponseWriter:
                 )
             if job.echo_logprobs is not None:  # the echoed prompt's, its alternatives as many as asked there
                 entries = [msgspec.structs.replace(e, top=e.top[: job.echo_logprobs]) for e in chunk.prompt_logprobs]
-                skip = r.params.skip_special_tokens
-                part = logprobs.prompt_logprobs(ids, entries, self.tokens, skip, len(choice.out.text))
+                part = logprobs.prompt_logprobs(ids, entries, self.tokens, choice.out.text)
                 if self.stream is None:
                     choice.parts.append(part)
                 else:  # the echoed prompt's event (held back at the stream's opening), its logprobs in it

@@ -229,8 +229,9 @@ def shape_request(
             raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {params.min_tokens}", param="min_tokens")
         if (outside := params.outside_vocab(model.vocab_size)) is not None:
             raise APIError(400, outside[1], param=outside[0])
-        # echoed as the client wrote it; token ids as text, without special tokens
-        prefix = "" if not echo else text if text is not None else model.tokenizer.decode(ids, skip_special_tokens=True)
+        # echoed as the client wrote it; token ids as text, special tokens shown as the output's are
+        skip = params.skip_special_tokens
+        prefix = "" if not echo else text if text is not None else model.tokenizer.decode(ids, skip)
         for i in range(n):
             index = p * n + i
             request: GenerateRequest | None = None

@@ -164,6 +164,18 @@ async def test_echo(stack: Stack) -> None:
     assert all(v <= 0 for v in lp["token_logprobs"][1:]) and resp["usage"]["completion_tokens"] == 1
     echoed = resp["choices"][0]["text"]
     assert all(echoed[at:].startswith(t) for at, t in zip(lp["text_offset"][:n], lp["tokens"][:n]))  # where each is
+    # a special token written out in the text, or in token ids echoed as the output shows them
+    # (skip_special_tokens false: the echo left them out whatever it said): every offset indexes
+    # the echo (vLLM #5334's kind; the literal "</s>" moved every offset before it by its length)
+    eos = stack.gateway.tokenizer.eos_token
+    specials = stack.gateway.tokenizer.encode(f"{PROMPTS[0]}{eos} {PROMPTS[1]}")
+    for extra in ({"prompt": f"{PROMPTS[0]}{eos} {PROMPTS[1]}"}, {"prompt": specials, "skip_special_tokens": False}):
+        status, got = await post(stack, "/v1/completions", {**body, **extra})
+        assert status == 200, got
+        lp, text = got["choices"][0]["logprobs"], got["choices"][0]["text"]
+        assert eos in text, text
+        for t, at in zip(lp["tokens"][:-1], lp["text_offset"]):
+            assert text.startswith(t, at) or text.startswith(t[1:], at) or t == "<s>", (t, at, text, lp)
     # a one-token prompt: its token listed, with no logprob (vLLM); it was left out
     status, one = await post(stack, "/v1/completions", {**body, "prompt": [74]})
     assert one["choices"][0]["logprobs"]["token_logprobs"][0] is None

@@ -102,16 +102,17 @@ def test_an_echoed_prompts_offsets_end_where_its_text_does() -> None:
     from dlora.common.messages import TokenLogprob
 
     class Pieces:  # the bytes a SentencePiece vocabulary holds: BOS, "▁kalo", "▁re", "mi"
-        spelled = {1: b"", 2: b" kalo", 3: b" re", 4: b"mi"}
+        spelled = {1: b"<s>", 2: b" kalo", 3: b" re", 4: b"mi"}
+        special_ids = frozenset({1})
 
         def text_of(self, t: int) -> str:
             return ["", "<s>", "\u2581kalo", "\u2581re", "mi"][t]
 
-        def shown(self, t: int, skip: bool) -> bytes:
+        def bytes_of(self, t: int) -> bytes:
             return self.spelled[t]
 
     entries = [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in (2, 3, 4)]
-    lp = logprobs.prompt_logprobs([1, 2, 3, 4], entries, Pieces(), True, echoed=len("kalo remi"))  # type: ignore[arg-type]
+    lp = logprobs.prompt_logprobs([1, 2, 3, 4], entries, Pieces(), "kalo remi")  # type: ignore[arg-type]
     assert lp["text_offset"] == [0, 0, 4, 7] and "kalo remi"[4:].startswith(" re")
     assert lp["token_logprobs"] == [None, -1.0, -1.0, -1.0] and lp["top_logprobs"][0] is None
 

@@ -111,6 +111,40 @@ def test_added_padding_and_special_tokens() -> None:
     assert hf.decode([a, eos, a], skip_special_tokens=True) == "aa"
 
 
+@pytest.mark.parametrize("make", [byte_level, sentencepiece])
+def test_an_echoed_prompts_offsets_index_the_echo_however_it_was_written(make) -> None:  # type: ignore[no-untyped-def]
+    """vLLM #5334's kind: the offsets were counted from the tokens' shown bytes and moved to end
+    where the echo does, so a special token written out in a client's text ("kalo</s> remi",
+    skipped in the count) moved every offset before it by its length. Each token is now found in
+    the echo, text prompts and token-id prompts (decoded skipping special tokens or not) alike."""
+    hf = make()
+    tokens = TokenText(hf, len(hf))
+    eos = hf.eos_token_id
+    rng = random.Random(5)
+    words = ["hello", "he", "lo", " ", "  ", "</s>", "Ñé", "😀", "o h"]
+    for _ in range(60):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
+        ids = hf.encode(text, add_special_tokens=False)
+        echoes = [text, hf.decode(ids, skip_special_tokens=True), hf.decode(ids, skip_special_tokens=False)]
+        for echo in echoes:
+            offsets = logprobs.echo_offsets(ids, tokens, echo)
+            assert offsets == sorted(offsets) and offsets[-1] <= len(echo), (text, echo)
+            for i, (t, at) in enumerate(zip(ids, offsets)):
+                piece = tokens.bytes_of(t)
+                if t == eos and "</s>" not in echo[at : at + 4]:  # skipped: no width
+                    assert offsets[i + 1 :][:1] in ([at], []), (text, echo, offsets)
+                elif len(piece) > 1 or piece < b"\x80":  # a whole character or more: it is there
+                    shown = piece.decode()
+                    assert echo.startswith(shown, at) or echo.startswith(shown[1:], at), (text, echo, i, offsets)
+                else:  # a byte of a character: where the character begins
+                    assert echo[at].encode()[0] & 0xC0 == 0xC0, (text, echo, i, offsets)
+    # the helper's reproduction, and BOS added before a text that begins with it written out
+    ids = hf.encode("he</s> lo", add_special_tokens=False)  # SentencePiece: "▁he", "</s>", "▁", "▁", "l", "o"
+    expected = [0, 1, 2, 6, 7, 8] if make is byte_level else [0, 2, 6, 7, 7, 8]
+    assert logprobs.echo_offsets(ids, tokens, "he</s> lo") == expected
+    assert logprobs.echo_offsets([eos, *hf.encode("</s>a", add_special_tokens=False)], tokens, "</s>a")[:3] == [0, 0, 4]
+
+
 def test_a_tokenizer_llguidance_cannot_read_falls_back_to_decoding_each_token() -> None:
     hf = byte_level()
     hf.backend_tokenizer.decoder = decoders.WordPiece()  # a decoder llguidance does not know
