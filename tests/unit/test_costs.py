@@ -215,3 +215,19 @@ def test_the_fit_is_the_least_squares_with_no_coefficient_below_zero() -> None:
         clamped += bool(np.linalg.solve(ridge, target).min() < 0)
         assert model._solve() == pytest.approx(reference.tolist(), abs=1e-5)
     assert clamped > 50  # most cases need the constraint
+
+
+def test_the_fit_shrugs_off_a_stalled_lora_step_but_follows_a_lasting_change() -> None:
+    """A young fit (ten observations) and one mixed step at 4x its price: without the clip ``a``
+    went from 0.05 to 0.59. A lasting change (LoRA three times dearer) still gets through."""
+    m = CostModel()
+    m.observe_step(8, 0.1)
+    rng = random.Random(3)
+    for _ in range(10):
+        m.observe_step(8, 0.1 * (1.05 + rng.uniform(-0.01, 0.01)), segments=1, rank_tokens=0)
+    calm = m.coefficients()[0]
+    m.observe_step(8, 0.4, segments=1, rank_tokens=0)  # one stall
+    assert m.coefficients()[0] - calm < 0.05
+    for _ in range(60):
+        m.observe_step(8, 0.1 * (1.15 + rng.uniform(-0.01, 0.01)), segments=1, rank_tokens=0)
+    assert m.coefficients()[0] == pytest.approx(0.15, rel=0.1)

@@ -236,7 +236,9 @@ class CostModel:
             y = seconds / direct.mean - 1.0
             s, r, z = float(segments), rank_tokens / tokens, (context - direct.context) * _MILLION / direct.mean
             a, b, k = self._solved()
-            self._resid = _add(self._resid, y - a * s - b * r - k * z)
+            resid = y - a * s - b * r - k * z
+            y += self._clipped(resid) - resid
+            self._resid = _add(self._resid, resid)
             if tokens > EXACT_TOKENS:  # (as above) κ as known: the context's share taken out, not taught
                 y, z = y - k * z, 0.0
             d, f = _DECAY, self._fit
@@ -247,6 +249,19 @@ class CostModel:
             self._table = None
         base = seconds / self._mean_factor(tokens, segments, rank_tokens)
         self.inferred[key] = _add(self.inferred.get(key), base, context)
+
+    def _clipped(self, resid: float) -> float:
+        """A LoRA step's residual ``resid`` (relative to its base step) as the fit takes it in: once
+        ``_CLIP_AFTER`` residuals are in, within ``_CLIP`` of their standard deviations of their
+        mean, at least ``_CLIP_FLOOR`` (a tenth of the base step). As ``Estimate`` clips its
+        samples: one stalled step at 4x its prediction moved a young fit's ``a`` from 0.05 to
+        0.59 (about nine observations in), where a lasting change still gets through in a few
+        steps as the residuals' spread grows."""
+        r = self._resid
+        if r is None or r.n < _CLIP_AFTER:
+            return resid
+        limit = max(_CLIP * r.std, _CLIP_FLOOR)
+        return min(max(resid, r.mean - limit), r.mean + limit)
 
     def observe_switch(
         self, merge: float | None = None, unmerge: float | None = None, merge_rank: int = 0, unmerge_rank: int = 0
