@@ -21,6 +21,7 @@ from dlora.services.worker.policy import (
 )
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.dlora import DLoraPolicy
+from dlora.services.worker.policy.dlora_steps import Basis
 from tests.unit.policy_sim import CPU_LIKE, GPU_LIKE, Arrival, Noise, Profile, simulate
 
 LIMITS = BatchLimits(max_num_seqs=8, max_adapters=4)
@@ -410,10 +411,25 @@ def test_the_band_prices_merging_with_the_prompt_tokens_it_would_compute_again()
         assert p.r == pytest.approx(r_after), cached
 
 
+def _grown(decision: StepDecision, tokens: int) -> StepDecision:
+    """``decision`` as deciding it ``tokens`` steps later would have seen it: every request it saw
+    attending that many more tokens (a repeated step's, and its counterfactuals')."""
+    basis = decision.basis
+    assert isinstance(basis, Basis)
+
+    def grow(rs: list[QueuedRequest]) -> list[QueuedRequest]:
+        return [dataclasses.replace(r, context=r.context + tokens) for r in rs]
+
+    grown = dataclasses.replace(basis, fcfs=grow(basis.fcfs), best_group=grow(basis.best_group))
+    return dataclasses.replace(decision, basis=grown)
+
+
 def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> None:
     """The simulator hands the policy a fast-forwarded step once with every run's seconds
     (``observe_repeated``), what it works out once for all runs must leave the policy as one
-    ``observe`` per run would: the same costs, credits, epoch and band, to the last bit."""
+    ``observe`` per run would, each deciding on requests a token longer than the last (the
+    counterfactual steps' contexts grow as the step's do): the same costs, credits, epoch and
+    band, to the last bit."""
     rng = random.Random(1)
     each, repeated = DLoraPolicy(LIMITS), DLoraPolicy(LIMITS)
     merged_now, merges, credited = None, 0, 0
@@ -425,7 +441,7 @@ def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> N
         runs = [rng.uniform(0.005, 0.05) for _ in range(rng.randint(1, 6))]
         switch = 0.02 if d1.merged != merged_now else 0.0
         for j, t in enumerate(runs):
-            each.observe(d1, _record(d1, q, t, merge=switch, repeat=j))
+            each.observe(_grown(d1, j), _record(d1, q, t, merge=switch, repeat=j))
         repeated.observe_repeated(d2, _record(d2, q, runs[0], merge=switch), runs)
         # checked at each step: credit settles, and an epoch's sums are read only when it ends
         assert repeated.credits.balances == each.credits.balances and repeated._epoch == each._epoch, i

@@ -342,7 +342,7 @@ class DLoraPolicy(Policy):
         for i, t in enumerate(seconds):
             self._learn(record, t, i, basis.merged_now)
             self._move_credits(facts, t)
-            self._account(basis, record, facts, t)
+            self._account(basis, record, facts, t, i)
 
     def _learn(self, record: StepRecord, seconds: float, repeat: int = 0, merged_before: str | None = None) -> None:
         """The ``repeat``-th run of ``record``'s step (decodes: one more context token a request
@@ -362,7 +362,8 @@ class DLoraPolicy(Policy):
         for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in facts.displaced]:
             self.credits.settle(key)
 
-    def _account(self, basis: Basis, record: StepRecord, facts: Facts, seconds: float) -> None:
+    def _account(self, basis: Basis, record: StepRecord, facts: Facts, seconds: float, repeat: int = 0) -> None:
+        # ``repeat``: as in ``_learn``; the counterfactual steps' requests each attend one more token too.
         # An epoch lasts while the same adapter stays merged (or none): mixed and merged steps of one
         # merge are one epoch, its mode the last step's.
         epoch = self._epoch
@@ -385,7 +386,8 @@ class DLoraPolicy(Policy):
             epoch.predicted_steps += 1
             self._watch(epoch)
         if facts.cf is not None:  # counterfactual: the FCFS batch, unmerged
-            cf = self.costs.step_seconds(*facts.cf)
+            tokens, segments, rank_tokens, context = facts.cf
+            cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fcfs))
             if cf is not None:
                 epoch.cf_tokens += facts.cf_work
                 epoch.cf_seconds += cf
@@ -397,6 +399,7 @@ class DLoraPolicy(Policy):
             tokens = len(basis.best_group) - len(fresh) + sum(r.fed(basis.best, basis.merged_now) for r in fresh)
             epoch.cf_prefilled.update(r.request_id for r in fresh)
             context = sum(r.attends(basis.best, basis.merged_now) for r in basis.best_group)
+            context += repeat * len(basis.best_group)
             cf = self.costs.step_seconds(tokens, context=context)
             if cf is not None:
                 cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
