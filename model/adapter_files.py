@@ -28,22 +28,28 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 # safetensors' own bound on the JSON header (safetensors/src/tensor.rs, MAX_HEADER_SIZE).
 MAX_HEADER_BYTES = 100_000_000
-# The float dtypes a LoRA weight may have, by their safetensors names: (numpy dtype, bytes each).
-# Integer, boolean, fp8 and float64 weights are not LoRA adapters the engine serves.
-FLOAT_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+# The float dtypes a LoRA weight may have, by their safetensors names: the numpy dtype that reads
+# them (bfloat16: its bits). Integer, boolean, fp8 and float64 weights are not LoRA adapters the
+# engine serves.
+FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+# Bits an element of each safetensors dtype takes (safetensors 0.8, ``Dtype::bitsize``).
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "I16": 16, "U16": 16}
+DTYPE_BITS |= {d: 8 for d in ("F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ")}
+DTYPE_BITS |= {"F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 
 
 class AdapterError(ValueError):
     """The adapter directory cannot be served; the message says why."""
 
+    # The files' content digest (``content_digest``) where they were read whole before the error
+    # (a rank over the limits, tensors torch cannot load): a reader then tells files changed since
+    # registration from files that never loaded here.
+    digest: str | None = None
+
 
 class AdapterRefused(AdapterError):
     """The adapter's files read whole, but this process's limits refuse them (its adapter roots, a
     file size, max_lora_rank, max_scale): a fault of the settings, not of the files."""
-
-    # The files' content digest (``content_digest``) where they were read before the refusal (a
-    # rank or scaling over the limits): a reader then tells files changed since from limits alone.
-    digest: str | None = None
 
 
 class AdapterLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -154,10 +160,15 @@ class TensorInfo:
 
 
 def safetensors_header(data: bytes) -> dict[str, TensorInfo]:
-    """Tensor name -> what the header says of it, checked against the format (huggingface/
-    safetensors, "Format": an 8-byte little-endian length, that much JSON, then the data), so the
-    values can be read where it says. Raises ValueError if the file is not one; the dtype is
-    returned as written, for the caller to judge."""
+    """Tensor name -> what the header says of it, checked as safetensors' own loader checks it
+    (huggingface/safetensors 0.8, ``tensor.rs``: ``read_metadata`` and ``Metadata::validate``):
+    an 8-byte little-endian length, that much UTF-8 JSON (strict: no NaN), then the data, which
+    the tensors cover exactly, end to end, each as many bytes as its shape and dtype make;
+    ``__metadata__`` maps strings to strings. Where this passed and that loader refused (64 bytes
+    after the data, two tensors at one offset, a number in ``__metadata__``) the gateway
+    registered files every worker failed to load, and each request was told they had changed.
+    Raises ValueError if the file is not one; the dtype is returned as written, for the caller
+    to judge."""
     if len(data) < 8:
         raise ValueError("shorter than a safetensors header")
     (size,) = struct.unpack("<Q", data[:8])
@@ -165,24 +176,43 @@ def safetensors_header(data: bytes) -> dict[str, TensorInfo]:
         raise ValueError(f"header of {size} bytes, above safetensors' limit")
     if size > len(data) - 8:
         raise ValueError("header longer than the file")
-    header = json.loads(data[8 : 8 + size])
+    try:
+        header = json.loads(data[8 : 8 + size].decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise ValueError("header is not UTF-8") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("__metadata__ is not a map of strings to strings")
     base, out = 8 + size, {}
     for key, v in header.items():
-        if key == "__metadata__":
-            continue
-        shape, offsets = v["shape"], v["data_offsets"]
+        if not (isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys()):
+            raise ValueError(f"tensor {key!r}: not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+        bits = DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+        if bits is None:
+            raise ValueError(f"tensor {key!r}: dtype {dtype!r} is not a safetensors dtype")
         if not (isinstance(shape, list) and all(_count(n) for n in shape)):
             raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of sizes")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(n) for n in offsets)):
             raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} are not two offsets")
-        info = TensorInfo(str(v["dtype"]), tuple(shape), base + offsets[0], base + offsets[1])
-        width = FLOAT_DTYPES.get(info.dtype, ("", 0))[1]
-        if not info.start <= info.end <= len(data) or (width and info.end - info.start != info.count * width):
-            raise ValueError(f"tensor {key!r}: data_offsets {offsets} do not fit its shape and the file")
+        info = TensorInfo(dtype, tuple(shape), base + offsets[0], base + offsets[1])
+        if (info.count * bits) % 8 or info.end - info.start != info.count * bits // 8:
+            raise ValueError(f"tensor {key!r}: data_offsets {offsets} do not fit its shape and dtype")
         out[key] = info
+    end = base  # the tensors in the order of their data: each begins where the one before ends
+    for key, info in sorted(out.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != end:
+            raise ValueError(f"tensor {key!r}: its data leaves a gap after, or overlaps, another tensor's")
+        end = info.end
+    if end != len(data):
+        raise ValueError(f"the tensors' data end {len(data) - end} bytes before the file does")
     return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"header holds {name}, which JSON does not")
 
 
 def _count(n: object) -> bool:
@@ -191,7 +221,7 @@ def _count(n: object) -> bool:
 
 def tensor_values(data: bytes, info: TensorInfo) -> npt.NDArray[np.floating]:
     """A float tensor's values, flat, read from the file's bytes (float32 for bfloat16)."""
-    np_dtype = FLOAT_DTYPES[info.dtype][0]
+    np_dtype = FLOAT_DTYPES[info.dtype]
     values = np.frombuffer(data, dtype=np_dtype, count=info.count, offset=info.start)
     if info.dtype == "BF16":  # bfloat16 is the top half of a float32
         return (values.astype(np.uint32) << 16).view(np.float32)

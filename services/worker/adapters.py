@@ -361,7 +361,8 @@ class WorkerAdapters:
         ``name``, not its engine key; AdapterChanged when a version's files no longer load as
         registered (their digest differs, or they do not load at all: they loaded whole at its
         registration, so a trainer is rewriting them or they went); not when only this worker's
-        limits refuse them (AdapterRefused: its adapter roots, size or rank limits differ)."""
+        limits refuse them (AdapterRefused: its adapter roots, size or rank limits differ), nor
+        when the registered version's own files fail to load (AdapterError, its reason)."""
         adapter = None
         try:
             adapter = await on_daemon_thread(self.engine.read_adapter, key, entry.path)
@@ -374,8 +375,9 @@ class WorkerAdapters:
                 raise AdapterRefused(str(e).replace(repr(key), repr(name))) from None
             digest = e.digest
         except AdapterError as e:
+            # the registered version's files, read whole, that do not load: said as they are
             reason = str(e).replace(repr(key), repr(name))
-            raise (AdapterChanged if entry.version else type(e))(reason) from None
+            raise (AdapterChanged if entry.version and e.digest != entry.version else type(e))(reason) from None
         if adapter is None or entry.version and digest != entry.version:
             raise AdapterChanged(
                 f"adapter {name!r}: the files in {entry.path} changed since version {entry.version} was "

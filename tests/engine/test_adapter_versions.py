@@ -84,6 +84,30 @@ async def test_files_only_this_workers_limits_refuse_are_no_change_of_version(
         await worker.load("x", entry.version)
 
 
+async def test_the_registered_versions_own_files_that_do_not_load_are_no_change_of_version(
+    tiny_llama: TinyOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper's finding: files the gateway's check passed and safetensors' loader refused (the
+    check now refuses the same; a newer loader may be stricter still) were told to every request
+    as files changed since registration, which loading them again cannot mend. The loader's
+    reason is said, as a plain AdapterError."""
+    from safetensors import SafetensorError
+
+    import dlora.services.worker.engine.lora as lora
+
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+
+    def stricter(data: bytes) -> None:
+        raise SafetensorError("Error while deserializing: a rule of a newer safetensors")
+
+    worker = WorkerAdapters(make_engine(tiny_llama), _Registry(entry))
+    monkeypatch.setattr(lora, "load", stricter)
+    with pytest.raises(AdapterError, match="adapter 'x': cannot read .* a rule of a newer safetensors") as e:
+        await worker.load("x", entry.version)
+    assert not isinstance(e.value, AdapterChanged)
+
+
 async def test_a_version_that_failed_is_not_read_again_for_each_request(tiny_llama: TinyOutput, tmp_path: Path) -> None:
     """A user's trial: every request for an adapter whose files broke after registration read and
     hashed them again (20 requests, 20 reads; a real adapter is hundreds of MB). The failure is

@@ -7,11 +7,14 @@ registration (the gateway's ``check_adapter``, a 400) and when a worker loads th
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -207,6 +210,98 @@ def test_header_offsets_that_do_not_fit_the_shape_are_refused(adapter: Path, roo
     text = json.dumps(header).encode()
     (adapter / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
     _refused_everywhere(adapter, root, engine_cfg, f"cannot read .*{WEIGHTS} .*do not fit its shape")
+
+
+def _rewrite_header(path: Path, edit: Callable[[dict[str, Any]], None], tail: bytes = b"") -> None:
+    data = (path / WEIGHTS).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    edit(header)
+    text = json.dumps(header).encode()
+    (path / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :] + tail)
+
+
+def _same_offsets(header: dict[str, Any]) -> None:
+    a, b = sorted(k for k in header if "q_proj.lora_A" in k)[:2]  # two layers' (one shape)
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "tail", "fragment"),
+    [
+        (lambda h: None, b"\0" * 64, "data end 64 bytes before the file does"),
+        (_same_offsets, b"", "leaves a gap after, or overlaps, another tensor's"),
+        (lambda h: h.update({"__metadata__": {"format": "pt", "step": 5}}), b"", "not a map of strings to strings"),
+    ],
+)
+def test_files_safetensors_own_loader_refuses_are_refused_at_registration(
+    adapter: Path, root: Path, engine_cfg, edit: Callable[[dict[str, Any]], None], tail: bytes, fragment: str
+) -> None:
+    """A helper's finding: bytes after the data, two tensors at one offset, a number in
+    ``__metadata__`` passed the gateway's reading of the header and failed every worker's
+    (safetensors' loader), and each request was told the files had changed since."""
+    _rewrite_header(adapter, edit, tail)
+    _refused_everywhere(adapter, root, engine_cfg, fragment)
+
+
+def test_the_header_check_refuses_what_safetensors_refuses_and_nothing_else() -> None:
+    """Random edits of a header and its data: ``safetensors_header`` raises exactly where
+    safetensors' own loader (``deserialize``) does."""
+    from safetensors import deserialize
+
+    from dlora.model.adapter_files import DTYPE_BITS, safetensors_header
+
+    rng = random.Random(11)
+    dtypes = [*DTYPE_BITS, "f32", "F128", 5]
+    values: list[Any] = [0, 1, 2, 3, 4, 6, 8, 12, 16, -1, 2.0, None, "8", [], {}]
+    refused = 0
+    for _ in range(1500):
+        header: dict[str, Any] = {}
+        at = 0
+        for i in range(rng.randint(0, 3)):
+            dtype = rng.choice(["F32", "F16", "BF16", "F4", "I64", "BOOL"])
+            shape = [rng.randint(0, 3) for _ in range(rng.randint(0, 2))]
+            n = math.prod(shape) * DTYPE_BITS[dtype] // 8
+            header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + n]}
+            at += n
+        tail = bytes(at)
+        for _ in range(rng.randint(0, 2)):  # a few edits, each of a kind seen to differ
+            kind = rng.randrange(9)
+            tensors = sorted(k for k, v in header.items() if isinstance(v, dict) and "data_offsets" in v)
+            key = rng.choice(tensors or [None])
+            if kind == 0 and key:
+                header[key]["dtype"] = rng.choice(dtypes)
+            elif kind == 1 and key:
+                header[key]["shape"] = [rng.choice(values) for _ in range(rng.randint(0, 2))]
+            elif kind == 2 and key and len(header[key]["data_offsets"]) == 2:
+                header[key]["data_offsets"][rng.randrange(2)] = rng.choice(values)
+            elif kind == 3 and key:
+                header[key]["data_offsets"] = [rng.choice(values) for _ in range(rng.choice([1, 2, 3]))]
+            elif kind == 4:
+                tail = tail[: rng.randint(0, len(tail))] if rng.random() < 0.5 else tail + bytes(rng.randint(1, 4))
+            elif kind == 5:
+                header["__metadata__"] = rng.choice([None, {"a": "b"}, {"a": 1}, [], "x", {"a": None}])
+            elif kind == 6 and key:
+                header[key].pop(rng.choice(["dtype", "shape", "data_offsets"]), None)
+            elif kind == 7 and key:
+                header[key]["extra"] = rng.choice(values)
+            elif kind == 8 and key:
+                header[rng.choice(["u", key])] = dict(header[key]) if rng.random() < 0.7 else rng.choice(values)
+        text = json.dumps(header).encode()
+        data = struct.pack("<Q", len(text)) + text + tail
+        try:
+            deserialize(data)
+            theirs = None
+        except Exception as e:  # noqa: BLE001 - whatever the loader refuses with
+            theirs = e
+        try:
+            safetensors_header(data)
+            ours = None
+        except (ValueError, TypeError, KeyError) as e:
+            ours = e
+        assert (ours is None) == (theirs is None), (header, len(tail), ours, theirs)
+        refused += theirs is not None
+    assert 300 < refused < 1200  # both kinds well covered
 
 
 def test_tensors_that_do_not_fit_the_base_or_are_unexpected_or_missing_are_refused(

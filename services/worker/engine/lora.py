@@ -58,7 +58,9 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, limits: AdapterL
     spec = validate(name, path, conf_bytes, weight_bytes, cfg, limits)
     try:
         tensors = load(weight_bytes)
-    except SafetensorError as e:
-        raise AdapterError(f"adapter {name!r}: cannot read {Path(path) / 'adapter_model.safetensors'} ({e})") from None
+    except SafetensorError as e:  # (its header passed ``validate``'s check, made to refuse the same)
+        error = AdapterError(f"adapter {name!r}: cannot read {Path(path) / 'adapter_model.safetensors'} ({e})")
+        error.digest = spec.digest
+        raise error from None
     weights = {k: LoraWeight(a=tensors[m.a_key], b=tensors[m.b_key], scale=m.scale) for k, m in spec.modules.items()}
     return LoraAdapter(name=name, path=Path(path), weights=weights, digest=spec.digest, file_bytes=spec.file_bytes)
