@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine.merge import MAX_MERGE_DELTA
 from tests.engine.helpers import make_engine, run_all
@@ -87,3 +88,25 @@ def test_an_adapter_too_large_to_merge_runs_unmerged_and_its_batch_mates_stay_ex
     assert (got["base"], got["other"]) == (alone["base"], alone["other"])
     with pytest.raises(ValueError, match="too large"):
         engine.switch("large")
+
+
+@pytest.mark.parametrize("max_loras", [1, 2])
+@pytest.mark.parametrize("policy", ["dlora", "mixed-only", "merged-only", "unmerged-only"])
+def test_every_request_is_served_beside_an_adapter_too_large_to_merge(
+    tiny_llama: TinyOutput, tmp_path: Path, policy: str, max_loras: int
+) -> None:
+    """A helper's finding: mixed-only with one device slot never counted the unmergeable adapter's
+    requests as anyone's, kept the other adapter merged (the slot held by its correction) and
+    stepped on empty batches for ever once that adapter's requests were done."""
+    engine = make_engine(tiny_llama, policy=policy, max_loras=max_loras)
+    engine.register_adapter("large", large_adapter(tiny_llama, tmp_path / "large"))
+    requests = {"l0": ("large", PROMPTS[0]), "o0": ("lora-1", PROMPTS[2]), "o1": ("lora-1", PROMPTS[1])}
+    for rid, (adapter, ids) in (requests | {"base": (None, PROMPTS[1])}).items():
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        engine.add_request(rid, prompt_token_ids=ids, params=params, adapter=adapter)
+    finished = set()
+    for _ in range(60):  # 4 requests of 3 tokens: a dozen steps at worst
+        finished |= {o.request_id for o in engine.step() if o.finish_reason}
+        if not engine.has_unfinished():
+            break
+    assert finished == {*requests, "base"}

@@ -72,6 +72,11 @@ def test_mixed_only_merges_the_busiest_and_runs_everyone_beside_it() -> None:
     assert MixedOnly(LIMITS).decide([q("x", None, 0)], merged_now="a").merged == "a"
     d = MixedOnly(LIMITS).decide([q("x", None, 0)], merged_now=None)
     assert (d.merged, d.mixed, d.request_ids) == (None, False, ["x"])
+    # an adapter that cannot be merged counts too: the busiest, its step runs unmerged, FCFS
+    p = MixedOnly(LIMITS)
+    p.unmergeable = {"a"}
+    d = p.decide([*QUEUE, q("r6", "a", 6)], merged_now="b")
+    assert (d.merged, d.mixed, d.request_ids) == (None, False, ["r0", "r1", "r2", "r3", "r5", "r6"])
 
 
 def test_unmerged_only_is_fcfs_within_the_adapter_slots() -> None:

@@ -33,10 +33,15 @@ class MixedOnly(Policy):
     for a merge. The merged adapter stays until another has strictly more requests queued (or,
     with no adapter's request queued, until one comes). With one device slot (``max_adapters``
     1) the correction holds it and only the busiest adapter's and base requests run: the others
-    wait until theirs is the busiest, without a bound (an ablation, not for serving)."""
+    wait until theirs is the busiest, without a bound (an ablation, not for serving). An
+    ``unmergeable`` adapter counts too: when it is the busiest the step runs unmerged, FCFS
+    (left out of the count, its requests never ran under one slot, and the engine stepped on
+    empty batches for ever: a helper's finding)."""
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
-        counts = Counter(r.adapter for r in queue if r.adapter is not None and r.adapter not in self.unmergeable)
+        counts = Counter(r.adapter for r in queue if r.adapter is not None)
         busiest = max(counts, key=lambda a: (counts[a], a == merged_now), default=merged_now)
+        if busiest in self.unmergeable:
+            busiest = None
         batch = fcfs_batch(queue, self.limits, busiest)
         return StepDecision(merged=busiest, request_ids=[r.request_id for r in batch], mixed=busiest is not None)
