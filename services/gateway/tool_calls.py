@@ -51,6 +51,9 @@ def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool 
             {
                 "properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
                 "required": ["name", "parameters"],
+                # a call holds those two alone, as vLLM's default backend (xgrammar, strict) reads
+                # vLLM's schema; llguidance's lenient default let a model add keys without end
+                "additionalProperties": False,
             }
         )
     listed: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}

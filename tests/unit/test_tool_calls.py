@@ -22,6 +22,7 @@ def test_the_schema_lists_calls_of_the_tools_with_their_defs_lifted_and_compiles
     assert tools[0][1] == CITY  # the request's own schema is not changed
     assert schema["$defs"] == CITY["$defs"] and "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
     assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}
+    assert all(item["additionalProperties"] is False for item in schema["items"]["anyOf"])  # name, parameters
     check(SamplingParams(json_schema=json.dumps(schema)))  # llguidance takes it, $ref included
     one = calls_schema(tools, parallel=False)
     assert one["maxItems"] == 1
@@ -83,3 +84,18 @@ def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None
     assert named.silent(named.chunk("", None)) and not named.silent(named.chunk("{", None))
     assert not Shape(chat=True, request_id="c", model="m", created=0).silent(Shape.new(True, "c", "m").chunk("", None))
     assert [{k: v for k, v in c.items() if k != "index"} for c in calls] == whole["message"]["tool_calls"]
+
+
+def test_a_call_holds_its_name_and_parameters_alone() -> None:
+    """A helper's trial: under llguidance's lenient default a random model added keys to a
+    required call without end (vLLM's default backend, xgrammar, reads the schema strictly)."""
+    from dlora.services.worker.engine.structured import Grammars
+    from tests.unit.test_token_bytes import byte_level
+
+    hf = byte_level()
+    grammars, schema = Grammars(hf, len(hf), {hf.eos_token_id}), json.dumps(calls_schema([("ping", None)]))
+    call = '{"name": "ping", "parameters": {}'
+    for text, ok in ((f"[{call}}}]", True), (f'[{call}, "x": 1}}]', False)):
+        matcher = grammars.matcher(SamplingParams(json_schema=schema), [])
+        assert matcher is not None
+        assert matcher.consume_tokens(hf.encode(text, add_special_tokens=False)) is ok, text
