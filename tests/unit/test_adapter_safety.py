@@ -209,7 +209,7 @@ def test_header_offsets_that_do_not_fit_the_shape_are_refused(adapter: Path, roo
     header[key]["data_offsets"][1] += 4
     text = json.dumps(header).encode()
     (adapter / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
-    _refused_everywhere(adapter, root, engine_cfg, f"cannot read .*{WEIGHTS} .*do not fit its shape")
+    _refused_everywhere(adapter, root, engine_cfg, f"cannot read .*{WEIGHTS} .*invalid shape, data type, or offset")
 
 
 def _rewrite_header(path: Path, edit: Callable[[dict[str, Any]], None], tail: bytes = b"") -> None:
@@ -229,9 +229,9 @@ def _same_offsets(header: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("edit", "tail", "fragment"),
     [
-        (lambda h: None, b"\0" * 64, "data end 64 bytes before the file does"),
-        (_same_offsets, b"", "leaves a gap after, or overlaps, another tensor's"),
-        (lambda h: h.update({"__metadata__": {"format": "pt", "step": 5}}), b"", "not a map of strings to strings"),
+        (lambda h: None, b"\0" * 64, "incomplete metadata, file not fully covered"),
+        (_same_offsets, b"", "invalid offset for tensor"),
+        (lambda h: h.update({"__metadata__": {"format": "pt", "step": 5}}), b"", "integer `5`, expected a string"),
     ],
 )
 def test_files_safetensors_own_loader_refuses_are_refused_at_registration(
@@ -244,12 +244,48 @@ def test_files_safetensors_own_loader_refuses_are_refused_at_registration(
     _refused_everywhere(adapter, root, engine_cfg, fragment)
 
 
+# Bits an element of each safetensors dtype takes (safetensors 0.8, ``Dtype::bitsize``).
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8}
+DTYPE_BITS |= {"F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32}
+DTYPE_BITS |= {"C64": 64, "F64": 64, "I64": 64, "U64": 64}
+VALID = '"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        # a review's: what Python's json reads and serde_json does not
+        '{"__metadata__": {}, "__metadata__": {}, ' + VALID + "}",
+        '{"w": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+        '{"w": 5, ' + VALID + "}",
+        '{"__metadata__": {"a": 1, "a": "x"}, ' + VALID + "}",
+        '{"__metadata__": {"a": "\\ud800"}, ' + VALID + "}",
+        '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1e400}}',
+        '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": ' + "[" * 200 + "]" * 200 + "}}",
+        '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": ' + "[" * 100_000 + "]" * 100_000 + "}}",
+        '{"w": {"dtype": "F32", "shape": [-0, 2], "data_offsets": [0, 0]}}',
+    ],
+)
+def test_headers_json_reads_and_safetensors_refuses_are_refused(header: str) -> None:
+    """Refused as ValueError (an AdapterError, a 400 at registration), never a RecursionError."""
+    from safetensors import deserialize
+
+    from dlora.model.adapter_files import safetensors_header
+
+    text = header.encode()
+    data = struct.pack("<Q", len(text)) + text + bytes(8)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader refuses with
+        deserialize(data)
+    with pytest.raises(ValueError):
+        safetensors_header(data)
+
+
 def test_the_header_check_refuses_what_safetensors_refuses_and_nothing_else() -> None:
     """Random edits of a header and its data: ``safetensors_header`` raises exactly where
     safetensors' own loader (``deserialize``) does."""
     from safetensors import deserialize
 
-    from dlora.model.adapter_files import DTYPE_BITS, safetensors_header
+    from dlora.model.adapter_files import safetensors_header
 
     rng = random.Random(11)
     dtypes = [*DTYPE_BITS, "f32", "F128", 5]
