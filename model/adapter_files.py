@@ -164,7 +164,7 @@ def safetensors_header(data: bytes) -> dict[str, TensorInfo]:
     cost. Raises ValueError if the file is not one; the dtype is returned as written, for the
     caller to judge."""
     try:
-        deserialize(data)
+        deserialize(data)  # type: ignore[no-untyped-call]
     except SafetensorError as e:
         raise ValueError(str(e).removeprefix("Error while deserializing: ")) from None
     (size,) = struct.unpack("<Q", data[:8])
