@@ -75,6 +75,23 @@ class TokenText:
         """The bytes the token adds to the output text (none for a special token the text skips)."""
         return b"" if skip_special_tokens and token_id in self.special_ids else self.bytes_of(token_id)
 
+    def offsets_in(self, text: str, ids: list[int]) -> list[int] | None:
+        """Where each of ``ids`` begins in ``text`` (characters), by the tokenizer's own offset
+        mapping, where ``text`` encodes to exactly ``ids`` (with or without the special tokens it
+        adds around a text; one it adds takes no width, where the token before it ends); None
+        where it does not, or the tokenizer keeps no offsets (a slow one)."""
+        if not getattr(self._hf, "is_fast", False):
+            return None
+        for add_special_tokens in (True, False):
+            encoded = self._hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            if encoded["input_ids"] == ids:
+                out, end = [], 0
+                for start, stop in encoded["offset_mapping"]:
+                    out.append(start if stop > start else end)
+                    end = max(end, stop)
+                return out
+        return None
+
     def text_of(self, token_id: int) -> str:
         """The token's bytes as text, a byte that is not (part of) a whole character written as
         ``\\xNN`` (as DeepSeek's API shows one; vLLM's U+FFFD would make every such token alike)."""
@@ -95,6 +112,9 @@ class TokenIdText:
 
     def shown(self, token_id: int, skip_special_tokens: bool) -> bytes:
         return self._tokens.shown(token_id, skip_special_tokens)
+
+    def offsets_in(self, text: str, ids: list[int]) -> list[int] | None:
+        return self._tokens.offsets_in(text, ids)
 
     def text_of(self, token_id: int) -> str:
         return f"token_id:{token_id}"

@@ -60,50 +60,72 @@ def prompt_logprobs(
 ) -> dict[str, Any]:
     """The completions endpoint's logprobs object for an echoed prompt (``prompt_ids``, entry i
     the log-probability of token i + 1, the prompt echoed as ``echo``): its first token has none
-    (null), as vLLM answers; offsets as ``echo_offsets`` finds them in the echo."""
+    (null), as vLLM answers. Offsets from the tokenizer's own offset mapping where ``echo``
+    encodes to ``prompt_ids`` (a client's text, as a rule: exact through normalisers and added
+    tokens that strip the spaces beside them), else as ``echo_offsets`` finds them."""
     texts = [tokens.text_of(t) for t in prompt_ids]
     tops = [{tokens.text_of(t): lp for t, lp in e.top} | {texts[i + 1]: e.logprob} for i, e in enumerate(entries)]
     return {
         "tokens": texts,
         "token_logprobs": [None] + [e.logprob for e in entries],
         "top_logprobs": [None, *tops],
-        "text_offset": echo_offsets(prompt_ids, tokens, echo),
+        "text_offset": tokens.offsets_in(echo, prompt_ids) or echo_offsets(prompt_ids, tokens, echo),
     }
 
 
 _REPLACED = "\ufffd".encode()
+_AHEAD = 16  # bytes a token's piece is looked for past where the last one ended
 
 
 def echo_offsets(prompt_ids: list[int], tokens: TokenText | TokenIdText, echo: str) -> list[int]:
     """Where each of ``prompt_ids`` begins in ``echo``, the prompt's text as echoed (characters;
-    a token inside a character begins where the character does, as ``TextOffset`` counts).
+    a token inside a character begins where the character does, as ``TextOffset`` counts), in
+    one pass over both.
 
     Each token's bytes are found in the echo's in turn, so an offset always indexes the text
     returned, however it was written. The echo may differ from the tokens' bytes joined: a client's
     text holds special tokens written out ("</s>", tokenized as one) where a decode skipping them
     shows none; a tokenizer adds BOS the text does not hold; a SentencePiece token spells a leading
     space ("▁re") that the start of a text or a special token's end leaves out; bytes that make no
-    character are one U+FFFD. (Counted from the tokens' shown bytes alone, a literal "</s>" moved
+    character are one U+FFFD a maximal run; a decode may add or drop a space. A piece not found
+    where the last ended is looked for a few bytes on, and else takes no width (the next token
+    finds its place again). (Counted from the tokens' shown bytes alone, a literal "</s>" moved
     every offset of "kalo</s> remi" by its length: vLLM #5334's kind.)"""
-    text = echo.encode()
-    at, starts = 0, []
+    text, n = echo.encode(), len(prompt_ids)
+    run = [1] * n  # equal ids from each on (a run of one special token is taken as one)
+    for i in range(n - 2, -1, -1):
+        if prompt_ids[i] == prompt_ids[i + 1]:
+            run[i] = run[i + 1] + 1
+    at, starts, unwritten, replaced = 0, [], 0, -1
     for i, t in enumerate(prompt_ids):
         piece = tokens.bytes_of(t)
         starts.append(at)
         if t in tokens.special_ids:
-            # written out in the text, unless it is one more of a run than the text holds (BOS
-            # added before a text that begins with "<s>" itself: the added one comes first)
-            run = next((j for j, u in enumerate(prompt_ids[i:]) if u != t), len(prompt_ids) - i)
-            if piece and text.startswith(piece * run, at):
+            # Written out in the text, or not: in a run, those the text lacks come first (BOS
+            # added before a text that begins with "<s>" itself).
+            if i == 0 or prompt_ids[i - 1] != t:
+                held = 0
+                while piece and held < run[i] and text.startswith(piece, at + held * len(piece)):
+                    held += 1
+                unwritten = run[i] - held
+            if unwritten:
+                unwritten -= 1
+            else:
                 at += len(piece)
-        elif text.startswith(piece, at):
+            continue
+        if text.startswith(piece, at):
             at += len(piece)
         elif piece[:1] == b" " and text.startswith(piece[1:], at):
             at += len(piece) - 1
+        elif replaced >= 0 and piece and piece[0] & 0xC0 == 0x80:  # more of the bytes a U+FFFD stands for
+            starts[-1] = replaced
+            continue
         elif text.startswith(_REPLACED, at):
-            at += len(_REPLACED)
-        else:  # spelled otherwise (a tokenizer's normalisation): as many bytes on
-            at = min(len(text), at + len(piece))
+            replaced, at = at, at + len(_REPLACED)
+            continue
+        elif piece and (found := text.find(piece, at, at + _AHEAD + len(piece))) >= 0:
+            starts[-1], at = found, found + len(piece)
+        replaced = -1
     # A byte's character: the characters begun before it, less one where it continues one.
     offsets, chars, last = [], 0, 0
     for b in starts:

@@ -111,6 +111,9 @@ def test_an_echoed_prompts_offsets_end_where_its_text_does() -> None:
         def bytes_of(self, t: int) -> bytes:
             return self.spelled[t]
 
+        def offsets_in(self, text: str, ids: list[int]) -> None:  # no offset mapping: found in the echo
+            return None
+
     entries = [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in (2, 3, 4)]
     lp = logprobs.prompt_logprobs([1, 2, 3, 4], entries, Pieces(), "kalo remi")  # type: ignore[arg-type]
     assert lp["text_offset"] == [0, 0, 4, 7] and "kalo remi"[4:].startswith(" re")

@@ -126,8 +126,9 @@ def test_an_echoed_prompts_offsets_index_the_echo_however_it_was_written(make) -
         text = "".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
         ids = hf.encode(text, add_special_tokens=False)
         echoes = [text, hf.decode(ids, skip_special_tokens=True), hf.decode(ids, skip_special_tokens=False)]
-        for echo in echoes:
-            offsets = logprobs.echo_offsets(ids, tokens, echo)
+        mapped = tokens.offsets_in(text, ids)  # the tokenizer's own offsets, for the client's text
+        assert mapped is not None
+        for echo, offsets in [(e, logprobs.echo_offsets(ids, tokens, e)) for e in echoes] + [(text, mapped)]:
             assert offsets == sorted(offsets) and offsets[-1] <= len(echo), (text, echo)
             for i, (t, at) in enumerate(zip(ids, offsets)):
                 piece = tokens.bytes_of(t)
@@ -143,6 +144,31 @@ def test_an_echoed_prompts_offsets_index_the_echo_however_it_was_written(make) -
     expected = [0, 1, 2, 6, 7, 8] if make is byte_level else [0, 2, 6, 7, 7, 8]
     assert logprobs.echo_offsets(ids, tokens, "he</s> lo") == expected
     assert logprobs.echo_offsets([eos, *hf.encode("</s>a", add_special_tokens=False)], tokens, "</s>a")[:3] == [0, 0, 4]
+    # a review's: a long run of one special token (each looked ahead along the run: 15 s at 30k)
+    assert logprobs.echo_offsets([eos] * 20_000, tokens, "</s>" * 5) == [0] * 19_995 + [0, 4, 8, 12, 16]
+
+
+def test_echo_offsets_find_their_place_again_after_a_token_the_echo_spells_otherwise() -> None:
+    """A review's cases: bytes that make no character are one U+FFFD for the run (not one per
+    token); an added token that strips the space after it (Phi-3's chat tokens) left every later
+    offset one off; the tokenizer's own offsets read a client's text exactly, through a
+    normaliser (NFC) the text was not written in."""
+    hf = byte_level()
+    hf.add_special_tokens({"additional_special_tokens": [AddedToken("<|user|>", rstrip=True, special=True)]})
+    tokens = TokenText(hf, len(hf))
+    cut = [*hf.encode("\u20ac", add_special_tokens=False)[:2], *hf.encode("ab", add_special_tokens=False)]
+    assert hf.decode(cut) == "\ufffdab" and logprobs.echo_offsets(cut, tokens, "\ufffdab") == [0, 0, 1, 2]
+    text = "<|user|> hello there"
+    ids = hf.encode(text, add_special_tokens=False)
+    expected = [0, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]  # "<|user|>" then " " swallowed
+    assert len(ids) == len(expected) and tokens.offsets_in(text, ids) == expected
+    assert logprobs.echo_offsets(ids, tokens, text) == expected
+    hf.backend_tokenizer.normalizer = normalizers.NFC()
+    nfd = "cafe\u0301 au"
+    ids = hf.encode(nfd, add_special_tokens=False)  # c a f é(2 bytes) space a u
+    assert tokens.offsets_in(nfd, ids) == [0, 1, 2, 3, 3, 5, 6, 7]
+    aligned = logprobs.echo_offsets(ids, tokens, nfd)  # without the mapping: found again after the é
+    assert aligned[:3] == [0, 1, 2] and aligned[6:] == [6, 7]
 
 
 def test_a_tokenizer_llguidance_cannot_read_falls_back_to_decoding_each_token() -> None:
