@@ -35,14 +35,29 @@ T = TypeVar("T")
 async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIterator[tuple[NATS, StateStore]]:
     """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
     Redis closed. ``stop`` set while NATS does not answer yet: ``StoppedConnecting`` (a service
-    told to stop then stops, not retries for ever)."""
-    nc = await _connect_nats(s, stop)
+    told to stop then stops, not retries for ever). NATS closing the connection for good (nats-py
+    reconnects after an outage, never after the server answered a command with an error: a
+    publish past its control line, a payload past its maximum): ``stop`` is set, and once the
+    service has stopped, ``ConnectionLost``, for its supervisor to start it again (it ran on,
+    hearing nothing, and the cluster lost it for good: a helper's finding)."""
+    lost, running = asyncio.Event(), asyncio.Event()  # running: connected, and not closing it ourselves
+
+    async def on_closed() -> None:
+        if running.is_set():
+            _log.error("NATS closed the connection for good; stopping to be restarted")
+            lost.set()
+            if stop is not None:
+                stop.set()
+
+    nc = await _connect_nats(s, stop, on_closed)
+    running.set()
     redis = redis_client(
         s.redis_url, s.redis_max_connections, s.redis_pool_timeout_s, s.redis_username, s.redis_password
     )
     try:
         await redis.ping()
     except RedisAuthenticationError as e:
+        running.clear()
         await nc.close()
         await redis.aclose()
         raise CredentialsRefused(
@@ -53,13 +68,20 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
     try:
         yield nc, StateStore(redis, s.redis_prefix)
     finally:
+        running.clear()
         with contextlib.suppress(Exception):  # a server already gone must not mask the real error
             await nc.drain()
         await redis.aclose()
+    if lost.is_set():
+        raise ConnectionLost(f"NATS at {s.nats_url} closed the connection for good ({nc.last_error})")
 
 
 class StoppedConnecting(Exception):
     """Told to stop (SIGTERM, Ctrl-C) before NATS ever answered."""
+
+
+class ConnectionLost(Exception):
+    """NATS closed this service's connection for good while it ran (``connections``)."""
 
 
 class CredentialsRefused(Exception):
@@ -67,7 +89,9 @@ class CredentialsRefused(Exception):
     to wait out (a NATS client retries a refused login for ever, and says so only in its log)."""
 
 
-async def _connect_nats(s: Common, stop: asyncio.Event | None = None) -> NATS:
+async def _connect_nats(
+    s: Common, stop: asyncio.Event | None = None, closed: Callable[[], Awaitable[None]] | None = None
+) -> NATS:
     """Connected to NATS (any of ``s.nats_url``'s seeds), or ``CredentialsRefused`` as soon as the
     server refuses the login, or ``StoppedConnecting`` once ``stop`` is set.
 
@@ -89,6 +113,7 @@ async def _connect_nats(s: Common, stop: asyncio.Event | None = None) -> NATS:
             password=s.nats_password or None,
             max_reconnect_attempts=-1,
             error_cb=on_error,
+            closed_cb=closed,
             # A server on a host that was cut off answers nothing and closes nothing: only a missed
             # ping shows it. nats-py's default (2 pings, 2 minutes apart) left a worker deaf and
             # mute for minutes; two missed pings a quarter TTL apart move it to another node

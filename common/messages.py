@@ -44,13 +44,22 @@ class ErrorCode(enum.StrEnum):
 MAX_CACHE_SALT = 1024
 
 
+# Longest request id and reply reader name (characters). An application names them on NATS: a
+# 5,000-character reply subject (or id in one) made the next publish to it pass NATS's 4 KiB control
+# line, the server closed the publisher's connection, and nats-py never reconnects after a server's
+# error (a helper's finding: every worker, then the dispatcher, cut off for good). The gateway
+# takes a client's id of up to 256 and adds a choice's index.
+MAX_NAME = 512
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+
+
 class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     """One generation request, published on ``subjects.REQUESTS`` by a gateway, or on
     ``subjects.requests_of(user)`` by an application connected as that NATS user."""
 
     # Unique per request; chunks and aborts refer to it. Not empty: "" ran, and a second one at
     # once was refused as already in flight (a trial).
-    request_id: Annotated[str, msgspec.Meta(min_length=1)]
+    request_id: RequestId
     # Subject the token chunks go to (a NATS inbox the sender subscribed to first).
     reply_to: str
     # Adapter name; None: the base model.
@@ -115,7 +124,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # ``subjects.CLIENTS`` (a gateway) or ``subjects.clients_of(user)`` (an application, for a name
     # of its own: ``subjects.owns_client``; another's is cleared). When it has been silent for
     # ``heartbeat_ttl_s`` its requests are aborted wherever they run or wait; empty: never.
-    client: str = ""
+    client: Annotated[str, msgspec.Meta(max_length=MAX_NAME)] = ""
     # The NATS user of the application that sent it, from the subject it came on
     # (``subjects.requests_of``), set by the dispatcher; "" for a gateway's. Only that user's
     # aborts (``subjects.aborts_of``) stop it.
@@ -206,14 +215,14 @@ class AbortRequest(msgspec.Struct, kw_only=True, frozen=True):
     """Stop a request wherever it runs (client gone); published on ``subjects.ABORT`` by a gateway,
     or on ``subjects.aborts_of(user)`` by an application (then only its own requests stop)."""
 
-    request_id: str
+    request_id: RequestId
 
 
 class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
     """A reply reader saying it is there, every second or so on ``subjects.CLIENTS`` (gateways) or
     ``subjects.clients_of(user)`` (applications; see ``GenerateRequest.client``)."""
 
-    client: str
+    client: Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
     # Times its NATS connection came back: when it grows, the reader may have missed replies sent
     # while it was away, and workers send their recent ones to it again (its replies_of subjects).
     reconnects: int = 0

@@ -119,8 +119,15 @@ def replies_to(user: str, reply_to: str) -> bool:
     return reply_to.startswith((replies_prefix(user), f"_INBOX.{user}.")) and publishable(reply_to)
 
 
+# Longest subject published to, in bytes: with a reply subject and a size it must fit nats-server's
+# 4,096-byte control line, or the server closes the publisher's connection for good (see
+# ``messages.MAX_NAME``).
+MAX_SUBJECT_BYTES = 1024
+
+
 def publishable(subject: str) -> bool:
     """Whether NATS takes ``subject`` for a publish: tokens non-empty, no whitespace, no wildcard
-    (nats-server's subject rules; nats-py raises BadSubjectError for the first two)."""
+    (nats-server's subject rules; nats-py raises BadSubjectError for the first two), at most
+    ``MAX_SUBJECT_BYTES``."""
     tokens = subject.split(".")
-    return all(tokens) and not any(c in subject for c in " \t\r\n*>")
+    return all(tokens) and not any(c in subject for c in " \t\r\n*>") and len(subject.encode()) <= MAX_SUBJECT_BYTES

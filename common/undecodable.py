@@ -7,6 +7,8 @@ import json
 import re
 from typing import NamedTuple
 
+from dlora.common.messages import MAX_NAME
+
 # msgspec names where validation failed as a path ("... - at `$.params.max_tokens`") or, at the
 # top level, the field itself ("Object missing required field `model`").
 _PATH = re.compile(r"at `\$\.([\w.]+)")
@@ -62,8 +64,10 @@ def request_head(data: bytes) -> RequestHead | None:
     rid, reply = obj.get("request_id"), obj.get("reply_to")
     rid = str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
     reply = reply if isinstance(reply, str) else ""
-    if not isinstance(rid, str) or not (rid + reply).isprintable():
-        return None  # a lone surrogate is not printable: such an id or subject cannot be written back
+    if not isinstance(rid, str) or not (rid + reply).isprintable() or len(rid) > MAX_NAME:
+        # a lone surrogate is not printable: such an id or subject cannot be written back (nor an
+        # id too long to be one: ``MAX_NAME``)
+        return None
     return RequestHead(
         rid, reply, holds_lone_surrogate(obj), _count(obj.get("next_seq")) or 0, _count(obj.get("recoveries")) or 0
     )

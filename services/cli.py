@@ -397,7 +397,7 @@ def _number_list(item: Callable[[str], object]) -> Callable[[str], str]:
 
 def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
-    from dlora.common.bus import CredentialsRefused, StoppedConnecting
+    from dlora.common.bus import ConnectionLost, CredentialsRefused, StoppedConnecting
     from dlora.common.settings import SettingsError, load
     from dlora.services.config_file import SERVICES, check_config
     from dlora.services.run import StartupError, run_until_signalled
@@ -446,6 +446,9 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as e:
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
         return 2
+    except ConnectionLost as e:  # a new process connects afresh
+        print(f"dlora serve {args.service}: {e}; exiting to be restarted", file=sys.stderr)
+        return 1
     except DeviceLost as e:  # its requests were handed over; a new process gets a new device context
         print(f"dlora serve {args.service}: the device failed for good ({e}); exiting to be restarted", file=sys.stderr)
         return 1

@@ -66,6 +66,13 @@ _encode = msgspec.json.Encoder()
 _RECHECK_S = 0.5
 # Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
 PURGE_INTERVAL_S = 60.0
+# Characters of an error a refusal carries: it quotes what the request named (an adapter, a reply
+# subject), which may be near NATS's max payload, and an answer too large is never sent.
+_MAX_REASON = 2000
+
+
+def _quoted(reason: str) -> str:
+    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
 
 
 class Dispatcher(Recovery):
@@ -136,7 +143,11 @@ class Dispatcher(Recovery):
         # be another user's stream or a JetStream subject the dispatcher may write.
         answer = msg.reply if not owner or subjects.replies_to(owner, msg.reply) else ""
         if owner and not subjects.replies_to(owner, req.reply_to):
-            reason = f"reply_to {req.reply_to!r} is not a subject of {owner!r}'s replies or inboxes NATS can publish to"
+            reply_to = req.reply_to if len(req.reply_to) <= 200 else req.reply_to[:200] + "…"
+            reason = (
+                f"reply_to {reply_to!r} is not a subject of {owner!r}'s replies or inboxes NATS can publish to "
+                f"(at most {subjects.MAX_SUBJECT_BYTES} bytes)"
+            )
             bus.reject(subjects.APP_REQUESTS, msg.subject, GenerateRequest, ValueError(reason))
             self.metrics.refusals.labels("bad-reply-to").inc()
             if answer:
@@ -426,7 +437,7 @@ class Dispatcher(Recovery):
             return  # another dispatcher took it meanwhile
         self.metrics.refusals.labels(kind).inc()
         chunk = TokenChunk(
-            request_id=req.request_id, seq=seq, error=reason, error_code=code, finish_reason=FinishReason.ERROR
+            request_id=req.request_id, seq=seq, error=_quoted(reason), error_code=code, finish_reason=FinishReason.ERROR
         )
         await bus.publish(self.nc, req.reply_to, chunk)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import OrderedDict
 
 import msgspec
 import structlog
@@ -99,7 +100,7 @@ class WorkerService:
         # the adapter versions loaded, kept to the registry; their reads end as commands, between steps
         self.adapters = WorkerAdapters(engine, store, post=self.commands.put)
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
-        self.aborted: dict[tuple[str, str | None], float] = {}
+        self.aborted: OrderedDict[tuple[str, str | None], float] = OrderedDict()  # oldest first
         self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
         # Requests handed back once for another worker to take: when (monotonic), and whether only
         # one holding their adapter's version can (admit.py): they did not decode here, or that
@@ -382,8 +383,12 @@ class WorkerService:
                 self._refresh_stats()  # idle, read again all the same: a dispatcher waits for a fresh reading
                 return
             await self._take(cmd)
-        while not self.commands.empty():
+        # Those queued now, not any that come meanwhile: a flood of commands (aborts) would hold
+        # off every step, and with a yield now and then nor the heartbeats (a helper's finding).
+        for i in range(self.commands.qsize()):
             await self._take(self.commands.get_nowait())
+            if i % 256 == 255:
+                await asyncio.sleep(0)
         await self._expire()
         if self.engine.runnable():
             await self._step()

@@ -358,3 +358,31 @@ async def test_an_application_speaks_only_for_readers_of_its_own(bus, monkeypatc
     first = await asyncio.wait_for(mine.get(), 30)
     assert first.error is None
     assert worker.streams["r-b"].request.client == ""
+
+
+async def test_names_too_long_for_a_subject_are_refused_and_every_service_stays_connected(bus) -> None:  # type: ignore[no-untyped-def]
+    """A helper's finding: a 5,000-character reply subject of the application's own passed the
+    checks; the worker's first chunk to it passed NATS's 4 KiB control line, the server closed the
+    worker's connection, nats-py never reconnects after that, and the dispatcher's refusals went
+    the same way: the cluster was cut off for good. A 1 MB request id made the refusal too large to
+    send. Both are refused now, said where the sender reads, and the services serve on; an abort
+    with such an id does not decode."""
+    _, bob, worker = bus
+    long_reply = subjects.reply_inbox("x" * 5000, "bob")
+    too_long_id = {"request_id": "i" * 100_000, "reply_to": subjects.reply_inbox("r-9", "bob"), "prompt": "kalo"}
+    long_reply_request = GenerateRequest(request_id="r-8", reply_to=long_reply, prompt="kalo")
+    for raw, said in (
+        (msgspec.json.encode(long_reply_request), "at most 1024 bytes"),
+        (json.dumps(too_long_id).encode(), "does not decode"),
+    ):
+        answer = await bob.request(subjects.requests_of("bob"), raw, timeout=10)
+        told = msgspec.json.decode(answer.data, type=TokenChunk)
+        assert told.error_code == "bad_request" and said in (told.error or ""), told
+        assert len(answer.data) < 5000
+    await bob.publish(subjects.aborts_of("bob"), json.dumps({"request_id": "a" * 100_000}).encode())
+    inbox = subjects.reply_inbox("r-10", "bob")
+    chunks = await _chunks(bob, inbox)
+    await _send(bob, "bob", "r-10", inbox, max_tokens=3)
+    while (chunk := await asyncio.wait_for(chunks.get(), 10)).finish_reason is None:
+        pass
+    assert chunk.error is None and chunk.finish_reason == "length" and not worker.nc.is_closed

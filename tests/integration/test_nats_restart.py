@@ -12,10 +12,13 @@ import time
 import aiohttp
 import msgspec
 import nats
+import pytest
 from redis.asyncio import Redis
 
 from dlora.common import subjects
+from dlora.common.bus import ConnectionLost, connections
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.settings import Common
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
@@ -256,3 +259,24 @@ async def test_announcements_of_readers_with_nothing_here_cost_no_lookups(nats_s
         assert asked == [{"r": 0}]  # the one reader that has a chunk here
     finally:
         await nc.close()
+
+
+async def test_a_connection_nats_closes_for_good_stops_the_service_to_be_restarted(redis_server: Server) -> None:
+    """nats-py reconnects after an outage but never after the server answers a command with an
+    error (here a publish past its 4 KiB control line): the service ran on deaf and mute. Now its
+    ``stop`` is set and, once it has stopped, ``ConnectionLost`` (``dlora serve`` exits 1)."""
+    server = start_nats()
+    try:
+        stop = asyncio.Event()
+        with pytest.raises(ConnectionLost, match="closed the connection for good"):
+            async with connections(Common(nats_url=server.url, redis_url=redis_server.url), stop) as (nc, _):
+                await nc.publish("x" * 5000, b"")
+                async with asyncio.timeout(10):
+                    await stop.wait()
+                assert nc.is_closed
+        stop = asyncio.Event()
+        async with connections(Common(nats_url=server.url, redis_url=redis_server.url), stop) as (nc, _):
+            pass  # closed by its owner: no ConnectionLost
+        assert not stop.is_set()
+    finally:
+        server.stop()
