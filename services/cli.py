@@ -30,7 +30,8 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # a rank past what serving loads, an --out that cannot be written
         print(f"dlora model make-tiny: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out.model} and {len(out.adapters)} adapters under {out.adapters_dir}")
+    adapters = f" and {len(out.adapters)} adapters under {out.adapters_dir}" if out.adapters else ""
+    print(f"wrote {out.model}{adapters}")
     return 0
 
 

@@ -394,7 +394,9 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         print(f"status page: {stack.url}/dashboard" + ("" if stack.admin_key_given else f"#key={stack.admin_key}"))
         print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
         # With auth = "keys" inference wants a key: the admin key serves until one is made.
-        bearer = "$DLORA_ADMIN_KEY" if stack.admin_key_given else stack.admin_key
+        # (a key given is not printed: the environment's is named, dlora.toml's is to be pasted)
+        given = "<admin_key of dlora.toml>" if stack.base.admin_key else "$DLORA_ADMIN_KEY"
+        bearer = given if stack.admin_key_given else stack.admin_key
         key = f' -H "Authorization: Bearer {bearer}"' if stack.base.auth == "keys" else ""
         print(
             f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json'{key} "
