@@ -231,3 +231,19 @@ def test_the_fit_shrugs_off_a_stalled_lora_step_but_follows_a_lasting_change() -
     for _ in range(60):
         m.observe_step(8, 0.1 * (1.15 + rng.uniform(-0.01, 0.01)), segments=1, rank_tokens=0)
     assert m.coefficients()[0] == pytest.approx(0.15, rel=0.1)
+
+
+def test_the_clipped_fit_follows_a_lasting_change_after_noiseless_steps() -> None:
+    """A review: the residuals' own estimate clipped them to a tenth of their mean (~0), so after
+    noiseless steps (a simulator's, a steady GPU's) their spread could never grow, and a fit whose
+    residuals were clipped by it never followed LoRA turning twenty times dearer (0.15 of the
+    truth after 50 steps). With the floor of the fit's own clip it follows as the fit without a clip."""
+    m = CostModel()
+    m.observe_step(8, 0.1)
+    for _ in range(200):  # one shape, noiseless
+        m.observe_step(8, 0.1 * 1.05, segments=1, rank_tokens=64)
+    m._resid = Estimate(0.0, 0.0, 50)  # residuals exactly nothing
+    for _ in range(150):
+        m.observe_step(8, 0.1 * 2.0, segments=1, rank_tokens=64)
+    a, b = m.coefficients()
+    assert a + 8 * b > 0.9

@@ -99,10 +99,8 @@ def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path
     policy moved its throughput from 516.38 to 518.21 tok/s and its merges from 82 to 73). The
     same completions; throughput and latencies within a thousandth (see above: latencies equal to
     the last digit until dispatch priced requests by the workers' finished lengths, throughput
-    until the overhead fit clipped its residuals, 515.56 against 515.49), merges within 6 %
-    (76 against 72: the same until the cost model priced a step's context, which moves
-    every step, then within one until the fit clipped its residuals; a step the fast-forward
-    does not ask about sends the runs apart, and the count of merges follows the path)."""
+    until the overhead fit clipped its residuals, 515.56 against 515.49), merges within one in
+    the 76 (the same until the cost model priced a step's context, which moves every step)."""
     from dlora.services.cli import build_parser
 
     argv = "simulate --replicas 4 --requests 300 --rate 6 --adapters 12 --ranks 8,16,32 --seed 3"
@@ -114,7 +112,7 @@ def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path
     fast, stepped = results
     assert fast["fast_forwarded_steps"] > 0
     assert fast["completed"] == stepped["completed"]
-    assert fast["merges"] == pytest.approx(stepped["merges"], rel=0.06)
+    assert abs(fast["merges"] - stepped["merges"]) <= 1
     for key in ("throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s"):
         assert fast[key] == pytest.approx(stepped[key], rel=0.001), key
 

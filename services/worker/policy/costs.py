@@ -80,17 +80,19 @@ class Estimate:
     # Of a step estimate: the mean context tokens of its steps, under the same weights as ``mean``.
     context: float = 0.0
 
-    def add(self, x: float, context: float = 0.0) -> float:
+    def add(self, x: float, context: float = 0.0, floor: float | None = None) -> float:
         """Take in ``x`` (of a step attending ``context`` tokens); its deviation from the mean
-        before, as clipped. The mean context moves by the share of its own deviation that the
+        before, as clipped (at least ``floor`` from the mean; None: a tenth of the mean, by
+        ``_CLIP_FLOOR``). The mean context moves by the share of its own deviation that the
         time's clipped deviation is of the time's: a bucket whose contexts jump keeps its mean
         the time at its mean context (a review: the time held back by the clip, the context not,
         and the pair priced a 16k-token step at 5.3 ms against a true 6.9)."""
         raw = x - self.mean
         if self.n >= _CLIP_AFTER:  # std is sqrt(var) past the first sample
             # max and min written out: a simulated hour adds a million samples
-            spread, floor = _CLIP * math.sqrt(self.var), _CLIP_FLOOR * abs(self.mean)
-            limit = spread if spread >= floor else floor
+            spread = _CLIP * math.sqrt(self.var)
+            least = _CLIP_FLOOR * abs(self.mean) if floor is None else floor
+            limit = spread if spread >= least else least
             if x < self.mean - limit:
                 x = self.mean - limit
             elif x > self.mean + limit:
@@ -121,10 +123,10 @@ class Estimate:
         return cls(float(v[0]), float(v[1]), int(v[2]), float(v[3]))
 
 
-def _add(e: Estimate | None, x: float, context: float = 0.0) -> Estimate:
+def _add(e: Estimate | None, x: float, context: float = 0.0, floor: float | None = None) -> Estimate:
     if e is None:
         return Estimate(x, context=context)
-    e.add(x, context)
+    e.add(x, context, floor)
     return e
 
 
@@ -238,7 +240,9 @@ class CostModel:
             a, b, k = self._solved()
             resid = y - a * s - b * r - k * z
             y += self._clipped(resid) - resid
-            self._resid = _add(self._resid, resid)
+            # clipped as the fit takes it (a floor of a tenth of the base step, not of the residuals'
+            # mean, ~0: their spread could then never grow, and the fit never followed a change)
+            self._resid = _add(self._resid, resid, floor=_CLIP_FLOOR)
             if tokens > EXACT_TOKENS:  # (as above) κ as known: the context's share taken out, not taught
                 y, z = y - k * z, 0.0
             d, f = _DECAY, self._fit
