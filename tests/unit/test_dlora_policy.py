@@ -503,3 +503,19 @@ def test_switches_are_learned_under_their_adapters_ranks_and_priced_so() -> None
     assert p._switch("small", "big")[0] == pytest.approx(merges[8].mean + p.costs.unmerge.mean)  # 64 out: not seen
     assert p._round_trip("small") == pytest.approx(merges[8].mean + unmerges[8].mean)
     assert p._round_trip("small") < 0.25 < p._round_trip("big")
+
+
+def test_a_prompt_left_waiting_through_a_merged_epoch_is_prefilled_once_in_its_counterfactual() -> None:
+    """A review: the merged epoch's counterfactual (the FCFS batch, unmerged) counted a prompt the
+    epoch left waiting as prefilled at every step, its 400 tokens each time, where serving it
+    would have prefilled it once and then decoded it; the merged counterfactual of an unmerged
+    epoch already counted each prompt once."""
+    p = _linear_costs(DLoraPolicy(LIMITS))
+    q = [*(QueuedRequest(f"a{i}", "a", i, True, 1, 16) for i in range(4)), QueuedRequest("w", "b", 9, False, 400, 16)]
+    d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False)  # merged: b's prompt waits
+    assert d.basis.fcfs[-1].request_id == "w"  # type: ignore[union-attr]
+    for step in range(5):
+        p.observe(d, _record(d, q, 0.02, repeat=step))
+    epoch = p._epoch
+    assert epoch is not None and epoch.merged == "a"
+    assert epoch.cf_tokens == 5 * 4 + 400 + 4  # a's decodes each step; w's prompt once, then decodes

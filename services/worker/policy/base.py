@@ -78,6 +78,10 @@ class QueuedRequest:
         s = self.switched
         return self.num_new if s is None else min(self.num_new, s.unmerged, s.own)
 
+    def decoding(self) -> QueuedRequest:
+        """The request once its prompt is in: one token a step, whatever is merged."""
+        return replace(self, num_new=1, switched=None, held=None)
+
     def cut(self, room: int) -> QueuedRequest:
         """The request with at most ``room`` tokens fed (a chunk of its prompt), whatever is merged."""
         s = self.switched

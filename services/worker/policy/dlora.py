@@ -386,10 +386,19 @@ class DLoraPolicy(Policy):
             epoch.predicted_steps += 1
             self._watch(epoch)
         if facts.cf is not None:  # counterfactual: the FCFS batch, unmerged
-            tokens, segments, rank_tokens, context = facts.cf
+            # A waiting prompt is prefilled once an epoch, then decodes, as in the merged one below
+            # (a review: a prompt the merged epoch left waiting was counted prefilled at every step,
+            # and unmerged serving looked better than it was)
+            seen = epoch.cf_prefilled
+            (tokens, segments, rank_tokens, context), work = facts.cf, facts.cf_work
+            if any(not r.running and r.request_id in seen for r in basis.fcfs):
+                batch = [r.decoding() if r.request_id in seen else r for r in basis.fcfs]
+                tokens, segments, rank_tokens, context = step_work(batch, None, self.ranks, basis.merged_now)
+                work = sum(r.work for r in batch)
+            seen.update(r.request_id for r in basis.fcfs if not r.running)
             cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fcfs))
             if cf is not None:
-                epoch.cf_tokens += facts.cf_work
+                epoch.cf_tokens += work
                 epoch.cf_seconds += cf
         elif basis.best is not None:  # counterfactual: the most-queued adapter, merged
             # Each request's prompt counts once in an epoch: one that waits for room through many
