@@ -67,6 +67,10 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
         pass  # down at start: an outage, ridden out like any other
     try:
         yield nc, StateStore(redis, s.redis_prefix)
+    except Exception as e:
+        if lost.is_set():  # what the service met on its way out of a closed connection
+            raise ConnectionLost(f"NATS at {s.nats_url} closed the connection for good ({nc.last_error})") from e
+        raise
     finally:
         running.clear()
         with contextlib.suppress(Exception):  # a server already gone must not mask the real error
@@ -323,6 +327,14 @@ def reject(pattern: str, subject: str, kind: type, error: Exception) -> None:
         _log.warning(
             "bus message rejected", subject=subject, type=kind.__name__, error=str(error), not_logged=suppressed
         )
+
+
+async def unsubscribe(subs: list[Subscription]) -> None:
+    """Each of ``subs`` ended; none left to end on a connection NATS closed (a service stopping
+    then goes on to its own clean-up: a lease released, its requests handed back)."""
+    for sub in subs:
+        with contextlib.suppress(nats.errors.ConnectionClosedError):
+            await sub.unsubscribe()
 
 
 async def publish(nc: NATS, subject: str, value: msgspec.Struct, *, msgpack: bool = False) -> None:

@@ -51,6 +51,16 @@ MAX_CACHE_SALT = 1024
 # takes a client's id of up to 256 and adds a choice's index.
 MAX_NAME = 512
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+# Characters of an error a chunk carries: it may quote what a request named (an adapter, a regex,
+# an unknown field), near NATS's max payload, and a chunk too large is never sent (a review: the
+# application then waited for ever).
+MAX_ERROR = 2000
+
+
+def error_text(reason: str) -> str:
+    """``reason`` as an error chunk carries it: at most ``MAX_ERROR`` characters."""
+    return reason if len(reason) <= MAX_ERROR else reason[: MAX_ERROR - 1] + "…"
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
@@ -63,10 +73,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # Subject the token chunks go to (a NATS inbox the sender subscribed to first).
     reply_to: str
     # Adapter name; None: the base model.
-    adapter: str | None = None
+    adapter: Name | None = None
     # The adapter's version (AdapterEntry.version) this request runs on, set where it enters; a
     # request sent without one takes the version registered when a worker first sees it.
-    adapter_version: str | None = None
+    adapter_version: Name | None = None
     # Exactly one of prompt / prompt_token_ids.
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -124,7 +134,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # ``subjects.CLIENTS`` (a gateway) or ``subjects.clients_of(user)`` (an application, for a name
     # of its own: ``subjects.owns_client``; another's is cleared). When it has been silent for
     # ``heartbeat_ttl_s`` its requests are aborted wherever they run or wait; empty: never.
-    client: Annotated[str, msgspec.Meta(max_length=MAX_NAME)] = ""
+    client: Name = ""
     # The NATS user of the application that sent it, from the subject it came on
     # (``subjects.requests_of``), set by the dispatcher; "" for a gateway's. Only that user's
     # aborts (``subjects.aborts_of``) stop it.
@@ -222,7 +232,7 @@ class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
     """A reply reader saying it is there, every second or so on ``subjects.CLIENTS`` (gateways) or
     ``subjects.clients_of(user)`` (applications; see ``GenerateRequest.client``)."""
 
-    client: Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+    client: Name
     # Times its NATS connection came back: when it grows, the reader may have missed replies sent
     # while it was away, and workers send their recent ones to it again (its replies_of subjects).
     reconnects: int = 0

@@ -33,6 +33,7 @@ from dlora.common.messages import (
     PrefixCacheReset,
     TokenChunk,
     WorkerStats,
+    error_text,
 )
 from dlora.common.reads import read_sizes
 from dlora.common.registry import AdapterRegistry
@@ -66,13 +67,6 @@ _encode = msgspec.json.Encoder()
 _RECHECK_S = 0.5
 # Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
 PURGE_INTERVAL_S = 60.0
-# Characters of an error a refusal carries: it quotes what the request named (an adapter, a reply
-# subject), which may be near NATS's max payload, and an answer too large is never sent.
-_MAX_REASON = 2000
-
-
-def _quoted(reason: str) -> str:
-    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
 
 
 class Dispatcher(Recovery):
@@ -154,7 +148,7 @@ class Dispatcher(Recovery):
                 refused = TokenChunk(
                     request_id=req.request_id,
                     seq=0,
-                    error=reason,
+                    error=error_text(reason),
                     error_code=ErrorCode.BAD_REQUEST,
                     finish_reason=FinishReason.ERROR,
                 )
@@ -191,7 +185,7 @@ class Dispatcher(Recovery):
         chunk = TokenChunk(
             request_id=head.request_id if head is not None else "",
             seq=0,
-            error=f"the request does not decode: {why if head is not None and head.lone_surrogate else error}",
+            error=error_text(f"the request does not decode: {why if head and head.lone_surrogate else error}"),
             error_code=ErrorCode.BAD_REQUEST,
             param=field_of(str(error), "params"),
             finish_reason=FinishReason.ERROR,
@@ -437,7 +431,11 @@ class Dispatcher(Recovery):
             return  # another dispatcher took it meanwhile
         self.metrics.refusals.labels(kind).inc()
         chunk = TokenChunk(
-            request_id=req.request_id, seq=seq, error=_quoted(reason), error_code=code, finish_reason=FinishReason.ERROR
+            request_id=req.request_id,
+            seq=seq,
+            error=error_text(reason),
+            error_code=code,
+            finish_reason=FinishReason.ERROR,
         )
         await bus.publish(self.nc, req.reply_to, chunk)
 
@@ -472,8 +470,7 @@ class Dispatcher(Recovery):
         try:
             await self.watch_workers(stop)
         finally:
-            for sub in subs:
-                await sub.unsubscribe()
+            await bus.unsubscribe(subs)
             for task in self._rechecks:  # their records stay: the workers hand them back to another dispatcher
                 task.cancel()
 

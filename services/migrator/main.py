@@ -102,7 +102,7 @@ class Migrator:
                         await stop.wait()
         finally:
             ready.cancel()
-            await sub.unsubscribe()
+            await bus.unsubscribe([sub])
             if self.leader:
                 with contextlib.suppress(*bus.STATE_OUTAGE):
                     await self.store.release_lease("migrator", self.s.migrator_id)

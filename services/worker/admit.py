@@ -6,7 +6,6 @@ of requests not held here). Functions of the running ``WorkerService``, as ``dra
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -37,8 +36,6 @@ if TYPE_CHECKING:
 logger = log.get("worker")
 # Seconds a request handed back is remembered: back within it, it is answered.
 HANDED_BACK_MEMORY_S = 60.0
-MAX_ABORTS = 100_000  # aborts remembered at once: an application may send any number
-ABORT_MEMORY_S = 60.0  # an abort is remembered this long: it can overtake its request, or its record
 
 
 async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
@@ -96,21 +93,10 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id, param=param))
 
 
-def remember(aborted: OrderedDict[tuple[str, str | None], float], key: tuple[str, str | None], now: float) -> None:
-    """``key`` (request id, sender) aborted ``now``; those older than ``ABORT_MEMORY_S``, and the
-    oldest past ``MAX_ABORTS``, forgotten: O(1) an abort (the map made again at each, 30,000 aborts
-    of no request stalled every worker until each was declared lost: a helper's finding; as
-    ``common/clients.py`` keeps its announcements)."""
-    aborted[key] = now
-    aborted.move_to_end(key)
-    while aborted and (len(aborted) > MAX_ABORTS or now - next(iter(aborted.values())) >= ABORT_MEMORY_S):
-        aborted.popitem(last=False)
-
-
 async def abort(w: WorkerService, request_id: str, sender: str | None) -> None:
     """Stop a request held here, told so (``Abort``); remembered: an abort can overtake its request
     (not via a dispatcher)."""
-    remember(w.aborted, (request_id, sender), time.monotonic())
+    w.aborted.add(request_id, sender, time.monotonic())
     stream = w.streams.get(request_id)
     if stream is not None and w.aborted_lately(stream.request):
         await w.drop(request_id)
@@ -228,7 +214,8 @@ async def hand_back_unheld(w: WorkerService, grace_s: float) -> None:
     )
     # A gateway's abort only: the record does not say whose request it is, and an application
     # must not stop another's recovery.
-    if aborted := {rid: a for rid, a in lost.items() if (rid, None) in w.aborted}:
+    now = time.monotonic()
+    if aborted := {rid: a for rid, a in lost.items() if w.aborted.lately(rid, None, now)}:
         await w.store.record_progress(w.s.worker_id, {}, aborted)  # its record outlived it
     if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
         logger.warning("in-flight records not held here; handed back", requests=len(lost))

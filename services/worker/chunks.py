@@ -6,7 +6,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, TokenChunk, Usage
+from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, TokenChunk, Usage, error_text
 from dlora.common.undecodable import RequestHead
 from dlora.services.worker.engine import RequestOutput
 
@@ -71,7 +71,7 @@ def error_chunk(
     return TokenChunk(
         request_id=req.request_id,
         seq=req.next_seq if seq is None else seq,
-        error=reason,
+        error=error_text(reason),
         error_code=code,
         param=param,
         worker=worker,
@@ -102,8 +102,10 @@ def unreadable_chunk(head: RequestHead, error: str, worker: str) -> TokenChunk:
     return TokenChunk(
         request_id=head.request_id,
         seq=head.next_seq,
-        error=f"worker {worker} cannot read this request ({error}); it may run an older dlora than the "
-        "service that sent it (a rolling upgrade): try again",
+        error=error_text(
+            f"worker {worker} cannot read this request ({error}); it may run an older dlora than the "
+            "service that sent it (a rolling upgrade): try again"
+        ),
         error_code=ErrorCode.UNAVAILABLE,
         worker=worker,
         finish_reason=FinishReason.ERROR,

@@ -19,6 +19,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.errors import BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
@@ -79,6 +80,8 @@ class Delivery:
                     recoveries=chunk.recoveries,
                 )
                 return await self._send(subject, failed)
+            if isinstance(e, MaxPayloadError) and chunk.error is not None and len(chunk.error) > 200:  # told, shorter
+                return await self._send(subject, msgspec.structs.replace(chunk, error=chunk.error[:199] + "…"))
             return True
         except NatsError as e:
             self._outage.failed(e)

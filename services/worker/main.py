@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections import OrderedDict
 
 import msgspec
 import structlog
@@ -41,6 +40,7 @@ from dlora.common.state import StateStore
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 from dlora.services.worker import drain
+from dlora.services.worker.aborts import Aborts
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
 from dlora.services.worker.beats import LIST_EVERY_S, publish_stats
@@ -100,7 +100,7 @@ class WorkerService:
         # the adapter versions loaded, kept to the registry; their reads end as commands, between steps
         self.adapters = WorkerAdapters(engine, store, post=self.commands.put)
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
-        self.aborted: OrderedDict[tuple[str, str | None], float] = OrderedDict()  # oldest first
+        self.aborted = Aborts()
         self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
         # Requests handed back once for another worker to take: when (monotonic), and whether only
         # one holding their adapter's version can (admit.py): they did not decode here, or that
@@ -244,7 +244,8 @@ class WorkerService:
 
     def aborted_lately(self, req: GenerateRequest) -> bool:
         """Whether an abort for ``req`` came lately: a gateway's, or its sender's (an app stops only its own)."""
-        return (req.request_id, None) in self.aborted or (req.request_id, req.owner) in self.aborted
+        now = time.monotonic()
+        return self.aborted.lately(req.request_id, None, now) or self.aborted.lately(req.request_id, req.owner, now)
 
     async def _add(self, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
         try:
@@ -452,8 +453,7 @@ class WorkerService:
         finally:
             warm.cancel()
             self.adapters.close()
-            for sub in subs:
-                await sub.unsubscribe()
+            await bus.unsubscribe(subs)
             if self.draining:
                 await drain.hand_back_late(self)
                 if not self.device_failed:  # a stop, not a death: without it, what is left counts as one

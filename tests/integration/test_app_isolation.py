@@ -379,6 +379,19 @@ async def test_names_too_long_for_a_subject_are_refused_and_every_service_stays_
         told = msgspec.json.decode(answer.data, type=TokenChunk)
         assert told.error_code == "bad_request" and said in (told.error or ""), told
         assert len(answer.data) < 5000
+    # an error that quotes what the request named (a 480,000-character regex, escaped twice on
+    # its way) was too large to send: the worker dropped it and the sender waited for ever
+    inbox = subjects.reply_inbox("r-11", "bob")
+    chunks = await _chunks(bob, inbox)
+    regex = "(" + "\\\\" * 240_000
+    await bob.publish(
+        subjects.requests_of("bob"),
+        msgspec.json.encode(
+            GenerateRequest(request_id="r-11", reply_to=inbox, prompt="kalo", params=SamplingParams(regex=regex))
+        ),
+    )
+    told = await asyncio.wait_for(chunks.get(), 30)
+    assert told.error_code == "bad_request" and len(told.error or "") <= 2000, told.error_code
     await bob.publish(subjects.aborts_of("bob"), json.dumps({"request_id": "a" * 100_000}).encode())
     inbox = subjects.reply_inbox("r-10", "bob")
     chunks = await _chunks(bob, inbox)
