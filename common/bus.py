@@ -67,8 +67,8 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
         pass  # down at start: an outage, ridden out like any other
     try:
         yield nc, StateStore(redis, s.redis_prefix)
-    except Exception as e:
-        if lost.is_set():  # what the service met on its way out of a closed connection
+    except nats.errors.Error as e:
+        if lost.is_set():  # what the service met on its way out of a closed connection (others keep their traceback)
             raise ConnectionLost(f"NATS at {s.nats_url} closed the connection for good ({nc.last_error})") from e
         raise
     finally:
@@ -325,7 +325,7 @@ def reject(pattern: str, subject: str, kind: type, error: Exception) -> None:
     allowed, suppressed = _reject_log.allow((pattern, kind.__name__))
     if allowed:
         _log.warning(
-            "bus message rejected", subject=subject, type=kind.__name__, error=str(error), not_logged=suppressed
+            "bus message rejected", subject=subject, type=kind.__name__, error=str(error)[:500], not_logged=suppressed
         )
 
 

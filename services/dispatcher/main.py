@@ -187,7 +187,7 @@ class Dispatcher(Recovery):
             seq=0,
             error=error_text(f"the request does not decode: {why if head and head.lone_surrogate else error}"),
             error_code=ErrorCode.BAD_REQUEST,
-            param=field_of(str(error), "params"),
+            param=param if (param := field_of(str(error), "params")) and len(param) <= 64 else None,
             finish_reason=FinishReason.ERROR,
         )
         for subject in targets:
@@ -365,7 +365,10 @@ class Dispatcher(Recovery):
             if expect is not None:
                 self.metrics.recovered.inc()
         elif expect is None:  # a second request under the id of one in flight (anyone's)
-            held = await self.store.get_inflight(req.request_id)
+            try:
+                held = await self.store.get_inflight(req.request_id)
+            except msgspec.ValidationError:  # a record an older release wrote under looser bounds
+                held = None
             if held is not None and held.request.reply_to == req.reply_to:
                 # The same request sent again (a retry) to the stream already under way: an error
                 # there would end that stream for its reader, which goes on reading it instead. Or

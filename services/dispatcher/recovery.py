@@ -120,6 +120,9 @@ class Recovery:
                     await self._recover(rec, died=died, avoid=None if died else lost.worker, holding=holding)
             except bus.STATE_OUTAGE as e:
                 logger.warning("handed-back request not re-dispatched yet", request=rid, error=type(e).__name__)
+            except Exception as e:  # nor one that cannot be read (an older release's, under looser
+                # bounds: a review) or re-sent: logged, the rest go on
+                logger.exception("handed-back request not recovered", request=rid, error=type(e).__name__)
 
     async def recover(self, worker: str, stopped: bool = False) -> None:
         """Forget ``worker`` and re-dispatch what it held. ``stopped``: its last start drained and

@@ -55,7 +55,7 @@ async def reset_prefix_cache(gw: Gateway, request: web.Request) -> web.Response:
             async with asyncio.timeout(RESET_WAIT_S):
                 await all_in.wait()
     finally:
-        await sub.unsubscribe()
+        await bus.unsubscribe([sub])
     if not answers:
         raise APIError(503, f"no worker answered within {RESET_WAIT_S} s; try again shortly")
     return web.json_response({"workers": answers, "missing": sorted(expected - answers.keys())})

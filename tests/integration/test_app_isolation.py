@@ -392,6 +392,12 @@ async def test_names_too_long_for_a_subject_are_refused_and_every_service_stays_
     )
     told = await asyncio.wait_for(chunks.get(), 30)
     assert told.error_code == "bad_request" and len(told.error or "") <= 2000, told.error_code
+    # a field requests lack, named in ~1 MB: its name was the refusal's param, over max payload
+    head = {"request_id": "r-12", "reply_to": subjects.reply_inbox("r-12", "bob"), "prompt": "x"}
+    room = bob.max_payload - len(json.dumps(head | {"": 1}).encode()) - 16
+    answer = await bob.request(subjects.requests_of("bob"), json.dumps(head | {"a" * room: 1}).encode(), timeout=10)
+    told = msgspec.json.decode(answer.data, type=TokenChunk)
+    assert told.error_code == "bad_request" and told.param is None and len(answer.data) < 5000
     await bob.publish(subjects.aborts_of("bob"), json.dumps({"request_id": "a" * 100_000}).encode())
     inbox = subjects.reply_inbox("r-10", "bob")
     chunks = await _chunks(bob, inbox)

@@ -413,3 +413,32 @@ async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_
         assert replies.empty()
     finally:
         await nc.drain()
+
+
+async def test_a_handed_back_record_that_no_longer_reads_does_not_hold_up_the_rest(redis: Redis) -> None:
+    """A review: a record an older release wrote under looser bounds (an application's 600-character
+    adapter name, recorded before any worker refused it) raised ValidationError out of the
+    hand-back loop, and every record after it went unrecovered until the bad one expired."""
+    from dlora.common.messages import GenerateRequest, LostRequests
+    from dlora.services.dispatcher.recovery import Recovery
+
+    store = StateStore(redis)
+    for req in (
+        GenerateRequest(request_id="older", reply_to="_INBOX.x", prompt="hi", adapter="a" * 600),
+        GenerateRequest(request_id="innocent", reply_to="_INBOX.y", prompt="hi"),
+    ):
+        assert await store.put_inflight(req, "w0", new=True)
+    recovered: list[str] = []
+
+    class Dispatching(Recovery):  # the hand-back loop alone: what it would re-dispatch
+        def __init__(self) -> None:
+            self.store = store
+
+        def live(self) -> list[object]:
+            return [object()]
+
+        async def _recover(self, rec, died=True, avoid=None, holding=False) -> None:  # type: ignore[no-untyped-def]
+            recovered.append(rec.request.request_id)
+
+    await Dispatching()._on_lost(LostRequests(worker="w0", requests={"older": 0, "innocent": 0}, draining=True))
+    assert recovered == ["innocent"]
