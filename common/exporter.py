@@ -38,8 +38,21 @@ class _Together(Collector):
 def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
     """``registry``'s metrics, then the process-wide ones, in the format ``accept`` (a request's
     ``Accept`` header) asks for: OpenMetrics, or else Prometheus's text format; with its content type."""
-    encode, content_type = choose_encoder(accept)
+    encode, content_type = choose_encoder(_names_kept(accept))
     return encode(_Together(registry)), content_type
+
+
+def _names_kept(accept: str) -> str:
+    """``accept`` with each OpenMetrics range that names no escaping asking for names as they are
+    (``escaping=allow-utf-8``): prometheus_client 0.26, asked as Prometheus 2.x asks, wrote every
+    sample of ``vllm:num_requests_waiting`` as ``vllm_num_requests_waiting`` under a TYPE line
+    that kept the colon (prometheus/client_python#1177), and vLLM's dashboards found nothing (a
+    helper's finding). Our names are all legal as they are, so nothing needs escaping."""
+    ranges = [r.strip() for r in accept.split(",")]
+    return ",".join(
+        f"{r};escaping=allow-utf-8" if r.startswith("application/openmetrics-text") and "escaping=" not in r else r
+        for r in ranges
+    )
 
 
 def metrics_response(registry: CollectorRegistry, accept: str = "") -> web.Response:

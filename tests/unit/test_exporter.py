@@ -54,6 +54,11 @@ def test_openmetrics_to_a_prometheus_with_every_unit_and_the_same_names(section:
     assert text.endswith("# EOF\n") and text.count("# EOF") == 1  # one exposition, process families in it
     families = {f.name: f for f in openmetrics_families(text)}  # the strict parser: it is valid OpenMetrics
     assert "process_cpu_seconds" in families or "python_info" in families
+    # Each family's samples under its name: asked as Prometheus 2.x asks, prometheus_client wrote
+    # vllm:num_requests_waiting's samples as vllm_num_requests_waiting (a helper's finding)
+    samples = {sample.name for family in families.values() for sample in family.samples}
+    assert not any(name.startswith("vllm_") for name in samples)
+    assert section != "Worker" or any(name.startswith("vllm:") for name in samples)
     # Every documented family under its documented name (a counter's family drops `_total`), and
     # each whose name ends in a unit says so.
     for name in documented_by_section()[section]:
