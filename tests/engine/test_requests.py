@@ -297,3 +297,27 @@ def test_a_max_model_len_over_the_models_context_is_refused(tiny_llama: TinyOutp
     with pytest.raises(ValueError, match=f"max_model_len {context + 1} is over the model's context length {context}"):
         make_engine(tiny_llama, max_model_len=context + 1)
     assert make_engine(tiny_llama, max_model_len=context).max_model_len == context
+
+
+def test_a_first_output_says_how_long_since_its_request_was_first_scheduled(tiny_llama: TinyOutput) -> None:
+    """A helper's finding: the worker's queue time (vLLM's: until the request is first scheduled)
+    ran to its first token, a 29-step chunked prefill counted as 96 % of the time to first token.
+    The first output says how long since the first step that scheduled it; the worker takes that
+    off (``chunks.chunk_for``)."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker.chunks import chunk_for, open_stream
+
+    engine = make_engine(tiny_llama, max_num_batched_tokens=8)  # chunked prefill is on by default
+    clock = [100.0]
+    engine.clock = lambda: clock[0]
+    prompt = [5 + i % 90 for i in range(40)]  # five chunks of 8
+    engine.add_request("r", prompt_token_ids=prompt, params=SamplingParams(max_tokens=2))
+    clock[0] += 3.0  # it waits 3 s for its first step
+    outputs = []
+    while not outputs:
+        outputs = engine.step()
+        clock[0] += 1.0
+    [first] = outputs
+    assert first.scheduled_s == 4.0  # five steps: scheduled at the first's start, taken at the last's end
+    stream = open_stream(GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=prompt), now=10.0)
+    assert chunk_for(first, stream, "w", now=10.0 + 3.0 + 5.0).queue_seconds == pytest.approx(4.0)

@@ -360,6 +360,9 @@ class LLMEngine:
         if not plan.seqs:
             return None
         started = self.clock()  # the step's time counts adapter loads, not the switch
+        for seq in plan.seqs:
+            if seq.scheduled_at is None:
+                seq.scheduled_at = started
         batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
         fed = [(s.adapter, s.num_scheduled) for s in batch]
         prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)

@@ -41,6 +41,9 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first output token, when asked
     num_cached_tokens: int = 0  # prompt tokens its prefill found in the prefix cache (vLLM's)
+    # With a request's first output token: seconds since its first step was scheduled (its prefill
+    # and first decode); what came before was its wait (the worker's queue time).
+    scheduled_s: float | None = None
 
 
 def failed_output(seq: Sequence, reason: str, code: ErrorCode, param: str | None = None) -> RequestOutput:

@@ -43,6 +43,9 @@ class Sequence:
     # Prompt tokens its first prefill found in the prefix cache (vLLM's num_cached_tokens: the
     # usage's prompt_tokens_details.cached_tokens); a preempted request's second look is not counted.
     num_cached_prompt: int = 0
+    # Engine clock seconds of the first step that scheduled it: its time waiting ends there (vLLM's
+    # scheduled_ts), however many steps its prefill then takes.
+    scheduled_at: float | None = None
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # its bad_words, tokenized (bad_words.py)
     allowed_mask: Any = None  # (vocab,) bool on the engine's device: its allowed_token_ids (sampler.allowed_mask)

@@ -30,7 +30,7 @@ def take(
     computed with the draw). A request whose token cannot be taken fails alone. ``reserved``: the
     tokens' places were reserved when drawn (async scheduling); one ended or dropped since is
     passed over."""
-    outputs = []
+    outputs, now = [], engine.clock()
     gone = {i for i, s in enumerate(ran) if not engine.holds(s)} if reserved else set()
     wanted = {
         i: (tok, seq.params.logprobs)
@@ -54,6 +54,8 @@ def take(
             if isinstance(lp := logprobs.get(i), Exception):
                 raise lp
             out.logprobs = [lp] if lp is not None else None
+            if out.num_output_tokens == 1 and seq.scheduled_at is not None:
+                out.scheduled_s = now - seq.scheduled_at
             outputs.append(out)
         except Exception as e:  # noqa: BLE001 - one request's fault must not end the step for the rest
             raise_if_lost(e)
