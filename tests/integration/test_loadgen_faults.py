@@ -108,7 +108,9 @@ SLOW_SERVER = """
 import asyncio, sys
 from aiohttp import web
 async def models(_): return web.json_response({"object": "list", "data": [{"id": "model", "object": "model"}]})
-async def completions(_): await asyncio.sleep(3600)
+async def completions(_):
+    open(sys.argv[2], "a").close()  # a request came: for the test to press Ctrl-C
+    await asyncio.sleep(3600)
 app = web.Application(); app.router.add_get("/v1/models", models); app.router.add_post("/v1/completions", completions)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 """
@@ -128,7 +130,8 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: 
     from dlora.services.cli import build_parser
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)])
+    asked = tmp_path / "asked"
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port), str(asked)])
     try:
         for _ in range(100):  # up
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
@@ -136,7 +139,15 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: 
             time.sleep(0.1)
         argv = ["loadgen", "--target", f"http://127.0.0.1:{port}", "--requests", "20", "--rate", "2"]
         args = build_parser().parse_args([*argv, "--adapter-names", "-", "--out", str(tmp_path / "out")])
-        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+        def interrupt() -> None:  # once sending has begun (a 2 s timer missed it on a loaded machine)
+            for _ in range(600):
+                if asked.exists():
+                    break
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt, daemon=True).start()
         assert run_loadgen(args) == 130
     finally:
         server.kill()
