@@ -10,12 +10,16 @@ for it first, else Prometheus's text format.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import ALLOWUTF8
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.registry import Collector
 
 from dlora.common import log
@@ -37,22 +41,23 @@ class _Together(Collector):
 
 def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
     """``registry``'s metrics, then the process-wide ones, in the format ``accept`` (a request's
-    ``Accept`` header) asks for: OpenMetrics, or else Prometheus's text format; with its content type."""
-    encode, content_type = choose_encoder(_names_kept(accept))
+    ``Accept`` header) asks for: OpenMetrics, or else Prometheus's text format; with its content type.
+
+    OpenMetrics is written with names as they are (``allow-utf-8``) under the content type
+    negotiated: asked for underscores (Prometheus 2.x names no escaping, a Prometheus 3 set to
+    legacy names asks for it, a bare media type gets it), prometheus_client 0.26 wrote every sample
+    of ``vllm:num_requests_waiting`` as ``vllm_num_requests_waiting`` under a TYPE line keeping
+    the colon (prometheus/client_python#1177), and vLLM's dashboards found nothing (a helper's
+    finding). Every name here is a legal one (a test checks), so the body is the one the
+    underscores escaping means; a Prometheus picks its parser by the media type alone."""
+    encode, content_type = choose_encoder(accept)
+    if content_type.startswith("application/openmetrics-text"):
+        version = _VERSION.search(content_type)
+        encode = partial(openmetrics_latest, escaping=ALLOWUTF8, version=version[1] if version else "1.0.0")
     return encode(_Together(registry)), content_type
 
 
-def _names_kept(accept: str) -> str:
-    """``accept`` with each OpenMetrics range that names no escaping asking for names as they are
-    (``escaping=allow-utf-8``): prometheus_client 0.26, asked as Prometheus 2.x asks, wrote every
-    sample of ``vllm:num_requests_waiting`` as ``vllm_num_requests_waiting`` under a TYPE line
-    that kept the colon (prometheus/client_python#1177), and vLLM's dashboards found nothing (a
-    helper's finding). Our names are all legal as they are, so nothing needs escaping."""
-    ranges = [r.strip() for r in accept.split(",")]
-    return ",".join(
-        f"{r};escaping=allow-utf-8" if r.startswith("application/openmetrics-text") and "escaping=" not in r else r
-        for r in ranges
-    )
+_VERSION = re.compile(r"version=([0-9.]+)")
 
 
 def metrics_response(registry: CollectorRegistry, accept: str = "") -> web.Response:

@@ -78,3 +78,38 @@ def test_prometheus_text_without_an_accept_header_with_the_same_samples() -> Non
     assert {n: v for n, v in plain.items() if n.startswith("dlora_")} == {
         n: v for n, v in strict.items() if n.startswith("dlora_")
     }
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        PROMETHEUS_ACCEPT,  # a Prometheus 2.x: no escaping named
+        "application/openmetrics-text",  # no version: prometheus_client forces underscores
+        # a Prometheus 3 set to legacy names
+        "application/openmetrics-text;version=1.0.0;escaping=underscores;q=0.6,text/plain;version=0.0.4;q=0.3",
+    ],
+)
+def test_openmetrics_samples_keep_the_vllm_names_however_asked(accept: str) -> None:
+    """A helper's finding, then a review's: asked for underscores, prometheus_client wrote
+    ``vllm:num_requests_waiting``'s samples as ``vllm_num_requests_waiting`` under a TYPE line
+    keeping the colon (prometheus/client_python#1177). Every name is legal as it is, so written as
+    it is, the body is what any escaping means."""
+    body, content_type = render(registries()["Worker"], accept)
+    assert content_type.startswith("application/openmetrics-text")
+    samples = {s.name for f in openmetrics_families(body.decode()) for s in f.samples}
+    assert not any(name.startswith("vllm_") for name in samples)
+    assert any(name.startswith("vllm:") for name in samples)
+
+
+def test_every_name_is_legal_unescaped() -> None:
+    """What lets ``render`` write OpenMetrics names as they are for a scraper that asked for them
+    escaped: a name that needed escaping would be quoted, and a Prometheus 2.x refuses the scrape."""
+    import re
+
+    metric, label = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*"), re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+    for registry in registries().values():
+        text = render(registry)[0].decode()  # Prometheus's text format: no escaping at all
+        for family in text_string_to_metric_families(text):
+            assert metric.fullmatch(family.name), family.name
+            for sample in family.samples:
+                assert metric.fullmatch(sample.name) and all(map(label.fullmatch, sample.labels)), sample
