@@ -519,3 +519,18 @@ def test_a_prompt_left_waiting_through_a_merged_epoch_is_prefilled_once_in_its_c
     epoch = p._epoch
     assert epoch is not None and epoch.merged == "a"
     assert epoch.cf_tokens == 5 * 4 + 400 + 4  # a's decodes each step; w's prompt once, then decodes
+
+
+def test_what_the_policy_keeps_of_requests_and_adapters_gone_stays_bounded() -> None:
+    """A helper's finding: a merged epoch's counterfactual kept one id a request for as long as
+    its adapter stayed merged (9,000 with 6 in flight), and the ranks one key an adapter version
+    ever queued (a trainer's reloads: each version its own key)."""
+    p = DLoraPolicy(LIMITS)
+    for step in range(2000):
+        q = [QueuedRequest(f"r{step}-{i}", "a", i, False, 4, 16) for i in range(5)]
+        q.append(QueuedRequest(f"v{step}", f"a@v{step}", 5, False, 4, 16))  # a new version each step
+        d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False)
+        p.observe(d, _record(d, q, 0.01))
+    epoch = p._epoch
+    assert epoch is not None and epoch.merged == "a" and epoch.steps == 2000  # one long epoch
+    assert len(epoch.cf_prefilled) <= 4 * 6 + 256 and len(p.ranks) <= 4 * 6 + 256
