@@ -66,7 +66,7 @@ async def run(
     if isinstance(client, HttpClient):
         try:
             served = await client.served_models()
-        except OSError:
+        except BaseException:  # refused, or Ctrl-C while it asked: closed either way (no warning left)
             await client.close()
             raise
         wanted = {s.adapter or base_model for s in requests}

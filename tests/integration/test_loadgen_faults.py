@@ -103,22 +103,29 @@ async def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path: Path) -
     assert clock() - start < 1.0  # nothing was sent (the first request would wait a second)
 
 
-# An OpenAI-compatible server whose completions never answer, in a process of its own.
+# An OpenAI-compatible server whose completions never answer, in a process of its own: it marks
+# each route asked (a file named after it in argv[2]), and holds /v1/models argv[3] seconds.
 SLOW_SERVER = """
-import asyncio, sys
+import asyncio, pathlib, sys
 from aiohttp import web
-async def models(_): return web.json_response({"object": "list", "data": [{"id": "model", "object": "model"}]})
+asked = pathlib.Path(sys.argv[2])
+async def models(_):
+    (asked / "models").touch(); await asyncio.sleep(float(sys.argv[3]))
+    return web.json_response({"object": "list", "data": [{"id": "model", "object": "model"}]})
 async def completions(_):
-    open(sys.argv[2], "a").close()  # a request came: for the test to press Ctrl-C
-    await asyncio.sleep(3600)
+    (asked / "completions").touch(); await asyncio.sleep(3600)
 app = web.Application(); app.router.add_get("/v1/models", models); app.router.add_post("/v1/completions", completions)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 """
 
 
-def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("pressed", "models_s"), [("completions", 0.0), ("models", 30.0)])
+def test_ctrl_c_writes_the_report_says_so_and_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pressed: str, models_s: float
+) -> None:
     """An interrupted run said nothing on the terminal and exited 0 (`interrupted: true` only in
-    result.json); Ctrl-C before sending began was a traceback."""
+    result.json); Ctrl-C before sending began was a traceback. Ctrl-C is pressed once the server
+    was asked for ``pressed``: a 2 s timer missed the run on a loaded machine."""
     import os
     import signal
     import subprocess
@@ -129,9 +136,16 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: 
     from dlora.loadgen.main import run_loadgen
     from dlora.services.cli import build_parser
 
-    port = free_port()
-    asked = tmp_path / "asked"
-    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port), str(asked)])
+    port, done = free_port(), threading.Event()
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port), str(tmp_path), str(models_s)])
+
+    def interrupt() -> None:  # never once the run is over (it would stop a later test)
+        while not done.wait(0.05):
+            if (tmp_path / pressed).exists():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    pressing = threading.Thread(target=interrupt, daemon=True)
     try:
         for _ in range(100):  # up
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
@@ -139,22 +153,18 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: 
             time.sleep(0.1)
         argv = ["loadgen", "--target", f"http://127.0.0.1:{port}", "--requests", "20", "--rate", "2"]
         args = build_parser().parse_args([*argv, "--adapter-names", "-", "--out", str(tmp_path / "out")])
-
-        def interrupt() -> None:  # once sending has begun (a 2 s timer missed it on a loaded machine)
-            for _ in range(600):
-                if asked.exists():
-                    break
-                time.sleep(0.1)
-            os.kill(os.getpid(), signal.SIGINT)
-
-        threading.Thread(target=interrupt, daemon=True).start()
+        pressing.start()
         assert run_loadgen(args) == 130
     finally:
+        done.set()
+        pressing.join()
         server.kill()
         server.wait()
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted" in err
-    if "before sending" not in err:  # it had begun: the report is written and says so
+    if pressed == "models":
+        assert "before sending" in err
+    else:  # it had begun: the report is written and says so
         assert json.loads((tmp_path / "out" / "result.json").read_text())["config"]["interrupted"]
 
 
