@@ -5,10 +5,8 @@ reason, no task's exception goes unretrieved, and the run ends with its report."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -104,18 +102,22 @@ async def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path: Path) -
 
 
 # An OpenAI-compatible server whose completions never answer, in a process of its own: it marks
-# each route asked (a file named after it in argv[2]), and holds /v1/models argv[3] seconds.
+# each route asked (a file named after it in argv[1]), holds /v1/models argv[2] seconds, and
+# writes the port it took to argv[1]/port (a port chosen free beforehand was taken meanwhile by
+# another test's server, and the run talked to that one: twice, exit 1 with all 20 requests cut).
 SLOW_SERVER = """
-import asyncio, pathlib, sys
+import asyncio, pathlib, socket, sys
 from aiohttp import web
-asked = pathlib.Path(sys.argv[2])
+here = pathlib.Path(sys.argv[1])
 async def models(_):
-    (asked / "models").touch(); await asyncio.sleep(float(sys.argv[3]))
+    (here / "models").touch(); await asyncio.sleep(float(sys.argv[2]))
     return web.json_response({"object": "list", "data": [{"id": "model", "object": "model"}]})
 async def completions(_):
-    (asked / "completions").touch(); await asyncio.sleep(3600)
+    (here / "completions").touch(); await asyncio.sleep(3600)
 app = web.Application(); app.router.add_get("/v1/models", models); app.router.add_post("/v1/completions", completions)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
+(here / "port.tmp").write_text(str(sock.getsockname()[1])); (here / "port.tmp").rename(here / "port")
+web.run_app(app, sock=sock, print=None)
 """
 
 
@@ -136,8 +138,8 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(
     from dlora.loadgen.main import run_loadgen
     from dlora.services.cli import build_parser
 
-    port, done = free_port(), threading.Event()
-    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port), str(tmp_path), str(models_s)])
+    done = threading.Event()
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(tmp_path), str(models_s)])
 
     def interrupt() -> None:  # never once the run is over (it would stop a later test)
         while not done.wait(0.05):
@@ -147,10 +149,11 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(
 
     pressing = threading.Thread(target=interrupt, daemon=True)
     try:
-        for _ in range(100):  # up
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+        for _ in range(300):  # up: listening on the port it wrote
+            if (tmp_path / "port").exists():
                 break
             time.sleep(0.1)
+        port = int((tmp_path / "port").read_text())
         argv = ["loadgen", "--target", f"http://127.0.0.1:{port}", "--requests", "20", "--rate", "2"]
         args = build_parser().parse_args([*argv, "--adapter-names", "-", "--out", str(tmp_path / "out")])
         pressing.start()
