@@ -121,13 +121,10 @@ web.run_app(app, sock=sock, print=None)
 """
 
 
-@pytest.mark.parametrize(("pressed", "models_s"), [("completions", 0.0), ("models", 30.0)])
-def test_ctrl_c_writes_the_report_says_so_and_exits_130(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], pressed: str, models_s: float
-) -> None:
+def test_ctrl_c_writes_the_report_says_so_and_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An interrupted run said nothing on the terminal and exited 0 (`interrupted: true` only in
-    result.json); Ctrl-C before sending began was a traceback. Ctrl-C is pressed once the server
-    was asked for ``pressed``: a 2 s timer missed the run on a loaded machine."""
+    result.json). Ctrl-C is pressed once a completion request reached the server (on a 2 s timer
+    it missed the run in fresh-clone runs: exit 1, every request sent and cut)."""
     import os
     import signal
     import subprocess
@@ -139,11 +136,11 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(
     from dlora.services.cli import build_parser
 
     done = threading.Event()
-    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(tmp_path), str(models_s)])
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(tmp_path), "0"])
 
     def interrupt() -> None:  # never once the run is over (it would stop a later test)
         while not done.wait(0.05):
-            if (tmp_path / pressed).exists():
+            if (tmp_path / "completions").exists():
                 os.kill(os.getpid(), signal.SIGINT)
                 return
 
@@ -165,10 +162,7 @@ def test_ctrl_c_writes_the_report_says_so_and_exits_130(
         server.wait()
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted" in err
-    if pressed == "models":
-        assert "before sending" in err
-    else:  # it had begun: the report is written and says so
-        assert json.loads((tmp_path / "out" / "result.json").read_text())["config"]["interrupted"]
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["config"]["interrupted"]  # written, says so
 
 
 async def test_a_target_that_is_not_an_openai_server_is_refused_before_the_run() -> None:
