@@ -1,0 +1,126 @@
+"""What the dLoRA policy learns from the steps it observes: its epochs' counterfactuals (what the
+other mode would have cost), a repeated step observed at once, and what it keeps of requests and
+adapters gone staying bounded."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from dlora.services.worker.policy import QueuedRequest, StepDecision, StepRecord, SwitchedFeeds
+from dlora.services.worker.policy.config import PolicyConfig
+from dlora.services.worker.policy.dlora import DLoraPolicy
+from dlora.services.worker.policy.dlora_steps import Basis
+from tests.unit.test_dlora_policy import LIMITS, _linear_costs, _record, queue
+
+
+def test_the_merged_counterfactual_prefills_a_waiting_prompt_once_an_epoch() -> None:
+    """b's long prompt waits outside the batch (F is full) through an unmerged epoch: a merged step
+    on b would prefill it once, so the counterfactual counts its 500 tokens at the first step and
+    one token a step after, not 500 at every step (which made merging look many times better
+    than it was, and lowered the band until small adapters were merged)."""
+    p = DLoraPolicy(LIMITS, PolicyConfig(r_initial=1.0))
+    p.costs.observe_step(503, 0.020)
+    p.costs.observe_step(4, 0.010)
+    q = queue("b", "b", "b", "c", "c", "d", "d", "e")
+    q = [QueuedRequest(r.request_id, r.adapter, r.arrival, True, 1, r.rank) for r in q]
+    q.append(QueuedRequest("long", "b", 8, False, 500, 16))
+    for _ in range(4):  # the steps run unmerged, whatever the policy would pick: its accounting is tested
+        basis = p.decide(q, None).basis
+        d = StepDecision(None, [r.request_id for r in q[:8]], basis)
+        p.observe(d, _record(d, q, 0.030))
+    assert p._epoch is not None and p._epoch.cf_tokens == 503 + 3 * 4
+
+
+def test_the_band_prices_merging_with_the_prompt_tokens_it_would_compute_again() -> None:
+    """An unmerged step ran four turns of b, 384 of each 400 tokens cached with nothing merged:
+    merged, they would have computed 1,600 tokens for the 64 served, and the band holds; told
+    nothing of the cache, merging them looks cheaper (no LoRA) and R falls."""
+    for cached, r_after in ((True, 1.0), (False, 0.8)):
+        p = _linear_costs(DLoraPolicy(LIMITS, PolicyConfig(r_initial=1.0, band_down=0.8)))
+        q = [
+            QueuedRequest(f"t{i}", "b", i, False, 16, 16, SwitchedFeeds(16, 400, 400) if cached else None)
+            for i in range(4)
+        ]
+        d = dataclasses.replace(p.decide(q, None), merged=None, mixed=False)  # an unmerged step
+        seconds = 1.3 * (p.costs.step_seconds(64) or 0)  # as measured: LoRA 30 % dearer here
+        p.observe(d, StepRecord(None, d.request_ids, ["b"] * 4, 64, seconds, lora_segments=1, lora_rank_tokens=64 * 16))
+        p.observe(p.decide(q, None), StepRecord("b", ["t0"], ["b"], 1, 0.005, merge_seconds=0.001))
+        assert p.r == pytest.approx(r_after), cached
+
+
+def _grown(decision: StepDecision, tokens: int) -> StepDecision:
+    """``decision`` as deciding it ``tokens`` steps later would have seen it: every request it saw
+    attending that many more tokens (a repeated step's, and its counterfactuals')."""
+    basis = decision.basis
+    assert isinstance(basis, Basis)
+
+    def grow(rs: list[QueuedRequest]) -> list[QueuedRequest]:
+        return [dataclasses.replace(r, context=r.context + tokens) for r in rs]
+
+    grown = dataclasses.replace(basis, fcfs=grow(basis.fcfs), best_group=grow(basis.best_group))
+    return dataclasses.replace(decision, basis=grown)
+
+
+def test_a_step_observed_as_repeated_teaches_what_observing_each_run_does() -> None:
+    """The simulator hands the policy a fast-forwarded step once with every run's seconds
+    (``observe_repeated``), what it works out once for all runs must leave the policy as one
+    ``observe`` per run would, each deciding on requests a token longer than the last (the
+    counterfactual steps' contexts grow as the step's do): the same costs, credits, epoch and
+    band, to the last bit."""
+    rng = random.Random(1)
+    each, repeated = DLoraPolicy(LIMITS), DLoraPolicy(LIMITS)
+    merged_now, merges, credited = None, 0, 0
+    for i in range(150):
+        q = queue(*(rng.choice(["a", "a", "a", "a", "b", "c", None]) for _ in range(rng.randint(4, 14))))
+        q = [dataclasses.replace(r, context=rng.randint(1, 900)) for r in q]  # the context slope learns too
+        d1, d2 = each.decide(q, merged_now), repeated.decide(q, merged_now)
+        assert (d1.request_ids, d1.merged, d1.mixed) == (d2.request_ids, d2.merged, d2.mixed), i
+        runs = [rng.uniform(0.005, 0.05) for _ in range(rng.randint(1, 6))]
+        switch = 0.02 if d1.merged != merged_now else 0.0
+        for j, t in enumerate(runs):
+            each.observe(_grown(d1, j), _record(d1, q, t, merge=switch, repeat=j))
+        repeated.observe_repeated(d2, _record(d2, q, runs[0], merge=switch), runs)
+        # checked at each step: credit settles, and an epoch's sums are read only when it ends
+        assert repeated.credits.balances == each.credits.balances and repeated._epoch == each._epoch, i
+        merges += d1.merged is not None and d1.merged != merged_now
+        credited += any(each.credits.balances.values())
+        merged_now = d1.merged
+    assert merges >= 2 and credited >= 5  # it merged, switched back and moved credit along the way
+    assert each.costs._fit[8] > 0 and each.costs.to_dict() == repeated.costs.to_dict()  # contexts seen alike
+    assert repeated.checkpoint() == each.checkpoint() and repeated.credits.balances == each.credits.balances
+    assert repeated._epoch == each._epoch and repeated.fallback_steps == each.fallback_steps
+    assert (repeated.r, repeated.merged_epoch_steps) == (each.r, each.merged_epoch_steps)
+
+
+def test_a_prompt_left_waiting_through_a_merged_epoch_is_prefilled_once_in_its_counterfactual() -> None:
+    """A review: the merged epoch's counterfactual (the FCFS batch, unmerged) counted a prompt the
+    epoch left waiting as prefilled at every step, its 400 tokens each time, where serving it
+    would have prefilled it once and then decoded it; the merged counterfactual of an unmerged
+    epoch already counted each prompt once."""
+    p = _linear_costs(DLoraPolicy(LIMITS))
+    q = [*(QueuedRequest(f"a{i}", "a", i, True, 1, 16) for i in range(4)), QueuedRequest("w", "b", 9, False, 400, 16)]
+    d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False)  # merged: b's prompt waits
+    assert d.basis.fcfs[-1].request_id == "w"  # type: ignore[union-attr]
+    for step in range(5):
+        p.observe(d, _record(d, q, 0.02, repeat=step))
+    epoch = p._epoch
+    assert epoch is not None and epoch.merged == "a"
+    assert epoch.cf_tokens == 5 * 4 + 400 + 4  # a's decodes each step; w's prompt once, then decodes
+
+
+def test_what_the_policy_keeps_of_requests_and_adapters_gone_stays_bounded() -> None:
+    """A helper's finding: a merged epoch's counterfactual kept one id a request for as long as
+    its adapter stayed merged (9,000 with 6 in flight), and the ranks one key an adapter version
+    ever queued (a trainer's reloads: each version its own key)."""
+    p = DLoraPolicy(LIMITS)
+    for step in range(2000):
+        q = [QueuedRequest(f"r{step}-{i}", "a", i, False, 4, 16) for i in range(5)]
+        q.append(QueuedRequest(f"v{step}", f"a@v{step}", 5, False, 4, 16))  # a new version each step
+        d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False)
+        p.observe(d, _record(d, q, 0.01))
+    epoch = p._epoch
+    assert epoch is not None and epoch.merged == "a" and epoch.steps == 2000  # one long epoch
+    assert len(epoch.cf_prefilled) <= 4 * 6 + 256 and len(p.ranks) <= 4 * 6 + 256
