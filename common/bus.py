@@ -69,7 +69,7 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
         yield nc, StateStore(redis, s.redis_prefix)
     except nats.errors.Error as e:
         if lost.is_set():  # what the service met on its way out of a closed connection (others keep their traceback)
-            raise ConnectionLost(f"NATS at {s.nats_url} closed the connection for good ({nc.last_error})") from e
+            raise ConnectionLost.of(s, nc) from e
         raise
     finally:
         running.clear()
@@ -77,7 +77,7 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
             await nc.drain()
         await redis.aclose()
     if lost.is_set():
-        raise ConnectionLost(f"NATS at {s.nats_url} closed the connection for good ({nc.last_error})")
+        raise ConnectionLost.of(s, nc)
 
 
 class StoppedConnecting(Exception):
@@ -86,6 +86,10 @@ class StoppedConnecting(Exception):
 
 class ConnectionLost(Exception):
     """NATS closed this service's connection for good while it ran (``connections``)."""
+
+    @classmethod
+    def of(cls, s: Common, nc: NATS) -> ConnectionLost:
+        return cls(f"NATS at {s.nats_url} closed the connection for good ({nc.last_error})")
 
 
 class CredentialsRefused(Exception):
