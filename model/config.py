@@ -1,12 +1,14 @@
 """The base model's architecture, read from a Hugging Face ``config.json``.
 
 One dataclass covers the Llama family the engine serves (Llama, Mistral, Qwen2): they differ only
-in q/k/v bias, tied embeddings, head sizes and RoPE scaling, which are all fields here.
+in attention biases, tied embeddings, head sizes, RoPE scaling and attention windows, which are all
+fields here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,13 @@ SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 
 class ModelConfigError(ValueError):
     """The model directory's config cannot be served; the message names the bad field."""
+
+
+def served_name(model: str | Path, served_model_name: str | None = None) -> str:
+    """The name requests give the base model: ``served_model_name``, else the model directory's own
+    name, its path made absolute first (``--model .`` named it "", and every request's 404).
+    Symbolic links are not followed: a link's name is the one its user chose."""
+    return served_model_name or Path(os.path.abspath(model)).name
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,7 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    # q/k/v projections carry a bias (Qwen2) — o_proj never does in this family.
+    # q/k/v projections carry a bias (Qwen2 always; Llama with attention_bias, as transformers').
     qkv_bias: bool
     # Normalised RoPE parameters: always has "rope_theta" and "rope_type".
     rope: dict[str, Any] = field(default_factory=dict)
@@ -39,6 +48,9 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # o_proj carries a bias (Llama with attention_bias: transformers' LlamaAttention and vLLM's
+    # llama.py give o_proj one beside q/k/v; Qwen2's and Mistral's never have one).
+    o_bias: bool = False
 
     @property
     def q_size(self) -> int:
@@ -100,6 +112,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
+        """The architecture ``raw`` (a parsed config.json) describes.
+
+        Raises:
+            ModelConfigError: an architecture, activation, quantization or scaling not served, or
+                a field missing or of the wrong kind; the message names the field.
+        """
+        if not isinstance(raw, dict):
+            raise ModelConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ModelConfigError(
@@ -109,44 +129,84 @@ class ModelConfig:
             raise ModelConfigError(f"{source}: hidden_act {raw['hidden_act']!r} is not served; expected 'silu'")
         if raw.get("mlp_bias"):
             raise ModelConfigError(f"{source}: mlp_bias=true is not served")
-        try:
-            hidden = int(raw["hidden_size"])
-            heads = int(raw["num_attention_heads"])
-            kv_heads = int(raw.get("num_key_value_heads") or heads)
-            head_dim = int(raw.get("head_dim") or hidden // heads)
-            cfg = cls(
-                model_type=model_type,
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                qkv_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
-                rope=_rope_parameters(raw, source),
-                sliding_window=_sliding_window(raw),
-                bos_token_id=raw.get("bos_token_id"),
-                eos_token_ids=_as_ids(raw.get("eos_token_id")),
+        for key in ("quantization_config", "compression_config"):  # fp8, GPTQ, AWQ, llm-compressor
+            if raw.get(key):
+                method = raw[key].get("quant_method") if isinstance(raw[key], dict) else None
+                raise ModelConfigError(
+                    f"{source}: {key} (quant_method {method!r}) is not served; give the model's weights unquantized"
+                )
+        hidden = _count(raw, "hidden_size", source)
+        heads = _count(raw, "num_attention_heads", source)
+        kv_heads = _count(raw, "num_key_value_heads", source, default=heads)
+        if raw.get("head_dim") is None and hidden % heads:
+            raise ModelConfigError(
+                f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} (and no head_dim)"
             )
-        except KeyError as e:
-            raise ModelConfigError(f"{source}: missing field {e.args[0]!r}") from None
         if heads % kv_heads:
             raise ModelConfigError(
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
-        return cfg
+        eps = raw.get("rms_norm_eps", 1e-6)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
+            raise ModelConfigError(f"{source}: rms_norm_eps must be a number in (0, 1), got {eps!r}")
+        attention_bias = bool(raw.get("attention_bias")) and model_type == "llama"  # transformers reads it there alone
+        try:
+            eos = _as_ids(raw.get("eos_token_id"))
+        except (TypeError, ValueError):
+            raise ModelConfigError(f"{source}: eos_token_id must be a token id or a list of them") from None
+        bos = raw.get("bos_token_id")
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+            raise ModelConfigError(f"{source}: bos_token_id must be a token id, got {bos!r}")
+        return cls(
+            model_type=model_type,
+            vocab_size=_count(raw, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=_count(raw, "intermediate_size", source),
+            num_layers=_count(raw, "num_hidden_layers", source),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=_count(raw, "head_dim", source, default=hidden // heads),
+            rms_norm_eps=float(eps),
+            max_position_embeddings=_count(raw, "max_position_embeddings", source, default=2048),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias,
+            rope=_rope_parameters(raw, source),
+            sliding_window=_sliding_window(raw, source),
+            bos_token_id=bos,
+            eos_token_ids=eos,
+        )
 
 
-def _sliding_window(raw: dict[str, Any]) -> int | None:
-    # Qwen2 configs carry a window but use it only with use_sliding_window; Mistral's is live when set.
-    if raw["model_type"] == "qwen2" and not raw.get("use_sliding_window"):
+def _count(raw: dict[str, Any], key: str, source: str, default: int | None = None, low: int = 1) -> int:
+    """``raw[key]``, an integer at least ``low`` (``default`` where absent or null).
+
+    Raises:
+        ModelConfigError: it is missing without a default, or not such an integer.
+    """
+    value = raw.get(key)
+    if value is None:
+        if default is None:
+            raise ModelConfigError(f"{source}: missing field {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ModelConfigError(f"{source}: {key} must be an integer of at least {low}, got {value!r}")
+    return value
+
+
+def _sliding_window(raw: dict[str, Any], source: str) -> int | None:
+    """The attention window some layer uses, as transformers reads the config: Mistral's when set;
+    Qwen2's only with use_sliding_window, and then on layers from max_window_layers on (none when
+    that is the layer count); Llama's never (its attention has no window)."""
+    if raw["model_type"] == "llama":
         return None
-    window = raw.get("sliding_window")
-    return int(window) if window else None
+    if raw["model_type"] == "qwen2" and not (  # 28: Qwen2Config's default
+        raw.get("use_sliding_window") and _count(raw, "max_window_layers", source, 28, 0) < raw["num_hidden_layers"]
+    ):
+        return None
+    if not raw.get("sliding_window"):
+        return None
+    return _count(raw, "sliding_window", source)
 
 
 # What vLLM's --generation-config auto (its default) takes from generation_config.json as the
@@ -208,9 +268,10 @@ def _generation_config(model_dir: Path) -> dict[str, Any]:
 def _as_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    ids = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+        raise ValueError(f"not a token id: {value!r}")
+    return tuple(ids)
 
 
 def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -219,10 +280,13 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
     transformers < 5 writes ``rope_theta`` plus an optional ``rope_scaling`` dict (whose type key is
     ``type`` in older files and ``rope_type`` in newer); transformers >= 5 writes ``rope_parameters``.
     """
-    params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
-    scaling = raw.get("rope_scaling") or {}
-    params.update(scaling)
-    params.setdefault("rope_theta", float(raw.get("rope_theta", 10000.0)))
+    params: dict[str, Any] = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        given = raw.get(key) or {}
+        if not isinstance(given, dict):
+            raise ModelConfigError(f"{source}: {key} must be a JSON object, got {given!r}")
+        params.update(given)
+    params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.pop("type", None) or params.get("rope_type") or "default"
     params["rope_type"] = rope_type
     if params.get("partial_rotary_factor", 1.0) != 1.0:
@@ -232,6 +296,11 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
             params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
         else:
             params.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 2048))
+    for key in _ROPE_NUMBERS:
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise ModelConfigError(f"{source}: RoPE's {key} must be a positive number, got {value!r}")
+    params["rope_theta"] = float(params["rope_theta"] or 10000.0)
     missing = [k for k in _ROPE_NEEDS.get(rope_type, ()) if params.get(k) is None]
     if rope_type == "yarn" and "factor" not in params:  # null: from the two lengths (DeepSeek's), as transformers
         missing.append("factor")
@@ -239,6 +308,18 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
         raise ModelConfigError(f"{source}: rope_type {rope_type!r} needs {', '.join(missing)} in rope_scaling")
     return params
 
+
+# The RoPE settings the engine computes with (a string there failed deep in Rope at start-up).
+_ROPE_NUMBERS = (
+    "rope_theta",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+)
 
 # What each scaling cannot do without (transformers reads them unguarded; a worker crashed on a bare
 # KeyError at start-up instead).

@@ -30,7 +30,7 @@ from dlora.common.registry import AdapterRegistry
 from dlora.common.settings import SettingsError, load
 from dlora.common.state import StateStore
 from dlora.model.adapters import parse_lora_args
-from dlora.model.config import ModelConfig
+from dlora.model.config import ModelConfig, served_name
 from dlora.services.config_file import check_config
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
@@ -289,7 +289,8 @@ class LocalStack:
             redis_username=as_gateway.get("DLORA_REDIS_USERNAME", base.redis_username),
             redis_password=as_gateway.get("DLORA_REDIS_PASSWORD", base.redis_password),
         )
-        asyncio.run(_register(creds, self.model_dir, self.loras, roots, base.served_model_name or self.model_dir.name))
+        served = served_name(self.model_dir, base.served_model_name)
+        asyncio.run(_register(creds, self.model_dir, self.loras, roots, served))
 
         env = {
             **os.environ,
@@ -383,7 +384,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         nats_port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None
         stack = LocalStack(workers, model, lora, port, config, nats_port=nats_port)
         stack.start()
-        served = stack.base.served_model_name or stack.model_dir.name  # what requests name as their model
+        served = served_name(stack.model_dir, stack.base.served_model_name)  # what requests name as their model
         first = next(iter(stack.loras), served)
         print(
             f"\ndlora is up: {stack.url}  ({workers} worker{'s' * (workers != 1)}, model {served}, "

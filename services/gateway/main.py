@@ -12,7 +12,6 @@ import functools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -40,7 +39,7 @@ from dlora.common.messages import (
 )
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
-from dlora.model.config import ModelConfig, sampling_defaults
+from dlora.model.config import ModelConfig, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth, Principal
@@ -86,7 +85,7 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
-        self.base_name = settings.served_model_name or Path(settings.model).name
+        self.base_name = served_name(settings.model, settings.served_model_name)
         self.cfg = ModelConfig.from_dir(settings.model)
         # Here, not at import: transformers 5's AutoTokenizer imports torch (its config machinery),
         # and only a running gateway needs the tokenizer, not the CLI or the tests importing this.

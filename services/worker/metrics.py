@@ -14,7 +14,6 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -23,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from dlora.common import log
 from dlora.common.messages import PlanTrigger, WorkerStats
+from dlora.model.config import served_name
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.versions import name_of
 
@@ -340,7 +340,7 @@ def worker_view(svc: WorkerService) -> WorkerView:
     bound = getattr(policy, "wait_bound_s", None)
     return WorkerView(
         worker=svc.s.worker_id,
-        model_name=svc.s.served_model_name or Path(svc.s.model).name,
+        model_name=served_name(svc.s.model, svc.s.served_model_name),
         stats=svc.stats,
         engine=_copied(engine.stats),
         ranks={name_of(k): a.rank for k, a in list(engine.adapters.items())},

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dlora.model.config import ModelConfig, ModelConfigError, sampling_defaults
+from dlora.model.config import ModelConfig, ModelConfigError, sampling_defaults, served_name
 
 RAW = dict(
     model_type="qwen2",
@@ -29,7 +29,23 @@ def test_reads_qwen2_defaults() -> None:
         ({"model_type": "gpt2"}, "gpt2"),
         ({"num_key_value_heads": 3}, "multiple"),
         ({"hidden_act": "gelu"}, "gelu"),
-        ({"hidden_size": None}, "hidden_size"),
+        ({"hidden_size": None}, "missing field 'hidden_size'"),
+        # Each crashed with a bare Python error (ZeroDivisionError, AttributeError, ...), or served.
+        ({"num_attention_heads": 0}, "num_attention_heads must be an integer of at least 1, got 0"),
+        ({"hidden_size": "sixty-four"}, "hidden_size must be an integer"),
+        ({"num_hidden_layers": True}, "num_hidden_layers must be an integer"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings must be"),
+        ({"hidden_size": 66}, "hidden_size=66 is not a multiple of num_attention_heads=4"),
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a number"),
+        ({"rope_scaling": "linear"}, "rope_scaling must be a JSON object"),
+        ({"rope_theta": "1e6"}, "rope_theta must be a positive number"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "factor must be a positive number"),
+        ({"eos_token_id": "abc"}, "eos_token_id must be a token id"),
+        ({"bos_token_id": [1]}, "bos_token_id must be a token id"),
+        # Quantized checkpoints: their scales went unread and a random model served (vLLM serves them).
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config .quant_method 'fp8'. is not served"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq'"),
+        ({"compression_config": {"format": "float-quantized"}}, "compression_config"),
     ],
 )
 def test_unservable_configs_name_the_field(change: dict, fragment: str) -> None:
@@ -37,6 +53,46 @@ def test_unservable_configs_name_the_field(change: dict, fragment: str) -> None:
     raw = {k: v for k, v in raw.items() if v is not None}
     with pytest.raises(ModelConfigError, match=fragment):
         ModelConfig.from_dict(raw)
+
+
+def test_a_config_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelConfigError, match="config.json: expected a JSON object, got list"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_attention_biases_are_read_as_transformers_reads_each_family() -> None:
+    """Llama's attention_bias gives q, k, v and o_proj a bias (o_proj's was dropped: wrong tokens);
+    Qwen2's q/k/v always have one whatever attention_bias says; Mistral's never."""
+    llama = ModelConfig.from_dict(RAW | {"model_type": "llama", "attention_bias": True})
+    assert (llama.qkv_bias, llama.o_bias) == (True, True)
+    plain = ModelConfig.from_dict(RAW | {"model_type": "llama"})
+    assert (plain.qkv_bias, plain.o_bias) == (False, False)
+    qwen = ModelConfig.from_dict(RAW | {"attention_bias": False})
+    assert (qwen.qkv_bias, qwen.o_bias) == (True, False)
+    mistral = ModelConfig.from_dict(RAW | {"model_type": "mistral", "attention_bias": True})
+    assert (mistral.qkv_bias, mistral.o_bias) == (False, False)
+
+
+def test_a_window_limits_the_context_only_where_some_layer_uses_it() -> None:
+    """transformers: Llama has no window; Qwen2's is used with use_sliding_window, on layers from
+    max_window_layers (default 28) on; Mistral's whenever set."""
+    window = {"sliding_window": 32, "max_position_embeddings": 4096}
+    assert ModelConfig.from_dict(RAW | window | {"model_type": "llama"}).context_length() == 4096
+    assert ModelConfig.from_dict(RAW | window | {"model_type": "mistral"}).context_length() == 32
+    assert ModelConfig.from_dict(RAW | window).context_length() == 4096  # use_sliding_window false
+    qwen = RAW | window | {"use_sliding_window": True}
+    assert ModelConfig.from_dict(qwen).context_length() == 4096  # 2 layers, all below 28
+    assert ModelConfig.from_dict(qwen | {"max_window_layers": 2}).context_length() == 4096
+    assert ModelConfig.from_dict(qwen | {"max_window_layers": 1}).context_length() == 32
+
+
+def test_the_served_name_of_a_relative_directory_is_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model .` named the base model "" (every request for it a 404)."""
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path / "m")
+    assert (served_name("."), served_name("../m/"), served_name(tmp_path / "m")) == ("m", "m", "m")
+    assert served_name(".", "llama-8b") == "llama-8b"
 
 
 def test_missing_and_broken_files(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
-from dlora.model.config import ModelConfig, targets
+from dlora.model.config import ModelConfig, served_name, targets
 from dlora.services.worker.engine import async_scheduling, forward, observing, switching, taking
 from dlora.services.worker.engine.admission import check_request, check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
@@ -80,7 +80,7 @@ class LLMEngine:
         self.device, self.dtype = resolve_device(config.device, config.dtype)
         self.kernels = select_kernels(config.kernels, self.device)
         self.model_config = cfg = ModelConfig.from_dir(model)
-        self.model_name = Path(model).name
+        self.model_name = served_name(model)
         from transformers import AutoTokenizer  # here: the simulator's engine has no tokenizer (0.9 s to import)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)

@@ -85,7 +85,7 @@ class LlamaModel:
                 qkv, cos, sin, kv.k[i], kv.v[i], inp.attention.slots, cfg.num_heads, cfg.num_kv_heads
             )
             attn = self.kernels.paged_attention(q, kv.k[i], kv.v[i], inp.attention, kv.block_size, self.scale)
-            x, h = ops.add_rms_norm(self._proj(attn.flatten(1), lw.o, i, "o", inp), h, lw.post_norm, eps)
+            x, h = ops.add_rms_norm(self._proj(attn.flatten(1), lw.o, i, "o", inp, lw.o_bias), h, lw.post_norm, eps)
             gate_up = self._proj(x, lw.gate_up, i, "gate_up", inp)
             down = self._proj(ops.silu_and_mul(gate_up), lw.down, i, "down", inp)
             if i + 1 < len(layers):

@@ -7,6 +7,7 @@ fused weights, which is what LoRA (unmerged deltas and merging) addresses.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,9 @@ class WeightsError(ValueError):
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
     qkv: torch.Tensor  # (q_size + 2 * kv_size, hidden): rows q | k | v
-    qkv_bias: torch.Tensor | None  # (q_size + 2 * kv_size,) for Qwen2
+    qkv_bias: torch.Tensor | None  # (q_size + 2 * kv_size,): Qwen2's, Llama's with attention_bias
     o: torch.Tensor  # (hidden, q_size)
+    o_bias: torch.Tensor | None  # (hidden,): Llama's with attention_bias
     post_norm: torch.Tensor  # (hidden,)
     gate_up: torch.Tensor  # (2 * intermediate, hidden): rows gate | up
     down: torch.Tensor  # (hidden, intermediate)
@@ -39,12 +41,36 @@ class ModelWeights:
     lm_head: torch.Tensor  # (vocab, hidden); the same tensor as embed when tied
 
 
-def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(model_dir.glob("*.safetensors"))
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files that hold the checkpoint, as transformers picks them: the shards
+    ``model.safetensors.index.json`` names, else ``model.safetensors``, else every ``*.safetensors``.
+    Other files beside them (an older revision's shards, Mistral's ``consolidated.safetensors``) are
+    not read: read, they mixed revisions or doubled the host memory loading takes.
+
+    Raises:
+        WeightsError: none found, or the index is unreadable or names a file that is not there.
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise WeightsError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        files = [model_dir / n for n in names]
+        if missing := [n for n, f in zip(names, files) if not f.is_file()]:
+            raise WeightsError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
+        return files
+    single = model_dir / "model.safetensors"
+    files = [single] if single.is_file() else sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{model_dir}: no *.safetensors files (other weight formats are not loaded)")
+    return files
+
+
+def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in weight_files(model_dir):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
                 tensors[name] = st.get_tensor(name)
@@ -52,6 +78,13 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> ModelWeights:
+    """``model_dir``'s checkpoint in the engine's layout, as ``dtype`` on ``device``.
+
+    Raises:
+        WeightsError: a tensor is missing or of the wrong shape, or the checkpoint holds tensors
+            this architecture does not use (served without them, a quantized checkpoint's scales
+            or a bias the config does not declare gave wrong tokens silently; vLLM refuses them too).
+    """
     raw = read_safetensors(Path(model_dir))
 
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -79,6 +112,7 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
                 ),
                 qkv_bias=qkv_bias,
                 o=take(p + "self_attn.o_proj.weight", (h, q)),
+                o_bias=take(p + "self_attn.o_proj.bias", (h,)) if cfg.o_bias else None,
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),
                 gate_up=torch.cat([take(p + f"mlp.{n}_proj.weight", (inter, h)) for n in ("gate", "up")]),
                 down=take(p + "mlp.down_proj.weight", (h, inter)),
@@ -86,4 +120,13 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
         )
     embed = take("model.embed_tokens.weight", (v, h))
     lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight", (v, h))
-    return ModelWeights(embed=embed, layers=layers, norm=take("model.norm.weight", (h,)), lm_head=lm_head)
+    norm = take("model.norm.weight", (h,))
+    # RoPE's cached frequencies (older Llama checkpoints) are computed here; a tied model's stored
+    # lm_head is its embeddings again, as vLLM reads it.
+    unused = sorted(n for n in raw if not n.endswith("rotary_emb.inv_freq") and n != "lm_head.weight")
+    if unused:
+        raise WeightsError(
+            f"{model_dir}: {len(unused)} tensors the {cfg.model_type} architecture as configured does not use, "
+            f"e.g. {', '.join(unused[:3])} (a quantized checkpoint, or a bias config.json does not declare)"
+        )
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
