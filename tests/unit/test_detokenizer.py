@@ -82,3 +82,61 @@ def test_a_request_that_ends_inside_a_character_keeps_its_bytes_as_u_fffd(tokeni
         got = [advance(s, t, {eos}, 1000) for t in outputs]
         assert "".join(o.new_text for o in got) == text and got[-1].finish_reason is reason, outputs
         assert s.text == text and got[-1].finished and not any(o.finished for o in got[:-1])
+
+
+def test_a_stop_string_the_unfinished_character_completes_is_cut() -> None:
+    """``stop=["\\ufffd"]`` (a guard against broken characters), cut by max_tokens inside one: the
+    text appended at the end completed the stop string after the stops were looked for, and it
+    stayed in the text returned (OpenAI: the text holds no stop sequence)."""
+    from dlora.common.messages import FinishReason, SamplingParams
+
+    tokenizer = _byte_fallback_tokenizer()
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("▁kalo", "<0xE4>", "<0xB8>")]
+    for keep, text in ((False, " kalo"), (True, " kalo\ufffd")):
+        params = SamplingParams(max_tokens=3, stop=["\ufffd"], include_stop_str_in_output=keep)
+        got, reason, matched = _generate(tokenizer, ids, params)
+        assert (got, reason, matched) == (text, FinishReason.STOP, "\ufffd")
+    got, reason, _ = _generate(tokenizer, ids, SamplingParams(max_tokens=3, stop=["\ufffd"], min_tokens=3))
+    assert (got, reason) == (" kalo\ufffd\ufffd", FinishReason.LENGTH)  # stop strings held back by min_tokens
+
+
+def test_byte_fallback_bytes_that_make_no_character_come_out_one_u_fffd_each() -> None:
+    """A Llama-2-style tokenizer's decoder writes every byte of an invalid run of <0xNN> tokens
+    as U+FFFD, a character already sent with them too: 中中 then 2 bytes of 中 came out as
+    '中中' + 4 U+FFFD, and a prompt's 中 before a lone continuation byte as 3 more in the output."""
+    tokenizer = _byte_fallback_tokenizer()
+    e4, b8, ad = (tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "中".encode())
+    kalo = tokenizer.convert_tokens_to_ids("▁kalo")
+
+    def text(prompt: list[int], outputs: list[int]) -> str:
+        d = IncrementalDetokenizer(tokenizer, prompt)
+        return "".join(d.push([t]) for t in outputs) + d.flush()
+
+    assert text([kalo], [e4, b8, ad, e4, b8, ad, e4, b8]) == "中中\ufffd\ufffd"
+    assert text([kalo, e4, b8, ad], [b8, kalo]) == "\ufffd kalo"
+    assert text([kalo], [e4, b8, ad, kalo, e4, b8, ad]) == "中 kalo中"  # valid runs as before
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer (Llama 2's decoder: ▁ as space, <0xNN> byte pieces) with a
+    handful of pieces: only decoding is asked of it."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{i:02X}>": 3 + i for i in range(256)}
+    vocab |= {piece: 259 + i for i, piece in enumerate(("▁kalo", "▁", "k", "a", "l", "o"))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    tok.decoder = decoders.Sequence(steps)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", clean_up_tokenization_spaces=False)
+
+
+def _generate(tokenizer, outputs: list[int], params) -> tuple[str, object, object]:
+    """The text, finish reason and stop reason of a request whose outputs are ``outputs``."""
+    from dlora.services.worker.engine.outputs import advance
+    from dlora.services.worker.engine.sequence import Sequence
+
+    s = Sequence("r", None, [1], params, 0, IncrementalDetokenizer(tokenizer, [1]))
+    got = [advance(s, t, {2}, 1000) for t in outputs]
+    assert "".join(o.new_text for o in got) == s.text
+    return s.text, got[-1].finish_reason, got[-1].stop_reason

@@ -55,10 +55,7 @@ class IncrementalDetokenizer:
     def held(self) -> str:
         """What the tokens held back spell now, an unfinished character's bytes as U+FFFD (as
         decode writes them)."""
-        if self.read == len(self.ids):
-            return ""
-        before = self.decode(self.ids[self.prefix : self.read], self.skip)
-        return self.decode(self.ids[self.prefix :], self.skip)[len(before) :]
+        return self._unread() if self.read < len(self.ids) else ""
 
     def flush(self) -> str:
         """``held()``, taken as emitted: at a request's end, where nothing can finish the character
@@ -71,12 +68,25 @@ class IncrementalDetokenizer:
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; return the newly completed text (possibly empty)."""
         self.ids.extend(token_ids)
-        before = self.decode(self.ids[self.prefix : self.read], self.skip)
-        after = self.decode(self.ids[self.prefix :], self.skip)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        text = self._unread()
+        if not text or text.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before) :]
+        return text
+
+    def _unread(self) -> str:
+        """What the tokens not yet emitted spell after their context: the decode of context and
+        them past the context's own. Where that does not begin with the context's text, decoding
+        them together spelled the context anew (a byte-fallback decoder writes every byte of an
+        invalid run of byte tokens as U+FFFD, a character already sent from the context with
+        them: its length no longer measured the context, and 2 bytes came out as 4 U+FFFD), so
+        the context is shortened from its start until it does, to none at worst."""
+        for start in range(self.prefix, self.read):
+            before = self.decode(self.ids[start : self.read], self.skip)
+            after = self.decode(self.ids[start:], self.skip)
+            if after.startswith(before):
+                return after[len(before) :]
+        return self.decode(self.ids[self.read :], self.skip)
 
 
 def sent_tail(

@@ -11,7 +11,7 @@ from dlora.common.messages import ErrorCode, FinishReason, TokenLogprob
 from dlora.kernels.host import HostCopy, to_device
 from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.sequence import RESERVED, Sequence, Status
-from dlora.services.worker.engine.stopping import check_stop, visible_end
+from dlora.services.worker.engine.stopping import check_stop, stop_string_in, visible_end
 
 
 class RequestError(ValueError):
@@ -179,9 +179,11 @@ def advance(
         document_complete=seq.matcher is not None and seq.matcher.is_stopped(),
         primary_eos=primary_eos,
     )
+    if stop.reason is not None and not isinstance(stop.matched, str):  # text after a stop string is cut anyway
+        ended = len(stop.text)  # then a character its last tokens left unfinished, which may complete one
+        text = stop.text + (held if stop.dropped else seq.detok.flush())
+        stop = stop_string_in(text, ended, seq.params, len(seq.output_ids)) or stop._replace(text=text)
     seq.text, reason = stop.text, stop.reason
-    if reason is not None and not isinstance(stop.matched, str):  # text after a stop string is cut anyway
-        seq.text += held if stop.dropped else seq.detok.flush()  # a character its last tokens left unfinished
     entries = None
     if first and seq.params.prompt_logprobs is not None:  # sent now; not read again
         entries, seq.prompt_logprobs = seq.prompt_logprobs, []

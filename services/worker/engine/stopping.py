@@ -57,8 +57,8 @@ def check_stop(
             by_token = Stop(FinishReason.STOP, text if keep else text[:old_len], token, not keep)
     if by_token is not None and not keep:  # its text is not the output's: it completes no stop string
         return by_token
-    if params.stop and num_output > params.min_tokens and (found := find_stop(text, params.stop, old_len)):
-        return Stop(FinishReason.STOP, text[: found[1] if keep else found[0]], text[found[0] : found[1]])
+    if (by_string := stop_string_in(text, old_len, params, num_output)) is not None:
+        return by_string
     if by_token is not None:
         return by_token
     if document_complete:
@@ -66,6 +66,18 @@ def check_stop(
     if num_output >= params.max_tokens or total_len >= max_model_len:
         return Stop(FinishReason.LENGTH, text)
     return Stop(None, text)
+
+
+def stop_string_in(text: str, old_len: int, params: SamplingParams, num_output: int) -> Stop | None:
+    """The stop a stop string ending in ``text``'s new part (after ``old_len`` characters) makes,
+    the text cut before it (after it with ``include_stop_str_in_output``); None: none does, or
+    ``min_tokens`` (of ``num_output`` tokens so far) holds stop strings back. Also for the text a
+    request's end appends (a character its last tokens left unfinished, as U+FFFD): a stop string
+    it completed stayed in the text returned (``stop=["\ufffd"]``, cut by max_tokens)."""
+    if not params.stop or num_output <= params.min_tokens or (found := find_stop(text, params.stop, old_len)) is None:
+        return None
+    end = found[1] if params.include_stop_str_in_output else found[0]
+    return Stop(FinishReason.STOP, text[:end], text[found[0] : found[1]])
 
 
 def visible_end(text: str, emitted: int, params: SamplingParams, finished: bool) -> int:
