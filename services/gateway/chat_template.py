@@ -72,6 +72,18 @@ class ChatTemplate:
         return cls(add, cont, kwargs, tools, getattr(body, "documents", None), call_id_length)
 
 
+def echoed(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """What a chat request's ``echo`` puts before each choice's content, as vLLM: the last message's
+    text (its text parts joined by newlines) where its role is the reply's (the assistant's when the
+    assistant's turn is opened, else the last message's own: a continued message), else nothing."""
+    last = messages[-1] if messages else None
+    if last is None or (add_generation_prompt and last.role != "assistant"):
+        return ""
+    if isinstance(last.content, list):
+        return "\n".join(part.text or "" for part in last.content if part.type == "text")
+    return last.content or ""
+
+
 # What apply_chat_template takes from the renderer itself, not from a request's chat_template_kwargs.
 _RENDERER_KWARGS = {
     "conversation",

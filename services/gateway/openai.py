@@ -203,6 +203,9 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: the reply's content begins with the last message's where that has the reply's role
+    # (chat_template.echoed): a continued message comes back whole.
+    echo: bool | None = None
     # Metadata with no effect on the tokens: accepted and ignored.
     metadata: dict[str, str] | None = None
     store: bool | None = None

@@ -20,12 +20,11 @@ import msgspec
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
-from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
+from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed
 from dlora.services.gateway.openai import (
     APIError,
     Body,
     ChatBody,
-    CompletionBody,
     Shape,
     model_not_found,
 )
@@ -190,7 +189,9 @@ def shape_request(
         prompts = [
             (truncated(ids, text, model.tokenizer, keep), None if len(ids) > keep else text) for ids, text in prompts
         ]
-    echo = isinstance(body, CompletionBody) and bool(body.echo)
+    echo = bool(body.echo)
+    # A chat's echo is the last message's text (vLLM's), the same for each choice
+    chat_echo = echoed(body.messages, template.add_generation_prompt) if isinstance(body, ChatBody) and echo else ""
     if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM refuse it
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     n = body.n or 1
@@ -231,7 +232,7 @@ def shape_request(
             raise APIError(400, outside[1], param=outside[0])
         # echoed as the client wrote it; token ids as text, special tokens shown as the output's are
         skip = params.skip_special_tokens
-        prefix = "" if not echo else text if text is not None else model.tokenizer.decode(ids, skip)
+        prefix = chat_echo if chat or not echo else text if text is not None else model.tokenizer.decode(ids, skip)
         for i in range(n):
             index = p * n + i
             request: GenerateRequest | None = None

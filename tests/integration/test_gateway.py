@@ -110,6 +110,15 @@ async def test_chat_plain_and_streaming(stack: Stack) -> None:
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == message["content"]
+    # vLLM's echo: a continued assistant message comes back whole, streamed or not
+    cont = {"add_generation_prompt": False, "continue_final_message": True, "echo": True}
+    body["messages"] = [*body["messages"], {"role": "assistant", "content": "suta"}]
+    status, echoed = await post(stack, "/v1/chat/completions", body | cont)
+    alone = (await post(stack, "/v1/chat/completions", body | cont | {"echo": False}))[1]
+    whole = "suta" + alone["choices"][0]["message"]["content"]
+    assert status == 200 and echoed["choices"][0]["message"]["content"] == whole
+    events = await stream(stack, "/v1/chat/completions", body | cont)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == whole
 
 
 async def test_models_lists_the_base_and_every_adapter(stack: Stack) -> None:

@@ -132,6 +132,26 @@ def test_echo_gives_the_prompt_back_as_written_or_decoded(served: ServedModel) -
     assert [(c.echo, c.request) for c in nothing.choices] == [("kalo", None)]
 
 
+def test_a_chats_echo_is_its_last_message_where_that_has_the_replys_role(served: ServedModel) -> None:
+    """vLLM's chat ``echo`` (refused as an unknown field): a continued message comes back whole."""
+    user = {"role": "user", "content": "kalo"}
+    parts = {"role": "assistant", "content": [{"type": "text", "text": "remi"}, {"type": "text", "text": "suta"}]}
+    cont = {"add_generation_prompt": False, "continue_final_message": True}
+    for messages, extra, echo in (
+        ([user], {}, ""),  # the assistant's turn opened: the user's message is not the reply's
+        ([user, {"role": "assistant", "content": "remi"}], cont, "remi"),
+        ([user, parts], cont, "remi\nsuta"),  # text parts joined by newlines, as vLLM
+        ([user, {"role": "assistant", "content": "remi"}], {}, "remi"),
+        ([user], {"add_generation_prompt": False}, "kalo"),  # the reply is the last message's role's
+    ):
+        job = shape(served, {"messages": messages, "echo": True, "n": 2, "max_tokens": 2} | extra, chat=True)
+        assert [c.echo for c in job.choices] == [echo, echo], (messages, extra)
+    assert shape(served, {"messages": [user], "echo": False, "max_tokens": 2}, chat=True).choices[0].echo == ""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    e = refused(served, {"messages": [user], "echo": True, "tools": [tool], "tool_choice": "required"}, chat=True)
+    assert (e.status, e.param) == (400, "echo")
+
+
 def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> None:
     long = [5] * (CONTEXT - 4)
     assert shape(served, {"prompt": long, "max_tokens": 4}).choices[0].request.params.max_tokens == 4
