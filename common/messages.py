@@ -358,6 +358,12 @@ class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     total_tokens: int = 0
     # In the running batch (its KV cached), rather than waiting for its prefill.
     running: bool = True
+    # Its adapter's LoRA rank (0: the base model, or not read yet): a worker whose max_lora_rank is
+    # below it cannot take it.
+    rank: int = 0
+    # Its adapter's version was replaced or removed: this worker may be the last to hold it, so it
+    # stays here (moved, it failed mid-stream where no other worker could load that version).
+    pinned: bool = False
 
 
 class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):

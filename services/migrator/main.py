@@ -54,7 +54,12 @@ class Migrator:
         if reason is None:
             return
         settings = planner_settings(self.s)
-        p = await asyncio.to_thread(plan, snap, settings)
+        try:
+            p = await asyncio.to_thread(plan, snap, settings)
+        except Exception:  # one snapshot the planner cannot take must not end the migrator
+            logger.exception("planning failed; the cluster is looked at again after the cool-down")
+            self.looks.solved(now)
+            return
         p = msgspec.structs.replace(p, trigger=reason)
         self.looks.solved(now)
         published = bool(p.moves) and await self._still_leader()

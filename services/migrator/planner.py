@@ -101,12 +101,14 @@ class _Group:
 
 def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
     by: dict[tuple[str, str, frozenset[str]], list[RequestState]] = defaultdict(list)
-    # Which workers hold a request depends only on its length: one set per distinct length.
-    fits: dict[int, frozenset[str]] = {}
+    # Which workers hold a request depends only on its length and rank, and where it is pinned:
+    # one set per distinct such.
+    fits: dict[tuple[int, int, str], frozenset[str]] = {}
     for r in snapshot.requests:
-        if r.total_tokens not in fits:
-            fits[r.total_tokens] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
-        by[(r.worker, r.adapter or BASE, fits[r.total_tokens])].append(r)
+        key = (r.total_tokens, r.rank, r.worker if r.pinned else "")
+        if key not in fits:
+            fits[key] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
+        by[(r.worker, r.adapter or BASE, fits[key])].append(r)
     return [
         _Group(w, a, sorted(rs, key=lambda r: r.context_tokens), fits)
         for (w, a, fits), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], sorted(kv[0][2])))
@@ -164,6 +166,11 @@ def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
 def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings()) -> MovePlan:
     """The moves that best balance the cluster, by ILP, or greedily when the solver finds nothing."""
     start = time.perf_counter()
+    # A request listed by two workers (stats taken either side of a move, or one id an application
+    # sent to two) is left out: the model counts each on one worker (it raised, and the migrator died).
+    listed = Counter(r.request_id for r in snapshot.requests)
+    if len(listed) < len(snapshot.requests):
+        snapshot = replace(snapshot, requests=[r for r in snapshot.requests if listed[r.request_id] == 1])
     if len(snapshot.workers) < 2 or not snapshot.requests:
         return MovePlan(plan_id=uuid.uuid4().hex, method=PlanMethod.NONE, solve_seconds=0.0)
     greedy = _greedy(snapshot, settings)

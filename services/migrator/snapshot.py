@@ -16,6 +16,8 @@ class RequestState:
     remaining_tokens: float  # expected tokens still to generate (output lengths are unknown: an estimate)
     # Prompt + max_tokens: what a destination's context and KV cache must hold whole (0: unknown).
     total_tokens: int = 0
+    rank: int = 0  # its adapter's LoRA rank (0: the base model, or not known)
+    pinned: bool = False  # it stays where it is (its adapter version is retiring there: RequestLoad)
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,16 @@ class WorkerState:
     adapter_read_seconds: float = 0.0  # measured: an adapter's read into host memory here (0: not yet)
     adapter_read_bytes: float = 0.0  # the mean bytes of those reads' files (0: not known)
     adapter_read_seconds_per_byte: float | None = None  # the line fitted to them (None: in proportion)
+    max_lora_rank: int = 0  # the highest adapter rank it loads (0: not known)
 
     def holds(self, r: RequestState) -> bool:
-        """Whether ``r`` fits here whole (elsewhere it would be refused, or cut short)."""
-        return self.max_model_len == 0 or r.total_tokens <= self.max_model_len
+        """Whether ``r`` may run here: it fits whole (elsewhere it would be refused, or cut short),
+        its adapter's rank is one this worker loads, and it is not pinned to another worker."""
+        return (
+            (self.max_model_len == 0 or r.total_tokens <= self.max_model_len)
+            and (self.max_lora_rank == 0 or r.rank <= self.max_lora_rank)
+            and (not r.pinned or r.worker == self.worker)
+        )
 
     def read_seconds(self, nbytes: int) -> float:
         """Seconds a read of an adapter of ``nbytes`` (its files'; 0: not known) takes here (``read_price``)."""

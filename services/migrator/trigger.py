@@ -52,11 +52,21 @@ def snapshot_from_stats(
                 if s.adapter_read_seconds
                 else unread
             ),
+            max_lora_rank=s.max_lora_rank,
         )
         for s in stats
     ]
     requests = [
-        RequestState(r.request_id, s.worker, r.adapter, r.context_tokens, float(r.remaining_tokens), r.total_tokens)
+        RequestState(
+            r.request_id,
+            s.worker,
+            r.adapter,
+            r.context_tokens,
+            float(r.remaining_tokens),
+            r.total_tokens,
+            rank=r.rank,
+            pinned=r.pinned,
+        )
         for s in stats
         for r in s.requests
     ]

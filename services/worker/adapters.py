@@ -432,6 +432,12 @@ class WorkerAdapters:
         self.unprefetchable = {k for k in self.unprefetchable if k[0] != name}
         self.retire()
 
+    def retired(self) -> set[str]:
+        """The engine keys of adapter versions replaced or removed and still held for their
+        requests: this worker may be the last to hold them, so those requests are not moved."""
+        retiring = self.retiring
+        return {k for k in self.engine.adapters if (n := name_of(k)) in retiring and version_of(k) != retiring[n]}
+
     def retire(self) -> None:
         """Unload (and unmerge) replaced or removed adapter versions that no request uses any more."""
         for name, current in list(self.retiring.items()):

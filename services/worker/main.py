@@ -408,7 +408,9 @@ class WorkerService:
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
-        stats = worker_stats(self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens)
+        stats = worker_stats(
+            self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, self.adapters.retired()
+        )
         reads = self.adapters.reads_stats()
         return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining, **reads)
 

@@ -31,6 +31,9 @@ async def move_out(w: WorkerService, move: Move) -> None:
     seq = w.engine.seqs.get(move.request_id)
     if stream is None or seq is None:
         return  # finished or gone meanwhile: nothing to move
+    if seq.adapter in w.adapters.retired():  # planned from stats before it was (they now pin it here)
+        logger.info("request on a replaced or removed adapter version; it stays here", request=move.request_id)
+        return
     start = time.monotonic()
     kv = w.engine.export_kv(move.request_id) if move.ship_kv else None
     data = kv.to_bytes() if kv is not None else None

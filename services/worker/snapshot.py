@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import functools
 import time
+from collections.abc import Collection
 
 from dlora.common.messages import MAX_LISTED, AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.worker.engine import LLMEngine
@@ -32,10 +33,16 @@ def _unplaced(held: tuple[str, ...]) -> tuple[AdapterResidency, ...]:
 
 
 def worker_stats(
-    worker: str, engine: LLMEngine, lengths: OutputLengths, kv_seconds: float = 0.0, kv_tokens: int = 0
+    worker: str,
+    engine: LLMEngine,
+    lengths: OutputLengths,
+    kv_seconds: float = 0.0,
+    kv_tokens: int = 0,
+    retired: Collection[str] = (),
 ) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
-    what the moved caches it took cost, in all. (Its adapter reads' figures: the worker's own.)"""
+    what the moved caches it took cost, in all; ``retired``: the engine keys of adapter versions
+    replaced or removed (their requests are pinned here). (Its adapter reads' figures: the worker's own.)"""
     e, st = engine, engine.stats
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
@@ -64,6 +71,8 @@ def worker_stats(
             ),
             total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
             running=seq.request_id in in_batch,
+            rank=e.adapters[seq.adapter].rank if seq.adapter in e.adapters else 0,
+            pinned=seq.adapter in retired,
         )
         for seq in queue
     ]

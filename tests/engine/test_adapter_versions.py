@@ -237,7 +237,7 @@ async def test_a_removed_adapter_takes_no_new_request_even_by_its_version(
     key = await worker.load("gone", entry.version)  # a recovered or moved request goes on
     engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=key)
     worker.changed("gone", None)  # the removal's event: kept while "r" runs on it
-    assert key in engine.adapters
+    assert key in engine.adapters and worker.retired() == {key}  # its requests stay here (no move)
     with pytest.raises(AdapterNotFound, match="removed"):
         await worker.load("gone", entry.version, registered=True)
 

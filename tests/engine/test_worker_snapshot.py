@@ -25,6 +25,11 @@ def test_stats_speak_of_adapter_names_and_add_up(tiny_llama: TinyOutput) -> None
     assert all(0 <= r.remaining_tokens <= 9 for r in st.requests)
     assert "lora-0" in st.adapter_seconds_per_token and not any("@" in k for k in st.adapter_seconds_per_token)
     assert st.kv_transfer_seconds_per_token == 0.25 and st.steps == 1
+    # what a destination must load (the planner's max_lora_rank check), and whether it may move at all
+    rank = engine.adapters["lora-0@abc123"].rank
+    assert {r.request_id: (r.rank, r.pinned) for r in st.requests} == {"a": (rank, False), "b": (0, False)}
+    st = worker_stats("w0", engine, OutputLengths(), retired={"lora-0@abc123"})  # its version replaced since
+    assert {r.request_id: r.pinned for r in st.requests} == {"a": True, "b": False}
 
 
 def test_a_preempted_request_counts_until_it_is_back_in_the_batch(tiny_llama: TinyOutput) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -325,3 +326,36 @@ def test_slots_count_the_adapters_a_worker_runs_not_those_it_keeps_in_memory() -
     )
     for moves in (plan(snap).moves, _greedy(snap, PlannerSettings())):
         assert moves and {m.to_worker for m in moves} == {"w1"}
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_request_moves_only_where_its_adapters_rank_loads_and_never_when_pinned(solver: str) -> None:
+    """A migrator moved a rank-32 adapter's requests to a worker whose max_lora_rank is 8, and
+    requests on an adapter version replaced since (that no other worker could load any more): both
+    failed mid-stream. w1 loads rank 8 at most; w0's pinned requests stay whatever the imbalance."""
+    snap = ClusterSnapshot(
+        workers=[
+            WorkerState("w0", 1000, 16, 4, frozenset(["a", "b"]), 0.01, max_lora_rank=64),
+            WorkerState("w1", 1000, 16, 4, frozenset(), 0.01, max_lora_rank=8),
+            WorkerState("w2", 1000, 16, 4, frozenset(), 0.01),  # an older worker: says no rank
+        ],
+        requests=[RequestState(f"pinned-{i}", "w0", "b", 50, 100, rank=8, pinned=True) for i in range(8)]
+        + [RequestState(f"big-{i}", "w0", "a", 50, 100, rank=32) for i in range(8)],
+        file_bytes={"a": 16, "b": 16},
+    )
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert moves and {(m.request_id.split("-")[0], m.to_worker) for m in moves} == {("big", "w2")}
+    pinned = dataclasses.replace(snap, requests=snap.requests[:8])
+    assert not (plan(pinned).moves if solver == "ilp" else _greedy(pinned, PlannerSettings()))
+
+
+def test_a_request_two_workers_list_is_left_out_not_a_crash() -> None:
+    """Stats taken either side of a move (or one id an application sent to two workers) list a
+    request twice: the ILP's start raised (a negative initial value) and the migrator died."""
+    snap = ClusterSnapshot(
+        workers=[worker("w0", ["a"]), worker("w1", ["a"]), worker("w2", ["a"])],
+        requests=reqs("w0", "a", 12) + [RequestState("w0-a-0", "w1", "a", 50, 100)],
+        file_bytes={"a": 16},
+    )
+    p = plan(snap)
+    assert p.moves and "w0-a-0" not in {m.request_id for m in p.moves}
