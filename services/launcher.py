@@ -296,7 +296,8 @@ class LocalStack:
             **os.environ,
             "DLORA_NATS_URL": self.nats_url,
             "DLORA_REDIS_URL": self.redis_url,
-            "DLORA_MODEL": str(self.model_dir.resolve()),
+            # absolute, its links kept: the services name the model as the launcher says (served_name)
+            "DLORA_MODEL": os.path.abspath(self.model_dir),
             "DLORA_ADMIN_KEY": self.admin_key,
             # Both spellings: the gateway's own (a user's DLORA_GATEWAY_ADAPTER_ROOTS, read into
             # ``roots`` already) would otherwise win over the merged list and drop the rest.

@@ -4,6 +4,7 @@ wrong tokens silently)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -67,6 +68,10 @@ def test_only_the_shards_the_index_names_are_read(tiny_llama: TinyOutput, tmp_pa
     weights = load_weights(model_dir, cfg, torch.float32, torch.device("cpu"))
     assert torch.equal(weights.embed, tensors["model.embed_tokens.weight"])
     assert torch.equal(weights.layers[1].down, tensors["model.layers.1.mlp.down_proj.weight"])
+    # model.safetensors beside the index wins, as transformers reads it (the parity oracle)
+    save_file(stale, model_dir / "model.safetensors")
+    assert not load_weights(model_dir, cfg, torch.float32, torch.device("cpu")).embed.any()
+    (model_dir / "model.safetensors").unlink()
 
     (model_dir / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(WeightsError, match="names shards that are not there: model-00002-of-00002"):
@@ -77,18 +82,25 @@ def test_only_the_shards_the_index_names_are_read(tiny_llama: TinyOutput, tmp_pa
 
 
 def test_tensors_the_architecture_does_not_use_are_refused(tiny_llama: TinyOutput, tmp_path: Path) -> None:
-    """An fp8 checkpoint's weight_scale tensors (its config's quantization_config taken away), or
-    an o_proj bias a config without attention_bias does not declare, were left unread and served
-    wrong tokens; RoPE's cached inv_freq of older checkpoints is not a weight and is let be."""
+    """An fp8 checkpoint's weight_scale tensors (its config's quantization_config taken away) were
+    left unread and served wrong tokens. RoPE's cached tables (older checkpoints' inv_freq,
+    ColossalAI's cos_cached / sin_cached) are not weights, and a bias the config does not declare is
+    left unread, as transformers and vLLM leave it (a review: both were refused)."""
     model_dir, tensors = _copy(tiny_llama, tmp_path / "scaled")
     cfg = make_engine(tiny_llama).model_config
-    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
-    save_file(tensors, model_dir / "model.safetensors")
-    load_weights(model_dir, cfg, torch.float32, torch.device("cpu"))
-    extra = {
-        "model.layers.0.self_attn.q_proj.weight_scale": torch.ones(()),
-        "model.layers.1.self_attn.o_proj.bias": torch.zeros(cfg.hidden_size),
-    }
-    save_file(tensors | extra, model_dir / "model.safetensors")
-    with pytest.raises(WeightsError, match="2 tensors the llama architecture as configured does not use, e.g. model"):
+    rope = ("inv_freq", "cos_cached", "sin_cached")
+    harmless = {f"model.layers.0.self_attn.rotary_emb.{name}": torch.ones(4) for name in rope}
+    harmless["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(cfg.hidden_size)
+    save_file(tensors | harmless, model_dir / "model.safetensors")
+    weights = load_weights(model_dir, cfg, torch.float32, torch.device("cpu"))
+    assert weights.layers[1].o_bias is None
+    scale = {"model.layers.0.self_attn.q_proj.weight_scale": torch.ones(())}
+    save_file(tensors | harmless | scale, model_dir / "model.safetensors")
+    unused = "1 tensors the llama architecture does not use, e.g. model.layers.0.self_attn.q_proj.weight_scale"
+    with pytest.raises(WeightsError, match=unused):
         load_weights(model_dir, cfg, torch.float32, torch.device("cpu"))
+    # Declared and missing: said why it is looked for (transformers fills zeros; vLLM refuses too)
+    biased = dataclasses.replace(cfg, o_bias=True)
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(WeightsError, match="o_proj.bias' is missing .config.json's attention_bias=true"):
+        load_weights(model_dir, biased, torch.float32, torch.device("cpu"))

@@ -140,3 +140,23 @@ def _generate(tokenizer, outputs: list[int], params) -> tuple[str, object, objec
     got = [advance(s, t, {2}, 1000) for t in outputs]
     assert "".join(o.new_text for o in got) == s.text
     return s.text, got[-1].finish_reason, got[-1].stop_reason
+
+
+@pytest.mark.parametrize("cut", range(1, 14))
+def test_the_text_a_resumed_request_was_sent_is_found_in_byte_pieces(cut: int) -> None:
+    """``sent_tail`` (where a stop string begun before a move or a preemption is looked for) took a
+    window of two tokens a character and sliced by the context's length: over a Llama-2-style
+    tokenizer's byte pieces (😀 is four) it found '' or U+FFFD, and the stop string was missed."""
+    from dlora.common.messages import SamplingParams
+    from dlora.services.worker.engine.detokenizer import sent_tail
+    from dlora.services.worker.engine.outputs import advance
+    from dlora.services.worker.engine.sequence import Sequence
+
+    tokenizer = _byte_fallback_tokenizer()
+    emoji = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "😀".encode()]
+    outputs = [tokenizer.convert_tokens_to_ids("▁kalo"), *emoji * 3]
+    params = SamplingParams(max_tokens=99, stop=["😀😀!"])
+    s = Sequence("r", None, [1], params, 0, IncrementalDetokenizer(tokenizer, [1]))
+    sent = "".join(advance(s, t, {2}, 1000).new_text for t in outputs[:cut])
+    tail = sent_tail(tokenizer, [1], outputs[:cut], params, s.detok.pending, s.text[s.emitted :])
+    assert tail == sent[-2:]

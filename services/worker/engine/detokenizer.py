@@ -75,18 +75,25 @@ class IncrementalDetokenizer:
         return text
 
     def _unread(self) -> str:
-        """What the tokens not yet emitted spell after their context: the decode of context and
-        them past the context's own. Where that does not begin with the context's text, decoding
-        them together spelled the context anew (a byte-fallback decoder writes every byte of an
-        invalid run of byte tokens as U+FFFD, a character already sent from the context with
-        them: its length no longer measured the context, and 2 bytes came out as 4 U+FFFD), so
-        the context is shortened from its start until it does, to none at worst."""
-        for start in range(self.prefix, self.read):
-            before = self.decode(self.ids[start : self.read], self.skip)
-            after = self.decode(self.ids[start:], self.skip)
-            if after.startswith(before):
-                return after[len(before) :]
-        return self.decode(self.ids[self.read :], self.skip)
+        """What the tokens not yet emitted spell after their context (``spelt``)."""
+        return spelt(self.decode, self.ids[self.prefix : self.read], self.ids[self.read :], self.skip)
+
+
+def spelt(decode: Callable[[list[int], bool], str], context: list[int], ids: list[int], skip: bool) -> str:
+    """What ``ids`` spell after ``context``: the decode of both past the context's own. Where that
+    does not begin with the context's text, decoding them together spelled the context anew (a
+    byte-fallback decoder writes every byte of an invalid run of byte tokens as U+FFFD, a
+    character already sent from the context with them: its length no longer measured the
+    context, and 2 bytes came out as 4 U+FFFD), so the context is shortened from its start until
+    it does: its last ``_CONTEXT`` starts are tried, then none (each try two decodes: a long
+    context of tokens that spell nothing cost thousands)."""
+    starts = range(len(context))
+    for start in [*starts[:1], *starts[1:][-_CONTEXT:]]:
+        before = decode(context[start:], skip)
+        after = decode(context[start:] + ids, skip)
+        if after.startswith(before):
+            return after[len(before) :]
+    return decode(ids, skip)
 
 
 def sent_tail(
@@ -102,11 +109,10 @@ def sent_tail(
     done, chars = resumed[: len(resumed) - pending], max(map(len, params.stop), default=1) - 1
     if chars <= 0 or not done:
         return ""
-    n = min(len(done), 2 * chars + _CONTEXT)  # a token spells a character at least, but for special ones
+    # a character takes 4 tokens at most (a byte-fallback tokenizer's UTF-8 bytes), but for special ones
+    n = min(len(done), 4 * chars + _CONTEXT)
     before = (prompt_ids + done)[-(n + _CONTEXT) : -n]
-    decode = decoder(tokenizer)
-    skip = params.skip_special_tokens
-    text = decode(before + done[-n:], skip)[len(decode(before, skip)) :]
+    text = spelt(decoder(tokenizer), before, done[-n:], params.skip_special_tokens)
     if held and text.endswith(held):
         text = text[: -len(held)]
     return text[-chars:]

@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dlora.common import log
 from dlora.model.config import ModelConfig
+
+logger = log.get("engine")
 
 
 class WeightsError(ValueError):
@@ -41,16 +44,25 @@ class ModelWeights:
     lm_head: torch.Tensor  # (vocab, hidden); the same tensor as embed when tied
 
 
+# Tensors some checkpoints store that are computed here: RoPE's tables (older Llama checkpoints'
+# inv_freq; ColossalAI's cos_cached and sin_cached, which vLLM's llama.py skips alike).
+_COMPUTED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_O_BIAS = " (config.json's attention_bias=true gives a Llama's o_proj a bias beside q/k/v's, as transformers)"
+
+
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files that hold the checkpoint, as transformers picks them: the shards
-    ``model.safetensors.index.json`` names, else ``model.safetensors``, else every ``*.safetensors``.
-    Other files beside them (an older revision's shards, Mistral's ``consolidated.safetensors``) are
-    not read: read, they mixed revisions or doubled the host memory loading takes.
+    """The safetensors files that hold the checkpoint, as transformers picks them:
+    ``model.safetensors``, else the shards ``model.safetensors.index.json`` names, else every
+    ``*.safetensors``. Other files beside them (an older revision's shards, Mistral's
+    ``consolidated.safetensors``) are not read: read, they mixed revisions or doubled the host
+    memory loading takes.
 
     Raises:
         WeightsError: none found, or the index is unreadable or names a file that is not there.
     """
-    index = model_dir / "model.safetensors.index.json"
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -61,9 +73,7 @@ def weight_files(model_dir: Path) -> list[Path]:
         if missing := [n for n, f in zip(names, files) if not f.is_file()]:
             raise WeightsError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
         return files
-    single = model_dir / "model.safetensors"
-    files = [single] if single.is_file() else sorted(model_dir.glob("*.safetensors"))
-    if not files:
+    if not (files := sorted(model_dir.glob("*.safetensors"))):
         raise WeightsError(f"{model_dir}: no *.safetensors files (other weight formats are not loaded)")
     return files
 
@@ -83,13 +93,15 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
     Raises:
         WeightsError: a tensor is missing or of the wrong shape, or the checkpoint holds tensors
             this architecture does not use (served without them, a quantized checkpoint's scales
-            or a bias the config does not declare gave wrong tokens silently; vLLM refuses them too).
+            gave wrong tokens silently; vLLM refuses them too). As transformers and vLLM, a bias
+            the config does not declare is left unread (logged), and RoPE's cached tables
+            (``inv_freq``; ColossalAI's ``cos_cached`` / ``sin_cached``) are computed, not read.
     """
     raw = read_safetensors(Path(model_dir))
 
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def take(name: str, shape: tuple[int, ...], why: str = "") -> torch.Tensor:
         if name not in raw:
-            raise WeightsError(f"{model_dir}: tensor {name!r} is missing")
+            raise WeightsError(f"{model_dir}: tensor {name!r} is missing{why}")
         t = raw.pop(name)
         if tuple(t.shape) != shape:
             raise WeightsError(f"{model_dir}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
@@ -112,7 +124,7 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
                 ),
                 qkv_bias=qkv_bias,
                 o=take(p + "self_attn.o_proj.weight", (h, q)),
-                o_bias=take(p + "self_attn.o_proj.bias", (h,)) if cfg.o_bias else None,
+                o_bias=take(p + "self_attn.o_proj.bias", (h,), _O_BIAS) if cfg.o_bias else None,
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),
                 gate_up=torch.cat([take(p + f"mlp.{n}_proj.weight", (inter, h)) for n in ("gate", "up")]),
                 down=take(p + "mlp.down_proj.weight", (h, inter)),
@@ -121,12 +133,13 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
     embed = take("model.embed_tokens.weight", (v, h))
     lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight", (v, h))
     norm = take("model.norm.weight", (h,))
-    # RoPE's cached frequencies (older Llama checkpoints) are computed here; a tied model's stored
-    # lm_head is its embeddings again, as vLLM reads it.
-    unused = sorted(n for n in raw if not n.endswith("rotary_emb.inv_freq") and n != "lm_head.weight")
-    if unused:
+    # A tied model's stored lm_head is its embeddings again, as vLLM reads it.
+    unused = sorted(n for n in raw if not n.endswith(_COMPUTED) and n != "lm_head.weight")
+    if biases := [n for n in unused if n.endswith(".bias")]:
+        logger.warning("biases config.json does not declare left unread", tensors=len(biases), first=biases[0])
+    if unused := [n for n in unused if not n.endswith(".bias")]:
         raise WeightsError(
-            f"{model_dir}: {len(unused)} tensors the {cfg.model_type} architecture as configured does not use, "
-            f"e.g. {', '.join(unused[:3])} (a quantized checkpoint, or a bias config.json does not declare)"
+            f"{model_dir}: {len(unused)} tensors the {cfg.model_type} architecture does not use, "
+            f"e.g. {', '.join(unused[:3])} (a quantized checkpoint's scales, or another architecture's weights)"
         )
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
