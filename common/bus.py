@@ -243,6 +243,28 @@ class Outage:
             self.failures = 0
 
 
+async def when_reachable(
+    read: Callable[[], Awaitable[T]], what: str, stop: asyncio.Event, every_s: float = 0.5
+) -> T | None:
+    """``read()``'s result once Redis answers it, tried every ``every_s`` seconds meanwhile (the
+    outage logged as ``Outage`` logs it); None if ``stop`` is set first. For what a service reads
+    before it serves: raised, a dispatcher or worker started while Redis was down exited with a
+    traceback, and under systemd's start limit stayed down for good."""
+    outage = Outage(what)
+    while not stop.is_set():
+        try:
+            result = await read()
+        except STATE_OUTAGE as e:
+            outage.failed(e)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await stop.wait()
+            continue
+        outage.succeeded()
+        return result
+    return None
+
+
 # Every process counts the bus messages it could not read, so a peer on another schema version
 # shows up instead of silently dropping out (the gateway serves this on /metrics).
 REJECTED = Counter(

@@ -156,15 +156,19 @@ class Dispatcher(Recovery):
             return
         if answer:  # the gateway waits for a dispatcher to take it (NATS request/reply)
             await self.nc.publish(answer, b"")
-        if owner and req.adapter is not None:
-            # An application is a tenant named by its NATS user: another tenant's adapter is, to
-            # it, not there (as the gateway answers a key of another tenant).
-            entry = await self.store.get_adapter(req.adapter, req.adapter_version)
-            if entry is not None and entry.owner not in ("", owner):
-                reason = f"adapter {req.adapter!r} is not registered"
-                await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
-                return
-        await self._dispatch(req, raw)
+        try:
+            if owner and req.adapter is not None:
+                # An application is a tenant named by its NATS user: another tenant's adapter is, to
+                # it, not there (as the gateway answers a key of another tenant).
+                entry = await self.store.get_adapter(req.adapter, req.adapter_version)
+                if entry is not None and entry.owner not in ("", owner):
+                    reason = f"adapter {req.adapter!r} is not registered"
+                    await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
+                    return
+            await self._dispatch(req, raw)
+        except bus.STATE_OUTAGE as e:  # said at once: its client waited out its chunk timeout (60 s)
+            why = f"the state store (Redis) is unreachable ({type(e).__name__}); try again"
+            await self._fail(req, req.next_seq, why, "state-unreachable", ErrorCode.UNAVAILABLE)
 
     async def _refuse_undecodable(self, msg: Msg, error: msgspec.DecodeError) -> None:
         """Tell the sender of a request that does not decode why, where it reads: its reply
@@ -442,7 +446,7 @@ class Dispatcher(Recovery):
         )
         await bus.publish(self.nc, req.reply_to, chunk)
 
-    async def _seed_from_redis(self) -> None:
+    async def _seed_from_redis(self) -> bool:
         # Workers and traffic seen before this dispatcher started, each heard when it last beat: as
         # heard now, a worker dead for most of a TTL looked fresh for another whole TTL, and took
         # a lost worker's requests (a trial: a dispatcher restarted after two workers died).
@@ -450,9 +454,11 @@ class Dispatcher(Recovery):
         for st, age in beats:
             self.workers.setdefault(st.worker, (st, now - age))
         self.traffic = await self.store.load_traffic()
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._seed_from_redis()
+        if not await bus.when_reachable(self._seed_from_redis, "redis (dispatcher start)", stop):
+            return  # stopped while Redis was down
         subs = [
             await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),
             await self.nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),

@@ -19,6 +19,7 @@ Refusal = Literal[
     "gave-up",
     "client-gone",
     "adapter-changed",
+    "state-unreachable",
 ]
 REFUSALS: tuple[Refusal, ...] = get_args(Refusal)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 
@@ -415,7 +416,8 @@ class WorkerService:
         return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining, **reads)
 
     async def run(self, stop: asyncio.Event) -> None:
-        if state := await self.store.load_policy(self.s.worker_id):
+        policy = functools.partial(self.store.load_policy, self.s.worker_id)
+        if state := await bus.when_reachable(policy, "redis (worker start)", stop):
             self.engine.policy.restore(state)
         subs = [
             await bus.subscribe(

@@ -19,6 +19,8 @@ logger = log.get("worker")
 _MAX_UNWRITTEN = 10_000
 # Seconds between tries to mark records taken while Redis refuses them.
 _MARK_AGAIN_S = 2.0
+# Seconds between tries to write the steps' progress while Redis refuses it (beside the steps).
+_WRITE_AGAIN_S = 1.0
 
 
 class ProgressRecords:
@@ -36,6 +38,8 @@ class ProgressRecords:
         self.taken: dict[str, int] = {}  # requests received whose records are not yet marked taken (id -> attempt)
         self._mark_again_at = 0.0  # after a failed mark, when to try again
         self._marking = asyncio.Lock()  # one mark at a time: a second waits for the one in flight (a review)
+        self._writing = asyncio.Lock()  # one progress write at a time (``write``)
+        self._retry: asyncio.Task[set[str] | None] | None = None  # the background write after a failure
         self.stalls = 0  # stalls seen, and how many of them a strict fencing check has followed
         self._stalls_checked = 0
         self._beat_at = time.monotonic()  # when a heartbeat last got out
@@ -100,22 +104,53 @@ class ProgressRecords:
 
     async def write(self, running: dict[str, Sent]) -> set[str]:
         """Record this step's chunks, after those earlier failed writes left, and drop the records
-        of finished requests; the ids whose copies are fenced. Raises what Redis raises, and then
-        what it did not write stays for the next call (the caller keeps ``running``: see
-        ``write_step``)."""
-        fenced = await self.store.record_progress(self.worker_id, running, self.unrecorded_ends, self.unwritten)
-        self.unwritten, self.unrecorded_ends = [], {}
-        return fenced
+        of finished requests; the ids whose copies are fenced. One write at a time, in order (a
+        later chunk written first would have an earlier one's tokens refused). Raises what Redis
+        raises, and then what it did not write stays for the next call (the caller keeps
+        ``running``: see ``write_step``); what is kept meanwhile goes after it."""
+        async with self._writing:
+            ends, earlier = self.unrecorded_ends, self.unwritten
+            self.unrecorded_ends, self.unwritten = {}, []
+            try:
+                return await self.store.record_progress(self.worker_id, running, ends, earlier)
+            except BaseException:
+                self.unrecorded_ends = ends | self.unrecorded_ends
+                self.unwritten = [*earlier, *self.unwritten][-_MAX_UNWRITTEN:]
+                raise
 
     async def write_step(self, running: dict[str, Sent]) -> set[str]:
-        """``write``, with a failure kept for the next write rather than raised: the tokens went
-        out, only recovery's record lags. The ids whose copies are fenced (none on a failure)."""
+        """``write``, with a failure kept for later rather than raised: the tokens went out, only
+        recovery's record lags. After a failure the steps go on without waiting for Redis: their
+        chunks are kept, and a write in the background tries again every ``_WRITE_AGAIN_S`` until
+        one succeeds (awaited here, each failing write cost a step redis-py's retries, and a hung
+        Redis its socket timeout: 2 tokens/s, none while hung). The ids whose copies are fenced
+        (none on a failure; those the background write found, once it is done)."""
+        if self._retry is not None:
+            self.unwritten = [*self.unwritten, *running.items()][-_MAX_UNWRITTEN:]
+            if not self._retry.done():
+                return set()
+            fenced, self._retry = self._retry.result(), None
+            if fenced is None:  # failed again
+                self._retry = asyncio.create_task(self._write_later())
+            return fenced or set()
         try:
             fenced = await self.write(running)
         except Exception as e:  # noqa: BLE001 - see above
             self._outage.failed(e)
             self.unwritten = [*self.unwritten, *running.items()][-_MAX_UNWRITTEN:]
+            self._retry = asyncio.create_task(self._write_later())
             return set()
+        self._outage.succeeded()
+        return fenced
+
+    async def _write_later(self) -> set[str] | None:
+        """The kept chunks written after ``_WRITE_AGAIN_S``: the fenced ids, None if it failed."""
+        await asyncio.sleep(_WRITE_AGAIN_S)
+        try:
+            fenced = await self.write({})
+        except Exception as e:  # noqa: BLE001 - still down
+            self._outage.failed(e)
+            return None
         self._outage.succeeded()
         return fenced
 

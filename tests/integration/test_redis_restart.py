@@ -10,11 +10,13 @@ import uuid
 
 import msgspec
 import nats
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dlora.common import subjects
 from dlora.common.bus import connections
-from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.registry import AdapterRegistry, purge
 from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
@@ -24,7 +26,7 @@ from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
-from dlora.services.servers import Server, start_redis
+from dlora.services.servers import Server, free_port, start_redis
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 
@@ -84,8 +86,18 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
             await asyncio.sleep(1.0)
             assert [c.finish_reason for c in await _generate(client)][-1] == "length"
 
+            running = asyncio.create_task(_generate(client, tokens=300))
+            await asyncio.sleep(0.5)
             redis.stop()
             await asyncio.sleep(1.5)  # the services meet the closed connection meanwhile
+            # A request the dispatcher cannot record is refused at once (it was dropped, and its
+            # client waited out the gateway's 60 s chunk timeout for a misleading answer).
+            refused = await _generate(client)
+            assert refused[-1].error_code is ErrorCode.UNAVAILABLE and "Redis" in (refused[-1].error or "")
+            # One already running goes on at its pace: each step awaited its failing progress write
+            # (redis-py's retries: 2 tokens a second), so 300 tokens took minutes.
+            chunks = await running
+            assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 300
             redis = start_redis(port)  # back, empty
             await asyncio.sleep(2.0)
 
@@ -105,3 +117,85 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
             await client.close()
             await registry.store.r.aclose()
     redis.stop()
+
+
+async def test_a_dispatcher_and_a_worker_started_while_redis_is_down_wait_for_it(
+    nats_server: Server, tiny_llama: TinyOutput
+) -> None:
+    """Each exited with a traceback at its first read (the dispatcher's seed, the worker's policy
+    checkpoint): under systemd's start limit, a Redis down for ten seconds kept them down for good."""
+    port = free_port()
+    common = dict(nats_url=nats_server.url, redis_url=f"redis://127.0.0.1:{port}/0", heartbeat_ttl_s=2.0)
+    stop = asyncio.Event()
+    client = await nats.connect(nats_server.url)
+    await purge(client, "dlora")
+    redis = None
+    async with contextlib.AsyncExitStack() as stack:
+        ws = WorkerSettings(**common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1)
+        worker_nc, worker_store = await stack.enter_async_context(connections(ws))
+        ds = DispatcherSettings(**common)
+        d_nc, d_store = await stack.enter_async_context(connections(ds))
+        tasks = [
+            asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
+            asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
+        ]
+        try:
+            await asyncio.sleep(2.0)
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+            redis = start_redis(port)
+            async with asyncio.timeout(30):
+                while "w0" not in [w.worker for w in await d_store.live_workers()]:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # the dispatcher hears the worker's stats
+            chunks = await _generate(client)
+            assert chunks[-1].error is None and chunks[-1].finish_reason == "length"
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await purge(client, "dlora")
+            await client.close()
+    if redis is not None:
+        redis.stop()
+
+
+async def test_steps_do_not_wait_for_progress_writes_redis_refuses(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step awaited its failing progress write (redis-py's retries: a stream got 2 tokens a
+    second while Redis refused, none while it hung). After a failure the steps' chunks are kept and
+    a write beside the steps tries again; once Redis answers, the record holds every token in order."""
+    from dlora.common.inflight import Sent
+    from dlora.services.worker import records as records_module
+    from dlora.services.worker.records import ProgressRecords
+
+    store = StateStore(redis)
+    assert await store.put_inflight(GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1]), "w-a")
+    records = ProgressRecords(store, "w-a", 5.0)
+    calls, real, down = [0], store.record_progress, [True]
+
+    async def refusing(*args: object) -> set[str]:
+        calls[0] += 1
+        if down[0]:
+            raise RedisConnectionError("Connection refused")
+        return await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "record_progress", refusing)
+    monkeypatch.setattr(records_module, "_WRITE_AGAIN_S", 0.2)
+    step = iter(range(100))
+
+    async def write_step() -> set[str]:
+        seq = next(step)
+        return await records.write_step({"r": Sent(0, seq, [10 + seq], 0)})
+
+    for _ in range(5):
+        assert await write_step() == set()
+    assert calls[0] == 1  # the first step's write failed; the next four did not try
+    await asyncio.sleep(0.3)
+    assert calls[0] == 2 and await write_step() == set()  # tried again beside the steps: still refused
+    down[0] = False
+    async with asyncio.timeout(5):
+        while records.behind:
+            await write_step()
+            await asyncio.sleep(0.05)
+    written = await store.get_inflight("r")
+    assert written is not None and written.tokens == [10 + seq for seq in range(next(step))]
