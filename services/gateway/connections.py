@@ -58,7 +58,7 @@ def _refusal(status: int, reason: str, message: str, kind: str) -> bytes:
 
 _TOO_MANY = _refusal(503, "Service Unavailable", "the gateway has too many open connections", "service_unavailable")
 _TOO_MANY_FROM_CLIENT = _refusal(
-    429, "Too Many Requests", "too many open connections from this address", "rate_limit_error"
+    429, "Too Many Requests", "too many open connections from this address", "rate_limit_exceeded"
 )
 
 

@@ -35,7 +35,7 @@ class APIError(Exception):
         self.headers = headers or {}
         self.kind = kind or {
             400: "invalid_request_error",
-            401: "authentication_error",
+            401: "invalid_request_error",  # OpenAI's, with code invalid_api_key where a key is wrong
             403: "permission_error",
             404: "not_found_error",
             409: "invalid_request_error",

@@ -268,7 +268,9 @@ def document() -> dict[str, Any]:
                 "description": "vLLM's: a prompt, or a conversation rendered as chat renders it, as token ids",
                 "security": inference,
                 "requestBody": _json_body(tokenize),
-                "responses": _responses("count, max_model_len and the token ids", 400, 401, 403, 404, 408, 413, 415),
+                "responses": _responses(
+                    "count, max_model_len and the token ids", 400, 401, 403, 404, 408, 413, 415, 429
+                ),
             }
         },
         "/detokenize": {
@@ -277,7 +279,7 @@ def document() -> dict[str, Any]:
                 "description": "vLLM's: token ids as text",
                 "security": inference,
                 "requestBody": _json_body(detokenize),
-                "responses": _responses("the text, as prompt", 400, 401, 403, 404, 408, 413, 415),
+                "responses": _responses("the text, as prompt", 400, 401, 403, 404, 408, 413, 415, 429),
             }
         },
         "/healthz": {"get": {"operationId": "readiness", "responses": {"200": health, "503": not_ready}}},

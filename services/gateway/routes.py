@@ -10,6 +10,7 @@ from aiohttp import web
 
 from dlora.services.gateway import dashboard, openapi
 from dlora.services.gateway.adapter_routes import AdapterAdmin
+from dlora.services.gateway.body import expect_continue
 from dlora.services.gateway.cache_reset import reset_prefix_cache
 from dlora.services.gateway.errors import json_errors
 from dlora.services.gateway.health import retry_after_s
@@ -26,32 +27,34 @@ def make_app(gw: Gateway) -> web.Application:
         client_max_size=gw.s.max_body_bytes + 1024,
         middlewares=[json_errors(retry_after_s(gw.s.heartbeat_ttl_s))],
     )
-    app.router.add_post("/v1/completions", gw.completions)
-    app.router.add_post("/v1/chat/completions", gw.chat)
+    # every POST with its Expect: 100-continue answered by what the body may be
+    post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))
+    post("/v1/completions", gw.completions)
+    post("/v1/chat/completions", gw.chat)
     app.router.add_get("/v1/models", gw.models)
     app.router.add_get("/v1/models/{model:.+}", gw.model)  # names may hold a slash (org/name)
     adapters = AdapterAdmin(gw)
-    app.router.add_post("/v1/adapters", adapters.add)
+    post("/v1/adapters", adapters.add)
     app.router.add_delete("/v1/adapters/{name:.+}", adapters.delete)  # org/name too
-    app.router.add_post("/v1/load_lora_adapter", adapters.vllm_load)  # vLLM's names, for its scripts
-    app.router.add_post("/v1/unload_lora_adapter", adapters.vllm_unload)
+    post("/v1/load_lora_adapter", adapters.vllm_load)  # vLLM's names, for its scripts
+    post("/v1/unload_lora_adapter", adapters.vllm_unload)
     keys = KeyAdmin(gw.auth, gw.read_body)
-    app.router.add_post("/v1/keys", keys.create)
+    post("/v1/keys", keys.create)
     app.router.add_get("/v1/keys", keys.listing)
     app.router.add_delete("/v1/keys/{id}", keys.revoke)
     tokens = TokenizeRoutes(gw)
-    app.router.add_post("/tokenize", tokens.tokenize)  # vLLM's
-    app.router.add_post("/detokenize", tokens.detokenize)
+    post("/tokenize", tokens.tokenize)  # vLLM's
+    post("/detokenize", tokens.detokenize)
     for path in ("/healthz", "/readyz", "/health", "/ping"):  # /health and /ping (SageMaker's): vLLM's
         app.router.add_get(path, gw.healthz)
-    app.router.add_post("/ping", gw.healthz)
+    post("/ping", gw.healthz)
     app.router.add_get("/livez", gw.livez)
     app.router.add_get("/version", openapi.version)
     app.router.add_get("/metrics", gw.metrics_handler)
     app.router.add_get("/v1/status", gw.status)
     reset = functools.partial(reset_prefix_cache, gw)
-    app.router.add_post("/reset_prefix_cache", reset)  # vLLM's
-    app.router.add_post("/flush_cache", reset)  # SGLang's (its older clients GET it)
+    post("/reset_prefix_cache", reset)  # vLLM's
+    post("/flush_cache", reset)  # SGLang's (its older clients GET it)
     app.router.add_get("/flush_cache", reset, allow_head=False)
     dashboard.add_static(app)
     app.router.add_get("/openapi.json", openapi.handler)

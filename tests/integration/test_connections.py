@@ -4,6 +4,7 @@ what does not send a request in time, refuses what is over its limits, and its l
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import resource
@@ -193,3 +194,34 @@ def test_serve_on_a_port_in_use_says_so_in_a_line(
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert last.startswith("dlora serve gateway: cannot listen:") and "address already in use" in last
+
+
+async def test_expect_100_continue_is_answered_by_what_the_body_may_be(stack: Stack) -> None:
+    """curl sends Expect: 100-continue above 1 MiB: the gateway answered 100 for any body, and the
+    client uploaded 3 MB to be refused 413; an Expect it does not know got a plain-text 417."""
+    port = int(stack.url.rsplit(":", 1)[1])
+
+    async def head(expect: str, length: int) -> bytes:
+        more = f"Expect: {expect}\r\nContent-Length: {length}\r\n\r\n".encode()
+        reader, writer = await _open(port, "127.0.0.1", PARTIAL_HEAD + more)
+        try:
+            async with asyncio.timeout(10):
+                first = await reader.readuntil(b"\r\n\r\n")
+                if first.startswith(b"HTTP/1.1 100 "):
+                    return first
+                return first + await reader.readexactly(int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        finally:
+            writer.close()
+
+    limit = stack.gateway.s.max_body_bytes
+    refused = await head("100-continue", 3 * limit)
+    assert refused.startswith(b"HTTP/1.1 413 ") and b"application/json" in refused
+    assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"]["message"].endswith(f"the limit of {limit}")
+    unknown = await head("foo", 10)
+    assert unknown.startswith(b"HTTP/1.1 417 ") and b"application/json" in unknown
+    assert (await head("100-continue", 10)).startswith(b"HTTP/1.1 100 Continue")  # the body may come
+    async with aiohttp.ClientSession() as http:  # and a request that sends it after the 100 is served
+        body = json.dumps({"model": "lora-0", "prompt": "kalo", "max_tokens": 2}).encode()
+        headers = {"Content-Type": "application/json"}
+        async with http.post(stack.url + "/v1/completions", data=body, expect100=True, headers=headers) as r:
+            assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
