@@ -63,6 +63,7 @@ from dlora.services.worker.metrics import WorkerMetrics, worker_view
 from dlora.services.worker.move_out import move_out
 from dlora.services.worker.moves import Move, moves_to_take
 from dlora.services.worker.records import ProgressRecords
+from dlora.services.worker.rerecord import record_again_if_lost
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import settings_in_effect, worker_stats
 from dlora.services.worker.tokenized import Tokenized
@@ -109,6 +110,7 @@ class WorkerService:
         self.handed_back: dict[str, tuple[float, bool]] = {}
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
+        self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
         self.delivery = Delivery(nc, self.records.superseded)  # chunks out, and again after a NATS reconnect
@@ -331,9 +333,11 @@ class WorkerService:
             await self.drop(rid, record=False, attempt=copies[rid].attempt)
 
     async def _reconcile(self) -> None:
-        """Between steps, every few seconds: drop requests whose client has gone, and hand back
-        what the in-flight records say is here but is not (a previous incarnation's requests, or
-        ones whose message never came) for a dispatcher to re-dispatch."""
+        """Between steps, every few seconds: write the records of the requests held here again if
+        Redis lost its data, drop requests whose client has gone, and hand back what the in-flight
+        records say is here but is not (a previous incarnation's requests, or ones whose message
+        never came) for a dispatcher to re-dispatch."""
+        await record_again_if_lost(self)
         now = time.monotonic()
         for rid, stream in list(self.streams.items()):
             if stream.request.client and self.clients.gone(stream.request.client, now):

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dlora.common import subjects
-from dlora.common.bus import connections
+from dlora.common.bus import STATE_OUTAGE, connections
 from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.registry import AdapterRegistry, purge
 from dlora.common.state import StateStore
@@ -24,6 +24,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.replies import ReplyStream
 from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.servers import Server, free_port, start_redis
@@ -199,3 +200,65 @@ async def test_steps_do_not_wait_for_progress_writes_redis_refuses(
             await asyncio.sleep(0.05)
     written = await store.get_inflight("r")
     assert written is not None and written.tokens == [10 + seq for seq in range(next(step))]
+
+
+async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_data(
+    nats_server: Server, tiny_llama: TinyOutput
+) -> None:
+    """Progress writes update records that exist: after Redis came back empty, the requests running
+    had none for good, and a later death or drain of their worker lost them. The worker writes them
+    again (each resumed after the tokens its client has, as a move records it)."""
+    redis = start_redis()
+    port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
+    common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
+    stop = asyncio.Event()
+    client = await nats.connect(nats_server.url)
+    await purge(client, "dlora")
+    owner = uuid.uuid4().hex[:8]
+    streams = {f"r{i}": ReplyStream(f"r{i}") for i in range(4)}
+
+    async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+        chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+        streams[chunk.request_id].accept(chunk)
+
+    await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+    async with contextlib.AsyncExitStack() as stack:
+        ws = WorkerSettings(**common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1)
+        worker_nc, worker_store = await stack.enter_async_context(connections(ws))
+        ds = DispatcherSettings(**common)
+        d_nc, d_store = await stack.enter_async_context(connections(ds))
+        tasks = [
+            asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
+            asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
+        ]
+        try:
+            await asyncio.sleep(1.0)
+            for rid in streams:
+                params = SamplingParams(max_tokens=480, ignore_eos=True)
+                req = GenerateRequest(
+                    request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=[5, 40], params=params
+                )
+                await client.publish(subjects.REQUESTS, msgspec.json.encode(req))
+            async with asyncio.timeout(30):
+                while not all(s.tokens for s in streams.values()):
+                    await asyncio.sleep(0.01)
+            redis.stop()
+            redis = start_redis(port)  # back, empty
+            found = None
+            async with asyncio.timeout(60):
+                while found is None and not all(s.done for s in streams.values()):
+                    await asyncio.sleep(0.05)
+                    with contextlib.suppress(*STATE_OUTAGE):
+                        held = [await d_store.get_inflight(rid) for rid, s in streams.items() if not s.done]
+                        found = next((rec for rec in held if rec is not None), None)
+            assert found is not None and found.worker == "w0" and found.request.resume_token_ids
+            async with asyncio.timeout(60):
+                while not all(s.done for s in streams.values()):
+                    await asyncio.sleep(0.05)
+            assert all(s.error is None and s.tokens == 480 for s in streams.values())
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await purge(client, "dlora")
+            await client.close()
+    redis.stop()
