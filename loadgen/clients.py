@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import os
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import aiohttp
 import msgspec
@@ -88,8 +89,7 @@ class HttpClient:
                         r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                         if resp.status not in (429, 503) or attempt == self.max_retries:
                             return
-                        retry_after = resp.headers.get("Retry-After", "")
-                        wait_s = min(float(retry_after), 60.0) if retry_after.isdigit() else wait_s
+                        wait_s = retry_after_s(resp.headers) or wait_s
                     else:
                         r.error = None
                         await self._read(resp, r)
@@ -105,28 +105,55 @@ class HttpClient:
             await asyncio.sleep(wait_s)
 
     async def _read(self, resp: aiohttp.ClientResponse, r: RequestResult) -> None:
+        """The events of one streamed completion into ``r``. As OpenAI's and vLLM's clients read
+        them: ``data:`` with or without its space (the SSE standard's), an event's ``choices`` read
+        whatever else it holds (llama.cpp's last chunk and vLLM's continuous usage carry usage
+        beside them; Azure's first carries none), its usage's completion tokens where a number,
+        an ``"error": null`` no error."""
+        counted: int | None = None  # completion tokens the server's usage says
         async for raw in resp.content:
             line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
                 continue
-            event = json.loads(line[6:])
-            if "error" in event:  # OpenAI's {"error": {"message": ...}}, or a server's own string
-                error = event["error"]
+            event = json.loads(data)
+            if error := event.get("error"):  # OpenAI's {"error": {"message": ...}}, or a server's own string
                 r.error = str(error.get("message", error) if isinstance(error, dict) else error)
                 return
             now = self.clock()
-            if event.get("usage"):
-                r.tokens = event["usage"]["completion_tokens"]
+            usage = event.get("usage") or {}
+            if isinstance(tokens := usage.get("completion_tokens"), int) and not isinstance(tokens, bool):
+                counted = tokens
+            if not (choices := event.get("choices")):
                 continue
             if r.first_token_s is None:
                 r.first_token_s = now
             r.token_times.append(now)
             r.tokens = len(r.token_times)  # so far: a stream cut off keeps what it got (NATS's does)
-            if event["choices"][0]["finish_reason"] is not None:
+            if choices[0].get("finish_reason") is not None:
                 r.finish_s = now
+        if counted is not None:
+            r.tokens = counted
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """How long a 429 or 503 asks to wait, as the openai package reads it (its
+    ``_calculate_retry_timeout``): ``retry-after-ms``, else ``Retry-After`` in seconds (a fraction
+    too: ``3.5`` was read as no wait) or as an HTTP date; None where absent or outside (0, 60]."""
+    try:
+        seconds = float(headers.get("retry-after-ms", "")) / 1000
+    except ValueError:
+        value = headers.get("Retry-After", "")
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                return None
+    return seconds if 0 < seconds <= 60 else None
 
 
 class NatsClient:

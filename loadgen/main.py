@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -57,6 +58,9 @@ async def run(
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)  # OSError now, not after the run
+    if taken := [name for name in report.FILES if (out / name).is_dir()]:
+        raise IsADirectoryError(f"--out {out}: {', '.join(taken)} is a folder; the report writes a file there")
+    tempfile.TemporaryFile(dir=out).close()  # a folder this run cannot write to: OSError now, likewise
     clock = Clock()
     client = (
         await NatsClient.connect(target, clock)
@@ -84,6 +88,7 @@ async def run(
         disable=not console.is_terminal,
     )
     task = progress.add_task("sending", total=len(requests))
+    clock.restart()  # the run begins now: not with NATS's connect, or the target's model list
 
     def on_update(results: list[RequestResult]) -> None:
         done = sum(r.completed for r in results)
@@ -94,29 +99,32 @@ async def run(
         )
 
     try:
-        with progress:
-            results, end = await replay(requests, client, clock, spec.duration, stop, on_update=on_update)
-    finally:
+        try:
+            with progress:
+                results, end = await replay(requests, client, clock, spec.duration, stop, on_update=on_update)
+        finally:
+            await client.close()
+        interrupted = stop.is_set()  # (a Ctrl-C after the run, while the report is written, did not cut it)
+        summary = summarize(results, end, slo) | {"planned": len(requests)}
+        if (unsent := len(requests) - summary["sent"]) and not interrupted:
+            ended = f"--duration {spec.duration:g} s ended sending"
+            console.print(f"{ended}: {unsent} of {len(requests)} requests not sent")
+        by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
+        # Keys in the CLI's option order and names, so records from the CLI and from benchmarks compare.
+        kinds = ("request_trace", "popularity_source")
+        formats = {f"{kind}_format": t.format for kind, t in zip(kinds, traces) if t is not None}
+        skipped = {"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {}
+        config = (
+            {"target": redacted(target), "base_model": base_model}
+            | spec.options()
+            | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "out": str(out), "interrupted": interrupted}
+            | formats
+            | skipped
+        )
+        report.write(out, config, summary, by_adapter, results, end, console)
+        return summary | {"interrupted": interrupted}
+    finally:  # a Ctrl-C while the report is written is heard (as stop) and let be: it is written whole
         loop.remove_signal_handler(signal.SIGINT)
-        await client.close()
-    summary = summarize(results, end, slo) | {"planned": len(requests)}
-    if (unsent := len(requests) - summary["sent"]) and not stop.is_set():
-        console.print(f"--duration {spec.duration:g} s ended sending: {unsent} of {len(requests)} requests not sent")
-    by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
-    # Keys in the CLI's option order and names, so records from the CLI and from benchmarks compare.
-    formats = {
-        f"{kind}_format": t.format for kind, t in zip(("request_trace", "popularity_source"), traces) if t is not None
-    }
-    skipped = {"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {}
-    config = (
-        {"target": redacted(target), "base_model": base_model}
-        | spec.options()
-        | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "out": str(out), "interrupted": stop.is_set()}
-        | formats
-        | skipped
-    )
-    report.write(out, config, summary, by_adapter, results, end, console)
-    return summary | {"interrupted": stop.is_set()}
 
 
 def run_loadgen(args: argparse.Namespace) -> int:
@@ -154,7 +162,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
     )
     # A run where nothing completed failed, though its requests were only cut (a server that
     # answers nothing, or too slowly for the run: it exited 0).
-    nothing = summary["sent"] > 0 and summary["completed"] == 0
+    nothing = summary["completed"] == 0
     if summary["interrupted"]:
         return 130
     return 0 if summary["lost"] == 0 and summary["failed"] == 0 and not nothing else 1

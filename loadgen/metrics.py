@@ -94,7 +94,7 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO(), star
         "short": sum(1 for r in done if r.tokens < r.output_len),
         "duration_s": span,
         "throughput_req_s": len(done) / span,
-        "throughput_tok_s": sum(r.tokens for r in sent) / span,
+        "throughput_tok_s": sum(r.tokens for r in done) / span,  # completed ones' (vLLM's output throughput)
         "ttft_s": _stats([r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
         "tpot_s": _stats([t for r in done if (t := r.tpot()) is not None]),
         "itl_s": _stats(itl),
@@ -134,7 +134,8 @@ def summarize_by_adapter(results: list[RequestResult], end_s: float, slo: SLO = 
     its own, an adapter with one request read as the fastest, and the rows summed past "all"."""
     names = sorted({r.adapter or "" for r in results})
     start = min((r.arrival_s for r in results if r.sent), default=0.0)
+    # The base model's row is "(base)"; an adapter named so keeps its own row (quoted), not merged
+    label = {n: '"(base)"' if n == "(base)" else n or "(base)" for n in names}
     return {
-        n or "(base)": summarize([r for r in results if (r.adapter or "") == n], end_s, slo, start_s=start)
-        for n in names
+        label[n]: summarize([r for r in results if (r.adapter or "") == n], end_s, slo, start_s=start) for n in names
     }

@@ -87,6 +87,9 @@ def plot(results: list[RequestResult], by_adapter: dict[str, dict], end_s: float
     plt.close(fig)
 
 
+FILES = ("result.json", "report.png", "report.html")  # what ``write`` writes in its folder
+
+
 def write(
     out: Path,
     config: dict,

@@ -8,6 +8,7 @@ sent = completed + failed + cut + lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -24,6 +25,11 @@ class Clock:
     """Seconds since the run started."""
 
     def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def restart(self) -> None:
+        """From now: the run starts when sending can (what came before, the target's checks, is not
+        the run's: counted, it made the arrivals a burst and every TTFT as long)."""
         self.t0 = time.perf_counter()
 
     def __call__(self) -> float:
@@ -53,21 +59,33 @@ async def replay(
             on_update(results)
 
     for i, spec in enumerate(specs):
-        delay = spec.arrival_s - clock()
+        # No later than the duration's end: an arrival past it is not sent, and was waited for
+        # (--rate 1e-9 ran for ever).
+        delay = min(spec.arrival_s, max_duration_s) - clock()
         if delay > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-        if stop.is_set() or clock() > max_duration_s:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+        if stop.is_set() or spec.arrival_s > max_duration_s or clock() > max_duration_s:
             break
         results[i].sent = True
         task = asyncio.create_task(one(i))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
-        remaining = max(0.0, max_duration_s - clock()) if not stop.is_set() else 0.0
-        _, pending = await asyncio.wait(set(tasks), timeout=remaining + grace_s if not stop.is_set() else grace_s / 10)
+        # Until they end, or the duration and the grace pass, or Ctrl-C: then a tenth of the grace
+        # (a Ctrl-C after the last request went out was heard only once every one had ended).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, max_duration_s - clock()) + grace_s
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while (left := deadline - loop.time()) > 0 and not stop.is_set() and any(not t.done() for t in tasks):
+                await asyncio.wait({*tasks, stopped}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if stop.is_set() and tasks:
+            await asyncio.wait(set(tasks), timeout=grace_s / 10)
+        pending = {t for t in tasks if not t.done()}
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

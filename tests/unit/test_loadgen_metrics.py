@@ -104,3 +104,13 @@ def test_the_terminal_report_says_why_requests_failed(tmp_path) -> None:
     report.write(tmp_path, {}, summarize(results, 1.0), summarize_by_adapter(results, 1.0), results, 1.0, console)
     text = console.export_text()
     assert "failed (2): HTTP 404: model 'a' does not exist" in text and "failed (1): ClientConnectorError" in text
+
+
+def test_output_throughput_counts_completed_requests_and_an_adapter_named_base_keeps_its_row() -> None:
+    """vLLM's output throughput sums successful requests' tokens (a run where every request failed
+    read 48 tok/s); an adapter named "(base)" merged into the base model's row."""
+    failed = RequestResult(0.0, None, 5, sent=True, error="HTTP 500", tokens=3, first_token_s=0.1)
+    s = summarize([done(0.0, 0.5, 2.5, 5, adapter=None), failed], end_s=5.0)
+    assert s["throughput_tok_s"] == pytest.approx(5 / 5.0)
+    by = summarize_by_adapter([done(0.0, 0.5, 2.5, 5, adapter=None), done(0.0, 0.5, 2.5, 5, adapter="(base)")], 5.0)
+    assert {name: row["completed"] for name, row in by.items()} == {"(base)": 1, '"(base)"': 1}

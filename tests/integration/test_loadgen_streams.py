@@ -1,0 +1,138 @@
+"""The load generator against servers written here: the streams OpenAI-compatible servers send,
+when the run's clock starts, and when it stops (its duration, Ctrl-C)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from aiohttp import web
+from rich.console import Console
+
+from dlora.loadgen.clients import HttpClient
+from dlora.loadgen.main import run
+from dlora.loadgen.runner import Clock, replay
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.workload import RequestSpec
+from dlora.services.servers import free_port
+
+CHUNK = {"choices": [{"index": 0, "text": "a", "finish_reason": None}]}
+LAST = {"choices": [{"index": 0, "text": "b", "finish_reason": "length"}]}
+# One stream a request, each of a form some server sends and each a completion of 4 tokens.
+STREAMS = {
+    # llama.cpp's last chunk and vLLM's continuous usage: usage beside the choices (every request failed)
+    "usage-beside": [CHUNK, CHUNK, CHUNK, LAST | {"usage": {"completion_tokens": 4}}],
+    # Azure's first chunk: no choices (IndexError)
+    "no-choices": [{"choices": [], "prompt_filter_results": []}, CHUNK, CHUNK, CHUNK, LAST],
+    # "error": null in each chunk (failed with the reason None)
+    "error-null": [CHUNK | {"error": None}] * 3 + [LAST | {"error": None}],
+    # a usage whose count is null (a TypeError ended the whole run)
+    "usage-null": [CHUNK, CHUNK, CHUNK, LAST, {"choices": [], "usage": {"completion_tokens": None}}],
+}
+
+
+@asynccontextmanager
+async def serving(completions, models_delay_s: float = 0.0) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    """An OpenAI-compatible server with these completions, its model list after ``models_delay_s``."""
+
+    async def models(_: web.Request) -> web.Response:
+        await asyncio.sleep(models_delay_s)
+        return web.json_response({"object": "list", "data": [{"id": "model", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def _stream(request: web.Request, events: list[dict], space: bool = True) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for event in events:
+        await response.write(f"data:{' ' * space}{json.dumps(event)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def test_streams_in_the_forms_servers_send_complete() -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        name = (await request.json())["model"]
+        if name == "no-space":  # SSE allows "data:" without its space
+            return await _stream(request, [CHUNK, CHUNK, CHUNK, LAST], space=False)
+        return await _stream(request, STREAMS[name])
+
+    names = [*STREAMS, "no-space"]
+    async with serving(completions) as url:
+        clock = Clock()
+        client = HttpClient(url, "model", clock)
+        specs = [RequestSpec(arrival_s=0.0, adapter=n, prompt_len=4, output_len=4) for n in names]
+        try:
+            results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
+        finally:
+            await client.close()
+    assert {n: (r.error, r.completed, r.tokens) for n, r in zip(names, results)} == {n: (None, True, 4) for n in names}
+
+
+async def test_the_run_starts_after_the_target_answered_its_model_list(tmp_path: Path) -> None:
+    """The clock ran from before GET /v1/models: a model list that took 2 s made the arrivals one
+    burst and each TTFT 2 s long, though the server answered at once."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK, CHUNK, CHUNK, LAST])
+
+    spec = WorkloadSpec(requests=3, rate=50.0, lengths="fixed", prompt_len=4, output_len=4)
+    async with serving(completions, models_delay_s=2.0) as url:
+        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()))
+    assert summary["completed"] == 3 and summary["ttft_s"]["p99"] < 1.0
+
+
+async def test_an_arrival_past_the_duration_is_not_waited_for() -> None:
+    """The runner waited for the next arrival whole, then looked at the duration: --rate 1e-9 ran
+    for ever."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [LAST])
+
+    async with serving(completions) as url:
+        clock = Clock()
+        client = HttpClient(url, "model", clock)
+        specs = [RequestSpec(arrival_s=s, adapter=None, prompt_len=4, output_len=1) for s in (0.0, 1e9)]
+        try:
+            async with asyncio.timeout(30):
+                results, _ = await replay(specs, client, clock, 0.5, asyncio.Event())
+        finally:
+            await client.close()
+    assert [r.sent for r in results] == [True, False] and results[0].completed
+
+
+async def test_ctrl_c_after_the_last_request_went_out_stops_the_wait() -> None:
+    """Heard only once every request in flight had ended (up to the duration and 30 s more)."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    stop = asyncio.Event()
+    async with serving(completions) as url:
+        clock = Clock()
+        client = HttpClient(url, "model", clock)
+        specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=4)]
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        try:
+            async with asyncio.timeout(20):  # the duration and grace: 60 + 30 s
+                results, _ = await replay(specs, client, clock, 60.0, stop, grace_s=30.0)
+        finally:
+            await client.close()
+    assert results[0].sent and results[0].cut
