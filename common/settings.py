@@ -16,6 +16,7 @@ lists every setting with its default.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -159,11 +160,29 @@ def load(
         raise SettingsError(_explain(service, str(e), data, sources, paths)) from None
     if path is not None:
         _refuse_quoted_numbers(service, settings, data, sources, str(path))
-    if problems := settings.check():  # type: ignore[attr-defined]
+    if problems := [*_not_finite(settings), *settings.check()]:  # type: ignore[attr-defined]
         field, value, why = problems[0]
         where = f" (from {sources[field]})" if field in sources else ""
         raise SettingsError(f"{service} setting {field}={value!r} {why}{where}")
     return settings
+
+
+# Settings whose infinity means "no bound" (AdapterLimits'), the only ones an infinity may be.
+_UNBOUNDED_OK = {"max_abs_weight", "max_scale"}
+
+
+def _not_finite(settings: msgspec.Struct, prefix: str = "") -> Problems:
+    """Every number of ``settings`` (nested structs walked) that is NaN, or infinite where an
+    infinity means nothing: each ``check`` compares with ``<=``, false for NaN, and a NaN lease
+    or an infinite heartbeat TTL crashed a service after it said it was ready."""
+    problems: Problems = []
+    for name in settings.__struct_fields__:
+        value = getattr(settings, name)
+        if isinstance(value, msgspec.Struct):
+            problems += _not_finite(value, f"{prefix}{name}.")
+        elif isinstance(value, float) and (math.isnan(value) or math.isinf(value) and name not in _UNBOUNDED_OK):
+            problems.append((prefix + name, value, "must be a finite number"))
+    return problems
 
 
 def config_path(toml_path: str | Path | None, env: Mapping[str, str] | None = None) -> Path | None:
@@ -214,6 +233,29 @@ def check_file(path: Path, services: Mapping[str, type[msgspec.Struct]]) -> None
             raise SettingsError(
                 f"{path}: {k} (top level) is no service's setting; deploy/dlora.example.toml lists every setting"
             )
+
+
+# DLORA_ variables that are no service's setting: the file's path, and deploy's NATS server side
+# (deploy/nats: its node name and each user's password, DLORA_NATS_<USER>_PASSWORD).
+_NOT_SETTINGS = re.compile(r"DLORA_(CONFIG|NATS_NODE|TEST_DEVICE|NATS_[A-Z]+_PASSWORD)")
+
+
+def unknown_env(env: Mapping[str, str], services: Mapping[str, type[msgspec.Struct]]) -> list[str]:
+    """The ``DLORA_*`` variables of ``env`` that no service reads, each with the setting it most
+    looks like: the shared form (``DLORA_HEARTBEAT_TLL_S``) cannot be refused by one service (another
+    may read it), so a typo there was ignored without a word; vLLM warns of its own likewise."""
+    known = {
+        f"DLORA_{scope}{path.upper().replace('.', '__')}"
+        for name, cls in services.items()
+        for path in field_paths(cls)
+        for scope in ("", f"{name.upper()}_")
+    }
+    said = []
+    for var in sorted(env):
+        if var.startswith("DLORA_") and var not in known and not _NOT_SETTINGS.fullmatch(var):
+            near = difflib.get_close_matches(var, known, n=1)
+            said.append(f"{var} names no setting of any service" + (f" (did you mean {near[0]}?)" if near else ""))
+    return said
 
 
 def _refuse_unknown_env(env: Mapping[str, str], service: str, paths: set[str]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -399,13 +401,15 @@ def _number_list(item: Callable[[str], object]) -> Callable[[str], str]:
 def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
     from dlora.common.bus import ConnectionLost, CredentialsRefused, StoppedConnecting
-    from dlora.common.settings import SettingsError, load
+    from dlora.common.settings import SettingsError, load, unknown_env
     from dlora.services.config_file import SERVICES, check_config
     from dlora.services.run import StartupError, run_until_signalled
     from dlora.services.worker.engine.faults import DeviceLost
 
     overrides = {"model": args.model, "port": args.port, "worker_id": args.worker_id}
     cls = SERVICES[args.service]
+    for said in unknown_env(os.environ, SERVICES):  # warned, not refused: another tool's may be about
+        print(f"dlora serve {args.service}: warning: {said}; ignored", file=sys.stderr)
     try:
         check_config(args.config)
         settings = load(
@@ -439,6 +443,9 @@ def _serve(args: argparse.Namespace) -> int:
     except StoppedConnecting as e:  # told to stop while waiting for NATS: a clean stop
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
         return 0
+    except socket.gaierror as e:  # a host name that does not resolve: a traceback, and systemd's restarts
+        print(f"dlora serve {args.service}: cannot resolve a host name: {e} (host, metrics_host)", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES) or "bind" not in str(e):
             raise

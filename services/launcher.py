@@ -27,11 +27,11 @@ import nats
 from dlora.common.bus import nats_servers, redis_client
 from dlora.common.permissions import APP_USER, ROLES
 from dlora.common.registry import AdapterRegistry
-from dlora.common.settings import SettingsError, load
+from dlora.common.settings import SettingsError, load, unknown_env
 from dlora.common.state import StateStore
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig, served_name
-from dlora.services.config_file import check_config
+from dlora.services.config_file import SERVICES, check_config
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
@@ -380,6 +380,8 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    for said in unknown_env(os.environ, SERVICES):  # the services it starts read this environment
+        print(f"dlora up: warning: {said}; ignored", file=sys.stderr)
     try:
         # NATS's usual port when it is free, so `dlora loadgen --target nats://127.0.0.1:4222` finds it
         nats_port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None

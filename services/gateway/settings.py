@@ -65,7 +65,7 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Seconds without a chunk from the worker (before the first, or between two) after which the
     # request fails with 503 (or an error event on a stream): a worker that died or stopped stepping
     # does not hang it. It starts again whenever the worker holding the request is seen stepping
-    # (checked every 2 x heartbeat_ttl_s): a request queued behind others waits its turn.
+    # (checked every 2 x heartbeat_ttl_s, so it must be longer): a request queued behind others waits its turn.
     chunk_timeout_s: float = 60.0
     # Seconds to wait for a dispatcher to take a request before answering 503 (with no dispatcher
     # running the answer is immediate).
@@ -97,6 +97,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         for field in (*positive, "max_connections"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
+        if 0 < self.chunk_timeout_s <= 2 * self.heartbeat_ttl_s:  # (the wait starts again at a check only)
+            why = f"must be above 2 x heartbeat_ttl_s ({2 * self.heartbeat_ttl_s:g} s): a queued request's check"
+            bad.append(("chunk_timeout_s", self.chunk_timeout_s, f"{why} that its worker steps comes that often"))
         if self.generation_config not in GENERATION_CONFIGS:
             bad.append(("generation_config", self.generation_config, f"must be one of {', '.join(GENERATION_CONFIGS)}"))
         if self.chat_template_content_format not in CONTENT_FORMATS:

@@ -225,3 +225,20 @@ async def test_expect_100_continue_is_answered_by_what_the_body_may_be(stack: St
         headers = {"Content-Type": "application/json"}
         async with http.post(stack.url + "/v1/completions", data=body, expect100=True, headers=headers) as r:
             assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
+
+
+def test_serve_on_a_host_that_does_not_resolve_says_so_in_a_line(
+    nats_server: Server, redis_server: Server, tiny_llama: TinyOutput
+) -> None:
+    """A full socket.gaierror traceback and exit 1 (so systemd restarted it five times)."""
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": nats_server.url,
+        "DLORA_REDIS_URL": redis_server.url,
+        "DLORA_GATEWAY_HOST": "no-such-host.invalid",
+    }
+    cmd = [sys.executable, "-m", "dlora.services.cli", "serve", "gateway", "--model", str(tiny_llama.model)]
+    done = subprocess.run([*cmd, "--port", str(free_port())], env=env, capture_output=True, text=True)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith("dlora serve gateway: cannot resolve a host name:")

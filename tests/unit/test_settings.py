@@ -266,3 +266,52 @@ def test_a_key_or_table_no_service_reads_is_refused(tmp_path: Path) -> None:
             check_config(str(path), every_service=True)  # dlora up's; dlora serve checks its own
     path.write_text("heartbeat_ttl_s = 30\nmodel = '/m'\n[gateway]\nport = 8001\n")
     check_config(None, env={"DLORA_CONFIG": str(path)})
+
+
+@pytest.mark.parametrize(
+    "cls,service,env,fragment",
+    [
+        # each compared with <=, false for NaN; a NaN lease crashed the migrator after it was ready
+        (MigratorSettings, "migrator", {"DLORA_LEASE_S": "nan"}, "lease_s=nan must be a finite number"),
+        (GatewaySettings, "gateway", {"DLORA_MODEL": "/m", "DLORA_HEARTBEAT_TTL_S": "inf"}, "heartbeat_ttl_s=inf"),
+        (WorkerSettings, "worker", {"DLORA_MODEL": "/m", "DLORA_ENGINE__POLICY__KAPPA": "nan"}, "policy.kappa=nan"),
+        # the wait for a queued request starts again at a check every 2 x heartbeat_ttl_s only
+        (
+            GatewaySettings,
+            "gateway",
+            {"DLORA_MODEL": "/m", "DLORA_HEARTBEAT_TTL_S": "30"},
+            r"chunk_timeout_s=60.0 must be above 2 x heartbeat_ttl_s \(60 s\)",
+        ),
+    ],
+)
+def test_numbers_that_mean_nothing_are_refused_by_name(cls: type, service: str, env: dict, fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        load(cls, service, env=env)
+
+
+def test_an_infinity_that_means_no_bound_is_taken() -> None:
+    env = {"DLORA_MODEL": "/m", "DLORA_ENGINE__ADAPTER_LIMITS__MAX_SCALE": "inf"}
+    assert load(WorkerSettings, "worker", env=env).engine.adapter_limits.max_scale == float("inf")
+
+
+def test_a_shared_variable_no_service_reads_is_named_with_the_setting_it_looks_like() -> None:
+    """DLORA_HEARTBEAT_TLL_S was ignored without a word (one service cannot refuse the shared form:
+    another may read it); deploy's NATS server variables and DLORA_CONFIG are no typos."""
+    from dlora.common.settings import unknown_env
+    from dlora.services.config_file import SERVICES
+
+    env = {
+        "DLORA_HEARTBEAT_TLL_S": "20",
+        "DLORA_GATEWY_PORT": "1",
+        "DLORA_HEARTBEAT_TTL_S": "20",
+        "DLORA_GATEWAY_PORT": "1",
+        "DLORA_WORKER_ENGINE__MAX_LORAS": "2",
+        "DLORA_CONFIG": "/etc/dlora/dlora.toml",
+        "DLORA_NATS_GATEWAY_PASSWORD": "x",
+        "DLORA_NATS_NODE": "n1",
+        "PATH": "/bin",
+    }
+    assert unknown_env(env, SERVICES) == [
+        "DLORA_GATEWY_PORT names no setting of any service (did you mean DLORA_GATEWAY_PORT?)",
+        "DLORA_HEARTBEAT_TLL_S names no setting of any service (did you mean DLORA_HEARTBEAT_TTL_S?)",
+    ]
