@@ -193,7 +193,7 @@ def config_path(toml_path: str | Path | None, env: Mapping[str, str] | None = No
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Notepad's UTF-8) read past
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise SettingsError(f"{path}: {e}") from None
     except UnicodeDecodeError as e:  # TOML is UTF-8 (its spec): say which file and where
@@ -282,8 +282,12 @@ def _explain(service: str, error: str, data: dict[str, Any], sources: dict[str, 
     if unknown:  # a misspelling, or a setting of an earlier layout: where it came from, and the map
         field = ".".join(p for p in (unknown[2] or "", unknown[1]) if p)
         where = f" (from {sources[field]})" if field in sources else ""
-        like = difflib.get_close_matches(field, sorted(paths), n=1) or difflib.get_close_matches(
-            unknown[1], sorted(paths), n=1, cutoff=0.8
+        # one of that very name elsewhere first (engine.max_lora_rank, vLLM's, was taken for
+        # engine.max_loras: it is engine.adapter_limits.max_lora_rank)
+        like = (
+            sorted(p for p in paths if p.rsplit(".", 1)[-1] == unknown[1])
+            or difflib.get_close_matches(field, sorted(paths), n=1)
+            or difflib.get_close_matches(unknown[1], sorted(paths), n=1, cutoff=0.8)
         )
         return (
             f"{service} setting {field} does not exist{where}"

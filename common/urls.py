@@ -70,3 +70,10 @@ def redacted(url: str) -> str:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def http_url(host: str, port: int) -> str:
+    """The URL of an HTTP server bound to ``host``: an IPv6 address in brackets (``http://::1:8000``
+    is no URL: curl refused the one ``dlora up`` printed), every interface ("") as 0.0.0.0."""
+    host = host or "0.0.0.0"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

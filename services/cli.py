@@ -91,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
     serve.add_argument("service", choices=["gateway", "dispatcher", "worker", "migrator"])
-    serve.add_argument("--config", help="dlora.toml")
-    serve.add_argument("--model", help="base model directory")
-    serve.add_argument("--port", type=int, help="gateway port")
-    serve.add_argument("--worker-id", help="worker id (a NATS subject token)")
+    serve.add_argument("--config", help="settings file (dlora.toml; default $DLORA_CONFIG, else none is read)")
+    serve.add_argument("--model", help="base model directory (gateway, worker)")
+    serve.add_argument("--port", type=int, help="gateway port (gateway)")
+    serve.add_argument("--worker-id", help="worker id, a NATS subject token (worker)")
     serve.set_defaults(func=_serve)
 
     dep = sub.add_parser("deploy", help="install dlora under systemd on this host (deploy/README.md), or remove it")
@@ -408,6 +408,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {"model": args.model, "port": args.port, "worker_id": args.worker_id}
     cls = SERVICES[args.service]
+    if unused := [k for k, v in overrides.items() if v is not None and k not in cls.__struct_fields__]:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)  # dropped without a word, as if taken
+        print(f"dlora serve {args.service}: not a setting of the {args.service}: {flags}", file=sys.stderr)
+        return 2
     for said in unknown_env(os.environ, SERVICES):  # warned, not refused: another tool's may be about
         print(f"dlora serve {args.service}: warning: {said}; ignored", file=sys.stderr)
     try:

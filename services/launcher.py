@@ -29,6 +29,7 @@ from dlora.common.permissions import APP_USER, ROLES
 from dlora.common.registry import AdapterRegistry
 from dlora.common.settings import SettingsError, load, unknown_env
 from dlora.common.state import StateStore
+from dlora.common.urls import http_url
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig, served_name
 from dlora.services.config_file import SERVICES, check_config
@@ -171,7 +172,7 @@ class LocalStack:
         self._specs: list[tuple[list[str], dict[str, str], float]] = []  # its command, environment, start
         self._restarts: dict[int, list[float]] = {}  # when each process was started again
         self.up = False  # start() returned: every service ready
-        self.url = f"http://{self.base.host}:{self.base.port}"
+        self.url = http_url(self.base.host, self.base.port)
         # Each service's Prometheus endpoint (docs/metrics.md), by dispatcher, migrator, worker id
         # and gateway.
         self.metrics_urls: dict[str, str] = {}
@@ -420,6 +421,9 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
                     left.add(i)
             time.sleep(0.2)
         return 0
+    except SettingsError as e:  # as dlora serve says it
+        print(f"dlora up: {e}", file=sys.stderr)
+        return 2
     except (RuntimeError, APIError, ValueError, OSError) as e:
         print(f"dlora up: {e}", file=sys.stderr)
         return 1

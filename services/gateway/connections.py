@@ -33,6 +33,7 @@ from aiohttp import web
 
 from dlora.common import log
 from dlora.common.lograte import RateLimiter
+from dlora.common.urls import http_url
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
 
@@ -229,7 +230,7 @@ class _GuardedSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
     async def start(self) -> None:
         await super().start()

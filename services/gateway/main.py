@@ -39,6 +39,7 @@ from dlora.common.messages import (
 )
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
+from dlora.common.urls import http_url
 from dlora.model.config import ModelConfig, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
@@ -457,8 +458,8 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
             raise StartupError(f"the gateway cannot read the model in {s.model}: {e}") from e
         await gw.start()
         listener = await listen(gw.app(), s)
-        logger.info("gateway ready", url=f"http://{s.host}:{s.port}")
-        ready = asyncio.create_task(notifier.ready_when(store.r.ping, f"serving on http://{s.host}:{s.port}"))
+        logger.info("gateway ready", url=http_url(s.host, s.port))
+        ready = asyncio.create_task(notifier.ready_when(store.r.ping, f"serving on {http_url(s.host, s.port)}"))
         try:
             await stop.wait()
         finally:

@@ -315,3 +315,23 @@ def test_a_shared_variable_no_service_reads_is_named_with_the_setting_it_looks_l
         "DLORA_GATEWY_PORT names no setting of any service (did you mean DLORA_GATEWAY_PORT?)",
         "DLORA_HEARTBEAT_TLL_S names no setting of any service (did you mean DLORA_HEARTBEAT_TTL_S?)",
     ]
+
+
+def test_a_file_with_a_bom_and_a_setting_of_another_table_and_an_engine_seed_past_64_bits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Notepad's "UTF-8 with BOM" gave "Invalid statement (at line 1, column 1)"; vLLM's
+    engine.max_lora_rank was taken for engine.max_loras; a seed past 64 bits stopped the engine at
+    start without naming it; `dlora serve dispatcher --port 1` dropped the port without a word."""
+    from dlora.services.cli import main
+
+    toml = tmp_path / "dlora.toml"
+    toml.write_bytes(b"\xef\xbb\xbf[worker]\nmodel = '/m'\n")
+    assert load(WorkerSettings, "worker", toml, env={}).model == "/m"
+    toml.write_text("[worker]\nmodel = '/m'\n[worker.engine]\nmax_lora_rank = 64\n")
+    with pytest.raises(SettingsError, match="did you mean engine.adapter_limits.max_lora_rank"):
+        load(WorkerSettings, "worker", toml, env={})
+    with pytest.raises(SettingsError, match="engine.seed=18446744073709551616 must be a 64-bit signed integer"):
+        load(WorkerSettings, "worker", env={"DLORA_MODEL": "/m", "DLORA_ENGINE__SEED": str(1 << 64)})
+    assert main(["serve", "dispatcher", "--port", "1", "--worker-id", "w"]) == 2
+    assert "not a setting of the dispatcher: --port, --worker-id" in capsys.readouterr().err

@@ -48,3 +48,15 @@ def test_settings_refuse_a_bad_sentinel_url_and_replicas_past_jetstreams_limit()
         load(Common, "gateway", env={"DLORA_REDIS_URL": "redis+sentinel://h:x/dlora"})
     with pytest.raises(SettingsError, match="nats_kv_replicas=7 must be 1 to 5"):
         load(Common, "gateway", env={"DLORA_NATS_KV_REPLICAS": "7"})
+
+
+def test_an_http_url_puts_an_ipv6_host_in_brackets() -> None:
+    """`dlora up` with host "::1" printed http://::1:18720/..., which curl refused."""
+    from dlora.common.urls import http_url
+
+    assert [http_url(h, 8000) for h in ("::1", "127.0.0.1", "", "::")] == [
+        "http://[::1]:8000",
+        "http://127.0.0.1:8000",
+        "http://0.0.0.0:8000",
+        "http://[::]:8000",
+    ]

@@ -93,5 +93,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         ]
         if not DEVICE.fullmatch(self.device):
             bad.append(("device", self.device, "must be auto, cpu, or cuda with an optional index (cuda:1)"))
+        if not -(1 << 63) <= self.seed < 1 << 63:  # as a request's (the engine stopped at start on it)
+            bad.append(("seed", self.seed, "must be a 64-bit signed integer"))
         bad += [(f"adapter_limits.{f}", v, why) for f, v, why in self.adapter_limits.check()]
         return bad + [(f"policy.{f}", v, why) for f, v, why in self.policy.check()]
