@@ -57,6 +57,21 @@ async def _generate(nc: nats.NATS, tokens: int = 8, adapter: str | None = None) 
     return chunks
 
 
+async def _worker_and_dispatcher(
+    stack: contextlib.AsyncExitStack, common: dict, tiny: TinyOutput, stop: asyncio.Event
+) -> tuple[list[asyncio.Task], StateStore]:
+    """A worker "w0" on ``tiny``'s model and a dispatcher running until ``stop``; the dispatcher's store."""
+    ws = WorkerSettings(**common, worker_id="w0", model=str(tiny.model), stats_interval_s=0.1)
+    worker_nc, worker_store = await stack.enter_async_context(connections(ws))
+    ds = DispatcherSettings(**common)
+    d_nc, d_store = await stack.enter_async_context(connections(ds))
+    tasks = [
+        asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
+        asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
+    ]
+    return tasks, d_store
+
+
 async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama: TinyOutput) -> None:
     redis = start_redis()
     port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
@@ -132,14 +147,7 @@ async def test_a_dispatcher_and_a_worker_started_while_redis_is_down_wait_for_it
     await purge(client, "dlora")
     redis = None
     async with contextlib.AsyncExitStack() as stack:
-        ws = WorkerSettings(**common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1)
-        worker_nc, worker_store = await stack.enter_async_context(connections(ws))
-        ds = DispatcherSettings(**common)
-        d_nc, d_store = await stack.enter_async_context(connections(ds))
-        tasks = [
-            asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
-            asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
-        ]
+        tasks, d_store = await _worker_and_dispatcher(stack, common, tiny_llama, stop)
         try:
             await asyncio.sleep(2.0)
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
@@ -223,14 +231,7 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
 
     await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
     async with contextlib.AsyncExitStack() as stack:
-        ws = WorkerSettings(**common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1)
-        worker_nc, worker_store = await stack.enter_async_context(connections(ws))
-        ds = DispatcherSettings(**common)
-        d_nc, d_store = await stack.enter_async_context(connections(ds))
-        tasks = [
-            asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
-            asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
-        ]
+        tasks, d_store = await _worker_and_dispatcher(stack, common, tiny_llama, stop)
         try:
             await asyncio.sleep(1.0)
             for rid in streams:
