@@ -39,6 +39,20 @@ class Sent(NamedTuple):
     token_ids: list[int]
     held: int  # how many of all the request's tokens so far have had their text held back
     held_text: str = ""  # the text they made that was held back unsent (it could begin a stop string)
+    # The last chunk this one stands for, where kept chunks were joined (consecutive chunks of one
+    # attempt: ``seq`` is the first's, ``token_ids`` all of theirs); None: itself alone.
+    upto: int | None = None
+
+    @property
+    def last(self) -> int:
+        """The sequence number of the last chunk it stands for."""
+        return self.seq if self.upto is None else self.upto
+
+    def then(self, later: Sent) -> Sent | None:
+        """This chunk and ``later`` as one, if ``later`` is the next chunk of the same attempt."""
+        if later.attempt != self.attempt or later.seq != self.last + 1:
+            return None
+        return later._replace(seq=self.seq, token_ids=[*self.token_ids, *later.token_ids], upto=later.seq)
 
 
 class Copy(NamedTuple):

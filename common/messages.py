@@ -361,8 +361,8 @@ class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     # Its adapter's LoRA rank (0: the base model, or not read yet): a worker whose max_lora_rank is
     # below it cannot take it.
     rank: int = 0
-    # Its adapter's version was replaced or removed: this worker may be the last to hold it, so it
-    # stays here (moved, it failed mid-stream where no other worker could load that version).
+    # It stays here: its adapter's version was replaced or removed (this worker may be the last to
+    # hold it: moved, it failed mid-stream where no other worker could load it), or is being read.
     pinned: bool = False
 
 

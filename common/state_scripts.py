@@ -147,9 +147,10 @@ end
 
 # KEYS: in-flight hashes. ARGV: worker, index key prefix, ttl ms, then per key its request id, its
 # attempt (recoveries), the chunk's sequence number, the step's token ids as "1,2,3," or "-" when it
-# finished (the record goes), how many of the tokens so far have had their text held back, and the
+# finished (the record goes), how many of the tokens so far have had their text held back, the
 # text they made that was held back unsent (while it could begin a stop string), stamped with the
-# next it goes with (a record an earlier worker's script appended to since keeps a stale one). A
+# next it goes with (a record an earlier worker's script appended to since keeps a stale one), and
+# the last chunk's sequence number it stands for (chunks kept through an outage are joined). A
 # chunk below the record's next is not appended again: a write retried after its reply was lost. A
 # missing record is left alone and its copy not fenced: it was sent straight to the worker, or Redis
 # lost its data (a running request goes on; only a worker that stalled asks more strictly, with
@@ -159,8 +160,8 @@ _PROGRESS_LUA = (
     + """
 local fenced = {}
 for i, key in ipairs(KEYS) do
-  local id, seq, tokens = ARGV[6 * i - 2], tonumber(ARGV[6 * i]), ARGV[6 * i + 1]
-  if not mine(key, ARGV[1], ARGV[6 * i - 1], '0') then
+  local id, seq, tokens, last = ARGV[7 * i - 3], tonumber(ARGV[7 * i - 1]), ARGV[7 * i], tonumber(ARGV[7 * i + 3])
+  if not mine(key, ARGV[1], ARGV[7 * i - 2], '0') then
     table.insert(fenced, id)
   elseif tokens == "-" then
     redis.call('SREM', ARGV[2] .. ARGV[1], id)
@@ -168,10 +169,10 @@ for i, key in ipairs(KEYS) do
   elseif redis.call('EXISTS', key) == 1 then
     if seq >= tonumber(redis.call('HGET', key, 'next') or 0) then
       local old = redis.call('HGET', key, 'tokens') or ''
-      redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[6 * i + 2], 'held_text', ARGV[6 * i + 3],
-        'held_next', seq + 1, 'next', seq + 1)
+      redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[7 * i + 1], 'held_text', ARGV[7 * i + 2],
+        'held_next', last + 1, 'next', last + 1)
     end
-    redis.call('HSET', key, 'taken', ARGV[6 * i - 1])  -- it runs there (had its admission's mark failed)
+    redis.call('HSET', key, 'taken', ARGV[7 * i - 2])  -- it runs there (had its admission's mark failed)
     redis.call('PEXPIRE', key, ARGV[3])
   end
 end

@@ -7,7 +7,10 @@ import json
 import re
 from typing import NamedTuple
 
-from dlora.common.messages import MAX_NAME
+import msgspec
+
+from dlora.common import subjects
+from dlora.common.messages import MAX_NAME, ErrorCode, FinishReason, TokenChunk, error_text
 
 # msgspec names where validation failed as a path ("... - at `$.params.max_tokens`") or, at the
 # top level, the field itself ("Object missing required field `model`").
@@ -75,3 +78,31 @@ def request_head(data: bytes) -> RequestHead | None:
 
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def refusal(subject: str, reply: str, data: bytes, error: msgspec.DecodeError) -> tuple[list[str], TokenChunk] | None:
+    """What a dispatcher answers a request on ``subject`` that does not decode (``data``, with
+    NATS reply subject ``reply``), and where: its reply subject where that is one of its sender's
+    own, and the NATS reply subject of a request/reply (``nc.request``), which a decodable request
+    is answered on too; the sender would wait for chunks, or an answer, that never come. None:
+    neither (counted as rejected alone)."""
+    owner = subjects.sender(subject)
+    head = request_head(data)
+    targets = []
+    if head is not None and (not owner or subjects.replies_to(owner, head.reply_to)):
+        targets.append(head.reply_to)
+    if reply and (not owner or subjects.replies_to(owner, reply)):
+        targets.append(reply)
+    targets = [t for t in dict.fromkeys(targets) if subjects.publishable(t)]
+    if not targets:
+        return None
+    why = "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
+    chunk = TokenChunk(
+        request_id=head.request_id if head is not None else "",
+        seq=0,
+        error=error_text(f"the request does not decode: {why if head and head.lone_surrogate else error}"),
+        error_code=ErrorCode.BAD_REQUEST,
+        param=param if (param := field_of(str(error), "params")) and len(param) <= 64 else None,
+        finish_reason=FinishReason.ERROR,
+    )
+    return targets, chunk

@@ -39,7 +39,7 @@ from dlora.common.reads import read_sizes
 from dlora.common.registry import AdapterRegistry
 from dlora.common.seeds import with_seed
 from dlora.common.state import StateStore
-from dlora.common.undecodable import field_of, request_head
+from dlora.common.undecodable import refusal
 from dlora.services.dispatcher.affinity import request_keys
 from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
@@ -65,6 +65,10 @@ _encode = msgspec.json.Encoder()
 # How long after a request whose id and reply subject are in flight it is looked at again: the
 # worker deletes a record just after it sends the last chunk (milliseconds).
 _RECHECK_S = 0.5
+# Seconds a request's Redis reads and writes may take before Redis counts as down, and for how long
+# then requests are refused without trying it.
+_STATE_TIMEOUT_S = 2.0
+_STATE_DOWN_S = 1.0
 # Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
 PURGE_INTERVAL_S = 60.0
 
@@ -76,6 +80,7 @@ class Dispatcher(Recovery):
         self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs)
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._rechecks: set[asyncio.Task[None]] = set()  # requests looked at again (_look_again)
+        self._state_down_until = 0.0  # (monotonic) Redis failed a request: refused without trying until then
         self._heard = asyncio.Event()  # set by the next worker stats heard
         self._placed_at = 0.0
         self._orphans_at = 0.0
@@ -156,46 +161,40 @@ class Dispatcher(Recovery):
             return
         if answer:  # the gateway waits for a dispatcher to take it (NATS request/reply)
             await self.nc.publish(answer, b"")
+        # Requests are taken one at a time (one subscription): with Redis hung each waited out redis-py's
+        # tries (20 s), so the third's answer came after its client's timeout. Bounded, and not tried
+        # again for a moment once it failed.
+        if time.monotonic() < self._state_down_until:
+            await self._unrecorded(req, "down a moment ago")
+            return
         try:
-            if owner and req.adapter is not None:
-                # An application is a tenant named by its NATS user: another tenant's adapter is, to
-                # it, not there (as the gateway answers a key of another tenant).
-                entry = await self.store.get_adapter(req.adapter, req.adapter_version)
-                if entry is not None and entry.owner not in ("", owner):
-                    reason = f"adapter {req.adapter!r} is not registered"
-                    await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
-                    return
-            await self._dispatch(req, raw)
+            async with asyncio.timeout(_STATE_TIMEOUT_S):
+                await self._take(req, raw, owner)
         except bus.STATE_OUTAGE as e:  # said at once: its client waited out its chunk timeout (60 s)
-            why = f"the state store (Redis) is unreachable ({type(e).__name__}); try again"
-            await self._fail(req, req.next_seq, why, "state-unreachable", ErrorCode.UNAVAILABLE)
+            self._state_down_until = time.monotonic() + _STATE_DOWN_S
+            await self._unrecorded(req, type(e).__name__)
+
+    async def _unrecorded(self, req: GenerateRequest, why: str) -> None:
+        reason = f"the state store (Redis) is unreachable ({why}); try again"
+        await self._fail(req, req.next_seq, reason, "state-unreachable", ErrorCode.UNAVAILABLE)
+
+    async def _take(self, req: GenerateRequest, raw: bytes | None, owner: str) -> None:
+        """``req`` dispatched: refused if it names another tenant's adapter (an application's)."""
+        if owner and req.adapter is not None:
+            # An application is a tenant named by its NATS user: another tenant's adapter is, to
+            # it, not there (as the gateway answers a key of another tenant).
+            entry = await self.store.get_adapter(req.adapter, req.adapter_version)
+            if entry is not None and entry.owner not in ("", owner):
+                reason = f"adapter {req.adapter!r} is not registered"
+                await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
+                return
+        await self._dispatch(req, raw)
 
     async def _refuse_undecodable(self, msg: Msg, error: msgspec.DecodeError) -> None:
-        """Tell the sender of a request that does not decode why, where it reads: its reply
-        subject where that is one of its own, and the NATS reply subject of a request/reply
-        (``nc.request``), which a decodable request is answered on too; the sender would wait for
-        chunks, or an answer, that never come. Neither: counted as rejected, as before."""
-        owner = subjects.sender(msg.subject)
-        head = request_head(msg.data)
-        targets = []
-        if head is not None and (not owner or subjects.replies_to(owner, head.reply_to)):
-            targets.append(head.reply_to)
-        if msg.reply and (not owner or subjects.replies_to(owner, msg.reply)):
-            targets.append(msg.reply)
-        targets = [t for t in dict.fromkeys(targets) if subjects.publishable(t)]
-        if not targets:
-            return
-        why = "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
-        chunk = TokenChunk(
-            request_id=head.request_id if head is not None else "",
-            seq=0,
-            error=error_text(f"the request does not decode: {why if head and head.lone_surrogate else error}"),
-            error_code=ErrorCode.BAD_REQUEST,
-            param=param if (param := field_of(str(error), "params")) and len(param) <= 64 else None,
-            finish_reason=FinishReason.ERROR,
-        )
-        for subject in targets:
-            await self.nc.publish(subject, _encode.encode(chunk))
+        """Tell the sender of a request that does not decode why (``undecodable.refusal``)."""
+        if (refused := refusal(msg.subject, msg.reply, msg.data, error)) is not None:
+            for subject in refused[0]:
+                await self.nc.publish(subject, _encode.encode(refused[1]))
 
     async def _on_prefix_cache_reset(self, _: PrefixCacheReset) -> None:
         self.state.affinity.clear()  # the workers forget their caches: a prefix is cached nowhere

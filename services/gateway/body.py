@@ -7,7 +7,7 @@ import asyncio
 import zlib
 from collections.abc import Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from dlora.services.gateway.errors import error_response
@@ -41,12 +41,15 @@ def expect_continue(limit: int) -> Callable[[web.Request], Awaitable[web.StreamR
 
     async def handler(request: web.Request) -> web.StreamResponse | None:
         expect = request.headers.get(hdrs.EXPECT, "")
+        if request.version != HttpVersion11:  # HTTP/1.0 has no Expect, and no 1xx may go to it (RFC 9110 15.2)
+            return None
         if expect.lower() != "100-continue":
             refusal = APIError(417, f"Expect {expect[:64]!r} is not supported; send 'Expect: 100-continue' or none")
         elif request.content_length is not None and request.content_length > limit:
             refusal = _too_large(request.content_length, limit)
         else:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response's own bytes count from here (aiohttp's access log)
             return None
         response = error_response(refusal)
         response.force_close()

@@ -79,8 +79,8 @@ def echoed(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
     last = messages[-1] if messages else None
     if last is None or (add_generation_prompt and last.role != "assistant"):
         return ""
-    if isinstance(last.content, list):
-        return "\n".join(part.text or "" for part in last.content if part.type == "text")
+    if isinstance(last.content, list):  # as the prompt renders them (a refusal part is its text)
+        return "\n".join((p.refusal if p.type == "refusal" else p.text) or "" for p in last.content)
     return last.content or ""
 
 

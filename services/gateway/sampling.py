@@ -80,13 +80,11 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
             ("verbosity", body.verbosity is not None),
             ("moderation", body.moderation is not None),
             ("prompt_cache_options", body.prompt_cache_options is not None),
-            # the echoed text would open the call's arguments
-            ("echo with a tool_choice that forces a call", bool(body.echo) and body.tool_choice not in _NOT_FORCED),
+            # the echoed text would open a forced call's arguments, or be read for calls as the model's
+            ("echo with tools (but tool_choice none)", bool(body.echo and body.tools) and body.tool_choice != "none"),
         ]
     return out
 
-
-_NOT_FORCED = (None, "none", "auto")  # tool_choice values that leave the reply text
 
 # OpenAI's function names (the API reference, FunctionDefinition.name: a-z, A-Z, 0-9, _ and -, at
 # most 64), and the dots and colons of namespaced tools (an MCP server's ``server.tool``), which

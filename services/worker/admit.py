@@ -43,7 +43,7 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     ends it if the read fails), or answer why not (each answer ends its record). ``bad_words_ids``:
     its ``bad_words`` tokenized on arrival (None: by the engine)."""
     if w.aborted_lately(req):  # its client left before it came, or aborted its id lately
-        await w.store.record_progress(w.s.worker_id, {}, {req.request_id: req.recoveries})
+        await w.records.end({req.request_id: req.recoveries})
         await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id))
         return
     held = w.streams.get(req.request_id)
@@ -143,7 +143,7 @@ async def _adapter_failed(w: WorkerService, req: GenerateRequest, e: AdapterErro
 async def _answer(w: WorkerService, reply_to: str, last: TokenChunk) -> None:
     """Refuse a request with its ``last`` chunk, and end its record (if it names this attempt)."""
     await w.delivery.publish(reply_to, last)
-    await w.store.record_progress(w.s.worker_id, {}, {last.request_id: last.recoveries})
+    await w.records.end({last.request_id: last.recoveries})
 
 
 async def _take_kv(w: WorkerService, req: GenerateRequest) -> KVSnapshot | None:
@@ -216,7 +216,7 @@ async def hand_back_unheld(w: WorkerService, grace_s: float) -> None:
     # must not stop another's recovery.
     now = time.monotonic()
     if aborted := {rid: a for rid, a in lost.items() if w.aborted.lately(rid, None, now)}:
-        await w.store.record_progress(w.s.worker_id, {}, aborted)  # its record outlived it
+        await w.records.end(aborted)  # its record outlived it
     if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
         logger.warning("in-flight records not held here; handed back", requests=len(lost))
         # One handed back lately for a worker holding its version, and not taken yet (the

@@ -65,4 +65,5 @@ async def _heartbeat(w: WorkerService, stats: WorkerStats) -> None:
         await w.store.save_policy(w.s.worker_id, w.engine.policy.checkpoint())
     if time.monotonic() - w.listed_at > LIST_EVERY_S:  # for the residency metric's disk tier
         w.listed_at = time.monotonic()
-        w.registered = {e.name: e.rank for e in await w.store.list_adapters()}
+        async with asyncio.timeout(w.s.stats_interval_s):  # (unbounded, a hung Redis stopped the stats 20 s)
+            w.registered = {e.name: e.rank for e in await w.store.list_adapters()}

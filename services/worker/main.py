@@ -75,6 +75,7 @@ _KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
 # A record this fresh may be for a request whose message is still on its way here: not handed
 # back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
+_RECONCILE_REDIS_S = 1.0  # the most a reconcile's reads of Redis may hold the step loop, each
 _EXPIRE_EVERY_S = 0.05  # how late past its deadline a request may still be stopped, at most
 _LONG_PROMPT = 65_536  # characters: a text prompt this long is marked taken before it is tokenized (~10 ms+)
 
@@ -241,7 +242,7 @@ class WorkerService:
         del self.streams[request_id]
         self.engine.abort(request_id)
         if record:
-            await self.store.record_progress(self.s.worker_id, {}, {request_id: stream.request.recoveries})
+            await self.records.end({request_id: stream.request.recoveries})
         else:  # another attempt serves it: what this copy sent is not sent again
             self.delivery.resend.forget(request_id)
 
@@ -336,8 +337,11 @@ class WorkerService:
         """Between steps, every few seconds: write the records of the requests held here again if
         Redis lost its data, drop requests whose client has gone, and hand back what the in-flight
         records say is here but is not (a previous incarnation's requests, or ones whose message
-        never came) for a dispatcher to re-dispatch."""
-        await record_again_if_lost(self)
+        never came) for a dispatcher to re-dispatch. Redis's parts not while its writes fail (each
+        waited out a hung Redis in the step loop), and each no longer than ``_RECONCILE_REDIS_S``."""
+        if not self.records.outage:
+            async with asyncio.timeout(_RECONCILE_REDIS_S):
+                await record_again_if_lost(self)
         now = time.monotonic()
         for rid, stream in list(self.streams.items()):
             if stream.request.client and self.clients.gone(stream.request.client, now):
@@ -348,9 +352,10 @@ class WorkerService:
                 why = "the request was stopped: its client was not heard from for heartbeat_ttl_s"
                 chunk = error_chunk(stream.request, ErrorCode.UNAVAILABLE, why, self.s.worker_id, seq=stream.seq)
                 await self.delivery.publish(stream.reply_to, chunk)
-        if self.records.behind:
-            await self.records.write({})
-        await hand_back_unheld(self, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s))
+        await self.records.write_step({})  # what waits for Redis (a finished request's record going)
+        if not self.records.outage:
+            async with asyncio.timeout(_RECONCILE_REDIS_S):
+                await hand_back_unheld(self, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s))
 
     async def run_loop(self, stop: asyncio.Event, done: asyncio.Event) -> None:
         """Steps until ``stop``, drains (``drain_timeout_s``), hands over the rest; then ``done``."""

@@ -34,6 +34,9 @@ async def move_out(w: WorkerService, move: Move) -> None:
     if seq.adapter in w.adapters.retired():  # planned from stats before it was (they now pin it here)
         logger.info("request on a replaced or removed adapter version; it stays here", request=move.request_id)
         return
+    if w.records.outage:  # its record lacks what Redis refused: a resume from it would lose tokens
+        logger.info("Redis refuses progress writes; the request stays here", request=move.request_id)
+        return
     start = time.monotonic()
     kv = w.engine.export_kv(move.request_id) if move.ship_kv else None
     data = kv.to_bytes() if kv is not None else None
@@ -49,14 +52,19 @@ async def move_out(w: WorkerService, move: Move) -> None:
     if len(msgspec.json.encode(resumed)) > w.nc.max_payload:  # grown by its tokens past what NATS carries
         logger.warning("request too large to move; it stays here", request=move.request_id)
         return
+    copy = Copy.of(stream.request, w.records.stalled())
+    try:
+        fenced = await w.store.fenced(w.s.worker_id, {move.request_id: copy})
+        if not fenced:  # recorded at the destination first: what it writes then is its own, not fenced
+            await w.store.put_inflight(resumed, move.to_worker, marks_taken=move.to_marks_taken)
+    except bus.STATE_OUTAGE:  # (it was stopped here first, and lost: nothing recorded it elsewhere)
+        logger.info("Redis unreachable; the request stays here", request=move.request_id)
+        return
     w.engine.abort(move.request_id)
     del w.streams[move.request_id]
-    copy = Copy.of(stream.request, w.records.stalled())
-    if await w.store.fenced(w.s.worker_id, {move.request_id: copy}):
+    if fenced:
         return  # given up here meanwhile (this worker stalled): a later attempt serves it
     w.metrics.moved(len(data) if data is not None else None, move.trigger)
-    # Recorded at the destination first: what it writes then is its own, not fenced.
-    await w.store.put_inflight(resumed, move.to_worker, marks_taken=move.to_marks_taken)
     for chunk in chunks:
         await bus.publish(w.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
     await bus.publish(w.nc, subjects.worker_requests(move.to_worker), resumed)

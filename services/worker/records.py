@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 from dlora.common import bus, log
 from dlora.common.inflight import Copy, Sent
@@ -14,9 +15,13 @@ from dlora.common.state import StateStore
 
 logger = log.get("worker")
 
-# Chunks kept for the in-flight records while Redis refuses writes: a long outage keeps the latest
-# (a record then lacks the oldest, and a resume from it may send those tokens again).
+# Chunks kept for the in-flight records while Redis refuses writes, each request's consecutive
+# chunks joined into one (kept apart, 64 streams filled 10,000 in 3 s and the oldest were dropped:
+# the record then skipped tokens, and a resume from it gave wrong output); past this the oldest go.
 _MAX_UNWRITTEN = 10_000
+# Seconds a step waits for its progress write: past them Redis counts as down (hung, each write
+# took redis-py's four tries of its 5 s socket timeout) and the writes go on beside the steps.
+_WRITE_TIMEOUT_S = 1.0
 # Seconds between tries to mark records taken while Redis refuses them.
 _MARK_AGAIN_S = 2.0
 # Seconds between tries to write the steps' progress while Redis refuses it (beside the steps).
@@ -87,7 +92,8 @@ class ProgressRecords:
         """The fenced ids among ``copies``; none when Redis cannot tell (then the copy is served: a
         reader drops an earlier attempt's chunks anyway)."""
         try:
-            return await self.store.fenced(self.worker_id, copies)
+            async with asyncio.timeout(_WRITE_TIMEOUT_S):  # a hung Redis held a step 20 s a question
+                return await self.store.fenced(self.worker_id, copies)
         except bus.STATE_OUTAGE:
             return set()
 
@@ -96,7 +102,8 @@ class ProgressRecords:
         of a recorded one included; none if Redis cannot tell (then the next step asks again)."""
         stalls = self.stalls  # a stall during the check makes another one
         try:
-            fenced = await self.store.fenced(self.worker_id, copies)
+            async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                fenced = await self.store.fenced(self.worker_id, copies)
         except bus.STATE_OUTAGE:
             return set()  # cannot tell: send (a reader drops an earlier attempt's chunks anyway)
         self._stalls_checked = stalls
@@ -115,7 +122,7 @@ class ProgressRecords:
                 return await self.store.record_progress(self.worker_id, running, ends, earlier)
             except BaseException:
                 self.unrecorded_ends = ends | self.unrecorded_ends
-                self.unwritten = [*earlier, *self.unwritten][-_MAX_UNWRITTEN:]
+                self._keep(earlier, first=True)
                 raise
 
     async def write_step(self, running: dict[str, Sent]) -> set[str]:
@@ -126,7 +133,7 @@ class ProgressRecords:
         Redis its socket timeout: 2 tokens/s, none while hung). The ids whose copies are fenced
         (none on a failure; those the background write found, once it is done)."""
         if self._retry is not None:
-            self.unwritten = [*self.unwritten, *running.items()][-_MAX_UNWRITTEN:]
+            self._keep(running.items())
             if not self._retry.done():
                 return set()
             fenced, self._retry = self._retry.result(), None
@@ -134,14 +141,41 @@ class ProgressRecords:
                 self._retry = asyncio.create_task(self._write_later())
             return fenced or set()
         try:
-            fenced = await self.write(running)
+            async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                fenced = await self.write(running)
         except Exception as e:  # noqa: BLE001 - see above
             self._outage.failed(e)
-            self.unwritten = [*self.unwritten, *running.items()][-_MAX_UNWRITTEN:]
+            self._keep(running.items())
             self._retry = asyncio.create_task(self._write_later())
             return set()
         self._outage.succeeded()
         return fenced
+
+    @property
+    def outage(self) -> bool:
+        """Redis failed the last write, and a write beside the steps is trying again."""
+        return self._retry is not None
+
+    async def end(self, ended: dict[str, int]) -> None:
+        """Drop the records of the requests ``ended`` (id -> the attempt over here) with a write now
+        (``write_step``: bounded, kept for later while Redis is down; each awaited in line, a
+        deadline's drop during an outage ended the worker, and a hung Redis held each 20 s)."""
+        self.unrecorded_ends |= ended
+        await self.write_step({})
+
+    def _keep(self, chunks: Iterable[tuple[str, Sent]], first: bool = False) -> None:
+        """Keep ``chunks`` for a later write, after those kept (before them: ``first``), each
+        request's consecutive chunks joined; past ``_MAX_UNWRITTEN`` the oldest go."""
+        ordered = [*chunks, *self.unwritten] if first else [*self.unwritten, *chunks]
+        joined: list[tuple[str, Sent]] = []
+        at: dict[str, int] = {}  # request -> its latest entry in joined
+        for rid, sent in ordered:
+            if rid in at and (both := joined[at[rid]][1].then(sent)) is not None:
+                joined[at[rid]] = (rid, both)
+            else:
+                at[rid] = len(joined)
+                joined.append((rid, sent))
+        self.unwritten = joined[-_MAX_UNWRITTEN:]
 
     async def _write_later(self) -> set[str] | None:
         """The kept chunks written after ``_WRITE_AGAIN_S``: the fenced ids, None if it failed."""
@@ -165,7 +199,8 @@ class ProgressRecords:
                 return
             batch, self.taken = self.taken, {}  # what arrives during the write waits for the next (a review)
             try:
-                await self.store.mark_taken(self.worker_id, batch)
+                async with asyncio.timeout(_WRITE_TIMEOUT_S):  # a hung Redis held every command 20 s
+                    await self.store.mark_taken(self.worker_id, batch)
             except Exception as e:  # noqa: BLE001 - Redis down: serve all the same
                 self._outage.failed(e)
                 self.taken = dict(list({**batch, **self.taken}.items())[-_MAX_UNWRITTEN:])

@@ -72,7 +72,9 @@ def worker_stats(
             total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
             running=seq.request_id in in_batch,
             rank=e.adapters[seq.adapter].rank if seq.adapter in e.adapters else 0,
-            pinned=seq.adapter in retired,
+            # waiting for its adapter's read here (its rank not known yet: it went to a worker whose
+            # max_lora_rank was below it), or on a version retiring here
+            pinned=seq.adapter in retired or seq.adapter is not None and seq.adapter not in e.adapters,
         )
         for seq in queue
     ]

@@ -220,6 +220,16 @@ async def test_expect_100_continue_is_answered_by_what_the_body_may_be(stack: St
     unknown = await head("foo", 10)
     assert unknown.startswith(b"HTTP/1.1 417 ") and b"application/json" in unknown
     assert (await head("100-continue", 10)).startswith(b"HTTP/1.1 100 Continue")  # the body may come
+    # HTTP/1.0 has no Expect: no 1xx goes to it (RFC 9110 15.2), and an unknown one is no 417 there
+    body = json.dumps({"model": "lora-0", "prompt": "kalo", "max_tokens": 2}).encode()
+    old = f"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    for expect in ("100-continue", "foo"):
+        reader, writer = await _open(port, "127.0.0.1", f"{old}Expect: {expect}\r\n\r\n".encode() + body)
+        async with asyncio.timeout(30):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 ") or answer.startswith(b"HTTP/1.0 200 "), answer[:80]
+        assert b"100 Continue" not in answer
     async with aiohttp.ClientSession() as http:  # and a request that sends it after the 100 is served
         body = json.dumps({"model": "lora-0", "prompt": "kalo", "max_tokens": 2}).encode()
         headers = {"Content-Type": "application/json"}

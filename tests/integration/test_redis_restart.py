@@ -199,6 +199,9 @@ async def test_steps_do_not_wait_for_progress_writes_redis_refuses(
     for _ in range(5):
         assert await write_step() == set()
     assert calls[0] == 1  # the first step's write failed; the next four did not try
+    # kept as one chunk (64 streams' chunks kept apart filled the cap in 3 s: the oldest were
+    # dropped, and the record skipped tokens a resume then lacked)
+    assert [(rid, sent.seq, sent.last) for rid, sent in records.unwritten] == [("r", 0, 4)]
     await asyncio.sleep(0.3)
     assert calls[0] == 2 and await write_step() == set()  # tried again beside the steps: still refused
     down[0] = False
@@ -207,7 +210,28 @@ async def test_steps_do_not_wait_for_progress_writes_redis_refuses(
             await write_step()
             await asyncio.sleep(0.05)
     written = await store.get_inflight("r")
-    assert written is not None and written.tokens == [10 + seq for seq in range(next(step))]
+    sent = next(step)
+    assert written is not None and written.tokens == [10 + seq for seq in range(sent)] and written.next_seq == sent
+
+
+async def test_a_hung_redis_holds_a_step_a_second_at_most(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung Redis (SIGSTOP) held each step for redis-py's four tries of its 5 s socket timeout;
+    the first write is now bounded, and the writes go on beside the steps from then on."""
+    from dlora.common.inflight import Sent
+    from dlora.services.worker.records import ProgressRecords
+
+    store = StateStore(redis)
+    records = ProgressRecords(store, "w-a", 5.0)
+
+    async def hung(*args: object) -> set[str]:
+        await asyncio.sleep(3600)
+        return set()
+
+    monkeypatch.setattr(store, "record_progress", hung)
+    async with asyncio.timeout(10):
+        assert await records.write_step({"r": Sent(0, 0, [1], 0)}) == set()
+        assert records.outage and await records.write_step({"r": Sent(0, 1, [2], 0)}) == set()
+    assert [(sent.seq, sent.last, sent.token_ids) for _, sent in records.unwritten] == [(0, 1, [1, 2])]
 
 
 async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_data(
@@ -258,6 +282,64 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
                     await asyncio.sleep(0.05)
             assert all(s.error is None and s.tokens == 480 for s in streams.values())
         finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await purge(client, "dlora")
+            await client.close()
+    redis.stop()
+
+
+async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_its_request(
+    nats_server: Server, tiny_llama: TinyOutput
+) -> None:
+    """With Redis hung (SIGSTOP) the dispatcher, taking requests one at a time, waited out
+    redis-py's tries for each (20 s): the third's answer came after its client's 60 s timeout. And
+    a request whose deadline passed while Redis was down ended the worker (its drop wrote the record
+    in line, and raised)."""
+    import signal
+    import time
+
+    redis = start_redis()
+    common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
+    stop = asyncio.Event()
+    client = await nats.connect(nats_server.url)
+    await purge(client, "dlora")
+    async with contextlib.AsyncExitStack() as stack:
+        tasks, _ = await _worker_and_dispatcher(stack, common, tiny_llama, stop)
+        try:
+            await asyncio.sleep(1.0)
+            owner = uuid.uuid4().hex[:8]
+            ended: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+            async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+                if (chunk := msgspec.json.decode(msg.data, type=TokenChunk)).finish_reason is not None:
+                    await ended.put(chunk)
+
+            await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+            params = SamplingParams(max_tokens=480, ignore_eos=True)
+            late = GenerateRequest(
+                request_id="late", reply_to=subjects.reply_inbox("late", owner), prompt_token_ids=[5], params=params
+            )
+            await client.publish(subjects.REQUESTS, msgspec.json.encode(late))
+            await asyncio.sleep(0.5)  # running
+            redis.proc.send_signal(signal.SIGSTOP)
+            # the running one's deadline passes while Redis hangs (sent to the worker as an app's would be)
+            expiring = msgspec.structs.replace(late, request_id="x", reply_to=subjects.reply_inbox("x", owner))
+            expiring = msgspec.structs.replace(expiring, deadline=time.time() + 1.0)
+            await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(expiring))
+            for i in range(3):
+                req = msgspec.structs.replace(late, request_id=f"r{i}", reply_to=subjects.reply_inbox(f"r{i}", owner))
+                await client.publish(subjects.REQUESTS, msgspec.json.encode(req))
+            got: dict[str, TokenChunk] = {}
+            async with asyncio.timeout(20):
+                while len(got) < 5:
+                    chunk = await ended.get()
+                    got[chunk.request_id] = chunk
+            assert all("Redis" in (got[f"r{i}"].error or "") for i in range(3))
+            assert "deadline" in (got["x"].error or "") and got["late"].finish_reason == "length"
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await purge(client, "dlora")

@@ -136,11 +136,14 @@ def test_a_chats_echo_is_its_last_message_where_that_has_the_replys_role(served:
     """vLLM's chat ``echo`` (refused as an unknown field): a continued message comes back whole."""
     user = {"role": "user", "content": "kalo"}
     parts = {"role": "assistant", "content": [{"type": "text", "text": "remi"}, {"type": "text", "text": "suta"}]}
+    refusal = {"type": "refusal", "refusal": "b"}
     cont = {"add_generation_prompt": False, "continue_final_message": True}
     for messages, extra, echo in (
         ([user], {}, ""),  # the assistant's turn opened: the user's message is not the reply's
         ([user, {"role": "assistant", "content": "remi"}], cont, "remi"),
         ([user, parts], cont, "remi\nsuta"),  # text parts joined by newlines, as vLLM
+        # every part the prompt renders (an output_text or refusal part was left out)
+        ([user, {"role": "assistant", "content": [{"type": "output_text", "text": "a"}, refusal]}], cont, "a\nb"),
         ([user, {"role": "assistant", "content": "remi"}], {}, "remi"),
         ([user], {"add_generation_prompt": False}, "kalo"),  # the reply is the last message's role's
     ):
@@ -148,8 +151,10 @@ def test_a_chats_echo_is_its_last_message_where_that_has_the_replys_role(served:
         assert [c.echo for c in job.choices] == [echo, echo], (messages, extra)
     assert shape(served, {"messages": [user], "echo": False, "max_tokens": 2}, chat=True).choices[0].echo == ""
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    e = refused(served, {"messages": [user], "echo": True, "tools": [tool], "tool_choice": "required"}, chat=True)
-    assert (e.status, e.param) == (400, "echo")
+    reading = dataclasses.replace(served, tool_call_parser="hermes")  # "auto" reads the calls in the text
+    for choice in ("required", "auto"):  # a forced call's arguments, or text read for calls, would begin with it
+        e = refused(reading, {"messages": [user], "echo": True, "tools": [tool], "tool_choice": choice}, chat=True)
+        assert (e.status, e.param) == (400, "echo")
 
 
 def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> None:
