@@ -86,6 +86,25 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
     return out
 
 
+# What each response_format type holds (OpenAI's ResponseFormat types): anything else was taken
+# without a word, where OpenAI and vLLM answer 400.
+_FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+
+
+def _json_schema_format_problem(spec: dict[str, Any]) -> str | None:
+    """What is wrong with a response_format's ``json_schema`` object (OpenAI's JSONSchema: a
+    ``name`` of 1-64 of a-z, A-Z, 0-9, _ and -, ``schema``, ``description`` and ``strict``), or None."""
+    if extra := sorted(set(spec) - {"name", "schema", "description", "strict"}):
+        return f"has no field {extra[0]!r}"
+    if not isinstance(name := spec.get("name"), str) or not _FUNCTION_NAME.fullmatch(name):
+        return f"needs a 'name' of 1 to 64 letters, digits, '_' and '-', got {name!r}"
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        return f"strict must be true or false, got {spec['strict']!r}"
+    if spec.get("description") is not None and not isinstance(spec["description"], str):
+        return "description must be a string"
+    return None
+
+
 # OpenAI's function names (the API reference, FunctionDefinition.name: a-z, A-Z, 0-9, _ and -, at
 # most 64), and the dots and colons of namespaced tools (an MCP server's ``server.tool``), which
 # vLLM serves and templates render.
@@ -182,12 +201,16 @@ def _asked(body: Body, build: bool = True) -> list[tuple[str, dict[str, Any]]]:
     fmt = body.response_format
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if isinstance(fmt, dict) and kind in _FORMAT_FIELDS and (extra := sorted(set(fmt) - _FORMAT_FIELDS[kind])):
+            raise APIError(400, f"response_format of type {kind} has no field {extra[0]!r}", param="response_format")
         if kind == "json_object":
             asked.append(("response_format", {"json_schema": JSON_OBJECT_SCHEMA}))
         elif kind == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
                 raise APIError(400, "response_format json_schema needs a 'schema' object", param="response_format")
+            if problem := _json_schema_format_problem(spec):
+                raise APIError(400, f"response_format json_schema {problem}", param="response_format")
             schema("response_format", spec["schema"])
         elif kind != "text":
             raise APIError(

@@ -244,7 +244,18 @@ def test_stop_logprobs_and_response_format(served: ServedModel) -> None:
     )
     assert (p.stop, p.logprobs, json.loads(p.json_schema)) == (["a", "b"], 3, {"type": "object"})
     assert shape(served, {"messages": msgs}, chat=True).choices[0].request.params.logprobs is None
-    for bad in ({"type": "yaml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 3}}):
+    named = {"name": "n", "schema": {"type": "object"}}
+    for bad in (
+        {"type": "yaml"},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"schema": 3}},
+        # OpenAI's and vLLM's 400s, taken without a word here
+        {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},  # no name
+        {"type": "json_schema", "json_schema": named | {"name": 5}},
+        {"type": "json_schema", "json_schema": named | {"strict": "yes"}},
+        {"type": "json_schema", "json_schema": named | {"schemas": {}}},
+        {"type": "json_object", "schema": {}},
+    ):
         e = refused(served, {"messages": msgs, "response_format": bad}, chat=True)
         assert (e.status, e.param) == (400, "response_format")
     e = refused(served, {"messages": msgs, "response_format": {"type": "yaml"}}, chat=True)

@@ -10,7 +10,11 @@ and tells the engine when the document is complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import re
+import threading
+from collections import OrderedDict
 from functools import cached_property
 from typing import Any
 
@@ -44,6 +48,12 @@ def constraint(params: SamplingParams) -> str | None:
     Raises:
         GrammarError: one that is not a JSON object (a schema) or a grammar llguidance reads.
     """
+    text = params.json_schema if params.json_schema is not None else params.grammar  # (a Lark %json too)
+    if text is not None and (bound := _bound_out_of_range(text)) is not None:
+        raise GrammarError(
+            f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
+            "engine holds numbers in (a 64-bit integer's, magnitude below 2**63)"
+        )
     try:
         if params.json_schema is not None:
             return LLMatcher.grammar_from_json_schema(params.json_schema, defaults=_LAYOUT)
@@ -59,22 +69,78 @@ def constraint(params: SamplingParams) -> str | None:
     return None
 
 
+# A schema's numeric bounds (JSON Schema's keywords). llguidance holds them in 64-bit integers:
+# beyond, it clamps them (a 200 whose number broke its schema) or, below -2**63 with a maximum,
+# crashed its process (SIGSEGV: the gateway's, and every worker's a request reached).
+_BOUND = re.compile(r'"(minimum|maximum|exclusiveMinimum|exclusiveMaximum|multipleOf)"\s*:\s*(-?[0-9][0-9.eE+-]*)')
+
+
+def _bound_out_of_range(text: str) -> tuple[str, float] | None:
+    """The first numeric bound in ``text`` (a schema, or a grammar whose %json blocks hold one)
+    whose magnitude reaches 2**63, as (keyword, value)."""
+    for match in _BOUND.finditer(text):
+        with contextlib.suppress(ValueError):
+            if not abs(value := float(match[2])) < 2**63:
+                return match[1], int(value) if value.is_integer() else value
+    return None
+
+
 def check(params: SamplingParams) -> None:
     """Raise GrammarError (with llguidance's reason) if the structured output ``params`` asks for
-    cannot constrain generation. Needs no tokenizer: the gateway calls it too."""
+    cannot constrain generation. Needs no tokenizer: the gateway calls it too (once a grammar: a
+    request of 16 prompts checked its 400 KB schema 16 times)."""
     if (grammar := constraint(params)) is None:
         return
-    error = LLMatcher.validate_grammar(grammar)
+    error = _validated(grammar)
     if error and not error.startswith("WARNING"):
-        raise GrammarError(f"{label(params)} cannot be used: {error.split(chr(10), 1)[0]}")
+        raise GrammarError(f"{label(params)} cannot be used: {_reason(error)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _validated(grammar: str) -> str:
+    return LLMatcher.validate_grammar(grammar)
+
+
+# Grammars kept compiled, each a fresh matcher to copy: a request's n choices, or its next requests,
+# copy it (a fraction of a millisecond) instead of compiling it again (0.3-0.5 s for a 400 KB schema:
+# n=32 held every other request on the worker 15 s). vLLM caches xgrammar's compiled grammars alike.
+_KEPT_GRAMMARS = 64
 
 
 class Grammars:
     """Matchers for one engine's tokenizer. The tokenizer's llguidance form is built on first use
-    (about a second for a large vocabulary)."""
+    (about a second for a large vocabulary); grammars are compiled once, ``prepare`` off the
+    event loop."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> None:
         self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
+        self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
+        self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile the grammar ``params`` asks for now (in a thread: seconds for a large schema),
+        for ``matcher`` to copy. One that fails is left for ``matcher`` to refuse, saying why."""
+        with contextlib.suppress(Exception):
+            if (grammar := constraint(params)) is not None:
+                self._fresh(grammar)
+
+    def _fresh(self, grammar: str) -> LLMatcher:
+        """A fresh matcher of ``grammar``, compiled once; one in error is not kept. Its first mask
+        is computed: some schemas fail only there (one that is nothing but a reference to itself
+        accepts no document, and only end-of-sequence would be allowed: an empty 200)."""
+        with self._lock:
+            if (kept := self._compiled.get(grammar)) is not None:
+                self._compiled.move_to_end(grammar)
+                return kept
+        m = LLMatcher(self.tokenizer, grammar, log_level=0)
+        if not m.is_error():
+            m.compute_bitmask()
+        if not m.is_error():
+            with self._lock:
+                self._compiled[grammar] = m
+                while len(self._compiled) > _KEPT_GRAMMARS:
+                    self._compiled.popitem(last=False)
+        return m
 
     @cached_property
     def tokenizer(self) -> LLTokenizer:
@@ -119,20 +185,16 @@ class Grammars:
             return None
         what = label(params)
         try:
-            tokenizer = self.tokenizer
+            self.tokenizer  # noqa: B018 - built here, to say why where it cannot be
         except Exception as e:  # noqa: BLE001 - a tokenizer llguidance cannot read (a decoder it does not know)
             reason = str(e).split("\n", 1)[0]
             raise GrammarError(f"{what} is not available with this model's tokenizer: {reason}") from None
-        m = LLMatcher(tokenizer, grammar, log_level=0)
-        if m.is_error():
-            raise GrammarError(f"{what} cannot be used: {matcher_error(m)}")
+        fresh = self._fresh(grammar)
+        if fresh.is_error():
+            raise GrammarError(f"{what} cannot be used: {matcher_error(fresh)}")
+        m = fresh.deep_copy()
         if consumed and not m.consume_tokens(consumed):
             raise GrammarError(f"{what}: the output so far leaves it: {matcher_error(m)}")
-        # Some schemas fail only at the first token's mask (one that is nothing but a reference to
-        # itself accepts no document, and only end-of-sequence would be allowed: an empty 200).
-        m.compute_bitmask()
-        if m.is_error():
-            raise GrammarError(f"{what} cannot be used: {matcher_error(m)}")
         return m
 
 
@@ -146,5 +208,13 @@ def refusal(matcher: LLMatcher, token: int, what: str = "response_format schema"
 
 
 def matcher_error(matcher: LLMatcher) -> str:
-    """Why ``matcher`` failed: the first line of its error (llguidance appends its parser's state)."""
-    return matcher.get_error().split("\n", 1)[0]
+    """Why ``matcher`` failed (``_reason``)."""
+    return _reason(matcher.get_error())
+
+
+def _reason(error: str) -> str:
+    """llguidance's error in a line: its first (it appends its parser's state), and the regex
+    parser's own reason where that comes below ("regex parse error:" alone said nothing)."""
+    first, *rest = error.split("\n")
+    below = next((line.strip()[len("error: ") :] for line in rest if line.strip().startswith("error: ")), "")
+    return f"{first} {below}".strip()
