@@ -132,11 +132,11 @@ def forced_tool(body: Body) -> ToolFunction | None:
         raise APIError(400, why, param="tools")
     if twice := [n for n, count in Counter(names).items() if count > 1]:  # linear: a body may list ~20,000
         raise APIError(400, f"tools: function name {twice[0]!r} is given more than once", param="tools")
-    if choice in (None, "none", "auto"):
+    if choice in (None, "none"):
         return None
-    if not tools:  # vLLM's words
+    if not tools:  # vLLM's words ("auto" too, as vLLM and OpenAI refuse it)
         raise APIError(400, "When using `tool_choice`, `tools` must be set.", param="tool_choice")
-    if choice == "required":
+    if choice in ("auto", "required"):
         return None
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None

@@ -10,11 +10,10 @@ lifted to the top, where its ``#/$defs/...`` references point. ``parallel_tool_c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlora.services.gateway.tool_parsers import ObjectEnd, arguments_json
+from dlora.services.gateway.tool_parsers import ObjectEnd, arguments_json, loads
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -105,7 +104,7 @@ class CallStream:
             if (end := self._scan.find(self.text, start)) is None:
                 return out  # not whole yet
             try:
-                item = json.loads(self.text[start:end])
+                item = loads(self.text[start:end])
             except ValueError:
                 item = None  # constrained output is JSON; not a call, skipped
             self.pos = end

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import string
 from dataclasses import dataclass, field
+from typing import Any
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -52,6 +54,26 @@ def _call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | Non
     if not isinstance(args, dict):
         return None
     return name, arguments_json(args)
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    if not math.isfinite(value := float(text)):  # 1e400: valid JSON, no JSON number once read
+        raise ValueError(f"{text} overflows a number")
+    return value
+
+
+def loads(text: str) -> Any:
+    """JSON ``text`` as a call's arguments may be: NaN, Infinity and numbers that overflow are
+    refused (read, they came back as arguments that are not JSON: a JS client's JSON.parse threw).
+
+    Raises:
+        ValueError: it is not JSON, or holds one of those.
+    """
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
 
 
 def arguments_json(args: object) -> str:
@@ -125,6 +147,13 @@ class ToolParser:
         """The end of the output: what was held back goes out as text (an unfinished call too),
         unless hermes or mistral calls came before it."""
         content, calls = self.feed("")
+        if self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
+            try:  # is one where it is whole, as vLLM's <tool_call>(.*) and SGLang read it
+                parsed = loads(self._held)
+            except ValueError:
+                parsed = None
+            if self._add(_call(parsed, ("arguments", "parameters")), calls):
+                self._held, self._inside = "", False
         rest, self._held = self._held, ""
         tag = _TAGS.get(self.kind)
         if self._inside and tag:
@@ -164,7 +193,7 @@ class ToolParser:
             body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
             self._read = 0
             try:
-                parsed = json.loads(body)
+                parsed = loads(body)
             except ValueError:
                 parsed = None
             if not self._add(_call(parsed, ("arguments", "parameters")), out) and not self.calls:
@@ -199,14 +228,15 @@ class ToolParser:
                 return content, out  # not whole yet
             body, self._held, self._inside, self._read = self._held[:end], self._held[end:], False, 0
             try:
-                parsed = json.loads(body[start:])
+                parsed = loads(body[start:])
             except ValueError:
                 parsed = None
             calls: list[tuple[str, str] | None]
             if array:
                 calls = [_call(c, ("arguments",)) for c in parsed] if isinstance(parsed, list) else [None]
             else:
-                name = body[:start].removesuffix(_ARGS).strip()
+                # mistral-common's v11 writes the call's id between: name[CALL_ID]id[ARGS]{...}
+                name = body[:start].removesuffix(_ARGS).split(_CALL_ID, 1)[0].strip()
                 named = 0 < len(name) <= 64 and not any(c.isspace() for c in name)  # OpenAI's names: no prose
                 calls = [(name, arguments_json(parsed))] if named and isinstance(parsed, dict) else [None]
             for call in calls:
@@ -234,7 +264,7 @@ class ToolParser:
             if (end := self._scan.find(self._held)) is None:
                 break  # not whole yet
             try:
-                obj = json.loads(self._held[:end])
+                obj = loads(self._held[:end])
             except ValueError:
                 obj = None
             if not self._add(_call(obj, ("parameters", "arguments")), out):
@@ -246,7 +276,7 @@ class ToolParser:
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
-_TOOL_CALLS, _ARGS = "[TOOL_CALLS]", "[ARGS]"
+_TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 _NAME_ROOM = 64 + len(_ARGS) + 1  # where a mistral call's "{" must come by: a name is at most 64 characters
 _TAGS = {"hermes": _OPEN, "mistral": _TOOL_CALLS}  # what a parser's calls begin with, given back as text
 

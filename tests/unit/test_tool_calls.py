@@ -48,6 +48,10 @@ def test_a_streamed_output_gives_each_call_as_its_item_ends() -> None:
     cut = CallStream()
     assert cut.feed(text[:40]) == [] and cut.calls == [] and not cut.closed
     assert CallStream().feed('[{"name": "x", "parameters": {"k": "ü"}}]') == [(0, "x", '{"k": "ü"}')]  # as written
+    # NaN and overflowing numbers are no JSON: an item holding one is no call ('{"x": Infinity}' before)
+    assert CallStream().feed('[{"name": "x", "parameters": {"k": 1e400}}, {"name": "y", "parameters": {}}]') == [
+        (0, "y", "{}")
+    ]
 
 
 def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None:

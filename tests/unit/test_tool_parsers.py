@@ -39,6 +39,7 @@ LLAMA_CUT = '{"name": "weather", "parameters": {"city"'
 MISTRAL_ARRAY = (
     'Let me look.[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "kalo"}}, {"name": "ping", "arguments": {}}]'
 )
+HERMES_NAN = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'
 MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[ARGS]{}'
 
 
@@ -65,6 +66,16 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("mistral", "[TOOL_CALLS]" + "x" * 80 + "{}", "[TOOL_CALLS]" + "x" * 80 + "{}", []),  # no name that long
         ("mistral", "[TOOL_CALLS]I think {so}", "[TOOL_CALLS]I think {so}", []),  # prose is no name
         ("mistral", '[TOOL_CALLS] [{"temperature": 3}]', '[TOOL_CALLS] [{"temperature": 3}]', []),
+        # A last hermes call left open (a stop at </tool_call>, or EOS) is one where it is whole, as
+        # vLLM and SGLang read it (it came back as text)
+        ("hermes", '<tool_call>{"name": "weather", "arguments": {"city": "kalo"}}\n', "", [WEATHER]),
+        ("hermes", HERMES_TWO.removesuffix("</tool_call>"), "Let me look.\n", [WEATHER, PING]),
+        # mistral-common v11's call id between the name and the arguments (it became the name's)
+        ("mistral", '[TOOL_CALLS]weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "kalo"}', "", [WEATHER]),
+        # NaN, Infinity and numbers that overflow are no JSON: came back as arguments JSON.parse throws on
+        ("hermes", HERMES_NAN, HERMES_NAN, []),
+        ("llama3_json", '{"name": "f", "parameters": {"x": 1e400}}', '{"name": "f", "parameters": {"x": 1e400}}', []),
+        ("mistral", '[TOOL_CALLS]f{"x": -Infinity}', '[TOOL_CALLS]f{"x": -Infinity}', []),
     ],
 )
 def test_a_whole_output_and_its_stream_read_alike(
