@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from dlora.common import log
 from dlora.common.settings import Common
+from dlora.common.urls import http_url
 
 logger = log.get("metrics")
 
@@ -83,7 +84,7 @@ async def metrics_endpoint(s: Common, registry: CollectorRegistry) -> AsyncItera
     await runner.setup()
     try:
         await web.TCPSite(runner, s.metrics_host, s.metrics_port).start()
-        logger.info("metrics served", url=f"http://{s.metrics_host}:{s.metrics_port}/metrics")
+        logger.info("metrics served", url=f"{http_url(s.metrics_host, s.metrics_port)}/metrics")
         yield
     finally:
         await runner.cleanup()

@@ -167,8 +167,11 @@ def load(
     return settings
 
 
-# Settings whose infinity means "no bound" (AdapterLimits'), the only ones an infinity may be.
+# Settings whose infinity means "no bound" (AdapterLimits'), the only ones an infinity may be; any
+# other number past _LARGEST means nothing either (a TTL of 1e300 s: Redis refused its milliseconds,
+# and a worker retried its first heartbeat for ever, blaming Redis).
 _UNBOUNDED_OK = {"max_abs_weight", "max_scale"}
+_LARGEST = 1e12
 
 
 def _not_finite(settings: msgspec.Struct, prefix: str = "") -> Problems:
@@ -182,6 +185,8 @@ def _not_finite(settings: msgspec.Struct, prefix: str = "") -> Problems:
             problems += _not_finite(value, f"{prefix}{name}.")
         elif isinstance(value, float) and (math.isnan(value) or math.isinf(value) and name not in _UNBOUNDED_OK):
             problems.append((prefix + name, value, "must be a finite number"))
+        elif isinstance(value, float) and math.isfinite(value) and abs(value) > _LARGEST:
+            problems.append((prefix + name, value, f"must be at most {_LARGEST:g} in magnitude"))
     return problems
 
 
@@ -253,7 +258,11 @@ def unknown_env(env: Mapping[str, str], services: Mapping[str, type[msgspec.Stru
     said = []
     for var in sorted(env):
         if var.startswith("DLORA_") and var not in known and not _NOT_SETTINGS.fullmatch(var):
-            near = difflib.get_close_matches(var, known, n=1)
+            # one of that very setting name elsewhere first (..._ENGINE__MAX_LORA_RANK, vLLM's name,
+            # is ..._ENGINE__ADAPTER_LIMITS__MAX_LORA_RANK), else the nearest spelling
+            leaf = var.rsplit("__", 1)[-1] if "__" in var else None
+            near = sorted(k for k in known if leaf and k.endswith(f"__{leaf}") and k.startswith(var.split("__")[0]))
+            near = near or difflib.get_close_matches(var, known, n=1)
             said.append(f"{var} names no setting of any service" + (f" (did you mean {near[0]}?)" if near else ""))
     return said
 

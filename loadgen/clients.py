@@ -11,7 +11,7 @@ import os
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 
 import aiohttp
 import msgspec
@@ -111,11 +111,11 @@ class HttpClient:
         beside them; Azure's first carries none), its usage's completion tokens where a number,
         an ``"error": null`` no error."""
         counted: int | None = None  # completion tokens the server's usage says
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
+        async for data in _events(resp.content):
+            if data.strip() == "[DONE]":
                 continue
-            event = json.loads(data)
+            if not isinstance(event := json.loads(data), dict):
+                raise ValueError(f"an event that is not a JSON object: {data[:100]!r}")
             if error := event.get("error"):  # OpenAI's {"error": {"message": ...}}, or a server's own string
                 r.error = str(error.get("message", error) if isinstance(error, dict) else error)
                 return
@@ -136,6 +136,22 @@ class HttpClient:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+async def _events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The data of each server-sent event: its ``data:`` lines (their space after the colon
+    optional) joined by newlines, an event ending at a blank line (the SSE standard's, as the
+    openai package's SSEDecoder reads it; the last one at the stream's end too)."""
+    data: list[str] = []
+    async for raw in lines:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield "\n".join(data)
+            data = []
+    if data:
+        yield "\n".join(data)
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:

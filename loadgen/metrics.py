@@ -134,8 +134,9 @@ def summarize_by_adapter(results: list[RequestResult], end_s: float, slo: SLO = 
     its own, an adapter with one request read as the fastest, and the rows summed past "all"."""
     names = sorted({r.adapter or "" for r in results})
     start = min((r.arrival_s for r in results if r.sent), default=0.0)
-    # The base model's row is "(base)"; an adapter named so keeps its own row (quoted), not merged
-    label = {n: '"(base)"' if n == "(base)" else n or "(base)" for n in names}
+    # The base model's row is "(base)", the whole run's "all": an adapter named so keeps its own
+    # row, quoted (it merged with the base's, or read as the run's)
+    label = {n: f'"{n}"' if n in ("(base)", "all") else n or "(base)" for n in names}
     return {
         label[n]: summarize([r for r in results if (r.adapter or "") == n], end_s, slo, start_s=start) for n in names
     }

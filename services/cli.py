@@ -413,7 +413,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"dlora serve {args.service}: not a setting of the {args.service}: {flags}", file=sys.stderr)
         return 2
     for said in unknown_env(os.environ, SERVICES):  # warned, not refused: another tool's may be about
-        print(f"dlora serve {args.service}: warning: {said}; ignored", file=sys.stderr)
+        print(f"dlora serve {args.service}: warning: {said}", file=sys.stderr)
     try:
         check_config(args.config)
         settings = load(

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -248,6 +249,10 @@ class LocalStack:
 
     def start(self) -> None:
         base = self.base
+        try:
+            socket.getaddrinfo(base.host, base.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:  # (port_is_free says False for it: "in use", it was said)
+            raise SettingsError(f"gateway setting host={base.host!r} does not resolve: {e}") from None
         if not port_is_free(base.port, base.host):  # else another gateway answers the readiness check
             raise RuntimeError(f"port {base.port} on {base.host} is in use (another dlora up?): choose one with --port")
         self.nats_url, self.redis_url = base.nats_url, base.redis_url
@@ -382,7 +387,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     for said in unknown_env(os.environ, SERVICES):  # the services it starts read this environment
-        print(f"dlora up: warning: {said}; ignored", file=sys.stderr)
+        print(f"dlora up: warning: {said}", file=sys.stderr)
     try:
         # NATS's usual port when it is free, so `dlora loadgen --target nats://127.0.0.1:4222` finds it
         nats_port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None

@@ -72,12 +72,18 @@ class ChatTemplate:
         return cls(add, cont, kwargs, tools, getattr(body, "documents", None), call_id_length)
 
 
+def reply_role(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """A chat reply's role, as vLLM's get_chat_request_role: the assistant's where its turn is
+    opened, else the last message's (the message the model goes on with)."""
+    return "assistant" if add_generation_prompt or not messages else messages[-1].role
+
+
 def echoed(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
     """What a chat request's ``echo`` puts before each choice's content, as vLLM: the last message's
-    text (its text parts joined by newlines) where its role is the reply's (the assistant's when the
-    assistant's turn is opened, else the last message's own: a continued message), else nothing."""
+    text (its text parts joined by newlines) where its role is the reply's (``reply_role``), else
+    nothing."""
     last = messages[-1] if messages else None
-    if last is None or (add_generation_prompt and last.role != "assistant"):
+    if last is None or last.role != reply_role(messages, add_generation_prompt):
         return ""
     if isinstance(last.content, list):  # as the prompt renders them (a refusal part is its text)
         return "\n".join((p.refusal if p.type == "refusal" else p.text) or "" for p in last.content)

@@ -306,6 +306,9 @@ class Shape:
     call_ids: str = ""
     call_id_length: int = 0  # calls' ids of this many alphanumeric characters (tool_parsers.CALL_ID_LENGTHS); 0: ours
     _parsers: dict[int, ToolParser] = field(default_factory=dict)
+    # A chat reply's role: the assistant's, or with add_generation_prompt false the last message's
+    # (vLLM's get_chat_request_role: an echoed user message came back as the assistant's)
+    role: str = "assistant"
 
     @classmethod
     def new(cls, chat: bool, request_id: str, model: str) -> Shape:
@@ -325,23 +328,23 @@ class Shape:
             if self.tools_required:
                 (calls := CallStream()).feed(c.text)
                 listed = [self._call(c.index, args, name, k) for k, (name, args) in enumerate(calls.calls)]
-                choice["message"] = {"role": "assistant", "content": None} | ({"tool_calls": listed} if listed else {})
+                choice["message"] = {"role": self.role, "content": None} | ({"tool_calls": listed} if listed else {})
                 if c.finish_reason == "stop" and calls.closed:
                     choice["finish_reason"] = "tool_calls"
             elif self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
                 call = self._call(c.index, c.text)
-                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+                choice["message"] = {"role": self.role, "content": None, "tool_calls": [call]}
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser)
                 content, calls = self._allowed(_joined(parser.feed(c.text), parser.finish()))
-                choice["message"] = {"role": "assistant", "content": content}
+                choice["message"] = {"role": self.role, "content": content}
                 if calls:
                     listed = [self._call(c.index, args, name, k) for k, name, args in calls]
-                    choice["message"] = {"role": "assistant", "content": content or None, "tool_calls": listed}
+                    choice["message"] = {"role": self.role, "content": content or None, "tool_calls": listed}
                     if c.finish_reason == "stop":
                         choice["finish_reason"] = "tool_calls"
             elif self.chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
+                choice["message"] = {"role": self.role, "content": c.text}
             else:
                 choice["text"] = c.text
             if c.prompt_logprobs is not None and not self.chat:
@@ -383,7 +386,7 @@ class Shape:
         if self.tools_required:  # each call whole, id, name and arguments, as its item of the list ends
             calls = self._call_streams.setdefault(index, CallStream())
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls.feed(text)]
-            choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | (
+            choice["delta"] = ({"role": self.role, "content": None} if first else {}) | (
                 {"tool_calls": listed} if listed else {}
             )
             if finish_reason == "stop" and calls.closed:
@@ -391,7 +394,7 @@ class Shape:
         elif self.tool is not None:  # the call opens with its id and name, then its arguments as they come
             call = self._call(index, text) | {"index": 0} if first else {"index": 0, "function": {"arguments": text}}
             last = finish_reason is not None and not text
-            choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | (
+            choice["delta"] = ({"role": self.role, "content": None} if first else {}) | (
                 {} if last else {"tool_calls": [call]}
             )
         elif self.tool_parser:  # text as it comes, held back only where a call may begin; each call whole
@@ -401,7 +404,7 @@ class Shape:
                 content, calls = _joined((content, calls), parser.finish())
             content, calls = self._allowed((content, calls))
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls]
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            delta: dict[str, Any] = {"role": self.role} if first else {}
             if content or first or (finish_reason is None and not listed):
                 delta["content"] = content
             choice["delta"] = delta | ({"tool_calls": listed} if listed else {})
@@ -412,7 +415,7 @@ class Shape:
             # {}): a token whose text is held back (a character split across tokens) still has an
             # event, and code that appends delta.content mid-stream must not meet None (vLLM sends "").
             content = {"content": text} if text or first or finish_reason is None else {}
-            choice["delta"] = ({"role": "assistant"} if first else {}) | content
+            choice["delta"] = ({"role": self.role} if first else {}) | content
         else:
             choice["text"] = text
             if prompt_token_ids is not None:

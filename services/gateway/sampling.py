@@ -80,8 +80,6 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
             ("verbosity", body.verbosity is not None),
             ("moderation", body.moderation is not None),
             ("prompt_cache_options", body.prompt_cache_options is not None),
-            # the echoed text would open a forced call's arguments, or be read for calls as the model's
-            ("echo with tools (but tool_choice none)", bool(body.echo and body.tools) and body.tool_choice != "none"),
         ]
     return out
 

@@ -20,7 +20,7 @@ import msgspec
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
-from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed
+from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed, reply_role
 from dlora.services.gateway.openai import (
     APIError,
     Body,
@@ -190,6 +190,9 @@ def shape_request(
             (truncated(ids, text, model.tokenizer, keep), None if len(ids) > keep else text) for ids, text in prompts
         ]
     echo = bool(body.echo)
+    if isinstance(body, ChatBody) and echo and body.tools and body.tool_choice != "none":
+        why = "echo is not served with tools unless tool_choice is none: the echo would be read as the model's calls"
+        raise APIError(400, why, param="echo")
     # A chat's echo is the last message's text (vLLM's), the same for each choice
     chat_echo = echoed(body.messages, template.add_generation_prompt) if isinstance(body, ChatBody) and echo else ""
     if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM refuse it
@@ -257,6 +260,7 @@ def shape_request(
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
                 )
             choices.append(ChoicePlan(index, prefix, request, prompt_only, prompt_ids=ids, prompt=p))
+    role = reply_role(body.messages, template.add_generation_prompt) if isinstance(body, ChatBody) else "assistant"
     shown = request_id if body.request_id is None else f"{'chatcmpl' if chat else 'cmpl'}-{body.request_id}"
     return Job(
         Shape(
@@ -270,6 +274,7 @@ def shape_request(
             parallel_calls=not (isinstance(body, ChatBody) and body.parallel_tool_calls is False),
             call_ids=request_id.rsplit("-", 1)[-1],
             call_id_length=model.call_id_length,
+            role=role,
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),

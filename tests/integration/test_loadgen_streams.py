@@ -46,7 +46,7 @@ async def serving(completions, models_delay_s: float = 0.0) -> AsyncIterator[str
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)  # a request still held: not 60 s at the clean-up
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -71,9 +71,17 @@ async def test_streams_in_the_forms_servers_send_complete() -> None:
         name = (await request.json())["model"]
         if name == "no-space":  # SSE allows "data:" without its space
             return await _stream(request, [CHUNK, CHUNK, CHUNK, LAST], space=False)
+        if name == "split-lines":  # an event's data over several data: lines, joined by newlines (SSE's)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for event in (CHUNK, CHUNK, CHUNK, LAST):
+                first, second = json.dumps(event, indent=1).split("\n", 1)
+                await response.write(f"data: {first}\ndata: {second.replace(chr(10), ' ')}\n\n".encode())
+            await response.write_eof()
+            return response
         return await _stream(request, STREAMS[name])
 
-    names = [*STREAMS, "no-space"]
+    names = [*STREAMS, "no-space", "split-lines"]
     async with serving(completions) as url:
         clock = Clock()
         client = HttpClient(url, "model", clock)

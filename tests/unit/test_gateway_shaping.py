@@ -150,6 +150,13 @@ def test_a_chats_echo_is_its_last_message_where_that_has_the_replys_role(served:
         job = shape(served, {"messages": messages, "echo": True, "n": 2, "max_tokens": 2} | extra, chat=True)
         assert [c.echo for c in job.choices] == [echo, echo], (messages, extra)
     assert shape(served, {"messages": [user], "echo": False, "max_tokens": 2}, chat=True).choices[0].echo == ""
+    # the reply's role, as vLLM's: the last message's where no assistant turn is opened (an echoed
+    # user message came back as the assistant's)
+    roles = [
+        shape(served, {"messages": [user], "max_tokens": 2} | extra, chat=True).shape.role
+        for extra in ({}, {"add_generation_prompt": False})
+    ]
+    assert roles == ["assistant", "user"]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     reading = dataclasses.replace(served, tool_call_parser="hermes")  # "auto" reads the calls in the text
     for choice in ("required", "auto"):  # a forced call's arguments, or text read for calls, would begin with it

@@ -112,5 +112,6 @@ def test_output_throughput_counts_completed_requests_and_an_adapter_named_base_k
     failed = RequestResult(0.0, None, 5, sent=True, error="HTTP 500", tokens=3, first_token_s=0.1)
     s = summarize([done(0.0, 0.5, 2.5, 5, adapter=None), failed], end_s=5.0)
     assert s["throughput_tok_s"] == pytest.approx(5 / 5.0)
-    by = summarize_by_adapter([done(0.0, 0.5, 2.5, 5, adapter=None), done(0.0, 0.5, 2.5, 5, adapter="(base)")], 5.0)
-    assert {name: row["completed"] for name, row in by.items()} == {"(base)": 1, '"(base)"': 1}
+    named = [done(0.0, 0.5, 2.5, 5, adapter=a) for a in (None, "(base)", "all")]
+    by = summarize_by_adapter(named, 5.0)
+    assert {name: row["completed"] for name, row in by.items()} == {"(base)": 1, '"(base)"': 1, '"all"': 1}

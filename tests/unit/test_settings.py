@@ -275,6 +275,8 @@ def test_a_key_or_table_no_service_reads_is_refused(tmp_path: Path) -> None:
         (MigratorSettings, "migrator", {"DLORA_LEASE_S": "nan"}, "lease_s=nan must be a finite number"),
         (GatewaySettings, "gateway", {"DLORA_MODEL": "/m", "DLORA_HEARTBEAT_TTL_S": "inf"}, "heartbeat_ttl_s=inf"),
         (WorkerSettings, "worker", {"DLORA_MODEL": "/m", "DLORA_ENGINE__POLICY__KAPPA": "nan"}, "policy.kappa=nan"),
+        # finite, yet meaningless: Redis refused its milliseconds and the worker retried for ever
+        (WorkerSettings, "worker", {"DLORA_MODEL": "/m", "DLORA_HEARTBEAT_TTL_S": "1e300"}, "at most 1e\\+12"),
         # the wait for a queued request starts again at a check every 2 x heartbeat_ttl_s only
         (
             GatewaySettings,
@@ -311,9 +313,12 @@ def test_a_shared_variable_no_service_reads_is_named_with_the_setting_it_looks_l
         "DLORA_NATS_NODE": "n1",
         "PATH": "/bin",
     }
+    env["DLORA_WORKER_ENGINE__MAX_LORA_RANK"] = "8"  # vLLM's name: a setting of that very name first
     assert unknown_env(env, SERVICES) == [
         "DLORA_GATEWY_PORT names no setting of any service (did you mean DLORA_GATEWAY_PORT?)",
         "DLORA_HEARTBEAT_TLL_S names no setting of any service (did you mean DLORA_HEARTBEAT_TTL_S?)",
+        "DLORA_WORKER_ENGINE__MAX_LORA_RANK names no setting of any service "
+        "(did you mean DLORA_WORKER_ENGINE__ADAPTER_LIMITS__MAX_LORA_RANK?)",
     ]
 
 
