@@ -42,6 +42,12 @@ class Sent(NamedTuple):
     # The last chunk this one stands for, where kept chunks were joined (consecutive chunks of one
     # attempt: ``seq`` is the first's, ``token_ids`` all of theirs); None: itself alone.
     upto: int | None = None
+    counts: tuple[int, ...] = ()  # each joined chunk's token count, in order (none: itself alone)
+
+    @property
+    def spans(self) -> tuple[int, str]:
+        """The last chunk's number and each chunk's token count ("2,1,3"), as the progress script reads them."""
+        return self.last, ",".join(map(str, self.counts or (len(self.token_ids),)))
 
     @property
     def last(self) -> int:
@@ -52,7 +58,9 @@ class Sent(NamedTuple):
         """This chunk and ``later`` as one, if ``later`` is the next chunk of the same attempt."""
         if later.attempt != self.attempt or later.seq != self.last + 1:
             return None
-        return later._replace(seq=self.seq, token_ids=[*self.token_ids, *later.token_ids], upto=later.seq)
+        counts = (*(self.counts or (len(self.token_ids),)), len(later.token_ids))
+        tokens = [*self.token_ids, *later.token_ids]
+        return later._replace(seq=self.seq, token_ids=tokens, upto=later.seq, counts=counts)
 
 
 class Copy(NamedTuple):

@@ -354,10 +354,10 @@ class StateStore:
             return set()
         chunks = [*earlier, *running.items()]
         entries = [
-            (rid, s.attempt, s.seq, "".join(f"{t}," for t in s.token_ids), s.held, s.held_text, s.last)
+            (rid, s.attempt, s.seq, "".join(f"{t}," for t in s.token_ids), s.held, s.held_text, *s.spans)
             for rid, s in chunks
         ]
-        entries += [(rid, a, 0, "-", 0, "", 0) for rid, a in finished.items()]
+        entries += [(rid, a, 0, "-", 0, "", 0, "0") for rid, a in finished.items()]
         keys = [f"{self.p}:inflight:{rid}" for rid, *_ in entries]
         args: list[str | int] = [worker, f"{self.p}:inflight-of:", int(INFLIGHT_TTL_S * 1000)]
         args += [x for entry in entries for x in entry]

@@ -149,9 +149,10 @@ end
 # attempt (recoveries), the chunk's sequence number, the step's token ids as "1,2,3," or "-" when it
 # finished (the record goes), how many of the tokens so far have had their text held back, the
 # text they made that was held back unsent (while it could begin a stop string), stamped with the
-# next it goes with (a record an earlier worker's script appended to since keeps a stale one), and
-# the last chunk's sequence number it stands for (chunks kept through an outage are joined). A
-# chunk below the record's next is not appended again: a write retried after its reply was lost. A
+# next it goes with (a record an earlier worker's script appended to since keeps a stale one), the
+# last chunk's sequence number it stands for (chunks kept through an outage are joined), and each
+# joined chunk's token count ("2,1,3"). A chunk below the record's next is not appended again: a
+# write retried after its reply was lost, or one Redis ran after its caller had given up on it. A
 # missing record is left alone and its copy not fenced: it was sent straight to the worker, or Redis
 # lost its data (a running request goes on; only a worker that stalled asks more strictly, with
 # _FENCED_LUA).
@@ -160,19 +161,27 @@ _PROGRESS_LUA = (
     + """
 local fenced = {}
 for i, key in ipairs(KEYS) do
-  local id, seq, tokens, last = ARGV[7 * i - 3], tonumber(ARGV[7 * i - 1]), ARGV[7 * i], tonumber(ARGV[7 * i + 3])
-  if not mine(key, ARGV[1], ARGV[7 * i - 2], '0') then
+  local id, seq, tokens, last = ARGV[8 * i - 4], tonumber(ARGV[8 * i - 2]), ARGV[8 * i - 1], tonumber(ARGV[8 * i + 2])
+  if not mine(key, ARGV[1], ARGV[8 * i - 3], '0') then
     table.insert(fenced, id)
   elseif tokens == "-" then
     redis.call('SREM', ARGV[2] .. ARGV[1], id)
     redis.call('DEL', key)
   elseif redis.call('EXISTS', key) == 1 then
-    if seq >= tonumber(redis.call('HGET', key, 'next') or 0) then
+    local next = tonumber(redis.call('HGET', key, 'next') or 0)
+    if last >= next then
+      -- joined chunks some of which a write Redis ran late appended already: their tokens are skipped
+      local from, chunk = 1, seq
+      for count in string.gmatch(ARGV[8 * i + 3], '[^,]+') do
+        if chunk >= next then break end
+        for _ = 1, tonumber(count) do from = string.find(tokens, ',', from, true) + 1 end
+        chunk = chunk + 1
+      end
       local old = redis.call('HGET', key, 'tokens') or ''
-      redis.call('HSET', key, 'tokens', old .. tokens, 'held', ARGV[7 * i + 1], 'held_text', ARGV[7 * i + 2],
-        'held_next', last + 1, 'next', last + 1)
+      redis.call('HSET', key, 'tokens', old .. string.sub(tokens, from), 'held', ARGV[8 * i], 'held_text',
+        ARGV[8 * i + 1], 'held_next', last + 1, 'next', last + 1)
     end
-    redis.call('HSET', key, 'taken', ARGV[7 * i - 2])  -- it runs there (had its admission's mark failed)
+    redis.call('HSET', key, 'taken', ARGV[8 * i - 3])  -- it runs there (had its admission's mark failed)
     redis.call('PEXPIRE', key, ARGV[3])
   end
 end

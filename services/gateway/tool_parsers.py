@@ -277,7 +277,9 @@ class ToolParser:
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
-_NAME_ROOM = 64 + len(_ARGS) + 1  # where a mistral call's "{" must come by: a name is at most 64 characters
+# Where a mistral call's "{" must come by: a name of at most 64 characters, then v11's [CALL_ID]
+# and its id (9 characters from mistral-common; room for 64), [ARGS]
+_NAME_ROOM = 64 + len(_CALL_ID) + 64 + len(_ARGS) + 1
 _TAGS = {"hermes": _OPEN, "mistral": _TOOL_CALLS}  # what a parser's calls begin with, given back as text
 
 

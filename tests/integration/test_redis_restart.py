@@ -345,3 +345,39 @@ async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_it
             await purge(client, "dlora")
             await client.close()
     redis.stop()
+
+
+async def test_a_write_redis_ran_after_its_caller_gave_up_leaves_no_hole(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write cut off by the step's bound that Redis ran all the same moved the record's next past
+    its chunk; that chunk, kept and joined with the next ones, was then skipped whole: the record
+    lacked their tokens, and a resume from it went on from the wrong ones (a review)."""
+    from dlora.common.inflight import Sent
+    from dlora.services.worker import records as records_module
+    from dlora.services.worker.records import ProgressRecords
+
+    store = StateStore(redis)
+    assert await store.put_inflight(GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1]), "w-a")
+    records = ProgressRecords(store, "w-a", 5.0)
+    real, late = store.record_progress, [True]
+
+    async def applied_then_lost(*args: object) -> set[str]:
+        fenced = await real(*args)  # type: ignore[arg-type]
+        if late[0]:  # the reply never came back
+            late[0] = False
+            raise RedisConnectionError("Connection reset by peer")
+        return fenced
+
+    monkeypatch.setattr(store, "record_progress", applied_then_lost)
+    monkeypatch.setattr(records_module, "_WRITE_AGAIN_S", 0.05)
+    for seq in range(4):  # the first one's write applied, then counted failed; the others joined to it
+        await records.write_step({"r": Sent(0, seq, [10 + seq, 20 + seq], 0)})
+    assert [(sent.seq, sent.last, sent.counts) for _, sent in records.unwritten] == [(0, 3, (2, 2, 2, 2))]
+    async with asyncio.timeout(5):
+        while records.behind or records.outage:
+            await records.write_step({})
+            await asyncio.sleep(0.02)
+    written = await store.get_inflight("r")
+    assert written is not None and written.tokens == [t for seq in range(4) for t in (10 + seq, 20 + seq)]
+    assert written.next_seq == 4

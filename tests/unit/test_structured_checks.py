@@ -33,7 +33,20 @@ def test_a_grammars_json_block_is_held_to_the_same_bounds() -> None:
 
 
 def test_bounds_within_64_bits_are_taken() -> None:
-    check(SamplingParams(json_schema=json.dumps({"type": "integer", "minimum": -(2**62), "maximum": 2**62})))
+    """int64's maximum (OpenAPI's and protobuf's bound) read as a float was 2**63, and refused; a
+    "maximum" key inside an enum's or a default's object is data, not a bound."""
+    for schema in (
+        {"type": "integer", "minimum": -(2**62), "maximum": 2**62},
+        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        {"enum": [{"maximum": 10**19}]},
+        {"type": "object", "default": {"maximum": 1e300}},
+    ):
+        check(SamplingParams(json_schema=json.dumps(schema)))
+
+
+def test_a_refused_bound_is_quoted_as_written() -> None:
+    with pytest.raises(GrammarError, match="maximum 1E\\+300 is outside"):  # (int(1e300): 301 digits)
+        check(SamplingParams(json_schema='{"type": "number", "maximum": 1e300}'))
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("mistral", '[TOOL_CALLS]weather{"city": "ka', '[TOOL_CALLS]weather{"city": "ka', []),  # cut short
         ("mistral", "[TOOL_CALLS] not json at all", "[TOOL_CALLS] not json at all", []),
         ("mistral", "[TOOL_CALLS] []", "[TOOL_CALLS] []", []),
-        ("mistral", "[TOOL_CALLS]" + "x" * 80 + "{}", "[TOOL_CALLS]" + "x" * 80 + "{}", []),  # no name that long
+        ("mistral", "[TOOL_CALLS]" + "x" * 150 + "{}", "[TOOL_CALLS]" + "x" * 150 + "{}", []),  # no name that long
         ("mistral", "[TOOL_CALLS]I think {so}", "[TOOL_CALLS]I think {so}", []),  # prose is no name
         ("mistral", '[TOOL_CALLS] [{"temperature": 3}]', '[TOOL_CALLS] [{"temperature": 3}]', []),
         # A last hermes call left open (a stop at </tool_call>, or EOS) is one where it is whole, as
@@ -72,6 +72,7 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("hermes", HERMES_TWO.removesuffix("</tool_call>"), "Let me look.\n", [WEATHER, PING]),
         # mistral-common v11's call id between the name and the arguments (it became the name's)
         ("mistral", '[TOOL_CALLS]weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "kalo"}', "", [WEATHER]),
+        ("mistral", f"[TOOL_CALLS]{'w' * 64}[CALL_ID]a1b2c3d4e[ARGS]{{}}", "", [("w" * 64, "{}")]),  # a long name
         # NaN, Infinity and numbers that overflow are no JSON: came back as arguments JSON.parse throws on
         ("hermes", HERMES_NAN, HERMES_NAN, []),
         ("llama3_json", '{"name": "f", "parameters": {"x": 1e400}}', '{"name": "f", "parameters": {"x": 1e400}}', []),

@@ -15,6 +15,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from decimal import Decimal
 from functools import cached_property
 from typing import Any
 
@@ -49,7 +50,7 @@ def constraint(params: SamplingParams) -> str | None:
         GrammarError: one that is not a JSON object (a schema) or a grammar llguidance reads.
     """
     text = params.json_schema if params.json_schema is not None else params.grammar  # (a Lark %json too)
-    if text is not None and (bound := _bound_out_of_range(text)) is not None:
+    if text is not None and (bound := _bound_out_of_range(text, params.json_schema is not None)) is not None:
         raise GrammarError(
             f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
             "engine holds numbers in (a 64-bit integer's, magnitude below 2**63)"
@@ -72,16 +73,37 @@ def constraint(params: SamplingParams) -> str | None:
 # A schema's numeric bounds (JSON Schema's keywords). llguidance holds them in 64-bit integers:
 # beyond, it clamps them (a 200 whose number broke its schema) or, below -2**63 with a maximum,
 # crashed its process (SIGSEGV: the gateway's, and every worker's a request reached).
+_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
 _BOUND = re.compile(r'"(minimum|maximum|exclusiveMinimum|exclusiveMaximum|multipleOf)"\s*:\s*(-?[0-9][0-9.eE+-]*)')
+# Keywords whose values are data, not schemas: a "maximum" key inside an enum's object is no bound.
+_DATA = {"enum", "const", "default", "examples"}
 
 
-def _bound_out_of_range(text: str) -> tuple[str, float] | None:
-    """The first numeric bound in ``text`` (a schema, or a grammar whose %json blocks hold one)
-    whose magnitude reaches 2**63, as (keyword, value)."""
-    for match in _BOUND.finditer(text):
-        with contextlib.suppress(ValueError):
-            if not abs(value := float(match[2])) < 2**63:
-                return match[1], int(value) if value.is_integer() else value
+def _bound_out_of_range(text: str, schema: bool) -> tuple[str, str] | None:
+    """The first numeric bound in ``text`` (a JSON ``schema``, or a grammar whose %json blocks
+    hold one) whose magnitude reaches 2**63, as (keyword, its number as written). Compared exactly
+    (2**63 - 1, int64's maximum, read as a float was 2**63)."""
+    if not schema:
+        for match in _BOUND.finditer(text):
+            with contextlib.suppress(ArithmeticError):
+                if not abs(Decimal(match[2])) < 2**63:
+                    return match[1], match[2]
+        return None
+    try:
+        stack = [json.loads(text, parse_float=Decimal)]
+    except (ValueError, RecursionError):
+        return None  # llguidance says why
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                number = isinstance(value, int | Decimal) and not isinstance(value, bool)
+                if key in _BOUNDS and number and not abs(value) < 2**63:
+                    return key, str(value)
+                if key not in _DATA:
+                    stack.append(value)
     return None
 
 
