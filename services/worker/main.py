@@ -340,8 +340,7 @@ class WorkerService:
         never came) for a dispatcher to re-dispatch. Redis's parts not while its writes fail (each
         waited out a hung Redis in the step loop), and each no longer than ``_RECONCILE_REDIS_S``."""
         if not self.records.outage:
-            async with asyncio.timeout(_RECONCILE_REDIS_S):
-                await record_again_if_lost(self)
+            await record_again_if_lost(self, _RECONCILE_REDIS_S)
         now = time.monotonic()
         for rid, stream in list(self.streams.items()):
             if stream.request.client and self.clients.gone(stream.request.client, now):

@@ -143,9 +143,11 @@ class ProgressRecords:
         try:
             async with asyncio.timeout(_WRITE_TIMEOUT_S):
                 fenced = await self.write(running)
-        except Exception as e:  # noqa: BLE001 - see above
+        except BaseException as e:
+            self._keep(running.items())  # sent: kept whatever stopped the write (a caller's bound too)
+            if not isinstance(e, Exception):
+                raise
             self._outage.failed(e)
-            self._keep(running.items())
             self._retry = asyncio.create_task(self._write_later())
             return set()
         self._outage.succeeded()

@@ -18,14 +18,16 @@ if TYPE_CHECKING:
 logger = log.get("worker")
 
 
-async def record_again_if_lost(w: WorkerService) -> None:
+async def record_again_if_lost(w: WorkerService, timeout_s: float) -> None:
     """Between steps, now and then: when Redis holds other data than at the last look (its
-    ``data_epoch`` token made anew), write the records of the requests held here again.
+    ``data_epoch`` token, read within ``timeout_s``, made anew), write the records of the requests
+    held here again (not bounded: cut off, a step's chunks it delivers would go unrecorded).
 
     Raises:
-        What Redis raises (an outage: looked at again next time).
+        What Redis raises, TimeoutError (an outage: looked at again next time).
     """
-    epoch = await w.store.data_epoch()
+    async with asyncio.timeout(timeout_s):
+        epoch = await w.store.data_epoch()
     if w.data_epoch is not None and epoch != w.data_epoch:
         await record_again(w)
     w.data_epoch = epoch

@@ -118,7 +118,7 @@ def check(params: SamplingParams) -> None:
         raise GrammarError(f"{label(params)} cannot be used: {_reason(error)}")
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
 def _validated(grammar: str) -> str:
     return LLMatcher.validate_grammar(grammar)
 
