@@ -245,7 +245,7 @@ def check_file(path: Path, services: Mapping[str, type[msgspec.Struct]]) -> None
 _NOT_SETTINGS = re.compile(r"DLORA_(CONFIG|NATS_NODE|TEST_DEVICE|NATS_[A-Z]+_PASSWORD)")
 
 
-def unknown_env(env: Mapping[str, str], services: Mapping[str, type[msgspec.Struct]]) -> list[str]:
+def unknown_env(env: Mapping[str, str], services: Mapping[str, type[msgspec.Struct]]) -> dict[str, str]:
     """The ``DLORA_*`` variables of ``env`` that no service reads, each with the setting it most
     looks like: the shared form (``DLORA_HEARTBEAT_TLL_S``) cannot be refused by one service (another
     may read it), so a typo there was ignored without a word; vLLM warns of its own likewise."""
@@ -255,7 +255,7 @@ def unknown_env(env: Mapping[str, str], services: Mapping[str, type[msgspec.Stru
         for path in field_paths(cls)
         for scope in ("", f"{name.upper()}_")
     }
-    said = []
+    said = {}
     for var in sorted(env):
         if var.startswith("DLORA_") and var not in known and not _NOT_SETTINGS.fullmatch(var):
             # one of that very setting name elsewhere first (..._ENGINE__MAX_LORA_RANK, vLLM's name,
@@ -263,7 +263,7 @@ def unknown_env(env: Mapping[str, str], services: Mapping[str, type[msgspec.Stru
             leaf = var.rsplit("__", 1)[-1] if "__" in var else None
             near = sorted(k for k in known if leaf and k.endswith(f"__{leaf}") and k.startswith(var.split("__")[0]))
             near = near or difflib.get_close_matches(var, known, n=1)
-            said.append(f"{var} names no setting of any service" + (f" (did you mean {near[0]}?)" if near else ""))
+            said[var] = f"{var} names no setting of any service" + (f" (did you mean {near[0]}?)" if near else "")
     return said
 
 

@@ -412,7 +412,7 @@ def _serve(args: argparse.Namespace) -> int:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)  # dropped without a word, as if taken
         print(f"dlora serve {args.service}: not a setting of the {args.service}: {flags}", file=sys.stderr)
         return 2
-    for said in unknown_env(os.environ, SERVICES):  # warned, not refused: another tool's may be about
+    for said in unknown_env(os.environ, SERVICES).values():  # warned, not refused: another tool's may be about
         print(f"dlora serve {args.service}: warning: {said}", file=sys.stderr)
     try:
         check_config(args.config)

@@ -298,8 +298,12 @@ class LocalStack:
         served = served_name(self.model_dir, base.served_model_name)
         asyncio.run(_register(creds, self.model_dir, self.loras, roots, served))
 
+        # Each service warned again of a variable no service reads (said once above); one of a
+        # service's own form it is left, for that service to refuse.
+        scoped = tuple(f"DLORA_{name.upper()}_" for name in SERVICES)
+        said = {var for var in unknown_env(os.environ, SERVICES) if not var.startswith(scoped)}
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in said},
             "DLORA_NATS_URL": self.nats_url,
             "DLORA_REDIS_URL": self.redis_url,
             # absolute, its links kept: the services name the model as the launcher says (served_name)
@@ -386,7 +390,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    for said in unknown_env(os.environ, SERVICES):  # the services it starts read this environment
+    for said in unknown_env(os.environ, SERVICES).values():  # the services it starts read this environment
         print(f"dlora up: warning: {said}", file=sys.stderr)
     try:
         # NATS's usual port when it is free, so `dlora loadgen --target nats://127.0.0.1:4222` finds it

@@ -77,7 +77,12 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "DLORA_GATEWAY_ADAPTER_ROOTS": json.dumps([str(extra)]), "DLORA_ADMIN_KEY": GIVEN},
+        env={
+            **os.environ,
+            "DLORA_GATEWAY_ADAPTER_ROOTS": json.dumps([str(extra)]),
+            "DLORA_ADMIN_KEY": GIVEN,
+            "DLORA_HEARTBEAT_TLL_S": "7",  # a typo: said once, by dlora up (each service said it again)
+        },
     )
     lines = []
     try:
@@ -90,6 +95,8 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
             if "dlora is up" in line:
                 break
         assert any("dlora is up" in line for line in lines), "".join(lines[-20:])
+        warned = [line for line in lines if "DLORA_HEARTBEAT_TLL_S names no setting" in line]
+        assert len(warned) == 1 and "did you mean DLORA_HEARTBEAT_TTL_S?" in warned[0], warned
         out = "".join(lines)
         while not re.search(r"curl .*\n", out):
             out += proc.stdout.readline()

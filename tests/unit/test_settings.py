@@ -314,7 +314,7 @@ def test_a_shared_variable_no_service_reads_is_named_with_the_setting_it_looks_l
         "PATH": "/bin",
     }
     env["DLORA_WORKER_ENGINE__MAX_LORA_RANK"] = "8"  # vLLM's name: a setting of that very name first
-    assert unknown_env(env, SERVICES) == [
+    assert list(unknown_env(env, SERVICES).values()) == [
         "DLORA_GATEWY_PORT names no setting of any service (did you mean DLORA_GATEWAY_PORT?)",
         "DLORA_HEARTBEAT_TLL_S names no setting of any service (did you mean DLORA_HEARTBEAT_TTL_S?)",
         "DLORA_WORKER_ENGINE__MAX_LORA_RANK names no setting of any service "
