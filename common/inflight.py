@@ -58,9 +58,9 @@ class Sent(NamedTuple):
         """This chunk and ``later`` as one, if ``later`` is the next chunk of the same attempt."""
         if later.attempt != self.attempt or later.seq != self.last + 1:
             return None
-        counts = (*(self.counts or (len(self.token_ids),)), len(later.token_ids))
-        tokens = [*self.token_ids, *later.token_ids]
-        return later._replace(seq=self.seq, token_ids=tokens, upto=later.seq, counts=counts)
+        counts = (*(self.counts or (len(self.token_ids),)), *(later.counts or (len(later.token_ids),)))
+        tokens = [*self.token_ids, *later.token_ids]  # (``later`` may be joined already: a failed retry's)
+        return later._replace(seq=self.seq, token_ids=tokens, upto=later.last, counts=counts)
 
 
 class Copy(NamedTuple):

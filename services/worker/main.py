@@ -338,7 +338,7 @@ class WorkerService:
         Redis lost its data, drop requests whose client has gone, and hand back what the in-flight
         records say is here but is not (a previous incarnation's requests, or ones whose message
         never came) for a dispatcher to re-dispatch. Redis's parts not while its writes fail (each
-        waited out a hung Redis in the step loop), and each no longer than ``_RECONCILE_REDIS_S``."""
+        waited out a hung Redis in the step loop), its reads each no longer than ``_RECONCILE_REDIS_S``."""
         if not self.records.outage:
             await record_again_if_lost(self, _RECONCILE_REDIS_S)
         now = time.monotonic()

@@ -10,12 +10,40 @@ import pytest
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.structured import GrammarError, check
 
+# llguidance 1.9 crashed its process (SIGSEGV) on these: the gateway's, and each worker's a request
+# reached. Checked in a process of their own: were the screen to miss one, this test fails, not the run.
+CRASHING = {"type": "integer", "minimum": -(2**63), "maximum": -(2**63) + 1}
+CHECK = """
+import json, sys
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.structured import GrammarError, check
+try:
+    check(SamplingParams(json_schema=sys.argv[1]))
+except GrammarError as e:
+    print("refused:", e)
+"""
+
 
 @pytest.mark.parametrize(
     "schema",
     [
-        # llguidance crashed its process (SIGSEGV): the gateway's, and each worker's a request reached
-        {"type": "integer", "minimum": -(2**63), "maximum": -(2**63) + 1},
+        CRASHING,
+        # a property (or a definition) named as a data keyword is a schema all the same (a review)
+        {"type": "object", "properties": {"default": CRASHING}, "required": ["default"]},
+        {"$defs": {"examples": CRASHING}, "$ref": "#/$defs/examples"},
+    ],
+)
+def test_a_schema_that_crashed_the_grammar_engine_is_refused_first(schema: dict) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps(schema)], capture_output=True, text=True)
+    assert done.returncode == 0 and "refused:" in done.stdout and "outside the range" in done.stdout, done
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
         # clamped to 2**63 - 1: a 200 whose number broke the schema
         {"type": "integer", "minimum": 2**70, "maximum": 2**70 + 3},
         {"type": "object", "properties": {"n": {"anyOf": [{"type": "number", "exclusiveMaximum": 1e300}]}}},
@@ -42,6 +70,12 @@ def test_bounds_within_64_bits_are_taken() -> None:
         {"type": "object", "default": {"maximum": 1e300}},
     ):
         check(SamplingParams(json_schema=json.dumps(schema)))
+
+
+def test_a_bound_past_decimals_own_range_is_refused_not_a_500() -> None:
+    """abs() of Decimal('1e1000000') raised decimal.Overflow: the gateway answered 500 (a review)."""
+    with pytest.raises(GrammarError, match="maximum 1E\\+1000000 is outside"):
+        check(SamplingParams(json_schema='{"type": "number", "maximum": 1e1000000}'))
 
 
 def test_a_refused_bound_is_quoted_as_written() -> None:

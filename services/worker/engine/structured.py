@@ -75,35 +75,49 @@ def constraint(params: SamplingParams) -> str | None:
 # crashed its process (SIGSEGV: the gateway's, and every worker's a request reached).
 _BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
 _BOUND = re.compile(r'"(minimum|maximum|exclusiveMinimum|exclusiveMaximum|multipleOf)"\s*:\s*(-?[0-9][0-9.eE+-]*)')
-# Keywords whose values are data, not schemas: a "maximum" key inside an enum's object is no bound.
+# Keywords whose values are data, not schemas (a "maximum" key inside an enum's object is no bound),
+# and those whose values map names to schemas (a property named "default" is a schema all the same).
 _DATA = {"enum", "const", "default", "examples"}
+_SCHEMA_MAPS = {"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"}
+
+
+def _too_large(value: int | Decimal) -> bool:
+    """Whether ``value``'s magnitude reaches 2**63 (a Decimal's exponent first: abs() of 1e1000000
+    raised decimal.Overflow, a 500)."""
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value.adjusted() >= 19:
+            return True
+        value = abs(value)
+    return not abs(value) < 2**63
 
 
 def _bound_out_of_range(text: str, schema: bool) -> tuple[str, str] | None:
     """The first numeric bound in ``text`` (a JSON ``schema``, or a grammar whose %json blocks
-    hold one) whose magnitude reaches 2**63, as (keyword, its number as written). Compared exactly
-    (2**63 - 1, int64's maximum, read as a float was 2**63)."""
+    hold one) whose magnitude reaches 2**63, as (keyword, its number). Compared exactly (2**63 - 1,
+    int64's maximum, read as a float was 2**63)."""
     if not schema:
         for match in _BOUND.finditer(text):
             with contextlib.suppress(ArithmeticError):
-                if not abs(Decimal(match[2])) < 2**63:
+                if _too_large(Decimal(match[2])):
                     return match[1], match[2]
         return None
     try:
-        stack = [json.loads(text, parse_float=Decimal)]
+        stack: list[tuple[Any, bool]] = [(json.loads(text, parse_float=Decimal), False)]
     except (ValueError, RecursionError):
         return None  # llguidance says why
     while stack:
-        node = stack.pop()
+        node, names_schemas = stack.pop()
         if isinstance(node, list):
-            stack.extend(node)
+            stack.extend((item, False) for item in node)
+        elif isinstance(node, dict) and names_schemas:
+            stack.extend((value, False) for value in node.values())
         elif isinstance(node, dict):
             for key, value in node.items():
                 number = isinstance(value, int | Decimal) and not isinstance(value, bool)
-                if key in _BOUNDS and number and not abs(value) < 2**63:
+                if key in _BOUNDS and number and _too_large(value):
                     return key, str(value)
                 if key not in _DATA:
-                    stack.append(value)
+                    stack.append((value, key in _SCHEMA_MAPS))
     return None
 
 
