@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import uuid
+from collections.abc import Callable, Iterator
 
 import msgspec
 import nats
@@ -57,6 +59,22 @@ async def _generate(nc: nats.NATS, tokens: int = 8, adapter: str | None = None) 
     return chunks
 
 
+@pytest.fixture
+def start_redis_here() -> Iterator[Callable[..., Server]]:
+    """start_redis, each server it starts stopped after the test, failing or not (a test that failed
+    left its servers running: one a SIGSTOP'd Redis)."""
+    started: list[Server] = []
+
+    def start(port: int | None = None) -> Server:
+        started.append(server := start_redis(port))
+        return server
+
+    yield start
+    for server in started:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
 async def _worker_and_dispatcher(
     stack: contextlib.AsyncExitStack, common: dict, tiny: TinyOutput, stop: asyncio.Event
 ) -> tuple[list[asyncio.Task], StateStore]:
@@ -72,8 +90,10 @@ async def _worker_and_dispatcher(
     return tasks, d_store
 
 
-async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama: TinyOutput) -> None:
-    redis = start_redis()
+async def test_services_ride_out_a_redis_restart(
+    nats_server: Server, tiny_llama: TinyOutput, start_redis_here: Callable[..., Server]
+) -> None:
+    redis = start_redis_here()
     port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
     stop = asyncio.Event()
@@ -114,7 +134,7 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
             # (redis-py's retries: 2 tokens a second), so 300 tokens took minutes.
             chunks = await running
             assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 300
-            redis = start_redis(port)  # back, empty
+            redis = start_redis_here(port)  # back, empty
             await asyncio.sleep(2.0)
 
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
@@ -132,11 +152,10 @@ async def test_services_ride_out_a_redis_restart(nats_server: Server, tiny_llama
             await purge(client, "dlora")
             await client.close()
             await registry.store.r.aclose()
-    redis.stop()
 
 
 async def test_a_dispatcher_and_a_worker_started_while_redis_is_down_wait_for_it(
-    nats_server: Server, tiny_llama: TinyOutput
+    nats_server: Server, tiny_llama: TinyOutput, start_redis_here: Callable[..., Server]
 ) -> None:
     """Each exited with a traceback at its first read (the dispatcher's seed, the worker's policy
     checkpoint): under systemd's start limit, a Redis down for ten seconds kept them down for good."""
@@ -145,13 +164,12 @@ async def test_a_dispatcher_and_a_worker_started_while_redis_is_down_wait_for_it
     stop = asyncio.Event()
     client = await nats.connect(nats_server.url)
     await purge(client, "dlora")
-    redis = None
     async with contextlib.AsyncExitStack() as stack:
         tasks, d_store = await _worker_and_dispatcher(stack, common, tiny_llama, stop)
         try:
             await asyncio.sleep(2.0)
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
-            redis = start_redis(port)
+            start_redis_here(port)
             async with asyncio.timeout(30):
                 while "w0" not in [w.worker for w in await d_store.live_workers()]:
                     await asyncio.sleep(0.1)
@@ -163,8 +181,6 @@ async def test_a_dispatcher_and_a_worker_started_while_redis_is_down_wait_for_it
             await asyncio.gather(*tasks, return_exceptions=True)
             await purge(client, "dlora")
             await client.close()
-    if redis is not None:
-        redis.stop()
 
 
 async def test_steps_do_not_wait_for_progress_writes_redis_refuses(
@@ -239,12 +255,12 @@ async def test_a_hung_redis_holds_a_step_a_second_at_most(redis: Redis, monkeypa
 
 
 async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_data(
-    nats_server: Server, tiny_llama: TinyOutput
+    nats_server: Server, tiny_llama: TinyOutput, start_redis_here: Callable[..., Server]
 ) -> None:
     """Progress writes update records that exist: after Redis came back empty, the requests running
     had none for good, and a later death or drain of their worker lost them. The worker writes them
     again (each resumed after the tokens its client has, as a move records it)."""
-    redis = start_redis()
+    redis = start_redis_here()
     port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
     stop = asyncio.Event()
@@ -272,7 +288,7 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
                 while not all(s.tokens for s in streams.values()):
                     await asyncio.sleep(0.01)
             redis.stop()
-            redis = start_redis(port)  # back, empty
+            redis = start_redis_here(port)  # back, empty
             found = None
             async with asyncio.timeout(60):
                 while found is None and not all(s.done for s in streams.values()):
@@ -290,20 +306,18 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
             await asyncio.gather(*tasks, return_exceptions=True)
             await purge(client, "dlora")
             await client.close()
-    redis.stop()
 
 
 async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_its_request(
-    nats_server: Server, tiny_llama: TinyOutput
+    nats_server: Server, tiny_llama: TinyOutput, start_redis_here: Callable[..., Server]
 ) -> None:
     """With Redis hung (SIGSTOP) the dispatcher, taking requests one at a time, waited out
     redis-py's tries for each (20 s): the third's answer came after its client's 60 s timeout. And
     a request whose deadline passed while Redis was down ended the worker (its drop wrote the record
     in line, and raised)."""
-    import signal
     import time
 
-    redis = start_redis()
+    redis = start_redis_here()
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
     stop = asyncio.Event()
     client = await nats.connect(nats_server.url)
@@ -348,7 +362,6 @@ async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_it
             await asyncio.gather(*tasks, return_exceptions=True)
             await purge(client, "dlora")
             await client.close()
-    redis.stop()
 
 
 async def test_a_write_redis_ran_after_its_caller_gave_up_leaves_no_hole(
