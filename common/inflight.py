@@ -39,28 +39,31 @@ class Sent(NamedTuple):
     token_ids: list[int]
     held: int  # how many of all the request's tokens so far have had their text held back
     held_text: str = ""  # the text they made that was held back unsent (it could begin a stop string)
-    # The last chunk this one stands for, where kept chunks were joined (consecutive chunks of one
-    # attempt: ``seq`` is the first's, ``token_ids`` all of theirs); None: itself alone.
-    upto: int | None = None
-    counts: tuple[int, ...] = ()  # each joined chunk's token count, in order (none: itself alone)
+    # Each chunk's token count, in order, where kept chunks were joined (consecutive chunks of one
+    # attempt: ``seq`` is the first's, ``token_ids`` all of theirs); none: itself alone.
+    counts: tuple[int, ...] = ()
+
+    @property
+    def chunk_counts(self) -> tuple[int, ...]:
+        return self.counts or (len(self.token_ids),)
+
+    @property
+    def last(self) -> int:
+        """The sequence number of the last chunk it stands for (its chunks are consecutive)."""
+        return self.seq + len(self.chunk_counts) - 1
 
     @property
     def spans(self) -> tuple[int, str]:
         """The last chunk's number and each chunk's token count ("2,1,3"), as the progress script reads them."""
-        return self.last, ",".join(map(str, self.counts or (len(self.token_ids),)))
-
-    @property
-    def last(self) -> int:
-        """The sequence number of the last chunk it stands for."""
-        return self.seq if self.upto is None else self.upto
+        return self.last, ",".join(map(str, self.chunk_counts))
 
     def then(self, later: Sent) -> Sent | None:
-        """This chunk and ``later`` as one, if ``later`` is the next chunk of the same attempt."""
+        """This chunk and ``later`` as one, if ``later`` is the next chunk of the same attempt
+        (``later`` may be joined already: a failed retry's run, put back after this)."""
         if later.attempt != self.attempt or later.seq != self.last + 1:
             return None
-        counts = (*(self.counts or (len(self.token_ids),)), *(later.counts or (len(later.token_ids),)))
-        tokens = [*self.token_ids, *later.token_ids]  # (``later`` may be joined already: a failed retry's)
-        return later._replace(seq=self.seq, token_ids=tokens, upto=later.last, counts=counts)
+        tokens = [*self.token_ids, *later.token_ids]
+        return later._replace(seq=self.seq, token_ids=tokens, counts=self.chunk_counts + later.chunk_counts)
 
 
 class Copy(NamedTuple):
