@@ -7,6 +7,7 @@ of previous tokens and a delta is released only when it does not end in a partia
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -87,8 +88,8 @@ def spelt(decode: Callable[[list[int], bool], str], context: list[int], ids: lis
     context, and 2 bytes came out as 4 U+FFFD), so the context is shortened from its start until
     it does: its last ``_CONTEXT`` starts are tried, then none (each try two decodes: a long
     context of tokens that spell nothing cost thousands)."""
-    starts = range(len(context))
-    for start in [*starts[:1], *starts[1:][-_CONTEXT:]]:
+    # (the whole context first, at no more cost than before: the one try almost every token needs)
+    for start in itertools.chain((0,) if context else (), range(max(1, len(context) - _CONTEXT), len(context))):
         before = decode(context[start:], skip)
         after = decode(context[start:] + ids, skip)
         if after.startswith(before):
