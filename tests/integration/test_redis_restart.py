@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import msgspec
 import nats
@@ -75,19 +75,31 @@ def start_redis_here() -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
+@contextlib.asynccontextmanager
 async def _worker_and_dispatcher(
-    stack: contextlib.AsyncExitStack, common: dict, tiny: TinyOutput, stop: asyncio.Event
-) -> tuple[list[asyncio.Task], StateStore]:
-    """A worker "w0" on ``tiny``'s model and a dispatcher running until ``stop``; the dispatcher's store."""
-    ws = WorkerSettings(**common, worker_id="w0", model=str(tiny.model), stats_interval_s=0.1)
-    worker_nc, worker_store = await stack.enter_async_context(connections(ws))
-    ds = DispatcherSettings(**common)
-    d_nc, d_store = await stack.enter_async_context(connections(ds))
-    tasks = [
-        asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
-        asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
-    ]
-    return tasks, d_store
+    nats_url: str, common: dict, tiny: TinyOutput
+) -> AsyncIterator[tuple[nats.NATS, list[asyncio.Task], StateStore]]:
+    """A worker "w0" on ``tiny``'s model and a dispatcher, and a NATS client of the test's: the
+    client, the services' tasks and the dispatcher's store; all stopped at the end."""
+    stop = asyncio.Event()
+    client = await nats.connect(nats_url)
+    await purge(client, "dlora")
+    async with contextlib.AsyncExitStack() as stack:
+        ws = WorkerSettings(**common, worker_id="w0", model=str(tiny.model), stats_interval_s=0.1)
+        worker_nc, worker_store = await stack.enter_async_context(connections(ws))
+        ds = DispatcherSettings(**common)
+        d_nc, d_store = await stack.enter_async_context(connections(ds))
+        tasks = [
+            asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
+            asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
+        ]
+        try:
+            yield client, tasks, d_store
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await purge(client, "dlora")
+            await client.close()
 
 
 async def test_services_ride_out_a_redis_restart(
@@ -161,26 +173,16 @@ async def test_a_dispatcher_and_a_worker_started_while_redis_is_down_wait_for_it
     checkpoint): under systemd's start limit, a Redis down for ten seconds kept them down for good."""
     port = free_port()
     common = dict(nats_url=nats_server.url, redis_url=f"redis://127.0.0.1:{port}/0", heartbeat_ttl_s=2.0)
-    stop = asyncio.Event()
-    client = await nats.connect(nats_server.url)
-    await purge(client, "dlora")
-    async with contextlib.AsyncExitStack() as stack:
-        tasks, d_store = await _worker_and_dispatcher(stack, common, tiny_llama, stop)
-        try:
-            await asyncio.sleep(2.0)
-            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
-            start_redis_here(port)
-            async with asyncio.timeout(30):
-                while "w0" not in [w.worker for w in await d_store.live_workers()]:
-                    await asyncio.sleep(0.1)
-            await asyncio.sleep(0.5)  # the dispatcher hears the worker's stats
-            chunks = await _generate(client)
-            assert chunks[-1].error is None and chunks[-1].finish_reason == "length"
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await purge(client, "dlora")
-            await client.close()
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, d_store):
+        await asyncio.sleep(2.0)
+        assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+        start_redis_here(port)
+        async with asyncio.timeout(30):
+            while "w0" not in [w.worker for w in await d_store.live_workers()]:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the dispatcher hears the worker's stats
+        chunks = await _generate(client)
+        assert chunks[-1].error is None and chunks[-1].finish_reason == "length"
 
 
 async def test_steps_do_not_wait_for_progress_writes_redis_refuses(
@@ -263,9 +265,6 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
     redis = start_redis_here()
     port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
-    stop = asyncio.Event()
-    client = await nats.connect(nats_server.url)
-    await purge(client, "dlora")
     owner = uuid.uuid4().hex[:8]
     streams = {f"r{i}": ReplyStream(f"r{i}") for i in range(4)}
 
@@ -273,39 +272,32 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
         chunk = msgspec.json.decode(msg.data, type=TokenChunk)
         streams[chunk.request_id].accept(chunk)
 
-    await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
-    async with contextlib.AsyncExitStack() as stack:
-        tasks, d_store = await _worker_and_dispatcher(stack, common, tiny_llama, stop)
-        try:
-            await asyncio.sleep(1.0)
-            for rid in streams:
-                params = SamplingParams(max_tokens=480, ignore_eos=True)
-                req = GenerateRequest(
-                    request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=[5, 40], params=params
-                )
-                await client.publish(subjects.REQUESTS, msgspec.json.encode(req))
-            async with asyncio.timeout(30):
-                while not all(s.tokens for s in streams.values()):
-                    await asyncio.sleep(0.01)
-            redis.stop()
-            redis = start_redis_here(port)  # back, empty
-            found = None
-            async with asyncio.timeout(60):
-                while found is None and not all(s.done for s in streams.values()):
-                    await asyncio.sleep(0.05)
-                    with contextlib.suppress(*STATE_OUTAGE):
-                        held = [await d_store.get_inflight(rid) for rid, s in streams.items() if not s.done]
-                        found = next((rec for rec in held if rec is not None), None)
-            assert found is not None and found.worker == "w0" and found.request.resume_token_ids
-            async with asyncio.timeout(60):
-                while not all(s.done for s in streams.values()):
-                    await asyncio.sleep(0.05)
-            assert all(s.error is None and s.tokens == 480 for s in streams.values())
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await purge(client, "dlora")
-            await client.close()
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, _, d_store):
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(1.0)
+        for rid in streams:
+            params = SamplingParams(max_tokens=480, ignore_eos=True)
+            req = GenerateRequest(
+                request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=[5, 40], params=params
+            )
+            await client.publish(subjects.REQUESTS, msgspec.json.encode(req))
+        async with asyncio.timeout(30):
+            while not all(s.tokens for s in streams.values()):
+                await asyncio.sleep(0.01)
+        redis.stop()
+        redis = start_redis_here(port)  # back, empty
+        found = None
+        async with asyncio.timeout(60):
+            while found is None and not all(s.done for s in streams.values()):
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(*STATE_OUTAGE):
+                    held = [await d_store.get_inflight(rid) for rid, s in streams.items() if not s.done]
+                    found = next((rec for rec in held if rec is not None), None)
+        assert found is not None and found.worker == "w0" and found.request.resume_token_ids
+        async with asyncio.timeout(60):
+            while not all(s.done for s in streams.values()):
+                await asyncio.sleep(0.05)
+        assert all(s.error is None and s.tokens == 480 for s in streams.values())
 
 
 async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_its_request(
@@ -319,12 +311,8 @@ async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_it
 
     redis = start_redis_here()
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
-    stop = asyncio.Event()
-    client = await nats.connect(nats_server.url)
-    await purge(client, "dlora")
-    async with contextlib.AsyncExitStack() as stack:
-        tasks, _ = await _worker_and_dispatcher(stack, common, tiny_llama, stop)
-        try:
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, _):
+        try:  # (Redis let go before the services stop: their drain writes to it)
             await asyncio.sleep(1.0)
             owner = uuid.uuid4().hex[:8]
             ended: asyncio.Queue[TokenChunk] = asyncio.Queue()
@@ -358,10 +346,6 @@ async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_it
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
         finally:
             redis.proc.send_signal(signal.SIGCONT)
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await purge(client, "dlora")
-            await client.close()
 
 
 async def test_a_write_redis_ran_after_its_caller_gave_up_leaves_no_hole(
