@@ -19,7 +19,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.messages import TokenChunk, WorkerStats
 
 _chunk = msgspec.json.Decoder(TokenChunk)
@@ -118,7 +118,7 @@ class BusTap:
         self.nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.25, error_cb=self._on_error)
         await self.nc.subscribe(f"{subjects.PREFIX}.reply.>", cb=self._on_chunk)
         await self.nc.subscribe(subjects.STATS_ALL, cb=self._on_stats)
-        await self.nc.flush()
+        await bus.flush(self.nc)
 
     async def _on_error(self, e: Exception) -> None:
         self.errors += 1

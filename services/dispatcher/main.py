@@ -470,7 +470,7 @@ class Dispatcher(Recovery):
             await bus.subscribe(self.nc, subjects.PREFIX_CACHE_RESET, PrefixCacheReset, self._on_prefix_cache_reset),
             await bus.subscribe_senders(self.nc, subjects.APP_ABORTS, AbortRequest, self._on_app_abort),
         ]
-        await self.nc.flush()
+        await bus.flush(self.nc)
         logger.info("dispatcher ready")
         notifier.ready("taking requests")
         # after: requests need not wait

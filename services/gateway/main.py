@@ -344,7 +344,7 @@ class Gateway:
         try:
             for rid in in_flight:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=rid))
-            await self.nc.flush(timeout=2)
+            await bus.flush(self.nc, round_trip_s=2)
         except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
             logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
         for rid, queue in in_flight.items():  # an error from "" (the gateway) ends its choice whatever its seq
@@ -441,7 +441,7 @@ class Gateway:
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_plan)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
-        await self.nc.flush()
+        await bus.flush(self.nc)
         with contextlib.suppress(*bus.STATE_OUTAGE):  # down at start: learnt at the first check
             self._redis_id = await self.store.data_epoch()
         # Workers drop this gateway's requests once these stop (it died without aborting them).

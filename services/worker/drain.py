@@ -61,7 +61,7 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
             return
         handed = LostRequests(worker=w.s.worker_id, requests=held, draining=not died, never_arrived=unrun)
         await bus.publish(w.nc, subjects.LOST, handed)
-        await w.nc.flush(timeout=2)
+        await bus.flush(w.nc, round_trip_s=2)
         logger.info("handed over at stop", requests=len(held))
     except Exception as e:  # noqa: BLE001 - see the docstring
         logger.warning("hand-over not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
@@ -109,7 +109,7 @@ async def hand_back_late(w: WorkerService) -> None:
             unrun = list(late) if w.device_failed else []
             lost = LostRequests(worker=w.s.worker_id, requests=late, draining=not w.device_failed, never_arrived=unrun)
             await bus.publish(w.nc, subjects.LOST, lost)
-            await w.nc.flush(timeout=2)
+            await bus.flush(w.nc, round_trip_s=2)
             logger.info("handed back requests that came after the hand-over", requests=len(late))
     except Exception as e:  # noqa: BLE001 - see the docstring
         logger.warning("late hand-back not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")

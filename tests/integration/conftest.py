@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.key_registry import purge_keys
 from dlora.common.messages import LostRequests
 from dlora.common.registry import purge
@@ -239,7 +239,7 @@ async def worker_by_hand(
             handed.put_nowait(msgspec.json.decode(msg.data, type=LostRequests))
 
         await conns[1].subscribe(subjects.LOST, cb=on_lost)
-        await conns[1].flush()
+        await bus.flush(conns[1])
         yield WorkerService(ws, conns[0], store, build_engine(ws)), handed
     finally:
         for c in conns:

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from dlora.common import bus
 from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
@@ -45,7 +46,7 @@ async def _chunks(service: WorkerService) -> dict[str, list[TokenChunk]]:
         got[chunk.request_id].append(chunk)
 
     await service.nc.subscribe("test.reads.>", cb=on_chunk)
-    await service.nc.flush()
+    await bus.flush(service.nc)
     return got
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from dlora.common import bus
 from dlora.services.gateway import openai, shaping
 from tests.integration.conftest import Stack
 from tests.integration.test_gateway import PROMPTS, offline, post, stream
@@ -308,7 +309,7 @@ async def test_an_abort_that_overtakes_its_request_still_stops_it(stack: Stack) 
 
     worker = stack.workers[0]
     await stack.nc.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id="overtaken")))
-    await stack.nc.flush()
+    await bus.flush(stack.nc)
     for _ in range(100):
         if worker.aborted.lately("overtaken", None, time.monotonic()):
             break
@@ -320,7 +321,7 @@ async def test_an_abort_that_overtakes_its_request_still_stops_it(stack: Stack) 
         params=SamplingParams(max_tokens=300, ignore_eos=True),
     )
     await stack.nc.publish(subjects.worker_requests(worker.s.worker_id), msgspec.json.encode(req))
-    await stack.nc.flush()
+    await bus.flush(stack.nc)
     await asyncio.sleep(0.3)
     assert "overtaken" not in worker.engine.seqs and "overtaken" not in worker.streams
 

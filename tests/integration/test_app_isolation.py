@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
 from dlora.common import subjects
+from dlora.common.bus import flush
 from dlora.common.messages import (
     AbortRequest,
     AdapterEntry,
@@ -102,7 +103,7 @@ async def _chunks(nc: NATS, subject: str) -> asyncio.Queue[TokenChunk]:
         q.put_nowait(msgspec.json.decode(msg.data, type=TokenChunk))
 
     await nc.subscribe(subject, cb=on)
-    await nc.flush()
+    await flush(nc)
     return q
 
 
@@ -133,7 +134,7 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
 
     # bob's abort of alice's request id does nothing to it
     await bob.publish(subjects.aborts_of("bob"), msgspec.json.encode(AbortRequest(request_id="r-1")))
-    await bob.flush()
+    await flush(bob)
     await asyncio.sleep(0.3)
     assert await _still_running(mine)
 
@@ -147,7 +148,7 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     # alice sending r-1 again to its own stream (a retry): no error chunk there, which would end
     # the stream for its reader while the request runs on
     await _send(alice, "alice", "r-1", subjects.reply_inbox("r-1", "alice"))
-    await alice.flush()
+    await flush(alice)
     await asyncio.sleep(0.5)
     assert not [c.error for c in [mine.get_nowait() for _ in range(mine.qsize())] if c.error]
     assert await _still_running(mine)
@@ -200,14 +201,14 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     await bob.publish(
         subjects.requests_of("bob"), msgspec.json.encode(forged), reply=subjects.reply_inbox("r-1", "alice")
     )
-    await bob.flush()
+    await flush(bob)
     await asyncio.sleep(0.5)
     assert not [c.error for c in [mine.get_nowait() for _ in range(mine.qsize())] if c.error]
     assert await _still_running(mine)
 
     # alice's own abort stops it
     await alice.publish(subjects.aborts_of("alice"), msgspec.json.encode(AbortRequest(request_id="r-1")))
-    await alice.flush()
+    await flush(alice)
     last = await asyncio.wait_for(mine.get(), 10)
     while last.finish_reason is None:  # what was under way, then a last chunk saying it stopped
         last = await asyncio.wait_for(mine.get(), 10)
@@ -338,8 +339,8 @@ async def test_an_application_speaks_only_for_readers_of_its_own(bus, monkeypatc
     await alice.publish(subjects.clients_of("alice"), msgspec.json.encode(ClientAlive(client="alice.p1")))
     await bob.publish(subjects.clients_of("bob"), msgspec.json.encode(ClientAlive(client="alice.p2")))
     await bob.publish(subjects.clients_of("bob"), msgspec.json.encode(ClientAlive(client="bob")))
-    await alice.flush()
-    await bob.flush()
+    await flush(alice)
+    await flush(bob)
     for _ in range(100):
         if "bob" in worker.clients._last:
             break

@@ -20,7 +20,7 @@ from nats.errors import NoServersError
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.bus import redis_client
 from dlora.common.messages import MovePlan
 from dlora.common.permissions import APP_USER, ROLES, shipped_config
@@ -81,9 +81,9 @@ async def test_an_application_reaches_only_its_own_subjects(secured_nats: Server
     try:
         # its own replies arrive, sent where a worker would send them
         own = await app.subscribe(subjects.replies_of(f"{APP_USER}.mine"))
-        await app.flush()
+        await bus.flush(app)
         await worker.publish(subjects.reply_inbox("r1", f"{APP_USER}.mine"), b"hello")
-        await worker.flush()
+        await bus.flush(worker)
         assert (await own.next_msg(timeout=20)).data == b"hello"
         # another user's replies, a worker's requests, plans, stats: refused by the server
         for subject in (subjects.replies_of("gw1"), subjects.worker_requests("w0"), subjects.REQUESTS):
@@ -106,7 +106,7 @@ async def test_an_application_reaches_only_its_own_subjects(secured_nats: Server
         own = (subjects.requests_of(APP_USER), subjects.aborts_of(APP_USER), subjects.clients_of(APP_USER))
         for subject in own:  # allowed: its own
             await app.publish(subject, b"{}")
-        await app.flush()
+        await bus.flush(app)
         await asyncio.sleep(0.3)
         violations = [e for e in errors if "permissions violation" in e.lower()]
         assert len(violations) == 12, errors

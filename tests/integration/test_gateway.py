@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import torch
 
+from dlora.common import bus
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
 from tests.integration.conftest import ADMIN_KEY, Stack, sse_events
@@ -368,7 +369,7 @@ async def test_bus_messages_that_do_not_decode_are_counted_not_lost_silently(sta
 
     before = await rejects()
     await stack.nc.publish(subjects.stats("w-from-the-future"), b'{"worker": 3}')
-    await stack.nc.flush()
+    await bus.flush(stack.nc)
     for _ in range(100):
         if await rejects() > before:
             break

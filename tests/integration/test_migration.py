@@ -98,7 +98,7 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
                 done.set()
 
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
-        await client.flush()
+        await bus.flush(client)
         async with asyncio.timeout(30):  # the migrator has seen every worker
             while not {"w0", "w1", "w2"} <= migrator.stats.keys():
                 await asyncio.sleep(0.02)
@@ -292,7 +292,7 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
                 time.monotonic(),
             )
         await m.tick()
-        await nc.flush()
+        await bus.flush(nc)
         await asyncio.sleep(0.1)
         assert m.leader and m.plans == 0 and not published
     finally:
@@ -342,7 +342,7 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
             )
             m.stats[name] = (st, time.monotonic())
         await m.tick()
-        await nc.flush()
+        await bus.flush(nc)
         for _ in range(50):
             if plans:
                 break

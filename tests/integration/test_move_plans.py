@@ -11,7 +11,7 @@ import msgspec
 import nats
 from redis.asyncio import Redis
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.inflight import Inflight
 from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams, TokenChunk
 from dlora.common.state import StateStore
@@ -37,7 +37,7 @@ async def _plan(client: nats.NATS, epoch: int, request_id: str, marks: bool = Fa
     moves = [MoveRequest(request_id=request_id, adapter=None, to_worker="w1", to_marks_taken=marks)]
     plan = MovePlan(plan_id=f"p{epoch}", epoch=epoch, created=time.time(), moves=moves)
     await client.publish(subjects.MOVES, msgspec.json.encode(plan))
-    await client.flush()
+    await bus.flush(client)
 
 
 async def test_workers_drop_plans_from_a_deposed_migrator(

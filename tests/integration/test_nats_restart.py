@@ -15,7 +15,7 @@ import nats
 import pytest
 from redis.asyncio import Redis
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.bus import ConnectionLost, connections
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.settings import Common
@@ -229,7 +229,7 @@ async def test_a_re_send_leaves_out_what_another_attempt_serves(nats_server: Ser
             if got:
                 break
             await asyncio.sleep(0.01)
-        await nc.flush()
+        await bus.flush(nc)
         assert [c.request_id for c in got] == ["new"]
         assert [c.request_id for _, c in delivery.resend.recent(time.monotonic())] == ["new"]
     finally:

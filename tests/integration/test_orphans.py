@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.messages import (
     MAX_RECOVERIES,
     ClientAlive,
@@ -233,7 +233,7 @@ async def test_a_request_that_reaches_a_stopping_worker_after_its_hand_over_runs
         chunks.append(await _recorded(c, "late", "w-a"))
         req = (await c.store.get_inflight("late")).request  # type: ignore[union-attr]
         await c.nc.publish(subjects.worker_requests("w-a"), msgspec.json.encode(req))
-        await c.nc.flush()
+        await bus.flush(c.nc)
 
     monkeypatch.setattr(drain, "hand_over", then_one_more)
     stop_a.set()

@@ -15,7 +15,7 @@ from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
-from dlora.common import apikeys
+from dlora.common import apikeys, bus
 from dlora.common.durable import REOPEN_INTERVAL_S, RESTORE_ON_MISS_INTERVAL_S, Bucket, stream_subjects
 from dlora.common.key_registry import KeyRegistry, keys_bucket_name
 from dlora.common.messages import AdapterEntry, AdapterRemoval, ApiKey
@@ -343,7 +343,7 @@ async def test_a_bucket_of_more_keys_than_one_answer_holds_is_read_whole(nats_se
         n = 100_010
         for i in range(n):  # stored without waiting for each acknowledgement
             await nc.publish(f"$KV.many-keys.k{i}", b"x")
-        await nc.flush()
+        await bus.flush(nc)
         while (await js.stream_info("KV_many-keys")).state.messages < n:
             await asyncio.sleep(0.1)
         listed = await stream_subjects(nc, "KV_many-keys")

@@ -10,7 +10,7 @@ import json
 
 import msgspec
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from tests.integration.conftest import Stack
 
@@ -56,6 +56,6 @@ async def test_a_request_a_worker_cannot_read_goes_to_another_and_else_is_answer
 
     # nothing to answer on: counted as rejected and dropped, as before
     await stack.nc.publish(subjects.worker_requests(first), b'{"request_id": 1}')
-    await stack.nc.flush()
+    await bus.flush(stack.nc)
     await asyncio.sleep(0.2)
     assert chunks.empty()
