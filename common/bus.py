@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -241,6 +242,33 @@ class Outage:
         if self.failures:
             _log.info("dependency back", what=self.what, failed_attempts=self.failures)
             self.failures = 0
+
+
+class StateBound:
+    """A request's Redis work, bounded: ``async with bound():`` raises ``RedisTimeoutError`` once
+    its block has waited ``bound_s`` seconds, and after any outage error, for ``pause_s`` seconds,
+    ``RedisConnectionError`` at once without trying. With Redis hung (SIGSTOP, a partition) each
+    read waited out redis-py's tries of its socket timeout (4 x 5 s) before the service could say
+    so; one at a time, a queue of such requests waited minutes. Only for work a cut-off may leave
+    undone or done late (reads, writes that are checked again); a write whose late effect would be
+    wrong stays unbounded (``worker/moves.py``)."""
+
+    def __init__(self, bound_s: float = 2.0, pause_s: float = 1.0) -> None:
+        self.bound_s, self.pause_s = bound_s, pause_s
+        self.down_until = 0.0  # (monotonic) Redis failed: refused without trying until then
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        if time.monotonic() < self.down_until:
+            raise RedisConnectionError("failed a moment ago")
+        try:
+            async with asyncio.timeout(self.bound_s):
+                yield
+        except STATE_OUTAGE as e:
+            self.down_until = time.monotonic() + self.pause_s
+            if isinstance(e, TimeoutError):  # the bound's (redis-py's is no TimeoutError)
+                raise RedisTimeoutError(f"no answer within {self.bound_s:g} s") from e
+            raise
 
 
 async def when_reachable(

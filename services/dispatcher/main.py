@@ -65,10 +65,6 @@ _encode = msgspec.json.Encoder()
 # How long after a request whose id and reply subject are in flight it is looked at again: the
 # worker deletes a record just after it sends the last chunk (milliseconds).
 _RECHECK_S = 0.5
-# Seconds a request's Redis reads and writes may take before Redis counts as down, and for how long
-# then requests are refused without trying it.
-_STATE_TIMEOUT_S = 2.0
-_STATE_DOWN_S = 1.0
 # Seconds between looks for retired adapter versions to forget (AdapterRegistry.purge_retired).
 PURGE_INTERVAL_S = 60.0
 
@@ -80,7 +76,7 @@ class Dispatcher(Recovery):
         self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs)
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._rechecks: set[asyncio.Task[None]] = set()  # requests looked at again (_look_again)
-        self._state_down_until = 0.0  # (monotonic) Redis failed a request: refused without trying until then
+        self._state_bound = bus.StateBound()  # a request's Redis work
         self._heard = asyncio.Event()  # set by the next worker stats heard
         self._placed_at = 0.0
         self._orphans_at = 0.0
@@ -164,14 +160,10 @@ class Dispatcher(Recovery):
         # Requests are taken one at a time (one subscription): with Redis hung each waited out redis-py's
         # tries (20 s), so the third's answer came after its client's timeout. Bounded, and not tried
         # again for a moment once it failed.
-        if time.monotonic() < self._state_down_until:
-            await self._unrecorded(req, "down a moment ago")
-            return
         try:
-            async with asyncio.timeout(_STATE_TIMEOUT_S):
+            async with self._state_bound():
                 await self._take(req, raw, owner)
         except bus.STATE_OUTAGE as e:  # said at once: its client waited out its chunk timeout (60 s)
-            self._state_down_until = time.monotonic() + _STATE_DOWN_S
             await self._unrecorded(req, type(e).__name__)
 
     async def _unrecorded(self, req: GenerateRequest, why: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from dlora.common import apikeys
+from dlora.common.bus import StateBound
 from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import AdapterEntry, ApiKey
 from dlora.services.gateway.limits import KeyLimiter, Limits
@@ -87,6 +88,7 @@ class Auth:
         self, settings: GatewaySettings, keys: KeyRegistry, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.s, self.keys = settings, keys
+        self.state_bound = StateBound()  # the key lookups' Redis reads (the gateway's, once it made this)
         self.limiter = KeyLimiter(clock)
         self.defaults = (settings.key_rate_per_s, settings.key_burst, settings.key_concurrency)
 
@@ -104,7 +106,8 @@ class Auth:
         Raises:
             APIError(401): with ``auth = "keys"``, no bearer token, or one that is no key of
                 ours or a revoked one.
-            RedisError: the key store is unreachable (the error middleware answers 503).
+            RedisError: the key store is unreachable, or gave no answer within
+                ``StateBound``'s 2 s (the error middleware answers 503).
         """
         token = bearer(request)
         if self._is_bootstrap(token):
@@ -118,7 +121,10 @@ class Auth:
                 "(Authorization: Bearer YOUR_KEY); `dlora keys create` or POST /v1/keys makes one.",
                 None,
             )
-        key = await self.keys.lookup(apikeys.digest(token)) if apikeys.plausible(token) else None
+        key = None
+        if apikeys.plausible(token):
+            async with self.state_bound():
+                key = await self.keys.lookup(apikeys.digest(token))
         if key is None:
             shown = token if len(token) <= 12 else f"{token[:9]}***{token[-4:]}"
             # as text JSON can carry: undecodable header bytes were lone surrogates strict parsers refuse

@@ -18,7 +18,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from redis.exceptions import RedisError
 
 from dlora.common import subjects
-from dlora.common.bus import STATE_OUTAGE
+from dlora.common.bus import STATE_OUTAGE, StateBound
 from dlora.common.state import StateStore
 
 # What an unreachable or failing Redis raises (redis-py's errors, and the socket's).
@@ -51,13 +51,15 @@ async def dispatcher_problem(nc: NATS) -> str | None:
     return None
 
 
-async def readiness(nc: NATS, store: StateStore) -> tuple[bool, dict[str, Any]]:
+async def readiness(nc: NATS, store: StateStore, bound: StateBound) -> tuple[bool, dict[str, Any]]:
     """Whether a request can be served now, and the body of ``/healthz``: the live workers' counts,
     whether NATS is connected and a dispatcher answers, and when not ready the reasons (every one
-    that holds, joined by "; "). Never raises for an unreachable dependency: that is the answer."""
+    that holds, joined by "; "). Never raises for an unreachable dependency: that is the answer
+    (Redis's within ``bound``)."""
     reasons: list[str] = []
     try:
-        workers = await store.live_workers()
+        async with bound():
+            workers = await store.live_workers()
         store_up = True
     except STORE_DOWN as e:
         workers, store_up = [], False

@@ -119,6 +119,9 @@ class Gateway:
         self._announcer: asyncio.Task[None] | None = None
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
         self.auth = Auth(settings, KeyRegistry(store, None))  # likewise
+        # The Redis reads on a request's path, bounded (redis-py's tries took 20 s with Redis hung).
+        # Not the admin routes' writes: a cut-off registration Redis ran late would stay unseen.
+        self.state_bound = self.auth.state_bound
 
     # ---- handlers -----------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -163,7 +166,10 @@ class Gateway:
     async def entry(self, model: str, who: Principal) -> AdapterEntry | None:
         """The adapter registered as ``model``, or None for the base model's name (no lookup) and
         for an adapter ``who`` may not use: the same 404 as a name never registered."""
-        entry = None if model == self.base_name else await self.registry.lookup(model)
+        if model == self.base_name:
+            return None
+        async with self.state_bound():
+            entry = await self.registry.lookup(model)
         return entry if entry is None or who.may_use(entry) else None
 
     async def _job(self, body: CompletionBody | ChatBody, entry: AdapterEntry | None, who: Principal) -> Job:
@@ -328,8 +334,9 @@ class Gateway:
         """``request_id``'s in-flight record in the Redis data ``redis_id``; None: it has none;
         False: Redis cannot say, or holds other data now."""
         try:
-            self._redis_id = await self.store.data_epoch()
-            return await self.store.get_inflight(request_id) if self._redis_id == redis_id else False
+            async with self.state_bound():
+                self._redis_id = await self.store.data_epoch()
+                return await self.store.get_inflight(request_id) if self._redis_id == redis_id else False
         except bus.STATE_OUTAGE:
             return False
 
@@ -376,14 +383,15 @@ class Gateway:
 
     async def _model_cards(self, request: web.Request) -> list[dict[str, Any]]:
         who = await self.auth.lister(request)
-        workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
+        async with self.state_bound():
+            workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
         return model_cards(self.base_name, workers, adapters, who, int(time.time()), self.served.context)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
         NATS connected, a dispatcher answering, a worker live: ``health.readiness``); else 503
         with the reasons, so a load balancer stops sending here."""
-        ready, body = await readiness(self.nc, self.store)
+        ready, body = await readiness(self.nc, self.store, self.state_bound)
         return web.json_response(body, status=200 if ready else 503)
 
     async def livez(self, request: web.Request) -> web.Response:
@@ -401,11 +409,13 @@ class Gateway:
     async def status(self, request: web.Request) -> web.Response:
         """``GET /v1/status`` (admin): the cluster as this gateway hears it (``status.ClusterStatus``)."""
         await self.auth.admin(request)
+        async with self.state_bound():
+            adapters = await self.store.list_adapters()
         now = time.monotonic()
         doc = cluster_status(
             self.cluster.live(now, self.s.heartbeat_ttl_s),
             list(self.cluster.plans),
-            await self.store.list_adapters(),
+            adapters,
             self.metrics.traffic,
             self.base_name,
             self.gateway_id,

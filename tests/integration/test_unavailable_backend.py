@@ -5,6 +5,7 @@ after the chunk timeout. Each such 503 carries a Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import aiohttp
@@ -12,14 +13,15 @@ import nats
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dlora.common import subjects
+from dlora.common import apikeys, subjects
+from dlora.common.bus import redis_client
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.main import Gateway
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.servers import Server, free_port, start_nats
+from dlora.services.servers import Server, free_port, start_nats, start_redis
 from tests.integration.conftest import Stack
 
 
@@ -194,3 +196,47 @@ async def test_an_unreachable_state_store_is_a_503_with_retry_after_not_a_500(
         await runner.cleanup()
         await down.aclose()
         await nc.drain()
+
+
+async def test_a_hung_state_store_is_a_503_within_seconds_on_every_route_that_reads_it(
+    nats_server: Server, tiny_llama: TinyOutput
+) -> None:
+    """With Redis hung (SIGSTOP) each of the gateway's reads waited out redis-py's four tries of its
+    5 s socket timeout: an adapter's request, a key's lookup, /v1/models and /healthz each took 20 s
+    to say 503 (a load balancer's probe gave up first)."""
+    redis = start_redis()
+    settings = GatewaySettings(
+        nats_url=nats_server.url, model=str(tiny_llama.model), port=free_port(), auth="keys", admin_key="adm"
+    )
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis_client(redis.url))
+    gateway = Gateway(settings, nc, store)
+    await gateway.start()
+    runner = web.AppRunner(gateway.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    url = f"http://127.0.0.1:{settings.port}"
+    admin, key = {"Authorization": "Bearer adm"}, {"Authorization": f"Bearer {apikeys.PREFIX}unknown"}
+    try:
+        redis.proc.send_signal(signal.SIGSTOP)
+        async with aiohttp.ClientSession() as http, asyncio.timeout(40):
+            requests = [
+                http.post(f"{url}/v1/completions", json={"model": "lora-0", "prompt": "kalo"}, headers=admin),
+                http.post(f"{url}/v1/completions", json={"model": "model", "prompt": "kalo"}, headers=key),
+                http.get(f"{url}/v1/models", headers=admin),
+                http.get(f"{url}/healthz"),
+            ]
+            for request in requests:
+                started = time.monotonic()
+                async with request as r:
+                    body = await r.json()
+                    assert r.status == 503 and r.headers["Retry-After"] == "5", body
+                    text = body["error"]["message"] if "error" in body else body["reason"]
+                    assert "the state store (Redis) is unreachable" in text, body
+                assert time.monotonic() - started < 8, (str(r.url), time.monotonic() - started)
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        await runner.cleanup()
+        await store.r.aclose()
+        await nc.drain()
+        redis.stop()
