@@ -132,7 +132,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         if config.async_scheduling:  # its cost model prices a step whole: host and device in turn
             raise ValueError("async_scheduling: the simulator runs steps synchronously")
         self.cost, self.now = cost, now
-        self.model_config, self.model_name = model, "base"
+        self.model_config, self.model_name, self.model_digest = model, "base", ""
         self.tokenizer = _Silent()
         self.device, self.dtype = f"sim:{cost.name}", "bfloat16"  # what its stats say it serves on
         self.eos_ids, self.primary_eos = set(model.eos_token_ids), None

@@ -150,6 +150,12 @@ def estimated_finish(
     return (queued + own) * spt * crowding + (0.0 if holds else load_s)
 
 
+def same_model(workers: list[WorkerStats], digest: str) -> list[WorkerStats]:
+    """Those of ``workers`` that serve the base model of ``digest`` (``model.files.model_digest``),
+    or do not say (an older worker): a prompt's token ids mean other text under another tokenizer."""
+    return [w for w in workers if w.model_digest in ("", digest)]
+
+
 def holds_request(w: WorkerStats, tokens: int) -> bool:
     """Whether a request of ``tokens`` (prompt + max_tokens) fits ``w``'s context and KV cache
     whole: elsewhere it would be cut short with finish_reason "length"."""

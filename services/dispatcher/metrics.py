@@ -20,6 +20,7 @@ Refusal = Literal[
     "client-gone",
     "adapter-changed",
     "state-unreachable",
+    "other-model",
 ]
 REFUSALS: tuple[Refusal, ...] = get_args(Refusal)
 

@@ -12,6 +12,7 @@ import functools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -41,6 +42,7 @@ from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
 from dlora.common.urls import http_url
 from dlora.model.config import ModelConfig, sampling_defaults, served_name
+from dlora.model.files import model_digest
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth, Principal
@@ -103,13 +105,17 @@ class Gateway:
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         served = ServedModel.of(cast(Tokenizer, self.tokenizer), self.cfg, self.context, given)
         self.served = dataclasses.replace(
-            served, tool_call_parser=settings.tool_call_parser, content_format=settings.chat_template_content_format
+            served,
+            tool_call_parser=settings.tool_call_parser,
+            content_format=settings.chat_template_content_format,
+            model_digest=model_digest(Path(settings.model)),
         )
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
         self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")
         self.metrics = Metrics(self.base_name)
         self._redis_id: str | None = None  # data_epoch of the Redis the records live in, as last seen
+        self._other_model: set[str] = set()  # workers heard serving another base model (logged once)
         self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status
         # One subscription for every reply to this gateway; chunks are routed to the waiting request.
         self.gateway_id = uuid.uuid4().hex[:12]
@@ -429,6 +435,14 @@ class Gateway:
     async def _on_stats(self, st: WorkerStats) -> None:
         now = time.monotonic()
         self.cluster.heard(st, now)
+        if st.model_digest not in ("", self.served.model_digest) and st.worker not in self._other_model:
+            self._other_model.add(st.worker)  # said once per worker: the dispatchers send it nothing of ours
+            logger.error(
+                "a worker serves another base model than this gateway; none of its requests go there",
+                worker=st.worker,
+                worker_model_digest=st.model_digest,
+                model_digest=self.served.model_digest,
+            )
         # Requests are checked against the largest live worker's context, not only the model's (a
         # small KV cache holds less).
         live = [st.max_model_len for st, _ in self.cluster.live(now, self.s.heartbeat_ttl_s)]

@@ -71,6 +71,8 @@ class ServedModel:
     tool_call_parser: str = ""
     # How a chat message's content reaches the template (the gateway's chat_template_content_format).
     content_format: str = "auto"
+    # Its digest (``model.files.model_digest``): each request says which model its ids are for.
+    model_digest: str = ""
 
     @property
     def call_id_length(self) -> int:
@@ -258,6 +260,7 @@ def shape_request(
                     group=f"{request_id}/{p}" if n > 1 else "",
                     created=now,
                     client=gateway_id,  # it announces itself: if it dies, its requests are dropped
+                    model_digest=model.model_digest,
                 )
             choices.append(ChoicePlan(index, prefix, request, prompt_only, prompt_ids=ids, prompt=p))
     role = reply_role(body.messages, template.add_generation_prompt) if isinstance(body, ChatBody) else "assistant"

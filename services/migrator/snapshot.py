@@ -18,6 +18,7 @@ class RequestState:
     total_tokens: int = 0
     rank: int = 0  # its adapter's LoRA rank (0: the base model, or not known)
     pinned: bool = False  # it stays where it is (its adapter version is retiring there: RequestLoad)
+    model_digest: str = ""  # its worker's base model (WorkerStats.model_digest; "": not said)
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,17 @@ class WorkerState:
     adapter_read_bytes: float = 0.0  # the mean bytes of those reads' files (0: not known)
     adapter_read_seconds_per_byte: float | None = None  # the line fitted to them (None: in proportion)
     max_lora_rank: int = 0  # the highest adapter rank it loads (0: not known)
+    model_digest: str = ""  # its base model (WorkerStats.model_digest; "": not said)
 
     def holds(self, r: RequestState) -> bool:
         """Whether ``r`` may run here: it fits whole (elsewhere it would be refused, or cut short),
-        its adapter's rank is one this worker loads, and it is not pinned to another worker."""
+        its adapter's rank is one this worker loads, it is not pinned to another worker, and this
+        worker serves the base model it runs on (where both say)."""
         return (
             (self.max_model_len == 0 or r.total_tokens <= self.max_model_len)
             and (self.max_lora_rank == 0 or r.rank <= self.max_lora_rank)
             and (not r.pinned or r.worker == self.worker)
+            and (not r.model_digest or self.model_digest in ("", r.model_digest))
         )
 
     def read_seconds(self, nbytes: int) -> float:

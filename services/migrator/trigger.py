@@ -53,6 +53,7 @@ def snapshot_from_stats(
                 else unread
             ),
             max_lora_rank=s.max_lora_rank,
+            model_digest=s.model_digest,
         )
         for s in stats
     ]
@@ -66,6 +67,7 @@ def snapshot_from_stats(
             r.total_tokens,
             rank=r.rank,
             pinned=r.pinned,
+            model_digest=s.model_digest,
         )
         for s in stats
         for r in s.requests

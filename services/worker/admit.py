@@ -65,6 +65,13 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     if (late := past_deadline(req, time.time())) is not None:
         await _answer(w, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
         return
+    if req.model_digest and req.model_digest != w.engine.model_digest:  # its token ids mean other text here
+        reason = (
+            f"worker {w.s.worker_id} serves another base model (digest {w.engine.model_digest}) than the one "
+            f"this request was tokenized for ({req.model_digest}): the deployment mixes models"
+        )
+        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.INTERNAL, reason, w.s.worker_id))
+        return
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
     code, reason, param = ErrorCode.BAD_REQUEST, "", None
     try:

@@ -91,6 +91,7 @@ def worker_stats(
         max_model_len=e.max_model_len,
         output_tokens_quantiles=lengths.quantiles(),
         max_lora_rank=e.config.adapter_limits.max_lora_rank,
+        model_digest=e.model_digest,
         marks_taken=True,
         device=str(e.device),
         dtype=str(e.dtype).removeprefix("torch."),

@@ -59,3 +59,36 @@ async def test_a_request_a_worker_cannot_read_goes_to_another_and_else_is_answer
     await bus.flush(stack.nc)
     await asyncio.sleep(0.2)
     assert chunks.empty()
+
+
+async def test_a_request_tokenized_for_another_model_runs_on_no_worker_of_this_one(stack: Stack) -> None:
+    """Services started apart (`dlora serve`, several hosts) named the same model path, one host
+    holding another revision: the gateway's token ids ran under another tokenizer, without a word.
+    Each request says which model its ids are for; the dispatcher sends it only to workers of that
+    model, and a worker refuses one sent to it directly."""
+    chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+        chunks.put_nowait(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    await stack.nc.subscribe("test.reply.>", cb=on_chunk)
+    await bus.flush(stack.nc)
+    ours = stack.gateway.served.model_digest
+    assert ours and all(w.engine.model_digest == ours for w in stack.workers)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    req = GenerateRequest(
+        request_id="other", reply_to="test.reply.other", prompt_token_ids=[5, 6], params=params, model_digest="0" * 16
+    )
+    await stack.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+    told = await asyncio.wait_for(chunks.get(), 10)
+    assert (told.request_id, told.error_code, told.finish_reason) == ("other", "unavailable", "error")
+    assert "no live worker serves the base model" in (told.error or "") and ours in (told.error or "")
+    direct = msgspec.structs.replace(req, request_id="direct", reply_to="test.reply.direct")
+    await stack.nc.publish(subjects.worker_requests(stack.workers[0].s.worker_id), msgspec.json.encode(direct))
+    told = await asyncio.wait_for(chunks.get(), 10)
+    assert (told.request_id, told.error_code) == ("direct", "internal") and "mixes models" in (told.error or "")
+    same = msgspec.structs.replace(req, request_id="same", reply_to="test.reply.same", model_digest=ours)
+    await stack.nc.publish(subjects.REQUESTS, msgspec.json.encode(same))
+    while not (chunk := await asyncio.wait_for(chunks.get(), 30)).finish_reason:
+        pass
+    assert chunk.request_id == "same" and chunk.error is None

@@ -349,6 +349,24 @@ def test_a_request_moves_only_where_its_adapters_rank_loads_and_never_when_pinne
     assert not (plan(pinned).moves if solver == "ilp" else _greedy(pinned, PlannerSettings()))
 
 
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_request_moves_only_to_a_worker_of_its_base_model(solver: str) -> None:
+    """Workers started apart may serve different models (one host's other revision in the same
+    path): a request moved between them would run its token ids under another tokenizer. w1 serves
+    another model; w2 does not say (an older worker)."""
+    snap = ClusterSnapshot(
+        workers=[
+            WorkerState("w0", 1000, 16, 4, frozenset(["a"]), 0.01, model_digest="m1"),
+            WorkerState("w1", 1000, 16, 4, frozenset(), 0.01, model_digest="m2"),
+            WorkerState("w2", 1000, 16, 4, frozenset(), 0.01),
+        ],
+        requests=[RequestState(f"r-{i}", "w0", "a", 50, 100, model_digest="m1") for i in range(12)],
+        file_bytes={"a": 16},
+    )
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert moves and {m.to_worker for m in moves} == {"w2"}
+
+
 def test_a_request_two_workers_list_is_left_out_not_a_crash() -> None:
     """Stats taken either side of a move (or one id an application sent to two workers) list a
     request twice: the ILP's start raised (a negative initial value) and the migrator died."""

@@ -16,6 +16,7 @@ from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, served_name, targets
+from dlora.model.files import model_digest
 from dlora.services.worker.engine import async_scheduling, forward, observing, switching, taking
 from dlora.services.worker.engine.admission import check_request, check_tokens
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
@@ -81,6 +82,7 @@ class LLMEngine:
         self.kernels = select_kernels(config.kernels, self.device)
         self.model_config = cfg = ModelConfig.from_dir(model)
         self.model_name = served_name(model)
+        self.model_digest = model_digest(Path(model))  # a request tokenized for another model is refused
         from transformers import AutoTokenizer  # here: the simulator's engine has no tokenizer (0.9 s to import)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
