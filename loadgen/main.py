@@ -36,12 +36,14 @@ async def run(
     slo: SLO = SLO(),
     max_retries: int = 0,
     api_key: str | None = None,
+    max_concurrency: int | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
     openai package does, with ``api_key`` (None: ``OPENAI_API_KEY``, as the openai package reads it;
-    a gateway with ``auth = "keys"`` wants one); or a ``nats://`` URL), judge it by ``slo`` and write result.json,
-    report.png and report.html under ``out``. Ctrl-C stops sending; the report is still written.
+    a gateway with ``auth = "keys"`` wants one); or a ``nats://`` URL), at most ``max_concurrency``
+    requests in flight (None: no cap), judge it by ``slo`` and write result.json, report.png and
+    report.html under ``out``. Ctrl-C stops sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned`` and whether
@@ -101,7 +103,9 @@ async def run(
     try:
         try:
             with progress:
-                results, end = await replay(requests, client, clock, spec.duration, stop, on_update=on_update)
+                results, end = await replay(
+                    requests, client, clock, spec.duration, stop, on_update=on_update, max_concurrency=max_concurrency
+                )
         finally:
             await client.close()
         interrupted = stop.is_set()  # (a Ctrl-C after the run, while the report is written, did not cut it)
@@ -117,7 +121,8 @@ async def run(
         config = (
             {"target": redacted(target), "base_model": base_model}
             | spec.options()
-            | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "out": str(out), "interrupted": interrupted}
+            | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "max_concurrency": max_concurrency}
+            | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
         )
@@ -146,6 +151,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 slo=SLO(args.slo_ttft, args.slo_tpot),
                 max_retries=args.max_retries,
                 api_key=args.api_key,
+                max_concurrency=args.max_concurrency,
             )
         )
     except (TraceError, ValueError, OSError) as e:

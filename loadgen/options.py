@@ -85,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "HTTP targets only",
     )
     p.add_argument(
+        "--max-concurrency",
+        type=positive,
+        help="at most this many requests in flight: an arrival waits for one to end, and its times count "
+        "from when it is sent (vLLM's benchmark_serving --max-concurrency; default: no cap, open loop)",
+    )
+    p.add_argument(
         "--out", default="loadgen-results", help="folder for result.json, report.png, report.html (default %(default)s)"
     )
 

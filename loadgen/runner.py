@@ -1,4 +1,6 @@
-"""Open-loop replay: every request is sent at its arrival time, whatever is still running.
+"""Open-loop replay: every request is sent at its arrival time, whatever is still running (unless
+``max_concurrency`` caps how many are: then an arrival waits for a slot, as vLLM's
+benchmark_serving ``--max-concurrency`` makes it).
 
 The run stops sending at ``max_duration_s`` or on ``stop`` (Ctrl-C); requests still running
 then get ``grace_s`` to finish and are otherwise marked cut off, so a partial run still reports
@@ -44,15 +46,26 @@ async def replay(
     stop: asyncio.Event,
     grace_s: float = 30.0,
     on_update: Callable[[list[RequestResult]], None] | None = None,
+    max_concurrency: int | None = None,
 ) -> tuple[list[RequestResult], float]:
+    """Send ``specs`` through ``client`` at their arrival times (``clock``'s seconds), at most
+    ``max_concurrency`` in flight (None: no cap; capped, a request's times count from when it is
+    sent, as vLLM's do, and one still waiting for a slot when sending ends is not sent). Returns
+    each request's result and the run's end (``clock``'s seconds)."""
     results = [RequestResult(s.arrival_s, s.adapter, s.output_len) for s in specs]
     tasks: set[asyncio.Task] = set()
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     async def one(i: int) -> None:
-        try:
-            await client.send(i, specs[i], results[i])
-        except Exception as e:  # noqa: BLE001 - its own failure (a stream not in the expected form, a
-            results[i].error = f"{type(e).__name__}: {e}"  # connection closed), not the run's
+        async with slots or contextlib.nullcontext():
+            if slots is not None:
+                if stop.is_set() or clock() > max_duration_s:
+                    return  # sending ended while it waited for a slot
+                results[i].sent, results[i].arrival_s = True, clock()
+            try:
+                await client.send(i, specs[i], results[i])
+            except Exception as e:  # noqa: BLE001 - its own failure (a stream not in the expected form, a
+                results[i].error = f"{type(e).__name__}: {e}"  # connection closed), not the run's
         if results[i].finish_s is None and results[i].error is None:
             results[i].error = "the stream ended without a finish"
         if on_update:
@@ -68,7 +81,7 @@ async def replay(
                     await stop.wait()
         if stop.is_set() or spec.arrival_s > max_duration_s or clock() > max_duration_s:
             break
-        results[i].sent = True
+        results[i].sent = slots is None  # capped: once a slot is free
         task = asyncio.create_task(one(i))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

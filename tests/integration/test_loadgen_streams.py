@@ -144,3 +144,38 @@ async def test_ctrl_c_after_the_last_request_went_out_stops_the_wait() -> None:
         finally:
             await client.close()
     assert results[0].sent and results[0].cut
+
+
+async def test_max_concurrency_holds_arrivals_until_a_slot_frees_and_times_them_from_their_send() -> None:
+    """vLLM's benchmark_serving --max-concurrency (an upstream component capping what is in flight):
+    dlora loadgen had none. Capped at 2 against a server taking 0.5 s a request, six arrivals at
+    once go out two at a time, each timed from its send; sending ending leaves the waiting unsent.
+    Timed with room: the last pair waited 1 s for its slot, its own 0.5 s is what counts."""
+    in_flight, most = 0, 0
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.5)
+            return await _stream(request, [CHUNK, CHUNK, CHUNK, LAST])
+        finally:
+            in_flight -= 1
+
+    specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=4) for _ in range(6)]
+    async with serving(completions) as url:
+        clock = Clock()
+        client = HttpClient(url, "model", clock)
+        try:
+            results, _ = await replay(specs, client, clock, 30.0, asyncio.Event(), max_concurrency=2)
+            assert most == 2 and all(r.completed for r in results)
+            sends = sorted(r.arrival_s for r in results)
+            assert sends[2] >= 0.45 and sends[4] >= 0.95, sends  # each pair after the one before it
+            assert all(r.finish_s - r.arrival_s < 0.9 for r in results)  # not the wait for a slot
+            clock = Clock()
+            client.clock = clock
+            cut, _ = await replay(specs, client, clock, 0.2, asyncio.Event(), max_concurrency=2)
+            assert [r.sent for r in cut].count(True) == 2 and sum(r.completed for r in cut) == 2
+        finally:
+            await client.close()

@@ -18,7 +18,18 @@ from dlora.services.cli import build_parser
 # Options that say where the workload goes and how it is judged, not what it is: plain arguments of
 # ``main.run``. Every other loadgen option must be a spec field.
 # How the client behaves, not what it sends: not part of the workload.
-NOT_WORKLOAD = {"command", "func", "target", "base_model", "out", "slo_ttft", "slo_tpot", "max_retries", "api_key"}
+NOT_WORKLOAD = {
+    "command",
+    "func",
+    "target",
+    "base_model",
+    "out",
+    "slo_ttft",
+    "slo_tpot",
+    "max_retries",
+    "api_key",
+    "max_concurrency",
+}
 
 
 def test_spec_defaults_are_the_clis() -> None:
