@@ -10,7 +10,7 @@ import contextlib
 import functools
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -48,6 +48,7 @@ from dlora.services.dispatcher.placement import decay, placement_of
 from dlora.services.dispatcher.recovery import Recovery
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
+from dlora.services.dispatcher.take_back import take_back
 from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
@@ -75,7 +76,7 @@ class Dispatcher(Recovery):
         # The workers' stats (monotonic clock), the sends since, the placement: the choice's inputs.
         self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs)
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
-        self._rechecks: set[asyncio.Task[None]] = set()  # requests looked at again (_look_again)
+        self._rechecks: set[asyncio.Task[None]] = set()  # requests looked at again, records taken back
         self._state_bound = bus.StateBound()  # a request's Redis work
         self._heard = asyncio.Event()  # set by the next worker stats heard
         self._placed_at = 0.0
@@ -351,16 +352,19 @@ class Dispatcher(Recovery):
         # outlive it and be handed back; one whose message is lost is handed back, as it should.
         seen, heard = self.workers.get(worker), self.state.stats_heard[worker]
         incarnation, marks = (seen[0].incarnation, seen[0].marks_taken) if seen else ("", False)
-        recorded = False
+        recorded, answered = False, False
         try:
             recorded = await self.store.put_inflight(
                 req, worker, expect, new=expect is None, incarnation=incarnation, died=died, marks_taken=marks
             )
+            answered = True
         finally:
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went
             # (two dispatchers walking a lost worker's records both choose, one records).
             if not recorded:
                 self.state.unsend(worker, req.adapter, prefixes, ids, tokens, heard)
+            if not answered and expect is None:  # cut off: Redis may still write it (take_back.py)
+                self._background(take_back(self.store, req.request_id, worker, req.recoveries))
         if recorded:
             self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw)
@@ -399,7 +403,11 @@ class Dispatcher(Recovery):
             except Exception as e:  # as the bus handler's own guard: logged, never raised
                 logger.exception("request dispatch failed", request=req.request_id, error=str(e))
 
-        task = asyncio.create_task(recheck())
+        self._background(recheck())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own, kept until it ends (and cancelled at the stop)."""
+        task = asyncio.create_task(work)
         self._rechecks.add(task)
         task.add_done_callback(self._rechecks.discard)
 

@@ -382,3 +382,42 @@ async def test_a_write_redis_ran_after_its_caller_gave_up_leaves_no_hole(
     written = await store.get_inflight("r")
     assert written is not None and written.tokens == [t for seq in range(4) for t in (10 + seq, 20 + seq)]
     assert written.next_seq == 4
+
+
+async def test_a_record_whose_write_was_cut_off_is_taken_back_once_redis_answers(
+    nats_server: Server, tiny_llama: TinyOutput, start_redis_here: Callable[..., Server]
+) -> None:
+    """A dispatcher's record write cut off by its 2 s bound (Redis hung), its client told UNAVAILABLE:
+    Redis ran the write when it woke, and the record named a worker that never got the request (a
+    review): handed back by that worker's sweep, it ran for nobody, or an application's retry under
+    the same id met it as a duplicate and waited out its timeout."""
+    redis = start_redis_here()
+    common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, store):
+        await asyncio.sleep(1.0)
+        assert (await _generate(client))[-1].error is None  # (Redis has the record's script: run late, it writes)
+        owner = uuid.uuid4().hex[:8]
+        got: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            await got.put(msgspec.json.decode(msg.data, type=TokenChunk))
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        req = GenerateRequest(
+            request_id="cut", reply_to=subjects.reply_inbox("cut", owner), prompt_token_ids=[5], params=params
+        )
+        try:
+            redis.proc.send_signal(signal.SIGSTOP)
+            await client.publish(subjects.REQUESTS, msgspec.json.encode(req))
+            told = await asyncio.wait_for(got.get(), 10)
+            assert told.error_code == ErrorCode.UNAVAILABLE and "Redis" in (told.error or ""), told
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        seen = False
+        async with asyncio.timeout(10):  # run when Redis wakes, then taken back
+            while not seen or await store.get_inflight("cut") is not None:
+                seen = seen or await store.get_inflight("cut") is not None
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # (a second delete a second later, which finds nothing)
+        assert await store.get_inflight("cut") is None and got.empty()
