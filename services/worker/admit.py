@@ -75,9 +75,12 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
     code, reason, param = ErrorCode.BAD_REQUEST, "", None
     try:
-        req = await w.adapters.versioned(req)
-        if req.adapter is not None:
-            await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
+        # The registry's reads, bounded: in line in the worker's loop, a hung Redis held every
+        # stream's steps with them, 20 s a request (redis-py's tries).
+        async with w.state_bound():
+            req = await w.adapters.versioned(req)
+            if req.adapter is not None:
+                await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
         if req.params.structured_outputs():  # its grammar compiled off the loop (a 400 KB schema: 0.4 s)
             await asyncio.to_thread(w.engine.grammars.prepare, req.params)
         start = time.monotonic()
@@ -95,6 +98,8 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         return
     except AdapterNotFound as e:
         code, reason = ErrorCode.NOT_FOUND, str(e)
+    except bus.STATE_OUTAGE as e:
+        code, reason = ErrorCode.UNAVAILABLE, f"the state store (Redis) is unreachable ({type(e).__name__}); try again"
     except RequestError as e:
         reason, param = str(e), e.param
     except AdapterError as e:

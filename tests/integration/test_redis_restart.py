@@ -421,3 +421,43 @@ async def test_a_record_whose_write_was_cut_off_is_taken_back_once_redis_answers
                 await asyncio.sleep(0.05)
         await asyncio.sleep(2.5)  # (a second delete a second later, which finds nothing)
         assert await store.get_inflight("cut") is None and got.empty()
+
+
+async def test_a_hung_redis_holds_an_adapter_requests_admission_seconds_not_the_worker(
+    nats_server: Server, tiny_llama: TinyOutput, start_redis_here: Callable[..., Server]
+) -> None:
+    """A request of an adapter the worker does not hold reads the registry as it is admitted, in
+    line in the worker's loop: with Redis hung it waited out redis-py's tries (20 s), and every
+    running stream's steps with it. Bounded: it is answered UNAVAILABLE and the streams go on."""
+    redis = start_redis_here()
+    common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, _):
+        try:
+            await asyncio.sleep(1.0)
+            owner = uuid.uuid4().hex[:8]
+            got: dict[str, asyncio.Queue[TokenChunk]] = {"long": asyncio.Queue(), "lora": asyncio.Queue()}
+
+            async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+                chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+                await got[chunk.request_id].put(chunk)
+
+            await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+
+            def request(rid: str, tokens: int, **extra: object) -> bytes:
+                params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+                reply = subjects.reply_inbox(rid, owner)
+                return msgspec.json.encode(GenerateRequest(request_id=rid, reply_to=reply, params=params, **extra))
+
+            await client.publish(subjects.REQUESTS, request("long", 480, prompt_token_ids=[5]))
+            await asyncio.wait_for(got["long"].get(), 10)  # running
+            redis.proc.send_signal(signal.SIGSTOP)
+            lora = request("lora", 2, prompt_token_ids=[5], adapter="lora-0", adapter_version="v1")
+            await client.publish(subjects.worker_requests("w0"), lora)
+            told = await asyncio.wait_for(got["lora"].get(), 10)
+            assert told.error_code == ErrorCode.UNAVAILABLE and "Redis" in (told.error or ""), told
+            async with asyncio.timeout(30):
+                while (chunk := await got["long"].get()).finish_reason is None:
+                    pass
+            assert chunk.error is None and not any(t.done() for t in tasks)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
