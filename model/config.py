@@ -7,9 +7,11 @@ fields here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -356,3 +358,17 @@ def targets(cfg: ModelConfig) -> dict[str, Target]:
         "up_proj": Target("gate_up", inter, inter, h),
         "down_proj": Target("down", 0, h, inter),
     }
+
+
+def model_digest(cfg: ModelConfig, vocab: Mapping[str, int]) -> str:
+    """16 hex digits of a SHA-256 over the model's parsed config and its tokenizer's vocabulary
+    (``get_vocab()``: token -> id): what a gateway that tokenizes and a worker that runs must agree
+    on. Services started apart (`dlora serve`, several hosts) named one path that held another
+    revision on one host, and token ids of one vocabulary ran in a model of another, without a word.
+    Parsed, not the files' bytes: a gateway's host may hold only the config and tokenizer, re-saved
+    by another transformers release, or tokenizer.json without the slow tokenizer's files. Not the
+    weights (gigabytes at each start): weights retrained in place with the same shapes agree."""
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    for token, token_id in sorted(vocab.items(), key=lambda item: item[1]):
+        h.update(f"{token_id}\0{token}\0".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]

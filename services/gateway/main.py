@@ -12,7 +12,6 @@ import functools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -41,8 +40,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
 from dlora.common.urls import http_url
-from dlora.model.config import ModelConfig, sampling_defaults, served_name
-from dlora.model.files import model_digest
+from dlora.model.config import ModelConfig, model_digest, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth, Principal
@@ -108,7 +106,7 @@ class Gateway:
             served,
             tool_call_parser=settings.tool_call_parser,
             content_format=settings.chat_template_content_format,
-            model_digest=model_digest(Path(settings.model)),
+            model_digest=model_digest(self.cfg, self.tokenizer.get_vocab()),
         )
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.

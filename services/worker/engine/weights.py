@@ -7,6 +7,7 @@ fused weights, which is what LoRA (unmerged deltas and merging) addresses.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,12 @@ from safetensors import safe_open
 
 from dlora.common import log
 from dlora.model.config import ModelConfig
-from dlora.model.files import WeightsError, weight_files
 
 logger = log.get("engine")
+
+
+class WeightsError(ValueError):
+    """The checkpoint is missing a tensor or has one of the wrong shape."""
 
 
 @dataclass
@@ -44,6 +48,34 @@ class ModelWeights:
 # inv_freq; ColossalAI's cos_cached and sin_cached, which vLLM's llama.py skips alike).
 _COMPUTED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _O_BIAS = " (config.json's attention_bias=true gives a Llama's o_proj a bias beside q/k/v's, as transformers)"
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files that hold the checkpoint, as transformers picks them:
+    ``model.safetensors``, else the shards ``model.safetensors.index.json`` names, else every
+    ``*.safetensors``. Other files beside them (an older revision's shards, Mistral's
+    ``consolidated.safetensors``) are not read: read, they mixed revisions or doubled the host
+    memory loading takes.
+
+    Raises:
+        WeightsError: none found, or the index is unreadable or names a file that is not there.
+    """
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise WeightsError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+        files = [model_dir / n for n in names]
+        if missing := [n for n, f in zip(names, files) if not f.is_file()]:
+            raise WeightsError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
+        return files
+    if not (files := sorted(model_dir.glob("*.safetensors"))):
+        raise WeightsError(f"{model_dir}: no *.safetensors files (other weight formats are not loaded)")
+    return files
 
 
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
