@@ -9,6 +9,7 @@ heartbeat is in Redis.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -51,11 +52,14 @@ async def dispatcher_problem(nc: NATS) -> str | None:
     return None
 
 
-async def readiness(nc: NATS, store: StateStore, bound: StateBound) -> tuple[bool, dict[str, Any]]:
+async def readiness(
+    nc: NATS, store: StateStore, bound: StateBound, digests: Collection[str] = (), ours: str = ""
+) -> tuple[bool, dict[str, Any]]:
     """Whether a request can be served now, and the body of ``/healthz``: the live workers' counts,
     whether NATS is connected and a dispatcher answers, and when not ready the reasons (every one
     that holds, joined by "; "). Never raises for an unreachable dependency: that is the answer
-    (Redis's within ``bound``)."""
+    (Redis's within ``bound``). ``digests``: the model digests of the workers heard from (their
+    stats), ``ours`` the gateway's: none of its requests can run where every one differs."""
     reasons: list[str] = []
     try:
         async with bound():
@@ -70,6 +74,8 @@ async def readiness(nc: NATS, store: StateStore, bound: StateBound) -> tuple[boo
         reasons.append(dispatcher)
     if not workers and store_up:
         reasons.append("no worker is live")
+    elif digests and all(d not in ("", ours) for d in digests):
+        reasons.append(f"every live worker serves another base model than this gateway (digest {ours})")
     body: dict[str, Any] = {
         "status": "unavailable" if reasons else "ok",
         "workers": len(workers),

@@ -395,7 +395,8 @@ class Gateway:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
         NATS connected, a dispatcher answering, a worker live: ``health.readiness``); else 503
         with the reasons, so a load balancer stops sending here."""
-        ready, body = await readiness(self.nc, self.store, self.state_bound)
+        heard = [st.model_digest for st, _ in self.cluster.live(time.monotonic(), self.s.heartbeat_ttl_s)]
+        ready, body = await readiness(self.nc, self.store, self.state_bound, heard, self.served.model_digest)
         return web.json_response(body, status=200 if ready else 503)
 
     async def livez(self, request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import msgspec
 
 from dlora.common import bus, subjects
@@ -92,3 +93,12 @@ async def test_a_request_tokenized_for_another_model_runs_on_no_worker_of_this_o
     while not (chunk := await asyncio.wait_for(chunks.get(), 30)).finish_reason:
         pass
     assert chunk.request_id == "same" and chunk.error is None
+    for w in stack.workers:  # as if both ran another revision: not ready, saying why
+        w.engine.model_digest = "f" * 16
+    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+        while True:
+            async with http.get(f"{stack.url}/healthz") as r:
+                if r.status == 503:
+                    assert "every live worker serves another base model" in (await r.json())["reason"]
+                    break
+            await asyncio.sleep(0.1)
