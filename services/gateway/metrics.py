@@ -15,7 +15,21 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from dlora.services.gateway.status import Traffic
 
 PRIVATE = "private"  # the adapter label of every adapter a tenant owns, on the public /metrics
-_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds. Up to two hours, as vLLM's: ending at 60 s, every slower request (a long generation, a
+# queue under overload) fell in +Inf and every quantile of a slow hour read 60.
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+_LATENCY += (960.0, 1920.0, 7680.0)
+# vLLM's own buckets for its names (vllm/v1/metrics/loggers.py), so that an SLO query on a bucket
+# edge (le="0.5") reads a dlora gateway as it reads vLLM.
+_VLLM_BUCKETS = {
+    "time_to_first_token_seconds": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0)
+    + (2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+    "request_time_per_output_token_seconds": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75)
+    + (1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0),
+    "e2e_request_latency_seconds": (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0)
+    + (50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
+}
+_VLLM_BUCKETS["request_queue_time_seconds"] = _VLLM_BUCKETS["e2e_request_latency_seconds"]
 
 
 class Metrics:
@@ -64,7 +78,9 @@ class Metrics:
         # vLLM's (v1) names for the same figures: its request_time_per_output_token is, as ours, one
         # observation per request (its inter_token_latency, one per token, has no counterpart here).
         self.vllm = {
-            name: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=_LATENCY, unit="seconds", registry=r)
+            name: Histogram(
+                f"vllm:{name}", doc, ["model_name"], buckets=_VLLM_BUCKETS[name], unit="seconds", registry=r
+            )
             for name, doc in (
                 ("time_to_first_token_seconds", "Time to first token"),
                 ("request_time_per_output_token_seconds", "Time per output token after the first, per request"),

@@ -5,7 +5,7 @@ that asks for it (a Prometheus does), Prometheus's text format to one that does 
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -113,3 +113,18 @@ def test_every_name_is_legal_unescaped() -> None:
             assert metric.fullmatch(family.name), family.name
             for sample in family.samples:
                 assert metric.fullmatch(sample.name) and all(map(label.fullmatch, sample.labels)), sample
+
+
+def test_latency_histograms_reach_two_hours_and_vllms_names_keep_vllms_buckets() -> None:
+    """They ended at 60 s: every slower request fell in +Inf and a slow hour's P50 and P99 both
+    read 60 (a helper's Prometheus, fed requests of 90, 200 and 600 s)."""
+    from dlora.services.gateway.metrics import Metrics
+
+    metrics = Metrics("model")
+    for seconds in (90.0, 200.0, 600.0):
+        metrics.observe(metrics.e2e, "e2e_request_latency_seconds", "lora-0", seconds)
+    metrics.observe(metrics.ttft, "time_to_first_token_seconds", "lora-0", 0.03)
+    text = generate_latest(metrics.registry).decode()
+    assert 'dlora_e2e_request_latency_seconds_bucket{adapter="lora-0",le="240.0"} 2.0' in text
+    assert 'vllm:e2e_request_latency_seconds_bucket{le="960.0",model_name="model"} 3.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{le="0.04",model_name="model"} 1.0' in text  # vLLM's edges
