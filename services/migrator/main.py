@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -34,13 +35,17 @@ class Migrator:
         self.plans = 0
         self.looks = Looks(settings.trigger)  # the trigger's patience and cool-down
         self.metrics = MigratorMetrics()
+        # The lease's holder: the id and this process's own token. By id alone, two migrators on the
+        # shipped config (migrator_id "migrator-0" everywhere) each renewed the one lease as theirs,
+        # and both led and published plans from the same stats.
+        self.holder = f"{settings.migrator_id}/{uuid.uuid4().hex[:8]}"
 
     async def _on_stats(self, st: WorkerStats) -> None:
         self.stats[st.worker] = (st, time.monotonic())
 
     async def tick(self) -> None:
         """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""
-        self.epoch = await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s)
+        self.epoch = await self.store.hold_lease("migrator", self.holder, self.s.lease_s)
         self.leader = self.epoch > 0
         self.metrics.leads(self.leader)
         if not self.leader:
@@ -86,11 +91,11 @@ class Migrator:
 
     async def _still_leader(self) -> bool:
         """The solve took a while: is the lease still ours, in the same epoch?"""
-        return await self.store.hold_lease("migrator", self.s.migrator_id, self.s.lease_s) == self.epoch
+        return await self.store.hold_lease("migrator", self.holder, self.s.lease_s) == self.epoch
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
-        logger.info("migrator ready", migrator=self.s.migrator_id)
+        logger.info("migrator ready", migrator=self.holder)
         ready = asyncio.create_task(
             notifier.ready_when(self.store.r.ping, f"migrator {self.s.migrator_id} watching load")
         )
@@ -110,7 +115,7 @@ class Migrator:
             await bus.unsubscribe([sub])
             if self.leader:
                 with contextlib.suppress(*bus.STATE_OUTAGE):
-                    await self.store.release_lease("migrator", self.s.migrator_id)
+                    await self.store.release_lease("migrator", self.holder)
 
 
 async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:

@@ -7,7 +7,8 @@ from dlora.services.migrator.trigger import TriggerBounds
 
 
 class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
-    # Name in the leader lease; unique per migrator process.
+    # Names this migrator in the logs and the leader lease (with a token of its process: two
+    # migrators of one id, as on one shared dlora.toml, still elect one leader).
     migrator_id: str = "migrator-0"
     # Seconds between looks at the cluster.
     interval_s: float = 1.0

@@ -140,6 +140,22 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
             await c.drain()
 
 
+async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, redis: Redis) -> None:
+    """The shipped config names every migrator "migrator-0": two started on it both held the
+    lease as theirs (renewed under one name), both led and published plans from the same stats."""
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        same = MigratorSettings(nats_url=nats_server.url, lease_s=5.0)
+        a, b = Migrator(same, nc, store), Migrator(same, nc, store)
+        for _ in range(3):
+            await a.tick()
+            await b.tick()
+            assert a.leader and not b.leader
+    finally:
+        await nc.drain()
+
+
 async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> None:
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)
@@ -148,10 +164,11 @@ async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> N
         b = Migrator(MigratorSettings(nats_url=nats_server.url, migrator_id="m-b", lease_s=0.3), nc, store)
         await a.tick()
         await b.tick()
-        assert a.leader and not b.leader and await store.lease_holder("migrator") == "m-a"
+        assert a.leader and not b.leader and await store.lease_holder("migrator") == a.holder
+        assert a.holder.startswith("m-a/")
         await asyncio.sleep(0.4)  # a stops renewing (crashed)
         await b.tick()
-        assert b.leader and await store.lease_holder("migrator") == "m-b"
+        assert b.leader and await store.lease_holder("migrator") == b.holder
         assert b.epoch > a.epoch  # b's plans outrank whatever a still sends
         await a.tick()
         assert not a.leader  # the old leader stands by
