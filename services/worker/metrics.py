@@ -274,8 +274,11 @@ def _residency(v: WorkerView) -> Iterator[Metric]:
         ["worker", "adapter", "tier", "rank"],
         resident,
     )
-    loads = _by_name(v.engine.loads_by_adapter)
-    seconds = _by_name(v.engine.load_seconds_by_adapter)
+    # Of adapters registered or still held here: a deleted one's series go once it is gone (they
+    # stayed until the restart, one pair per adapter name ever loaded, with adapter churn).
+    known = tier.keys() | v.registered.keys()
+    loads = {a: n for a, n in _by_name(v.engine.loads_by_adapter).items() if a in known}
+    seconds = {a: n for a, n in _by_name(v.engine.load_seconds_by_adapter).items() if a in known}
     yield _counter(
         "dlora_adapter_loads",
         "Loads of the adapter into a device slot",

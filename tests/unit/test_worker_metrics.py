@@ -3,6 +3,7 @@
 import sys
 import threading
 
+import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -187,3 +188,13 @@ def test_moves_away_are_counted_by_trigger_and_method_with_the_bytes_shipped() -
     assert sum(moved.values()) == 4
     assert s["dlora_migration_kv_bytes_total"] == {(("worker", "w0"),): 1500}
     assert _one(s, "dlora_num_requests_running", worker="w0") == 2  # and the view's families beside them
+
+
+def test_a_deleted_adapters_load_series_go_once_it_is_gone_here() -> None:
+    """They stayed until the worker restarted: with adapters churning, a pair of series per name
+    ever loaded (a helper's deploy)."""
+    stats = msgspec.structs.replace(_view().stats, adapters=[], requests=[])
+    gone = _scrape(_view(stats=stats, registered={"b": 16, "c": 4}))  # "a" deleted and evicted
+    assert not gone.get("dlora_adapter_loads_total") and not gone.get("dlora_adapter_load_seconds_total")
+    held = _scrape(_view(registered={"b": 16}))  # deleted, still held here: kept until evicted
+    assert _one(held, "dlora_adapter_loads_total", adapter="a") == 2
