@@ -69,7 +69,8 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
         ]
     else:
         out += [
-            ("top_logprobs without logprobs: true", body.top_logprobs is not None and not body.logprobs),
+            # vLLM's rule: 0 asks for nothing, so it needs no logprobs (the openai package's users send it)
+            ("top_logprobs without logprobs: true", bool(body.top_logprobs) and not body.logprobs),
             ("functions", bool(body.functions)),
             ("function_call", body.function_call not in (None, "none", "auto")),
             ("audio", body.audio is not None),

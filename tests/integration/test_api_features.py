@@ -66,6 +66,8 @@ async def test_chat_logprobs_and_top_logprobs(stack: Stack) -> None:
         assert math.fsum(math.exp(t["logprob"]) for t in c["top_logprobs"]) <= 1 + 1e-6
     status, resp = await post(stack, "/v1/chat/completions", {**body, "logprobs": False})
     assert status == 400 and "top_logprobs" in resp["error"]["message"]
+    status, resp = await post(stack, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": 0})
+    assert status == 200 and resp["choices"][0]["logprobs"] is None, resp  # 0 asks for none (vLLM)
 
 
 async def test_logprobs_of_characters_split_over_tokens(stack: Stack) -> None:

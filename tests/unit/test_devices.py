@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlora.services.launcher import gpu_of_worker, visible_gpus
+from dlora.services.launcher import given_key, gpu_of_worker, visible_gpus
 from dlora.services.worker.engine.device import resolve_device
 
 
@@ -34,3 +34,10 @@ def test_workers_get_a_gpu_each_round_robin() -> None:
     ]
     assert gpu_of_worker(0, []) == {}  # no GPU: nothing set, the worker's auto device is the CPU
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []  # GPUs hidden on purpose
+
+
+def test_dlora_up_names_where_a_given_admin_key_comes_from_never_the_key() -> None:
+    """It named dlora.toml for a key given in DLORA_ADMIN_KEY: a user looked for a file."""
+    assert given_key({"DLORA_ADMIN_KEY": "k"}) == "$DLORA_ADMIN_KEY"
+    assert given_key({"DLORA_ADMIN_KEY": "k", "DLORA_GATEWAY_ADMIN_KEY": "g"}) == "$DLORA_GATEWAY_ADMIN_KEY"
+    assert given_key({}) == "<admin_key of dlora.toml>"
