@@ -202,7 +202,8 @@ class Auth:
         key have none).
 
         Raises:
-            APIError(429): over the key's rate or concurrency, with ``Retry-After`` (seconds).
+            APIError(429): over the key's rate or concurrency, with ``Retry-After`` (seconds) and
+                ``retry-after-ms``.
         """
         if who.key_id is None or who.limits.unlimited:
             yield
@@ -213,7 +214,7 @@ class Auth:
                 429,
                 refusal.message,
                 code="rate_limit_exceeded",
-                headers={"Retry-After": str(refusal.retry_after_s)},
+                headers=refusal.headers,
             )
         try:
             yield

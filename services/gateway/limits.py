@@ -36,11 +36,21 @@ class Limits:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A request over a limit: why (for the client), and whole seconds to wait before trying again
-    (``Retry-After``)."""
+    """A request over a limit: why (for the client), and how long to wait before trying again:
+    ``wait_s`` exactly, and in whole seconds for ``Retry-After`` (``headers``)."""
 
     message: str
-    retry_after_s: int
+    wait_s: float
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Retry-After`` (whole seconds, RFC 9110) and ``retry-after-ms``, which the openai package
+        reads first: by the whole seconds alone its retries met on the same second's tick and a
+        third of them ran out (a helper's trial at 2 requests/s)."""
+        return {
+            "Retry-After": str(max(1, math.ceil(self.wait_s))),
+            "retry-after-ms": str(math.ceil(self.wait_s * 1000)),
+        }
 
 
 @dataclass
@@ -67,7 +77,7 @@ class KeyLimiter:
             return Refusal(
                 f"concurrency limit reached for this API key: {limits.concurrency} requests at once; "
                 "try again when one has finished",
-                1,
+                1.0,
             )
         if limits.rate_per_s > 0:
             now = self.clock()
@@ -80,7 +90,7 @@ class KeyLimiter:
                 return Refusal(
                     f"rate limit reached for this API key: {limits.rate_per_s:g} requests per second "
                     f"(bursts of {limits.burst}); try again in {wait:.2f} s",
-                    max(1, math.ceil(wait)),
+                    wait,
                 )
             bucket.tokens -= 1.0
         self._running[key_id] = running + 1

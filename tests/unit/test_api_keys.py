@@ -90,7 +90,8 @@ def test_the_token_bucket_allows_the_burst_then_the_rate() -> None:
         assert limiter.admit("k", limits) is None
         limiter.release("k")
     refusal = limiter.admit("k", limits)
-    assert refusal is not None and refusal.retry_after_s == 1 and "2 requests per second" in refusal.message
+    assert refusal is not None and refusal.headers["Retry-After"] == "1" and "2 requests per second" in refusal.message
+    assert refusal.headers["retry-after-ms"] == "500"  # exact, for the openai package
     clock.now += 0.5  # one token back at 2 per second
     assert limiter.admit("k", limits) is None
     limiter.release("k")
@@ -101,14 +102,14 @@ def test_the_token_bucket_allows_the_burst_then_the_rate() -> None:
     assert limiter.admit("other", limits) is None  # each key its own bucket
 
 
-def test_retry_after_is_the_wait_for_one_token_in_whole_seconds() -> None:
+def test_retry_after_is_the_wait_for_one_token_in_whole_seconds_and_in_ms() -> None:
     clock = Clock()
     limiter = KeyLimiter(clock)
     slow = Limits.of(rate_per_s=0.1, burst=1, concurrency=0)
     assert limiter.admit("k", slow) is None
     clock.now += 2.5  # a quarter of a token back: 7.5 s to wait
     refusal = limiter.admit("k", slow)
-    assert refusal is not None and refusal.retry_after_s == 8
+    assert refusal is not None and refusal.headers == {"Retry-After": "8", "retry-after-ms": "7500"}
 
 
 def test_concurrency_counts_requests_in_progress_and_a_refusal_takes_no_token() -> None:
@@ -117,7 +118,7 @@ def test_concurrency_counts_requests_in_progress_and_a_refusal_takes_no_token() 
     limits = Limits.of(rate_per_s=1.0, burst=3, concurrency=2)
     assert limiter.admit("k", limits) is None and limiter.admit("k", limits) is None
     refusal = limiter.admit("k", limits)
-    assert refusal is not None and "2 requests at once" in refusal.message and refusal.retry_after_s == 1
+    assert refusal is not None and "2 requests at once" in refusal.message and refusal.headers["Retry-After"] == "1"
     assert limiter.running("k") == 2
     limiter.release("k")
     assert limiter.admit("k", limits) is None  # the third token: the refusal above took none
@@ -204,7 +205,7 @@ async def test_admitted_answers_429_with_retry_after_and_releases_on_the_way_out
     with a.admitted(who):
         with pytest.raises(APIError) as e, a.admitted(who):
             pass
-        assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"}
+        assert e.value.status == 429 and e.value.headers == {"Retry-After": "1", "retry-after-ms": "1000"}
         assert e.value.body()["error"]["code"] == "rate_limit_exceeded"
     with pytest.raises(RuntimeError), a.admitted(who):  # a request that fails still gives its place back
         raise RuntimeError
