@@ -101,11 +101,12 @@ class _Group:
 
 def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
     by: dict[tuple[str, str, frozenset[str]], list[RequestState]] = defaultdict(list)
-    # Which workers hold a request depends only on its length and rank, and where it is pinned:
-    # one set per distinct such.
-    fits: dict[tuple[int, int, str], frozenset[str]] = {}
+    # Which workers hold a request depends only on what ``WorkerState.holds`` reads of it: its
+    # length, rank, base model, and where it is pinned; one set per distinct such (the model left
+    # out, one model's request took another's set: a review).
+    fits: dict[tuple[int, int, str, str], frozenset[str]] = {}
     for r in snapshot.requests:
-        key = (r.total_tokens, r.rank, r.worker if r.pinned else "")
+        key = (r.total_tokens, r.rank, r.model_digest, r.worker if r.pinned else "")
         if key not in fits:
             fits[key] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
         by[(r.worker, r.adapter or BASE, fits[key])].append(r)

@@ -353,7 +353,8 @@ def test_a_request_moves_only_where_its_adapters_rank_loads_and_never_when_pinne
 def test_a_request_moves_only_to_a_worker_of_its_base_model(solver: str) -> None:
     """Workers started apart may serve different models (one host's other revision in the same
     path): a request moved between them would run its token ids under another tokenizer. w1 serves
-    another model; w2 does not say (an older worker)."""
+    another model; w2 does not say (an older worker). Then two models' requests of one length
+    (a review: the ILP's sets of workers that hold a request were shared between them)."""
     snap = ClusterSnapshot(
         workers=[
             WorkerState("w0", 1000, 16, 4, frozenset(["a"]), 0.01, model_digest="m1"),
@@ -365,6 +366,18 @@ def test_a_request_moves_only_to_a_worker_of_its_base_model(solver: str) -> None
     )
     moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
     assert moves and {m.to_worker for m in moves} == {"w2"}
+    mixed = ClusterSnapshot(
+        workers=[
+            WorkerState("a-m1", 1000, 16, 4, frozenset(["a"]), 0.01, model_digest="m1"),
+            WorkerState("b-m2", 1000, 16, 4, frozenset(["b"]), 0.01, model_digest="m2"),
+            WorkerState("c-m1", 1000, 16, 4, frozenset(), 0.01, model_digest="m1"),
+        ],
+        requests=[RequestState(f"a-{i}", "a-m1", "a", 50, 100, model_digest="m1") for i in range(2)]
+        + [RequestState(f"b-{i}", "b-m2", "b", 50, 100, model_digest="m2") for i in range(12)],
+        file_bytes={"a": 16, "b": 16},
+    )
+    moves = plan(mixed).moves if solver == "ilp" else _greedy(mixed, PlannerSettings())
+    assert not [m for m in moves if m.request_id.startswith("b-")], moves
 
 
 def test_a_request_two_workers_list_is_left_out_not_a_crash() -> None:
