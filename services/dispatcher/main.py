@@ -364,7 +364,7 @@ class Dispatcher(Recovery):
             if not recorded:
                 self.state.unsend(worker, req.adapter, prefixes, ids, tokens, heard)
             if not answered and expect is None:  # cut off: Redis may still write it (take_back.py)
-                self._background(take_back(self.store, req.request_id, worker, req.recoveries))
+                self._background(take_back(self.store, req, worker))
         if recorded:
             self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw)

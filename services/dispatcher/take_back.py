@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from dlora.common import bus, log
+from dlora.common.messages import GenerateRequest
 from dlora.common.state import StateStore
 
 logger = log.get("dispatcher")
@@ -19,22 +20,30 @@ RETRY_S = 1.0
 GIVE_UP_S = 120.0
 
 
-async def take_back(store: StateStore, request_id: str, worker: str, attempt: int, retry_s: float = RETRY_S) -> None:
-    """Delete ``request_id``'s record if it names ``worker`` and ``attempt`` (``delete_inflight``'s
-    expect: a record written since by another dispatcher stays), until two deletes have been
-    answered ``retry_s`` apart: the cut-off write sat on another pooled connection, which a Redis
-    waking from a hang may read after the first delete, in the same turn of its loop, but not after
-    a reply sent a second later. Never raises: a take-back that gives up is logged."""
+async def take_back(store: StateStore, request: GenerateRequest, worker: str, retry_s: float = RETRY_S) -> None:
+    """Delete ``request``'s record if it is the one this dispatcher's cut-off write made: naming
+    ``worker`` and its attempt, holding this very request, never taken up there (its worker marks
+    what it takes: ``Inflight.marks_taken``), until two looks ``retry_s`` apart have been answered
+    (the cut-off write sat on another pooled connection, which a Redis waking from a hang may read
+    after the first look, in the same turn of its loop, but not after a reply sent a second later).
+    A record of anything else stays: an application's retry under the same id, recorded since, or
+    the request already running under that id that a re-sent copy met (a review: taken back by id
+    and attempt alone, both lost their records while they streamed). Never raises: a take-back
+    that gives up is logged."""
     answered, deadline = 0, asyncio.get_running_loop().time() + GIVE_UP_S
     while answered < 2:
         await asyncio.sleep(retry_s)
         try:
             async with asyncio.timeout(2 * retry_s + 1.0):
-                if not await store.delete_inflight(request_id, expect=(worker, attempt)):
-                    return  # another dispatcher's record now: not ours to take
+                record = await store.get_inflight(request.request_id)
+                if record is not None:
+                    ours = (record.worker, record.recoveries, record.request) == (worker, request.recoveries, request)
+                    if not ours or record.taken or not record.marks_taken:
+                        return  # not the write that was cut off, or one its worker runs
+                    await store.delete_inflight(request.request_id, expect=(worker, request.recoveries))
             answered += 1
         except bus.STATE_OUTAGE:
             answered = 0
             if asyncio.get_running_loop().time() > deadline:
-                logger.warning("a cut-off record not taken back; its worker hands it back", request=request_id)
+                logger.warning("a cut-off record not taken back; its worker hands it back", request=request.request_id)
                 return
