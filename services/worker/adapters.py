@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 import msgspec
 
 from dlora.common import log
+from dlora.common.bus import StateBound
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, AdapterRefused, LoraAdapter
@@ -200,8 +201,13 @@ class WorkerAdapters:
         registry: Registry,
         clock: Callable[[], float] = time.monotonic,
         post: Callable[[AdapterRead], Awaitable[None]] | None = None,
+        bound: StateBound | None = None,
     ) -> None:
         self.engine, self.registry, self.clock = engine, registry, clock
+        # An arriving request's registry reads (``ensure``, ``versioned``): in line in the worker's
+        # loop, with Redis hung each held every stream's steps 20 s (redis-py's tries). Only the
+        # reads: a request that needs none is not refused while they pause (a review).
+        self.bound = bound or StateBound()
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
@@ -245,14 +251,14 @@ class WorkerAdapters:
             if key in self._order:  # not begun: a request's goes ahead of the prefetches
                 self._order.ask(key, prefetch)
             return key
-        if registered and await self.registry.get_adapter(name) is None:  # asked before any file is read
+        if registered and await self._registered(name) is None:  # asked before any file is read
             raise gone
         now_s = self.clock()
         if self.failed:
             self.failed = {k: v for k, v in self.failed.items() if now_s - v[0] < FAILED_MEMORY_S}
         if (failed := self.failed.get((name, version))) is not None:
             raise failed[1](failed[2])
-        entry = await self.registry.get_adapter(name, version)
+        entry = await self._registered(name, version)
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} version {version} is not registered")
         if key in self.engine.adapters or key in self.engine.loading:  # asked again while we asked
@@ -264,6 +270,11 @@ class WorkerAdapters:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_queued())
         return key
+
+    async def _registered(self, name: str, version: str | None = None) -> AdapterEntry | None:
+        """The registry's entry, within ``bound`` (raises its Redis errors: the request is refused)."""
+        async with self.bound():
+            return await self.registry.get_adapter(name, version)
 
     def reads_stats(self) -> dict[str, Any]:
         """What the worker's stats say of its reads (``WorkerStats``' fields of the same names)."""
@@ -413,7 +424,7 @@ class WorkerAdapters:
         so a move or a recovery continues it on the same version. Raises AdapterNotFound."""
         if req.adapter is None or req.adapter_version is not None:
             return req
-        entry = await self.registry.get_adapter(req.adapter)
+        entry = await self._registered(req.adapter)
         if entry is None:
             raise AdapterNotFound(f"adapter {req.adapter!r} is not registered")
         return msgspec.structs.replace(req, adapter_version=entry.version)

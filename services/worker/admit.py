@@ -75,12 +75,9 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
     code, reason, param = ErrorCode.BAD_REQUEST, "", None
     try:
-        # The registry's reads, bounded: in line in the worker's loop, a hung Redis held every
-        # stream's steps with them, 20 s a request (redis-py's tries).
-        async with w.state_bound():
-            req = await w.adapters.versioned(req)
-            if req.adapter is not None:
-                await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
+        req = await w.adapters.versioned(req)  # (their registry reads bounded: WorkerAdapters.bound)
+        if req.adapter is not None:
+            await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
         if req.params.structured_outputs():  # its grammar compiled off the loop (a 400 KB schema: 0.4 s)
             await asyncio.to_thread(w.engine.grammars.prepare, req.params)
         start = time.monotonic()

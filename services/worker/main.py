@@ -114,7 +114,6 @@ class WorkerService:
         self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
         self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
-        self.state_bound = bus.StateBound()  # an arriving request's registry reads (admit)
         self.delivery = Delivery(nc, self.records.superseded)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
         self.draining = False  # told to stop: finishing what runs here, given nothing new
