@@ -16,6 +16,8 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import APIError, BadRequestError, KeyDeletedError, KeyNotFoundError
@@ -80,6 +82,10 @@ async def _open_bucket(nc: NATS, name: str, replicas: int) -> KeyValue:
         return kv
 
 
+# What bounds a lookup's Redis reads (``bus.StateBound``; none by default).
+ReadBound = Callable[[], AbstractAsyncContextManager[Any]]
+
+
 class Durable:
     """A registry's durable side: its bucket (None: Redis alone), caught up once when it opens late,
     and restored from after a lookup misses."""
@@ -88,6 +94,7 @@ class Durable:
         self.bucket, self.clock = bucket, clock
         self._caught_up = False
         self._restore_tried = -RESTORE_ON_MISS_INTERVAL_S  # the clock's time of the last restore a miss set off
+        self._restoring = False
 
     async def restore(self) -> int:
         """Put the bucket back into an empty Redis; how many entries came back."""
@@ -96,10 +103,13 @@ class Durable:
     async def _restored_after_miss(self) -> bool:
         """After a lookup missed: whether restoring an empty Redis (at most once per
         ``RESTORE_ON_MISS_INTERVAL_S``) brought anything back, so looking again may find it."""
-        if self.bucket is None or self.clock() - self._restore_tried < RESTORE_ON_MISS_INTERVAL_S:
-            return False
-        self._restore_tried = self.clock()
-        return bool(await self.restore())
+        if self.bucket is None or self._restoring or self.clock() - self._restore_tried < RESTORE_ON_MISS_INTERVAL_S:
+            return False  # (one at a time: a merge of thousands of keys outlasts the interval)
+        self._restore_tried, self._restoring = self.clock(), True
+        try:
+            return bool(await self.restore())
+        finally:
+            self._restoring = False
 
     async def kv(self) -> KeyValue | None:
         kv = await self.bucket.get() if self.bucket is not None else None

@@ -36,7 +36,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from dlora.common import log
-from dlora.common.durable import Bucket, Durable, bucket_values, stream_subjects
+from dlora.common.durable import Bucket, Durable, ReadBound, bucket_values, stream_subjects
 from dlora.common.messages import AdapterEntry, AdapterRemoval
 from dlora.common.state import INFLIGHT_TTL_S, StateStore
 
@@ -133,13 +133,16 @@ class AdapterRegistry(Durable):
             await self.store.retire_version(before.name, before.version, time.time())
         return True
 
-    async def lookup(self, name: str) -> AdapterEntry | None:
+    async def lookup(self, name: str, bound: ReadBound = contextlib.nullcontext) -> AdapterEntry | None:
         """The adapter registered under ``name``, or None. A miss restores an empty Redis from the
         durable copy (see ``_restored_after_miss``) and looks again: Redis came back empty, and
-        the dispatcher has not put the registry back yet."""
-        entry = await self.store.get_adapter(name)
-        if entry is None and await self._restored_after_miss():
+        the dispatcher has not put the registry back yet. ``bound``: around each Redis read, not
+        the restore (NATS work: inside a gateway's bound, a long one counted as Redis down)."""
+        async with bound():
             entry = await self.store.get_adapter(name)
+        if entry is None and await self._restored_after_miss():
+            async with bound():
+                entry = await self.store.get_adapter(name)
         return entry
 
     async def remove(self, name: str) -> bool:

@@ -121,10 +121,7 @@ class Auth:
                 "(Authorization: Bearer YOUR_KEY); `dlora keys create` or POST /v1/keys makes one.",
                 None,
             )
-        key = None
-        if apikeys.plausible(token):
-            async with self.state_bound():
-                key = await self.keys.lookup(apikeys.digest(token))
+        key = await self.keys.lookup(apikeys.digest(token), self.state_bound) if apikeys.plausible(token) else None
         if key is None:
             shown = token if len(token) <= 12 else f"{token[:9]}***{token[-4:]}"
             # as text JSON can carry: undecodable header bytes were lone surrogates strict parsers refuse

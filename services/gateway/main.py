@@ -172,8 +172,7 @@ class Gateway:
         for an adapter ``who`` may not use: the same 404 as a name never registered."""
         if model == self.base_name:
             return None
-        async with self.state_bound():
-            entry = await self.registry.lookup(model)
+        entry = await self.registry.lookup(model, self.state_bound)
         return entry if entry is None or who.may_use(entry) else None
 
     async def _job(self, body: CompletionBody | ChatBody, entry: AdapterEntry | None, who: Principal) -> Job:

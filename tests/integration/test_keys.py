@@ -353,3 +353,27 @@ def test_the_cli_gives_up_on_an_unreachable_nats_with_a_line_not_a_hang(
     monkeypatch.setenv("DLORA_REDIS_URL", "redis://127.0.0.1:1/0")
     assert main(["keys", "list"]) == 2
     assert "did not answer" in capsys.readouterr().err
+
+
+async def test_an_unknown_keys_slow_restore_is_a_401_and_holds_up_no_one_else(
+    keyed_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A miss merges the keys' durable copy into Redis (NATS work: 2.9 s with 7,000 keys). Inside
+    the gateway's 2 s bound on Redis reads it counted as Redis down: the unknown key got 503, and
+    for the pause after it valid keys, /v1/models and /healthz did too (a review)."""
+    secret, _ = await make_key(keyed_stack, "acme")
+    registry = keyed_stack.gateway.auth.keys
+
+    async def slow_restore() -> int:
+        await asyncio.sleep(2.5)
+        return 0
+
+    monkeypatch.setattr(registry, "restore", slow_restore)
+    monkeypatch.setattr(registry, "_restore_tried", -1e9)  # a miss now sets one off
+    unknown = asyncio.create_task(call(keyed_stack, "GET", "/v1/models", None, bearer(apikeys.PREFIX + "x" * 40)))
+    await asyncio.sleep(0.2)
+    assert (await call(keyed_stack, "GET", "/v1/models", None, bearer(secret)))[0] == 200  # meanwhile
+    status, body, _ = await unknown
+    assert status == 401 and "Incorrect API key" in body["error"]["message"], body
+    assert (await call(keyed_stack, "GET", "/v1/models", None, bearer(secret)))[0] == 200  # after
+    assert (await call(keyed_stack, "GET", "/healthz"))[0] == 200

@@ -143,7 +143,7 @@ class Keys:
     def __init__(self, *keys: ApiKey) -> None:
         self.by_digest = {k.digest: k for k in keys}
 
-    async def lookup(self, digest: str) -> ApiKey | None:
+    async def lookup(self, digest: str, bound: object = None) -> ApiKey | None:
         return self.by_digest.get(digest)
 
 
