@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
 from dlora.model.make_tiny import TinyOutput
@@ -184,3 +185,30 @@ def test_generate_refuses_only_the_lines_it_cannot_read(tiny_llama: TinyOutput, 
     assert results["line-2"]["error"] == "line 2: not valid JSON (nested too deeply)"
     assert results["line-3"]["error"].startswith("line 3: not UTF-8 text (byte 0xff at column ")
     assert all(len(results[i]["token_ids"]) == 2 for i in "acd")
+
+
+def test_generate_interrupted_leaves_the_output_as_it_was(
+    tiny_llama: TinyOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C emptied --output (opened "w" before the batch) and lost the lines already served; a
+    BOM (as Windows editors write) made line 1 invalid JSON; a folder as --output was found last."""
+    from dlora.services.worker.engine import offline
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "prompt": "kalo", "max_tokens": 2}).encode() + b"\n")
+    out.write_text("an earlier run's results\n")
+    argv = ["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out)]
+
+    def interrupted(*args: object) -> list[dict]:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(offline, "generate_lines", interrupted)
+        assert main(argv) == 130
+    assert out.read_text() == "an earlier run's results\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl",
+        "out.jsonl",
+    ]
+    assert main(argv) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a"]
+    assert main([*argv[:-1], str(tmp_path)]) == 2  # a folder: said before the batch runs

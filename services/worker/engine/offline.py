@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +95,8 @@ def read_lines(path: str) -> list[str]:
     ``str.splitlines`` splits at), a CR before one dropped; a byte that is not UTF-8 kept as a
     lone surrogate (``surrogateescape``), so that its line alone is refused (``_submit``).
     Raises OSError."""
-    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    # (a BOM, as Windows editors write one, is not line 1's: json refused it there)
+    text = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     return lines[:-1] if lines and not lines[-1] else lines
 
@@ -157,14 +160,31 @@ def run_generate(args: argparse.Namespace) -> int:
         for name, path in loras.items():
             engine.register_adapter(name, path)
         lines = read_lines(args.input)
-        out = open(args.output, "w")  # opened before the batch runs: a bad path must not cost the work
+        target = Path(args.output)
+        if target.is_dir():
+            raise IsADirectoryError(f"--output {target} is a folder")
+        # Written beside it and put in its place at the end: opened before the batch runs (a bad
+        # path must not cost the work), and a Ctrl-C leaves the file as it was (opened "w" up
+        # front, it was emptied, and the lines already served were lost with it).
+        out = tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", delete=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out.name, 0o666 & ~umask)  # as open() makes a file, not tempfile's 0600
     except (ValueError, AdapterError, OSError) as e:
         print(f"dlora generate: {e}", file=sys.stderr)
         return 2
-    results = generate_lines(engine, lines)
-    with out:
-        for r in results:
-            out.write(json.dumps(r) + "\n")
+    try:
+        with out:
+            results = generate_lines(engine, lines)
+            for r in results:
+                out.write(json.dumps(r) + "\n")
+        os.replace(out.name, target)
+    except BaseException as e:
+        Path(out.name).unlink(missing_ok=True)
+        if isinstance(e, KeyboardInterrupt):
+            print(f"dlora generate: interrupted; {target} left as it was", file=sys.stderr)
+            return 130
+        raise
     failed = sum("error" in r for r in results)
     for r in results:
         if "error" in r:
