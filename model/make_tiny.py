@@ -167,7 +167,8 @@ def make_adapter(out: Path, model_dir: Path, rank: int, index: int, seed: int) -
         "down_proj": (h, inter),
     }
     targets = TARGET_SETS[index % len(TARGET_SETS)]
-    alpha = 2 * rank if index % 2 == 0 else rank // 2  # never equal to r, as real adapters often are
+    # Never equal to r, as real adapters often are; at rank 1 twice it (half was 0: a division by zero)
+    alpha = 2 * rank if index % 2 == 0 or rank == 1 else rank // 2
     use_rslora = index % 4 == 3
     scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
     g = torch.Generator().manual_seed(seed * 1000 + index + 1)

@@ -162,6 +162,13 @@ def test_make_tiny_is_deterministic_and_loads_offline(tmp_path: Path) -> None:
         main(["model", "make-tiny", "--adapters", "1", "--out", str(tmp_path / "one")]) == 0
     )  # in-process: a torch import less
     assert sorted(p.name for p in (tmp_path / "one" / "adapters").iterdir()) == ["lora-0"]
+    # rank 1, which PEFT takes: the second adapter's alpha was rank // 2 = 0, a division by zero
+    assert main(["model", "make-tiny", "--adapters", "2", "--ranks", "1", "--out", str(tmp_path / "r1")]) == 0
+    alphas = [
+        json.loads((tmp_path / "r1" / "adapters" / f"lora-{i}" / "adapter_config.json").read_text())["lora_alpha"]
+        for i in range(2)
+    ]
+    assert alphas == [2, 2]
 
 
 def test_generate_refuses_only_the_lines_it_cannot_read(tiny_llama: TinyOutput, tmp_path: Path) -> None:
