@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 TITLE = "Engine features: prefix caching and chunked prefill (`dlora bench features`)"
+_LONG_OUTPUT = 2  # tokens each long prompt generates
 
 
 def _engine(root: Path, dtype: str, adapters: int, policy: str = "unmerged-only", **config: object) -> LLMEngine:
@@ -130,7 +132,7 @@ def interference(engine: LLMEngine, args: argparse.Namespace) -> dict:
             engine.add_request(
                 f"long{longs}",
                 prompt_token_ids=_tokens(rng, args.long_prompt, vocab),
-                params=SamplingParams(max_tokens=2, ignore_eos=True),
+                params=SamplingParams(max_tokens=_LONG_OUTPUT, ignore_eos=True),
             )
             longs += 1
             next_long = now + args.long_every_s
@@ -261,7 +263,24 @@ def plot(r: dict) -> Figure:
     return fig
 
 
+def settings_problem(args: argparse.Namespace) -> str | None:
+    """What of ``args`` the engine or the model would refuse, said before any run (a helper's
+    trial: found after the multi-turn half, as a traceback that lost it)."""
+    from dlora.model.make_tiny import PRESETS
+
+    config = EngineConfig(enable_chunked_prefill=True, max_num_batched_tokens=args.chunk_budget)
+    if bad := config.check():
+        return f"--chunk-budget: {bad[0][0]}={bad[0][1]!r} {bad[0][2]}"
+    context = PRESETS[args.preset]["max_position_embeddings"]
+    if args.long_prompt + _LONG_OUTPUT > context:
+        return f"--long-prompt {args.long_prompt}: past the {args.preset} model's context ({context} tokens)"
+    return None
+
+
 def run_bench_features(args: argparse.Namespace) -> int:
+    if (problem := settings_problem(args)) is not None:
+        print(f"dlora bench features: {problem}", file=sys.stderr)
+        return 2
     result = run(args)
     save(result, args.json, args.benchmarks, "features", TITLE, markdown(result), plot=plot)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -215,6 +216,11 @@ def run(args: argparse.Namespace) -> dict:
     specs = {s: replace(base, rate=rate, stride=s) for s in args.strides}
     shares = {s: max(workload.adapter_weights(spec, traces[1])) for s, spec in specs.items()}
     built = {s: workload.build_specs(spec, traces) for s, spec in specs.items()}
+    if empty := [s for s, spec in specs.items() if not any(r.arrival_s <= spec.duration for r in built[s])]:
+        raise ValueError(  # (its latencies were None, and printing them a traceback)
+            f"no request arrives within --max-seconds {args.max_seconds:g} at {rate:.3g} req/s (stride "
+            f"{empty[0]}): raise --rate, --load or --max-seconds"
+        )
     stats: list[EngineStats] = []
     for round_ in range(args.repeats):
         for s, policy in cases:
@@ -335,7 +341,11 @@ def plot(r: dict) -> Figure:
 
 def run_bench_policy(args: argparse.Namespace) -> int:
     args.strides = [int(s) for s in args.strides.split(",")]
-    args.policies = args.policies.split(",")
-    result = run(args)
+    args.policies = [v.strip() for v in args.policies.split(",") if v.strip()]
+    try:
+        result = run(args)
+    except ValueError as e:
+        print(f"dlora bench policy: {e}", file=sys.stderr)
+        return 2
     save(result, args.json, args.benchmarks, "policy", TITLE, markdown(result), plot=plot)
     return 0

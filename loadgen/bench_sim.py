@@ -409,6 +409,8 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
     # Every name and file it will need, checked before the first run: a typo in the last profile
     # lost every run before it (no JSON is written until the end).
     try:
+        if not args.profiles:  # nothing ran, then the plot failed on no columns
+            raise ValueError("--profiles: none given")
         args.costs = {name: profile(name) for name in args.profiles}
         args.cluster_cost = profile(args.cluster_profile)
         for policy in args.policies:

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -18,6 +19,28 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         module, name = target.split(":")
         return getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
+def _bench(target: str) -> Callable[[argparse.Namespace], int]:
+    """A ``dlora bench`` subcommand (``_lazy``) whose output paths are checked before it runs: most
+    found a --json that is a folder, or a --workdir that is a file, after minutes of work, and lost
+    their results to a traceback (a helper's trial)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from dlora.loadgen.bench_common import writable
+
+        try:
+            for option in ("json", "benchmarks"):
+                if path := getattr(args, option, None):
+                    writable(path, f"--{option}")
+            if (workdir := getattr(args, "workdir", None)) and Path(workdir).exists() and not Path(workdir).is_dir():
+                raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder")
+        except OSError as e:
+            print(f"dlora bench {args.bench_command}: {e}", file=sys.stderr)
+            return 2
+        return _lazy(target)(args)
 
     return run
 
@@ -161,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--workdir", default=".cache/bench", help="where the benchmark model is made")
     be.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    be.set_defaults(func=_lazy("dlora.loadgen.bench_engine:run_bench_engine"))
+    be.set_defaults(func=_bench("dlora.loadgen.bench_engine:run_bench_engine"))
 
     btl = bench.add_parser("tune-lora", help="time the LoRA kernels' tiles on this GPU into dlora_kernels/tuned/")
     btl.add_argument("--preset", choices=["7b"], default="7b", help="the model whose fused projections are tuned")
@@ -170,14 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     btl.add_argument("--rank", type=int, default=16)
     btl.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     btl.add_argument("--out", help="table folder (default: dlora_kernels/tuned of this source tree)")
-    btl.set_defaults(func=_lazy("dlora.loadgen.tune_lora:run_tune_lora"))
+    btl.set_defaults(func=_bench("dlora.loadgen.tune_lora:run_tune_lora"))
 
     bkr = bench.add_parser("kernels", help="Triton LoRA and paged-attention kernels beside their torch references")
     bkr.add_argument("--reps", type=int, default=20, help="timed repetitions per point; the median is reported")
     bkr.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth (default: known by name)")
     bkr.add_argument("--json", help="write results here")
     bkr.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bkr.set_defaults(func=_lazy("dlora.loadgen.bench_kernels:run_bench_kernels"))
+    bkr.set_defaults(func=_bench("dlora.loadgen.bench_kernels:run_bench_kernels"))
 
     bf = bench.add_parser("features", help="prefix caching on vs off (multi-turn), chunked prefill vs whole")
     bf.add_argument("--preset", choices=["tiny", "small", "7b"], default="small", help="benchmark model preset")
@@ -206,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--chunk-budget", type=int, default=128, help="max_num_batched_tokens with chunked prefill")
     bf.add_argument("--json", help="write the result here")
     bf.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bf.set_defaults(func=_lazy("dlora.loadgen.bench_features:run_bench_features"))
+    bf.set_defaults(func=_bench("dlora.loadgen.bench_features:run_bench_features"))
 
     bp = bench.add_parser("policy", help="dlora vs the fixed modes over adapter skew (paper Fig. 10)")
     bp.add_argument("--preset", choices=["tiny", "small"], default="small")
     bp.add_argument("--adapters", type=int, default=16, help="number of adapters (ranks 8/16/32)")
     bp.add_argument("--strides", default="1,4,8,16,32", help="stride mapping values: bigger = more skew")
-    bp.add_argument("--policies", default="merged-only,unmerged-only,mixed-only,dlora")
+    bp.add_argument("--policies", type=_policies, default="merged-only,unmerged-only,mixed-only,dlora")
     bp.add_argument("--repeats", type=int, default=3, help="runs of each (stride, policy): median and spread")
     bp.add_argument("--requests", type=int, default=120)
     bp.add_argument("--rate", type=float, help="arrival rate, req/s (default: --load x measured saturation)")
@@ -227,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--workdir", default=".cache/bench")
     bp.add_argument("--json", help="write results here")
     bp.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bp.set_defaults(func=_lazy("dlora.loadgen.bench_policy:run_bench_policy"))
+    bp.set_defaults(func=_bench("dlora.loadgen.bench_policy:run_bench_policy"))
 
     b2 = bench.add_parser("e2e", help="dlora vs HF PEFT vs fixed modes over a rate sweep (paper Fig. 8/9)")
     b2.add_argument("--preset", choices=["tiny", "small"], default="small")
@@ -249,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     b2.add_argument("--json", help="write results here")
     b2.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose e2e section is regenerated")
     b2.add_argument("--docs", default="docs", help="folder for the plot")
-    b2.set_defaults(func=_lazy("dlora.loadgen.bench_e2e:run_bench_e2e"))
+    b2.set_defaults(func=_bench("dlora.loadgen.bench_e2e:run_bench_e2e"))
 
     bm = bench.add_parser("migration", help="co-migration ILP solve time as the cluster grows")
     bm.add_argument(
@@ -261,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--time-limit", type=float, default=1.0, help="solver bound (s)")
     bm.add_argument("--json", help="write results here")
     bm.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bm.set_defaults(func=_lazy("dlora.loadgen.bench_migration:run_bench_migration"))
+    bm.set_defaults(func=_bench("dlora.loadgen.bench_migration:run_bench_migration"))
 
     bk = bench.add_parser("cluster", help="round-robin vs proactive vs proactive + co-migration (paper Fig. 11)")
     bk.add_argument("--preset", choices=["tiny", "small"], default="small")
@@ -284,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--out", default="bench-results/cluster")
     bk.add_argument("--json", help="write results here")
     bk.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bk.set_defaults(func=_lazy("dlora.loadgen.bench_cluster:run_bench_cluster"))
+    bk.set_defaults(func=_bench("dlora.loadgen.bench_cluster:run_bench_cluster"))
 
     bs = bench.add_parser(
         "simulate", help="the simulator's experiments: policy ablation, cluster dispatch, the regime map, validation"
@@ -303,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cost profiles of the ablation (or calibrated:PATH)",
     )
     bs.add_argument("--strides", default="1,2,4,8,16,32")
-    bs.add_argument("--policies", default="dlora,mixed-only,merged-only,unmerged-only")
+    bs.add_argument("--policies", type=_policies, default="dlora,mixed-only,merged-only,unmerged-only")
     bs.add_argument("--adapters", type=int, default=64, help="adapters in the ablation")
     bs.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per ablation run")
     bs.add_argument("--load", type=float, default=1.0, help="arrival rate as a fraction of unmerged capacity")
@@ -335,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--json", help="write results here")
     bs.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bs.set_defaults(func=_lazy("dlora.loadgen.bench_sim:run_bench_simulate"))
+    bs.set_defaults(func=_bench("dlora.loadgen.bench_sim:run_bench_simulate"))
 
     bc = bench.add_parser("control-plane", help="latency the gateway, NATS and dispatcher add; sustained rate")
     bc.add_argument("--requests", type=int, default=200)
@@ -343,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--concurrency", type=int, default=32)
     bc.add_argument("--json", help="write results here")
     bc.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
-    bc.set_defaults(func=_lazy("dlora.loadgen.bench_control_plane:run_bench_control_plane"))
+    bc.set_defaults(func=_bench("dlora.loadgen.bench_control_plane:run_bench_control_plane"))
     for parser in bench.choices.values():
         _check_bench_numbers(parser)
     return p
@@ -355,7 +378,21 @@ _MAY_BE_ZERO = {"seed", "think_s", "adapters@features"}
 _LISTS = {
     "batch_sizes": int, "adapters@engine": int, "tokens": int, "groups": int, "strides": int,
     "rates": float, "overheads": float, "alphas": float, "loads": float, "cluster_slots": int,
+    "migration_slots": int, "migration_alphas": float, "migration_loads": float,
 }  # fmt: skip
+
+
+def _policies(text: str) -> str:
+    """``--policies``: comma-separated policy names, at least one, each known (a typo was found
+    when its turn came, after the runs before it, and lost them: a helper's trial)."""
+    from dlora.services.worker.policy.config import PolicyName
+
+    names, known = [v.strip() for v in text.split(",") if v.strip()], [p.value for p in PolicyName]
+    if not names:
+        raise argparse.ArgumentTypeError("no policy given")
+    if unknown := [n for n in names if n not in known]:
+        raise argparse.ArgumentTypeError(f"unknown policy {unknown[0]!r} (one of {', '.join(known)})")
+    return text
 
 
 def _check_bench_numbers(parser: argparse.ArgumentParser) -> None:

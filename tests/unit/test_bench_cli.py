@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dlora.services.cli import build_parser
@@ -25,6 +27,12 @@ from dlora.services.cli import build_parser
         ["migration", "--sizes", "4x16"],
         ["migration", "--sizes", "4x0x100"],
         ["features", "--preset", "huge"],
+        # found when their turn came, after the runs before them (a helper's trial)
+        ["simulate", "--migration-alphas", "x"],
+        ["simulate", "--migration-slots", "0"],
+        ["simulate", "--migration-loads", "0.3,0"],
+        ["policy", "--policies", "dlora,dlora-typo"],
+        ["simulate", "--policies", ","],
     ],
 )
 def test_a_number_no_benchmark_runs_with_is_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,3 +78,42 @@ def test_keys_takes_its_config_before_or_after_the_command() -> None:
     assert p.parse_args(["keys", "list", "--config", "b.toml"]).config == "b.toml"
     assert p.parse_args(["keys", "revoke", "k1", "--config", "c.toml"]).config == "c.toml"
     assert p.parse_args(["keys", "list"]).config is None
+
+
+@pytest.mark.parametrize("bench", ["engine", "kernels", "features", "policy", "e2e", "migration", "cluster"])
+def test_an_output_path_it_cannot_write_is_said_before_the_run(
+    bench: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found after minutes of work, as a traceback that lost the results (a helper's trial)."""
+    from dlora.services.cli import main
+
+    assert main(["bench", bench, "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a directory" in capsys.readouterr().err
+    if bench in ("engine", "features", "policy", "e2e", "cluster"):
+        (file := tmp_path / "file").write_text("")
+        assert main(["bench", bench, "--workdir", str(file)]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_simulate_without_profiles_is_refused_before_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from dlora.services.cli import main
+
+    assert main(["bench", "simulate", "--profiles", ","]) == 2
+    assert "--profiles: none given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--chunk-budget", "32"], "--chunk-budget: max_num_batched_tokens=32"),
+        (["--preset", "tiny"], "--long-prompt 1500"),
+    ],
+)
+def test_features_settings_the_engine_refuses_are_said_before_any_run(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found after the multi-turn half had run (a helper's trial)."""
+    from dlora.services.cli import main
+
+    assert main(["bench", "features", *argv]) == 2
+    assert said in capsys.readouterr().err
