@@ -413,9 +413,6 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
             raise ValueError("--profiles: none given")
         args.costs = {name: profile(name) for name in args.profiles}
         args.cluster_cost = profile(args.cluster_profile)
-        for policy in args.policies:
-            if policy not in {p.value for p in PolicyName}:
-                raise ValueError(f"--policies: unknown policy {policy!r} ({', '.join(p.value for p in PolicyName)})")
         if below := [o for o in args.overheads if o < 1]:
             raise ValueError(f"--overheads {below[0]:g}: an unmerged iteration costs at least a merged one (>= 1)")
         most = max(args.adapters, args.cluster_adapters, *args.cluster_slots, args.migration_adapters)

@@ -24,6 +24,7 @@ from dlora.sim.cost import PROFILES, CostProfile, calibrated
 from dlora.sim.replica import LLAMA_7B
 
 DEFAULT_MIGRATE_INTERVAL_S = 1.0  # ``--migrate-interval``
+MIN_INTERVAL_S = 0.001  # ``--stats-interval``, ``--migrate-interval``: a millisecond (the worker's are 0.5 s and 1 s)
 
 
 def profile(name: str) -> CostProfile:
@@ -101,6 +102,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         args.migrate_interval = args.migrate_interval or DEFAULT_MIGRATE_INTERVAL_S
         if args.stats_interval >= HEARTBEAT_TTL_S:  # every replica would read as lost between two
             raise ValueError(f"--stats-interval must be under the dispatcher's heartbeat, {HEARTBEAT_TTL_S:g} s")
+        # Simulated time moves by these: at 1e-9 s a run of 5 requests did not end, at 1e-16 time
+        # stood still (1.0 + 1e-16 == 1.0) (a helper's trial)
+        for option, value in (("--stats-interval", args.stats_interval), ("--migrate-interval", args.migrate_interval)):
+            if value < MIN_INTERVAL_S:
+                raise ValueError(f"{option} {value:g}: at least {MIN_INTERVAL_S:g} s")
         spec = WorkloadSpec.from_args(args)
         ranks = args.ranks
         config = with_slots(

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--stats-interval",
         type=above_zero,
         default=0.5,
-        help="seconds between a replica's stats (under 5; default 0.5)",
+        help="seconds between a replica's stats (0.001 to under 5; default 0.5)",
     )
     p.add_argument(
         "--migrate-interval", type=above_zero, help="seconds between the migrator's looks (with --migrate; default 1)"

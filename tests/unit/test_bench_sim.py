@@ -64,7 +64,6 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     ("extra", "why"),
     [
         (["--profiles", "dlora-artifact,h200-llama7bb"], "unknown profile 'h200-llama7bb'"),
-        (["--policies", "dlora,foo"], "--policies: unknown policy 'foo'"),
         (["--overheads", "0.5"], "--overheads 0.5: an unmerged iteration costs at least a merged one"),
         (["--cluster-profile", "calibrated:/nowhere.json"], "/nowhere.json"),
     ],

@@ -223,3 +223,12 @@ def test_loadgen_refuses_retries_a_nats_target_never_asks_for(
     argv = ["loadgen", "--target", "nats://127.0.0.1:1", "--max-retries", "2", "--out", str(tmp_path / "out")]
     assert run_loadgen(build_parser().parse_args(argv)) == 2
     assert "--max-retries" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--stats-interval", "1e-9"], ["--migrate", "--migrate-interval", "1e-16"]])
+def test_an_interval_simulated_time_cannot_move_by_is_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At 1e-9 s a run of 5 requests did not end; at 1e-16 simulated time stood still (a helper's trial)."""
+    assert run_simulate(_args("--requests", "5", *argv)) == 2
+    assert f"{argv[-2]} {float(argv[-1]):g}: at least 0.001 s" in capsys.readouterr().err
