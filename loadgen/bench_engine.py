@@ -336,6 +336,7 @@ def run(
         "device": str(engine.device),
         "dtype": dtype,
         "cuda_graphs": engine.graphs is not None,
+        "async_scheduling": engine.config.async_scheduling,  # (it changes how steps run: said, as graphs are)
         "prompt_len": PROMPT_LEN,
         "timed_decode_steps": steps,
         "rounds": rounds,

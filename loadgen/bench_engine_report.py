@@ -39,6 +39,7 @@ def markdown(r: dict) -> str:
     lines = [
         f"Measured {r.get('date', '?')} on **{r['machine']}**, preset `{r['preset']}`, {r['dtype']}"
         + (", decode steps replayed as CUDA graphs" if r.get("cuda_graphs") else "")
+        + (", asynchronous scheduling" if r.get("async_scheduling") else "")
         + ": prompts of "
         f"{r['prompt_len']} tokens prefilled untimed, then the median of {r['timed_decode_steps']} decode steps, "
         f"{r['rounds']} interleaved rounds, median reported. Output tokens/s (median step time); a batch holds at "

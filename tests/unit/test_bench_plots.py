@@ -301,6 +301,8 @@ def test_a_graphed_gpu_profile_is_projected_to_full_depth() -> None:
     assert "| base | 32 | 2.50 | 1.50 | 1.67 (1.08) |" in graphed and "At 32 layers" in graphed
     eager = bench_engine.markdown({**r, "cuda_graphs": False, "num_layers": 4})  # launches grow with depth
     assert "| base | 32 | 2.50 | 1.50 | 1.67 |" in eager and "At 32 layers" not in eager
+    assert "asynchronous scheduling" not in eager  # said where it ran so (it was in no record: a helper)
+    assert "asynchronous scheduling" in bench_engine.markdown({**r, "async_scheduling": True, "num_layers": 4})
 
 
 def test_a_soak_stopped_before_its_first_sample_plots_without_a_legend() -> None:
