@@ -342,6 +342,10 @@ def plot(r: dict) -> Figure:
 def run_bench_policy(args: argparse.Namespace) -> int:
     args.strides = [int(s) for s in args.strides.split(",")]
     args.policies = [v.strip() for v in args.policies.split(",") if v.strip()]
+    if args.rate and args.load is not None:  # --rate won without a word (a helper's trial)
+        print("dlora bench policy: give --rate or --load, not both", file=sys.stderr)
+        return 2
+    args.load = 0.9 if args.load is None else args.load
     try:
         result = run(args)
     except ValueError as e:

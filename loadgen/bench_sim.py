@@ -379,6 +379,17 @@ SETTINGS = {
 }
 
 
+def ignored_options(args: argparse.Namespace) -> list[str]:
+    """The options ``args`` set (away from their defaults) that only other experiments read: taken
+    without a word, as if they had shaped the run (a helper's trial: --experiment policy with
+    --replicas 7 exited 0; dlora simulate refuses an option where it does nothing, so does this)."""
+    from dlora.services.cli import build_parser
+
+    defaults = vars(build_parser().parse_args(["bench", "simulate"]))
+    others = {o for options in SETTINGS.values() for o in options} - set(SETTINGS[args.experiment])
+    return [f"--{o.replace('_', '-')}" for o in sorted(others) if getattr(args, o) != defaults[o]]
+
+
 def run_bench_simulate(args: argparse.Namespace) -> int:
     from dlora.loadgen.bench_migration_regime import markdown_migration_regime, migration_regime, plot_migration_regime
     from dlora.loadgen.bench_regime import markdown_regime, plot_regime, regime
@@ -387,6 +398,7 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
     def items(text: str) -> list[str]:
         return [v.strip() for v in text.split(",") if v.strip()]
 
+    ignored = ignored_options(args)  # (before the lists are split: as given, against the defaults)
     args.profiles = items(args.profiles)
     args.strides = [int(s) for s in items(args.strides)]
     args.cluster_slots = [int(s) for s in items(args.cluster_slots)]
@@ -409,6 +421,8 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
     # Every name and file it will need, checked before the first run: a typo in the last profile
     # lost every run before it (no JSON is written until the end).
     try:
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not read by --experiment {args.experiment}")
         if not args.profiles:  # nothing ran, then the plot failed on no columns
             raise ValueError("--profiles: none given")
         args.costs = {name: profile(name) for name in args.profiles}

@@ -116,6 +116,10 @@ class WorkloadSpec:
                 return f"{option} applies to {chosen} {' or '.join(where)} only, not {value}"
         if args.adapter_names and args.adapters is not None:
             return "give --adapters or --adapter-names, not both (the names say how many)"
+        if args.trace_format != "auto" and not args.trace:  # recorded as if it had read the bundled ones
+            return (
+                "--trace-format applies to the files --trace names; none given (the bundled traces' formats are known)"
+            )
         return None
 
     def options(self) -> dict[str, object]:

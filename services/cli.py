@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--repeats", type=int, default=3, help="runs of each (stride, policy): median and spread")
     bp.add_argument("--requests", type=int, default=120)
     bp.add_argument("--rate", type=float, help="arrival rate, req/s (default: --load x measured saturation)")
-    bp.add_argument("--load", type=float, default=0.9, help="fraction of the measured saturation rate")
+    bp.add_argument("--load", type=float, help="fraction of the measured saturation (default 0.9; not with --rate)")
     bp.add_argument("--length-divide", type=float, default=8.0, help="trace lengths are divided by this")
     bp.add_argument("--max-prompt", type=int, default=32, help="prefill dominates on a CPU: keep prompts short")
     bp.add_argument("--max-output", type=int, default=48)

@@ -117,3 +117,11 @@ def test_features_settings_the_engine_refuses_are_said_before_any_run(
 
     assert main(["bench", "features", *argv]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_policy_takes_a_rate_or_a_load_not_both(capsys: pytest.CaptureFixture[str]) -> None:
+    """--rate overrode --load without a word (a helper's trial)."""
+    from dlora.services.cli import main
+
+    assert main(["bench", "policy", "--rate", "2", "--load", "0.5"]) == 2
+    assert "give --rate or --load, not both" in capsys.readouterr().err

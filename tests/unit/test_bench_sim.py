@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dlora.loadgen.bench_sim import capacity_rps
+from dlora.loadgen.bench_sim import capacity_rps, ignored_options
 from dlora.services.cli import build_parser
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.sim.cost import ARTIFACT
@@ -18,14 +18,26 @@ def test_a_replica_s_capacity_is_a_full_unmerged_batch_over_each_request_s_steps
 
 def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Path) -> None:
     out, md, r = tmp_path / "r.json", tmp_path / "BENCHMARKS.md", {}
-    argv = "bench simulate --profiles dlora-artifact --strides 1,16 --policies dlora,merged-only --adapters 8"
-    argv += " --duration 4 --replicas 2 --cluster-adapters 8 --cluster-slots 8,2 --cluster-duration 3"
-    argv += " --overheads 1.8 --alphas 2 --loads 1.4 --regime-duration 4"
-    argv += " --migration-replicas 2 --migration-adapters 8 --migration-slots 2 --migration-alphas 1.5"
-    argv += " --migration-loads 0.5 --migration-duration 3"
-    for experiment in ("policy", "cluster", "regime", "migration"):
+    own = {  # each experiment's own options (another's are refused)
+        "policy": "--profiles dlora-artifact --strides 1,16 --policies dlora,merged-only --adapters 8 --duration 4",
+        "cluster": "--replicas 2 --cluster-adapters 8 --cluster-slots 8,2 --cluster-duration 3",
+        "regime": "--overheads 1.8 --alphas 2 --loads 1.4 --regime-duration 4 --adapters 8",
+        "migration": "--migration-replicas 2 --migration-adapters 8 --migration-slots 2 --migration-alphas 1.5"
+        " --migration-loads 0.5 --migration-duration 3",
+    }
+    for experiment, argv in own.items():
         args = build_parser().parse_args(
-            [*argv.split(), "--experiment", experiment, "--json", str(out), "--benchmarks", str(md)]
+            [
+                "bench",
+                "simulate",
+                *argv.split(),
+                "--experiment",
+                experiment,
+                "--json",
+                str(out),
+                "--benchmarks",
+                str(md),
+            ]
         )
         assert args.func(args) == 0
         r[experiment] = json.loads(out.read_text())["rows"]
@@ -64,15 +76,15 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
     ("extra", "why"),
     [
         (["--profiles", "dlora-artifact,h200-llama7bb"], "unknown profile 'h200-llama7bb'"),
-        (["--overheads", "0.5"], "--overheads 0.5: an unmerged iteration costs at least a merged one"),
-        (["--cluster-profile", "calibrated:/nowhere.json"], "/nowhere.json"),
+        (["--experiment", "regime", "--overheads", "0.5"], "--overheads 0.5: an unmerged iteration costs at least"),
+        (["--experiment", "cluster", "--cluster-profile", "calibrated:/nowhere.json"], "/nowhere.json"),
     ],
 )
 def test_bench_simulate_refuses_what_it_would_fail_on_before_the_first_run(
     extra: list[str], why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A typo in the last profile crashed it after every run of the first, and no JSON was kept."""
-    argv = ["bench", "simulate", "--strides", "1", "--duration", "2", "--benchmarks", str(tmp_path / "B.md"), *extra]
+    argv = ["bench", "simulate", "--benchmarks", str(tmp_path / "B.md"), *extra]
     args = build_parser().parse_args(argv)
     assert args.func(args) == 2
     assert why in capsys.readouterr().err
@@ -131,3 +143,13 @@ def test_bench_simulate_scale_runs_each_command_and_says_it_against_its_target(
     assert "| fast |" in text and "(met)" in text and "(not met)" in text
     assert "`dlora simulate " + small.format(requests=200) + "`" in text
     assert (tmp_path / "docs" / "bench-simulate-scale.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_options_only_other_experiments_read_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--experiment policy --replicas 7 --cluster-slots 3 --migration-alphas 9 exited 0, as if they
+    had shaped the run (a helper's trial)."""
+    argv = ["bench", "simulate", "--replicas", "7", "--cluster-slots", "3", "--migration-alphas", "9"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 2
+    assert "--cluster-slots, --migration-alphas, --replicas: not read by --experiment policy" in capsys.readouterr().err
+    assert ignored_options(build_parser().parse_args([*argv, "--experiment", "cluster"])) == ["--migration-alphas"]

@@ -292,6 +292,8 @@ def test_a_length_option_given_where_it_does_nothing_is_named() -> None:
     assert problem("--popularity", "zipf", "--stride", "4") == "--stride applies to --popularity stride only, not zipf"
     assert problem("--adapters", "3", "--adapter-names", "a,b") is not None
     assert problem("--arrivals", "gamma", "--cv", "3", "--popularity", "power", "--alpha", "2") is None
+    assert "--trace-format applies to the files --trace names" in (problem("--trace-format", "mooncake") or "")
+    assert problem("--trace-format", "mooncake", "--trace", "t.jsonl") is None
     # a user's trial: "" meant the default count, and a,a one adapter
     for names, why in (("a,,b", "empty name: write - for the base model"), ("", "empty name"), ("a,b, a", "a more")):
         with pytest.raises(ValueError, match=why):
