@@ -121,7 +121,17 @@ def run_simulate(args: argparse.Namespace) -> int:
                     ("max_loras", args.max_loras, f"must be at most {MAX_LISTED}") if b[0] == "max_cpu_loras" else b
                     for b in bad
                 ]
+            # an option the simulator does not have was named (a helper's trial): the one given is
+            budget = config.max_num_batched_tokens
+            bad = [
+                ("max_num_seqs", args.max_num_seqs, f"must be at most the step's token budget, {budget}")
+                if b[0] == "max_num_batched_tokens"
+                else b
+                for b in bad
+            ]
             raise ValueError("; ".join(f"--{f.replace('_', '-')} {v!r}: {why}" for f, v, why in bad))
+        if over := [r for r in ranks if r > config.adapter_limits.max_lora_rank]:  # simulated without a word
+            raise ValueError(f"--ranks {over[0]}: above max_lora_rank {config.adapter_limits.max_lora_rank}")
         planned = planned_requests(spec)
         requests = _sent_by(planned, spec.duration)
         _checked_workload(requests)

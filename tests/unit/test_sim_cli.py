@@ -232,3 +232,18 @@ def test_an_interval_simulated_time_cannot_move_by_is_refused(
     """At 1e-9 s a run of 5 requests did not end; at 1e-16 simulated time stood still (a helper's trial)."""
     assert run_simulate(_args("--requests", "5", *argv)) == 2
     assert f"{argv[-2]} {float(argv[-1]):g}: at least 0.001 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--max-num-seqs", "3000"], "--max-num-seqs 3000: must be at most the step's token budget"),
+        (["--ranks", "8,600"], "--ranks 600: above max_lora_rank 512"),
+    ],
+)
+def test_limits_are_said_by_the_options_the_simulator_has(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It named --max-num-batched-tokens, which it has not, and simulated rank 600 the engine refuses."""
+    assert run_simulate(_args("--requests", "5", *argv)) == 2
+    assert said in capsys.readouterr().err
