@@ -147,7 +147,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
     # that moves it and the dispatcher that re-dispatches it, cleared on an application's. Such a
     # request finishes on its adapter's version even once the adapter is removed; a new one does not.
     continued: bool = False
-    # The base model its prompt was tokenized for (``model.files.model_digest``, set by a gateway;
+    # The base model its prompt was tokenized for (``model.config.model_digest``, set by a gateway;
     # "": not said, as an application's): run only by a worker of that model, else refused.
     model_digest: str = ""
 
@@ -392,7 +392,7 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     max_model_len: int = 0
     # The highest adapter rank it loads (its adapter_limits.max_lora_rank; 0: an older worker that does not say).
     max_lora_rank: int = 0
-    # Its base model (``model.files.model_digest``; "": an older worker): requests of another model
+    # Its base model (``model.config.model_digest``; "": an older worker): requests of another model
     # are not sent or moved to it.
     model_digest: str = ""
     # The time to live of its heartbeat key, seconds (set as it is written to Redis; 0 on NATS, and

@@ -368,7 +368,10 @@ def model_digest(cfg: ModelConfig, vocab: Mapping[str, int]) -> str:
     Parsed, not the files' bytes: a gateway's host may hold only the config and tokenizer, re-saved
     by another transformers release, or tokenizer.json without the slow tokenizer's files. Not the
     weights (gigabytes at each start): weights retrained in place with the same shapes agree."""
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    # Not the end-of-sequence ids: generation_config.json adds to them (Llama 3's), and a gateway's
+    # host without that file read as another model (a review); they decide when to stop, not what ids mean.
+    fields = {k: v for k, v in asdict(cfg).items() if k != "eos_token_ids"}
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     for token, token_id in sorted(vocab.items(), key=lambda item: item[1]):
         h.update(f"{token_id}\0{token}\0".encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]

@@ -151,7 +151,7 @@ def estimated_finish(
 
 
 def same_model(workers: list[WorkerStats], digest: str) -> list[WorkerStats]:
-    """Those of ``workers`` that serve the base model of ``digest`` (``model.files.model_digest``),
+    """Those of ``workers`` that serve the base model of ``digest`` (``model.config.model_digest``),
     or do not say (an older worker): a prompt's token ids mean other text under another tokenizer."""
     return [w for w in workers if w.model_digest in ("", digest)]
 

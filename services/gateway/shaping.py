@@ -71,7 +71,7 @@ class ServedModel:
     tool_call_parser: str = ""
     # How a chat message's content reaches the template (the gateway's chat_template_content_format).
     content_format: str = "auto"
-    # Its digest (``model.files.model_digest``): each request says which model its ids are for.
+    # Its digest (``model.config.model_digest``): each request says which model its ids are for.
     model_digest: str = ""
 
     @property

@@ -17,7 +17,8 @@ def _digest(model: Path) -> str:
 
 
 def test_a_copy_resaved_or_without_the_weights_agrees(tiny_llama: TinyOutput, tmp_path: Path) -> None:
-    """A gateway's host may hold only the config and tokenizer, written by another release."""
+    """A gateway's host may hold only the config and tokenizer, written by another release (and
+    without generation_config.json, whose extra end-of-sequence ids a review found digested)."""
     copy = tmp_path / "gateway-copy"
     copy.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -26,6 +27,11 @@ def test_a_copy_resaved_or_without_the_weights_agrees(tiny_llama: TinyOutput, tm
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps(dict(reversed(config.items())), indent=4))  # re-saved
     assert _digest(copy) == _digest(tiny_llama.model) and len(_digest(copy)) == 16
+    with_eos = tmp_path / "worker-copy"
+    shutil.copytree(tiny_llama.model, with_eos)
+    (with_eos / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    assert ModelConfig.from_dir(with_eos).eos_token_ids != ModelConfig.from_dir(copy).eos_token_ids
+    assert _digest(with_eos) == _digest(copy)
 
 
 def test_another_vocabulary_or_architecture_differs(
