@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,7 +89,8 @@ def balancing_bound(args: argparse.Namespace, root: Path) -> dict:
     steps = measure_step_seconds(root, args.adapters)
     f = interpolate(steps)
     rr, best = (simulate(specs, f, args.workers, balanced) for balanced in (False, True))
-    p90 = lambda xs: statistics.quantiles(xs, n=10, method="inclusive")[8]  # noqa: E731 - numpy's, as loadgen's
+    from dlora.sim.cluster import p90  # numpy's percentile, as loadgen's
+
     return {
         "step_seconds": {str(b): round(s, 4) for b, s in steps.items()},
         "round_robin_mean_s": sum(rr) / len(rr),

@@ -227,6 +227,14 @@ class Cluster:
                 self.traffic[req.adapter] = self.traffic.get(req.adapter, 0.0) + 1.0
 
 
+def p90(values: list[float]) -> float:
+    """The 90th percentile of ``values`` (at least one), interpolated as numpy's percentile is, as
+    the measured runs' (loadgen/metrics.py): the rank taken was one high (the maximum at ten
+    requests: a helper's finding), and ``bench simulate --experiment validate`` compares the two
+    within 10 %."""
+    return statistics.quantiles(values, n=10, method="inclusive")[8] if len(values) > 1 else values[0]
+
+
 def summary(served: list[Served], until: float | None = None) -> dict[str, float]:
     """Throughput (output tokens per second over the run) and normalized latency, mean and P90.
     A run cut at ``until`` counts the tokens made by then, and each request that arrived by then
@@ -251,8 +259,5 @@ def summary(served: list[Served], until: float | None = None) -> dict[str, float
         "completed": len(done),
         "throughput_tok_s": sum(s.tokens for s in (served if cut else done)) / max(end - start, 1e-9),
         "norm_latency_mean_s": statistics.fmean(norm),
-        # numpy's percentile (interpolated), as the measured runs' (loadgen/metrics.py): the rank
-        # taken was one high, the maximum at 10 requests (a helper's finding), and validate
-        # compares the two within 10 %
-        "norm_latency_p90_s": statistics.quantiles(norm, n=10, method="inclusive")[8] if len(norm) > 1 else norm[0],
+        "norm_latency_p90_s": p90(norm),
     }

@@ -247,3 +247,15 @@ def test_limits_are_said_by_the_options_the_simulator_has(
     """It named --max-num-batched-tokens, which it has not, and simulated rank 600 the engine refuses."""
     assert run_simulate(_args("--requests", "5", *argv)) == 2
     assert said in capsys.readouterr().err
+
+
+def test_the_simulators_p90_is_the_measured_runs_and_takes_one_value() -> None:
+    """Its rank was one high (the maximum at ten requests), the measured side's is numpy's
+    interpolated percentile; and bench cluster --requests 1 crashed on one value (a review)."""
+    import numpy as np
+
+    from dlora.sim.cluster import p90
+
+    values = [float(i) for i in range(1, 11)]
+    assert p90(values) == pytest.approx(float(np.percentile(values, 90))) == pytest.approx(9.1)
+    assert p90([3.0]) == 3.0
