@@ -219,3 +219,39 @@ def test_generate_interrupted_leaves_the_output_as_it_was(
     assert main(argv) == 0
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a"]
     assert main([*argv[:-1], str(tmp_path)]) == 2  # a folder: said before the batch runs
+
+
+def test_generate_writes_through_a_link_keeps_the_files_mode_and_a_sigterm_leaves_it(
+    tiny_llama: TinyOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review of the rename over --output: it replaced a link with a file (the link's target kept
+    its old lines; /dev/stdout printed nothing), made a 0600 file 0644, and a SIGTERM left its
+    temporary file behind."""
+    import os
+    import signal
+
+    from dlora.services.worker.engine import offline
+
+    inp, real, link = tmp_path / "in.jsonl", tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "kalo", "max_tokens": 2}) + "\n")
+    real.write_text("old\n")
+    real.chmod(0o600)
+    link.symlink_to(real)
+    argv = ["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(link)]
+    assert main(argv) == 0
+    assert link.is_symlink() and json.loads(real.read_text())["id"] == "a" and real.stat().st_mode & 0o777 == 0o600
+
+    def terminated(*args: object) -> list[dict]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not terminated")
+
+    monkeypatch.setattr(offline, "generate_lines", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 143 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl",
+        "link.jsonl",
+        "real.jsonl",
+    ]
+    assert signal.getsignal(signal.SIGTERM) is before  # put back

@@ -14,10 +14,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 
@@ -145,6 +146,58 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
     return list(results.values())
 
 
+class Output:
+    """Where ``dlora generate`` writes its lines: a file beside ``path`` put in its place by
+    ``commit`` (opened "w" up front, a Ctrl-C emptied it and the lines already served were lost
+    with it), with the mode of the file it replaces (or open()'s for a new one). A link's target is
+    written, not the link; what is not a regular file (a FIFO, ``/dev/stdout``), or sits in a
+    folder that takes no new file, is written directly, as before (a review).
+
+    Raises:
+        IsADirectoryError, PermissionError, OSError: ``path`` cannot be written."""
+
+    def __init__(self, path: str) -> None:
+        target = Path(path)
+        if target.is_dir():
+            raise IsADirectoryError(f"--output {path} is a folder")
+        self.target = target.resolve() if target.is_symlink() else target
+        self.temp: Path | None = None
+        self.file: IO[str]
+        if self.target.exists() and (not self.target.is_file() or not os.access(self.target, os.W_OK)):
+            self.file = open(self.target, "w")  # (and a read-only file refused now, as open() refuses it)
+            return
+        try:
+            temp = tempfile.NamedTemporaryFile(
+                "w", dir=self.target.parent, prefix=f".{self.target.name}.", delete=False
+            )
+        except PermissionError:
+            self.file = open(self.target, "w")
+            return
+        self.file, self.temp = temp, Path(temp.name)
+        os.chmod(self.temp, self.target.stat().st_mode & 0o7777 if self.target.exists() else _new_file_mode())
+
+    def commit(self) -> None:
+        self.file.close()
+        if self.temp is not None:
+            os.replace(self.temp, self.target)
+
+    def abandon(self) -> None:
+        self.file.close()
+        if self.temp is not None:
+            self.temp.unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file (0666 less the umask), not tempfile's 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     try:
         loras = parse_lora_args(args.lora)
@@ -160,31 +213,24 @@ def run_generate(args: argparse.Namespace) -> int:
         for name, path in loras.items():
             engine.register_adapter(name, path)
         lines = read_lines(args.input)
-        target = Path(args.output)
-        if target.is_dir():
-            raise IsADirectoryError(f"--output {target} is a folder")
-        # Written beside it and put in its place at the end: opened before the batch runs (a bad
-        # path must not cost the work), and a Ctrl-C leaves the file as it was (opened "w" up
-        # front, it was emptied, and the lines already served were lost with it).
-        out = tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", delete=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(out.name, 0o666 & ~umask)  # as open() makes a file, not tempfile's 0600
+        out = Output(args.output)  # before the batch runs: a bad path must not cost the work
     except (ValueError, AdapterError, OSError) as e:
         print(f"dlora generate: {e}", file=sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminated)  # as Ctrl-C: the output left as it was
     try:
-        with out:
-            results = generate_lines(engine, lines)
-            for r in results:
-                out.write(json.dumps(r) + "\n")
-        os.replace(out.name, target)
+        results = generate_lines(engine, lines)
+        for r in results:
+            out.file.write(json.dumps(r) + "\n")
+        out.commit()
     except BaseException as e:
-        Path(out.name).unlink(missing_ok=True)
+        out.abandon()
         if isinstance(e, KeyboardInterrupt):
-            print(f"dlora generate: interrupted; {target} left as it was", file=sys.stderr)
+            print(f"dlora generate: interrupted; {args.output} left as it was", file=sys.stderr)
             return 130
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = sum("error" in r for r in results)
     for r in results:
         if "error" in r:
