@@ -448,11 +448,18 @@ class StateStore:
         the work: each record is re-dispatched once anyway (``put_inflight``'s ``expect``)."""
         return bool(await self.r.set(f"{self.p}:recovering:{loss}", "1", nx=True, px=int(ttl_s * 1000)))
 
-    async def delete_inflight(self, request_id: str, expect: tuple[str, int] | None = None) -> bool:
+    async def delete_inflight(
+        self, request_id: str, expect: tuple[str, int] | None = None, untaken: GenerateRequest | None = None
+    ) -> bool:
         """Drop ``request_id``'s record (and its worker's index entry); with ``expect`` (worker,
         attempt) only if the record still names them: a later attempt's record, written meanwhile
-        by another dispatcher, stays. False only when such a record stayed."""
+        by another dispatcher, stays; with ``untaken`` too (a request, as ``put_inflight`` was
+        given it), only if it still holds that request and its worker, one that marks what it
+        takes, has not taken it up. False only when such a record stayed."""
         args: list[str | int] = [f"{self.p}:inflight-of:", request_id, *(expect or ())]
+        if untaken is not None:
+            assert expect is not None, "untaken is checked with expect"
+            args.append(msgspec.json.encode(untaken).decode())
         return bool(await self._delete_inflight(keys=[f"{self.p}:inflight:{request_id}"], args=args))
 
 

@@ -220,11 +220,16 @@ return fenced
 )
 
 # KEYS: an in-flight hash. ARGV: index key prefix, request id, then optionally the worker and
-# attempt it must still name. Deletes it and its index entry; 0 if it names another (gone is
-# fine: this very delete, run again after its reply was lost, must still say it did it).
+# attempt it must still name, then optionally the request (as put_inflight stored it) it must still
+# hold, not taken up by a worker that marks what it takes. Deletes it and its index entry; 0 if it
+# names another (gone is fine: this very delete, run again after its reply was lost, must still say
+# it did it).
 _DELETE_INFLIGHT_LUA = """
-local rec = redis.call('HMGET', KEYS[1], 'worker', 'recoveries')
+local rec = redis.call('HMGET', KEYS[1], 'worker', 'recoveries', 'request', 'taken', 'marks')
 if ARGV[3] and rec[1] and (rec[1] ~= ARGV[3] or rec[2] ~= ARGV[4]) then
+  return 0
+end
+if ARGV[5] and rec[1] and (rec[3] ~= ARGV[5] or rec[4] == rec[2] or rec[5] ~= rec[1]) then
   return 0
 end
 if rec[1] then

@@ -35,12 +35,9 @@ async def take_back(store: StateStore, request: GenerateRequest, worker: str, re
         await asyncio.sleep(retry_s)
         try:
             async with asyncio.timeout(2 * retry_s + 1.0):
-                record = await store.get_inflight(request.request_id)
-                if record is not None:
-                    ours = (record.worker, record.recoveries, record.request) == (worker, request.recoveries, request)
-                    if not ours or record.taken or not record.marks_taken:
-                        return  # not the write that was cut off, or one its worker runs
-                    await store.delete_inflight(request.request_id, expect=(worker, request.recoveries))
+                # one script: a worker marking it taken between a read and a delete kept it (a review)
+                if not await store.delete_inflight(request.request_id, (worker, request.recoveries), untaken=request):
+                    return  # not the write that was cut off, or one its worker runs
             answered += 1
         except bus.STATE_OUTAGE:
             answered = 0

@@ -8,7 +8,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from dlora.common.inflight import Copy, Sent
-from dlora.common.messages import AdapterEntry, GenerateRequest, WorkerStats
+from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, WorkerStats
 from dlora.common.state import StateStore
 
 
@@ -238,3 +238,24 @@ async def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_server) -> N
         assert all(e is not None and e.version == "v1" for e in found)
     finally:
         await client.aclose()
+
+
+async def test_an_untaken_delete_drops_only_that_request_never_taken_up(redis: Redis) -> None:
+    """A dispatcher taking back its own cut-off write (take_back.py): the record must still hold
+    that very request and be untaken, checked in the one script that deletes (a review: read then
+    deleted, a worker's mark in between was lost). An older worker that marks nothing is left alone."""
+    s = StateStore(redis)
+    req = GenerateRequest(request_id="t", reply_to="x", prompt_token_ids=[1], params=SamplingParams(seed=7))
+    assert await s.put_inflight(req, "w1", new=True, marks_taken=True)
+    assert await s.delete_inflight("t", ("w1", 0), untaken=req) and await s.get_inflight("t") is None
+    assert await s.put_inflight(req, "w1", new=True, marks_taken=True)
+    await s.mark_taken("w1", {"t": 0})  # its worker took it up
+    assert not await s.delete_inflight("t", ("w1", 0), untaken=req) and await s.get_inflight("t") is not None
+    await s.delete_inflight("t")
+    retry = msgspec.structs.replace(req, params=SamplingParams(seed=8))  # a retry under the same id
+    assert await s.put_inflight(retry, "w1", new=True, marks_taken=True)
+    assert not await s.delete_inflight("t", ("w1", 0), untaken=req)
+    await s.delete_inflight("t")
+    assert await s.put_inflight(req, "w1", new=True)  # an older worker: marks nothing
+    assert not await s.delete_inflight("t", ("w1", 0), untaken=req)
+    assert await s.delete_inflight("gone", ("w1", 0), untaken=req)  # nothing there: nothing to keep
