@@ -61,15 +61,16 @@ def _demo() -> tuple[Path, dict[str, str]]:
     return DEMO / "model", {p.name: str(p) for p in adapters}
 
 
-def given_key(environ: Mapping[str, str]) -> str:
+def given_key(environ: Mapping[str, str], config: str | None = None) -> str:
     """Where the admin key ``dlora up`` was given comes from, as a user would paste it: the
-    variable that sets it (the gateway's own first, as the settings read them), else dlora.toml's
-    entry. Never the key (printed, it went into logs). It named dlora.toml for a key from
-    ``DLORA_ADMIN_KEY`` (the settings had read it into the same field): a user looked for a file."""
+    variable that sets it (the gateway's own first, as the settings read them), else the entry of
+    the settings file (``config``, else ``$DLORA_CONFIG``, else dlora.toml). Never the key
+    (printed, it went into logs). It named dlora.toml for a key from ``DLORA_ADMIN_KEY`` (the
+    settings had read it into the same field): a user looked for a file."""
     for name in ("DLORA_GATEWAY_ADMIN_KEY", "DLORA_ADMIN_KEY"):
         if environ.get(name):
             return f"${name}"
-    return "<admin_key of dlora.toml>"
+    return f"<admin_key of {config or environ.get('DLORA_CONFIG') or 'dlora.toml'}>"
 
 
 def configured_model(config: str | None) -> str | None:
@@ -414,13 +415,13 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f"\ndlora is up: {stack.url}  ({workers} worker{'s' * (workers != 1)}, model {served}, "
             f"adapters: {', '.join(stack.loras) or 'none'})"
         )
-        shown = given_key(os.environ) if stack.admin_key_given else stack.admin_key
+        shown = given_key(os.environ, stack.config) if stack.admin_key_given else stack.admin_key
         print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_login_url}  admin key: {shown}")
         print(f"status page: {stack.url}/dashboard" + ("" if stack.admin_key_given else f"#key={stack.admin_key}"))
         print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
         # With auth = "keys" inference wants a key: the admin key serves until one is made.
         # (a key given is not printed: the environment's is named, dlora.toml's is to be pasted)
-        bearer = given_key(os.environ) if stack.admin_key_given else stack.admin_key
+        bearer = given_key(os.environ, stack.config) if stack.admin_key_given else stack.admin_key
         key = f' -H "Authorization: Bearer {bearer}"' if stack.base.auth == "keys" else ""
         print(
             f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json'{key} "

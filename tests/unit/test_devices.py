@@ -41,3 +41,5 @@ def test_dlora_up_names_where_a_given_admin_key_comes_from_never_the_key() -> No
     assert given_key({"DLORA_ADMIN_KEY": "k"}) == "$DLORA_ADMIN_KEY"
     assert given_key({"DLORA_ADMIN_KEY": "k", "DLORA_GATEWAY_ADMIN_KEY": "g"}) == "$DLORA_GATEWAY_ADMIN_KEY"
     assert given_key({}) == "<admin_key of dlora.toml>"
+    assert given_key({"DLORA_CONFIG": "/etc/dlora/dlora.toml"}) == "<admin_key of /etc/dlora/dlora.toml>"
+    assert given_key({}, "mine.toml") == "<admin_key of mine.toml>"
