@@ -13,7 +13,8 @@
 - ``{p}:worker:{id}``          str   WorkerStats (JSON), expires: a live worker refreshes it
 - ``{p}:stopped:{id}:{incarnation}`` str  that start of the worker drained and stopped cleanly
                                      (records left naming it were not lost in a death), expires
-- ``{p}:policy:{worker}``      str   the worker's batching-policy checkpoint (credits, band)
+- ``{p}:policy:{worker}``      str   the worker's batching-policy checkpoint (credits, band),
+                                     expires a day after the last
 - ``{p}:inflight:{request}``   hash  worker, incarnation (of the worker it was sent to, "" if
                                      unknown), request (the first GenerateRequest, JSON), next (the
                                      next chunk's seq), tokens delivered ("1,2,3," appended per
@@ -65,6 +66,8 @@ PREFIX = "dlora"
 # Seconds an in-flight record lives without its worker refreshing it: a record nobody holds (its
 # worker and every dispatcher gone meanwhile) is not kept, or replayed, for ever.
 INFLIGHT_TTL_S = 600.0
+# Seconds a worker's policy checkpoint outlives its last heartbeat (a restart within takes it up).
+POLICY_TTL_S = 86400.0
 
 
 class StateStore:
@@ -295,7 +298,9 @@ class StateStore:
 
     # ---- policy checkpoints -------------------------------------------------------------
     async def save_policy(self, worker: str, state: dict[str, Any]) -> None:
-        await self.r.set(f"{self.p}:policy:{worker}", json.dumps(state))
+        """``worker``'s policy checkpoint (every heartbeat), for a restart under its id to take up;
+        kept ``POLICY_TTL_S`` after the last (one key per worker id ever seen stayed for good)."""
+        await self.r.set(f"{self.p}:policy:{worker}", json.dumps(state), ex=int(POLICY_TTL_S))
 
     async def load_policy(self, worker: str) -> dict[str, Any] | None:
         raw = await self.r.get(f"{self.p}:policy:{worker}")

@@ -242,6 +242,8 @@ class Dispatcher(Recovery):
                 if await self.store.claim_recovery(f"{worker}:{st.incarnation}:{st.sent}"):
                     await self.recover(worker, stopped=await self.store.stopped_cleanly(worker, st.incarnation))
                 self.state.forget(worker)
+                with contextlib.suppress(KeyError):  # (a series per worker id ever seen)
+                    self.metrics.decisions.remove(worker)
         if now - self._orphans_at > self.s.heartbeat_ttl_s:
             self._orphans_at = now
             await self._recover_orphans()

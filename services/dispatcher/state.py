@@ -225,8 +225,9 @@ class DispatchState:
                 del sent[adapter]
 
     def forget(self, worker: str) -> None:
-        """A worker given up on: nothing of it is kept."""
-        for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters):
+        """A worker given up on: nothing of it is kept (its gaps and stats count were, for every
+        worker id ever seen: a helper's churn of ids)."""
+        for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters, self.gaps, self.stats_heard):
             table.pop(worker, None)
         self.affinity.forget(worker)
         self.lengths.forget(worker)

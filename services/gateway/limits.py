@@ -57,6 +57,17 @@ class Refusal:
 class _Bucket:
     tokens: float
     at: float  # the clock's time ``tokens`` was counted at
+    rate_per_s: float = 0.0  # the limits it was last counted under
+    burst: int = 0
+
+    def full(self, now: float) -> bool:
+        """Refilled to its burst by ``now``: it holds nothing a fresh one would not."""
+        return self.tokens + (now - self.at) * self.rate_per_s >= self.burst
+
+
+# Seconds between sweeps of full buckets (each key ever used kept one: a helper's trial, 100,000
+# keys used once each held 21 MB).
+SWEEP_INTERVAL_S = 60.0
 
 
 class KeyLimiter:
@@ -67,6 +78,7 @@ class KeyLimiter:
         self.clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._running: dict[str, int] = {}
+        self._swept = clock()
 
     def admit(self, key_id: str, limits: Limits) -> Refusal | None:
         """Take one request for ``key_id`` if its limits allow (None), or say why not. A refused
@@ -81,10 +93,13 @@ class KeyLimiter:
             )
         if limits.rate_per_s > 0:
             now = self.clock()
+            if now - self._swept >= SWEEP_INTERVAL_S:
+                self._swept = now
+                self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
             bucket = self._buckets.setdefault(key_id, _Bucket(float(limits.burst), now))
             # min: a bucket made under a larger burst does not keep its extra tokens
             bucket.tokens = min(float(limits.burst), bucket.tokens + (now - bucket.at) * limits.rate_per_s)
-            bucket.at = now
+            bucket.at, bucket.rate_per_s, bucket.burst = now, limits.rate_per_s, limits.burst
             if bucket.tokens < 1.0:
                 wait = (1.0 - bucket.tokens) / limits.rate_per_s
                 return Refusal(

@@ -49,7 +49,7 @@ from dlora.services.gateway.chat_template import template_problem
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.health import readiness
-from dlora.services.gateway.metrics import Metrics, RequestTimer
+from dlora.services.gateway.metrics import Metrics, RequestTimer, keep_tidy
 from dlora.services.gateway.models import model_cards
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, model_not_found
 from dlora.services.gateway.replies import GAP_WAIT_S
@@ -469,6 +469,7 @@ class Gateway:
         # Workers drop this gateway's requests once these stop (it died without aborting them).
         self._announcer = asyncio.create_task(announce(self.nc, self.gateway_id, self._stopped))
         self._reconciler = asyncio.create_task(self.auth.keys.keep_reconciled(self._stopped))
+        self._tidier = asyncio.create_task(keep_tidy(self.metrics, self.store, self.state_bound, self._stopped))
 
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:

@@ -8,10 +8,16 @@ tenant's adapter names (README, API keys). The status page (admin) and the worke
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Collection
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from redis.exceptions import RedisError
 
+from dlora.common.bus import STATE_OUTAGE, StateBound
+from dlora.common.state import StateStore
 from dlora.services.gateway.status import Traffic
 
 PRIVATE = "private"  # the adapter label of every adapter a tenant owns, on the public /metrics
@@ -95,6 +101,25 @@ class Metrics:
         ours.labels(label).observe(seconds)
         self.vllm[vllm].labels(self.model_name).observe(seconds)
 
+    def keep_only(self, adapters: Collection[str]) -> int:
+        """Drop the series and the status page's traffic of adapter labels but those of
+        ``adapters`` (the ones registered now), the base model, ``PRIVATE`` and "?". Returns how
+        many label sets went. Kept, each adapter name ever served held ~94 series for good (a
+        helper: 14,609 after 150 adapters registered, used and deleted)."""
+        keep = {*adapters, self.model_name, PRIVATE, "?"}
+        gone = 0
+        for family, names in ((self.requests, ("adapter", "status")), *((h, ("adapter",)) for h in self._ours)):
+            held = {tuple(s.labels[n] for n in names) for m in family.collect() for s in m.samples}
+            for labels in (labels for labels in held if labels[0] not in keep):
+                family.remove(*labels)
+                gone += 1
+        self.traffic.by_label = {k: v for k, v in self.traffic.by_label.items() if k in keep}
+        return gone
+
+    @property
+    def _ours(self) -> tuple[Histogram, ...]:
+        return self.ttft, self.tpot, self.e2e, self.queue
+
     def failed(self, name: str, status: int, public: bool = True) -> None:
         """A request for adapter (or model) ``name`` refused or failed with HTTP ``status``;
         ``public``: not an adapter a tenant owns (else counted under ``PRIVATE``)."""
@@ -143,3 +168,18 @@ class RequestTimer:
     def aborted(self) -> None:
         """The client went away before the end."""
         self.metrics.requests.labels(self.label, "aborted").inc()
+
+
+async def keep_tidy(
+    metrics: Metrics, store: StateStore, bound: StateBound, stop: asyncio.Event, every_s: float = 60.0
+) -> None:
+    """``metrics.keep_only`` the adapters registered now (read within ``bound``) every ``every_s``
+    until ``stop`` (a gateway's task); a round that fails (Redis away) is tried at the next."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        if not stop.is_set():
+            with contextlib.suppress(*STATE_OUTAGE, RedisError):
+                async with bound():
+                    registered = [entry.name for entry in await store.list_adapters()]
+                metrics.keep_only(registered)

@@ -86,6 +86,9 @@ class ClusterStatus(msgspec.Struct, kw_only=True):
     migrations: list[MovePlan]  # the migrator's plans as it published them, newest first
 
 
+FORGET_AFTER_TTLS = 10  # heartbeat TTLs of silence after which a worker is forgotten here
+
+
 class ClusterView:
     """The latest stats of every worker heard from, and the migrator's recent plans."""
 
@@ -110,7 +113,12 @@ class ClusterView:
         return self._stepped.get(worker, -math.inf) > since
 
     def live(self, now: float, ttl_s: float) -> list[tuple[WorkerStats, float]]:
-        """(stats, age in seconds) of the workers heard from within ``ttl_s``."""
+        """(stats, age in seconds) of the workers heard from within ``ttl_s``; those not heard
+        from for ``FORGET_AFTER_TTLS`` of it are forgotten (every worker id ever seen was kept:
+        a replaced host's new id, an autoscaled one's)."""
+        for worker in [w for w, (_, at) in self.workers.items() if now - at > FORGET_AFTER_TTLS * ttl_s]:
+            del self.workers[worker]
+            self._stepped.pop(worker, None)
         return [(st, now - at) for st, at in self.workers.values() if now - at <= ttl_s]
 
 

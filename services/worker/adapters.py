@@ -438,6 +438,8 @@ class WorkerAdapters:
                 self.engine.loading.discard(key)
                 self.reads.pop(key).set_result(None)
         self.retiring[name] = version
+        if version is None:
+            self.engine.stats.forget_name(name)
         # An unversioned entry registered again keeps its key "": its old failure is not its own.
         self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
         self.unprefetchable = {k for k in self.unprefetchable if k[0] != name}

@@ -101,3 +101,14 @@ def test_a_worker_is_seen_stepping_only_when_its_step_count_moves() -> None:
     assert view.stepped_since("w1", since=3.5)  # however late the check that reads it
     assert not view.stepped_since("w1", since=4.5)  # not heard stepping since: gone or wedged
     assert not view.stepped_since("w2", since=0.0)  # never heard
+
+
+def test_a_worker_silent_for_ten_ttls_is_forgotten() -> None:
+    """Every worker id ever heard from was kept (a helper: a replaced host's new id, an autoscaled one's)."""
+    view = ClusterView()
+    view.heard(_stats("old", [], []), 0.0)
+    view.heard(_stats("new", [], []), 40.0)
+    assert [st.worker for st, _ in view.live(45.0, 5.0)] == ["new"] and "old" in view.workers  # within 10 TTLs
+    view.heard(_stats("new", [], []), 50.0)
+    assert [st.worker for st, _ in view.live(51.0, 5.0)] == ["new"] and "old" not in view.workers
+    assert not view.stepped_since("old", -1.0)

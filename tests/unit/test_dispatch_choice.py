@@ -424,3 +424,15 @@ def test_a_worker_is_quiet_past_half_the_ttl_and_three_of_its_own_gaps() -> None
     assert state.quiet(4.0) == {"fast"}  # 3 s silent: past 2.5 (half the TTL) and 1.5 (its gaps)
     assert state.quiet(5.5) == {"fast", "slow"}
     assert state.quiet(6.5) == {"slow"}  # "fast" past the TTL: lost, not quiet
+
+
+def test_a_worker_given_up_on_leaves_nothing_behind() -> None:
+    """Its gaps and stats count stayed, one of each per worker id ever seen (a helper's churn of ids:
+    replaced hosts under new names)."""
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
+    for at in (0.0, 0.5):
+        state.heard(w("gone"), at)
+    state.choose(state.live(0.5), None)
+    state.forget("gone")
+    tables = (state.workers, state.loads, state.sent_tokens, state.sent_adapters, state.gaps, state.stats_heard)
+    assert not any("gone" in table for table in tables)

@@ -198,3 +198,13 @@ def test_a_deleted_adapters_load_series_go_once_it_is_gone_here() -> None:
     assert not gone.get("dlora_adapter_loads_total") and not gone.get("dlora_adapter_load_seconds_total")
     held = _scrape(_view(registered={"b": 16}))  # deleted, still held here: kept until evicted
     assert _one(held, "dlora_adapter_loads_total", adapter="a") == 2
+
+
+def test_a_removed_adapters_folded_load_counts_go_with_it() -> None:
+    """Two entries per adapter name ever removed stayed in the worker (a helper's churn)."""
+    stats = EngineStats()
+    stats.record_load("a@v1", evicted=False, seconds=0.25)
+    stats.forget_adapter("a@v1")  # evicted: folded into its name
+    assert stats.loads_by_adapter == {"a": 1}
+    stats.forget_name("a")  # removed from the registry
+    assert not stats.loads_by_adapter and not stats.load_seconds_by_adapter

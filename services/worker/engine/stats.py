@@ -106,6 +106,12 @@ class EngineStats:
                 if key in by_key:
                     by_key[name] = by_key.get(name, 0) + by_key.pop(key)
 
+    def forget_name(self, name: str) -> None:
+        """Adapter ``name`` is removed from the registry: its folded load counts go (its exporter
+        series went already; the entries stayed, two per name ever removed: a helper's churn)."""
+        for by_name in (self.loads_by_adapter, self.load_seconds_by_adapter):
+            by_name.pop(name, None)
+
     def adapter_seconds_per_token(self) -> dict[str, float]:
         return {a: self.adapter_seconds[a] / n for a, n in self.adapter_tokens.items() if n}
 
