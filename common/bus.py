@@ -270,6 +270,13 @@ class StateBound:
                 raise RedisTimeoutError(f"no answer within {self.bound_s:g} s") from e
             raise
 
+    async def reachable(self, ping: Callable[[], Awaitable[object]]) -> None:
+        """Raises as a bounded block does unless ``ping()`` answers within the bound: before work
+        that stays unbounded (a write whose late effect would be wrong), so that a hung Redis costs
+        it 2 s, not redis-py's 20 (a helper: every admin route), and nothing is sent to run late."""
+        async with self():
+            await ping()
+
 
 async def when_reachable(
     read: Callable[[], Awaitable[T]], what: str, stop: asyncio.Event, every_s: float = 0.5

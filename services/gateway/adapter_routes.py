@@ -85,7 +85,8 @@ class AdapterAdmin:
         taken = APIError(409, f"adapter {body.name!r} is already registered", param="name")
         if body.owner == "":  # it silently made the adapter public (no owner): say so with null
             raise APIError(400, "owner must name a tenant; leave it out (or null) for a public adapter", param="owner")
-        current = await gw.store.get_adapter(body.name)
+        async with gw.state_bound():  # (its writes below stay unbounded: a late one would be unseen)
+            current = await gw.store.get_adapter(body.name)
         if current is not None and not replace:  # before loading the files
             raise taken
         if current is not None and body.owner is None:  # replaced in place: still its tenant's, not public
@@ -123,6 +124,7 @@ class AdapterAdmin:
     async def _remove(self, name: str) -> None:
         # A name the durable copy cannot key is in Redis only, if anywhere (registered before names
         # were checked as they are now): removed there, its version retired as any other's.
+        await self.gw.state_bound.reachable(self.gw.store.r.ping)
         removed = await (self.gw.registry.remove(name) if valid_name(name) else self._remove_from_redis(name))
         if not removed:
             raise APIError(404, f"adapter {name!r} is not registered", param="name")

@@ -38,6 +38,10 @@ class KeyAdmin:
     def __init__(self, auth: Auth, read_body: ReadBody) -> None:
         self.auth, self.read_body = auth, read_body
 
+    async def _reachable(self) -> None:
+        """Redis answers within the gateway's bound (else its 503 in 2 s, not redis-py's 20)."""
+        await self.auth.state_bound.reachable(self.auth.keys.store.r.ping)
+
     async def create(self, request: web.Request) -> web.Response:
         """201 with the new key (the only time it is shown) and its record.
 
@@ -55,11 +59,13 @@ class KeyAdmin:
             )
         except apikeys.KeySpecError as e:
             raise APIError(400, str(e), param=e.param) from None
+        await self._reachable()  # (the write itself stays unbounded: one run late is a key nobody was given)
         await self.auth.keys.add(key)
         return web.json_response({**apikeys.public(key), "key": secret}, status=201)
 
     async def listing(self, request: web.Request) -> web.Response:
         await self.auth.admin(request)
+        await self._reachable()
         keys = await self.auth.keys.all()
         return web.json_response({"object": "list", "data": [apikeys.public(k) for k in keys]})
 
@@ -67,6 +73,7 @@ class KeyAdmin:
         """200 with the revoked key's record; 404 for an id no key has."""
         await self.auth.admin(request)
         key_id = request.match_info["id"]
+        await self._reachable()
         key = await self.auth.keys.revoke(key_id)
         if key is None:
             raise APIError(404, f"no API key has the id {key_id!r}", param="id")

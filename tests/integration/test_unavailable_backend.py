@@ -203,7 +203,7 @@ async def test_a_hung_state_store_is_a_503_within_seconds_on_every_route_that_re
 ) -> None:
     """With Redis hung (SIGSTOP) each of the gateway's reads waited out redis-py's four tries of its
     5 s socket timeout: an adapter's request, a key's lookup, /v1/models and /healthz each took 20 s
-    to say 503 (a load balancer's probe gave up first)."""
+    to say 503 (a load balancer's probe gave up first); and every admin route."""
     redis = start_redis()
     settings = GatewaySettings(
         nats_url=nats_server.url, model=str(tiny_llama.model), port=free_port(), auth="keys", admin_key="adm"
@@ -225,6 +225,13 @@ async def test_a_hung_state_store_is_a_503_within_seconds_on_every_route_that_re
                 http.post(f"{url}/v1/completions", json={"model": "model", "prompt": "kalo"}, headers=key),
                 http.get(f"{url}/v1/models", headers=admin),
                 http.get(f"{url}/healthz"),
+                # the admin routes (a helper: 20 s each): their writes stay unbounded, Redis asked first
+                http.get(f"{url}/v1/keys", headers=admin),
+                http.post(f"{url}/v1/keys", json={"tenant": "acme"}, headers=admin),
+                http.delete(f"{url}/v1/keys/k1", headers=admin),
+                http.post(f"{url}/v1/adapters", json={"name": "new", "path": "/nowhere"}, headers=admin),
+                http.delete(f"{url}/v1/adapters/lora-0", headers=admin),
+                http.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "lora-0"}, headers=admin),
             ]
             for request in requests:
                 started = time.monotonic()
