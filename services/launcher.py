@@ -417,7 +417,9 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         )
         shown = given_key(os.environ, stack.config) if stack.admin_key_given else stack.admin_key
         print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_login_url}  admin key: {shown}")
-        print(f"status page: {stack.url}/dashboard" + ("" if stack.admin_key_given else f"#key={stack.admin_key}"))
+        # Not with #key=: the page takes it from the link out of the tab's history, not the browser's
+        # saved one, which syncs with the user's profile (a helper, in Chromium): the page asks for it.
+        print(f"status page: {stack.url}/dashboard")
         print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
         # With auth = "keys" inference wants a key: the admin key serves until one is made.
         # (a key given is not printed: the environment's is named, dlora.toml's is to be pasted)

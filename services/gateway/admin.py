@@ -55,9 +55,10 @@ def check_adapter(
     if "\x00" in path:  # no file name holds one: the OS refuses it (Path raises ValueError)
         raise APIError(400, "adapter path must not contain a NUL character", param="path")
     try:
-        # resolve(): a directory reached through a symlink is judged where it really is
-        resolved = Path(path).resolve()
-        if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+        # resolve(): a directory reached through a symlink is judged where it really is; "~" is
+        # the gateway's home, as vLLM's get_adapter_absolute_path expands it (it was "outside")
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots):
             raise APIError(
                 400,
                 f"adapter path {path!r} is outside the adapter roots {roots} (the gateway's adapter_roots "
@@ -66,7 +67,7 @@ def check_adapter(
             )
         if not resolved.is_dir():
             raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
-    except OSError as e:  # a name too long, a loop of links, no permission: the path is the client's
+    except (OSError, RuntimeError) as e:  # a name too long, a loop of links, no permission, no home
         raise APIError(400, f"adapter path {path!r} cannot be read: {e.strerror or e}", param="path") from None
     try:
         adapter = inspect_adapter(name, resolved, cfg, limits, roots)

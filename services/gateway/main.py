@@ -123,9 +123,7 @@ class Gateway:
         self._announcer: asyncio.Task[None] | None = None
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
         self.auth = Auth(settings, KeyRegistry(store, None))  # likewise
-        # The Redis reads on a request's path, bounded (redis-py's tries took 20 s with Redis hung).
-        # Not the admin routes' writes: a cut-off registration Redis ran late would stay unseen.
-        self.state_bound = self.auth.state_bound
+        self.state_bound = self.auth.state_bound  # a request's Redis reads (redis-py's tries: 20 s, Redis hung)
 
     # ---- handlers -----------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -388,7 +386,8 @@ class Gateway:
         who = await self.auth.lister(request)
         async with self.state_bound():
             workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
-        return model_cards(self.base_name, workers, adapters, who, int(time.time()), self.served.context)
+        s = self.served
+        return model_cards(self.base_name, workers, adapters, who, int(time.time()), s.context, s.model_digest)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
@@ -424,6 +423,7 @@ class Gateway:
             self.base_name,
             self.gateway_id,
             time.time(),
+            self.served.model_digest,
         )
         return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 

@@ -17,12 +17,15 @@ def model_cards(
     who: Principal,
     created: int,
     max_model_len: int,
+    model_digest: str = "",
 ) -> list[dict[str, Any]]:
     """The base model (naming the live workers serving it, with the device and dtype of each:
     ``served_by``), then each adapter ``who`` may use, with the base as its parent and ``owned_by``
     its tenant (dlora when public). Where an adapter's files lie is for admin callers only: others
     see its name as its root. ``created``: Unix seconds, the base model's; ``max_model_len``: the
-    context a request may fill, on every card (vLLM's)."""
+    context a request may fill, on every card (vLLM's). A worker of another base model than
+    ``model_digest`` (a deployment that mixes models) serves none of it: not named."""
+    workers = [w for w in workers if w.model_digest in ("", model_digest)]
     cards: list[dict[str, Any]] = [
         {
             "id": base_name,

@@ -57,6 +57,9 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     preemptions: int
     adapters: list[AdapterPlace]
     stats_age_s: float  # how old its latest stats are
+    # Its base model's digest (``model.config.model_digest``; "": an older worker): one unlike the
+    # gateway's (``ClusterStatus.model_digest``) gets none of its requests.
+    model_digest: str = ""
 
 
 class AdapterStatus(msgspec.Struct, kw_only=True):
@@ -84,6 +87,7 @@ class ClusterStatus(msgspec.Struct, kw_only=True):
     workers: list[WorkerStatus]
     adapters: list[AdapterStatus]
     migrations: list[MovePlan]  # the migrator's plans as it published them, newest first
+    model_digest: str = ""  # the gateway's base model's (``model.config.model_digest``)
 
 
 FORGET_AFTER_TTLS = 10  # heartbeat TTLs of silence after which a worker is forgotten here
@@ -186,6 +190,7 @@ def _worker(st: WorkerStats, age: float) -> WorkerStatus:
         preemptions=st.preemptions,
         adapters=places,
         stats_age_s=round(age, 3),
+        model_digest=st.model_digest,
     )
 
 
@@ -197,10 +202,12 @@ def cluster_status(
     model: str,
     gateway: str,
     now: float,
+    model_digest: str = "",
 ) -> ClusterStatus:
     """The status document: ``live`` workers as (stats, age), listed by name; the ``plans`` newest
     first; every ``registered`` adapter (and the base model, under ``model``) with where it lives,
-    its requests in flight, and ``traffic``'s figures; ``now`` in Unix seconds."""
+    its requests in flight, and ``traffic``'s figures; ``now`` in Unix seconds; ``model_digest``:
+    the gateway's, beside each worker's."""
     workers = sorted((_worker(st, age) for st, age in live), key=lambda w: w.worker)
     rows = [
         (model, True, 0, ""),
@@ -238,4 +245,12 @@ def cluster_status(
                 e2e_p90_s=_quantile(tally.e2e, 0.9),
             )
         )
-    return ClusterStatus(time=now, model=model, gateway=gateway, workers=workers, adapters=adapters, migrations=plans)
+    return ClusterStatus(
+        time=now,
+        model=model,
+        gateway=gateway,
+        workers=workers,
+        adapters=adapters,
+        migrations=plans,
+        model_digest=model_digest,
+    )

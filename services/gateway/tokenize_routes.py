@@ -33,7 +33,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Tool] | None = None  # rendered by the template, as a chat request's
     documents: list[dict[str, str]] | None = None  # likewise
-    return_token_strs: bool = False
+    return_token_strs: bool | None = False  # null: false (vLLM declares it optional)
 
 
 class DetokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

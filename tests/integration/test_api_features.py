@@ -382,6 +382,8 @@ async def test_tokenize_and_detokenize_as_vllm_answers_them(stack: Stack) -> Non
         ids
     )  # vLLM's: as the vocabulary spells them
     assert got["max_model_len"] == stack.gateway.served.context
+    status, got = await post(stack, "/tokenize", {"prompt": PROMPTS[0], "return_token_strs": None})
+    assert status == 200 and got.get("token_strs") is None, got  # null: false, as vLLM (it was a 400)
     messages = [{"role": "user", "content": "kalo"}]
     status, chat = await post(stack, "/tokenize", {"model": "model", "messages": messages})
     job = shaping.shape_request(

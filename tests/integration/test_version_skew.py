@@ -13,7 +13,7 @@ import msgspec
 
 from dlora.common import bus, subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
-from tests.integration.conftest import Stack
+from tests.integration.conftest import ADMIN_KEY, Stack
 
 
 async def test_a_request_a_worker_cannot_read_goes_to_another_and_else_is_answered_503(stack: Stack) -> None:
@@ -102,3 +102,9 @@ async def test_a_request_tokenized_for_another_model_runs_on_no_worker_of_this_o
                     assert "every live worker serves another base model" in (await r.json())["reason"]
                     break
             await asyncio.sleep(0.1)
+        # nor named as serving it, and marked on the status page (a helper: listed as normal workers)
+        async with http.get(f"{stack.url}/v1/models/model") as r:
+            assert (await r.json())["served_by"] == []
+        async with http.get(f"{stack.url}/v1/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+            doc = await r.json()
+        assert doc["model_digest"] == ours and {w["model_digest"] for w in doc["workers"]} == {"f" * 16}

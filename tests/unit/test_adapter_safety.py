@@ -441,3 +441,13 @@ def test_names_with_dots_or_slashes_between_characters_are_taken(
     adapter: Path, root: Path, engine_cfg, name: str
 ) -> None:
     assert check_adapter(name, str(adapter), [str(root)], "model", engine_cfg).name == name
+
+
+def test_a_path_under_home_written_with_a_tilde_is_expanded(
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's get_adapter_absolute_path expands "~"; here it was "outside the adapter roots" (a helper)."""
+    monkeypatch.setenv("HOME", str(root.parent))
+    assert _register(Path("~") / root.name / adapter.relative_to(root), root, engine_cfg) == _register(
+        adapter, root, engine_cfg
+    )

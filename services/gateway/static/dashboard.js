@@ -175,17 +175,19 @@
     updated.classList.remove("stale");
 
     const workers = doc.workers.map((w) => w.worker);
-    renderWorkers(doc.workers);
+    renderWorkers(doc.workers, doc.model_digest);
     renderAdapters(doc.adapters, workers);
     renderMigrations(doc.migrations);
     track(doc);
   }
 
-  function renderWorkers(workers) {
+  function renderWorkers(workers, digest) {
     const rows = workers.map((w) => {
       const mode = w.mode || "idle";
       const modeCell = el("td", { data: { field: "mode" } }, badge(mode, "mode-" + mode));
       if (w.draining) modeCell.appendChild(badge("draining", "draining"));
+      // another base model than the gateway's: none of its requests go there
+      if (w.model_digest && digest && w.model_digest !== digest) modeCell.appendChild(badge("other model", "draining"));
 
       const pct = Math.max(0, Math.min(1, w.kv_cache_usage)) * 100;
       const fill = el("span", { cls: "fill" + (pct >= 90 ? " hot" : pct >= 70 ? " warm" : "") });
