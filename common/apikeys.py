@@ -24,7 +24,8 @@ INFERENCE, ADMIN = "inference", "admin"
 SCOPES = (INFERENCE, ADMIN)
 # A tenant name travels in requests (GenerateRequest.tenant) and listings: kept to what any log or
 # metric label takes without quoting.
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANT_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_TENANT = re.compile(TENANT_PATTERN)
 # The most random characters a key has; a longer bearer token is no key of ours (not hashed).
 _MAX_LEN = len(PREFIX) + 64
 

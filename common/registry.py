@@ -50,7 +50,8 @@ _decode_removal = msgspec.json.Decoder(AdapterRemoval)
 # '.' or '/' only between two others (vLLM users name adapters by their Hugging Face repo id,
 # "org/name"). It is part of the bucket's keys (NATS key-value: [-/_=.a-zA-Z0-9]), where an empty
 # token ("a..b", "a.") is refused.
-_NAME = re.compile(r"[A-Za-z0-9](?:[./]?[A-Za-z0-9_-]){0,127}")
+NAME_PATTERN = r"[A-Za-z0-9](?:[./]?[A-Za-z0-9_-]){0,127}"
+_NAME = re.compile(NAME_PATTERN)
 
 
 def valid_name(name: str) -> bool:

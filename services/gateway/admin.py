@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
-from dlora.common.apikeys import tenant_problem
+from dlora.common.apikeys import TENANT_PATTERN, tenant_problem
 from dlora.common.messages import AdapterEntry
-from dlora.common.registry import valid_name
+from dlora.common.registry import NAME_PATTERN, valid_name
 from dlora.model.adapters import AdapterError, AdapterLimits, inspect_adapter
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.openai import APIError
@@ -21,9 +22,10 @@ class AdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/adapters``: the name to register, the adapter's directory, and the tenant that
     owns it (only that tenant's API keys list and use it; unset or empty: public)."""
 
-    name: str
+    # (said in the OpenAPI document too; the checks below say why in their own words)
+    name: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": f"^{NAME_PATTERN}$", "maxLength": 128})]
     path: str
-    owner: str | None = None
+    owner: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": f"^{TENANT_PATTERN}$"})] | None = None
 
 
 def check_adapter(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
@@ -17,15 +18,24 @@ from dlora.services.gateway.auth import Auth
 from dlora.services.gateway.openai import APIError
 
 
+def _doc(**schema: object) -> msgspec.Meta:
+    """JSON Schema keywords for the OpenAPI document alone (msgspec validates ``Meta``'s own)."""
+    return msgspec.Meta(extra_json_schema=schema)
+
+
 class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/keys``: the tenant the key acts for, its scopes, and its own limits (unset: the
     gateway's ``key_rate_per_s`` / ``key_burst`` / ``key_concurrency``; 0: no limit)."""
 
-    tenant: str
-    scopes: list[str] = msgspec.field(default_factory=lambda: [apikeys.INFERENCE])
-    rate_per_s: float | None = None
-    burst: int | None = None
-    concurrency: int | None = None
+    # The checks ``apikeys.check_spec`` makes, said in the OpenAPI document too (documentation only:
+    # the check says why in its own words): a schema-driven client's valid request was refused.
+    tenant: Annotated[str, _doc(pattern=f"^{apikeys.TENANT_PATTERN}$")]
+    scopes: Annotated[list[Annotated[str, _doc(enum=list(apikeys.SCOPES))]], _doc(minItems=1)] = msgspec.field(
+        default_factory=lambda: [apikeys.INFERENCE]
+    )
+    rate_per_s: Annotated[float, _doc(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
+    burst: Annotated[int, _doc(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
+    concurrency: Annotated[int, _doc(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
 
 
 ReadBody = Callable[[web.Request], Awaitable[bytes]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -38,7 +38,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class DetokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None  # None: the base model
-    tokens: list[int]
+    tokens: list[Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 0})]]  # (documented; the handler checks)
 
 
 class TokenizeRoutes:
