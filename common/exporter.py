@@ -55,10 +55,14 @@ def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
     if content_type.startswith("application/openmetrics-text"):
         version = _VERSION.search(content_type)
         encode = partial(openmetrics_latest, escaping=ALLOWUTF8, version=version[1] if version else "1.0.0")
+        # Asked for dots or values escaping, the names went out as they are under a header saying
+        # that scheme (dots doubles every underscore: a helper): said as what they are, underscores.
+        content_type = _ESCAPING.sub("escaping=underscores", content_type)
     return encode(_Together(registry)), content_type
 
 
 _VERSION = re.compile(r"version=([0-9.]+)")
+_ESCAPING = re.compile(r"escaping=(?:dots|values)\b")
 
 
 def metrics_response(registry: CollectorRegistry, accept: str = "") -> web.Response:

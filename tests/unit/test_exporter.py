@@ -87,6 +87,9 @@ def test_prometheus_text_without_an_accept_header_with_the_same_samples() -> Non
         "application/openmetrics-text",  # no version: prometheus_client forces underscores
         # a Prometheus 3 set to legacy names
         "application/openmetrics-text;version=1.0.0;escaping=underscores;q=0.6,text/plain;version=0.0.4;q=0.3",
+        # a Prometheus 3 set to dots (which doubles underscores): the names went out as they are
+        # under a header saying dots (a helper); said now as underscores, what they are
+        "application/openmetrics-text;version=1.0.0;escaping=dots",
     ],
 )
 def test_openmetrics_samples_keep_the_vllm_names_however_asked(accept: str) -> None:
@@ -96,6 +99,7 @@ def test_openmetrics_samples_keep_the_vllm_names_however_asked(accept: str) -> N
     it is, the body is what any escaping means."""
     body, content_type = render(registries()["Worker"], accept)
     assert content_type.startswith("application/openmetrics-text")
+    assert "escaping=dots" not in content_type and "escaping=values" not in content_type  # what it is
     samples = {s.name for f in openmetrics_families(body.decode()) for s in f.samples}
     assert not any(name.startswith("vllm_") for name in samples)
     assert any(name.startswith("vllm:") for name in samples)
