@@ -57,3 +57,18 @@ def test_a_benchmark_model_with_more_adapters_is_reused(tmp_path: Path) -> None:
     made = ensure_model(tmp_path, "tiny", 2, [8])
     assert ensure_model(tmp_path, "tiny", 1, [8]) == made
     assert sorted(p.name for p in tmp_path.iterdir()) == [made.name]
+
+
+def test_without_hf_peft_among_the_systems_no_hf_figure_is_published(tmp_path: Path) -> None:
+    """--systems dlora loaded HF PEFT all the same and published an 'HF batching gain' (a helper)."""
+    alone = {
+        **RESULT,
+        "hf_batching": None,
+        "dlora_over_hf": None,
+        "rows": [r for r in RESULT["rows"] if r["system"] == "dlora"],
+        "sustained_rate_req_s": {"dlora": 2.0},
+    }
+    bench = tmp_path / "BENCHMARKS.md"
+    write_outputs(alone, None, bench, tmp_path / "docs")
+    text = bench.read_text()
+    assert "| dlora | 2 |" in text and "HF PEFT sustained rate" not in text and "batching gain" not in text
