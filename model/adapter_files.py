@@ -132,7 +132,7 @@ def read_adapter_files(
     checked, and refuses files whose digest changed since."""
     limits = limits or AdapterLimits()
     path = Path(path)
-    resolved = None if roots is None else [Path(r).resolve() for r in roots]
+    resolved = None if roots is None else [Path(r).expanduser().resolve() for r in roots]  # ~: as the gateway
     weights = path / WEIGHTS_FILE
     if not os.path.lexists(weights) and (path / "adapter_model.bin").exists():
         raise AdapterError(f"adapter {name!r}: {weights} not found (only safetensors are loaded)")

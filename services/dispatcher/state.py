@@ -225,9 +225,10 @@ class DispatchState:
                 del sent[adapter]
 
     def forget(self, worker: str) -> None:
-        """A worker given up on: nothing of it is kept (its gaps and stats count were, for every
-        worker id ever seen: a helper's churn of ids)."""
-        for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters, self.gaps, self.stats_heard):
+        """A worker given up on: nothing of it is kept (its gaps were, for every worker id ever seen:
+        a helper's churn of ids) but its count of stats heard, which must keep rising should it come
+        back under that id (restarted at 0, an old request's count matched a new one's: a review)."""
+        for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters, self.gaps):
             table.pop(worker, None)
         self.affinity.forget(worker)
         self.lengths.forget(worker)

@@ -16,9 +16,12 @@ from collections.abc import Collection
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
 
+from dlora.common import log
 from dlora.common.bus import STATE_OUTAGE, StateBound
 from dlora.common.state import StateStore
 from dlora.services.gateway.status import Traffic
+
+logger = log.get("gateway")
 
 PRIVATE = "private"  # the adapter label of every adapter a tenant owns, on the public /metrics
 # Seconds. Up to two hours, as vLLM's: ending at 60 s, every slower request (a long generation, a
@@ -178,8 +181,13 @@ async def keep_tidy(
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
-        if not stop.is_set():
-            with contextlib.suppress(*STATE_OUTAGE, RedisError):
-                async with bound():
-                    registered = [entry.name for entry in await store.list_adapters()]
-                metrics.keep_only(registered)
+        if stop.is_set():
+            return
+        try:
+            async with bound():
+                registered = [entry.name for entry in await store.list_adapters()]
+            metrics.keep_only(registered)
+        except (*STATE_OUTAGE, RedisError):  # Redis away: the next round
+            pass
+        except Exception as e:  # noqa: BLE001 - any other: logged, the task goes on (it ended unseen)
+            logger.warning("metrics of removed adapters not dropped", error=f"{type(e).__name__}: {e}")

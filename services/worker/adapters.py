@@ -438,8 +438,6 @@ class WorkerAdapters:
                 self.engine.loading.discard(key)
                 self.reads.pop(key).set_result(None)
         self.retiring[name] = version
-        if version is None:
-            self.engine.stats.forget_name(name)
         # An unversioned entry registered again keeps its key "": its old failure is not its own.
         self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
         self.unprefetchable = {k for k in self.unprefetchable if k[0] != name}
@@ -463,6 +461,8 @@ class WorkerAdapters:
             reading = any(name_of(key) == name for key in self.engine.loading)
             if not reading and all(not self.engine.in_use(key) for key in stale):
                 del self.retiring[name]
+                if current is None:  # removed, its last version unloaded: its load counts go (their
+                    self.engine.stats.forget_name(name)  # series went with it; dropped earlier, they came back)
 
     async def prefetch(self, names: list[str]) -> None:
         """Have adapters the placement gives this worker read into host memory before requests need

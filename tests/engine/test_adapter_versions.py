@@ -336,3 +336,25 @@ async def test_a_prefetch_not_begun_of_an_adapter_removed_or_replaced_is_not_rea
     first_held.set()
     await asyncio.gather(*worker.reads.values())
     assert order == ["first", "wanted"] and not worker.reads and not engine.loading
+
+
+async def test_a_removed_adapters_load_counts_go_once_its_last_version_is_unloaded(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """They stayed, two entries per adapter name ever removed (a helper's churn); dropped at the
+    removal event, they came back as the held version was unloaded and folded into its name, and
+    meanwhile its exported counter went down (a review)."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    engine = make_engine(tiny_llama)
+    worker = WorkerAdapters(engine, _Registry(entry))
+    key = await worker.load("x", entry.version)
+    engine.add_request("r1", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=4), adapter=key)
+    engine.step()  # running on x as it is removed
+    worker.changed("x", None)
+    assert key in engine.adapters and engine.stats.loads_by_adapter == {key: 1}  # counted while held
+    while engine.has_unfinished():
+        engine.step()
+    worker.retire()
+    assert key not in engine.adapters
+    assert not engine.stats.loads_by_adapter and not engine.stats.load_seconds_by_adapter

@@ -451,3 +451,13 @@ def test_a_path_under_home_written_with_a_tilde_is_expanded(
     assert _register(Path("~") / root.name / adapter.relative_to(root), root, engine_cfg) == _register(
         adapter, root, engine_cfg
     )
+
+
+def test_a_root_written_with_a_tilde_is_expanded_for_the_files_too(
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path's check expanded a root's "~", the files' check did not: refused as outside (a review)."""
+    monkeypatch.setenv("HOME", str(root.parent))
+    tilde_root = str(Path("~") / root.name)
+    entry = check_adapter("a", str(adapter), [tilde_root], "model", engine_cfg)
+    assert entry.version == _register(adapter, root, engine_cfg)
