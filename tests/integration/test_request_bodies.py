@@ -56,7 +56,7 @@ async def test_a_body_its_content_encoding_cannot_decode_is_a_400_and_a_dependen
                 assert r.status == 200, coding
     lookup = stack.gateway.registry.lookup
 
-    async def down(name: str) -> None:
+    async def down(name: str, bound: object = None) -> None:
         raise RedisConnectionError("injected: Redis is down")
 
     stack.gateway.registry.lookup = down  # type: ignore[method-assign]
