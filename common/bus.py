@@ -278,6 +278,18 @@ class StateBound:
             await ping()
 
 
+async def every(every_s: float, stop: asyncio.Event) -> AsyncIterator[None]:
+    """Yields every ``every_s`` seconds until ``stop`` is set (then at once, not a round more): a
+    service's periodic task, ``async for _ in every(60, stop): ...``."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every_s):
+                await stop.wait()
+        if stop.is_set():
+            return
+        yield
+
+
 async def when_reachable(
     read: Callable[[], Awaitable[T]], what: str, stop: asyncio.Event, every_s: float = 0.5
 ) -> T | None:

@@ -20,6 +20,7 @@ from nats.js.kv import KeyValue
 from redis.exceptions import RedisError
 
 from dlora.common import log
+from dlora.common.bus import every
 from dlora.common.durable import Bucket, Durable, ReadBound, bucket_values
 from dlora.common.messages import ApiKey
 from dlora.common.state import StateStore
@@ -110,11 +111,7 @@ class KeyRegistry(Durable):
     async def keep_reconciled(self, stop: asyncio.Event, interval_s: float = KEYS_RECONCILE_S) -> None:
         """``restore`` every ``interval_s`` until ``stop`` (a gateway's task): a Redis brought back
         from an older snapshot made a revoked key work again."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
-            if stop.is_set():
-                return
+        async for _ in every(interval_s, stop):
             try:
                 await self.restore()
             except Exception as e:  # noqa: BLE001 - Redis or JetStream away: the next round tries again

@@ -9,7 +9,6 @@ tenant's adapter names (README, API keys). The status page (admin) and the worke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Collection
 
@@ -17,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
 
 from dlora.common import log
-from dlora.common.bus import STATE_OUTAGE, StateBound
+from dlora.common.bus import STATE_OUTAGE, StateBound, every
 from dlora.common.state import StateStore
 from dlora.services.gateway.status import Traffic
 
@@ -178,11 +177,7 @@ async def keep_tidy(
 ) -> None:
     """``metrics.keep_only`` the adapters registered now (read within ``bound``) every ``every_s``
     until ``stop`` (a gateway's task); a round that fails (Redis away) is tried at the next."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
-        if stop.is_set():
-            return
+    async for _ in every(every_s, stop):
         try:
             async with bound():
                 registered = [entry.name for entry in await store.list_adapters()]

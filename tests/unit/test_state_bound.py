@@ -39,3 +39,14 @@ async def test_redis_refusing_pauses_too_and_other_errors_do_not() -> None:
     with pytest.raises(RedisConnectionError, match="a moment ago"):
         async with bound():
             pass
+
+
+async def test_every_ticks_until_stopped_and_not_a_round_more() -> None:
+    from dlora.common.bus import every
+
+    stop, ticks = asyncio.Event(), 0
+    async for _ in every(0.01, stop):
+        ticks += 1
+        if ticks == 3:
+            asyncio.get_running_loop().call_later(0.001, stop.set)
+    assert ticks == 3
