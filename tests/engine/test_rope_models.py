@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine, run_all
 
@@ -72,3 +73,36 @@ def test_mistral_config_is_served_up_to_its_window(tiny_llama: TinyOutput, tmp_p
     engine = make_engine(TinyOutput(model=model_dir, adapters_dir=tiny_llama.adapters_dir, adapters={}))
     assert engine.max_model_len == 64
     assert run_all(engine, {"r": (None, prompt)}, 8)["r"] == expected[0, len(prompt) :].tolist()
+
+
+def test_dynamic_ntk_continues_as_generate_after_a_preemption_and_a_resume(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A recompute (preempted for KV) or a resume (a move, a recovery) rotated every key by the
+    context at that step; generate rotated the prompt's at the prompt's length and each later key
+    at its own: tokens diverged after the recompute, and at once after a resume (a helper)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama.model, model_dir)
+    conf = json.loads((model_dir / "config.json").read_text())
+    conf.update(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=32)
+    (model_dir / "config.json").write_text(json.dumps(conf))
+    prompts = {rid: [(7 * i + 3 + k) % 500 for i in range(36)] for k, rid in enumerate("ab")}
+    expected = {}
+    with torch.inference_mode():
+        for rid, prompt in prompts.items():
+            # a model each: transformers' dynamic NTK keeps the frequencies of the longest sequence it saw
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            ids = torch.tensor([prompt])
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+            expected[rid] = out[0, len(prompt) :].tolist()
+    tiny = TinyOutput(model=model_dir, adapters_dir=tiny_llama.adapters_dir, adapters={})
+    tight = make_engine(tiny, block_size=4, num_blocks=24)  # both cannot decode to the end: one is recomputed
+    assert run_all(tight, {rid: (None, p) for rid, p in prompts.items()}, 20) == expected
+    assert tight.stats.preemptions >= 1
+    engine = make_engine(tiny)
+    resumed = SamplingParams(max_tokens=20, ignore_eos=True)
+    engine.add_request("r", prompt_token_ids=prompts["a"], resume_token_ids=expected["a"][:6], params=resumed)
+    tokens = list(expected["a"][:6])
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    assert tokens == expected["a"]

@@ -22,7 +22,7 @@ class StepRows:
 
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    seq_lens: list[int] = field(default_factory=list)  # the token's sequence's context after this step
+    seq_lens: list[int] = field(default_factory=list)  # each token's sequence length as generate rotated it
     slots: list[int] = field(default_factory=list)  # flat KV cache slot the token's K/V go to
     token_slots: list[int] = field(default_factory=list)  # device slot of the delta it adds, -1: none
     minus_slots: list[int] = field(default_factory=list)  # device slot of the delta it subtracts, -1: none
@@ -42,7 +42,10 @@ def step_rows(batch: list[Sequence], lora: StepSlots, blocks: BlockManager) -> S
         total = s.num_cached + n  # its context once this step's tokens are in
         r.ids += new
         r.positions += range(s.num_cached, total)
-        r.seq_lens += [total] * n
+        # Each token's sequence length as transformers' generate rotated it (only dynamic NTK reads
+        # it): the prompt's at the prompt's length, each later one at its own. At this step's total,
+        # a recompute after preemption or a resume rotated every key at the new length (a helper).
+        r.seq_lens += [max(len(s.prompt_ids), p + 1) for p in range(s.num_cached, total)]
         r.slots += blocks.slots(s.request_id, s.num_cached, total)
         added, subtracted = lora.slots_of(s.adapter)
         r.token_slots += [added] * n
