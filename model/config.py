@@ -197,18 +197,24 @@ def _count(raw: dict[str, Any], key: str, source: str, default: int | None = Non
 
 
 def _sliding_window(raw: dict[str, Any], source: str) -> int | None:
-    """The attention window some layer uses, as transformers reads the config: Mistral's when set;
-    Qwen2's only with use_sliding_window, and then on layers from max_window_layers on (none when
-    that is the layer count); Llama's never (its attention has no window)."""
+    """The attention window some layer uses, as transformers reads the config: Mistral's (4096 when
+    the key is missing, null: none); Qwen2's only with use_sliding_window, and then on layers from
+    max_window_layers on (none when that is the layer count); Llama's never (no window there)."""
     if raw["model_type"] == "llama":
         return None
     if raw["model_type"] == "qwen2" and not (  # 28: Qwen2Config's default
         raw.get("use_sliding_window") and _count(raw, "max_window_layers", source, 28, 0) < raw["num_hidden_layers"]
     ):
         return None
+    if raw["model_type"] == "mistral" and "sliding_window" not in raw:
+        return MISTRAL_SLIDING_WINDOW  # transformers' MistralConfig default (read as none, a helper: wrong past it)
     if not raw.get("sliding_window"):
         return None
     return _count(raw, "sliding_window", source)
+
+
+# MistralConfig's sliding_window when config.json does not say (transformers 4 and 5).
+MISTRAL_SLIDING_WINDOW = 4096
 
 
 # What vLLM's --generation-config auto (its default) takes from generation_config.json as the
@@ -288,6 +294,14 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
         if not isinstance(given, dict):
             raise ModelConfigError(f"{source}: {key} must be a JSON object, got {given!r}")
         params.update(given)
+    if raw.get("rope_parameters") and raw.get("rope_scaling") and (conflict := _rope_conflict(raw)):
+        # transformers reads rope_scaling alone then (rope_theta from the top level, else 10000),
+        # merged here: another theta, wrong tokens from the first (a helper, Qwen2.5's README YaRN
+        # block added to a transformers 5 config). Neither reading is surely the author's: refused.
+        raise ModelConfigError(
+            f"{source}: rope_parameters and rope_scaling disagree on {conflict} (transformers reads "
+            "rope_scaling alone, with the top-level rope_theta or 10000); keep one of them"
+        )
     params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.pop("type", None) or params.get("rope_type") or "default"
     params["rope_type"] = rope_type
@@ -309,6 +323,20 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
     if missing:
         raise ModelConfigError(f"{source}: rope_type {rope_type!r} needs {', '.join(missing)} in rope_scaling")
     return params
+
+
+def _rope_conflict(raw: dict[str, Any]) -> str | None:
+    """The first RoPE setting on which config.json's ``rope_parameters`` and ``rope_scaling`` (read
+    as transformers reads it then: with the top-level ``rope_theta``, else 10000) disagree."""
+
+    def normal(d: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in d.items() if k != "type"}
+        out["rope_type"] = d.get("rope_type") or d.get("type") or "default"
+        return out
+
+    new, old = normal(raw["rope_parameters"]), normal(raw["rope_scaling"])
+    old.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    return next((k for k in sorted(new.keys() | old.keys()) if new.get(k) != old.get(k)), None)
 
 
 # The RoPE settings the engine computes with (a string there failed deep in Rope at start-up).

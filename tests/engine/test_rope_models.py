@@ -106,3 +106,16 @@ def test_dynamic_ntk_continues_as_generate_after_a_preemption_and_a_resume(
     while engine.has_unfinished():
         tokens += [t for o in engine.step() for t in o.new_token_ids]
     assert tokens == expected["a"]
+
+
+def test_a_mistral_config_without_sliding_window_takes_transformers_default() -> None:
+    """MistralConfig defaults the window to 4096; the engine read a missing key as none, and from
+    position 4097 on its logprobs differed (a helper). null still means none."""
+    from dlora.model.config import ModelConfig
+
+    raw = dict(
+        model_type="mistral", hidden_size=64, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1,
+        vocab_size=32, max_position_embeddings=8192,
+    )  # fmt: skip
+    assert ModelConfig.from_dict(raw).sliding_window == 4096
+    assert ModelConfig.from_dict({**raw, "sliding_window": None}).sliding_window is None

@@ -82,6 +82,22 @@ def test_old_and_new_config_spellings_agree() -> None:
     assert old.rope == new.rope
 
 
+def test_both_spellings_that_disagree_are_refused_and_agreeing_ones_taken() -> None:
+    """transformers reads rope_scaling alone when both are there (rope_theta from the top level, else
+    10000); merged, a transformers 5 config with Qwen2.5's YaRN block added ran at another theta (a
+    helper: wrong from the first token). Both saying the same is fine."""
+    v5 = {"rope_theta": 1e6, "rope_type": "default"}
+    for raw in (
+        {**SMALL, "rope_parameters": v5, "rope_scaling": {"type": "yarn", "factor": 4.0}},
+        {**SMALL, "rope_parameters": v5, "rope_scaling": {"rope_type": "default"}, "rope_theta": 5e5},
+    ):
+        with pytest.raises(ModelConfigError, match="rope_parameters and rope_scaling disagree on (factor|rope_theta)"):
+            ModelConfig.from_dict(raw)
+    linear = {"rope_type": "linear", "factor": 2.0}
+    same = {**SMALL, "rope_parameters": {**linear, "rope_theta": 5e5}, "rope_scaling": linear, "rope_theta": 5e5}
+    assert ModelConfig.from_dict(same).rope["rope_theta"] == 5e5
+
+
 def test_unknown_scaling_is_refused_by_name() -> None:
     ours = ModelConfig.from_dict(
         {
