@@ -104,3 +104,22 @@ def test_tensors_the_architecture_does_not_use_are_refused(tiny_llama: TinyOutpu
     save_file(tensors, model_dir / "model.safetensors")
     with pytest.raises(WeightsError, match="o_proj.bias' is missing .config.json's attention_bias=true"):
         load_weights(model_dir, biased, torch.float32, torch.device("cpu"))
+
+
+def test_a_tied_model_whose_stored_lm_head_differs_reads_it_as_transformers(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """transformers 5 does not tie embeddings and an lm_head.weight that differs (it says so) and
+    reads the stored one; here it was dropped as vLLM drops it, logprobs 12 apart (a helper). One
+    equal to the embeddings is the usual tied checkpoint, read once."""
+    model_dir, tensors = _copy(tiny_llama, tmp_path / "tied", tie_word_embeddings=True)
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed + 0.5 * torch.randn(embed.shape, generator=torch.Generator().manual_seed(3))
+    save_file(tensors, model_dir / "model.safetensors")
+    name = sorted(tiny_llama.adapters)[0]  # (the oracle is a PEFT model: one adapter, unused)
+    tiny = TinyOutput(model=model_dir, adapters_dir=tiny_llama.adapters_dir, adapters={name: tiny_llama.adapters[name]})
+    assert run_all(make_engine(tiny), {"r": (None, PROMPT)}, 8)["r"] == Oracle(tiny).generate(None, PROMPT, 8)
+    tensors["lm_head.weight"] = embed.clone()
+    save_file(tensors, model_dir / "model.safetensors")
+    weights = load_weights(str(model_dir), make_engine(tiny).model_config, torch.float32, torch.device("cpu"))
+    assert weights.lm_head is weights.embed
