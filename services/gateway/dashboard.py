@@ -47,5 +47,6 @@ async def _static(request: web.Request) -> web.FileResponse:
 
 
 async def _to_page(request: web.Request) -> web.Response:
-    """``/dashboard/`` is the page too (the browser keeps the ``#key=`` fragment over a redirect)."""
-    raise web.HTTPPermanentRedirect("/dashboard")
+    """``/dashboard/`` is the page too (the browser keeps the ``#key=`` fragment over a redirect).
+    Relative: behind a proxy serving the gateway under a path prefix, "/dashboard" left it (a helper)."""
+    raise web.HTTPPermanentRedirect("../dashboard")

@@ -270,7 +270,9 @@ async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:
         async with http.get(stack.url + "/v1/chat/completions") as r:
             assert r.status == 405 and "POST" in r.headers["Allow"] and (await r.json())["error"]["message"]
         async with http.get(stack.url + "/dashboard/", allow_redirects=False) as r:  # was a 403
-            assert (r.status, r.headers["Location"]) == (308, "/dashboard")
+            assert (r.status, r.headers["Location"]) == (308, "../dashboard")  # (under a proxy's prefix too)
+        async with http.get(stack.url + "/dashboard/") as r:  # followed: the page
+            assert r.status == 200 and str(r.url).endswith("/dashboard")
         async with http.get(stack.url + "/dashboard/nope.js") as r:  # was an empty octet-stream
             assert r.status == 404 and "nope.js" in (await r.json())["error"]["message"]
         async with http.get(stack.url + "/dashboard/dashboard.js") as r:

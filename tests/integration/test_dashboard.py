@@ -156,6 +156,15 @@ async def test_dashboard_asks_for_the_key_then_follows_the_cluster_under_load(
     assert not snap["content"] and snap["workers"] == [] and snap["adapters"] == []
     refused = await browser_log(browser)  # only the 401 itself may be logged for it
     assert all("401" in e["message"] for e in refused if e["level"] == "SEVERE"), refused
+    # A gateway with no admin_key refuses every key: said so, not "that key" (code reading: a helper)
+    settings, auth = stack.gateway.auth.s, stack.gateway.auth
+    auth.s = msgspec.structs.replace(settings, admin_key="")
+    try:
+        await asyncio.to_thread(submit, "any-key")
+        snap = await until(browser, lambda s: s["login"] and "no admin_key configured" in s["message"], "page off")
+    finally:
+        auth.s = settings
+    await browser_log(browser)  # (its 401, logged)
 
     # A key no header can carry (a user's trial: "Connection lost", retried for ever): said so.
     await asyncio.to_thread(browser.get, "about:blank")

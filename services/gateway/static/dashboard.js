@@ -123,10 +123,21 @@
     if (gen !== generation) return;
     if (response.status === 401 || response.status === 403) {
       sessionStorage.removeItem(KEY);
+      let why = "";
+      try {
+        why = (await response.json()).error.message || "";
+      } catch (e) {
+        // not the gateway's JSON: the generic words below
+      }
+      if (gen !== generation) return;
+      // a gateway with no admin_key refuses every key: saying "that key" sent users to retype it
+      const off = why.includes("no admin_key is configured");
       showLogin(
-        response.status === 401
-          ? "The gateway refused that key. Enter the admin key."
-          : "That key may not see the status: it needs the admin scope."
+        off
+          ? "The status page is off: this gateway has no admin_key configured."
+          : response.status === 401
+            ? "The gateway refused that key. Enter the admin key."
+            : "That key may not see the status: it needs the admin scope."
       );
       return;
     }
