@@ -97,6 +97,7 @@ class Metrics:
             )
         }
         self.traffic = Traffic()  # the same, kept for the status page
+        self._absent: set[str] = set()  # adapter labels unregistered at the last keep_only
 
     def observe(self, ours: Histogram, vllm: str, label: str, seconds: float) -> None:
         """``seconds`` into our histogram under ``label`` and into vLLM's ``vllm`` one."""
@@ -104,18 +105,23 @@ class Metrics:
         self.vllm[vllm].labels(self.model_name).observe(seconds)
 
     def keep_only(self, adapters: Collection[str]) -> int:
-        """Drop the series and the status page's traffic of adapter labels but those of
-        ``adapters`` (the ones registered now), the base model, ``PRIVATE`` and "?". Returns how
-        many label sets went. Kept, each adapter name ever served held ~94 series for good (a
-        helper: 14,609 after 150 adapters registered, used and deleted)."""
+        """Drop the series and the status page's traffic of adapter labels not among ``adapters``
+        (the ones registered now), the base model, ``PRIVATE`` and "?" at this call and the one
+        before: a Redis restarted empty, read before its registry was put back (seconds), drops
+        nothing. Returns how many label sets went. Kept, each adapter name ever served held ~94
+        series for good (a helper: 14,609 after 150 adapters registered, used and deleted)."""
         keep = {*adapters, self.model_name, PRIVATE, "?"}
+        families = ((self.requests, ("adapter", "status")), *((h, ("adapter",)) for h in self._ours))
+        held = {f: {tuple(s.labels[n] for n in names) for m in f.collect() for s in m.samples} for f, names in families}
+        absent = {labels[0] for sets in held.values() for labels in sets} | self.traffic.by_label.keys()
+        absent -= keep
+        drop, self._absent = absent & self._absent, absent
         gone = 0
-        for family, names in ((self.requests, ("adapter", "status")), *((h, ("adapter",)) for h in self._ours)):
-            held = {tuple(s.labels[n] for n in names) for m in family.collect() for s in m.samples}
-            for labels in (labels for labels in held if labels[0] not in keep):
+        for family, sets in held.items():
+            for labels in (labels for labels in sets if labels[0] in drop):
                 family.remove(*labels)
                 gone += 1
-        self.traffic.by_label = {k: v for k, v in self.traffic.by_label.items() if k in keep}
+        self.traffic.by_label = {k: v for k, v in self.traffic.by_label.items() if k not in drop}
         return gone
 
     @property
