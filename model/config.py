@@ -330,12 +330,16 @@ def _rope_conflict(raw: dict[str, Any]) -> str | None:
     as transformers reads it then: with the top-level ``rope_theta``, else 10000) disagree."""
 
     def normal(d: dict[str, Any]) -> dict[str, Any]:
+        """As transformers completes each: the top-level theta (else 10000), the pretraining length
+        where the type has one (a review: identical blocks, the theta at the top, were refused)."""
         out = {k: v for k, v in d.items() if k != "type"}
         out["rope_type"] = d.get("rope_type") or d.get("type") or "default"
+        out.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+        if out["rope_type"] in ("llama3", "yarn", "longrope"):
+            out.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
         return out
 
     new, old = normal(raw["rope_parameters"]), normal(raw["rope_scaling"])
-    old.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     return next((k for k in sorted(new.keys() | old.keys()) if new.get(k) != old.get(k)), None)
 
 

@@ -96,6 +96,14 @@ def test_both_spellings_that_disagree_are_refused_and_agreeing_ones_taken() -> N
     linear = {"rope_type": "linear", "factor": 2.0}
     same = {**SMALL, "rope_parameters": {**linear, "rope_theta": 5e5}, "rope_scaling": linear, "rope_theta": 5e5}
     assert ModelConfig.from_dict(same).rope["rope_theta"] == 5e5
+    # the same block under both, the theta at the top (a review: refused on the theta one side lacked)
+    identical = {**SMALL, "rope_parameters": linear, "rope_scaling": dict(linear), "rope_theta": 5e5}
+    assert ModelConfig.from_dict(identical).rope["rope_theta"] == 5e5
+    # a pretraining length transformers fills in as max_position_embeddings, said on one side only
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    implicit = {**SMALL, "max_position_embeddings": 64, "rope_scaling": yarn}
+    implicit["rope_parameters"] = {**yarn, "original_max_position_embeddings": 64}
+    assert ModelConfig.from_dict(implicit).rope["original_max_position_embeddings"] == 64
 
 
 def test_unknown_scaling_is_refused_by_name() -> None:

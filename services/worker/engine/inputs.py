@@ -45,7 +45,9 @@ def step_rows(batch: list[Sequence], lora: StepSlots, blocks: BlockManager) -> S
         # Each token's sequence length as transformers' generate rotated it (only dynamic NTK reads
         # it): the prompt's at the prompt's length, each later one at its own. At this step's total,
         # a recompute after preemption or a resume rotated every key at the new length (a helper).
-        r.seq_lens += [max(len(s.prompt_ids), p + 1) for p in range(s.num_cached, total)]
+        prompt = len(s.prompt_ids)  # (as lists, not a loop per token: 23 ms per 128k-token prefill)
+        r.seq_lens += [prompt] * max(0, min(total, prompt) - s.num_cached)
+        r.seq_lens += range(max(prompt, s.num_cached) + 1, total + 1)
         r.slots += blocks.slots(s.request_id, s.num_cached, total)
         added, subtracted = lora.slots_of(s.adapter)
         r.token_slots += [added] * n

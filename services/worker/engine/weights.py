@@ -130,15 +130,16 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
                 down=take(p + "mlp.down_proj.weight", (h, inter)),
             )
         )
+    # A tied model's stored lm_head is its embeddings again, as vLLM reads it; one that differs,
+    # transformers 5 reads (and does not tie, saying so): its logits, not the embeddings' (a helper:
+    # logprobs 12 apart from the first token). Compared as stored, on the host: not a second
+    # vocab x hidden copy on the device (a review: 1 GB for a 128k vocabulary in bf16).
+    untied = cfg.tie_word_embeddings and {"lm_head.weight", "model.embed_tokens.weight"} <= raw.keys()
+    untied = untied and not torch.equal(raw["lm_head.weight"], raw["model.embed_tokens.weight"])
     embed = take("model.embed_tokens.weight", (v, h))
-    lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight", (v, h))
-    if cfg.tie_word_embeddings and "lm_head.weight" in raw:
-        # A tied model's stored lm_head is its embeddings again, as vLLM reads it; one that differs,
-        # transformers 5 reads (and does not tie, saying so): its logits, not the embeddings' (a
-        # helper: logprobs 12 apart from the first token).
-        if not torch.equal(stored := take("lm_head.weight", (v, h)), embed):
-            logger.warning("tie_word_embeddings is true but lm_head.weight differs: read as its own, as transformers")
-            lm_head = stored
+    lm_head = embed if cfg.tie_word_embeddings and not untied else take("lm_head.weight", (v, h))
+    if untied:
+        logger.warning("tie_word_embeddings is true but lm_head.weight differs: read as its own, as transformers")
     norm = take("model.norm.weight", (h,))
     unused = sorted(n for n in raw if not n.endswith(_COMPUTED) and n != "lm_head.weight")
     if biases := [n for n in unused if n.endswith(".bias")]:
