@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from dlora.services.bench_options import check_bench_numbers, policies, sizes
+
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
     """A subcommand that imports its module only when run: ``dlora --help`` stays quick and
@@ -235,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--preset", choices=["tiny", "small"], default="small")
     bp.add_argument("--adapters", type=int, default=16, help="number of adapters (ranks 8/16/32)")
     bp.add_argument("--strides", default="1,4,8,16,32", help="stride mapping values: bigger = more skew")
-    bp.add_argument("--policies", type=_policies, default="merged-only,unmerged-only,mixed-only,dlora")
+    bp.add_argument("--policies", type=policies, default="merged-only,unmerged-only,mixed-only,dlora")
     bp.add_argument("--repeats", type=int, default=3, help="runs of each (stride, policy): median and spread")
     bp.add_argument("--requests", type=int, default=120)
     bp.add_argument("--rate", type=float, help="arrival rate, req/s (default: --load x measured saturation)")
@@ -277,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bench.add_parser("migration", help="co-migration ILP solve time as the cluster grows")
     bm.add_argument(
         "--sizes",
-        type=_sizes,
+        type=sizes,
         default="4x16x100,8x64x500,32x128x2000,128x1024x10000",
         help="WORKERSxADAPTERSxREQUESTS, comma-separated",
     )
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cost profiles of the ablation (or calibrated:PATH)",
     )
     bs.add_argument("--strides", default="1,2,4,8,16,32")
-    bs.add_argument("--policies", type=_policies, default="dlora,mixed-only,merged-only,unmerged-only")
+    bs.add_argument("--policies", type=policies, default="dlora,mixed-only,merged-only,unmerged-only")
     bs.add_argument("--adapters", type=int, default=64, help="adapters in the ablation")
     bs.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per ablation run")
     bs.add_argument("--load", type=float, default=1.0, help="arrival rate as a fraction of unmerged capacity")
@@ -368,71 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose section is regenerated")
     bc.set_defaults(func=_bench("dlora.loadgen.bench_control_plane:run_bench_control_plane"))
     for parser in bench.choices.values():
-        _check_bench_numbers(parser)
+        check_bench_numbers(parser)
     return p
-
-
-# Bench options that may be 0 (or any finite number): the rest of the numbers, and every item of
-# the comma-separated lists below, must be above 0.
-_MAY_BE_ZERO = {"seed", "think_s", "adapters@features"}
-_LISTS = {
-    "batch_sizes": int, "adapters@engine": int, "tokens": int, "groups": int, "strides": int,
-    "rates": float, "overheads": float, "alphas": float, "loads": float, "cluster_slots": int,
-    "migration_slots": int, "migration_alphas": float, "migration_loads": float,
-}  # fmt: skip
-
-
-def _policies(text: str) -> str:
-    """``--policies``: comma-separated policy names, at least one, each known (a typo was found
-    when its turn came, after the runs before it, and lost them: a helper's trial)."""
-    from dlora.services.worker.policy.config import PolicyName
-
-    names, known = [v.strip() for v in text.split(",") if v.strip()], [p.value for p in PolicyName]
-    if not names:
-        raise argparse.ArgumentTypeError("no policy given")
-    if unknown := [n for n in names if n not in known]:
-        raise argparse.ArgumentTypeError(f"unknown policy {unknown[0]!r} (one of {', '.join(known)})")
-    return text
-
-
-def _check_bench_numbers(parser: argparse.ArgumentParser) -> None:
-    """Give ``parser``'s numbers and comma-separated number lists a type that refuses, as a
-    usage error naming the option, what a benchmark cannot run with: 0 or fewer steps, rounds,
-    requests or workers, a NaN rate, a list item that is not a number (each failed deep inside
-    with a traceback, or ran and wrote nonsense: a user's trial). Lists stay text."""
-    from dlora.loadgen.options import _at_least, above_zero, positive
-
-    name = parser.prog.split()[-1]
-    for action in parser._actions:  # argparse's own list of the options it parses
-        dest = action.dest
-        if dest in _MAY_BE_ZERO or f"{dest}@{name}" in _MAY_BE_ZERO:
-            if action.type in (int, float):
-                action.type = _at_least(action.type, 0)
-            continue
-        if action.type is int:
-            action.type = positive
-        elif action.type is float:
-            action.type = above_zero
-        elif (kind := _LISTS.get(f"{dest}@{name}", _LISTS.get(dest))) is not None:
-            action.type = _number_list(_at_least(kind, 0, strict=True))
-
-
-def _sizes(text: str) -> str:
-    """``bench migration --sizes``: WORKERSxADAPTERSxREQUESTS, comma-separated, each at least 1."""
-    for size in text.split(","):
-        parts = size.strip().split("x")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise argparse.ArgumentTypeError(f"{size!r} is not WORKERSxADAPTERSxREQUESTS (three counts above 0)")
-    return text
-
-
-def _number_list(item: Callable[[str], object]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        for part in text.split(","):
-            item(part.strip())  # raises argparse.ArgumentTypeError, naming the value
-        return text
-
-    return parse
 
 
 def _serve(args: argparse.Namespace) -> int:
