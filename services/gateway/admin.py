@@ -15,7 +15,7 @@ from dlora.common.messages import AdapterEntry
 from dlora.common.registry import NAME_PATTERN, valid_name
 from dlora.model.adapters import AdapterError, AdapterLimits, inspect_adapter
 from dlora.model.config import ModelConfig
-from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.openai import APIError, documented
 
 
 class AdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -23,9 +23,9 @@ class AdapterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     owns it (only that tenant's API keys list and use it; unset or empty: public)."""
 
     # (said in the OpenAPI document too; the checks below say why in their own words)
-    name: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": f"^{NAME_PATTERN}$", "maxLength": 128})]
+    name: Annotated[str, documented(pattern=f"^{NAME_PATTERN}$", maxLength=128)]
     path: str
-    owner: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": f"^{TENANT_PATTERN}$"})] | None = None
+    owner: Annotated[str, documented(pattern=f"^{TENANT_PATTERN}$")] | None = None
 
 
 def check_adapter(

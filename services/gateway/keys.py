@@ -15,12 +15,7 @@ from aiohttp import web
 from dlora.common import apikeys
 from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth
-from dlora.services.gateway.openai import APIError
-
-
-def _doc(**schema: object) -> msgspec.Meta:
-    """JSON Schema keywords for the OpenAPI document alone (msgspec validates ``Meta``'s own)."""
-    return msgspec.Meta(extra_json_schema=schema)
+from dlora.services.gateway.openai import APIError, documented
 
 
 class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -29,13 +24,13 @@ class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # The checks ``apikeys.check_spec`` makes, said in the OpenAPI document too (documentation only:
     # the check says why in its own words): a schema-driven client's valid request was refused.
-    tenant: Annotated[str, _doc(pattern=f"^{apikeys.TENANT_PATTERN}$")]
-    scopes: Annotated[list[Annotated[str, _doc(enum=list(apikeys.SCOPES))]], _doc(minItems=1)] = msgspec.field(
-        default_factory=lambda: [apikeys.INFERENCE]
+    tenant: Annotated[str, documented(pattern=f"^{apikeys.TENANT_PATTERN}$")]
+    scopes: Annotated[list[Annotated[str, documented(enum=list(apikeys.SCOPES))]], documented(minItems=1)] = (
+        msgspec.field(default_factory=lambda: [apikeys.INFERENCE])
     )
-    rate_per_s: Annotated[float, _doc(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
-    burst: Annotated[int, _doc(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
-    concurrency: Annotated[int, _doc(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
+    rate_per_s: Annotated[float, documented(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
+    burst: Annotated[int, documented(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
+    concurrency: Annotated[int, documented(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
 
 
 ReadBody = Callable[[web.Request], Awaitable[bytes]]

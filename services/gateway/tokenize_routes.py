@@ -13,7 +13,7 @@ from aiohttp import web
 
 from dlora.services.gateway import openai
 from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
-from dlora.services.gateway.openai import APIError, ChatMessage, Tool, model_not_found
+from dlora.services.gateway.openai import APIError, ChatMessage, Tool, documented, model_not_found
 
 if TYPE_CHECKING:
     from dlora.services.gateway.main import Gateway
@@ -38,7 +38,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class DetokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None  # None: the base model
-    tokens: list[Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 0})]]  # (documented; the handler checks)
+    tokens: list[Annotated[int, documented(minimum=0)]]
 
 
 class TokenizeRoutes:
