@@ -392,6 +392,12 @@ def targets(cfg: ModelConfig) -> dict[str, Target]:
     }
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two ``model_digest``s may serve one request: equal, or either not said ("": an
+    older service, an application's request)."""
+    return not a or not b or a == b
+
+
 def model_digest(cfg: ModelConfig, vocab: Mapping[str, int]) -> str:
     """16 hex digits of a SHA-256 over the model's parsed config and its tokenizer's vocabulary
     (``get_vocab()``: token -> id): what a gateway that tokenizes and a worker that runs must agree

@@ -25,6 +25,7 @@ import msgspec
 
 from dlora.common.messages import WorkerStats
 from dlora.common.reads import pooled_read, read_price
+from dlora.model.config import same_model
 from dlora.services.dispatcher.lengths import PooledLengths
 
 
@@ -150,10 +151,10 @@ def estimated_finish(
     return (queued + own) * spt * crowding + (0.0 if holds else load_s)
 
 
-def same_model(workers: list[WorkerStats], digest: str) -> list[WorkerStats]:
+def of_model(workers: list[WorkerStats], digest: str) -> list[WorkerStats]:
     """Those of ``workers`` that serve the base model of ``digest`` (``model.config.model_digest``),
     or do not say (an older worker): a prompt's token ids mean other text under another tokenizer."""
-    return [w for w in workers if w.model_digest in ("", digest)]
+    return [w for w in workers if same_model(w.model_digest, digest)]
 
 
 def holds_request(w: WorkerStats, tokens: int) -> bool:

@@ -41,7 +41,7 @@ from dlora.common.seeds import with_seed
 from dlora.common.state import StateStore
 from dlora.common.undecodable import refusal
 from dlora.services.dispatcher.affinity import request_keys
-from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, same_model, version_gone
+from dlora.services.dispatcher.choose import DispatchMode, holding_version, holds_request, of_model, version_gone
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.placement import decay, placement_of
@@ -297,7 +297,7 @@ class Dispatcher(Recovery):
             if self.orphans.first_wait(req.request_id, now):
                 logger.warning("no live worker: the request waits for one", request=req.request_id)
             return  # before it is encoded or priced: the sweep tries it every heartbeat TTL
-        if req.model_digest and live and not (live := same_model(live, req.model_digest)):
+        if req.model_digest and live and not (live := of_model(live, req.model_digest)):
             served = ", ".join(sorted({w.model_digest or "not said" for w in self.live()}))
             reason = (
                 f"no live worker serves the base model this request was tokenized for (digest {req.model_digest}; "

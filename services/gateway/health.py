@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from dlora.common import subjects
 from dlora.common.bus import STATE_OUTAGE, StateBound
 from dlora.common.state import StateStore
+from dlora.model.config import same_model
 
 # What an unreachable or failing Redis raises (redis-py's errors, and the socket's).
 STORE_DOWN = (RedisError, *STATE_OUTAGE)
@@ -74,7 +75,7 @@ async def readiness(
         reasons.append(dispatcher)
     if not workers and store_up:
         reasons.append("no worker is live")
-    elif digests and all(d not in ("", ours) for d in digests):
+    elif digests and not any(same_model(d, ours) for d in digests):
         reasons.append(f"every live worker serves another base model than this gateway (digest {ours})")
     body: dict[str, Any] = {
         "status": "unavailable" if reasons else "ok",

@@ -40,7 +40,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
 from dlora.common.urls import http_url
-from dlora.model.config import ModelConfig, model_digest, sampling_defaults, served_name
+from dlora.model.config import ModelConfig, model_digest, same_model, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth, Principal
@@ -433,7 +433,7 @@ class Gateway:
     async def _on_stats(self, st: WorkerStats) -> None:
         now = time.monotonic()
         self.cluster.heard(st, now)
-        if st.model_digest not in ("", self.served.model_digest) and st.worker not in self._other_model:
+        if not same_model(st.model_digest, self.served.model_digest) and st.worker not in self._other_model:
             self._other_model.add(st.worker)  # said once per worker: the dispatchers send it nothing of ours
             logger.error(
                 "a worker serves another base model than this gateway; none of its requests go there",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from dlora.common.messages import AdapterEntry, WorkerStats
+from dlora.model.config import same_model
 from dlora.services.gateway.auth import Principal
 
 
@@ -25,7 +26,7 @@ def model_cards(
     see its name as its root. ``created``: Unix seconds, the base model's; ``max_model_len``: the
     context a request may fill, on every card (vLLM's). A worker of another base model than
     ``model_digest`` (a deployment that mixes models) serves none of it: not named."""
-    workers = [w for w in workers if w.model_digest in ("", model_digest)]
+    workers = [w for w in workers if same_model(w.model_digest, model_digest)]
     cards: list[dict[str, Any]] = [
         {
             "id": base_name,

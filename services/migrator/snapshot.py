@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora.common.reads import read_price
+from dlora.model.config import same_model
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class WorkerState:
             (self.max_model_len == 0 or r.total_tokens <= self.max_model_len)
             and (self.max_lora_rank == 0 or r.rank <= self.max_lora_rank)
             and (not r.pinned or r.worker == self.worker)
-            and (not r.model_digest or self.model_digest in ("", r.model_digest))
+            and same_model(self.model_digest, r.model_digest)
         )
 
     def read_seconds(self, nbytes: int) -> float:

@@ -16,6 +16,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk
 from dlora.common.seeds import with_seed
 from dlora.common.undecodable import request_head
+from dlora.model.config import same_model
 from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRead, AdapterRefused
 from dlora.services.worker.chunks import (
     aborted_chunk,
@@ -65,7 +66,7 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     if (late := past_deadline(req, time.time())) is not None:
         await _answer(w, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
         return
-    if req.model_digest and req.model_digest != w.engine.model_digest:  # its token ids mean other text here
+    if not same_model(req.model_digest, w.engine.model_digest):  # its token ids mean other text here
         reason = (
             f"worker {w.s.worker_id} serves another base model (digest {w.engine.model_digest}) than the one "
             f"this request was tokenized for ({req.model_digest}): the deployment mixes models"
