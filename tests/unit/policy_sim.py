@@ -2,9 +2,10 @@
 
 It applies a policy's decisions the way the engine's scheduler does (merged and mixed steps,
 adapter slots, batch size; memory is unlimited) and measures, for every request, the longest run
-of seconds it spent in the FCFS batch without running (the quantity the wait bound is about) and
-its normalized latency (seconds from arrival to finish over the steps it ran). Step times may be
-perturbed (``Noise``) to test a policy against measurements it cannot trust.
+of seconds it spent in the FCFS batch without running (the quantity the wait bound is about; once
+it ran, a stream's pause) and its normalized latency (seconds from arrival to finish over the
+steps it ran). Step times may be perturbed (``Noise``) to test a policy against measurements it
+cannot trust.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class SimResult:
     seconds: float = 0.0
     t_max: float = 0.0  # longest step (switches excluded)
     max_displaced: dict[str, float] = field(default_factory=dict)  # request -> longest wait in F
+    max_paused: dict[str, float] = field(default_factory=dict)  # request -> longest such wait once it ran
     finished: set[str] = field(default_factory=set)
     merges: int = 0
     mixed_steps: int = 0
@@ -147,6 +149,8 @@ def simulate(
             else:
                 current[r.request_id] = current.get(r.request_id, 0.0) + seconds
                 res.max_displaced[r.request_id] = max(res.max_displaced.get(r.request_id, 0.0), current[r.request_id])
+                if r.running:
+                    res.max_paused[r.request_id] = max(res.max_paused.get(r.request_id, 0.0), current[r.request_id])
         record = StepRecord(
             merged=merged,
             request_ids=[r["id"] for r in ran],

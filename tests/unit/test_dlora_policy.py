@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -197,6 +198,21 @@ def test_hot_adapter_cannot_hold_the_replica_merged_forever() -> None:
     assert res.merges >= 1
 
 
+def test_a_rarely_used_adapters_stream_pauses_at_most_the_running_bound() -> None:
+    """A busy adapter keeps more requests queued than a batch holds; a long stream of another
+    adapter runs beside it. On a GPU-like replica merged epochs pay, and before running requests
+    had their own threshold the stream waited out the whole starvation credit (1 s) between
+    tokens, again and again (a helper's probe: 16 tokens in 7.6 s)."""
+    limits = BatchLimits(max_num_seqs=16, max_adapters=4)
+    arrivals = [Arrival(step=s, adapter="hot", length=40) for s in range(600)]
+    arrivals.insert(3, Arrival(step=1, adapter="cold", length=120))
+    policy = DLoraPolicy(limits)
+    res = simulate(policy, arrivals, limits, max_steps=3000, profile=GPU_LIKE)
+    assert res.merges >= 1 and "q3" in res.finished
+    c = policy.config
+    assert res.max_paused["q3"] <= c.running_starvation_s + (limits.max_adapters + 2) * res.t_max < c.starvation_s
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     n_adapters=st.integers(1, 6),
@@ -211,19 +227,25 @@ def test_hot_adapter_cannot_hold_the_replica_merged_forever() -> None:
         max_size=60,
     ),
     starvation_s=st.sampled_from([0.05, 0.2, 1.0]),
+    running_starvation_s=st.sampled_from([0.02, 0.25, 2.0]),
 )
-def test_wait_bound_holds_for_any_arrivals(n_adapters, hot_share, max_seqs, slots, seed_arrivals, starvation_s) -> None:
+def test_wait_bound_holds_for_any_arrivals(
+    n_adapters, hot_share, max_seqs, slots, seed_arrivals, starvation_s, running_starvation_s
+) -> None:
     limits = BatchLimits(max_num_seqs=max_seqs, max_adapters=slots)
     arrivals = []
     for step, u, pick, length, rank in seed_arrivals:
         # hot_share of the traffic goes to adapter 0; the rest is spread (index 0 = base model).
         name = "a0" if u < hot_share else (None if pick == 0 else f"a{pick % n_adapters}")
         arrivals.append(Arrival(step=step, adapter=name, length=length, rank=rank))
-    policy = DLoraPolicy(limits, PolicyConfig(starvation_s=starvation_s, debt_floor_s=starvation_s))
+    config = PolicyConfig(starvation_s=starvation_s, debt_floor_s=starvation_s)
+    policy = DLoraPolicy(limits, msgspec.structs.replace(config, running_starvation_s=running_starvation_s))
     res = simulate(policy, arrivals, limits, max_steps=3000)
     assert len(res.finished) == len(arrivals)  # nobody starves outright
     bound = policy.wait_bound_s(res.t_max)
     assert max(res.max_displaced.values(), default=0.0) <= bound + 1e-9
+    paused = policy.wait_bound_s(res.t_max, running=True)
+    assert max(res.max_paused.values(), default=0.0) <= paused + 1e-9
     assert all(abs(t) < 1e-6 for t in res.credit_totals)  # credit only moves
 
 

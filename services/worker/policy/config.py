@@ -24,6 +24,10 @@ class PolicyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     name: PolicyName = PolicyName.DLORA
     # Credit (seconds owed to an adapter's waiting requests) past which it is served first.
     starvation_s: float = 1.0
+    # ... or this many (the lesser) where a running request of it was left waiting: how long a
+    # stream may pause between tokens, about (with starvation_s alone, merged epochs of a busier
+    # adapter held a rarely used adapter's stream to a token a second).
+    running_starvation_s: float = 0.25
     # Adapters owing more than this many seconds of credit may not be merged.
     debt_floor_s: float = 1.0
     # R at start, and the range the band adapts it within.
@@ -61,6 +65,8 @@ class PolicyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
             bad.append(("band_down", self.band_down, "must be in (0, 1)"))
         if self.starvation_s <= 0:
             bad.append(("starvation_s", self.starvation_s, "must be > 0"))
+        if self.running_starvation_s <= 0:
+            bad.append(("running_starvation_s", self.running_starvation_s, "must be > 0"))
         if self.debt_floor_s < 0:
             bad.append(("debt_floor_s", self.debt_floor_s, "must be >= 0"))
         if self.kappa < 0:

@@ -49,7 +49,13 @@ once in F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt
 adapter then starves, and the next step serves it. (It assumes the scheduler admits what the
 policy chose: a request it leaves out for memory or the token budget still counts as displaced
 and moves credit, which can take the payer below that floor and lengthen the bound of the
-payer's own requests.)
+payer's own requests.) A running request's adapter starves at ``running_starvation_s`` (the lesser)
+instead: a stream pauses at most that bound with it (``wait_bound_s(t_max, running=True)``). A
+lone stream of a rarely used adapter beside a busy one gains nothing by waiting (it has nobody of
+its adapter to share a step's LoRA work with later) and its price does not show that: one step's
+price counts a request it leaves waiting as an average request's share of the step, and the busy
+adapter's new prompt that takes its place as prompt tokens of work, so merged epochs held such a
+stream to a token a second under ``starvation_s`` alone.
 
 **Band.** At each change of mode the epoch that ended is compared with what the other mode would
 have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
@@ -155,9 +161,12 @@ class DLoraPolicy(Policy):
             keep = {r.adapter for r in queue} | {merged_now}
             self.ranks = {a: rank for a, rank in self.ranks.items() if a in keep}
 
-    def wait_bound_s(self, t_max: float) -> float:
+    def wait_bound_s(self, t_max: float, running: bool = False) -> float:
+        """Seconds of steps a request in F waits at most (a ``running`` one: a stream's pause),
+        ``t_max`` being the longest step; see the module's docstring."""
         c = self.config
-        return c.starvation_s + c.debt_floor_s + (self.limits.max_adapters + 2) * t_max
+        starvation = min(c.starvation_s, c.running_starvation_s) if running else c.starvation_s
+        return starvation + c.debt_floor_s + (self.limits.max_adapters + 2) * t_max
 
     # ---- the decision ---------------------------------------------------------------------
     def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
@@ -182,7 +191,7 @@ class DLoraPolicy(Policy):
         f_run = within_budget(fcfs, self.limits, None, merged_now)
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)
 
-        starving = {k for k in {key_of(r.adapter) for r in queue} if self.credits[k] > self.config.starvation_s}
+        starving = self._starving(queue, fcfs)
         if starving:
             return self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible).decision(basis)
         if self.fallback_steps > 0:
@@ -221,6 +230,15 @@ class DLoraPolicy(Policy):
         chosen = self._choose(priced, self._incumbent(priced, merged_now))
         basis.predicted = chosen.price.seconds if chosen.price else None
         return chosen.decision(basis)
+
+    def _starving(self, queue: list[QueuedRequest], fcfs: list[QueuedRequest]) -> set[str]:
+        """Keys of the adapters owed more than ``starvation_s`` of credit, or ``running_starvation_s``
+        (the lesser) where a running request of theirs is in F: a stream paused, not a prompt yet
+        to begin."""
+        c = self.config
+        running = {key_of(r.adapter) for r in fcfs if r.running}
+        threshold = {k: min(c.starvation_s, c.running_starvation_s) for k in running}
+        return {k for k in {key_of(r.adapter) for r in queue} if self.credits[k] > threshold.get(k, c.starvation_s)}
 
     def _serve_starving(
         self,
