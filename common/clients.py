@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 
@@ -25,11 +26,15 @@ MAX_CLIENTS = 10_000
 class Clients:
     """Reply readers and when each was last heard from (monotonic seconds). Pure."""
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, link: Callable[[], tuple[bool, int]] | None = None) -> None:
+        """``link``: the observer's own NATS connection, (connected, times it came back: nats-py's
+        ``stats["reconnects"]``; ``link_of``); None: taken as always up."""
         self.ttl_s = ttl_s
         self._last: OrderedDict[str, float] = OrderedDict()  # in the order last heard: longest silent first
         self._latest = float("-inf")  # when anyone (a client, or another party: ``noted``) was last heard from
         self._reconnects: dict[str, tuple[int, float]] = {}  # its count, and when it last grew
+        self._link = link
+        self._link_reconnects = link()[1] if link is not None else 0
 
     def heard(self, client: str, now: float, reconnects: int = 0) -> bool:
         """Note ``client`` as there ``now``. True when it says its connection came back since it
@@ -74,8 +79,26 @@ class Clients:
         that reached it right after the link came back, before the first announcement did, was
         dropped for a client that was there (the deploy test's worker host cut off). Workers note
         each heartbeat Redis took and each request that came; dispatchers each worker's stats."""
+        self._look_at_link(now)
         last = self._last.get(client)
         return last is not None and now - last > self.ttl_s and now - self._latest <= self.ttl_s
+
+    def _look_at_link(self, now: float) -> None:
+        """While the observer's own NATS connection is down, and at the first look after it came
+        back, every client counts as heard ``now`` (``forgive``): what they announced meanwhile
+        never reached it. Redis heard meanwhile (``noted``) says nothing of that: a NATS restart
+        of 9 s stopped every stream with a client, a gateway's included (a helper's finding)."""
+        if self._link is None:
+            return
+        connected, reconnects = self._link()
+        if not connected or reconnects != self._link_reconnects:
+            self._link_reconnects = reconnects
+            self.forgive(now)
+
+
+def link_of(nc: NATS) -> Callable[[], tuple[bool, int]]:
+    """``nc``'s state as ``Clients`` reads it: whether it is connected, and how often it came back."""
+    return lambda: (nc.is_connected, nc.stats["reconnects"])
 
 
 async def announce(nc: NATS, client: str, stop: asyncio.Event, subject: str = subjects.CLIENTS) -> None:

@@ -20,7 +20,7 @@ from nats.errors import Error as NatsError
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
-from dlora.common.clients import Clients
+from dlora.common.clients import Clients, link_of
 from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import (
     AbortRequest,
@@ -83,7 +83,8 @@ class Dispatcher(Recovery):
         self._orphans_at = 0.0
         self.orphans = OrphanWait(settings.orphan_wait_s)  # re-dispatches waiting for a live worker
         self._purged_at = 0.0
-        self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers: a gone one's requests are not re-dispatched
+        # reply readers: a gone one's requests are not re-dispatched (silent while our NATS is down: link_of)
+        self.clients = Clients(settings.heartbeat_ttl_s, link_of(nc))
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
         self._reconnects = nc.stats["reconnects"]
         self.metrics = DispatcherMetrics(lambda: len(self.live()))
@@ -219,8 +220,7 @@ class Dispatcher(Recovery):
     async def _look(self, now: float) -> None:
         if self.nc.stats["reconnects"] != self._reconnects:  # our own outage: their silence was ours
             self._reconnects = self.nc.stats["reconnects"]
-            self.clients.forgive(now)
-            self.state.forgive(now)
+            self.state.forgive(now)  # (the clients' own: ``Clients`` reads the link)
         try:  # Redis came back empty: the adapters are still registered
             await self.registry.restore()
         except Exception as e:  # noqa: BLE001 - NATS or JetStream down: restored on a later look

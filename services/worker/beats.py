@@ -32,8 +32,7 @@ async def publish_stats(w: WorkerService, stop: asyncio.Event) -> None:
     interval = w.s.stats_interval_s
     beat_at = -interval  # when the heartbeat last went to Redis
     while not stop.is_set():
-        if w.delivery.reconnected():  # what went out meanwhile may be lost: sent again
-            w.clients.forgive(time.monotonic())  # and the clients' silence was ours
+        w.delivery.reconnected()  # what went out meanwhile may be lost: sent again
         stats = msgspec.structs.replace(w.stats, sent=time.time())
         try:
             await bus.publish(w.nc, subjects.stats(w.s.worker_id), stats)

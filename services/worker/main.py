@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 
 from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
-from dlora.common.clients import Clients
+from dlora.common.clients import Clients, link_of
 from dlora.common.exporter import metrics_endpoint
 from dlora.common.inflight import Copy, Sent
 from dlora.common.messages import (
@@ -112,7 +112,7 @@ class WorkerService:
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
-        self.clients = Clients(settings.heartbeat_ttl_s)  # reply readers, to drop abandoned requests
+        self.clients = Clients(settings.heartbeat_ttl_s, link_of(nc))  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
         self.delivery = Delivery(nc, self.records.superseded)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)

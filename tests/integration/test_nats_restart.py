@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from dlora.common import bus, subjects
 from dlora.common.bus import ConnectionLost, connections
+from dlora.common.clients import announce
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.settings import Common
 from dlora.common.state import StateStore
@@ -35,10 +36,33 @@ PROMPT, N = [5, 40, 41, 300, 17], 200
 
 
 async def test_a_stream_survives_a_nats_restart(redis: Redis, redis_server: Server, tiny_llama: TinyOutput) -> None:
+    await _through_a_restart(redis, redis_server, tiny_llama, ttl_s=30.0, outage_s=1.0)
+
+
+async def test_a_stream_whose_client_announces_survives_an_outage_past_the_heartbeat_ttl(
+    redis: Redis, redis_server: Server, tiny_llama: TinyOutput
+) -> None:
+    """The client's announcements cannot reach anyone while NATS is down: its silence is the
+    outage's. The worker, hearing Redis take its heartbeats meanwhile, took it for the client's own
+    and stopped the stream (a gateway's streams too: a helper's finding, 9 s of outage)."""
+    # (a TTL past the reader's reconnect, 2 s after the worker's: silent that long after the
+    # outage, it would be gone)
+    await _through_a_restart(redis, redis_server, tiny_llama, ttl_s=3.0, outage_s=4.5, client="app", step_s=0.05)
+
+
+async def _through_a_restart(
+    redis: Redis,
+    redis_server: Server,
+    tiny_llama: TinyOutput,
+    ttl_s: float,
+    outage_s: float,
+    client: str = "",
+    step_s: float = 0.02,
+) -> None:
     server = start_nats()
     port = int(server.url.rsplit(":", 1)[1])
     store = StateStore(redis)
-    common = dict(nats_url=server.url, redis_url=redis_server.url, heartbeat_ttl_s=30.0)
+    common = dict(nats_url=server.url, redis_url=redis_server.url, heartbeat_ttl_s=ttl_s)
     stop = asyncio.Event()
     # The worker is back first; the reader re-subscribes only at nats-py's default 2 s, so what the
     # worker sends in between reaches nobody the first time.
@@ -51,7 +75,7 @@ async def test_a_stream_survives_a_nats_restart(redis: Redis, redis_server: Serv
     step = worker.engine.step
 
     def slow():  # type: ignore[no-untyped-def]
-        time.sleep(0.02)  # the request outlives the outage
+        time.sleep(step_s)  # the request outlives the outage
         return step()
 
     worker.engine.step = slow  # type: ignore[method-assign]
@@ -59,6 +83,8 @@ async def test_a_stream_survives_a_nats_restart(redis: Redis, redis_server: Serv
         asyncio.create_task(worker.run(stop)),
         asyncio.create_task(Dispatcher(DispatcherSettings(**common), d_nc, store).run(stop)),
     ]
+    if client:
+        tasks.append(asyncio.create_task(announce(app, client, stop)))
     try:
         while not await store.live_workers():
             await asyncio.sleep(0.05)
@@ -74,13 +100,15 @@ async def test_a_stream_survives_a_nats_restart(redis: Redis, redis_server: Serv
             reply_to=subjects.reply_inbox("through"),
             prompt_token_ids=PROMPT,
             params=SamplingParams(max_tokens=N, ignore_eos=True),
+            client=client,
         )
         await app.request(subjects.REQUESTS, msgspec.json.encode(req), timeout=5)
         stream = ReplyStream("through")
-        while stream.tokens < 20:
+        started = time.monotonic()
+        while stream.tokens < 20 or time.monotonic() - started < (1.5 if client else 0):  # (announced, and heard)
             stream.take(await asyncio.wait_for(chunks.get(), 30), time.monotonic())
         server.stop()  # the worker goes on generating meanwhile
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(outage_s)
         server = start_nats(port)
         while not stream.done:
             stream.take(await asyncio.wait_for(chunks.get(), 30), time.monotonic())

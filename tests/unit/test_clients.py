@@ -31,6 +31,22 @@ def test_a_client_is_not_gone_while_the_observer_heard_no_one() -> None:
     assert not clients.gone("gw", 10.3)
 
 
+def test_no_client_is_gone_while_the_observer_s_own_nats_link_is_down_or_just_came_back() -> None:
+    """Redis heard meanwhile (``noted``) says nothing of announcements that could not cross a NATS
+    that was down: a 9 s NATS restart stopped every stream with a client (a helper's finding)."""
+    link = [True, 0]
+    clients = Clients(ttl_s=2.0, link=lambda: (bool(link[0]), int(link[1])))
+    clients.heard("gw", 0.0)
+    link[0] = False  # NATS down from 0.5; Redis takes the heartbeats
+    for t in (1.0, 3.0, 6.0, 9.0):
+        clients.noted(t)
+        assert not clients.gone("gw", t + 0.1)
+    link[:] = [True, 1]  # back at 9.5, "gw" not yet: the TTL counts from the first look after
+    assert not clients.gone("gw", 9.6)
+    clients.noted(11.0)
+    assert not clients.gone("gw", 11.5) and clients.gone("gw", 11.7)
+
+
 def test_heard_says_when_a_client_s_connection_came_back() -> None:
     clients = Clients(ttl_s=5.0)
     assert not clients.heard("gw", 0.0, reconnects=0)
