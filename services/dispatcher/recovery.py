@@ -5,12 +5,14 @@ client aborts it. A mixin of ``Dispatcher`` (``main.py``), which holds the state
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from dlora.common import bus, log
+from dlora.common.aborts import Aborts
 from dlora.common.clients import Clients
 from dlora.common.inflight import Inflight
 from dlora.common.messages import (
@@ -74,10 +76,19 @@ class Recovery:
     ) -> None:
         raise NotImplementedError
 
+    @functools.cached_property
+    def aborted(self) -> Aborts:
+        """Aborts heard lately: one sent while its request's worker was dead (restarting under
+        systemd, say) reached no worker that would remember it, and the request was re-dispatched
+        and ran to its end (a helper's finding); a recovery looks here first (``_recover``)."""
+        return Aborts()
+
     async def _on_abort(self, abort: AbortRequest) -> None:
+        self.aborted.add(abort.request_id, None, time.monotonic())
         await self._drop_orphan(abort.request_id, None)
 
     async def _on_app_abort(self, abort: AbortRequest, sender: str) -> None:
+        self.aborted.add(abort.request_id, sender, time.monotonic())
         await self._drop_orphan(abort.request_id, sender)
 
     async def _drop_orphan(self, request_id: str, sender: str | None) -> None:
@@ -93,15 +104,20 @@ class Recovery:
         if rec is None or (sender is not None and rec.request.owner != sender):
             return
         if rec.worker not in {w.worker for w in self.live()}:  # still waiting
-            if await self.store.delete_inflight(request_id, (rec.worker, rec.recoveries)):
-                last = TokenChunk(
-                    request_id=request_id,
-                    seq=rec.next_seq,
-                    finish_reason=FinishReason.ABORT,
-                    recoveries=rec.recoveries,
-                )
-                await bus.publish(self.nc, rec.request.reply_to, last)
+            await self._end_aborted(rec)
             self.orphans.over(request_id)
+
+    async def _end_aborted(self, rec: Inflight) -> None:
+        """End the aborted request ``rec`` is of, unless another dispatcher took it meanwhile: its
+        record goes, and its reader gets the abort's last chunk, as a worker answers one."""
+        if await self.store.delete_inflight(rec.request.request_id, (rec.worker, rec.recoveries)):
+            last = TokenChunk(
+                request_id=rec.request.request_id,
+                seq=rec.next_seq,
+                finish_reason=FinishReason.ABORT,
+                recoveries=rec.recoveries,
+            )
+            await bus.publish(self.nc, rec.request.reply_to, last)
 
     async def _on_lost(self, lost: LostRequests) -> None:
         """A worker's in-flight records of requests it does not hold (it restarted, or their
@@ -184,7 +200,11 @@ class Recovery:
         # older version, in a rolling upgrade) is counted as before: unmarked is no proof there.
         died = died and (rec.taken or not rec.marks_taken)
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
-        if first.client and self.clients.gone(first.client, time.monotonic()):
+        now = time.monotonic()
+        if self.aborted.lately(first.request_id, None, now) or self.aborted.lately(first.request_id, first.owner, now):
+            await self._end_aborted(rec)  # (a gateway's abort, or its own sender's)
+            return
+        if first.client and self.clients.gone(first.client, now):
             logger.warning("client silent; its request is answered, not re-dispatched", request=first.request_id)
             reason = "the request's worker was lost while its client was not heard from; try again"
             await self._fail(first, next_seq, reason, "client-gone", ErrorCode.UNAVAILABLE, expect=mine)

@@ -19,6 +19,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from dlora.common import bus, log, subjects
+from dlora.common.aborts import Aborts
 from dlora.common.bus import connections
 from dlora.common.clients import Clients, link_of
 from dlora.common.exporter import metrics_endpoint
@@ -41,7 +42,6 @@ from dlora.common.state import StateStore
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 from dlora.services.worker import drain
-from dlora.services.worker.aborts import Aborts
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
 from dlora.services.worker.beats import LIST_EVERY_S, publish_stats

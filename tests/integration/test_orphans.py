@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from dlora.common import bus, subjects
 from dlora.common.messages import (
     MAX_RECOVERIES,
+    AbortRequest,
     ClientAlive,
     ErrorCode,
     GenerateRequest,
@@ -66,6 +67,24 @@ async def test_records_left_on_a_worker_nobody_recovered_are_re_dispatched(clust
     assert not await c.store.indexed_workers() - {"w-a"}  # the dead worker's index is gone
     assert c.dispatcher is not None
     assert (c.dispatcher.metrics.registry.get_sample_value("dlora_requests_recovered_total") or 0) >= 1
+
+
+async def test_an_abort_heard_while_its_request_s_worker_was_dead_ends_the_request_at_its_recovery(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A helper's finding: a worker SIGKILLed and restarted (systemd), its client aborting in
+    between: no live worker heard the abort, the restarted worker handed the request back, and it
+    ran to its end for nobody. The dispatchers remember aborts too, and a recovery ends the request
+    with the abort's last chunk instead of re-dispatching it."""
+    c: Cluster = await cluster(ttl_s=1.0)
+    assert c.dispatcher is not None
+    while not c.dispatcher.aborted.lately("aborted-meanwhile", None, time.monotonic()):  # (once it listens)
+        await c.nc.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id="aborted-meanwhile")))
+        await asyncio.sleep(0.05)
+    chunks = await _recorded(c, "aborted-meanwhile", "w-dead")
+    await c.worker("w-a")  # the restarted one: it never heard the abort
+    chunk = await asyncio.wait_for(chunks.get(), 15)
+    assert (chunk.finish_reason, chunk.token_ids, chunk.seq) == ("abort", [], 0)
+    await asyncio.sleep(1.0)  # nothing runs after it
+    assert chunks.empty() and await c.store.get_inflight("aborted-meanwhile") is None
 
 
 async def test_records_of_a_worker_that_stopped_cleanly_are_not_counted_as_deaths(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811

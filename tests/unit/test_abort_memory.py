@@ -3,7 +3,7 @@ sender's never pushing out another's."""
 
 from __future__ import annotations
 
-from dlora.services.worker.aborts import ABORT_MEMORY_S, MAX_ABORTS, Aborts
+from dlora.common.aborts import ABORT_MEMORY_S, MAX_ABORTS, Aborts
 
 
 def test_aborts_are_forgotten_oldest_first_past_their_time_and_past_the_cap_a_sender() -> None:

@@ -1,5 +1,6 @@
-"""The aborts a worker heard lately (``subjects.ABORT``, ``subjects.aborts_of(user)``): an abort
-can overtake its request, or outlive a record. Pure."""
+"""The aborts a worker or a dispatcher heard lately (``subjects.ABORT``, ``subjects.aborts_of(user)``):
+an abort can overtake its request, outlive a record, or come while its request's worker is dead
+(a dispatcher's recovery then ends the request instead of re-dispatching it). Pure."""
 
 from __future__ import annotations
 
