@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import msgspec
+
 from dlora.common.messages import GenerateRequest
 
 
@@ -79,3 +81,31 @@ class Copy(NamedTuple):
     @staticmethod
     def of(request: GenerateRequest, stalled: bool) -> Copy:
         return Copy(request.recoveries, stalled and request.recorded)
+
+
+def sent_again(held: GenerateRequest, new: GenerateRequest) -> bool:
+    """Whether ``new``, under the id of ``held`` (in flight), is that request sent again (a retry of
+    the same message) rather than another one: equal but for what the services set on the way (a
+    seed drawn for it, the adapter version, the record flag; a resume's tokens, sequence numbers and
+    attempt). A different request under an id still in flight was taken for a retry when its reply
+    subject matched, and its reader got the other request's tokens, with no error (a helper's
+    finding: an app restarted its id counter)."""
+    return _as_sent(held) == _as_sent(new)
+
+
+def _as_sent(req: GenerateRequest) -> GenerateRequest:
+    return msgspec.structs.replace(
+        req,
+        params=msgspec.structs.replace(req.params, seed=None),
+        adapter_version=None,
+        recorded=False,
+        resume_token_ids=[],
+        resume_text_pending=0,
+        resume_text_held="",
+        next_seq=0,
+        kv_chunks=0,
+        kv_transfer="",
+        kv_export_s=0.0,
+        recoveries=0,
+        continued=False,
+    )

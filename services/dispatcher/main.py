@@ -22,6 +22,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import Clients, link_of
 from dlora.common.exporter import metrics_endpoint
+from dlora.common.inflight import sent_again
 from dlora.common.messages import (
     AbortRequest,
     ClientAlive,
@@ -374,19 +375,18 @@ class Dispatcher(Recovery):
             if expect is not None:
                 self.metrics.recovered.inc()
         elif expect is None:  # a second request under the id of one in flight (anyone's)
+            if not again:  # the id reused as soon as its last chunk came, before the worker deleted the
+                # record (it sends the chunk first): looked at once more a moment later, it runs if
+                # the record went meanwhile (a user's trial lost 1 in 10 such requests)
+                self._look_again(req, raw, functools.partial(asyncio.sleep, _RECHECK_S))
+                return
             try:
                 held = await self.store.get_inflight(req.request_id)
             except msgspec.ValidationError:  # a record an older release wrote under looser bounds
                 held = None
-            if held is not None and held.request.reply_to == req.reply_to:
+            if held is not None and sent_again(held.request, req):
                 # The same request sent again (a retry) to the stream already under way: an error
-                # there would end that stream for its reader, which goes on reading it instead. Or
-                # the id reused as soon as its last chunk came, before the worker deleted the
-                # record (it sends the chunk first): looked at once more a moment later, it runs
-                # if the record went meanwhile (a user's trial lost 1 in 10 such requests).
-                if not again:
-                    self._look_again(req, raw, functools.partial(asyncio.sleep, _RECHECK_S))
-                    return
+                # there would end that stream for its reader, which goes on reading it instead.
                 self.metrics.refusals.labels("duplicate-id").inc()
                 return
             reason = f"request id {req.request_id!r} is already in flight; give each request its own"
