@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -333,19 +332,6 @@ async def test_one_request_cannot_take_down_a_worker(round_robin_stack: Stack) -
     ), tiny
     assert all(w.engine.stats.steps > 0 for w in stack.workers)
     assert (await post(stack, "/v1/completions", body))[0] == 200
-
-
-async def test_nats_native_example(stack: Stack) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "nats_client", Path(__file__).parents[2] / "examples" / "nats_client.py"
-    )
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    text = await example.generate(stack.nc._current_server.uri.geturl(), "lora-0", PROMPTS[0], max_tokens=6)
-    _, resp = await post(
-        stack, "/v1/completions", {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
-    )
-    assert text == resp["choices"][0]["text"]
 
 
 async def test_ready_with_live_workers(stack: Stack) -> None:

@@ -1,0 +1,84 @@
+"""The runnable NATS application example (examples/nats_client.py), against real NATS: it is what
+README tells an application to do, so it must never wait for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from pathlib import Path
+from types import ModuleType
+
+import msgspec
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from dlora.common import bus, subjects
+from dlora.common.messages import AbortRequest, ErrorCode, FinishReason, TokenChunk
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack
+from tests.integration.test_gateway import PROMPTS, post
+
+
+def _example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "nats_client", Path(__file__).parents[2] / "examples" / "nats_client.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+async def test_nats_native_example(stack: Stack) -> None:
+    text = await _example().generate(stack.nc._current_server.uri.geturl(), "lora-0", PROMPTS[0], max_tokens=6)
+    _, resp = await post(
+        stack, "/v1/completions", {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+    )
+    assert text == resp["choices"][0]["text"]
+
+
+async def test_the_nats_example_says_at_once_that_no_dispatcher_runs(nats_server: Server) -> None:
+    """A helper's finding: with the dispatcher stopped or restarting, or just after NATS restarted,
+    the example's request was published to nobody and it waited for chunks for ever (``timeout 20``
+    ended it). Sent as a NATS request, the server answers "no responders" at once."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="no dispatcher is running"):
+        async with asyncio.timeout(20):  # (without the answer: a TimeoutError, not a hang)
+            await _example().generate(nats_server.url, "lora-0", "kalo")
+    assert time.monotonic() - start < 5
+
+
+async def test_the_nats_example_says_a_refusal_and_gives_up_on_silence(
+    nats_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dispatcher's at-once refusal (an error chunk as its answer) is raised with its text; a
+    request taken (an empty answer) whose chunks never come is aborted after the chunk timeout,
+    as the gateway does, not waited for for ever."""
+    example = _example()
+    monkeypatch.setattr(example, "CHUNK_TIMEOUT_S", 0.3, raising=False)  # (an example without one hangs)
+    nc = await nats.connect(nats_server.url)
+    asked: list[Msg] = []
+    refusal = TokenChunk(
+        request_id="r", seq=0, error="no", error_code=ErrorCode.BAD_REQUEST, finish_reason=FinishReason.ERROR
+    )
+
+    async def dispatcher(msg: Msg) -> None:  # refuses the first request, takes the next and says nothing
+        asked.append(msg)
+        await msg.respond(msgspec.json.encode(refusal) if len(asked) == 1 else b"")
+
+    try:
+        await nc.subscribe(subjects.requests_of("app"), queue=subjects.DISPATCHERS, cb=dispatcher)
+        aborts = await nc.subscribe(subjects.aborts_of("app"))
+        await bus.flush(nc)
+        with pytest.raises(RuntimeError, match="^no$"):
+            await asyncio.wait_for(example.generate(nats_server.url, "lora-0", "kalo"), 10)
+        with pytest.raises(RuntimeError, match="no chunk came for 0.3 s"):
+            await asyncio.wait_for(example.generate(nats_server.url, "lora-0", "kalo"), 10)
+        abort = msgspec.json.decode((await aborts.next_msg(timeout=5)).data, type=AbortRequest)
+        sent = msgspec.json.decode(asked[1].data)
+        assert abort.request_id == sent["request_id"]
+        # a dispatcher answers only inboxes its sender may read (with users, only its own)
+        assert all(m.reply.startswith("_INBOX.app.") for m in asked)
+    finally:
+        await nc.close()
