@@ -52,12 +52,13 @@ class RequestHead(NamedTuple):
     recoveries: int  # its attempt (0 where it says none)
 
 
-def request_head(data: bytes) -> RequestHead | None:
+def request_head(data: bytes, cut: bool = False) -> RequestHead | None:
     """The head of a request msgspec refuses, read by the standard library's JSON (which takes a
     lone surrogate, valid JSON as Python's json.dumps writes one, that msgspec calls truncated
     input); an id written as a number is read as text, and a reply subject not given as text is
     "" (a request sent with NATS request/reply needs none). None where it names no id that can
-    be written back."""
+    be written back; an id longer than ``MAX_NAME`` is none, unless ``cut``: then its first
+    ``MAX_NAME`` characters (to answer its sender, not to name a request)."""
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser
@@ -66,6 +67,8 @@ def request_head(data: bytes) -> RequestHead | None:
         return None
     rid, reply = obj.get("request_id"), obj.get("reply_to")
     rid = str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
+    if cut and isinstance(rid, str):  # enough for its sender to know it, and an answer small enough to send
+        rid = rid[:MAX_NAME]
     reply = reply if isinstance(reply, str) else ""
     if not isinstance(rid, str) or not (rid + reply).isprintable() or len(rid) > MAX_NAME:
         # a lone surrogate is not printable: such an id or subject cannot be written back (nor an
@@ -84,10 +87,12 @@ def refusal(subject: str, reply: str, data: bytes, error: msgspec.DecodeError) -
     """What a dispatcher answers a request on ``subject`` that does not decode (``data``, with
     NATS reply subject ``reply``), and where: its reply subject where that is one of its sender's
     own, and the NATS reply subject of a request/reply (``nc.request``), which a decodable request
-    is answered on too; the sender would wait for chunks, or an answer, that never come. None:
-    neither (counted as rejected alone)."""
+    is answered on too; the sender would wait for chunks, or an answer, that never come. An id
+    too long is written back cut (``request_head``). None: neither (counted as rejected alone)."""
     owner = subjects.sender(subject)
-    head = request_head(data)
+    # Cut, not dropped: a request whose only fault was its id's length was answered on its NATS
+    # reply subject alone, and its reader of reply_to waited for ever (a helper's finding).
+    head = request_head(data, cut=True)
     targets = []
     if head is not None and (not owner or subjects.replies_to(owner, head.reply_to)):
         targets.append(head.reply_to)

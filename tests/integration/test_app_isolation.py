@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from dlora.common import subjects
 from dlora.common.bus import flush
 from dlora.common.messages import (
+    MAX_NAME,
     AbortRequest,
     AdapterEntry,
     ClientAlive,
@@ -390,6 +391,7 @@ async def test_names_too_long_for_a_subject_are_refused_and_every_service_stays_
     long_reply = subjects.reply_inbox("x" * 5000, "bob")
     too_long_id = {"request_id": "i" * 100_000, "reply_to": subjects.reply_inbox("r-9", "bob"), "prompt": "kalo"}
     long_reply_request = GenerateRequest(request_id="r-8", reply_to=long_reply, prompt="kalo")
+    r9 = await _chunks(bob, subjects.reply_inbox("r-9", "bob"))
     for raw, said in (
         (msgspec.json.encode(long_reply_request), "at most 1024 bytes"),
         (json.dumps(too_long_id).encode(), "does not decode"),
@@ -398,6 +400,9 @@ async def test_names_too_long_for_a_subject_are_refused_and_every_service_stays_
         told = msgspec.json.decode(answer.data, type=TokenChunk)
         assert told.error_code == "bad_request" and said in (told.error or ""), told
         assert len(answer.data) < 5000
+    # and on its reply_to, as any request that does not decode, under its id cut (a later finding)
+    told = await asyncio.wait_for(r9.get(), 10)
+    assert told.error_code == "bad_request" and told.request_id == "i" * MAX_NAME
     # an error that quotes what the request named (a 480,000-character regex, escaped twice on
     # its way) was too large to send: the worker dropped it and the sender waited for ever
     inbox = subjects.reply_inbox("r-11", "bob")

@@ -7,8 +7,9 @@ import json
 import msgspec
 import pytest
 
-from dlora.common.messages import GenerateRequest
-from dlora.common.undecodable import RequestHead, field_of, request_head
+from dlora.common import subjects
+from dlora.common.messages import MAX_NAME, GenerateRequest
+from dlora.common.undecodable import RequestHead, field_of, refusal, request_head
 
 
 def test_the_head_of_a_request_msgspec_refuses_is_read_to_answer_it() -> None:
@@ -31,6 +32,25 @@ def test_the_head_of_a_request_msgspec_refuses_is_read_to_answer_it() -> None:
     for unreadable in (b"{nope", b"[1]", json.dumps({"reply_to": "x"}).encode(), b"\xff\xfe"):
         assert request_head(unreadable) is None
     assert request_head(json.dumps(head | {"request_id": "r\ud800"}).encode()) is None  # cannot be written back
+
+
+def test_a_request_id_too_long_is_answered_cut_on_its_reply_subject_too() -> None:
+    """A helper's finding: a request whose id was over ``MAX_NAME`` characters was answered on the
+    NATS reply subject of a request/reply alone, though README promises an error chunk on its
+    reply_to too, where its reader waited for ever. It is answered there, under its id's first
+    ``MAX_NAME`` characters; a reply_to not its sender's is still not written to."""
+    rid, own, alices = "i" * 100_000, subjects.reply_inbox("r", "alice"), subjects.requests_of("alice")
+    data = json.dumps({"request_id": rid, "reply_to": own, "prompt": "x"}).encode()
+    with pytest.raises(msgspec.ValidationError) as e:
+        msgspec.json.decode(data, type=GenerateRequest)
+    assert request_head(data) is None  # a worker hands back no request under a cut id
+    for reply, targets in (("", [own]), ("_INBOX.alice.x", [own, "_INBOX.alice.x"])):
+        refused = refusal(alices, reply, data, e.value)
+        assert refused is not None and refused[0] == targets
+        chunk = refused[1]
+        assert (chunk.request_id, chunk.error_code, chunk.param) == (rid[:MAX_NAME], "bad_request", "request_id")
+    elsewhere = json.dumps({"request_id": rid, "reply_to": subjects.reply_inbox("r", "bob"), "prompt": "x"}).encode()
+    assert refusal(alices, "", elsewhere, e.value) is None
 
 
 def test_a_decode_error_names_the_field_at_fault() -> None:
