@@ -50,6 +50,7 @@ from dlora.services.dispatcher.recovery import Recovery
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
 from dlora.services.dispatcher.take_back import take_back
+from dlora.services.dispatcher.tenancy import unseen
 from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
@@ -174,13 +175,11 @@ class Dispatcher(Recovery):
         await self._fail(req, req.next_seq, reason, "state-unreachable", ErrorCode.UNAVAILABLE)
 
     async def _take(self, req: GenerateRequest, raw: bytes | None, owner: str) -> None:
-        """``req`` dispatched: refused if it names another tenant's adapter (an application's)."""
+        """``req`` dispatched: refused if it names an adapter it may not use (an application's)."""
         if owner and req.adapter is not None:
             # An application is a tenant named by its NATS user: another tenant's adapter is, to
-            # it, not there (as the gateway answers a key of another tenant).
-            entry = await self.store.get_adapter(req.adapter, req.adapter_version)
-            if entry is not None and entry.owner not in ("", owner):
-                reason = f"adapter {req.adapter!r} is not registered"
+            # it, not there, answered as a name never registered (tenancy.py).
+            if (reason := await unseen(self.store, owner, req.adapter, req.adapter_version)) is not None:
                 await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
                 return
         await self._dispatch(req, raw)

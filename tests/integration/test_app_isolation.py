@@ -283,6 +283,34 @@ async def test_an_application_uses_only_public_adapters_and_its_own(bus, redis: 
             assert chunk.error_code == "not_found" and chunk.error == f"adapter {adapter!r} is not registered"
 
 
+async def test_another_tenants_adapter_is_answered_as_a_name_never_registered(
+    bus, redis: Redis, tiny_llama: TinyOutput
+) -> None:  # type: ignore[no-untyped-def]
+    """A helper's finding: bob asking for alice's private adapter was answered by the dispatcher
+    (``worker`` ""), and for a name never registered by a worker (``worker`` "w0"); with a version
+    the words differed too ("version x is not registered" against "is not registered (removed)",
+    said of a name never registered). The same answer now, from the same place, word for word but
+    the name, with or without a version."""
+    _, bob, _ = bus
+    name, path = sorted(tiny_llama.adapters.items())[0]
+    entry = AdapterEntry(name=name, path=str(path), rank=8, created=0.0, owner="alice", version="v1")
+    await StateStore(redis).put_adapter(entry)
+
+    async def answer(adapter: str, version: str | None) -> tuple[str | None, str, str]:
+        rid = f"r-{adapter}-{version}"
+        q = await _chunks(bob, inbox := subjects.reply_inbox(rid, "bob"))
+        req = GenerateRequest(
+            request_id=rid, reply_to=inbox, adapter=adapter, adapter_version=version, prompt_token_ids=[5]
+        )
+        await bob.publish(subjects.requests_of("bob"), msgspec.json.encode(req))
+        chunk = await asyncio.wait_for(q.get(), 30)
+        return chunk.error_code, (chunk.error or "").replace(repr(adapter), "NAME"), chunk.worker
+
+    for version in (None, "v1", "x"):
+        theirs, none = await answer(name, version), await answer("no-such-adapter", version)
+        assert theirs == none and theirs[0] == "not_found" and "(removed)" not in theirs[1], (version, theirs, none)
+
+
 async def test_an_id_reused_as_soon_as_its_last_chunk_came_runs(bus, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A user's trial: an app that sent the same request again as soon as the first one's last
     chunk came got no answer 1 time in 10: the worker sends the last chunk before it drops the
