@@ -34,5 +34,6 @@ class Aborts:
     def lately(self, request_id: str, sender: str | None, now: float) -> bool:
         """Whether ``sender`` aborted ``request_id`` within ``ABORT_MEMORY_S`` of ``now`` (on a
         quiet worker nothing else forgets an old one: an id reused an hour later was refused)."""
-        when = self._by.get(sender, {}).get(request_id)
+        heard = self._by.get(sender)
+        when = heard.get(request_id) if heard is not None else None
         return when is not None and now - when < ABORT_MEMORY_S
