@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -21,6 +22,8 @@ ANNOUNCE_S = 1.0
 # Clients known at once. Past it the longest silent is forgotten, as one never heard from is
 # (its requests are kept): anyone allowed to announce must not grow the map without bound.
 MAX_CLIENTS = 10_000
+# Starts of one name remembered (processes sharing a name: each new start is sent its replies once).
+MAX_STARTS = 8
 
 
 class Clients:
@@ -32,18 +35,25 @@ class Clients:
         self.ttl_s = ttl_s
         self._last: OrderedDict[str, float] = OrderedDict()  # in the order last heard: longest silent first
         self._latest = float("-inf")  # when anyone (a client, or another party: ``noted``) was last heard from
-        self._reconnects: dict[str, tuple[int, float]] = {}  # its count, and when it last grew
+        # its count, when it last grew, and its starts heard lately (``ClientAlive.incarnation``)
+        self._reconnects: dict[str, tuple[int, float, tuple[str, ...]]] = {}
         self._link = link
         self._link_reconnects = link()[1] if link is not None else 0
 
-    def heard(self, client: str, now: float, reconnects: int = 0) -> bool:
+    def heard(self, client: str, now: float, reconnects: int = 0, incarnation: str = "") -> bool:
         """Note ``client`` as there ``now``. True when it says its connection came back since it
-        was last heard from (``ClientAlive.reconnects`` grew; at most once per ``ANNOUNCE_S``,
-        for the count is the client's word): it may have missed replies, to be sent again."""
+        was last heard from (``ClientAlive.reconnects`` grew), or it is a process started again
+        (an ``incarnation`` not heard lately under its name: a restarted one counts from 0, and the
+        count it had was remembered, so it was never sent what it missed: a helper's finding); at
+        most once per ``ANNOUNCE_S``, for these are the client's word: it may have missed replies,
+        to be sent again. Several processes may share a name: each start is news once."""
         self.noted(now)
-        before, grew_at = self._reconnects.get(client, (0, -ANNOUNCE_S))
-        missed = reconnects > before and now - grew_at >= ANNOUNCE_S  # first heard after one too
-        self._reconnects[client] = (reconnects, now) if missed else (before, grew_at)
+        before, grew_at, starts = self._reconnects.get(client, (0, -ANNOUNCE_S, (incarnation,)))
+        missed = (reconnects > before or incarnation not in starts) and now - grew_at >= ANNOUNCE_S
+        if missed:  # (first heard after a reconnect too)
+            starts = (*starts, incarnation)[-MAX_STARTS:] if incarnation not in starts else starts
+            before, grew_at = reconnects, now
+        self._reconnects[client] = (before, grew_at, starts)
         self._last[client] = now
         self._last.move_to_end(client)
         # Forget clients gone long ago (their requests were dropped then) and any past the cap, from
@@ -106,9 +116,11 @@ async def announce(nc: NATS, client: str, stop: asyncio.Event, subject: str = su
     came back, on ``subject`` (an application's: ``subjects.clients_of(user)``); a NATS outage is
     ridden out."""
     outage = bus.Outage("client announcements (nats)")
+    incarnation = secrets.token_hex(6)  # this start: a reader started again has none of its replies
     while not stop.is_set():
         try:
-            await bus.publish(nc, subject, ClientAlive(client=client, reconnects=nc.stats["reconnects"]))
+            alive = ClientAlive(client=client, reconnects=nc.stats["reconnects"], incarnation=incarnation)
+            await bus.publish(nc, subject, alive)
             outage.succeeded()
         except Exception as e:  # noqa: BLE001 - a missed announcement is repeated next second
             outage.failed(e)

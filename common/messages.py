@@ -237,8 +237,12 @@ class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
 
     client: Name
     # Times its NATS connection came back: when it grows, the reader may have missed replies sent
-    # while it was away, and workers send their recent ones to it again (its replies_of subjects).
+    # while it was away, and workers send their recent ones to it again (those of its requests, and
+    # any on its replies_of subjects).
     reconnects: int = 0
+    # Its process's start (a token of its own, ``clients.announce``): a new one is a reader started
+    # again, which has none of its replies (they are sent again too). "": not said.
+    incarnation: Name = ""
 
 
 class LostRequests(msgspec.Struct, kw_only=True, frozen=True):

@@ -46,7 +46,7 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     its ``bad_words`` tokenized on arrival (None: by the engine)."""
     if w.aborted_lately(req):  # its client left before it came, or aborted its id lately
         await w.records.end({req.request_id: req.recoveries})
-        await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id))
+        await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id), req.client)
         return
     held = w.streams.get(req.request_id)
     if held is not None:
@@ -113,7 +113,8 @@ async def abort(w: WorkerService, request_id: str, sender: str | None) -> None:
     stream = w.streams.get(request_id)
     if stream is not None and w.aborted_lately(stream.request):
         await w.drop(request_id)
-        await w.delivery.publish(stream.reply_to, aborted_chunk(stream.request, stream.seq, w.s.worker_id))
+        last = aborted_chunk(stream.request, stream.seq, w.s.worker_id)
+        await w.delivery.publish(stream.reply_to, last, stream.request.client)
 
 
 async def adapter_read(w: WorkerService, read: AdapterRead) -> None:

@@ -6,6 +6,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
+from dlora.common import subjects
 from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, TokenChunk, Usage, error_text
 from dlora.common.undecodable import RequestHead
 from dlora.services.worker.engine import RequestOutput
@@ -123,15 +124,25 @@ class Resend:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._sent: deque[tuple[float, str, TokenChunk]] = deque()
+        self._sent: deque[tuple[float, str, TokenChunk, str]] = deque()
 
-    def add(self, now: float, subject: str, chunk: TokenChunk) -> None:
-        self._sent.append((now, subject, chunk))
+    def add(self, now: float, subject: str, chunk: TokenChunk, client: str = "") -> None:
+        """``chunk`` published ``now`` on ``subject``, for a request of ``client`` ("": none)."""
+        self._sent.append((now, subject, chunk, client))
         while self._sent and now - self._sent[0][0] > self.window_s:
             self._sent.popleft()
 
-    def recent(self, now: float) -> list[tuple[str, TokenChunk]]:
-        return [(subject, chunk) for at, subject, chunk in self._sent if now - at <= self.window_s]
+    def recent(self, now: float, client: str | None = None) -> list[tuple[str, TokenChunk]]:
+        """The chunks kept, or those to ``client``: its requests' (whatever their reply subject: an
+        application's are under its user's, ``subjects.reply_inbox(id, user)``, not its name's, and
+        none was sent again to one named ``<user>.<name>``: a helper's finding) and any on its
+        ``subjects.replies_of`` subjects."""
+        prefix = subjects.replies_prefix(client) if client is not None else ""
+        return [
+            (subject, chunk)
+            for at, subject, chunk, of in self._sent
+            if now - at <= self.window_s and (client is None or of == client or subject.startswith(prefix))
+        ]
 
     def forget(self, request_id: str) -> None:
         """Keep nothing more of ``request_id``'s chunks sent so far: another attempt serves it now,

@@ -52,10 +52,10 @@ class Delivery:
         self._resending: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # re-sends to one reader, held until done
 
-    async def publish(self, subject: str, chunk: TokenChunk) -> bool:
-        """Publish ``chunk`` and keep it for a re-send. False when NATS refused it (closed, or its
-        buffer full in a long outage): logged, never raised."""
-        self.resend.add(time.monotonic(), subject, chunk)
+    async def publish(self, subject: str, chunk: TokenChunk, client: str = "") -> bool:
+        """Publish ``chunk`` (of a request of ``client``, "": none) and keep it for a re-send. False
+        when NATS refused it (closed, or its buffer full in a long outage): logged, never raised."""
+        self.resend.add(time.monotonic(), subject, chunk, client)
         return await self._send(subject, chunk)
 
     async def _send(self, subject: str, chunk: TokenChunk) -> bool:
@@ -97,22 +97,22 @@ class Delivery:
         self._resending = asyncio.create_task(self._resend())
         return True
 
-    def resend_to(self, prefix: str) -> None:
-        """Publish again, now, the recent chunks on subjects under ``prefix``: a reader there says
-        its own connection came back, and what went out while it was away never reached it."""
-        self._tasks.add(task := asyncio.create_task(self._resend((0.0,), prefix)))
+    def resend_to(self, client: str) -> None:
+        """Publish again, now, the recent chunks to ``client`` (``Resend.recent``): it says its own
+        connection came back, or it started again, and what went out meanwhile never reached it."""
+        self._tasks.add(task := asyncio.create_task(self._resend((0.0,), client)))
         task.add_done_callback(self._tasks.discard)
 
-    async def _resend(self, delays: tuple[float, ...] = RESEND_DELAYS_S, prefix: str = "") -> None:
+    async def _resend(self, delays: tuple[float, ...] = RESEND_DELAYS_S, client: str | None = None) -> None:
         for delay in delays:
             await asyncio.sleep(delay)
-            recent = [(subject, c) for subject, c in self.resend.recent(time.monotonic()) if subject.startswith(prefix)]
-            if prefix and not recent:  # a reader with nothing here (a trial: 500 made-up names
-                continue  # announced at once stalled every worker 10 s in Redis calls and log lines)
+            recent = self.resend.recent(time.monotonic(), client)
+            if client is not None and not recent:  # a reader with nothing here (a trial: 500 made-up
+                continue  # names announced at once stalled every worker 10 s in Redis calls and log lines)
             gone = await self.superseded({c.request_id: c.recoveries for _, c in recent})
             for rid in gone:
                 self.resend.forget(rid)
             recent = [(subject, c) for subject, c in recent if c.request_id not in gone]
-            logger.info("recent chunks sent again", chunks=len(recent), to=prefix or "every reader")
+            logger.info("recent chunks sent again", chunks=len(recent), to="every reader" if client is None else client)
             for subject, chunk in recent:
                 await self._send(subject, chunk)  # kept once: a re-send must not grow what is kept

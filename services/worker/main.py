@@ -152,8 +152,8 @@ class WorkerService:
         await self.commands.put(Add(req, bad_words_ids))
 
     async def _on_client(self, alive: ClientAlive) -> None:
-        if self.clients.heard(alive.client, time.monotonic(), alive.reconnects):
-            self.delivery.resend_to(subjects.replies_prefix(alive.client))  # what it may have missed
+        if self.clients.heard(alive.client, time.monotonic(), alive.reconnects, alive.incarnation):
+            self.delivery.resend_to(alive.client)  # what it may have missed
 
     async def _on_app_client(self, alive: ClientAlive, sender: str) -> None:
         if subjects.owns_client(sender, alive.client):
@@ -269,7 +269,7 @@ class WorkerService:
             if (late := past_deadline(stream.request, now)) is not None:
                 await self.drop(rid)
                 chunk = error_chunk(stream.request, ErrorCode.UNAVAILABLE, late, self.s.worker_id, seq=stream.seq)
-                await self.delivery.publish(stream.reply_to, chunk)
+                await self.delivery.publish(stream.reply_to, chunk, stream.request.client)
 
     async def _step(self) -> None:
         st = self.engine.stats
@@ -307,7 +307,7 @@ class WorkerService:
             if out.request_id not in self.streams:  # fenced just now
                 continue
             # Recorded only if handed to NATS: the record says what a resume need not send again.
-            if await self.delivery.publish(stream.reply_to, chunk):
+            if await self.delivery.publish(stream.reply_to, chunk, stream.request.client):
                 seq = self.engine.seqs.get(out.request_id)
                 held = (seq.detok.pending, seq.text[seq.emitted :]) if seq else (0, "")
                 sent[out.request_id] = Sent(stream.request.recoveries, chunk.seq, out.new_token_ids, *held)

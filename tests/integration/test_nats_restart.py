@@ -202,7 +202,7 @@ async def test_a_re_send_does_not_grow_what_a_worker_keeps(nats_server: Server) 
         for seq in range(3):
             assert await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=seq))
         for _ in range(3):  # a reader announcing reconnects
-            delivery.resend_to(subjects.replies_prefix("gw"))
+            delivery.resend_to("gw")
             await asyncio.sleep(0.05)
         assert len(delivery.resend.recent(time.monotonic())) == 3
     finally:
@@ -252,7 +252,7 @@ async def test_a_re_send_leaves_out_what_another_attempt_serves(nats_server: Ser
                 break
             await asyncio.sleep(0.01)
         got.clear()
-        delivery.resend_to(subjects.replies_prefix("gw"))
+        delivery.resend_to("gw")
         for _ in range(100):
             if got:
                 break
@@ -281,8 +281,8 @@ async def test_announcements_of_readers_with_nothing_here_cost_no_lookups(nats_s
         delivery = Delivery(nc, superseded)
         await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=0))
         for i in range(500):
-            delivery.resend_to(subjects.replies_prefix(f"made-up-{i}"))
-        delivery.resend_to(subjects.replies_prefix("gw"))
+            delivery.resend_to(f"made-up-{i}")
+        delivery.resend_to("gw")
         await asyncio.sleep(0.2)
         assert asked == [{"r": 0}]  # the one reader that has a chunk here
     finally:

@@ -47,6 +47,19 @@ def test_no_client_is_gone_while_the_observer_s_own_nats_link_is_down_or_just_ca
     assert not clients.gone("gw", 11.5) and clients.gone("gw", 11.7)
 
 
+def test_a_reader_started_again_is_news_once_though_its_count_starts_again() -> None:
+    """A restarted process counts its reconnects from 0: the worker remembered its old count and
+    never sent it what it missed (a helper's finding). Its new start says so; several processes
+    sharing a name are each news once, not at every announcement."""
+    clients = Clients(ttl_s=5.0)
+    assert clients.heard("app", 0.0, reconnects=3, incarnation="a")  # first heard, after reconnects
+    assert not clients.heard("app", 2.0, reconnects=3, incarnation="a")
+    assert clients.heard("app", 4.0, reconnects=0, incarnation="b")  # started again
+    assert not clients.heard("app", 5.5, reconnects=0, incarnation="b")
+    assert clients.heard("app", 7.0, reconnects=0, incarnation="c")  # a second process, same name
+    assert not any(clients.heard("app", 9.0 + i, 0, start) for i, start in enumerate("bcbc"))
+
+
 def test_heard_says_when_a_client_s_connection_came_back() -> None:
     clients = Clients(ttl_s=5.0)
     assert not clients.heard("gw", 0.0, reconnects=0)
