@@ -22,8 +22,10 @@ ANNOUNCE_S = 1.0
 # Clients known at once. Past it the longest silent is forgotten, as one never heard from is
 # (its requests are kept): anyone allowed to announce must not grow the map without bound.
 MAX_CLIENTS = 10_000
-# Starts of one name remembered (processes sharing a name: each new start is sent its replies once).
-MAX_STARTS = 8
+# Processes sharing one reader name, each sent its replies once when it starts: remembered while
+# heard within STARTS_KEPT_S; past MAX_STARTS of them a new one is not told apart.
+STARTS_KEPT_S = 10 * ANNOUNCE_S
+MAX_STARTS = 1_000
 
 
 class Clients:
@@ -35,8 +37,9 @@ class Clients:
         self.ttl_s = ttl_s
         self._last: OrderedDict[str, float] = OrderedDict()  # in the order last heard: longest silent first
         self._latest = float("-inf")  # when anyone (a client, or another party: ``noted``) was last heard from
-        # its count, when it last grew, and its starts heard lately (``ClientAlive.incarnation``)
-        self._reconnects: dict[str, tuple[int, float, tuple[str, ...]]] = {}
+        self._reconnects: dict[str, tuple[int, float]] = {}  # its count, and when it last grew
+        # its processes' starts (``ClientAlive.incarnation``), each when last heard
+        self._starts: dict[str, dict[str, float]] = {}
         self._link = link
         self._link_reconnects = link()[1] if link is not None else 0
 
@@ -48,12 +51,15 @@ class Clients:
         most once per ``ANNOUNCE_S``, for these are the client's word: it may have missed replies,
         to be sent again. Several processes may share a name: each start is news once."""
         self.noted(now)
-        before, grew_at, starts = self._reconnects.get(client, (0, -ANNOUNCE_S, (incarnation,)))
-        missed = (reconnects > before or incarnation not in starts) and now - grew_at >= ANNOUNCE_S
-        if missed:  # (first heard after a reconnect too)
-            starts = (*starts, incarnation)[-MAX_STARTS:] if incarnation not in starts else starts
-            before, grew_at = reconnects, now
-        self._reconnects[client] = (before, grew_at, starts)
+        before, grew_at = self._reconnects.get(client, (0, -ANNOUNCE_S))
+        starts = self._starts.setdefault(client, {})
+        for start in [k for k, t in starts.items() if now - t > STARTS_KEPT_S]:  # processes that stopped
+            del starts[start]
+        started = client in self._last and incarnation not in starts and len(starts) < MAX_STARTS
+        missed = (reconnects > before or started) and now - grew_at >= ANNOUNCE_S  # (first heard after one too)
+        self._reconnects[client] = (reconnects, now) if missed else (before, grew_at)
+        if missed or not started:  # (a start not taken yet stays news)
+            starts[incarnation] = now
         self._last[client] = now
         self._last.move_to_end(client)
         # Forget clients gone long ago (their requests were dropped then) and any past the cap, from
@@ -65,6 +71,7 @@ class Clients:
                 break
             del self._last[oldest]
             self._reconnects.pop(oldest, None)
+            self._starts.pop(oldest, None)
         return missed
 
     def noted(self, now: float) -> None:
@@ -89,15 +96,17 @@ class Clients:
         that reached it right after the link came back, before the first announcement did, was
         dropped for a client that was there (the deploy test's worker host cut off). Workers note
         each heartbeat Redis took and each request that came; dispatchers each worker's stats."""
-        self._look_at_link(now)
+        self.watch_link(now)
         last = self._last.get(client)
         return last is not None and now - last > self.ttl_s and now - self._latest <= self.ttl_s
 
-    def _look_at_link(self, now: float) -> None:
+    def watch_link(self, now: float) -> None:
         """While the observer's own NATS connection is down, and at the first look after it came
         back, every client counts as heard ``now`` (``forgive``): what they announced meanwhile
         never reached it. Redis heard meanwhile (``noted``) says nothing of that: a NATS restart
-        of 9 s stopped every stream with a client, a gateway's included (a helper's finding)."""
+        of 9 s stopped every stream with a client, a gateway's included (a helper's finding). Called
+        by ``gone`` and now and then by its owner: a first look long after the link came back would
+        forgive a client silent since before it (a review)."""
         if self._link is None:
             return
         connected, reconnects = self._link()

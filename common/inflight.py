@@ -84,20 +84,21 @@ class Copy(NamedTuple):
 
 
 def sent_again(held: GenerateRequest, new: GenerateRequest) -> bool:
-    """Whether ``new``, under the id of ``held`` (in flight), is that request sent again (a retry of
-    the same message) rather than another one: equal but for what the services set on the way (a
-    seed drawn for it, the adapter version, the record flag; a resume's tokens, sequence numbers and
-    attempt). A different request under an id still in flight was taken for a retry when its reply
-    subject matched, and its reader got the other request's tokens, with no error (a helper's
-    finding: an app restarted its id counter)."""
-    return _as_sent(held) == _as_sent(new)
+    """Whether ``new`` (as it came), under the id of ``held`` (in flight), is that request sent again
+    (a retry) rather than another one: equal but for what the services set on the way (a seed drawn
+    for it and the adapter version, where ``new`` names none; the record flag; a resume's tokens,
+    sequence numbers and attempt) and the sender's clock (``created``, a ``deadline`` set anew).
+    A different request under an id still in flight was taken for a retry when its reply subject
+    matched, and its reader got the other request's tokens, with no error (a helper's finding: an
+    app restarted its id counter)."""
+    drawn = msgspec.structs.replace(held.params, seed=None) if new.params.seed is None else held.params
+    version = None if new.adapter_version is None else held.adapter_version
+    return _as_sent(msgspec.structs.replace(held, params=drawn, adapter_version=version)) == _as_sent(new)
 
 
 def _as_sent(req: GenerateRequest) -> GenerateRequest:
     return msgspec.structs.replace(
         req,
-        params=msgspec.structs.replace(req.params, seed=None),
-        adapter_version=None,
         recorded=False,
         resume_token_ids=[],
         resume_text_pending=0,
@@ -108,4 +109,6 @@ def _as_sent(req: GenerateRequest) -> GenerateRequest:
         kv_export_s=0.0,
         recoveries=0,
         continued=False,
+        created=0.0,
+        deadline=None,
     )

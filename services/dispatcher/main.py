@@ -50,7 +50,7 @@ from dlora.services.dispatcher.recovery import Recovery
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState
 from dlora.services.dispatcher.take_back import take_back
-from dlora.services.dispatcher.tenancy import unseen
+from dlora.services.dispatcher.tenancy import as_taken, unseen
 from dlora.services.notify import notifier
 
 logger = log.get("dispatcher")
@@ -123,21 +123,9 @@ class Dispatcher(Recovery):
             await self._refuse_undecodable(msg, e)
             return
         owner = subjects.sender(msg.subject)  # only its subject says who sent it
-        # What an application may not set: the workers' own fields (a shipped cache that never
-        # comes would hold a worker 5 s; outputs to resume from, which would never be sent), and
-        # the owner. Gateways never set them. An adapter named "" is the base model, as the gateway
-        # reads a model named "".
-        clean = dict(
-            owner=owner, kv_chunks=0, kv_transfer="", kv_export_s=0.0, recoveries=0, recorded=False, continued=False
-        )
-        clean |= dict(resume_token_ids=[], resume_text_pending=0, resume_text_held="", next_seq=0)
-        if req.adapter == "":
-            clean["adapter"] = None
-        if owner and not subjects.owns_client(owner, req.client):  # another's reader: not its to name
-            clean["client"] = ""
         raw: bytes | None = msg.data
-        if any(getattr(req, k) != v for k, v in clean.items()):
-            req, raw = msgspec.structs.replace(req, **clean), None
+        if (cleaned := as_taken(req, owner)) is not req:
+            req, raw = cleaned, None
         # An application's answers go only where it reads: a reply subject it chose elsewhere could
         # be another user's stream or a JetStream subject the dispatcher may write.
         answer = msg.reply if not owner or subjects.replies_to(owner, msg.reply) else ""
@@ -179,9 +167,11 @@ class Dispatcher(Recovery):
         if owner and req.adapter is not None:
             # An application is a tenant named by its NATS user: another tenant's adapter is, to
             # it, not there, answered as a name never registered (tenancy.py).
-            if (reason := await unseen(self.store, owner, req.adapter, req.adapter_version)) is not None:
-                await self._fail(req, req.next_seq, reason, "not-found", ErrorCode.NOT_FOUND)
+            if isinstance(seen := await unseen(self.store, owner, req.adapter, req.adapter_version), str):
+                await self._fail(req, req.next_seq, seen, "not-found", ErrorCode.NOT_FOUND)
                 return
+            if req.adapter_version is None and seen.version:  # the version it was allowed, not a later one
+                req, raw = msgspec.structs.replace(req, adapter_version=seen.version), None
         await self._dispatch(req, raw)
 
     async def _refuse_undecodable(self, msg: Msg, error: msgspec.DecodeError) -> None:
@@ -220,7 +210,8 @@ class Dispatcher(Recovery):
     async def _look(self, now: float) -> None:
         if self.nc.stats["reconnects"] != self._reconnects:  # our own outage: their silence was ours
             self._reconnects = self.nc.stats["reconnects"]
-            self.state.forgive(now)  # (the clients' own: ``Clients`` reads the link)
+            self.state.forgive(now)
+        self.clients.watch_link(now)  # forgiven as of now, not as of a recovery much later
         try:  # Redis came back empty: the adapters are still registered
             await self.registry.restore()
         except Exception as e:  # noqa: BLE001 - NATS or JetStream down: restored on a later look
@@ -286,6 +277,7 @@ class Dispatcher(Recovery):
         registration, so no other can load it), else, once every live worker's stats were read
         again (a holder's may not list it yet: a trial's rewrite right after the first request got
         500 for half the next 20), failed saying so."""
+        asked = req  # as it came (a second one under its id: ``sent_again``)
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
@@ -377,13 +369,13 @@ class Dispatcher(Recovery):
             if not again:  # the id reused as soon as its last chunk came, before the worker deleted the
                 # record (it sends the chunk first): looked at once more a moment later, it runs if
                 # the record went meanwhile (a user's trial lost 1 in 10 such requests)
-                self._look_again(req, raw, functools.partial(asyncio.sleep, _RECHECK_S))
+                self._look_again(asked, raw, functools.partial(asyncio.sleep, _RECHECK_S))
                 return
             try:
                 held = await self.store.get_inflight(req.request_id)
             except msgspec.ValidationError:  # a record an older release wrote under looser bounds
                 held = None
-            if held is not None and sent_again(held.request, req):
+            if held is not None and sent_again(held.request, asked):
                 # The same request sent again (a retry) to the stream already under way: an error
                 # there would end that stream for its reader, which goes on reading it instead.
                 self.metrics.refusals.labels("duplicate-id").inc()
@@ -400,7 +392,11 @@ class Dispatcher(Recovery):
         async def recheck() -> None:
             await after()
             try:
-                await self._dispatch(req, raw, again=True, **how)
+                async with self._state_bound():  # bounded as at the first look (a hung Redis: 20 s)
+                    await self._dispatch(req, raw, again=True, **how)
+            except bus.STATE_OUTAGE as e:  # said, as at the first look (a recovery waits for the sweep)
+                if how.get("expect") is None:
+                    await self._unrecorded(req, type(e).__name__)
             except Exception as e:  # as the bus handler's own guard: logged, never raised
                 logger.exception("request dispatch failed", request=req.request_id, error=str(e))
 

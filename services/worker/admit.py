@@ -61,17 +61,17 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         return
     if req.client and w.clients.gone(req.client, time.monotonic()):
         logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
-        await _answer(w, req.reply_to, silent_client_chunk(req))
+        await _answer(w, req.reply_to, silent_client_chunk(req), req.client)
         return
     if (late := past_deadline(req, time.time())) is not None:
-        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
+        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id), req.client)
         return
     if not same_model(req.model_digest, w.engine.model_digest):  # its token ids mean other text here
         reason = (
             f"worker {w.s.worker_id} serves another base model (digest {w.engine.model_digest}) than the one "
             f"this request was tokenized for ({req.model_digest}): the deployment mixes models"
         )
-        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.INTERNAL, reason, w.s.worker_id))
+        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.INTERNAL, reason, w.s.worker_id), req.client)
         return
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
     code, reason, param = ErrorCode.BAD_REQUEST, "", None
@@ -103,7 +103,7 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     except AdapterError as e:
         await _adapter_failed(w, req, e)
         return
-    await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id, param=param))
+    await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id, param=param), req.client)
 
 
 async def abort(w: WorkerService, request_id: str, sender: str | None) -> None:
@@ -151,12 +151,13 @@ async def _adapter_failed(w: WorkerService, req: GenerateRequest, e: AdapterErro
         )
         return
     logger.warning("adapter could not be loaded", request=req.request_id, adapter=req.adapter, error=str(e))
-    await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id))
+    await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id), req.client)
 
 
-async def _answer(w: WorkerService, reply_to: str, last: TokenChunk) -> None:
-    """Refuse a request with its ``last`` chunk, and end its record (if it names this attempt)."""
-    await w.delivery.publish(reply_to, last)
+async def _answer(w: WorkerService, reply_to: str, last: TokenChunk, client: str = "") -> None:
+    """Refuse a request (of ``client``) with its ``last`` chunk, and end its record (if it names
+    this attempt)."""
+    await w.delivery.publish(reply_to, last, client)
     await w.records.end({last.request_id: last.recoveries})
 
 

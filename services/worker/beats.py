@@ -33,6 +33,7 @@ async def publish_stats(w: WorkerService, stop: asyncio.Event) -> None:
     beat_at = -interval  # when the heartbeat last went to Redis
     while not stop.is_set():
         w.delivery.reconnected()  # what went out meanwhile may be lost: sent again
+        w.clients.watch_link(time.monotonic())  # and the clients' silence was ours (as of now)
         stats = msgspec.structs.replace(w.stats, sent=time.time())
         try:
             await bus.publish(w.nc, subjects.stats(w.s.worker_id), stats)

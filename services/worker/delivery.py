@@ -52,7 +52,7 @@ class Delivery:
         self._resending: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # re-sends to one reader, held until done
 
-    async def publish(self, subject: str, chunk: TokenChunk, client: str = "") -> bool:
+    async def publish(self, subject: str, chunk: TokenChunk, client: str) -> bool:
         """Publish ``chunk`` (of a request of ``client``, "": none) and keep it for a re-send. False
         when NATS refused it (closed, or its buffer full in a long outage): logged, never raised."""
         self.resend.add(time.monotonic(), subject, chunk, client)

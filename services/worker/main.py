@@ -352,7 +352,7 @@ class WorkerService:
                 # without it, one that was away longer than the heartbeat TTL waited for ever (a trial)
                 why = "the request was stopped: its client was not heard from for heartbeat_ttl_s"
                 chunk = error_chunk(stream.request, ErrorCode.UNAVAILABLE, why, self.s.worker_id, seq=stream.seq)
-                await self.delivery.publish(stream.reply_to, chunk)
+                await self.delivery.publish(stream.reply_to, chunk, stream.request.client)
         await self.records.write_step({})  # what waits for Redis (a finished request's record going)
         if not self.records.outage:
             async with asyncio.timeout(_RECONCILE_REDIS_S):

@@ -15,6 +15,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dlora.common import subjects
 from dlora.common.bus import flush
@@ -448,3 +449,33 @@ async def test_names_too_long_for_a_subject_are_refused_and_every_service_stays_
     while (chunk := await asyncio.wait_for(chunks.get(), 10)).finish_reason is None:
         pass
     assert chunk.error is None and chunk.finish_reason == "length" and not worker.nc.is_closed
+
+
+async def test_a_second_request_under_an_id_in_flight_is_answered_when_redis_fails_at_its_second_look(  # type: ignore[no-untyped-def]
+    bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A different request under an id in flight is looked at again a moment later (the id may be
+    free by then); Redis failing then left it unanswered (a review): told, as at the first look."""
+    alice, _, worker = bus
+    step = worker.engine.step
+
+    def slow():  # type: ignore[no-untyped-def]
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(worker.engine, "step", slow)
+    first, second = subjects.reply_inbox("a", "alice"), subjects.reply_inbox("b", "alice")
+    runs, refused = await _chunks(alice, first), await _chunks(alice, second)
+    await _send(alice, "alice", "r-x", first)
+    assert (await asyncio.wait_for(runs.get(), 30)).error is None
+    await _send(alice, "alice", "r-x", second)
+    await flush(alice)
+    await asyncio.sleep(0.2)  # its first look found the id in flight: the second comes 0.5 s later
+
+    async def down(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RedisConnectionError("Redis down")
+
+    monkeypatch.setattr(worker.store, "get_inflight", down)  # the dispatcher's store too (one in the fixture)
+    monkeypatch.setattr(worker.store, "put_inflight", down)
+    told = await asyncio.wait_for(refused.get(), 10)
+    assert told.error_code == "unavailable" and "Redis" in (told.error or "")

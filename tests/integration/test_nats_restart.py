@@ -200,7 +200,7 @@ async def test_a_re_send_does_not_grow_what_a_worker_keeps(nats_server: Server) 
     try:
         delivery = Delivery(nc)
         for seq in range(3):
-            assert await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=seq))
+            assert await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=seq), "")
         for _ in range(3):  # a reader announcing reconnects
             delivery.resend_to("gw")
             await asyncio.sleep(0.05)
@@ -217,11 +217,11 @@ async def test_a_chunk_that_can_never_go_out_is_dropped_not_taken_for_an_outage(
     nc = await nats.connect(nats_server.url)
     try:
         delivery = Delivery(nc)
-        assert await delivery.publish(subjects.reply_inbox("r", "gw") + " x", TokenChunk(request_id="r", seq=0))
+        assert await delivery.publish(subjects.reply_inbox("r", "gw") + " x", TokenChunk(request_id="r", seq=0), "")
         inbox = subjects.reply_inbox("r", "gw")
         heard = await nc.subscribe(inbox)
         huge = TokenChunk(request_id="r", seq=1, text="x" * nc.max_payload)
-        assert await delivery.publish(inbox, huge)
+        assert await delivery.publish(inbox, huge, "")
         assert delivery._outage.failures == 0  # no outage was counted
         # its reader is told why, in its place (a request whose prompt logprobs outgrew the bus hung)
         told = msgspec.json.decode((await heard.next_msg(timeout=2)).data, type=TokenChunk)
@@ -246,7 +246,7 @@ async def test_a_re_send_leaves_out_what_another_attempt_serves(nats_server: Ser
         await nc.subscribe(subjects.replies_prefix("gw") + ">", cb=on_chunk)
         delivery = Delivery(nc, superseded)
         for rid in ("old", "new"):
-            assert await delivery.publish(subjects.reply_inbox(rid, "gw"), TokenChunk(request_id=rid, seq=0))
+            assert await delivery.publish(subjects.reply_inbox(rid, "gw"), TokenChunk(request_id=rid, seq=0), "")
         for _ in range(100):  # both delivered (a flush says the server has them, not that we do)
             if len(got) == 2:
                 break
@@ -279,7 +279,7 @@ async def test_announcements_of_readers_with_nothing_here_cost_no_lookups(nats_s
     nc = await nats.connect(nats_server.url)
     try:
         delivery = Delivery(nc, superseded)
-        await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=0))
+        await delivery.publish(subjects.reply_inbox("r", "gw"), TokenChunk(request_id="r", seq=0), "")
         for i in range(500):
             delivery.resend_to(f"made-up-{i}")
         delivery.resend_to("gw")

@@ -45,6 +45,13 @@ def test_no_client_is_gone_while_the_observer_s_own_nats_link_is_down_or_just_ca
     assert not clients.gone("gw", 9.6)
     clients.noted(11.0)
     assert not clients.gone("gw", 11.5) and clients.gone("gw", 11.7)
+    # a look now and then (``watch_link``) forgives as of the link's return, not of a much later look
+    clients.heard("gw-dead", 20.0)
+    link[:] = [True, 2]
+    clients.watch_link(21.0)
+    for t in range(22, 300):  # others heard meanwhile
+        clients.noted(float(t))
+    assert clients.gone("gw-dead", 300.0)
 
 
 def test_a_reader_started_again_is_news_once_though_its_count_starts_again() -> None:
@@ -58,6 +65,10 @@ def test_a_reader_started_again_is_news_once_though_its_count_starts_again() -> 
     assert not clients.heard("app", 5.5, reconnects=0, incarnation="b")
     assert clients.heard("app", 7.0, reconnects=0, incarnation="c")  # a second process, same name
     assert not any(clients.heard("app", 9.0 + i, 0, start) for i, start in enumerate("bcbc"))
+    # twelve processes under one name, each announcing every second: each start news once, then
+    # quiet (a review: with eight remembered, twelve were sent their replies again every second)
+    news = [clients.heard("app", 20.0 + t + i / 100, 0, f"p{i}") for t in range(30) for i in range(12)]
+    assert sum(news[12:]) <= 12 and not any(news[-36:])
 
 
 def test_heard_says_when_a_client_s_connection_came_back() -> None:
