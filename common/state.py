@@ -253,6 +253,18 @@ class StateStore:
                 found.append((st, max(0.0, age)))
         return sorted(found, key=lambda sa: sa[0].worker)
 
+    async def beat_of(self, worker: str) -> tuple[WorkerStats, float] | None:
+        """``worker``'s last heartbeat and the seconds since it beat, as ``beats`` reads them (on
+        Redis's clock); None without one (it expired, or its worker stopped and removed it)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.get(f"{self.p}:worker:{worker}")
+            pipe.pttl(f"{self.p}:worker:{worker}")
+            value, left_ms = await pipe.execute()
+        if value is None or left_ms == -2:
+            return None
+        st = msgspec.json.decode(value, type=WorkerStats)
+        return st, max(0.0, st.heartbeat_ttl_s - left_ms / 1000 if left_ms >= 0 else 0.0)
+
     async def beating(self, worker: str) -> bool:
         """Whether ``worker``'s heartbeat key is there (it wrote one within the TTL)."""
         return bool(await self.r.exists(f"{self.p}:worker:{worker}"))

@@ -62,6 +62,7 @@ from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.metrics import WorkerMetrics, worker_view
 from dlora.services.worker.move_out import move_out
 from dlora.services.worker.moves import Move, moves_to_take
+from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.rerecord import record_again_if_lost
 from dlora.services.worker.settings import WorkerSettings
@@ -429,6 +430,7 @@ class WorkerService:
         policy = functools.partial(self.store.load_policy, self.s.worker_id)
         if state := await bus.when_reachable(policy, "redis (worker start)", stop):
             self.engine.policy.restore(state)
+        await refuse_if_taken(self.store, self.s)  # another process under this id: both would run its requests
         subs = [
             await bus.subscribe(
                 self.nc,

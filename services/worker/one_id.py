@@ -1,0 +1,71 @@
+"""One process per worker id: a worker does not start while another incarnation of its id still
+beats in Redis (``{p}:worker:{id}``, rewritten every stats interval by a live worker).
+
+A probe: ``dlora serve worker`` on two hosts from one dlora.toml without --worker-id (both
+"worker-0"), and ``dlora up`` twice against one NATS and Redis (worker-0..N-1 each time), were
+both accepted. Both processes subscribed to the id's subject and generated every request sent to
+it, and the second, starting, took the first's running requests for its own previous
+incarnation's and handed them back, to be computed again.
+
+A restart after a crash must still start: the dead incarnation's key lives on until its TTL ends
+(``heartbeat_ttl_s``; a test's 60 s), but is no longer rewritten. So a key found is watched until
+it has not been rewritten for a few stats intervals, or half the TTL (a live worker that beats
+later than that takes itself for stalled: ``WorkerSettings.check``), its age read on Redis's
+clock; an ordinary start, with no key, waits for nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from dlora.common import bus, log
+from dlora.common.state import StateStore
+from dlora.services.run import StartupError
+from dlora.services.worker.settings import WorkerSettings
+
+logger = log.get("worker")
+
+# A live worker rewrites its key every stats interval (a write that times out skips one): a key
+# not rewritten for this many intervals (or half the TTL, if sooner) was left by a dead one. Its
+# interval is taken for this worker's own: one dlora.toml sets both.
+_BEATS_MISSED = 4
+
+
+async def refuse_if_taken(store: StateStore, s: WorkerSettings) -> None:
+    """Return once no other incarnation of ``s.worker_id`` beats: at once when its key is not
+    there; when it is there but no longer rewritten (a crash), after ``_BEATS_MISSED`` stats
+    intervals or half ``heartbeat_ttl_s``, whichever is sooner, less the key's age (at least one
+    interval). StartupError, naming the id, the incarnation that beats and the fix, while one does.
+    Redis failing meanwhile lets it start, with a warning: the check is a guard, not a lock."""
+    try:
+        found = await store.beat_of(s.worker_id)
+        if found is None:
+            return
+        first, age = found
+        # A stats interval at the least: a key that old may still be rewritten (a beat late).
+        wait = max(min(s.heartbeat_ttl_s / 2, _BEATS_MISSED * s.stats_interval_s) - age, s.stats_interval_s)
+        logger.info(
+            "another incarnation's heartbeat found: waiting to see whether it still beats",
+            other=first.incarnation,
+            seconds=round(wait, 2),
+        )
+        until = time.monotonic() + wait
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, s.stats_interval_s / 2))
+            again = await store.beat_of(s.worker_id)
+            if again is None:  # it stopped (and removed its key) or the key expired
+                return
+            if (again[0].incarnation, again[0].sent) != (first.incarnation, first.sent):
+                raise StartupError(_taken(s.worker_id, again[0].incarnation, again[0].draining))
+    except bus.STATE_OUTAGE as e:
+        logger.warning("could not tell whether the worker id is in use", error=f"{type(e).__name__}: {e}")
+
+
+def _taken(worker_id: str, incarnation: str, draining: bool) -> str:
+    how = "drains under it (start this one once it has stopped), " if draining else "serves under it, "
+    return (
+        f"worker id {worker_id!r} is in use: another worker process (incarnation {incarnation}) {how}"
+        "and both would run every request sent to it; give each worker its own id (--worker-id, "
+        "or worker_id in [worker] of dlora.toml, DLORA_WORKER_ID)"
+    )
