@@ -17,6 +17,7 @@ its prefix cache saves the prompt's prefill.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -175,9 +176,11 @@ def choose_worker(
     tokens: float | None = None,
     file_bytes: int = 0,
     unread: tuple[float, float, float | None] | None = None,
+    salt: bytes = b"",
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
-    that holds the adapter, then by name. ``loads``: each worker's ``WorkerLoad`` of these stats,
+    that holds the adapter, then by name, or with ``salt`` (up to 64 bytes) in an order of its own
+    (``tie_order``). ``loads``: each worker's ``WorkerLoad`` of these stats,
     where the caller keeps them (else made here). ``sent_tokens`` / ``sent_adapters``: the output
     tokens of the requests sent to each worker since its stats (each as ``request_tokens`` priced
     it), and their adapters (a burst of new adapters to one worker crowds its slots before its
@@ -220,7 +223,7 @@ def choose_worker(
             w.read_seconds(file_bytes) or costs.adapter_load_s,
         )
         holds = adapter is None or adapter in load.adapters
-        return (round(finish, 9), 0 if holds else 1, w.worker)
+        return (round(finish, 9), 0 if holds else 1, tie_order(salt, w.worker))
 
     best = min(workers, key=key)
     if affine is not None and affine != best.worker and costs.prefix_affinity > 1:
@@ -230,6 +233,14 @@ def choose_worker(
         if cached is not None and key(cached)[0] <= max(soonest * costs.prefix_affinity, soonest + slack):
             return affine
     return best.worker
+
+
+def tie_order(salt: bytes, worker: str) -> str:
+    """Where ``worker`` comes among equals: by name without ``salt``, else in the order of a hash
+    keyed by it. Each dispatcher counts only its own sends since the workers' stats, so by name two
+    that took one request each at once both sent it to the first of the idle workers (a probe: 9
+    of 9 trials, the other idle); each with a salt of its own, they part as often as not."""
+    return hashlib.blake2b(worker.encode(), key=salt, digest_size=8).hexdigest() + worker if salt else worker
 
 
 def holding_version(

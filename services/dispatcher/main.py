@@ -48,7 +48,7 @@ from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.placement import decay, placement_of
 from dlora.services.dispatcher.recovery import Recovery
 from dlora.services.dispatcher.settings import DispatcherSettings
-from dlora.services.dispatcher.state import DispatchState
+from dlora.services.dispatcher.state import DispatchState, new_salt
 from dlora.services.dispatcher.take_back import take_back
 from dlora.services.dispatcher.tenancy import as_taken, unseen
 from dlora.services.notify import notifier
@@ -75,8 +75,8 @@ PURGE_INTERVAL_S = 60.0
 class Dispatcher(Recovery):
     def __init__(self, settings: DispatcherSettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
-        # The workers' stats (monotonic clock), the sends since, the placement: the choice's inputs.
-        self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs)
+        # The workers' stats (monotonic clock), the sends since, the placement: the choice's inputs (salted ties).
+        self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs, new_salt())
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
         self._rechecks: set[asyncio.Task[None]] = set()  # requests looked at again, records taken back
         self._state_bound = bus.StateBound()  # a request's Redis work

@@ -6,6 +6,7 @@ cluster simulator (``dlora.sim``) run the same code."""
 from __future__ import annotations
 
 import hashlib
+import os
 from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -49,9 +50,21 @@ def _prompt_keys(prefixes: list[bytes] | None, prompt: Sequence[int]) -> list[by
     return (prefixes or [])[: min(len(prompt), MAX_HASHED) // GRANULE]
 
 
+def new_salt() -> bytes:
+    """A dispatcher's own ``DispatchState`` salt: random, a new one at each start, so that its ties
+    among equal workers are not broken as another dispatcher's are (``choose.tie_order``)."""
+    return os.urandom(8)
+
+
 class DispatchState:
-    def __init__(self, ttl_s: float, mode: DispatchMode, costs: DispatchCosts) -> None:
+    def __init__(self, ttl_s: float, mode: DispatchMode, costs: DispatchCosts, salt: bytes = b"") -> None:
+        """``salt``: this dispatcher's own (up to 56 bytes), which breaks its ties among equal
+        workers, and picks its first round-robin turn, apart from another dispatcher's
+        (``choose.tie_order``); none (the simulator, the tests): by name, from the first."""
         self.ttl_s, self.mode, self.costs = ttl_s, mode, costs
+        # Mixed with a count of the choices: two dispatchers whose salts order the workers alike
+        # do not agree on every tie from then on.
+        self.salt, self._choices = salt, 0
         # Latest stats per worker and when they arrived (the caller's clock); stale ones are ignored.
         self.workers: dict[str, tuple[WorkerStats, float]] = {}
         self.loads: dict[str, WorkerLoad] = {}  # of those stats, what choosing reads
@@ -78,7 +91,7 @@ class DispatchState:
         self.ends: OrderedDict[bytes, _Sent] = OrderedDict()
         self.stats_heard: Counter[str] = Counter()
         self.gaps: dict[str, float] = {}  # seconds between each worker's last two stats (``quiet``)
-        self._turn = 0
+        self._turn = int.from_bytes(salt[:4], "little")
 
     def heard(self, st: WorkerStats, now: float) -> None:
         """A worker's stats came at ``now``."""
@@ -157,7 +170,9 @@ class DispatchState:
                 tokens,
                 self.file_bytes.get(adapter, 0) if adapter is not None else 0,
                 self._unread,
+                self.salt + self._choices.to_bytes(8, "little") if self.salt else b"",
             )
+            self._choices += 1
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
             if worker is not None and keys:

@@ -55,6 +55,14 @@ def redis_server() -> Iterator[Server]:
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def ties_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatchers started here break ties among equal workers by name, as they did before each
+    had a salt of its own (``state.new_salt``): tests say which of two idle workers takes a request
+    ("on a tie the dispatcher picks a-victim"). Those started as processes are salted."""
+    monkeypatch.setattr("dlora.services.dispatcher.main.new_salt", lambda: b"")
+
+
 @pytest.fixture
 async def redis(redis_server: Server, nats_server: Server) -> AsyncIterator[Redis]:
     """Redis emptied for the test, and the durable copies (JetStream) of the adapter registry and

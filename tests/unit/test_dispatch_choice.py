@@ -437,3 +437,37 @@ def test_a_worker_given_up_on_leaves_nothing_behind() -> None:
     tables = (state.workers, state.loads, state.sent_tokens, state.sent_adapters, state.gaps)
     assert not any("gone" in table for table in tables)
     assert state.stats_heard["gone"] == 2  # kept rising, should it come back under that id
+
+
+def test_dispatchers_with_salts_of_their_own_part_among_equal_workers() -> None:
+    """A probe: two dispatchers that took one request each at the same moment both sent it to w0
+    (9 of 9 trials) while w1 sat idle: each counts only its own sends, and ties went by name.
+    Salted, each breaks them its own way: about half of the pairs part at once, and a pair that
+    agrees on one tie does not on every tie after. Unsalted (the simulator): by name, as before."""
+    idle = [w("w0"), w("w1"), w("w2")]
+
+    def dispatcher(salt: bytes, mode: DispatchMode = DispatchMode.PROACTIVE) -> DispatchState:
+        state = DispatchState(5.0, mode, DispatchCosts(), salt)
+        for st in idle:
+            state.heard(st, 0.0)
+        return state
+
+    def first(salt: bytes, mode: DispatchMode = DispatchMode.PROACTIVE) -> str | None:
+        state = dispatcher(salt, mode)
+        return state.choose(state.live(0.0), None)
+
+    assert first(b"") == first(b"") == first(b"", DispatchMode.ROUND_ROBIN) == "w0"
+    assert first(b"d1") == first(b"d1")  # one dispatcher's choice is its salt's
+    assert len({first(b"d%d" % i) for i in range(30)}) == 3
+    parted = sum(first(b"a%d" % i) != first(b"b%d" % i) for i in range(300))
+    assert 150 < parted < 250, parted  # two thirds part, among three
+    a, b = dispatcher(b"a0"), dispatcher(b"b0")
+    agreed = 0
+    for t in range(300):  # each takes one request, then hears the workers idle again
+        agreed += a.choose(a.live(t), None) == b.choose(b.live(t), None)
+        for st in idle:
+            a.heard(st, t)
+            b.heard(st, t)
+    assert 50 < agreed < 150, agreed
+    # round-robin dispatchers do not all begin at the same worker either
+    assert len({first(b"r%d" % i, DispatchMode.ROUND_ROBIN) for i in range(30)}) == 3
