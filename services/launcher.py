@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import msgspec
@@ -103,6 +103,22 @@ async def _register(s: GatewaySettings, model: Path, loras: dict[str, str], root
     finally:
         await nc.close()
         await redis.aclose()
+
+
+async def _ids_in_use(s: GatewaySettings) -> set[str]:
+    """The worker ids live workers beat under in ``s``'s Redis (as the gateway)."""
+    redis = redis_client(s.redis_url, username=s.redis_username, password=s.redis_password)
+    try:
+        return {st.worker for st in await StateStore(redis, s.redis_prefix).live_workers()}
+    finally:
+        await redis.aclose()
+
+
+def worker_ids(n: int, taken: Collection[str]) -> list[str]:
+    """``n`` worker ids, worker-0 on, passing over those ``taken``: under ``dlora up`` twice against
+    one NATS and Redis each started worker-0..N-1, and the second's refused to start (one_id.py)."""
+    free = (f"worker-{i}" for i in range(n + len(taken)))
+    return [w for w in free if w not in taken][:n]
 
 
 def _wait_ready(url: str, workers: int, procs: list[subprocess.Popen], timeout: float = 180.0) -> None:
@@ -309,6 +325,8 @@ class LocalStack:
         )
         served = served_name(self.model_dir, base.served_model_name)
         asyncio.run(_register(creds, self.model_dir, self.loras, roots, served))
+        # A Redis given may be another dlora up's, its workers beating: this one's go past them.
+        taken = asyncio.run(_ids_in_use(creds)) if base.redis_url else set()
 
         # Each service warned again of a variable no service reads (said once above); one of a
         # service's own form it is left, for that service to refuse.
@@ -342,18 +360,13 @@ class LocalStack:
                 "migrator", [*cmd, "migrator"], {**env, **roles["migrator"], **self._metrics("migrator", "migrator")}
             )
         gpus = self._gpus({**env, **self.worker_env})
-        for i in range(self.workers):
-            worker = {
-                **roles["worker"],
-                **gpu_of_worker(i, gpus),
-                **self.worker_env,
-                **self._metrics(f"worker-{i}", "worker"),
-            }
-            self._spawn(f"worker-{i}", [*cmd, "worker"], {**env, **worker, "DLORA_WORKER_ID": f"worker-{i}"})
+        for i, name in enumerate(worker_ids(self.workers, taken)):
+            worker = {**roles["worker"], **gpu_of_worker(i, gpus), **self.worker_env, **self._metrics(name, "worker")}
+            self._spawn(name, [*cmd, "worker"], {**env, **worker, "DLORA_WORKER_ID": name})
         self._spawn("gateway", [*cmd, "gateway"], {**env, **roles["gateway"]})
         self.metrics_urls["gateway"] = f"{self.url}/metrics"
         try:
-            _wait_ready(self.url, self.workers, self.procs)
+            _wait_ready(self.url, self.workers + len(taken), self.procs)  # (the gateway counts every live one)
         except BaseException:
             self.stop()  # the services that did start live in their own sessions: stop them here
             raise

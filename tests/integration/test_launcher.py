@@ -310,3 +310,33 @@ def test_a_worker_that_would_only_fail_again_is_left_out_and_the_others_serve_on
         assert stack.after_exit(1, "worker-1", 3)[0] == "stop"  # the last: nothing would serve
     finally:
         stack.stop()
+
+
+async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_workers_past_theirs(
+    tiny_llama, nats_server, redis_server, redis, monkeypatch
+) -> None:
+    """A helper's probe: ``dlora up`` twice against one NATS and Redis started worker-0 each time;
+    both ran every request sent to it (now the second's refuses to start: one_id.py, and dlora up
+    stopped). A live worker-0 in the Redis given, this stack's worker is worker-1, and it serves."""
+    import asyncio
+
+    from dlora.common.messages import WorkerStats
+    from dlora.common.state import StateStore
+    from dlora.services.launcher import LocalStack, worker_ids
+
+    assert worker_ids(2, {"worker-0", "worker-2"}) == ["worker-1", "worker-3"]
+    assert worker_ids(2, set()) == ["worker-0", "worker-1"]
+    store = StateStore(redis)
+    other = WorkerStats(
+        worker="worker-0", running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16, max_loras=1
+    )
+    await store.heartbeat(other, ttl_s=120.0)  # (never rewritten: a dead one's would be passed over too)
+    monkeypatch.setenv("DLORA_NATS_URL", nats_server.url)
+    monkeypatch.setenv("DLORA_REDIS_URL", redis_server.url)
+    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, worker_env={"DLORA_TORCH_THREADS": "1"})
+    try:
+        await asyncio.to_thread(stack.start)
+        assert stack.names == ["dispatcher", "migrator", "worker-1", "gateway"]
+        assert {w.worker for w in await store.live_workers()} == {"worker-0", "worker-1"}
+    finally:
+        await asyncio.to_thread(stack.stop)
