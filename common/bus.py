@@ -21,6 +21,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ExecAbortError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dlora.common import log, subjects
@@ -220,8 +221,20 @@ def redis_client(
     return Redis.from_pool(pool)
 
 
-# What a lost or restarting Redis raises: a service loop that meets one carries on and tries again.
-STATE_OUTAGE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+# What a lost or restarting Redis raises, or one that refuses writes for a while (at maxmemory with
+# noeviction; a replica after a failover; a transaction aborted by either): a service loop that
+# meets one carries on and tries again. (Refused writes killed the dispatcher and the migrator,
+# and again at each restart while they lasted: a helper's soak.) A full disk's MISCONF comes as a
+# plain ResponseError, which redis-py does not tell from a command's own fault: not here.
+STATE_OUTAGE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ExecAbortError,
+)
 
 
 class Outage:

@@ -468,3 +468,36 @@ async def test_a_hung_redis_holds_an_adapter_requests_admission_seconds_not_the_
             assert not any(t.done() for t in tasks)
         finally:
             redis.proc.send_signal(signal.SIGCONT)
+
+
+async def test_the_control_plane_rides_out_a_redis_that_refuses_writes(
+    nats_server: Server, start_redis_here: Callable[..., Server]
+) -> None:
+    """Redis at maxmemory with noeviction (a failed-over replica's READONLY is of the kind) answers
+    writes with an error, not a lost connection: the dispatcher's and the
+    migrator's loops took it for a fault of theirs and exited, and again at every restart while it
+    lasted (a helper's soak): under systemd's start limit, down for good."""
+    redis = start_redis_here()
+    common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=1.0)
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task] = []
+    admin = Redis.from_url(redis.url)
+    async with contextlib.AsyncExitStack() as stack:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)  # from the start: each exited at once when started so
+        ds = DispatcherSettings(**common, placement_interval_s=0.1)
+        d_nc, d_store = await stack.enter_async_context(connections(ds))
+        tasks.append(asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)))
+        ms = MigratorSettings(**common, interval_s=0.1)
+        m_nc, m_store = await stack.enter_async_context(connections(ms))
+        tasks.append(asyncio.create_task(Migrator(ms, m_nc, m_store).run(stop)))
+        try:
+            await asyncio.sleep(2.5)
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+            await admin.config_set("maxmemory", 0)
+            await asyncio.sleep(1.0)
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await admin.aclose()
