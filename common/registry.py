@@ -22,7 +22,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import Callable, Set
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -158,8 +158,8 @@ class AdapterRegistry(Durable):
         whose bucket was not open (a review); each merge (``restore``) now finishes it. Each copy
         of the registration is deleted only while it is the one read."""
         kv = await self.kv()
-        # Four round trips in a row (a busy gateway's loop makes each wait its turn): the two
-        # registrations read together, the two removal records written together, the bucket's
+        # Five round trips in a row (a busy gateway's loop makes each wait its turn): the two
+        # registrations read together, the two removal records, the bucket's
         # registration deleted at the revision read (a registration made since has another), and
         # Redis's deleted and its version retired in one script.
         cached, (durable, revision) = await asyncio.gather(self.store.get_adapter(name), _durable_entry(kv, name))
@@ -168,10 +168,11 @@ class AdapterRegistry(Durable):
             return False
         entry = max(held, key=lambda e: e.created)
         removal = AdapterRemoval(**msgspec.structs.asdict(entry), removed=time.time())
-        records: list[Awaitable[object]] = [self.store.put_removal(removal)]
+        # Redis's first: written together, a Redis that refused it (at maxmemory) answered 503 while
+        # the bucket's was kept, and the next merge removed the adapter seconds later (a helper's soak)
+        await self.store.put_removal(removal)
         if kv is not None:
-            records.append(kv.put(f"removed.{name}", _encode.encode(removal)))
-        await asyncio.gather(*records)
+            await kv.put(f"removed.{name}", _encode.encode(removal))
         removed = kv is not None and durable is not None and await _delete_at(kv, f"current.{name}", revision)
         if cached is not None:  # Redis's answer decides, where it held one
             return await self.store.delete_adapter(name, only=cached, retire=(entry.version, time.time()))

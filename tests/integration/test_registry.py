@@ -14,6 +14,7 @@ import pytest
 from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from dlora.common import apikeys, bus
 from dlora.common.durable import REOPEN_INTERVAL_S, RESTORE_ON_MISS_INTERVAL_S, Bucket, stream_subjects
@@ -201,6 +202,29 @@ async def test_a_removal_that_did_not_reach_the_bucket_is_finished_by_the_next_m
         # registered again: the removal is over, in both
         assert await dispatcher.register(AdapterEntry(name="a", path="/a2", rank=8, created=2.0))
         assert "a" not in (await dispatcher.durable_entries())[2] and "a" not in await store.removals()
+    finally:
+        await nc.close()
+
+
+async def test_a_removal_redis_refused_is_not_finished_later(nats_server: Server, redis: Redis) -> None:
+    """A helper's soak: Redis refusing writes (at maxmemory) answered a removal 503 while the
+    bucket's record, written together with Redis's, was kept, and the next merge removed the adapter
+    seconds later (a 409 "already registered" in between). Redis's record goes first now."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
+    try:
+        assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=1.0))
+
+        async def refused(removal: AdapterRemoval) -> None:
+            raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
+
+        put_removal, store.put_removal = store.put_removal, refused  # type: ignore[method-assign]
+        with pytest.raises(OutOfMemoryError):
+            await registry.remove("a")
+        store.put_removal = put_removal  # type: ignore[method-assign]
+        await registry.restore()
+        assert await store.get_adapter("a") is not None and "a" not in (await registry.durable_entries())[2]
     finally:
         await nc.close()
 
