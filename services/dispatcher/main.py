@@ -467,7 +467,9 @@ class Dispatcher(Recovery):
             await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats),
             await self.nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),
             await self.nc.subscribe(subjects.APP_REQUESTS, queue=subjects.DISPATCHERS, cb=self._on_request),
-            await self.nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=self._on_ping),
+            # every dispatcher answers (the first answer counts): one that hangs must not make
+            # every gateway's readiness fail for the pings NATS gave it (a helper's finding)
+            await self.nc.subscribe(subjects.DISPATCHER_PING, cb=self._on_ping),
             await bus.subscribe(self.nc, subjects.LOST, LostRequests, self._on_lost, queue=subjects.DISPATCHERS),
             await bus.subscribe(self.nc, subjects.CLIENTS, ClientAlive, self._on_client),
             await bus.subscribe_senders(self.nc, subjects.APP_CLIENTS, ClientAlive, self._on_app_client),

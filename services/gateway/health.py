@@ -1,7 +1,8 @@
 """Readiness: whether a request sent to this gateway now can be served, and why not.
 
 A request needs Redis (the adapter registry), NATS, a dispatcher to take it and a worker to run
-it. Dispatchers answer an empty request on ``subjects.DISPATCHER_PING`` (as one queue group), so
+it. Dispatchers answer an empty request on ``subjects.DISPATCHER_PING`` (each of them: the first
+answer counts, so one dispatcher that hangs does not fail readiness while another answers), so
 NATS answers "no responders" at once when none is running; workers are live while their
 heartbeat is in Redis.
 """

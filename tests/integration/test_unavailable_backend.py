@@ -19,6 +19,7 @@ from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.gateway.health import dispatcher_problem
 from dlora.services.gateway.main import Gateway
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port, start_nats, start_redis
@@ -109,6 +110,33 @@ async def test_a_silent_worker_fails_the_request_instead_of_hanging(redis, tiny_
                 assert r.status == 200
         await runner.cleanup()
     finally:
+        await nc.drain()
+        server.stop()
+
+
+async def test_readiness_holds_while_one_of_two_dispatchers_hangs(redis: Redis) -> None:
+    """A helper's finding: a SIGSTOPped dispatcher got its share of the queue group's pings, and
+    every gateway's readiness flapped to 503 while the other dispatcher was fine. Every dispatcher
+    answers the ping now; the first answer counts."""
+    server = start_nats()
+    nc = await nats.connect(server.url)
+    stop = asyncio.Event()
+    try:
+        settings = DispatcherSettings(nats_url=server.url, redis_url="unused", heartbeat_ttl_s=5.0)
+        running = asyncio.create_task(Dispatcher(settings, await nats.connect(server.url), StateStore(redis)).run(stop))
+
+        async def hangs(msg) -> None:  # type: ignore[no-untyped-def]  # a stopped process: never answers
+            pass
+
+        await nc.subscribe(subjects.DISPATCHER_PING, queue=subjects.DISPATCHERS, cb=hangs)
+        for _ in range(100):  # the live one subscribed
+            if await dispatcher_problem(nc) is None:
+                break
+            await asyncio.sleep(0.05)
+        assert [await dispatcher_problem(nc) for _ in range(8)] == [None] * 8
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
         await nc.drain()
         server.stop()
 
