@@ -82,6 +82,17 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
         raise ConnectionLost.of(s, nc)
 
 
+# What nats-py reports while its server is away and it tries again.
+_NATS_AWAY = (
+    OSError,
+    TimeoutError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+    nats.errors.ConnectionClosedError,
+)
+
+
 class StoppedConnecting(Exception):
     """Told to stop (SIGTERM, Ctrl-C) before NATS ever answered."""
 
@@ -110,11 +121,21 @@ async def _connect_nats(
     server is back."""
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
+    # The server away (each reconnect attempt fails): said once, and once when it is back, not at
+    # every attempt (a line every 2 s in each process for as long as it lasted: a helper's finding).
+    link = Outage("nats")
+
     async def on_error(e: Exception) -> None:
         if isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower():
             if not refused.done():
                 refused.set_result(e)
-        _log.warning("nats error", error=f"{type(e).__name__}: {e}")
+        if isinstance(e, _NATS_AWAY):
+            link.failed(e)
+        else:
+            _log.warning("nats error", error=f"{type(e).__name__}: {e}")
+
+    async def on_reconnected() -> None:
+        link.succeeded()
 
     connecting = asyncio.ensure_future(
         nats.connect(
@@ -123,6 +144,7 @@ async def _connect_nats(
             password=s.nats_password or None,
             max_reconnect_attempts=-1,
             error_cb=on_error,
+            reconnected_cb=on_reconnected,
             closed_cb=closed,
             # A server on a host that was cut off answers nothing and closes nothing: only a missed
             # ping shows it. nats-py's default (2 pings, 2 minutes apart) left a worker deaf and

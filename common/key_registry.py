@@ -20,7 +20,7 @@ from nats.js.kv import KeyValue
 from redis.exceptions import RedisError
 
 from dlora.common import log
-from dlora.common.bus import every
+from dlora.common.bus import Outage, every
 from dlora.common.durable import Bucket, Durable, ReadBound, bucket_values
 from dlora.common.messages import ApiKey
 from dlora.common.state import StateStore
@@ -111,11 +111,13 @@ class KeyRegistry(Durable):
     async def keep_reconciled(self, stop: asyncio.Event, interval_s: float = KEYS_RECONCILE_S) -> None:
         """``restore`` every ``interval_s`` until ``stop`` (a gateway's task): a Redis brought back
         from an older snapshot made a revoked key work again."""
+        outage = Outage("API keys reconciled (redis, jetstream)")
         async for _ in every(interval_s, stop):
             try:
                 await self.restore()
-            except Exception as e:  # noqa: BLE001 - Redis or JetStream away: the next round tries again
-                logger.warning("API keys not reconciled", error=f"{type(e).__name__}: {e}")
+                outage.succeeded()
+            except Exception as e:  # noqa: BLE001 - Redis or JetStream away: the next round tries again (said once)
+                outage.failed(e)
 
     async def restore(self) -> int:
         """Make Redis and the durable copy agree, a revocation winning wherever it was written:

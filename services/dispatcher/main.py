@@ -88,6 +88,7 @@ class Dispatcher(Recovery):
         # reply readers: a gone one's requests are not re-dispatched (silent while our NATS is down: link_of)
         self.clients = Clients(settings.heartbeat_ttl_s, link_of(nc))
         self.registry = AdapterRegistry(store, None)  # with its durable copy once running (run)
+        self.restoring = bus.Outage("adapter registry restore (nats, jetstream, redis)")
         self._reconnects = nc.stats["reconnects"]
         self.metrics = DispatcherMetrics(lambda: len(self.live()))
 
@@ -214,8 +215,9 @@ class Dispatcher(Recovery):
         self.clients.watch_link(now)  # forgiven as of now, not as of a recovery much later
         try:  # Redis came back empty: the adapters are still registered
             await self.registry.restore()
-        except Exception as e:  # noqa: BLE001 - NATS or JetStream down: restored on a later look
-            logger.warning("adapter registry not restored", error=f"{type(e).__name__}: {e}")
+            self.restoring.succeeded()
+        except Exception as e:  # noqa: BLE001 - NATS or JetStream down: restored on a later look (said once)
+            self.restoring.failed(e)
         if now - self._placed_at > self.s.placement_interval_s:
             self._placed_at = now
             await self.replan_placement()

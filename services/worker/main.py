@@ -17,6 +17,7 @@ import time
 import msgspec
 import structlog
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
 from dlora.common import bus, log, subjects
 from dlora.common.aborts import Aborts
@@ -45,12 +46,7 @@ from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
 from dlora.services.worker.beats import LIST_EVERY_S, publish_stats
-from dlora.services.worker.chunks import (
-    Stream,
-    chunk_for,
-    error_chunk,
-    past_deadline,
-)
+from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, past_deadline
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch, ResetPrefixCache
 from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
@@ -117,6 +113,7 @@ class WorkerService:
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
         self.delivery = Delivery(nc, self.records.superseded)  # chunks out, and again after a NATS reconnect
         self._swept_at = 0.0  # when the in-flight records were last reconciled (sweep_inflight)
+        self.reconciling = bus.Outage("in-flight reconciliation (redis, nats)")
         self.draining = False  # told to stop: finishing what runs here, given nothing new
         self.handed_over: set[str] = set()  # what the drain handed back (not handed back again as it exits)
         self.device_failed = False  # the device failed for good: what is left here is handed back as deaths
@@ -384,7 +381,10 @@ class WorkerService:
             self._swept_at = time.monotonic()
             try:
                 await self._reconcile()
-            except Exception as e:  # noqa: BLE001 - a Redis outage: reconciled next time
+                self.reconciling.succeeded()
+            except (*bus.STATE_OUTAGE, NatsError) as e:  # reconciled next time; said once, not at each try
+                self.reconciling.failed(e)
+            except Exception as e:  # noqa: BLE001 - tried again next time
                 logger.warning("in-flight reconciliation failed", error=f"{type(e).__name__}: {e}")
         if not self.engine.runnable():  # (requests may wait for their adapter's read: its end wakes us)
             self.cycles.idle()

@@ -13,6 +13,7 @@ import aiohttp
 import msgspec
 import nats
 import pytest
+import structlog
 from redis.asyncio import Redis
 
 from dlora.common import bus, subjects
@@ -306,5 +307,27 @@ async def test_a_connection_nats_closes_for_good_stops_the_service_to_be_restart
         async with connections(Common(nats_url=server.url, redis_url=redis_server.url), stop) as (nc, _):
             pass  # closed by its owner: no ConnectionLost
         assert not stop.is_set()
+    finally:
+        server.stop()
+
+
+async def test_a_nats_outage_is_logged_once_and_its_end_once_not_at_each_attempt(redis_server: Server) -> None:
+    """A helper's finding: a line per reconnect attempt in every process for as long as NATS was
+    away (148 lines for a 30 s outage of a small stack)."""
+    server = start_nats()
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with connections(Common(nats_url=server.url, redis_url=redis_server.url)) as (nc, _):
+                server.stop()
+                await asyncio.sleep(5.0)  # nats-py tries every 2 s
+                server = start_nats(port)
+                async with asyncio.timeout(15):
+                    while not nc.is_connected:
+                        await asyncio.sleep(0.1)
+                await asyncio.sleep(0.2)
+        events = [line["event"] for line in logs]
+        assert events.count("dependency unavailable; retrying") == 1 and "dependency back" in events, events
+        assert "nats error" not in events, events
     finally:
         server.stop()
