@@ -15,6 +15,7 @@ from dlora.common import bus, log
 from dlora.common.aborts import Aborts
 from dlora.common.clients import Clients
 from dlora.common.inflight import Inflight
+from dlora.common.lograte import RateLimiter
 from dlora.common.messages import (
     MAX_RECOVERIES,
     AbortRequest,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
 logger = log.get("dispatcher")
+_hand_backs = RateLimiter(burst=10, interval_s=10.0)  # (kind: the worker)
 
 
 class Recovery:
@@ -123,7 +125,15 @@ class Recovery:
         """A worker's in-flight records of requests it does not hold (it restarted, or their
         message never came) or will not finish (it is stopping): re-dispatch each whose record
         is still that worker's."""
-        logger.warning("worker handed back requests", worker=lost.worker, requests=len(lost.requests))
+        # one line a hand-back, and a client asking again and again for a damaged adapter makes one
+        # each time: bounded, with the count held back (a helper's finding)
+        if (logged := _hand_backs.allow(lost.worker))[0]:
+            logger.warning(
+                "worker handed back requests",
+                worker=lost.worker,
+                requests=len(lost.requests),
+                like_this_not_logged=logged[1],
+            )
         if lost.draining and not self.live():  # nowhere to go now: left to the usual recovery
             logger.warning("no other worker to take a stopping worker's requests", worker=lost.worker)
             return
