@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import msgspec
@@ -121,14 +121,19 @@ def worker_ids(n: int, taken: Collection[str]) -> list[str]:
     return [w for w in free if w not in taken][:n]
 
 
-def _wait_ready(url: str, workers: int, procs: list[subprocess.Popen], timeout: float = 180.0) -> None:
+def _wait_ready(
+    url: str, workers: int, procs: list[subprocess.Popen], timeout: float = 180.0, own: Callable[[], bool] | None = None
+) -> None:
+    """Until the gateway at ``url`` counts ``workers`` live workers, or ``own()`` says this stack's
+    are beating (a Redis shared with another stack: the gateway counts theirs, and a crashed one's
+    key until it expires, which left a stack waiting for a worker that never came: a review)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise RuntimeError("a service exited during start-up (see its log above)")
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=1) as r:
-                if json.load(r)["workers"] >= workers:
+                if own() if own is not None else json.load(r)["workers"] >= workers:
                     return
         except OSError:
             pass
@@ -360,13 +365,15 @@ class LocalStack:
                 "migrator", [*cmd, "migrator"], {**env, **roles["migrator"], **self._metrics("migrator", "migrator")}
             )
         gpus = self._gpus({**env, **self.worker_env})
-        for i, name in enumerate(worker_ids(self.workers, taken)):
+        ids = worker_ids(self.workers, taken)
+        for i, name in enumerate(ids):
             worker = {**roles["worker"], **gpu_of_worker(i, gpus), **self.worker_env, **self._metrics(name, "worker")}
             self._spawn(name, [*cmd, "worker"], {**env, **worker, "DLORA_WORKER_ID": name})
         self._spawn("gateway", [*cmd, "gateway"], {**env, **roles["gateway"]})
         self.metrics_urls["gateway"] = f"{self.url}/metrics"
         try:
-            _wait_ready(self.url, self.workers + len(taken), self.procs)  # (the gateway counts every live one)
+            own = (lambda: set(ids) <= asyncio.run(_ids_in_use(creds))) if taken else None
+            _wait_ready(self.url, self.workers, self.procs, own=own)
         except BaseException:
             self.stop()  # the services that did start live in their own sessions: stop them here
             raise

@@ -25,6 +25,7 @@ from dlora.common.exporter import metrics_endpoint
 from dlora.common.inflight import sent_again
 from dlora.common.messages import (
     AbortRequest,
+    AdapterEntry,
     ClientAlive,
     ErrorCode,
     FinishReason,
@@ -165,15 +166,13 @@ class Dispatcher(Recovery):
 
     async def _take(self, req: GenerateRequest, raw: bytes | None, owner: str) -> None:
         """``req`` dispatched: refused if it names an adapter it may not use (an application's)."""
-        if owner and req.adapter is not None:
-            # An application is a tenant named by its NATS user: another tenant's adapter is, to
-            # it, not there, answered as a name never registered (tenancy.py).
+        allowed: AdapterEntry | None = None  # (the version it may use, not a later one read again)
+        if owner and req.adapter is not None:  # another tenant's adapter is, to it, not there (tenancy.py)
             if isinstance(seen := await unseen(self.store, owner, req.adapter, req.adapter_version), str):
                 await self._fail(req, req.next_seq, seen, "not-found", ErrorCode.NOT_FOUND)
                 return
-            if req.adapter_version is None and seen.version:  # the version it was allowed, not a later one
-                req, raw = msgspec.structs.replace(req, adapter_version=seen.version), None
-        await self._dispatch(req, raw)
+            allowed = seen
+        await self._dispatch(req, raw, allowed=allowed)
 
     async def _refuse_undecodable(self, msg: Msg, error: msgspec.DecodeError) -> None:
         """Tell the sender of a request that does not decode why (``undecodable.refusal``)."""
@@ -268,6 +267,7 @@ class Dispatcher(Recovery):
         avoid: str | None = None,
         again: bool = False,
         holding: bool = False,
+        allowed: AdapterEntry | None = None,
     ) -> None:
         """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a
         re-dispatch, sent only if the record still names that worker and attempt (recorded first);
@@ -278,12 +278,12 @@ class Dispatcher(Recovery):
         ``avoid`` whose stats list the request's adapter version (its files were rewritten since
         registration, so no other can load it), else, once every live worker's stats were read
         again (a holder's may not list it yet: a trial's rewrite right after the first request got
-        500 for half the next 20), failed saying so."""
+        500 for half the next 20), failed saying so; ``allowed``: its adapter's entry, read already."""
         asked = req  # as it came (a second one under its id: ``sent_again``)
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
         if req.adapter is not None and req.adapter_version is None:  # recorded with its version, so a
-            entry = await self.store.get_adapter(req.adapter)  # resume runs on the same weights
+            entry = allowed or await self.store.get_adapter(req.adapter)  # resume runs on the same weights
             if entry is not None and entry.version:
                 req, raw = msgspec.structs.replace(req, adapter_version=entry.version), None
         live = self.live()

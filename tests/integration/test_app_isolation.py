@@ -30,9 +30,11 @@ from dlora.common.messages import (
 )
 from dlora.common.permissions import ROLES
 from dlora.common.state import StateStore
+from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.gateway.admin import check_adapter
 from dlora.services.servers import Server, start_nats
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
@@ -479,3 +481,33 @@ async def test_a_second_request_under_an_id_in_flight_is_answered_when_redis_fai
     monkeypatch.setattr(worker.store, "put_inflight", down)
     told = await asyncio.wait_for(refused.get(), 10)
     assert told.error_code == "unavailable" and "Redis" in (told.error or "")
+
+
+async def test_a_retry_joins_its_stream_though_its_adapter_was_replaced_meanwhile(  # type: ignore[no-untyped-def]
+    bus, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application's request names an adapter, no version; the adapter is replaced (a new
+    version) while it runs; the very same message sent again was refused on the live stream's
+    subject, its version taken for one the sender gave (the dispatcher had filled it in: a review)."""
+    alice, _, worker = bus
+    step = worker.engine.step
+
+    def slow():  # type: ignore[no-untyped-def]
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(worker.engine, "step", slow)
+    store = StateStore(redis)
+    name, path = sorted(tiny_llama.adapters.items())[0]
+    entry = check_adapter(name, str(path), [str(path.parent)], "model", ModelConfig.from_dir(tiny_llama.model))
+    await store.put_adapter(entry)
+    inbox = subjects.reply_inbox("r-v", "alice")
+    chunks = await _chunks(alice, inbox)
+    await _send(alice, "alice", "r-v", inbox, adapter=name)
+    assert (await asyncio.wait_for(chunks.get(), 30)).error is None
+    await store.put_adapter(msgspec.structs.replace(entry, version="feedbeef", created=time.time()), replace=True)
+    await _send(alice, "alice", "r-v", inbox, adapter=name)  # the very same message again
+    await flush(alice)
+    await asyncio.sleep(1.5)  # (its second look comes 0.5 s after the first)
+    assert not [c.error for c in [chunks.get_nowait() for _ in range(chunks.qsize())] if c.error]
+    assert await _still_running(chunks)

@@ -330,13 +330,15 @@ async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_worke
     other = WorkerStats(
         worker="worker-0", running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16, max_loras=1
     )
-    await store.heartbeat(other, ttl_s=120.0)  # (never rewritten: a dead one's would be passed over too)
+    # A crashed one's key, expiring as this stack starts: the stack waited for two live workers (the
+    # gateway counts every one) and, only its own left, gave up after 180 s (a review).
+    await store.heartbeat(other, ttl_s=2.0)
     monkeypatch.setenv("DLORA_NATS_URL", nats_server.url)
     monkeypatch.setenv("DLORA_REDIS_URL", redis_server.url)
     stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, worker_env={"DLORA_TORCH_THREADS": "1"})
     try:
         await asyncio.to_thread(stack.start)
         assert stack.names == ["dispatcher", "migrator", "worker-1", "gateway"]
-        assert {w.worker for w in await store.live_workers()} == {"worker-0", "worker-1"}
+        assert "worker-1" in {w.worker for w in await store.live_workers()}
     finally:
         await asyncio.to_thread(stack.stop)
