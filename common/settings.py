@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from dlora.common.urls import SENTINEL_SCHEME, parse_sentinel_url
+from dlora.common.urls import SENTINEL_SCHEME, parse_sentinel_url, redacted
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -86,7 +86,7 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             try:
                 parse_sentinel_url(self.redis_url)
             except ValueError as e:
-                problems.append(("redis_url", self.redis_url, str(e)))
+                problems.append(("redis_url", redacted(self.redis_url), str(e)))
         return problems
 
 

@@ -34,11 +34,13 @@ class SentinelAddress(msgspec.Struct, frozen=True):
 
 def parse_sentinel_url(url: str) -> SentinelAddress:
     """``url`` parsed; ValueError naming what is wrong (no Sentinel, no service name, a bad port
-    or database number). The form is redis-py's Sentinel arguments in one string, as Celery,
-    Kombu and django-redis write them (several hosts, the service name as the path)."""
+    or database number) and the URL without its password. The form is redis-py's Sentinel
+    arguments in one string, as Celery, Kombu and django-redis write them (several hosts, the
+    service name as the path)."""
     prefix = f"{SENTINEL_SCHEME}://"
+    shown = redacted(url)  # the message goes to a log or a terminal
     if not url.startswith(prefix):
-        raise ValueError(f"{url!r} is not a {prefix} URL")
+        raise ValueError(f"{shown!r} is not a {prefix} URL")
     rest = url[len(prefix) :]
     userinfo, _, rest = rest.rpartition("@")
     hosts, _, path = rest.partition("/")
@@ -51,25 +53,58 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
         except ValueError:
             name = None
         if not name:
-            raise ValueError(f"{url!r}: Sentinel {host!r} is not host[:port]")
+            raise ValueError(f"{shown!r}: Sentinel {host!r} is not host[:port]")
         sentinels.append((name, port))
     service, _, db = path.partition("/")
     if not sentinels or not service:
-        raise ValueError(f"{url!r}: expected {prefix}host:port[,host:port...]/service[/db]")
+        raise ValueError(f"{shown!r}: expected {prefix}host:port[,host:port...]/service[/db]")
     if db and not db.isdigit():
-        raise ValueError(f"{url!r}: database {db!r} is not a number")
+        raise ValueError(f"{shown!r}: database {db!r} is not a number")
     return SentinelAddress(
         sentinels, service, int(db or 0), urllib.parse.unquote(username), urllib.parse.unquote(password)
     )
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password (logs, messages, result.json and report.html get shared)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """``url`` as it may be shown (logs, messages, result.json and report.html get shared): each
+    comma-separated part's password, or its whole login where it has no ``:`` (a NATS token,
+    ``nats://TOKEN@host``), as ``***``. Every documented form (a NATS seed list, a
+    ``redis+sentinel://`` URL with several hosts, IPv6 hosts in brackets) and any malformed one:
+    it never raises, as urllib's parsing did on a seed list (``dlora keys`` died on it)."""
+    # Redis reads a lone login as a user name (redis-py), NATS as a token.
+    lone_is_user = url.startswith(("redis://", "rediss://", "unix://", f"{SENTINEL_SCHEME}://"))
+    parts = []
+    for part in url.split(","):
+        head, login, tail = _login(part)
+        if login is not None:
+            user, colon, _ = login.partition(":")
+            shown = f"{user}:***" if colon else user if lone_is_user else "***"
+            part = f"{head}{shown}@{tail}"
+        parts.append(part)
+    return ",".join(parts)
+
+
+def nats_login(url: str, user: str = "", password: str = "") -> str:
+    """Who a NATS client given ``url`` and ``user``/``password`` logs in as, to name in a message:
+    "user 'NAME'", "a token" or "no user". nats-py sends ``user`` and ``password`` when both are
+    set, else the login in the URL of the seed it reached: the first seed's with one is named."""
+    if user and password:
+        return f"user {user!r}"
+    for part in url.split(","):
+        _, login, _ = _login(part)
+        if login is not None:
+            name, colon, _ = login.partition(":")
+            return f"user {urllib.parse.unquote(name)!r}" if colon else "a token"
+    return "no user"
+
+
+def _login(part: str) -> tuple[str, str | None, str]:
+    """``part`` of a URL (one seed of a list) as what comes before its login, the login (None
+    where it has none) and what follows its ``@``."""
+    scheme, sep, rest = part.rpartition("://")
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    login, at, tail = rest[:end].rpartition("@")  # the last "@": a password may hold one unquoted
+    return (f"{scheme}{sep}", login, tail + rest[end:]) if at else (part, None, "")
 
 
 def http_url(host: str, port: int) -> str:
