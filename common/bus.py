@@ -28,7 +28,7 @@ from dlora.common import log, subjects
 from dlora.common.lograte import RateLimiter
 from dlora.common.settings import Common
 from dlora.common.state import StateStore
-from dlora.common.urls import SENTINEL_SCHEME, nats_servers, parse_sentinel_url
+from dlora.common.urls import SENTINEL_SCHEME, nats_login, nats_servers, parse_sentinel_url, redacted
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
         await nc.close()
         await redis.aclose()
         raise CredentialsRefused(
-            f"Redis at {s.redis_url} refused the credentials: {e} (check redis_username and redis_password)"
+            f"Redis at {redacted(s.redis_url)} refused the credentials: {e} (check redis_username and redis_password)"
         ) from e
     except (RedisConnectionError, RedisTimeoutError):
         pass  # down at start: an outage, ridden out like any other
@@ -102,7 +102,7 @@ class ConnectionLost(Exception):
 
     @classmethod
     def of(cls, s: Common, nc: NATS) -> ConnectionLost:
-        return cls(f"NATS at {s.nats_url} closed the connection for good ({nc.last_error})")
+        return cls(f"NATS at {redacted(s.nats_url)} closed the connection for good ({nc.last_error})")
 
 
 class CredentialsRefused(Exception):
@@ -164,10 +164,11 @@ async def _connect_nats(
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await connecting
     if not refused.done():
-        raise StoppedConnecting(f"stopped before NATS at {s.nats_url} answered")
-    user = f"user {s.nats_user!r}" if s.nats_user else "no user"
+        raise StoppedConnecting(f"stopped before NATS at {redacted(s.nats_url)} answered")
+    login = nats_login(s.nats_url, s.nats_user, s.nats_password)
     raise CredentialsRefused(
-        f"NATS at {s.nats_url} refused the login ({user}): {refused.result()} (check nats_user and nats_password)"
+        f"NATS at {redacted(s.nats_url)} refused the login ({login}): {refused.result()} "
+        "(check nats_user and nats_password, or the login in nats_url)"
     )
 
 

@@ -249,3 +249,35 @@ def test_a_service_stops_when_told_while_nats_does_not_answer_and_names_unset_ur
         "dlora serve dispatcher: nats_url is not set (the settings file's top level, or DLORA_NATS_URL); "
         "only `dlora up` starts NATS and Redis itself"
     )
+
+
+async def test_a_service_names_its_servers_and_login_without_the_passwords_in_their_urls(
+    secured_nats: Server,
+) -> None:
+    """Startup errors quoted nats_url and redis_url whole, passwords in them, into the journal
+    ("NATS at nats://dispatcher:PASSWORD@... refused the login (no user)": it had one, in the URL)."""
+    from dlora.common.settings import Common
+
+    host = secured_nats.url.removeprefix("nats://")
+    with pytest.raises(bus.CredentialsRefused) as refused:
+        await bus._connect_nats(Common(nats_url=f"nats://dispatcher:s3cret@{host}"))
+    assert f"NATS at nats://dispatcher:***@{host} refused the login (user 'dispatcher')" in str(refused.value)
+    stop = asyncio.Event()
+    stop.set()
+    with pytest.raises(bus.StoppedConnecting) as stopped:
+        await bus._connect_nats(Common(nats_url=f"nats://a:s3cret@127.0.0.1:{free_port()},nats://s3cret@{host}"), stop)
+    assert "s3cret" not in str(stopped.value) and "nats://***@" in str(stopped.value)
+    redis = start_redis(password="pw-redis", prefix="dlora")
+    try:
+        s = Common(
+            nats_url=secured_nats.url,
+            nats_user="dispatcher",
+            nats_password=PASSWORDS["dispatcher"],
+            redis_url=redis.url.replace("redis://", f"redis://{REDIS_USER}:s3cret@"),
+        )
+        with pytest.raises(bus.CredentialsRefused, match="refused the credentials") as refused:
+            async with bus.connections(s):
+                pass
+    finally:
+        redis.stop()
+    assert "s3cret" not in str(refused.value) and f"{REDIS_USER}:***@" in str(refused.value)
