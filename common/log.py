@@ -21,21 +21,42 @@ class _Stderr:
         sys.stderr.flush()
 
 
+class _Writer(structlog.WriteLogger):
+    """One write per record: the record and its newline together (PrintLogger's print() wrote
+    them apart, and under ``dlora up``, whose services share one stderr, another process's record
+    landed between them: ``{...}{...}``). It keeps the name it was got under for
+    ``structlog.stdlib.add_logger_name`` (PrintLoggerFactory dropped it: no line said which
+    service or part wrote it)."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
 def configure(json: bool = True, level: int = logging.INFO) -> None:
+    """Every record to stderr as one line, written at once (``_Writer``), naming its logger: one
+    JSON object per line where ``json`` (``journalctl -o cat | jq`` reads them), else readable."""
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.add_logger_name,
     ]
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    stderr = cast(TextIO, _Stderr())  # one object: WriteLogger's lock is the file's
+
+    def writer(*args: object) -> _Writer:
+        return _Writer(stderr, str(args[0]) if args else "")
+
     structlog.configure(
         processors=[*processors, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
+        logger_factory=writer,
         cache_logger_on_first_use=True,
     )
 
 
 def get(name: str) -> structlog.stdlib.BoundLogger:
+    """A logger whose records name it: ``"logger": name``."""
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger
