@@ -33,9 +33,19 @@ class _Writer(structlog.WriteLogger):
         self.name = name
 
 
+class _Handler(logging.StreamHandler[TextIO]):
+    """The standard library's records (aiohttp, asyncio, nats) rendered as structlog's: told
+    apart from other handlers on the root logger (a test's capture), which configuring again
+    keeps."""
+
+
 def configure(json: bool = True, level: int = logging.INFO) -> None:
     """Every record to stderr as one line, written at once (``_Writer``), naming its logger: one
-    JSON object per line where ``json`` (``journalctl -o cat | jq`` reads them), else readable."""
+    JSON object per line where ``json`` (``journalctl -o cat | jq`` reads them), else readable.
+
+    The standard library's loggers go the same way at WARNING and above (with no handler they
+    reached Python's last-resort handler as bare text, and jq stopped at the first of them), and
+    so do ``warnings`` (a library's FutureWarning)."""
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -54,6 +64,24 @@ def configure(json: bool = True, level: int = logging.INFO) -> None:
         logger_factory=writer,
         cache_logger_on_first_use=True,
     )
+    handler = _Handler(stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=processors,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # What the last-resort handler let through: the libraries' INFO chatter stays out.
+    root.setLevel(max(level, logging.WARNING))
+    logging.captureWarnings(True)
 
 
 def get(name: str) -> structlog.stdlib.BoundLogger:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import sys
 
 import pytest
@@ -47,3 +49,32 @@ def test_readable_lines_name_their_logger_too(capsys: pytest.CaptureFixture[str]
     log.get("migrator").warning("no plan")
     (line,) = capsys.readouterr().err.splitlines()
     assert "no plan" in line and "[migrator]" in line and not line.startswith("{")
+
+
+def test_the_standard_librarys_records_and_warnings_are_json_lines_too() -> None:
+    """deploy/README promises `journalctl -u dlora-gateway -o cat | jq`: aiohttp's, asyncio's and
+    nats's records reached Python's last-resort handler as bare text, and jq stopped at the first;
+    a library's warning was bare text too."""
+    code = """if True:
+        import logging, warnings
+        from dlora.common import log
+        log.configure(json=True)
+        logging.getLogger("aiohttp.server").error("Error handling request", exc_info=ValueError("bad"))
+        logging.getLogger("nats.aio.client").info("INFO chatter stays out, as it did")
+        warnings.warn("a library's deprecation", FutureWarning, stacklevel=1)
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(r["logger"], r["level"]) for r in records] == [("aiohttp.server", "error"), ("py.warnings", "warning")]
+    assert records[0]["event"] == "Error handling request" and records[0]["exception"] == "ValueError: bad"
+    assert "FutureWarning: a library's deprecation" in records[1]["event"]
+    assert all("timestamp" in r for r in records)
+
+
+def test_the_standard_librarys_readable_lines_and_a_second_configure(capsys: pytest.CaptureFixture[str]) -> None:
+    log.configure(json=True)
+    log.configure(json=False)  # replaces its handler: one line per record, not two
+    logging.getLogger("asyncio").warning("Executing <Task> took 0.2 seconds")
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "Executing <Task> took 0.2 seconds" in line and "[asyncio]" in line and not line.startswith("{")
