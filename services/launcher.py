@@ -30,7 +30,7 @@ from dlora.common.permissions import APP_USER, ROLES
 from dlora.common.registry import AdapterRegistry
 from dlora.common.settings import SettingsError, load, unknown_env
 from dlora.common.state import StateStore
-from dlora.common.urls import http_url
+from dlora.common.urls import http_url, redacted
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig, served_name
 from dlora.services.config_file import SERVICES, check_config
@@ -396,6 +396,14 @@ class LocalStack:
         login = f"{env['DLORA_REDIS_USERNAME']}:{env['DLORA_REDIS_PASSWORD']}@"
         return self.redis_url.replace("redis://", f"redis://{login}", 1)
 
+    def shown_logins(self) -> tuple[str, str]:
+        """NATS and Redis as ``dlora up`` prints them: with the credentials this stack made (the
+        only way to learn them), a URL it was given without its password (the output goes to
+        logs: a given admin key is never printed either)."""
+        nats_url = self.app_nats_url if APP_USER in self.nats_passwords else redacted(self.nats_url)
+        made_redis = "DLORA_REDIS_PASSWORD" in self.role_env["gateway"]
+        return nats_url, self.redis_login_url if made_redis else redacted(self.redis_url)
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -436,7 +444,8 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             f"adapters: {', '.join(stack.loras) or 'none'})"
         )
         shown = given_key(os.environ, stack.config) if stack.admin_key_given else stack.admin_key
-        print(f"NATS (applications): {stack.app_nats_url}  Redis: {stack.redis_login_url}  admin key: {shown}")
+        nats_shown, redis_shown = stack.shown_logins()
+        print(f"NATS (applications): {nats_shown}  Redis: {redis_shown}  admin key: {shown}")
         # Not with #key=: the page takes it from the link out of the tab's history, not the browser's
         # saved one, which syncs with the user's profile (a helper, in Chromium): the page asks for it.
         print(f"status page: {stack.url}/dashboard")

@@ -342,3 +342,21 @@ async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_worke
         assert "worker-1" in {w.worker for w in await store.live_workers()}
     finally:
         await asyncio.to_thread(stack.stop)
+
+
+def test_dlora_up_prints_the_logins_it_made_and_a_given_url_without_its_password() -> None:
+    """Against a nats_url and redis_url it was given, dlora up printed them whole, passwords in
+    them, beside "admin key: $DLORA_ADMIN_KEY" (a given key is never printed)."""
+    from dlora.services import launcher
+
+    stack = launcher.LocalStack(1, None, [], free_port(), None)
+    stack.nats_url, stack.redis_url = "nats://u:s3cret@h1:4222,nats://u:s3cret@h2:4222", "redis://u:s3cret@h:6379/0"
+    stack.nats_passwords, stack.role_env = {}, {"gateway": {}}
+    assert stack.shown_logins() == ("nats://u:***@h1:4222,nats://u:***@h2:4222", "redis://u:***@h:6379/0")
+    stack.nats_url, stack.redis_url = "nats://127.0.0.1:4222", "redis://127.0.0.1:6379/0"
+    stack.nats_passwords = {launcher.APP_USER: "made"}
+    stack.role_env = {"gateway": {"DLORA_REDIS_USERNAME": "dlora", "DLORA_REDIS_PASSWORD": "made2"}}
+    assert stack.shown_logins() == (
+        f"nats://{launcher.APP_USER}:made@127.0.0.1:4222",
+        "redis://dlora:made2@127.0.0.1:6379/0",
+    )
