@@ -355,6 +355,22 @@ def test_the_cli_gives_up_on_an_unreachable_nats_with_a_line_not_a_hang(
     assert "did not answer" in capsys.readouterr().err
 
 
+def test_the_cli_names_a_seed_list_and_a_sentinel_url_without_their_passwords(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The documented multi-address forms (deploy/README) crashed the line that names them:
+    "ValueError: Port could not be cast to integer value", with a traceback."""
+    from dlora.services import keys_cli
+
+    monkeypatch.setattr(keys_cli, "_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("DLORA_NATS_URL", "nats://gateway:hunter2@127.0.0.1:1,nats://hunter2@127.0.0.1:2")
+    monkeypatch.setenv("DLORA_REDIS_URL", "redis+sentinel://dlora:hunter2@127.0.0.1:1,127.0.0.1:2/dlora/0")
+    assert main(["keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "did not answer" in err, err
+    assert "nats://gateway:***@127.0.0.1:1,nats://***@127.0.0.1:2" in err, err
+
+
 async def test_an_unknown_keys_slow_restore_is_a_401_and_holds_up_no_one_else(
     keyed_stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
