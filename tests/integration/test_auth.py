@@ -235,7 +235,7 @@ def test_a_service_stops_when_told_while_nats_does_not_answer_and_names_unset_ur
     )
     try:
         assert service.stderr is not None
-        while "nats error" not in (line := service.stderr.readline()):  # trying to connect
+        while "dependency unavailable" not in (line := service.stderr.readline()):  # trying to connect (nats)
             assert line, "the service ended before it tried NATS"
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=10) == 0
