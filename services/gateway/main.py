@@ -235,7 +235,7 @@ class Gateway:
             self.replies[rid] = replies
         timer = RequestTimer(self.metrics, job.adapter or self.base_name, public)
         redis_id = self._redis_id  # the Redis data its records go to, as last seen
-        response = ResponseWriter(request, job, choices, self.token_text)
+        response = ResponseWriter(request, job, choices, self.token_text, self.s.send_timeout_s)
         try:
             try:
                 await asyncio.gather(*(self._submit(c.request) for c in by_id.values()))
@@ -270,8 +270,9 @@ class Gateway:
                     timer.chunk(taken.queue_seconds)
                     await response.add(choice, taken)
             per_choice = [c.completion_tokens for c in choices]
+            answer = await response.finish(sum(per_choice))  # then counted: a client gone in it is an abort
             timer.done(max(per_choice), sum(per_choice))
-            return await response.finish(sum(per_choice))
+            return answer
         except (asyncio.CancelledError, ConnectionResetError) as e:
             # The client went away: stop the work wherever it runs.
             await self._abort([c for c in choices if c.out.finish_reason is None])

@@ -3,6 +3,8 @@ turns chunks into server-sent events or, not streamed, one JSON body (``Response
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +95,15 @@ class ResponseWriter:
     one event: BENCHMARKS.md); it pays where the gateway falls more than a step behind."""
 
     def __init__(
-        self, request: web.Request, job: Job, choices: list[RunningChoice], tokens: TokenText | TokenIdText
+        self,
+        request: web.Request,
+        job: Job,
+        choices: list[RunningChoice],
+        tokens: TokenText | TokenIdText,
+        send_timeout_s: float = 60.0,
     ) -> None:
         self.request, self.job, self.choices = request, job, choices
+        self.send_timeout_s = send_timeout_s  # (``GatewaySettings.send_timeout_s``)
         self.tokens = TokenIdText(tokens) if job.token_ids_in_logprobs else tokens
         self.stream: web.StreamResponse | None = None
         self._held: list[bytes] = []  # events not written yet (``flush``)
@@ -180,18 +188,32 @@ class ResponseWriter:
         return await self._end()
 
     async def flush(self) -> None:
-        """Write the events held, in one write."""
+        """Write the events held, in one write. ConnectionResetError (the connection aborted) when
+        the client takes none of it for ``send_timeout_s``: a reader that stopped reading (its
+        process paused, its TCP window full) held its key's concurrency slots and, queued here, the
+        rest of its output for as long as it kept the socket open, the work done long since (a
+        helper's probe: 429s a minute after the worker finished, 30 MB for one request). As
+        nginx's send_timeout."""
         if self._held and self.stream is not None:
             data = b"".join(self._held)
             self._held.clear()
-            await self.stream.write(data)
+            await self._sent(self.stream.write(data))
+
+    async def _sent(self, write: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout_s):
+                await write
+        except TimeoutError:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise ConnectionResetError(f"the client read nothing for {self.send_timeout_s:g} s") from None
 
     async def _end(self) -> web.StreamResponse:
         """The events held and the stream's end, in one write."""
         assert self.stream is not None
         self._held.append(b"data: [DONE]\n\n")
         await self.flush()
-        await self.stream.write_eof()
+        await self._sent(self.stream.write_eof())
         return self.stream
 
     def _hold(self, obj: dict[str, Any]) -> None:

@@ -78,6 +78,10 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     body_timeout_s: float = 60.0
     # Seconds a connection may sit idle between requests before it is closed (nginx's keepalive_timeout).
     idle_timeout_s: float = 75.0
+    # Seconds a streamed answer may wait for its client to take a write; then the connection is
+    # closed and the request aborted (nginx's send_timeout): a reader that stopped held its key's
+    # slots and its output here for as long as it kept the socket open.
+    send_timeout_s: float = 60.0
     # Open connections at most; more are answered 503 and closed at once. Lowered at start to what
     # the file-descriptor limit (ulimit -n) allows with 256 to spare for everything else.
     max_connections: int = 10000
@@ -93,7 +97,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("model", self.model, "must name the base model directory"))
         if self.max_body_bytes <= 0:
             bad.append(("max_body_bytes", self.max_body_bytes, "must be > 0"))
-        positive = ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "body_timeout_s", "idle_timeout_s")
+        positive: tuple[str, ...] = ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "body_timeout_s")
+        positive += ("idle_timeout_s", "send_timeout_s")
         for field in (*positive, "max_connections"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))

@@ -17,11 +17,12 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import pytest
+from redis.asyncio import Redis
 
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.connections import listen
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, run_stack
 
 PARTIAL_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
 
@@ -252,3 +253,32 @@ def test_serve_on_a_host_that_does_not_resolve_says_so_in_a_line(
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert last.startswith("dlora serve gateway: cannot resolve a host name:")
+
+
+async def test_a_stream_whose_client_stopped_reading_is_closed_and_aborted(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A helper's probe: a reader that stopped reading (its process paused, its TCP window full)
+    held its key's concurrency slots and, queued in the gateway, the rest of its output for as long
+    as it kept the socket open: 429s a minute after the worker had finished. Past send_timeout_s
+    without a write taken, the connection is closed and the request aborted on its worker."""
+    async with run_stack(nats_server, redis, tiny_llama, send_timeout_s=1.0) as stack:
+        host, port = stack.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+        sock.connect((host, int(port)))
+        fields = {"model": "model", "prompt": "kalo", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        body = json.dumps({**fields, "logprobs": 5, "n": 32})  # MBs of events: past any socket buffer
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        head += "Content-Type: application/json\r\n\r\n"
+        sock.sendall((head + body).encode())  # and never read
+        try:
+            aborted = stack.gateway.metrics.requests.labels("model", "aborted")
+            async with asyncio.timeout(60):
+                while aborted._value.get() < 1:
+                    await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
+            assert not any(w.streams for w in stack.workers)  # stopped, not run on for nobody
+            assert stack.gateway.metrics.requests.labels("model", "200")._value.get() == 0
+        finally:
+            sock.close()
