@@ -337,13 +337,16 @@ class LocalStack:
         # service's own form it is left, for that service to refuse.
         scoped = tuple(f"DLORA_{name.upper()}_" for name in SERVICES)
         said = {var for var in unknown_env(os.environ, SERVICES) if not var.startswith(scoped)}
+        # The admin key only where it is read: every service's environment had it (a helper's
+        # probe of what leaks where: /proc/<pid>/environ of a worker named it).
+        keys = ("DLORA_ADMIN_KEY", "DLORA_GATEWAY_ADMIN_KEY")
+        admin = {k: v for k, v in os.environ.items() if k in keys} | {"DLORA_ADMIN_KEY": self.admin_key}
         env = {
-            **{k: v for k, v in os.environ.items() if k not in said},
+            **{k: v for k, v in os.environ.items() if k not in said and k not in keys},
             "DLORA_NATS_URL": self.nats_url,
             "DLORA_REDIS_URL": self.redis_url,
             # absolute, its links kept: the services name the model as the launcher says (served_name)
             "DLORA_MODEL": os.path.abspath(self.model_dir),
-            "DLORA_ADMIN_KEY": self.admin_key,
             # Both spellings: the gateway's own (a user's DLORA_GATEWAY_ADAPTER_ROOTS, read into
             # ``roots`` already) would otherwise win over the merged list and drop the rest.
             "DLORA_ADAPTER_ROOTS": json.dumps(roots),
@@ -369,7 +372,7 @@ class LocalStack:
         for i, name in enumerate(ids):
             worker = {**roles["worker"], **gpu_of_worker(i, gpus), **self.worker_env, **self._metrics(name, "worker")}
             self._spawn(name, [*cmd, "worker"], {**env, **worker, "DLORA_WORKER_ID": name})
-        self._spawn("gateway", [*cmd, "gateway"], {**env, **roles["gateway"]})
+        self._spawn("gateway", [*cmd, "gateway"], {**env, **roles["gateway"], **admin})
         self.metrics_urls["gateway"] = f"{self.url}/metrics"
         try:
             own = (lambda: set(ids) <= asyncio.run(_ids_in_use(creds))) if taken else None

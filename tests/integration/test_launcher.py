@@ -340,6 +340,9 @@ async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_worke
         await asyncio.to_thread(stack.start)
         assert stack.names == ["dispatcher", "migrator", "worker-1", "gateway"]
         assert "worker-1" in {w.worker for w in await store.live_workers()}
+        # the admin key only in the gateway's environment (every service's had it)
+        environs = [Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0") for p in stack.procs]
+        assert [any(v.startswith(b"DLORA_ADMIN_KEY=") for v in e) for e in environs] == [False] * 3 + [True]
     finally:
         await asyncio.to_thread(stack.stop)
 
