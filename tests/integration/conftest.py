@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,3 +253,19 @@ async def worker_by_hand(
     finally:
         for c in conns:
             await c.drain()
+
+
+@pytest.fixture
+def start_redis_here() -> Iterator[Callable[..., Server]]:
+    """start_redis, each server it starts stopped after the test, failing or not (a test that failed
+    left its servers running: one a SIGSTOP'd Redis)."""
+    started: list[Server] = []
+
+    def start(port: int | None = None) -> Server:
+        started.append(server := start_redis(port))
+        return server
+
+    yield start
+    for server in started:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
