@@ -240,6 +240,15 @@ class StateStore:
         key with (``WorkerStats.heartbeat_ttl_s``; ``ttl_s`` for an older worker that does not say)
         less the key's time left, on Redis's clock (no two hosts' clocks compared). By worker."""
         keys = [k async for k in self.r.scan_iter(match=f"{self.p}:worker:*")]
+        return sorted(await self._beats_at(keys, ttl_s), key=lambda sa: sa[0].worker)
+
+    async def beat_of(self, worker: str, ttl_s: float) -> tuple[WorkerStats, float] | None:
+        """``worker``'s last heartbeat and the seconds since it beat, as ``beats`` reads them; None
+        without one (it expired, or its worker stopped and removed it)."""
+        found = await self._beats_at([f"{self.p}:worker:{worker}"], ttl_s)
+        return found[0] if found else None
+
+    async def _beats_at(self, keys: list[Any], ttl_s: float) -> list[tuple[WorkerStats, float]]:
         async with self.r.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.get(key)
@@ -251,19 +260,7 @@ class StateStore:
                 st = msgspec.json.decode(value, type=WorkerStats)
                 age = (st.heartbeat_ttl_s or ttl_s) - left_ms / 1000 if left_ms >= 0 else 0.0
                 found.append((st, max(0.0, age)))
-        return sorted(found, key=lambda sa: sa[0].worker)
-
-    async def beat_of(self, worker: str) -> tuple[WorkerStats, float] | None:
-        """``worker``'s last heartbeat and the seconds since it beat, as ``beats`` reads them (on
-        Redis's clock); None without one (it expired, or its worker stopped and removed it)."""
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.get(f"{self.p}:worker:{worker}")
-            pipe.pttl(f"{self.p}:worker:{worker}")
-            value, left_ms = await pipe.execute()
-        if value is None or left_ms == -2:
-            return None
-        st = msgspec.json.decode(value, type=WorkerStats)
-        return st, max(0.0, st.heartbeat_ttl_s - left_ms / 1000 if left_ms >= 0 else 0.0)
+        return found
 
     async def beating(self, worker: str) -> bool:
         """Whether ``worker``'s heartbeat key is there (it wrote one within the TTL)."""

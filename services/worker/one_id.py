@@ -39,7 +39,7 @@ async def refuse_if_taken(store: StateStore, s: WorkerSettings) -> None:
     interval). StartupError, naming the id, the incarnation that beats and the fix, while one does.
     Redis failing meanwhile lets it start, with a warning: the check is a guard, not a lock."""
     try:
-        found = await store.beat_of(s.worker_id)
+        found = await store.beat_of(s.worker_id, s.heartbeat_ttl_s)
         if found is None:
             return
         first, age = found
@@ -53,7 +53,7 @@ async def refuse_if_taken(store: StateStore, s: WorkerSettings) -> None:
         until = time.monotonic() + wait
         while (left := until - time.monotonic()) > 0:
             await asyncio.sleep(min(left, s.stats_interval_s / 2))
-            again = await store.beat_of(s.worker_id)
+            again = await store.beat_of(s.worker_id, s.heartbeat_ttl_s)
             if again is None:  # it stopped (and removed its key) or the key expired
                 return
             if (again[0].incarnation, again[0].sent) != (first.incarnation, first.sent):

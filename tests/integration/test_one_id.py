@@ -124,4 +124,4 @@ async def test_a_second_worker_under_a_live_id_does_not_subscribe(
                 await nc.request(subjects.worker_requests("w-a"), b"{}", timeout=1)
         finally:
             await nc.close()
-        assert (await store.beat_of("w-a"))[0].incarnation == "other1"  # its key left alone
+        assert (await store.beat_of("w-a", 60.0))[0].incarnation == "other1"  # its key left alone
