@@ -50,6 +50,7 @@ class RequestHead(NamedTuple):
     lone_surrogate: bool  # a string holds a lone UTF-16 surrogate (``holds_lone_surrogate``)
     next_seq: int  # the seq its answer carries (0 where it says none)
     recoveries: int  # its attempt (0 where it says none)
+    client: str = ""  # its reader's name, where it gives one that can be (its answer is replayed to it)
 
 
 def request_head(data: bytes, cut: bool = False) -> RequestHead | None:
@@ -74,9 +75,10 @@ def request_head(data: bytes, cut: bool = False) -> RequestHead | None:
         # a lone surrogate is not printable: such an id or subject cannot be written back (nor an
         # id too long to be one: ``MAX_NAME``)
         return None
-    return RequestHead(
-        rid, reply, holds_lone_surrogate(obj), _count(obj.get("next_seq")) or 0, _count(obj.get("recoveries")) or 0
-    )
+    client = obj.get("client")
+    client = client if isinstance(client, str) and client.isprintable() and len(client) <= MAX_NAME else ""
+    counts = _count(obj.get("next_seq")) or 0, _count(obj.get("recoveries")) or 0
+    return RequestHead(rid, reply, holds_lone_surrogate(obj), *counts, client)
 
 
 def _count(value: object) -> int | None:

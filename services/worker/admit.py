@@ -16,7 +16,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.lograte import RateLimiter
 from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk
 from dlora.common.seeds import with_seed
-from dlora.common.undecodable import request_head
+from dlora.common.undecodable import RequestHead, request_head
 from dlora.model.config import same_model
 from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRead, AdapterRefused
 from dlora.services.worker.chunks import (
@@ -63,17 +63,17 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
         return
     if req.client and w.clients.gone(req.client, time.monotonic()):
         logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
-        await _answer(w, req.reply_to, silent_client_chunk(req), req.client)
+        await _answer(w, req, silent_client_chunk(req))
         return
     if (late := past_deadline(req, time.time())) is not None:
-        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id), req.client)
+        await _answer(w, req, error_chunk(req, ErrorCode.UNAVAILABLE, late, w.s.worker_id))
         return
     if not same_model(req.model_digest, w.engine.model_digest):  # its token ids mean other text here
         reason = (
             f"worker {w.s.worker_id} serves another base model (digest {w.engine.model_digest}) than the one "
             f"this request was tokenized for ({req.model_digest}): the deployment mixes models"
         )
-        await _answer(w, req.reply_to, error_chunk(req, ErrorCode.INTERNAL, reason, w.s.worker_id), req.client)
+        await _answer(w, req, error_chunk(req, ErrorCode.INTERNAL, reason, w.s.worker_id))
         return
     req = with_seed(req)  # sent here directly, not through a dispatcher: moves still draw the same
     code, reason, param = ErrorCode.BAD_REQUEST, "", None
@@ -105,7 +105,7 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     except AdapterError as e:
         await _adapter_failed(w, req, e)
         return
-    await _answer(w, req.reply_to, error_chunk(req, code, reason, w.s.worker_id, param=param), req.client)
+    await _answer(w, req, error_chunk(req, code, reason, w.s.worker_id, param=param))
 
 
 async def abort(w: WorkerService, request_id: str, sender: str | None) -> None:
@@ -155,13 +155,13 @@ async def _adapter_failed(w: WorkerService, req: GenerateRequest, e: AdapterErro
     if allowed:
         logger.warning(what, request=req.request_id, adapter=req.adapter, error=str(e), like_this_not_logged=held_back)
     if not handed:
-        await _answer(w, req.reply_to, adapter_failure_chunk(req, str(e), w.s.worker_id), req.client)
+        await _answer(w, req, adapter_failure_chunk(req, str(e), w.s.worker_id))
 
 
-async def _answer(w: WorkerService, reply_to: str, last: TokenChunk, client: str = "") -> None:
-    """Refuse a request (of ``client``) with its ``last`` chunk, and end its record (if it names
-    this attempt)."""
-    await w.delivery.publish(reply_to, last, client)
+async def _answer(w: WorkerService, to: GenerateRequest | RequestHead, last: TokenChunk) -> None:
+    """Refuse the request ``to`` (what it says of itself) with its ``last`` chunk, and end its
+    record (if it names this attempt)."""
+    await w.delivery.publish(to.reply_to, last, to.client)
     await w.records.end({last.request_id: last.recoveries})
 
 
@@ -202,7 +202,7 @@ async def refuse_unreadable(w: WorkerService, msg: Msg, error: msgspec.DecodeErr
     if (head := request_head(msg.data)) is None or not subjects.publishable(head.reply_to):
         return
     if not await _hand_back_once(w, head.request_id, head.recoveries):
-        await _answer(w, head.reply_to, unreadable_chunk(head, str(error), w.s.worker_id))
+        await _answer(w, head, unreadable_chunk(head, str(error), w.s.worker_id))
 
 
 async def _hand_back_once(w: WorkerService, request_id: str, recoveries: int, elsewhere: bool = False) -> bool:
