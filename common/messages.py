@@ -379,6 +379,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     worker: str
     # Unique to one start of the worker process: a new value means it restarted.
     incarnation: str = ""
+    # When that start was let through (Unix seconds, Redis's clock; 0: an older worker that does
+    # not say): of two processes beating under one id, the later start keeps it (worker/one_id.py).
+    started: float = 0.0
     # Stopping: it finishes what it runs (or hands it back) and must be given nothing new, nor
     # be moved to or from.
     draining: bool = False

@@ -37,6 +37,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Sequence
@@ -224,9 +225,21 @@ class StateStore:
         return {_text(w) for w in await self.r.smembers(f"{self.p}:placement:{adapter}")}
 
     # ---- worker heartbeats --------------------------------------------------------------
-    async def heartbeat(self, stats: WorkerStats, ttl_s: float) -> None:
+    async def heartbeat(self, stats: WorkerStats, ttl_s: float) -> WorkerStats | None:
+        """Write ``stats`` as its worker's heartbeat (expiring in ``ttl_s`` seconds) and return the
+        heartbeat it replaced (None: none, or unreadable), read in the same command (SET ... GET,
+        Redis 6.2): whoever else beats under the id is seen at the next beat."""
         stats = msgspec.structs.replace(stats, heartbeat_ttl_s=ttl_s)
-        await self.r.set(f"{self.p}:worker:{stats.worker}", msgspec.json.encode(stats), px=int(ttl_s * 1000))
+        key, value = f"{self.p}:worker:{stats.worker}", msgspec.json.encode(stats)
+        before = await self.r.set(key, value, px=int(ttl_s * 1000), get=True)
+        with contextlib.suppress(msgspec.DecodeError):
+            return msgspec.json.decode(before, type=WorkerStats) if before is not None else None
+        return None
+
+    async def now(self) -> float:
+        """Redis's clock, in Unix seconds: one clock for every host's processes."""
+        seconds, micros = await self.r.time()
+        return seconds + micros / 1e6
 
     async def live_workers(self) -> list[WorkerStats]:
         keys = [k async for k in self.r.scan_iter(match=f"{self.p}:worker:*")]

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from dlora.common import bus, subjects
+from dlora.common import bus, log, subjects
+from dlora.services.worker.one_id import taken_over
 
 if TYPE_CHECKING:
     from dlora.common.messages import WorkerStats
     from dlora.services.worker.main import WorkerService
+
+logger = log.get("worker")
 
 LIST_EVERY_S = 10.0  # how often the registry's adapters are listed (their ranks, for the metrics)
 
@@ -31,7 +34,7 @@ async def publish_stats(w: WorkerService, stop: asyncio.Event) -> None:
     outage = bus.Outage("stats and heartbeat (nats, redis)")
     interval = w.s.stats_interval_s
     beat_at = -interval  # when the heartbeat last went to Redis
-    while not stop.is_set():
+    while not stop.is_set() and w.taken_over_by is None:
         w.delivery.reconnected()  # what went out meanwhile may be lost: sent again
         w.clients.watch_link(time.monotonic())  # and the clients' silence was ours (as of now)
         stats = msgspec.structs.replace(w.stats, sent=time.time())
@@ -58,7 +61,11 @@ async def _heartbeat(w: WorkerService, stats: WorkerStats) -> None:
     """The heartbeat, placement and policy checkpoint in Redis; bounded: a Redis that hangs must
     not hold up the next beat on NATS (that silence would count as a stall)."""
     async with asyncio.timeout(w.s.stats_interval_s):
-        await w.store.heartbeat(stats, w.s.heartbeat_ttl_s)
+        before = await w.store.heartbeat(stats, w.s.heartbeat_ttl_s)
+        if taken_over(stats, before):  # a later start beats under the id: it is the other's now
+            logger.warning("another worker process took this worker id over: stopping", other=before.incarnation)
+            w.taken_over_by = before
+            return
         w.records.beat()
         w.clients.noted(time.monotonic())  # Redis's host reached: not cut off
         await w.store.set_placement(w.s.worker_id, sorted({a.name for a in stats.adapters}))

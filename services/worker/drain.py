@@ -113,3 +113,15 @@ async def hand_back_late(w: WorkerService) -> None:
             logger.info("handed back requests that came after the hand-over", requests=len(late))
     except Exception as e:  # noqa: BLE001 - see the docstring
         logger.warning("late hand-back not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")
+
+
+async def leave(w: WorkerService) -> None:
+    """Last, once the worker has stopped listening: after a drain, hand back what came late and
+    mark this start's stop clean; then remove its heartbeat and placement."""
+    if w.draining:
+        await hand_back_late(w)
+        if not w.device_failed:  # a stop, not a death: without it, what is left counts as one
+            with contextlib.suppress(*bus.STATE_OUTAGE):
+                await w.store.mark_stopped(w.s.worker_id, w.incarnation)
+    with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
+        await w.store.forget_worker(w.s.worker_id)

@@ -58,7 +58,7 @@ from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.metrics import WorkerMetrics, worker_view
 from dlora.services.worker.move_out import move_out
 from dlora.services.worker.moves import Move, moves_to_take
-from dlora.services.worker.one_id import refuse_if_taken
+from dlora.services.worker.one_id import given_up, refuse_if_taken
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.rerecord import record_again_if_lost
 from dlora.services.worker.settings import WorkerSettings
@@ -107,6 +107,8 @@ class WorkerService:
         # version cannot be loaded here.
         self.handed_back: dict[str, tuple[float, bool]] = {}
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
+        self.started = 0.0  # when the one-id guard let this start through (Redis's clock: one_id.py)
+        self.taken_over_by: WorkerStats | None = None  # a later start under the id, once one beats
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
         self.clients = Clients(settings.heartbeat_ttl_s, link_of(nc))  # reply readers, to drop abandoned requests
@@ -140,9 +142,8 @@ class WorkerService:
             if taking and len(req.prompt) >= _LONG_PROMPT:  # one that kills the process as it is tokenized:
                 await self.records.mark_taken()  # its death (a mark waits on Redis: long prompts only, a review)
             with contextlib.suppress(Exception):
-                req = msgspec.structs.replace(
-                    req, prompt=None, prompt_token_ids=await self.tokenized.prompt(req.prompt)
-                )
+                tokens = await self.tokenized.prompt(req.prompt)
+                req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=tokens)
         bad_words_ids = None
         if req.params.bad_words:
             with contextlib.suppress(Exception):
@@ -360,7 +361,7 @@ class WorkerService:
         """Steps until ``stop``, drains (``drain_timeout_s``), hands over the rest; then ``done``."""
         drain_until: float | None = None
         try:
-            while True:
+            while self.taken_over_by is None:  # (then stopping at once: nothing here is ours to send)
                 notifier.beat()  # a step that never returns stops these, and systemd's watchdog restarts us
                 if stop.is_set():
                     drain_until = drain_until or await drain.start(self)
@@ -424,13 +425,16 @@ class WorkerService:
             self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, self.adapters.retired()
         )
         reads = self.adapters.reads_stats()
-        return msgspec.structs.replace(stats, incarnation=self.incarnation, draining=self.draining, **reads)
+        return msgspec.structs.replace(
+            stats, incarnation=self.incarnation, started=self.started, draining=self.draining, **reads
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         policy = functools.partial(self.store.load_policy, self.s.worker_id)
         if state := await bus.when_reachable(policy, "redis (worker start)", stop):
             self.engine.policy.restore(state)
-        await refuse_if_taken(self.store, self.s)  # another process under this id: both would run its requests
+        self.started = await refuse_if_taken(self.store, self.s)  # one process per id, or both run its requests
+        self.stats = self._snapshot()  # (the start in it, before the first beat compares it)
         subs = [
             await bus.subscribe(
                 self.nc,
@@ -470,13 +474,10 @@ class WorkerService:
             warm.cancel()
             self.adapters.close()
             await bus.unsubscribe(subs)
-            if self.draining:
-                await drain.hand_back_late(self)
-                if not self.device_failed:  # a stop, not a death: without it, what is left counts as one
-                    with contextlib.suppress(*bus.STATE_OUTAGE):
-                        await self.store.mark_stopped(self.s.worker_id, self.incarnation)
-            with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
-                await self.store.forget_worker(self.s.worker_id)
+            if self.taken_over_by is None:  # (else its key, records and placement are the other's)
+                await drain.leave(self)
+        if self.taken_over_by is not None:
+            raise StartupError(given_up(self.s.worker_id, self.taken_over_by))
 
 
 def build_engine(s: WorkerSettings) -> LLMEngine:

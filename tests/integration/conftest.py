@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import msgspec
@@ -208,9 +208,11 @@ async def start_gateway(
     return f"http://127.0.0.1:{settings.port}", runner
 
 
-def spawn_worker(nats_url: str, redis_url: str, model: str, worker_id: str, **env: str) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    nats_url: str, redis_url: str, model: str, worker_id: str, stderr: IO[bytes] | None = None, **env: str
+) -> subprocess.Popen[bytes]:
     """``dlora serve worker`` as a process of its own, to be killed or stopped whole; ``env`` adds
-    or overrides its ``DLORA_*`` settings."""
+    or overrides its ``DLORA_*`` settings; its stderr (its logs) go to ``stderr``, or nowhere."""
     settings = {
         "DLORA_NATS_URL": nats_url,
         "DLORA_REDIS_URL": redis_url,
@@ -222,7 +224,7 @@ def spawn_worker(nats_url: str, redis_url: str, model: str, worker_id: str, **en
         [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],
         env={**os.environ, **settings, **env},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr or subprocess.DEVNULL,
     )
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -22,7 +25,7 @@ from dlora.services.run import StartupError
 from dlora.services.servers import Server
 from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import worker_by_hand
+from tests.integration.conftest import spawn_worker, worker_by_hand
 
 TTL_S = 2.0
 
@@ -125,3 +128,83 @@ async def test_a_second_worker_under_a_live_id_does_not_subscribe(
         finally:
             await nc.close()
         assert (await store.beat_of("w-a", 60.0))[0].incarnation == "other1"  # its key left alone
+
+
+def worker_settings(nats_server: Server, tiny_llama: TinyOutput, **more: Any) -> WorkerSettings:
+    return WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-a",
+        model=str(tiny_llama.model),
+        heartbeat_ttl_s=TTL_S,
+        stats_interval_s=0.1,
+        **more,
+    )
+
+
+async def test_two_workers_started_at_once_leave_one(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> None:
+    """Both find no heartbeat under the id and pass the check at start; at their first beats the
+    earlier start gives the id up, to the later (``WorkerStats.started``, Redis's clock), and exits
+    saying why; the other serves on."""
+    store = StateStore(redis)
+    ws = worker_settings(nats_server, tiny_llama)
+    async with (
+        worker_by_hand(nats_server, store, ws) as (first, _),
+        worker_by_hand(nats_server, store, ws) as (
+            second,
+            _,
+        ),
+    ):
+        stop = asyncio.Event()
+        runs = {asyncio.create_task(w.run(stop)): w for w in (first, second)}
+        try:
+            done, running = await asyncio.wait(runs, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1 and len(running) == 1
+            (gave_up,), (kept,) = (runs[t] for t in done), (runs[t] for t in running)
+            error = next(iter(done)).exception()
+            assert isinstance(error, StartupError)
+            assert "'w-a' was taken over" in str(error) and kept.incarnation in str(error)
+            assert (gave_up.started, gave_up.incarnation) < (kept.started, kept.incarnation)
+            await asyncio.sleep(0.3)  # a few of the other's beats: still its id
+            assert not next(iter(running)).done()
+            assert (await store.beat_of("w-a", 60.0))[0].incarnation == kept.incarnation
+        finally:
+            stop.set()
+            await asyncio.wait(runs, timeout=10)
+
+
+async def test_a_worker_resumed_after_its_replacement_started_gives_the_id_up(
+    nats_server: Server, redis_server: Server, redis: Redis, tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """The review's case: a worker stopped (SIGSTOP) long enough to be taken for dead is replaced
+    under its id; when it resumes, its next beat finds the later start's and it exits (2), naming
+    the other, without removing the other's heartbeat; the replacement serves a request alone."""
+    store = StateStore(redis)
+    log = (tmp_path / "stalled.log").open("wb")
+    stalled = spawn_worker(
+        nats_server.url, redis_server.url, str(tiny_llama.model), "w-a", log, DLORA_HEARTBEAT_TTL_S=str(TTL_S)
+    )
+    stop = asyncio.Event()
+    try:
+        async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (replacement, _):
+            while await store.beat_of("w-a", TTL_S) is None:  # the stalled one's process is up
+                assert stalled.poll() is None, (tmp_path / "stalled.log").read_text()
+                await asyncio.sleep(0.1)
+            stalled.send_signal(signal.SIGSTOP)
+            running = asyncio.create_task(replacement.run(stop))  # after its check's wait (~0.4 s)
+            while (await store.beat_of("w-a", TTL_S))[0].incarnation != replacement.incarnation:
+                await asyncio.sleep(0.05)
+            stalled.send_signal(signal.SIGCONT)
+            assert await asyncio.to_thread(stalled.wait, 10) == 2
+            said = (tmp_path / "stalled.log").read_text()
+            assert "'w-a' was taken over" in said and replacement.incarnation in said
+            assert not running.done()
+            assert (await store.beat_of("w-a", 60.0))[0].incarnation == replacement.incarnation
+            stop.set()
+            await asyncio.wait_for(running, 10)
+    finally:
+        stop.set()
+        stalled.send_signal(signal.SIGCONT)
+        stalled.kill()
+        stalled.wait()
+        log.close()
