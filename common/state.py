@@ -231,7 +231,7 @@ class StateStore:
         Redis 6.2): whoever else beats under the id is seen at the next beat."""
         stats = msgspec.structs.replace(stats, heartbeat_ttl_s=ttl_s)
         key, value = f"{self.p}:worker:{stats.worker}", msgspec.json.encode(stats)
-        before = await self.r.set(key, value, px=int(ttl_s * 1000), get=True)
+        before = cast(bytes | None, await self.r.set(key, value, px=int(ttl_s * 1000), get=True))
         with contextlib.suppress(msgspec.DecodeError):
             return msgspec.json.decode(before, type=WorkerStats) if before is not None else None
         return None

@@ -68,7 +68,7 @@ async def refuse_if_taken(store: StateStore, s: WorkerSettings) -> float:
             await asyncio.sleep(min(left, s.stats_interval_s / 2))
             again = await store.beat_of(s.worker_id, s.heartbeat_ttl_s)
             if again is None:  # it stopped (and removed its key) or the key expired
-                return
+                return await store.now()
             if (again[0].incarnation, again[0].sent) != (first.incarnation, first.sent):
                 raise StartupError(_taken(s.worker_id, again[0].incarnation, again[0].draining))
         return await store.now()
