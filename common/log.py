@@ -39,13 +39,19 @@ class _Handler(logging.StreamHandler[TextIO]):
     keeps."""
 
 
-def configure(json: bool = True, level: int = logging.INFO) -> None:
-    """Every record to stderr as one line, written at once (``_Writer``), naming its logger: one
-    JSON object per line where ``json`` (``journalctl -o cat | jq`` reads them), else readable.
+# The settings' ``log_level`` names.
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(json: bool = True, level: int | str = logging.INFO) -> None:
+    """Every record at ``level`` or above (a number, or a name of ``LEVELS``) to stderr as one
+    line, written at once (``_Writer``), naming its logger: one JSON object per line where
+    ``json`` (``journalctl -o cat | jq`` reads them), else readable.
 
     The standard library's loggers go the same way at WARNING and above (with no handler they
     reached Python's last-resort handler as bare text, and jq stopped at the first of them), and
     so do ``warnings`` (a library's FutureWarning)."""
+    level = LEVELS[level] if isinstance(level, str) else level
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

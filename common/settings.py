@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from dlora.common.log import LEVELS as LOG_LEVELS
 from dlora.common.urls import SENTINEL_SCHEME, parse_sentinel_url, redacted
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -59,6 +60,8 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_password: str = ""
     # Log as JSON lines (services) rather than for a terminal.
     log_json: bool = True
+    # The least severe records written: debug, info, warning or error (vLLM's VLLM_LOGGING_LEVEL).
+    log_level: str = "info"
     # Key prefix in Redis, to share one Redis between deployments.
     redis_prefix: str = "dlora"
     # Seconds without a worker's stats after which it is gone, for every service alike: its
@@ -80,6 +83,8 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         problems = [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
         if not 0 <= self.metrics_port <= 65535:
             problems.append(("metrics_port", self.metrics_port, "must be a TCP port, or 0 for none"))
+        if self.log_level not in LOG_LEVELS:
+            problems.append(("log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}"))
         if not 1 <= self.nats_kv_replicas <= 5:
             problems.append(("nats_kv_replicas", self.nats_kv_replicas, "must be 1 to 5 (JetStream's limit)"))
         if self.redis_url.startswith(f"{SENTINEL_SCHEME}://"):

@@ -406,7 +406,7 @@ def _serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    log.configure(json=settings.log_json)
+    log.configure(json=settings.log_json, level=settings.log_level)
     if args.service == "gateway":
         from dlora.services.gateway.main import serve
     elif args.service == "dispatcher":

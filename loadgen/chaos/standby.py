@@ -29,7 +29,7 @@ def main() -> int:
     # Blocked before anything else: a release that comes early waits, instead of killing us.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     settings = load(WorkerSettings, "worker")
-    log.configure(json=settings.log_json)
+    log.configure(json=settings.log_json, level=settings.log_level)
     engine = build_engine(settings)
     log.get("standby").info(STANDBY_READY, worker=settings.worker_id)
     signal.sigwait({signal.SIGUSR1})

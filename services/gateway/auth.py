@@ -21,6 +21,7 @@ from dlora.common import apikeys
 from dlora.common.bus import StateBound
 from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import AdapterEntry, ApiKey
+from dlora.services.gateway import access
 from dlora.services.gateway.limits import KeyLimiter, Limits
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
@@ -99,9 +100,9 @@ class Auth:
         return hmac.compare_digest(given, self.s.admin_key.encode("utf-8", "surrogateescape"))
 
     async def principal(self, request: web.Request) -> Principal:
-        """The caller of ``request``: the bootstrap admin for ``admin_key``; with ``auth = "keys"``
-        the API key's holder; else the anonymous caller (a bearer token that is not the admin key
-        is ignored then, as vLLM without --api-key ignores one).
+        """The caller of ``request`` (noted for its access line): the bootstrap admin for
+        ``admin_key``; with ``auth = "keys"`` the API key's holder; else the anonymous caller (a
+        bearer token that is not the admin key is ignored then, as vLLM without --api-key ignores one).
 
         Raises:
             APIError(401): with ``auth = "keys"``, no bearer token, or one that is no key of
@@ -109,6 +110,10 @@ class Auth:
             RedisError: the key store is unreachable, or gave no answer within
                 ``StateBound``'s 2 s (the error middleware answers 503).
         """
+        access.note(request, caller=(who := await self._principal(request)))
+        return who
+
+    async def _principal(self, request: web.Request) -> Principal:
         token = bearer(request)
         if self._is_bootstrap(token):
             return BOOTSTRAP_ADMIN

@@ -42,7 +42,7 @@ from dlora.common.state import StateStore
 from dlora.common.urls import http_url
 from dlora.model.config import ModelConfig, model_digest, same_model, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
-from dlora.services.gateway import openai
+from dlora.services.gateway import access, openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
 from dlora.services.gateway.chat_template import template_problem
@@ -55,16 +55,8 @@ from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, mo
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
 from dlora.services.gateway.routes import make_app
-from dlora.services.gateway.sampling import valid_request_id
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.gateway.shaping import (
-    Job,
-    ServedModel,
-    Tokenizer,
-    new_request_id,
-    served_context,
-    shape_request,
-)
+from dlora.services.gateway.shaping import Job, ServedModel, Tokenizer, response_id, served_context, shape_request
 from dlora.services.gateway.status import ClusterView, cluster_status
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
@@ -146,15 +138,15 @@ class Gateway:
                     body, refused = None, e
                 # none named, or "": the base model, as vLLM serves it (and shaping)
                 name = (body.model or self.base_name) if body is not None else openai.model_named(raw, self.base_name)
+                access.note(request, model=name)
                 entry = await self.entry(name, who) if name else None
                 if entry is not None or name == self.base_name:  # a name never served stays "?"
                     adapter_label, public = name, entry is None or not entry.owner
                 if body is None:
                     raise cast(APIError, refused)
-                traced = request.headers.get("X-Request-Id", "")  # vLLM reads it first; a proxy's odd one is ignored
-                if valid_request_id(traced):
+                if traced := access.traced(request):  # the client's X-Request-Id: vLLM reads it first
                     body = msgspec.structs.replace(body, request_id=traced)
-                job = await self._job(body, entry, who)
+                job = await self._job(request, body, entry, who)
                 return await self._relay(request, job, public)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)
@@ -173,15 +165,19 @@ class Gateway:
         entry = await self.registry.lookup(model, self.state_bound)
         return entry if entry is None or who.may_use(entry) else None
 
-    async def _job(self, body: CompletionBody | ChatBody, entry: AdapterEntry | None, who: Principal) -> Job:
-        """The request body shaped into its choices' requests (``shaping``), on the shaping thread."""
+    async def _job(
+        self, request: web.Request, body: CompletionBody | ChatBody, entry: AdapterEntry | None, who: Principal
+    ) -> Job:
+        """The request body shaped into its choices' requests (``shaping``), on the shaping thread,
+        under an id made of the one the gateway drew for ``request`` (``access.ours``)."""
+        access.note(request, internal=(rid := response_id(isinstance(body, ChatBody), access.ours(request))))
         shape = functools.partial(
             shape_request,
             body,
             entry,
             self.served,
             base_name=self.base_name,
-            request_id=new_request_id(isinstance(body, ChatBody)),
+            request_id=rid,
             gateway_id=self.gateway_id,
             now=time.time(),
             tenant=who.tenant,

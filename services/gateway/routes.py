@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from dlora.services.gateway import dashboard, openapi
+from dlora.services.gateway import access, dashboard, openapi
 from dlora.services.gateway.adapter_routes import AdapterAdmin
 from dlora.services.gateway.body import expect_continue
 from dlora.services.gateway.cache_reset import reset_prefix_cache
@@ -25,8 +25,9 @@ def make_app(gw: Gateway) -> web.Application:
     """``gw``'s HTTP application: its handlers and the admin, key, tokenizer and cache routes."""
     app = web.Application(
         client_max_size=gw.s.max_body_bytes + 1024,
-        middlewares=[json_errors(retry_after_s(gw.s.heartbeat_ttl_s))],
+        middlewares=[access.middleware(gw.s.access_log), json_errors(retry_after_s(gw.s.heartbeat_ttl_s))],
     )
+    app.on_response_prepare.append(access.on_prepare)
     # every POST with its Expect: 100-continue answered by what the body may be
     post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))
     post("/v1/completions", gw.completions)

@@ -82,6 +82,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # closed and the request aborted (nginx's send_timeout): a reader that stopped held its key's
     # slots and its output here for as long as it kept the socket open.
     send_timeout_s: float = 60.0
+    # One log line per HTTP request once it has ended (method, path, status, seconds, request id,
+    # model, key id; health checks and scrapes at debug level): vLLM's uvicorn access log.
+    access_log: bool = True
     # Open connections at most; more are answered 503 and closed at once. Lowered at start to what
     # the file-descriptor limit (ulimit -n) allows with 256 to spare for everything else.
     max_connections: int = 10000

@@ -10,7 +10,6 @@ context and the sampling parameters.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -131,9 +130,9 @@ class Job:
     structured_field: str | None = None  # the body's field asking for a structured output (errors' param)
 
 
-def new_request_id(chat: bool) -> str:
-    """A fresh response id as OpenAI spells them (``chatcmpl-...``, ``cmpl-...``)."""
-    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+def response_id(chat: bool, base: str) -> str:
+    """A response id as OpenAI spells them: ``chatcmpl-<base>``, ``cmpl-<base>``."""
+    return f"{'chatcmpl' if chat else 'cmpl'}-{base}"
 
 
 def shape_request(

@@ -44,6 +44,21 @@ def test_each_record_is_one_write_of_one_json_line_naming_its_logger(monkeypatch
     assert records[0]["worker"] == "worker-1" and all("timestamp" in r for r in records)
 
 
+def test_the_level_setting_leaves_out_what_is_less_severe(monkeypatch: pytest.MonkeyPatch) -> None:
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    try:
+        for level in ("warning", "debug"):
+            log.configure(json=True, level=level)
+            logger = log.get(f"level-{level}")  # a logger first used under this level (they are cached)
+            logger.debug("detail")
+            logger.info("news")
+            logger.warning("trouble")
+        assert [json.loads(w)["event"] for w in stderr.writes] == ["trouble", "detail", "news", "trouble"]
+    finally:
+        log.configure(json=True)
+
+
 def test_readable_lines_name_their_logger_too(capsys: pytest.CaptureFixture[str]) -> None:
     log.configure(json=False)
     log.get("migrator").warning("no plan")

@@ -78,6 +78,7 @@ def test_lists_come_from_json_in_env() -> None:
             r"engine.block_size=7 must be a power of two up to 256",
         ),
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__BLOCK_SIZE": "512"}, r"engine.block_size=512 must be a power of two"),
+        ({"DLORA_MODEL": "/m", "DLORA_LOG_LEVEL": "verbose"}, "log_level='verbose' must be one of debug, info"),
         # An outdated flat name is refused, not ignored.
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "4"}, "DLORA_WORKER_MAX_LORAS names no setting"),
         ({}, "model"),
