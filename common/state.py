@@ -52,6 +52,7 @@ from dlora.common.state_scripts import (
     _DELETE_IF_LUA,
     _DELETE_INFLIGHT_LUA,
     _FENCED_LUA,
+    _FORGET_BEAT_LUA,
     _FORGET_VERSION_LUA,
     _LEASE_LUA,
     _PROGRESS_LUA,
@@ -86,6 +87,7 @@ class StateStore:
         self._swap_adapter = redis.register_script(_SWAP_ADAPTER_LUA)
         self._forget_version = redis.register_script(_FORGET_VERSION_LUA)
         self._delete_if = redis.register_script(_DELETE_IF_LUA)
+        self._forget_beat = redis.register_script(_FORGET_BEAT_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
     async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
@@ -231,10 +233,7 @@ class StateStore:
         Redis 6.2): whoever else beats under the id is seen at the next beat."""
         stats = msgspec.structs.replace(stats, heartbeat_ttl_s=ttl_s)
         key, value = f"{self.p}:worker:{stats.worker}", msgspec.json.encode(stats)
-        before = cast(bytes | None, await self.r.set(key, value, px=int(ttl_s * 1000), get=True))
-        with contextlib.suppress(msgspec.DecodeError):
-            return msgspec.json.decode(before, type=WorkerStats) if before is not None else None
-        return None
+        return _beat(cast(bytes | None, await self.r.set(key, value, px=int(ttl_s * 1000), get=True)))
 
     async def now(self) -> float:
         """Redis's clock, in Unix seconds: one clock for every host's processes."""
@@ -244,9 +243,7 @@ class StateStore:
     async def live_workers(self) -> list[WorkerStats]:
         keys = [k async for k in self.r.scan_iter(match=f"{self.p}:worker:*")]
         values = await self.r.mget(keys) if keys else []
-        return sorted(
-            (msgspec.json.decode(v, type=WorkerStats) for v in values if v is not None), key=lambda s: s.worker
-        )
+        return sorted(filter(None, map(_beat, values)), key=lambda s: s.worker)
 
     async def beats(self, ttl_s: float) -> list[tuple[WorkerStats, float]]:
         """Every live worker's last heartbeat, with the seconds since it beat: the TTL it wrote its
@@ -269,8 +266,7 @@ class StateStore:
             raw = await pipe.execute()
         found: list[tuple[WorkerStats, float]] = []
         for value, left_ms in zip(raw[::2], raw[1::2]):
-            if value is not None and left_ms != -2:  # -2, or none: expired since the scan
-                st = msgspec.json.decode(value, type=WorkerStats)
+            if (st := _beat(value)) is not None and left_ms != -2:  # -2, or none: expired since the scan
                 age = (st.heartbeat_ttl_s or ttl_s) - left_ms / 1000 if left_ms >= 0 else 0.0
                 found.append((st, max(0.0, age)))
         return found
@@ -287,9 +283,13 @@ class StateStore:
     async def stopped_cleanly(self, worker: str, incarnation: str) -> bool:
         return bool(incarnation) and bool(await self.r.exists(f"{self.p}:stopped:{worker}:{incarnation}"))
 
-    async def forget_worker(self, worker: str) -> None:
-        await self.r.delete(f"{self.p}:worker:{worker}")
+    async def forget_worker(self, worker: str, incarnation: str) -> bool:
+        """Remove that start of ``worker``'s heartbeat and its placement; neither if another start
+        of it beats now (its successor under the id). Whether they were removed."""
+        if not await self._forget_beat(keys=[f"{self.p}:worker:{worker}"], args=[incarnation]):
+            return False
         await self.set_placement(worker, [])
+        return True
 
     # ---- traffic shares -------------------------------------------------------------------
     async def save_traffic(self, counts: dict[str, float]) -> None:
@@ -488,6 +488,16 @@ class StateStore:
             assert expect is not None, "untaken is checked with expect"
             args.append(msgspec.json.encode(untaken).decode())
         return bool(await self._delete_inflight(keys=[f"{self.p}:inflight:{request_id}"], args=args))
+
+
+def _beat(value: bytes | None) -> WorkerStats | None:
+    """A heartbeat key's value; None for none, or one that does not decode (a version of the
+    worker that writes another shape: every live worker was unreadable for it, /healthz a 500)."""
+    if value is None:
+        return None
+    with contextlib.suppress(msgspec.DecodeError):
+        return msgspec.json.decode(value, type=WorkerStats)
+    return None
 
 
 def _text(value: bytes | str) -> str:

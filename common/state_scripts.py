@@ -71,6 +71,21 @@ end
 return 0
 """
 
+# Delete a worker's heartbeat unless another start of it wrote it (a process that gave the id up,
+# or a dispatcher forgetting a lost start, must not remove its successor's). KEYS: the heartbeat.
+# ARGV: the incarnation. Returns 1 if the key is gone (deleted, or it was not there).
+_FORGET_BEAT_LUA = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  local ok, beat = pcall(cjson.decode, value)
+  if ok and type(beat) == 'table' and beat.incarnation ~= ARGV[1] then
+    return 0
+  end
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
 # Forget a retired adapter version unless it is the registered one again (a re-registration of
 # the same files between the caller's look and this). KEYS: the registry hash, the versions hash,
 # the retired set. ARGV: name, version. Returns 1 if forgotten.

@@ -232,7 +232,8 @@ class Dispatcher(Recovery):
                 if await self.store.beating(worker):
                     continue  # its stats do not reach us, but its heartbeat does: not lost
                 if await self.store.claim_recovery(f"{worker}:{st.incarnation}:{st.sent}"):
-                    await self.recover(worker, stopped=await self.store.stopped_cleanly(worker, st.incarnation))
+                    stopped = await self.store.stopped_cleanly(worker, st.incarnation)
+                    await self.recover(worker, st.incarnation, stopped)
                 self.state.forget(worker)
                 with contextlib.suppress(KeyError):  # (a series per worker id ever seen)
                     self.metrics.decisions.remove(worker)

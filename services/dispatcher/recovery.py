@@ -150,16 +150,17 @@ class Recovery:
                 # bounds: a review) or re-sent: logged, the rest go on
                 logger.exception("handed-back request not recovered", request=rid, error=type(e).__name__)
 
-    async def recover(self, worker: str, stopped: bool = False) -> None:
-        """Forget ``worker`` and re-dispatch what it held. ``stopped``: its last start drained and
-        stopped (SIGTERM), which is not a loss: neither logged nor counted as one (a rolling restart
-        fired every alert on dlora_worker_losses_total)."""
+    async def recover(self, worker: str, incarnation: str, stopped: bool = False) -> None:
+        """Forget ``worker``'s start ``incarnation`` (not a later one's heartbeat) and re-dispatch
+        what it held. ``stopped``: that start drained and stopped (SIGTERM), which is not a loss:
+        neither logged nor counted as one (a rolling restart fired every alert on
+        dlora_worker_losses_total)."""
         if stopped:
             logger.info("worker stopped", worker=worker)
         else:
             logger.warning("worker lost", worker=worker)
             self.metrics.losses.inc()
-        await self.store.forget_worker(worker)
+        await self.store.forget_worker(worker, incarnation)
         await self._recover_on(worker)
 
     async def _recover_on(self, worker: str) -> None:

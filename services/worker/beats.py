@@ -65,6 +65,7 @@ async def _heartbeat(w: WorkerService, stats: WorkerStats) -> None:
         if taken_over(stats, before):  # a later start beats under the id: it is the other's now
             logger.warning("another worker process took this worker id over: stopping", other=before.incarnation)
             w.taken_over_by = before
+            await w.store.heartbeat(before, before.heartbeat_ttl_s or w.s.heartbeat_ttl_s)  # its beat back
             return
         w.records.beat()
         w.clients.noted(time.monotonic())  # Redis's host reached: not cut off

@@ -12,6 +12,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import LostRequests
 from dlora.services.worker.commands import Add
 from dlora.services.worker.engine.sequence import Status
+from dlora.services.worker.one_id import successor
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
@@ -54,6 +55,11 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
             unrun.append(rid)
         await w.drop(rid, record=False, attempt=stream.request.recoveries)
     w.handed_over = set(held)  # not handed back late, even if what follows fails (a review)
+    if (later := await successor(w.store, w.stats, w.s.heartbeat_ttl_s)) is not None:
+        # Stopped, then silent long enough to be replaced: what it held is the successor's now.
+        logger.warning("another worker process took this worker id over: nothing handed over", other=later.incarnation)
+        w.taken_over_by = later
+        return
     try:
         if w.records.behind:  # the records must say what the clients have (and which ended)
             await w.records.write({})
@@ -124,4 +130,4 @@ async def leave(w: WorkerService) -> None:
             with contextlib.suppress(*bus.STATE_OUTAGE):
                 await w.store.mark_stopped(w.s.worker_id, w.incarnation)
     with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
-        await w.store.forget_worker(w.s.worker_id)
+        await w.store.forget_worker(w.s.worker_id, w.incarnation)  # (not a successor's: one_id.py)

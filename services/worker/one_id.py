@@ -27,6 +27,7 @@ over, and of two simultaneous starts either would do, as long as both agree whic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from dlora.common import bus, log
@@ -86,6 +87,17 @@ def taken_over(mine: WorkerStats, before: WorkerStats | None) -> bool:
         and before.incarnation != mine.incarnation
         and (before.started, before.incarnation) > (mine.started, mine.incarnation)
     )
+
+
+async def successor(store: StateStore, mine: WorkerStats, ttl_s: float) -> WorkerStats | None:
+    """The heartbeat under ``mine``'s id of a later start that took the id over (``taken_over``),
+    read now: asked before a process that may have been silent sends anything on its id's behalf
+    (a drain's hand-over). None if there is none, or Redis cannot tell."""
+    with contextlib.suppress(*bus.STATE_OUTAGE):
+        found = await store.beat_of(mine.worker, ttl_s)
+        if found is not None and taken_over(mine, found[0]):
+            return found[0]
+    return None
 
 
 def given_up(worker_id: str, later: WorkerStats) -> str:

@@ -18,11 +18,13 @@ import pytest
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import WorkerStats
+from dlora.common.messages import GenerateRequest, SamplingParams, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.run import StartupError
 from dlora.services.servers import Server
+from dlora.services.worker import drain
+from dlora.services.worker.commands import Add
 from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.conftest import spawn_worker, worker_by_hand
@@ -30,10 +32,11 @@ from tests.integration.conftest import spawn_worker, worker_by_hand
 TTL_S = 2.0
 
 
-def beat(incarnation: str) -> WorkerStats:
+def beat(incarnation: str, started: float = 0.0) -> WorkerStats:
     return WorkerStats(
         worker="w-a",
         incarnation=incarnation,
+        started=started,
         running=0,
         waiting=0,
         free_blocks=1,
@@ -102,6 +105,35 @@ async def test_a_restart_after_a_crash_starts(redis: Redis) -> None:
     started = time.monotonic()
     await refuse_if_taken(store, settings())
     assert time.monotonic() - started < 0.3
+    # and one whose key expires while it watches is let through then, with its start time (a
+    # review: it returned none, and its stats' "started": null made every heartbeat unreadable)
+    await redis.pexpire("dlora:worker:w-a", 150)
+    assert abs(await refuse_if_taken(store, settings()) - time.time()) < 5
+
+
+async def test_a_heartbeat_that_does_not_decode_hides_no_other_worker(redis: Redis) -> None:
+    """Another version's shape (or the review's "started": null) made every reading of the
+    heartbeats raise: /healthz and /v1/models answered 500 for the whole cluster."""
+    store = StateStore(redis)
+    await store.heartbeat(another_id(), TTL_S)
+    await redis.set("dlora:worker:w-a", b'{"worker": "w-a", "started": null}', px=2000)
+    assert [st.worker for st in await store.live_workers()] == ["w-b"]
+    assert [st.worker for st, _ in await store.beats(TTL_S)] == ["w-b"]
+    assert await store.beat_of("w-a", TTL_S) is None
+
+
+async def test_a_start_removes_its_own_heartbeat_not_its_successors(redis: Redis) -> None:
+    """A process that gave its id up (or a dispatcher forgetting a lost start) deleted the key its
+    successor beats under, and its placement (a review)."""
+    store = StateStore(redis)
+    await store.heartbeat(beat("new1", started=2.0), TTL_S)
+    await store.set_placement("w-a", ["lora-1"])
+    assert not await store.forget_worker("w-a", "old1")
+    assert (await store.beat_of("w-a", TTL_S))[0].incarnation == "new1"
+    assert await store.workers_with("lora-1") == {"w-a"}
+    assert await store.forget_worker("w-a", "new1")
+    assert await store.beat_of("w-a", TTL_S) is None and not await store.workers_with("lora-1")
+    assert await store.forget_worker("w-a", "new1")  # none there: gone already
 
 
 async def test_a_second_worker_under_a_live_id_does_not_subscribe(
@@ -165,6 +197,8 @@ async def test_two_workers_started_at_once_leave_one(nats_server: Server, redis:
             assert isinstance(error, StartupError)
             assert "'w-a' was taken over" in str(error) and kept.incarnation in str(error)
             assert (gave_up.started, gave_up.incarnation) < (kept.started, kept.incarnation)
+            # its last beat overwrote the other's: put back as it gave up (a review), not a beat later
+            assert (await store.beat_of("w-a", 60.0))[0].incarnation == kept.incarnation
             await asyncio.sleep(0.3)  # a few of the other's beats: still its id
             assert not next(iter(running)).done()
             assert (await store.beat_of("w-a", 60.0))[0].incarnation == kept.incarnation
@@ -208,3 +242,28 @@ async def test_a_worker_resumed_after_its_replacement_started_gives_the_id_up(
         stalled.kill()
         stalled.wait()
         log.close()
+
+
+async def test_a_drain_taken_over_meanwhile_hands_nothing_over(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """The review's case: stopped (SIGTERM), then silent through its drain long enough to be
+    replaced, a worker handed the copies it held back (they were its successor's attempts: run
+    again elsewhere) before its first beat told it. It asks just before."""
+    store = StateStore(redis)
+    request = GenerateRequest(
+        request_id="r1", reply_to="test.r1", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=2)
+    )
+    async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, handed):
+        worker.started = 1.0
+        worker.stats = worker._snapshot()
+        worker.commands.put_nowait(Add(request))  # came during the drain: handed over unrun
+        await store.heartbeat(beat("new1", started=2.0), TTL_S)  # a later start beats under the id
+        await drain.hand_over(worker)
+        assert worker.taken_over_by is not None and worker.taken_over_by.incarnation == "new1"
+        await store.heartbeat(beat(worker.incarnation, started=1.0), TTL_S)  # and with none, it does
+        worker.taken_over_by = None
+        worker.commands.put_nowait(Add(request))
+        await drain.hand_over(worker)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"r1": 0} and handed.empty()  # the first hand-over sent nothing

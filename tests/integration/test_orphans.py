@@ -105,7 +105,7 @@ async def test_records_of_a_worker_that_stopped_cleanly_are_not_counted_as_death
         await c.store.r.hset(f"{c.store.p}:inflight:{rid}", "deaths", MAX_RECOVERIES)
     await c.store.mark_taken("w-gone", {"stopped": 0, "died": 0})  # both taken up there
     await c.store.mark_stopped("w-gone", "start-2")
-    await c.store.forget_worker("w-gone")  # its heartbeat gone: the sweep takes its records
+    assert await c.store.forget_worker("w-gone", "")  # its heartbeat gone: the sweep takes its records
     ran, given_up = ReplyStream("stopped"), ReplyStream("died")
     await asyncio.wait_for(asyncio.gather(_read(ran, stopped), _read(given_up, died)), 20)
     assert ran.error is None and ran.tokens == 8

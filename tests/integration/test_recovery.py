@@ -143,14 +143,14 @@ async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(
         assert moved.recoveries == 1 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1
         await store.put_inflight(moved, "w-a", expect=("w-live", 1))  # (sent back to w-a, say)
         await store.mark_taken("w-a", {"poison": 1})  # it took it up
-        await dispatcher.recover("w-a")  # first death: retried on the live worker, once
+        await dispatcher.recover("w-a", "")  # first death: retried on the live worker, once
         moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
         assert moved.recoveries == 2 and moved.resume_token_ids == [5, 6] and moved.next_seq == 1
         # the live worker took it, then died in turn
         await store.mark_taken("w-live", {"poison": 2})
         rec = await store.get_inflight("poison")
         assert rec is not None and rec.worker == "w-live" and (rec.recoveries, rec.deaths) == (2, 1)
-        await dispatcher.recover("w-live")
+        await dispatcher.recover("w-live", "")
         chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
         assert chunk.error is not None and "not retried again" in chunk.error and chunk.seq == 1
         assert forwarded.empty() and await store.get_inflight("poison") is None
@@ -210,26 +210,26 @@ async def test_only_a_worker_that_took_a_request_up_counts_its_loss_as_a_death(
         dispatcher.workers["w-quiet"] = (stats("w-quiet"), now - 0.6 * ttl)
         dispatcher.workers["w-live"] = (stats("w-live"), now)
         await store.put_inflight(request("routed"), "w-dead", new=True)
-        await dispatcher.recover("w-dead")  # a live worker heard lately takes it, though busier
+        await dispatcher.recover("w-dead", "")  # a live worker heard lately takes it, though busier
         assert (await taken("w-live")).request_id == "routed" and forwarded["w-quiet"].empty()
 
         # A worker that took a request up and died: a death; one sent it that never took it up: none.
         del dispatcher.workers["w-live"]
         await store.put_inflight(request("counted"), "w-first", new=True)
         await store.mark_taken("w-first", {"counted": 0})
-        await dispatcher.recover("w-first")
+        await dispatcher.recover("w-first", "")
         assert (await taken("w-quiet")).recoveries == 1  # the only live worker, quiet or not
         rec = await store.get_inflight("counted")
         assert rec is not None and rec.deaths == 1 and not rec.taken
         dispatcher.workers["w-live"] = (stats("w-live"), time.monotonic())
         del dispatcher.workers["w-quiet"]
-        await dispatcher.recover("w-quiet")  # dead before it took it up
+        await dispatcher.recover("w-quiet", "")  # dead before it took it up
         assert (await taken("w-live")).recoveries == 2
         rec = await store.get_inflight("counted")
         assert rec is not None and rec.deaths == 1
         # Taken up where it runs, then that worker dies too: its second death, given up as before.
         await store.mark_taken("w-live", {"counted": 2})
-        await dispatcher.recover("w-live")
+        await dispatcher.recover("w-live", "")
         chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
         assert chunk.request_id == "counted" and chunk.error is not None and "not retried again" in chunk.error
     finally:
@@ -261,11 +261,11 @@ async def test_an_older_worker_that_does_not_mark_has_its_loss_counted_as_a_deat
         dispatcher.workers["w-old"] = (old, time.monotonic())
         req = GenerateRequest(request_id="p", reply_to="test.old.reply", prompt_token_ids=[5, 6, 7])
         assert await store.put_inflight(req, "w-gone", new=True, marks_taken=False)
-        await dispatcher.recover("w-gone")  # never marked, but its worker does not mark: a death
+        await dispatcher.recover("w-gone", "")  # never marked, but its worker does not mark: a death
         rec = await store.get_inflight("p")
         assert rec is not None and rec.worker == "w-old" and rec.deaths == 1 and not rec.marks_taken
         del dispatcher.workers["w-old"]
-        await dispatcher.recover("w-old")
+        await dispatcher.recover("w-old", "")
         chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
         assert chunk.request_id == "p" and chunk.error is not None and "not retried again" in chunk.error
     finally:
@@ -388,7 +388,7 @@ async def test_a_lost_workers_requests_wait_for_a_worker_when_none_is_live(nats_
         for rid in ("waits", "gives-up", "aborted"):
             await store.put_inflight(GenerateRequest(request_id=rid, reply_to=f"test.wait.{rid}", prompt="kalo"), "w-a")
             await store.record_progress("w-a", {rid: Sent(0, 0, [5, 6], 0)}, {})
-        await dispatcher.recover("w-a")  # no live worker anywhere
+        await dispatcher.recover("w-a", "")  # no live worker anywhere
         await asyncio.sleep(0.3)
         assert replies.empty() and (await store.get_inflight("waits")).worker == "w-a"
         await dispatcher._on_app_abort(AbortRequest(request_id="aborted"), "someone-else")  # not theirs
