@@ -490,7 +490,7 @@ class StateStore:
         return bool(await self._delete_inflight(keys=[f"{self.p}:inflight:{request_id}"], args=args))
 
 
-def _beat(value: bytes | None) -> WorkerStats | None:
+def _beat(value: bytes | str | None) -> WorkerStats | None:
     """A heartbeat key's value; None for none, or one that does not decode (a version of the
     worker that writes another shape: every live worker was unreadable for it, /healthz a 500)."""
     if value is None:
