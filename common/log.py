@@ -39,8 +39,14 @@ class _Handler(logging.StreamHandler[TextIO]):
     keeps."""
 
 
-# The settings' ``log_level`` names.
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# The settings' ``log_level`` names, in any case (vLLM's VLLM_LOGGING_LEVEL=INFO reads as info).
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 def configure(json: bool = True, level: int | str = logging.INFO) -> None:
@@ -51,7 +57,7 @@ def configure(json: bool = True, level: int | str = logging.INFO) -> None:
     The standard library's loggers go the same way at WARNING and above (with no handler they
     reached Python's last-resort handler as bare text, and jq stopped at the first of them), and
     so do ``warnings`` (a library's FutureWarning)."""
-    level = LEVELS[level] if isinstance(level, str) else level
+    level = LEVELS[level.lower()] if isinstance(level, str) else level
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

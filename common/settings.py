@@ -60,7 +60,8 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_password: str = ""
     # Log as JSON lines (services) rather than for a terminal.
     log_json: bool = True
-    # The least severe records written: debug, info, warning or error (vLLM's VLLM_LOGGING_LEVEL).
+    # The least severe records written: debug, info, warning, error or critical, in any case
+    # (vLLM's VLLM_LOGGING_LEVEL).
     log_level: str = "info"
     # Key prefix in Redis, to share one Redis between deployments.
     redis_prefix: str = "dlora"
@@ -83,7 +84,7 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         problems = [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
         if not 0 <= self.metrics_port <= 65535:
             problems.append(("metrics_port", self.metrics_port, "must be a TCP port, or 0 for none"))
-        if self.log_level not in LOG_LEVELS:
+        if self.log_level.lower() not in LOG_LEVELS:
             problems.append(("log_level", self.log_level, f"must be one of {', '.join(LOG_LEVELS)}"))
         if not 1 <= self.nats_kv_replicas <= 5:
             problems.append(("nats_kv_replicas", self.nats_kv_replicas, "must be 1 to 5 (JetStream's limit)"))

@@ -10,8 +10,8 @@ workers' lines) is the response's ``id`` when the client named none.
 
 The access line is written by a middleware, not aiohttp's access logger: that one writes nothing
 for a request whose client went away (its handler cancelled), the requests an operator looks for.
-Health checks and scrapes go at debug level (vLLM users ask to filter them out of the log); no
-line names a prompt, an output or a key's secret.
+Health checks, scrapes and the status page's polls go at debug level unless they fail (vLLM
+users ask to filter them out of the log); no line names a prompt, an output or a key's secret.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ logger = log.get("gateway.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Polled by load balancers and Prometheus every few seconds: at debug level.
-_QUIET = frozenset({"/healthz", "/readyz", "/health", "/ping", "/livez", "/metrics"})
+# Polled by load balancers, Prometheus and the status page every few seconds: at debug level.
+_QUIET = frozenset({"/healthz", "/readyz", "/health", "/ping", "/livez", "/metrics", "/v1/status"})
+# Characters of a request's model named in its line: the longest adapter name (registry.py).
+_MODEL_SHOWN = 128
 # The status logged for a request whose handler ended without an answer (its client went away),
 # nginx's.
 CLIENT_GONE = 499
@@ -60,30 +62,43 @@ class _Noted:
 _NOTED = web.RequestKey("dlora_access", _Noted)
 
 
-def middleware(enabled: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Names each request (``request_id``) and, where ``enabled``, logs it once it has ended."""
+class AccessLog:
+    """Names each request (``request_id``) and, where ``enabled``, logs it once it has ended:
+    ``middleware`` for the requests that reach a handler, ``on_prepare`` (the app's
+    ``on_response_prepare``) for the header, and for the answers aiohttp gives before any
+    middleware runs (a route's ``Expect: 100-continue`` refusal: 413, 417)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
 
     @web.middleware
-    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        traced = request.headers.get("X-Request-Id", "")
-        noted = request[_NOTED] = _Noted(uuid.uuid4().hex, traced if valid_request_id(traced) else None)
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        noted = request[_NOTED] = _noted(request)
         started, status = time.monotonic(), CLIENT_GONE
         try:
             with structlog.contextvars.bound_contextvars(request_id=noted.request_id):
                 response = await handler(request)
             status = response.status
             return response
+        except web.HTTPException as e:  # a redirect (json_errors answers the rest)
+            status = e.status
+            raise
         finally:
-            if enabled:
+            if self.enabled:
                 _log(request, noted, status, time.monotonic() - started)
 
-    return access
-
-
-async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """The request's id in its response's headers (``web.Application.on_response_prepare``)."""
-    if (noted := request.get(_NOTED)) is not None:
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The request's id in its response's headers."""
+        if (noted := request.get(_NOTED)) is None:  # answered before the middleware (see above)
+            noted = request[_NOTED] = _noted(request)
+            if self.enabled:
+                _log(request, noted, response.status, 0.0)
         response.headers["X-Request-Id"] = noted.request_id
+
+
+def _noted(request: web.Request) -> _Noted:
+    traced = request.headers.get("X-Request-Id", "")
+    return _Noted(uuid.uuid4().hex, traced if valid_request_id(traced) else None)
 
 
 def traced(request: web.Request) -> str | None:
@@ -117,10 +132,10 @@ def _log(request: web.Request, noted: _Noted, status: int, seconds: float) -> No
         "remote": request.remote,
         "request_id": noted.request_id,
         "request": noted.internal or None,
-        "model": noted.model or None,
+        "model": noted.model[:_MODEL_SHOWN] or None,  # any text a body sent: bounded
         "key_id": caller.key_id if caller else None,
         "tenant": caller.tenant if caller else None,
         "admin": caller.admin if caller else None,
     }
-    write = logger.debug if request.path in _QUIET else logger.info
+    write = logger.debug if request.path in _QUIET and status < 400 else logger.info  # (a failing one said)
     write("http request", **{k: v for k, v in fields.items() if v is not None})

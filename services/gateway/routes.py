@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 
 def make_app(gw: Gateway) -> web.Application:
     """``gw``'s HTTP application: its handlers and the admin, key, tokenizer and cache routes."""
+    logged = access.AccessLog(gw.s.access_log)
     app = web.Application(
         client_max_size=gw.s.max_body_bytes + 1024,
-        middlewares=[access.middleware(gw.s.access_log), json_errors(retry_after_s(gw.s.heartbeat_ttl_s))],
+        middlewares=[logged.middleware, json_errors(retry_after_s(gw.s.heartbeat_ttl_s))],
     )
-    app.on_response_prepare.append(access.on_prepare)
+    app.on_response_prepare.append(logged.on_prepare)
     # every POST with its Expect: 100-continue answered by what the body may be
     post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))
     post("/v1/completions", gw.completions)

@@ -33,11 +33,28 @@ def app(enabled: bool, ended: asyncio.Event) -> web.Application:
             ended.set()
         return response
 
-    app = web.Application(middlewares=[access.middleware(enabled)])
-    app.on_response_prepare.append(access.on_prepare)
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect("/v1/ok")
+
+    async def unhealthy(request: web.Request) -> web.Response:
+        return web.json_response({}, status=503)
+
+    async def refuse(request: web.Request) -> None:  # a route's Expect: 100-continue check
+        raise web.HTTPRequestEntityTooLarge(1, 2)
+
+    async def post(request: web.Request) -> web.Response:
+        access.note(request, model="m" * 10_000)
+        return web.json_response({})
+
+    logged = access.AccessLog(enabled)
+    app = web.Application(middlewares=[logged.middleware])
+    app.on_response_prepare.append(logged.on_prepare)
     app.router.add_get("/v1/ok", ok)
     app.router.add_get("/v1/slow", slow)
+    app.router.add_get("/v1/moved", moved)
     app.router.add_get("/healthz", ok)
+    app.router.add_get("/readyz", unhealthy)
+    app.router.add_post("/v1/completions", post, expect_handler=refuse)
     return app
 
 
@@ -110,3 +127,26 @@ async def test_health_checks_go_at_debug_and_a_disabled_log_writes_nothing(serve
                 assert r.status == 200 and r.headers["X-Request-Id"]
     # (at debug: not written at the default level, captured only where that is set lower)
     assert [line["log_level"] for line in logs if line["event"] == "http request"] in ([], ["debug"])
+
+
+async def test_redirects_refusals_before_any_handler_and_long_names_are_logged_as_they_are(served) -> None:  # type: ignore[no-untyped-def]
+    """A review: a redirect was logged 499 (client gone); a route's Expect: 100-continue refusal
+    (curl sends the header for a large body) had neither the header nor a line; a body's 1 MB
+    model name made a 1 MB line; a failing health check was left at debug."""
+    server = served()
+    await server.start_server()
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.make_url("/v1/moved"), allow_redirects=False) as r:
+                assert r.status == 308
+            refused = {"Expect": "100-continue", "X-Request-Id": "big-1"}
+            async with http.post(server.make_url("/v1/completions"), data=b"x", headers=refused) as r:
+                assert r.status == 413 and r.headers["X-Request-Id"] == "big-1"
+            async with http.post(server.make_url("/v1/completions"), data=b"x") as r:
+                assert r.status == 200
+            async with http.get(server.make_url("/readyz")) as r:
+                assert r.status == 503
+    moved, too_large, named, unhealthy = [line for line in logs if line["event"] == "http request"]
+    assert moved["status"] == 308 and too_large["status"] == 413 and too_large["request_id"] == "big-1"
+    assert named["model"] == "m" * 128
+    assert unhealthy["status"] == 503 and unhealthy["log_level"] == "info"

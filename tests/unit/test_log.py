@@ -48,7 +48,7 @@ def test_the_level_setting_leaves_out_what_is_less_severe(monkeypatch: pytest.Mo
     stderr = _Writes()
     monkeypatch.setattr(sys, "stderr", stderr)
     try:
-        for level in ("warning", "debug"):
+        for level in ("WARNING", "debug"):  # (in any case: vLLM's VLLM_LOGGING_LEVEL=INFO)
             log.configure(json=True, level=level)
             logger = log.get(f"level-{level}")  # a logger first used under this level (they are cached)
             logger.debug("detail")
