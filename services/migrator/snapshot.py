@@ -38,16 +38,18 @@ class WorkerState:
     adapter_read_seconds_per_byte: float | None = None  # the line fitted to them (None: in proportion)
     max_lora_rank: int = 0  # the highest adapter rank it loads (0: not known)
     model_digest: str = ""  # its base model (WorkerStats.model_digest; "": not said)
+    failed_adapters: frozenset[str] = frozenset()  # its read failed here lately (WorkerStats.failed_adapters)
 
     def holds(self, r: RequestState) -> bool:
         """Whether ``r`` may run here: it fits whole (elsewhere it would be refused, or cut short),
-        its adapter's rank is one this worker loads, it is not pinned to another worker, and this
-        worker serves the base model it runs on (where both say)."""
+        its adapter's rank is one this worker loads and its read did not fail here lately, it is
+        not pinned to another worker, and this worker serves the base model it runs on (where both say)."""
         return (
             (self.max_model_len == 0 or r.total_tokens <= self.max_model_len)
             and (self.max_lora_rank == 0 or r.rank <= self.max_lora_rank)
             and (not r.pinned or r.worker == self.worker)
             and same_model(self.model_digest, r.model_digest)
+            and (r.adapter is None or r.adapter not in self.failed_adapters)
         )
 
     def read_seconds(self, nbytes: int) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dlora.common.messages import RequestLoad, WorkerStats
+from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, completion_times, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
@@ -35,6 +35,26 @@ def test_moves_work_off_the_hottest_worker_with_its_adapter() -> None:
     after = completion_times(apply(snap, p.moves))
     assert max(after.values()) < max(completion_times(snap).values()) * 0.6
     assert p.makespan_after_s < p.makespan_before_s
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_no_request_moves_to_a_worker_whose_read_of_its_adapter_failed(solver: str) -> None:
+    """A helper's multi-host trial: one GPU host's copy of an adapter's files differed from the
+    registered version; dispatch kept its requests off it, but the migrator moved running ones
+    there, and they failed mid-stream (a worker hands a request back once)."""
+    from dlora.services.migrator.trigger import snapshot_from_stats
+
+    loads = [RequestLoad(request_id=f"r{i}", adapter="a", context_tokens=50, remaining_tokens=100) for i in range(12)]
+    snap = snapshot_from_stats(
+        [
+            _worker_stats("w0", loads, 0.01, adapters=[AdapterResidency(name="a", slot=0, merged=False)]),
+            _worker_stats("w1", [], 0.01, failed_adapters=["a"]),
+            _worker_stats("w2", [], 0.01),
+        ],
+        {"a": 16},
+    )
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert moves and {m.to_worker for m in moves} == {"w2"}
 
 
 @pytest.mark.parametrize("solver", ["ilp", "greedy"])
@@ -258,7 +278,6 @@ def test_the_planner_reads_worker_stats_in_the_engines_slots() -> None:
     """Workers as they report themselves: max_loras adapters of any rank. w1 holds one rank-64
     adapter in two slots, so it has room for the hot rank-8 adapter (read as rank-16 units, the
     rank-64 one filled four and w1 looked full)."""
-    from dlora.common.messages import AdapterResidency
     from dlora.services.migrator.trigger import snapshot_from_stats
 
     def stats(name: str, adapters: dict[str, int], loads: list[RequestLoad]) -> WorkerStats:
