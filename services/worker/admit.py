@@ -31,6 +31,7 @@ from dlora.services.worker.chunks import (
 from dlora.services.worker.engine import RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.one_id import give_up, successor
 from dlora.services.worker.versions import engine_key
 
 if TYPE_CHECKING:
@@ -237,6 +238,11 @@ async def hand_back_unheld(w: WorkerService, grace_s: float) -> None:
     if aborted := {rid: a for rid, a in lost.items() if w.aborted.lately(rid, None, now)}:
         await w.records.end(aborted)  # its record outlived it
     if lost := {rid: a for rid, a in lost.items() if rid not in aborted}:
+        # Silent long enough to be replaced under its id, a process finds its successor's records
+        # here (a helper's partition trial): they are the successor's, not a predecessor's.
+        if (later := await successor(w.store, w.stats, w.s.heartbeat_ttl_s)) is not None:
+            give_up(w, later, "nothing handed back")
+            return
         logger.warning("in-flight records not held here; handed back", requests=len(lost))
         # One handed back lately for a worker holding its version, and not taken yet (the
         # dispatcher waits for the workers' next stats before it says none holds it), still needs one.

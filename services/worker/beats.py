@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from dlora.common import bus, log, subjects
-from dlora.services.worker.one_id import taken_over
+from dlora.common import bus, subjects
+from dlora.services.worker.one_id import give_up, taken_over
 
 if TYPE_CHECKING:
     from dlora.common.messages import WorkerStats
     from dlora.services.worker.main import WorkerService
-
-logger = log.get("worker")
 
 LIST_EVERY_S = 10.0  # how often the registry's adapters are listed (their ranks, for the metrics)
 
@@ -63,8 +61,7 @@ async def _heartbeat(w: WorkerService, stats: WorkerStats) -> None:
     async with asyncio.timeout(w.s.stats_interval_s):
         before = await w.store.heartbeat(stats, w.s.heartbeat_ttl_s)
         if taken_over(stats, before):  # a later start beats under the id: it is the other's now
-            logger.warning("another worker process took this worker id over: stopping", other=before.incarnation)
-            w.taken_over_by = before
+            give_up(w, before, "stopping")
             await w.store.heartbeat(before, before.heartbeat_ttl_s or w.s.heartbeat_ttl_s)  # its beat back
             return
         w.records.beat()

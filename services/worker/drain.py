@@ -12,7 +12,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import LostRequests
 from dlora.services.worker.commands import Add
 from dlora.services.worker.engine.sequence import Status
-from dlora.services.worker.one_id import successor
+from dlora.services.worker.one_id import give_up, successor
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
@@ -56,9 +56,7 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
         await w.drop(rid, record=False, attempt=stream.request.recoveries)
     w.handed_over = set(held)  # not handed back late, even if what follows fails (a review)
     if (later := await successor(w.store, w.stats, w.s.heartbeat_ttl_s)) is not None:
-        # Stopped, then silent long enough to be replaced: what it held is the successor's now.
-        logger.warning("another worker process took this worker id over: nothing handed over", other=later.incarnation)
-        w.taken_over_by = later
+        give_up(w, later, "nothing handed over")  # stopped, then silent long enough to be replaced
         return
     try:
         if w.records.behind:  # the records must say what the clients have (and which ended)

@@ -29,12 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 from dlora.common import bus, log
 from dlora.common.messages import WorkerStats
 from dlora.common.state import StateStore
 from dlora.services.run import StartupError
 from dlora.services.worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from dlora.services.worker.main import WorkerService
 
 logger = log.get("worker")
 
@@ -98,6 +102,13 @@ async def successor(store: StateStore, mine: WorkerStats, ttl_s: float) -> Worke
         if found is not None and taken_over(mine, found[0]):
             return found[0]
     return None
+
+
+def give_up(w: WorkerService, later: WorkerStats, so: str) -> None:
+    """Have ``w`` give its id up to ``later``: it says so (``so``: what it does not do for it), and
+    its loop stops at its next turn (``WorkerService.taken_over_by``)."""
+    logger.warning(f"another worker process took this worker id over: {so}", other=later.incarnation)
+    w.taken_over_by = later
 
 
 def given_up(worker_id: str, later: WorkerStats) -> str:

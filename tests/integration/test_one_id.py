@@ -23,7 +23,7 @@ from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.run import StartupError
 from dlora.services.servers import Server
-from dlora.services.worker import drain
+from dlora.services.worker import admit, drain
 from dlora.services.worker.commands import Add
 from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.settings import WorkerSettings
@@ -267,3 +267,28 @@ async def test_a_drain_taken_over_meanwhile_hands_nothing_over(
         await drain.hand_over(worker)
         lost = await asyncio.wait_for(handed.get(), 5)
         assert lost.requests == {"r1": 0} and handed.empty()  # the first hand-over sent nothing
+
+
+async def test_a_process_taken_over_hands_back_none_of_its_successors_records(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A helper's partition trial: back after its replacement started, a worker's sweep of the
+    in-flight records found its successor's running requests under the id, took them for a
+    predecessor's and handed them back (run again elsewhere) before its beat told it to stop."""
+    store = StateStore(redis)
+    request = GenerateRequest(
+        request_id="r2", reply_to="test.r2", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=2)
+    )
+    async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, handed):
+        worker.started = 1.0
+        worker.stats = worker._snapshot()
+        assert await store.put_inflight(request, "w-a", new=True, incarnation="new1")  # running on the successor
+        await store.heartbeat(beat("new1", started=2.0), TTL_S)
+        await asyncio.sleep(0.01)  # (recorded a millisecond ago at least: past the sweep's grace)
+        await admit.hand_back_unheld(worker, grace_s=0.0)
+        assert worker.taken_over_by is not None and worker.taken_over_by.incarnation == "new1"
+        await store.heartbeat(beat(worker.incarnation, started=1.0), TTL_S)  # a predecessor's, then
+        worker.taken_over_by = None
+        await admit.hand_back_unheld(worker, grace_s=0.0)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"r2": 0} and handed.empty()  # the first sweep sent nothing
