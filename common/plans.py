@@ -58,15 +58,19 @@ class PlanTrigger(enum.StrEnum):
 
 class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     """The migrator's decision, published on ``subjects.MOVES``. A worker moves only requests it
-    still holds, and ignores plans older than a few stats intervals (``created``): a stale or
-    partly failed plan leaves the other requests where they are."""
+    still holds, and ignores plans made from its stats of more than a few stats intervals ago
+    (``stats_sent``): a stale or partly failed plan leaves the other requests where they are."""
 
     plan_id: str
     # The migrator lease's epoch when the plan was made: workers drop plans of an epoch below the
     # highest they have seen (from a leader that has since been deposed).
     epoch: int = 0
-    # Unix seconds the plan was made.
+    # Unix seconds the plan was made (the migrator's clock).
     created: float = 0.0
+    # The stats it was made from: each worker's ``WorkerStats.sent``, on that worker's own clock, by
+    # which the worker judges the plan's age (two hosts' clocks compared, a GPU host running 5 s
+    # fast ignored every plan: a helper's trial). Empty: an older migrator; ``created`` then.
+    stats_sent: dict[str, float] = {}
     moves: list[MoveRequest] = []
     method: PlanMethod = PlanMethod.NONE
     # Why the ILP gave way to the greedy pass (method GREEDY only).

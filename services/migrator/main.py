@@ -71,7 +71,8 @@ class Migrator:
         if published:
             marks = {st.worker for st in live if st.marks_taken}  # recorded with each move (the poison guard)
             moves = [msgspec.structs.replace(m, to_marks_taken=m.to_worker in marks) for m in p.moves]
-            p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time(), moves=moves)
+            sent = {st.worker: st.sent for st in live}  # (each worker judges the plan's age by its own clock)
+            p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time(), stats_sent=sent, moves=moves)
             await bus.publish(self.nc, subjects.MOVES, p)
             self.plans += 1
             # The moved requests are counted where they go from the next stats on; until then

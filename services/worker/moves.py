@@ -12,8 +12,8 @@ import msgspec
 
 from dlora.common.messages import GenerateRequest, KVChunk, MovePlan
 
-# A plan older than this (seconds, by its ``created`` stamp) is ignored: the stats it was made
-# from no longer hold (a few stats intervals).
+# A plan made from this worker's stats of longer ago than this (seconds, on its own clock:
+# ``MovePlan.stats_sent``) is ignored: they no longer hold (a few stats intervals).
 PLAN_MAX_AGE_S = 5.0
 # KV bytes per chunk: under NATS's default 1 MiB payload limit.
 KV_CHUNK_BYTES = 512 << 10
@@ -32,9 +32,10 @@ class Move:
 
 def moves_to_take(plan: MovePlan, worker_id: str, epoch_seen: int, now: float) -> list[Move] | None:
     """The plan's moves of requests away from ``worker_id`` (the caller drops ids it does not hold);
-    None when the plan is stale: older than ``PLAN_MAX_AGE_S`` at ``now`` (Unix seconds) or from a
-    migrator epoch below ``epoch_seen``, a leader since deposed."""
-    if now - plan.created > PLAN_MAX_AGE_S or plan.epoch < epoch_seen:
+    None when the plan is stale: made from this worker's stats sent more than ``PLAN_MAX_AGE_S``
+    before ``now`` (Unix seconds, this worker's clock; an older migrator's plan by its ``created``)
+    or from a migrator epoch below ``epoch_seen``, a leader since deposed."""
+    if now - plan.stats_sent.get(worker_id, plan.created) > PLAN_MAX_AGE_S or plan.epoch < epoch_seen:
         return None
     trigger = plan.trigger.value if plan.trigger else "none"
     return [

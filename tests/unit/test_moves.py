@@ -15,11 +15,17 @@ from dlora.services.worker.kv_inbox import KVInbox
 REQ = GenerateRequest(request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1, 2, 3], params=SamplingParams())
 
 
-def plan(epoch: int = 3, created: float = 100.0, trigger: PlanTrigger | None = None) -> MovePlan:
+def plan(
+    epoch: int = 3,
+    created: float = 100.0,
+    trigger: PlanTrigger | None = None,
+    stats_sent: dict[str, float] | None = None,
+) -> MovePlan:
     return MovePlan(
         plan_id="p",
         epoch=epoch,
         created=created,
+        stats_sent=stats_sent or {},
         trigger=trigger,
         moves=[
             MoveRequest(request_id="a", adapter="x", to_worker="w1", ship_kv=True),
@@ -54,6 +60,14 @@ def test_a_move_carries_whether_its_destination_marks_what_it_takes_up() -> None
 def test_stale_plans_are_refused() -> None:
     assert moves.moves_to_take(plan(epoch=2), "w0", epoch_seen=3, now=101.0) is None  # a deposed leader's
     assert moves.moves_to_take(plan(), "w0", epoch_seen=0, now=100.0 + moves.PLAN_MAX_AGE_S + 1) is None
+
+
+def test_a_plans_age_is_read_on_the_workers_own_clock() -> None:
+    """A helper's multi-host trial: a GPU host whose clock ran 10 s fast ignored every plan (the
+    migrator's ``created`` against its own clock). Its stats' ``sent`` is on its own clock."""
+    made_from = plan(stats_sent={"w0": 110.0})  # the migrator's clock said 100; w0's, 110
+    assert moves.moves_to_take(made_from, "w0", epoch_seen=3, now=111.0) == [moves.Move("a", "w1", True)]
+    assert moves.moves_to_take(made_from, "w0", epoch_seen=3, now=110.0 + moves.PLAN_MAX_AGE_S + 1) is None
 
 
 def test_a_recomputed_move_sends_no_cache() -> None:
