@@ -63,9 +63,11 @@ def error_text(reason: str) -> str:
     return reason if len(reason) <= MAX_ERROR else reason[: MAX_ERROR - 1] + "…"
 
 
-class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True):
+class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     """One generation request, published on ``subjects.REQUESTS`` by a gateway, or on
-    ``subjects.requests_of(user)`` by an application connected as that NATS user."""
+    ``subjects.requests_of(user)`` by an application connected as that NATS user. Fields left at
+    their defaults are not sent: an application on a newer library that uses nothing new is read
+    by an older dispatcher, which refuses a field it does not know (a helper's upgrade trial)."""
 
     # Unique per request; chunks and aborts refer to it. Not empty: "" ran, and a second one at
     # once was refused as already in flight (a trial).
