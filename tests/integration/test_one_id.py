@@ -18,13 +18,14 @@ import pytest
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import GenerateRequest, SamplingParams, WorkerStats
+from dlora.common.messages import GenerateRequest, LostRequests, SamplingParams, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.run import StartupError
 from dlora.services.servers import Server
 from dlora.services.worker import admit, drain
 from dlora.services.worker.commands import Add
+from dlora.services.worker.main import WorkerService
 from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.conftest import spawn_worker, worker_by_hand
@@ -251,22 +252,14 @@ async def test_a_drain_taken_over_meanwhile_hands_nothing_over(
     replaced, a worker handed the copies it held back (they were its successor's attempts: run
     again elsewhere) before its first beat told it. It asks just before."""
     store = StateStore(redis)
-    request = GenerateRequest(
-        request_id="r1", reply_to="test.r1", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=2)
-    )
     async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, handed):
-        worker.started = 1.0
-        worker.stats = worker._snapshot()
-        worker.commands.put_nowait(Add(request))  # came during the drain: handed over unrun
-        await store.heartbeat(beat("new1", started=2.0), TTL_S)  # a later start beats under the id
+        await started_before_its_successor(worker, store)
+        worker.commands.put_nowait(Add(REQUEST))  # came during the drain: handed over unrun
         await drain.hand_over(worker)
-        assert worker.taken_over_by is not None and worker.taken_over_by.incarnation == "new1"
-        await store.heartbeat(beat(worker.incarnation, started=1.0), TTL_S)  # and with none, it does
-        worker.taken_over_by = None
-        worker.commands.put_nowait(Add(request))
+        await none_handed_while_taken_over(worker, store, handed)
+        worker.commands.put_nowait(Add(REQUEST))
         await drain.hand_over(worker)
-        lost = await asyncio.wait_for(handed.get(), 5)
-        assert lost.requests == {"r1": 0} and handed.empty()  # the first hand-over sent nothing
+        assert (await asyncio.wait_for(handed.get(), 5)).requests == {"r1": 0} and handed.empty()
 
 
 async def test_a_process_taken_over_hands_back_none_of_its_successors_records(
@@ -276,19 +269,34 @@ async def test_a_process_taken_over_hands_back_none_of_its_successors_records(
     in-flight records found its successor's running requests under the id, took them for a
     predecessor's and handed them back (run again elsewhere) before its beat told it to stop."""
     store = StateStore(redis)
-    request = GenerateRequest(
-        request_id="r2", reply_to="test.r2", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=2)
-    )
     async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, handed):
-        worker.started = 1.0
-        worker.stats = worker._snapshot()
-        assert await store.put_inflight(request, "w-a", new=True, incarnation="new1")  # running on the successor
-        await store.heartbeat(beat("new1", started=2.0), TTL_S)
+        assert await store.put_inflight(REQUEST, "w-a", new=True, incarnation="new1")  # running on the successor
+        await started_before_its_successor(worker, store)
         await asyncio.sleep(0.01)  # (recorded a millisecond ago at least: past the sweep's grace)
         await admit.hand_back_unheld(worker, grace_s=0.0)
-        assert worker.taken_over_by is not None and worker.taken_over_by.incarnation == "new1"
-        await store.heartbeat(beat(worker.incarnation, started=1.0), TTL_S)  # a predecessor's, then
-        worker.taken_over_by = None
-        await admit.hand_back_unheld(worker, grace_s=0.0)
-        lost = await asyncio.wait_for(handed.get(), 5)
-        assert lost.requests == {"r2": 0} and handed.empty()  # the first sweep sent nothing
+        await none_handed_while_taken_over(worker, store, handed)
+        await admit.hand_back_unheld(worker, grace_s=0.0)  # a predecessor's record, then
+        assert (await asyncio.wait_for(handed.get(), 5)).requests == {"r1": 0} and handed.empty()
+
+
+REQUEST = GenerateRequest(
+    request_id="r1", reply_to="test.r1", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=2)
+)
+
+
+async def started_before_its_successor(worker: WorkerService, store: StateStore) -> None:
+    """``worker`` started at 1.0, and a later start ("new1", at 2.0) beating under its id."""
+    worker.started = 1.0
+    worker.stats = worker._snapshot()
+    await store.heartbeat(beat("new1", started=2.0), TTL_S)
+
+
+async def none_handed_while_taken_over(
+    worker: WorkerService, store: StateStore, handed: asyncio.Queue[LostRequests]
+) -> None:
+    """``worker`` gave the id up and handed nothing back; then the successor is gone (its beat
+    ``worker``'s own again), for the same call to be made with none."""
+    assert worker.taken_over_by is not None and worker.taken_over_by.incarnation == "new1"
+    assert handed.empty()
+    await store.heartbeat(beat(worker.incarnation, started=1.0), TTL_S)
+    worker.taken_over_by = None
