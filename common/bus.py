@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import nats
@@ -21,7 +22,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ExecAbortError, OutOfMemoryError, ReadOnlyError
+from redis.exceptions import ExecAbortError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dlora.common import log, subjects
@@ -65,8 +66,8 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
         raise CredentialsRefused(
             f"Redis at {redacted(s.redis_url)} refused the credentials: {e} (check redis_username and redis_password)"
         ) from e
-    except (RedisConnectionError, RedisTimeoutError):
-        pass  # down at start: an outage, ridden out like any other
+    except STATE_OUTAGE:
+        pass  # down at start (or refusing writes: MISCONF refuses PING too): an outage, ridden out like any other
     try:
         yield nc, StateStore(redis, s.redis_prefix)
     except nats.errors.Error as e:
@@ -180,6 +181,32 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 SENTINEL_TIMEOUT_S = 0.5
 
 
+class StateMisconfigured(ResponseError):
+    """Redis refusing writes because it cannot persist them (MISCONF: its last RDB save failed, a
+    full disk, with ``stop-writes-on-bgsave-error``): an outage, until the disk has room."""
+
+
+class _TellsMisconf:
+    """A Redis connection mixin: MISCONF raised as ``StateMisconfigured``. redis-py names every
+    other refusal of writes (OOM, READONLY) but gives this one as a plain ResponseError, which
+    ended the dispatcher's loops. A connection's, not a parser's: redis-py ties its parsers to its
+    protocol and features, a subclass of one broke its connections (tried)."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ResponseError as e:
+            if not isinstance(e, StateMisconfigured) and str(e).startswith("MISCONF"):
+                raise StateMisconfigured(str(e)) from e
+            raise
+
+
+@functools.cache
+def _telling_misconf(connection_class: type) -> type:
+    """``connection_class`` (whichever the URL chose: TCP, TLS, Unix socket, Sentinel's) with ``_TellsMisconf``."""
+    return type(connection_class.__name__, (_TellsMisconf, connection_class), {})
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Connections to whichever server the Sentinels name primary (``SentinelConnectionPool``),
     a burst beyond ``max_connections`` waiting for one (``BlockingConnectionPool``): the
@@ -234,21 +261,24 @@ def redis_client(
             **({"username": username} if username else {}),
             **({"password": password} if password else {}),
         )
-        return client
-    pool = BlockingConnectionPool.from_url(
-        url,
-        **options,
-        **({"username": username} if username else {}),
-        **({"password": password} if password else {}),
-    )
-    return Redis.from_pool(pool)
+        pool = client.connection_pool
+    else:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            **options,
+            **({"username": username} if username else {}),
+            **({"password": password} if password else {}),
+        )
+        client = Redis.from_pool(pool)
+    pool.connection_class = _telling_misconf(cast(type, pool.connection_class))
+    return client
 
 
 # What a lost or restarting Redis raises, or one that refuses writes for a while (at maxmemory with
 # noeviction; a replica after a failover; a transaction aborted by either): a service loop that
 # meets one carries on and tries again. (Refused writes killed the dispatcher and the migrator,
-# and again at each restart while they lasted: a helper's soak.) A full disk's MISCONF comes as a
-# plain ResponseError, which redis-py does not tell from a command's own fault: not here.
+# and again at each restart while they lasted: a helper's soak.) A full disk's MISCONF too
+# (``StateMisconfigured``: told apart by ``_TellsMisconf``).
 STATE_OUTAGE = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -257,6 +287,7 @@ STATE_OUTAGE = (
     OutOfMemoryError,
     ReadOnlyError,
     ExecAbortError,
+    StateMisconfigured,
 )
 
 

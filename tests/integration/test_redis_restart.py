@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from dlora.common import subjects
 from dlora.common.bus import STATE_OUTAGE, connections
@@ -210,21 +215,45 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
         assert all(s.error is None and s.tokens == 480 for s in streams.values())
 
 
+async def _full(admin: Redis) -> Callable[[], Awaitable[Any]]:
+    """Redis at maxmemory with noeviction: OOM (a failed-over replica's READONLY is of the kind)."""
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", 1)
+    return lambda: admin.config_set("maxmemory", 0)
+
+
+async def _disk_full(admin: Redis) -> Callable[[], Awaitable[Any]]:
+    """Redis whose last RDB save failed (a full disk; here its directory gone): MISCONF."""
+    where = Path((await admin.config_get("dir"))["dir"])  # (the test's own server's: a protected setting)
+    shutil.rmtree(where)
+    await admin.config_set("save", "3600 1")  # (writes are refused only where snapshots are configured)
+    await admin.bgsave()
+    while (await admin.info("persistence"))["rdb_last_bgsave_status"] != "err":
+        await asyncio.sleep(0.05)
+    with pytest.raises(ResponseError, match="^MISCONF"):
+        await admin.set("probe", 1)
+
+    async def room() -> None:
+        await admin.config_set("stop-writes-on-bgsave-error", "no")
+        where.mkdir()  # (for the server's own clean-up)
+
+    return room
+
+
+@pytest.mark.parametrize("refuse", [_full, _disk_full], ids=["maxmemory", "misconf"])
 async def test_the_control_plane_rides_out_a_redis_that_refuses_writes(
-    nats_server: Server, start_redis_here: Callable[..., Server]
+    nats_server: Server, start_redis_here: Callable[..., Server], refuse: Callable[[Redis], Awaitable[Any]]
 ) -> None:
-    """Redis at maxmemory with noeviction (a failed-over replica's READONLY is of the kind) answers
-    writes with an error, not a lost connection: the dispatcher's and the
-    migrator's loops took it for a fault of theirs and exited, and again at every restart while it
-    lasted (a helper's soak): under systemd's start limit, down for good."""
+    """A Redis that refuses writes answers them with an error, not a lost connection: the
+    dispatcher's and the migrator's loops took it for a fault of theirs and exited, and again at
+    every restart while it lasted (a helper's soak): under systemd's start limit, down for good."""
     redis = start_redis_here()
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=1.0)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
-    admin = Redis.from_url(redis.url)
+    admin = Redis.from_url(redis.url, decode_responses=True)
     async with contextlib.AsyncExitStack() as stack:
-        await admin.config_set("maxmemory-policy", "noeviction")
-        await admin.config_set("maxmemory", 1)  # from the start: each exited at once when started so
+        allow = await refuse(admin)  # from the start: each exited at once when started so
         ds = DispatcherSettings(**common, placement_interval_s=0.1)
         d_nc, d_store = await stack.enter_async_context(connections(ds))
         tasks.append(asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)))
@@ -234,7 +263,7 @@ async def test_the_control_plane_rides_out_a_redis_that_refuses_writes(
         try:
             await asyncio.sleep(2.5)
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
-            await admin.config_set("maxmemory", 0)
+            await allow()
             await asyncio.sleep(1.0)
             assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
         finally:
