@@ -102,11 +102,19 @@ class _Group:
 def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
     by: dict[tuple[str, str, frozenset[str]], list[RequestState]] = defaultdict(list)
     # Which workers hold a request depends only on what ``WorkerState.holds`` reads of it: its
-    # length, rank, base model, and where it is pinned; one set per distinct such (the model left
-    # out, one model's request took another's set: a review).
-    fits: dict[tuple[int, int, str, str], frozenset[str]] = {}
+    # length, rank, base model, where it is pinned, and its adapter where a worker's read of it
+    # failed lately; one set per distinct such (the model left out, one model's request took
+    # another's set; the failed adapter left out, so did its requests: reviews).
+    failed = set().union(*(w.failed_adapters for w in snapshot.workers))
+    fits: dict[tuple[int, int, str, str, str | None], frozenset[str]] = {}
     for r in snapshot.requests:
-        key = (r.total_tokens, r.rank, r.model_digest, r.worker if r.pinned else "")
+        key = (
+            r.total_tokens,
+            r.rank,
+            r.model_digest,
+            r.worker if r.pinned else "",
+            r.adapter if r.adapter in failed else None,
+        )
         if key not in fits:
             fits[key] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
         by[(r.worker, r.adapter or BASE, fits[key])].append(r)
