@@ -155,12 +155,16 @@ class Recovery:
         what it held. ``stopped``: that start drained and stopped (SIGTERM), which is not a loss:
         neither logged nor counted as one (a rolling restart fired every alert on
         dlora_worker_losses_total)."""
+        if not await self.store.forget_worker(worker, incarnation):
+            # A later start beats under the id: what the records name there is its to run, or, the
+            # lost start's, its to hand back (its sweep), not ours to run again (a review).
+            logger.info("worker restarted under its id: its new start hands back what was lost", worker=worker)
+            return
         if stopped:
             logger.info("worker stopped", worker=worker)
         else:
             logger.warning("worker lost", worker=worker)
             self.metrics.losses.inc()
-        await self.store.forget_worker(worker, incarnation)
         await self._recover_on(worker)
 
     async def _recover_on(self, worker: str) -> None:

@@ -21,9 +21,11 @@ from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, LostRequests, SamplingParams, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.run import StartupError
 from dlora.services.servers import Server
-from dlora.services.worker import admit, drain
+from dlora.services.worker import admit, beats, drain
 from dlora.services.worker.commands import Add
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.one_id import refuse_if_taken
@@ -300,3 +302,38 @@ async def none_handed_while_taken_over(
     assert handed.empty()
     await store.heartbeat(beat(worker.incarnation, started=1.0), TTL_S)
     worker.taken_over_by = None
+
+
+async def test_a_dispatcher_recovering_a_lost_start_leaves_its_successors_requests(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A review: recovering a lost start of w-a while a later start already beats under the id (the
+    gap between the watch's look and the recovery) re-dispatched every record under the id, the
+    successor's running request included, and counted it a death. The successor's own sweep hands
+    back what was lost."""
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        dispatcher = Dispatcher(DispatcherSettings(nats_url=nats_server.url, redis_url="unused"), nc, store)
+        await store.heartbeat(beat("new1", started=2.0), TTL_S)
+        assert await store.put_inflight(REQUEST, "w-a", new=True, incarnation="new1")
+        await dispatcher.recover("w-a", "old1")
+        record = await store.get_inflight(REQUEST.request_id)
+        assert record is not None and (record.worker, record.recoveries, record.deaths) == ("w-a", 0, 0)
+        assert (await store.beat_of("w-a", TTL_S))[0].incarnation == "new1"
+        assert dispatcher.metrics.losses._value.get() == 0  # not a loss: the id lives
+    finally:
+        await nc.close()
+
+
+async def test_a_process_giving_the_id_up_puts_its_successors_beat_back(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Its beat (SET ... GET) wrote its own stats over the successor's: a start under the id in the
+    next beat's time was refused naming the dead incarnation (a review)."""
+    store = StateStore(redis)
+    async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, _):
+        await started_before_its_successor(worker, store)
+        await beats._heartbeat(worker, worker.stats)
+        assert worker.taken_over_by is not None and worker.taken_over_by.incarnation == "new1"
+        assert (await store.beat_of("w-a", TTL_S))[0].incarnation == "new1"
