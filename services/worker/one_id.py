@@ -96,7 +96,7 @@ def taken_over(mine: WorkerStats, before: WorkerStats | None) -> bool:
 async def successor(store: StateStore, mine: WorkerStats, ttl_s: float) -> WorkerStats | None:
     """The heartbeat under ``mine``'s id of a later start that took the id over (``taken_over``),
     read now: asked before a process that may have been silent sends anything on its id's behalf
-    (a drain's hand-over). None if there is none, or Redis cannot tell."""
+    (a drain's hand-over, a sweep's hand-back). None if there is none, or Redis cannot tell."""
     with contextlib.suppress(*bus.STATE_OUTAGE):
         found = await store.beat_of(mine.worker, ttl_s)
         if found is not None and taken_over(mine, found[0]):
