@@ -111,15 +111,24 @@ def ours(request: web.Request) -> str:
     return request[_NOTED].ours
 
 
-def note(request: web.Request, *, caller: Principal | None = None, model: str = "", internal: str = "") -> None:
+def note(
+    request: web.Request,
+    *,
+    caller: Principal | None = None,
+    model: str = "",
+    internal: str = "",
+    traced: str | None = None,
+) -> None:
     """What the access line says beside the method, path and status: who asked (their key's id
-    and tenant, never its secret), the model named and the completion's internal id."""
-    if (noted := request.get(_NOTED)) is not None:  # (not under an app without the middleware)
-        noted.caller, noted.model, noted.internal = (
-            caller or noted.caller,
-            model or noted.model,
-            internal or noted.internal,
-        )
+    and tenant, never its secret), the model named and the completion's internal id; and the
+    id a client named its request by in its body (vLLM's ``request_id``), which stands for its
+    ``X-Request-Id`` where it sent none: in the header, the line and the lines logged after."""
+    if (noted := request.get(_NOTED)) is None:  # (not under an app without the middleware)
+        return
+    if traced and noted.traced is None and valid_request_id(traced):  # (an unusable one is refused 400 later)
+        noted.traced = traced
+        structlog.contextvars.bind_contextvars(request_id=traced)  # (the middleware's block resets it)
+    noted.caller, noted.model, noted.internal = caller or noted.caller, model or noted.model, internal or noted.internal
 
 
 def _log(request: web.Request, noted: _Noted, status: int, seconds: float) -> None:

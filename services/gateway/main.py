@@ -146,6 +146,7 @@ class Gateway:
                     raise cast(APIError, refused)
                 if traced := access.traced(request):  # the client's X-Request-Id: vLLM reads it first
                     body = msgspec.structs.replace(body, request_id=traced)
+                access.note(request, traced=body.request_id)  # (where only the body names it)
                 job = await self._job(request, body, entry, who)
                 return await self._relay(request, job, public)
         except APIError as e:

@@ -9,13 +9,13 @@ import structlog
 from tests.integration.conftest import ADMIN_KEY, Stack
 
 
-async def completion(stack: Stack, headers: dict[str, str]) -> tuple[str, dict]:
-    body = {"model": stack.gateway.base_name, "prompt": "kalo remi suta", "max_tokens": 3}
+async def completion(stack: Stack, headers: dict[str, str], status: int = 200, **more: str) -> tuple[str, dict]:
+    body = {"model": stack.gateway.base_name, "prompt": "kalo remi suta", "max_tokens": 3, **more}
     async with (
         aiohttp.ClientSession() as http,
         http.post(stack.url + "/v1/completions", json=body, headers=headers) as r,
     ):
-        assert r.status == 200
+        assert r.status == status
         return r.headers["X-Request-Id"], await r.json()
 
 
@@ -38,3 +38,14 @@ async def test_a_completion_its_header_and_its_line_name_one_another(stack: Stac
     assert admin["admin"] is True and admin["status"] == 404 and admin["method"] == "DELETE"
     said = repr(logs)
     assert "kalo" not in said and ADMIN_KEY not in said  # neither the prompt nor a secret
+
+
+async def test_a_request_named_in_its_body_is_logged_and_answered_under_that_name(stack: Stack) -> None:
+    """A new user's walk through the README: vLLM's body field request_id named the response but
+    no header and no log line; a client could not find its request by its own name."""
+    with structlog.testing.capture_logs() as logs:
+        named, answered = await completion(stack, {}, request_id="body-2")
+        drawn, _ = await completion(stack, {}, status=400, request_id="two\nlines")  # refused: not a name
+    assert named == "body-2" and answered["id"] == "cmpl-body-2"
+    first, refused = [line for line in logs if line["event"] == "http request"]
+    assert first["request_id"] == "body-2" and refused["request_id"] == drawn and refused["status"] == 400
