@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -53,6 +53,7 @@ class _Noted:
     caller: Principal | None = None
     model: str = ""
     internal: str = ""  # the completion's internal id (``cmpl-<hex>``)
+    workers: list[str] = field(default_factory=list)  # the workers its choices' last chunks came from
 
     @property
     def request_id(self) -> str:
@@ -118,9 +119,11 @@ def note(
     model: str = "",
     internal: str = "",
     traced: str | None = None,
+    workers: list[str] | None = None,
 ) -> None:
     """What the access line says beside the method, path and status: who asked (their key's id
-    and tenant, never its secret), the model named and the completion's internal id; and the
+    and tenant, never its secret), the model named, the completion's internal id and the workers
+    that answered it (a moved or recovered choice: the last); and the
     id a client named its request by in its body (vLLM's ``request_id``), which stands for its
     ``X-Request-Id`` where it sent none: in the header, the line and the lines logged after."""
     if (noted := request.get(_NOTED)) is None:  # (not under an app without the middleware)
@@ -129,6 +132,7 @@ def note(
         noted.traced = traced
         structlog.contextvars.bind_contextvars(request_id=traced)  # (the middleware's block resets it)
     noted.caller, noted.model, noted.internal = caller or noted.caller, model or noted.model, internal or noted.internal
+    noted.workers = workers or noted.workers
 
 
 def _log(request: web.Request, noted: _Noted, status: int, seconds: float) -> None:
@@ -142,6 +146,7 @@ def _log(request: web.Request, noted: _Noted, status: int, seconds: float) -> No
         "request_id": noted.request_id,
         "request": noted.internal or None,
         "model": noted.model[:_MODEL_SHOWN] or None,  # any text a body sent: bounded
+        "workers": noted.workers or None,
         "key_id": caller.key_id if caller else None,
         "tenant": caller.tenant if caller else None,
         "admin": caller.admin if caller else None,

@@ -279,6 +279,7 @@ class Gateway:
             # Nobody reads it; raised, aiohttp would log a traceback for a client that hung up.
             return response.stream or web.Response(status=499)
         finally:
+            access.note(request, workers=sorted({c.replies.worker for c in choices if c.replies and c.replies.worker}))
             for rid in by_id:
                 del self.replies[rid]
 

@@ -32,6 +32,7 @@ async def test_a_completion_its_header_and_its_line_name_one_another(stack: Stac
     # no id given: the response's id is the one drawn, and the id the dispatcher and workers log
     assert answered["id"] == f"cmpl-{drawn}" == first["request"] and first["request_id"] == drawn
     assert first["model"] == stack.gateway.base_name and first["status"] == 200 and first["path"] == "/v1/completions"
+    assert first["workers"] in (["w0"], ["w1"])  # which of the stack's two served it
     # the client's: its response is named after it (vLLM's), its internal id still unique
     assert given == "trace-9" == second["request_id"] and traced["id"] == "cmpl-trace-9"
     assert second["request"].startswith("cmpl-") and second["request"] != traced["id"]
