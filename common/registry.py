@@ -268,10 +268,12 @@ class AdapterRegistry(Durable):
             await self.store.put_version(entry)
             if (entry.name, entry.version) not in registered:  # when it was retired went with Redis
                 await self.store.retire_version(entry.name, entry.version, time.time())
-        for entry in back:
-            await self.store.put_adapter(entry, replace=True)
-        logger.warning("adapter registrations restored from the durable copy", adapters=len(back))
-        return len(back) + dropped
+        # Each unless a removal of it was recorded since it was read (a helper's trial: 1,000
+        # removals during a merge of 4,000 adapters, and up to 127 came back, served for seconds).
+        restored = [e for e in back if await self.store.put_adapter(e, replace=True, unless_removed=True)]
+        if restored:
+            logger.warning("adapter registrations restored from the durable copy", adapters=len(restored))
+        return len(restored) + dropped
 
     async def tidy(self) -> int:
         """Purge the bucket's delete and purge markers: each removal, purge and registration after

@@ -90,22 +90,18 @@ class StateStore:
         self._forget_beat = redis.register_script(_FORGET_BEAT_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
-    async def put_adapter(self, entry: AdapterEntry, replace: bool = False) -> bool:
-        """Register ``entry`` atomically: False if its name is taken (unless ``replace``). Every
-        version stays findable by name and version, for requests still running on it, until
-        ``forget_version``."""
-        return bool(
-            await self._put_both(
-                keys=[f"{self.p}:adapters", f"{self.p}:adapter-versions"],
-                args=[
-                    entry.name,
-                    data := msgspec.json.encode(entry),
-                    f"{entry.name}@{entry.version}",
-                    data,
-                    int(replace),
-                ],
-            )
-        )
+    async def put_adapter(self, entry: AdapterEntry, replace: bool = False, unless_removed: bool = False) -> bool:
+        """Register ``entry`` atomically: False if its name is taken (unless ``replace``), or with
+        ``unless_removed`` if a removal of it or a later registration is recorded (``put_removal``:
+        a restore putting back what it read before a removal finished). Every version stays
+        findable by name and version, for requests still running on it, until ``forget_version``."""
+        keys = [f"{self.p}:adapters", f"{self.p}:adapter-versions"]
+        data = msgspec.json.encode(entry)
+        args: list[bytes | str | int] = [entry.name, data, f"{entry.name}@{entry.version}", data, int(replace)]
+        if unless_removed:
+            keys.append(f"{self.p}:adapter-removals")
+            args.append(repr(entry.created))
+        return bool(await self._put_both(keys=keys, args=args))
 
     async def swap_adapter(self, entry: AdapterEntry, replace: bool = False) -> tuple[bool, AdapterEntry | None]:
         """``put_adapter``, atomically returning the registration it replaced too (None: none)."""

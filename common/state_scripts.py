@@ -21,10 +21,18 @@ redis.call('SET', KEYS[2], next)
 return next
 """
 
-# KEYS: a hash and a second one written with it. ARGV: field, value, the second hash's field and
-# value, replace (0/1). Returns 0, writing nothing, when the field is taken and not ``replace``: an
-# adapter name registered twice, or a key a restore would put back over a revocation written since.
+# KEYS: a hash and a second one written with it; optionally a hash of removals by field. ARGV:
+# field, value, the second hash's field and value, replace (0/1), and with the removals the value's
+# ``created``. Returns 0, writing nothing, when the field is taken and not ``replace`` (an adapter
+# name registered twice, or a key a restore would put back over a revocation written since), or a
+# removal of that registration or a later one is recorded (a restore's put racing a removal).
 _PUT_BOTH_LUA = """
+if KEYS[3] then
+  local removal = redis.call('HGET', KEYS[3], ARGV[1])
+  if removal and cjson.decode(removal).created >= tonumber(ARGV[6]) then
+    return 0
+  end
+end
 if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 elseif redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then

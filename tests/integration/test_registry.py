@@ -164,6 +164,36 @@ async def test_a_redis_brought_back_from_an_older_snapshot_drops_the_registratio
         await nc.close()
 
 
+async def test_a_merge_does_not_put_back_what_was_removed_while_it_read(nats_server: Server, redis: Redis) -> None:
+    """A helper's trial at scale: 1,000 removals while a merge of 4,000 adapters ran, and up to 127
+    came back, listed and served for seconds, their names refused to a new registration (409).
+    The merge read the removal records, then Redis's registrations; a removal finished between
+    the two was in neither, and its registration was put back."""
+
+    class RemovedWhileRead(StateStore):
+        async def list_adapters(self) -> list[AdapterEntry]:
+            if not removed:  # the removal a client made just then, between the merge's two reads
+                removed.append(await registry.remove("gone"))
+            return await super().list_adapters()
+
+    nc = await nats.connect(nats_server.url)
+    removed: list[bool] = []
+    store = RemovedWhileRead(redis)
+    registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: 1e9)
+    try:
+        for name in ("gone", "kept"):
+            assert await registry.register(AdapterEntry(name=name, path=f"/{name}", rank=8, created=1.0, version="v1"))
+        await registry.restore()
+        assert removed == [True]
+        assert await registry.lookup("gone") is None and await store.get_adapter("gone") is None
+        assert [e.name for e in await store.list_adapters()] == ["kept"]
+        # and a registration of the name made after that removal is put back all the same
+        later = AdapterEntry(name="gone", path="/gone", rank=8, created=2.0, version="v2")
+        assert await store.put_adapter(later, replace=True, unless_removed=True)
+    finally:
+        await nc.close()
+
+
 async def test_a_removal_that_did_not_reach_the_bucket_is_finished_by_the_next_merge(
     nats_server: Server, redis: Redis
 ) -> None:
