@@ -12,6 +12,7 @@ meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -94,22 +95,36 @@ class Durable:
         self.bucket, self.clock = bucket, clock
         self._caught_up = False
         self._restore_tried = -RESTORE_ON_MISS_INTERVAL_S  # the clock's time of the last restore a miss set off
-        self._restoring = False
+        self._restoring: asyncio.Future[int] | None = None  # that restore, while it runs
 
     async def restore(self) -> int:
         """Put the bucket back into an empty Redis; how many entries came back."""
         raise NotImplementedError
 
+    async def restore_after_miss(self) -> int:
+        """What a lookup that missed restores: ``restore`` unless a registry says otherwise."""
+        return await self.restore()
+
     async def _restored_after_miss(self) -> bool:
-        """After a lookup missed: whether restoring an empty Redis (at most once per
-        ``RESTORE_ON_MISS_INTERVAL_S``) brought anything back, so looking again may find it."""
-        if self.bucket is None or self._restoring or self.clock() - self._restore_tried < RESTORE_ON_MISS_INTERVAL_S:
-            return False  # (one at a time: a merge of thousands of keys outlasts the interval)
-        self._restore_tried, self._restoring = self.clock(), True
-        try:
-            return bool(await self.restore())
-        finally:
-            self._restoring = False
+        """After a lookup missed: whether restoring (``restore_after_miss``, set off at most once
+        per ``RESTORE_ON_MISS_INTERVAL_S``) brought anything back, so looking again may find it.
+        A miss while one runs waits for it (one at a time: a merge of thousands of keys outlasts
+        the interval; a Redis emptied under load answered every other miss meanwhile 401 or 404:
+        a helper's trial)."""
+        if self.bucket is None:
+            return False
+        if self._restoring is None:
+            if self.clock() - self._restore_tried < RESTORE_ON_MISS_INTERVAL_S:
+                return False
+            self._restore_tried = self.clock()
+            self._restoring = asyncio.ensure_future(self.restore_after_miss())
+            self._restoring.add_done_callback(self._restored)
+        return bool(await asyncio.shield(self._restoring))
+
+    def _restored(self, restoring: asyncio.Future[int]) -> None:
+        self._restoring = None
+        if not restoring.cancelled():
+            restoring.exception()  # (retrieved: every waiter has it raised already)
 
     async def kv(self) -> KeyValue | None:
         kv = await self.bucket.get() if self.bucket is not None else None
