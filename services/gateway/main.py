@@ -25,7 +25,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from dlora.common import bus, log, lograte, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import announce
-from dlora.common.exporter import metrics_response
+from dlora.common.exporter import metrics_response_beside
 from dlora.common.inflight import Inflight
 from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import (
@@ -401,7 +401,7 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
-        return metrics_response(self.metrics.registry, request.headers.get("Accept", ""))
+        return await metrics_response_beside(self.metrics.registry, request.headers.get("Accept", ""))
 
     async def _on_reply(self, msg: Msg) -> None:
         queue = self.replies.get(msg.subject.rsplit(".", 1)[-1])
