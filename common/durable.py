@@ -25,6 +25,8 @@ from nats.js.errors import APIError, BadRequestError, KeyDeletedError, KeyNotFou
 from nats.js.kv import KeyValue
 
 from dlora.common import log
+from dlora.common.bus import Outage
+from dlora.common.state import StateStore
 
 logger = log.get("registry")
 # Seconds between two restores a lookup that misses may set off: a client sending wrong keys or
@@ -89,42 +91,70 @@ ReadBound = Callable[[], AbstractAsyncContextManager[Any]]
 
 class Durable:
     """A registry's durable side: its bucket (None: Redis alone), caught up once when it opens late,
-    and restored from after a lookup misses."""
+    and restored from after a lookup misses (``_restored_after_miss``)."""
+
+    store: StateStore  # (the registry's)
 
     def __init__(self, bucket: Bucket | None, clock: Callable[[], float]) -> None:
         self.bucket, self.clock = bucket, clock
         self._caught_up = False
-        self._restore_tried = -RESTORE_ON_MISS_INTERVAL_S  # the clock's time of the last restore a miss set off
-        self._restoring: asyncio.Future[int] | None = None  # that restore, while it runs
+        self._restore_tried = -RESTORE_ON_MISS_INTERVAL_S  # the clock's time of the last merge a miss set off
+        self._epoch: str | None = None  # Redis's data token (``StateStore.data_epoch``) at the last miss
+        self._after_miss: asyncio.Future[int] | None = None  # what a miss set off, while it runs
+        self._merging: asyncio.Future[int] | None = None  # a merge a miss set off beside its lookup
+        self._merges = Outage(f"merges lookups set off ({bucket.name if bucket else 'no bucket'})")
 
-    async def restore(self) -> int:
-        """Put the bucket back into an empty Redis; how many entries came back."""
+    async def restore(self, at_once: bool = False) -> int:
+        """Make Redis and the bucket agree; how many entries that changed. ``at_once``: even if
+        a registry merged lately (Redis lost its data since)."""
         raise NotImplementedError
 
-    async def restore_after_miss(self) -> int:
-        """What a lookup that missed restores: ``restore`` unless a registry says otherwise."""
-        return await self.restore()
+    async def holds_any(self) -> bool:
+        """Whether Redis holds any of this registry's entries."""
+        raise NotImplementedError
 
     async def _restored_after_miss(self) -> bool:
-        """After a lookup missed: whether restoring (``restore_after_miss``, set off at most once
-        per ``RESTORE_ON_MISS_INTERVAL_S``) brought anything back, so looking again may find it.
-        A miss while one runs waits for it (one at a time: a merge of thousands of keys outlasts
-        the interval; a Redis emptied under load answered every other miss meanwhile 401 or 404:
-        a helper's trial)."""
+        """After a lookup missed: whether looking again may find it. Where Redis lost its data
+        since the last miss (none of ours there, or its data token new: another process may be
+        part way through putting it back) the miss restores it whole, and waits; so does every
+        miss meanwhile (each answered at once, a Redis emptied under load answered 401 and 404
+        for valid keys and registered adapters for seconds: a helper's trial). Else (a name never
+        registered, a wrong key, or Redis brought back from an older snapshot) a merge is set off
+        beside the lookup, at most every ``RESTORE_ON_MISS_INTERVAL_S``, and the lookup answers
+        at once: waiting, a name never registered waited for a whole merge (5 s at 4,000
+        adapters) and so did every wrong key (a review). The next lookup finds what it put back."""
         if self.bucket is None:
             return False
-        if self._restoring is None:
-            if self.clock() - self._restore_tried < RESTORE_ON_MISS_INTERVAL_S:
-                return False
-            self._restore_tried = self.clock()
-            self._restoring = asyncio.ensure_future(self.restore_after_miss())
-            self._restoring.add_done_callback(self._restored)
-        return bool(await asyncio.shield(self._restoring))
+        if self._after_miss is None:
+            self._after_miss = asyncio.ensure_future(self._after_a_miss())
+            self._after_miss.add_done_callback(self._missed)
+        return bool(await asyncio.shield(self._after_miss))
 
-    def _restored(self, restoring: asyncio.Future[int]) -> None:
-        self._restoring = None
-        if not restoring.cancelled():
-            restoring.exception()  # (retrieved: every waiter has it raised already)
+    async def _after_a_miss(self) -> int:
+        epoch, holds = await self.store.data_epoch(), await self.holds_any()
+        emptied = not holds or self._epoch not in (None, epoch)
+        self._epoch = epoch
+        if emptied:
+            return await self.restore(at_once=True)
+        if self._merging is None and self.clock() - self._restore_tried >= RESTORE_ON_MISS_INTERVAL_S:
+            self._restore_tried = self.clock()
+            self._merging = asyncio.ensure_future(self.restore())
+            self._merging.add_done_callback(self._merged)
+        return 0
+
+    def _missed(self, done: asyncio.Future[int]) -> None:
+        self._after_miss = None
+        if not done.cancelled():
+            done.exception()  # (retrieved: every waiter had it raised)
+
+    def _merged(self, done: asyncio.Future[int]) -> None:
+        self._merging = None
+        if done.cancelled():
+            return
+        if (e := done.exception()) is not None:  # (no waiter: said here, once an outage)
+            self._merges.failed(e)
+        else:
+            self._merges.succeeded()
 
     async def kv(self) -> KeyValue | None:
         kv = await self.bucket.get() if self.bucket is not None else None

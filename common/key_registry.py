@@ -119,7 +119,10 @@ class KeyRegistry(Durable):
             except Exception as e:  # noqa: BLE001 - Redis or JetStream away: the next round tries again (said once)
                 outage.failed(e)
 
-    async def restore(self) -> int:
+    async def holds_any(self) -> bool:
+        return await self.store.has_api_keys()
+
+    async def restore(self, at_once: bool = False) -> int:
         """Make Redis and the durable copy agree, a revocation winning wherever it was written:
         a key either lacks is copied to it, and one revoked in either is revoked in both. Returns
         how many writes that took. A user's trial: Redis brought back from an older snapshot made a

@@ -89,7 +89,6 @@ class AdapterRegistry(Durable):
         self.store = store
         self._merged_at = -math.inf  # when ``restore`` last compared a non-empty Redis with the bucket
         self._tidied_at = -math.inf  # when ``restore`` last purged the bucket's old delete markers
-        self._merging: asyncio.Future[int] | None = None  # a merge a lookup set off (``restore_after_miss``)
 
     @classmethod
     async def open(cls, nc: NATS, store: StateStore, replicas: int = 1) -> AdapterRegistry:
@@ -223,31 +222,22 @@ class AdapterRegistry(Durable):
                 (current if key.startswith("current.") else versions).append(_decode.decode(value))
         return current, versions, removals
 
-    async def restore_after_miss(self) -> int:
-        """What a lookup that missed restores: an emptied Redis, waited for (every registered
-        adapter is found after it); for one that holds registrations (brought back from an older
-        snapshot, or the name was never registered) a merge set off beside the lookup, which
-        answers at once: a name never registered waited for a whole merge (5 s at 4,000 adapters,
-        a 404 that late: a helper's trial). The next lookup finds what it put back."""
-        if not await self.store.has_adapters():
-            return await self.restore()
-        if self._merging is None or self._merging.done():
-            self._merging = asyncio.ensure_future(self.restore())
-            self._merging.add_done_callback(_quietly)  # (an outage: the dispatcher's looks merge too)
-        return 0
+    async def holds_any(self) -> bool:
+        return await self.store.has_adapters()
 
-    async def restore(self) -> int:
+    async def restore(self, at_once: bool = False) -> int:
         """Make Redis's registrations the durable registry's, the newer one winning: put back the
         ones Redis lacks or holds an older one of (``created``), and drop the ones removed (an
         ``AdapterRemoval`` of that registration or a later one; one made after it, while JetStream
         was down, stays for ``_catch_up``). All of it when Redis restarted empty; a Redis brought
         back from an older snapshot answered 404 for adapters registered since and served ones
         removed since (users' trials), so a non-empty one is compared too, at most every
-        ``MERGE_INTERVAL_S``. Returns the number of adapters put back or dropped. Versions go
-        first, so a request running on an older one finds it too."""
+        ``MERGE_INTERVAL_S`` (``at_once``: now, a lookup found Redis's data new). Returns the
+        number of adapters put back or dropped. Versions go first, so a request running on an
+        older one finds it too."""
         if (kv := await self.kv()) is None:
             return 0
-        empty = not await self.store.has_adapters()
+        empty = at_once or not await self.store.has_adapters()
         if not empty and self.clock() - self._merged_at < MERGE_INTERVAL_S:
             return 0
         self._merged_at = self.clock()
@@ -282,9 +272,10 @@ class AdapterRegistry(Durable):
             await self.store.put_version(entry)
             if (entry.name, entry.version) not in registered:  # when it was retired went with Redis
                 await self.store.retire_version(entry.name, entry.version, time.time())
-        # Each unless a removal of it was recorded since it was read (a helper's trial: 1,000
-        # removals during a merge of 4,000 adapters, and up to 127 came back, served for seconds).
-        restored = [e for e in back if await self.store.put_adapter(e, replace=True, unless_removed=True)]
+        # Each unless a removal of it, or a registration as new, was made since it was read (a
+        # helper's trial: 1,000 removals during a merge of 4,000 adapters, and up to 127 came
+        # back, served for seconds; a review: a removal and a registration again, and v1 over v2).
+        restored = [e for e in back if await self.store.put_adapter(e, replace=True, restoring=True)]
         if restored:
             logger.warning("adapter registrations restored from the durable copy", adapters=len(restored))
         return len(restored) + dropped
@@ -348,12 +339,6 @@ async def purge(nc: NATS, prefix: str) -> None:
     """Delete the deployment's durable registry (tests start each case from nothing)."""
     with contextlib.suppress(NotFoundError):  # none yet
         await nc.jetstream().delete_key_value(bucket_name(prefix))
-
-
-def _quietly(done: asyncio.Future[int]) -> None:
-    """A merge set off beside a lookup ended: its error, if any, is the next look's to meet."""
-    if not done.cancelled():
-        done.exception()
 
 
 async def _durable_entry(kv: KeyValue | None, name: str) -> tuple[AdapterEntry | None, int]:

@@ -90,15 +90,17 @@ class StateStore:
         self._forget_beat = redis.register_script(_FORGET_BEAT_LUA)
 
     # ---- adapter registry ---------------------------------------------------------------
-    async def put_adapter(self, entry: AdapterEntry, replace: bool = False, unless_removed: bool = False) -> bool:
-        """Register ``entry`` atomically: False if its name is taken (unless ``replace``), or with
-        ``unless_removed`` if a removal of it or a later registration is recorded (``put_removal``:
-        a restore putting back what it read before a removal finished). Every version stays
-        findable by name and version, for requests still running on it, until ``forget_version``."""
+    async def put_adapter(self, entry: AdapterEntry, replace: bool = False, restoring: bool = False) -> bool:
+        """Register ``entry`` atomically: False if its name is taken (unless ``replace``); a
+        ``restoring`` one (a registry's restore putting back what it read) also if the name now
+        holds a registration as new or newer, or a removal of it or a later one is recorded
+        (``put_removal``): a removal, or a removal and a registration again, made since it read.
+        Every version stays findable by name and version, for requests still running on it,
+        until ``forget_version``."""
         keys = [f"{self.p}:adapters", f"{self.p}:adapter-versions"]
         data = msgspec.json.encode(entry)
         args: list[bytes | str | int] = [entry.name, data, f"{entry.name}@{entry.version}", data, int(replace)]
-        if unless_removed:
+        if restoring:
             keys.append(f"{self.p}:adapter-removals")
             args.append(repr(entry.created))
         return bool(await self._put_both(keys=keys, args=args))

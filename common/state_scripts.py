@@ -21,16 +21,21 @@ redis.call('SET', KEYS[2], next)
 return next
 """
 
-# KEYS: a hash and a second one written with it; optionally a hash of removals by field. ARGV:
-# field, value, the second hash's field and value, replace (0/1), and with the removals the value's
-# ``created``. Returns 0, writing nothing, when the field is taken and not ``replace`` (an adapter
-# name registered twice, or a key a restore would put back over a revocation written since), or a
-# removal of that registration or a later one is recorded (a restore's put racing a removal).
+# KEYS: a hash and a second one written with it; optionally a hash of removals by field (a
+# restore's put). ARGV: field, value, the second hash's field and value, replace (0/1), and with
+# the removals the value's ``created``. Returns 0, writing nothing, when the field is taken and not
+# ``replace`` (an adapter name registered twice, or a key a restore would put back over a
+# revocation written since); for a restore's, when the field holds a registration as new or newer,
+# or a removal of that registration or a later one is recorded (a put racing a removal, or a
+# removal and a registration again, made since the restore read Redis).
 _PUT_BOTH_LUA = """
 if KEYS[3] then
+  local held = redis.call('HGET', KEYS[1], ARGV[1])
   local removal = redis.call('HGET', KEYS[3], ARGV[1])
-  if removal and cjson.decode(removal).created >= tonumber(ARGV[6]) then
-    return 0
+  for _, found in ipairs({held or false, removal or false}) do
+    if found and cjson.decode(found).created >= tonumber(ARGV[6]) then
+      return 0
+    end
   end
 end
 if ARGV[5] == '1' then
