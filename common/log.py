@@ -74,7 +74,10 @@ def configure(json: bool = True, level: int | str = logging.INFO) -> None:
         processors=[*processors, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=writer,
-        cache_logger_on_first_use=True,
+        # Not cached: a logger first used under one level kept it when configured again (a
+        # command run in-process at WARNING silenced every later INFO line of the tests' process);
+        # no log call is on a per-token path, so resolving the configuration each call costs nothing seen.
+        cache_logger_on_first_use=False,
     )
     handler = _Handler(stderr)
     handler.setFormatter(

@@ -19,7 +19,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
+import structlog
+
 from dlora.model.make_tiny import TinyOutput, make_tiny
+
+
+@pytest.fixture(autouse=True)
+def logging_as_before_any_command() -> None:
+    """structlog's defaults at each test's start: a command run in-process (`dlora keys`
+    configures WARNING) left its level to every later test of the process, which then read none
+    of the INFO lines it looked for (the access log's tests, in a random order)."""
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
