@@ -322,6 +322,15 @@ class StateStore:
         kept ``POLICY_TTL_S`` after the last (one key per worker id ever seen stayed for good)."""
         await self.r.set(f"{self.p}:policy:{worker}", json.dumps(state), ex=int(POLICY_TTL_S))
 
+    async def bound_policies(self) -> int:
+        """Give every policy checkpoint without an expiry ``POLICY_TTL_S`` (an older version wrote
+        them without one, and one of a worker id never run again stayed for good: a helper's
+        upgrade trial). How many it gave one."""
+        bounded = 0
+        async for key in self.r.scan_iter(match=f"{self.p}:policy:*", count=1000):
+            bounded += bool(await self.r.expire(key, int(POLICY_TTL_S), nx=True))
+        return bounded
+
     async def load_policy(self, worker: str) -> dict[str, Any] | None:
         raw = await self.r.get(f"{self.p}:policy:{worker}")
         return None if raw is None else json.loads(raw)

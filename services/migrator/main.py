@@ -39,6 +39,7 @@ class Migrator:
         # shipped config (migrator_id "migrator-0" everywhere) each renewed the one lease as theirs,
         # and both led and published plans from the same stats.
         self.holder = f"{settings.migrator_id}/{uuid.uuid4().hex[:8]}"
+        self.tidied = False  # what older versions left unbounded in Redis, bounded once a lead
 
     async def _on_stats(self, st: WorkerStats) -> None:
         self.stats[st.worker] = (st, time.monotonic())
@@ -49,7 +50,12 @@ class Migrator:
         self.leader = self.epoch > 0
         self.metrics.leads(self.leader)
         if not self.leader:
+            self.tidied = False
             return
+        if not self.tidied:  # (the leader's chore: once each time it takes the lease)
+            if bounded := await self.store.bound_policies():
+                logger.info("policy checkpoints an older version left without expiry bounded", keys=bounded)
+            self.tidied = True
         now = time.monotonic()
         # A draining worker hands its requests back itself; moving them meanwhile would race that.
         live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]

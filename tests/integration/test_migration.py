@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from dlora.common import bus, subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk, WorkerStats
-from dlora.common.state import StateStore
+from dlora.common.state import POLICY_TTL_S, StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
@@ -152,6 +152,22 @@ async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, red
             await a.tick()
             await b.tick()
             assert a.leader and not b.leader
+    finally:
+        await nc.drain()
+
+
+async def test_the_leader_bounds_policy_checkpoints_an_older_version_left(nats_server: Server, redis: Redis) -> None:
+    """A helper's upgrade trial: an older version wrote dlora:policy:<worker> without expiry, and
+    the key of a worker id never run again stayed for good after the upgrade."""
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        await redis.set("dlora:policy:worker-5", b"{}")  # as the older version wrote it
+        await store.save_policy("worker-0", {})  # as this one writes it
+        kept = await redis.ttl("dlora:policy:worker-0")
+        await Migrator(MigratorSettings(nats_url=nats_server.url), nc, store).tick()
+        assert 0 < await redis.ttl("dlora:policy:worker-5") <= POLICY_TTL_S
+        assert await redis.ttl("dlora:policy:worker-0") <= kept  # its own left as it was
     finally:
         await nc.drain()
 
