@@ -187,10 +187,9 @@ class StateMisconfigured(ResponseError):
 
 
 class _TellsMisconf:
-    """A Redis connection mixin: MISCONF raised as ``StateMisconfigured``. redis-py names every
-    other refusal of writes (OOM, READONLY) but gives this one as a plain ResponseError, which
-    ended the dispatcher's loops. A connection's, not a parser's: redis-py ties its parsers to its
-    protocol and features, a subclass of one broke its connections (tried)."""
+    """A Redis connection mixin: MISCONF raised as ``StateMisconfigured`` (redis-py names OOM and
+    READONLY but gives this one as a plain ResponseError, which ended the dispatcher's loops); on
+    the connection, not its parser: a subclass of redis-py's parser broke its connections (tried)."""
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
