@@ -103,7 +103,7 @@ class Gateway:
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
         self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")
-        self.metrics = Metrics(self.base_name)
+        self.metrics = Metrics(self.base_name, settings.max_adapter_labels)
         self._redis_id: str | None = None  # data_epoch of the Redis the records live in, as last seen
         self._other_model: set[str] = set()  # workers heard serving another base model (logged once)
         self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status

@@ -23,6 +23,7 @@ from dlora.services.gateway.status import Traffic
 logger = log.get("gateway")
 
 PRIVATE = "private"  # the adapter label of every adapter a tenant owns, on the public /metrics
+OTHER = "other"  # the adapter label of public adapters past ``max_adapter_labels``
 # Seconds. Up to two hours, as vLLM's: ending at 60 s, every slower request (a long generation, a
 # queue under overload) fell in +Inf and every quantile of a slow hour read 60.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 240.0, 480.0)
@@ -45,9 +46,13 @@ class Metrics:
     served base model's name ``model_name`` alone (as vLLM labels a LoRA request's: no adapter
     named, so no tenant's shows), so that vLLM dashboards' latency panels read a dlora gateway."""
 
-    def __init__(self, model_name: str = "") -> None:
+    def __init__(self, model_name: str = "", max_adapter_labels: int = 256) -> None:
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
+        # Public adapters named in the series, first served first, until removed: ~94 series each,
+        # and 4,000 adapters made 301,000 (22 MB a scrape; a helper's trial). The rest: ``OTHER``.
+        self.max_adapter_labels = max_adapter_labels
+        self._labelled: set[str] = set()
         self.requests = Counter(
             "dlora_requests", "Requests finished, by adapter and status", ["adapter", "status"], registry=r
         )
@@ -99,6 +104,19 @@ class Metrics:
         self.traffic = Traffic()  # the same, kept for the status page
         self._absent: set[str] = set()  # adapter labels unregistered at the last keep_only
 
+    def label(self, name: str, public: bool = True) -> str:
+        """The adapter label of adapter (or model) ``name``: ``PRIVATE`` for a tenant's own, the
+        name itself for the base model and the first ``max_adapter_labels`` public adapters
+        served (until removed: ``keep_only``), else ``OTHER``."""
+        if not public:
+            return PRIVATE
+        if name in self._labelled or name in (self.model_name, "?"):
+            return name
+        if len(self._labelled) < self.max_adapter_labels:
+            self._labelled.add(name)
+            return name
+        return OTHER
+
     def observe(self, ours: Histogram, vllm: str, label: str, seconds: float) -> None:
         """``seconds`` into our histogram under ``label`` and into vLLM's ``vllm`` one."""
         ours.labels(label).observe(seconds)
@@ -110,7 +128,7 @@ class Metrics:
         before: a Redis restarted empty, read before its registry was put back (seconds), drops
         nothing. Returns how many label sets went. Kept, each adapter name ever served held ~94
         series for good (a helper: 14,609 after 150 adapters registered, used and deleted)."""
-        keep = {*adapters, self.model_name, PRIVATE, "?"}
+        keep = {*adapters, self.model_name, PRIVATE, OTHER, "?"}
         families = ((self.requests, ("adapter", "status")), *((h, ("adapter",)) for h in self._ours))
         held = {f: {tuple(s.labels[n] for n in names) for m in f.collect() for s in m.samples} for f, names in families}
         absent = {labels[0] for sets in held.values() for labels in sets} | self.traffic.by_label.keys()
@@ -122,6 +140,7 @@ class Metrics:
                 family.remove(*labels)
                 gone += 1
         self.traffic.by_label = {k: v for k, v in self.traffic.by_label.items() if k not in drop}
+        self._labelled -= drop  # (their places free for others)
         return gone
 
     @property
@@ -131,19 +150,19 @@ class Metrics:
     def failed(self, name: str, status: int, public: bool = True) -> None:
         """A request for adapter (or model) ``name`` refused or failed with HTTP ``status``;
         ``public``: not an adapter a tenant owns (else counted under ``PRIVATE``)."""
-        self.requests.labels(name if public else PRIVATE, str(status)).inc()
+        self.requests.labels(self.label(name, public), str(status)).inc()
         self.traffic.failed(name)
 
 
 class RequestTimer:
-    """One request's latency metrics, under its adapter's label (``PRIVATE`` unless ``public``;
-    the status page's traffic under its ``name``): time to first token and the worker's queue
+    """One request's latency metrics, under its adapter's label (``Metrics.label``; the status
+    page's traffic under its ``name``): time to first token and the worker's queue
     time at its first chunk; the 200, end-to-end latency and time per output token when it is
     done. Started when the request is published."""
 
     def __init__(self, metrics: Metrics, name: str, public: bool = True) -> None:
         self.metrics, self.name, self.public = metrics, name, public
-        self.label = name if public else PRIVATE
+        self.label = metrics.label(name, public)
         self.start = time.monotonic()
         self.first_at: float | None = None  # monotonic seconds of the first chunk
 

@@ -82,6 +82,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # closed and the request aborted (nginx's send_timeout): a reader that stopped held its key's
     # slots and its output here for as long as it kept the socket open.
     send_timeout_s: float = 60.0
+    # Public adapters named in /metrics' series by adapter, at most (the first served, until
+    # removed; ~94 series each); the rest count under adapter="other". vLLM names none.
+    max_adapter_labels: int = 256
     # One log line per HTTP request once it has ended (method, path, status, seconds, request id,
     # model, key id; health checks and scrapes at debug level): vLLM's uvicorn access log.
     access_log: bool = True
@@ -124,7 +127,7 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
         if not (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= 0):
             bad.append(("key_rate_per_s", self.key_rate_per_s, "must be >= 0 (0: no limit)"))
-        for field in ("key_burst", "key_concurrency"):
+        for field in ("key_burst", "key_concurrency", "max_adapter_labels"):
             if getattr(self, field) < 0:
                 bad.append((field, getattr(self, field), "must be >= 0"))
         if self.max_connections_per_client < 0:
