@@ -115,10 +115,12 @@ class Durable:
 
     async def _restored_after_miss(self) -> bool:
         """After a lookup missed: whether looking again may find it. Where Redis lost its data
-        since the last miss (none of ours there, or its data token new: another process may be
-        part way through putting it back) the miss restores it whole, and waits; so does every
-        miss meanwhile (each answered at once, a Redis emptied under load answered 401 and 404
-        for valid keys and registered adapters for seconds: a helper's trial). Else (a name never
+        since the last miss or the open (its data token new; not known, none of ours there:
+        another process may be part way through putting it back) the miss restores it whole,
+        waits, and looks again; so does every miss meanwhile (each answered at once, a Redis
+        emptied under load answered 401 and 404 for valid keys and registered adapters for
+        seconds: a helper's trial; looking again only where this restore put something back, a
+        review found the same for one that another process had finished first). Else (a name never
         registered, a wrong key, or Redis brought back from an older snapshot) a merge is set off
         beside the lookup, at most every ``RESTORE_ON_MISS_INTERVAL_S``, and the lookup answers
         at once: waiting, a name never registered waited for a whole merge (5 s at 4,000
@@ -130,13 +132,25 @@ class Durable:
             self._after_miss.add_done_callback(self._missed)
         return bool(await asyncio.shield(self._after_miss))
 
+    async def note_epoch(self) -> None:
+        """Take Redis's data token now (at open), for the first miss to tell whether Redis lost its
+        data since; where Redis cannot say, that miss judges by whether any of ours are there."""
+        with contextlib.suppress(Exception):
+            self._epoch = await self.store.data_epoch()
+
     async def _after_a_miss(self) -> int:
-        epoch, holds = await self.store.data_epoch(), await self.holds_any()
-        emptied = not holds or self._epoch not in (None, epoch)
+        """1 when Redis lost its data since the token was last taken (restored whole: what this or
+        another process put back is looked for again), else 0 (a merge set off beside)."""
+        epoch, due = await self.store.data_epoch(), self.clock() - self._restore_tried >= RESTORE_ON_MISS_INTERVAL_S
+        # The token alone where known: with no adapter registered (or none of ours) every unknown
+        # name restored the whole bucket (a review); unknown, none of ours there counts, at most once a second.
+        emptied = epoch != self._epoch if self._epoch is not None else due and not await self.holds_any()
         self._epoch = epoch
         if emptied:
-            return await self.restore(at_once=True)
-        if self._merging is None and self.clock() - self._restore_tried >= RESTORE_ON_MISS_INTERVAL_S:
+            self._restore_tried = self.clock()
+            await self.restore(at_once=True)
+            return 1
+        if self._merging is None and due:
             self._restore_tried = self.clock()
             self._merging = asyncio.ensure_future(self.restore())
             self._merging.add_done_callback(self._merged)

@@ -96,6 +96,7 @@ class AdapterRegistry(Durable):
         copies across a NATS cluster (see ``Bucket``)."""
         registry = cls(store, Bucket(nc, bucket_name(store.p), replicas=replicas))
         await registry.kv()
+        await registry.note_epoch()
         return registry
 
     async def register(self, entry: AdapterEntry, replace: bool = False) -> bool:
