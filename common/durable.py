@@ -99,7 +99,7 @@ class Durable:
         self.bucket, self.clock = bucket, clock
         self._caught_up = False
         self._restore_tried = -RESTORE_ON_MISS_INTERVAL_S  # the clock's time of the last merge a miss set off
-        self._epoch: str | None = None  # Redis's data token (``StateStore.data_epoch``) at the last miss
+        self._epoch: str | None = None  # Redis's data token (``StateStore.data_epoch``) at open or the last miss
         self._after_miss: asyncio.Future[int] | None = None  # what a miss set off, while it runs
         self._merging: asyncio.Future[int] | None = None  # a merge a miss set off beside its lookup
         self._merges = Outage(f"merges lookups set off ({bucket.name if bucket else 'no bucket'})")
@@ -119,8 +119,8 @@ class Durable:
         another process may be part way through putting it back) the miss restores it whole,
         waits, and looks again; so does every miss meanwhile (each answered at once, a Redis
         emptied under load answered 401 and 404 for valid keys and registered adapters for
-        seconds: a helper's trial; looking again only where this restore put something back, a
-        review found the same for one that another process had finished first). Else (a name never
+        seconds: a helper's trial; looking again only where its own restore put something back,
+        one that another process finished first left them 404: a review). Else (a name never
         registered, a wrong key, or Redis brought back from an older snapshot) a merge is set off
         beside the lookup, at most every ``RESTORE_ON_MISS_INTERVAL_S``, and the lookup answers
         at once: waiting, a name never registered waited for a whole merge (5 s at 4,000
@@ -145,10 +145,11 @@ class Durable:
         # The token alone where known: with no adapter registered (or none of ours) every unknown
         # name restored the whole bucket (a review); unknown, none of ours there counts, at most once a second.
         emptied = epoch != self._epoch if self._epoch is not None else due and not await self.holds_any()
-        self._epoch = epoch
         if emptied:
             self._restore_tried = self.clock()
             await self.restore(at_once=True)
+        self._epoch = epoch  # (after the restore: one that failed is tried again by the next miss)
+        if emptied:
             return 1
         if self._merging is None and due:
             self._restore_tried = self.clock()
