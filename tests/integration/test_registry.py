@@ -558,3 +558,27 @@ async def test_with_no_adapter_registered_an_unknown_name_does_not_restore_the_b
         assert restores == [False]  # one merge beside the first, none whole, none again within the second
     finally:
         await nc.close()
+
+
+async def test_a_restore_of_an_emptied_redis_that_failed_is_tried_again_by_the_next_miss(
+    nats_server: Server, redis: Redis
+) -> None:
+    """The first miss after a flush met NATS away: its restore failed, and the next misses took
+    Redis for whole (its data token taken already), merging only beside them: 404s until a merge."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        registry = await AdapterRegistry.open(nc, StateStore(redis))
+        assert await registry.register(AdapterEntry(name="a", path="/a", rank=8, created=1.0, version="v1"))
+        await redis.flushdb()
+        restore = registry.restore
+
+        async def nats_away_once(at_once: bool = False) -> int:
+            registry.restore = restore  # type: ignore[method-assign]
+            raise NatsError("nats: timeout")
+
+        registry.restore = nats_away_once  # type: ignore[method-assign]
+        with pytest.raises(NatsError):  # (the gateway answers it 503)
+            await registry.lookup("a")
+        assert await registry.lookup("a") is not None
+    finally:
+        await nc.close()
