@@ -241,10 +241,13 @@ class DispatchState:
 
     def forget(self, worker: str) -> None:
         """A worker given up on: nothing of it is kept (its gaps were, for every worker id ever seen:
-        a helper's churn of ids) but its count of stats heard, which must keep rising should it come
-        back under that id (restarted at 0, an old request's count matched a new one's: a review)."""
-        for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters, self.gaps):
+        a helper's churn of ids; so was its count of stats heard, under pod names that never come
+        back: another's). The requests sent to it are forgotten with that count: should it come back
+        under that id, counting from 0, an old request's count would match a new one's (a review)."""
+        for table in (self.workers, self.loads, self.sent_tokens, self.sent_adapters, self.gaps, self.stats_heard):
             table.pop(worker, None)
+        for key in [key for key, sent in self.ends.items() if sent.worker == worker]:
+            del self.ends[key]
         self.affinity.forget(worker)
         self.lengths.forget(worker)
         self._unread = None

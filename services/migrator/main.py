@@ -46,6 +46,8 @@ class Migrator:
 
     async def tick(self) -> None:
         """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""
+        now = time.monotonic()  # workers silent past the TTL forgotten (pod names that never come back)
+        self.stats = {w: (st, at) for w, (st, at) in self.stats.items() if now - at <= self.s.heartbeat_ttl_s}
         self.epoch = await self.store.hold_lease("migrator", self.holder, self.s.lease_s)
         self.leader = self.epoch > 0
         self.metrics.leads(self.leader)
@@ -56,9 +58,8 @@ class Migrator:
             if bounded := await self.store.bound_policies():
                 logger.info("policy checkpoints an older version left without expiry bounded", keys=bounded)
             self.tidied = True
-        now = time.monotonic()
         # A draining worker hands its requests back itself; moving them meanwhile would race that.
-        live = [st for st, at in self.stats.values() if now - at <= self.s.heartbeat_ttl_s and not st.draining]
+        live = [st for st, _ in self.stats.values() if not st.draining]
         file_bytes = read_sizes(await self.store.list_adapters())
         snap = cluster_snapshot(live, file_bytes, self.s)
         reason = self.looks.look(snap, now)

@@ -172,6 +172,24 @@ async def test_the_leader_bounds_policy_checkpoints_an_older_version_left(nats_s
         await nc.drain()
 
 
+async def test_a_migrator_forgets_workers_silent_past_the_ttl(nats_server: Server, redis: Redis) -> None:
+    """A helper's churn of worker ids (pods): the migrator kept the last stats of every id ever
+    heard (cleared only when a plan went out, which a balanced cluster never sends)."""
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        migrator = Migrator(MigratorSettings(nats_url=nats_server.url, heartbeat_ttl_s=5.0), nc, store)
+        for worker, at in (("pod-gone", time.monotonic() - 60), ("pod-live", time.monotonic())):
+            stats = WorkerStats(
+                worker=worker, running=0, waiting=0, free_blocks=1, total_blocks=1, block_size=16, max_loras=1
+            )
+            migrator.stats[worker] = (stats, at)
+        await migrator.tick()
+        assert set(migrator.stats) == {"pod-live"}
+    finally:
+        await nc.drain()
+
+
 async def test_migrator_lease_fails_over(nats_server: Server, redis: Redis) -> None:
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)

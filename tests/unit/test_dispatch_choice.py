@@ -427,16 +427,25 @@ def test_a_worker_is_quiet_past_half_the_ttl_and_three_of_its_own_gaps() -> None
 
 
 def test_a_worker_given_up_on_leaves_nothing_behind() -> None:
-    """Its gaps and stats count stayed, one of each per worker id ever seen (a helper's churn of ids:
-    replaced hosts under new names)."""
+    """Its gaps and stats count stayed, one of each per worker id ever seen (helpers' churn of ids:
+    replaced hosts under new names, pods). The requests sent to it go with its count: back under
+    that id, counting from 0, an old request's count matched a new one's (a review) and its end
+    took a new request's work off the count."""
     state = DispatchState(5.0, DispatchMode.PROACTIVE, DispatchCosts())
     for at in (0.0, 0.5):
         state.heard(w("gone"), at)
-    state.choose(state.live(0.5), None)
+    old = list(range(100, 300))
+    assert state.choose(state.live(0.5), "a", prefix_keys("a", "", old), prompt=old) == "gone"
     state.forget("gone")
-    tables = (state.workers, state.loads, state.sent_tokens, state.sent_adapters, state.gaps)
-    assert not any("gone" in table for table in tables)
-    assert state.stats_heard["gone"] == 2  # kept rising, should it come back under that id
+    tables = (state.workers, state.loads, state.sent_tokens, state.sent_adapters, state.gaps, state.stats_heard)
+    assert not any("gone" in table for table in tables) and not state.ends
+    for at in (1.0, 1.5):  # back under the id, its count at 2 again
+        state.heard(w("gone"), at)
+    new = list(range(500, 700))
+    state.choose(state.live(1.5), "b", prefix_keys("b", "", new), prompt=new)
+    later = old + list(range(300, 340))  # the old one's chat, a turn on: its end is not taken off the new count
+    state.choose(state.live(1.5), "a", prefix_keys("a", "", later), prompt=later)
+    assert state.sent_tokens["gone"] == 2 * 64  # b's and the last
 
 
 def test_dispatchers_with_salts_of_their_own_part_among_equal_workers() -> None:
