@@ -133,18 +133,28 @@ class Durable:
         return bool(await asyncio.shield(self._after_miss))
 
     async def note_epoch(self) -> None:
-        """Take Redis's data token now (at open), for the first miss to tell whether Redis lost its
-        data since; where Redis cannot say, that miss judges by whether any of ours are there."""
-        with contextlib.suppress(Exception):
-            self._epoch = await self.store.data_epoch()
+        """At open: take Redis's data token, for a miss to tell whether Redis lost its data since,
+        restoring first where Redis holds none of ours (it may have lost them just before: a
+        gateway started on an emptied Redis answered 404 for every registered adapter, a review).
+        Where Redis or the bucket cannot say, the first miss restores whole."""
+        try:
+            epoch = await self.store.data_epoch()
+            if not await self.holds_any():
+                await self.restore(at_once=True)
+            self._epoch = epoch
+        except Exception as e:  # noqa: BLE001 - Redis or JetStream away at start: the first miss restores
+            logger.warning(
+                "registry not restored at open; the first lookup that misses will", error=f"{type(e).__name__}: {e}"
+            )
 
     async def _after_a_miss(self) -> int:
         """1 when Redis lost its data since the token was last taken (restored whole: what this or
         another process put back is looked for again), else 0 (a merge set off beside)."""
         epoch, due = await self.store.data_epoch(), self.clock() - self._restore_tried >= RESTORE_ON_MISS_INTERVAL_S
         # The token alone where known: with no adapter registered (or none of ours) every unknown
-        # name restored the whole bucket (a review); unknown, none of ours there counts, at most once a second.
-        emptied = epoch != self._epoch if self._epoch is not None else due and not await self.holds_any()
+        # name restored the whole bucket (a review); not known (Redis away at open), the first miss
+        # restores whole (none of ours there was no sign: another process may be part way through).
+        emptied = epoch != self._epoch if self._epoch is not None else due
         if emptied:
             self._restore_tried = self.clock()
             await self.restore(at_once=True)

@@ -55,7 +55,7 @@ class KeyRegistry(Durable):
         Redis (``restore``; when Redis is unreachable now, by the first lookup that misses).
         Without JetStream they live in Redis alone meanwhile (see ``Bucket``)."""
         registry = cls(store, Bucket(nc, keys_bucket_name(store.p), replicas=replicas))
-        await registry.note_epoch()
+        await registry.note_epoch()  # (and the merge:)
         try:
             await registry.restore()
         except (RedisError, OSError) as e:  # Redis down at start: the first key it misses restores

@@ -71,6 +71,7 @@ async def test_a_wrong_key_is_answered_without_waiting_for_the_merge_it_sets_off
     try:
         _, key = apikeys.new_key("acme", [apikeys.INFERENCE], now=0.0)
         await keys.add(key)
+        await keys.note_epoch()  # (as open takes it)
         keys.restore = merging_for_ever  # type: ignore[method-assign]
         found = await asyncio.wait_for(asyncio.gather(*(keys.lookup(f"wrong{i}") for i in range(5))), 5)
         assert found == [None] * 5 and set_off.is_set()
@@ -151,5 +152,40 @@ async def test_a_restore_of_an_emptied_redis_that_failed_is_tried_again_by_the_n
         with pytest.raises(NatsError):  # (the gateway answers it 503)
             await registry.lookup("a")
         assert await registry.lookup("a") is not None
+    finally:
+        await nc.close()
+
+
+async def test_a_registry_opened_on_an_emptied_redis_restores_it_first(nats_server: Server, redis: Redis) -> None:
+    """A review: a gateway started on a Redis just emptied (a pod restart, `dlora up` on a Redis
+    without persistence) took the token made on the empty Redis for its own, and its misses
+    answered 404 for every registered adapter until a merge beside them ended."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    try:
+        first = await AdapterRegistry.open(nc, store)
+        assert await first.register(AdapterEntry(name="a", path="/a", rank=8, created=1.0, version="v1"))
+        await redis.flushdb()
+        started = await AdapterRegistry.open(nc, store)
+        assert await store.get_adapter("a") is not None and await started.lookup("a") is not None
+    finally:
+        await nc.close()
+
+
+async def test_a_registry_opened_with_redis_away_restores_whole_at_its_first_miss(
+    nats_server: Server, redis: Redis
+) -> None:
+    """A review: opened while Redis was away (no token), its first miss judged by "none of ours in
+    Redis", false as soon as another process had put one back: the rest answered 404."""
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    try:
+        registry = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))  # (no token: as if Redis was away)
+        entries = [AdapterEntry(name=n, path=f"/{n}", rank=8, created=1.0, version="v1") for n in ("a", "b")]
+        for entry in entries:
+            assert await registry.register(entry)
+        await redis.flushdb()
+        assert await store.put_adapter(entries[0])  # another process, part way through putting it back
+        assert await registry.lookup("b") is not None
     finally:
         await nc.close()
