@@ -165,9 +165,15 @@ def test_the_gateway_names_a_bounded_number_of_public_adapters() -> None:
         RequestTimer(metrics, name, public).done(3, 3)
     labels = {s.labels["adapter"] for m in metrics.requests.collect() for s in m.samples}
     assert labels == {"a", "b", OTHER, "model", PRIVATE}
+    running = RequestTimer(metrics, "b", True)  # still running when b's place is freed
     metrics.keep_only(["a"])
     metrics.keep_only(["a"])  # b removed: its place is free
     assert metrics.label("c") == "c" and metrics.label("d") == OTHER
+    running.done(3, 3)  # written where its label is now (c took the place), not outside the bound: a review
+    labels = {s.labels["adapter"] for m in metrics.requests.collect() for s in m.samples}
+    assert labels == {"a", OTHER, "model", PRIVATE}
+    # an adapter named "other" is not counted with the ones past the bound (a review)
+    assert OTHER != "other" and Metrics("model", max_adapter_labels=1).label("other") == "other"
 
 
 async def test_the_gateways_page_is_rendered_beside_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
