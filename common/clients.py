@@ -88,8 +88,9 @@ class Clients:
         self._last = OrderedDict.fromkeys(self._last, now)
         self._latest = now
 
-    def gone(self, client: str, now: float) -> bool:
-        """True when ``client`` was heard from and has been silent for more than the TTL, while
+    def gone(self, client: str, now: float, silent_s: float | None = None) -> bool:
+        """True when ``client`` was heard from and has been silent for more than the TTL (or
+        ``silent_s``), while
         someone else (another client, or a party ``noted``) was heard from meanwhile. When the
         observer heard no one for that long, the silence is more likely its own: its host cut off
         from the others while its local NATS node stayed up (so no reconnect says so); a request
@@ -98,7 +99,7 @@ class Clients:
         each heartbeat Redis took and each request that came; dispatchers each worker's stats."""
         self.watch_link(now)
         last = self._last.get(client)
-        return last is not None and now - last > self.ttl_s and now - self._latest <= self.ttl_s
+        return last is not None and now - last > (silent_s or self.ttl_s) and now - self._latest <= self.ttl_s
 
     def watch_link(self, now: float) -> None:
         """While the observer's own NATS connection is down, and at the first look after it came

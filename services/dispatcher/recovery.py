@@ -219,7 +219,11 @@ class Recovery:
         if self.aborted.lately(first.request_id, None, now) or self.aborted.lately(first.request_id, first.owner, now):
             await self._end_aborted(rec)  # (a gateway's abort, or its own sender's)
             return
-        if first.client and self.clients.gone(first.client, now):
+        # Silent twice the TTL: a client cut off by the fault that lost the worker (its NATS node on
+        # the worker's host) was silent about as long as the worker when it is found lost, and
+        # was answered while it reconnected (the deploy test, now and then). A client truly gone is
+        # dropped by the worker re-dispatched to, at its own look.
+        if first.client and self.clients.gone(first.client, now, 2 * self.s.heartbeat_ttl_s):
             logger.warning("client silent; its request is answered, not re-dispatched", request=first.request_id)
             reason = "the request's worker was lost while its client was not heard from; try again"
             await self._fail(first, next_seq, reason, "client-gone", ErrorCode.UNAVAILABLE, expect=mine)

@@ -474,3 +474,47 @@ async def test_a_lost_worker_is_looked_for_before_the_registry_is_merged(nats_se
         assert done == ["recover w-gone", "merge"]
     finally:
         await nc.close()
+
+
+async def test_a_lost_workers_request_whose_client_was_cut_off_with_it_is_re_dispatched(
+    nats_server: Server, redis: Redis
+) -> None:
+    """The deploy test, now and then: the gateway's NATS node was on the worker host cut off, so the
+    gateway was silent as long as the worker when the worker was found lost; its request was
+    answered (client gone) while the gateway reconnected, and the answer never reached it. Silent
+    about the TTL, a client is not taken for gone: only past twice the TTL."""
+    import time
+
+    import msgspec
+
+    from dlora.common import subjects
+    from dlora.common.messages import GenerateRequest, TokenChunk, WorkerStats
+
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    settings = DispatcherSettings(nats_url=nats_server.url, redis_url="unused", heartbeat_ttl_s=2.0)
+    dispatcher = Dispatcher(settings, nc, store)
+    forwarded: asyncio.Queue = asyncio.Queue()
+    replies: asyncio.Queue = asyncio.Queue()
+    await nc.subscribe(subjects.worker_requests("w-live"), cb=forwarded.put)
+    await nc.subscribe("test.cut.reply", cb=replies.put)
+    live = WorkerStats(
+        worker="w-live", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
+    )
+    try:
+        now = time.monotonic()
+        dispatcher.clients.watch_link(now)  # (its own link's first look, as its watch makes at start)
+        dispatcher.workers["w-live"] = (live, now)
+        for client, silent_s in (("gw-gone", 4.5), ("gw-cut", 2.5)):
+            dispatcher.clients.heard(client, now - silent_s)
+            dispatcher.clients.noted(now - silent_s + 1.0)  # others heard meanwhile: it was not the one cut off
+            req = GenerateRequest(request_id=client, reply_to="test.cut.reply", prompt="kalo", client=client)
+            await store.put_inflight(req, "w-a")
+        dispatcher.clients.noted(now)
+        await dispatcher.recover("w-a", "")
+        moved = msgspec.json.decode((await asyncio.wait_for(forwarded.get(), 5)).data, type=GenerateRequest)
+        assert moved.request_id == "gw-cut" and moved.recoveries == 1
+        answer = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        assert answer.request_id == "gw-gone" and "not heard from" in (answer.error or "")
+    finally:
+        await nc.drain()
