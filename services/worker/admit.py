@@ -62,7 +62,10 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     if await w.records.fenced_on_arrival(req):
         logger.warning("request sent before a stall came after it was given up; dropped", request=req.request_id)
         return
-    if req.client and w.clients.gone(req.client, time.monotonic()):
+    # A resumed one (recovered or moved) past twice the TTL, as the dispatcher judged it: its
+    # client may have been cut off by the fault that lost its worker, and reconnecting.
+    silent_s = 2 * w.s.heartbeat_ttl_s if req.recoveries else None
+    if req.client and w.clients.gone(req.client, time.monotonic(), silent_s):
         logger.warning("request of a silent client refused", request=req.request_id, client=req.client)
         await _answer(w, req, silent_client_chunk(req))
         return

@@ -149,6 +149,35 @@ async def test_a_request_of_a_client_judged_gone_is_answered_not_dropped(cluster
     assert await c.store.get_inflight("from-quiet") is None
 
 
+async def test_a_resumed_request_of_a_client_silent_about_the_ttl_is_taken(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """The deploy test, now and then: a gateway cut off with the worker host was silent about as
+    long as the worker when its request was resumed elsewhere; the new worker refused it. A resumed
+    request's client counts as gone only past twice the TTL (as the dispatcher judges it)."""
+    c: Cluster = await cluster(ttl_s=2.0)
+    worker, _, _ = await c.worker("w-a")
+    stop = asyncio.Event()
+    loud = asyncio.create_task(_announce_until(c, "gw-loud", stop))
+    try:
+        await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client="gw-cut")))
+        await _until(lambda: _judged_gone(worker, "gw-cut"), timeout=10)  # silent past the TTL
+        replies: asyncio.Queue = asyncio.Queue()
+        await c.nc.subscribe("test.reply.resumed", cb=replies.put)
+        resumed = GenerateRequest(
+            request_id="resumed",
+            reply_to="test.reply.resumed",
+            prompt_token_ids=PROMPT,
+            params=SamplingParams(max_tokens=4, ignore_eos=True),
+            client="gw-cut",
+            recoveries=1,
+        )
+        await c.nc.publish(subjects.worker_requests("w-a"), msgspec.json.encode(resumed))
+        first = msgspec.json.decode((await asyncio.wait_for(replies.get(), 10)).data, type=TokenChunk)
+    finally:
+        stop.set()
+        await loud
+    assert first.error is None and first.token_ids
+
+
 async def test_a_request_stopped_because_its_client_went_quiet_ends_with_a_last_chunk(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """A trial: a reader away longer than the heartbeat TTL came back to its replayed chunks and
     then nothing (the worker dropped the request without a word): it waited for its own timeout.
