@@ -202,13 +202,22 @@ async def _rewritten_files_served_where_held(stack: Stack) -> None:
     [holder] = [w for w in stack.workers if any(k.startswith("rl@") for k in w.engine.adapters)]
     for file in ("adapter_config.json", "adapter_model.safetensors"):  # the trainer's new weights
         shutil.copyfile(stack.tiny.adapters["lora-2"] / file, path / file)
-    replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(12)))  # both workers
+
+    def other_failed() -> bool:
+        return any("rl" in {name for name, _ in w.adapters.failed} for w in stack.workers if w is not holder)
+
+    # Until one lands on the other worker: the dispatcher prefers the holder, and on a loaded
+    # machine all of a round went there (a CI run), testing nothing of the hand-back.
+    for _ in range(4):
+        replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(12)))
+        assert [s for s, _ in replies] == [200] * 12, replies
+        assert all(r["choices"][0]["text"] == first["choices"][0]["text"] for _, r in replies)  # the version pinned
+        if other_failed():
+            break
     for task in busy:
         task.cancel()
     await asyncio.gather(*busy, return_exceptions=True)
-    assert [s for s, _ in replies] == [200] * 12, replies
-    assert all(r["choices"][0]["text"] == first["choices"][0]["text"] for _, r in replies)  # the version pinned
-    assert any("rl" in {name for name, _ in w.adapters.failed} for w in stack.workers if w is not holder)
+    assert other_failed()
     # No worker holds a version whose files changed before any loaded it: said so, not left to time out.
     other = shutil.copytree(stack.tiny.adapters["lora-1"], path.with_name("rl-2"))
     assert (await post(stack, "/v1/adapters", {"name": "rl2", "path": str(other)}, auth))[0] == 201
