@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.errors import APIError, BadRequestError, KeyDeletedError, KeyNotFoundError
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from dlora.common import log
@@ -193,37 +195,70 @@ class Durable:
         was down: a key revoked meanwhile must not come back unrevoked after a later Redis loss."""
 
 
-async def bucket_values(bucket: Bucket | None) -> dict[str, bytes]:
-    """Every key of ``bucket`` with its value: none without one or while it is not open; a key
-    deleted, purged or removed meanwhile skipped.
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A key's last message in a bucket: its value (None for a delete or purge marker) and its
+    revision (the stream sequence)."""
 
-    The keys are the subjects of the bucket's stream, from one answer of the server, not
-    ``KeyValue.keys()``: its watcher can end before the keys the server already sent are read
-    (nats-py #842, open in 2.16), and an empty answer skipped a restore into an empty Redis."""
-    if bucket is None or (kv := bucket.kv) is None:
+    value: bytes | None
+    revision: int
+
+
+# Seconds a bucket read may go without a message before it is given up (TimeoutError).
+READ_STALL_S = 10.0
+# Headers that make a message a marker, not a value: nats-py's KV_OP ("DEL", "PURGE") and the
+# reason nats-server 2.11+ writes on the markers it places itself (TTLs, MaxAge).
+_MARKERS = ("KV-Operation", "Nats-Marker-Reason")
+
+
+async def bucket_last(bucket: Bucket | None) -> dict[str, Stored]:
+    """Every key of ``bucket`` with its last message, markers included: none without a bucket or
+    while it is not open.
+
+    One ordered consumer delivering the last message of every subject (JetStream's
+    DeliverLastPerSubject), read until a message says none is pending: a get per key made a merge
+    of 4,000 adapters take 5 s. Not ``KeyValue.watch``: it takes a bucket for read whole when the
+    consumer's pending count reaches 0 before its callback has seen a message (nats-py #842, open
+    in 2.16), and an empty answer skipped a restore into an empty Redis; here the server's own
+    count of messages delivered says whether the bucket was empty. Raises TimeoutError when no
+    message comes for ``READ_STALL_S``, and nats-py's errors."""
+    if bucket is None or bucket.kv is None:
         return {}
     prefix = f"$KV.{bucket.name}."
-    values: dict[str, bytes] = {}
-    for subject in await stream_subjects(bucket.nc, f"KV_{bucket.name}"):
-        key = subject.removeprefix(prefix)
-        with contextlib.suppress(KeyNotFoundError, KeyDeletedError):  # deleted or purged: a marker's subject
-            if value := (await kv.get(key)).value:
-                values[key] = value
-    return values
+    last: dict[str, Stored] = {}
+    done = asyncio.get_running_loop().create_future()
+
+    async def take(msg: Msg) -> None:
+        meta = msg.metadata
+        marker = msg.header is not None and any(h in msg.header for h in _MARKERS)
+        last[msg.subject.removeprefix(prefix)] = Stored(None if marker else msg.data, meta.sequence.stream)
+        if meta.num_pending == 0 and not done.done():
+            done.set_result(None)
+
+    sub = await bucket.nc.jetstream(timeout=2.0).subscribe(
+        f"{prefix}>",
+        stream=f"KV_{bucket.name}",
+        cb=take,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        inactive_threshold=READ_STALL_S,
+    )
+    try:
+        info = await sub.consumer_info()
+        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):  # none sent, none to send
+            return {}
+        while not done.done():
+            seen = len(last)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), READ_STALL_S)
+            if not done.done() and len(last) == seen:
+                raise TimeoutError(f"bucket {bucket.name}: no message for {READ_STALL_S:g} s")
+        return last
+    finally:
+        await sub.unsubscribe()
 
 
-async def stream_subjects(nc: NATS, stream: str) -> list[str]:
-    """Every subject holding a message in ``stream``, page by page: the server answers at most
-    100,000 a time (nats-server's JSMaxSubjectDetails) and nats-py's ``stream_info`` asks for the
-    first page only, which would skip the rest of a bucket holding more keys (API keys are
-    never deleted)."""
-    subjects: list[str] = []
-    while True:
-        request = json.dumps({"subjects_filter": ">", "offset": len(subjects)}).encode()
-        answer = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", request, timeout=2.0)).data)
-        if "error" in answer:
-            APIError.from_error(answer["error"])  # raises nats-py's error for it, as stream_info would
-        page = (answer.get("state") or {}).get("subjects") or {}
-        subjects += page
-        if not page or len(subjects) >= answer.get("total", 0):
-            return subjects
+async def bucket_values(bucket: Bucket | None) -> dict[str, bytes]:
+    """Every key of ``bucket`` holding a value (not empty) with it: none without a bucket or while
+    it is not open (see ``bucket_last``)."""
+    return {key: stored.value for key, stored in (await bucket_last(bucket)).items() if stored.value}

@@ -36,7 +36,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from dlora.common import log
-from dlora.common.durable import Bucket, Durable, ReadBound, bucket_values, stream_subjects
+from dlora.common.durable import Bucket, Durable, ReadBound, bucket_last, bucket_values
 from dlora.common.messages import AdapterEntry, AdapterRemoval
 from dlora.common.state import INFLIGHT_TTL_S, StateStore
 
@@ -283,24 +283,18 @@ class AdapterRegistry(Durable):
 
     async def tidy(self) -> int:
         """Purge the bucket's delete and purge markers: each removal, purge and registration after
-        a removal leaves one, and every merge read each of them (a round trip a marker, every
+        a removal leaves one, and every merge read each of them (every
         ``MERGE_INTERVAL_S``, growing with every adapter removed). A subject is purged only up to
         its marker, so a value written to it since stays (nats-py's ``purge_deletes`` purged the
         whole subject, a registration made meanwhile too, and left a watcher running each time:
         a review). The number of markers purged; none without a bucket."""
-        if (kv := await self.kv()) is None or self.bucket is None:
+        if await self.kv() is None or self.bucket is None:
             return 0
-        stream, prefix = f"KV_{self.bucket.name}", f"$KV.{self.bucket.name}."
-        js, purged = self.bucket.nc.jetstream(), 0
+        stream, js, purged = f"KV_{self.bucket.name}", self.bucket.nc.jetstream(), 0
         async with asyncio.timeout(TIDY_TIMEOUT_S):  # a merge must not wait on it for long
-            for subject in await stream_subjects(self.bucket.nc, stream):
-                try:
-                    await kv.get(subject.removeprefix(prefix))
-                    continue  # a value: nothing to purge
-                except (KeyDeletedError, KeyNotFoundError) as e:  # nats-py's get says deleted as not found
-                    marker = getattr(e, "entry", None)  # the marker, where there is one
-                if marker is not None and marker.revision is not None:
-                    await js.purge_stream(stream, subject=subject, seq=marker.revision + 1)
+            for key, last in (await bucket_last(self.bucket)).items():
+                if last.value is None:  # a marker
+                    await js.purge_stream(stream, subject=f"$KV.{self.bucket.name}.{key}", seq=last.revision + 1)
                     purged += 1
         return purged
 
