@@ -74,6 +74,9 @@ MERGE_INTERVAL_S = 5.0
 # most one may take.
 TIDY_INTERVAL_S = 3600.0
 TIDY_TIMEOUT_S = 10.0
+# Registrations a restore puts back at once: each a script call on its own connection, a quarter
+# of the default pool (``redis_max_connections``, 64) so that requests meanwhile find one free.
+RESTORE_AT_ONCE = 16
 # Seconds a removal is kept (``AdapterRemoval``) while its name is not registered again: a Redis
 # brought back from a snapshot older than this may serve a name removed before it. Kept for ever,
 # names of short-lived adapters grew the bucket and every merge's reading of it (a review).
@@ -267,16 +270,17 @@ class AdapterRegistry(Durable):
             return dropped
         wanted = {e.name for e in back}
         registered = {(e.name, e.version) for e in live.values()}
-        for entry in versions:
-            if entry.name not in wanted:
-                continue
-            await self.store.put_version(entry)
-            if (entry.name, entry.version) not in registered:  # when it was retired went with Redis
-                await self.store.retire_version(entry.name, entry.version, time.time())
+        mine = [e for e in versions if e.name in wanted]  # when one was retired went with Redis
+        await self.store.put_versions(mine, [e for e in mine if (e.name, e.version) not in registered], time.time())
         # Each unless a removal of it, or a registration as new, was made since it was read (a
         # helper's trial: 1,000 removals during a merge of 4,000 adapters, and up to 127 came
         # back, served for seconds; a review: a removal and a registration again, and v1 over v2).
-        restored = [e for e in back if await self.store.put_adapter(e, replace=True, restoring=True)]
+        # Several at once: one after another, 4,000 took a second while lookups waited.
+        restored: list[AdapterEntry] = []
+        for i in range(0, len(back), RESTORE_AT_ONCE):
+            chunk = back[i : i + RESTORE_AT_ONCE]
+            put = await asyncio.gather(*(self.store.put_adapter(e, replace=True, restoring=True) for e in chunk))
+            restored += [e for e, done in zip(chunk, put, strict=True) if done]
         if restored:
             logger.warning("adapter registrations restored from the durable copy", adapters=len(restored))
         return len(restored) + dropped

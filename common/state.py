@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -130,9 +130,17 @@ class StateStore(WorkerKeys):
     async def has_adapters(self) -> bool:
         return bool(await self.r.hlen(f"{self.p}:adapters"))
 
-    async def put_version(self, entry: AdapterEntry) -> None:
-        """Make a version findable by name and version, without registering it (a restore)."""
-        await self.r.hset(f"{self.p}:adapter-versions", f"{entry.name}@{entry.version}", msgspec.json.encode(entry))
+    async def put_versions(self, entries: Iterable[AdapterEntry], retired: Iterable[AdapterEntry], at: float) -> None:
+        """Make versions findable by name and version, without registering them (a restore), and
+        mark ``retired`` ones retired at ``at`` (``retire_version``): one round trip for all."""
+        mapping = {f"{e.name}@{e.version}": msgspec.json.encode(e) for e in entries}
+        retiring = {f"{e.name}@{e.version}": at for e in retired}
+        async with self.r.pipeline(transaction=False) as pipe:
+            if mapping:
+                pipe.hset(f"{self.p}:adapter-versions", mapping=mapping)  # type: ignore[arg-type]  # bytes values
+            if retiring:
+                pipe.zadd(f"{self.p}:adapter-versions-retired", retiring)  # type: ignore[arg-type]  # str members
+            await pipe.execute()
 
     async def list_adapters(self) -> list[AdapterEntry]:
         raw = await self.r.hgetall(f"{self.p}:adapters")
