@@ -22,9 +22,10 @@ from dlora.services.gateway.status import Traffic
 
 logger = log.get("gateway")
 
-PRIVATE = "private"  # the adapter label of every adapter a tenant owns, on the public /metrics
-# The adapter label of public adapters past ``max_adapter_labels``: no adapter's name (registry.py
-# refuses parentheses), so an adapter named "other" is not counted with them (a review).
+# The adapter labels of every adapter a tenant owns (on the public /metrics) and of public adapters
+# past ``max_adapter_labels``: no adapter's name (registry.py refuses parentheses), so a public
+# adapter named "private" or "other" is not counted with them (a review).
+PRIVATE = "(private)"
 OTHER = "(other)"
 # Seconds. Up to two hours, as vLLM's: ending at 60 s, every slower request (a long generation, a
 # queue under overload) fell in +Inf and every quantile of a slow hour read 60.

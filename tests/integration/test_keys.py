@@ -162,11 +162,11 @@ async def test_a_tenant_sees_and_uses_only_its_own_and_public_adapters(keyed_sta
     )
     assert status == 404
     # nor does the gateway's /metrics, open to anyone, name a tenant's adapter: its requests (the
-    # 200 to acme-sql above, the refusal naming globex-sql) count under "private"
+    # 200 to acme-sql above, the refusal naming globex-sql) count under "(private)"
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
         text = await r.text()
     assert "acme-sql" not in text and "globex-sql" not in text and "nothing-sq" not in text
-    assert 'dlora_requests_total{adapter="private",status="200"} 1.0' in text
+    assert 'dlora_requests_total{adapter="(private)",status="200"} 1.0' in text
     assert 'dlora_requests_total{adapter="lora-2",status="200"} 1.0' in text
 
 

@@ -174,6 +174,8 @@ def test_the_gateway_names_a_bounded_number_of_public_adapters() -> None:
     assert labels == {"a", OTHER, "model", PRIVATE}
     # an adapter named "other" is not counted with the ones past the bound (a review)
     assert OTHER != "other" and Metrics("model", max_adapter_labels=1).label("other") == "other"
+    # nor a public adapter named "private" with the tenants' own
+    assert PRIVATE != "private" and Metrics("model").label("private") == "private"
 
 
 async def test_the_gateways_page_is_rendered_beside_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
