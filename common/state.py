@@ -399,9 +399,13 @@ class StateStore(WorkerKeys):
         """A token of the data Redis holds (``{p}:epoch``): made at the first ask, gone with the
         data (a restart without persistence, a flush) and made anew then. A failover keeps it (the
         replica has it) though it may lose the newest writes. Not the server's run id: INFO is
-        among the commands a service's Redis user may not run (``-@dangerous``)."""
+        among the commands a service's Redis user may not run (``-@dangerous``). Read before it
+        is written: every lookup that misses asks, and a Redis at maxmemory refuses the write even
+        where the token is there (each unknown name and wrong key answered 503, not 404/401)."""
+        if (held := await self.r.get(key := f"{self.p}:epoch")) is not None:
+            return _text(held)
         token = secrets.token_hex(8)
-        old = await self.r.set(f"{self.p}:epoch", token, nx=True, get=True)  # the value before, or None
+        old = await self.r.set(key, token, nx=True, get=True)  # the value before, or None
         return token if old is None else _text(cast("bytes | str", old))
 
     async def indexed_workers(self) -> set[str]:

@@ -5,6 +5,7 @@ far another process got; anything else answered at once, a merge set off beside.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import nats
 import pytest
@@ -189,3 +190,29 @@ async def test_a_registry_opened_with_redis_away_restores_whole_at_its_first_mis
         assert await registry.lookup("b") is not None
     finally:
         await nc.close()
+
+
+async def test_a_miss_on_a_redis_that_refuses_writes_is_answered(
+    nats_server: Server, start_redis_here: Callable[..., Server]
+) -> None:
+    """Each miss asked Redis for its data token with a write (SET NX GET), which a Redis at
+    maxmemory refuses even where the token is there: every unknown adapter name and wrong API key
+    was answered 503 instead of 404 and 401 while reads still worked (the last note's item)."""
+    redis = Redis.from_url(start_redis_here().url)
+    nc = await nats.connect(nats_server.url)
+    store = StateStore(redis)
+    adapters = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)))
+    keys = KeyRegistry(store, Bucket(nc, keys_bucket_name(store.p)))
+    try:
+        assert await adapters.register(AdapterEntry(name="a", path="/a", rank=8, created=0.0, version="v1"))
+        await adapters.note_epoch()
+        await keys.note_epoch()
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", 1)
+        assert await adapters.lookup("never-registered") is None
+        assert await keys.lookup(apikeys.digest("wrong")) is None
+        assert (await adapters.lookup("a")) is not None
+    finally:
+        await redis.config_set("maxmemory", 0)
+        await nc.close()
+        await redis.aclose()
