@@ -175,9 +175,20 @@ class AdapterRegistry(Durable):
         # Redis's first: written together, a Redis that refused it (at maxmemory) answered 503 while
         # the bucket's was kept, and the next merge removed the adapter seconds later (a helper's soak)
         await self.store.put_removal(removal)
+        removed = False
         if kv is not None:
-            await kv.put(f"removed.{name}", _encode.encode(removal))
-        removed = kv is not None and durable is not None and await _delete_at(kv, f"current.{name}", revision)
+            try:
+                await kv.put(f"removed.{name}", _encode.encode(removal))
+                removed = durable is not None and await _delete_at(kv, f"current.{name}", revision)
+            except Exception as e:  # noqa: BLE001 - Redis's record stands: the next merge carries it over
+                # as where the bucket is not open; answered 503, the adapter was served until that
+                # merge removed it anyway (the last notes' item)
+                logger.warning(
+                    "removal recorded in Redis; the durable copy gets it at the next merge",
+                    adapter=name,
+                    error=f"{type(e).__name__}: {e}",
+                )
+                removed = durable is not None
         if cached is not None:  # Redis's answer decides, where it held one
             return await self.store.delete_adapter(name, only=cached, retire=(entry.version, time.time()))
         if removed:
