@@ -106,6 +106,24 @@ async def test_logprobs_of_characters_split_over_tokens(stack: Stack) -> None:
     assert split  # the case was met
 
 
+async def test_a_run_of_bytes_that_make_no_character_streams_as_it_comes(stack: Stack) -> None:
+    """A model that writes lone UTF-8 continuation bytes (each U+FFFD whole) or EOS under
+    ignore_eos: the worker held all of it back, decoding a window as long as the output each
+    token (O(n^2)), and the stream carried no text until the end (SGLang #34740's kind)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stack.tiny.model)
+    byte = tokenizer.encode("\u00e9")[1]  # é's second byte: alone, no character
+    assert tokenizer.decode([byte]) == "\ufffd"
+    for forced, text in ((byte, "\ufffd" * 120), (tokenizer.eos_token_id, "")):
+        body = {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 120, "logit_bias": {str(forced): 100}}
+        events = await stream(stack, "/v1/completions", {**body, "ignore_eos": True, "return_token_ids": True})
+        choices = [e["choices"][0] for e in events[:-1]]
+        assert [t for c in choices for t in c["token_ids"]] == [forced] * 120
+        assert "".join(c["text"] for c in choices) == text
+        assert len("".join(c["text"] for c in choices[:60])) >= len(text) // 3  # not all at the end
+
+
 async def test_n_samples_and_several_prompts(stack: Stack) -> None:
     greedy = {"model": "lora-0", "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 5, "temperature": 0, "n": 2}
     status, resp = await post(stack, "/v1/completions", greedy)

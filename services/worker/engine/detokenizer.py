@@ -15,6 +15,11 @@ from dlora.common.messages import SamplingParams
 
 # Prompt tokens kept as left context for the first output token's spelling.
 _CONTEXT = 5
+# Tokens held back at most before what of their text is settled goes out (``_settle``), and how
+# many of the last are kept back then: more than an unfinished character's bytes (3) with a few
+# tokens that spell nothing between them.
+_MAX_HELD = 16
+_KEEP = 8
 
 
 class Tokenizer(Protocol):
@@ -47,11 +52,14 @@ class IncrementalDetokenizer:
         # ids[prefix:read] is decoded context; ids[read:] is not yet emitted.
         self.prefix = 0
         self.read = len(self.ids) - pending
+        # Where each of ids lies among the tokens given (``_settle`` drops some from the window)
+        self.at, self.given = list(range(len(self.ids))), len(self.ids)
 
     @property
     def pending(self) -> int:
-        """Tokens pushed whose text is held back (they end in part of a character)."""
-        return len(self.ids) - self.read
+        """Tokens pushed whose text is held back (they end in part of a character), those dropped
+        from the window among them too: the last tokens given from the first held one."""
+        return self.given - self.at[self.read] if self.read < len(self.ids) else 0
 
     def held(self) -> str:
         """What the tokens held back spell now, an unfinished character's bytes as U+FFFD (as
@@ -69,11 +77,38 @@ class IncrementalDetokenizer:
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; return the newly completed text (possibly empty)."""
         self.ids.extend(token_ids)
+        self.at.extend(range(self.given, self.given + len(token_ids)))
+        self.given += len(token_ids)
         text = self._unread()
         if not text or text.endswith("\ufffd"):
-            return ""
+            return self._settle(text) if len(self.ids) - self.read > _MAX_HELD else ""
         self.prefix, self.read = self.read, len(self.ids)
         return text
+
+    def _settle(self, text: str) -> str:
+        """Of the tokens held back (their text ``text`` now): those that spell nothing (EOS under
+        ignore_eos, skipped) dropped from the window where the text stays the same without them,
+        so the text before them stays the context of what follows (a character's bytes on either
+        side join, a SentencePiece word after them keeps its space); then, still too many, what
+        the first of them spell up to ``_KEEP`` before the last, where later tokens no longer
+        change it, out as emitted. Held back for as long as the text ends in U+FFFD or is empty,
+        a run of lone continuation bytes or of EOS grew the window decoded each push with the
+        output: O(n^2), and a stream got no text of the run until its end (SGLang #34740's kind)."""
+        context, held = self.ids[self.prefix : self.read], self.ids[self.read :]
+        kept = [i for i, t in enumerate(held, self.read) if self.decode([t], self.skip)]
+        spelling = [self.ids[i] for i in kept]
+        if len(kept) < len(held) and spelt(self.decode, context, spelling, self.skip) == text:
+            self.at[self.read :] = [self.at[i] for i in kept]
+            self.ids[self.read :] = spelling
+            if len(self.ids) - self.read <= _MAX_HELD:
+                return ""
+        end = len(self.ids) - _KEEP
+        for k in range(end, max(self.read, end - 4), -1):  # a cut inside a character moves back
+            done = spelt(self.decode, context, self.ids[self.read : k], self.skip)
+            if done and text.startswith(done):
+                self.prefix, self.read = self.read, k
+                return done
+        return ""
 
     def _unread(self) -> str:
         """What the tokens not yet emitted spell after their context (``spelt``)."""
