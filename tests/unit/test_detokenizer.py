@@ -117,6 +117,27 @@ def test_byte_fallback_bytes_that_make_no_character_come_out_one_u_fffd_each() -
     assert text([kalo], [e4, b8, ad, kalo, e4, b8, ad]) == "中 kalo中"  # valid runs as before
 
 
+@pytest.mark.parametrize("pending", [0, 1, 2])
+def test_a_prompt_ending_in_byte_pieces_leaves_the_outputs_characters_whole(pending: int) -> None:
+    """A Llama-2-style tokenizer spells the CJK characters it lacks in <0xNN> pieces: a prompt
+    ending in two of them (six pieces) and an output beginning with a third came out as three
+    U+FFFD (a replay of ai-dynamo/dynamo#12688: the left context was the prompt's last five
+    pieces, which begin inside a character, and the decoder writes the whole run as U+FFFD).
+    Likewise after a resume whose seam split the character (``pending``), and in the text a
+    resumed request was sent, where a stop string is looked for."""
+    from dlora.common.messages import SamplingParams
+    from dlora.services.worker.engine.detokenizer import sent_tail
+
+    tokenizer = _byte_fallback_tokenizer()
+    zh = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "中".encode()]
+    kalo = tokenizer.convert_tokens_to_ids("▁kalo")
+    prompt = [1, kalo, *zh, *zh]
+    d = IncrementalDetokenizer(tokenizer, prompt + zh[:pending], pending=pending)
+    assert "".join(d.push([t]) for t in zh[pending:]) + d.flush() == "中"
+    outputs = [kalo, *zh * 10]
+    assert sent_tail(tokenizer, [1], outputs, SamplingParams(max_tokens=99, stop=["中!"]), 0, "") == "中"
+
+
 def _byte_fallback_tokenizer():
     """A SentencePiece-style tokenizer (Llama 2's decoder: ▁ as space, <0xNN> byte pieces) with a
     handful of pieces: only decoding is asked of it."""

@@ -20,6 +20,9 @@ _CONTEXT = 5
 # tokens that spell nothing between them.
 _MAX_HELD = 16
 _KEEP = 8
+# The longest left context tried where the last ``_CONTEXT`` tokens begin inside a character
+# (``context_start``); vLLM's detokenizer looks as far for a clean start.
+_LONGEST_CONTEXT = 24
 
 
 class Tokenizer(Protocol):
@@ -48,10 +51,12 @@ class IncrementalDetokenizer:
         self.decode = decoder(tokenizer)
         self.skip = skip_special_tokens
         pending = max(0, min(pending, len(prompt_ids)))
-        self.ids = list(prompt_ids[-(_CONTEXT + pending) :])
+        done = len(prompt_ids) - pending
+        start = context_start(self.decode, prompt_ids[:done], skip_special_tokens)
+        self.ids = list(prompt_ids[start:])
         # ids[prefix:read] is decoded context; ids[read:] is not yet emitted.
         self.prefix = 0
-        self.read = len(self.ids) - pending
+        self.read = done - start
         # Where each of ids lies among the tokens given (``_settle`` drops some from the window)
         self.at, self.given = list(range(len(self.ids))), len(self.ids)
 
@@ -115,6 +120,21 @@ class IncrementalDetokenizer:
         return spelt(self.decode, self.ids[self.prefix : self.read], self.ids[self.read :], self.skip)
 
 
+def context_start(decode: Callable[[list[int], bool], str], ids: list[int], skip: bool) -> int:
+    """Where the left context for the tokens after ``ids`` begins: their last ``_CONTEXT`` tokens,
+    or, where those begin inside a character, the fewest more (up to ``_LONGEST_CONTEXT``) that
+    decode without U+FFFD. A byte-fallback decoder (Llama 2's, Mistral's) writes a whole run of
+    <0xNN> pieces as U+FFFD once it is invalid, so a context cut inside a character made the
+    output's own bytes after it U+FFFD too: a CJK prompt ending in byte pieces and an output
+    beginning with more gave "\ufffd\ufffd" for "ü" (as vLLM, which looks for such a start too)."""
+    if len(ids) <= _CONTEXT:
+        return 0
+    for n in range(_CONTEXT, min(len(ids), _LONGEST_CONTEXT) + 1):
+        if "\ufffd" not in decode(ids[-n:], skip):
+            return len(ids) - n
+    return len(ids) - _CONTEXT
+
+
 def spelt(decode: Callable[[list[int], bool], str], context: list[int], ids: list[int], skip: bool) -> str:
     """What ``ids`` spell after ``context``: the decode of both past the context's own. Where that
     does not begin with the context's text, decoding them together spelled the context anew (a
@@ -147,8 +167,9 @@ def sent_tail(
         return ""
     # a character takes 4 tokens at most (a byte-fallback tokenizer's UTF-8 bytes), but for special ones
     n = min(len(done), 4 * chars + _CONTEXT)
-    before = (prompt_ids + done)[-(n + _CONTEXT) : -n]
-    text = spelt(decoder(tokenizer), before, done[-n:], params.skip_special_tokens)
+    decode, earlier = decoder(tokenizer), (prompt_ids + done)[:-n]
+    before = earlier[context_start(decode, earlier, params.skip_special_tokens) :]
+    text = spelt(decode, before, done[-n:], params.skip_special_tokens)
     if held and text.endswith(held):
         text = text[: -len(held)]
     return text[-chars:]
