@@ -221,6 +221,20 @@ def _template_reads(source: str) -> tuple[bool, bool]:
     return loops, any(c.value == "developer" for c in tree.find_all(nodes.Const))
 
 
+def _selected(source: object, tools: list[dict[str, Any]] | None) -> object:
+    """The template transformers renders where a tokenizer has several (tokenizer_config.json's
+    list of named ones, e.g. Hermes 2 Pro's and Command R's): "tool_use" for a request with tools
+    where there is one, else "default"; what is read of it (``_template_reads``) is read of that
+    one, as vLLM resolves it first. Read as no template, one that looped over a message's content
+    got the content as a string, and the message rendered as nothing. ``source`` as it is otherwise
+    (no default: transformers refuses to render, saying so)."""
+    if not isinstance(source, dict):
+        return source
+    if tools is not None and "tool_use" in source:
+        return source["tool_use"]
+    return source.get("default", source)
+
+
 def _renders(render: Callable[[], object]) -> bool:
     try:
         render()
@@ -264,7 +278,7 @@ def chat_prompt_ids(
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
-    source = getattr(tokenizer, "chat_template", None)
+    source = _selected(getattr(tokenizer, "chat_template", None), template.tools)
     loops, developer = _template_reads(source) if isinstance(source, str) else (False, False)
     plain = []
     for i, m in enumerate(messages):

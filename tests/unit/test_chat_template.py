@@ -369,3 +369,21 @@ def test_a_historys_call_ids_are_cut_to_what_a_mistral_template_takes(tiny_llama
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def test_named_templates_are_read_as_the_one_rendered(tiny_llama, tmp_path: Path) -> None:
+    """A tokenizer_config.json that lists named templates (Hermes 2 Pro's, Command R's: "default"
+    and "tool_use") was read as having none that loops over content: a "default" that loops got
+    the message as a string, and the user's text rendered as nothing (a helper, replaying real
+    model directories; vLLM resolves the named template first)."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    loop = "{% for m in messages %}<{{ m.role }}>{% for p in m['content'] %}{{ p['text'] }}|{% endfor %}{% endfor %}"
+    tok.chat_template = {"default": loop, "tool_use": loop + "tools"}
+    msgs = [ChatMessage(role="user", content="hi")]
+    assert tok.decode(chat_template.chat_prompt_ids(msgs, tok)).endswith("<user>hi|")
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    asked = chat_template.ChatTemplate(tools=tools)
+    assert tok.decode(chat_template.chat_prompt_ids(msgs, tok, asked)).endswith("<user>hi|tools")
+    tok.chat_template = {"default": "{{ messages[0].content }}", "tool_use": loop}  # only tool_use loops
+    assert tok.decode(chat_template.chat_prompt_ids(msgs, tok)).endswith("hi")
+    assert tok.decode(chat_template.chat_prompt_ids(msgs, tok, asked)).endswith("<user>hi|")
