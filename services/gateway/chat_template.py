@@ -154,9 +154,13 @@ def _calls_for_template(calls: Any, where: str, id_length: int = 0) -> list[dict
 
 def template_problem(source: object) -> str | None:
     """Why the chat template ``source`` does not compile, as transformers compiles it (its own
-    extensions: loop controls, ``{% generation %}``); None when it does, or is not one string.
+    extensions: loop controls, ``{% generation %}``); None when it does, or is no template.
     The gateway says so when it starts: every chat request would be refused with it (a trial saw
-    only the 400s)."""
+    only the 400s). Named templates (tokenizer_config.json's list) each, the first that does not
+    compile named: each is rendered for some requests."""
+    if isinstance(source, dict):
+        named = ((name, template_problem(t)) for name, t in source.items())
+        return next((f"{name}: {problem}" for name, problem in named if problem), None)
     if not isinstance(source, str):
         return None
     try:

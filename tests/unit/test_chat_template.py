@@ -240,6 +240,9 @@ def test_a_template_that_does_not_compile_is_named_once_and_refuses_each_chat(ti
     assert "unexpected '}'" in (chat_template.template_problem(broken) or "")
     for fine in ("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", None):
         assert chat_template.template_problem(fine) is None  # transformers' own tags compile
+    named = {"default": "{{ messages }}", "tool_use": broken}  # named templates (a helper): each checked
+    assert (chat_template.template_problem(named) or "").startswith("tool_use: ")
+    assert chat_template.template_problem({"default": "{{ messages }}"}) is None
     tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
     tok.chat_template = broken
     e = refused(ServedModel(tok, 1 << 16, CONTEXT), {"messages": [{"role": "user", "content": "hi"}]}, chat=True)
