@@ -47,6 +47,17 @@ async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list
     """Take ``req`` into the engine (waiting there while its adapter is read: ``adapter_read``
     ends it if the read fails), or answer why not (each answer ends its record). ``bad_words_ids``:
     its ``bad_words`` tokenized on arrival (None: by the engine)."""
+    try:
+        await _admit(w, req, bad_words_ids)
+    finally:
+        # A moved request refused here (its client left mid-move, its deadline passed, its adapter
+        # failed, ...) never takes the cache shipped ahead of it: held, it stayed until another
+        # move came (a helper's trial; Llama-3-8B's 4k-token cache is 0.5 GB of host memory).
+        if req.kv_chunks:
+            w.kv_inbox.drop((req.request_id, req.kv_transfer))
+
+
+async def _admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None) -> None:
     if w.aborted_lately(req):  # its client left before it came, or aborted its id lately
         await w.records.end({req.request_id: req.recoveries})
         await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id), req.client)

@@ -1,5 +1,6 @@
 """Workers carrying out move plans sent by hand (as the migrator publishes them): a deposed
-leader's plans are dropped, and a moved request's stream and usage stay its own."""
+leader's plans are dropped, a moved request's stream and usage stay its own, and a cache shipped
+to a worker that never takes it up does not stay there."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 
 import msgspec
 import nats
+import torch
 from redis.asyncio import Redis
 
 from dlora.common import bus, subjects
@@ -18,6 +20,11 @@ from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
+from dlora.services.worker.admit import abort
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.moves import handoff
+from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import worker_by_hand
 from tests.integration.test_migration import start_workers
 
 
@@ -134,3 +141,23 @@ async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in conns:
             await c.drain()
+
+
+async def test_a_cache_shipped_for_a_request_refused_on_arrival_is_not_kept(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A trial: a client that left while its request moved (the gateway's abort, sent to every
+    worker, came to the destination before the request) had the request refused there, and the
+    cache shipped ahead of it kept in the destination's memory until another move's came (never,
+    on a worker no more moves reached; a 4k-token context of Llama-3-8B's is 0.5 GB)."""
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w1", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
+        kv = KVSnapshot(tokens=3, k=torch.zeros(2, 3, 2, 16), v=torch.zeros(2, 3, 2, 16)).to_bytes()
+        first = GenerateRequest(request_id="r", reply_to="test.r", prompt_token_ids=[5, 6, 7])
+        moved, chunks = handoff(first, [8], 0, 1, kv, 0.0)  # as the source sends it: its cache first
+        for chunk in chunks:
+            await service._on_kv_chunk(chunk)
+        await abort(service, "r", None)
+        await service._on_request(moved)
+        await service._take(service.commands.get_nowait())
+        assert "r" not in service.streams and len(service.kv_inbox) == 0
