@@ -27,9 +27,10 @@ class _Box:
 class KVInbox:
     """Moved caches by request id and shipment. A request waits ``wait_s`` for the rest of its
     cache, then recomputes instead; caches nobody claims for ``stale_s`` (their request never came,
-    was refused, came too late, or gave up on them and their chunks kept coming) go when the next
-    cache starts to arrive. A request takes only its own move's shipment: the chunks of an earlier
-    move of the same request, come late, are never read as its cache."""
+    came too late, or gave up on them and their chunks kept coming) go at the next ``sweep``, or
+    when the next cache starts to arrive; a refused request's go at once (``drop``). A request
+    takes only its own move's shipment: the chunks of an earlier move of the same request, come
+    late, are never read as its cache."""
 
     def __init__(self, wait_s: float = 5.0, stale_s: float = 20.0) -> None:
         self.wait_s, self.stale_s = wait_s, stale_s
@@ -43,10 +44,8 @@ class KVInbox:
         key = (chunk.request_id, chunk.transfer)
         box = self._boxes.get(key)
         if box is None:
-            now = time.monotonic()
-            for old in [k for k, b in self._boxes.items() if now - b.opened > self.stale_s]:
-                self.drop(old)
-            box = self._boxes[key] = _Box(now)
+            self.sweep()
+            box = self._boxes[key] = _Box(time.monotonic())
         box.parts[chunk.index] = chunk.data
         if len(box.parts) == chunk.total:
             self._ready.setdefault(key, asyncio.Event()).set()
@@ -70,6 +69,14 @@ class KVInbox:
         except Exception as e:  # noqa: BLE001 - the sender's bytes, whatever they hold
             logger.warning("moved KV unreadable; recomputing", request=request_id, error=f"{type(e).__name__}: {e}")
             return None
+
+    def sweep(self) -> None:
+        """Drop the caches nobody claimed for ``stale_s``. The worker calls it between steps too:
+        swept only when the next cache came, one whose request never came (its source died after
+        sending it, or its chunks came after its refused request) stayed while no move came."""
+        now = time.monotonic()
+        for old in [k for k, b in self._boxes.items() if now - b.opened > self.stale_s]:
+            self.drop(old)
 
     def drop(self, key: _Key) -> _Box | None:
         self._ready.pop(key, None)

@@ -67,8 +67,7 @@ from dlora.services.worker.tokenized import Tokenized
 
 logger = log.get("worker")
 
-_KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes instead
-_KV_STALE_S = 4 * _KV_WAIT_S  # chunks nobody claimed in this long are dropped
+_KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes (unclaimed 4x as long: dropped)
 # A record this fresh may be for a request whose message is still on its way here: not handed
 # back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
 _HANDBACK_GRACE_S = 2.0
@@ -91,7 +90,7 @@ class WorkerService:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
         self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self.streams: dict[str, Stream] = {}
-        self.kv_inbox = KVInbox(_KV_WAIT_S, _KV_STALE_S)  # caches of requests moving here, as they arrive
+        self.kv_inbox = KVInbox(_KV_WAIT_S, 4 * _KV_WAIT_S)  # caches of requests moving here, as they arrive
         self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
         self.kv_tokens = 0
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
@@ -335,11 +334,12 @@ class WorkerService:
             await self.drop(rid, record=False, attempt=copies[rid].attempt)
 
     async def _reconcile(self) -> None:
-        """Between steps, every few seconds: write the records of the requests held here again if
-        Redis lost its data, drop requests whose client has gone, and hand back what the in-flight
-        records say is here but is not (a previous incarnation's requests, or ones whose message
-        never came) for a dispatcher to re-dispatch. Redis's parts not while its writes fail (each
-        waited out a hung Redis in the step loop), its reads each no longer than ``_RECONCILE_REDIS_S``."""
+        """Between steps, every few seconds: write the records of the requests held here again if Redis
+        lost its data, drop moved caches unclaimed (else kept until the next move came) and requests
+        whose client has gone, and hand back what the in-flight records say is here but is not (a past
+        incarnation's, or never came) for a dispatcher to re-dispatch. Redis's parts not while its writes
+        fail (each waited out a hung Redis in the step loop), its reads each within ``_RECONCILE_REDIS_S``."""
+        self.kv_inbox.sweep()
         if not self.records.outage:
             await record_again_if_lost(self, _RECONCILE_REDIS_S)
         now = time.monotonic()

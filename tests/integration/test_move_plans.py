@@ -161,3 +161,10 @@ async def test_a_cache_shipped_for_a_request_refused_on_arrival_is_not_kept(
         await service._on_request(moved)
         await service._take(service.commands.get_nowait())
         assert "r" not in service.streams and len(service.kv_inbox) == 0
+        # A cache whose request never comes (its source died after sending it) goes once stale,
+        # at the worker's next look, not only when another move's cache begins to come.
+        service.kv_inbox.stale_s = 0.0
+        for chunk in handoff(msgspec.structs.replace(first, request_id="q"), [8], 0, 1, kv, 0.0)[1]:
+            await service._on_kv_chunk(chunk)
+        await service._reconcile()
+        assert len(service.kv_inbox) == 0

@@ -49,6 +49,19 @@ async def test_unclaimed_caches_are_swept_when_the_next_arrives() -> None:
     assert len(inbox) == 1
 
 
+async def test_unclaimed_caches_go_once_stale_with_no_other_coming() -> None:
+    """Swept only when the next cache came, one whose request never came stayed for as long as
+    no other move reached the worker (the worker sweeps between steps)."""
+    inbox = KVInbox(stale_s=0.05)
+    _, parts = chunks("r")
+    inbox.put(parts[0])
+    inbox.sweep()
+    assert len(inbox) == 1  # not stale yet: its request may still come
+    await asyncio.sleep(0.06)
+    inbox.sweep()
+    assert len(inbox) == 0
+
+
 def shipment(request_id: str, transfer: str, tokens: int, n: int = 3) -> tuple[KVSnapshot, list[KVChunk]]:
     kv = KVSnapshot(tokens=tokens, k=torch.randn(2, tokens, 1, 8), v=torch.randn(2, tokens, 1, 8))
     data = kv.to_bytes()
