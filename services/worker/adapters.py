@@ -35,6 +35,9 @@ T = TypeVar("T")
 # read and hash its files again (hundreds of MB for a real adapter), and files a trainer is
 # rewriting may be whole again soon after.
 FAILED_MEMORY_S = 10.0
+# A version a request moved away on is kept this long after it is retired: the destination may
+# find its files rewritten (load_inplace) and hand the request back to a worker that holds it.
+MOVED_AWAY_KEEP_S = 30.0
 
 
 # The weight of a read in the figures a worker's stats give (``ReadCosts``): the last ten reads or
@@ -211,6 +214,7 @@ class WorkerAdapters:
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
+        self.moved_away: dict[str, float] = {}  # engine key -> when a request on it last moved away
         self.used: OrderedDict[str, None] = OrderedDict()  # engine keys, the one used least lately first
         # Versions a prefetch could not load (files changed or broken): not tried again every
         # placement (a warning each time, and the files read again); a request tries once
@@ -443,6 +447,12 @@ class WorkerAdapters:
         self.unprefetchable = {k for k in self.unprefetchable if k[0] != name}
         self.retire()
 
+    def moved(self, key: str) -> None:
+        """A request on engine key ``key`` moved away: were its version retired, it stays a while."""
+        now = self.clock()
+        self.moved_away = {k: at for k, at in self.moved_away.items() if now - at < MOVED_AWAY_KEEP_S}
+        self.moved_away[key] = now
+
     def retired(self) -> set[str]:
         """The engine keys of adapter versions replaced or removed and still held for their
         requests: this worker may be the last to hold them, so those requests are not moved."""
@@ -450,16 +460,25 @@ class WorkerAdapters:
         return {k for k in self.engine.adapters if (n := name_of(k)) in retiring and version_of(k) != retiring[n]}
 
     def retire(self) -> None:
-        """Unload (and unmerge) replaced or removed adapter versions that no request uses any more."""
+        """Unload (and unmerge) replaced or removed adapter versions that no request uses any more,
+        nor moved away on within ``MOVED_AWAY_KEEP_S``: a plan taken before the version's
+        replacement was heard of moved one to a worker that then found the files rewritten, and
+        with the version unloaded here no worker held it (a helper's trial: the stream failed)."""
+        now = self.clock()
+        self.moved_away = {k: at for k, at in self.moved_away.items() if now - at < MOVED_AWAY_KEEP_S}
+
+        def in_use(key: str) -> bool:
+            return self.engine.in_use(key) or key in self.moved_away
+
         for name, current in list(self.retiring.items()):
             stale = [key for key in self.engine.adapters if name_of(key) == name and version_of(key) != current]
             for key in stale:
-                if not self.engine.in_use(key):
+                if not in_use(key):
                     self.engine.unregister_adapter(key)
                     logger.info("adapter version unloaded", adapter=name, version=version_of(key), current=current)
             # (a version of it being read is retired once installed: until then, no new request takes it)
             reading = any(name_of(key) == name for key in self.engine.loading)
-            if not reading and all(not self.engine.in_use(key) for key in stale):
+            if not reading and all(not in_use(key) for key in stale):
                 del self.retiring[name]
                 if current is None:  # removed, its last version unloaded: its load counts go (their
                     self.engine.stats.forget_name(name)  # series went with it; dropped earlier, they came back)

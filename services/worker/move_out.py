@@ -65,6 +65,8 @@ async def move_out(w: WorkerService, move: Move) -> None:
     if fenced:
         return  # given up here meanwhile (this worker stalled): a later attempt serves it
     w.metrics.moved(len(data) if data is not None else None, move.trigger)
+    if seq.adapter is not None:  # its version stays here a while, should the destination hand it back
+        w.adapters.moved(seq.adapter)
     for chunk in chunks:
         await bus.publish(w.nc, subjects.kv_transfer(move.to_worker, move.request_id), chunk, msgpack=True)
     await bus.publish(w.nc, subjects.worker_requests(move.to_worker), resumed)

@@ -18,7 +18,13 @@ from dlora.model.adapters import AdapterError, AdapterLimits
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
-from dlora.services.worker.adapters import FAILED_MEMORY_S, AdapterChanged, AdapterNotFound, WorkerAdapters
+from dlora.services.worker.adapters import (
+    FAILED_MEMORY_S,
+    MOVED_AWAY_KEEP_S,
+    AdapterChanged,
+    AdapterNotFound,
+    WorkerAdapters,
+)
 from dlora.services.worker.engine import LLMEngine
 from tests.engine.helpers import make_engine
 
@@ -358,3 +364,27 @@ async def test_a_removed_adapters_load_counts_go_once_its_last_version_is_unload
     worker.retire()
     assert key not in engine.adapters
     assert not engine.stats.loads_by_adapter and not engine.stats.load_seconds_by_adapter
+
+
+async def test_a_replaced_version_a_request_just_moved_away_on_stays_for_its_hand_back(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A helper's trial (files rewritten, then load_inplace, a plan taken meanwhile): the request
+    moved on the old version before its replacement was heard of; the destination found the files
+    rewritten and handed it back, but the old version, retired and then unused, was unloaded at
+    its source, and no worker held it: the stream failed after its first tokens. Kept a while."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    engine = make_engine(tiny_llama)
+    now = [0.0]
+    worker = WorkerAdapters(engine, _Registry(entry), clock=lambda: now[0])
+    key = await worker.load("x", entry.version)
+    engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=key)
+    engine.step()
+    engine.abort("r")  # moved away (``move_out``)
+    worker.moved(key)
+    worker.changed("x", "v2")  # the replacement's event, heard after
+    assert key in engine.adapters  # a hand-back finds it here (the worker's stats list it)
+    now[0] += MOVED_AWAY_KEEP_S
+    worker.tidy()
+    assert key not in engine.adapters and not worker.retiring

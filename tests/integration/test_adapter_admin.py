@@ -15,10 +15,11 @@ import msgspec
 import structlog
 from redis.asyncio import Redis
 
+from dlora.common.messages import AdapterEvent, MovePlan, MoveRequest
 from dlora.model.adapters import AdapterLimits
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
-from tests.integration.conftest import ADMIN_KEY, Stack, run_stack
+from tests.integration.conftest import ADMIN_KEY, Stack, run_stack, sse_events
 from tests.integration.test_gateway import PROMPTS, get, offline, post
 
 
@@ -299,3 +300,40 @@ async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(
         assert (
             f"rank {rank} is above every live worker's max_lora_rank (at most {rank - 1})" in resp["error"]["message"]
         )
+
+
+async def test_a_request_moved_as_its_adapter_is_replaced_in_place_finishes_on_its_version(stack: Stack) -> None:
+    """A helper's trial (a trainer rewrites the files, then load_inplace; a migrator's plan taken
+    meanwhile): the request moved on the old version before its worker heard of the replacement;
+    the destination found the files rewritten and handed it back, but the source had unloaded the
+    old version once the request left, no worker held it, and the stream ended in a 500 after its
+    first tokens. It goes back to the source and ends as it would have unmoved."""
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    path = stack.tiny.adapters_dir / "rewritten"
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(stack.tiny.adapters["lora-0"], path)
+    status, _ = await post(stack, "/v1/adapters", {"name": "rewritten", "path": str(path)}, auth)
+    assert status == 201
+    body = {"model": "rewritten", "prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    _, whole = await post(stack, "/v1/completions", body)
+    text, last = "", {}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.url + "/v1/completions", json={**body, "stream": True}) as r:
+            async for event in sse_events(r):
+                if event == "[DONE]":
+                    break
+                last = event
+                text += event["choices"][0]["text"] if event.get("choices") else ""
+                source = next((w for w in stack.workers if w.streams), None)
+                if text and source is not None and not path.joinpath("rewritten-by-test").exists():
+                    path.joinpath("rewritten-by-test").touch()
+                    for f in ("adapter_config.json", "adapter_model.safetensors"):
+                        shutil.copy(stack.tiny.adapters["lora-1"] / f, path / f)
+                    rid = next(iter(source.streams))
+                    other = next(w.s.worker_id for w in stack.workers if w is not source)
+                    move = MoveRequest(request_id=rid, adapter="rewritten", to_worker=other)
+                    await source._on_moves(MovePlan(plan_id="p", epoch=1, created=time.time(), moves=[move]))
+                    # its replacement heard just after the plan (queued behind the move)
+                    await source._on_adapter_event(AdapterEvent(name="rewritten", removed=False, version="next"))
+    assert "error" not in last and last["choices"][0]["finish_reason"] == "length", last
+    assert text == whole["choices"][0]["text"]
