@@ -236,3 +236,23 @@ def test_a_resumed_stream_joins_a_character_split_by_a_run_of_skipped_eos(tokeni
     after = IncrementalDetokenizer(tokenizer, prompt + outputs[:cut], pending=before.pending)
     rest = "".join(after.push([t]) for t in outputs[cut:]) + after.flush()
     assert sent + rest == tokenizer.decode(outputs, skip_special_tokens=True) == " kalo中 remi"
+
+
+@pytest.mark.parametrize("cut", [3, 10, 17, 20, 30, 31])
+@pytest.mark.parametrize("held", [0, 1])
+def test_a_word_after_a_run_of_skipped_eos_keeps_its_space_across_a_resume(cut: int, held: int) -> None:
+    """A run of skipped EOS (ignore_eos) that ``_settle`` dropped from its window counted as no
+    token held back (``pending`` 0, or only from a held byte after it): a request moved or
+    recovered mid-run resumed with the run's last five EOS as its left context, which spell
+    nothing, and a SentencePiece decoder (Llama 2's) strips the space of the word after them:
+    " kalo" came out "kalo" on the destination, though it keeps it where it stays."""
+    tokenizer = _byte_fallback_tokenizer()
+    kalo, e4 = tokenizer.convert_tokens_to_ids("▁kalo"), tokenizer.convert_tokens_to_ids("<0xE4>")
+    prompt, outputs = [1, kalo], [kalo, *[e4] * held, *[2] * 30, kalo]
+    before = IncrementalDetokenizer(tokenizer, prompt)
+    sent = "".join(before.push([t]) for t in outputs[:cut])
+    after = IncrementalDetokenizer(tokenizer, prompt + outputs[:cut], pending=before.pending)
+    rest = "".join(after.push([t]) for t in outputs[cut:]) + after.flush()
+    whole = IncrementalDetokenizer(tokenizer, prompt)
+    assert sent + rest == "".join(whole.push([t]) for t in outputs) + whole.flush()
+    assert sent + rest == " kalo" + "\ufffd" * held + " kalo"

@@ -63,8 +63,10 @@ class IncrementalDetokenizer:
     @property
     def pending(self) -> int:
         """Tokens pushed whose text is held back (they end in part of a character), those dropped
-        from the window among them too: the last tokens given from the first held one."""
-        return self.given - self.at[self.read] if self.read < len(self.ids) else 0
+        from the window among them too: the last tokens given after the last one read. A run
+        dropped with nothing held after it counts: a resume must not take it as context (its last
+        five tokens spell nothing, and a SentencePiece word after them lost its space)."""
+        return self.given - (self.at[self.read - 1] + 1 if self.read else 0)
 
     def held(self) -> str:
         """What the tokens held back spell now, an unfinished character's bytes as U+FFFD (as
