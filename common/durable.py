@@ -206,6 +206,9 @@ class Stored:
 
 # Seconds a bucket read may go without a message before it is given up (TimeoutError).
 READ_STALL_S = 10.0
+# Seconds the consumer's deletion may take after a read: a JetStream gone meanwhile must not hold
+# up the read's answer or error (the server drops the consumer anyway after ``READ_STALL_S``).
+READ_DELETE_S = 1.0
 # Headers that make a message a marker, not a value: nats-py's KV_OP ("DEL", "PURGE") and the
 # reason nats-server 2.11+ writes on the markers it places itself (TTLs, MaxAge).
 _MARKERS = ("KV-Operation", "Nats-Marker-Reason")
@@ -256,6 +259,10 @@ async def bucket_last(bucket: Bucket | None) -> dict[str, Stored]:
         return last
     finally:
         await sub.unsubscribe()
+        # nats-py leaves the consumer on the server (nats.go deletes it): one a merge, each
+        # for ``READ_STALL_S`` (its inactive threshold). One a reset replaced goes so.
+        with contextlib.suppress(Exception):
+            await bucket.nc.jetstream(timeout=READ_DELETE_S).delete_consumer(f"KV_{bucket.name}", sub._consumer)
 
 
 async def bucket_values(bucket: Bucket | None) -> dict[str, bytes]:

@@ -408,6 +408,26 @@ async def test_a_bucket_is_read_whole_in_one_pass_its_markers_told_from_its_valu
         await nc.close()
 
 
+async def test_a_bucket_read_leaves_no_consumer_on_the_server(nats_server: Server) -> None:
+    """nats-py's unsubscribe leaves an ordered consumer on the server (nats.go's deletes it): each
+    merge (every 5 s a process, and each lookup's restore) left one per bucket until its inactive
+    threshold, and so did a read that stalled, failed or was cancelled. Deleted at the end."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=10.0)
+    bucket = Bucket(nc, "no-leftovers")
+    try:
+        kv = await bucket.get()
+        assert kv is not None
+        await bucket_last(bucket)  # an empty one
+        await kv.put("a", b"1")
+        await kv.delete("b")
+        assert set(await bucket_last(bucket)) == {"a", "b"}
+        assert (await js.stream_info("KV_no-leftovers")).state.consumer_count == 0
+    finally:
+        await js.delete_key_value("no-leftovers")
+        await nc.close()
+
+
 async def test_a_reconcile_that_read_the_bucket_before_a_revocation_does_not_undo_it(
     nats_server: Server, redis: Redis
 ) -> None:
