@@ -74,8 +74,8 @@ MERGE_INTERVAL_S = 5.0
 # most one may take.
 TIDY_INTERVAL_S = 3600.0
 TIDY_TIMEOUT_S = 10.0
-# Registrations a restore puts back at once: each a script call on its own connection, a quarter
-# of the default pool (``redis_max_connections``, 64) so that requests meanwhile find one free.
+# Registrations a restore puts back at once: each a script call on its own connection, at most a
+# quarter of the pool (``redis_max_connections``, 64 by default) so that requests meanwhile find one.
 RESTORE_AT_ONCE = 16
 # Seconds a removal is kept (``AdapterRemoval``) while its name is not registered again: a Redis
 # brought back from a snapshot older than this may serve a name removed before it. Kept for ever,
@@ -288,8 +288,10 @@ class AdapterRegistry(Durable):
         # back, served for seconds; a review: a removal and a registration again, and v1 over v2).
         # Several at once: one after another, 4,000 took a second while lookups waited.
         restored: list[AdapterEntry] = []
-        for i in range(0, len(back), RESTORE_AT_ONCE):
-            chunk = back[i : i + RESTORE_AT_ONCE]
+        pool = getattr(self.store.r.connection_pool, "max_connections", 4 * RESTORE_AT_ONCE)
+        width = max(1, min(RESTORE_AT_ONCE, pool // 4))
+        for i in range(0, len(back), width):
+            chunk = back[i : i + width]
             put = await asyncio.gather(*(self.store.put_adapter(e, replace=True, restoring=True) for e in chunk))
             restored += [e for e, done in zip(chunk, put, strict=True) if done]
         if restored:
