@@ -205,6 +205,7 @@ def _add_to_engine(
         continued=req.continued,
         cache_salt=req.cache_salt,
         bad_words_ids=bad_words_ids,
+        whole=True,  # as the dispatcher checks token ids: a text prompt's length is first known here
     )
 
 

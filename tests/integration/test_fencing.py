@@ -77,10 +77,10 @@ class Cluster:
         return service, stop, task
 
     async def send(
-        self, request_id: str, client: str = "", max_tokens: int = N, to_worker: str = ""
+        self, request_id: str, client: str = "", max_tokens: int = N, to_worker: str = "", prompt: str | None = None
     ) -> asyncio.Queue[TokenChunk]:
         """Publish a long greedy request to the dispatchers (or straight to a worker, unrecorded);
-        its chunks arrive on the queue."""
+        its chunks arrive on the queue. ``prompt``: a text one instead of ``PROMPT``'s ids."""
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
         async def on_chunk(msg: nats.aio.msg.Msg) -> None:
@@ -93,7 +93,8 @@ class Cluster:
         req = GenerateRequest(
             request_id=request_id,
             reply_to=reply,
-            prompt_token_ids=PROMPT,
+            prompt_token_ids=PROMPT if prompt is None else None,
+            prompt=prompt,
             params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
             client=client,
         )
@@ -407,6 +408,28 @@ async def test_a_request_no_worker_can_hold_is_refused_not_cut_short(cluster) ->
     stream = ReplyStream("fits")
     await _read(stream, chunks)
     assert stream.error is None and stream.tokens == 100 and stream.finish_reason == "length"
+
+
+async def test_a_text_prompt_no_worker_can_hold_is_refused_not_cut_short(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A helper's trial over NATS: a text prompt of 3 tokens with max_tokens 510 on a 512-token
+    context got 509 tokens and finish_reason "length", where the same prompt as token ids is
+    refused (the dispatcher counts a text prompt as one token: it is tokenized on the worker).
+    The worker refuses it, naming max_tokens, once it knows the prompt's length."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    small = EngineConfig(device="cpu", dtype="float32", num_blocks=8, block_size=16)  # 128 tokens
+    worker, _, _ = await c.worker("w-small", small)
+    prompt = "kalo remi sa"
+    length = len(worker.engine.tokenizer.encode(prompt))
+    assert length > 1
+    chunks = await c.send("too-long", max_tokens=128 - length + 1, prompt=prompt)
+    stream = ReplyStream("too-long")
+    await _read(stream, chunks)
+    assert stream.error_code == "bad_request" and stream.tokens == 0
+    assert stream.error_param == "max_tokens" and f"needs {128 + 1} tokens" in (stream.error or "")
+    chunks = await c.send("fits", max_tokens=128 - length, prompt=prompt)
+    stream = ReplyStream("fits")
+    await _read(stream, chunks)
+    assert stream.error is None and stream.tokens == 128 - length and stream.finish_reason == "length"
 
 
 async def test_a_recorded_request_delivered_after_a_stall_is_asked_about_on_arrival(cluster) -> None:  # type: ignore[no-untyped-def]

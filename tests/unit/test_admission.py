@@ -33,3 +33,14 @@ def test_a_refused_prompt_names_its_field(
 
 def test_a_prompt_that_fits_passes() -> None:
     check_tokens([5, 511], [7], vocab=512, max_model_len=64, params=SamplingParams(max_tokens=4))
+
+
+def test_a_service_request_whose_prompt_and_max_tokens_overrun_the_context_names_max_tokens() -> None:
+    """A text prompt reaches the worker uncounted (the dispatcher cannot tokenize it): without this
+    it ran to the context and ended "length" with fewer tokens than max_tokens."""
+    with pytest.raises(RequestError) as e:
+        check_tokens([5] * 10, [], vocab=512, max_model_len=64, params=SamplingParams(max_tokens=55), whole=True)
+    assert e.value.param == "max_tokens" and "needs 65 tokens" in str(e.value)
+    check_tokens([5] * 10, [], vocab=512, max_model_len=64, params=SamplingParams(max_tokens=54), whole=True)
+    # the engine's own callers (offline generation) still end such a request "length", as vLLM's LLM does
+    check_tokens([5] * 10, [], vocab=512, max_model_len=64, params=SamplingParams(max_tokens=55))

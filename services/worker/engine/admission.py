@@ -14,6 +14,7 @@ def check_tokens(
     params: SamplingParams,
     text_pending: int = 0,
     field: str = "prompt_token_ids",
+    whole: bool = False,
 ) -> None:
     """RequestError (a 4xx for the caller) unless the prompt ``ids`` and the outputs ``resumed``
     from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds,
@@ -21,7 +22,10 @@ def check_tokens(
     tokens) that of resumed tokens (more would send the prompt's text as output), and every
     ``logit_bias``, ``allowed_token_ids`` and ``stop_token_ids`` id in the vocabulary
     (``SamplingParams.outside_vocab``; vLLM refuses the others alike). ``field``: the request's
-    field the prompt came in (``prompt`` or ``prompt_token_ids``), the error's ``param``."""
+    field the prompt came in (``prompt`` or ``prompt_token_ids``), the error's ``param``.
+    ``whole``: the prompt and every token ``max_tokens`` allows must fit the context too (a
+    service's request: cut short at the context it would end "length" with fewer tokens than asked;
+    the dispatcher checks that only where it can count the prompt, not for a text one)."""
     if not 0 <= text_pending <= len(resumed):
         raise RequestError(f"resume_text_pending={text_pending} must be in [0, {len(resumed)}] (the resumed tokens)")
     if not ids:
@@ -35,6 +39,13 @@ def check_tokens(
     if len(resumed) >= params.max_tokens:
         raise RequestError(
             f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}", param="max_tokens"
+        )
+    if whole and len(ids) + params.max_tokens > max_model_len:
+        raise RequestError(
+            f"the request needs {len(ids) + params.max_tokens} tokens ({len(ids)} in the {field}, max_tokens="
+            f"{params.max_tokens}); this model's context holds {max_model_len}: lower max_tokens or shorten "
+            f"the {field}",
+            param="max_tokens",
         )
     if (outside := params.outside_vocab(vocab)) is not None:
         raise RequestError(outside[1], param=outside[0])

@@ -224,6 +224,7 @@ class LLMEngine:
         continued: bool = False,
         cache_salt: str = "",
         bad_words_ids: list[list[int]] | None = None,
+        whole: bool = False,
     ) -> None:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated
         or lost run); generation continues after them and they are not reported again
@@ -234,7 +235,9 @@ class LLMEngine:
         its prompt tokens, even where it had produced nothing yet. ``cache_salt``: its prefix-cache
         blocks are shared only with requests of the same salt (``Sequence.salted``). ``bad_words_ids``:
         the token sequences of ``params.bad_words`` (``bad_words_token_ids``), tokenized already
-        (the worker does it on arrival, off its loop); None: tokenized here."""
+        (the worker does it on arrival, off its loop); None: tokenized here. ``whole``: refuse a
+        request whose prompt and max_tokens overrun the context (``check_tokens``) rather than end
+        it "length" there."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
@@ -245,7 +248,7 @@ class LLMEngine:
         resumed = list(resume_token_ids or [])
         pending, held = resume_text_pending, resume_text_held
         field = "prompt" if prompt is not None else "prompt_token_ids"
-        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, pending, field)
+        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, pending, field, whole)
         tail = sent_tail(self.tokenizer, ids, resumed, params, pending, held)  # sent already: looked in, not again
         seq = Sequence(
             request_id=request_id,
