@@ -52,7 +52,7 @@ async def test_stats_carry_the_expected_remaining_tokens(
         0
     ]["token_ids"]
     stop_at = next(i for i, t in enumerate(greedy) if i >= 3 and t not in greedy[:i])
-    short = SamplingParams(max_tokens=1000, temperature=0.0, stop_token_ids=[greedy[stop_at]])
+    short = SamplingParams(max_tokens=400, temperature=0.0, stop_token_ids=[greedy[stop_at]])  # (within the context)
 
     try:
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
