@@ -48,14 +48,28 @@ def test_a_resumed_stream_loses_no_character_at_the_seam(tokenizer, cut: int) ->
 
 
 def test_the_direct_decoder_equals_transformers_decode(tokenizer) -> None:
-    """The Rust tokenizer's decode, taken where transformers adds nothing: same text, special
-    tokens skipped or not."""
-    assert tokenizer.clean_up_tokenization_spaces is False  # else decoder() keeps transformers'
+    """The Rust tokenizer's decode: transformers' text, special tokens skipped or not."""
     ids = tokenizer.encode("naïve café — 日本語 ok  two") + [tokenizer.eos_token_id or 0]
     fast = decoder(tokenizer)
     for skip in (True, False):
         for i in range(len(ids)):
             assert fast(ids[i:], skip) == tokenizer.decode(ids[i:], skip_special_tokens=skip)
+
+
+def test_generated_text_keeps_its_spaces_where_a_tokenizer_asks_for_clean_up() -> None:
+    """``clean_up_tokenization_spaces`` (Llama 3's tokenizer_config sets it; transformers 4.x applies
+    it to BPE, 5.x to the others) took the space before punctuation out of generated text: "x != y"
+    came out "x!= y". vLLM never cleans generated text; the tokens' own spelling goes out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "x": 1, "!=": 2, "y": 3, ",": 4, "so": 5}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, clean_up_tokenization_spaces=True)
+    assert tokenizer.decode([1, 2, 3, 4]) == "x!= y,"  # (what transformers' clean-up makes of it)
+    d = IncrementalDetokenizer(tokenizer, [5])
+    assert "".join(d.push([t]) for t in [1, 2, 3, 4]) == " x != y ,"
+    assert decoder(tokenizer)([1, 2, 3, 4], True) == "x != y ,"
 
 
 def test_a_request_that_ends_inside_a_character_keeps_its_bytes_as_u_fffd(tokenizer) -> None:
