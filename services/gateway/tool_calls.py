@@ -4,8 +4,9 @@ reading: the items that completed; an output cut short keeps the calls it finish
 
 The list's schema is vLLM's (``_get_json_schema_from_tools``): an array of at least one object
 ``{"name": <one of the tools>, "parameters": <that tool's arguments>}``, every tool's ``$defs``
-lifted to the top, where its ``#/$defs/...`` references point. ``parallel_tool_calls: false``
-(OpenAI's: at most one call) makes it at most one item.
+lifted to the top, where its ``#/$defs/...`` references point; its other references into itself
+(``#``, ``#/definitions/...``, ``#/properties/...``) point where it now sits, inside the list.
+``parallel_tool_calls: false`` (OpenAI's: at most one call) makes it at most one item.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool 
     """
     defs: dict[str, Any] = {}
     items = []
-    for name, parameters in tools:
-        params = dict(arguments_schema(parameters))  # only its top level changes
+    for i, (name, parameters) in enumerate(tools):
+        params = _rebased(arguments_schema(parameters), f"#/items/anyOf/{i}/properties/parameters")
         lifted = params.pop("$defs") if isinstance(params.get("$defs"), dict) else {}  # else llguidance refuses it
         for key, definition in lifted.items():
             if defs.setdefault(key, definition) != definition:
@@ -61,6 +62,36 @@ def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool 
     if defs:
         listed["$defs"] = defs
     return listed
+
+
+# Keywords whose value is data (a reference there is not one), and those whose value maps names to schemas
+_DATA = frozenset({"const", "enum", "default", "examples"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _rebased(schema: dict[str, Any], base: str) -> dict[str, Any]:
+    """A copy of ``schema`` whose local references (``#``, ``#/...``) point into it where it sits in
+    a larger schema, at ``base``; those into ``$defs`` stay (lifted to the top). A tool's
+    ``#/definitions/...`` (zod-to-json-schema's, pydantic v1's) or ``#/properties/...`` (a shared
+    subschema) pointed at the list's root under "required": refused, where a named choice of the
+    same tool was served; a recursive ``#`` was read as the list, and the model led to write lists
+    of calls as the tool's arguments. A loop, not recursion: schemas 2,000 deep are taken."""
+    out: dict[str, Any] = {}
+    todo: list[tuple[Any, Any, bool]] = [(schema, out, False)]  # (source, its copy, a map of names to schemas)
+    while todo:
+        source, copied, names = todo.pop()
+        pairs = enumerate(source) if isinstance(source, list) else source.items()
+        for key, value in pairs:
+            if isinstance(source, dict) and not names and key in _DATA:
+                pass  # data, kept as written
+            elif key == "$ref" and not names and isinstance(value, str) and value.split("/")[0] == "#":
+                value = value if value.startswith("#/$defs/") else base + value[1:]
+            elif isinstance(value, (dict, list)):
+                inner: Any = {} if isinstance(value, dict) else [None] * len(value)
+                todo.append((value, inner, isinstance(source, dict) and not names and key in _SCHEMA_MAPS))
+                value = inner
+            copied[key] = value
+    return out
 
 
 def _call(item: object) -> tuple[str, str] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,39 @@ def test_a_call_holds_its_name_and_parameters_alone() -> None:
         matcher = grammars.matcher(SamplingParams(json_schema=schema), [])
         assert matcher is not None
         assert matcher.consume_tokens(hf.encode(text, add_special_tokens=False)) is ok, text
+
+
+def _at(schema: dict[str, Any], ref: str) -> Any:
+    """What a local ``$ref`` points at in ``schema`` (a JSON pointer)."""
+    node: Any = schema
+    for part in filter(None, ref.removeprefix("#").split("/")):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def test_a_tools_own_references_point_into_it_inside_the_list() -> None:
+    """vLLM #20470's kind (a tool served by a named choice refused under "required": the list's
+    anyOf moved what its references point at): ``$defs`` were lifted, but zod-to-json-schema's and
+    pydantic v1's ``#/definitions/...``, a shared ``#/properties/...`` and a recursive ``#``
+    pointed at the list's root (the first two refused, the last read as a list of calls)."""
+    city = {"enum": ["kalo", "remi"]}
+    tools = [
+        ("ping", None),
+        (
+            "old",
+            {"type": "object", "definitions": {"city": city}, "properties": {"at": {"$ref": "#/definitions/city"}}},
+        ),
+        ("shared", {"type": "object", "properties": {"home": city, "work": {"$ref": "#/properties/home"}}}),
+        ("tree", {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}),
+        ("data", {"$defs": {"c": city}, "properties": {"k": {"const": {"$ref": "#"}}, "enum": {"$ref": "#/$defs/c"}}}),
+    ]
+    given = copy.deepcopy(tools)
+    schema = calls_schema(tools)
+    check(SamplingParams(json_schema=json.dumps(schema)))  # refused: "Pointer '/definitions/city' does not exist"
+    old, shared, tree, data = (schema["items"]["anyOf"][i]["properties"]["parameters"] for i in (1, 2, 3, 4))
+    assert _at(schema, old["properties"]["at"]["$ref"]) == city
+    assert _at(schema, shared["properties"]["work"]["$ref"]) == city
+    assert _at(schema, tree["properties"]["kids"]["items"]["$ref"]) is tree  # the tool's arguments, not the list
+    assert data["properties"]["k"] == {"const": {"$ref": "#"}}  # data, not a reference
+    assert data["properties"]["enum"] == {"$ref": "#/$defs/c"}  # a property named so is a schema; $defs are lifted
+    assert tools == given  # the request's own schemas are not changed
