@@ -51,6 +51,11 @@ def _call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | Non
     if not isinstance(obj, dict) or not isinstance(name := obj.get("name"), str):
         return None
     args: object = next((obj[k] for k in arguments_keys if k in obj), {})
+    if isinstance(args, str):  # already JSON text (Granite 4 writes its arguments so): not encoded again
+        try:
+            args = loads(args)
+        except ValueError:
+            return None
     if not isinstance(args, dict):
         return None
     return name, arguments_json(args)

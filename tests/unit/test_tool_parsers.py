@@ -40,6 +40,8 @@ MISTRAL_ARRAY = (
     'Let me look.[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "kalo"}}, {"name": "ping", "arguments": {}}]'
 )
 HERMES_NAN = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'
+GRANITE = '<tool_call>{"name": "weather", "arguments": "{\\n  \\"city\\": \\"kalo\\"\\n}"}</tool_call>'
+STRING_ARRAY = '<tool_call>{"name": "f", "arguments": "[1, 2]"}</tool_call>'
 MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[ARGS]{}'
 
 
@@ -77,6 +79,13 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("hermes", HERMES_NAN, HERMES_NAN, []),
         ("llama3_json", '{"name": "f", "parameters": {"x": 1e400}}', '{"name": "f", "parameters": {"x": 1e400}}', []),
         ("mistral", '[TOOL_CALLS]f{"x": -Infinity}', '[TOOL_CALLS]f{"x": -Infinity}', []),
+        # Arguments written as JSON text (Granite 4's; vLLM #54964): the call, its arguments not
+        # encoded again (the whole call came back as content); text that is no object stays text
+        ("hermes", GRANITE, "", [WEATHER]),
+        ("llama3_json", '{"name": "weather", "parameters": "{\\"city\\": \\"kalo\\"}"}', "", [WEATHER]),
+        ("mistral", '[TOOL_CALLS] [{"name": "weather", "arguments": "{\\"city\\": \\"kalo\\"}"}]', "", [WEATHER]),
+        ("hermes", STRING_ARRAY, STRING_ARRAY, []),
+        ("hermes", STRING_ARRAY.replace("[1, 2]", "kalo"), STRING_ARRAY.replace("[1, 2]", "kalo"), []),
     ],
 )
 def test_a_whole_output_and_its_stream_read_alike(
