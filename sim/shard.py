@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from dlora.common.messages import WorkerStats
-from dlora.services.worker.adapters import ReadCosts, ReadOrder
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
+from dlora.services.worker.reads import ReadCosts, ReadOrder
 from dlora.services.worker.snapshot import worker_stats
 from dlora.sim.cost import CostProfile, adapter_file_bytes
 from dlora.sim.replica import SimEngine
