@@ -145,6 +145,7 @@ class WorkerAdapters:
         self._queued: dict[str, tuple[str, AdapterEntry]] = {}  # key -> name, registry entry
         self._order = ReadOrder()
         self._reader: asyncio.Task[None] | None = None
+        self._roomy = asyncio.Event()  # set between steps and commands: a waiting read looks again
         self.read_costs = ReadCosts()  # what its reads took: the stats say it
         # Where a read's outcome goes: a worker's command queue, settled between its steps; without
         # one, settled at once (nothing steps meanwhile: tests, tools).
@@ -215,9 +216,30 @@ class WorkerAdapters:
             raise failed[1](failed[2])
         return key
 
+    def room(self) -> bool:
+        """Whether a read may begin: host memory holds fewer than ``max_cpu_loras`` adapters that
+        requests run on and reads begun and not installed, so that one idle can go for it (an idle
+        merged one stays: one over at most, until unmerged); or nothing can run, and so free one
+        (what waits is reads). Reads began as requests
+        came: a burst over 58 adapters held 58 in host memory at ``max_cpu_loras`` 2 (a helper's
+        trial, 400 requests over 200 adapters), hundreds of GB at real adapters' sizes, where
+        vLLM and SGLang hold their cap (SGLang #10266) and LoRAX waits for room (#306)."""
+        e = self.engine
+        if not e.runnable():
+            return True
+        busy = e.adapters_in_use()
+        begun = sum(1 for k in e.loading if k not in self._queued)
+        return sum(1 for k in e.adapters if k in busy) + begun < e.config.max_cpu_loras
+
     async def _read_queued(self) -> None:
-        """The reads asked for, one at a time, in their order, while there are any."""
-        while (key := self._order.next()) is not None:
+        """The reads asked for, one at a time, in their order, while there are any, each once
+        host memory has room for it (``room``)."""
+        while True:
+            while self._queued and not self.room():
+                self._roomy.clear()
+                await self._roomy.wait()
+            if (key := self._order.next()) is None:
+                return
             done = self.reads[key]
             try:
                 await self._read(key, *self._queued.pop(key))
@@ -318,7 +340,9 @@ class WorkerAdapters:
 
     def tidy(self) -> None:
         """Between commands and steps: unload retired versions no request uses any more, and drop
-        adapters past ``max_cpu_loras`` that a burst kept busy when they were loaded."""
+        adapters past ``max_cpu_loras`` that a burst kept busy when they were loaded; a read waiting
+        for room looks again."""
+        self._roomy.set()
         if self.retiring:
             self.retire()
         if len(self.engine.adapters) > self.engine.config.max_cpu_loras:

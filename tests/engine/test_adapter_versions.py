@@ -263,6 +263,31 @@ async def test_adapters_kept_by_a_burst_go_once_idle(tiny_llama: TinyOutput) -> 
     assert len(engine.adapters) == 2
 
 
+async def test_a_burst_over_many_adapters_is_read_as_host_memory_has_room(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """Reads began as requests came: a burst over 58 adapters held 58 in host memory at
+    ``max_cpu_loras`` 2 (a helper's trial through the stack), where vLLM and SGLang hold their cap.
+    A read now waits until a request ends and frees one; every request still runs."""
+    entries = _copies(tiny_llama, tmp_path, *(f"b{i}" for i in range(8)))
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=2)
+    for name in list(engine.adapters):
+        engine.unregister_adapter(name)
+    worker = WorkerAdapters(engine, _Entries(entries))
+    for i, e in enumerate(entries):
+        key = await worker.ensure(e.name, e.version)
+        engine.add_request(f"r{i}", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=2), adapter=key)
+    peak, done = 0, set()
+    async with asyncio.timeout(60):
+        while engine.has_unfinished():
+            await asyncio.sleep(0.01)  # reads settle (``post``: at once)
+            peak = max(peak, len(engine.adapters))
+            if engine.runnable():
+                done |= {out.request_id for out in engine.step() if out.finished}
+            worker.tidy()
+    assert peak <= 2 and done == {f"r{i}" for i in range(8)} and not worker.failed
+
+
 def _copies(tiny_llama: TinyOutput, tmp_path: Path, *names: str) -> list[AdapterEntry]:
     """A registered copy of one tiny adapter under each of ``names``."""
     cfg = ModelConfig.from_dir(tiny_llama.model)

@@ -51,7 +51,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_loras: int = 8  # device slots for unmerged adapters, one adapter of any rank each
     # Adapters a worker keeps in host memory (vLLM's max_cpu_loras): past it, the one used least
-    # lately and idle is dropped (loaded again from its files when asked for). At least max_loras.
+    # lately and idle is dropped (loaded again from its files when asked for), and a read waits for
+    # a request to end while that many have requests. At least max_loras.
     max_cpu_loras: int = 256
     # Decode steps on a GPU replay CUDA graphs (one per batch-size bucket up to max_num_seqs,
     # recorded on first use); true runs every step eagerly (vLLM's flag).
