@@ -227,6 +227,10 @@ class WorkerAdapters:
         e = self.engine
         if not e.runnable():
             return True
+        # A request moved in with its cache waits holding KV blocks the requests on adapters held
+        # may need to end and make room: the reads go on meanwhile rather than wait on them.
+        if any(s.adapter in e.loading and e.blocks.holds(rid) for rid, s in e.seqs.items()):
+            return True
         busy = e.adapters_in_use()
         begun = sum(1 for k in e.loading if k not in self._queued)
         return sum(1 for k in e.adapters if k in busy) + begun < e.config.max_cpu_loras

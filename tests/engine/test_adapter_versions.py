@@ -288,6 +288,29 @@ async def test_a_burst_over_many_adapters_is_read_as_host_memory_has_room(
     assert peak <= 2 and done == {f"r{i}" for i in range(8)} and not worker.failed
 
 
+async def test_a_request_moved_in_with_its_cache_has_its_adapter_read_without_waiting_for_room(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """Its KV blocks are held while it waits for its read: waiting for requests on the adapters held
+    to end, as reads do when host memory is full, could wait on the very blocks it holds."""
+    entries = _copies(tiny_llama, tmp_path, "held", "moved")
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0)
+    source = make_engine(tiny_llama)
+    source.add_request("m", prompt_token_ids=[5, 40, 41], params=params, adapter="lora-0")
+    sent = [t for _ in range(2) for o in source.step() for t in o.new_token_ids]
+    kv = source.export_kv("m")
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=1)
+    for name in list(engine.adapters):
+        engine.unregister_adapter(name)
+    worker = WorkerAdapters(engine, _Entries(entries))
+    held = await worker.load("held", entries[0].version)
+    engine.add_request("h", prompt_token_ids=[5, 6, 7], params=params, adapter=held)  # host memory full
+    key = await worker.ensure("moved", entries[1].version)
+    engine.add_request("m", prompt_token_ids=[5, 40, 41], params=params, adapter=key, resume_token_ids=sent, kv=kv)
+    await asyncio.wait_for(asyncio.shield(worker.reads[key]), 5)
+    assert key in engine.adapters and "h" in engine.seqs  # read while "h" still runs
+
+
 def _copies(tiny_llama: TinyOutput, tmp_path: Path, *names: str) -> list[AdapterEntry]:
     """A registered copy of one tiny adapter under each of ``names``."""
     cfg = ModelConfig.from_dir(tiny_llama.model)
