@@ -225,14 +225,14 @@ class WorkerAdapters:
         trial, 400 requests over 200 adapters), hundreds of GB at real adapters' sizes, where
         vLLM and SGLang hold their cap (SGLang #10266) and LoRAX waits for room (#306)."""
         e = self.engine
-        if not e.runnable():
+        begun = sum(1 for k in e.loading if k not in self._queued)  # (not installed yet)
+        if not e.runnable() and not begun:
             return True
         # A request moved in with its cache waits holding KV blocks the requests on adapters held
         # may need to end and make room: the reads go on meanwhile rather than wait on them.
         if any(s.adapter in e.loading and e.blocks.holds(rid) for rid, s in e.seqs.items()):
             return True
         busy = e.adapters_in_use()
-        begun = sum(1 for k in e.loading if k not in self._queued)
         return sum(1 for k in e.adapters if k in busy) + begun < e.config.max_cpu_loras
 
     async def _read_queued(self) -> None:
