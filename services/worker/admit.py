@@ -29,6 +29,7 @@ from dlora.services.worker.chunks import (
     unreadable_chunk,
 )
 from dlora.services.worker.engine import RequestError
+from dlora.services.worker.engine.admission import OverContext
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.one_id import give_up, successor
@@ -115,6 +116,12 @@ async def _admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[lis
         code, reason = ErrorCode.NOT_FOUND, str(e)
     except bus.STATE_OUTAGE as e:
         code, reason = ErrorCode.UNAVAILABLE, f"the state store (Redis) is unreachable ({type(e).__name__}); try again"
+    except OverContext as e:
+        # A text prompt is counted as one token by the dispatcher: one too long for this context
+        # may fit a larger worker's, as the same prompt as ids would have been sent there (a review)
+        if req.recorded and await _hand_back_once(w, req.request_id, req.recoveries):
+            return
+        reason, param = str(e), e.param
     except RequestError as e:
         reason, param = str(e), e.param
     except AdapterError as e:

@@ -432,6 +432,29 @@ async def test_a_text_prompt_no_worker_can_hold_is_refused_not_cut_short(cluster
     assert stream.error is None and stream.tokens == 128 - length and stream.finish_reason == "length"
 
 
+async def test_a_text_prompt_a_smaller_worker_cannot_hold_is_served_by_a_larger_one(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A review of the worker's refusal (573a4d0): the dispatcher counts a text prompt as one token,
+    so in a fleet of mixed contexts it may send one to a worker too small for its prompt and
+    max_tokens while a larger worker holds it whole; that worker answered 400, where the same
+    prompt as token ids is served. Refused so, a recorded request is handed back once, for another."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    small = EngineConfig(device="cpu", dtype="float32", num_blocks=8, block_size=16)  # 128 tokens
+    worker, _, _ = await c.worker("w-small", small)
+    large, _, _ = await c.worker("w-large")
+    assert large.engine.max_model_len > 128 + 40
+    busy = await c.send("busy", max_tokens=200)  # only the large one holds it: priced busy, not chosen next
+    prompt = "kalo remi sa"
+    length = len(worker.engine.tokenizer.encode(prompt))
+    assert length > 1  # counted as one, 127 more fit the small one; with its own, they do not
+    chunks = await c.send("text", max_tokens=127, prompt=prompt)
+    stream = ReplyStream("text")
+    await _read(stream, chunks)
+    assert stream.error is None and stream.tokens == 127 and stream.finish_reason == "length"
+    first = ReplyStream("busy")
+    await _read(first, busy)
+    assert first.error is None and first.tokens == 200
+
+
 async def test_a_recorded_request_delivered_after_a_stall_is_asked_about_on_arrival(cluster) -> None:  # type: ignore[no-untyped-def]
     """A message that waited in the worker's socket through a stall comes after the check that
     followed it (which asks about the copies held then); meanwhile a later attempt had served the

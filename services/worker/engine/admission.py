@@ -6,6 +6,11 @@ from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.worker.engine.outputs import RequestError
 
 
+class OverContext(RequestError):
+    """The prompt and max_tokens overrun this engine's context (``check_tokens``, ``whole``): a
+    worker of a longer one may hold them (a fleet of mixed settings)."""
+
+
 def check_tokens(
     ids: list[int],
     resumed: list[int],
@@ -41,7 +46,7 @@ def check_tokens(
             f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}", param="max_tokens"
         )
     if whole and len(ids) + params.max_tokens > max_model_len:
-        raise RequestError(
+        raise OverContext(
             f"the request needs {len(ids) + params.max_tokens} tokens ({len(ids)} in the {field}, max_tokens="
             f"{params.max_tokens}); this model's context holds {max_model_len}: lower max_tokens or shorten "
             f"the {field}",
