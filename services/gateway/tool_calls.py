@@ -43,7 +43,9 @@ def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool 
     items = []
     for i, (name, parameters) in enumerate(tools):
         params = _rebased(arguments_schema(parameters), f"#/items/anyOf/{i}/properties/parameters")
-        lifted = params.pop("$defs") if isinstance(params.get("$defs"), dict) else {}  # else llguidance refuses it
+        lifted = (  # (a $defs not a dict: llguidance refuses it); a resource's own are its references' place
+            params.pop("$defs") if isinstance(params.get("$defs"), dict) and not _resource(params) else {}
+        )
         for key, definition in lifted.items():
             if defs.setdefault(key, definition) != definition:
                 raise ConflictingDefs(f"tools define $defs {key!r} differently; one list of calls cannot hold both")
@@ -75,7 +77,10 @@ def _rebased(schema: dict[str, Any], base: str) -> dict[str, Any]:
     ``#/definitions/...`` (zod-to-json-schema's, pydantic v1's) or ``#/properties/...`` (a shared
     subschema) pointed at the list's root under "required": refused, where a named choice of the
     same tool was served; a recursive ``#`` was read as the list, and the model led to write lists
-    of calls as the tool's arguments. A loop, not recursion: schemas 2,000 deep are taken."""
+    of calls as the tool's arguments. One with an ``$id`` of its own, or holding one, is kept as
+    written there. A loop, not recursion: schemas 2,000 deep are taken."""
+    if _resource(schema):
+        return dict(schema)
     out: dict[str, Any] = {}
     todo: list[tuple[Any, Any, bool]] = [(schema, out, False)]  # (source, its copy, a map of names to schemas)
     while todo:
@@ -86,12 +91,20 @@ def _rebased(schema: dict[str, Any], base: str) -> dict[str, Any]:
                 pass  # data, kept as written
             elif key == "$ref" and not names and isinstance(value, str) and value.split("/")[0] == "#":
                 value = value if value.startswith("#/$defs/") else base + value[1:]
+            elif isinstance(value, dict) and _resource(value):
+                pass  # its own references resolve within it, wherever it sits: kept as written
             elif isinstance(value, (dict, list)):
                 inner: Any = {} if isinstance(value, dict) else [None] * len(value)
                 todo.append((value, inner, isinstance(source, dict) and not names and key in _SCHEMA_MAPS))
                 value = inner
             copied[key] = value
     return out
+
+
+def _resource(schema: dict[str, Any]) -> bool:
+    """Whether ``schema`` has an ``$id`` of its own (not an anchor, "#name"): its ``#`` references
+    resolve against it wherever it sits (TypeBox's tools, a spec's published schema)."""
+    return isinstance(given := schema.get("$id"), str) and not given.startswith("#")
 
 
 def _call(item: object) -> tuple[str, str] | None:

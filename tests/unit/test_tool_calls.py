@@ -140,3 +140,24 @@ def test_a_tools_own_references_point_into_it_inside_the_list() -> None:
     assert data["properties"]["k"] == {"const": {"$ref": "#"}}  # data, not a reference
     assert data["properties"]["enum"] == {"$ref": "#/$defs/c"}  # a property named so is a schema; $defs are lifted
     assert tools == given  # the request's own schemas are not changed
+
+
+def test_a_tool_with_its_own_id_keeps_its_references_as_written() -> None:
+    """A review of the rebasing (c10b096): a schema with ``$id`` (TypeBox's, a spec's published
+    schema) is a resource of its own, where ``#`` references resolve against it, wherever it sits:
+    served before under "required", rebased they pointed past it and the list was refused
+    ("Pointer ... does not exist"); its ``$defs``, lifted out of it, were lost to its references."""
+    city = {"enum": ["kalo", "remi"]}
+    props = {
+        "type": "object",
+        "$id": "https://example.com/a.json",
+        "properties": {"h": city, "t": {"$ref": "#/properties/h"}},
+    }
+    own_defs = {"type": "object", "$id": "b.json", "$defs": {"C": city}, "properties": {"t": {"$ref": "#/$defs/C"}}}
+    inner = {"$id": "c.json", "properties": {"h": city, "t": {"$ref": "#/properties/h"}}}
+    nested = {"type": "object", "properties": {"n": inner}}
+    given = copy.deepcopy([props, own_defs, nested])
+    schema = calls_schema([("props", props), ("own_defs", own_defs), ("nested", nested)])
+    check(SamplingParams(json_schema=json.dumps(schema)))
+    listed = [schema["items"]["anyOf"][i]["properties"]["parameters"] for i in range(3)]
+    assert listed == given and "$defs" not in schema
