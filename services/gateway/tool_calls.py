@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from dlora.services.gateway.tool_parsers import ObjectEnd, arguments_json, loads
 
@@ -90,7 +91,8 @@ def _rebased(schema: dict[str, Any], base: str) -> dict[str, Any]:
             if isinstance(source, dict) and not names and key in _DATA:
                 pass  # data, kept as written
             elif key == "$ref" and not names and isinstance(value, str) and value.split("/")[0] == "#":
-                value = value if value.startswith("#/$defs/") else base + value[1:]
+                # (a URI fragment: "#/%24defs/..." is one into $defs too)
+                value = value if unquote(value).startswith("#/$defs/") else base + value[1:]
             elif isinstance(value, dict) and _resource(value):
                 pass  # its own references resolve within it, wherever it sits: kept as written
             elif isinstance(value, (dict, list)):

@@ -161,3 +161,15 @@ def test_a_tool_with_its_own_id_keeps_its_references_as_written() -> None:
     check(SamplingParams(json_schema=json.dumps(schema)))
     listed = [schema["items"]["anyOf"][i]["properties"]["parameters"] for i in range(3)]
     assert listed == given and "$defs" not in schema
+
+
+def test_a_percent_encoded_reference_into_defs_points_at_the_lifted_defs() -> None:
+    """A reference is a URI fragment: ``#/%24defs/C`` is ``#/$defs/C`` (llguidance decodes it), and
+    was served before the rebasing (c10b096), which took it for one elsewhere in the tool and
+    pointed it where its ``$defs`` no longer are (refused: "Pointer ... does not exist")."""
+    city = {"enum": ["kalo", "remi"]}
+    schema = calls_schema(
+        [("a", {"type": "object", "$defs": {"C": city}, "properties": {"w": {"$ref": "#/%24defs/C"}}})]
+    )
+    check(SamplingParams(json_schema=json.dumps(schema)))
+    assert schema["$defs"] == {"C": city}
