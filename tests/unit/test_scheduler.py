@@ -326,3 +326,17 @@ def test_the_policy_sees_each_request_s_context_refreshed_as_it_grows() -> None:
         assert (last["d"] is first) == (320 + grown <= first.context + first.context // 16), grown
         first = last["d"]
     assert last["d"].context == 341  # made anew at 341 (past 320 + 20), kept up to 362
+
+
+def test_an_empty_step_s_prefill_does_not_evict_an_earlier_prefill_left_out() -> None:
+    """Two prompts the cache holds one at a time: the later one, alone in the decision, evicted
+    the earlier one's half-done prefill, which evicted it back in turn, and neither ever ended."""
+    bm = BlockManager(num_blocks=2, block_size=4)
+    early, late = seq("early", 0, 8), seq("late", 2, 8)
+    bm.grow("early", 4)
+    early.num_cached = 4
+    seqs = {"early": early, "late": late}
+    plan = schedule(StepDecision(None, ["late"]), seqs, bm, LIMITS)
+    assert plan.seqs == [] and plan.preempted == [] and bm.table("early") != []
+    plan = schedule(StepDecision(None, ["early"]), seqs, bm, LIMITS)
+    assert plan.seqs == [early] and early.num_scheduled == 4

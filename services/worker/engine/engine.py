@@ -359,6 +359,14 @@ class LLMEngine:
             raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
         merge_s, unmerge_s = self.switch(decision.merged)
         plan = schedule(decision, self.seqs, self.blocks, self.limits, self._cache_key)
+        if not plan.seqs and decision.request_ids:
+            # Its requests all wait for blocks held by earlier ones it left out: the policy, seeing
+            # no step, would decide the same for ever (a helper's fuzzing hung on it); the head of
+            # line, which may evict everything after it, runs instead.
+            merged, preempted = self.merger.merged, plan.preempted
+            head = StepDecision(merged, [q.request_id for q in self.queue()], mixed=merged is not None)
+            plan = schedule(head, self.seqs, self.blocks, self.limits, self._cache_key)
+            plan.preempted[:0] = preempted
         self.stats.preemptions += len(plan.preempted)
         self.stats.record_prefix_cache(plan.prefix_queries, plan.prefix_hits)
         if not plan.seqs:

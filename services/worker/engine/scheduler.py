@@ -246,8 +246,8 @@ def _fits(
     """Whether ``seq`` can hold ``num_tokens``, preempting others where it may: a decode takes
     blocks from sequences outside the step (or gives up its own); a prefill waits for free blocks
     rather than evicting running work, unless the step would otherwise be empty: then sequences
-    the decision left out (paused while another adapter is merged) give their blocks back, and
-    then those of the decision that arrived after it."""
+    the decision left out (paused while another adapter is merged) give their blocks back, but
+    not prefills that came before it, and then those of the decision that arrived after it."""
     rid = seq.request_id
     if seq.status is Status.RUNNING:
         out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=chosen | {rid})
@@ -260,7 +260,10 @@ def _fits(
         return True
     if out.seqs:
         return False
-    out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=set(decision.request_ids))
+    # Not a prefill that came first: two prompts the cache holds one at a time, each first in
+    # turn, evicted each other's chunks for ever (the engine then runs the head of line instead).
+    ahead = {r for r, s in seqs.items() if s.status is Status.WAITING and s.arrival < seq.arrival}
+    out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=set(decision.request_ids) | ahead)
     if not blocks.can_grow(rid, num_tokens):
         # Still empty: half-prefilled prompts of the decision that came after this one give their
         # blocks back (else two of them can fill the cache and no step ever runs again).
