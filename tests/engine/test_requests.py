@@ -384,3 +384,27 @@ def test_a_decision_that_only_waits_for_blocks_runs_the_head_of_line(tiny_llama:
         ended += [o.request_id for o in engine.step(StepDecision(adapter, ["b"])) if o.finished]
     assert sorted(ended) == ["a", "b"]
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_the_head_of_line_on_another_adapter_runs_when_the_merged_one_holds_the_only_slot(
+    tiny_llama: TinyOutput,
+) -> None:
+    """One device slot (max_loras 1): beside a merged adapter its correction holds it, so the head
+    of line, a prompt of another adapter holding the cache, could not run in the mixed step the
+    fallback made, the decision's prompt waited for its blocks, and no step ever ran again. The
+    fallback unmerges for it instead."""
+    engine = make_engine(tiny_llama, num_blocks=2, block_size=16, max_num_seqs=1, max_num_batched_tokens=8, max_loras=1)
+    merged, other = list(tiny_llama.adapters)[:2]
+    params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
+    engine.add_request("a", prompt_token_ids=[3 + i for i in range(30)], params=params, adapter=other)
+    for _ in range(3):
+        engine.step()  # a holds the whole cache, 24 tokens in
+    assert engine.blocks.num_free == 0
+    engine.add_request("b", prompt_token_ids=[100 + i for i in range(20)], params=params, adapter=merged)
+    ended = []
+    for _ in range(100):
+        if not engine.has_unfinished():
+            break
+        ended += [o.request_id for o in engine.step(StepDecision(merged, ["b"], mixed=True)) if o.finished]
+    assert sorted(ended) == ["a", "b"]
+    assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -49,6 +49,7 @@ from dlora.services.worker.policy import (
     Policy,
     QueuedRequest,
     StepDecision,
+    free_slots,
     make_policy,
 )
 
@@ -363,8 +364,13 @@ class LLMEngine:
             # Its requests all wait for blocks held by earlier ones it left out: the policy, seeing
             # no step, would decide the same for ever (a helper's fuzzing hung on it); the head of
             # line, which may evict everything after it, runs instead.
-            merged, preempted = self.merger.merged, plan.preempted
-            head = StepDecision(merged, [q.request_id for q in self.queue()], mixed=merged is not None)
+            merged, preempted, line = self.merger.merged, plan.preempted, self.queue()
+            if line and line[0].adapter not in (None, merged) and not free_slots(self.limits.max_adapters, merged):
+                # Beside the merged adapter its correction holds the only slot (max_loras 1): the
+                # head, on another adapter, could never run there, and nothing ran for ever.
+                merge_more, unmerge_more = self.switch(merged := None)
+                merge_s, unmerge_s = merge_s + merge_more, unmerge_s + unmerge_more
+            head = StepDecision(merged, [q.request_id for q in line], mixed=merged is not None)
             plan = schedule(head, self.seqs, self.blocks, self.limits, self._cache_key)
             plan.preempted[:0] = preempted
         self.stats.preemptions += len(plan.preempted)
