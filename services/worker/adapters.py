@@ -37,6 +37,11 @@ FAILED_MEMORY_S = 10.0
 # A version a request moved away on is kept this long after it is retired: the destination may
 # find its files rewritten (load_inplace) and hand the request back to a worker that holds it.
 MOVED_AWAY_KEEP_S = 30.0
+# A read that requests wait for begins past max_cpu_loras once it has waited this long for room:
+# the adapters held may each have requests coming for ever, and none then ends to make room (a
+# review: a rare adapter's read waited through 300 steps behind one busy adapter at max_cpu_loras 1).
+# One read at a time: host memory grows by one adapter a wait at most, not one a request.
+READ_ROOM_WAIT_S = 2.0
 
 
 def on_daemon_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
@@ -237,9 +242,14 @@ class WorkerAdapters:
 
     async def _read_queued(self) -> None:
         """The reads asked for, one at a time, in their order, while there are any, each once
-        host memory has room for it (``room``)."""
+        host memory has room for it (``room``), or a request's once it waited ``READ_ROOM_WAIT_S``."""
         while True:
+            since = None  # when a request's read began to wait for room
             while self._queued and not self.room():
+                if self._order.requested():
+                    since = self.clock() if since is None else since
+                    if self.clock() - since >= READ_ROOM_WAIT_S:
+                        break
                 self._roomy.clear()
                 await self._roomy.wait()
             if (key := self._order.next()) is None:

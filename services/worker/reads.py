@@ -76,6 +76,10 @@ class ReadOrder:
             self._queued[key] = prefetch
             heapq.heappush(self._heap, (prefetch, next(self._turns), key))
 
+    def requested(self) -> bool:
+        """Whether a request waits for the next read (not prefetches only)."""
+        return False in self._queued.values()
+
     def drop(self, key: str) -> bool:
         """``key`` no longer read, if only prefetches asked for it and it has not begun; whether it was."""
         if self._queued.get(key) is True:

@@ -21,6 +21,7 @@ from dlora.services.gateway.admin import check_adapter
 from dlora.services.worker.adapters import (
     FAILED_MEMORY_S,
     MOVED_AWAY_KEEP_S,
+    READ_ROOM_WAIT_S,
     AdapterChanged,
     AdapterNotFound,
     WorkerAdapters,
@@ -309,6 +310,39 @@ async def test_a_request_moved_in_with_its_cache_has_its_adapter_read_without_wa
     engine.add_request("m", prompt_token_ids=[5, 40, 41], params=params, adapter=key, resume_token_ids=sent, kv=kv)
     await asyncio.wait_for(asyncio.shield(worker.reads[key]), 5)
     assert key in engine.adapters and "h" in engine.seqs  # read while "h" still runs
+
+
+async def test_a_read_waiting_behind_an_adapter_always_busy_begins_after_a_while(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """Host memory full of an adapter that requests keep coming for: none ends to make room, and a
+    rare adapter's read waited for ever (300 steps here). It now begins once it has waited
+    ``READ_ROOM_WAIT_S``, host memory one over ``max_cpu_loras`` meanwhile."""
+    entries = _copies(tiny_llama, tmp_path, "hot", "rare")
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=1)
+    for name in list(engine.adapters):
+        engine.unregister_adapter(name)
+    now = [0.0]
+    worker = WorkerAdapters(engine, _Entries(entries), clock=lambda: now[0])
+    params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+    hot = await worker.load("hot", entries[0].version)
+    engine.add_request("h0", prompt_token_ids=[5, 6, 7], params=params, adapter=hot)
+    rare = await worker.ensure("rare", entries[1].version)
+    engine.add_request("r", prompt_token_ids=[5, 6, 7], params=params, adapter=rare)
+    done, peak = set(), 0
+    for i in range(1, 300):
+        engine.add_request(f"h{i}", prompt_token_ids=[5, 6, 7], params=params, adapter=hot)
+        done |= {o.request_id for o in engine.step() if o.finished}
+        now[0] += 0.25
+        worker.tidy()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the reader looks again
+        if rare in worker.reads and rare not in worker._queued:  # its read begun: settled at once (``post``)
+            await asyncio.wait_for(asyncio.shield(worker.reads[rare]), 5)
+        peak = max(peak, len(engine.adapters))
+        if "r" in done:
+            break
+    assert "r" in done and i * 0.25 <= READ_ROOM_WAIT_S + 2 and peak == 2
 
 
 def _copies(tiny_llama: TinyOutput, tmp_path: Path, *names: str) -> list[AdapterEntry]:
