@@ -14,7 +14,8 @@ and joins the destination with the tokens it produced, after its KV's transfer t
 ships it (it then decodes on) or at once to be recomputed there. Adapters live on each replica's
 disk, and in its host memory from the start where ``max_cpu_loras`` holds them all; else a replica
 reads one in when a request of it joins (beside its steps, one read at a time: only that
-adapter's requests wait), and the dispatcher's placement
+adapter's requests wait; once host memory has room, as a worker's ``reads.has_room``), and the
+dispatcher's placement
 (``placement.decay`` and ``placement_of`` every ``placement_interval_s``, on the stats heard and
 the requests dispatched) has each replica prefetch its adapters at that barrier. With every
 adapter held the placement changes no choice (dispatch prices a load only where a worker lacks

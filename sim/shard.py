@@ -17,7 +17,7 @@ from dlora.common.messages import WorkerStats
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
-from dlora.services.worker.reads import ReadCosts, ReadOrder
+from dlora.services.worker.reads import READ_ROOM_WAIT_S, ReadCosts, ReadOrder, has_room
 from dlora.services.worker.snapshot import worker_stats
 from dlora.sim.cost import CostProfile, adapter_file_bytes
 from dlora.sim.replica import SimEngine
@@ -83,6 +83,7 @@ class Replica:
     incoming: list[float] = field(default_factory=list)  # heap: when requests dispatched or moved here join
     reads: ReadOrder = field(default_factory=ReadOrder)  # asked for, not begun: the worker's order
     reading: bool = False  # one at a time
+    room_wait_s: float | None = None  # since when a read a request waits for has waited for room
     read_costs: ReadCosts = field(default_factory=ReadCosts)  # what its reads took, as a worker's stats say
     # Its stats as last built, while nothing here has changed since (no step, join or move): an
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
@@ -237,8 +238,19 @@ class Shard:
             self._next_read(replica, now)
 
     def _next_read(self, replica: Replica, now: float) -> None:
-        """Begin ``replica``'s next read asked for, if any (its end: an event, and a change to what
-        the replica runs, where fast-forwards stop)."""
+        """Begin ``replica``'s next read asked for, if any, once host memory has room for it or a
+        request's has waited ``READ_ROOM_WAIT_S``, as a worker's (``WorkerAdapters._read_queued``);
+        looked at again after each step, join and move, as a worker does (its end: an event, and
+        a change to what the replica runs, where fast-forwards stop)."""
+        if replica.reading:
+            return
+        if replica.reads and not has_room(replica.engine, replica.reads):
+            if not replica.reads.requested():
+                return
+            replica.room_wait_s = since = now if replica.room_wait_s is None else replica.room_wait_s
+            if now - since < READ_ROOM_WAIT_S:
+                return
+        replica.room_wait_s = None
         replica.reading = (adapter := replica.reads.next()) is not None
         if adapter is not None:
             done = now + replica.engine.cost.host_load_seconds(self.ranks[adapter])
@@ -252,6 +264,7 @@ class Shard:
         replica.engine.install(r.adapter, rank)
         replica.read_costs.observe(replica.engine.cost.host_load_seconds(rank), adapter_file_bytes(rank))
         replica.last_stats = None
+        replica.reading = False
         self._wake(replica, now)
         self._next_read(replica, now)
 
@@ -278,6 +291,7 @@ class Shard:
         served.moves += 1
         heapq.heappop(replica.incoming)
         replica.last_stats = None
+        self._next_read(replica, now)
         self._wake(replica, now)
 
     def _join(self, served: Served, now: float) -> None:
@@ -288,6 +302,7 @@ class Shard:
             req.request_id, req.prompt_token_ids, req.output_len, req.adapter, req.max_tokens or req.output_len
         )
         replica.last_stats = None
+        self._next_read(replica, now)
         self._wake(replica, now)
 
     def _wake(self, replica: Replica, now: float) -> None:
@@ -312,6 +327,7 @@ class Shard:
                     replica.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == "length")
                 finished += 1
         engine.evict()  # past max_cpu_loras while every adapter was busy: those done since go
+        self._next_read(replica, engine.now)  # a request ended: room for a read waiting (``tidy``)
         replica.stepping = engine.runnable()  # (requests waiting only for their adapter: a read wakes it)
         if replica.stepping:
             if self.fast_forward:

@@ -23,7 +23,7 @@ from dlora.common.bus import StateBound
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, AdapterRefused, LoraAdapter
-from dlora.services.worker.reads import ReadCosts, ReadOrder
+from dlora.services.worker.reads import READ_ROOM_WAIT_S, ReadCosts, ReadOrder, has_room
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
@@ -37,11 +37,6 @@ FAILED_MEMORY_S = 10.0
 # A version a request moved away on is kept this long after it is retired: the destination may
 # find its files rewritten (load_inplace) and hand the request back to a worker that holds it.
 MOVED_AWAY_KEEP_S = 30.0
-# A read that requests wait for begins past max_cpu_loras once it has waited this long for room:
-# the adapters held may each have requests coming for ever, and none then ends to make room (a
-# review: a rare adapter's read waited through 300 steps behind one busy adapter at max_cpu_loras 1).
-# One read at a time: host memory grows by one adapter a wait at most, not one a request.
-READ_ROOM_WAIT_S = 2.0
 
 
 def on_daemon_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
@@ -229,16 +224,7 @@ class WorkerAdapters:
         came: a burst over 58 adapters held 58 in host memory at ``max_cpu_loras`` 2 (a helper's
         trial, 400 requests over 200 adapters), hundreds of GB at real adapters' sizes, where
         vLLM and SGLang hold their cap (SGLang #10266) and LoRAX waits for room (#306)."""
-        e = self.engine
-        begun = sum(1 for k in e.loading if k not in self._queued)  # (not installed yet)
-        if not e.runnable() and not begun:
-            return True
-        # A request moved in with its cache waits holding KV blocks the requests on adapters held
-        # may need to end and make room: the reads go on meanwhile rather than wait on them.
-        if any(s.adapter in e.loading and e.blocks.holds(rid) for rid, s in e.seqs.items()):
-            return True
-        busy = e.adapters_in_use()
-        return sum(1 for k in e.adapters if k in busy) + begun < e.config.max_cpu_loras
+        return has_room(self.engine, self._queued)
 
     async def _read_queued(self) -> None:
         """The reads asked for, one at a time, in their order, while there are any, each once

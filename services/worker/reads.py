@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dlora.services.worker.engine import LLMEngine
 
 # The weight of a read in the figures a worker's stats give (``ReadCosts``): the last ten reads or
 # so, as a disk's load changes.
 READ_WEIGHT = 0.2
+# A read that requests wait for begins past max_cpu_loras once it has waited this long for room:
+# the adapters held may each have requests coming for ever, and none then ends to make room (a
+# review: a rare adapter's read waited through 300 steps behind one busy adapter at max_cpu_loras 1).
+# One read at a time: host memory grows by one adapter a wait at most, not one a request.
+READ_ROOM_WAIT_S = 2.0
 
 
 @dataclass
@@ -67,8 +76,11 @@ class ReadOrder:
         self._queued: dict[str, bool] = {}  # key -> asked for by prefetches only
         self._turns = itertools.count()
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._queued
+
+    def __len__(self) -> int:
+        return len(self._queued)
 
     def ask(self, key: str, prefetch: bool) -> None:
         """``key`` asked for (again: where only prefetches asked, a request's now)."""
@@ -94,3 +106,18 @@ class ReadOrder:
             if self._queued.pop(key, None) is not None:  # else begun already (asked for twice)
                 return key
         return None
+
+
+def has_room(engine: LLMEngine, not_begun: Container[str]) -> bool:
+    """Whether ``engine``'s host memory has room for a read to begin (``WorkerAdapters.room``), its
+    reads asked for and not begun being ``not_begun``: the worker's and the simulator's rule."""
+    e = engine
+    begun = sum(1 for k in e.loading if k not in not_begun)  # (not installed yet)
+    if not e.runnable() and not begun:
+        return True
+    # A request moved in with its cache waits holding KV blocks the requests on adapters held
+    # may need to end and make room: the reads go on meanwhile rather than wait on them.
+    if any(s.adapter in e.loading and e.blocks.holds(rid) for rid, s in e.seqs.items()):
+        return True
+    busy = e.adapters_in_use()
+    return sum(1 for k in e.adapters if k in busy) + begun < e.config.max_cpu_loras

@@ -305,3 +305,30 @@ def test_a_replica_s_stats_are_built_again_only_after_something_happened_there()
     assert gone["r0"].running == 0 and gone["r1"] is first["r1"]
     after = {st.worker: st for st in shard.advance([], [moving], 4.0, report=True)[1]}
     assert after["r0"].running == 0 and after["r1"].requests[0].request_id == "q0"
+
+
+def test_a_replica_reads_an_adapter_as_host_memory_has_room_as_a_worker_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker begins a read only while fewer than ``max_cpu_loras`` adapters with requests are in
+    host memory, or once a request's read has waited ``READ_ROOM_WAIT_S``; the simulator read at
+    once, its host memory and first tokens a worker's without that rule."""
+    from dlora.services.worker.engine.config import EngineConfig
+    from dlora.services.worker.reads import READ_ROOM_WAIT_S
+    from dlora.sim.shard import Shard
+
+    reads: list[tuple[str, float]] = []
+    read = Shard._read
+    monkeypatch.setattr(Shard, "_read", lambda self, r, now: reads.append((r.adapter, now)) or read(self, r, now))
+    adapters = {"a0": 16, "a1": 16, "a2": 16}
+    load = H200.host_load_seconds(16)
+    for tokens in (40, 2000):  # the first two end before READ_ROOM_WAIT_S, or long after it
+        reads.clear()
+        requests = [SimRequest(f"q{i}", 0.0, f"a{i}", [7 + i] * 16, tokens) for i in range(2)]
+        requests.append(SimRequest("q2", 0.1, "a2", [9] * 16, 8))
+        config = EngineConfig(max_loras=2, max_cpu_loras=2)
+        served = sorted(Cluster(H200, 1, adapters, config=config).run(requests), key=lambda s: s.request.request_id)
+        assert all(s.tokens == s.request.output_len for s in served)
+        at = dict(reads)["a2"]
+        if tokens == 40:  # room once q0 ended (the first done)
+            assert served[0].finish_s is not None and at == pytest.approx(served[0].finish_s + load, abs=0.02)
+        else:
+            assert 0.1 + READ_ROOM_WAIT_S + load <= at < 0.1 + READ_ROOM_WAIT_S + load + 0.05
