@@ -170,6 +170,23 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
     assert all(home[m.request_id] != m.to_worker for m in greedy)
 
 
+def test_two_crowded_workers_beside_idle_ones_are_planned_within_the_lease() -> None:
+    """Scale-up: 62 idle workers join 2 holding 4,000 requests each (a worker lists 4,096). The
+    greedy pass sorted the busiest worker's requests again for every move: 6 s here, past the
+    migrator's lease (3 s) and a worker's plan age (5 s), so no plan ever took effect."""
+    rng = random.Random(0)
+    ws = [worker(f"w{i}", [f"a{j}" for j in range(8)], slots=8, kv_blocks=100_000) for i in range(64)]
+    rs = [
+        RequestState(f"r{b}-{k}", f"w{b}", f"a{rng.randrange(8)}", rng.randint(20, 2000), rng.randint(10, 500))
+        for b in range(2)
+        for k in range(4000)
+    ]
+    p = plan(ClusterSnapshot(ws, rs, file_bytes={f"a{j}": 16 for j in range(8)}), PlannerSettings(time_limit_s=1.0))
+    assert p.solve_seconds < 3.0 and p.moves and p.makespan_after_s < 0.1 * p.makespan_before_s
+    # past its deadline the greedy pass stops with what it has (each move shrank the longest)
+    assert _greedy(ClusterSnapshot(ws, rs), PlannerSettings(), deadline=0.0) == []
+
+
 def test_a_large_cluster_is_planned_by_the_ilp_begun_from_the_greedy_plan() -> None:
     """128 workers x 1,024 adapters x 10,000 requests: the full model (about 41,000 variables) is
     pruned to the groups on busy workers and their least loaded destinations, and CBC starts from
