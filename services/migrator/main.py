@@ -30,6 +30,7 @@ class Migrator:
     def __init__(self, settings: MigratorSettings, nc: NATS, store: StateStore) -> None:
         self.s, self.nc, self.store = settings, nc, store
         self.stats: dict[str, tuple[WorkerStats, float]] = {}
+        self.gaps: dict[str, float] = {}  # seconds between each worker's last two stats (``quiet``)
         self.leader = False
         self.epoch = 0  # the lease's, while leader
         self.plans = 0
@@ -42,12 +43,27 @@ class Migrator:
         self.tidied = False  # what older versions left unbounded in Redis, bounded once a lead
 
     async def _on_stats(self, st: WorkerStats) -> None:
-        self.stats[st.worker] = (st, time.monotonic())
+        now = time.monotonic()
+        if (before := self.stats.get(st.worker)) is not None:
+            self.gaps[st.worker] = now - before[1]
+        self.stats[st.worker] = (st, now)
+
+    def quiet(self, now: float) -> set[str]:
+        """Workers silent past half the TTL and three of their last gaps between stats: likely
+        dead or hung, not yet forgotten (dispatch's rule, ``DispatchState.quiet``). Their last
+        stats said them idle, so plans sent requests there, which then stalled until the TTL ran
+        out and a dispatcher recovered them elsewhere; and their own moves would never run."""
+        return {
+            w
+            for w, (_, at) in self.stats.items()
+            if now - at > max(self.s.heartbeat_ttl_s / 2, 3 * self.gaps.get(w, 0.0))
+        }
 
     async def tick(self) -> None:
         """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""
         now = time.monotonic()  # workers silent past the TTL forgotten (pod names that never come back)
         self.stats = {w: (st, at) for w, (st, at) in self.stats.items() if now - at <= self.s.heartbeat_ttl_s}
+        self.gaps = {w: g for w, g in self.gaps.items() if w in self.stats}
         self.epoch = await self.store.hold_lease("migrator", self.holder, self.s.lease_s)
         self.leader = self.epoch > 0
         self.metrics.leads(self.leader)
@@ -59,7 +75,8 @@ class Migrator:
                 logger.info("policy checkpoints an older version left without expiry bounded", keys=bounded)
             self.tidied = True
         # A draining worker hands its requests back itself; moving them meanwhile would race that.
-        live = [st for st, _ in self.stats.values() if not st.draining]
+        quiet = self.quiet(now)
+        live = [st for st, _ in self.stats.values() if not st.draining and st.worker not in quiet]
         file_bytes = read_sizes(await self.store.list_adapters())
         snap = cluster_snapshot(live, file_bytes, self.s)
         reason = self.looks.look(snap, now)
