@@ -27,8 +27,9 @@ big a model, only groups on workers busier than the mean (or over their KV press
 home, each to its few least loaded (or roomiest) destinations: what shortens the longest
 completion is work moved from busy workers to idle ones, and the pruning keeps 128 workers x
 10,000 requests a model of a few thousand variables. A move costs the cheaper of recomputing the
-context and shipping its KV. The moved requests of a group are its shortest contexts (cheapest
-first).
+context and shipping its KV. The moved requests of a group are its cheapest per second of work
+they take away; one that costs more than that work (about to finish) stays, unless its worker
+is past its KV pressure.
 
 A greedy pass (single requests from the most to the least loaded worker while that shortens the
 longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
@@ -119,10 +120,34 @@ def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
         if key not in fits:
             fits[key] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
         by[(r.worker, r.adapter or BASE, fits[key])].append(r)
+    workers = {w.worker: w for w in snapshot.workers}
     return [
-        _Group(w, a, sorted(rs, key=lambda r: r.context_tokens), fits)
+        _Group(w, a, sorted(rs, key=lambda r: _price(snapshot, workers[r.worker], r)), fits)
         for (w, a, fits), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], sorted(kv[0][2])))
     ]
+
+
+def _price(snapshot: ClusterSnapshot, home: WorkerState, r: RequestState) -> float:
+    """A move's cost per second of work it takes from ``home``. By context alone, a group of
+    60-token answers 3 tokens from their end beside 200-token ones moved the ones about to finish
+    (the shortest prompts) as if they carried the group's mean work (a trial on real workers)."""
+    return move_cost(snapshot, r) / max(1e-9, r.remaining_tokens * home.cost(r.adapter))
+
+
+def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
+    """``snapshot`` with the requests whose move costs more than the work it takes away pinned
+    where they are (about to finish, mostly): moved, they add more than they relieve. Not on a
+    worker past ``kv_pressure`` of its blocks: a move relieves that too (the ILP prices it)."""
+    workers = {w.worker: w for w in snapshot.workers}
+    demand = kv_demand(snapshot)
+    calm = {w.worker for w in snapshot.workers if demand[w.worker] <= kv_pressure * w.kv_blocks}
+    reqs = [
+        replace(r, pinned=True)
+        if not r.pinned and r.worker in calm and _price(snapshot, workers[r.worker], r) >= 1
+        else r
+        for r in snapshot.requests
+    ]
+    return replace(snapshot, requests=reqs)
 
 
 def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
@@ -187,6 +212,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     # Unbounded, it took 6 s for 2 workers of 4,000 requests beside 62 idle ones: past the lease
     # and a worker's plan age, so the plan was dropped and every cool-down solved it again.
     deadline = start + settings.time_limit_s if settings.max_nodes is None else None
+    snapshot = _settled(snapshot, settings.kv_pressure)
     greedy = _greedy(snapshot, settings, deadline)
     solved = _solve(snapshot, settings, greedy, start)
     fallback: IlpFallback | None = None
@@ -425,9 +451,13 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
     load = completion_times(snapshot)
     held = running_adapters(snapshot)
     demand = kv_demand(snapshot)
+
+    def price(r: RequestState) -> float:
+        return _price(snapshot, workers[r.worker], r)
+
     on: dict[str, list[RequestState]] = defaultdict(list)
-    for r in sorted(snapshot.requests, key=lambda r: move_cost(snapshot, r)):
-        on[r.worker].append(r)  # each worker's cheapest to move first, kept so (sorted each move: 6 s)
+    for r in sorted(snapshot.requests, key=price):
+        on[r.worker].append(r)  # each worker's cheapest first, kept so (sorted for each move: 6 s)
     to: dict[str, str] = {}
     for _ in range(len(snapshot.requests)):
         if deadline is not None and time.perf_counter() > deadline:
@@ -436,6 +466,8 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
         best = None
         order = sorted(load, key=lambda w: load[w])
         for i, r in enumerate(on[src]):
+            if price(r) >= 1:  # (and every one after it) adds more than it relieves
+                break
             a = r.adapter or BASE
             for dst in order:
                 if dst == src:
@@ -456,7 +488,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
         demand[src] -= _blocks(r.context_tokens, workers[src].block_size)
         demand[dst] += _blocks(r.context_tokens, workers[dst].block_size)
         del on[src][i]
-        bisect.insort(on[dst], r, key=lambda r: move_cost(snapshot, r))
+        bisect.insort(on[dst], r, key=price)
         if r.adapter:  # (the source keeps counting it, as the ILP does: its plan is the ILP's start)
             held[dst].add(r.adapter)
         to[r.request_id] = dst

@@ -81,6 +81,20 @@ def test_a_request_moves_only_to_a_worker_whose_context_holds_it(solver: str) ->
         assert {m.to_worker for m in moves if m.request_id.startswith("short")} == {"w1"}
 
 
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_requests_about_to_finish_are_not_the_ones_moved(solver: str) -> None:
+    """A trial on real workers: a burst of requests of 60 and of 200 tokens onto one worker; the
+    plan moved six with 3 tokens left (their prompts were the shortest: the cheapest moves of
+    their group) and the group's mean work said they carried 75 each. A moved request must carry
+    the work it was moved for."""
+    near = [RequestState(f"near-{i}", "w0", None, 100, 3) for i in range(6)]  # 0.05 s to move, 0.03 s left
+    long = [RequestState(f"long-{i}", "w0", None, 60, 150) for i in range(6)]
+    snap = ClusterSnapshot([worker("w0"), worker("w1"), worker("w2")], near + long)
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert moves and all(m.request_id.startswith("long") for m in moves)
+    assert max(completion_times(apply(snap, moves)).values()) < 0.5 * max(completion_times(snap).values())
+
+
 def test_respects_slots_and_memory() -> None:
     # w1's one slot holds a rank-64 adapter: a cannot go there; w2 has no KV room.
     snap = ClusterSnapshot(
