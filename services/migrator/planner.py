@@ -152,7 +152,7 @@ def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
 
 def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
     workers = {w.worker: w for w in snapshot.workers}
-    out = {w.worker: 0.0 for w in snapshot.workers}
+    out = {w.worker: w.unlisted_seconds() for w in snapshot.workers}
     for r in snapshot.requests:
         out[r.worker] += r.remaining_tokens * workers[r.worker].cost(r.adapter)
     return out
@@ -201,16 +201,15 @@ def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
 def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings()) -> MovePlan:
     """The moves that best balance the cluster, by ILP, or greedily when the solver finds nothing."""
     start = time.perf_counter()
-    # A request listed by two workers (stats taken either side of a move, or one id an application
-    # sent to two) is left out: the model counts each on one worker (it raised, and the migrator died).
+    # A request listed by two workers (stats taken either side of a move, or one id sent to two)
+    # is left out: the model counts each on one worker (it raised, and the migrator died).
     listed = Counter(r.request_id for r in snapshot.requests)
     if len(listed) < len(snapshot.requests):
         snapshot = replace(snapshot, requests=[r for r in snapshot.requests if listed[r.request_id] == 1])
     if len(snapshot.workers) < 2 or not snapshot.requests:
         return MovePlan(plan_id=uuid.uuid4().hex, method=PlanMethod.NONE, solve_seconds=0.0)
-    # The greedy pass has the time bound too (not a node bound: the simulator plans alike anywhere).
-    # Unbounded, it took 6 s for 2 workers of 4,000 requests beside 62 idle ones: past the lease
-    # and a worker's plan age, so the plan was dropped and every cool-down solved it again.
+    # The greedy pass has the time bound too (not a node bound: the simulator plans alike anywhere):
+    # unbounded, it once took 6 s, past the lease and a worker's plan age (``_greedy``).
     deadline = start + settings.time_limit_s if settings.max_nodes is None else None
     snapshot = _settled(snapshot, settings.kv_pressure)
     greedy = _greedy(snapshot, settings, deadline)
@@ -363,7 +362,7 @@ def _solve(
         objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
         work = [(n[i, w], groups[i].mean_remaining * ws.cost(groups[i].adapter)) for i in here]
         work_of[w], kv_of[w] = work, kv
-        prob += pulp.LpAffineExpression([*work, (T, -1)]) <= 0
+        prob += pulp.LpAffineExpression([*work, (T, -1)]) <= -ws.unlisted_seconds()
     prob += pulp.LpAffineExpression(objective)
     _start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings, workers)
     if settings.max_nodes is not None:
@@ -430,7 +429,8 @@ def _start_from(
     for (a, w), v in y.items():
         if not isinstance(v, int):
             v.setInitialValue(int((a, w) in arriving))
-    T.setInitialValue(max((sum(c * (v.varValue or 0) for v, c in work_of[w]) for w in workers), default=0.0))
+    work = [sum(c * (v.varValue or 0) for v, c in work_of[w]) + workers[w].unlisted_seconds() for w in workers]
+    T.setInitialValue(max(work, default=0.0))
     for w, over in overs.items():
         used = sum(c * (v.varValue or 0) for v, c in kv_of[w])
         over.setInitialValue(max(0.0, used - settings.kv_pressure * workers[w].kv_blocks))

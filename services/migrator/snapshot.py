@@ -39,6 +39,9 @@ class WorkerState:
     max_lora_rank: int = 0  # the highest adapter rank it loads (0: not known)
     model_digest: str = ""  # its base model (WorkerStats.model_digest; "": not said)
     failed_adapters: frozenset[str] = frozenset()  # its read failed here lately (WorkerStats.failed_adapters)
+    # Remaining tokens of the requests its stats counted past the listed ones (MAX_LISTED): load
+    # that stays here (left out, a worker with thousands queued looked as busy as one with 4,096).
+    unlisted_tokens: float = 0.0
 
     def holds(self, r: RequestState) -> bool:
         """Whether ``r`` may run here: it fits whole (elsewhere it would be refused, or cut short),
@@ -56,6 +59,9 @@ class WorkerState:
         """Seconds a read of an adapter of ``nbytes`` (its files'; 0: not known) takes here (``read_price``)."""
         line = self.adapter_read_seconds, self.adapter_read_bytes, self.adapter_read_seconds_per_byte
         return read_price(*line, nbytes)
+
+    def unlisted_seconds(self) -> float:
+        return self.unlisted_tokens * self.seconds_per_token
 
     def cost(self, adapter: str | None) -> float:
         """Seconds per token a request of ``adapter`` takes here: what it measured, else the mean."""

@@ -55,6 +55,7 @@ def snapshot_from_stats(
             max_lora_rank=s.max_lora_rank,
             model_digest=s.model_digest,
             failed_adapters=frozenset(s.failed_adapters),
+            unlisted_tokens=s.unlisted_remaining_tokens,
         )
         for s in stats
     ]

@@ -444,3 +444,27 @@ def test_a_request_two_workers_list_is_left_out_not_a_crash() -> None:
     )
     p = plan(snap)
     assert p.moves and "w0-a-0" not in {m.request_id for m in p.moves}
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_workers_requests_past_those_its_stats_list_count_as_its_load(solver: str) -> None:
+    """A worker lists 4,096 requests in its stats and only counts the rest with their tokens: the
+    planner read a worker with thousands more queued as no busier than its list, and moved
+    requests onto it. w0 lists 10 and holds 50,000 tokens more; w1 lists 20; w2 is idle."""
+    from dlora.services.migrator.trigger import snapshot_from_stats
+
+    def loads(name: str, n: int) -> list[RequestLoad]:
+        return [
+            RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=50, remaining_tokens=100)
+            for i in range(n)
+        ]
+
+    stats = [
+        _worker_stats("w0", loads("w0", 10), 0.01, unlisted_requests=500, unlisted_remaining_tokens=50_000),
+        _worker_stats("w1", loads("w1", 20), 0.01),
+        _worker_stats("w2", [], 0.01),
+    ]
+    snap = snapshot_from_stats(stats, {})
+    assert completion_times(snap)["w0"] == pytest.approx(510.0)
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert moves and all(m.request_id.startswith("w0") and m.to_worker != "w0" for m in moves)
