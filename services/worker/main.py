@@ -170,12 +170,12 @@ class WorkerService:
         await self.commands.put(ResetPrefixCache(reply))
 
     async def _on_moves(self, plan: MovePlan) -> None:
-        moves = moves_to_take(plan, self.s.worker_id, self.plan_epoch, time.time())
+        moves = moves_to_take(plan, self.s.worker_id, self.plan_epoch, time.time(), self.streams)
         if moves is None:
             logger.info("stale plan ignored", plan=plan.plan_id, epoch=plan.epoch, seen=self.plan_epoch)
             return
         self.plan_epoch = plan.epoch
-        for move in moves:  # requests not (or no longer) here are skipped when the move is applied
+        for move in moves:  # requests no longer here are skipped when the move is applied
             await self.commands.put(move)
 
     async def _on_placement(self, placement: Placement) -> None:

@@ -21,6 +21,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
 from dlora.services.worker.admit import abort
+from dlora.services.worker.engine import EngineConfig
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.moves import handoff
 from dlora.services.worker.settings import WorkerSettings
@@ -168,3 +169,51 @@ async def test_a_cache_shipped_for_a_request_refused_on_arrival_is_not_kept(
             await service._on_kv_chunk(chunk)
         await service._reconcile()
         assert len(service.kv_inbox) == 0
+
+
+async def test_a_plan_moving_others_requests_leaves_a_worker_s_steps_alone(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A trial: a plan of 4,000 moves between other workers made w0 (async scheduling, streaming
+    one request) take each up as a command, taking its step in flight in early for each: 4,000
+    early takes and a 0.47 s stall of its stream."""
+    stop = asyncio.Event()
+    conns, tasks = [], []
+    try:
+        engine = EngineConfig(async_scheduling=True)
+        workers = await start_workers(
+            ("w0",), nats_server, StateStore(redis), tiny_llama, stop, conns, tasks, engine=engine
+        )
+        w0 = workers["w0"].engine
+        early: list[int] = []
+        drain = w0.drain
+        w0.drain = lambda: early.append(1) or drain()  # type: ignore[method-assign]
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner = uuid.uuid4().hex[:8]
+        got: list[TokenChunk] = []
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            got.append(msgspec.json.decode(msg.data, type=TokenChunk))
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(0.3)
+        await _send(client, owner, "r", [5, 6, 7], 400)
+        async with asyncio.timeout(30):
+            while not got:
+                await asyncio.sleep(0.01)
+        moves = [MoveRequest(request_id=f"x{i}", adapter=None, to_worker="w1") for i in range(4000)]
+        await client.publish(
+            subjects.MOVES, msgspec.json.encode(MovePlan(plan_id="p", epoch=1, created=time.time(), moves=moves))
+        )
+        await bus.flush(client)
+        async with asyncio.timeout(30):
+            while workers["w0"].plan_epoch != 1:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        assert not early and workers["w0"].commands.empty()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
