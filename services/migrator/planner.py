@@ -27,9 +27,9 @@ big a model, only groups on workers busier than the mean (or over their KV press
 home, each to its few least loaded (or roomiest) destinations: what shortens the longest
 completion is work moved from busy workers to idle ones, and the pruning keeps 128 workers x
 10,000 requests a model of a few thousand variables. A move costs the cheaper of recomputing the
-context and shipping its KV. The moved requests of a group are its cheapest per second of work
-they take away; one that costs more than that work (about to finish) stays, unless its worker
-is past its KV pressure.
+context and shipping its KV (nothing for a request holding no KV). A group's moved requests are
+its cheapest per second of work taken away; one that costs more than that work (about to
+finish) stays, unless its worker is past its KV pressure.
 
 A greedy pass (single requests from the most to the least loaded worker while that shortens the
 longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
@@ -69,8 +69,8 @@ class PlannerSettings:
     # (and always by more than the summed cost of its moves)
     kv_pressure: float = 1.0  # KV demand above this fraction of a worker's blocks is priced (see above)
     # A bound by work instead of time: CBC (one thread) stops after this many branch-and-bound
-    # nodes and ``time_limit_s`` does not apply, so a snapshot gives the same plan on any machine
-    # and under any load (the simulator's setting). None: the time bound, as a migrator runs.
+    # nodes, ``time_limit_s`` not applying, so a snapshot gives the same plan on any machine and
+    # under any load (the simulator's setting). None: the time bound, as a migrator runs.
     max_nodes: int | None = None
 
 
@@ -194,8 +194,9 @@ def _ship_kv(snapshot: ClusterSnapshot) -> bool:
 
 
 def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
+    """Nothing for a request holding no KV (waiting: its prompt is computed wherever it runs)."""
     per_token = min(snapshot.recompute_seconds_per_token, snapshot.kv_transfer_seconds_per_token)
-    return r.context_tokens * per_token
+    return r.context_tokens * per_token if r.running else 0.0
 
 
 def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings()) -> MovePlan:
@@ -290,9 +291,8 @@ def _destinations(
     ]
 
 
-# CBC runs as a subprocess: what writing the model, starting it and reading its solution back take
-# (measured 0.2-0.25 s at 32 x 128 x 2,000 here), kept out of its time limit so the plan lands
-# inside the bound.
+# CBC runs as a subprocess: writing the model, starting it and reading its solution back (0.2-0.25 s
+# at 32 x 128 x 2,000 here), kept out of its time limit so the plan lands inside the bound.
 _CBC_OVERHEAD_S = 0.3
 
 

@@ -20,6 +20,7 @@ class RequestState:
     rank: int = 0  # its adapter's LoRA rank (0: the base model, or not known)
     pinned: bool = False  # it stays where it is (its adapter version is retiring there: RequestLoad)
     model_digest: str = ""  # its worker's base model (WorkerStats.model_digest; "": not said)
+    running: bool = True  # it holds KV there (RequestLoad.running); waiting, a move recomputes nothing
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ def snapshot_from_stats(
             r.total_tokens,
             rank=r.rank,
             pinned=r.pinned,
+            running=r.running,
             model_digest=s.model_digest,
         )
         for s in stats

@@ -468,3 +468,24 @@ def test_a_workers_requests_past_those_its_stats_list_count_as_its_load(solver: 
     assert completion_times(snap)["w0"] == pytest.approx(510.0)
     moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
     assert moves and all(m.request_id.startswith("w0") and m.to_worker != "w0" for m in moves)
+
+
+def test_a_waiting_request_moves_without_a_recompute_charged() -> None:
+    """A request that holds no KV (waiting for a batch) is prefilled wherever it runs: charged its
+    context's recompute all the same, a worker queueing long prompts kept them all (12 s of work
+    on w0, an idle w1) since each move was priced at 25 s."""
+    from dlora.services.migrator.trigger import snapshot_from_stats
+
+    queued = [
+        RequestLoad(request_id=f"q{i}", adapter=None, context_tokens=500, remaining_tokens=100, running=False)
+        for i in range(12)
+    ]
+    snap = snapshot_from_stats(
+        [_worker_stats("w0", queued, 0.01), _worker_stats("w1", [], 0.01)],
+        {},
+        recompute_seconds_per_token=0.05,
+        kv_transfer_seconds_per_token=0.05,
+    )
+    p = plan(snap)
+    assert len(p.moves) == 6 and p.makespan_after_s == pytest.approx(6.0)
+    assert len(_greedy(snap, PlannerSettings())) == 6
