@@ -191,13 +191,14 @@ class Cluster:
         snap = cluster_snapshot(list(self.heard.values()), self.file_bytes, self.migrator, held)
         if self.looks.look(snap, now) is None:
             return False
-        p = plan(snap, replace(planner_settings(self.migrator), max_nodes=self.planner_nodes))
+        p = plan(self.looks.settled(snap, now), replace(planner_settings(self.migrator), max_nodes=self.planner_nodes))
         self.looks.solved(now)
         if p.method is not PlanMethod.NONE:  # nothing to plan (one worker, no request) is no solve
             self.solve_seconds.append(p.solve_seconds)
         if not p.moves:
             return False
         self.plans.append(p)
+        self.looks.moved((m.request_id for m in p.moves), now)
         self.heard.clear()  # as the migrator does: its view is stale until the moved requests report
         moves: list[list[tuple[str, str, bool]]] = [[] for _ in self._joins]
         for m in p.moves:

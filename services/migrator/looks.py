@@ -8,7 +8,8 @@ stats into the planner's view with the move costs the settings fix or the worker
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from dlora.common.messages import PlanTrigger, WorkerStats
 from dlora.services.migrator.planner import PlannerSettings
@@ -29,6 +30,7 @@ class Looks:
         self.bounds = bounds
         self._imbalanced = 0
         self._last_solve = float("-inf")
+        self._moved: dict[str, float] = {}  # request id -> when a plan moved it (``settled``)
 
     def look(self, snap: ClusterSnapshot, now: float) -> PlanTrigger | None:
         """The bound the cluster passed if it is time to plan for it now; else None."""
@@ -40,6 +42,18 @@ class Looks:
         if self._imbalanced < self.bounds.patience or now - self._last_solve < self.bounds.cooldown_s:
             return None
         return reason
+
+    def moved(self, request_ids: Iterable[str], now: float) -> None:
+        """A plan moving ``request_ids`` went out at ``now``."""
+        self._moved.update(dict.fromkeys(request_ids, now))
+
+    def settled(self, snap: ClusterSnapshot, now: float) -> ClusterSnapshot:
+        """``snap`` with the requests moved within ``settle_s`` pinned where they are."""
+        self._moved = {r: at for r, at in self._moved.items() if now - at < self.bounds.settle_s}
+        if not self._moved:
+            return snap
+        reqs = [replace(r, pinned=True) if r.request_id in self._moved else r for r in snap.requests]
+        return replace(snap, requests=reqs)
 
     def solved(self, now: float) -> None:
         """A solve ran (with moves or not): the cool-down starts. An imbalance no plan pays for

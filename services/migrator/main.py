@@ -84,7 +84,7 @@ class Migrator:
             return
         settings = planner_settings(self.s)
         try:
-            p = await asyncio.to_thread(plan, snap, settings)
+            p = await asyncio.to_thread(plan, self.looks.settled(snap, now), settings)
         except Exception:  # one snapshot the planner cannot take must not end the migrator
             logger.exception("planning failed; the cluster is looked at again after the cool-down")
             self.looks.solved(now)
@@ -98,6 +98,7 @@ class Migrator:
             sent = {st.worker: st.sent for st in live}  # (each worker judges the plan's age by its own clock)
             p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time(), stats_sent=sent, moves=moves)
             await bus.publish(self.nc, subjects.MOVES, p)
+            self.looks.moved((m.request_id for m in p.moves), now)
             self.plans += 1
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.

@@ -97,6 +97,10 @@ class TriggerBounds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     # is not re-solved every look).
     patience: int = 2
     cooldown_s: float = 3.0
+    # A request a plan moved is not moved again for this many seconds: its stats, and its new
+    # worker's speed, read wrong for a while after (a trial: one moved 4 times in 2 s, w0 -> w2 ->
+    # w1 -> w2 -> w1, and a 40-request burst took 5.3 s with the migrator against 2.0 s without).
+    settle_s: float = 10.0
 
     def check(self) -> list[tuple[str, object, str]]:
         """Problems as (field, value, why); empty when the values are usable."""
@@ -109,6 +113,8 @@ class TriggerBounds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
             bad.append(("kv_pressure", self.kv_pressure, "must be a fraction in (0, 1] or null"))
         if self.patience < 1:
             bad.append(("patience", self.patience, "must be >= 1"))
+        if self.settle_s < 0:
+            bad.append(("settle_s", self.settle_s, "must be >= 0"))
         return bad
 
 

@@ -98,3 +98,31 @@ def test_looks_wait_for_patience_and_the_cool_down() -> None:
     looks.solved(3.0)
     assert looks.look(imbalanced, now=4.0) is None  # cooling down
     assert looks.look(imbalanced, now=13.5) is not None
+
+
+def test_a_request_a_plan_moved_is_not_moved_again_until_it_settles() -> None:
+    """A trial on four real workers: a burst onto w0, and plans a second apart moved one request
+    w0 -> w2 -> w1 -> w2 -> w1 (its stats, and its new worker's speed, read wrong for a while after
+    each move). Moved, it stays where the plan sent it for ``settle_s``."""
+    from dlora.services.migrator.looks import Looks
+    from dlora.services.migrator.planner import plan
+
+    looks = Looks(TriggerBounds(settle_s=10.0))
+    busy = snap((10, 100, 160), (0, 0, 0))
+    moved = plan(busy).moves
+    assert moved
+    looks.moved((m.request_id for m in moved), now=0.0)
+    # the next stats: the moved requests on w1 now, and w1 the busier for them
+    back = {m.request_id for m in moved}
+    later = ClusterSnapshot(
+        busy.workers,
+        [
+            RequestState(
+                r.request_id, "w1" if r.request_id in back else "w0", None, 160, 400 if r.request_id in back else 1
+            )
+            for r in busy.requests
+        ],
+    )
+    assert plan(later).moves  # unsettled, they would go back
+    assert not {m.request_id for m in plan(looks.settled(later, now=5.0)).moves} & back
+    assert {m.request_id for m in plan(looks.settled(later, now=10.0)).moves} & back  # settled: free again
