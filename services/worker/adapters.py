@@ -352,8 +352,9 @@ class WorkerAdapters:
         """Past ``max_cpu_loras`` adapters in host memory, drop those used least lately that no
         request runs on and that are not merged (never ``keep``, the one just asked for); all busy,
         the worker holds more for a while. Without it every adapter ever used stayed, and a worker
-        that served thousands outgrew NATS's message size with its stats and dropped out."""
-        busy = self.engine.adapters_in_use() | {keep, self.engine.merger.merged}
+        that served thousands outgrew NATS's message size with its stats and dropped out. Nor one
+        a request moved away on lately: the destination may hand it back (``retire``, a review)."""
+        busy = self.engine.adapters_in_use() | {keep, self.engine.merger.merged} | self.moved_lately()
         for key in evictions(self.engine, self.used, busy):
             try:  # between commands and steps, outside their guard: a fault here must not end the worker
                 self.engine.unregister_adapter(key)
@@ -388,9 +389,14 @@ class WorkerAdapters:
 
     def moved(self, key: str) -> None:
         """A request on engine key ``key`` moved away: were its version retired, it stays a while."""
+        self.moved_lately()  # (those past the while forgotten)
+        self.moved_away[key] = self.clock()
+
+    def moved_lately(self) -> set[str]:
+        """The engine keys a request moved away on within ``MOVED_AWAY_KEEP_S`` (the others forgotten)."""
         now = self.clock()
         self.moved_away = {k: at for k, at in self.moved_away.items() if now - at < MOVED_AWAY_KEEP_S}
-        self.moved_away[key] = now
+        return set(self.moved_away)
 
     def retired(self) -> set[str]:
         """The engine keys of adapter versions replaced or removed and still held for their
@@ -403,11 +409,10 @@ class WorkerAdapters:
         nor moved away on within ``MOVED_AWAY_KEEP_S``: a plan taken before the version's
         replacement was heard of moved one to a worker that then found the files rewritten, and
         with the version unloaded here no worker held it (a helper's trial: the stream failed)."""
-        now = self.clock()
-        self.moved_away = {k: at for k, at in self.moved_away.items() if now - at < MOVED_AWAY_KEEP_S}
+        lately = self.moved_lately()
 
         def in_use(key: str) -> bool:
-            return self.engine.in_use(key) or key in self.moved_away
+            return self.engine.in_use(key) or key in lately
 
         for name, current in list(self.retiring.items()):
             stale = [key for key in self.engine.adapters if name_of(key) == name and version_of(key) != current]

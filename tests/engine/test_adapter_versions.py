@@ -220,6 +220,34 @@ async def test_host_memory_holds_max_cpu_loras_dropping_the_idle_one_used_least_
     assert held() == ["x0", "x3"]
 
 
+async def test_an_adapter_a_request_just_moved_away_on_is_not_dropped_for_room(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A review: a version kept for a hand-back (``MOVED_AWAY_KEEP_S``) was dropped as idle."""
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    entries = [
+        check_adapter(
+            f"x{i}",
+            str(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / f"x{i}")),
+            [str(tmp_path)],
+            "model",
+            cfg,
+        )
+        for i in range(3)
+    ]
+    engine = make_engine(tiny_llama, max_loras=1, max_cpu_loras=2)
+    now = [0.0]
+    worker = WorkerAdapters(engine, _Entries(entries), clock=lambda: now[0])
+    moved = await worker.load("x0", entries[0].version)
+    worker.moved(moved)  # a request on x0 moved away: x0 is idle and used least lately
+    await worker.load("x1", entries[1].version)
+    await worker.load("x2", entries[2].version)
+    assert moved in engine.adapters and len(engine.adapters) == 2  # x1 went for it
+    now[0] += MOVED_AWAY_KEEP_S
+    await worker.load("x1", entries[1].version)  # past the while, x0 is the idle one used least lately
+    assert moved not in engine.adapters and len(engine.adapters) == 2
+
+
 class _History(_Entries):
     """A registry whose adapters were removed: their versions are kept (requests in flight on them
     may be recovered elsewhere), the names are gone."""
