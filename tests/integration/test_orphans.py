@@ -7,7 +7,9 @@ own check for a request whose record went while it waited."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
@@ -135,16 +137,11 @@ async def test_a_request_of_a_client_judged_gone_is_answered_not_dropped(cluster
     # Another client keeps announcing: a worker that heard no one for the TTL (a heartbeat to a
     # loaded Redis timing out) forgives every client as the request comes (Clients.noted), and
     # the test would then judge the worker's silence, not the quiet client's.
-    stop = asyncio.Event()
-    loud = asyncio.create_task(_announce_until(c, "gw-loud", stop))
-    try:
+    async with _announcing(c, "gw-loud"):
         await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client="gw-quiet")))
         await _until(lambda: _judged_gone(worker, "gw-quiet"), timeout=10)
         chunks = await c.send("from-quiet", client="gw-quiet", to_worker="w-a")
         chunk = await asyncio.wait_for(chunks.get(), 10)
-    finally:
-        stop.set()
-        await loud
     assert chunk.error_code == ErrorCode.UNAVAILABLE and "not heard from" in (chunk.error or "")
     assert await c.store.get_inflight("from-quiet") is None
 
@@ -155,9 +152,7 @@ async def test_a_resumed_request_of_a_client_silent_about_the_ttl_is_taken(clust
     request's client counts as gone only past twice the TTL (as the dispatcher judges it)."""
     c: Cluster = await cluster(ttl_s=2.0)
     worker, _, _ = await c.worker("w-a")
-    stop = asyncio.Event()
-    loud = asyncio.create_task(_announce_until(c, "gw-loud", stop))
-    try:
+    async with _announcing(c, "gw-loud"):
         await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client="gw-cut")))
         await _until(lambda: _judged_gone(worker, "gw-cut"), timeout=10)  # silent past the TTL
         replies: asyncio.Queue = asyncio.Queue()
@@ -172,9 +167,6 @@ async def test_a_resumed_request_of_a_client_silent_about_the_ttl_is_taken(clust
         )
         await c.nc.publish(subjects.worker_requests("w-a"), msgspec.json.encode(resumed))
         first = msgspec.json.decode((await asyncio.wait_for(replies.get(), 10)).data, type=TokenChunk)
-    finally:
-        stop.set()
-        await loud
     assert first.error is None and first.token_ids
 
 
@@ -191,21 +183,14 @@ async def test_a_request_stopped_because_its_client_went_quiet_ends_with_a_last_
         return step(*args, **kwargs)
 
     worker.engine.step = slow_step  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    loud = asyncio.create_task(_announce_until(c, "gw-loud", stop))  # the worker hears someone
-    quiet = asyncio.Event()
-    announcing = asyncio.create_task(_announce_until(c, "gw-away", quiet))
-    try:
-        await _until(lambda: _heard(worker, "gw-away"), timeout=10)
-        chunks = await c.send("left", client="gw-away", max_tokens=400, to_worker="w-a")
-        assert (await asyncio.wait_for(chunks.get(), 10)).finish_reason is None  # running
-        quiet.set()  # the reader goes away
-        await announcing
+    async with _announcing(c, "gw-loud"):  # the worker hears someone
+        async with _announcing(c, "gw-away"):
+            await _until(lambda: _heard(worker, "gw-away"), timeout=10)
+            chunks = await c.send("left", client="gw-away", max_tokens=400, to_worker="w-a")
+            assert (await asyncio.wait_for(chunks.get(), 10)).finish_reason is None  # running
+        # the reader goes away
         while (chunk := await asyncio.wait_for(chunks.get(), 15)).finish_reason is None:
             pass
-    finally:
-        stop.set()
-        await loud
     assert chunk.error_code == ErrorCode.UNAVAILABLE and "not heard from" in (chunk.error or ""), chunk
 
 
@@ -213,10 +198,22 @@ async def _heard(worker, client: str) -> bool:  # type: ignore[no-untyped-def]
     return client in worker.clients._last
 
 
-async def _announce_until(c: Cluster, client: str, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client=client)))
-        await asyncio.sleep(0.1)
+@contextlib.asynccontextmanager
+async def _announcing(c: Cluster, client: str) -> AsyncIterator[None]:
+    """``client`` announced every 0.1 s while inside."""
+    stop = asyncio.Event()
+
+    async def announce() -> None:
+        while not stop.is_set():
+            await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client=client)))
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(announce())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def _judged_gone(worker, client: str) -> bool:  # type: ignore[no-untyped-def]
