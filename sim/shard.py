@@ -17,7 +17,7 @@ from dlora.common.messages import WorkerStats
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
-from dlora.services.worker.reads import READ_ROOM_WAIT_S, ReadCosts, ReadOrder, has_room
+from dlora.services.worker.reads import ReadCosts, ReadOrder, read_may_begin
 from dlora.services.worker.snapshot import worker_stats
 from dlora.sim.cost import CostProfile, adapter_file_bytes
 from dlora.sim.replica import SimEngine
@@ -244,13 +244,9 @@ class Shard:
         a change to what the replica runs, where fast-forwards stop)."""
         if replica.reading:
             return
-        if replica.reads and not has_room(replica.engine, replica.reads):
-            if not replica.reads.requested():
-                return
-            replica.room_wait_s = since = now if replica.room_wait_s is None else replica.room_wait_s
-            if now - since < READ_ROOM_WAIT_S:
-                return
-        replica.room_wait_s = None
+        may, replica.room_wait_s = read_may_begin(replica.engine, replica.reads, replica.room_wait_s, now)
+        if not may:
+            return
         replica.reading = (adapter := replica.reads.next()) is not None
         if adapter is not None:
             done = now + replica.engine.cost.host_load_seconds(self.ranks[adapter])

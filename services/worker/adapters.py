@@ -23,7 +23,7 @@ from dlora.common.bus import StateBound
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, AdapterRefused, LoraAdapter
-from dlora.services.worker.reads import READ_ROOM_WAIT_S, ReadCosts, ReadOrder, has_room
+from dlora.services.worker.reads import ReadCosts, ReadOrder, read_may_begin
 from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
@@ -216,28 +216,19 @@ class WorkerAdapters:
             raise failed[1](failed[2])
         return key
 
-    def room(self) -> bool:
-        """Whether a read may begin: host memory holds fewer than ``max_cpu_loras`` adapters that
-        requests run on and reads begun and not installed, so that one idle can go for it (an idle
-        merged one stays: one over at most, until unmerged); or nothing can run, and so free one
-        (what waits is reads). Reads began as requests
-        came: a burst over 58 adapters held 58 in host memory at ``max_cpu_loras`` 2 (a helper's
-        trial, 400 requests over 200 adapters), hundreds of GB at real adapters' sizes, where
-        vLLM and SGLang hold their cap (SGLang #10266) and LoRAX waits for room (#306)."""
-        return has_room(self.engine, self._queued)
-
     async def _read_queued(self) -> None:
-        """The reads asked for, one at a time, in their order, while there are any, each once
-        host memory has room for it (``room``), or a request's once it waited ``READ_ROOM_WAIT_S``."""
+        """The reads asked for, one at a time, in their order, while there are any, each once host
+        memory has room for it, or a request's once it waited ``READ_ROOM_WAIT_S`` (``read_may_begin``).
+        Reads began as requests came: a burst over 58 adapters held 58 in host memory at
+        ``max_cpu_loras`` 2 (a helper's trial, 400 requests over 200 adapters), hundreds of GB at
+        real adapters' sizes, where vLLM and SGLang hold their cap (SGLang #10266) and LoRAX waits
+        for room (#306)."""
         while True:
-            since = None  # when a request's read began to wait for room
-            while self._queued and not self.room():
-                if self._order.requested():
-                    since = self.clock() if since is None else since
-                    if self.clock() - since >= READ_ROOM_WAIT_S:
-                        break
+            may, since = read_may_begin(self.engine, self._order, None, self.clock())
+            while not may:  # looked at again after each step and command (``tidy``)
                 self._roomy.clear()
                 await self._roomy.wait()
+                may, since = read_may_begin(self.engine, self._order, since, self.clock())
             if (key := self._order.next()) is None:
                 return
             done = self.reads[key]

@@ -121,3 +121,16 @@ def has_room(engine: LLMEngine, not_begun: Container[str]) -> bool:
         return True
     busy = e.adapters_in_use()
     return sum(1 for k in e.adapters if k in busy) + begun < e.config.max_cpu_loras
+
+
+def read_may_begin(engine: LLMEngine, order: ReadOrder, since: float | None, now: float) -> tuple[bool, float | None]:
+    """Whether the next read of ``order`` may begin at ``now`` (seconds, the caller's clock): none
+    is asked for, host memory has room (``has_room``), or a read a request waits for has waited
+    for room since ``since`` for ``READ_ROOM_WAIT_S``; and since when it has waited (None: it does
+    not). The worker's rule and the simulator's."""
+    if not order or has_room(engine, order):
+        return True, None
+    if not order.requested():
+        return False, None
+    since = now if since is None else since
+    return now - since >= READ_ROOM_WAIT_S, since

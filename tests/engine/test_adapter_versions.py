@@ -21,12 +21,12 @@ from dlora.services.gateway.admin import check_adapter
 from dlora.services.worker.adapters import (
     FAILED_MEMORY_S,
     MOVED_AWAY_KEEP_S,
-    READ_ROOM_WAIT_S,
     AdapterChanged,
     AdapterNotFound,
     WorkerAdapters,
 )
 from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.reads import READ_ROOM_WAIT_S
 from tests.engine.helpers import make_engine
 
 
