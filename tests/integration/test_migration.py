@@ -332,7 +332,6 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
 ) -> None:
     import redis as sync_redis
 
-    from dlora.common.messages import RequestLoad, WorkerStats
     from dlora.services.migrator import main as migrator_main
 
     store = StateStore(redis)
@@ -356,24 +355,7 @@ async def test_a_leader_that_lost_its_lease_while_solving_does_not_publish(
             MigratorSettings(nats_url=nats_server.url, trigger=TriggerBounds(patience=1, min_gain_s=0.0)), nc, store
         )
         for name, n in (("w0", 12), ("w1", 0)):
-            reqs = [
-                RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=8, remaining_tokens=200)
-                for i in range(n)
-            ]
-            m.stats[name] = (
-                WorkerStats(
-                    worker=name,
-                    running=n,
-                    waiting=0,
-                    free_blocks=1000,
-                    total_blocks=1000,
-                    block_size=16,
-                    max_loras=4,
-                    seconds_per_token=0.01,
-                    requests=reqs,
-                ),
-                time.monotonic(),
-            )
+            m.stats[name] = (_stats(name, n), time.monotonic())
         await m.tick()
         await bus.flush(nc)
         await asyncio.sleep(0.1)
