@@ -5,7 +5,6 @@ of requests not held here). Functions of the running ``WorkerService``, as ``dra
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from dlora.services.worker.chunks import (
     silent_client_chunk,
     unreadable_chunk,
 )
+from dlora.services.worker.commands import Add
 from dlora.services.worker.engine import RequestError
 from dlora.services.worker.engine.admission import OverContext
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
@@ -44,21 +44,11 @@ _adapter_failures = RateLimiter(burst=10, interval_s=10.0)  # (kind: message and
 HANDED_BACK_MEMORY_S = 60.0
 
 
-async def admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
-    """Take ``req`` into the engine (waiting there while its adapter is read: ``adapter_read``
-    ends it if the read fails), or answer why not (each answer ends its record). ``bad_words_ids``:
-    its ``bad_words`` tokenized on arrival (None: by the engine)."""
-    try:
-        await _admit(w, req, bad_words_ids)
-    finally:
-        # A moved request refused here (its client left mid-move, its deadline passed, its adapter
-        # failed, ...) never takes the cache shipped ahead of it: held, it stayed until another
-        # move came (a helper's trial; Llama-3-8B's 4k-token cache is 0.5 GB of host memory).
-        if req.kv_chunks:
-            w.kv_inbox.drop((req.request_id, req.kv_transfer))
-
-
-async def _admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None) -> None:
+async def admit(w: WorkerService, add: Add) -> None:
+    """Take the request ``add`` brings, prepared on arrival (``arrival``), into the engine (waiting
+    there while its adapter is read: ``adapter_read`` ends it if the read fails), or answer why not
+    (each answer ends its record)."""
+    req = add.req
     if w.aborted_lately(req):  # its client left before it came, or aborted its id lately
         await w.records.end({req.request_id: req.recoveries})
         await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id), req.client)
@@ -97,19 +87,15 @@ async def _admit(w: WorkerService, req: GenerateRequest, bad_words_ids: list[lis
         req = await w.adapters.versioned(req)  # (their registry reads bounded: WorkerAdapters.bound)
         if req.adapter is not None:
             await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
-        if req.params.structured_outputs():  # its grammar compiled off the loop (a 400 KB schema: 0.4 s)
-            await asyncio.to_thread(w.engine.grammars.prepare, req.params)
-        start = time.monotonic()
-        kv = await _take_kv(w, req) if req.kv_chunks else None
         try:
-            _add_to_engine(w, req, kv, bad_words_ids)
-            if kv is not None:  # what shipping this cache cost: the source's export, then our stall
-                w.kv_seconds += req.kv_export_s + time.monotonic() - start
-                w.kv_tokens += kv.tokens
+            _add_to_engine(w, req, add.kv, add.bad_words_ids)
+            if add.kv is not None:  # what shipping this cache cost: the source's export, then its wait here
+                w.kv_seconds += req.kv_export_s + add.kv_wait_s
+                w.kv_tokens += add.kv.tokens
         except RequestError:
-            if kv is None:
+            if add.kv is None:
                 raise
-            _add_to_engine(w, req, None, bad_words_ids)  # the cache does not fit here: recompute instead
+            _add_to_engine(w, req, None, add.bad_words_ids)  # the cache does not fit here: recompute instead
         w.streams[req.request_id] = open_stream(req, time.monotonic())
         return
     except AdapterNotFound as e:
@@ -185,13 +171,6 @@ async def _answer(w: WorkerService, to: GenerateRequest | RequestHead, last: Tok
     record (if it names this attempt)."""
     await w.delivery.publish(to.reply_to, last, to.client)
     await w.records.end({last.request_id: last.recoveries})
-
-
-async def _take_kv(w: WorkerService, req: GenerateRequest) -> KVSnapshot | None:
-    kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)
-    if kv is None:
-        logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
-    return kv
 
 
 def _add_to_engine(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from dlora.common.messages import GenerateRequest
 from dlora.services.worker.adapters import AdapterRead
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.moves import Move
 
 
@@ -14,6 +15,10 @@ class Add:
     req: GenerateRequest
     # The token sequences of its ``bad_words``, tokenized on arrival (None: the engine tokenizes them).
     bad_words_ids: list[list[int]] | None = None
+    # A moved request's shipped cache, taken from the inbox on arrival (None: none, or not in
+    # time: recomputed), and the seconds it waited for it.
+    kv: KVSnapshot | None = None
+    kv_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)

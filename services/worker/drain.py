@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from dlora.common import bus, log, subjects
 from dlora.common.messages import LostRequests
+from dlora.services.worker.arrival import stop_preparing
 from dlora.services.worker.commands import Add
 from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.one_id import give_up, successor
@@ -39,6 +40,11 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
     recovered anyway once this worker's heartbeat is gone."""
     held: dict[str, int] = {}
     unrun: list[str] = []  # after a device loss: requests in no step, not its death even if marked taken
+    for req in stop_preparing(w):  # still waiting for a moved cache or a grammar: unrun
+        held[req.request_id] = req.recoveries
+        w.pending.discard(req.request_id)
+        if died:
+            unrun.append(req.request_id)
     while not w.commands.empty():  # requests that came during the drain go back unrun
         if isinstance(cmd := w.commands.get_nowait(), Add):
             held[cmd.req.request_id] = cmd.req.recoveries

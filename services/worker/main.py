@@ -45,6 +45,7 @@ from dlora.services.run import StartupError
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
+from dlora.services.worker.arrival import arrive, stop_preparing
 from dlora.services.worker.beats import LIST_EVERY_S, publish_stats
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, past_deadline
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch, ResetPrefixCache
@@ -73,7 +74,6 @@ _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes 
 _HANDBACK_GRACE_S = 2.0
 _RECONCILE_REDIS_S = 1.0  # the most a reconcile's reads of Redis may hold the step loop, each
 _EXPIRE_EVERY_S = 0.05  # how late past its deadline a request may still be stopped, at most
-_LONG_PROMPT = 65_536  # characters: a text prompt this long is marked taken before it is tokenized (~10 ms+)
 
 
 class WorkerService:
@@ -81,8 +81,8 @@ class WorkerService:
     loaded, KV of a moved request awaited), the engine loop, the move protocol of the migrator's
     plans, and the stats, heartbeat and checkpoints it publishes.
 
-    Bus handlers decode (``bus.subscribe``) and enqueue commands (a text prompt tokenized on a
-    thread first, a long one's record marked taken before that); one task (``run_loop``)
+    Bus handlers decode (``bus.subscribe``) and enqueue commands (a request once what it needs
+    is prepared beside the steps: ``arrival``); one task (``run_loop``)
     applies them between steps and owns the engine, whose step runs in a thread. Every command
     and every step is applied under a guard: what fails, fails its request, never the worker."""
 
@@ -109,6 +109,8 @@ class WorkerService:
         self.started = 0.0  # when the one-id guard let this start through (Redis's clock: one_id.py)
         self.taken_over_by: WorkerStats | None = None  # a later start under the id, once one beats
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
+        # those of them waiting, beside the steps, for a moved cache or a grammar (arrival.py)
+        self.preparing: dict[str, tuple[asyncio.Task[None], GenerateRequest]] = {}
         self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
         self.clients = Clients(settings.heartbeat_ttl_s, link_of(nc))  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
@@ -131,23 +133,7 @@ class WorkerService:
 
     # ---- bus handlers: decode and enqueue ---------------------------------------------------
     async def _on_request(self, req: GenerateRequest) -> None:
-        self.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
-        self.pending.add(req.request_id)
-        if taking := req.recorded and not self.device_failed:  # after a device loss none is taken up (a trial)
-            self.records.taken[req.request_id] = req.recoveries  # marked before the loop works on it (``_take``)
-        # Here, on threads beside the engine's steps (``Tokenized``): in the command loop a 1 MB
-        # prompt (~1 s) held every stream. An input the tokenizer refuses is left to the engine to refuse.
-        if req.prompt is not None and req.prompt_token_ids is None:
-            if taking and len(req.prompt) >= _LONG_PROMPT:  # one that kills the process as it is tokenized:
-                await self.records.mark_taken()  # its death (a mark waits on Redis: long prompts only, a review)
-            with contextlib.suppress(Exception):
-                tokens = await self.tokenized.prompt(req.prompt)
-                req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=tokens)
-        bad_words_ids = None
-        if req.params.bad_words:
-            with contextlib.suppress(Exception):
-                bad_words_ids = await self.tokenized.bad_words(req.params.bad_words)
-        await self.commands.put(Add(req, bad_words_ids))
+        await arrive(self, req)
 
     async def _on_client(self, alive: ClientAlive) -> None:
         if self.clients.heard(alive.client, time.monotonic(), alive.reconnects, alive.incarnation):
@@ -228,7 +214,7 @@ class WorkerService:
             logger.info("prefix cache reset", blocks=blocks)
             await bus.publish(self.nc, cmd.reply, PrefixCacheResetDone(worker=self.s.worker_id, blocks=blocks))
         else:
-            await self._add(cmd.req, cmd.bad_words_ids)
+            await self._add(cmd)
 
     async def drop(self, request_id: str, record: bool = True, attempt: int | None = None) -> None:
         """Stop a request held here without a word to its client (it went away, or another attempt
@@ -249,11 +235,11 @@ class WorkerService:
         now = time.monotonic()
         return self.aborted.lately(req.request_id, None, now) or self.aborted.lately(req.request_id, req.owner, now)
 
-    async def _add(self, req: GenerateRequest, bad_words_ids: list[list[int]] | None = None) -> None:
+    async def _add(self, cmd: Add) -> None:
         try:
-            await admit(self, req, bad_words_ids)
+            await admit(self, cmd)
         finally:
-            self.pending.discard(req.request_id)
+            self.pending.discard(cmd.req.request_id)
 
     async def _expire(self) -> None:
         """Stop each request held here whose deadline passed (``GenerateRequest.deadline``), waiting
@@ -365,7 +351,8 @@ class WorkerService:
                 notifier.beat()  # a step that never returns stops these, and systemd's watchdog restarts us
                 if stop.is_set():
                     drain_until = drain_until or await drain.start(self)
-                    if time.monotonic() >= drain_until or not self.engine.has_unfinished() and self.commands.empty():
+                    idle = not self.engine.has_unfinished() and self.commands.empty() and not self.preparing
+                    if time.monotonic() >= drain_until or idle:
                         await drain.hand_over(self)
                         return
                 await self._turn()
@@ -472,6 +459,7 @@ class WorkerService:
                 raise errors[0]
         finally:
             warm.cancel()
+            stop_preparing(self)  # (after a hand-over, only those that came late: their records go back)
             self.adapters.close()
             await bus.unsubscribe(subs)
             if self.taken_over_by is None:  # (else its key, records and placement are the other's)

@@ -1,5 +1,5 @@
-"""The tokenizer's work for arriving requests: on threads beside the engine's steps, and once per
-distinct input among the requests lately arrived.
+"""The tokenizer's work for arriving requests (and their grammars' compiles): on threads beside the
+engine's steps, and once per distinct input among the requests lately arrived.
 
 A request with ``n`` choices reaches the worker as ``n`` requests with the same prompt and
 parameters; tokenized each in turn in the command loop, 128 choices of a request with 256
@@ -16,7 +16,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from dlora.common.sampling import SamplingParams
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
+from dlora.services.worker.engine.structured import Grammars
 
 
 class Tokenized:
@@ -34,6 +36,13 @@ class Tokenized:
         """The token sequences ``words`` forbid (``bad_words_token_ids``)."""
         chars = sum(map(len, words))
         return await self._once(("bad_words", tuple(words)), chars, lambda: bad_words_token_ids(self.tokenizer, words))
+
+    async def grammar(self, grammars: Grammars, params: SamplingParams) -> None:
+        """The grammar of the structured output ``params`` asks for compiled (``Grammars.prepare``:
+        0.3-0.5 s for a 400 KB schema), once for the choices of a request and those like it."""
+        asked = (params.json_schema, params.regex, tuple(params.choice), params.grammar)
+        chars = sum(len(a) for a in (params.json_schema, params.regex, params.grammar, *params.choice) if a)
+        await self._once(("grammar", *asked), chars, lambda: grammars.prepare(params))
 
     async def _once(self, key: Hashable, chars: int, work: Callable[[], Any]) -> Any:
         if key in self._tasks:

@@ -188,6 +188,27 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
         assert not any([(await store.get_inflight(r.request_id)).taken for r in late])  # type: ignore[union-attr]
 
 
+async def test_a_request_waiting_on_arrival_for_its_cache_is_handed_over_at_a_stop(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A moved request waits for its shipped cache beside the loop (arrival.py), in no queue: a
+    stop must hand it back with the rest (unrun), not leave it to the heartbeat TTL."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker import drain
+
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, handed):
+        moved = GenerateRequest(
+            request_id="moved", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True, kv_chunks=2, kv_transfer="t"
+        )
+        await service._on_request(moved)
+        assert "moved" in service.preparing and service.commands.empty()
+        await drain.hand_over(service)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"moved": 0} and lost.draining
+        assert not service.preparing and "moved" not in service.pending
+
+
 async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_run(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:

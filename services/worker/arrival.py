@@ -1,0 +1,84 @@
+"""A request arriving at the worker: what it needs before the task that owns the engine takes it
+up, prepared beside the steps. Its prompt tokenized and its ``bad_words`` (``Tokenized``), the
+cache a move shipped ahead of it (``KVInbox``), its structured output's grammar compiled.
+
+Awaited in the command loop, a moved request whose cache came late (chunks NATS dropped, a slow
+link) held every stream on the worker for the inbox's wait (5 s), and a new 400 KB schema's
+compile every stream for ~0.4 s. A request that must wait for either waits in a task of its own
+(``WorkerService.preparing``): neither the steps nor the requests arriving after it wait with it.
+A function of the running ``WorkerService``, as ``admit``'s are."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from dlora.common import log
+from dlora.common.messages import GenerateRequest
+from dlora.services.worker.commands import Add
+
+if TYPE_CHECKING:
+    from dlora.services.worker.main import WorkerService
+
+logger = log.get("worker")
+
+LONG_PROMPT = 65_536  # characters: a text prompt this long is marked taken before it is tokenized (~10 ms+)
+
+
+async def arrive(w: WorkerService, req: GenerateRequest) -> None:
+    """Take ``req`` in from the bus: tokenized here (on threads: in the command loop a 1 MB
+    prompt, ~1 s, held every stream), then handed to the loop (``Add``), at once or once what it
+    waits for is here. An input the tokenizer refuses is left to the engine to refuse."""
+    w.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
+    w.pending.add(req.request_id)
+    if taking := req.recorded and not w.device_failed:  # after a device loss none is taken up (a trial)
+        w.records.taken[req.request_id] = req.recoveries  # marked before the loop works on it (``_take``)
+    if req.prompt is not None and req.prompt_token_ids is None:
+        if taking and len(req.prompt) >= LONG_PROMPT:  # one that kills the process as it is tokenized:
+            await w.records.mark_taken()  # its death (a mark waits on Redis: long prompts only, a review)
+        with contextlib.suppress(Exception):
+            tokens = await w.tokenized.prompt(req.prompt)
+            req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=tokens)
+    bad_words_ids = None
+    if req.params.bad_words:
+        with contextlib.suppress(Exception):
+            bad_words_ids = await w.tokenized.bad_words(req.params.bad_words)
+    if req.kv_chunks or req.params.structured_outputs():
+        w.preparing[req.request_id] = (asyncio.create_task(_prepared(w, req, bad_words_ids)), req)
+    else:
+        await w.commands.put(Add(req, bad_words_ids))
+
+
+async def _prepared(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None) -> None:
+    """``req`` to the loop once its shipped cache is here (or not in time: then it is recomputed)
+    and its grammar compiled (one that fails is refused at admission, saying why)."""
+    kv, waited = None, 0.0
+    try:
+        if req.kv_chunks:
+            start = time.monotonic()
+            kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)
+            waited = time.monotonic() - start
+            if kv is None:
+                logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
+        if req.params.structured_outputs():
+            await w.tokenized.grammar(w.engine.grammars, req.params)
+    except Exception as e:  # noqa: BLE001 - the request goes on all the same: recomputed, or refused saying why
+        logger.warning("request not prepared", request=req.request_id, error=f"{type(e).__name__}: {e}")
+    finally:
+        if w.preparing.get(req.request_id, (None,))[0] is asyncio.current_task():
+            del w.preparing[req.request_id]
+    await w.commands.put(Add(req, bad_words_ids, kv, waited))
+
+
+def stop_preparing(w: WorkerService) -> list[GenerateRequest]:
+    """The requests still being prepared, stopped: a stopping worker hands them back unrun."""
+    stopped = []
+    for task, req in list(w.preparing.values()):
+        task.cancel()  # (its cache's wait ends: the inbox drops what came of it)
+        stopped.append(req)
+    w.preparing.clear()
+    return stopped

@@ -1,0 +1,114 @@
+"""A request that must wait on arrival (a moved one for its shipped cache, a structured one for
+its grammar's compile) waits beside the worker's steps: the requests running there, and those
+arriving after it, go on meanwhile (arrival.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+import nats
+import torch
+from redis.asyncio import Redis
+
+from dlora.common import bus, subjects
+from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.main import WorkerService
+from dlora.services.worker.moves import handoff
+from tests.integration.test_migration import start_workers
+
+
+def _request(rid: str, owner: str, **params: object) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid,
+        reply_to=subjects.reply_inbox(rid, owner),
+        prompt_token_ids=[5, 6, 7],
+        params=SamplingParams(max_tokens=8, ignore_eos=True, **params),  # type: ignore[arg-type]
+    )
+
+
+@asynccontextmanager
+async def _worker(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> AsyncIterator[tuple[WorkerService, nats.NATS, str, set[str]]]:
+    """w0 running, a client, its replies' owner, and the requests whose last chunk came."""
+    stop = asyncio.Event()
+    conns: list[nats.NATS] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        w0 = (await start_workers(("w0",), nats_server, StateStore(redis), tiny_llama, stop, conns, tasks))["w0"]
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner, ended = uuid.uuid4().hex[:8], set()
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            if (chunk := msgspec.json.decode(msg.data, type=TokenChunk)).finish_reason is not None:
+                ended.add(chunk.request_id)
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await bus.flush(client)
+        yield w0, client, owner, ended
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
+async def _until(ended: set[str], rid: str) -> None:
+    async with asyncio.timeout(20):
+        while rid not in ended:
+            await asyncio.sleep(0.01)
+
+
+async def _send(client: nats.NATS, req: GenerateRequest) -> None:
+    await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
+
+
+async def test_a_moved_request_waiting_for_its_cache_holds_no_other_request(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A moved request whose shipped cache came late (chunks NATS dropped, a slow link) was waited
+    for in the worker's one command loop: every stream there stalled up to the inbox's wait (5 s).
+    With the wait made a minute, a request sent after it is served meanwhile; the moved one is taken
+    up with its cache once the chunks come."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        w0.kv_inbox.wait_s = 60.0
+        kv = KVSnapshot(tokens=3, k=torch.zeros(2, 3, 2, 16), v=torch.zeros(2, 3, 2, 16)).to_bytes()
+        moved, chunks = handoff(_request("m", owner), [8], 0, 1, kv, 0.0)
+        await _send(client, moved)  # its cache not yet
+        await _send(client, _request("r", owner))
+        await _until(ended, "r")
+        assert "m" in w0.preparing and "m" not in ended
+        for chunk in chunks:
+            await w0._on_kv_chunk(chunk)
+        await _until(ended, "m")
+        assert w0.kv_tokens == 3 and not w0.preparing  # taken up with the cache shipped, not recomputed
+
+
+async def test_a_grammar_compiling_holds_no_other_request(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A structured output's grammar was compiled while the command loop waited (a new 400 KB
+    schema: ~0.4 s of every stream on the worker). A compile held until released: a request sent
+    after it is served meanwhile; the structured one once its grammar is ready."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        grammars, release = w0.engine.grammars, threading.Event()
+        prepare = grammars.prepare
+        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        await _send(client, _request("g", owner, regex="[ab]{3}"))
+        await _send(client, _request("r", owner))
+        try:
+            await _until(ended, "r")
+            assert "g" in w0.preparing and "g" not in ended
+        finally:
+            release.set()
+        await _until(ended, "g")
