@@ -88,14 +88,14 @@ async def admit(w: WorkerService, add: Add) -> None:
         if req.adapter is not None:
             await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
         try:
-            _add_to_engine(w, req, add.kv, add.bad_words_ids)
+            _add_to_engine(w, req, add, add.kv)
             if add.kv is not None:  # what shipping this cache cost: the source's export, then its wait here
                 w.kv_seconds += req.kv_export_s + add.kv_wait_s
                 w.kv_tokens += add.kv.tokens
         except RequestError:
             if add.kv is None:
                 raise
-            _add_to_engine(w, req, None, add.bad_words_ids)  # the cache does not fit here: recompute instead
+            _add_to_engine(w, req, add, None)  # the cache does not fit here: recompute instead
         w.streams[req.request_id] = open_stream(req, time.monotonic())
         return
     except AdapterNotFound as e:
@@ -173,9 +173,8 @@ async def _answer(w: WorkerService, to: GenerateRequest | RequestHead, last: Tok
     await w.records.end({last.request_id: last.recoveries})
 
 
-def _add_to_engine(
-    w: WorkerService, req: GenerateRequest, kv: KVSnapshot | None, bad_words_ids: list[list[int]] | None
-) -> None:
+def _add_to_engine(w: WorkerService, req: GenerateRequest, add: Add, kv: KVSnapshot | None) -> None:
+    """``req`` (``add``'s, its seed and adapter version settled) into the engine with ``kv``."""
     adapter = engine_key(req.adapter, req.adapter_version or "") if req.adapter is not None else None
     w.engine.add_request(
         req.request_id,
@@ -190,8 +189,9 @@ def _add_to_engine(
         priority=req.priority,
         continued=req.continued,
         cache_salt=req.cache_salt,
-        bad_words_ids=bad_words_ids,
+        bad_words_ids=add.bad_words_ids,
         whole=True,  # as the dispatcher checks token ids: a text prompt's length is first known here
+        prompt_field="prompt" if add.text_prompt else None,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,8 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
     w.pending.add(req.request_id)
     if taking := req.recorded and not w.device_failed:  # after a device loss none is taken up (a trial)
         w.records.taken[req.request_id] = req.recoveries  # marked before the loop works on it (``_take``)
-    if req.prompt is not None and req.prompt_token_ids is None:
+    text = req.prompt is not None and req.prompt_token_ids is None
+    if text:
         if taking and len(req.prompt) >= LONG_PROMPT:  # one that kills the process as it is tokenized:
             await w.records.mark_taken()  # its death (a mark waits on Redis: long prompts only, a review)
         with contextlib.suppress(Exception):
@@ -48,15 +50,18 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
         with contextlib.suppress(Exception):
             bad_words_ids = await w.tokenized.bad_words(req.params.bad_words)
     if req.kv_chunks or req.params.structured_outputs():
-        w.preparing[req.request_id] = (asyncio.create_task(_prepared(w, req, bad_words_ids)), req)
+        w.preparing[req.request_id] = (
+            asyncio.create_task(_prepared(w, Add(req, bad_words_ids, text_prompt=text))),
+            req,
+        )
     else:
-        await w.commands.put(Add(req, bad_words_ids))
+        await w.commands.put(Add(req, bad_words_ids, text_prompt=text))
 
 
-async def _prepared(w: WorkerService, req: GenerateRequest, bad_words_ids: list[list[int]] | None) -> None:
-    """``req`` to the loop once its shipped cache is here (or not in time: then it is recomputed)
+async def _prepared(w: WorkerService, add: Add) -> None:
+    """``add``'s request to the loop once its shipped cache is here (or not in time: then it is recomputed)
     and its grammar compiled (one that fails is refused at admission, saying why)."""
-    kv, waited = None, 0.0
+    req, kv, waited = add.req, None, 0.0
     try:
         if req.kv_chunks:
             start = time.monotonic()
@@ -71,7 +76,7 @@ async def _prepared(w: WorkerService, req: GenerateRequest, bad_words_ids: list[
     finally:
         if w.preparing.get(req.request_id, (None,))[0] is asyncio.current_task():
             del w.preparing[req.request_id]
-    await w.commands.put(Add(req, bad_words_ids, kv, waited))
+    await w.commands.put(dataclasses.replace(add, kv=kv, kv_wait_s=waited))
 
 
 def stop_preparing(w: WorkerService) -> list[GenerateRequest]:

@@ -19,6 +19,7 @@ class Add:
     # time: recomputed), and the seconds it waited for it.
     kv: KVSnapshot | None = None
     kv_wait_s: float = 0.0
+    text_prompt: bool = False  # its prompt came as text, tokenized on arrival: errors name ``prompt``
 
 
 @dataclass(frozen=True)

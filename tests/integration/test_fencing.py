@@ -414,7 +414,8 @@ async def test_a_text_prompt_no_worker_can_hold_is_refused_not_cut_short(cluster
     """A helper's trial over NATS: a text prompt of 3 tokens with max_tokens 510 on a 512-token
     context got 509 tokens and finish_reason "length", where the same prompt as token ids is
     refused (the dispatcher counts a text prompt as one token: it is tokenized on the worker).
-    The worker refuses it, naming max_tokens, once it knows the prompt's length."""
+    The worker refuses it, naming max_tokens, once it knows the prompt's length; errors about the
+    prompt name ``prompt``, the field it came in, not the ids the worker made of it."""
     c: Cluster = await cluster(ttl_s=5.0)
     small = EngineConfig(device="cpu", dtype="float32", num_blocks=8, block_size=16)  # 128 tokens
     worker, _, _ = await c.worker("w-small", small)
@@ -426,6 +427,11 @@ async def test_a_text_prompt_no_worker_can_hold_is_refused_not_cut_short(cluster
     await _read(stream, chunks)
     assert stream.error_code == "bad_request" and stream.tokens == 0
     assert stream.error_param == "max_tokens" and f"needs {128 + 1} tokens" in (stream.error or "")
+    assert "shorten the prompt" in (stream.error or "")  # the field it sent (tokenized on arrival), not its ids'
+    chunks = await c.send("longer", max_tokens=1, prompt=prompt * 40)  # past the context itself
+    stream = ReplyStream("longer")
+    await _read(stream, chunks)
+    assert stream.error_code == "bad_request" and stream.error_param == "prompt"
     chunks = await c.send("fits", max_tokens=128 - length, prompt=prompt)
     stream = ReplyStream("fits")
     await _read(stream, chunks)

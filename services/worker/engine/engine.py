@@ -226,6 +226,7 @@ class LLMEngine:
         cache_salt: str = "",
         bad_words_ids: list[list[int]] | None = None,
         whole: bool = False,
+        prompt_field: str | None = None,
     ) -> None:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated
         or lost run); generation continues after them and they are not reported again
@@ -238,7 +239,8 @@ class LLMEngine:
         the token sequences of ``params.bad_words`` (``bad_words_token_ids``), tokenized already
         (the worker does it on arrival, off its loop); None: tokenized here. ``whole``: refuse a
         request whose prompt and max_tokens overrun the context (``check_tokens``) rather than end
-        it "length" there."""
+        it "length" there. ``prompt_field``: the field its sender gave the prompt in, where the caller
+        tokenized a text prompt itself (the worker, on arrival): errors name it (None: the one here)."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
@@ -248,7 +250,7 @@ class LLMEngine:
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         resumed = list(resume_token_ids or [])
         pending, held = resume_text_pending, resume_text_held
-        field = "prompt" if prompt is not None else "prompt_token_ids"
+        field = prompt_field or ("prompt" if prompt is not None else "prompt_token_ids")
         check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, pending, field, whole)
         tail = sent_tail(self.tokenizer, ids, resumed, params, pending, held)  # sent already: looked in, not again
         seq = Sequence(
