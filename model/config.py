@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+# The context transformers' config classes take where config.json does not say (LlamaConfig,
+# MistralConfig, Qwen2Config; transformers 4 and 5), and their KV heads (LlamaConfig's: the
+# attention heads).
+_POSITIONS = {"llama": 2048, "mistral": 131_072, "qwen2": 32_768}
+_KV_HEADS = {"mistral": 8, "qwen2": 32}
 
 
 class ModelConfigError(ValueError):
@@ -101,16 +106,16 @@ class ModelConfig:
         cfg = cls.from_dict(raw, source=str(path))
         # generation_config.json may name more end-of-sequence ids than config.json (Llama 3
         # Instruct: <|eot_id|> beside <|end_of_text|>); transformers' generate and vLLM stop at
-        # every one of them (vLLM #4180).
+        # every one of them (vLLM #4180), and at config.json's only where it names none (the
+        # engine adds the tokenizer's own, as vLLM does).
         generation = _generation_config(Path(model_dir))
         try:
-            extra = _as_ids(generation.get("eos_token_id"))
+            named = _as_ids(generation.get("eos_token_id"))
         except (TypeError, ValueError):
             raise ModelConfigError(
                 f"{Path(model_dir) / 'generation_config.json'}: eos_token_id must be a token id or a list of them"
             ) from None
-        eos = cfg.eos_token_ids + tuple(t for t in extra if t not in cfg.eos_token_ids)
-        return replace(cfg, eos_token_ids=eos)
+        return replace(cfg, eos_token_ids=tuple(dict.fromkeys(named))) if named else cfg
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
@@ -139,7 +144,7 @@ class ModelConfig:
                 )
         hidden = _count(raw, "hidden_size", source)
         heads = _count(raw, "num_attention_heads", source)
-        kv_heads = _count(raw, "num_key_value_heads", source, default=heads)
+        kv_heads = _count(raw, "num_key_value_heads", source, default=_KV_HEADS.get(model_type, heads))
         if raw.get("head_dim") is None and hidden % heads:
             raise ModelConfigError(
                 f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} (and no head_dim)"
@@ -169,7 +174,7 @@ class ModelConfig:
             num_kv_heads=kv_heads,
             head_dim=_count(raw, "head_dim", source, default=hidden // heads),
             rms_norm_eps=float(eps),
-            max_position_embeddings=_count(raw, "max_position_embeddings", source, default=2048),
+            max_position_embeddings=_count(raw, "max_position_embeddings", source, default=_POSITIONS[model_type]),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
@@ -311,7 +316,9 @@ def _rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
         if "original_max_position_embeddings" in raw:  # beside the rope settings (Phi-3's): it wins, as there
             params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
         else:
-            params.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 2048))
+            params.setdefault(
+                "original_max_position_embeddings", raw.get("max_position_embeddings", _POSITIONS[raw["model_type"]])
+            )
     for key in _ROPE_NUMBERS:
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):

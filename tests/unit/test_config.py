@@ -61,6 +61,17 @@ def test_a_config_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
         ModelConfig.from_dir(tmp_path)
 
 
+def test_fields_left_out_take_transformers_defaults_per_family() -> None:
+    """A Mistral config.json without max_position_embeddings served a 2,048-token context, where
+    transformers' MistralConfig reads 131,072 (Qwen2Config 32,768, LlamaConfig 2,048); KV heads left
+    out are 8 there, 32 in Qwen2Config, the attention heads in LlamaConfig."""
+    bare = {k: v for k, v in RAW.items() if k != "num_key_value_heads"} | {"num_attention_heads": 64}
+    expected = {"llama": (2048, 64), "mistral": (131_072, 8), "qwen2": (32_768, 32)}
+    for family, (positions, kv_heads) in expected.items():
+        cfg = ModelConfig.from_dict(bare | {"model_type": family, "head_dim": 8})
+        assert (cfg.max_position_embeddings, cfg.num_kv_heads) == (positions, kv_heads), family
+
+
 def test_attention_biases_are_read_as_transformers_reads_each_family() -> None:
     """Llama's attention_bias gives q, k, v and o_proj a bias (o_proj's was dropped: wrong tokens);
     Qwen2's q/k/v always have one whatever attention_bias says; Mistral's never."""
@@ -110,6 +121,12 @@ def test_generation_config_names_more_end_of_sequence_ids(tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text(json.dumps(RAW | {"eos_token_id": 2}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 74]}))
     assert ModelConfig.from_dir(tmp_path).eos_token_ids == (2, 74)
+    # generation_config.json's own, where it names some: config.json's then are not (transformers'
+    # generate, vLLM); without them, config.json's.
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 74}))
+    assert ModelConfig.from_dir(tmp_path).eos_token_ids == (74,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
+    assert ModelConfig.from_dir(tmp_path).eos_token_ids == (2,)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
     with pytest.raises(ModelConfigError, match="eos_token_id must be a token id"):
         ModelConfig.from_dir(tmp_path)
