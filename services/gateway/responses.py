@@ -128,7 +128,14 @@ class ResponseWriter:
                     choice.parts.append(part)
                 else:  # the echoed prompt's event (held back at the stream's opening), its logprobs in it
                     event = self.job.shape.chunk(
-                        choice.out.text, choice.out.finish_reason, first=True, index=choice.out.index, logprobs=part
+                        choice.out.text,
+                        choice.out.finish_reason,
+                        first=True,
+                        index=choice.out.index,
+                        logprobs=part,
+                        # the choice's first event, as the opening's: with max_tokens 0 its last too
+                        token_ids=[] if self.job.return_token_ids else None,
+                        prompt_token_ids=self._prompt_ids_once(choice),
                     )
                     self._hold(self._with_usage(event, choice, before=True))
         if choice.prompt_only:

@@ -166,3 +166,22 @@ async def test_return_token_ids_keeps_every_id_of_a_tool_call_stream(stack: Stac
     events = await stream(stack, "/v1/chat/completions", chat)
     streamed = [t for e in events[:-1] if e["choices"] for t in e["choices"][0].get("token_ids", [])]
     assert streamed == whole["choices"][0]["token_ids"] and len(streamed) > 3
+
+
+async def test_return_token_ids_streams_the_prompts_ids_with_an_echo_that_has_logprobs(stack: Stack) -> None:
+    """A helper's replay of vLLM #22587's kind: streamed with echo and logprobs (lm-eval's
+    loglikelihood request, max_tokens 0), the echoed prompt's event carried neither token_ids nor
+    the prompt's ids, which came with the next event, or never where the prompt's was the only one;
+    the whole response had them."""
+    prompt = (await post(stack, "/tokenize", {"model": "lora-0", "prompt": "kalo remi"}))[1]["tokens"]
+    for max_tokens in (0, 3):
+        body = {"model": "lora-0", "prompt": "kalo remi", "echo": True, "logprobs": 1, "max_tokens": max_tokens}
+        body |= {"n": 2, "seed": 4, "ignore_eos": True, "return_token_ids": True}
+        status, whole = await post(stack, "/v1/completions", body)
+        assert status == 200, whole
+        events = await stream(stack, "/v1/completions", body)
+        for c in whole["choices"]:
+            mine = [e["choices"][0] for e in events[:-1] if e["choices"] and e["choices"][0]["index"] == c["index"]]
+            assert mine[0]["text"] == "kalo remi" and mine[0]["prompt_token_ids"] == prompt == c["prompt_token_ids"]
+            assert all("prompt_token_ids" not in e for e in mine[1:]), mine
+            assert [t for e in mine for t in e["token_ids"]] == c["token_ids"] and len(c["token_ids"]) == max_tokens
