@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import TextIO, cast
@@ -12,13 +13,22 @@ import structlog
 class _Stderr:
     """Whatever ``sys.stderr`` is when a line is written, not when logging was configured: a
     command run in-process under a test's captured stderr would otherwise keep writing to that
-    stream after the test closed it ("I/O operation on closed file" in every later test)."""
+    stream after the test closed it ("I/O operation on closed file" in every later test).
+
+    A line that cannot be written is dropped: with its reader gone (``dlora up 2>&1 | head``, a
+    log shipper that died) every write raised BrokenPipeError, and every request whose handling
+    logs failed with it (a helper's trial: each gateway request a 500 from its access-log line).
+    The standard library's handlers drop theirs alike (``Handler.handleError``)."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        try:
+            return sys.stderr.write(text)
+        except (OSError, ValueError):  # a broken pipe, a full disk; a closed file
+            return 0
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
 
 
 class _Writer(structlog.WriteLogger):

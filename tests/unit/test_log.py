@@ -44,6 +44,29 @@ def test_each_record_is_one_write_of_one_json_line_naming_its_logger(monkeypatch
     assert records[0]["worker"] == "worker-1" and all("timestamp" in r for r in records)
 
 
+class _Broken:
+    """A stderr whose reader has gone (``dlora up 2>&1 | head`` after head exits)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_line_that_cannot_be_written_is_dropped_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper's trial: with the gateway's stderr pipe closed, every log call raised BrokenPipeError,
+    and every request failed with a 500 from its access-log line after its handler had succeeded."""
+    monkeypatch.setattr(sys, "stderr", _Broken())
+    try:
+        log.configure(json=True)
+        log.get("gateway").info("http request", status=200)
+        logging.getLogger("aiohttp.access").warning("a library's record")
+    finally:
+        monkeypatch.undo()
+        log.configure(json=True)
+
+
 def test_the_level_setting_leaves_out_what_is_less_severe(monkeypatch: pytest.MonkeyPatch) -> None:
     stderr = _Writes()
     monkeypatch.setattr(sys, "stderr", stderr)
