@@ -162,6 +162,9 @@ def _validate(
         conf = json.loads(conf_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # valid, but past Python's bounds: 4,300 digits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} cannot be read as JSON ({why})") from None
     if not isinstance(conf, dict):
         raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not a JSON object")
     _check_config(name, conf)

@@ -1,0 +1,65 @@
+"""adapter_config.json as hostile input: a file inside the roots may be anyone's, so whatever it
+holds is refused with a 400 naming it (and by a worker's loader alike), never a 500 from a parser's
+own limits, nor a registration that never ends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dlora.model.adapters import AdapterError
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.openai import APIError
+from dlora.services.worker.engine.lora import load_adapter
+
+CONFIG = "adapter_config.json"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root").mkdir()
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def adapter(tiny_llama: TinyOutput, root: Path) -> Path:
+    return Path(shutil.copytree(tiny_llama.adapters["lora-0"], root / "a"))
+
+
+def _set_raw(path: Path, key: str, raw: str) -> None:
+    """``key`` set to a raw JSON text in the adapter's config."""
+    conf = json.loads((path / CONFIG).read_text())
+    (path / CONFIG).write_text(json.dumps({**conf, key: "__RAW__"}).replace('"__RAW__"', raw))
+
+
+def _refused_everywhere(path: Path, root: Path, cfg, fragment: str) -> None:
+    with pytest.raises(APIError, match=fragment) as e:
+        check_adapter("a", str(path), [str(root)], "model", cfg)
+    assert (e.value.status, e.value.param) == (400, "path")
+    with pytest.raises(AdapterError, match=fragment):
+        load_adapter("a", path, cfg)
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "fragment"),
+    [
+        # json.loads recurses per level: RecursionError, which no handler caught (a 500)
+        ("base_model_name_or_path", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("r", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        # Python refuses to read an integer of over 4,300 digits: a ValueError, not a JSONDecodeError
+        ("r", "9" * 5_000, "4300 digits"),
+        ("lora_alpha", "1" * 5_000, "4300 digits"),
+    ],
+)
+def test_a_config_python_cannot_read_is_a_400_not_a_500(
+    adapter: Path, root: Path, engine_cfg, key: str, raw: str, fragment: str
+) -> None:
+    """The kind of every "deeply nested JSON answers 500" report (technocore-chat #130); here an
+    admin's registration of a file anyone in the root may have written answered 500 with
+    RecursionError's words, and a worker's load raised past its handlers."""
+    _set_raw(adapter, key, raw)
+    _refused_everywhere(adapter, root, engine_cfg, f"{CONFIG} cannot be read as JSON .*{fragment}")
