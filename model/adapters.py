@@ -7,7 +7,8 @@ Only safetensors are read. Every ``adapter_config.json`` field that changes the 
 PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/utils/other.py
 ``get_pattern_key``), or the adapter is refused with the field named:
 - scaling ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with ``rank_pattern`` /
-  ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$`` on the module name, first match in order;
+  ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$`` on the module name, first match in order
+  (``peft_targets``: the patterns are hostile input, matched within a time bound);
 - which modules carry LoRA: ``target_modules`` (a list: the name or a dotted suffix, a name in
   full kept whatever ``layers_to_transform`` says; a string: a regex the whole name must match;
   ``all-linear`` in any case; left out: PEFT's default for these models, q_proj and v_proj),
@@ -45,6 +46,7 @@ from dlora.model.adapter_files import (
     value_problem,
 )
 from dlora.model.config import TARGET_NAMES, ModelConfig, targets
+from dlora.model.peft_targets import Targets, regex_problem
 
 __all__ = [
     "AdapterError",
@@ -56,7 +58,6 @@ __all__ = [
     "inspect_adapter",
     "parse_lora_args",
     "read_adapter_files",
-    "targeted",
     "validate",
 ]
 
@@ -208,12 +209,12 @@ def _validate(
     if not pairs:
         raise AdapterError(f"adapter {name!r}: {weights_file} holds no LoRA weights")
 
-    fits = targets(cfg)
+    fits, chosen = targets(cfg), Targets(name, conf)
     modules: dict[tuple[int, str], ModuleSpec] = {}
     for (layer, target), ab in sorted(pairs.items()):
         where = f"adapter {name!r}: layer {layer} {target}"
         module = _module(layer, target)
-        if not targeted(conf, module):
+        if not chosen.targeted(module):
             continue  # PEFT makes no LoRA layer here, so it never reads these weights
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: has lora_{''.join(ab)} but not both lora_A and lora_B")
@@ -225,12 +226,12 @@ def _validate(
             raise AdapterError(
                 f"{where}: lora_A {a} / lora_B {b} do not fit the base ({t.in_features} -> {t.out_features})"
             )
-        r = int(_pattern_value(conf.get("rank_pattern") or {}, module, conf["r"]))
+        r = int(chosen.pattern_value(conf.get("rank_pattern") or {}, module, conf["r"]))
         if r != rank:
             raise AdapterError(f"{where}: tensors have rank {rank}, adapter_config.json says r={r}")
         if rank > limits.max_lora_rank:
             raise AdapterRefused(f"{where}: rank {rank} is above max_lora_rank={limits.max_lora_rank}")
-        alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
+        alpha = float(chosen.pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
         scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
         # alpha is checked finite and positive, but a tiny or huge one still makes a scale of 0 or
         # one that swamps the base's output
@@ -245,7 +246,7 @@ def _validate(
             f"adapter {name!r}: none of its weights is on a module its target_modules, "
             "exclude_modules and layers_to_transform select"
         )
-    if conf.get("init_lora_weights") is False and (bare := _unweighted(conf, cfg, pairs)):
+    if conf.get("init_lora_weights") is False and (bare := _unweighted(chosen, cfg, pairs)):
         raise AdapterError(
             f"adapter {name!r}: its config selects {bare} but the file holds no weights for it, and with "
             "init_lora_weights false PEFT leaves such a module's LoRA at random values (not a zero delta)"
@@ -267,70 +268,13 @@ def _parent(target: str) -> str:
     return "self_attn" if target in TARGET_NAMES[:4] else "mlp"
 
 
-def _unweighted(conf: dict[str, Any], cfg: ModelConfig, pairs: dict[tuple[int, str], dict[str, str]]) -> str | None:
+def _unweighted(chosen: Targets, cfg: ModelConfig, pairs: dict[tuple[int, str], dict[str, str]]) -> str | None:
     """A module the config selects that the file has no weights for (None: there is none)."""
     for layer in range(cfg.num_layers):
         for target in TARGET_NAMES:
-            if (layer, target) not in pairs and targeted(conf, module := _module(layer, target)):
+            if (layer, target) not in pairs and chosen.targeted(module := _module(layer, target)):
                 return module
-    return next((m for m in _OTHER_MODULES if targeted(conf, m)), None)
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first key (in order) whose regex, grouped, ends the module
-    name at a dot or the start."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _in_modules(spec: str | list[str], module: str) -> bool:
-    """A ``target_modules`` / ``exclude_modules`` value: a string is a regex the whole name must
-    match; a list names modules by full name or dotted suffix."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
-    return module in spec or any(module.endswith(f".{m}") for m in spec)
-
-
-def _layer_index(conf: dict[str, Any], module: str) -> int | None:
-    patterns = conf.get("layers_pattern") or None
-    if patterns is None:  # the first numbered segment after a named one
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        m = next(
-            (
-                m
-                for p in ([patterns] if isinstance(patterns, str) else patterns)
-                if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))
-            ),
-            None,
-        )
-    return int(m["idx"]) if m else None
-
-
-def targeted(conf: dict[str, Any], module: str) -> bool:
-    """Whether PEFT puts LoRA on ``module`` (a base-model module name such as
-    ``model.layers.0.self_attn.q_proj``) under this config."""
-    if conf.get("exclude_modules") and _in_modules(conf["exclude_modules"], module):
-        return False
-    spec = conf.get("target_modules")
-    if spec is None:
-        return False
-    if isinstance(spec, str) and spec.lower() == "all-linear":  # every linear layer but the output head:
-        # all of TARGET_NAMES here (PEFT reads the shorthand in any case)
-        return module.rsplit(".", 1)[-1] in TARGET_NAMES
-    if isinstance(spec, str):
-        return _in_modules(spec, module)
-    if module in spec:  # named in full: PEFT applies no layer filter to it
-        return True
-    if not _in_modules(spec, module):
-        return False
-    layers = conf.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    index = _layer_index(conf, module)
-    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+    return next((m for m in _OTHER_MODULES if chosen.targeted(m)), None)
 
 
 def content_digest(config: bytes, weights: bytes) -> str:
@@ -461,10 +405,8 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
         refuse("layers_pattern needs layers_to_transform (peft refuses it too)")
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         for pattern in [conf[key]] if isinstance(conf.get(key), str) else []:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                refuse(f"{key} {pattern!r} is not a valid regex ({e})")
+            if (problem := regex_problem(pattern)) is not None:
+                refuse(f"{key} {pattern[:200]!r} is not a valid regex ({problem})")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(conf.get(key) or {}, dict):
             refuse(f"{key} must be an object")
@@ -475,7 +417,5 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
                     f"(finite), not {value!r}"
                 )
         for pattern in conf.get(key) or {}:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                refuse(f"{key} key {pattern!r} is not a valid regex ({e})")
+            if (problem := regex_problem(pattern)) is not None:
+                refuse(f"{key} key {pattern[:200]!r} is not a valid regex ({problem})")

@@ -63,3 +63,61 @@ def test_a_config_python_cannot_read_is_a_400_not_a_500(
     RecursionError's words, and a worker's load raised past its handlers."""
     _set_raw(adapter, key, raw)
     _refused_everywhere(adapter, root, engine_cfg, f"{CONFIG} cannot be read as JSON .*{fragment}")
+
+
+DEEP = "(" * 5_000 + "q_proj" + ")" * 5_000
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "fragment"),
+    [
+        ("target_modules", json.dumps(DEEP), "target_modules .* is not a valid regex \\(nested too deeply\\)"),
+        ("exclude_modules", json.dumps(DEEP), "exclude_modules .* is not a valid regex \\(nested too deeply\\)"),
+        ("rank_pattern", json.dumps({DEEP: 8}), "rank_pattern key .* is not a valid regex \\(nested too deeply\\)"),
+    ],
+)
+def test_a_regex_too_deep_to_compile_is_a_400(
+    adapter: Path, root: Path, engine_cfg, key: str, raw: str, fragment: str
+) -> None:
+    """re.compile raises RecursionError past a few thousand groups; only re.error was caught (a 500)."""
+    _set_raw(adapter, key, raw)
+    _refused_everywhere(adapter, root, engine_cfg, fragment)
+
+
+# Each takes Python's re about a minute per module name of 30 characters, and PEFT's rules match
+# them against every module of the base (vLLM's pythonic tool parser ReDoS, GHSA-w6q7-j642-7c25,
+# is the kind: a regex that backtracks for ever on a server's thread).
+REDOS = "(.|.)*X"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("target_modules", json.dumps(REDOS)),
+        ("exclude_modules", json.dumps(REDOS)),
+        ("rank_pattern", json.dumps({REDOS: 8})),
+        ("alpha_pattern", json.dumps({REDOS: 8})),
+    ],
+)
+def test_a_regex_that_backtracks_for_ever_does_not_hold_the_registration(
+    adapter: Path, root: Path, engine_cfg, key: str, raw: str
+) -> None:
+    """The registration answered nothing for hours, a gateway thread and a core spent on it; now
+    the regex is matched as PEFT reads it by an engine that does not backtrack so, within a bound."""
+    _set_raw(adapter, key, raw)
+    try:
+        check_adapter("a", str(adapter), [str(root)], "model", engine_cfg)
+    except APIError as e:  # (whether it selects anything: PEFT's answer, not this test's)
+        assert e.status == 400
+
+
+def test_patterns_that_take_longer_than_their_bound_are_refused(
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine that bounds its backtracking still meets patterns that are slow by their number (a
+    1 MB config holds 50,000 rank_pattern keys: 24 s of one core here, more on a deeper base):
+    every match an adapter's config asks for shares one time bound."""
+    _set_raw(adapter, "rank_pattern", json.dumps({f"k{i}": 8 for i in range(20_000)}))
+    monkeypatch.setattr("dlora.model.peft_targets.PATTERN_BUDGET_S", 0.05)
+    _refused_everywhere(adapter, root, engine_cfg, "its module patterns take over 0.05 s to match")

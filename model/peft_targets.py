@@ -1,0 +1,111 @@
+r"""Which modules of the base PEFT puts LoRA on, and with what rank and alpha, by the regexes of
+an ``adapter_config.json`` (peft/tuners/tuners_utils.py ``check_target_module_exists``,
+peft/utils/other.py ``get_pattern_key``): ``target_modules`` and ``exclude_modules`` (a string: a
+regex the whole name must match; a list: names or dotted suffixes), ``layers_to_transform`` with
+``layers_pattern``, and ``rank_pattern`` / ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$``,
+first match in order.
+
+The config is hostile input (anyone who may write into an adapter root wrote it): Python's ``re``
+backtracks for hours on a pattern such as ``(.|.)*X`` against one module name, and a 1 MB config
+holds 50,000 pattern keys. The patterns, checked as ``re`` reads them (PEFT's engine), are matched
+by ``regex`` (the same syntax; it takes a timeout), every match of one config within one time bound.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import regex
+
+from dlora.model.adapter_files import AdapterError
+from dlora.model.config import TARGET_NAMES
+
+# Every match one config asks for, together: a real config's few patterns over an 80-layer base's
+# 560 modules take milliseconds.
+PATTERN_BUDGET_S = 2.0
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``re`` (PEFT's engine) cannot compile ``pattern``, or None."""
+    try:
+        re.compile(pattern)
+    except RecursionError:  # a few thousand nested groups: not a re.error
+        return "nested too deeply"
+    except (re.error, OverflowError) as e:
+        return str(e)
+    return None
+
+
+class Targets:
+    """PEFT's reading of one config's module selection, its matches bounded together in time."""
+
+    def __init__(self, name: str, conf: dict[str, Any]) -> None:
+        self.name, self.conf = name, conf
+        self._budget = PATTERN_BUDGET_S
+        self._deadline = time.monotonic() + self._budget
+
+    def _match(self, how: str, pattern: str, text: str) -> regex.Match[str] | None:
+        left = self._deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            match: regex.Match[str] | None = getattr(regex, how)(pattern, text, timeout=left)
+        except TimeoutError:
+            raise AdapterError(
+                f"adapter {self.name!r}: its module patterns take over {self._budget:g} s to match "
+                "(target_modules, exclude_modules, layers_pattern, rank_pattern, alpha_pattern)"
+            ) from None
+        except (regex.error, RecursionError, OverflowError) as e:  # (re took it: not expected)
+            raise AdapterError(f"adapter {self.name!r}: a module pattern cannot be matched ({e})") from None
+        return match
+
+    def pattern_value(self, patterns: dict[str, Any], module: str, default: Any) -> Any:
+        """PEFT's ``get_pattern_key``: the first key (in order) whose regex, grouped, ends the
+        module name at a dot or the start."""
+        for key, value in patterns.items():
+            if self._match("match", rf"(.*\.)?({key})$", module):
+                return value
+        return default
+
+    def _in_modules(self, spec: str | list[str], module: str) -> bool:
+        """A ``target_modules`` / ``exclude_modules`` value: a string is a regex the whole name must
+        match; a list names modules by full name or dotted suffix."""
+        if isinstance(spec, str):
+            return self._match("fullmatch", spec, module) is not None
+        return module in spec or any(module.endswith(f".{m}") for m in spec)
+
+    def _layer_index(self, module: str) -> int | None:
+        patterns = self.conf.get("layers_pattern") or None
+        if patterns is None:  # the first numbered segment after a named one
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+            return int(m["idx"]) if m else None
+        for p in [patterns] if isinstance(patterns, str) else patterns:
+            if found := self._match("match", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module):
+                return int(found["idx"])
+        return None
+
+    def targeted(self, module: str) -> bool:
+        """Whether PEFT puts LoRA on ``module`` (a base-model module name such as
+        ``model.layers.0.self_attn.q_proj``) under this config."""
+        conf = self.conf
+        if conf.get("exclude_modules") and self._in_modules(conf["exclude_modules"], module):
+            return False
+        spec = conf.get("target_modules")
+        if spec is None:
+            return False
+        if isinstance(spec, str) and spec.lower() == "all-linear":  # every linear layer but the output
+            # head: all of TARGET_NAMES here (PEFT reads the shorthand in any case)
+            return module.rsplit(".", 1)[-1] in TARGET_NAMES
+        if isinstance(spec, str):
+            return self._in_modules(spec, module)
+        if module in spec:  # named in full: PEFT applies no layer filter to it
+            return True
+        if not self._in_modules(spec, module):
+            return False
+        layers = conf.get("layers_to_transform")
+        if layers is None or layers == []:
+            return True
+        index = self._layer_index(module)
+        return index is not None and (index == layers if isinstance(layers, int) else index in layers)
