@@ -93,8 +93,9 @@ def read_file(name: str, file: Path, max_bytes: int, roots: Sequence[Path] | Non
 
     Why each step: a symlink inside a root may point anywhere, so the root check is on the
     resolved path; a FIFO would block the reader forever and a device (/dev/zero) never ends, so
-    only regular files are opened; and the file is opened without following a symlink and checked
-    to be the one stat'ed, so it cannot be swapped between the check and the read."""
+    only regular files are opened; and the file is opened without following a symlink, checked
+    to be the one stat'ed and, where the system says, to lie inside the roots as opened, so
+    neither it nor a directory above it can be swapped between the check and the read."""
     where = f"adapter {name!r}: {file}"
     try:
         real = file.resolve(strict=True)
@@ -115,12 +116,25 @@ def read_file(name: str, file: Path, max_bytes: int, roots: Sequence[Path] | Non
             now = os.fstat(f.fileno())
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
                 raise AdapterError(f"{where} changed while it was being read")
+            if roots is not None and (opened := _opened_path(f.fileno())) is not None:
+                if not any(opened.is_relative_to(root) for root in roots):
+                    raise AdapterRefused(f"{where} resolves to {opened}, outside the configured adapter roots")
             data = f.read(max_bytes + 1)  # a file growing meanwhile is still bounded
     except OSError as e:
         raise AdapterError(f"{where} cannot be read ({e.strerror})") from None
     if len(data) > max_bytes:
         raise AdapterRefused(f"{where} is over {max_bytes} bytes, the limit")
     return data
+
+
+def _opened_path(fd: int) -> Path | None:
+    """Where an open file really is (Linux's /proc; None elsewhere): a directory of its path
+    swapped for a link out between the resolve and the open is followed by both stat and open,
+    O_NOFOLLOW guarding only the last component."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
 
 
 def read_adapter_files(

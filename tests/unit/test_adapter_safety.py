@@ -118,6 +118,28 @@ def test_a_directory_reached_through_a_link_out_of_the_roots_is_refused(
         _register(root / "b", root, engine_cfg)
 
 
+def test_a_directory_swapped_for_a_link_out_after_the_check_is_refused(
+    adapter: Path, root: Path, engine_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A symlink swapped in after the check (TOCTOU, the kind of every 'realpath then open' report):
+    the file was resolved inside the root, then its directory became a link out, and stat and
+    open both followed the link (O_NOFOLLOW guards only the last component): the gateway read a
+    file outside the roots. Where the opened file really is is checked now."""
+    outside = Path(shutil.copytree(adapter, tmp_path / "outside"))
+    real_stat, swapped = os.stat, []
+
+    def stat_after_a_swap(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not swapped and str(path) == str(adapter / CONFIG):
+            swapped.append(shutil.move(adapter, root / "moved"))
+            adapter.symlink_to(outside, target_is_directory=True)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_after_a_swap)
+    with pytest.raises(APIError, match=f"{CONFIG} resolves to .*outside/{CONFIG}, outside the configured") as e:
+        check_adapter("a", str(adapter), [str(root)], "model", engine_cfg)
+    assert swapped and e.value.status == 400
+
+
 @pytest.mark.timeout(30)  # a FIFO opened for reading blocks until a writer comes: it must not be
 @pytest.mark.parametrize("file", [CONFIG, WEIGHTS])
 def test_a_fifo_is_refused_without_blocking(adapter: Path, root: Path, engine_cfg, file: str) -> None:
