@@ -123,6 +123,10 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             )
         if self.tool_call_parser and self.tool_call_parser not in PARSERS:
             bad.append(("tool_call_parser", self.tool_call_parser, f"must be empty or one of {', '.join(PARSERS)}"))
+        # The bearer token is read stripped and no header carries a control character: such a key
+        # (a secret file's trailing newline) could never be given. Its value is not printed.
+        if self.admin_key != self.admin_key.strip() or any(c < " " or c == "\x7f" for c in self.admin_key):
+            bad.append(("admin_key", "<hidden>", "has whitespace at its ends or a control character (a newline?)"))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
         if not (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= 0):

@@ -341,3 +341,15 @@ def test_a_file_with_a_bom_and_a_setting_of_another_table_and_an_engine_seed_pas
         load(WorkerSettings, "worker", env={"DLORA_MODEL": "/m", "DLORA_ENGINE__SEED": str(1 << 64)})
     assert main(["serve", "dispatcher", "--port", "1", "--worker-id", "w"]) == 2
     assert "not a setting of the dispatcher: --port, --worker-id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["s3cret\n", " s3cret", "s3cret ", "s3\tcret", "s3\x00cret", "s3\x7fcret"])
+def test_an_admin_key_no_authorization_header_can_carry_is_refused_at_start(key: str) -> None:
+    """A key read from a secret file with its trailing newline (a Kubernetes or Docker secret
+    written by echo) was taken: the gateway strips the bearer token and no header holds a control
+    character, so every admin call answered 401 'needs Authorization: Bearer <admin key>'. The
+    refusal does not print the key."""
+    with pytest.raises(SettingsError, match="admin_key='<hidden>' has whitespace at its ends or a control") as e:
+        load(GatewaySettings, "gateway", env={"DLORA_MODEL": "/m", "DLORA_ADMIN_KEY": key})
+    assert "s3" not in str(e.value)
+    assert load(GatewaySettings, "gateway", env={"DLORA_MODEL": "/m", "DLORA_ADMIN_KEY": "s3 cret"}).admin_key
