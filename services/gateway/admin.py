@@ -70,7 +70,8 @@ def check_adapter(
         if not resolved.is_dir():
             raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
     except (OSError, RuntimeError) as e:  # a name too long, a loop of links, no permission, no home
-        raise APIError(400, f"adapter path {path!r} cannot be read: {e.strerror or e}", param="path") from None
+        why = getattr(e, "strerror", None) or e  # (a RuntimeError has none: raised here, it was a 500)
+        raise APIError(400, f"adapter path {path!r} cannot be read: {why}", param="path") from None
     try:
         adapter = inspect_adapter(name, resolved, cfg, limits, roots)
     except AdapterError as e:

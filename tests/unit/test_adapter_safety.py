@@ -483,3 +483,12 @@ def test_a_root_written_with_a_tilde_is_expanded_for_the_files_too(
     tilde_root = str(Path("~") / root.name)
     entry = check_adapter("a", str(adapter), [tilde_root], "model", engine_cfg)
     assert entry.version == _register(adapter, root, engine_cfg)
+
+
+@pytest.mark.parametrize("path", ["loop", "~no-such-user-h3/a"])
+def test_a_loop_of_links_or_an_unknown_users_home_is_a_400(root: Path, engine_cfg, path: str) -> None:
+    """Python raises RuntimeError for both (no strerror): the handler's own message raised (a 500)."""
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises(APIError, match="cannot be read") as e:
+        check_adapter("a", path if path.startswith("~") else str(root / path), [str(root)], "model", engine_cfg)
+    assert (e.value.status, e.value.param) == (400, "path")
