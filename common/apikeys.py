@@ -58,6 +58,9 @@ def tenant_problem(tenant: str) -> str | None:
 # The largest rate, burst or concurrency a key may be given: past it a limit means nothing (a
 # user's trial stored a concurrency of 1e23).
 MAX_LIMIT = 1_000_000
+# The smallest rate a key may have above 0 (one request in 11.6 days): a refusal's wait is 1 / rate,
+# and 5e-324 made it infinite (every refusal a 500) and 1e-300 a Retry-After of 300 digits.
+MIN_RATE = 1e-6
 
 
 def check_spec(
@@ -69,9 +72,12 @@ def check_spec(
         raise KeySpecError("tenant", problem)
     if not scopes or any(s not in SCOPES for s in scopes):
         raise KeySpecError("scopes", f"scopes must be one or more of {', '.join(SCOPES)}, got {scopes!r}")
-    if rate_per_s is not None and not (math.isfinite(rate_per_s) and 0 <= rate_per_s <= MAX_LIMIT):
+    if rate_per_s is not None and not (
+        rate_per_s == 0 or (math.isfinite(rate_per_s) and MIN_RATE <= rate_per_s <= MAX_LIMIT)
+    ):
         raise KeySpecError(
-            "rate_per_s", f"rate_per_s must be a number in [0, {MAX_LIMIT:g}] (0: no limit), got {rate_per_s!r}"
+            "rate_per_s",
+            f"rate_per_s must be 0 (no limit) or a number in [{MIN_RATE:g}, {MAX_LIMIT:g}], got {rate_per_s!r}",
         )
     for name, value in (("burst", burst), ("concurrency", concurrency)):
         if value is not None and not 0 <= value <= MAX_LIMIT:

@@ -17,6 +17,9 @@ from dlora.services.gateway import openai
 from dlora.services.gateway.auth import Auth
 from dlora.services.gateway.openai import APIError, documented
 
+# 0 (no limit) or a rate a refusal's wait can be said for (apikeys.MIN_RATE)
+_RATES = {"minimum": apikeys.MIN_RATE, "maximum": apikeys.MAX_LIMIT}
+
 
 class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/keys``: the tenant the key acts for, its scopes, and its own limits (unset: the
@@ -28,7 +31,7 @@ class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     scopes: Annotated[list[Annotated[str, documented(enum=list(apikeys.SCOPES))]], documented(minItems=1)] = (
         msgspec.field(default_factory=lambda: [apikeys.INFERENCE])
     )
-    rate_per_s: Annotated[float, documented(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
+    rate_per_s: Annotated[float, documented(anyOf=[{"const": 0}, _RATES])] | None = None
     burst: Annotated[int, documented(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
     concurrency: Annotated[int, documented(minimum=0, maximum=apikeys.MAX_LIMIT)] | None = None
 

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dlora.common import apikeys
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -101,7 +103,9 @@ class KeyLimiter:
             bucket.tokens = min(float(limits.burst), bucket.tokens + (now - bucket.at) * limits.rate_per_s)
             bucket.at, bucket.rate_per_s, bucket.burst = now, limits.rate_per_s, limits.burst
             if bucket.tokens < 1.0:
-                wait = (1.0 - bucket.tokens) / limits.rate_per_s
+                # at most the smallest rate's wait: a key stored before that was checked (or a
+                # gateway's key_rate_per_s) waited for ever, and math.ceil(inf) made a 500
+                wait = min((1.0 - bucket.tokens) / limits.rate_per_s, 1 / apikeys.MIN_RATE)
                 return Refusal(
                     f"rate limit reached for this API key: {limits.rate_per_s:g} requests per second "
                     f"(bursts of {limits.burst}); try again in {wait:.2f} s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from dlora.common.apikeys import MIN_RATE
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.model.adapter_files import AdapterLimits
 from dlora.services.gateway.chat_template import CONTENT_FORMATS
@@ -129,8 +130,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("admin_key", "<hidden>", "has whitespace at its ends or a control character (a newline?)"))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
-        if not (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= 0):
-            bad.append(("key_rate_per_s", self.key_rate_per_s, "must be >= 0 (0: no limit)"))
+        if not (self.key_rate_per_s == 0 or (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= MIN_RATE)):
+            bad.append(("key_rate_per_s", self.key_rate_per_s, f"must be 0 (no limit) or >= {MIN_RATE:g}"))
         for field in ("key_burst", "key_concurrency", "max_adapter_labels"):
             if getattr(self, field) < 0:
                 bad.append((field, getattr(self, field), "must be >= 0"))

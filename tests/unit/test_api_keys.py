@@ -56,6 +56,8 @@ def test_scopes_are_deduplicated_in_a_fixed_order() -> None:
         ({"concurrency": 10**23}, "concurrency"),  # a user's trial: stored, listed as 1e+23
         ({"burst": 2**63}, "burst"),
         ({"rate_per_s": 1e12}, "rate_per_s"),
+        ({"rate_per_s": 5e-324}, "rate_per_s"),  # its wait, 1 / rate, is infinite: every refusal a 500
+        ({"rate_per_s": 1e-300}, "rate_per_s"),  # a Retry-After of 300 digits
     ],
 )
 def test_an_invalid_field_is_refused_by_name(fields: dict, param: str) -> None:
@@ -110,6 +112,18 @@ def test_retry_after_is_the_wait_for_one_token_in_whole_seconds_and_in_ms() -> N
     clock.now += 2.5  # a quarter of a token back: 7.5 s to wait
     refusal = limiter.admit("k", slow)
     assert refusal is not None and refusal.headers == {"Retry-After": "8", "retry-after-ms": "7500"}
+
+
+@pytest.mark.parametrize("rate", [5e-324, 1e-300])
+def test_a_key_stored_with_a_rate_too_small_to_wait_for_is_refused_with_a_bounded_wait(rate: float) -> None:
+    """A key made before the smallest rate was checked (or a gateway's key_rate_per_s): the second
+    request's wait, 1 / rate, overflowed math.ceil (500 OverflowError) or filled the header with
+    300 digits. Waits are said as at most the smallest rate's (1e6 s, 11.6 days)."""
+    limiter, limits = KeyLimiter(Clock()), Limits.of(rate_per_s=rate, burst=1, concurrency=0)
+    assert limiter.admit("k", limits) is None
+    refusal = limiter.admit("k", limits)
+    assert refusal is not None and refusal.headers == {"Retry-After": "1000000", "retry-after-ms": "1000000000"}
+    assert "try again in 1000000.00 s" in refusal.message
 
 
 def test_a_bucket_refilled_to_its_burst_is_dropped_at_the_next_sweep() -> None:

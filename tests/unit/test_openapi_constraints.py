@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from dlora.common.apikeys import SCOPES, tenant_problem
+from dlora.common.apikeys import MAX_LIMIT, MIN_RATE, SCOPES, tenant_problem
 from dlora.common.registry import valid_name
 from dlora.services.gateway.openapi import document
 
@@ -30,6 +30,8 @@ def test_the_tenant_and_name_patterns_are_the_checks_own() -> None:
 def test_scopes_limits_and_token_ids_are_bounded_as_checked() -> None:
     key = SCHEMAS["KeyBody"]["properties"]
     assert key["scopes"]["items"]["enum"] == list(SCOPES) and key["scopes"]["minItems"] == 1
-    for field in ("rate_per_s", "burst", "concurrency"):
+    for field in ("burst", "concurrency"):
         assert key[field]["anyOf"][0]["minimum"] == 0
+    # 0, or a rate whose refusals' wait can be said (apikeys.MIN_RATE)
+    assert key["rate_per_s"]["anyOf"][0]["anyOf"] == [{"const": 0}, {"minimum": MIN_RATE, "maximum": MAX_LIMIT}]
     assert SCHEMAS["DetokenizeBody"]["properties"]["tokens"]["items"]["minimum"] == 0
