@@ -4,9 +4,12 @@ step fails ends with the reason while its batch mates and later requests are ser
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
@@ -129,6 +132,37 @@ def test_non_finite_logits_fail_the_row_with_a_reason(engine: LLMEngine) -> None
     )
     assert out["nan"]["reason"] is FinishReason.ERROR and "not finite" in out["nan"]["error"]
     assert len(out["ok"]["tokens"]) == 3 and out["ok"]["error"] is None
+
+
+def test_a_request_whose_activations_overflow_leaves_no_nan_for_the_others(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """An adapter within every registration limit (weights of 30) overflows fp16 activations: its
+    request fails with non-finite logits, as it should, but its K/V were NaN and its freed block 0
+    pads every later batch's tables; the torch attention read them (0 · NaN) and every request of
+    the worker failed "not finite" from then on, base model included (vllm-project/vllm#50283's
+    kind). The others must be served as by an engine that never saw it, beside it and after it."""
+    bad = tmp_path / "overflows"
+    shutil.copytree(tiny_llama.adapters["lora-0"], bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    save_file({k: torch.full_like(v, 30.0) for k, v in tensors.items()}, str(bad / "adapter_model.safetensors"))
+    good = {"long": ("lora-1", list(range(3, 23))), "base": (None, [5, 40, 41]), "other": ("lora-0", [6, 7, 8, 9])}
+    want = run_all(make_engine(tiny_llama, dtype="float16", num_blocks=16), good, max_tokens=6)
+    engine = make_engine(tiny_llama, dtype="float16", num_blocks=16)
+    engine.register_adapter("overflows", bad)
+    for rid, (adapter, ids) in {"bad": ("overflows", PROMPT), **good}.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=6), adapter=adapter)
+    got: dict[str, list[int]] = {rid: [] for rid in ["bad", *good]}
+    errors = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.new_token_ids
+            if o.error:
+                errors[o.request_id] = o.error
+    assert list(errors) == ["bad"] and "not finite" in errors["bad"]
+    assert {rid: got[rid] for rid in good} == want
+    assert bool(engine.model.kv.v.isnan().any())  # what it left behind
+    assert run_all(engine, good, max_tokens=6) == want
 
 
 def test_generate_writes_an_error_line_and_serves_the_rest(engine: LLMEngine) -> None:

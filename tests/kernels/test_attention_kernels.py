@@ -175,3 +175,51 @@ def test_the_torch_path_equals_attention_written_out(
     got = paged_attention_torch(q, k, v, meta, block_size, head_dim**-0.5)
     torch.testing.assert_close(got, _dense_reference(q, k, v, q_lens, ctx_lens, tables, block_size, head_dim**-0.5))
     assert len(meta.groups) + (meta.long_decodes is not None) > 1 or len(q_lens) == 1
+
+
+@pytest.mark.parametrize(
+    "q_lens,ctx_lens",
+    [
+        ([1] * 6, [3, 17, 40, 5, 16, 33]),  # decodes padded to the widest table
+        ([1, 1, 1, 4, 1], [300, 1000, 257, 40, 611]),  # long decodes, their last chunk padded
+        ([30, 5, 1, 12], [30, 70, 900, 1200]),  # prompts and chunks, padded and alone
+        ([9, 3], [9, 20]),  # a prefill beside a chunk
+    ],
+)
+@pytest.mark.parametrize("chunk_bytes", [2 << 20, 4096])
+def test_the_torch_path_never_reads_slots_past_a_context(
+    q_lens: list[int], ctx_lens: list[int], chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose activations overflowed (an fp16 adapter, say) leaves NaN in its blocks; once
+    freed they are another's, past its context, and block 0 pads every table. A masked key weighs
+    0, but 0 · NaN is NaN: the torch path read them and every later request of the worker failed
+    ("logits are not finite"; vLLM zeroes such blocks for it, vllm-project/vllm#50283). As the
+    Triton kernel, which loads only keys inside each context, it must give the same bits whatever
+    lies past them."""
+    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
+    block_size, heads, kv_heads, head_dim = 16, 4, 2, 16
+    needed = [-(-c // block_size) for c in ctx_lens]
+    pool = list(range(1, sum(needed) + 1))  # block 0 is nobody's: only padding reads it
+    random.Random(3).shuffle(pool)
+    tables = []
+    for nb in needed:
+        tables.append(pool[:nb])
+        pool = pool[nb:]
+    slots = [
+        t[p // block_size] * block_size + p % block_size
+        for n, c, t in zip(q_lens, ctx_lens, tables)
+        for p in range(c - n, c)
+    ]
+    owned = torch.zeros((sum(needed) + 1) * block_size, dtype=torch.bool)
+    for c, t in zip(ctx_lens, tables):
+        owned[[t[p // block_size] * block_size + p % block_size for p in range(c)]] = True
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=g)
+    k = torch.randn(len(owned), kv_heads, head_dim, generator=g)
+    v = torch.randn(len(owned), kv_heads, head_dim, generator=g)
+    meta = build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size, torch.device("cpu"))
+    clean = paged_attention_torch(q, k, v, meta, block_size, head_dim**-0.5)
+    for stale in (float("nan"), float("inf")):
+        k_dirty, v_dirty = k.masked_fill(~owned[:, None, None], stale), v.masked_fill(~owned[:, None, None], stale)
+        meta = build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size, torch.device("cpu"))
+        assert torch.equal(paged_attention_torch(q, k_dirty, v_dirty, meta, block_size, head_dim**-0.5), clean)
