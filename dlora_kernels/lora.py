@@ -117,7 +117,7 @@ class LoraProjection:
     slices: list[LoraSlice]
     tables: LoraTables | None = None  # None until ``refresh``
     # The torch path's per-slot weights of every slice at once (``stacked``), made on first use.
-    _stacked: dict[int, tuple[torch.Tensor, list[tuple[LoraSlice, int, int, torch.Tensor]]] | None] = field(
+    _stacked: dict[int, tuple[torch.Tensor, list[tuple[LoraSlice, int, int, torch.Tensor, float]]] | None] = field(
         default_factory=dict
     )
 
@@ -136,10 +136,10 @@ class LoraProjection:
         """Drop the stacked weights after slot weights changed."""
         self._stacked.clear()
 
-    def stacked(self, slot: int) -> tuple[torch.Tensor, list[tuple[LoraSlice, int, int, torch.Tensor]]] | None:
-        """The slot's shrink for every slice at once: A (K, R), the slices' A stacked with their
-        scales folded in (R: the slot's ranks summed over the slices it targets), and per slice
-        its columns [r0, r1) of the shrunk activations and its Bᵀ (rank, size). One shrink matmul
+    def stacked(self, slot: int) -> tuple[torch.Tensor, list[tuple[LoraSlice, int, int, torch.Tensor, float]]] | None:
+        """The slot's shrink for every slice at once: A (K, R), the slices' A stacked (R: the slot's
+        ranks summed over the slices it targets), and per slice its columns [r0, r1) of the shrunk
+        activations, its Bᵀ (rank, size) and its scale. One shrink matmul
         per projection instead of one per slice: on a CPU a small matmul costs more in the call
         than in arithmetic (issue 19, LoRA tax); the expands stay per slice, as one expand against
         a block-diagonal B does the zeros' arithmetic too (measured slower). None: no slice."""
@@ -150,9 +150,11 @@ class LoraProjection:
             if not parts:
                 self._stacked[slot] = None
             else:
-                a_all = torch.cat([a * sl.scale[slot] for sl, a, _ in parts]).t().contiguous()
+                # The scale is applied at the expand, as PEFT ((x·A)·B·s) and the Triton path do:
+                # folded into A in half precision, x·(s·A) overflowed where x·A·B·s does not.
+                a_all = torch.cat([a for _, a, _ in parts]).t().contiguous()
                 bounds = list(itertools.accumulate((a.shape[0] for _, a, _ in parts), initial=0))
-                expands = [(sl, r0, r1, b.t()) for (sl, _, b), r0, r1 in zip(parts, bounds, bounds[1:])]
+                expands = [(sl, r0, r1, b.t(), sl.scale[slot]) for (sl, _, b), r0, r1 in zip(parts, bounds, bounds[1:])]
                 self._stacked[slot] = (a_all, expands)
         return self._stacked[slot]
 
@@ -170,6 +172,6 @@ def add_lora_torch(out: torch.Tensor, x: torch.Tensor, proj: LoraProjection, met
             if stacked is None:
                 continue
             a, expands = stacked
-            shrunk = x[start:end] @ a  # (n, R), scaled
-            for sl, r0, r1, bt in expands:
-                out[start:end, sl.offset : sl.offset + sl.size].addmm_(shrunk[:, r0:r1], bt, alpha=sign)
+            shrunk = x[start:end] @ a  # (n, R)
+            for sl, r0, r1, bt, scale in expands:
+                out[start:end, sl.offset : sl.offset + sl.size].addmm_(shrunk[:, r0:r1], bt, alpha=sign * scale)

@@ -211,3 +211,38 @@ def test_the_engine_loads_within_its_configured_adapter_limits(tiny_llama: TinyO
             with pytest.raises(AdapterError, match=f"rank {ranks[name]} is above max_lora_rank=16"):
                 engine.register_adapter(name, path)
     assert set(engine.adapters) == {n for n, r in ranks.items() if r <= 16} and max(ranks.values()) > 16
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_large_scale_is_applied_after_the_shrink_as_peft_applies_it(
+    tiny_llama: TinyOutput, tmp_path: Path, dtype: str
+) -> None:
+    """Within the limits (weights ≤ 1e4, scale ≤ 1e3), A of 20s and B of 1e-5s at scale 1000 change
+    the output by little. The torch path folded the scale into A in the slot's dtype, so x·(s·A)
+    went past fp16's 65,504 and the request failed "logits not finite", where PEFT in fp16,
+    (x·A)·B·s, and the Triton path (fp32 shrink, scale at the end, as vLLM's punica) serve it. The
+    oracle is PEFT in fp32 (in bf16 PEFT rounds (x·A)·B before the scale and drifts from it)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = _copy(tiny_llama, tmp_path)
+    _edit_config(path, r=8, lora_alpha=8000.0, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    g = torch.Generator().manual_seed(0)
+    _edit_tensors(
+        path, lambda t: {k: torch.randn(v.shape, generator=g) * (20.0 if "lora_A" in k else 1e-5) for k, v in t.items()}
+    )
+    prompt = [5, 40, 41, 300, 17, 9]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama.model, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, path).eval()
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        want = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    engine = make_engine(tiny_llama, dtype=dtype)
+    engine.register_adapter("large-scale", path)
+    engine.add_request("x", prompt_token_ids=prompt, params=SamplingParams(max_tokens=6), adapter="large-scale")
+    got, errors = [], []
+    while engine.has_unfinished():
+        for o in engine.step():
+            got += o.new_token_ids
+            errors += [o.error] if o.error else []
+    assert errors == [] and got == want[0, len(prompt) :].tolist()
