@@ -63,6 +63,11 @@ async def _prepared(w: WorkerService, add: Add) -> None:
     and its grammar compiled (one that fails is refused at admission, saying why)."""
     req, kv, waited = add.req, None, 0.0
     try:
+        # Marked taken first, as the loop marks what it received before it works on any: a compile
+        # or a cache's read that kills the process is this request's death (on an idle worker no
+        # command came to mark it, and a poison schema went round every worker uncounted).
+        if not w.device_failed:  # (after a device loss none is taken up: see ``arrive``)
+            await w.records.mark_taken()
         if req.kv_chunks:
             start = time.monotonic()
             kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)

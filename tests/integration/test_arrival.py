@@ -112,3 +112,32 @@ async def test_a_grammar_compiling_holds_no_other_request(
         finally:
             release.set()
         await _until(ended, "g")
+
+
+async def test_a_grammar_is_compiled_only_once_its_record_is_marked_taken(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A compile that kills the worker (a schema's memory, a crash in the grammar engine) is the
+    request's death: the loop marked the records of what it had received before it compiled. Moved
+    beside the steps, the compile began at arrival, and on an idle worker nothing marked it: the
+    death went uncounted and the request went round every worker in turn."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        grammars, compiling, release = w0.engine.grammars, threading.Event(), threading.Event()
+        prepare = grammars.prepare
+
+        def held(params: SamplingParams) -> None:
+            compiling.set()
+            release.wait(30)
+            prepare(params)
+
+        grammars.prepare = held  # type: ignore[method-assign]
+        req = msgspec.structs.replace(_request("poison", owner, regex="[cd]{4}"), recorded=True)
+        assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
+        try:
+            await _send(client, req)
+            assert await asyncio.to_thread(compiling.wait, 10)
+            record = await StateStore(redis).get_inflight("poison")
+            assert record is not None and record.taken  # its death, were the compile to kill the process
+        finally:
+            release.set()
+        await _until(ended, "poison")
