@@ -88,9 +88,11 @@ async def admit(w: WorkerService, add: Add) -> None:
         if req.adapter is not None:
             await w.adapters.ensure(req.adapter, req.adapter_version or "", registered=req.fresh_from_app)
         try:
+            start = time.monotonic()
             _add_to_engine(w, req, add, add.kv)
-            if add.kv is not None:  # what shipping this cache cost: the source's export, then its wait here
-                w.kv_seconds += req.kv_export_s + add.kv_wait_s
+            if add.kv is not None:  # what shipping this cache cost: the source's export, its wait and read
+                # here (on arrival), and its import into the KV cache (a copy of all of it, in add_request)
+                w.kv_seconds += req.kv_export_s + add.kv_wait_s + time.monotonic() - start
                 w.kv_tokens += add.kv.tokens
         except RequestError:
             if add.kv is None:

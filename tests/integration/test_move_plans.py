@@ -10,6 +10,7 @@ import uuid
 
 import msgspec
 import nats
+import pytest
 import torch
 from redis.asyncio import Redis
 
@@ -170,6 +171,37 @@ async def test_a_cache_shipped_for_a_request_refused_on_arrival_is_not_kept(
             await service._on_kv_chunk(chunk)
         await service._reconcile()
         assert len(service.kv_inbox) == 0
+
+
+async def test_a_shipped_cache_s_cost_counts_its_import_into_the_engine(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination's measure of a shipped cache (``kv_transfer_seconds_per_token``, which the
+    migrator weighs against recomputing) counted its wait, its read and its import into the KV
+    cache; with the wait moved beside the steps (arrival.py) the import, a copy of the whole cache
+    into the blocks (host to device on a GPU), was left out and shipping read as cheaper than it is."""
+    from dlora.services.worker.engine import engine as engine_module
+
+    real = engine_module.import_kv
+
+    def slow_import(*args: object, **kwargs: object) -> object:
+        time.sleep(0.3)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "import_kv", slow_import)
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w1", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
+        kv = KVSnapshot(tokens=3, k=torch.zeros(2, 3, 2, 16), v=torch.zeros(2, 3, 2, 16)).to_bytes()
+        moved, chunks = handoff(
+            GenerateRequest(request_id="r", reply_to="test.r", prompt_token_ids=[5, 6, 7]), [8], 0, 1, kv, 0.0
+        )
+        for chunk in chunks:
+            await service._on_kv_chunk(chunk)
+        await service._on_request(moved)
+        async with asyncio.timeout(10):
+            await service._take(await service.commands.get())
+        assert "r" in service.streams and service.kv_tokens == 3
+        assert service.kv_seconds >= 0.3
 
 
 async def test_a_plan_moving_others_requests_leaves_a_worker_s_steps_alone(
