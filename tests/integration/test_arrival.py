@@ -5,6 +5,7 @@ arriving after it, go on meanwhile (arrival.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -141,3 +142,25 @@ async def test_a_grammar_is_compiled_only_once_its_record_is_marked_taken(
         finally:
             release.set()
         await _until(ended, "poison")
+
+
+async def test_grammars_compiling_at_once_hold_no_step(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Compiled on asyncio's default threads, which the engine's steps take too, a few distinct
+    schemas compiling at once (as many as that pool has threads: 6 on 2 cores) held every step on
+    the worker until one ended. Compiles held until released: a plain request is served meanwhile."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        grammars, release = w0.engine.grammars, threading.Event()
+        prepare = grammars.prepare
+        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        structured = [f"g{i}" for i in range(min(32, (os.cpu_count() or 1) + 4) + 1)]  # (the default pool's size)
+        for i, rid in enumerate(structured):
+            await _send(client, _request(rid, owner, regex=f"[ab]{{{i + 1}}}"))
+        await _send(client, _request("r", owner))
+        try:
+            await _until(ended, "r")
+        finally:
+            release.set()
+        for rid in structured:
+            await _until(ended, rid)
