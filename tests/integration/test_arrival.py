@@ -17,7 +17,7 @@ import torch
 from redis.asyncio import Redis
 
 from dlora.common import bus, subjects
-from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import AbortRequest, GenerateRequest, SamplingParams, TokenChunk
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
@@ -164,3 +164,30 @@ async def test_grammars_compiling_at_once_hold_no_step(
             release.set()
         for rid in structured:
             await _until(ended, rid)
+
+
+async def test_an_abort_stops_a_request_being_prepared_at_once(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """An abort of a request still waiting on arrival (for its shipped cache, or its grammar's
+    compile: minutes for some schemas) was answered only once that wait ended, its record kept
+    meanwhile. It stops the wait: answered at once, its record ended."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        grammars, release = w0.engine.grammars, threading.Event()
+        prepare = grammars.prepare
+        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        req = msgspec.structs.replace(_request("g", owner, regex="[ef]{3}"), recorded=True)
+        assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
+        try:
+            await _send(client, req)
+            async with asyncio.timeout(10):
+                while "g" not in w0.preparing:
+                    await asyncio.sleep(0.01)
+            await client.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id="g")))
+            await _until(ended, "g")
+            assert "g" not in w0.preparing and "g" not in w0.pending
+            assert await StateStore(redis).get_inflight("g") is None
+        finally:
+            release.set()
+        await asyncio.sleep(0.3)  # (its compile ends: nothing more of it runs)
+        assert "g" not in w0.streams
