@@ -49,13 +49,16 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
     if req.params.bad_words:
         with contextlib.suppress(Exception):
             bad_words_ids = await w.tokenized.bad_words(req.params.bad_words)
-    if req.kv_chunks or req.params.structured_outputs():
+    if w.aborted_lately(req):  # its abort came first: answered now (admit), with nothing awaited for it
+        if req.kv_chunks:
+            w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its cache
+    elif req.kv_chunks or req.params.structured_outputs():
         w.preparing[req.request_id] = (
             asyncio.create_task(_prepared(w, Add(req, bad_words_ids, text_prompt=text))),
             req,
         )
-    else:
-        await w.commands.put(Add(req, bad_words_ids, text_prompt=text))
+        return
+    await w.commands.put(Add(req, bad_words_ids, text_prompt=text))
 
 
 async def _prepared(w: WorkerService, add: Add) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -191,3 +192,24 @@ async def test_an_abort_stops_a_request_being_prepared_at_once(
             release.set()
         await asyncio.sleep(0.3)  # (its compile ends: nothing more of it runs)
         assert "g" not in w0.streams
+
+
+async def test_a_request_its_abort_overtook_is_answered_without_waiting_on_arrival(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A moved request whose client left mid-move (the gateway's abort, sent to every worker, came
+    first) was answered at once, before its cache was awaited. Waiting on arrival beside the steps,
+    it waited for a cache that need not come (up to the inbox's 5 s) before its abort was answered."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        w0.kv_inbox.wait_s = 60.0
+        kv = KVSnapshot(tokens=2048, k=torch.zeros(2, 2048, 2, 16), v=torch.zeros(2, 2048, 2, 16)).to_bytes()
+        moved, chunks = handoff(_request("m", owner), [8], 0, 1, kv, 0.0)
+        assert len(chunks) > 1
+        await w0._on_kv_chunk(chunks[0])  # (the rest never comes)
+        await client.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id="m")))
+        async with asyncio.timeout(10):
+            while not w0.aborted.lately("m", None, time.monotonic()):
+                await asyncio.sleep(0.01)
+        await _send(client, moved)
+        await _until(ended, "m")
+        assert "m" not in w0.streams and len(w0.kv_inbox) == 0
