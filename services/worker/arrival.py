@@ -65,20 +65,26 @@ async def _prepared(w: WorkerService, add: Add) -> None:
     """``add``'s request to the loop once its shipped cache is here (or not in time: then it is recomputed)
     and its grammar compiled (one that fails is refused at admission, saying why)."""
     req, kv, waited = add.req, None, 0.0
+    # Its deadline bounds the wait, as ``_expire`` bounds one the loop holds: past it, the request
+    # is refused at admission, saying so (a compile can take minutes, vLLM #54003).
+    until = None if req.deadline is None else max(0.0, req.deadline - time.time())
     try:
-        # Marked taken first, as the loop marks what it received before it works on any: a compile
-        # or a cache's read that kills the process is this request's death (on an idle worker no
-        # command came to mark it, and a poison schema went round every worker uncounted).
-        if not w.device_failed:  # (after a device loss none is taken up: see ``arrive``)
-            await w.records.mark_taken()
-        if req.kv_chunks:
-            start = time.monotonic()
-            kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)
-            waited = time.monotonic() - start
-            if kv is None:
-                logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
-        if req.params.structured_outputs():
-            await w.tokenized.grammar(w.engine.grammars, req.params)
+        async with asyncio.timeout(until):
+            # Marked taken first, as the loop marks what it received before it works on any: a compile
+            # or a cache's read that kills the process is this request's death (on an idle worker no
+            # command came to mark it, and a poison schema went round every worker uncounted).
+            if not w.device_failed:  # (after a device loss none is taken up: see ``arrive``)
+                await w.records.mark_taken()
+            if req.kv_chunks:
+                start = time.monotonic()
+                kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)
+                waited = time.monotonic() - start
+                if kv is None:
+                    logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
+            if req.params.structured_outputs():
+                await w.tokenized.grammar(w.engine.grammars, req.params)
+    except TimeoutError:
+        logger.info("request's deadline passed while it was prepared", request=req.request_id)
     except Exception as e:  # noqa: BLE001 - the request goes on all the same: recomputed, or refused saying why
         logger.warning("request not prepared", request=req.request_id, error=f"{type(e).__name__}: {e}")
     finally:

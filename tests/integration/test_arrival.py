@@ -213,3 +213,24 @@ async def test_a_request_its_abort_overtook_is_answered_without_waiting_on_arriv
         await _send(client, moved)
         await _until(ended, "m")
         assert "m" not in w0.streams and len(w0.kv_inbox) == 0
+
+
+async def test_a_request_being_prepared_is_stopped_at_its_deadline(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Held by the command loop, or in the engine, a request is stopped at its deadline; waiting on
+    arrival for its grammar's compile (minutes for some schemas) it was answered only once the
+    compile ended, long past it."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        grammars, release = w0.engine.grammars, threading.Event()
+        prepare = grammars.prepare
+        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        req = msgspec.structs.replace(_request("late", owner, regex="[gh]{3}"), deadline=time.time() + 0.5)
+        try:
+            await _send(client, req)
+            async with asyncio.timeout(5):
+                while "late" not in ended:
+                    await asyncio.sleep(0.01)
+            assert "late" not in w0.preparing and "late" not in w0.streams
+        finally:
+            release.set()
