@@ -203,6 +203,9 @@ class ProgressRecords:
             try:
                 async with asyncio.timeout(_WRITE_TIMEOUT_S):  # a hung Redis held every command 20 s
                     await self.store.mark_taken(self.worker_id, batch)
+            except asyncio.CancelledError:  # a caller's task stopped (arrival.py's): the batch is the next's
+                self.taken = {**batch, **self.taken}
+                raise
             except Exception as e:  # noqa: BLE001 - Redis down: serve all the same
                 self._outage.failed(e)
                 self.taken = dict(list({**batch, **self.taken}.items())[-_MAX_UNWRITTEN:])

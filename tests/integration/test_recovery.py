@@ -279,3 +279,34 @@ async def test_a_mark_waits_for_the_one_in_flight(redis: Redis, monkeypatch: pyt
     await records.mark_taken()  # the loop's, before its next command
     assert (rec := await store.get_inflight("r")) is not None and rec.taken
     await first
+
+
+async def test_a_mark_cancelled_in_flight_leaves_its_batch_for_the_next(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a request prepared on arrival marks the records received so far from its own task
+    (arrival.py), which an abort or a stop cancels. Cancelled mid-write, the mark lost the batch it
+    had taken (other requests' marks too): their deaths went uncounted. The next mark makes them."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker.records import ProgressRecords
+
+    store = StateStore(redis)
+    assert await store.put_inflight(GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1]), "w-a")
+    records = ProgressRecords(store, "w-a", 5.0)
+    records.taken["r"] = 0
+    writing = asyncio.Event()
+
+    async def hung(worker: str, attempts: dict[str, int]) -> None:  # a write that never ends
+        writing.set()
+        await asyncio.sleep(60)
+
+    real = store.mark_taken
+    monkeypatch.setattr(store, "mark_taken", hung)
+    first = asyncio.create_task(records.mark_taken())
+    await writing.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    monkeypatch.setattr(store, "mark_taken", real)
+    await records.mark_taken()  # the loop's, before its next command
+    assert (rec := await store.get_inflight("r")) is not None and rec.taken
