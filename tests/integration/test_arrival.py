@@ -46,9 +46,13 @@ async def _worker(
     conns: list[nats.NATS] = []
     tasks: list[asyncio.Task[None]] = []
     try:
-        w0 = (await start_workers(("w0",), nats_server, StateStore(redis), tiny_llama, stop, conns, tasks))["w0"]
         client = await nats.connect(nats_server.url)
         conns.append(client)
+        beats = await client.subscribe(subjects.stats("w0"))
+        await bus.flush(client)
+        w0 = (await start_workers(("w0",), nats_server, StateStore(redis), tiny_llama, stop, conns, tasks))["w0"]
+        await beats.next_msg(timeout=60)  # its first stats go out once it listens: a request sent before is lost
+        await beats.unsubscribe()
         owner, ended = uuid.uuid4().hex[:8], set()
 
         async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
