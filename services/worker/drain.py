@@ -59,6 +59,8 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
         held[rid] = stream.request.recoveries
         if died and _never_scheduled(w, rid):  # admitted, then waited: the device failed in others' steps
             unrun.append(rid)
+        elif rid in unrun:  # another copy of it waited (a later attempt, one delivered late): this one ran
+            unrun.remove(rid)
         await w.drop(rid, record=False, attempt=stream.request.recoveries)
     w.handed_over = set(held)  # not handed back late, even if what follows fails (a review)
     if (later := await successor(w.store, w.stats, w.s.heartbeat_ttl_s)) is not None:

@@ -311,3 +311,31 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
         await drain.hand_back_late(other)
         await asyncio.sleep(0.3)
         assert handed.empty()  # "ran" is left to the TTL's recovery: a death, as it ran there
+
+
+async def test_a_failed_devices_hand_over_counts_a_request_that_ran_though_another_copy_waited(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A review: a request's id can be here twice, a copy running and another still waiting on
+    arrival (a later attempt re-dispatched here after a stall, or a copy delivered late). At a
+    device loss the waiting copy named the id never run, and the copy that ran in the steps that
+    failed the device went back without a death: a poison request could go round every GPU."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker import drain
+
+    store = StateStore(redis)
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, store, ws) as (service, handed):
+        ran = GenerateRequest(request_id="r", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True, recoveries=1)
+        await service._on_request(ran)
+        await service._take(service.commands.get_nowait())
+        service.engine.step()  # it runs
+        late = GenerateRequest(
+            request_id="r", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True, kv_chunks=2, kv_transfer="t"
+        )
+        await service._on_request(late)  # its earlier attempt, moved here, comes late: waits for its cache
+        assert "r" in service.preparing
+        service.device_failed = True
+        await drain.hand_over(service, died=True)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"r": 1} and lost.never_arrived == [] and not lost.draining
