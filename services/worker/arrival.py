@@ -35,6 +35,13 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
     prompt, ~1 s, held every stream), then handed to the loop (``Add``), at once or once what it
     waits for is here. An input the tokenizer refuses is left to the engine to refuse."""
     w.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
+    if (earlier := w.preparing.get(req.request_id)) is not None:  # a copy of it waits on arrival
+        if req.recoveries <= earlier[1].recoveries:  # as admission would: not run twice, nor an older attempt
+            logger.warning("request delivered twice; the copy is ignored", request=req.request_id)
+            if req.kv_chunks and req.kv_transfer != earlier[1].kv_transfer:
+                w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its own cache
+            return
+        earlier[0].cancel()  # a later attempt replaces it, as admission would (left, a stop did not see it)
     w.pending.add(req.request_id)
     if taking := req.recorded and not w.device_failed:  # after a device loss none is taken up (a trial)
         w.records.taken[req.request_id] = req.recoveries  # marked before the loop works on it (``_take``)

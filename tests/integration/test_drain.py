@@ -339,3 +339,34 @@ async def test_a_failed_devices_hand_over_counts_a_request_that_ran_though_anoth
         await drain.hand_over(service, died=True)
         lost = await asyncio.wait_for(handed.get(), 5)
         assert lost.requests == {"r": 1} and lost.never_arrived == [] and not lost.draining
+
+
+async def test_a_copy_waiting_on_arrival_that_a_later_attempt_replaces_is_stopped(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A review: a later attempt of a request arriving while an earlier copy still waited on arrival
+    (for its moved cache) took its place in ``preparing`` and left it running unseen: a stop (or an
+    abort) stopped only the later one, and the earlier one's wait ended by putting it in the queue
+    of a worker that had handed everything over. Admission drops an earlier attempt for a later
+    one anyway: it is stopped at once; a copy no later than the one waiting is ignored."""
+    from dlora.common.messages import GenerateRequest
+    from dlora.services.worker import drain
+
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, handed):
+        service.kv_inbox.wait_s = 0.3
+        first, later = (
+            GenerateRequest(
+                request_id="r", reply_to="test.x", prompt_token_ids=PROMPT, kv_chunks=2, kv_transfer=t, recoveries=n
+            )
+            for n, t in ((0, "t0"), (1, "t1"))
+        )
+        await service._on_request(first)
+        await service._on_request(later)
+        await service._on_request(first)  # delivered again: ignored
+        assert service.preparing["r"][1] is later
+        await drain.hand_over(service)
+        lost = await asyncio.wait_for(handed.get(), 5)
+        assert lost.requests == {"r": 1}
+        await asyncio.sleep(0.6)  # past the inbox's wait: nothing of either copy comes to the queue
+        assert service.commands.empty() and not service.preparing
