@@ -115,7 +115,9 @@ class ModelConfig:
             raise ModelConfigError(
                 f"{Path(model_dir) / 'generation_config.json'}: eos_token_id must be a token id or a list of them"
             ) from None
-        return replace(cfg, eos_token_ids=tuple(dict.fromkeys(named))) if named else cfg
+        if generation.get("eos_token_id") is None:
+            return cfg
+        return replace(cfg, eos_token_ids=tuple(dict.fromkeys(named)))  # [] too: the tokenizer's alone, as vLLM
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:

@@ -127,6 +127,8 @@ def test_generation_config_names_more_end_of_sequence_ids(tmp_path: Path) -> Non
     assert ModelConfig.from_dir(tmp_path).eos_token_ids == (74,)
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
     assert ModelConfig.from_dir(tmp_path).eos_token_ids == (2,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": []}))  # the tokenizer's alone
+    assert ModelConfig.from_dir(tmp_path).eos_token_ids == ()
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
     with pytest.raises(ModelConfigError, match="eos_token_id must be a token id"):
         ModelConfig.from_dir(tmp_path)
