@@ -278,3 +278,33 @@ def test_a_grammar_is_compiled_once_for_every_request_that_asks_for_it(
     assert len(compiled) == 1
     texts = [engine.tokenizer.decode(out[r]) for r in ("a", "b", "c")]
     assert all(t == texts[0] for t in texts)  # greedy: one document each, none disturbed by the others
+
+
+# A worker compiles a request's grammar in a thread of asyncio's (admission's prepare), or on its
+# event loop if that one was since dropped from those kept: a deep chain of references overflowed
+# either's 8 MB stack and the worker died (SIGSEGV), its other requests with it. Its own process here.
+PREPARE_DEEP = """
+import json, sys, threading
+from transformers import AutoTokenizer
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.structured import Grammars
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+grammars = Grammars(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(1000)}
+params = SamplingParams(json_schema=json.dumps({"$defs": defs | {"d1000": {"type": "integer"}}, "$ref": "#/$defs/d0"}))
+thread = threading.Thread(target=grammars.prepare, args=(params,))
+thread.start()
+thread.join()
+grammars._compiled.clear()  # dropped since: compiled again where the request is added
+print("first mask allows", int(grammars.bitmasks([grammars.matcher(params, [])])[0].any()))
+"""
+
+
+def test_a_deep_chain_of_references_does_not_crash_the_worker(tiny_llama: TinyOutput) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", PREPARE_DEEP, str(tiny_llama.model)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "first mask allows 1" in done.stdout, (done.returncode, done.stderr[-2000:])

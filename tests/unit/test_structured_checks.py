@@ -91,3 +91,37 @@ def test_a_regex_the_engine_cannot_read_says_why(regex: str, reason: str) -> Non
     """The message ended at 'regex parse error:' (the reason is on llguidance's later lines)."""
     with pytest.raises(GrammarError, match=reason):
         check(SamplingParams(regex=regex))
+
+
+# llguidance compiles a grammar recursively, frames per level of its references: these (67 KB and
+# 30 KB bodies) overflowed an 8 MB thread stack, SIGSEGV of the gateway (its shaping thread) or of
+# the worker whose admission compiled it. Checked in a process of their own, as above.
+def _ref_chain(levels: int) -> dict:
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(levels)}
+    return {"$defs": defs | {f"d{levels}": {"type": "integer"}}, "$ref": "#/$defs/d0"}
+
+
+CHAINS = {
+    "json_schema": json.dumps(_ref_chain(1000)),
+    "grammar rules": "start: r0\n" + "".join(f"r{i}: r{i + 1}\n" for i in range(3000)) + 'r3000: "c"\n',
+    "grammar terminals": "start: T0\n" + "".join(f'T{i}: "a" T{i + 1}\n' for i in range(6000)) + 'T6000: "c"\n',
+}
+DEEP_CHECK = """
+import sys
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.structured import check
+field = sys.argv[1].split()[0]
+check(SamplingParams(**{field: sys.stdin.read()}))
+print("taken")
+"""
+
+
+@pytest.mark.parametrize("kind", sorted(CHAINS))
+def test_a_deep_chain_of_references_is_compiled_not_a_crash(kind: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", DEEP_CHECK, kind], input=CHAINS[kind], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "taken" in done.stdout, (done.returncode, done.stderr[-2000:])

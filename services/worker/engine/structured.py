@@ -15,9 +15,10 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from decimal import Decimal
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from
@@ -35,6 +36,43 @@ _LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator"
 
 class GrammarError(ValueError):
     """The constraint cannot be used, or the output left it; the message says why."""
+
+
+_T = TypeVar("_T")
+# llguidance compiles a grammar recursively, some kilobytes of native stack per level of its
+# references: a JSON Schema's chain of 1,000 $refs (a 67 KB body) or a Lark grammar's of 3,000 rules
+# overflowed a thread's 8 MB and the process died (SIGSEGV: the gateway, or the worker admitting
+# it), as xgrammar's and llama.cpp's did (ai-dynamo/dynamo #7135, llama.cpp #26602). Each compile
+# runs on a thread of its own whose stack grows with the grammar's text: a megabyte of the
+# deepest chains found needed 256-512 MB, reserved, not touched, unless used.
+_STACK_BASE = 16 << 20
+_STACK_PER_BYTE = 1024
+_stack_lock = threading.Lock()  # threading.stack_size is the process's, for the threads made next
+
+
+def _deep(size: int, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` on a thread whose stack fits compiling ``size`` characters of grammar; its
+    result or its exception, as if called here."""
+    done: list[Any] = []
+
+    def run() -> None:
+        try:
+            done.append((True, fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller
+            done.append((False, e))
+
+    with _stack_lock:
+        before = threading.stack_size(_STACK_BASE + _STACK_PER_BYTE * size)
+        try:
+            thread = threading.Thread(target=run, name="grammar-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(before)
+    thread.join()
+    ok, value = done[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def label(params: SamplingParams) -> str:
@@ -57,13 +95,13 @@ def constraint(params: SamplingParams) -> str | None:
         )
     try:
         if params.json_schema is not None:
-            return LLMatcher.grammar_from_json_schema(params.json_schema, defaults=_LAYOUT)
+            return _deep(len(params.json_schema), LLMatcher.grammar_from_json_schema, params.json_schema, _LAYOUT)
         if params.regex is not None:
-            return LLMatcher.grammar_from_regex(params.regex)
+            return _deep(len(params.regex), LLMatcher.grammar_from_regex, params.regex)
         if params.choice:  # each string as a Lark literal, alternatives of one rule
             return grammar_from("choice", params.choice)  # type: ignore[arg-type]  # a list is taken as is
         if params.grammar is not None:  # Lark, or GBNF converted to it
-            return grammar_from("grammar", params.grammar)
+            return _deep(len(params.grammar), grammar_from, "grammar", params.grammar)
     except ValueError as e:
         what = "is not a JSON object" if params.json_schema is not None else "cannot be read"
         raise GrammarError(f"{label(params)} {what}: {e}") from None
@@ -134,7 +172,7 @@ def check(params: SamplingParams) -> None:
 
 @functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
 def _validated(grammar: str) -> str:
-    return LLMatcher.validate_grammar(grammar)
+    return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
 
 
 # Grammars kept compiled, each a fresh matcher to copy: a request's n choices, or its next requests,
@@ -168,14 +206,18 @@ class Grammars:
             if (kept := self._compiled.get(grammar)) is not None:
                 self._compiled.move_to_end(grammar)
                 return kept
-        m = LLMatcher(self.tokenizer, grammar, log_level=0)
-        if not m.is_error():
-            m.compute_bitmask()
+        m = _deep(len(grammar), self._compile, grammar)
         if not m.is_error():
             with self._lock:
                 self._compiled[grammar] = m
                 while len(self._compiled) > _KEPT_GRAMMARS:
                     self._compiled.popitem(last=False)
+        return m
+
+    def _compile(self, grammar: str) -> LLMatcher:
+        m = LLMatcher(self.tokenizer, grammar, log_level=0)
+        if not m.is_error():
+            m.compute_bitmask()
         return m
 
     @cached_property
