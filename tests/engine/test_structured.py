@@ -308,3 +308,29 @@ def test_a_deep_chain_of_references_does_not_crash_the_worker(tiny_llama: TinyOu
         [sys.executable, "-c", PREPARE_DEEP, str(tiny_llama.model)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "first mask allows 1" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_grammar_is_converted_once_not_on_the_event_loop_for_each_request(
+    tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's matcher() converted the request's GBNF grammar to Lark again on its event loop,
+    each choice of each request, though admission had compiled it in a thread (1,500 rules: 2 s)."""
+    from dlora.services.worker.engine import structured
+
+    converted: list[str] = []
+
+    def counted(kind: str, text: str) -> str:
+        converted.append(text)
+        return grammar_from(kind, text)  # type: ignore[arg-type]
+
+    from llguidance import grammar_from
+
+    monkeypatch.setattr(structured, "grammar_from", counted)
+    engine = make_engine(tiny_llama)
+    params = SamplingParams(max_tokens=12, grammar='root ::= "kalo" | "remi" rest\nrest ::= " " [a-z]{1,4}\n')
+    engine.grammars.prepare(params)  # as admission does, in a thread
+    for rid in ("a", "b", "c"):
+        engine.add_request(rid, prompt_token_ids=PROMPT, params=params)
+    while engine.has_unfinished():
+        engine.step()
+    assert converted == [params.grammar]

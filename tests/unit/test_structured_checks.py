@@ -125,3 +125,16 @@ def test_a_deep_chain_of_references_is_compiled_not_a_crash(kind: str) -> None:
         [sys.executable, "-c", DEEP_CHECK, kind], input=CHAINS[kind], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "taken" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_gbnf_grammar_past_a_seconds_conversion_is_refused_saying_why() -> None:
+    """llguidance's GBNF-to-Lark conversion (Python, the GIL held) takes time that grows with rules x
+    characters: 3,000 chained rules held the gateway's shaping thread 12 s, a megabyte's for hours."""
+    chain = "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1} | "b"\n' for i in range(3000)) + 'r3000 ::= "c"\n'
+    with pytest.raises(GrammarError, match="GBNF grammar of 3002 rules .* write it in Lark"):
+        check(SamplingParams(grammar=chain))
+    lark = "start: r0\n" + "".join(f'r{i}: "a" r{i + 1} | "b"\n' for i in range(3000)) + 'r3000: "c"\n'
+    check(SamplingParams(grammar=lark))  # the same in Lark: nothing to convert
+    json_gbnf = 'root ::= object\nobject ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value )* )? "}" ws\n'
+    json_gbnf += 'value ::= object | string | number\nstring ::= "\\"" [a-z]* "\\"" ws\nnumber ::= [0-9]+ ws\n'
+    check(SamplingParams(grammar=json_gbnf + 'ws ::= | " "\n'))

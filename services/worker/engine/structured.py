@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from
+from llguidance.gbnf_to_lark import is_lark_syntax
 from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
@@ -87,23 +88,54 @@ def constraint(params: SamplingParams) -> str | None:
     Raises:
         GrammarError: one that is not a JSON object (a schema) or a grammar llguidance reads.
     """
-    text = params.json_schema if params.json_schema is not None else params.grammar  # (a Lark %json too)
-    if text is not None and (bound := _bound_out_of_range(text, params.json_schema is not None)) is not None:
+    return _constraint(params.json_schema, params.regex, tuple(params.choice), params.grammar)
+
+
+# Grammars kept compiled, each a fresh matcher to copy: a request's n choices, or its next requests,
+# copy it (a fraction of a millisecond) instead of compiling it again (0.3-0.5 s for a 400 KB schema:
+# n=32 held every other request on the worker 15 s). vLLM caches xgrammar's compiled grammars alike.
+_KEPT_GRAMMARS = 64
+# llguidance converts GBNF to Lark in Python, passing over the whole grammar once per rule found to
+# be a terminal (up to one per rule): time that grows with rules x characters (1,000 chained rules
+# in 27 KB: 1 s; 3,000 in 85 KB: 12 s; 990 beside a 230 KB rule: 6 s; a megabyte's 40,000: hours of
+# a core, the GIL held). About a second's worth is served: llama.cpp's grammars hold tens of rules
+# in a few KB (json.gbnf: 10 x 0.6 KB); Lark is not converted and takes any.
+MAX_GBNF_WORK = 30_000_000
+
+
+# Conversions kept, as many as the compiled grammars: a worker's matcher(), on its event loop,
+# converted each choice's structured output again (a GBNF grammar of 1,500 rules: 2 s a choice,
+# though admission had compiled it in a thread).
+@functools.lru_cache(maxsize=_KEPT_GRAMMARS)
+def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, ...], grammar: str | None) -> str | None:
+    params = SamplingParams(json_schema=json_schema, regex=regex, choice=list(choice), grammar=grammar)
+    text = json_schema if json_schema is not None else grammar  # (a Lark %json too)
+    if text is not None and (bound := _bound_out_of_range(text, json_schema is not None)) is not None:
         raise GrammarError(
             f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
             "engine holds numbers in (a 64-bit integer's, magnitude below 2**63)"
         )
+    if (
+        grammar is not None
+        and not is_lark_syntax(grammar)
+        and (rules := grammar.count("::=")) * len(grammar) > MAX_GBNF_WORK
+    ):
+        raise GrammarError(
+            f"{label(params)} cannot be used: a GBNF grammar of {rules} rules in {len(grammar)} characters is "
+            f"over what is served (rules x characters at most {MAX_GBNF_WORK:,}: its conversion to Lark takes "
+            "time that grows with both); write it in Lark"
+        )
     try:
-        if params.json_schema is not None:
-            return _deep(len(params.json_schema), LLMatcher.grammar_from_json_schema, params.json_schema, _LAYOUT)
-        if params.regex is not None:
-            return _deep(len(params.regex), LLMatcher.grammar_from_regex, params.regex)
-        if params.choice:  # each string as a Lark literal, alternatives of one rule
-            return grammar_from("choice", params.choice)  # type: ignore[arg-type]  # a list is taken as is
-        if params.grammar is not None:  # Lark, or GBNF converted to it
-            return _deep(len(params.grammar), grammar_from, "grammar", params.grammar)
+        if json_schema is not None:
+            return _deep(len(json_schema), LLMatcher.grammar_from_json_schema, json_schema, _LAYOUT)
+        if regex is not None:
+            return _deep(len(regex), LLMatcher.grammar_from_regex, regex)
+        if choice:  # each string as a Lark literal, alternatives of one rule
+            return grammar_from("choice", list(choice))  # type: ignore[arg-type]  # a list is taken as is
+        if grammar is not None:  # Lark, or GBNF converted to it
+            return _deep(len(grammar), grammar_from, "grammar", grammar)
     except ValueError as e:
-        what = "is not a JSON object" if params.json_schema is not None else "cannot be read"
+        what = "is not a JSON object" if json_schema is not None else "cannot be read"
         raise GrammarError(f"{label(params)} {what}: {e}") from None
     return None
 
@@ -173,12 +205,6 @@ def check(params: SamplingParams) -> None:
 @functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
 def _validated(grammar: str) -> str:
     return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
-
-
-# Grammars kept compiled, each a fresh matcher to copy: a request's n choices, or its next requests,
-# copy it (a fraction of a millisecond) instead of compiling it again (0.3-0.5 s for a 400 KB schema:
-# n=32 held every other request on the worker 15 s). vLLM caches xgrammar's compiled grammars alike.
-_KEPT_GRAMMARS = 64
 
 
 class Grammars:
