@@ -138,3 +138,14 @@ def test_a_gbnf_grammar_past_a_seconds_conversion_is_refused_saying_why() -> Non
     json_gbnf = 'root ::= object\nobject ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value )* )? "}" ws\n'
     json_gbnf += 'value ::= object | string | number\nstring ::= "\\"" [a-z]* "\\"" ws\nnumber ::= [0-9]+ ws\n'
     check(SamplingParams(grammar=json_gbnf + 'ws ::= | " "\n'))
+
+
+def test_a_constraint_past_what_a_compile_stack_is_sized_for_is_refused() -> None:
+    """A compile's stack grows with the grammar's text (a megabyte of chained rules needs 256-512 MB),
+    so the text is bounded too: a NATS client's larger grammar was a compile without a stack to match."""
+    from dlora.services.worker.engine.structured import MAX_CONSTRAINT_CHARS
+
+    big = 'start: "a"\n' + "// padding\n" * (MAX_CONSTRAINT_CHARS // 11 + 1)
+    with pytest.raises(GrammarError, match=f"characters, over the {MAX_CONSTRAINT_CHARS} served"):
+        check(SamplingParams(grammar=big))
+    check(SamplingParams(grammar=big[: MAX_CONSTRAINT_CHARS - 100]))

@@ -45,8 +45,11 @@ _T = TypeVar("_T")
 # overflowed a thread's 8 MB and the process died (SIGSEGV: the gateway, or the worker admitting
 # it), as xgrammar's and llama.cpp's did (ai-dynamo/dynamo #7135, llama.cpp #26602). Each compile
 # runs on a thread of its own whose stack grows with the grammar's text: a megabyte of the
-# deepest chains found needed 256-512 MB, reserved, not touched, unless used.
-_STACK_BASE = 16 << 20
+# deepest chains found needed 256-512 MB (reserved; touched only as used). Hence a bound on the
+# text too (the gateway's default body; NATS's default payload), past which a stack is no answer.
+MAX_CONSTRAINT_CHARS = 1 << 20
+_MIB = 1 << 20
+_STACK_BASE = 16 * _MIB
 _STACK_PER_BYTE = 1024
 _stack_lock = threading.Lock()  # threading.stack_size is the process's, for the threads made next
 
@@ -63,7 +66,7 @@ def _deep(size: int, fn: Callable[..., _T], *args: Any) -> _T:
             done.append((False, e))
 
     with _stack_lock:
-        before = threading.stack_size(_STACK_BASE + _STACK_PER_BYTE * size)
+        before = threading.stack_size(-(-(_STACK_BASE + _STACK_PER_BYTE * size) // _MIB) * _MIB)  # (whole pages)
         try:
             thread = threading.Thread(target=run, name="grammar-compile", daemon=True)
             thread.start()
@@ -109,6 +112,9 @@ MAX_GBNF_WORK = 30_000_000
 @functools.lru_cache(maxsize=_KEPT_GRAMMARS)
 def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, ...], grammar: str | None) -> str | None:
     params = SamplingParams(json_schema=json_schema, regex=regex, choice=list(choice), grammar=grammar)
+    size = max(len(json_schema or ""), len(regex or ""), len(grammar or ""), sum(map(len, choice)))
+    if size > MAX_CONSTRAINT_CHARS:
+        raise GrammarError(f"{label(params)} cannot be used: {size} characters, over the {MAX_CONSTRAINT_CHARS} served")
     text = json_schema if json_schema is not None else grammar  # (a Lark %json too)
     if text is not None and (bound := _bound_out_of_range(text, json_schema is not None)) is not None:
         raise GrammarError(
