@@ -48,6 +48,7 @@ from dlora.services.gateway.body import read_body
 from dlora.services.gateway.chat_template import template_problem
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, failure_status
+from dlora.services.gateway.grammar_pool import compiled_first
 from dlora.services.gateway.health import readiness
 from dlora.services.gateway.metrics import Metrics, RequestTimer, keep_tidy
 from dlora.services.gateway.models import model_cards
@@ -183,6 +184,7 @@ class Gateway:
             now=time.time(),
             tenant=who.tenant,
         )
+        await compiled_first(body, self.served.grammars)  # (a slow one holds no other request's shaping)
         return await asyncio.get_running_loop().run_in_executor(self.shaping, shape)
 
     async def _submit(self, request: GenerateRequest) -> None:

@@ -167,3 +167,35 @@ async def test_auto_tool_choice_reads_the_calls_the_model_wrote(
         # free text (no call written): content, as without tools
         status, resp = await post(stack, "/v1/chat/completions", {**body, "structured_outputs": {"regex": "kalo remi"}})
         assert status == 200 and resp["choices"][0]["message"] == {"role": "assistant", "content": "kalo remi"}, resp
+
+
+async def test_a_schema_slow_to_compile_holds_no_other_requests_shaping(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Shaping (one thread) compiled the structured output too: a schema llguidance takes long over
+    (400 patternProperties, a 20 KB body: 12 s; 1,000: hours) held every other request, plain ones
+    too, until it was done. Compiled first on threads of its own, it holds no one else."""
+    import asyncio
+    import threading
+
+    from dlora.services.worker.engine.structured import Grammars
+
+    entered, release = threading.Event(), threading.Event()
+    compile_ = Grammars._compile
+
+    def slow(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
+        if "slow-to-compile" in grammar:
+            entered.set()
+            release.wait(30)
+        return compile_(self, grammar)
+
+    monkeypatch.setattr(Grammars, "_compile", slow)
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 3, "temperature": 0}
+    slow_body = {**body, "max_tokens": 20, "guided_choice": ["slow-to-compile"]}
+    held = asyncio.create_task(post(stack, "/v1/completions", slow_body))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        status, resp = await asyncio.wait_for(post(stack, "/v1/completions", body), 10)
+        assert status == 200, resp
+    finally:
+        release.set()
+    status, resp = await held
+    assert status == 200 and resp["choices"][0]["text"] == "slow-to-compile", resp
