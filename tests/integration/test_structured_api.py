@@ -199,3 +199,42 @@ async def test_a_schema_slow_to_compile_holds_no_other_requests_shaping(stack: S
         release.set()
     status, resp = await held
     assert status == 200 and resp["choices"][0]["text"] == "slow-to-compile", resp
+
+
+async def test_schemas_slow_to_compile_on_a_worker_leave_its_steps_running(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker's admission, in its command loop, waited on the compile of a request's structured
+    output: a schema llguidance takes long over (400 patternProperties: 12 s; 1,000: hours) held
+    every step, so every stream on the worker stopped until it was done."""
+    import asyncio
+    import threading
+
+    from dlora.services.worker.engine.structured import Grammars
+
+    entered, release = threading.Event(), threading.Event()
+    compile_ = Grammars._compile
+    gateway = stack.gateway.served.grammars
+
+    def slow(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
+        if self is not gateway and "slow-on-a-worker" in grammar:
+            entered.set()
+            release.wait(30)
+        return compile_(self, grammar)
+
+    monkeypatch.setattr(Grammars, "_compile", slow)
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 3, "temperature": 0}
+    running = [
+        asyncio.create_task(post(stack, "/v1/completions", {**body, "max_tokens": 400, "ignore_eos": True}))
+        for _ in range(4)
+    ]
+    await asyncio.sleep(0.5)  # streaming on both workers
+    held = [
+        asyncio.create_task(post(stack, "/v1/completions", {**body, "guided_choice": [f"slow-on-a-worker {i}"]}))
+        for i in range(4)
+    ]
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert all(status == 200 for status, _ in await asyncio.wait_for(asyncio.gather(*running), 20))
+        assert not release.is_set() and not any(h.done() for h in held)  # they ran on meanwhile
+    finally:
+        release.set()
+    assert all(status == 200 for status, _ in await asyncio.gather(*held))
