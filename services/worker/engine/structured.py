@@ -231,19 +231,20 @@ class Grammars:
                 self._fresh(grammar)
 
     def _fresh(self, grammar: str) -> LLMatcher:
-        """A fresh matcher of ``grammar``, compiled once; one in error is not kept. Its first mask
-        is computed: some schemas fail only there (one that is nothing but a reference to itself
+        """A fresh matcher of ``grammar``, compiled once, one in error too (the compile is the
+        same each time: a failing one, compiled again by ``matcher`` on the engine's loop for
+        each request and choice, held every stream there as long each time). Its first mask is
+        computed: some schemas fail only there (one that is nothing but a reference to itself
         accepts no document, and only end-of-sequence would be allowed: an empty 200)."""
         with self._lock:
             if (kept := self._compiled.get(grammar)) is not None:
                 self._compiled.move_to_end(grammar)
                 return kept
         m = _deep(len(grammar), self._compile, grammar)
-        if not m.is_error():
-            with self._lock:
-                self._compiled[grammar] = m
-                while len(self._compiled) > _KEPT_GRAMMARS:
-                    self._compiled.popitem(last=False)
+        with self._lock:
+            self._compiled[grammar] = m
+            while len(self._compiled) > _KEPT_GRAMMARS:
+                self._compiled.popitem(last=False)
         return m
 
     def _compile(self, grammar: str) -> LLMatcher:
