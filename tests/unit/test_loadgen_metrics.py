@@ -115,3 +115,12 @@ def test_output_throughput_counts_completed_requests_and_an_adapter_named_base_k
     named = [done(0.0, 0.5, 2.5, 5, adapter=a) for a in (None, "(base)", "all")]
     by = summarize_by_adapter(named, 5.0)
     assert {name: row["completed"] for name, row in by.items()} == {"(base)": 1, '"(base)"': 1, '"all"': 1}
+
+
+def test_result_json_keeps_the_most_common_failure_reasons() -> None:
+    """result.json kept the first ten reasons in alphabetical order: eleven 400s that each named
+    their prompt's length pushed out the 503 that failed most of the run."""
+    results = [RequestResult(0.0, "a", 4, sent=True, error=f"HTTP 400: prompt of {600 + i} tokens") for i in range(11)]
+    results += [RequestResult(0.0, "a", 4, sent=True, error="HTTP 503: no worker answered in time")] * 50
+    errors = summarize(results, 1.0)["errors"]
+    assert len(errors) == 10 and errors[0] == "HTTP 503: no worker answered in time"
