@@ -38,12 +38,14 @@ class HttpClient:
         url: str,
         base_model: str,
         clock: Callable[[], float],
-        timeout_s: float = 600,
+        timeout_s: float | None = None,
         max_retries: int = 0,
         api_key: str | None = None,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        # No deadline of its own by default: the run bounds each request (its duration and grace, then
+        # cut), and a shorter one counted a request a long queue kept past it as failed.
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             connector=aiohttp.TCPConnector(limit=0),

@@ -175,3 +175,15 @@ async def test_a_target_that_is_not_an_openai_server_is_refused_before_the_run()
             await client.served_models()
     finally:
         await client.close()
+
+
+async def test_the_client_sets_no_deadline_of_its_own_shorter_than_the_run() -> None:
+    """The HTTP client's session had a 600 s total timeout: in a --duration 900 run against a
+    server whose queue had grown past ten minutes, requests still being served were counted failed
+    ("TimeoutError: ", no reason), not timed or cut at the duration and its grace as the README
+    says (vLLM's benchmark allows 6 h). The run bounds every request; the client adds none."""
+    client = HttpClient(f"http://127.0.0.1:{free_port()}", "model", Clock())
+    try:
+        assert client.session.timeout.total is None and client.session.timeout.sock_read is None
+    finally:
+        await client.close()
