@@ -38,27 +38,33 @@ class RequestSpec:
     # requests naming the same id share that block token for token, as a prefix cache would see.
     hash_ids: tuple[int, ...] = ()
     block_tokens: int = 0
+    # The run's salt for its prompts' tokens, drawn from its seed: a run repeated with another seed
+    # must not find its prompts in the server's prefix cache, as it did when they were the index's.
+    prompt_seed: int = 0
 
 
 @functools.lru_cache(maxsize=4096)
-def _block(hash_id: int, size: int, vocab: int) -> tuple[int, ...]:
-    return tuple(np.random.default_rng([hash_id, 0x5EED]).integers(3, vocab, size).tolist())
+def _block(hash_id: int, size: int, vocab: int, salt: int) -> tuple[int, ...]:
+    return tuple(np.random.default_rng([hash_id, salt, 0x5EED]).integers(3, vocab, size).tolist())
 
 
 def prompt_ids(index: int, spec: RequestSpec, vocab: int = 256) -> list[int]:
     """The prompt of request ``index``: exactly ``spec.prompt_len`` token ids in [3, vocab)
     (exact lengths make runs comparable; ids below 3 are left to special tokens).
 
-    Its hash-id blocks come first, each a function of its id alone, so requests that share an id
-    share that block; the rest is a function of ``index``.
+    Its hash-id blocks come first, each a function of its id and the run's ``prompt_seed``, so
+    requests that share an id share that block; the rest is random, a function of ``index`` and
+    ``prompt_seed`` (it was ``index``'s alone: request i + 253 repeated request i, and every run,
+    whatever its seed, found the last one's prompts in the prefix cache).
     """
     out: list[int] = []
     for h in spec.hash_ids:
         if len(out) >= spec.prompt_len:
             break
-        out += _block(h, spec.block_tokens, vocab)
+        out += _block(h, spec.block_tokens, vocab, spec.prompt_seed)
     out = out[: spec.prompt_len]
-    return out + [(13 * index + 7 * j) % (vocab - 3) + 3 for j in range(len(out), spec.prompt_len)]
+    own = np.random.default_rng([index, spec.prompt_seed]).integers(3, vocab, spec.prompt_len - len(out))
+    return out + [int(t) for t in own]
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ def build(
         np.arange(len(arrivals)) % len(lengths) if lengths_in_order else rng.integers(0, len(lengths), len(arrivals))
     )
     block = max(1, round(block_tokens / scaling.divide)) if block_tokens else 0
+    salt = int(rng.integers(1 << 62))  # drawn last: a seed's arrivals, adapters and lengths stay as they were
     out = []
     for t, a, k in zip(arrivals, drawn, picks):
         if shift_every_s:
@@ -121,6 +128,7 @@ def build(
                 output_len=o,
                 hash_ids=hash_ids,
                 block_tokens=block if hash_ids else 0,
+                prompt_seed=salt,
             )
         )
     return out

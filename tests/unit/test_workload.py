@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dlora.loadgen import arrivals, popularity, workload
+from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import read_azure_llm
 
 LLM = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:48.1805900,10,2\n"
@@ -70,3 +71,18 @@ def test_workload_is_deterministic_and_scaled(tmp_path: Path) -> None:
     assert a == b and len(a) == 50
     assert {(r.prompt_len, r.output_len) for r in a} <= {(100, 10), (5, 1)}
     assert {r.adapter for r in a} <= {f"lora-{i}" for i in range(4)}
+
+
+def test_prompts_are_a_function_of_the_seed_and_never_repeat_within_a_run() -> None:
+    """Prompts were a function of the request's index alone: against a real stack a second run,
+    even with another --seed, found 384 of every 400-token prompt in the prefix cache (TTFT P99
+    163 -> 40 ms), and request i + 253 repeated request i token for token within one run."""
+    def prompts(seed: int) -> list[tuple[int, ...]]:
+        spec = WorkloadSpec(requests=300, lengths="fixed", prompt_len=32, output_len=4, seed=seed)
+        return [tuple(workload.prompt_ids(i, s)) for i, s in enumerate(workload.build_specs(spec))]
+
+    a, b = prompts(0), prompts(7)
+    assert prompts(0) == a  # one seed, one workload
+    assert len({p[:16] for p in a}) == len(a)  # no two share a 16-token block
+    assert not {p[:16] for p in a} & {p[:16] for p in b}
+    assert all(len(p) == 32 and all(3 <= t < 256 for t in p) for p in a + b)
