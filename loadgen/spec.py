@@ -34,7 +34,8 @@ class WorkloadSpec:
     requests: int = 100
     """Cap on requests: at most this many are built and sent."""
     duration: float = 60.0
-    """Cap on sending, seconds from the first arrival; requests still running then are cut."""
+    """Cap on sending, seconds from the run's start (arrivals count from 0, the first a gap after it);
+    requests still running then get 30 s more, then are cut."""
     seed: int = 0
     """Seeds every random draw (arrivals, lengths, adapters): one seed, one workload."""
     arrivals: Arrivals = "poisson"
