@@ -141,6 +141,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
             raise ValueError(problem)
         if args.max_retries and args.target.startswith(NATS_SCHEMES):  # NATS answers no 429 or 503
             raise ValueError("--max-retries: retries are of HTTP answers (429, 503); a NATS target has none")
+        if args.api_key is not None and args.target.startswith(NATS_SCHEMES):  # (it was dropped silently)
+            raise ValueError("--api-key is the gateway's; a NATS target takes its user and password in the URL")
         summary = asyncio.run(
             run(
                 WorkloadSpec.from_args(args),

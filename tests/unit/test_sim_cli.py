@@ -212,17 +212,19 @@ def test_make_tiny_refuses_what_it_cannot_write_in_a_line(
     assert says in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
-def test_loadgen_refuses_retries_a_nats_target_never_asks_for(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("option", [["--max-retries", "2"], ["--api-key", "sk-abc"]])
+def test_loadgen_refuses_http_options_a_nats_target_never_uses(
+    option: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A trial: --max-retries 2 with a NATS target was taken without a word (its retries are of
-    HTTP 429 and 503 answers); refused before anything connects."""
+    HTTP 429 and 503 answers); so was --api-key (a NATS server takes the URL's user and password),
+    which a user took for the run's credentials. Refused before anything connects."""
     from dlora.loadgen.main import run_loadgen
     from dlora.services.cli import build_parser
 
-    argv = ["loadgen", "--target", "nats://127.0.0.1:1", "--max-retries", "2", "--out", str(tmp_path / "out")]
+    argv = ["loadgen", "--target", "nats://127.0.0.1:1", *option, "--out", str(tmp_path / "out")]
     assert run_loadgen(build_parser().parse_args(argv)) == 2
-    assert "--max-retries" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert option[0] in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv", [["--stats-interval", "1e-9"], ["--migrate", "--migrate-interval", "1e-16"]])
