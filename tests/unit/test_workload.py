@@ -77,6 +77,7 @@ def test_prompts_are_a_function_of_the_seed_and_never_repeat_within_a_run() -> N
     """Prompts were a function of the request's index alone: against a real stack a second run,
     even with another --seed, found 384 of every 400-token prompt in the prefix cache (TTFT P99
     163 -> 40 ms), and request i + 253 repeated request i token for token within one run."""
+
     def prompts(seed: int) -> list[tuple[int, ...]]:
         spec = WorkloadSpec(requests=300, lengths="fixed", prompt_len=32, output_len=4, seed=seed)
         return [tuple(workload.prompt_ids(i, s)) for i, s in enumerate(workload.build_specs(spec))]
