@@ -137,6 +137,16 @@ def _opened_path(fd: int) -> Path | None:
         return None
 
 
+def files_bytes(path: str | Path) -> int | None:
+    """The bytes reading the adapter at ``path`` reads (its config and weights, links followed:
+    ``AdapterSpec.file_bytes``), from their sizes alone; None where one cannot be looked at (a
+    read then says why)."""
+    try:
+        return sum(os.stat(Path(path) / f).st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
+    except (OSError, ValueError):
+        return None
+
+
 def read_adapter_files(
     name: str, path: str | Path, limits: AdapterLimits | None = None, roots: Sequence[str | Path] | None = None
 ) -> tuple[bytes, bytes]:

@@ -21,6 +21,7 @@ import msgspec
 from dlora.common import log
 from dlora.common.bus import StateBound
 from dlora.common.messages import AdapterEntry, GenerateRequest
+from dlora.model.adapter_files import files_bytes
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, AdapterRefused, LoraAdapter
 from dlora.services.worker.reads import ReadCosts, ReadOrder, read_may_begin
@@ -73,6 +74,15 @@ class AdapterChanged(AdapterError):
     """The adapter's files no longer hold the version registered (rewritten in place since, as an
     RL trainer does before vLLM's ``load_inplace``): a worker that holds that version in memory
     may still serve it."""
+
+
+def _changed(name: str, entry: AdapterEntry, now: str) -> AdapterChanged:
+    """Why ``entry``'s version cannot be loaded from its files any more (``now``: what they are)."""
+    return AdapterChanged(
+        f"adapter {name!r}: the files in {entry.path} changed since version {entry.version} was "
+        f"registered (they are now {now}); an admin must load it again (vLLM's "
+        "/v1/load_lora_adapter with load_inplace, or delete it and register it again)"
+    )
 
 
 def evictions(engine: LLMEngine, used: OrderedDict[str, None], busy: set[str | None]) -> list[str]:
@@ -307,6 +317,13 @@ class WorkerAdapters:
         limits refuse them (AdapterRefused: its adapter roots, size or rank limits differ), nor
         when the registered version's own files fail to load (AdapterError, its reason)."""
         adapter = None
+        # Files of another size are not the version's: told without reading them (a link swapped
+        # in to a large file was read whole, up to max_file_bytes, before its digest told; a
+        # helper's security trial), as any other change.
+        if entry.version and entry.file_bytes:
+            size = await on_daemon_thread(files_bytes, entry.path)
+            if size is not None and size != entry.file_bytes:
+                raise _changed(name, entry, f"{size} bytes, {entry.file_bytes} then")
         try:
             adapter = await on_daemon_thread(self.engine.read_adapter, key, entry.path)
             digest = adapter.digest
@@ -322,11 +339,7 @@ class WorkerAdapters:
             reason = str(e).replace(repr(key), repr(name))
             raise (AdapterChanged if entry.version and e.digest != entry.version else type(e))(reason) from None
         if adapter is None or entry.version and digest != entry.version:
-            raise AdapterChanged(
-                f"adapter {name!r}: the files in {entry.path} changed since version {entry.version} was "
-                f"registered (they are now {digest}); an admin must load it again (vLLM's "
-                "/v1/load_lora_adapter with load_inplace, or delete it and register it again)"
-            )
+            raise _changed(name, entry, str(digest))
         return adapter
 
     def tidy(self) -> None:

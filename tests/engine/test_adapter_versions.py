@@ -67,6 +67,29 @@ async def test_a_worker_refuses_files_changed_since_registration(tiny_llama: Tin
     assert key == f"x@{entry.version}" and engine.adapters[key].digest == entry.version
 
 
+async def test_files_of_another_size_are_told_changed_without_being_read(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A security trial: a registered version's weights swapped for a link to a large file were read
+    whole (up to max_file_bytes, 4 GiB) by each worker a request reached before their digest told
+    them apart. Their size tells first: no read."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    engine = make_engine(tiny_llama)
+    reads: list[str] = []
+    read = engine.read_adapter
+    engine.read_adapter = lambda key, where: reads.append(key) or read(key, where)  # type: ignore[method-assign]
+    large = tmp_path / "large"
+    with large.open("wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB read, none written
+    (path / "adapter_model.safetensors").unlink()
+    (path / "adapter_model.safetensors").symlink_to(large)
+    then = rf"changed since version {entry.version} was registered \(they are now \d+ bytes, {entry.file_bytes} then\)"
+    with pytest.raises(AdapterChanged, match=then):
+        await WorkerAdapters(engine, _Registry(entry)).load("x", entry.version)
+    assert reads == []
+
+
 async def test_files_only_this_workers_limits_refuse_are_no_change_of_version(
     tiny_llama: TinyOutput, tmp_path: Path
 ) -> None:
