@@ -44,7 +44,8 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
         earlier[0].cancel()  # a later attempt replaces it, as admission would (left, a stop did not see it)
     w.pending.add(req.request_id)
     if taking := req.recorded and not w.device_failed:  # after a device loss none is taken up (a trial)
-        w.records.taken[req.request_id] = req.recoveries  # marked before the loop works on it (``_take``)
+        # marked before the loop works on it (``_take``); a stale copy does not unmark a later attempt's
+        w.records.taken[req.request_id] = max(req.recoveries, w.records.taken.get(req.request_id, -1))
     text = req.prompt is not None and req.prompt_token_ids is None
     if text:
         if taking and len(req.prompt) >= LONG_PROMPT:  # one that kills the process as it is tokenized:

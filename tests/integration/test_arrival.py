@@ -25,6 +25,8 @@ from dlora.services.servers import Server
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.moves import handoff
+from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import worker_by_hand
 from tests.integration.test_migration import start_workers
 
 
@@ -238,3 +240,17 @@ async def test_a_request_being_prepared_is_stopped_at_its_deadline(
             assert "late" not in w0.preparing and "late" not in w0.streams
         finally:
             release.set()
+
+
+async def test_a_stale_copy_arriving_does_not_unmark_a_later_attempt(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A review: a copy of an earlier attempt delivered late overwrote the later attempt's pending
+    mark with its own attempt (refused by the record, so the later one went unmarked: its death
+    here would not count)."""
+    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
+        later = GenerateRequest(request_id="r", reply_to="test.r", prompt_token_ids=[5, 6, 7], recorded=True)
+        await service._on_request(msgspec.structs.replace(later, recoveries=2))
+        await service._on_request(msgspec.structs.replace(later, recoveries=1))
+        assert service.records.taken == {"r": 2}
