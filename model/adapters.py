@@ -46,7 +46,7 @@ from dlora.model.adapter_files import (
     value_problem,
 )
 from dlora.model.config import TARGET_NAMES, ModelConfig, targets
-from dlora.model.peft_targets import Targets, regex_problem
+from dlora.model.peft_targets import Targets, key_regex, layers_regex, regex_problem
 
 __all__ = [
     "AdapterError",
@@ -403,10 +403,14 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
         refuse("layers_to_transform cannot be used when target_modules is a string (peft refuses it too)")
     if conf.get("layers_pattern") and layers is None:
         refuse("layers_pattern needs layers_to_transform (peft refuses it too)")
-    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+    for key in ("target_modules", "exclude_modules"):
         for pattern in [conf[key]] if isinstance(conf.get(key), str) else []:
             if (problem := regex_problem(pattern)) is not None:
                 refuse(f"{key} {pattern[:200]!r} is not a valid regex ({problem})")
+    lp = conf.get("layers_pattern") or []
+    for pattern in [lp] if isinstance(lp, str) else lp:  # a list's too: PEFT matches each
+        if (problem := regex_problem(pattern, layers_regex(pattern))) is not None:
+            refuse(f"layers_pattern {pattern[:200]!r} is not a valid regex ({problem})")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(conf.get(key) or {}, dict):
             refuse(f"{key} must be an object")
@@ -417,5 +421,5 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
                     f"(finite), not {value!r}"
                 )
         for pattern in conf.get(key) or {}:
-            if (problem := regex_problem(pattern)) is not None:
+            if (problem := regex_problem(pattern, key_regex(pattern))) is not None:
                 refuse(f"{key} key {pattern[:200]!r} is not a valid regex ({problem})")

@@ -30,10 +30,58 @@ from dlora.model.config import TARGET_NAMES
 PATTERN_BUDGET_S = 2.0
 
 
-def regex_problem(pattern: str) -> str | None:
-    """Why ``re`` (PEFT's engine) cannot compile ``pattern``, or None."""
+def key_regex(key: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key as PEFT matches it (``get_pattern_key``)."""
+    return rf"(.*\.)?({key})$"
+
+
+def layers_regex(pattern: str) -> str:
+    """A ``layers_pattern`` as PEFT matches it (``check_target_module_exists``)."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
+# A repeat as re reads one; any other '{' is a literal to re, but regex reads fuzzy matching there
+_REPEAT = re.compile(r"\{\d*(?:,\d*)?\}")
+
+
+def _read_otherwise(pattern: str) -> str | None:
+    """Syntax that ``regex`` reads otherwise than ``re`` (which compiles it without a word): a
+    '[' inside a set (regex: a POSIX class such as [[:digit:]] or a nested set; re: the characters
+    '[', ':', 'd'...) and a '{' that is no repeat (regex: fuzzy matching such as (q_proj){e<=1},
+    which selects k_proj too; re: a literal '{', which no module name holds)."""
+    i, in_set = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i = pattern.find("}", i) + 1 if pattern.startswith("N{", i + 1) else i + 2  # \N{NAME}: one character
+            if i == 0:
+                return None  # an unclosed \N{: re refused it already
+            continue
+        if in_set:
+            if c == "[":
+                return (
+                    "a '[' inside [...] (a POSIX class or nested set to the matcher, literal characters to PEFT's re)"
+                )
+            in_set = c != "]"
+        elif c == "[":
+            in_set = True
+            i += 1 + pattern.startswith("^", i + 1)
+            i += pattern.startswith("]", i)  # a ']' first in a set is one of its characters
+            continue
+        elif c == "{" and not _REPEAT.match(pattern, i):
+            return "a '{' that is no repeat (fuzzy matching to the matcher, a literal '{' to PEFT's re)"
+        i += 1
+    return None
+
+
+def regex_problem(pattern: str, whole: str | None = None) -> str | None:
+    """Why ``re`` (PEFT's engine) cannot compile ``pattern`` as PEFT uses it (``whole``, which
+    holds it: '(?i)x' compiles alone, not inside a rank_pattern key's group), or why its matches here
+    would differ from PEFT's; None when neither."""
+    if (otherwise := _read_otherwise(pattern)) is not None:  # (first: re warns of a nested set)
+        return otherwise
     try:
-        re.compile(pattern)
+        re.compile(pattern if whole is None else whole)
     except RecursionError:  # a few thousand nested groups: not a re.error
         return "nested too deeply"
     except (re.error, OverflowError) as e:
@@ -76,7 +124,7 @@ class Targets:
         """PEFT's ``get_pattern_key``: the first key (in order) whose regex, grouped, ends the
         module name at a dot or the start."""
         for key, value in patterns.items():
-            if self._match("match", rf"(.*\.)?({key})$", module):
+            if self._match("match", key_regex(key), module):
                 return value
         return default
 
@@ -94,7 +142,7 @@ class Targets:
             m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
             return int(m["idx"]) if m else None
         for p in [patterns] if isinstance(patterns, str) else patterns:
-            if found := self._match("match", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module):
+            if found := self._match("match", layers_regex(p), module):
                 return int(found["idx"])
         return None
 

@@ -141,3 +141,31 @@ def test_a_long_list_of_module_names_selects_by_full_name_or_dotted_suffix(
     (adapter / CONFIG).write_text(json.dumps({**conf, **lists, "init_lora_weights": False}))
     deep = dataclasses.replace(engine_cfg, num_layers=80)  # every module of 80 layers is looked at
     assert check_adapter("a", str(adapter), [str(root)], "model", deep).rank == 8
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "fragment"),
+    [
+        # regex: a POSIX class, every layer's q_proj and v_proj; re: '[' ':' 'd'... then ']', none
+        ("target_modules", json.dumps(r"model\.layers\.[[:digit:]]+\.self_attn\.(q|v)_proj"), "a '\\[' inside"),
+        # regex: fuzzy matching, q_proj within one edit (k_proj, v_proj, o_proj); re: '{e<=1}' literally
+        ("target_modules", json.dumps(r".*\.(q_proj){e<=1}"), "a '{' that is no repeat"),
+        ("exclude_modules", json.dumps(r".*\.(up_proj){e<=2}"), "a '{' that is no repeat"),
+        # alone it compiles; inside PEFT's (.*\.)?(KEY)$ re refuses a global flag not at the start
+        ("rank_pattern", json.dumps({"(?i)Q_PROJ": 4}), "global flags not at the start"),
+        ("alpha_pattern", json.dumps({"(?i)Q_PROJ": 4}), "global flags not at the start"),
+        # a list's patterns are PEFT's too (only a string's were checked)
+        ("layers_pattern", json.dumps(["lay[[:alpha:]]rs"]), "a '\\[' inside"),
+    ],
+)
+def test_a_pattern_the_matcher_reads_otherwise_than_peft_is_refused(
+    adapter: Path, root: Path, engine_cfg, key: str, raw: str, fragment: str
+) -> None:
+    """The patterns are matched by regex, which reads some of what re (PEFT) compiles otherwise:
+    the adapter was served with LoRA on modules PEFT leaves alone (or finds none and refuses), or
+    with a rank PEFT cannot read (re.error when it loads). Found comparing the selection with
+    PEFT's check_target_module_exists and get_pattern_key on random configs."""
+    _set_raw(adapter, key, raw)
+    if key == "layers_pattern":
+        _set_raw(adapter, "layers_to_transform", "[0, 1]")
+    _refused_everywhere(adapter, root, engine_cfg, fragment)

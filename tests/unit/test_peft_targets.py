@@ -3,10 +3,15 @@ hostile configs but not the ones PEFT writes, nor any because other threads ran 
 
 from __future__ import annotations
 
+import random
 import time
+import types
+from typing import Any
 
 import pytest
 
+from dlora.model.adapter_files import AdapterError
+from dlora.model.adapters import _check_config
 from dlora.model.peft_targets import Targets
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,3 +53,63 @@ def test_time_the_matching_thread_spends_waiting_is_not_charged_to_its_config(
     for m in modules:
         time.sleep(0.02)
         assert chosen.targeted(m) and chosen.pattern_value(ranks, m, 8) == 4
+
+
+NAMES = [*TARGETS, "self_attn.q_proj", "mlp.up_proj", "layers.1.mlp.down_proj", "model.layers.2.self_attn.v_proj"]
+NAMES += ["proj", "q", "", "embed_tokens", "lm_head", "mlp", "1.self_attn.k_proj", ".q_proj", "attn.q_proj"]
+REGEXES = [r".*\.(q|v)_proj", r".*layers\.[01]\..*proj", r"model.*", r"(?i).*Q_PROJ", r".*\.\d\.mlp\..*", r"q_proj"]
+REGEXES += [
+    r"(.*\.)?(q|k)_proj",
+    r".*(?<!o)_proj",
+    r"lm_head|.*gate_proj",
+    r".*\.[2-3]\.[^.]*\.[a-z]_proj",
+    r"[[:alpha:]]",
+]
+REGEXES += [r".*(q_proj){e<=1}", r".*_pro{1,2}j", r"(?i)Q_PROJ"]
+
+
+def _config(r: random.Random) -> dict[str, Any]:
+    conf: dict[str, Any] = {"r": 8, "lora_alpha": 16}
+    conf["target_modules"] = r.sample(NAMES, r.randint(1, 5)) if r.random() < 0.5 else r.choice(REGEXES)
+    if (x := r.random()) < 0.5:
+        conf["exclude_modules"] = r.sample(NAMES, r.randint(1, 3)) if x < 0.3 else r.choice(REGEXES)
+    if r.random() < 0.5:
+        conf["layers_to_transform"] = r.choice([[], 0, 2, [0], [1, 3], [5]])
+        if r.random() < 0.6:
+            conf["layers_pattern"] = r.choice(["layers", ["layers"], "lay.rs", ["h", "layers"], r"\w+", "l[[:alpha:]]"])
+    if r.random() < 0.5:
+        keys = r.sample(NAMES + REGEXES, r.randint(1, 3))
+        conf["rank_pattern"] = {k: 4 + i for i, k in enumerate(keys)}
+        conf["alpha_pattern"] = {k: float(i + 1) for i, k in enumerate(keys)}
+    return conf
+
+
+@pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")  # re's, on '[[' (PEFT's reading)
+def test_the_selection_is_peft_s_on_random_configs() -> None:
+    """Every config dlora takes selects the modules, ranks and alphas PEFT's own functions do (the
+    patterns matched by another engine than PEFT's re, the lists looked up as a set)."""
+    peft_tuners = pytest.importorskip("peft.tuners.tuners_utils")
+    from peft.utils.other import get_pattern_key
+
+    modules = [*_modules(4), "model.embed_tokens", "lm_head"]
+    r, taken = random.Random(0), 0
+    for _ in range(400):
+        conf = _config(r)
+        try:
+            _check_config("a", conf)
+        except AdapterError:
+            continue
+        taken += 1
+        ours = Targets("a", conf)
+        # LoraConfig makes sets of these two lists, as PEFT matches them
+        lists = {k: set(v) if isinstance(v, list) and k.endswith("_modules") else v for k, v in conf.items()}
+        unset = dict.fromkeys(("target_parameters", "modules_to_save", "exclude_modules", "layers_to_transform"))
+        peft_conf = types.SimpleNamespace(**{**unset, "layers_pattern": None, **lists})
+        for m in modules:
+            found = peft_tuners.check_target_module_exists(peft_conf, m)
+            theirs = bool(found) and not isinstance(found, peft_tuners._ExcludedModule)
+            assert ours.targeted(m) == theirs, (conf, m)
+            for key in ("rank_pattern", "alpha_pattern"):
+                patterns = conf.get(key) or {}
+                assert ours.pattern_value(patterns, m, None) == patterns.get(get_pattern_key(patterns, m)), (conf, m)
+    assert taken > 200
