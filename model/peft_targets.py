@@ -28,6 +28,9 @@ from dlora.model.config import TARGET_NAMES
 # bound also counted the other threads holding the GIL: eight 32-layer registrations at once were
 # all refused.
 PATTERN_BUDGET_S = 2.0
+# Compiled patterns kept for one config: a key per module of a 290-layer base. A compiled pattern
+# holds ~5 KB, and a 1 MB config's 50,000 keys would hold 100 MB or more until its bound.
+MAX_COMPILED = 2048
 
 
 def key_regex(key: str) -> str:
@@ -109,7 +112,9 @@ class Targets:
             if left <= 0:
                 raise TimeoutError
             if (compiled := self._compiled.get(pattern)) is None:
-                compiled = self._compiled[pattern] = regex.compile(pattern)
+                compiled = regex.compile(pattern)
+                if len(self._compiled) < MAX_COMPILED:
+                    self._compiled[pattern] = compiled
             match: regex.Match[str] | None = getattr(compiled, how)(text, timeout=left)
         except TimeoutError:
             raise AdapterError(

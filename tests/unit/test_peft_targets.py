@@ -113,3 +113,13 @@ def test_the_selection_is_peft_s_on_random_configs() -> None:
                 patterns = conf.get(key) or {}
                 assert ours.pattern_value(patterns, m, None) == patterns.get(get_pattern_key(patterns, m)), (conf, m)
     assert taken > 200
+
+
+def test_a_config_of_many_keys_keeps_few_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pattern is compiled once, but a 1 MB config's 50,000 keys, each kept compiled (~5 KB),
+    held over 100 MB of one registration until the bound refused it (regex's own cache holds 500)."""
+    monkeypatch.setattr("dlora.model.peft_targets.MAX_COMPILED", 100)
+    keys = {f"k{i}": 8 for i in range(1_000)}
+    chosen = Targets("a", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "rank_pattern": keys})
+    assert chosen.pattern_value(keys, "model.layers.0.self_attn.q_proj", 4) == 4
+    assert len(chosen._compiled) == 100
