@@ -16,6 +16,10 @@ AUTH_MODES = ("none", "keys")
 GENERATION_CONFIGS = ("auto", "vllm")
 
 
+# The characters no HTTP header value holds: the controls but a tab, and DEL
+_NO_HEADER_CHARS = frozenset(map(chr, [*range(0x09), *range(0x0A, 0x20), 0x7F]))
+
+
 class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -126,7 +130,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("tool_call_parser", self.tool_call_parser, f"must be empty or one of {', '.join(PARSERS)}"))
         # The bearer token is read stripped and no header carries a control character: such a key
         # (a secret file's trailing newline) could never be given. Its value is not printed.
-        if self.admin_key != self.admin_key.strip() or any(c < " " or c == "\x7f" for c in self.admin_key):
+        # (a tab inside is a header's, as a space: aiohttp hands 'Bearer s3\tcret' on whole)
+        if self.admin_key != self.admin_key.strip() or any(c in _NO_HEADER_CHARS for c in self.admin_key):
             bad.append(("admin_key", "<hidden>", "has whitespace at its ends or a control character (a newline?)"))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
