@@ -247,6 +247,18 @@ def _renders(render: Callable[[], object]) -> bool:
     return True
 
 
+def _blamed(render: Callable[..., object], template: ChatTemplate) -> str:
+    """The field a template's refusal is the fault of: the kwargs where the conversation renders
+    without them (a trial: a date_string of 5 was blamed on messages, in Python's words), the tools
+    where it renders without them (Hermes 2 Pro's writes ``" - " + description``, and a tool
+    without one was blamed on messages, which were fine), else the messages."""
+    if template.kwargs and _renders(render):
+        return "chat_template_kwargs"
+    if template.tools and _renders(lambda: render(**{**template.kwargs, "tools": None})):
+        return "tools"
+    return "messages"
+
+
 def _parts(text: str | None) -> list[dict[str, str]]:
     """A message's string content as OpenAI's parts: one text part ("" too, as vLLM: templates read
     ``content[0]['text']``); none for no content."""
@@ -346,9 +358,7 @@ def chat_prompt_ids(
         try:
             out = render(**template.kwargs)
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
-            # The kwargs' fault where the messages render without them (a trial: a date_string of 5
-            # was blamed on messages, in Python's words)
-            field = "chat_template_kwargs" if template.kwargs and _renders(render) else "messages"
+            field = _blamed(render, template)
             raise APIError(400, f"{field}: the model's chat template refused them: {e}", param=field) from None
         # a list of ids, or (transformers 5) an encoding holding them
         return list(out["input_ids"] if isinstance(out, Mapping) else out)

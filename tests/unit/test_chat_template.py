@@ -390,3 +390,26 @@ def test_named_templates_are_read_as_the_one_rendered(tiny_llama, tmp_path: Path
     tok.chat_template = {"default": "{{ messages[0].content }}", "tool_use": loop}  # only tool_use loops
     assert tok.decode(chat_template.chat_prompt_ids(msgs, tok)).endswith("hi")
     assert tok.decode(chat_template.chat_prompt_ids(msgs, tok, asked)).endswith("<user>hi|")
+
+
+def test_a_tool_the_template_cannot_write_is_blamed_on_tools(tiny_llama, tmp_path: Path) -> None:
+    """Hermes 2 Pro's tool_use template writes each tool as ``" - " + tool.description``: a tool
+    without a description (optional in OpenAI's schema, null as vLLM gives it) was refused as
+    "messages: ... can only concatenate str (not "NoneType") to str", naming messages that were
+    fine (a helper, replaying history reports with real templates). The tools are named where the
+    conversation renders without them; the messages still where it does not either."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for t in tools or [] %}{{ t.function.name + ' - ' + t.function.description }}{% endfor %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{{ raise_exception('no user') if messages[0].role != 'user' }}"
+    )
+    model = ServedModel(tok, 1 << 16, 1024)
+    undescribed = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [undescribed], "tool_choice": "none"}
+    e = refused(model, body, chat=True)
+    assert (e.status, e.param) == (400, "tools") and e.message.startswith("tools: the model's chat template refused")
+    described = {"type": "function", "function": {"name": "f", "description": "d"}}
+    assert tok.decode(shape(model, body | {"tools": [described]}, chat=True).choices[0].request.prompt_token_ids)
+    # the messages' fault too: they do not render without the tools either
+    assert refused(model, body | {"messages": [{"role": "system", "content": "x"}]}, chat=True).param == "messages"
