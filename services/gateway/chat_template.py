@@ -42,7 +42,7 @@ class ChatTemplate:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None  # the request's tools, for the template to render (as vLLM)
     documents: list[dict[str, str]] | None = None  # the request's documents, likewise
-    # The history's call ids cut to their last this many characters (0: as sent): Mistral's
+    # The history's call ids made this many characters long (0: as sent; ``_fitted``): Mistral's
     # templates refuse any but 9 (``tool_parsers.CALL_ID_LENGTHS``), so a client's own did (vLLM
     # cuts them in its mistral tokenizer mode).
     call_id_length: int = 0
@@ -147,9 +147,17 @@ def _calls_for_template(calls: Any, where: str, id_length: int = 0) -> list[dict
         if isinstance(parsed, str):
             with contextlib.suppress(ValueError):
                 parsed = json.loads(parsed)
-        cut = {"id": call["id"][-id_length:]} if id_length and isinstance(call.get("id"), str) else {}
+        cut = {"id": _fitted(call["id"], id_length)} if id_length and isinstance(call.get("id"), str) else {}
         out.append({**call, "function": {**function, "arguments": parsed}} | cut)
     return out
+
+
+def _fitted(call_id: str, length: int) -> str:
+    """A history's call id made ``length`` characters long, as Mistral's templates take only those:
+    its last ``length`` (as vLLM cuts them), or a shorter one filled with leading zeros (clients
+    number their calls, "turn1_0", "1": the template refused the conversation), so a call and the
+    tool message answering it still match."""
+    return call_id[-length:].rjust(length, "0")
 
 
 def template_problem(source: object) -> str | None:
@@ -329,7 +337,7 @@ def chat_prompt_ids(
         # Text parts joined by newlines, as vLLM and llama.cpp join them (the "string" content format)
         content = m.content if isinstance(m.content, str) or m.content is None else "\n".join(texts)
         cut = template.call_id_length
-        answers = m.tool_call_id[-cut:] if cut and m.tool_call_id else m.tool_call_id
+        answers = _fitted(m.tool_call_id, cut) if cut and m.tool_call_id else m.tool_call_id
         named: dict[str, Any] = {k: v for k, v in (("name", m.name), ("tool_call_id", answers)) if v}
         if m.tool_calls is not None and (calls := _calls_for_template(m.tool_calls, f"messages[{i}]", cut)):
             named["tool_calls"] = calls  # an assistant's earlier calls, for the template to render (as vLLM)

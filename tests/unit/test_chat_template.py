@@ -413,3 +413,28 @@ def test_a_tool_the_template_cannot_write_is_blamed_on_tools(tiny_llama, tmp_pat
     assert tok.decode(shape(model, body | {"tools": [described]}, chat=True).choices[0].request.prompt_token_ids)
     # the messages' fault too: they do not render without the tools either
     assert refused(model, body | {"messages": [{"role": "system", "content": "x"}]}, chat=True).param == "messages"
+
+
+def test_a_historys_short_call_ids_are_filled_to_what_a_mistral_template_takes(tiny_llama, tmp_path: Path) -> None:
+    """Ids are the client's to make (OpenAI's spec: any string): agents that number their calls
+    ("turn1_0", "1") sent them back and Mistral's template refused the conversation (a helper,
+    replaying mlx-lm #1375's kind), while longer ids were cut to fit. Short ones are filled with
+    leading zeros to the length the mistral parser serves, the call and its answer alike."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+        "{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric, length 9!') }}"
+        "{% endif %}[{{ c.id }}]{% endfor %}{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}{% endfor %}"
+    )
+    calls = [{"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in ("turn1_0", "1")]
+    msgs = [
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="assistant", tool_calls=calls),
+        ChatMessage(role="tool", content="42", tool_call_id="turn1_0"),
+        ChatMessage(role="tool", content="43", tool_call_id="1"),
+    ]
+    ids = chat_template.chat_prompt_ids(msgs, tok, chat_template.ChatTemplate(call_id_length=9))
+    assert tok.decode(ids).endswith("[00turn1_0][000000001](00turn1_0)(000000001)")
+    # without the mistral parser they reach the template as sent
+    with pytest.raises(APIError, match="length 9"):
+        chat_template.chat_prompt_ids(msgs, tok)
