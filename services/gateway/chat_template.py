@@ -4,7 +4,6 @@ transcript for a tokenizer without one. Pure: the tokenizer is passed in."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from collections.abc import Callable, Mapping
@@ -128,7 +127,8 @@ def _calls_for_template(calls: Any, where: str, id_length: int = 0) -> list[dict
 
     Raises:
         APIError(400): not a list of calls each with a function of a name (the field is free in
-            the request's type: a template met ints and missing keys, and said so in Python's words)."""
+            the request's type: a template met ints and missing keys, and said so in Python's words),
+            or arguments nested deeper than JSON is decoded."""
     if not isinstance(calls, list):
         raise APIError(400, f"{where}.tool_calls must be a list of tool calls", param="messages")
     out = []
@@ -145,8 +145,14 @@ def _calls_for_template(calls: Any, where: str, id_length: int = 0) -> list[dict
             )
         parsed: Any = {} if not arguments else arguments
         if isinstance(parsed, str):
-            with contextlib.suppress(ValueError):
+            try:
                 parsed = json.loads(parsed)
+            except ValueError:
+                pass
+            except RecursionError:  # deeper than json follows: was a 500 (vLLM answers 400)
+                raise APIError(
+                    400, f"{where}.tool_calls[{j}].function.arguments: JSON nested too deeply", param="messages"
+                ) from None
         cut = {"id": _fitted(call["id"], id_length)} if id_length and isinstance(call.get("id"), str) else {}
         out.append({**call, "function": {**function, "arguments": parsed}} | cut)
     return out

@@ -438,3 +438,15 @@ def test_a_historys_short_call_ids_are_filled_to_what_a_mistral_template_takes(t
     # without the mistral parser they reach the template as sent
     with pytest.raises(APIError, match="length 9"):
         chat_template.chat_prompt_ids(msgs, tok)
+
+
+def test_a_calls_arguments_nested_too_deeply_are_refused_by_name(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """A history's call whose arguments are JSON nested deeper than json.loads follows (200 KB of
+    brackets, within the body's limit) raised RecursionError out of the rendering: a 500 "internal
+    error" (a helper; vLLM answers it 400)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]
+    e = refused(served, {"messages": msgs}, chat=True)
+    assert (e.status, e.param) == (400, "messages")
+    assert e.message == "messages[1].tool_calls[0].function.arguments: JSON nested too deeply"
