@@ -253,12 +253,25 @@ def _selected(source: object, tools: list[dict[str, Any]] | None) -> object:
     return source.get("default", source)
 
 
-def _renders(render: Callable[[], object]) -> bool:
+def _rendered(render: Callable[[], object]) -> object | None:
+    """What ``render`` returns; None where the template raises (whatever it raises)."""
     try:
-        render()
+        return render()
     except Exception:  # noqa: BLE001 - whatever the template raises: it does not render
-        return False
-    return True
+        return None
+
+
+def _with_text_arguments(message: dict[str, Any], sent: list[Any]) -> dict[str, Any]:
+    """``message`` (as rendered, holding an assistant's earlier calls) with each call's arguments as
+    JSON text: the text the client sent (``sent``: its calls as sent), or the object it sent
+    written as JSON ("{}" for none), for a template that writes them as a string."""
+    calls = []
+    for call, given in zip(message["tool_calls"], sent):
+        text = given["function"].get("arguments")
+        if not (isinstance(text, str) and text):
+            text = json.dumps(call["function"]["arguments"], ensure_ascii=False)
+        calls.append(call | {"function": call["function"] | {"arguments": text}})
+    return message | {"tool_calls": calls}
 
 
 def _blamed(render: Callable[..., object], template: ChatTemplate) -> str:
@@ -266,9 +279,9 @@ def _blamed(render: Callable[..., object], template: ChatTemplate) -> str:
     without them (a trial: a date_string of 5 was blamed on messages, in Python's words), the tools
     where it renders without them (Hermes 2 Pro's writes ``" - " + description``, and a tool
     without one was blamed on messages, which were fine), else the messages."""
-    if template.kwargs and _renders(render):
+    if template.kwargs and _rendered(render) is not None:
         return "chat_template_kwargs"
-    if template.tools and _renders(lambda: render(**{**template.kwargs, "tools": None})):
+    if template.tools and _rendered(lambda: render(**{**template.kwargs, "tools": None})) is not None:
         return "tools"
     return "messages"
 
@@ -360,20 +373,31 @@ def chat_prompt_ids(
             said = content or ""
         plain.append({"role": role, "content": said} | named)
     if source:
-        render = functools.partial(
-            tokenizer.apply_chat_template,  # type: ignore[attr-defined]  # not in the Protocol: optional
-            plain,
-            tokenize=True,
-            add_generation_prompt=template.add_generation_prompt,
-            continue_final_message=template.continue_final_message,
-            tools=template.tools,
-            documents=template.documents,
-        )
+
+        def rendering(conversation: list[dict[str, Any]]) -> Callable[..., Any]:
+            return functools.partial(
+                tokenizer.apply_chat_template,  # type: ignore[attr-defined]  # not in the Protocol: optional
+                conversation,
+                tokenize=True,
+                add_generation_prompt=template.add_generation_prompt,
+                continue_final_message=template.continue_final_message,
+                tools=template.tools,
+                documents=template.documents,
+            )
+
+        render = rendering(plain)
         try:
             out = render(**template.kwargs)
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
-            field = _blamed(render, template)
-            raise APIError(400, f"{field}: the model's chat template refused them: {e}", param=field) from None
+            # DeepSeek's templates splice a call's arguments into the prompt with "+": objects
+            # raised TypeError on every follow-up turn; such a template gets the client's text
+            spliced = [
+                _with_text_arguments(p, m.tool_calls) if "tool_calls" in p else p for p, m in zip(plain, messages)
+            ]
+            render_spliced = functools.partial(rendering(spliced), **template.kwargs)
+            if spliced == plain or (out := _rendered(render_spliced)) is None:
+                field = _blamed(render, template)
+                raise APIError(400, f"{field}: the model's chat template refused them: {e}", param=field) from None
         # a list of ids, or (transformers 5) an encoding holding them
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
     # Without a template, tools are not rendered (a forced call's arguments are constrained all the

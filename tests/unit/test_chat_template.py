@@ -450,3 +450,39 @@ def test_a_calls_arguments_nested_too_deeply_are_refused_by_name(served: ServedM
     e = refused(served, {"messages": msgs}, chat=True)
     assert (e.status, e.param) == (400, "messages")
     assert e.message == "messages[1].tool_calls[0].function.arguments: JSON nested too deeply"
+
+
+def test_a_template_that_splices_arguments_as_text_gets_the_clients_text(tiny_llama, tmp_path: Path) -> None:
+    """A history's call arguments are given to templates as objects (vLLM's way: they write
+    ``arguments | tojson``), but DeepSeek's V3/R1 templates (and the R1 distills') splice them
+    into the prompt with ``+``: every follow-up turn of a tool conversation was a 400 "can only
+    concatenate str (not "dict") to str" (a helper, replaying mlx-lm #1065 / SGLang #9898's kind).
+    Such a template gets the arguments as the client's JSON text; one that takes objects still
+    gets objects."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+        "{{ '<call>' + c['function']['name'] + '\\n```json\\n' + c['function']['arguments'] + '\\n```' }}"
+        "{% endfor %}{% if m.role != 'assistant' %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
+    )
+    calls = [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}},
+        {"id": "b", "type": "function", "function": {"name": "g", "arguments": {"tz": "CET"}}},
+        {"id": "c", "type": "function", "function": {"name": "h"}},
+    ]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "a", "content": "22C"},
+    ]
+    model = ServedModel(tok, 1 << 16, 1024)
+    text = tok.decode(shape(model, {"messages": msgs}, chat=True).choices[0].request.prompt_token_ids)
+    spliced = '<call>f\n```json\n{"city": "Paris"}\n```<call>g\n```json\n{"tz": "CET"}\n```<call>h\n```json\n{}\n```'
+    assert text.endswith("<user>hi" + spliced + "<tool>22C")
+    arguments = "c['function']['arguments']"
+    tok.chat_template = tok.chat_template.replace(f"+ {arguments} +", f"+ {arguments} | tojson +")
+    text = tok.decode(shape(model, {"messages": msgs}, chat=True).choices[0].request.prompt_token_ids)
+    assert '```json\n{"city": "Paris"}\n```' in text  # objects, written once (not a quoted string)
+    tok.chat_template += "{{ raise_exception('no') }}"  # a refusal of both is the template's reason, as before
+    e = refused(model, {"messages": msgs}, chat=True)
+    assert (e.param, e.message) == ("messages", "messages: the model's chat template refused them: no")
