@@ -71,6 +71,21 @@ async def _worker(
             await c.drain()
 
 
+def _held_compiles(w0: WorkerService) -> tuple[threading.Event, threading.Event]:
+    """``w0``'s grammar compiles held until ``release`` is set (30 s at most): the events
+    ``compiling`` (one began) and ``release``."""
+    grammars, compiling, release = w0.engine.grammars, threading.Event(), threading.Event()
+    prepare = grammars.prepare
+
+    def held(params: SamplingParams) -> None:
+        compiling.set()
+        release.wait(30)
+        prepare(params)
+
+    grammars.prepare = held  # type: ignore[method-assign]
+    return compiling, release
+
+
 async def _until(ended: set[str], rid: str) -> None:
     async with asyncio.timeout(20):
         while rid not in ended:
@@ -109,9 +124,7 @@ async def test_a_grammar_compiling_holds_no_other_request(
     schema: ~0.4 s of every stream on the worker). A compile held until released: a request sent
     after it is served meanwhile; the structured one once its grammar is ready."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        grammars, release = w0.engine.grammars, threading.Event()
-        prepare = grammars.prepare
-        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        _, release = _held_compiles(w0)
         await _send(client, _request("g", owner, regex="[ab]{3}"))
         await _send(client, _request("r", owner))
         try:
@@ -130,15 +143,7 @@ async def test_a_grammar_is_compiled_only_once_its_record_is_marked_taken(
     beside the steps, the compile began at arrival, and on an idle worker nothing marked it: the
     death went uncounted and the request went round every worker in turn."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        grammars, compiling, release = w0.engine.grammars, threading.Event(), threading.Event()
-        prepare = grammars.prepare
-
-        def held(params: SamplingParams) -> None:
-            compiling.set()
-            release.wait(30)
-            prepare(params)
-
-        grammars.prepare = held  # type: ignore[method-assign]
+        compiling, release = _held_compiles(w0)
         req = msgspec.structs.replace(_request("poison", owner, regex="[cd]{4}"), recorded=True)
         assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
         try:
@@ -158,9 +163,7 @@ async def test_grammars_compiling_at_once_hold_no_step(
     schemas compiling at once (as many as that pool has threads: 6 on 2 cores) held every step on
     the worker until one ended. Compiles held until released: a plain request is served meanwhile."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        grammars, release = w0.engine.grammars, threading.Event()
-        prepare = grammars.prepare
-        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        _, release = _held_compiles(w0)
         structured = [f"g{i}" for i in range(min(32, (os.cpu_count() or 1) + 4) + 1)]  # (the default pool's size)
         for i, rid in enumerate(structured):
             await _send(client, _request(rid, owner, regex=f"[ab]{{{i + 1}}}"))
@@ -180,9 +183,7 @@ async def test_an_abort_stops_a_request_being_prepared_at_once(
     compile: minutes for some schemas) was answered only once that wait ended, its record kept
     meanwhile. It stops the wait: answered at once, its record ended."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        grammars, release = w0.engine.grammars, threading.Event()
-        prepare = grammars.prepare
-        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        _, release = _held_compiles(w0)
         req = msgspec.structs.replace(_request("g", owner, regex="[ef]{3}"), recorded=True)
         assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
         try:
@@ -228,9 +229,7 @@ async def test_a_request_being_prepared_is_stopped_at_its_deadline(
     arrival for its grammar's compile (minutes for some schemas) it was answered only once the
     compile ended, long past it."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        grammars, release = w0.engine.grammars, threading.Event()
-        prepare = grammars.prepare
-        grammars.prepare = lambda params: release.wait(30) and prepare(params)  # type: ignore[method-assign]
+        _, release = _held_compiles(w0)
         req = msgspec.structs.replace(_request("late", owner, regex="[gh]{3}"), deadline=time.time() + 0.5)
         try:
             await _send(client, req)
