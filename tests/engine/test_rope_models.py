@@ -113,9 +113,10 @@ def test_a_mistral_config_without_sliding_window_takes_transformers_default() ->
     position 4097 on its logprobs differed (a helper). null still means none."""
     from dlora.model.config import ModelConfig
 
+    # (KV heads given: MistralConfig's default, 8, does not divide 4)
     raw = dict(
-        model_type="mistral", hidden_size=64, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1,
-        vocab_size=32, max_position_embeddings=8192,
+        model_type="mistral", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        num_hidden_layers=1, vocab_size=32, max_position_embeddings=8192,
     )  # fmt: skip
     assert ModelConfig.from_dict(raw).sliding_window == 4096
     assert ModelConfig.from_dict({**raw, "sliding_window": None}).sliding_window is None

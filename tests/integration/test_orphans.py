@@ -31,6 +31,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
 from dlora.services.worker import drain
+from dlora.services.worker.commands import Add
 from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_fencing import PROMPT, Cluster, _read, _until, cluster  # noqa: F401 - a fixture
 
@@ -235,9 +236,9 @@ async def test_the_gateway_answers_a_request_whose_record_went_without_an_answer
     Redis holds the data the request was recorded in."""
     stack = quick_stack
 
-    async def drop(self, req: GenerateRequest, bad_words_ids: object = None) -> None:  # type: ignore[no-untyped-def]
-        await self.store.record_progress(self.s.worker_id, {}, {req.request_id: req.recoveries})
-        self.pending.discard(req.request_id)
+    async def drop(self, add: Add) -> None:  # type: ignore[no-untyped-def]
+        await self.store.record_progress(self.s.worker_id, {}, {add.req.request_id: add.req.recoveries})
+        self.pending.discard(add.req.request_id)
 
     for w in stack.workers:
         monkeypatch.setattr(w, "_add", drop.__get__(w))
