@@ -41,6 +41,7 @@ from dlora.services.servers import (
     NATS_DEFAULT_PORT,
     REDIS_USER,
     Server,
+    die_with_parent,
     free_port,
     port_is_free,
     start_nats,
@@ -231,7 +232,7 @@ class LocalStack:
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         # Own sessions: Ctrl-C reaches only the launcher, which stops services before servers.
-        self.procs.append(subprocess.Popen(args, env=env, start_new_session=True))
+        self.procs.append(subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=die_with_parent()))
         self.names.append(name)
         self._specs.append((args, env, time.monotonic()))
 
@@ -251,7 +252,7 @@ class LocalStack:
         name = self.names[i]
         if name in self.metrics_urls and name != "gateway":  # its metrics port may be taken meanwhile
             env = {**env, **self._metrics(name, "worker" if name.startswith("worker-") else name)}
-        self.procs[i] = subprocess.Popen(args, env=env, start_new_session=True)
+        self.procs[i] = subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=die_with_parent())
         self._specs[i] = (args, env, now)
         self._restarts[i] = [*recent, now]
         return True
@@ -295,14 +296,14 @@ class LocalStack:
         self.role_env: dict[str, dict[str, str]] = {role: {} for role in ROLES}
         if not self.nats_url:
             self.nats_passwords = {name: secrets.token_urlsafe(18) for name in (*ROLES, APP_USER)}
-            self.servers.append(start_nats(self.nats_port, self.nats_passwords))
+            self.servers.append(start_nats(self.nats_port, self.nats_passwords, preexec=die_with_parent()))
             self.nats_url = self.servers[-1].url
             for role in ROLES:
                 self.role_env[role] |= {"DLORA_NATS_USER": role, "DLORA_NATS_PASSWORD": self.nats_passwords[role]}
         redis_env: dict[str, str] = {}
         if not self.redis_url:
             password = secrets.token_urlsafe(18)
-            self.servers.append(start_redis(password=password, prefix=base.redis_prefix))
+            self.servers.append(start_redis(password=password, prefix=base.redis_prefix, preexec=die_with_parent()))
             self.redis_url = self.servers[-1].url
             redis_env = {"DLORA_REDIS_USERNAME": REDIS_USER, "DLORA_REDIS_PASSWORD": password}
         for role in ROLES:

