@@ -288,7 +288,11 @@ class LocalStack:
         except socket.gaierror as e:  # (port_is_free says False for it: "in use", it was said)
             raise SettingsError(f"gateway setting host={base.host!r} does not resolve: {e}") from None
         if not port_is_free(base.port, base.host):  # else another gateway answers the readiness check
-            raise RuntimeError(f"port {base.port} on {base.host} is in use (another dlora up?): choose one with --port")
+            # (`make run` passes no flags: the setting's variable is what its user can give)
+            raise RuntimeError(
+                f"port {base.port} on {base.host} is in use (another dlora up?): choose another with --port "
+                "or the gateway's port setting (DLORA_GATEWAY_PORT=8001 make run)"
+            )
         self.nats_url, self.redis_url = base.nats_url, base.redis_url
         # The servers it starts take only the credentials it makes for them: one NATS user per
         # service role and one for applications (common/permissions.py), one Redis ACL user.

@@ -175,8 +175,10 @@ def test_a_gateway_port_in_use_is_refused_before_anything_starts(tiny_llama) -> 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         stack = LocalStack(1, str(tiny_llama.model), [], busy.getsockname()[1], None)
-        with pytest.raises(RuntimeError, match="is in use"):
+        with pytest.raises(RuntimeError, match="is in use") as refused:
             stack.start()
+    # `make run` takes no --port: a user of it is told the variable it reads (a fresh user's trial)
+    assert "DLORA_GATEWAY_PORT" in str(refused.value)
     assert not stack.procs and not stack.servers
 
 
