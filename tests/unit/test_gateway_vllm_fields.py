@@ -77,6 +77,16 @@ def test_vllms_structured_output_fields_on_either_endpoint(served: ServedModel) 
         assert (e.status, e.param) == (400, param) and fragment in e.message, (extra, e.message)
 
 
+def test_auto_tools_without_a_parser_say_where_the_parser_is_set(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """A fresh user's trial: tools with the default tool_choice under `make run` got a 400 naming
+    "the gateway's tool_call_parser" with no word of where a gateway takes it (vLLM's own names its
+    flags)."""
+    tools = [{"type": "function", "function": {"name": "ping"}}]
+    e = refused(served, {"messages": [{"role": "user", "content": "kalo"}], "tools": tools}, chat=True)
+    assert (e.status, e.param) == (400, "tool_choice")
+    assert "DLORA_GATEWAY_TOOL_CALL_PARSER" in e.message and "hermes" in e.message
+
+
 def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
     schema = {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}
     tools = [
