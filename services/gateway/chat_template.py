@@ -274,14 +274,17 @@ def _with_text_arguments(message: dict[str, Any], sent: list[Any]) -> dict[str, 
     return message | {"tool_calls": calls}
 
 
-def _blamed(render: Callable[..., object], template: ChatTemplate) -> str:
+def _blamed(renders: list[Callable[..., object]], template: ChatTemplate) -> str:
     """The field a template's refusal is the fault of: the kwargs where the conversation renders
     without them (a trial: a date_string of 5 was blamed on messages, in Python's words), the tools
     where it renders without them (Hermes 2 Pro's writes ``" - " + description``, and a tool
-    without one was blamed on messages, which were fine), else the messages."""
-    if template.kwargs and _rendered(render) is not None:
+    without one was blamed on messages, which were fine), else the messages. Each of ``renders``
+    (the history's call arguments as objects, and as text) is tried: a template that splices the
+    text failed on the objects in every trial, and its tools' fault was blamed on the messages."""
+    if template.kwargs and any(_rendered(render) is not None for render in renders):
         return "chat_template_kwargs"
-    if template.tools and _rendered(lambda: render(**{**template.kwargs, "tools": None})) is not None:
+    without_tools = {**template.kwargs, "tools": None}
+    if template.tools and any(_rendered(functools.partial(r, **without_tools)) is not None for r in renders):
         return "tools"
     return "messages"
 
@@ -394,9 +397,9 @@ def chat_prompt_ids(
             spliced = [
                 _with_text_arguments(p, m.tool_calls) if "tool_calls" in p else p for p, m in zip(plain, messages)
             ]
-            render_spliced = functools.partial(rendering(spliced), **template.kwargs)
-            if spliced == plain or (out := _rendered(render_spliced)) is None:
-                field = _blamed(render, template)
+            renders = [render] if spliced == plain else [render, rendering(spliced)]
+            if spliced == plain or (out := _rendered(functools.partial(renders[1], **template.kwargs))) is None:
+                field = _blamed(renders, template)
                 raise APIError(400, f"{field}: the model's chat template refused them: {e}", param=field) from None
         # a list of ids, or (transformers 5) an encoding holding them
         return list(out["input_ids"] if isinstance(out, Mapping) else out)

@@ -486,3 +486,25 @@ def test_a_template_that_splices_arguments_as_text_gets_the_clients_text(tiny_ll
     tok.chat_template += "{{ raise_exception('no') }}"  # a refusal of both is the template's reason, as before
     e = refused(model, {"messages": msgs}, chat=True)
     assert (e.param, e.message) == ("messages", "messages: the model's chat template refused them: no")
+
+
+def test_a_splicing_templates_refusal_of_the_tools_still_names_tools(tiny_llama, tmp_path: Path) -> None:
+    """A template that splices a call's arguments with ``+`` refuses the history's objects; where it
+    refused the tools as well (a tool without a description, Hermes-style), the trial without the
+    tools was made with the objects again, failed on them, and the refusal named the messages,
+    which render (a review of 0304aea)."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for t in tools or [] %}{{ t.function.name + ' - ' + t.function.description }}{% endfor %}"
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.name + c.function.arguments }}"
+        "{% endfor %}{{ m.content }}{% endfor %}{{ prefix + '' if prefix is defined }}"
+    )
+    model = ServedModel(tok, 1 << 16, 1024)
+    call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    undescribed = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": msgs, "tools": [undescribed], "tool_choice": "none"}
+    assert refused(model, body, chat=True).param == "tools"
+    described = {"type": "function", "function": {"name": "f", "description": "d"}}
+    kwargs = {"chat_template_kwargs": {"prefix": 5}}  # int + str: the kwargs' fault
+    assert refused(model, body | {"tools": [described]} | kwargs, chat=True).param == "chat_template_kwargs"
