@@ -160,10 +160,13 @@ def _calls_for_template(calls: Any, where: str, id_length: int = 0) -> list[dict
 
 def _fitted(call_id: str, length: int) -> str:
     """A history's call id made ``length`` characters long, as Mistral's templates take only those:
-    its last ``length`` (as vLLM cuts them), or a shorter one filled with leading zeros (clients
-    number their calls, "turn1_0", "1": the template refused the conversation), so a call and the
-    tool message answering it still match."""
-    return call_id[-length:].rjust(length, "0")
+    its last ``length`` (as vLLM cuts them), or a shorter one filled (clients number their calls,
+    "turn1_0", "1": the template refused the conversation), so a call and the tool message
+    answering it still match. The fill starts with the id's length, then zeros: zeros alone made
+    "1" and "01" one id, two calls the model could not tell apart, each answered twice."""
+    if len(call_id) >= length:
+        return call_id[-length:]
+    return str(len(call_id)) + call_id.rjust(length - 1, "0")
 
 
 def template_problem(source: object) -> str | None:

@@ -419,7 +419,7 @@ def test_a_historys_short_call_ids_are_filled_to_what_a_mistral_template_takes(t
     """Ids are the client's to make (OpenAI's spec: any string): agents that number their calls
     ("turn1_0", "1") sent them back and Mistral's template refused the conversation (a helper,
     replaying mlx-lm #1375's kind), while longer ids were cut to fit. Short ones are filled with
-    leading zeros to the length the mistral parser serves, the call and its answer alike."""
+    their length and zeros to the length the mistral parser serves, the call and its answer alike."""
     tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
     tok.chat_template = (
         "{% for m in messages %}{% for c in m.tool_calls or [] %}"
@@ -434,7 +434,7 @@ def test_a_historys_short_call_ids_are_filled_to_what_a_mistral_template_takes(t
         ChatMessage(role="tool", content="43", tool_call_id="1"),
     ]
     ids = chat_template.chat_prompt_ids(msgs, tok, chat_template.ChatTemplate(call_id_length=9))
-    assert tok.decode(ids).endswith("[00turn1_0][000000001](00turn1_0)(000000001)")
+    assert tok.decode(ids).endswith("[70turn1_0][100000001](70turn1_0)(100000001)")
     # without the mistral parser they reach the template as sent
     with pytest.raises(APIError, match="length 9"):
         chat_template.chat_prompt_ids(msgs, tok)
@@ -508,3 +508,20 @@ def test_a_splicing_templates_refusal_of_the_tools_still_names_tools(tiny_llama,
     described = {"type": "function", "function": {"name": "f", "description": "d"}}
     kwargs = {"chat_template_kwargs": {"prefix": 5}}  # int + str: the kwargs' fault
     assert refused(model, body | {"tools": [described]} | kwargs, chat=True).param == "chat_template_kwargs"
+
+
+def test_short_call_ids_that_differ_only_in_leading_zeros_stay_apart(tiny_llama, tmp_path: Path) -> None:
+    """Filled with zeros alone, "1" and "01" (and "0001") became one id, 000000001: the model saw
+    two calls and two answers under it and could not tell which answered which (a review of
+    137e02b). Each short id is filled to its own 9 characters."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}[{{ c.id }}]{% endfor %}"
+        "{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}{% endfor %}"
+    )
+    sent = ["1", "01", "0001", "", "00000001"]
+    calls = [{"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in sent]
+    msgs = [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", tool_calls=calls)]
+    text = tok.decode(chat_template.chat_prompt_ids(msgs, tok, chat_template.ChatTemplate(call_id_length=9)))
+    fitted = text[text.index("[") :].strip("[]").split("][")
+    assert len(set(fitted)) == len(sent) and all(len(f) == 9 for f in fitted), fitted
