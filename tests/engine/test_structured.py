@@ -322,14 +322,13 @@ def test_a_grammar_is_converted_once_not_on_the_event_loop_for_each_request(
     from dlora.services.worker.engine import structured
 
     converted: list[str] = []
+    from_grammar = structured._from_grammar
 
-    def counted(kind: str, text: str) -> str:
+    def counted(text: str) -> str:
         converted.append(text)
-        return grammar_from(kind, text)  # type: ignore[arg-type]
+        return from_grammar(text)
 
-    from llguidance import grammar_from
-
-    monkeypatch.setattr(structured, "grammar_from", counted)
+    monkeypatch.setattr(structured, "_from_grammar", counted)
     engine = make_engine(tiny_llama)
     params = SamplingParams(max_tokens=12, grammar='root ::= "kalo" | "remi" rest\nrest ::= " " [a-z]{1,4}\n')
     engine.grammars.prepare(params)  # as admission does, in a thread

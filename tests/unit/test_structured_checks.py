@@ -149,3 +149,24 @@ def test_a_constraint_past_what_a_compile_stack_is_sized_for_is_refused() -> Non
     with pytest.raises(GrammarError, match=f"characters, over the {MAX_CONSTRAINT_CHARS} served"):
         check(SamplingParams(grammar=big))
     check(SamplingParams(grammar=big[: MAX_CONSTRAINT_CHARS - 100]))
+
+
+def test_a_grammar_of_blank_lines_is_read_in_linear_time() -> None:
+    """llguidance tells Lark from GBNF with ``(?m)^\\s*(%llguidance\\b|start\\s*:)``, whose ``\\s*``
+    crosses lines: quadratic in the blank lines (30,000: 5 s; a megabyte's: hours), in ``re``
+    with the GIL held, so a guided_grammar of blank lines froze the whole gateway, its event loop
+    and every stream on it (a review of 967490c). Told apart in linear time, as the same."""
+    import time
+
+    from llguidance.gbnf_to_lark import is_lark_syntax
+
+    blank = 'root ::= "a"' + "\n" * 30_000
+    began = time.monotonic()
+    check(SamplingParams(grammar=blank))
+    check(SamplingParams(grammar="\n" * 30_000 + ' start: "a"'))  # Lark after them, read as Lark
+    assert time.monotonic() - began < 1.5
+
+    from dlora.services.worker.engine.structured import _is_lark
+
+    for text in ('root ::= "a"\n', '\n \n\t start : "a"', ' %llguidance {}\nstart: "a"', "x\n start:", "startx:"):
+        assert _is_lark(text) == is_lark_syntax(text), text

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from
-from llguidance.gbnf_to_lark import is_lark_syntax
+from llguidance.gbnf_to_lark import gbnf_to_lark
 from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
@@ -121,11 +121,7 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
             f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
             "engine holds numbers in (a 64-bit integer's, magnitude below 2**63)"
         )
-    if (
-        grammar is not None
-        and not is_lark_syntax(grammar)
-        and (rules := grammar.count("::=")) * len(grammar) > MAX_GBNF_WORK
-    ):
+    if grammar is not None and not _is_lark(grammar) and (rules := grammar.count("::=")) * len(grammar) > MAX_GBNF_WORK:
         raise GrammarError(
             f"{label(params)} cannot be used: a GBNF grammar of {rules} rules in {len(grammar)} characters is "
             f"over what is served (rules x characters at most {MAX_GBNF_WORK:,}: its conversion to Lark takes "
@@ -139,11 +135,34 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
         if choice:  # each string as a Lark literal, alternatives of one rule
             return grammar_from("choice", list(choice))  # type: ignore[arg-type]  # a list is taken as is
         if grammar is not None:  # Lark, or GBNF converted to it
-            return _deep(len(grammar), grammar_from, "grammar", grammar)
+            return _deep(len(grammar), _from_grammar, grammar)
     except ValueError as e:
         what = "is not a JSON object" if json_schema is not None else "cannot be read"
         raise GrammarError(f"{label(params)} {what}: {e}") from None
     return None
+
+
+# llguidance's own test (gbnf_to_lark.is_lark_syntax, which grammar_from calls) is
+# "(?m)^\s*(%llguidance\b|start\s*:)": its \s* crosses lines, quadratic in blank lines (30,000:
+# 5 s; a megabyte's: hours), in re with the GIL held, the gateway's loop and streams frozen with
+# it. The same test, its whitespace kept to one line: the last line start before the keyword.
+_LARK = re.compile(r"(?m)^[^\S\n]*(%llguidance\b|start\s*:)")
+
+
+def _is_lark(grammar: str) -> bool:
+    """Whether ``grammar`` is Lark (else GBNF, converted), as llguidance tells them apart."""
+    return _LARK.search(grammar) is not None
+
+
+def _from_grammar(grammar: str) -> str:
+    """``grammar_from("grammar", grammar)`` with the Lark test made linear (``_LARK``)."""
+    if _is_lark(grammar):
+        return LLMatcher.grammar_from_lark(grammar)
+    try:
+        lark = gbnf_to_lark(grammar)
+    except Exception as e:  # noqa: BLE001 - as grammar_from says it
+        raise ValueError(f"Failed to convert the grammar from GBNF to Lark: {e}") from None
+    return LLMatcher.grammar_from_lark(lark)
 
 
 # A schema's numeric bounds (JSON Schema's keywords). llguidance holds them in 64-bit integers:
