@@ -337,3 +337,47 @@ def test_a_grammar_is_converted_once_not_on_the_event_loop_for_each_request(
     while engine.has_unfinished():
         engine.step()
     assert converted == [params.grammar]
+
+
+def test_requests_asking_at_once_for_a_grammar_compile_it_once(tiny_llama: TinyOutput) -> None:
+    """The gateway compiles a request's structured output on a pool of 4 threads (4da9a68): a burst
+    of requests with the same schema (a batch job's) compiled it on all 4 at once, each as long as
+    one (300 patternProperties: 4 compiles, 5 s on 2 cores, where one took 2.3 s), and the pool
+    held no other request meanwhile. The others wait for the one compile, and so its refusal too."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dlora.services.worker.engine.structured import GrammarError
+
+    engine = make_engine(tiny_llama)
+    grammars = engine.grammars
+    entered, release = threading.Event(), threading.Event()
+    compiled: list[str] = []
+    compile_ = grammars._compile
+
+    def slow(grammar: str):  # type: ignore[no-untyped-def]
+        compiled.append(grammar)
+        entered.set()
+        release.wait(30)
+        return compile_(grammar)
+
+    grammars._compile = slow  # type: ignore[method-assign]
+    for schema in (SCHEMA, {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}):  # taken; refused
+        compiled.clear()
+        entered.clear()
+        release.clear()
+        params = SamplingParams(max_tokens=12, json_schema=json.dumps(schema))
+
+        def ask(_: int, params: SamplingParams = params) -> str:
+            try:
+                return "taken" if grammars.matcher(params, []) is not None else "none"
+            except GrammarError as e:
+                return str(e)
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = pool.map(ask, range(4))
+            assert entered.wait(30)
+            threading.Event().wait(0.3)  # the other three reach the grammar meanwhile
+            release.set()
+            answers = list(answers)
+        assert len(compiled) == 1 and len(set(answers)) == 1, (len(compiled), answers)

@@ -16,6 +16,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from decimal import Decimal
 from functools import cached_property
 from typing import Any, TypeVar
@@ -241,6 +242,9 @@ class Grammars:
         self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
         self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
+        # Compiles under way, for callers asking for the same grammar meanwhile to wait on: the
+        # gateway's pool compiled a burst's one schema on all 4 of its threads, each as long as one.
+        self._compiling: dict[str, Future[LLMatcher]] = {}
 
     def prepare(self, params: SamplingParams) -> None:
         """Compile the grammar ``params`` asks for now (in a thread: seconds for a large schema),
@@ -259,11 +263,26 @@ class Grammars:
             if (kept := self._compiled.get(grammar)) is not None:
                 self._compiled.move_to_end(grammar)
                 return kept
-        m = _deep(len(grammar), self._compile, grammar)
+            if (pending := self._compiling.get(grammar)) is not None:
+                mine = False
+            else:
+                mine, pending = True, Future()
+                self._compiling[grammar] = pending
+        if not mine:
+            return pending.result()
+        try:
+            m = _deep(len(grammar), self._compile, grammar)
+        except BaseException as e:  # (raised to the waiters too: a thread that could not start)
+            with self._lock:
+                del self._compiling[grammar]
+            pending.set_exception(e)
+            raise
         with self._lock:
+            del self._compiling[grammar]
             self._compiled[grammar] = m
             while len(self._compiled) > _KEPT_GRAMMARS:
                 self._compiled.popitem(last=False)
+        pending.set_result(m)
         return m
 
     def _compile(self, grammar: str) -> LLMatcher:
