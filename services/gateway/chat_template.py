@@ -396,9 +396,12 @@ def chat_prompt_ids(
             out = render(**template.kwargs)
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception ("roles must alternate") and the like
             # DeepSeek's templates splice a call's arguments into the prompt with "+": objects
-            # raised TypeError on every follow-up turn; such a template gets the client's text
+            # raised TypeError on every follow-up turn; such a template gets the client's text.
+            # Only after a TypeError: arguments nested 500 deep broke a tojson template's
+            # recursion, and the text went in as a quoted string, a 200 on a garbled prompt.
             spliced = [
-                _with_text_arguments(p, m.tool_calls) if "tool_calls" in p else p for p, m in zip(plain, messages)
+                _with_text_arguments(p, m.tool_calls) if "tool_calls" in p and isinstance(e, TypeError) else p
+                for p, m in zip(plain, messages)
             ]
             renders = [render] if spliced == plain else [render, rendering(spliced)]
             if spliced == plain or (out := _rendered(functools.partial(renders[1], **template.kwargs))) is None:

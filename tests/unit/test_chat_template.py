@@ -525,3 +525,22 @@ def test_short_call_ids_that_differ_only_in_leading_zeros_stay_apart(tiny_llama,
     text = tok.decode(chat_template.chat_prompt_ids(msgs, tok, chat_template.ChatTemplate(call_id_length=9)))
     fitted = text[text.index("[") :].strip("[]").split("][")
     assert len(set(fitted)) == len(sent) and all(len(f) == 9 for f in fitted), fitted
+
+
+def test_a_template_that_takes_objects_and_fails_on_them_is_not_given_text(tiny_llama, tmp_path: Path) -> None:
+    """The text arguments are for a template that splices them with ``+`` (a TypeError on objects).
+    One that writes ``arguments | tojson`` and failed on them otherwise (nested 600 deep: past
+    the recursion its tojson has, though json.loads read them) was given the text instead, and
+    wrote it as a quoted string: a 200 on a prompt the model was never meant to see (a review of
+    0304aea). Its refusal stands, naming the messages."""
+    tok = llama_style_tokenizer(tiny_llama.model, tmp_path / "model")
+    tok.chat_template = (
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}<{{ c.function.arguments | tojson }}>"
+        "{% endfor %}{{ m.content }}{% endfor %}"
+    )
+    deep = '{"a": ' + "[" * 600 + "]" * 600 + "}"
+    call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": deep}}
+    msgs = [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", tool_calls=[call])]
+    with pytest.raises(APIError, match="recursion") as e:
+        tok.decode(chat_template.chat_prompt_ids(msgs, tok))
+    assert e.value.param == "messages"
