@@ -254,10 +254,14 @@ class ResponseWriter:
         return stream
 
     def _prompt_ids_once(self, choice: RunningChoice) -> list[int] | None:
-        """The choice's prompt token ids for its first event, with return_token_ids (vLLM's)."""
+        """The choice's prompt token ids for its first event, with return_token_ids (vLLM's); a
+        chat response's one prompt in its first event alone, whatever ``n`` (at the event's top:
+        each choice's first event repeated it, where vLLM sends it once)."""
         if not self.job.return_token_ids or choice.prompt_ids_sent:
             return None
         choice.prompt_ids_sent = True
+        if self.job.shape.chat and any(c.prompt_ids_sent for c in self.choices if c is not choice):
+            return None
         return choice.prompt_ids
 
     def _with_usage(self, event: dict[str, Any], choice: RunningChoice, before: bool = False) -> dict[str, Any]:

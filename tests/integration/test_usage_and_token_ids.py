@@ -142,6 +142,9 @@ async def test_return_token_ids_gives_each_choices_tokens_and_its_prompts(stack:
     assert status == 200 and answer["prompt_token_ids"] and len(answer["choices"][0]["token_ids"]) <= 3, answer
     events = await stream(stack, "/v1/chat/completions", {**chat, "return_token_ids": True})
     assert events[0]["prompt_token_ids"] == answer["prompt_token_ids"]
+    # one prompt whatever n: in the response's first event alone (each choice's repeated it; vLLM: once)
+    several = await stream(stack, "/v1/chat/completions", {**chat, "n": 3, "return_token_ids": True})
+    assert [e["prompt_token_ids"] for e in several if "prompt_token_ids" in e] == [answer["prompt_token_ids"]]
     assert [t for e in events[:-1] if e["choices"] for t in e["choices"][0]["token_ids"]] == answer["choices"][0][
         "token_ids"
     ]
