@@ -2,23 +2,17 @@
 
 Shaping runs on one thread (the tokenizer sees one caller), and it compiled the structured output
 too: a schema llguidance takes long over (400 patternProperties, 20 KB: 12 s here; 1,000: hours)
-held every other request's shaping, plain ones too, for all of it. Compiled first on these
-threads, it holds only requests waiting on the same threads (as vLLM compiles grammars beside its
-scheduler, not in front of it); shaping then finds it compiled (``Grammars`` keeps it).
+held every other request's shaping, plain ones too, for all of it. Compiled first on threads of
+the served model's ``Grammars`` (``off_loop``; ``shaping.GATEWAY_COMPILES`` of them), it holds
+only requests waiting on the same threads (as vLLM compiles grammars beside its scheduler, not in
+front of it); shaping then finds it compiled (``Grammars`` keeps it).
 """
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
-
 from dlora.services.gateway.openai import Body
 from dlora.services.gateway.sampling import structured, structured_field
 from dlora.services.worker.engine.structured import Grammars
-
-# At most this many compiles at once: a burst of slow schemas takes these cores, not every one.
-COMPILE_THREADS = 4
-_compiling = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammars")
 
 
 def _compile(body: Body, grammars: Grammars) -> None:
@@ -34,4 +28,4 @@ async def compiled_first(body: Body, grammars: Grammars | None) -> None:
         APIError(400): the one shaping would raise for it (naming the field).
     """
     if grammars is not None:
-        await asyncio.get_running_loop().run_in_executor(_compiling, _compile, body, grammars)
+        await grammars.off_loop(_compile, body, grammars)

@@ -39,6 +39,9 @@ from dlora.services.gateway.tool_parsers import CALL_ID_LENGTHS
 from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
+# Structured outputs the gateway compiles at once (``grammar_pool``): a burst of slow schemas takes
+# these threads, not every core, and plain requests wait for none of them.
+GATEWAY_COMPILES = 4
 # A completion request without max_tokens gets this many (the OpenAI default); a chat request
 # without one may fill the context.
 DEFAULT_COMPLETION_TOKENS = 16
@@ -81,9 +84,8 @@ class ServedModel:
     @classmethod
     def of(cls, tokenizer: Tokenizer, cfg: ModelConfig, context: int, defaults: Mapping[str, float]) -> ServedModel:
         """The model of ``cfg`` read through ``tokenizer``, with its structured-output matchers."""
-        return cls(
-            tokenizer, cfg.vocab_size, context, Grammars(tokenizer, cfg.vocab_size, set(cfg.eos_token_ids)), defaults
-        )
+        grammars = Grammars(tokenizer, cfg.vocab_size, set(cfg.eos_token_ids), GATEWAY_COMPILES)
+        return cls(tokenizer, cfg.vocab_size, context, grammars, defaults)
 
 
 def served_context(model_context: int, worker_contexts: list[int]) -> int:

@@ -90,7 +90,7 @@ async def _prepared(w: WorkerService, add: Add) -> None:
                 if kv is None:
                     logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
             if req.params.structured_outputs():
-                await w.tokenized.grammar(w.engine.grammars, req.params)
+                await w.engine.grammars.off_loop(w.engine.grammars.prepare, req.params)
     except TimeoutError:
         logger.info("request's deadline passed while it was prepared", request=req.request_id)
     except Exception as e:  # noqa: BLE001 - the request goes on all the same: recomputed, or refused saying why

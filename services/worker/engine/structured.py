@@ -9,14 +9,17 @@ and tells the engine when the document is complete.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import functools
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from functools import cached_property
 from typing import Any, TypeVar
@@ -233,18 +236,35 @@ def _validated(grammar: str) -> str:
     return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
 
 
+# Compiles at once, as vLLM's StructuredOutputManager sizes its pool: half the cores, at most 8.
+COMPILE_THREADS = max(1, min((os.cpu_count() or 2) // 2, 8))
+
+
 class Grammars:
     """Matchers for one engine's tokenizer. The tokenizer's llguidance form is built on first use
     (about a second for a large vocabulary); grammars are compiled once, ``prepare`` off the
     event loop."""
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> None:
+    def __init__(
+        self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int], compile_threads: int = COMPILE_THREADS
+    ) -> None:
         self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
+        self._threads = compile_threads
+        self._pool: ThreadPoolExecutor | None = None  # ``off_loop``'s, made on first use
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
         self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
         # Compiles under way, for callers asking for the same grammar meanwhile to wait on: the
         # gateway's pool compiled a burst's one schema on all 4 of its threads, each as long as one.
         self._compiling: dict[str, Future[LLMatcher]] = {}
+
+    async def off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` (a compile: ``prepare``, or what calls it) on this model's compile threads,
+        never asyncio's default pool: the engine's steps take those (``asyncio.to_thread``), and a
+        few slow schemas compiling there at once held every step until one ended."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="grammar")
+        in_context = functools.partial(contextvars.copy_context().run, fn, *args)  # (the log's, as to_thread)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, in_context)
 
     def prepare(self, params: SamplingParams) -> None:
         """Compile the grammar ``params`` asks for now (in a thread: seconds for a large schema),
