@@ -123,13 +123,12 @@ async def abort(w: WorkerService, request_id: str, sender: str | None) -> None:
     (not via a dispatcher)."""
     w.aborted.add(request_id, sender, time.monotonic())
     if (preparing := w.preparing.get(request_id)) is not None and w.aborted_lately(preparing[1]):
-        # still waiting on arrival (its cache, its grammar: minutes for some schemas): answered
-        # now, not once that wait ends (the compile goes on for any other request that shares it)
+        # still waiting on arrival (its cache, its grammar: minutes for some schemas): its wait
+        # ends now, and admission answers it as any request its abort came before (the compile
+        # goes on for any other request that shares it)
         task, req = w.preparing.pop(request_id)
         task.cancel()
-        w.pending.discard(request_id)
-        await w.records.end({request_id: req.recoveries})
-        await w.delivery.publish(req.reply_to, aborted_chunk(req, req.next_seq, w.s.worker_id), req.client)
+        await w.commands.put(Add(req))
     stream = w.streams.get(request_id)
     if stream is not None and w.aborted_lately(stream.request):
         await w.drop(request_id)
