@@ -399,12 +399,15 @@ def chat_prompt_ids(
             # raised TypeError on every follow-up turn; such a template gets the client's text.
             # Only after a TypeError: arguments nested 500 deep broke a tojson template's
             # recursion, and the text went in as a quoted string, a 200 on a garbled prompt.
-            spliced = [
-                _with_text_arguments(p, m.tool_calls) if "tool_calls" in p and isinstance(e, TypeError) else p
-                for p, m in zip(plain, messages)
-            ]
-            renders = [render] if spliced == plain else [render, rendering(spliced)]
-            if spliced == plain or (out := _rendered(functools.partial(renders[1], **template.kwargs))) is None:
+            renders = [render]
+            if isinstance(e, TypeError):
+                spliced = [
+                    _with_text_arguments(p, m.tool_calls) if "tool_calls" in p else p for p, m in zip(plain, messages)
+                ]
+                if spliced != plain:
+                    renders.append(rendering(spliced))
+            out = _rendered(functools.partial(renders[-1], **template.kwargs)) if len(renders) > 1 else None
+            if out is None:
                 field = _blamed(renders, template)
                 raise APIError(400, f"{field}: the model's chat template refused them: {e}", param=field) from None
         # a list of ids, or (transformers 5) an encoding holding them
