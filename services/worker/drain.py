@@ -40,19 +40,20 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
     recovered anyway once this worker's heartbeat is gone."""
     held: dict[str, int] = {}
     unrun: list[str] = []  # after a device loss: requests in no step, not its death even if marked taken
-    for req in stop_preparing(w):  # still waiting for a moved cache or a grammar: unrun
+    # Requests that came during the drain go back unrun: those still waiting on arrival (for a
+    # moved cache or a grammar; stopped first, so that none joins the queue after it is read)
+    # and those queued.
+    came = stop_preparing(w)
+    while not w.commands.empty():
+        if isinstance(cmd := w.commands.get_nowait(), Add):
+            came.append(cmd.req)
+        elif not died:  # a dead device runs nothing more: a move's KV export raised there (a review)
+            await w._safely(cmd)
+    for req in came:
         held[req.request_id] = req.recoveries
         w.pending.discard(req.request_id)
         if died:
             unrun.append(req.request_id)
-    while not w.commands.empty():  # requests that came during the drain go back unrun
-        if isinstance(cmd := w.commands.get_nowait(), Add):
-            held[cmd.req.request_id] = cmd.req.recoveries
-            w.pending.discard(cmd.req.request_id)
-            if died:
-                unrun.append(cmd.req.request_id)
-        elif not died:  # a dead device runs nothing more: a move's KV export raised there (a review)
-            await w._safely(cmd)
     if died and (culprit := w.admitting) is not None:  # the device failed while it took this one up
         held.setdefault(culprit.request_id, culprit.recoveries)
     for rid, stream in list(w.streams.items()):
