@@ -120,6 +120,26 @@ def test_real_model_sizes(phase: str, heads: int, kv_heads: int, head_dim: int, 
         check(lens, lens, heads, kv_heads, head_dim, dtype=dtype)
 
 
+def _shuffled_tables(
+    q_lens: list[int], ctx_lens: list[int], block_size: int, rng: random.Random, first: int = 0
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """Each sequence's blocks (numbered from ``first``, shuffled), and the slots of its new
+    tokens: (blocks needed per sequence, block tables, slots)."""
+    needed = [-(-c // block_size) for c in ctx_lens]
+    pool = list(range(first, first + sum(needed)))
+    rng.shuffle(pool)
+    tables = []
+    for nb in needed:
+        tables.append(pool[:nb])
+        pool = pool[nb:]
+    slots = [
+        t[p // block_size] * block_size + p % block_size
+        for n, c, t in zip(q_lens, ctx_lens, tables)
+        for p in range(c - n, c)
+    ]
+    return needed, tables, slots
+
+
 def _dense_reference(q, k, v, q_lens, ctx_lens, tables, block_size, scale) -> torch.Tensor:
     """Each sequence alone, its keys gathered token by token, causal softmax written out."""
     out, t = [], 0
@@ -154,19 +174,7 @@ def test_the_torch_path_equals_attention_written_out(
     by chunk against the definition, sequence by sequence."""
     monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
     block_size, heads, kv_heads, head_dim = 16, 4, 2, 16
-    rng = random.Random(len(q_lens))
-    needed = [-(-c // block_size) for c in ctx_lens]
-    pool = list(range(sum(needed)))
-    rng.shuffle(pool)
-    tables = []
-    for nb in needed:
-        tables.append(pool[:nb])
-        pool = pool[nb:]
-    slots = [
-        t[p // block_size] * block_size + p % block_size
-        for n, c, t in zip(q_lens, ctx_lens, tables)
-        for p in range(c - n, c)
-    ]
+    needed, tables, slots = _shuffled_tables(q_lens, ctx_lens, block_size, random.Random(len(q_lens)))
     g = torch.Generator().manual_seed(0)
     q = torch.randn(sum(q_lens), heads, head_dim, generator=g)
     k = torch.randn(sum(needed) * block_size, kv_heads, head_dim, generator=g)
@@ -198,18 +206,8 @@ def test_the_torch_path_never_reads_slots_past_a_context(
     lies past them."""
     monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
     block_size, heads, kv_heads, head_dim = 16, 4, 2, 16
-    needed = [-(-c // block_size) for c in ctx_lens]
-    pool = list(range(1, sum(needed) + 1))  # block 0 is nobody's: only padding reads it
-    random.Random(3).shuffle(pool)
-    tables = []
-    for nb in needed:
-        tables.append(pool[:nb])
-        pool = pool[nb:]
-    slots = [
-        t[p // block_size] * block_size + p % block_size
-        for n, c, t in zip(q_lens, ctx_lens, tables)
-        for p in range(c - n, c)
-    ]
+    # block 0 is nobody's: only padding reads it
+    needed, tables, slots = _shuffled_tables(q_lens, ctx_lens, block_size, random.Random(3), first=1)
     owned = torch.zeros((sum(needed) + 1) * block_size, dtype=torch.bool)
     for c, t in zip(ctx_lens, tables):
         owned[[t[p // block_size] * block_size + p % block_size for p in range(c)]] = True
