@@ -6,29 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from dlora.model.adapters import AdapterError
-from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.worker.engine.lora import load_adapter
 
 CONFIG = "adapter_config.json"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    (tmp_path / "root").mkdir()
-    return tmp_path / "root"
-
-
-@pytest.fixture
-def adapter(tiny_llama: TinyOutput, root: Path) -> Path:
-    return Path(shutil.copytree(tiny_llama.adapters["lora-0"], root / "a"))
 
 
 def _set_raw(path: Path, key: str, raw: str) -> None:

@@ -22,24 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from dlora.model.adapters import AdapterError, AdapterLimits, content_digest, inspect_adapter
 from dlora.model.config import ModelConfig
-from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.worker.engine.lora import load_adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    (tmp_path / "root").mkdir()
-    return tmp_path / "root"
-
-
-@pytest.fixture
-def adapter(tiny_llama: TinyOutput, root: Path) -> Path:
-    """A copy of lora-0 (rank 8, alpha 16) inside ``root``."""
-    return Path(shutil.copytree(tiny_llama.adapters["lora-0"], root / "a"))
 
 
 def _register(path: Path, root: Path, cfg: ModelConfig, limits: AdapterLimits | None = None) -> str:
