@@ -9,8 +9,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import msgspec
 import nats
@@ -71,9 +71,10 @@ async def _worker(
             await c.drain()
 
 
-def _held_compiles(w0: WorkerService) -> tuple[threading.Event, threading.Event]:
-    """``w0``'s grammar compiles held until ``release`` is set (30 s at most): the events
-    ``compiling`` (one began) and ``release``."""
+@contextmanager
+def _held_compiles(w0: WorkerService) -> Iterator[threading.Event]:
+    """``w0``'s grammar compiles held (30 s at most) until the block ends; the event set once one
+    began."""
     grammars, compiling, release = w0.engine.grammars, threading.Event(), threading.Event()
     prepare = grammars.prepare
 
@@ -83,7 +84,10 @@ def _held_compiles(w0: WorkerService) -> tuple[threading.Event, threading.Event]
         prepare(params)
 
     grammars.prepare = held  # type: ignore[method-assign]
-    return compiling, release
+    try:
+        yield compiling
+    finally:
+        release.set()
 
 
 async def _until(ended: set[str], rid: str) -> None:
@@ -124,14 +128,11 @@ async def test_a_grammar_compiling_holds_no_other_request(
     schema: ~0.4 s of every stream on the worker). A compile held until released: a request sent
     after it is served meanwhile; the structured one once its grammar is ready."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        _, release = _held_compiles(w0)
-        await _send(client, _request("g", owner, regex="[ab]{3}"))
-        await _send(client, _request("r", owner))
-        try:
+        with _held_compiles(w0):
+            await _send(client, _request("g", owner, regex="[ab]{3}"))
+            await _send(client, _request("r", owner))
             await _until(ended, "r")
             assert "g" in w0.preparing and "g" not in ended
-        finally:
-            release.set()
         await _until(ended, "g")
 
 
@@ -143,16 +144,13 @@ async def test_a_grammar_is_compiled_only_once_its_record_is_marked_taken(
     beside the steps, the compile began at arrival, and on an idle worker nothing marked it: the
     death went uncounted and the request went round every worker in turn."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        compiling, release = _held_compiles(w0)
-        req = msgspec.structs.replace(_request("poison", owner, regex="[cd]{4}"), recorded=True)
-        assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
-        try:
+        with _held_compiles(w0) as compiling:
+            req = msgspec.structs.replace(_request("poison", owner, regex="[cd]{4}"), recorded=True)
+            assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
             await _send(client, req)
             assert await asyncio.to_thread(compiling.wait, 10)
             record = await StateStore(redis).get_inflight("poison")
             assert record is not None and record.taken  # its death, were the compile to kill the process
-        finally:
-            release.set()
         await _until(ended, "poison")
 
 
@@ -163,15 +161,12 @@ async def test_grammars_compiling_at_once_hold_no_step(
     schemas compiling at once (as many as that pool has threads: 6 on 2 cores) held every step on
     the worker until one ended. Compiles held until released: a plain request is served meanwhile."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        _, release = _held_compiles(w0)
         structured = [f"g{i}" for i in range(min(32, (os.cpu_count() or 1) + 4) + 1)]  # (the default pool's size)
-        for i, rid in enumerate(structured):
-            await _send(client, _request(rid, owner, regex=f"[ab]{{{i + 1}}}"))
-        await _send(client, _request("r", owner))
-        try:
+        with _held_compiles(w0):
+            for i, rid in enumerate(structured):
+                await _send(client, _request(rid, owner, regex=f"[ab]{{{i + 1}}}"))
+            await _send(client, _request("r", owner))
             await _until(ended, "r")
-        finally:
-            release.set()
         for rid in structured:
             await _until(ended, rid)
 
@@ -183,10 +178,9 @@ async def test_an_abort_stops_a_request_being_prepared_at_once(
     compile: minutes for some schemas) was answered only once that wait ended, its record kept
     meanwhile. It stops the wait: answered at once, its record ended."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        _, release = _held_compiles(w0)
-        req = msgspec.structs.replace(_request("g", owner, regex="[ef]{3}"), recorded=True)
-        assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
-        try:
+        with _held_compiles(w0):
+            req = msgspec.structs.replace(_request("g", owner, regex="[ef]{3}"), recorded=True)
+            assert await StateStore(redis).put_inflight(req, "w0", new=True, incarnation=w0.incarnation)
             await _send(client, req)
             async with asyncio.timeout(10):
                 while "g" not in w0.preparing:
@@ -195,8 +189,6 @@ async def test_an_abort_stops_a_request_being_prepared_at_once(
             await _until(ended, "g")
             assert "g" not in w0.preparing and "g" not in w0.pending
             assert await StateStore(redis).get_inflight("g") is None
-        finally:
-            release.set()
         await asyncio.sleep(0.3)  # (its compile ends: nothing more of it runs)
         assert "g" not in w0.streams
 
@@ -229,16 +221,13 @@ async def test_a_request_being_prepared_is_stopped_at_its_deadline(
     arrival for its grammar's compile (minutes for some schemas) it was answered only once the
     compile ended, long past it."""
     async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
-        _, release = _held_compiles(w0)
-        req = msgspec.structs.replace(_request("late", owner, regex="[gh]{3}"), deadline=time.time() + 0.5)
-        try:
+        with _held_compiles(w0):
+            req = msgspec.structs.replace(_request("late", owner, regex="[gh]{3}"), deadline=time.time() + 0.5)
             await _send(client, req)
             async with asyncio.timeout(5):
                 while "late" not in ended:
                     await asyncio.sleep(0.01)
             assert "late" not in w0.preparing and "late" not in w0.streams
-        finally:
-            release.set()
 
 
 async def test_a_stale_copy_arriving_does_not_unmark_a_later_attempt(
