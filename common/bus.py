@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 @contextlib.asynccontextmanager
 async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIterator[tuple[NATS, StateStore]]:
-    """NATS and the state store for ``s``; on exit NATS is drained (pending messages go out) and
+    """NATS and the state store for ``s``; on exit NATS is drained (for at most ``DRAIN_S``) and
     Redis closed. ``stop`` set while NATS does not answer yet: ``StoppedConnecting`` (a service
     told to stop then stops, not retries for ever). NATS closing the connection for good (nats-py
     reconnects after an outage, never after the server answered a command with an error: a
@@ -76,11 +76,32 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
         raise
     finally:
         running.clear()
-        with contextlib.suppress(Exception):  # a server already gone must not mask the real error
-            await nc.drain()
+        await _close_nats(nc)
         await redis.aclose()
     if lost.is_set():
         raise ConnectionLost.of(s, nc)
+
+
+# How long a stopping service drains NATS (the handlers of messages it holds finish; what it
+# published goes out) before it closes the connection without. nats-py's own bounds, 30 s for the
+# handlers and then 10 s for a flush that waits on a PONG, kept a dispatcher of a ``dlora up``
+# killed outright 40 s and more: its handler waited out Redis, which had stopped with it, and its
+# server was gone (a CI run). Room under the units' TimeoutStopSec and ``dlora up``'s 10 s wait.
+DRAIN_S = 5.0
+
+
+async def _close_nats(nc: NATS) -> None:
+    """``nc`` drained for at most ``DRAIN_S``, then closed (nothing raised: a server already gone
+    must not mask the error the service stops with)."""
+    draining = asyncio.ensure_future(nc.drain())
+    await asyncio.wait([draining], timeout=DRAIN_S)
+    while not draining.done():  # nats-py's drain takes a cancel for its cue to flush: cancel until it ends
+        draining.cancel()
+        await asyncio.wait([draining], timeout=0.1)
+    if not draining.cancelled():
+        draining.exception()  # retrieved: a server already gone (ConnectionReconnectingError) is no news
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 # What nats-py reports while its server is away and it tries again.

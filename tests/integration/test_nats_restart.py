@@ -331,3 +331,36 @@ async def test_a_nats_outage_is_logged_once_and_its_end_once_not_at_each_attempt
         assert "nats error" not in events, events
     finally:
         server.stop()
+
+
+async def test_a_service_whose_handler_never_ends_stops_within_its_drain_bound(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI run: ``dlora up`` killed outright stops NATS, Redis and every service at once; the
+    dispatcher's handler waited out Redis, and nats-py's drain waited for it 30 s, then 10 s for a
+    PONG from a server already gone: the dispatcher outlived the test's 30 s. The drain has a bound
+    of its own now, then the connection is closed (its handlers with it)."""
+    monkeypatch.setattr(bus, "DRAIN_S", 0.5)
+    server = start_nats()
+    held = asyncio.Event()
+
+    async def waits_for_ever(msg: nats.aio.msg.Msg) -> None:
+        held.set()
+        await asyncio.Event().wait()
+
+    async def serve() -> None:
+        async with connections(Common(nats_url=server.url, redis_url=redis_server.url)) as (nc, _):
+            await nc.subscribe("held", cb=waits_for_ever)
+            await nc.publish("held", b"")
+            await held.wait()
+        assert nc.is_closed
+
+    service = asyncio.create_task(serve())
+    try:
+        # not asyncio.timeout: nats-py's drain takes a cancel for its cue to flush, and ends normally
+        await asyncio.wait([service], timeout=10)  # nats-py's own bounds: 30 s, then 10 s
+        assert service.done()
+        service.result()
+    finally:
+        service.cancel()
+        server.stop()
