@@ -4,7 +4,8 @@ cache a move shipped ahead of it (``KVInbox``), its structured output's grammar 
 
 Awaited in the command loop, a moved request whose cache came late (chunks NATS dropped, a slow
 link) held every stream on the worker for the inbox's wait (5 s), and a new 400 KB schema's
-compile every stream for ~0.4 s. A request that must wait for either waits in a task of its own
+compile every stream for ~0.4 s; tokenized in the bus handler, a 1 MB text prompt (~1 s) held the
+requests arriving after it. A request that must wait for any of these waits in a task of its own
 (``WorkerService.preparing``): neither the steps nor the requests arriving after it wait with it.
 A function of the running ``WorkerService``, as ``admit``'s are."""
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -27,13 +27,13 @@ if TYPE_CHECKING:
 
 logger = log.get("worker")
 
-LONG_PROMPT = 65_536  # characters: a text prompt this long is marked taken before it is tokenized (~10 ms+)
+LONG_PROMPT = 65_536  # characters: a text prompt this long (~10 ms+ to tokenize) is tokenized beside the bus
 
 
 async def arrive(w: WorkerService, req: GenerateRequest) -> None:
-    """Take ``req`` in from the bus: tokenized here (on threads: in the command loop a 1 MB
-    prompt, ~1 s, held every stream), then handed to the loop (``Add``), at once or once what it
-    waits for is here. An input the tokenizer refuses is left to the engine to refuse."""
+    """Take ``req`` in from the bus: tokenized on threads (in the command loop a 1 MB prompt, ~1 s,
+    held every stream), then handed to the loop (``Add``), at once or once what it waits for is
+    here. An input the tokenizer refuses is left to the engine to refuse."""
     w.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
     if (earlier := w.preparing.get(req.request_id)) is not None:  # a copy of it waits on arrival
         if req.recoveries <= earlier[1].recoveries:  # as admission would: not run twice, nor an older attempt
@@ -43,13 +43,30 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
             return
         earlier[0].cancel()  # a later attempt replaces it, as admission would (left, a stop did not see it)
     w.pending.add(req.request_id)
-    if taking := req.recorded and not w.device_failed:  # after a device loss none is taken up (a trial)
+    if req.recorded and not w.device_failed:  # after a device loss none is taken up (a trial)
         # marked before the loop works on it (``_take``); a stale copy does not unmark a later attempt's
         w.records.taken[req.request_id] = max(req.recoveries, w.records.taken.get(req.request_id, -1))
     text = req.prompt is not None and req.prompt_token_ids is None
+    # A long prompt is tokenized beside the bus (~1 s for 1 MB: the requests arriving after it
+    # waited for it, the handler taking them in order), once its record is marked taken (``_prepared``):
+    # one that kills the process as it is tokenized is its death.
+    long = text and len(req.prompt) >= LONG_PROMPT
+    req, bad_words_ids = (req, None) if long else await _tokenized(w, req, text)
+    if w.aborted_lately(req):  # its abort came first: answered now (admit), with nothing awaited for it
+        if req.kv_chunks:
+            w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its cache
+    elif long or req.kv_chunks or req.params.structured_outputs():
+        w.preparing[req.request_id] = (asyncio.create_task(_prepared(w, req, text, tokenize=long)), req)
+        return
+    await w.commands.put(Add(req, bad_words_ids, text_prompt=text))
+
+
+async def _tokenized(
+    w: WorkerService, req: GenerateRequest, text: bool
+) -> tuple[GenerateRequest, list[list[int]] | None]:
+    """``req`` with its text prompt's token ids, and its ``bad_words``' (None: the engine's to
+    tokenize, and to refuse an input the tokenizer refuses)."""
     if text:
-        if taking and len(req.prompt) >= LONG_PROMPT:  # one that kills the process as it is tokenized:
-            await w.records.mark_taken()  # its death (a mark waits on Redis: long prompts only, a review)
         with contextlib.suppress(Exception):
             tokens = await w.tokenized.prompt(req.prompt)
             req = msgspec.structs.replace(req, prompt=None, prompt_token_ids=tokens)
@@ -57,32 +74,26 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
     if req.params.bad_words:
         with contextlib.suppress(Exception):
             bad_words_ids = await w.tokenized.bad_words(req.params.bad_words)
-    if w.aborted_lately(req):  # its abort came first: answered now (admit), with nothing awaited for it
-        if req.kv_chunks:
-            w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its cache
-    elif req.kv_chunks or req.params.structured_outputs():
-        w.preparing[req.request_id] = (
-            asyncio.create_task(_prepared(w, Add(req, bad_words_ids, text_prompt=text))),
-            req,
-        )
-        return
-    await w.commands.put(Add(req, bad_words_ids, text_prompt=text))
+    return req, bad_words_ids
 
 
-async def _prepared(w: WorkerService, add: Add) -> None:
-    """``add``'s request to the loop once its shipped cache is here (or not in time: then it is recomputed)
-    and its grammar compiled (one that fails is refused at admission, saying why)."""
-    req, kv, waited = add.req, None, 0.0
+async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize: bool) -> None:
+    """``req`` to the loop once tokenized (``tokenize``: a long text prompt), its shipped cache here
+    (or not in time: then it is recomputed) and its grammar compiled (one that fails is refused at
+    admission, saying why)."""
+    kv, waited, bad_words_ids = None, 0.0, None
     # Its deadline bounds the wait, as ``_expire`` bounds one the loop holds: past it, the request
     # is refused at admission, saying so (a compile can take minutes, vLLM #54003).
     until = None if req.deadline is None else max(0.0, req.deadline - time.time())
     try:
         async with asyncio.timeout(until):
-            # Marked taken first, as the loop marks what it received before it works on any: a compile
-            # or a cache's read that kills the process is this request's death (on an idle worker no
-            # command came to mark it, and a poison schema went round every worker uncounted).
+            # Marked taken first, as the loop marks what it received before it works on any: a compile,
+            # a tokenization or a cache's read that kills the process is this request's death (on an
+            # idle worker no command came to mark it, and a poison schema went round every worker uncounted).
             if not w.device_failed:  # (after a device loss none is taken up: see ``arrive``)
                 await w.records.mark_taken()
+            if tokenize:
+                req, bad_words_ids = await _tokenized(w, req, text)
             if req.kv_chunks:
                 start = time.monotonic()
                 kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)
@@ -98,7 +109,7 @@ async def _prepared(w: WorkerService, add: Add) -> None:
     finally:
         if w.preparing.get(req.request_id, (None,))[0] is asyncio.current_task():
             del w.preparing[req.request_id]
-    await w.commands.put(dataclasses.replace(add, kv=kv, kv_wait_s=waited))
+    await w.commands.put(Add(req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text))
 
 
 def stop_preparing(w: WorkerService) -> list[GenerateRequest]:

@@ -1,6 +1,6 @@
 """A request that must wait on arrival (a moved one for its shipped cache, a structured one for
-its grammar's compile) waits beside the worker's steps: the requests running there, and those
-arriving after it, go on meanwhile (arrival.py)."""
+its grammar's compile, a long text prompt for its tokenizing) waits beside the worker's steps: the
+requests running there, and those arriving after it, go on meanwhile (arrival.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dlora.common.messages import AbortRequest, GenerateRequest, SamplingParams,
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
+from dlora.services.worker.arrival import LONG_PROMPT
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.moves import handoff
@@ -242,3 +243,36 @@ async def test_a_stale_copy_arriving_does_not_unmark_a_later_attempt(
         await service._on_request(msgspec.structs.replace(later, recoveries=2))
         await service._on_request(msgspec.structs.replace(later, recoveries=1))
         assert service.records.taken == {"r": 2}
+
+
+async def test_a_long_text_prompt_tokenizing_holds_no_other_request(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A long text prompt (an application's, over NATS) was tokenized in the bus handler, which
+    takes requests in order: a 1 MB one held every request arriving after it for ~1 s. Its
+    tokenizing held until released: a request sent after it is served meanwhile."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        tokenizer, tokenizing, release = w0.tokenized.tokenizer, threading.Event(), threading.Event()
+
+        class Held:
+            def __getattr__(self, name: str) -> object:
+                return getattr(tokenizer, name)
+
+            def encode(self, text: str, **kwargs: object) -> list[int]:
+                if len(text) >= LONG_PROMPT:
+                    tokenizing.set()
+                    release.wait(30)
+                    return [5, 6, 7]
+                return tokenizer.encode(text, **kwargs)
+
+        w0.tokenized.tokenizer = Held()
+        try:
+            long = msgspec.structs.replace(_request("long", owner), prompt="x" * LONG_PROMPT, prompt_token_ids=None)
+            await _send(client, long)
+            assert await asyncio.to_thread(tokenizing.wait, 10)
+            await _send(client, _request("r", owner))
+            await _until(ended, "r")
+            assert "long" in w0.preparing and "long" not in ended
+        finally:
+            release.set()
+        await _until(ended, "long")

@@ -242,13 +242,16 @@ async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
         await service._take(service.commands.get_nowait())
         assert (rec := await store.get_inflight("t")) is not None and rec.taken
         assert "t" in service.streams and service.engine.stats.steps == 0  # admitted, not yet run
-        # A long text prompt is tokenized here, on arrival: marked before that (one that kills the
+        # A long text prompt is tokenized beside the bus, marked before that (one that kills the
         # process as it is tokenized is its death); a short one waits for the loop's mark (a mark
         # waits on Redis, and would hold up the requests behind it).
         for rid, words in (("long", 14_000), ("short", 2)):
             text = GenerateRequest(request_id=rid, reply_to="test.t", prompt="kalo " * words, recorded=True)
             assert await store.put_inflight(text, "w-a", new=True)
             await service._on_request(text)
+            if rid == "long":
+                prepared = service.preparing["long"][0]
+        await prepared
         assert (rec := await store.get_inflight("long")) is not None and rec.taken and "long" not in service.streams
         assert (rec := await store.get_inflight("short")) is not None and not rec.taken
     finally:
