@@ -4,7 +4,7 @@ A request needs Redis (the adapter registry), NATS, a dispatcher to take it and 
 it. Dispatchers answer an empty request on ``subjects.DISPATCHER_PING`` (each of them: the first
 answer counts, so one dispatcher that hangs does not fail readiness while another answers), so
 NATS answers "no responders" at once when none is running; workers are live while their
-heartbeat is in Redis.
+heartbeat is in Redis, and take requests unless it says they are draining (stopping).
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ async def readiness(
 ) -> tuple[bool, dict[str, Any]]:
     """Whether a request can be served now, and the body of ``/healthz``: the live workers' counts,
     whether NATS is connected and a dispatcher answers, and when not ready the reasons (every one
-    that holds, joined by "; "). Never raises for an unreachable dependency: that is the answer
-    (Redis's within ``bound``). ``digests``: the model digests of the workers heard from (their
-    stats), ``ours`` the gateway's: none of its requests can run where every one differs."""
+    that holds, joined by "; "), not ready while every live worker is draining. Never raises for
+    an unreachable dependency: that is the answer (Redis's within ``bound``). ``digests``: the
+    model digests of the workers heard from (their stats), ``ours`` the gateway's: none of its
+    requests can run where every one differs."""
     reasons: list[str] = []
     try:
         async with bound():
@@ -74,13 +75,19 @@ async def readiness(
     dispatcher = await dispatcher_problem(nc) if connected else "the message bus (NATS) is disconnected"
     if dispatcher is not None:
         reasons.append(dispatcher)
+    draining = sum(w.draining for w in workers)
     if not workers and store_up:
         reasons.append("no worker is live")
+    elif draining == len(workers) and store_up:
+        # The dispatchers send a draining worker nothing new: every request is a 503 meanwhile
+        # (a helper's finding: /healthz said ok for the whole drain of the only worker).
+        reasons.append("every live worker is draining (stopping): none takes new requests")
     elif digests and not any(same_model(d, ours) for d in digests):
         reasons.append(f"every live worker serves another base model than this gateway (digest {ours})")
     body: dict[str, Any] = {
         "status": "unavailable" if reasons else "ok",
         "workers": len(workers),
+        "draining": draining,  # of them, stopping: they finish what they hold, take nothing new
         "running": sum(w.running for w in workers),
         "waiting": sum(w.waiting for w in workers),
         "nats": connected,

@@ -275,3 +275,40 @@ async def test_a_hung_state_store_is_a_503_within_seconds_on_every_route_that_re
         await store.r.aclose()
         await nc.drain()
         redis.stop()
+
+
+async def test_readiness_fails_while_every_live_worker_is_draining(stack: Stack) -> None:
+    """Every worker stopping (a rolling restart of the only worker, a scale-in): the dispatcher
+    sends them nothing new and each request is a 503 "no worker is available", so a load balancer
+    must stop sending here; /healthz said 200 "ok" for the whole drain (drain_timeout_s: 10 s by
+    default), counting the stopping workers live. Ready again once one takes requests."""
+
+    async def health(http: aiohttp.ClientSession) -> tuple[int, dict]:
+        async with http.get(stack.url + "/healthz") as r:
+            return r.status, await r.json()
+
+    async def until(http: aiohttp.ClientSession, status: int) -> dict:
+        for _ in range(100):  # the workers' next heartbeat says so (stats_interval_s 0.1 here)
+            got, body = await health(http)
+            if got == status:
+                return body
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"/healthz stayed {got}: {body}")
+
+    async with aiohttp.ClientSession() as http:
+        for w in stack.workers:
+            w.draining = True  # as drain.start marks a worker told to stop
+        for _ in range(100):  # the dispatcher heard both say so
+            if not stack.dispatcher.state.live(time.monotonic()):
+                break
+            await asyncio.sleep(0.05)
+        async with http.post(
+            stack.url + "/v1/completions", json={"model": "lora-0", "prompt": "kalo", "max_tokens": 2}
+        ) as r:
+            assert r.status == 503, await r.text()  # what a request gets meanwhile
+        body = await until(http, 503)
+        assert body["status"] == "unavailable" and "draining" in body["reason"], body
+        assert body["workers"] == 2 and body["draining"] == 2, body
+        stack.workers[0].draining = False
+        body = await until(http, 200)
+        assert body["status"] == "ok" and body["draining"] == 1, body
