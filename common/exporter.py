@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 
 from aiohttp import web
@@ -82,15 +82,24 @@ async def metrics_response_beside(registry: CollectorRegistry, accept: str = "")
 
 
 @contextlib.asynccontextmanager
-async def metrics_endpoint(s: Common, registry: CollectorRegistry) -> AsyncIterator[None]:
+async def metrics_endpoint(
+    s: Common, registry: CollectorRegistry, prepare: Callable[[], object] | None = None
+) -> AsyncIterator[None]:
     """Serve ``registry`` on ``s.metrics_host:s.metrics_port`` while the block runs; nothing when
-    the port is 0. Raises OSError when the port is taken (the service then does not start)."""
+    the port is 0. ``prepare``: called on the event loop at each scrape to take what the registry's
+    collectors read of the loop's state, the page then rendered beside the loop (a worker's: its
+    per-adapter series stalled its streams at each scrape); without it, rendered on the loop.
+    Raises OSError when the port is taken (the service then does not start)."""
     if not s.metrics_port:
         yield
         return
 
     async def metrics(request: web.Request) -> web.Response:
-        return metrics_response(registry, request.headers.get("Accept", ""))
+        accept = request.headers.get("Accept", "")
+        if prepare is None:
+            return metrics_response(registry, accept)
+        prepare()
+        return await metrics_response_beside(registry, accept)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

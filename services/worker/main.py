@@ -484,5 +484,5 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
         raise StartupError(f"the engine cannot start on {s.model}: {e}") from e
     async with connections(s, stop) as (nc, store):
         service = WorkerService(s, nc, store, engine)
-        async with metrics_endpoint(s, service.metrics.registry):
+        async with metrics_endpoint(s, service.metrics.registry, service.metrics.take):
             await service.run(stop)

@@ -360,11 +360,12 @@ def worker_view(svc: WorkerService) -> WorkerView:
 class _Live(Collector):
     def __init__(self, view: Callable[[], WorkerView]) -> None:
         self.view = view
+        self.taken: WorkerView | None = None  # the view ``WorkerMetrics.take`` took on the loop
 
     def collect(self) -> Iterator[Metric]:
         # A fault here must not take the scrape down with it (the process families still go out).
         try:
-            return iter(list(families(self.view())))
+            return iter(list(families(self.taken or self.view())))
         except Exception:
             logger.exception("worker metrics failed")
             return iter(())
@@ -394,7 +395,19 @@ class WorkerMetrics:
             for method in ("kv", "recompute"):
                 self._moves.labels(worker, trigger.value, method)
         self._kv_bytes.labels(worker)
-        self.registry.register(_Live(view))
+        self._live = _Live(view)
+        self.registry.register(self._live)
+
+    def take(self) -> None:
+        """The view, read now (on the worker's loop: it reads the loop's state), for the scrape
+        that renders the page next, on another thread (``exporter.metrics_endpoint``'s ``prepare``):
+        the view is frozen, and its families (one series per registered adapter) cost ~14 µs an
+        adapter to render, which on the loop stalled every stream at each scrape (a helper's measure)."""
+        try:
+            self._live.taken = self._live.view()
+        except Exception:
+            logger.exception("worker metrics failed")
+            self._live.taken = None
 
     def moved(self, kv_bytes: int | None, trigger: str = "none") -> None:
         """A request moved away by a plan that ``trigger`` set off (``PlanTrigger``'s value): with its

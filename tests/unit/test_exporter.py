@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from dlora.common.exporter import metrics_endpoint as exporter_endpoint
 from dlora.common.exporter import metrics_response, render
 from dlora.services.dispatcher.metrics import DispatcherMetrics
 from dlora.services.gateway.metrics import Metrics as GatewayMetrics
@@ -197,3 +198,42 @@ async def test_the_gateways_page_is_rendered_beside_the_event_loop(monkeypatch: 
     response = await exporter.metrics_response_beside(registry, "text/plain")
     assert rendered_on and rendered_on[0] is not threading.main_thread()
     assert isinstance(response.body, bytes) and b"# TYPE dlora_requests_total counter" in response.body
+
+
+async def test_a_workers_page_is_read_on_its_loop_and_rendered_beside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper's measure: a worker's page, one ``dlora_adapter_resident`` series per registered
+    adapter, took 54 ms to render at 4,000 adapters and 0.3-0.4 s at 20,000, on the event loop
+    that delivers its chunks and starts its steps: every scrape stalled every stream that long.
+    The view (the loop's own state) is still read on the loop; the page is made from it beside."""
+    import threading
+
+    import aiohttp
+
+    from dlora.common.settings import Common
+    from dlora.services.servers import free_port
+    from dlora.services.worker import metrics as worker_metrics
+
+    viewed_on: list[threading.Thread] = []
+    made_on: list[threading.Thread] = []
+    families_here = worker_metrics.families
+
+    def view() -> worker_metrics.WorkerView:
+        viewed_on.append(threading.current_thread())
+        return _view()
+
+    def families_and_say(v: worker_metrics.WorkerView):  # type: ignore[no-untyped-def]
+        made_on.append(threading.current_thread())
+        return families_here(v)
+
+    monkeypatch.setattr(worker_metrics, "families", families_and_say)
+    m = WorkerMetrics("w0", view)
+    s = Common(metrics_port=free_port(), metrics_host="127.0.0.1")
+    async with (
+        exporter_endpoint(s, m.registry, m.take),
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{s.metrics_port}/metrics") as r,
+    ):
+        text = await r.text()
+    assert r.status == 200 and 'dlora_num_requests_running{worker="w0"} 2.0' in text
+    assert viewed_on == [threading.main_thread()]  # (pytest-asyncio's loop runs on the main thread)
+    assert made_on and all(t is not threading.main_thread() for t in made_on)
