@@ -132,7 +132,7 @@ class Gateway:
             # costs one Redis lookup.
             who = await self.auth.inference(request)
             with self.auth.admitted(who):
-                raw = await self.read_body(request)
+                raw, arrived = await self.read_body(request), time.monotonic()  # (vLLM's arrival: before tokenizing)
                 try:
                     body, refused = openai.decode_body(raw, ChatBody if chat else CompletionBody), None
                 except APIError as e:  # still counted under the model it names, read past the rest
@@ -149,7 +149,7 @@ class Gateway:
                     body = msgspec.structs.replace(body, request_id=traced)
                 access.note(request, traced=body.request_id)  # (where only the body names it)
                 job = await self._job(request, body, entry, who)
-                return await self._relay(request, job, public)
+                return await self._relay(request, job, public, arrived)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)
             return error_response(e)
@@ -218,7 +218,7 @@ class Gateway:
         except NatsTimeoutError:
             raise APIError(503, f"no dispatcher took the request within {self.s.dispatch_timeout_s} s") from None
 
-    async def _relay(self, request: web.Request, job: Job, public: bool = True) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, job: Job, public: bool, arrived: float) -> web.StreamResponse:
         """Publishes the job's requests and writes their chunks back until every choice is over,
         one fails (the others are aborted), or the client goes away (all are aborted).
 
@@ -232,7 +232,7 @@ class Gateway:
         replies: asyncio.Queue[bytes] = asyncio.Queue()
         for rid in by_id:
             self.replies[rid] = replies
-        timer = RequestTimer(self.metrics, job.adapter or self.base_name, public)
+        timer = RequestTimer(self.metrics, job.adapter or self.base_name, public, arrived)
         redis_id = self._redis_id  # the Redis data its records go to, as last seen
         response = ResponseWriter(request, job, choices, self.token_text, self.s.send_timeout_s)
         try:

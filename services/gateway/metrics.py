@@ -161,11 +161,13 @@ class RequestTimer:
     """One request's latency metrics, under its adapter's label (``Metrics.label``; the status
     page's traffic under its ``name``): time to first token and the worker's queue
     time at its first chunk; the 200, end-to-end latency and time per output token when it is
-    done. Started when the request is published."""
+    done. Timed from ``start`` (monotonic seconds; None: now): the request's arrival, its body
+    read, as vLLM's arrival time is taken before tokenizing (timed from its publishing, a request
+    that waited seconds to be tokenized or for its grammar read as fast: a helper's finding)."""
 
-    def __init__(self, metrics: Metrics, name: str, public: bool = True) -> None:
+    def __init__(self, metrics: Metrics, name: str, public: bool = True, start: float | None = None) -> None:
         self.metrics, self.name, self.public = metrics, name, public
-        self.start = time.monotonic()
+        self.start = time.monotonic() if start is None else start
         self.first_at: float | None = None  # monotonic seconds of the first chunk
 
     @property
