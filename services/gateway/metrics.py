@@ -52,7 +52,7 @@ class Metrics:
     def __init__(self, model_name: str = "", max_adapter_labels: int = 256) -> None:
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
-        # Public adapters named in the series, first served first, until removed: ~94 series each,
+        # Public adapters named in the series, first served first, until removed: ~89 series each,
         # and 4,000 adapters made 301,000 (22 MB a scrape; a helper's trial). The rest: ``OTHER``.
         self.max_adapter_labels = max_adapter_labels
         self._labelled: set[str] = set()

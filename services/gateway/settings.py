@@ -88,7 +88,7 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # slots and its output here for as long as it kept the socket open.
     send_timeout_s: float = 60.0
     # Public adapters named in /metrics' series by adapter, at most (the first served, until
-    # removed; ~94 series each); the rest count under adapter="(other)". vLLM names none.
+    # removed; ~89 series each); the rest count under adapter="(other)". vLLM names none.
     max_adapter_labels: int = 256
     # One log line per HTTP request once it has ended (method, path, status, seconds, request id,
     # model, key id; health checks and scrapes at debug level): vLLM's uvicorn access log.

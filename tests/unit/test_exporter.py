@@ -237,3 +237,15 @@ async def test_a_workers_page_is_read_on_its_loop_and_rendered_beside_it(monkeyp
     assert r.status == 200 and 'dlora_num_requests_running{worker="w0"} 2.0' in text
     assert viewed_on == [threading.main_thread()]  # (pytest-asyncio's loop runs on the main thread)
     assert made_on and all(t is not threading.main_thread() for t in made_on)
+
+
+@pytest.mark.parametrize("accept", ["", PROMETHEUS_ACCEPT])
+@pytest.mark.parametrize("section", ["Gateway", "Worker", "Dispatcher", "Migrator"])
+def test_no_created_series_as_vllm_serves_none(section: str, accept: str) -> None:
+    """prometheus_client wrote a ``_created`` sample beside every counter and histogram series:
+    in Prometheus's text format each is a series of its own (``dlora_requests_created{adapter,
+    status}``, ``vllm:e2e_request_latency_seconds_created``), 5 of the ~94 each adapter name costs
+    the gateway, which vLLM does not serve (it turns them off: ``disable_created_metrics``). A
+    helper's finding, replaying label-cardinality reports."""
+    body, _ = render(registries()[section], accept)
+    assert b"_created" not in body
