@@ -34,7 +34,7 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
     """Take ``req`` in from the bus: tokenized on threads (in the command loop a 1 MB prompt, ~1 s,
     held every stream), then handed to the loop (``Add``), at once or once what it waits for is
     here. An input the tokenizer refuses is left to the engine to refuse."""
-    w.clients.noted(time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
+    w.clients.noted(arrived := time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
     if (earlier := w.preparing.get(req.request_id)) is not None:  # a copy of it waits on arrival
         if req.recoveries <= earlier[1].recoveries:  # as admission would: not run twice, nor an older attempt
             logger.warning("request delivered twice; the copy is ignored", request=req.request_id)
@@ -56,6 +56,9 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
         if req.kv_chunks:
             w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its cache
     elif long or req.kv_chunks or req.params.structured_outputs():
+        # (its wait timed in the metrics; the entries of those gone from ``preparing`` go with a new one)
+        w.preparing_since = {rid: t for rid, t in w.preparing_since.items() if rid in w.preparing}
+        w.preparing_since[req.request_id] = arrived
         w.preparing[req.request_id] = (asyncio.create_task(_prepared(w, req, text, tokenize=long)), req)
         return
     await w.commands.put(Add(req, bad_words_ids, text_prompt=text))

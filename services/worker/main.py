@@ -111,6 +111,7 @@ class WorkerService:
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         # those of them waiting, beside the steps, for a moved cache or a grammar (arrival.py)
         self.preparing: dict[str, tuple[asyncio.Task[None], GenerateRequest]] = {}
+        self.preparing_since: dict[str, float] = {}  # their arrival (monotonic; stale keys: not in ``preparing``)
         self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
         self.clients = Clients(settings.heartbeat_ttl_s, link_of(nc))  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)
@@ -412,8 +413,11 @@ class WorkerService:
             self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, self.adapters.retired()
         )
         reads = self.adapters.reads_stats()
+        # Those waiting on arrival (a grammar, a moved cache) wait too, as vLLM counts a request
+        # waiting for its grammar: they were in no figure (a helper's finding)
+        waiting = stats.waiting + len(self.preparing)
         return msgspec.structs.replace(
-            stats, incarnation=self.incarnation, started=self.started, draining=self.draining, **reads
+            stats, incarnation=self.incarnation, started=self.started, draining=self.draining, waiting=waiting, **reads
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -350,7 +350,11 @@ def worker_view(svc: WorkerService) -> WorkerView:
         registered=svc.registered,
         credits=dict(credits.balances) if credits is not None else None,
         wait_bound_s=bound(engine.stats.max_step_seconds) if bound is not None else None,
-        longest_wait_s=max((now - s.arrived for s in svc.streams.values() if not s.first_sent), default=0.0),
+        longest_wait_s=max(
+            [now - s.arrived for s in svc.streams.values() if not s.first_sent]
+            + [now - t for rid, t in list(svc.preparing_since.items()) if rid in svc.preparing],  # (arrival.py)
+            default=0.0,
+        ),
         now=time.time(),
         cycles={b: (n, svc.cycles.seconds[b], svc.cycles.sequences[b]) for b, n in list(svc.cycles.counts.items())},
         settings=svc.settings,

@@ -276,3 +276,36 @@ async def test_a_long_text_prompt_tokenizing_holds_no_other_request(
         finally:
             release.set()
         await _until(ended, "long")
+
+
+async def test_a_request_waiting_on_arrival_counts_as_waiting_in_the_metrics(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A request compiling its grammar (a large schema: seconds; vLLM #54003: minutes) or waiting
+    for its moved cache was in no figure the worker exported: num_requests_waiting 0, its mode
+    "idle" and the longest wait 0 while it waited, where vLLM counts a request waiting for its
+    grammar among the waiting (its scheduler's waiting queue). A helper's finding, replaying
+    "num_requests_waiting wrong" reports. Counted waiting now, and timed."""
+    from dlora.services.worker.metrics import families, worker_view
+
+    def sample(name: str, **labels: str) -> float:
+        found = [
+            s.value
+            for f in families(worker_view(w0))
+            for s in f.samples
+            if s.name == name and labels.items() <= s.labels.items()
+        ]
+        return found[0]
+
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        with _held_compiles(w0) as compiling:
+            await _send(client, _request("g", owner, regex="[ab]{3}"))
+            assert await asyncio.to_thread(compiling.wait, 10)
+            await asyncio.sleep(0.5)  # a stats snapshot or two (stats_interval_s / 2)
+            assert "g" in w0.preparing
+            assert sample("vllm:num_requests_waiting") == 1 and sample("dlora_num_requests_running") == 0
+            assert sample("dlora_worker_mode", mode="idle") == 0
+            assert sample("dlora_longest_wait_seconds") >= 0.4
+        await _until(ended, "g")
+        await asyncio.sleep(0.5)
+        assert sample("vllm:num_requests_waiting") == 0 and sample("dlora_longest_wait_seconds") == 0
