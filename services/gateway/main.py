@@ -148,8 +148,9 @@ class Gateway:
                 if traced := access.traced(request):  # the client's X-Request-Id: vLLM reads it first
                     body = msgspec.structs.replace(body, request_id=traced)
                 access.note(request, traced=body.request_id)  # (where only the body names it)
-                job = await self._job(request, body, entry, who)
-                return await self._relay(request, job, public, arrived)
+                with RequestTimer(self.metrics, adapter_label, public, arrived) as timer:  # (its abort counted)
+                    job = await self._job(request, body, entry, who)
+                    return await self._relay(request, job, timer)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)
             return error_response(e)
@@ -218,7 +219,7 @@ class Gateway:
         except NatsTimeoutError:
             raise APIError(503, f"no dispatcher took the request within {self.s.dispatch_timeout_s} s") from None
 
-    async def _relay(self, request: web.Request, job: Job, public: bool, arrived: float) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, job: Job, timer: RequestTimer) -> web.StreamResponse:
         """Publishes the job's requests and writes their chunks back until every choice is over,
         one fails (the others are aborted), or the client goes away (all are aborted).
 
@@ -232,7 +233,6 @@ class Gateway:
         replies: asyncio.Queue[bytes] = asyncio.Queue()
         for rid in by_id:
             self.replies[rid] = replies
-        timer = RequestTimer(self.metrics, job.adapter or self.base_name, public, arrived)
         redis_id = self._redis_id  # the Redis data its records go to, as last seen
         response = ResponseWriter(request, job, choices, self.token_text, self.s.send_timeout_s)
         try:

@@ -169,6 +169,17 @@ class RequestTimer:
         self.metrics, self.name, self.public = metrics, name, public
         self.start = time.monotonic() if start is None else start
         self.first_at: float | None = None  # monotonic seconds of the first chunk
+        self.over = False  # counted in ``requests`` (its 200, its failure or its abort)
+
+    def __enter__(self) -> RequestTimer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """A handler cancelled in the block (its client gone) counts an abort, once: one gone while
+        its prompt was tokenized or its grammar compiled, before the relay, was counted nowhere
+        though the access log said 499 (a helper's finding)."""
+        if kind is not None and issubclass(kind, asyncio.CancelledError):
+            self.aborted()
 
     @property
     def label(self) -> str:
@@ -191,6 +202,7 @@ class RequestTimer:
         """Every choice is over; ``n_tokens``: the longest choice's, which bound the time per token;
         ``total_tokens``: every choice's."""
         end, m = time.monotonic(), self.metrics
+        self.over = True
         m.requests.labels(self.label, "200").inc()
         m.observe(m.e2e, "e2e_request_latency_seconds", self.label, end - self.start)
         m.traffic.done(self.name, end - self.start, total_tokens)
@@ -200,11 +212,16 @@ class RequestTimer:
 
     def failed(self, status: int) -> None:
         """It failed after its stream opened (an error event ended it)."""
+        self.over = True
         self.metrics.failed(self.name, status, self.public)
 
     def aborted(self) -> None:
-        """The client went away before the end."""
-        self.metrics.requests.labels(self.label, "aborted").inc()
+        """The client went away before the end: counted unless it was already (its handler's
+        cancellation passes the relay's count on to the handler's; a client gone as its failure
+        was written is that failure, not an abort too)."""
+        if not self.over:
+            self.over = True
+            self.metrics.requests.labels(self.label, "aborted").inc()
 
 
 async def keep_tidy(

@@ -438,6 +438,39 @@ async def test_latencies_are_timed_from_the_requests_arrival_its_tokenizing_incl
     assert ttft >= 0.6
 
 
+async def test_a_client_gone_while_its_request_is_shaped_is_counted_aborted(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that went away while the gateway tokenized its prompt or compiled its grammar
+    (its handler cancelled there, before the relay) was counted nowhere in dlora_requests_total,
+    though the access log said 499: a dashboard's abort rate missed every client that gave up on
+    a slow long-prompt or schema request. Counted "aborted" now, once. A helper's finding,
+    replaying "metrics wrong after abort" reports."""
+    from dlora.services.gateway import main as gateway_main
+
+    shape = gateway_main.shape_request
+
+    def slow_shape(*args, **kwargs):  # type: ignore[no-untyped-def]  # a long prompt's tokenizing
+        time.sleep(1.0)
+        return shape(*args, **kwargs)
+
+    monkeypatch.setattr(gateway_main, "shape_request", slow_shape)
+    counter = stack.gateway.metrics.requests
+
+    def aborted() -> float:
+        return sum(s.value for f in counter.collect() for s in f.samples if s.labels.get("status") == "aborted")
+
+    before = aborted()
+    async with aiohttp.ClientSession() as http:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await http.post(stack.url + "/v1/completions", json={"model": "lora-1", "prompt": "kalo"})
+    await asyncio.sleep(1.5)  # its shaping over, and whatever came after
+    assert aborted() == before + 1
+    samples = {(s.labels["adapter"], s.labels["status"]) for f in counter.collect() for s in f.samples}
+    assert ("lora-1", "aborted") in samples
+
+
 async def test_client_disconnect_aborts_the_request(stack: Stack) -> None:
     body = {
         "model": "lora-2",
