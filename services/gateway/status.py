@@ -10,7 +10,6 @@ turns them into the document (``ClusterStatus``, described in the gateway's Open
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -158,11 +157,17 @@ class Traffic:
 
 
 def _quantile(values: deque[float], q: float) -> float | None:
+    """``values``' ``q`` quantile as ``statistics.quantiles(values, n=100, method="inclusive")``
+    gives it (linear between the two nearest): that one alone, where ``quantiles`` makes all 99
+    (every poll of every open status page took 0.77 s of the gateway's loop at 4,000 adapters
+    that had served requests: a helper's measure)."""
     if not values:
         return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+    ordered, i = sorted(values), round(q * 100)
+    j, delta = divmod(i * (len(ordered) - 1), 100)
+    if delta == 0:
+        return ordered[j]
+    return (ordered[j] * (100 - delta) + ordered[j + 1] * delta) / 100
 
 
 def _worker(st: WorkerStats, age: float) -> WorkerStatus:
