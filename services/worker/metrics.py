@@ -196,8 +196,12 @@ def families(v: WorkerView) -> Iterator[Metric]:
         {(w, merged): 1} if merged is not None else {},
     )
     if v.credits is not None:
-        # Square adapters leave the ledger: 0 for the base model and every adapter held here.
-        credits = dict.fromkeys([v.model_name, *v.ranks], 0.0) | _by_name(v.credits, v.model_name)
+        # Square adapters leave the ledger: 0 for the base model and every adapter held here. A
+        # deleted adapter's debt stays in it (repaid in proportion, rarely to zero): its series
+        # goes once it is gone here, as its load series do (one each kept per name ever deleted).
+        known = {v.model_name, *v.ranks, *v.registered}
+        owed = {a: c for a, c in _by_name(v.credits, v.model_name).items() if a in known}
+        credits = dict.fromkeys([v.model_name, *v.ranks], 0.0) | owed
         yield _gauge(
             "dlora_adapter_credit_seconds",
             "Seconds of service the adapter is owed (+) or owes (-)",

@@ -208,3 +208,16 @@ def test_a_removed_adapters_folded_load_counts_go_with_it() -> None:
     assert stats.loads_by_adapter == {"a": 1}
     stats.forget_name("a")  # removed from the registry
     assert not stats.loads_by_adapter and not stats.load_seconds_by_adapter
+
+
+def test_a_deleted_adapters_credit_series_goes_once_it_is_gone_here() -> None:
+    """The policy's ledger keeps an adapter's debt (a version's key) after the adapter is deleted,
+    until a settlement clears it (proportional repayment rarely takes a debt to zero): each such
+    name kept a ``dlora_adapter_credit_seconds`` series on every worker where it ever paid, one
+    more per adapter with adapter churn. Exported, as the load series are, for the adapters
+    registered or still held here (a helper's finding, replaying cardinality reports)."""
+    stats = msgspec.structs.replace(_view().stats, adapters=[], requests=[])
+    credits = {"a@v1": -1.0, "gone@v3": -0.25, "": 1.25}
+    scrape = _scrape(_view(stats=stats, ranks={"a": 8}, registered={"a": 8, "b": 16}, credits=credits))
+    adapters = {dict(labels)["adapter"] for labels in scrape["dlora_adapter_credit_seconds"]}
+    assert adapters == {"llama", "a"}, adapters
