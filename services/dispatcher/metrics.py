@@ -42,4 +42,6 @@ class DispatcherMetrics:
             "Requests re-dispatched after their worker was lost, stalled, restarted or stopped",
             registry=r,
         )
-        Gauge("dlora_workers_live", "Workers with a live heartbeat", registry=r).set_function(live_workers)
+        Gauge("dlora_workers_live", "Workers with a live heartbeat, not draining", registry=r).set_function(
+            live_workers
+        )
