@@ -25,12 +25,12 @@ from pathlib import Path
 import msgspec
 import nats
 
-from dlora.common.bus import nats_servers, redis_client
 from dlora.common.permissions import APP_USER, ROLES
+from dlora.common.redis_client import redis_client
 from dlora.common.registry import AdapterRegistry
 from dlora.common.settings import SettingsError, load, unknown_env
 from dlora.common.state import StateStore
-from dlora.common.urls import http_url, redacted
+from dlora.common.urls import http_url, nats_servers, redacted
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig, served_name
 from dlora.services.config_file import SERVICES, check_config

@@ -21,9 +21,9 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError
 
 from dlora.common import bus, subjects
-from dlora.common.bus import redis_client
 from dlora.common.messages import MovePlan
 from dlora.common.permissions import APP_USER, ROLES, shipped_config
+from dlora.common.redis_client import redis_client
 from dlora.services.servers import REDIS_USER, Server, free_port, start_nats, start_redis
 
 PASSWORDS = {name: f"pw-{name}" for name in (*ROLES, APP_USER)}

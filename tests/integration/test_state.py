@@ -228,7 +228,7 @@ async def test_traffic_and_lease(redis: Redis) -> None:
 async def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_server) -> None:  # type: ignore[no-untyped-def]
     """redis-py's default pool fails past its size ("Too many connections"): a burst of requests
     was answered 500. With the bounded, blocking pool the burst queues for its connections."""
-    from dlora.common.bus import redis_client
+    from dlora.common.redis_client import redis_client
 
     client = redis_client(redis_server.url, max_connections=2, pool_timeout_s=10)
     try:

@@ -14,7 +14,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common import apikeys, subjects
-from dlora.common.bus import redis_client
+from dlora.common.redis_client import redis_client
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
