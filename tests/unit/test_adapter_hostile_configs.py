@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -100,13 +101,27 @@ def test_a_regex_that_backtracks_for_ever_does_not_hold_the_registration(
         assert e.status == 400
 
 
+def _dotted_names(count: int) -> list[str]:
+    """Names of a module's length with dots at other places each: one index layout per name for the
+    matcher of plain names (which indexes names by where their dots are)."""
+    r, names = random.Random(0), set()
+    while len(names) < count:
+        chars = list("model.layers.0.self_attn.q_proj")
+        for i in r.sample(range(len(chars)), 6):
+            chars[i] = "."
+        names.add("".join(chars))
+    return sorted(names)
+
+
+@pytest.mark.parametrize("plain", [False, True])
 def test_patterns_that_take_longer_than_their_bound_are_refused(
-    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch, plain: bool
 ) -> None:
     """An engine that bounds its backtracking still meets patterns that are slow by their number (a
     1 MB config holds 50,000 rank_pattern keys: 24 s of one core here, more on a deeper base):
-    every match an adapter's config asks for shares one time bound."""
-    _set_raw(adapter, "rank_pattern", json.dumps({f"k{i}": 8 for i in range(20_000)}))
+    every match an adapter's config asks for shares one time bound, plain names' matcher too."""
+    keys = _dotted_names(20_000) if plain else [f"(k{i})" for i in range(20_000)]
+    _set_raw(adapter, "rank_pattern", json.dumps(dict.fromkeys(keys, 8)))
     monkeypatch.setattr("dlora.model.peft_targets.PATTERN_BUDGET_S", 0.05)
     _refused_everywhere(adapter, root, engine_cfg, "its module patterns take over 0.05 s to match")
 

@@ -4,6 +4,7 @@ hostile configs but not the ones PEFT writes, nor any because other threads ran 
 from __future__ import annotations
 
 import random
+import re
 import time
 import types
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from dlora.model.adapter_files import AdapterError
 from dlora.model.adapters import _check_config
-from dlora.model.peft_targets import Targets
+from dlora.model.peft_targets import Targets, key_regex, regex_problem
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -119,7 +120,73 @@ def test_a_config_of_many_keys_keeps_few_compiled(monkeypatch: pytest.MonkeyPatc
     """Each pattern is compiled once, but a 1 MB config's 50,000 keys, each kept compiled (~5 KB),
     held over 100 MB of one registration until the bound refused it (regex's own cache holds 500)."""
     monkeypatch.setattr("dlora.model.peft_targets.MAX_COMPILED", 100)
-    keys = {f"k{i}": 8 for i in range(1_000)}
+    keys = {f"(k{i})": 8 for i in range(1_000)}  # (a plain name runs no regex engine)
     chosen = Targets("a", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "rank_pattern": keys})
     assert chosen.pattern_value(keys, "model.layers.0.self_attn.q_proj", 4) == 4
     assert len(chosen._compiled) == 100
+
+
+def _no_regex_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the regex engine ran on {args[:1]!r}")
+
+    monkeypatch.setattr("dlora.model.peft_targets.regex.compile", refuse)
+
+
+def test_an_eva_config_runs_no_regex_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EVA's keys are module names: matched by the regex engine (which releases the GIL per match),
+    four 80-layer EVA configs registered at once came near the 2 s CPU bound each (1.2 s, one alone
+    0.7 s). Names whose only metacharacter is '.' are matched without it, first match in order as
+    PEFT's get_pattern_key; a string target_modules of that kind too."""
+    _no_regex_engine(monkeypatch)
+    modules = _modules(80)
+    ranks = {m: 4 + i % 13 for i, m in enumerate(modules)}
+    alphas = {m: float(i + 1) for i, m in enumerate(modules)}
+    conf = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS), "rank_pattern": ranks, "alpha_pattern": alphas}
+    chosen = Targets("eva", conf)
+    for m in modules:
+        assert chosen.targeted(m)
+        assert chosen.pattern_value(ranks, m, 8) == ranks[m]
+        assert chosen.pattern_value(alphas, m, 16) == alphas[m]
+    single = Targets("one", {"r": 8, "lora_alpha": 16, "target_modules": "model.layers.1.self_attn.q_proj"})
+    assert [m for m in modules if single.targeted(m)] == ["model.layers.1.self_attn.q_proj"]
+    exclude = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS), "exclude_modules": "lm_head"}
+    assert Targets("ex", exclude).targeted(modules[0])
+
+
+# Keys re reads as literals but for their dots (any character): EVA's names, and near misses where
+# a dot stands for another character or the key ends inside a segment.
+PLAIN = ["q_proj", "self_attn.q_proj", "q.proj", "layers.1.mlp.down_proj", "layers.1.mlp.down.proj", "", ".", ".."]
+PLAIN += ["model.layers.0.self_attn.q_proj", "model.layers.10.self_attn.k_proj", "1.self_attn.v_proj", "_proj"]
+PLAIN += ["lm_head", "lm.head", "embed_tokens", "model.embed_tokens", "self_attn", "layers.2.self.attn.o.proj"]
+PLAIN += ["a-b", "mlp.up_proj", "yers.3.mlp.up_proj", "model.layers.3"]
+
+
+KEY_REGEXES = [k for k in REGEXES if regex_problem(k, key_regex(k)) is None]
+
+
+def test_plain_keys_select_as_peft_s_first_match_mixed_with_regexes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain keys' matcher agrees with PEFT's get_pattern_key (re) on every module, plain keys
+    alone (no regex engine) and mixed in order with regexes (a regex before the first plain match
+    still wins)."""
+    from peft.utils.other import get_pattern_key
+
+    modules = [*_modules(12), "model.embed_tokens", "lm_head", "model", "x.", "", "model.layers.3"]
+    r = random.Random(1)
+    for round_ in range(600):
+        pool = PLAIN if round_ < 300 else PLAIN + KEY_REGEXES
+        keys = r.sample(pool, r.randint(1, 8))
+        patterns = {k: i for i, k in enumerate(keys)}
+        with monkeypatch.context() as m:
+            if round_ < 300:
+                _no_regex_engine(m)
+            chosen = Targets("a", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]})
+            for module in modules:
+                theirs = patterns.get(get_pattern_key(patterns, module))
+                assert chosen.pattern_value(patterns, module, None) == theirs, (keys, module)
+    for key in PLAIN:
+        chosen = Targets("a", {"r": 8, "lora_alpha": 16, "target_modules": key, "exclude_modules": key[::-1]})
+        for module in modules:
+            excluded = key[::-1] and re.fullmatch(key[::-1], module)  # an empty exclude_modules excludes nothing
+            want = bool(re.fullmatch(key, module)) and not excluded
+            assert chosen.targeted(module) == want, (key, module)
