@@ -14,9 +14,11 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import msgspec
 import numpy as np
@@ -31,6 +33,8 @@ MAX_CONFIG_BYTES = 1 << 20
 # them (bfloat16: its bits). Integer, boolean, fp8 and float64 weights are not LoRA adapters the
 # engine serves.
 FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+# safetensors' own bound on a header's length (MAX_HEADER_SIZE): a longer one it refuses
+MAX_HEADER_BYTES = 100_000_000
 
 
 class AdapterError(ValueError):
@@ -87,9 +91,17 @@ _KINDS = {
 }
 
 
-def read_file(name: str, file: Path, max_bytes: int, roots: Sequence[Path] | None = None) -> bytes:
+# Reads the first bytes of an open file of a given size, judging them (AdapterError) before the rest is read
+HeadReader = Callable[[BinaryIO, int], None]
+
+
+def read_file(
+    name: str, file: Path, max_bytes: int, roots: Sequence[Path] | None = None, head: HeadReader | None = None
+) -> bytes:
     """The bytes of ``file``, refused (AdapterError) unless it resolves (symlinks followed) to a
-    regular file of at most ``max_bytes`` inside one of ``roots`` (resolved paths; None: anywhere).
+    regular file of at most ``max_bytes`` inside one of ``roots`` (resolved paths; None: anywhere)
+    and ``head`` (if given) takes its first bytes (read again with the rest: a copy of a header, not
+    of the data; the whole file is judged again after).
 
     Why each step: a symlink inside a root may point anywhere, so the root check is on the
     resolved path; a FIFO would block the reader forever and a device (/dev/zero) never ends, so
@@ -119,6 +131,9 @@ def read_file(name: str, file: Path, max_bytes: int, roots: Sequence[Path] | Non
             if roots is not None and (opened := _opened_path(f.fileno())) is not None:
                 if not any(opened.is_relative_to(root) for root in roots):
                     raise AdapterRefused(f"{where} resolves to {opened}, outside the configured adapter roots")
+            if head is not None:
+                head(f, st.st_size)
+                f.seek(0)
             data = f.read(max_bytes + 1)  # a file growing meanwhile is still bounded
     except OSError as e:
         raise AdapterError(f"{where} cannot be read ({e.strerror})") from None
@@ -161,7 +176,72 @@ def read_adapter_files(
     if not os.path.lexists(weights) and (path / "adapter_model.bin").exists():
         raise AdapterError(f"adapter {name!r}: {weights} not found (only safetensors are loaded)")
     conf = read_file(name, path / CONFIG_FILE, MAX_CONFIG_BYTES, resolved)
-    return conf, read_file(name, weights, limits.max_file_bytes, resolved)
+    return conf, read_file(name, weights, limits.max_file_bytes, resolved, partial(_weights_head, name, weights))
+
+
+def _weights_head(name: str, file: Path, f: BinaryIO, size: int) -> None:
+    """The safetensors length and header of an open weights file of ``size`` bytes, judged before
+    its data is read: the gateway read a whole file (up to max_file_bytes, 4 GiB by default) into
+    memory to refuse a header that said on its first bytes that the file was no adapter's."""
+
+    def refuse(why: str) -> AdapterError:
+        return AdapterError(f"adapter {name!r}: cannot read {file} ({why})")
+
+    first = f.read(8)
+    if len(first) < 8:  # safetensors' words for each, as its loader would say them
+        raise refuse("header too small")
+    (length,) = struct.unpack("<Q", first)
+    if length > MAX_HEADER_BYTES:
+        raise refuse("header too large")
+    if 8 + length > size:
+        raise refuse("invalid header length")
+    text = f.read(length)
+    try:
+        header = read_header(text, size - 8 - length)
+    except ValueError as e:
+        raise refuse(str(e)) from None
+    for key, v in header.items():
+        if key != "__metadata__" and v["dtype"] not in FLOAT_DTYPES:  # (as adapters words it)
+            raise AdapterError(
+                f"adapter {name!r}: {file}: tensor {key!r} has dtype {v['dtype']}; "
+                f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
+            )
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_header(text: bytes, data_bytes: int) -> dict[str, Any]:
+    """A safetensors header's JSON, checked for what its tensors need of ``data_bytes`` bytes of
+    data: ValueError where safetensors' loader refuses it too, so a file it loads is never refused
+    here (the loader, on the whole file, still judges the rest: ``safetensors_header``). Each
+    tensor's dtype is a string, not yet judged."""
+    try:
+        header = json.loads(text.decode())
+    except UnicodeDecodeError:
+        raise ValueError("the header is not UTF-8") from None
+    except (ValueError, RecursionError) as e:  # too deep for Python is too deep for serde (128)
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"the header is not JSON ({why})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    bits = {"F32": 32, "F16": 16, "BF16": 16}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= v.keys():
+            raise ValueError(f"tensor {key!r} is not described by a dtype, shape and data_offsets")
+        dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_whole(n) for n in shape):
+            raise ValueError(f"invalid shape, data type, or offset for tensor {key!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(n) for n in offsets):
+            raise ValueError(f"invalid shape, data type, or offset for tensor {key!r}")
+        if offsets[1] > data_bytes:
+            raise ValueError(f"tensor {key!r}: offsets past the end of the data ({offsets[1]} > {data_bytes} bytes)")
+        if dtype in bits and offsets[1] - offsets[0] != math.prod(shape) * bits[dtype] // 8:
+            raise ValueError(f"invalid shape, data type, or offset for tensor {key!r}")
+    return header
 
 
 @dataclass(frozen=True)
