@@ -15,7 +15,13 @@ from typing import Any
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
 from dlora.services.gateway.tool_calls import ConflictingDefs, arguments_schema, calls_schema
-from dlora.services.worker.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, Grammars, check
+from dlora.services.worker.engine.structured import (
+    JSON_OBJECT_SCHEMA,
+    GrammarError,
+    Grammars,
+    GrammarUnavailable,
+    check,
+)
 
 # The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
 RANGES: dict[str, tuple[float, float]] = {
@@ -260,6 +266,7 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
     Raises:
         APIError(400): more than one asked for, an unknown response_format type, a missing or
         unusable schema, regex or grammar (llguidance's reason), naming the field.
+        APIError(503): its compile's thread could not start (``GrammarUnavailable``).
     """
     asked = _asked(body)
     if not asked:
@@ -277,7 +284,8 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
         else:  # tried as a worker will: a schema of nothing but a reference to itself passes the
             grammars.matcher(params, [])  # grammar's check and fails at its first mask
     except GrammarError as e:  # a schema is named by the field that gave it
-        raise APIError(400, str(e).replace("response_format", field, 1), param=field) from None
+        status = 503 if isinstance(e, GrammarUnavailable) else 400
+        raise APIError(status, str(e).replace("response_format", field, 1), param=field) from None
     return fields
 
 

@@ -32,6 +32,7 @@ from dlora.services.worker.engine import RequestError
 from dlora.services.worker.engine.admission import OverContext
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
+from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.one_id import give_up, successor
 from dlora.services.worker.versions import engine_key
 
@@ -112,6 +113,8 @@ async def admit(w: WorkerService, add: Add) -> None:
         reason, param = str(e), e.param
     except RequestError as e:
         reason, param = str(e), e.param
+    except GrammarUnavailable as e:  # its compile's thread did not start here: a 503, as the gateway's
+        code, reason = ErrorCode.UNAVAILABLE, str(e)
     except AdapterError as e:
         await _adapter_failed(w, req, e)
         return

@@ -4,11 +4,20 @@ structured_outputs and guided_* fields, and tool calls: a named or "required" to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
+import uuid
 
+import aiohttp
+import msgspec
+import pytest
+from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
+from dlora.common import subjects
+from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams, TokenChunk
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
@@ -238,3 +247,59 @@ async def test_schemas_slow_to_compile_on_a_worker_leave_its_steps_running(stack
     finally:
         release.set()
     assert all(status == 200 for status, _ in await asyncio.gather(*held))
+
+
+def _no_large_compile_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile thread whose stack is over 64 MiB fails to start, as under ``ulimit -v`` (the
+    unit test replays the limit itself)."""
+    start = threading.Thread.start
+
+    def limited(self: threading.Thread) -> None:
+        if self.name == "grammar-compile" and threading.stack_size() > 64 << 20:
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", limited)
+
+
+BIG_REGEX = "(kalo|remi)" + " ?" * 30_000  # 60 KB: a 75 MiB compile stack
+
+
+async def test_a_compile_that_cannot_get_its_thread_is_a_503_saying_why(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was a 500 ("RuntimeError: can't start new thread") at the gateway, and an internal error
+    from a worker a NATS client sent it to; a retry or a smaller constraint may pass, and every
+    other request is served meanwhile."""
+    _no_large_compile_stacks(monkeypatch)
+    chat = {"model": "lora-2", "messages": [{"role": "user", "content": "kalo?"}], "max_tokens": 6}
+    async with aiohttp.ClientSession() as http:
+        body = {**chat, "structured_outputs": {"regex": BIG_REGEX}}
+        async with http.post(stack.url + "/v1/chat/completions", json=body) as r:
+            status, resp, retry = r.status, await r.json(), r.headers.get("Retry-After")
+    assert status == 503 and retry is not None, resp
+    assert resp["error"]["message"].startswith("regex cannot be compiled now: "), resp
+    assert resp["error"]["param"] == "structured_outputs", resp
+    status, resp = await post(stack, "/v1/chat/completions", {**chat, "structured_outputs": {"regex": "(kalo|remi)"}})
+    assert status == 200 and resp["choices"][0]["message"]["content"] in ("kalo", "remi"), resp
+    assert (await post(stack, "/v1/chat/completions", chat))[0] == 200
+    # sent to the workers directly (an application's request): compiled there, answered the same way
+    rid, owner = uuid.uuid4().hex, uuid.uuid4().hex[:8]
+    got: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on_chunk(msg: Msg) -> None:
+        await got.put(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    sub = await stack.nc.subscribe(subjects.replies_of(owner), cb=on_chunk)
+    req = GenerateRequest(
+        request_id=rid,
+        reply_to=subjects.reply_inbox(rid, owner),
+        prompt_token_ids=[5, 40, 41],
+        params=SamplingParams(max_tokens=6, regex=BIG_REGEX),
+    )
+    await stack.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+    async with asyncio.timeout(60):
+        chunk = await got.get()
+    await sub.unsubscribe()
+    assert chunk.error_code is ErrorCode.UNAVAILABLE, chunk
+    assert chunk.error is not None and chunk.error.startswith("regex cannot be compiled now: "), chunk

@@ -170,3 +170,33 @@ def test_a_grammar_of_blank_lines_is_read_in_linear_time() -> None:
 
     for text in ('root ::= "a"\n', '\n \n\t start : "a"', ' %llguidance {}\nstart: "a"', "x\n start:", "startx:"):
         assert _is_lark(text) == is_lark_syntax(text), text
+
+
+# Under an address-space limit (``ulimit -v``) the thread a large constraint's compile runs on,
+# its stack sized to the text (``_deep``), may not start: "RuntimeError: can't start new thread",
+# a 500 at the gateway. Replayed in a process of its own, its limit a few hundred MB above its use.
+LIMITED = """
+import resource, threading
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.structured import GrammarUnavailable, check
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
+try:
+    check(SamplingParams(regex="a" * 600_000))  # a 602 MB stack
+except GrammarUnavailable as e:
+    print("unavailable:", e)
+print("stack size", threading.stack_size())
+check(SamplingParams(regex="[a-z]+ (kalo|remi)"))
+print("small taken")
+"""
+
+
+def test_a_compile_whose_thread_cannot_start_says_so_and_loses_nothing() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LIMITED], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "unavailable: regex cannot be compiled now: " in out and "MiB stack" in out, out
+    assert "stack size 0" in out and "small taken" in out, out

@@ -42,7 +42,7 @@ from dlora.services.worker.engine.scheduler import Limits, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.engine.structured import GrammarError, Grammars
+from dlora.services.worker.engine.structured import GrammarError, Grammars, GrammarUnavailable
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
     BatchLimits,
@@ -274,6 +274,8 @@ class LLMEngine:
         if params.structured_outputs():
             try:
                 seq.matcher = self.grammars.matcher(params, resumed)
+            except GrammarUnavailable:
+                raise  # (the worker's state, not the request's fault: answered unavailable)
             except GrammarError as e:
                 raise RequestError(str(e), param=params.structured_outputs()[0]) from None
         if kv is not None:

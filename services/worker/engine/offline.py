@@ -27,6 +27,7 @@ from dlora.common.undecodable import holds_lone_surrogate
 from dlora.model.adapters import AdapterError, parse_lora_args
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.engine import LLMEngine, RequestError
+from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.policy import PolicyConfig
 
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
@@ -84,7 +85,7 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
                 f"the prompt's {n} tokens and max_tokens={params.max_tokens} exceed the context of "
                 f"{engine.max_model_len}"
             )
-    except (msgspec.ValidationError, RequestError) as e:
+    except (msgspec.ValidationError, RequestError, GrammarUnavailable) as e:
         return rid, f"line {lineno}: {e}", False
     except RecursionError:  # JSON deep enough for json.loads, not for what reads it after
         return rid, f"line {lineno}: nested too deeply", False

@@ -43,6 +43,12 @@ class GrammarError(ValueError):
     """The constraint cannot be used, or the output left it; the message says why."""
 
 
+class GrammarUnavailable(GrammarError):
+    """The constraint could not be compiled here now: the thread its compile needs (a stack that
+    grows with its text, ``_deep``) did not start (the address space ``ulimit -v`` leaves, or the
+    threads a process may have). Not the request's fault alone: a 503, where a GrammarError is a 400."""
+
+
 _T = TypeVar("_T")
 # llguidance compiles a grammar recursively, some kilobytes of native stack per level of its
 # references: a JSON Schema's chain of 1,000 $refs (a 67 KB body) or a Lark grammar's of 3,000 rules
@@ -69,11 +75,17 @@ def _deep(size: int, fn: Callable[..., _T], *args: Any) -> _T:
         except BaseException as e:  # noqa: BLE001 - raised again in the caller
             done.append((False, e))
 
+    stack = -(-(_STACK_BASE + _STACK_PER_BYTE * size) // _MIB) * _MIB  # (whole pages)
     with _stack_lock:
-        before = threading.stack_size(-(-(_STACK_BASE + _STACK_PER_BYTE * size) // _MIB) * _MIB)  # (whole pages)
+        before = threading.stack_size(stack)
         try:
             thread = threading.Thread(target=run, name="grammar-compile", daemon=True)
             thread.start()
+        except RuntimeError as e:  # "can't start new thread": was a 500 at the gateway
+            raise GrammarUnavailable(
+                f"cannot be compiled now: the {stack // _MIB} MiB stack a compile of {size} characters needs "
+                f"could not be had ({e}); try again later, or send a smaller constraint"
+            ) from None
         finally:
             threading.stack_size(before)
     thread.join()
@@ -140,6 +152,8 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
             return grammar_from("choice", list(choice))  # type: ignore[arg-type]  # a list is taken as is
         if grammar is not None:  # Lark, or GBNF converted to it
             return _deep(len(grammar), _from_grammar, grammar)
+    except GrammarUnavailable as e:
+        raise GrammarUnavailable(f"{label(params)} {e}") from None
     except ValueError as e:
         what = "is not a JSON object" if json_schema is not None else "cannot be read"
         raise GrammarError(f"{label(params)} {what}: {e}") from None
@@ -226,7 +240,10 @@ def check(params: SamplingParams) -> None:
     request of 16 prompts checked its 400 KB schema 16 times)."""
     if (grammar := constraint(params)) is None:
         return
-    error = _validated(grammar)
+    try:
+        error = _validated(grammar)
+    except GrammarUnavailable as e:
+        raise GrammarUnavailable(f"{label(params)} {e}") from None
     if error and not error.startswith("WARNING"):
         raise GrammarError(f"{label(params)} cannot be used: {_reason(error)}")
 
@@ -358,7 +375,10 @@ class Grammars:
         except Exception as e:  # noqa: BLE001 - a tokenizer llguidance cannot read (a decoder it does not know)
             reason = str(e).split("\n", 1)[0]
             raise GrammarError(f"{what} is not available with this model's tokenizer: {reason}") from None
-        fresh = self._fresh(grammar)
+        try:
+            fresh = self._fresh(grammar)
+        except GrammarUnavailable as e:
+            raise GrammarUnavailable(f"{what} {e}") from None
         if fresh.is_error():
             raise GrammarError(f"{what} cannot be used: {matcher_error(fresh)}")
         m = fresh.deep_copy()
