@@ -21,6 +21,8 @@ from dlora.services.worker.policy import Mode, PolicyConfig, StepDecision
 
 PROMPT = [5, 40, 41, 300, 17, 99, 3]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODULES = [f"model.layers.{i}.{'self_attn' if t in ALL[:4] else 'mlp'}.{t}" for i in range(2) for t in ALL]
+ALPHAS = {m: float(i + 1) for i, m in enumerate(MODULES)}
 
 CONFIGS = {
     # the example: one key for two modules; PEFT matches (.*\.)?(k_proj|o_proj)$
@@ -50,6 +52,14 @@ CONFIGS = {
         r=8, lora_alpha=16, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1]
     ),
     "use_rslora": dict(r=16, lora_alpha=8, target_modules=ALL, use_rslora=True),
+    # module names as keys (EVA writes one per module): matched without a regex engine, as re would
+    "EVA's per-module keys": dict(
+        r=8, lora_alpha=8, target_modules=ALL, rank_pattern=dict(zip(MODULES, range(2, 16))), alpha_pattern=ALPHAS
+    ),
+    "a key whose dot stands for another character": dict(
+        r=8, lora_alpha=16, target_modules=ALL, rank_pattern={"layers.1.self_attn.q.proj": 4}
+    ),
+    "target_modules one module's name": dict(r=8, lora_alpha=16, target_modules="model.layers.0.self_attn.q_proj"),
     "fan_in_fan_out on Linear (PEFT drops it)": dict(r=8, lora_alpha=16, target_modules=ALL, fan_in_fan_out=True),
 }
 
