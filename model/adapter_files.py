@@ -134,11 +134,15 @@ def read_file(
             if head is not None:
                 head(f, st.st_size)
                 f.seek(0)
-            data = f.read(max_bytes + 1)  # a file growing meanwhile is still bounded
+            # As many bytes as it holds, and one to tell it grew: Python allocates what a read asks
+            # for before reading, and max_bytes + 1 (4 GiB) failed every read under ulimit -v
+            data = f.read(st.st_size + 1)
     except OSError as e:
         raise AdapterError(f"{where} cannot be read ({e.strerror})") from None
-    if len(data) > max_bytes:
-        raise AdapterRefused(f"{where} is over {max_bytes} bytes, the limit")
+    except MemoryError:
+        raise AdapterRefused(f"{where}: {st.st_size} bytes cannot be held in memory here") from None
+    if len(data) != st.st_size:  # written meanwhile: what was read is no version of it
+        raise AdapterError(f"{where} changed while it was being read ({st.st_size} bytes, then {len(data)})")
     return data
 
 
