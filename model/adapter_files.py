@@ -166,13 +166,22 @@ def files_bytes(path: str | Path) -> int | None:
         return None
 
 
+# Judges the config's bytes and the weights' header (AdapterError) before the weights' data is read
+HeaderJudge = Callable[[bytes, "dict[str, TensorInfo]"], None]
+
+
 def read_adapter_files(
-    name: str, path: str | Path, limits: AdapterLimits | None = None, roots: Sequence[str | Path] | None = None
+    name: str,
+    path: str | Path,
+    limits: AdapterLimits | None = None,
+    roots: Sequence[str | Path] | None = None,
+    judge: HeaderJudge | None = None,
 ) -> tuple[bytes, bytes]:
     """adapter_config.json and adapter_model.safetensors, as bytes (AdapterError if missing or
-    refused by ``read_file``). ``roots``: the directories every file must resolve into; None (the
-    engine, ``dlora generate``) reads them wherever they are: a worker loads only paths the gateway
-    checked, and refuses files whose digest changed since."""
+    refused by ``read_file``, or by ``judge`` given the config and the weights' header). ``roots``:
+    the directories every file must resolve into; None (the engine, ``dlora generate``) reads them
+    wherever they are: a worker loads only paths the gateway checked, and refuses files whose
+    digest changed since."""
     limits = limits or AdapterLimits()
     path = Path(path)
     resolved = None if roots is None else [Path(r).expanduser().resolve() for r in roots]  # ~: as the gateway
@@ -180,10 +189,13 @@ def read_adapter_files(
     if not os.path.lexists(weights) and (path / "adapter_model.bin").exists():
         raise AdapterError(f"adapter {name!r}: {weights} not found (only safetensors are loaded)")
     conf = read_file(name, path / CONFIG_FILE, MAX_CONFIG_BYTES, resolved)
-    return conf, read_file(name, weights, limits.max_file_bytes, resolved, partial(_weights_head, name, weights))
+    head = partial(_weights_head, name, weights, None if judge is None else partial(judge, conf))
+    return conf, read_file(name, weights, limits.max_file_bytes, resolved, head)
 
 
-def _weights_head(name: str, file: Path, f: BinaryIO, size: int) -> None:
+def _weights_head(
+    name: str, file: Path, judge: Callable[[dict[str, TensorInfo]], None] | None, f: BinaryIO, size: int
+) -> None:
     """The safetensors length and header of an open weights file of ``size`` bytes, judged before
     its data is read: the gateway read a whole file (up to max_file_bytes, 4 GiB by default) into
     memory to refuse a header that said on its first bytes that the file was no adapter's."""
@@ -210,6 +222,15 @@ def _weights_head(name: str, file: Path, f: BinaryIO, size: int) -> None:
                 f"adapter {name!r}: {file}: tensor {key!r} has dtype {v['dtype']}; "
                 f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
             )
+    if judge is not None:
+        base = 8 + length
+        judge(
+            {
+                key: TensorInfo(v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+                for key, v in header.items()
+                if key != "__metadata__"
+            }
+        )
 
 
 def _whole(value: Any) -> bool:

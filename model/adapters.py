@@ -41,6 +41,7 @@ from dlora.model.adapter_files import (
     AdapterError,
     AdapterLimits,
     AdapterRefused,
+    TensorInfo,
     read_adapter_files,
     safetensors_header,
     value_problem,
@@ -130,9 +131,19 @@ def inspect_adapter(
     roots: Sequence[str | Path] | None = None,
 ) -> AdapterSpec:
     """Read and validate a PEFT LoRA directory without torch (AdapterError says why it is
-    unusable). ``roots``: where its files must resolve to (``read_adapter_files``)."""
+    unusable). ``roots``: where its files must resolve to (``read_adapter_files``).
+
+    Its config and safetensors header are judged against the base and ``limits`` before the
+    weights' data is read: a 7B adapter registered on a 1B base, or one over max_lora_rank, was
+    read whole (gigabytes) first. (A worker's ``load_adapter`` reads whole: a registered version's
+    rewritten files are told by their digest.)"""
     limits = limits or AdapterLimits()
-    return validate(name, path, *read_adapter_files(name, path, limits, roots), cfg, limits)
+    weights_file = Path(path) / WEIGHTS_FILE
+
+    def judge(conf_bytes: bytes, header: dict[str, TensorInfo]) -> None:
+        _modules(name, weights_file, _config(name, Path(path), conf_bytes), header, cfg, limits)
+
+    return validate(name, path, *read_adapter_files(name, path, limits, roots, judge), cfg, limits)
 
 
 def validate(
@@ -159,6 +170,22 @@ def _validate(
 ) -> AdapterSpec:
     path = Path(path)
     weights_file = path / WEIGHTS_FILE
+    conf = _config(name, path, conf_bytes)
+    try:
+        header = safetensors_header(weight_bytes)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {weights_file} ({e})") from None
+    modules = _modules(name, weights_file, conf, header, cfg, limits)
+    # Every tensor, used or not: a file carrying NaN anywhere is not one to trust.
+    for key, info in header.items():
+        if (problem := value_problem(weight_bytes, info, limits)) is not None:
+            raise AdapterError(f"adapter {name!r}: {weights_file}: tensor {key!r} {problem}")
+    digest = content_digest(conf_bytes, weight_bytes)
+    return AdapterSpec(name, path, modules, digest, len(conf_bytes) + len(weight_bytes))
+
+
+def _config(name: str, path: Path, conf_bytes: bytes) -> dict[str, Any]:
+    """adapter_config.json as PEFT reads it (its defaults filled in), or AdapterError."""
     try:
         conf = json.loads(conf_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -171,10 +198,19 @@ def _validate(
     _check_config(name, conf)
     if conf.get("target_modules") is None:  # PEFT fills in the model type's defaults
         conf = {**conf, "target_modules": _DEFAULT_TARGETS}
-    try:
-        header = safetensors_header(weight_bytes)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"adapter {name!r}: cannot read {weights_file} ({e})") from None
+    return dict(conf)
+
+
+def _modules(
+    name: str,
+    weights_file: Path,
+    conf: dict[str, Any],
+    header: dict[str, TensorInfo],
+    cfg: ModelConfig,
+    limits: AdapterLimits,
+) -> dict[tuple[int, str], ModuleSpec]:
+    """What the header's tensors adapt under ``conf``, checked against the base and ``limits``
+    (their values aside), or AdapterError / AdapterRefused."""
     shapes = {key: info.shape for key, info in header.items()}
 
     pairs: dict[tuple[int, str], dict[str, str]] = {}
@@ -251,12 +287,7 @@ def _validate(
             f"adapter {name!r}: its config selects {bare} but the file holds no weights for it, and with "
             "init_lora_weights false PEFT leaves such a module's LoRA at random values (not a zero delta)"
         )
-    # Every tensor, used or not: a file carrying NaN anywhere is not one to trust.
-    for key, info in header.items():
-        if (problem := value_problem(weight_bytes, info, limits)) is not None:
-            raise AdapterError(f"adapter {name!r}: {weights_file}: tensor {key!r} {problem}")
-    digest = content_digest(conf_bytes, weight_bytes)
-    return AdapterSpec(name, path, modules, digest, len(conf_bytes) + len(weight_bytes))
+    return modules
 
 
 def _module(layer: int, target: str) -> str:

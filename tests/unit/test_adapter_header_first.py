@@ -153,3 +153,66 @@ def test_the_early_check_refuses_only_what_safetensors_refuses() -> None:
             assert ours is None, (head, size, ours)
         early += ours is not None
     assert early > 600
+
+
+def _another_base(adapter: Path) -> bytes:
+    """The adapter's header, its first lora_A as wide as a far larger base's (the data a hole)."""
+    header = _header(adapter)
+    at, wide = 0, next(k for k in sorted(header) if "lora_A" in k)
+    for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
+        shape = header[key]["shape"]
+        if key == wide:
+            shape = [shape[0], DATA // 4 // shape[0]]
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [at, at + 4 * math.prod(shape)]}
+        at += 4 * math.prod(shape)
+    return _prefixed(header)
+
+
+def _write_whole(adapter: Path, head: bytes) -> None:
+    """``head`` and the data its tensors take (a hole): a file safetensors' loader takes."""
+    header = json.loads(head[8:])
+    _write(adapter, head, data=max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"))
+
+
+def _ranks_over(adapter: Path) -> bytes:
+    return _prefixed(_header(adapter))  # the adapter's own header: rank 8, over a limit of 4
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment", "limits"),
+    [
+        (_another_base, "do not fit the base", {}),
+        (_ranks_over, "rank 8 is above max_lora_rank=4", {"max_lora_rank": 4}),
+    ],
+    ids=["another base's widths", "a rank over the limit"],
+)
+def test_an_adapter_the_header_shows_unfit_is_refused_at_registration_before_its_data(
+    adapter: Path, root: Path, engine_cfg, make: Any, fragment: str, limits: dict[str, int]
+) -> None:
+    """A 7B adapter registered on a 1B base, or one over the rank limit, was read whole (gigabytes)
+    before its shapes, in its header, told: the gateway judges the header against the base and the
+    limits first. (A worker reads whole: a version's files rewritten are told by their digest.)"""
+    _write_whole(adapter, make(adapter))
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError, match=fragment) as e:
+            check_adapter("a", str(adapter), [str(root)], "model", engine_cfg, AdapterLimits(**limits))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert e.value.status == 400
+    if make is _another_base:
+        assert peak < DATA // 16, f"{peak} bytes held to refuse it"
+
+
+def test_a_bad_config_is_refused_before_the_weights_are_read(adapter: Path, root: Path, engine_cfg) -> None:
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 0, "lora_alpha": 16}))
+    _write_whole(adapter, _another_base(adapter))
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError, match="positive integer 'r'"):
+            check_adapter("a", str(adapter), [str(root)], "model", engine_cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < DATA // 16, f"{peak} bytes held to refuse it"
