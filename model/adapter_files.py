@@ -193,6 +193,10 @@ def read_adapter_files(
     return conf, read_file(name, weights, limits.max_file_bytes, resolved, head)
 
 
+# How a Git LFS pointer file begins (git-lfs's spec, v1)
+_LFS = b"version https://git-lfs.github.com/spec/"
+
+
 def _weights_head(
     name: str, file: Path, judge: Callable[[dict[str, TensorInfo]], None] | None, f: BinaryIO, size: int
 ) -> None:
@@ -204,6 +208,11 @@ def _weights_head(
         return AdapterError(f"adapter {name!r}: cannot read {file} ({why})")
 
     first = f.read(8)
+    if first == _LFS[:8] and f.read(len(_LFS) - 8) == _LFS[8:]:  # (safetensors: "header too large")
+        raise AdapterError(
+            f"adapter {name!r}: {file} is a Git LFS pointer, not the weights (a clone without git-lfs): "
+            "fetch them (git lfs pull) and register the adapter again"
+        )
     if len(first) < 8:  # safetensors' words for each, as its loader would say them
         raise refuse("header too small")
     (length,) = struct.unpack("<Q", first)

@@ -216,3 +216,21 @@ def test_a_bad_config_is_refused_before_the_weights_are_read(adapter: Path, root
     finally:
         tracemalloc.stop()
     assert peak < DATA // 16, f"{peak} bytes held to refuse it"
+
+
+LFS_POINTER = (
+    b"version https://git-lfs.github.com/spec/v1\n"
+    b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 109144\n"
+)
+
+
+def test_a_git_lfs_pointer_in_the_weights_place_is_named_as_one(adapter: Path, root: Path, engine_cfg) -> None:
+    """A repository cloned without git-lfs holds pointers in the weights' place: safetensors says
+    "header too large" (its first bytes, read as a length), as dlora did, and users of every
+    loader have asked what that means (transformers #27923 and many more)."""
+    (adapter / WEIGHTS).write_bytes(LFS_POINTER)
+    with pytest.raises(APIError, match="a Git LFS pointer, not the weights .*git lfs pull") as e:
+        check_adapter("a", str(adapter), [str(root)], "model", engine_cfg)
+    assert e.value.status == 400
+    with pytest.raises(AdapterError, match="a Git LFS pointer"):
+        load_adapter("a", adapter, engine_cfg)
