@@ -4,7 +4,6 @@ hostile configs but not the ones PEFT writes, nor any because other threads ran 
 from __future__ import annotations
 
 import random
-import re
 import time
 import types
 from typing import Any
@@ -184,9 +183,13 @@ def test_plain_keys_select_as_peft_s_first_match_mixed_with_regexes(monkeypatch:
             for module in modules:
                 theirs = patterns.get(get_pattern_key(patterns, module))
                 assert chosen.pattern_value(patterns, module, None) == theirs, (keys, module)
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
     for key in PLAIN:
-        chosen = Targets("a", {"r": 8, "lora_alpha": 16, "target_modules": key, "exclude_modules": key[::-1]})
+        conf = {"r": 8, "lora_alpha": 16, "target_modules": key, "exclude_modules": key[::-1]}
+        chosen = Targets("a", conf)
+        peft_conf = types.SimpleNamespace(**conf, target_parameters=None, modules_to_save=None)
         for module in modules:
-            excluded = key[::-1] and re.fullmatch(key[::-1], module)  # an empty exclude_modules excludes nothing
-            want = bool(re.fullmatch(key, module)) and not excluded
+            found = check_target_module_exists(peft_conf, module)
+            want = bool(found) and not isinstance(found, _ExcludedModule)
             assert chosen.targeted(module) == want, (key, module)
