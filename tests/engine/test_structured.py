@@ -381,3 +381,27 @@ def test_requests_asking_at_once_for_a_grammar_compile_it_once(tiny_llama: TinyO
             release.set()
             answers = list(answers)
         assert len(compiled) == 1 and len(set(answers)) == 1, (len(compiled), answers)
+
+
+def test_pydantic_formats_and_integral_float_counts_are_served_and_followed(tiny_llama: TinyOutput) -> None:
+    """A SecretStr's "password" format and counts written 2.0 were 400s; served, the counts hold
+    (as integers) and the unknown format constrains nothing more than a string."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "maxLength": 2.0},
+            "pw": {"type": "string", "format": "password", "writeOnly": True, "maxLength": 3.0},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1.0, "maxItems": 2.0},
+        },
+        "required": ["code", "pw", "tags"],
+        "additionalProperties": False,
+    }
+    engine = make_engine(tiny_llama)
+    asked = {
+        f"s{seed}": SamplingParams(max_tokens=120, temperature=1.0, seed=seed, json_schema=json.dumps(schema))
+        for seed in range(4)
+    }
+    for rid, (_, text, reason) in run(engine, asked).items():
+        assert reason is FinishReason.STOP, (rid, text)
+        doc = json.loads(text)
+        assert len(doc["code"]) <= 2 and len(doc["pw"]) <= 3 and 1 <= len(doc["tags"]) <= 2, text

@@ -200,3 +200,75 @@ def test_a_compile_whose_thread_cannot_start_says_so_and_loses_nothing() -> None
     out = done.stdout
     assert "unavailable: regex cannot be compiled now: " in out and "MiB stack" in out, out
     assert "stack size 0" in out and "small taken" in out, out
+
+
+# Formats pydantic 2 writes for SecretStr, bytes, Path, FilePath, IPv4Network, IPv6Interface and
+# Base64Str, and uri-reference (vLLM's default backend, xgrammar, enforces it): JSON Schema reads
+# a format its validator does not know as an annotation, never a failure. Counts written as
+# integral floats (2.0), as JavaScript generators and float-typed configs emit them, are JSON
+# Schema's integers.
+PYDANTIC_FORMATS = ["password", "binary", "path", "file-path", "ipv4network", "ipv6interface", "base64"]
+PYDANTIC_FORMATS.append("uri-reference")
+INTEGRAL_FLOATS = {
+    "type": "object",
+    "properties": {
+        "code": {"type": "string", "minLength": 1.0, "maxLength": 2.0},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1.0, "maxItems": 3.0},
+        "meta": {"type": "object", "minProperties": 0.0, "maxProperties": 1e0},
+    },
+    "required": ["code", "tags"],
+}
+
+
+@pytest.mark.parametrize("fmt", PYDANTIC_FORMATS)
+def test_a_string_format_the_engine_does_not_know_is_a_plain_string(fmt: str) -> None:
+    prop = {"format": fmt, "title": "Secret", "type": "string", "writeOnly": True}
+    check(SamplingParams(json_schema=json.dumps({"type": "object", "properties": {"s": prop}, "required": ["s"]})))
+
+
+def test_counts_written_as_integral_floats_are_taken() -> None:
+    check(SamplingParams(json_schema=json.dumps(INTEGRAL_FLOATS)))
+
+
+@pytest.mark.parametrize(
+    "schema,reason",
+    [
+        ({"type": "string", "maxLength": 2.5}, "maxLength"),  # not an integer
+        ({"type": "array", "minItems": -1.0}, "minItems"),  # not a count
+        ({"type": "array", "uniqueItems": True}, "uniqueItems"),  # a keyword not enforced: still refused
+        ({"not": {"type": "string"}}, "not"),
+    ],
+)
+def test_what_the_engine_cannot_enforce_is_still_refused(schema: dict, reason: str) -> None:
+    with pytest.raises(GrammarError, match=reason):
+        check(SamplingParams(json_schema=json.dumps(schema)))
+
+
+def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
+    """A format the engine enforces stays (email), and so do data and names that read "format"
+    (an enum's object, a property so named); numbers elsewhere are written back as they came."""
+    from dlora.services.worker.engine.structured import _served_schema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "format": {"enum": [{"format": "password", "maxLength": 2.0}], "default": 0.10},
+            "to": {"type": "string", "format": "email", "maxLength": 40.0},
+            "pw": {"type": "string", "format": "password"},
+            "x": {"type": "number", "maximum": 1.50, "multipleOf": 0.25},
+        },
+    }
+    served, bound = _served_schema(json.dumps(schema))
+    assert bound is None and json.loads(served) == {
+        "type": "object",
+        "properties": {
+            "format": {"enum": [{"format": "password", "maxLength": 2.0}], "default": 0.10},
+            "to": {"type": "string", "format": "email", "maxLength": 40},
+            "pw": {"type": "string"},
+            "x": {"type": "number", "maximum": 1.50, "multipleOf": 0.25},
+        },
+    }
+    exact = '{"type": "string", "format": "password", "x-note": 0.12345678901234567890123}'
+    assert "0.12345678901234567890123" in _served_schema(exact)[0]  # numbers as written, not as floats
+    untouched = json.dumps({"type": "string", "format": "email", "maxLength": 3})
+    assert _served_schema(untouched) == (untouched, None)

@@ -18,12 +18,13 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from functools import cached_property
 from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from
 from llguidance.gbnf_to_lark import gbnf_to_lark
@@ -131,8 +132,12 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
     size = max(len(json_schema or ""), len(regex or ""), len(grammar or ""), sum(map(len, choice)))
     if size > MAX_CONSTRAINT_CHARS:
         raise GrammarError(f"{label(params)} cannot be used: {size} characters, over the {MAX_CONSTRAINT_CHARS} served")
-    text = json_schema if json_schema is not None else grammar  # (a Lark %json too)
-    if text is not None and (bound := _bound_out_of_range(text, json_schema is not None)) is not None:
+    bound = None
+    if json_schema is not None:
+        json_schema, bound = _served_schema(json_schema)
+    elif grammar is not None:  # (a Lark %json block's bounds)
+        bound = _bound_in_grammar(grammar)
+    if bound is not None:
         raise GrammarError(
             f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
             "engine holds numbers in (a 64-bit integer's, magnitude below 2**63)"
@@ -204,20 +209,21 @@ def _too_large(value: int | Decimal) -> bool:
     return not abs(value) < 2**63
 
 
-def _bound_out_of_range(text: str, schema: bool) -> tuple[str, str] | None:
-    """The first numeric bound in ``text`` (a JSON ``schema``, or a grammar whose %json blocks
-    hold one) whose magnitude reaches 2**63, as (keyword, its number). Compared exactly (2**63 - 1,
-    int64's maximum, read as a float was 2**63)."""
-    if not schema:
-        for match in _BOUND.finditer(text):
-            with contextlib.suppress(ArithmeticError):
-                if _too_large(Decimal(match[2])):
-                    return match[1], match[2]
-        return None
-    try:
-        stack: list[tuple[Any, bool]] = [(json.loads(text, parse_float=Decimal), False)]
-    except (ValueError, RecursionError):
-        return None  # llguidance says why
+def _bound_in_grammar(text: str) -> tuple[str, str] | None:
+    """The first numeric bound in a grammar's %json blocks whose magnitude reaches 2**63, as
+    (keyword, its number)."""
+    for match in _BOUND.finditer(text):
+        with contextlib.suppress(ArithmeticError):
+            if _too_large(Decimal(match[2])):
+                return match[1], match[2]
+    return None
+
+
+def _schema_nodes(tree: Any) -> Iterator[dict[str, Any]]:
+    """Every schema object in a decoded JSON Schema: not the data of enum, const, default and
+    examples (a "format" key there is a value), and a map of names to schemas read as such (a
+    property named "format" is a schema all the same). A loop: schemas thousands deep are served."""
+    stack: list[tuple[Any, bool]] = [(tree, False)]
     while stack:
         node, names_schemas = stack.pop()
         if isinstance(node, list):
@@ -225,13 +231,51 @@ def _bound_out_of_range(text: str, schema: bool) -> tuple[str, str] | None:
         elif isinstance(node, dict) and names_schemas:
             stack.extend((value, False) for value in node.values())
         elif isinstance(node, dict):
-            for key, value in node.items():
-                number = isinstance(value, int | Decimal) and not isinstance(value, bool)
-                if key in _BOUNDS and number and _too_large(value):
-                    return key, str(value)
-                if key not in _DATA:
-                    stack.append((value, key in _SCHEMA_MAPS))
-    return None
+            yield node
+            stack.extend((value, key in _SCHEMA_MAPS) for key, value in node.items() if key not in _DATA)
+
+
+# Keywords JSON Schema gives a non-negative integer, which it lets a number with no fraction be
+# (2.0: JavaScript's generators and float-typed configs write them so); llguidance takes only
+# integers written as such and refused these schemas.
+_COUNTS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"}
+_DECIMALS = msgspec.json.Encoder(decimal_format="number")  # numbers written back as they were read
+
+
+@functools.lru_cache(maxsize=256)
+def _known_format(name: str) -> bool:
+    """Whether llguidance enforces string format ``name`` (a compile of ~50 us, once a name)."""
+    probe = LLMatcher.grammar_from_json_schema(json.dumps({"type": "string", "format": name}), _LAYOUT)
+    return not LLMatcher.validate_grammar(probe).startswith("Unknown format")
+
+
+def _served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
+    """The JSON Schema ``text`` as the grammar engine is given it, and the first numeric bound in
+    it whose magnitude reaches 2**63, as (keyword, its number), compared exactly (2**63 - 1,
+    int64's maximum, read as a float was 2**63). Counts written as integral floats become
+    integers; a string format llguidance does not know is left out, as JSON Schema reads a format
+    its validator does not know (an annotation): pydantic writes SecretStr as "password", bytes
+    as "binary", Path as "path", and llguidance refused them (a 400 for a pydantic model's
+    schema). Rewritten only where one of those was found."""
+    try:
+        tree = json.loads(text, parse_float=Decimal)
+    except (ValueError, RecursionError):
+        return text, None  # llguidance says why
+    bound, changed = None, False
+    for node in _schema_nodes(tree):
+        for key in _BOUNDS & node.keys():
+            value = node[key]
+            if bound is None and isinstance(value, int | Decimal) and not isinstance(value, bool) and _too_large(value):
+                bound = key, str(value)
+        for key in _COUNTS & node.keys():
+            value = node[key]  # (its exponent first: int() of 1e1000000 is a million digits)
+            if isinstance(value, Decimal) and value.is_finite() and value.adjusted() < 19:
+                if value >= 0 and value == value.to_integral_value():
+                    node[key], changed = int(value), True
+        if isinstance(name := node.get("format"), str) and not _known_format(name):
+            del node["format"]
+            changed = True
+    return (_DECIMALS.encode(tree).decode() if changed else text), bound
 
 
 def check(params: SamplingParams) -> None:
