@@ -48,7 +48,7 @@ from dlora.services.gateway.body import read_body
 from dlora.services.gateway.chat_template import template_problem
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, failure_status
-from dlora.services.gateway.grammar_pool import compiled_first
+from dlora.services.gateway.grammar_pool import shaped
 from dlora.services.gateway.health import readiness
 from dlora.services.gateway.metrics import Metrics, RequestTimer, keep_tidy
 from dlora.services.gateway.models import model_cards
@@ -172,7 +172,8 @@ class Gateway:
         self, request: web.Request, body: CompletionBody | ChatBody, entry: AdapterEntry | None, who: Principal
     ) -> Job:
         """The request body shaped into its choices' requests (``shaping``), on the shaping thread,
-        under an id made of the one the gateway drew for ``request`` (``access.ours``)."""
+        under an id made of the one the gateway drew for ``request`` (``access.ours``); its
+        structured output compiled after shaping's checks, off that thread (``grammar_pool``)."""
         access.note(request, internal=(rid := response_id(isinstance(body, ChatBody), access.ours(request))))
         shape = functools.partial(
             shape_request,
@@ -185,8 +186,7 @@ class Gateway:
             now=time.time(),
             tenant=who.tenant,
         )
-        await compiled_first(body, self.served.grammars)  # (a slow one holds no other request's shaping)
-        return await asyncio.get_running_loop().run_in_executor(self.shaping, shape)
+        return await shaped(body, shape, self.shaping, self.served.grammars)  # (then its grammar compiled)
 
     async def _submit(self, request: GenerateRequest) -> None:
         """Hand one request to a dispatcher and wait until one has taken it: a NATS request to the

@@ -256,12 +256,13 @@ def structured_field(body: Body) -> str | None:
     return next((field for field, _ in _asked(body, build=False)), None)
 
 
-def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
+def structured(body: Body, grammars: Grammars | None = None, *, compile: bool = True) -> dict[str, Any]:
     """The ``SamplingParams`` fields of the structured output ``body`` asks for (none: free text):
     OpenAI's ``response_format`` (json_object: any object; json_schema: its ``schema``), vLLM's
     ``structured_outputs`` (json, regex, choice, grammar, json_object) or its older ``guided_json``,
     ``guided_regex``, ``guided_choice`` and ``guided_grammar``. Checked by llguidance, and with
-    ``grammars`` (the model's tokenizer's) as far as a worker's first mask.
+    ``grammars`` (the model's tokenizer's) as far as a worker's first mask; not ``compile``: the
+    checks that need no grammar alone (the caller compiles it later, ``grammar_pool.shaped``).
 
     Raises:
         APIError(400): more than one asked for, an unknown response_format type, a missing or
@@ -278,6 +279,8 @@ def structured(body: Body, grammars: Grammars | None = None) -> dict[str, Any]:
     params = SamplingParams(**fields)
     if (bad := params.invalid()) is not None:
         raise APIError(400, bad[1].replace(bad[0], field, 1), param=field)
+    if not compile:
+        return fields
     try:
         if grammars is None:
             check(params)
@@ -326,11 +329,16 @@ def prompt_logprobs_wanted(body: Body) -> tuple[int | None, int | None]:
 
 
 def sampling_params(
-    body: Body, max_tokens: int, grammars: Grammars | None = None, defaults: Mapping[str, float] | None = None
+    body: Body,
+    max_tokens: int,
+    grammars: Grammars | None = None,
+    defaults: Mapping[str, float] | None = None,
+    compile_grammar: bool = True,
 ) -> SamplingParams:
     """The engine's parameters for a request body (null fields at their defaults: the model's,
     ``defaults`` from its generation_config.json, where it has them); ``grammars``: the model's
-    structured-output matchers, which try a structured output as a worker will.
+    structured-output matchers, which try a structured output as a worker will (not
+    ``compile_grammar``: left for the caller, ``structured``).
 
     Raises:
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
@@ -375,7 +383,7 @@ def sampling_params(
         logprobs=body.logprobs
         if isinstance(body, CompletionBody)
         else ((body.top_logprobs or 0) if body.logprobs else None),
-        **structured(body, grammars),
+        **structured(body, grammars, compile=compile_grammar),
         allowed_token_ids=body.allowed_token_ids or [],
         bad_words=body.bad_words or [],
     )

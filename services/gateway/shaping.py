@@ -5,7 +5,8 @@ and passes the tokenizer in, so everything here is tested without servers.
 One request becomes prompts x ``n`` choices (choice index prompt x n + sample). Checks run in this
 order, and the first that fails is the error the client gets: unknown model (404), the prompt (its
 form, token ids, chat messages), the number of choices, then per prompt its length against the
-context and the sampling parameters.
+context and the sampling parameters; the gateway compiles a structured output's grammar (seconds
+for some schemas) only after all of them (``compile_grammar``, ``grammar_pool``).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def shape_request(
     gateway_id: str,
     now: float,
     tenant: str | None = None,
+    compile_grammar: bool = True,
 ) -> Job:
     """The request ``body`` as one GenerateRequest per choice. A seeded request's samples take seeds
     seed, seed + 1, ...; each choice's request id is ``request_id``-index and its replies go to
@@ -158,6 +160,9 @@ def shape_request(
         now: Unix seconds, the response's ``created`` and the requests' entry time.
         tenant: the caller's API key's tenant, which the requests carry; None (no key): the
             body's ``user``.
+        compile_grammar: false: the structured output is checked as far as it can be without
+            its grammar, which the caller compiles once the request passed every other check
+            (``grammar_pool.shaped``: a refused request spends no compile).
 
     Raises:
         APIError(404): ``body.model`` is neither the base model nor a registered adapter.
@@ -227,7 +232,7 @@ def shape_request(
         )
         if not prompt_only and (cap := model.defaults.get("max_tokens")):  # vLLM's: the least of them
             new = min(new, int(cap))
-        params = sampling_params(body, new if generate else 1, model.grammars, model.defaults)
+        params = sampling_params(body, new if generate else 1, model.grammars, model.defaults, compile_grammar)
         if auto and model.tool_call_parser in ("hermes", "mistral") and body.skip_special_tokens is None:
             # Some models' <tool_call> tags and Mistral's [TOOL_CALLS] are special tokens: skipped,
             # the parser would never see a call (vLLM's parsers turn the skipping off alike).

@@ -303,3 +303,43 @@ async def test_a_compile_that_cannot_get_its_thread_is_a_503_saying_why(
     await sub.unsubscribe()
     assert chunk.error_code is ErrorCode.UNAVAILABLE, chunk
     assert chunk.error is not None and chunk.error.startswith("regex cannot be compiled now: "), chunk
+
+
+async def test_a_request_refused_for_a_field_checked_cheaply_compiles_nothing(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The gateway compiled a request's structured output before shaping's checks: a request with a
+    bad temperature, an unknown model or a prompt past the context spent a compile (seconds for a
+    large schema, on the gateway's 4 compile threads) before its 400. Shaping's checks come first."""
+    from dlora.services.worker.engine.structured import Grammars
+
+    compiled: list[str] = []
+    compile_ = Grammars._compile
+    gateway = stack.gateway.served.grammars
+
+    def counting(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
+        if self is gateway and "compiled-here" in grammar:
+            compiled.append(grammar)
+        return compile_(self, grammar)
+
+    monkeypatch.setattr(Grammars, "_compile", counting)
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 3}
+    chat = {"model": "lora-2", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 3}
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"const": "compiled-here 1"}}}
+    for path, bad, param in (
+        ("/v1/completions", {**body, "temperature": 3}, "temperature"),
+        ("/v1/completions", {**body, "model": "no-such-adapter"}, "model"),
+        ("/v1/completions", {**body, "prompt": "kalo " * 5000}, "prompt"),
+        ("/v1/completions", {**body, "n": 2, "best_of": 3}, "best_of"),
+        ("/v1/completions", {**body, "logit_bias": {"x": 1}}, "logit_bias"),
+        ("/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "nobody", "content": "x"}]}, "messages"),
+    ):
+        for field in ({"guided_choice": ["compiled-here 0"]}, {"response_format": schema}):
+            status, resp = await post(stack, path, {**bad, **field})
+            assert status in (400, 404) and resp["error"]["param"] == param, (bad, resp)
+    assert compiled == []
+    served = {**body, "max_tokens": 20, "guided_choice": ["compiled-here 0"]}
+    status, resp = await post(stack, "/v1/completions", served)
+    assert status == 200 and resp["choices"][0]["text"] == "compiled-here 0" and len(compiled) == 1, resp
+    # a structured output that cannot be used is still refused by the gateway, naming its field
+    status, resp = await post(stack, "/v1/completions", {**body, "guided_regex": "compiled-here (unclosed"})
+    assert (status, resp["error"]["param"]) == (400, "guided_regex"), resp
