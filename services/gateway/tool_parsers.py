@@ -150,7 +150,7 @@ class ToolParser:
 
     def finish(self) -> tuple[str, list[Call]]:
         """The end of the output: what was held back goes out as text (an unfinished call too),
-        unless hermes or mistral calls came before it."""
+        unless calls came before it (llama3_json's: unless it is an unfinished call)."""
         content, calls = self.feed("")
         if self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
             try:  # is one where it is whole, as vLLM's <tool_call>(.*) and SGLang read it
@@ -160,6 +160,8 @@ class ToolParser:
             if self._add(_call(parsed, ("arguments", "parameters")), calls):
                 self._held, self._inside = "", False
         rest, self._held = self._held, ""
+        if self.kind == "llama3_json" and self.calls and not self._stuck and self._scan.read:
+            rest = ""  # a call cut short (max_tokens) after whole ones: no content, as hermes' and mistral's
         tag = _TAGS.get(self.kind)
         if self._inside and tag:
             rest = tag + rest

@@ -85,6 +85,12 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("llama3_json", '{"name": "weather", "parameters": "{\\"city\\": \\"kalo\\"}"}', "", [WEATHER]),
         ("mistral", '[TOOL_CALLS] [{"name": "weather", "arguments": "{\\"city\\": \\"kalo\\"}"}]', "", [WEATHER]),
         ("hermes", STRING_ARRAY, STRING_ARRAY, []),
+        # A call cut short (max_tokens) after whole ones is no content, as hermes' and mistral's are
+        # not: llama3_json gave the fragment out as the reply's text beside the calls
+        ("llama3_json", LLAMA_ONE + '; {"name": "pi', "", [WEATHER]),
+        ("llama3_json", LLAMA_TWO + ';{"name": "weather", "parameters": {"ci', "", [WEATHER, PING]),
+        ("hermes", HERMES_TWO + '<tool_call>{"name": "pi', "Let me look.\n", [WEATHER, PING]),
+        ("mistral", MISTRAL_V11 + '[TOOL_CALLS]ping{"x', "Let me look.", [WEATHER, PING]),
         ("hermes", STRING_ARRAY.replace("[1, 2]", "kalo"), STRING_ARRAY.replace("[1, 2]", "kalo"), []),
     ],
 )
