@@ -159,6 +159,10 @@ class ToolParser:
                 parsed = None
             if self._add(_call(parsed, ("arguments", "parameters")), calls):
                 self._held, self._inside = "", False
+        if self.kind == "mistral" and self._inside:  # an array of calls cut short: the calls it finished
+            found = [self._add(_call(item, ("arguments",)), calls) for item in _whole_items(self._held)]
+            if any(found):
+                self._held, self._inside = "", False
         rest, self._held = self._held, ""
         if self.kind == "llama3_json" and self.calls and not self._stuck and self._scan.read:
             rest = ""  # a call cut short (max_tokens) after whole ones: no content, as hermes' and mistral's
@@ -288,6 +292,27 @@ _TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 # and its id (9 characters from mistral-common; room for 64), [ARGS]
 _NAME_ROOM = 64 + len(_CALL_ID) + 64 + len(_ARGS) + 1
 _TAGS = {"hermes": _OPEN, "mistral": _TOOL_CALLS}  # what a parser's calls begin with, given back as text
+
+
+def _whole_items(text: str) -> list[Any]:
+    """The items of the JSON array ``text`` begins with (after whitespace) that are whole, read
+    until one is not (the array cut short: a Mistral reply that max_tokens ended mid-list, whose
+    whole calls came back as text with it)."""
+    items: list[Any] = []
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        return items
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if not text.startswith("{", pos) or (end := ObjectEnd().find(text, pos)) is None:
+            return items
+        try:
+            items.append(loads(text[pos:end]))
+        except ValueError:
+            return items
+        pos = end
 
 
 def _partial_tag(text: str, tag: str) -> int:

@@ -39,6 +39,7 @@ LLAMA_CUT = '{"name": "weather", "parameters": {"city"'
 MISTRAL_ARRAY = (
     'Let me look.[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "kalo"}}, {"name": "ping", "arguments": {}}]'
 )
+MISTRAL_CUT = '[TOOL_CALLS] [{"name": "weather", "arguments": {"ci'
 HERMES_NAN = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'
 GRANITE = '<tool_call>{"name": "weather", "arguments": "{\\n  \\"city\\": \\"kalo\\"\\n}"}</tool_call>'
 STRING_ARRAY = '<tool_call>{"name": "f", "arguments": "[1, 2]"}</tool_call>'
@@ -91,6 +92,10 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("llama3_json", LLAMA_TWO + ';{"name": "weather", "parameters": {"ci', "", [WEATHER, PING]),
         ("hermes", HERMES_TWO + '<tool_call>{"name": "pi', "Let me look.\n", [WEATHER, PING]),
         ("mistral", MISTRAL_V11 + '[TOOL_CALLS]ping{"x', "Let me look.", [WEATHER, PING]),
+        # a Mistral v0.3 array cut short: the calls it finished (all of it came back as text)
+        ("mistral", MISTRAL_ARRAY.removesuffix("]") + ', {"name": "pi', "Let me look.", [WEATHER, PING]),
+        ("mistral", MISTRAL_ARRAY.removesuffix("]"), "Let me look.", [WEATHER, PING]),
+        ("mistral", MISTRAL_CUT, MISTRAL_CUT, []),
         ("hermes", STRING_ARRAY.replace("[1, 2]", "kalo"), STRING_ARRAY.replace("[1, 2]", "kalo"), []),
     ],
 )
