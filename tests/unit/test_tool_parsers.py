@@ -189,3 +189,32 @@ def test_a_mistral_stream_reads_each_character_once() -> None:
     text = '[TOOL_CALLS] [ARGS][{"a": 1}'
     pieces = ["[TOOL_CA", "LLS] [", "AR", 'GS][{"a": 1}']
     assert read("mistral", pieces)[:2] == read("mistral", [text])[:2]
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        ("hermes", HERMES_TWO + '\n<tool_call>{"name": "weather", "arguments": {"ci'),
+        ("hermes", HERMES_TWO + " and then some words the limit cut"),
+        ("llama3_json", LLAMA_TWO + '; {"name": "weather", "parameters": {"ci'),
+        ("mistral", MISTRAL_V11 + '[TOOL_CALLS]weather{"ci'),
+        ("mistral", MISTRAL_ARRAY.removesuffix("]") + ', {"name": "pi'),
+    ],
+)
+def test_calls_cut_by_max_tokens_finish_length_with_the_whole_calls(kind: str, text: str) -> None:
+    """OpenAI's finish_reason is "length" whenever max_tokens ended the reply, calls or not (vLLM
+    says "tool_calls" where its parser found one, and streamed gives a cut call's half arguments):
+    a client must know the reply was cut. The calls that ended are answered, the cut one is not;
+    whole and streamed alike."""
+    shape = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tool_parser=kind)
+    [whole] = shape.full([Choice(0, text=text, finish_reason="length")], 3, 9)["choices"]
+    assert whole["finish_reason"] == "length"
+    assert [c["function"]["name"] for c in whole["message"]["tool_calls"]] == ["weather", "ping"]
+    assert not (whole["message"]["content"] or "").strip(" \n").endswith(("{", '"ci', '"pi', "cut"))
+    streamed = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tool_parser=kind)
+    events = [streamed.chunk("", None, first=True)["choices"][0]]
+    events += [streamed.chunk(ch, None)["choices"][0] for ch in text]
+    events.append(streamed.chunk("", "length")["choices"][0])
+    calls = [{k: v for k, v in c.items() if k != "index"} for e in events for c in e["delta"].get("tool_calls", [])]
+    assert calls == whole["message"]["tool_calls"] and events[-1]["finish_reason"] == "length"
+    assert "".join(e["delta"].get("content") or "" for e in events) == (whole["message"]["content"] or "")
