@@ -88,11 +88,13 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    # Options of vLLM's backends: the layout is always compact and nothing falls back, so these
-    # change nothing here; the others change the output and are refused when set.
+    # Options of vLLM's backends: the layout is always compact, nothing falls back, and an object
+    # whose properties are named takes no others unless its schema says (as vLLM's default
+    # backend, xgrammar, reads it whatever disable_additional_properties says), so these change
+    # nothing here; the others change the output and are refused when set.
     disable_fallback: bool | None = None
     disable_any_whitespace: bool | None = None
-    disable_additional_properties: Any = None
+    disable_additional_properties: bool | None = None
     whitespace_pattern: Any = None
     structural_tag: Any = None
 

@@ -64,9 +64,6 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
         ("guided_whitespace_pattern", body.guided_whitespace_pattern is not None),
         ("structured_outputs.whitespace_pattern", so is not None and so.whitespace_pattern is not None),
         ("structured_outputs.structural_tag", so is not None and so.structural_tag is not None),
-        # vLLM's False lets a JSON Schema's objects hold properties it does not name (llguidance's
-        # default here, as the schema says); True is not served.
-        ("structured_outputs.disable_additional_properties", so is not None and bool(so.disable_additional_properties)),
     ]
     if isinstance(body, CompletionBody):
         out += [

@@ -405,3 +405,22 @@ def test_pydantic_formats_and_integral_float_counts_are_served_and_followed(tiny
         assert reason is FinishReason.STOP, (rid, text)
         doc = json.loads(text)
         assert len(doc["code"]) <= 2 and len(doc["pw"]) <= 3 and 1 <= len(doc["tags"]) <= 2, text
+
+
+def test_an_object_holds_only_the_properties_its_schema_names(tiny_llama: TinyOutput) -> None:
+    """As pydantic writes a model (no additionalProperties): a random model added keys until
+    max_tokens, where vLLM's default backend serves the named ones alone."""
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2]}, "tag": {"type": "string", "maxLength": 3}},
+        "required": ["ok"],
+        "title": "Reply",
+    }
+    engine = make_engine(tiny_llama)
+    asked = {
+        f"s{seed}": SamplingParams(max_tokens=80, temperature=1.0, seed=seed, json_schema=json.dumps(schema))
+        for seed in range(6)
+    }
+    for rid, (_, text, reason) in run(engine, asked, adapter="lora-2").items():
+        assert reason is FinishReason.STOP, (rid, text)
+        assert set(json.loads(text)) <= {"ok", "n", "tag"}, text

@@ -267,8 +267,42 @@ def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
             "pw": {"type": "string"},
             "x": {"type": "number", "maximum": 1.50, "multipleOf": 0.25},
         },
+        "additionalProperties": False,  # (see below)
     }
     exact = '{"type": "string", "format": "password", "x-note": 0.12345678901234567890123}'
     assert "0.12345678901234567890123" in _served_schema(exact)[0]  # numbers as written, not as floats
     untouched = json.dumps({"type": "string", "format": "email", "maxLength": 3})
     assert _served_schema(untouched) == (untouched, None)
+
+
+def test_objects_with_named_properties_take_no_others_unless_the_schema_says() -> None:
+    """vLLM's default backend (xgrammar, strict) and outlines serve an object's named properties
+    alone, and vLLM makes its guidance backend do so (PR #15949): pydantic writes no
+    additionalProperties, and llguidance's reading (JSON Schema's: any others allowed) let a model
+    add keys without end. Where the schema says (true, or a schema), as it says; allOf's branches
+    are left as written (each would forbid the others' properties), and patternProperties too."""
+    from dlora.services.worker.engine.structured import _served_schema
+
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    schema = {
+        "type": "object",
+        "properties": {"p": {"$ref": "#/$defs/P"}, "q": {"anyOf": [point, {"type": "null"}]}},
+        "$defs": {"P": {"type": "object", "properties": {"y": {"type": "integer"}}, "additionalProperties": True}},
+    }
+    served = json.loads(_served_schema(json.dumps(schema))[0])
+    assert served["additionalProperties"] is False
+    assert served["properties"]["q"]["anyOf"][0]["additionalProperties"] is False
+    assert served["$defs"]["P"]["additionalProperties"] is True
+    for kept in (
+        {"type": "object"},  # json_object's: any object
+        {"type": "object", "properties": {"x": {}}, "additionalProperties": {"type": "integer"}},
+        {"type": "object", "properties": {"x": {}}, "unevaluatedProperties": False},
+        {"allOf": [point, {"properties": {"y": {"type": "integer"}}}]},
+        {"$defs": {"P": point}, "$ref": "#/$defs/P", "properties": {"y": {"type": "integer"}}},
+        # llguidance #265: closed over patterns matching a named property, no key may follow ", "
+        {"type": "object", "properties": {"n": {}}, "patternProperties": {"^n$": {"type": "integer"}}},
+    ):
+        assert json.loads(_served_schema(json.dumps(kept))[0]) == kept, kept
+    wrapped = {"definitions": {"P": point}, "properties": {"p": {"allOf": [{"$ref": "#/definitions/P"}]}}}
+    served = json.loads(_served_schema(json.dumps(wrapped))[0])  # pydantic v1's one-branch allOf
+    assert served["additionalProperties"] is False and served["definitions"]["P"]["additionalProperties"] is False

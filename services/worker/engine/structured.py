@@ -256,13 +256,18 @@ def _served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     integers; a string format llguidance does not know is left out, as JSON Schema reads a format
     its validator does not know (an annotation): pydantic writes SecretStr as "password", bytes
     as "binary", Path as "path", and llguidance refused them (a 400 for a pydantic model's
-    schema). Rewritten only where one of those was found."""
+    schema). An object whose properties are named takes no others unless it says so (as vLLM's
+    default backend, xgrammar, and outlines read it, and vLLM makes its guidance backend do: PR
+    #15949): pydantic writes no additionalProperties, and llguidance's reading (JSON Schema's,
+    any others allowed) let a model add keys without end. Rewritten only where one of those was
+    found."""
     try:
         tree = json.loads(text, parse_float=Decimal)
     except (ValueError, RecursionError):
         return text, None  # llguidance says why
-    bound, changed = None, False
-    for node in _schema_nodes(tree):
+    bound, changed, nodes = None, False, list(_schema_nodes(tree))
+    closed = not any(map(_composed, nodes))
+    for node in nodes:
         for key in _BOUNDS & node.keys():
             value = node[key]
             if bound is None and isinstance(value, int | Decimal) and not isinstance(value, bool) and _too_large(value):
@@ -275,7 +280,34 @@ def _served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
         if isinstance(name := node.get("format"), str) and not _known_format(name):
             del node["format"]
             changed = True
+        if closed and _open(node):
+            node["additionalProperties"], changed = False, True
     return (_DECIMALS.encode(tree).decode() if changed else text), bound
+
+
+def _composed(node: dict[str, Any]) -> bool:
+    """Whether schema ``node`` joins schemas that may each name properties (allOf of several, or a
+    $ref beside properties of its own): each closed would forbid the others' properties, so a
+    schema holding one is left open. pydantic v1's one-branch allOf around a $ref is not one."""
+    joined = node.get("allOf")
+    return (isinstance(joined, list) and len(joined) > 1) or ("$ref" in node and _named(node))
+
+
+def _named(node: dict[str, Any]) -> bool:
+    """Whether schema ``node`` names its object's properties (by name or pattern)."""
+    return isinstance(node.get("properties"), dict) or isinstance(node.get("patternProperties"), dict)
+
+
+def _open(node: dict[str, Any]) -> bool:
+    """Whether schema ``node`` names properties and says nothing of others. Not one with
+    patternProperties: llguidance 1.9 closed over a pattern that matches a named property lets
+    the model write ", " and then allows no key (llguidance #265), a request failing midway."""
+    return (
+        isinstance(node.get("properties"), dict)
+        and "patternProperties" not in node
+        and "additionalProperties" not in node
+        and "unevaluatedProperties" not in node
+    )
 
 
 def check(params: SamplingParams) -> None:
