@@ -343,3 +343,49 @@ async def test_a_request_refused_for_a_field_checked_cheaply_compiles_nothing(st
     # a structured output that cannot be used is still refused by the gateway, naming its field
     status, resp = await post(stack, "/v1/completions", {**body, "guided_regex": "compiled-here (unclosed"})
     assert (status, resp["error"]["param"]) == (400, "guided_regex"), resp
+
+
+CALL_TWICE = {  # each parser's format, two calls written (a regex leads the random model)
+    "hermes": r'<tool_call>\{"name": "weather", "arguments": \{"city": "kalo"\}\}</tool_call>'
+    r'<tool_call>\{"name": "ping", "arguments": \{"to": "remi remi remi"\}\}</tool_call>',
+    "llama3_json": r'\{"name": "weather", "parameters": \{"city": "kalo"\}\}; '
+    r'\{"name": "ping", "parameters": \{"to": "remi remi remi"\}\}',
+    "mistral": r'\[TOOL_CALLS\] \[\{"name": "weather", "arguments": \{"city": "kalo"\}\}, '
+    r'\{"name": "ping", "arguments": \{"to": "remi remi remi"\}\}\]',
+}
+
+
+@pytest.mark.parametrize("parser", sorted(CALL_TWICE))
+async def test_calls_cut_by_max_tokens_answer_length_and_the_whole_calls_whole_and_streamed(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, parser: str
+) -> None:
+    """max_tokens ending the reply inside its second call: finish_reason "length" (OpenAI's, calls
+    or not), the first call whole, no fragment of the second as content; streamed the same. Each
+    parser's whole reply first, for its length: "tool_calls" and both calls."""
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        for name in ("weather", "ping")
+    ]
+    body = {
+        "model": "lora-2",
+        "messages": [{"role": "user", "content": "kalo?"}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "tools": tools,
+        "structured_outputs": {"regex": CALL_TWICE[parser]},
+    }
+    async with run_stack(nats_server, redis, tiny_llama, tool_call_parser=parser) as stack:
+        status, resp = await post(stack, "/v1/chat/completions", body)
+        assert status == 200 and resp["choices"][0]["finish_reason"] == "tool_calls", resp
+        both = [c["function"] for c in resp["choices"][0]["message"]["tool_calls"]]
+        assert [f["name"] for f in both] == ["weather", "ping"], resp
+        cut = {**body, "max_tokens": resp["usage"]["completion_tokens"] - 4}  # within "remi remi remi"
+        status, resp = await post(stack, "/v1/chat/completions", cut)
+        [choice] = resp["choices"]
+        assert choice["finish_reason"] == "length" and not choice["message"]["content"], resp
+        assert [c["function"] for c in choice["message"]["tool_calls"]] == both[:1], resp
+        events = await stream(stack, "/v1/chat/completions", {**cut, "stream": True})
+        choices = [e["choices"][0] for e in events if isinstance(e, dict) and e.get("choices")]
+        assert not "".join(c["delta"].get("content") or "" for c in choices)
+        assert [t["function"] for c in choices for t in c["delta"].get("tool_calls", [])] == both[:1]
+        assert choices[-1]["finish_reason"] == "length"
