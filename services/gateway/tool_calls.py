@@ -17,7 +17,9 @@ from urllib.parse import unquote
 
 from dlora.services.gateway.tool_parsers import ObjectEnd, arguments_json, loads
 
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# A function's arguments where it gives no parameters: OpenAI's "empty parameter list" (vLLM's
+# "required" schema alike), {} once an object naming none takes no others (structured.py)
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 class ConflictingDefs(ValueError):
@@ -27,9 +29,10 @@ class ConflictingDefs(ValueError):
 def arguments_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
     """The schema a function's arguments follow: its ``parameters``, an object where they say no
     type (OpenAI's parameters describe an object; ``{}`` as a schema would take any JSON value,
-    and a model led by it wrote a bare number)."""
+    and a model led by it wrote a bare number); none (or ``{}``): no arguments, ``{}`` (any
+    object was allowed, and a model wrote keys into a parameterless call until max_tokens)."""
     if not parameters:
-        return dict(ANY_OBJECT)
+        return dict(NO_ARGUMENTS)
     return parameters if "type" in parameters else {"type": "object", **parameters}
 
 

@@ -98,13 +98,14 @@ def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served
     job = shape(served, named, chat=True)
     assert job.shape.tool == "lookup" and json.loads(job.choices[0].request.params.json_schema) == schema
     job = shape(served, {**named, "tool_choice": {"type": "function", "function": {"name": "ping"}}}, chat=True)
-    assert json.loads(job.choices[0].request.params.json_schema) == {"type": "object"}  # no parameters: any object
+    no_arguments = {"type": "object", "properties": {}}  # OpenAI's empty parameter list: {} alone
+    assert json.loads(job.choices[0].request.params.json_schema) == no_arguments
     untyped = [  # {} or no type: an object still (as a schema {} took any value: the model wrote a number)
         {"type": "function", "function": {"name": "empty", "parameters": {}}},
         {"type": "function", "function": {"name": "props", "parameters": {"properties": {"q": {"type": "integer"}}}}},
     ]
     for name, expected in (
-        ("empty", {"type": "object"}),
+        ("empty", no_arguments),
         ("props", {"type": "object", "properties": {"q": {"type": "integer"}}}),
     ):
         body = {"messages": msgs, "tools": untyped, "tool_choice": {"type": "function", "function": {"name": name}}}

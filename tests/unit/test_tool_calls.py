@@ -11,7 +11,7 @@ import pytest
 
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.openai import Choice, Shape
-from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, calls_schema
+from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, arguments_schema, calls_schema
 from dlora.services.worker.engine.structured import check
 
 CITY = {"$defs": {"city": {"enum": ["kalo", "remi"]}}, "type": "object", "properties": {"at": {"$ref": "#/$defs/city"}}}
@@ -22,7 +22,7 @@ def test_the_schema_lists_calls_of_the_tools_with_their_defs_lifted_and_compiles
     schema = calls_schema(tools)
     assert tools[0][1] == CITY  # the request's own schema is not changed
     assert schema["$defs"] == CITY["$defs"] and "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
-    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
     assert all(item["additionalProperties"] is False for item in schema["items"]["anyOf"])  # name, parameters
     check(SamplingParams(json_schema=json.dumps(schema)))  # llguidance takes it, $ref included
     one = calls_schema(tools, parallel=False)
@@ -173,3 +173,25 @@ def test_a_percent_encoded_reference_into_defs_points_at_the_lifted_defs() -> No
     )
     check(SamplingParams(json_schema=json.dumps(schema)))
     assert schema["$defs"] == {"C": city}
+
+
+@pytest.mark.parametrize("parameters", [None, {}])
+def test_a_tool_without_parameters_is_called_with_none(parameters: dict[str, Any] | None) -> None:
+    """OpenAI: "omitting parameters defines a function with an empty parameter list"; vLLM's
+    "required" schema makes them an object of no properties, and its default backend writes {}.
+    Any object was allowed here: a random model wrote keys into a parameterless call until
+    max_tokens, named and "required" alike."""
+    from dlora.services.worker.engine.structured import Grammars
+    from tests.unit.test_token_bytes import byte_level
+
+    hf = byte_level()
+    grammars = Grammars(hf, len(hf), {hf.eos_token_id})
+    for schema, written in (
+        (calls_schema([("ping", parameters)]), '[{{"name": "ping", "parameters": {}}}]'),
+        (arguments_schema(parameters), "{}"),
+    ):
+        for arguments, ok in (("{}", True), ('{"x": 1}', False)):
+            matcher = grammars.matcher(SamplingParams(json_schema=json.dumps(schema)), [])
+            assert matcher is not None
+            text = written.format(arguments)
+            assert matcher.consume_tokens(hf.encode(text, add_special_tokens=False)) is ok, text
