@@ -7,7 +7,8 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
 - ``hermes`` (Hermes 2 Pro, Qwen2.5): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
   any number; the text before the first is content, what comes after it is not (vLLM's).
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): the whole output is one or more objects
-  ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;``, optionally after
+  ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;`` (or ``,``,
+  which vLLM's reading passes over too), optionally after
   ``<|python_tag|>``; an output that does not begin so is text.
 - ``mistral`` (Mistral 7B Instruct v0.3, Nemo, Small 3.x): ``[TOOL_CALLS]`` then a JSON array of
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
@@ -268,7 +269,7 @@ class ToolParser:
         out: list[Call] = []
         while not self._stuck:
             if self._scan.read == 0:  # between objects: the separators go
-                self._held = self._held.lstrip().removeprefix(_PYTHON_TAG).lstrip(" \t\r\n;")
+                self._held = self._held.lstrip().removeprefix(_PYTHON_TAG).lstrip(" \t\r\n;,")
                 if not self._held or self._held[0] != "{":
                     self._stuck = bool(self._held)
                     break

@@ -59,6 +59,10 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("llama3_json", "The weather is {fine}.", "The weather is {fine}.", []),
         ("llama3_json", LLAMA_CUT, LLAMA_CUT, []),
         ("llama3_json", '{"temperature": 3}', '{"temperature": 3}', []),  # an object, not a call
+        # calls separated by commas (vLLM reads every object whatever lies between): the second
+        # came back as content
+        ("llama3_json", LLAMA_ONE + ', {"name": "ping", "arguments": {}}', "", [WEATHER, PING]),
+        ("llama3_json", LLAMA_ONE + ',\n{"name": "ping", "arguments": {}},', "", [WEATHER, PING]),
         ("mistral", MISTRAL_ARRAY, "Let me look.", [WEATHER, PING]),
         ("mistral", MISTRAL_ARRAY + "\nextra trailing data", "Let me look.", [WEATHER, PING]),  # not content
         ("mistral", MISTRAL_V11, "Let me look.", [WEATHER, PING]),
