@@ -306,3 +306,36 @@ def test_objects_with_named_properties_take_no_others_unless_the_schema_says() -
     wrapped = {"definitions": {"P": point}, "properties": {"p": {"allOf": [{"$ref": "#/definitions/P"}]}}}
     served = json.loads(_served_schema(json.dumps(wrapped))[0])  # pydantic v1's one-branch allOf
     assert served["additionalProperties"] is False and served["definitions"]["P"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {  # properties beside anyOf branches naming their own (a variant's fields)
+            "type": "object",
+            "properties": {"a": {"type": "integer"}},
+            "required": ["a"],
+            "anyOf": [{"properties": {"b": {"type": "string"}}, "required": ["b"]}, {"required": ["a"]}],
+        },
+        {  # a discriminated oneOf beside the discriminator's property
+            "type": "object",
+            "properties": {"kind": {"type": "string"}},
+            "required": ["kind"],
+            "oneOf": [{"properties": {"kind": {"const": "x"}, "x": {"type": "integer"}}, "required": ["x"]}],
+        },
+        {  # a base joined by a one-branch allOf, properties of its own beside it
+            "$defs": {"B": {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}},
+            "allOf": [{"$ref": "#/$defs/B"}],
+            "properties": {"c": {"type": "integer"}},
+            "required": ["c"],
+        },
+    ],
+)
+def test_properties_beside_branches_that_name_others_are_left_open(schema: dict) -> None:
+    """Closed, the node forbade the properties its branches name and each branch the node's: a
+    valid schema became unsatisfiable ("required property 'a' is unsatisfiable"), a 400 where it
+    was served. A review of the additionalProperties rewrite (238e880): left as written, as allOf's."""
+    from dlora.services.worker.engine.structured import _served_schema
+
+    assert json.loads(_served_schema(json.dumps(schema))[0]) == schema
+    check(SamplingParams(json_schema=json.dumps(schema)))

@@ -287,10 +287,17 @@ def _served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
 
 def _composed(node: dict[str, Any]) -> bool:
     """Whether schema ``node`` joins schemas that may each name properties (allOf of several, or a
-    $ref beside properties of its own): each closed would forbid the others' properties, so a
-    schema holding one is left open. pydantic v1's one-branch allOf around a $ref is not one."""
+    $ref or any allOf, anyOf or oneOf beside properties of its own): each closed would forbid the
+    others' properties, so a schema holding one is left open (closed, properties beside anyOf
+    branches naming others made a valid schema unsatisfiable: a review). pydantic v1's one-branch
+    allOf around a $ref, and an anyOf of closed branches alone, are not one."""
     joined = node.get("allOf")
-    return (isinstance(joined, list) and len(joined) > 1) or ("$ref" in node and _named(node))
+    if isinstance(joined, list) and len(joined) > 1:
+        return True
+    return _named(node) and ("$ref" in node or any(isinstance(node.get(k), list) for k in _BRANCHES))
+
+
+_BRANCHES = ("allOf", "anyOf", "oneOf")
 
 
 def _named(node: dict[str, Any]) -> bool:
