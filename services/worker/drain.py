@@ -41,7 +41,7 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
     held: dict[str, int] = {}
     unrun: list[str] = []  # after a device loss: requests in no step, not its death even if marked taken
     # Requests that came during the drain go back unrun: those still waiting on arrival (for a
-    # moved cache or a grammar; stopped first, so that none joins the queue after it is read)
+    # moved cache, a grammar or a long prompt's tokens; stopped first, so that none joins the queue after it is read)
     # and those queued.
     came = stop_preparing(w)
     while not w.commands.empty():

@@ -109,7 +109,8 @@ class WorkerService:
         self.started = 0.0  # when the one-id guard let this start through (Redis's clock: one_id.py)
         self.taken_over_by: WorkerStats | None = None  # a later start under the id, once one beats
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
-        # those of them waiting, beside the steps, for a moved cache or a grammar (arrival.py)
+        # those of them waiting, beside the steps, for a moved cache, a grammar or a long text
+        # prompt's tokens (arrival.py)
         self.preparing: dict[str, tuple[asyncio.Task[None], GenerateRequest]] = {}
         self.preparing_since: dict[str, float] = {}  # their arrival (monotonic; stale keys: not in ``preparing``)
         self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
@@ -413,8 +414,8 @@ class WorkerService:
             self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, self.adapters.retired()
         )
         reads = self.adapters.reads_stats()
-        # Those waiting on arrival (a grammar, a moved cache) wait too, as vLLM counts a request
-        # waiting for its grammar: they were in no figure (a helper's finding)
+        # Those waiting on arrival (a grammar, a moved cache, a long text prompt's tokens) wait too,
+        # as vLLM counts a request waiting for its grammar: they were in no figure (a helper's finding)
         waiting = stats.waiting + len(self.preparing)
         return msgspec.structs.replace(
             stats, incarnation=self.incarnation, started=self.started, draining=self.draining, waiting=waiting, **reads
