@@ -32,6 +32,7 @@ from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer
+from dlora.services.worker.engine.compile_bound import RAISED, TooSlow, Validator
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
@@ -317,6 +318,14 @@ def _open(node: dict[str, Any]) -> bool:
     )
 
 
+# CPU seconds a grammar's compile may take before it is refused as too complex (0: no bound), as
+# vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S (10 s; its regexes' bound is 5 s). A 400 KB schema takes
+# 0.3-0.5 s; 400 patternProperties 12 s, 1,000 hours. ``compile_bound`` says how it is held to it.
+GRAMMAR_COMPILATION_TIMEOUT_S = 10.0
+_TOO_SLOW = "too complex to compile within"
+_validator = Validator()
+
+
 def check(params: SamplingParams) -> None:
     """Raise GrammarError (with llguidance's reason) if the structured output ``params`` asks for
     cannot constrain generation. Needs no tokenizer: the gateway calls it too (once a grammar: a
@@ -324,7 +333,7 @@ def check(params: SamplingParams) -> None:
     if (grammar := constraint(params)) is None:
         return
     try:
-        error = _validated(grammar)
+        error = _validated(grammar, GRAMMAR_COMPILATION_TIMEOUT_S)
     except GrammarUnavailable as e:
         raise GrammarUnavailable(f"{label(params)} {e}") from None
     if error and not error.startswith("WARNING"):
@@ -332,7 +341,15 @@ def check(params: SamplingParams) -> None:
 
 
 @functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
-def _validated(grammar: str) -> str:
+def _validated(grammar: str, bound_s: float) -> str:
+    """llguidance's ``validate_grammar`` message, or why it was stopped: within ``bound_s`` seconds
+    of CPU (a child process's; 0: unbounded, here). Kept, a refusal too: sent again, a schema that
+    ran to the bound would take a core as long again."""
+    if bound_s > 0:
+        if (verdict := _validator.validate(grammar, bound_s)) is None:
+            return f"{_TOO_SLOW} {bound_s:g} s (the server's grammar_compilation_timeout_s): simplify it"
+        if verdict != RAISED:
+            return verdict
     return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
 
 
@@ -346,10 +363,16 @@ class Grammars:
     event loop."""
 
     def __init__(
-        self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int], compile_threads: int = COMPILE_THREADS
+        self,
+        hf_tokenizer: Any,
+        vocab_size: int,
+        eos_ids: set[int],
+        compile_threads: int = COMPILE_THREADS,
+        compile_timeout_s: float | None = None,
     ) -> None:
         self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
         self._threads = compile_threads
+        self._timeout_s = compile_timeout_s  # None: GRAMMAR_COMPILATION_TIMEOUT_S
         self._pool: ThreadPoolExecutor | None = None  # ``off_loop``'s, made on first use
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
         self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
@@ -391,6 +414,9 @@ class Grammars:
         if not mine:
             return pending.result()
         try:
+            bound = GRAMMAR_COMPILATION_TIMEOUT_S if self._timeout_s is None else self._timeout_s
+            if (error := _validated(grammar, bound)).startswith(_TOO_SLOW):
+                raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
             m = _deep(len(grammar), self._compile, grammar)
         except BaseException as e:  # (raised to the waiters too: a thread that could not start)
             with self._lock:
@@ -462,6 +488,8 @@ class Grammars:
             fresh = self._fresh(grammar)
         except GrammarUnavailable as e:
             raise GrammarUnavailable(f"{what} {e}") from None
+        except TooSlow as e:
+            raise GrammarError(f"{what} cannot be used: {e}") from None
         if fresh.is_error():
             raise GrammarError(f"{what} cannot be used: {matcher_error(fresh)}")
         m = fresh.deep_copy()

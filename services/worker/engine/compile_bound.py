@@ -1,0 +1,156 @@
+"""Grammar compiles that can be abandoned: a time bound on llguidance's work.
+
+llguidance's own limits (``LLParserLimits``: lexer fuel, grammar size, lexer states) count its
+lexer's work, not its JSON Schema compiler's: 250 ``patternProperties`` took 2 s with a tenth of the
+default fuel, 400 took 12 s, 1,000 take hours (vLLM #54003), a compile thread and a core held all
+along. A native call on a thread cannot be stopped, so the grammar is validated first (the same
+compile, the tokenizer aside) in a child process that is killed past the bound; what passed is
+compiled again in-process, where the matcher must live (llguidance's compiled grammar does not
+cross a process). Only the child's reply crosses: llguidance's message, a few bytes.
+
+The child is this file run as a script (``python -P compile_bound.py``): it imports llguidance and
+the standard library alone (about 60 ms to start), and exits once its parent's end of the pipe
+closes, whatever it is doing (the parent's exit, however it exits, ends it).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import IO
+
+_HEADER = struct.Struct("<Q")
+# A child is found starved, not slow, past this many times the bound in wall time (a host so loaded
+# that the child has a fifth of a core): refused all the same, saying so.
+_WALL_PER_CPU = 5.0
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class TooSlow(Exception):
+    """The grammar's compile was stopped at the bound; the message says so (after a field's name)."""
+
+
+# What ``Validator.validate`` answers when llguidance raised rather than answered (a grammar it
+# cannot take as text): quick to find again in-process, where the caller sees the exception itself.
+RAISED = "\0raised"
+
+
+def _cpu_s(pid: int) -> float | None:
+    """The CPU seconds process ``pid`` has used, all its threads (None: not on Linux, or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (the 14th and 15th fields)
+
+
+class _Child:
+    """One child process, validating one grammar at a time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+
+    def ask(self, grammar: str, bound_s: float) -> str | None:
+        """llguidance's ``validate_grammar`` message for ``grammar`` (empty: valid; ``RAISED``);
+        None past ``bound_s`` seconds of the child's CPU. Raises OSError when the child is gone."""
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        assert stdin is not None and stdout is not None
+        body = grammar.encode("utf-8", "surrogatepass")
+        start, used_before = time.monotonic(), _cpu_s(self.proc.pid)
+        stdin.write(_HEADER.pack(len(body)) + body)
+        stdin.flush()
+        while True:
+            used = _cpu_s(self.proc.pid)
+            spent = time.monotonic() - start
+            cpu = spent if used is None or used_before is None else used - used_before
+            # CPU time, not wall time: 4 slow compiles at once on 2 cores each take twice as long
+            left = min(bound_s - cpu, bound_s * _WALL_PER_CPU - spent)
+            if left <= 0:
+                return None
+            if select.select([stdout], [], [], left)[0]:
+                return _read(stdout).decode("utf-8", "surrogatepass")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _read(stream: IO[bytes]) -> bytes:
+    """A frame from ``stream``; EOFError if it ends first (a child that died, or a parent)."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError("the grammar compiler's process ended")
+    (size,) = _HEADER.unpack(header)
+    body = stream.read(size)
+    if len(body) < size:
+        raise EOFError("the grammar compiler's process ended")
+    return body
+
+
+class Validator:
+    """Children validating grammars, one per caller at a time, kept for the next (idle)."""
+
+    def __init__(self) -> None:
+        self._idle: list[_Child] = []
+        self._lock = threading.Lock()
+
+    def validate(self, grammar: str, bound_s: float) -> str | None:
+        """llguidance's ``validate_grammar(grammar)`` run within ``bound_s`` seconds of CPU: its
+        message (empty: valid; ``RAISED``: it raised), or None when it ran past them and was
+        stopped. A child that dies on the grammar (llguidance crashed on it) says so as a message."""
+        while True:
+            with self._lock:
+                kept = self._idle.pop() if self._idle else None
+            child = kept or _Child()
+            try:
+                verdict = child.ask(grammar, bound_s)
+            except (OSError, EOFError):
+                child.kill()
+                if kept is not None:
+                    continue  # it may have died idle (the OOM killer): this grammar, on a new one
+                return "the grammar engine failed on it (its compiler's process died)"
+            if verdict is None:
+                child.kill()
+                return None
+            with self._lock:
+                self._idle.append(child)
+            return verdict
+
+
+def _serve() -> None:  # the child: one grammar at a time from stdin, its message to stdout
+    from llguidance import LLMatcher
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            grammar = _read(stdin).decode("utf-8", "surrogatepass")
+        except EOFError:  # the parent is gone (or done with this child): whatever runs, ends
+            os._exit(0)
+
+        def run(grammar: str = grammar) -> None:
+            try:
+                message = LLMatcher.validate_grammar(grammar).encode("utf-8", "surrogatepass")
+            except Exception:  # noqa: BLE001 - the parent finds it again, in-process
+                message = RAISED.encode()
+            stdout.write(_HEADER.pack(len(message)) + message)
+            stdout.flush()
+
+        # as structured._deep: llguidance compiles recursively, its stack growing with the text
+        threading.stack_size(-(-(16 * (1 << 20) + 1024 * len(grammar)) // (1 << 20)) * (1 << 20))
+        threading.Thread(target=run, daemon=True).start()
+
+
+if __name__ == "__main__":
+    _serve()

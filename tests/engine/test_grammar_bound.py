@@ -1,0 +1,47 @@
+"""A worker's (and the gateway's) tokenizer-bound compiles are bounded as ``check`` is: a schema
+llguidance takes hours over is refused, naming the field, and the engine goes on serving."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.engine import RequestError, structured
+from tests.engine.helpers import make_engine
+from tests.unit.test_grammar_compile_bound import LIVENESS_S, ORDINARY, SLOW
+
+PROMPT = [5, 40, 41, 300, 17]
+
+
+def test_a_schema_too_slow_to_compile_is_refused_and_the_engine_serves_on(
+    tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(structured, "GRAMMAR_COMPILATION_TIMEOUT_S", 1.0, raising=False)
+    engine = make_engine(tiny_llama)
+    outcome: list[BaseException | None] = []
+
+    def admit() -> None:  # as arrival does: prepared in a thread, then admitted
+        engine.grammars.prepare(SamplingParams(max_tokens=8, json_schema=SLOW))
+        try:
+            engine.add_request("slow", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=8, json_schema=SLOW))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - the outcome asserted
+            outcome.append(e)
+
+    thread = threading.Thread(target=admit, daemon=True)
+    thread.start()
+    thread.join(LIVENESS_S)
+    assert outcome, "the compile ran on past the liveness bound"
+    assert isinstance(outcome[0], RequestError), outcome
+    assert outcome[0].param == "json_schema", outcome[0].param
+    assert str(outcome[0]).startswith("response_format schema cannot be used: too complex to compile within 1 s")
+    ordinary = SamplingParams(max_tokens=40, temperature=0, json_schema=ORDINARY)
+    engine.add_request("ordinary", prompt_token_ids=PROMPT, params=ordinary)
+    text = ""
+    while engine.has_unfinished():
+        text += "".join(o.new_text for o in engine.step())
+    assert isinstance(json.loads(text) if text.endswith("}") else {}, dict)  # a document, or cut at max_tokens

@@ -1,0 +1,72 @@
+"""A structured output llguidance takes hours to compile is refused, saying so, within a bound
+(``GRAMMAR_COMPILATION_TIMEOUT_S``, as vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S). llguidance's own
+limits (lexer fuel, grammar size) do not count the work that takes the time: a schema of 250
+``patternProperties`` passes with a tenth of the default fuel."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import structured
+from dlora.services.worker.engine.structured import GrammarError, check
+
+# 400 keys took 12 s to compile, 1,000 take hours (the cost grows past the fourth power): vLLM #54003.
+SLOW = json.dumps({"type": "object", "patternProperties": {f"^k{i}_[a-z]+$": {"type": "integer"} for i in range(1000)}})
+ORDINARY = json.dumps(
+    {
+        "type": "object",
+        "properties": {"name": {"type": "string", "pattern": "^[a-z]+$"}, "n": {"type": "integer", "minimum": 0}},
+        "patternProperties": {"^x_[a-z]+$": {"type": "boolean"}},
+        "required": ["name"],
+    }
+)
+LIVENESS_S = 120  # only that it ends: the bound itself is a second here
+
+
+def _checked(params: SamplingParams) -> list[BaseException | None]:
+    """``check(params)``'s outcome (its exception; None: taken), or an empty list if it has not
+    ended within the liveness bound (on a daemon thread: left behind then)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            check(params)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - the outcome asserted
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(LIVENESS_S)
+    return outcome
+
+
+@pytest.mark.parametrize("field", ["json_schema", "grammar"])
+def test_a_constraint_too_slow_to_compile_is_refused_saying_so(monkeypatch: pytest.MonkeyPatch, field: str) -> None:
+    monkeypatch.setattr(structured, "GRAMMAR_COMPILATION_TIMEOUT_S", 1.0, raising=False)
+    text = SLOW if field == "json_schema" else f"start: %json {SLOW}\n"
+    outcome = _checked(SamplingParams(**{field: text}))
+    assert outcome, "the compile ran on past the liveness bound"
+    assert isinstance(outcome[0], GrammarError), outcome
+    label = "response_format schema" if field == "json_schema" else "grammar"
+    assert str(outcome[0]).startswith(f"{label} cannot be used: too complex to compile within 1 s"), outcome
+    # the same bound takes an ordinary schema, patternProperties and all
+    assert _checked(SamplingParams(json_schema=ORDINARY)) == [None]
+
+
+def test_a_compile_that_kills_its_process_is_a_refusal_and_the_next_is_compiled() -> None:
+    """The compiler's child process dies on a grammar llguidance crashes on (its bounds screened
+    before, by ``check``): that grammar is refused saying so, the next one gets a new child."""
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    crashing = {"type": "integer", "minimum": -(2**63), "maximum": -(2**63) + 1}  # SIGSEGV in llguidance 1.9
+    validator = Validator()
+    verdict = validator.validate(LLMatcher.grammar_from_json_schema(json.dumps(crashing)), 10.0)
+    assert verdict is not None and "failed on it" in verdict, verdict
+    assert validator.validate(LLMatcher.grammar_from_json_schema(ORDINARY), 10.0) == ""
