@@ -1,11 +1,14 @@
 """A structured output llguidance takes hours to compile is refused, saying so, within a bound
-(``GRAMMAR_COMPILATION_TIMEOUT_S``, as vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S). llguidance's own
-limits (lexer fuel, grammar size) do not count the work that takes the time: a schema of 250
-``patternProperties`` passes with a tenth of the default fuel."""
+(``GRAMMAR_COMPILATION_TIMEOUT_S``, as vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S), and no process
+waits for such a compile to exit. llguidance's own limits (lexer fuel, grammar size) do not count
+the work that takes the time: a schema of 250 ``patternProperties`` passes with a tenth of the
+default fuel."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -70,3 +73,31 @@ def test_a_compile_that_kills_its_process_is_a_refusal_and_the_next_is_compiled(
     verdict = validator.validate(LLMatcher.grammar_from_json_schema(json.dumps(crashing)), 10.0)
     assert verdict is not None and "failed on it" in verdict, verdict
     assert validator.validate(LLMatcher.grammar_from_json_schema(ORDINARY), 10.0) == ""
+
+
+EXITS = """
+import asyncio, sys
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import structured
+from dlora.services.worker.engine.structured import Grammars, check
+
+structured.GRAMMAR_COMPILATION_TIMEOUT_S = float(sys.argv[1])  # 0: no bound, as vLLM's 0
+
+async def main() -> None:
+    grammars = Grammars(None, 0, set())
+    task = asyncio.ensure_future(grammars.off_loop(check, SamplingParams(json_schema=sys.stdin.read())))
+    await asyncio.sleep(1)  # compiling
+    print("exiting", task.done(), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("bound_s", [0.0, 600.0])
+def test_a_process_exits_without_waiting_for_a_compile(bound_s: float) -> None:
+    """A compile's thread was joined at exit (a ThreadPoolExecutor's): a gateway or worker told to stop
+    while compiling such a schema ran on for hours; bounded, for as long as the bound."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXITS, str(bound_s)], input=SLOW, capture_output=True, text=True, timeout=LIVENESS_S
+    )
+    assert done.returncode == 0 and "exiting False" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -1,4 +1,5 @@
-"""Grammar compiles that can be abandoned: a time bound on llguidance's work.
+"""Grammar compiles that can be abandoned: a time bound on llguidance's work, and threads that no
+exit waits for.
 
 llguidance's own limits (``LLParserLimits``: lexer fuel, grammar size, lexer states) count its
 lexer's work, not its JSON Schema compiler's: 250 ``patternProperties`` took 2 s with a tenth of the
@@ -22,7 +23,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from queue import SimpleQueue
+from typing import IO, Any
 
 _HEADER = struct.Struct("<Q")
 # A child is found starved, not slow, past this many times the bound in wall time (a host so loaded
@@ -127,6 +132,50 @@ class Validator:
             with self._lock:
                 self._idle.append(child)
             return verdict
+
+
+class DaemonPool(Executor):
+    """At most ``threads`` calls at once, on daemon threads started as needed: an exit waits for none
+    of them (ThreadPoolExecutor's threads are joined at exit: a compile of hours held the process's
+    exit). Its threads end once it is collected, as ThreadPoolExecutor's do."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._work: SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = SimpleQueue()
+        self._idle = threading.Semaphore(0)  # released by each thread done with a call
+        self._max, self._started, self._name = threads, 0, name
+        self._lock = threading.Lock()
+        weakref.finalize(self, _stop, self._work, threads)  # (the threads hold the queue, not the pool)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._work.put((future, lambda: fn(*args, **kwargs)))
+        if not self._idle.acquire(timeout=0):
+            with self._lock:
+                if self._started < self._max:
+                    self._started += 1
+                    name = f"{self._name}_{self._started}"
+                    threading.Thread(target=_serve_calls, args=(self._work, self._idle), name=name, daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        _stop(self._work, self._max)
+
+
+def _stop(work: SimpleQueue[Any], threads: int) -> None:
+    for _ in range(threads):
+        work.put(None)
+
+
+def _serve_calls(work: SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None], idle: threading.Semaphore) -> None:
+    while (item := work.get()) is not None:
+        future, call = item
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(call())
+            except BaseException as e:  # noqa: BLE001 - the caller's to see
+                future.set_exception(e)
+        del item, future, call  # (nothing of a call kept alive while idle)
+        idle.release()
 
 
 def _serve() -> None:  # the child: one grammar at a time from stdin, its message to stdout

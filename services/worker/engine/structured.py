@@ -19,7 +19,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from decimal import Decimal
 from functools import cached_property
 from typing import Any, TypeVar
@@ -32,7 +32,7 @@ from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer
-from dlora.services.worker.engine.compile_bound import RAISED, TooSlow, Validator
+from dlora.services.worker.engine.compile_bound import RAISED, DaemonPool, TooSlow, Validator
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
@@ -373,7 +373,7 @@ class Grammars:
         self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
         self._threads = compile_threads
         self._timeout_s = compile_timeout_s  # None: GRAMMAR_COMPILATION_TIMEOUT_S
-        self._pool: ThreadPoolExecutor | None = None  # ``off_loop``'s, made on first use
+        self._pool: DaemonPool | None = None  # ``off_loop``'s, made on first use
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
         self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
         # Compiles under way, for callers asking for the same grammar meanwhile to wait on: the
@@ -383,9 +383,10 @@ class Grammars:
     async def off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` (a compile: ``prepare``, or what calls it) on this model's compile threads,
         never asyncio's default pool: the engine's steps take those (``asyncio.to_thread``), and a
-        few slow schemas compiling there at once held every step until one ended."""
+        few slow schemas compiling there at once held every step until one ended. Daemon threads:
+        an exit waits for no compile."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="grammar")
+            self._pool = DaemonPool(self._threads, "grammar")
         in_context = functools.partial(contextvars.copy_context().run, fn, *args)  # (the log's, as to_thread)
         return await asyncio.get_running_loop().run_in_executor(self._pool, in_context)
 
