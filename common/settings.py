@@ -77,11 +77,18 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # port (0: not served); the gateway serves its own on its API port. docs/metrics.md lists them.
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"
+    # CPU seconds a structured output's grammar may take to compile, at the gateway and at each
+    # worker, before its request is refused as too complex (a 400 naming the field); 0: no bound.
+    # vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S. One value, so a schema the gateway took no worker
+    # refuses (a 400 KB schema takes 0.3-0.5 s; 1,000 patternProperties take hours).
+    grammar_compilation_timeout_s: float = 10.0
 
     def check(self) -> Problems:
         """Problems with the values; the loader refuses settings that have any."""
         positive = ("heartbeat_ttl_s", "redis_max_connections", "redis_pool_timeout_s")
         problems = [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
+        if not self.grammar_compilation_timeout_s >= 0:
+            problems.append(("grammar_compilation_timeout_s", self.grammar_compilation_timeout_s, "must be >= 0"))
         if not 0 <= self.metrics_port <= 65535:
             problems.append(("metrics_port", self.metrics_port, "must be a TCP port, or 0 for none"))
         if self.log_level.lower() not in LOG_LEVELS:

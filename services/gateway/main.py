@@ -94,7 +94,9 @@ class Gateway:
         if given:  # as vLLM says it
             logger.info("default sampling parameters from the model's generation_config.json", **given)
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
-        served = ServedModel.of(cast(Tokenizer, self.tokenizer), self.cfg, self.context, given)
+        served = ServedModel.of(
+            cast(Tokenizer, self.tokenizer), self.cfg, self.context, given, settings.grammar_compilation_timeout_s
+        )
         self.served = dataclasses.replace(
             served,
             tool_call_parser=settings.tool_call_parser,

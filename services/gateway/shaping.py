@@ -83,9 +83,17 @@ class ServedModel:
         return CALL_ID_LENGTHS.get(self.tool_call_parser, 0)
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer, cfg: ModelConfig, context: int, defaults: Mapping[str, float]) -> ServedModel:
-        """The model of ``cfg`` read through ``tokenizer``, with its structured-output matchers."""
-        grammars = Grammars(tokenizer, cfg.vocab_size, set(cfg.eos_token_ids), GATEWAY_COMPILES)
+    def of(
+        cls,
+        tokenizer: Tokenizer,
+        cfg: ModelConfig,
+        context: int,
+        defaults: Mapping[str, float],
+        compile_timeout_s: float | None = None,
+    ) -> ServedModel:
+        """The model of ``cfg`` read through ``tokenizer``, with its structured-output matchers
+        (``compile_timeout_s``: ``Grammars``')."""
+        grammars = Grammars(tokenizer, cfg.vocab_size, set(cfg.eos_token_ids), GATEWAY_COMPILES, compile_timeout_s)
         return cls(tokenizer, cfg.vocab_size, context, grammars, defaults)
 
 

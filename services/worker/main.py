@@ -478,7 +478,9 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
         import torch
 
         torch.set_num_threads(s.torch_threads)
-    return LLMEngine(s.model, s.engine)
+    engine = LLMEngine(s.model, s.engine)
+    engine.grammars.compile_timeout_s = s.grammar_compilation_timeout_s
+    return engine
 
 
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:

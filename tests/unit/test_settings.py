@@ -79,6 +79,10 @@ def test_lists_come_from_json_in_env() -> None:
         ),
         ({"DLORA_MODEL": "/m", "DLORA_ENGINE__BLOCK_SIZE": "512"}, r"engine.block_size=512 must be a power of two"),
         ({"DLORA_MODEL": "/m", "DLORA_LOG_LEVEL": "verbose"}, "log_level='verbose' must be one of debug, info"),
+        (
+            {"DLORA_MODEL": "/m", "DLORA_GRAMMAR_COMPILATION_TIMEOUT_S": "-1"},
+            r"grammar_compilation_timeout_s=-1.0 must be >= 0",
+        ),
         # An outdated flat name is refused, not ignored.
         ({"DLORA_MODEL": "/m", "DLORA_WORKER_MAX_LORAS": "4"}, "DLORA_WORKER_MAX_LORAS names no setting"),
         ({}, "model"),

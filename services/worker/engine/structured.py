@@ -372,7 +372,9 @@ class Grammars:
     ) -> None:
         self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
         self._threads = compile_threads
-        self._timeout_s = compile_timeout_s  # None: GRAMMAR_COMPILATION_TIMEOUT_S
+        # CPU seconds a compile may take (None: GRAMMAR_COMPILATION_TIMEOUT_S); a service sets its
+        # setting's (grammar_compilation_timeout_s)
+        self.compile_timeout_s = compile_timeout_s
         self._pool: DaemonPool | None = None  # ``off_loop``'s, made on first use
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
         self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
@@ -415,7 +417,7 @@ class Grammars:
         if not mine:
             return pending.result()
         try:
-            bound = GRAMMAR_COMPILATION_TIMEOUT_S if self._timeout_s is None else self._timeout_s
+            bound = GRAMMAR_COMPILATION_TIMEOUT_S if self.compile_timeout_s is None else self.compile_timeout_s
             if (error := _validated(grammar, bound)).startswith(_TOO_SLOW):
                 raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
             m = _deep(len(grammar), self._compile, grammar)
