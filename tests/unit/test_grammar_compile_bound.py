@@ -101,3 +101,15 @@ def test_a_process_exits_without_waiting_for_a_compile(bound_s: float) -> None:
         [sys.executable, "-c", EXITS, str(bound_s)], input=SLOW, capture_output=True, text=True, timeout=LIVENESS_S
     )
     assert done.returncode == 0 and "exiting False" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_where_no_compiler_process_can_start_grammars_are_compiled_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host out of processes or memory for the child (fork's EAGAIN, ENOMEM): the OSError of its
+    start was a 500 for every structured request; compiled in-process, unbounded, as before."""
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    monkeypatch.setattr(structured, "_validator", Validator())
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    check(SamplingParams(json_schema=ORDINARY.replace("x_", "no-child_")))
+    with pytest.raises(GrammarError, match="cannot be used"):
+        check(SamplingParams(json_schema=json.dumps({"type": "integer", "minimum": 5, "maximum": 1})))

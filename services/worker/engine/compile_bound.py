@@ -40,9 +40,10 @@ class TooSlow(Exception):
     """The grammar's compile was stopped at the bound; the message says so (after a field's name)."""
 
 
-# What ``Validator.validate`` answers when llguidance raised rather than answered (a grammar it
-# cannot take as text): quick to find again in-process, where the caller sees the exception itself.
-RAISED = "\0raised"
+# What ``Validator.validate`` answers when the child could not say: llguidance raised rather than
+# answered (quick to find again in-process, where the caller sees the exception itself), or no child
+# could start (fork's EAGAIN or ENOMEM: compiled in-process, unbounded, rather than refused).
+UNCHECKED = "\0unchecked"
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -68,7 +69,7 @@ class _Child:
         )
 
     def ask(self, grammar: str, bound_s: float) -> str | None:
-        """llguidance's ``validate_grammar`` message for ``grammar`` (empty: valid; ``RAISED``);
+        """llguidance's ``validate_grammar`` message for ``grammar`` (empty: valid; ``UNCHECKED``);
         None past ``bound_s`` seconds of the child's CPU. Raises OSError when the child is gone."""
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
@@ -113,12 +114,18 @@ class Validator:
 
     def validate(self, grammar: str, bound_s: float) -> str | None:
         """llguidance's ``validate_grammar(grammar)`` run within ``bound_s`` seconds of CPU: its
-        message (empty: valid; ``RAISED``: it raised), or None when it ran past them and was
+        message (empty: valid; ``UNCHECKED``: not said), or None when it ran past them and was
         stopped. A child that dies on the grammar (llguidance crashed on it) says so as a message."""
         while True:
             with self._lock:
                 kept = self._idle.pop() if self._idle else None
-            child = kept or _Child()
+            try:
+                child = kept or _Child()
+            except OSError as e:
+                from dlora.common import log  # (here: the child, this file, imports llguidance alone)
+
+                log.get("grammar").warning("a grammar compiled without its time bound: no process for it", error=str(e))
+                return UNCHECKED
             try:
                 verdict = child.ask(grammar, bound_s)
             except (OSError, EOFError):
@@ -192,7 +199,7 @@ def _serve() -> None:  # the child: one grammar at a time from stdin, its messag
             try:
                 message = LLMatcher.validate_grammar(grammar).encode("utf-8", "surrogatepass")
             except Exception:  # noqa: BLE001 - the parent finds it again, in-process
-                message = RAISED.encode()
+                message = UNCHECKED.encode()
             stdout.write(_HEADER.pack(len(message)) + message)
             stdout.flush()
 

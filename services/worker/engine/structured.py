@@ -32,7 +32,7 @@ from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer
-from dlora.services.worker.engine.compile_bound import RAISED, DaemonPool, TooSlow, Validator
+from dlora.services.worker.engine.compile_bound import UNCHECKED, DaemonPool, TooSlow, Validator
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
@@ -348,7 +348,7 @@ def _validated(grammar: str, bound_s: float) -> str:
     if bound_s > 0:
         if (verdict := _validator.validate(grammar, bound_s)) is None:
             return f"{_TOO_SLOW} {bound_s:g} s (the server's grammar_compilation_timeout_s): simplify it"
-        if verdict != RAISED:
+        if verdict != UNCHECKED:
             return verdict
     return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
 
