@@ -188,7 +188,8 @@ class Gateway:
             now=time.time(),
             tenant=who.tenant,
         )
-        return await shaped(body, shape, self.shaping, self.served.grammars)  # (then its grammar compiled)
+        # (then its grammar compiled: a slow one holds no other's shaping)
+        return await shaped(body, shape, self.shaping, self.served.grammars, self._stopped)
 
     async def _submit(self, request: GenerateRequest) -> None:
         """Hand one request to a dispatcher and wait until one has taken it: a NATS request to the

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from typing import Any
 
+import aiohttp
 import msgspec
 import nats
+import pytest
 from redis.asyncio import Redis
 
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, SamplingParams, TokenChunk
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.main import serve
 from dlora.services.gateway.replies import ReplyStream
-from dlora.services.servers import Server
-from tests.integration.conftest import run_stack
+from dlora.services.servers import Server, free_port
+from dlora.services.worker.engine.structured import Grammars
+from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_gateway import post
 from tests.unit.test_grammar_compile_bound import LIVENESS_S, SLOW
 
@@ -62,3 +68,43 @@ async def test_a_schema_too_slow_to_compile_is_refused_naming_its_field(
             await nc.close()
         assert stream.error_code == "bad_request" and stream.error_param == "json_schema", stream
         assert "too complex to compile within 1 s" in (stream.error or ""), stream.error
+
+
+async def test_a_request_compiling_when_the_gateway_stops_is_answered_503(
+    stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's stop ends each request in flight with a 503; one still compiling its
+    structured output was not in flight yet: it held the listener's close for its 5 s grace, then
+    its connection was cut with no answer at all (the client saw the server disconnect)."""
+    entered, release = threading.Event(), threading.Event()
+    compile_ = Grammars._compile
+
+    def held(self: Grammars, grammar: str) -> Any:
+        if "held-at-stop" in grammar:
+            entered.set()
+            release.wait(LIVENESS_S)
+        return compile_(self, grammar)
+
+    monkeypatch.setattr(Grammars, "_compile", held)
+    s = msgspec.structs.replace(stack.gateway.s, port=free_port(), redis_url=redis_server.url)
+    stop = asyncio.Event()
+    gateway = asyncio.create_task(serve(s, stop))
+    url = f"http://127.0.0.1:{s.port}"
+    body = {"model": "lora-1", "prompt": "kalo", "max_tokens": 3, "guided_choice": ["held-at-stop"]}
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):  # it loads its tokenizer first
+                try:
+                    async with http.get(url + "/livez") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            compiling = asyncio.create_task(http.post(url + "/v1/completions", json=body))
+            assert await asyncio.to_thread(entered.wait, LIVENESS_S)
+            stop.set()
+            r = await asyncio.wait_for(compiling, LIVENESS_S)
+            assert r.status == 503 and "shutting down" in (await r.json())["error"]["message"]
+            await asyncio.wait_for(gateway, LIVENESS_S)
+    finally:
+        release.set()
