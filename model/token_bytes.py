@@ -22,6 +22,12 @@ from dlora.common import log
 logger = log.get("tokens")
 
 
+def llg_tokenizer_args(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int]) -> tuple[str, int, list[int]]:
+    """What ``llg_tokenizer`` builds its LLTokenizer from: the tokenizer's definition (JSON), its
+    ids, its EOS ids (another process builds the same one from them: ``compile_bound``)."""
+    return hf_tokenizer.backend_tokenizer.to_str(), max(vocab_size, len(hf_tokenizer)), sorted(eos_ids)
+
+
 def llg_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], slices: bool = True) -> LLTokenizer:
     """llguidance's form of ``hf_tokenizer`` (a transformers fast tokenizer: its Rust
     ``backend_tokenizer``) over the model's ``vocab_size`` ids (ids past the tokenizer's own hold
@@ -32,12 +38,8 @@ def llg_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], sl
     Raises:
         AttributeError: a slow tokenizer (no ``backend_tokenizer``).
         ValueError: a tokenizer llguidance cannot read (e.g. a WordPiece decoder)."""
-    return LLTokenizer(
-        hf_tokenizer.backend_tokenizer.to_str(),
-        n_vocab=max(vocab_size, len(hf_tokenizer)),
-        eos_token=sorted(eos_ids) or None,
-        slices=None if slices else [],
-    )
+    text, n_vocab, eos = llg_tokenizer_args(hf_tokenizer, vocab_size, eos_ids)
+    return LLTokenizer(text, n_vocab=n_vocab, eos_token=eos or None, slices=None if slices else [])
 
 
 class TokenText:

@@ -45,3 +45,22 @@ def test_a_schema_too_slow_to_compile_is_refused_and_the_engine_serves_on(
     while engine.has_unfinished():
         text += "".join(o.new_text for o in engine.step())
     assert isinstance(json.loads(text) if text.endswith("}") else {}, dict)  # a document, or cut at max_tokens
+
+
+def test_the_bounded_compile_is_the_tokenizers_compile_first_mask_and_all(tiny_llama: TinyOutput) -> None:
+    """The child checked ``validate_grammar`` alone, without the tokenizer: the matcher's own
+    construction, bounded by nothing, took up to 4 times as long (5,000 properties: 0.6 s against
+    2.4 s of CPU, growing faster than the validation) and a first mask's failure went unseen. The
+    child compiles as the engine does: a schema that fails only at its first mask says so there."""
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    engine = make_engine(tiny_llama)
+    grammar = structured.constraint(SamplingParams(json_schema=json.dumps({"$ref": "#"})))
+    assert grammar is not None and LLMatcher.validate_grammar(grammar) == ""  # passes without the tokenizer
+    verdict = Validator().validate(grammar, 30.0, engine.grammars.tokenizer_spec)
+    assert verdict, verdict  # its first mask's failure, as the engine finds it
+    with pytest.raises(structured.GrammarError) as refused:
+        engine.grammars.matcher(SamplingParams(json_schema=json.dumps({"$ref": "#"})), [])
+    assert str(refused.value).endswith(structured._reason(verdict)), (str(refused.value), verdict)

@@ -16,6 +16,8 @@ closes, whatever it is doing (the parent's exit, however it exits, ends it).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import select
 import struct
@@ -56,10 +58,21 @@ def _cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (the 14th and 15th fields)
 
 
+class TokenizerSpec:
+    """A tokenizer as the child builds it (``token_bytes.llg_tokenizer_args``), to compile as the
+    engine does: the matcher's construction took up to 4 times validate_grammar's CPU (5,000
+    properties: 2.4 s against 0.6 s) and a first mask can fail where validation passed."""
+
+    def __init__(self, text: str, n_vocab: int, eos: list[int]) -> None:
+        self.text, self.n_vocab, self.eos = text, n_vocab, eos
+        self.key = hashlib.sha256(f"{n_vocab} {eos} {text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class _Child:
-    """One child process, validating one grammar at a time."""
+    """One child process, checking one grammar at a time."""
 
     def __init__(self) -> None:
+        self.tokenizers: set[str] = set()  # keys of the TokenizerSpecs it has built
         self.proc = subprocess.Popen(
             [sys.executable, "-P", __file__],
             stdin=subprocess.PIPE,
@@ -68,15 +81,28 @@ class _Child:
             close_fds=True,
         )
 
-    def ask(self, grammar: str, bound_s: float) -> str | None:
-        """llguidance's ``validate_grammar`` message for ``grammar`` (empty: valid; ``UNCHECKED``);
-        None past ``bound_s`` seconds of the child's CPU. Raises OSError when the child is gone."""
-        stdin, stdout = self.proc.stdin, self.proc.stdout
-        assert stdin is not None and stdout is not None
-        body = grammar.encode("utf-8", "surrogatepass")
-        start, used_before = time.monotonic(), _cpu_s(self.proc.pid)
+    def _send(self, op: bytes, what: dict[str, Any]) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        body = op + json.dumps(what).encode()  # (ASCII: lone surrogates escaped)
         stdin.write(_HEADER.pack(len(body)) + body)
         stdin.flush()
+
+    def ask(self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None) -> str | None:
+        """Why ``grammar`` cannot be used (empty: it can; ``UNCHECKED``): compiled with
+        ``tokenizer`` as the engine does, first mask included, or without one llguidance's
+        ``validate_grammar``; None past ``bound_s`` seconds of the child's CPU. Raises OSError
+        (EOFError) when the child is gone."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        if tokenizer is not None and tokenizer.key not in self.tokenizers:  # once a child, not timed
+            spec = {"key": tokenizer.key, "text": tokenizer.text, "n": tokenizer.n_vocab, "eos": tokenizer.eos}
+            self._send(b"T", spec)
+            if _read(stdout):  # it could not build it (the engine did): compiled in-process, unbounded
+                return UNCHECKED
+            self.tokenizers.add(tokenizer.key)
+        start, used_before = time.monotonic(), _cpu_s(self.proc.pid)
+        self._send(b"G", {"grammar": grammar, "key": tokenizer and tokenizer.key})
         while True:
             used = _cpu_s(self.proc.pid)
             spent = time.monotonic() - start
@@ -112,10 +138,10 @@ class Validator:
         self._idle: list[_Child] = []
         self._lock = threading.Lock()
 
-    def validate(self, grammar: str, bound_s: float) -> str | None:
-        """llguidance's ``validate_grammar(grammar)`` run within ``bound_s`` seconds of CPU: its
-        message (empty: valid; ``UNCHECKED``: not said), or None when it ran past them and was
-        stopped. A child that dies on the grammar (llguidance crashed on it) says so as a message."""
+    def validate(self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None) -> str | None:
+        """Why ``grammar`` cannot be used (``_Child.ask``: empty, it can; ``UNCHECKED``: not said),
+        found within ``bound_s`` seconds of CPU, or None when it ran past them and was stopped. A
+        child that dies on the grammar (llguidance crashed on it) says so as a message."""
         while True:
             with self._lock:
                 kept = self._idle.pop() if self._idle else None
@@ -127,7 +153,7 @@ class Validator:
                 log.get("grammar").warning("a grammar compiled without its time bound: no process for it", error=str(e))
                 return UNCHECKED
             try:
-                verdict = child.ask(grammar, bound_s)
+                verdict = child.ask(grammar, bound_s, tokenizer)
             except (OSError, EOFError):
                 child.kill()
                 if kept is not None:
@@ -185,27 +211,47 @@ def _serve_calls(work: SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
         idle.release()
 
 
-def _serve() -> None:  # the child: one grammar at a time from stdin, its message to stdout
-    from llguidance import LLMatcher
+def _serve() -> None:  # the child: one request at a time from stdin, its answer to stdout
+    from llguidance import LLMatcher, LLTokenizer
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    tokenizers: dict[str, LLTokenizer] = {}
+
+    def reply(message: str) -> None:
+        body = message.encode("utf-8", "surrogatepass")
+        stdout.write(_HEADER.pack(len(body)) + body)
+        stdout.flush()
+
+    def check(grammar: str, key: str | None) -> str:
+        if key is None:
+            return LLMatcher.validate_grammar(grammar)
+        m = LLMatcher(tokenizers[key], grammar, log_level=0)  # as Grammars._compile
+        if not m.is_error():
+            m.compute_bitmask()
+        return m.get_error() if m.is_error() else ""
+
+    def run(grammar: str, key: str | None) -> None:
+        try:
+            reply(check(grammar, key))
+        except Exception:  # noqa: BLE001 - the parent finds it again, in-process
+            reply(UNCHECKED)
+
     while True:
         try:
-            grammar = _read(stdin).decode("utf-8", "surrogatepass")
+            body = _read(stdin)
         except EOFError:  # the parent is gone (or done with this child): whatever runs, ends
             os._exit(0)
-
-        def run(grammar: str = grammar) -> None:
+        what = json.loads(body[1:])
+        if body[:1] == b"T":
             try:
-                message = LLMatcher.validate_grammar(grammar).encode("utf-8", "surrogatepass")
-            except Exception:  # noqa: BLE001 - the parent finds it again, in-process
-                message = UNCHECKED.encode()
-            stdout.write(_HEADER.pack(len(message)) + message)
-            stdout.flush()
-
+                tokenizers[what["key"]] = LLTokenizer(what["text"], n_vocab=what["n"], eos_token=what["eos"] or None)
+                reply("")
+            except Exception:  # noqa: BLE001 - as the engine, which read it, reads it then
+                reply(UNCHECKED)
+            continue
         # as structured._deep: llguidance compiles recursively, its stack growing with the text
-        threading.stack_size(-(-(16 * (1 << 20) + 1024 * len(grammar)) // (1 << 20)) * (1 << 20))
-        threading.Thread(target=run, daemon=True).start()
+        threading.stack_size(-(-(16 * (1 << 20) + 1024 * len(what["grammar"])) // (1 << 20)) * (1 << 20))
+        threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True).start()
 
 
 if __name__ == "__main__":

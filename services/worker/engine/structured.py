@@ -31,8 +31,8 @@ from llguidance.gbnf_to_lark import gbnf_to_lark
 from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
-from dlora.model.token_bytes import llg_tokenizer
-from dlora.services.worker.engine.compile_bound import UNCHECKED, DaemonPool, TooSlow, Validator
+from dlora.model.token_bytes import llg_tokenizer, llg_tokenizer_args
+from dlora.services.worker.engine.compile_bound import UNCHECKED, DaemonPool, TokenizerSpec, TooSlow, Validator
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
@@ -341,12 +341,13 @@ def check(params: SamplingParams) -> None:
 
 
 @functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
-def _validated(grammar: str, bound_s: float) -> str:
-    """llguidance's ``validate_grammar`` message, or why it was stopped: within ``bound_s`` seconds
-    of CPU (a child process's; 0: unbounded, here). Kept, a refusal too: sent again, a schema that
-    ran to the bound would take a core as long again."""
+def _validated(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None) -> str:
+    """llguidance's ``validate_grammar`` message (with ``tokenizer``: its matcher's error, first
+    mask included), or why it was stopped: within ``bound_s`` seconds of CPU (a child process's;
+    0: unbounded, here). Kept, a refusal too: sent again, a schema that ran to the bound would take
+    a core as long again."""
     if bound_s > 0:
-        if (verdict := _validator.validate(grammar, bound_s)) is None:
+        if (verdict := _validator.validate(grammar, bound_s, tokenizer)) is None:
             return f"{_TOO_SLOW} {bound_s:g} s (the server's grammar_compilation_timeout_s): simplify it"
         if verdict != UNCHECKED:
             return verdict
@@ -418,7 +419,7 @@ class Grammars:
             return pending.result()
         try:
             bound = GRAMMAR_COMPILATION_TIMEOUT_S if self.compile_timeout_s is None else self.compile_timeout_s
-            if (error := _validated(grammar, bound)).startswith(_TOO_SLOW):
+            if (error := _validated(grammar, bound, self.tokenizer_spec)).startswith(_TOO_SLOW):
                 raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
             m = _deep(len(grammar), self._compile, grammar)
         except BaseException as e:  # (raised to the waiters too: a thread that could not start)
@@ -443,6 +444,11 @@ class Grammars:
     @cached_property
     def tokenizer(self) -> LLTokenizer:
         return llg_tokenizer(self.hf_tokenizer, self.vocab_size, self.eos_ids)
+
+    @cached_property
+    def tokenizer_spec(self) -> TokenizerSpec:
+        """The tokenizer as a compile's child process builds it (``compile_bound``)."""
+        return TokenizerSpec(*llg_tokenizer_args(self.hf_tokenizer, self.vocab_size, self.eos_ids))
 
     def warm(self) -> None:
         """Build the tokenizer's grammar form now (off the event loop); one llguidance cannot read
