@@ -113,3 +113,19 @@ def test_where_no_compiler_process_can_start_grammars_are_compiled_as_before(mon
     check(SamplingParams(json_schema=ORDINARY.replace("x_", "no-child_")))
     with pytest.raises(GrammarError, match="cannot be used"):
         check(SamplingParams(json_schema=json.dumps({"type": "integer", "minimum": 5, "maximum": 1})))
+
+
+def test_a_burst_of_compiles_leaves_few_compiler_processes_behind() -> None:
+    """Each child holds the engine's tokenizer (70 MB for a 60,000-token vocabulary): a burst on
+    a worker's 8 compile threads left 8 of them for good."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import KEPT_IDLE, Validator
+
+    validator = Validator()
+    grammars = [LLMatcher.grammar_from_json_schema(ORDINARY.replace("x_", f"burst{i}_")) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(lambda g: validator.validate(g, 10.0), grammars)) == [""] * 6
+    assert 1 <= len(validator._idle) <= KEPT_IDLE
