@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from dlora.services.gateway.tool_parsers import ObjectEnd, arguments_json, loads
+from dlora.services.worker.engine.served_schema import DATA_KEYWORDS, SCHEMA_MAPS
 
 # A function's arguments where it gives no parameters: OpenAI's "empty parameter list" (vLLM's
 # "required" schema alike), {} once an object naming none takes no others (structured.py)
@@ -70,11 +71,6 @@ def calls_schema(tools: list[tuple[str, dict[str, Any] | None]], parallel: bool 
     return listed
 
 
-# Keywords whose value is data (a reference there is not one), and those whose value maps names to schemas
-_DATA = frozenset({"const", "enum", "default", "examples"})
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-
-
 def _rebased(schema: dict[str, Any], base: str) -> dict[str, Any]:
     """A copy of ``schema`` whose local references (``#``, ``#/...``) point into it where it sits in
     a larger schema, at ``base``; those into ``$defs`` stay (lifted to the top). A tool's
@@ -91,7 +87,7 @@ def _rebased(schema: dict[str, Any], base: str) -> dict[str, Any]:
         source, copied, names = todo.pop()
         pairs = enumerate(source) if isinstance(source, list) else source.items()
         for key, value in pairs:
-            if isinstance(source, dict) and not names and key in _DATA:
+            if isinstance(source, dict) and not names and key in DATA_KEYWORDS:
                 pass  # data, kept as written
             elif key == "$ref" and not names and isinstance(value, str) and value.split("/")[0] == "#":
                 # (a URI fragment: "#/%24defs/..." is one into $defs too)
@@ -100,7 +96,7 @@ def _rebased(schema: dict[str, Any], base: str) -> dict[str, Any]:
                 pass  # its own references resolve within it, wherever it sits: kept as written
             elif isinstance(value, (dict, list)):
                 inner: Any = {} if isinstance(value, dict) else [None] * len(value)
-                todo.append((value, inner, isinstance(source, dict) and not names and key in _SCHEMA_MAPS))
+                todo.append((value, inner, isinstance(source, dict) and not names and key in SCHEMA_MAPS))
                 value = inner
             copied[key] = value
     return out

@@ -247,7 +247,7 @@ def test_what_the_engine_cannot_enforce_is_still_refused(schema: dict, reason: s
 def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
     """A format the engine enforces stays (email), and so do data and names that read "format"
     (an enum's object, a property so named); numbers elsewhere are written back as they came."""
-    from dlora.services.worker.engine.structured import _served_schema
+    from dlora.services.worker.engine.served_schema import served_schema
 
     schema = {
         "type": "object",
@@ -258,7 +258,7 @@ def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
             "x": {"type": "number", "maximum": 1.50, "multipleOf": 0.25},
         },
     }
-    served, bound = _served_schema(json.dumps(schema))
+    served, bound = served_schema(json.dumps(schema))
     assert bound is None and json.loads(served) == {
         "type": "object",
         "properties": {
@@ -270,9 +270,9 @@ def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
         "additionalProperties": False,  # (see below)
     }
     exact = '{"type": "string", "format": "password", "x-note": 0.12345678901234567890123}'
-    assert "0.12345678901234567890123" in _served_schema(exact)[0]  # numbers as written, not as floats
+    assert "0.12345678901234567890123" in served_schema(exact)[0]  # numbers as written, not as floats
     untouched = json.dumps({"type": "string", "format": "email", "maxLength": 3})
-    assert _served_schema(untouched) == (untouched, None)
+    assert served_schema(untouched) == (untouched, None)
 
 
 def test_objects_with_named_properties_take_no_others_unless_the_schema_says() -> None:
@@ -281,7 +281,7 @@ def test_objects_with_named_properties_take_no_others_unless_the_schema_says() -
     additionalProperties, and llguidance's reading (JSON Schema's: any others allowed) let a model
     add keys without end. Where the schema says (true, or a schema), as it says; allOf's branches
     are left as written (each would forbid the others' properties), and patternProperties too."""
-    from dlora.services.worker.engine.structured import _served_schema
+    from dlora.services.worker.engine.served_schema import served_schema
 
     point = {"type": "object", "properties": {"x": {"type": "integer"}}}
     schema = {
@@ -289,7 +289,7 @@ def test_objects_with_named_properties_take_no_others_unless_the_schema_says() -
         "properties": {"p": {"$ref": "#/$defs/P"}, "q": {"anyOf": [point, {"type": "null"}]}},
         "$defs": {"P": {"type": "object", "properties": {"y": {"type": "integer"}}, "additionalProperties": True}},
     }
-    served = json.loads(_served_schema(json.dumps(schema))[0])
+    served = json.loads(served_schema(json.dumps(schema))[0])
     assert served["additionalProperties"] is False
     assert served["properties"]["q"]["anyOf"][0]["additionalProperties"] is False
     assert served["$defs"]["P"]["additionalProperties"] is True
@@ -302,9 +302,9 @@ def test_objects_with_named_properties_take_no_others_unless_the_schema_says() -
         # llguidance #265: closed over patterns matching a named property, no key may follow ", "
         {"type": "object", "properties": {"n": {}}, "patternProperties": {"^n$": {"type": "integer"}}},
     ):
-        assert json.loads(_served_schema(json.dumps(kept))[0]) == kept, kept
+        assert json.loads(served_schema(json.dumps(kept))[0]) == kept, kept
     wrapped = {"definitions": {"P": point}, "properties": {"p": {"allOf": [{"$ref": "#/definitions/P"}]}}}
-    served = json.loads(_served_schema(json.dumps(wrapped))[0])  # pydantic v1's one-branch allOf
+    served = json.loads(served_schema(json.dumps(wrapped))[0])  # pydantic v1's one-branch allOf
     assert served["additionalProperties"] is False and served["definitions"]["P"]["additionalProperties"] is False
 
 
@@ -335,7 +335,7 @@ def test_properties_beside_branches_that_name_others_are_left_open(schema: dict)
     """Closed, the node forbade the properties its branches name and each branch the node's: a
     valid schema became unsatisfiable ("required property 'a' is unsatisfiable"), a 400 where it
     was served. A review of the additionalProperties rewrite (238e880): left as written, as allOf's."""
-    from dlora.services.worker.engine.structured import _served_schema
+    from dlora.services.worker.engine.served_schema import served_schema
 
-    assert json.loads(_served_schema(json.dumps(schema))[0]) == schema
+    assert json.loads(served_schema(json.dumps(schema))[0]) == schema
     check(SamplingParams(json_schema=json.dumps(schema)))

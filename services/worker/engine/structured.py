@@ -18,13 +18,11 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from decimal import Decimal
 from functools import cached_property
 from typing import Any, TypeVar
 
-import msgspec
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from
 from llguidance.gbnf_to_lark import gbnf_to_lark
@@ -33,12 +31,10 @@ from llguidance.numpy import fill_next_token_bitmask_par
 from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer, llg_tokenizer_args
 from dlora.services.worker.engine.compile_bound import UNCHECKED, DaemonPool, TokenizerSpec, TooSlow, Validator
+from dlora.services.worker.engine.served_schema import LAYOUT, bound_in_grammar, served_schema
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
-# Documents are laid out as json.dumps lays them out, with no other whitespace: a model free to
-# put whitespace anywhere may never leave it (a schema's "x-guidance" options can say otherwise).
-_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(ValueError):
@@ -135,9 +131,9 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
         raise GrammarError(f"{label(params)} cannot be used: {size} characters, over the {MAX_CONSTRAINT_CHARS} served")
     bound = None
     if json_schema is not None:
-        json_schema, bound = _served_schema(json_schema)
+        json_schema, bound = served_schema(json_schema)
     elif grammar is not None:  # (a Lark %json block's bounds)
-        bound = _bound_in_grammar(grammar)
+        bound = bound_in_grammar(grammar)
     if bound is not None:
         raise GrammarError(
             f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
@@ -151,7 +147,7 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
         )
     try:
         if json_schema is not None:
-            return _deep(len(json_schema), LLMatcher.grammar_from_json_schema, json_schema, _LAYOUT)
+            return _deep(len(json_schema), LLMatcher.grammar_from_json_schema, json_schema, LAYOUT)
         if regex is not None:
             return _deep(len(regex), LLMatcher.grammar_from_regex, regex)
         if choice:  # each string as a Lark literal, alternatives of one rule
@@ -187,135 +183,6 @@ def _from_grammar(grammar: str) -> str:
     except Exception as e:  # noqa: BLE001 - as grammar_from says it
         raise ValueError(f"Failed to convert the grammar from GBNF to Lark: {e}") from None
     return LLMatcher.grammar_from_lark(lark)
-
-
-# A schema's numeric bounds (JSON Schema's keywords). llguidance holds them in 64-bit integers:
-# beyond, it clamps them (a 200 whose number broke its schema) or, below -2**63 with a maximum,
-# crashed its process (SIGSEGV: the gateway's, and every worker's a request reached).
-_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
-_BOUND = re.compile(r'"(minimum|maximum|exclusiveMinimum|exclusiveMaximum|multipleOf)"\s*:\s*(-?[0-9][0-9.eE+-]*)')
-# Keywords whose values are data, not schemas (a "maximum" key inside an enum's object is no bound),
-# and those whose values map names to schemas (a property named "default" is a schema all the same).
-_DATA = {"enum", "const", "default", "examples"}
-_SCHEMA_MAPS = {"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"}
-
-
-def _too_large(value: int | Decimal) -> bool:
-    """Whether ``value``'s magnitude reaches 2**63 (a Decimal's exponent first: abs() of 1e1000000
-    raised decimal.Overflow, a 500)."""
-    if isinstance(value, Decimal):
-        if not value.is_finite() or value.adjusted() >= 19:
-            return True
-        value = abs(value)
-    return not abs(value) < 2**63
-
-
-def _bound_in_grammar(text: str) -> tuple[str, str] | None:
-    """The first numeric bound in a grammar's %json blocks whose magnitude reaches 2**63, as
-    (keyword, its number)."""
-    for match in _BOUND.finditer(text):
-        with contextlib.suppress(ArithmeticError):
-            if _too_large(Decimal(match[2])):
-                return match[1], match[2]
-    return None
-
-
-def _schema_nodes(tree: Any) -> Iterator[dict[str, Any]]:
-    """Every schema object in a decoded JSON Schema: not the data of enum, const, default and
-    examples (a "format" key there is a value), and a map of names to schemas read as such (a
-    property named "format" is a schema all the same). A loop: schemas thousands deep are served."""
-    stack: list[tuple[Any, bool]] = [(tree, False)]
-    while stack:
-        node, names_schemas = stack.pop()
-        if isinstance(node, list):
-            stack.extend((item, False) for item in node)
-        elif isinstance(node, dict) and names_schemas:
-            stack.extend((value, False) for value in node.values())
-        elif isinstance(node, dict):
-            yield node
-            stack.extend((value, key in _SCHEMA_MAPS) for key, value in node.items() if key not in _DATA)
-
-
-# Keywords JSON Schema gives a non-negative integer, which it lets a number with no fraction be
-# (2.0: JavaScript's generators and float-typed configs write them so); llguidance takes only
-# integers written as such and refused these schemas.
-_COUNTS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"}
-_DECIMALS = msgspec.json.Encoder(decimal_format="number")  # numbers written back as they were read
-
-
-@functools.lru_cache(maxsize=256)
-def _known_format(name: str) -> bool:
-    """Whether llguidance enforces string format ``name`` (a compile of ~50 us, once a name)."""
-    probe = LLMatcher.grammar_from_json_schema(json.dumps({"type": "string", "format": name}), _LAYOUT)
-    return not LLMatcher.validate_grammar(probe).startswith("Unknown format")
-
-
-def _served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
-    """The JSON Schema ``text`` as the grammar engine is given it, and the first numeric bound in
-    it whose magnitude reaches 2**63, as (keyword, its number), compared exactly (2**63 - 1,
-    int64's maximum, read as a float was 2**63). Counts written as integral floats become
-    integers; a string format llguidance does not know is left out, as JSON Schema reads a format
-    its validator does not know (an annotation): pydantic writes SecretStr as "password", bytes
-    as "binary", Path as "path", and llguidance refused them (a 400 for a pydantic model's
-    schema). An object whose properties are named takes no others unless it says so (as vLLM's
-    default backend, xgrammar, and outlines read it, and vLLM makes its guidance backend do: PR
-    #15949): pydantic writes no additionalProperties, and llguidance's reading (JSON Schema's,
-    any others allowed) let a model add keys without end. Rewritten only where one of those was
-    found."""
-    try:
-        tree = json.loads(text, parse_float=Decimal)
-    except (ValueError, RecursionError):
-        return text, None  # llguidance says why
-    bound, changed, nodes = None, False, list(_schema_nodes(tree))
-    closed = not any(map(_composed, nodes))
-    for node in nodes:
-        for key in _BOUNDS & node.keys():
-            value = node[key]
-            if bound is None and isinstance(value, int | Decimal) and not isinstance(value, bool) and _too_large(value):
-                bound = key, str(value)
-        for key in _COUNTS & node.keys():
-            value = node[key]  # (its exponent first: int() of 1e1000000 is a million digits)
-            if isinstance(value, Decimal) and value.is_finite() and value.adjusted() < 19:
-                if value >= 0 and value == value.to_integral_value():
-                    node[key], changed = int(value), True
-        if isinstance(name := node.get("format"), str) and not _known_format(name):
-            del node["format"]
-            changed = True
-        if closed and _open(node):
-            node["additionalProperties"], changed = False, True
-    return (_DECIMALS.encode(tree).decode() if changed else text), bound
-
-
-def _composed(node: dict[str, Any]) -> bool:
-    """Whether schema ``node`` joins schemas that may each name properties (allOf of several, or a
-    $ref or any allOf, anyOf or oneOf beside properties of its own): each closed would forbid the
-    others' properties, so a schema holding one is left open (closed, properties beside anyOf
-    branches naming others made a valid schema unsatisfiable: a review). pydantic v1's one-branch
-    allOf around a $ref, and an anyOf of closed branches alone, are not one."""
-    joined = node.get("allOf")
-    if isinstance(joined, list) and len(joined) > 1:
-        return True
-    return _named(node) and ("$ref" in node or any(isinstance(node.get(k), list) for k in _BRANCHES))
-
-
-_BRANCHES = ("allOf", "anyOf", "oneOf")
-
-
-def _named(node: dict[str, Any]) -> bool:
-    """Whether schema ``node`` names its object's properties (by name or pattern)."""
-    return isinstance(node.get("properties"), dict) or isinstance(node.get("patternProperties"), dict)
-
-
-def _open(node: dict[str, Any]) -> bool:
-    """Whether schema ``node`` names properties and says nothing of others. Not one with
-    patternProperties: llguidance 1.9 closed over a pattern that matches a named property lets
-    the model write ", " and then allows no key (llguidance #265), a request failing midway."""
-    return (
-        isinstance(node.get("properties"), dict)
-        and "patternProperties" not in node
-        and "additionalProperties" not in node
-        and "unevaluatedProperties" not in node
-    )
 
 
 # CPU seconds a grammar's compile may take before it is refused as too complex (0: no bound), as
