@@ -12,7 +12,7 @@ import functools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import cast
 
 import msgspec
 from aiohttp import web
@@ -51,8 +51,7 @@ from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.grammar_pool import shaped
 from dlora.services.gateway.health import readiness
 from dlora.services.gateway.metrics import Metrics, RequestTimer, keep_tidy
-from dlora.services.gateway.models import model_cards
-from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, model_not_found
+from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
 from dlora.services.gateway.routes import make_app
@@ -373,25 +372,6 @@ class Gateway:
         for c in choices:
             if c.request is not None:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=c.request.request_id))
-
-    async def models(self, request: web.Request) -> web.Response:
-        """``GET /v1/models``: the base model and every adapter the caller may use (``model_cards``)."""
-        return web.json_response({"object": "list", "data": await self._model_cards(request)})
-
-    async def model(self, request: web.Request) -> web.Response:
-        """``GET /v1/models/{model}``: one of those cards; 404 for a model the caller may not use."""
-        name = request.match_info["model"]
-        card = next((c for c in await self._model_cards(request) if c["id"] == name), None)
-        if card is None:
-            raise model_not_found(name)
-        return web.json_response(card)
-
-    async def _model_cards(self, request: web.Request) -> list[dict[str, Any]]:
-        who = await self.auth.lister(request)
-        async with self.state_bound():
-            workers, adapters = await self.store.live_workers(), await self.store.list_adapters()
-        s = self.served
-        return model_cards(self.base_name, workers, adapters, who, int(time.time()), s.context, s.model_digest)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,

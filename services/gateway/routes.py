@@ -15,6 +15,7 @@ from dlora.services.gateway.cache_reset import reset_prefix_cache
 from dlora.services.gateway.errors import json_errors
 from dlora.services.gateway.health import retry_after_s
 from dlora.services.gateway.keys import KeyAdmin
+from dlora.services.gateway.model_routes import ModelRoutes
 from dlora.services.gateway.tokenize_routes import TokenizeRoutes
 
 if TYPE_CHECKING:
@@ -33,8 +34,9 @@ def make_app(gw: Gateway) -> web.Application:
     post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))
     post("/v1/completions", gw.completions)
     post("/v1/chat/completions", gw.chat)
-    app.router.add_get("/v1/models", gw.models)
-    app.router.add_get("/v1/models/{model:.+}", gw.model)  # names may hold a slash (org/name)
+    models = ModelRoutes(gw)
+    app.router.add_get("/v1/models", models.models)
+    app.router.add_get("/v1/models/{model:.+}", models.model)  # names may hold a slash (org/name)
     adapters = AdapterAdmin(gw)
     post("/v1/adapters", adapters.add)
     app.router.add_delete("/v1/adapters/{name:.+}", adapters.delete)  # org/name too
