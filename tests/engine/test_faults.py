@@ -165,6 +165,35 @@ def test_a_request_whose_activations_overflow_leaves_no_nan_for_the_others(
     assert run_all(engine, good, max_tokens=6) == want
 
 
+def test_a_request_with_nan_logits_leaves_no_cached_blocks_and_its_error_names_the_adapter(
+    tiny_llama: TinyOutput,
+) -> None:
+    """A step that went NaN once (a kernel fault, an overflow) writes NaN K/V, and the blocks the
+    prompt filled were cached before its logits were looked at: the same prompt and adapter sent
+    again (a client retrying a 500) reused them and failed again, for good. vLLM evicts such a
+    request's blocks (vllm-project/vllm#50283); users of LoRA in vLLM saw only "Out of range float
+    values are not JSON compliant: nan" (vllm-project/vllm#47869, #48590): the error names the
+    adapter and the worker's precision."""
+    prompt = list(range(3, 23))  # five full blocks of 4
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
+    engine = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True)
+    forward, armed = engine.model.forward, [True]
+
+    def goes_nan_once(inputs):
+        logits = forward(inputs)
+        if armed.pop() if armed else False:
+            engine.model.kv.k[:, inputs.attention.slots] = float("nan")
+            logits = torch.full_like(logits, float("nan"))
+        return logits
+
+    engine.model.forward = goes_nan_once
+    out = run(engine, {"bad": (prompt, SamplingParams(max_tokens=4))})["bad"]
+    assert out["reason"] is FinishReason.ERROR and "not finite" in out["error"]
+    assert "'lora-0'" in out["error"] and "float32" in out["error"]
+    assert engine.blocks.num_cached == 0
+    assert run_all(engine, {"again": ("lora-0", prompt)}, max_tokens=4)["again"] == want
+
+
 def test_generate_writes_an_error_line_and_serves_the_rest(engine: LLMEngine) -> None:
     poison_forward(engine)
     lines = [

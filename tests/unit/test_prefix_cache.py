@@ -149,3 +149,24 @@ def test_a_look_at_what_a_prompt_would_find_cached_agrees_with_reusing_and_takes
         assert looked == bm.reuse_prefix("b", ids, key), (ids, key)
         bm.free("b")
     assert BlockManager(16, 4).cached_tokens(prompt, KEY, []) == 0  # the cache off
+
+
+def test_a_failed_sequence_takes_its_blocks_out_of_the_cache_and_others_keep_theirs() -> None:
+    """A request whose logits came out NaN may have written NaN KV into the blocks it cached (or
+    reused: another computed them just as badly and ended before its logits were looked at); a
+    later prompt must compute them again, not find them (vllm-project/vllm#50283's eviction)."""
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    _run(bm, "first", [1, 2, 3, 4])  # ended before its logits were looked at
+    bm.free("first")
+    assert _run(bm, "bad", [1, 2, 3, 4, 5, 6, 7]) == 4  # and caches [5, 6] itself
+    assert _run(bm, "mate", [1, 2, 3, 4, 5, 6, 9]) == 6  # shares what bad reused and computed
+    shared = bm.table("mate")[:3]
+    assert bm.num_cached == 3
+    bm.forget("bad")
+    bm.free("bad")
+    assert bm.num_cached == 0 and bm.table("mate")[:3] == shared  # its blocks are its own still
+    assert bm.reuse_prefix("later", [1, 2, 3, 4, 5, 6, 7], KEY) == 0
+    bm.free("later")
+    bm.free("mate")
+    assert bm.num_free == 8 and bm.num_cached == 0
+    bm.forget("unknown")  # a no-op

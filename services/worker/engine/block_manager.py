@@ -249,6 +249,27 @@ class BlockManager:
         self._name_of.clear()
         return forgotten
 
+    def forget(self, seq_id: str) -> None:
+        """Take out of the prefix cache every block ``seq_id`` holds or named, those it reused
+        too: its logits were not finite, so its KV may be NaN, and so may a reused block's (its
+        maker ended before its logits were looked at: an abort mid-prefill). Sequences holding
+        them keep them; a later prompt computes them again (vLLM evicts a NaN request's blocks
+        alike, vllm-project/vllm#50283). A no-op for an unknown sequence."""
+        held = self._held.get(seq_id)
+        if held is None:
+            return
+        for block in held.table:
+            if (name := self._name_of.pop(block, None)) is not None:  # held: not evictable
+                del self._cached[name]
+        for name in held.chain:  # the same KV cached by another in a block of its own
+            if name in self._cached:
+                block = self._cached.pop(name)
+                del self._name_of[block]
+                if self._ref[block] == 0:
+                    del self._evictable[block]
+                    self._free.append(block)
+        held.open_key = False  # nothing more of it is cached either
+
     def stop_caching(self, seq_id: str) -> None:
         """Cache nothing more of ``seq_id``: its KV came from elsewhere (a moved request)."""
         if seq_id in self._held:

@@ -40,6 +40,11 @@ class NothingAllowed(SamplingError):
     schema, with min_tokens holding back a stop token the schema needs); its fault, a 4xx."""
 
 
+class NotFinite(SamplingError):
+    """The row's logits hold NaN or infinity: its weights overflowed the worker's precision, or a
+    fault; its KV may be NaN too (the engine keeps none of it in the prefix cache)."""
+
+
 def is_greedy(p: SamplingParams) -> bool:
     return p.temperature < GREEDY_BELOW or p.top_k == 1 or p.top_p == 0.0
 
@@ -144,7 +149,7 @@ class Sampled:
                 )
             elif bad[i]:
                 out.append(
-                    SamplingError(
+                    NotFinite(
                         "the model's logits for this request are not finite (NaN or infinity); nothing "
                         "can be sampled from them"
                     )

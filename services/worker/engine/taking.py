@@ -10,7 +10,7 @@ import torch
 from dlora.common.messages import ErrorCode
 from dlora.services.worker.engine.faults import describe, raise_if_lost
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, token_logprobs
-from dlora.services.worker.engine.sampler import NothingAllowed, SamplingError
+from dlora.services.worker.engine.sampler import NotFinite, NothingAllowed, SamplingError
 from dlora.services.worker.engine.sequence import Sequence
 from dlora.services.worker.engine.structured import label, refusal
 
@@ -41,6 +41,9 @@ def take(
     for i, (seq, tok) in enumerate(zip(ran, tokens)):
         if i in gone:
             continue
+        if isinstance(tok, NotFinite):
+            outputs.append(not_finite(engine, seq, tok))
+            continue
         if isinstance(tok, SamplingError):
             code = ErrorCode.BAD_REQUEST if isinstance(tok, NothingAllowed) else ErrorCode.INTERNAL
             outputs.append(engine._fail(seq, f"sampling failed: {tok}", code))
@@ -61,3 +64,15 @@ def take(
             raise_if_lost(e)
             outputs.append(engine._fail(seq, f"could not take the sampled token: {describe(e)}"))
     return outputs
+
+
+def not_finite(engine: LLMEngine, seq: Sequence, why: NotFinite) -> RequestOutput:
+    """Fail ``seq``, whose logits were not finite, its blocks out of the prefix cache first: its
+    KV may be NaN, and a retry (a 500 invites one) would reuse it and fail for good. A 500, as
+    vLLM's NaN faults are (the request is well formed; the weights or a kernel are at fault), whose
+    reason names what computed it and in which precision: an adapter's weights that overflow
+    float16 fail this way on every prompt, and the operator must be told which one."""
+    engine.blocks.forget(seq.request_id)
+    weights = f"adapter {seq.adapter!r}" if seq.adapter is not None else "the base model"
+    dtype = str(engine.dtype).removeprefix("torch.")
+    return engine._fail(seq, f"sampling failed: {why} (computed by {weights} in {dtype} on this worker)")
