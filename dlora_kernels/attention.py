@@ -54,9 +54,6 @@ class AttentionGroup:
     # (a lone decode), or ``causal``.
     mask: torch.Tensor | None
     causal: bool = False  # a lone sequence whose whole context is new: SDPA's causal mask
-    # Flat rows of the copied keys past each sequence's context (``_past``), zeroed before SDPA
-    # reads them; None: none.
-    past: torch.Tensor | None = None
 
 
 @dataclass
@@ -100,13 +97,12 @@ class LongDecodes:
             ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
         keys = width * block_size
         valid = [min(c - start * block_size, keys) for c in self.ctx[lo : lo + m]]
-        mask, rows = None, None
+        mask = None
         if min(valid) < keys:
             past = torch.arange(keys) >= torch.tensor(valid)[:, None]
             mask = torch.zeros(m, 1, 1, keys).masked_fill_(past.view(m, 1, 1, keys), float("-inf"))
             mask = mask.to(self.tables.device)
-            rows = to_device(_past(np.array(valid), keys), torch.int64, self.tables.device)
-        return Chunk(m, ids.reshape(-1).contiguous(), mask, rows)
+        return Chunk(m, ids.reshape(-1).contiguous(), mask)
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,6 @@ class Chunk:
     m: int
     blocks: torch.Tensor  # (m * width,) int64: each sequence's blocks of the chunk, padded with block 0
     mask: torch.Tensor | None  # (m, 1, 1, width * block_size) fp32: -inf past a context, else 0; None: none past
-    past: torch.Tensor | None = None  # flat rows of the copied keys past a context, zeroed (``_past``)
 
 
 @dataclass(frozen=True)
@@ -221,7 +216,7 @@ def _group(
     lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
     row = np.repeat(np.arange(len(tables)), lens)
     blocks[row, np.arange(lens.sum()) - np.repeat(lens.cumsum() - lens, lens)] = list(itertools.chain(*tables))
-    keys, mask, causal, past = blocks_max * block_size, None, False, None
+    keys, mask, causal = blocks_max * block_size, None, False
     if len(members) == 1:
         new, keys = int(n[0]), int(ctx[0])
         causal = 1 < new == keys
@@ -229,8 +224,6 @@ def _group(
             mask = _causal_mask(n, ctx, keys)
     elif (n > 1).any() or (ctx < keys).any():
         mask = _causal_mask(n, ctx, keys)
-        if (ctx < keys).any():
-            past = to_device(_past(ctx, keys), torch.int64, device)
     return AttentionGroup(
         q_index=to_device(q_index, torch.int64, device),
         q_valid=to_device(q_valid, torch.bool, device),
@@ -239,17 +232,7 @@ def _group(
         keys=keys,
         mask=to_device(mask, torch.bool, device) if mask is not None else None,
         causal=causal,
-        past=past,
     )
-
-
-def _past(ctx: np.ndarray, keys: int) -> np.ndarray:
-    """Flat rows (row * keys + position) of the keys past each row's context ``ctx`` among
-    ``keys`` a row. A masked key weighs 0, but 0 · NaN is NaN: a block's slots past its holder's
-    context, and block 0 that pads every table, may hold what a request whose activations
-    overflowed wrote before its blocks were freed, and would make every later batch mate's logits
-    NaN. The Triton kernel never loads them; here they are zeroed in the copy."""
-    return np.flatnonzero(np.arange(keys)[None, :] >= ctx[:, None])
 
 
 def _causal_mask(n: np.ndarray, ctx: np.ndarray, keys: int) -> np.ndarray:
@@ -273,6 +256,11 @@ def paged_attention_torch(
 
     The new tokens' K/V must already be written to the cache. Grouped-query attention: heads is a
     multiple of kv_heads. Returns (T, heads, head_dim) in q's dtype.
+
+    Whole blocks are read, and block 0 pads short tables: keys past a context are masked, and a
+    masked key weighs 0, but 0 · NaN is NaN. The cache's slots past every context must be finite:
+    the engine never gives block 0 out and zeroes each block it gives (``BlockManager.take_fresh``),
+    which costs a block's write once where zeroing the copies cost every step and layer.
     """
     out = torch.empty_like(q)
     _, kv_heads, head_dim = k_cache.shape
@@ -285,8 +273,6 @@ def paged_attention_torch(
         k_rows, v_rows = _workspace(meta, (g.blocks.numel(), k_blocks.shape[1]), k_blocks)
         torch.index_select(k_blocks, 0, g.blocks, out=k_rows)
         torch.index_select(v_blocks, 0, g.blocks, out=v_rows)
-        if g.past is not None:
-            _zero_rows(k_rows, v_rows, g.past, kv_heads * head_dim)
         # (B, kv_heads, keys, D) views of the copies: SDPA reads them strided, no transpose copy.
         k = k_rows.view(g.num_seqs, -1, kv_heads, head_dim)[:, : g.keys].transpose(1, 2)
         v = v_rows.view(g.num_seqs, -1, kv_heads, head_dim)[:, : g.keys].transpose(1, 2)
@@ -327,8 +313,6 @@ def _long_decodes_attended(
             k_rows, v_rows = _workspace(meta, (c.blocks.numel(), k_blocks.shape[1]), k_blocks)
             torch.index_select(k_blocks, 0, c.blocks, out=k_rows)
             torch.index_select(v_blocks, 0, c.blocks, out=v_rows)
-            if c.past is not None:
-                _zero_rows(k_rows, v_rows, c.past, kv_heads * head_dim)
             k = k_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
             v = v_rows.view(c.m, -1, kv_heads, head_dim).transpose(1, 2)
             mask = c.mask if c.mask is None else c.mask.to(q.dtype)
@@ -340,12 +324,6 @@ def _long_decodes_attended(
         merged = (weights * outs).sum(0).to(q.dtype)
         out[run.lo : run.lo + rows] = merged.view(rows, heads, head_dim)
     return out
-
-
-def _zero_rows(k_rows: torch.Tensor, v_rows: torch.Tensor, past: torch.Tensor, width: int) -> None:
-    """Zero the keys and values at token rows ``past`` of a group's copies (``_past``)."""
-    k_rows.view(-1, width).index_fill_(0, past, 0)
-    v_rows.view(-1, width).index_fill_(0, past, 0)
 
 
 def _workspace(

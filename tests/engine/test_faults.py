@@ -165,6 +165,24 @@ def test_a_request_whose_activations_overflow_leaves_no_nan_for_the_others(
     assert run_all(engine, good, max_tokens=6) == want
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_nan_that_ended_requests_left_in_free_blocks_reaches_no_later_request(
+    tiny_llama: TinyOutput, kernels: str
+) -> None:
+    """Requests that failed or were aborted mid-prefill (never looked at) leave NaN K/V in the
+    blocks they free. The torch attention reads whole blocks, masking keys past each context, and
+    0 · NaN is NaN: a later request given such a block, short of its end, beside a longer one,
+    failed "not finite". The blocks a sequence is given are zeroed first (vLLM's approach,
+    vllm-project/vllm#50283); the Triton kernel reads nothing past a context (either path, the
+    same tokens). Every block but the pad block 0, which nobody is given, holds NaN here."""
+    good = {"long": ("lora-1", list(range(3, 23))), "base": (None, [5, 40, 41]), "other": ("lora-0", [6, 7, 8, 9])}
+    want = run_all(make_engine(tiny_llama, block_size=4, num_blocks=24), good, max_tokens=4)
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=24, kernels=kernels)
+    for pool in (engine.model.kv.k, engine.model.kv.v):
+        pool[:, 4:] = float("nan")
+    assert run_all(engine, good, max_tokens=4) == want
+
+
 def test_a_request_with_nan_logits_leaves_no_cached_blocks_and_its_error_names_the_adapter(
     tiny_llama: TinyOutput,
 ) -> None:

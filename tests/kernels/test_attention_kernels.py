@@ -185,28 +185,20 @@ def test_the_torch_path_equals_attention_written_out(
     assert len(meta.groups) + (meta.long_decodes is not None) > 1 or len(q_lens) == 1
 
 
-@pytest.mark.parametrize(
-    "q_lens,ctx_lens",
-    [
-        ([1] * 6, [3, 17, 40, 5, 16, 33]),  # decodes padded to the widest table
-        ([1, 1, 1, 4, 1], [300, 1000, 257, 40, 611]),  # long decodes, their last chunk padded
-        ([30, 5, 1, 12], [30, 70, 900, 1200]),  # prompts and chunks, padded and alone
-        ([9, 3], [9, 20]),  # a prefill beside a chunk
-    ],
-)
-@pytest.mark.parametrize("chunk_bytes", [2 << 20, 4096])
-def test_the_torch_path_never_reads_slots_past_a_context(
-    q_lens: list[int], ctx_lens: list[int], chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A request whose activations overflowed (an fp16 adapter, say) leaves NaN in its blocks; once
-    freed they are another's, past its context, and block 0 pads every table. A masked key weighs
-    0, but 0 · NaN is NaN: the torch path read them and every later request of the worker failed
-    ("logits are not finite"; vLLM zeroes such blocks for it, vllm-project/vllm#50283). As the
-    Triton kernel, which loads only keys inside each context, it must give the same bits whatever
-    lies past them."""
-    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
+# (q_lens, ctx_lens): decodes padded to the widest table; long decodes, their last chunk padded;
+# prompts and chunks, padded and alone; a prefill beside a chunk.
+PAST_CONTEXT = [
+    ([1] * 6, [3, 17, 40, 5, 16, 33]),
+    ([1, 1, 1, 4, 1], [300, 1000, 257, 40, 611]),
+    ([30, 5, 1, 12], [30, 70, 900, 1200]),
+    ([9, 3], [9, 20]),
+]
+
+
+def _past_context(q_lens: list[int], ctx_lens: list[int]) -> tuple:
+    """Sequences over blocks 1.. (block 0 pads tables only, as the engine keeps it), random K/V, and
+    which slots lie inside some context: (q, k, v, owned, build metadata for a kernel path)."""
     block_size, heads, kv_heads, head_dim = 16, 4, 2, 16
-    # block 0 is nobody's: only padding reads it
     needed, tables, slots = _shuffled_tables(q_lens, ctx_lens, block_size, random.Random(3), first=1)
     owned = torch.zeros((sum(needed) + 1) * block_size, dtype=torch.bool)
     for c, t in zip(ctx_lens, tables):
@@ -215,9 +207,39 @@ def test_the_torch_path_never_reads_slots_past_a_context(
     q = torch.randn(sum(q_lens), heads, head_dim, generator=g)
     k = torch.randn(len(owned), kv_heads, head_dim, generator=g)
     v = torch.randn(len(owned), kv_heads, head_dim, generator=g)
-    meta = build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size, torch.device("cpu"))
-    clean = paged_attention_torch(q, k, v, meta, block_size, head_dim**-0.5)
+    return q, k, v, owned, lambda build: build(q_lens, ctx_lens, tables, slots, block_size, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens", PAST_CONTEXT)
+@pytest.mark.parametrize("chunk_bytes", [2 << 20, 4096])
+def test_the_torch_path_gives_the_same_bits_whatever_finite_lies_past_a_context(
+    q_lens: list[int], ctx_lens: list[int], chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The torch path reads whole blocks and pads tables with block 0, masking keys past each
+    context. The engine keeps those slots finite (block 0 is nobody's and zero, a block given to
+    a sequence is zeroed: ``BlockManager.take_fresh``), and under that promise what lies there,
+    zeros or a finished request's stale K/V however large, changes no bit. NaN there would
+    (0 · NaN): that is the promise's reason (vllm-project/vllm#50283)."""
+    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
+    q, k, v, owned, meta = _past_context(q_lens, ctx_lens)
+    past = ~owned[:, None, None]
+
+    def attend(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return paged_attention_torch(q, keys, values, meta(build_attention_metadata), 16, 0.25)
+
+    zeroed = attend(k.masked_fill(past, 0), v.masked_fill(past, 0))
+    for scale in (1.0, 6e4):  # another request's K/V, however large
+        assert torch.equal(attend(torch.where(past, scale * k, k), torch.where(past, scale * v, v)), zeroed)
+    assert attend(k.masked_fill(past, float("nan")), v).isnan().any()
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens", PAST_CONTEXT)
+def test_the_triton_kernel_reads_nothing_past_a_context(q_lens: list[int], ctx_lens: list[int]) -> None:
+    """The Triton kernel loads only keys inside each context: NaN or infinity anywhere past them,
+    block 0 too, changes no bit (it needs no zeroed blocks; the engine zeroes them all the same,
+    so both paths hold one promise)."""
+    q, k, v, owned, meta = _past_context(q_lens, ctx_lens)
+    clean = paged_attention_triton(q, k, v, meta(build_paged_metadata), 16, 0.25)
     for stale in (float("nan"), float("inf")):
         k_dirty, v_dirty = k.masked_fill(~owned[:, None, None], stale), v.masked_fill(~owned[:, None, None], stale)
-        meta = build_attention_metadata(q_lens, ctx_lens, tables, slots, block_size, torch.device("cpu"))
-        assert torch.equal(paged_attention_torch(q, k_dirty, v_dirty, meta, block_size, head_dim**-0.5), clean)
+        assert torch.equal(paged_attention_triton(q, k_dirty, v_dirty, meta(build_paged_metadata), 16, 0.25), clean)

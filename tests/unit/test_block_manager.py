@@ -43,3 +43,17 @@ def test_without_prefix_caching_blocks_are_never_shared() -> None:
 def test_bad_sizes_are_refused(num_blocks: int, block_size: int) -> None:
     with pytest.raises(ValueError):
         BlockManager(num_blocks, block_size)
+
+
+def test_block_0_is_nobodys_and_every_block_given_out_is_named_fresh_once() -> None:
+    """Block 0 pads the torch attention's block tables (a masked key weighs 0, and 0 · NaN is NaN):
+    no sequence may write it, so it is never given out (vLLM's null block); the KV cache zeroes
+    each block a sequence is given (``take_fresh``) before anything reads its slots past the
+    context: a NaN a failed or aborted request left there then reaches nobody."""
+    bm = BlockManager(num_blocks=3, block_size=2)
+    bm.grow("a", 6)
+    assert sorted(bm.table("a")) == [1, 2, 3] and bm.end == 4
+    assert bm.take_fresh() == [1, 2, 3] and bm.take_fresh() == []
+    bm.free("a")
+    bm.grow("b", 2)
+    assert bm.take_fresh() == bm.table("b")

@@ -16,6 +16,14 @@ the merged weight itself loses the delta's low bits (tests/engine/test_prefix_ca
 it). A block whose tokens were computed under two merged states is not cached, nor any block after
 it in that sequence (its chain would name KV that no single state produces).
 
+**Block 0 is nobody's** (vLLM's null block): the torch attention pads every block table with it
+and reads whole blocks, hiding keys past a context by a mask, under which a key weighs 0, but
+0 · NaN is NaN. So what lies past a context must be finite: block 0 is never given out (never
+written: zero), and every block a sequence is given is zeroed before a step reads it
+(``take_fresh``), so NaN K/V that a request whose activations overflowed wrote reach only that
+request, in any later batch (vllm-project/vllm#50283 zeroes reused blocks alike). Blocks are
+numbered 1 .. num_blocks; the KV cache holds ``end`` of them (and any scratch after).
+
 Blocks are reference-counted: a cached block may be in several sequences' tables. One that no
 sequence holds stays cached and is reused only when no never-cached block is free, least
 recently released first (a sequence releases its tail first, so a shared prefix outlives the
@@ -64,9 +72,10 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self._free: deque[int] = deque(range(num_blocks))  # never cached, or no longer
+        self._free: deque[int] = deque(range(1, num_blocks + 1))  # never cached, or no longer
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by none: LRU first
-        self._ref = [0] * num_blocks
+        self._ref = [0] * (num_blocks + 1)
+        self._fresh: set[int] = set()  # given out since ``take_fresh``: their content is another's
         self._name_of: dict[int, bytes] = {}  # cached blocks' names
         self._cached: dict[bytes, int] = {}  # name -> block
         self._held: dict[str, _Held] = {}
@@ -75,6 +84,20 @@ class BlockManager:
     def num_free(self) -> int:
         """Blocks a sequence can be given: never cached, or cached and held by none."""
         return len(self._free) + len(self._evictable)
+
+    @property
+    def end(self) -> int:
+        """One past the last block given out: the blocks a KV cache needs, the pad block 0 too."""
+        return self.num_blocks + 1
+
+    def take_fresh(self) -> list[int]:
+        """The blocks given to sequences since the last call, for the KV cache to zero before a
+        step writes or reads them (a block given out and freed since is listed as well: zeroing it
+        is harmless). Blocks taken from the prefix cache by ``reuse_prefix`` are not: full blocks,
+        read only inside the context they name."""
+        fresh = sorted(self._fresh)
+        self._fresh.clear()
+        return fresh
 
     @property
     def num_cached(self) -> int:
@@ -284,4 +307,5 @@ class BlockManager:
             block, _ = self._evictable.popitem(last=False)
             del self._cached[self._name_of.pop(block)]
         self._ref[block] = 1
+        self._fresh.add(block)
         return block

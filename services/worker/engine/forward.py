@@ -28,7 +28,9 @@ def run(
     the tokens the last step reserved taken from ``carry``. When the batch's forward
     raises, each sequence runs alone, so a request that brings the model down fails by itself
     and its batch mates go on (their KV writes repeat the same values into the same slots, so
-    a second pass is harmless)."""
+    a second pass is harmless). Blocks given out since the last step are zeroed first
+    (``BlockManager.take_fresh``)."""
+    engine.model.kv.zero_blocks(engine.blocks.take_fresh())
     if engine.graphs is not None and engine.graphs.runs(batch) and not any(s.collects_prompt_logprobs for s in batch):
         try:
             return batch, engine.graphs.forward(batch, slots, engine.blocks, carry), []

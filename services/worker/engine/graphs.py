@@ -65,7 +65,7 @@ def decode_graphs(engine: LLMEngine, capture: bool) -> DecodeGraphs:
     """``engine``'s decode steps through static buffers (its kernels must be Triton's), replayed as
     CUDA graphs when ``capture``: the engine makes its own on a GPU; CPU tests set one with
     ``capture=False`` as ``engine.graphs``."""
-    c, scratch = engine.config, engine.blocks.num_blocks  # the block past the block manager's
+    c, scratch = engine.config, engine.blocks.end  # the block past the block manager's
     return DecodeGraphs(engine.model, c.max_loras, c.max_num_seqs, engine.max_model_len, scratch, capture)
 
 

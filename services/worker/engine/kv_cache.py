@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from dlora.kernels.host import to_device
 from dlora.model.config import ModelConfig
 
 
@@ -31,6 +32,13 @@ class KVCache:
         self.k[layer, slots] = k
         self.v[layer, slots] = v
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero every layer's K and V in ``blocks`` (blocks just given to sequences: ``take_fresh``)."""
+        if blocks:
+            at = to_device(blocks, torch.int64, self.k.device)
+            for pool in (self.k, self.v):
+                pool.view(pool.shape[0], -1, self.block_size * pool[0, 0].numel()).index_fill_(1, at, 0)
+
     @classmethod
     def sized(
         cls,
@@ -43,10 +51,11 @@ class KVCache:
         scratch_blocks: int = 0,
     ) -> tuple[KVCache, int]:
         """A cache of ``num_blocks`` blocks, or (None) as many as ``budget_bytes`` holds, at least
-        one, and that number; ``scratch_blocks`` more follow them, for writes no sequence owns."""
+        one, and that number; the pad block 0 before them (``block_manager.py``: no sequence's)
+        and ``scratch_blocks`` after them, for writes no sequence owns."""
         per_block = block_size * cls.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
         n = num_blocks or max(1, budget_bytes // per_block)
-        kv = cls(cfg.num_layers, n + scratch_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        kv = cls(cfg.num_layers, 1 + n + scratch_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         return kv, n
 
     @staticmethod

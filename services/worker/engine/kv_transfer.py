@@ -48,6 +48,7 @@ def import_kv(seq: Sequence, snapshot: KVSnapshot, blocks: BlockManager, kv: KVC
     if tuple(snapshot.k.shape) != expected or tuple(snapshot.v.shape) != expected:
         raise RequestError(f"moved KV has shape {tuple(snapshot.k.shape)}, expected {expected}")
     adopt(seq, snapshot.tokens, blocks)
+    kv.zero_blocks(blocks.take_fresh())  # its last block's slots past the context too
     slots = torch.tensor(blocks.slots(seq.request_id, 0, snapshot.tokens), dtype=torch.int64, device=kv.k.device)
     device, dtype = kv.k.device, kv.k.dtype
     for layer in range(layers):
