@@ -95,10 +95,12 @@ async def admit(w: WorkerService, add: Add) -> None:
                 # here (on arrival), and its import into the KV cache (a copy of all of it, in add_request)
                 w.kv_seconds += req.kv_export_s + add.kv_wait_s + time.monotonic() - start
                 w.kv_tokens += add.kv.tokens
-        except RequestError:
+        except RequestError as e:
             if add.kv is None:
                 raise
-            _add_to_engine(w, req, add, None)  # the cache does not fit here: recompute instead
+            # the cache does not fit here, or not in this worker's precision: recompute instead
+            logger.info("moved KV not taken; recomputed", request=req.request_id, reason=str(e))
+            _add_to_engine(w, req, add, None)
         w.streams[req.request_id] = open_stream(req, time.monotonic())
         return
     except AdapterNotFound as e:

@@ -5,6 +5,7 @@ still stops it (found by a probe: ~19 characters lost per move, and 2 of 20 seam
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
@@ -64,3 +65,28 @@ def test_a_request_moved_before_its_first_token_counts_its_prompt_once(tiny_llam
     destination.add_request("new", prompt_token_ids=PROMPT[:3], params=params)
     assert (source.stats.prompt_tokens, destination.stats.prompt_tokens) == (len(PROMPT), 3)
     assert run(destination)[2] is FinishReason.LENGTH  # and it runs as any other
+
+
+def test_a_cache_moved_to_a_narrower_dtype_that_overflows_it_is_refused_not_imported(tiny_llama: TinyOutput) -> None:
+    """Workers of one cluster may serve in different precisions, and a move plan ships the cache
+    whatever they are: an fp32 worker's K/V past float16's 65,504 became infinity in an fp16
+    worker's cache, and the request's next token came from NaN attention. The import refuses a
+    cache that is not finite in this worker's dtype, before taking any block (the worker then
+    recomputes it, its own precision's K/V); one that fits is taken, converted."""
+    from dlora.services.worker.engine import RequestError
+    from dlora.services.worker.engine.kv_transfer import KVSnapshot
+
+    source, params = make_engine(tiny_llama), SamplingParams(max_tokens=8)
+    source.add_request("r", prompt_token_ids=PROMPT, params=params, adapter="lora-0")
+    _, sent, _ = run(source, steps=3)
+    kv = source.export_kv("r")
+    assert kv is not None and kv.k.dtype == torch.float32
+    fp16 = make_engine(tiny_llama, dtype="float16")
+    free = fp16.blocks.num_free
+    large = KVSnapshot(kv.tokens, kv.k * 1e5, kv.v)  # what an fp32 adapter's activations can make
+    with pytest.raises(RequestError, match="float16"):
+        fp16.add_request("r", prompt_token_ids=PROMPT, params=params, adapter="lora-0", resume_token_ids=sent, kv=large)
+    assert fp16.blocks.num_free == free and not fp16.has_unfinished()
+    fp16.add_request("r", prompt_token_ids=PROMPT, params=params, adapter="lora-0", resume_token_ids=sent, kv=kv)
+    _, more, reason = run(fp16)
+    assert reason is FinishReason.LENGTH and len(sent + more) == 8

@@ -47,12 +47,27 @@ def import_kv(seq: Sequence, snapshot: KVSnapshot, blocks: BlockManager, kv: KVC
     expected = (layers, seq.total_len - 1, kv_heads, head_dim)
     if tuple(snapshot.k.shape) != expected or tuple(snapshot.v.shape) != expected:
         raise RequestError(f"moved KV has shape {tuple(snapshot.k.shape)}, expected {expected}")
+    k, v = finite_in(snapshot, kv.k.dtype)
     adopt(seq, snapshot.tokens, blocks)
     kv.zero_blocks(blocks.take_fresh())  # its last block's slots past the context too
     slots = torch.tensor(blocks.slots(seq.request_id, 0, snapshot.tokens), dtype=torch.int64, device=kv.k.device)
-    device, dtype = kv.k.device, kv.k.dtype
     for layer in range(layers):
-        kv.write(layer, snapshot.k[layer].to(device, dtype), snapshot.v[layer].to(device, dtype), slots)
+        kv.write(layer, k[layer].to(kv.k.device), v[layer].to(kv.k.device), slots)
+
+
+def finite_in(snapshot: KVSnapshot, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The snapshot's K and V in ``dtype``, on the host. RequestError when any is not finite there:
+    workers of one cluster may serve in different precisions and a plan ships a cache whatever
+    they are, so an fp32 worker's K/V past float16's 65,504 would be infinity in an fp16 worker's
+    cache (and its attention NaN); refused, the worker recomputes it in its own precision. A NaN
+    the source wrote is refused alike."""
+    k, v = snapshot.k.to(dtype), snapshot.v.to(dtype)
+    if not (bool(k.isfinite().all()) and bool(v.isfinite().all())):
+        came = str(snapshot.k.dtype).removeprefix("torch.")
+        raise RequestError(
+            f"moved KV ({came}) is not finite in this worker's {str(dtype).removeprefix('torch.')}: recomputed instead"
+        )
+    return k, v
 
 
 def adopt(seq: Sequence, tokens: int, blocks: BlockManager) -> None:
