@@ -205,11 +205,13 @@ def test_a_request_with_nan_logits_leaves_no_cached_blocks_and_its_error_names_t
         return logits
 
     engine.model.forward = goes_nan_once
-    out = run(engine, {"bad": (prompt, SamplingParams(max_tokens=4))})["bad"]
-    assert out["reason"] is FinishReason.ERROR and "not finite" in out["error"]
-    assert "'lora-0'" in out["error"] and "float32" in out["error"]
+    engine.register_adapter("lora-0@1652cf58", tiny_llama.adapters["lora-0"])  # as a worker keys a version
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0@1652cf58")
+    (out,) = engine.step()
+    assert out.finish_reason is FinishReason.ERROR and out.error is not None and "not finite" in out.error
+    assert "adapter 'lora-0' (version 1652cf58) in float32" in out.error and out.error_code == "internal"
     assert engine.blocks.num_cached == 0
-    assert run_all(engine, {"again": ("lora-0", prompt)}, max_tokens=4)["again"] == want
+    assert run_all(engine, {"again": ("lora-0@1652cf58", prompt)}, max_tokens=4)["again"] == want
 
 
 def test_generate_writes_an_error_line_and_serves_the_rest(engine: LLMEngine) -> None:

@@ -73,6 +73,8 @@ def not_finite(engine: LLMEngine, seq: Sequence, why: NotFinite) -> RequestOutpu
     reason names what computed it and in which precision: an adapter's weights that overflow
     float16 fail this way on every prompt, and the operator must be told which one."""
     engine.blocks.forget(seq.request_id)
-    weights = f"adapter {seq.adapter!r}" if seq.adapter is not None else "the base model"
+    # The worker's key is name@version (worker/versions.py): the client named the adapter alone.
+    name, _, version = (seq.adapter or "").partition("@")
+    weights = f"adapter {name!r}" + (f" (version {version})" if version else "") if name else "the base model"
     dtype = str(engine.dtype).removeprefix("torch.")
     return engine._fail(seq, f"sampling failed: {why} (computed by {weights} in {dtype} on this worker)")
