@@ -227,3 +227,39 @@ def test_generate_writes_an_error_line_and_serves_the_rest(engine: LLMEngine) ->
     assert [r["id"] for r in results] == ["tiny-t", "bad", "ok"]
     assert len(results[0]["token_ids"]) == 4 and len(results[2]["token_ids"]) == 4
     assert set(results[1]) == {"id", "error"} and "injected fault" in results[1]["error"]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_prompt_chunk_that_goes_nan_fails_its_request_before_another_reuses_its_blocks(
+    tiny_llama: TinyOutput, async_scheduling: bool
+) -> None:
+    """A chunk short of its prompt's end draws no token, so nobody looked at its logits: its NaN
+    K/V were cached, and a request with the same prompt and adapter arriving before the last
+    chunk reused them and failed too (vLLM aborts on NaN in intermediate chunks for it,
+    vllm-project/vllm#50283). The request fails at that chunk (async scheduling: when the step is
+    taken in, one call later), its blocks out of the cache; the other computes its own."""
+    prompt = list(range(3, 23))  # chunks of 8: five blocks of 4
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
+    engine = make_engine(
+        tiny_llama,
+        block_size=4,
+        max_num_batched_tokens=8,
+        enable_prefix_caching=True,
+        async_scheduling=async_scheduling,
+    )
+    forward, armed = engine.model.forward, [True]
+
+    @torch.inference_mode()
+    def first_chunk_goes_nan(inputs):
+        logits = forward(inputs)
+        if armed.pop() if armed else False:
+            engine.model.kv.k[:, inputs.attention.slots] = float("nan")
+            logits = torch.full_like(logits, float("nan"))
+        return logits
+
+    engine.model.forward = first_chunk_goes_nan
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    outs = [o for _ in range(1 + async_scheduling) for o in engine.step()]
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("bad", FinishReason.ERROR)]
+    assert engine.blocks.num_cached == 0
+    assert run_all(engine, {"mate": ("lora-0", prompt)}, max_tokens=4)["mate"] == want

@@ -31,6 +31,7 @@ from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
 from dlora.services.worker.engine.sequence import Sequence
+from dlora.services.worker.engine.taking import fail_chunks
 from dlora.services.worker.policy import StepDecision
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
         e._taken += take(e, last, call_start, switch_s + recording_s)
     # Failed after the last step's token came in, and only where its request goes on.
     e._taken += [e._fail(seq, why) for seq, why in failures if e.holds(seq)]
+    e._taken += fail_chunks(e)  # the last step's prompt chunks (one step later than the sync step)
     if prepared is None or decision is None:
         return _hand_out(e)
     begun = e.clock() if last is not None else prepared.started + recording_s

@@ -150,6 +150,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: InFlight | None = None  # async scheduling's step whose tokens are on their way
         self._taken: list[RequestOutput] = []  # its outputs once taken in, until ``step`` returns them
+        self._chunks: taking.Chunks | None = None  # the last step's prompt chunks, checked when taken in
         # The adapters a switch under way merges in or out; left set when it raised (a device lost
         # there is their requests' death, though none was scheduled yet: the worker's hand-over)
         self.switching: set[str] = set()
@@ -400,9 +401,10 @@ class LLMEngine:
         failed = [self._fail(seq, why) for seq, why in failures]
         ran, logits = self._written(ran, logits)
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
-        if logits is None:
-            return ran, None, [], failed
-        return ran, logits, sample_sequences(logits, ran, self._rng, self.eos_ids, self.grammars).result(), failed
+        tokens = (
+            sample_sequences(logits, ran, self._rng, self.eos_ids, self.grammars).result() if logits is not None else []
+        )
+        return ran, logits, tokens, failed + taking.fail_chunks(self)
 
     def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:
         """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what
@@ -421,6 +423,8 @@ class LLMEngine:
                 done.append(i)
         if len(done) == len(ran):
             return ran, logits
+        chunks = [i for i in range(len(ran)) if i not in set(done)]
+        self._chunks = taking.check_chunks([ran[i] for i in chunks], rows_of(logits, chunks))
         return [ran[i] for i in done], rows_of(logits, done)
 
     def _cache_key(self, adapter: str | None, merged: str | None | bool = True) -> bytes:

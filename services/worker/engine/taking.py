@@ -3,11 +3,13 @@ request whose token cannot be taken failed alone (the synchronous step's and asy
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from dlora.common.messages import ErrorCode
+from dlora.kernels.host import HostCopy
 from dlora.services.worker.engine.faults import describe, raise_if_lost
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, token_logprobs
 from dlora.services.worker.engine.sampler import NotFinite, NothingAllowed, SamplingError
@@ -78,3 +80,33 @@ def not_finite(engine: LLMEngine, seq: Sequence, why: NotFinite) -> RequestOutpu
     weights = f"adapter {name!r}" + (f" (version {version})" if version else "") if name else "the base model"
     dtype = str(engine.dtype).removeprefix("torch.")
     return engine._fail(seq, f"sampling failed: {why} (computed by {weights} in {dtype} on this worker)")
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A step's prefill chunks short of their prompt's end: no token is drawn from their logits,
+    but NaN there means NaN K/V in the blocks the chunk filled, cached already; ``bad`` (n,) bool
+    on its way to the host, read when the step is taken in (``fail_chunks``)."""
+
+    seqs: list[Sequence]
+    bad: HostCopy
+
+
+def check_chunks(seqs: list[Sequence], logits: torch.Tensor | None) -> Chunks | None:
+    """Queue the check of ``seqs``' chunk logits (rows of ``logits``); None: nothing to check."""
+    if not seqs or logits is None:
+        return None
+    return Chunks(seqs, HostCopy(~torch.isfinite(logits).all(dim=-1)))
+
+
+def fail_chunks(engine: LLMEngine) -> list[RequestOutput]:
+    """Fail each request of the engine's last checked chunks whose logits were not finite, before
+    another prompt reuses the blocks it cached (vLLM aborts on NaN in intermediate chunks alike,
+    vllm-project/vllm#50283); one ended or dropped since is passed over."""
+    chunks, engine._chunks = engine._chunks, None
+    if chunks is None:
+        return []
+    why = NotFinite("the model's logits for this request's prompt are not finite (NaN or infinity)")
+    return [
+        not_finite(engine, s, why) for s, bad in zip(chunks.seqs, chunks.bad.wait().tolist()) if bad and engine.holds(s)
+    ]
