@@ -120,6 +120,9 @@ class _Child:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):  # (left open: a ResourceWarning each)
+            if pipe is not None:
+                pipe.close()
 
 
 def _read(stream: IO[bytes]) -> bytes:
