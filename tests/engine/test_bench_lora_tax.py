@@ -3,6 +3,8 @@ their steps alternating, and nothing left in the engine after) and a step's phas
 
 from __future__ import annotations
 
+import time
+
 from dlora.loadgen.bench_engine import lora_tax, measure
 from dlora.model.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine
@@ -22,8 +24,12 @@ def test_a_steps_phases_add_up_to_no_more_than_its_time_and_leave_the_engine_as_
 ) -> None:
     engine = make_engine(tiny_llama, max_loras=2)
     phases: dict[str, float] = {}
-    step_s = measure(engine, ["lora-0", None, "lora-1"], None, steps=6, phases=phases)
+    start = time.perf_counter()
+    measure(engine, ["lora-0", None, "lora-1"], None, steps=6, phases=phases)
+    spent_ms = (time.perf_counter() - start) * 1e3
     assert set(phases) == {"prepare", "forward", "sample", "postprocess", "observe"}
     assert all(v >= 0 for v in phases.values()) and phases["forward"] > 0
-    assert sum(phases.values()) <= 3 * step_s * 1e3  # parts of a step (their means against its median)
+    # parts of the steps: their means times the steps within the whole call (against the steps'
+    # median, 3 times over, a CI run under load failed: one slow step raised the means)
+    assert sum(phases.values()) * 6 <= spent_ms
     assert "_forward" not in vars(engine)  # the class's methods again
