@@ -129,3 +129,31 @@ def test_a_burst_of_compiles_leaves_few_compiler_processes_behind() -> None:
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(lambda g: validator.validate(g, 10.0), grammars)) == [""] * 6
     assert 1 <= len(validator._idle) <= KEPT_IDLE
+
+
+def test_a_child_stopped_in_wall_time_not_cpu_time_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child a loaded host starves (its CPU time reads as nothing spent) is stopped at the wall
+    time's bound, and that is told apart from a grammar that took the CPU bound."""
+    from dlora.services.worker.engine import compile_bound
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    monkeypatch.setattr(compile_bound, "_cpu_s", lambda pid: 0.0)
+    grammar = structured.constraint(SamplingParams(json_schema=SLOW))
+    assert grammar is not None
+    verdict = Validator().validate(grammar, 0.2)
+    assert verdict is not None, "refused as though it had taken the CPU bound"
+    assert verdict == compile_bound.STARVED
+
+
+def test_a_refusal_of_a_starved_compile_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema refused at the bound because a load spike starved its child was refused for good
+    (until 32 other grammars pushed it out of the cache), however idle the host became."""
+    from dlora.services.worker.engine import compile_bound
+
+    params = SamplingParams(json_schema=ORDINARY.replace("x_", "starved_"))
+    with monkeypatch.context() as starved:  # no CPU time spent, the wall time's bound at once
+        starved.setattr(compile_bound, "_cpu_s", lambda pid: 0.0)
+        starved.setattr(compile_bound, "_WALL_PER_CPU", 0.0)
+        with pytest.raises(GrammarError, match="too complex to compile within"):
+            check(params)
+    check(params)  # the load gone: compiled

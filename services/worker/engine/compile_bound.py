@@ -49,6 +49,10 @@ class TooSlow(Exception):
 # answered (quick to find again in-process, where the caller sees the exception itself), or no child
 # could start (fork's EAGAIN or ENOMEM: compiled in-process, unbounded, rather than refused).
 UNCHECKED = "\0unchecked"
+# What it answers when the bound was met in wall time, not the child's CPU time: a child starved
+# by a loaded host, or a host with no /proc to read CPU time from. Refused as the CPU bound's
+# refusal is, but not for good: the same grammar may compile in time once the load is gone.
+STARVED = "\0starved"
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -94,7 +98,8 @@ class _Child:
     def ask(self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None) -> str | None:
         """Why ``grammar`` cannot be used (empty: it can; ``UNCHECKED``): compiled with
         ``tokenizer`` as the engine does, first mask included, or without one llguidance's
-        ``validate_grammar``; None past ``bound_s`` seconds of the child's CPU. Raises OSError
+        ``validate_grammar``; None past ``bound_s`` seconds of the child's CPU, ``STARVED`` past
+        them in wall time (``_WALL_PER_CPU`` times them, or no CPU time to read). Raises OSError
         (EOFError) when the child is gone."""
         stdout = self.proc.stdout
         assert stdout is not None
@@ -113,7 +118,7 @@ class _Child:
             # CPU time, not wall time: 4 slow compiles at once on 2 cores each take twice as long
             left = min(bound_s - cpu, bound_s * _WALL_PER_CPU - spent)
             if left <= 0:
-                return None
+                return None if used is not None and used_before is not None and cpu >= bound_s else STARVED
             if select.select([stdout], [], [], left)[0]:
                 return _read(stdout).decode("utf-8", "surrogatepass")
 
@@ -146,7 +151,8 @@ class Validator:
 
     def validate(self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None) -> str | None:
         """Why ``grammar`` cannot be used (``_Child.ask``: empty, it can; ``UNCHECKED``: not said),
-        found within ``bound_s`` seconds of CPU, or None when it ran past them and was stopped. A
+        found within ``bound_s`` seconds of CPU, or None when it ran past them and was stopped
+        (``STARVED``: stopped at the bound in wall time, a loaded host's or one without /proc). A
         child that dies on the grammar (llguidance crashed on it) says so as a message."""
         while True:
             with self._lock:
@@ -165,9 +171,9 @@ class Validator:
                 if kept is not None:
                     continue  # it may have died idle (the OOM killer): this grammar, on a new one
                 return "the grammar engine failed on it (its compiler's process died)"
-            if verdict is None:
+            if verdict is None or verdict == STARVED:
                 child.kill()
-                return None
+                return verdict
             with self._lock:
                 kept = child if len(self._idle) < KEPT_IDLE else None
                 if kept is not None:

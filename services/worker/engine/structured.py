@@ -30,7 +30,14 @@ from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer, llg_tokenizer_args
-from dlora.services.worker.engine.compile_bound import UNCHECKED, DaemonPool, TokenizerSpec, TooSlow, Validator
+from dlora.services.worker.engine.compile_bound import (
+    STARVED,
+    UNCHECKED,
+    DaemonPool,
+    TokenizerSpec,
+    TooSlow,
+    Validator,
+)
 from dlora.services.worker.engine.served_schema import LAYOUT, bound_in_grammar, served_schema
 
 # OpenAI's json_object mode: any JSON object.
@@ -207,15 +214,31 @@ def check(params: SamplingParams) -> None:
         raise GrammarError(f"{label(params)} cannot be used: {_reason(error)}")
 
 
-@functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
+class _Unkept(Exception):
+    """A verdict ``_kept_verdict`` must not keep (an exception: ``lru_cache`` keeps none)."""
+
+
 def _validated(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None) -> str:
     """llguidance's ``validate_grammar`` message (with ``tokenizer``: its matcher's error, first
     mask included), or why it was stopped: within ``bound_s`` seconds of CPU (a child process's;
-    0: unbounded, here). Kept, a refusal too: sent again, a schema that ran to the bound would take
-    a core as long again."""
+    0: unbounded, here)."""
+    try:
+        return _kept_verdict(grammar, bound_s, tokenizer)
+    except _Unkept as e:
+        return str(e)
+
+
+@functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
+def _kept_verdict(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None) -> str:
+    """``_validated``'s verdict, kept, a refusal at the CPU bound too: sent again, a schema that ran
+    to the bound would take a core as long again. Not one met in wall time (``STARVED``): kept, a
+    schema that compiles in a second was refused for good after a load spike starved its child."""
     if bound_s > 0:
-        if (verdict := _validator.validate(grammar, bound_s, tokenizer)) is None:
-            return f"{_TOO_SLOW} {bound_s:g} s (the server's grammar_compilation_timeout_s): simplify it"
+        if (verdict := _validator.validate(grammar, bound_s, tokenizer)) in (None, STARVED):
+            refusal = f"{_TOO_SLOW} {bound_s:g} s (the server's grammar_compilation_timeout_s): simplify it"
+            if verdict == STARVED:
+                raise _Unkept(refusal)
+            return refusal
         if verdict != UNCHECKED:
             return verdict
     return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
