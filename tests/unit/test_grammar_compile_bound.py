@@ -157,3 +157,28 @@ def test_a_refusal_of_a_starved_compile_is_not_kept(monkeypatch: pytest.MonkeyPa
         with pytest.raises(GrammarError, match="too complex to compile within"):
             check(params)
     check(params)  # the load gone: compiled
+
+
+def test_a_grammar_that_killed_its_compiler_process_is_not_compiled_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Grammars`` (the gateway's and each worker's) read the child's verdict only for the bound:
+    a grammar whose compile killed the child (llguidance crashed on it) was compiled again in the
+    server's own process, which it would crash as it did the child (SIGSEGV: the gateway, or a
+    worker and every request it held)."""
+    from dlora.services.worker.engine.compile_bound import Validator
+    from dlora.services.worker.engine.structured import Grammars
+
+    class Crashes(Validator):
+        def validate(self, grammar: str, bound_s: float, tokenizer: object = None) -> str | None:
+            return "the grammar engine failed on it (its compiler's process died)"
+
+    compiled: list[str] = []
+    monkeypatch.setattr(structured, "_validator", Crashes())
+    monkeypatch.setattr(Grammars, "_compile", lambda self, grammar: compiled.append(grammar))
+    grammars = Grammars(None, 0, set())
+    grammars.__dict__.update(tokenizer=None, tokenizer_spec=None)  # (none here: the validator is a stub)
+    params = SamplingParams(json_schema=ORDINARY.replace("x_", "crashes_"))
+    with pytest.raises(GrammarError, match="response_format schema cannot be used: the grammar engine failed on it"):
+        grammars.matcher(params, [])
+    assert compiled == [], "compiled in-process after it killed its compiler's process"

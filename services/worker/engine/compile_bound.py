@@ -42,7 +42,13 @@ KEPT_IDLE = 2
 
 
 class TooSlow(Exception):
-    """The grammar's compile was stopped at the bound; the message says so (after a field's name)."""
+    """The grammar's compile was stopped at the bound, or killed its process (``CRASHED``); the
+    message says so (after a field's name)."""
+
+
+# What ``Validator.validate`` answers for a grammar its child died on: llguidance crashed on it, and
+# would crash the server's own process as well (never compiled there).
+CRASHED = "the grammar engine failed on it (its compiler's process died)"
 
 
 # What ``Validator.validate`` answers when the child could not say: llguidance raised rather than
@@ -170,7 +176,7 @@ class Validator:
                 child.kill()
                 if kept is not None:
                     continue  # it may have died idle (the OOM killer): this grammar, on a new one
-                return "the grammar engine failed on it (its compiler's process died)"
+                return CRASHED
             if verdict is None or verdict == STARVED:
                 child.kill()
                 return verdict

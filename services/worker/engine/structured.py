@@ -31,6 +31,7 @@ from llguidance.numpy import fill_next_token_bitmask_par
 from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer, llg_tokenizer_args
 from dlora.services.worker.engine.compile_bound import (
+    CRASHED,
     STARVED,
     UNCHECKED,
     DaemonPool,
@@ -309,7 +310,8 @@ class Grammars:
             return pending.result()
         try:
             bound = GRAMMAR_COMPILATION_TIMEOUT_S if self.compile_timeout_s is None else self.compile_timeout_s
-            if (error := _validated(grammar, bound, self.tokenizer_spec)).startswith(_TOO_SLOW):
+            error = _validated(grammar, bound, self.tokenizer_spec)
+            if error.startswith(_TOO_SLOW) or error == CRASHED:  # (it would crash this process too)
                 raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
             m = _deep(len(grammar), self._compile, grammar)
         except BaseException as e:  # (raised to the waiters too: a thread that could not start)
