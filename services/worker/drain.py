@@ -5,8 +5,10 @@ Functions of the running ``WorkerService`` (its commands, streams and records)."
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from dlora.common import bus, log, subjects
 from dlora.common.messages import LostRequests
@@ -19,6 +21,26 @@ if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
 
 logger = log.get("worker")
+T = TypeVar("T")
+
+# Seconds each of a stopping worker's Redis calls may take. With Redis hung (SIGSTOP, a partition,
+# a paused VM) each waited out redis-py's tries (4 x 5 s): is the id another's now, what came late,
+# the clean-stop mark, the heartbeat's removal, one after the other, so an idle worker took 86 s to
+# stop, past the units' TimeoutStopSec (60 s), and was killed outright. Once one failed the rest
+# are not tried: what they leave undone is left as a crash leaves it (the records recovered after
+# the heartbeat's TTL).
+STOP_STATE_S = 2.0
+
+
+def stop_bound() -> bus.StateBound:
+    """The bound of one stop's Redis work (``STOP_STATE_S`` a call; none tried after a failure)."""
+    return bus.StateBound(STOP_STATE_S, pause_s=math.inf)
+
+
+async def _bounded(w: WorkerService, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` under the stop's bound (raising as a Redis outage does)."""
+    async with w.leaving():
+        return await call()
 
 
 async def start(w: WorkerService) -> float:
@@ -64,12 +86,15 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
             unrun.remove(rid)
         await w.drop(rid, record=False, attempt=stream.request.recoveries)
     w.handed_over = set(held)  # not handed back late, even if what follows fails (a review)
-    if (later := await successor(w.store, w.stats, w.s.heartbeat_ttl_s)) is not None:
+    later = None
+    with contextlib.suppress(*bus.STATE_OUTAGE):  # (successor says None where Redis cannot tell)
+        later = await _bounded(w, lambda: successor(w.store, w.stats, w.s.heartbeat_ttl_s))
+    if later is not None:
         give_up(w, later, "nothing handed over")  # stopped, then silent long enough to be replaced
         return
     try:
         if w.records.behind:  # the records must say what the clients have (and which ended)
-            await w.records.write({})
+            await _bounded(w, lambda: w.records.write({}))
         if not held:
             return
         handed = LostRequests(worker=w.s.worker_id, requests=held, draining=not died, never_arrived=unrun)
@@ -117,7 +142,7 @@ async def hand_back_late(w: WorkerService) -> None:
     came). Handed back as a drain's, not a death; otherwise they would wait for the heartbeat
     TTL and count as one. Best effort: what is not sent is recovered after the TTL."""
     try:
-        late, _ = await w.store.sweep_inflight(w.s.worker_id, w.incarnation, w.handed_over, 0.0)
+        late, _ = await _bounded(w, lambda: w.store.sweep_inflight(w.s.worker_id, w.incarnation, w.handed_over, 0.0))
         if late:  # after a device loss none of them ran: they came after the hand-over (a trial)
             unrun = list(late) if w.device_failed else []
             lost = LostRequests(worker=w.s.worker_id, requests=late, draining=not w.device_failed, never_arrived=unrun)
@@ -135,6 +160,6 @@ async def leave(w: WorkerService) -> None:
         await hand_back_late(w)
         if not w.device_failed:  # a stop, not a death: without it, what is left counts as one
             with contextlib.suppress(*bus.STATE_OUTAGE):
-                await w.store.mark_stopped(w.s.worker_id, w.incarnation)
+                await _bounded(w, lambda: w.store.mark_stopped(w.s.worker_id, w.incarnation))
     with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
-        await w.store.forget_worker(w.s.worker_id, w.incarnation)  # (not a successor's: one_id.py)
+        await _bounded(w, lambda: w.store.forget_worker(w.s.worker_id, w.incarnation))  # (not a successor's: one_id.py)

@@ -121,6 +121,7 @@ class WorkerService:
         self.reconciling = bus.Outage("in-flight reconciliation (redis, nats)")
         self.draining = False  # told to stop: finishing what runs here, given nothing new
         self.handed_over: set[str] = set()  # what the drain handed back (not handed back again as it exits)
+        self.leaving = drain.stop_bound()  # the stop's Redis work, bounded as a whole (drain.py)
         self.device_failed = False  # the device failed for good: what is left here is handed back as deaths
         self.admitting: GenerateRequest | None = None  # the request being taken up, until it is
         self.stats: WorkerStats = self._snapshot()
