@@ -4,11 +4,14 @@ the watchdog is fed meanwhile and ``STOPPING=1`` sent at the signal (``services/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from dlora.services.notify import notifier
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StartupError(Exception):
@@ -16,17 +19,39 @@ class StartupError(Exception):
     says why in one line, for ``dlora serve`` to print instead of a traceback."""
 
 
+def _asked_to_stop(stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` (the service stops as it sees fit: a worker drains)."""
+
+    def on_signal() -> None:
+        notifier.stopping()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+
+
+@contextlib.contextmanager
+def killed_by_signals(stop: asyncio.Event) -> Iterator[None]:
+    """In the block SIGINT and SIGTERM end the process at once (their default action) instead of
+    setting ``stop``: for start-up work that leaves nothing to undo and may not let the event loop
+    run to see a stop. A model's load is such: safetensors opens and reads its files holding the
+    GIL, so a load from a hung network mount held off Ctrl-C, a second Ctrl-C and systemd's
+    SIGTERM for as long as it lasted (vLLM #5062's kind), and a slow one until it ended."""
+    loop = asyncio.get_running_loop()
+    for sig in SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_DFL)  # (asyncio puts Python's KeyboardInterrupt back for SIGINT)
+    try:
+        yield
+    finally:
+        _asked_to_stop(stop)
+
+
 def run_until_signalled(serve: Callable[[Any, asyncio.Event], Awaitable[None]], settings: Any) -> None:
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            notifier.stopping()
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+        _asked_to_stop(stop)
         watchdog = asyncio.create_task(notifier.keep_alive(stop))
         try:
             await serve(settings, stop)

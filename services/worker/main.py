@@ -41,7 +41,7 @@ from dlora.common.messages import (
 )
 from dlora.common.state import StateStore
 from dlora.services.notify import notifier
-from dlora.services.run import StartupError
+from dlora.services.run import StartupError, killed_by_signals
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
@@ -487,7 +487,8 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     structlog.contextvars.bind_contextvars(worker=s.worker_id)  # every line says whose (several under dlora up)
     try:
-        engine = await asyncio.to_thread(build_engine, s)
+        with killed_by_signals(stop):  # (nothing to undo yet, and the load may hold the GIL: run.py)
+            engine = await asyncio.to_thread(build_engine, s)
     except (OSError, ValueError) as e:  # the model directory, device or kernels: LLMEngine says which
         raise StartupError(f"the engine cannot start on {s.model}: {e}") from e
     async with connections(s, stop) as (nc, store):

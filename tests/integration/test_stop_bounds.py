@@ -6,10 +6,14 @@ up) and ``systemctl stop`` or ``restart`` waited for all of it."""
 from __future__ import annotations
 
 import configparser
+import contextlib
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
@@ -32,9 +36,9 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], limit_s: 
     assert text in log.read_text(), log.read_text()[-3000:]
 
 
-def stopped_within(proc: subprocess.Popen[bytes], limit_s: float) -> int | None:
-    """``proc``'s exit code once it exits within ``limit_s`` of a SIGTERM; None (and killed) if not."""
-    proc.send_signal(signal.SIGTERM)
+def stopped_within(proc: subprocess.Popen[bytes], limit_s: float, sig: int = signal.SIGTERM) -> int | None:
+    """``proc``'s exit code once it exits within ``limit_s`` of ``sig``; None (and killed) if not."""
+    proc.send_signal(sig)
     try:
         return proc.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
@@ -63,3 +67,50 @@ def test_a_worker_told_to_stop_while_redis_hangs_stops_before_systemd_kills_it(
             proc.kill()
             proc.wait()
     assert code == 0, log.read_text()[-3000:]
+
+
+def slow_model(tiny: TinyOutput, where: Path) -> Path:
+    """A copy of ``tiny``'s model whose weights file is a FIFO: a read of it waits until someone
+    writes (a model on a hung network mount, a disk of minutes: a load that does not end soon)."""
+    model = where / "slow-model"
+    model.mkdir()
+    for f in tiny.model.iterdir():
+        if f.suffix != ".safetensors":
+            (model / f.name).symlink_to(f)
+    os.mkfifo(model / "model.safetensors")
+    return model
+
+
+def opening_a_fifo(proc: subprocess.Popen[bytes], limit_s: float = 120.0) -> None:
+    """Until a thread of ``proc`` waits in the open of a FIFO (Linux's ``wait_for_partner``): the
+    load got as far as the weights, and waits there for as long as nobody writes to them."""
+    deadline = time.monotonic() + limit_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # (a thread that ended meanwhile)
+            if any(
+                t.joinpath("wchan").read_text() == "wait_for_partner" for t in Path(f"/proc/{proc.pid}/task").iterdir()
+            ):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the weights were never opened (exit {proc.poll()})")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_worker_told_to_stop_while_its_model_loads_stops(
+    nats_server: Server, redis_server: Server, tiny_llama: TinyOutput, tmp_path: Path, sig: int
+) -> None:
+    """vLLM #5062's kind: Ctrl-C (twice too) or systemd's SIGTERM during the load did nothing; the
+    worker went on waiting for the load (here for ever) until it was killed outright. Nothing is
+    there to undo yet: the signal ends it as it would any program (systemd counts that a clean stop)."""
+    model = slow_model(tiny_llama, tmp_path)
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = spawn_worker(nats_server.url, redis_server.url, str(model), "w-loading", stderr=out)
+    try:
+        opening_a_fifo(proc)
+        code = stopped_within(proc, stop_timeout_s("dlora-worker@.service"), sig)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code in (0, -sig), log.read_text()[-3000:]
