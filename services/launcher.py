@@ -166,13 +166,17 @@ CRASH_LOOP_S = 10.0
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
 
 
+CLEAN_EXITS = (0, *(-sig for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)))
+
+
 def on_exit(service: str, code: int) -> str:
     """What ``dlora up`` does when ``service`` exits with ``code``, as systemd's ``Restart=on-failure``
     does for the units: "restart" after a failure (every service is built to be started again: the
     cluster's state is in Redis, a worker's requests go to the others meanwhile); "leave" a worker
     that stopped cleanly (drained on purpose: SIGTERM); "stop" the stack when any other service
-    exits cleanly (nothing asked it to)."""
-    if code != 0:
+    exits cleanly (nothing asked it to). Ended by SIGHUP, SIGINT, SIGTERM or SIGPIPE is a clean
+    exit, as systemd counts it: a worker told to stop while its model loads ends so."""
+    if code not in CLEAN_EXITS:
         return "restart"
     return "leave" if service.startswith("worker-") else "stop"
 

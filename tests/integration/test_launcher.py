@@ -263,6 +263,10 @@ def test_what_dlora_up_does_when_a_service_exits() -> None:
     assert on_exit("worker-0", 1) == "restart"
     assert on_exit("worker-0", 0) == "leave"
     assert on_exit("dispatcher", 0) == "stop" and on_exit("gateway", 0) == "stop"
+    # Ended by SIGTERM or Ctrl-C (a worker told to stop while its model loads ends so): a clean
+    # stop, as systemd counts it (SIGHUP, SIGINT, SIGTERM, SIGPIPE), not a failure to restart.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        assert on_exit("worker-0", -sig) == "leave" and on_exit("gateway", -sig) == "stop"
 
 
 def test_dlora_up_serves_the_model_its_settings_file_names(tmp_path: Path) -> None:
