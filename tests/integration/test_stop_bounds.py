@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.servers import Server
+from dlora.services.servers import Server, free_port
 from tests.integration.conftest import spawn_worker
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
@@ -114,3 +118,64 @@ def test_a_worker_told_to_stop_while_its_model_loads_stops(
             proc.kill()
             proc.wait()
     assert code in (0, -sig), log.read_text()[-3000:]
+
+
+def slow_schema(patterns: int = 800) -> dict:
+    """A JSON schema llguidance takes hours over (400 such patternProperties: 37 s here)."""
+    return {"type": "object", "patternProperties": {f"^p{i}[a-z]*x$": {"type": "integer"} for i in range(patterns)}}
+
+
+def threads_of(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+def test_a_gateway_told_to_stop_while_a_grammar_compiles_stops(
+    nats_server: Server, redis_server: Server, tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A compile runs on threads nothing can interrupt; concurrent.futures' pool threads are joined
+    at the interpreter's exit, so a gateway told to stop while one compiled closed its port and
+    then waited for the compile (hours) until systemd killed it (the worker compiles alike)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": nats_server.url,
+        "DLORA_REDIS_URL": redis_server.url,
+        "DLORA_MODEL": str(tiny_llama.model),
+        "DLORA_GATEWAY_PORT": str(port),
+    }
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dlora.services.cli", "serve", "gateway"], env=env, stdout=out, stderr=out
+        )
+    body = {
+        "model": tiny_llama.model.name,
+        "prompt": "hi",
+        "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "slow", "schema": slow_schema()}},
+    }
+    sent: list[BaseException] = []
+
+    def send() -> None:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(request, timeout=300).close()
+        except Exception as e:  # noqa: BLE001 - its answer is not what is tested
+            sent.append(e)
+
+    client = threading.Thread(target=send, daemon=True)
+    try:
+        wait_for_line(log, "gateway ready", proc)
+        before = threads_of(proc.pid)
+        client.start()
+        deadline = time.monotonic() + 120
+        while threads_of(proc.pid) < before + 2 and time.monotonic() < deadline:  # the pool's, the compile's
+            time.sleep(0.1)
+        code = stopped_within(proc, stop_timeout_s("dlora-gateway.service"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()[-3000:]
