@@ -164,6 +164,8 @@ def gpu_of_worker(index: int, gpus: list[str]) -> dict[str, str]:
 # not started again: it would only fail again.
 CRASH_LOOP_S = 10.0
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
+# Seconds ``dlora up`` waits for a service it told to stop (SIGTERM) before it kills it outright.
+STOP_WAIT_S = 10.0
 
 
 CLEAN_EXITS = (0, *(-sig for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)))
@@ -422,7 +424,7 @@ class LocalStack:
                 p.send_signal(signal.SIGTERM)
         for p in reversed(self.procs):
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()  # reaped: stopped when stop() returns (a CI run found one still running)

@@ -53,6 +53,7 @@ from dlora.services.dispatcher.state import DispatchState, new_salt
 from dlora.services.dispatcher.take_back import take_back
 from dlora.services.dispatcher.tenancy import as_taken, unseen
 from dlora.services.notify import notifier
+from dlora.services.run import unless_stopped
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)
@@ -197,12 +198,9 @@ class Dispatcher(Recovery):
         """A worker whose stats stopped for ``heartbeat_ttl_s`` is lost: one dispatcher (a lock in
         Redis) re-dispatches its in-flight requests, each resuming after the tokens its client has."""
         redis = bus.Outage("redis (dispatcher)")
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.s.heartbeat_ttl_s / 4):
-                    await stop.wait()
+        async for _ in bus.every(self.s.heartbeat_ttl_s / 4, stop):  # (no look once stopped)
             try:
-                await self._look(time.monotonic())
+                await unless_stopped(self._look(time.monotonic()), stop)  # (one broken off: the sweep's)
                 redis.succeeded()
             except bus.STATE_OUTAGE as e:  # Redis restarting: a lost worker is looked at again next time
                 redis.failed(e)

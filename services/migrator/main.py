@@ -22,6 +22,7 @@ from dlora.services.migrator.metrics import MigratorMetrics
 from dlora.services.migrator.planner import plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.notify import notifier
+from dlora.services.run import unless_stopped
 
 logger = log.get("migrator")
 
@@ -129,7 +130,7 @@ class Migrator:
             redis = bus.Outage("redis (migrator)")
             while not stop.is_set():
                 try:
-                    await self.tick()
+                    await unless_stopped(self.tick(), stop)
                     redis.succeeded()
                 except bus.STATE_OUTAGE as e:  # Redis restarting: look again next interval
                     redis.failed(e)
@@ -139,9 +140,10 @@ class Migrator:
         finally:
             ready.cancel()
             await bus.unsubscribe([sub])
-            if self.leader:
+            if self.leader:  # (bounded: a hung Redis held it 20 s; unreleased, the lease expires)
                 with contextlib.suppress(*bus.STATE_OUTAGE):
-                    await self.store.release_lease("migrator", self.holder)
+                    async with bus.StateBound()():
+                        await self.store.release_lease("migrator", self.holder)
 
 
 async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:

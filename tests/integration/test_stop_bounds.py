@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.launcher import STOP_WAIT_S
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import spawn_worker
 
@@ -174,6 +175,39 @@ def test_a_gateway_told_to_stop_while_a_grammar_compiles_stops(
         while threads_of(proc.pid) < before + 2 and time.monotonic() < deadline:  # the pool's, the compile's
             time.sleep(0.1)
         code = stopped_within(proc, stop_timeout_s("dlora-gateway.service"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("service", ["dispatcher", "migrator"])
+def test_a_service_told_to_stop_while_redis_hangs_stops_before_dlora_up_kills_it(
+    nats_server: Server, start_redis_here, tmp_path: Path, service: str
+) -> None:
+    """With Redis hung, the look under way when the stop came (the dispatcher's sweep of lost
+    workers, the migrator's lease and plan) waited out redis-py's tries (4 x 5 s), and the
+    migrator's release of its lease as many again: 18 s and 38 s, past the 10 s ``dlora up``
+    gives a service before it kills it."""
+    redis = start_redis_here()
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": nats_server.url,
+        "DLORA_REDIS_URL": redis.url,
+        "DLORA_METRICS_PORT": str(free_port()),
+        "DLORA_HEARTBEAT_TTL_S": "2",  # (the dispatcher looks every TTL/4)
+    }
+    log = tmp_path / f"{service}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dlora.services.cli", "serve", service], env=env, stdout=out, stderr=out
+        )
+    try:
+        wait_for_line(log, f"{service} ready", proc)
+        redis.proc.send_signal(signal.SIGSTOP)
+        wait_for_line(log, "dependency unavailable", proc)  # a look met the hung Redis, and the next waits
+        code = stopped_within(proc, STOP_WAIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
