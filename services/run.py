@@ -20,10 +20,26 @@ class StartupError(Exception):
     says why in one line, for ``dlora serve`` to print instead of a traceback."""
 
 
+class Stop(asyncio.Event):
+    """Set at the first SIGINT or SIGTERM: the service stops as it sees fit (a worker drains, for
+    up to ``drain_timeout_s``). ``hurried`` at the next: stop now (a worker hands over at once).
+    Ctrl-C twice did nothing more, as vLLM's and uvicorn's users press it to force a stop."""
+
+    hurried = False
+
+
+def hurried(stop: asyncio.Event) -> bool:
+    """Whether ``stop`` was asked for a second time (``Stop``)."""
+    return isinstance(stop, Stop) and stop.hurried
+
+
 def _asked_to_stop(stop: asyncio.Event) -> None:
-    """SIGINT and SIGTERM set ``stop`` (the service stops as it sees fit: a worker drains)."""
+    """SIGINT and SIGTERM set ``stop``, and hurry it once set (``Stop``)."""
 
     def on_signal() -> None:
+        if stop.is_set() and isinstance(stop, Stop):
+            stop.hurried = True
+            return
         notifier.stopping()
         stop.set()
 
@@ -68,7 +84,7 @@ async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
 
 def run_until_signalled(serve: Callable[[Any, asyncio.Event], Awaitable[None]], settings: Any) -> None:
     async def main() -> None:
-        stop = asyncio.Event()
+        stop = Stop()
         _asked_to_stop(stop)
         watchdog = asyncio.create_task(notifier.keep_alive(stop))
         try:

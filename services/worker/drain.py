@@ -50,7 +50,7 @@ async def start(w: WorkerService) -> float:
     w.stats, w._snapshot_at = w._snapshot(), time.monotonic()
     with contextlib.suppress(Exception):  # NATS down: the next stats say it
         await bus.publish(w.nc, subjects.stats(w.s.worker_id), w.stats)
-    logger.info("draining", requests=len(w.streams), timeout_s=w.s.drain_timeout_s)
+    logger.info("draining", requests=len(w.streams), timeout_s=w.s.drain_timeout_s, now="signal again to hand over now")
     return time.monotonic() + w.s.drain_timeout_s
 
 

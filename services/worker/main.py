@@ -41,7 +41,7 @@ from dlora.common.messages import (
 )
 from dlora.common.state import StateStore
 from dlora.services.notify import notifier
-from dlora.services.run import StartupError, killed_by_signals
+from dlora.services.run import StartupError, hurried, killed_by_signals
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
@@ -355,7 +355,7 @@ class WorkerService:
                 if stop.is_set():
                     drain_until = drain_until or await drain.start(self)
                     idle = not self.engine.has_unfinished() and self.commands.empty() and not self.preparing
-                    if time.monotonic() >= drain_until or idle:
+                    if time.monotonic() >= drain_until or idle or hurried(stop):  # (Ctrl-C twice: at once)
                         await drain.hand_over(self)
                         return
                 await self._turn()

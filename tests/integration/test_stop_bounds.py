@@ -5,6 +5,7 @@ up) and ``systemctl stop`` or ``restart`` waited for all of it."""
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import contextlib
 import json
@@ -17,8 +18,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import msgspec
+import nats
 import pytest
 
+from dlora.common import subjects
+from dlora.common.messages import GenerateRequest, LostRequests, TokenChunk
+from dlora.common.sampling import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.launcher import STOP_WAIT_S
 from dlora.services.servers import Server, free_port
@@ -213,3 +219,52 @@ def test_a_service_told_to_stop_while_redis_hangs_stops_before_dlora_up_kills_it
             proc.kill()
             proc.wait()
     assert code == 0, log.read_text()[-3000:]
+
+
+async def test_ctrl_c_twice_hands_a_draining_workers_requests_over_at_once(
+    nats_server: Server, redis_server: Server, tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """The first Ctrl-C drains (up to ``drain_timeout_s``, here 600 s); a second did nothing more,
+    where vLLM's and uvicorn's users press it to force the stop. It hands over what runs now, as the
+    drain's end does (resumed elsewhere, not a death), and the worker exits."""
+    nc = await nats.connect(nats_server.url)
+    handed: list[LostRequests] = []
+    chunks: list[TokenChunk] = []
+
+    async def on_lost(msg) -> None:  # type: ignore[no-untyped-def]
+        handed.append(msgspec.json.decode(msg.data, type=LostRequests))
+
+    async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+        chunks.append(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    await nc.subscribe(subjects.LOST, cb=on_lost)
+    await nc.subscribe("test.hurry.>", cb=on_chunk)
+    await nc.flush()
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = spawn_worker(
+            nats_server.url, redis_server.url, str(tiny_llama.model), "w-hurry", stderr=out, DLORA_DRAIN_TIMEOUT_S="600"
+        )
+    try:
+        await asyncio.to_thread(wait_for_line, log, "worker ready", proc)
+        long = GenerateRequest(
+            request_id="r-long",
+            reply_to="test.hurry.r-long",
+            prompt_token_ids=[5, 40, 41],
+            params=SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True),
+        )
+        await nc.publish(subjects.worker_requests("w-hurry"), msgspec.json.encode(long))
+        while not chunks and proc.poll() is None:  # it runs
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        await asyncio.to_thread(wait_for_line, log, "draining", proc)
+        code = await asyncio.to_thread(stopped_within, proc, stop_timeout_s("dlora-worker@.service"), signal.SIGINT)
+        await nc.flush()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await nc.close()
+    assert code == 0, log.read_text()[-3000:]
+    assert not any(c.finish_reason for c in chunks), "it ran to its end: the second Ctrl-C did not hurry the drain"
+    assert [(h.requests, h.draining) for h in handed] == [({"r-long": 0}, True)]
