@@ -166,8 +166,7 @@ CRASH_LOOP_S = 10.0
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
 # Seconds ``dlora up`` waits for a service it told to stop (SIGTERM) before it kills it outright.
 STOP_WAIT_S = 10.0
-
-
+# Exit codes systemd counts clean (Restart=on-failure does not restart): 0, and ended by these signals.
 CLEAN_EXITS = (0, *(-sig for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)))
 
 
@@ -442,8 +441,9 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
         if first and (stack is None or not stack.up):  # still starting: break off the wait, once
             raise KeyboardInterrupt  # (start() stops what started; a second signal must not cut that)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # SIGHUP too (a closed terminal, a dropped ssh session): by default it killed dlora up outright.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     for said in unknown_env(os.environ, SERVICES).values():  # the services it starts read this environment
         print(f"dlora up: warning: {said}", file=sys.stderr)
     try:

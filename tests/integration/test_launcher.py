@@ -409,3 +409,31 @@ def test_dlora_up_killed_outright_takes_its_services_and_servers_with_it(tiny_ll
     assert not left, f"still running after dlora up was killed: {left}"
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_dlora_up_stops_in_order_when_its_terminal_closes(tiny_llama, tmp_path: Path) -> None:
+    """A closed terminal or a dropped ssh session sends SIGHUP, whose default action killed dlora up
+    outright: its children went with it (PR_SET_PDEATHSIG), all at once, NATS and Redis under the
+    services' stop, and the servers' folders stayed. It stops as at Ctrl-C."""
+    port = free_port()
+    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    proc = subprocess.Popen(
+        [*cli, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        seen = ""
+        while "dlora is up" not in seen and proc.poll() is None:
+            seen += proc.stdout.readline()
+        assert "dlora is up" in seen, seen + proc.stdout.read()
+        assert sorted(p.name.split("-")[1] for p in temp.iterdir()) == ["nats", "redis"]
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, seen + out  # (as at Ctrl-C once up)
+    assert not list(temp.iterdir())
