@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import signal
 import time
 
 import aiohttp
@@ -364,3 +366,33 @@ async def test_a_service_whose_handler_never_ends_stops_within_its_drain_bound(
     finally:
         service.cancel()
         server.stop()
+
+
+async def test_a_stop_with_nats_hung_logs_no_error_of_nats_pys_drain() -> None:
+    """The drain's bound (DRAIN_S) cancelled nats-py's drain while its subscriptions waited for a
+    PONG from a server that no longer answered; nats-py's gather of them then held a CancelledError
+    nobody retrieved, and asyncio logged "exception was never retrieved" with a traceback, an error
+    line at every such stop (``dlora up`` closed under its services). A server that does not answer
+    is not drained."""
+    server = start_nats()
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+
+    async def ignored(msg: nats.aio.msg.Msg) -> None:
+        pass
+
+    try:
+        nc = await nats.connect(server.url)
+        await nc.subscribe("some.subject", cb=ignored)
+        await bus.flush(nc)
+        server.proc.send_signal(signal.SIGSTOP)
+        await bus._close_nats(nc)
+        assert nc.is_closed
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+    assert reported == []
