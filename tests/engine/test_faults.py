@@ -183,6 +183,22 @@ def test_nan_that_ended_requests_left_in_free_blocks_reaches_no_later_request(
     assert run_all(engine, good, max_tokens=4) == want
 
 
+def _next_forward_goes_nan(engine: LLMEngine) -> None:
+    """``engine``'s next forward writes NaN into the K slots it fills and returns NaN logits (a
+    kernel fault, an overflow); the ones after are its own."""
+    forward, armed = engine.model.forward, [True]
+
+    @torch.inference_mode()
+    def goes_nan_once(inputs):
+        logits = forward(inputs)
+        if armed.pop() if armed else False:
+            engine.model.kv.k[:, inputs.attention.slots] = float("nan")
+            logits = torch.full_like(logits, float("nan"))
+        return logits
+
+    engine.model.forward = goes_nan_once
+
+
 def test_a_request_with_nan_logits_leaves_no_cached_blocks_and_its_error_names_the_adapter(
     tiny_llama: TinyOutput,
 ) -> None:
@@ -195,16 +211,7 @@ def test_a_request_with_nan_logits_leaves_no_cached_blocks_and_its_error_names_t
     prompt = list(range(3, 23))  # five full blocks of 4
     want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
     engine = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True)
-    forward, armed = engine.model.forward, [True]
-
-    def goes_nan_once(inputs):
-        logits = forward(inputs)
-        if armed.pop() if armed else False:
-            engine.model.kv.k[:, inputs.attention.slots] = float("nan")
-            logits = torch.full_like(logits, float("nan"))
-        return logits
-
-    engine.model.forward = goes_nan_once
+    _next_forward_goes_nan(engine)
     engine.register_adapter("lora-0@1652cf58", tiny_llama.adapters["lora-0"])  # as a worker keys a version
     engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0@1652cf58")
     (out,) = engine.step()
@@ -247,17 +254,7 @@ def test_a_prompt_chunk_that_goes_nan_fails_its_request_before_another_reuses_it
         enable_prefix_caching=True,
         async_scheduling=async_scheduling,
     )
-    forward, armed = engine.model.forward, [True]
-
-    @torch.inference_mode()
-    def first_chunk_goes_nan(inputs):
-        logits = forward(inputs)
-        if armed.pop() if armed else False:
-            engine.model.kv.k[:, inputs.attention.slots] = float("nan")
-            logits = torch.full_like(logits, float("nan"))
-        return logits
-
-    engine.model.forward = first_chunk_goes_nan
+    _next_forward_goes_nan(engine)
     engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
     outs = [o for _ in range(1 + async_scheduling) for o in engine.step()]
     assert [(o.request_id, o.finish_reason) for o in outs] == [("bad", FinishReason.ERROR)]
@@ -280,17 +277,7 @@ def test_under_async_scheduling_a_request_arriving_after_a_nan_prefill_does_not_
     prompt = list(range(3, 23))  # five blocks of 4, one step
     want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
     engine = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True, async_scheduling=True)
-    forward, armed = engine.model.forward, [True]
-
-    @torch.inference_mode()
-    def goes_nan_once(inputs):
-        logits = forward(inputs)
-        if armed.pop() if armed else False:
-            engine.model.kv.k[:, inputs.attention.slots] = float("nan")
-            logits = torch.full_like(logits, float("nan"))
-        return logits
-
-    engine.model.forward = goes_nan_once
+    _next_forward_goes_nan(engine)
     engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
     outs = engine.step()  # its prefill, NaN, in flight
     engine.add_request("mate", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
