@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.launcher import CRASH_LOOP_S
 from dlora.services.servers import free_port
 
@@ -377,22 +378,32 @@ def _running(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
+def _up(tiny_llama: TinyOutput, cwd: Path, temp: Path) -> tuple[subprocess.Popen[str], int, str]:
+    """``dlora up`` with one worker, in ``cwd`` with TMPDIR ``temp``, once it says it is up: the
+    process, its gateway's port and what it printed (killed if it does not come up)."""
+    port = free_port()
+    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
+    env = {**os.environ, "TMPDIR": str(temp)}
+    proc = subprocess.Popen(
+        [*cli, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    seen = ""
+    while "dlora is up" not in seen and proc.poll() is None:
+        seen += proc.stdout.readline()
+    if "dlora is up" not in seen:
+        proc.kill()
+        raise AssertionError(seen + proc.communicate()[0])
+    return proc, port, seen
+
+
 def test_dlora_up_killed_outright_takes_its_services_and_servers_with_it(tiny_llama, tmp_path: Path) -> None:
     """A fresh user's trial: ``dlora up`` killed by SIGKILL (the OOM killer, ``kill -9``, a closed
     terminal's hard kill) left NATS, Redis and every service running in their own sessions, the
     gateway serving on its port, and the next ``make run`` refused that port as "another dlora up?"
     with none running. Its children now go with it."""
-    port = free_port()
-    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the servers' folders, which nobody left removes
-    proc = subprocess.Popen(
-        [*cli, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc, port, _ = _up(tiny_llama, tmp_path, tmp_path)  # (TMPDIR: the servers' folders, which nobody left removes)
     try:
-        seen = ""
-        while "dlora is up" not in seen and proc.poll() is None:
-            seen += proc.stdout.readline()
-        assert "dlora is up" in seen, seen + proc.stdout.read()
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
         pids = [int(p) for p in children.stdout.split()]
         assert len(pids) >= 6, pids  # nats-server, redis-server, dispatcher, migrator, worker, gateway
@@ -415,19 +426,10 @@ def test_dlora_up_stops_in_order_when_its_terminal_closes(tiny_llama, tmp_path: 
     """A closed terminal or a dropped ssh session sends SIGHUP, whose default action killed dlora up
     outright: its children went with it (PR_SET_PDEATHSIG), all at once, NATS and Redis under the
     services' stop, and the servers' folders stayed. It stops as at Ctrl-C."""
-    port = free_port()
-    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp)}
-    proc = subprocess.Popen(
-        [*cli, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc, _, seen = _up(tiny_llama, tmp_path, temp)
     try:
-        seen = ""
-        while "dlora is up" not in seen and proc.poll() is None:
-            seen += proc.stdout.readline()
-        assert "dlora is up" in seen, seen + proc.stdout.read()
         assert sorted(p.name.split("-")[1] for p in temp.iterdir()) == ["nats", "redis"]
         proc.send_signal(signal.SIGHUP)
         out, _ = proc.communicate(timeout=120)
