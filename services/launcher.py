@@ -44,7 +44,7 @@ from dlora.services.servers import (
     die_with_parent,
     free_port,
     port_is_free,
-    start_nats,
+    start_nats_preferring,
     start_redis,
 )
 from dlora.services.worker.settings import WorkerSettings
@@ -305,7 +305,7 @@ class LocalStack:
         self.role_env: dict[str, dict[str, str]] = {role: {} for role in ROLES}
         if not self.nats_url:
             self.nats_passwords = {name: secrets.token_urlsafe(18) for name in (*ROLES, APP_USER)}
-            self.servers.append(start_nats(self.nats_port, self.nats_passwords, preexec=die_with_parent()))
+            self.servers.append(start_nats_preferring(self.nats_port, self.nats_passwords, die_with_parent()))
             self.nats_url = self.servers[-1].url
             for role in ROLES:
                 self.role_env[role] |= {"DLORA_NATS_USER": role, "DLORA_NATS_PASSWORD": self.nats_passwords[role]}

@@ -195,6 +195,19 @@ def start_nats(
     return Server(proc, f"nats://127.0.0.1:{port}", tmp)
 
 
+def start_nats_preferring(port: int | None, passwords: dict[str, str], preexec: Callable[[], None] | None) -> Server:
+    """``start_nats`` on ``port`` (None: a free one), or on a free one when ``port`` was taken since
+    it was found free: two ``dlora up`` started at once each took NATS's usual port for theirs, and
+    the one whose nats-server lost the race failed to start ("nats-server exited with status 1":
+    the suite's two ``dlora up`` tests, side by side)."""
+    try:
+        return start_nats(port, passwords, preexec=preexec)
+    except ServerError:
+        if port is None:
+            raise
+        return start_nats(None, passwords, preexec=preexec)
+
+
 def start_redis(
     port: int | None = None,
     password: str | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.launcher import CRASH_LOOP_S
-from dlora.services.servers import free_port
+from dlora.services.servers import free_port, start_nats_preferring
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -439,3 +439,17 @@ def test_dlora_up_stops_in_order_when_its_terminal_closes(tiny_llama, tmp_path: 
             proc.wait()
     assert proc.returncode == 0, seen + out  # (as at Ctrl-C once up)
     assert not list(temp.iterdir())
+
+
+def test_nats_usual_port_taken_since_it_was_found_free_is_left_for_a_free_one() -> None:
+    """The suite's two ``dlora up`` tests, side by side, each found NATS's usual port free and
+    started their nats-server there; the one that lost the race failed ("nats-server exited with
+    status 1"). A port taken meanwhile is left for any free one."""
+    with socket.socket() as held:  # bound, not listening: nats-server cannot bind it, nobody answers
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        server = start_nats_preferring(taken, {"u": "p"}, None)
+        try:
+            assert server.proc.poll() is None and not server.url.endswith(f":{taken}")
+        finally:
+            server.stop()
