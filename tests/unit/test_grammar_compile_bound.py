@@ -7,9 +7,13 @@ default fuel."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +186,37 @@ def test_a_grammar_that_killed_its_compiler_process_is_not_compiled_in_process(
     with pytest.raises(GrammarError, match="response_format schema cannot be used: the grammar engine failed on it"):
         grammars.matcher(params, [])
     assert compiled == [], "compiled in-process after it killed its compiler's process"
+
+
+def _children() -> set[int]:
+    """This process's child processes (any thread's)."""
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    return {int(pid) for t in tasks.iterdir() for pid in (t / "children").read_text().split()}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["systemctl-stop", "Ctrl-C"])
+def test_a_stop_signal_to_the_compilers_process_is_no_crash_of_its_grammar(sig: int) -> None:
+    """``systemctl stop`` sends SIGTERM to every process of the unit (KillMode=control-group), and
+    Ctrl-C on ``dlora serve`` SIGINT to every process of the terminal's group: a compiler's child
+    died of it, and the grammar it was checking was refused as one llguidance crashed on (and kept
+    so), a 400 for a request a draining worker was to run. The child ends with its parent's pipe."""
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    before = _children()
+    # a schema of a few seconds' compile: the signal comes while it compiles
+    schema = {"type": "object", "patternProperties": {f"^s{i}_[a-z]+$": {"type": "integer"} for i in range(300)}}
+    grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    verdicts: list[str | None] = []
+    validator = Validator()  # (no child kept: this compile's is a new one)
+    thread = threading.Thread(target=lambda: verdicts.append(validator.validate(grammar, 60.0)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + LIVENESS_S
+    while not (new := _children() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # (started, and compiling)
+    for pid in new:
+        os.kill(pid, sig)
+    thread.join(LIVENESS_S)
+    assert verdicts == [""], verdicts

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -236,6 +237,12 @@ def _serve_calls(work: SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
 def _serve() -> None:  # the child: one request at a time from stdin, its answer to stdout
     from llguidance import LLMatcher, LLTokenizer
 
+    # A stop's signal is its parent's to act on: systemd's SIGTERM reaches every process of the unit,
+    # a terminal's Ctrl-C every one of its group, and the child's death at it read as llguidance
+    # crashing on the grammar it checked (refused for good, in a drain's requests). It ends with
+    # its parent's pipe; SIGKILL (TimeoutStopSec's too) still ends it.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     tokenizers: dict[str, LLTokenizer] = {}
 
