@@ -220,3 +220,20 @@ def test_a_stop_signal_to_the_compilers_process_is_no_crash_of_its_grammar(sig: 
         os.kill(pid, sig)
     thread.join(LIVENESS_S)
     assert verdicts == [""], verdicts
+
+
+def test_a_kept_child_that_died_idle_is_replaced_for_the_next_grammar() -> None:
+    """A kept child killed while idle (the OOM killer's SIGKILL) is to be replaced by a new one for
+    the next grammar; the grammar's write to its closed pipe failed, and so did the close of that
+    pipe once the child was reaped: BrokenPipeError out of ``validate``, the request an error."""
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    validator = Validator()
+    assert validator.validate(LLMatcher.grammar_from_json_schema(ORDINARY), 10.0) == ""  # a child kept
+    kept = validator._idle[0].proc
+    kept.kill()
+    kept.wait()
+    grammar = LLMatcher.grammar_from_json_schema(ORDINARY.replace("x_", "oom_"))
+    assert validator.validate(grammar, 10.0) == ""

@@ -16,6 +16,7 @@ closes, whatever it is doing (the parent's exit, however it exits, ends it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -133,8 +134,9 @@ class _Child:
         self.proc.kill()
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):  # (left open: a ResourceWarning each)
-            if pipe is not None:
-                pipe.close()
+            if pipe is not None:  # (a close flushes what a dead child's pipe refused: it raises again)
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 def _read(stream: IO[bytes]) -> bytes:
