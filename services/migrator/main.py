@@ -33,6 +33,7 @@ class Migrator:
         self.stats: dict[str, tuple[WorkerStats, float]] = {}
         self.gaps: dict[str, float] = {}  # seconds between each worker's last two stats (``quiet``)
         self.leader = False
+        self.asking = False  # the lease asked for, the answer not yet here
         self.epoch = 0  # the lease's, while leader
         self.plans = 0
         self.looks = Looks(settings.trigger)  # the trigger's patience and cool-down
@@ -65,8 +66,9 @@ class Migrator:
         now = time.monotonic()  # workers silent past the TTL forgotten (pod names that never come back)
         self.stats = {w: (st, at) for w, (st, at) in self.stats.items() if now - at <= self.s.heartbeat_ttl_s}
         self.gaps = {w: g for w, g in self.gaps.items() if w in self.stats}
+        self.asking = True  # (a stop may break the ask off after Redis gave the lease: released too)
         self.epoch = await self.store.hold_lease("migrator", self.holder, self.s.lease_s)
-        self.leader = self.epoch > 0
+        self.leader, self.asking = self.epoch > 0, False
         self.metrics.leads(self.leader)
         if not self.leader:
             self.tidied = False
@@ -140,7 +142,7 @@ class Migrator:
         finally:
             ready.cancel()
             await bus.unsubscribe([sub])
-            if self.leader:  # (bounded: a hung Redis held it 20 s; unreleased, the lease expires)
+            if self.leader or self.asking:  # (bounded: a hung Redis held it 20 s; unreleased, the lease expires)
                 with contextlib.suppress(*bus.STATE_OUTAGE):
                     async with bus.StateBound()():
                         await self.store.release_lease("migrator", self.holder)

@@ -457,3 +457,32 @@ async def test_workers_prefetch_the_adapters_placed_on_them(
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in conns:
             await c.drain()
+
+
+async def test_a_migrator_stopped_while_it_takes_the_lease_releases_it(nats_server: Server, redis: Redis) -> None:
+    """A stop breaks off the look under way (``run.unless_stopped``): broken off after Redis gave
+    it the lease but before its answer came (a slow Redis), the migrator did not know itself
+    leader and left the lease held; a standby could not lead until it expired."""
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    taken = asyncio.Event()
+    hold = store.hold_lease
+
+    async def slow_answer(role: str, holder: str, ttl_s: float) -> int:
+        epoch = await hold(role, holder, ttl_s)
+        taken.set()
+        await asyncio.sleep(60)  # the answer on its way
+        return epoch
+
+    store.hold_lease = slow_answer  # type: ignore[method-assign]
+    try:
+        migrator = Migrator(MigratorSettings(nats_url=nats_server.url, lease_s=30.0), nc, store)
+        stop = asyncio.Event()
+        running = asyncio.create_task(migrator.run(stop))
+        await asyncio.wait_for(taken.wait(), 10)
+        assert await store.lease_holder("migrator") == migrator.holder
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        assert await store.lease_holder("migrator") is None
+    finally:
+        await nc.drain()
