@@ -360,8 +360,8 @@ class StateStore(WorkerKeys):
     ) -> tuple[dict[str, int], set[str]]:
         """``worker``'s reconciliation with its records: refreshes the expiry of the records of the
         requests it ``held``, forgets index entries whose record expired or moved on, and returns
-        the records (id -> attempt) naming it that it does not hold and that changed hands more
-        than ``grace_s`` ago: requests lost with a previous incarnation of the worker, or whose
+        the records (id -> attempt) naming it that it does not hold and that changed hands
+        ``grace_s`` ago or more (0: all): requests lost with a previous incarnation of the worker, or whose
         message never arrived. With them, the ids among them recorded as sent to this very
         ``incarnation``: their message never came (no death)."""
         raw = await self._sweep(

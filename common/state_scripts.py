@@ -270,8 +270,9 @@ return 1
 # KEYS: the worker's index set. ARGV: worker, record key prefix, ttl ms, grace ms, the worker's
 # incarnation, then the ids the worker holds. Refreshes the held records' expiry, drops index
 # entries whose record expired or moved on, and returns {id, recoveries, 1 if the record names this
-# incarnation, ...} of records naming this worker that it does not hold and that changed hands more
-# than the grace ago (their message may still be on its way before).
+# incarnation, ...} of records naming this worker that it does not hold and that changed hands the
+# grace ago or more (their message may still be on its way before; a grace of 0: every one, one
+# written in the sweep's own millisecond too).
 _SWEEP_LUA = """
 local held = {}
 for i = 6, #ARGV do
@@ -287,7 +288,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('SREM', KEYS[1], id)
   elseif held[id] then
     redis.call('PEXPIRE', key, ARGV[3])
-  elseif now_ms - tonumber(rec[3] or 0) > tonumber(ARGV[4]) then
+  elseif now_ms - tonumber(rec[3] or 0) >= tonumber(ARGV[4]) then
     table.insert(lost, id)
     table.insert(lost, rec[2] or '0')
     table.insert(lost, rec[4] == ARGV[5] and 1 or 0)

@@ -132,6 +132,18 @@ async def test_a_record_is_dropped_only_by_whoever_holds_its_attempt(redis: Redi
     assert not await s.put_inflight(msgspec.structs.replace(fresh, reply_to="y"), "w1", new=True)  # another's
 
 
+async def test_a_sweep_without_grace_takes_a_record_written_in_its_own_millisecond(redis: Redis) -> None:
+    """A CI run: a worker's late hand-back (grace 0: every record still naming it) left out a
+    request whose record was written in the sweep's own millisecond ("changed hands more than 0 ms
+    ago"), to wait for the heartbeat TTL and count as a death."""
+    s = StateStore(redis)
+    for i in range(20):  # each written and swept at once: most in one millisecond
+        rid = f"just-{i}"
+        await s.put_inflight(GenerateRequest(request_id=rid, reply_to="x", prompt_token_ids=[1]), "w1", incarnation="a")
+        lost, _ = await s.sweep_inflight("w1", "a", set(), grace_s=0.0)
+        assert rid in lost
+
+
 async def test_sweep_hands_back_what_a_worker_does_not_hold(redis: Redis) -> None:
     s = StateStore(redis)
     for rid in ("held", "lost", "fresh"):
