@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,6 +32,23 @@ def logging_as_before_any_command() -> None:
     configures WARNING) left its level to every later test of the process, which then read none
     of the INFO lines it looked for (the access log's tests, in a random order)."""
     structlog.reset_defaults()
+
+
+# A test process's resident memory past which a test's end runs the cycle collector. A stack's
+# two engines (a 256 MiB KV cache each) sit in reference cycles, which the collector, counting
+# Python objects, not bytes, reached rarely: an xdist worker grew ~0.5 GiB a stack test to 9.5 GiB
+# and the OOM killer ended it (a clean-clone CI run). A collection at every test's end costs more
+# than the suite can spare; past this, one.
+COLLECT_PAST_BYTES = 3 << 30
+
+
+@pytest.fixture(autouse=True)
+def memory_of_ended_tests_freed() -> Iterator[None]:
+    yield
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    if resident > COLLECT_PAST_BYTES:
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
