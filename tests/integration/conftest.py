@@ -114,6 +114,17 @@ async def keyed_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput)
         yield running
 
 
+async def until_live(http: aiohttp.ClientSession, url: str) -> None:
+    """Once the gateway at ``url``, started in-process, answers ``/livez`` (30 s at most)."""
+    for _ in range(600):
+        try:
+            async with http.get(url + "/livez") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def run_stack(
     nats_server: Server,

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.main import serve
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import Stack, run_stack
+from tests.integration.conftest import Stack, run_stack, until_live
 
 
 def _slow_steps(stack: Stack, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -68,13 +68,7 @@ async def test_a_stopping_gateway_aborts_its_requests_and_tells_their_clients(
     url = f"http://127.0.0.1:{s.port}"
     body = {"model": "lora-1", "prompt": "kalo remi", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
     async with aiohttp.ClientSession() as http:
-        for _ in range(600):  # it loads its tokenizer first
-            try:
-                async with http.get(url + "/livez") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
+        await until_live(http, url)  # (it loads its tokenizer first)
         streamed = await http.post(url + "/v1/completions", json={**body, "stream": True})
         assert streamed.status == 200
         await streamed.content.readline()  # the first event: it is running

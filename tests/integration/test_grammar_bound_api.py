@@ -22,7 +22,7 @@ from dlora.services.gateway.main import serve
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server, free_port
 from dlora.services.worker.engine.structured import Grammars
-from tests.integration.conftest import Stack, run_stack
+from tests.integration.conftest import Stack, run_stack, until_live
 from tests.integration.test_gateway import post
 from tests.unit.test_grammar_compile_bound import LIVENESS_S, SLOW
 
@@ -93,13 +93,7 @@ async def test_a_request_compiling_when_the_gateway_stops_is_answered_503(
     body = {"model": "lora-1", "prompt": "kalo", "max_tokens": 3, "guided_choice": ["held-at-stop"]}
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(600):  # it loads its tokenizer first
-                try:
-                    async with http.get(url + "/livez") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+            await until_live(http, url)  # (it loads its tokenizer first)
             compiling = asyncio.create_task(http.post(url + "/v1/completions", json=body))
             assert await asyncio.to_thread(entered.wait, LIVENESS_S)
             stop.set()

@@ -23,12 +23,9 @@ def _modules(layers: int) -> list[str]:
     ]
 
 
-def test_an_eva_config_of_an_80_layer_base_is_read_in_full() -> None:
-    """PEFT's EVA initialisation writes a rank_pattern and an alpha_pattern key per module (the
-    module's full name: peft/tuners/lora/eva.py), each matched, in order, against every module:
-    560 x 560 matches twice on an 80-layer base. regex's cache holds 500 patterns, so each match
-    compiled its pattern again, and such an adapter was refused at the 2 s bound on an idle
-    machine here."""
+def _an_eva_config_selects_each_module_its_own_rank_and_alpha() -> None:
+    """An 80-layer EVA config (a rank and an alpha key per module, each a module's full name)
+    selects every module with its own rank and alpha."""
     modules = _modules(80)
     ranks = {m: 4 + i % 13 for i, m in enumerate(modules)}
     alphas = {m: float(i + 1) for i, m in enumerate(modules)}
@@ -38,6 +35,15 @@ def test_an_eva_config_of_an_80_layer_base_is_read_in_full() -> None:
         assert chosen.targeted(m)
         assert chosen.pattern_value(ranks, m, 8) == ranks[m]
         assert chosen.pattern_value(alphas, m, 16) == alphas[m]
+
+
+def test_an_eva_config_of_an_80_layer_base_is_read_in_full() -> None:
+    """PEFT's EVA initialisation writes a rank_pattern and an alpha_pattern key per module (the
+    module's full name: peft/tuners/lora/eva.py), each matched, in order, against every module:
+    560 x 560 matches twice on an 80-layer base. regex's cache holds 500 patterns, so each match
+    compiled its pattern again, and such an adapter was refused at the 2 s bound on an idle
+    machine here."""
+    _an_eva_config_selects_each_module_its_own_rank_and_alpha()
 
 
 def test_time_the_matching_thread_spends_waiting_is_not_charged_to_its_config(
@@ -138,15 +144,8 @@ def test_an_eva_config_runs_no_regex_engine(monkeypatch: pytest.MonkeyPatch) -> 
     0.7 s). Names whose only metacharacter is '.' are matched without it, first match in order as
     PEFT's get_pattern_key; a string target_modules of that kind too."""
     _no_regex_engine(monkeypatch)
+    _an_eva_config_selects_each_module_its_own_rank_and_alpha()
     modules = _modules(80)
-    ranks = {m: 4 + i % 13 for i, m in enumerate(modules)}
-    alphas = {m: float(i + 1) for i, m in enumerate(modules)}
-    conf = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS), "rank_pattern": ranks, "alpha_pattern": alphas}
-    chosen = Targets("eva", conf)
-    for m in modules:
-        assert chosen.targeted(m)
-        assert chosen.pattern_value(ranks, m, 8) == ranks[m]
-        assert chosen.pattern_value(alphas, m, 16) == alphas[m]
     single = Targets("one", {"r": 8, "lora_alpha": 16, "target_modules": "model.layers.1.self_attn.q_proj"})
     assert [m for m in modules if single.targeted(m)] == ["model.layers.1.self_attn.q_proj"]
     exclude = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS), "exclude_modules": "lm_head"}
