@@ -127,13 +127,12 @@ async def abort(w: WorkerService, request_id: str, sender: str | None) -> None:
     """Stop a request held here, told so (``Abort``); remembered: an abort can overtake its request
     (not via a dispatcher)."""
     w.aborted.add(request_id, sender, time.monotonic())
-    if (preparing := w.preparing.get(request_id)) is not None and w.aborted_lately(preparing[1]):
+    if (preparing := w.preparing.get(request_id)) is not None and w.aborted_lately(preparing.req):
         # still waiting on arrival (its cache, its grammar: minutes for some schemas): its wait
         # ends now, and admission answers it as any request its abort came before (the compile
         # goes on for any other request that shares it)
-        task, req = w.preparing.pop(request_id)
-        task.cancel()
-        await w.commands.put(Add(req))
+        w.preparing.pop(request_id).task.cancel()
+        await w.commands.put(Add(preparing.req))
     stream = w.streams.get(request_id)
     if stream is not None and w.aborted_lately(stream.request):
         await w.drop(request_id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
@@ -30,18 +30,27 @@ logger = log.get("worker")
 LONG_PROMPT = 65_536  # characters: a text prompt this long (~10 ms+ to tokenize) is tokenized beside the bus
 
 
+class Preparing(NamedTuple):
+    """A request waiting on arrival (``WorkerService.preparing``): its task, itself as it came,
+    and when it came (monotonic seconds)."""
+
+    task: asyncio.Task[None]
+    req: GenerateRequest
+    arrived: float
+
+
 async def arrive(w: WorkerService, req: GenerateRequest) -> None:
     """Take ``req`` in from the bus: tokenized on threads (in the command loop a 1 MB prompt, ~1 s,
     held every stream), then handed to the loop (``Add``), at once or once what it waits for is
     here. An input the tokenizer refuses is left to the engine to refuse."""
     w.clients.noted(arrived := time.monotonic())  # a dispatcher reached us: not cut off (Clients.gone)
     if (earlier := w.preparing.get(req.request_id)) is not None:  # a copy of it waits on arrival
-        if req.recoveries <= earlier[1].recoveries:  # as admission would: not run twice, nor an older attempt
+        if req.recoveries <= earlier.req.recoveries:  # as admission would: not run twice, nor an older attempt
             logger.warning("request delivered twice; the copy is ignored", request=req.request_id)
-            if req.kv_chunks and req.kv_transfer != earlier[1].kv_transfer:
+            if req.kv_chunks and req.kv_transfer != earlier.req.kv_transfer:
                 w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its own cache
             return
-        earlier[0].cancel()  # a later attempt replaces it, as admission would (left, a stop did not see it)
+        earlier.task.cancel()  # a later attempt replaces it, as admission would (left, a stop did not see it)
     w.pending.add(req.request_id)
     if req.recorded and not w.device_failed:  # after a device loss none is taken up (a trial)
         # marked before the loop works on it (``_take``); a stale copy does not unmark a later attempt's
@@ -56,10 +65,8 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
         if req.kv_chunks:
             w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its cache
     elif long or req.kv_chunks or req.params.structured_outputs():
-        # (its wait timed in the metrics; the entries of those gone from ``preparing`` go with a new one)
-        w.preparing_since = {rid: t for rid, t in w.preparing_since.items() if rid in w.preparing}
-        w.preparing_since[req.request_id] = arrived
-        w.preparing[req.request_id] = (asyncio.create_task(_prepared(w, req, text, tokenize=long)), req)
+        task = asyncio.create_task(_prepared(w, req, text, tokenize=long))
+        w.preparing[req.request_id] = Preparing(task, req, arrived)  # (its wait timed in the metrics)
         return
     await w.commands.put(Add(req, bad_words_ids, text_prompt=text))
 
@@ -110,7 +117,7 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
     except Exception as e:  # noqa: BLE001 - the request goes on all the same: recomputed, or refused saying why
         logger.warning("request not prepared", request=req.request_id, error=f"{type(e).__name__}: {e}")
     finally:
-        if w.preparing.get(req.request_id, (None,))[0] is asyncio.current_task():
+        if (mine := w.preparing.get(req.request_id)) is not None and mine.task is asyncio.current_task():
             del w.preparing[req.request_id]
     await w.commands.put(Add(req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text))
 
@@ -118,8 +125,8 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
 def stop_preparing(w: WorkerService) -> list[GenerateRequest]:
     """The requests still being prepared, stopped: a stopping worker hands them back unrun."""
     stopped = []
-    for task, req in list(w.preparing.values()):
-        task.cancel()  # (its cache's wait ends: the inbox drops what came of it)
-        stopped.append(req)
+    for preparing in list(w.preparing.values()):
+        preparing.task.cancel()  # (its cache's wait ends: the inbox drops what came of it)
+        stopped.append(preparing.req)
     w.preparing.clear()
     return stopped

@@ -45,7 +45,7 @@ from dlora.services.run import StartupError, hurried, killed_by_signals
 from dlora.services.worker import drain
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
 from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
-from dlora.services.worker.arrival import arrive, stop_preparing
+from dlora.services.worker.arrival import Preparing, arrive, stop_preparing
 from dlora.services.worker.beats import LIST_EVERY_S, publish_stats
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, past_deadline
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch, ResetPrefixCache
@@ -111,8 +111,7 @@ class WorkerService:
         self.pending: set[str] = set()  # requests received but not yet admitted (or refused)
         # those of them waiting, beside the steps, for a moved cache, a grammar or a long text
         # prompt's tokens (arrival.py)
-        self.preparing: dict[str, tuple[asyncio.Task[None], GenerateRequest]] = {}
-        self.preparing_since: dict[str, float] = {}  # their arrival (monotonic; stale keys: not in ``preparing``)
+        self.preparing: dict[str, Preparing] = {}
         self.data_epoch: str | None = None  # Redis's data token at the last look (``rerecord``)
         self.clients = Clients(settings.heartbeat_ttl_s, link_of(nc))  # reply readers, to drop abandoned requests
         self.records = ProgressRecords(store, settings.worker_id, settings.heartbeat_ttl_s)

@@ -356,7 +356,7 @@ def worker_view(svc: WorkerService) -> WorkerView:
         wait_bound_s=bound(engine.stats.max_step_seconds) if bound is not None else None,
         longest_wait_s=max(
             [now - s.arrived for s in svc.streams.values() if not s.first_sent]
-            + [now - t for rid, t in list(svc.preparing_since.items()) if rid in svc.preparing],  # (arrival.py)
+            + [now - p.arrived for p in list(svc.preparing.values())],  # (arrival.py)
             default=0.0,
         ),
         now=time.time(),
