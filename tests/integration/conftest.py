@@ -10,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
@@ -40,6 +42,23 @@ from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
 
 ADMIN_KEY = "test-admin-key"
+
+
+def sigstop(proc: subprocess.Popen) -> None:
+    """SIGSTOP ``proc`` and return once every thread of it has stopped. kill() only marks the stop:
+    each thread stops as it next leaves the kernel, and on this VM a nats-server answered a PING
+    sent just after the kill() (1 run in 25 under load; a CI failure in a test of a hung server)."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while not all(_state(task) == "T" for task in Path(f"/proc/{proc.pid}/task").iterdir()):
+        assert time.monotonic() < deadline, f"pid {proc.pid} did not stop"
+        time.sleep(0.001)
+
+
+def _state(task: Path) -> str:
+    with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]  # after "pid (comm)"
+    return "T"
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from dlora.services.worker.chunks import chunk_for
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import spawn_worker
+from tests.integration.conftest import sigstop, spawn_worker
 from tests.integration.test_gateway import offline
 
 PROMPT = [5, 40, 41, 300, 17]
@@ -319,7 +319,7 @@ async def test_a_stalled_worker_given_up_on_stops_when_it_resumes(
         stream = ReplyStream("stalled")
         await _read(stream, chunks, until_tokens=10)
         assert survivor.engine.stats.steps == 0  # the victim has it
-        victim.send_signal(signal.SIGSTOP)
+        sigstop(victim)
         await _until(lambda: _recovered(c.store, "stalled"), timeout=15)
         resumed_at = time.monotonic()
         victim.send_signal(signal.SIGCONT)

@@ -32,7 +32,7 @@ from dlora.services.servers import Server, start_nats
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import run_stack, sse_events
+from tests.integration.conftest import run_stack, sigstop, sse_events
 from tests.integration.test_gateway import offline
 
 PROMPT, N = [5, 40, 41, 300, 17], 200
@@ -386,7 +386,7 @@ async def test_a_stop_with_nats_hung_logs_no_error_of_nats_pys_drain() -> None:
         nc = await nats.connect(server.url)
         await nc.subscribe("some.subject", cb=ignored)
         await bus.flush(nc)
-        server.proc.send_signal(signal.SIGSTOP)
+        sigstop(server.proc)
         await bus._close_nats(nc)
         assert nc.is_closed
         gc.collect()

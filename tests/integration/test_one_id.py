@@ -30,7 +30,7 @@ from dlora.services.worker.commands import Add
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import spawn_worker, worker_by_hand
+from tests.integration.conftest import sigstop, spawn_worker, worker_by_hand
 
 TTL_S = 2.0
 
@@ -227,7 +227,7 @@ async def test_a_worker_resumed_after_its_replacement_started_gives_the_id_up(
             while await store.beat_of("w-a", TTL_S) is None:  # the stalled one's process is up
                 assert stalled.poll() is None, (tmp_path / "stalled.log").read_text()
                 await asyncio.sleep(0.1)
-            stalled.send_signal(signal.SIGSTOP)
+            sigstop(stalled)
             running = asyncio.create_task(replacement.run(stop))  # after its check's wait (~0.4 s)
             while (await store.beat_of("w-a", TTL_S))[0].incarnation != replacement.incarnation:
                 await asyncio.sleep(0.05)

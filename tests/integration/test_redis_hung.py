@@ -20,6 +20,7 @@ from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams, To
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
+from tests.integration.conftest import sigstop
 from tests.integration.test_redis_restart import _generate, _worker_and_dispatcher
 
 
@@ -121,7 +122,7 @@ async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_it
             )
             await client.publish(subjects.REQUESTS, msgspec.json.encode(late))
             await asyncio.sleep(0.5)  # running
-            redis.proc.send_signal(signal.SIGSTOP)
+            sigstop(redis.proc)
             # the running one's deadline passes while Redis hangs (sent to the worker as an app's would be)
             expiring = msgspec.structs.replace(late, request_id="x", reply_to=subjects.reply_inbox("x", owner))
             expiring = msgspec.structs.replace(expiring, deadline=time.time() + 1.0)
@@ -201,7 +202,7 @@ async def test_a_record_whose_write_was_cut_off_is_taken_back_once_redis_answers
             request_id="cut", reply_to=subjects.reply_inbox("cut", owner), prompt_token_ids=[5], params=params
         )
         try:
-            redis.proc.send_signal(signal.SIGSTOP)
+            sigstop(redis.proc)
             await client.publish(subjects.REQUESTS, msgspec.json.encode(req))
             told = await asyncio.wait_for(got.get(), 10)
             assert told.error_code == ErrorCode.UNAVAILABLE and "Redis" in (told.error or ""), told
@@ -245,7 +246,7 @@ async def test_a_hung_redis_holds_an_adapter_requests_admission_seconds_not_the_
 
             await client.publish(subjects.REQUESTS, request("long", 480, prompt_token_ids=[5]))
             await asyncio.wait_for(got["long"].get(), 10)  # running
-            redis.proc.send_signal(signal.SIGSTOP)
+            sigstop(redis.proc)
             lora = request("lora", 2, prompt_token_ids=[5], adapter="lora-0", adapter_version="v1")
             await client.publish(subjects.worker_requests("w0"), lora)
             told = await asyncio.wait_for(got["lora"].get(), 10)

@@ -28,7 +28,7 @@ from dlora.common.sampling import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.launcher import STOP_WAIT_S
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import spawn_worker
+from tests.integration.conftest import sigstop, spawn_worker
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 
@@ -70,7 +70,7 @@ def test_a_worker_told_to_stop_while_redis_hangs_stops_before_systemd_kills_it(
         proc = spawn_worker(nats_server.url, redis.url, str(tiny_llama.model), "w-hung", stderr=out)
     try:
         wait_for_line(log, "worker ready", proc)
-        redis.proc.send_signal(signal.SIGSTOP)
+        sigstop(redis.proc)
         time.sleep(1)  # its Redis calls now hang (a beat or a reconciliation may be waiting)
         code = stopped_within(proc, stop_timeout_s("dlora-worker@.service"))
     finally:
@@ -211,7 +211,7 @@ def test_a_service_told_to_stop_while_redis_hangs_stops_before_dlora_up_kills_it
         )
     try:
         wait_for_line(log, f"{service} ready", proc)
-        redis.proc.send_signal(signal.SIGSTOP)
+        sigstop(redis.proc)
         wait_for_line(log, "dependency unavailable", proc)  # a look met the hung Redis, and the next waits
         code = stopped_within(proc, STOP_WAIT_S)
     finally:

@@ -23,7 +23,7 @@ from dlora.services.gateway.health import dispatcher_problem
 from dlora.services.gateway.main import Gateway
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.servers import Server, free_port, start_nats, start_redis
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, sigstop
 
 
 async def test_a_request_with_no_dispatcher_is_refused_at_once(
@@ -246,7 +246,7 @@ async def test_a_hung_state_store_is_a_503_within_seconds_on_every_route_that_re
     url = f"http://127.0.0.1:{settings.port}"
     admin, key = {"Authorization": "Bearer adm"}, {"Authorization": f"Bearer {apikeys.PREFIX}unknown"}
     try:
-        redis.proc.send_signal(signal.SIGSTOP)
+        sigstop(redis.proc)
         async with aiohttp.ClientSession() as http, asyncio.timeout(40):
             requests = [
                 http.post(f"{url}/v1/completions", json={"model": "lora-0", "prompt": "kalo"}, headers=admin),
