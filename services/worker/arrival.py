@@ -106,10 +106,12 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
                 req, bad_words_ids = await _tokenized(w, req, text)
             if req.kv_chunks:
                 start = time.monotonic()
-                kv = await w.kv_inbox.take(req.request_id, req.kv_transfer)
+                kv = await w.kv_inbox.take(req.request_id, req.kv_transfer, w.engine.model.kv.k.dtype)
                 waited = time.monotonic() - start
                 if kv is None:
-                    logger.warning("moved KV not taken (late or unreadable); recomputing", request=req.request_id)
+                    logger.warning(
+                        "moved KV not taken (late, unreadable or not finite here); recomputing", request=req.request_id
+                    )
             if req.params.structured_outputs():
                 await w.engine.grammars.off_loop(w.engine.grammars.prepare, req.params)
     except TimeoutError:

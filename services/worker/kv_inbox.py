@@ -8,9 +8,12 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from dlora.common import log
 from dlora.common.messages import KVChunk
-from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.engine.kv_transfer import KVSnapshot, checked_in
+from dlora.services.worker.engine.outputs import RequestError
 
 logger = log.get("worker")
 
@@ -50,9 +53,11 @@ class KVInbox:
         if len(box.parts) == chunk.total:
             self._ready.setdefault(key, asyncio.Event()).set()
 
-    async def take(self, request_id: str, transfer: str = "") -> KVSnapshot | None:
-        """The cache of ``request_id``'s shipment ``transfer`` once all its chunks are here; None
-        if they do not come in time, or their bytes are not a cache (then it is recomputed)."""
+    async def take(self, request_id: str, transfer: str = "", dtype: torch.dtype | None = None) -> KVSnapshot | None:
+        """The cache of ``request_id``'s shipment ``transfer`` once all its chunks are here, in
+        ``dtype`` (``checked_in``) when one is given; None if they do not come in time, or their
+        bytes are not a cache, or not finite in ``dtype`` (then it is recomputed). Read and
+        checked on a thread: a cache can be a gigabyte."""
         key = (request_id, transfer)
         ready = self._ready.setdefault(key, asyncio.Event())
         try:
@@ -65,10 +70,12 @@ class KVInbox:
         if box is None:  # swept as stale between its last chunk and this take
             return None
         try:
-            return KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
+            return await asyncio.to_thread(_read, box, dtype)
+        except RequestError as e:  # fine bytes, not in this worker's precision
+            logger.info("moved KV not taken; recomputed", request=request_id, reason=str(e))
         except Exception as e:  # noqa: BLE001 - the sender's bytes, whatever they hold
             logger.warning("moved KV unreadable; recomputing", request=request_id, error=f"{type(e).__name__}: {e}")
-            return None
+        return None
 
     def sweep(self) -> None:
         """Drop the caches nobody claimed for ``stale_s``. The worker calls it between steps too:
@@ -81,3 +88,8 @@ class KVInbox:
     def drop(self, key: _Key) -> _Box | None:
         self._ready.pop(key, None)
         return self._boxes.pop(key, None)
+
+
+def _read(box: _Box, dtype: torch.dtype | None) -> KVSnapshot:
+    snapshot = KVSnapshot.from_bytes(b"".join(box.parts[i] for i in range(len(box.parts))))
+    return snapshot if dtype is None else checked_in(snapshot, dtype)

@@ -4,10 +4,13 @@ unclaimed caches swept."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import pytest
 import torch
 
 from dlora.common.messages import KVChunk
+from dlora.services.worker.engine import kv_transfer
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.kv_inbox import KVInbox
 
@@ -93,3 +96,34 @@ async def test_bytes_that_are_not_a_cache_are_recomputed_not_raised() -> None:
     inbox = KVInbox(wait_s=2.0)
     inbox.put(KVChunk(request_id="r", index=0, total=1, data=b"not safetensors", transfer="t"))
     assert await inbox.take("r", "t") is None and len(inbox) == 0
+
+
+async def test_a_cache_is_read_and_checked_in_the_workers_dtype_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A moved cache can be a gigabyte (8k tokens of an 8B model): its bytes read and its values
+    converted and scanned on the event loop held every other request of the worker as long."""
+    threads: list[threading.Thread] = []
+    scan = kv_transfer.finite_in
+
+    def finite_in(snapshot: KVSnapshot, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        threads.append(threading.current_thread())
+        return scan(snapshot, dtype)
+
+    monkeypatch.setattr(kv_transfer, "finite_in", finite_in)
+    inbox = KVInbox(wait_s=2.0)
+    kv, parts = chunks("r")
+    for c in parts:
+        inbox.put(c)
+    got = await inbox.take("r", dtype=torch.float16)
+    assert got is not None and got.finite and got.k.dtype == torch.float16
+    assert torch.equal(got.k, kv.k.half()) and torch.equal(got.v, kv.v.half())
+    assert threads and threading.main_thread() not in threads
+
+
+async def test_a_cache_not_finite_in_the_workers_dtype_is_recomputed() -> None:
+    """An fp32 worker's K past float16's 65,504 is infinity in an fp16 worker's cache."""
+    inbox = KVInbox(wait_s=2.0)
+    kv = KVSnapshot(tokens=4, k=torch.full((2, 4, 1, 8), 1e6), v=torch.randn(2, 4, 1, 8))
+    inbox.put(KVChunk(request_id="r", index=0, total=1, data=kv.to_bytes()))
+    assert await inbox.take("r", dtype=torch.float16) is None and len(inbox) == 0
