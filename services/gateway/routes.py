@@ -14,6 +14,7 @@ from dlora.services.gateway.body import expect_continue
 from dlora.services.gateway.cache_reset import reset_prefix_cache
 from dlora.services.gateway.errors import json_errors
 from dlora.services.gateway.health import retry_after_s
+from dlora.services.gateway.hosts import allowed_hosts, host_guard
 from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.model_routes import ModelRoutes
 from dlora.services.gateway.tokenize_routes import TokenizeRoutes
@@ -25,10 +26,10 @@ if TYPE_CHECKING:
 def make_app(gw: Gateway) -> web.Application:
     """``gw``'s HTTP application: its handlers and the admin, key, tokenizer and cache routes."""
     logged = access.AccessLog(gw.s.access_log)
-    app = web.Application(
-        client_max_size=gw.s.max_body_bytes + 1024,
-        middlewares=[logged.middleware, json_errors(retry_after_s(gw.s.heartbeat_ttl_s))],
-    )
+    middlewares = [logged.middleware, json_errors(retry_after_s(gw.s.heartbeat_ttl_s))]
+    if (hosts := allowed_hosts(gw.s.host, gw.s.auth, gw.s.allowed_hosts)) is not None:
+        middlewares.append(host_guard(hosts))  # inside json_errors: its 403 in the OpenAI shape
+    app = web.Application(client_max_size=gw.s.max_body_bytes + 1024, middlewares=middlewares)
     app.on_response_prepare.append(logged.on_prepare)
     # every POST with its Expect: 100-continue answered by what the body may be
     post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))

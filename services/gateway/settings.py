@@ -52,6 +52,11 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # POST /v1/keys (401 otherwise); each key acts for its tenant, which lists and uses only its
     # own and the public adapters. Callers without a key see the public adapters only.
     auth: str = "none"
+    # Host names (the Host header without its port) requests may name beside the loopback ones
+    # ("localhost", 127.0.0.0/8, ::1), for DNS rebinding protection; "*": any. Empty: on a loopback
+    # host with auth "none", loopback names only (403 otherwise: a web page whose name rebinds to
+    # 127.0.0.1 would use the gateway as its user); else any.
+    allowed_hosts: list[str] = []
     # Limits of each API key that sets none of its own, counted per gateway process: requests per
     # second on average (0: no limit), the bursts allowed above it (0: one second's worth, at least
     # 1), and requests in progress at once (0: no limit). Over them: 429 with Retry-After.
@@ -133,6 +138,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         # (a tab inside is a header's, as a space: aiohttp hands 'Bearer s3\tcret' on whole)
         if self.admin_key != self.admin_key.strip() or any(c in _NO_HEADER_CHARS for c in self.admin_key):
             bad.append(("admin_key", "<hidden>", "has whitespace at its ends or a control character (a newline?)"))
+        for name in self.allowed_hosts:
+            if not name.strip() or "/" in name:
+                bad.append(("allowed_hosts", name, "must be host names or addresses (no scheme or path), or '*'"))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
         if not (self.key_rate_per_s == 0 or (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= MIN_RATE)):

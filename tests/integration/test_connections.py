@@ -24,7 +24,7 @@ from dlora.services.gateway.connections import listen
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack
 
-PARTIAL_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+PARTIAL_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
 
 
 async def _open(port: int, source: str, send: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -94,7 +94,7 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
 
         # A keep-alive connection that finished a request is left open while idle, for the idle
         # timeout (not the head timeout), then closed.
-        reader, writer = await _open(s.port, "127.0.0.4", b"GET /livez HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        reader, writer = await _open(s.port, "127.0.0.4", b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
@@ -269,7 +269,7 @@ async def test_a_stream_whose_client_stopped_reading_is_closed_and_aborted(
         sock.connect((host, int(port)))
         fields = {"model": "model", "prompt": "kalo", "max_tokens": 500, "ignore_eos": True, "stream": True}
         body = json.dumps({**fields, "logprobs": 5, "n": 32})  # MBs of events: past any socket buffer
-        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
         head += "Content-Type: application/json\r\n\r\n"
         sock.sendall((head + body).encode())  # and never read
         try:

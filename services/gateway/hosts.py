@@ -1,0 +1,74 @@
+"""DNS rebinding protection: which Host headers a gateway answers.
+
+A web page the user visits can have its own name resolve to 127.0.0.1 and then call a loopback
+gateway as its own origin, so no CORS preflight stops it; with ``auth = "none"`` nothing else
+does, and the page uses the gateway as the user would (the attack behind Jupyter's, webpack-dev-
+server's and the MCP SDK's Host checks). Such a request names the page's host in its Host
+header. A gateway on a loopback address without keys therefore answers only Host headers naming a
+loopback host, or one of ``allowed_hosts``. A gateway on another address, or one that asks for
+keys, answers any Host (its names are not known here; a caller without a key gets a 401 anyway)
+unless ``allowed_hosts`` names them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection
+
+from aiohttp import web
+
+from dlora.services.gateway.errors import Handler, Middleware
+from dlora.services.gateway.openai import APIError
+
+# RFC 6761 6.3: "localhost" and names under it are the loopback host (browsers resolve them so).
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header: without its port or IPv6 brackets, lower case, no final dot
+    ("[::1]:8000" -> "::1", "LocalHost.:80" -> "localhost")."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a name or an address, as ``host_name`` gives it) is this machine's loopback."""
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind: str, auth: str, allowed: Collection[str]) -> frozenset[str] | None:
+    """The Host names a gateway listening on ``bind`` with ``auth`` answers beside the loopback
+    ones, or None for any: ``allowed`` if it names some ("*" alone: any), none on a loopback
+    address without keys, any otherwise."""
+    if "*" in allowed:
+        return None
+    if allowed:
+        return frozenset(host_name(h) for h in allowed)
+    return frozenset() if auth == "none" and is_loopback(host_name(bind)) else None
+
+
+def host_guard(allowed: frozenset[str]) -> Middleware:
+    """The middleware: a 403 naming the setting for a request whose Host is neither loopback nor
+    in ``allowed``. A request without a Host header (HTTP/1.0) is answered: browsers send one."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Host")
+        if header is not None and not is_loopback(host := host_name(header)) and host not in allowed:
+            raise APIError(
+                403,
+                f"Host {header[:253]!r} is not one this gateway answers: loopback names only, and those of its "
+                "allowed_hosts setting (DNS rebinding protection); add the name there to serve it",
+            )
+        return await handler(request)
+
+    return middleware

@@ -1,0 +1,46 @@
+"""Which Host headers a gateway answers (DNS rebinding protection): the pure parts."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlora.services.gateway.hosts import allowed_hosts, host_name, is_loopback
+
+
+@pytest.mark.parametrize(
+    ("header", "host"),
+    [
+        ("localhost:8000", "localhost"),
+        ("LocalHost.", "localhost"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[::1]:8000", "::1"),
+        ("[::1]", "::1"),
+        ("::1", "::1"),  # bare IPv6 (not valid in a Host header, read whole all the same)
+        ("Evil.Example:80", "evil.example"),
+    ],
+)
+def test_the_host_of_a_header_is_without_port_brackets_case_or_final_dot(header: str, host: str) -> None:
+    assert host_name(header) == host
+
+
+@pytest.mark.parametrize("host", ["localhost", "app.localhost", "127.0.0.1", "127.1.2.3", "::1"])
+def test_loopback_hosts(host: str) -> None:
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "localhost.evil.example", "10.0.0.1", "0.0.0.0", "::", ""])
+def test_hosts_that_are_not_loopback(host: str) -> None:
+    assert not is_loopback(host)
+
+
+def test_a_loopback_gateway_without_keys_answers_loopback_names_only() -> None:
+    assert allowed_hosts("127.0.0.1", "none", []) == frozenset()
+    assert allowed_hosts("localhost", "none", []) == frozenset()
+    assert allowed_hosts("::1", "none", []) == frozenset()
+
+
+def test_a_gateway_with_keys_or_on_another_address_answers_any_host_unless_told() -> None:
+    assert allowed_hosts("127.0.0.1", "keys", []) is None  # a rebound page has no key: 401 anyway
+    assert allowed_hosts("0.0.0.0", "none", []) is None  # its names are not known here
+    assert allowed_hosts("0.0.0.0", "none", ["Models.Example."]) == frozenset({"models.example"})
+    assert allowed_hosts("127.0.0.1", "none", ["*"]) is None
