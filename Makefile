@@ -112,8 +112,9 @@ soak: setup
 GPU_WHEELS := msgspec==0.23.0 llguidance==1.9.1 structlog==26.1.0 pytest-asyncio==1.5.0
 
 # OUT=dir: also everything the run made or rewrote in dir/gpu-check.tgz (a device machine's $OUT).
+# ONLY=part,part: those parts alone (a run split into calls on a machine that may not last).
 gpu-check:
-	$(PYTHON) loadgen/gpu_check.py $(if $(OUT),--bundle $(OUT)/gpu-check.tgz)
+	$(PYTHON) loadgen/gpu_check.py $(if $(OUT),--bundle $(OUT)/gpu-check.tgz) $(if $(ONLY),--only $(ONLY))
 
 gpu-wheels:
 	rm -rf .whl  # one version of each: two stop the install there

@@ -135,9 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-results/gpu", help="folder for the JSON results and logs")
     p.add_argument("--benchmarks", default="BENCHMARKS.md", help="file whose sections are regenerated")
     p.add_argument("--bundle", help="also write everything the run made or rewrote into this .tgz (to bring back)")
+    p.add_argument(
+        "--only",
+        help="comma-separated parts to run, in their order (tune-lora, kernel-tests, engine-tests, bench-kernels, "
+        "bench-engine, bench-eager, bench-async): a lent machine that may not last splits the run into calls",
+    )
     args = p.parse_args(argv)
+    known = [name for name, *_ in parts(Path(args.out), args.benchmarks)]
+    only = known if args.only is None else args.only.split(",")
+    if unknown := [name for name in only if name not in known]:
+        p.error(f"unknown part(s) {', '.join(unknown)}; the parts: {', '.join(known)}")
     try:
-        return _check(Path(args.out), args.benchmarks)
+        return _check(Path(args.out), args.benchmarks, only)
     finally:
         if args.bundle:
             bundle(Path(args.bundle), Path(args.out), Path(args.benchmarks))
@@ -154,7 +163,7 @@ def bundle(path: Path, out: Path, benchmarks: Path) -> None:
                 tar.add(p)
 
 
-def _check(out: Path, benchmarks: str) -> int:
+def _check(out: Path, benchmarks: str, only: list[str]) -> int:
     try:
         import torch
     except ImportError:
@@ -171,10 +180,12 @@ def _check(out: Path, benchmarks: str) -> int:
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "parts": {},
+        "parts": earlier_parts(out / "gpu-check.json", torch.cuda.get_device_name()),
     }
     failed = False
     for name, cmd, env, limit in parts(out, benchmarks):
+        if name not in only:
+            continue
         start = time.monotonic()
         log = out / f"{name}.log"
         with log.open("w") as f:
@@ -194,6 +205,16 @@ def _check(out: Path, benchmarks: str) -> int:
         shutil.copy(table, out / table.name)
     (out / "gpu-check.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 1 if failed else 0
+
+
+def earlier_parts(path: Path, gpu: str) -> dict[str, object]:
+    """The parts an earlier run (``--only``) on this same GPU recorded in ``path``: a run split
+    into calls ends with one summary of them all."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(earlier.get("parts", {})) if earlier.get("gpu") == gpu else {}
 
 
 def package_dirs(root: Path) -> dict[str, Path]:

@@ -65,3 +65,21 @@ def test_the_bundle_holds_what_a_run_made_or_rewrote(tmp_path: Path, monkeypatch
         "docs/bench-engine.png",
         "dlora_kernels/tuned/x.json",
     }
+
+
+def test_a_run_split_into_parts_names_only_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    """A lent machine may not last (the first one stopped answering mid-run): the run is split into
+    calls with --only, and a misspelt part is refused before any GPU time is spent."""
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--only", "bench-engine,bench-engin"])
+    assert e.value.code == 2 and "unknown part(s) bench-engin" in capsys.readouterr().err
+
+
+def test_a_split_run_keeps_the_parts_an_earlier_call_recorded_on_the_same_gpu(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "gpu-check.json"
+    assert gpu_check.earlier_parts(path, "H100") == {}  # none yet
+    path.write_text(json.dumps({"gpu": "H100", "parts": {"bench-engine": {"rc": 0, "seconds": 80.0}}}))
+    assert gpu_check.earlier_parts(path, "H100") == {"bench-engine": {"rc": 0, "seconds": 80.0}}
+    assert gpu_check.earlier_parts(path, "H200") == {}  # another GPU's figures are not this run's
