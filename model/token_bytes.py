@@ -11,6 +11,7 @@ token's bytes from the tokenizer's own definition (``tokenizer.json``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from functools import cached_property
 from typing import Any
@@ -20,6 +21,8 @@ from llguidance import LLTokenizer
 from dlora.common import log
 
 logger = log.get("tokens")
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def llg_tokenizer_args(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int]) -> tuple[str, int, list[int]]:
@@ -77,6 +80,20 @@ class TokenText:
         """The bytes the token adds to the output text (none for a special token the text skips)."""
         return b"" if skip_special_tokens and token_id in self.special_ids else self.bytes_of(token_id)
 
+    @cached_property
+    def _byte_pieces(self) -> frozenset[int]:
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        if decoder is None or b'"type":"ByteFallback"' not in decoder.__getstate__():  # its JSON
+            return frozenset()
+        return frozenset(i for piece, i in self._hf.get_vocab().items() if _BYTE_PIECE.fullmatch(piece))
+
+    def byte_piece(self, token_id: int) -> bool:
+        """Whether the token is a byte-fallback piece (Llama 2's, Mistral's ``<0xC3>``) its decoder
+        joins with the byte pieces beside it: a run of them that is not UTF-8 is written one U+FFFD
+        a byte, not one a maximal run as a byte-level BPE decoder (and Python) writes it."""
+        return token_id in self._byte_pieces
+
     def offsets_in(self, text: str, ids: list[int]) -> list[int] | None:
         """Where each of ``ids`` begins in ``text`` (characters), by the tokenizer's own offset
         mapping, where ``text`` encodes to exactly ``ids`` (with or without the special tokens it
@@ -114,6 +131,9 @@ class TokenIdText:
 
     def shown(self, token_id: int, skip_special_tokens: bool) -> bytes:
         return self._tokens.shown(token_id, skip_special_tokens)
+
+    def byte_piece(self, token_id: int) -> bool:
+        return self._tokens.byte_piece(token_id)
 
     def offsets_in(self, text: str, ids: list[int]) -> list[int] | None:
         return self._tokens.offsets_in(text, ids)

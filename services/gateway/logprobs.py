@@ -14,19 +14,46 @@ class TextOffset:
     """Where a choice's next token begins in its text, in characters (completions' ``text_offset``):
     what the bytes its tokens add to the text have made so far. A character split over tokens
     begins where its first byte's token does; bytes left short of one by the next token's are one
-    U+FFFD before it, as a byte-level BPE tokenizer's decode replaces them (a byte-fallback one,
-    Llama 2's, writes one per byte: there an offset after such bytes is short by the difference)."""
+    U+FFFD before it, as a byte-level BPE tokenizer's decode replaces them. A byte-fallback
+    tokenizer's (Llama 2's) decoder writes a run of ``<0xNN>`` pieces that is not UTF-8 one U+FFFD
+    a byte, so those pieces are counted apart (``advance``'s ``byte_piece``): one that leaves the
+    run unable to be a character begins at its own U+FFFD (counted one a run, every offset after
+    such bytes fell short of the text by the difference)."""
 
     def __init__(self, start: int) -> None:
         self.at = start
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._run = b""  # byte-fallback pieces' bytes since the text last made characters of them
+        self._broken = False  # they can no longer: each is one U+FFFD
 
-    def advance(self, data: bytes) -> int:
-        """The offset where ``data`` (a token's bytes) begins; moves past it."""
+    def advance(self, data: bytes, byte_piece: bool = False) -> int:
+        """The offset where ``data`` (a token's bytes) begins; moves past it. ``byte_piece``: the
+        token is a byte-fallback piece (``TokenText.byte_piece``)."""
+        if byte_piece:
+            return self._piece(data)
+        if not data:  # a token that spells nothing (a skipped special one) leaves a run whole
+            return self.at + (len(self._run) if self._broken else 0)
+        self.at += len(self._run)  # a run ended short of a character: a U+FFFD each byte
+        self._run, self._broken = b"", False
         at, pending = self.at, self._utf8.getstate()[0]
         if pending and data and not _continues(pending, data[:1]):
             at += len(pending.decode("utf-8", "replace"))
         self.at += len(self._utf8.decode(data))
+        return at
+
+    def _piece(self, data: bytes) -> int:
+        at = self.at + (len(self._run) if self._broken else 0)
+        self._run += data
+        if not self._broken:
+            decoder = codecs.getincrementaldecoder("utf-8")("strict")
+            try:
+                text = decoder.decode(self._run)
+            except UnicodeDecodeError:
+                self._broken, at = True, self.at + len(self._run) - len(data)
+            else:
+                if not decoder.getstate()[0]:  # whole characters: the text has them
+                    self.at += len(text)
+                    self._run = b""
         return at
 
 
@@ -51,7 +78,10 @@ def completion_logprobs(
         "tokens": texts,
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": tops,
-        "text_offset": [offset.advance(tokens.shown(e.token_id, skip_special_tokens)) for e in entries],
+        "text_offset": [
+            offset.advance(tokens.shown(e.token_id, skip_special_tokens), tokens.byte_piece(e.token_id))
+            for e in entries
+        ],
     }
 
 

@@ -85,6 +85,39 @@ def test_text_offsets_count_a_split_character_once_where_it_begins() -> None:
     assert bytes(b for c in chat["content"] for b in c["bytes"]).decode() == "aÑb"
 
 
+def test_text_offsets_follow_a_byte_fallback_decoders_u_fffd_for_each_byte() -> None:
+    """A byte-fallback decoder (Llama 2's, Mistral's) writes a run of <0xNN> pieces that makes no
+    character one U+FFFD a byte, where the offsets counted one a maximal run (as Python and a
+    byte-level decoder do): every offset after such bytes fell short of the text. Offsets are
+    checked against the text the worker's detokenizer makes of the same tokens."""
+    from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer
+
+    hf = sentencepiece()
+    tokens = TokenText(hf, len(hf))
+    hello, h, eos = (hf.convert_tokens_to_ids(p) for p in ("▁hello", "h", "</s>"))
+    pieces = [hf.convert_tokens_to_ids(f"<0x{b:02X}>") for b in sorted({*"中Ñ😀\n".encode()})]
+    (e4,) = (t for t in pieces if tokens.bytes_of(t) == b"\xe4")
+    rng = random.Random(3)
+    cases = [[hello, e4, hello]] + [
+        [rng.choice([hello, h, eos, *pieces]) for _ in range(rng.randint(1, 24))] for _ in range(300)
+    ]
+    for ids in cases:
+        detokenizer = IncrementalDetokenizer(hf, hf.encode("hello", add_special_tokens=False))
+        text = "".join(detokenizer.push([t]) for t in ids) + detokenizer.flush()
+        offset = logprobs.TextOffset(0)
+        entries = [TokenLogprob(i, -1.0, []) for i in ids]
+        cut = len(ids) // 2  # over two chunks, as a stream sends them
+        parts = [logprobs.completion_logprobs(p, tokens, offset, True) for p in (entries[:cut], entries[cut:])]
+        offsets = [at for part in parts for at in part["text_offset"]]
+        assert offsets == sorted(offsets) and offsets[-1] <= len(text), (text, ids)
+        for t, at in zip(ids, offsets):
+            if t in (hello, h):
+                shown = tokens.text_of(t)
+                assert text[at : at + len(shown)] == shown, (text, [tokens.text_of(i) for i in ids], offsets)
+    assert not tokens.byte_piece(hello) and tokens.byte_piece(e4)
+    assert not TokenText(byte_level(), 256).byte_piece(0xE4)  # a byte-level token is no piece apart
+
+
 def test_every_byte_is_its_own_token_and_sequences_decode_as_the_tokenizer_decodes() -> None:
     hf = byte_level()
     tokens = TokenText(hf, len(hf))
