@@ -117,9 +117,10 @@ def echo_offsets(prompt_ids: list[int], tokens: TokenText | TokenIdText, echo: s
     text holds special tokens written out ("</s>", tokenized as one) where a decode skipping them
     shows none; a tokenizer adds BOS the text does not hold; a SentencePiece token spells a leading
     space ("▁re") that the start of a text or a special token's end leaves out; bytes that make no
-    character are one U+FFFD a maximal run; a decode may add or drop a space. A piece not found
-    where the last ended is looked for a few bytes on, and else takes no width (the next token
-    finds its place again). (Counted from the tokens' shown bytes alone, a literal "</s>" moved
+    character are one U+FFFD a maximal run, or one a byte-fallback piece (its decoder's rule:
+    taken as one a run, every offset after it fell short); a decode may add or drop a space. A
+    piece not found where the last ended is looked for a few bytes on, and else takes no width
+    (the next token finds its place again). (Counted from the tokens' shown bytes alone, a literal "</s>" moved
     every offset of "kalo</s> remi" by its length: vLLM #5334's kind.)"""
     text, n = echo.encode(), len(prompt_ids)
     run = [1] * n  # equal ids from each on (a run of one special token is taken as one)
@@ -147,8 +148,8 @@ def echo_offsets(prompt_ids: list[int], tokens: TokenText | TokenIdText, echo: s
             at += len(piece)
         elif piece[:1] == b" " and text.startswith(piece[1:], at):
             at += len(piece) - 1
-        elif replaced >= 0 and piece and piece[0] & 0xC0 == 0x80:  # more of the bytes a U+FFFD stands for
-            starts[-1] = replaced
+        elif replaced >= 0 and piece and piece[0] & 0xC0 == 0x80 and not tokens.byte_piece(t):
+            starts[-1] = replaced  # more of the bytes a U+FFFD stands for (a byte-fallback piece has its own)
             continue
         elif text.startswith(_REPLACED, at):
             replaced, at = at, at + len(_REPLACED)

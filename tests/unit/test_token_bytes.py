@@ -118,6 +118,31 @@ def test_text_offsets_follow_a_byte_fallback_decoders_u_fffd_for_each_byte() -> 
     assert not TokenText(byte_level(), 256).byte_piece(0xE4)  # a byte-level token is no piece apart
 
 
+def test_an_echoed_prompts_offsets_count_a_byte_fallback_run_one_u_fffd_a_byte() -> None:
+    """The echo of a token-id prompt is its decode, where a byte-fallback decoder writes a run of
+    <0xNN> pieces that is not UTF-8 one U+FFFD a byte: the offsets took a continuation piece as
+    more of the U+FFFD before it, and the word after ("kalo" + <0xE4><0xB8> + "kalo") found the
+    second U+FFFD in its place, one character short."""
+    hf = sentencepiece()
+    tokens = TokenText(hf, len(hf))
+    hello, h, eos = (hf.convert_tokens_to_ids(p) for p in ("▁hello", "h", "</s>"))
+    pieces = [hf.convert_tokens_to_ids(f"<0x{b:02X}>") for b in sorted({*"中Ñ😀\n".encode()})]
+    e4, b8 = (hf.convert_tokens_to_ids(p) for p in ("<0xE4>", "<0xB8>"))
+    rng = random.Random(4)
+    cases = [[hello, e4, b8, hello]] + [
+        [rng.choice([hello, h, eos, *pieces]) for _ in range(rng.randint(1, 24))] for _ in range(300)
+    ]
+    for ids in cases:
+        for skip in (True, False):
+            echo = hf.decode(ids, skip_special_tokens=skip)
+            offsets = logprobs.echo_offsets(ids, tokens, echo)
+            assert offsets == sorted(offsets) and offsets[-1] <= len(echo), (echo, ids)
+            for t, at in zip(ids, offsets):
+                if t in (hello, h):
+                    shown = tokens.text_of(t)
+                    assert echo.startswith(shown, at) or echo.startswith(shown.lstrip(), at), (echo, ids, offsets)
+
+
 def test_every_byte_is_its_own_token_and_sequences_decode_as_the_tokenizer_decodes() -> None:
     hf = byte_level()
     tokens = TokenText(hf, len(hf))
