@@ -37,6 +37,7 @@ from dlora.services.config_file import SERVICES, check_config
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.gpus import gpu_of_worker, visible_gpus
 from dlora.services.servers import (
     NATS_DEFAULT_PORT,
     REDIS_USER,
@@ -140,24 +141,6 @@ def _wait_ready(
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
-
-
-def visible_gpus(env: Mapping[str, str]) -> list[str]:
-    """The GPUs this host offers, as CUDA_VISIBLE_DEVICES names them: its value when set, else one
-    index per GPU ``nvidia-smi -L`` lists; empty without GPUs. Asks no torch (the launcher stays light)."""
-    if "CUDA_VISIBLE_DEVICES" in env:
-        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(line for line in listed.splitlines() if line.startswith("GPU "))]
-
-
-def gpu_of_worker(index: int, gpus: list[str]) -> dict[str, str]:
-    """The environment that gives worker ``index`` its own GPU (round robin when there are more
-    workers than GPUs), so each worker's ``auto`` device is a different one; nothing without GPUs."""
-    return {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else {}
 
 
 # A worker that ran less than this before it exited, or was started again this often lately, is

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlora.services.launcher import given_key, gpu_of_worker, visible_gpus
+from dlora.services.gpus import gpu_of_worker, visible_gpus
+from dlora.services.launcher import given_key
 from dlora.services.worker.engine.device import resolve_device
 
 
