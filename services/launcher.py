@@ -48,6 +48,7 @@ from dlora.services.servers import (
     start_nats_preferring,
     start_redis,
 )
+from dlora.services.stack_stop import StackStop, workers_drain_s
 from dlora.services.worker.settings import WorkerSettings
 
 DEMO = Path(".cache/demo")
@@ -147,8 +148,6 @@ def _wait_ready(
 # not started again: it would only fail again.
 CRASH_LOOP_S = 10.0
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
-# Seconds ``dlora up`` waits for a service it told to stop (SIGTERM) before it kills it outright.
-STOP_WAIT_S = 10.0
 # Exit codes systemd counts clean (Restart=on-failure does not restart): 0, and ended by these signals.
 CLEAN_EXITS = (0, *(-sig for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)))
 
@@ -195,6 +194,8 @@ class LocalStack:
         self._specs: list[tuple[list[str], dict[str, str], float]] = []  # its command, environment, start
         self._restarts: dict[int, list[float]] = {}  # when each process was started again
         self.up = False  # start() returned: every service ready
+        self.stopping: StackStop | None = None
+        self.hurried = False  # signalled twice: stop at once
         self.url = http_url(self.base.host, self.base.port)
         # Each service's Prometheus endpoint (docs/metrics.md), by dispatcher, migrator, worker id
         # and gateway.
@@ -401,17 +402,19 @@ class LocalStack:
         return nats_url, self.redis_login_url if made_redis else redacted(self.redis_url)
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()  # reaped: stopped when stop() returns (a CI run found one still running)
+        """The services in order (``stack_stop``), then NATS and Redis."""
+        self.stopping = StackStop(self.procs, self.names, workers_drain_s(self.config, self.worker_env))
+        self.stopping.hurried = self.hurried
+        self.stopping.run()
         for s in self.servers:
             s.stop()
+
+    def hurry(self) -> None:
+        """A second Ctrl-C or SIGTERM: passed on to the services told to stop (a worker hands its
+        requests over at once), or to be when they are."""
+        self.hurried = True
+        if self.stopping is not None:
+            self.stopping.hurry()
 
 
 def up(workers: int, model: str | None, lora: list[str], port: int | None, config: str | None) -> int:
@@ -421,7 +424,9 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
     def on_signal(signum: int, _: object) -> None:
         nonlocal stop
         first, stop = not stop, stop or signum
-        if first and (stack is None or not stack.up):  # still starting: break off the wait, once
+        if not first and stack is not None:  # again: the services stop now (a worker hands over at once)
+            stack.hurry()  # (vLLM's and uvicorn's users press Ctrl-C twice to force a stop)
+        elif first and (stack is None or not stack.up):  # still starting: break off the wait, once
             raise KeyboardInterrupt  # (start() stops what started; a second signal must not cut that)
 
     # SIGHUP too (a closed terminal, a dropped ssh session): by default it killed dlora up outright.
@@ -468,6 +473,13 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
                 if done == "left":
                     left.add(i)
             time.sleep(0.2)
+        with contextlib.suppress(OSError):  # its terminal gone (SIGHUP): EIO, and the stop must go on
+            drain = workers_drain_s(config, {})
+            print(
+                f"dlora up: stopping; workers finish their requests (up to {drain:g} s): Ctrl-C again hands them over",
+                file=sys.stderr,
+                flush=True,
+            )
         return 0
     except SettingsError as e:  # as dlora serve says it
         print(f"dlora up: {e}", file=sys.stderr)

@@ -26,8 +26,8 @@ from dlora.common import subjects
 from dlora.common.messages import GenerateRequest, LostRequests, TokenChunk
 from dlora.common.sampling import SamplingParams
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.launcher import STOP_WAIT_S
 from dlora.services.servers import Server, free_port
+from dlora.services.stack_stop import STOP_WAIT_S
 from tests.integration.conftest import sigstop, spawn_worker
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
