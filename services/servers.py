@@ -143,6 +143,75 @@ def _wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 10
     raise ServerError(f"{name} did not listen on port {port} within {timeout} s")
 
 
+# In each server's folder: the pid namespace its pids are of, who removes it (the process that
+# started the server, at its stop) and the server, each as "pid:start" (the start time tells a
+# reused pid apart; "pid" off Linux).
+OWNERS = "owners"
+FOLDER_PREFIXES = ("dlora-nats-", "dlora-redis-")
+
+
+def _identity(pid: int) -> str:
+    start = _start_time(pid)
+    return f"{pid}:{start}" if start else str(pid)
+
+
+def _start_time(pid: int) -> str | None:
+    """``pid``'s start (clock ticks since boot, /proc/<pid>/stat), None if it is not running (a
+    zombie has stopped) or this is not Linux."""
+    try:
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if state in ("Z", "X") else fields[18]
+
+
+def _running(identity: str) -> bool:
+    pid, _, start = identity.partition(":")
+    if start or sys.platform.startswith("linux"):
+        return bool(start) and _start_time(int(pid)) == start
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def reap_stale_folders(root: str | None = None) -> list[Path]:
+    """Remove the servers' folders under ``root`` (the temporary directory) whose owner and server
+    have both stopped, and say which: a process killed outright (``dlora up`` by SIGKILL or the
+    OOM killer; its servers go with it) never ran its stop, and each such start left a NATS
+    JetStream store and its users' passwords file behind in /tmp for good. A folder that names no
+    owners (being made, or an older release's), another user's or another pid namespace's is left
+    alone."""
+    reaped = []
+    for prefix in FOLDER_PREFIXES:
+        for folder in Path(root or tempfile.gettempdir()).glob(f"{prefix}*"):
+            try:
+                if folder.stat().st_uid != os.getuid():
+                    continue
+                space, *owners = (folder / OWNERS).read_text().split()
+            except (OSError, ValueError):
+                continue
+            # another namespace's pids (a container sharing /tmp) are not this one's to judge
+            if owners and space == _pid_namespace() and not any(map(_running, owners)):
+                shutil.rmtree(folder, ignore_errors=True)
+                reaped.append(folder)
+    return reaped
+
+
+def _own(tmp: tempfile.TemporaryDirectory, server: subprocess.Popen) -> None:
+    (Path(tmp.name) / OWNERS).write_text(f"{_pid_namespace()} {_identity(os.getpid())} {_identity(server.pid)}\n")
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").replace(" ", "")
+    except OSError:
+        return "-"
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen
@@ -169,6 +238,7 @@ def start_nats(
     """nats-server (JetStream on, unless not ``jetstream``) on ``port``, or on a free one. With
     ``passwords`` (user -> password, for the service roles and application users of
     ``common/permissions.py``) only those users connect, each to its own subjects."""
+    reap_stale_folders()
     port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-nats-")
     auth: list[str] = []
     if passwords is not None:
@@ -191,6 +261,7 @@ def start_nats(
         start_new_session=True,
         preexec_fn=preexec,
     )
+    _own(tmp, proc)
     _wait_port(port, proc, "nats-server")
     return Server(proc, f"nats://127.0.0.1:{port}", tmp)
 
@@ -217,6 +288,7 @@ def start_redis(
     """redis-server without persistence on ``port``, or on a free one. With ``password`` the
     default user is off and only ``REDIS_USER`` connects, with that password, to the keys under
     ``prefix`` and without the dangerous commands (FLUSHALL, CONFIG, KEYS, ...)."""
+    reap_stale_folders()
     port, tmp = port or free_port(), tempfile.TemporaryDirectory(prefix="dlora-redis-")
     proc = subprocess.Popen(
         [
@@ -238,5 +310,6 @@ def start_redis(
         start_new_session=True,
         preexec_fn=preexec,
     )
+    _own(tmp, proc)
     _wait_port(port, proc, "redis-server")
     return Server(proc, f"redis://127.0.0.1:{port}/0", tmp)
