@@ -376,6 +376,45 @@ async def test_a_service_whose_handler_never_ends_stops_within_its_drain_bound(
     assert reported == []
 
 
+async def test_a_stop_whose_loop_was_held_past_both_drain_bounds_leaves_nothing_unretrieved(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's case: the loop held (a long step, a GC pause, a loaded host) past both nats-py's
+    drain timeout and DRAIN_S, both fired in one turn of it; the cancel came while nats-py's wait_for
+    was cancelling its gather, which then held a CancelledError nobody retrieved (logged)."""
+    monkeypatch.setattr(bus, "DRAIN_S", 0.5)
+    server = start_nats()
+    held = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+
+    async def waits_for_ever(msg: nats.aio.msg.Msg) -> None:
+        held.set()
+        loop.call_later(0.3, time.sleep, 0.4)  # the loop held over 0.4 s (drain_timeout) and 0.5 s (DRAIN_S)
+        await asyncio.Event().wait()
+
+    async def serve() -> None:
+        async with connections(Common(nats_url=server.url, redis_url=redis_server.url)) as (nc, _):
+            await nc.subscribe("held", cb=waits_for_ever)
+            await nc.publish("held", b"")
+            await held.wait()
+        assert nc.is_closed
+
+    service = asyncio.create_task(serve())
+    try:
+        await asyncio.wait([service], timeout=10)
+        assert service.done()
+        service.result()
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        service.cancel()
+        server.stop()
+    assert reported == []
+
+
 async def test_a_stop_with_nats_hung_logs_no_error_of_nats_pys_drain() -> None:
     """The drain's bound (DRAIN_S) cancelled nats-py's drain while its subscriptions waited for a
     PONG from a server that no longer answered; nats-py's gather of them then held a CancelledError
