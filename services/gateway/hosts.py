@@ -40,9 +40,12 @@ def is_loopback(host: str) -> bool:
     if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # ::ffff:127.0.0.1 reaches 127.0.0.1 (a dual-stack socket's IPv4); Python < 3.13 says not loopback
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def allowed_hosts(bind: str, auth: str, allowed: Collection[str]) -> frozenset[str] | None:

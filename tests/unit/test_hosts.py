@@ -44,3 +44,10 @@ def test_a_gateway_with_keys_or_on_another_address_answers_any_host_unless_told(
     assert allowed_hosts("0.0.0.0", "none", []) is None  # its names are not known here
     assert allowed_hosts("0.0.0.0", "none", ["Models.Example."]) == frozenset({"models.example"})
     assert allowed_hosts("127.0.0.1", "none", ["*"]) is None
+
+
+@pytest.mark.parametrize("header", ["[::ffff:127.0.0.1]:8000", "[::ffff:7f00:1]"])
+def test_an_ipv4_mapped_loopback_host_is_loopback(header: str) -> None:
+    """A browser at http://[::ffff:127.0.0.1]:8000/ reaches a gateway on 127.0.0.1 and says Host
+    [::ffff:7f00:1]; Python before 3.13 does not call that address loopback, so it was refused."""
+    assert is_loopback(host_name(header))
