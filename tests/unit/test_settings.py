@@ -365,3 +365,18 @@ def test_an_admin_key_a_header_carries_inside_is_taken(key: str) -> None:
     'Bearer s3\tcret' on whole, and the bearer token is split at a space only), and aiohttp reads
     a value's UTF-8: such keys authenticate, and a gateway that took one before still starts."""
     assert load(GatewaySettings, "gateway", env={"DLORA_MODEL": "/m", "DLORA_ADMIN_KEY": key}).admin_key == key
+
+
+def test_each_setting_of_the_example_file_has_its_comment_whole() -> None:
+    """A setting's comment inserted inside another's (allowed_hosts' in admin_key's) left both
+    unreadable: each comment, from the line after the last setting to its own, closes every
+    parenthesis it opens."""
+    comment: list[str] = []
+    for line in EXAMPLE.read_text().splitlines():
+        if line.startswith("# ") and not re.match(r"^# [a-z_]+ = ", line):
+            comment.append(line)
+            continue
+        if (setting := re.match(r"^#? ?([a-z_]+) = ", line)) and comment:
+            text = " ".join(comment)
+            assert text.count("(") == text.count(")"), (setting[1], text)
+        comment = []
