@@ -50,6 +50,7 @@ from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.grammar_pool import shaped
 from dlora.services.gateway.health import readiness
+from dlora.services.gateway.hosts import host_name, is_loopback
 from dlora.services.gateway.metrics import Metrics, RequestTimer, keep_tidy
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
@@ -442,7 +443,7 @@ class Gateway:
     async def start(self) -> None:
         self.registry = await AdapterRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
         self.auth.keys = await KeyRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
-        if self.s.auth == "none" and self.s.host not in ("127.0.0.1", "::1", "localhost"):
+        if self.s.auth == "none" and not is_loopback(host_name(self.s.host)):
             logger.warning("inference is open to anyone who reaches this address (auth = none)", host=self.s.host)
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_plan)
