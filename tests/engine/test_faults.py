@@ -262,18 +262,15 @@ def test_a_prompt_chunk_that_goes_nan_fails_its_request_before_another_reuses_it
     assert run_all(engine, {"mate": ("lora-0", prompt)}, max_tokens=4)["mate"] == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="async scheduling names a step's blocks in the prefix cache before its logits are seen finite, "
-    "and the next step is scheduled before they are (closing it costs async scheduling's overlap or its sharing)",
-)
 def test_under_async_scheduling_a_request_arriving_after_a_nan_prefill_does_not_reuse_its_blocks(
     tiny_llama: TinyOutput,
 ) -> None:
     """Async scheduling looks at a step's logits one call later, after the next step was scheduled:
-    a request with the same prompt and adapter arriving in between finds the NaN prefill's blocks
-    cached (``_written`` named them), reuses them, and fails "not finite" too: a 500 for a request
-    nothing was wrong with (the synchronous step fails the first before it schedules another)."""
+    a request with the same prompt and adapter arriving in between found the NaN prefill's blocks
+    cached (``_written`` named them), reused them, and failed "not finite" too: a 500 for a request
+    nothing was wrong with (the synchronous step fails the first before it schedules another). Now
+    the check preempts it before anything is drawn from its row, and it computes its prompt again,
+    each token given once."""
     prompt = list(range(3, 23))  # five blocks of 4, one step
     want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
     engine = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True, async_scheduling=True)
@@ -286,3 +283,4 @@ def test_under_async_scheduling_a_request_arriving_after_a_nan_prefill_does_not_
     mate = [o for o in outs if o.request_id == "mate"]
     assert all(o.finish_reason is not FinishReason.ERROR for o in mate), mate[-1].error
     assert [t for o in mate for t in o.new_token_ids] == want
+    assert engine.stats.preemptions == 1  # it did reuse them, and was computed again

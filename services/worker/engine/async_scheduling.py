@@ -16,6 +16,11 @@ step in flight at once: call it before reading a running sequence's tokens from 
 move). Tokens are those of the synchronous engine: greedy, seeded and penalised draws read the
 same history (sampling for step N+1 is queued after step N's tokens are taken in); unseeded
 draws may differ where the batches do.
+
+The prefix cache names a step's blocks when it is launched, and its logits are looked at a call
+later, after the next step was scheduled: a prefill of that step that took from the cache blocks
+then found not finite is preempted before anything is drawn from it and computes them again
+(``recompute``), rather than failing beside the request that made them NaN.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
-from dlora.services.worker.engine.sequence import Sequence
+from dlora.services.worker.engine.scheduler import preempt
+from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.taking import fail_chunks
 from dlora.services.worker.policy import StepDecision
 
@@ -86,10 +92,12 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
     # Failed after the last step's token came in, and only where its request goes on.
     e._taken += [e._fail(seq, why) for seq, why in failures if e.holds(seq)]
     e._taken += fail_chunks(e)  # the last step's prompt chunks (one step later than the sync step)
+    tainted = e.blocks.checked()
     if prepared is None or decision is None:
         return _hand_out(e)
     begun = e.clock() if last is not None else prepared.started + recording_s
-    live = [i for i, s in enumerate(ran) if e.holds(s)]  # not ended by the last step
+    # Not ended by the last step, nor reading blocks it left NaN (``recompute``)
+    live = [i for i, s in enumerate(ran) if e.holds(s) and not (tainted and recompute(e, s, tainted))]
     if len(live) < len(ran):
         ran, logits = [ran[i] for i in live], rows_of(logits, live)
     ran, logits = e._written(ran, logits)
@@ -104,6 +112,21 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
     logprobs = _logprobs(logits, ran, sampled)
     e._in_flight = InFlight(decision, prepared, ran, logits, sampled, logprobs, e.clock() - begun)
     return _hand_out(e)
+
+
+def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
+    """Whether ``seq``, a prefill of the step just launched, took from the prefix cache blocks
+    that the last step's check has found not finite (``tainted``: ``BlockManager.checked``); then
+    it is preempted, its row of this step dropped before anything is drawn from it, and computes
+    its prompt again: the last step named its blocks before their logits were looked at (they are
+    looked at here, after this step was scheduled), and a request sent beside a NaN one failed
+    with it. Its cached tokens are no longer counted as found (usage's ``cached_tokens``)."""
+    if seq.status is not Status.WAITING or tainted.isdisjoint(engine.blocks.table(seq.request_id)):
+        return False
+    preempt(seq, engine.blocks)
+    seq.num_cached_prompt = 0
+    engine.stats.preemptions += 1
+    return True
 
 
 def _hand_out(engine: LLMEngine) -> list[RequestOutput]:
@@ -143,4 +166,6 @@ def take(engine: LLMEngine, f: InFlight, since: float, later_s: float = 0.0) -> 
 def drain(engine: LLMEngine) -> list[RequestOutput]:
     """``LLMEngine.drain``: the step in flight taken in now; none: nothing."""
     f, engine._in_flight = engine._in_flight, None
-    return take(engine, f, engine.clock()) if f is not None else []
+    outputs = take(engine, f, engine.clock()) if f is not None else []
+    engine.blocks.checked()  # nothing scheduled since took the blocks it forgot
+    return outputs

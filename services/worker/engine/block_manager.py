@@ -79,6 +79,7 @@ class BlockManager:
         self._name_of: dict[int, bytes] = {}  # cached blocks' names
         self._cached: dict[bytes, int] = {}  # name -> block
         self._held: dict[str, _Held] = {}
+        self._forgotten: set[int] = set()  # blocks ``forget`` took out of the cache since ``checked``
 
     @property
     def num_free(self) -> int:
@@ -277,21 +278,29 @@ class BlockManager:
         too: its logits were not finite, so its KV may be NaN, and so may a reused block's (its
         maker ended before its logits were looked at: an abort mid-prefill). Sequences holding
         them keep them; a later prompt computes them again (vLLM evicts a NaN request's blocks
-        alike, vllm-project/vllm#50283). A no-op for an unknown sequence."""
+        alike, vllm-project/vllm#50283); ``checked`` lists them. A no-op for an unknown sequence."""
         held = self._held.get(seq_id)
         if held is None:
             return
         for block in held.table:
             if (name := self._name_of.pop(block, None)) is not None:  # held: not evictable
                 del self._cached[name]
+                self._forgotten.add(block)
         for name in held.chain:  # the same KV cached by another in a block of its own
             if name in self._cached:
                 block = self._cached.pop(name)
                 del self._name_of[block]
+                self._forgotten.add(block)
                 if self._ref[block] == 0:
                     del self._evictable[block]
                     self._free.append(block)
         held.open_key = False  # nothing more of it is cached either
+
+    def checked(self) -> set[int]:
+        """The blocks ``forget`` took out of the cache since the last call: a sequence holding one
+        took it from the cache before its maker's logits were looked at (async scheduling)."""
+        forgotten, self._forgotten = self._forgotten, set()
+        return forgotten
 
     def stop_caching(self, seq_id: str) -> None:
         """Cache nothing more of ``seq_id``: its KV came from elsewhere (a moved request)."""

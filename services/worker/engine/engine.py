@@ -352,6 +352,7 @@ class LLMEngine:
         graphs = self.graphs  # this step's, also if a replay that fails turns them off
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
+        self.blocks.checked()  # every block it named looked at before another step takes one
         generated = sum(len(o.new_token_ids) for o in outputs)
         recorded, recording_s = graphs.take_recorded() if graphs is not None else (0, 0.0)
         self.stats.record_graphs(recorded, recording_s)
