@@ -16,6 +16,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.engine.offline import generate_lines
+from dlora.services.worker.policy import StepDecision
 from tests.engine.helpers import make_engine, run_all
 
 PROMPT = [5, 40, 41, 300, 17]
@@ -284,3 +285,26 @@ def test_under_async_scheduling_a_request_arriving_after_a_nan_prefill_does_not_
     assert all(o.finish_reason is not FinishReason.ERROR for o in mate), mate[-1].error
     assert [t for o in mate for t in o.new_token_ids] == want
     assert engine.stats.preemptions == 1  # it did reuse them, and was computed again
+
+
+def test_under_async_scheduling_a_request_preempted_before_its_nan_step_is_looked_at_leaves_no_cached_blocks(
+    tiny_llama: TinyOutput,
+) -> None:
+    """A request preempted after its NaN prefill was launched and before its logits were looked at
+    (async scheduling: the next step is scheduled first) had freed its blocks, still cached, so
+    ``forget`` found nothing to take out: a retry of the same prompt reused the NaN blocks and
+    failed "not finite" for good."""
+    prompt = list(range(3, 23))  # five blocks of 4
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=8, enable_prefix_caching=True, async_scheduling=True)
+    _next_forward_goes_nan(engine)
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    assert engine.step() == []  # its prefill, NaN, in flight; 3 blocks left
+    engine.add_request("other", prompt_token_ids=list(range(40, 56)), params=SamplingParams(max_tokens=1))
+    # 4 blocks wanted and the step empty else: "bad", left out, gives its blocks back
+    outs = engine.step(StepDecision(None, ["other"]))
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("bad", FinishReason.ERROR)]
+    assert engine.stats.preemptions == 1
+    while engine.has_unfinished():  # "other" ends
+        engine.step()
+    assert run_all(engine, {"again": ("lora-0", prompt)}, max_tokens=4)["again"] == want

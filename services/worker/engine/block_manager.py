@@ -80,6 +80,9 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # name -> block
         self._held: dict[str, _Held] = {}
         self._forgotten: set[int] = set()  # blocks ``forget`` took out of the cache since ``checked``
+        # Names of the blocks sequences freed since ``checked``: one preempted or aborted while its
+        # step is in flight (async scheduling) is looked at after it freed them.
+        self._released: dict[str, list[bytes]] = {}
 
     @property
     def num_free(self) -> int:
@@ -137,6 +140,8 @@ class BlockManager:
         """Release every block of ``seq_id``, its last block first; a no-op for an unknown sequence.
         A cached block nobody holds any more stays cached until its block is needed."""
         held = self._held.pop(seq_id, None)
+        if held is not None and held.chain:
+            self._released.setdefault(seq_id, []).extend(held.chain)
         for block in reversed(held.table if held is not None else []):
             self._ref[block] -= 1
             if self._ref[block] == 0:
@@ -275,18 +280,19 @@ class BlockManager:
 
     def forget(self, seq_id: str) -> None:
         """Take out of the prefix cache every block ``seq_id`` holds or named, those it reused
-        too: its logits were not finite, so its KV may be NaN, and so may a reused block's (its
-        maker ended before its logits were looked at: an abort mid-prefill). Sequences holding
-        them keep them; a later prompt computes them again (vLLM evicts a NaN request's blocks
-        alike, vllm-project/vllm#50283); ``checked`` lists them. A no-op for an unknown sequence."""
+        too, and those it named and freed since ``checked`` (preempted while its step was in
+        flight): its logits were not finite, so its KV may be NaN, and so may a reused block's
+        (its maker ended before its logits were looked at: an abort mid-prefill). Sequences
+        holding them keep them; a later prompt computes them again (vLLM evicts a NaN request's
+        blocks alike, vllm-project/vllm#50283); ``checked`` lists them. A no-op for an unknown
+        sequence."""
         held = self._held.get(seq_id)
-        if held is None:
-            return
-        for block in held.table:
+        for block in held.table if held is not None else []:
             if (name := self._name_of.pop(block, None)) is not None:  # held: not evictable
                 del self._cached[name]
                 self._forgotten.add(block)
-        for name in held.chain:  # the same KV cached by another in a block of its own
+        # The same KV cached by another in a block of its own, or by this one before it freed it
+        for name in (held.chain if held is not None else []) + self._released.get(seq_id, []):
             if name in self._cached:
                 block = self._cached.pop(name)
                 del self._name_of[block]
@@ -294,12 +300,15 @@ class BlockManager:
                 if self._ref[block] == 0:
                     del self._evictable[block]
                     self._free.append(block)
-        held.open_key = False  # nothing more of it is cached either
+        if held is not None:
+            held.open_key = False  # nothing more of it is cached either
 
     def checked(self) -> set[int]:
         """The blocks ``forget`` took out of the cache since the last call: a sequence holding one
-        took it from the cache before its maker's logits were looked at (async scheduling)."""
+        took it from the cache before its maker's logits were looked at (async scheduling). The
+        names of freed blocks kept for ``forget`` go: every step that ran them was looked at."""
         forgotten, self._forgotten = self._forgotten, set()
+        self._released.clear()
         return forgotten
 
     def stop_caching(self, seq_id: str) -> None:
