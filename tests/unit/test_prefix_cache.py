@@ -170,3 +170,23 @@ def test_a_failed_sequence_takes_its_blocks_out_of_the_cache_and_others_keep_the
     bm.free("mate")
     assert bm.num_free == 8 and bm.num_cached == 0
     bm.forget("unknown")  # a no-op
+
+
+def test_a_sequence_freed_before_its_nan_is_found_takes_its_blocks_out_and_checked_lists_them() -> None:
+    """Async scheduling looks at a step's logits a call later, when its sequence may have been
+    preempted or aborted: ``forget`` still takes out the blocks it named. ``checked`` lists the
+    blocks taken out (a prefill that took one meanwhile computes it again) and drops the freed
+    names: every step that ran them was looked at, so a later ``forget`` leaves them."""
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    _run(bm, "bad", [1, 2, 3, 4, 5])
+    assert _run(bm, "mate", [1, 2, 3, 4, 9]) == 4  # took bad's two blocks before the check
+    taken = set(bm.table("mate")[:2])
+    bm.free("bad")  # preempted before the check
+    bm.forget("bad")
+    assert bm.num_cached == 0 and bm.checked() == taken and bm.checked() == set()
+    bm.free("mate")
+    _run(bm, "done", [7, 8, 9, 10, 11])
+    bm.free("done")
+    bm.checked()
+    bm.forget("done")  # freed before the last check
+    assert bm.num_cached == 2 and bm.checked() == set()
