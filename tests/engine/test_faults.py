@@ -308,3 +308,18 @@ def test_under_async_scheduling_a_request_preempted_before_its_nan_step_is_looke
     while engine.has_unfinished():  # "other" ends
         engine.step()
     assert run_all(engine, {"again": ("lora-0", prompt)}, max_tokens=4)["again"] == want
+
+
+def test_drain_fails_a_prompt_chunk_that_went_nan(tiny_llama: TinyOutput) -> None:
+    """``drain`` (before a move) takes in the step in flight: a prompt chunk of it whose logits are
+    not finite fails its request there, as the next step would, and takes its blocks out of the
+    cache before a request moved in meanwhile could reuse them."""
+    prompt = list(range(3, 23))
+    engine = make_engine(
+        tiny_llama, block_size=4, max_num_batched_tokens=8, enable_prefix_caching=True, async_scheduling=True
+    )
+    _next_forward_goes_nan(engine)
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    assert engine.step() == []  # its first chunk, NaN
+    assert [(o.request_id, o.finish_reason) for o in engine.drain()] == [("bad", FinishReason.ERROR)]
+    assert engine.blocks.num_cached == 0 and not engine.has_unfinished()

@@ -164,8 +164,10 @@ def take(engine: LLMEngine, f: InFlight, since: float, later_s: float = 0.0) -> 
 
 
 def drain(engine: LLMEngine) -> list[RequestOutput]:
-    """``LLMEngine.drain``: the step in flight taken in now; none: nothing."""
+    """``LLMEngine.drain``: the step in flight taken in now, and the last step's prompt chunks
+    checked (a step of chunks only leaves none in flight); none: nothing."""
     f, engine._in_flight = engine._in_flight, None
     outputs = take(engine, f, engine.clock()) if f is not None else []
+    outputs += fail_chunks(engine)
     engine.blocks.checked()  # nothing scheduled since took the blocks it forgot
     return outputs
