@@ -323,3 +323,22 @@ def test_drain_fails_a_prompt_chunk_that_went_nan(tiny_llama: TinyOutput) -> Non
     assert engine.step() == []  # its first chunk, NaN
     assert [(o.request_id, o.finish_reason) for o in engine.drain()] == [("bad", FinishReason.ERROR)]
     assert engine.blocks.num_cached == 0 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_under_async_scheduling_a_request_aborted_before_its_nan_step_is_looked_at_leaves_no_cached_blocks(
+    tiny_llama: TinyOutput, chunk: int | None
+) -> None:
+    """A request aborted (its client gone) after its NaN prefill, or prompt chunk, was launched and
+    before its logits were looked at (async scheduling: a call later) was passed over there, its
+    blocks still cached: the same prompt sent again reused them and failed "not finite"."""
+    prompt = list(range(3, 23))  # five blocks of 4: one step, or chunks of 8
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
+    budget = {"max_num_batched_tokens": chunk} if chunk else {}
+    engine = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True, async_scheduling=True, **budget)
+    _next_forward_goes_nan(engine)
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    assert engine.step() == []  # NaN, in flight
+    assert engine.abort("bad")
+    assert engine.step() == [] and engine.blocks.num_cached == 0
+    assert run_all(engine, {"again": ("lora-0", prompt)}, max_tokens=4)["again"] == want

@@ -280,8 +280,8 @@ class BlockManager:
 
     def forget(self, seq_id: str) -> None:
         """Take out of the prefix cache every block ``seq_id`` holds or named, those it reused
-        too, and those it named and freed since ``checked`` (preempted while its step was in
-        flight): its logits were not finite, so its KV may be NaN, and so may a reused block's
+        too, and those it named and freed since ``checked`` (preempted or aborted while its step
+        was in flight): its logits were not finite, so its KV may be NaN, and so may a reused block's
         (its maker ended before its logits were looked at: an abort mid-prefill). Sequences
         holding them keep them; a later prompt computes them again (vLLM evicts a NaN request's
         blocks alike, vllm-project/vllm#50283); ``checked`` lists them. A no-op for an unknown

@@ -42,6 +42,8 @@ def take(
     logprobs = token_logprobs(logits, wanted, launched) if logits is not None else {}
     for i, (seq, tok) in enumerate(zip(ran, tokens)):
         if i in gone:
+            if isinstance(tok, NotFinite):  # aborted since: its blocks were cached all the same
+                engine.blocks.forget(seq.request_id)
             continue
         if isinstance(tok, NotFinite):
             outputs.append(not_finite(engine, seq, tok))
@@ -102,11 +104,15 @@ def check_chunks(seqs: list[Sequence], logits: torch.Tensor | None) -> Chunks | 
 def fail_chunks(engine: LLMEngine) -> list[RequestOutput]:
     """Fail each request of the engine's last checked chunks whose logits were not finite, before
     another prompt reuses the blocks it cached (vLLM aborts on NaN in intermediate chunks alike,
-    vllm-project/vllm#50283); one ended or dropped since is passed over."""
+    vllm-project/vllm#50283); one ended or dropped since only has its blocks taken out."""
     chunks, engine._chunks = engine._chunks, None
     if chunks is None:
         return []
     why = NotFinite("the model's logits for this request's prompt are not finite (NaN or infinity)")
-    return [
-        not_finite(engine, s, why) for s, bad in zip(chunks.seqs, chunks.bad.wait().tolist()) if bad and engine.holds(s)
-    ]
+    failed = []
+    for s, bad in zip(chunks.seqs, chunks.bad.wait().tolist()):
+        if bad and engine.holds(s):
+            failed.append(not_finite(engine, s, why))
+        elif bad:
+            engine.blocks.forget(s.request_id)
+    return failed
