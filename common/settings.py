@@ -82,6 +82,11 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S. One value, so a schema the gateway took no worker
     # refuses (a 400 KB schema takes 0.3-0.5 s; 1,000 patternProperties take hours).
     grammar_compilation_timeout_s: float = 10.0
+    # MiB of memory the process compiling a grammar under that bound may hold, the model's tokenizer
+    # included (a 400 KB schema's compile: ~0.5 GiB), before its request is refused as too large (a
+    # 400 naming the field); 0: no cap. A schema whose compile takes all it can reach otherwise
+    # ends at the host's OOM killer (vLLM #7332).
+    grammar_compilation_memory_mb: int = 4096
 
     def check(self) -> Problems:
         """Problems with the values; the loader refuses settings that have any."""
@@ -89,6 +94,8 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         problems = [(f, getattr(self, f), "must be > 0") for f in positive if not getattr(self, f) > 0]
         if not self.grammar_compilation_timeout_s >= 0:
             problems.append(("grammar_compilation_timeout_s", self.grammar_compilation_timeout_s, "must be >= 0"))
+        if not self.grammar_compilation_memory_mb >= 0:
+            problems.append(("grammar_compilation_memory_mb", self.grammar_compilation_memory_mb, "must be >= 0"))
         if not 0 <= self.metrics_port <= 65535:
             problems.append(("metrics_port", self.metrics_port, "must be a TCP port, or 0 for none"))
         if self.log_level.lower() not in LOG_LEVELS:

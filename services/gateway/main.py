@@ -95,7 +95,12 @@ class Gateway:
             logger.info("default sampling parameters from the model's generation_config.json", **given)
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         served = ServedModel.of(
-            cast(Tokenizer, self.tokenizer), self.cfg, self.context, given, settings.grammar_compilation_timeout_s
+            cast(Tokenizer, self.tokenizer),
+            self.cfg,
+            self.context,
+            given,
+            settings.grammar_compilation_timeout_s,
+            settings.grammar_compilation_memory_mb,
         )
         self.served = dataclasses.replace(
             served,

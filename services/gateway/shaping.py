@@ -90,10 +90,13 @@ class ServedModel:
         context: int,
         defaults: Mapping[str, float],
         compile_timeout_s: float | None = None,
+        compile_memory_mb: int | None = None,
     ) -> ServedModel:
         """The model of ``cfg`` read through ``tokenizer``, with its structured-output matchers
-        (``compile_timeout_s``: ``Grammars``')."""
-        grammars = Grammars(tokenizer, cfg.vocab_size, set(cfg.eos_token_ids), GATEWAY_COMPILES, compile_timeout_s)
+        (``compile_timeout_s``, ``compile_memory_mb``: ``Grammars``')."""
+        grammars = Grammars(
+            tokenizer, cfg.vocab_size, set(cfg.eos_token_ids), GATEWAY_COMPILES, compile_timeout_s, compile_memory_mb
+        )
         return cls(tokenizer, cfg.vocab_size, context, grammars, defaults)
 
 

@@ -480,6 +480,7 @@ def build_engine(s: WorkerSettings) -> LLMEngine:
         torch.set_num_threads(s.torch_threads)
     engine = LLMEngine(s.model, s.engine)
     engine.grammars.compile_timeout_s = s.grammar_compilation_timeout_s
+    engine.grammars.compile_memory_mb = s.grammar_compilation_memory_mb
     return engine
 
 

@@ -64,3 +64,27 @@ def test_the_bounded_compile_is_the_tokenizers_compile_first_mask_and_all(tiny_l
     with pytest.raises(structured.GrammarError) as refused:
         engine.grammars.matcher(SamplingParams(json_schema=json.dumps({"$ref": "#"})), [])
     assert str(refused.value).endswith(structured._reason(verdict)), (str(refused.value), verdict)
+
+
+# A regex llguidance's lexer expands into ~250 MB while it compiles (a second or two: within the
+# time bound): past a cap of 150 MiB, where the compiler's process, its tokenizer and an ordinary
+# schema's compile hold ~50 MiB.
+HUNGRY = "(a{1000}){1000}"
+
+
+def test_a_compile_past_the_memory_cap_is_refused_saying_so(tiny_llama: TinyOutput) -> None:
+    """The compile's child process had no memory cap: a constraint whose compile takes all the
+    memory it can reach ended at the host's OOM killer (vLLM #7332's kind), which may pick another
+    process (a worker, its requests with it). Capped (``grammar_compilation_memory_mb``), it is
+    refused naming the field, and the cap takes an ordinary schema."""
+    engine = make_engine(tiny_llama)
+    engine.grammars.compile_memory_mb = 150
+    with pytest.raises(RequestError) as refused:
+        engine.add_request("hungry", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=8, regex=HUNGRY))
+    assert refused.value.param == "regex", refused.value.param
+    assert str(refused.value).startswith("regex cannot be used: too large to compile within 150 MiB of memory")
+    engine.add_request("ordinary", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=4, json_schema=ORDINARY))
+    while engine.has_unfinished():
+        engine.step()
+    engine.grammars.compile_memory_mb = 0  # no cap: compiled (what the cap refused is no error of the regex)
+    assert engine.grammars.matcher(SamplingParams(regex=HUNGRY), []) is not None

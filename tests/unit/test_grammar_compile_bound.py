@@ -6,6 +6,7 @@ default fuel."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dlora.common.messages import SamplingParams
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import structured
 from dlora.services.worker.engine.structured import GrammarError, check
 
@@ -82,6 +84,7 @@ def test_a_compile_that_kills_its_process_is_a_refusal_and_the_next_is_compiled(
 EXITS = """
 import asyncio, sys
 from dlora.common.messages import SamplingParams
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import structured
 from dlora.services.worker.engine.structured import Grammars, check
 
@@ -174,7 +177,7 @@ def test_a_grammar_that_killed_its_compiler_process_is_not_compiled_in_process(
     from dlora.services.worker.engine.structured import Grammars
 
     class Crashes(Validator):
-        def validate(self, grammar: str, bound_s: float, tokenizer: object = None) -> str | None:
+        def validate(self, grammar: str, bound_s: float, tokenizer: object = None, memory_mb: int = 0) -> str | None:
             return "the grammar engine failed on it (its compiler's process died)"
 
     compiled: list[str] = []
@@ -237,3 +240,62 @@ def test_a_kept_child_that_died_idle_is_replaced_for_the_next_grammar() -> None:
     kept.wait()
     grammar = LLMatcher.grammar_from_json_schema(ORDINARY.replace("x_", "oom_"))
     assert validator.validate(grammar, 10.0) == ""
+
+
+def test_a_compilers_process_killed_from_outside_is_no_crash_of_its_grammar() -> None:
+    """A child SIGKILLed while it compiled (the host's OOM killer, which takes the largest process,
+    or an operator) read as llguidance crashing on the grammar: refused for good, as "failed on
+    it", a schema that compiles. It is compiled again on a new child."""
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    before = _children()
+    schema = {"type": "object", "patternProperties": {f"^o{i}_[a-z]+$": {"type": "integer"} for i in range(300)}}
+    grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    verdicts: list[str | None] = []
+    validator = Validator()
+    thread = threading.Thread(target=lambda: verdicts.append(validator.validate(grammar, 60.0)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + LIVENESS_S
+    while not (new := _children() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # (started, and compiling)
+    for pid in new:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(LIVENESS_S)
+    assert verdicts == [""], verdicts
+
+
+def test_a_child_that_takes_no_tokenizer_holds_no_compile_for_good(
+    tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokenizer's upload to a child (megabytes) was neither timed nor bounded: a kept child
+    that stopped reading (stopped, or starved) held the compile's thread, and every request waiting
+    on the same grammar, for good. Past ``TOKENIZER_S`` it is killed and the grammar refused for
+    now (not kept)."""
+    from llguidance import LLMatcher
+    from transformers import AutoTokenizer
+
+    from dlora.model.token_bytes import llg_tokenizer_args
+    from dlora.services.worker.engine import compile_bound
+    from dlora.services.worker.engine.compile_bound import TokenizerSpec, Validator
+
+    hf = AutoTokenizer.from_pretrained(tiny_llama.model)
+    spec = TokenizerSpec(*llg_tokenizer_args(hf, len(hf), {hf.eos_token_id}))
+    validator = Validator()
+    assert validator.validate(LLMatcher.grammar_from_json_schema(ORDINARY), 10.0) == ""  # a child kept
+    kept = validator._idle[0].proc
+    monkeypatch.setattr(compile_bound, "TOKENIZER_S", 1.0, raising=False)
+    os.kill(kept.pid, signal.SIGSTOP)
+    try:
+        verdicts: list[str | None] = []
+        grammar = LLMatcher.grammar_from_json_schema(ORDINARY.replace("x_", "stopped_"))
+        thread = threading.Thread(target=lambda: verdicts.append(validator.validate(grammar, 10.0, spec)), daemon=True)
+        thread.start()
+        thread.join(30)
+        assert verdicts == [compile_bound.STARVED], verdicts
+        assert kept.poll() is not None, "the child left behind"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(kept.pid, signal.SIGCONT)

@@ -25,6 +25,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -44,13 +45,25 @@ KEPT_IDLE = 2
 
 
 class TooSlow(Exception):
-    """The grammar's compile was stopped at the bound, or killed its process (``CRASHED``); the
-    message says so (after a field's name)."""
+    """The grammar's compile was stopped at the bound or the memory cap, or killed its process
+    (``CRASHED``); the message says so (after a field's name)."""
 
 
 # What ``Validator.validate`` answers for a grammar its child died on: llguidance crashed on it, and
 # would crash the server's own process as well (never compiled there).
 CRASHED = "the grammar engine failed on it (its compiler's process died)"
+
+
+# What it answers for a grammar whose compile needed more memory than the child was given (its
+# data, the tokenizer included: RLIMIT_DATA), said by the child or read from its death (Rust's
+# allocator aborts, writing "memory allocation of N bytes failed"): refused, as the time bound is.
+MEMORY = "\0memory"
+# What it answers when the child was killed from outside (SIGKILL, not ours: the OOM killer, an
+# operator) on this grammar and on the next child too: no verdict on the grammar, not to be kept.
+KILLED = "\0killed"
+# Seconds of wall time a child may take to build a tokenizer (the engine built it in ~0.2-1 s): past
+# them it is killed and the grammar refused for now (``STARVED``), never left waiting for good.
+TOKENIZER_S = 60.0
 
 
 # What ``Validator.validate`` answers when the child could not say: llguidance raised rather than
@@ -88,37 +101,61 @@ class _Child:
 
     def __init__(self) -> None:
         self.tokenizers: set[str] = set()  # keys of the TokenizerSpecs it has built
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", __file__],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            close_fds=True,
-        )
+        # Its stderr, read once it died (how: an allocation refused); a file, never a pipe it could fill
+        self.stderr = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", __file__],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.stderr,
+                close_fds=True,
+            )
+        except BaseException:
+            self.stderr.close()
+            raise
 
-    def _send(self, op: bytes, what: dict[str, Any]) -> None:
+    def _send(self, op: bytes, what: dict[str, Any], within_s: float | None = None) -> bool:
+        """``what`` sent; False if it was not taken within ``within_s`` seconds (None: no bound)."""
         stdin = self.proc.stdin
         assert stdin is not None
         body = op + json.dumps(what).encode()  # (ASCII: lone surrogates escaped)
-        stdin.write(_HEADER.pack(len(body)) + body)
-        stdin.flush()
+        if within_s is None:
+            stdin.write(_HEADER.pack(len(body)) + body)
+            stdin.flush()
+            return True
+        # a tokenizer (megabytes) is written a pipe's free room at a time: a child that reads
+        # nothing (stopped, starved) held a blocking write, and this compile's thread, for good
+        deadline, left = time.monotonic() + within_s, memoryview(_HEADER.pack(len(body)) + body)
+        while left:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([], [stdin], [], wait)[1]:
+                return False
+            left = left[os.write(stdin.fileno(), left[: select.PIPE_BUF]) :]  # (fits: never blocks)
+        return True
 
-    def ask(self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None) -> str | None:
-        """Why ``grammar`` cannot be used (empty: it can; ``UNCHECKED``): compiled with
-        ``tokenizer`` as the engine does, first mask included, or without one llguidance's
-        ``validate_grammar``; None past ``bound_s`` seconds of the child's CPU, ``STARVED`` past
-        them in wall time (``_WALL_PER_CPU`` times them, or no CPU time to read). Raises OSError
-        (EOFError) when the child is gone."""
+    def ask(self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None, memory_mb: int = 0) -> str | None:
+        """Why ``grammar`` cannot be used (empty: it can; ``UNCHECKED``; ``MEMORY``: past
+        ``memory_mb`` MiB of the child's data, 0: no cap): compiled with ``tokenizer`` as the
+        engine does, first mask included, or without one llguidance's ``validate_grammar``; None
+        past ``bound_s`` seconds of the child's CPU, ``STARVED`` past them in wall time
+        (``_WALL_PER_CPU`` times them, or no CPU time to read), or a tokenizer's build past
+        ``TOKENIZER_S``. Raises OSError (EOFError) when the child is gone."""
         stdout = self.proc.stdout
         assert stdout is not None
-        if tokenizer is not None and tokenizer.key not in self.tokenizers:  # once a child, not timed
+        if tokenizer is not None and tokenizer.key not in self.tokenizers:  # once a child
             spec = {"key": tokenizer.key, "text": tokenizer.text, "n": tokenizer.n_vocab, "eos": tokenizer.eos}
-            self._send(b"T", spec)
+            deadline = time.monotonic() + TOKENIZER_S
+            if (
+                not self._send(b"T", spec, TOKENIZER_S)
+                or not select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))[0]
+            ):
+                return STARVED  # (a hung build held this compile's thread, and its waiters, for good)
             if _read(stdout):  # it could not build it (the engine did): compiled in-process, unbounded
                 return UNCHECKED
             self.tokenizers.add(tokenizer.key)
         start, used_before = time.monotonic(), _cpu_s(self.proc.pid)
-        self._send(b"G", {"grammar": grammar, "key": tokenizer and tokenizer.key})
+        self._send(b"G", {"grammar": grammar, "key": tokenizer and tokenizer.key, "mem": memory_mb})
         while True:
             used = _cpu_s(self.proc.pid)
             spent = time.monotonic() - start
@@ -137,6 +174,25 @@ class _Child:
             if pipe is not None:  # (a close flushes what a dead child's pipe refused: it raises again)
                 with contextlib.suppress(OSError):
                     pipe.close()
+        self.stderr.close()
+
+    def death(self) -> str:
+        """Why the child, found gone (its pipe ended), died: ``MEMORY`` (an allocation refused at its
+        cap), ``KILLED`` (SIGKILL from outside: not ours, it was not yet killed) or ``CRASHED``."""
+        try:
+            code = self.proc.wait(5)  # (its pipe closes as it exits: at most a moment before)
+        except subprocess.TimeoutExpired:
+            code = None  # alive with its stdout closed: nothing llguidance does; a crash all the same
+        said = b""
+        with contextlib.suppress(OSError):
+            self.stderr.seek(max(0, self.stderr.seek(0, os.SEEK_END) - 4096))
+            said = self.stderr.read()
+        self.kill()
+        if code == -signal.SIGKILL:
+            return KILLED
+        if code == -signal.SIGABRT and b"memory allocation of" in said:
+            return MEMORY
+        return CRASHED
 
 
 def _read(stream: IO[bytes]) -> bytes:
@@ -158,11 +214,16 @@ class Validator:
         self._idle: list[_Child] = []
         self._lock = threading.Lock()
 
-    def validate(self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None) -> str | None:
-        """Why ``grammar`` cannot be used (``_Child.ask``: empty, it can; ``UNCHECKED``: not said),
-        found within ``bound_s`` seconds of CPU, or None when it ran past them and was stopped
-        (``STARVED``: stopped at the bound in wall time, a loaded host's or one without /proc). A
-        child that dies on the grammar (llguidance crashed on it) says so as a message."""
+    def validate(
+        self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None, memory_mb: int = 0
+    ) -> str | None:
+        """Why ``grammar`` cannot be used (``_Child.ask``: empty, it can; ``UNCHECKED``: not said;
+        ``MEMORY``: past ``memory_mb``), found within ``bound_s`` seconds of CPU, or None when it
+        ran past them and was stopped (``STARVED``: stopped at the bound in wall time, a loaded
+        host's or one without /proc). A child that dies on the grammar (llguidance crashed on it)
+        says so as a message (``CRASHED``); one killed from outside is replaced once, then
+        ``KILLED``."""
+        killed = False
         while True:
             with self._lock:
                 kept = self._idle.pop() if self._idle else None
@@ -174,12 +235,15 @@ class Validator:
                 log.get("grammar").warning("a grammar compiled without its time bound: no process for it", error=str(e))
                 return UNCHECKED
             try:
-                verdict = child.ask(grammar, bound_s, tokenizer)
+                verdict = child.ask(grammar, bound_s, tokenizer, memory_mb)
             except (OSError, EOFError):
-                child.kill()
+                death = child.death()
                 if kept is not None:
                     continue  # it may have died idle (the OOM killer): this grammar, on a new one
-                return CRASHED
+                if death == KILLED and not killed:  # (the host's OOM killer takes the largest process:
+                    killed = True  # not this grammar's doing unless it is killed again)
+                    continue
+                return death
             if verdict is None or verdict == STARVED:
                 child.kill()
                 return verdict
@@ -237,6 +301,8 @@ def _serve_calls(work: SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
 
 
 def _serve() -> None:  # the child: one request at a time from stdin, its answer to stdout
+    import resource
+
     from llguidance import LLMatcher, LLTokenizer
 
     # A stop's signal is its parent's to act on: systemd's SIGTERM reaches every process of the unit,
@@ -247,13 +313,14 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
         signal.signal(sig, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     tokenizers: dict[str, LLTokenizer] = {}
+    data_hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
 
     def reply(message: str) -> None:
         body = message.encode("utf-8", "surrogatepass")
         stdout.write(_HEADER.pack(len(body)) + body)
         stdout.flush()
 
-    def check(grammar: str, key: str | None) -> str:
+    def check(grammar: str, key: str | None) -> str:  # (the child's own memory: MemoryError)
         if key is None:
             return LLMatcher.validate_grammar(grammar)
         m = LLMatcher(tokenizers[key], grammar, log_level=0)  # as Grammars._compile
@@ -264,6 +331,8 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
     def run(grammar: str, key: str | None) -> None:
         try:
             reply(check(grammar, key))
+        except MemoryError:  # (compiled again in-process, it would take the server's memory instead)
+            reply(MEMORY)
         except Exception:  # noqa: BLE001 - the parent finds it again, in-process
             reply(UNCHECKED)
 
@@ -274,15 +343,26 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
             os._exit(0)
         what = json.loads(body[1:])
         if body[:1] == b"T":
+            resource.setrlimit(resource.RLIMIT_DATA, (data_hard, data_hard))  # (a tokenizer is not capped)
             try:
                 tokenizers[what["key"]] = LLTokenizer(what["text"], n_vocab=what["n"], eos_token=what["eos"] or None)
                 reply("")
             except Exception:  # noqa: BLE001 - as the engine, which read it, reads it then
                 reply(UNCHECKED)
             continue
+        # A memory-hungry grammar's compile ends at the cap, in this process, not at the host's
+        # OOM killer: RLIMIT_DATA counts what it allocates (the stack below too), not the address
+        # space reserved (RLIMIT_AS: glibc's arenas, 64 MiB a thread, reserved and never used).
+        cap = what.get("mem", 0) << 20
+        if cap and data_hard != resource.RLIM_INFINITY:
+            cap = min(cap, data_hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap or data_hard, data_hard))
         # as structured._deep: llguidance compiles recursively, its stack growing with the text
         threading.stack_size(-(-(16 * (1 << 20) + 1024 * len(what["grammar"])) // (1 << 20)) * (1 << 20))
-        threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True).start()
+        try:
+            threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True).start()
+        except (RuntimeError, MemoryError):  # its stack past the cap (uncaught: read as a crash)
+            reply(MEMORY if cap else UNCHECKED)
 
 
 if __name__ == "__main__":

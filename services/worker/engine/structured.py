@@ -32,6 +32,8 @@ from dlora.common.sampling import SamplingParams
 from dlora.model.token_bytes import llg_tokenizer, llg_tokenizer_args
 from dlora.services.worker.engine.compile_bound import (
     CRASHED,
+    KILLED,
+    MEMORY,
     STARVED,
     UNCHECKED,
     DaemonPool,
@@ -197,7 +199,14 @@ def _from_grammar(grammar: str) -> str:
 # vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S (10 s; its regexes' bound is 5 s). A 400 KB schema takes
 # 0.3-0.5 s; 400 patternProperties 12 s, 1,000 hours. ``compile_bound`` says how it is held to it.
 GRAMMAR_COMPILATION_TIMEOUT_S = 10.0
+# MiB of memory the compile's child process may hold, its tokenizer included (0: no cap), with the
+# time bound: a schema whose compile takes all the memory it can reach ends there, not at the host's
+# OOM killer (vLLM #7332's kind). A 400 KB schema's compile holds ~0.5 GiB beside a 60,000-token
+# tokenizer's 70 MB.
+GRAMMAR_COMPILATION_MEMORY_MB = 4096
 _TOO_SLOW = "too complex to compile within"
+_TOO_LARGE = "too large to compile within"
+_KILLED = "cannot be compiled now: its compiler's process was killed (the host short of memory?); try again"
 _validator = Validator()
 
 
@@ -208,9 +217,11 @@ def check(params: SamplingParams) -> None:
     if (grammar := constraint(params)) is None:
         return
     try:
-        error = _validated(grammar, GRAMMAR_COMPILATION_TIMEOUT_S)
+        error = _validated(grammar, GRAMMAR_COMPILATION_TIMEOUT_S, None, GRAMMAR_COMPILATION_MEMORY_MB)
     except GrammarUnavailable as e:
         raise GrammarUnavailable(f"{label(params)} {e}") from None
+    if error == KILLED:
+        raise GrammarUnavailable(f"{label(params)} {_KILLED}")
     if error and not error.startswith("WARNING"):
         raise GrammarError(f"{label(params)} cannot be used: {_reason(error)}")
 
@@ -219,27 +230,35 @@ class _Unkept(Exception):
     """A verdict ``_kept_verdict`` must not keep (an exception: ``lru_cache`` keeps none)."""
 
 
-def _validated(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None) -> str:
+def _validated(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None, memory_mb: int = 0) -> str:
     """llguidance's ``validate_grammar`` message (with ``tokenizer``: its matcher's error, first
     mask included), or why it was stopped: within ``bound_s`` seconds of CPU (a child process's;
-    0: unbounded, here)."""
+    0: unbounded, here) and ``memory_mb`` MiB of its memory (0: no cap); ``KILLED``: the child was
+    killed from outside, no verdict."""
     try:
-        return _kept_verdict(grammar, bound_s, tokenizer)
+        return _kept_verdict(grammar, bound_s, tokenizer, memory_mb)
     except _Unkept as e:
         return str(e)
 
 
 @functools.lru_cache(maxsize=32)  # (a 400 KB schema each, at most: the gateway's memory)
-def _kept_verdict(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None) -> str:
-    """``_validated``'s verdict, kept, a refusal at the CPU bound too: sent again, a schema that ran
-    to the bound would take a core as long again. Not one met in wall time (``STARVED``): kept, a
-    schema that compiles in a second was refused for good after a load spike starved its child."""
+def _kept_verdict(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None, memory_mb: int) -> str:
+    """``_validated``'s verdict, kept, a refusal at the CPU bound or the memory cap too: sent again,
+    a schema that ran to either would take a core as long, or the memory, again. Not one met in
+    wall time (``STARVED``): kept, a schema that compiles in a second was refused for good after a
+    load spike starved its child; nor a child killed from outside (``KILLED``: the OOM killer's
+    choice on a host short of memory, which says nothing of the grammar)."""
     if bound_s > 0:
-        if (verdict := _validator.validate(grammar, bound_s, tokenizer)) in (None, STARVED):
+        verdict = _validator.validate(grammar, bound_s, tokenizer, memory_mb)
+        if verdict in (None, STARVED):
             refusal = f"{_TOO_SLOW} {bound_s:g} s (the server's grammar_compilation_timeout_s): simplify it"
             if verdict == STARVED:
                 raise _Unkept(refusal)
             return refusal
+        if verdict == MEMORY:
+            return f"{_TOO_LARGE} {memory_mb} MiB of memory (the server's grammar_compilation_memory_mb): simplify it"
+        if verdict == KILLED:
+            raise _Unkept(KILLED)
         if verdict != UNCHECKED:
             return verdict
     return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
@@ -261,12 +280,15 @@ class Grammars:
         eos_ids: set[int],
         compile_threads: int = COMPILE_THREADS,
         compile_timeout_s: float | None = None,
+        compile_memory_mb: int | None = None,
     ) -> None:
         self.hf_tokenizer, self.vocab_size, self.eos_ids = hf_tokenizer, vocab_size, eos_ids
         self._threads = compile_threads
         # CPU seconds a compile may take (None: GRAMMAR_COMPILATION_TIMEOUT_S); a service sets its
         # setting's (grammar_compilation_timeout_s)
         self.compile_timeout_s = compile_timeout_s
+        # MiB its compile's child may hold (None: GRAMMAR_COMPILATION_MEMORY_MB; grammar_compilation_memory_mb)
+        self.compile_memory_mb = compile_memory_mb
         self._pool: DaemonPool | None = None  # ``off_loop``'s, made on first use
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
         self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
@@ -310,8 +332,11 @@ class Grammars:
             return pending.result()
         try:
             bound = GRAMMAR_COMPILATION_TIMEOUT_S if self.compile_timeout_s is None else self.compile_timeout_s
-            error = _validated(grammar, bound, self.tokenizer_spec)
-            if error.startswith(_TOO_SLOW) or error == CRASHED:  # (it would crash this process too)
+            mb = GRAMMAR_COMPILATION_MEMORY_MB if self.compile_memory_mb is None else self.compile_memory_mb
+            error = _validated(grammar, bound, self.tokenizer_spec, mb)
+            if error == KILLED:  # (not the grammar's fault, as far as is known: a retry may pass)
+                raise GrammarUnavailable(_KILLED)
+            if error.startswith((_TOO_SLOW, _TOO_LARGE)) or error == CRASHED:  # (crashes this process too)
                 raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
             m = _deep(len(grammar), self._compile, grammar)
         except BaseException as e:  # (raised to the waiters too: a thread that could not start)
