@@ -281,8 +281,8 @@ def structured(body: Body, grammars: Grammars | None = None, *, compile: bool = 
     try:
         if grammars is None:
             check(params)
-        else:  # tried as a worker will: a schema of nothing but a reference to itself passes the
-            grammars.matcher(params, [])  # grammar's check and fails at its first mask
+        else:  # tried as a worker will (the bounded child's compile): a schema of nothing but a
+            grammars.check(params)  # reference to itself passes the grammar's check, fails at its first mask
     except GrammarError as e:  # a schema is named by the field that gave it
         status = 503 if isinstance(e, GrammarUnavailable) else 400
         raise APIError(status, str(e).replace("response_format", field, 1), param=field) from None

@@ -77,15 +77,15 @@ async def test_a_request_compiling_when_the_gateway_stops_is_answered_503(
     structured output was not in flight yet: it held the listener's close for its 5 s grace, then
     its connection was cut with no answer at all (the client saw the server disconnect)."""
     entered, release = threading.Event(), threading.Event()
-    compile_ = Grammars._compile
+    verdict = Grammars._verdict  # (the gateway's compile: in the bounded child, none in-process)
 
     def held(self: Grammars, grammar: str) -> Any:
         if "held-at-stop" in grammar:
             entered.set()
             release.wait(LIVENESS_S)
-        return compile_(self, grammar)
+        return verdict(self, grammar)
 
-    monkeypatch.setattr(Grammars, "_compile", held)
+    monkeypatch.setattr(Grammars, "_verdict", held)
     s = msgspec.structs.replace(stack.gateway.s, port=free_port(), redis_url=redis_server.url)
     stop = asyncio.Event()
     gateway = asyncio.create_task(serve(s, stop))

@@ -188,15 +188,15 @@ async def test_a_schema_slow_to_compile_holds_no_other_requests_shaping(stack: S
     from dlora.services.worker.engine.structured import Grammars
 
     entered, release = threading.Event(), threading.Event()
-    compile_ = Grammars._compile
+    verdict = Grammars._verdict  # (the gateway's compile: in the bounded child, none in-process)
 
     def slow(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
         if "slow-to-compile" in grammar:
             entered.set()
             release.wait(30)
-        return compile_(self, grammar)
+        return verdict(self, grammar)
 
-    monkeypatch.setattr(Grammars, "_compile", slow)
+    monkeypatch.setattr(Grammars, "_verdict", slow)
     body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 3, "temperature": 0}
     slow_body = {**body, "max_tokens": 20, "guided_choice": ["slow-to-compile"]}
     held = asyncio.create_task(post(stack, "/v1/completions", slow_body))
@@ -312,15 +312,15 @@ async def test_a_request_refused_for_a_field_checked_cheaply_compiles_nothing(st
     from dlora.services.worker.engine.structured import Grammars
 
     compiled: list[str] = []
-    compile_ = Grammars._compile
+    verdict = Grammars._verdict  # (the gateway's compile: in the bounded child, none in-process)
     gateway = stack.gateway.served.grammars
 
     def counting(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
         if self is gateway and "compiled-here" in grammar:
             compiled.append(grammar)
-        return compile_(self, grammar)
+        return verdict(self, grammar)
 
-    monkeypatch.setattr(Grammars, "_compile", counting)
+    monkeypatch.setattr(Grammars, "_verdict", counting)
     body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 3}
     chat = {"model": "lora-2", "messages": [{"role": "user", "content": "kalo"}], "max_tokens": 3}
     schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"const": "compiled-here 1"}}}
@@ -343,6 +343,34 @@ async def test_a_request_refused_for_a_field_checked_cheaply_compiles_nothing(st
     # a structured output that cannot be used is still refused by the gateway, naming its field
     status, resp = await post(stack, "/v1/completions", {**body, "guided_regex": "compiled-here (unclosed"})
     assert (status, resp["error"]["param"]) == (400, "guided_regex"), resp
+
+
+async def test_the_gateway_takes_the_bounded_compiles_verdict_not_a_second_compile(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The gateway compiled each new grammar twice: in the bounded child process, then again
+    in-process for a matcher it only checked and dropped (a 400 KB schema's first request took its
+    compile twice over, on the gateway's few compile threads). The child's verdict is taken: nothing
+    is compiled in-process, and what fails only at its first mask is still a 400 naming the field."""
+    from dlora.services.worker.engine.structured import Grammars
+
+    compiled: list[str] = []
+    compile_ = Grammars._compile
+    gateway = stack.gateway.served.grammars
+
+    def counting(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
+        if self is gateway:
+            compiled.append(grammar)
+        return compile_(self, grammar)
+
+    monkeypatch.setattr(Grammars, "_compile", counting)
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 20, "temperature": 0}
+    status, resp = await post(stack, "/v1/completions", {**body, "guided_choice": ["verdict-taken"]})
+    assert status == 200 and resp["choices"][0]["text"] == "verdict-taken", resp
+    for field, value in (("guided_json", {"$ref": "#"}), ("guided_regex", "verdict (unclosed")):
+        status, resp = await post(stack, "/v1/completions", {**body, field: value})
+        assert (status, resp["error"]["param"]) == (400, field), resp
+        message = resp["error"]["message"]
+        assert " cannot be used: " in message, resp
+    assert compiled == []
 
 
 CALL_TWICE = {  # each parser's format, two calls written (a regex leads the random model)

@@ -261,6 +261,10 @@ def _kept_verdict(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None,
             raise _Unkept(KILLED)
         if verdict != UNCHECKED:
             return verdict
+        if tokenizer is not None:  # (its caller compiles it in-process, and finds why there)
+            raise _Unkept(UNCHECKED)
+    if tokenizer is not None:
+        return UNCHECKED
     return _deep(len(grammar), LLMatcher.validate_grammar, grammar)
 
 
@@ -290,7 +294,8 @@ class Grammars:
         # MiB its compile's child may hold (None: GRAMMAR_COMPILATION_MEMORY_MB; grammar_compilation_memory_mb)
         self.compile_memory_mb = compile_memory_mb
         self._pool: DaemonPool | None = None  # ``off_loop``'s, made on first use
-        self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar -> a fresh matcher
+        # grammar -> a fresh matcher, or (``check``'s) the child's verdict: llguidance's error, "" none
+        self._compiled: OrderedDict[str, LLMatcher | str] = OrderedDict()
         self._lock = threading.Lock()  # prepare runs in a thread, matcher on the event loop
         # Compiles under way, for callers asking for the same grammar meanwhile to wait on: the
         # gateway's pool compiled a burst's one schema on all 4 of its threads, each as long as one.
@@ -313,14 +318,16 @@ class Grammars:
             if (grammar := constraint(params)) is not None:
                 self._fresh(grammar)
 
-    def _fresh(self, grammar: str) -> LLMatcher:
+    def _fresh(self, grammar: str, compiled: bool = True) -> LLMatcher | str:
         """A fresh matcher of ``grammar``, compiled once, one in error too (the compile is the
         same each time: a failing one, compiled again by ``matcher`` on the engine's loop for
         each request and choice, held every stream there as long each time). Its first mask is
         computed: some schemas fail only there (one that is nothing but a reference to itself
-        accepts no document, and only end-of-sequence would be allowed: an empty 200)."""
+        accepts no document, and only end-of-sequence would be allowed: an empty 200). Not
+        ``compiled``: the bounded child's verdict where it gave one (llguidance's error, "" none),
+        no matcher made here (the gateway's check compiled each new grammar twice)."""
         with self._lock:
-            if (kept := self._compiled.get(grammar)) is not None:
+            if (kept := self._compiled.get(grammar)) is not None and not (compiled and isinstance(kept, str)):
                 self._compiled.move_to_end(grammar)
                 return kept
             if (pending := self._compiling.get(grammar)) is not None:
@@ -329,16 +336,17 @@ class Grammars:
                 mine, pending = True, Future()
                 self._compiling[grammar] = pending
         if not mine:
-            return pending.result()
+            got = pending.result()
+            return self._fresh(grammar) if compiled and isinstance(got, str) else got
         try:
-            bound = GRAMMAR_COMPILATION_TIMEOUT_S if self.compile_timeout_s is None else self.compile_timeout_s
-            mb = GRAMMAR_COMPILATION_MEMORY_MB if self.compile_memory_mb is None else self.compile_memory_mb
-            error = _validated(grammar, bound, self.tokenizer_spec, mb)
+            error = self._verdict(grammar)
             if error == KILLED:  # (not the grammar's fault, as far as is known: a retry may pass)
                 raise GrammarUnavailable(_KILLED)
             if error.startswith((_TOO_SLOW, _TOO_LARGE)) or error == CRASHED:  # (crashes this process too)
                 raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
-            m = _deep(len(grammar), self._compile, grammar)
+            m: LLMatcher | str = error
+            if compiled or error == UNCHECKED:
+                m = _deep(len(grammar), self._compile, grammar)
         except BaseException as e:  # (raised to the waiters too: a thread that could not start)
             with self._lock:
                 del self._compiling[grammar]
@@ -351,6 +359,12 @@ class Grammars:
                 self._compiled.popitem(last=False)
         pending.set_result(m)
         return m
+
+    def _verdict(self, grammar: str) -> str:
+        """The bounded child's verdict on ``grammar`` (``_validated``) under this model's bounds."""
+        bound = GRAMMAR_COMPILATION_TIMEOUT_S if self.compile_timeout_s is None else self.compile_timeout_s
+        mb = GRAMMAR_COMPILATION_MEMORY_MB if self.compile_memory_mb is None else self.compile_memory_mb
+        return _validated(grammar, bound, self.tokenizer_spec, mb)
 
     def _compile(self, grammar: str) -> LLMatcher:
         m = LLMatcher(self.tokenizer, grammar, log_level=0)
@@ -399,9 +413,25 @@ class Grammars:
                 failed.add(i)
         return out, failed
 
+    def check(self, params: SamplingParams) -> None:
+        """Raise GrammarError where ``matcher`` would (the gateway's check): the bounded child's
+        verdict taken, tokenizer and first mask and all, no matcher compiled here."""
+        self._usable(params, compiled=False)
+
     def matcher(self, params: SamplingParams, consumed: list[int]) -> LLMatcher | None:
         """A matcher for the structured output ``params`` asks for (None: none) that has already
         taken ``consumed`` (a resumed request's output). Raises GrammarError, saying why."""
+        if (fresh := self._usable(params)) is None:
+            return None
+        assert not isinstance(fresh, str)  # (compiled: a matcher)
+        m = fresh.deep_copy()
+        if consumed and not m.consume_tokens(consumed):
+            raise GrammarError(f"{label(params)}: the output so far leaves it: {matcher_error(m)}")
+        return m
+
+    def _usable(self, params: SamplingParams, compiled: bool = True) -> LLMatcher | str | None:
+        """``_fresh``'s matcher (or verdict) of the constraint of ``params`` (None: none), if usable;
+        raises GrammarError, saying why not."""
         if (grammar := constraint(params)) is None:
             return None
         what = label(params)
@@ -411,17 +441,16 @@ class Grammars:
             reason = str(e).split("\n", 1)[0]
             raise GrammarError(f"{what} is not available with this model's tokenizer: {reason}") from None
         try:
-            fresh = self._fresh(grammar)
+            fresh = self._fresh(grammar, compiled)
         except GrammarUnavailable as e:
             raise GrammarUnavailable(f"{what} {e}") from None
         except TooSlow as e:
             raise GrammarError(f"{what} cannot be used: {e}") from None
-        if fresh.is_error():
+        if isinstance(fresh, str) and fresh:
+            raise GrammarError(f"{what} cannot be used: {_reason(fresh)}")
+        if not isinstance(fresh, str) and fresh.is_error():
             raise GrammarError(f"{what} cannot be used: {matcher_error(fresh)}")
-        m = fresh.deep_copy()
-        if consumed and not m.consume_tokens(consumed):
-            raise GrammarError(f"{what}: the output so far leaves it: {matcher_error(m)}")
-        return m
+        return fresh
 
 
 def refusal(matcher: LLMatcher, token: int, what: str = "response_format schema") -> str | None:
