@@ -102,3 +102,22 @@ async def test_a_request_compiling_when_the_gateway_stops_is_answered_503(
             await asyncio.wait_for(gateway, LIVENESS_S)
     finally:
         release.set()
+
+
+async def test_a_constraint_past_the_memory_cap_is_refused_naming_its_field(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A constraint whose compile takes more memory than ``grammar_compilation_memory_mb`` is a 400
+    naming its field, as one past the time bound is (vLLM #7332's kind: the compile's process at
+    the host's OOM killer), and the same cap serves an ordinary one."""
+    from tests.engine.test_grammar_bound import HUNGRY
+
+    capped = {"grammar_compilation_memory_mb": 150}
+    plain = {"model": "lora-1", "prompt": "kalo", "max_tokens": 3, "temperature": 0}
+    async with run_stack(nats_server, redis, tiny_llama, worker=capped, **capped) as stack:
+        for field, value in (("guided_regex", HUNGRY), ("structured_outputs", {"regex": HUNGRY})):
+            status, resp = await asyncio.wait_for(post(stack, "/v1/completions", {**plain, field: value}), LIVENESS_S)
+            assert status == 400 and resp["error"]["param"] == field, resp
+            assert "cannot be used: too large to compile within 150 MiB of memory" in resp["error"]["message"], resp
+        status, resp = await post(stack, "/v1/completions", {**plain, "guided_regex": "(kalo|remi)"})
+        assert status == 200 and resp["choices"][0]["text"] in ("kalo", "remi"), resp
