@@ -83,8 +83,9 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # refuses (a 400 KB schema takes 0.3-0.5 s; 1,000 patternProperties take hours).
     grammar_compilation_timeout_s: float = 10.0
     # MiB of memory the process compiling a grammar under that bound may hold, the model's tokenizer
-    # included (a 400 KB schema's compile: ~0.5 GiB), before its request is refused as too large (a
-    # 400 naming the field); 0: no cap. A schema whose compile takes all it can reach otherwise
+    # included (a 350 KB schema's compile: under 128 MiB; its thread's stack, reserved by the size of the
+    # constraint, comes on top), before its request is refused as too large (a 400 naming the
+    # field); 0: no cap. A schema whose compile takes all it can reach otherwise
     # ends at the host's OOM killer (vLLM #7332).
     grammar_compilation_memory_mb: int = 4096
 

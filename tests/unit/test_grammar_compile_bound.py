@@ -299,3 +299,19 @@ def test_a_child_that_takes_no_tokenizer_holds_no_compile_for_good(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(kept.pid, signal.SIGCONT)
+
+
+def test_a_capped_child_compiles_after_a_larger_constraint() -> None:
+    """The memory cap counts the compile thread's stack (sized to the constraint): glibc unmaps a
+    finished thread's stack only as the next thread is made, after the cap is checked, so a kept
+    child's next compile failed to start its thread, read as a refusal (too large), when its stack
+    was not the size of the last one."""
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import Validator
+
+    validator = Validator()
+    grammar = LLMatcher.grammar_from_json_schema(ORDINARY)
+    for padding in (300_000, 600_000, 100_000):  # (whitespace after the JSON: stacks of 310, 600, 115 MiB)
+        assert validator.validate(grammar + " " * padding, 30.0, None, 100) == "", padding
+        assert validator._idle, "no child kept"

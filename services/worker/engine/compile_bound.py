@@ -244,7 +244,7 @@ class Validator:
                     killed = True  # not this grammar's doing unless it is killed again)
                     continue
                 return death
-            if verdict is None or verdict == STARVED:
+            if verdict is None or verdict in (STARVED, MEMORY):  # (one short of memory: a new one next)
                 child.kill()
                 return verdict
             with self._lock:
@@ -314,6 +314,8 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     tokenizers: dict[str, LLTokenizer] = {}
     data_hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    compiling: threading.Thread | None = None  # the last grammar's thread
+    last_stack = 0  # its stack's size
 
     def reply(message: str) -> None:
         body = message.encode("utf-8", "surrogatepass")
@@ -350,17 +352,25 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
             except Exception:  # noqa: BLE001 - as the engine, which read it, reads it then
                 reply(UNCHECKED)
             continue
+        # as structured._deep: llguidance compiles recursively, its stack growing with the text
+        stack = -(-(16 * (1 << 20) + 1024 * len(what["grammar"])) // (1 << 20)) * (1 << 20)
         # A memory-hungry grammar's compile ends at the cap, in this process, not at the host's
-        # OOM killer: RLIMIT_DATA counts what it allocates (the stack below too), not the address
-        # space reserved (RLIMIT_AS: glibc's arenas, 64 MiB a thread, reserved and never used).
-        cap = what.get("mem", 0) << 20
+        # OOM killer: RLIMIT_DATA counts what it allocates, not the address space reserved
+        # (RLIMIT_AS: glibc's arenas, 64 MiB a thread, reserved and never used); it counts the
+        # stack's reservation whole (up to 1 GiB for a 1 MiB constraint), so that is added to it,
+        # and the last compile's too: glibc unmaps a finished thread's stack only as the next
+        # thread is made, past the cap's check (a compile after a larger one failed to start).
+        cap = (what.get("mem", 0) << 20) and (what["mem"] << 20) + stack + last_stack
+        last_stack = stack
         if cap and data_hard != resource.RLIM_INFINITY:
             cap = min(cap, data_hard)
         resource.setrlimit(resource.RLIMIT_DATA, (cap or data_hard, data_hard))
-        # as structured._deep: llguidance compiles recursively, its stack growing with the text
-        threading.stack_size(-(-(16 * (1 << 20) + 1024 * len(what["grammar"])) // (1 << 20)) * (1 << 20))
+        threading.stack_size(stack)
+        if compiling is not None:  # (it replied, and ends: its stack, counted, is gone first)
+            compiling.join()
         try:
-            threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True).start()
+            compiling = threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True)
+            compiling.start()
         except (RuntimeError, MemoryError):  # its stack past the cap (uncaught: read as a crash)
             reply(MEMORY if cap else UNCHECKED)
 

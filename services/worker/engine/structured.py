@@ -201,8 +201,8 @@ def _from_grammar(grammar: str) -> str:
 GRAMMAR_COMPILATION_TIMEOUT_S = 10.0
 # MiB of memory the compile's child process may hold, its tokenizer included (0: no cap), with the
 # time bound: a schema whose compile takes all the memory it can reach ends there, not at the host's
-# OOM killer (vLLM #7332's kind). A 400 KB schema's compile holds ~0.5 GiB beside a 60,000-token
-# tokenizer's 70 MB.
+# OOM killer (vLLM #7332's kind). A 350 KB schema of 5,000 properties compiled within 128 MiB (a
+# 512-token vocabulary; a 60,000-token tokenizer itself holds ~70 MB).
 GRAMMAR_COMPILATION_MEMORY_MB = 4096
 _TOO_SLOW = "too complex to compile within"
 _TOO_LARGE = "too large to compile within"
@@ -255,9 +255,9 @@ def _kept_verdict(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None,
             if verdict == STARVED:
                 raise _Unkept(refusal)
             return refusal
-        if verdict == MEMORY:
+        if verdict == MEMORY and memory_mb:
             return f"{_TOO_LARGE} {memory_mb} MiB of memory (the server's grammar_compilation_memory_mb): simplify it"
-        if verdict == KILLED:
+        if verdict in (KILLED, MEMORY):  # (MEMORY with no cap: the host's memory short, not the grammar)
             raise _Unkept(KILLED)
         if verdict != UNCHECKED:
             return verdict
