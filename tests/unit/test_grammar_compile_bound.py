@@ -315,3 +315,26 @@ def test_a_capped_child_compiles_after_a_larger_constraint() -> None:
     for padding in (300_000, 600_000, 100_000):  # (whitespace after the JSON: stacks of 310, 600, 115 MiB)
         assert validator.validate(grammar + " " * padding, 30.0, None, 100) == "", padding
         assert validator._idle, "no child kept"
+
+
+def test_a_compiler_killed_from_outside_twice_is_a_503_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed from outside on a new child too (the host short of memory), the grammar has no
+    verdict: a 503 to retry, and not kept as a refusal (it was kept as "failed on it", a 400 for
+    good); the next request compiles it."""
+    from dlora.services.worker.engine.compile_bound import KILLED, Validator
+    from dlora.services.worker.engine.structured import Grammars, GrammarUnavailable
+
+    verdicts = [KILLED, ""]
+
+    class Killed(Validator):
+        def validate(self, grammar: str, bound_s: float, tokenizer: object = None, memory_mb: int = 0) -> str | None:
+            return verdicts.pop(0)
+
+    monkeypatch.setattr(structured, "_validator", Killed())
+    grammars = Grammars(None, 0, set())
+    grammars.__dict__.update(tokenizer=None, tokenizer_spec=None)  # (none here: the validator is a stub)
+    params = SamplingParams(json_schema=ORDINARY.replace("x_", "killed_"))
+    with pytest.raises(GrammarUnavailable, match="response_format schema cannot be compiled now: .* killed"):
+        grammars.check(params)
+    grammars.check(params)
+    assert verdicts == []
