@@ -313,7 +313,7 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
         signal.signal(sig, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     tokenizers: dict[str, LLTokenizer] = {}
-    data_hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    data_soft, data_hard = resource.getrlimit(resource.RLIMIT_DATA)  # (the host's own, as inherited)
     compiling: threading.Thread | None = None  # the last grammar's thread
     last_stack = 0  # its stack's size
 
@@ -345,7 +345,7 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
             os._exit(0)
         what = json.loads(body[1:])
         if body[:1] == b"T":
-            resource.setrlimit(resource.RLIMIT_DATA, (data_hard, data_hard))  # (a tokenizer is not capped)
+            resource.setrlimit(resource.RLIMIT_DATA, (data_soft, data_hard))  # (a tokenizer is not capped)
             try:
                 tokenizers[what["key"]] = LLTokenizer(what["text"], n_vocab=what["n"], eos_token=what["eos"] or None)
                 reply("")
@@ -362,9 +362,9 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
         # thread is made, past the cap's check (a compile after a larger one failed to start).
         cap = (what.get("mem", 0) << 20) and (what["mem"] << 20) + stack + last_stack
         last_stack = stack
-        if cap and data_hard != resource.RLIM_INFINITY:
-            cap = min(cap, data_hard)
-        resource.setrlimit(resource.RLIMIT_DATA, (cap or data_hard, data_hard))
+        if cap and data_soft != resource.RLIM_INFINITY:
+            cap = min(cap, data_soft)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap or data_soft, data_hard))
         threading.stack_size(stack)
         if compiling is not None:  # (it replied, and ends: its stack, counted, is gone first)
             compiling.join()
