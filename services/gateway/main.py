@@ -383,6 +383,8 @@ class Gateway:
         """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
         NATS connected, a dispatcher answering, a worker live: ``health.readiness``); else 503
         with the reasons, so a load balancer stops sending here."""
+        if self.closing:  # from the stop's start, as Kubernetes' readiness (it said 200 until the listener closed)
+            return web.json_response({"status": "unavailable", "reason": "the gateway is shutting down"}, status=503)
         heard = [st.model_digest for st, _ in self.cluster.live(time.monotonic(), self.s.heartbeat_ttl_s)]
         ready, body = await readiness(self.nc, self.store, self.state_bound, heard, self.served.model_digest)
         return web.json_response(body, status=200 if ready else 503)

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from dlora.common import bus
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.main import serve
 from dlora.services.servers import Server, free_port
@@ -124,3 +125,41 @@ async def test_a_request_queued_behind_others_waits_its_turn_past_the_chunk_time
                 assert await complete() == 503 and time.monotonic() - started < 5
             finally:
                 released.set()
+
+
+async def test_readiness_fails_as_soon_as_the_gateway_begins_to_stop(
+    stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway told to stop refuses new requests (503) at once but its /healthz said 200 until its
+    listener closed (its aborts flushed first: up to 2 s), so a load balancer kept sending it
+    requests that could only fail. Kubernetes' readiness, vLLM's /health: 503 from the stop's start."""
+    s = msgspec.structs.replace(stack.gateway.s, port=free_port(), redis_url=redis_server.url)
+    stop, flushing, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    class HeldFlush:  # the gateway's bus, its stop's flush held (a slow NATS round trip)
+        def __getattr__(self, name: str) -> object:
+            return getattr(bus, name)
+
+        async def flush(self, nc: object, **kw: float) -> None:
+            flushing.set()
+            await release.wait()
+
+    gateway = asyncio.create_task(serve(s, stop))
+    url = f"http://127.0.0.1:{s.port}"
+    async with aiohttp.ClientSession() as http:
+        await until_live(http, url)
+        async with http.get(url + "/healthz") as r:
+            assert r.status == 200, await r.text()
+        monkeypatch.setattr("dlora.services.gateway.main.bus", HeldFlush())
+        stop.set()
+        try:
+            await asyncio.wait_for(flushing.wait(), timeout=10)
+            async with http.get(url + "/healthz") as r:
+                body = await r.json()
+                assert r.status == 503 and "shutting down" in body.get("reason", ""), body
+                assert r.headers["Retry-After"]
+            async with http.get(url + "/livez") as r:
+                assert r.status == 200  # alive all the same: nothing to restart
+        finally:
+            release.set()
+            await asyncio.wait_for(gateway, timeout=10)
