@@ -14,6 +14,7 @@ from dlora.common.plans import MovePlan as MovePlan
 from dlora.common.plans import MoveRequest as MoveRequest
 from dlora.common.plans import PlanMethod as PlanMethod
 from dlora.common.plans import PlanTrigger as PlanTrigger
+from dlora.common.plans import RequestLoad as RequestLoad
 from dlora.common.reads import read_price
 
 # Re-exported: the sampling parameters are part of this wire contract (``common/sampling.py``).
@@ -354,27 +355,6 @@ class AdapterResidency(msgspec.Struct, kw_only=True, frozen=True):
         return "gpu" if self.slot is not None or self.merged else "cpu"
 
 
-class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
-    """One unfinished request on a worker, for the migration planner."""
-
-    request_id: str
-    adapter: str | None
-    context_tokens: int  # prompt + generated so far
-    # Tokens it is expected still to generate: output lengths are unknown, so an estimate from
-    # recently finished requests, never above max_tokens - generated (see worker/lengths.py).
-    remaining_tokens: int
-    # Prompt + max_tokens: what a worker it moves to must hold whole (WorkerStats.max_model_len).
-    total_tokens: int = 0
-    # In the running batch (its KV cached), rather than waiting for its prefill.
-    running: bool = True
-    # Its adapter's LoRA rank (0: the base model, or not read yet): a worker whose max_lora_rank is
-    # below it cannot take it.
-    rank: int = 0
-    # It stays here: its adapter's version was replaced or removed (this worker may be the last to
-    # hold it: moved, it failed mid-stream where no other worker could load it), or is being read.
-    pinned: bool = False
-
-
 class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     """A worker's load and residency, published on ``subjects.stats(worker)`` every interval."""
 
@@ -463,6 +443,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     requests: list[RequestLoad] = []
     unlisted_requests: int = 0
     unlisted_remaining_tokens: int = 0
+    # The requests not in ``requests`` (those past it, and those waiting on arrival for a grammar, a
+    # moved cache or their tokens) by adapter ("" the base model) as [running, waiting].
+    unlisted_by_adapter: dict[str, tuple[int, int]] = {}
     # Unix seconds when sent.
     sent: float = 0.0
     # Unix seconds when this state was read: between two steps, and a worker publishes the last
@@ -478,6 +461,13 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     def merged_adapter(self) -> str | None:
         """The adapter merged into its weights now (None: none)."""
         return next((a.name for a in self.adapters if a.merged), None)
+
+    def requests_by_adapter(self) -> dict[str, list[int]]:
+        """[running, waiting] requests per adapter ("" the base model), listed or not."""
+        out = {adapter: list(n) for adapter, n in self.unlisted_by_adapter.items()}
+        for r in self.requests:
+            out.setdefault(r.adapter or "", [0, 0])[0 if r.running else 1] += 1
+        return out
 
     def read_seconds(self, nbytes: float) -> float:
         """Seconds a read of an adapter of ``nbytes`` (its ``AdapterEntry.file_bytes``) takes here

@@ -1,5 +1,6 @@
-"""The migrator's side of the wire contract: its move plans, their moves and the KV chunks a move
-ships. Re-exported by ``common/messages.py``, the one place services import messages from."""
+"""The migrator's side of the wire contract: the requests' load it plans from, its move plans,
+their moves and the KV chunks a move ships. Re-exported by ``common/messages.py``, the one place
+services import messages from."""
 
 from __future__ import annotations
 
@@ -89,3 +90,24 @@ class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
         """The method in one word for logs and benchmarks: ``greedy (ilp-too-large):no-gain``."""
         fallback = f" ({self.ilp_fallback})" if self.ilp_fallback else ""
         return f"{self.method}{fallback}{':no-gain' if self.no_gain else ''}"
+
+
+class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
+    """One unfinished request on a worker, for the migration planner."""
+
+    request_id: str
+    adapter: str | None
+    context_tokens: int  # prompt + generated so far
+    # Tokens it is expected still to generate: output lengths are unknown, so an estimate from
+    # recently finished requests, never above max_tokens - generated (see worker/lengths.py).
+    remaining_tokens: int
+    # Prompt + max_tokens: what a worker it moves to must hold whole (WorkerStats.max_model_len).
+    total_tokens: int = 0
+    # In the running batch (its KV cached), rather than waiting for its prefill.
+    running: bool = True
+    # Its adapter's LoRA rank (0: the base model, or not read yet): a worker whose max_lora_rank is
+    # below it cannot take it.
+    rank: int = 0
+    # It stays here: its adapter's version was replaced or removed (this worker may be the last to
+    # hold it: moved, it failed mid-stream where no other worker could load it), or is being read.
+    pinned: bool = False

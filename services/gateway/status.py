@@ -243,8 +243,10 @@ def cluster_status(
     # and requests are polled every second by every open page.
     states: dict[str, list[int]] = {}  # adapter -> [running, waiting]
     for st, _ in live:
-        for r in st.requests:
-            states.setdefault(r.adapter or model, [0, 0])[0 if r.running else 1] += 1
+        for adapter, (running, waiting) in st.requests_by_adapter().items():  # listed or not
+            both = states.setdefault(adapter or model, [0, 0])
+            both[0] += running
+            both[1] += waiting
     placement: dict[str, dict[str, str]] = {}
     for w in workers:
         for p in w.adapters:

@@ -410,15 +410,15 @@ class WorkerService:
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
-        stats = worker_stats(
-            self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, self.adapters.retired()
-        )
-        reads = self.adapters.reads_stats()
         # Those waiting on arrival (a grammar, a moved cache, a long text prompt's tokens) wait too,
         # as vLLM counts a request waiting for its grammar: they were in no figure (a helper's finding)
-        waiting = stats.waiting + len(self.preparing)
+        preparing, retired = [p.req.adapter for p in self.preparing.values()], self.adapters.retired()
+        stats = worker_stats(
+            self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, retired, preparing
+        )
+        reads = self.adapters.reads_stats()
         return msgspec.structs.replace(
-            stats, incarnation=self.incarnation, started=self.started, draining=self.draining, waiting=waiting, **reads
+            stats, incarnation=self.incarnation, started=self.started, draining=self.draining, **reads
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -249,12 +249,12 @@ def _requests(v: WorkerView) -> Iterator[Metric]:
     counts: Labelled = {}
     running: set[str] = set()
     waiting: set[str] = set()
-    for r in v.stats.requests:
-        state = "running" if r.running else "waiting"
-        key = (v.worker, r.adapter or v.model_name, state)
-        counts[key] = counts.get(key, 0) + 1
-        if r.adapter is not None:
-            (running if r.running else waiting).add(r.adapter)
+    for adapter, n in v.stats.requests_by_adapter().items():  # (every request, listed or not)
+        for state, count, named in (("running", n[0], running), ("waiting", n[1], waiting)):
+            if count:
+                counts[(v.worker, adapter or v.model_name, state)] = count
+                if adapter:
+                    named.add(adapter)
     yield _gauge("dlora_adapter_requests", "Unfinished requests per adapter", ["worker", "adapter", "state"], counts)
     # vLLM's: the value is the time, the labels carry the adapters (comma-separated).
     info = (str(v.stats.max_loras), ",".join(sorted(running)), ",".join(sorted(waiting)), v.model_name, v.worker)

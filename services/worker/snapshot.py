@@ -39,10 +39,13 @@ def worker_stats(
     kv_seconds: float = 0.0,
     kv_tokens: int = 0,
     retired: Collection[str] = (),
+    preparing: Collection[str | None] = (),
 ) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
     what the moved caches it took cost, in all; ``retired``: the engine keys of adapter versions
-    replaced or removed (their requests are pinned here). (Its adapter reads' figures: the worker's own.)"""
+    replaced or removed (their requests are pinned here); ``preparing``: the adapters (names, None
+    the base model) of the requests waiting on arrival, not yet in the engine: waiting too, as vLLM
+    counts one waiting for its grammar. (Its adapter reads' figures: the worker's own.)"""
     e, st = engine, engine.stats
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
@@ -79,10 +82,17 @@ def worker_stats(
         for seq in queue
     ]
     loads, unlisted = loads[:MAX_LISTED], loads[MAX_LISTED:]  # in arrival order: running ones first
+    # counted by adapter all the same: per-adapter figures (metrics, /v1/status) read the first
+    # MAX_LISTED only, and those waiting on arrival in none (a helper's finding)
+    by_adapter: dict[str, list[int]] = {}
+    for r in unlisted:
+        by_adapter.setdefault(r.adapter or "", [0, 0])[0 if r.running else 1] += 1
+    for adapter in preparing:
+        by_adapter.setdefault(adapter or "", [0, 0])[1] += 1
     return WorkerStats(
         worker=worker,
         running=running,
-        waiting=len(e.seqs) - running,
+        waiting=len(e.seqs) - running + len(preparing),
         preempted=sum(1 for rid, s in e.seqs.items() if s.num_preemptions and rid not in in_batch),
         free_blocks=e.blocks.num_free,
         total_blocks=e.blocks.num_blocks,
@@ -109,6 +119,7 @@ def worker_stats(
         requests=loads,
         unlisted_requests=len(unlisted),
         unlisted_remaining_tokens=sum(r.remaining_tokens for r in unlisted),
+        unlisted_by_adapter={a: (n[0], n[1]) for a, n in by_adapter.items()},
         adapter_seconds_per_token={  # of the adapters held (every one ever served would outgrow a message)
             name_of(k): v for k, v in st.adapter_seconds_per_token().items() if k == "" or k in e.adapters
         },

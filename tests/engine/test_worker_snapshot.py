@@ -91,3 +91,34 @@ def test_remaining_tokens_count_at_least_what_min_tokens_asks(tiny_llama: TinyOu
     engine.step()
     remaining = {r.request_id: r.remaining_tokens for r in worker_stats("w0", engine, lengths, 1.0, 8).requests}
     assert remaining == {"short": 1, "long": 11}
+
+
+def test_per_adapter_figures_count_every_request_listed_or_not(tiny_llama: TinyOutput) -> None:
+    """dlora_adapter_requests, vllm:lora_requests_info and /v1/status's per-adapter counts read the
+    requests the stats list, the first MAX_LISTED: an adapter whose requests came after them showed
+    none (its waiting series and its name in waiting_lora_adapters absent), and those waiting on
+    arrival (a grammar's compile, a moved cache) were in no adapter's figure, though in the worker's
+    waiting count. Every adapter's figures now add up to the worker's."""
+    from dlora.common.messages import MAX_LISTED, AdapterEntry
+    from dlora.services.gateway.status import Traffic, cluster_status
+    from dlora.services.worker.metrics import families
+    from tests.unit.test_worker_metrics import _scrape, _view
+
+    engine = make_engine(tiny_llama)
+    engine.register_adapter("lora-0@v1", tiny_llama.adapters["lora-0"])
+    for i in range(MAX_LISTED + 40):
+        adapter = "lora-0@v1" if i >= MAX_LISTED else None  # the latest 40, lora-0's: none listed
+        engine.add_request(
+            f"r{i:05d}", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=9), adapter=adapter
+        )
+    st = worker_stats("w0", engine, OutputLengths(), preparing=["lora-1", None])
+    assert st.unlisted_requests == 40 and st.waiting == MAX_LISTED + 42
+    s = _scrape(_view(stats=st))
+    by = {(dict(k)["adapter"], dict(k)["state"]): v for k, v in s["dlora_adapter_requests"].items()}
+    assert by == {("lora-0", "waiting"): 40, ("lora-1", "waiting"): 1, ("llama", "waiting"): MAX_LISTED + 1}
+    info = dict(next(iter(s["vllm:lora_requests_info"])))
+    assert info["waiting_lora_adapters"] == "lora-0,lora-1"
+    assert sum(1 for _ in families(_view(stats=st)))  # (the view renders whole)
+    lora_0 = AdapterEntry(name="lora-0", path="/x", rank=8, created=0.0)
+    doc = cluster_status([(st, 0.0)], [], [lora_0], Traffic(), "llama", "g", 0.0)
+    assert [(a.name, a.waiting) for a in doc.adapters] == [("llama", MAX_LISTED + 1), ("lora-0", 40)]
