@@ -430,6 +430,7 @@ class WorkerAdapters:
                 del self.retiring[name]
                 if current is None:  # removed, its last version unloaded: its load counts go (their
                     self.engine.stats.forget_name(name)  # series went with it; dropped earlier, they came back)
+                    self.engine.policy.forget_adapter(name)  # and its credit
 
     async def prefetch(self, names: list[str]) -> None:
         """Have adapters the placement gives this worker read into host memory before requests need

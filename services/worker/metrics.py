@@ -197,8 +197,8 @@ def families(v: WorkerView) -> Iterator[Metric]:
     )
     if v.credits is not None:
         # Square adapters leave the ledger: 0 for the base model and every adapter held here. A
-        # deleted adapter's debt stays in it (repaid in proportion, rarely to zero): its series
-        # goes once it is gone here, as its load series do (one each kept per name ever deleted).
+        # deleted adapter's balance leaves it once its last version here is unloaded; its series
+        # goes once it is gone here, as its load series do.
         known = {v.model_name, *v.ranks, *v.registered}
         owed = {a: c for a, c in _by_name(v.credits, v.model_name).items() if a in known}
         credits = dict.fromkeys([v.model_name, *v.ranks], 0.0) | owed

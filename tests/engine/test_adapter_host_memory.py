@@ -341,3 +341,21 @@ async def test_a_replaced_version_a_request_just_moved_away_on_stays_for_its_han
     now[0] += MOVED_AWAY_KEEP_S
     worker.tidy()
     assert key not in engine.adapters and not worker.retiring
+
+
+async def test_a_removed_adapters_credit_goes_from_the_policys_ledger(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """The dLoRA policy's ledger kept a deleted adapter's balance for good (its series went, the
+    balance stayed, saved to Redis with every checkpoint: one more per adapter ever deleted), and the
+    others' balances still counted against it. It goes once the adapter's last version here does,
+    the total kept (its debt cut from what the others are owed)."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    engine = make_engine(tiny_llama, policy="dlora")
+    worker = WorkerAdapters(engine, _Registry(entry))
+    key = await worker.load("x", entry.version)
+    credits = engine.policy.credits  # type: ignore[attr-defined]
+    credits.balances.update({key: -1.0, "": 0.25, "lora-1": 1.75, "lora-2": -1.0})  # x paid for others' waits
+    worker.changed("x", None)
+    assert key not in engine.adapters
+    assert dict(credits.balances) == {"": 0.125, "lora-1": 0.875, "lora-2": -1.0}
+    assert key not in engine.policy.checkpoint()["credits"]

@@ -36,3 +36,18 @@ def test_settling_a_debtor_or_without_debtors_is_a_no_op() -> None:
     c.settle("a")
     c.settle("nobody")
     assert (c["a"], c["b"]) == (-1.0, 1.0)
+
+
+def test_dropping_a_key_keeps_the_total_and_crosses_no_one_past_zero() -> None:
+    """A deleted adapter's balance stayed in the ledger for good (saved with every checkpoint); taken
+    out, what it was owed is forgiven its debtors, what it owed cut from the others' credit."""
+    c = CreditLedger({"gone@v1": 2.0, "d1": -3.0, "d2": -1.0})
+    c.drop(["gone@v1", "never"])
+    assert "gone@v1" not in c.balances and c["d1"] == pytest.approx(-1.5) and c["d2"] == pytest.approx(-0.5)
+    c = CreditLedger({"owes@v1": -1.0, "a": 3.0, "b": 1.0, "c": -3.0})
+    c.drop(["owes@v1"])
+    assert (c["a"], c["b"], c["c"]) == (pytest.approx(2.25), pytest.approx(0.75), -3.0)
+    assert c.total() == pytest.approx(0.0)
+    c = CreditLedger({"x": 1.0, "y": -1.0})
+    c.drop(["x"])
+    assert not c.balances  # squared: gone

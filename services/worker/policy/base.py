@@ -254,6 +254,9 @@ class Policy:
         for t in seconds:
             self.observe(decision, replace(record, seconds=t))
 
+    def forget_adapter(self, name: str) -> None:
+        """Adapter ``name`` is deleted and no version of it is held any more: what is kept of it goes."""
+
     def checkpoint(self) -> dict[str, Any]:
         """State worth keeping across a restart (credits, thresholds), JSON-serialisable."""
         return {}

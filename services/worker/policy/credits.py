@@ -9,7 +9,9 @@ Credit only moves between adapters, so the total stays what it was (zero from a 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Collection
 
 # The base model's key: base requests can be displaced like any adapter's.
 BASE = ""
@@ -51,5 +53,21 @@ class CreditLedger:
             self.balances[k] += paid * d / debt
         self.balances[key] -= paid
         # Keep the ledger small: drop keys that are square.
+        for k in [k for k, v in self.balances.items() if abs(v) < 1e-12]:
+            del self.balances[k]
+
+    def drop(self, keys: Collection[str]) -> None:
+        """Take ``keys`` out of the ledger (their adapter deleted: it will neither be served nor pay
+        again; kept, its balance was saved with every checkpoint for good), the total kept: a
+        credit dropped forgives the debtors that much, a debt dropped cuts what the others are
+        owed, each in proportion and never past zero."""
+        for key in [k for k in keys if k in self.balances]:
+            gone = self.balances.pop(key)
+            others = {k: v for k, v in self.balances.items() if v * gone < 0}
+            weight = sum(abs(v) for v in others.values())
+            if weight > 0:
+                amount = math.copysign(min(abs(gone), weight), gone)
+                for k, v in others.items():
+                    self.balances[k] += amount * abs(v) / weight
         for k in [k for k, v in self.balances.items() if abs(v) < 1e-12]:
             del self.balances[k]
