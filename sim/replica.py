@@ -195,7 +195,6 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             params=params,
             adapter=adapter,
             resume_token_ids=resumed,
-            continued=resumed is not None,  # a move: its prompt was counted where it began
         )
         self.targets[request_id] = output_len
         self._last = None

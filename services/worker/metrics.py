@@ -127,7 +127,7 @@ def families(v: WorkerView) -> Iterator[Metric]:
         "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels, {key: e.prefix_cache_hits}
     )
     yield from _both(
-        _counter, "dlora_prompt_tokens", "vllm:prompt_tokens", "Prompt tokens of requests admitted", v, e.prompt_tokens
+        _counter, "dlora_prompt_tokens", "vllm:prompt_tokens", "Prompt tokens of requests prefilled", v, e.prompt_tokens
     )
     yield from _both(
         _counter, "dlora_generation_tokens", "vllm:generation_tokens", "Tokens generated", v, e.tokens_generated

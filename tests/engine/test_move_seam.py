@@ -55,16 +55,23 @@ def test_a_move_at_any_step_keeps_the_text_and_the_stop(tiny_llama: TinyOutput, 
         assert (before + after, ids + more, reason) == expected, k
 
 
-def test_a_request_moved_before_its_first_token_counts_its_prompt_once(tiny_llama: TinyOutput) -> None:
-    """Prompt tokens (vLLM's prompt_tokens_total) count where a request began: one moved, recovered
-    or handed over before it produced anything is no new prompt where it continues."""
+def test_a_prompt_counts_once_where_its_first_token_is_made(tiny_llama: TinyOutput) -> None:
+    """Prompt tokens (vLLM's prompt_tokens_total) count at prefill, as vLLM counts them: they counted
+    on admission, so a request aborted while it waited (a client gone, a timeout) counted a prompt
+    never computed, and a long queue counted before it ran. One moved, recovered or handed over
+    before its first token counts where that token is made; one that made tokens before, nowhere."""
     source, destination = make_engine(tiny_llama), make_engine(tiny_llama)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     source.add_request("r", prompt_token_ids=PROMPT, params=params)
-    destination.add_request("r", prompt_token_ids=PROMPT, params=params, continued=True)
+    source.add_request("gone", prompt_token_ids=PROMPT[:5], params=params)
+    assert source.stats.prompt_tokens == 0  # waiting: nothing computed yet
+    source.abort("gone")
+    source.abort("r")  # moved away before it ran
+    destination.add_request("r", prompt_token_ids=PROMPT, params=params)
     destination.add_request("new", prompt_token_ids=PROMPT[:3], params=params)
-    assert (source.stats.prompt_tokens, destination.stats.prompt_tokens) == (len(PROMPT), 3)
+    destination.add_request("resumed", prompt_token_ids=PROMPT[:2], params=params, resume_token_ids=[7])
     assert run(destination)[2] is FinishReason.LENGTH  # and it runs as any other
+    assert (source.stats.prompt_tokens, destination.stats.prompt_tokens) == (0, len(PROMPT) + 3)
 
 
 def test_a_cache_moved_to_a_narrower_dtype_that_overflows_it_is_refused_not_imported(tiny_llama: TinyOutput) -> None:

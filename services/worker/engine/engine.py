@@ -223,7 +223,6 @@ class LLMEngine:
         resume_text_pending: int = 0,
         resume_text_held: str = "",
         priority: int = 0,
-        continued: bool = False,
         cache_salt: str = "",
         bad_words_ids: list[list[int]] | None = None,
         whole: bool = False,
@@ -234,8 +233,8 @@ class LLMEngine:
         (``resume_text_held``, their text not sent yet, and that of the last ``resume_text_pending``
         come first, a stop string looked for across them). ``kv``: the moved request's cache from
         another engine (``export_kv``), not recomputed. ``priority``: lower first (``fcfs_arrival``).
-        ``continued``: it was on another engine before (moved, recovered, handed over), which counted
-        its prompt tokens, even where it had produced nothing yet. ``cache_salt``: its prefix-cache
+        Its prompt tokens count once its first token is made here, unless it made some before
+        (vLLM's prompt_tokens at prefill). ``cache_salt``: its prefix-cache
         blocks are shared only with requests of the same salt (``Sequence.salted``). ``bad_words_ids``:
         the token sequences of ``params.bad_words`` (``bad_words_token_ids``), tokenized already
         (the worker does it on arrival, off its loop); None: tokenized here. ``whole``: refuse a
@@ -283,7 +282,7 @@ class LLMEngine:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
         self.seqs[request_id] = seq
-        self.stats.prompt_tokens += 0 if resumed or continued else len(ids)
+        seq.uncounted_prompt = 0 if resumed else len(ids)
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
         """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown).
@@ -478,6 +477,8 @@ class LLMEngine:
 
     def _advance(self, seq: Sequence, token: int, reserved: bool = False) -> RequestOutput:
         out = advance(seq, token, self.eos_ids, self.max_model_len, self.primary_eos, reserved)
+        self.stats.prompt_tokens += seq.uncounted_prompt  # its first token: prefilled (vLLM counts it then)
+        seq.uncounted_prompt = 0
         if out.finish_reason is not None:
             self._finish(seq, out.finish_reason)
         return out

@@ -43,6 +43,9 @@ class Sequence:
     # Prompt tokens its first prefill found in the prefix cache (vLLM's num_cached_tokens: the
     # usage's prompt_tokens_details.cached_tokens); a preempted request's second look is not counted.
     num_cached_prompt: int = 0
+    # Its prompt's tokens, until its first token is made here (then counted in prompt_tokens_total,
+    # as vLLM counts at prefill: not one aborted or moved before it); 0 for a request resumed here.
+    uncounted_prompt: int = 0
     # Engine clock seconds of the first step that scheduled it: its time waiting ends there (vLLM's
     # scheduled_ts), however many steps its prefill then takes.
     scheduled_at: float | None = None

@@ -18,7 +18,7 @@ class EngineStats:
     last_prefill: int = 0  # and its prompt (and recompute) tokens
     last_fed: int = 0  # and every token it fed (a decode feeds one)
     last_lora: tuple[int, int] = (0, 0)  # and its LoRA work: (segments, rank-tokens), ``policy.lora_work``
-    prompt_tokens: int = 0  # total, of requests admitted (a resumed request's once, where it began)
+    prompt_tokens: int = 0  # total, of requests prefilled here (counted at their first token), not resumed
     tokens_generated: int = 0  # total, over all requests
     prefill_tokens: int = 0  # total prompt (and recompute) tokens fed
     prefill_seconds: float = 0.0  # their share of step time
