@@ -13,6 +13,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -128,6 +129,8 @@ class ClusterView:
 
 Percentiles = tuple[float | None, float | None, float | None, float | None]  # TTFT P50, P90; e2e P50, P90
 _NONE: Percentiles = (None, None, None, None)
+Figures = tuple[int, int, int, Percentiles]  # requests, errors, tokens, latency percentiles
+_NO_FIGURES: Figures = (0, 0, 0, _NONE)
 
 
 @dataclass
@@ -157,6 +160,15 @@ class Traffic:
 
     def __init__(self) -> None:
         self.by_label: dict[str, _Tally] = {}
+        self._frozen: dict[str, Figures] | None = None  # ``frozen``'s: its figures, fixed
+
+    def figures(self, label: str) -> Figures:
+        """``label``'s requests, errors, tokens and latency percentiles."""
+        if self._frozen is not None:
+            return self._frozen.get(label, _NO_FIGURES)
+        if (t := self.by_label.get(label)) is None:
+            return _NO_FIGURES
+        return t.requests, t.errors, t.tokens, t.percentiles() if t.latencies else _NONE
 
     def _of(self, label: str) -> _Tally:
         return self.by_label.setdefault(label, _Tally())
@@ -175,6 +187,14 @@ class Traffic:
 
     def failed(self, label: str) -> None:
         self._of(label).errors += 1
+
+    def frozen(self) -> Traffic:
+        """Its figures as they are now, for a document made off the event loop (``status_body``):
+        each tally's counts and percentiles (worked out here, where the latencies are appended), not
+        its latencies."""
+        out = Traffic()
+        out._frozen = {label: self.figures(label) for label in self.by_label}
+        return out
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float | None:
@@ -254,8 +274,7 @@ def cluster_status(
     adapters = []
     for name, base, rank, version in rows:
         running, waiting = states.get(name, (0, 0))
-        tally = traffic.by_label.get(name) or _Tally()
-        ttft_p50, ttft_p90, e2e_p50, e2e_p90 = tally.percentiles() if tally.latencies else _NONE
+        served, errors, tokens, (ttft_p50, ttft_p90, e2e_p50, e2e_p90) = traffic.figures(name)
         adapters.append(
             AdapterStatus(
                 name=name,
@@ -265,9 +284,9 @@ def cluster_status(
                 placement=placement.get(name, {}),
                 running=running,
                 waiting=waiting,
-                requests=tally.requests,
-                errors=tally.errors,
-                tokens=tally.tokens,
+                requests=served,
+                errors=errors,
+                tokens=tokens,
                 ttft_p50_s=ttft_p50,
                 ttft_p90_s=ttft_p90,
                 e2e_p50_s=e2e_p50,
@@ -283,3 +302,9 @@ def cluster_status(
         migrations=plans,
         model_digest=model_digest,
     )
+
+
+def status_body(*args: Any) -> bytes:
+    """``cluster_status(*args)`` as JSON: run on a thread (``Gateway.status``), from a ``frozen``
+    traffic and the workers' stats (frozen messages), as the loop held them when the poll came."""
+    return msgspec.json.encode(cluster_status(*args))
