@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -83,7 +82,9 @@ class WorkerLoad:
 
     @classmethod
     def of(cls, w: WorkerStats) -> WorkerLoad:
-        counts = Counter(r.adapter for r in w.requests)
+        # every request there, listed or not (past MAX_LISTED a burst of one adapter's requests was
+        # not seen queued: priced as lacking it, each worker read it again; a helper's finding)
+        counts = {a or None: n[0] + n[1] for a, n in w.requests_by_adapter().items()}
         return cls(
             worker=w.worker,
             queued_tokens=sum(r.remaining_tokens for r in w.requests) + w.unlisted_remaining_tokens,

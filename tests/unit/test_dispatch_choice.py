@@ -480,3 +480,15 @@ def test_dispatchers_with_salts_of_their_own_part_among_equal_workers() -> None:
     assert 50 < agreed < 150, agreed
     # round-robin dispatchers do not all begin at the same worker either
     assert len({first(b"r%d" % i, DispatchMode.ROUND_ROBIN) for i in range(30)}) == 3
+
+
+def test_the_adapters_queued_on_a_worker_count_its_requests_past_those_listed() -> None:
+    """A worker lists its first MAX_LISTED requests: an adapter whose requests all came after them
+    (a burst) was not seen queued there, so its next requests were priced as needing a read and
+    spread to other workers, each reading it again, and the slots' crowding was undercounted."""
+    from dlora.services.dispatcher.choose import WorkerLoad
+
+    x = msgspec.structs.replace(w("x", [("a", 5)]), unlisted_requests=40, unlisted_by_adapter={"b": (0, 40)})
+    load = WorkerLoad.of(x)
+    assert load.queued_adapters == {"a", "b"} and load.dominant == "b" and load.busy
+    assert WorkerLoad.of(w("y", [(None, 5), ("a", 3), ("a", 2)])).dominant == "a"
