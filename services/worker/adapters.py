@@ -431,6 +431,8 @@ class WorkerAdapters:
                 if current is None:  # removed, its last version unloaded: its load counts go (their
                     self.engine.stats.forget_name(name)  # series went with it; dropped earlier, they came back)
                     self.engine.policy.forget_adapter(name)  # and its credit
+                else:  # its old versions' credit is its version's now (one key per version ever was kept)
+                    self.engine.policy.forget_adapter(name, engine_key(name, current))
 
     async def prefetch(self, names: list[str]) -> None:
         """Have adapters the placement gives this worker read into host memory before requests need

@@ -359,3 +359,9 @@ async def test_a_removed_adapters_credit_goes_from_the_policys_ledger(tiny_llama
     assert key not in engine.adapters
     assert dict(credits.balances) == {"": 0.125, "lora-1": 0.875, "lora-2": -1.0}
     assert key not in engine.policy.checkpoint()["credits"]
+    # a version replaced (an RL trainer's load_inplace, again and again): its balance is the
+    # version's now, where one key per version ever was kept (the exported figure, by name, the same)
+    key = await worker.load("x", entry.version)
+    credits.balances.update({key: -0.5, "x@v2": 0.25})
+    worker.changed("x", "v2")
+    assert key not in engine.adapters and dict(credits.balances)["x@v2"] == -0.25 and key not in credits.balances

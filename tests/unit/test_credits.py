@@ -51,3 +51,6 @@ def test_dropping_a_key_keeps_the_total_and_crosses_no_one_past_zero() -> None:
     c = CreditLedger({"x": 1.0, "y": -1.0})
     c.drop(["x"])
     assert not c.balances  # squared: gone
+    c = CreditLedger({"x@v1": -1.0, "x@v2": 0.25, "y": 0.75})
+    c.drop(["x@v1"], into="x@v2")  # a version replaced: its balance is the version's now
+    assert dict(c.balances) == {"x@v2": -0.75, "y": 0.75}

@@ -254,8 +254,9 @@ class Policy:
         for t in seconds:
             self.observe(decision, replace(record, seconds=t))
 
-    def forget_adapter(self, name: str) -> None:
-        """Adapter ``name`` is deleted and no version of it is held any more: what is kept of it goes."""
+    def forget_adapter(self, name: str, keep: str | None = None) -> None:
+        """No version of adapter ``name`` but ``keep`` (its engine key now; None: it is deleted) is
+        held any more: what is kept of the others goes (into ``keep``'s where it is given)."""
 
     def checkpoint(self) -> dict[str, Any]:
         """State worth keeping across a restart (credits, thresholds), JSON-serialisable."""

@@ -56,13 +56,17 @@ class CreditLedger:
         for k in [k for k, v in self.balances.items() if abs(v) < 1e-12]:
             del self.balances[k]
 
-    def drop(self, keys: Collection[str]) -> None:
+    def drop(self, keys: Collection[str], into: str | None = None) -> None:
         """Take ``keys`` out of the ledger (their adapter deleted: it will neither be served nor pay
-        again; kept, its balance was saved with every checkpoint for good), the total kept: a
-        credit dropped forgives the debtors that much, a debt dropped cuts what the others are
-        owed, each in proportion and never past zero."""
+        again; kept, its balance was saved with every checkpoint for good), the total kept: each
+        balance goes to ``into`` (its adapter's version now); without it, a credit dropped forgives
+        the debtors that much, a debt dropped cuts what the others are owed, each in proportion
+        and never past zero."""
         for key in [k for k in keys if k in self.balances]:
             gone = self.balances.pop(key)
+            if into is not None:
+                self.balances[into] += gone
+                continue
             others = {k: v for k, v in self.balances.items() if v * gone < 0}
             weight = sum(abs(v) for v in others.values())
             if weight > 0:

@@ -478,9 +478,9 @@ class DLoraPolicy(Policy):
         elif epoch.merged is None and counterfactual > actual * (1 + c.band_margin):
             self.r = max(c.r_min, self.r * c.band_down)
 
-    def forget_adapter(self, name: str) -> None:
-        gone = [key for key in [*self.credits.balances, *self.ranks] if key.partition("@")[0] == name]
-        self.credits.drop(gone)  # (a helper's finding: a deleted adapter's balance was kept for good)
+    def forget_adapter(self, name: str, keep: str | None = None) -> None:
+        gone = [k for k in [*self.credits.balances, *self.ranks] if k.partition("@")[0] == name and k != keep]
+        self.credits.drop(gone, keep)  # (a helper's finding: a deleted adapter's balance was kept for good)
         self.ranks = {a: rank for a, rank in self.ranks.items() if a not in gone}
 
     # ---- checkpoint -----------------------------------------------------------------------
