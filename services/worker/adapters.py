@@ -173,7 +173,12 @@ class WorkerAdapters:
         ``FAILED_MEMORY_S`` without reading its files (its AdapterError)."""
         gone = AdapterNotFound(f"adapter {name!r} is not registered (removed)")
         if registered and name in self.retiring and self.retiring[name] is None:
-            raise gone
+            # Removed as this worker heard it; registered again since, its event not heard yet (or
+            # lost: NATS's events are at most once) is heard here, or its new requests were
+            # refused for as long as one on the removed version ran here.
+            if (current := await self._registered(name)) is None:
+                raise gone
+            self.changed(name, current.version)
         key = engine_key(name, version)
         self.used[key] = None
         self.used.move_to_end(key)

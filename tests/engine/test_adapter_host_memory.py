@@ -365,3 +365,30 @@ async def test_a_removed_adapters_credit_goes_from_the_policys_ledger(tiny_llama
     credits.balances.update({key: -0.5, "x@v2": 0.25})
     worker.changed("x", "v2")
     assert key not in engine.adapters and dict(credits.balances)["x@v2"] == -0.25 and key not in credits.balances
+
+
+async def test_an_adapter_registered_again_takes_new_requests_before_its_event_is_heard(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """Deleted while a request ran on it here, then registered again (same files or others): a NATS
+    application's new requests for it (checked against the registry here, not at a gateway) were
+    refused 404 "removed" by a worker not yet told (NATS's events are at most once: one lost to a
+    reconnect is never heard) for as long as the old request ran, while the dispatcher sent it the
+    adapter's requests as the worker holding it."""
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    paths = [shutil.copytree(tiny_llama.adapters[src], tmp_path / src) for src in ("lora-0", "lora-1")]
+    old, new = (check_adapter("x", str(path), [str(tmp_path)], "model", cfg) for path in paths)
+    for again in (old, new):
+        engine = make_engine(tiny_llama)
+        registry = _Entries([old])
+        worker = WorkerAdapters(engine, registry)
+        key = await worker.load("x", old.version, registered=True)
+        engine.add_request("r", prompt_token_ids=[5, 6, 7], adapter=key)
+        worker.changed("x", None)  # the removal's event: "r" goes on with it
+        registry.entries = {"x": again}  # registered again; its event not heard (yet)
+        got = await worker.load("x", again.version, registered=True)
+        assert got == f"x@{again.version}" and got in engine.adapters
+        assert key in engine.adapters  # "r" still runs on the old one
+        engine.abort("r")
+        worker.tidy()
+        assert [k for k in engine.adapters if k.startswith("x@")] == [got]  # the old one went once unused

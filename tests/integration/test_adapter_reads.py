@@ -184,6 +184,31 @@ async def test_an_adapter_removed_while_it_is_read_takes_no_new_request(
         assert not service.engine.adapters  # unused now: unloaded
 
 
+async def test_an_adapter_registered_again_serves_an_applications_request_before_its_event(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Removed while a request ran on it, then registered again, its registration's event not heard
+    (late, or lost to a reconnect: NATS's events are at most once): an application's new request
+    was refused 404 "removed" for as long as the old one ran (the worker trusted the removal it had
+    heard over the registry)."""
+    async with _worker(nats_server, redis, tiny_llama) as (service, got, name):
+        first, second = (
+            msgspec.structs.replace(_request(rid, name), owner="app-1", adapter_version="")
+            for rid in ("first", "second")
+        )
+        await service._on_request(first)
+        await service._take(service.commands.get_nowait())
+        entry = await service.store.get_adapter(name)
+        assert entry is not None and await service.store.delete_adapter(name)
+        await service._take(AdapterChanged(name, None))  # the removal's event: "first" runs on
+        await service.store.put_adapter(entry)  # registered again; no event
+        await service._on_request(second)
+        await service._take(service.commands.get_nowait())
+        assert "second" in service.streams, got["second"]
+        await _turns_until(service, lambda: not service.streams)
+        assert [(await _delivered(got, rid)).finish_reason for rid in ("first", "second")] == ["length"] * 2
+
+
 async def test_a_request_waiting_for_its_adapter_is_stopped_at_its_deadline(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
