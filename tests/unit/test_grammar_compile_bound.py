@@ -301,6 +301,33 @@ def test_a_child_that_takes_no_tokenizer_holds_no_compile_for_good(
             os.kill(kept.pid, signal.SIGCONT)
 
 
+def test_a_kept_child_that_reads_nothing_holds_no_large_constraint_for_good() -> None:
+    """A constraint larger than a pipe's room (64 KiB: a 400 KB schema) was written to a kept child
+    without a bound, the time bound starting only once it was taken: a child that stopped reading
+    (stopped, or starved) held the compile's thread, and every request waiting on the same grammar,
+    for good, where a smaller one was refused for now at the bound in wall time. Now both are."""
+    from llguidance import LLMatcher
+
+    from dlora.services.worker.engine.compile_bound import STARVED, Validator
+
+    validator = Validator()
+    grammar = LLMatcher.grammar_from_json_schema(ORDINARY)
+    assert validator.validate(grammar, 1.0) == ""  # a child kept
+    kept = validator._idle[0].proc
+    os.kill(kept.pid, signal.SIGSTOP)
+    try:
+        verdicts: list[str | None] = []
+        large = grammar + " " * 300_000  # (whitespace after the JSON)
+        thread = threading.Thread(target=lambda: verdicts.append(validator.validate(large, 1.0)), daemon=True)
+        thread.start()
+        thread.join(30)  # (the bound in wall time: 5 s)
+        assert verdicts == [STARVED], verdicts
+        assert kept.poll() is not None, "the child left behind"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(kept.pid, signal.SIGKILL)
+
+
 def test_a_capped_child_compiles_after_a_larger_constraint() -> None:
     """The memory cap counts the compile thread's stack (sized to the constraint): glibc unmaps a
     finished thread's stack only as the next thread is made, after the cap is checked, so a kept

@@ -155,7 +155,11 @@ class _Child:
                 return UNCHECKED
             self.tokenizers.add(tokenizer.key)
         start, used_before = time.monotonic(), _cpu_s(self.proc.pid)
-        self._send(b"G", {"grammar": grammar, "key": tokenizer and tokenizer.key, "mem": memory_mb})
+        # bounded as the tokenizer is: a constraint past a pipe's room (64 KiB) to a child that
+        # reads nothing held this compile's thread for good, the bound not yet started
+        what = {"grammar": grammar, "key": tokenizer and tokenizer.key, "mem": memory_mb}
+        if not self._send(b"G", what, bound_s * _WALL_PER_CPU):
+            return STARVED
         while True:
             used = _cpu_s(self.proc.pid)
             spent = time.monotonic() - start
