@@ -145,7 +145,7 @@ def _wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 10
 
 # In each server's folder: the pid namespace its pids are of, who removes it (the process that
 # started the server, at its stop) and the server, each as "pid:start" (the start time tells a
-# reused pid apart; "pid" off Linux).
+# reused pid apart; "pid" alone off Linux or without /proc).
 OWNERS = "owners"
 FOLDER_PREFIXES = ("dlora-nats-", "dlora-redis-")
 
@@ -167,8 +167,10 @@ def _start_time(pid: int) -> str | None:
 
 def _running(identity: str) -> bool:
     pid, _, start = identity.partition(":")
-    if start or sys.platform.startswith("linux"):
-        return bool(start) and _start_time(int(pid)) == start
+    if start:
+        return _start_time(int(pid)) == start
+    # a pid alone (off Linux, or /proc unreadable when it was written): asked, as a reused pid
+    # only keeps a folder, where judging it stopped removed a running server's
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

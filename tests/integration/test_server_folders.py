@@ -57,3 +57,27 @@ def test_the_servers_folders_of_a_dlora_up_killed_outright_go_at_the_next_start(
             killed.wait()
         killed.stdout.close()
         live.stop()
+
+
+def test_where_proc_cannot_be_read_a_live_servers_folder_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without /proc (a chroot or container that mounts none) a folder names its owner and server
+    by pid alone, and in every pid namespace alike ("-"): each start on Linux judged such a pid not
+    running and removed the folder, so a second ``dlora up`` beside a first deleted its running
+    nats-server's JetStream store and users' file. A pid alone is judged by asking the process."""
+    from dlora.services import servers
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(servers, "_start_time", lambda pid: None)
+    monkeypatch.setattr(servers, "_pid_namespace", lambda: "-")
+    live = start_nats()
+    try:
+        assert (Path(live.workdir.name) / "owners").read_text().split()[1:] == [str(os.getpid()), str(live.proc.pid)]
+        later = start_redis()
+        try:
+            assert set(tmp_path.iterdir()) == {Path(live.workdir.name), Path(later.workdir.name)}
+        finally:
+            later.stop()
+    finally:
+        live.stop()
