@@ -5,9 +5,10 @@ llguidance's own limits (``LLParserLimits``: lexer fuel, grammar size, lexer sta
 lexer's work, not its JSON Schema compiler's: 250 ``patternProperties`` took 2 s with a tenth of the
 default fuel, 400 took 12 s, 1,000 take hours (vLLM #54003), a compile thread and a core held all
 along. A native call on a thread cannot be stopped, so the grammar is validated first (the same
-compile, the tokenizer aside) in a child process that is killed past the bound; what passed is
-compiled again in-process, where the matcher must live (llguidance's compiled grammar does not
-cross a process). Only the child's reply crosses: llguidance's message, a few bytes.
+compile, tokenizer and first mask included) in a child process that is killed past the bound, its
+memory capped (RLIMIT_DATA); what passed a worker compiles again in-process, where the matcher
+must live (llguidance's compiled grammar does not cross a process), and the gateway, which needs
+no matcher, takes the verdict. Only the child's reply crosses: llguidance's message, a few bytes.
 
 The child is this file run as a script (``python -P compile_bound.py``): it imports llguidance and
 the standard library alone (about 60 ms to start), and exits once its parent's end of the pipe
