@@ -344,6 +344,35 @@ def test_a_capped_child_compiles_after_a_larger_constraint() -> None:
         assert validator._idle, "no child kept"
 
 
+# Under an address-space limit (``ulimit -v``) a child whose compile thread, its stack sized to the
+# constraint, cannot start; the limit a few hundred MB above the parent's use, the child inheriting it.
+UNDER_ULIMIT_V = """
+import resource
+from llguidance import LLMatcher
+from dlora.services.worker.engine.compile_bound import MEMORY, Validator
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
+grammar = LLMatcher.grammar_from_json_schema('{"type": "string"}')
+print("capped", Validator().validate(grammar, 10.0, None, 1) == MEMORY)  # (its child holds more than 1 MiB)
+validator = Validator()
+print("large", repr(validator.validate(grammar + " " * 1_000_000, 10.0, None, 4096)))  # a 993 MiB stack
+print("after", repr(validator.validate(grammar, 10.0, None, 4096)))
+"""
+
+
+def test_a_compile_thread_refused_by_ulimit_v_is_not_refused_as_past_the_memory_cap() -> None:
+    """A compile thread that could not start in the capped child was answered ``MEMORY``, whatever
+    refused it: under ``ulimit -v`` a large constraint was a 400 "too large to compile within 4096
+    MiB of memory (the server's grammar_compilation_memory_mb)", kept for good, where the cap had
+    nothing to do with it (README: such a compile is a 503, to retry). Unchecked now: the
+    in-process compile finds its thread refused, a 503 saying so; the cap's own refusal stays."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", UNDER_ULIMIT_V], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["capped True", "large '\\x00unchecked'", "after ''"], done.stdout
+
+
 def test_a_compiler_killed_from_outside_twice_is_a_503_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed from outside on a new child too (the host short of memory), the grammar has no
     verdict: a 503 to retry, and not kept as a refusal (it was kept as "failed on it", a 400 for

@@ -374,10 +374,25 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
         if compiling is not None:  # (it replied, and ends: its stack, counted, is gone first)
             compiling.join()
         try:
-            compiling = threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True)
-            compiling.start()
+            thread = threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True)
+            thread.start()
+            compiling = thread  # (one that did not start cannot be joined: the next compile's end)
         except (RuntimeError, MemoryError):  # its stack past the cap (uncaught: read as a crash)
-            reply(MEMORY if cap else UNCHECKED)
+            # or past another limit (ulimit -v, the host's memory), which the cap, refused for good
+            # as too large, did not set: left to the in-process compile, a 503 saying so
+            resource.setrlimit(resource.RLIMIT_DATA, (data_soft, data_hard))
+            reply(MEMORY if cap and _starts() else UNCHECKED)
+
+
+def _starts() -> bool:
+    """Whether a thread of the stack size set starts."""
+    try:
+        probe = threading.Thread(target=lambda: None, daemon=True)
+        probe.start()
+    except (RuntimeError, MemoryError):
+        return False
+    probe.join()
+    return True
 
 
 if __name__ == "__main__":
