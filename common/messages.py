@@ -395,6 +395,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     device: str = ""
     dtype: str = ""
     adapters: list[AdapterResidency] = []
+    # The adapter versions being read into host memory here, as (name, version): a request of one
+    # joins its read. None: an older worker that does not say (its requests of an adapter are
+    # taken as joining a read of whatever version a new one runs on).
+    reading: list[tuple[str, str]] | None = None
     # How its last step ran: "merged", "unmerged" or "mixed" (policy.Mode); "" before any step.
     mode: str = ""
     # Counters since start.

@@ -79,6 +79,29 @@ class WorkerLoad:
     stats: WorkerStats = field(compare=False, repr=False)  # what it was summed from
     queued_adapters: frozenset[str] = frozenset()  # the adapters its requests run on (not the base)
     slots: int = 0  # its device slots for adapters (WorkerStats.max_loras; 0: unknown)
+    # (name, version) of those loaded, version "" where its stats do not say (an older worker)
+    versions: frozenset[tuple[str, str]] = frozenset()
+    reading: frozenset[tuple[str, str]] | None = None  # WorkerStats.reading (None: not said)
+
+    def holds(self, adapter: str, version: str | None = None) -> bool:
+        """Whether ``version`` of ``adapter`` is loaded here (None or "": any version of it; a
+        version not said, by an older worker or of an unversioned entry, counts as any)."""
+        if adapter not in self.adapters:
+            return False
+        return not version or (adapter, version) in self.versions or (adapter, "") in self.versions
+
+    def joins(self, adapter: str, version: str | None = None) -> bool:
+        """Whether a request of ``version`` of ``adapter`` would join requests of it queued here
+        (they wait for its read, or run on it). Where the worker says what it reads, only a read
+        of that version: after an in-place reload its requests of the old version run on weights
+        a new request cannot use (priced as joining them, an RL trainer's new policy went to the
+        worker still running the old one's rollouts, and waited there for a read; a helper's
+        finding)."""
+        if adapter not in self.queued_adapters:
+            return False
+        if not version or self.reading is None:
+            return True
+        return (adapter, version) in self.reading or (adapter, "") in self.reading
 
     @classmethod
     def of(cls, w: WorkerStats) -> WorkerLoad:
@@ -94,6 +117,8 @@ class WorkerLoad:
             stats=w,
             queued_adapters=frozenset(a for a in counts if a is not None),
             slots=w.max_loras,
+            versions=frozenset((a.name, a.version) for a in w.adapters),
+            reading=None if w.reading is None else frozenset((n, v) for n, v in w.reading),
         )
 
 
@@ -127,12 +152,14 @@ def estimated_finish(
     extra_adapters: Collection[str],
     tokens: float,
     load_s: float,
+    version: str | None = None,
 ) -> float:
     """Seconds until a request of ``adapter`` and ``tokens`` output tokens would finish on ``w``,
     with requests of ``extra_tokens`` sent there since its stats (of ``extra_adapters``) and
     ``placed`` the adapters the placement means it to hold, its tokens priced at
     ``costs.default_seconds_per_token`` (``choose_worker`` sets it to the live workers' mean: see
-    there) and reading the adapter there at ``load_s``. The formula is the module's docstring."""
+    there) and reading the adapter (its ``version``; None: any) there at ``load_s``. The formula
+    is the module's docstring."""
     spt = costs.default_seconds_per_token
     queued = w.queued_tokens + extra_tokens
     dominant = w.dominant if w.busy else adapter
@@ -140,8 +167,8 @@ def estimated_finish(
     # (requests of it queued or sent there: it holds it, or is reading it and they join that read;
     # priced as lacking it, a burst of a new adapter's requests spread and each worker read it, a
     # trial. Not where its read failed lately: they would all be refused there, a review)
-    holds = adapter is None or adapter in placed or adapter in w.adapters
-    joins = adapter in w.queued_adapters or adapter in extra_adapters
+    holds = adapter is None or adapter in placed or w.holds(adapter, version)
+    joins = adapter is not None and (w.joins(adapter, version) or adapter in extra_adapters)
     holds = holds or joins and adapter not in w.stats.failed_adapters
     # Requests of more adapters than slots: a step runs at most ``slots`` of them, so the queue
     # drains ``adapters / slots`` times slower. Blind to this, dispatch spread every adapter over
@@ -178,6 +205,7 @@ def choose_worker(
     file_bytes: int = 0,
     unread: tuple[float, float, float | None] | None = None,
     salt: bytes = b"",
+    version: str | None = None,
 ) -> str | None:
     """The worker for a request of ``adapter``; None when no worker is live. Ties go to the worker
     that holds the adapter, then by name, or with ``salt`` (up to 64 bytes) in an order of its own
@@ -189,7 +217,9 @@ def choose_worker(
     it within ``costs.prefix_affinity`` of the soonest. ``tokens``: the request's own output
     tokens (``request_tokens``; None: ``costs.expected_tokens``); ``file_bytes``: its adapter's files'
     (0: not known), which scale what reading it costs (``WorkerStats.read_seconds``); ``unread``:
-    ``pooled_read`` of these workers, where the caller keeps it (else made here)."""
+    ``pooled_read`` of these workers, where the caller keeps it (else made here). ``version``: the
+    adapter version the request runs on (``GenerateRequest.adapter_version``; None: any), which a
+    worker must hold, else it pays for the read."""
     if not workers:
         return None
     tokens = costs.expected_tokens if tokens is None else tokens
@@ -222,8 +252,9 @@ def choose_worker(
             sent_to.get(w.worker, ()),
             tokens,
             w.read_seconds(file_bytes) or costs.adapter_load_s,
+            version,
         )
-        holds = adapter is None or adapter in load.adapters
+        holds = adapter is None or load.holds(adapter, version)
         return (round(finish, 9), 0 if holds else 1)
 
     scored = [(key(w), w) for w in workers]

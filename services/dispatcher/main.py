@@ -338,7 +338,7 @@ class Dispatcher(Recovery):
         ids = req.prompt_token_ids or []
         p, done = req.params, len(req.resume_token_ids)  # (resumed tokens count against its bounds)
         tokens = self.state.price(max(1, p.max_tokens - done), p.min_tokens - done, p.ignore_eos)
-        worker = self.state.choose(others or live, req.adapter, prefixes, group, ids, tokens)
+        worker = self.state.choose(others or live, req.adapter, prefixes, group, ids, tokens, req.adapter_version)
         if worker is None:  # none live (a re-dispatch waited for one first)
             await self._fail(req, req.next_seq, "no worker is available", "no-worker", ErrorCode.UNAVAILABLE, expect)
             return

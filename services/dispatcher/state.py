@@ -134,9 +134,11 @@ class DispatchState:
         group: str = "",
         prompt: Sequence[int] = (),
         tokens: float | None = None,
+        version: str | None = None,
     ) -> str | None:
-        """The worker among ``live`` for a request of ``adapter`` (None when there is none), counted
-        as sent to it (``unsend`` takes that back if it never went): the one its ``group``'s
+        """The worker among ``live`` for a request of ``version`` of ``adapter`` (None: any version;
+        the worker None when there is none), counted as sent to it (``unsend`` takes that back if
+        it never went): the one its ``group``'s
         requests went to while it is among ``live`` (up to ``MAX_GROUP_REQUESTS`` of them), else
         round-robin blind to load and adapters, or proactive (``choose_worker``), near a worker
         that took the request's prompt prefix before (``prefixes``: its ``affinity.request_keys``;
@@ -171,6 +173,7 @@ class DispatchState:
                 self.file_bytes.get(adapter, 0) if adapter is not None else 0,
                 self._unread,
                 self.salt + self._choices.to_bytes(8, "little") if self.salt else b"",
+                version,
             )
             self._choices += 1
             if worker is not None and prefixes:

@@ -106,6 +106,7 @@ def worker_stats(
         device=str(e.device),
         dtype=str(e.dtype).removeprefix("torch."),
         adapters=residency,
+        reading=[(name_of(k), version_of(k)) for k in sorted(e.loading)],
         mode=st.last_mode,
         steps=st.steps,
         merges=st.merges,

@@ -15,10 +15,11 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from dlora.common import bus
-from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common import bus, subjects
+from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.choose import WorkerLoad
 from dlora.services.servers import Server
 from dlora.services.worker.commands import Abort, AdapterChanged
 from dlora.services.worker.main import WorkerService
@@ -246,3 +247,30 @@ async def test_a_failed_read_whose_answers_fail_leaves_no_request_on_its_adapter
         monkeypatch.undo()
         await _turns_until(service, lambda: "base" not in service.streams)
         assert (await _delivered(got, "base")).finish_reason == "length"
+
+
+async def test_a_dispatcher_hears_which_version_a_worker_reads(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A helper's finding: the stats said which adapter versions a worker held but not which it was
+    reading, so after an in-place reload a dispatcher took the requests queued there on the old
+    version as a read of the new one under way. The read's version now crosses the wire, and a
+    dispatcher prices a request of another version as lacking it there."""
+    async with _worker(nats_server, redis, tiny_llama, version="v1") as (service, _, name):
+        released = _held_read(service)
+        heard: asyncio.Queue[WorkerStats] = asyncio.Queue()
+
+        async def on_stats(st: WorkerStats) -> None:
+            heard.put_nowait(st)
+
+        await bus.subscribe(service.nc, subjects.stats(service.s.worker_id), WorkerStats, on_stats)
+        await bus.flush(service.nc)
+        await service._on_request(msgspec.structs.replace(_request("lora", name), adapter_version="v1"))
+        await asyncio.wait_for(service._take(service.commands.get_nowait()), 5)
+        await bus.publish(service.nc, subjects.stats(service.s.worker_id), service._snapshot())
+        st = await asyncio.wait_for(heard.get(), 10)
+        released.set()
+        await _turns_until(service, lambda: "lora" not in service.streams)
+    assert st.reading == [(name, "v1")]
+    load = WorkerLoad.of(st)
+    assert load.joins(name, "v1") and not load.joins(name, "v2") and not load.holds(name, "v1")
