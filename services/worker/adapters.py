@@ -441,8 +441,15 @@ class WorkerAdapters:
 
     async def prefetch(self, names: list[str]) -> None:
         """Have adapters the placement gives this worker read into host memory before requests need
-        them (beside the steps, after the reads requests wait for)."""
-        held = {name_of(key) for key in (*self.engine.adapters, *self.engine.loading)}
+        them (beside the steps, after the reads requests wait for). A name held only at a version
+        replaced since (kept for its requests: an in-place reload) is not held: by name, the new
+        version was not read ahead of its requests (a helper's finding)."""
+        retiring = self.retiring
+        held = {
+            n
+            for key in (*self.engine.adapters, *self.engine.loading)
+            if (n := name_of(key)) not in retiring or version_of(key) == retiring[n]
+        }
         for name in (n for n in names if n not in held):
             entry = None
             try:

@@ -201,3 +201,27 @@ async def test_a_version_a_prefetch_could_not_load_is_not_read_again_each_placem
     with pytest.raises(AdapterChanged, match="changed since version"):  # told why, without a read
         await worker.load("x", entry.version)  # within FAILED_MEMORY_S of the prefetch's
     assert len(reads) == 1
+
+
+async def test_a_placement_prefetches_the_new_version_of_an_adapter_reloaded_in_place(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A helper's finding: after an in-place reload (new files, a new version) a worker still
+    holding the old version for a request on it skipped the placement's prefetch by name, and the
+    new version's first requests waited there for its read."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    config = ModelConfig.from_dir(tiny_llama.model)
+    old = check_adapter("x", str(path), [str(tmp_path)], "model", config)
+    engine = make_engine(tiny_llama)
+    registry = _Registry(old)
+    worker = WorkerAdapters(engine, registry)
+    key = await worker.load("x", old.version)
+    conf = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**conf, "lora_alpha": conf["lora_alpha"] + 1}))
+    registry.entry = new = check_adapter("x", str(path), [str(tmp_path)], "model", config)
+    worker.moved(key)  # a request on it moved away: the old version is kept a while
+    worker.changed("x", new.version)
+    assert key in engine.adapters
+    await worker.prefetch(["x"])
+    await asyncio.gather(*worker.reads.values())
+    assert f"x@{new.version}" in engine.adapters
