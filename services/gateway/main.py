@@ -59,6 +59,7 @@ from dlora.services.gateway.routes import make_app
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import Job, ServedModel, Tokenizer, response_id, served_context, shape_request
 from dlora.services.gateway.status import ClusterView, status_body
+from dlora.services.gateway.stopping import drained
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 
@@ -119,6 +120,7 @@ class Gateway:
         self.gateway_id = uuid.uuid4().hex[:12]
         self.replies: dict[str, asyncio.Queue[bytes]] = {}
         self.closing = False  # set by shutdown(): new requests are refused
+        self.handling = 0  # completion and chat requests taken and not yet answered (shutdown_timeout_s waits for them)
         self._stopped = asyncio.Event()  # ends the announcements (shutdown)
         self._announcer: asyncio.Task[None] | None = None
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
@@ -134,7 +136,10 @@ class Gateway:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         adapter_label, public = "?", True  # the metrics' label; whether it may be shown (``metrics``)
+        self.handling += 1
         try:
+            if self.closing:  # those taken before go on for shutdown_timeout_s (shutdown)
+                raise APIError(503, "the gateway is shutting down; try again")
             # Who asks, and within their key's limits, before the body is even read: a refusal
             # costs one Redis lookup.
             who = await self.auth.inference(request)
@@ -166,6 +171,8 @@ class Gateway:
         except Exception as e:  # answered by json_errors (a 503 for Redis or NATS, else a 500): counted here
             self.metrics.failed(adapter_label, failure_status(e), public)
             raise
+        finally:
+            self.handling -= 1
 
     async def entry(self, model: str, who: Principal) -> AdapterEntry | None:
         """The adapter registered as ``model``, or None for the base model's name (no lookup) and
@@ -234,7 +241,9 @@ class Gateway:
         Raises:
             APIError(503): the gateway is shutting down, or no dispatcher took the request.
         """
-        if self.closing:  # checked here, with no wait before the request is registered: shutdown() sees it
+        # Checked here, with no wait before the request is registered, so that shutdown() sees it:
+        # one taken before the stop and shaped past its wait would otherwise run for nobody.
+        if self._stopped.is_set():
             raise APIError(503, "the gateway is shutting down; try again")
         choices = [RunningChoice.of(p, keep_ids=job.return_token_ids) for p in job.choices]
         by_id = {c.request.request_id: c for c in choices if c.request is not None}
@@ -350,12 +359,18 @@ class Gateway:
         except bus.STATE_OUTAGE:
             return False
 
-    async def shutdown(self) -> None:
-        """Before the gateway stops: refuse new requests (503), abort every request in flight on
-        its worker (published and flushed, so they go out before NATS is drained), and end each
-        one's response at once with a 503 (or an error event on a stream already open) instead of
-        leaving the work to run on for a client that will be cut off."""
+    async def shutdown(self, stop: asyncio.Event | None = None) -> None:
+        """Before the gateway stops: refuse new requests (503); let those taken finish for up to
+        ``shutdown_timeout_s`` (less if ``stop`` is hurried); then abort every request still in
+        flight on its worker (published and flushed, so they go out before NATS is drained), and
+        end each one's response at once with a 503 (or an error event on a stream already open)
+        instead of leaving the work to run on for a client that will be cut off. The
+        announcements go on while it waits: a worker drops a silent gateway's requests."""
         self.closing = True
+        if self.s.shutdown_timeout_s > 0 and self.handling:
+            logger.info("finishing requests", requests=self.handling, timeout_s=self.s.shutdown_timeout_s)
+            if left := await drained(lambda: self.handling, self.s.shutdown_timeout_s, stop):
+                logger.warning("requests still running at the shutdown timeout are ended", requests=left)
         self._stopped.set()
         in_flight = dict(self.replies)
         try:
@@ -473,7 +488,7 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
             await stop.wait()
         finally:
             ready.cancel()
-            await gw.shutdown()
+            await gw.shutdown(stop)
             await listener.close()
             gw.close()
 

@@ -92,6 +92,11 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # closed and the request aborted (nginx's send_timeout): a reader that stopped held its key's
     # slots and its output here for as long as it kept the socket open.
     send_timeout_s: float = 60.0
+    # Seconds a stopping gateway (SIGTERM: systemctl stop, dlora up's Ctrl-C) lets the requests it
+    # already took finish, new ones answered 503 (and /healthz 503) meanwhile; what still runs then
+    # ends as at 0: at once, a 503 or a stream's error event (vLLM's --shutdown-timeout, 0 its
+    # default). Keep it under the unit's TimeoutStopSec less 10 s (60 s: at most 50).
+    shutdown_timeout_s: float = 0.0
     # Public adapters named in /metrics' series by adapter, at most (the first served, until
     # removed; ~89 series each); the rest count under adapter="(other)". vLLM names none.
     max_adapter_labels: int = 256
@@ -148,6 +153,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         for field in ("key_burst", "key_concurrency", "max_adapter_labels"):
             if getattr(self, field) < 0:
                 bad.append((field, getattr(self, field), "must be >= 0"))
+        if not (math.isfinite(self.shutdown_timeout_s) and self.shutdown_timeout_s >= 0):
+            bad.append(("shutdown_timeout_s", self.shutdown_timeout_s, "must be >= 0 (0: end requests at once)"))
         if self.max_connections_per_client < 0:
             bad.append(("max_connections_per_client", self.max_connections_per_client, "must be >= 0 (0: no limit)"))
         return bad
