@@ -403,7 +403,8 @@ class LocalStack:
 
     def stop(self) -> None:
         """The services in order (``stack_stop``), then NATS and Redis."""
-        self.stopping = StackStop(self.procs, self.names, workers_drain_s(self.config, self.worker_env))
+        drain_s = workers_drain_s(self.config, self.worker_env)
+        self.stopping = StackStop(self.procs, self.names, drain_s, self.base.shutdown_timeout_s)
         self.stopping.hurried = self.hurried
         self.stopping.run()
         for s in self.servers:
@@ -474,9 +475,11 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
                     left.add(i)
             time.sleep(0.2)
         with contextlib.suppress(OSError):  # its terminal gone (SIGHUP): EIO, and the stop must go on
-            drain = workers_drain_s(config, {})
+            drain, finish = workers_drain_s(config, {}), stack.base.shutdown_timeout_s
+            gateway = f"the gateway's up to {finish:g} s, " if finish else ""
             print(
-                f"dlora up: stopping; workers finish their requests (up to {drain:g} s): Ctrl-C again hands them over",
+                f"dlora up: stopping; workers finish their requests (up to {drain:g} s), {gateway}"
+                "Ctrl-C again hands them over",
                 file=sys.stderr,
                 flush=True,
             )

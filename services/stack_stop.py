@@ -1,9 +1,13 @@
 """How ``dlora up`` takes its services down: in the order a request's path needs them, and sooner
 at a second Ctrl-C or SIGTERM.
 
-The gateway and the workers are told to stop first: the gateway refuses new requests (and ends
-its own, as vLLM does at ``--shutdown-timeout=0``) while each worker finishes what it runs for its
-``drain_timeout_s`` and then hands the rest to a dispatcher. The dispatcher and the migrator are
+The gateway and the workers are told to stop first: the gateway refuses new requests and lets its
+own finish for its ``shutdown_timeout_s`` (vLLM's ``--shutdown-timeout``; 0, the default, ends them
+at once) while each worker finishes what it runs for its ``drain_timeout_s`` and then hands the
+rest to a dispatcher. The two waits do not wait on each other: a gateway request whose worker
+drains runs there until the worker's drain ends, and is then handed over, the dispatcher still up:
+with no other worker to take it, the dispatcher ends it with an error the gateway passes on, so
+in-flight gateway requests get the shorter of the two. The dispatcher and the migrator are
 told only once the workers are gone: all told at once, the dispatcher went first and a worker's
 hand-over had nobody to take it, and a NATS application's request sent during the drain found no
 dispatcher (no responders) instead of one saying no worker is available. NATS and Redis go last
@@ -52,8 +56,10 @@ class StackStop:
     which for a worker means: hand the requests over now (``services/run.py``, ``Stop.hurried``).
     ``hurry`` may run in a signal handler while ``run`` waits."""
 
-    def __init__(self, procs: Sequence[subprocess.Popen], names: Sequence[str], drain_s: float) -> None:
-        self.procs, self.names, self.drain_s = list(procs), list(names), drain_s
+    def __init__(
+        self, procs: Sequence[subprocess.Popen], names: Sequence[str], drain_s: float, gateway_s: float = 0.0
+    ) -> None:
+        self.procs, self.names, self.drain_s, self.gateway_s = list(procs), list(names), drain_s, gateway_s
         self.hurried = False
         self._told: dict[int, float] = {}  # index -> when its first SIGTERM went
         self._sent: dict[int, int] = {}  # index -> SIGTERMs sent
@@ -77,8 +83,11 @@ class StackStop:
                 self._signal(i)
 
     def _grace(self, i: int) -> float:
-        drains = self.names[i].startswith("worker-") and not self.hurried
-        return STOP_WAIT_S + (self.drain_s if drains else 0.0)
+        if self.hurried:
+            return STOP_WAIT_S
+        if self.names[i] == "gateway":  # killed at STOP_WAIT_S, its clients' connections were reset
+            return STOP_WAIT_S + self.gateway_s
+        return STOP_WAIT_S + (self.drain_s if self.names[i].startswith("worker-") else 0.0)
 
     def _signal(self, i: int) -> None:
         if self.procs[i].poll() is None:

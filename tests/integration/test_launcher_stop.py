@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 # A service that notes "<name> term|exit <time>" per SIGTERM in its log: the gateway, the dispatcher
 # and the migrator exit at the first; a worker drains (runs on) until a second, as a real one does
 # with requests to finish (at the first, given "idle").
@@ -123,6 +125,38 @@ def test_a_draining_worker_is_given_its_drain_before_it_is_killed(tmp_path: Path
     stop.hurry()  # too soon after the first to be sure it is not merged with it: sent once told a while
     stop._wait([0, 1, 2])
     assert [what for n, what, _ in _events(log) if n == "worker-0"] == ["up", "term", "term", "exit"]
+    assert all(p.returncode == 0 for p in stack.procs)
+
+
+def test_a_gateway_finishing_its_requests_is_given_its_shutdown_timeout_before_it_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway with ``shutdown_timeout_s`` lets the requests it took finish for that long: dlora
+    up killed it 10 s after its SIGTERM whatever the setting, its clients' connections reset
+    mid-answer. It is given its timeout and the 10 s beyond it; a second Ctrl-C takes it back."""
+    from dlora.services import stack_stop
+    from dlora.services.launcher import LocalStack
+    from dlora.services.servers import free_port
+
+    monkeypatch.setenv("DLORA_GATEWAY_SHUTDOWN_TIMEOUT_S", "30")
+    log = tmp_path / "log"
+    (service := tmp_path / "service.py").write_text(SERVICE)
+    stack = LocalStack(1, "model", [], free_port(), None)
+    assert stack.base.shutdown_timeout_s == 30  # what stop() gives StackStop
+    for name in ("dispatcher", "worker-0", "gateway"):
+        stack._spawn(name, [sys.executable, str(service), str(log), name, "idle"], {})
+    deadline = time.monotonic() + 60
+    while (not log.exists() or log.read_text().count(" up ") < 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop = stack_stop.StackStop(stack.procs, stack.names, 5, stack.base.shutdown_timeout_s)
+    stop._tell([1, 2])
+    assert stop._deadline[2] - stop._told[2] == 30 + stack_stop.STOP_WAIT_S  # the gateway
+    assert stop._deadline[1] - stop._told[1] == 5 + stack_stop.STOP_WAIT_S  # the worker, as before
+    stop.hurry()
+    assert stop._deadline[2] - time.monotonic() <= stack_stop.STOP_WAIT_S
+    stop._wait([1, 2])
+    stop._tell([0])
+    stop._wait([0])
     assert all(p.returncode == 0 for p in stack.procs)
 
 
