@@ -445,3 +445,16 @@ def test_switches_are_learned_under_their_adapters_ranks_and_priced_so() -> None
     assert p._switch("small", "big")[0] == pytest.approx(merges[8].mean + p.costs.unmerge.mean)  # 64 out: not seen
     assert p._round_trip("small") == pytest.approx(merges[8].mean + unmerges[8].mean)
     assert p._round_trip("small") < 0.25 < p._round_trip("big")
+
+
+def test_a_deleted_adapter_that_ran_here_leaves_the_ledger() -> None:
+    """An adapter that ran here is in the policy's ranks and, once displaced or displacing, in its
+    ledger: its key was listed twice for the ledger's drop, which popped it twice (KeyError out of
+    the worker's retire, the adapter's credit left in the ledger). Its versions folded likewise."""
+    p = DLoraPolicy(LIMITS)
+    p.decide(queue("x@v1", "x@v2", "y"), None)
+    p.credits.balances.update({"x@v1": -1.0, "x@v2": 0.5, "y": 0.5})
+    p.forget_adapter("x", "x@v2")
+    assert dict(p.credits.balances) == {"x@v2": -0.5, "y": 0.5} and "x@v1" not in p.ranks
+    p.forget_adapter("x")
+    assert dict(p.credits.balances) == {} and not {"x@v1", "x@v2"} & p.ranks.keys()

@@ -62,8 +62,9 @@ class CreditLedger:
         balance goes to ``into`` (its adapter's version now); without it, a credit dropped forgives
         the debtors that much, a debt dropped cuts what the others are owed, each in proportion
         and never past zero."""
-        for key in [k for k in keys if k in self.balances]:
-            gone = self.balances.pop(key)
+        for key in dict.fromkeys(keys):  # once each: a key named twice was popped twice (KeyError)
+            if (gone := self.balances.pop(key, None)) is None:
+                continue
             if into is not None:
                 self.balances[into] += gone
                 continue
