@@ -139,6 +139,9 @@ class WorkerAdapters:
         # Adapter names with a replaced or removed version still loaded here, and the version now
         # registered (None: removed): those versions go once their last request ends.
         self.retiring: dict[str, str | None] = {}
+        # The registry's names as last listed (beats.py), not compared yet with what the policy
+        # keeps (``tidy``, between steps: the policy is the step thread's while one runs).
+        self.listed: set[str] | None = None
         self.moved_away: dict[str, float] = {}  # engine key -> when a request on it last moved away
         self.used: OrderedDict[str, None] = OrderedDict()  # engine keys, the one used least lately first
         # Versions a prefetch could not load (files changed or broken): not tried again every
@@ -354,6 +357,9 @@ class WorkerAdapters:
         self._roomy.set()
         if self.retiring:
             self.retire()
+        if self.listed is not None:
+            self.forget_unregistered(self.listed)
+            self.listed = None
         if len(self.engine.adapters) > self.engine.config.max_cpu_loras:
             self.evict(keep=None)
 
@@ -438,6 +444,15 @@ class WorkerAdapters:
                     self.engine.policy.forget_adapter(name)  # and its credit
                 else:  # its old versions' credit is its version's now (one key per version ever was kept)
                     self.engine.policy.forget_adapter(name, engine_key(name, current))
+
+    def forget_unregistered(self, registered: set[str]) -> None:
+        """What the policy keeps of adapters neither ``registered`` nor held here (loaded, being read
+        or retiring) goes: retiring drops only those whose removal this worker heard, so one restored
+        from a checkpoint (deleted while it was down, or kept by an older version) or whose event
+        was lost (NATS's are at most once) stayed in the credit ledger for good."""
+        held = {name_of(k) for k in [*self.engine.adapters, *self.engine.loading]} | self.retiring.keys()
+        for name in self.engine.policy.adapters_kept() - registered - held:
+            self.engine.policy.forget_adapter(name)
 
     async def prefetch(self, names: list[str]) -> None:
         """Have adapters the placement gives this worker read into host memory before requests need

@@ -72,3 +72,4 @@ async def _heartbeat(w: WorkerService, stats: WorkerStats) -> None:
         w.listed_at = time.monotonic()
         async with asyncio.timeout(w.s.stats_interval_s):  # (unbounded, a hung Redis stopped the stats 20 s)
             w.registered = {e.name: e.rank for e in await w.store.list_adapters()}
+        w.adapters.listed = set(w.registered)  # the credit of those gone goes (``tidy``, between steps)

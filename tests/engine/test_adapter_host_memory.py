@@ -392,3 +392,22 @@ async def test_an_adapter_registered_again_takes_new_requests_before_its_event_i
         engine.abort("r")
         worker.tidy()
         assert [k for k in engine.adapters if k.startswith("x@")] == [got]  # the old one went once unused
+
+
+async def test_credit_kept_for_an_adapter_no_longer_registered_goes_once_the_registry_is_listed(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A balance leaves the ledger only where this worker heard the adapter's removal and retired it:
+    one restored from a checkpoint (an adapter deleted while the worker was down, or by the older
+    version that kept every deleted one's) or whose removal's event was lost (NATS's events are at
+    most once) stayed for good. The registry's listing (every LIST_EVERY_S) drops those not in it
+    nor held here, the total kept."""
+    path = Path(shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "x"))
+    entry = check_adapter("x", str(path), [str(tmp_path)], "model", ModelConfig.from_dir(tiny_llama.model))
+    engine = make_engine(tiny_llama, policy="dlora")
+    worker = WorkerAdapters(engine, _Registry(entry))
+    key = await worker.load("x", entry.version)
+    engine.policy.restore({"credits": {key: 1.0, "": 1.0, "gone@v1": -1.5, "evicted@v2": -0.5}})
+    worker.listed = {"x", "evicted"}  # x held, evicted registered: theirs stay
+    worker.tidy()  # (between steps)
+    assert dict(engine.policy.checkpoint()["credits"]) == {key: 0.25, "": 0.25, "evicted@v2": -0.5}

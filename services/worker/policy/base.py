@@ -258,6 +258,10 @@ class Policy:
         """No version of adapter ``name`` but ``keep`` (its engine key now; None: it is deleted) is
         held any more: what is kept of the others goes (into ``keep``'s where it is given)."""
 
+    def adapters_kept(self) -> set[str]:
+        """The adapter names (the base model's "" left out) whose credit it keeps."""
+        return {k.partition("@")[0] for k in self.checkpoint().get("credits", {})} - {""}
+
     def checkpoint(self) -> dict[str, Any]:
         """State worth keeping across a restart (credits, thresholds), JSON-serialisable."""
         return {}
