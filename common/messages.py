@@ -467,10 +467,14 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
         return next((a.name for a in self.adapters if a.merged), None)
 
     def requests_by_adapter(self) -> dict[str, list[int]]:
-        """[running, waiting] requests per adapter ("" the base model), listed or not."""
-        out = {adapter: list(n) for adapter, n in self.unlisted_by_adapter.items()}
+        """[running, waiting] requests per adapter ("" the base model), listed or not, in arrival
+        order (the listed first: dispatch's dominant adapter is the first seen of equals)."""
+        out: dict[str, list[int]] = {}
         for r in self.requests:
             out.setdefault(r.adapter or "", [0, 0])[0 if r.running else 1] += 1
+        for adapter, (running, waiting) in self.unlisted_by_adapter.items():
+            n = out.setdefault(adapter, [0, 0])
+            n[0], n[1] = n[0] + running, n[1] + waiting
         return out
 
     def read_seconds(self, nbytes: float) -> float:

@@ -492,3 +492,6 @@ def test_the_adapters_queued_on_a_worker_count_its_requests_past_those_listed() 
     load = WorkerLoad.of(x)
     assert load.queued_adapters == {"a", "b"} and load.dominant == "b" and load.busy
     assert WorkerLoad.of(w("y", [(None, 5), ("a", 3), ("a", 2)])).dominant == "a"
+    # equals: the first seen, in arrival order (those listed came before the rest)
+    tied = msgspec.structs.replace(w("t", [("a", 5)]), unlisted_requests=1, unlisted_by_adapter={"b": (0, 1)})
+    assert WorkerLoad.of(tied).dominant == "a"
