@@ -424,3 +424,28 @@ def test_an_object_holds_only_the_properties_its_schema_names(tiny_llama: TinyOu
     for rid, (_, text, reason) in run(engine, asked, adapter="lora-2").items():
         assert reason is FinishReason.STOP, (rid, text)
         assert set(json.loads(text)) <= {"ok", "n", "tag"}, text
+
+
+def test_a_oneof_whose_branches_overlap_is_followed_as_anyof(tiny_llama: TinyOutput) -> None:
+    """Union[int, float] as OpenAPI generators write it was a 400 (llguidance proves no two such
+    branches disjoint); served as vLLM's default backend serves it, each document one branch's."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "v": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "number", "maximum": -1}]},
+            "who": {"oneOf": [{"type": "string", "maxLength": 3}, {"enum": ["kalo", "remi"]}]},
+        },
+        "required": ["v", "who"],
+    }
+    engine = make_engine(tiny_llama)
+    asked = {
+        f"s{seed}": SamplingParams(max_tokens=80, temperature=1.0, seed=seed, json_schema=json.dumps(schema))
+        for seed in range(6)
+    }
+    for rid, (_, text, reason) in run(engine, asked).items():
+        assert reason is FinishReason.STOP, (rid, text)
+        doc = json.loads(text)
+        v, who = doc["v"], doc["who"]
+        assert set(doc) == {"v", "who"} and not isinstance(v, bool), text
+        assert (isinstance(v, int) and 0 <= v <= 9) or (isinstance(v, int | float) and v <= -1), text
+        assert isinstance(who, str) and (len(who) <= 3 or who in ("kalo", "remi")), text

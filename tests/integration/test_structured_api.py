@@ -417,3 +417,24 @@ async def test_calls_cut_by_max_tokens_answer_length_and_the_whole_calls_whole_a
         assert not "".join(c["delta"].get("content") or "" for c in choices)
         assert [t["function"] for c in choices for t in c["delta"].get("tool_calls", [])] == both[:1]
         assert choices[-1]["finish_reason"] == "length"
+
+
+async def test_a_oneof_whose_branches_overlap_is_served_in_response_format_and_tools(stack: Stack) -> None:
+    """OpenAPI-generated tools and pydantic unions write oneOf of branches that overlap (an integer
+    is a number too): the gateway answered 400 "oneOf constraints are not supported", where vLLM's
+    default backend serves them as anyOf."""
+    amount = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "number", "maximum": -1}]}
+    schema = {"type": "object", "properties": {"amount": amount}, "required": ["amount"]}
+    chat = {"model": "lora-2", "messages": [{"role": "user", "content": "kalo?"}], "max_tokens": 60}
+    response_format = {"type": "json_schema", "json_schema": {"name": "pay", "schema": schema}}
+    status, resp = await post(stack, "/v1/chat/completions", {**chat, "response_format": response_format})
+    assert status == 200, resp
+    amount_of = json.loads(resp["choices"][0]["message"]["content"])["amount"]
+    assert isinstance(amount_of, int | float) and (0 <= amount_of <= 9 or amount_of <= -1), resp
+    tool = {"type": "function", "function": {"name": "pay", "parameters": schema}}
+    forced = {**chat, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "pay"}}}
+    for choice in (forced, {**forced, "tool_choice": "required"}):
+        status, resp = await post(stack, "/v1/chat/completions", choice)
+        assert status == 200, resp
+        [call] = resp["choices"][0]["message"]["tool_calls"]
+        assert set(json.loads(call["function"]["arguments"])) == {"amount"}, resp

@@ -339,3 +339,27 @@ def test_properties_beside_branches_that_name_others_are_left_open(schema: dict)
 
     assert json.loads(served_schema(json.dumps(schema))[0]) == schema
     check(SamplingParams(json_schema=json.dumps(schema)))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"oneOf": [{"type": "integer"}, {"type": "number"}]},  # Union[int, float] as OpenAPI writes it
+        {  # an OpenAPI generator's variants of optional properties ({} is either)
+            "type": "object",
+            "properties": {
+                "target": {
+                    "oneOf": [
+                        {"type": "object", "properties": {"id": {"type": "integer"}}},
+                        {"type": "object", "properties": {"name": {"type": "string"}}},
+                    ]
+                }
+            },
+        },
+        {"type": "array", "items": {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "integer", "maximum": 10}]}},
+    ],
+)
+def test_a_oneof_whose_branches_may_overlap_is_served(schema: dict) -> None:
+    """llguidance refuses a oneOf it cannot prove disjoint ("oneOf constraints are not supported"),
+    a 400 where vLLM's default backend (xgrammar) and SGLang's serve it as anyOf."""
+    check(SamplingParams(json_schema=json.dumps(schema)))

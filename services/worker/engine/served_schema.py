@@ -25,7 +25,16 @@ if TYPE_CHECKING:
 
 # Documents are laid out as json.dumps lays them out, with no other whitespace: a model free to
 # put whitespace anywhere may never leave it (a schema's "x-guidance" options can say otherwise).
-LAYOUT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# A oneOf whose branches may overlap (integer and number: pydantic's and OpenAPI generators'
+# unions) is served as anyOf, as vLLM's default backend (xgrammar) and SGLang's serve it:
+# llguidance refused it (a 400), and a document is still one of its branches (an integer, a
+# number too, matches both). Branches it proves disjoint were exact already, and stay so.
+LAYOUT: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "coerce_one_of": True,
+}
 
 
 # A schema's numeric bounds (JSON Schema's keywords). llguidance holds them in 64-bit integers:
