@@ -363,3 +363,14 @@ def test_a_oneof_whose_branches_may_overlap_is_served(schema: dict) -> None:
     """llguidance refuses a oneOf it cannot prove disjoint ("oneOf constraints are not supported"),
     a 400 where vLLM's default backend (xgrammar) and SGLang's serve it as anyOf."""
     check(SamplingParams(json_schema=json.dumps(schema)))
+
+
+def test_a_name_required_but_not_listed_is_served_as_any_value() -> None:
+    """Valid JSON Schema (the name may hold anything), made unsatisfiable by the closing rewrite:
+    "required property 'b' is unsatisfiable", a 400. Listed as any value, the object stays closed."""
+    from dlora.services.worker.engine.served_schema import served_schema
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
+    check(SamplingParams(json_schema=json.dumps(schema)))
+    served = json.loads(served_schema(json.dumps(schema))[0])
+    assert served["properties"] == {"a": {"type": "integer"}, "b": {}} and served["additionalProperties"] is False

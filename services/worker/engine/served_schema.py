@@ -129,7 +129,19 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             changed = True
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
+            _name_required(node)
     return (_DECIMALS.encode(tree).decode() if changed else text), bound
+
+
+def _name_required(node: dict[str, Any]) -> None:
+    """Names closed ``node`` requires but does not list, listed as any value: closed, the object
+    both needed the name and forbade it ("required property 'b' is unsatisfiable"), a 400 for a
+    valid schema its writer left open. What JSON Schema proposed for such names (json-schema-spec
+    #65: defined with a blank schema)."""
+    properties, required = node["properties"], node.get("required")
+    for name in required if isinstance(required, list) else ():
+        if isinstance(name, str) and name not in properties:
+            properties[name] = {}
 
 
 def _composed(node: dict[str, Any]) -> bool:
