@@ -374,3 +374,25 @@ def test_a_name_required_but_not_listed_is_served_as_any_value() -> None:
     check(SamplingParams(json_schema=json.dumps(schema)))
     served = json.loads(served_schema(json.dumps(schema))[0])
     assert served["properties"] == {"a": {"type": "integer"}, "b": {}} and served["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "items": {"type": "string"}, "uniqueItems": False},
+        {"type": "object", "propertyNames": True},
+        {"type": "object", "propertyNames": {}},
+        {"type": "object", "properties": {"a": {}}, "dependentRequired": {}},
+    ],
+)
+def test_a_keyword_the_engine_lacks_is_served_at_a_value_that_constrains_nothing(schema: dict) -> None:
+    """llguidance refused any value of them ("Unimplemented keys"), a 400 for the uniqueItems: false
+    that Jackson and OpenAPI generators write out; a value that constrains is refused still."""
+    from dlora.services.worker.engine.served_schema import served_schema
+
+    wrapped = {"type": "object", "properties": {"p": schema}, "required": ["p"]}
+    check(SamplingParams(json_schema=json.dumps(wrapped)))
+    served = json.loads(served_schema(json.dumps(wrapped))[0])["properties"]["p"]
+    assert not served.keys() & {"uniqueItems", "propertyNames", "dependentRequired"}, served
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        check(SamplingParams(json_schema=json.dumps({"type": "array", "uniqueItems": 0})))

@@ -87,6 +87,21 @@ def _schema_nodes(tree: Any) -> Iterator[dict[str, Any]]:
 # integers written as such and refused these schemas.
 _COUNTS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"}
 _DECIMALS = msgspec.json.Encoder(decimal_format="number")  # numbers written back as they were read
+# Keywords llguidance does not implement, at values that constrain nothing: it refused them all
+# the same ("Unimplemented keys"), a 400 for schemas that Jackson's, OpenAPI generators' and
+# pydantic's (Field(unique_items=False)) writers spell out; vLLM's default backend serves them.
+_NO_OPS: dict[str, tuple[Any, ...]] = {
+    "uniqueItems": (False,),
+    "propertyNames": (True, {}),
+    "dependentRequired": ({},),
+    "dependentSchemas": ({},),
+    "dependencies": ({},),
+}
+
+
+def _same(value: Any, no_ops: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of ``no_ops`` as JSON reads it (1 is not true, nor 0 false)."""
+    return any(type(value) is type(no_op) and value == no_op for no_op in no_ops)
 
 
 @functools.lru_cache(maxsize=256)
@@ -106,7 +121,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     schema). An object whose properties are named takes no others unless it says so (as vLLM's
     default backend, xgrammar, and outlines read it, and vLLM makes its guidance backend do: PR
     #15949): pydantic writes no additionalProperties, and llguidance's reading (JSON Schema's,
-    any others allowed) let a model add keys without end. Rewritten only where one of those was
+    any others allowed) let a model add keys without end. Keywords llguidance lacks are left
+    out at values that constrain nothing (``_NO_OPS``). Rewritten only where one of those was
     found."""
     try:
         tree = json.loads(text, parse_float=Decimal)
@@ -126,6 +142,9 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
                     node[key], changed = int(value), True
         if isinstance(name := node.get("format"), str) and not _known_format(name):
             del node["format"]
+            changed = True
+        for key in [key for key in _NO_OPS.keys() & node.keys() if _same(node[key], _NO_OPS[key])]:
+            del node[key]
             changed = True
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
