@@ -296,7 +296,6 @@ def test_objects_with_named_properties_take_no_others_unless_the_schema_says() -
     for kept in (
         {"type": "object"},  # json_object's: any object
         {"type": "object", "properties": {"x": {}}, "additionalProperties": {"type": "integer"}},
-        {"type": "object", "properties": {"x": {}}, "unevaluatedProperties": False},
         {"allOf": [point, {"properties": {"y": {"type": "integer"}}}]},
         {"$defs": {"P": point}, "$ref": "#/$defs/P", "properties": {"y": {"type": "integer"}}},
         # llguidance #265: closed over patterns matching a named property, no key may follow ", "
@@ -396,3 +395,21 @@ def test_a_keyword_the_engine_lacks_is_served_at_a_value_that_constrains_nothing
     assert not served.keys() & {"uniqueItems", "propertyNames", "dependentRequired"}, served
     with pytest.raises(GrammarError, match="uniqueItems"):
         check(SamplingParams(json_schema=json.dumps({"type": "array", "uniqueItems": 0})))
+
+
+def test_unevaluated_properties_of_a_plain_object_are_served_as_additional_ones() -> None:
+    """llguidance lacks unevaluatedProperties ("Unimplemented keys", a 400; vLLM's default backend
+    serves it); where no other schema evaluates the object's properties it is additionalProperties.
+    Beside a $ref or a branch it is not, and is refused as before."""
+    from dlora.services.worker.engine.served_schema import served_schema
+
+    for value in (False, {"type": "integer"}):
+        schema = {"type": "object", "properties": {"x": {"type": "string"}}, "unevaluatedProperties": value}
+        check(SamplingParams(json_schema=json.dumps(schema)))
+        served = json.loads(served_schema(json.dumps(schema))[0])
+        assert "unevaluatedProperties" not in served and served["additionalProperties"] == value, served
+    said = {"type": "object", "additionalProperties": True, "unevaluatedProperties": False}
+    assert json.loads(served_schema(json.dumps(said))[0]) == {"type": "object", "additionalProperties": True}
+    composed = {"$defs": {"B": {"type": "object"}}, "$ref": "#/$defs/B", "unevaluatedProperties": False}
+    with pytest.raises(GrammarError, match="unevaluatedProperties"):
+        check(SamplingParams(json_schema=json.dumps(composed)))

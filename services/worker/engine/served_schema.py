@@ -99,6 +99,14 @@ _NO_OPS: dict[str, tuple[Any, ...]] = {
 }
 
 
+# Keywords through which other schemas evaluate an object's properties. Where none is, as in a
+# plain object, unevaluatedProperties reads as additionalProperties: llguidance lacks the first
+# (a 400; xgrammar serves it) and has the second. Not beside patternProperties (llguidance #265).
+_EVALUATING = frozenset(
+    {"$ref", "$dynamicRef", "allOf", "anyOf", "oneOf", "if", "then", "else", "dependentSchemas", "patternProperties"}
+)
+
+
 def _same(value: Any, no_ops: tuple[Any, ...]) -> bool:
     """Whether ``value`` is one of ``no_ops`` as JSON reads it (1 is not true, nor 0 false)."""
     return any(type(value) is type(no_op) and value == no_op for no_op in no_ops)
@@ -145,6 +153,10 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             changed = True
         for key in [key for key in _NO_OPS.keys() & node.keys() if _same(node[key], _NO_OPS[key])]:
             del node[key]
+            changed = True
+        if "unevaluatedProperties" in node and not _EVALUATING.intersection(node):
+            unevaluated = node.pop("unevaluatedProperties")
+            node.setdefault("additionalProperties", unevaluated)
             changed = True
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
