@@ -5,9 +5,10 @@ The gateway and the workers are told to stop first: the gateway refuses new requ
 own finish for its ``shutdown_timeout_s`` (vLLM's ``--shutdown-timeout``; 0, the default, ends them
 at once) while each worker finishes what it runs for its ``drain_timeout_s`` and then hands the
 rest to a dispatcher. The two waits do not wait on each other: a gateway request whose worker
-drains runs there until the worker's drain ends, and is then handed over, the dispatcher still up:
-with no other worker to take it, the dispatcher ends it with an error the gateway passes on, so
-in-flight gateway requests get the shorter of the two. The dispatcher and the migrator are
+drains runs there until the worker's drain ends, and is then handed over, the dispatcher still up;
+with no other worker to take it, the dispatcher leaves it to its recovery (a worker restarted in
+time takes it), so the gateway's own timeout ends it: in-flight gateway requests get the shorter
+of the two. A NATS application's request so left ends when NATS goes. The dispatcher and the migrator are
 told only once the workers are gone: all told at once, the dispatcher went first and a worker's
 hand-over had nobody to take it, and a NATS application's request sent during the drain found no
 dispatcher (no responders) instead of one saying no worker is available. NATS and Redis go last

@@ -13,6 +13,7 @@ unless ``allowed_hosts`` names them.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Collection
 
 from aiohttp import web
@@ -22,12 +23,18 @@ from dlora.services.gateway.openai import APIError
 
 # RFC 6761 6.3: "localhost" and names under it are the loopback host (browsers resolve them so).
 _LOOPBACK_NAMES = ("localhost",)
+# What a Host header's host and port are made of in practice (DNS names, IDNs as punycode, IPv4,
+# bracketed IPv6 with a zone): RFC 3986's sub-delims (",", ";", ...) make no DNS name.
+_HOST_CHARS = re.compile(r"[a-z0-9._~%:\[\]-]*")
 
 
 def host_name(header: str) -> str:
     """The host of a Host header: without its port or IPv6 brackets, lower case, no final dot
-    ("[::1]:8000" -> "::1", "LocalHost.:80" -> "localhost")."""
+    ("[::1]:8000" -> "::1", "LocalHost.:80" -> "localhost"); a header with characters no host
+    or port has (a list, a path, userinfo) is returned whole, to match nothing."""
     host = header.strip().lower()
+    if not _HOST_CHARS.fullmatch(host):  # "localhost:8000, evil" is no loopback name
+        return host
     if host.startswith("["):
         host = host[1 : host.find("]")] if "]" in host else host[1:]
     elif host.count(":") == 1:
@@ -70,7 +77,8 @@ def host_guard(allowed: frozenset[str]) -> Middleware:
             raise APIError(
                 403,
                 f"Host {header[:253]!r} is not one this gateway answers: loopback names only, and those of its "
-                "allowed_hosts setting (DNS rebinding protection); add the name there to serve it",
+                "allowed_hosts setting (DNS rebinding protection); add the name there to serve it "
+                '(a list: allowed_hosts = ["name"], DLORA_GATEWAY_ALLOWED_HOSTS=\'["name"]\')',
             )
         return await handler(request)
 

@@ -17,6 +17,9 @@ from dlora.services.gateway.hosts import allowed_hosts, host_name, is_loopback
         ("[::1]", "::1"),
         ("::1", "::1"),  # bare IPv6 (not valid in a Host header, read whole all the same)
         ("Evil.Example:80", "evil.example"),
+        ("localhost:8000, evil", "localhost:8000, evil"),  # no host's characters: whole, matching nothing
+        ("localhost,evil", "localhost,evil"),
+        ("user@localhost", "user@localhost"),
     ],
 )
 def test_the_host_of_a_header_is_without_port_brackets_case_or_final_dot(header: str, host: str) -> None:
