@@ -369,7 +369,7 @@ class Gateway:
         self.closing = True
         if self.s.shutdown_timeout_s > 0 and self.handling:
             logger.info("finishing requests", requests=self.handling, timeout_s=self.s.shutdown_timeout_s)
-            if left := await drained(lambda: self.handling, self.s.shutdown_timeout_s, stop):
+            if left := await drained(lambda: self.handling, self.s.shutdown_timeout_s, stop, lambda: self.nc.is_closed):
                 logger.warning("requests still running at the shutdown timeout are ended", requests=left)
         self._stopped.set()
         in_flight = dict(self.replies)

@@ -15,10 +15,19 @@ from dlora.services.run import hurried
 POLL_S = 0.05
 
 
-async def drained(running: Callable[[], int], timeout_s: float, stop: asyncio.Event | None = None) -> int:
-    """Wait until ``running()`` is 0, ``timeout_s`` has passed, or ``stop`` is hurried; what
-    still runs then (0: all finished)."""
+async def drained(
+    running: Callable[[], int],
+    timeout_s: float,
+    stop: asyncio.Event | None = None,
+    hopeless: Callable[[], bool] = lambda: False,
+) -> int:
+    """Wait until ``running()`` is 0, ``timeout_s`` has passed, ``stop`` is hurried, or
+    ``hopeless()`` says no request can finish any more (the gateway's NATS connection closed for
+    good, which is what stopped it: their answers cannot reach it, and the gateway sat out the
+    timeout before its supervisor could start it again); what still runs then (0: all finished)."""
     deadline = time.monotonic() + timeout_s
-    while running() and time.monotonic() < deadline and not (stop is not None and hurried(stop)):  # noqa: ASYNC110
+    while (  # noqa: ASYNC110
+        running() and time.monotonic() < deadline and not (stop is not None and hurried(stop)) and not hopeless()
+    ):
         await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
     return running()

@@ -129,3 +129,39 @@ async def test_a_second_signal_ends_the_wait_for_the_requests_at_once(
         events = _events(first + await streamed.read())
     assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2:]
     assert await _nothing_left(stack, within_s=2.0)
+
+
+async def test_a_gateway_whose_nats_closed_for_good_does_not_wait_out_the_shutdown_timeout(
+    stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's finding: NATS closing the gateway's connection for good sets its stop (to be
+    started again, ``ConnectionLost``), and with a 30 s timeout it waited all of it for requests
+    whose answers could no longer reach it, its restart held off meanwhile."""
+    from dlora.common.bus import ConnectionLost
+    from dlora.services.gateway.main import Gateway
+
+    gateways: list[Gateway] = []
+    start = Gateway.start
+
+    async def started(gw: Gateway) -> None:
+        gateways.append(gw)
+        await start(gw)
+
+    monkeypatch.setattr(Gateway, "start", started)
+    _slow_steps(stack, monkeypatch, 0.05)
+    async with aiohttp.ClientSession() as http:
+        gateway, url, stop = _gateway(stack, redis_server, 30.0)
+        await until_live(http, url)
+        streamed = await http.post(url + "/v1/completions", json={**BODY, "max_tokens": 400, "stream": True})
+        first = await streamed.content.readline()
+        await _running(stack, 1)
+        await gateways[0].nc.publish("x" * 5000, b"")  # past the control line: NATS closes it for good
+        async with asyncio.timeout(10):
+            await stop.wait()
+        stopped = time.monotonic()
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(gateway, timeout=40)
+        ended = time.monotonic() - stopped
+        streamed.close()
+    assert first.startswith(b"data: ")
+    assert ended < 12  # its own bounds (the aborts' flush, the answers' writing): not the 30 s of its timeout
