@@ -137,12 +137,7 @@ def test_latency_percentiles_as_statistics_makes_them_each_alone(monkeypatch) ->
         raise AssertionError("99 cut points made for one")
 
     monkeypatch.setattr(statistics, "quantiles", all_99)
-    traffic = Traffic()
-    for i in range(50):
-        for k in range(20):
-            traffic.first_token(f"a{i}", 0.1 * k)
-            traffic.done(f"a{i}", 0.2 * k, 3)
-    registered = [AdapterEntry(name=f"a{i}", path="/x", rank=8, created=1.0) for i in range(50)]
+    traffic, registered = _fifty_adapters_served()
     doc = cluster_status([], [], registered, traffic, "model", "g", 0.0)
     assert {(round(a.ttft_p50_s or 0, 9), round(a.e2e_p90_s or 0, 9)) for a in doc.adapters[1:]} == {(0.95, 3.42)}
 
@@ -153,12 +148,7 @@ def test_a_poll_works_out_again_only_the_percentiles_of_adapters_with_new_latenc
     though most had served nothing since the last poll. The same figures, the others' reused."""
     from dlora.services.gateway import status
 
-    traffic = Traffic()
-    for i in range(50):
-        for k in range(20):
-            traffic.first_token(f"a{i}", 0.1 * k)
-            traffic.done(f"a{i}", 0.2 * k, 3)
-    registered = [AdapterEntry(name=f"a{i}", path="/x", rank=8, created=1.0) for i in range(50)]
+    traffic, registered = _fifty_adapters_served()
     first = cluster_status([], [], registered, traffic, "model", "g", 0.0)
     sorts: list[int] = []
 
@@ -176,3 +166,13 @@ def test_a_poll_works_out_again_only_the_percentiles_of_adapters_with_new_latenc
     assert [n for n in sorts if n in (20, 21)] == [20, 21]  # a7's TTFTs (20) and end-to-end latencies (21)
     a7 = next(a for a in doc.adapters if a.name == "a7")
     assert a7.e2e_p90_s is not None and a7.e2e_p90_s > first.adapters[8].e2e_p90_s  # type: ignore[operator]
+
+
+def _fifty_adapters_served() -> tuple[Traffic, list[AdapterEntry]]:
+    """50 registered adapters, each with 20 first tokens and 20 ends timed."""
+    traffic = Traffic()
+    for i in range(50):
+        for k in range(20):
+            traffic.first_token(f"a{i}", 0.1 * k)
+            traffic.done(f"a{i}", 0.2 * k, 3)
+    return traffic, [AdapterEntry(name=f"a{i}", path="/x", rank=8, created=1.0) for i in range(50)]
