@@ -82,9 +82,9 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # vLLM's VLLM_GRAMMAR_COMPILATION_TIMEOUT_S. One value, so a schema the gateway took no worker
     # refuses (a 400 KB schema takes 0.3-0.5 s; 1,000 patternProperties take hours).
     grammar_compilation_timeout_s: float = 10.0
-    # MiB of memory the process compiling a grammar under that bound may hold, the model's tokenizer
-    # included (a 350 KB schema's compile: under 128 MiB; its thread's stack, reserved by the size
-    # of the constraint, comes on top), before its request is refused as too large (a 400 naming
+    # MiB of memory a grammar's compile under that bound may take, above what its process holds
+    # when it starts (the tokenizer, the compile thread's stack sized to the constraint: a 350 KB
+    # schema's compile takes under 128 MiB), before its request is refused as too large (a 400 naming
     # the field); 0: no cap. A schema whose compile takes all it can reach otherwise ends at the
     # host's OOM killer (vLLM #7332). Each compile's own: a worker runs up to half its cores (8 at
     # most) at once, the gateway 4, so a host's worst case is that many times this.

@@ -320,7 +320,6 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
     tokenizers: dict[str, LLTokenizer] = {}
     data_soft, data_hard = resource.getrlimit(resource.RLIMIT_DATA)  # (the host's own, as inherited)
     compiling: threading.Thread | None = None  # the last grammar's thread
-    last_stack = 0  # its stack's size
 
     def reply(message: str) -> None:
         body = message.encode("utf-8", "surrogatepass")
@@ -335,13 +334,17 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
             m.compute_bitmask()
         return m.get_error() if m.is_error() else ""
 
-    def run(grammar: str, key: str | None) -> None:
+    def run(go: threading.Event, grammar: str, key: str | None) -> None:
+        go.wait()  # (started before the cap: see below)
         try:
-            reply(check(grammar, key))
+            answer = check(grammar, key)
         except MemoryError:  # (compiled again in-process, it would take the server's memory instead)
-            reply(MEMORY)
+            answer = MEMORY
         except Exception:  # noqa: BLE001 - the parent finds it again, in-process
-            reply(UNCHECKED)
+            answer = UNCHECKED
+        finally:  # the next request is read, and its thread started, without it
+            resource.setrlimit(resource.RLIMIT_DATA, (data_soft, data_hard))
+        reply(answer)
 
     while True:
         try:
@@ -349,8 +352,7 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
         except EOFError:  # the parent is gone (or done with this child): whatever runs, ends
             os._exit(0)
         what = json.loads(body[1:])
-        if body[:1] == b"T":
-            resource.setrlimit(resource.RLIMIT_DATA, (data_soft, data_hard))  # (a tokenizer is not capped)
+        if body[:1] == b"T":  # (a tokenizer is not capped)
             try:
                 tokenizers[what["key"]] = LLTokenizer(what["text"], n_vocab=what["n"], eos_token=what["eos"] or None)
                 reply("")
@@ -358,41 +360,36 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
                 reply(UNCHECKED)
             continue
         # as structured._deep: llguidance compiles recursively, its stack growing with the text
-        stack = -(-(16 * (1 << 20) + 1024 * len(what["grammar"])) // (1 << 20)) * (1 << 20)
-        # A memory-hungry grammar's compile ends at the cap, in this process, not at the host's
-        # OOM killer: RLIMIT_DATA counts what it allocates, not the address space reserved
-        # (RLIMIT_AS: glibc's arenas, 64 MiB a thread, reserved and never used); it counts the
-        # stack's reservation whole (up to 1 GiB for a 1 MiB constraint), so that is added to it,
-        # and the last compile's too: glibc unmaps a finished thread's stack only as the next
-        # thread is made, past the cap's check (a compile after a larger one failed to start).
-        cap = (what.get("mem", 0) << 20) and (what["mem"] << 20) + stack + last_stack
-        last_stack = stack
-        if cap and data_soft != resource.RLIM_INFINITY:
-            cap = min(cap, data_soft)
-        resource.setrlimit(resource.RLIMIT_DATA, (cap or data_soft, data_hard))
-        threading.stack_size(stack)
-        if compiling is not None:  # (it replied, and ends: its stack, counted, is gone first)
+        threading.stack_size(-(-(16 * (1 << 20) + 1024 * len(what["grammar"])) // (1 << 20)) * (1 << 20))
+        if compiling is not None:  # (it replied, and ends: its stack goes as the next is made)
             compiling.join()
+        go = threading.Event()
         try:
-            thread = threading.Thread(target=run, args=(what["grammar"], what["key"]), daemon=True)
-            thread.start()
-            compiling = thread  # (one that did not start cannot be joined: the next compile's end)
-        except (RuntimeError, MemoryError):  # its stack past the cap (uncaught: read as a crash)
-            # or past another limit (ulimit -v, the host's memory), which the cap, refused for good
-            # as too large, did not set: left to the in-process compile, a 503 saying so
-            resource.setrlimit(resource.RLIMIT_DATA, (data_soft, data_hard))
-            reply(MEMORY if cap and _starts() else UNCHECKED)
+            thread = threading.Thread(target=run, args=(go, what["grammar"], what["key"]), daemon=True)
+            thread.start()  # uncapped: see below
+        except (RuntimeError, MemoryError):  # past the host's own limits (ulimit -v, its memory): left
+            reply(UNCHECKED)  # to the in-process compile, a 503 saying so
+            continue
+        compiling = thread
+        # A memory-hungry grammar's compile ends at the cap, in this process, not at the host's OOM
+        # killer: RLIMIT_DATA counts what is allocated, not the address space reserved (RLIMIT_AS:
+        # glibc's arenas, 64 MiB a thread, reserved and never used). It is set to what the process
+        # holds now (its stack, up to 1 GiB for a 1 MiB constraint, and a last one's glibc has yet
+        # to unmap, counted whole) and ``mem`` MiB more, once the thread has started: set before,
+        # the thread's own start (its frame, its arena) could fail at it, and Thread.start waits for
+        # a thread that died so for ever (a flaky hang, half the runs of a test).
+        if what.get("mem", 0):
+            cap = _data_bytes() + (what["mem"] << 20)
+            if data_soft != resource.RLIM_INFINITY:
+                cap = min(cap, data_soft)
+            resource.setrlimit(resource.RLIMIT_DATA, (cap, data_hard))
+        go.set()
 
 
-def _starts() -> bool:
-    """Whether a thread of the stack size set starts."""
-    try:
-        probe = threading.Thread(target=lambda: None, daemon=True)
-        probe.start()
-    except (RuntimeError, MemoryError):
-        return False
-    probe.join()
-    return True
+def _data_bytes() -> int:
+    """What RLIMIT_DATA counts of this process now (VmData: its private writable mappings)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmData:"))
 
 
 if __name__ == "__main__":
