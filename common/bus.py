@@ -84,6 +84,10 @@ async def connections(s: Common, stop: asyncio.Event | None = None) -> AsyncIter
 # killed outright 40 s and more: its handler waited out Redis, which had stopped with it, and its
 # server was gone (a CI run). Room under the units' TimeoutStopSec and ``dlora up``'s 10 s wait.
 DRAIN_S = 5.0
+# Seconds one connect attempt to a NATS node may take (nats-py's default, said here because
+# ``clients.FAILOVER_S`` counts on it): a node whose host is cut off answers nothing, and a client
+# failing over to the next node waits this long before it tries another.
+CONNECT_TIMEOUT_S = 2.0
 
 
 async def _close_nats(nc: NATS) -> None:
@@ -185,6 +189,7 @@ async def _connect_nats(
             # before the dispatcher gives up on it (deploy test: a worker host cut off).
             ping_interval=max(0.5, s.heartbeat_ttl_s / 4),
             max_outstanding_pings=2,
+            connect_timeout=CONNECT_TIMEOUT_S,
             # Its own drain ends the handlers' wait before ``_close_nats`` cancels it: cancelled
             # there, nats-py's gather of its subscriptions' drains kept a CancelledError nobody
             # retrieved (Python 3.11's wait_for), an error and traceback in the log at every stop

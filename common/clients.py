@@ -19,6 +19,12 @@ from dlora.common.messages import ClientAlive
 
 # Seconds between two announcements: several fit in any heartbeat TTL worth setting.
 ANNOUNCE_S = 1.0
+# Seconds past the TTL a client's silence is forgiven: a gateway whose NATS node died fails over to
+# another, and one node that does not answer on the way costs ``bus.CONNECT_TIMEOUT_S``; its next
+# announcement comes up to ``ANNOUNCE_S`` after it is back. Without it, a heartbeat TTL of 2 s
+# dropped a stream of a gateway 3 s into its failover (the deploy test, a NATS node killed while
+# another host was cut off).
+FAILOVER_S = bus.CONNECT_TIMEOUT_S + ANNOUNCE_S
 # Clients known at once. Past it the longest silent is forgotten, as one never heard from is
 # (its requests are kept): anyone allowed to announce must not grow the map without bound.
 MAX_CLIENTS = 10_000
@@ -90,16 +96,17 @@ class Clients:
 
     def gone(self, client: str, now: float, silent_s: float | None = None) -> bool:
         """True when ``client`` was heard from and has been silent for more than the TTL (or
-        ``silent_s``), while
-        someone else (another client, or a party ``noted``) was heard from meanwhile. When the
-        observer heard no one for that long, the silence is more likely its own: its host cut off
-        from the others while its local NATS node stayed up (so no reconnect says so); a request
+        ``silent_s``) plus ``FAILOVER_S``, while someone else (another client, or a party
+        ``noted``) was heard from meanwhile. When the observer heard no one for that long, the
+        silence is more likely its own: its host cut off from the others while its local NATS node
+        stayed up (so no reconnect says so); a request
         that reached it right after the link came back, before the first announcement did, was
         dropped for a client that was there (the deploy test's worker host cut off). Workers note
         each heartbeat Redis took and each request that came; dispatchers each worker's stats."""
         self.watch_link(now)
         last = self._last.get(client)
-        return last is not None and now - last > (silent_s or self.ttl_s) and now - self._latest <= self.ttl_s
+        silence = (silent_s or self.ttl_s) + FAILOVER_S
+        return last is not None and now - last > silence and now - self._latest <= self.ttl_s
 
     def watch_link(self, now: float) -> None:
         """While the observer's own NATS connection is down, and at the first look after it came

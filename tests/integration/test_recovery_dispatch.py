@@ -16,6 +16,7 @@ import nats
 from redis.asyncio import Redis
 
 from dlora.common import subjects
+from dlora.common.clients import FAILOVER_S
 from dlora.common.inflight import Sent
 from dlora.common.messages import AbortRequest, GenerateRequest, LostRequests, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
@@ -220,9 +221,10 @@ async def test_a_lost_workers_request_whose_client_was_cut_off_with_it_is_re_dis
         now = time.monotonic()
         dispatcher.clients.watch_link(now)  # (its own link's first look, as its watch makes at start)
         dispatcher.workers["w-live"] = (_idle("w-live"), now)
-        for client, silent_s in (("gw-gone", 4.5), ("gw-cut", 2.5)):
+        for client, silent_s in (("gw-gone", 2 * 2.0 + FAILOVER_S + 0.5), ("gw-cut", 2.5)):
             dispatcher.clients.heard(client, now - silent_s)
-            dispatcher.clients.noted(now - silent_s + 1.0)  # others heard meanwhile: it was not the one cut off
+            for t in range(int(silent_s)):  # others heard meanwhile: it was not the one cut off
+                dispatcher.clients.noted(now - silent_s + t)
             req = GenerateRequest(request_id=client, reply_to="test.cut.reply", prompt="kalo", client=client)
             await store.put_inflight(req, "w-a")
         dispatcher.clients.noted(now)

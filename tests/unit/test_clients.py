@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from dlora.common.clients import Clients
+from dlora.common.clients import FAILOVER_S, Clients
 
 
 def test_a_client_is_gone_only_after_it_was_heard_and_fell_silent_for_the_ttl() -> None:
     clients = Clients(ttl_s=5.0)
     assert not clients.gone("never-heard", 100.0)
     clients.heard("gw", 0.0)
-    clients.noted(5.0)  # others are heard meanwhile (workers' stats)
-    assert not clients.gone("gw", 5.0) and clients.gone("gw", 5.1)
+    silence = 5.0 + FAILOVER_S  # the TTL, and time for a failover to another NATS node
+    for t in (4.0, silence):  # others are heard meanwhile (workers' stats)
+        clients.noted(t)
+    assert not clients.gone("gw", silence) and clients.gone("gw", silence + 0.1)
     clients.forgive(10.0)  # the observer's own connection was down: their silence says nothing
-    assert not clients.gone("gw", 12.0)
+    for t in (14.0, 10.0 + silence):
+        clients.noted(t)
+    assert not clients.gone("gw", 10.0 + silence) and clients.gone("gw", 10.1 + silence)
+
+
+def test_a_client_failing_over_to_another_nats_node_is_not_taken_for_gone() -> None:
+    """The deploy test, once: the gateway's NATS node killed, its first reconnect attempt went to
+    a node that did not answer (2 s, nats-py's connect timeout) and the next one took; 3 s after its
+    last announcement a worker on another node, hearing everyone else, dropped its stream (TTL 2 s)."""
+    clients = Clients(ttl_s=2.0)
+    clients.heard("gw", 0.0)
+    for t in range(1, 9):  # workers' stats all along
+        clients.noted(t / 2)
+    assert not clients.gone("gw", 4.0)
+    assert clients.heard("gw", 4.0, reconnects=1)  # back: what it missed is sent again
 
 
 def test_a_client_is_not_gone_while_the_observer_heard_no_one() -> None:
@@ -25,10 +41,12 @@ def test_a_client_is_not_gone_while_the_observer_heard_no_one() -> None:
     assert not clients.gone("gw", 8.0)  # cut off from 0.5 to 8: no one heard
     clients.noted(8.1)  # the link is back: another worker's stats come before "gw" announces
     assert not clients.gone("gw", 8.5)  # the silence was ours: forgiven
-    clients.noted(10.0)  # others heard meanwhile, "gw" still silent
-    assert clients.gone("gw", 10.2)  # silent since the forgiveness at 8.1: more than the TTL
-    clients.heard("gw", 10.3)
-    assert not clients.gone("gw", 10.3)
+    for t in (10.0, 11.5, 13.0):  # others heard meanwhile, "gw" still silent
+        clients.noted(t)
+    assert not clients.gone("gw", 13.0)
+    assert clients.gone("gw", 13.2)  # silent since the forgiveness at 8.1: more than TTL + FAILOVER_S
+    clients.heard("gw", 13.3)
+    assert not clients.gone("gw", 13.3)
 
 
 def test_no_client_is_gone_while_the_observer_s_own_nats_link_is_down_or_just_came_back() -> None:
@@ -43,8 +61,9 @@ def test_no_client_is_gone_while_the_observer_s_own_nats_link_is_down_or_just_ca
         assert not clients.gone("gw", t + 0.1)
     link[:] = [True, 1]  # back at 9.5, "gw" not yet: the TTL counts from the first look after
     assert not clients.gone("gw", 9.6)
-    clients.noted(11.0)
-    assert not clients.gone("gw", 11.5) and clients.gone("gw", 11.7)
+    for t in (11.0, 12.5, 14.0):
+        clients.noted(t)
+    assert not clients.gone("gw", 14.5) and clients.gone("gw", 14.7)
     # a look now and then (``watch_link``) forgives as of the link's return, not of a much later look
     clients.heard("gw-dead", 20.0)
     link[:] = [True, 2]
