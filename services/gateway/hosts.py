@@ -7,7 +7,8 @@ server's and the MCP SDK's Host checks). Such a request names the page's host in
 header. A gateway on a loopback address without keys therefore answers only Host headers naming a
 loopback host, or one of ``allowed_hosts``. A gateway on another address, or one that asks for
 keys, answers any Host (its names are not known here; a caller without a key gets a 401 anyway)
-unless ``allowed_hosts`` names them.
+unless ``allowed_hosts`` names them. A name there beginning with a dot (``.example.com``) stands for
+that name and every name under it, as in Django's ``ALLOWED_HOSTS``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """``host`` (as ``host_name`` gives it) is loopback, one of ``allowed`` or under one of its
+    ``.domain`` entries ("api.example.com" and "example.com" under ".example.com")."""
+    if is_loopback(host) or host in allowed:
+        return True
+    parts = host.split(".")
+    return any("." + ".".join(parts[i:]) in allowed for i in range(len(parts)))
+
+
 def allowed_hosts(bind: str, auth: str, allowed: Collection[str]) -> frozenset[str] | None:
     """The Host names a gateway listening on ``bind`` with ``auth`` answers beside the loopback
     ones, or None for any: ``allowed`` if it names some ("*" alone: any), none on a loopback
@@ -67,13 +77,13 @@ def allowed_hosts(bind: str, auth: str, allowed: Collection[str]) -> frozenset[s
 
 
 def host_guard(allowed: frozenset[str]) -> Middleware:
-    """The middleware: a 403 naming the setting for a request whose Host is neither loopback nor
-    in ``allowed``. A request without a Host header (HTTP/1.0) is answered: browsers send one."""
+    """The middleware: a 403 naming the setting for a request whose Host is not allowed
+    (``host_allowed``). A request without a Host header (HTTP/1.0) is answered: browsers send one."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Host")
-        if header is not None and not is_loopback(host := host_name(header)) and host not in allowed:
+        if header is not None and not host_allowed(host_name(header), allowed):
             raise APIError(
                 403,
                 f"Host {header[:253]!r} is not one this gateway answers: loopback names only, and those of its "

@@ -53,7 +53,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # own and the public adapters. Callers without a key see the public adapters only.
     auth: str = "none"
     # Host names (the Host header without its port) requests may name beside the loopback ones
-    # ("localhost", 127.0.0.0/8, ::1), for DNS rebinding protection; "*": any. Empty: on a loopback
+    # ("localhost", 127.0.0.0/8, ::1), for DNS rebinding protection; ".example.com": that name and
+    # every name under it (Django's form); "*": any. Empty: on a loopback
     # host with auth "none", loopback names only (403 otherwise: a web page whose name rebinds to
     # 127.0.0.1 would use the gateway as its user); else any.
     allowed_hosts: list[str] = []
@@ -144,7 +145,7 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         if self.admin_key != self.admin_key.strip() or any(c in _NO_HEADER_CHARS for c in self.admin_key):
             bad.append(("admin_key", "<hidden>", "has whitespace at its ends or a control character (a newline?)"))
         for name in self.allowed_hosts:
-            if not name.strip() or "/" in name:
+            if not name.strip(" .") or "/" in name:
                 bad.append(("allowed_hosts", name, "must be host names or addresses (no scheme or path), or '*'"))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlora.services.gateway.hosts import allowed_hosts, host_name, is_loopback
+from dlora.services.gateway.hosts import allowed_hosts, host_allowed, host_name, is_loopback
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,13 @@ def test_an_ipv4_mapped_loopback_host_is_loopback(header: str) -> None:
     """A browser at http://[::ffff:127.0.0.1]:8000/ reaches a gateway on 127.0.0.1 and says Host
     [::ffff:7f00:1]; Python before 3.13 does not call that address loopback, so it was refused."""
     assert is_loopback(host_name(header))
+
+
+def test_a_name_with_a_leading_dot_allows_that_domain_and_every_name_under_it() -> None:
+    """Django's ``ALLOWED_HOSTS`` form: a gateway behind several names of one domain lists it once."""
+    allowed = allowed_hosts("0.0.0.0", "none", [".Example.com", "api.other.org"])
+    assert allowed is not None
+    for host in ("example.com", "api.example.com", "a.b.example.com", "api.other.org", "localhost"):
+        assert host_allowed(host, allowed), host
+    for host in ("badexample.com", "example.com.evil.net", "other.org", "x.api.other.org", "com", ""):
+        assert not host_allowed(host, allowed), host
