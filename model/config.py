@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +407,19 @@ def same_model(a: str, b: str) -> bool:
     return not a or not b or a == b
 
 
+# The fields the digest has covered at any value since it was made. A field ``ModelConfig`` gains
+# later counts only where a model sets it off its default: ``o_bias``, added with False for every
+# model that has none, changed every model's digest, and a gateway of one release refused every
+# worker of the one before (503, another model) for the length of a rolling upgrade.
+_DIGESTED_ALWAYS = frozenset(
+    {
+        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+        "num_kv_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+        "qkv_bias", "rope", "sliding_window", "bos_token_id", "o_bias",
+    }
+)  # fmt: skip
+
+
 def model_digest(cfg: ModelConfig, vocab: Mapping[str, int]) -> str:
     """16 hex digits of a SHA-256 over the model's parsed config and its tokenizer's vocabulary
     (``get_vocab()``: token -> id): what a gateway that tokenizes and a worker that runs must agree
@@ -417,8 +430,11 @@ def model_digest(cfg: ModelConfig, vocab: Mapping[str, int]) -> str:
     weights (gigabytes at each start): weights retrained in place with the same shapes agree."""
     # Not the end-of-sequence ids: generation_config.json adds to them (Llama 3's), and a gateway's
     # host without that file read as another model (a review); they decide when to stop, not what ids mean.
-    fields = {k: v for k, v in asdict(cfg).items() if k != "eos_token_ids"}
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cfg)}
+    digested = {
+        k: v for k, v in asdict(cfg).items() if k in _DIGESTED_ALWAYS or (k != "eos_token_ids" and v != defaults[k])
+    }
+    h = hashlib.sha256(json.dumps(digested, sort_keys=True, default=str).encode())
     for token, token_id in sorted(vocab.items(), key=lambda item: item[1]):
         h.update(f"{token_id}\0{token}\0".encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]

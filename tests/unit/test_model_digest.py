@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -48,3 +49,33 @@ def test_another_vocabulary_or_architecture_differs(
     a, b = sorted(vocab)[:2]
     swapped = vocab | {a: vocab[b], b: vocab[a]}  # two tokens' ids exchanged
     assert model_digest(ModelConfig.from_dir(tiny_llama.model), swapped) != ours
+
+
+def _config(**changes: object) -> ModelConfig:
+    rope = {"rope_theta": 1e4, "rope_type": "default"}
+    base = ModelConfig("llama", 100, 64, 128, 2, 4, 2, 16, 1e-5, 512, False, False, rope=rope)
+    return replace(base, **changes)
+
+
+def test_the_digest_of_a_release_is_the_next_release_s() -> None:
+    """Pinned: a gateway and workers of two releases meet in every rolling upgrade, and a digest
+    that changed between them refused every request (503, another model)."""
+    assert model_digest(_config(), {"a": 0, "b": 1}) == "88dc302b2d269011"
+    assert model_digest(_config(o_bias=True, sliding_window=256, eos_token_ids=(2,)), {"a": 0}) != "88dc302b2d269011"
+
+
+def test_a_field_added_to_the_config_changes_only_the_digests_of_models_that_set_it() -> None:
+    """``o_bias`` added with its default False changed every model's digest; a field added later
+    counts only off its default."""
+
+    @dataclass(frozen=True)
+    class Later(ModelConfig):
+        new_norm: bool = False
+        new_scales: list[float] = field(default_factory=list)
+
+    vocab = {"a": 0, "b": 1}
+    ours = model_digest(_config(), vocab)
+    later = Later(**asdict(_config()))
+    assert model_digest(later, vocab) == ours
+    assert model_digest(replace(later, new_norm=True), vocab) != ours
+    assert model_digest(replace(later, new_scales=[0.5]), vocab) != ours
