@@ -73,7 +73,7 @@ def completion_logprobs(
     chosen token is always in its position's ``top_logprobs``, so there may be one more than asked
     (as in vLLM)."""
     texts = [tokens.text_of(e.token_id) for e in entries]
-    tops = [{tokens.text_of(t): lp for t, lp in e.top} | {text: e.logprob} for e, text in zip(entries, texts)]
+    tops = [_top_logprobs(tokens, e.top, text, e.logprob) for e, text in zip(entries, texts)]
     return {
         "tokens": texts,
         "token_logprobs": [e.logprob for e in entries],
@@ -94,13 +94,28 @@ def prompt_logprobs(
     encodes to ``prompt_ids`` (a client's text, as a rule: exact through normalisers and added
     tokens that strip the spaces beside them), else as ``echo_offsets`` finds them."""
     texts = [tokens.text_of(t) for t in prompt_ids]
-    tops = [{tokens.text_of(t): lp for t, lp in e.top} | {texts[i + 1]: e.logprob} for i, e in enumerate(entries)]
+    tops = [_top_logprobs(tokens, e.top, texts[i + 1], e.logprob) for i, e in enumerate(entries)]
     return {
         "tokens": texts,
         "token_logprobs": [None] + [e.logprob for e in entries],
         "top_logprobs": [None, *tops],
         "text_offset": tokens.offsets_in(echo, prompt_ids) or echo_offsets(prompt_ids, tokens, echo),
     }
+
+
+def _top_logprobs(
+    tokens: TokenText | TokenIdText, top: list[tuple[int, float]], text: str, logprob: float
+) -> dict[str, float]:
+    """A position's ``top_logprobs`` (keyed by text, as the API has it) with its chosen token's
+    ``text`` and ``logprob``. Tokens that spell alike (a byte-fallback ``<0x61>`` and ``a``, the
+    model's padding ids past the tokenizer's) share a key, which holds the likelier of them: a
+    dict built in order kept the last, so a less likely alternative, or the chosen token itself,
+    overwrote a likelier one (vLLM #44319's, SGLang #32290's kind)."""
+    out: dict[str, float] = {}
+    for key, lp in [*((tokens.text_of(t), lp) for t, lp in top), (text, logprob)]:
+        if key not in out or lp > out[key]:
+            out[key] = lp
+    return out
 
 
 _REPLACED = "\ufffd".encode()

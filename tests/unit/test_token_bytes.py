@@ -251,3 +251,24 @@ def test_structured_output_with_a_tokenizer_llguidance_cannot_read_is_a_refusal(
         )
         is not None
     )
+
+
+def test_tokens_that_spell_alike_keep_the_likelier_logprob_under_their_key() -> None:
+    """vLLM #44319's and SGLang #32290's kind: ``top_logprobs`` is keyed by text, and a dict built
+    in order kept the last of tokens that spell alike (a byte-fallback ``<0x68>`` and ``h``, the
+    model's padding ids past the tokenizer's), so a less likely alternative, or the chosen token
+    itself, overwrote a likelier one. The key now holds the likelier, in completions and echoes."""
+    hf = sentencepiece()
+    tokens = TokenText(hf, len(hf) + 4)
+    h, byte_h, hello = (hf.convert_tokens_to_ids(p) for p in ("h", "<0x68>", "▁hello"))
+    assert tokens.text_of(h) == tokens.text_of(byte_h) == "h"
+    pad, pad2 = len(hf) + 1, len(hf) + 2
+    entries = [
+        TokenLogprob(hello, -0.1, [(hello, -0.1), (byte_h, -1.0), (h, -2.0), (pad, -3.0), (pad2, -4.0)]),
+        TokenLogprob(h, -2.5, [(byte_h, -0.2), (hello, -1.5), (h, -2.5)]),  # the chosen one spells as the first
+    ]
+    comp = logprobs.completion_logprobs(entries, tokens, logprobs.TextOffset(0), True)
+    assert comp["top_logprobs"] == [{" hello": -0.1, "h": -1.0, "": -3.0}, {"h": -0.2, " hello": -1.5}]
+    assert comp["token_logprobs"] == [-0.1, -2.5]  # the chosen token's own, whatever its key holds
+    echoed = logprobs.prompt_logprobs([hello, hello, h], entries, tokens, " hello hello h")
+    assert echoed["top_logprobs"] == [None, *comp["top_logprobs"]]
