@@ -89,7 +89,7 @@ class Gateway:
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         if (problem := template_problem(getattr(self.tokenizer, "chat_template", None))) is not None:
             logger.warning("the model's chat template does not compile: chat requests will be refused", error=problem)
-        self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)  # for logprobs
+        self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size).prepare()  # on serve()'s thread, not the loop
         self.context = self.cfg.context_length()
         given = sampling_defaults(settings.model) if settings.generation_config == "auto" else {}
         if given:  # as vLLM says it

@@ -183,6 +183,33 @@ async def test_prompts_are_tokenized_off_the_event_loop(stack: Stack, monkeypatc
     assert len(threads) == 2 and not any(threads)
 
 
+async def test_logprobs_token_tables_are_built_with_the_tokenizer_off_the_event_loop(stack: Stack, monkeypatch) -> None:
+    """A logprobs entry reads each token's bytes (llguidance's form of the tokenizer) and the
+    byte-fallback pieces: about 2 s to build for a 256k vocabulary, which the first logprobs
+    request spent on the event loop, every stream held meanwhile. They are built with the
+    tokenizer, on the thread ``serve`` constructs the gateway on."""
+    from dlora.model import token_bytes
+    from dlora.services.gateway.main import Gateway
+
+    built, build = [], token_bytes.llg_tokenizer
+
+    def recording(*args, **kwargs):
+        built.append(threading.current_thread() is threading.main_thread())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(token_bytes, "llg_tokenizer", recording)
+    gateway = await asyncio.to_thread(Gateway, stack.gateway.s, stack.nc, stack.store)  # as serve() does
+    try:
+        assert built == [False] and {"_tokenizer", "_byte_pieces"} <= vars(gateway.token_text).keys()
+        monkeypatch.setattr(stack.gateway, "token_text", gateway.token_text)
+        body = {"model": "lora-0", "prompt": "kalo remi", "max_tokens": 3, "logprobs": 2, "echo": True}
+        status, resp = await post(stack, "/v1/completions", body)
+        assert status == 200 and len(resp["choices"][0]["logprobs"]["tokens"]) > 3
+        assert built == [False]  # nothing more built at the request
+    finally:
+        gateway.close()
+
+
 async def test_served_model_name_names_the_base_model(stack: Stack) -> None:
     import msgspec
 
