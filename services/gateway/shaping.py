@@ -43,8 +43,8 @@ MAX_CHOICES = 256  # prompts x n in one request
 # Structured outputs the gateway compiles at once (``grammar_pool``): a burst of slow schemas takes
 # these threads, not every core, and plain requests wait for none of them.
 GATEWAY_COMPILES = 4
-# A completion request without max_tokens gets this many (the OpenAI default); a chat request
-# without one may fill the context.
+# A completion request without max_tokens, or with null, gets this many (OpenAI's default, and
+# vLLM's for null too since its #45491); a chat request without one may fill the context.
 DEFAULT_COMPLETION_TOKENS = 16
 
 

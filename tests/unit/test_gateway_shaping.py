@@ -193,6 +193,26 @@ def test_a_prompt_too_long_for_the_context_is_refused(served: ServedModel) -> No
     msgs = [{"role": "user", "content": "kalo"}]
     chat = shape(served, {"messages": msgs}, chat=True)
     assert chat.choices[0].request.params.max_tokens == CONTEXT - chat.prompt_tokens
+    # null as absent, in either field (vLLM's chat: the context's rest)
+    for nulls in (
+        {"max_tokens": None},
+        {"max_completion_tokens": None},
+        {"max_tokens": None, "max_completion_tokens": None},
+    ):
+        assert shape(served, {"messages": msgs} | nulls, chat=True).choices[0].request.params.max_tokens == (
+            CONTEXT - chat.prompt_tokens
+        )
+    assert (
+        shape(served, {"messages": msgs, "max_tokens": 3, "max_completion_tokens": None}, chat=True)
+        .choices[0]
+        .request.params.max_tokens
+        == 3
+    )
+    # a completion's null max_tokens is its default, 16, as absent: vLLM since #45491 (before it, null
+    # was the context's rest and then an AssertionError, a 500: vLLM #19862); OpenAI's default too
+    for body in ({"prompt": "kalo"}, {"prompt": "kalo", "max_tokens": None}):
+        assert shape(served, body).choices[0].request.params.max_tokens == shaping.DEFAULT_COMPLETION_TOKENS == 16
+    assert refused(served, {"prompt": [5] * (CONTEXT - 15), "max_tokens": None}).param == "max_tokens"
     # the field the client sent is the one named (a user's trial: max_tokens, never sent)
     for field in ("max_completion_tokens", "max_tokens"):
         assert refused(served, {"messages": msgs, field: CONTEXT}, chat=True).param == field
