@@ -248,8 +248,7 @@ class Gateway:
         choices = [RunningChoice.of(p, keep_ids=job.return_token_ids) for p in job.choices]
         by_id = {c.request.request_id: c for c in choices if c.request is not None}
         replies: asyncio.Queue[bytes] = asyncio.Queue()
-        for rid in by_id:
-            self.replies[rid] = replies
+        self.replies.update(dict.fromkeys(by_id, replies))
         redis_id = self._redis_id  # the Redis data its records go to, as last seen
         response = ResponseWriter(request, job, choices, self.token_text, self.s.send_timeout_s)
         try:
@@ -258,6 +257,7 @@ class Gateway:
             except APIError:  # the choices a dispatcher did take would run on for nobody
                 await self._abort(list(by_id.values()))
                 raise
+            timer.ran = [c.replies for c in choices if c.replies is not None]  # (vllm:request_success)
             while (late := next((c for c in choices if c.out.finish_reason is None), None)) is not None:
                 # A choice with a gap in its chunks waits for it only so long (the re-sends)
                 gap = next((c for c in choices if c.replies and c.replies.gap_open), None)

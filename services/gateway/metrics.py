@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
 
 from dlora.common import log
 from dlora.common.bus import STATE_OUTAGE, StateBound, every
+from dlora.common.messages import ErrorCode, FinishReason
 from dlora.common.state import StateStore
+from dlora.services.gateway.replies import ReplyStream
 from dlora.services.gateway.status import Traffic
 
 logger = log.get("gateway")
@@ -104,6 +106,17 @@ class Metrics:
                 ("request_queue_time_seconds", "Time waiting at the worker before the first step"),
             )
         }
+        # vLLM's finished-request counter: one per request its engine ran (a choice here, as vLLM
+        # runs each of n as a request), by how it ended; every reason from the start, as vLLM
+        # declares them, so that a rate() of a reason not seen yet reads 0, not nothing.
+        self.success = Counter(
+            "vllm:request_success",
+            "Requests the workers ran that finished, by finish reason",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        for reason in FinishReason:
+            self.success.labels(model_name, reason.value)
         self.traffic = Traffic()  # the same, kept for the status page
         self._absent: set[str] = set()  # adapter labels unregistered at the last keep_only
         self._statuses: set[str] = set()  # those ``requests`` counted (``keep_only`` drops a label's)
@@ -125,6 +138,18 @@ class Metrics:
         """``seconds`` into our histogram under ``label`` and into vLLM's ``vllm`` one."""
         ours.labels(label).observe(seconds)
         self.vllm[vllm].labels(self.model_name).observe(seconds)
+
+    def finished(self, ran: Sequence[ReplyStream]) -> None:
+        """The requests ``ran`` (those a dispatcher took) are over: each counted in ``success`` by
+        how it ended, one not ended by its worker (its client went, or another choice failed and it
+        was aborted) as ``abort``, as vLLM counts a request its client left. One refused with a 4xx
+        (by the dispatcher: too long, an adapter gone) is not counted: vLLM refuses those before
+        its engine runs them."""
+        for replies in ran:
+            reason = replies.finish_reason or FinishReason.ABORT
+            if reason == FinishReason.ERROR and replies.error_code in (ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND):
+                continue
+            self.success.labels(self.model_name, reason.value).inc()
 
     def count(self, label: str, status: str) -> None:
         """One request over under adapter label ``label`` with ``status`` (``requests``)."""
@@ -176,6 +201,7 @@ class RequestTimer:
         self.start = time.monotonic() if start is None else start
         self.first_at: float | None = None  # monotonic seconds of the first chunk
         self.over = False  # counted in ``requests`` (its 200, its failure or its abort)
+        self.ran: Sequence[ReplyStream] = ()  # its choices' replies, once a dispatcher took them
 
     def __enter__(self) -> RequestTimer:
         return self
@@ -183,9 +209,11 @@ class RequestTimer:
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         """A handler cancelled in the block (its client gone) counts an abort, once: one gone while
         its prompt was tokenized or its grammar compiled, before the relay, was counted nowhere
-        though the access log said 499 (a helper's finding)."""
+        though the access log said 499 (a helper's finding). The choices that ran are counted by how
+        they ended (``Metrics.finished``), here, after the relay's last chunk whichever way it left."""
         if kind is not None and issubclass(kind, asyncio.CancelledError):
             self.aborted()
+        self.metrics.finished(self.ran)
 
     @property
     def label(self) -> str:

@@ -171,3 +171,39 @@ async def test_the_status_document_is_made_off_the_event_loop(stack: Stack, monk
     assert made_on and threading.current_thread() not in made_on, made_on
     (lora_1,) = [a for a in doc["adapters"] if a["name"] == "lora-1"]
     assert lora_1["requests"] == 1 and lora_1["tokens"] == 3 and lora_1["ttft_p50_s"] is not None, lora_1
+
+
+async def test_finished_requests_are_counted_by_finish_reason_as_vllm_counts_them(stack: Stack) -> None:
+    """vllm:request_success_total{finished_reason} (vLLM's count of the requests its engine
+    finished: stop, length, abort) was missing, so a vLLM dashboard's success and abort rates read
+    nothing. Counted per choice, as vLLM runs each of n as a request; a client gone mid-stream
+    counts its choice as an abort, as vLLM #31503 expects (its own count stayed 0 there)."""
+    counter = stack.gateway.metrics.success
+
+    def by_reason() -> dict[str, float]:
+        samples = [s for f in counter.collect() for s in f.samples if s.name.endswith("_total")]
+        return {s.labels["finished_reason"]: s.value for s in samples}
+
+    assert set(by_reason()) >= {"stop", "length", "abort", "error"}  # declared from the start, as vLLM's
+    before = by_reason()
+    greedy = {"model": "lora-1", "prompt": "kalo", "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    status, out = await post(stack, "/v1/completions", {**greedy, "max_tokens": 3})  # length
+    assert status == 200
+    second = out["choices"][0]["token_ids"][1]
+    status, out = await post(stack, "/v1/completions", {**greedy, "max_tokens": 8, "stop_token_ids": [second]})
+    assert status == 200 and out["choices"][0]["finish_reason"] == "stop", out
+    status, _ = await post(stack, "/v1/completions", {**greedy, "max_tokens": 2, "n": 2})  # two lengths
+    assert status == 200
+    assert (await post(stack, "/v1/completions", {**greedy, "temperature": -1}))[0] == 400  # never ran: none
+    async with aiohttp.ClientSession() as http:
+        body = {**greedy, "max_tokens": 300, "stream": True}
+        async with http.post(stack.url + "/v1/completions", json=body) as r:
+            await r.content.readline()  # its first event, then gone
+    for _ in range(200):
+        if by_reason()["abort"] > before["abort"] and not any(w.engine.has_unfinished() for w in stack.workers):
+            break
+        await asyncio.sleep(0.01)
+    after = by_reason()
+    assert {k: after[k] - before.get(k, 0.0) for k in after} == {"stop": 1, "length": 3, "abort": 1, "error": 0}
+    async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
+        assert 'vllm:request_success_total{finished_reason="abort",model_name="model"}' in await r.text()
