@@ -256,6 +256,7 @@ class RequestTimer:
         if not self.over:
             self.over = True
             self.metrics.count(self.label, "aborted")
+            self.metrics.traffic.aborted(self.name)  # (the status page's "aborted": it left them out)
 
 
 async def keep_tidy(

@@ -71,7 +71,9 @@ class AdapterStatus(msgspec.Struct, kw_only=True):
     placement: dict[str, str]  # worker -> tier ("gpu" or "cpu") where it is loaded
     running: int  # requests running for it across the workers now
     waiting: int
-    # What this gateway served for it since it started.
+    # What this gateway served for it since it started: requests answered in full, failed, and
+    # aborted (their client gone before the end; vLLM counts them finished, finished_reason
+    # "abort"): the three sum to its dlora_requests_total.
     requests: int
     errors: int
     tokens: int
@@ -79,6 +81,7 @@ class AdapterStatus(msgspec.Struct, kw_only=True):
     ttft_p90_s: float | None
     e2e_p50_s: float | None
     e2e_p90_s: float | None
+    aborted: int = 0
 
 
 class ClusterStatus(msgspec.Struct, kw_only=True):
@@ -129,14 +132,15 @@ class ClusterView:
 
 Percentiles = tuple[float | None, float | None, float | None, float | None]  # TTFT P50, P90; e2e P50, P90
 _NONE: Percentiles = (None, None, None, None)
-Figures = tuple[int, int, int, Percentiles]  # requests, errors, tokens, latency percentiles
-_NO_FIGURES: Figures = (0, 0, 0, _NONE)
+Figures = tuple[int, int, int, int, Percentiles]  # requests, errors, aborted, tokens, latency percentiles
+_NO_FIGURES: Figures = (0, 0, 0, 0, _NONE)
 
 
 @dataclass
 class _Tally:
     requests: int = 0
     errors: int = 0
+    aborted: int = 0
     tokens: int = 0
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
     e2e: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
@@ -156,19 +160,19 @@ class _Tally:
 
 
 class Traffic:
-    """Requests, errors, tokens and recent latencies per adapter label, as this gateway served them."""
+    """Requests, errors, aborts, tokens and recent latencies per adapter label, as this gateway served them."""
 
     def __init__(self) -> None:
         self.by_label: dict[str, _Tally] = {}
         self._frozen: dict[str, Figures] | None = None  # ``frozen``'s: its figures, fixed
 
     def figures(self, label: str) -> Figures:
-        """``label``'s requests, errors, tokens and latency percentiles."""
+        """``label``'s requests, errors, aborts, tokens and latency percentiles."""
         if self._frozen is not None:
             return self._frozen.get(label, _NO_FIGURES)
         if (t := self.by_label.get(label)) is None:
             return _NO_FIGURES
-        return t.requests, t.errors, t.tokens, t.percentiles() if t.latencies else _NONE
+        return t.requests, t.errors, t.aborted, t.tokens, t.percentiles() if t.latencies else _NONE
 
     def _of(self, label: str) -> _Tally:
         return self.by_label.setdefault(label, _Tally())
@@ -187,6 +191,9 @@ class Traffic:
 
     def failed(self, label: str) -> None:
         self._of(label).errors += 1
+
+    def aborted(self, label: str) -> None:
+        self._of(label).aborted += 1
 
     def frozen(self) -> Traffic:
         """Its figures as they are now, for a document made off the event loop (``status_body``):
@@ -274,7 +281,7 @@ def cluster_status(
     adapters = []
     for name, base, rank, version in rows:
         running, waiting = states.get(name, (0, 0))
-        served, errors, tokens, (ttft_p50, ttft_p90, e2e_p50, e2e_p90) = traffic.figures(name)
+        served, errors, aborted, tokens, (ttft_p50, ttft_p90, e2e_p50, e2e_p90) = traffic.figures(name)
         adapters.append(
             AdapterStatus(
                 name=name,
@@ -291,6 +298,7 @@ def cluster_status(
                 ttft_p90_s=ttft_p90,
                 e2e_p50_s=e2e_p50,
                 e2e_p90_s=e2e_p90,
+                aborted=aborted,
             )
         )
     return ClusterStatus(

@@ -207,3 +207,24 @@ async def test_finished_requests_are_counted_by_finish_reason_as_vllm_counts_the
     assert {k: after[k] - before.get(k, 0.0) for k in after} == {"stop": 1, "length": 3, "abort": 1, "error": 0}
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
         assert 'vllm:request_success_total{finished_reason="abort",model_name="model"}' in await r.text()
+
+
+async def test_the_status_page_counts_a_client_gone_as_aborted(stack: Stack) -> None:
+    """/v1/status gave each adapter's requests (answered) and errors, and a request whose client
+    went away mid-stream in neither: the page said nothing of traffic /metrics counted as
+    "aborted" and vLLM counts finished (finished_reason "abort"). Its own figure now, so the three
+    sum to dlora_requests_total."""
+    from tests.integration.conftest import ADMIN_KEY
+
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "lora-1", "prompt": "kalo", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        async with http.post(stack.url + "/v1/completions", json=body) as r:
+            await r.content.readline()  # its first event, then gone
+        for _ in range(200):
+            if stack.gateway.metrics.requests.labels("lora-1", "aborted")._value.get():
+                break
+            await asyncio.sleep(0.01)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with http.get(stack.url + "/v1/status", headers=headers) as r:
+            (lora_1,) = [a for a in (await r.json())["adapters"] if a["name"] == "lora-1"]
+    assert (lora_1["requests"], lora_1["errors"], lora_1["aborted"]) == (0, 0, 1), lora_1

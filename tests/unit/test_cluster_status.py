@@ -54,6 +54,7 @@ def test_workers_adapters_and_plans_as_the_page_shows_them() -> None:
         traffic.first_token("a", seconds)
         traffic.done("a", seconds * 10, 8)
     traffic.failed("a")
+    traffic.aborted("a")
     registered = [
         AdapterEntry(name="b", path="/b", rank=8, created=0.0),
         AdapterEntry(name="a", path="/a", rank=16, created=0.0, version="v"),
@@ -72,7 +73,7 @@ def test_workers_adapters_and_plans_as_the_page_shows_them() -> None:
     assert [a.name for a in doc.adapters] == ["llama", "a", "b"] and doc.adapters[0].base
     a = doc.adapters[1]
     assert (a.rank, a.version, a.placement, a.running, a.waiting) == (16, "v", {"w0": "gpu", "w1": "gpu"}, 1, 0)
-    assert (a.requests, a.errors, a.tokens, a.ttft_p50_s, a.e2e_p50_s) == (3, 1, 24, 0.2, 2.0)
+    assert (a.requests, a.errors, a.aborted, a.tokens, a.ttft_p50_s, a.e2e_p50_s) == (3, 1, 1, 24, 0.2, 2.0)
     assert doc.adapters[2].requests == 0 and doc.adapters[2].ttft_p50_s is None
     assert doc.adapters[2].placement == {"w1": "cpu"}
     assert [p.plan_id for p in doc.migrations] == ["p2", "p1", "p0"]  # newest first

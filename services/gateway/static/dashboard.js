@@ -273,6 +273,7 @@
         num(a.waiting, "waiting"),
         num(a.requests, "requests"),
         td(fmtInt(a.errors), "num" + (a.errors ? " bad" : ""), "errors"),
+        num(a.aborted, "aborted"),
         num(a.tokens, "tokens"),
         td(fmtPair(a.ttft_p50_s, a.ttft_p90_s), "num", "ttft"),
         td(fmtPair(a.e2e_p50_s, a.e2e_p90_s), "num", "e2e")
