@@ -76,15 +76,15 @@ def given_key(environ: Mapping[str, str], config: str | None = None) -> str:
     return f"<admin_key of {config or environ.get('DLORA_CONFIG') or 'dlora.toml'}>"
 
 
-def configured_model(config: str | None) -> str | None:
+def configured_model(config: str | None, env: Mapping[str, str] | None = None) -> str | None:
     """The base model the settings (file and environment) name for the gateway and the workers;
     None where they name none. ``dlora up`` passes one model to every service, so without this a
     ``model`` in the file was overridden by the demo model, without a word. SettingsError where
-    the two name different ones."""
+    the two name different ones. ``env``: the environment the services get (None: this process's)."""
     named = set()
     for cls, service in ((GatewaySettings, "gateway"), (WorkerSettings, "worker")):
         with contextlib.suppress(SettingsError):  # none named (a bad value: the full load says)
-            named.add(load(cls, service, config).model)  # type: ignore[attr-defined]
+            named.add(load(cls, service, config, env=env).model)  # type: ignore[attr-defined]
     if len(named) > 1:
         raise SettingsError(
             f"the gateway and the workers name different models ({', '.join(sorted(named))}); dlora up serves one: "
@@ -183,10 +183,11 @@ class LocalStack:
         self.workers, self.model, self.lora, self.config = workers, model, lora, config
         self.nats_port = nats_port  # for the nats-server it starts; None: any free port
         check_config(config, every_service=True)  # what no service reads or takes stops it here
-        self.model = model or configured_model(config)  # None: the demo model
-        self.base = load(GatewaySettings, "gateway", config, overrides={"model": self.model or "x", "port": port})
         self.worker_env = worker_env or {}
-        self.extra_env = env or {}
+        self.extra_env = env or {}  # every service's, over this process's
+        given = {**os.environ, **self.extra_env}  # as the services read it (a port in env was not waited on)
+        self.model = model or configured_model(config, given)  # None: the demo model
+        self.base = load(GatewaySettings, "gateway", config, given, {"model": self.model or "x", "port": port})
         self.migrator = migrator
         self.servers: list[Server] = []
         self.procs: list[subprocess.Popen] = []
@@ -337,6 +338,7 @@ class LocalStack:
         admin = {k: v for k, v in os.environ.items() if k in keys} | {"DLORA_ADMIN_KEY": self.admin_key}
         env = {
             **{k: v for k, v in os.environ.items() if k not in said and k not in keys},
+            **self.extra_env,  # (under what this stack settled from it: the port it waits on, ...)
             "DLORA_NATS_URL": self.nats_url,
             "DLORA_REDIS_URL": self.redis_url,
             # absolute, its links kept: the services name the model as the launcher says (served_name)
@@ -346,7 +348,6 @@ class LocalStack:
             "DLORA_ADAPTER_ROOTS": json.dumps(roots),
             "DLORA_GATEWAY_ADAPTER_ROOTS": json.dumps(roots),
             "DLORA_GATEWAY_PORT": str(base.port),
-            **self.extra_env,
         }
         if self.config:
             env["DLORA_CONFIG"] = self.config
@@ -403,7 +404,7 @@ class LocalStack:
 
     def stop(self) -> None:
         """The services in order (``stack_stop``), then NATS and Redis."""
-        drain_s = workers_drain_s(self.config, self.worker_env)
+        drain_s = workers_drain_s(self.config, {**self.extra_env, **self.worker_env})
         self.stopping = StackStop(self.procs, self.names, drain_s, self.base.shutdown_timeout_s)
         self.stopping.hurried = self.hurried
         self.stopping.run()

@@ -453,3 +453,26 @@ def test_nats_usual_port_taken_since_it_was_found_free_is_left_for_a_free_one() 
             assert server.proc.poll() is None and not server.url.endswith(f":{taken}")
         finally:
             server.stop()
+
+
+def test_the_stacks_own_environment_is_read_as_its_services_read_it() -> None:
+    """``LocalStack(env=...)`` gives every service those variables, but the launcher read its own
+    settings from its process's environment alone: a gateway port given there was not the one it
+    waited on for readiness (nor checked free), the gateway's shutdown timeout and the workers'
+    drain bounded the stop at their defaults (a stop could kill workers still draining), and a
+    model named there was not the one registered."""
+    from dlora.services.launcher import LocalStack
+
+    port = free_port()
+    env = {
+        "DLORA_GATEWAY_PORT": str(port),
+        "DLORA_GATEWAY_SHUTDOWN_TIMEOUT_S": "7",
+        "DLORA_WORKER_DRAIN_TIMEOUT_S": "45",
+        "DLORA_MODEL": "/models/given",
+    }
+    stack = LocalStack(1, None, [], None, None, env=env)
+    assert stack.url.endswith(f":{port}") and stack.base.shutdown_timeout_s == 7, (stack.url, stack.base)
+    assert stack.model == "/models/given"
+    stack.stop()  # (nothing started: the bounds it would stop with)
+    assert stack.stopping is not None and stack.stopping.drain_s == 45
+    assert LocalStack(1, None, [], port + 1, None, env=env).url.endswith(f":{port + 1}")  # its argument wins
