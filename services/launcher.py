@@ -338,7 +338,7 @@ class LocalStack:
         admin = {k: v for k, v in os.environ.items() if k in keys} | {"DLORA_ADMIN_KEY": self.admin_key}
         env = {
             **{k: v for k, v in os.environ.items() if k not in said and k not in keys},
-            **self.extra_env,  # (under what this stack settled from it: the port it waits on, ...)
+            **{k: v for k, v in self.extra_env.items() if k not in keys},  # (under what it settled from them)
             "DLORA_NATS_URL": self.nats_url,
             "DLORA_REDIS_URL": self.redis_url,
             # absolute, its links kept: the services name the model as the launcher says (served_name)

@@ -342,10 +342,11 @@ async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_worke
     await store.heartbeat(other, ttl_s=2.0)
     monkeypatch.setenv("DLORA_NATS_URL", nats_server.url)
     monkeypatch.setenv("DLORA_REDIS_URL", redis_server.url)
-    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, worker_env={"DLORA_TORCH_THREADS": "1"})
+    given = {"DLORA_ADMIN_KEY": "key-in-env"}  # (given in env=, it reached every service: as one of os.environ, not)
+    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, {"DLORA_TORCH_THREADS": "1"}, given)
     try:
         await asyncio.to_thread(stack.start)
-        assert stack.names == ["dispatcher", "migrator", "worker-1", "gateway"]
+        assert stack.names == ["dispatcher", "migrator", "worker-1", "gateway"] and stack.admin_key == "key-in-env"
         assert "worker-1" in {w.worker for w in await store.live_workers()}
         # the admin key only in the gateway's environment (every service's had it)
         environs = [Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0") for p in stack.procs]
