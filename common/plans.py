@@ -111,3 +111,7 @@ class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     # It stays here: its adapter's version was replaced or removed (this worker may be the last to
     # hold it: moved, it failed mid-stream where no other worker could load it), or is being read.
     pinned: bool = False
+    # The version of its adapter it runs on ("": the base model, or an older worker that does not
+    # say): a worker holding only another version must read this one to take it (the migrator).
+    # Last, and defaulted: an older reader drops it, and a newer one reads an older list as "".
+    version: str = ""

@@ -49,7 +49,7 @@ from functools import cached_property
 import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, name_of, runs_among, takes
 
 BASE = ""  # the base model needs no slot
 
@@ -77,7 +77,7 @@ class PlannerSettings:
 @dataclass
 class _Group:
     worker: str
-    adapter: str
+    adapter: str  # the version of it its requests run on (``adapter_key``; BASE: the base model)
     requests: list[RequestState]  # shortest context first
     fits: frozenset[str]  # the workers that hold each of them whole (all, unless contexts differ)
     _blocks: dict[int, int] = field(default_factory=dict)  # mean_blocks by block size
@@ -119,7 +119,7 @@ def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
         )
         if key not in fits:
             fits[key] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
-        by[(r.worker, r.adapter or BASE, fits[key])].append(r)
+        by[(r.worker, r.key, fits[key])].append(r)
     workers = {w.worker: w for w in snapshot.workers}
     return [
         _Group(w, a, sorted(rs, key=lambda r: _price(snapshot, workers[r.worker], r)), fits)
@@ -159,13 +159,13 @@ def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
 
 
 def running_adapters(snapshot: ClusterSnapshot) -> dict[str, set[str]]:
-    """The adapters each worker has requests of (the base model not counted). What its slots must
-    hold at once for one step to run them all: a worker with more than ``slots`` of them runs its
-    requests a few adapters at a time, so a move may bring a new adapter only where fewer run."""
+    """The adapter versions (``adapter_key``: each a slot) each worker has requests of (not the base
+    model's). What its slots must hold at once for one step to run them all: a worker with more than
+    ``slots`` of them runs its requests a few at a time, so a move brings a new one only where fewer run."""
     out: dict[str, set[str]] = {w.worker: set() for w in snapshot.workers}
     for r in snapshot.requests:
         if r.adapter:
-            out[r.worker].add(r.adapter)
+            out[r.worker].add(r.key)
     return out
 
 
@@ -266,9 +266,7 @@ def _destinations(
         return [
             w
             for w in by_load
-            if w.worker != g.worker
-            and w.worker in g.fits
-            and (g.adapter == BASE or g.adapter in active[w.worker] or len(active[w.worker]) < w.slots)
+            if w.worker != g.worker and w.worker in g.fits and takes(active[w.worker], g.adapter, w.slots)
         ]
 
     every = [possible(g) for g in groups]
@@ -325,7 +323,7 @@ def _solve(
     for i, g in enumerate(groups):
         for w in dests[i]:
             if (g.adapter, w) not in y:
-                running = g.adapter == BASE or g.adapter in active[w]
+                running = g.adapter == BASE or runs_among(active[w], g.adapter)
                 y[g.adapter, w] = 1 if running else prob.add_variable(f"y_{len(y)}", cat="Binary")
     # Expressions are built from (variable, coefficient) pairs at once: PuLP's operators make an
     # intermediate expression per product, which was most of the build time.
@@ -348,8 +346,8 @@ def _solve(
         if new:
             prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - len(active[w]))
             for a, v in new:
-                if a not in ws.adapters:  # as it measures its reads, scaled to the adapter's files
-                    price = ws.read_seconds(snapshot.file_bytes.get(a, 0)) or snapshot.adapter_load_seconds
+                if not ws.has(a):  # as it measures its reads, scaled to the adapter's files
+                    price = ws.read_seconds(snapshot.file_bytes.get(name_of(a), 0)) or snapshot.adapter_load_seconds
                     objective.append((v, price))
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
@@ -360,7 +358,7 @@ def _solve(
         over = overs[w] = prob.add_variable(f"over_{index[w]}", lowBound=0)
         prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks
         objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
-        work = [(n[i, w], groups[i].mean_remaining * ws.cost(groups[i].adapter)) for i in here]
+        work = [(n[i, w], groups[i].mean_remaining * ws.cost(name_of(groups[i].adapter))) for i in here]
         work_of[w], kv_of[w] = work, kv
         prob += pulp.LpAffineExpression([*work, (T, -1)]) <= -ws.unlisted_seconds()
     prob += pulp.LpAffineExpression(objective)
@@ -468,11 +466,11 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
         for i, r in enumerate(on[src]):
             if price(r) >= 1:  # (and every one after it) adds more than it relieves
                 break
-            a = r.adapter or BASE
+            a = r.key
             for dst in order:
                 if dst == src:
                     continue
-                slot = workers[dst].holds(r) and (a == BASE or a in held[dst] or len(held[dst]) < workers[dst].slots)
+                slot = workers[dst].holds(r) and takes(held[dst], a, workers[dst].slots)
                 room = demand[dst] + _blocks(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
                 new_dst = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
                 if slot and room and new_dst < load[src]:
@@ -490,7 +488,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
         del on[src][i]
         bisect.insort(on[dst], r, key=price)
         if r.adapter:  # (the source keeps counting it, as the ILP does: its plan is the ILP's start)
-            held[dst].add(r.adapter)
+            held[dst].add(r.key)
         to[r.request_id] = dst
     # A request moved on again counts once, to where it ended (nowhere, if back home).
     return [

@@ -21,6 +21,42 @@ class RequestState:
     pinned: bool = False  # it stays where it is (its adapter version is retiring there: RequestLoad)
     model_digest: str = ""  # its worker's base model (WorkerStats.model_digest; "": not said)
     running: bool = True  # it holds KV there (RequestLoad.running); waiting, a move recomputes nothing
+    version: str = ""  # its adapter's version (RequestLoad.version; "": not said, any version)
+
+    @property
+    def key(self) -> str:
+        """What it runs on, as ``adapter_key`` names it."""
+        return adapter_key(self.adapter, self.version)
+
+
+def adapter_key(adapter: str | None, version: str = "") -> str:
+    """The planner's name for one version of an adapter, the worker engine's key: ``name@version``
+    ("" the base model; the plain name where the version is not said). Versions apart: after an
+    in-place reload a worker holding, and running, only the old one must read the new one (and
+    give it a slot of its own) for a moved request of it. Registered names hold no '@'."""
+    return f"{adapter}@{version}" if adapter and version else adapter or ""
+
+
+def name_of(key: str) -> str:
+    return key.partition("@")[0]
+
+
+def runs_among(keys: set[str], key: str) -> bool:
+    """Whether requests of ``key`` (``adapter_key``) run on one of ``keys``: the same version, or
+    that adapter unversioned (an older worker's requests, in a rolling upgrade: any version). Not
+    the other way round: an older worker's request is taken to need a slot of its own beside a
+    versioned one (a scan of ``keys`` for each would cost every plan, for a slot at most)."""
+    if key in keys:
+        return True
+    name, _, version = key.partition("@")
+    return bool(version) and name in keys
+
+
+def takes(running: set[str], key: str, slots: int) -> bool:
+    """Whether a worker running requests of ``running`` (``adapter_key``s) and with ``slots`` may
+    take one of ``key`` ("": the base model, which needs no slot): it runs that version already,
+    or has a slot free for it."""
+    return not key or runs_among(running, key) or len(running) < slots
 
 
 @dataclass(frozen=True)
@@ -29,7 +65,7 @@ class WorkerState:
     kv_blocks: int  # total KV blocks
     block_size: int
     slots: int  # adapters it can hold on the device at once, each of any rank (WorkerStats.max_loras)
-    adapters: frozenset[str]  # adapters it holds now
+    adapters: frozenset[str]  # adapters it holds now (names)
     seconds_per_token: float  # measured: decode seconds per generated token per request here
     # Measured per adapter ("" for the base model) where it has run here; see WorkerStats.
     adapter_seconds_per_token: dict[str, float] = field(default_factory=dict)
@@ -43,6 +79,18 @@ class WorkerState:
     # Remaining tokens of the requests its stats counted past the listed ones (MAX_LISTED): load
     # that stays here (left out, a worker with thousands queued looked as busy as one with 4,096).
     unlisted_tokens: float = 0.0
+    # (name, version) of those it holds (AdapterResidency; version "": not said). None: not known
+    # (a caller that passes names alone), each held at whatever version a request runs on.
+    versions: frozenset[tuple[str, str]] | None = None
+
+    def has(self, key: str) -> bool:
+        """Whether it holds ``key`` (``adapter_key``) in host memory or on the device: a moved
+        request of it needs no read here. An old version alone is not the new one (``runs_among``
+        says when a version not said matches)."""
+        name, _, version = key.partition("@")
+        if name not in self.adapters:
+            return False
+        return self.versions is None or not version or bool({(name, version), (name, "")} & self.versions)
 
     def holds(self, r: RequestState) -> bool:
         """Whether ``r`` may run here: it fits whole (elsewhere it would be refused, or cut short),

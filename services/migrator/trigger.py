@@ -21,7 +21,8 @@ def snapshot_from_stats(
     """The planner's view of ``stats`` (``file_bytes``: adapter -> its files' bytes, of the
     registry: what reading it costs); ``held``: the adapter names some of them hold, where the
     caller has them (a simulated cluster's dispatcher, from the same messages: 1,000 adapters on
-    each of 256 workers took most of a look to list again). Every worker is priced at the cluster's mean measured
+    each of 256 workers took most of a look to list again; their versions are then not read, each
+    taken as held at any version). Every worker is priced at the cluster's mean measured
     seconds per token (per adapter where measured somewhere, unweighted). A worker's own figure
     is a running average of its steps' times shared among their tokens, so it says as much about
     the batch sizes it ran at as about its speed: between workers of one model the differences
@@ -56,6 +57,7 @@ def snapshot_from_stats(
             model_digest=s.model_digest,
             failed_adapters=frozenset(s.failed_adapters),
             unlisted_tokens=s.unlisted_remaining_tokens,
+            versions=None if (held or {}).get(s.worker) else _versions(s),
         )
         for s in stats
     ]
@@ -71,11 +73,18 @@ def snapshot_from_stats(
             pinned=r.pinned,
             running=r.running,
             model_digest=s.model_digest,
+            version=r.version,
         )
         for s in stats
         for r in s.requests
     ]
     return ClusterSnapshot(workers, requests, file_bytes, **costs)
+
+
+def _versions(s: WorkerStats) -> frozenset[tuple[str, str]] | None:
+    """The (name, version) pairs ``s`` holds; None where it says no version (``WorkerState.versions``)."""
+    said = frozenset((a.name, a.version) for a in s.adapters)
+    return said if any(v for _, v in said) else None
 
 
 class TriggerBounds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

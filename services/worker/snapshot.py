@@ -78,6 +78,7 @@ def worker_stats(
             # waiting for its adapter's read here (its rank not known yet: it went to a worker whose
             # max_lora_rank was below it), or on a version retiring here
             pinned=seq.adapter in retired or seq.adapter is not None and seq.adapter not in e.adapters,
+            version=version_of(seq.adapter) if seq.adapter else "",
         )
         for seq in queue
     ]
