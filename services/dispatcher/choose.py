@@ -168,7 +168,7 @@ def estimated_finish(
     # priced as lacking it, a burst of a new adapter's requests spread and each worker read it, a
     # trial. Not where its read failed lately: they would all be refused there, a review)
     holds = adapter is None or adapter in placed or w.holds(adapter, version)
-    joins = adapter is not None and (w.joins(adapter, version) or adapter in extra_adapters)
+    joins = adapter is not None and (w.joins(adapter, version) or was_sent(extra_adapters, adapter, version))
     holds = holds or joins and adapter not in w.stats.failed_adapters
     # Requests of more adapters than slots: a step runs at most ``slots`` of them, so the queue
     # drains ``adapters / slots`` times slower. Blind to this, dispatch spread every adapter over
@@ -176,8 +176,25 @@ def estimated_finish(
     # ms/token against round-robin's 1,014; priced, 58.8. Issue 21).
     crowding = 1.0
     if adapter is not None and w.slots:
-        crowding = max(1.0, len(w.queued_adapters.union(extra_adapters, (adapter,))) / w.slots)
+        sent = (k.partition("@")[0] for k in extra_adapters)
+        crowding = max(1.0, len(w.queued_adapters.union(sent, (adapter,))) / w.slots)
     return (queued + own) * spt * crowding + (0.0 if holds else load_s)
+
+
+def sent_key(adapter: str, version: str | None = None) -> str:
+    """How ``sent_adapters`` counts a request of ``version`` of ``adapter``: ``name@version`` (a
+    worker's engine key), the name alone where the version is not said (registered names hold no '@')."""
+    return f"{adapter}@{version}" if version else adapter
+
+
+def was_sent(sent: Collection[str], adapter: str, version: str | None = None) -> bool:
+    """Whether a request of ``version`` of ``adapter`` joins one of those ``sent`` (``sent_key``s)
+    to a worker since its stats: of that version (it reads it for them), or where either does not
+    say its version, of that name. By name, the first new-version request after an in-place reload
+    was priced as joining the old version's read on the worker just sent one (a helper's finding)."""
+    if sent_key(adapter, version) in sent or adapter in sent:
+        return True
+    return not version and any(k.partition("@")[0] == adapter for k in sent)
 
 
 def of_model(workers: list[WorkerStats], digest: str) -> list[WorkerStats]:

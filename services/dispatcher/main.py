@@ -357,7 +357,7 @@ class Dispatcher(Recovery):
             # Counted when chosen, so requests chosen meanwhile see it; taken back if it never went
             # (two dispatchers walking a lost worker's records both choose, one records).
             if not recorded:
-                self.state.unsend(worker, req.adapter, prefixes, ids, tokens, heard)
+                self.state.unsend(worker, req.adapter, prefixes, ids, tokens, heard, req.adapter_version)
             if not answered and expect is None:  # cut off: Redis may still write it (take_back.py)
                 self._background(take_back(self.store, req, worker))
         if recorded:

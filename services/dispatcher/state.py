@@ -15,7 +15,14 @@ from typing import NamedTuple
 from dlora.common.messages import WorkerStats
 from dlora.common.reads import pooled_read
 from dlora.services.dispatcher.affinity import GRANULE, MAX_HASHED, PrefixAffinity
-from dlora.services.dispatcher.choose import DispatchCosts, DispatchMode, WorkerLoad, choose_worker, request_tokens
+from dlora.services.dispatcher.choose import (
+    DispatchCosts,
+    DispatchMode,
+    WorkerLoad,
+    choose_worker,
+    request_tokens,
+    sent_key,
+)
 from dlora.services.dispatcher.lengths import PooledLengths
 
 # Request groups remembered (``GenerateRequest.group``), the least recently sent to forgotten first:
@@ -34,7 +41,7 @@ class _Sent(NamedTuple):
 
     worker: str
     heard: int  # the worker's stats count when it was sent (``DispatchState.stats_heard``)
-    adapter: str | None
+    adapter: str | None  # as ``sent_adapters`` counts it (``sent_key``)
     length: int  # its prompt's tokens
     digest: bytes  # and their ``_digest``
     tokens: float  # its output tokens as counted in ``DispatchState.sent_tokens``
@@ -71,7 +78,8 @@ class DispatchState:
         # Output tokens of the requests sent to each worker since its last stats (``request_tokens``
         # each): a burst must not all go to the worker that looked idlest a moment ago.
         self.sent_tokens: dict[str, float] = {}
-        self.sent_adapters: dict[str, Counter[str]] = {}  # and their adapters' (not the base's)
+        # and their adapters' (not the base's), by version (``sent_key``)
+        self.sent_adapters: dict[str, Counter[str]] = {}
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
         self.file_bytes: dict[str, int] = {}  # adapters' files' bytes, as the registry lists them (read prices)
@@ -179,7 +187,8 @@ class DispatchState:
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
             if worker is not None and keys:
-                sent = _Sent(worker, self.stats_heard[worker], adapter, len(prompt), _digest(prompt), tokens)
+                key = sent_key(adapter, version) if adapter is not None else None
+                sent = _Sent(worker, self.stats_heard[worker], key, len(prompt), _digest(prompt), tokens)
                 self.ends[keys[-1]] = sent
                 self.ends.move_to_end(keys[-1])
                 if len(self.ends) > MAX_ENDS:
@@ -192,7 +201,7 @@ class DispatchState:
         if worker is not None:
             self.sent_tokens[worker] = self.sent_tokens.get(worker, 0.0) + tokens
             if adapter is not None:
-                self.sent_adapters.setdefault(worker, Counter())[adapter] += 1
+                self.sent_adapters.setdefault(worker, Counter())[sent_key(adapter, version)] += 1
         return worker
 
     def _ended(self, keys: list[bytes], prompt: Sequence[int]) -> None:
@@ -216,17 +225,19 @@ class DispatchState:
         prompt: Sequence[int] = (),
         tokens: float | None = None,
         heard: int | None = None,
+        version: str | None = None,
     ) -> None:
         """A request ``choose`` counted on ``worker`` did not go there (another dispatcher recorded
         it first): no longer counted, nor taken off again when a later prompt extends its prompt
-        (``prefixes``, ``prompt`` and ``tokens`` as ``choose`` was given them; ``heard``: the
+        (``prefixes``, ``prompt``, ``tokens`` and ``version`` as ``choose`` was given them; ``heard``: the
         worker's ``stats_heard`` then: stats heard since counted it out already, and taking it off
         again would take it off the requests sent since)."""
         keys = _prompt_keys(prefixes, prompt)
         if keys and (end := self.ends.get(keys[-1])) is not None and end.worker == worker:
             del self.ends[keys[-1]]
         if heard is None or heard == self.stats_heard[worker]:
-            self._uncount(worker, adapter, self.price() if tokens is None else tokens)
+            key = sent_key(adapter, version) if adapter is not None else None
+            self._uncount(worker, key, self.price() if tokens is None else tokens)
 
     def price(self, max_tokens: int = 0, min_tokens: int = 0, ignore_eos: bool = False) -> float:
         """The output tokens a new request with these sampling parameters is priced at, by the
@@ -234,7 +245,8 @@ class DispatchState:
         return request_tokens(self.costs, max_tokens, self.lengths, min_tokens, ignore_eos)
 
     def _uncount(self, worker: str, adapter: str | None, tokens: float) -> None:
-        """A request counted as sent to ``worker`` since its stats is not (any more)."""
+        """A request counted as sent to ``worker`` since its stats is not (any more); ``adapter``:
+        its ``sent_key``."""
         if worker in self.sent_tokens:  # (not below 0: stats since reset it)
             self.sent_tokens[worker] = max(0.0, self.sent_tokens[worker] - tokens)
         if adapter is not None and (sent := self.sent_adapters.get(worker)) and adapter in sent:

@@ -74,3 +74,34 @@ def test_the_dispatchers_state_passes_the_version_on() -> None:
     state.heard(w("x", held=(("rl", "v1"),), queued=("rl",), reading=[]), 0.0)
     state.heard(w("y", reading=[]), 0.0)
     assert state.choose(state.live(0.0), "rl", version="v2") == "y"
+
+
+def test_a_request_joins_only_the_sends_of_its_own_version() -> None:
+    """Found by a helper: the requests sent to a worker since its stats were counted by adapter
+    name, so the first request of rl@v2 after an in-place reload was priced as joining the read of
+    rl@v1 a request sent there a moment before set off (no read priced), and went there to wait for
+    a read of its own. Now a send joins only one of its version (or where a version is not said)."""
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, COSTS)
+    for name in ("x", "y"):
+        state.heard(w(name, reading=[]), 0.0)
+    live = state.live(0.0)
+    assert state.choose(live, "rl", tokens=10, version="v1") == "x"  # (a tie: by name)
+    assert state.choose(live, "rl", tokens=10, version="v2") == "y"  # x would read v2 too, and is busier
+    assert state.sent_adapters["x"] == {"rl@v1": 1}
+    assert state.choose(live, "rl", tokens=10, version="v2") == "y"  # joins the first v2's read there
+    assert state.choose(live, "rl", tokens=10) in ("x", "y")  # no version said: joins either
+    # taken back by the version it was counted under
+    state.unsend("x", "rl", tokens=10, version="v1")
+    assert "rl@v1" not in state.sent_adapters["x"]
+
+
+def test_sends_join_by_name_where_a_version_is_not_said() -> None:
+    from dlora.services.dispatcher.choose import estimated_finish, sent_key, was_sent
+
+    assert sent_key("rl", "v1") == "rl@v1" and sent_key("rl") == "rl" and sent_key("rl", "") == "rl"
+    assert was_sent(["rl@v1"], "rl", "v1") and not was_sent(["rl@v1"], "rl", "v2")
+    assert was_sent(["rl"], "rl", "v2") and was_sent(["rl@v1"], "rl") and not was_sent(["rlx@v1"], "rl")
+    # slots are counted by name, as a worker's queued adapters are: two versions' sends crowd as one
+    x = WorkerLoad.of(w("x", reading=[]))  # (4 slots)
+    by_key = estimated_finish(x, "d", 0.0, set(), COSTS, ["a@1", "a@2", "b@1", "c@1"], 10, 1.0, "1")
+    assert by_key == estimated_finish(x, "d", 0.0, set(), COSTS, ["a", "b", "c"], 10, 1.0, "1")
