@@ -268,10 +268,14 @@ class ToolParser:
             return content, []
         out: list[Call] = []
         while not self._stuck:
-            if self._scan.read == 0:  # between objects: the separators go
-                self._held = self._held.lstrip().removeprefix(_PYTHON_TAG).lstrip(" \t\r\n;,")
+            if self._scan.read == 0:  # between objects: the separators go, and Llama's call tag
+                # in any order: a tag after "; " was text unstreamed and a call streamed, where
+                # the tag (a special token) came as a piece of its own
+                while (between := self._held.lstrip(" \t\r\n;,").removeprefix(_PYTHON_TAG)) != self._held:
+                    self._held = between
                 if not self._held or self._held[0] != "{":
-                    self._stuck = bool(self._held)
+                    # (the start of a tag waits for its end, unstreamed alike)
+                    self._stuck = bool(self._held) and not _PYTHON_TAG.startswith(self._held)
                     break
             if (end := self._scan.find(self._held)) is None:
                 break  # not whole yet

@@ -110,6 +110,18 @@ def test_a_whole_output_and_its_stream_read_alike(
     assert read(kind, list(text))[:2] == (content, calls)  # a character at a time
 
 
+def test_llamas_call_tag_between_calls_reads_alike_whole_and_streamed() -> None:
+    """A <|python_tag|> after "; " (skip_special_tokens false: the tag is a special token) was read
+    as text unstreamed, and the second call as a call streamed, where the tag came as a token of its
+    own: the two answers differed (a fuzz of stream against whole)."""
+    text = LLAMA_ONE + '; <|python_tag|>{"name": "ping", "arguments": {}}'
+    pieces = [LLAMA_ONE, ";", " ", "<|python_tag|>", '{"name": "ping", "arguments": {}}']
+    assert read("llama3_json", [text])[:2] == read("llama3_json", pieces)[:2] == ("", [WEATHER, PING])
+    assert read("llama3_json", list(text))[:2] == ("", [WEATHER, PING])
+    # a tag begun at the end is text, whole and streamed
+    assert read("llama3_json", [LLAMA_ONE + "; <|pyth"])[:2] == read("llama3_json", list(LLAMA_ONE + "; <|pyth"))[:2]
+
+
 def test_text_goes_out_as_it_comes_and_only_a_possible_tag_is_held_back() -> None:
     _, _, said = read(
         "hermes", ["Hello", " world <tool", "_call>", '{"name": "ping", "arguments": {}}', "</tool_call>"]
