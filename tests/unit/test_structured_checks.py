@@ -4,6 +4,7 @@ without a tokenizer: each a 400 naming why, never a crash."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -413,3 +414,22 @@ def test_unevaluated_properties_of_a_plain_object_are_served_as_additional_ones(
     composed = {"$defs": {"B": {"type": "object"}}, "$ref": "#/$defs/B", "unevaluatedProperties": False}
     with pytest.raises(GrammarError, match="unevaluatedProperties"):
         check(SamplingParams(json_schema=json.dumps(composed)))
+
+
+@pytest.mark.parametrize(
+    "schema,reason",
+    [
+        ("false", "it accepts no document: a JSON Schema is an object, or true"),
+        ("[]", "it is a JSON array: a JSON Schema is an object, or true"),
+        ("null", "it is a JSON null"),
+        ("3", "it is a JSON number"),
+    ],
+)
+def test_a_top_level_boolean_schema_is_read_as_json_schema_reads_it(schema: str, reason: str) -> None:
+    """``true`` (any JSON value) was refused "is not a JSON object: Expecting object schema to apply
+    options", llguidance's words for the options dlora gives it; vLLM's default backend serves it,
+    and says ``false`` accepts nothing. An application's ``SamplingParams.json_schema`` and a string
+    ``guided_json`` are read so."""
+    check(SamplingParams(json_schema="true"))
+    with pytest.raises(GrammarError, match=f"^response_format schema cannot be used: {re.escape(reason)}"):
+        check(SamplingParams(json_schema=schema))

@@ -119,6 +119,13 @@ def _known_format(name: str) -> bool:
     return not LLMatcher.validate_grammar(probe).startswith("Unknown format")
 
 
+class NotASchema(ValueError):
+    """A JSON document that is no JSON Schema a document can follow (``false``, a number, a list)."""
+
+
+_KINDS = {list: "array", str: "string", type(None): "null"}
+
+
 def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     """The JSON Schema ``text`` as the grammar engine is given it, and the first numeric bound in
     it whose magnitude reaches 2**63, as (keyword, its number), compared exactly (2**63 - 1,
@@ -131,11 +138,17 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     #15949): pydantic writes no additionalProperties, and llguidance's reading (JSON Schema's,
     any others allowed) let a model add keys without end. Keywords llguidance lacks are left
     out at values that constrain nothing (``_NO_OPS``). Rewritten only where one of those was
-    found."""
+    found. The boolean schema ``true`` is served as ``{}``; raises NotASchema for ``false`` and
+    documents that are no schema (llguidance's reason for them named its own options)."""
     try:
         tree = json.loads(text, parse_float=Decimal)
     except (ValueError, RecursionError):
         return text, None  # llguidance says why
+    if tree is True:  # any JSON value, as JSON Schema and vLLM's default backend read it
+        return "{}", None
+    if not isinstance(tree, dict):  # (llguidance said "Expecting object schema to apply options")
+        why = "accepts no document" if tree is False else f"is a JSON {_KINDS.get(type(tree), 'number')}"
+        raise NotASchema(f"{why}: a JSON Schema is an object, or true (any JSON value)")
     bound, changed, nodes = None, False, list(_schema_nodes(tree))
     closed = not any(map(_composed, nodes))
     for node in nodes:

@@ -41,7 +41,7 @@ from dlora.services.worker.engine.compile_bound import (
     TooSlow,
     Validator,
 )
-from dlora.services.worker.engine.served_schema import LAYOUT, bound_in_grammar, served_schema
+from dlora.services.worker.engine.served_schema import LAYOUT, NotASchema, bound_in_grammar, served_schema
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
@@ -141,7 +141,10 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
         raise GrammarError(f"{label(params)} cannot be used: {size} characters, over the {MAX_CONSTRAINT_CHARS} served")
     bound = None
     if json_schema is not None:
-        json_schema, bound = served_schema(json_schema)
+        try:
+            json_schema, bound = served_schema(json_schema)
+        except NotASchema as e:
+            raise GrammarError(f"{label(params)} cannot be used: it {e}") from None
     elif grammar is not None:  # (a Lark %json block's bounds)
         bound = bound_in_grammar(grammar)
     if bound is not None:

