@@ -433,3 +433,43 @@ def test_a_top_level_boolean_schema_is_read_as_json_schema_reads_it(schema: str,
     check(SamplingParams(json_schema="true"))
     with pytest.raises(GrammarError, match=f"^response_format schema cannot be used: {re.escape(reason)}"):
         check(SamplingParams(json_schema=schema))
+
+
+DATES = [  # (format, the string, whether pydantic, Python's fromisoformat and RFC 3339 all read it)
+    ("date-time", "1963-06-19T08:30:06.283185Z", True),
+    ("date-time", "2000-02-29T16:39:57-08:00", True),
+    ("date-time", "0001-01-01T00:00:00+23:59", True),
+    ("date-time", "1990-12-31T23:59:60Z", False),  # RFC 3339's leap second: "second must be in 0..59"
+    ("date-time", "1963-06-19t08:30:06z", False),  # RFC 3339 allows, fromisoformat refuses
+    ("date-time", "0000-01-01T00:00:00Z", False),
+    ("date-time", "1900-02-29T00:00:00Z", False),
+    ("date", "2024-02-29", True),
+    ("date", "2023-02-29", False),
+    ("time", "23:59:59.5+01:00", True),
+    ("time", "23:59:60Z", False),
+]
+
+
+@pytest.mark.parametrize("fmt,text,ok", DATES)
+def test_dates_and_times_are_ones_their_client_reads_back(fmt: str, text: str, ok: bool) -> None:
+    """llguidance served RFC 3339's whole grammar (second 60, lowercase t and z, year 0000, 29
+    February of any year), and a pydantic model's datetime, date or time field refused such a
+    document: now the part every reader takes, as vLLM's default backend writes "T" and "Z"."""
+    import datetime
+
+    from pydantic import TypeAdapter
+
+    from dlora.services.worker.engine.structured import Grammars
+    from tests.unit.test_token_bytes import byte_level
+
+    kind = {"date-time": datetime.datetime, "date": datetime.date, "time": datetime.time}[fmt]
+    if ok:  # (the table's own check)
+        TypeAdapter(kind).validate_json(json.dumps(text))
+        kind.fromisoformat(text)
+    hf = byte_level()
+    grammars = Grammars(hf, len(hf), {hf.eos_token_id})
+    for schema in ({"type": "string", "format": fmt}, {"type": "string", "format": fmt, "pattern": "^[0-9]"}):
+        matcher = grammars.matcher(SamplingParams(json_schema=json.dumps(schema)), [])
+        assert matcher is not None
+        taken = matcher.consume_tokens(hf.encode(json.dumps(text), add_special_tokens=False))
+        assert (taken and matcher.is_accepting()) is ok, (schema, text)

@@ -112,6 +112,36 @@ def _same(value: Any, no_ops: tuple[Any, ...]) -> bool:
     return any(type(value) is type(no_op) and value == no_op for no_op in no_ops)
 
 
+# RFC 3339's dates and times as the readers of a document read them back: llguidance allows second
+# 60, lowercase "t" and "z", year 0000 and 29 February of any year (RFC 3339's grammar, the JSON
+# Schema test suite's), and pydantic (its datetime, date, time fields) and Python's
+# datetime.fromisoformat refuse one or another ("second must be in 0..59"): a 200 whose document
+# its client could not load. Served as the part every one of them reads: "T" and "Z" in capitals,
+# as vLLM's default backend (xgrammar) writes them, seconds 00-59, years 0001-9999, 29 February in
+# leap years. Anchored: llguidance matches a pattern anywhere in the string, as JSON Schema does.
+_YEAR = r"(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_MONTH_DAY = (
+    r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"  # months of 31 days
+    r"|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"  # of 30, February's first 28
+)
+_DATE = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_READ_BACK_FORMATS = {"date-time": f"^{_DATE}T{_TIME}$", "date": f"^{_DATE}$", "time": f"^{_TIME}$"}
+
+
+def _read_back(node: dict[str, Any], name: str) -> bool:
+    """``node``'s format ``name`` as its pattern (``_READ_BACK_FORMATS``), beside a pattern of its
+    own through allOf (llguidance matches both); whether it was one."""
+    if (pattern := _READ_BACK_FORMATS.get(name)) is None or not isinstance(node.get("allOf", []), list):
+        return False
+    if "pattern" not in node:
+        node["pattern"] = pattern
+    else:
+        node["allOf"] = [*node.get("allOf", []), {"pattern": pattern}]
+    return True
+
+
 @functools.lru_cache(maxsize=256)
 def _known_format(name: str) -> bool:
     """Whether llguidance enforces string format ``name`` (a compile of ~50 us, once a name)."""
@@ -133,7 +163,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     integers; a string format llguidance does not know is left out, as JSON Schema reads a format
     its validator does not know (an annotation): pydantic writes SecretStr as "password", bytes
     as "binary", Path as "path", and llguidance refused them (a 400 for a pydantic model's
-    schema). An object whose properties are named takes no others unless it says so (as vLLM's
+    schema); date-time, date and time are served as patterns their readers all take
+    (``_READ_BACK_FORMATS``). An object whose properties are named takes no others unless it says so (as vLLM's
     default backend, xgrammar, and outlines read it, and vLLM makes its guidance backend do: PR
     #15949): pydantic writes no additionalProperties, and llguidance's reading (JSON Schema's,
     any others allowed) let a model add keys without end. Keywords llguidance lacks are left
@@ -161,8 +192,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             if isinstance(value, Decimal) and value.is_finite() and value.adjusted() < 19:
                 if value >= 0 and value == value.to_integral_value():
                     node[key], changed = int(value), True
-        if isinstance(name := node.get("format"), str) and not _known_format(name):
-            del node["format"]
+        if isinstance(name := node.get("format"), str) and (_read_back(node, name) or not _known_format(name)):
+            node.pop("format", None)
             changed = True
         for key in [key for key in _NO_OPS.keys() & node.keys() if _same(node[key], _NO_OPS[key])]:
             del node[key]
