@@ -473,3 +473,24 @@ def test_dates_and_times_are_ones_their_client_reads_back(fmt: str, text: str, o
         assert matcher is not None
         taken = matcher.consume_tokens(hf.encode(json.dumps(text), add_special_tokens=False))
         assert (taken and matcher.is_accepting()) is ok, (schema, text)
+
+
+def test_openapis_nullable_is_an_annotation_as_vllms_backends_read_it() -> None:
+    """OpenAPI 3.0's ``nullable: true`` (zod's openapi target, Google's SDKs) is no JSON Schema
+    keyword: xgrammar, llguidance, outlines and llama.cpp ignore it, and OpenAI's structured
+    outputs did (openai-node #1049). Served so: a null would fail the schema's own ``type`` in a
+    JSON Schema validator. Taken, not refused; null only where the type says."""
+    from dlora.services.worker.engine.structured import Grammars
+    from tests.unit.test_token_bytes import byte_level
+
+    hf = byte_level()
+    grammars = Grammars(hf, len(hf), {hf.eos_token_id})
+    for schema, text, ok in (
+        ({"type": "string", "nullable": True}, '"a"', True),
+        ({"type": "string", "nullable": True}, "null", False),
+        ({"type": ["string", "null"], "nullable": True}, "null", True),
+    ):
+        matcher = grammars.matcher(SamplingParams(json_schema=json.dumps(schema)), [])
+        assert matcher is not None
+        taken = matcher.consume_tokens(hf.encode(text, add_special_tokens=False))
+        assert (taken and matcher.is_accepting()) is ok, (schema, text)
