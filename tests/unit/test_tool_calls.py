@@ -49,10 +49,25 @@ def test_a_streamed_output_gives_each_call_as_its_item_ends() -> None:
     cut = CallStream()
     assert cut.feed(text[:40]) == [] and cut.calls == [] and not cut.closed
     assert CallStream().feed('[{"name": "x", "parameters": {"k": "ü"}}]') == [(0, "x", '{"k": "ü"}')]  # as written
-    # NaN and overflowing numbers are no JSON: an item holding one is no call ('{"x": Infinity}' before)
-    assert CallStream().feed('[{"name": "x", "parameters": {"k": 1e400}}, {"name": "y", "parameters": {}}]') == [
+    # NaN is no JSON: an item holding one is no call ('{"x": NaN}' before)
+    assert CallStream().feed('[{"name": "x", "parameters": {"k": NaN}}, {"name": "y", "parameters": {}}]') == [
         (0, "y", "{}")
     ]
+
+
+def test_a_number_no_float_holds_is_a_calls_argument_as_written() -> None:
+    """A schema's number may be written 1e400 (vLLM's backends bound no exponent) or with 5,000
+    digits: the item was dropped (no JSON once read as a float, past int()'s digits), and a
+    "required" choice answered finish_reason "tool_calls" with no call at all; vLLM's reading
+    wrote Infinity (no JSON) or raised. Now the arguments hold the number as the model wrote it."""
+    big = "-1" + "0" * 5000
+    text = f'[{{"name": "x", "parameters": {{"k": 1e400, "a": [1.5E-400, 0e-999, {big}], "s": "ü"}}}}]'
+    expected = f'{{"k": 1e400, "a": [1.5E-400, 0.0, {big}], "s": "ü"}}'
+    assert CallStream().feed(text) == [(0, "x", expected)]
+    json.loads(expected, parse_int=str)  # JSON still (past int() digits, as the model wrote it)
+    shape = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tools_required=True)
+    [whole] = shape.full([Choice(0, text=text, finish_reason="stop")], 3, 9)["choices"]
+    assert [c["function"]["arguments"] for c in whole["message"]["tool_calls"]] == [expected]
 
 
 def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None:
