@@ -149,6 +149,14 @@ def _known_format(name: str) -> bool:
     return not LLMatcher.validate_grammar(probe).startswith("Unknown format")
 
 
+@functools.lru_cache(maxsize=256)
+def _known_dialect(uri: str) -> bool:
+    """Whether llguidance reads a schema whose ``$schema`` is ``uri`` (JSON Schema's drafts 3 to
+    2020-12); any other it looks up to fetch, and refused the schema."""
+    probe = LLMatcher.grammar_from_json_schema(json.dumps({"$schema": uri}), LAYOUT)
+    return not LLMatcher.validate_grammar(probe).startswith("Resource '")
+
+
 class NotASchema(ValueError):
     """A JSON document that is no JSON Schema a document can follow (``false``, a number, a list)."""
 
@@ -164,10 +172,13 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     its validator does not know (an annotation): pydantic writes SecretStr as "password", bytes
     as "binary", Path as "path", and llguidance refused them (a 400 for a pydantic model's
     schema); date-time, date and time are served as patterns their readers all take
-    (``_READ_BACK_FORMATS``). An object whose properties are named takes no others unless it says so (as vLLM's
-    default backend, xgrammar, and outlines read it, and vLLM makes its guidance backend do: PR
-    #15949): pydantic writes no additionalProperties, and llguidance's reading (JSON Schema's,
-    any others allowed) let a model add keys without end. Keywords llguidance lacks are left
+    (``_READ_BACK_FORMATS``); a ``$schema`` naming a dialect llguidance does not know (GenSON's
+    default "http://json-schema.org/schema#", OpenAPI 3.1's) is left out, as vLLM's default
+    backend reads any: llguidance refused the schema, failing to fetch it. An object whose
+    properties are named takes no others unless it says so (as vLLM's default backend, xgrammar,
+    and outlines read it, and vLLM makes its guidance backend do: PR #15949): pydantic writes no
+    additionalProperties, and llguidance's reading (JSON Schema's, any others allowed) let a model
+    add keys without end. Keywords llguidance lacks are left
     out at values that constrain nothing (``_NO_OPS``). Rewritten only where one of those was
     found. The boolean schema ``true`` is served as ``{}``; raises NotASchema for ``false`` and
     documents that are no schema (llguidance's reason for them named its own options)."""
@@ -194,6 +205,9 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
                     node[key], changed = int(value), True
         if isinstance(name := node.get("format"), str) and (_read_back(node, name) or not _known_format(name)):
             node.pop("format", None)
+            changed = True
+        if isinstance(uri := node.get("$schema"), str) and not _known_dialect(uri):
+            del node["$schema"]  # an annotation, as vLLM's default backend reads it
             changed = True
         for key in [key for key in _NO_OPS.keys() & node.keys() if _same(node[key], _NO_OPS[key])]:
             del node[key]

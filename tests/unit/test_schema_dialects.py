@@ -1,0 +1,31 @@
+"""JSON Schemas as their writers' tools write them, served as vLLM's default backend reads them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.served_schema import served_schema
+from dlora.services.worker.engine.structured import check
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://json-schema.org/schema#",
+        "https://json-schema.org/schema",
+        "https://spec.openapis.org/oas/3.1/dialect/base",
+    ],
+)
+def test_a_dialect_the_engine_does_not_know_is_an_annotation(uri: str) -> None:
+    """GenSON writes "$schema": "http://json-schema.org/schema#" by default, OpenAPI 3.1 documents
+    their own dialect: llguidance tried to fetch it and refused the schema (a 400), where vLLM's
+    default backend reads $schema as an annotation. The drafts it knows are kept (draft-04's
+    readings differ)."""
+    nested = {"type": "object", "properties": {"a": {"$schema": uri, "type": "boolean"}}, "required": ["a"]}
+    for schema in ({"$schema": uri, "type": "boolean"}, nested):
+        check(SamplingParams(json_schema=json.dumps(schema)))
+    kept = json.dumps({"$schema": "http://json-schema.org/draft-04/schema#", "type": "boolean"})
+    assert served_schema(kept) == (kept, None)
