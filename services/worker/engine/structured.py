@@ -24,7 +24,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
-from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from
+from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from, regex_to_lark
 from llguidance.gbnf_to_lark import gbnf_to_lark
 from llguidance.numpy import fill_next_token_bitmask_par
 
@@ -118,6 +118,13 @@ def constraint(params: SamplingParams) -> str | None:
     return _constraint(params.json_schema, params.regex, tuple(params.choice), params.grammar)
 
 
+# A regex's \d and \w (\D, \W) as ASCII classes, [0-9] and [0-9a-zA-Z_], as vLLM's default backend
+# (xgrammar), outlines, llama.cpp and JSON Schema's patterns (ECMA-262) read them: llguidance's
+# regexes are Rust's, Unicode's, and a "\d{3}" answered "۸९߂" (digits a JavaScript client's
+# parseInt reads as NaN). \s stays Unicode's, as ECMA-262 reads it.
+ASCII_CLASSES = "dw"
+
+
 # Grammars kept compiled, each a fresh matcher to copy: a request's n choices, or its next requests,
 # copy it (a fraction of a millisecond) instead of compiling it again (0.3-0.5 s for a 400 KB schema:
 # n=32 held every other request on the worker 15 s). vLLM caches xgrammar's compiled grammars alike.
@@ -162,7 +169,7 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
         if json_schema is not None:
             return _deep(len(json_schema), LLMatcher.grammar_from_json_schema, json_schema, LAYOUT)
         if regex is not None:
-            return _deep(len(regex), LLMatcher.grammar_from_regex, regex)
+            return _deep(len(regex), LLMatcher.grammar_from_regex, regex_to_lark(regex, ASCII_CLASSES))
         if choice:  # each string as a Lark literal, alternatives of one rule
             return grammar_from("choice", list(choice))  # type: ignore[arg-type]  # a list is taken as is
         if grammar is not None:  # Lark, or GBNF converted to it
