@@ -29,3 +29,14 @@ def test_a_dialect_the_engine_does_not_know_is_an_annotation(uri: str) -> None:
         check(SamplingParams(json_schema=json.dumps(schema)))
     kept = json.dumps({"$schema": "http://json-schema.org/draft-04/schema#", "type": "boolean"})
     assert served_schema(kept) == (kept, None)
+
+
+@pytest.mark.parametrize("length", [2**32, 2**53 - 1, 2**63 - 1, 10**30])
+def test_string_lengths_past_32_bits_are_served(length: int) -> None:
+    """A maxLength of 2**53 - 1 (Number.MAX_SAFE_INTEGER) or 2**63 - 1 was a 400 "regex parse
+    error: decimal literal invalid" (llguidance's repetitions are 32-bit); no context holds such a
+    string, so it is served as 2**32 - 1, and a minLength alike."""
+    for key in ("maxLength", "minLength"):
+        schema = json.dumps({"type": "object", "properties": {"s": {"type": "string", key: length}}})
+        check(SamplingParams(json_schema=schema))
+        assert json.loads(served_schema(schema)[0])["properties"]["s"][key] == 2**32 - 1

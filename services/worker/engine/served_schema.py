@@ -86,6 +86,11 @@ def _schema_nodes(tree: Any) -> Iterator[dict[str, Any]]:
 # (2.0: JavaScript's generators and float-typed configs write them so); llguidance takes only
 # integers written as such and refused these schemas.
 _COUNTS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"}
+# A string's length bounds llguidance holds (a regex's repetition, 32 bits): past it, it refused the
+# schema ("regex parse error: decimal literal invalid"), a 400 for a maxLength of 2**53 - 1 or
+# 2**63 - 1 (JavaScript's and Java's largest). No context holds a string that long: served as it.
+_LENGTHS = {"minLength", "maxLength"}
+_MAX_LENGTH = 2**32 - 1
 _DECIMALS = msgspec.json.Encoder(decimal_format="number")  # numbers written back as they were read
 # Keywords llguidance does not implement, at values that constrain nothing: it refused them all
 # the same ("Unimplemented keys"), a 400 for schemas that Jackson's, OpenAPI generators' and
@@ -203,6 +208,9 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             if isinstance(value, Decimal) and value.is_finite() and value.adjusted() < 19:
                 if value >= 0 and value == value.to_integral_value():
                     node[key], changed = int(value), True
+        for key in _LENGTHS & node.keys():
+            if type(node[key]) is int and node[key] > _MAX_LENGTH:
+                node[key], changed = _MAX_LENGTH, True
         if isinstance(name := node.get("format"), str) and (_read_back(node, name) or not _known_format(name)):
             node.pop("format", None)
             changed = True
