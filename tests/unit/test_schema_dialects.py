@@ -8,7 +8,7 @@ import pytest
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.served_schema import served_schema
-from dlora.services.worker.engine.structured import check
+from dlora.services.worker.engine.structured import GrammarError, check
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,19 @@ def test_string_lengths_past_32_bits_are_served(length: int) -> None:
         schema = json.dumps({"type": "object", "properties": {"s": {"type": "string", key: length}}})
         check(SamplingParams(json_schema=schema))
         assert json.loads(served_schema(schema)[0])["properties"]["s"][key] == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "schema,reason",
+    [
+        ('{"properties": {"a": ' * 70 + "{}" + "}}" * 70, "nests deeper than the grammar engine reads"),
+        ('{"const": 1e400}', "holds a number past what the grammar engine reads"),
+    ],
+)
+def test_a_schema_past_the_engines_reader_says_so(schema: str, reason: str) -> None:
+    """70 levels of nested properties (140 of JSON), or a const of 1e400, were refused "is not a
+    JSON object: recursion limit exceeded" ("number out of range"): each is one, past what
+    llguidance's JSON reader takes."""
+    with pytest.raises(GrammarError) as refused:
+        check(SamplingParams(json_schema=schema))
+    assert reason in str(refused.value) and "not a JSON object" not in str(refused.value)

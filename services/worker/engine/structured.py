@@ -178,8 +178,18 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
         raise GrammarUnavailable(f"{label(params)} {e}") from None
     except ValueError as e:
         what = "is not a JSON object" if json_schema is not None else "cannot be read"
+        if json_schema is not None:  # a JSON object all the same, past what serde_json reads
+            what = next((why for start, why in _UNREAD.items() if str(e).startswith(start)), what)
         raise GrammarError(f"{label(params)} {what}: {e}") from None
     return None
+
+
+# What llguidance's JSON reader (serde_json) refuses of a document Python read as a JSON object:
+# said as "is not a JSON object" before.
+_UNREAD = {
+    "recursion limit exceeded": "nests deeper than the grammar engine reads (128 levels of JSON: 64 of properties)",
+    "number out of range": "holds a number past what the grammar engine reads (a 64-bit float's range)",
+}
 
 
 # llguidance's own test (gbnf_to_lark.is_lark_syntax, which grammar_from calls) is
