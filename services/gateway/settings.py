@@ -8,6 +8,7 @@ from dlora.common.apikeys import MIN_RATE
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.model.adapter_files import AdapterLimits
 from dlora.services.gateway.chat_template import CONTENT_FORMATS
+from dlora.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from dlora.services.gateway.tool_parsers import PARSERS
 
 # The gateway's ``auth`` modes (see the setting).
@@ -37,6 +38,13 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # tool_choice "auto" (the default with tools) is served, its calls read from the output
     # (gateway/tool_parsers.py). Empty: "auto" is refused (400).
     tool_call_parser: str = ""
+    # vLLM's --reasoning-parser: how the model writes its reasoning, "deepseek_r1" (DeepSeek R1 and
+    # its distills) or "qwen3" (Qwen3, QwQ, Qwen3.5; chat_template_kwargs enable_thinking false:
+    # all content); set, a chat's <think>...</think> goes out as the message's "reasoning" and the
+    # rest as its content, the only text tool calls are read from (gateway/reasoning.py).
+    # Empty: off, the text as written. A structured output is then refused (400): its grammar
+    # would bind the reasoning too.
+    reasoning_parser: str = ""
     # vLLM's --chat-template-content-format: how a chat message's content reaches the model's
     # template, "string" (text parts joined by newlines), "openai" (a list of parts), or "auto":
     # parts where the template loops over a message's content (its source read once), a tool
@@ -139,6 +147,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             )
         if self.tool_call_parser and self.tool_call_parser not in PARSERS:
             bad.append(("tool_call_parser", self.tool_call_parser, f"must be empty or one of {', '.join(PARSERS)}"))
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            why = f"must be empty or one of {', '.join(REASONING_PARSERS)}"
+            bad.append(("reasoning_parser", self.reasoning_parser, why))
         # The bearer token is read stripped and no header carries a control character: such a key
         # (a secret file's trailing newline) could never be given. Its value is not printed.
         # (a tab inside is a header's, as a space: aiohttp hands 'Bearer s3\tcret' on whole)

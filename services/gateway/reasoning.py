@@ -1,0 +1,101 @@
+"""A chat's reasoning (``<think>...</think>``) read apart from its answer, as vLLM's
+``--reasoning-parser`` does (the gateway's ``reasoning_parser``). Pure. One reading serves a whole
+output and a stream (``feed`` its pieces, then ``finish``), so the two answer alike: the
+reasoning goes out as vLLM's ``reasoning`` field, what follows ``</think>`` as ``content`` (and is
+what a tool-call parser reads: a call written while thinking is reasoning text).
+
+- ``deepseek_r1`` (DeepSeek R1 and its distills): R1's later templates open ``<think>`` in the
+  prompt, so the output may hold only ``</think>``: everything before it is reasoning. An output
+  that begins with ``<think>`` (after whitespace) has it taken off. No ``</think>``: all of it is
+  reasoning (cut short while thinking), no content.
+- ``qwen3`` (Qwen3, QwQ, Qwen3.5): the same reading of the tags (vLLM's current one: a Qwen3.5
+  template opens ``<think>`` in the prompt as R1's does), but ``chat_template_kwargs``'
+  ``enable_thinking: false`` makes the whole output content: the template closed the think block
+  in the prompt itself (vLLM routes such a stream as content, ``prompt_is_reasoning_end``).
+
+Where dlora differs from vLLM: only a ``<think>`` that opens the output is taken off; one later on
+is reasoning text (vLLM's whole-output reading drops it and all the text before it, while its
+stream keeps that text as reasoning: dlora answers both as its stream does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PARSERS = ("deepseek_r1", "qwen3")
+_OPEN, _CLOSE = "<think>", "</think>"
+
+
+def thinking(kind: str, chat_template_kwargs: dict[str, object] | None) -> bool:
+    """Whether a chat's output is read for reasoning: not a qwen3 chat whose template was told
+    ``enable_thinking: false`` (its think block is closed in the prompt)."""
+    return not (kind == "qwen3" and (chat_template_kwargs or {}).get("enable_thinking", True) is False)
+
+
+@dataclass
+class ReasoningParser:
+    """Reads one choice's output (``feed`` each piece as it comes, then ``finish``): each returns
+    the (reasoning, content) text to send now."""
+
+    kind: str
+    thinking: bool = True  # false: the whole output is content (``thinking``)
+    _state: str = "start"  # start: a <think> may yet open the output; reasoning; content
+    _held: str = ""  # text not given out yet: a possible start of a tag (a few characters)
+
+    def feed(self, text: str) -> tuple[str, str]:
+        if not self.thinking or self._state == "content":
+            return "", text
+        self._held += text
+        if self._state == "start":
+            start = self._held.lstrip()
+            if _OPEN.startswith(start) and start != _OPEN:
+                return "", ""  # whitespace, or a part of "<think>": which is it?
+            if start.startswith(_OPEN):
+                self._held = start[len(_OPEN) :]
+            self._state = "reasoning"
+        end = self._held.find(_CLOSE)
+        if end >= 0:
+            reasoning, content = self._held[:end], self._held[end + len(_CLOSE) :]
+            self._held, self._state = "", "content"
+            return reasoning, content
+        keep = _partial_tag(self._held, _CLOSE)
+        reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        return reasoning, ""
+
+    def finish(self) -> tuple[str, str]:
+        """The end of the output: text held back is reasoning (a think block not closed)."""
+        reasoning, content = self.feed("")
+        rest, self._held = self._held, ""
+        return reasoning + rest, content
+
+    def piece(self, text: str, last: bool) -> tuple[str, str]:
+        """``feed``, and ``finish`` too where ``text`` is the output's last piece."""
+        reasoning, content = self.feed(text)
+        if not last:
+            return reasoning, content
+        more, rest = self.finish()
+        return reasoning + more, content + rest
+
+    @property
+    def ended(self) -> bool:
+        """Whether the reasoning is over (``</think>`` read, or none to read)."""
+        return not self.thinking or self._state == "content"
+
+
+def split(kind: str, text: str, thinking: bool = True) -> tuple[str | None, str | None]:
+    """A whole output as vLLM's message gives it: (reasoning, content), each None where there is
+    none (reasoning: not read; content: empty). No ``kind`` (no parser): the text as it is."""
+    if not kind:
+        return None, text
+    parser = ReasoningParser(kind, thinking)
+    reasoning, content = parser.feed(text)
+    rest, more = parser.finish()
+    return (reasoning + rest if thinking else None), (content + more) or None
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """How many characters at the end of ``text`` could begin ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
