@@ -95,17 +95,12 @@ class Gateway:
         if given:  # as vLLM says it
             logger.info("default sampling parameters from the model's generation_config.json", **given)
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
-        served = ServedModel.of(
-            cast(Tokenizer, self.tokenizer),
-            self.cfg,
-            self.context,
-            given,
-            settings.grammar_compilation_timeout_s,
-            settings.grammar_compilation_memory_mb,
-        )
+        compiling = (settings.grammar_compilation_timeout_s, settings.grammar_compilation_memory_mb)
+        served = ServedModel.of(cast(Tokenizer, self.tokenizer), self.cfg, self.context, given, *compiling)
         self.served = dataclasses.replace(
             served,
             tool_call_parser=settings.tool_call_parser,
+            reasoning_parser=settings.reasoning_parser,
             content_format=settings.chat_template_content_format,
             model_digest=model_digest(self.cfg, self.tokenizer.get_vocab()),
         )

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from dlora.common.undecodable import field_of
+from dlora.services.gateway.reasoning import ReasoningParser, split
 from dlora.services.gateway.tool_calls import CallStream
 from dlora.services.gateway.tool_parsers import Call, ToolParser, short_call_id
 
@@ -318,6 +319,11 @@ class Shape:
     # A chat reply's role: the assistant's, or with add_generation_prompt false the last message's
     # (vLLM's get_chat_request_role: an echoed user message came back as the assistant's)
     role: str = "assistant"
+    # The gateway's reasoning_parser ("": off): a chat's <think> block goes out as "reasoning", the rest as
+    # content, the only text tool_parser reads (reasoning.py); thinking false (qwen3's enable_thinking): all content.
+    reasoning_parser: str = ""
+    thinking: bool = True
+    _reasoners: dict[int, ReasoningParser] = field(default_factory=dict)
 
     @classmethod
     def new(cls, chat: bool, request_id: str, model: str) -> Shape:
@@ -334,6 +340,7 @@ class Shape:
         for c in sorted(choices, key=lambda c: c.index):
             choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             choice["stop_reason"] = c.stop_reason
+            reasoning, text = split(self.reasoning_parser, c.text, self.thinking)
             if self.tools_required:
                 (calls := CallStream()).feed(c.text)
                 listed = [self._call(c.index, args, name, k) for k, (name, args) in enumerate(calls.calls)]
@@ -345,7 +352,7 @@ class Shape:
                 choice["message"] = {"role": self.role, "content": None, "tool_calls": [call]}
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser)
-                content, calls = self._allowed(_joined(parser.feed(c.text), parser.finish()))
+                content, calls = self._allowed(_joined(parser.feed(text or ""), parser.finish()))
                 choice["message"] = {"role": self.role, "content": content}
                 if calls:
                     listed = [self._call(c.index, args, name, k) for k, name, args in calls]
@@ -353,9 +360,11 @@ class Shape:
                     if c.finish_reason == "stop":
                         choice["finish_reason"] = "tool_calls"
             elif self.chat:
-                choice["message"] = {"role": self.role, "content": c.text}
+                choice["message"] = {"role": self.role, "content": text}
             else:
                 choice["text"] = c.text
+            if self.reasoning_parser and self.chat:  # vLLM's: null where there is none
+                choice["message"] |= {"content": choice["message"]["content"] or None, "reasoning": reasoning}
             if c.prompt_logprobs is not None and not self.chat:
                 choice["prompt_logprobs"] = c.prompt_logprobs
             if c.token_ids is not None:
@@ -392,6 +401,10 @@ class Shape:
         choice["stop_reason"] = stop_reason
         if token_ids is not None:
             choice["token_ids"] = token_ids
+        reasoning = ""
+        if self.reasoning_parser and self.chat:  # the reasoning apart; the rest read as before
+            reasoner = self._reasoners.setdefault(index, ReasoningParser(self.reasoning_parser, self.thinking))
+            reasoning, text = reasoner.piece(text, finish_reason is not None)
         if self.tools_required:  # each call whole, id, name and arguments, as its item of the list ends
             calls = self._call_streams.setdefault(index, CallStream())
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls.feed(text)]
@@ -414,7 +427,7 @@ class Shape:
             content, calls = self._allowed((content, calls))
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls]
             delta: dict[str, Any] = {"role": self.role} if first else {}
-            if content or first or (finish_reason is None and not listed):
+            if content or first or (finish_reason is None and not listed and not reasoning):
                 delta["content"] = content
             choice["delta"] = delta | ({"tool_calls": listed} if listed else {})
             if finish_reason == "stop" and parser.calls:
@@ -423,12 +436,14 @@ class Shape:
             # Content always, "" too, but in the last event when it adds nothing (OpenAI's "delta":
             # {}): a token whose text is held back (a character split across tokens) still has an
             # event, and code that appends delta.content mid-stream must not meet None (vLLM sends "").
-            content = {"content": text} if text or first or finish_reason is None else {}
+            content = {"content": text} if text or first or (finish_reason is None and not reasoning) else {}
             choice["delta"] = ({"role": self.role} if first else {}) | content
         else:
             choice["text"] = text
             if prompt_token_ids is not None:
                 choice["prompt_token_ids"] = prompt_token_ids
+        if reasoning:
+            choice["delta"]["reasoning"] = reasoning
         head = self._head(True)
         if self.chat and prompt_token_ids is not None:
             head["prompt_token_ids"] = prompt_token_ids
@@ -448,8 +463,9 @@ class Shape:
             return False
         if choice.get("token_ids"):  # return_token_ids: the ids must all reach the client (a review)
             return False
-        calls = choice["delta"].get("tool_calls", [])
-        return not choice["delta"].get("content") and not any("id" in c or c["function"]["arguments"] for c in calls)
+        delta = choice["delta"]
+        said = delta.get("content") or delta.get("reasoning")
+        return not said and not any("id" in c or c["function"]["arguments"] for c in delta.get("tool_calls", []))
 
     def _call(self, index: int, arguments: str, name: str | None = None, k: int = 0) -> dict[str, Any]:
         """Choice ``index``'s ``k``-th call, of ``name`` (default: the forced function), with

@@ -28,6 +28,7 @@ from dlora.services.gateway.openai import (
     Shape,
     model_not_found,
 )
+from dlora.services.gateway.reasoning import thinking
 from dlora.services.gateway.sampling import (
     auto_tools,
     forced_tool,
@@ -72,6 +73,8 @@ class ServedModel:
     defaults: Mapping[str, float] = field(default_factory=dict)
     # How the model writes tool calls in its text (the gateway's tool_call_parser; "": not read).
     tool_call_parser: str = ""
+    # How the model writes its reasoning (the gateway's reasoning_parser; "": not read).
+    reasoning_parser: str = ""
     # How a chat message's content reaches the template (the gateway's chat_template_content_format).
     content_format: str = "auto"
     # Its digest (``model.config.model_digest``): each request says which model its ids are for.
@@ -223,6 +226,12 @@ def shape_request(
             f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} per request",
             param="n" if n > 1 else "prompt",  # the field that made too many
         )
+    if chat and model.reasoning_parser and (asked_for := structured_field(body)) is not None:
+        # vLLM holds the grammar back until the reasoning ends; dlora's workers cannot yet, and a
+        # grammar over the whole output leaves the model no room to think
+        why = f"{asked_for} (a structured output) is not served with the gateway's reasoning_parser "
+        why += f"({model.reasoning_parser}): its grammar would bind the reasoning too; leave out one of the two"
+        raise APIError(400, why, param=asked_for)
     choices: list[ChoicePlan] = []
     # max_tokens 0 generates nothing (with echo: the prompt back), unless the prompt's logprobs are
     # asked for (OpenAI's original loglikelihood request, or vLLM's prompt_logprobs): those come
@@ -295,6 +304,10 @@ def shape_request(
             call_ids=request_id.rsplit("-", 1)[-1],
             call_id_length=model.call_id_length,
             role=role,
+            reasoning_parser=model.reasoning_parser if chat else "",
+            thinking=thinking(model.reasoning_parser, body.chat_template_kwargs)
+            if isinstance(body, ChatBody)
+            else True,
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),

@@ -458,3 +458,25 @@ async def test_events_waiting_together_go_out_in_one_write_each_still_its_own_ev
     texts = [json.loads(line[6:])["choices"][0]["text"] for line in body.splitlines() if line.startswith("data: {")]
     assert texts == ["t0", "t1", "t2", "!"]
     assert body.rstrip().endswith("data: [DONE]")
+
+
+def test_a_reasoning_parser_reads_chats_alone_and_refuses_structured_outputs(served: ServedModel) -> None:
+    """vLLM holds a grammar back until the reasoning ends; dlora cannot yet: a structured output
+    beside the gateway's reasoning_parser is refused, naming both, not bound over the reasoning."""
+    user = {"role": "user", "content": "hi"}
+    thinks = dataclasses.replace(served, reasoning_parser="qwen3")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for extra, field in [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+        ({"tools": [tool], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ]:
+        e = refused(thinks, {"messages": [user], "max_tokens": 2} | extra, chat=True)
+        assert (e.status, e.param) == (400, field) and "reasoning_parser (qwen3)" in e.message
+    job = shape(thinks, {"messages": [user], "max_tokens": 2}, chat=True)
+    assert (job.shape.reasoning_parser, job.shape.thinking) == ("qwen3", True)
+    off = {"messages": [user], "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}}
+    assert shape(thinks, off, chat=True).shape.thinking is False
+    assert shape(thinks, {"prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}).shape.reasoning_parser == ""

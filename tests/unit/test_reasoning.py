@@ -4,9 +4,11 @@ one reading for a whole output and a stream, however its tokens split the tags."
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
+from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.reasoning import ReasoningParser, split, thinking
 from dlora.services.gateway.settings import GatewaySettings
 
@@ -79,3 +81,55 @@ def test_a_reasoning_parser_must_be_one_dlora_has() -> None:
     assert [p[0] for p in problems] == ["reasoning_parser"] and "deepseek_r1" in problems[0][2]
     assert GatewaySettings(model="m", reasoning_parser="qwen3").check() == []
     assert GatewaySettings(model="m").reasoning_parser == ""  # off unless set, as vLLM's
+
+
+def _stream(shape: Shape, text: str, cuts: list[int], finish: str = "stop") -> list[dict[str, Any]]:
+    """The events of one choice whose tokens are ``text`` cut at ``cuts``, as sent (silent ones not)."""
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    events = [shape.chunk("", None, first=True)] + [shape.chunk(p, None) for p in pieces]
+    events.append(shape.chunk("", finish))
+    return [e["choices"][0] for e in events if not shape.silent(e)]
+
+
+THOUGHT_CALL = '<think>I could call <tool_call>{"name": "f", "arguments": {}}</tool_call></think>Sure.'
+
+
+@pytest.mark.parametrize("tool_parser", ["", "hermes"])
+def test_a_chat_answers_reasoning_apart_alike_whole_and_streamed(tool_parser: str) -> None:
+    """The message's reasoning and content (null where none, vLLM's), and a stream whose deltas
+    carry the reasoning then the content, joined to the same; a hermes call written while thinking
+    is reasoning, not a call."""
+    rng = random.Random(3)
+    texts = [THOUGHT_CALL, "r</think>", "no close", 'ok</think>A<tool_call>{"name": "g", "arguments": {}}</tool_call>']
+    for text in texts:
+        shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="qwen3", tool_parser=tool_parser)
+        [whole] = shape.full([Choice(0, text=text, finish_reason="stop")], 1, 1)["choices"]
+        message = whole["message"]
+        for _ in range(30):
+            cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, 8)))
+            shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="qwen3", tool_parser=tool_parser)
+            events = _stream(shape, text, cuts)
+            deltas = [e["delta"] for e in events]
+            reasoning = "".join(d.get("reasoning", "") for d in deltas)
+            assert reasoning == message["reasoning"]
+            assert "".join(d.get("content") or "" for d in deltas) == (message["content"] or "")
+            calls = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])]
+            assert calls == [c["function"]["name"] for c in message.get("tool_calls", [])]
+            assert events[-1]["finish_reason"] == whole["finish_reason"]
+            said = [("reasoning" in d, bool(d.get("content"))) for d in deltas]
+            last_reasoning = max((i for i, (r, _) in enumerate(said) if r), default=-1)
+            assert not any(c for _, c in said[:last_reasoning])  # reasoning first, then content
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="qwen3", tool_parser="hermes")
+    [whole] = shape.full([Choice(0, text=THOUGHT_CALL, finish_reason="stop")], 1, 1)["choices"]
+    assert whole["message"] == {"role": "assistant", "content": "Sure.", "reasoning": THOUGHT_CALL[7:-13]}
+    assert whole["finish_reason"] == "stop"
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1", thinking=True)
+    [whole] = shape.full([Choice(0, text="cut while thinking", finish_reason="length")], 1, 1)["choices"]
+    assert whole["message"] == {"role": "assistant", "content": None, "reasoning": "cut while thinking"}
+
+
+def test_without_a_reasoning_parser_the_answer_is_as_before() -> None:
+    shape = Shape(True, "chatcmpl-x", "m", 0)
+    [whole] = shape.full([Choice(0, text="<think>a</think>b", finish_reason="stop")], 1, 1)["choices"]
+    assert whole["message"] == {"role": "assistant", "content": "<think>a</think>b"}
+    assert "reasoning" not in shape.chunk("<think>a</think>b", None)["choices"][0]["delta"]
