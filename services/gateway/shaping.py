@@ -215,6 +215,9 @@ def shape_request(
     if isinstance(body, ChatBody) and echo and body.tools and body.tool_choice != "none":
         why = "echo is not served with tools unless tool_choice is none: the echo would be read as the model's calls"
         raise APIError(400, why, param="echo")
+    if isinstance(body, ChatBody) and echo and model.reasoning_parser:  # vLLM sends it apart, as content
+        why = f"echo is not served with the gateway's reasoning_parser ({model.reasoning_parser}): the echoed "
+        raise APIError(400, why + "message would be read as the model's reasoning", param="echo")
     # A chat's echo is the last message's text (vLLM's), the same for each choice
     chat_echo = echoed(body.messages, template.add_generation_prompt) if isinstance(body, ChatBody) and echo else ""
     if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM refuse it

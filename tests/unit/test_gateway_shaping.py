@@ -475,6 +475,8 @@ def test_a_reasoning_parser_reads_chats_alone_and_refuses_structured_outputs(ser
     ]:
         e = refused(thinks, {"messages": [user], "max_tokens": 2} | extra, chat=True)
         assert (e.status, e.param) == (400, field) and "reasoning_parser (qwen3)" in e.message
+    e = refused(thinks, {"messages": [user], "max_tokens": 2, "echo": True}, chat=True)
+    assert (e.status, e.param) == (400, "echo") and "reasoning_parser (qwen3)" in e.message
     job = shape(thinks, {"messages": [user], "max_tokens": 2}, chat=True)
     assert (job.shape.reasoning_parser, job.shape.thinking) == ("qwen3", True)
     off = {"messages": [user], "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}}
