@@ -32,6 +32,8 @@ CASES = [
     ("deepseek_r1", "x<think>y</think>z", "x<think>y", "z"),  # a later <think> is reasoning text
     ("deepseek_r1", "<thinker</think>z", "<thinker", "z"),
     ("deepseek_r1", "r</think>c</think>d", "r", "c</think>d"),  # the first close ends it
+    # once the reasoning ended, literal tags are content (vLLM #48971: its Olmo3 stream went back to reasoning)
+    ("qwen3", "r</think>c<think>d</think>e", "r", "c<think>d</think>e"),
     ("qwen3", "<think>\nhmm\n</think>\n\nAnswer.", "\nhmm\n", "\n\nAnswer."),
     ("qwen3", "<think>\n\n</think>\n\nAnswer.", "\n\n", "\n\nAnswer."),
     ("qwen3", "Qwen3.5 opened it in the prompt</think>A", "Qwen3.5 opened it in the prompt", "A"),
@@ -133,3 +135,17 @@ def test_without_a_reasoning_parser_the_answer_is_as_before() -> None:
     [whole] = shape.full([Choice(0, text="<think>a</think>b", finish_reason="stop")], 1, 1)["choices"]
     assert whole["message"] == {"role": "assistant", "content": "<think>a</think>b"}
     assert "reasoning" not in shape.chunk("<think>a</think>b", None)["choices"][0]["delta"]
+
+
+def test_each_choice_of_a_stream_has_its_own_reading() -> None:
+    """n > 1: the choices' tokens interleave; one's </think> ends no other's reasoning."""
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1")
+    deltas: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+    for index, text in [(0, "a</th"), (1, "b"), (0, "ink>A"), (1, "</think>B"), (0, ""), (1, "")]:
+        deltas[index].append(shape.chunk(text, None, index=index)["choices"][0]["delta"])
+    for index in (0, 1):
+        deltas[index].append(shape.chunk("", "stop", index=index)["choices"][0]["delta"])
+    assert [
+        ("".join(d.get("reasoning", "") for d in deltas[i]), "".join(d.get("content", "") for d in deltas[i]))
+        for i in (0, 1)
+    ] == [("a", "A"), ("b", "B")]
