@@ -14,7 +14,7 @@ import msgspec
 from dlora.common.undecodable import field_of
 from dlora.services.gateway.reasoning import ReasoningParser, split
 from dlora.services.gateway.tool_calls import CallStream
-from dlora.services.gateway.tool_parsers import Call, ToolParser, short_call_id
+from dlora.services.gateway.tool_parsers import Call, ToolParser, joined, short_call_id
 
 
 class APIError(Exception):
@@ -213,6 +213,7 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool | None = None  # vLLM's: false, a reasoning parser's reasoning not answered (Shape)
     # vLLM's: the reply's content begins with the last message's where that has the reply's role
     # (chat_template.echoed): a continued message comes back whole.
     echo: bool | None = None
@@ -323,6 +324,7 @@ class Shape:
     # content, the only text tool_parser reads (reasoning.py); thinking false (qwen3's enable_thinking): all content.
     reasoning_parser: str = ""
     thinking: bool = True
+    include_reasoning: bool = True  # false (with a reasoning_parser): no reasoning, nor logprobs or token ids (vLLM's)
     _reasoners: dict[int, ReasoningParser] = field(default_factory=dict)
 
     @classmethod
@@ -338,7 +340,8 @@ class Shape:
     ) -> dict[str, Any]:
         out = []
         for c in sorted(choices, key=lambda c: c.index):
-            choice: dict[str, Any] = {"index": c.index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            shown = c.logprobs if self.include_reasoning else None
+            choice: dict[str, Any] = {"index": c.index, "logprobs": shown, "finish_reason": c.finish_reason}
             choice["stop_reason"] = c.stop_reason
             reasoning, text = split(self.reasoning_parser, c.text, self.thinking)
             if self.tools_required:
@@ -352,7 +355,7 @@ class Shape:
                 choice["message"] = {"role": self.role, "content": None, "tool_calls": [call]}
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser)
-                content, calls = self._allowed(_joined(parser.feed(text or ""), parser.finish()))
+                content, calls = self._allowed(joined(parser.feed(text or ""), parser.finish()))
                 choice["message"] = {"role": self.role, "content": content}
                 if calls:
                     listed = [self._call(c.index, args, name, k) for k, name, args in calls]
@@ -364,6 +367,7 @@ class Shape:
             else:
                 choice["text"] = c.text
             if self.reasoning_parser and self.chat:  # vLLM's: null where there is none
+                reasoning = reasoning if self.include_reasoning else None
                 choice["message"] |= {"content": choice["message"]["content"] or None, "reasoning": reasoning}
             if c.prompt_logprobs is not None and not self.chat:
                 choice["prompt_logprobs"] = c.prompt_logprobs
@@ -397,14 +401,14 @@ class Shape:
     ) -> dict[str, Any]:
         """One event of a streamed response; ``token_ids`` / ``prompt_token_ids``: vLLM's
         return_token_ids (the event's tokens; the prompt's, with a choice's first event)."""
-        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+        shown = logprobs if self.include_reasoning else None
+        choice: dict[str, Any] = {"index": index, "logprobs": shown, "finish_reason": finish_reason}
         choice["stop_reason"] = stop_reason
-        if token_ids is not None:
+        if token_ids is not None and self.include_reasoning:
             choice["token_ids"] = token_ids
-        reasoning = ""
-        if self.reasoning_parser and self.chat:  # the reasoning apart; the rest read as before
-            reasoner = self._reasoners.setdefault(index, ReasoningParser(self.reasoning_parser, self.thinking))
-            reasoning, text = reasoner.piece(text, finish_reason is not None)
+        reasoner = self._reasoners.setdefault(index, ReasoningParser(self.reasoning_parser, self.thinking))
+        reasoning, text = reasoner.piece(text, finish_reason is not None)  # (no parser: "", the text as it is)
+        reasoning = reasoning if self.include_reasoning else ""  # (its event says content "", as a held token's)
         if self.tools_required:  # each call whole, id, name and arguments, as its item of the list ends
             calls = self._call_streams.setdefault(index, CallStream())
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls.feed(text)]
@@ -423,7 +427,7 @@ class Shape:
             parser = self._parsers.setdefault(index, ToolParser(self.tool_parser))
             content, calls = parser.feed(text)
             if finish_reason is not None:
-                content, calls = _joined((content, calls), parser.finish())
+                content, calls = joined((content, calls), parser.finish())
             content, calls = self._allowed((content, calls))
             listed = [self._call(index, args, name, k) | {"index": k} for k, name, args in calls]
             delta: dict[str, Any] = {"role": self.role} if first else {}
@@ -479,10 +483,6 @@ class Shape:
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
-
-
-def _joined(*parts: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
-    return "".join(text for text, _ in parts), [call for _, calls in parts for call in calls]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:

@@ -37,13 +37,13 @@ class ReasoningParser:
     """Reads one choice's output (``feed`` each piece as it comes, then ``finish``): each returns
     the (reasoning, content) text to send now."""
 
-    kind: str
+    kind: str  # "": none, the text all content
     thinking: bool = True  # false: the whole output is content (``thinking``)
     _state: str = "start"  # start: a <think> may yet open the output; reasoning; content
     _held: str = ""  # text not given out yet: a possible start of a tag (a few characters)
 
     def feed(self, text: str) -> tuple[str, str]:
-        if not self.thinking or self._state == "content":
+        if not self.kind or not self.thinking or self._state == "content":  # ("": no parser)
             return "", text
         self._held += text
         if self._state == "start":

@@ -308,6 +308,9 @@ def shape_request(
             call_id_length=model.call_id_length,
             role=role,
             reasoning_parser=model.reasoning_parser if chat else "",
+            include_reasoning=not (
+                isinstance(body, ChatBody) and model.reasoning_parser and body.include_reasoning is False
+            ),
             thinking=thinking(model.reasoning_parser, body.chat_template_kwargs)
             if isinstance(body, ChatBody)
             else True,

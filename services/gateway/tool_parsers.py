@@ -329,6 +329,11 @@ class ToolParser:
         return "", out
 
 
+def joined(*parts: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
+    """Readings of one output's pieces, in order, as one: the content joined, the calls listed."""
+    return "".join(text for text, _ in parts), [call for _, calls in parts for call in calls]
+
+
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"

@@ -479,6 +479,9 @@ def test_a_reasoning_parser_reads_chats_alone_and_refuses_structured_outputs(ser
     assert (e.status, e.param) == (400, "echo") and "reasoning_parser (qwen3)" in e.message
     job = shape(thinks, {"messages": [user], "max_tokens": 2}, chat=True)
     assert (job.shape.reasoning_parser, job.shape.thinking) == ("qwen3", True)
+    hidden = {"messages": [user], "max_tokens": 2, "include_reasoning": False}
+    assert shape(thinks, hidden, chat=True).shape.include_reasoning is False
+    assert shape(served, hidden, chat=True).shape.include_reasoning is True  # no parser: nothing to hide
     off = {"messages": [user], "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}}
     assert shape(thinks, off, chat=True).shape.thinking is False
     assert shape(thinks, {"prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}).shape.reasoning_parser == ""

@@ -6,9 +6,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import msgspec
 import pytest
 
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.openai import ChatBody, Choice, Shape
 from dlora.services.gateway.reasoning import ReasoningParser, split, thinking
 from dlora.services.gateway.settings import GatewaySettings
 
@@ -149,3 +150,17 @@ def test_each_choice_of_a_stream_has_its_own_reading() -> None:
         ("".join(d.get("reasoning", "") for d in deltas[i]), "".join(d.get("content", "") for d in deltas[i]))
         for i in (0, 1)
     ] == [("a", "A"), ("b", "B")]
+
+
+def test_include_reasoning_false_answers_no_reasoning_nor_what_would_show_it() -> None:
+    """vLLM's include_reasoning: false: reasoning null, and no logprobs or token ids, whose tokens
+    would show it (the field was refused as unknown)."""
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1", include_reasoning=False)
+    part = {"content": [{"token": "a", "logprob": -1.0}]}
+    [whole] = shape.full([Choice(0, text="a</think>b", finish_reason="stop", logprobs=part)], 1, 1)["choices"]
+    assert whole["message"] == {"role": "assistant", "content": "b", "reasoning": None} and whole["logprobs"] is None
+    choices = [shape.chunk(t, None, logprobs=part, token_ids=[1])["choices"][0] for t in ("a</think>", "b")]
+    assert [c["delta"] for c in choices] == [{"content": ""}, {"content": "b"}]
+    assert all(c["logprobs"] is None and "token_ids" not in c for c in choices)
+    body = msgspec.json.decode(b'{"messages": [], "include_reasoning": false}', type=ChatBody)
+    assert body.include_reasoning is False
