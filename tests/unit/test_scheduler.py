@@ -6,7 +6,7 @@ import torch
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import Limits, preempt, queued, schedule
-from dlora.services.worker.engine.sequence import Sequence, Status
+from dlora.services.worker.engine.sequence import PRIORITY_SPAN, Sequence, Status
 from dlora.services.worker.policy import StepDecision, SwitchedFeeds
 
 LIMITS = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2, chunked_prefill=False)
@@ -67,6 +67,27 @@ def test_a_sequence_with_no_victim_preempts_itself() -> None:
     s = running(seq("a", 0, 4, outputs=1), bm)
     plan = schedule(StepDecision(None, ["a"]), {"a": s}, bm, LIMITS)
     assert plan.seqs == [] and plan.preempted == [s]
+
+
+def test_a_decode_never_takes_a_higher_priority_s_blocks_but_takes_a_lower_one_s_in_the_step() -> None:
+    """vLLM's priority scheduling (the lead's decision on dLoRA's victim rule): the urgent decode,
+    after a low-priority one the decision put first (credits), takes that one's blocks, though it
+    is in the step, not those of the paused urgent one outside it; the low-priority one, short of
+    a block itself, gives up its own."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    low = running(seq("low", 10, 2, adapter="a", outputs=1), bm)  # its next token fits its block
+    urgent = running(seq("urgent", 4, 4, adapter="b", outputs=1), bm)
+    paused = running(seq("paused", 2, 8, adapter="c", outputs=1), bm)  # holds 2 blocks
+    low.arrival += 5 * PRIORITY_SPAN
+    seqs = {s.request_id: s for s in (low, urgent, paused)}
+    plan = schedule(StepDecision(None, ["low", "urgent"]), seqs, bm, LIMITS)
+    assert plan.preempted == [low] and [s.request_id for s in plan.seqs] == ["urgent"]
+    assert low.num_scheduled == 0 and bm.holds("paused") and bm.table("low") == []
+    bm = BlockManager(num_blocks=3, block_size=4)
+    low, paused = running(seq("low", 10, 4, outputs=1), bm), running(seq("paused", 2, 8, outputs=1), bm)
+    low.arrival += 5 * PRIORITY_SPAN
+    plan = schedule(StepDecision(None, ["low"]), {"low": low, "paused": paused}, bm, LIMITS)
+    assert plan.seqs == [] and plan.preempted == [low] and bm.holds("paused")
 
 
 def test_limits_on_adapters_sequences_and_tokens() -> None:

@@ -1,10 +1,11 @@
 """Turn a policy's decision into this step's batch under memory, token and adapter-slot limits.
 
 Pure bookkeeping over sequences and the block manager: no tensors. A running sequence that
-needs a block when none is free takes one from the most recently arrived sequence holding blocks
-outside the batch (or gives up its own), which is preempted by recompute: its blocks are freed
-and it re-enters as a prefill of its prompt plus the tokens it already produced (whose full
-blocks the prefix cache may still hold).
+needs a block when none is free takes one from the lowest priority, never a higher one than its
+own: the most recently arrived sequence of it holding blocks outside the batch, or one of the
+batch of a strictly lower priority, or it gives up its own (``_victim``). That one is preempted by
+recompute: its blocks are freed and it re-enters as a prefill of its prompt plus the tokens it
+already produced (whose full blocks the prefix cache may still hold).
 """
 
 from __future__ import annotations
@@ -200,6 +201,13 @@ def schedule(
             fits = _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision)
             for victim in out.preempted[before:]:  # a decode preempted is no longer one to hold room for
                 pending -= decodes.pop(victim.request_id, 0)
+                if victim.request_id in chosen:  # one of the step, of a lower priority: out of it again
+                    chosen.remove(victim.request_id)
+                    out.seqs.remove(victim)
+                    tokens -= victim.num_scheduled
+                    victim.num_scheduled = 0
+                    providers = [p for p in providers if p[0] is not victim]
+                    adapters = {s.adapter for s in out.seqs if s.adapter not in (None, merged)}
             if not fits:
                 _release(seq, blocks, fresh)
                 continue
@@ -243,14 +251,15 @@ def _fits(
     chosen: set[str],
     decision: StepDecision,
 ) -> bool:
-    """Whether ``seq`` can hold ``num_tokens``, preempting others where it may: a decode takes
-    blocks from sequences outside the step (or gives up its own); a prefill waits for free blocks
+    """Whether ``seq`` can hold ``num_tokens``, preempting others where it may (``_victim``): a
+    decode takes blocks from sequences outside the step or of the step's of a lower priority (or
+    gives up its own); a prefill waits for free blocks
     rather than evicting running work, unless the step would otherwise be empty: then sequences
     the decision left out (paused while another adapter is merged) give their blocks back, but
     not prefills that came before it, and then those of the decision that arrived after it."""
     rid = seq.request_id
     if seq.status is Status.RUNNING:
-        out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=chosen | {rid})
+        out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=chosen | {rid}, step=out.seqs)
         if not blocks.can_grow(rid, num_tokens):
             preempt(seq, blocks)
             out.preempted.append(seq)
@@ -281,13 +290,17 @@ def _release(seq: Sequence, blocks: BlockManager, fresh: bool) -> None:
 
 
 def _make_room(
-    seq: Sequence, num_tokens: int, seqs: dict[str, Sequence], blocks: BlockManager, exclude: set[str]
+    seq: Sequence,
+    num_tokens: int,
+    seqs: dict[str, Sequence],
+    blocks: BlockManager,
+    exclude: set[str],
+    step: list[Sequence] | None = None,
 ) -> list[Sequence]:
-    """Preempt sequences holding blocks outside ``exclude``, the last in scheduling order first
-    (the lowest priority's latest arrival: ``fcfs_arrival``), until ``seq`` can hold ``num_tokens``."""
+    """Preempt sequences (``_victim``) until ``seq`` can hold ``num_tokens``."""
     victims = []
     while not blocks.can_grow(seq.request_id, num_tokens):
-        victim = _latest_holding(seqs, blocks, exclude)
+        victim = _victim(seq, seqs, blocks, exclude, step or [])
         if victim is None:
             break
         preempt(victim, blocks)
@@ -295,6 +308,20 @@ def _make_room(
     return victims
 
 
-def _latest_holding(seqs: dict[str, Sequence], blocks: BlockManager, exclude: set[str]) -> Sequence | None:
-    holding = [s for s in seqs.values() if blocks.holds(s.request_id) and s.request_id not in exclude]
-    return max(holding, key=lambda s: s.arrival, default=None)
+def _victim(
+    seq: Sequence, seqs: dict[str, Sequence], blocks: BlockManager, exclude: set[str], step: list[Sequence]
+) -> Sequence | None:
+    """Who gives ``seq`` blocks: one holding them outside ``exclude`` or, of a strictly lower
+    priority than ``seq``'s, one of ``step`` (the step's own, scheduled already); never one of a
+    higher priority (vLLM's priority scheduling preempts its lowest-priority request: a merged step
+    of low-priority decodes took the blocks of an urgent request it left paused, a helper's fuzz).
+    The lowest priority first; within one, dLoRA's rule: outside the step before the step's own,
+    the latest to arrive first (the highest key, ``fcfs_arrival``)."""
+    outside = [
+        (s.priority, 1, s.arrival, s)
+        for s in seqs.values()
+        if s.priority >= seq.priority and s.request_id not in exclude and blocks.holds(s.request_id)
+    ]
+    inside = [(s.priority, 0, s.arrival, s) for s in step if s.priority > seq.priority]
+    best = max([*outside, *inside], key=lambda c: c[:3], default=None)
+    return None if best is None else best[3]

@@ -65,6 +65,12 @@ class Sequence:
         return key + b"\x00salt=" + self.cache_salt.encode() if self.cache_salt else key
 
     @property
+    def priority(self) -> int:
+        """vLLM's priority, lower first: its key's (``fcfs_arrival``; a resumed one's may lie one below
+        its priority's base)."""
+        return (self.arrival + 1) // PRIORITY_SPAN
+
+    @property
     def in_flight(self) -> bool:
         """Its last token is reserved, its value not yet on the host (async scheduling)."""
         return bool(self.output_ids) and self.output_ids[-1] == RESERVED

@@ -1,0 +1,57 @@
+"""Who gives up KV, and who runs next, when the cache runs out: vLLM's rules where dLoRA's steps
+leave room for a choice. Every case's tokens are those of the same requests on a cache with room."""
+
+from __future__ import annotations
+
+from dlora.common.messages import SamplingParams
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.policy import StepDecision
+from tests.engine.helpers import make_engine
+
+PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+def add(engine: LLMEngine, requests: dict[str, tuple[str | None, int]]) -> None:
+    """``requests``: id -> (adapter, priority), each a 4-token prompt of its own (one block of 4)."""
+    for i, (rid, (adapter, priority)) in enumerate(requests.items()):
+        prompt = [11 + 7 * i, 40 + i, 300 + 3 * i, 17 + i]
+        engine.add_request(rid, prompt_token_ids=prompt, params=PARAMS, adapter=adapter, priority=priority)
+
+
+def step(engine: LLMEngine, got: dict[str, list[int]], decision: StepDecision | None = None) -> set[str]:
+    """One step (the policy's, unless ``decision``); the requests that made a token."""
+    outs = engine.step(decision)
+    for o in outs:
+        got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return {o.request_id for o in outs if o.new_token_ids}
+
+
+def finish(engine: LLMEngine, got: dict[str, list[int]]) -> dict[str, list[int]]:
+    while engine.has_unfinished():
+        step(engine, got)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    return got
+
+
+def unpressured(tiny: TinyOutput, requests: dict[str, tuple[str | None, int]], **limits) -> dict[str, list[int]]:
+    engine = make_engine(tiny, block_size=4, num_blocks=64, **limits)
+    add(engine, requests)
+    return finish(engine, {})
+
+
+def test_a_merged_step_of_low_priority_never_takes_a_higher_priority_request_s_blocks(tiny_llama: TinyOutput) -> None:
+    """The lead's decision on dLoRA's victim rule: a merged step of adapter A's low-priority
+    decodes, short of a block, preempts its own (vLLM's lowest priority), not the urgent request
+    of adapter B that the step leaves paused (the rule took the latest holder outside the step,
+    whatever its priority: a helper's fuzz)."""
+    a, b = sorted(tiny_llama.adapters)[:2]
+    requests = {"urgent": (b, 0), "low": (a, 5)}
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=4)
+    add(engine, requests)
+    got: dict[str, list[int]] = {}
+    assert step(engine, got, StepDecision(None, ["urgent", "low"])) == {"urgent", "low"}
+    while not engine.stats.preemptions:  # merged on A: the urgent stream is paused
+        step(engine, got, StepDecision(a, ["low"]))
+    assert engine.seqs["urgent"].num_preemptions == 0
+    assert finish(engine, got) == unpressured(tiny_llama, requests)
