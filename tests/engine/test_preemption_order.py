@@ -55,3 +55,21 @@ def test_a_merged_step_of_low_priority_never_takes_a_higher_priority_request_s_b
         step(engine, got, StepDecision(a, ["low"]))
     assert engine.seqs["urgent"].num_preemptions == 0
     assert finish(engine, got) == unpressured(tiny_llama, requests)
+
+
+def test_a_preempted_request_waits_behind_the_decodes_running_when_it_was_preempted(tiny_llama: TinyOutput) -> None:
+    """vLLM puts a preempted request at the front of its waiting queue, and schedules its running
+    requests before the waiting ones: in a full step (two sequences) the recompute of "r", which
+    arrived before "n", does not take the seat of "n", still decoding (it kept its arrival, ran
+    before "n" and left it paused: a helper's fuzz)."""
+    requests = {"p": (None, 0), "r": (None, 0), "n": (None, 0)}
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=4, max_num_seqs=2)
+    add(engine, requests)
+    got: dict[str, list[int]] = {}
+    assert step(engine, got) == {"p", "r"}
+    assert step(engine, got, StepDecision(None, ["n"])) == {"n"}
+    # Each needs its second block now; one is free: "r", the latest outside the step, gives its up.
+    assert step(engine, got, StepDecision(None, ["n", "p"])) == {"n", "p"}
+    assert engine.seqs["r"].num_preemptions == 1
+    assert step(engine, got) == {"p", "n"}
+    assert finish(engine, got) == unpressured(tiny_llama, requests, max_num_seqs=2)

@@ -6,7 +6,7 @@ import torch
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import Limits, preempt, queued, schedule
-from dlora.services.worker.engine.sequence import PRIORITY_SPAN, Sequence, Status
+from dlora.services.worker.engine.sequence import PRIORITY_SPAN, Sequence, Status, requeue
 from dlora.services.worker.policy import StepDecision, SwitchedFeeds
 
 LIMITS = Limits(max_num_seqs=8, max_num_batched_tokens=64, max_adapters=2, chunked_prefill=False)
@@ -361,3 +361,25 @@ def test_an_empty_step_s_prefill_does_not_evict_an_earlier_prefill_left_out() ->
     assert plan.seqs == [] and plan.preempted == [] and bm.table("early") != []
     plan = schedule(StepDecision(None, ["early"]), seqs, bm, LIMITS)
     assert plan.seqs == [early] and early.num_scheduled == 4
+
+
+def test_preempted_requests_go_back_behind_those_holding_kv_and_ahead_of_those_waiting() -> None:
+    """vLLM's order: a preempted request at the front of the waiting queue, running ones first;
+    half-prefilled prompts hold KV (vLLM's running list); those preempted keep their order, and a
+    prompt that never made a token keeps its key."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    run, half = running(seq("run", 4, 4, outputs=1), bm), seq("half", 8, 8)
+    bm.grow("half", 4)
+    v1, v2, fresh, wait = (
+        seq("v1", 2, 4, outputs=2),
+        seq("v2", 6, 4, outputs=1),
+        seq("fresh", 12, 4),
+        seq("wait", 10, 4),
+    )
+    low = seq("low", 5 * PRIORITY_SPAN + 2, 4, outputs=1)
+    seqs = [run, v1, half, v2, wait, fresh, low]
+    assert requeue([v2, fresh, v1, low], seqs, bm.holds, 7) == 10
+    order = sorted(seqs, key=lambda s: s.arrival)
+    assert [s.request_id for s in order] == ["run", "half", "v1", "v2", "wait", "fresh", "low"]
+    assert low.priority == 5 and low.arrival > 5 * PRIORITY_SPAN + 2
+    assert requeue([run], seqs, bm.holds, 10) == 11 and run.arrival == v1.arrival  # ahead of "wait" too

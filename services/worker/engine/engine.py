@@ -39,7 +39,7 @@ from dlora.services.worker.engine.outputs import (
 from dlora.services.worker.engine.placement import PreparedStep, StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import SamplingError, allowed_mask, sample_sequences
 from dlora.services.worker.engine.scheduler import Limits, queued, schedule
-from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
+from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival, requeue
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.structured import GrammarError, Grammars, GrammarUnavailable
@@ -378,14 +378,14 @@ class LLMEngine:
             head = StepDecision(merged, [q.request_id for q in line], mixed=merged is not None)
             plan = schedule(head, self.seqs, self.blocks, self.limits, self._cache_key)
             plan.preempted[:0] = preempted
+        self._arrivals = requeue(plan.preempted, self.seqs.values(), self.blocks.holds, self._arrivals)
         self.stats.preemptions += len(plan.preempted)
         self.stats.record_prefix_cache(plan.prefix_queries, plan.prefix_hits)
         if not plan.seqs:
             return None
         started = self.clock()  # the step's time counts adapter loads, not the switch
-        for seq in plan.seqs:
-            if seq.scheduled_at is None:
-                seq.scheduled_at = started
+        for seq in (s for s in plan.seqs if s.scheduled_at is None):
+            seq.scheduled_at = started
         batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
         fed = [(s.adapter, s.num_scheduled) for s in batch]
         prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,14 +113,15 @@ def fcfs_arrival(count: int, resumed: bool, seqs: Iterable[Sequence], priority: 
     runs first. ``priority`` first (vLLM's priority scheduling: lower is served earlier, 0 is
     normal), then arrival: after every other of its priority (even keys, 2 * count above the
     priority's base); or, for one that resumes outputs produced elsewhere (moved in, or recovered
-    from a lost worker), just ahead of the requests of its priority that arrived here and wait
-    (the odd key below the first of them), behind those running, resumed ones in the order they
-    come (equal keys keep the order they were added in). It was running where it came from: as
-    vLLM puts a preempted request back at the front of its waiting queue, not behind newcomers;
-    ahead of the running ones its recompute would take their decodes' token budget and, as a
-    step's first request where KV is short, evict them. (In the simulator this order did not stop
-    migration hurting at 8 x 64 x 0.5 load, issue 21; ahead of everything, it did.) The policy
-    batches, and the scheduler admits and preempts (the highest key first), by this key."""
+    from a lost worker, or preempted here: ``requeue``), just ahead of the requests of its
+    priority that arrived here and wait (the odd key below the first of them), behind those
+    running, resumed ones in the order they come (equal keys keep the order they were added in).
+    It was running where it came from: as vLLM puts a preempted request back at the front of its
+    waiting queue, not behind newcomers; ahead of the running ones its recompute would take their
+    decodes' token budget and, as a step's first request where KV is short, evict them. (In the
+    simulator this order did not stop migration hurting at 8 x 64 x 0.5 load, issue 21; ahead of
+    everything, it did.) The policy batches, and the scheduler admits and preempts (the highest
+    key first), by this key."""
     base = priority * PRIORITY_SPAN
     arrival = base + 2 * count
     if resumed:
@@ -131,3 +132,20 @@ def fcfs_arrival(count: int, resumed: bool, seqs: Iterable[Sequence], priority: 
         ]
         arrival = min([arrival, *(a - 1 for a in waiting)])
     return arrival
+
+
+def requeue(preempted: list[Sequence], seqs: Iterable[Sequence], holds: Callable[[str], bool], count: int) -> int:
+    """Key the ``preempted`` sequences that were generating as ``fcfs_arrival`` keys a resumed one,
+    in the order they had, ``count`` on from the engine's requests so far: behind the requests of
+    their priority that hold KV (``holds``: half-prefilled prompts too, in vLLM's running list),
+    ahead of those waiting for it; the count after them. vLLM puts a preempted request at the front
+    of its waiting queue and runs its running requests first; kept, a recompute's arrival put it
+    ahead of decodes that arrived later, whose seats in a full step it took (a helper's fuzz)."""
+    requeued = sorted((s for s in preempted if s.output_ids), key=lambda s: s.arrival)
+    if requeued:
+        gone = {s.request_id for s in preempted}
+        others = [s for s in seqs if s.request_id not in gone and not holds(s.request_id)]
+        for seq in requeued:
+            seq.arrival = fcfs_arrival(count, True, others, seq.priority)
+            count += 1
+    return count
