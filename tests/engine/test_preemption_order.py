@@ -73,3 +73,25 @@ def test_a_preempted_request_waits_behind_the_decodes_running_when_it_was_preemp
     assert engine.seqs["r"].num_preemptions == 1
     assert step(engine, got) == {"p", "n"}
     assert finish(engine, got) == unpressured(tiny_llama, requests, max_num_seqs=2)
+
+
+def test_a_lower_priority_prompt_does_not_start_in_a_step_that_preempted_a_higher_one(tiny_llama: TinyOutput) -> None:
+    """vLLM admits no waiting request in a step that preempted one: here "r" takes the blocks of
+    "v" (both priority 0; the decision left "v" out), and the blocks left over went to the prompt
+    of "l" (priority 2), which then decoded on while "v" waited for blocks (a fuzz of the fix of
+    dLoRA's victim rule)."""
+
+    def add_all(engine: LLMEngine) -> None:
+        engine.add_request("r", prompt_token_ids=[11, 40, 300, 17], params=PARAMS)
+        engine.add_request("v", prompt_token_ids=list(range(50, 62)), params=SamplingParams(max_tokens=3))
+        engine.add_request("l", prompt_token_ids=[5, 6, 7], params=PARAMS, priority=2)
+
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=4)
+    add_all(engine)
+    got: dict[str, list[int]] = {}
+    assert step(engine, got, StepDecision(None, ["r", "v"])) == {"r", "v"}  # 1 + 3 blocks: full
+    assert step(engine, got, StepDecision(None, ["r", "l"])) == {"r"}
+    assert engine.seqs["v"].num_preemptions == 1 and not engine.blocks.holds("l")
+    want = make_engine(tiny_llama, block_size=4, num_blocks=64)
+    add_all(want)
+    assert finish(engine, got) == finish(want, {})

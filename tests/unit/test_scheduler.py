@@ -123,6 +123,19 @@ def test_an_empty_step_takes_blocks_from_paused_sequences() -> None:
     assert plan.seqs == [fresh] and plan.preempted == [paused]
 
 
+def test_an_empty_step_s_prefill_takes_a_lower_priority_s_blocks_in_the_decision_first() -> None:
+    """Not those of a paused request of its own priority outside the decision: that one would wait
+    for blocks while the lower priority went on (the lead's rule: never preempted for lower work)."""
+    bm = BlockManager(num_blocks=3, block_size=4)
+    paused = running(seq("p", 0, 4, outputs=1), bm)
+    half = seq("h", 5 * PRIORITY_SPAN + 2, 12)
+    bm.grow("h", 8)  # two chunks in
+    fresh = seq("f", 4, 4)
+    seqs = {"p": paused, "f": fresh, "h": half}
+    plan = schedule(StepDecision(None, ["f", "h"]), seqs, bm, LIMITS)
+    assert plan.seqs == [fresh] and plan.preempted == [half] and bm.holds("p")
+
+
 def test_a_mixed_step_runs_others_beside_the_merged_adapter_within_the_slots_left() -> None:
     bm = BlockManager(num_blocks=64, block_size=4)
     adapters = ["m", "x", None, "m", "y", "x"]

@@ -10,6 +10,7 @@ already produced (whose full blocks the prefix cache may still hold).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ def schedule(
     # it is computed under): hashed only if a fresh prompt comes after them, else ``computed`` names
     # them once, after the forward.
     providers: list[tuple[Sequence, int, int, bytes]] = []
+    floor = math.inf  # the highest priority (lowest value) preempted this step
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -170,6 +172,10 @@ def schedule(
         pending -= decodes.pop(rid, 0)
         reserved = min(pending, limits.max_num_seqs - len(out.seqs) - 1)
         if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
+            continue
+        if seq.status is Status.WAITING and seq.priority > floor:
+            # A higher priority gave blocks up: a lower one's prompt takes none of them (vLLM admits
+            # no waiting request in a step that preempted; one admitted then decoded on as it waited)
             continue
         fresh = not blocks.holds(rid)
         # Which weights compute its KV this step (a decode needs none: it seldom fills a block)
@@ -201,6 +207,7 @@ def schedule(
             fits = _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision)
             for victim in out.preempted[before:]:  # a decode preempted is no longer one to hold room for
                 pending -= decodes.pop(victim.request_id, 0)
+                floor = min(floor, victim.priority)
                 if victim.request_id in chosen:  # one of the step, of a lower priority: out of it again
                     chosen.remove(victim.request_id)
                     out.seqs.remove(victim)
@@ -253,10 +260,10 @@ def _fits(
 ) -> bool:
     """Whether ``seq`` can hold ``num_tokens``, preempting others where it may (``_victim``): a
     decode takes blocks from sequences outside the step or of the step's of a lower priority (or
-    gives up its own); a prefill waits for free blocks
-    rather than evicting running work, unless the step would otherwise be empty: then sequences
-    the decision left out (paused while another adapter is merged) give their blocks back, but
-    not prefills that came before it, and then those of the decision that arrived after it."""
+    gives up its own); a prefill waits for free blocks rather than evicting running work, unless
+    the step would otherwise be empty: then sequences the decision left out (paused while another
+    adapter is merged) or of a lower priority give their blocks back, but not prefills that came
+    before it, and then those of the decision that arrived after it."""
     rid = seq.request_id
     if seq.status is Status.RUNNING:
         out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=chosen | {rid}, step=out.seqs)
@@ -272,7 +279,9 @@ def _fits(
     # Not a prefill that came first: two prompts the cache holds one at a time, each first in
     # turn, evicted each other's chunks for ever (the engine then runs the head of line instead).
     ahead = {r for r, s in seqs.items() if s.status is Status.WAITING and s.arrival < seq.arrival}
-    out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=set(decision.request_ids) | ahead)
+    # (the decision's of a lower priority are not spared: a higher priority outside it went first)
+    spared = {r for r in decision.request_ids if (s := seqs.get(r)) is None or s.priority <= seq.priority}
+    out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=spared | ahead)
     if not blocks.can_grow(rid, num_tokens):
         # Still empty: half-prefilled prompts of the decision that came after this one give their
         # blocks back (else two of them can fill the cache and no step ever runs again).
