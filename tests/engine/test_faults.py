@@ -342,3 +342,40 @@ def test_under_async_scheduling_a_request_aborted_before_its_nan_step_is_looked_
     assert engine.abort("bad")
     assert engine.step() == [] and engine.blocks.num_cached == 0
     assert run_all(engine, {"again": ("lora-0", prompt)}, max_tokens=4)["again"] == want
+
+
+def test_a_request_that_goes_nan_leaves_the_blocks_another_computed_beside_it_under_the_same_names(
+    tiny_llama: TinyOutput,
+) -> None:
+    """Two prompts sharing a two-block prefix computed it in one step (the second's own part too
+    long to wait for the first's blocks): the first cached it. The second's logits came out NaN
+    (a token of its own part overflowed): taking out what it had named, by name, took the first's
+    good blocks, so the next prompt with that prefix found nothing cached."""
+    shared = list(range(3, 11))
+    good, bad = [*shared, 50], [*shared, *range(60, 80), POISON, *range(80, 89)]
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", good)}, max_tokens=4)["x"]
+    engine = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True)
+    _poisoned_rows_go_nan(engine)
+    out = run(
+        engine,
+        {"good": (good, SamplingParams(max_tokens=4)), "bad": (bad, SamplingParams(max_tokens=4))},
+    )
+    assert out["good"]["tokens"] == want and out["bad"]["reason"] is FinishReason.ERROR
+    engine.add_request("later", prompt_token_ids=good, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    later = [o for _ in range(8) for o in engine.step()]
+    assert [t for o in later for t in o.new_token_ids] == want and later[-1].num_cached_tokens == 8
+
+
+def _poisoned_rows_go_nan(engine: LLMEngine) -> None:
+    """``engine``'s logits are NaN in the rows of sequences whose tokens this step hold POISON."""
+    forward = engine.model.forward
+
+    def nan_rows(inputs):
+        logits = forward(inputs)
+        poisoned = torch.zeros(len(logits), dtype=torch.bool)
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), inputs.last_index[:-1].cpu() + 1])
+        for i, (s, e) in enumerate(zip(starts.tolist(), inputs.last_index.tolist())):
+            poisoned[i] = bool((inputs.input_ids[s : e + 1] == POISON).any())
+        return logits.masked_fill(poisoned[:, None].to(logits.device), float("nan"))
+
+    engine.model.forward = nan_rows

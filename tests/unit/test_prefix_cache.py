@@ -190,3 +190,23 @@ def test_a_sequence_freed_before_its_nan_is_found_takes_its_blocks_out_and_check
     bm.checked()
     bm.forget("done")  # freed before the last check
     assert bm.num_cached == 2 and bm.checked() == set()
+
+
+def test_forget_leaves_another_sequences_block_of_the_same_name() -> None:
+    """Two prompts sharing a prefix computed it side by side (the second's own part is too long
+    to wait for the first's blocks): the first cached the shared blocks, the second's copies are
+    its own, uncached. The second's logits then came out NaN (its own tokens overflowed): taking
+    out what it named by name took the first's good blocks too, so every later prompt with that
+    prefix computed it again (and a prefill that had reused them was recomputed)."""
+    bm = BlockManager(num_blocks=16, block_size=2, enable_prefix_caching=True)
+    good, bad = [1, 2, 3, 4, 5], [1, 2, 3, 4, 9, 9, 9]
+    for seq, ids in (("good", good), ("bad", bad)):
+        bm.reuse_prefix(seq, ids, KEY)
+        bm.grow(seq, len(ids))
+    bm.computed("good", good, 0, len(good), KEY)
+    bm.computed("bad", bad, 0, len(bad), KEY)
+    assert bm.num_cached == 3  # [1, 2], [3, 4] (good's), [9, 9] (bad's)
+    own = bm.table("bad")[2]
+    bm.forget("bad")
+    assert bm.num_cached == 2 and bm.checked() == {own}  # only bad's own [9, 9]
+    assert bm.reuse_prefix("later", good, KEY) == 4 and bm.table("later")[:2] == bm.table("good")[:2]

@@ -80,9 +80,10 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # name -> block
         self._held: dict[str, _Held] = {}
         self._forgotten: set[int] = set()  # blocks ``forget`` took out of the cache since ``checked``
-        # Names of the blocks sequences freed since ``checked``: one preempted or aborted while its
-        # step is in flight (async scheduling) is looked at after it freed them.
-        self._released: dict[str, list[bytes]] = {}
+        # The blocks, with their names, that sequences named and freed since ``checked``: one
+        # preempted or aborted while its step is in flight (async scheduling) is looked at after
+        # it freed them.
+        self._released: dict[str, list[tuple[bytes, int]]] = {}
 
     @property
     def num_free(self) -> int:
@@ -141,7 +142,7 @@ class BlockManager:
         A cached block nobody holds any more stays cached until its block is needed."""
         held = self._held.pop(seq_id, None)
         if held is not None and held.chain:
-            self._released.setdefault(seq_id, []).extend(held.chain)
+            self._released.setdefault(seq_id, []).extend(zip(held.chain, held.table))
         for block in reversed(held.table if held is not None else []):
             self._ref[block] -= 1
             if self._ref[block] == 0:
@@ -279,27 +280,25 @@ class BlockManager:
         return forgotten
 
     def forget(self, seq_id: str) -> None:
-        """Take out of the prefix cache every block ``seq_id`` holds or named, those it reused
-        too, and those it named and freed since ``checked`` (preempted or aborted while its step
-        was in flight): its logits were not finite, so its KV may be NaN, and so may a reused block's
-        (its maker ended before its logits were looked at: an abort mid-prefill). Sequences
-        holding them keep them; a later prompt computes them again (vLLM evicts a NaN request's
-        blocks alike, vllm-project/vllm#50283); ``checked`` lists them. A no-op for an unknown
-        sequence."""
+        """Take out of the prefix cache every block ``seq_id`` named, those it reused too, and those
+        it named and freed since ``checked`` (preempted or aborted while its step was in flight):
+        its logits were not finite, so its KV may be NaN, and so may a reused block's (its maker
+        ended before its logits were looked at: an abort mid-prefill). Another's blocks of the same
+        names stay: its own check answers for them (the same names, the same KV, but this one's NaN
+        may have come from its own tokens after them). Sequences holding them keep them; a later
+        prompt computes them again (vLLM evicts a NaN request's blocks alike,
+        vllm-project/vllm#50283); ``checked`` lists them. A no-op for an unknown sequence."""
         held = self._held.get(seq_id)
-        for block in held.table if held is not None else []:
-            if (name := self._name_of.pop(block, None)) is not None:  # held: not evictable
-                del self._cached[name]
-                self._forgotten.add(block)
-        # The same KV cached by another in a block of its own, or by this one before it freed it
-        for name in (held.chain if held is not None else []) + self._released.get(seq_id, []):
-            if name in self._cached:
-                block = self._cached.pop(name)
-                del self._name_of[block]
-                self._forgotten.add(block)
-                if self._ref[block] == 0:
-                    del self._evictable[block]
-                    self._free.append(block)
+        named = list(zip(held.chain, held.table)) if held is not None else []
+        for name, block in named + self._released.get(seq_id, []):
+            if self._cached.get(name) != block:  # another's of the same name, or no longer cached
+                continue
+            del self._cached[name]
+            del self._name_of[block]
+            self._forgotten.add(block)
+            if self._ref[block] == 0:
+                del self._evictable[block]
+                self._free.append(block)
         if held is not None:
             held.open_key = False  # nothing more of it is cached either
 
