@@ -344,6 +344,31 @@ def test_under_async_scheduling_a_request_aborted_before_its_nan_step_is_looked_
     assert run_all(engine, {"again": ("lora-0", prompt)}, max_tokens=4)["again"] == want
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_request_whose_decode_goes_nan_leaves_its_prompts_blocks_to_the_prompts_that_share_them(
+    tiny_llama: TinyOutput, async_scheduling: bool
+) -> None:
+    """A decode step that went NaN wrote NaN only into the KV of its own token; the blocks of the
+    prompt were read by the prefill, whose logits were finite. All of them were taken out of the
+    cache: a request with the same prompt and adapter sent meanwhile (async scheduling: it reused
+    them in the step launched before the NaN was looked at) was preempted and computed its prompt
+    again, and every later one found nothing cached. Now it is served from the cache, unpreempted."""
+    prompt = list(range(3, 23))  # five blocks of 4: four reused
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
+    engine = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True, async_scheduling=async_scheduling)
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    outs = engine.step()  # its prefill, finite
+    _next_forward_goes_nan(engine)
+    outs += engine.step()  # its first decode, NaN
+    engine.add_request("mate", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.finish_reason for o in outs if o.request_id == "bad" and o.finished] == [FinishReason.ERROR]
+    mate = [o for o in outs if o.request_id == "mate"]
+    assert [t for o in mate for t in o.new_token_ids] == want
+    assert engine.stats.preemptions == 0 and mate[-1].num_cached_tokens == 16
+
+
 def test_a_request_that_goes_nan_leaves_the_blocks_another_computed_beside_it_under_the_same_names(
     tiny_llama: TinyOutput,
 ) -> None:

@@ -210,3 +210,27 @@ def test_forget_leaves_another_sequences_block_of_the_same_name() -> None:
     bm.forget("bad")
     assert bm.num_cached == 2 and bm.checked() == {own}  # only bad's own [9, 9]
     assert bm.reuse_prefix("later", good, KEY) == 4 and bm.table("later")[:2] == bm.table("good")[:2]
+
+
+def test_forget_leaves_the_blocks_named_before_the_step_whose_logits_were_not_finite() -> None:
+    """A request whose logits went NaN at a decode step had cached its prompt's blocks at its
+    prefill, whose logits were finite: they read every key and value before them, so those blocks
+    are good. Taking them out too made a prompt that had reused them in the same step (async
+    scheduling) compute its prompt again, and every later one. Only what the NaN step named goes
+    (its first step: the blocks it reused too, ``test_a_failed_sequence_...`` above)."""
+    bm = BlockManager(num_blocks=16, block_size=2, enable_prefix_caching=True)
+    ids = [1, 2, 3, 4, 5]
+    _run(bm, "bad", ids)  # names [1, 2], [3, 4]; finite
+    bm.computed("bad", [*ids, 6], 5, 6, KEY)  # a decode that completes [5, 6]: NaN
+    assert _run(bm, "mate", [*ids, 6, 7]) == 6
+    last = bm.table("bad")[2]
+    bm.forget("bad")
+    assert bm.num_cached == 2 and bm.checked() == {last}
+    assert bm.reuse_prefix("later", [*ids, 6, 7], KEY) == 4
+    bm.free("later")
+    # Freed before the check (preempted or aborted): the same, from the names it gave last
+    _run(bm, "gone", [11, 12, 13, 14, 15])
+    bm.computed("gone", [11, 12, 13, 14, 15, 16], 5, 6, KEY)
+    bm.free("gone")
+    bm.forget("gone")
+    assert bm.cached_tokens([11, 12, 13, 14, 15, 16, 17], KEY, []) == 4

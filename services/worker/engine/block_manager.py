@@ -59,6 +59,12 @@ class _Held:
     # The cache key of the tokens computed so far in the block after the chain: None before any,
     # or False once two keys have been seen there (then nothing more of this sequence is cached).
     open_key: bytes | None | bool = None
+    # Where its last step's names begin in ``chain``: NaN in that step's logits may have spoiled
+    # those, not the ones before, which a step with finite logits read (a key or value not finite
+    # makes every later token's logits so). 0 through its first step: that step read the blocks
+    # it reused before any step of its own had looked at them.
+    last_step: int = 0
+    stepped: bool = False
 
 
 class BlockManager:
@@ -80,9 +86,9 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # name -> block
         self._held: dict[str, _Held] = {}
         self._forgotten: set[int] = set()  # blocks ``forget`` took out of the cache since ``checked``
-        # The blocks, with their names, that sequences named and freed since ``checked``: one
-        # preempted or aborted while its step is in flight (async scheduling) is looked at after
-        # it freed them.
+        # The blocks, with their names, that sequences named at their last step and freed since
+        # ``checked``: one preempted or aborted while its step is in flight (async scheduling) is
+        # looked at after it freed them.
         self._released: dict[str, list[tuple[bytes, int]]] = {}
 
     @property
@@ -141,8 +147,8 @@ class BlockManager:
         """Release every block of ``seq_id``, its last block first; a no-op for an unknown sequence.
         A cached block nobody holds any more stays cached until its block is needed."""
         held = self._held.pop(seq_id, None)
-        if held is not None and held.chain:
-            self._released.setdefault(seq_id, []).extend(zip(held.chain, held.table))
+        if held is not None and len(held.chain) > held.last_step:
+            self._released.setdefault(seq_id, []).extend(_last_step(held))
         for block in reversed(held.table if held is not None else []):
             self._ref[block] -= 1
             if self._ref[block] == 0:
@@ -232,6 +238,9 @@ class BlockManager:
         ``cache_key``: cache each block this completes, unless its tokens were computed under two
         keys (then nothing more of the sequence is cached)."""
         held = self._held.get(seq_id)
+        if held is not None:  # its last step is this one from now on
+            held.last_step = len(held.chain) if held.stepped else 0
+            held.stepped = True
         if held is None or not self._extends_chain(held, start, end):
             return
         if held.open_key is not None and held.open_key != cache_key:
@@ -280,16 +289,17 @@ class BlockManager:
         return forgotten
 
     def forget(self, seq_id: str) -> None:
-        """Take out of the prefix cache every block ``seq_id`` named, those it reused too, and those
-        it named and freed since ``checked`` (preempted or aborted while its step was in flight):
-        its logits were not finite, so its KV may be NaN, and so may a reused block's (its maker
-        ended before its logits were looked at: an abort mid-prefill). Another's blocks of the same
-        names stay: its own check answers for them (the same names, the same KV, but this one's NaN
-        may have come from its own tokens after them). Sequences holding them keep them; a later
-        prompt computes them again (vLLM evicts a NaN request's blocks alike,
+        """Take out of the prefix cache the blocks ``seq_id`` named at its last step, those it
+        reused too if that was its first, and those it so named and freed since ``checked``
+        (preempted or aborted while its step was in flight): that step's logits were not finite,
+        so the KV it wrote may be NaN, and so may a reused block's until a step of its own read it
+        with finite logits. Blocks named before its last step stay: that step read them (the engine
+        looks at a step's logits before it names the next step's blocks). So do another's blocks of
+        the same names, whose maker's own check answers for them. Sequences holding them keep them;
+        a later prompt computes them again (vLLM evicts a NaN request's blocks alike,
         vllm-project/vllm#50283); ``checked`` lists them. A no-op for an unknown sequence."""
         held = self._held.get(seq_id)
-        named = list(zip(held.chain, held.table)) if held is not None else []
+        named = _last_step(held) if held is not None else []
         for name, block in named + self._released.get(seq_id, []):
             if self._cached.get(name) != block:  # another's of the same name, or no longer cached
                 continue
@@ -326,3 +336,8 @@ class BlockManager:
         self._ref[block] = 1
         self._fresh.add(block)
         return block
+
+
+def _last_step(held: _Held) -> list[tuple[bytes, int]]:
+    """The names ``held``'s last step gave (through its first, those it reused too), with their blocks."""
+    return list(zip(held.chain[held.last_step :], held.table[held.last_step :]))
