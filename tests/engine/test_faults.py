@@ -404,3 +404,26 @@ def _poisoned_rows_go_nan(engine: LLMEngine) -> None:
         return logits.masked_fill(poisoned[:, None].to(logits.device), float("nan"))
 
     engine.model.forward = nan_rows
+
+
+def test_a_prefill_recomputed_after_a_nan_counts_what_its_second_lookup_finds(tiny_llama: TinyOutput) -> None:
+    """Async scheduling: a prompt reused four blocks, two of them named by a prompt chunk whose
+    logits then came out NaN, and was recomputed. The stats kept the four blocks as hits (a hit
+    rate for KV that was thrown away) and its usage said 0 cached tokens, though its second lookup
+    found the two good blocks and reused them. Now it counts as one lookup, the one it ran on."""
+    prompt = list(range(3, 23))  # chunks of 8: five blocks of 4
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=4)["x"]
+    engine = make_engine(
+        tiny_llama, block_size=4, max_num_batched_tokens=8, enable_prefix_caching=True, async_scheduling=True
+    )
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    outs = engine.step()  # its first chunk, finite
+    _next_forward_goes_nan(engine)
+    outs += engine.step()  # its second, NaN
+    engine.add_request("mate", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    while engine.has_unfinished():
+        outs += engine.step()
+    mate = [o for o in outs if o.request_id == "mate"]
+    assert [t for o in mate for t in o.new_token_ids] == want and engine.stats.preemptions == 1
+    assert mate[-1].num_cached_tokens == 8
+    assert (engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits) == (40, 8)

@@ -120,11 +120,16 @@ def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
     it is preempted, its row of this step dropped before anything is drawn from it, and computes
     its prompt again: the last step named its blocks before their logits were looked at (they are
     looked at here, after this step was scheduled), and a request sent beside a NaN one failed
-    with it. Its cached tokens are no longer counted as found (usage's ``cached_tokens``)."""
+    with it. Its cached tokens are no longer counted as found (usage's ``cached_tokens``): one
+    that looked up this step looks up again as for the first time, and the stats and its usage
+    count what that finds (the blocks the NaN step named are gone; those before it stay)."""
     if seq.status is not Status.WAITING or tainted.isdisjoint(engine.blocks.table(seq.request_id)):
         return False
+    looked_up = seq.lookup is not None  # this step, not yet counted
     preempt(seq, engine.blocks)
-    seq.num_cached_prompt = 0
+    if looked_up:  # dropped before it ran, so no preemption of its: the scheduler counts its next lookup
+        seq.num_preemptions -= 1
+    seq.num_cached_prompt, seq.lookup = 0, None
     engine.stats.preemptions += 1
     return True
 

@@ -380,7 +380,6 @@ class LLMEngine:
             plan.preempted[:0] = preempted
         self._arrivals = requeue(plan.preempted, self.seqs.values(), self.blocks.holds, self._arrivals)
         self.stats.preemptions += len(plan.preempted)
-        self.stats.record_prefix_cache(plan.prefix_queries, plan.prefix_hits)
         if not plan.seqs:
             return None
         started = self.clock()  # the step's time counts adapter loads, not the switch
@@ -413,6 +412,8 @@ class LLMEngine:
         for i, s in enumerate(ran):
             start, end = s.num_cached, s.num_cached + s.num_scheduled
             if self.blocks.enable_prefix_caching:
+                if s.lookup is not None:  # counted once the step it was made for is kept
+                    self.stats.record_prefix_cache(*s.take_lookup())
                 if s.adapter not in keys:
                     keys[s.adapter] = self._cache_key(s.adapter)
                 ids = s.all_ids() if self.blocks.fills_block(start, end) else []  # a decode mostly fills none
@@ -442,8 +443,7 @@ class LLMEngine:
         reserved: bool = False,
         launched: LaunchedLogprobs | None = None,
     ) -> list[RequestOutput]:
-        """Each sampled token taken into its request (``taking.take``; a phase of its own for
-        ``loadgen/step_phases.py``)."""
+        """Each sampled token taken into its request (``taking.take``; a phase for ``loadgen/step_phases.py``)."""
         return taking.take(self, ran, logits, tokens, reserved, launched)
 
     def _observe(self, decision: StepDecision, step: PreparedStep, generated: int, seconds: list[float]) -> None:

@@ -232,6 +232,7 @@ def schedule(
             out.prefix_queries += seq.total_len
             out.prefix_hits += seq.num_cached
             seq.num_cached_prompt = min(seq.num_cached, len(seq.prompt_ids))
+            seq.lookup = (seq.total_len, seq.num_cached)
         if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out

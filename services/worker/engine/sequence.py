@@ -43,6 +43,10 @@ class Sequence:
     # Prompt tokens its first prefill found in the prefix cache (vLLM's num_cached_tokens: the
     # usage's prompt_tokens_details.cached_tokens); a preempted request's second look is not counted.
     num_cached_prompt: int = 0
+    # That first lookup's (tokens looked up, tokens found) until the step it was made for takes in
+    # its KV, then counted in the stats: a prefill whose row async scheduling drops before that
+    # (``async_scheduling.recompute``) looks up again, and that lookup is the one counted.
+    lookup: tuple[int, int] | None = None
     # Its prompt's tokens, until its first token is made here (then counted in prompt_tokens_total,
     # as vLLM counts at prefill: not one aborted or moved before it); 0 for a request resumed here.
     uncounted_prompt: int = 0
@@ -63,6 +67,11 @@ class Sequence:
         """A prefix-cache key (which weights compute its KV) made this request's: with its salt, if
         it has one, so that only requests that know the salt find its blocks (and time their hits)."""
         return key + b"\x00salt=" + self.cache_salt.encode() if self.cache_salt else key
+
+    def take_lookup(self) -> tuple[int, int]:
+        """Its lookup not yet in the stats, (0, 0) if none; it is then counted."""
+        lookup, self.lookup = self.lookup or (0, 0), None
+        return lookup
 
     @property
     def priority(self) -> int:
