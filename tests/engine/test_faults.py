@@ -427,3 +427,24 @@ def test_a_prefill_recomputed_after_a_nan_counts_what_its_second_lookup_finds(ti
     assert [t for o in mate for t in o.new_token_ids] == want and engine.stats.preemptions == 1
     assert mate[-1].num_cached_tokens == 8
     assert (engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits) == (40, 8)
+
+
+def test_a_prefill_past_its_first_chunk_is_not_recomputed_for_blocks_its_own_chunk_read(
+    tiny_llama: TinyOutput,
+) -> None:
+    """Async scheduling: two prompts reused the same cached prefix in one step, a long one's first
+    chunk and a short one whose logits came out NaN (its own last token). Nothing had read the
+    prefix before the short one's step, so its blocks were taken out, and the long one, already
+    on its next chunk, was preempted and computed its prompt again, though its first chunk's
+    logits, finite, had read every block of that prefix."""
+    shared = list(range(3, 11))  # two blocks of 4, cached by "first"
+    long, short = [*shared, *range(60, 90)], [*shared, POISON, 61]
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", long)}, max_tokens=4)["x"]
+    engine = make_engine(
+        tiny_llama, block_size=4, max_num_batched_tokens=16, enable_prefix_caching=True, async_scheduling=True
+    )
+    _poisoned_rows_go_nan(engine)
+    run(engine, {"first": ([*shared, 50], SamplingParams(max_tokens=1))})
+    out = run(engine, {"short": (short, SamplingParams(max_tokens=4)), "long": (long, SamplingParams(max_tokens=4))})
+    assert out["short"]["reason"] is FinishReason.ERROR and out["long"]["tokens"] == want
+    assert engine.stats.preemptions == 0

@@ -122,11 +122,13 @@ def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
     looked at here, after this step was scheduled), and a request sent beside a NaN one failed
     with it. Its cached tokens are no longer counted as found (usage's ``cached_tokens``): one
     that looked up this step looks up again as for the first time, and the stats and its usage
-    count what that finds (the blocks the NaN step named are gone; those before it stay)."""
-    if seq.status is not Status.WAITING or tainted.isdisjoint(engine.blocks.table(seq.request_id)):
+    count what that finds (the blocks the NaN step named are gone; those before it stay). One past
+    its first chunk is left: that chunk's logits, looked at before this, read its blocks finite."""
+    blocks, rid = engine.blocks, seq.request_id
+    if seq.status is not Status.WAITING or blocks.stepped(rid) or tainted.isdisjoint(blocks.table(rid)):
         return False
     looked_up = seq.lookup is not None  # this step, not yet counted
-    preempt(seq, engine.blocks)
+    preempt(seq, blocks)
     if looked_up:  # dropped before it ran, so no preemption of its: the scheduler counts its next lookup
         seq.num_preemptions -= 1
     seq.num_cached_prompt, seq.lookup = 0, None

@@ -312,6 +312,12 @@ class BlockManager:
         if held is not None:
             held.open_key = False  # nothing more of it is cached either
 
+    def stepped(self, seq_id: str) -> bool:
+        """Whether a step of ``seq_id``'s own was named since it took its blocks: once that step's
+        logits are looked at, finite, they vouch for every block it read."""
+        held = self._held.get(seq_id)
+        return held is not None and held.stepped
+
     def checked(self) -> set[int]:
         """The blocks ``forget`` took out of the cache since the last call: a sequence holding one
         took it from the cache before its maker's logits were looked at (async scheduling). The
