@@ -113,6 +113,20 @@ def test_a_device_lost_for_good_is_raised_not_failed_request_by_request(engine: 
 
 
 def test_non_finite_logits_fail_the_row_with_a_reason(engine: LLMEngine) -> None:
+    _poisoned_rows_go_nan(engine)
+    out = run(
+        engine,
+        {
+            "ok": (PROMPT, SamplingParams(max_tokens=3)),
+            "nan": ([POISON, 8], SamplingParams(max_tokens=3, temperature=0.7, seed=1)),
+        },
+    )
+    assert out["nan"]["reason"] is FinishReason.ERROR and "not finite" in out["nan"]["error"]
+    assert len(out["ok"]["tokens"]) == 3 and out["ok"]["error"] is None
+
+
+def _poisoned_rows_go_nan(engine: LLMEngine) -> None:
+    """``engine``'s logits are NaN in the rows of sequences whose tokens fed this step hold POISON."""
     forward = engine.model.forward
 
     def nan_rows(inputs):
@@ -124,15 +138,6 @@ def test_non_finite_logits_fail_the_row_with_a_reason(engine: LLMEngine) -> None
         return logits.masked_fill(poisoned[:, None].to(logits.device), float("nan"))
 
     engine.model.forward = nan_rows
-    out = run(
-        engine,
-        {
-            "ok": (PROMPT, SamplingParams(max_tokens=3)),
-            "nan": ([POISON, 8], SamplingParams(max_tokens=3, temperature=0.7, seed=1)),
-        },
-    )
-    assert out["nan"]["reason"] is FinishReason.ERROR and "not finite" in out["nan"]["error"]
-    assert len(out["ok"]["tokens"]) == 3 and out["ok"]["error"] is None
 
 
 def test_a_request_whose_activations_overflow_leaves_no_nan_for_the_others(
@@ -389,21 +394,6 @@ def test_a_request_that_goes_nan_leaves_the_blocks_another_computed_beside_it_un
     engine.add_request("later", prompt_token_ids=good, params=SamplingParams(max_tokens=4), adapter="lora-0")
     later = [o for _ in range(8) for o in engine.step()]
     assert [t for o in later for t in o.new_token_ids] == want and later[-1].num_cached_tokens == 8
-
-
-def _poisoned_rows_go_nan(engine: LLMEngine) -> None:
-    """``engine``'s logits are NaN in the rows of sequences whose tokens this step hold POISON."""
-    forward = engine.model.forward
-
-    def nan_rows(inputs):
-        logits = forward(inputs)
-        poisoned = torch.zeros(len(logits), dtype=torch.bool)
-        starts = torch.cat([torch.zeros(1, dtype=torch.int64), inputs.last_index[:-1].cpu() + 1])
-        for i, (s, e) in enumerate(zip(starts.tolist(), inputs.last_index.tolist())):
-            poisoned[i] = bool((inputs.input_ids[s : e + 1] == POISON).any())
-        return logits.masked_fill(poisoned[:, None].to(logits.device), float("nan"))
-
-    engine.model.forward = nan_rows
 
 
 def test_a_prefill_recomputed_after_a_nan_counts_what_its_second_lookup_finds(tiny_llama: TinyOutput) -> None:
