@@ -61,6 +61,8 @@ def host_allowed(host: str, allowed: frozenset[str]) -> bool:
     ``.domain`` entries ("api.example.com" and "example.com" under ".example.com")."""
     if is_loopback(host) or host in allowed:
         return True
+    if not _HOST_CHARS.fullmatch(host):  # a header ``host_name`` gave back whole matches no domain
+        return False
     parts = host.split(".")
     return any("." + ".".join(parts[i:]) in allowed for i in range(len(parts)))
 

@@ -64,3 +64,14 @@ def test_a_name_with_a_leading_dot_allows_that_domain_and_every_name_under_it() 
         assert host_allowed(host, allowed), host
     for host in ("badexample.com", "example.com.evil.net", "other.org", "x.api.other.org", "com", ""):
         assert not host_allowed(host, allowed), host
+
+
+@pytest.mark.parametrize(
+    "header", ["evil.test/.example.com", "localhost:8000, api.example.com", "user@api.example.com", "a b.example.com"]
+)
+def test_a_header_no_host_is_made_of_matches_no_domain_entry(header: str) -> None:
+    """``host_name`` returns such a header whole "to match nothing"; read by its dots, it ended
+    in ".example.com" and was answered under that entry."""
+    allowed = allowed_hosts("0.0.0.0", "none", [".example.com"])
+    assert allowed is not None
+    assert not host_allowed(host_name(header), allowed), header
