@@ -158,6 +158,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         for name in self.allowed_hosts:
             if not name.strip(" .") or "/" in name:
                 bad.append(("allowed_hosts", name, "must be host names or addresses (no scheme or path), or '*'"))
+            elif "*" in name and name != "*":  # Starlette's "*.example.com" matched no Host here
+                why = "takes '*' alone; a domain and every name under it is '.example.com'"
+                bad.append(("allowed_hosts", name, why))
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
         if not (self.key_rate_per_s == 0 or (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= MIN_RATE)):

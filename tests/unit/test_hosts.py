@@ -75,3 +75,15 @@ def test_a_header_no_host_is_made_of_matches_no_domain_entry(header: str) -> Non
     allowed = allowed_hosts("0.0.0.0", "none", [".example.com"])
     assert allowed is not None
     assert not host_allowed(host_name(header), allowed), header
+
+
+@pytest.mark.parametrize("name", ["*.example.com", "api.*.org", "*example.com"])
+def test_a_wildcard_in_a_name_is_refused_with_the_form_that_is_read(name: str) -> None:
+    """Starlette's TrustedHostMiddleware (FastAPI's) reads "*.example.com"; here it was taken and
+    matched no Host ever (only "*" alone is a wildcard, and ".example.com" the domain form): every
+    request through that name a 403, the setting looking right."""
+    from dlora.common.settings import SettingsError, load
+    from dlora.services.gateway.settings import GatewaySettings
+
+    with pytest.raises(SettingsError, match=r"'\.example\.com'"):
+        load(GatewaySettings, "gateway", env={"DLORA_MODEL": "/m", "DLORA_GATEWAY_ALLOWED_HOSTS": f'["{name}"]'})
