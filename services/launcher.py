@@ -335,7 +335,8 @@ class LocalStack:
         # The admin key only where it is read: every service's environment had it (a helper's
         # probe of what leaks where: /proc/<pid>/environ of a worker named it).
         keys = ("DLORA_ADMIN_KEY", "DLORA_GATEWAY_ADMIN_KEY")
-        admin = {k: v for k, v in os.environ.items() if k in keys} | {"DLORA_ADMIN_KEY": self.admin_key}
+        given = {**os.environ, **self.extra_env}  # (env='s over this process's, as ``base`` read them)
+        admin = {k: v for k, v in given.items() if k in keys} | {"DLORA_ADMIN_KEY": self.admin_key}
         env = {
             **{k: v for k, v in os.environ.items() if k not in said and k not in keys},
             **{k: v for k, v in self.extra_env.items() if k not in keys},  # (under what it settled from them)
