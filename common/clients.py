@@ -1,8 +1,8 @@
 """Which reply readers are still there: a gateway announces itself with ``ClientAlive`` every
 ``ANNOUNCE_S`` on ``subjects.CLIENTS`` (an application that opts in, on
 ``subjects.clients_of(user)``, for names of its own); a request whose client (its
-``GenerateRequest.client``) was heard from and has since been silent for the heartbeat TTL is
-abandoned, and whoever holds it drops it. A client never heard from is never taken for gone."""
+``GenerateRequest.client``) was heard from and has since been silent for the heartbeat TTL and
+``FAILOVER_S`` is abandoned, and whoever holds it drops it. A client never heard from is never taken for gone."""
 
 from __future__ import annotations
 
