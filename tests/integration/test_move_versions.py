@@ -71,7 +71,7 @@ async def test_a_request_moved_onto_a_worker_holding_its_adapters_old_version_ru
             streams[chunk.request_id].accept(chunk)
 
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
-        await asyncio.sleep(0.3)
+        await client.flush()  # subscribed at the server before anything is sent
 
         async def send(rid: str, worker: str, version: str, prompt: list[int], max_tokens: int) -> None:
             req = GenerateRequest(
