@@ -396,3 +396,39 @@ def test_preempted_requests_go_back_behind_those_holding_kv_and_ahead_of_those_w
     assert [s.request_id for s in order] == ["run", "half", "v1", "v2", "wait", "fresh", "low"]
     assert low.priority == 5 and low.arrival > 5 * PRIORITY_SPAN + 2
     assert requeue([run], seqs, bm.holds, 10) == 11 and run.arrival == v1.arrival  # ahead of "wait" too
+
+
+def test_a_preempted_request_is_not_keyed_ahead_of_a_decode_running_behind_a_waiting_prompt() -> None:
+    """A prompt left waiting (another adapter merged, or too long for the blocks free) sorts before
+    a later decode that runs: the preempted request's key went just below that prompt's, ahead of
+    the decode it had been behind, and as a step's first request short of KV evicted it."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    wait, run = seq("wait", 2, 4), running(seq("run", 4, 4, outputs=1), bm)
+    gone = seq("gone", 6, 4, outputs=2)
+    seqs = [wait, run, gone]
+    assert requeue([gone], seqs, bm.holds, 7) == 8
+    assert gone.arrival > run.arrival  # behind the decode running, as vLLM runs its running first
+    order = sorted(seqs, key=lambda s: s.arrival)
+    assert [s.request_id for s in order] == ["wait", "run", "gone"]
+
+
+def test_a_preempted_request_of_a_negative_priority_goes_ahead_of_its_waiting_prompts() -> None:
+    """vLLM's priorities go below 0: with none of its priority holding KV, a preempted request goes
+    ahead of that priority's waiting prompts, as at priority 0."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    wait, gone = seq("wait", -PRIORITY_SPAN + 2, 4), seq("gone", -PRIORITY_SPAN + 4, 4, outputs=1)
+    assert requeue([gone], [wait, gone], bm.holds, 7) == 8
+    assert gone.arrival == wait.arrival - 1 and gone.priority == -1
+
+
+def test_a_merged_step_does_not_evict_its_running_decode_for_a_recompute_keyed_past_a_paused_prompt() -> None:
+    """dLoRA's merged step leaves another adapter's prompt waiting ahead of its running decode: a
+    recompute keyed below that prompt was the step's first request short of KV and evicted it."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    wait, run = seq("wait", 2, 4, adapter="x"), running(seq("run", 4, 11, adapter="y", outputs=1), bm)
+    gone = seq("gone", 6, 4, adapter="y", outputs=4)  # its recompute needs 2 blocks, 1 is free
+    seqs = {s.request_id: s for s in (wait, run, gone)}
+    requeue([gone], seqs.values(), bm.holds, 7)
+    line = [s.request_id for s in sorted(seqs.values(), key=lambda s: s.arrival) if s.adapter == "y"]
+    plan = schedule(StepDecision("y", line), seqs, bm, LIMITS)
+    assert plan.seqs == [run] and plan.preempted == []

@@ -147,14 +147,20 @@ def requeue(preempted: list[Sequence], seqs: Iterable[Sequence], holds: Callable
     """Key the ``preempted`` sequences that were generating as ``fcfs_arrival`` keys a resumed one,
     in the order they had, ``count`` on from the engine's requests so far: behind the requests of
     their priority that hold KV (``holds``: half-prefilled prompts too, in vLLM's running list),
-    ahead of those waiting for it; the count after them. vLLM puts a preempted request at the front
+    ahead of those waiting behind them; the count after them. vLLM puts a preempted request at the front
     of its waiting queue and runs its running requests first; kept, a recompute's arrival put it
     ahead of decodes that arrived later, whose seats in a full step it took (a helper's fuzz)."""
     requeued = sorted((s for s in preempted if s.output_ids), key=lambda s: s.arrival)
     if requeued:
         gone = {s.request_id for s in preempted}
-        others = [s for s in seqs if s.request_id not in gone and not holds(s.request_id)]
+        kept = [s for s in seqs if s.request_id not in gone]
         for seq in requeued:
-            seq.arrival = fcfs_arrival(count, True, others, seq.priority)
+            # Only the waiting behind its priority's last holder: a prompt left waiting (another
+            # adapter merged, too long for the blocks free) may sort before a later running decode,
+            # and keyed below that prompt the recompute went ahead of the decode, and evicted it.
+            held = [s.arrival for s in kept if s.priority == seq.priority and holds(s.request_id)]
+            last = max(held, default=seq.priority * PRIORITY_SPAN - PRIORITY_SPAN)  # (priorities go below 0)
+            behind = [s for s in kept if s.arrival > last and not holds(s.request_id)]
+            seq.arrival = fcfs_arrival(count, True, behind, seq.priority)
             count += 1
     return count
