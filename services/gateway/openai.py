@@ -371,7 +371,7 @@ class Shape:
                 choice["message"] |= {"content": choice["message"]["content"] or None, "reasoning": reasoning}
             if c.prompt_logprobs is not None and not self.chat:
                 choice["prompt_logprobs"] = c.prompt_logprobs
-            if c.token_ids is not None:
+            if c.token_ids is not None and self.include_reasoning:  # (false: they would show the reasoning)
                 choice["token_ids"] = c.token_ids
                 if not self.chat:
                     choice["prompt_token_ids"] = c.prompt_token_ids

@@ -164,3 +164,14 @@ def test_include_reasoning_false_answers_no_reasoning_nor_what_would_show_it() -
     assert all(c["logprobs"] is None and "token_ids" not in c for c in choices)
     body = msgspec.json.decode(b'{"messages": [], "include_reasoning": false}', type=ChatBody)
     assert body.include_reasoning is False
+
+
+def test_include_reasoning_false_answers_a_whole_chat_without_its_token_ids_as_its_stream() -> None:
+    """return_token_ids beside include_reasoning false: the stream left the ids out, the whole
+    answer gave them, and with them the reasoning it had just hidden."""
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1", include_reasoning=False)
+    done = Choice(0, text="a</think>b", finish_reason="stop", token_ids=[1, 2, 3], prompt_token_ids=[7])
+    [whole] = shape.full([done], 1, 3)["choices"]
+    assert "token_ids" not in whole and whole["message"]["reasoning"] is None
+    shown = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1")
+    assert shown.full([done], 1, 3)["choices"][0]["token_ids"] == [1, 2, 3]  # included: as asked
