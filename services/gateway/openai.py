@@ -324,7 +324,7 @@ class Shape:
     # content, the only text tool_parser reads (reasoning.py); thinking false (qwen3's enable_thinking): all content.
     reasoning_parser: str = ""
     thinking: bool = True
-    include_reasoning: bool = True  # false (with a reasoning_parser): no reasoning, nor logprobs or token ids (vLLM's)
+    include_reasoning: bool = True  # false (with a reasoning_parser): no reasoning, nor logprobs or ids that show it
     _reasoners: dict[int, ReasoningParser] = field(default_factory=dict)
 
     @classmethod
