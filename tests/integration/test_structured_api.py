@@ -8,20 +8,17 @@ import asyncio
 import json
 import re
 import threading
-import uuid
 
 import aiohttp
-import msgspec
 import pytest
-from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
-from dlora.common import subjects
-from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.messages import ErrorCode, SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_gateway import post, stream
+from tests.integration.test_structured_schemas import app_generate
 
 
 async def test_response_format(stack: Stack) -> None:
@@ -182,7 +179,6 @@ async def test_a_schema_slow_to_compile_holds_no_other_requests_shaping(stack: S
     """Shaping (one thread) compiled the structured output too: a schema llguidance takes long over
     (400 patternProperties, a 20 KB body: 12 s; 1,000: hours) held every other request, plain ones
     too, until it was done. Compiled first on threads of its own, it holds no one else."""
-    import asyncio
     import threading
 
     from dlora.services.worker.engine.structured import Grammars
@@ -214,7 +210,6 @@ async def test_schemas_slow_to_compile_on_a_worker_leave_its_steps_running(stack
     """A worker's admission, in its command loop, waited on the compile of a request's structured
     output: a schema llguidance takes long over (400 patternProperties: 12 s; 1,000: hours) held
     every step, so every stream on the worker stopped until it was done."""
-    import asyncio
     import threading
 
     from dlora.services.worker.engine.structured import Grammars
@@ -284,23 +279,7 @@ async def test_a_compile_that_cannot_get_its_thread_is_a_503_saying_why(
     assert status == 200 and resp["choices"][0]["message"]["content"] in ("kalo", "remi"), resp
     assert (await post(stack, "/v1/chat/completions", chat))[0] == 200
     # sent to the workers directly (an application's request): compiled there, answered the same way
-    rid, owner = uuid.uuid4().hex, uuid.uuid4().hex[:8]
-    got: asyncio.Queue[TokenChunk] = asyncio.Queue()
-
-    async def on_chunk(msg: Msg) -> None:
-        await got.put(msgspec.json.decode(msg.data, type=TokenChunk))
-
-    sub = await stack.nc.subscribe(subjects.replies_of(owner), cb=on_chunk)
-    req = GenerateRequest(
-        request_id=rid,
-        reply_to=subjects.reply_inbox(rid, owner),
-        prompt_token_ids=[5, 40, 41],
-        params=SamplingParams(max_tokens=6, regex=BIG_REGEX),
-    )
-    await stack.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
-    async with asyncio.timeout(60):
-        chunk = await got.get()
-    await sub.unsubscribe()
+    chunk = (await app_generate(stack, SamplingParams(max_tokens=6, regex=BIG_REGEX)))[-1]
     assert chunk.error_code is ErrorCode.UNAVAILABLE, chunk
     assert chunk.error is not None and chunk.error.startswith("regex cannot be compiled now: "), chunk
 

@@ -17,7 +17,7 @@ from tests.integration.conftest import Stack
 from tests.integration.test_gateway import post
 
 
-async def _app_generate(stack: Stack, params: SamplingParams) -> list[TokenChunk]:
+async def app_generate(stack: Stack, params: SamplingParams) -> list[TokenChunk]:
     """An application's request over NATS (no gateway), its chunks until the last."""
     rid, owner = uuid.uuid4().hex, uuid.uuid4().hex[:8]
     got: asyncio.Queue[TokenChunk] = asyncio.Queue()
@@ -42,11 +42,11 @@ async def test_a_boolean_schema_is_any_value_or_none(stack: Stack) -> None:
     """An application's ``json_schema`` "true" (any JSON value, as JSON Schema and vLLM's default
     backend read it) was refused "is not a JSON object: Expecting object schema to apply options";
     "false" accepts no document and says so."""
-    chunks = await _app_generate(stack, SamplingParams(max_tokens=40, temperature=0, json_schema="true"))
+    chunks = await app_generate(stack, SamplingParams(max_tokens=40, temperature=0, json_schema="true"))
     assert chunks[-1].error is None, chunks[-1]
     if chunks[-1].finish_reason == "stop":  # a whole document: any JSON value
         json.loads("".join(c.text for c in chunks))
-    chunks = await _app_generate(stack, SamplingParams(max_tokens=4, json_schema="false"))
+    chunks = await app_generate(stack, SamplingParams(max_tokens=4, json_schema="false"))
     assert chunks[-1].error_code is ErrorCode.BAD_REQUEST and chunks[-1].param == "json_schema", chunks[-1]
     assert "accepts no document" in (chunks[-1].error or ""), chunks[-1]
     body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 40, "temperature": 0}
