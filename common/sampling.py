@@ -75,16 +75,24 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # Words never generated (vLLM's bad_words): each tokenized as vLLM does, alone and after a
     # space; a sequence's last token is masked where the output's last tokens are the others.
     bad_words: list[str] = []
+    # The structured output's grammar binds only the tokens after the first occurrence of these ids
+    # in the output (a reasoning model's ``</think>`` as its tokenizer encodes it: vLLM applies the
+    # grammar once the reasoning has ended); before them no mask, and the grammar's matcher takes
+    # none of them. Empty: the grammar binds the output from its first token. A worker older than
+    # this field refuses a request that sets it (unknown field), never serving it unconstrained.
+    structured_after_token_ids: list[int] = []
 
     def outside_vocab(self, vocab: int) -> tuple[str, str] | None:
         """(field, reason) where ``logit_bias``, ``allowed_token_ids`` or ``stop_token_ids`` names a
         token id past a vocabulary of ``vocab`` ids: the first two would index past the logits, a
         stop id there can never be sampled, so the request would run on past what its client asked
-        for (vLLM refuses all three alike: vllm-project/vllm #54195)."""
+        for (vLLM refuses all three alike: vllm-project/vllm #54195); a ``structured_after_token_ids``
+        id there never comes, and the grammar would never start."""
         for name, named in (
             ("logit_bias", self.logit_bias),
             ("allowed_token_ids", self.allowed_token_ids),
             ("stop_token_ids", self.stop_token_ids),
+            ("structured_after_token_ids", self.structured_after_token_ids),
         ):
             if named and max(named) >= vocab:
                 outside = sorted(t for t in named if t >= vocab)
@@ -143,6 +151,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return "allowed_token_ids", f"allowed_token_ids must be at most {MAX_ALLOWED_TOKENS} non-negative ids"
         if len(self.bad_words) > MAX_STOPS or any(not w.strip() or len(w) > MAX_STOP_CHARS for w in self.bad_words):
             return "bad_words", f"bad_words must be at most {MAX_STOPS} words of 1 to {MAX_STOP_CHARS} characters"
+        after = self.structured_after_token_ids
+        if len(after) > MAX_AFTER_TOKENS or any(t < 0 for t in after):
+            why = f"structured_after_token_ids must be at most {MAX_AFTER_TOKENS} non-negative ids"
+            return "structured_after_token_ids", why
         if len(asked := self.structured_outputs()) > 1:
             return asked[1], f"at most one structured output may be asked for, got {' and '.join(asked)}"
         if len(self.choice) > MAX_STOPS or any(not c for c in self.choice):
@@ -159,4 +171,5 @@ MAX_STOPS = 256
 MAX_LOGIT_BIAS = 1024
 # allowed_token_ids entries (a vocabulary's worth: Llama 3 has 128,256 ids; vLLM sets no bound).
 MAX_ALLOWED_TOKENS = 1 << 18
+MAX_AFTER_TOKENS = 64  # structured_after_token_ids: a closing tag's ids (one, where it is a special token)
 MAX_STOP_CHARS = 1024  # one stop string's length (OpenAI and vLLM set none; 1 KB is far past any use)

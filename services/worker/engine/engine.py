@@ -23,6 +23,7 @@ from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, sent_tail
 from dlora.services.worker.engine.device import resolve_device
+from dlora.services.worker.engine.grammar_start import started_matcher
 from dlora.services.worker.engine.inputs import Carry, build_inputs, rows_of
 from dlora.services.worker.engine.kv_cache import KVCache
 from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, import_kv
@@ -228,18 +229,16 @@ class LLMEngine:
         whole: bool = False,
         prompt_field: str | None = None,
     ) -> None:
-        """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated
-        or lost run); generation continues after them and they are not reported again
-        (``resume_text_held``, their text not sent yet, and that of the last ``resume_text_pending``
-        come first, a stop string looked for across them). ``kv``: the moved request's cache from
-        another engine (``export_kv``), not recomputed. ``priority``: lower first (``fcfs_arrival``).
-        Its prompt tokens count once its first token is made here, unless it made some before
-        (vLLM's prompt_tokens at prefill). ``cache_salt``: its prefix-cache
-        blocks are shared only with requests of the same salt (``Sequence.salted``). ``bad_words_ids``:
-        the token sequences of ``params.bad_words`` (``bad_words_token_ids``), tokenized already
-        (the worker does it on arrival, off its loop); None: tokenized here. ``whole``: refuse a
-        request whose prompt and max_tokens overrun the context (``check_tokens``) rather than end
-        it "length" there. ``prompt_field``: the field its sender gave the prompt in, where the caller
+        """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated or lost run);
+        generation continues after them and they are not reported again (``resume_text_held``, their text not sent
+        yet, and that of the last ``resume_text_pending`` come first, a stop string looked for across them). ``kv``:
+        the moved request's cache from another engine (``export_kv``), not recomputed. ``priority``: lower first
+        (``fcfs_arrival``). Its prompt tokens count once its first token is made here, unless it made some before
+        (vLLM's prompt_tokens at prefill). ``cache_salt``: its prefix-cache blocks are shared only with requests of
+        the same salt (``Sequence.salted``). ``bad_words_ids``: the token sequences of ``params.bad_words``
+        (``bad_words_token_ids``), tokenized already (the worker does it on arrival, off its loop); None: tokenized
+        here. ``whole``: refuse a request whose prompt and max_tokens overrun the context (``check_tokens``) rather
+        than end it "length" there. ``prompt_field``: the field its sender gave the prompt in, where the caller
         tokenized a text prompt itself (the worker, on arrival): errors name it (None: the one here)."""
         params = params or SamplingParams()
         if request_id in self.seqs:
@@ -273,7 +272,7 @@ class LLMEngine:
             seq.allowed_mask = allowed_mask(params.allowed_token_ids, self.model_config.vocab_size, self.device)
         if params.structured_outputs():
             try:
-                seq.matcher = self.grammars.matcher(params, resumed)
+                seq.matcher, seq.grammar_from = started_matcher(self.grammars, params, resumed)
             except GrammarUnavailable:
                 raise  # (the worker's state, not the request's fault: answered unavailable)
             except GrammarError as e:

@@ -10,6 +10,7 @@ import torch
 from dlora.common.messages import ErrorCode, FinishReason, TokenLogprob
 from dlora.kernels.host import HostCopy, to_device
 from dlora.services.worker.engine.faults import raise_if_lost
+from dlora.services.worker.engine.grammar_start import completes
 from dlora.services.worker.engine.sequence import RESERVED, Sequence, Status
 from dlora.services.worker.engine.stopping import check_stop, stop_string_in, visible_end
 
@@ -162,6 +163,8 @@ def advance(
         seq.num_cached = seq.total_len
         seq.status = Status.RUNNING
         seq.output_ids.append(token)
+    if seq.grammar_from is None and completes(seq.output_ids, seq.params.structured_after_token_ids):
+        seq.grammar_from = len(seq.output_ids)  # the grammar binds the next token on
     first = len(seq.output_ids) == 1
     old_len = len(seq.text)
     # What the tokens held back before this one spell: the text, if this token ends it unshown
@@ -176,7 +179,7 @@ def advance(
         len(seq.output_ids),
         seq.total_len,
         max_model_len,
-        document_complete=seq.matcher is not None and seq.matcher.is_stopped(),
+        document_complete=seq.grammar is not None and seq.grammar.is_stopped(),
         primary_eos=primary_eos,
     )
     if stop.reason is not None and not isinstance(stop.matched, str):  # text after a stop string is cut anyway

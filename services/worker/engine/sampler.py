@@ -463,7 +463,7 @@ def sample_sequences(
     banned = [banned_now(s.bad_words_ids, s.output_ids) if s.bad_words_ids else [] for s in seqs]
     allowed = [s.allowed_mask for s in seqs]
     biased = bias(logits, params, [len(out) for _, out in histories], eos_ids, banned, allowed)
-    constrained, broken = constrain(biased, [s.matcher for s in seqs], grammars)
+    constrained, broken = constrain(biased, [s.grammar for s in seqs], grammars)
     sampled = launch_sample(constrained, params, generators, histories)
     sampled.broken = broken
     return sampled

@@ -54,6 +54,9 @@ class Sequence:
     # scheduled_ts), however many steps its prefill then takes.
     scheduled_at: float | None = None
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
+    # Where in output_ids its matcher starts (``grammar_start``: past its structured_after_token_ids);
+    # None: not yet, the output unmasked and the matcher given no token until then
+    grammar_from: int | None = 0
     bad_words_ids: list[list[int]] = field(default_factory=list)  # its bad_words, tokenized (bad_words.py)
     allowed_mask: Any = None  # (vocab,) bool on the engine's device: its allowed_token_ids (sampler.allowed_mask)
     # Entry i: prompt token i + 1's log-probability after the ones before it (prompt_logprobs.py)
@@ -98,6 +101,11 @@ class Sequence:
         if start >= n:
             return self.output_ids[start - n : end - n]
         return self.prompt_ids[start:] + self.output_ids[: end - n]
+
+    @property
+    def grammar(self) -> Any:
+        """Its matcher where the grammar binds the next token (None: free, or not started yet)."""
+        return self.matcher if self.grammar_from is not None else None
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

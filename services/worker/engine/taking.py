@@ -53,7 +53,7 @@ def take(
             outputs.append(engine._fail(seq, f"sampling failed: {tok}", code))
             continue
         try:
-            if seq.matcher is not None and (why := refusal(seq.matcher, tok, label(seq.params))) is not None:
+            if seq.grammar is not None and (why := refusal(seq.grammar, tok, label(seq.params))) is not None:
                 field = seq.params.structured_outputs()[0]  # the constraint's fault
                 outputs.append(engine._fail(seq, why, ErrorCode.BAD_REQUEST, param=field))
                 continue
