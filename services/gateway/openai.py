@@ -344,14 +344,14 @@ class Shape:
             choice: dict[str, Any] = {"index": c.index, "logprobs": shown, "finish_reason": c.finish_reason}
             choice["stop_reason"] = c.stop_reason
             reasoning, text = split(self.reasoning_parser, c.text, self.thinking)
-            if self.tools_required:
-                (calls := CallStream()).feed(c.text)
+            if self.tools_required:  # (the calls are the content: a grammar binds only what follows the reasoning)
+                (calls := CallStream()).feed(text or "")
                 listed = [self._call(c.index, args, name, k) for k, (name, args) in enumerate(calls.calls)]
                 choice["message"] = {"role": self.role, "content": None} | ({"tool_calls": listed} if listed else {})
                 if c.finish_reason == "stop" and calls.closed:
                     choice["finish_reason"] = "tool_calls"
             elif self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
-                call = self._call(c.index, c.text)
+                call = self._call(c.index, text or "")
                 choice["message"] = {"role": self.role, "content": None, "tool_calls": [call]}
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser)

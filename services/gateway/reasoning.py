@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 PARSERS = ("deepseek_r1", "qwen3")
 _OPEN, _CLOSE = "<think>", "</think>"
+REASONING_END = _CLOSE  # a structured output's grammar binds what follows it (gateway/shaping.py)
 
 
 def thinking(kind: str, chat_template_kwargs: dict[str, object] | None) -> bool:

@@ -42,8 +42,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # its distills) or "qwen3" (Qwen3, QwQ, Qwen3.5; chat_template_kwargs enable_thinking false:
     # all content); set, a chat's <think>...</think> goes out as the message's "reasoning" and the
     # rest as its content, the only text tool calls are read from (gateway/reasoning.py).
-    # Empty: off, the text as written. A structured output is then refused (400): its grammar
-    # would bind the reasoning too.
+    # Set, a structured output's grammar binds only the content: the workers hold it back until the
+    # output's </think> (as vLLM does once the reasoning ends). Empty: off, the text as written.
     reasoning_parser: str = ""
     # vLLM's --chat-template-content-format: how a chat message's content reaches the model's
     # template, "string" (text parts joined by newlines), "openai" (a list of parts), or "auto":

@@ -28,7 +28,7 @@ from dlora.services.gateway.openai import (
     Shape,
     model_not_found,
 )
-from dlora.services.gateway.reasoning import thinking
+from dlora.services.gateway.reasoning import REASONING_END, thinking
 from dlora.services.gateway.sampling import (
     auto_tools,
     forced_tool,
@@ -229,12 +229,7 @@ def shape_request(
             f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} per request",
             param="n" if n > 1 else "prompt",  # the field that made too many
         )
-    if chat and model.reasoning_parser and (asked_for := structured_field(body)) is not None:
-        # vLLM holds the grammar back until the reasoning ends; dlora's workers cannot yet, and a
-        # grammar over the whole output leaves the model no room to think
-        why = f"{asked_for} (a structured output) is not served with the gateway's reasoning_parser "
-        why += f"({model.reasoning_parser}): its grammar would bind the reasoning too; leave out one of the two"
-        raise APIError(400, why, param=asked_for)
+    after = reasoning_end_ids(body, model)
     choices: list[ChoicePlan] = []
     # max_tokens 0 generates nothing (with echo: the prompt back), unless the prompt's logprobs are
     # asked for (OpenAI's original loglikelihood request, or vLLM's prompt_logprobs): those come
@@ -256,6 +251,8 @@ def shape_request(
         if not prompt_only and (cap := model.defaults.get("max_tokens")):  # vLLM's: the least of them
             new = min(new, int(cap))
         params = sampling_params(body, new if generate else 1, model.grammars, model.defaults, compile_grammar)
+        if after:
+            params = msgspec.structs.replace(params, structured_after_token_ids=after)
         if auto and model.tool_call_parser in ("hermes", "mistral") and body.skip_special_tokens is None:
             # Some models' <tool_call> tags and Mistral's [TOOL_CALLS] are special tokens: skipped,
             # the parser would never see a call (vLLM's parsers turn the skipping off alike).
@@ -329,6 +326,19 @@ def shape_request(
         prompt_logprobs=field_logprobs,
         structured_field=structured_field(body),
     )
+
+
+def reasoning_end_ids(body: Body, model: ServedModel) -> list[int]:
+    """The token ids after which a chat's structured output binds its output: with a reasoning
+    parser, and thinking, the end of the reasoning (``</think>`` as the tokenizer encodes it: one
+    special token for R1's and Qwen3's), as vLLM holds the grammar back until the reasoning ends;
+    else none, the grammar binds from the first token (a qwen3 chat told ``enable_thinking: false``
+    has its think block closed in the prompt). A worker older than the field refuses such a request."""
+    if not isinstance(body, ChatBody) or not model.reasoning_parser or structured_field(body) is None:
+        return []
+    if not thinking(model.reasoning_parser, body.chat_template_kwargs):
+        return []
+    return list(model.tokenizer.encode(REASONING_END, add_special_tokens=False))
 
 
 def truncated(ids: list[int], text: str | None, tokenizer: Tokenizer, keep: int) -> list[int]:

@@ -460,21 +460,32 @@ async def test_events_waiting_together_go_out_in_one_write_each_still_its_own_ev
     assert body.rstrip().endswith("data: [DONE]")
 
 
-def test_a_reasoning_parser_reads_chats_alone_and_refuses_structured_outputs(served: ServedModel) -> None:
-    """vLLM holds a grammar back until the reasoning ends; dlora cannot yet: a structured output
-    beside the gateway's reasoning_parser is refused, naming both, not bound over the reasoning."""
+def test_a_reasoning_parser_reads_chats_alone_and_holds_structured_outputs_until_the_reasoning_ends(
+    served: ServedModel,
+) -> None:
+    """vLLM holds a grammar back until the reasoning ends: a structured output beside the gateway's
+    reasoning_parser binds what follows ``</think>`` (its token ids, as the tokenizer encodes it);
+    without a parser, or thinking (qwen3's enable_thinking false), from the first token. Was a 400."""
     user = {"role": "user", "content": "hi"}
     thinks = dataclasses.replace(served, reasoning_parser="qwen3")
+    end = served.tokenizer.encode("</think>", add_special_tokens=False)
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    for extra, field in [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"guided_regex": "a+"}, "guided_regex"),
-        ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
-        ({"tools": [tool], "tool_choice": "required"}, "tool_choice"),
-        ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for extra in [
+        {"response_format": {"type": "json_object"}},
+        {"guided_regex": "a+"},
+        {"structured_outputs": {"choice": ["a"]}},
+        {"tools": [tool], "tool_choice": "required"},
+        {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}},
     ]:
-        e = refused(thinks, {"messages": [user], "max_tokens": 2} | extra, chat=True)
-        assert (e.status, e.param) == (400, field) and "reasoning_parser (qwen3)" in e.message
+        body = {"messages": [user], "max_tokens": 2} | extra
+        for model, extra_body, after in [(thinks, {}, end), (served, {}, []), (thinks, off, [])]:
+            [choice] = shape(model, body | extra_body, chat=True).choices
+            assert choice.request is not None and choice.request.params.structured_outputs(), extra
+            assert choice.request.params.structured_after_token_ids == after, (extra, extra_body)
+    assert end and shape(thinks, {"messages": [user], "max_tokens": 2}, chat=True).choices[0].request.params == (
+        shape(served, {"messages": [user], "max_tokens": 2}, chat=True).choices[0].request.params  # free text: none
+    )
     e = refused(thinks, {"messages": [user], "max_tokens": 2, "echo": True}, chat=True)
     assert (e.status, e.param) == (400, "echo") and "reasoning_parser (qwen3)" in e.message
     job = shape(thinks, {"messages": [user], "max_tokens": 2}, chat=True)
@@ -482,6 +493,5 @@ def test_a_reasoning_parser_reads_chats_alone_and_refuses_structured_outputs(ser
     hidden = {"messages": [user], "max_tokens": 2, "include_reasoning": False}
     assert shape(thinks, hidden, chat=True).shape.include_reasoning is False
     assert shape(served, hidden, chat=True).shape.include_reasoning is True  # no parser: nothing to hide
-    off = {"messages": [user], "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}}
-    assert shape(thinks, off, chat=True).shape.thinking is False
+    assert shape(thinks, {"messages": [user], "max_tokens": 2} | off, chat=True).shape.thinking is False
     assert shape(thinks, {"prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}).shape.reasoning_parser == ""

@@ -3,6 +3,7 @@ one reading for a whole output and a stream, however its tokens split the tags."
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -175,3 +176,23 @@ def test_include_reasoning_false_answers_a_whole_chat_without_its_token_ids_as_i
     assert "token_ids" not in whole and whole["message"]["reasoning"] is None
     shown = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1")
     assert shown.full([done], 1, 3)["choices"][0]["token_ids"] == [1, 2, 3]  # included: as asked
+
+
+def test_a_required_or_named_call_is_read_from_the_content_after_the_reasoning() -> None:
+    """With a reasoning parser a structured output's grammar binds only what follows ``</think>``:
+    tool_choice's calls (required: a list; named: the arguments) are read from that content, whole
+    and streamed alike, the thinking answered as reasoning."""
+    text = 'plan: call f</think>[{"name": "f", "parameters": {"x": 1}}]'
+    for kind, forced in (("required", None), ("named", "f")):
+        shape = Shape(True, "chatcmpl-x", "m", 0, tool=forced, tools_required=forced is None, reasoning_parser="qwen3")
+        [whole] = shape.full([Choice(0, text=text, finish_reason="stop")], 1, 1)["choices"]
+        message = whole["message"]
+        assert message["reasoning"] == "plan: call f" and message["content"] is None, kind
+        [call] = message["tool_calls"]
+        want = '{"x": 1}' if kind == "required" else '[{"name": "f", "parameters": {"x": 1}}]'
+        assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("f", json.loads(want))
+        shape = Shape(True, "chatcmpl-x", "m", 0, tool=forced, tools_required=forced is None, reasoning_parser="qwen3")
+        events = _stream(shape, text, [5, 20, 30])
+        assert "".join(e["delta"].get("reasoning", "") for e in events) == "plan: call f"
+        args = "".join(c["function"]["arguments"] for e in events for c in e["delta"].get("tool_calls", []))
+        assert json.loads(args) == json.loads(want), kind
