@@ -83,3 +83,24 @@ def test_a_resumed_request_lands_where_its_output_so_far_left_the_grammar(tiny_l
     at = {"before": start - 1, "at": start, "after": start + 2}[cut]
     rest, again = generate(engine, "resumed", params, resumed=whole[:at])
     assert (whole[:at] + rest, again) == (whole, reason)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 6])
+def test_a_request_moved_from_an_async_engine_with_its_cache_keeps_its_grammar_state(
+    tiny_llama: TinyOutput, steps: int
+) -> None:
+    """Async scheduling: drained (what a move does first), exported with its KV and resumed on
+    another engine, before, across and after the end sequence: the tokens of the unmoved run."""
+    engine = make_engine(tiny_llama)
+    free, _ = generate(engine, "free", SamplingParams(max_tokens=FREE, ignore_eos=True))
+    after, _ = end_sequence(free, 1)
+    params = SamplingParams(max_tokens=200, json_schema=json.dumps(SCHEMA), structured_after_token_ids=after)
+    whole, _ = generate(engine, "whole", params)
+    source, destination = make_engine(tiny_llama, async_scheduling=True), make_engine(tiny_llama)
+    source.add_request("r", prompt_token_ids=PROMPT, params=params, adapter="lora-0")
+    sent = [t for _ in range(steps) for o in source.step() for t in o.new_token_ids]
+    sent += [t for o in source.drain() for t in o.new_token_ids]
+    kv = source.export_kv("r")
+    destination.add_request("r", prompt_token_ids=PROMPT, params=params, adapter="lora-0", resume_token_ids=sent, kv=kv)
+    rest = [t for _ in range(300) if destination.has_unfinished() for o in destination.step() for t in o.new_token_ids]
+    assert sent + rest == whole
