@@ -33,6 +33,15 @@ def thinking(kind: str, chat_template_kwargs: dict[str, object] | None) -> bool:
     return not (kind == "qwen3" and (chat_template_kwargs or {}).get("enable_thinking", True) is False)
 
 
+def closes_reasoning(prompt: str) -> bool:
+    """Whether a prompt whose last message the model continues (``continue_final_message``) left
+    its think block closed: its last tag is ``</think>`` (vLLM reads the prompt's ids alike,
+    ``is_reasoning_end``: the last of the start and end tokens). Then the output is content, and a
+    structured output's grammar binds it from the first token: the ``</think>`` it would wait for
+    never comes."""
+    return prompt.rfind(_CLOSE) > prompt.rfind(_OPEN)
+
+
 @dataclass
 class ReasoningParser:
     """Reads one choice's output (``feed`` each piece as it comes, then ``finish``): each returns

@@ -28,7 +28,7 @@ from dlora.services.gateway.openai import (
     Shape,
     model_not_found,
 )
-from dlora.services.gateway.reasoning import REASONING_END, thinking
+from dlora.services.gateway.reasoning import REASONING_END, closes_reasoning, thinking
 from dlora.services.gateway.sampling import (
     auto_tools,
     forced_tool,
@@ -229,7 +229,8 @@ def shape_request(
             f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES} per request",
             param="n" if n > 1 else "prompt",  # the field that made too many
         )
-    after = reasoning_end_ids(body, model)
+    thinks = isinstance(body, ChatBody) and chat_thinking(body, template, prompts[0][0], model)
+    after = reasoning_end_ids(body, model, thinks)
     choices: list[ChoicePlan] = []
     # max_tokens 0 generates nothing (with echo: the prompt back), unless the prompt's logprobs are
     # asked for (OpenAI's original loglikelihood request, or vLLM's prompt_logprobs): those come
@@ -308,9 +309,7 @@ def shape_request(
             include_reasoning=not (
                 isinstance(body, ChatBody) and model.reasoning_parser and body.include_reasoning is False
             ),
-            thinking=thinking(model.reasoning_parser, body.chat_template_kwargs)
-            if isinstance(body, ChatBody)
-            else True,
+            thinking=thinks if isinstance(body, ChatBody) else True,
         ),
         adapter.name if adapter else None,
         prompt_tokens=sum(len(ids) for ids, _ in prompts),
@@ -328,15 +327,26 @@ def shape_request(
     )
 
 
-def reasoning_end_ids(body: Body, model: ServedModel) -> list[int]:
+def chat_thinking(body: ChatBody, template: ChatTemplate, ids: list[int], model: ServedModel) -> bool:
+    """Whether a chat's output is read for reasoning (``reasoning.thinking``): not where the
+    message it continues closed its think block already (``closes_reasoning``)."""
+    if not thinking(model.reasoning_parser, body.chat_template_kwargs):
+        return False
+    if not (model.reasoning_parser and template.continue_final_message):
+        return True
+    return not closes_reasoning(model.tokenizer.decode(ids, skip_special_tokens=False))
+
+
+def reasoning_end_ids(body: Body, model: ServedModel, thinks: bool) -> list[int]:
     """The token ids after which a chat's structured output binds its output: with a reasoning
-    parser, and thinking, the end of the reasoning (``</think>`` as the tokenizer encodes it: one
-    special token for R1's and Qwen3's), as vLLM holds the grammar back until the reasoning ends;
-    else none, the grammar binds from the first token (a qwen3 chat told ``enable_thinking: false``
-    has its think block closed in the prompt). A worker older than the field refuses such a request."""
+    parser, and ``thinks`` (``chat_thinking``), the end of the reasoning (``</think>`` as the
+    tokenizer encodes it: one special token for R1's and Qwen3's), as vLLM holds the grammar back
+    until the reasoning ends; else none, the grammar binds from the first token (a qwen3 chat told
+    ``enable_thinking: false``, or a continued message, has its think block closed in the prompt).
+    A worker older than the field refuses such a request."""
     if not isinstance(body, ChatBody) or not model.reasoning_parser or structured_field(body) is None:
         return []
-    if not thinking(model.reasoning_parser, body.chat_template_kwargs):
+    if not thinks:
         return []
     return list(model.tokenizer.encode(REASONING_END, add_special_tokens=False))
 

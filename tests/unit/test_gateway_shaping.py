@@ -495,3 +495,26 @@ def test_a_reasoning_parser_reads_chats_alone_and_holds_structured_outputs_until
     assert shape(served, hidden, chat=True).shape.include_reasoning is True  # no parser: nothing to hide
     assert shape(thinks, {"messages": [user], "max_tokens": 2} | off, chat=True).shape.thinking is False
     assert shape(thinks, {"prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}).shape.reasoning_parser == ""
+
+
+def test_a_continued_message_whose_reasoning_is_closed_binds_its_grammar_from_the_first_token(
+    served: ServedModel,
+) -> None:
+    """continue_final_message on an assistant message that closed its think block: the output is
+    content, and the grammar binds it from the first token (vLLM's reasoning_ended read from the
+    prompt's ids). Held back until a ``</think>`` the output never writes, it bound nothing: the
+    response_format's JSON was not enforced at all."""
+    thinks = dataclasses.replace(served, reasoning_parser="qwen3")
+    user = {"role": "user", "content": "hi"}
+    body = {"max_tokens": 2, "response_format": {"type": "json_object"}, "continue_final_message": True}
+    body |= {"add_generation_prompt": False}
+    closed = {"role": "assistant", "content": "<think>\nok\n</think>\n\n"}
+    job = shape(thinks, body | {"messages": [user, closed]}, chat=True)
+    assert job.choices[0].request.params.structured_after_token_ids == []
+    assert job.shape.thinking is False  # the output continues the content
+    still = {"role": "assistant", "content": "<think>\nhm"}  # its reasoning goes on: held back as before
+    job = shape(thinks, body | {"messages": [user, still]}, chat=True)
+    assert job.choices[0].request.params.structured_after_token_ids == served.tokenizer.encode(
+        "</think>", add_special_tokens=False
+    )
+    assert job.shape.thinking is True
