@@ -33,13 +33,17 @@ def thinking(kind: str, chat_template_kwargs: dict[str, object] | None) -> bool:
     return not (kind == "qwen3" and (chat_template_kwargs or {}).get("enable_thinking", True) is False)
 
 
-def closes_reasoning(prompt: str) -> bool:
-    """Whether a prompt whose last message the model continues (``continue_final_message``) left
-    its think block closed: its last tag is ``</think>`` (vLLM reads the prompt's ids alike,
-    ``is_reasoning_end``: the last of the start and end tokens). Then the output is content, and a
-    structured output's grammar binds it from the first token: the ``</think>`` it would wait for
-    never comes."""
-    return prompt.rfind(_CLOSE) > prompt.rfind(_OPEN)
+def closes_reasoning(prompt: str, continued: bool) -> bool:
+    """Whether a chat's prompt ended the reasoning already, its output content (vLLM reads the
+    prompt's ids alike, ``is_reasoning_end``): a template whose generation prompt closes the think
+    block (DeepSeek V3.1's ``thinking: false``, GLM-4.5's ``enable_thinking: false``) ends with
+    ``</think>``; a message the model continues (``continued``) closed it where its last tag is
+    ``</think>``. A closed block of an earlier turn is not this one's: a new turn opens after it.
+    A structured output's grammar then binds from the first token, as the ``</think>`` it would
+    wait for never comes."""
+    if continued:
+        return prompt.rfind(_CLOSE) > prompt.rfind(_OPEN)
+    return prompt.rstrip().endswith(_CLOSE)
 
 
 @dataclass

@@ -328,13 +328,21 @@ def shape_request(
 
 
 def chat_thinking(body: ChatBody, template: ChatTemplate, ids: list[int], model: ServedModel) -> bool:
-    """Whether a chat's output is read for reasoning (``reasoning.thinking``): not where the
-    message it continues closed its think block already (``closes_reasoning``)."""
+    """Whether a chat's output is read for reasoning (``reasoning.thinking``): not where its
+    prompt closed the think block already (``closes_reasoning``; a generation prompt's is in its
+    last tokens, a continued message's anywhere in it)."""
     if not thinking(model.reasoning_parser, body.chat_template_kwargs):
         return False
-    if not (model.reasoning_parser and template.continue_final_message):
+    if not model.reasoning_parser:  # (nothing read: the text as it is)
         return True
-    return not closes_reasoning(model.tokenizer.decode(ids, skip_special_tokens=False))
+    continued = template.continue_final_message
+    text = model.tokenizer.decode(ids if continued else ids[-PROMPT_TAIL:], skip_special_tokens=False)
+    return not closes_reasoning(text, continued)
+
+
+# The prompt's last tokens read for a generation prompt that closes the think block: "</think>" and
+# the whitespace after it, however a tokenizer without it as one token spells it.
+PROMPT_TAIL = 32
 
 
 def reasoning_end_ids(body: Body, model: ServedModel, thinks: bool) -> list[int]:

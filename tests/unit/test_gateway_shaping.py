@@ -3,6 +3,7 @@ it), with the tiny model's real tokenizer and no servers."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from typing import Any
@@ -518,3 +519,26 @@ def test_a_continued_message_whose_reasoning_is_closed_binds_its_grammar_from_th
         "</think>", add_special_tokens=False
     )
     assert job.shape.thinking is True
+
+
+def test_a_generation_prompt_that_closes_the_think_block_binds_the_grammar_from_the_first_token(
+    served: ServedModel,
+) -> None:
+    """A template that closes the think block in its generation prompt (DeepSeek V3.1's
+    ``thinking: false``, GLM-4.5's ``enable_thinking: false``): the output is content, and the
+    grammar binds from the first token (vLLM reads the prompt, vllm-project/vllm #39138). Held back
+    until a ``</think>`` the model never writes, the structured output went unenforced."""
+    tokenizer = copy.deepcopy(served.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% if thinking is defined and not thinking %}</think>"
+        "{% else %}<think>\n{% endif %}{% endif %}"
+    )
+    thinks = dataclasses.replace(served, reasoning_parser="deepseek_r1", tokenizer=tokenizer)
+    body = {"max_tokens": 2, "response_format": {"type": "json_object"}}
+    body |= {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>a</think>b"}]}
+    body["messages"].append({"role": "user", "content": "again"})  # a history's closed block is not this turn's
+    off = shape(thinks, body | {"chat_template_kwargs": {"thinking": False}}, chat=True)
+    assert off.choices[0].request.params.structured_after_token_ids == [] and off.shape.thinking is False
+    on = shape(thinks, body, chat=True)
+    assert on.choices[0].request.params.structured_after_token_ids and on.shape.thinking is True
