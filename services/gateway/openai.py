@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from dlora.common.undecodable import field_of
-from dlora.services.gateway.reasoning import ReasoningParser, split
+from dlora.services.gateway.reasoning import REASONING_END, ReasoningParser, split
 from dlora.services.gateway.tool_calls import CallStream
 from dlora.services.gateway.tool_parsers import Call, ToolParser, joined, short_call_id
 
@@ -308,6 +308,7 @@ class Shape:
     # answered as OpenAI's tool_calls with finish_reason "tool_calls"; streamed, a call per item.
     tools_required: bool = False
     _call_streams: dict[int, CallStream] = field(default_factory=dict)
+    _opened: set[int] = field(default_factory=set)  # choices whose forced call has opened (id and name sent)
     # tool_choice "auto": each choice's text read for calls by this parser (tool_parsers.PARSERS;
     # "": not read), answered as content and tool_calls alike whole and streamed.
     tool_parser: str = ""
@@ -351,8 +352,8 @@ class Shape:
                 if c.finish_reason == "stop" and calls.closed:
                     choice["finish_reason"] = "tool_calls"
             elif self.tool is not None:  # OpenAI's forced call: no content, the call's arguments the text
-                call = self._call(c.index, text or "")
-                choice["message"] = {"role": self.role, "content": None, "tool_calls": [call]}
+                calls = [self._call(c.index, text or "")] if reasoning is None or REASONING_END in c.text else []
+                choice["message"] = {"role": self.role, "content": None} | ({"tool_calls": calls} if calls else {})
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser)
                 content, calls = self._allowed(joined(parser.feed(text or ""), parser.finish()))
@@ -417,12 +418,12 @@ class Shape:
             )
             if finish_reason == "stop" and calls.closed:
                 choice["finish_reason"] = "tool_calls"
-        elif self.tool is not None:  # the call opens with its id and name, then its arguments as they come
-            call = self._call(index, text) | {"index": 0} if first else {"index": 0, "function": {"arguments": text}}
-            last = finish_reason is not None and not text
-            choice["delta"] = ({"role": self.role, "content": None} if first else {}) | (
-                {} if last else {"tool_calls": [call]}
-            )
+        elif self.tool is not None:  # opens with its id and name past the reasoning (vLLM's), then the arguments
+            opens = (reasoner.ended if self.reasoning_parser else first) and index not in self._opened
+            self._opened |= {index} if opens else set()
+            call = self._call(index, text) | {"index": 0} if opens else {"index": 0, "function": {"arguments": text}}
+            said = {"tool_calls": [call]} if opens or text else {}  # (content comes only once it has opened)
+            choice["delta"] = ({"role": self.role, "content": None} if first else {}) | said
         elif self.tool_parser:  # text as it comes, held back only where a call may begin; each call whole
             parser = self._parsers.setdefault(index, ToolParser(self.tool_parser))
             content, calls = parser.feed(text)
@@ -472,8 +473,7 @@ class Shape:
         return not said and not any("id" in c or c["function"]["arguments"] for c in delta.get("tool_calls", []))
 
     def _call(self, index: int, arguments: str, name: str | None = None, k: int = 0) -> dict[str, Any]:
-        """Choice ``index``'s ``k``-th call, of ``name`` (default: the forced function), with
-        ``arguments`` (JSON text); a delta adds the call's ``index``."""
+        """Choice ``index``'s ``k``-th call of ``name`` (default: the forced one); a delta adds its ``index``."""
         base = self.call_ids or self.request_id.rsplit("-", 1)[-1]
         call_id = f"chatcmpl-tool-{base}{index}" + (f"-{k}" if k else "")
         if self.call_id_length:

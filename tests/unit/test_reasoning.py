@@ -196,3 +196,22 @@ def test_a_required_or_named_call_is_read_from_the_content_after_the_reasoning()
         assert "".join(e["delta"].get("reasoning", "") for e in events) == "plan: call f"
         args = "".join(c["function"]["arguments"] for e in events for c in e["delta"].get("tool_calls", []))
         assert json.loads(args) == json.loads(want), kind
+
+
+def test_a_named_call_opens_once_the_reasoning_has_ended_and_not_at_all_while_thinking() -> None:
+    """vLLM streams a forced call's reasoning alone and opens the call (id, name) once the
+    reasoning has ended; dlora opened it in the first event and sent an empty arguments piece
+    beside every reasoning delta, and a whole output cut while thinking answered a call of f with
+    arguments "" the model never began (found against dlora up: streamed and whole disagreed)."""
+    for text, finish, want in (('plan</think>{"x": 1}', "stop", '{"x": 1}'), ("cut while thinking", "length", None)):
+        shape = Shape(True, "chatcmpl-x", "m", 0, tool="f", reasoning_parser="deepseek_r1")
+        [whole] = shape.full([Choice(0, text=text, finish_reason=finish)], 1, 1)["choices"]
+        calls = whole["message"].get("tool_calls", [])
+        assert [c["function"]["arguments"] for c in calls] == ([want] if want else []), whole
+        shape = Shape(True, "chatcmpl-x", "m", 0, tool="f", reasoning_parser="deepseek_r1")
+        events = _stream(shape, text, [2, 4, 8, 12])
+        assert not any("tool_calls" in e["delta"] for e in events if "reasoning" in e["delta"]), events
+        opened = [c for e in events for c in e["delta"].get("tool_calls", []) if "id" in c]
+        assert len(opened) == (1 if want else 0) and all(c["function"]["name"] == "f" for c in opened)
+        args = "".join(c["function"]["arguments"] for e in events for c in e["delta"].get("tool_calls", []))
+        assert args == (want or "")
