@@ -1,0 +1,95 @@
+"""Request shaping beside the gateway's reasoning_parser: a structured output held back until the
+reasoning ends, or bound from the first token where the prompt closed the think block."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from dlora.services.gateway.shaping import ServedModel
+from tests.unit.test_gateway_shaping import refused, served, shape
+
+__all__ = ["served"]  # the fixture, shared
+
+
+def test_a_reasoning_parser_reads_chats_alone_and_holds_structured_outputs_until_the_reasoning_ends(
+    served: ServedModel,
+) -> None:
+    """vLLM holds a grammar back until the reasoning ends: a structured output beside the gateway's
+    reasoning_parser binds what follows ``</think>`` (its token ids, as the tokenizer encodes it);
+    without a parser, or thinking (qwen3's enable_thinking false), from the first token. Was a 400."""
+    user = {"role": "user", "content": "hi"}
+    thinks = dataclasses.replace(served, reasoning_parser="qwen3")
+    end = served.tokenizer.encode("</think>", add_special_tokens=False)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for extra in [
+        {"response_format": {"type": "json_object"}},
+        {"guided_regex": "a+"},
+        {"structured_outputs": {"choice": ["a"]}},
+        {"tools": [tool], "tool_choice": "required"},
+        {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+    ]:
+        body = {"messages": [user], "max_tokens": 2} | extra
+        for model, extra_body, after in [(thinks, {}, end), (served, {}, []), (thinks, off, [])]:
+            [choice] = shape(model, body | extra_body, chat=True).choices
+            assert choice.request is not None and choice.request.params.structured_outputs(), extra
+            assert choice.request.params.structured_after_token_ids == after, (extra, extra_body)
+    assert end and shape(thinks, {"messages": [user], "max_tokens": 2}, chat=True).choices[0].request.params == (
+        shape(served, {"messages": [user], "max_tokens": 2}, chat=True).choices[0].request.params  # free text: none
+    )
+    e = refused(thinks, {"messages": [user], "max_tokens": 2, "echo": True}, chat=True)
+    assert (e.status, e.param) == (400, "echo") and "reasoning_parser (qwen3)" in e.message
+    job = shape(thinks, {"messages": [user], "max_tokens": 2}, chat=True)
+    assert (job.shape.reasoning_parser, job.shape.thinking) == ("qwen3", True)
+    hidden = {"messages": [user], "max_tokens": 2, "include_reasoning": False}
+    assert shape(thinks, hidden, chat=True).shape.include_reasoning is False
+    assert shape(served, hidden, chat=True).shape.include_reasoning is True  # no parser: nothing to hide
+    assert shape(thinks, {"messages": [user], "max_tokens": 2} | off, chat=True).shape.thinking is False
+    assert shape(thinks, {"prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}).shape.reasoning_parser == ""
+
+
+def test_a_continued_message_whose_reasoning_is_closed_binds_its_grammar_from_the_first_token(
+    served: ServedModel,
+) -> None:
+    """continue_final_message on an assistant message that closed its think block: the output is
+    content, and the grammar binds it from the first token (vLLM's reasoning_ended read from the
+    prompt's ids). Held back until a ``</think>`` the output never writes, it bound nothing: the
+    response_format's JSON was not enforced at all."""
+    thinks = dataclasses.replace(served, reasoning_parser="qwen3")
+    user = {"role": "user", "content": "hi"}
+    body = {"max_tokens": 2, "response_format": {"type": "json_object"}, "continue_final_message": True}
+    body |= {"add_generation_prompt": False}
+    closed = {"role": "assistant", "content": "<think>\nok\n</think>\n\n"}
+    job = shape(thinks, body | {"messages": [user, closed]}, chat=True)
+    assert job.choices[0].request.params.structured_after_token_ids == []
+    assert job.shape.thinking is False  # the output continues the content
+    still = {"role": "assistant", "content": "<think>\nhm"}  # its reasoning goes on: held back as before
+    job = shape(thinks, body | {"messages": [user, still]}, chat=True)
+    assert job.choices[0].request.params.structured_after_token_ids == served.tokenizer.encode(
+        "</think>", add_special_tokens=False
+    )
+    assert job.shape.thinking is True
+
+
+def test_a_generation_prompt_that_closes_the_think_block_binds_the_grammar_from_the_first_token(
+    served: ServedModel,
+) -> None:
+    """A template that closes the think block in its generation prompt (DeepSeek V3.1's
+    ``thinking: false``, GLM-4.5's ``enable_thinking: false``): the output is content, and the
+    grammar binds from the first token (vLLM reads the prompt, vllm-project/vllm #39138). Held back
+    until a ``</think>`` the model never writes, the structured output went unenforced."""
+    tokenizer = copy.deepcopy(served.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% if thinking is defined and not thinking %}</think>"
+        "{% else %}<think>\n{% endif %}{% endif %}"
+    )
+    thinks = dataclasses.replace(served, reasoning_parser="deepseek_r1", tokenizer=tokenizer)
+    body = {"max_tokens": 2, "response_format": {"type": "json_object"}}
+    body |= {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>a</think>b"}]}
+    body["messages"].append({"role": "user", "content": "again"})  # a history's closed block is not this turn's
+    off = shape(thinks, body | {"chat_template_kwargs": {"thinking": False}}, chat=True)
+    assert off.choices[0].request.params.structured_after_token_ids == [] and off.shape.thinking is False
+    on = shape(thinks, body, chat=True)
+    assert on.choices[0].request.params.structured_after_token_ids and on.shape.thinking is True
