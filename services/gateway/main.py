@@ -45,7 +45,6 @@ from dlora.model.token_bytes import TokenText
 from dlora.services.gateway import access, openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
-from dlora.services.gateway.chat_template import template_problem
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.grammar_pool import shaped
@@ -57,7 +56,15 @@ from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
 from dlora.services.gateway.routes import make_app
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.gateway.shaping import Job, ServedModel, Tokenizer, response_id, served_context, shape_request
+from dlora.services.gateway.shaping import (
+    Job,
+    ServedModel,
+    Tokenizer,
+    model_problems,
+    response_id,
+    served_context,
+    shape_request,
+)
 from dlora.services.gateway.status import ClusterView, status_body
 from dlora.services.gateway.stopping import drained
 from dlora.services.notify import notifier
@@ -82,13 +89,11 @@ class Gateway:
         self.s, self.nc, self.store = settings, nc, store
         self.base_name = served_name(settings.model, settings.served_model_name)
         self.cfg = ModelConfig.from_dir(settings.model)
-        # Here, not at import: transformers 5's AutoTokenizer imports torch (its config machinery),
-        # and only a running gateway needs the tokenizer, not the CLI or the tests importing this.
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # here: it imports torch, which only a running gateway needs
 
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
-        if (problem := template_problem(getattr(self.tokenizer, "chat_template", None))) is not None:
-            logger.warning("the model's chat template does not compile: chat requests will be refused", error=problem)
+        for what, problem in model_problems(self.tokenizer, settings.reasoning_parser):
+            logger.warning(what, error=problem)
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size).prepare()  # on serve()'s thread, not the loop
         self.context = self.cfg.context_length()
         given = sampling_defaults(settings.model) if settings.generation_config == "auto" else {}
@@ -96,9 +101,8 @@ class Gateway:
             logger.info("default sampling parameters from the model's generation_config.json", **given)
         # cast: HF types decode as str | list[str]; for a list of ids it is a str, as shaping expects
         compiling = (settings.grammar_compilation_timeout_s, settings.grammar_compilation_memory_mb)
-        served = ServedModel.of(cast(Tokenizer, self.tokenizer), self.cfg, self.context, given, *compiling)
         self.served = dataclasses.replace(
-            served,
+            ServedModel.of(cast(Tokenizer, self.tokenizer), self.cfg, self.context, given, *compiling),
             tool_call_parser=settings.tool_call_parser,
             reasoning_parser=settings.reasoning_parser,
             content_format=settings.chat_template_content_format,

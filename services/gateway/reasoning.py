@@ -27,6 +27,20 @@ _OPEN, _CLOSE = "<think>", "</think>"
 REASONING_END = _CLOSE  # a structured output's grammar binds what follows it (gateway/shaping.py)
 
 
+def tag_problem(kind: str, end_ids: list[int]) -> str | None:
+    """Why a structured output beside parser ``kind`` may go unbound, or None: the tokenizer writes
+    ``</think>`` (``end_ids``, as it encodes it) in several tokens, and a model that writes the tag
+    in other pieces (a SentencePiece "▁</", say) never completes that sequence, so its grammar never
+    starts. vLLM refuses to start such a parser (its end token must be one token); dlora serves it
+    and says so at start: the text parser still splits on the tag."""
+    if not kind or len(end_ids) == 1:
+        return None
+    return (
+        f"reasoning_parser {kind}: the tokenizer writes {_CLOSE} as {len(end_ids)} tokens {end_ids}, not one; "
+        "a structured output binds only once the model writes it in exactly those"
+    )
+
+
 def thinking(kind: str, chat_template_kwargs: dict[str, object] | None) -> bool:
     """Whether a chat's output is read for reasoning: not a qwen3 chat whose template was told
     ``enable_thinking: false`` (its think block is closed in the prompt)."""

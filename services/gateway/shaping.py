@@ -20,7 +20,7 @@ import msgspec
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
-from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed, reply_role
+from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed, reply_role, template_problem
 from dlora.services.gateway.openai import (
     APIError,
     Body,
@@ -28,7 +28,7 @@ from dlora.services.gateway.openai import (
     Shape,
     model_not_found,
 )
-from dlora.services.gateway.reasoning import REASONING_END, closes_reasoning, thinking
+from dlora.services.gateway.reasoning import REASONING_END, closes_reasoning, tag_problem, thinking
 from dlora.services.gateway.sampling import (
     auto_tools,
     forced_tool,
@@ -101,6 +101,20 @@ class ServedModel:
             tokenizer, cfg.vocab_size, set(cfg.eos_token_ids), GATEWAY_COMPILES, compile_timeout_s, compile_memory_mb
         )
         return cls(tokenizer, cfg.vocab_size, context, grammars, defaults)
+
+
+def model_problems(tokenizer: Any, reasoning_parser: str) -> list[tuple[str, str]]:
+    """(what, why) for each way the served model's files will fail some requests, logged at the
+    gateway's start: a chat template that does not compile (chat refused), a ``</think>`` of several
+    tokens beside a reasoning parser (``reasoning.tag_problem``)."""
+    problems = []
+    if (problem := template_problem(getattr(tokenizer, "chat_template", None))) is not None:
+        problems.append(("the model's chat template does not compile: chat requests will be refused", problem))
+    if (
+        problem := tag_problem(reasoning_parser, tokenizer.encode(REASONING_END, add_special_tokens=False))
+    ) is not None:
+        problems.append(("a structured output beside the reasoning parser may go unbound", problem))
+    return problems
 
 
 def served_context(model_context: int, worker_contexts: list[int]) -> int:

@@ -93,3 +93,19 @@ def test_a_generation_prompt_that_closes_the_think_block_binds_the_grammar_from_
     assert off.choices[0].request.params.structured_after_token_ids == [] and off.shape.thinking is False
     on = shape(thinks, body, chat=True)
     assert on.choices[0].request.params.structured_after_token_ids and on.shape.thinking is True
+
+
+def test_a_close_tag_of_several_tokens_beside_a_reasoning_parser_is_said_at_start(served: ServedModel) -> None:
+    """vLLM refuses to start a reasoning parser whose ``</think>`` is not one token; dlora serves it
+    (the text parser still splits on the tag) and says at start that a structured output binds
+    only once the model writes the tag in exactly the tokenizer's pieces."""
+    from dlora.services.gateway.shaping import model_problems
+
+    several = served.tokenizer.encode("</think>", add_special_tokens=False)
+    assert len(several) > 1  # the tiny tokenizer's
+    [(what, why)] = model_problems(served.tokenizer, "qwen3")
+    assert "structured output" in what and f"{len(several)} tokens" in why and "qwen3" in why
+    assert model_problems(served.tokenizer, "") == []  # no parser: nothing to say
+    one = copy.deepcopy(served.tokenizer)
+    one.add_tokens(["</think>"])
+    assert model_problems(one, "deepseek_r1") == []
