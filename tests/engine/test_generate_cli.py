@@ -255,3 +255,36 @@ def test_generate_writes_through_a_link_keeps_the_files_mode_and_a_sigterm_leave
         "real.jsonl",
     ]
     assert signal.getsignal(signal.SIGTERM) is before  # put back
+
+
+def test_generate_takes_the_shapes_vllm_sampling_params_take(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """A vLLM user's line: ``"stop": "x"`` (vLLM's SamplingParams takes a lone string, as the
+    gateway does), null for a list it leaves unset, and ``"max_tokens": null`` (vLLM's LLM: up to
+    the context) were each refused ("Expected `array`, got `str`")."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out)]
+
+    def run(lines: list[dict]) -> dict[str, dict]:
+        inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        main(argv)
+        return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+    greedy = run([{"id": "g", "prompt": "kalo remi", "max_tokens": 8}])["g"]
+    stop = next(c for c in greedy["text"] if c.isalpha())  # a character the greedy text reaches
+    lines = [
+        {"id": "str", "prompt": "kalo remi", "max_tokens": 8, "stop": stop},
+        {"id": "nulls", "prompt": "kalo remi", "max_tokens": 8, "stop": None, "stop_token_ids": None},
+        {"id": "more", "prompt": "kalo remi", "max_tokens": 8, "bad_words": None, "allowed_token_ids": None},
+        {"id": "bias", "prompt": "kalo remi", "max_tokens": 8, "logit_bias": None},
+        {"id": "fill", "prompt_token_ids": [5] * 500, "max_tokens": None, "ignore_eos": True},
+        {"id": "nofit", "prompt_token_ids": [5] * 512, "max_tokens": None},
+        {"id": "odd", "prompt_token_ids": 5, "max_tokens": None},  # named, not a TypeError
+        {"id": "stops", "prompt": "kalo remi", "max_tokens": 2, "stop": 3},  # still refused, named
+    ]
+    by_id = run(lines)
+    cut = greedy["text"].index(stop)
+    assert (by_id["str"]["stop_reason"], by_id["str"]["text"]) == (stop, greedy["text"][:cut])
+    assert all(by_id[i]["token_ids"] == greedy["token_ids"] for i in ("nulls", "more", "bias"))
+    assert (len(by_id["fill"]["token_ids"]), by_id["fill"]["finish_reason"]) == (12, "length")
+    assert "context" in by_id["nofit"]["error"] and "list of integers" in by_id["odd"]["error"]
+    assert "stop" in by_id["stops"]["error"]

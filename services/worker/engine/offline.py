@@ -33,6 +33,22 @@ from dlora.services.worker.policy import PolicyConfig
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
+# Fields vLLM's SamplingParams takes as null (unset) where dlora's wire type has an empty default.
+_NULLABLE_LISTS = ("stop", "stop_token_ids", "bad_words", "allowed_token_ids", "logit_bias")
+
+
+def _as_vllm_reads(fields: dict[str, Any], prompt_tokens: int, context: int) -> None:
+    """Take the shapes vLLM's SamplingParams takes, which a vLLM user's line carries over and the
+    gateway takes too: a lone ``stop`` string, null for a list left unset, and ``max_tokens`` null:
+    the context the prompt leaves, as vLLM's ``LLM`` fills it (a prompt that leaves none keeps 1,
+    and is refused as too long)."""
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    for name in _NULLABLE_LISTS:
+        if name in fields and fields[name] is None:
+            del fields[name]
+    if "max_tokens" in fields and fields["max_tokens"] is None:
+        fields["max_tokens"] = max(context - prompt_tokens, 1)
 
 
 def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, str | None, bool]:
@@ -61,6 +77,11 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
         return rid, f"line {lineno}: a string holds a lone UTF-16 surrogate escape (not text)", False
     try:
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
+        prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
+        size = len(ids) if isinstance(ids, list) else 0  # the prompt's, needed here only to fill the context
+        if isinstance(prompt, str) and "max_tokens" in fields and fields["max_tokens"] is None:
+            size = len(engine.tokenizer.encode(prompt))
+        _as_vllm_reads(fields, size, engine.max_model_len)
         prompt_only = fields.get("max_tokens") == 0 and fields.get("prompt_logprobs") is not None
         if prompt_only:
             if type(fields["max_tokens"]) is not int or fields.get("min_tokens"):  # as the gateway refuses them
@@ -71,7 +92,6 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
             raise RequestError(f"{bad[0]} must be a finite number, got {bad[1]}")
         # Through JSON, not convert: logit_bias's keys are token ids written as JSON's strings.
         params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
-        prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
         if prompt is not None and not isinstance(prompt, str):
             raise RequestError("prompt must be a string")
         if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):  # no bools
