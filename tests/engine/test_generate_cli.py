@@ -288,3 +288,32 @@ def test_generate_takes_the_shapes_vllm_sampling_params_take(tiny_llama: TinyOut
     assert (len(by_id["fill"]["token_ids"]), by_id["fill"]["finish_reason"]) == (12, "length")
     assert "context" in by_id["nofit"]["error"] and "list of integers" in by_id["odd"]["error"]
     assert "stop" in by_id["stops"]["error"]
+
+
+def test_generate_serves_n_samples_of_a_line(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """vLLM's SamplingParams.n (a vLLM user's way to draw several samples of one prompt) was
+    refused as an unknown field: its samples now come back as ``outputs``, sample i drawn from
+    seed + i as the gateway draws them."""
+    base = {"adapter": "lora-0", "prompt": "kalo remi", "max_tokens": 5, "temperature": 1.0}
+    lines = [
+        {"id": "n", **base, "n": 3, "seed": 7},
+        *({"id": f"s{s}", **base, "seed": s} for s in (7, 8, 9)),
+        {"id": "greedy", "prompt_token_ids": [5, 6, 7], "max_tokens": 2, "n": 2, "prompt_logprobs": 0},
+        {"id": "bad", "prompt": "x", "n": 0},
+        {"id": "n", **base, "n": 2},  # a duplicate's samples are not served
+        {"id": "one", "prompt_token_ids": [5, 6, 7], "max_tokens": 2, "n": None},
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    argv = ["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out)]
+    assert main([*argv, "--lora", f"lora-0={tiny_llama.adapters['lora-0']}"]) == 1
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in results] == ["n", "s7", "s8", "s9", "greedy", "bad", "n@line-7", "one"]
+    by_id = {r["id"]: r for r in results}
+    assert [o["token_ids"] for o in by_id["n"]["outputs"]] == [by_id[f"s{s}"]["token_ids"] for s in (7, 8, 9)]
+    assert all(o["finish_reason"] == "length" and "id" not in o for o in by_id["n"]["outputs"])
+    greedy = by_id["greedy"]
+    assert [o["token_ids"] for o in greedy["outputs"]] == [by_id["one"]["token_ids"]] * 2
+    assert len(greedy["prompt_logprobs"]) == 2 and all("prompt_logprobs" not in o for o in greedy["outputs"])
+    assert "n must be an integer in [1, 128]" in by_id["bad"]["error"]
+    assert "duplicate id 'n'" in by_id["n@line-7"]["error"]

@@ -6,6 +6,7 @@ Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids", "m
 ``"prompt_logprobs"`` when asked; with ``max_tokens`` 0 the prompt's alone, as the completions
 API's echo gives them), or
 ``{"id", "error"}`` for a line that could not be served; the other lines are served all the same.
+A line of ``n`` > 1: ``{"id", "outputs": [...], "prompt_logprobs"}``, a result as above per sample.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from dlora.services.worker.engine.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.policy import PolicyConfig
 
-_REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids"}
+_REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids", "n"}
+MAX_N = 128  # the gateway's bound on n (OpenAI's)
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
 # Fields vLLM's SamplingParams takes as null (unset) where dlora's wire type has an empty default.
@@ -51,11 +53,17 @@ def _as_vllm_reads(fields: dict[str, Any], prompt_tokens: int, context: int) -> 
         fields["max_tokens"] = max(context - prompt_tokens, 1)
 
 
-def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, str | None, bool]:
+def _nth_seed(seed: int, i: int) -> int:
+    """Sample ``i``'s seed: ``seed + i`` wrapped within a signed 64-bit seed, as the gateway draws
+    a request's ``n`` samples."""
+    return (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, str | None, bool, int]:
     """Queue one line under ``key`` (the engine's id for it: its line's, so that no id a line
-    gives can meet another's); returns (the line's id, error or None, whether it asks for its
-    prompt's logprobs alone: ``max_tokens`` 0, run for one token that is not shown, as the
-    gateway's echo runs it)."""
+    gives can meet another's), sample i of its ``n`` after the first under ``key/i``; returns (the
+    line's id, error or None, whether it asks for its prompt's logprobs alone: ``max_tokens`` 0,
+    run for one token that is not shown, as the gateway's echo runs it, and its ``n``)."""
     try:
         line.encode()
     except UnicodeEncodeError as e:  # a byte that is not UTF-8, kept by ``read_lines`` as a surrogate
@@ -63,20 +71,26 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
             key,
             f"line {lineno}: not UTF-8 text (byte 0x{ord(line[e.start]) - 0xDC00:02x} at column {e.start + 1})",
             False,
+            1,
         )
     try:
         obj: Any = json.loads(line)
     except json.JSONDecodeError as e:
-        return key, f"line {lineno}: not valid JSON ({e.msg})", False
+        return key, f"line {lineno}: not valid JSON ({e.msg})", False, 1
     except RecursionError:
-        return key, f"line {lineno}: not valid JSON (nested too deeply)", False
+        return key, f"line {lineno}: not valid JSON (nested too deeply)", False, 1
     if not isinstance(obj, dict):
-        return key, f"line {lineno}: expected a JSON object", False
+        return key, f"line {lineno}: expected a JSON object", False, 1
     rid = key if obj.get("id") is None else str(obj["id"])
     if holds_lone_surrogate(obj):
-        return rid, f"line {lineno}: a string holds a lone UTF-16 surrogate escape (not text)", False
+        return rid, f"line {lineno}: a string holds a lone UTF-16 surrogate escape (not text)", False, 1
+    samples = 1
     try:
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
+        asked = 1 if obj.get("n") is None else obj["n"]  # vLLM's SamplingParams.n: null is 1
+        if type(asked) is not int or not 1 <= asked <= MAX_N:
+            raise RequestError(f"n must be an integer in [1, {MAX_N}], got {asked!r}")
+        samples = asked
         prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
         size = len(ids) if isinstance(ids, list) else 0  # the prompt's, needed here only to fill the context
         if isinstance(prompt, str) and "max_tokens" in fields and fields["max_tokens"] is None:
@@ -105,11 +119,19 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
                 f"the prompt's {n} tokens and max_tokens={params.max_tokens} exceed the context of "
                 f"{engine.max_model_len}"
             )
+        for i in range(1, samples):  # each its own request, as the gateway serves n; the prefix cache shares the prompt
+            seed = None if params.seed is None else _nth_seed(params.seed, i)
+            ids = engine.seqs[key].prompt_ids
+            sample = msgspec.structs.replace(params, seed=seed)
+            engine.add_request(f"{key}/{i}", prompt_token_ids=ids, params=sample, adapter=adapter)
     except (msgspec.ValidationError, RequestError, GrammarUnavailable) as e:
-        return rid, f"line {lineno}: {e}", False
+        for k in (key, *(f"{key}/{i}" for i in range(1, samples))):  # none of a refused line's samples runs
+            if k in engine.seqs:
+                engine.abort(k)
+        return rid, f"line {lineno}: {e}", False, 1
     except RecursionError:  # JSON deep enough for json.loads, not for what reads it after
-        return rid, f"line {lineno}: nested too deeply", False
-    return rid, None, prompt_only
+        return rid, f"line {lineno}: nested too deeply", False, 1
+    return rid, None, prompt_only, samples
 
 
 def read_lines(path: str) -> list[str]:
@@ -125,27 +147,37 @@ def read_lines(path: str) -> list[str]:
 
 def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
     """Serve every non-blank line; results in input order, each under its line's id (a second line
-    of an id already given is an error: ids name lines)."""
-    results: dict[str, dict[str, Any]] = {}  # by engine key: each line's own
+    of an id already given is an error: ids name lines). A line of ``n`` > 1 gets its samples as
+    ``outputs``, as vLLM's RequestOutput holds them."""
+    results: dict[str, dict[str, Any]] = {}  # by engine key: each line's own, and each later sample's
     prompt_only: set[str] = set()
     given: set[str] = set()
+    samples_of: dict[str, list[str]] = {}  # a line of n > 1's key: its samples' keys
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         key = f"line-{lineno}"
-        rid, error, alone = _submit(engine, key, lineno, line)
+        rid, error, alone, samples = _submit(engine, key, lineno, line)
+        keys = [key, *(f"{key}/{i}" for i in range(1, samples))]
         if rid in given:
             if error is None:
-                engine.abort(key)
+                for k in keys:
+                    engine.abort(k)
             rid, error = f"{rid}@line-{lineno}", error or f"line {lineno}: duplicate id {rid!r}"
         given.add(rid)
-        if alone:
-            prompt_only.add(key)
-        results[key] = {"id": rid, "error": error} if error else {"id": rid, "token_ids": [], "text": ""}
-        if not error and (params := engine.seqs[key].params).prompt_logprobs is not None:  # a one-token prompt's: []
-            results[key]["prompt_logprobs"] = []
-        if not error and params.logprobs is not None:
-            results[key]["logprobs"] = []
+        if error:
+            results[key] = {"id": rid, "error": error}
+            continue
+        if samples > 1:
+            samples_of[key] = keys
+        for k in keys:
+            if alone:
+                prompt_only.add(k)
+            results[k] = {"id": rid, "token_ids": [], "text": ""}
+            if (params := engine.seqs[k].params).prompt_logprobs is not None:  # a one-token prompt's: []
+                results[k]["prompt_logprobs"] = []
+            if params.logprobs is not None:
+                results[k]["logprobs"] = []
     while engine.has_unfinished():
         for out in engine.step():
             r = results[out.request_id]
@@ -164,6 +196,19 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
             elif out.finished:
                 r["finish_reason"] = out.finish_reason.value if out.finish_reason else None
                 r["stop_reason"] = out.stop_reason
+    for key, keys in samples_of.items():
+        outputs = [results.pop(k) for k in keys[1:]]
+        first = results[key]
+        if failed := next((r for r in [first, *outputs] if "error" in r), None):
+            results[key] = {"id": first["id"], "error": failed["error"]}
+            continue
+        outputs.insert(0, first)
+        results[key] = {"id": first["id"], "outputs": outputs}
+        if "prompt_logprobs" in first:  # the prompt's, once
+            results[key]["prompt_logprobs"] = first["prompt_logprobs"]
+        for r in outputs:
+            del r["id"]
+            r.pop("prompt_logprobs", None)
     return list(results.values())
 
 
