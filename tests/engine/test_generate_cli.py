@@ -317,3 +317,43 @@ def test_generate_serves_n_samples_of_a_line(tiny_llama: TinyOutput, tmp_path: P
     assert len(greedy["prompt_logprobs"]) == 2 and all("prompt_logprobs" not in o for o in greedy["outputs"])
     assert "n must be an integer in [1, 128]" in by_id["bad"]["error"]
     assert "duplicate id 'n'" in by_id["n@line-7"]["error"]
+
+
+def test_generate_serves_a_conversation_as_vllm_llm_chat(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """vLLM's ``LLM.chat`` has no ``dlora generate`` line: ``messages`` was an unknown field. A
+    line's conversation is now rendered by the model's chat template as the gateway renders it
+    (transformers' ``apply_chat_template``), and served as those prompt ids would be."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama.model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if tools %}tools: {{ tools | length }}{% endif %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(model)
+    messages = [{"role": "system", "content": "kalo"}, {"role": "user", "content": "kalo remi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+    def hf(**kwargs: object) -> list[int]:
+        return tok.encode(tok.apply_chat_template(messages, tokenize=False, **kwargs), add_special_tokens=False)
+
+    lines = [
+        {"id": "chat", "messages": messages, "max_tokens": 6},
+        {"id": "ids", "prompt_token_ids": hf(add_generation_prompt=True), "max_tokens": 6},
+        {"id": "tools", "messages": messages, "tools": tools, "max_tokens": 6},
+        {"id": "tool-ids", "prompt_token_ids": hf(add_generation_prompt=True, tools=tools), "max_tokens": 6},
+        {"id": "both", "messages": messages, "prompt": "x"},
+        {"id": "empty", "messages": []},
+        {"id": "shape", "messages": "hi"},
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["generate", "--model", str(model), "--input", str(inp), "--output", str(out)]) == 1
+    by_id = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert by_id["chat"]["token_ids"] == by_id["ids"]["token_ids"] and len(by_id["chat"]["token_ids"]) == 6
+    assert by_id["tools"]["token_ids"] == by_id["tool-ids"]["token_ids"]
+    assert "exactly one of prompt, prompt_token_ids and messages" in by_id["both"]["error"]
+    assert "messages must not be empty" in by_id["empty"]["error"] and "messages" in by_id["shape"]["error"]

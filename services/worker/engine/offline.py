@@ -1,6 +1,6 @@
 """``dlora generate``: serve a JSONL file of requests through the engine, write one result per line.
 
-Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids", "max_tokens",
+Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids" or "messages", "max_tokens",
 "temperature", ...}`` (any SamplingParams field). Output line, in input order:
 ``{"id", "token_ids", "text", "finish_reason", "stop_reason"}`` (and ``"logprobs"`` /
 ``"prompt_logprobs"`` when asked; with ``max_tokens`` 0 the prompt's alone, as the completions
@@ -26,12 +26,22 @@ import msgspec
 from dlora.common.messages import SamplingParams
 from dlora.common.undecodable import holds_lone_surrogate
 from dlora.model.adapters import AdapterError, parse_lora_args
+from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
+from dlora.services.gateway.openai import APIError, ChatMessage
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.policy import PolicyConfig
 
-_REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids", "n"}
+_CHAT_KEYS = {
+    "messages",
+    "tools",
+    "documents",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+}
+_REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids", "n", *_CHAT_KEYS}
 MAX_N = 128  # the gateway's bound on n (OpenAI's)
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
@@ -51,6 +61,34 @@ def _as_vllm_reads(fields: dict[str, Any], prompt_tokens: int, context: int) -> 
             del fields[name]
     if "max_tokens" in fields and fields["max_tokens"] is None:
         fields["max_tokens"] = max(context - prompt_tokens, 1)
+
+
+class _Chat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A line's conversation, as vLLM's ``LLM.chat`` takes one: rendered by the model's chat
+    template as the gateway renders a chat request's."""
+
+    messages: list[ChatMessage]
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, str]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    add_special_tokens: bool | None = None  # (ChatTemplate.of reads it; a line cannot set it)
+
+
+def _chat_ids(engine: LLMEngine, obj: dict[str, Any]) -> list[int]:
+    """The prompt ids of a line that gives ``messages``.
+
+    Raises:
+        RequestError: a prompt given too, or a conversation the template refuses (its reason).
+        msgspec.ValidationError: a field of the wrong shape."""
+    if obj.get("prompt") is not None or obj.get("prompt_token_ids") is not None:
+        raise RequestError("give exactly one of prompt, prompt_token_ids and messages")
+    chat = msgspec.convert({k: obj[k] for k in _CHAT_KEYS if obj.get(k) is not None}, _Chat)
+    try:
+        return chat_prompt_ids(chat.messages, engine.tokenizer, ChatTemplate.of(chat))
+    except APIError as e:
+        raise RequestError(e.message) from None
 
 
 def _nth_seed(seed: int, i: int) -> int:
@@ -92,6 +130,8 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
             raise RequestError(f"n must be an integer in [1, {MAX_N}], got {asked!r}")
         samples = asked
         prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
+        if any(obj.get(k) is not None for k in _CHAT_KEYS):
+            ids = _chat_ids(engine, obj)
         size = len(ids) if isinstance(ids, list) else 0  # the prompt's, needed here only to fill the context
         if isinstance(prompt, str) and "max_tokens" in fields and fields["max_tokens"] is None:
             size = len(engine.tokenizer.encode(prompt))
