@@ -81,11 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_model_make_tiny)
 
-    gen = sub.add_parser("generate", help="offline batch generation from a JSONL file")
+    gen = sub.add_parser(
+        "generate",
+        help="offline batch generation from a JSONL file",
+        # the line format was in the README alone: --help said "JSONL requests"
+        description="Serve each line of --input, write one result line each, in input order. A line: "
+        '{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids" or "messages", "max_tokens", '
+        '"n", ...any SamplingParams field}. A result: {"id", "token_ids", "text", "finish_reason", '
+        '"stop_reason"} ({"id", "outputs": [...]} for n > 1), or {"id", "error"} for a line that '
+        "cannot be served (the others are; exit status 1).",
+    )
     gen.add_argument("--model", required=True, help="Hugging Face model directory")
     gen.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
-    gen.add_argument("--input", required=True, help="JSONL requests")
-    gen.add_argument("--output", required=True, help="JSONL results")
+    gen.add_argument("--input", required=True, help="JSONL requests, one a line")
+    gen.add_argument("--output", required=True, help="JSONL results, one a line")
     gen.add_argument(
         "--mode",
         choices=["merged", "unmerged", "mixed", "dlora"],

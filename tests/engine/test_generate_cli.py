@@ -357,3 +357,12 @@ def test_generate_serves_a_conversation_as_vllm_llm_chat(tiny_llama: TinyOutput,
     assert by_id["tools"]["token_ids"] == by_id["tool-ids"]["token_ids"]
     assert "exactly one of prompt, prompt_token_ids and messages" in by_id["both"]["error"]
     assert "messages must not be empty" in by_id["empty"]["error"] and "messages" in by_id["shape"]["error"]
+
+
+def test_generate_help_gives_the_line_format(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help said only "JSONL requests": what a line holds was in the README alone."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert all(f'"{key}"' in help_text for key in ("prompt_token_ids", "messages", "adapter", "outputs", "error"))
