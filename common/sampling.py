@@ -82,6 +82,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # this field refuses a request that sets it (unknown field), never serving it unconstrained.
     structured_after_token_ids: list[int] = []
 
+    def __post_init__(self) -> None:
+        # vLLM's SamplingParams(stop="Human:") is one stop string; taken as the list it is typed,
+        # a str was iterated: the request stopped at any of its characters, without a word.
+        if isinstance(self.stop, str):
+            msgspec.structs.force_setattr(self, "stop", [self.stop])
+
     def outside_vocab(self, vocab: int) -> tuple[str, str] | None:
         """(field, reason) where ``logit_bias``, ``allowed_token_ids`` or ``stop_token_ids`` names a
         token id past a vocabulary of ``vocab`` ids: the first two would index past the logits, a

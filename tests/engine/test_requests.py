@@ -107,6 +107,23 @@ def test_stop_string_is_cut_and_never_streamed(engine: LLMEngine) -> None:
     assert kept == full_text[: full_text.index(stop) + len(stop)]
 
 
+def test_a_lone_stop_string_is_one_stop_as_vllm_takes_it(engine: LLMEngine) -> None:
+    """vLLM's ``SamplingParams(stop="Human:")``, through the Python API: the str was iterated as
+    the list it is typed, so the request stopped at any one of its characters."""
+    _, full_text, _ = collect(engine, "a", max_tokens=16)
+    # three characters of the text, one of which comes sooner alone
+    stop = next(
+        stop
+        for i in range(len(full_text) - 2)
+        if "\ufffd" not in (stop := full_text[i : i + 3])
+        and full_text.index(stop) > min(full_text.index(c) for c in stop)
+    )
+    as_list = collect(engine, "b", max_tokens=16, stop=[stop])
+    assert collect(engine, "c", max_tokens=16, stop=stop) == as_list
+    assert as_list[1] == full_text[: full_text.index(stop)]
+    assert SamplingParams(stop=stop).stop == [stop]
+
+
 def test_seeded_sampling_repeats_whatever_else_runs(engine: LLMEngine) -> None:
     alone, _, _ = collect(engine, "a", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     for i in range(3):  # neighbours with their own randomness join the batch
