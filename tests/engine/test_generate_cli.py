@@ -348,6 +348,7 @@ def test_generate_serves_a_conversation_as_vllm_llm_chat(tiny_llama: TinyOutput,
         {"id": "both", "messages": messages, "prompt": "x"},
         {"id": "empty", "messages": []},
         {"id": "shape", "messages": "hi"},
+        {"id": "alone", "prompt": "x", "tools": tools},
     ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -357,6 +358,7 @@ def test_generate_serves_a_conversation_as_vllm_llm_chat(tiny_llama: TinyOutput,
     assert by_id["tools"]["token_ids"] == by_id["tool-ids"]["token_ids"]
     assert "exactly one of prompt, prompt_token_ids and messages" in by_id["both"]["error"]
     assert "messages must not be empty" in by_id["empty"]["error"] and "messages" in by_id["shape"]["error"]
+    assert "tools is a conversation's: give messages" in by_id["alone"]["error"]
 
 
 def test_generate_help_gives_the_line_format(capsys: pytest.CaptureFixture[str]) -> None:

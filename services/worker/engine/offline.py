@@ -82,6 +82,9 @@ def _chat_ids(engine: LLMEngine, obj: dict[str, Any]) -> list[int]:
     Raises:
         RequestError: a prompt given too, or a conversation the template refuses (its reason).
         msgspec.ValidationError: a field of the wrong shape."""
+    if obj.get("messages") is None:
+        given = next(k for k in sorted(_CHAT_KEYS) if obj.get(k) is not None)
+        raise RequestError(f"{given} is a conversation's: give messages")
     if obj.get("prompt") is not None or obj.get("prompt_token_ids") is not None:
         raise RequestError("give exactly one of prompt, prompt_token_ids and messages")
     chat = msgspec.convert({k: obj[k] for k in _CHAT_KEYS if obj.get(k) is not None}, _Chat)
