@@ -124,6 +124,18 @@ def test_a_lone_stop_string_is_one_stop_as_vllm_takes_it(engine: LLMEngine) -> N
     assert SamplingParams(stop=stop).stop == [stop]
 
 
+@pytest.mark.parametrize(
+    "given, field",
+    [({"max_tokens": None}, "max_tokens"), ({"seed": "3"}, "seed"), ({"stop_token_ids": 7}, "stop_token_ids")],
+)
+def test_params_of_another_type_are_refused_naming_the_field(engine: LLMEngine, given: dict, field: str) -> None:
+    """Through the Python API, vLLM's ``SamplingParams(max_tokens=None)`` (and any value of
+    another type) failed later as a TypeError from a comparison, naming nothing."""
+    with pytest.raises(RequestError, match=f"at `\\$.{field}`") as e:
+        engine.add_request("typed", prompt_token_ids=PROMPT, params=SamplingParams(**given))
+    assert e.value.param == field and "typed" not in engine.seqs
+
+
 def test_seeded_sampling_repeats_whatever_else_runs(engine: LLMEngine) -> None:
     alone, _, _ = collect(engine, "a", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     for i in range(3):  # neighbours with their own randomness join the batch

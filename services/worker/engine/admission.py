@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import msgspec
+
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.worker.engine.outputs import RequestError
 
@@ -63,9 +67,23 @@ def check_request(
     (``SamplingParams.problem``), exactly one of ``prompt`` and ``prompt_token_ids``, and a
     ``cache_salt`` of at most ``MAX_CACHE_SALT`` characters."""
     # each names its field (``param``): an application over NATS read null where the gateway names it
+    _check_types(params)
     if (bad := params.invalid()) is not None:
         raise RequestError(bad[1], param=bad[0])
     if len(cache_salt) > MAX_CACHE_SALT:
         raise RequestError(f"cache_salt holds at most {MAX_CACHE_SALT} characters", param="cache_salt")
     if (prompt is None) == (prompt_token_ids is None):
         raise RequestError("give exactly one of prompt and prompt_token_ids", param="prompt")
+
+
+def _check_types(params: SamplingParams) -> None:
+    """RequestError naming the field where ``params`` were built (the Python API) with a value of
+    another type: vLLM's ``max_tokens=None`` or ``seed="3"`` failed later as a TypeError from a
+    comparison deep in the engine, naming nothing. (What came off the wire was checked as decoded.)"""
+    try:
+        msgspec.convert(msgspec.to_builtins(params), SamplingParams, strict=True)
+    except TypeError:  # a value of no JSON type (numpy's int64) that the engine took before: taken still
+        return
+    except msgspec.ValidationError as e:
+        field = re.search(r"`\$\.(\w+)", str(e))
+        raise RequestError(f"SamplingParams: {e}", param=field.group(1) if field else None) from None
