@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import msgspec
 
+# The list fields vLLM's SamplingParams defaults to None (``SamplingParams.__post_init__``).
+_NULLABLE = ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids")
+
 
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """How one request's tokens are chosen and when it stops (OpenAI / vLLM meanings). A field at
@@ -87,6 +90,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         # a str was iterated: the request stopped at any of its characters, without a word.
         if isinstance(self.stop, str):
             msgspec.structs.force_setattr(self, "stop", [self.stop])
+        # vLLM's defaults these to None, so SamplingParams(stop=None) is a vLLM user's "unset" (as
+        # the gateway and dlora generate take a null). Never from the wire: its decoder refuses null.
+        for name in _NULLABLE:
+            if getattr(self, name) is None:
+                msgspec.structs.force_setattr(self, name, {} if name == "logit_bias" else [])
 
     def outside_vocab(self, vocab: int) -> tuple[str, str] | None:
         """(field, reason) where ``logit_bias``, ``allowed_token_ids`` or ``stop_token_ids`` names a

@@ -124,6 +124,16 @@ def test_a_lone_stop_string_is_one_stop_as_vllm_takes_it(engine: LLMEngine) -> N
     assert SamplingParams(stop=stop).stop == [stop]
 
 
+def test_the_lists_vllm_leaves_none_are_unset_as_vllm_takes_them(engine: LLMEngine) -> None:
+    """vLLM's SamplingParams defaults stop, stop_token_ids, bad_words, logit_bias and
+    allowed_token_ids to None, so a vLLM user's ``SamplingParams(stop=None)`` (``stop=args.stop``)
+    is ordinary; through the Python API it was refused ("Expected `array`, got `null`"), where
+    ``dlora generate`` and the gateway take the null as unset."""
+    nulls = dict.fromkeys(("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids"))
+    assert collect(engine, "nulls", max_tokens=8, **nulls) == collect(engine, "unset", max_tokens=8)
+    assert SamplingParams(**nulls) == SamplingParams()
+
+
 @pytest.mark.parametrize(
     "given, field",
     [({"max_tokens": None}, "max_tokens"), ({"seed": "3"}, "seed"), ({"stop_token_ids": 7}, "stop_token_ids")],
