@@ -146,6 +146,21 @@ def test_params_of_another_type_are_refused_naming_the_field(engine: LLMEngine, 
     assert e.value.param == field and "typed" not in engine.seqs
 
 
+def test_a_numpy_value_leaves_the_other_fields_checked(engine: LLMEngine) -> None:
+    """A numpy int (a benchmark script's ``max_tokens=rng.integers(...)``) made the type check
+    give up on every field: ``stop_token_ids=7`` beside it failed later as a TypeError naming
+    nothing. Numpy's values themselves are taken as their Python ones, as before."""
+    import numpy as np
+
+    with pytest.raises(RequestError, match="stop_token_ids") as e:
+        engine.add_request(
+            "np", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=np.int64(4), stop_token_ids=7)
+        )
+    assert e.value.param == "stop_token_ids" and "np" not in engine.seqs
+    taken = {"max_tokens": np.int64(4), "temperature": np.float32(0.0), "ignore_eos": np.bool_(True)}
+    assert collect(engine, "np", **taken) == collect(engine, "py", max_tokens=4, ignore_eos=True)
+
+
 def test_seeded_sampling_repeats_whatever_else_runs(engine: LLMEngine) -> None:
     alone, _, _ = collect(engine, "a", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     for i in range(3):  # neighbours with their own randomness join the batch

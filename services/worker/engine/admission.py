@@ -81,9 +81,17 @@ def _check_types(params: SamplingParams) -> None:
     another type: vLLM's ``max_tokens=None`` or ``seed="3"`` failed later as a TypeError from a
     comparison deep in the engine, naming nothing. (What came off the wire was checked as decoded.)"""
     try:
-        msgspec.convert(msgspec.to_builtins(params), SamplingParams, strict=True)
-    except TypeError:  # a value of no JSON type (numpy's int64) that the engine took before: taken still
+        msgspec.convert(msgspec.to_builtins(params, enc_hook=_scalar), SamplingParams, strict=True)
+    except TypeError:  # a value of no JSON type, nor a scalar's, that the engine took before: taken still
         return
     except msgspec.ValidationError as e:
         field = re.search(r"`\$\.(\w+)", str(e))
         raise RequestError(f"SamplingParams: {e}", param=field.group(1) if field else None) from None
+
+
+def _scalar(value: object) -> object:
+    """A numpy (or torch) scalar's Python value, which the engine took it as: skipped whole, one
+    numpy ``max_tokens`` left every other field unchecked. TypeError for anything else."""
+    if getattr(value, "shape", None) == () and callable(item := getattr(value, "item", None)):
+        return item()
+    raise TypeError(f"no JSON type: {type(value).__name__}")
