@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import msgspec
 
-# The list fields vLLM's SamplingParams defaults to None (``SamplingParams.__post_init__``).
-_NULLABLE = ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids")
+# The list fields vLLM's SamplingParams defaults to None, read as unset (``SamplingParams.__post_init__``,
+# and ``dlora generate``'s lines).
+NULLABLE = ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids")
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -92,7 +93,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             msgspec.structs.force_setattr(self, "stop", [self.stop])
         # vLLM's defaults these to None, so SamplingParams(stop=None) is a vLLM user's "unset" (as
         # the gateway and dlora generate take a null). Never from the wire: its decoder refuses null.
-        for name in _NULLABLE:
+        for name in NULLABLE:
             if getattr(self, name) is None:
                 msgspec.structs.force_setattr(self, name, {} if name == "logit_bias" else [])
 

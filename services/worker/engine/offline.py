@@ -24,6 +24,7 @@ from typing import IO, Any
 import msgspec
 
 from dlora.common.messages import SamplingParams
+from dlora.common.sampling import NULLABLE
 from dlora.common.undecodable import holds_lone_surrogate
 from dlora.model.adapters import AdapterError, parse_lora_args
 from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
@@ -45,8 +46,6 @@ _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids", "n", *_CHAT_KEYS
 MAX_N = 128  # the gateway's bound on n (OpenAI's)
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
-# Fields vLLM's SamplingParams takes as null (unset) where dlora's wire type has an empty default.
-_NULLABLE_LISTS = ("stop", "stop_token_ids", "bad_words", "allowed_token_ids", "logit_bias")
 
 
 def _as_vllm_reads(fields: dict[str, Any], prompt_tokens: int, context: int) -> None:
@@ -56,7 +55,7 @@ def _as_vllm_reads(fields: dict[str, Any], prompt_tokens: int, context: int) -> 
     and is refused as too long)."""
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
-    for name in _NULLABLE_LISTS:
+    for name in NULLABLE:
         if name in fields and fields[name] is None:
             del fields[name]
     if "max_tokens" in fields and fields["max_tokens"] is None:
