@@ -15,7 +15,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     its default is not sent: a worker of an earlier version, which refuses fields it does not know,
     still takes every request that leaves a newer field alone."""
 
-    # Maximum new tokens to generate (counting tokens already produced before a resume).
+    # Maximum new tokens to generate (counting tokens already produced before a resume). The Python
+    # API's None (vLLM's): the context the prompt leaves, filled at add_request; never from the wire.
     max_tokens: int = 16
     # 0 means greedy (argmax); otherwise logits are divided by it before sampling.
     temperature: float = 0.0

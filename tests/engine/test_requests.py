@@ -136,7 +136,7 @@ def test_the_lists_vllm_leaves_none_are_unset_as_vllm_takes_them(engine: LLMEngi
 
 @pytest.mark.parametrize(
     "given, field",
-    [({"max_tokens": None}, "max_tokens"), ({"seed": "3"}, "seed"), ({"stop_token_ids": 7}, "stop_token_ids")],
+    [({"max_tokens": "8"}, "max_tokens"), ({"seed": "3"}, "seed"), ({"stop_token_ids": 7}, "stop_token_ids")],
 )
 def test_params_of_another_type_are_refused_naming_the_field(engine: LLMEngine, given: dict, field: str) -> None:
     """Through the Python API, vLLM's ``SamplingParams(max_tokens=None)`` (and any value of
@@ -159,6 +159,22 @@ def test_a_numpy_value_leaves_the_other_fields_checked(engine: LLMEngine) -> Non
     assert e.value.param == "stop_token_ids" and "np" not in engine.seqs
     taken = {"max_tokens": np.int64(4), "temperature": np.float32(0.0), "ignore_eos": np.bool_(True)}
     assert collect(engine, "np", **taken) == collect(engine, "py", max_tokens=4, ignore_eos=True)
+
+
+def test_max_tokens_none_fills_the_context_the_prompt_leaves_as_vllm(engine: LLMEngine) -> None:
+    """vLLM's ``SamplingParams(max_tokens=None)``: its engine generates up to the context
+    (max_model_len less the prompt). The Python API refused it, as a value of another type."""
+    room = 3
+    prompt = [5] * (engine.max_model_len - room)
+    tokens, _, reason = collect(engine, "fill", prompt=prompt, max_tokens=None, ignore_eos=True)
+    assert (len(tokens), reason) == (room, FinishReason.LENGTH)
+    engine.add_request("text", prompt="kalo remi", params=SamplingParams(max_tokens=None))
+    rest = engine.max_model_len - len(engine.tokenizer.encode("kalo remi"))
+    assert engine.seqs["text"].params.max_tokens == rest  # the text prompt's tokens, not its characters
+    engine.abort("text")
+    with pytest.raises(RequestError, match="context") as e:  # a prompt that leaves none: too long, named
+        engine.add_request("full", prompt_token_ids=[5] * engine.max_model_len, params=SamplingParams(max_tokens=None))
+    assert e.value.param == "prompt_token_ids" and "full" not in engine.seqs
 
 
 def test_seeded_sampling_repeats_whatever_else_runs(engine: LLMEngine) -> None:

@@ -60,6 +60,15 @@ def check_tokens(
         raise RequestError(outside[1], param=outside[0])
 
 
+def up_to_context(params: SamplingParams, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """``params`` with vLLM's ``max_tokens=None`` (the Python API's; the wire's decoder refuses
+    null) read as vLLM's engine reads it: the context the prompt leaves. A prompt that leaves none
+    keeps 1, and is refused as too long (``check_tokens``)."""
+    if params.max_tokens is not None:
+        return params
+    return msgspec.structs.replace(params, max_tokens=max(max_model_len - prompt_tokens, 1))
+
+
 def check_request(
     params: SamplingParams, prompt: str | None, prompt_token_ids: list[int] | None, cache_salt: str
 ) -> None:

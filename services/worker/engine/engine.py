@@ -17,7 +17,7 @@ from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, model_digest, served_name, targets
 from dlora.services.worker.engine import async_scheduling, forward, observing, switching, taking
-from dlora.services.worker.engine.admission import check_request, check_tokens
+from dlora.services.worker.engine.admission import check_request, check_tokens, up_to_context
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
@@ -245,8 +245,9 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in flight")
         if adapter is not None and adapter not in self.adapters and adapter not in self.loading:
             raise RequestError(f"adapter {adapter!r} is not registered")
-        check_request(params, prompt, prompt_token_ids, cache_salt)
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
+        params = up_to_context(params, len(ids), self.max_model_len)  # vLLM's max_tokens=None
+        check_request(params, prompt, prompt_token_ids, cache_salt)
         resumed = list(resume_token_ids or [])
         pending, held = resume_text_pending, resume_text_held
         field = prompt_field or ("prompt" if prompt is not None else "prompt_token_ids")
