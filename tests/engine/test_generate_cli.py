@@ -290,6 +290,29 @@ def test_generate_takes_the_shapes_vllm_sampling_params_take(tiny_llama: TinyOut
     assert "stop" in by_id["stops"]["error"]
 
 
+def test_generate_takes_detokenize_false_as_vllm(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """vLLM's ``SamplingParams(detokenize=False)``: the token ids, the text empty. A line that set
+    it was refused as an unknown field; with stop strings it is refused, as vLLM refuses it."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    base = {"prompt": "kalo remi", "max_tokens": 6}
+    lines = [
+        {"id": "text", **base},
+        {"id": "raw", **base, "detokenize": False},
+        {"id": "on", **base, "detokenize": True},
+        {"id": "rawn", **base, "detokenize": False, "n": 2, "temperature": 1.0, "seed": 1},
+        {"id": "stop", **base, "detokenize": False, "stop": "a"},
+        {"id": "odd", **base, "detokenize": "no"},
+    ]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    main(["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out)])
+    by_id = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert by_id["text"]["text"] and by_id["on"] == {**by_id["text"], "id": "on"}
+    raw = by_id["raw"]
+    assert (raw["token_ids"], raw["text"], raw["finish_reason"]) == (by_id["text"]["token_ids"], "", "length")
+    assert [(len(o["token_ids"]), o["text"]) for o in by_id["rawn"]["outputs"]] == [(6, ""), (6, "")]
+    assert all("detokenize" in by_id[i]["error"] for i in ("stop", "odd"))
+
+
 def test_generate_serves_n_samples_of_a_line(tiny_llama: TinyOutput, tmp_path: Path) -> None:
     """vLLM's SamplingParams.n (a vLLM user's way to draw several samples of one prompt) was
     refused as an unknown field: its samples now come back as ``outputs``, sample i drawn from

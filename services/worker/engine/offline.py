@@ -1,7 +1,8 @@
 """``dlora generate``: serve a JSONL file of requests through the engine, write one result per line.
 
 Input line: ``{"id", "adapter": NAME or null, "prompt" or "prompt_token_ids" or "messages", "max_tokens",
-"temperature", ...}`` (any SamplingParams field). Output line, in input order:
+"temperature", ...}`` (any SamplingParams field, and vLLM's ``detokenize``: false leaves the text
+empty; the engine still makes it, unread). Output line, in input order:
 ``{"id", "token_ids", "text", "finish_reason", "stop_reason"}`` (and ``"logprobs"`` /
 ``"prompt_logprobs"`` when asked; with ``max_tokens`` 0 the prompt's alone, as the completions
 API's echo gives them), or
@@ -42,7 +43,7 @@ _CHAT_KEYS = {
     "add_generation_prompt",
     "continue_final_message",
 }
-_REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids", "n", *_CHAT_KEYS}
+_REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids", "n", "detokenize", *_CHAT_KEYS}
 MAX_N = 128  # the gateway's bound on n (OpenAI's)
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
@@ -99,11 +100,14 @@ def _nth_seed(seed: int, i: int) -> int:
     return (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
-def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, str | None, bool, int]:
+def _submit(
+    engine: LLMEngine, key: str, lineno: int, line: str, textless: set[str]
+) -> tuple[str, str | None, bool, int]:
     """Queue one line under ``key`` (the engine's id for it: its line's, so that no id a line
     gives can meet another's), sample i of its ``n`` after the first under ``key/i``; returns (the
     line's id, error or None, whether it asks for its prompt's logprobs alone: ``max_tokens`` 0,
-    run for one token that is not shown, as the gateway's echo runs it, and its ``n``)."""
+    run for one token that is not shown, as the gateway's echo runs it, and its ``n``). ``key``
+    joins ``textless`` for a line of vLLM's ``detokenize`` false: its text is left empty."""
     try:
         line.encode()
     except UnicodeEncodeError as e:  # a byte that is not UTF-8, kept by ``read_lines`` as a surrogate
@@ -131,6 +135,10 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
         if type(asked) is not int or not 1 <= asked <= MAX_N:
             raise RequestError(f"n must be an integer in [1, {MAX_N}], got {asked!r}")
         samples = asked
+        if type(detokenize := obj.get("detokenize", True)) is not bool:
+            raise RequestError(f"detokenize must be true or false, got {json.dumps(detokenize)}")
+        if not detokenize and fields.get("stop"):  # as vLLM refuses them: a stop string is looked for in the text
+            raise RequestError("stop strings need the text: give detokenize true to use stop")
         prompt, ids, adapter = obj.get("prompt"), obj.get("prompt_token_ids"), obj.get("adapter")
         if any(obj.get(k) is not None for k in _CHAT_KEYS):
             ids = _chat_ids(engine, obj)
@@ -173,6 +181,8 @@ def _submit(engine: LLMEngine, key: str, lineno: int, line: str) -> tuple[str, s
         return rid, f"line {lineno}: {e}", False, 1
     except RecursionError:  # JSON deep enough for json.loads, not for what reads it after
         return rid, f"line {lineno}: nested too deeply", False, 1
+    if not detokenize:
+        textless.add(key)
     return rid, None, prompt_only, samples
 
 
@@ -195,11 +205,12 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
     prompt_only: set[str] = set()
     given: set[str] = set()
     samples_of: dict[str, list[str]] = {}  # a line of n > 1's key: its samples' keys
+    textless: set[str] = set()  # the keys of lines of detokenize false
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         key = f"line-{lineno}"
-        rid, error, alone, samples = _submit(engine, key, lineno, line)
+        rid, error, alone, samples = _submit(engine, key, lineno, line, textless)
         keys = [key, *(f"{key}/{i}" for i in range(1, samples))]
         if rid in given:
             if error is None:
@@ -228,7 +239,7 @@ def generate_lines(engine: LLMEngine, lines: list[str]) -> list[dict[str, Any]]:
                 continue
             if out.request_id not in prompt_only:
                 r["token_ids"] += out.new_token_ids
-                r["text"] += out.new_text
+                r["text"] += "" if out.request_id.partition("/")[0] in textless else out.new_text
                 if out.logprobs:  # [token id, logprob, [[alternative, logprob], ...]] per token
                     r["logprobs"] += msgspec.to_builtins(out.logprobs)
             if out.prompt_logprobs:  # the same per prompt token after the first
