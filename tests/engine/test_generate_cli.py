@@ -111,6 +111,20 @@ def test_generate_refuses_an_output_it_cannot_write_before_it_generates(
         assert "dlora generate:" in capsys.readouterr().err
 
 
+def test_generate_names_a_model_folder_without_a_tokenizer(tiny_llama: TinyOutput, tmp_path: Path, capsys) -> None:
+    """A model folder of weights alone: transformers' own message (five lines about backends and
+    sentencepiece) came out without the folder's name."""
+    model = tmp_path / "weights-only"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).write_bytes((tiny_llama.model / name).read_bytes())
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": "kalo", "max_tokens": 2}) + "\n")
+    argv = ["generate", "--model", str(model), "--input", str(tmp_path / "in.jsonl")]
+    assert main([*argv, "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(model) in err and "tokenizer" in err and "Traceback" not in err
+
+
 def _digest(root: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):

@@ -16,6 +16,7 @@ from dlora.common import log
 from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, model_digest, served_name, targets
+from dlora.model.tokenizer import load_tokenizer
 from dlora.services.worker.engine import async_scheduling, forward, observing, switching, taking
 from dlora.services.worker.engine.admission import check_request, check_tokens, up_to_context
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
@@ -83,9 +84,7 @@ class LLMEngine:
         self.kernels = select_kernels(config.kernels, self.device)
         self.model_config = cfg = ModelConfig.from_dir(model)
         self.model_name = served_name(model)
-        from transformers import AutoTokenizer  # here: the simulator's engine has no tokenizer (0.9 s to import)
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = load_tokenizer(model)
         self.model_digest = model_digest(cfg, self.tokenizer.get_vocab())  # another model's requests are refused
         self.primary_eos = self.tokenizer.eos_token_id  # the others stop with their id as stop_reason
         self.eos_ids = set(cfg.eos_token_ids) | ({self.primary_eos} - {None})
