@@ -42,6 +42,7 @@ from dlora.common.state import StateStore
 from dlora.common.urls import http_url
 from dlora.model.config import ModelConfig, model_digest, same_model, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
+from dlora.model.tokenizer import load_tokenizer
 from dlora.services.gateway import access, openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
@@ -89,9 +90,7 @@ class Gateway:
         self.s, self.nc, self.store = settings, nc, store
         self.base_name = served_name(settings.model, settings.served_model_name)
         self.cfg = ModelConfig.from_dir(settings.model)
-        from transformers import AutoTokenizer  # here: it imports torch, which only a running gateway needs
-
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        self.tokenizer = load_tokenizer(settings.model)  # (transformers imported there: it imports torch)
         for what, problem in model_problems(self.tokenizer, settings.reasoning_parser):
             logger.warning(what, error=problem)
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size).prepare()  # on serve()'s thread, not the loop
