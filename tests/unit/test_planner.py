@@ -353,8 +353,8 @@ def test_every_worker_is_priced_at_the_clusters_mean_speed() -> None:
     assert p.moves and all(m.to_worker == "w1" for m in p.moves), p
 
 
-def _worker_stats(name: str, loads: list[RequestLoad], spt: float, **more: Any) -> WorkerStats:
-    """A worker's stats as it reports them: ``loads`` running, 1,000 blocks, two slots."""
+def _worker_stats(name: str, loads: list[RequestLoad], spt: float, max_loras: int = 2, **more: Any) -> WorkerStats:
+    """A worker's stats as it reports them: ``loads`` running, 1,000 blocks, ``max_loras`` slots."""
     return WorkerStats(
         worker=name,
         running=len(loads),
@@ -362,7 +362,7 @@ def _worker_stats(name: str, loads: list[RequestLoad], spt: float, **more: Any) 
         free_blocks=900,
         total_blocks=1000,
         block_size=16,
-        max_loras=2,
+        max_loras=max_loras,
         seconds_per_token=spt,
         requests=loads,
         **more,

@@ -12,6 +12,7 @@ from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.migrator.planner import PlannerSettings, _greedy, plan, running_adapters
 from dlora.services.migrator.snapshot import ClusterSnapshot, WorkerState, adapter_key, runs_among, takes
 from dlora.services.migrator.trigger import snapshot_from_stats
+from tests.unit.test_planner import _worker_stats
 
 
 def _load(rid: str, version: str, remaining: int = 100, pinned: bool = False) -> RequestLoad:
@@ -22,18 +23,8 @@ def _load(rid: str, version: str, remaining: int = 100, pinned: bool = False) ->
 
 def _stats(name: str, held: tuple[tuple[str, str], ...], loads: list[RequestLoad], slots: int = 2) -> WorkerStats:
     """A worker holding ``held`` (name, version) in host memory, running ``loads``."""
-    return WorkerStats(
-        worker=name,
-        running=len(loads),
-        waiting=0,
-        free_blocks=900,
-        total_blocks=1000,
-        block_size=16,
-        max_loras=slots,
-        seconds_per_token=0.01,
-        adapters=[AdapterResidency(name=a, slot=None, merged=False, version=v) for a, v in held],
-        requests=loads,
-    )
+    adapters = [AdapterResidency(name=a, slot=None, merged=False, version=v) for a, v in held]
+    return _worker_stats(name, loads, 0.01, max_loras=slots, adapters=adapters)
 
 
 # y runs four requests of rl@v2 (4 s of work); x runs a short one of rl@v1, pinned there (its
