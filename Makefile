@@ -38,7 +38,7 @@ run: setup
 # Shared code and pure cores, type-checked strictly (the I/O shells and the engine's torch code are not).
 TYPED := -p dlora.common -p dlora.model -p dlora.sim -p dlora.services.worker.policy -p dlora.services.dispatcher \
 	-p dlora.services.migrator -m dlora.services.worker.settings -m dlora.services.worker.moves -m dlora.services.worker.one_id \
-	-m dlora.services.worker.kv_inbox -m dlora.services.worker.records -m dlora.services.worker.versions -m dlora.services.worker.lengths \
+	-m dlora.services.worker.kv_inbox -m dlora.services.worker.records -m dlora.services.worker.lengths \
 	-m dlora.services.worker.chunks -m dlora.services.worker.delivery -m dlora.services.worker.engine.config -m dlora.services.worker.engine.stopping \
 	-m dlora.services.worker.engine.scheduler -m dlora.services.worker.engine.placement -m dlora.services.worker.engine.kv_cache -m dlora.services.worker.engine.block_manager \
 	-m dlora.services.gateway.replies -m dlora.services.gateway.settings -m dlora.services.gateway.shaping -m dlora.services.gateway.chat_template -m dlora.services.gateway.sampling \

@@ -25,6 +25,7 @@ import msgspec
 
 from dlora.common.messages import WorkerStats
 from dlora.common.reads import pooled_read, read_price
+from dlora.common.versions import engine_key, name_of
 from dlora.model.config import same_model
 from dlora.services.dispatcher.lengths import PooledLengths
 
@@ -176,25 +177,19 @@ def estimated_finish(
     # ms/token against round-robin's 1,014; priced, 58.8. Issue 21).
     crowding = 1.0
     if adapter is not None and w.slots:
-        sent = (k.partition("@")[0] for k in extra_adapters)
+        sent = (name_of(k) for k in extra_adapters)
         crowding = max(1.0, len(w.queued_adapters.union(sent, (adapter,))) / w.slots)
     return (queued + own) * spt * crowding + (0.0 if holds else load_s)
 
 
-def sent_key(adapter: str, version: str | None = None) -> str:
-    """How ``sent_adapters`` counts a request of ``version`` of ``adapter``: ``name@version`` (a
-    worker's engine key), the name alone where the version is not said (registered names hold no '@')."""
-    return f"{adapter}@{version}" if version else adapter
-
-
 def was_sent(sent: Collection[str], adapter: str, version: str | None = None) -> bool:
-    """Whether a request of ``version`` of ``adapter`` joins one of those ``sent`` (``sent_key``s)
+    """Whether a request of ``version`` of ``adapter`` joins one of those ``sent`` (``engine_key``s)
     to a worker since its stats: of that version (it reads it for them), or where either does not
     say its version, of that name. By name, the first new-version request after an in-place reload
     was priced as joining the old version's read on the worker just sent one (a helper's finding)."""
-    if sent_key(adapter, version) in sent or adapter in sent:
+    if engine_key(adapter, version or "") in sent or adapter in sent:
         return True
-    return not version and any(k.partition("@")[0] == adapter for k in sent)
+    return not version and any(name_of(k) == adapter for k in sent)
 
 
 def of_model(workers: list[WorkerStats], digest: str) -> list[WorkerStats]:

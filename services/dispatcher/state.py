@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from dlora.common.messages import WorkerStats
 from dlora.common.reads import pooled_read
+from dlora.common.versions import engine_key
 from dlora.services.dispatcher.affinity import GRANULE, MAX_HASHED, PrefixAffinity
 from dlora.services.dispatcher.choose import (
     DispatchCosts,
@@ -21,7 +22,6 @@ from dlora.services.dispatcher.choose import (
     WorkerLoad,
     choose_worker,
     request_tokens,
-    sent_key,
 )
 from dlora.services.dispatcher.lengths import PooledLengths
 
@@ -41,7 +41,7 @@ class _Sent(NamedTuple):
 
     worker: str
     heard: int  # the worker's stats count when it was sent (``DispatchState.stats_heard``)
-    adapter: str | None  # as ``sent_adapters`` counts it (``sent_key``)
+    adapter: str | None  # as ``sent_adapters`` counts it (``engine_key``)
     length: int  # its prompt's tokens
     digest: bytes  # and their ``_digest``
     tokens: float  # its output tokens as counted in ``DispatchState.sent_tokens``
@@ -78,7 +78,7 @@ class DispatchState:
         # Output tokens of the requests sent to each worker since its last stats (``request_tokens``
         # each): a burst must not all go to the worker that looked idlest a moment ago.
         self.sent_tokens: dict[str, float] = {}
-        # and their adapters' (not the base's), by version (``sent_key``)
+        # and their adapters' (not the base's), by version (``engine_key``)
         self.sent_adapters: dict[str, Counter[str]] = {}
         # Where adapters should have replicas (burst tolerance): worker -> adapters.
         self.placement: dict[str, list[str]] = {}
@@ -187,7 +187,7 @@ class DispatchState:
             if worker is not None and prefixes:
                 self.affinity.sent(prefixes, worker)
             if worker is not None and keys:
-                key = sent_key(adapter, version) if adapter is not None else None
+                key = engine_key(adapter, version or "") if adapter is not None else None
                 sent = _Sent(worker, self.stats_heard[worker], key, len(prompt), _digest(prompt), tokens)
                 self.ends[keys[-1]] = sent
                 self.ends.move_to_end(keys[-1])
@@ -201,7 +201,7 @@ class DispatchState:
         if worker is not None:
             self.sent_tokens[worker] = self.sent_tokens.get(worker, 0.0) + tokens
             if adapter is not None:
-                self.sent_adapters.setdefault(worker, Counter())[sent_key(adapter, version)] += 1
+                self.sent_adapters.setdefault(worker, Counter())[engine_key(adapter, version or "")] += 1
         return worker
 
     def _ended(self, keys: list[bytes], prompt: Sequence[int]) -> None:
@@ -236,7 +236,7 @@ class DispatchState:
         if keys and (end := self.ends.get(keys[-1])) is not None and end.worker == worker:
             del self.ends[keys[-1]]
         if heard is None or heard == self.stats_heard[worker]:
-            key = sent_key(adapter, version) if adapter is not None else None
+            key = engine_key(adapter, version or "") if adapter is not None else None
             self._uncount(worker, key, self.price() if tokens is None else tokens)
 
     def price(self, max_tokens: int = 0, min_tokens: int = 0, ignore_eos: bool = False) -> float:
@@ -246,7 +246,7 @@ class DispatchState:
 
     def _uncount(self, worker: str, adapter: str | None, tokens: float) -> None:
         """A request counted as sent to ``worker`` since its stats is not (any more); ``adapter``:
-        its ``sent_key``."""
+        its ``engine_key``."""
         if worker in self.sent_tokens:  # (not below 0: stats since reset it)
             self.sent_tokens[worker] = max(0.0, self.sent_tokens[worker] - tokens)
         if adapter is not None and (sent := self.sent_adapters.get(worker)) and adapter in sent:

@@ -49,7 +49,8 @@ from functools import cached_property
 import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, name_of, runs_among, takes
+from dlora.common.versions import name_of
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, runs_among, takes
 
 BASE = ""  # the base model needs no slot
 
@@ -77,7 +78,7 @@ class PlannerSettings:
 @dataclass
 class _Group:
     worker: str
-    adapter: str  # the version of it its requests run on (``adapter_key``; BASE: the base model)
+    adapter: str  # the version of it its requests run on (``RequestState.key``; BASE: the base model)
     requests: list[RequestState]  # shortest context first
     fits: frozenset[str]  # the workers that hold each of them whole (all, unless contexts differ)
     _blocks: dict[int, int] = field(default_factory=dict)  # mean_blocks by block size
@@ -159,7 +160,7 @@ def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
 
 
 def running_adapters(snapshot: ClusterSnapshot) -> dict[str, set[str]]:
-    """The adapter versions (``adapter_key``: each a slot) each worker has requests of (not the base
+    """The adapter versions (``RequestState.key``: each a slot) each worker has requests of (not the base
     model's). What its slots must hold at once for one step to run them all: a worker with more than
     ``slots`` of them runs its requests a few at a time, so a move brings a new one only where fewer run."""
     out: dict[str, set[str]] = {w.worker: set() for w in snapshot.workers}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora.common.reads import read_price
+from dlora.common.versions import engine_key
 from dlora.model.config import same_model
 
 
@@ -25,24 +26,15 @@ class RequestState:
 
     @property
     def key(self) -> str:
-        """What it runs on, as ``adapter_key`` names it."""
-        return adapter_key(self.adapter, self.version)
-
-
-def adapter_key(adapter: str | None, version: str = "") -> str:
-    """The planner's name for one version of an adapter, the worker engine's key: ``name@version``
-    ("" the base model; the plain name where the version is not said). Versions apart: after an
-    in-place reload a worker holding, and running, only the old one must read the new one (and
-    give it a slot of its own) for a moved request of it. Registered names hold no '@'."""
-    return f"{adapter}@{version}" if adapter and version else adapter or ""
-
-
-def name_of(key: str) -> str:
-    return key.partition("@")[0]
+        """What it runs on: the worker engine's key for its adapter's version (``engine_key``: the
+        plain name where the version is not said), "" for the base model. Versions apart: after an
+        in-place reload a worker holding, and running, only the old one must read the new one (and
+        give it a slot of its own) for a moved request of it."""
+        return engine_key(self.adapter, self.version) if self.adapter else ""
 
 
 def runs_among(keys: set[str], key: str) -> bool:
-    """Whether requests of ``key`` (``adapter_key``) run on one of ``keys``: the same version, or
+    """Whether requests of ``key`` (``RequestState.key``) run on one of ``keys``: the same version, or
     that adapter unversioned (an older worker's requests, in a rolling upgrade: any version). Not
     the other way round: an older worker's request is taken to need a slot of its own beside a
     versioned one (a scan of ``keys`` for each would cost every plan, for a slot at most)."""
@@ -53,7 +45,7 @@ def runs_among(keys: set[str], key: str) -> bool:
 
 
 def takes(running: set[str], key: str, slots: int) -> bool:
-    """Whether a worker running requests of ``running`` (``adapter_key``s) and with ``slots`` may
+    """Whether a worker running requests of ``running`` (``RequestState.key``s) and with ``slots`` may
     take one of ``key`` ("": the base model, which needs no slot): it runs that version already,
     or has a slot free for it."""
     return not key or runs_among(running, key) or len(running) < slots
@@ -84,7 +76,7 @@ class WorkerState:
     versions: frozenset[tuple[str, str]] | None = None
 
     def has(self, key: str) -> bool:
-        """Whether it holds ``key`` (``adapter_key``) in host memory or on the device: a moved
+        """Whether it holds ``key`` (``RequestState.key``) in host memory or on the device: a moved
         request of it needs no read here. An old version alone is not the new one (``runs_among``
         says when a version not said matches)."""
         name, _, version = key.partition("@")

@@ -21,11 +21,11 @@ import msgspec
 from dlora.common import log
 from dlora.common.bus import StateBound
 from dlora.common.messages import AdapterEntry, GenerateRequest
+from dlora.common.versions import engine_key, name_of, version_of
 from dlora.model.adapter_files import files_bytes
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, AdapterRefused, LoraAdapter
 from dlora.services.worker.reads import ReadCosts, ReadOrder, read_may_begin
-from dlora.services.worker.versions import engine_key, name_of, version_of
 
 logger = log.get("worker")
 T = TypeVar("T")

@@ -16,6 +16,7 @@ from dlora.common.lograte import RateLimiter
 from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk
 from dlora.common.seeds import with_seed
 from dlora.common.undecodable import RequestHead, request_head
+from dlora.common.versions import engine_key
 from dlora.model.config import same_model
 from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRead, AdapterRefused
 from dlora.services.worker.chunks import (
@@ -34,7 +35,6 @@ from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.lora import AdapterError
 from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.one_id import give_up, successor
-from dlora.services.worker.versions import engine_key
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService

@@ -22,9 +22,9 @@ from prometheus_client.registry import Collector
 
 from dlora.common import log
 from dlora.common.messages import PlanTrigger, WorkerStats
+from dlora.common.versions import name_of
 from dlora.model.config import served_name
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.versions import name_of
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService

@@ -13,10 +13,10 @@ import time
 from collections.abc import Collection
 
 from dlora.common.messages import MAX_LISTED, AdapterResidency, RequestLoad, WorkerStats
+from dlora.common.versions import name_of, version_of
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.lengths import OutputLengths
-from dlora.services.worker.versions import name_of, version_of
 
 
 @functools.lru_cache(maxsize=1 << 16)

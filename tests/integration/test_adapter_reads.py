@@ -18,13 +18,13 @@ from redis.asyncio import Redis
 from dlora.common import bus, subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
+from dlora.common.versions import engine_key
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.choose import WorkerLoad
 from dlora.services.servers import Server
 from dlora.services.worker.commands import Abort, AdapterChanged
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.settings import WorkerSettings
-from dlora.services.worker.versions import engine_key
 from tests.engine.helpers import make_engine
 from tests.integration.conftest import worker_by_hand
 

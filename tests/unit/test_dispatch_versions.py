@@ -96,9 +96,10 @@ def test_a_request_joins_only_the_sends_of_its_own_version() -> None:
 
 
 def test_sends_join_by_name_where_a_version_is_not_said() -> None:
-    from dlora.services.dispatcher.choose import estimated_finish, sent_key, was_sent
+    from dlora.common.versions import engine_key
+    from dlora.services.dispatcher.choose import estimated_finish, was_sent
 
-    assert sent_key("rl", "v1") == "rl@v1" and sent_key("rl") == "rl" and sent_key("rl", "") == "rl"
+    assert engine_key("rl", "v1") == "rl@v1" and engine_key("rl", "") == "rl"  # how sends are counted
     assert was_sent(["rl@v1"], "rl", "v1") and not was_sent(["rl@v1"], "rl", "v2")
     assert was_sent(["rl"], "rl", "v2") and was_sent(["rl@v1"], "rl") and not was_sent(["rlx@v1"], "rl")
     # slots are counted by name, as a worker's queued adapters are: two versions' sends crowd as one

@@ -10,7 +10,7 @@ import pytest
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.migrator.planner import PlannerSettings, _greedy, plan, running_adapters
-from dlora.services.migrator.snapshot import ClusterSnapshot, WorkerState, adapter_key, runs_among, takes
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, runs_among, takes
 from dlora.services.migrator.trigger import snapshot_from_stats
 from tests.unit.test_planner import _worker_stats
 
@@ -103,7 +103,10 @@ def test_an_older_workers_stats_are_read_by_name() -> None:
 
 
 def test_version_keys_and_their_matches() -> None:
-    assert adapter_key("rl", "v2") == "rl@v2" and adapter_key("rl") == "rl" and adapter_key(None, "v") == ""
+    def key(adapter: str | None, version: str = "") -> str:
+        return RequestState("r", "x", adapter, 10, 10.0, version=version).key
+
+    assert key("rl", "v2") == "rl@v2" and key("rl") == "rl" and key(None, "v") == ""
     assert runs_among({"rl@v2"}, "rl@v2") and not runs_among({"rl@v1"}, "rl@v2")
     assert runs_among({"rl"}, "rl@v2")  # an older worker's requests: any version
     assert not runs_among({"rl@v1"}, "rl")  # (its own, moved: priced a slot, not scanned for)

@@ -77,7 +77,7 @@ def not_finite(engine: LLMEngine, seq: Sequence, why: NotFinite) -> RequestOutpu
     reason names what computed it and in which precision: an adapter's weights that overflow
     float16 fail this way on every prompt, and the operator must be told which one."""
     engine.blocks.forget(seq.request_id)
-    # The worker's key is name@version (worker/versions.py): the client named the adapter alone.
+    # The worker's key is name@version (common/versions.py): the client named the adapter alone.
     name, _, version = (seq.adapter or "").partition("@")
     weights = f"adapter {name!r}" + (f" (version {version})" if version else "") if name else "the base model"
     dtype = str(engine.dtype).removeprefix("torch.")

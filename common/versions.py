@@ -1,4 +1,4 @@
-"""Adapter versions inside a worker. The engine holds each version of an adapter under its own key,
+"""Adapter versions. A worker's engine holds each version of an adapter under its own key,
 ``name@version``, so requests running on a version finish on it while new requests take the one
 registered now; everything the worker publishes speaks of the name. Pure.
 
