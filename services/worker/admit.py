@@ -203,6 +203,7 @@ def _add_to_engine(w: WorkerService, req: GenerateRequest, add: Add, kv: KVSnaps
         cache_salt=req.cache_salt,
         bad_words_ids=add.bad_words_ids,
         whole=True,  # as the dispatcher checks token ids: a text prompt's length is first known here
+        decoded=True,  # (its types checked as it was decoded)
         prompt_field="prompt" if add.text_prompt else None,
     )
 

@@ -161,6 +161,20 @@ def test_a_numpy_value_leaves_the_other_fields_checked(engine: LLMEngine) -> Non
     assert collect(engine, "np", **taken) == collect(engine, "py", max_tokens=4, ignore_eos=True)
 
 
+def test_params_decoded_off_the_wire_are_not_type_checked_again(engine: LLMEngine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The worker's requests were decoded (types checked there): the Python API's round trip of
+    every field is not run again for each (up to milliseconds for the longest allowed_token_ids)."""
+    from dlora.services.worker.engine import admission
+
+    checked: list[SamplingParams] = []
+    monkeypatch.setattr(admission, "_check_types", checked.append)
+    engine.add_request("wire", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=2), decoded=True)
+    engine.add_request("api", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=2))
+    assert [p.max_tokens for p in checked] == [2]  # the Python API's alone
+    for rid in ("wire", "api"):
+        engine.abort(rid)
+
+
 def test_max_tokens_none_fills_the_context_the_prompt_leaves_as_vllm(engine: LLMEngine) -> None:
     """vLLM's ``SamplingParams(max_tokens=None)``: its engine generates up to the context
     (max_model_len less the prompt). The Python API refused it, as a value of another type."""

@@ -70,13 +70,15 @@ def up_to_context(params: SamplingParams, prompt_tokens: int, max_model_len: int
 
 
 def check_request(
-    params: SamplingParams, prompt: str | None, prompt_token_ids: list[int] | None, cache_salt: str
+    params: SamplingParams, prompt: str | None, prompt_token_ids: list[int] | None, cache_salt: str, typed: bool = False
 ) -> None:
-    """RequestError unless the request's own fields agree: ``params`` consistent
-    (``SamplingParams.problem``), exactly one of ``prompt`` and ``prompt_token_ids``, and a
-    ``cache_salt`` of at most ``MAX_CACHE_SALT`` characters."""
+    """RequestError unless the request's own fields agree: ``params`` of their types (unless
+    ``typed``: decoded off the wire, which checked them), consistent (``SamplingParams.problem``),
+    exactly one of ``prompt`` and ``prompt_token_ids``, and a ``cache_salt`` of at most
+    ``MAX_CACHE_SALT`` characters."""
     # each names its field (``param``): an application over NATS read null where the gateway names it
-    _check_types(params)
+    if not typed:  # (a round trip of every field: up to ms for the longest allowed_token_ids)
+        _check_types(params)
     if (bad := params.invalid()) is not None:
         raise RequestError(bad[1], param=bad[0])
     if len(cache_salt) > MAX_CACHE_SALT:

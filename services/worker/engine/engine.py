@@ -134,9 +134,7 @@ class LLMEngine:
         self.limits = Limits(
             max_num_seqs=config.max_num_seqs,
             # Without chunks a prompt must fit in one step.
-            max_num_batched_tokens=config.max_num_batched_tokens
-            if chunked
-            else max(config.max_num_batched_tokens, self.max_model_len),
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 0 if chunked else self.max_model_len),
             max_adapters=config.max_loras,
             chunked_prefill=chunked,
         )
@@ -227,6 +225,7 @@ class LLMEngine:
         bad_words_ids: list[list[int]] | None = None,
         whole: bool = False,
         prompt_field: str | None = None,
+        decoded: bool = False,
     ) -> None:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated or lost run);
         generation continues after them and they are not reported again (``resume_text_held``, their text not sent
@@ -238,7 +237,8 @@ class LLMEngine:
         (``bad_words_token_ids``), tokenized already (the worker does it on arrival, off its loop); None: tokenized
         here. ``whole``: refuse a request whose prompt and max_tokens overrun the context (``check_tokens``) rather
         than end it "length" there. ``prompt_field``: the field its sender gave the prompt in, where the caller
-        tokenized a text prompt itself (the worker, on arrival): errors name it (None: the one here)."""
+        tokenized a text prompt itself (the worker, on arrival): errors name it (None: the one here). ``decoded``:
+        ``params`` came off the wire (the worker's), their types checked by its decoder, not again here."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in flight")
@@ -246,7 +246,7 @@ class LLMEngine:
             raise RequestError(f"adapter {adapter!r} is not registered")
         ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
         params = up_to_context(params, len(ids), self.max_model_len)  # vLLM's max_tokens=None
-        check_request(params, prompt, prompt_token_ids, cache_salt)
+        check_request(params, prompt, prompt_token_ids, cache_salt, typed=decoded)
         resumed = list(resume_token_ids or [])
         pending, held = resume_text_pending, resume_text_held
         field = prompt_field or ("prompt" if prompt is not None else "prompt_token_ids")
