@@ -91,8 +91,6 @@ class Gateway:
         self.base_name = served_name(settings.model, settings.served_model_name)
         self.cfg = ModelConfig.from_dir(settings.model)
         self.tokenizer = load_tokenizer(settings.model)  # (transformers imported there: it imports torch)
-        for what, problem in model_problems(self.tokenizer, settings.reasoning_parser):
-            logger.warning(what, error=problem)
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size).prepare()  # on serve()'s thread, not the loop
         self.context = self.cfg.context_length()
         given = sampling_defaults(settings.model) if settings.generation_config == "auto" else {}
@@ -107,6 +105,8 @@ class Gateway:
             content_format=settings.chat_template_content_format,
             model_digest=model_digest(self.cfg, self.tokenizer.get_vocab()),
         )
+        for what, problem in model_problems(self.served):
+            logger.warning(what, error=problem)
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
         self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")

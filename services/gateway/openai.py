@@ -377,11 +377,8 @@ class Shape:
                 if not self.chat:
                     choice["prompt_token_ids"] = c.prompt_token_ids
             out.append(choice)
-        response = {
-            **self._head(False),
-            "choices": out,
-            "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-        }
+        response = {**self._head(False), "choices": out}
+        response["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         if self.chat and (asked := [c.prompt_logprobs for c in choices if c.prompt_logprobs is not None]):
             response["prompt_logprobs"] = asked[0]  # one prompt, whatever n: the response's (vLLM's)
         if self.chat and (ids := [c.prompt_token_ids for c in choices if c.token_ids is not None]):
@@ -407,7 +404,9 @@ class Shape:
         choice["stop_reason"] = stop_reason
         if token_ids is not None and self.include_reasoning:
             choice["token_ids"] = token_ids
-        reasoner = self._reasoners.setdefault(index, ReasoningParser(self.reasoning_parser, self.thinking))
+        reasoner = self._reasoners.get(index) or self._reasoners.setdefault(
+            index, ReasoningParser(self.reasoning_parser, self.thinking)
+        )
         reasoning, text = reasoner.piece(text, finish_reason is not None)  # (no parser: "", the text as it is)
         reasoning = reasoning if self.include_reasoning else ""  # (its event says content "", as a held token's)
         if self.tools_required:  # each call whole, id, name and arguments, as its item of the list ends

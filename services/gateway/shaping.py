@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import msgspec
@@ -80,6 +81,12 @@ class ServedModel:
     # Its digest (``model.config.model_digest``): each request says which model its ids are for.
     model_digest: str = ""
 
+    @cached_property
+    def reasoning_end(self) -> list[int]:
+        """``</think>``'s ids as the tokenizer encodes it: what a structured output beside the
+        reasoning parser waits for in the output (``reasoning_end_ids``), encoded once."""
+        return list(self.tokenizer.encode(REASONING_END, add_special_tokens=False))
+
     @property
     def call_id_length(self) -> int:
         """The call ids its tool-call format takes (``tool_parsers.CALL_ID_LENGTHS``; 0: ours)."""
@@ -103,16 +110,14 @@ class ServedModel:
         return cls(tokenizer, cfg.vocab_size, context, grammars, defaults)
 
 
-def model_problems(tokenizer: Any, reasoning_parser: str) -> list[tuple[str, str]]:
+def model_problems(model: ServedModel) -> list[tuple[str, str]]:
     """(what, why) for each way the served model's files will fail some requests, logged at the
     gateway's start: a chat template that does not compile (chat refused), a ``</think>`` of several
     tokens beside a reasoning parser (``reasoning.tag_problem``)."""
     problems = []
-    if (problem := template_problem(getattr(tokenizer, "chat_template", None))) is not None:
+    if (problem := template_problem(getattr(model.tokenizer, "chat_template", None))) is not None:
         problems.append(("the model's chat template does not compile: chat requests will be refused", problem))
-    if (
-        problem := tag_problem(reasoning_parser, tokenizer.encode(REASONING_END, add_special_tokens=False))
-    ) is not None:
+    if (problem := tag_problem(model.reasoning_parser, model.reasoning_end)) is not None:
         problems.append(("a structured output beside the reasoning parser may go unbound", problem))
     return problems
 
@@ -370,7 +375,7 @@ def reasoning_end_ids(body: Body, model: ServedModel, thinks: bool) -> list[int]
         return []
     if not thinks:
         return []
-    return list(model.tokenizer.encode(REASONING_END, add_special_tokens=False))
+    return list(model.reasoning_end)  # (a copy: each request's own)
 
 
 def truncated(ids: list[int], text: str | None, tokenizer: Tokenizer, keep: int) -> list[int]:

@@ -103,9 +103,9 @@ def test_a_close_tag_of_several_tokens_beside_a_reasoning_parser_is_said_at_star
 
     several = served.tokenizer.encode("</think>", add_special_tokens=False)
     assert len(several) > 1  # the tiny tokenizer's
-    [(what, why)] = model_problems(served.tokenizer, "qwen3")
+    [(what, why)] = model_problems(dataclasses.replace(served, reasoning_parser="qwen3"))
     assert "structured output" in what and f"{len(several)} tokens" in why and "qwen3" in why
-    assert model_problems(served.tokenizer, "") == []  # no parser: nothing to say
+    assert model_problems(served) == []  # no parser: nothing to say
     one = copy.deepcopy(served.tokenizer)
     one.add_tokens(["</think>"])
-    assert model_problems(one, "deepseek_r1") == []
+    assert model_problems(dataclasses.replace(served, tokenizer=one, reasoning_parser="deepseek_r1")) == []
