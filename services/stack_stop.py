@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 
@@ -33,6 +34,10 @@ STOP_WAIT_S = 10.0
 # Seconds between the first signal a service was sent and the one that hurries it, when the
 # hurry came before the service was told at all: two sent back to back can merge into one.
 HURRY_GAP_S = 0.5
+# Seconds a service killed outright (SIGKILL) is waited for: one stuck in the kernel (a GPU
+# driver's or a network filesystem's hang, state D) outlives SIGKILL, and an unbounded wait hung
+# ``dlora up``'s stop, NATS and Redis never stopped.
+KILL_WAIT_S = 5.0
 _POLL_S = 0.05
 
 
@@ -65,6 +70,7 @@ class StackStop:
         self._told: dict[int, float] = {}  # index -> when its first SIGTERM went
         self._sent: dict[int, int] = {}  # index -> SIGTERMs sent
         self._deadline: dict[int, float] = {}  # index -> when it is killed outright
+        self.left: list[int] = []  # indices that outlived SIGKILL (see ``KILL_WAIT_S``)
 
     def run(self) -> None:
         """Both phases, each until its services have exited (killed past their deadline)."""
@@ -103,12 +109,23 @@ class StackStop:
             self._signal(i)
 
     def _wait(self, phase: list[int]) -> None:
-        while alive := [i for i in phase if self.procs[i].poll() is None]:
+        while alive := [i for i in phase if i not in self.left and self.procs[i].poll() is None]:
             now = time.monotonic()
             for i in alive:
                 if now >= self._deadline[i]:
-                    self.procs[i].kill()
-                    self.procs[i].wait()  # reaped: stopped when stop() returns (a CI run found one running)
+                    self._kill(i)
                 elif self.hurried and self._sent.get(i, 0) < 2 and now - self._told[i] >= HURRY_GAP_S:
                     self._signal(i)  # hurried before it was told (or between its signal and its note)
             time.sleep(_POLL_S)
+
+    def _kill(self, i: int) -> None:
+        self.procs[i].kill()
+        try:
+            self.procs[i].wait(KILL_WAIT_S)  # reaped: stopped when stop() returns (a CI run found one running)
+        except subprocess.TimeoutExpired:
+            self.left.append(i)
+            print(
+                f"dlora up: {self.names[i]} (pid {self.procs[i].pid}) did not exit {KILL_WAIT_S:g} s after "
+                "SIGKILL (stuck in the kernel: a GPU driver or filesystem hang?); left running",
+                file=sys.stderr,
+            )
