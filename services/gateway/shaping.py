@@ -349,11 +349,16 @@ def shape_request(
 def chat_thinking(body: ChatBody, template: ChatTemplate, ids: list[int], model: ServedModel) -> bool:
     """Whether a chat's output is read for reasoning (``reasoning.thinking``): not where its
     prompt closed the think block already (``closes_reasoning``; a generation prompt's is in its
-    last tokens, a continued message's anywhere in it)."""
+    last tokens, a continued message's anywhere in it). Nor a structured output whose reasoning
+    is not asked for (``include_reasoning: false``): vLLM binds its grammar from the first token
+    then (``resolve_reasoning_ended``), so the output is the answer, read as content (held back
+    until a ``</think>``, it thought unseen and was billed for it, where vLLM's user pays none)."""
     if not thinking(model.reasoning_parser, body.chat_template_kwargs):
         return False
     if not model.reasoning_parser:  # (nothing read: the text as it is)
         return True
+    if body.include_reasoning is False and structured_field(body) is not None:
+        return False
     continued = template.continue_final_message
     text = model.tokenizer.decode(ids if continued else ids[-PROMPT_TAIL:], skip_special_tokens=False)
     return not closes_reasoning(text, continued)

@@ -109,3 +109,16 @@ def test_a_close_tag_of_several_tokens_beside_a_reasoning_parser_is_said_at_star
     one = copy.deepcopy(served.tokenizer)
     one.add_tokens(["</think>"])
     assert model_problems(dataclasses.replace(served, tokenizer=one, reasoning_parser="deepseek_r1")) == []
+
+
+def test_a_structured_output_whose_reasoning_is_not_asked_for_binds_from_the_first_token(served: ServedModel) -> None:
+    """``include_reasoning: false`` beside a structured output: current vLLM binds the grammar from
+    the first token (``ChatCompletionRequest.resolve_reasoning_ended``), the output is the answer.
+    dlora held it back until ``</think>``: the model thought unseen, billed, before the JSON came."""
+    thinks = dataclasses.replace(served, reasoning_parser="deepseek_r1")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "include_reasoning": False}
+    job = shape(thinks, body | {"response_format": {"type": "json_object"}}, chat=True)
+    assert job.choices[0].request.params.structured_after_token_ids == []
+    assert (job.shape.thinking, job.shape.include_reasoning) == (False, False)  # all of it content
+    free = shape(thinks, body, chat=True)  # free text: it thinks, its reasoning hidden
+    assert (free.shape.thinking, free.shape.include_reasoning) == (True, False)
