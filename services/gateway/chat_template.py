@@ -66,9 +66,31 @@ class ChatTemplate:
         kwargs = body.chat_template_kwargs or {}
         if reserved := sorted(set(kwargs) & _RENDERER_KWARGS):
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        if (effort := getattr(body, "reasoning_effort", None)) is not None:
+            kwargs = _with_effort(kwargs, effort)
         tools = getattr(body, "tools", None)
         tools = [_given(t) for t in msgspec.to_builtins(tools)] if tools else None
         return cls(add, cont, kwargs, tools, getattr(body, "documents", None), call_id_length)
+
+
+# OpenAI's reasoning_effort values, and vLLM's "max" (DeepSeek V4's)
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def _with_effort(kwargs: dict[str, Any], effort: object) -> dict[str, Any]:
+    """A chat's ``reasoning_effort`` given to its template, as vLLM does (``build_chat_params``):
+    as the variable of that name (gpt-oss's and others' templates read it), and, unless the
+    request sets it, ``enable_thinking`` false for "none", true for any other (templates that
+    think only when asked, or skip it when told: Qwen3's, Gemma's). Was a 400: a client that sends
+    it (the openai package's ``reasoning_effort=``) was refused where vLLM served it.
+
+    Raises:
+        APIError(400): not one of ``REASONING_EFFORTS`` (vLLM's pydantic refuses it too).
+    """
+    if effort not in REASONING_EFFORTS:
+        why = f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}"
+        raise APIError(400, why, param="reasoning_effort")
+    return {"enable_thinking": effort != "none"} | kwargs | {"reasoning_effort": effort}
 
 
 def reply_role(messages: list[ChatMessage], add_generation_prompt: bool) -> str:

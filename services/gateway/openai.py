@@ -234,6 +234,7 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     # vLLM's: documents for a RAG template (each a mapping of strings, e.g. title and text),
     # rendered by the chat template as transformers' apply_chat_template(documents=...) does.
     documents: list[dict[str, str]] | None = None
+    reasoning_effort: str | None = None  # given to the chat template, as vLLM (chat_template._with_effort)
     # In the spec, not served here: refused when set.
     functions: Any = None
     function_call: Any = None
@@ -241,7 +242,6 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     modalities: list[str] | None = None
     prediction: Any = None
     web_search_options: Any = None
-    reasoning_effort: str | None = None
     verbosity: str | None = None
     moderation: Any = None
     prompt_cache_options: Any = None

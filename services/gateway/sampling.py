@@ -80,7 +80,6 @@ def _unsupported(body: Body) -> list[tuple[str, bool]]:
             ("modalities", (body.modalities or ["text"]) != ["text"]),
             ("prediction", body.prediction is not None),
             ("web_search_options", body.web_search_options is not None),
-            ("reasoning_effort", body.reasoning_effort is not None),
             ("verbosity", body.verbosity is not None),
             ("moderation", body.moderation is not None),
             ("prompt_cache_options", body.prompt_cache_options is not None),

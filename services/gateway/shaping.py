@@ -353,7 +353,7 @@ def chat_thinking(body: ChatBody, template: ChatTemplate, ids: list[int], model:
     is not asked for (``include_reasoning: false``): vLLM binds its grammar from the first token
     then (``resolve_reasoning_ended``), so the output is the answer, read as content (held back
     until a ``</think>``, it thought unseen and was billed for it, where vLLM's user pays none)."""
-    if not thinking(model.reasoning_parser, body.chat_template_kwargs):
+    if not thinking(model.reasoning_parser, dict(template.kwargs)):
         return False
     if not model.reasoning_parser:  # (nothing read: the text as it is)
         return True

@@ -122,3 +122,28 @@ def test_a_structured_output_whose_reasoning_is_not_asked_for_binds_from_the_fir
     assert (job.shape.thinking, job.shape.include_reasoning) == (False, False)  # all of it content
     free = shape(thinks, body, chat=True)  # free text: it thinks, its reasoning hidden
     assert (free.shape.thinking, free.shape.include_reasoning) == (True, False)
+
+
+def test_reasoning_effort_reaches_the_template_as_vllm_gives_it(served: ServedModel) -> None:
+    """vLLM hands ``reasoning_effort`` to the chat template (``build_chat_params``), with
+    ``enable_thinking`` false for "none", true else, unless the request sets it; qwen3's reading
+    follows (effort "none": all content). dlora refused the field (400)."""
+    tokenizer = copy.deepcopy(served.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "[{{ reasoning_effort | default('-') }}/{{ enable_thinking | default('-') }}]"
+    )
+    thinks = dataclasses.replace(served, reasoning_parser="qwen3", tokenizer=tokenizer)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    def rendered(**extra: object) -> tuple[str, bool]:
+        job = shape(thinks, body | extra, chat=True)
+        return tokenizer.decode(job.choices[0].request.prompt_token_ids), job.shape.thinking
+
+    assert rendered() == ("hi[-/-]", True)
+    assert rendered(reasoning_effort="low") == ("hi[low/True]", True)
+    assert rendered(reasoning_effort="none") == ("hi[none/False]", False)
+    kept = {"enable_thinking": True, "reasoning_effort": "high"}  # the request's own enable_thinking wins
+    assert rendered(reasoning_effort="none", chat_template_kwargs=kept) == ("hi[none/True]", True)
+    e = refused(thinks, body | {"reasoning_effort": "extreme"}, chat=True)
+    assert (e.status, e.param) == (400, "reasoning_effort") and "minimal" in e.message
