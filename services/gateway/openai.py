@@ -458,9 +458,10 @@ class Shape:
         return content, calls if self.parallel_calls else [c for c in calls if c[0] == 0]
 
     def silent(self, event: dict[str, Any]) -> bool:
-        """Whether a mid-stream event of a tool-call answer says nothing (its text held back, a
-        call not whole yet): not sent, as vLLM sends none. A text answer keeps an event per token."""
-        if not (self.tool or self.tools_required or self.tool_parser):
+        """Whether a mid-stream event of a tool-call answer, or of one whose reasoning is hidden
+        (include_reasoning false: a thinking token), says nothing (its text held back, a call not
+        whole yet): not sent, as vLLM sends none. A text answer keeps an event per token."""
+        if not (self.tool or self.tools_required or self.tool_parser) and self.include_reasoning:
             return False
         [choice] = event["choices"]
         if choice["finish_reason"] is not None or choice["logprobs"] is not None or "role" in choice["delta"]:

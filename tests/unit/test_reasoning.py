@@ -167,6 +167,18 @@ def test_include_reasoning_false_answers_no_reasoning_nor_what_would_show_it() -
     assert body.include_reasoning is False
 
 
+def test_include_reasoning_false_sends_no_event_for_a_thinking_token() -> None:
+    """vLLM's stream skips a delta left empty once its reasoning is dropped (``parse_delta``): no
+    event for a hidden thinking token. dlora sent each as an empty content delta (a client timing
+    tokens, or counting events, saw the hidden reasoning's length)."""
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1", include_reasoning=False)
+    events = _stream(shape, "hmm, let me think</think>Hi!", [3, 8, 17, 25])
+    assert [e["delta"] for e in events] == [{"role": "assistant", "content": ""}, {"content": "Hi!"}, {}]
+    assert events[-1]["finish_reason"] == "stop"
+    shown = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1")
+    assert len(_stream(shown, "hmm, let me think</think>Hi!", [3, 8, 17, 25])) == 7  # one per token, as before
+
+
 def test_include_reasoning_false_answers_a_whole_chat_without_its_token_ids_as_its_stream() -> None:
     """return_token_ids beside include_reasoning false: the stream left the ids out, the whole
     answer gave them, and with them the reasoning it had just hidden."""
