@@ -20,7 +20,7 @@ stream keeps that text as reasoning: dlora answers both as its stream does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PARSERS = ("deepseek_r1", "qwen3")
 _OPEN, _CLOSE = "<think>", "</think>"
@@ -69,18 +69,26 @@ class ReasoningParser:
     thinking: bool = True  # false: the whole output is content (``thinking``)
     _state: str = "start"  # start: a <think> may yet open the output; reasoning; content
     _held: str = ""  # text not given out yet: a possible start of a tag (a few characters)
+    # Whitespace that may precede an opening <think>, kept apart from _held, which each feed scans:
+    # in it, an output of nothing but whitespace was scanned whole at every token (quadratic).
+    _space: list[str] = field(default_factory=list)
 
     def feed(self, text: str) -> tuple[str, str]:
         if not self.kind or not self.thinking or self._state == "content":  # ("": no parser)
             return "", text
-        self._held += text
         if self._state == "start":
-            start = self._held.lstrip()
-            if _OPEN.startswith(start) and start != _OPEN:
+            if not self._held:  # (after a part of "<think>", whitespace is no more before it)
+                start = text.lstrip()
+                self._space.append(text[: len(text) - len(start)])
+                text = start
+            self._held += text
+            if _OPEN.startswith(self._held) and self._held != _OPEN:
                 return "", ""  # whitespace, or a part of "<think>": which is it?
-            if start.startswith(_OPEN):
-                self._held = start[len(_OPEN) :]
+            space, self._space = "".join(self._space), []
+            self._held = self._held[len(_OPEN) :] if self._held.startswith(_OPEN) else space + self._held
             self._state = "reasoning"
+        else:
+            self._held += text
         end = self._held.find(_CLOSE)
         if end >= 0:
             reasoning, content = self._held[:end], self._held[end + len(_CLOSE) :]
@@ -93,7 +101,7 @@ class ReasoningParser:
     def finish(self) -> tuple[str, str]:
         """The end of the output: text held back is reasoning (a think block not closed)."""
         reasoning, content = self.feed("")
-        rest, self._held = self._held, ""
+        rest, self._held, self._space = "".join(self._space) + self._held, "", []
         return reasoning + rest, content
 
     def piece(self, text: str, last: bool) -> tuple[str, str]:

@@ -69,6 +69,20 @@ def test_reasoning_goes_out_as_it_comes_and_only_a_possible_tag_is_held_back() -
     assert said == [*held, ("Let me", ""), (" see ", ""), *held, ("", "Hi"), ("", " there"), ("", "")]
 
 
+def test_whitespace_before_a_possible_think_tag_is_not_scanned_again_at_each_token() -> None:
+    """An output of whitespace (a degenerate model's newlines) waiting for ``<think>``: the text
+    each token scans stays empty, where it grew by a token each time (quadratic: 100,000
+    spaces took ~5 s of the gateway's loop). Given out as before, reasoning at the end."""
+    parser = ReasoningParser("deepseek_r1")
+    for piece in [" ", "\n", "\t "] * 2000:
+        assert parser.feed(piece) == ("", "") and parser._held == ""
+    assert parser.finish() == (" \n\t " * 2000, "")
+    parser = ReasoningParser("deepseek_r1")
+    assert [parser.feed(p) for p in ["\n", " <th", "ink>a", "</think>b"]] == [("", "")] * 2 + [("a", ""), ("", "b")]
+    parser = ReasoningParser("deepseek_r1")
+    assert [parser.feed(p) for p in ["\n", " <th", " x"]] == [("", ""), ("", ""), ("\n <th x", "")]
+
+
 def test_qwen3_without_thinking_is_all_content() -> None:
     """enable_thinking false: the template closed the think block in the prompt (vLLM routes the
     whole output as content); deepseek_r1 has no such switch."""
