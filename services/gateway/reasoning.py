@@ -20,11 +20,12 @@ stream keeps that text as reasoning: dlora answers both as its stream does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 PARSERS = ("deepseek_r1", "qwen3")
 _OPEN, _CLOSE = "<think>", "</think>"
-REASONING_END = _CLOSE  # a structured output's grammar binds what follows it (gateway/shaping.py)
+REASONING_START, REASONING_END = _OPEN, _CLOSE  # a structured output's grammar binds what follows the end
 
 
 def tag_problem(kind: str, end_ids: list[int]) -> str | None:
@@ -116,6 +117,52 @@ class ReasoningParser:
     def ended(self) -> bool:
         """Whether the reasoning is over (``</think>`` read, or none to read)."""
         return not self.thinking or self._state == "content"
+
+
+@dataclass
+class ReasoningTokens:
+    """How many of one choice's output tokens are its reasoning (OpenAI's usage
+    ``completion_tokens_details.reasoning_tokens``), counted as vLLM's think-tag parsers count
+    them (``count_reasoning_tokens``): from past the first ``<think>`` (``open_ids``; none: the
+    first token, R1's later templates open it in the prompt) to the first ``</think>``
+    (``close_ids``; none yet: the last token), neither tag counted; 0 where the output is not
+    read for reasoning (``thinking`` false). ``feed`` each chunk's ids as they come: a tag split
+    across chunks is found, and no chunk is scanned twice."""
+
+    open_ids: Sequence[int]
+    close_ids: Sequence[int]
+    thinking: bool = True
+    _seen: int = 0  # tokens fed
+    _start: int = 0  # where the reasoning starts: past <think>, where found before </think>
+    _end: int | None = None  # where </think> starts, once found
+    _tail: list[int] = field(default_factory=list)  # the last ids, that may begin a tag
+    _closing: int = 0  # the last ids that may begin </think>: not counted yet (so a count never goes down)
+
+    def feed(self, ids: Sequence[int]) -> None:
+        base, window = self._seen - len(self._tail), [*self._tail, *ids]
+        self._seen += len(ids)
+        if self._end is not None or not self.thinking:
+            return
+        if self._start == 0 and (at := _find(window, self.open_ids)) >= 0:
+            self._start = base + at + len(self.open_ids)
+        if (at := _find(window, self.close_ids)) >= 0:
+            self._end = base + at
+        self._tail = window[len(window) - max(len(self.open_ids), len(self.close_ids)) + 1 :]
+        tag = list(self.close_ids)
+        self._closing = next((n for n in range(len(tag) - 1, 0, -1) if self._tail[-n:] == tag[:n]), 0)
+
+    def count(self, done: bool = False) -> int:
+        """So far; ``done``: the output is over, a part of ``</think>`` that ended it is reasoning."""
+        if not self.thinking:
+            return 0
+        end = self._end if self._end is not None else self._seen - (0 if done else self._closing)
+        return max(0, end - self._start)
+
+
+def _find(ids: list[int], tag: Sequence[int]) -> int:
+    """Where ``tag`` (non-empty) first occurs in ``ids``, or -1."""
+    n = len(tag)
+    return next((i for i in range(len(ids) - n + 1) if ids[i : i + n] == list(tag)), -1) if n else -1
 
 
 def split(kind: str, text: str, thinking: bool = True) -> tuple[str | None, str | None]:

@@ -15,6 +15,7 @@ from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk
 from dlora.model.token_bytes import TokenIdText, TokenText
 from dlora.services.gateway import logprobs, openai
 from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.reasoning import ReasoningTokens
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.gateway.shaping import ChoicePlan, Job
 
@@ -107,6 +108,8 @@ class ResponseWriter:
         self.tokens = TokenIdText(tokens) if job.token_ids_in_logprobs else tokens
         self.stream: web.StreamResponse | None = None
         self._held: list[bytes] = []  # events not written yet (``flush``)
+        tags = job.reasoning_tags  # (each choice's reasoning tokens counted as they come)
+        self._reasoning = {c.out.index: ReasoningTokens(*tags, job.shape.thinking) for c in choices} if tags else {}
 
     async def add(self, choice: RunningChoice, chunk: TokenChunk) -> None:
         """A new chunk of ``choice`` (not an error): an event, or its text and logprobs kept."""
@@ -140,6 +143,8 @@ class ResponseWriter:
                     self._hold(self._with_usage(event, choice, before=True))
         if choice.prompt_only:
             return
+        if (reasoning := self._reasoning.get(choice.out.index)) is not None:
+            reasoning.feed(chunk.token_ids)
         token_logprobs = self._logprobs(choice, chunk)
         choice.out.finish_reason, choice.out.stop_reason = chunk.finish_reason, chunk.stop_reason
         if self.stream is not None:
@@ -185,13 +190,15 @@ class ResponseWriter:
                 if job.return_token_ids:
                     c.out.token_ids = c.replies.token_ids if c.replies and not c.prompt_only else []
                     c.out.prompt_token_ids = c.prompt_ids
-            return web.json_response(
-                job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens, self._cached())
-            )
+            body = job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens, self._cached())
+            self._detailed(body["usage"], self.choices)
+            return web.json_response(body)
         if self.stream is None:  # echo with max_tokens 0: no chunk came
             self.stream = await self._open()
         if job.include_usage:
-            self._hold(job.shape.usage_chunk(job.prompt_tokens, completion_tokens, self._cached()))
+            usage = job.shape.usage_chunk(job.prompt_tokens, completion_tokens, self._cached())
+            self._detailed(usage["usage"], self.choices)
+            self._hold(usage)
         return await self._end()
 
     async def flush(self) -> None:
@@ -271,7 +278,17 @@ class ResponseWriter:
         every token (the chunk that opened the stream is counted already)."""
         if self.job.continuous_usage:
             event["usage"] = openai.usage(len(choice.prompt_ids), 0 if before else choice.completion_tokens)
+            self._detailed(event["usage"], [choice])
         return event
+
+    def _detailed(self, usage: dict[str, Any], choices: list[RunningChoice]) -> None:
+        """``usage`` told how many of ``choices``' output tokens were reasoning, beside a reasoning
+        parser, as vLLM's usage tells it (OpenAI's ``completion_tokens_details``) in every usage
+        it sends: whole, streamed, per event. A client that budgets or bills thinking read none."""
+        if self._reasoning:
+            counted = [(self._reasoning.get(c.out.index), c.out.finish_reason is not None) for c in choices]
+            spent = sum(counter.count(done) for counter, done in counted if counter is not None)
+            usage["completion_tokens_details"] = {"reasoning_tokens": spent}
 
     def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:
         if not chunk.logprobs:

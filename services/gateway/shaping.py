@@ -29,7 +29,7 @@ from dlora.services.gateway.openai import (
     Shape,
     model_not_found,
 )
-from dlora.services.gateway.reasoning import REASONING_END, closes_reasoning, tag_problem, thinking
+from dlora.services.gateway.reasoning import REASONING_END, REASONING_START, closes_reasoning, tag_problem, thinking
 from dlora.services.gateway.sampling import (
     auto_tools,
     forced_tool,
@@ -86,6 +86,11 @@ class ServedModel:
         """``</think>``'s ids as the tokenizer encodes it: what a structured output beside the
         reasoning parser waits for in the output (``reasoning_end_ids``), encoded once."""
         return list(self.tokenizer.encode(REASONING_END, add_special_tokens=False))
+
+    @cached_property
+    def reasoning_start(self) -> list[int]:
+        """``<think>``'s ids likewise: where a usage's reasoning tokens start (``ReasoningTokens``)."""
+        return list(self.tokenizer.encode(REASONING_START, add_special_tokens=False))
 
     @property
     def call_id_length(self) -> int:
@@ -164,6 +169,9 @@ class Job:
     echo_logprobs: int | None = None
     prompt_logprobs: int | None = None
     structured_field: str | None = None  # the body's field asking for a structured output (errors' param)
+    # A chat's <think> and </think> ids beside a reasoning parser: its usage says how many output
+    # tokens were reasoning (vLLM's completion_tokens_details, ``ReasoningTokens``). None: not said.
+    reasoning_tags: tuple[list[int], list[int]] | None = None
 
 
 def response_id(chat: bool, base: str) -> str:
@@ -343,6 +351,7 @@ def shape_request(
         echo_logprobs=echo_logprobs,
         prompt_logprobs=field_logprobs,
         structured_field=structured_field(body),
+        reasoning_tags=(model.reasoning_start, model.reasoning_end) if chat and model.reasoning_parser else None,
     )
 
 

@@ -147,3 +147,58 @@ def test_reasoning_effort_reaches_the_template_as_vllm_gives_it(served: ServedMo
     assert rendered(reasoning_effort="none", chat_template_kwargs=kept) == ("hi[none/True]", True)
     e = refused(thinks, body | {"reasoning_effort": "extreme"}, chat=True)
     assert (e.status, e.param) == (400, "reasoning_effort") and "minimal" in e.message
+
+
+async def _answered(model: ServedModel, body: dict[str, object], ids: list[list[int]]) -> str:
+    """The response body a chat ``body`` gets whose one choice's chunks carry ``ids``."""
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from dlora.common.messages import TokenChunk
+    from dlora.model.token_bytes import TokenText
+    from dlora.services.gateway.responses import ResponseWriter, RunningChoice
+
+    job = shape(model, body, chat=True)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        choice = RunningChoice.of(job.choices[0])
+        rid = choice.request.request_id if choice.request else ""
+        writer = ResponseWriter(request, job, [choice], TokenText(model.tokenizer, model.vocab_size))
+        for i, chunk_ids in enumerate(ids):
+            last = "stop" if i == len(ids) - 1 else None
+            text = model.tokenizer.decode(chunk_ids)
+            chunk = TokenChunk(request_id=rid, seq=i, token_ids=chunk_ids, text=text, finish_reason=last)
+            for taken in choice.replies.take(chunk):
+                await writer.add(choice, taken)
+        return await writer.finish(choice.completion_tokens)
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/")) as resp:
+            return (await resp.read()).decode()
+
+
+async def test_usage_says_how_many_output_tokens_were_reasoning(served: ServedModel) -> None:
+    """vLLM's usage beside a reasoning parser has OpenAI's ``completion_tokens_details``
+    ``reasoning_tokens`` (the tokens between the tags), whole, in a stream's usage and in each
+    event's (continuous_usage_stats); dlora said none, so a client could not budget its thinking."""
+    import json
+
+    thinks = dataclasses.replace(served, reasoning_parser="deepseek_r1")
+    enc = served.tokenizer.encode
+    start, end = thinks.reasoning_start, thinks.reasoning_end
+    thought, answer = enc("kalo remi", add_special_tokens=False), enc("ok", add_special_tokens=False)
+    ids = [start, thought[:1], thought[1:], end[:1], end[1:] + answer]  # the tags split across chunks too
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}
+    whole = json.loads(await _answered(thinks, body, ids))
+    assert whole["usage"]["completion_tokens_details"] == {"reasoning_tokens": len(thought)}
+    assert whole["choices"][0]["message"]["reasoning"] == served.tokenizer.decode(thought)
+    options = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    lines = (await _answered(thinks, body | options, ids)).splitlines()
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    said = [e["usage"]["completion_tokens_details"]["reasoning_tokens"] for e in events]
+    assert said[0] == 0 and said[-1] == len(thought) and said == sorted(said)
+    plain = json.loads(await _answered(served, body, ids))  # no parser: not said, as vLLM
+    assert "completion_tokens_details" not in plain["usage"]

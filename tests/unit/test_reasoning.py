@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from dlora.services.gateway.openai import ChatBody, Choice, Shape
-from dlora.services.gateway.reasoning import ReasoningParser, split, thinking
+from dlora.services.gateway.reasoning import ReasoningParser, ReasoningTokens, split, thinking
 from dlora.services.gateway.settings import GatewaySettings
 
 
@@ -81,6 +81,40 @@ def test_whitespace_before_a_possible_think_tag_is_not_scanned_again_at_each_tok
     assert [parser.feed(p) for p in ["\n", " <th", "ink>a", "</think>b"]] == [("", "")] * 2 + [("a", ""), ("", "b")]
     parser = ReasoningParser("deepseek_r1")
     assert [parser.feed(p) for p in ["\n", " <th", " x"]] == [("", ""), ("", ""), ("\n <th x", "")]
+
+
+@pytest.mark.parametrize(("open_ids", "close_ids"), [([1], [2]), ([1, 3], [2, 3, 4])])
+def test_reasoning_tokens_are_counted_as_vllm_counts_them_however_the_chunks_split(
+    open_ids: list[int], close_ids: list[int]
+) -> None:
+    """usage's reasoning_tokens, as vLLM's think-tag parsers count them: past the first
+    ``<think>`` (else from the first token) up to the first ``</think>`` (else the last), the tags
+    not counted; tags of several tokens split across chunks alike."""
+    o, c = open_ids, close_ids
+    cases = [
+        (o + [5, 6, 7] + c + [8, 9], 3),
+        ([5, 6] + c + [8], 2),  # R1's later templates: <think> in the prompt
+        (o + [5, 6, 7], 3),  # cut while thinking
+        ([5, 5] + o + [6] + c + o + [7] + c, 1),  # what precedes the first <think> is not counted (vLLM's)
+        (c + [8, 9], 0),
+        ([], 0),
+    ]
+    rng = random.Random(5)
+    for ids, count in cases:
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(len(ids) + 1), rng.randint(0, len(ids))))
+            counter = ReasoningTokens(o, c)
+            for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True):
+                counter.feed(ids[a:b])
+            assert counter.count(done=True) == count, (ids, cuts)
+        off = ReasoningTokens(o, c, thinking=False)  # the output not read for reasoning: none
+        off.feed(ids)
+        assert off.count(done=True) == 0
+    counter = ReasoningTokens(o, c)  # a part of </think> is not counted until it is known not to be one
+    counter.feed(o + [5] + c[:-1])
+    assert (counter.count(), counter.count(done=True)) == (1, len(c))  # (cut there: reasoning, as its text)
+    counter.feed(c[-1:])
+    assert counter.count() == counter.count(done=True) == 1
 
 
 def test_qwen3_without_thinking_is_all_content() -> None:
