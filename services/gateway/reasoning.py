@@ -12,6 +12,10 @@ what a tool-call parser reads: a call written while thinking is reasoning text).
   template opens ``<think>`` in the prompt as R1's does), but ``chat_template_kwargs``'
   ``enable_thinking: false`` makes the whole output content: the template closed the think block
   in the prompt itself (vLLM routes such a stream as content, ``prompt_is_reasoning_end``).
+- ``deepseek_v3`` (DeepSeek V3.1 and later hybrids, whose templates think only when asked): the
+  tags read as ``deepseek_r1`` reads them where ``chat_template_kwargs`` say ``thinking`` or
+  ``enable_thinking`` (as vLLM's, truthy; a ``reasoning_effort`` other than "none" sets the
+  latter), else the whole output is content, its ``reasoning`` null (vLLM's identity reading).
 
 Where dlora differs from vLLM: only a ``<think>`` that opens the output is taken off; one later on
 is reasoning text (vLLM's whole-output reading drops it and all the text before it, while its
@@ -23,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-PARSERS = ("deepseek_r1", "qwen3")
+PARSERS = ("deepseek_r1", "qwen3", "deepseek_v3")
 _OPEN, _CLOSE = "<think>", "</think>"
 REASONING_START, REASONING_END = _OPEN, _CLOSE  # a structured output's grammar binds what follows the end
 
@@ -44,8 +48,12 @@ def tag_problem(kind: str, end_ids: list[int]) -> str | None:
 
 def thinking(kind: str, chat_template_kwargs: dict[str, object] | None) -> bool:
     """Whether a chat's output is read for reasoning: not a qwen3 chat whose template was told
-    ``enable_thinking: false`` (its think block is closed in the prompt)."""
-    return not (kind == "qwen3" and (chat_template_kwargs or {}).get("enable_thinking", True) is False)
+    ``enable_thinking: false`` (its think block is closed in the prompt), nor a deepseek_v3 chat
+    whose template was not told to think (vLLM's ``bool()`` of either key)."""
+    kwargs = chat_template_kwargs or {}
+    if kind == "deepseek_v3":
+        return bool(kwargs.get("thinking")) or bool(kwargs.get("enable_thinking"))
+    return not (kind == "qwen3" and kwargs.get("enable_thinking", True) is False)
 
 
 def closes_reasoning(prompt: str, continued: bool) -> bool:

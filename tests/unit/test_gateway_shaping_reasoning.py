@@ -145,6 +145,11 @@ def test_reasoning_effort_reaches_the_template_as_vllm_gives_it(served: ServedMo
     assert rendered(reasoning_effort="none") == ("hi[none/False]", False)
     kept = {"enable_thinking": True, "reasoning_effort": "high"}  # the request's own enable_thinking wins
     assert rendered(reasoning_effort="none", chat_template_kwargs=kept) == ("hi[none/True]", True)
+    hybrid = dataclasses.replace(thinks, reasoning_parser="deepseek_v3")  # thinks only when told, as vLLM's
+    assert [shape(hybrid, body | extra, chat=True).shape.thinking for extra in ({}, {"reasoning_effort": "low"})] == [
+        False,
+        True,
+    ]
     e = refused(thinks, body | {"reasoning_effort": "extreme"}, chat=True)
     assert (e.status, e.param) == (400, "reasoning_effort") and "minimal" in e.message
 

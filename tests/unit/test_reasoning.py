@@ -128,6 +128,22 @@ def test_qwen3_without_thinking_is_all_content() -> None:
     assert streamed("qwen3", ["plain", "</think>x"], on=False)[:2] == ("", "plain</think>x")
 
 
+def test_deepseek_v3_reads_reasoning_only_where_the_template_was_told_to_think() -> None:
+    """vLLM's deepseek_v3 parser (DeepSeek V3.1's hybrid templates): R1's reading where
+    chat_template_kwargs say ``thinking`` or ``enable_thinking`` (truthy, as vLLM's ``bool()``),
+    else the whole output is content, reasoning null. dlora had no such parser: R1's read a
+    non-thinking V3.1 answer as all reasoning, its content null."""
+    assert not thinking("deepseek_v3", None) and not thinking("deepseek_v3", {"thinking": False})
+    assert thinking("deepseek_v3", {"thinking": True}) and thinking("deepseek_v3", {"enable_thinking": True})
+    assert GatewaySettings(model="m", reasoning_parser="deepseek_v3").check() == []
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_v3", thinking=False)
+    [whole] = shape.full([Choice(0, text="Hello!", finish_reason="stop")], 1, 1)["choices"]
+    assert whole["message"] == {"role": "assistant", "content": "Hello!", "reasoning": None}
+    shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_v3")
+    [whole] = shape.full([Choice(0, text="hm</think>Hello!", finish_reason="stop")], 1, 1)["choices"]
+    assert whole["message"] == {"role": "assistant", "content": "Hello!", "reasoning": "hm"}
+
+
 def test_a_reasoning_parser_must_be_one_dlora_has() -> None:
     problems = GatewaySettings(model="m", reasoning_parser="granite").check()
     assert [p[0] for p in problems] == ["reasoning_parser"] and "deepseek_r1" in problems[0][2]
