@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput, make_tokenizer
-from dlora.services.gateway.reasoning import split
+from dlora.services.gateway.reasoning import ReasoningTokens, split
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_gateway import post, stream
@@ -120,8 +120,18 @@ async def test_a_structured_output_binds_only_the_answer_after_the_reasoning(
         thought = raw["text"][: raw["text"].index("</think>")]
         assert choice["message"]["reasoning"] == split("qwen3", thought)[0]
         assert (choice["message"]["content"], choice["finish_reason"]) == ("ok", "stop"), choice
+        counted = ReasoningTokens(tok.encode("<think>", add_special_tokens=False), [tag])  # usage's (vLLM's)
+        counted.feed(choice["token_ids"])
+        assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": counted.count(done=True)}
+        assert counted.count(done=True) >= end - 1 - len(tok.encode("<think>", add_special_tokens=False))
         # without thinking (the template closed the think block) the grammar binds from the start
         off = asked | {"chat_template_kwargs": {"enable_thinking": False}}
         status, answer = await post(stack, "/v1/chat/completions", off)
         assert status == 200, answer
         assert answer["choices"][0]["message"] == {"role": "assistant", "content": "ok", "reasoning": None}
+        assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+        # its reasoning not asked for: bound from the first token too, as vLLM (the model does not think)
+        status, answer = await post(stack, "/v1/chat/completions", asked | {"include_reasoning": False})
+        assert status == 200, answer
+        assert answer["choices"][0]["message"] == {"role": "assistant", "content": "ok", "reasoning": None}
+        assert answer["usage"]["completion_tokens"] <= len(tok.encode("ok", add_special_tokens=False)) + 1  # (and EOS)
