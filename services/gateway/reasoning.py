@@ -17,9 +17,9 @@ what a tool-call parser reads: a call written while thinking is reasoning text).
   ``enable_thinking`` (as vLLM's, truthy; a ``reasoning_effort`` other than "none" sets the
   latter), else the whole output is content, its ``reasoning`` null (vLLM's identity reading).
 
-Where dlora differs from vLLM: only a ``<think>`` that opens the output is taken off; one later on
-is reasoning text (vLLM's whole-output reading drops it and all the text before it, while its
-stream keeps that text as reasoning: dlora answers both as its stream does).
+A ``<think>`` later in the reasoning is taken off, the text before it kept as reasoning, as vLLM's
+stream reads it (its tag token skipped); vLLM's whole-output reading drops that text too: dlora
+answers both as vLLM's stream does (the tag was left in the reasoning text).
 """
 
 from __future__ import annotations
@@ -100,12 +100,12 @@ class ReasoningParser:
             self._held += text
         end = self._held.find(_CLOSE)
         if end >= 0:
-            reasoning, content = self._held[:end], self._held[end + len(_CLOSE) :]
+            reasoning, content = self._held[:end].replace(_OPEN, ""), self._held[end + len(_CLOSE) :]
             self._held, self._state = "", "content"
             return reasoning, content
-        keep = _partial_tag(self._held, _CLOSE)
+        keep = max(_partial_tag(self._held, _CLOSE), _partial_tag(self._held, _OPEN))
         reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
-        return reasoning, ""
+        return reasoning.replace(_OPEN, ""), ""
 
     def finish(self) -> tuple[str, str]:
         """The end of the output: text held back is reasoning (a think block not closed)."""

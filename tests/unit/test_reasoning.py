@@ -31,7 +31,10 @@ CASES = [
     ("deepseek_r1", "a</think>", "a", None),  # nothing after it: content null (vLLM's)
     ("deepseek_r1", "", "", None),
     ("deepseek_r1", "a < b, </thin is no tag</think>ok", "a < b, </thin is no tag", "ok"),
-    ("deepseek_r1", "x<think>y</think>z", "x<think>y", "z"),  # a later <think> is reasoning text
+    # a later <think> is taken off, the text before it kept as reasoning: vLLM's stream (was left in)
+    ("deepseek_r1", "x<think>y</think>z", "xy", "z"),
+    ("deepseek_r1", "<think>a<think>b</think>c", "ab", "c"),
+    ("deepseek_r1", "a<think>b<thi", "ab<thi", None),  # cut there: a part of a tag is text
     ("deepseek_r1", "<thinker</think>z", "<thinker", "z"),
     ("deepseek_r1", "r</think>c</think>d", "r", "c</think>d"),  # the first close ends it
     # once the reasoning ended, literal tags are content (vLLM #48971: its Olmo3 stream went back to reasoning)
