@@ -250,12 +250,13 @@ class Gateway:
         redis_id = self._redis_id  # the Redis data its records go to, as last seen
         response = ResponseWriter(request, job, choices, self.token_text, self.s.send_timeout_s)
         try:
-            try:
-                await asyncio.gather(*(self._submit(c.request) for c in by_id.values()))
-            except APIError:  # the choices a dispatcher did take would run on for nobody
-                await self._abort(list(by_id.values()))
-                raise
-            timer.ran = [c.replies for c in choices if c.replies is not None]  # (vllm:request_success)
+            # Every hand-over waited for: those taken are counted (vllm:request_success, aborts)
+            sent = await asyncio.gather(*(self._submit(c.request) for c in by_id.values()), return_exceptions=True)
+            handed = [c for c, e in zip(by_id.values(), sent) if e is None]
+            timer.ran = [c.replies for c in handed if c.replies is not None]
+            if refused := next((e for e in sent if e is not None), None):
+                await self._abort(handed)  # they would run on for nobody
+                raise refused
             while (late := next((c for c in choices if c.out.finish_reason is None), None)) is not None:
                 # A choice with a gap in its chunks waits for it only so long (the re-sends)
                 gap = next((c for c in choices if c.replies and c.replies.gap_open), None)

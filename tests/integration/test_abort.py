@@ -163,3 +163,42 @@ async def test_readiness_fails_as_soon_as_the_gateway_begins_to_stop(
         finally:
             release.set()
             await asyncio.wait_for(gateway, timeout=10)
+
+
+async def test_the_choices_taken_of_a_request_partly_refused_are_aborted_and_counted(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An n = 3 request whose second choice no dispatcher took (503): the choices taken were
+    aborted but counted nowhere in vllm:request_success_total, though a worker ran them (vLLM
+    counts each of n it ran, an aborted one as "abort"). Every hand-over is waited for now (the
+    abort went out while the third's was still under way), and the choices taken are aborted
+    and counted."""
+    from dlora.services.gateway.main import Gateway
+    from dlora.services.gateway.openai import APIError
+
+    submit, calls = Gateway._submit, []
+
+    async def second_refused(gw: Gateway, request) -> None:  # type: ignore[no-untyped-def]
+        calls.append(request.request_id)
+        if len(calls) == 2:
+            raise APIError(503, "no dispatcher took the request")
+        if len(calls) == 3:
+            await asyncio.sleep(0.3)  # a slow hand-over, still under way at the refusal
+        await submit(gw, request)
+
+    monkeypatch.setattr(Gateway, "_submit", second_refused)
+    counter = stack.gateway.metrics.success
+
+    def aborts() -> float:
+        return sum(s.value for f in counter.collect() for s in f.samples if s.labels.get("finished_reason") == "abort")
+
+    before = aborts()
+    body = {"model": "lora-1", "prompt": "kalo", "max_tokens": 300, "ignore_eos": True, "n": 3, "temperature": 1.0}
+    async with aiohttp.ClientSession() as http, http.post(stack.url + "/v1/completions", json=body) as r:
+        assert r.status == 503, await r.text()
+    assert aborts() == before + 2
+    for _ in range(500):
+        if not any(w.engine.has_unfinished() for w in stack.workers):
+            break
+        await asyncio.sleep(0.01)
+    assert not any(w.engine.has_unfinished() for w in stack.workers)
