@@ -378,6 +378,7 @@ class Gateway:
             await bus.flush(self.nc, round_trip_s=2)
         except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
             logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
+        self.metrics.stopping = True  # (what still runs is cut by the stop: vllm:request_success's abort)
         for rid, queue in in_flight.items():  # an error from "" (the gateway) ends its choice whatever its seq
             chunk = TokenChunk(
                 request_id=rid, seq=0, error="the gateway is shutting down", error_code=ErrorCode.UNAVAILABLE

@@ -118,6 +118,7 @@ class Metrics:
         for reason in FinishReason:
             self.success.labels(model_name, reason.value)
         self.traffic = Traffic()  # the same, kept for the status page
+        self.stopping = False  # the gateway's stop is cutting what still runs (``finished``)
         self._absent: set[str] = set()  # adapter labels unregistered at the last keep_only
         self._statuses: set[str] = set()  # those ``requests`` counted (``keep_only`` drops a label's)
 
@@ -144,9 +145,13 @@ class Metrics:
         how it ended, one not ended by its worker (its client went, or another choice failed and it
         was aborted) as ``abort``, as vLLM counts a request its client left. One refused with a 4xx
         (by the dispatcher: too long, an adapter gone) is not counted: vLLM refuses those before
-        its engine runs them."""
+        its engine runs them. One the gateway's stop cut (an UNAVAILABLE error from ``shutdown``)
+        is an abort too, as vLLM counts those its shutdown timeout aborts: an error, every rolling
+        restart of gateways set off a dashboard's error-rate alert for requests nothing failed."""
         for replies in ran:
             reason = replies.finish_reason or FinishReason.ABORT
+            if reason == FinishReason.ERROR and self.stopping and replies.error_code == ErrorCode.UNAVAILABLE:
+                reason = FinishReason.ABORT
             if reason == FinishReason.ERROR and replies.error_code in (ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND):
                 continue
             self.success.labels(self.model_name, reason.value).inc()

@@ -165,3 +165,40 @@ async def test_a_gateway_whose_nats_closed_for_good_does_not_wait_out_the_shutdo
         streamed.close()
     assert first.startswith(b"data: ")
     assert ended < 12  # its own bounds (the aborts' flush, the answers' writing): not the 30 s of its timeout
+
+
+async def test_a_request_cut_by_the_gateways_stop_counts_as_an_abort_not_an_error(
+    stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's shutdown timeout aborts what still runs (its engine sends them finished "abort"),
+    and vllm:request_success_total counts them so. The gateway counted each choice its stop cut
+    as "error": every rolling restart of gateways raised a dashboard's error rate (and its alert)
+    for requests nothing failed. Counted "abort" now; the client still gets its 503 error event,
+    and dlora_requests_total still says what the client got."""
+    from dlora.services.gateway.main import Gateway
+
+    gateways: list[Gateway] = []
+    start = Gateway.start
+
+    async def started(gw: Gateway) -> None:
+        gateways.append(gw)
+        await start(gw)
+
+    monkeypatch.setattr(Gateway, "start", started)
+    _slow_steps(stack, monkeypatch, 0.05)
+    async with aiohttp.ClientSession() as http:
+        gateway, url, stop = _gateway(stack, redis_server, 0.0)
+        await until_live(http, url)
+        body = {**BODY, "max_tokens": 400, "stream": True, "n": 2, "temperature": 1.0}
+        streamed = await http.post(url + "/v1/completions", json=body)
+        first = await streamed.content.readline()
+        await _running(stack, 2)
+        stop.set()
+        events = _events(first + await streamed.read())
+        await asyncio.wait_for(gateway, timeout=10)
+    assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2:]
+    success = gateways[0].metrics.success
+    samples = [s for f in success.collect() for s in f.samples if s.name.endswith("_total")]
+    by_reason = {s.labels["finished_reason"]: s.value for s in samples}
+    assert by_reason == {"stop": 0, "length": 0, "abort": 2, "error": 0}, by_reason
+    assert await _nothing_left(stack, within_s=2.0)
