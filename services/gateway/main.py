@@ -282,7 +282,7 @@ class Gateway:
                         timer.failed(STATUS.get(choice.replies.error_code or ErrorCode.INTERNAL, 500))
                     return await response.fail(choice.replies)
                 for taken in ready:
-                    timer.chunk(taken.queue_seconds)
+                    timer.chunk(taken, choice.replies.tokens)
                     await response.add(choice, taken)
             per_choice = [c.completion_tokens for c in choices]
             answer = await response.finish(sum(per_choice))  # then counted: a client gone in it is an abort

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from dlora.common import log
 from dlora.common.bus import STATE_OUTAGE, StateBound, every
-from dlora.common.messages import ErrorCode, FinishReason
+from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
 from dlora.common.state import StateStore
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.gateway.status import Traffic
@@ -135,11 +135,6 @@ class Metrics:
             return name
         return OTHER
 
-    def observe(self, ours: Histogram, vllm: str, label: str, seconds: float) -> None:
-        """``seconds`` into our histogram under ``label`` and into vLLM's ``vllm`` one."""
-        ours.labels(label).observe(seconds)
-        self.vllm[vllm].labels(self.model_name).observe(seconds)
-
     def finished(self, ran: Sequence[ReplyStream]) -> None:
         """The requests ``ran`` (those a dispatcher took) are over: each counted in ``success`` by
         how it ended, one not ended by its worker (its client went, or another choice failed and it
@@ -199,12 +194,20 @@ class RequestTimer:
     time at its first chunk; the 200, end-to-end latency and time per output token when it is
     done. Timed from ``start`` (monotonic seconds; None: now): the request's arrival, its body
     read, as vLLM's arrival time is taken before tokenizing (timed from its publishing, a request
-    that waited seconds to be tokenized or for its grammar read as fast: a helper's finding)."""
+    that waited seconds to be tokenized or for its grammar read as fast: a helper's finding).
+
+    Ours time the request as its client saw it, once; vLLM's names time each choice as vLLM times
+    each of ``n`` (its own request there): its own first chunk, and its own end as it finishes.
+    Observed once a request, an ``n`` = 8 request weighed as one in every quantile, its time to
+    first token the fastest of its eight, and the histograms' ``_count`` was not
+    ``vllm:request_success_total``'s, which counts choices (a helper, from vLLM's
+    ``IterationStats``)."""
 
     def __init__(self, metrics: Metrics, name: str, public: bool = True, start: float | None = None) -> None:
         self.metrics, self.name, self.public = metrics, name, public
         self.start = time.monotonic() if start is None else start
         self.first_at: float | None = None  # monotonic seconds of the first chunk
+        self.choice_first: dict[str, float] = {}  # each choice's (by its request id) first chunk
         self.over = False  # counted in ``requests`` (its 200, its failure or its abort)
         self.ran: Sequence[ReplyStream] = ()  # its choices' replies, once a dispatcher took them
 
@@ -226,16 +229,29 @@ class RequestTimer:
         not written outside the bound (a review)."""
         return self.metrics.label(self.name, self.public)
 
-    def chunk(self, queue_seconds: float | None) -> None:
-        """A chunk came (any choice's, none a duplicate); only the first is timed."""
+    def chunk(self, chunk: TokenChunk, tokens: int) -> None:
+        """``chunk`` of a choice came (none a duplicate), the choice's ``tokens`` so far with it:
+        the request's first chunk and each choice's first are timed, and each choice's end (stop
+        or length) under vLLM's names."""
+        now, m, choice, queue_s = time.monotonic(), self.metrics, chunk.request_id, chunk.queue_seconds
+        if chunk.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            m.vllm["e2e_request_latency_seconds"].labels(m.model_name).observe(now - self.start)
+            if (first := self.choice_first.get(choice, now)) < now and tokens > 1:
+                tpot = (now - first) / (tokens - 1)
+                m.vllm["request_time_per_output_token_seconds"].labels(m.model_name).observe(tpot)
+        if choice in self.choice_first:
+            return
+        self.choice_first[choice] = now
+        m.vllm["time_to_first_token_seconds"].labels(m.model_name).observe(now - self.start)
+        if queue_s is not None:
+            m.vllm["request_queue_time_seconds"].labels(m.model_name).observe(queue_s)
         if self.first_at is not None:
             return
-        self.first_at = time.monotonic()
-        m = self.metrics
-        m.observe(m.ttft, "time_to_first_token_seconds", self.label, self.first_at - self.start)
-        self.metrics.traffic.first_token(self.name, self.first_at - self.start)
-        if queue_seconds is not None:
-            m.observe(m.queue, "request_queue_time_seconds", self.label, queue_seconds)
+        self.first_at = now
+        m.ttft.labels(self.label).observe(now - self.start)
+        self.metrics.traffic.first_token(self.name, now - self.start)
+        if queue_s is not None:
+            m.queue.labels(self.label).observe(queue_s)
 
     def done(self, n_tokens: int, total_tokens: int) -> None:
         """Every choice is over; ``n_tokens``: the longest choice's, which bound the time per token;
@@ -243,11 +259,10 @@ class RequestTimer:
         end, m = time.monotonic(), self.metrics
         self.over = True
         m.count(self.label, "200")
-        m.observe(m.e2e, "e2e_request_latency_seconds", self.label, end - self.start)
+        m.e2e.labels(self.label).observe(end - self.start)
         m.traffic.done(self.name, end - self.start, total_tokens)
         if self.first_at is not None and n_tokens > 1:
-            tpot = (end - self.first_at) / (n_tokens - 1)
-            m.observe(m.tpot, "request_time_per_output_token_seconds", self.label, tpot)
+            m.tpot.labels(self.label).observe((end - self.first_at) / (n_tokens - 1))
 
     def failed(self, status: int) -> None:
         """It failed after its stream opened (an error event ended it)."""

@@ -13,7 +13,7 @@ import pytest
 
 from dlora.common import bus
 from tests.integration.conftest import Stack
-from tests.integration.test_gateway import post
+from tests.integration.test_gateway import post, stream
 
 
 async def test_bus_messages_that_do_not_decode_are_counted_not_lost_silently(stack: Stack) -> None:
@@ -228,3 +228,43 @@ async def test_the_status_page_counts_a_client_gone_as_aborted(stack: Stack) -> 
         async with http.get(stack.url + "/v1/status", headers=headers) as r:
             (lora_1,) = [a for a in (await r.json())["adapters"] if a["name"] == "lora-1"]
     assert (lora_1["requests"], lora_1["errors"], lora_1["aborted"]) == (0, 0, 1), lora_1
+
+
+async def test_vllm_latency_histograms_observe_each_choice_as_vllm_observes_each_of_n(stack: Stack) -> None:
+    """vLLM runs each of a request's n as a request of its own and observes each one's time to
+    first token, queue time, end-to-end latency and time per output token
+    (vllm/v1/metrics/stats.py, IterationStats). The gateway observed an n > 1 request once under
+    vLLM's names: an n = 3 request weighed as one in every quantile, its time to first token the
+    fastest of its three, and the histograms' _count fell behind vllm:request_success_total (which
+    counts choices), so a dashboard's requests-per-second from either read two figures. Ours stay
+    one a request, as its client saw it."""
+    m = stack.gateway.metrics
+
+    def counts() -> dict[str, float]:
+        got = {}
+        for name, family in [*m.vllm.items(), ("ours_e2e", m.e2e), ("ours_ttft", m.ttft)]:
+            got[name] = sum(s.value for f in family.collect() for s in f.samples if s.name.endswith("_count"))
+        got["success"] = sum(
+            s.value
+            for f in m.success.collect()
+            for s in f.samples
+            if s.name.endswith("_total") and s.labels["finished_reason"] in ("stop", "length")
+        )
+        return got
+
+    before = counts()
+    body = {"model": "lora-1", "prompt": "kalo", "max_tokens": 4, "ignore_eos": True, "n": 3, "temperature": 1.0}
+    assert (await post(stack, "/v1/completions", body))[0] == 200
+    chat = {k: v for k, v in body.items() if k != "prompt"} | {"n": 2, "messages": [{"role": "user", "content": "k"}]}
+    assert (await stream(stack, "/v1/chat/completions", chat))[-1] == "[DONE]"
+    after = counts()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta == {
+        "time_to_first_token_seconds": 5,
+        "request_time_per_output_token_seconds": 5,
+        "e2e_request_latency_seconds": 5,
+        "request_queue_time_seconds": 5,
+        "ours_e2e": 2,
+        "ours_ttft": 2,
+        "success": 5,
+    }, delta

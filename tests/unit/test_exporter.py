@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dlora.common.exporter import metrics_endpoint as exporter_endpoint
 from dlora.common.exporter import metrics_response, render
+from dlora.common.messages import TokenChunk
 from dlora.services.dispatcher.metrics import DispatcherMetrics
 from dlora.services.gateway.metrics import Metrics as GatewayMetrics
 from dlora.services.migrator.metrics import MigratorMetrics
@@ -127,8 +128,9 @@ def test_latency_histograms_reach_two_hours_and_vllms_names_keep_vllms_buckets()
 
     metrics = Metrics("model")
     for seconds in (90.0, 200.0, 600.0):
-        metrics.observe(metrics.e2e, "e2e_request_latency_seconds", "lora-0", seconds)
-    metrics.observe(metrics.ttft, "time_to_first_token_seconds", "lora-0", 0.03)
+        metrics.e2e.labels("lora-0").observe(seconds)
+        metrics.vllm["e2e_request_latency_seconds"].labels("model").observe(seconds)
+    metrics.vllm["time_to_first_token_seconds"].labels("model").observe(0.03)
     text = generate_latest(metrics.registry).decode()
     assert 'dlora_e2e_request_latency_seconds_bucket{adapter="lora-0",le="240.0"} 2.0' in text
     assert 'vllm:e2e_request_latency_seconds_bucket{le="960.0",model_name="model"} 3.0' in text
@@ -143,7 +145,7 @@ def test_the_gateway_drops_the_series_of_adapters_no_longer_registered() -> None
     metrics = Metrics("model")
     for name, public in (("kept", True), ("deleted", True), ("model", True), ("mine", False)):
         timer = RequestTimer(metrics, name, public)
-        timer.chunk(0.01)
+        timer.chunk(TokenChunk(request_id=name, seq=0, token_ids=[5], queue_seconds=0.01), 1)
         timer.done(3, 3)
     metrics.failed("?", 404)
     assert metrics.keep_only(["kept", "deleted"]) == 0
@@ -262,7 +264,7 @@ def test_the_gateways_tidy_reads_no_series_on_its_loop(monkeypatch: pytest.Monke
     metrics = Metrics("model")
     for name in ("kept", "deleted"):
         timer = RequestTimer(metrics, name)
-        timer.chunk(0.01)
+        timer.chunk(TokenChunk(request_id=name, seq=0, token_ids=[5], queue_seconds=0.01), 1)
         timer.done(3, 3)
     metrics.failed("deleted", 400)
     for family in (metrics.requests, *metrics._ours):
@@ -276,3 +278,41 @@ def test_the_gateways_tidy_reads_no_series_on_its_loop(monkeypatch: pytest.Monke
     monkeypatch.undo()
     text = generate_latest(metrics.registry).decode()
     assert 'adapter="deleted"' not in text and 'adapter="kept"' in text
+
+
+def test_vllms_latency_names_time_each_choice_by_its_own_first_token_and_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM observes each of n as its own request (its IterationStats): here a choice that came
+    first and ended at once, and one whose first token came later and took 4 tokens. Ours time the
+    request once, from its first chunk to its end."""
+    import types
+
+    from dlora.common.messages import FinishReason
+    from dlora.services.gateway import metrics as gateway_metrics
+    from dlora.services.gateway.metrics import Metrics, RequestTimer
+
+    now = [100.0]
+    monkeypatch.setattr(gateway_metrics, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    metrics = Metrics("model")
+    timer = RequestTimer(metrics, "lora-0", start=99.0)
+    for at, rid, seq, finish, tokens in (
+        (100.0, "a", 0, None, 1),
+        (101.0, "b", 0, None, 1),
+        (102.0, "a", 1, FinishReason.LENGTH, 2),
+        (107.0, "b", 3, FinishReason.STOP, 4),
+    ):
+        now[0] = at
+        timer.chunk(TokenChunk(request_id=rid, seq=seq, token_ids=[5], finish_reason=finish, queue_seconds=0.5), tokens)
+    timer.done(4, 6)
+
+    def observed(family: object) -> list[float]:
+        return [s.value for f in family.collect() for s in f.samples if s.name.endswith(("_sum", "_count"))]  # type: ignore[attr-defined]
+
+    assert observed(metrics.vllm["time_to_first_token_seconds"]) == [2.0, 1.0 + 2.0]  # count, sum
+    assert observed(metrics.vllm["e2e_request_latency_seconds"]) == [2.0, 3.0 + 8.0]
+    assert observed(metrics.vllm["request_time_per_output_token_seconds"]) == [
+        2.0,
+        2.0 + 2.0,
+    ]  # (102-100)/1, (107-101)/3
+    assert observed(metrics.vllm["request_queue_time_seconds"]) == [2.0, 1.0]
+    assert observed(metrics.ttft) == [1.0, 1.0] and observed(metrics.e2e) == [1.0, 8.0]
+    assert observed(metrics.tpot) == [1.0, 7.0 / 3]  # the longest choice's tokens, from the first chunk
