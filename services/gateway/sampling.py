@@ -163,7 +163,7 @@ def auto_tools(body: Body, parser: str) -> bool:
     if not parser:
         why = "tool_choice \"auto\" (the default with tools) needs the gateway's tool_call_parser (vLLM's "
         why += "--tool-call-parser), which is not set ([gateway] tool_call_parser or DLORA_GATEWAY_TOOL_CALL_PARSER: "
-        why += 'hermes, llama3_json or mistral): give "none", "required" or a named function'
+        why += 'hermes, llama3_json, mistral or pythonic): give "none", "required" or a named function'
         raise APIError(400, why, param="tool_choice")
     return True
 

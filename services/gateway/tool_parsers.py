@@ -14,6 +14,8 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
   per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
   vLLM's. Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
+- ``pythonic`` (Llama 3.2, Llama 4): a Python list of calls, ``[get_weather(city='SF'), ping()]``
+  (``tool_pythonic.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import string
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-PARSERS = ("hermes", "llama3_json", "mistral")
+if TYPE_CHECKING:
+    from dlora.services.gateway.tool_pythonic import PythonicReader
+
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 
 # The call ids a parser's model family takes: Mistral's templates refuse any but 9 alphanumeric
 # characters (vLLM makes its ids so, and cuts a history's to their last 9, in its mistral
@@ -181,8 +186,17 @@ class ToolParser:
     # where the whitespace after [TOOL_CALLS] was read to
     _read: int = 0
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
+    _pythonic: PythonicReader | None = None  # pythonic: its reader (tool_pythonic.PythonicReader), sharing ``calls``
+
+    def __post_init__(self) -> None:
+        if self.kind == "pythonic":
+            from dlora.services.gateway.tool_pythonic import PythonicReader  # (it imports this module)
+
+            self._pythonic = PythonicReader(self.calls)
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
+        if self._pythonic is not None:
+            return self._pythonic.feed(text)
         self._held += text
         if self.kind == "hermes":
             return self._hermes()
@@ -191,6 +205,8 @@ class ToolParser:
     def finish(self) -> tuple[str, list[Call]]:
         """The end of the output: what was held back goes out as text (an unfinished call too),
         unless calls came before it (llama3_json's: unless it is an unfinished call)."""
+        if self._pythonic is not None:
+            return self._pythonic.finish()
         content, calls = self.feed("")
         if self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
             try:  # is one where it is whole, as vLLM's <tool_call>(.*) and SGLang read it

@@ -359,6 +359,7 @@ CALL_TWICE = {  # each parser's format, two calls written (a regex leads the ran
     r'\{"name": "ping", "parameters": \{"to": "remi remi remi"\}\}',
     "mistral": r'\[TOOL_CALLS\] \[\{"name": "weather", "arguments": \{"city": "kalo"\}\}, '
     r'\{"name": "ping", "arguments": \{"to": "remi remi remi"\}\}\]',
+    "pythonic": r"\[weather\(city='kalo'\), ping\(to='remi remi remi'\)\]",
 }
 
 

@@ -1,0 +1,244 @@
+"""The ``pythonic`` tool-call format (vLLM's ``--tool-call-parser pythonic``: Llama 3.2, Llama 4,
+ToolACE): a Python list of calls with keyword arguments, ``[get_weather(city='SF'), ping()]``.
+Pure; ``ToolParser("pythonic")`` runs it, whole and streamed alike.
+
+Read with Python's own parser (``ast``), literals only, never evaluated: strings (any quotes,
+triple too), numbers (signed), ``True``/``False``/``None`` (and JSON's ``true``/``false``/``null``,
+which models write there), lists, tuples (as lists) and dicts with string keys. A list begins at
+``[name(`` anywhere in the text (after Llama 4's ``<|python_start|>`` or ``<|python_tag|>``, taken
+off); the text before the first call is content, what follows it is not (as hermes'). Each call
+goes out as its item of the list ends: streamed, before the list has closed. An item that is not
+such a call (positional arguments, an expression) makes the list text where it is its first;
+after a call it is passed over. A list cut short keeps the calls it finished (its last item too
+where that parses: a model that left out the ``]``); none, and it is text as written.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlora.services.gateway.tool_parsers import Call, Number, arguments_json
+
+_TAGS = ("<|python_start|>", "<|python_tag|>")  # Llama 4's and Llama 3's, before a list of calls
+_SPACE = " \t\r\n\f"  # Python's whitespace between tokens
+_NAME_ROOM = 64  # OpenAI's longest function name: a longer word after "[" is text
+_SPACE_ROOM = 16  # whitespace a list's opening may hold (after the tag, "[", the name)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+_YES, _MAYBE, _NO = 0, 1, 2
+
+
+class _NotLiteral(ValueError):
+    pass
+
+
+def _skip_space(text: str, j: int) -> int | None:
+    """Past the whitespace at ``text[j]``; None where there is more than a list's opening holds."""
+    start = j
+    while j < len(text) and text[j] in _SPACE:
+        j += 1
+    return j if j - start <= _SPACE_ROOM else None
+
+
+def _opening(text: str, i: int) -> tuple[int, int]:
+    """Whether ``text[i:]`` opens a list of calls (a tag, "[", a name, "("): (_YES, where its "["
+    is), (_MAYBE, 0) where the text ends before it can tell, else (_NO, 0)."""
+    bracket = i
+    if text[i] == "<":
+        tag = next((t for t in _TAGS if text.startswith(t, i)), None)
+        if tag is None:
+            return (_MAYBE, 0) if any(t.startswith(text[i:]) for t in _TAGS) else (_NO, 0)
+        after = _skip_space(text, i + len(tag))
+        if after is None or after < len(text) and text[after] != "[":
+            return _NO, 0
+        if after == len(text):
+            return _MAYBE, 0
+        bracket = after
+    if (j := _skip_space(text, bracket + 1)) is None:
+        return _NO, 0
+    if j == len(text):
+        return _MAYBE, 0
+    name = _IDENTIFIER.match(text, j, j + _NAME_ROOM + 1)
+    if name is None or name.end() - j > _NAME_ROOM or (j := _skip_space(text, name.end())) is None:
+        return _NO, 0
+    if j == len(text):
+        return _MAYBE, 0
+    return (_YES, bracket) if text[j] == "(" else (_NO, 0)
+
+
+def _value(node: ast.expr, source: str) -> Any:
+    """The JSON value a literal argument is."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, bool, int))):
+        return node.value
+    if isinstance(node, ast.Constant) and isinstance(node.value, float):
+        if math.isfinite(node.value):
+            return node.value
+        written = ast.get_source_segment(source, node) or ""  # 1e400: kept as written, as JSON's
+        if _JSON_NUMBER.fullmatch(written):
+            return Number(written)
+        raise _NotLiteral(written)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        operand = node.operand
+        if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):
+            value = _value(operand, source)
+            if not isinstance(node.op, ast.USub):
+                return value
+            return Number("-" + value.text) if isinstance(value, Number) else -value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_value(item, source) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        out: dict[str, Any] = {}
+        for key, item in zip(node.keys, node.values):
+            if not isinstance(key, ast.Constant) or not isinstance(key.value, str):  # (None: **mapping)
+                raise _NotLiteral("a key that is not a string")
+            out[key.value] = _value(item, source)
+        return out
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    raise _NotLiteral(type(node).__name__)
+
+
+def pythonic_call(item: str) -> tuple[str, str] | None:
+    """(name, arguments as JSON) of one item of a list, ``name(key=literal, ...)``, or None where it
+    is not one (positional arguments, a repeated keyword, a value that is not a literal)."""
+    source = item.strip(_SPACE)
+    try:
+        node = ast.parse(source, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # (too deep: the parser's own bound)
+        return None
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        return None
+    arguments: dict[str, Any] = {}
+    for keyword in node.keywords:
+        if keyword.arg is None or keyword.arg in arguments:  # **mapping; a keyword given twice
+            return None
+        try:
+            arguments[keyword.arg] = _value(keyword.value, source)
+        except (_NotLiteral, RecursionError):
+            return None
+    return node.func.id, arguments_json(arguments)
+
+
+@dataclass
+class PythonicReader:
+    """One choice's output read for lists of calls (``feed`` each piece, then ``finish``), each
+    character scanned once across pieces; ``calls`` is the parser's, shared."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    _held: str = ""  # outside a list: a possible opening; inside: the list from its "["
+    _inside: bool = False
+    _read: int = 0  # inside: how far the list is scanned
+    _item: int = 1  # inside: where the item being read begins
+    _depth: int = 0  # brackets open, the list's own counted
+    _quote: str = ""  # the string being read: its quote, ' " ''' or """
+    _escaped: bool = False
+    _found: int = 0  # calls the list being read gave
+
+    def feed(self, text: str) -> tuple[str, list[Call]]:
+        self._held += text
+        content, out = "", list[Call]()
+        while True:
+            if not self._inside:
+                content += self._to_opening()
+                if not self._inside:
+                    return content, out
+            end = self._scan()
+            if end is None:
+                return content, out
+            closed = self._depth == 0
+            # (a list closed by ")" or "}" is no list: that item is read with it, and fails)
+            item = self._held[self._item : end + (self._held[end] not in ",]")]
+            self._item = end + 1
+            if item.strip(_SPACE) and not self._add(pythonic_call(item), out) and not self._found:
+                # its first item is no call: the list is text, read on after that item
+                content += self._held[: end + 1] if not self.calls else ""
+                self._held, self._inside = self._held[end + 1 :], False
+            elif closed:
+                self._held, self._inside = self._held[end + 1 :], False
+
+    def finish(self) -> tuple[str, list[Call]]:
+        content, out = self.feed("")
+        rest, self._held = self._held, ""
+        if self._inside:  # a list left open: its last item is a call where it is whole
+            self._add(pythonic_call(rest[self._item :]), out)
+            if self._found:
+                rest = ""
+            self._inside = False
+        return content + ("" if self.calls else rest), out
+
+    def _add(self, call: tuple[str, str] | None, out: list[Call]) -> bool:
+        if call is None:
+            return False
+        out.append((len(self.calls), *call))
+        self.calls.append(call)
+        self._found += 1
+        return True
+
+    def _to_opening(self) -> str:
+        """The held text up to where a list of calls opens, or may (held), given out (content
+        only before the first call); found, the list's reading begins."""
+        text, i = self._held, 0
+        while (i := _next_candidate(text, i)) < len(text):
+            seen, bracket = _opening(text, i)
+            if seen == _NO:
+                i += 1
+                continue
+            if seen == _YES:
+                self._held = text[bracket:]
+                self._inside, self._read, self._item, self._depth, self._found = True, 1, 1, 1, 0
+                self._quote, self._escaped = "", False
+            else:
+                self._held = text[i:]
+            return text[:i] if not self.calls else ""
+        self._held = ""
+        return text if not self.calls else ""
+
+    def _scan(self) -> int | None:
+        """Where the list's item being read ends (its "," or the list's "]"), or None: not yet."""
+        text = self._held
+        i = self._read
+        while i < len(text):
+            char = text[i]
+            if self._quote:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == self._quote[0]:
+                    if len(self._quote) == 1:
+                        self._quote = ""
+                    elif len(text) - i < 3 and self._quote.startswith(text[i:]):
+                        break  # a triple quote's end may be coming
+                    elif text.startswith(self._quote, i):
+                        self._quote, i = "", i + 2
+            elif char in "'\"":
+                if len(text) - i < 3 and (char * 3).startswith(text[i:]):
+                    break  # '' or ''' : which, the next character says
+                triple = text.startswith(char * 3, i)
+                self._quote, i = (char * 3, i + 2) if triple else (char, i)
+            elif char in "([{":
+                self._depth += 1
+            elif char in ")]}":
+                self._depth -= 1
+                if self._depth == 0:
+                    self._read = i + 1
+                    return i
+            elif char == "," and self._depth == 1:
+                self._read = i + 1
+                return i
+            i += 1
+        self._read = i
+        return None
+
+
+def _next_candidate(text: str, i: int) -> int:
+    """The next place at or after ``i`` where a list (or its tag) may open; len(text) if none."""
+    found = [at for at in (text.find("[", i), text.find("<|", i)) if at >= 0]
+    if not found and text.endswith("<") and len(text) > i:
+        return len(text) - 1
+    return min(found, default=len(text))

@@ -1,0 +1,164 @@
+"""tool_call_parser "pythonic" (vLLM's, for Llama 3.2 and Llama 4): a Python list of calls with
+literal keyword arguments, read with ``ast`` (never evaluated), whole and streamed alike. Cases
+replay vLLM's and SGLang's reports against their pythonic parsers."""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+
+import pytest
+
+from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.gateway.tool_parsers import ToolParser
+from tests.unit.test_tool_parsers import read
+
+TWO = "[get_weather(city='SF'), get_date()]"
+CALLS_TWO = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (TWO, "", CALLS_TWO),
+        ('[get_weather(city="SF", days=3)]', "", [("get_weather", '{"city": "SF", "days": 3}')]),
+        # nested lists and dicts (vLLM #30722: a nested list parameter failed)
+        (
+            "[plan(stops=[['a', 1], ['b', 2.5]], opts={'deep': {'k': [True, None]}})]",
+            "",
+            [("plan", '{"stops": [["a", 1], ["b", 2.5]], "opts": {"deep": {"k": [true, null]}}}')],
+        ),
+        # brackets, parentheses, commas and quotes inside strings
+        (
+            "[search(q='a], b) (c', r=\"it's [x]\", s='say \\'hi\\' ]')]",
+            "",
+            [("search", '{"q": "a], b) (c", "r": "it\'s [x]", "s": "say \'hi\' ]"}')],
+        ),
+        ("[run(code='''print(\"]\")\nx = ')'\n''')]", "", [("run", json.dumps({"code": "print(\"]\")\nx = ')'\n"}))]),
+        ("[f(a=True, b=False, c=None)]", "", [("f", '{"a": true, "b": false, "c": null}')]),
+        ("[f(a=true, b=null)]", "", [("f", '{"a": true, "b": null}')]),  # JSON's spellings, a model's habit
+        # signed numbers (vLLM PR #15462, SGLang #27910: -5 is a UnaryOp; every call was dropped)
+        (
+            "[set_temperature(value=-5, delta=+2, bounds=[-1.5, 2.25], cfg={'offset': -3}), get_date()]",
+            "",
+            [
+                ("set_temperature", '{"value": -5, "delta": 2, "bounds": [-1.5, 2.25], "cfg": {"offset": -3}}'),
+                CALLS_TWO[1],
+            ],
+        ),
+        ("[f(x=1e400, y=-1e400)]", "", [("f", '{"x": 1e400, "y": -1e400}')]),  # kept as written, as llama3_json's
+        ("[f(p=(1, 2), city='Zürich')]", "", [("f", '{"p": [1, 2], "city": "Zürich"}')]),
+        # text before the list (vLLM #22917: Llama 4 wrote a sentence first; all of it came back as text)
+        ("To find out, I'll check.\n\n" + TWO, "To find out, I'll check.\n\n", CALLS_TWO),
+        (TWO + "\nThat is all.", "", CALLS_TWO),  # after a call: not content (as hermes')
+        ("<|python_start|>" + TWO + "<|python_end|>", "", CALLS_TWO),  # Llama 4's tags
+        ("Sure. <|python_tag|>" + TWO, "Sure. ", CALLS_TWO),
+        ("[get_date()]\n[get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),  # two lists
+        ("[get_weather(city='SF'), ]", "", CALLS_TWO[:1]),  # a trailing comma
+        # cut by max_tokens: the calls it finished; none, and it is text
+        ("[get_weather(city='SF'), get_date(tz='Eu", "", CALLS_TWO[:1]),
+        ("[get_weather(city='S", "[get_weather(city='S", []),
+        ("[get_weather(city='SF')", "", CALLS_TWO[:1]),  # the "]" left out (vLLM #30722)
+        # not calls: text as written
+        ("See [1] and [the docs](http://x) or [a b].", "See [1] and [the docs](http://x) or [a b].", []),
+        ("[print('SF')]", "[print('SF')]", []),  # positional: vLLM dropped the argument
+        ("[f(x=a + 1)]", "[f(x=a + 1)]", []),  # an expression, never evaluated
+        ("[f(x=__import__('os'))]", "[f(x=__import__('os'))]", []),
+        ("[f(x=1, x=2)]", "[f(x=1, x=2)]", []),
+        ("[f(**{'x': 1})]", "[f(**{'x': 1})]", []),
+        ("[f(x={1: 2})]", "[f(x={1: 2})]", []),
+        ("[f(x=1))] then", "[f(x=1))] then", []),
+        ("ys = [f(a=1) for a in b]", "ys = [f(a=1) for a in b]", []),
+        ("[" + "x" * 65 + "()]", "[" + "x" * 65 + "()]", []),  # longer than any function name
+        ("a <| b < c [", "a <| b < c [", []),
+        # a list whose first item is no call is text, its other items too; after a call one is passed over
+        ("[print('a'), get_date()]", "[print('a'), get_date()]", []),
+        ("[get_date(), print('a'), get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),
+    ],
+)
+def test_a_whole_pythonic_output_and_its_stream_read_alike(
+    text: str, content: str, calls: list[tuple[str, str]]
+) -> None:
+    assert read("pythonic", [text])[:2] == (content, calls)
+    assert read("pythonic", list(text))[:2] == (content, calls)  # a character at a time
+
+
+def test_text_goes_out_as_it_comes_and_a_call_as_its_item_ends() -> None:
+    """Held back only where a list of calls may open; each call goes out when its item ends, before
+    the list closes."""
+    said = read("pythonic", ["Sun", "ny [", "1] and [", "note", " here]"])[2]
+    assert said == ["Sun", "ny ", "[1] and ", "", "[note here]", ""]
+    parser = ToolParser("pythonic")
+    assert parser.feed("Let me look. [get_weather(city='SF')") == ("Let me look. ", [])
+    assert parser.feed(", get_da") == ("", [(0, "get_weather", '{"city": "SF"}')])
+    assert parser.feed("te()]") == ("", [(1, "get_date", "{}")])
+    assert parser.finish() == ("", [])
+
+
+def test_pythonic_calls_answer_as_tool_calls_whole_and_streamed() -> None:
+    shape = Shape(chat=True, request_id="chatcmpl-py", model="m", created=0, tool_parser="pythonic")
+    text = "Checking.\n" + TWO
+    [whole] = shape.full([Choice(0, text=text, finish_reason="stop")], 3, 9)["choices"]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Checking.\n"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]] == CALLS_TWO
+    events = [shape.chunk("", None, first=True)["choices"][0]]
+    events += [shape.chunk(text[i : i + 3], None)["choices"][0] for i in range(0, len(text), 3)]
+    events.append(shape.chunk("", "stop")["choices"][0])
+    calls = [c for e in events for c in e["delta"].get("tool_calls", [])]
+    assert [{k: v for k, v in c.items() if k != "index"} for c in calls] == whole["message"]["tool_calls"]
+    assert [c["index"] for c in calls] == [0, 1] and events[-1]["finish_reason"] == "tool_calls"
+    assert "".join(e["delta"].get("content") or "" for e in events) == "Checking.\n"
+    assert GatewaySettings(model="m", tool_call_parser="pythonic").check() == []
+
+
+def _literal(rng: random.Random, depth: int = 0) -> str:
+    kinds = ["str", "int", "float", "const"] + (["list", "dict", "tuple"] if depth < 3 else [])
+    kind = rng.choice(kinds)
+    if kind == "str":
+        chars = rng.choices("ab ])([}{,'\"\\=\n<|é", k=rng.randint(0, 6))
+        return repr("".join(chars))
+    if kind == "int":
+        return str(rng.randint(-50, 50))
+    if kind == "float":
+        return repr(round(rng.uniform(-10, 10), 3))
+    if kind == "const":
+        return rng.choice(["True", "False", "None"])
+    items = [_literal(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if kind == "dict":
+        return "{" + ", ".join(f"{_literal_key(rng)}: {v}" for v in items) + "}"
+    return ("[" + ", ".join(items) + "]") if kind == "list" else ("(" + "".join(f"{v}, " for v in items) + ")")
+
+
+def _literal_key(rng: random.Random) -> str:
+    return repr("".join(rng.choices("k]'\"(", k=rng.randint(1, 3))))
+
+
+def test_fuzzed_lists_read_as_python_reads_them_and_alike_streamed() -> None:
+    """Random literal arguments (Python's repr: either quote, escapes, brackets in strings): the
+    arguments are what ast.literal_eval reads, and any split into pieces reads alike."""
+    rng = random.Random(7)
+    for _ in range(300):
+        calls = []
+        for n in range(rng.randint(1, 3)):
+            args = {f"k{j}": _literal(rng) for j in range(rng.randint(0, 3))}
+            calls.append((f"fn{n}", args))
+        written = [f"{name}({', '.join(f'{k}={v}' for k, v in args.items())})" for name, args in calls]
+        text = "[" + ", ".join(written) + "]"
+        expected = [
+            (name, json.dumps({k: _jsonish(ast.literal_eval(v)) for k, v in args.items()}, ensure_ascii=False))
+            for name, args in calls
+        ]
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(6, len(text) - 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert read("pythonic", [text])[:2] == ("", expected), text
+        assert read("pythonic", pieces)[:2] == ("", expected), pieces
+
+
+def _jsonish(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return [_jsonish(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonish(v) for k, v in value.items()}
+    return value
