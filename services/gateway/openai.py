@@ -1,6 +1,5 @@
 """The OpenAI-compatible surface as the spec has it: the request bodies, the error body, and the
-response and stream-chunk shapes. Pure: no aiohttp, no NATS. Turning a body into the engine's
-requests is ``shaping``'s work.
+response and stream-chunk shapes. Pure: no aiohttp, no NATS. A body into requests: ``shaping``'s work.
 """
 
 from __future__ import annotations
@@ -367,9 +366,10 @@ class Shape:
                 choice["message"] = {"role": self.role, "content": text}
             else:
                 choice["text"] = c.text
-            if self.reasoning_parser and self.chat:  # vLLM's: null where there is none
-                reasoning = reasoning if self.include_reasoning else None
-                choice["message"] |= {"content": choice["message"]["content"] or None, "reasoning": reasoning}
+            if self.chat:  # refusal: the spec requires it, null (OpenAI and vLLM send it); reasoning: vLLM's, null too
+                shown = {"reasoning": reasoning if self.include_reasoning else None} if self.reasoning_parser else {}
+                content = (choice["message"]["content"] or None) if shown else choice["message"]["content"]
+                choice["message"] |= {"content": content, "refusal": None} | shown
             if c.prompt_logprobs is not None and not self.chat:
                 choice["prompt_logprobs"] = c.prompt_logprobs
             if c.token_ids is not None and self.include_reasoning:  # (false: they would show the reasoning)

@@ -57,13 +57,13 @@ async def test_a_chat_answers_its_reasoning_apart(nats_server: Server, redis: Re
         raw = await _raw(stack, chat)
         message, deltas = await _answers(stack, chat)
         reasoning, content = split("qwen3", raw)
-        assert message == {"role": "assistant", "content": content, "reasoning": reasoning}, raw
+        assert message == {"role": "assistant", "content": content, "refusal": None, "reasoning": reasoning}, raw
         assert reasoning and "".join(d.get("reasoning", "") for d in deltas) == reasoning
         assert "".join(d.get("content") or "" for d in deltas) == (content or "")
         # the template closed the think block (enable_thinking false): all content
         off = {**chat, "chat_template_kwargs": {"enable_thinking": False}}
         message, deltas = await _answers(stack, off)
-        assert message == {"role": "assistant", "content": raw, "reasoning": None}
+        assert message == {"role": "assistant", "content": raw, "refusal": None, "reasoning": None}
         assert "".join(d.get("content") or "" for d in deltas) == raw and not any("reasoning" in d for d in deltas)
         # completions are not read (vLLM's parser serves chats alone), structured ones served
         status, resp = await post(stack, "/v1/completions", {"model": "lora-4", "prompt": "kalo", "guided_regex": "ok"})
@@ -128,10 +128,20 @@ async def test_a_structured_output_binds_only_the_answer_after_the_reasoning(
         off = asked | {"chat_template_kwargs": {"enable_thinking": False}}
         status, answer = await post(stack, "/v1/chat/completions", off)
         assert status == 200, answer
-        assert answer["choices"][0]["message"] == {"role": "assistant", "content": "ok", "reasoning": None}
+        assert answer["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": "ok",
+            "refusal": None,
+            "reasoning": None,
+        }
         assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
         # its reasoning not asked for: bound from the first token too, as vLLM (the model does not think)
         status, answer = await post(stack, "/v1/chat/completions", asked | {"include_reasoning": False})
         assert status == 200, answer
-        assert answer["choices"][0]["message"] == {"role": "assistant", "content": "ok", "reasoning": None}
+        assert answer["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": "ok",
+            "refusal": None,
+            "reasoning": None,
+        }
         assert answer["usage"]["completion_tokens"] <= len(tok.encode("ok", add_special_tokens=False)) + 1  # (and EOS)

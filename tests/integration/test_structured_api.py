@@ -172,7 +172,11 @@ async def test_auto_tool_choice_reads_the_calls_the_model_wrote(
         assert [t["function"] for t in streamed] == [call["function"]] and choices[-1]["finish_reason"] == "tool_calls"
         # free text (no call written): content, as without tools
         status, resp = await post(stack, "/v1/chat/completions", {**body, "structured_outputs": {"regex": "kalo remi"}})
-        assert status == 200 and resp["choices"][0]["message"] == {"role": "assistant", "content": "kalo remi"}, resp
+        assert status == 200 and resp["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": "kalo remi",
+            "refusal": None,
+        }, resp
 
 
 async def test_a_schema_slow_to_compile_holds_no_other_requests_shaping(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -18,9 +18,12 @@ def test_decode_errors_are_400_with_the_reason() -> None:
 def test_response_shapes() -> None:
     chat, text = Shape.new(True, "chatcmpl-1", "m"), Shape.new(False, "cmpl-1", "m")
     full = chat.full([openai.Choice(0, "hello", "stop")], 3, 2, cached_tokens=2)
+    # refusal: required by the spec (null: none), sent by OpenAI and vLLM; a client validating
+    # against the spec refused dlora's messages without it
     assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {
         "role": "assistant",
         "content": "hello",
+        "refusal": None,
     }
     assert full["usage"] == {
         "prompt_tokens": 3,
@@ -136,6 +139,7 @@ def test_a_forced_tool_call_answers_as_openai_s() -> None:
                 "function": {"name": "lookup", "arguments": '{"q": 1}'},
             }
         ],
+        "refusal": None,
     }
     first = call.chunk("", None, first=True)["choices"][0]["delta"]
     assert first["role"] == "assistant" and first["tool_calls"][0]["function"] == {"name": "lookup", "arguments": ""}

@@ -141,10 +141,10 @@ def test_deepseek_v3_reads_reasoning_only_where_the_template_was_told_to_think()
     assert GatewaySettings(model="m", reasoning_parser="deepseek_v3").check() == []
     shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_v3", thinking=False)
     [whole] = shape.full([Choice(0, text="Hello!", finish_reason="stop")], 1, 1)["choices"]
-    assert whole["message"] == {"role": "assistant", "content": "Hello!", "reasoning": None}
+    assert whole["message"] == {"role": "assistant", "content": "Hello!", "refusal": None, "reasoning": None}
     shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_v3")
     [whole] = shape.full([Choice(0, text="hm</think>Hello!", finish_reason="stop")], 1, 1)["choices"]
-    assert whole["message"] == {"role": "assistant", "content": "Hello!", "reasoning": "hm"}
+    assert whole["message"] == {"role": "assistant", "content": "Hello!", "refusal": None, "reasoning": "hm"}
 
 
 def test_a_reasoning_parser_must_be_one_dlora_has() -> None:
@@ -192,17 +192,27 @@ def test_a_chat_answers_reasoning_apart_alike_whole_and_streamed(tool_parser: st
             assert not any(c for _, c in said[:last_reasoning])  # reasoning first, then content
     shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="qwen3", tool_parser="hermes")
     [whole] = shape.full([Choice(0, text=THOUGHT_CALL, finish_reason="stop")], 1, 1)["choices"]
-    assert whole["message"] == {"role": "assistant", "content": "Sure.", "reasoning": THOUGHT_CALL[7:-13]}
+    assert whole["message"] == {
+        "role": "assistant",
+        "content": "Sure.",
+        "refusal": None,
+        "reasoning": THOUGHT_CALL[7:-13],
+    }
     assert whole["finish_reason"] == "stop"
     shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1", thinking=True)
     [whole] = shape.full([Choice(0, text="cut while thinking", finish_reason="length")], 1, 1)["choices"]
-    assert whole["message"] == {"role": "assistant", "content": None, "reasoning": "cut while thinking"}
+    assert whole["message"] == {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "reasoning": "cut while thinking",
+    }
 
 
 def test_without_a_reasoning_parser_the_answer_is_as_before() -> None:
     shape = Shape(True, "chatcmpl-x", "m", 0)
     [whole] = shape.full([Choice(0, text="<think>a</think>b", finish_reason="stop")], 1, 1)["choices"]
-    assert whole["message"] == {"role": "assistant", "content": "<think>a</think>b"}
+    assert whole["message"] == {"role": "assistant", "content": "<think>a</think>b", "refusal": None}
     assert "reasoning" not in shape.chunk("<think>a</think>b", None)["choices"][0]["delta"]
 
 
@@ -226,7 +236,8 @@ def test_include_reasoning_false_answers_no_reasoning_nor_what_would_show_it() -
     shape = Shape(True, "chatcmpl-x", "m", 0, reasoning_parser="deepseek_r1", include_reasoning=False)
     part = {"content": [{"token": "a", "logprob": -1.0}]}
     [whole] = shape.full([Choice(0, text="a</think>b", finish_reason="stop", logprobs=part)], 1, 1)["choices"]
-    assert whole["message"] == {"role": "assistant", "content": "b", "reasoning": None} and whole["logprobs"] is None
+    assert whole["message"] == {"role": "assistant", "content": "b", "refusal": None, "reasoning": None}
+    assert whole["logprobs"] is None
     choices = [shape.chunk(t, None, logprobs=part, token_ids=[1])["choices"][0] for t in ("a</think>", "b")]
     assert [c["delta"] for c in choices] == [{"content": ""}, {"content": "b"}]
     assert all(c["logprobs"] is None and "token_ids" not in c for c in choices)

@@ -138,7 +138,11 @@ def test_auto_calls_answer_as_content_and_tool_calls_whole_and_streamed() -> Non
     assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Let me look.\n"
     assert [c["function"]["name"] for c in whole["message"]["tool_calls"]] == ["weather", "ping"]
     [plain] = shape.full([Choice(0, text=NOT_A_TAG, finish_reason="stop")], 3, 9)["choices"]
-    assert plain["finish_reason"] == "stop" and plain["message"] == {"role": "assistant", "content": NOT_A_TAG}
+    assert plain["finish_reason"] == "stop" and plain["message"] == {
+        "role": "assistant",
+        "content": NOT_A_TAG,
+        "refusal": None,
+    }
 
     events = [shape.chunk("", None, first=True)["choices"][0]]
     events += [shape.chunk(HERMES_TWO[i : i + 7], None)["choices"][0] for i in range(0, len(HERMES_TWO), 7)]
