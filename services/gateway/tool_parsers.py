@@ -60,6 +60,8 @@ def _call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | Non
     if not isinstance(obj, dict) or not isinstance(name := obj.get("name"), str):
         return None
     args: object = next((obj[k] for k in arguments_keys if k in obj), {})
+    if args is None or isinstance(args, str) and not args.strip():  # a parameterless tool's, as some models write it
+        args = {}
     if isinstance(args, str):  # already JSON text (Granite 4 writes its arguments so): not encoded again
         try:
             args = loads(args)

@@ -239,3 +239,22 @@ def test_calls_cut_by_max_tokens_finish_length_with_the_whole_calls(kind: str, t
     calls = [{k: v for k, v in c.items() if k != "index"} for e in events for c in e["delta"].get("tool_calls", [])]
     assert calls == whole["message"]["tool_calls"] and events[-1]["finish_reason"] == "length"
     assert "".join(e["delta"].get("content") or "" for e in events) == (whole["message"]["content"] or "")
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        ("hermes", '<tool_call>{"name": "now", "arguments": ""}</tool_call>'),
+        ("hermes", '<tool_call>{"name": "now", "arguments": null}</tool_call>'),
+        ("hermes", '<tool_call>{"name": "now", "arguments": " "}</tool_call>'),
+        ("llama3_json", '{"name": "now", "parameters": ""}'),
+        ("llama3_json", '{"name": "now", "parameters": null}'),
+        ("mistral", '[TOOL_CALLS][{"name": "now", "arguments": null}]'),
+        ("mistral", '[TOOL_CALLS][{"name": "now", "arguments": ""}]'),
+    ],
+)
+def test_a_parameterless_call_written_with_empty_or_null_arguments_is_a_call(kind: str, text: str) -> None:
+    """Models write a call of a tool without parameters with "arguments": "" or null (clients'
+    reports: langchain #34242, aichat #1217); the call came back as the reply's text, its markup
+    shown, finish_reason "stop", while one leaving the key out was a call: now all are, "{}"."""
+    assert read(kind, [text])[:2] == read(kind, list(text))[:2] == ("", [("now", "{}")])
