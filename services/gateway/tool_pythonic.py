@@ -188,9 +188,9 @@ class PythonicReader:
             if seen == _NO:
                 i += 1
                 continue
-            if seen == _YES:
-                self._held = text[bracket:]
-                self._inside, self._read, self._item, self._depth, self._found = True, 1, 1, 1, 0
+            if seen == _YES:  # (held from its tag: a list that turns out text gives the tag back too)
+                self._held, first = text[i:], bracket - i + 1
+                self._inside, self._read, self._item, self._depth, self._found = True, first, first, 1, 0
                 self._quote, self._escaped = "", False
             else:
                 self._held = text[i:]

@@ -75,6 +75,7 @@ CALLS_TWO = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]
         ("a <| b < c [", "a <| b < c [", []),
         # a list whose first item is no call is text, its other items too; after a call one is passed over
         ("[print('a'), get_date()]", "[print('a'), get_date()]", []),
+        ("<|python_start|>[print('a')]", "<|python_start|>[print('a')]", []),  # the tag given back with it
         ("[get_date(), print('a'), get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),
     ],
 )
@@ -162,3 +163,18 @@ def _jsonish(value: object) -> object:
     if isinstance(value, dict):
         return {k: _jsonish(v) for k, v in value.items()}
     return value
+
+
+def test_fuzzed_text_reads_alike_streamed_and_is_given_back_whole_where_no_call() -> None:
+    """Random runs of brackets, quotes, tags and calls: any split reads as the whole does, and an
+    output with no call is its own text (a tag before a list that turned out text was lost)."""
+    rng = random.Random(1)
+    atoms = ["[", "]", "(", ")", "{", "}", "f", "x", "=", "-2", "'", '"', "'''", "\\", ",", " ", "\n", "<|", "<"]
+    atoms += ["<|python_start|>", "<|python_tag|>", "text", "True", "[f(x=1)]", "[g()", "a=", "'s]'"]
+    for _ in range(3000):
+        text = "".join(rng.choices(atoms, k=rng.randint(1, 25)))
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 8), len(text) - 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        whole = read("pythonic", [text])[:2]
+        assert read("pythonic", pieces)[:2] == whole, pieces
+        assert whole[1] or whole[0] == text, text
