@@ -184,6 +184,7 @@ class ToolParser:
     )
     _decided: bool = False  # llama3_json: whether the output's start was seen
     _stuck: bool = False  # llama3_json: held text that is not a call (given out at the finish)
+    _written: str = ""  # llama3_json: the output until its first call (what an output of none gives out)
     # hermes: where the closing tag was looked for to (a token costs its own characters); mistral:
     # where the whitespace after [TOOL_CALLS] was read to
     _read: int = 0
@@ -200,6 +201,8 @@ class ToolParser:
         if self._pythonic is not None:
             return self._pythonic.feed(text)
         self._held += text
+        if self.kind == "llama3_json" and not self.calls:
+            self._written += text
         if self.kind == "hermes":
             return self._hermes()
         return self._mistral() if self.kind == "mistral" else self._llama3_json()
@@ -222,6 +225,8 @@ class ToolParser:
             if any(found):
                 self._held, self._inside = "", False
         rest, self._held = self._held, ""
+        if self.kind == "llama3_json" and self._inside and not self.calls:
+            return self._written, calls  # no call: the text as written, its leading space and tag too
         if self.kind == "llama3_json" and self.calls and not self._stuck and self._scan.read:
             rest = ""  # a call cut short (max_tokens) after whole ones: no content, as hermes' and mistral's
         tag = _TAGS.get(self.kind)

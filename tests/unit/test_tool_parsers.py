@@ -59,6 +59,10 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("llama3_json", "The weather is {fine}.", "The weather is {fine}.", []),
         ("llama3_json", LLAMA_CUT, LLAMA_CUT, []),
         ("llama3_json", '{"temperature": 3}', '{"temperature": 3}', []),  # an object, not a call
+        # no call: the text as written, as vLLM gives it (its leading space and Llama's tag were lost)
+        ("llama3_json", '\n\n{"temperature": 3}', '\n\n{"temperature": 3}', []),
+        ("llama3_json", '<|python_tag|>{"temperature": 3}', '<|python_tag|>{"temperature": 3}', []),
+        ("llama3_json", " " + LLAMA_CUT, " " + LLAMA_CUT, []),
         # calls separated by commas (vLLM reads every object whatever lies between): the second
         # came back as content
         ("llama3_json", LLAMA_ONE + ', {"name": "ping", "arguments": {}}', "", [WEATHER, PING]),
