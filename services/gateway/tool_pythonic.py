@@ -5,8 +5,9 @@ Pure; ``ToolParser("pythonic")`` runs it, whole and streamed alike.
 Read with Python's own parser (``ast``), literals only, never evaluated: strings (any quotes,
 triple too), numbers (signed), ``True``/``False``/``None`` (and JSON's ``true``/``false``/``null``,
 which models write there), lists, tuples (as lists) and dicts with string keys. A list begins at
-``[name(`` anywhere in the text (after Llama 4's ``<|python_start|>`` or ``<|python_tag|>``, taken
-off); the text before the first call is content, what follows it is not (as hermes'). Each call
+``[name(`` that opens a line (text before it and a line break: vLLM's own plan for Llama 3.2), or
+after Llama 4's ``<|python_start|>`` or ``<|python_tag|>`` (taken off); the text before the
+first call is content, what follows it is not (as hermes'). Each call
 goes out as its item of the list ends: streamed, before the list has closed. An item that is not
 such a call (positional arguments, an expression) makes the list text where it is its first;
 after a call it is passed over. A list cut short keeps the calls it finished (its last item too
@@ -138,6 +139,7 @@ class PythonicReader:
     _quote: str = ""  # the string being read: its quote, ' " ''' or """
     _escaped: bool = False
     _found: int = 0  # calls the list being read gave
+    _blank: bool = True  # the text read past leaves its last line blank (where a list may open)
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         self._held += text
@@ -156,10 +158,10 @@ class PythonicReader:
             self._item = end + 1
             if item.strip(_SPACE) and not self._add(pythonic_call(item), out) and not self._found:
                 # its first item is no call: the list is text, read on after that item
-                content += self._held[: end + 1] if not self.calls else ""
+                content += self._given(self._held[: end + 1])
                 self._held, self._inside = self._held[end + 1 :], False
             elif closed:
-                self._held, self._inside = self._held[end + 1 :], False
+                self._held, self._inside, self._blank = self._held[end + 1 :], False, False
 
     def finish(self) -> tuple[str, list[Call]]:
         content, out = self.feed("")
@@ -184,7 +186,8 @@ class PythonicReader:
         only before the first call); found, the list's reading begins."""
         text, i = self._held, 0
         while (i := _next_candidate(text, i)) < len(text):
-            seen, bracket = _opening(text, i)
+            # a list opens a line (or follows a tag): "x = d[key(a=1)]" in an answer's code is no call
+            seen, bracket = _opening(text, i) if text[i] == "<" or self._line_start(text[:i]) else (_NO, 0)
             if seen == _NO:
                 i += 1
                 continue
@@ -194,8 +197,18 @@ class PythonicReader:
                 self._quote, self._escaped = "", False
             else:
                 self._held = text[i:]
-            return text[:i] if not self.calls else ""
+            return self._given(text[:i])
         self._held = ""
+        return self._given(text)
+
+    def _line_start(self, before: str) -> bool:
+        """Whether what came before, ending in ``before``, leaves a line blank so far."""
+        line = before.rsplit("\n", 1)
+        return not line[-1].strip(_SPACE) and (len(line) > 1 or self._blank)
+
+    def _given(self, text: str) -> str:
+        """``text`` read past: content before the first call."""
+        self._blank = self._line_start(text)
         return text if not self.calls else ""
 
     def _scan(self) -> int | None:

@@ -53,6 +53,10 @@ CALLS_TWO = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]
         # text before the list (vLLM #22917: Llama 4 wrote a sentence first; all of it came back as text)
         ("To find out, I'll check.\n\n" + TWO, "To find out, I'll check.\n\n", CALLS_TWO),
         (TWO + "\nThat is all.", "", CALLS_TWO),  # after a call: not content (as hermes')
+        ("```python\n" + TWO + "\n```", "```python\n", CALLS_TWO),
+        # a list opens a line: one within a line is text, as code in an answer ("d[key(a=1)]" was a call of key)
+        ("Read it with `d[key(a=1)]`.", "Read it with `d[key(a=1)]`.", []),
+        ("Sure! " + TWO, "Sure! " + TWO, []),
         ("<|python_start|>" + TWO + "<|python_end|>", "", CALLS_TWO),  # Llama 4's tags
         ("Sure. <|python_tag|>" + TWO, "Sure. ", CALLS_TWO),
         ("[get_date()]\n[get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),  # two lists
@@ -89,10 +93,10 @@ def test_a_whole_pythonic_output_and_its_stream_read_alike(
 def test_text_goes_out_as_it_comes_and_a_call_as_its_item_ends() -> None:
     """Held back only where a list of calls may open; each call goes out when its item ends, before
     the list closes."""
-    said = read("pythonic", ["Sun", "ny [", "1] and [", "note", " here]"])[2]
-    assert said == ["Sun", "ny ", "[1] and ", "", "[note here]", ""]
+    said = read("pythonic", ["Sun", "ny.\n[", "1] and\n  [", "note", " here]", " [x"])[2]
+    assert said == ["Sun", "ny.\n", "[1] and\n  ", "", "[note here]", " [x", ""]  # (a "[" mid-line opens none)
     parser = ToolParser("pythonic")
-    assert parser.feed("Let me look. [get_weather(city='SF')") == ("Let me look. ", [])
+    assert parser.feed("Let me look.\n[get_weather(city='SF')") == ("Let me look.\n", [])
     assert parser.feed(", get_da") == ("", [(0, "get_weather", '{"city": "SF"}')])
     assert parser.feed("te()]") == ("", [(1, "get_date", "{}")])
     assert parser.finish() == ("", [])
