@@ -48,6 +48,7 @@ from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.placement import decay, placement_of
 from dlora.services.dispatcher.recovery import Recovery
+from dlora.services.dispatcher.replaced import on_current_version
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState, new_salt
 from dlora.services.dispatcher.take_back import take_back
@@ -268,16 +269,15 @@ class Dispatcher(Recovery):
         holding: bool = False,
         allowed: AdapterEntry | None = None,
     ) -> None:
-        """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a
-        re-dispatch, sent only if the record still names that worker and attempt (recorded first);
-        ``died``: one after the worker running it died, counted in the record; ``avoid``: a worker
-        not to choose while another can take it (one its message never reached); ``again``: the
-        second look (``_look_again``) at a request whose id and reply subject were in flight (see
-        below), or at one ``holding`` found no holder for; ``holding``: only to a worker other than
-        ``avoid`` whose stats list the request's adapter version (its files were rewritten since
-        registration, so no other can load it), else, once every live worker's stats were read
-        again (a holder's may not list it yet: a trial's rewrite right after the first request got
-        500 for half the next 20), failed saying so; ``allowed``: its adapter's entry, read already."""
+        """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a re-dispatch, sent only
+        if the record still names that worker and attempt (recorded first); ``died``: one after the worker running it
+        died, counted in the record; ``avoid``: a worker not to choose while another can take it (one its message never
+        reached); ``again``: the second look (``_look_again``) at a request whose id and reply subject were in flight
+        (see below), or at one ``holding`` found no holder for; ``holding``: only to a worker other than ``avoid`` whose
+        stats list the request's adapter version (its files were rewritten since registration, so no other can load it),
+        else, once every live worker's stats were read again (a holder's may not list it yet: a trial's rewrite right
+        after the first request got 500 for half the next 20), run on a version registered since (``replaced.py``) or
+        failed saying so; ``allowed``: its adapter's entry, read already."""
         asked = req  # as it came (a second one under its id: ``sent_again``)
         if (seeded := with_seed(req)) is not req:  # recorded with its seed, so a resume draws the same
             req, raw = seeded, None
@@ -314,9 +314,11 @@ class Dispatcher(Recovery):
             if not again:  # a worker may have loaded it since its last stats (sent every 0.5 s)
                 after = functools.partial(self._heard_from_all, time.monotonic(), avoid)
                 self._look_again(req, raw, after, expect=expect, died=died, avoid=avoid, holding=True)
-                return
-            reason = version_gone(req.adapter, req.adapter_version or "")
-            await self._fail(req, req.next_seq, reason, "adapter-changed", ErrorCode.INTERNAL, expect)
+            elif (current := await on_current_version(self.store, req)) is not None:
+                await self._dispatch(current, expect=expect, died=died, avoid=avoid)
+            else:  # not replaced since, or begun
+                reason = version_gone(req.adapter, req.adapter_version or "")
+                await self._fail(req, req.next_seq, reason, "adapter-changed", ErrorCode.INTERNAL, expect)
             return
         if not req.recorded:  # its worker then takes a missing record after a stall for its end
             req, raw = msgspec.structs.replace(req, recorded=True), None

@@ -8,6 +8,7 @@ import asyncio
 import importlib.metadata
 import json
 import shutil
+import threading
 import time
 
 import aiohttp
@@ -337,3 +338,45 @@ async def test_a_request_moved_as_its_adapter_is_replaced_in_place_finishes_on_i
                     await source._on_adapter_event(AdapterEvent(name="rewritten", removed=False, version="next"))
     assert "error" not in last and last["choices"][0]["finish_reason"] == "length", last
     assert text == whole["choices"][0]["text"]
+
+
+async def test_a_request_whose_version_was_rewritten_and_reloaded_before_it_began_runs_on_the_reload(
+    stack: Stack,
+) -> None:
+    """An RL trainer's loop driving vLLM (verl, OpenRLHF): write new weights over the adapter's
+    files, then load_inplace. A request sent just before, not begun on any worker (its adapter not
+    in memory anywhere), was pinned to the version its files no longer hold; by the time its worker
+    found that, the reload was done, yet it was answered 500 "an admin must load it again" (5 of 5
+    in a helper's trial with max_cpu_loras 2). vLLM serves it on the weights loaded in place; so
+    does dlora now, a request that has produced nothing taking the version registered now."""
+    path = stack.tiny.adapters_dir / "rl-reloaded"
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(stack.tiny.adapters["lora-1"], path)
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async def load(inplace: bool) -> int:
+        body = {"lora_name": "rl-reloaded", "lora_path": str(path), "load_inplace": inplace}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(stack.url + "/v1/load_lora_adapter", json=body, headers=auth) as r,
+        ):
+            return r.status
+
+    assert await load(False) == 200
+    released = threading.Event()
+    for w in stack.workers:  # every read held until the reload is done
+        read = w.engine.read_adapter
+        w.engine.read_adapter = lambda *args, read=read: released.wait(20) and read(*args)  # type: ignore[method-assign]
+    body = {"model": "rl-reloaded", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    sent = asyncio.create_task(post(stack, "/v1/completions", body))
+    while not any(k.startswith("rl-reloaded@") for w in stack.workers for k in w.engine.loading):
+        await asyncio.sleep(0.01)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):  # the trainer's new weights
+        shutil.copyfile(stack.tiny.adapters["lora-2"] / f, path / f)
+    assert await load(True) == 200
+    released.set()
+    status, resp = await sent
+    [expected] = offline(
+        stack.tiny, [{"id": "0", "adapter": "lora-2", "prompt": PROMPTS[0], "max_tokens": 8, "ignore_eos": True}]
+    )
+    assert status == 200 and resp["choices"][0]["text"] == expected["text"], resp

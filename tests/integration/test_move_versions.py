@@ -27,6 +27,7 @@ from dlora.common.messages import (
 from dlora.common.state import StateStore
 from dlora.model.adapters import content_digest
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.replaced import on_current_version
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.migrator.trigger import snapshot_from_stats
 from dlora.services.servers import Server
@@ -132,3 +133,25 @@ async def test_a_request_moved_onto_a_worker_holding_its_adapters_old_version_ru
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in conns:
             await c.drain()
+
+
+async def test_only_a_request_not_begun_takes_the_version_registered_since_and_only_of_the_same_owner(
+    redis: Redis,
+) -> None:
+    """A request whose pinned version no worker can load runs on the name's newer registration
+    (``replaced.on_current_version``) only where it has produced nothing (a running one finishes on
+    its own version or fails), and only where both belong to one owner (a tenant's request must
+    not reach another tenant's adapter registered under the freed name)."""
+    store = StateStore(redis)
+    for version, owner in (("v1", "acme"), ("v2", "acme")):
+        await store.put_adapter(
+            AdapterEntry(name="rl", path="/x", rank=8, created=0.0, version=version, owner=owner), replace=True
+        )
+    req = GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1, 2], adapter="rl", adapter_version="v1")
+    assert (await on_current_version(store, req)).adapter_version == "v2"
+    assert await on_current_version(store, msgspec.structs.replace(req, resume_token_ids=[7])) is None
+    assert await on_current_version(store, msgspec.structs.replace(req, adapter_version="v2")) is None
+    await store.put_adapter(
+        AdapterEntry(name="rl", path="/x", rank=8, created=0.0, version="v3", owner="other"), replace=True
+    )
+    assert await on_current_version(store, req) is None

@@ -1,0 +1,28 @@
+"""A request pinned to an adapter version that can no longer be loaded anywhere (its files were
+rewritten since it was registered, and no worker holds it in memory), where the name was
+registered again since: an RL trainer writes new weights over the files, then calls vLLM's
+``load_inplace``, and a request sent in between names the version those files no longer hold."""
+
+from __future__ import annotations
+
+import msgspec
+
+from dlora.common.messages import GenerateRequest
+from dlora.common.state import StateStore
+
+
+async def on_current_version(store: StateStore, req: GenerateRequest) -> GenerateRequest | None:
+    """``req`` on the version of its adapter registered now, where it produced nothing yet (vLLM
+    runs such a request on the weights loaded in place: a 500 asked the admin for the reload just
+    done); None where it must fail: tokens already out (a running request finishes on its own
+    version or not at all), no newer registration, or one of another owner than the pinned
+    version's (the caller was allowed that one, not necessarily this)."""
+    if req.adapter is None or not req.adapter_version or req.resume_token_ids:
+        return None
+    current = await store.get_adapter(req.adapter)
+    if current is None or current.version in ("", req.adapter_version):
+        return None
+    pinned = await store.get_adapter(req.adapter, req.adapter_version)
+    if pinned is None or pinned.owner != current.owner:
+        return None
+    return msgspec.structs.replace(req, adapter_version=current.version)
