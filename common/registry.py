@@ -380,7 +380,10 @@ async def _sync_current(kv: KeyValue, store: StateStore, name: str) -> None:
             revision, value = None, None
         if (now := await store.get_adapter(name)) is None or (data := _encode.encode(now)) == value:
             return
-        with contextlib.suppress(KeyWrongLastSequenceError):  # written meanwhile: looked at again
+        # Written meanwhile: looked at again. So is a delete marker purged meanwhile (``tidy``, in
+        # another process): nats-py's create, refused over the marker, reads the key again for its
+        # revision, and that read found none (a re-registration answered 503: a helper's trial).
+        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
             await (kv.create(key, data) if revision is None else kv.update(key, data, last=revision))
             return
 

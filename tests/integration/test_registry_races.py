@@ -147,3 +147,31 @@ async def test_a_merge_purges_delete_markers_now_and_then_and_never_a_value(open
     assert await registry.tidy() == 0  # no marker is the last of its subject now
     assert (await kv.get("current.b")).value == b'{"name": "b"}'
     assert len(nc._subs) == subscriptions  # no watcher left running
+
+
+async def test_a_name_registered_again_while_a_tidy_purges_its_removal_marker_is_registered(opened: Opened) -> None:
+    """Unload a name, load it again (vLLM users' way to replace an adapter): the bucket's
+    registration of it is a delete marker, and nats-py's create, refused over the marker, reads the
+    key once more to learn its revision; a tidy purging that marker in between (another process's
+    merge: each process tidies at its first, which a gateway's first 404 sets off) made that read
+    raise KeyNotFoundError, and the load was answered 503 "NATS is unavailable" (1 in 4 of a
+    helper's trials with a second gateway) and undone. The write is looked at again instead."""
+    _, store, registry = opened
+    entry = AdapterEntry(name="x", path="/a", rank=8, created=1.0, version="v1")
+    assert await registry.register(entry) and await registry.remove("x")
+    kv = await registry.kv()
+    assert kv is not None
+    get, reads = kv._get, 0
+
+    async def purged_before_the_second_read(key: str, revision: int | None = None) -> object:
+        nonlocal reads
+        reads += key == "current.x"
+        if key == "current.x" and reads == 2:  # create's read, after its write met the marker
+            assert await registry.tidy() >= 1
+        return await get(key, revision)
+
+    kv._get = purged_before_the_second_read  # type: ignore[method-assign]
+    again = AdapterEntry(name="x", path="/b", rank=8, created=2.0, version="v2")
+    assert await registry.register(again)
+    assert reads >= 2 and await store.get_adapter("x") == again
+    assert msgspec.json.decode((await kv.get("current.x")).value, type=AdapterEntry) == again
