@@ -47,6 +47,7 @@ from dlora.services.gateway import access, openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
 from dlora.services.gateway.connections import listen
+from dlora.services.gateway.dialects import Dialect
 from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.grammar_pool import shaped
 from dlora.services.gateway.health import readiness
@@ -126,13 +127,9 @@ class Gateway:
         self.state_bound = self.auth.state_bound  # a request's Redis reads (redis-py's tries: 20 s, Redis hung)
 
     # ---- handlers -----------------------------------------------------------------------
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def generate(self, dialect: type[Dialect], request: web.Request) -> web.StreamResponse:
+        """A completion, chat or Responses request (``dialect``: which; ``routes`` binds each path's)."""
+        api = dialect()
         adapter_label, public = "?", True  # the metrics' label; whether it may be shown (``metrics``)
         self.handling += 1
         try:
@@ -144,7 +141,7 @@ class Gateway:
             with self.auth.admitted(who):
                 raw, arrived = await self.read_body(request), time.monotonic()  # (vLLM's arrival: before tokenizing)
                 try:
-                    body, refused = openai.decode_body(raw, ChatBody if chat else CompletionBody), None
+                    body, refused = api.decode(raw), None
                 except APIError as e:  # still counted under the model it names, read past the rest
                     body, refused = None, e
                 # none named, or "": the base model, as vLLM serves it (and shaping)
@@ -159,11 +156,11 @@ class Gateway:
                     body = msgspec.structs.replace(body, request_id=traced)
                 access.note(request, traced=body.request_id)  # (where only the body names it)
                 with RequestTimer(self.metrics, adapter_label, public, arrived) as timer:  # (its abort counted)
-                    job = await self._job(request, body, entry, who)
+                    job = api.answer(await self._job(request, body, entry, who))
                     return await self._relay(request, job, timer)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)
-            return error_response(e)
+            return error_response(api.refused(e))
         except ConnectionResetError:
             raise
         except Exception as e:  # answered by json_errors (a 503 for Redis or NATS, else a 500): counted here

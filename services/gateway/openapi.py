@@ -20,6 +20,7 @@ from dlora.services.gateway.adapter_routes import LoadLoraAdapterBody, UnloadLor
 from dlora.services.gateway.admin import AdapterBody
 from dlora.services.gateway.keys import KeyBody
 from dlora.services.gateway.openai import ChatBody, CompletionBody
+from dlora.services.gateway.responses_api import ResponsesBody
 from dlora.services.gateway.status import ClusterStatus
 from dlora.services.gateway.tokenize_routes import DetokenizeBody, TokenizeBody
 
@@ -113,8 +114,8 @@ def document() -> dict[str, Any]:
     """The OpenAPI document of every route a client uses (``/metrics``, ``/readyz``, ``/health`` and
     ``/ping``, aliases of ``/healthz``, and the ``/dashboard`` page's HTML are left out)."""
     bodies = [CompletionBody, ChatBody, AdapterBody, KeyBody, ErrorBody, ClusterStatus, LoadLoraAdapterBody]
-    bodies += [UnloadLoraAdapterBody, TokenizeBody, DetokenizeBody]
-    (completion, chat, adapter, key, _, status, load, unload, tokenize, detokenize), schemas = (
+    bodies += [UnloadLoraAdapterBody, TokenizeBody, DetokenizeBody, ResponsesBody]
+    (completion, chat, adapter, key, _, status, load, unload, tokenize, detokenize, responses), schemas = (
         msgspec.json.schema_components(bodies, ref_template=_REF)
     )
     for name in _closed_structs(bodies):
@@ -143,6 +144,15 @@ def document() -> dict[str, Any]:
                 "security": inference,
                 "requestBody": _json_body(chat),
                 "responses": _responses("a chat completion", 400, 401, 403, 404, 408, 413, 415, 429, streams=True),
+            }
+        },
+        "/v1/responses": {
+            "post": {
+                "operationId": "createResponse",
+                "description": "OpenAI's Responses API, served as a chat; nothing is stored (no previous_response_id)",
+                "security": inference,
+                "requestBody": _json_body(responses),
+                "responses": _responses("a response", 400, 401, 403, 404, 408, 413, 415, 429, streams=True),
             }
         },
         "/v1/models": {

@@ -225,13 +225,17 @@ class ResponseWriter:
     async def _end(self) -> web.StreamResponse:
         """The events held and the stream's end, in one write."""
         assert self.stream is not None
-        self._held.append(b"data: [DONE]\n\n")
+        if self.job.events is None:  # (the Responses API ends with its response.completed event)
+            self._held.append(b"data: [DONE]\n\n")
         await self.flush()
         await self._sent(self.stream.write_eof())
         return self.stream
 
     def _hold(self, obj: dict[str, Any]) -> None:
-        self._held.append(b"data: " + msgspec.json.encode(obj) + b"\n\n")
+        if self.job.events is not None:  # another API's events, made of the chat's (the Responses API)
+            self._held.extend(self.job.events(obj))
+        else:
+            self._held.append(b"data: " + msgspec.json.encode(obj) + b"\n\n")
 
     def _cached(self) -> int:
         """The prompt tokens the workers found in their prefix caches, each prompt counted once as

@@ -12,6 +12,7 @@ from dlora.services.gateway import access, dashboard, openapi
 from dlora.services.gateway.adapter_routes import AdapterAdmin
 from dlora.services.gateway.body import expect_continue
 from dlora.services.gateway.cache_reset import reset_prefix_cache
+from dlora.services.gateway.dialects import Chat, Completions, Responses
 from dlora.services.gateway.errors import json_errors
 from dlora.services.gateway.health import retry_after_s
 from dlora.services.gateway.hosts import allowed_hosts, host_guard
@@ -33,8 +34,9 @@ def make_app(gw: Gateway) -> web.Application:
     app.on_response_prepare.append(logged.on_prepare)
     # every POST with its Expect: 100-continue answered by what the body may be
     post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))
-    post("/v1/completions", gw.completions)
-    post("/v1/chat/completions", gw.chat)
+    post("/v1/completions", functools.partial(gw.generate, Completions))
+    post("/v1/chat/completions", functools.partial(gw.generate, Chat))
+    post("/v1/responses", functools.partial(gw.generate, Responses))  # OpenAI's, served as a chat
     models = ModelRoutes(gw)
     app.router.add_get("/v1/models", models.models)
     app.router.add_get("/v1/models/{model:.+}", models.model)  # names may hold a slash (org/name)

@@ -11,7 +11,7 @@ for some schemas) only after all of them (``compile_grammar``, ``grammar_pool``)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -172,6 +172,8 @@ class Job:
     # A chat's <think> and </think> ids beside a reasoning parser: its usage says how many output
     # tokens were reasoning (vLLM's completion_tokens_details, ``ReasoningTokens``). None: not said.
     reasoning_tags: tuple[list[int], list[int]] | None = None
+    # Another API's server-sent events made of each chat event (its ``dialects``); None: the chat's own
+    events: Callable[[dict[str, Any]], list[bytes]] | None = None
 
 
 def response_id(chat: bool, base: str) -> str:

@@ -43,7 +43,8 @@ def _cheap(case: schemathesis.Case) -> None:
     for message in body.get("messages") or [] if isinstance(body.get("messages"), list) else []:
         if isinstance(message, dict) and isinstance(message.get("role"), str):  # likewise a known role
             message["role"] = ROLES[len(message["role"]) % len(ROLES)]
-    for key, cap in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS), ("n", MAX_CHOICES)):
+    caps = {"max_tokens": MAX_TOKENS, "max_completion_tokens": MAX_TOKENS, "max_output_tokens": MAX_TOKENS}
+    for key, cap in (caps | {"n": MAX_CHOICES}).items():
         value = body.get(key)
         if type(value) is int and cap < value <= 4096:
             body[key] = cap
@@ -51,6 +52,8 @@ def _cheap(case: schemathesis.Case) -> None:
         body["best_of"] = body.get("n", 1)
     if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS
+    if "input" in body and body.get("max_output_tokens") is None:  # (the Responses API's)
+        body["max_output_tokens"] = MAX_TOKENS
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not all(type(t) is int for t in prompt):
         body["prompt"] = prompt[:MAX_CHOICES]  # a list of prompts: one choice each

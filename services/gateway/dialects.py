@@ -1,0 +1,57 @@
+"""Which API a generation request speaks: completions and chat as their bodies say, and OpenAI's
+Responses API as the chat that serves it (``responses_api``, ``responses_shape``). One is made per
+request (``Gateway.generate``): it reads the body, makes the shaped job answer in its API, and
+names a refusal by its own fields."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dlora.services.gateway import openai, responses_api
+from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody
+from dlora.services.gateway.responses_shape import ResponsesShape
+from dlora.services.gateway.shaping import Job
+
+
+class Dialect:
+    """The chat's: its body as it is, its answer and refusals the chat's."""
+
+    kind: type[Body] = ChatBody
+
+    def decode(self, raw: bytes) -> Body:
+        """``raw`` as the body the chat or completion path serves (APIError 400: as ``decode_body``)."""
+        body: Body = openai.decode_body(raw, self.kind)
+        return body
+
+    def answer(self, job: Job) -> Job:
+        return job
+
+    def refused(self, e: APIError) -> APIError:
+        return e
+
+
+class Chat(Dialect):
+    pass
+
+
+class Completions(Dialect):
+    kind = CompletionBody
+
+
+class Responses(Dialect):
+    """``POST /v1/responses``: served by the chat path, answered as a response object or its events."""
+
+    def __init__(self) -> None:
+        self.asked: responses_api.ResponsesBody | None = None
+
+    def decode(self, raw: bytes) -> Body:
+        self.asked, chat = responses_api.decode(raw)
+        return chat
+
+    def answer(self, job: Job) -> Job:
+        assert self.asked is not None
+        shape = ResponsesShape.of(job.shape, self.asked)
+        return dataclasses.replace(job, shape=shape, events=shape.events)
+
+    def refused(self, e: APIError) -> APIError:
+        return responses_api.renamed(e)

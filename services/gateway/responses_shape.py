@@ -1,0 +1,225 @@
+"""The Responses API's answer made of the chat's (``responses_api``): the chat completion the
+chat path shapes (content, tool calls and reasoning already read by its parsers) as OpenAI's
+``response`` object, and each chat event of a stream as the Responses events the openai package's
+``responses.stream`` reads (``response.created`` ... ``response.completed``). Pure: no aiohttp.
+
+The ``output_text`` of the openai package's Response is its own property (the message items'
+texts joined), not a field of the object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from dlora.services.gateway.openai import Shape
+from dlora.services.gateway.responses_api import ResponsesBody, chat_format
+
+
+def _part(kind: str, text: str = "") -> dict[str, Any]:
+    return {"type": kind, "text": text} | ({"annotations": [], "logprobs": []} if kind == "output_text" else {})
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    # reasoning_tokens: 0, as vLLM says it outside gpt-oss's harmony format (the tokens are not split)
+    return {
+        "input_tokens": prompt,
+        # cache_write_tokens: the openai package's type requires it; what the prefix cache keeps is not counted
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+@dataclass
+class ResponsesShape(Shape):
+    """A chat's shape (one choice: the Responses API has no ``n``) answering as the Responses API."""
+
+    asked: ResponsesBody | None = None  # the body as sent, echoed in the response object
+    _seq: int = 0  # the next event's sequence_number
+    _items: list[dict[str, Any]] = field(default_factory=list)  # the output so far (streamed)
+    _open: dict[str, Any] | None = None  # the item the stream is writing
+    _finish: str | None = None
+
+    @classmethod
+    def of(cls, shape: Shape, asked: ResponsesBody) -> ResponsesShape:
+        return cls(**vars(shape), asked=asked)
+
+    @property
+    def base(self) -> str:
+        return self.request_id.split("-", 1)[-1]
+
+    def response(
+        self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """OpenAI's response object; ``status`` "incomplete": it ran out of max_output_tokens."""
+        a = self.asked or ResponsesBody(input="")
+        fmt = a.text.format if a.text is not None and chat_format(a.text.format) is not None else None
+        text = {"format": fmt or {"type": "text"}}
+        return {
+            "id": f"resp_{self.base}",
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "background": False,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": a.instructions,
+            "max_output_tokens": a.max_output_tokens,
+            "max_tool_calls": None,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": a.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "service_tier": a.service_tier or "default",
+            "store": False,  # nothing is stored (responses_api)
+            "temperature": a.temperature,
+            "text": text | ({"verbosity": a.text.verbosity} if a.text and a.text.verbosity else {}),
+            "tool_choice": a.tool_choice or "auto",  # (OpenAI's default, tools or none)
+            "tools": [{"strict": None, "description": None} | t for t in a.tools or []],
+            "top_p": a.top_p,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": a.user,
+            "metadata": a.metadata or {},
+        }
+
+    def _item(self, kind: str, k: int, **extra: Any) -> dict[str, Any]:
+        prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind]
+        item: dict[str, Any] = {"id": f"{prefix}_{self.base}_{k}", "type": kind}
+        if kind == "message":
+            item |= {"status": "completed", "role": "assistant", "content": []}
+        elif kind == "reasoning":
+            item |= {"summary": [], "content": []}
+        return item | extra
+
+    def full(
+        self, choices: list[Any], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
+        """The chat completion's one choice as the response object."""
+        [choice] = super().full(choices, prompt_tokens, completion_tokens, cached_tokens)["choices"]
+        message, output = choice["message"], []
+        calls = message.get("tool_calls") or []
+        if message.get("reasoning"):
+            output.append(self._item("reasoning", 0, content=[_part("reasoning_text", message["reasoning"])]))
+        if message.get("content") or not (output or calls):
+            text = message.get("content") or ""
+            output.append(self._item("message", len(output), content=[_part("output_text", text)]))
+        status = "incomplete" if choice["finish_reason"] == "length" else "completed"
+        for call in calls:
+            function = call["function"]
+            output.append(
+                self._item(
+                    "function_call",
+                    len(output),
+                    call_id=call["id"],
+                    name=function["name"],
+                    arguments=function["arguments"],
+                    status=status,
+                )
+            )
+        for item in output:
+            item["status"] = status
+        return self.response(status, output, _usage(prompt_tokens, completion_tokens, cached_tokens))
+
+    # ---- streamed ------------------------------------------------------------------------
+    def events(self, chat: dict[str, Any]) -> list[bytes]:
+        """The Responses events one chat event makes (the writer's ``Job.events``): the first
+        opens the response; a delta's reasoning, content and calls open, fill and close items; the
+        usage chunk (always asked: ``responses_api.to_chat``) ends it; an error body fails it."""
+        out: list[dict[str, Any]] = []
+        if self._seq == 0 and "error" not in chat:
+            out += [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
+        if "error" in chat:
+            error = chat["error"]
+            out.append({"type": "error", "code": error["code"], "message": error["message"], "param": error["param"]})
+            failed = self.response("failed", self._items)
+            failed["error"] = {"code": "server_error", "message": error["message"]}
+            out.append({"type": "response.failed", "response": failed})
+        elif chat.get("choices"):
+            out += self._delta(chat["choices"][0])
+        elif "usage" in chat:
+            out += self._close() if self._items else [*self._into("message"), *self._close()]  # as ``full``'s
+            usage = chat["usage"]
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            done = _usage(usage["prompt_tokens"], usage["completion_tokens"], cached)
+            incomplete = self._finish == "length"
+            kind = "response.incomplete" if incomplete else "response.completed"
+            out.append({"type": kind, "response": self.response(kind.split(".")[1], self._items, done)})
+        return [self._frame(e) for e in out]
+
+    def _frame(self, event: dict[str, Any]) -> bytes:
+        event["sequence_number"], self._seq = self._seq, self._seq + 1
+        kind: str = event["type"]
+        return b"event: " + kind.encode() + b"\ndata: " + msgspec.json.encode(event) + b"\n\n"
+
+    def _lifecycle(self, kind: str) -> dict[str, Any]:
+        return {"type": kind, "response": self.response("in_progress", [])}
+
+    def _delta(self, choice: dict[str, Any]) -> list[dict[str, Any]]:
+        delta, out = choice.get("delta") or {}, []
+        if reasoning := delta.get("reasoning"):
+            out += self._into("reasoning")
+            out.append(self._text_delta("response.reasoning_text.delta", reasoning))
+        if content := delta.get("content"):
+            out += self._into("message")
+            out.append(self._text_delta("response.output_text.delta", content) | {"logprobs": []})
+        for call in delta.get("tool_calls") or []:
+            function = call.get("function") or {}
+            if "id" in call:  # a call begins (its id and name come once)
+                out += self._into("function_call", call_id=call["id"], name=function.get("name", ""))
+            if (arguments := function.get("arguments")) and self._open is not None:
+                self._open["arguments"] += arguments
+                where = {"item_id": self._open["id"], "output_index": len(self._items) - 1}
+                out.append({"type": "response.function_call_arguments.delta", **where, "delta": arguments})
+        if choice.get("finish_reason") is not None:
+            self._finish = choice["finish_reason"]
+            out += self._close()
+        return out
+
+    def _text_delta(self, kind: str, text: str) -> dict[str, Any]:
+        assert self._open is not None
+        self._open["content"][0]["text"] += text
+        where = {"item_id": self._open["id"], "output_index": len(self._items) - 1, "content_index": 0}
+        return {"type": kind, **where, "delta": text}
+
+    def _into(self, kind: str, **extra: Any) -> list[dict[str, Any]]:
+        """The events that make ``kind`` the item being written: the one open closed, a new one
+        added (a function call always new: each has its own)."""
+        if self._open is not None and self._open["type"] == kind and kind != "function_call":
+            return []
+        out = self._close()
+        item = self._item(kind, len(self._items), **extra) | {"status": "in_progress"}
+        if kind == "function_call":
+            item["arguments"] = ""
+        self._items.append(item)
+        self._open = item
+        out.append({"type": "response.output_item.added", "output_index": len(self._items) - 1, "item": dict(item)})
+        if kind != "function_call":
+            part = _part("reasoning_text" if kind == "reasoning" else "output_text")
+            item["content"] = [dict(part)]
+            where = {"item_id": item["id"], "output_index": len(self._items) - 1, "content_index": 0}
+            out.append({"type": "response.content_part.added", **where, "part": part})
+        return out
+
+    def _close(self) -> list[dict[str, Any]]:
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        index = len(self._items) - 1
+        item["status"] = "incomplete" if self._finish == "length" else "completed"
+        where = {"item_id": item["id"], "output_index": index}
+        out: list[dict[str, Any]] = []
+        if item["type"] == "function_call":
+            out.append({"type": "response.function_call_arguments.done", **where, "arguments": item["arguments"]})
+        else:
+            part = item["content"][0]
+            kind = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
+            text_done = {"type": kind, **where, "content_index": 0, "text": part["text"]}
+            out.append(text_done | ({"logprobs": []} if item["type"] == "message" else {}))
+            out.append({"type": "response.content_part.done", **where, "content_index": 0, "part": part})
+        out.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        return out

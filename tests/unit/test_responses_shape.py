@@ -1,0 +1,118 @@
+"""The Responses API's answer made of the chat's (services/gateway/responses_shape.py): a reasoning
+parser's split answered as a reasoning item and a message, whole and streamed alike, in the shapes
+the openai package's types read (its stream reader's accumulation, its Response's output_text).
+The rest is tested through the real stack in tests/integration/test_responses_api.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.responses_api import ResponsesBody
+from dlora.services.gateway.responses_shape import ResponsesShape
+
+openai = pytest.importorskip("openai")
+
+
+def _shape(**chat: Any) -> ResponsesShape:
+    shape = Shape(True, "chatcmpl-abc", "m", 7, **{"reasoning_parser": "qwen3"} | chat)
+    return ResponsesShape.of(shape, ResponsesBody(input="kalo", instructions="Be brief."))
+
+
+def _events(pieces: list[str], finish: str, **chat: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The events of a stream of ``pieces``, each checked by the openai package's own event types."""
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    shape, frames = _shape(**chat), []
+    frames += shape.events(shape.chunk("", None, first=True))
+    for k, piece in enumerate(pieces):
+        frames += shape.events(shape.chunk(piece, finish if k == len(pieces) - 1 else None))
+    frames += shape.events(shape.usage_chunk(5, len(pieces), 2))
+    out = []
+    for frame in frames:
+        head, data = frame.decode().rstrip("\n").split("\n")
+        out.append((head.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+        TypeAdapter(ResponseStreamEvent).validate_python(out[-1][1])  # strict: every field it requires
+    return out
+
+
+def test_a_reasoning_answer_is_a_reasoning_item_then_a_message_whole_and_streamed() -> None:
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    pieces = ["<think>", "so ", "kalo", "</think>", "remi", " ok"]
+    events = _events(pieces, "stop")
+    state = ResponseStreamState(input_tools=openai.omit, text_format=openai.omit)
+    for name, data in events:
+        assert name == data["type"]
+        state.handle_event(openai._models.construct_type(type_=ResponseStreamEvent, value=data))
+    streamed = state._completed_response
+    assert streamed is not None and streamed.output_text == "remi ok"
+    reasoning, message = streamed.output
+    assert reasoning.type == "reasoning" and [c.text for c in reasoning.content or []] == ["so kalo"]
+    assert message.type == "message" and message.status == "completed"
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    kinds = [n for n, _ in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_item.added", 3)
+    assert streamed.usage is not None and (streamed.usage.input_tokens, streamed.usage.output_tokens) == (5, 6)
+    assert streamed.usage.input_tokens_details.cached_tokens == 2
+    # whole: the same items, and the object the package's own type takes as it is
+    shape = _shape()
+    whole = Response.model_validate(shape.full([Choice(0, text="".join(pieces), finish_reason="stop")], 5, 6, 2))
+    assert whole.output_text == "remi ok" and [i.type for i in whole.output] == ["reasoning", "message"]
+    assert whole.id == streamed.id == "resp_abc" and whole.instructions == "Be brief." and whole.status == "completed"
+    assert [i.id for i in whole.output] == [i.id for i in streamed.output]
+
+
+def test_an_answer_cut_short_is_incomplete_and_an_empty_one_still_a_message() -> None:
+    events = _events(["kalo", " remi"], "length")
+    assert events[-1][0] == "response.incomplete"
+    last = events[-1][1]["response"]
+    assert last["status"] == "incomplete" and last["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert last["output"][0]["status"] == "incomplete"
+    events = _events([""], "stop")  # nothing written: one empty message, as the whole answer's
+    assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == ""
+    whole = _shape().full([Choice(0, text="", finish_reason="stop")], 5, 1)
+    assert [(i["type"], i["content"][0]["text"]) for i in whole["output"]] == [("message", "")]
+
+
+def test_a_forced_call_streams_its_arguments_into_one_function_call_item() -> None:
+    from openai.types.responses import Response
+
+    events = _events(['{"city"', ': "kalo"}'], "stop", tool="weather", reasoning_parser="")
+    kinds = [n for n, _ in events]
+    assert kinds.count("response.function_call_arguments.delta") == 2 and kinds[-1] == "response.completed"
+    [item] = events[-1][1]["response"]["output"]
+    assert (item["type"], item["name"], item["arguments"], item["status"]) == (
+        "function_call",
+        "weather",
+        '{"city": "kalo"}',
+        "completed",
+    )
+    whole = _shape(tool="weather", reasoning_parser="").full(
+        [Choice(0, text='{"city": "kalo"}', finish_reason="stop")], 5, 2
+    )
+    [call] = Response.model_validate(whole).output
+    assert call.type == "function_call" and call.call_id == item["call_id"] and call.id == item["id"]
+
+
+def test_an_error_mid_stream_is_an_error_event_then_the_response_failed() -> None:
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from dlora.services.gateway.openai import APIError
+
+    shape = _shape()
+    frames = shape.events(shape.chunk("", None, first=True)) + shape.events(shape.chunk("kalo", None))
+    frames += shape.events(APIError(503, "the worker went away").body())
+    events = [json.loads(f.decode().split("\n")[1].removeprefix("data: ")) for f in frames]
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event)
+    error, failed = events[-2:]
+    assert (error["type"], error["message"]) == ("error", "the worker went away")
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["message"] == "the worker went away"
