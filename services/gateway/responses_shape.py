@@ -49,7 +49,9 @@ class ResponsesShape(Shape):
 
     @property
     def base(self) -> str:
-        return self.request_id.split("-", 1)[-1]
+        """What the response's and its items' ids are made of: the chat's id less its prefix (a
+        client's own request_id as sent, less a "resp_" of its own: vLLM's ids are "resp_...")."""
+        return self.request_id.split("-", 1)[-1].removeprefix("resp_")
 
     def response(
         self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None = None

@@ -116,3 +116,10 @@ def test_an_error_mid_stream_is_an_error_event_then_the_response_failed() -> Non
     assert (error["type"], error["message"]) == ("error", "the worker went away")
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
     assert failed["response"]["error"]["message"] == "the worker went away"
+
+
+def test_a_clients_request_id_names_the_response_once() -> None:
+    for sent in ("abc", "resp_abc"):  # (vLLM's own are "resp_..."; X-Request-Id is as the client has it)
+        shape = ResponsesShape.of(Shape(True, f"chatcmpl-{sent}", "m", 7), ResponsesBody(input="kalo"))
+        whole = shape.full([Choice(0, text="kalo", finish_reason="stop")], 5, 1)
+        assert whole["id"] == "resp_abc" and whole["output"][0]["id"] == "msg_abc_0"
