@@ -12,10 +12,12 @@ is refused by name. Hosted tools (web search, file search, MCP...) are not serve
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 
+from dlora.common.undecodable import field_of
 from dlora.services.gateway.openai import (
     APIError,
     ChatBody,
@@ -175,11 +177,17 @@ _NAMES = {
 }
 
 
+_MESSAGES = re.compile(r"\bmessages(\[\d+\])?")
+
+
 def _convert(value: Any, kind: Any, where: str) -> Any:
     try:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as e:
-        raise APIError(400, f"invalid request: {e} (in {where})", param=where) from None
+        field = field_of(str(e))
+        raise APIError(
+            400, f"invalid request: {e} (in {where})", param=f"{where}.{field}" if field else where
+        ) from None
 
 
 def _text(parts: str | list[_Part], where: str) -> str:
@@ -339,7 +347,7 @@ def renamed(e: APIError) -> APIError:
         param = f"{head}.{rest.removeprefix('function.')}"
     else:
         param = _NAMES.get(name, name) + head[len(name) :] + dot + rest
-    message = e.message
+    message = _MESSAGES.sub("input", e.message)  # (an index there counts chat messages, not input items)
     for chat, ours in _NAMES.items():
         if chat != "messages":
             message = message.replace(chat, ours)
