@@ -123,6 +123,15 @@ async def test_a_response_in_a_json_schema_format(stack: Stack) -> None:
         assert resp.status == "completed", resp
         jsonschema_rs.validate(schema, json.loads(resp.output_text))
         assert resp.text is not None and resp.text.format is not None and resp.text.format.type == "json_schema"
+        # the package's parse() helper: a pydantic model as a strict json_schema, its output parsed
+        from pydantic import BaseModel, Field
+
+        class Forecast(BaseModel):
+            city: str = Field(max_length=6)
+            sunny: bool
+
+        parsed = await client.responses.parse(model="lora-2", input="kalo?", text_format=Forecast)
+        assert isinstance(parsed.output_parsed, Forecast), parsed
         # json_object: the chat's response_format of that type, greedy the same text
         obj = {"model": "lora-2", "temperature": 0, "max_output_tokens": 16}
         resp = await client.responses.create(**obj, input="kalo?", text={"format": {"type": "json_object"}})
