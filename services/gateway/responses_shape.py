@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from dlora.services.gateway.openai import Shape
-from dlora.services.gateway.responses_api import ResponsesBody, chat_format
+from dlora.services.gateway.openai import APIError, Shape
+from dlora.services.gateway.responses_api import ResponsesBody, chat_format, renamed
 
 
 def _part(kind: str, text: str = "") -> dict[str, Any]:
@@ -135,11 +135,12 @@ class ResponsesShape(Shape):
         out: list[dict[str, Any]] = []
         if self._seq == 0 and "error" not in chat:
             out += [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
-        if "error" in chat:
+        if "error" in chat:  # named by the Responses field, as a refusal before the stream is
             error = chat["error"]
-            out.append({"type": "error", "code": error["code"], "message": error["message"], "param": error["param"]})
+            named = renamed(APIError(500, error["message"], error["param"]))
+            out.append({"type": "error", "code": error["code"], "message": named.message, "param": named.param})
             failed = self.response("failed", self._items)
-            failed["error"] = {"code": "server_error", "message": error["message"]}
+            failed["error"] = {"code": "server_error", "message": named.message}
             out.append({"type": "response.failed", "response": failed})
         elif chat.get("choices"):
             out += self._delta(chat["choices"][0])

@@ -108,14 +108,15 @@ def test_an_error_mid_stream_is_an_error_event_then_the_response_failed() -> Non
 
     shape = _shape()
     frames = shape.events(shape.chunk("", None, first=True)) + shape.events(shape.chunk("kalo", None))
-    frames += shape.events(APIError(503, "the worker went away").body())
+    frames += shape.events(APIError(400, "response_format: the output cannot go on", "response_format").body())
     events = [json.loads(f.decode().split("\n")[1].removeprefix("data: ")) for f in frames]
     for event in events:
         TypeAdapter(ResponseStreamEvent).validate_python(event)
     error, failed = events[-2:]
-    assert (error["type"], error["message"]) == ("error", "the worker went away")
+    said = "text.format: the output cannot go on"  # named by the Responses field, as a refusal before it
+    assert (error["type"], error["message"], error["param"]) == ("error", said, "text.format")
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
-    assert failed["response"]["error"]["message"] == "the worker went away"
+    assert failed["response"]["error"]["message"] == said
 
 
 def test_a_clients_request_id_names_the_response_once() -> None:
