@@ -292,7 +292,10 @@ class ResponseWriter:
         if self._reasoning:
             counted = [(self._reasoning.get(c.out.index), c.out.finish_reason is not None) for c in choices]
             spent = sum(counter.count(done) for counter, done in counted if counter is not None)
-            usage["completion_tokens_details"] = {"reasoning_tokens": spent}
+            # (the Responses API's whole usage names it its way: ``responses_shape``)
+            usage["output_tokens_details" if "output_tokens_details" in usage else "completion_tokens_details"] = {
+                "reasoning_tokens": spent
+            }
 
     def _logprobs(self, choice: RunningChoice, chunk: TokenChunk) -> dict[str, Any] | None:
         if not chunk.logprobs:

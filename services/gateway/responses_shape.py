@@ -21,14 +21,14 @@ def _part(kind: str, text: str = "") -> dict[str, Any]:
     return {"type": kind, "text": text} | ({"annotations": [], "logprobs": []} if kind == "output_text" else {})
 
 
-def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    # reasoning_tokens: 0, as vLLM says it outside gpt-oss's harmony format (the tokens are not split)
+def _usage(prompt: int, completion: int, cached: int, reasoning: int = 0) -> dict[str, Any]:
+    # reasoning_tokens: counted by the writer beside a reasoning parser (``ReasoningTokens``), as vLLM's
     return {
         "input_tokens": prompt,
         # cache_write_tokens: the openai package's type requires it; what the prefix cache keeps is not counted
         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": prompt + completion,
     }
 
@@ -148,7 +148,8 @@ class ResponsesShape(Shape):
             out += self._close() if self._items else [*self._into("message"), *self._close()]  # as ``full``'s
             usage = chat["usage"]
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-            done = _usage(usage["prompt_tokens"], usage["completion_tokens"], cached)
+            reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
+            done = _usage(usage["prompt_tokens"], usage["completion_tokens"], cached, reasoning)
             incomplete = self._finish == "length"
             kind = "response.incomplete" if incomplete else "response.completed"
             out.append({"type": kind, "response": self.response(kind.split(".")[1], self._items, done)})

@@ -220,6 +220,30 @@ async def _auto(stack: Stack, client: Any, asked: dict[str, Any]) -> None:
     assert events[-1][1]["response"]["output"] == items
 
 
+async def test_a_reasoning_parsers_split_is_a_reasoning_item_and_its_tokens_counted(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """With reasoning_parser qwen3 the random model, which never writes </think>, is cut short while
+    thinking: its whole output the reasoning item (the chat's reasoning), every token a reasoning
+    token, whole and streamed (the events of a reasoning item; the split itself is fuzzed in
+    tests/unit/test_reasoning.py and its Responses events in tests/unit/test_responses_shape.py)."""
+    asked = {"model": "lora-1", "input": "kalo?", "temperature": 0, "max_output_tokens": 6, "ignore_eos": True}
+    chat = {"model": "lora-1", "messages": [{"role": "user", "content": "kalo?"}], "temperature": 0}
+    async with run_stack(nats_server, redis, tiny_llama, reasoning_parser="qwen3") as stack:
+        status, expected = await post(stack, "/v1/chat/completions", chat | {"max_tokens": 6, "ignore_eos": True})
+        assert status == 200, expected
+        status, resp = await post(stack, "/v1/responses", asked)
+        assert status == 200 and resp["status"] == "incomplete", resp
+        [item] = resp["output"]
+        assert (
+            item["type"] == "reasoning" and item["content"][0]["text"] == expected["choices"][0]["message"]["reasoning"]
+        )
+        assert resp["usage"]["output_tokens_details"]["reasoning_tokens"] == resp["usage"]["output_tokens"] == 6
+        events = await _events(stack, asked | {"stream": True})
+        text = "".join(d["delta"] for n, d in events if n == "response.reasoning_text.delta")
+        assert text == item["content"][0]["text"] and events[-1][1]["response"]["usage"] == resp["usage"]
+
+
 # (body, status, param): the Responses field each refusal names, never the chat's that serves it
 _REFUSED: list[tuple[dict[str, Any], int, str | None]] = [
     ({"input": "kalo", "frequency": 1}, 400, "frequency"),  # not a Responses field
