@@ -39,7 +39,7 @@ class TextConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Reasoning(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    effort: str | None = None  # the chat's reasoning_effort: refused when set, as there
+    effort: str | None = None  # the chat's reasoning_effort: to the template, as there
     summary: str | None = None  # none is made: refused when set
     generate_summary: str | None = None  # its older name
 
