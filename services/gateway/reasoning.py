@@ -130,47 +130,76 @@ class ReasoningParser:
 @dataclass
 class ReasoningTokens:
     """How many of one choice's output tokens are its reasoning (OpenAI's usage
-    ``completion_tokens_details.reasoning_tokens``), counted as vLLM's think-tag parsers count
-    them (``count_reasoning_tokens``): from past the first ``<think>`` (``open_ids``; none: the
-    first token, R1's later templates open it in the prompt) to the first ``</think>``
-    (``close_ids``; none yet: the last token), neither tag counted; 0 where the output is not
-    read for reasoning (``thinking`` false). ``feed`` each chunk's ids as they come: a tag split
-    across chunks is found, and no chunk is scanned twice."""
+    ``completion_tokens_details.reasoning_tokens``): the tokens of the text ``ReasoningParser``
+    answers as reasoning, up to the first ``</think>`` (``close_ids``; none yet: the last token),
+    no tag counted: past a ``<think>`` (``open_ids``) that opens the output, whitespace before it
+    not counted; else from the first token (R1's later templates open it in the prompt), a
+    ``<think>`` later in the reasoning taken off as its text is. 0 where the output is not read
+    for reasoning (``thinking`` false). ``feed`` each chunk's ids (and text) as they come: a tag
+    split across chunks is found, no chunk is scanned twice, and a count never goes down.
+    vLLM's think-tag parsers count only inside a ``<think>`` the output writes (a depth count):
+    0 for an R1 template's output, whose reasoning dlora counts."""
 
-    open_ids: Sequence[int]
-    close_ids: Sequence[int]
+    open_ids: list[int]
+    close_ids: list[int]
     thinking: bool = True
     _seen: int = 0  # tokens fed
-    _start: int = 0  # where the reasoning starts: past <think>, where found before </think>
+    _start: int = 0  # where the reasoning starts: past a <think> that opened the output
     _end: int | None = None  # where </think> starts, once found
+    _inner: int = 0  # the ids of <think> tags later in the reasoning (taken off its text): not counted
     _tail: list[int] = field(default_factory=list)  # the last ids, that may begin a tag
-    _closing: int = 0  # the last ids that may begin </think>: not counted yet (so a count never goes down)
+    _held: int = 0  # the last ids that may begin a tag: not counted yet (so a count never goes down)
+    _lead: str | None = ""  # the text so far, whitespace stripped, while a <think> may open it; None: it did not
 
-    def feed(self, ids: Sequence[int]) -> None:
-        base, window = self._seen - len(self._tail), [*self._tail, *ids]
-        self._seen += len(ids)
-        if self._end is not None or not self.thinking:
+    def feed(self, ids: Sequence[int], text: str = "") -> None:
+        seen, self._seen = self._seen, self._seen + len(ids)
+        if self._end is not None or not self.thinking:  # (after </think>: nothing more to find)
             return
-        if self._start == 0 and (at := _find(window, self.open_ids)) >= 0:
-            self._start = base + at + len(self.open_ids)
-        if (at := _find(window, self.close_ids)) >= 0:
+        base, window = seen - len(self._tail), [*self._tail, *ids]
+        opener, closer = self.open_ids, self.close_ids
+        if self._lead is not None:
+            lead = self._lead + text if self._lead else text.lstrip()
+            self._lead = lead if _OPEN.startswith(lead) and lead != _OPEN else None
+            if lead.startswith(_OPEN) and (at := _find(window, opener)) >= 0:
+                self._start = base + at + len(opener)
+        if (at := _find(window, closer)) >= 0:
             self._end = base + at
-        self._tail = window[len(window) - max(len(self.open_ids), len(self.close_ids)) + 1 :]
-        tag = list(self.close_ids)
-        self._closing = next((n for n in range(len(tag) - 1, 0, -1) if self._tail[-n:] == tag[:n]), 0)
+        for at in _every(window, opener):  # later tags, each once: where it ends in these ids
+            after = base + at + len(opener)  # (where it ends)
+            if seen < after and self._start <= base + at and (self._end is None or after <= self._end):
+                self._inner += len(opener)
+        self._tail = window[max(0, len(window) - max(len(opener), len(closer)) + 1) :]
+        self._held = max(_partial_ids(self._tail, closer), _partial_ids(self._tail, opener))
 
     def count(self, done: bool = False) -> int:
-        """So far; ``done``: the output is over, a part of ``</think>`` that ended it is reasoning."""
+        """So far; ``done``: the output is over, a part of a tag that ended it is reasoning."""
         if not self.thinking:
             return 0
-        end = self._end if self._end is not None else self._seen - (0 if done else self._closing)
-        return max(0, end - self._start)
+        end = self._end if self._end is not None else self._seen - (0 if done else self._held)
+        return max(0, end - self._start - self._inner)
 
 
-def _find(ids: list[int], tag: Sequence[int]) -> int:
+def _find(ids: list[int], tag: list[int]) -> int:
     """Where ``tag`` (non-empty) first occurs in ``ids``, or -1."""
     n = len(tag)
-    return next((i for i in range(len(ids) - n + 1) if ids[i : i + n] == list(tag)), -1) if n else -1
+    return next((i for i in range(len(ids) - n + 1) if ids[i : i + n] == tag), -1) if n else -1
+
+
+def _every(ids: list[int], tag: list[int]) -> list[int]:
+    """Where ``tag`` (non-empty) occurs in ``ids``, the occurrences apart."""
+    found, i, n = [], 0, len(tag)
+    while n and i <= len(ids) - n:
+        if ids[i : i + n] == tag:
+            found.append(i)
+            i += n
+        else:
+            i += 1
+    return found
+
+
+def _partial_ids(ids: list[int], tag: list[int]) -> int:
+    """How many ids at the end of ``ids`` could begin ``tag``."""
+    return next((n for n in range(min(len(tag) - 1, len(ids)), 0, -1) if ids[-n:] == tag[:n]), 0)
 
 
 def split(kind: str, text: str, thinking: bool = True) -> tuple[str | None, str | None]:

@@ -144,7 +144,7 @@ class ResponseWriter:
         if choice.prompt_only:
             return
         if (reasoning := self._reasoning.get(choice.out.index)) is not None:
-            reasoning.feed(chunk.token_ids)
+            reasoning.feed(chunk.token_ids, chunk.text)
         token_logprobs = self._logprobs(choice, chunk)
         choice.out.finish_reason, choice.out.stop_reason = chunk.finish_reason, chunk.stop_reason
         if self.stream is not None:

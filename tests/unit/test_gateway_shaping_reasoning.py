@@ -207,3 +207,25 @@ async def test_usage_says_how_many_output_tokens_were_reasoning(served: ServedMo
     assert said[0] == 0 and said[-1] == len(thought) and said == sorted(said)
     plain = json.loads(await _answered(served, body, ids))  # no parser: not said, as vLLM
     assert "completion_tokens_details" not in plain["usage"]
+
+
+async def test_a_stream_s_reasoning_tokens_never_go_down_past_a_later_think(served: ServedModel) -> None:
+    """An R1 output (its template opened ``<think>``) that writes ``<think>`` mid-reasoning: the
+    tag is taken off the reasoning text, what precedes it kept, and usage counts those tokens too.
+    The count jumped past the later tag: each event's continuous usage went 2, then 0."""
+    import json
+
+    thinks = dataclasses.replace(served, reasoning_parser="deepseek_r1")
+    enc = served.tokenizer.encode
+    start, end = thinks.reasoning_start, thinks.reasoning_end
+    before, after = enc("kalo remi", add_special_tokens=False), enc("nole", add_special_tokens=False)
+    ids = [[t] for t in before] + [start] + [[t] for t in after] + [end, enc("ok", add_special_tokens=False)]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}
+    options = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    lines = (await _answered(thinks, body | options, ids)).splitlines()
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    said = [e["usage"]["completion_tokens_details"]["reasoning_tokens"] for e in events]
+    assert said == sorted(said) and said[-1] == len(before) + len(after), said
+    whole = json.loads(await _answered(thinks, body, ids))
+    assert whole["usage"]["completion_tokens_details"] == {"reasoning_tokens": len(before) + len(after)}
+    assert whole["choices"][0]["message"]["reasoning"] == served.tokenizer.decode(before + after)

@@ -86,19 +86,17 @@ def test_whitespace_before_a_possible_think_tag_is_not_scanned_again_at_each_tok
     assert [parser.feed(p) for p in ["\n", " <th", " x"]] == [("", ""), ("", ""), ("\n <th x", "")]
 
 
-@pytest.mark.parametrize(("open_ids", "close_ids"), [([1], [2]), ([1, 3], [2, 3, 4])])
-def test_reasoning_tokens_are_counted_as_vllm_counts_them_however_the_chunks_split(
-    open_ids: list[int], close_ids: list[int]
-) -> None:
-    """usage's reasoning_tokens, as vLLM's think-tag parsers count them: past the first
-    ``<think>`` (else from the first token) up to the first ``</think>`` (else the last), the tags
-    not counted; tags of several tokens split across chunks alike."""
+@pytest.mark.parametrize(("open_ids", "close_ids"), [([1], [2]), ([1, 3], [2, 3, 4]), ([1, 3, 4], [1, 2, 3, 4])])
+def test_reasoning_tokens_are_counted_however_the_chunks_split(open_ids: list[int], close_ids: list[int]) -> None:
+    """usage's reasoning_tokens: past a ``<think>`` that opens the output (else from the first
+    token) up to the first ``</think>`` (else the last), the tags not counted; tags of several
+    tokens split across chunks alike."""
     o, c = open_ids, close_ids
     cases = [
         (o + [5, 6, 7] + c + [8, 9], 3),
         ([5, 6] + c + [8], 2),  # R1's later templates: <think> in the prompt
         (o + [5, 6, 7], 3),  # cut while thinking
-        ([5, 5] + o + [6] + c + o + [7] + c, 1),  # what precedes the first <think> is not counted (vLLM's)
+        ([5, 5] + o + [6] + c + o + [7] + c, 3),  # a later <think> taken off, what precedes it kept (the text's)
         (c + [8, 9], 0),
         ([], 0),
     ]
@@ -305,3 +303,32 @@ def test_a_named_call_opens_once_the_reasoning_has_ended_and_not_at_all_while_th
         assert len(opened) == (1 if want else 0) and all(c["function"]["name"] == "f" for c in opened)
         args = "".join(c["function"]["arguments"] for e in events for c in e["delta"].get("tool_calls", []))
         assert args == (want or "")
+
+
+@pytest.mark.parametrize(("open_ids", "close_ids"), [([1], [2]), ([1, 3], [2, 3, 4]), ([1, 3, 4], [1, 2, 3, 4])])
+def test_reasoning_tokens_are_the_reasoning_text_s_and_never_go_down(open_ids: list[int], close_ids: list[int]) -> None:
+    """The count follows the text parser: a ``<think>`` later in the reasoning is taken off its
+    text, the text before it kept (R1's later templates open ``<think>`` in the prompt), so the
+    tokens before it are reasoning too; a ``<think>`` past the ``</think>`` is content. Was: the
+    start moved past such a tag, a stream's continuous usage said 2 reasoning tokens, then 0; and a
+    ``<think>`` after ``</think>`` in the same chunk made the whole count 0."""
+    o, c = open_ids, close_ids
+    cases = [
+        ([5, 5] + o + [6] + c + [7], 3),  # the later tag taken off, as the text's "55 6"
+        ([5, 6, 7] + c + o + [8], 3),  # a <think> in the content is not the reasoning's start
+        (o + [5] + o + [6] + c, 2),
+        ([5, 6] + c, 2),
+    ]
+    rng = random.Random(7)
+    for ids, count in cases:
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(len(ids) + 1), rng.randint(0, len(ids))))
+            counter, said = ReasoningTokens(o, c), []
+            for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True):
+                counter.feed(ids[a:b])
+                said.append(counter.count())
+            assert said == sorted(said) and counter.count(done=True) == count, (ids, cuts, said)
+    counter = ReasoningTokens(o, c)  # whitespace before the opening <think> is not reasoning (the text's)
+    for ids, text in [([9], "\n"), (o, "<think>"), ([5], "a"), (c, "</think>")]:
+        counter.feed(ids, text)
+    assert counter.count(done=True) == 1
