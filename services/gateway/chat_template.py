@@ -45,6 +45,9 @@ class ChatTemplate:
     # templates refuse any but 9 (``tool_parsers.CALL_ID_LENGTHS``), so a client's own did (vLLM
     # cuts them in its mistral tokenizer mode).
     call_id_length: int = 0
+    # The request's own chat_template_kwargs, apart from what its reasoning_effort added to
+    # ``kwargs``: a template that refuses the effort is the effort's fault (``_blamed``).
+    given_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, body: RenderingOptions, call_id_length: int = 0) -> ChatTemplate:
@@ -63,14 +66,14 @@ class ChatTemplate:
                 "continue_final_message and add_generation_prompt cannot both be true",
                 param="continue_final_message",
             )
-        kwargs = body.chat_template_kwargs or {}
+        kwargs = given = body.chat_template_kwargs or {}
         if reserved := sorted(set(kwargs) & _RENDERER_KWARGS):
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         if (effort := getattr(body, "reasoning_effort", None)) is not None:
             kwargs = _with_effort(kwargs, effort)
         tools = getattr(body, "tools", None)
         tools = [_given(t) for t in msgspec.to_builtins(tools)] if tools else None
-        return cls(add, cont, kwargs, tools, getattr(body, "documents", None), call_id_length)
+        return cls(add, cont, kwargs, tools, getattr(body, "documents", None), call_id_length, given)
 
 
 # OpenAI's reasoning_effort values, and vLLM's "max" (DeepSeek V4's)
@@ -307,6 +310,9 @@ def _blamed(renders: list[Callable[..., object]], template: ChatTemplate) -> str
     (the history's call arguments as objects, and as text) is tried: a template that splices the
     text failed on the objects in every trial, and its tools' fault was blamed on the messages."""
     if template.kwargs and any(_rendered(render) is not None for render in renders):
+        own = template.given_kwargs  # (it renders with the client's own: what reasoning_effort added is at fault)
+        if own != template.kwargs and any(_rendered(functools.partial(r, **own)) is not None for r in renders):
+            return "reasoning_effort"
         return "chat_template_kwargs"
     without_tools = {**template.kwargs, "tools": None}
     if template.tools and any(_rendered(functools.partial(r, **without_tools)) is not None for r in renders):

@@ -154,6 +154,28 @@ def test_reasoning_effort_reaches_the_template_as_vllm_gives_it(served: ServedMo
     assert (e.status, e.param) == (400, "reasoning_effort") and "minimal" in e.message
 
 
+def test_a_template_that_refuses_a_reasoning_effort_blames_that_field(served: ServedModel) -> None:
+    """A template that raises on the ``reasoning_effort`` it is given (gpt-oss-style templates
+    check it) was a 400 naming ``chat_template_kwargs``, a field the client never sent: the effort
+    rides in the template's kwargs. Its own kwargs still blamed where they are at fault."""
+    tokenizer = copy.deepcopy(served.tokenizer)
+    tokenizer.chat_template = (
+        "{% if reasoning_effort is defined and reasoning_effort == 'max' %}{{ raise_exception('no max') }}{% endif %}"
+        "{% if strict is defined %}{{ raise_exception('no strict') }}{% endif %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    thinks = dataclasses.replace(served, reasoning_parser="qwen3", tokenizer=tokenizer)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    e = refused(thinks, body | {"reasoning_effort": "max"}, chat=True)
+    assert (e.status, e.param) == (400, "reasoning_effort"), e.message
+    e = refused(
+        thinks, body | {"reasoning_effort": "max", "chat_template_kwargs": {"enable_thinking": True}}, chat=True
+    )
+    assert e.param == "reasoning_effort", e.message
+    e = refused(thinks, body | {"reasoning_effort": "low", "chat_template_kwargs": {"strict": 1}}, chat=True)
+    assert e.param == "chat_template_kwargs", e.message
+
+
 async def _answered(model: ServedModel, body: dict[str, object], ids: list[list[int]]) -> str:
     """The response body a chat ``body`` gets whose one choice's chunks carry ``ids``."""
     import aiohttp
