@@ -95,3 +95,37 @@ def test_a_lower_priority_prompt_does_not_start_in_a_step_that_preempted_a_highe
     want = make_engine(tiny_llama, block_size=4, num_blocks=64)
     add_all(want)
     assert finish(engine, got) == finish(want, {})
+
+
+def test_prompts_arriving_after_a_recompute_do_not_start_before_it(tiny_llama: TinyOutput) -> None:
+    """vLLM's waiting loop stops at a request the free blocks cannot hold. dlora's went on past a
+    recompute (here "r", resumed with 25 tokens made elsewhere: 8 of the 12 blocks) to the small
+    prompts behind it: with two always queued (a new one whenever one ends) the blocks "r" waited
+    for were taken again each time, and it ran only once "a", the older stream ahead of it, had
+    ended and it could evict them (11 steps; with a policy ordering another adapter ahead, never)."""
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=12)
+    small = SamplingParams(max_tokens=6, ignore_eos=True)
+    count = 0
+
+    def feed() -> None:
+        nonlocal count
+        engine.add_request(f"s{count}", prompt_token_ids=[5 + count, 6, 7], params=small)
+        count += 1
+
+    got: dict[str, list[int]] = {}
+    engine.add_request("a", prompt_token_ids=[3, 4, 5], params=SamplingParams(max_tokens=16, ignore_eos=True))
+    feed()
+    for _ in range(3):  # the small streams a few tokens apart: one always holds 2 blocks
+        step(engine, got)
+    feed()
+    step(engine, got)
+    r = SamplingParams(max_tokens=28, ignore_eos=True)
+    engine.add_request("r", prompt_token_ids=list(range(20, 27)), resume_token_ids=list(range(30, 55)), params=r)
+    older = set(engine.seqs)
+    while "r" not in got:
+        while len([rid for rid in engine.seqs if rid not in ("a", "r")]) < 2:
+            feed()
+        ran = step(engine, got)
+        assert "r" in ran or ran <= older  # no newcomer before it
+    assert "a" in engine.seqs  # nor did it wait for the stream ahead of it to end
+    finish(engine, got)

@@ -49,6 +49,21 @@ def test_admits_prefills_within_free_blocks_in_order() -> None:
     assert plan.preempted == []
 
 
+def test_no_prompt_keyed_behind_a_recompute_that_does_not_fit_starts() -> None:
+    """vLLM's waiting loop stops there: past it, small prompts kept taking the blocks the recompute
+    waited for. A prompt holding blocks already (in vLLM's running list) goes on."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    d = running(seq("d", 0, 3, outputs=1), bm)
+    r = seq("r", 1, 8, outputs=5)  # 13 tokens: 4 blocks, 2 free
+    h = seq("h", 3, 8)
+    h.num_cached = 4
+    bm.grow("h", 4)  # its first chunk in: the second takes 1 block
+    seqs = {s.request_id: s for s in [d, r, h, seq("p", 4, 4)]}
+    plan = schedule(StepDecision(None, ["d", "r", "h", "p"]), seqs, bm, LIMITS)
+    assert [s.request_id for s in plan.seqs] == ["d", "h"]
+    assert not bm.holds("p") and not bm.holds("r")
+
+
 def test_decode_preempts_the_latest_running_sequence_outside_the_batch() -> None:
     bm = BlockManager(num_blocks=4, block_size=4)
     old = running(seq("old", 0, 4, outputs=1), bm)  # 4 cached, needs a 2nd block for token 5

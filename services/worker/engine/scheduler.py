@@ -160,6 +160,11 @@ def schedule(
     # it is computed under): hashed only if a fresh prompt comes after them, else ``computed`` names
     # them once, after the forward.
     providers: list[tuple[Sequence, int, int, bytes]] = []
+    # The key of the first recompute (a request that was generating: preempted, or resumed from
+    # elsewhere) this step could not start: no prompt keyed behind it starts either, as vLLM's
+    # waiting loop stops there. Going on past it, a stream of small prompts kept the blocks it
+    # waited for taken, and it never ran again (tests/engine/test_preemption_order.py).
+    line = math.inf
     floor = math.inf  # the highest priority (lowest value) preempted this step
     for rid in decision.request_ids:
         seq = seqs.get(rid)
@@ -178,6 +183,8 @@ def schedule(
             # no waiting request in a step that preempted; one admitted then decoded on as it waited)
             continue
         fresh = not blocks.holds(rid)
+        if fresh and seq.arrival > line:
+            continue
         # Which weights compute its KV this step (a decode needs none: it seldom fills a block)
         caches = blocks.enable_prefix_caching and seq.status is Status.WAITING
         own_key = seq.salted(cache_key(seq.adapter)) if caches or fresh else b""
@@ -200,6 +207,7 @@ def schedule(
                 n = room
             elif out.seqs or reserved:
                 _release(seq, blocks, fresh)
+                line = _stop(seq, line)
                 continue
         # Most decodes fit in the blocks they hold: nothing to check, take or preempt.
         if seq.num_cached + n > blocks.capacity(rid):
@@ -217,6 +225,7 @@ def schedule(
                     adapters = {s.adapter for s in out.seqs if s.adapter not in (None, merged)}
             if not fits:
                 _release(seq, blocks, fresh)
+                line = _stop(seq, line)
                 continue
             blocks.grow(rid, seq.num_cached + n)
         seq.num_scheduled = n
@@ -236,6 +245,12 @@ def schedule(
         if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out
+
+
+def _stop(seq: Sequence, line: float) -> float:
+    """The step's ``line`` once ``seq`` could not run: its key if it is a recompute (a decode that
+    gave up its own blocks too). A fresh prompt that does not fit is passed over (dLoRA's choice)."""
+    return min(line, seq.arrival) if seq.status is Status.WAITING and seq.output_ids else line
 
 
 def _decode_tokens(decision: StepDecision, seqs: dict[str, Sequence]) -> dict[str, int]:
