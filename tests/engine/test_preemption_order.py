@@ -129,3 +129,28 @@ def test_prompts_arriving_after_a_recompute_do_not_start_before_it(tiny_llama: T
         assert "r" in ran or ran <= older  # no newcomer before it
     assert "a" in engine.seqs  # nor did it wait for the stream ahead of it to end
     finish(engine, got)
+
+
+def test_the_head_of_line_pass_starts_no_lower_priority_prompt_after_the_decision_s_preempted(
+    tiny_llama: TinyOutput,
+) -> None:
+    """The decision's prompt "big" (priority 0), alone in its step, evicts "v" (0) and still does
+    not fit beside "h" (-1, not its to evict): nothing ran, and the engine's head-of-line pass,
+    which runs instead, let "l" (priority 2) take a block "v" gave up, as the decision's own pass
+    would not have (vLLM admits no waiting request in a step that preempted)."""
+
+    def add_all(engine: LLMEngine) -> None:
+        engine.add_request("h", prompt_token_ids=list(range(80, 85)), params=PARAMS, priority=-1)  # 2 blocks
+        engine.add_request("v", prompt_token_ids=[11, 40, 300], params=PARAMS)
+        engine.add_request("l", prompt_token_ids=[5, 6, 7], params=PARAMS, priority=2)
+        engine.add_request("big", prompt_token_ids=list(range(60, 73)), params=SamplingParams(max_tokens=3))
+
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=4)
+    add_all(engine)
+    got: dict[str, list[int]] = {}
+    assert step(engine, got, StepDecision(None, ["h", "v"])) == {"h", "v"}  # 1 block left
+    step(engine, got, StepDecision(None, ["big"]))
+    assert engine.seqs["v"].num_preemptions == 1 and not engine.blocks.holds("l")
+    want = make_engine(tiny_llama, block_size=4, num_blocks=64)
+    add_all(want)
+    assert finish(engine, got) == finish(want, {})

@@ -375,7 +375,8 @@ class LLMEngine:
                 merge_more, unmerge_more = self.switch(merged := None)
                 merge_s, unmerge_s = merge_s + merge_more, unmerge_s + unmerge_more
             head = StepDecision(merged, [q.request_id for q in line], mixed=merged is not None)
-            plan = schedule(head, self.seqs, self.blocks, self.limits, self._cache_key)
+            floor = min((s.priority for s in preempted), default=float("inf"))  # (schedule's floor)
+            plan = schedule(head, self.seqs, self.blocks, self.limits, self._cache_key, floor)
             plan.preempted[:0] = preempted
         self._arrivals = requeue(plan.preempted, self.seqs.values(), self.blocks.holds, self._arrivals)
         self.stats.preemptions += len(plan.preempted)

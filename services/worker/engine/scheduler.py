@@ -131,6 +131,7 @@ def schedule(
     blocks: BlockManager,
     limits: Limits,
     cache_key: Callable[[str | None], bytes] = lambda _: b"",
+    floor: float = math.inf,
 ) -> Schedule:
     """The decision's requests that run this step, each with ``num_scheduled`` set: every token it
     has new, or a chunk of a prefill. A prefill that holds no blocks yet first takes the cached
@@ -138,7 +139,8 @@ def schedule(
     KV for that adapter; ``block_manager.py``). With chunked prefill the decodes come first in the
     token budget wherever they stand in the decision, as in vLLM: a prompt of a higher priority
     (first in the decision) took the whole budget and stalled every running stream for its
-    prefill (a user's trial)."""
+    prefill (a user's trial). ``floor``: the highest priority (lowest value) a pass before this one
+    in the same step preempted (the engine's head of line, after a decision that ran nothing)."""
     out = Schedule()
     chosen: set[str] = set()
     adapters: set[str] = set()
@@ -165,7 +167,6 @@ def schedule(
     # waiting loop stops there. Going on past it, a stream of small prompts kept the blocks it
     # waited for taken, and it never ran again (tests/engine/test_preemption_order.py).
     line = math.inf
-    floor = math.inf  # the highest priority (lowest value) preempted this step
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
