@@ -64,6 +64,15 @@ def test_no_prompt_keyed_behind_a_recompute_that_does_not_fit_starts() -> None:
     assert not bm.holds("p") and not bm.holds("r")
 
 
+def test_a_pass_after_one_that_preempted_starts_no_prompt_of_a_lower_priority() -> None:
+    """The engine's head-of-line pass, after a decision whose pass preempted a priority-0 request
+    and ran nothing, passes that on (``floor``): vLLM admits no waiting request in such a step."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seqs = {s.request_id: s for s in [seq("p", 0, 4), seq("l", 2 * PRIORITY_SPAN, 4)]}
+    plan = schedule(StepDecision(None, ["p", "l"]), seqs, bm, LIMITS, floor=0)
+    assert [s.request_id for s in plan.seqs] == ["p"]
+
+
 def test_decode_preempts_the_latest_running_sequence_outside_the_batch() -> None:
     bm = BlockManager(num_blocks=4, block_size=4)
     old = running(seq("old", 0, 4, outputs=1), bm)  # 4 cached, needs a 2nd block for token 5

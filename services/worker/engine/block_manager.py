@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # A block's hash chain starts from this parent.
@@ -131,6 +132,11 @@ class BlockManager:
     def extra_blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """Blocks to add so ``seq_id`` can hold ``num_tokens`` tokens (0 if it already can)."""
         return max(0, self.blocks_for(num_tokens) - len(self.table(seq_id)))
+
+    def freeable(self, seq_ids: Iterable[str]) -> int:
+        """Blocks that freeing all of ``seq_ids`` would give back (one another holds too stays held)."""
+        refs = Counter(block for seq_id in seq_ids for block in self.table(seq_id))
+        return sum(n == self._ref[block] for block, n in refs.items())
 
     def can_grow(self, seq_id: str, num_tokens: int) -> bool:
         return self.extra_blocks_needed(seq_id, num_tokens) <= self.num_free

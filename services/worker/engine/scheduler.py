@@ -298,11 +298,17 @@ def _fits(
     ahead = {r for r, s in seqs.items() if s.status is Status.WAITING and s.arrival < seq.arrival}
     # (the decision's of a lower priority are not spared: a higher priority outside it went first)
     spared = {r for r in decision.request_ids if (s := seqs.get(r)) is None or s.priority <= seq.priority}
+    # Half-prefilled prompts of the decision that came after this one may go too (else two of
+    # them can fill the cache and no step ever runs again).
+    earlier = {r for r, s in seqs.items() if s.arrival <= seq.arrival}
+    kept = (spared | ahead) & earlier
+    could = [r for r, s in seqs.items() if r not in kept and s.priority >= seq.priority]
+    if blocks.extra_blocks_needed(rid, num_tokens) > blocks.num_free + blocks.freeable(could):
+        # Evicting all it may would not make room: evicted, they recomputed for nothing (one was
+        # started again in the same step by the head-of-line pass that then ran instead).
+        return False
     out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=spared | ahead)
     if not blocks.can_grow(rid, num_tokens):
-        # Still empty: half-prefilled prompts of the decision that came after this one give their
-        # blocks back (else two of them can fill the cache and no step ever runs again).
-        earlier = {r for r, s in seqs.items() if s.arrival <= seq.arrival}
         out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=earlier)
     return blocks.can_grow(rid, num_tokens)
 
