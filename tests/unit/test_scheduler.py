@@ -64,6 +64,17 @@ def test_no_prompt_keyed_behind_a_recompute_that_does_not_fit_starts() -> None:
     assert not bm.holds("p") and not bm.holds("r")
 
 
+def test_without_chunked_prefill_no_prompt_keyed_behind_a_recompute_over_the_budget_left_starts() -> None:
+    """The token budget's stop as vLLM's (its waiting loop ends at a prompt over the budget left
+    when chunked prefill is off): past it, small prompts kept the step's budget taken by their
+    decodes, and the recompute waited as long as they came."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+    d = running(seq("d", 0, 3, outputs=1), bm)
+    seqs = {s.request_id: s for s in [d, seq("r", 1, 60, outputs=4), seq("p", 2, 4)]}
+    plan = schedule(StepDecision(None, ["d", "r", "p"]), seqs, bm, LIMITS)  # r: 64 tokens, 63 left
+    assert [s.request_id for s in plan.seqs] == ["d"]
+
+
 def test_a_pass_after_one_that_preempted_starts_no_prompt_of_a_lower_priority() -> None:
     """The engine's head-of-line pass, after a decision whose pass preempted a priority-0 request
     and ran nothing, passes that on (``floor``): vLLM admits no waiting request in such a step."""
