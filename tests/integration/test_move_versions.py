@@ -155,3 +155,31 @@ async def test_only_a_request_not_begun_takes_the_version_registered_since_and_o
         AdapterEntry(name="rl", path="/x", rank=8, created=0.0, version="v3", owner="other"), replace=True
     )
     assert await on_current_version(store, req) is None
+
+
+async def test_a_request_whose_worker_died_with_it_keeps_its_version_though_its_record_shows_no_tokens(
+    redis: Redis,
+) -> None:
+    """A worker sends a step's chunks first and records them after (``WorkerService.deliver``): one
+    that died between the two left a record with no tokens while its client had some. Re-dispatched,
+    then handed back by a worker that found the version's files rewritten, such a request looked not
+    begun, took the reload, and the client's text went on from the new weights after the old's (the
+    gateway drops the re-sent numbers, not their other text): a review of the rule that moves a
+    request not begun to the version registered since. A death in its record keeps it on its own."""
+    store = StateStore(redis)
+    for version in ("v1", "v2"):
+        await store.put_adapter(
+            AdapterEntry(name="rl", path="/x", rank=8, created=0.0, version=version, owner="acme"), replace=True
+        )
+    req = GenerateRequest(request_id="r", reply_to="x", prompt_token_ids=[1, 2], adapter="rl", adapter_version="v1")
+    assert await store.put_inflight(req, "dead", new=True, marks_taken=True)
+    resumed = msgspec.structs.replace(req, recoveries=1, continued=True)  # the record had no tokens yet
+    assert await store.put_inflight(resumed, "next", expect=("dead", 0), died=True, marks_taken=True)
+    assert (await store.get_inflight("r")).deaths == 1
+    assert await on_current_version(store, resumed) is None
+    # a hand-back alone (its message never reached a worker that could load it) still takes the reload
+    other = msgspec.structs.replace(req, request_id="s")
+    assert await store.put_inflight(other, "w", new=True, marks_taken=True)
+    moved = msgspec.structs.replace(other, recoveries=1, continued=True)
+    assert await store.put_inflight(moved, "w2", expect=("w", 0), marks_taken=True)
+    assert (await on_current_version(store, moved)).adapter_version == "v2"
