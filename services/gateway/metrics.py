@@ -236,9 +236,9 @@ class RequestTimer:
         now, m, choice, queue_s = time.monotonic(), self.metrics, chunk.request_id, chunk.queue_seconds
         if chunk.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             m.vllm["e2e_request_latency_seconds"].labels(m.model_name).observe(now - self.start)
-            if (first := self.choice_first.get(choice, now)) < now and tokens > 1:
-                tpot = (now - first) / (tokens - 1)
-                m.vllm["request_time_per_output_token_seconds"].labels(m.model_name).observe(tpot)
+            # Each finished choice, 0 for one of a token (as vLLM: its _count is e2e's)
+            tpot = (now - self.choice_first.get(choice, now)) / (tokens - 1) if tokens > 1 else 0.0
+            m.vllm["request_time_per_output_token_seconds"].labels(m.model_name).observe(tpot)
         if choice in self.choice_first:
             return
         self.choice_first[choice] = now

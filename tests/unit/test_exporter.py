@@ -316,3 +316,33 @@ def test_vllms_latency_names_time_each_choice_by_its_own_first_token_and_end(mon
     assert observed(metrics.vllm["request_queue_time_seconds"]) == [2.0, 1.0]
     assert observed(metrics.ttft) == [1.0, 1.0] and observed(metrics.e2e) == [1.0, 8.0]
     assert observed(metrics.tpot) == [1.0, 7.0 / 3]  # the longest choice's tokens, from the first chunk
+
+
+def test_vllms_time_per_output_token_observes_each_finished_choice_a_one_token_one_as_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM observes request_time_per_output_token once each finished request, 0 for one of a
+    single token or whose tokens came in one step (IterationStats.update_from_finished_request:
+    ``decode_time / (n - 1) if n - 1 > 0 else 0``), so its ``_count`` is e2e's. A max_tokens 1
+    choice, and one whose tokens came in one chunk, were left out: an n = 4 max_tokens = 1 request
+    read 4 in e2e's ``_count`` and 0 here, and a dashboard's mean per-token time went up."""
+    import types
+
+    from dlora.common.messages import FinishReason
+    from dlora.services.gateway import metrics as gateway_metrics
+    from dlora.services.gateway.metrics import Metrics, RequestTimer
+
+    now = [100.0]
+    monkeypatch.setattr(gateway_metrics, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    metrics = Metrics("model")
+    timer = RequestTimer(metrics, "lora-0", start=99.0)
+    for at, rid, ids in ((100.0, "a", [5]), (101.0, "b", [5, 6, 7])):  # each over in its first chunk
+        now[0] = at
+        timer.chunk(TokenChunk(request_id=rid, seq=0, token_ids=ids, finish_reason=FinishReason.LENGTH), len(ids))
+
+    def count_and_sum(name: str) -> list[float]:
+        family = metrics.vllm[name]
+        return [s.value for f in family.collect() for s in f.samples if s.name.endswith(("_sum", "_count"))]
+
+    assert count_and_sum("e2e_request_latency_seconds") == [2.0, 1.0 + 2.0]
+    assert count_and_sum("request_time_per_output_token_seconds") == [2.0, 0.0]
