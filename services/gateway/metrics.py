@@ -207,7 +207,7 @@ class RequestTimer:
         self.metrics, self.name, self.public = metrics, name, public
         self.start = time.monotonic() if start is None else start
         self.first_at: float | None = None  # monotonic seconds of the first chunk
-        self.choice_first: dict[str, float] = {}  # each choice's (by its request id) first chunk
+        self.choice_first: dict[str, tuple[float, float | None]] = {}  # each choice's first chunk, queue time
         self.over = False  # counted in ``requests`` (its 200, its failure or its abort)
         self.ran: Sequence[ReplyStream] = ()  # its choices' replies, once a dispatcher took them
 
@@ -232,24 +232,35 @@ class RequestTimer:
     def chunk(self, chunk: TokenChunk, tokens: int) -> None:
         """``chunk`` of a choice came (none a duplicate), the choice's ``tokens`` so far with it:
         the request's first chunk and each choice's first are timed, and each choice's end (stop
-        or length) under vLLM's names."""
-        now, m, choice, queue_s = time.monotonic(), self.metrics, chunk.request_id, chunk.queue_seconds
+        or length) under vLLM's names, its queue time with it: vLLM observes that with its
+        end-to-end latency, in one loop over the requests it counts finished (a choice whose
+        client went after its first token is in neither)."""
+        choice = chunk.request_id
+        if chunk.finish_reason is None and choice in self.choice_first:
+            return  # (each token's: nothing timed)
+        now, m = time.monotonic(), self.metrics
+        if choice not in self.choice_first:
+            self._first(choice, now, chunk.queue_seconds)
         if chunk.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            first, queue_s = self.choice_first[choice]
             m.vllm["e2e_request_latency_seconds"].labels(m.model_name).observe(now - self.start)
+            if queue_s is not None:
+                m.vllm["request_queue_time_seconds"].labels(m.model_name).observe(queue_s)
             # Each finished choice, 0 for one of a token (as vLLM: its _count is e2e's)
-            tpot = (now - self.choice_first.get(choice, now)) / (tokens - 1) if tokens > 1 else 0.0
+            tpot = (now - first) / (tokens - 1) if tokens > 1 else 0.0
             m.vllm["request_time_per_output_token_seconds"].labels(m.model_name).observe(tpot)
-        if choice in self.choice_first:
-            return
-        self.choice_first[choice] = now
+
+    def _first(self, choice: str, now: float, queue_s: float | None) -> None:
+        """``choice``'s first chunk came at ``now``: its time to first token; the request's too,
+        with its queue time, if it is the request's first."""
+        m = self.metrics
+        self.choice_first[choice] = (now, queue_s)
         m.vllm["time_to_first_token_seconds"].labels(m.model_name).observe(now - self.start)
-        if queue_s is not None:
-            m.vllm["request_queue_time_seconds"].labels(m.model_name).observe(queue_s)
         if self.first_at is not None:
             return
         self.first_at = now
         m.ttft.labels(self.label).observe(now - self.start)
-        self.metrics.traffic.first_token(self.name, now - self.start)
+        m.traffic.first_token(self.name, now - self.start)
         if queue_s is not None:
             m.queue.labels(self.label).observe(queue_s)
 

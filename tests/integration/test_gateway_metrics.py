@@ -268,3 +268,51 @@ async def test_vllm_latency_histograms_observe_each_choice_as_vllm_observes_each
         "ours_ttft": 2,
         "success": 5,
     }, delta
+
+
+async def test_vllms_latency_histograms_count_what_request_success_counts_finished_under_a_mixed_load(
+    stack: Stack,
+) -> None:
+    """vLLM observes end-to-end latency, queue time and time per output token in one loop over
+    its finished requests, the one that counts vllm:request_success_total (vllm/v1/metrics/
+    loggers.py): their _count is the same. A mixed load (n > 1, streamed and not, one-token
+    answers, a client gone mid-stream): the queue time was observed at each choice's first
+    token, the gone client's choices too, and the time per output token left out one-token
+    choices: three _counts for one figure."""
+    m = stack.gateway.metrics
+
+    def counts() -> dict[str, float]:
+        got = {
+            n: sum(s.value for f in h.collect() for s in f.samples if s.name.endswith("_count"))
+            for n, h in m.vllm.items()
+        }
+        by_reason = {
+            s.labels["finished_reason"]: s.value
+            for f in m.success.collect()
+            for s in f.samples
+            if s.name.endswith("_total")
+        }
+        return got | by_reason
+
+    before = counts()
+    body = {"model": "lora-1", "prompt": "kalo", "max_tokens": 4, "ignore_eos": True, "n": 3, "temperature": 1.0}
+    jobs = [
+        post(stack, "/v1/completions", body),
+        post(stack, "/v1/completions", {**body, "max_tokens": 1, "n": 2}),
+        stream(stack, "/v1/completions", {**body, "n": 2}),
+    ]
+    await asyncio.gather(*jobs)
+    async with aiohttp.ClientSession() as http:
+        gone = {**body, "max_tokens": 300, "stream": True, "n": 2}
+        async with http.post(stack.url + "/v1/completions", json=gone) as r:
+            await r.content.readline()  # its first event, then gone
+    for _ in range(1000):  # (up to 10 s: a loaded CI host)
+        if counts()["abort"] >= before["abort"] + 2 and not any(w.engine.has_unfinished() for w in stack.workers):
+            break
+        await asyncio.sleep(0.01)
+    delta = {k: v - before[k] for k, v in counts().items()}
+    finished = delta["stop"] + delta["length"]
+    assert (finished, delta["abort"], delta["error"]) == (7, 2, 0), delta
+    for name in ("e2e_request_latency_seconds", "request_queue_time_seconds", "request_time_per_output_token_seconds"):
+        assert delta[name] == finished, (name, delta)
+    assert 7 <= delta["time_to_first_token_seconds"] <= 9, delta  # (a gone choice's first token may not have come)
