@@ -138,11 +138,12 @@ class Metrics:
     def finished(self, ran: Sequence[ReplyStream]) -> None:
         """The requests ``ran`` (those a dispatcher took) are over: each counted in ``success`` by
         how it ended, one not ended by its worker (its client went, or another choice failed and it
-        was aborted) as ``abort``, as vLLM counts a request its client left. One refused with a 4xx
+        was aborted) as ``abort`` (vLLM declares the reason but leaves such requests uncounted:
+        vllm-project/vllm#31503; counted here so the reasons sum to what ran). One refused with a 4xx
         (by the dispatcher: too long, an adapter gone) is not counted: vLLM refuses those before
         its engine runs them. One the gateway's stop cut (an UNAVAILABLE error from ``shutdown``)
-        is an abort too, as vLLM counts those its shutdown timeout aborts: an error, every rolling
-        restart of gateways set off a dashboard's error-rate alert for requests nothing failed."""
+        is an abort too, not an error: as an error, every rolling restart of gateways set off a
+        dashboard's error-rate alert for requests nothing failed."""
         for replies in ran:
             reason = replies.finish_reason or FinishReason.ABORT
             if reason == FinishReason.ERROR and self.stopping and replies.error_code == ErrorCode.UNAVAILABLE:
