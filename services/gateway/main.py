@@ -52,7 +52,7 @@ from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.grammar_pool import shaped
 from dlora.services.gateway.health import readiness
 from dlora.services.gateway.hosts import host_name, is_loopback
-from dlora.services.gateway.metrics import Metrics, RequestTimer, keep_tidy
+from dlora.services.gateway.metrics import SHUTTING_DOWN, Metrics, RequestTimer, keep_tidy
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
@@ -375,11 +375,8 @@ class Gateway:
             await bus.flush(self.nc, round_trip_s=2)
         except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
             logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
-        self.metrics.stopping = True  # (what still runs is cut by the stop: vllm:request_success's abort)
         for rid, queue in in_flight.items():  # an error from "" (the gateway) ends its choice whatever its seq
-            chunk = TokenChunk(
-                request_id=rid, seq=0, error="the gateway is shutting down", error_code=ErrorCode.UNAVAILABLE
-            )
+            chunk = TokenChunk(request_id=rid, seq=0, error=SHUTTING_DOWN, error_code=ErrorCode.UNAVAILABLE)
             queue.put_nowait(msgspec.json.encode(chunk))
 
     def close(self) -> None:

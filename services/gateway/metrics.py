@@ -22,6 +22,8 @@ from dlora.common.state import StateStore
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.gateway.status import Traffic
 
+# The error ``Gateway.shutdown`` ends what still runs with (``Metrics.finished``: an abort)
+SHUTTING_DOWN = "the gateway is shutting down"
 logger = log.get("gateway")
 
 # The adapter labels of every adapter a tenant owns (on the public /metrics) and of public adapters
@@ -118,7 +120,6 @@ class Metrics:
         for reason in FinishReason:
             self.success.labels(model_name, reason.value)
         self.traffic = Traffic()  # the same, kept for the status page
-        self.stopping = False  # the gateway's stop is cutting what still runs (``finished``)
         self._absent: set[str] = set()  # adapter labels unregistered at the last keep_only
         self._statuses: set[str] = set()  # those ``requests`` counted (``keep_only`` drops a label's)
 
@@ -146,7 +147,9 @@ class Metrics:
         dashboard's error-rate alert for requests nothing failed."""
         for replies in ran:
             reason = replies.finish_reason or FinishReason.ABORT
-            if reason == FinishReason.ERROR and self.stopping and replies.error_code == ErrorCode.UNAVAILABLE:
+            # The stop's own error, not a flag set at the stop: an error the server made as the
+            # gateway began to stop (its handler still writing it) stays an error
+            if reason == FinishReason.ERROR and replies.error == SHUTTING_DOWN:
                 reason = FinishReason.ABORT
             if reason == FinishReason.ERROR and replies.error_code in (ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND):
                 continue

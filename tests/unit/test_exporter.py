@@ -346,3 +346,22 @@ def test_vllms_time_per_output_token_observes_each_finished_choice_a_one_token_o
 
     assert count_and_sum("e2e_request_latency_seconds") == [2.0, 1.0 + 2.0]
     assert count_and_sum("request_time_per_output_token_seconds") == [2.0, 0.0]
+
+
+def test_a_workers_unavailable_error_ending_as_the_gateway_stops_is_still_an_error() -> None:
+    """The gateway's stop cuts what still runs with its own UNAVAILABLE error, counted "abort".
+    It was told from any other by a flag set at the stop: a choice failed by the server (no
+    worker left to run it, its chunk timeout) whose handler was still writing its error to a slow
+    client when the gateway began to stop was counted "abort" too, and the error hidden."""
+    from dlora.common.messages import ErrorCode
+    from dlora.services.gateway.metrics import SHUTTING_DOWN, Metrics
+    from dlora.services.gateway.replies import ReplyStream
+
+    metrics = Metrics("model")
+    failed, cut = ReplyStream("a"), ReplyStream("b")
+    failed.take(TokenChunk(request_id="a", seq=0, error="no worker is available", error_code=ErrorCode.UNAVAILABLE))
+    cut.take(TokenChunk(request_id="b", seq=0, error=SHUTTING_DOWN, error_code=ErrorCode.UNAVAILABLE))
+    metrics.finished([failed, cut])
+    samples = [s for f in metrics.success.collect() for s in f.samples if s.name.endswith("_total")]
+    by_reason = {s.labels["finished_reason"]: s.value for s in samples}
+    assert (by_reason["error"], by_reason["abort"]) == (1.0, 1.0), by_reason
