@@ -202,6 +202,17 @@ def test_a_lone_surrogate_in_the_arguments_is_escaped_not_a_broken_stream() -> N
     )
 
 
+def test_a_llama3_json_text_answer_is_not_kept_a_second_time() -> None:
+    """A review: the output kept to give back one that began like a call and held none grew with
+    every text answer too, copied at every token: 200 kB of text streamed took 0.9 s of the
+    gateway's loop, 57 times what it took before. Only an output that may be calls is kept."""
+    parser = ToolParser("llama3_json")
+    for _ in range(1000):
+        assert parser.feed("word ") == ("word ", [])
+    assert len(parser._written) <= len("word ") and parser.finish() == ("", [])
+    assert read("llama3_json", ["\n", "\n{", '"temperature"', ": 3}"])[0] == '\n\n{"temperature": 3}'
+
+
 def test_a_mistral_stream_reads_each_character_once() -> None:
     """A review: whitespace after [TOOL_CALLS], rescanned at every token, took 9 s of the gateway's
     loop for 16k tokens; and "[AR" split from "GS]" began an array that [ARGS] then contradicted."""
