@@ -308,9 +308,9 @@ class Shape:
     tools_required: bool = False
     _call_streams: dict[int, CallStream] = field(default_factory=dict)
     _opened: set[int] = field(default_factory=set)  # choices whose forced call has opened (id and name sent)
-    # tool_choice "auto": each choice's text read for calls by this parser (tool_parsers.PARSERS;
-    # "": not read), answered as content and tool_calls alike whole and streamed.
+    # tool_choice "auto": each choice's text read for calls alike whole and streamed (tool_parsers.PARSERS; "": not)
     tool_parser: str = ""
+    tool_names: frozenset[str] | None = None  # the request's tools' (ToolParser.names)
     parallel_calls: bool = True  # parallel_tool_calls; false: at most one call (OpenAI's), the first
     # What the calls' ids are made of: random per response (dlora's own request id), never the
     # client's request_id (a session id reused per turn gave every turn the same call ids).
@@ -354,7 +354,7 @@ class Shape:
                 calls = [self._call(c.index, text or "")] if reasoning is None or REASONING_END in c.text else []
                 choice["message"] = {"role": self.role, "content": None} | ({"tool_calls": calls} if calls else {})
             elif self.tool_parser:
-                parser = ToolParser(self.tool_parser)
+                parser = ToolParser(self.tool_parser, names=self.tool_names)
                 content, calls = self._allowed(joined(parser.feed(text or ""), parser.finish()))
                 choice["message"] = {"role": self.role, "content": content}
                 if calls:
@@ -424,7 +424,7 @@ class Shape:
             said = {"tool_calls": [call]} if opens or text else {}  # (content comes only once it has opened)
             choice["delta"] = ({"role": self.role, "content": None} if first else {}) | said
         elif self.tool_parser:  # text as it comes, held back only where a call may begin; each call whole
-            parser = self._parsers.setdefault(index, ToolParser(self.tool_parser))
+            parser = self._parsers.setdefault(index, ToolParser(self.tool_parser, names=self.tool_names))
             content, calls = parser.feed(text)
             if finish_reason is not None:
                 content, calls = joined((content, calls), parser.finish())

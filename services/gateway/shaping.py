@@ -330,6 +330,7 @@ def shape_request(
             tool=tool.name if (tool := forced_tool(body)) else None,
             tools_required=tools_required(body),
             tool_parser=model.tool_call_parser if auto else "",
+            tool_names=frozenset(t.function.name for t in body.tools or []) if isinstance(body, ChatBody) else None,
             parallel_calls=not (isinstance(body, ChatBody) and body.parallel_tool_calls is False),
             call_ids=request_id.rsplit("-", 1)[-1],
             call_id_length=model.call_id_length,

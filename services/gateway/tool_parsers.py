@@ -190,12 +190,13 @@ class ToolParser:
     _read: int = 0
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
     _pythonic: PythonicReader | None = None  # pythonic: its reader (tool_pythonic.PythonicReader), sharing ``calls``
+    names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
 
     def __post_init__(self) -> None:
         if self.kind == "pythonic":
             from dlora.services.gateway.tool_pythonic import PythonicReader  # (it imports this module)
 
-            self._pythonic = PythonicReader(self.calls)
+            self._pythonic = PythonicReader(self.calls, self.names)
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         if self._pythonic is not None:

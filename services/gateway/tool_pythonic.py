@@ -5,7 +5,8 @@ Pure; ``ToolParser("pythonic")`` runs it, whole and streamed alike.
 Read with Python's own parser (``ast``), literals only, never evaluated: strings (any quotes,
 triple too), numbers (signed), ``True``/``False``/``None`` (and JSON's ``true``/``false``/``null``,
 which models write there), lists, tuples (as lists) and dicts with string keys. A list begins at
-``[name(`` that opens a line (text before it and a line break: vLLM's own plan for Llama 3.2), or
+``[name(`` that opens a line (text before it and a line break: vLLM's own plan for Llama 3.2; after
+text, its first call names one of the request's tools), or
 after Llama 4's ``<|python_start|>`` or ``<|python_tag|>`` (taken off); the text before the
 first call is content, what follows it is not (as hermes'). Each call
 goes out as its item of the list ends: streamed, before the list has closed. An item that is not
@@ -141,6 +142,12 @@ class PythonicReader:
     character scanned once across pieces; ``calls`` is the parser's, shared."""
 
     calls: list[tuple[str, str]] = field(default_factory=list)
+    # The request's tools: a list after text (no tag) is calls only where its first names one; a
+    # code answer's "[Point(x=1, y=2)]" line was read as a call of Point, the rest of the answer
+    # dropped (vLLM reads only an output that is the list). None: any name.
+    names: frozenset[str] | None = None
+    _said: bool = False  # text other than whitespace was read past
+    _tagged: bool = False  # the list being read follows Llama's tag
     _held: str = ""  # outside a list: a possible opening; inside: the list from its "["
     _inside: bool = False
     _read: int = 0  # inside: how far the list is scanned
@@ -168,7 +175,10 @@ class PythonicReader:
             # (a list closed by ")" or "}" is no list: that item is read with it, and fails)
             item = self._held[self._item : end + (self._held[end] not in ",]")]
             self._item = end + 1
-            if item.strip(_SPACE) and not self._add(pythonic_call(item), out) and not self._found:
+            call = pythonic_call(item) if item.strip(_SPACE) else None
+            if call and not self._found and self._said and not self._tagged and self.names is not None:
+                call = call if call[0] in self.names else None
+            if item.strip(_SPACE) and not self._add(call, out) and not self._found:
                 # its first item is no call: the list is text, read on after that item
                 content += self._given(self._held[: end + 1])
                 self._held, self._inside = self._held[end + 1 :], False
@@ -209,6 +219,7 @@ class PythonicReader:
             if seen == _YES:  # (held from its tag: a list that turns out text gives the tag back too)
                 self._held, first = text[i:], bracket - i + 1
                 self._inside, self._read, self._item, self._depth, self._found = True, first, first, 1, 0
+                self._tagged = text[i] == "<"
                 self._quote, self._escaped = "", False
             else:
                 self._held = text[i:]
@@ -224,6 +235,7 @@ class PythonicReader:
     def _given(self, text: str) -> str:
         """``text`` read past: content before the first call."""
         self._blank = self._line_start(text)
+        self._said = self._said or bool(text.strip(_SPACE))
         return text if not self.calls else ""
 
     def _scan(self) -> int | None:

@@ -458,3 +458,13 @@ async def test_events_waiting_together_go_out_in_one_write_each_still_its_own_ev
     texts = [json.loads(line[6:])["choices"][0]["text"] for line in body.splitlines() if line.startswith("data: {")]
     assert texts == ["t0", "t1", "t2", "!"]
     assert body.rstrip().endswith("data: [DONE]")
+
+
+def test_a_pythonic_reading_knows_the_requests_tools(served: ServedModel) -> None:
+    """A list after text is calls only where it names one of the request's tools
+    (tool_pythonic.PythonicReader.names): the names reach the reply's shape."""
+    reading = dataclasses.replace(served, tool_call_parser="pythonic")
+    user = {"role": "user", "content": "hi"}
+    tools = [{"type": "function", "function": {"name": name}} for name in ("get_weather", "get_date")]
+    job = shape(reading, {"messages": [user], "tools": tools}, chat=True)
+    assert job.shape.tool_parser == "pythonic" and job.shape.tool_names == frozenset({"get_weather", "get_date"})

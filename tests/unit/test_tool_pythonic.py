@@ -103,6 +103,34 @@ def test_text_goes_out_as_it_comes_and_a_call_as_its_item_ends() -> None:
     assert parser.finish() == ("", [])
 
 
+CODE_ANSWER = "Two points:\n\n```python\n[Point(x=1, y=2), Point(x=3, y=4)]\n```\nEach has x and y."
+
+
+def test_a_list_after_text_is_calls_only_where_it_names_a_tool() -> None:
+    """A review: a list may follow text (Llama 4's habit), so a code answer's line
+    "[Point(x=1, y=2)]" was read as two calls of Point, a tool no one declared, and the rest of the
+    answer dropped; vLLM reads only an output that is the list. After text (and no tag), a list
+    is calls where its first names one of the request's tools; an output that is the list, or a
+    tagged one, is read as vLLM reads it."""
+    tools = frozenset({"get_weather", "get_date"})
+    shape = Shape(chat=True, request_id="chatcmpl-c", model="m", created=0, tool_parser="pythonic", tool_names=tools)
+    [whole] = shape.full([Choice(0, text=CODE_ANSWER, finish_reason="stop")], 3, 9)["choices"]
+    assert whole["message"]["content"] == CODE_ANSWER and "tool_calls" not in whole["message"]
+    assert whole["finish_reason"] == "stop"
+    events = [shape.chunk(CODE_ANSWER[i : i + 2], None)["choices"][0] for i in range(0, len(CODE_ANSWER), 2)]
+    events.append(shape.chunk("", "stop")["choices"][0])
+    assert "".join(e["delta"].get("content") or "" for e in events) == CODE_ANSWER
+    assert not any("tool_calls" in e["delta"] for e in events)
+    for text, calls in [
+        ("Let me check.\n" + TWO, CALLS_TWO),
+        ("[Point(x=1)]", [("Point", '{"x": 1}')]),  # the whole output: vLLM's reading
+        ("Sure. <|python_start|>[Point(x=1)]", [("Point", '{"x": 1}')]),
+    ]:
+        parser = ToolParser("pythonic", names=tools)
+        found = parser.feed(text)[1] + parser.finish()[1]
+        assert [(name, arguments) for _, name, arguments in found] == calls, text
+
+
 def test_pythonic_calls_answer_as_tool_calls_whole_and_streamed() -> None:
     shape = Shape(chat=True, request_id="chatcmpl-py", model="m", created=0, tool_parser="pythonic")
     text = "Checking.\n" + TWO
