@@ -17,6 +17,7 @@ from dlora.services.gateway import logprobs, openai
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.reasoning import ReasoningTokens
 from dlora.services.gateway.replies import ReplyStream
+from dlora.services.gateway.sampling import said_as
 from dlora.services.gateway.shaping import ChoicePlan, Job
 
 # The SamplingParams fields of a structured output (``TokenChunk.param`` names one at fault).
@@ -174,7 +175,8 @@ class ResponseWriter:
         # A structured output that fails as the output grows (past what the grammar engine
         # handles) is named by the body's field that asked for it, as the gateway's own check does.
         param = self.job.structured_field if replies.error_param in STRUCTURED_PARAMS else None
-        error = refusal(replies.error_code, replies.error or "", param)
+        message = replies.error or ""
+        error = refusal(replies.error_code, message if param is None else said_as(message, param), param)
         if self.stream is None:
             raise error
         self._hold(error.body())  # the same object, type and code as a status would carry

@@ -282,10 +282,21 @@ def structured(body: Body, grammars: Grammars | None = None, *, compile: bool = 
             check(params)
         else:  # tried as a worker will (the bounded child's compile): a schema of nothing but a
             grammars.check(params)  # reference to itself passes the grammar's check, fails at its first mask
-    except GrammarError as e:  # a schema is named by the field that gave it
+    except GrammarError as e:
         status = 503 if isinstance(e, GrammarUnavailable) else 400
-        raise APIError(status, str(e).replace("response_format", field, 1), param=field) from None
+        raise APIError(status, said_as(str(e), field), param=field) from None
     return fields
+
+
+def said_as(message: str, field: str) -> str:
+    """An engine's error about a schema, named by the body's ``field`` that gave it ("guided_json
+    schema cannot be used: ..."), not by the ``SamplingParams`` field the engine names it by
+    (``structured.label``: "json_schema", what a NATS application sent). A regex, choice or grammar
+    keeps its name, the one vLLM's structured_outputs gives it."""
+    name = "json_schema"
+    if not message.startswith(name) or message[len(name) : len(name) + 1] not in (" ", ":"):
+        return message
+    return f"{field} schema{message[len(name) :]}"
 
 
 _TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # int() refuses a string of over 4,300 digits (a 500)

@@ -38,7 +38,7 @@ def test_a_schema_too_slow_to_compile_is_refused_and_the_engine_serves_on(
     assert outcome, "the compile ran on past the liveness bound"
     assert isinstance(outcome[0], RequestError), outcome
     assert outcome[0].param == "json_schema", outcome[0].param
-    assert str(outcome[0]).startswith("response_format schema cannot be used: too complex to compile within 1 s")
+    assert str(outcome[0]).startswith("json_schema cannot be used: too complex to compile within 1 s")
     ordinary = SamplingParams(max_tokens=40, temperature=0, json_schema=ORDINARY)
     engine.add_request("ordinary", prompt_token_ids=PROMPT, params=ordinary)
     text = ""

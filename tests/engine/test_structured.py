@@ -130,7 +130,7 @@ def test_a_schema_the_grammar_engine_gives_up_on_midway_fails_as_the_request_s_f
     engine.seqs["x"].matcher = _GivesUp(engine.seqs["x"].matcher)
     outputs = {o.request_id: o for o in engine.step()}
     assert outputs["x"].error_code == "bad_request"
-    assert outputs["x"].error == "response_format schema cannot be used: Too many items (limit 50000)"
+    assert outputs["x"].error == "json_schema cannot be used: Too many items (limit 50000)"
     assert outputs["x"].error_param == "json_schema"  # the gateway names its body's field from it
     assert engine.has_unfinished() and "x" not in engine.seqs
 

@@ -68,3 +68,20 @@ async def test_a_regex_digit_is_an_ascii_digit(stack: Stack) -> None:
             status, resp = await post(stack, "/v1/completions", {**body, "seed": seed, field: value})
             assert status == 200, resp
             assert re.fullmatch("[0-9]{3}-[0-9a-zA-Z_]", resp["choices"][0]["text"]), resp
+
+
+async def test_a_schemas_refusal_names_the_field_its_client_sent(stack: Stack) -> None:
+    """A NATS application sends ``json_schema`` and was told "response_format schema cannot be
+    used", a field it never sent; a REST client's ``guided_json`` that failed as the output grew
+    (past llguidance's lexer limit, on the worker) read "response_format schema" too."""
+    schema = json.dumps({"type": "string", "pattern": "^a{1000000}$"})  # fails as the first token is taken
+    chunks = await app_generate(stack, SamplingParams(max_tokens=4, json_schema=schema))
+    assert chunks[-1].error_code is ErrorCode.BAD_REQUEST and chunks[-1].param == "json_schema", chunks[-1]
+    assert (chunks[-1].error or "").startswith("json_schema cannot be used: "), chunks[-1]
+    chunks = await app_generate(stack, SamplingParams(max_tokens=4, json_schema='{"$ref": "#"}'))  # at admission
+    assert (chunks[-1].error or "").startswith("json_schema cannot be used: "), chunks[-1]
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 4}
+    for field, value in (("guided_json", json.loads(schema)), ("structured_outputs", {"json": json.loads(schema)})):
+        status, resp = await post(stack, "/v1/completions", {**body, field: value})
+        assert (status, resp["error"]["param"]) == (400, field), resp
+        assert resp["error"]["message"].startswith(f"{field} schema cannot be used: "), resp

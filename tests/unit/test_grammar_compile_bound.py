@@ -61,7 +61,7 @@ def test_a_constraint_too_slow_to_compile_is_refused_saying_so(monkeypatch: pyte
     outcome = _checked(SamplingParams(**{field: text}))
     assert outcome, "the compile ran on past the liveness bound"
     assert isinstance(outcome[0], GrammarError), outcome
-    label = "response_format schema" if field == "json_schema" else "grammar"
+    label = "json_schema" if field == "json_schema" else "grammar"
     assert str(outcome[0]).startswith(f"{label} cannot be used: too complex to compile within 1 s"), outcome
     # the same bound takes an ordinary schema, patternProperties and all
     assert _checked(SamplingParams(json_schema=ORDINARY)) == [None]
@@ -186,7 +186,7 @@ def test_a_grammar_that_killed_its_compiler_process_is_not_compiled_in_process(
     grammars = Grammars(None, 0, set())
     grammars.__dict__.update(tokenizer=None, tokenizer_spec=None)  # (none here: the validator is a stub)
     params = SamplingParams(json_schema=ORDINARY.replace("x_", "crashes_"))
-    with pytest.raises(GrammarError, match="response_format schema cannot be used: the grammar engine failed on it"):
+    with pytest.raises(GrammarError, match="json_schema cannot be used: the grammar engine failed on it"):
         grammars.matcher(params, [])
     assert compiled == [], "compiled in-process after it killed its compiler's process"
 
@@ -383,7 +383,7 @@ def test_a_compiler_killed_from_outside_twice_is_a_503_not_kept(monkeypatch: pyt
     grammars = Grammars(None, 0, set())
     grammars.__dict__.update(tokenizer=None, tokenizer_spec=None)  # (none here: the validator is a stub)
     params = SamplingParams(json_schema=ORDINARY.replace("x_", "killed_"))
-    with pytest.raises(GrammarUnavailable, match="response_format schema cannot be compiled now: .* killed"):
+    with pytest.raises(GrammarUnavailable, match="json_schema cannot be compiled now: .* killed"):
         grammars.check(params)
     grammars.check(params)
     assert verdicts == []

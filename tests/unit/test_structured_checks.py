@@ -431,7 +431,7 @@ def test_a_top_level_boolean_schema_is_read_as_json_schema_reads_it(schema: str,
     and says ``false`` accepts nothing. An application's ``SamplingParams.json_schema`` and a string
     ``guided_json`` are read so."""
     check(SamplingParams(json_schema="true"))
-    with pytest.raises(GrammarError, match=f"^response_format schema cannot be used: {re.escape(reason)}"):
+    with pytest.raises(GrammarError, match=f"^json_schema cannot be used: {re.escape(reason)}"):
         check(SamplingParams(json_schema=schema))
 
 

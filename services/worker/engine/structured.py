@@ -104,9 +104,11 @@ def _deep(size: int, fn: Callable[..., _T], *args: Any) -> _T:
 
 
 def label(params: SamplingParams) -> str:
-    """How errors name the structured output ``params`` asks for (its field; a schema as the API's)."""
+    """How errors name the structured output ``params`` asks for: its ``SamplingParams`` field, as
+    a NATS application sent it (they read "response_format schema", a field they never sent); the
+    gateway says it as its body's field (``sampling.said_as``)."""
     asked = params.structured_outputs()
-    return "response_format schema" if asked == ["json_schema"] else asked[0] if asked else "grammar"
+    return asked[0] if asked else "grammar"
 
 
 def constraint(params: SamplingParams) -> str | None:
@@ -473,7 +475,7 @@ class Grammars:
         return fresh
 
 
-def refusal(matcher: LLMatcher, token: int, what: str = "response_format schema") -> str | None:
+def refusal(matcher: LLMatcher, token: int, what: str = "json_schema") -> str | None:
     """``token`` taken into ``matcher``; None, or why it could not be: the constraint's fault (past
     what the grammar engine handles as the output grows, e.g. llguidance's item limits). ``what``:
     the constraint's name (``label``)."""
