@@ -246,7 +246,7 @@ def test_what_the_engine_cannot_enforce_is_still_refused(schema: dict, reason: s
 
 
 def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
-    """A format the engine enforces stays (email), and so do data and names that read "format"
+    """A format the engine enforces stays (uuid), and so do data and names that read "format"
     (an enum's object, a property so named); numbers elsewhere are written back as they came."""
     from dlora.services.worker.engine.served_schema import served_schema
 
@@ -254,7 +254,7 @@ def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
         "type": "object",
         "properties": {
             "format": {"enum": [{"format": "password", "maxLength": 2.0}], "default": 0.10},
-            "to": {"type": "string", "format": "email", "maxLength": 40.0},
+            "to": {"type": "string", "format": "uuid", "maxLength": 40.0},
             "pw": {"type": "string", "format": "password"},
             "x": {"type": "number", "maximum": 1.50, "multipleOf": 0.25},
         },
@@ -264,7 +264,7 @@ def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
         "type": "object",
         "properties": {
             "format": {"enum": [{"format": "password", "maxLength": 2.0}], "default": 0.10},
-            "to": {"type": "string", "format": "email", "maxLength": 40},
+            "to": {"type": "string", "format": "uuid", "maxLength": 40},
             "pw": {"type": "string"},
             "x": {"type": "number", "maximum": 1.50, "multipleOf": 0.25},
         },
@@ -272,7 +272,7 @@ def test_only_unknown_formats_and_integral_counts_are_rewritten() -> None:
     }
     exact = '{"type": "string", "format": "password", "x-note": 0.12345678901234567890123}'
     assert "0.12345678901234567890123" in served_schema(exact)[0]  # numbers as written, not as floats
-    untouched = json.dumps({"type": "string", "format": "email", "maxLength": 3})
+    untouched = json.dumps({"type": "string", "format": "uuid", "maxLength": 3})
     assert served_schema(untouched) == (untouched, None)
 
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import re
+import string
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -132,7 +133,33 @@ _MONTH_DAY = (
 )
 _DATE = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-_READ_BACK_FORMATS = {"date-time": f"^{_DATE}T{_TIME}$", "date": f"^{_DATE}$", "time": f"^{_TIME}$"}
+
+
+def _none_of(words: tuple[str, ...], low: int, high: int, depth: int = 0, prefix: str = "") -> str:
+    """A regex of the ASCII words of ``low`` to ``high`` letters, either case, but ``words``
+    (lowercase): their trie's complement (llguidance's regexes have no lookahead)."""
+    below = sorted({w[depth] for w in words if w.startswith(prefix) and len(w) > depth})
+    alts = [] if depth < low or prefix in words else [""]
+    other = "".join(c + c.upper() for c in string.ascii_lowercase if c not in below)
+    if depth < high:
+        alts.append(f"[{other}][A-Za-z]{{{max(0, low - depth - 1)},{high - depth - 1}}}")
+        alts += [f"[{c}{c.upper()}]" + _none_of(words, low, high, depth + 1, prefix + c) for c in below]
+    return "(?:" + "|".join(alts) + ")"
+
+
+# An email address as email-validator reads it back (pydantic's EmailStr): llguidance's "email"
+# (as xgrammar's) took "a@b", "a@localhost", "a@b.test", "a@[1.2.3.4]", "a@b.123", "a@ab--c.com"
+# and 64-letter labels, each refused ("It should have a period", "a special-use or reserved name",
+# ...): a 200 whose document its client's model could not load. Served as a dot-atom at a domain of
+# one or more DNS labels (letters, digits, inner hyphens, at most 63, no "--" as their third and
+# fourth characters: IDNA's) and a top-level domain of 2-63 letters that is no special-use name.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_A, _H = "[A-Za-z0-9]", "[A-Za-z0-9-]"
+_LABEL = rf"{_A}(?:{_A}|{_H}{_A}|{_H}{_H}{_A}|{_H}(?:{_A}{_H}|{_H}{_A}){_H}{{0,58}}{_A})?"
+_SPECIAL_USE = ("arpa", "invalid", "local", "localhost", "onion", "test")  # email-validator's
+_EMAIL = rf"^{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_none_of(_SPECIAL_USE, 2, 63)}$"
+_EMAIL_LENGTH = 254  # RFC 5321's path, less its brackets: email-validator's bound
+_READ_BACK_FORMATS = {"date-time": f"^{_DATE}T{_TIME}$", "date": f"^{_DATE}$", "time": f"^{_TIME}$", "email": _EMAIL}
 
 
 def _read_back(node: dict[str, Any], name: str) -> bool:
@@ -144,6 +171,8 @@ def _read_back(node: dict[str, Any], name: str) -> bool:
         node["pattern"] = pattern
     else:
         node["allOf"] = [*node.get("allOf", []), {"pattern": pattern}]
+    if name == "email" and not (type(node.get("maxLength")) is int and node["maxLength"] <= _EMAIL_LENGTH):
+        node["maxLength"] = _EMAIL_LENGTH
     return True
 
 
