@@ -56,3 +56,27 @@ def test_a_schema_past_the_engines_reader_says_so(schema: str, reason: str) -> N
     with pytest.raises(GrammarError) as refused:
         check(SamplingParams(json_schema=schema))
     assert reason in str(refused.value) and "not a JSON object" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "schema,key,read",
+    [
+        ('{"const": 9007199254740993}', "const", "9007199254740992"),  # 2**53 + 1: an int64 id
+        ('{"const": 1.5e-400}', "const", "0"),
+        ('{"type": "object", "properties": {"a": {"enum": ["x", [12345678901234567890123]]}}}', "enum", "1.23"),
+        ('{"type": "number", "minimum": 1e-400}', "minimum", "0"),
+    ],
+)
+def test_a_number_the_engine_would_write_as_another_is_refused(schema: str, key: str, read: str) -> None:
+    """llguidance holds a const's and an enum's numbers as 64-bit floats: "const": 9007199254740993
+    was served as 9007199254740992 and 1.5e-400 as 0, a 200 whose document a Python client reads
+    as another number than its schema's; a minimum of 1e-400 allowed 0. Refused, saying which."""
+    with pytest.raises(GrammarError, match=f"holds {key} .*, which the grammar engine reads as {read}"):
+        check(SamplingParams(json_schema=schema))
+
+
+@pytest.mark.parametrize("value", ["0.1", "0.30000000000000004", "1E2", "-0", "9223372036854775807", "5e-324"])
+def test_numbers_the_engine_writes_as_given_are_served(value: str) -> None:
+    """Floats' shortest forms, an int64's maximum (written back exactly), the least subnormal."""
+    for schema in (f'{{"const": {value}}}', f'{{"enum": [{value}, "x"]}}', f'{{"const": {{"a": [{value}]}}}}'):
+        check(SamplingParams(json_schema=schema))

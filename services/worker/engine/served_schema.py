@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import re
 import string
 from collections.abc import Iterator
@@ -228,6 +229,12 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     bound, changed, nodes = None, False, list(_schema_nodes(tree))
     closed = not any(map(_composed, nodes))
     for node in nodes:
+        if (misread := _misread(node)) is not None:
+            key, value, read = misread
+            raise NotASchema(
+                f"holds {key} {value}, which the grammar engine reads as {read} (it holds a const's and an "
+                "enum's numbers, and a bound's, as 64-bit floats): write it within a float's precision"
+            )
         for key in _BOUNDS & node.keys():
             value = node[key]
             if bound is None and isinstance(value, int | Decimal) and not isinstance(value, bool) and _too_large(value):
@@ -257,6 +264,51 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             node["additionalProperties"], changed = False, True
             _name_required(node)
     return (_DECIMALS.encode(tree).decode() if changed else text), bound
+
+
+# A const's and an enum's numbers, as llguidance reads and writes them: 64-bit floats, an integer
+# below 2**63 cast back (saturating). "const": 9007199254740993 (2**53 + 1: an int64 id) was
+# written 9007199254740992 and 1.5e-400 as 0, documents a Python client reads as other numbers
+# than its schema's; a minimum of 1e-400 allowed 0. Refused, as a bound past 2**63 is.
+_I64 = (-(2**63), 2**63 - 1)
+
+
+def _as_read(value: int | Decimal) -> int | Decimal | None:
+    """``value`` as llguidance writes it back (None: past a float's range, which it refuses)."""
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    if math.isinf(f):
+        return None
+    if isinstance(value, int) and _I64[0] <= value <= _I64[1]:
+        return max(_I64[0], min(int(f), _I64[1]))
+    return Decimal(repr(f))
+
+
+def _numbers(data: Any) -> Iterator[int | Decimal]:
+    """The numbers in JSON ``data`` (a loop: data thousands deep is served)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int | Decimal) and not isinstance(item, bool):
+            yield item
+        elif isinstance(item, list | dict):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+
+
+def _misread(node: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The first number of ``node``'s const or enum the grammar engine writes as another, or bound
+    it reads as zero, as (keyword, the number, as read)."""
+    for key in ("const", "enum"):
+        for value in _numbers(node.get(key)):
+            if (read := _as_read(value)) is not None and read != value:
+                return key, str(value), str(read)
+    for key in sorted(_BOUNDS & node.keys()):
+        value = node[key]
+        if isinstance(value, Decimal) and value.is_finite() and value != 0 and float(value) == 0:
+            return key, str(value), "0"
+    return None
 
 
 def _name_required(node: dict[str, Any]) -> None:
