@@ -197,8 +197,11 @@ _UNREAD = {
 # llguidance's own test (gbnf_to_lark.is_lark_syntax, which grammar_from calls) is
 # "(?m)^\s*(%llguidance\b|start\s*:)": its \s* crosses lines, quadratic in blank lines (30,000:
 # 5 s; a megabyte's: hours), in re with the GIL held, the gateway's loop and streams frozen with
-# it. The same test, its whitespace kept to one line: the last line start before the keyword.
-_LARK = re.compile(r"(?m)^[^\S\n]*(%llguidance\b|start\s*:)")
+# it. The same test, its whitespace kept to one line: the last line start before the keyword; and
+# a start rule under Lark's "?" (inlined) or "!" (keep tokens) prefix is Lark too: vLLM's own
+# example and benchmark grammar ("?start: select_statement") was read as GBNF and refused
+# ("Failed to convert the grammar from GBNF to Lark: Expected name"), though llguidance reads it.
+_LARK = re.compile(r"(?m)^[^\S\n]*(%llguidance\b|[?!]?start\s*:)")
 
 
 def _is_lark(grammar: str) -> bool:
