@@ -68,6 +68,31 @@ def bound_in_grammar(text: str) -> tuple[str, str] | None:
     return None
 
 
+# A Lark grammar's %json block is compiled with llguidance's defaults, whitespace anywhere between
+# its tokens: a random model wrote whitespace after 'R={ "k"' up to max_tokens, never closing it
+# (vLLM #4093's kind, which LAYOUT ends for schemas). Each is laid out as a schema, unless it says.
+_JSON_BLOCK = re.compile(r"%json\s*(?=\{)")
+_LAYOUT_OPTION = '"x-guidance": ' + json.dumps(LAYOUT)
+
+
+def laid_out(grammar: str) -> str:
+    """``grammar`` with each ``%json`` block that names no "x-guidance" options given ``LAYOUT``'s
+    (spliced in as text: its numbers stay as written)."""
+    decoder, out, at = json.JSONDecoder(), [], 0
+    for match in _JSON_BLOCK.finditer(grammar):
+        if match.start() < at:
+            continue
+        try:
+            block, end = decoder.raw_decode(grammar, match.end())
+        except (ValueError, RecursionError):  # (llguidance says why; one scan to its error, then none:
+            break  # scanning on from each unclosed block would take time quadratic in them)
+        if not isinstance(block, dict) or "x-guidance" in block:
+            continue
+        out += [grammar[at : match.end() + 1], _LAYOUT_OPTION, ", " if block else ""]
+        at = match.end() + 1
+    return "".join(out) + grammar[at:]
+
+
 def _schema_nodes(tree: Any) -> Iterator[dict[str, Any]]:
     """Every schema object in a decoded JSON Schema: not the data of enum, const, default and
     examples (a "format" key there is a value), and a map of names to schemas read as such (a

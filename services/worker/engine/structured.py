@@ -41,7 +41,7 @@ from dlora.services.worker.engine.compile_bound import (
     TooSlow,
     Validator,
 )
-from dlora.services.worker.engine.served_schema import LAYOUT, NotASchema, bound_in_grammar, served_schema
+from dlora.services.worker.engine.served_schema import LAYOUT, NotASchema, bound_in_grammar, laid_out, served_schema
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
@@ -174,8 +174,8 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
             return _deep(len(regex), LLMatcher.grammar_from_regex, regex_to_lark(regex, ASCII_CLASSES))
         if choice:  # each string as a Lark literal, alternatives of one rule
             return grammar_from("choice", list(choice))  # type: ignore[arg-type]  # a list is taken as is
-        if grammar is not None:  # Lark, or GBNF converted to it
-            return _deep(len(grammar), _from_grammar, grammar)
+        if grammar is not None:  # Lark (its %json blocks laid out), or GBNF converted to it
+            return _deep(len(grammar), _from_grammar, laid_out(grammar) if _is_lark(grammar) else grammar)
     except GrammarUnavailable as e:
         raise GrammarUnavailable(f"{label(params)} {e}") from None
     except ValueError as e:
