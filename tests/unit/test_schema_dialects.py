@@ -80,3 +80,36 @@ def test_numbers_the_engine_writes_as_given_are_served(value: str) -> None:
     """Floats' shortest forms, an int64's maximum (written back exactly), the least subnormal."""
     for schema in (f'{{"const": {value}}}', f'{{"enum": [{value}, "x"]}}', f'{{"const": {{"a": [{value}]}}}}'):
         check(SamplingParams(json_schema=schema))
+
+
+@pytest.mark.parametrize(
+    "schema,text,ok",
+    [
+        ({"properties": {"a": {"type": "boolean"}}, "required": ["a"]}, '{"a": true}', True),
+        ({"properties": {"a": {"type": "boolean"}}, "required": ["a"]}, "694.0", False),
+        ({"properties": {"a": {"type": "boolean"}}}, '"a"', False),
+        ({"additionalProperties": {"type": "integer"}}, "[]", False),
+        ({"items": {"type": "integer"}}, "[1, 2]", True),
+        ({"prefixItems": [{"type": "integer"}]}, "true", False),
+        ({"required": ["a"]}, "7", True),  # nothing implies a type (xgrammar alike)
+        ({"anyOf": [{"properties": {"a": {}}}, {"type": "string"}]}, '"s"', True),
+        ({"type": "object", "additionalProperties": {"items": {"type": "null"}}}, '{"k": [null]}', True),
+        ({"type": "object", "additionalProperties": {"items": {"type": "null"}}}, '{"k": 1}', False),
+        ({"allOf": [{"properties": {"a": {}}}, {"type": "string"}]}, '"s"', True),  # a branch: as written
+    ],
+)
+def test_a_schema_naming_properties_or_items_without_a_type_is_an_object_or_an_array(
+    schema: dict[str, object], text: str, ok: bool
+) -> None:
+    """vLLM's default backend (xgrammar) reads a schema with properties (additionalProperties,
+    unevaluatedProperties) and no "type" as an object's, with items (prefixItems) as an array's;
+    llguidance, as JSON Schema, let any other value pass it: {"properties": ..., "required":
+    ["a"]} answered "694.0E+0040806666406666666664" (a random model's; four seeds of four)."""
+    from dlora.services.worker.engine.structured import Grammars
+    from tests.unit.test_token_bytes import byte_level
+
+    hf = byte_level()
+    matcher = Grammars(hf, len(hf), {hf.eos_token_id}).matcher(SamplingParams(json_schema=json.dumps(schema)), [])
+    assert matcher is not None
+    taken = matcher.consume_tokens(hf.encode(text, add_special_tokens=False))
+    assert (taken and matcher.is_accepting()) is ok, (schema, text)

@@ -253,6 +253,7 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
         raise NotASchema(f"{why}: a JSON Schema is an object, or true (any JSON value)")
     bound, changed, nodes = None, False, list(_schema_nodes(tree))
     closed = not any(map(_composed, nodes))
+    branches = {id(b) for node in nodes for k in _BRANCHES if isinstance(node.get(k), list) for b in node[k]}
     for node in nodes:
         if (misread := _misread(node)) is not None:
             key, value, read = misread
@@ -285,6 +286,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             unevaluated = node.pop("unevaluatedProperties")
             node.setdefault("additionalProperties", unevaluated)
             changed = True
+        if id(node) not in branches and (implied := _implied_type(node)) is not None:
+            node["type"], changed = implied, True
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
             _name_required(node)
@@ -334,6 +337,25 @@ def _misread(node: dict[str, Any]) -> tuple[str, str, str] | None:
         if isinstance(value, Decimal) and value.is_finite() and value != 0 and float(value) == 0:
             return key, str(value), "0"
     return None
+
+
+# Keywords by which vLLM's default backend (xgrammar) reads a schema that names no "type" as an
+# object's or an array's, where no $ref, const, enum or combinator comes first. JSON Schema lets
+# any other value pass it: {"properties": {...}, "required": ["a"]} answered "694.0E+00408066"
+# (a random model's), where its writer, and xgrammar, meant an object. Not a combinator's branch:
+# it is read with its siblings (an allOf's typeless branch beside a string's would refuse all).
+_OBJECT_KEYS = ("properties", "additionalProperties", "unevaluatedProperties")
+_ARRAY_KEYS = ("items", "prefixItems", "unevaluatedItems")
+_BEFORE_TYPE = frozenset({"type", "$ref", "$dynamicRef", "const", "enum", "anyOf", "oneOf", "allOf"})
+
+
+def _implied_type(node: dict[str, Any]) -> str | None:
+    """The type xgrammar reads ``node`` as where it names none and one is implied (None: none)."""
+    if _BEFORE_TYPE.intersection(node):
+        return None
+    if any(key in node for key in _OBJECT_KEYS):
+        return "object"
+    return "array" if any(key in node for key in _ARRAY_KEYS) else None
 
 
 def _name_required(node: dict[str, Any]) -> None:
