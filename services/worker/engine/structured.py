@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from, regex_to_lark
-from llguidance.gbnf_to_lark import gbnf_to_lark
 from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
@@ -41,6 +40,7 @@ from dlora.services.worker.engine.compile_bound import (
     TooSlow,
     Validator,
 )
+from dlora.services.worker.engine.gbnf import gbnf_to_lark
 from dlora.services.worker.engine.served_schema import LAYOUT, NotASchema, bound_in_grammar, laid_out, served_schema
 
 # OpenAI's json_object mode: any JSON object.
