@@ -173,8 +173,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             return "structured_after_token_ids", why
         if len(asked := self.structured_outputs()) > 1:
             return asked[1], f"at most one structured output may be asked for, got {' and '.join(asked)}"
-        if len(self.choice) > MAX_STOPS or any(not c for c in self.choice):
-            return "choice", f"choice must be at most {MAX_STOPS} non-empty strings"
+        # No count of choices is capped, as vLLM caps none (300 intents to classify into were a
+        # 400): their text is bounded (structured.MAX_CONSTRAINT_CHARS), and so is their compile.
+        if not all(self.choice):
+            return "choice", "choice must hold non-empty strings"
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # as vLLM: a 64-bit integer
             return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
         return None

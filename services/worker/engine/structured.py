@@ -24,7 +24,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
-from llguidance import LLExecutor, LLMatcher, LLTokenizer, grammar_from, regex_to_lark
+from llguidance import LLExecutor, LLMatcher, LLTokenizer, regex_to_lark
 from llguidance.numpy import fill_next_token_bitmask_par
 
 from dlora.common.sampling import SamplingParams
@@ -172,8 +172,8 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
             return _deep(len(json_schema), LLMatcher.grammar_from_json_schema, json_schema, LAYOUT)
         if regex is not None:
             return _deep(len(regex), LLMatcher.grammar_from_regex, regex_to_lark(regex, ASCII_CLASSES))
-        if choice:  # each string as a Lark literal, alternatives of one rule
-            return grammar_from("choice", list(choice))  # type: ignore[arg-type]  # a list is taken as is
+        if choice:  # one lexeme of the strings: as a rule's alternatives, at most 1,999 (its parser's bound)
+            return LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(map(json.dumps, choice)))
         if grammar is not None:  # Lark (its %json blocks laid out), or GBNF converted to it
             return _deep(len(grammar), _from_grammar, laid_out(grammar) if _is_lark(grammar) else grammar)
     except GrammarUnavailable as e:
