@@ -65,6 +65,9 @@ def test_a_schema_past_the_engines_reader_says_so(schema: str, reason: str) -> N
         ('{"const": 1.5e-400}', "const", "0"),
         ('{"type": "object", "properties": {"a": {"enum": ["x", [12345678901234567890123]]}}}', "enum", "1.23"),
         ('{"type": "number", "minimum": 1e-400}', "minimum", "0"),
+        ('{"type": "integer", "maximum": 9007199254740999}', "maximum", "9007199254741000"),  # allowed that
+        ('{"type": "integer", "minimum": 9007199254740993}', "minimum", "9007199254740992"),  # and that
+        ('{"type": "integer", "maximum": 9223372036854775806}', "maximum", "9223372036854775807"),
     ],
 )
 def test_a_number_the_engine_would_write_as_another_is_refused(schema: str, key: str, read: str) -> None:
@@ -80,6 +83,8 @@ def test_numbers_the_engine_writes_as_given_are_served(value: str) -> None:
     """Floats' shortest forms, an int64's maximum (written back exactly), the least subnormal."""
     for schema in (f'{{"const": {value}}}', f'{{"enum": [{value}, "x"]}}', f'{{"const": {{"a": [{value}]}}}}'):
         check(SamplingParams(json_schema=schema))
+    if value in ("9223372036854775807", "1E2"):  # (bounds llguidance reads exactly)
+        check(SamplingParams(json_schema=f'{{"type": "integer", "maximum": {value}, "minimum": -9007199254740992}}'))
 
 
 @pytest.mark.parametrize(

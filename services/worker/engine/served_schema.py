@@ -254,13 +254,9 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     bound, changed, nodes = None, False, list(_schema_nodes(tree))
     closed = not any(map(_composed, nodes))
     branches = {id(b) for node in nodes for k in _BRANCHES if isinstance(node.get(k), list) for b in node[k]}
+    misread = None
     for node in nodes:
-        if (misread := _misread(node)) is not None:
-            key, value, read = misread
-            raise NotASchema(
-                f"holds {key} {value}, which the grammar engine reads as {read} (it holds a const's and an "
-                "enum's numbers, and a bound's, as 64-bit floats): write it within a float's precision"
-            )
+        misread = misread or _misread(node)
         for key in _BOUNDS & node.keys():
             value = node[key]
             if bound is None and isinstance(value, int | Decimal) and not isinstance(value, bool) and _too_large(value):
@@ -291,6 +287,12 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
             _name_required(node)
+    if misread is not None and bound is None:  # (a bound past 2**63 is said as such)
+        key, value, read = misread
+        raise NotASchema(
+            f"holds {key} {value}, which the grammar engine reads as {read} (it holds a const's and an "
+            "enum's numbers, and a bound's, as 64-bit floats): write it within a float's precision"
+        )
     return (_DECIMALS.encode(tree).decode() if changed else text), bound
 
 
@@ -327,13 +329,16 @@ def _numbers(data: Any) -> Iterator[int | Decimal]:
 
 def _misread(node: dict[str, Any]) -> tuple[str, str, str] | None:
     """The first number of ``node``'s const or enum the grammar engine writes as another, or bound
-    it reads as zero, as (keyword, the number, as read)."""
+    it reads as another integer (a "maximum" of 9007199254740999 allowed 9007199254741000; a
+    "minimum" of 2**53 + 1, 2**53) or as zero, as (keyword, the number, as read)."""
     for key in ("const", "enum"):
         for value in _numbers(node.get(key)):
             if (read := _as_read(value)) is not None and read != value:
                 return key, str(value), str(read)
     for key in sorted(_BOUNDS & node.keys()):
         value = node[key]
+        if type(value) is int and not _too_large(value) and (read := _as_read(value)) is not None and read != value:
+            return key, str(value), str(read)
         if isinstance(value, Decimal) and value.is_finite() and value != 0 and float(value) == 0:
             return key, str(value), "0"
     return None
