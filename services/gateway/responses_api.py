@@ -155,7 +155,6 @@ class _FunctionTool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     strict: bool | None = None
 
 
-_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _ITEMS: dict[str, type[msgspec.Struct]] = {"message": _Message, "function_call": _FunctionCall}
 _ITEMS |= {"function_call_output": _FunctionCallOutput, "reasoning": _ReasoningItem}
 # Fields of a Responses body that need what dlora does not serve, and why (each refused by name).
@@ -190,14 +189,13 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         ) from None
 
 
-def _text(parts: str | list[_Part], where: str) -> str:
-    """A content's text; its parts joined (text parts only: images, files and audio are not served)."""
+def _content(parts: str | list[_Part]) -> str | list[dict[str, Any]]:
+    """A content as the chat's: its parts handed on as they are, which the chat reads (text,
+    input_text, output_text, refusal), checks (a part without its text, an image) and joins by
+    newlines, as vLLM joins them: one conversation renders one prompt, sent either way."""
     if isinstance(parts, str):
         return parts
-    for k, p in enumerate(parts):
-        if p.type not in _TEXT_PARTS and p.type != "refusal":
-            raise APIError(400, f"content parts of type {p.type!r} are not supported (text only)", f"{where}[{k}].type")
-    return "".join((p.text if p.type != "refusal" else p.refusal) or "" for p in parts)
+    return [{"type": p.type, "text": p.text, "refusal": p.refusal} for p in parts]
 
 
 def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
@@ -223,7 +221,7 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
             continue
         last = out[-1] if out else {}
         if isinstance(item, _Message):
-            out.append({"role": item.role, "content": _text(item.content, f"{where}.content")})
+            out.append({"role": item.role, "content": _content(item.content)})
         elif isinstance(item, _FunctionCall):
             function = {"name": item.name, "arguments": item.arguments}
             call = {"id": item.call_id, "type": "function", "function": function}
@@ -232,8 +230,7 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
-            output = _text(item.output, f"{where}.output")
-            out.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": _content(item.output)})
         if reasoning and out[-1]["role"] == "assistant":
             out[-1]["reasoning"], reasoning = reasoning, ""
     if reasoning:  # an answer's reasoning last, with nothing after it

@@ -244,6 +244,22 @@ async def test_a_reasoning_parsers_split_is_a_reasoning_item_and_its_tokens_coun
         assert text == item["content"][0]["text"] and events[-1][1]["response"]["usage"] == resp["usage"]
 
 
+async def test_text_parts_render_as_the_chats_joined_by_newlines(stack: Stack) -> None:
+    """A message of several input_text parts (a function's output of several too) is the prompt the
+    chat renders of the same text parts, as vLLM's Responses API renders it (joined by newlines:
+    they ran together, one token short); a part without its text refused, as the chat refuses it."""
+    parts = [{"type": "input_text", "text": "kalo"}, {"type": "input_text", "text": "remi"}]
+    asked = {"model": "lora-1", "input": [{"role": "user", "content": parts}], "max_output_tokens": 4}
+    chat = {"model": "lora-1", "messages": [{"role": "user", "content": [{**p, "type": "text"} for p in parts]}]}
+    status, expected = await post(stack, "/v1/chat/completions", chat | {"max_tokens": 4})
+    assert status == 200, expected
+    status, resp = await post(stack, "/v1/responses", asked)
+    assert status == 200 and resp["usage"]["input_tokens"] == expected["usage"]["prompt_tokens"], resp
+    untold = [{"role": "user", "content": [{"type": "input_text"}]}]
+    status, resp = await post(stack, "/v1/responses", asked | {"input": untold})
+    assert status == 400 and resp["error"]["param"] == "input" and "messages" not in resp["error"]["message"], resp
+
+
 # (body, status, param): the Responses field each refusal names, never the chat's that serves it
 _REFUSED: list[tuple[dict[str, Any], int, str | None]] = [
     ({"input": "kalo", "frequency": 1}, 400, "frequency"),  # not a Responses field
