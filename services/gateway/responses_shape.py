@@ -75,7 +75,8 @@ class ResponsesShape(Shape):
             "output": output,
             "parallel_tool_calls": a.parallel_tool_calls is not False,
             "previous_response_id": None,
-            "reasoning": {"effort": None, "summary": None},
+            # the effort asked, as OpenAI's and vLLM's echo it (it went to the template: responses_api)
+            "reasoning": {"effort": a.reasoning.effort if a.reasoning else None, "summary": None},
             "service_tier": a.service_tier or "default",
             "store": False,  # nothing is stored (responses_api)
             "temperature": a.temperature,

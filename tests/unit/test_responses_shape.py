@@ -124,3 +124,17 @@ def test_a_clients_request_id_names_the_response_once() -> None:
         shape = ResponsesShape.of(Shape(True, f"chatcmpl-{sent}", "m", 7), ResponsesBody(input="kalo"))
         whole = shape.full([Choice(0, text="kalo", finish_reason="stop")], 5, 1)
         assert whole["id"] == "resp_abc" and whole["output"][0]["id"] == "msg_abc_0"
+
+
+def test_the_reasoning_effort_asked_is_echoed_whole_and_streamed() -> None:
+    from openai.types.responses import Response
+
+    from dlora.services.gateway.responses_api import Reasoning
+
+    asked = ResponsesBody(input="kalo", reasoning=Reasoning(effort="low"))
+    shape = ResponsesShape.of(Shape(True, "chatcmpl-abc", "m", 7), asked)
+    whole = Response.model_validate(shape.full([Choice(0, text="kalo", finish_reason="stop")], 5, 1))
+    assert whole.reasoning is not None and whole.reasoning.effort == "low"
+    [created, *_] = shape.events(shape.chunk("", None, first=True))
+    event = json.loads(created.decode().split("\n")[1].removeprefix("data: "))
+    assert event["response"]["reasoning"]["effort"] == "low"
