@@ -269,7 +269,8 @@ def chat_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _refuse_unserved(body: ResponsesBody) -> None:
     for name, why in _UNSERVED.items():
-        if getattr(body, name) not in (None, False):
+        # by identity: 0 == False, and a previous_response_id 0 was taken as none
+        if (value := getattr(body, name)) is not None and value is not False:
             raise APIError(400, f"{name} is not supported: {why}", param=name)
     if body.truncation not in (None, "disabled"):
         raise APIError(400, 'truncation "auto" is not supported: a prompt past the context is refused', "truncation")

@@ -264,6 +264,8 @@ async def test_text_parts_render_as_the_chats_joined_by_newlines(stack: Stack) -
 _REFUSED: list[tuple[dict[str, Any], int, str | None]] = [
     ({"input": "kalo", "frequency": 1}, 400, "frequency"),  # not a Responses field
     ({"input": "kalo", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ({"input": "kalo", "previous_response_id": 0}, 400, "previous_response_id"),  # (0 == False: it was taken)
+    ({"input": "kalo", "background": 0}, 400, "background"),
     ({"input": "kalo", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, None),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input[0].type"),
