@@ -41,6 +41,9 @@ class ResponsesShape(Shape):
     _seq: int = 0  # the next event's sequence_number
     _items: list[dict[str, Any]] = field(default_factory=list)  # the output so far (streamed)
     _open: dict[str, Any] | None = None  # the item the stream is writing
+    # Its text (or a call's arguments) so far, joined when it closes: added to the item at each
+    # delta, every event copied all the text before it (128k tokens: 63 us an event, 8 s in all)
+    _pieces: list[str] = field(default_factory=list)
     _finish: str | None = None
 
     @classmethod
@@ -138,6 +141,7 @@ class ResponsesShape(Shape):
             out += [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
         if "error" in chat:  # named by the Responses field, as a refusal before the stream is
             error = chat["error"]
+            self._settle()  # (the failed response shows the open item's text so far)
             named = renamed(APIError(500, error["message"], error["param"]))
             out.append({"type": "error", "code": error["code"], "message": named.message, "param": named.param})
             failed = self.response("failed", self._items)
@@ -177,7 +181,7 @@ class ResponsesShape(Shape):
             if "id" in call:  # a call begins (its id and name come once)
                 out += self._into("function_call", call_id=call["id"], name=function.get("name", ""))
             if (arguments := function.get("arguments")) and self._open is not None:
-                self._open["arguments"] += arguments
+                self._pieces.append(arguments)
                 where = {"item_id": self._open["id"], "output_index": len(self._items) - 1}
                 out.append({"type": "response.function_call_arguments.delta", **where, "delta": arguments})
         if choice.get("finish_reason") is not None:
@@ -187,7 +191,7 @@ class ResponsesShape(Shape):
 
     def _text_delta(self, kind: str, text: str) -> dict[str, Any]:
         assert self._open is not None
-        self._open["content"][0]["text"] += text
+        self._pieces.append(text)
         where = {"item_id": self._open["id"], "output_index": len(self._items) - 1, "content_index": 0}
         return {"type": kind, **where, "delta": text}
 
@@ -210,7 +214,19 @@ class ResponsesShape(Shape):
             out.append({"type": "response.content_part.added", **where, "part": part})
         return out
 
+    def _settle(self) -> None:
+        """The open item given its text (or arguments) so far."""
+        if self._open is None or not self._pieces:
+            return
+        said = "".join(self._pieces)
+        if self._open["type"] == "function_call":
+            self._open["arguments"] += said
+        else:
+            self._open["content"][0]["text"] += said
+        self._pieces.clear()
+
     def _close(self) -> list[dict[str, Any]]:
+        self._settle()
         item, self._open = self._open, None
         if item is None:
             return []

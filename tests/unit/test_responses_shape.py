@@ -80,6 +80,26 @@ def test_an_answer_cut_short_is_incomplete_and_an_empty_one_still_a_message() ->
     assert [(i["type"], i["content"][0]["text"]) for i in whole["output"]] == [("message", "")]
 
 
+def test_a_long_answer_streams_at_the_same_cost_an_event_to_its_end() -> None:
+    """A delta's events cost the same however much text came before it: the open item's text was
+    rebuilt at each delta (the whole text so far copied), so a long answer's last events cost far
+    more than its first (128k tokens: 63 us an event at the end, 8 s of the gateway's loop in all)."""
+    import time
+
+    shape = _shape(reasoning_parser="")
+    shape.events(shape.chunk("", None, first=True))
+    piece, costs = "k" * 4096, []
+    for _ in range(1600):
+        began = time.perf_counter()
+        shape.events(shape.chunk(piece, None))
+        costs.append(time.perf_counter() - began)
+    first, last = sorted(costs[:400])[200], sorted(costs[-400:])[200]  # medians: a busy moment not counted
+    assert last < 3 * first, (first, last)
+    *_, done = shape.events(shape.chunk("", "stop")) + shape.events(shape.usage_chunk(5, 1600))
+    said = json.loads(done.decode().split("\n")[1].removeprefix("data: "))["response"]["output"][0]["content"][0]
+    assert said["text"] == piece * 1600
+
+
 def test_a_forced_call_streams_its_arguments_into_one_function_call_item() -> None:
     from openai.types.responses import Response
 
