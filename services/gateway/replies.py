@@ -33,7 +33,9 @@ class ReplyStream:
     keep_ids: bool = False  # keep the tokens' ids (return_token_ids), not only their count
     token_ids: list[int] = field(default_factory=list)  # completion tokens so far, when kept
     tokens: int = 0  # completion tokens so far
-    text: str = ""  # completion text so far
+    # The completion text so far, in pieces (``text``): a str grown at every chunk copied all the
+    # text before it each time (128k tokens: 38 us a chunk at the end, 5 s of the loop in all)
+    _pieces: list[str] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_code: ErrorCode | None = None
@@ -42,6 +44,13 @@ class ReplyStream:
     attempt: int = 0  # the latest attempt (``recoveries``) heard from: earlier ones are fenced
     _ahead: dict[int, TokenChunk] = field(default_factory=dict)  # chunks after a gap, by seq
     _gap_since: float | None = None  # when the open gap opened (monotonic seconds)
+
+    @property
+    def text(self) -> str:
+        """The completion text so far."""
+        if len(self._pieces) > 1:  # joined once however often it is read
+            self._pieces[:] = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     @property
     def done(self) -> bool:
@@ -90,7 +99,7 @@ class ReplyStream:
                 self._first_cached = nxt.prompt_cached_tokens
             if nxt.usage is not None:
                 self.cached_tokens = nxt.usage.cached_tokens if self._first_cached is None else self._first_cached
-            self.text += nxt.text
+            self._pieces.append(nxt.text)
             self.finish_reason = nxt.finish_reason
             ready.append(nxt)
         if not self._ahead:
