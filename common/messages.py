@@ -455,6 +455,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # Unix seconds when this state was read: between two steps, and a worker publishes the last
     # reading, so while a step runs it may be older than ``sent``. 0: a worker from before it.
     taken: float = 0.0
+    # ``unlisted_by_adapter`` by version (``engine_key``): each version takes a slot of its own. None:
+    # an older worker (by name then). Last and defaulted: an older reader ignores it, as unknown.
+    unlisted_by_version: dict[str, tuple[int, int]] | None = None
 
     @property
     def kv_cache_usage(self) -> float:

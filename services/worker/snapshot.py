@@ -12,8 +12,8 @@ import functools
 import time
 from collections.abc import Collection
 
-from dlora.common.messages import MAX_LISTED, AdapterResidency, RequestLoad, WorkerStats
-from dlora.common.versions import name_of, version_of
+from dlora.common.messages import MAX_LISTED, AdapterResidency, GenerateRequest, RequestLoad, WorkerStats
+from dlora.common.versions import engine_key, name_of, version_of
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.lengths import OutputLengths
@@ -32,6 +32,12 @@ def _unplaced(held: tuple[str, ...]) -> tuple[AdapterResidency, ...]:
     return tuple(_residency(key, None, False) for key in held)
 
 
+def arriving_key(req: GenerateRequest) -> str | None:
+    """What a request waiting on arrival runs on, as ``worker_stats``'s ``preparing`` counts it: its
+    adapter version's ``engine_key`` (the name alone where it names no version), None the base."""
+    return req.adapter and engine_key(req.adapter, req.adapter_version or "")
+
+
 def worker_stats(
     worker: str,
     engine: LLMEngine,
@@ -43,9 +49,9 @@ def worker_stats(
 ) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
     what the moved caches it took cost, in all; ``retired``: the engine keys of adapter versions
-    replaced or removed (their requests are pinned here); ``preparing``: the adapters (names, None
-    the base model) of the requests waiting on arrival, not yet in the engine: waiting too, as vLLM
-    counts one waiting for its grammar. (Its adapter reads' figures: the worker's own.)"""
+    replaced or removed (their requests are pinned here); ``preparing``: the adapters (``engine_key``s,
+    None the base model) of the requests waiting on arrival, not yet in the engine: waiting too, as
+    vLLM counts one waiting for its grammar. (Its adapter reads' figures: the worker's own.)"""
     e, st = engine, engine.stats
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
@@ -85,11 +91,16 @@ def worker_stats(
     loads, unlisted = loads[:MAX_LISTED], loads[MAX_LISTED:]  # in arrival order: running ones first
     # counted by adapter all the same: per-adapter figures (metrics, /v1/status) read the first
     # MAX_LISTED only, and those waiting on arrival in none (a helper's finding)
+    # and by version: a request of another version than those queued needs a slot of its own
     by_adapter: dict[str, list[int]] = {}
+    by_version: dict[str, list[int]] = {}
     for r in unlisted:
         by_adapter.setdefault(r.adapter or "", [0, 0])[0 if r.running else 1] += 1
-    for adapter in preparing:
-        by_adapter.setdefault(adapter or "", [0, 0])[1] += 1
+        key = engine_key(r.adapter, r.version) if r.adapter else ""
+        by_version.setdefault(key, [0, 0])[0 if r.running else 1] += 1
+    for key in preparing:
+        by_adapter.setdefault(name_of(key) if key else "", [0, 0])[1] += 1
+        by_version.setdefault(key or "", [0, 0])[1] += 1
     return WorkerStats(
         worker=worker,
         running=running,
@@ -122,6 +133,7 @@ def worker_stats(
         unlisted_requests=len(unlisted),
         unlisted_remaining_tokens=sum(r.remaining_tokens for r in unlisted),
         unlisted_by_adapter={a: (n[0], n[1]) for a, n in by_adapter.items()},
+        unlisted_by_version={k: (n[0], n[1]) for k, n in by_version.items()},
         adapter_seconds_per_token={  # of the adapters held (every one ever served would outgrow a message)
             name_of(k): v for k, v in st.adapter_seconds_per_token().items() if k == "" or k in e.adapters
         },

@@ -111,8 +111,11 @@ def test_per_adapter_figures_count_every_request_listed_or_not(tiny_llama: TinyO
         engine.add_request(
             f"r{i:05d}", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=9), adapter=adapter
         )
-    st = worker_stats("w0", engine, OutputLengths(), preparing=["lora-1", None])
+    st = worker_stats("w0", engine, OutputLengths(), preparing=["lora-1@v2", None])
     assert st.unlisted_requests == 40 and st.waiting == MAX_LISTED + 42
+    # and by version, for the dispatcher's count of slots (each version takes one)
+    assert st.unlisted_by_version == {"lora-0@v1": (0, 40), "lora-1@v2": (0, 1), "": (0, 1)}
+    assert st.unlisted_by_adapter == {"lora-0": (0, 40), "lora-1": (0, 1), "": (0, 1)}
     s = _scrape(_view(stats=st))
     by = {(dict(k)["adapter"], dict(k)["state"]): v for k, v in s["dlora_adapter_requests"].items()}
     assert by == {("lora-0", "waiting"): 40, ("lora-1", "waiting"): 1, ("llama", "waiting"): MAX_LISTED + 1}

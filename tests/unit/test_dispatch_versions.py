@@ -102,7 +102,8 @@ def test_sends_join_by_name_where_a_version_is_not_said() -> None:
     assert engine_key("rl", "v1") == "rl@v1" and engine_key("rl", "") == "rl"  # how sends are counted
     assert was_sent(["rl@v1"], "rl", "v1") and not was_sent(["rl@v1"], "rl", "v2")
     assert was_sent(["rl"], "rl", "v2") and was_sent(["rl@v1"], "rl") and not was_sent(["rlx@v1"], "rl")
-    # slots are counted by name, as a worker's queued adapters are: two versions' sends crowd as one
+    # slots are counted by version (each its own: test_dispatch_slots.py); a name alone shares one
     x = WorkerLoad.of(w("x", reading=[]))  # (4 slots)
     by_key = estimated_finish(x, "d", 0.0, set(), COSTS, ["a@1", "a@2", "b@1", "c@1"], 10, 1.0, "1")
-    assert by_key == estimated_finish(x, "d", 0.0, set(), COSTS, ["a", "b", "c"], 10, 1.0, "1")
+    assert by_key == estimated_finish(x, "d", 0.0, set(), COSTS, ["a@1", "a@2", "b", "c"], 10, 1.0, "1")
+    assert by_key > estimated_finish(x, "d", 0.0, set(), COSTS, ["a", "a@2", "b", "c"], 10, 1.0, "1")
