@@ -50,7 +50,7 @@ import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.common.versions import name_of
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, runs_among, takes
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
 
 BASE = ""  # the base model needs no slot
 
@@ -159,7 +159,7 @@ def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
     return out
 
 
-def running_adapters(snapshot: ClusterSnapshot) -> dict[str, set[str]]:
+def running_adapters(snapshot: ClusterSnapshot) -> dict[str, Running]:
     """The adapter versions (``RequestState.key``: each a slot) each worker has requests of (not the base
     model's). What its slots must hold at once for one step to run them all: a worker with more than
     ``slots`` of them runs its requests a few at a time, so a move brings a new one only where fewer run."""
@@ -167,7 +167,7 @@ def running_adapters(snapshot: ClusterSnapshot) -> dict[str, set[str]]:
     for r in snapshot.requests:
         if r.adapter:
             out[r.worker].add(r.key)
-    return out
+    return {w: Running(keys) for w, keys in out.items()}  # (each distinct key once: a Python call)
 
 
 def _blocks(tokens: int, block_size: int) -> int:
@@ -254,7 +254,7 @@ def _destinations(
     groups: list[_Group],
     settings: PlannerSettings,
     start: dict[int, set[str]],
-    active: dict[str, set[str]],
+    active: dict[str, Running],
 ) -> list[list[str]]:
     """Per group: home first, then the workers it may move to: ones whose context holds its
     requests that run its adapter (``active``: worker -> adapters it runs) or have a free slot for
@@ -345,7 +345,7 @@ def _solve(
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
-            prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - len(active[w]))
+            prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - active[w].slots)
             for a, v in new:
                 if not ws.has(a):  # as it measures its reads, scaled to the adapter's files
                     price = ws.read_seconds(snapshot.file_bytes.get(name_of(a), 0)) or snapshot.adapter_load_seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dlora.common.reads import read_price
@@ -33,22 +34,57 @@ class RequestState:
         return engine_key(self.adapter, self.version) if self.adapter else ""
 
 
+class Running(set[str]):
+    """The adapter versions a worker has requests of (``RequestState.key``s), with the names of the
+    versioned ones beside: a name alone (an older worker's request) then finds a version of it
+    without a scan of the keys, for each of the planner's (group, worker) pairs."""
+
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.versioned: set[str] = set()  # the names of its keys that say a version
+        self.shared = 0  # its names alone that share the slot of a version of them here
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: str) -> None:
+        if key in self:
+            return
+        super().add(key)
+        name, _, version = key.partition("@")
+        if not version:
+            self.shared += name in self.versioned
+        elif name not in self.versioned:
+            self.versioned.add(name)
+            self.shared += name in self
+
+    @property
+    def slots(self) -> int:
+        """The device slots its requests take at once: one per version, a name alone sharing one."""
+        return len(self) - self.shared
+
+
 def runs_among(keys: set[str], key: str) -> bool:
     """Whether requests of ``key`` (``RequestState.key``) run on one of ``keys``: the same version, or
-    that adapter unversioned (an older worker's requests, in a rolling upgrade: any version). Not
-    the other way round: an older worker's request is taken to need a slot of its own beside a
-    versioned one (a scan of ``keys`` for each would cost every plan, for a slot at most)."""
+    where either says none (an older worker's requests, in a rolling upgrade), that adapter at any
+    version. One way only, an older worker's requests moved onto a worker running a version of their
+    adapter each took a slot of their own beside it, where none was free: they stayed."""
     if key in keys:
         return True
     name, _, version = key.partition("@")
-    return bool(version) and name in keys
+    if version:
+        return name in keys
+    if isinstance(keys, Running):
+        return name in keys.versioned
+    return any(k.partition("@")[0] == name for k in keys)
 
 
 def takes(running: set[str], key: str, slots: int) -> bool:
     """Whether a worker running requests of ``running`` (``RequestState.key``s) and with ``slots`` may
     take one of ``key`` ("": the base model, which needs no slot): it runs that version already,
     or has a slot free for it."""
-    return not key or runs_among(running, key) or len(running) < slots
+    if not key or runs_among(running, key):
+        return True
+    return (running if isinstance(running, Running) else Running(running)).slots < slots
 
 
 @dataclass(frozen=True)

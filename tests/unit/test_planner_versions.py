@@ -109,7 +109,7 @@ def test_version_keys_and_their_matches() -> None:
     assert key("rl", "v2") == "rl@v2" and key("rl") == "rl" and key(None, "v") == ""
     assert runs_among({"rl@v2"}, "rl@v2") and not runs_among({"rl@v1"}, "rl@v2")
     assert runs_among({"rl"}, "rl@v2")  # an older worker's requests: any version
-    assert not runs_among({"rl@v1"}, "rl")  # (its own, moved: priced a slot, not scanned for)
+    assert runs_among({"rl@v1"}, "rl")  # and its own, moved (test_planner_older.py)
     assert not runs_among({"rlx@v2"}, "rl") and not runs_among(set(), "rl")
     assert takes({"a@1"}, "", 1) and not takes({"a@1"}, "a@2", 1) and takes({"a@1"}, "a@2", 2)
     w = WorkerState("x", 10, 16, 2, frozenset({"rl"}), 0.01, versions=frozenset({("rl", "v1")}))

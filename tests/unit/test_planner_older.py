@@ -1,0 +1,51 @@
+"""A rolling upgrade: an older worker does not say which version of an adapter its requests run on
+(``RequestLoad.version`` ""), so the migrator takes them as running on any version of it, both ways:
+moved onto a worker running a version of that adapter, they join its slot (they took a slot of their
+own, and a worker whose slots were all in use could take none of them)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from dlora.services.migrator.planner import PlannerSettings, _greedy, plan
+from dlora.services.migrator.snapshot import Running, runs_among, takes
+from dlora.services.migrator.trigger import snapshot_from_stats
+from tests.unit.test_planner_versions import _load, _stats
+
+# x, an older worker, runs eight requests of rl (8 s of work); y runs one short one of rl@v1 in its
+# only slot, and holds v1.
+OLDER = [msgspec.structs.replace(_load(f"o-{i}", ""), context_tokens=1) for i in range(8)]
+SHORT = [_load("v1-0", "v1", remaining=10)]
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_an_older_workers_requests_join_the_slot_of_a_version_of_their_adapter(solver: str) -> None:
+    snap = snapshot_from_stats(
+        [_stats("x", (("rl", ""),), OLDER), _stats("y", (("rl", "v1"),), SHORT, slots=1)],
+        {"rl": 16},
+        adapter_load_seconds=0.0,
+    )
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert moves and {m.to_worker for m in moves} == {"y"}
+    # another adapter's requests still find no slot there
+    other = [msgspec.structs.replace(r, adapter="other") for r in OLDER]
+    snap = snapshot_from_stats(
+        [_stats("x", (("other", ""),), other), _stats("y", (("rl", "v1"),), SHORT, slots=1)],
+        {"rl": 16, "other": 16},
+        adapter_load_seconds=0.0,
+    )
+    assert (plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())) == []
+
+
+def test_a_name_alone_shares_a_versions_slot() -> None:
+    assert runs_among({"rl@v1"}, "rl") and runs_among(Running(["rl@v1"]), "rl")
+    assert not runs_among({"rlx@v1"}, "rl") and not runs_among(Running(["rlx@v1", "r"]), "rl")
+    assert runs_among({"rl"}, "rl@v2") and not runs_among({"rl@v1"}, "rl@v2")
+    running = Running(["a", "a@1"])
+    assert len(running) == 2 and running.slots == 1
+    running.add("a@2")
+    running.add("a@2")
+    assert running.slots == 2 and Running(["a@1", "a", "b"]).slots == 2 and Running().slots == 0
+    assert takes(Running(["a@1"]), "a", 1) and not takes(Running(["a@1"]), "b", 1)
+    assert takes(Running(["a", "a@1"]), "b", 2)  # (a and a@1 share one slot: one free)
