@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -11,18 +13,23 @@ def poisson(rate: float, n: int, rng: np.random.Generator) -> list[float]:
 
 def gamma(rate: float, cv: float, n: int, rng: np.random.Generator) -> list[float]:
     """Gamma inter-arrivals with mean 1/rate and coefficient of variation ``cv`` (1 = Poisson;
-    larger = burstier)."""
+    larger = burstier); an infinite ``rate`` puts every arrival at 0 (vLLM's ``--request-rate inf``)."""
     if rate <= 0 or cv <= 0:
         raise ValueError(f"rate and cv must be > 0, got {rate}, {cv}")
+    if math.isinf(rate):
+        return [0.0] * n
     shape = 1.0 / cv**2
     gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
     return [float(t) for t in np.cumsum(gaps)]
 
 
 def replay(timestamps: list[float], rate: float | None = None) -> list[float]:
-    """A trace's own arrival times from 0, optionally rescaled to a mean ``rate`` (req/s)."""
+    """A trace's own arrival times from 0, optionally rescaled to a mean ``rate`` (req/s; infinite:
+    all at 0)."""
     t0 = timestamps[0]
     times = [t - t0 for t in timestamps]
+    if rate is not None and math.isinf(rate):
+        return [0.0] * len(times)
     if rate is not None and len(times) > 1 and times[-1] > 0:
         factor = (len(times) - 1) / rate / times[-1]
         times = [t * factor for t in times]

@@ -42,6 +42,15 @@ above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
 
 
+def rate(text: str) -> float:
+    """An argparse type: a rate above 0, or ``inf`` (every request at once, vLLM's default
+    ``--request-rate inf``, which vLLM users pair with ``--max-concurrency``: it was refused as
+    "not a finite number"). NaN and -inf stay refused."""
+    if text.strip().lower() in ("inf", "infinity", "+inf", "+infinity"):
+        return math.inf
+    return above_zero(text)
+
+
 # A target with one of these schemes is a NATS server (nats-py's: tls:// is NATS over TLS).
 NATS_SCHEMES = ("nats://", "tls://")
 
@@ -114,9 +123,10 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
     p.add_argument(
         "--rate",
-        type=above_zero,
+        type=rate,
         default=_SPEC.rate,
-        help=f"mean requests/s (trace replay is rescaled to it; default {_SPEC.rate:g})",
+        help="mean requests/s (trace replay is rescaled to it); inf sends every request at once, as vLLM's "
+        f"--request-rate inf (default {_SPEC.rate:g})",
     )
     p.add_argument(
         "--cv", type=above_zero, help=f"gamma: coefficient of variation of inter-arrivals (default {_SPEC.cv:g})"

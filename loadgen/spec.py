@@ -9,6 +9,7 @@ requests. Field names are the ``dlora loadgen`` option names (``--length-divide`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -41,7 +42,8 @@ class WorkloadSpec:
     arrivals: Arrivals = "poisson"
     """Arrival process: Poisson, Gamma with ``cv``, or the request trace's own timestamps."""
     rate: float = 2.0
-    """Mean arrival rate, requests/s; a trace's timestamps are rescaled to it."""
+    """Mean arrival rate, requests/s; a trace's timestamps are rescaled to it. ``math.inf``: every
+    request at once (vLLM's ``--request-rate inf``)."""
     cv: float = 1.0
     """Gamma arrivals: coefficient of variation of the gaps (1 = Poisson, larger = burstier)."""
     trace: tuple[str, ...] = ()
@@ -129,6 +131,8 @@ class WorkloadSpec:
         the same whether the CLI or a benchmark made it."""
         out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["trace"] = list(self.trace) or None
+        if math.isinf(self.rate):  # JSON has no infinity (json.dumps wrote Infinity); vLLM's record says "inf"
+            out["rate"] = "inf"
         out["adapter_names"] = (
             None if self.adapter_names is None else ",".join("-" if a is None else a for a in self.adapter_names)
         )

@@ -248,14 +248,28 @@ def test_a_length_option_below_one_token_is_a_usage_error_naming_it(
 )
 def test_a_number_option_refuses_nan_and_infinity_by_name(option: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A user's trial: --rate nan, --cv nan and --duration nan ran and wrote NaN into result.json
-    (not JSON); --alpha nan failed deep inside, naming no option; --shift-every -5 was taken."""
-    for value in ("nan", "inf", "-inf"):
+    (not JSON); --alpha nan failed deep inside, naming no option; --shift-every -5 was taken.
+    (--rate inf is taken: vLLM's --request-rate inf, below.)"""
+    for value in ("nan", "-inf") if option == "--rate" else ("nan", "inf", "-inf"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["loadgen", option, value])
         assert option in capsys.readouterr().err
     if option != "--alpha":  # a rate, a spread or a span: above 0
         with pytest.raises(SystemExit):
             build_parser().parse_args(["loadgen", option, "-5"])
+
+
+@pytest.mark.parametrize("given", ["--arrivals poisson", "--arrivals gamma --cv 3", "--arrivals trace"])
+def test_rate_inf_sends_every_request_at_once_and_is_recorded_as_vllm_does(given: str) -> None:
+    """vLLM's default --request-rate inf (with --max-concurrency, the usual closed-loop run) was
+    refused as "not a finite number"; taken, it must put every arrival at 0 and not write
+    JSON's invalid Infinity into result.json: vLLM's record says "inf"."""
+    import json
+
+    args = build_parser().parse_args(["loadgen", "--rate", "inf", "--requests", "12", *given.split()])
+    spec = WorkloadSpec.from_args(args)
+    assert [r.arrival_s for r in workload.build_specs(spec)] == [0.0] * 12
+    assert json.loads(json.dumps(spec.options(), allow_nan=False))["rate"] == "inf"
 
 
 async def test_a_tls_target_is_a_nats_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
