@@ -57,7 +57,9 @@ class HFPeftServer:
             self.model.generate(**kwargs)
 
     def serve(self, specs: list[RequestSpec], max_seconds: float) -> tuple[list[RequestResult], float]:
-        results = [RequestResult(s.arrival_s, s.adapter, s.output_len, sent=True) for s in specs]
+        results = [
+            RequestResult(s.arrival_s, s.adapter, s.output_len, sent=True, prompt_len=s.prompt_len) for s in specs
+        ]
         queue: list[int] = []
         nxt = 0
         start = time.perf_counter()

@@ -106,7 +106,8 @@ def replay(
 ) -> tuple[list[RequestResult], float]:
     """Open loop: each request is added when its arrival time has passed, whatever is running;
     ``log`` records the steps."""
-    results = [RequestResult(s.arrival_s, s.adapter, s.output_len) for s in specs]  # sent once added
+    # sent once added
+    results = [RequestResult(s.arrival_s, s.adapter, s.output_len, prompt_len=s.prompt_len) for s in specs]
     start = time.perf_counter()
     nxt = 0
     vocab = engine.model_config.vocab_size

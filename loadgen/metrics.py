@@ -27,6 +27,7 @@ class RequestResult:
     error: str | None = None
     cut: bool = False  # still running when the run ended (duration cap or Ctrl-C)
     retry_reasons: list[str] = field(default_factory=list)  # why each earlier try was retried (--max-retries)
+    prompt_len: int = 0  # prompt tokens sent (exact: the prompt goes as token ids)
 
     @property
     def completed(self) -> bool:
@@ -96,6 +97,11 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO(), star
         "duration_s": span,
         "throughput_req_s": len(done) / span,
         "throughput_tok_s": sum(r.tokens for r in done) / span,  # completed ones' (vLLM's output throughput)
+        # vLLM's "Total input tokens", "Total generated tokens" and "Total Token throughput" (prompt and
+        # output tokens of the completed requests over the span): its headline figures, which were missing
+        "total_input_tokens": sum(r.prompt_len for r in done),
+        "total_output_tokens": sum(r.tokens for r in done),
+        "throughput_total_tok_s": sum(r.prompt_len + r.tokens for r in done) / span,
         "ttft_s": _stats([r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
         "tpot_s": _stats([t for r in done if (t := r.tpot()) is not None]),
         "itl_s": _stats(itl),

@@ -52,7 +52,7 @@ async def replay(
     ``max_concurrency`` in flight (None: no cap; capped, a request's times count from when it is
     sent, as vLLM's do, and one still waiting for a slot when sending ends is not sent). Returns
     each request's result and the run's end (``clock``'s seconds)."""
-    results = [RequestResult(s.arrival_s, s.adapter, s.output_len) for s in specs]
+    results = [RequestResult(s.arrival_s, s.adapter, s.output_len, prompt_len=s.prompt_len) for s in specs]
     tasks: set[asyncio.Task] = set()
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 

@@ -124,3 +124,30 @@ def test_result_json_keeps_the_most_common_failure_reasons() -> None:
     results += [RequestResult(0.0, "a", 4, sent=True, error="HTTP 503: no worker answered in time")] * 50
     errors = summarize(results, 1.0)["errors"]
     assert len(errors) == 10 and errors[0] == "HTTP 503: no worker answered in time"
+
+
+def test_total_tokens_and_total_token_throughput_are_vllms() -> None:
+    """vLLM's benchmark prints "Total input tokens", "Total generated tokens" and "Total Token
+    throughput" (prompt and output tokens of the successful requests over the run): the summary had
+    only the output throughput, and the requests did not keep their prompts' lengths."""
+    import asyncio
+
+    from dlora.loadgen.runner import Clock, replay
+    from dlora.loadgen.workload import RequestSpec
+
+    class Instant:  # answers every request at once with the tokens it asked for; the third fails
+        async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
+            if index == 2:
+                r.error = "HTTP 500"
+                return
+            r.first_token_s = r.finish_s = r.arrival_s
+            r.tokens = spec.output_len
+
+    specs = [
+        RequestSpec(arrival_s=0.0, adapter=None, prompt_len=p, output_len=o) for p, o in ((10, 3), (20, 5), (40, 7))
+    ]
+    clock = Clock()
+    results, _ = asyncio.run(replay(specs, Instant(), clock, 10.0, asyncio.Event()))
+    s = summarize(results, end_s=2.0, start_s=0.0)
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (30, 8)  # the failed one's not counted
+    assert s["throughput_total_tok_s"] == pytest.approx(38 / 2.0) and s["throughput_tok_s"] == pytest.approx(8 / 2.0)
