@@ -42,8 +42,8 @@ async def run(
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
     openai package does, with ``api_key`` (None: ``OPENAI_API_KEY``, as the openai package reads it;
     a gateway with ``auth = "keys"`` wants one); or a ``nats://`` URL), at most ``max_concurrency``
-    requests in flight (None: no cap), judge it by ``slo`` and write result.json, report.png and
-    report.html under ``out``. Ctrl-C stops sending; the report is still written.
+    requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
+    report.png and report.html under ``out``. Ctrl-C stops sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned`` and whether
@@ -166,7 +166,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
         console.print(f"interrupted (Ctrl-C): sending stopped after {summary['sent']} of {summary['planned']}")
     console.print(
         f"failed {summary['failed']}, cut {summary['cut']}, lost {summary['lost']} of {summary['sent']} sent  ->  "
-        f"{Path(args.out) / 'result.json'}, report.png, report.html"
+        f"{Path(args.out) / 'result.json'}, vllm-result.json, report.png, report.html"
     )
     # A run where nothing completed failed, though its requests were only cut (a server that
     # answers nothing, or too slowly for the run: it exited 0).

@@ -74,6 +74,18 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     }
 
 
+def samples(done: list[RequestResult]) -> dict[str, list[float]]:
+    """The latency samples of completed requests, seconds: TTFT and E2E from each request's arrival,
+    TPOT per request of two tokens or more, ITL per event (vLLM's definitions, one place for both
+    records: result.json's and vllm-result.json's)."""
+    return {
+        "ttft": [r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None],
+        "tpot": [t for r in done if (t := r.tpot()) is not None],
+        "itl": [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])],
+        "e2e": [r.finish_s - r.arrival_s for r in done if r.finish_s is not None],
+    }
+
+
 def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO(), start_s: float | None = None) -> dict:
     """The run's figures over ``results``; rates over ``start_s`` (default: the first arrival
     among them) to ``end_s``."""
@@ -83,7 +95,7 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO(), star
     cut = [r for r in sent if r.cut]
     start = min((r.arrival_s for r in sent), default=0.0) if start_s is None else start_s
     span = max(end_s - start, 1e-9)
-    itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
+    latencies = samples(done)
     met = [r for r in done if slo.met(r)]
     return {
         "sent": len(sent),
@@ -102,10 +114,10 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO(), star
         "total_input_tokens": sum(r.prompt_len for r in done),
         "total_output_tokens": sum(r.tokens for r in done),
         "throughput_total_tok_s": sum(r.prompt_len + r.tokens for r in done) / span,
-        "ttft_s": _stats([r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
-        "tpot_s": _stats([t for r in done if (t := r.tpot()) is not None]),
-        "itl_s": _stats(itl),
-        "e2e_s": _stats([r.finish_s - r.arrival_s for r in done]),
+        "ttft_s": _stats(latencies["ttft"]),
+        "tpot_s": _stats(latencies["tpot"]),
+        "itl_s": _stats(latencies["itl"]),
+        "e2e_s": _stats(latencies["e2e"]),
         "normalized_latency_s": _stats([r.normalized_latency(end_s) for r in sent]),
         "slo": {
             "ttft_s": slo.ttft_s,

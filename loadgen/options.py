@@ -100,7 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "from when it is sent (vLLM's benchmark_serving --max-concurrency; default: no cap, open loop)",
     )
     p.add_argument(
-        "--out", default="loadgen-results", help="folder for result.json, report.png, report.html (default %(default)s)"
+        "--out",
+        default="loadgen-results",
+        help="folder for result.json, vllm-result.json, report.png, report.html (default %(default)s)",
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from dlora.loadgen import vllm_record
 from dlora.loadgen.metrics import RequestResult, slowest
 
 
@@ -87,7 +88,7 @@ def plot(results: list[RequestResult], by_adapter: dict[str, dict], end_s: float
     plt.close(fig)
 
 
-FILES = ("result.json", "report.png", "report.html")  # what ``write`` writes in its folder
+FILES = ("result.json", "vllm-result.json", "report.png", "report.html")  # what ``write`` writes in its folder
 
 
 def write(
@@ -106,6 +107,7 @@ def write(
         )
         + "\n"
     )
+    (out / "vllm-result.json").write_text(json.dumps(vllm_record.record(config, summary, results), indent=2) + "\n")
     plot(results, by_adapter, end_s, out / "report.png")
     png = base64.b64encode((out / "report.png").read_bytes()).decode()
     rows = "".join(

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from rich.console import Console
 
@@ -179,3 +180,45 @@ async def test_max_concurrency_holds_arrivals_until_a_slot_frees_and_times_them_
             assert [r.sent for r in cut].count(True) == 2 and sum(r.completed for r in cut) == 2
         finally:
             await client.close()
+
+
+async def test_the_run_is_also_recorded_under_vllms_names_and_units(tmp_path: Path) -> None:
+    """Users feed vLLM's benchmark records (``--save-result``) to their dashboards: flat names,
+    milliseconds; result.json has none of them (nested, seconds). vllm-result.json has them, with
+    vLLM's meanings: ``failed`` every sent request that did not complete, TPOT per request of two
+    tokens or more, goodput only where an SLO was given, the rate ``"inf"``."""
+    import numpy as np
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body["model"] == "lora-1":
+            return web.json_response({"error": {"message": "no"}}, status=500)
+        events = [CHUNK] * (body["max_tokens"] - 1) + [LAST | {"usage": {"completion_tokens": body["max_tokens"]}}]
+        return await _stream(request, events)
+
+    spec = WorkloadSpec(requests=8, rate=float("inf"), lengths="fixed", prompt_len=5, output_len=3, adapters=2)
+    async with serving(completions) as url:
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), base_model="model", max_concurrency=2)
+    result = json.loads((tmp_path / "result.json").read_text())
+    ours, refused = result["summary"], result["by_adapter"]["lora-1"]["sent"]
+
+    def no_constants(c: str) -> None:
+        raise AssertionError(f"{c} is not JSON")
+
+    v = json.loads((tmp_path / "vllm-result.json").read_text(), parse_constant=no_constants)
+    done = ours["completed"]
+    assert 0 < refused < 8 and done == 8 - refused
+    assert (v["completed"], v["failed"], v["num_prompts"]) == (done, refused, 8)
+    assert (v["request_rate"], v["burstiness"], v["max_concurrency"], v["request_goodput"]) == ("inf", 1.0, 2, None)
+    assert (v["total_input_tokens"], v["total_output_tokens"]) == (5 * done, 3 * done)
+    assert v["total_token_throughput"] == pytest.approx(8 * done / ours["duration_s"])
+    assert v["request_throughput"] == ours["throughput_req_s"] and v["output_throughput"] == ours["throughput_tok_s"]
+    for name, theirs in (("ttft_s", "ttft"), ("tpot_s", "tpot"), ("itl_s", "itl"), ("e2e_s", "e2el")):
+        assert v[f"mean_{theirs}_ms"] == pytest.approx(ours[name]["mean"] * 1000)
+        assert v[f"median_{theirs}_ms"] == pytest.approx(ours[name]["p50"] * 1000)
+        assert v[f"p99_{theirs}_ms"] == pytest.approx(ours[name]["p99"] * 1000) and v[f"std_{theirs}_ms"] >= 0
+    assert sorted(v["output_lens"]) == [0] * refused + [3] * done and v["input_lens"] == [5] * 8
+    assert sum(e != "" for e in v["errors"]) == refused and all(
+        len(i) == 2 for i, n in zip(v["itls"], v["output_lens"]) if n
+    )
+    assert np.mean([t for t in v["ttfts"] if t]) * 1000 == pytest.approx(v["mean_ttft_ms"])

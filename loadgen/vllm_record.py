@@ -1,0 +1,67 @@
+"""The run's record in vLLM's benchmark's shape (``vllm bench serve --save-result``,
+``benchmark_serving.py``): its flat field names and units (milliseconds for the latency figures,
+seconds in the per-request lists), so that dashboards and scripts reading vLLM's records read dlora
+loadgen's as they are. Written beside result.json as ``vllm-result.json``; result.json keeps dlora's
+own figures (seconds, nested, per adapter, cut and lost apart)."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+
+from dlora.loadgen.metrics import RequestResult, samples
+
+PERCENTILES = (50, 90, 99)  # result.json's; vLLM writes those its --metric-percentiles names (99 by default)
+# vLLM's metric names for ours: its e2el is our e2e
+METRICS = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2e": "e2el"}
+
+
+def _burstiness(config: dict) -> float | None:
+    """vLLM's --burstiness is the gamma shape, 1 / CV²: 1.0 for Poisson; a trace's has none."""
+    return {"poisson": 1.0, "gamma": 1.0 / config.get("cv", 1.0) ** 2}.get(config.get("arrivals", ""))
+
+
+def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
+    """vLLM's record of the run described by ``config`` and ``summary`` (main.run's) over
+    ``results``. Where a metric has no sample (no completed request, only one-token outputs for
+    TPOT) vLLM writes 0, and so does this: its readers expect numbers. ``failed`` is vLLM's: every
+    request sent that did not complete (ours apart as failed, cut and lost in result.json)."""
+    sent = [r for r in results if r.sent]
+    done = [r for r in sent if r.completed]
+    slo_given = config.get("slo_ttft") is not None or config.get("slo_tpot") is not None
+    target = str(config.get("target", ""))
+    out: dict = {
+        "date": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": "dlora-nats" if target.startswith(("nats://", "tls://")) else "openai",
+        "model_id": config.get("base_model"),
+        "tokenizer_id": None,  # prompts go as token ids, counted exactly: no tokenizer
+        "num_prompts": summary.get("planned", len(results)),
+        "request_rate": config.get("rate"),
+        "burstiness": _burstiness(config),
+        "max_concurrency": config.get("max_concurrency"),
+        "duration": summary["duration_s"],
+        "completed": summary["completed"],
+        "failed": summary["sent"] - summary["completed"],
+        "total_input_tokens": summary["total_input_tokens"],
+        "total_output_tokens": summary["total_output_tokens"],
+        "request_throughput": summary["throughput_req_s"],
+        "request_goodput": summary["slo"]["goodput_req_s"] if slo_given else None,
+        "output_throughput": summary["throughput_tok_s"],
+        "total_token_throughput": summary["throughput_total_tok_s"],
+        "input_lens": [r.prompt_len for r in sent],
+        "output_lens": [r.tokens if r.completed else 0 for r in sent],
+        "ttfts": [r.first_token_s - r.arrival_s if r.completed and r.first_token_s is not None else 0.0 for r in sent],
+        "itls": [[b - a for a, b in zip(r.token_times, r.token_times[1:])] if r.completed else [] for r in sent],
+        "errors": [
+            "" if r.completed else r.error or ("cut off at the run's end" if r.cut else "no answer") for r in sent
+        ],
+    }
+    for ours, theirs in METRICS.items():
+        ms = np.asarray(samples(done)[ours] or [0.0]) * 1000
+        out[f"mean_{theirs}_ms"] = float(ms.mean())
+        out[f"median_{theirs}_ms"] = float(np.median(ms))
+        out[f"std_{theirs}_ms"] = float(ms.std())
+        for p in PERCENTILES:
+            out[f"p{p}_{theirs}_ms"] = float(np.percentile(ms, p))
+    return out
