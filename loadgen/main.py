@@ -113,6 +113,12 @@ async def run(
         if (unsent := len(requests) - summary["sent"]) and not interrupted:
             ended = f"--duration {spec.duration:g} s ended sending"
             console.print(f"{ended}: {unsent} of {len(requests)} requests not sent")
+        if summary["short"]:  # in result.json only, a server ignoring ignore_eos measured other lengths silently
+            console.print(
+                f"{summary['short']} of {summary['completed']} completed requests ended before the tokens they "
+                "asked for (max_tokens with ignore_eos): the target did not honour ignore_eos, so this run's "
+                "outputs are shorter than the workload's"
+            )
         by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
         # Keys in the CLI's option order and names, so records from the CLI and from benchmarks compare.
         kinds = ("request_trace", "popularity_source")

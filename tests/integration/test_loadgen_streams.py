@@ -222,3 +222,20 @@ async def test_the_run_is_also_recorded_under_vllms_names_and_units(tmp_path: Pa
         len(i) == 2 for i, n in zip(v["itls"], v["output_lens"]) if n
     )
     assert np.mean([t for t in v["ttfts"] if t]) * 1000 == pytest.approx(v["mean_ttft_ms"])
+
+
+async def test_a_target_that_ends_outputs_early_is_named_on_the_terminal(tmp_path: Path) -> None:
+    """Every request asks ignore_eos, so outputs are the workload's lengths; a server that does not
+    honour it (OpenAI's, many others) ended them at EOS and the run's throughput and TPOT were of
+    other lengths, said only as "short" in result.json (vLLM's benchmark users hit the same)."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        stop = {"choices": [{"index": 0, "text": "b", "finish_reason": "stop"}], "usage": {"completion_tokens": 2}}
+        return await _stream(request, [CHUNK, stop])
+
+    spec = WorkloadSpec(requests=3, rate=50.0, lengths="fixed", prompt_len=4, output_len=8, adapter_names=(None,))
+    console = Console(file=io.StringIO(), width=300)
+    async with serving(completions) as url:
+        summary = await run(spec, url, tmp_path, console)
+    assert summary["short"] == 3
+    assert "3 of 3 completed requests ended before the tokens they asked for" in console.file.getvalue()
