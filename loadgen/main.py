@@ -25,6 +25,10 @@ from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
 from dlora.loadgen.workload import build_specs, load_traces
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The exit status after each, the shell's 128 + the signal's number
+EXIT_AFTER = {"SIGINT": 130, "SIGTERM": 143}
+
 
 async def run(
     spec: WorkloadSpec,
@@ -43,11 +47,11 @@ async def run(
     openai package does, with ``api_key`` (None: ``OPENAI_API_KEY``, as the openai package reads it;
     a gateway with ``auth = "keys"`` wants one); or a ``nats://`` URL), at most ``max_concurrency``
     requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
-    report.png and report.html under ``out``. Ctrl-C stops sending; the report is still written.
+    report.png and report.html under ``out``. Ctrl-C or SIGTERM stops sending; the report is still written.
 
     Returns:
-        The overall summary (``metrics.summarize``), with the requests ``planned`` and whether
-        Ctrl-C ``interrupted`` it.
+        The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
+        or SIGTERM ``interrupted`` it and the signal's name (``stopped_by``; None if none).
     Raises:
         TraceError, ValueError, OSError: a trace cannot be read or the workload cannot be built,
             the target cannot be reached (NATS), the report cannot be written.
@@ -80,7 +84,16 @@ async def run(
             console.print(f"not served by the target (their requests will fail): {', '.join(missing)}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stopped_by: list[str] = []
+
+    def heard(sig: signal.Signals) -> None:
+        stopped_by.append(sig.name)
+        stop.set()
+
+    # SIGTERM as Ctrl-C: `timeout 600 dlora loadgen ...`, a CI step's or a Kubernetes Job's deadline
+    # ended the run with nothing written (as `dlora generate` treats it).
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, heard, sig)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -133,9 +146,10 @@ async def run(
             | skipped
         )
         report.write(out, config, summary, by_adapter, results, end, console)
-        return summary | {"interrupted": interrupted}
+        return summary | {"interrupted": interrupted, "stopped_by": stopped_by[0] if interrupted else None}
     finally:  # a Ctrl-C while the report is written is heard (as stop) and let be: it is written whole
-        loop.remove_signal_handler(signal.SIGINT)
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def run_loadgen(args: argparse.Namespace) -> int:
@@ -169,7 +183,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
         print("dlora loadgen: interrupted before sending; nothing written", file=sys.stderr)
         return 130
     if summary["interrupted"]:
-        console.print(f"interrupted (Ctrl-C): sending stopped after {summary['sent']} of {summary['planned']}")
+        by = "Ctrl-C" if summary["stopped_by"] == "SIGINT" else summary["stopped_by"]
+        console.print(f"interrupted ({by}): sending stopped after {summary['sent']} of {summary['planned']}")
     console.print(
         f"failed {summary['failed']}, cut {summary['cut']}, lost {summary['lost']} of {summary['sent']} sent  ->  "
         f"{Path(args.out) / 'result.json'}, vllm-result.json, report.png, report.html"
@@ -178,5 +193,5 @@ def run_loadgen(args: argparse.Namespace) -> int:
     # answers nothing, or too slowly for the run: it exited 0).
     nothing = summary["completed"] == 0
     if summary["interrupted"]:
-        return 130
+        return EXIT_AFTER[summary["stopped_by"]]
     return 0 if summary["lost"] == 0 and summary["failed"] == 0 and not nothing else 1

@@ -187,3 +187,42 @@ async def test_the_client_sets_no_deadline_of_its_own_shorter_than_the_run() -> 
         assert client.session.timeout.total is None and client.session.timeout.sock_read is None
     finally:
         await client.close()
+
+
+def test_sigterm_writes_the_report_says_so_and_exits_143(tmp_path: Path) -> None:
+    """`timeout 600 dlora loadgen ...` (or a CI step's, a Kubernetes Job's deadline) sent SIGTERM
+    and the run ended with nothing written, though Ctrl-C writes the report. Sent once a completion
+    request reached the server, to a loadgen process of its own."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(tmp_path), "0"])
+    loadgen = None
+    try:
+        for _ in range(300):
+            if (tmp_path / "port").exists():
+                break
+            time.sleep(0.1)
+        port = int((tmp_path / "port").read_text())
+        argv = ["loadgen", "--target", f"http://127.0.0.1:{port}", "--requests", "20", "--rate", "2"]
+        loadgen = subprocess.Popen(
+            [sys.executable, "-m", "dlora.services.cli", *argv, "--adapter-names", "-", "--out", str(tmp_path / "out")],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(300):
+            if (tmp_path / "completions").exists():
+                break
+            time.sleep(0.1)
+        loadgen.send_signal(signal.SIGTERM)
+        _, err = loadgen.communicate(timeout=60)
+    finally:
+        for proc in (loadgen, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert loadgen.returncode == 143, err
+    assert "Traceback" not in err and "interrupted (SIGTERM)" in err
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["config"]["interrupted"]
