@@ -140,7 +140,8 @@ async def run(
         config = (
             {"target": redacted(target), "base_model": base_model}
             | spec.options()
-            | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "max_concurrency": max_concurrency}
+            | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
+            | {"max_concurrency": max_concurrency}
             | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
@@ -170,7 +171,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 args.out,
                 console,
                 base_model=args.base_model,
-                slo=SLO(args.slo_ttft, args.slo_tpot),
+                slo=SLO(args.slo_ttft, args.slo_tpot, args.slo_e2e),
                 max_retries=args.max_retries,
                 api_key=args.api_key,
                 max_concurrency=args.max_concurrency,

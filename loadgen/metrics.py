@@ -50,13 +50,19 @@ class RequestResult:
 
 @dataclass(frozen=True)
 class SLO:
+    """Bounds a completed request must meet to count in goodput (vLLM's ``--goodput`` keys
+    ``ttft``, ``tpot``, ``e2el``); None: no bound."""
+
     ttft_s: float | None = None
     tpot_s: float | None = None
+    e2e_s: float | None = None
 
     def met(self, r: RequestResult) -> bool:
         if not r.completed:
             return False
         if self.ttft_s is not None and (r.first_token_s is None or r.first_token_s - r.arrival_s > self.ttft_s):
+            return False
+        if self.e2e_s is not None and r.finish_s is not None and r.finish_s - r.arrival_s > self.e2e_s:
             return False
         tpot = r.tpot()
         return self.tpot_s is None or tpot is None or tpot <= self.tpot_s
@@ -122,6 +128,7 @@ def summarize(results: list[RequestResult], end_s: float, slo: SLO = SLO(), star
         "slo": {
             "ttft_s": slo.ttft_s,
             "tpot_s": slo.tpot_s,
+            "e2e_s": slo.e2e_s,
             "attainment": len(met) / len(sent) if sent else None,
             "goodput_req_s": len(met) / span,
         },

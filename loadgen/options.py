@@ -86,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft", type=above_zero, help="SLO on time to first token (s)")
     p.add_argument("--slo-tpot", type=above_zero, help="SLO on time per output token (s)")
     p.add_argument(
+        "--slo-e2e", type=above_zero, help="SLO on end-to-end latency (s; vLLM's --goodput e2el, there in ms)"
+    )
+    p.add_argument(
         "--max-retries",
         type=count,
         default=0,

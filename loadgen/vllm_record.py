@@ -29,7 +29,7 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
     request sent that did not complete (ours apart as failed, cut and lost in result.json)."""
     sent = [r for r in results if r.sent]
     done = [r for r in sent if r.completed]
-    slo_given = config.get("slo_ttft") is not None or config.get("slo_tpot") is not None
+    slo_given = any(config.get(f"slo_{name}") is not None for name in ("ttft", "tpot", "e2e"))
     target = str(config.get("target", ""))
     out: dict = {
         "date": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),

@@ -151,3 +151,15 @@ def test_total_tokens_and_total_token_throughput_are_vllms() -> None:
     s = summarize(results, end_s=2.0, start_s=0.0)
     assert (s["total_input_tokens"], s["total_output_tokens"]) == (30, 8)  # the failed one's not counted
     assert s["throughput_total_tok_s"] == pytest.approx(38 / 2.0) and s["throughput_tok_s"] == pytest.approx(8 / 2.0)
+
+
+def test_an_end_to_end_slo_counts_in_goodput_as_vllms_e2el() -> None:
+    """vLLM's --goodput takes ttft, tpot and e2el bounds; loadgen had no end-to-end one, so a vLLM
+    user's goodput under an e2el SLO could not be asked for."""
+    from dlora.services.cli import build_parser
+
+    fast, slow = done(0.0, 0.1, 0.9, 4), done(1.0, 1.1, 3.5, 4)  # 0.9 s and 2.5 s end to end
+    s = summarize([fast, slow], end_s=4.0, slo=SLO(e2e_s=1.0))
+    assert s["slo"]["attainment"] == 0.5 and s["slo"]["goodput_req_s"] == pytest.approx(1 / 4.0)
+    assert s["slo"]["e2e_s"] == 1.0
+    assert build_parser().parse_args(["loadgen", "--slo-e2e", "2.5"]).slo_e2e == 2.5

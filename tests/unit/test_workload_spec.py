@@ -26,6 +26,7 @@ NOT_WORKLOAD = {
     "out",
     "slo_ttft",
     "slo_tpot",
+    "slo_e2e",
     "max_retries",
     "api_key",
     "max_concurrency",
