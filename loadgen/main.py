@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import signal
 import sys
 import tempfile
@@ -24,6 +25,30 @@ from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
 from dlora.loadgen.workload import build_specs, load_traces
+
+# Descriptors the process holds besides its requests' sockets (stdio, the report's files, the event
+# loop's own, NATS's connection), with room.
+OTHER_FILES = 64
+
+
+def allow_open_files(in_flight: int, console: Console) -> None:
+    """Raise the soft open-file limit to what ``in_flight`` requests need, up to the hard limit
+    (vLLM's and SGLang's servers do as much at their start): at the common soft limit of 1,024,
+    ``--rate inf --requests 2000`` failed half its requests with "Too many open files" on this side,
+    counted as the target's failures. Says so where the hard limit is short too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = in_flight + OTHER_FILES
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < wanted:
+        console.print(
+            f"the open-file limit ({hard}, ulimit -Hn) lets about {raised - OTHER_FILES} of {in_flight} requests be "
+            "in flight: those past it fail here (Too many open files), not at the target; raise it or give "
+            "--max-concurrency"
+        )
+
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The exit status after each, the shell's 128 + the signal's number
@@ -67,6 +92,8 @@ async def run(
     if taken := [name for name in report.FILES if (out / name).is_dir()]:
         raise IsADirectoryError(f"--out {out}: {', '.join(taken)} is a folder; the report writes a file there")
     tempfile.TemporaryFile(dir=out).close()  # a folder this run cannot write to: OSError now, likewise
+    if not target.startswith(NATS_SCHEMES):  # a connection a request in flight (NATS: one for all)
+        allow_open_files(min(max_concurrency or len(requests), len(requests)), console)
     clock = Clock()
     client = (
         await NatsClient.connect(target, clock)

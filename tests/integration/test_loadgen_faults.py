@@ -226,3 +226,36 @@ def test_sigterm_writes_the_report_says_so_and_exits_143(tmp_path: Path) -> None
     assert loadgen.returncode == 143, err
     assert "Traceback" not in err and "interrupted (SIGTERM)" in err
     assert json.loads((tmp_path / "out" / "result.json").read_text())["config"]["interrupted"]
+
+
+async def test_a_low_soft_open_file_limit_is_raised_before_requests_fail_on_it(tmp_path: Path) -> None:
+    """At the usual soft limit of 1,024 open files, `--rate inf --requests 2000` failed half its
+    requests with "Too many open files" on loadgen's side, counted as the target's failures (vLLM's
+    and SGLang's benchmark users hit it: sglang#647). Here a soft limit of 128 and 200 requests
+    held 0.5 s each, all in flight at once."""
+    import resource
+    import sys
+
+    from tests.integration.test_loadgen_streams import CHUNK, LAST, _stream, serving
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"hard open-file limit {hard}: no room to raise")
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        return await _stream(request, [CHUNK, LAST])
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+
+    async with serving(completions) as url:
+        argv = ["loadgen", "--target", url, "--requests", "200", "--rate", "inf", "--adapter-names", "-"]
+        argv += ["--lengths", "fixed", "--prompt-len", "4", "--output-len", "2", "--out", str(tmp_path)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dlora.services.cli", *argv, stderr=asyncio.subprocess.PIPE, preexec_fn=low_limit
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    summary = json.loads((tmp_path / "result.json").read_text())["summary"]
+    assert (summary["completed"], summary["failed"]) == (200, 0), err.decode()[-2000:]
+    assert proc.returncode == 0
