@@ -92,6 +92,12 @@ class HttpClient:
                         if resp.status not in (429, 503) or attempt == self.max_retries:
                             return
                         wait_s = retry_after_s(resp.headers) or wait_s
+                    elif resp.content_type == "application/json":  # one whole answer: the server ignored "stream"
+                        r.error = (
+                            "HTTP 200 with one JSON answer, not a stream of events: the target does not stream "
+                            f"completions, so no first token can be timed: {(await resp.text())[:200]}"
+                        )
+                        return
                     else:
                         r.error = None
                         await self._read(resp, r)

@@ -239,3 +239,21 @@ async def test_a_target_that_ends_outputs_early_is_named_on_the_terminal(tmp_pat
         summary = await run(spec, url, tmp_path, console)
     assert summary["short"] == 3
     assert "3 of 3 completed requests ended before the tokens they asked for" in console.file.getvalue()
+
+
+async def test_a_target_that_answers_whole_instead_of_streaming_is_named() -> None:
+    """A server that ignores "stream": true answers one JSON body; the request failed as "the
+    stream ended without a finish", which sent users looking for a cut connection."""
+
+    async def completions(request: web.Request) -> web.Response:
+        return web.json_response({"choices": [{"index": 0, "text": "abcd", "finish_reason": "length"}]})
+
+    async with serving(completions) as url:
+        clock = Clock()
+        client = HttpClient(url, "model", clock)
+        specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=4)]
+        try:
+            results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
+        finally:
+            await client.close()
+    assert results[0].error is not None and "not a stream of events" in results[0].error and "abcd" in results[0].error
