@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from dlora.loadgen import bundled
 from dlora.loadgen.bench_common import ensure_model, figure, grouped_bars, machine, save, today
+from dlora.loadgen.main import EXIT_AFTER
 from dlora.loadgen.main import run as run_loadgen
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.services.launcher import LocalStack
@@ -160,6 +162,9 @@ def run(args: argparse.Namespace) -> dict:
                         Console(file=quiet),
                     )
                 )
+            if summary["interrupted"]:  # Ctrl-C or SIGTERM ended that run: not the next configuration's too
+                print(f"interrupted ({summary['stopped_by']}) during {name}: stopping", file=sys.stderr)
+                sys.exit(EXIT_AFTER[summary["stopped_by"]])
             cycles = step_cycles(stack.metrics_urls)
         finally:
             stack.stop()

@@ -317,3 +317,38 @@ def test_a_length_option_given_where_it_does_nothing_is_named() -> None:
     assert spec.adapter_names == ("a", None, "b") and spec.adapters == 3
     spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--lengths", "fixed", "--prompt-len", "7"]))
     assert (spec.prompt_len, spec.max_prompt, spec.length_divide) == (7, WorkloadSpec().max_prompt, 1.0)
+
+
+def test_bench_cluster_stops_at_a_run_ctrl_c_or_sigterm_interrupted(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The load generator's run hears Ctrl-C and SIGTERM and returns its partial report; bench
+    cluster then started the next configuration's stack and run, so neither stopped it."""
+    started: list[str] = []
+
+    class Stack:
+        app_nats_url, metrics_urls = "nats://x", {}
+
+        def __init__(self, *_: object, **__: object) -> None:
+            started.append("stack")
+
+        def start(self) -> None: ...
+
+        def stop(self) -> None:
+            started.append("stopped")
+
+    async def interrupted(*_: object, **__: object) -> dict:
+        figures = {"sent": 1, "completed": 0, "lost": 0, "throughput_tok_s": 0.0}
+        return figures | {
+            "normalized_latency_s": {"mean": 1.0, "p90": 1.0},
+            "interrupted": True,
+            "stopped_by": "SIGTERM",
+        }
+
+    monkeypatch.setattr(bench_cluster, "ensure_model", lambda *_, **__: tmp_path)
+    monkeypatch.setattr(bench_cluster, "balancing_bound", lambda *_: {})
+    monkeypatch.setattr(bench_cluster, "LocalStack", Stack)
+    monkeypatch.setattr(bench_cluster, "run_loadgen", interrupted)
+    monkeypatch.setattr(bench_cluster, "step_cycles", lambda *_: {})
+    args = build_parser().parse_args(["bench", "cluster", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        bench_cluster.run(args)
+    assert e.value.code == 143 and started == ["stack", "stopped"]
