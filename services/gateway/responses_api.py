@@ -251,7 +251,8 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | 
     """OpenAI's Responses tool_choice as the chat's: a named function flat there, nested here."""
     if not isinstance(choice, dict):
         return choice
-    if choice.get("type") != "function" or set(choice) != {"type", "name"}:
+    if choice.get("type") != "function" or set(choice) != {"type", "name"} or not isinstance(choice["name"], str):
+        # (a name not a string went on to the chat's check, which spelled its own nested shape)
         why = 'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}'
         raise APIError(400, why, param="tool_choice")
     return {"type": "function", "function": {"name": choice["name"]}}
@@ -341,11 +342,12 @@ def renamed(e: APIError) -> APIError:
     name = head.split("[", 1)[0]
     if name == "messages":
         param = "input"
-    elif name == "tools" and rest.startswith("function."):
+    elif name in ("tools", "tool_choice") and rest.startswith("function."):  # (flat here, nested there)
         param = f"{head}.{rest.removeprefix('function.')}"
     else:
         param = _NAMES.get(name, name) + head[len(name) :] + dot + rest
     message = _MESSAGES.sub("input", e.message)  # (an index there counts chat messages, not input items)
+    message = message.replace("tool_choice.function.", "tool_choice.")
     for chat, ours in _NAMES.items():
         if chat != "messages":
             message = message.replace(chat, ours)

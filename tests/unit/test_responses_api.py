@@ -1,0 +1,37 @@
+"""The Responses API's body read as the chat that serves it (services/gateway/responses_api.py): the
+refusals a body gets before the chat's checks, and the chat's named by the Responses fields. The
+rest is tested through the real stack in tests/integration/test_responses_api.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_api import decode, renamed
+
+
+def _refused(body: dict[str, Any]) -> APIError:
+    with pytest.raises(APIError) as e:
+        decode(json.dumps({"model": "m"} | body).encode())
+    assert e.value.status == 400
+    return e.value
+
+
+def test_a_chat_refusal_of_the_named_function_is_named_by_the_responses_field() -> None:
+    """A named tool_choice is flat in the Responses body ({"type": "function", "name": ...}) and
+    nested in the chat's: a refusal naming tool_choice.function.name kept the chat's name, which
+    the Responses body has not (tools[k].function.* were renamed, tool_choice's not)."""
+    e = renamed(APIError(400, "tool_choice.function.name: must name a tool", param="tool_choice.function.name"))
+    assert (e.param, e.message) == ("tool_choice.name", "tool_choice.name: must name a tool")
+    assert renamed(APIError(400, "x", param="tool_choice")).param == "tool_choice"
+
+
+def test_a_named_tool_choice_whose_name_is_no_string_is_refused_in_the_responses_shape() -> None:
+    """It went on to the chat's check, whose refusal spelled the chat's nested shape
+    ({"function": {"name": ...}}), a field the Responses body refuses."""
+    tools = [{"type": "function", "name": "f", "parameters": {}}]
+    e = _refused({"input": "x", "tools": tools, "tool_choice": {"type": "function", "name": 5}})
+    assert e.param == "tool_choice" and '"function": {' not in e.message and '"name": ...' in e.message
