@@ -273,6 +273,8 @@ def _refuse_unserved(body: ResponsesBody) -> None:
         # by identity: 0 == False, and a previous_response_id 0 was taken as none
         if (value := getattr(body, name)) is not None and value is not False:
             raise APIError(400, f"{name} is not supported: {why}", param=name)
+    if body.stream_options is not None and not body.stream:  # as the chat refuses it (OpenAI's, vLLM's)
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if body.truncation not in (None, "disabled"):
         raise APIError(400, 'truncation "auto" is not supported: a prompt past the context is refused', "truncation")
     if body.include:

@@ -35,3 +35,13 @@ def test_a_named_tool_choice_whose_name_is_no_string_is_refused_in_the_responses
     tools = [{"type": "function", "name": "f", "parameters": {}}]
     e = _refused({"input": "x", "tools": tools, "tool_choice": {"type": "function", "name": 5}})
     assert e.param == "tool_choice" and '"function": {' not in e.message and '"name": ...' in e.message
+
+
+@pytest.mark.parametrize("stream", [None, False])
+def test_stream_options_without_stream_are_refused_as_the_chats(stream: bool | None) -> None:
+    """The chat refuses stream_options without stream (as OpenAI and vLLM do); the Responses body
+    took them silently, and they did nothing."""
+    body = {"input": "x", "stream_options": {"include_obfuscation": False}}
+    e = _refused(body | ({"stream": stream} if stream is not None else {}))
+    assert (e.param, e.message) == ("stream_options", "stream_options is only allowed when stream is true")
+    assert decode(json.dumps(body | {"stream": True}).encode())[1].stream
