@@ -157,6 +157,7 @@ class _FunctionTool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 _ITEMS: dict[str, type[msgspec.Struct]] = {"message": _Message, "function_call": _FunctionCall}
 _ITEMS |= {"function_call_output": _FunctionCallOutput, "reasoning": _ReasoningItem}
+_PARTS = {"message": "content", "function_call_output": "output"}  # an item's field that holds content parts
 # Fields of a Responses body that need what dlora does not serve, and why (each refused by name).
 _UNSERVED = {
     "previous_response_id": "responses are not stored here; send the whole conversation in input",
@@ -189,6 +190,22 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         ) from None
 
 
+# The part types an input message's content (or a function's output) may hold: the chat's text
+# parts (it reads each) and an earlier answer's refusal
+_TEXT = frozenset({"text", "input_text", "output_text", "refusal"})
+
+
+def _refuse_non_text(parts: Any, where: str) -> None:
+    """An image, file or audio part refused by its name: its fields (image_url, file_id...) are
+    none of a text part's, and the refusal said "unknown field image_url", not what is not served."""
+    for j, part in enumerate(parts if isinstance(parts, list) else []):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in _TEXT:
+            what = {"input_image": "image", "input_file": "file", "input_audio": "audio"}.get(kind, kind)
+            why = f"{where}[{j}]: {what} inputs (parts of type {kind}) are not served: this model reads text only"
+            raise APIError(400, why, param=f"{where}[{j}]")
+
+
 def _content(parts: str | list[_Part]) -> str | list[dict[str, Any]]:
     """A content as the chat's: its parts handed on as they are, which the chat reads (text,
     input_text, output_text, refusal), checks (a part without its text, an image) and joins by
@@ -215,6 +232,8 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
             raise APIError(400, "item_reference needs a stored response; none are stored here", f"{where}.type")
         if kind not in _ITEMS:
             raise APIError(400, f"input items of type {kind!r} are not supported", f"{where}.type")
+        if (parts := _PARTS.get(kind)) is not None:
+            _refuse_non_text(raw.get(parts), f"{where}.{parts}")
         item = _convert(raw, _ITEMS[kind], where)
         if isinstance(item, _ReasoningItem):
             reasoning += "".join(t.text for t in item.content or [])

@@ -45,3 +45,27 @@ def test_stream_options_without_stream_are_refused_as_the_chats(stream: bool | N
     e = _refused(body | ({"stream": stream} if stream is not None else {}))
     assert (e.param, e.message) == ("stream_options", "stream_options is only allowed when stream is true")
     assert decode(json.dumps(body | {"stream": True}).encode())[1].stream
+
+
+@pytest.mark.parametrize(
+    ("item", "param", "what"),
+    [
+        ({"role": "user", "content": [{"type": "input_image", "image_url": "data:x"}]}, "input[0].content[0]", "image"),
+        (
+            {"role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_file", "file_id": "f"}]},
+            "input[0].content[1]",
+            "file",
+        ),
+        (
+            {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image", "file_id": "f"}]},
+            "input[0].output[0]",
+            "image",
+        ),
+    ],
+)
+def test_an_image_or_file_part_is_refused_by_what_is_not_served(item: dict[str, Any], param: str, what: str) -> None:
+    """It was refused by msgspec's "unknown field image_url" (or file_id): a client read a malformed
+    body, not that the model reads text only."""
+    e = _refused({"input": [item]})
+    assert e.param == param and "unknown field" not in e.message, e.message
+    assert e.message.startswith(f"{param}: {what} inputs") and "reads text only" in e.message
