@@ -5,8 +5,9 @@ Each request gets an id: the client's ``X-Request-Id`` where it sent a usable on
 so), else a fresh one. It is answered in the response's ``X-Request-Id`` header (every response,
 errors and streams included: vLLM's ``--enable-request-id-headers``), bound to every log line the
 request's handler writes (``request_id``), and named by the request's access line. A completion's
-internal id (``request``: ``cmpl-<hex>``, its choices ``cmpl-<hex>-<i>`` in the dispatcher's and
-workers' lines) is the response's ``id`` when the client named none.
+internal id (``request``: ``cmpl-<hex>``, ``chatcmpl-<hex>``, a Responses request's ``resp_<hex>``;
+its choices ``<id>-<i>`` in the dispatcher's and workers' lines) is the response's ``id`` when the
+client named none.
 
 The access line is written by a middleware, not aiohttp's access logger: that one writes nothing
 for a request whose client went away (its handler cancelled), the requests an operator looks for.
@@ -52,7 +53,7 @@ class _Noted:
     traced: str | None  # the client's usable X-Request-Id
     caller: Principal | None = None
     model: str = ""
-    internal: str = ""  # the completion's internal id (``cmpl-<hex>``)
+    internal: str = ""  # the completion's internal id (``cmpl-<hex>``; ``dialects.Dialect.response_id``)
     workers: list[str] = field(default_factory=list)  # the workers its choices' last chunks came from
 
     @property

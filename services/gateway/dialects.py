@@ -10,7 +10,7 @@ import dataclasses
 from dlora.services.gateway import openai, responses_api
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody
 from dlora.services.gateway.responses_shape import ResponsesShape
-from dlora.services.gateway.shaping import Job
+from dlora.services.gateway.shaping import Job, response_id
 
 
 class Dialect:
@@ -22,6 +22,11 @@ class Dialect:
         """``raw`` as the body the chat or completion path serves (APIError 400: as ``decode_body``)."""
         body: Body = openai.decode_body(raw, self.kind)
         return body
+
+    def response_id(self, chat: bool, base: str) -> str:
+        """A request's internal id, made of ``base``: the id its answer is named by (unless its
+        client named it), its access line's and the stem of its choices' ids in every service's log."""
+        return response_id(chat, base)
 
     def answer(self, job: Job) -> Job:
         return job
@@ -47,6 +52,9 @@ class Responses(Dialect):
     def decode(self, raw: bytes) -> Body:
         self.asked, chat = responses_api.decode(raw)
         return chat
+
+    def response_id(self, chat: bool, base: str) -> str:
+        return f"resp_{base}"  # the response's id (ResponsesShape.base): a chat's logged what the client never saw
 
     def answer(self, job: Job) -> Job:
         assert self.asked is not None

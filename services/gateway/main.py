@@ -63,7 +63,6 @@ from dlora.services.gateway.shaping import (
     ServedModel,
     Tokenizer,
     model_problems,
-    response_id,
     served_context,
     shape_request,
 )
@@ -156,7 +155,7 @@ class Gateway:
                     body = msgspec.structs.replace(body, request_id=traced)
                 access.note(request, traced=body.request_id)  # (where only the body names it)
                 with RequestTimer(self.metrics, adapter_label, public, arrived) as timer:  # (its abort counted)
-                    job = api.answer(await self._job(request, body, entry, who))
+                    job = api.answer(await self._job(request, body, entry, who, api))
                     return await self._relay(request, job, timer)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)
@@ -178,12 +177,17 @@ class Gateway:
         return entry if entry is None or who.may_use(entry) else None
 
     async def _job(
-        self, request: web.Request, body: CompletionBody | ChatBody, entry: AdapterEntry | None, who: Principal
+        self,
+        request: web.Request,
+        body: CompletionBody | ChatBody,
+        entry: AdapterEntry | None,
+        who: Principal,
+        api: Dialect,
     ) -> Job:
         """The request body shaped into its choices' requests (``shaping``), on the shaping thread,
-        under an id made of the one the gateway drew for ``request`` (``access.ours``); its
+        under an id made of the one the gateway drew for ``request`` (``access.ours``) as ``api`` answers it; its
         structured output compiled after shaping's checks, off that thread (``grammar_pool``)."""
-        access.note(request, internal=(rid := response_id(isinstance(body, ChatBody), access.ours(request))))
+        access.note(request, internal=(rid := api.response_id(isinstance(body, ChatBody), access.ours(request))))
         shape = functools.partial(
             shape_request,
             body,

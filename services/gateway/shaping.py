@@ -332,7 +332,7 @@ def shape_request(
             tool_parser=model.tool_call_parser if auto else "",
             tool_names=frozenset(t.function.name for t in body.tools or []) if isinstance(body, ChatBody) else None,
             parallel_calls=not (isinstance(body, ChatBody) and body.parallel_tool_calls is False),
-            call_ids=request_id.rsplit("-", 1)[-1],
+            call_ids=request_id.rsplit("-", 1)[-1].removeprefix("resp_"),  # (a Responses id's: as a chat's)
             call_id_length=model.call_id_length,
             role=role,
             reasoning_parser=model.reasoning_parser if chat else "",

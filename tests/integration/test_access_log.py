@@ -50,3 +50,15 @@ async def test_a_request_named_in_its_body_is_logged_and_answered_under_that_nam
     assert named == "body-2" and answered["id"] == "cmpl-body-2"
     first, refused = [line for line in logs if line["event"] == "http request"]
     assert first["request_id"] == "body-2" and refused["request_id"] == drawn and refused["status"] == 400
+
+
+async def test_a_response_its_header_and_its_line_name_one_another(stack: Stack) -> None:
+    """A review: a Responses request's line said request=chatcmpl-<hex> (the chat that serves it),
+    an id its client never saw (resp_<hex>): an operator could not find it by the response's id."""
+    body = {"model": stack.gateway.base_name, "input": "kalo remi suta", "max_output_tokens": 3}
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as http, http.post(stack.url + "/v1/responses", json=body) as r:
+            assert r.status == 200
+            drawn, answered = r.headers["X-Request-Id"], await r.json()
+    [line] = [line for line in logs if line["event"] == "http request"]
+    assert answered["id"] == f"resp_{drawn}" == line["request"] and line["request_id"] == drawn
