@@ -85,3 +85,14 @@ async def test_a_schemas_refusal_names_the_field_its_client_sent(stack: Stack) -
         status, resp = await post(stack, "/v1/completions", {**body, field: value})
         assert (status, resp["error"]["param"]) == (400, field), resp
         assert resp["error"]["message"].startswith(f"{field} schema cannot be used: "), resp
+
+
+async def test_a_lark_strings_json_text_is_no_block(stack: Stack) -> None:
+    """'%json {' in a guided_grammar's comment (not JSON) stopped the layout's scan: the real block
+    answered "[\n\r]"; one in its string literal had the layout's options spliced in (a 400)."""
+    grammar = '// obj: %json {schema}\nstart: "%json {}" obj\nobj: %json {"type": "array", "maxItems": 0}\n'
+    body = {"model": "lora-2", "prompt": "kalo", "max_tokens": 16, "temperature": 1.0}
+    for field, value in (("guided_grammar", grammar), ("structured_outputs", {"grammar": grammar})):
+        status, resp = await post(stack, "/v1/completions", {**body, field: value})
+        assert status == 200, resp
+        assert resp["choices"][0]["text"] == "%json {}[]", resp

@@ -33,3 +33,23 @@ def test_a_json_block_is_compact_as_a_schema_is() -> None:
     assert _takes('start: %json {"type": "array"} "," %json { }\n', "[1, 2],[]")
     unread = 'start: %json {"a": 1,}\n'  # not JSON: left for llguidance to say why
     assert laid_out(unread) == unread
+
+
+def test_only_json_blocks_are_laid_out_not_strings_or_comments() -> None:
+    """'%json {' was found in a Lark string literal, which gained the layout's options (a grammar
+    served before, a 400: "Expected value"), and in a comment ("// obj: %json {...}"), whose
+    unread JSON stopped the scan: the grammar's real block kept whitespace anywhere (vLLM #4093's
+    kind again). Strings, regexes and comments are Lark's, and left as written."""
+    literal = 'start: "%json {}" obj\nobj: %json {"type": "object"}\n'
+    assert laid_out(literal).startswith('start: "%json {}" obj\n')
+    check(SamplingParams(grammar=literal))
+    assert _takes(literal, '%json {}{"k": 1}')
+    assert not _takes(literal, '%json {}{ "k": 1}')
+    for comment in ("// obj: %json {schema}", "# obj: %json {schema}"):
+        grammar = f'{comment}\nstart: "R=" %json {BLOCK}\n'
+        assert laid_out(grammar).startswith(comment + "\n")
+        assert _takes(grammar, 'R={"k": 1}')
+        assert not _takes(grammar, 'R={ "k": 1}')
+    regex = 'start: /%json \\{\\}/ %json {"type": "array"}\n'
+    assert laid_out(regex).startswith("start: /%json \\{\\}/ %json {")
+    assert _takes(regex, "%json {}[1, 2]")

@@ -71,19 +71,22 @@ def bound_in_grammar(text: str) -> tuple[str, str] | None:
 # A Lark grammar's %json block is compiled with llguidance's defaults, whitespace anywhere between
 # its tokens: a random model wrote whitespace after 'R={ "k"' up to max_tokens, never closing it
 # (vLLM #4093's kind, which LAYOUT ends for schemas). Each is laid out as a schema, unless it says.
-_JSON_BLOCK = re.compile(r"%json\s*(?=\{)")
+# Scanned as Lark's lexer reads it: a comment, string or regex holding "%json {" is no block (its
+# string gained the options, a 400; a comment's unread JSON stopped the scan before the real ones).
+_LARK_TOKEN = re.compile(r'(?://|#)[^\n]*|"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)+/|(%json\s*)(?=\{)')
 _LAYOUT_OPTION = '"x-guidance": ' + json.dumps(LAYOUT)
 
 
 def laid_out(grammar: str) -> str:
     """``grammar`` with each ``%json`` block that names no "x-guidance" options given ``LAYOUT``'s
     (spliced in as text: its numbers stay as written)."""
-    decoder, out, at = json.JSONDecoder(), [], 0
-    for match in _JSON_BLOCK.finditer(grammar):
-        if match.start() < at:
+    decoder, out, at, scanned = json.JSONDecoder(), [], 0, 0
+    while (match := _LARK_TOKEN.search(grammar, scanned)) is not None:
+        scanned = match.end()
+        if match[1] is None:
             continue
         try:
-            block, end = decoder.raw_decode(grammar, match.end())
+            block, scanned = decoder.raw_decode(grammar, match.end())
         except (ValueError, RecursionError):  # (llguidance says why; one scan to its error, then none:
             break  # scanning on from each unclosed block would take time quadratic in them)
         if not isinstance(block, dict) or "x-guidance" in block:
