@@ -29,12 +29,17 @@ EMAILS = [  # (the address, whether email-validator, pydantic's EmailStr, takes 
     ('"a b"@c.com', False),  # a quoted local part
     ("a@ab--c.com", False),  # "two letters followed by two dashes"
     ("a@" + "b" * 64 + ".com", False),  # a label past 63
+    ("kalo@xn--bcher-kva.example", True),  # IDNA's A-labels (bücher.example, .рф): its one "--"
+    ("kalo@sub.xn--bcher-kva.xn--p1ai", True),
+    ("a@xn---bcher.example", False),  # no A-label: a hyphen after its "--"
+    ("a@b.xn--p1", False),  # a top-level domain ends in a letter
 ]
 # What email-validator checks of an ASCII address (its table's cases): dot-atom, a period after
 # the "@", labels of at most 63 characters, a top-level domain ending in a letter, no special use.
 _SPECIAL = {"arpa", "invalid", "local", "localhost", "onion", "test"}
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_A_LABEL = re.compile(r"(?i)xn--[a-z0-9]")  # (its Punycode is email-validator's to read: not here)
 
 
 def _read_back(address: str) -> bool:
@@ -44,8 +49,9 @@ def _read_back(address: str) -> bool:
         len(address) <= 254
         and _DOT_ATOM.fullmatch(local) is not None
         and len(labels) > 1
-        and all(_DNS_LABEL.fullmatch(label) and label[2:4] != "--" for label in labels)
+        and all(_DNS_LABEL.fullmatch(label) and (label[2:4] != "--" or _A_LABEL.match(label)) for label in labels)
         and labels[-1][-1].isalpha()
+        and (labels[-1].isalpha() or _A_LABEL.match(labels[-1]) is not None)
         and labels[-1].lower() not in _SPECIAL
     )
 

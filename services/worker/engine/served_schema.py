@@ -184,9 +184,15 @@ def _none_of(words: tuple[str, ...], low: int, high: int, depth: int = 0, prefix
 # fourth characters: IDNA's) and a top-level domain of 2-63 letters that is no special-use name.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _A, _H = "[A-Za-z0-9]", "[A-Za-z0-9-]"
-_LABEL = rf"{_A}(?:{_A}|{_H}{_A}|{_H}{_H}{_A}|{_H}(?:{_A}{_H}|{_H}{_A}){_H}{{0,58}}{_A})?"
+# An internationalized domain's labels are IDNA's A-labels, "xn--" and Punycode (bücher.example is
+# xn--bcher-kva.example, .рф xn--p1ai), which email-validator reads: refused, a model could not
+# copy such an address from its prompt, and wrote another. (Punycode itself is no regex's to check.)
+_ASCII_LABEL = rf"{_A}(?:{_A}|{_H}{_A}|{_H}{_H}{_A}|{_H}(?:{_A}{_H}|{_H}{_A}){_H}{{0,58}}{_A})?"
+_LABEL = rf"(?:{_ASCII_LABEL}|[Xx][Nn]--{_A}(?:{_H}{{0,57}}{_A})?)"
 _SPECIAL_USE = ("arpa", "invalid", "local", "localhost", "onion", "test")  # email-validator's
-_EMAIL = rf"^{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_none_of(_SPECIAL_USE, 2, 63)}$"
+# A top-level domain ends in a letter, as email-validator reads it (an A-label's too).
+_TLD = rf"(?:{_none_of(_SPECIAL_USE, 2, 63)}|[Xx][Nn]--(?:{_A}{_H}{{0,57}})?[A-Za-z])"
+_EMAIL = rf"^{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_TLD}$"
 _EMAIL_LENGTH = 254  # RFC 5321's path, less its brackets: email-validator's bound
 _READ_BACK_FORMATS = {"date-time": f"^{_DATE}T{_TIME}$", "date": f"^{_DATE}$", "time": f"^{_TIME}$", "email": _EMAIL}
 
