@@ -67,12 +67,16 @@ def runs_among(keys: set[str], key: str) -> bool:
     """Whether requests of ``key`` (``RequestState.key``) run on one of ``keys``: the same version, or
     where either says none (an older worker's requests, in a rolling upgrade), that adapter at any
     version. One way only, an older worker's requests moved onto a worker running a version of their
-    adapter each took a slot of their own beside it, where none was free: they stayed."""
+    adapter each took a slot of their own beside it, where none was free: they stayed. A version
+    joins a name alone only where that shares no other version's slot (``Running.slots``): beside
+    rl and rl@v1 in one slot, rl@v2 was taken as joining, and the worker ran over its slots."""
     if key in keys:
         return True
     name, _, version = key.partition("@")
     if version:
-        return name in keys
+        if isinstance(keys, Running):
+            return name in keys and name not in keys.versioned
+        return name in keys and not any(k.partition("@")[0] == name and k != name for k in keys)
     if isinstance(keys, Running):
         return name in keys.versioned
     return any(k.partition("@")[0] == name for k in keys)

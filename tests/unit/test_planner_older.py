@@ -49,3 +49,21 @@ def test_a_name_alone_shares_a_versions_slot() -> None:
     assert running.slots == 2 and Running(["a@1", "a", "b"]).slots == 2 and Running().slots == 0
     assert takes(Running(["a@1"]), "a", 1) and not takes(Running(["a@1"]), "b", 1)
     assert takes(Running(["a", "a@1"]), "b", 2)  # (a and a@1 share one slot: one free)
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_name_alone_sharing_a_versions_slot_leaves_no_slot_for_another_version(solver: str) -> None:
+    """x has one slot: its requests of rl unversioned share it with those of rl@v1 (``Running.slots``
+    1). rl@v2 is a second version beside them: a slot of its own, which x lacks. Taken as joining
+    the name alone (any version), y's v2 requests moved there, and x ran two versions in one slot
+    by the planner's own count (a review)."""
+    plain = [msgspec.structs.replace(_load("o-0", "", remaining=10), context_tokens=1)]
+    busy = [_load(f"v2-{i}", "v2") for i in range(4)]
+    snap = snapshot_from_stats(
+        [_stats("x", (("rl", "v1"), ("rl", "v2")), [*SHORT, *plain], slots=1), _stats("y", (("rl", "v2"),), busy)],
+        {"rl": 16},
+        adapter_load_seconds=0.0,
+    )
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert "x" not in {m.to_worker for m in moves}
+    assert not takes(Running(["rl", "rl@v1"]), "rl@v2", 1) and takes(Running(["rl"]), "rl@v2", 1)
