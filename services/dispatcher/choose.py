@@ -88,6 +88,7 @@ class WorkerLoad:
     queued_keys: frozenset[str] = frozenset()
     versioned: frozenset[str] = frozenset()  # the names of those keys that say a version
     plain: frozenset[str] = frozenset()  # those keys that do not (an older worker's)
+    taken: int = 0  # the slots its requests take (``slots_taken`` of ``queued_keys``)
 
     def holds(self, adapter: str, version: str | None = None) -> bool:
         """Whether ``version`` of ``adapter`` is loaded here (None or "": any version of it; a
@@ -128,13 +129,23 @@ class WorkerLoad:
             queued_keys=(keys := frozenset(a for a in counts if a is not None)),
             versioned=frozenset(name_of(k) for k in keys if "@" in k),
             plain=frozenset(k for k in keys if "@" not in k),
+            taken=slots_taken(keys),
         )
 
     def slots_with(self, keys: Collection[str]) -> int:
         """``slots_taken`` of its queued adapters' keys and ``keys`` (a request's and those sent since
         its stats: a few). One slot a key where none is a name alone beside a version of it (every
         peer says versions, or none does): counted over all of them for every worker priced, a
-        choice at 256 workers took 40 % longer."""
+        choice at 256 workers took 40 % longer. A request's key alone (no sends since its stats: most
+        workers) is added to ``taken``, with no set built: a set a worker cost a choice 10-30 %."""
+        if len(keys) == 1:
+            (key,) = keys
+            if key in self.queued_keys:
+                return self.taken
+            name, _, version = key.partition("@")
+            if version:  # (a name alone counted on its own now shares its slot)
+                return self.taken + (name not in self.plain or name in self.versioned)
+            return self.taken + (key not in self.versioned)
         every = self.queued_keys.union(keys)
         if not self.plain:
             if all("@" in k for k in keys):
@@ -230,7 +241,8 @@ def estimated_finish(
     # ms/token against round-robin's 1,014; priced, 58.8. Issue 21).
     crowding = 1.0
     if mine is not None and w.slots:  # (by version: ``slots_taken``)
-        crowding = max(1.0, w.slots_with((*extra_adapters, mine)) / w.slots)
+        keys = (*extra_adapters, mine) if extra_adapters else (mine,)
+        crowding = max(1.0, w.slots_with(keys) / w.slots)
     return (queued + own) * spt * crowding + (0.0 if holds else load_s)
 
 

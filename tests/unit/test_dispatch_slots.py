@@ -126,3 +126,37 @@ def test_a_workers_slots_with_a_request_and_the_sends_since_its_stats() -> None:
     assert newer.slots_with(["a"]) == 1 and newer.slots_with(["a@2", "a@1"]) == 2 and newer.slots_with(["b"]) == 2
     idle = WorkerLoad.of(w("x"))
     assert idle.slots_with(["a", "a@1"]) == 1 and idle.slots_with([]) == 0 and idle.slots_with(["a@1", "a@2"]) == 2
+
+
+def test_a_requests_key_alone_is_added_to_the_slots_counted_once_per_stats() -> None:
+    """Every worker is priced for every request: where nothing was sent to a worker since its stats
+    (most of them), its slots with the request's key come from those its stats' requests take,
+    summed once, with no set of its keys built a worker (``frozenset.union`` for each cost a choice
+    at 256 workers 10-30 % over cf5f512's); the same count as ``slots_taken`` of them all."""
+    import dataclasses
+    import itertools
+
+    unions = 0
+
+    class Keys(frozenset[str]):
+        def union(self, *others: object) -> frozenset[str]:  # type: ignore[override]
+            nonlocal unions
+            unions += 1
+            return super().union(*others)  # type: ignore[arg-type]
+
+    pool = ["a", "a@1", "a@2", "b", "b@1"]
+    for n in range(len(pool) + 1):
+        for queued in itertools.combinations(pool, n):
+            load = WorkerLoad.of(w("x", tuple((k.partition("@")[0], k.partition("@")[2], 1) for k in queued)))
+            load = dataclasses.replace(load, queued_keys=Keys(load.queued_keys))
+            for key in [*pool, "c", "c@1"]:
+                assert load.slots_with((key,)) == slots_taken({*queued, key}), (queued, key)
+    assert unions == 0
+    workers = [w(f"x{i}", (("a", "1", 1), ("b", "1", 1))) for i in range(8)]
+    state = DispatchState(5.0, DispatchMode.PROACTIVE, COSTS)
+    for x in workers:
+        state.heard(x, 0.0)
+    state.loads = {k: dataclasses.replace(v, queued_keys=Keys(v.queued_keys)) for k, v in state.loads.items()}
+    live = state.live(0.0)
+    assert choose_worker(live, "c", costs=COSTS, loads=state.loads, version="1") is not None
+    assert unions == 0
