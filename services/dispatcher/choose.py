@@ -89,6 +89,9 @@ class WorkerLoad:
     versioned: frozenset[str] = frozenset()  # the names of those keys that say a version
     plain: frozenset[str] = frozenset()  # those keys that do not (an older worker's)
     taken: int = 0  # the slots its requests take (``slots_taken`` of ``queued_keys``)
+    # Its keys are its engine's (it says ``unlisted_by_version``): a name alone there is an entry
+    # registered before versions, held under that key beside any version of it, not "any version".
+    by_version: bool = False
 
     def holds(self, adapter: str, version: str | None = None) -> bool:
         """Whether ``version`` of ``adapter`` is loaded here (None or "": any version of it; a
@@ -129,7 +132,8 @@ class WorkerLoad:
             queued_keys=(keys := frozenset(a for a in counts if a is not None)),
             versioned=frozenset(name_of(k) for k in keys if "@" in k),
             plain=frozenset(k for k in keys if "@" not in k),
-            taken=slots_taken(keys),
+            taken=len(keys) if w.unlisted_by_version is not None else slots_taken(keys),
+            by_version=w.unlisted_by_version is not None,
         )
 
     def slots_with(self, keys: Collection[str]) -> int:
@@ -142,11 +146,15 @@ class WorkerLoad:
             (key,) = keys
             if key in self.queued_keys:
                 return self.taken
+            if self.by_version:
+                return self.taken + 1
             name, _, version = key.partition("@")
             if version:  # (a name alone counted on its own now shares its slot)
                 return self.taken + (name not in self.plain or name in self.versioned)
             return self.taken + (key not in self.versioned)
         every = self.queued_keys.union(keys)
+        if self.by_version:
+            return len(every)
         if not self.plain:
             if all("@" in k for k in keys):
                 return len(every)
@@ -227,7 +235,9 @@ def estimated_finish(
     queued = w.queued_tokens + extra_tokens
     mine = engine_key(adapter, version or "") if adapter is not None else None
     dominant = w.dominant if w.busy else mine
-    merged = mine is None or mine == dominant or dominant is not None and shares_slot(mine, dominant)
+    # (a name alone is any version only where the worker does not count by version)
+    shared = dominant is not None and not w.by_version
+    merged = mine is None or mine == dominant or shared and shares_slot(mine, dominant or "")
     own = tokens * (1.0 if merged else 1.0 + costs.unmerged_overhead)
     # (requests of it queued or sent there: it holds it, or is reading it and they join that read;
     # priced as lacking it, a burst of a new adapter's requests spread and each worker read it, a

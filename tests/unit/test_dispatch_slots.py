@@ -160,3 +160,20 @@ def test_a_requests_key_alone_is_added_to_the_slots_counted_once_per_stats() -> 
     live = state.live(0.0)
     assert choose_worker(live, "c", costs=COSTS, loads=state.loads, version="1") is not None
     assert unions == 0
+
+
+def test_a_name_alone_on_a_worker_that_counts_by_version_is_a_slot_of_its_own() -> None:
+    """An entry registered before versions (``AdapterEntry.version`` "") runs on a newer worker
+    under the plain name, its engine key; reloaded in place, its new version runs under rl@v2 beside
+    it: two keys, two slots, two sets of weights. x's one slot runs rl's old requests; y holds rl@v2
+    and runs a little more work of another adapter in two slots. Taken as an older worker's name
+    alone (any version), x looked uncrowded and merged for rl@v2, and took it to wait for the slot."""
+    v2 = AdapterResidency(name="rl", slot=None, merged=False, version="v2")
+    x = w("x", (("rl", "", 10),), slots=1, unlisted_by_version={})
+    y = w("y", (("other", "", 12),), slots=2, unlisted_by_version={})
+    y = msgspec.structs.replace(y, adapters=[*y.adapters, v2])
+    assert choose_worker([x, y], "rl", costs=COSTS, tokens=10, version="v2") == "y"
+    assert WorkerLoad.of(x).slots_with(("rl@v2",)) == 2 and WorkerLoad.of(x).slots_with(("rl", "rl@v2")) == 2
+    # an older worker's (it does not count by version): the name alone is whatever version it runs
+    older = WorkerLoad.of(w("x", (("rl", "", 10),), slots=1))
+    assert older.slots_with(("rl@v2",)) == 1
