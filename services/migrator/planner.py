@@ -167,7 +167,7 @@ def running_adapters(snapshot: ClusterSnapshot) -> dict[str, Running]:
     for r in snapshot.requests:
         if r.adapter:
             out[r.worker].add(r.key)
-    return {w: Running(keys) for w, keys in out.items()}  # (each distinct key once: a Python call)
+    return {w.worker: Running(out[w.worker], w.by_version) for w in snapshot.workers}  # (each key once)
 
 
 def _blocks(tokens: int, block_size: int) -> int:

@@ -37,10 +37,13 @@ class RequestState:
 class Running(set[str]):
     """The adapter versions a worker has requests of (``RequestState.key``s), with the names of the
     versioned ones beside: a name alone (an older worker's request) then finds a version of it
-    without a scan of the keys, for each of the planner's (group, worker) pairs."""
+    without a scan of the keys, for each of the planner's (group, worker) pairs. ``by_version``: the
+    worker counts by version (``WorkerState.by_version``), so a name alone there is its engine's key
+    for an entry registered before versions, a slot and weights of its own beside any version."""
 
-    def __init__(self, keys: Iterable[str] = ()) -> None:
+    def __init__(self, keys: Iterable[str] = (), by_version: bool = False) -> None:
         super().__init__()
+        self.by_version = by_version
         self.versioned: set[str] = set()  # the names of its keys that say a version
         self.shared = 0  # its names alone that share the slot of a version of them here
         for key in keys:
@@ -60,7 +63,7 @@ class Running(set[str]):
     @property
     def slots(self) -> int:
         """The device slots its requests take at once: one per version, a name alone sharing one."""
-        return len(self) - self.shared
+        return len(self) if self.by_version else len(self) - self.shared
 
 
 def runs_among(keys: set[str], key: str) -> bool:
@@ -75,7 +78,7 @@ def runs_among(keys: set[str], key: str) -> bool:
     name, _, version = key.partition("@")
     if version:
         if isinstance(keys, Running):
-            return name in keys and name not in keys.versioned
+            return name in keys and not keys.by_version and name not in keys.versioned
         return name in keys and not any(k.partition("@")[0] == name and k != name for k in keys)
     if isinstance(keys, Running):
         return name in keys.versioned
@@ -114,6 +117,8 @@ class WorkerState:
     # (name, version) of those it holds (AdapterResidency; version "": not said). None: not known
     # (a caller that passes names alone), each held at whatever version a request runs on.
     versions: frozenset[tuple[str, str]] | None = None
+    # Its stats count by version (``WorkerStats.unlisted_by_version`` said): its keys are its engine's.
+    by_version: bool = False
 
     def has(self, key: str) -> bool:
         """Whether it holds ``key`` (``RequestState.key``) in host memory or on the device: a moved

@@ -58,6 +58,7 @@ def snapshot_from_stats(
             failed_adapters=frozenset(s.failed_adapters),
             unlisted_tokens=s.unlisted_remaining_tokens,
             versions=None if (held or {}).get(s.worker) else _versions(s),
+            by_version=s.unlisted_by_version is not None,
         )
         for s in stats
     ]

@@ -67,3 +67,22 @@ def test_a_name_alone_sharing_a_versions_slot_leaves_no_slot_for_another_version
     moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
     assert "x" not in {m.to_worker for m in moves}
     assert not takes(Running(["rl", "rl@v1"]), "rl@v2", 1) and takes(Running(["rl"]), "rl@v2", 1)
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_name_alone_on_a_worker_that_counts_by_version_takes_a_slot_of_its_own(solver: str) -> None:
+    """On a worker that says ``unlisted_by_version`` (a newer one) a name alone is its engine's key
+    for an entry registered before versions: reloaded in place, rl's old requests (pinned, retiring)
+    and rl@v1's run on two sets of weights, in x's two slots. Taken as an older worker's name alone
+    (sharing rl@v1's slot), x looked to have a slot free, and y's requests of another adapter
+    moved there to wait for one (a review)."""
+    newer = {"unlisted_by_version": {}}
+    old = [msgspec.structs.replace(_load("o-0", "", remaining=10, pinned=True), context_tokens=1)]
+    other = [msgspec.structs.replace(_load(f"b-{i}", ""), adapter="other") for i in range(8)]
+    x = msgspec.structs.replace(_stats("x", (("rl", ""), ("rl", "v1"), ("other", "")), [*old, *SHORT]), **newer)
+    y = msgspec.structs.replace(_stats("y", (("other", ""),), other), **newer)
+    snap = snapshot_from_stats([x, y], {"rl": 16, "other": 16}, adapter_load_seconds=0.0)
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert "x" not in {m.to_worker for m in moves}
+    assert Running(["rl", "rl@v1"], by_version=True).slots == 2
+    assert not runs_among(Running(["rl"], by_version=True), "rl@v2")
