@@ -380,3 +380,18 @@ def test_each_setting_of_the_example_file_has_its_comment_whole() -> None:
             text = " ".join(comment)
             assert text.count("(") == text.count(")"), (setting[1], text)
         comment = []
+
+
+@pytest.mark.parametrize("setting", ["tool_call_parser", "reasoning_parser"])
+def test_the_example_file_names_every_parser_the_gateway_takes(setting: str) -> None:
+    """The example's reasoning_parser comment named deepseek_r1 and qwen3 only, so a reader of
+    the file never learnt deepseek_v3 was served: each parser a setting takes is named in its comment."""
+    from dlora.services.gateway.reasoning import PARSERS as REASONING_PARSERS
+    from dlora.services.gateway.tool_parsers import PARSERS as TOOL_PARSERS
+
+    lines = EXAMPLE.read_text().split("\n[gateway]\n", 1)[1].splitlines()
+    at = lines.index(f'{setting} = ""')
+    start = max(i for i in range(at) if not lines[i].startswith("# ")) + 1
+    comment = " ".join(lines[start:at])
+    parsers = TOOL_PARSERS if setting == "tool_call_parser" else REASONING_PARSERS
+    assert [p for p in parsers if f'"{p}"' not in comment] == []
