@@ -89,6 +89,8 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cache_salt: str | None = None
     request_id: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    # to the template and the reasoning parser, as the chat's (vllm#43761): thinking on or off
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class _Part(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -345,6 +347,7 @@ def to_chat(body: ResponsesBody) -> ChatBody:
         cache_salt=body.cache_salt,
         request_id=body.request_id,
         structured_outputs=body.structured_outputs,
+        chat_template_kwargs=body.chat_template_kwargs,
     )
 
 

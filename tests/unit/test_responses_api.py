@@ -69,3 +69,14 @@ def test_an_image_or_file_part_is_refused_by_what_is_not_served(item: dict[str, 
     e = _refused({"input": [item]})
     assert e.param == param and "unknown field" not in e.message, e.message
     assert e.message.startswith(f"{param}: {what} inputs") and "reads text only" in e.message
+
+
+def test_chat_template_kwargs_reach_the_chat_as_vllms_responses_request_takes_them() -> None:
+    """vLLM's ResponsesRequest takes chat_template_kwargs (vllm#43761) and hands them to the
+    template and the reasoning parser: a Responses client of DeepSeek V3.1 (``deepseek_v3``, whose
+    template thinks only when told ``thinking``) or of Qwen3 (``enable_thinking``) had no way to
+    say so here, the body refusing it as an unknown field."""
+    kwargs = {"thinking": True, "enable_thinking": False}
+    body, chat = decode(json.dumps({"model": "m", "input": "x", "chat_template_kwargs": kwargs}).encode())
+    assert body.chat_template_kwargs == kwargs and chat.chat_template_kwargs == kwargs
+    assert decode(b'{"input": "x"}')[1].chat_template_kwargs is None
