@@ -65,7 +65,9 @@ class HttpClient:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 text = await resp.text()
                 if resp.status != 200:
-                    raise OSError(f"{url} answered HTTP {resp.status}: {text[:200]}")
+                    # the openai package's base_url ends in /v1, and users give loadgen that one
+                    hint = ": --target is the server's root, without /v1" if self.url.endswith("/v1") else ""
+                    raise OSError(f"{url} answered HTTP {resp.status}{hint}: {text[:200]}")
                 data = json.loads(text)["data"]
                 return {m["id"] for m in data}
         except (aiohttp.ClientError, TimeoutError) as e:

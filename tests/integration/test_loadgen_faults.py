@@ -177,6 +177,36 @@ async def test_a_target_that_is_not_an_openai_server_is_refused_before_the_run()
         await client.close()
 
 
+async def test_a_target_given_as_the_openai_base_url_is_told_to_drop_its_v1() -> None:
+    """A user of the openai package gives loadgen the base_url they know, ending in /v1: the run
+    stopped on "http://.../v1/v1/models answered HTTP 404", the fix left to be guessed."""
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "model"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        for target in (f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/v1/"):
+            client = HttpClient(target, "model", Clock())
+            try:
+                with pytest.raises(OSError, match=r"answered HTTP 404.*--target is the server's root, without /v1"):
+                    await client.served_models()
+            finally:
+                await client.close()
+        client = HttpClient(f"http://127.0.0.1:{port}", "model", Clock())
+        try:
+            assert await client.served_models() == {"model"}
+        finally:
+            await client.close()
+    finally:
+        await runner.cleanup()
+
+
 async def test_the_client_sets_no_deadline_of_its_own_shorter_than_the_run() -> None:
     """The HTTP client's session had a 600 s total timeout: in a --duration 900 run against a
     server whose queue had grown past ten minutes, requests still being served were counted failed
