@@ -373,15 +373,17 @@ class Gateway:
                 logger.warning("requests still running at the shutdown timeout are ended", requests=left)
         self._stopped.set()
         in_flight = dict(self.replies)
+        # The error (from "": it ends its choice whatever its seq) before the aborts: a worker's abort
+        # chunk came back first during the flush, a 200 "abort" where the 503 was owed (CI, loaded)
+        for rid, queue in in_flight.items():
+            chunk = TokenChunk(request_id=rid, seq=0, error=SHUTTING_DOWN, error_code=ErrorCode.UNAVAILABLE)
+            queue.put_nowait(msgspec.json.encode(chunk))
         try:
             for rid in in_flight:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=rid))
             await bus.flush(self.nc, round_trip_s=2)
         except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
             logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
-        for rid, queue in in_flight.items():  # an error from "" (the gateway) ends its choice whatever its seq
-            chunk = TokenChunk(request_id=rid, seq=0, error=SHUTTING_DOWN, error_code=ErrorCode.UNAVAILABLE)
-            queue.put_nowait(msgspec.json.encode(chunk))
 
     def close(self) -> None:
         """After the listener closed (no handler left to shape a request): the shaping thread ends."""

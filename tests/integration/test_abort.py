@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from dlora.common import bus
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway import main as gateway_main
 from dlora.services.gateway.main import serve
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack, until_live
@@ -58,11 +59,23 @@ async def test_a_chunk_timeout_aborts_every_choice_the_timed_out_one_too(
 
 
 async def test_a_stopping_gateway_aborts_its_requests_and_tells_their_clients(
-    stack: Stack, redis_server: Server
+    stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`dlora serve gateway` told to stop (SIGTERM sets the event) with a streamed and a plain
     request running: both are aborted on the workers before NATS drains, the streamed client
-    gets an error event, the other a 503, and the gateway stops."""
+    gets an error event, the other a 503, and the gateway stops. Its flush of the aborts is slowed
+    so the workers' abort chunks come back during it: the error was queued after them, and the
+    plain request was answered 200 with finish_reason "abort" (a CI run under load)."""
+
+    class SlowFlush:  # the gateway's bus alone (the workers read their own module's name)
+        def __getattr__(self, name: str) -> object:
+            return getattr(bus, name)
+
+        async def flush(self, nc: object, round_trip_s: int = 10) -> None:
+            await bus.flush(nc, round_trip_s)  # type: ignore[arg-type]
+            await asyncio.sleep(0.5)
+
+    monkeypatch.setattr(gateway_main, "bus", SlowFlush())
     s = msgspec.structs.replace(stack.gateway.s, port=free_port(), redis_url=redis_server.url)
     stop = asyncio.Event()
     gateway = asyncio.create_task(serve(s, stop))
