@@ -51,6 +51,9 @@ class RunningChoice:
     prompt_ids: list[int] = field(default_factory=list)  # its own prompt's
     prompt: int = 0  # which of the request's prompts
     prompt_ids_sent: bool = False  # its prompt's token ids went out with an event (return_token_ids)
+    # Its tokens written so far (``ResponseWriter.add``), what an event's continuous usage says: the
+    # reply stream counts every chunk a filled gap releases before the first of them is written
+    said: int = 0
 
     @classmethod
     def of(cls, plan: ChoicePlan, keep_ids: bool = False) -> RunningChoice:
@@ -144,6 +147,7 @@ class ResponseWriter:
                     self._hold(self._with_usage(event, choice, before=True))
         if choice.prompt_only:
             return
+        choice.said += len(chunk.token_ids)
         if (reasoning := self._reasoning.get(choice.out.index)) is not None:
             reasoning.feed(chunk.token_ids, chunk.text)
         token_logprobs = self._logprobs(choice, chunk)
@@ -283,7 +287,7 @@ class ResponseWriter:
         (a user's trial); ``before``: an opening event (the role, the echoed prompt), which precedes
         every token (the chunk that opened the stream is counted already)."""
         if self.job.continuous_usage:
-            event["usage"] = openai.usage(len(choice.prompt_ids), 0 if before else choice.completion_tokens)
+            event["usage"] = openai.usage(len(choice.prompt_ids), 0 if before else choice.said)
             self._detailed(event["usage"], [choice])
         return event
 

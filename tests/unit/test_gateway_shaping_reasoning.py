@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 from dlora.services.gateway.shaping import ServedModel
 from tests.unit.test_gateway_shaping import refused, served, shape
@@ -176,8 +177,11 @@ def test_a_template_that_refuses_a_reasoning_effort_blames_that_field(served: Se
     assert e.param == "chat_template_kwargs", e.message
 
 
-async def _answered(model: ServedModel, body: dict[str, object], ids: list[list[int]]) -> str:
-    """The response body a chat ``body`` gets whose one choice's chunks carry ``ids``."""
+async def _answered(
+    model: ServedModel, body: dict[str, object], ids: list[list[int]], order: list[int] | None = None
+) -> str:
+    """The response body a chat ``body`` gets whose one choice's chunks carry ``ids``, arriving in
+    ``order`` (their indexes; None: as listed), as the relay takes them (``Gateway._relay``)."""
     import aiohttp
     from aiohttp import web
     from aiohttp.test_utils import TestServer
@@ -192,10 +196,10 @@ async def _answered(model: ServedModel, body: dict[str, object], ids: list[list[
         choice = RunningChoice.of(job.choices[0])
         rid = choice.request.request_id if choice.request else ""
         writer = ResponseWriter(request, job, [choice], TokenText(model.tokenizer, model.vocab_size))
-        for i, chunk_ids in enumerate(ids):
+        for i in range(len(ids)) if order is None else order:
             last = "stop" if i == len(ids) - 1 else None
-            text = model.tokenizer.decode(chunk_ids)
-            chunk = TokenChunk(request_id=rid, seq=i, token_ids=chunk_ids, text=text, finish_reason=last)
+            text = model.tokenizer.decode(ids[i])
+            chunk = TokenChunk(request_id=rid, seq=i, token_ids=ids[i], text=text, finish_reason=last)
             for taken in choice.replies.take(chunk):
                 await writer.add(choice, taken)
         return await writer.finish(choice.completion_tokens)
@@ -251,3 +255,27 @@ async def test_a_stream_s_reasoning_tokens_never_go_down_past_a_later_think(serv
     whole = json.loads(await _answered(thinks, body, ids))
     assert whole["usage"]["completion_tokens_details"] == {"reasoning_tokens": len(before) + len(after)}
     assert whole["choices"][0]["message"]["reasoning"] == served.tokenizer.decode(before + after)
+
+
+async def test_each_events_usage_counts_the_tokens_before_it_when_a_gap_fills(served: ServedModel) -> None:
+    """Chunks after a gap wait for the one missing (lost around a NATS restart and sent again, or
+    overtaken across a move); filled, they go out together, one event each. Each event's
+    continuous usage said the tokens of all of them (the reply stream's count, taken first), so
+    the events before the last counted tokens not yet sent, and ran ahead of their reasoning_tokens."""
+    import json
+
+    thinks = dataclasses.replace(served, reasoning_parser="deepseek_r1")
+    enc = served.tokenizer.encode
+    thought = enc("kalo remi nole", add_special_tokens=False)
+    ids = [[t] for t in thought] + [thinks.reasoning_end, enc("ok", add_special_tokens=False)]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}
+    body |= {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+    async def usages(order: list[int] | None) -> list[dict[str, object]]:
+        lines = (await _answered(thinks, body, ids, order)).splitlines()
+        return [json.loads(line[6:])["usage"] for line in lines if line.startswith("data: {")]
+
+    in_order = await usages(None)
+    assert [u["completion_tokens"] for u in in_order[1:-1]] == list(itertools.accumulate(map(len, ids)))
+    gap = [0, 2, 3, 1, *range(4, len(ids))]  # 1 comes after 2 and 3: the three go out together
+    assert await usages(gap) == in_order
