@@ -128,6 +128,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=T
     kv_transfer: str = ""
     # Seconds the source spent exporting that cache (part of what the move cost).
     kv_export_s: float = 0.0
+    # Seconds it waited unscheduled on the workers it was moved from before its first token: its
+    # queue time goes on where it lands (else the wait of a request moved for waiting was lost).
+    queued_s: float = 0.0
     # Times this request was re-dispatched because the worker running it died, hung or restarted.
     # A request whose workers keep dying may be what kills them: past ``MAX_RECOVERIES`` it fails
     # instead. It is also the request's fencing token: its in-flight record and its chunks carry

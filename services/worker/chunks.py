@@ -38,7 +38,8 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         stream.first_sent = True
         # until its first step was scheduled, not its prefill after (vLLM's queue time; a helper
         # found a 29-step chunked prefill counted as 96 % of the time to first token)
-        queue_seconds = max(0.0, now - stream.arrived - (out.scheduled_s or 0.0))
+        waited = max(0.0, now - stream.arrived - (out.scheduled_s or 0.0))
+        queue_seconds = stream.request.queued_s + waited  # (with its wait where it was moved from)
         if not stream.request.continued:  # a moved or recovered request's prompt was prefilled before
             prompt_cached = out.num_cached_tokens
     chunk = TokenChunk(

@@ -11,12 +11,23 @@ import msgspec
 
 from dlora.common import bus, log, subjects
 from dlora.common.inflight import Copy
+from dlora.services.worker.chunks import Stream
 from dlora.services.worker.moves import Move, handoff
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
 
 logger = log.get("worker")
+
+
+def _queued(w: WorkerService, stream: Stream, scheduled_at: float | None) -> float:
+    """Seconds the request has waited unscheduled, here and where it came from, while its client
+    has no token yet: what its first chunk's queue time says wherever that is sent (0 after)."""
+    if stream.first_sent:
+        return 0.0
+    here = time.monotonic() - stream.arrived  # (less its time since it was scheduled: the engine's clock)
+    since = w.engine.clock() - scheduled_at if scheduled_at is not None else 0.0
+    return stream.request.queued_s + max(0.0, here - since)
 
 
 async def move_out(w: WorkerService, move: Move) -> None:
@@ -48,6 +59,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
         data,
         time.monotonic() - start,
         text_held=seq.text[seq.emitted :],  # held back while it could begin a stop string
+        queued_s=_queued(w, stream, seq.scheduled_at),
     )
     if len(msgspec.json.encode(resumed)) > w.nc.max_payload:  # grown by its tokens past what NATS carries
         logger.warning("request too large to move; it stays here", request=move.request_id)

@@ -59,12 +59,14 @@ def handoff(
     kv: bytes | None,
     kv_export_s: float,
     text_held: str = "",
+    queued_s: float = 0.0,
 ) -> tuple[GenerateRequest, list[KVChunk]]:
     """What to send the destination: ``request`` resumed after ``output_ids`` (the tokens produced
     here, the text of the last ``text_pending`` not yet sent) with its client's next chunk number
     ``next_seq`` and the text they made not sent yet (``text_held``), and ``kv`` (a ``KVSnapshot``'s bytes,
     None when recomputed) split into chunks of at most ``KV_CHUNK_BYTES``. ``kv_export_s``: what
-    exporting the cache took, seconds, for the destination's measure of a shipped cache's cost."""
+    exporting the cache took, seconds, for the destination's measure of a shipped cache's cost.
+    ``queued_s``: the seconds it has waited unscheduled so far, where it has sent no token yet."""
     data = kv or b""
     transfer = uuid.uuid4().hex if data else ""
     chunks = [
@@ -86,6 +88,7 @@ def handoff(
         kv_chunks=len(chunks),
         kv_transfer=transfer,
         kv_export_s=kv_export_s if kv is not None else 0.0,
+        queued_s=queued_s,
         recorded=True,  # the source records it at the destination before sending it
         continued=True,
     )

@@ -250,3 +250,58 @@ async def test_a_plan_moving_others_requests_leaves_a_worker_s_steps_alone(
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in conns:
             await c.drain()
+
+
+async def test_a_request_moved_while_it_waited_reports_its_whole_queue_time(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A request that waited on a full worker (one request a step) and was moved before its first
+    token: the destination's first chunk said only its own wait (a few ms) as the queue time, so
+    vllm:request_queue_time_seconds lost the wait of exactly the requests the migrator moves for
+    waiting. It says both (WAIT_S here at least: the source held it that long unscheduled)."""
+    store = StateStore(redis)
+    stop = asyncio.Event()
+    conns, tasks = [], []
+    wait_s = 1.0
+    try:
+        engine = EngineConfig(max_num_seqs=1, device="cpu", dtype="float32")
+        workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks, engine=engine)
+        step = workers["w0"].engine.step
+
+        def slow():  # type: ignore[no-untyped-def]
+            time.sleep(0.02)  # (in the step's thread) so that "busy" outlasts the test: 400 steps
+            return step()
+
+        workers["w0"].engine.step = slow  # type: ignore[method-assign]
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        owner = uuid.uuid4().hex[:8]
+        first: dict[str, TokenChunk] = {}
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            chunk = msgspec.json.decode(msg.data, type=TokenChunk)
+            first.setdefault(chunk.request_id, chunk)
+
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        await asyncio.sleep(0.3)
+        await _send(client, owner, "busy", [5, 6, 7], 400)  # w0's one seat, for the whole test
+        async with asyncio.timeout(30):
+            while "busy" not in first:
+                await asyncio.sleep(0.01)
+        await _send(client, owner, "r", [8, 9, 10], 4)
+        async with asyncio.timeout(30):
+            while "r" not in workers["w0"].streams:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(wait_s)  # it waits behind "busy"
+        assert "r" not in first
+        await _plan(client, 1, "r")
+        async with asyncio.timeout(30):
+            while "r" not in first:
+                await asyncio.sleep(0.01)
+        assert first["r"].worker == "w1" and first["r"].queue_seconds is not None
+        assert first["r"].queue_seconds >= wait_s, first["r"]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
