@@ -150,18 +150,28 @@ class ReasoningTokens:
     _tail: list[int] = field(default_factory=list)  # the last ids, that may begin a tag
     _held: int = 0  # the last ids that may begin a tag: not counted yet (so a count never goes down)
     _lead: str | None = ""  # the text so far, whitespace stripped, while a <think> may open it; None: it did not
+    # Where the first <think> is among the ids fed while ``_lead`` is undecided: a stop string holds
+    # the text back (its length less one) while the ids go out, so when the text says the tag opened
+    # the output it can be past the last ids (the whitespace before it was counted then)
+    _lead_open: int | None = None
 
     def feed(self, ids: Sequence[int], text: str = "") -> None:
         seen, self._seen = self._seen, self._seen + len(ids)
-        if self._end is not None or not self.thinking:  # (after </think>: nothing more to find)
+        if not self.thinking:
             return
         base, window = seen - len(self._tail), [*self._tail, *ids]
         opener, closer = self.open_ids, self.close_ids
         if self._lead is not None:
+            if self._lead_open is None and self._end is None and (at := _find(window, opener)) >= 0:
+                self._lead_open = base + at
             lead = self._lead + text if self._lead else text.lstrip()
             self._lead = lead if _OPEN.startswith(lead) and lead != _OPEN else None
-            if lead.startswith(_OPEN) and (at := _find(window, opener)) >= 0:
-                self._start = base + at + len(opener)
+            if lead.startswith(_OPEN) and self._lead_open is not None:
+                self._start = self._lead_open + len(opener)
+                if self._start <= seen:  # it ended in ids fed before: counted as a later tag then
+                    self._inner -= len(opener)
+        if self._end is not None:  # (after </think>: nothing more to find)
+            return
         if (at := _find(window, closer)) >= 0:
             self._end = base + at
         for at in _every(window, opener):  # later tags, each once: where it ends in these ids
@@ -174,6 +184,8 @@ class ReasoningTokens:
     def count(self, done: bool = False) -> int:
         """So far; ``done``: the output is over, a part of a tag that ended it is reasoning."""
         if not self.thinking:
+            return 0
+        if self._lead is not None and not done:  # no text yet but whitespace or a part of <think>: not known
             return 0
         end = self._end if self._end is not None else self._seen - (0 if done else self._held)
         return max(0, end - self._start - self._inner)

@@ -112,7 +112,7 @@ def test_reasoning_tokens_are_counted_however_the_chunks_split(open_ids: list[in
         off.feed(ids)
         assert off.count(done=True) == 0
     counter = ReasoningTokens(o, c)  # a part of </think> is not counted until it is known not to be one
-    counter.feed(o + [5] + c[:-1])
+    counter.feed(o + [5] + c[:-1], "<think>x")  # (with its text: until it comes, how the output opens is not known)
     assert (counter.count(), counter.count(done=True)) == (1, len(c))  # (cut there: reasoning, as its text)
     counter.feed(c[-1:])
     assert counter.count() == counter.count(done=True) == 1
@@ -332,3 +332,22 @@ def test_reasoning_tokens_are_the_reasoning_text_s_and_never_go_down(open_ids: l
     for ids, text in [([9], "\n"), (o, "<think>"), ([5], "a"), (c, "</think>")]:
         counter.feed(ids, text)
     assert counter.count(done=True) == 1
+
+
+def test_whitespace_before_the_opening_think_is_not_counted_where_the_text_lags_its_tokens() -> None:
+    """A request with a stop string has its text held back (the longest stop's length less one)
+    while its tokens go out: the chunks' text lags their ids. The whitespace before an opening
+    ``<think>`` was counted as reasoning there (the tag was looked for only in the last ids), so
+    reasoning_tokens said one more with ``stop`` set than without. Each chunk's text comes here
+    ``lag`` chunks after its ids, the rest with the last; the count never goes down meanwhile."""
+    o, c = [100, 101], [102, 103]
+    ids = [[9], o, [5], [6], c, [7]]  # "\n" "<think>" "a" "b" "</think>" "ok"
+    texts = ["\n", "<think>", "a", "b", "</think>", "ok"]
+    for lag in range(len(ids)):
+        counter, sent, said = ReasoningTokens(o, c), 0, []
+        for k, chunk in enumerate(ids):
+            upto = len(ids) if k == len(ids) - 1 else max(0, k - lag + 1)
+            counter.feed(chunk, "".join(texts[sent:upto]))
+            sent = upto
+            said.append(counter.count())
+        assert counter.count(done=True) == 2 and said == sorted(said), (lag, said)
