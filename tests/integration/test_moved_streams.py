@@ -30,7 +30,7 @@ from tests.integration.test_abort import _nothing_left
 from tests.integration.test_drain import lose_the_device
 from tests.integration.test_reasoning_api import _one_token_tag
 
-N = 60  # tokens a request writes: the move comes after MOVE_AT events, with most of it still to go
+N = 60  # tokens a request writes: the move comes after MOVE_AT tokens, with most of it still to go
 MOVE_AT = 8
 
 Event = tuple[str, Any]  # an event's name ("" for a chat's) and its data
@@ -66,23 +66,37 @@ async def _lose_device(stack: Stack) -> None:
 async def _events(
     stack: Stack, path: str, body: dict[str, Any], fault: Callable[[Stack], Awaitable[None]] | None
 ) -> list[Event]:
-    """The stream's events as sent (``fault`` done after MOVE_AT of them); the closing [DONE] left out.
-    Its prompt cached apart from every other's (a cache_salt of its own): the same prompt sent
+    """The stream's events as sent (``fault`` done mid-run: ``_mid_run``); the closing [DONE] left
+    out. Its prompt cached apart from every other's (a cache_salt of its own): the same prompt sent
     again would report its prefix cached."""
     out: list[Event] = []
     body = {**body, "stream": True, "cache_salt": uuid.uuid4().hex}
-    async with aiohttp.ClientSession() as http, http.post(stack.url + path, json=body) as r:
-        assert r.status == 200, await r.text()
-        name = ""
-        async for raw in r.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: ") and line != "data: [DONE]":
-                out.append((name, json.loads(line[6:])))
-                if len(out) == MOVE_AT and fault is not None:
-                    await fault(stack)
+    struck = asyncio.create_task(_mid_run(stack, fault, out)) if fault is not None else None
+    try:
+        async with aiohttp.ClientSession() as http, http.post(stack.url + path, json=body) as r:
+            assert r.status == 200, await r.text()
+            name = ""
+            async for raw in r.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: ") and line != "data: [DONE]":
+                    out.append((name, json.loads(line[6:])))
+    finally:
+        if struck is not None and not struck.done():
+            struck.cancel()
+    assert struck is None or (struck.done() and not struck.cancelled() and struck.result() is None), "not struck"
     return out
+
+
+async def _mid_run(stack: Stack, fault: Callable[[Stack], Awaitable[None]], events: list[Event]) -> None:
+    """``fault`` once MOVE_AT ``events`` came, or the request has written MOVE_AT tokens here (a tool
+    call held back until it ends shows no event meanwhile; a worker process's are not seen here)."""
+    while len(events) < MOVE_AT and not any(
+        len(s.output_ids) >= MOVE_AT for w in stack.workers for s in list(w.engine.seqs.values())
+    ):
+        await asyncio.sleep(0.005)
+    await fault(stack)
 
 
 def _samples(stack: Stack) -> dict[str, float]:
@@ -270,3 +284,25 @@ async def test_a_client_gone_mid_responses_stream_has_its_request_aborted(stack:
     assert stack.gateway.metrics.registry.get_sample_value(
         "dlora_requests_total", {"adapter": "lora-1", "status": "aborted"}
     )
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_a_pythonic_tool_call_read_from_the_text_is_the_same_moved_or_not(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, fault: str
+) -> None:
+    """The pythonic parser holds a call back until it ends (no event meanwhile): moved while it is
+    written, the stream still says the text before it, then the call whole."""
+    params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    body = {
+        "model": "lora-3",
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": params}}],
+        "temperature": 0,
+        "max_tokens": N,
+        "guided_regex": "ok\n\\[weather\\(city='[a-z]{20,30}'\\)\\]",  # (the random model kept to a call)
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    async with run_stack(nats_server, redis, tiny_llama, tool_call_parser="pythonic") as stack:
+        events = await _same_moved_or_not(stack, "/v1/chat/completions", body, FAULTS[fault])
+    [call] = [c for _, d in events if d["choices"] for c in d["choices"][0]["delta"].get("tool_calls", [])]
+    assert call["function"]["name"] == "weather" and events[-2][1]["choices"][0]["finish_reason"] == "tool_calls"
