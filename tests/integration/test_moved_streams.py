@@ -146,14 +146,20 @@ FAULTS = {"moved": _move, "device-lost": _lose_device}
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("parser", ["", "qwen3"])  # qwen3: the random model's output all a reasoning item
 async def test_a_responses_stream_is_the_same_moved_or_not(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, fault: str
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, fault: str, parser: str
 ) -> None:
     body = {"model": "lora-1", "input": "kalo remi?", "temperature": 0, "max_output_tokens": N, "ignore_eos": True}
-    async with run_stack(nats_server, redis, tiny_llama) as stack:
+    async with run_stack(nats_server, redis, tiny_llama, reasoning_parser=parser) as stack:
         events = await _same_moved_or_not(stack, "/v1/responses", body, FAULTS[fault])
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
-    assert events[-1][0] == "response.incomplete" and events[-1][1]["response"]["usage"]["output_tokens"] == N
+    assert (
+        events[-1][0] == "response.incomplete" and (usage := events[-1][1]["response"]["usage"])["output_tokens"] == N
+    )
+    assert usage["output_tokens_details"]["reasoning_tokens"] == (N if parser else 0)
+    kinds = {name: data["item"]["type"] for name, data in events if name == "response.output_item.done"}
+    assert kinds == {"response.output_item.done": "reasoning" if parser else "message"}
 
 
 def _reasoning_chat(tiny: TinyOutput) -> dict[str, Any]:
