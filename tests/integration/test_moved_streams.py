@@ -8,6 +8,7 @@ stream has its request aborted on the worker."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import time
@@ -28,6 +29,7 @@ from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack, spawn_worker
 from tests.integration.test_abort import _nothing_left
 from tests.integration.test_drain import lose_the_device
+from tests.integration.test_nats_restart import CuttableLink
 from tests.integration.test_reasoning_api import _one_token_tag
 
 N = 60  # tokens a request writes: the move comes after MOVE_AT tokens, with most of it still to go
@@ -312,3 +314,36 @@ async def test_a_pythonic_tool_call_read_from_the_text_is_the_same_moved_or_not(
         events = await _same_moved_or_not(stack, "/v1/chat/completions", body, FAULTS[fault])
     [call] = [c for _, d in events if d["choices"] for c in d["choices"][0]["delta"].get("tool_calls", [])]
     assert call["function"]["name"] == "weather" and events[-2][1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def _slowly(step: Callable[[], Any]) -> Any:
+    time.sleep(0.02)  # (in the step's thread)
+    return step()
+
+
+async def test_each_events_usage_counts_its_tokens_across_a_gateway_reconnect(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """The gateway's link to NATS fails for a second mid-stream: the chunks published meanwhile
+    come again once it reconnects, after later ones (a gap, then filled: several chunks go out
+    together). Each event's continuous usage said the tokens of all of them (c056acb's fault)."""
+    link = CuttableLink(nats_server.url)
+    body = {"model": "lora-0", "messages": [{"role": "user", "content": "kalo?"}], "temperature": 0}
+    body |= {
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+
+    async def cut(stack: Stack) -> None:
+        link.cut()
+        await asyncio.sleep(1.0)
+        link.up = True
+
+    async with run_stack(nats_server, redis, tiny_llama, gateway_nats_url=await link.start()) as stack:
+        for w in stack.workers:  # steps slow enough that chunks come after the cut, before the re-send
+            w.engine.step = functools.partial(_slowly, w.engine.step)  # type: ignore[method-assign]
+        events = await _events(stack, "/v1/chat/completions", body, cut)
+    await link.close()
+    said = [d["usage"]["completion_tokens"] for _, d in events if d["choices"]]  # (its role's first: 0)
+    assert said == list(range(201)) and events[-1][1]["usage"]["completion_tokens"] == 200
