@@ -41,10 +41,14 @@ def allow_open_files(in_flight: int, console: Console) -> None:
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return
     raised = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    limit = f"{hard}, ulimit -Hn"
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    except (ValueError, OSError):  # macOS past OPEN_MAX under an unlimited hard limit, a sandbox's seccomp:
+        raised, limit = soft, f"{soft}, ulimit -Sn, which could not be raised"  # (it failed the run, exit 2)
     if raised < wanted:
         console.print(
-            f"the open-file limit ({hard}, ulimit -Hn) lets about {raised - OTHER_FILES} of {in_flight} requests be "
+            f"the open-file limit ({limit}) lets about {raised - OTHER_FILES} of {in_flight} requests be "
             "in flight: those past it fail here (Too many open files), not at the target; raise it or give "
             "--max-concurrency"
         )

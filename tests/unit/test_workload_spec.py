@@ -352,3 +352,30 @@ def test_bench_cluster_stops_at_a_run_ctrl_c_or_sigterm_interrupted(monkeypatch:
     with pytest.raises(SystemExit) as e:
         bench_cluster.run(args)
     assert e.value.code == 143 and started == ["stack", "stopped"]
+
+
+@pytest.mark.parametrize(
+    "refusal", [ValueError("current limit exceeds maximum limit"), ValueError("not allowed to raise maximum limit")]
+)
+def test_an_open_file_limit_that_cannot_be_raised_does_not_stop_the_run(
+    refusal: ValueError, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raising the soft open-file limit is a help, not the run's condition: where setrlimit refuses
+    (macOS refuses a soft limit past OPEN_MAX though `ulimit -Hn` says unlimited; a sandbox's seccomp
+    refuses it), the run failed before sending, "dlora loadgen: current limit exceeds maximum limit",
+    exit 2. It runs at the limit it has, and says so."""
+    import io
+    import resource
+
+    from rich.console import Console
+
+    from dlora.loadgen.main import allow_open_files
+
+    def refuse(_: int, __: tuple[int, int]) -> None:
+        raise refusal
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    console = Console(file=(said := io.StringIO()), width=300)
+    allow_open_files(20_000, console)
+    assert "256" in said.getvalue() and "--max-concurrency" in said.getvalue()
