@@ -145,13 +145,14 @@ class CallStream:
             start, blank = self.pos, " \t\r\n," if self.opened else " \t\r\n"
             while start < len(self.text) and self.text[start] in blank:  # (no copy of the rest per item)
                 start += 1
+            if start == len(self.text):  # blanks read are passed: joined and stepped over again per token,
+                self.pos = start  # 8,000 newlines took 2.7 s of the gateway's loop (a review)
+                return out
             if not self.opened:
                 if not self.text.startswith("[", start):
                     return out
                 self.opened, self.pos = True, start + 1
                 continue
-            if start == len(self.text):
-                return out
             if self.text[start] == "]":
                 self.closed = True
                 return out

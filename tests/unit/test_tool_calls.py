@@ -227,3 +227,19 @@ def test_an_open_item_is_kept_in_pieces_not_copied_at_each_token() -> None:
     assert stream.feed('"}}') == [(1, "f", arguments_json({"s": 'k]}{"' * 1000}))]
     assert stream._pieces == [] and not stream.text.startswith("[")  # the first item's text is gone
     assert stream.feed("]") == [] and stream.closed and stream.feed(" trailing") == []
+
+
+def test_blanks_between_items_are_read_once_not_kept() -> None:
+    """A review of the pieces' change: between items (and before the list) nothing was kept apart
+    and the blanks were not passed, so each token joined all of them again and a Python loop
+    stepped over them again (8,000 newline tokens: 2.7 s of the gateway's loop, 0.2 s before it).
+    Blanks read are passed; checked by what is kept, not by the clock."""
+    stream = CallStream()
+    for _ in range(1000):
+        assert stream.feed("\n") == []
+    assert len(stream.text) <= 1
+    assert stream.feed('[{"name": "a", "parameters": {}}') == [(0, "a", "{}")]
+    for _ in range(1000):
+        assert stream.feed(" \n") == []
+    assert len(stream.text) <= len(" \n")
+    assert stream.feed(', {"name": "b", "parameters": {}}]') == [(1, "b", "{}")] and stream.closed
