@@ -133,8 +133,8 @@ class CallStream:
     def feed(self, text: str) -> list[tuple[int, str, str]]:
         """The calls ``text`` completes, added to what came before: (its place in the list, name,
         arguments)."""
-        if self.closed:
-            return []
+        if self.closed or not text:  # (an empty piece, a token that completes no character: nothing new;
+            return []  # read, it joined an open item's pieces, copied again at every such token: a review)
         if text and self._scan.read and self._scan.open_through(text):
             self._pieces.append(text)
             return []

@@ -222,6 +222,11 @@ class ToolParser:
     def feed(self, text: str) -> tuple[str, list[Call]]:
         if self._pythonic is not None:
             return self._pythonic.feed(text)
+        if not text:  # a token that completes no character, or a stop string holds: nothing new to read
+            return "", []  # (read, it joined an open call's pieces: copied again at every such token; a review)
+        return self._take(text)
+
+    def _take(self, text: str) -> tuple[str, list[Call]]:
         if self.kind == "llama3_json" and not self.calls and (self._inside or not self._decided):
             self._written.append(text)  # (not a text answer's: copied at every token, it cost 0.9 s per 200 kB)
         if text and self._goes_on(text):
@@ -238,7 +243,7 @@ class ToolParser:
         unless calls came before it (llama3_json's: unless it is an unfinished call)."""
         if self._pythonic is not None:
             return self._pythonic.finish()
-        content, calls = self.feed("")
+        content, calls = self._take("")  # (what is held, its pieces joined, read to its end)
         if self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
             try:  # is one where it is whole, as vLLM's <tool_call>(.*) and SGLang read it
                 parsed = loads(self._held)

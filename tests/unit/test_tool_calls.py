@@ -243,3 +243,16 @@ def test_blanks_between_items_are_read_once_not_kept() -> None:
         assert stream.feed(" \n") == []
     assert len(stream.text) <= len(" \n")
     assert stream.feed(', {"name": "b", "parameters": {}}]') == [(1, "b", "{}")] and stream.closed
+
+
+def test_an_empty_piece_does_not_join_an_open_item() -> None:
+    """A token that completes no character (or that a stop string holds) has an event with no
+    text: each joined the open item's pieces, an argument of emoji or CJK copied again at every
+    other token (a review of the pieces' change). Checked by what is kept."""
+    stream = CallStream()
+    assert stream.feed('[{"name": "f", "parameters": {"s": "') == []
+    held = len(stream.text)
+    for _ in range(1000):
+        assert stream.feed("日本😀") == [] and stream.feed("") == []
+    assert len(stream.text) == held and len(stream._pieces) == 1000
+    assert stream.feed('"}}]') == [(0, "f", arguments_json({"s": "日本😀" * 1000}))] and stream.closed

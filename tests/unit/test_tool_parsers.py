@@ -313,3 +313,25 @@ def test_text_held_after_a_llama3_json_call_that_is_none_is_kept_in_pieces() -> 
         parser.feed(piece)
     assert len(parser._pieces) == 1000 and len(parser._held) <= len('{"temperature": 3}')
     assert parser.finish() == ('{"temperature": 3}' + "word " * 1000, [])
+
+
+@pytest.mark.parametrize(
+    ("kind", "opening", "closing"),
+    [
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"s": "', '"}}</tool_call>'),
+        ("llama3_json", '{"name": "f", "parameters": {"s": "', '"}}'),
+        ("mistral", '[TOOL_CALLS]f{"s": "', '"}'),
+    ],
+)
+def test_an_empty_piece_does_not_join_an_open_call(kind: str, opening: str, closing: str) -> None:
+    """A token that completes no character (an emoji's or a CJK character's first bytes) or that a
+    stop string holds still has its event, with no text: each joined the open call's pieces,
+    so an argument of such characters was copied at every other token again (a review of the
+    pieces' change). Nothing new closes nothing: kept as it was; checked by what is kept."""
+    parser = ToolParser(kind)
+    assert parser.feed(opening) == ("", [])
+    held = len(parser._held)
+    for _ in range(1000):
+        assert parser.feed("日本😀") == ("", []) and parser.feed("") == ("", [])
+    assert len(parser._held) == held and len(parser._pieces) == 1000  # none joined yet
+    assert joined(parser.feed(closing), parser.finish()) == ("", [(0, "f", arguments_json({"s": "日本😀" * 1000}))])
