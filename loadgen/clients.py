@@ -94,15 +94,16 @@ class HttpClient:
                         if resp.status not in (429, 503) or attempt == self.max_retries:
                             return
                         wait_s = retry_after_s(resp.headers) or wait_s
-                    elif resp.content_type == "application/json":  # one whole answer: the server ignored "stream"
-                        r.error = (
-                            "HTTP 200 with one JSON answer, not a stream of events: the target does not stream "
-                            f"completions, so no first token can be timed: {(await resp.text())[:200]}"
-                        )
-                        return
                     else:
-                        r.error = None
-                        await self._read(resp, r)
+                        r.error, other = None, list[str]()
+                        await self._read(resp, r, other)
+                        # One whole answer (the server ignored "stream"), told by what came, not by the
+                        # header: a stream labelled application/json is read, as the openai package does
+                        if r.first_token_s is None and r.error is None and other and other[0].lstrip().startswith("{"):
+                            r.error = (
+                                "HTTP 200 with one JSON answer, not a stream of events: the target does not stream "
+                                f"completions, so no first token can be timed: {''.join(other)[:200]}"
+                            )
                         return
             except aiohttp.ClientConnectorError as e:  # refused: nothing was sent
                 r.error = f"{type(e).__name__}: {e}"
@@ -114,14 +115,14 @@ class HttpClient:
             r.retry_reasons.append(f"{self.clock():.3f} s: {r.error}")
             await asyncio.sleep(wait_s)
 
-    async def _read(self, resp: aiohttp.ClientResponse, r: RequestResult) -> None:
+    async def _read(self, resp: aiohttp.ClientResponse, r: RequestResult, other: list[str] | None = None) -> None:
         """The events of one streamed completion into ``r``. As OpenAI's and vLLM's clients read
         them: ``data:`` with or without its space (the SSE standard's), an event's ``choices`` read
         whatever else it holds (llama.cpp's last chunk and vLLM's continuous usage carry usage
         beside them; Azure's first carries none), its usage's completion tokens where a number,
-        an ``"error": null`` no error."""
+        an ``"error": null`` no error. ``other``: the start of what came that is no event."""
         counted: int | None = None  # completion tokens the server's usage says
-        async for data in _events(resp.content):
+        async for data in _events(resp.content, other):
             if data.strip() == "[DONE]":
                 continue
             if not isinstance(event := json.loads(data), dict):
@@ -148,10 +149,11 @@ class HttpClient:
         await self.session.close()
 
 
-async def _events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]:
+async def _events(lines: AsyncIterable[bytes], other: list[str] | None = None) -> AsyncIterator[str]:
     """The data of each server-sent event: its ``data:`` lines (their space after the colon
     optional) joined by newlines, an event ending at a blank line (the SSE standard's, as the
-    openai package's SSEDecoder reads it; the last one at the stream's end too)."""
+    openai package's SSEDecoder reads it; the last one at the stream's end too). The first lines
+    that are none of these go to ``other`` (a whole answer's, to be named)."""
     data: list[str] = []
     async for raw in lines:
         line = raw.decode().rstrip("\r\n")
@@ -160,6 +162,8 @@ async def _events(lines: AsyncIterable[bytes]) -> AsyncIterator[str]:
         elif not line and data:
             yield "\n".join(data)
             data = []
+        elif line and other is not None and sum(map(len, other)) < 200:
+            other.append(line[:200])
     if data:
         yield "\n".join(data)
 

@@ -257,3 +257,29 @@ async def test_a_target_that_answers_whole_instead_of_streaming_is_named() -> No
         finally:
             await client.close()
     assert results[0].error is not None and "not a stream of events" in results[0].error and "abcd" in results[0].error
+
+
+async def test_a_stream_labelled_application_json_is_read_as_the_stream_it_is() -> None:
+    """Servers and proxies that stream valid ``data:`` events under a mislabelled Content-Type
+    (application/json) are read by the openai package and vLLM's benchmark, which look at the
+    lines, not the header; 43e3db8 failed every such request as "one JSON answer, not a stream"
+    (the kind of tinyagents#56's review: keep parsing SSE when the header is missing or wrong)."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for event in [CHUNK, CHUNK, CHUNK, LAST]:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with serving(completions) as url:
+        clock = Clock()
+        client = HttpClient(url, "model", clock)
+        specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=4)]
+        try:
+            results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
+        finally:
+            await client.close()
+    assert results[0].error is None and results[0].completed and results[0].tokens == 4
