@@ -120,16 +120,14 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=T
     next_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Unix seconds the request entered the system (gateway or app), for queue time.
     created: float = 0.0
-    # A move that ships the KV cache: this many KVChunks follow on subjects.kv_transfer; 0: none
-    # (the receiving worker recomputes from the tokens).
+    # A move that ships the KV cache: this many KVChunks follow on subjects.kv_transfer; 0: none (recomputed).
     kv_chunks: int = 0
     # Which shipment those chunks are (``KVChunk.transfer``): a request moved here, given up on its
     # cache, moved away and back could otherwise be given the first move's chunks, come late.
     kv_transfer: str = ""
     # Seconds the source spent exporting that cache (part of what the move cost).
     kv_export_s: float = 0.0
-    # Seconds it waited unscheduled on the workers it was moved from before its first token: its
-    # queue time goes on where it lands (else the wait of a request moved for waiting was lost).
+    # Seconds it waited unscheduled, before its first token, on the workers it was moved from.
     queued_s: float = 0.0
     # Times this request was re-dispatched because the worker running it died, hung or restarted.
     # A request whose workers keep dying may be what kills them: past ``MAX_RECOVERIES`` it fails
@@ -458,8 +456,7 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # Unix seconds when this state was read: between two steps, and a worker publishes the last
     # reading, so while a step runs it may be older than ``sent``. 0: a worker from before it.
     taken: float = 0.0
-    # ``unlisted_by_adapter`` by version (``engine_key``): each version takes a slot of its own. None:
-    # an older worker (by name then). Last and defaulted: an older reader ignores it, as unknown.
+    # ``unlisted_by_adapter`` by ``engine_key`` (a slot each); None: an older worker (by name then).
     unlisted_by_version: dict[str, tuple[int, int]] | None = None
 
     @property
