@@ -10,15 +10,12 @@ from typing import Any
 
 import aiohttp
 import jsonschema_rs
-import pytest
 from redis.asyncio import Redis
 
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_gateway import post
-
-pytest.importorskip("openai")
 
 
 def _client(stack: Stack) -> Any:

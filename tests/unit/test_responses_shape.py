@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
+import openai
 
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.responses_api import ResponsesBody
 from dlora.services.gateway.responses_shape import ResponsesShape
-
-openai = pytest.importorskip("openai")
 
 
 def _shape(**chat: Any) -> ResponsesShape:
