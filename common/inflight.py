@@ -87,7 +87,8 @@ def sent_again(held: GenerateRequest, new: GenerateRequest) -> bool:
     """Whether ``new`` (as it came), under the id of ``held`` (in flight), is that request sent again
     (a retry) rather than another one: equal but for what the services set on the way (a seed drawn
     for it and the adapter version, where ``new`` names none; the record flag; a resume's tokens,
-    sequence numbers and attempt) and the sender's clock (``created``, a ``deadline`` set anew).
+    sequence numbers, attempt and the wait a move carries) and the sender's clock (``created``, a
+    ``deadline`` set anew).
     A different request under an id still in flight was taken for a retry when its reply subject
     matched, and its reader got the other request's tokens, with no error (a helper's finding: an
     app restarted its id counter)."""
@@ -107,6 +108,7 @@ def _as_sent(req: GenerateRequest) -> GenerateRequest:
         kv_chunks=0,
         kv_transfer="",
         kv_export_s=0.0,
+        queued_s=0.0,
         recoveries=0,
         continued=False,
         created=0.0,

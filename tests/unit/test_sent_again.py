@@ -51,3 +51,10 @@ def test_a_retry_is_the_request_as_sent_whatever_the_services_added(change: dict
 def test_a_seed_the_sender_gave_must_match() -> None:
     seeded = msgspec.structs.replace(SENT, params=SamplingParams(max_tokens=8, temperature=0.7, seed=12345))
     assert sent_again(HELD, seeded)
+
+
+def test_a_retry_of_a_request_moved_before_its_first_token_is_sent_again() -> None:
+    # as the worker that moved it recorded it at the destination: its wait there carried along
+    # (a retry refused as another request failed the stream under way with duplicate-id)
+    moved = msgspec.structs.replace(HELD, queued_s=1.5, kv_chunks=2, kv_transfer="t", kv_export_s=0.01)
+    assert sent_again(moved, SENT)
