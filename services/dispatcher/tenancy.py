@@ -21,6 +21,7 @@ def as_taken(req: GenerateRequest, owner: str) -> GenerateRequest:
     # resume from would never be sent. Gateways never set them.
     clean = dict(owner=owner, kv_chunks=0, kv_transfer="", kv_export_s=0.0, recoveries=0, recorded=False)
     clean |= dict(continued=False, resume_token_ids=[], resume_text_pending=0, resume_text_held="", next_seq=0)
+    clean |= dict(queued_s=0.0)  # (a move's wait: an application's named its own first chunk's queue time)
     if req.adapter == "":
         clean["adapter"] = None
     if owner and not subjects.owns_client(owner, req.client):  # another's reader: not its to name
