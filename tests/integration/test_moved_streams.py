@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from dlora.common import bus, subjects
 from dlora.common.messages import MovePlan, MoveRequest
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.choose import DispatchCosts
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack, spawn_worker
 from tests.integration.test_abort import _nothing_left
@@ -235,7 +236,10 @@ async def test_a_reasoning_chat_stream_is_the_same_when_its_worker_is_killed(
         nats_server.url, redis_server.url, str(tiny_llama.model), "a-victim", DLORA_HEARTBEAT_TTL_S="2.0"
     )
     try:
-        dispatcher = {"heartbeat_ttl_s": 1.0}
+        # The struck run follows the plain run's worker whatever the workers' measured speeds: a
+        # loaded CI host made the victim's process slower than the in-process workers, and the
+        # struck run went to one of them (the kill found the stream not on the victim)
+        dispatcher = {"heartbeat_ttl_s": 1.0, "costs": DispatchCosts(prefix_affinity=1000.0)}
         async with run_stack(nats_server, redis, tiny_llama, dispatcher=dispatcher, reasoning_parser="qwen3") as stack:
             async with asyncio.timeout(120):  # (a worker process's start: about 17 s)
                 while "a-victim" not in stack.dispatcher.workers:
