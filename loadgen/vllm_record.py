@@ -53,6 +53,10 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "output_lens": [r.tokens if r.completed else 0 for r in sent],
         "ttfts": [r.first_token_s - r.arrival_s if r.completed and r.first_token_s is not None else 0.0 for r in sent],
         "itls": [[b - a for a, b in zip(r.token_times, r.token_times[1:])] if r.completed else [] for r in sent],
+        # vLLM's per-request end-to-end seconds and send times (its perf_counter's; here the run's
+        # clock's, from its start): 0.0 where the request did not complete, as its other lists
+        "latencies": [r.finish_s - r.arrival_s if r.completed and r.finish_s is not None else 0.0 for r in sent],
+        "start_times": [r.arrival_s for r in sent],
         "errors": [
             "" if r.completed else r.error or ("cut off at the run's end" if r.cut else "no answer") for r in sent
         ],

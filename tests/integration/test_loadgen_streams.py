@@ -222,6 +222,10 @@ async def test_the_run_is_also_recorded_under_vllms_names_and_units(tmp_path: Pa
         len(i) == 2 for i, n in zip(v["itls"], v["output_lens"]) if n
     )
     assert np.mean([t for t in v["ttfts"] if t]) * 1000 == pytest.approx(v["mean_ttft_ms"])
+    # vLLM's per-request E2E seconds and send times, in the same order as its other lists
+    assert len(v["latencies"]) == len(v["start_times"]) == 8 and min(v["start_times"]) >= 0
+    assert np.mean([t for t in v["latencies"] if t]) * 1000 == pytest.approx(v["mean_e2el_ms"])
+    assert [t == 0 for t in v["latencies"]] == [n == 0 for n in v["output_lens"]]
 
 
 async def test_a_target_that_ends_outputs_early_is_named_on_the_terminal(tmp_path: Path) -> None:
