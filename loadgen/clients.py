@@ -25,7 +25,9 @@ from dlora.loadgen.workload import RequestSpec, prompt_ids
 
 
 class HttpClient:
-    """OpenAI completions with ``stream: true``; ``model`` is the adapter (or the base name).
+    """OpenAI completions (or chat completions) with ``stream: true``; ``model`` is the adapter (or
+    the base name). A chat stream's events are read as a completion's: each with ``choices`` is a
+    token's (``delta.content``, "" too: a token whose text is held back), but for the role's opening.
 
     With ``max_retries`` it retries what the official ``openai`` package retries that a gateway
     answers when it cannot serve now (its default is 2 retries; it also retries 408, 409, other
@@ -41,8 +43,12 @@ class HttpClient:
         timeout_s: float | None = None,
         max_retries: int = 0,
         api_key: str | None = None,
+        chat_text: Callable[[list[int]], str] | None = None,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
+        # vLLM's --backend openai-chat: the prompt's ids as text (their tokenizer's decode) in one user
+        # message, through the server's chat template and tokenizer; None: ids to /v1/completions.
+        self.chat_text = chat_text
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         # No deadline of its own by default: the run bounds each request (its duration and grace, then
         # cut), and a shorter one counted a request a long queue kept past it as failed.
@@ -75,20 +81,28 @@ class HttpClient:
         except (ValueError, KeyError, TypeError):
             raise OSError(f"{url} is not an OpenAI-compatible model list: {text[:200]!r}") from None
 
-    async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
-        body = {
+    def body(self, index: int, spec: RequestSpec) -> tuple[str, dict]:
+        """The endpoint and the request body of request ``index``: vLLM's benchmark's for its
+        ``openai`` backend (completions, here of token ids) or its ``openai-chat`` backend."""
+        common = {
             "model": spec.adapter or self.base_model,
-            "prompt": prompt_ids(index, spec),
-            "max_tokens": spec.output_len,
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        ids = prompt_ids(index, spec)
+        if self.chat_text is None:
+            return "/v1/completions", common | {"prompt": ids, "max_tokens": spec.output_len}
+        message = {"role": "user", "content": self.chat_text(ids)}
+        return "/v1/chat/completions", common | {"messages": [message], "max_completion_tokens": spec.output_len}
+
+    async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
+        endpoint, body = self.body(index, spec)
         for attempt in range(self.max_retries + 1):
             wait_s = min(0.5 * 2**attempt, 8.0)
             try:
-                async with self.session.post(f"{self.url}/v1/completions", json=body) as resp:
+                async with self.session.post(f"{self.url}{endpoint}", json=body) as resp:
                     if resp.status != 200:
                         r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                         if resp.status not in (429, 503) or attempt == self.max_retries:
@@ -134,7 +148,12 @@ class HttpClient:
             usage = event.get("usage") or {}
             if isinstance(tokens := usage.get("completion_tokens"), int) and not isinstance(tokens, bool):
                 counted = tokens
-            if not (choices := event.get("choices")):
+            # Chat: the server's count, its template's tokens with the text's (the text re-encoded
+            # need not give the ids it was decoded from either), as vLLM's benchmark reads it.
+            prompt = usage.get("prompt_tokens")
+            if self.chat_text is not None and isinstance(prompt, int) and not isinstance(prompt, bool):
+                r.prompt_len = prompt
+            if not (choices := event.get("choices")) or _opening(choices[0]):
                 continue
             if r.first_token_s is None:
                 r.first_token_s = now
@@ -147,6 +166,20 @@ class HttpClient:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def _opening(choice: dict) -> bool:
+    """A chat stream's first event, the role alone (``"content": ""``), which vLLM's and dlora's
+    servers send before the first token's: no token (counted, every request had one ITL too many
+    and, from a server that sends it on accepting the request, a TTFT of no token)."""
+    delta = choice.get("delta")
+    return (
+        isinstance(delta, dict)
+        and "role" in delta
+        and not delta.get("content")
+        and set(delta) <= {"role", "content"}
+        and choice.get("finish_reason") is None
+    )
 
 
 async def _events(lines: AsyncIterable[bytes], other: list[str] | None = None) -> AsyncIterator[str]:

@@ -25,6 +25,7 @@ from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
 from dlora.loadgen.workload import build_specs, load_traces
+from dlora.model.tokenizer import load_tokenizer
 
 # Descriptors the process holds besides its requests' sockets (stdio, the report's files, the event
 # loop's own, NATS's connection), with room.
@@ -70,13 +71,17 @@ async def run(
     max_retries: int = 0,
     api_key: str | None = None,
     max_concurrency: int | None = None,
+    backend: str = "openai",
+    tokenizer: str | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
     openai package does, with ``api_key`` (None: ``OPENAI_API_KEY``, as the openai package reads it;
     a gateway with ``auth = "keys"`` wants one); or a ``nats://`` URL), at most ``max_concurrency``
     requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
-    report.png and report.html under ``out``. Ctrl-C or SIGTERM stops sending; the report is still written.
+    report.png and report.html under ``out``. ``backend`` ``openai-chat`` sends each prompt as text
+    (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
+    API. Ctrl-C or SIGTERM stops sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -89,6 +94,10 @@ async def run(
     if traces[0] is not None and traces[0].skipped:
         console.print(f"trace: skipped {traces[0].skipped} failed requests (no response tokens)")
     requests = build_specs(spec, traces)
+    chat_text = None
+    if backend == "openai-chat":  # before the run: a folder without a tokenizer is a usage error
+        tokenizer = tokenizer or base_model
+        chat_text = load_tokenizer(tokenizer).decode
     out = Path(out)
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
@@ -102,7 +111,7 @@ async def run(
     client = (
         await NatsClient.connect(target, clock)
         if target.startswith(NATS_SCHEMES)
-        else HttpClient(target, base_model, clock, max_retries=max_retries, api_key=api_key)
+        else HttpClient(target, base_model, clock, max_retries=max_retries, api_key=api_key, chat_text=chat_text)
     )
     if isinstance(client, HttpClient):
         try:
@@ -169,7 +178,7 @@ async def run(
         formats = {f"{kind}_format": t.format for kind, t in zip(kinds, traces) if t is not None}
         skipped = {"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {}
         config = (
-            {"target": redacted(target), "base_model": base_model}
+            {"target": redacted(target), "base_model": base_model, "backend": backend, "tokenizer": tokenizer}
             | spec.options()
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
             | {"max_concurrency": max_concurrency}
@@ -195,6 +204,11 @@ def run_loadgen(args: argparse.Namespace) -> int:
             raise ValueError("--max-retries: retries are of HTTP answers (429, 503); a NATS target has none")
         if args.api_key is not None and args.target.startswith(NATS_SCHEMES):  # (it was dropped silently)
             raise ValueError("--api-key is the gateway's; a NATS target takes its user and password in the URL")
+        chat = args.backend == "openai-chat"
+        if chat and args.target.startswith(NATS_SCHEMES):  # NATS takes token ids, no messages
+            raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")
+        if args.tokenizer is not None and not chat:  # completions send the ids themselves: none to decode
+            raise ValueError("--tokenizer decodes the prompts for --backend openai-chat; openai sends token ids")
         summary = asyncio.run(
             run(
                 WorkloadSpec.from_args(args),
@@ -206,6 +220,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 max_retries=args.max_retries,
                 api_key=args.api_key,
                 max_concurrency=args.max_concurrency,
+                backend=args.backend,
+                tokenizer=args.tokenizer,
             )
         )
     except (TraceError, ValueError, OSError) as e:

@@ -51,6 +51,9 @@ def rate(text: str) -> float:
     return above_zero(text)
 
 
+# vLLM's benchmark's names for the completions and the chat completions APIs (its --backend).
+BACKENDS = ("openai", "openai-chat")
+
 # A target with one of these schemes is a NATS server (nats-py's: tls:// is NATS over TLS).
 NATS_SCHEMES = ("nats://", "tls://")
 
@@ -82,6 +85,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="openai",
+        help="openai: the prompt as token ids to /v1/completions; openai-chat: as text, in one user message, to "
+        "/v1/chat/completions (vLLM's --backend openai-chat --endpoint /v1/chat/completions), through the "
+        "server's chat template; HTTP targets only (default %(default)s)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="FOLDER",
+        help="openai-chat: the model folder whose tokenizer turns the prompts' token ids into text "
+        "(vLLM's --tokenizer; default: --base-model, where that is a folder)",
+    )
     add_workload_arguments(p)
     p.add_argument("--slo-ttft", type=above_zero, help="SLO on time to first token (s)")
     p.add_argument("--slo-tpot", type=above_zero, help="SLO on time per output token (s)")

@@ -33,9 +33,9 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
     target = str(config.get("target", ""))
     out: dict = {
         "date": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": "dlora-nats" if target.startswith(("nats://", "tls://")) else "openai",
+        "backend": "dlora-nats" if target.startswith(("nats://", "tls://")) else config.get("backend", "openai"),
         "model_id": config.get("base_model"),
-        "tokenizer_id": None,  # prompts go as token ids, counted exactly: no tokenizer
+        "tokenizer_id": config.get("tokenizer"),  # completions: None, prompts go as token ids, counted exactly
         "num_prompts": summary.get("planned", len(results)),
         "request_rate": config.get("rate"),
         "burstiness": _burstiness(config),

@@ -37,8 +37,9 @@ STREAMS = {
 
 
 @asynccontextmanager
-async def serving(completions, models_delay_s: float = 0.0) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
-    """An OpenAI-compatible server with these completions, its model list after ``models_delay_s``."""
+async def serving(completions, models_delay_s: float = 0.0, chat=None) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    """An OpenAI-compatible server with these completions (and chat completions), its model list
+    after ``models_delay_s``."""
 
     async def models(_: web.Request) -> web.Response:
         await asyncio.sleep(models_delay_s)
@@ -47,6 +48,8 @@ async def serving(completions, models_delay_s: float = 0.0) -> AsyncIterator[str
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
+    if chat is not None:
+        app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app, shutdown_timeout=0.5)  # a request still held: not 60 s at the clean-up
     await runner.setup()
     port = free_port()
@@ -287,3 +290,39 @@ async def test_a_stream_labelled_application_json_is_read_as_the_stream_it_is() 
         finally:
             await client.close()
     assert results[0].error is None and results[0].completed and results[0].tokens == 4
+
+
+async def test_chat_backend_sends_vllms_chat_body_and_reads_deltas(tmp_path: Path) -> None:
+    """--backend openai-chat sends what vLLM's benchmark's openai-chat sends (one user message of
+    text, max_completion_tokens, ignore_eos, streamed with usage), and reads the deltas: the role's
+    opening event is no token (it made one ITL too many), the usage's prompt_tokens the prompt's
+    length (the server's template adds tokens to the workload's)."""
+    bodies: list[dict] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        bodies.append(body := await request.json())
+        n = body["max_completion_tokens"]
+        delta = {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+        events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+        events += [delta] * (n - 1) + [
+            {"choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "length"}]}
+        ]
+        return await _stream(
+            request, events + [{"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": n}}]
+        )
+
+    async def completions(_: web.Request) -> web.Response:
+        raise AssertionError("the chat backend posted to /v1/completions")
+
+    specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=5, output_len=3)] * 2
+    async with serving(completions, chat=chat) as url:
+        client = HttpClient(url, "model", Clock(), chat_text=lambda ids: " ".join(map(str, ids)))
+        try:
+            results, _ = await replay(specs, client, Clock(), 10.0, asyncio.Event())
+        finally:
+            await client.close()
+    body = bodies[0]
+    assert [m["role"] for m in body["messages"]] == ["user"] and len(body["messages"][0]["content"].split()) == 5
+    assert (body["max_completion_tokens"], body["ignore_eos"], body["stream"]) == (3, True, True)
+    assert body["stream_options"] == {"include_usage": True} and "prompt" not in body
+    assert all(r.completed and r.tokens == 3 and len(r.token_times) == 3 and r.prompt_len == 30 for r in results)
