@@ -30,6 +30,8 @@ NOT_WORKLOAD = {
     "max_retries",
     "api_key",
     "max_concurrency",
+    "backend",  # how the requests are sent (vLLM's --backend), not what they are
+    "tokenizer",
 }
 
 
