@@ -171,13 +171,14 @@ class HttpClient:
 def _opening(choice: dict) -> bool:
     """A chat stream's first event, the role alone (``"content": ""``), which vLLM's and dlora's
     servers send before the first token's: no token (counted, every request had one ITL too many
-    and, from a server that sends it on accepting the request, a TTFT of no token)."""
+    and, from a server that sends it on accepting the request, a TTFT of no token). Its other
+    fields empty or null count as absent: OpenAI's says ``"refusal": null``, SGLang's
+    ``"reasoning_content"`` and ``"tool_calls"`` null (read as tokens, each request had one too many)."""
     delta = choice.get("delta")
     return (
         isinstance(delta, dict)
         and "role" in delta
-        and not delta.get("content")
-        and set(delta) <= {"role", "content"}
+        and not any(value for key, value in delta.items() if key != "role")
         and choice.get("finish_reason") is None
     )
 

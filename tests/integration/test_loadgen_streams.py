@@ -326,3 +326,42 @@ async def test_chat_backend_sends_vllms_chat_body_and_reads_deltas(tmp_path: Pat
     assert (body["max_completion_tokens"], body["ignore_eos"], body["stream"]) == (3, True, True)
     assert body["stream_options"] == {"include_usage": True} and "prompt" not in body
     assert all(r.completed and r.tokens == 3 and len(r.token_times) == 3 and r.prompt_len == 30 for r in results)
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        {"role": "assistant", "content": ""},  # vLLM's, dlora's
+        {"role": "assistant", "content": "", "refusal": None},  # OpenAI's
+        {"role": "assistant", "content": "", "reasoning_content": None, "tool_calls": None},  # SGLang's
+        {"role": "assistant", "content": None, "reasoning": None},
+    ],
+)
+async def test_a_chat_streams_opening_is_no_token_whatever_null_fields_it_carries(opening: dict) -> None:
+    """The role's opening event carries no token whether its delta lists the fields it leaves
+    empty or not (OpenAI's says ``refusal: null``, SGLang's ``reasoning_content`` and ``tool_calls``
+    null): read as a token, each request had one ITL too many and a TTFT of no token. Reasoning
+    deltas (a server's reasoning parser: ``reasoning`` with no content) are tokens, as vLLM's
+    benchmark times them; an event of several tokens is one arrival, its count the usage's."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        def event(delta: dict, finish: str | None = None) -> dict:
+            return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        events = [event(opening), event({"reasoning": "th"}), event({"reasoning_content": "ink"})]
+        events += [event({"content": "two tokens"}), event({"content": "b"}, "length")]
+        return await _stream(request, events + [{"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5}}])
+
+    async def completions(_: web.Request) -> web.Response:
+        raise AssertionError("the chat backend posted to /v1/completions")
+
+    specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=5, output_len=5)]
+    async with serving(completions, chat=chat) as url:
+        client = HttpClient(url, "model", Clock(), chat_text=lambda ids: " ".join(map(str, ids)))
+        try:
+            results, _ = await replay(specs, client, Clock(), 10.0, asyncio.Event())
+        finally:
+            await client.close()
+    [r] = results
+    assert r.completed and r.tokens == 5 and r.prompt_len == 9
+    assert len(r.token_times) == 4 and r.first_token_s == r.token_times[0]
