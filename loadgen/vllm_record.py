@@ -36,7 +36,9 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "backend": "dlora-nats" if target.startswith(("nats://", "tls://")) else config.get("backend", "openai"),
         "model_id": config.get("base_model"),
         "tokenizer_id": config.get("tokenizer"),  # completions: None, prompts go as token ids, counted exactly
-        "num_prompts": summary.get("planned", len(results)),
+        # the requests its lists hold (vLLM's: completed + failed): a duration or Ctrl-C that ended
+        # sending leaves the workload's later ones unsent, counted in result.json's "planned"
+        "num_prompts": len(sent),
         "request_rate": config.get("rate"),
         "burstiness": _burstiness(config),
         "max_concurrency": config.get("max_concurrency"),

@@ -365,3 +365,22 @@ async def test_a_chat_streams_opening_is_no_token_whatever_null_fields_it_carrie
     [r] = results
     assert r.completed and r.tokens == 5 and r.prompt_len == 9
     assert len(r.token_times) == 4 and r.first_token_s == r.token_times[0]
+
+
+async def test_vllms_record_counts_the_prompts_its_lists_hold_when_the_duration_cuts_the_run(tmp_path: Path) -> None:
+    """vLLM's record has one entry a prompt in each per-request list and ``completed + failed ==
+    num_prompts``; a --duration that ended sending before the workload's last arrivals wrote the
+    workload's size as num_prompts beside lists of the requests sent (a reader that indexes the
+    lists by range(num_prompts) failed). The planned count stays in result.json."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK, LAST])
+
+    spec = WorkloadSpec(requests=50, rate=2.0, duration=1.0, lengths="fixed", prompt_len=4, output_len=2)
+    async with serving(completions) as url:
+        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()))
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert summary["planned"] == 50 and summary["sent"] < 50
+    lists = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times", "errors")
+    assert [len(v[k]) for k in lists] == [v["num_prompts"]] * len(lists)
+    assert v["completed"] + v["failed"] == v["num_prompts"]
