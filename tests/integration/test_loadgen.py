@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 from rich.console import Console
 
 from dlora.loadgen.main import run
 from dlora.loadgen.metrics import SLO
 from dlora.loadgen.options import add_arguments
 from dlora.loadgen.spec import WorkloadSpec
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import build_parser
-from tests.integration.conftest import Stack
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack, run_stack
+from tests.integration.test_gateway import stream
 
 
 @pytest.mark.parametrize("via", ["http", "nats"])
@@ -103,3 +108,57 @@ def test_cli_knows_the_loadgen_options() -> None:
     )
     assert (args.cv, args.stride, args.shift_every) == (4.0, 8, 30.0)
     assert callable(add_arguments)
+
+
+async def test_loadgen_chat_backend_counts_a_reasoning_parsers_deltas_at_once(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """With the gateway's reasoning_parser the random model's output goes out as ``delta.reasoning``
+    (the template opened a think block): each such event is a token, as vLLM's benchmark times them,
+    and all requests sent at once (--rate inf) to several adapters complete with every token counted."""
+    spec = WorkloadSpec(requests=6, rate=math.inf, lengths="fixed", prompt_len=12, output_len=5, adapters=2)
+    async with run_stack(nats_server, redis, tiny_llama, reasoning_parser="qwen3") as stack:
+        with open(tmp_path / "console.txt", "w") as log:
+            summary = await run(
+                spec,
+                stack.url,
+                tmp_path,
+                Console(file=log, width=160),
+                backend="openai-chat",
+                tokenizer=str(tiny_llama.model),
+            )
+        chat = {"model": "lora-0", "messages": [{"role": "user", "content": "kalo"}], "max_completion_tokens": 5}
+        events = await stream(stack, "/v1/chat/completions", chat | {"ignore_eos": True})
+    deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e.get("choices")]
+    assert any(d.get("reasoning") for d in deltas), deltas  # (what the run read)
+    assert summary["sent"] == summary["completed"] == 6 and summary["failed"] == summary["short"] == 0
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert v["output_lens"] == [5] * 6 and all(len(itls) == 4 for itls in v["itls"])
+    lists = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times", "errors")
+    assert all(len(v[k]) == v["num_prompts"] for k in lists)
+
+
+async def test_loadgen_chat_backend_names_the_templates_refusal_in_its_failures(stack: Stack, tmp_path: Path) -> None:
+    """A chat template that refuses the messages: the gateway answers each chat 400 with its
+    reason; the run counts them failed, by that reason, and does not stop. (A model without a
+    template is served a plain transcript by the gateway, not refused.)"""
+    tok = stack.gateway.tokenizer
+    saved = getattr(tok, "chat_template", None)
+    tok.chat_template = "{{ raise_exception('this model takes no chat') }}"
+    spec = WorkloadSpec(requests=3, rate=20.0, duration=5.0, lengths="fixed", prompt_len=8, output_len=3, adapters=2)
+    try:
+        with open(tmp_path / "console.txt", "w") as log:
+            summary = await run(
+                spec,
+                stack.url,
+                tmp_path,
+                Console(file=log, width=160),
+                backend="openai-chat",
+                tokenizer=str(stack.tiny.model),
+            )
+    finally:
+        tok.chat_template = saved
+    assert summary["sent"] == summary["failed"] == 3 and summary["completed"] == 0
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert all(e.startswith("HTTP 400") and "takes no chat" in e for e in v["errors"]), v["errors"]
+    assert len(v["latencies"]) == len(v["start_times"]) == len(v["errors"]) == 3 and v["latencies"] == [0.0] * 3
