@@ -209,6 +209,11 @@ def run_loadgen(args: argparse.Namespace) -> int:
             raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")
         if args.tokenizer is not None and not chat:  # completions send the ids themselves: none to decode
             raise ValueError("--tokenizer decodes the prompts for --backend openai-chat; openai sends token ids")
+        if chat and args.tokenizer is None and not Path(args.base_model).is_dir():  # else asked of the Hub, ~50 s
+            raise ValueError(
+                "--backend openai-chat needs --tokenizer FOLDER to turn the prompts' ids into text: "
+                f"--base-model {args.base_model} is no model folder"
+            )
         summary = asyncio.run(
             run(
                 WorkloadSpec.from_args(args),

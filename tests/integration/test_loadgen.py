@@ -80,6 +80,9 @@ async def test_loadgen_chat_backend_goes_through_the_chat_template(stack: Stack,
         (["--backend", "openai-chat", "--target", "nats://127.0.0.1:4222"], "NATS target takes token ids"),
         (["--tokenizer", "some/folder"], "--tokenizer decodes the prompts for --backend openai-chat"),
         (["--backend", "openai-chat", "--tokenizer", "no/such/folder"], "no/such/folder holds no tokenizer"),
+        # a --base-model that is a name, no folder (the default "model"): refused at once (transformers
+        # asked the Hub for that repository, five retries offline, ~50 s, then named no option)
+        (["--backend", "openai-chat", "--base-model", "served-name"], "openai-chat needs --tokenizer FOLDER"),
     ],
 )
 def test_loadgen_chat_options_refused_where_they_do_nothing(
