@@ -50,21 +50,20 @@ async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Pat
     assert "lost" in (tmp_path / "console.txt").read_text()
 
 
+async def _run_chat(spec: WorkloadSpec, url: str, out: Path, model: Path) -> dict:
+    """``spec`` run with vLLM's --backend openai-chat against ``url``, its prompts decoded by
+    ``model``'s tokenizer; the console's lines in ``out``/console.txt."""
+    with open(out / "console.txt", "w") as log:
+        return await run(spec, url, out, Console(file=log, width=160), backend="openai-chat", tokenizer=str(model))
+
+
 async def test_loadgen_chat_backend_goes_through_the_chat_template(stack: Stack, tmp_path: Path) -> None:
     """vLLM's --backend openai-chat: the same workload as text in one user message to
     /v1/chat/completions (what most deployments serve, through the gateway's chat template and
     tokenizer); streamed chat deltas time the tokens, the server's usage counts the prompt (the
     template adds tokens to the workload's)."""
     spec = WorkloadSpec(requests=6, rate=20.0, duration=10.0, lengths="fixed", prompt_len=12, output_len=5, adapters=2)
-    with open(tmp_path / "console.txt", "w") as log:
-        summary = await run(
-            spec,
-            stack.url,
-            tmp_path,
-            Console(file=log, width=160),
-            backend="openai-chat",
-            tokenizer=str(stack.tiny.model),
-        )
+    summary = await _run_chat(spec, stack.url, tmp_path, stack.tiny.model)
     assert summary["sent"] == summary["completed"] == 6 and summary["failed"] == summary["short"] == 0
     assert summary["total_output_tokens"] == 6 * 5 and summary["ttft_s"]["p50"] is not None
     v = json.loads((tmp_path / "vllm-result.json").read_text())
@@ -121,15 +120,7 @@ async def test_loadgen_chat_backend_counts_a_reasoning_parsers_deltas_at_once(
     and all requests sent at once (--rate inf) to several adapters complete with every token counted."""
     spec = WorkloadSpec(requests=6, rate=math.inf, lengths="fixed", prompt_len=12, output_len=5, adapters=2)
     async with run_stack(nats_server, redis, tiny_llama, reasoning_parser="qwen3") as stack:
-        with open(tmp_path / "console.txt", "w") as log:
-            summary = await run(
-                spec,
-                stack.url,
-                tmp_path,
-                Console(file=log, width=160),
-                backend="openai-chat",
-                tokenizer=str(tiny_llama.model),
-            )
+        summary = await _run_chat(spec, stack.url, tmp_path, tiny_llama.model)
         chat = {"model": "lora-0", "messages": [{"role": "user", "content": "kalo"}], "max_completion_tokens": 5}
         events = await stream(stack, "/v1/chat/completions", chat | {"ignore_eos": True})
     deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e.get("choices")]
@@ -150,15 +141,7 @@ async def test_loadgen_chat_backend_names_the_templates_refusal_in_its_failures(
     tok.chat_template = "{{ raise_exception('this model takes no chat') }}"
     spec = WorkloadSpec(requests=3, rate=20.0, duration=5.0, lengths="fixed", prompt_len=8, output_len=3, adapters=2)
     try:
-        with open(tmp_path / "console.txt", "w") as log:
-            summary = await run(
-                spec,
-                stack.url,
-                tmp_path,
-                Console(file=log, width=160),
-                backend="openai-chat",
-                tokenizer=str(stack.tiny.model),
-            )
+        summary = await _run_chat(spec, stack.url, tmp_path, stack.tiny.model)
     finally:
         tok.chat_template = saved
     assert summary["sent"] == summary["failed"] == 3 and summary["completed"] == 0
