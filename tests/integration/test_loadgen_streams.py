@@ -16,6 +16,7 @@ from rich.console import Console
 
 from dlora.loadgen.clients import HttpClient
 from dlora.loadgen.main import run
+from dlora.loadgen.metrics import RequestResult
 from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.workload import RequestSpec
@@ -70,6 +71,17 @@ async def _stream(request: web.Request, events: list[dict], space: bool = True) 
     return response
 
 
+async def _replayed(url: str, specs: list[RequestSpec]) -> list[RequestResult]:
+    """``specs`` replayed against ``url`` over HTTP (10 s of run), their results."""
+    clock = Clock()
+    client = HttpClient(url, "model", clock)
+    try:
+        results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
+    finally:
+        await client.close()
+    return results
+
+
 async def test_streams_in_the_forms_servers_send_complete() -> None:
     async def completions(request: web.Request) -> web.StreamResponse:
         name = (await request.json())["model"]
@@ -87,13 +99,8 @@ async def test_streams_in_the_forms_servers_send_complete() -> None:
 
     names = [*STREAMS, "no-space", "split-lines"]
     async with serving(completions) as url:
-        clock = Clock()
-        client = HttpClient(url, "model", clock)
         specs = [RequestSpec(arrival_s=0.0, adapter=n, prompt_len=4, output_len=4) for n in names]
-        try:
-            results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
-        finally:
-            await client.close()
+        results = await _replayed(url, specs)
     assert {n: (r.error, r.completed, r.tokens) for n, r in zip(names, results)} == {n: (None, True, 4) for n in names}
 
 
@@ -256,13 +263,8 @@ async def test_a_target_that_answers_whole_instead_of_streaming_is_named() -> No
         return web.json_response({"choices": [{"index": 0, "text": "abcd", "finish_reason": "length"}]})
 
     async with serving(completions) as url:
-        clock = Clock()
-        client = HttpClient(url, "model", clock)
         specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=4)]
-        try:
-            results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
-        finally:
-            await client.close()
+        results = await _replayed(url, specs)
     assert results[0].error is not None and "not a stream of events" in results[0].error and "abcd" in results[0].error
 
 
@@ -282,13 +284,8 @@ async def test_a_stream_labelled_application_json_is_read_as_the_stream_it_is() 
         return response
 
     async with serving(completions) as url:
-        clock = Clock()
-        client = HttpClient(url, "model", clock)
         specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=4)]
-        try:
-            results, _ = await replay(specs, client, clock, 10.0, asyncio.Event())
-        finally:
-            await client.close()
+        results = await _replayed(url, specs)
     assert results[0].error is None and results[0].completed and results[0].tokens == 4
 
 
