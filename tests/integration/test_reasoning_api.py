@@ -124,24 +124,15 @@ async def test_a_structured_output_binds_only_the_answer_after_the_reasoning(
         counted.feed(choice["token_ids"])
         assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": counted.count(done=True)}
         assert counted.count(done=True) >= end - 1 - len(tok.encode("<think>", add_special_tokens=False))
+        only_ok = {"role": "assistant", "content": "ok", "refusal": None, "reasoning": None}
         # without thinking (the template closed the think block) the grammar binds from the start
         off = asked | {"chat_template_kwargs": {"enable_thinking": False}}
         status, answer = await post(stack, "/v1/chat/completions", off)
         assert status == 200, answer
-        assert answer["choices"][0]["message"] == {
-            "role": "assistant",
-            "content": "ok",
-            "refusal": None,
-            "reasoning": None,
-        }
+        assert answer["choices"][0]["message"] == only_ok
         assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
         # its reasoning not asked for: bound from the first token too, as vLLM (the model does not think)
         status, answer = await post(stack, "/v1/chat/completions", asked | {"include_reasoning": False})
         assert status == 200, answer
-        assert answer["choices"][0]["message"] == {
-            "role": "assistant",
-            "content": "ok",
-            "refusal": None,
-            "reasoning": None,
-        }
+        assert answer["choices"][0]["message"] == only_ok
         assert answer["usage"]["completion_tokens"] <= len(tok.encode("ok", add_special_tokens=False)) + 1  # (and EOS)
