@@ -5,7 +5,8 @@ so the two answer alike: text outside the calls is content, each call goes out w
 and a call that does not parse (cut short, or not JSON) goes back as text.
 
 - ``hermes`` (Hermes 2 Pro, Qwen2.5): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
-  any number; the text before the first is content, what comes after it is not (vLLM's).
+  any number; the text before the first is content, what comes after it is not (vLLM's). A
+  ``</tool_call>`` inside an argument's string is the argument's (vLLM PRs #48353/#55848).
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): the whole output is one or more objects
   ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;`` (or ``,``,
   which vLLM's reading passes over too), optionally after
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from dlora.services.gateway.tool_pythonic import PythonicReader
 
 PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"  # hermes' (here: a field's default reads it)
 
 # The call ids a parser's model family takes: Mistral's templates refuse any but 9 alphanumeric
 # characters (vLLM makes its ids so, and cuts a history's to their last 9, in its mistral
@@ -188,6 +190,45 @@ class ObjectEnd:
 
 
 @dataclass
+class TagEnd:
+    """Where a tag (``</tool_call>``) comes outside the JSON strings of a growing text, each
+    character read once across looks: an argument quoting it (a file-editing tool, a RAG passage)
+    was cut there, the call given out as text (vLLM #45167; PRs #48353/#55848). The tag's first
+    character occurs in it once: a mismatch restarts the match at that character alone."""
+
+    tag: str
+    in_string: bool = False
+    escaped: bool = False
+    matched: int = 0  # the tag's characters matched at the end of what was read
+
+    def find(self, text: str, begin: int) -> int | None:
+        """Where the tag starts in ``text`` read from ``begin`` (where the last look ended), or None."""
+        tag, n = self.tag, len(self.tag)
+        for i in range(begin, len(text)):
+            char = text[i]
+            if self.in_string:
+                self.escaped, self.in_string = not self.escaped and char == "\\", self.escaped or char != '"'
+            elif char == '"':
+                self.in_string, self.matched = True, 0
+            elif char == tag[self.matched]:
+                self.matched += 1
+                if self.matched == n:
+                    self.in_string, self.escaped, self.matched = False, False, 0
+                    return i + 1 - n
+            else:
+                self.matched = 1 if char == tag[0] else 0
+        return None
+
+    def open_through(self, piece: str) -> bool:
+        """Whether no tag ends in ``piece`` (what follows the text read): read then, else left to ``find``."""
+        before = self.in_string, self.escaped, self.matched
+        if self.find(piece, 0) is None:
+            return True
+        self.in_string, self.escaped, self.matched = before
+        return False
+
+
+@dataclass
 class ToolParser:
     """Reads one choice's output (``feed`` each piece as it comes, then ``finish``): each returns
     the content to send now and the calls that completed."""
@@ -198,7 +239,6 @@ class ToolParser:
     # what follows _held, kept apart while a call stays open: joined to it at every token, a 200 kB
     # call copied all of itself per token (0.5 s of the gateway's loop; a review)
     _pieces: list[str] = field(default_factory=list)
-    _tail: str = ""  # hermes, within a call: its last characters, where a closing tag may have begun
     _inside: bool = (
         False  # hermes: within <tool_call> ...; mistral: after [TOOL_CALLS]; llama3_json: the output is calls
     )
@@ -210,6 +250,7 @@ class ToolParser:
     # where the whitespace after [TOOL_CALLS] was read to
     _read: int = 0
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
+    _close: TagEnd = field(default_factory=lambda: TagEnd(_CLOSE))  # hermes, within a call: where it closes
     _pythonic: PythonicReader | None = None  # pythonic: its reader (tool_pythonic.PythonicReader), sharing ``calls``
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
 
@@ -270,10 +311,9 @@ class ToolParser:
         does not end it: what a reading of the joined text would answer then is nothing, so it is
         only kept, each character looked at once."""
         if self.kind == "hermes":
-            looked = self._tail + text
-            if not self._inside or _CLOSE in looked:
+            if not self._inside or not self._close.open_through(text):
                 return False
-            self._tail, self._read = looked[1 - len(_CLOSE) :], self._read + len(text)
+            self._read += len(text)
             return True
         if self.kind == "llama3_json" and self._stuck:
             return True
@@ -305,9 +345,9 @@ class ToolParser:
                 content += text
                 if not self._inside:
                     return content, out
-            end = self._held.find(_CLOSE, max(0, self._read - len(_CLOSE) + 1))
-            if end < 0:
-                self._read, self._tail = len(self._held), self._held[1 - len(_CLOSE) :]
+            end = self._close.find(self._held, self._read)  # (not one inside an argument's string)
+            if end is None:
+                self._read = len(self._held)
                 return content, out
             body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
             self._read = 0
@@ -402,7 +442,6 @@ def joined(*parts: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
     return "".join(text for text, _ in parts), [call for _, calls in parts for call in calls]
 
 
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 # Where a mistral call's "{" must come by: a name of at most 64 characters, then v11's [CALL_ID]

@@ -45,6 +45,9 @@ MISTRAL_CUT = '[TOOL_CALLS] [{"name": "weather", "arguments": {"ci'
 HERMES_NAN = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'
 GRANITE = '<tool_call>{"name": "weather", "arguments": "{\\n  \\"city\\": \\"kalo\\"\\n}"}</tool_call>'
 STRING_ARRAY = '<tool_call>{"name": "f", "arguments": "[1, 2]"}</tool_call>'
+# an argument that quotes the closing tag, an escaped quote before it
+QUOTES_TAG = r'<tool_call>{"name": "write", "arguments": {"text": "say \"</tool_call>\" and </tool_call>"}}</tool_call>'
+QUOTED = ("write", r'{"text": "say \"</tool_call>\" and </tool_call>"}')
 MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[ARGS]{}'
 
 
@@ -108,6 +111,17 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("mistral", MISTRAL_ARRAY.removesuffix("]"), "Let me look.", [WEATHER, PING]),
         ("mistral", MISTRAL_CUT, MISTRAL_CUT, []),
         ("hermes", STRING_ARRAY.replace("[1, 2]", "kalo"), STRING_ARRAY.replace("[1, 2]", "kalo"), []),
+        # </tool_call> inside an argument's string is the argument's (vLLM #45167, PRs #48353/#55848):
+        # the call was cut there and given out as text
+        (
+            "hermes",
+            "Writing.\n" + QUOTES_TAG + "\n" + HERMES_TWO.split("\n", 1)[1],
+            "Writing.\n",
+            [QUOTED, WEATHER, PING],
+        ),
+        ("hermes", QUOTES_TAG.removesuffix("</tool_call>"), "", [QUOTED]),  # left open (a stop at the tag)
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"s": "\\\\"}}</tool_call>x', "", [("f", '{"s": "\\\\"}')]),
+        ("hermes", '<tool_call>not "json</tool_call> after', '<tool_call>not "json</tool_call> after', []),
     ],
 )
 def test_a_whole_output_and_its_stream_read_alike(
