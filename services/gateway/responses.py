@@ -183,8 +183,23 @@ class ResponseWriter:
         error = refusal(replies.error_code, message if param is None else said_as(message, param), param)
         if self.stream is None:
             raise error
+        for c in self.choices:  # the text the parsers held back (a part of </think>) is the model's: out first
+            if c.out.finish_reason is None and not c.prompt_only:
+                self._hold_rest(c)
         self._hold(error.body())  # the same object, type and code as a status would carry
         return await self._end()
+
+    def _hold_rest(self, choice: RunningChoice) -> None:
+        """An event of the text ``choice``'s parsers still hold, read to its end, where there is
+        any: a stream that ended on an error lost up to 7 characters of reasoning (a possible
+        ``</think>``) or a tool parser's held text, which vLLM, holding none, had sent. Its parsers
+        read the end as at a finish, the event saying none (the error that follows ends it)."""
+        if not self.job.shape.chat:  # (a completion's text is held by no parser)
+            return
+        event = self.job.shape.chunk("", "error", index=choice.out.index)
+        event["choices"][0]["finish_reason"] = None
+        if any(event["choices"][0]["delta"].values()):
+            self._hold(self._with_usage(event, choice))
 
     async def finish(self, completion_tokens: int) -> web.StreamResponse:
         """Every choice is over: the JSON body, or the stream's usage chunk (if asked) and its end."""

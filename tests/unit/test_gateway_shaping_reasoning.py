@@ -279,3 +279,59 @@ async def test_each_events_usage_counts_the_tokens_before_it_when_a_gap_fills(se
     assert [u["completion_tokens"] for u in in_order[1:-1]] == list(itertools.accumulate(map(len, ids)))
     gap = [0, 2, 3, 1, *range(4, len(ids))]  # 1 comes after 2 and 3: the three go out together
     assert await usages(gap) == in_order
+
+
+async def _failed(model: ServedModel, body: dict[str, object], texts: list[str]) -> list[dict[str, object]]:
+    """The events of a chat stream whose one choice writes ``texts`` (a chunk each) and then fails
+    on its worker, as the relay ends it (``Gateway._relay``: ``ResponseWriter.fail``)."""
+    import json
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from dlora.common.messages import ErrorCode, TokenChunk
+    from dlora.model.token_bytes import TokenText
+    from dlora.services.gateway.responses import ResponseWriter, RunningChoice
+
+    job = shape(model, body | {"stream": True}, chat=True)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        choice = RunningChoice.of(job.choices[0])
+        rid = choice.request.request_id if choice.request else ""
+        writer = ResponseWriter(request, job, [choice], TokenText(model.tokenizer, model.vocab_size))
+        chunks = [TokenChunk(request_id=rid, seq=i, token_ids=[5], text=t) for i, t in enumerate(texts)]
+        chunks.append(TokenChunk(request_id=rid, seq=len(texts), error="worker lost", error_code=ErrorCode.INTERNAL))
+        for chunk in chunks:
+            for taken in choice.replies.take(chunk):
+                if choice.replies.error is not None:
+                    return await writer.fail(choice.replies)
+                await writer.add(choice, taken)
+        raise AssertionError("the stream did not fail")
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/")) as resp:
+            lines = (await resp.read()).decode().splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+async def test_a_stream_that_fails_still_sends_the_text_its_parsers_held_back(served: ServedModel) -> None:
+    """A stream that ended on a worker's error lost what the reasoning parser held back (up to 7
+    characters that might begin ``</think>``) or the tool parser did (a possible ``<tool_call>``):
+    the text the client had was not what the model wrote before the error, which vLLM (holding
+    none) had sent. It goes out in an event before the error, the error last."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}
+    thinks = dataclasses.replace(served, reasoning_parser="deepseek_r1")
+    events = await _failed(thinks, body, ["kalo", " 2 </th"])
+    said = [e["choices"][0]["delta"] for e in events if e.get("choices")]
+    assert "".join(d.get("reasoning", "") for d in said) == "kalo 2 </th"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events if e.get("choices"))
+    assert events[-1]["error"]["message"] and "choices" not in events[-1]
+    calls = dataclasses.replace(served, tool_call_parser="hermes")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    events = await _failed(calls, body | {"tools": [tool]}, ["Let me", " see <tool_"])
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "Let me see <tool_"
+    events = await _failed(served, body, ["plain", " text"])  # nothing held: no event added
+    assert [e["choices"][0]["delta"].get("content") for e in events[:-1]] == ["", "plain", " text"]
